@@ -1,0 +1,26 @@
+# tinyk: `make demo` trains a chat model end to end on CPU; `make test` runs the test suite.
+PY := .venv/bin/python
+STAMP := .venv/.installed
+
+.PHONY: venv test demo lint bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==2.13.0" -e ".[data,plot,demo,test]"
+	touch $(STAMP)
+
+test: venv
+	$(PY) -m ruff check src tests bench
+	$(PY) -m pytest -x
+
+demo: venv
+	$(PY) -m tinyk demo --out runs/demo
+
+lint: venv
+	$(PY) -m ruff check src tests bench
+
+clean:
+	rm -rf runs build .pytest_cache

@@ -1,0 +1,172 @@
+"""The model directory: one Hugging Face Llama layout used everywhere in tinyk.
+
+A model directory holds `config.json` (a valid LlamaConfig plus a `tinyk` block),
+`model.safetensors`, `generation_config.json` and the tokenizer files, so
+`transformers.AutoModelForCausalLM.from_pretrained(dir)` loads it without remote code.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .files import TinykError, atomic_dir
+from .model import ModelConfig, Transformer
+from .tokenizer import (
+    BOS_ID,
+    EOS_ID,
+    SPECIAL_TOKENS,
+    TOKENIZER_FILES,
+    TinyTokenizer,
+    load_tokenizer,
+    tokenizer_config,
+)
+
+
+def hf_config(cfg: ModelConfig) -> dict[str, Any]:
+    """config.json contents: LlamaConfig's fields, then tinyk's own under `tinyk`."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": cfg.dim,
+        "intermediate_size": cfg.hidden_dim,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": None,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "attention_dropout": 0.0,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "bos_token_id": BOS_ID,
+        "eos_token_id": EOS_ID,
+        "pad_token_id": EOS_ID,
+        "initializer_range": 0.02,
+        "torch_dtype": "float32",
+        "tinyk": cfg.to_dict(),
+    }
+
+
+def config_from_hf(d: dict[str, Any]) -> ModelConfig:
+    if "tinyk" in d:
+        return ModelConfig.from_dict(d["tinyk"])
+    return ModelConfig(
+        dim=d["hidden_size"], n_layers=d["num_hidden_layers"], n_heads=d["num_attention_heads"],
+        n_kv_heads=d.get("num_key_value_heads", d["num_attention_heads"]), vocab_size=d["vocab_size"],
+        hidden_dim=d["intermediate_size"], norm_eps=d.get("rms_norm_eps", 1e-5),
+        max_seq_len=d.get("max_position_embeddings", 2048), rope_theta=d.get("rope_theta", 10000.0),
+        tie_embeddings=d.get("tie_word_embeddings", True),
+    )
+
+
+def check_compatible(cfg: ModelConfig, tok: TinyTokenizer) -> None:
+    """Refuse a tokenizer whose ids would overflow the embedding (a CUDA index assert otherwise)."""
+    if tok.vocab_size > cfg.vocab_size:
+        raise TinykError(f"tokenizer {tok.path} has {tok.vocab_size} tokens but the model's vocab_size is "
+                         f"{cfg.vocab_size}")
+    for i, name in enumerate(SPECIAL_TOKENS):
+        if tok.tok.token_to_id(name) != i:
+            raise TinykError(f"tokenizer {tok.path}: special token {name} is not id {i}")
+
+
+def is_model_dir(path: str | Path) -> bool:
+    p = Path(path)
+    return (p / "config.json").is_file() and (p / "model.safetensors").is_file()
+
+
+def write_model_files(model: Transformer, tok_dir: str | Path, out: Path) -> None:
+    """Fills an existing directory `out` (normally a temporary one) with a complete model."""
+    cfg = model.config
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    if cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(hf_config(cfg), indent=2) + "\n")
+    gen = {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": EOS_ID}
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    tok_dir = Path(tok_dir)
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(tok_dir / name, out / name)
+    # The context length belongs to the model, so the tokenizer config records it.
+    tc = {**json.loads((tok_dir / "tokenizer_config.json").read_text()), "model_max_length": cfg.max_seq_len}
+    tc["chat_template"] = tokenizer_config()["chat_template"]
+    (out / "tokenizer_config.json").write_text(json.dumps(tc, ensure_ascii=False, indent=2) + "\n")
+
+
+def save_model(model: Transformer, tok_dir: str | Path, out: str | Path, force: bool = False) -> Path:
+    """Writes a model directory atomically: it is complete or absent."""
+    with atomic_dir(out, force=force) as tmp:
+        write_model_files(model, tok_dir, tmp)
+    return Path(out)
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    path = Path(path)
+    if not is_model_dir(path):
+        raise TinykError(f"not a model directory (needs config.json and model.safetensors): {path}")
+    try:
+        return config_from_hf(json.loads((path / "config.json").read_text()))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise TinykError(f"invalid config.json in {path}: {e}") from e
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32) -> tuple[Transformer, TinyTokenizer]:
+    """Loads a model directory (weights via safetensors only) and its tokenizer."""
+    path = Path(path)
+    cfg = load_config(path)
+    tok = load_tokenizer(path)
+    check_compatible(cfg, tok)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    state = load_file(str(path / "model.safetensors"))
+    if cfg.tie_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    missing = set(model.state_dict()) - set(state)
+    if missing:
+        raise TinykError(f"{path}/model.safetensors lacks weights: {sorted(missing)[:3]}")
+    model.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.activation_checkpointing = False
+    return model.to(device=device, dtype=dtype).eval(), tok
+
+
+def memory_footprint(cfg: ModelConfig, n_params: int) -> dict[str, float]:
+    """Bytes of weights in common dtypes and of a full-context KV cache per sequence (MiB)."""
+    kv = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * cfg.max_seq_len
+    mib = 2 ** 20
+    return {"fp32_mib": n_params * 4 / mib, "bf16_mib": n_params * 2 / mib,
+            "train_adamw_fp32_mib": n_params * 16 / mib, "kv_cache_per_seq_bf16_mib": kv * 2 / mib}
+
+
+def init_model_dir(preset: str, tok_dir: str | Path, out: str | Path, *, seed: int = 0,
+                   force: bool = False, **overrides: Any) -> Transformer:
+    """A randomly initialised model: shapes from the preset, vocab size from the tokenizer."""
+    from .model import PRESETS, preset_config
+
+    if preset not in PRESETS:
+        raise TinykError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+    tok = load_tokenizer(tok_dir)
+    torch.manual_seed(seed)
+    model = Transformer(preset_config(preset, vocab_size=tok.vocab_size, **overrides))
+    save_model(model, tok_dir, out, force=force)
+    return model
+
+
+def model_info(path: str | Path) -> dict[str, Any]:
+    cfg = load_config(path)
+    with torch.device("meta"):
+        n = Transformer(cfg).num_params()
+    return {"path": str(path), "parameters": n, "config": cfg.to_dict(), "memory": memory_footprint(cfg, n)}

@@ -1,0 +1,45 @@
+"""The `tinyk` command: a thin argparse layer over the library.
+
+Each stage has its own module here with a `register(subparsers)` function; handlers
+import the library lazily so `tinyk --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from tinyk.files import TinykError
+
+STAGES = ["tokenizer", "model", "data", "train", "generate", "serve", "evaluate", "demo", "plan"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tinyk", description="Train a small Chinese chat LLM from scratch.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for stage in STAGES:
+        try:
+            module = importlib.import_module(f"tinyk.cli.{stage}")
+        except ModuleNotFoundError as e:
+            if e.name == f"tinyk.cli.{stage}":
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.func(args)
+    except TinykError as e:
+        print(f"tinyk: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("tinyk: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except OSError as e:
+        print(f"tinyk: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(code or 0)

@@ -1,0 +1,48 @@
+"""`tinyk model init|info`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("model", help="create or inspect a model directory")
+    msub = p.add_subparsers(dest="model_command", metavar="ACTION", required=True)
+
+    i = msub.add_parser("init", help="write a randomly initialised model directory")
+    i.add_argument("--preset", required=True, help="seed-215m, seed-82m, tiny or nano")
+    i.add_argument("--tokenizer", required=True, help="tokenizer directory (vocab size comes from it)")
+    i.add_argument("--out", required=True)
+    i.add_argument("--seed", type=int, default=0)
+    i.add_argument("--force", action="store_true")
+    i.set_defaults(func=_init)
+
+    f = msub.add_parser("info", help="parameter count, config and memory footprint")
+    f.add_argument("path")
+    f.add_argument("--json", action="store_true")
+    f.set_defaults(func=_info)
+
+
+def _init(args: argparse.Namespace) -> int:
+    from tinyk.checkpoint import init_model_dir
+
+    model = init_model_dir(args.preset, args.tokenizer, args.out, seed=args.seed, force=args.force)
+    print(f"initialised {args.preset} ({model.num_params():,} parameters, vocab {model.config.vocab_size}) "
+          f"in {args.out}")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from tinyk.checkpoint import model_info
+
+    info = model_info(args.path)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"parameters   {info['parameters']:,}")
+    for k, v in info["config"].items():
+        print(f"{k:<13}{v}")
+    for k, v in info["memory"].items():
+        print(f"{k:<26}{v:,.1f}")
+    return 0

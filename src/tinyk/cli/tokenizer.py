@@ -1,0 +1,61 @@
+"""`tinyk tokenizer train|eval`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from tinyk.cli.common import parse_size
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tokenizer", help="train or evaluate a byte-level BPE tokenizer")
+    tsub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
+
+    t = tsub.add_parser("train", help="train a tokenizer on .jsonl/.txt/.parquet files (streamed)")
+    t.add_argument("inputs", nargs="+", help="corpus files")
+    t.add_argument("--out", required=True, help="output tokenizer directory")
+    t.add_argument("--vocab-size", type=int, default=6144)
+    t.add_argument("--normalization", choices=["none", "nfkc"], default="none",
+                   help="none keeps full-width punctuation; nfkc reproduces the seed")
+    t.add_argument("--max-bytes", type=parse_size, default=None, help="train on this much input, e.g. 2G")
+    t.add_argument("--field", default="text", help="JSON/Parquet field holding the text")
+    t.add_argument("--min-frequency", type=int, default=2)
+    t.add_argument("--strict", action="store_true", help="stop at the first malformed line")
+    t.add_argument("--force", action="store_true", help="replace an existing output directory")
+    t.set_defaults(func=_train)
+
+    e = tsub.add_parser("eval", help="vocab, special ids, round trip and compression")
+    e.add_argument("path", help="tokenizer directory")
+    e.add_argument("--input", nargs="*", default=None, help="sample files to measure compression on")
+    e.add_argument("--max-bytes", type=parse_size, default=10_000_000)
+    e.add_argument("--json", action="store_true", help="print JSON")
+    e.set_defaults(func=_eval)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from tinyk.tokenizer import train_tokenizer
+
+    r = train_tokenizer(args.inputs, args.out, vocab_size=args.vocab_size, normalization=args.normalization,
+                        max_bytes=args.max_bytes, field_name=args.field, min_frequency=args.min_frequency,
+                        force=args.force, strict=args.strict)
+    print(f"trained on {r['documents']:,} documents ({r['characters']:,} characters) in {r['seconds']}s; "
+          f"vocab {r['vocab_size']}; {r['skipped_summary']}")
+    print(f"saved to {args.out}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from tinyk.tokenizer import eval_tokenizer
+
+    r = eval_tokenizer(args.path, args.input, max_bytes=args.max_bytes)
+    if args.json:
+        print(json.dumps(r, ensure_ascii=False, indent=2))
+        return 0
+    print(f"vocab size      {r['vocab_size']}")
+    print("special ids     " + ", ".join(f"{k}={v}" for k, v in r["special_ids"].items()))
+    print(f"bos/eos/pad     {r['bos']} / {r['eos']} / {r['pad']}")
+    print(f"round trip      {'exact' if r['roundtrip_ok'] else 'FAILED'} ({r['documents']} documents, "
+          f"{r['roundtrip_failures']} failures)")
+    print(f"compression     {r['chars_per_token']} chars/token, {r['bytes_per_token']} bytes/token")
+    return 0 if r["roundtrip_ok"] else 1

@@ -1,0 +1,240 @@
+"""Byte-level BPE tokenizer with the seed's special tokens and ChatML template.
+
+The saved directory is a plain Hugging Face tokenizer (`AutoTokenizer.from_pretrained`
+loads it). Inside tinyk we use the fast `tokenizers` object directly: it is lighter and
+gives the same ids.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+from .files import Skips, TinykError, atomic_dir, check_inputs, hash_files, iter_texts
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+UNK_ID, BOS_ID, EOS_ID, IM_START_ID, IM_END_ID = range(5)
+DEFAULT_SYSTEM_PROMPT = "你是一个AI助手"
+
+# The seed's template, verbatim: only system/user/assistant turns are rendered.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}"
+    "<|im_start|>system\n{{ message['content'] }}<|im_end|>\n"
+    "{% elif message['role'] == 'user' %}"
+    "<|im_start|>user\n{{ message['content'] }}<|im_end|>\n"
+    "{% elif message['role'] == 'assistant' %}"
+    "<|im_start|>assistant\n{{ message['content'] }}<|im_end|>\n"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}"
+    "{% endif %}"
+)
+CHAT_ROLES = ("system", "user", "assistant")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def chat_header(role: str) -> str:
+    return f"<|im_start|>{role}\n"
+
+
+CHAT_FOOTER = "<|im_end|>\n"
+
+
+def render_chat(messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+    """Renders messages exactly as CHAT_TEMPLATE does, without needing jinja."""
+    parts = [chat_header(m["role"]) + m["content"] + CHAT_FOOTER for m in messages if m["role"] in CHAT_ROLES]
+    if add_generation_prompt:
+        parts.append(chat_header("assistant"))
+    return "".join(parts)
+
+
+@dataclass
+class TinyTokenizer:
+    """The `tokenizers` object plus the bits of the HF config tinyk needs."""
+
+    tok: Tokenizer
+    path: Path
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def bos_id(self) -> int:
+        return IM_START_ID
+
+    @property
+    def eos_id(self) -> int:
+        return IM_END_ID
+
+    @property
+    def pad_id(self) -> int:
+        return IM_END_ID
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+        return render_chat(messages, add_generation_prompt)
+
+    def fingerprint(self) -> str:
+        return tokenizer_hash(self.path)
+
+
+def tokenizer_hash(path: str | Path) -> str:
+    """Identity of a tokenizer directory: a hash of its vocabulary and merges file."""
+    return hash_files([Path(path) / "tokenizer.json"])
+
+
+def load_tokenizer(path: str | Path) -> TinyTokenizer:
+    """Loads a tokenizer directory and checks it carries the special ids tinyk relies on."""
+    path = Path(path)
+    f = path / "tokenizer.json"
+    if not path.is_dir():
+        raise TinykError(f"tokenizer directory not found: {path}")
+    if not f.is_file():
+        raise TinykError(f"not a tokenizer directory (no tokenizer.json): {path}")
+    try:
+        tok = Tokenizer.from_file(str(f))
+    except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+        raise TinykError(f"cannot read tokenizer {f}: {str(e).splitlines()[0]}") from e
+    for i, name in enumerate(SPECIAL_TOKENS):
+        if tok.token_to_id(name) != i:
+            raise TinykError(f"tokenizer {path}: special token {name} must have id {i}, has {tok.token_to_id(name)}")
+    return TinyTokenizer(tok, path)
+
+
+def tokenizer_config(model_max_length: int = 1_000_000) -> dict[str, Any]:
+    return {
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "bos_token": "<|im_start|>",
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|im_end|>",
+        "unk_token": "<unk>",
+        "additional_special_tokens": ["<s>", "</s>"],
+        "model_max_length": model_max_length,
+        "clean_up_tokenization_spaces": False,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "chat_template": CHAT_TEMPLATE,
+    }
+
+
+def special_tokens_map() -> dict[str, Any]:
+    return {
+        "bos_token": "<|im_start|>",
+        "eos_token": "<|im_end|>",
+        "unk_token": "<unk>",
+        "pad_token": "<|im_end|>",
+        "additional_special_tokens": ["<s>", "</s>"],
+    }
+
+
+def save_tokenizer_files(tok: Tokenizer, out: Path, model_max_length: int = 1_000_000) -> None:
+    tok.save(str(out / "tokenizer.json"))
+    for name, obj in (("tokenizer_config.json", tokenizer_config(model_max_length)),
+                      ("special_tokens_map.json", special_tokens_map())):
+        (out / name).write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+
+def build_tokenizer(normalization: str = "none") -> Tokenizer:
+    """An untrained byte-level BPE whose decode(encode(s)) == s for every string."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    if normalization == "nfkc":
+        tok.normalizer = normalizers.NFKC()
+    elif normalization != "none":
+        raise TinykError(f"unknown normalization {normalization!r} (use none or nfkc)")
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def train_tokenizer(inputs: list[str | Path], out: str | Path, *, vocab_size: int = 6144,
+                    normalization: str = "none", max_bytes: int | None = None, field_name: str = "text",
+                    min_frequency: int = 2, force: bool = False, strict: bool = False,
+                    show_progress: bool = True) -> dict[str, Any]:
+    """Trains a tokenizer on a streamed (optionally truncated) corpus and saves an HF directory."""
+    paths = check_inputs(inputs)
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise TinykError(f"--vocab-size must be at least {256 + len(SPECIAL_TOKENS)} (256 bytes + special tokens)")
+    skips = Skips(strict=strict)
+    tok = build_tokenizer(normalization)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=show_progress,
+    )
+    stats = {"documents": 0, "characters": 0}
+
+    def texts():
+        for t in iter_texts(paths, skips, field_name=field_name, max_bytes=max_bytes):
+            stats["documents"] += 1
+            stats["characters"] += len(t)
+            yield t
+
+    t0 = time.time()
+    with atomic_dir(out, force=force) as tmp:
+        tok.train_from_iterator(texts(), trainer=trainer)
+        if stats["documents"] == 0:
+            raise TinykError("no usable documents in the input (" + skips.summary() + ")")
+        for i, name in enumerate(SPECIAL_TOKENS):
+            assert tok.token_to_id(name) == i, name
+        save_tokenizer_files(tok, tmp)
+    return {**stats, "vocab_size": tok.get_vocab_size(), "skipped": skips.to_json(),
+            "skipped_summary": skips.summary(), "seconds": round(time.time() - t0, 2)}
+
+
+CHAT_SAMPLE = [
+    {"role": "system", "content": "你是一个AI助手。"},
+    {"role": "user", "content": "How are you?"},
+    {"role": "assistant", "content": "I'm fine, thank you. and you?"},
+    {"role": "user", "content": "今天天气怎么样？"},
+    {"role": "assistant", "content": "今天是晴天，气温25℃，适合出门！"},
+]
+
+
+def eval_tokenizer(path: str | Path, inputs: list[str | Path] | None = None, *,
+                   max_bytes: int = 10_000_000, field_name: str = "text") -> dict[str, Any]:
+    """Vocab, special ids, exact round trip and compression on a sample."""
+    tk = load_tokenizer(path)
+    chat = render_chat(CHAT_SAMPLE, add_generation_prompt=True)
+    samples = [chat, "<|im_start|>user\nHello<|im_end|>", "全角标点：，！？；（）…… ＡＢＣ １２３"]
+    chars = nbytes = ntok = docs = 0
+    failures = 0
+    if inputs:
+        skips = Skips()
+        texts = iter_texts(check_inputs(inputs), skips, field_name=field_name, max_bytes=max_bytes)
+    else:
+        texts = iter(samples)
+    for t in texts:
+        ids = tk.encode(t)
+        failures += tk.decode(ids) != t
+        docs += 1
+        chars += len(t)
+        nbytes += len(t.encode("utf-8"))
+        ntok += len(ids)
+    fixed_ok = all(tk.decode(tk.encode(s)) == s for s in samples)
+    return {
+        "path": str(path),
+        "vocab_size": tk.vocab_size,
+        "special_ids": {name: tk.tok.token_to_id(name) for name in SPECIAL_TOKENS},
+        "bos": "<|im_start|>", "eos": "<|im_end|>", "pad": "<|im_end|>",
+        "roundtrip_ok": fixed_ok and failures == 0,
+        "roundtrip_failures": failures,
+        "documents": docs,
+        "chars_per_token": round(chars / max(ntok, 1), 3),
+        "bytes_per_token": round(nbytes / max(ntok, 1), 3),
+        "chat_sample": chat,
+    }

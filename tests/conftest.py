@@ -1,0 +1,43 @@
+"""Shared fixtures: a small tokenizer and a `nano` model directory, built once per test session."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tinyk.checkpoint import init_model_dir
+from tinyk.tokenizer import train_tokenizer
+
+CHINESE = "我们今天去公园散步，天气很好！你喜欢吃苹果吗？这本书非常有意思：作者写得很好。中国的首都是北京。"
+ENGLISH = "The quick brown fox jumps over the lazy dog. 1+1=2; (x, y) -> z."
+
+
+def make_corpus(path: Path, n_docs: int = 400) -> Path:
+    """A deterministic mixed Chinese/English JSONL corpus."""
+    lines = []
+    for i in range(n_docs):
+        a = CHINESE[i % len(CHINESE):] + CHINESE[: i % len(CHINESE)]
+        lines.append(json.dumps({"text": f"{a} {ENGLISH} 第{i}号文档。"}, ensure_ascii=False))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory) -> Path:
+    return make_corpus(tmp_path_factory.mktemp("corpus") / "corpus.jsonl")
+
+
+@pytest.fixture(scope="session")
+def tok_dir(tmp_path_factory, corpus_file) -> Path:
+    out = tmp_path_factory.mktemp("tok") / "tokenizer"
+    train_tokenizer([corpus_file], out, vocab_size=512, show_progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def nano_model_dir(tmp_path_factory, tok_dir) -> Path:
+    out = tmp_path_factory.mktemp("model") / "nano"
+    init_model_dir("nano", tok_dir, out, seed=0)
+    return out

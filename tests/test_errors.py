@@ -1,0 +1,119 @@
+"""User mistakes get one clear line and exit 2, never a traceback, and never a half-written output."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tinyk.checkpoint import load_model
+from tinyk.cli import main
+from tinyk.files import TinykError
+from tinyk.tokenizer import build_tokenizer
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err
+    return e.value.code, err
+
+
+def test_missing_input_file(tmp_path, capsys):
+    code, err = run_cli(["tokenizer", "train", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "t")], capsys)
+    assert code == 2 and err.strip() == f"tinyk: error: input file not found: {tmp_path / 'nope.jsonl'}"
+
+
+def test_input_that_is_not_a_file(tmp_path, capsys):
+    (tmp_path / "d.jsonl").mkdir()
+    code, err = run_cli(["tokenizer", "train", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "t")], capsys)
+    assert code == 2 and "input is not a file" in err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can read any file")
+def test_unreadable_input(tmp_path, capsys, corpus_file):
+    f = tmp_path / "locked.jsonl"
+    shutil.copy(corpus_file, f)
+    f.chmod(0)
+    code, err = run_cli(["tokenizer", "train", str(f), "--out", str(tmp_path / "t")], capsys)
+    assert code == 2 and "not readable" in err
+
+
+def test_existing_output_needs_force(tmp_path, corpus_file, capsys):
+    out = tmp_path / "t"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, err = run_cli(["tokenizer", "train", str(corpus_file), "--out", str(out), "--vocab-size", "300"], capsys)
+    assert code == 2 and "output directory exists" in err and "--force" in err
+    assert (out / "keep.txt").read_text() == "mine"
+    code, _ = run_cli(["tokenizer", "train", str(corpus_file), "--out", str(out), "--vocab-size", "300", "--force"],
+                      capsys)
+    assert code == 0 and (out / "tokenizer.json").exists() and not (out / "keep.txt").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["t"]
+
+
+def test_failed_run_leaves_nothing_behind(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{broken\n{also broken\n")
+    code, err = run_cli(["tokenizer", "train", str(bad), "--out", str(tmp_path / "t")], capsys)
+    assert code == 2 and "no usable documents" in err and "malformed json: 2" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
+
+
+def test_unknown_preset(tmp_path, tok_dir, capsys):
+    code, err = run_cli(["model", "init", "--preset", "huge", "--tokenizer", str(tok_dir), "--out",
+                         str(tmp_path / "m")], capsys)
+    assert code == 2 and "unknown preset 'huge'" in err
+
+
+def test_not_a_model_dir(tmp_path, capsys):
+    code, err = run_cli(["model", "info", str(tmp_path)], capsys)
+    assert code == 2 and "not a model directory" in err
+
+
+def test_tokenizer_larger_than_model_vocab(tmp_path, tok_dir, corpus_file):
+    from tinyk.checkpoint import init_model_dir
+    from tinyk.tokenizer import train_tokenizer
+
+    train_tokenizer([corpus_file], tmp_path / "small", vocab_size=300, show_progress=False)
+    init_model_dir("nano", tmp_path / "small", tmp_path / "m")
+    shutil.copy(tok_dir / "tokenizer.json", tmp_path / "m" / "tokenizer.json")
+    with pytest.raises(TinykError, match="tokens but the model's vocab_size is 300"):
+        load_model(tmp_path / "m")
+
+
+def test_tokenizer_with_wrong_special_ids(tmp_path, nano_model_dir):
+    m = tmp_path / "m"
+    shutil.copytree(nano_model_dir, m)
+    tok = build_tokenizer()
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>", "<unk>", "<s>", "</s>"])
+    tok.save(str(m / "tokenizer.json"))
+    with pytest.raises(TinykError, match="special token <unk> must have id 0"):
+        load_model(m)
+
+
+def test_corrupt_config(tmp_path, nano_model_dir, capsys):
+    m = tmp_path / "m"
+    shutil.copytree(nano_model_dir, m)
+    (m / "config.json").write_text("{")
+    code, err = run_cli(["model", "info", str(m)], capsys)
+    assert code == 2 and "invalid config.json" in err
+
+
+def test_real_process_prints_one_line_no_traceback(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    p = subprocess.run([sys.executable, "-m", "tinyk", "model", "info", str(tmp_path / "missing")],
+                       capture_output=True, text=True, env=env)
+    assert p.returncode == 2
+    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert json.dumps(p.stderr)  # printable
+
+
+def test_help_lists_commands():
+    p = subprocess.run([sys.executable, "-m", "tinyk", "--help"], capture_output=True, text=True)
+    assert p.returncode == 0 and "tokenizer" in p.stdout and "model" in p.stdout

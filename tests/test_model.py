@@ -1,0 +1,104 @@
+"""Model: preset sizes, HF Llama parity, KV-cache decoding, model directories."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from tinyk.checkpoint import init_model_dir, load_model, model_info, save_model
+from tinyk.model import KVCache, ModelConfig, Transformer, preset_config
+
+
+@pytest.mark.parametrize("preset,expected", [("seed-215m", 215_127_040), ("seed-82m", 82_594_560)])
+def test_seed_parameter_counts(preset, expected):
+    with torch.device("meta"):
+        assert Transformer(preset_config(preset)).num_params() == expected
+
+
+def test_hidden_dim_rule():
+    assert ModelConfig(dim=1024, multiple_of=64).hidden_dim == 2752
+    assert ModelConfig(dim=768, multiple_of=64).hidden_dim == 2048
+    assert ModelConfig(dim=768, hidden_dim=1000).hidden_dim == 1000
+
+
+@pytest.mark.parametrize("shape", [
+    dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512),           # GQA
+    dict(dim=48, n_layers=3, n_heads=4, n_kv_heads=1, vocab_size=517),           # MQA, odd vocab
+    dict(dim=64, n_layers=1, n_heads=4, n_kv_heads=4, vocab_size=601, tie_embeddings=False, rope_theta=500000.0),
+])
+def test_hf_llama_loads_and_matches_logits(tmp_path, tok_dir, shape):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(max_seq_len=64, **shape)).eval()
+    out = save_model(model, tok_dir, tmp_path / "m")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "llama" and LlamaConfig.from_pretrained(out).num_key_value_heads == shape["n_kv_heads"]
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    x = torch.randint(0, shape["vocab_size"], (3, 40))
+    with torch.no_grad():
+        ours, _ = model(x)
+        theirs = hf(x).logits
+    assert (ours - theirs).abs().max().item() < 1e-4
+    reloaded, _ = load_model(out)
+    with torch.no_grad():
+        assert torch.equal(reloaded(x)[0], ours)
+
+
+def test_loss_ignores_masked_targets():
+    torch.manual_seed(0)
+    model = Transformer(preset_config("nano")).eval()
+    x = torch.randint(0, 512, (2, 16))
+    y = torch.randint(0, 512, (2, 16))
+    y_masked = y.clone()
+    y_masked[:, :8] = -100
+    logits, loss = model(x, y_masked)
+    ref = torch.nn.functional.cross_entropy(logits[:, 8:].reshape(-1, 512), y[:, 8:].reshape(-1))
+    assert torch.allclose(loss, ref)
+
+
+def test_kv_cache_decoding_equals_full_recomputation():
+    torch.manual_seed(0)
+    model = Transformer(preset_config("nano")).eval()
+    seq = torch.randint(0, 512, (2, 24))
+    with torch.no_grad():
+        full, _ = model(seq)
+        cache = KVCache(model.config, 2, 32, "cpu", torch.float32)
+        step_logits = [model(seq[:, :10], cache=cache)[0]]
+        for t in range(10, 24):
+            step_logits.append(model(seq[:, t:t + 1], cache=cache)[0])
+    assert cache.length == 24
+    assert (torch.cat(step_logits, 1) - full).abs().max().item() < 1e-5
+
+
+def test_left_padded_batch_matches_unpadded():
+    torch.manual_seed(0)
+    model = Transformer(preset_config("nano")).eval()
+    a, b = torch.randint(5, 512, (1, 12)), torch.randint(5, 512, (1, 5))
+    pad = 12 - 5
+    batch = torch.cat([a, torch.cat([torch.full((1, pad), 4), b], 1)])
+    valid = torch.ones(2, 12, dtype=torch.bool)
+    valid[1, :pad] = False
+    positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        cache = KVCache(model.config, 2, 20, "cpu", torch.float32)
+        logits, _ = model(batch, cache=cache, valid=valid, positions=positions)
+        nxt = torch.tensor([[7], [9]])
+        step, _ = model(nxt, cache=cache, positions=positions[:, -1:] + 1)
+        ref_b = model(torch.cat([b, torch.tensor([[9]])], 1))[0]
+        ref_a = model(torch.cat([a, torch.tensor([[7]])], 1))[0]
+    assert (logits[1, pad:] - ref_b[0, :5]).abs().max() < 1e-5
+    assert (step[1, 0] - ref_b[0, 5]).abs().max() < 1e-5
+    assert (step[0, 0] - ref_a[0, 12]).abs().max() < 1e-5
+
+
+def test_model_init_uses_tokenizer_vocab_and_info(tmp_path, tok_dir):
+    from tinyk.tokenizer import load_tokenizer
+
+    m = init_model_dir("nano", tok_dir, tmp_path / "m")
+    assert m.config.vocab_size == load_tokenizer(tok_dir).vocab_size
+    info = model_info(tmp_path / "m")
+    assert info["parameters"] == m.num_params() and info["config"]["dim"] == 64
+    assert {p.name for p in (tmp_path / "m").iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json",
+                                                           "tokenizer_config.json", "generation_config.json"}

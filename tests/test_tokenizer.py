@@ -1,0 +1,163 @@
+"""Tokenizer: special ids, the seed's chat template, exact round trip, streaming and bad lines."""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import AutoTokenizer
+
+from tinyk.cli import main
+from tinyk.files import TinykError
+from tinyk.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, eval_tokenizer, load_tokenizer, train_tokenizer
+
+# The seed's own eval_tokenizer() messages and the prompt it prints.
+SEED_MESSAGES = [
+    {"role": "system", "content": "你是一个AI助手。"},
+    {"role": "user", "content": "How are you?"},
+    {"role": "assistant", "content": "I'm fine, thank you. and you?"},
+    {"role": "user", "content": "I'm good too."},
+    {"role": "assistant", "content": "That's great to hear!"},
+]
+SEED_PROMPT = (
+    "<|im_start|>system\n你是一个AI助手。<|im_end|>\n"
+    "<|im_start|>user\nHow are you?<|im_end|>\n"
+    "<|im_start|>assistant\nI'm fine, thank you. and you?<|im_end|>\n"
+    "<|im_start|>user\nI'm good too.<|im_end|>\n"
+    "<|im_start|>assistant\nThat's great to hear!<|im_end|>\n"
+)
+
+
+@pytest.fixture(scope="module")
+def tk(tok_dir):
+    return load_tokenizer(tok_dir)
+
+
+@pytest.fixture(scope="module")
+def nfkc_dir(tmp_path_factory, corpus_file):
+    out = tmp_path_factory.mktemp("nfkc") / "tok"
+    train_tokenizer([corpus_file], out, vocab_size=400, normalization="nfkc", show_progress=False)
+    return out
+
+
+def test_special_token_ids(tk, tok_dir):
+    assert [tk.tok.token_to_id(t) for t in SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
+    hf = AutoTokenizer.from_pretrained(tok_dir)
+    assert (hf.bos_token, hf.eos_token, hf.pad_token, hf.unk_token) == ("<|im_start|>", "<|im_end|>", "<|im_end|>",
+                                                                          "<unk>")
+    assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (3, 4, 4)
+
+
+def test_chat_template_matches_seed(tk, tok_dir):
+    hf = AutoTokenizer.from_pretrained(tok_dir)
+    assert hf.chat_template == CHAT_TEMPLATE
+    assert hf.apply_chat_template(SEED_MESSAGES, tokenize=False) == SEED_PROMPT
+    assert tk.apply_chat_template(SEED_MESSAGES) == SEED_PROMPT
+    with_prompt = hf.apply_chat_template(SEED_MESSAGES[:2], tokenize=False, add_generation_prompt=True)
+    assert with_prompt.endswith("How are you?<|im_end|>\n<|im_start|>assistant\n")
+    assert tk.apply_chat_template(SEED_MESSAGES[:2], add_generation_prompt=True) == with_prompt
+
+
+def test_hf_tokenizer_gives_same_ids(tk, tok_dir):
+    hf = AutoTokenizer.from_pretrained(tok_dir)
+    for s in (SEED_PROMPT, "<|im_start|>user\nHello<|im_end|>", "全角：，！？"):
+        assert hf(s, add_special_tokens=False).input_ids == tk.encode(s)
+        assert hf.decode(tk.encode(s)) == s
+    ids = tk.encode("<|im_start|>user\nHello<|im_end|>")
+    assert ids[0] == 3 and ids[-1] == 4
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text())
+def test_exact_roundtrip_any_unicode(tk, s):
+    assert tk.decode(tk.encode(s)) == s
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.sampled_from(["system", "user", "assistant"]), min_size=1, max_size=4), st.text(max_size=40))
+def test_exact_roundtrip_chat_text(tk, roles, content):
+    text = tk.apply_chat_template([{"role": r, "content": content} for r in roles], add_generation_prompt=True)
+    assert tk.decode(tk.encode(text)) == text
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.text())
+def test_nfkc_roundtrip_on_normalised_text(nfkc_dir, s):
+    nk = load_tokenizer(nfkc_dir)
+    s = unicodedata.normalize("NFKC", s)
+    assert nk.decode(nk.encode(s)) == s
+
+
+def test_fullwidth_punctuation_survives_by_default(tk, nfkc_dir):
+    s = "你好，世界！真的吗？（是的）"
+    assert tk.decode(tk.encode(s)) == s
+    assert load_tokenizer(nfkc_dir).decode(load_tokenizer(nfkc_dir).encode(s)) == "你好,世界!真的吗?(是的)"
+
+
+def test_max_bytes_streams_a_prefix(tmp_path):
+    line = json.dumps({"text": "数据流式读取测试。" * 20}, ensure_ascii=False) + "\n"
+    big = tmp_path / "big.jsonl"
+    with open(big, "w", encoding="utf-8") as f:
+        for _ in range(20000):
+            f.write(line)
+    budget = 100 * len(line.encode())
+    assert big.stat().st_size > 100 * budget
+    r = train_tokenizer([big], tmp_path / "tok", vocab_size=300, max_bytes=budget, show_progress=False)
+    assert r["documents"] == 100
+
+
+def write_bad_corpus(path: Path) -> Path:
+    good = json.dumps({"text": "好的文本，没有问题。"}, ensure_ascii=False).encode()
+    lines = [good, b"{not json", good, json.dumps({"title": "x"}).encode(), json.dumps({"text": 5}).encode(),
+             b'{"text": "\xff\xfe"}', json.dumps({"text": "  "}).encode(), good]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+def test_malformed_lines_are_counted_not_fatal(tmp_path):
+    src = write_bad_corpus(tmp_path / "bad.jsonl")
+    before = src.read_bytes()
+    r = train_tokenizer([src], tmp_path / "tok", vocab_size=300, show_progress=False)
+    assert r["documents"] == 3
+    sk = r["skipped"]
+    assert sk["by_reason"] == {"malformed_json": 1, "missing_field": 1, "not_string": 1, "invalid_utf8": 1,
+                               "empty": 1}
+    assert sk["first"]["malformed_json"] == ["bad.jsonl:2"]
+    assert "first at bad.jsonl:2" in r["skipped_summary"]
+    assert src.read_bytes() == before
+    with pytest.raises(TinykError, match="bad.jsonl:2"):
+        train_tokenizer([src], tmp_path / "tok2", vocab_size=300, strict=True, show_progress=False)
+    assert not (tmp_path / "tok2").exists()
+
+
+def test_txt_and_parquet_inputs(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    txt = tmp_path / "a.txt"
+    txt.write_text("第一行文本\n第二行文本\n", encoding="utf-8")
+    pq.write_table(pa.table({"text": ["第三行", "第四行"]}), tmp_path / "b.parquet")
+    r = train_tokenizer([txt, tmp_path / "b.parquet"], tmp_path / "tok", vocab_size=300, show_progress=False)
+    assert r["documents"] == 4
+
+
+def test_eval_reports_compression_and_roundtrip(tok_dir, corpus_file):
+    r = eval_tokenizer(tok_dir, [corpus_file])
+    assert r["roundtrip_ok"] and r["documents"] == 400
+    assert r["vocab_size"] == load_tokenizer(tok_dir).vocab_size <= 512 and r["special_ids"]["<|im_end|>"] == 4
+    assert 1.0 < r["chars_per_token"] < r["bytes_per_token"]
+
+
+def test_cli_train_and_eval(tmp_path, corpus_file, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["tokenizer", "train", str(corpus_file), "--out", str(tmp_path / "t"), "--vocab-size", "300"])
+    assert e.value.code == 0
+    with pytest.raises(SystemExit) as e:
+        main(["tokenizer", "eval", str(tmp_path / "t"), "--input", str(corpus_file)])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "round trip      exact" in out and "chars/token" in out
