@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: venv
+	bash tests/install_chromium.sh
 	$(PY) -m ruff check src tests bench
 	$(PY) -m pytest -x
 

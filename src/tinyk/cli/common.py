@@ -20,10 +20,12 @@ def parse_size(s: str) -> int:
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     """Sampling flags shared by generate, chat and eval; defaults avoid loops on small models."""
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.1)
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy; higher = more random (default 0.7)")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens; 0 = off (default 50)")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass; 1 = off (default 0.9)")
+    p.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens below min_p x the top probability; 0 = off (default 0)")
+    p.add_argument("--repetition-penalty", type=float, default=1.1,
+                   help="penalise tokens already in the text; 1 = off (default 1.1)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="token budget per answer (default 256)")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")

@@ -1,0 +1,133 @@
+"""Decode speed of tinyk's engine against Hugging Face `transformers.generate`, same model, same run.
+
+A random-init `seed-82m` model directory (vocab 6144) is loaded by both; each does greedy
+decoding of identical prompts of `--prompt-len` tokens for `--new-tokens` tokens (EOS ignored),
+at each batch size and dtype. Runs are interleaved so background load hits both alike.
+
+  time to first token (TTFT) = wall time of a 1-token generate (prefill + first token)
+  decode tokens/s            = batch * (new_tokens - 1) / (T(new_tokens) - T(1))
+
+Usage: .venv/bin/python bench/decode.py [--batch 1 8] [--dtype float32 bfloat16] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from tinyk.checkpoint import init_model_dir, is_model_dir
+from tinyk.engine import DTYPES, Engine, SamplingParams
+from tinyk.tokenizer import train_tokenizer
+
+
+def synthetic_tokenizer(out: Path, vocab_size: int = 6144) -> Path:
+    """A tokenizer with the seed's vocabulary size, trained on generated Chinese text (no download)."""
+    if (out / "tokenizer.json").is_file():
+        return out
+    rng = random.Random(0)
+    chars = [chr(c) for c in range(0x4E00, 0x4E00 + 2500)]
+    corpus = out.parent / "bench_corpus.jsonl"
+    with open(corpus, "w", encoding="utf-8") as f:
+        for i in range(3000):
+            text = "".join(rng.choice(chars[:200 + i % 2300]) for _ in range(200))
+            f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+    train_tokenizer([corpus], out, vocab_size=vocab_size, show_progress=False, force=True)
+    return out
+
+
+def model_dir(work: Path, tokenizer: Path | None) -> Path:
+    out = work / "seed-82m"
+    if not is_model_dir(out):
+        tok = tokenizer or synthetic_tokenizer(work / "tokenizer")
+        init_model_dir("seed-82m", tok, out, seed=0, force=True)
+    return out
+
+
+def timed(fn, device: torch.device) -> float:
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def measure(engine: Engine, hf, batch: int, args: argparse.Namespace) -> dict:
+    """TTFT and decode speed of both implementations on the same random prompts, interleaved."""
+    dev = engine.device
+    ids = torch.randint(5, engine.vocab_size, (batch, args.prompt_len), generator=torch.Generator().manual_seed(batch))
+    ids_dev = ids.to(dev)
+
+    def tinyk(n: int):
+        sp = SamplingParams(temperature=0, repetition_penalty=1.0, max_new_tokens=n, ignore_eos=True)
+        return [c.token_ids for c in engine.generate(ids.tolist(), sp)]
+
+    def transformers(n: int):
+        with torch.inference_mode():
+            out = hf.generate(ids_dev, attention_mask=torch.ones_like(ids_dev), do_sample=False, max_new_tokens=n,
+                              min_new_tokens=n, pad_token_id=4, eos_token_id=4)
+        return out[:, args.prompt_len:].tolist()
+
+    same = tinyk(args.new_tokens) == transformers(args.new_tokens)
+    times: dict[str, dict[str, list[float]]] = {}
+    for _ in range(args.repeats):
+        for name, fn in (("tinyk", tinyk), ("transformers", transformers)):
+            t = times.setdefault(name, {"first": [], "full": []})
+            t["first"].append(timed(lambda fn=fn: fn(1), dev))
+            t["full"].append(timed(lambda fn=fn: fn(args.new_tokens), dev))
+    row = {"device": dev.type, "dtype": str(engine.dtype).removeprefix("torch."), "batch": batch, "same_tokens": same}
+    for name, t in times.items():
+        first, full = statistics.median(t["first"]), statistics.median(t["full"])
+        row[f"{name}_ttft_ms"] = round(first * 1000, 1)
+        row[f"{name}_decode_tok_s"] = round(batch * (args.new_tokens - 1) / max(full - first, 1e-9), 1)
+    row["speedup"] = round(row["tinyk_decode_tok_s"] / row["transformers_decode_tok_s"], 2)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "tinyk-bench-decode",
+                    help="where the model directory is built (reused across runs)")
+    ap.add_argument("--tokenizer", type=Path, help="a trained 6144-token tokenizer (default: a synthetic one)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=sorted(DTYPES))
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from transformers import AutoModelForCausalLM
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    mdir = model_dir(args.work, args.tokenizer)
+    results = []
+    for dtype in args.dtype:
+        engine = Engine.from_dir(mdir, device=args.device, dtype=dtype)
+        hf = AutoModelForCausalLM.from_pretrained(mdir, dtype=DTYPES[dtype]).to(engine.device).eval()
+        for batch in args.batch:
+            results.append(measure(engine, hf, batch, args))
+            print(json.dumps(results[-1]), flush=True)
+        del engine, hf
+    print(f"\nseed-82m on {args.device}, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, "
+          f"{torch.get_num_threads()} threads, median of {args.repeats}\n")
+    print("| dtype | batch | tinyk tok/s | HF tok/s | speedup | tinyk TTFT ms | HF TTFT ms | same tokens |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['dtype']} | {r['batch']} | {r['tinyk_decode_tok_s']} | {r['transformers_decode_tok_s']} | "
+              f"{r['speedup']}x | {r['tinyk_ttft_ms']} | {r['transformers_ttft_ms']} | {r['same_tokens']} |")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

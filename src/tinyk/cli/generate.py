@@ -1,0 +1,191 @@
+"""`tinyk generate` (raw completions, batched) and `tinyk chat` (interactive or scripted chat)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, TextIO
+
+from tinyk.cli.common import add_sampling_args
+
+if TYPE_CHECKING:
+    from tinyk.engine import Engine, SamplingParams
+
+CHAT_HELP = "commands: /reset (forget the conversation), /system TEXT (new system prompt, then reset), /exit"
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """Model and device flags shared by generate, chat and serve."""
+    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when this text appears (repeatable); it is not part of the output")
+
+
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    from tinyk.engine import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                          repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
+                          seed=args.seed, stop=list(args.stop))
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    g = sub.add_parser("generate", help="raw text completion (like the seed's pretrain sample)",
+                       description="Continues each prompt as a pretraining document (prompts start with "
+                                   "<|im_start|> unless --no-bos). Several prompts are decoded as one batch.")
+    add_engine_args(g)
+    g.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    g.add_argument("--prompt-file", help="prompts, one per line (.txt) or one per record (.jsonl/.json/.parquet)")
+    g.add_argument("--field", default="prompt", help="record field holding the prompt in --prompt-file (default prompt)")
+    g.add_argument("--no-bos", action="store_true", help="do not start prompts with <|im_start|>")
+    g.add_argument("--batch-size", type=int, default=16, help="sequences decoded together")
+    g.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    add_sampling_args(g)
+    g.set_defaults(func=_generate)
+
+    c = sub.add_parser("chat", help="chat with a model in the terminal",
+                       description="Interactive multi-turn chat (" + CHAT_HELP + "). With --message, or with "
+                                   "input piped on stdin, answers that one message and exits.")
+    add_engine_args(c)
+    c.add_argument("--message", help="answer this one message and exit")
+    c.add_argument("--system", help="system prompt (default: the one SFT data uses)")
+    add_sampling_args(c)
+    c.set_defaults(func=_chat)
+
+
+def _engine(args: argparse.Namespace, max_batch: int = 16) -> Engine:
+    from tinyk.engine import Engine
+
+    return Engine.from_dir(args.model, device=args.device, dtype=args.dtype, max_batch=max_batch)
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    from tinyk.files import Skips, TinykError, check_inputs, iter_texts
+
+    prompts = list(args.prompt)
+    if args.prompt_file:
+        skips = Skips()
+        prompts += list(iter_texts(check_inputs([args.prompt_file]), skips, field_name=args.field))
+        if skips.total:
+            print(f"tinyk: {args.prompt_file}: {skips.summary()}", file=sys.stderr)
+    if not prompts:
+        raise TinykError("give --prompt TEXT (repeatable) or --prompt-file FILE")
+    return prompts
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from tinyk.files import TinykError
+
+    if args.batch_size < 1:
+        raise TinykError("--batch-size must be at least 1")
+    prompts = read_prompts(args)
+    params = sampling_params(args)
+    engine = _engine(args, args.batch_size)
+    bos = [] if args.no_bos else [engine.tok.bos_id]
+    ids = [bos + engine.tok.encode(p) for p in prompts]
+    if len(prompts) == 1 and not args.json:
+        sys.stdout.write(prompts[0])
+        for delta in engine.stream(ids[0], params):
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return 0
+    for i, (prompt, c) in enumerate(zip(prompts, engine.generate(ids, params), strict=True)):
+        if args.json:
+            print(json.dumps({"prompt": prompt, "text": c.text, "finish_reason": c.finish_reason,
+                              "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens},
+                             ensure_ascii=False))
+        else:
+            print(f"--- sample {i + 1} ({c.completion_tokens} tokens, {c.finish_reason}) ---\n{prompt}{c.text}")
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from tinyk.tokenizer import DEFAULT_SYSTEM_PROMPT
+
+    params = sampling_params(args)
+    system = DEFAULT_SYSTEM_PROMPT if args.system is None else args.system
+    message = args.message
+    if message is None and not sys.stdin.isatty():
+        message = sys.stdin.read().strip()
+    engine = _engine(args, 1)
+    if message is not None:
+        chat_session(engine, params, [message], sys.stdout, system=system, prompt="", interactive=False)
+        return 0
+    print(f"tinyk chat: {args.model} ({CHAT_HELP})", file=sys.stderr)
+    chat_session(engine, params, _input_lines(), sys.stdout, system=system)
+    return 0
+
+
+def _input_lines() -> Iterable[str]:
+    while True:
+        try:
+            yield input("you> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return
+
+
+def chat_session(engine: Engine, params: SamplingParams, lines: Iterable[str], out: TextIO, *,
+                 system: str | None, prompt: str = "assistant> ", interactive: bool = True) -> list[dict[str, str]]:
+    """Runs a conversation over `lines` (user messages and /commands), streaming each reply to `out`.
+
+    When the conversation outgrows the context window the oldest turns are forgotten; a
+    message too long on its own is reported (and fatal unless `interactive`).
+    Returns the final history.
+    """
+    from tinyk.engine import ContextLengthError
+    from tinyk.files import TinykError
+
+    history: list[dict[str, str]] = []
+    # Leave the reply room to grow: at least half the window, or the whole token budget.
+    reserve = min(params.max_new_tokens, engine.context_length // 2)
+    for line in lines:
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            history = []
+            print("(conversation reset)", file=sys.stderr)
+            continue
+        if text.startswith("/system"):
+            system = text[len("/system"):].strip() or None
+            history = []
+            print(f"(system prompt {'set' if system else 'cleared'}; conversation reset)", file=sys.stderr)
+            continue
+        if text.startswith("/"):
+            print(f"unknown command {text.split()[0]}; {CHAT_HELP}", file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": text})
+        while True:
+            ids = engine.tok.encode(engine.chat_prompt(history, default_system=system))
+            if len(ids) + reserve <= engine.context_length or len(history) == 1:
+                break
+            history = history[2:]
+            print("(forgot the oldest turn to fit the context window)", file=sys.stderr)
+        try:
+            request = engine.request(ids, params)
+        except ContextLengthError as e:
+            history.pop()
+            if not interactive:
+                raise TinykError(f"message too long: {e}") from e
+            print(f"(message too long: {e})", file=sys.stderr)
+            continue
+        out.write(prompt)
+        for _, delta in engine.run([request]):
+            out.write(delta)
+            out.flush()
+        out.write("\n")
+        out.flush()
+        reply = request.completion()
+        if reply.finish_reason == "length":
+            print(f"(reply cut at {reply.completion_tokens} tokens; raise --max-new-tokens for longer)",
+                  file=sys.stderr)
+        history.append({"role": "assistant", "content": reply.text})
+    return history

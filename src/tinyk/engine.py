@@ -1,0 +1,678 @@
+"""The one generation engine behind `tinyk generate`, `tinyk chat`, `tinyk serve` and eval.
+
+Sequences are decoded together through the model's preallocated KV cache: prompts of
+different lengths are left-padded, every step feeds one token per sequence, and a sequence
+that stops (EOS, a stop string or its token budget) leaves the batch at once. New sequences
+join a running batch between steps (continuous batching), which is how the server keeps
+concurrent requests flowing. Text comes out through an incremental detokenizer that holds
+back incomplete UTF-8 and possible beginnings of stop strings, so streamed deltas
+concatenate to exactly the final text.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import random
+import threading
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import check_compatible, load_model
+from .files import TinykError
+from .model import KVCache, Transformer, apply_rope, rope_cos_sin
+from .tokenizer import CHAT_ROLES, TinyTokenizer, render_chat
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """'auto' picks CUDA when present; asking for CUDA without one is a user error, not a crash."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise TinykError(f"unknown device {device!r} (use auto, cpu or cuda[:N])") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TinykError("--device cuda was asked for but CUDA is not available")
+    if dev.type not in ("cpu", "cuda"):
+        raise TinykError(f"unsupported device {device!r} (use auto, cpu or cuda[:N])")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """'auto' is bf16 on CUDA and fp32 on CPU (where bf16 matmuls are not reliably faster)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise TinykError(f"unknown dtype {dtype!r} (use auto, {', '.join(DTYPES)})")
+    return DTYPES[dtype]
+
+
+def _packed_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+
+
+def pack_cpu_bf16(w: torch.Tensor) -> torch.Tensor:
+    """A bf16 weight laid out once, ahead of time, for oneDNN (AMX / AVX-512-BF16).
+
+    A plain bf16 `F.linear` on CPU re-lays-out its weight on every call, which makes bf16
+    no faster than fp32; pre-packed, decoding reads half the bytes of fp32.
+    """
+    return torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
+
+
+def cpu_bf16_packing_works() -> bool:
+    """Whether this CPU and torch build run `pack_cpu_bf16` weights (and get the right answer)."""
+    try:
+        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return False
+        w, x = torch.randn(32, 64, dtype=torch.bfloat16), torch.randn(3, 64, dtype=torch.bfloat16)
+        return torch.allclose(_packed_linear(x, pack_cpu_bf16(w)).float(), F.linear(x, w).float(),
+                              rtol=0.02, atol=0.02)
+    except (AttributeError, RuntimeError):  # an op missing from this build
+        return False
+
+
+class _Forward:
+    """The model's forward pass with the KV cache, restated for generation.
+
+    Same arithmetic as `Transformer.forward`, so the same logits bit for bit (unless the
+    weights are packed), minus what dominates a small-batch decode step besides the matrix
+    products: ~150 module calls, dropout no-ops, and the RoPE tables rebuilt every step.
+    It uses the model's own weight tensors, so a model trained further is seen at once;
+    only packed bf16 weights (CPU, `Engine(optimize=True)`) are copies.
+    """
+
+    def __init__(self, model: Transformer, pack: bool):
+        cfg = model.config
+        self.model, self.heads, self.kv_heads, self.head_dim = model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        prep = pack_cpu_bf16 if pack else (lambda w: w)
+        self.linear = _packed_linear if pack else F.linear
+        self.layers = [(b.input_layernorm, b.post_attention_layernorm,
+                        *(prep(m.weight) for m in (b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj,
+                                                   b.self_attn.o_proj, b.mlp.gate_proj, b.mlp.up_proj,
+                                                   b.mlp.down_proj)))
+                       for b in model.model.layers]
+        self.lm_head = prep(model.lm_head.weight)
+        device = model.lm_head.weight.device
+        cos, sin = rope_cos_sin(torch.arange(cfg.max_seq_len, device=device)[None], cfg.head_dim, cfg.rope_theta)
+        self.cos, self.sin = cos[0], sin[0]
+
+    def __call__(self, idx: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                 valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Feeds (B, T) tokens through the cache; returns the (B, vocab) logits of the last position."""
+        B, T = idx.shape
+        H, K, D, lin = self.heads, self.kv_heads, self.head_dim, self.linear
+        mask = cache.mask(valid if valid is not None else torch.ones(B, T, dtype=torch.bool, device=idx.device))
+        cos, sin = self.cos[positions], self.sin[positions]
+        x = self.model.model.embed_tokens(idx)
+        for i, (norm1, norm2, wq, wk, wv, wo, wg, wu, wd) in enumerate(self.layers):
+            h = norm1(x)
+            q = apply_rope(lin(h, wq).view(B, T, H, D).transpose(1, 2), cos, sin)
+            k = apply_rope(lin(h, wk).view(B, T, K, D).transpose(1, 2), cos, sin)
+            k, v = cache.update(i, k, lin(h, wv).view(B, T, K, D).transpose(1, 2))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != K)
+            x = x + lin(y.transpose(1, 2).reshape(B, T, H * D), wo)
+            h = norm2(x)
+            x = x + lin(F.silu(lin(h, wg)) * lin(h, wu), wd)
+        cache.length += T
+        return lin(self.model.model.norm(x[:, -1]), self.lm_head)
+
+
+class ContextLengthError(TinykError):
+    """A prompt that leaves no room in the model's context window."""
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens. Defaults avoid the repetition loops small models fall into.
+
+    temperature 0 is greedy decoding; top_k 0, top_p 1 and min_p 0 switch those filters off;
+    repetition_penalty 1 switches the penalty off. `stop` strings end a sequence and are not
+    part of its text; `stop_token_ids` do the same as EOS.
+    """
+
+    temperature: float = 0.7
+    top_k: int = 50
+    top_p: float = 0.9
+    min_p: float = 0.0
+    repetition_penalty: float = 1.1
+    max_new_tokens: int = 256
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        def bad(name: str, rule: str, value) -> TinykError:
+            return TinykError(f"{name} must be {rule}, got {value!r}")
+
+        checks = [
+            ("temperature", "a number >= 0", self.temperature, _is_number(self.temperature) and self.temperature >= 0),
+            ("top_k", "an integer >= 0", self.top_k, _is_int(self.top_k) and self.top_k >= 0),
+            ("top_p", "a number in (0, 1]", self.top_p, _is_number(self.top_p) and 0 < self.top_p <= 1),
+            ("min_p", "a number in [0, 1]", self.min_p, _is_number(self.min_p) and 0 <= self.min_p <= 1),
+            ("repetition_penalty", "a number > 0", self.repetition_penalty,
+             _is_number(self.repetition_penalty) and self.repetition_penalty > 0),
+            ("max_new_tokens", "an integer >= 1", self.max_new_tokens,
+             _is_int(self.max_new_tokens) and self.max_new_tokens >= 1),
+            ("seed", "an integer or None", self.seed, self.seed is None or _is_int(self.seed)),
+            ("stop", "a list of non-empty strings", self.stop,
+             isinstance(self.stop, list | tuple) and all(isinstance(s, str) and s for s in self.stop)),
+            ("stop_token_ids", "a list of integers", self.stop_token_ids,
+             isinstance(self.stop_token_ids, list | tuple) and all(_is_int(t) for t in self.stop_token_ids)),
+        ]
+        for name, rule, value, ok in checks:
+            if not ok:
+                raise bad(name, rule, value)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+@dataclass
+class Completion:
+    """One finished sequence. `token_ids` are all generated ids (a final EOS included);
+    `text` excludes the EOS and anything from a stop string on."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (EOS / stop string / stop token), "length", "cancelled" or "error"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Detokenizer:
+    """Turns a growing list of token ids into text deltas that are safe to show.
+
+    Byte-level BPE splits a Chinese character over several tokens, and decoding a prefix
+    then ends in U+FFFD; a stop string may also arrive a few tokens at a time. Both are held
+    back until they resolve, so the deltas join to exactly the final text.
+    """
+
+    def __init__(self, tok: TinyTokenizer, stop: list[str]):
+        self.tok, self.stop = tok, list(stop)
+        self.max_stop = max((len(s) for s in self.stop), default=0)
+        self.ids: list[int] = []
+        self.text = ""
+        self.sent = 0
+        self.checked = 0  # text before this index can no longer change or complete a stop string
+        self.stopped = False
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tok.decode(self.ids)
+        stable = len(text.rstrip("\ufffd"))
+        if self.stop:
+            start = max(0, self.checked - self.max_stop + 1)
+            hits = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
+            if hits:
+                self.stopped = True
+                self.text = text[:min(hits)]
+                return self._emit(len(self.text))
+            stable -= self._partial_stop(text[:stable])
+        self.checked = max(self.checked, stable)
+        self.text = text
+        return self._emit(stable)
+
+    def _partial_stop(self, text: str) -> int:
+        """Length of the longest end of `text` that could be the start of a stop string."""
+        for k in range(min(self.max_stop - 1, len(text)), 0, -1):
+            if any(s.startswith(text[-k:]) for s in self.stop):
+                return k
+        return 0
+
+    def _emit(self, end: int) -> str:
+        if end <= self.sent:
+            return ""
+        delta, self.sent = self.text[self.sent:end], end
+        return delta
+
+    def flush(self) -> str:
+        """Everything not yet sent: called once the sequence is over."""
+        return self._emit(len(self.text))
+
+
+_DONE = object()
+
+
+class Request:
+    """One prompt being decoded: its state in the batch and the caller's handle on it."""
+
+    def __init__(self, engine: Engine, prompt_ids: list[int], params: SamplingParams, stream: bool):
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.max_new = min(params.max_new_tokens, engine.context_length - len(prompt_ids))
+        self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else {engine.tok.eos_id})
+        self.rng = random.Random(params.seed)
+        self.out_ids: list[int] = []
+        self.detok = Detokenizer(engine.tok, params.stop) if (stream or params.stop) else None
+        self.tok = engine.tok
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+        self.cancelled = False
+        self._deltas: queue.SimpleQueue = queue.SimpleQueue()
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def cancel(self) -> None:
+        """Asks the engine to drop this sequence before its next step (e.g. the client left)."""
+        self.cancelled = True
+
+    def accept(self, token: int) -> str:
+        """Records a sampled token; returns the text that became safe to show."""
+        self.out_ids.append(token)
+        delta = ""
+        if token in self.stop_ids:
+            self.finish_reason = "stop"
+        elif self.detok is not None:
+            delta = self.detok.add(token)
+            if self.detok.stopped:
+                self.finish_reason = "stop"
+        if self.finish_reason is None and len(self.out_ids) >= self.max_new:
+            self.finish_reason = "length"
+        if self.finished and self.detok is not None:
+            delta += self.detok.flush()
+        return delta
+
+    def end(self, reason: str, error: str | None = None) -> str:
+        self.finish_reason, self.error = reason, error
+        return self.detok.flush() if self.detok is not None else ""
+
+    def completion(self) -> Completion:
+        if self.detok is not None:
+            text = self.detok.text
+        else:
+            ids = self.out_ids[:-1] if self.out_ids and self.out_ids[-1] in self.stop_ids else self.out_ids
+            text = self.tok.decode(ids)
+        return Completion(text=text, token_ids=list(self.out_ids), finish_reason=self.finish_reason or "length",
+                          prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.out_ids))
+
+    def deliver(self, delta: str) -> None:
+        if delta:
+            self._deltas.put(delta)
+        if self.finished:
+            self._deltas.put(_DONE)
+
+    def deltas(self, timeout: float | None = None) -> Iterator[str]:
+        """Text deltas as a background `Scheduler` produces them, until the sequence ends."""
+        while True:
+            item = self._deltas.get(timeout=timeout)
+            if item is _DONE:
+                return
+            yield item
+
+
+class _Batch:
+    """The sequences decoding together: one KV cache, one forward pass per step."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.rows: list[Request] = []
+        self.cache: KVCache | None = None
+        self.tokens = self.pos = self.seen = None  # next input token, its position, ids seen so far
+        self._params: _ParamTensors | None = None
+
+    @torch.inference_mode()
+    def add(self, reqs: list[Request]) -> list[tuple[Request, str]]:
+        """Prefills `reqs`, samples their first tokens and merges them into the running batch."""
+        e = self.engine
+        dev = e.device
+        n, P = len(reqs), max(len(r.prompt_ids) for r in reqs)
+        x = torch.full((n, P), e.tok.pad_id, dtype=torch.long)
+        valid = torch.zeros((n, P), dtype=torch.bool)
+        for i, r in enumerate(reqs):
+            x[i, P - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
+            valid[i, P - len(r.prompt_ids):] = True
+        x, valid = x.to(dev), valid.to(dev)
+        positions = (valid.cumsum(1) - 1).clamp(min=0)
+        # A lone batch gets its final size now, so decoding never copies the cache.
+        room = max(r.max_new for r in reqs) - 1 if self.cache is None else 0
+        cache = KVCache(e.model.config, n, P + room, dev, e.dtype)
+        logits = e.forward(x, positions, cache, valid)
+        seen = torch.zeros((n, e.vocab_size), dtype=torch.bool, device=dev)
+        seen.scatter_(1, torch.where(valid, x, x[:, -1:]), True)
+        params = _ParamTensors(reqs, dev)
+        tokens = e.sample(logits, seen, params, [r.rng for r in reqs])
+        events = self._accept(reqs, tokens, seen)
+        keep = [i for i, r in enumerate(reqs) if not r.finished]
+        if keep:
+            index = torch.tensor(keep, device=dev)
+            if len(keep) < n:
+                cache.reorder(index)
+            new_rows = [reqs[i] for i in keep]
+            self._join(cache, new_rows, tokens[index], positions[index, -1] + 1, seen[index])
+        return events
+
+    def _join(self, cache: KVCache, rows: list[Request], tokens, pos, seen) -> None:
+        if self.cache is None:
+            self.cache, self.rows, self.tokens, self.pos, self.seen = cache, rows, tokens, pos, seen
+            self._params = None
+            return
+        old = self.cache
+        live = old.key_valid[:, :old.length].any(0).nonzero()
+        first = int(live[0]) if len(live) else old.length
+        la, lb = old.length - first, cache.length
+        L = max(la, lb)
+        everyone = self.rows + rows
+        need = L + max(r.max_new - len(r.out_ids) for r in everyone)
+        merged = KVCache(self.engine.model.config, len(everyone), need, self.engine.device, self.engine.dtype)
+        nb = len(self.rows)
+        # Both parts are right-aligned at slot L; slots to their left stay invalid (masked).
+        for dst, src in ((merged.k, old.k), (merged.v, old.v)):
+            dst[:, :nb, :, L - la:L] = src[:, :, :, first:old.length]
+        merged.key_valid[:nb, L - la:L] = old.key_valid[:, first:old.length]
+        for dst, src in ((merged.k, cache.k), (merged.v, cache.v)):
+            dst[:, nb:, :, L - lb:L] = src[:, :, :, :lb]
+        merged.key_valid[nb:, L - lb:L] = cache.key_valid[:, :lb]
+        merged.length = L
+        self.cache, self.rows = merged, everyone
+        self.tokens = torch.cat([self.tokens, tokens])
+        self.pos = torch.cat([self.pos, pos])
+        self.seen = torch.cat([self.seen, seen])
+        self._params = None
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Request, str]]:
+        """One decode step for every row; finished or cancelled rows leave the batch."""
+        events = [(r, r.end("cancelled")) for r in self.rows if r.cancelled]
+        self._drop()
+        if not self.rows:
+            return events
+        e = self.engine
+        logits = e.forward(self.tokens[:, None], self.pos[:, None], self.cache)
+        self.pos = self.pos + 1
+        if self._params is None:
+            self._params = _ParamTensors(self.rows, e.device)
+        self.tokens = e.sample(logits, self.seen, self._params, [r.rng for r in self.rows])
+        events += self._accept(self.rows, self.tokens, self.seen)
+        self._drop()
+        return events
+
+    def fail(self, message: str) -> list[tuple[Request, str]]:
+        """Ends every row with an error (a failed step must not take the server down)."""
+        events = [(r, r.end("error", message)) for r in self.rows]
+        self.__init__(self.engine)
+        return events
+
+    @staticmethod
+    def _accept(rows: list[Request], tokens: torch.Tensor, seen: torch.Tensor) -> list[tuple[Request, str]]:
+        seen[torch.arange(len(rows), device=seen.device), tokens] = True
+        return [(r, r.accept(t)) for r, t in zip(rows, tokens.tolist(), strict=True)]
+
+    def _drop(self) -> None:
+        keep = [i for i, r in enumerate(self.rows) if not r.finished]
+        if len(keep) == len(self.rows):
+            return
+        if not keep:
+            self.__init__(self.engine)
+            return
+        index = torch.tensor(keep, device=self.engine.device)
+        self.cache.reorder(index)
+        self.tokens, self.pos, self.seen = self.tokens[index], self.pos[index], self.seen[index]
+        self.rows = [self.rows[i] for i in keep]
+        self._params = None
+
+
+class _ParamTensors:
+    """Per-row sampling settings as tensors, so one batch can mix greedy and sampled requests."""
+
+    def __init__(self, rows: list[Request], device: torch.device):
+        ps = [r.params for r in rows]
+
+        def col(name: str, dtype=torch.float32) -> torch.Tensor:
+            return torch.tensor([getattr(p, name) for p in ps], dtype=dtype, device=device)
+
+        self.greedy = all(p.temperature == 0 for p in ps)
+        self.penalize = any(p.repetition_penalty != 1 for p in ps)
+        self.filter_k = any(p.top_k > 0 for p in ps)
+        self.temperature, self.top_p, self.min_p = col("temperature"), col("top_p"), col("min_p")
+        self.penalty, self.top_k = col("repetition_penalty"), col("top_k", torch.long)
+
+
+class Engine:
+    """Batched, cached generation over one tinyk model (see the module docstring)."""
+
+    def __init__(self, model: Transformer, tok: TinyTokenizer, device: str | torch.device | None = None,
+                 dtype: str | torch.dtype | None = None, max_batch: int = 16, optimize: bool = False):
+        """`optimize` lets a bf16 engine on CPU keep packed copies of the weights (see
+        `pack_cpu_bf16`), which would go stale if the model were trained further; `from_dir`
+        sets it, since the engine owns that model."""
+        check_compatible(model.config, tok)
+        if not (isinstance(max_batch, int) and max_batch >= 1):
+            raise TinykError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        first = next(model.parameters())
+        self.device = resolve_device(device) if device is not None else first.device
+        self.dtype = resolve_dtype(dtype, self.device) if dtype is not None else first.dtype
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.packed = optimize and self.device.type == "cpu" and self.dtype == torch.bfloat16 and \
+            cpu_bf16_packing_works()
+        self.forward = _Forward(self.model, self.packed)
+        self.tok = tok
+        self.max_batch = max_batch
+        self.context_length = model.config.max_seq_len
+        self.vocab_size = model.config.vocab_size
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path, device: str | torch.device | None = "cpu",
+                 dtype: str | torch.dtype | None = None, max_batch: int = 16) -> Engine:
+        dev = resolve_device(device)
+        model, tok = load_model(model_dir, device=dev, dtype=resolve_dtype(dtype, dev))
+        return cls(model, tok, max_batch=max_batch, optimize=True)
+
+    # -- prompts ------------------------------------------------------------------------
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a raw prompt; an empty prompt starts a document (`<|im_start|>`)."""
+        if isinstance(prompt, str):
+            ids = self.tok.encode(prompt)
+        elif isinstance(prompt, list | tuple) and all(_is_int(t) for t in prompt):
+            ids = list(prompt)
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise TinykError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+        else:
+            raise TinykError("a prompt must be a string or a list of token ids")
+        ids = ids or [self.tok.bos_id]
+        if len(ids) >= self.context_length:
+            raise ContextLengthError(f"the prompt has {len(ids)} tokens but the model's context window is "
+                                     f"{self.context_length} tokens (at most {self.context_length - 1} fit)")
+        return ids
+
+    def chat_prompt(self, messages: list[dict], default_system: str | None = None) -> str:
+        """The conversation in the chat template, ending with the assistant's header.
+
+        Messages are rendered as given; `default_system` (e.g. `DEFAULT_SYSTEM_PROMPT`, which
+        SFT data carries) is put first when the conversation has no system message.
+        """
+        if not isinstance(messages, list) or not messages:
+            raise TinykError("messages must be a non-empty list")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+                raise TinykError(f"messages[{i}] must be an object with a string 'content'")
+            if m.get("role") not in CHAT_ROLES:
+                raise TinykError(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}")
+        if default_system and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": default_system}, *messages]
+        return render_chat(messages, add_generation_prompt=True)
+
+    def request(self, prompt: str | list[int], params: SamplingParams, stream: bool = True) -> Request:
+        params.check()
+        return Request(self, self.encode(prompt), params, stream)
+
+    # -- running ------------------------------------------------------------------------
+
+    def run(self, requests: list[Request]) -> Iterator[tuple[Request, str]]:
+        """Decodes `requests` (at most `max_batch` at a time), yielding (request, text delta)."""
+        pending, batch = deque(requests), _Batch(self)
+        while pending or batch.rows:
+            room = self.max_batch - len(batch.rows)
+            admit = [pending.popleft() for _ in range(min(room, len(pending)))]
+            events = batch.add(admit) if admit else []
+            if batch.rows:
+                events += batch.step()
+            for r, delta in events:
+                if delta:
+                    yield r, delta
+
+    def generate(self, prompts: list[str] | list[list[int]],
+                 params: SamplingParams | list[SamplingParams] | None = None) -> list[Completion]:
+        """Raw completions of `prompts`, decoded as one batch; one `params` or one per prompt."""
+        if not isinstance(prompts, list):
+            raise TinykError("prompts must be a list")
+        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        if len(plist) != len(prompts):
+            raise TinykError(f"{len(plist)} sampling params for {len(prompts)} prompts")
+        reqs = [self.request(p, sp, stream=False) for p, sp in zip(prompts, plist, strict=True)]
+        for _ in self.run(reqs):
+            pass
+        return [r.completion() for r in reqs]
+
+    def chat(self, messages_batch: list[list[dict]],
+             params: SamplingParams | list[SamplingParams] | None = None) -> list[Completion]:
+        """Assistant replies to each conversation, through the chat template."""
+        return self.generate([self.chat_prompt(m) for m in messages_batch], params)
+
+    def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[str]:
+        """Text deltas of one raw completion as they are produced."""
+        for _, delta in self.run([self.request(prompt, params or SamplingParams())]):
+            yield delta
+
+    def stream_chat(self, messages: list[dict], params: SamplingParams | None = None) -> Iterator[str]:
+        return self.stream(self.chat_prompt(messages), params)
+
+    # -- sampling -----------------------------------------------------------------------
+
+    @staticmethod
+    def sample(logits: torch.Tensor, seen: torch.Tensor, p: _ParamTensors,
+               rngs: list[random.Random]) -> torch.Tensor:
+        """Next token per row: repetition penalty, then greedy or temperature/top-k/top-p/min-p.
+
+        The order matches Hugging Face's processors. Each row draws from its own seeded
+        generator, so a seeded request samples the same tokens whatever it is batched with.
+        """
+        logits = logits.float()
+        if p.penalize:
+            pen = p.penalty[:, None]
+            logits = torch.where(seen, torch.where(logits > 0, logits / pen, logits * pen), logits)
+        greedy = logits.argmax(-1)
+        if p.greedy:
+            return greedy
+        scaled = logits / p.temperature.clamp(min=1e-6)[:, None]
+        if p.filter_k:
+            k = torch.where(p.top_k > 0, p.top_k, scaled.shape[-1]).clamp(max=scaled.shape[-1])
+            kth = scaled.topk(int(k.max()), dim=-1).values.gather(1, (k - 1)[:, None])
+            scaled = scaled.masked_fill(scaled < kth, -math.inf)
+        sorted_l, order = scaled.sort(-1, descending=True)
+        probs = sorted_l.softmax(-1)
+        # top-p keeps the smallest head whose mass reaches top_p (the most likely token always).
+        sorted_l = sorted_l.masked_fill(probs.cumsum(-1) - probs >= p.top_p[:, None], -math.inf)
+        probs = sorted_l.softmax(-1)
+        probs = probs.masked_fill(probs < p.min_p[:, None] * probs[:, :1], 0.0)
+        cdf = probs.cumsum(-1)
+        u = torch.tensor([r.random() for r in rngs], device=logits.device)[:, None] * cdf[:, -1:]
+        choice = torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[-1] - 1)
+        sampled = order.gather(1, choice).squeeze(1)
+        return torch.where(p.temperature == 0, greedy, sampled)
+
+
+class EngineBusy(TinykError):
+    """Too many requests are waiting; the caller should retry later."""
+
+
+class Scheduler:
+    """Serves concurrent callers from one background thread that owns the model.
+
+    Callers `submit` requests and read their deltas; the thread admits waiting requests
+    into the running batch between decode steps (up to `max_batch` rows) and never waits
+    on a caller, so a slow or vanished client cannot stall anyone else.
+    """
+
+    def __init__(self, engine: Engine, max_waiting: int = 256,
+                 on_finish: Callable[[Request], None] | None = None):
+        self.engine, self.max_waiting = engine, max_waiting
+        self.on_finish = on_finish  # called in the engine thread as each request ends (logging, metrics)
+        self.finished: Counter[str] = Counter()
+        self.running = 0
+        self._waiting: deque[Request] = deque()
+        self._cv = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="tinyk-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, prompt: str | list[int], params: SamplingParams) -> Request:
+        req = self.engine.request(prompt, params, stream=True)
+        with self._cv:
+            if self._closed:
+                raise EngineBusy("the engine is shutting down")
+            if len(self._waiting) >= self.max_waiting:
+                raise EngineBusy(f"{len(self._waiting)} requests are already waiting; retry later")
+            self._waiting.append(req)
+            self._cv.notify()
+        return req
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        batch = _Batch(self.engine)
+        while True:
+            with self._cv:
+                while not self._waiting and not batch.rows and not self._closed:
+                    self._cv.wait()
+                if self._closed:
+                    events = batch.fail("server shutting down")
+                    events += [(r, r.end("error", "server shutting down")) for r in self._waiting]
+                    self._waiting.clear()
+                    for r, d in events:
+                        self._deliver(r, d)
+                    return
+                room = self.engine.max_batch - len(batch.rows)
+                admit = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+            events = [(r, r.end("cancelled")) for r in admit if r.cancelled]
+            admit = [r for r in admit if not r.cancelled]
+            try:
+                if admit:
+                    events += batch.add(admit)
+                if batch.rows:
+                    events += batch.step()
+            except Exception as e:  # noqa: BLE001 - reported to every affected caller instead
+                message = f"generation failed: {type(e).__name__}: {e}"
+                events += batch.fail(message)
+                events += [(r, r.end("error", message)) for r in admit if not r.finished]
+            self.running = len(batch.rows)
+            for r, delta in events:
+                self._deliver(r, delta)
+
+    def _deliver(self, r: Request, delta: str) -> None:
+        r.deliver(delta)
+        if r.finished:
+            self.finished[r.finish_reason] += 1
+            if self.on_finish is not None:
+                self.on_finish(r)
+
+    def stats(self) -> dict:
+        return {"running": self.running, "waiting": len(self._waiting), "finished": dict(self.finished)}

@@ -1,0 +1,487 @@
+"""An OpenAI-compatible HTTP server (and a chat page at `/`) over the generation engine.
+
+Standard library only: `ThreadingHTTPServer` gives every connection its own thread, and
+those threads only parse, validate and relay. One `engine.Scheduler` thread owns the model
+and decodes every active request in a single continuously refilled batch, so a client that
+reads slowly or disconnects only ever blocks its own connection thread; a vanished client's
+sequence is cancelled and leaves the batch at the next step.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import secrets
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from typing import Any
+
+from .engine import ContextLengthError, Engine, EngineBusy, Request, SamplingParams, Scheduler
+from .files import TinykError
+from .tokenizer import DEFAULT_SYSTEM_PROMPT
+
+DEFAULT_MAX_BODY = 1_000_000  # the CLI's --max-body 1M
+MAX_STOP_STRINGS = 4
+LINGER_BYTES = 64 << 20  # at most this much of a refused body is read and thrown away
+ROLE_ALIASES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_MISSING = object()
+
+
+class ApiError(Exception):
+    """An error answered to the client as `{"error": {...}}` with an HTTP status."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error"):  # noqa: A002 - OpenAI's field name
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class ServerConfig:
+    model_name: str
+    api_key: str | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY
+    timeout: float = 60.0  # seconds a connection may stall (reading the request or taking the stream)
+    defaults: SamplingParams | None = None  # for fields a request leaves out
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT  # put first when a chat has no system message
+    max_waiting: int = 256
+    log: bool = True
+
+
+def _get(body: dict, name: str, kind: str, default: Any = _MISSING) -> Any:
+    """A typed field of the request body: missing and wrongly typed fields are 400s."""
+    value = body.get(name, _MISSING)
+    if value is _MISSING or (value is None and default is not _MISSING):
+        if default is _MISSING:
+            raise ApiError(400, f"you must provide a '{name}' parameter", param=name, code="missing_required_parameter")
+        return default
+    ok = {
+        "string": isinstance(value, str),
+        "boolean": isinstance(value, bool),
+        "integer": isinstance(value, int) and not isinstance(value, bool),
+        "number": isinstance(value, int | float) and not isinstance(value, bool),
+        "object": isinstance(value, dict),
+        "array": isinstance(value, list),
+    }[kind]
+    if not ok:
+        raise ApiError(400, f"'{name}' must be {'an' if kind[0] in 'aeio' else 'a'} {kind}, got {json.dumps(value)[:80]}",
+                       param=name, code="invalid_type")
+    return value
+
+
+def _in_range(name: str, value: float | None, lo: float, hi: float) -> None:
+    if value is not None and not lo <= value <= hi:
+        raise ApiError(400, f"'{name}' must be between {lo:g} and {hi:g}, got {value}", param=name,
+                       code="invalid_value")
+
+
+class Api:
+    """Turns OpenAI request bodies into engine requests and engine output into OpenAI responses."""
+
+    def __init__(self, engine: Engine, cfg: ServerConfig):
+        self.engine, self.cfg = engine, cfg
+        self.defaults = cfg.defaults or SamplingParams()
+        self.scheduler = Scheduler(engine, max_waiting=cfg.max_waiting, on_finish=self._log if cfg.log else None)
+        self.created = int(time.time())
+
+    @staticmethod
+    def _log(req: Request) -> None:
+        c = req.completion()
+        sys.stderr.write(f"tinyk: request done: {c.finish_reason}, {c.prompt_tokens} prompt + "
+                         f"{c.completion_tokens} completion tokens\n")
+
+    def close(self) -> None:
+        self.scheduler.close()
+
+    def model_card(self) -> dict[str, Any]:
+        return {"id": self.cfg.model_name, "object": "model", "created": self.created, "owned_by": "tinyk",
+                "max_model_len": self.engine.context_length}
+
+    def check_model(self, body: dict) -> None:
+        name = _get(body, "model", "string")
+        if name != self.cfg.model_name:
+            raise ApiError(404, f"the model '{name}' does not exist (this server has '{self.cfg.model_name}')",
+                           param="model", code="model_not_found")
+
+    def sampling(self, body: dict, prompt_tokens: int) -> SamplingParams:
+        d = self.defaults
+        ctx = self.engine.context_length
+        max_tokens = _get(body, "max_completion_tokens", "integer", None)
+        max_tokens = _get(body, "max_tokens", "integer", max_tokens)
+        _in_range("max_tokens", max_tokens, 1, ctx - 1)
+        if max_tokens is not None and prompt_tokens + max_tokens > ctx:
+            raise ApiError(400, f"this model's maximum context length is {ctx} tokens, but {prompt_tokens + max_tokens} "
+                                f"were requested ({prompt_tokens} in the prompt, {max_tokens} for the completion)",
+                           param="max_tokens", code="context_length_exceeded")
+        temperature = _get(body, "temperature", "number", d.temperature)
+        _in_range("temperature", temperature, 0, 2)
+        top_p = _get(body, "top_p", "number", d.top_p)
+        _in_range("top_p", top_p, 0, 1)
+        top_k = _get(body, "top_k", "integer", d.top_k)
+        _in_range("top_k", top_k, -1, self.engine.vocab_size)
+        min_p = _get(body, "min_p", "number", d.min_p)
+        _in_range("min_p", min_p, 0, 1)
+        penalty = _get(body, "repetition_penalty", "number", d.repetition_penalty)
+        _in_range("repetition_penalty", penalty, 0.01, 10)
+        stop = body.get("stop")
+        if isinstance(stop, str):
+            stop = [stop]
+        if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
+            raise ApiError(400, "'stop' must be a non-empty string or a list of them", param="stop", code="invalid_type")
+        if stop and len(stop) > MAX_STOP_STRINGS:
+            raise ApiError(400, f"'stop' takes at most {MAX_STOP_STRINGS} strings", param="stop", code="invalid_value")
+        n = _get(body, "n", "integer", 1)
+        if n != 1:
+            raise ApiError(400, "only n=1 is supported", param="n", code="invalid_value")
+        for name in ("logprobs", "echo"):
+            if body.get(name) not in (None, False, 0):
+                raise ApiError(400, f"'{name}' is not supported", param=name, code="invalid_value")
+        try:
+            return replace(d, temperature=float(temperature), top_p=float(top_p), top_k=max(top_k, 0),
+                           min_p=float(min_p), repetition_penalty=float(penalty),
+                           stop=d.stop if stop is None else stop, max_new_tokens=max_tokens or d.max_new_tokens,
+                           seed=_get(body, "seed", "integer", d.seed))
+        except TinykError as e:
+            raise ApiError(400, str(e), code="invalid_value") from e
+
+    def prompt_ids(self, prompt: str | list[int], param: str) -> list[int]:
+        try:
+            return self.engine.encode(prompt)
+        except ContextLengthError as e:
+            raise ApiError(400, str(e), param=param, code="context_length_exceeded") from e
+        except TinykError as e:
+            raise ApiError(400, str(e), param=param, code="invalid_value") from e
+
+    def completion_prompt(self, body: dict) -> list[int]:
+        prompt = body.get("prompt", _MISSING)
+        if prompt is _MISSING:
+            _get(body, "prompt", "string")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+            prompt = prompt[0]  # a batch of one
+        if isinstance(prompt, list) and prompt and all(isinstance(p, str | list) for p in prompt):
+            raise ApiError(400, "only one prompt per request is supported", param="prompt", code="invalid_value")
+        if not (isinstance(prompt, str) or
+                isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
+            raise ApiError(400, "'prompt' must be a string or a list of token ids", param="prompt", code="invalid_type")
+        return self.prompt_ids(prompt, "prompt")
+
+    def chat_prompt(self, body: dict) -> list[int]:
+        messages = _get(body, "messages", "array")
+        if not messages:
+            raise ApiError(400, "'messages' must contain at least one message", param="messages", code="invalid_value")
+        clean = []
+        for i, m in enumerate(messages):
+            where = f"messages[{i}]"
+            if not isinstance(m, dict):
+                raise ApiError(400, f"'{where}' must be an object", param=where, code="invalid_type")
+            role = m.get("role")
+            if role not in ROLE_ALIASES:
+                raise ApiError(400, f"'{where}.role' must be one of {', '.join(ROLE_ALIASES)}, got {json.dumps(role)}",
+                               param=f"{where}.role", code="invalid_value")
+            clean.append({"role": ROLE_ALIASES[role], "content": self._content(m.get("content", _MISSING), where)})
+        text = self.engine.chat_prompt(clean, default_system=self.cfg.system_prompt)
+        return self.prompt_ids(text, "messages")
+
+    @staticmethod
+    def _content(content: Any, where: str) -> str:
+        """A message's text: a string, or a list of `{"type": "text", "text": ...}` parts."""
+        if isinstance(content, str):
+            return content
+        if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                             and isinstance(p.get("text"), str) for p in content):
+            return "".join(p["text"] for p in content)
+        if content is _MISSING:
+            raise ApiError(400, f"'{where}.content' is missing", param=f"{where}.content",
+                           code="missing_required_parameter")
+        raise ApiError(400, f"'{where}.content' must be a string or a list of text parts", param=f"{where}.content",
+                       code="invalid_type")
+
+    def submit(self, body: dict, chat: bool) -> tuple[Request, bool, bool]:
+        """Validates everything before anything is queued; returns (request, stream, include_usage)."""
+        self.check_model(body)
+        ids = self.chat_prompt(body) if chat else self.completion_prompt(body)
+        params = self.sampling(body, len(ids))
+        stream = _get(body, "stream", "boolean", False)
+        options = _get(body, "stream_options", "object", {})
+        include_usage = bool(options.get("include_usage", False))
+        try:
+            return self.scheduler.submit(ids, params), stream, include_usage
+        except EngineBusy as e:
+            raise ApiError(503, str(e), type="server_error", code="overloaded") from e
+
+    @staticmethod
+    def usage(req: Request) -> dict[str, int]:
+        c = req.completion()
+        return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+                "total_tokens": c.prompt_tokens + c.completion_tokens}
+
+
+class Handler(BaseHTTPRequestHandler):
+    """One connection. Everything heavy happens in the scheduler thread."""
+
+    protocol_version = "HTTP/1.1"
+    server: ChatServer
+    server_version = "tinyk"
+
+    def setup(self) -> None:
+        self.timeout = self.server.api.cfg.timeout
+        self.unread_body = False
+        super().setup()
+
+    def finish(self) -> None:
+        super().finish()
+        if self.unread_body:
+            self._linger()
+
+    def _linger(self) -> None:
+        """Half-closes, then drains what the client is still sending before the socket is closed.
+
+        Closing with unread input makes the kernel send a reset, which can destroy the error
+        response before the client reads it (what web servers call a lingering close).
+        """
+        try:
+            self.connection.shutdown(socket.SHUT_WR)
+            self.connection.settimeout(2.0)
+            budget = LINGER_BYTES
+            while budget > 0 and (data := self.connection.recv(65536)):
+                budget -= len(data)
+        except OSError:
+            pass
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - BaseHTTPRequestHandler's signature
+        if self.server.api.cfg.log:
+            sys.stderr.write(f"{self.address_string()} - {format % args}\n")
+
+    # -- plumbing -----------------------------------------------------------------------
+
+    def _send(self, status: int, body: bytes, content_type: str = "application/json") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, status: int, obj: Any) -> None:
+        self._send(status, json.dumps(obj, ensure_ascii=False).encode())
+
+    def _error(self, e: ApiError) -> None:
+        self._json(e.status, e.body())
+
+    def _authorized(self) -> bool:
+        key = self.server.api.cfg.api_key
+        if key is None:
+            return True
+        header = self.headers.get("Authorization", "")
+        given = header[7:] if header.startswith("Bearer ") else ""
+        return hmac.compare_digest(given.encode(), key.encode())
+
+    def handle_expect_100(self) -> bool:
+        """Refuses an oversized body before the client sends it."""
+        length = self.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > self.server.api.cfg.max_body_bytes:
+            self.close_connection = self.unread_body = True
+            self._error(_too_large(int(length), self.server.api.cfg.max_body_bytes))
+            return False
+        return super().handle_expect_100()
+
+    def _body(self) -> dict:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self.close_connection = True
+            raise ApiError(411, "chunked request bodies are not supported; send Content-Length", code="length_required")
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            self.close_connection = True
+            raise ApiError(411, "a Content-Length header is required", code="length_required")
+        limit = self.server.api.cfg.max_body_bytes
+        if int(length) > limit:
+            self.close_connection = True  # the unread body must not be parsed as the next request
+            raise _too_large(int(length), limit)
+        raw = self.rfile.read(int(length))
+        self.unread_body = False
+        try:
+            body = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from e
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+        return body
+
+    # -- routes -------------------------------------------------------------------------
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        api = self.server.api
+        if path in ("/", "/index.html"):
+            self._send(200, self.server.page, "text/html; charset=utf-8")
+        elif path == "/health":
+            self._json(200, {"status": "ok", **api.scheduler.stats()})
+        elif not path.startswith("/v1/"):
+            self._error(ApiError(404, f"no such path: {path}", code="not_found"))
+        elif not self._authorized():
+            self._error(_unauthorized())
+        elif path == "/v1/models":
+            self._json(200, {"object": "list", "data": [api.model_card()]})
+        elif path == f"/v1/models/{api.cfg.model_name}":
+            self._json(200, api.model_card())
+        elif path.startswith("/v1/models/"):
+            self._error(ApiError(404, f"the model '{path[11:]}' does not exist", param="model", code="model_not_found"))
+        elif path in ("/v1/completions", "/v1/chat/completions"):
+            self._error(ApiError(405, f"use POST for {path}", code="method_not_allowed"))
+        else:
+            self._error(ApiError(404, f"no such path: {path}", code="not_found"))
+
+    do_HEAD = do_GET
+
+    def do_POST(self) -> None:
+        path = self.path.split("?", 1)[0]
+        self.unread_body = True
+        try:
+            if path not in ("/v1/completions", "/v1/chat/completions"):
+                self.close_connection = True  # the body is left unread
+                if path in ("/", "/index.html", "/health") or path.startswith("/v1/models"):
+                    raise ApiError(405, f"use GET for {path}", code="method_not_allowed")
+                raise ApiError(404, f"no such path: {path}", code="not_found")
+            if not self._authorized():
+                self.close_connection = True
+                raise _unauthorized()
+            chat = path == "/v1/chat/completions"
+            req, stream, include_usage = self.server.api.submit(self._body(), chat)
+        except ApiError as e:
+            self._error(e)
+            return
+        if stream:
+            self._stream(req, chat, include_usage)
+        else:
+            self._complete(req, chat)
+
+    def _complete(self, req: Request, chat: bool) -> None:
+        for _ in req.deltas():
+            pass
+        if req.finish_reason == "error":
+            self._error(ApiError(500, req.error or "generation failed", type="server_error", code="internal_error"))
+            return
+        c = req.completion()
+        rid, name = _new_id(chat), self.server.api.cfg.model_name
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
+                      "finish_reason": c.finish_reason}
+        else:
+            choice = {"index": 0, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
+        self._json(200, {"id": rid, "object": "chat.completion" if chat else "text_completion",
+                         "created": int(time.time()), "model": name, "choices": [choice],
+                         "usage": Api.usage(req)})
+
+    def _stream(self, req: Request, chat: bool, include_usage: bool) -> None:
+        """Server-sent events in chunked encoding; a client that goes away cancels its sequence."""
+        rid, name, created = _new_id(chat), self.server.api.cfg.model_name, int(time.time())
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(delta: str | None, finish: str | None = None, first: bool = False) -> dict[str, Any]:
+            if chat:
+                d = {"role": "assistant", "content": ""} if first else ({"content": delta} if delta else {})
+                choice = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
+            return {"id": rid, "object": obj, "created": created, "model": name, "choices": [choice]}
+
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            if chat:
+                self._event(chunk(None, first=True))
+            for delta in req.deltas():
+                self._event(chunk(delta))
+            if req.finish_reason == "error":
+                self._event(ApiError(500, req.error or "generation failed", type="server_error",
+                                     code="internal_error").body())
+            else:
+                self._event(chunk(None, req.finish_reason))
+                if include_usage:
+                    self._event({"id": rid, "object": obj, "created": created, "model": name, "choices": [],
+                                 "usage": Api.usage(req)})
+            self._write_chunk(b"data: [DONE]\n\n")
+            self._write_chunk(b"")
+        except (OSError, ValueError):  # disconnected, reset or timed out (ValueError: closed file)
+            req.cancel()
+            self.close_connection = True
+
+    def _event(self, obj: dict) -> None:
+        self._write_chunk(b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n")
+
+    def _write_chunk(self, data: bytes) -> None:
+        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+        self.wfile.flush()
+
+
+def _unauthorized() -> ApiError:
+    return ApiError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')", code="invalid_api_key")
+
+
+def _too_large(length: int, limit: int) -> ApiError:
+    return ApiError(413, f"request body of {length} bytes exceeds the limit of {limit} bytes", code="request_too_large")
+
+
+def _new_id(chat: bool) -> str:
+    return ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
+
+
+class ChatServer(ThreadingHTTPServer):
+    """The HTTP server; `serve_forever()` runs it, `close()` stops it and the engine thread."""
+
+    daemon_threads = True
+    request_queue_size = 128
+
+    def __init__(self, engine: Engine, cfg: ServerConfig, host: str = "127.0.0.1", port: int = 8000):
+        self.api = Api(engine, cfg)
+        self.page = resources.files("tinyk").joinpath("web/index.html").read_bytes()
+        try:
+            super().__init__((host, port), Handler)
+        except OSError as e:
+            self.api.close()
+            raise TinykError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> threading.Thread:
+        """Serves from a background thread (tests, notebooks)."""
+        t = threading.Thread(target=self.serve_forever, name="tinyk-http", daemon=True)
+        t.start()
+        return t
+
+    def close(self) -> None:
+        self.shutdown()
+        self.server_close()
+        self.api.close()
+
+
+def serve(model_dir: str, *, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
+          dtype: str = "auto", max_batch: int = 16, **cfg: Any) -> None:
+    """Loads the model and serves until interrupted (`tinyk serve`)."""
+    from pathlib import Path
+
+    engine = Engine.from_dir(model_dir, device=device, dtype=dtype, max_batch=max_batch)
+    cfg.setdefault("model_name", Path(model_dir).resolve().name)
+    server = ChatServer(engine, ServerConfig(**cfg), host, port)
+    print(f"tinyk: serving {cfg['model_name']} ({engine.device}, {str(engine.dtype).removeprefix('torch.')}) "
+          f"at {server.url}  (chat page: {server.url}/, API: {server.url}/v1)", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.close()

@@ -1,0 +1,326 @@
+"""The generation engine: cached batched decoding, sampling, stopping, streaming, and the CLI on top."""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from tinyk.checkpoint import load_model
+from tinyk.cli import main
+from tinyk.cli.generate import chat_session
+from tinyk.engine import (
+    ContextLengthError,
+    Detokenizer,
+    Engine,
+    SamplingParams,
+    Scheduler,
+    _ParamTensors,
+    cpu_bf16_packing_works,
+)
+from tinyk.files import TinykError
+from tinyk.model import KVCache
+from tinyk.tokenizer import DEFAULT_SYSTEM_PROMPT, render_chat
+
+GREEDY = SamplingParams(temperature=0, repetition_penalty=1.0, max_new_tokens=12, ignore_eos=True)
+PROMPTS = ["我们今天", "The quick brown fox jumps over the lazy dog.", "中国的首都是北京。你喜欢吃苹果吗？这本书", "",
+           "1+1=2", "天气很好！你喜欢吃苹果吗？这本书非常有意思：作者写得很好。"]
+
+
+@pytest.fixture(scope="module")
+def engine(nano_model_dir) -> Engine:
+    return Engine.from_dir(nano_model_dir)
+
+
+def recompute_greedy(model, ids: list[int], n: int) -> list[int]:
+    """The reference: the whole sequence through the model for every token, no cache, no batching."""
+    out: list[int] = []
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for _ in range(n):
+            logits, _ = model(torch.tensor([ids + out], device=device))
+            out.append(int(logits[0, -1].argmax()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(engine) -> list[list[int]]:
+    return [recompute_greedy(engine.model, engine.encode(p), GREEDY.max_new_tokens) for p in PROMPTS]
+
+
+@pytest.mark.parametrize("max_batch", [16, 2])
+def test_cached_batched_decoding_equals_full_recomputation(engine, reference, max_batch):
+    """Unequal prompts share one left-padded cache; with max_batch 2 later prompts join a running batch."""
+    engine.max_batch = max_batch
+    try:
+        out = engine.generate(PROMPTS, GREEDY)
+    finally:
+        engine.max_batch = 16
+    assert [c.token_ids for c in out] == reference
+    for p, c in zip(PROMPTS, out, strict=True):
+        assert c.finish_reason == "length" and c.completion_tokens == GREEDY.max_new_tokens
+        assert c.prompt_tokens == len(engine.encode(p))
+        assert c.text == engine.tok.decode(c.token_ids)
+
+
+def test_per_sequence_stopping_leaves_the_others_untouched(engine, reference):
+    """Rows stop at different steps (stop token, stop string, budget) and leave the batch; the rest go on."""
+    stop_token = reference[0][3]
+    stop_text = engine.tok.decode(reference[2][4:6])
+    params = [replace(GREEDY, stop_token_ids=[stop_token]), replace(GREEDY, max_new_tokens=2),
+              replace(GREEDY, stop=[stop_text]), GREEDY, replace(GREEDY, max_new_tokens=7), GREEDY]
+    out = engine.generate(PROMPTS, params)
+    first = reference[0].index(stop_token)
+    assert out[0].token_ids == reference[0][:first + 1] and out[0].finish_reason == "stop"
+    assert out[0].text == engine.tok.decode(reference[0][:first])
+    assert out[1].token_ids == reference[1][:2] and out[1].finish_reason == "length"
+    full = engine.tok.decode(reference[2])
+    assert out[2].finish_reason == "stop" and out[2].text == full[:full.index(stop_text)]
+    assert stop_text not in out[2].text
+    assert out[4].token_ids == reference[4][:7]
+    assert out[3].token_ids == reference[3] and out[5].token_ids == reference[5]
+
+
+def test_eos_ends_a_sequence_unless_ignored(engine):
+    # A random model with tied embeddings repeats its last token, so a prompt ending in EOS makes it say EOS.
+    eos = engine.tok.eos_id
+    prompt = engine.tok.encode("你好") + [eos]
+    assert recompute_greedy(engine.model, prompt, 1) == [eos], "the fixture model no longer repeats its last token"
+    c = engine.generate([prompt, "我们今天"], replace(GREEDY, ignore_eos=False))
+    assert (c[0].text, c[0].token_ids, c[0].finish_reason, c[0].completion_tokens) == ("", [eos], "stop", 1)
+    assert c[1].completion_tokens == GREEDY.max_new_tokens
+    c = engine.generate([prompt], replace(GREEDY, max_new_tokens=3))[0]
+    assert c.token_ids == [eos] * 3 and c.finish_reason == "length"
+
+
+def test_token_budget_is_capped_by_the_context_window(engine):
+    ctx = engine.context_length
+    c = engine.generate([[5] * (ctx - 3)], replace(GREEDY, max_new_tokens=100))[0]
+    assert c.completion_tokens == 3 and c.finish_reason == "length"
+    with pytest.raises(ContextLengthError, match="context window"):
+        engine.generate([[5] * ctx], GREEDY)
+
+
+@pytest.mark.parametrize("bad", [
+    dict(temperature=-0.1), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5), dict(min_p=2.0),
+    dict(repetition_penalty=0.0), dict(max_new_tokens=0), dict(max_new_tokens=2.5), dict(temperature=float("nan")),
+    dict(seed="1"), dict(stop=[""]), dict(stop="abc"), dict(temperature=True),
+])
+def test_bad_sampling_params_are_one_line_errors(bad):
+    with pytest.raises(TinykError, match="must be"):
+        SamplingParams(**bad)
+
+
+def test_bad_prompts(engine):
+    with pytest.raises(TinykError, match="outside the vocabulary"):
+        engine.generate([[1, engine.vocab_size]], GREEDY)
+    with pytest.raises(TinykError, match="string or a list of token ids"):
+        engine.generate([3.5], GREEDY)
+    with pytest.raises(TinykError, match="non-empty list"):
+        engine.chat([[]], GREEDY)
+    with pytest.raises(TinykError, match="role"):
+        engine.chat([[{"role": "robot", "content": "hi"}]], GREEDY)
+    with pytest.raises(TinykError, match="2 sampling params for 1 prompts"):
+        engine.generate(["a"], [GREEDY, GREEDY])
+
+
+def test_chat_uses_the_template_with_the_generation_prompt(engine):
+    msgs = [{"role": "user", "content": "你好"}]
+    assert engine.chat_prompt(msgs) == render_chat(msgs, add_generation_prompt=True)
+    with_system = engine.chat_prompt(msgs, default_system=DEFAULT_SYSTEM_PROMPT)
+    assert with_system == f"<|im_start|>system\n{DEFAULT_SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n你好<|im_end|>\n" \
+                          "<|im_start|>assistant\n"
+    assert engine.chat([msgs], GREEDY)[0].token_ids == engine.generate([engine.chat_prompt(msgs)], GREEDY)[0].token_ids
+
+
+def test_stream_deltas_join_to_the_generated_text(engine):
+    params = SamplingParams(max_new_tokens=40, seed=3, ignore_eos=True)
+    deltas = list(engine.stream("我们今天", params))
+    assert "".join(deltas) == engine.generate(["我们今天"], params)[0].text
+    assert len(deltas) > 1
+
+
+def test_detokenizer_never_splits_a_character_or_leaks_a_stop_string(tok_dir):
+    from tinyk.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tok_dir)
+    text = "好中文😀再见"
+    ids = tok.encode(text)
+    assert len(ids) > len(text), "the test needs characters split over several tokens"
+    d = Detokenizer(tok, [])
+    deltas = [d.add(i) for i in ids] + [d.flush()]
+    assert "".join(deltas) == text and not any("\ufffd" in x for x in deltas)
+    d = Detokenizer(tok, ["文😀"])
+    deltas = [d.add(i) for i in ids] + [d.flush()]
+    assert d.stopped and d.text == "好中" and "".join(deltas) == "好中"
+
+
+def logits_for(values: list[float]) -> torch.Tensor:
+    return torch.tensor([values])
+
+
+class Rng:
+    def __init__(self, u: float):
+        self.u = u
+
+    def random(self) -> float:
+        return self.u
+
+
+class Row:
+    def __init__(self, **kw):
+        self.params = SamplingParams(**kw)
+
+
+def sample(values: list[float], u: float, seen: list[int] = (), **kw) -> int:
+    s = torch.zeros(1, len(values), dtype=torch.bool)
+    s[0, list(seen)] = True
+    p = _ParamTensors([Row(**kw)], torch.device("cpu"))
+    return int(Engine.sample(logits_for(values), s, p, [Rng(u)])[0])
+
+
+def test_sampling_filters():
+    probs = [0.5, 0.3, 0.15, 0.05]
+    logits = [float(torch.tensor(x).log()) for x in probs]
+    plain = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0)
+    # inverse-CDF draws: u walks through the cumulative probabilities 0.5, 0.8, 0.95, 1.0
+    assert [sample(logits, u, **plain) for u in (0.1, 0.6, 0.9, 0.99)] == [0, 1, 2, 3]
+    assert sample(logits, 0.99, **{**plain, "top_k": 2}) == 1
+    assert sample(logits, 0.99, **{**plain, "top_p": 0.8}) == 1  # 0.5 + 0.3 reaches top_p
+    assert sample(logits, 0.99, **{**plain, "top_p": 0.81}) == 2
+    assert sample(logits, 0.99, **{**plain, "min_p": 0.5}) == 1  # 0.15 < 0.5 * 0.5
+    assert sample(logits, 0.99, **{**plain, "temperature": 0.0}) == 0
+    assert sample([2.0, 1.9, -1.0], 0.0, seen=[0], **{**plain, "temperature": 0.0, "repetition_penalty": 1.1}) == 1
+    assert sample([-1.0, -1.05, -3.0], 0.0, seen=[0], **{**plain, "temperature": 0.0,
+                                                           "repetition_penalty": 1.1}) == 1
+    # low temperature sharpens: the top token takes almost all the mass
+    assert sample(logits, 0.99, **{**plain, "temperature": 0.05}) == 0
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch(engine):
+    params = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=16, seed=7, ignore_eos=True)
+    alone = engine.generate(["我们今天"], params)[0].token_ids
+    batched = engine.generate(["天气很好", "我们今天", "The quick"], [replace(params, seed=1), params, GREEDY])
+    assert batched[1].token_ids == alone
+    other = engine.generate(["我们今天"], replace(params, seed=8))[0].token_ids
+    assert other != alone
+    assert engine.generate(["我们今天"], replace(params, top_k=1))[0].token_ids == \
+        engine.generate(["我们今天"], replace(GREEDY, max_new_tokens=16))[0].token_ids
+
+
+def test_scheduler_serves_callers_and_cancels(engine, reference):
+    sched = Scheduler(engine)
+    try:
+        reqs = [sched.submit(p, GREEDY) for p in PROMPTS]
+        texts = ["".join(r.deltas(timeout=60)) for r in reqs]
+        assert [r.completion().token_ids for r in reqs] == reference
+        assert texts == [engine.tok.decode(ids) for ids in reference]
+        req = sched.submit("我们", replace(GREEDY, max_new_tokens=100))
+        req.cancel()
+        list(req.deltas(timeout=60))
+        assert req.finish_reason == "cancelled" and len(req.out_ids) < 100
+        assert sched.stats()["finished"] == {"length": len(PROMPTS), "cancelled": 1}
+    finally:
+        sched.close()
+
+
+def test_engine_forward_is_the_models_forward(engine):
+    """The engine's restated forward pass gives the model's logits bit for bit, padding and cache included."""
+    x = torch.tensor([[4, 4, 10, 11, 12], [20, 21, 22, 23, 24]])
+    valid = x != 4
+    positions = (valid.cumsum(1) - 1).clamp(min=0)
+    caches = [KVCache(engine.model.config, 2, 8, "cpu", torch.float32) for _ in range(2)]
+    with torch.inference_mode():
+        want, _ = engine.model(x, positions=positions, valid=valid, cache=caches[0], last_only=True)
+        got = engine.forward(x, positions, caches[1], valid)
+        assert torch.equal(got, want[:, -1])
+        step, pos = torch.tensor([[30], [31]]), positions[:, -1:] + 1
+        want, _ = engine.model(step, positions=pos, cache=caches[0], last_only=True)
+        assert torch.equal(engine.forward(step, pos, caches[1]), want[:, -1])
+    assert torch.equal(caches[0].k, caches[1].k) and caches[0].length == caches[1].length == 6
+
+
+def test_bf16_on_cpu(nano_model_dir, engine, reference):
+    eng = Engine.from_dir(nano_model_dir, device="cpu", dtype="bf16")
+    assert eng.dtype == torch.bfloat16 and eng.model.lm_head.weight.dtype == torch.bfloat16
+    assert eng.packed == cpu_bf16_packing_works()
+    out = eng.generate(PROMPTS, GREEDY)
+    # A random model's greedy choices have wide margins, so bf16 rounding does not change them.
+    assert [c.token_ids for c in out] == reference
+    if eng.packed:
+        plain = Engine(load_model(nano_model_dir)[0], eng.tok, dtype=torch.bfloat16)
+        assert not plain.packed and [c.token_ids for c in plain.generate(PROMPTS, GREEDY)] == reference
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_matches_recomputation(nano_model_dir, dtype):
+    eng = Engine.from_dir(nano_model_dir, device="cuda", dtype=dtype)
+    assert eng.device.type == "cuda"
+    out = eng.generate(PROMPTS, GREEDY)
+    assert [c.token_ids for c in out] == [recompute_greedy(eng.model, eng.encode(p), GREEDY.max_new_tokens)
+                                          for p in PROMPTS]
+
+
+def test_generate_cli(nano_model_dir, tmp_path, capsys):
+    f = tmp_path / "prompts.txt"
+    f.write_text("我们今天\n\nThe quick\n", encoding="utf-8")
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", str(nano_model_dir), "--prompt-file", str(f), "--prompt", "天气",
+              "--temperature", "0", "--max-new-tokens", "5", "--json"])
+    assert e.value.code == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["prompt"] for r in rows] == ["天气", "我们今天", "The quick"]
+    assert all(r["completion_tokens"] == 5 and r["finish_reason"] == "length" for r in rows)
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", str(nano_model_dir), "--prompt", "我们", "--max-new-tokens", "4", "--seed", "1"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("我们")
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", str(nano_model_dir), "--temperature", "-1", "--prompt", "x"])
+    assert e.value.code == 2 and "temperature must be" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "x"])
+    assert e.value.code == 2 and "not a model directory" in capsys.readouterr().err
+
+
+def test_chat_cli_answers_one_message(engine, nano_model_dir, capsys, monkeypatch):
+    prompt = engine.chat_prompt([{"role": "user", "content": "你好"}], default_system=DEFAULT_SYSTEM_PROMPT)
+    params = replace(GREEDY, repetition_penalty=1.1, max_new_tokens=6, ignore_eos=False)
+    expected = engine.generate([prompt], params)[0].text
+    with pytest.raises(SystemExit) as e:
+        main(["chat", "--model", str(nano_model_dir), "--message", "你好", "--temperature", "0",
+              "--max-new-tokens", "6"])
+    assert e.value.code == 0 and capsys.readouterr().out == expected + "\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO("你好\n"))
+    with pytest.raises(SystemExit) as e:
+        main(["chat", "--model", str(nano_model_dir), "--temperature", "0", "--max-new-tokens", "6"])
+    assert e.value.code == 0 and capsys.readouterr().out == expected + "\n"
+
+
+def test_chat_session_commands_and_history(engine, capsys):
+    params = replace(GREEDY, max_new_tokens=4)
+    out = io.StringIO()
+    history = chat_session(engine, params, ["你好", "/system 你是诗人", "写诗", "/bogus", "", "再来", "/reset",
+                                            "/exit", "never read"], out, system=DEFAULT_SYSTEM_PROMPT)
+    assert history == []
+    err = capsys.readouterr().err
+    assert "system prompt set" in err and "unknown command /bogus" in err and "conversation reset" in err
+    assert out.getvalue().count("assistant> ") == 3
+    out = io.StringIO()
+    history = chat_session(engine, params, ["写诗", "再来"], out, system="你是诗人")
+    assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
+    second = engine.generate([engine.chat_prompt(history[:3], default_system="你是诗人")], params)[0].text
+    assert history[3]["content"] == second
+
+
+def test_chat_session_forgets_old_turns_to_fit(engine, capsys):
+    params = replace(GREEDY, max_new_tokens=8)
+    long = "我们今天去公园散步" * 3
+    history = chat_session(engine, params, [long] * 6, io.StringIO(), system=None)
+    assert "forgot the oldest turn" in capsys.readouterr().err
+    assert len(engine.encode(engine.chat_prompt(history[:-1]))) + params.max_new_tokens <= engine.context_length
+    with pytest.raises(TinykError, match="message too long"):
+        chat_session(engine, params, ["很" * 400], io.StringIO(), system=None, interactive=False)

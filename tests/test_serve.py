@@ -1,0 +1,368 @@
+"""`tinyk serve` for real on a loopback port: the official `openai` client, bad input, keys, concurrency."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from urllib.parse import urlsplit
+
+import openai
+import pytest
+
+from tinyk.engine import Engine, SamplingParams
+from tinyk.serve import ChatServer, ServerConfig
+from tinyk.tokenizer import DEFAULT_SYSTEM_PROMPT
+
+DEFAULTS = SamplingParams(temperature=0.7, top_k=50, top_p=0.9, repetition_penalty=1.1, max_new_tokens=32)
+MAX_BODY = 64 * 1024
+
+
+class Probe:
+    """Wraps the engine's forward pass: records batch sizes, runs one pass per permit when gated,
+    and can be told to fail once."""
+
+    def __init__(self, forward):
+        self.forward = forward
+        self.rows: list[int] = []
+        self.gate: threading.Semaphore | None = None
+        self.waiting, self.stepped = threading.Event(), threading.Event()
+        self.fail_next = False
+
+    def __call__(self, idx, *args, **kwargs):
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("simulated out of memory")
+        gate = self.gate
+        if gate is not None:
+            self.waiting.set()
+            assert gate.acquire(timeout=60), "the test never let this forward pass run"
+        self.rows.append(idx.shape[0])
+        out = self.forward(idx, *args, **kwargs)
+        self.stepped.set()
+        return out
+
+
+@pytest.fixture(scope="module")
+def reference(nano_model_dir) -> Engine:
+    """A separate engine on the same weights: what the server's answers must equal."""
+    return Engine.from_dir(nano_model_dir)
+
+
+def start(nano_model_dir, **cfg) -> tuple[ChatServer, Probe]:
+    engine = Engine.from_dir(nano_model_dir)
+    probe = engine.forward = Probe(engine.forward)
+    server = ChatServer(engine, ServerConfig(**{"model_name": "nano", "defaults": DEFAULTS,
+                                                           "max_body_bytes": MAX_BODY, "log": False, **cfg}),
+                        port=0)
+    server.start()
+    return server, probe
+
+
+@pytest.fixture(scope="module")
+def served(nano_model_dir):
+    server, probe = start(nano_model_dir)
+    yield server, probe
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def server(served) -> ChatServer:
+    return served[0]
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def greedy(n: int, **kw) -> SamplingParams:
+    return replace(DEFAULTS, temperature=0.0, max_new_tokens=n, **kw)
+
+
+def expected_completion(ref: Engine, prompt: str, n: int, **kw):
+    return ref.generate([prompt], greedy(n, **kw))[0]
+
+
+def expected_chat(ref: Engine, messages: list[dict], n: int):
+    return ref.generate([ref.chat_prompt(messages, default_system=DEFAULT_SYSTEM_PROMPT)], greedy(n))[0]
+
+
+def request(server: ChatServer, method: str, path: str, body: bytes | dict | list | None = None,
+            headers: dict | None = None) -> tuple[int, dict | str]:
+    u = urlsplit(server.url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    data = body if isinstance(body, bytes | type(None)) else json.dumps(body).encode()
+    conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+    resp = conn.getresponse()
+    raw = resp.read().decode()
+    conn.close()
+    return resp.status, (json.loads(raw) if resp.getheader("Content-Type", "").startswith("application/json") else raw)
+
+
+def test_models(client, server):
+    models = client.models.list().data
+    assert [m.id for m in models] == ["nano"]
+    assert client.models.retrieve("nano").id == "nano"
+    status, body = request(server, "GET", "/v1/models/other")
+    assert status == 404 and body["error"]["code"] == "model_not_found"
+
+
+def test_completion(client, reference):
+    r = client.completions.create(model="nano", prompt="我们今天", max_tokens=8, temperature=0)
+    want = expected_completion(reference, "我们今天", 8)
+    assert r.choices[0].text == want.text and r.choices[0].finish_reason == want.finish_reason
+    assert r.object == "text_completion" and r.id.startswith("cmpl-")
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == \
+        (want.prompt_tokens, want.completion_tokens, want.prompt_tokens + want.completion_tokens)
+
+
+def test_completion_stream(client, reference):
+    chunks = list(client.completions.create(model="nano", prompt="The quick brown fox", max_tokens=10, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    want = expected_completion(reference, "The quick brown fox", 10)
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == want.text and len([c for c in chunks if c.choices and c.choices[0].text]) > 1
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+    assert chunks[-1].usage.completion_tokens == 10 and chunks[-1].usage.prompt_tokens == want.prompt_tokens
+
+
+def test_chat(client, reference):
+    messages = [{"role": "user", "content": "你好，今天天气怎么样？"}]
+    r = client.chat.completions.create(model="nano", messages=messages, max_tokens=12, temperature=0)
+    want = expected_chat(reference, messages, 12)
+    assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == want.text
+    assert r.choices[0].finish_reason == want.finish_reason and r.object == "chat.completion"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (want.prompt_tokens, want.completion_tokens)
+
+
+def test_chat_stream_with_history_and_system(client, reference):
+    messages = [{"role": "system", "content": "你是诗人"}, {"role": "user", "content": "写诗"},
+                {"role": "assistant", "content": "好的"}, {"role": "user", "content": [{"type": "text", "text": "再来"}]}]
+    chunks = list(client.chat.completions.create(model="nano", messages=messages, max_tokens=12, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    plain = [{**m, "content": "再来"} if isinstance(m["content"], list) else m for m in messages]
+    want = expected_chat(reference, plain, 12)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.text
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == want.completion_tokens
+    no_usage = list(client.chat.completions.create(model="nano", messages=messages, max_tokens=3, stream=True))
+    assert all(c.usage is None for c in no_usage)
+
+
+def test_stop_strings_and_seeds(client, reference):
+    full = expected_completion(reference, "我们今天", 16).text
+    stop = full[5:7]
+    r = client.completions.create(model="nano", prompt="我们今天", max_tokens=16, temperature=0, stop=[stop])
+    assert r.choices[0].text == full[:full.index(stop)] and r.choices[0].finish_reason == "stop"
+    texts = [client.completions.create(model="nano", prompt="天气", max_tokens=12, temperature=1.0, seed=s)
+             .choices[0].text for s in (5, 5, 6)]
+    assert texts[0] == texts[1] != texts[2]
+
+
+LONG = "".join(chr(0x4E00 + 37 * i) for i in range(200))  # rare characters: several tokens each
+
+
+@pytest.mark.parametrize("path,body,status,param,code", [
+    ("/v1/completions", b"{not json", 400, None, "invalid_json"),
+    ("/v1/completions", b"\xff\xfe", 400, None, "invalid_json"),
+    ("/v1/completions", [1, 2], 400, None, "invalid_json"),
+    ("/v1/completions", {"model": "gpt-4", "prompt": "hi"}, 404, "model", "model_not_found"),
+    ("/v1/completions", {"prompt": "hi"}, 400, "model", "missing_required_parameter"),
+    ("/v1/completions", {"model": "nano"}, 400, "prompt", "missing_required_parameter"),
+    ("/v1/chat/completions", {"model": "nano"}, 400, "messages", "missing_required_parameter"),
+    ("/v1/completions", {"model": 7, "prompt": "hi"}, 400, "model", "invalid_type"),
+    ("/v1/completions", {"model": "nano", "prompt": {"text": "hi"}}, 400, "prompt", "invalid_type"),
+    ("/v1/completions", {"model": "nano", "prompt": "hi", "temperature": "hot"}, 400, "temperature", "invalid_type"),
+    ("/v1/completions", {"model": "nano", "prompt": "hi", "max_tokens": "5"}, 400, "max_tokens", "invalid_type"),
+    ("/v1/completions", {"model": "nano", "prompt": "hi", "max_tokens": 2.5}, 400, "max_tokens", "invalid_type"),
+    ("/v1/completions", {"model": "nano", "prompt": "hi", "stream": "yes"}, 400, "stream", "invalid_type"),
+    ("/v1/completions", {"model": "nano", "prompt": "hi", "seed": True}, 400, "seed", "invalid_type"),
+    ("/v1/completions", {"model": "nano", "prompt": "hi", "stop": 5}, 400, "stop", "invalid_type"),
+    ("/v1/chat/completions", {"model": "nano", "messages": "hi"}, 400, "messages", "invalid_type"),
+    ("/v1/chat/completions", {"model": "nano", "messages": ["hi"]}, 400, "messages[0]", "invalid_type"),
+    ("/v1/chat/completions", {"model": "nano", "messages": [{"role": "robot", "content": "x"}]}, 400,
+     "messages[0].role", "invalid_value"),
+    ("/v1/chat/completions", {"model": "nano", "messages": [{"role": "user"}]}, 400, "messages[0].content",
+     "missing_required_parameter"),
+    ("/v1/chat/completions", {"model": "nano", "messages": [{"role": "user", "content": 3}]}, 400,
+     "messages[0].content", "invalid_type"),
+    ("/v1/chat/completions", {"model": "nano", "messages": []}, 400, "messages", "invalid_value"),
+    ("/v1/completions", {"model": "nano", "prompt": "hi", "max_tokens": 0}, 400, "max_tokens", "invalid_value"),
+    ("/v1/completions", {"model": "nano", "prompt": "hi", "max_tokens": 10**9}, 400, "max_tokens", "invalid_value"),
+    ("/v1/completions", {"model": "nano", "prompt": [5] * 100, "max_tokens": 100}, 400, "max_tokens",
+     "context_length_exceeded"),
+    ("/v1/completions", {"model": "nano", "prompt": LONG}, 400, "prompt", "context_length_exceeded"),
+    ("/v1/chat/completions", {"model": "nano", "messages": [{"role": "user", "content": LONG}]}, 400, "messages",
+     "context_length_exceeded"),
+    ("/v1/completions", {"model": "nano", "prompt": [1, 10**6]}, 400, "prompt", "invalid_value"),
+    ("/v1/completions", {"model": "nano", "prompt": ["a", "b"]}, 400, "prompt", "invalid_value"),
+    ("/v1/completions", {"model": "nano", "prompt": "hi", "temperature": -1}, 400, "temperature", "invalid_value"),
+    ("/v1/completions", {"model": "nano", "prompt": "hi", "top_p": 1.5}, 400, "top_p", "invalid_value"),
+    ("/v1/completions", {"model": "nano", "prompt": "hi", "n": 2}, 400, "n", "invalid_value"),
+    ("/v1/completions", {"model": "nano", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop",
+     "invalid_value"),
+    ("/v1/completions", {"model": "nano", "prompt": "hi", "logprobs": 2}, 400, "logprobs", "invalid_value"),
+    ("/v1/completions", b'{"model": "nano", "prompt": "' + b"a" * MAX_BODY + b'"}', 413, None, "request_too_large"),
+    ("/v1/embeddings", {"model": "nano", "input": "hi"}, 404, None, "not_found"),
+    ("/v1/models", {}, 405, None, "method_not_allowed"),
+])
+def test_bad_input_gets_a_4xx_with_an_openai_error(server, path, body, status, param, code):
+    got, err = request(server, "POST", path, body)
+    assert got == status, err
+    assert set(err) == {"error"} and err["error"]["message"] and err["error"]["type"] == "invalid_request_error"
+    assert (err["error"]["param"], err["error"]["code"]) == (param, code)
+
+
+def test_the_openai_client_sees_api_errors(client):
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        client.completions.create(model="nano", prompt=[5] * 100, max_tokens=100)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}])
+
+
+def raw(server: ChatServer, data: bytes) -> bytes:
+    u = urlsplit(server.url)
+    with socket.create_connection((u.hostname, u.port), timeout=60) as s:
+        s.sendall(data)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    return out
+
+
+def test_protocol_errors(server):
+    assert raw(server, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n") \
+        .startswith(b"HTTP/1.1 411")
+    big = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\nExpect: 100-continue\r\n\r\n"
+    assert raw(server, big).startswith(b"HTTP/1.1 413")
+    status, body = request(server, "GET", "/v1/chat/completions")
+    assert status == 405 and body["error"]["code"] == "method_not_allowed"
+    status, body = request(server, "GET", "/health")
+    assert status == 200 and body["status"] == "ok"
+
+
+def test_api_key(nano_model_dir, reference):
+    server, _ = start(nano_model_dir, api_key="sk-secret")
+    try:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sk-secret"}):
+            status, body = request(server, "GET", "/v1/models", headers=headers)
+            assert status == 401 and body["error"]["code"] == "invalid_api_key"
+            status, body = request(server, "POST", "/v1/completions", {"model": "nano", "prompt": "hi"}, headers)
+            assert status == 401
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
+        good = openai.OpenAI(base_url=server.url + "/v1", api_key="sk-secret", max_retries=0, timeout=60)
+        r = good.completions.create(model="nano", prompt="你好", max_tokens=4, temperature=0)
+        assert r.choices[0].text == expected_completion(reference, "你好", 4).text
+        status, page = request(server, "GET", "/")
+        assert status == 200 and "<title>tinyk chat</title>" in page
+    finally:
+        server.close()
+
+
+PROMPTS = [f"{'我们今天去公园散步，天气很好！'[:i % 12 + 1]}{i}" for i in range(16)]
+
+
+def test_sixteen_simultaneous_requests_are_batched_and_correct(served, client, reference):
+    server, probe = served
+    wants = [expected_completion(reference, p, 6 + i % 5) for i, p in enumerate(PROMPTS)]
+
+    def ask(i: int) -> str:
+        kw = dict(model="nano", prompt=PROMPTS[i], max_tokens=6 + i % 5, temperature=0)
+        if i % 2:
+            return "".join(c.choices[0].text for c in client.completions.create(**kw, stream=True))
+        return client.completions.create(**kw).choices[0].text
+
+    sched = server.api.scheduler
+    probe.waiting.clear()
+    probe.gate, probe.rows = threading.Semaphore(0), []
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            first = pool.submit(ask, 0)
+            # Once the engine thread waits in the first prefill, the other 15 queue up behind it.
+            assert probe.waiting.wait(timeout=60)
+            rest = [pool.submit(ask, i) for i in range(1, 16)]
+            with sched._cv:
+                assert sched._cv.wait_for(lambda: len(sched._waiting) == 15, timeout=60)
+            gate, probe.gate = probe.gate, None
+            gate.release()
+            got = [first.result(timeout=60)] + [f.result(timeout=60) for f in rest]
+    finally:
+        probe.gate = None
+    assert got == [w.text for w in wants]
+    assert max(probe.rows) == 16, "the 15 queued requests should join one batch"
+
+
+def stream_request(server: ChatServer, max_tokens: int) -> socket.socket:
+    u = urlsplit(server.url)
+    s = socket.create_connection((u.hostname, u.port), timeout=60)
+    body = json.dumps({"model": "nano", "prompt": "我们今天", "max_tokens": max_tokens, "temperature": 0,
+                       "stream": True}).encode()
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    return s
+
+
+def test_a_client_that_stops_reading_does_not_stall_others(server, client, reference):
+    slow = stream_request(server, 100)
+    try:
+        for p in ("天气", "中国的首都"):
+            r = client.completions.create(model="nano", prompt=p, max_tokens=5, temperature=0)
+            assert r.choices[0].text == expected_completion(reference, p, 5).text
+        data = b""
+        while b"data: [DONE]" not in data:
+            chunk = slow.recv(65536)
+            assert chunk, "the slow client's stream ended early"
+            data += chunk
+        assert b'"finish_reason": "length"' in data
+    finally:
+        slow.close()
+
+
+def test_a_disconnected_client_is_cancelled(served, client, reference):
+    server, probe = served
+    sched = server.api.scheduler
+    cancelled = threading.Event()
+    sched.on_finish = lambda r: cancelled.set() if r.finish_reason == "cancelled" else None
+    probe.gate = gate = threading.Semaphore(0)
+    try:
+        s = stream_request(server, 100)
+        gate.release(10)  # the prefill and enough steps to complete a character
+        data = b""
+        while b'"text": "' not in data.split(b"\r\n\r\n", 1)[-1]:
+            chunk = s.recv(65536)
+            assert chunk
+            data += chunk
+        s.close()
+        # One step at a time: the handler's next writes fail, it cancels, the engine drops the row.
+        for _ in range(90):
+            probe.stepped.clear()
+            gate.release()
+            assert probe.stepped.wait(timeout=60)
+            if cancelled.wait(timeout=0.05):
+                break
+        assert cancelled.is_set(), "the abandoned stream ran on"
+    finally:
+        sched.on_finish = None
+        probe.gate = None
+        gate.release(100)
+    r = client.completions.create(model="nano", prompt="天气", max_tokens=5, temperature=0)
+    assert r.choices[0].text == expected_completion(reference, "天气", 5).text
+    assert sched.stats()["running"] == 0
+
+
+def test_a_failed_step_is_a_500_and_the_server_goes_on(served, client, reference):
+    server, probe = served
+    probe.fail_next = True
+    with pytest.raises(openai.InternalServerError, match="simulated out of memory"):
+        client.completions.create(model="nano", prompt="天气", max_tokens=5, temperature=0)
+    probe.fail_next = True
+    chunks = client.chat.completions.create(model="nano", messages=[{"role": "user", "content": "hi"}], stream=True)
+    with pytest.raises(openai.APIError, match="simulated out of memory"):
+        list(chunks)
+    r = client.completions.create(model="nano", prompt="天气", max_tokens=5, temperature=0)
+    assert r.choices[0].text == expected_completion(reference, "天气", 5).text
