@@ -1,0 +1,103 @@
+"""`tinyk data pretrain|sft|info`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+from tinyk.cli.common import parse_size
+from tinyk.files import DEFAULT_MAX_LINE_BYTES
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", nargs="+", required=True, metavar="FILE", help="input files (read, never modified)")
+    p.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer directory")
+    p.add_argument("--out", required=True, metavar="DIR", help="output data directory")
+    p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out (seeded)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
+    p.add_argument("--max-line-bytes", type=parse_size, default=DEFAULT_MAX_LINE_BYTES,
+                   help="longer lines are skipped (default 16 MiB)")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="tokenize corpora into packed pretraining or SFT datasets")
+    dsub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+
+    t = dsub.add_parser("pretrain", help="documents (.jsonl/.txt/.parquet, .gz/.zst) -> token shards")
+    _add_common(t)
+    t.add_argument("--field", default="text", help="JSON/Parquet field holding the text")
+    t.add_argument("--shard-tokens", type=parse_size, default="100M", help="tokens per shard file")
+    t.set_defaults(func=_pretrain)
+
+    s = dsub.add_parser("sft", help="conversations (BelleGroup, ShareGPT, OpenAI messages) -> tokens + loss mask")
+    _add_common(s)
+    s.add_argument("--max-len", type=int, default=512, help="longer conversations are cut, at a turn if possible")
+    s.add_argument("--system-prompt", default=None,
+                   help="added when a conversation has none (default: 你是一个AI助手; '' for none)")
+    s.set_defaults(func=_sft)
+
+    i = dsub.add_parser("info", help="summarize a prepared data directory")
+    i.add_argument("path", help="data directory")
+    i.add_argument("--json", action="store_true", help="print meta.json")
+    i.set_defaults(func=_info)
+
+
+def _common_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {"val_fraction": args.val_fraction, "seed": args.seed, "workers": args.workers,
+            "max_line_bytes": args.max_line_bytes, "strict": args.strict, "force": args.force}
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from tinyk.data import prepare_pretrain
+
+    t0 = time.time()
+    meta = prepare_pretrain(args.input, args.tokenizer, args.out, field=args.field, shard_tokens=args.shard_tokens,
+                            **_common_kwargs(args))
+    print(_summary(meta, time.time() - t0))
+    print(f"saved to {args.out}")
+    return 0
+
+
+def _sft(args: argparse.Namespace) -> int:
+    from tinyk.data import prepare_sft
+    from tinyk.tokenizer import DEFAULT_SYSTEM_PROMPT
+
+    t0 = time.time()
+    system_prompt = DEFAULT_SYSTEM_PROMPT if args.system_prompt is None else args.system_prompt
+    meta = prepare_sft(args.input, args.tokenizer, args.out, max_len=args.max_len, system_prompt=system_prompt,
+                       **_common_kwargs(args))
+    print(_summary(meta, time.time() - t0))
+    print(f"saved to {args.out}")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from tinyk.loader import open_dataset
+
+    meta = open_dataset(args.path)
+    print(json.dumps(meta, ensure_ascii=False, indent=2) if args.json else _summary(meta))
+    return 0
+
+
+def _summary(meta: dict[str, Any], seconds: float | None = None) -> str:
+    """One paragraph: what was kept, what was skipped and why, and how fast."""
+    from tinyk.data import skips_summary
+
+    tr, va = meta["splits"]["train"], meta["splits"]["val"]
+    unit = "documents" if meta["kind"] == "pretrain" else "conversations"
+    text = (f"{meta['kind']} data: {tr['documents'] + va['documents']:,} {unit} (train {tr['documents']:,}, "
+            f"val {va['documents']:,}), {tr['tokens'] + va['tokens']:,} tokens (train {tr['tokens']:,}, "
+            f"val {va['tokens']:,}) as {meta['dtype']}")
+    if meta["kind"] == "sft":
+        cut = meta.get("truncated", {})
+        text += (f", {tr['loss_tokens'] + va['loss_tokens']:,} with loss; {sum(cut.values()):,} cut to "
+                 f"--max-len {meta['max_len']} ({cut.get('at_turn', 0):,} at a turn boundary)")
+    mb = sum(i["bytes"] for i in meta["inputs"]) / 1e6
+    if seconds is not None:
+        text += f"; read {mb:,.1f} MB in {seconds:.1f}s ({mb / max(seconds, 1e-9):.1f} MB/s)"
+    return f"{text}; {skips_summary(meta['skipped'])}; tokenizer {meta['tokenizer_hash']}."

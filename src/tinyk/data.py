@@ -1,0 +1,542 @@
+"""Turning raw corpora into packed, pre-tokenized datasets, streamed with bounded memory.
+
+The seed read whole files into memory, appended to its outputs, padded every sample and
+found assistant spans by hard-coded ids. Here inputs are streamed record by record,
+tokenized in worker processes (in input order, so the result never depends on the worker
+count), and written into a temporary directory that is renamed into place when complete.
+The loaders that read these directories live in `tinyk.loader` and are re-exported here.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shlex
+import signal
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from itertools import chain
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .files import (
+    DEFAULT_MAX_LINE_BYTES,
+    Skips,
+    TinykError,
+    atomic_dir,
+    check_inputs,
+    iter_records,
+    iter_texts,
+    write_json_atomic,
+)
+from .tokenizer import (
+    CHAT_FOOTER,
+    DEFAULT_SYSTEM_PROMPT,
+    IM_END_ID,
+    SPECIAL_TOKENS,
+    chat_header,
+    load_tokenizer,
+    tokenizer_hash,
+)
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "val")
+DEFAULT_SHARD_TOKENS = 100_000_000
+DEFAULT_BATCH_CHARS = 1 << 19
+LOADER_NAMES = ("PretrainLoader", "SFTLoader", "eval_batches", "open_dataset", "bytes_per_token")
+
+# Speaker names used by BelleGroup, ShareGPT and OpenAI-style data, mapped to chat-template roles.
+ROLE_ALIASES = {
+    "system": "system",
+    "human": "user", "user": "user",
+    "assistant": "assistant", "gpt": "assistant", "bot": "assistant", "chatgpt": "assistant",
+}
+
+
+def __getattr__(name: str) -> Any:
+    # The loaders need torch; preparation workers import this module and must stay light.
+    if name in LOADER_NAMES:
+        from . import loader
+
+        return getattr(loader, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 65535 else np.uint32)
+
+
+def default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+@dataclass
+class _Batch:
+    """Tokenized documents back to back, with per-document lengths and source sizes."""
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+    nbytes: np.ndarray
+    mask: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def take(self, keep: np.ndarray) -> _Batch:
+        """The documents where `keep` (one bool per document) is set, in order."""
+        per_token = np.repeat(keep, self.lengths)
+        mask = None if self.mask is None else self.mask[per_token]
+        return _Batch(self.tokens[per_token], self.lengths[keep], self.nbytes[keep], mask)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What a tokenizing worker needs; sent once when the worker starts."""
+
+    kind: str
+    tokenizer_json: str
+    dtype: str
+    max_len: int = 0
+
+
+_TOKENIZERS: dict[str, Any] = {}
+
+
+def _tokenizer(path: str) -> Any:
+    if path not in _TOKENIZERS:
+        from tokenizers import Tokenizer
+
+        _TOKENIZERS[path] = Tokenizer.from_file(path)
+    return _TOKENIZERS[path]
+
+
+_WORKER_JOB: _Job | None = None
+
+
+def _init_worker(job: _Job) -> None:
+    global _WORKER_JOB
+    # Ctrl-C is the parent's to handle: it stops the pool and removes the partial output.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Each worker is one core; tokenizers' own thread pool would oversubscribe them.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER_JOB = job
+
+
+def _work(payload: Any) -> _Encoded:
+    assert _WORKER_JOB is not None
+    return _encode(_WORKER_JOB, payload)
+
+
+# A tokenized payload: its documents, (reason, where) of those dropped, truncation counts.
+_Encoded = tuple[_Batch, list[tuple[str, str]], Counter]
+
+
+def _encode(job: _Job, payload: Any) -> _Encoded:
+    if job.kind == "pretrain":
+        return _encode_pretrain(job, payload), [], Counter()
+    return _encode_sft(job, payload)
+
+
+def _encode_pretrain(job: _Job, texts: list[str]) -> _Batch:
+    """Each document becomes <|im_start|> + its tokens + <|im_end|>."""
+    tok = _tokenizer(job.tokenizer_json)
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # the fast one skips offsets
+    ids = [e.ids for e in encode(texts, add_special_tokens=False)]
+    lengths = np.fromiter((len(x) + 2 for x in ids), np.int64, len(ids))
+    ends = np.cumsum(lengths)
+    tokens = np.empty(int(lengths.sum()), job.dtype)
+    inner = np.ones(len(tokens), bool)
+    inner[ends - lengths] = inner[ends - 1] = False
+    tokens[ends - lengths] = tok.token_to_id("<|im_start|>")
+    tokens[ends - 1] = tok.token_to_id("<|im_end|>")
+    tokens[inner] = np.fromiter(chain.from_iterable(ids), job.dtype, len(tokens) - 2 * len(ids))
+    nbytes = np.fromiter((len(t.encode("utf-8")) for t in texts), np.int64, len(texts))
+    return _Batch(tokens, lengths, nbytes)
+
+
+_CLOSE = SPECIAL_TOKENS[IM_END_ID]  # closes every turn; trained on after assistant content
+_AFTER_CLOSE = CHAT_FOOTER.removeprefix(_CLOSE)  # the newline after it, never trained on
+
+
+def _render(messages: list[dict[str, str]]) -> tuple[str, np.ndarray, list[tuple[int, int]], list[int]]:
+    """The chat-template text, a per-character loss flag, assistant content spans and turn ends.
+
+    Flags are 1 on assistant content and on the <|im_end|> closing an assistant turn. Building
+    them from the same pieces the template is made of keeps the mask independent of token ids.
+    """
+    pieces: list[tuple[str, int]] = []
+    spans, turn_ends = [], []
+    pos = 0
+    for m in messages:
+        head, content, learn = chat_header(m["role"]), m["content"], int(m["role"] == "assistant")
+        pieces += [(head, 0), (content, learn), (_CLOSE, learn), (_AFTER_CLOSE, 0)]
+        start = pos + len(head)
+        pos = start + len(content) + len(CHAT_FOOTER)
+        if learn:
+            spans.append((start, start + len(content)))
+            turn_ends.append(pos)
+    text = "".join(p for p, _ in pieces)
+    flags = np.repeat(np.array([f for _, f in pieces], np.uint8), [len(p) for p, _ in pieces])
+    return text, flags, spans, turn_ends
+
+
+def _encode_sft(job: _Job, convs: list[tuple[str, list[dict[str, str]]]]) -> _Encoded:
+    """Tokenizes whole conversations and maps each token's first character to its loss flag."""
+    tok = _tokenizer(job.tokenizer_json)
+    rendered = [_render(msgs) for _, msgs in convs]
+    encs = tok.encode_batch([r[0] for r in rendered], add_special_tokens=False)
+    toks, masks, lengths, nbytes, skipped = [], [], [], [], []
+    truncated: Counter = Counter()
+    for (where, _), (text, flags, spans, turn_ends), enc in zip(convs, rendered, encs, strict=True):
+        starts = np.fromiter((s for s, _ in enc.offsets), np.int64, len(enc.ids))
+        mask = flags[starts]
+        cut = len(starts)
+        if cut > job.max_len:
+            # Prefer ending after the last assistant turn that fits; else cut mid-turn.
+            fits = [n for n in np.searchsorted(starts, turn_ends).tolist() if n <= job.max_len]
+            cut = fits[-1] if fits else job.max_len
+            truncated["at_turn" if fits else "mid_turn"] += 1
+        if not mask[1:cut].any():
+            skipped.append(("prompt_too_long", where))
+            continue
+        cut_char = int(starts[cut]) if cut < len(starts) else len(text)
+        toks.append(np.asarray(enc.ids[:cut], job.dtype))
+        masks.append(mask[:cut])
+        lengths.append(cut)
+        nbytes.append(sum(len(text[a:min(b, cut_char)].encode("utf-8")) for a, b in spans if a < cut_char))
+    batch = _Batch(np.concatenate(toks) if toks else np.empty(0, job.dtype), np.array(lengths, np.int64),
+                   np.array(nbytes, np.int64), np.concatenate(masks) if masks else np.empty(0, np.uint8))
+    return batch, skipped, truncated
+
+
+def _map_ordered(job: _Job, payloads: Iterable[Any], workers: int) -> Iterator[_Encoded]:
+    """Encodes payloads in order, in worker processes once there is more than one payload.
+
+    At most two payloads per worker are in flight, which bounds memory whatever the input size.
+    """
+    it = iter(payloads)
+    head = [p for p in (next(it, None), next(it, None)) if p is not None]
+    if workers <= 1 or len(head) < 2:
+        for p in chain(head, it):
+            yield _encode(job, p)
+        return
+    # spawn, not fork: the caller may hold threads (torch, tokenizers) that fork would break.
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(job,)) as pool:
+        pending: deque = deque()
+        for p in chain(head, it):
+            pending.append(pool.apply_async(_work, (p,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def _batched(items: Iterable[Any], size: Callable[[Any], int], limit: int) -> Iterator[list[Any]]:
+    batch, total = [], 0
+    for item in items:
+        batch.append(item)
+        total += size(item)
+        if total >= limit:
+            yield batch
+            batch, total = [], 0
+    if batch:
+        yield batch
+
+
+_M64 = (1 << 64) - 1
+
+
+def _unit_draws(seed: int, start: int, n: int) -> np.ndarray:
+    """A splitmix64 hash of (seed, document index) in [0, 1): the split ignores batch boundaries."""
+    z = np.arange(start, start + n, dtype=np.uint64)
+    z = z * np.uint64(0x9E3779B97F4A7C15) + np.uint64((seed * 0xD1B54A32D192ED03 + 1) & _M64)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+class _SplitWriter:
+    """Appends documents to one split and keeps the counts meta.json reports."""
+
+    def __init__(self, folder: Path):
+        folder.mkdir()
+        self.folder = folder
+        self.documents = self.tokens = self.bytes = 0
+
+    def add(self, b: _Batch) -> None:
+        if not len(b):
+            return
+        self.documents += len(b)
+        self.tokens += int(b.lengths.sum())
+        self.bytes += int(b.nbytes.sum())
+        self._write(b)
+
+    def _write(self, b: _Batch) -> None:
+        raise NotImplementedError
+
+    def close(self) -> dict[str, Any]:
+        return {"documents": self.documents, "tokens": self.tokens, "bytes": self.bytes}
+
+
+class _ShardWriter(_SplitWriter):
+    """Pretraining tokens as fixed-size shards; documents may straddle two shards."""
+
+    def __init__(self, folder: Path, shard_tokens: int):
+        super().__init__(folder)
+        self.shard_tokens = shard_tokens
+        self.shards: list[dict[str, Any]] = []
+        self.f: Any = None
+
+    def _write(self, b: _Batch) -> None:
+        data = b.tokens
+        while len(data):
+            if self.f is None or self.shards[-1]["tokens"] == self.shard_tokens:
+                self._next_shard()
+            room = self.shard_tokens - self.shards[-1]["tokens"]
+            data[:room].tofile(self.f)
+            self.shards[-1]["tokens"] += len(data[:room])
+            data = data[room:]
+
+    def _next_shard(self) -> None:
+        if self.f is not None:
+            self.f.close()
+        name = f"shard_{len(self.shards):05d}.bin"
+        self.f = open(self.folder / name, "wb")  # noqa: SIM115 - closed by close()/_next_shard
+        self.shards.append({"file": name, "tokens": 0})
+
+    def close(self) -> dict[str, Any]:
+        if self.f is not None:
+            self.f.close()
+        return {**super().close(), "shards": self.shards}
+
+
+class _ConversationWriter(_SplitWriter):
+    """SFT tokens, loss mask and per-conversation start offsets."""
+
+    def __init__(self, folder: Path):
+        super().__init__(folder)
+        self.tok_f = open(folder / "tokens.bin", "wb")  # noqa: SIM115 - closed by close()
+        self.mask_f = open(folder / "mask.bin", "wb")  # noqa: SIM115
+        self.lengths: list[np.ndarray] = []
+        self.loss_tokens = 0
+
+    def _write(self, b: _Batch) -> None:
+        assert b.mask is not None
+        b.tokens.tofile(self.tok_f)
+        b.mask.astype(np.uint8).tofile(self.mask_f)
+        self.lengths.append(b.lengths)
+        self.loss_tokens += int(np.count_nonzero(b.mask))
+
+    def close(self) -> dict[str, Any]:
+        self.tok_f.close()
+        self.mask_f.close()
+        lengths = np.concatenate(self.lengths) if self.lengths else np.empty(0, np.int64)
+        np.save(self.folder / "offsets.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+        return {**super().close(), "loss_tokens": self.loss_tokens}
+
+
+class _Splitter:
+    """Routes each document to train or val by its seeded hash.
+
+    The latest document is held back until another arrives, so that at the end it can fill
+    whichever split would otherwise be empty: tiny corpora still get both splits.
+    """
+
+    def __init__(self, train: _SplitWriter, val: _SplitWriter, val_fraction: float, seed: int):
+        self.train, self.val, self.val_fraction, self.seed = train, val, val_fraction, seed
+        self.seen = 0
+        self.held: tuple[_Batch, bool] | None = None
+
+    def add(self, b: _Batch) -> None:
+        if not len(b):
+            return
+        to_val = _unit_draws(self.seed, self.seen, len(b)) < self.val_fraction
+        self.seen += len(b)
+        if self.held is not None:
+            self._route(*self.held)
+        last = np.arange(len(b)) == len(b) - 1
+        self.val.add(b.take(to_val & ~last))
+        self.train.add(b.take(~to_val & ~last))
+        self.held = (b.take(last), bool(to_val[-1]))
+
+    def _route(self, b: _Batch, to_val: bool) -> None:
+        (self.val if to_val else self.train).add(b)
+
+    def close(self) -> dict[str, dict[str, Any]]:
+        if self.held is not None:
+            b, to_val = self.held
+            if not self.train.documents:
+                to_val = False
+            elif not self.val.documents and self.val_fraction > 0:
+                to_val = True
+            self._route(b, to_val)
+        return {"train": self.train.close(), "val": self.val.close()}
+
+
+def _check_common(val_fraction: float, workers: int | None, max_line_bytes: int) -> int:
+    if not 0 <= val_fraction < 1:
+        raise TinykError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if workers is not None and workers < 1:
+        raise TinykError(f"--workers must be at least 1, got {workers}")
+    if max_line_bytes < 1:
+        raise TinykError(f"--max-line-bytes must be positive, got {max_line_bytes}")
+    return workers or default_workers()
+
+
+def _command(kind: str, paths: list[Path], tokenizer_dir: Any, out: Any, options: dict[str, Any]) -> str:
+    """The `tinyk data` command line equivalent to a library call, for meta.json."""
+    args = ["tinyk", "data", kind, "--input", *map(str, paths), "--tokenizer", str(tokenizer_dir), "--out", str(out)]
+    for key, value in options.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    return shlex.join(args)
+
+
+def _prepare(kind: str, paths: list[Path], tokenizer_dir: str | Path, out: str | Path, *,
+             payloads: Callable[[Skips], Iterator[list[Any]]], job_extra: dict[str, Any],
+             make_writer: Callable[[Path], _SplitWriter], meta_extra: dict[str, Any], command: str,
+             val_fraction: float, seed: int, workers: int, force: bool, strict: bool,
+             show_progress: bool) -> dict[str, Any]:
+    """The shared pipeline: read -> batch -> tokenize in order -> split -> write -> meta.json."""
+    from tqdm import tqdm
+
+    tok = load_tokenizer(tokenizer_dir)
+    dtype = token_dtype(tok.vocab_size)
+    job = _Job(kind, str(Path(tokenizer_dir) / "tokenizer.json"), dtype.name, **job_extra)
+    skips = Skips(strict=strict)
+    truncated: Counter = Counter()
+    unit = "docs" if kind == "pretrain" else "conversations"
+    with atomic_dir(out, force=force) as tmp:
+        splitter = _Splitter(make_writer(tmp / "train"), make_writer(tmp / "val"), val_fraction, seed)
+        with tqdm(unit=f" {unit}", disable=not show_progress, dynamic_ncols=True,
+                  desc=f"tokenizing {kind}") as bar:
+            for batch, skipped, cut in _map_ordered(job, payloads(skips), workers):
+                for reason, where in skipped:
+                    skips.add(reason, where)
+                truncated.update(cut)
+                splitter.add(batch)
+                bar.update(len(batch))
+                bar.set_postfix(tokens=f"{splitter.train.tokens + splitter.val.tokens:,}", refresh=False)
+        splits = splitter.close()
+        if not splits["train"]["documents"]:
+            raise TinykError(f"no usable {unit} in the input ({skips.summary()})")
+        meta = {
+            "kind": kind,
+            "format_version": FORMAT_VERSION,
+            "tokenizer_hash": tokenizer_hash(tokenizer_dir),
+            "vocab_size": tok.vocab_size,
+            "dtype": dtype.name,
+            "splits": splits,
+            **meta_extra,
+            **({"truncated": dict(truncated)} if kind == "sft" else {}),
+            "val_fraction": val_fraction,
+            "seed": seed,
+            "skipped": skips.to_json(),
+            "inputs": [{"path": str(p), "bytes": p.stat().st_size} for p in paths],
+            "command": command,
+        }
+        write_json_atomic(tmp / "meta.json", meta)
+    return meta
+
+
+def prepare_pretrain(inputs: list[str | Path], tokenizer_dir: str | Path, out: str | Path, *,
+                     field: str = "text", val_fraction: float = 0.01, seed: int = 0, workers: int | None = None,
+                     shard_tokens: int = DEFAULT_SHARD_TOKENS, force: bool = False, strict: bool = False,
+                     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, show_progress: bool = True,
+                     batch_chars: int = DEFAULT_BATCH_CHARS) -> dict[str, Any]:
+    """Tokenizes documents into `train/` and `val/` shards of back-to-back documents; returns meta.
+
+    With `workers` > 1 the tokenizers run in spawned processes, so a script calling this needs
+    the usual `if __name__ == "__main__":` guard.
+    """
+    paths = check_inputs(inputs)
+    nworkers = _check_common(val_fraction, workers, max_line_bytes)
+    if shard_tokens < 1:
+        raise TinykError(f"--shard-tokens must be positive, got {shard_tokens}")
+
+    def payloads(skips: Skips) -> Iterator[list[str]]:
+        texts = iter_texts(paths, skips, field_name=field, max_line_bytes=max_line_bytes)
+        return _batched(texts, len, batch_chars)
+
+    options = {"field": field, "val_fraction": val_fraction, "seed": seed, "shard_tokens": shard_tokens}
+    return _prepare("pretrain", paths, tokenizer_dir, out, payloads=payloads, job_extra={},
+                    make_writer=lambda d: _ShardWriter(d, shard_tokens), meta_extra={"field": field},
+                    command=_command("pretrain", paths, tokenizer_dir, out, options), val_fraction=val_fraction,
+                    seed=seed, workers=nworkers, force=force, strict=strict, show_progress=show_progress)
+
+
+def normalize_conversation(rec: Any, system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> list[dict[str, str]] | str:
+    """A record in any supported SFT format as chat messages, or the reason it is unusable.
+
+    Accepts BelleGroup / ShareGPT (`conversations` of `from`/`value`), OpenAI-style
+    (`messages` of `role`/`content`) and the seed's converted format (a bare list of messages).
+    """
+    system = None
+    if isinstance(rec, list):
+        turns = rec
+    elif isinstance(rec, dict) and isinstance(rec.get("conversations", rec.get("messages")), list):
+        turns = rec.get("conversations", rec.get("messages"))
+        system = rec.get("system")
+    else:
+        return "unknown_format"
+    messages = [{"role": "system", "content": system}] if isinstance(system, str) and system.strip() else []
+    for t in turns:
+        if not isinstance(t, dict):
+            return "bad_message"
+        role, content = t.get("from", t.get("role")), t.get("value", t.get("content"))
+        if not isinstance(role, str) or not isinstance(content, str):
+            return "bad_message"
+        if role.lower() not in ROLE_ALIASES:
+            return "unknown_role"
+        messages.append({"role": ROLE_ALIASES[role.lower()], "content": content})
+    if not messages:
+        return "empty"
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        return "no_assistant_turn"
+    if system_prompt and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return messages
+
+
+def prepare_sft(inputs: list[str | Path], tokenizer_dir: str | Path, out: str | Path, *, max_len: int = 512,
+                system_prompt: str = DEFAULT_SYSTEM_PROMPT, val_fraction: float = 0.01, seed: int = 0,
+                workers: int | None = None, force: bool = False, strict: bool = False,
+                max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, show_progress: bool = True,
+                batch_chars: int = DEFAULT_BATCH_CHARS) -> dict[str, Any]:
+    """Tokenizes conversations with their assistant-only loss mask into `train/` and `val/`; returns meta."""
+    paths = check_inputs(inputs)
+    if any(".txt" in p.name for p in paths):
+        raise TinykError("SFT inputs must be JSON/JSONL/Parquet conversations, not .txt")
+    nworkers = _check_common(val_fraction, workers, max_line_bytes)
+    if max_len < 8:
+        raise TinykError(f"--max-len must be at least 8 tokens, got {max_len}")
+
+    def conversations(skips: Skips) -> Iterator[tuple[str, list[dict[str, str]]]]:
+        for where, rec in iter_records(paths, skips, max_line_bytes=max_line_bytes):
+            conv = normalize_conversation(rec, system_prompt)
+            if isinstance(conv, str):
+                skips.add(conv, where)
+            else:
+                yield where, conv
+
+    def payloads(skips: Skips) -> Iterator[list[tuple[str, list[dict[str, str]]]]]:
+        return _batched(conversations(skips), lambda c: sum(len(m["content"]) for m in c[1]), batch_chars)
+
+    options = {"max_len": max_len, "system_prompt": system_prompt, "val_fraction": val_fraction, "seed": seed}
+    return _prepare("sft", paths, tokenizer_dir, out, payloads=payloads, job_extra={"max_len": max_len},
+                    make_writer=_ConversationWriter,
+                    meta_extra={"max_len": max_len, "system_prompt": system_prompt},
+                    command=_command("sft", paths, tokenizer_dir, out, options), val_fraction=val_fraction,
+                    seed=seed, workers=nworkers, force=force, strict=strict, show_progress=show_progress)
+
+
+def skips_summary(skipped: dict[str, Any]) -> str:
+    """The one-line skip summary of a meta.json `skipped` block."""
+    return Skips(counts=Counter(skipped.get("by_reason", {})), first=skipped.get("first", {})).summary()

@@ -1,0 +1,288 @@
+"""Reading prepared datasets for training and evaluation: memory-mapped, deterministic, resumable.
+
+All ranks compute the same global sample order (a seeded permutation per epoch) and keep the
+same global cursor; each call consumes one group of `micro_batch * world_size` samples and
+rank r takes the r-th slice. The cursor is therefore independent of how the global batch is
+divided, so a run can resume with another world size and the same sample stream.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .data import FORMAT_VERSION, SPLITS
+from .files import TinykError
+from .tokenizer import IM_END_ID
+
+PAD_ID = IM_END_ID
+IGNORE = -100
+SFT_BUCKET = 1024
+_LOSS_COUNT_CHUNK = 1 << 24
+
+
+def open_dataset(data_dir: str | Path) -> dict[str, Any]:
+    """Reads and validates meta.json; every loader starts here."""
+    d = Path(data_dir)
+    f = d / "meta.json"
+    if not d.is_dir():
+        raise TinykError(f"data directory not found: {d}")
+    if not f.is_file():
+        raise TinykError(f"not a tinyk data directory (no meta.json): {d}")
+    try:
+        meta = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TinykError(f"invalid {f}: {e}") from e
+    problem = _meta_problem(meta)
+    if problem:
+        raise TinykError(f"invalid {f}: {problem}")
+    return meta
+
+
+def _meta_problem(meta: Any) -> str | None:
+    if not isinstance(meta, dict):
+        return "not a JSON object"
+    kind = meta.get("kind")
+    if kind not in ("pretrain", "sft"):
+        return f"unknown kind {kind!r}"
+    if meta.get("format_version") != FORMAT_VERSION:
+        return f"format_version {meta.get('format_version')!r}; this tinyk reads {FORMAT_VERSION} (re-run tinyk data)"
+    if meta.get("dtype") not in ("uint16", "uint32"):
+        return f"unknown dtype {meta.get('dtype')!r}"
+    for key in ("tokenizer_hash", "vocab_size"):
+        if key not in meta:
+            return f"missing {key}"
+    need = ("documents", "tokens", "bytes", "shards" if kind == "pretrain" else "loss_tokens")
+    splits = meta.get("splits")
+    for split in SPLITS:
+        s = splits.get(split) if isinstance(splits, dict) else None
+        if not isinstance(s, dict) or any(k not in s for k in need):
+            return f"split {split!r} is missing or lacks one of {', '.join(need)}"
+    return None
+
+
+def bytes_per_token(meta: dict[str, Any], split: str) -> float:
+    """Source bytes per loss token, so bits per byte = loss / ln 2 / bytes_per_token."""
+    s = meta["splits"][split]
+    denom = s["loss_tokens"] if meta["kind"] == "sft" else s["tokens"]
+    if not denom:
+        raise TinykError(f"the {split} split is empty")
+    return s["bytes"] / denom
+
+
+def _split_folder(data_dir: str | Path, meta: dict[str, Any], split: str) -> Path:
+    if split not in SPLITS:
+        raise TinykError(f"unknown split {split!r} (use {' or '.join(SPLITS)})")
+    if not meta["splits"][split]["tokens"]:
+        raise TinykError(f"the {split} split of {data_dir} is empty")
+    return Path(data_dir) / split
+
+
+def _memmap(path: Path, dtype: str, count: int) -> np.memmap:
+    expected = count * np.dtype(dtype).itemsize
+    if not path.is_file() or path.stat().st_size != expected:
+        raise TinykError(f"{path} is missing or not {expected} bytes as meta.json says (re-run tinyk data)")
+    return np.memmap(path, dtype=dtype, mode="r", shape=(count,))
+
+
+class _Windows:
+    """Windows of seq_len + 1 tokens starting every seq_len tokens over the concatenated shards."""
+
+    def __init__(self, data_dir: str | Path, meta: dict[str, Any], split: str, seq_len: int):
+        folder = _split_folder(data_dir, meta, split)
+        self.shards = [_memmap(folder / s["file"], meta["dtype"], s["tokens"]) for s in meta["splits"][split]["shards"]]
+        self.bounds = np.cumsum([0] + [len(s) for s in self.shards])
+        self.seq_len = seq_len
+        total = int(self.bounds[-1])
+        self.size = (total - 1) // seq_len
+        if self.size < 1:
+            raise TinykError(f"the {split} split has {total} tokens, fewer than seq_len + 1 = {seq_len + 1}")
+
+    def _read(self, start: int, length: int) -> np.ndarray:
+        i = int(np.searchsorted(self.bounds, start, side="right")) - 1
+        parts = []
+        while length:
+            offset = start - int(self.bounds[i])
+            piece = self.shards[i][offset:offset + length]
+            parts.append(piece)
+            length -= len(piece)
+            start += len(piece)
+            i += 1
+        return np.concatenate(parts)
+
+    def fetch(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = torch.from_numpy(np.stack([self._read(int(w) * self.seq_len, self.seq_len + 1) for w in idx])
+                                .astype(np.int64))
+        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+
+
+def _loss_counts(mask: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Loss tokens among each conversation's targets (positions 1..length-1), in bounded chunks."""
+    out = np.empty(len(starts), np.int64)
+    i = 0
+    while i < len(starts):
+        j = max(i + 1, int(np.searchsorted(starts, starts[i] + _LOSS_COUNT_CHUNK)))
+        lo, hi = int(starts[i]), int(starts[j - 1] + lengths[j - 1])
+        cs = np.concatenate([[0], np.cumsum(mask[lo:hi], dtype=np.int64)])
+        s = starts[i:j] - lo
+        out[i:j] = cs[s + lengths[i:j]] - cs[s + 1]
+        i = j
+    return out
+
+
+class _Conversations:
+    """Conversations cut to seq_len + 1 tokens; those left without a loss token are dropped."""
+
+    def __init__(self, data_dir: str | Path, meta: dict[str, Any], split: str, seq_len: int):
+        folder = _split_folder(data_dir, meta, split)
+        s = meta["splits"][split]
+        self.tokens = _memmap(folder / "tokens.bin", meta["dtype"], s["tokens"])
+        self.mask = _memmap(folder / "mask.bin", "uint8", s["tokens"])
+        offsets = np.load(folder / "offsets.npy")
+        if (offsets.shape != (s["documents"] + 1,) or offsets[0] != 0 or offsets[-1] != s["tokens"]
+                or np.any(np.diff(offsets) <= 0)):
+            raise TinykError(f"{folder / 'offsets.npy'} does not match meta.json (re-run tinyk data)")
+        starts, lengths = offsets[:-1], np.minimum(np.diff(offsets), seq_len + 1)
+        usable = _loss_counts(self.mask, starts, lengths) > 0
+        self.starts, self.lengths = starts[usable], lengths[usable]
+        self.size = len(self.starts)
+        self.dropped = int((~usable).sum())
+        if not self.size:
+            raise TinykError(f"no conversation in the {split} split has an assistant token within seq_len {seq_len}")
+
+    def fetch(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded with <|im_end|> to the longest in the batch; no loss on padding or prompts."""
+        lens = self.lengths[idx]
+        x = np.full((len(idx), int(lens.max()) - 1), PAD_ID, np.int64)
+        y = np.full_like(x, IGNORE)
+        for row, (s, n) in enumerate(zip(self.starts[idx].tolist(), lens.tolist(), strict=True)):
+            t = self.tokens[s:s + n].astype(np.int64)
+            x[row, :n - 1] = t[:-1]
+            y[row, :n - 1] = np.where(self.mask[s + 1:s + n] != 0, t[1:], IGNORE)
+        return torch.from_numpy(x), torch.from_numpy(y)
+
+
+_Data = _Windows | _Conversations
+
+
+def _open_split(data_dir: str | Path, split: str, seq_len: int, kind: str | None = None) -> _Data:
+    if seq_len < 1:
+        raise TinykError(f"seq_len must be positive, got {seq_len}")
+    meta = open_dataset(data_dir)
+    if kind is not None and meta["kind"] != kind:
+        raise TinykError(f"{data_dir} holds {meta['kind']} data, not {kind} data")
+    return (_Windows if meta["kind"] == "pretrain" else _Conversations)(data_dir, meta, split, seq_len)
+
+
+def _check_layout(micro_batch: int, rank: int, world_size: int) -> None:
+    if micro_batch < 1:
+        raise TinykError(f"micro_batch must be positive, got {micro_batch}")
+    if not 0 <= rank < world_size:
+        raise TinykError(f"rank {rank} is outside world size {world_size}")
+
+
+class _Loader:
+    """A rank's view of an endless, seeded, per-epoch sample order addressed by (epoch, cursor)."""
+
+    def __init__(self, data: _Data, micro_batch: int, rank: int, world_size: int, seed: int):
+        _check_layout(micro_batch, rank, world_size)
+        self.data, self.micro_batch, self.rank, self.world_size, self.seed = data, micro_batch, rank, world_size, seed
+        self.num_windows = data.size
+        self._epoch = self._cursor = 0
+        self._order: tuple[int, np.ndarray] | None = None
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng((self.seed, epoch)).permutation(self.num_windows)
+
+    def _take(self, k: int) -> np.ndarray:
+        out = []
+        while k:
+            if self._order is None or self._order[0] != self._epoch:
+                self._order = (self._epoch, self._epoch_order(self._epoch))
+            piece = self._order[1][self._cursor:self._cursor + k]
+            out.append(piece)
+            k -= len(piece)
+            self._cursor += len(piece)
+            if self._cursor == self.num_windows:
+                self._epoch, self._cursor = self._epoch + 1, 0
+        return np.concatenate(out)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's slice of the next global group; epochs roll over on their own."""
+        group = self._take(self.micro_batch * self.world_size)
+        return self.data.fetch(group[self.rank * self.micro_batch:(self.rank + 1) * self.micro_batch])
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self._epoch, "cursor": self._cursor, "num_windows": self.num_windows}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("num_windows", self.num_windows) != self.num_windows:
+            raise TinykError(f"the data loader state is for {state['num_windows']} samples per epoch, this data has "
+                             f"{self.num_windows} (different data or seq_len)")
+        epoch, cursor = int(state["epoch"]), int(state["cursor"])
+        if epoch < 0 or not 0 <= cursor < self.num_windows:
+            raise TinykError(f"invalid data loader state {state}")
+        self._epoch, self._cursor = epoch, cursor
+
+
+class PretrainLoader(_Loader):
+    """Shuffled (x, y) windows over memory-mapped pretraining shards; every token is trained on."""
+
+    def __init__(self, data_dir: str | Path, split: str, seq_len: int, micro_batch: int, *, rank: int = 0,
+                 world_size: int = 1, seed: int = 0):
+        super().__init__(_open_split(data_dir, split, seq_len, "pretrain"), micro_batch, rank, world_size, seed)
+
+
+class SFTLoader(_Loader):
+    """Padded conversation batches; each epoch's order is shuffled, then length-sorted within buckets.
+
+    Buckets have a fixed size (not a multiple of the batch), so the order does not depend on
+    how the global batch is split across ranks and micro-batches.
+    """
+
+    def __init__(self, data_dir: str | Path, split: str, seq_len: int, micro_batch: int, *, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, bucket: int = SFT_BUCKET):
+        data = _open_split(data_dir, split, seq_len, "sft")
+        super().__init__(data, micro_batch, rank, world_size, seed)
+        self.bucket = bucket
+        self.dropped = data.dropped
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        order = super()._epoch_order(epoch)
+        lengths = self.data.lengths
+        chunks = [c[np.argsort(lengths[c], kind="stable")] for c in np.split(order, range(self.bucket, len(order),
+                                                                                          self.bucket))]
+        return np.concatenate(chunks)
+
+
+def eval_batches(data_dir: str | Path, split: str, seq_len: int, micro_batch: int, max_batches: int | None = None,
+                 *, rank: int = 0, world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """A sequential, unshuffled pass over a split, sharded across ranks like the training loaders.
+
+    `max_batches` counts global groups, so every rank stops after the same number of steps.
+    """
+    _check_layout(micro_batch, rank, world_size)
+    data = _open_split(data_dir, split, seq_len)
+    return _sequential(data.size, micro_batch, rank, world_size, max_batches, data.fetch)
+
+
+def _sequential(size: int, micro_batch: int, rank: int, world_size: int, max_batches: int | None,
+                fetch: Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]]
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    group = micro_batch * world_size
+    for n, start in enumerate(range(0, size, group)):
+        if max_batches is not None and n >= max_batches:
+            return
+        lo = start + rank * micro_batch
+        idx = np.arange(lo, min(lo + micro_batch, size))
+        if len(idx):
+            yield fetch(idx)

@@ -1,0 +1,590 @@
+"""Data preparation (pretrain + SFT) and the loaders that read it."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import tracemalloc
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import CHINESE, ENGLISH
+from tinyk.cli import main
+from tinyk.data import (
+    PretrainLoader,
+    SFTLoader,
+    bytes_per_token,
+    eval_batches,
+    normalize_conversation,
+    open_dataset,
+    prepare_pretrain,
+    prepare_sft,
+    token_dtype,
+)
+from tinyk.files import TinykError
+from tinyk.tokenizer import DEFAULT_SYSTEM_PROMPT, load_tokenizer, render_chat
+
+BOS, EOS = 3, 4
+QUIET = {"show_progress": False, "workers": 1}
+
+
+def texts(n: int) -> list[str]:
+    return [f"{CHINESE[i % 40:]}{ENGLISH[: 10 + i % 30]} 第{i}号。" for i in range(n)]
+
+
+def write_jsonl(path: Path, records: list, field: str = "text") -> Path:
+    lines = [json.dumps(r if field is None else {field: r}, ensure_ascii=False) for r in records]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def split_tokens(data_dir: Path, split: str) -> np.ndarray:
+    meta = json.loads((data_dir / "meta.json").read_text())
+    parts = [np.fromfile(data_dir / split / s["file"], dtype=meta["dtype"]) for s in meta["splits"][split]["shards"]]
+    return np.concatenate(parts) if parts else np.empty(0, np.uint16)
+
+
+def documents(data_dir: Path, split: str) -> list[list[int]]:
+    """Splits a split's token stream back into documents and checks each is BOS ... EOS."""
+    toks = split_tokens(data_dir, split)
+    starts = np.flatnonzero(toks == BOS).tolist()
+    docs = [toks[a:b].tolist() for a, b in zip(starts, [*starts[1:], len(toks)], strict=True)]
+    assert all(d[0] == BOS and d[-1] == EOS and EOS not in d[1:-1] for d in docs)
+    return docs
+
+
+def all_files(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+# ---------------------------------------------------------------- pretraining data
+
+
+def test_pretrain_writes_bos_text_eos_documents_and_meta(tmp_path, tok_dir):
+    docs_in = texts(120)
+    src = write_jsonl(tmp_path / "c.jsonl", docs_in)
+    meta = prepare_pretrain([src], tok_dir, tmp_path / "out", val_fraction=0.1, **QUIET)
+    tok = load_tokenizer(tok_dir)
+    out = tmp_path / "out"
+    assert meta == json.loads((out / "meta.json").read_text())
+    assert (meta["kind"], meta["format_version"], meta["dtype"]) == ("pretrain", 1, "uint16")
+    assert meta["tokenizer_hash"] == tok.fingerprint() and meta["vocab_size"] == tok.vocab_size
+    assert meta["inputs"] == [{"path": str(src), "bytes": src.stat().st_size}]
+    assert meta["command"].startswith("tinyk data pretrain --input") and meta["skipped"]["total"] == 0
+    decoded = {}
+    for split in ("train", "val"):
+        docs = documents(out, split)
+        s = meta["splits"][split]
+        assert s["documents"] == len(docs) > 0
+        assert s["tokens"] == sum(map(len, docs)) == sum(sh["tokens"] for sh in s["shards"])
+        assert s["bytes"] == sum(len(tok.decode(d[1:-1]).encode()) for d in docs)
+        decoded[split] = [tok.decode(d[1:-1]) for d in docs]
+        assert decoded[split] == [t for t in docs_in if t in set(decoded[split])]  # input order kept
+        for d in docs:
+            assert d[1:-1] == tok.encode(tok.decode(d[1:-1]))
+    assert sorted(decoded["train"] + decoded["val"]) == sorted(docs_in)
+    assert 3 <= len(decoded["val"]) <= 30
+
+
+def test_shards_roll_over_at_shard_tokens(tmp_path, tok_dir, corpus_file):
+    one = prepare_pretrain([corpus_file], tok_dir, tmp_path / "one", **QUIET)
+    many = prepare_pretrain([corpus_file], tok_dir, tmp_path / "many", shard_tokens=1000, **QUIET)
+    shards = many["splits"]["train"]["shards"]
+    assert len(shards) > 3 and all(s["tokens"] == 1000 for s in shards[:-1]) and 0 < shards[-1]["tokens"] <= 1000
+    assert [s["file"] for s in shards[:2]] == ["shard_00000.bin", "shard_00001.bin"]
+    for split in ("train", "val"):
+        assert np.array_equal(split_tokens(tmp_path / "one", split), split_tokens(tmp_path / "many", split))
+        assert {k: v for k, v in one["splits"][split].items() if k != "shards"} == \
+            {k: v for k, v in many["splits"][split].items() if k != "shards"}
+
+
+def test_every_input_format_gives_the_same_tokens(tmp_path, tok_dir):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    docs_in = texts(60)
+    plain = write_jsonl(tmp_path / "c.jsonl", docs_in).read_bytes()
+    (tmp_path / "c.txt").write_text("\n".join(docs_in) + "\n", encoding="utf-8")
+    (tmp_path / "c.jsonl.gz").write_bytes(gzip.compress(plain))
+    (tmp_path / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(plain))
+    pq.write_table(pa.table({"text": docs_in, "id": list(range(60))}), tmp_path / "c.parquet")
+    write_jsonl(tmp_path / "content.jsonl", docs_in, field="content")
+    runs = {name: [tmp_path / name] for name in ("c.jsonl", "c.txt", "c.jsonl.gz", "c.jsonl.zst", "c.parquet")}
+    streams = {}
+    for i, (name, inputs) in enumerate([*runs.items(), ("content", [tmp_path / "content.jsonl"])]):
+        field = "content" if name == "content" else "text"
+        meta = prepare_pretrain(inputs, tok_dir, tmp_path / f"o{i}", field=field, **QUIET)
+        assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 60, name
+        streams[name] = (split_tokens(tmp_path / f"o{i}", "train"), split_tokens(tmp_path / f"o{i}", "val"))
+    ref = streams["c.jsonl"]
+    for name, (train, val) in streams.items():
+        assert np.array_equal(train, ref[0]) and np.array_equal(val, ref[1]), name
+
+
+def test_bad_records_are_skipped_counted_and_located(tmp_path, tok_dir):
+    good = texts(3)
+    bad = tmp_path / "bad.jsonl"
+    with open(bad, "wb") as f:
+        f.write(json.dumps({"text": good[0]}, ensure_ascii=False).encode() + b"\n")
+        f.write(b'{"text": "unterminated\n')                     # 2 malformed
+        f.write(b'{"title": "no text field"}\n')                  # 3 missing field
+        f.write(b'{"text": 42}\n')                                # 4 not a string
+        f.write(b'{"text": "   "}\n')                             # 5 empty
+        f.write(b'{"text": "\xff\xfe bad bytes"}\n')              # 6 invalid UTF-8
+        f.write(b'{"text": "' + b"a" * (50 * 2**20) + b'"}\n')    # 7 a 50 MB line
+        f.write(b"[1, 2]\n")                                      # 8 not an object
+        f.write(json.dumps({"text": good[1]}, ensure_ascii=False).encode() + b"\n")
+        f.write(b'{"text": "also malformed"\n')                  # 10
+    tracemalloc.start()
+    try:
+        meta = prepare_pretrain([bad], tok_dir, tmp_path / "out", **QUIET)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 40 * 2**20, f"a 50 MB line must not be held whole (peak {peak / 2**20:.0f} MiB)"
+    sk = meta["skipped"]
+    assert sk["by_reason"] == {"malformed_json": 2, "missing_field": 2, "not_string": 1, "empty": 1,
+                               "invalid_utf8": 1, "line_too_long": 1}
+    assert sk["first"]["malformed_json"] == ["bad.jsonl:2", "bad.jsonl:10"]
+    assert sk["first"]["missing_field"] == ["bad.jsonl:3", "bad.jsonl:8"]
+    assert sk["first"]["line_too_long"] == ["bad.jsonl:7"] and sk["first"]["invalid_utf8"] == ["bad.jsonl:6"]
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 2
+    assert bad.stat().st_size > 50 * 2**20  # input untouched
+
+
+def test_strict_stops_at_the_first_bad_record_and_leaves_nothing(tmp_path, tok_dir):
+    src = tmp_path / "bad.jsonl"
+    src.write_text('{"text": "好的"}\n{"text": 7}\n', encoding="utf-8")
+    with pytest.raises(TinykError, match=r"bad.jsonl:2: not string"):
+        prepare_pretrain([src], tok_dir, tmp_path / "out", strict=True, **QUIET)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
+
+
+def test_output_is_deterministic_and_independent_of_worker_count(tmp_path, tok_dir, corpus_file):
+    conv = write_jsonl(tmp_path / "c.jsonl", conversations(40), field=None)
+    for kind, prep, src in (("pre", prepare_pretrain, corpus_file), ("sft", prepare_sft, conv)):
+        prep([src], tok_dir, tmp_path / f"{kind}1", val_fraction=0.2, **QUIET)
+        prep([src], tok_dir, tmp_path / f"{kind}2", val_fraction=0.2, **QUIET)
+        # Tiny batches force many payloads through the worker pool.
+        prep([src], tok_dir, tmp_path / f"{kind}3", val_fraction=0.2, workers=2, batch_chars=500,
+             show_progress=False)
+        one, two, three = (all_files(tmp_path / f"{kind}{i}") for i in (1, 2, 3))
+        for files in (one, two, three):
+            meta = json.loads(files.pop("meta.json"))
+            assert meta["splits"]["val"]["documents"] > 0
+        assert one == two == three, kind
+    other = prepare_pretrain([corpus_file], tok_dir, tmp_path / "seed1", val_fraction=0.2, seed=1, **QUIET)
+    assert not np.array_equal(split_tokens(tmp_path / "seed1", "val"), split_tokens(tmp_path / "pre1", "val"))
+    assert other["splits"]["train"]["documents"] + other["splits"]["val"]["documents"] == 400
+
+
+def test_rerun_needs_force_and_replaces_instead_of_appending(tmp_path, tok_dir):
+    src = write_jsonl(tmp_path / "c.jsonl", texts(50))
+    out = tmp_path / "out"
+    first = prepare_pretrain([src], tok_dir, out, **QUIET)
+    before = all_files(out)
+    with pytest.raises(TinykError, match="exists.*--force"):
+        prepare_pretrain([src], tok_dir, out, **QUIET)
+    assert prepare_pretrain([src], tok_dir, out, force=True, **QUIET) == first
+    assert all_files(out) == before
+    write_jsonl(src, texts(10))
+    again = prepare_pretrain([src], tok_dir, out, force=True, **QUIET)
+    assert again["splits"]["train"]["documents"] + again["splits"]["val"]["documents"] == 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl", "out"]
+
+
+def test_interrupted_run_leaves_the_previous_output_untouched(tmp_path, tok_dir, monkeypatch):
+    import tinyk.data
+
+    src = write_jsonl(tmp_path / "c.jsonl", texts(80))
+    out = tmp_path / "out"
+    prepare_pretrain([src], tok_dir, out, **QUIET)
+    before = all_files(out)
+    real, calls = tinyk.data._encode_pretrain, []
+
+    def interrupted(job, payload):
+        calls.append(len(payload))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(job, payload)
+
+    monkeypatch.setattr(tinyk.data, "_encode_pretrain", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_pretrain([src], tok_dir, out, force=True, batch_chars=200, **QUIET)
+    assert len(calls) == 3 and all_files(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl", "out"]
+
+
+def test_tiny_corpora_still_get_both_splits(tmp_path, tok_dir):
+    def counts(name: str, n: int, **kw) -> tuple[int, int]:
+        src = write_jsonl(tmp_path / f"{name}.jsonl", texts(n))
+        s = prepare_pretrain([src], tok_dir, tmp_path / name, **kw, **QUIET)["splits"]
+        return s["train"]["documents"], s["val"]["documents"]
+
+    assert counts("one", 1) == (1, 0)
+    assert counts("one-mostly-val", 1, val_fraction=0.99) == (1, 0)
+    assert counts("two", 2) == (1, 1)
+    assert counts("two-mostly-val", 2, val_fraction=0.99) == (1, 1)
+    assert counts("thirty", 30) == (29, 1)
+    assert counts("no-val", 30, val_fraction=0.0) == (30, 0)
+    with pytest.raises(TinykError, match="val split .* is empty"):
+        PretrainLoader(tmp_path / "one", "val", 8, 2)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"val_fraction": 1.0}, "val-fraction"),
+    ({"workers": 0}, "workers"),
+    ({"shard_tokens": 0}, "shard-tokens"),
+])
+def test_bad_arguments_are_one_line_errors(tmp_path, tok_dir, corpus_file, kwargs, message):
+    with pytest.raises(TinykError, match=message):
+        prepare_pretrain([corpus_file], tok_dir, tmp_path / "o", **{"show_progress": False, **kwargs})
+
+
+def test_unusable_inputs_are_refused(tmp_path, tok_dir):
+    empty = tmp_path / "e.jsonl"
+    empty.write_text('{"text": ""}\n', encoding="utf-8")
+    with pytest.raises(TinykError, match="no usable docs.*empty: 1"):
+        prepare_pretrain([empty], tok_dir, tmp_path / "o", **QUIET)
+    with pytest.raises(TinykError, match="not found"):
+        prepare_pretrain([tmp_path / "missing.jsonl"], tok_dir, tmp_path / "o", **QUIET)
+    with pytest.raises(TinykError, match="tokenizer directory not found"):
+        prepare_pretrain([empty], tmp_path / "no-tok", tmp_path / "o", **QUIET)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.jsonl"]
+
+
+def test_token_dtype_follows_vocab_size():
+    assert token_dtype(6144) == np.uint16 and token_dtype(65535) == np.uint16 and token_dtype(65536) == np.uint32
+
+
+# ---------------------------------------------------------------- SFT data
+
+
+def conversations(n: int) -> list:
+    """Seed-format conversations (a list of messages per line) of varying length and turns."""
+    out = []
+    for i in range(n):
+        msgs = [{"role": "user", "content": f"问题{i}：{CHINESE[: 5 + i % 30]}"},
+                {"role": "assistant", "content": f"回答{i}。{ENGLISH[: 5 + (7 * i) % 60]}"}]
+        if i % 3 == 0:
+            msgs += [{"role": "user", "content": "还有呢？"}, {"role": "assistant", "content": CHINESE[i % 20:]}]
+        out.append(msgs)
+    return out
+
+
+def mask_spans(mask: np.ndarray) -> list[tuple[int, int]]:
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(np.int8), [0]])))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True))
+
+
+def sft_split(data_dir: Path, split: str = "train") -> list[tuple[np.ndarray, np.ndarray]]:
+    meta = json.loads((data_dir / "meta.json").read_text())
+    toks = np.fromfile(data_dir / split / "tokens.bin", dtype=meta["dtype"])
+    mask = np.fromfile(data_dir / split / "mask.bin", dtype=np.uint8)
+    off = np.load(data_dir / split / "offsets.npy")
+    return [(toks[a:b], mask[a:b]) for a, b in zip(off[:-1], off[1:], strict=True)]
+
+
+def check_mask(tok, ids: np.ndarray, mask: np.ndarray, messages: list[dict]) -> None:
+    """The mask covers exactly each assistant content and the <|im_end|> closing it."""
+    assert tok.decode(ids.tolist()) == render_chat(messages)
+    answers = [m["content"] for m in messages if m["role"] == "assistant"]
+    spans = mask_spans(mask)
+    assert len(spans) == len(answers)
+    for (a, b), answer in zip(spans, answers, strict=True):
+        assert tok.decode(ids[a:b].tolist()) == answer + "<|im_end|>"
+        assert ids[b - 1] == EOS and tok.decode(ids[:a].tolist()).endswith("<|im_start|>assistant\n")
+
+
+def test_sft_formats_system_prompt_and_mask(tmp_path, tok_dir):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = [
+        {"conversations": [{"from": "human", "value": "你好"}, {"from": "assistant", "value": "你好！有什么可以帮你？"}],
+         "id": "belle-1"},
+        {"conversations": [{"from": "system", "value": "你是翻译。"}, {"from": "human", "value": "Translate: 猫"},
+                           {"from": "gpt", "value": "Cat"}, {"from": "human", "value": "狗"},
+                           {"from": "gpt", "value": "Dog"}]},
+        {"messages": [{"role": "user", "content": "1+1=?"}, {"role": "assistant", "content": "2"}]},
+        [{"role": "system", "content": "你是一个AI助手"}, {"role": "user", "content": "天气"},
+         {"role": "assistant", "content": "今天是晴天。"}],
+    ]
+    expected = [normalize_conversation(r) for r in records]
+    assert [m["content"] for m in expected[0]] == [DEFAULT_SYSTEM_PROMPT, "你好", "你好！有什么可以帮你？"]
+    assert expected[1][0] == {"role": "system", "content": "你是翻译。"} and len(expected[1]) == 5
+    assert [m["role"] for m in expected[2]] == ["system", "user", "assistant"]
+    assert expected[3] == records[3]
+    src = write_jsonl(tmp_path / "train_3.5M_CN.json", records, field=None)
+    meta = prepare_sft([src], tok_dir, tmp_path / "out", val_fraction=0.0, **QUIET)
+    tok = load_tokenizer(tok_dir)
+    convs = sft_split(tmp_path / "out")
+    assert len(convs) == 4 and meta["kind"] == "sft" and meta["max_len"] == 512
+    for (ids, mask), messages in zip(convs, expected, strict=True):
+        check_mask(tok, ids, mask, messages)
+    train = meta["splits"]["train"]
+    assert train["loss_tokens"] == sum(int(m.sum()) for _, m in convs)
+    assert train["bytes"] == sum(len(m["content"].encode()) for c in expected for m in c if m["role"] == "assistant")
+    assert meta["truncated"] == {} and meta["splits"]["val"]["documents"] == 0
+    pq.write_table(pa.Table.from_pylist(records[:1]), tmp_path / "belle.parquet")
+    prepare_sft([tmp_path / "belle.parquet"], tok_dir, tmp_path / "pq", **QUIET)
+    (ids, mask), = sft_split(tmp_path / "pq")
+    assert np.array_equal(ids, convs[0][0]) and np.array_equal(mask, convs[0][1])
+
+
+def test_sft_custom_or_no_system_prompt(tmp_path, tok_dir):
+    src = write_jsonl(tmp_path / "s.jsonl", [[{"role": "user", "content": "嗨"}, {"role": "assistant", "content": "嗨！"}]],
+                      field=None)
+    tok = load_tokenizer(tok_dir)
+    for prompt in ("你是小助手", ""):
+        prepare_sft([src], tok_dir, tmp_path / f"o{prompt}", system_prompt=prompt, **QUIET)
+        (ids, _), = sft_split(tmp_path / f"o{prompt}")
+        head = f"<|im_start|>system\n{prompt}<|im_end|>\n" if prompt else ""
+        assert tok.decode(ids.tolist()) == head + "<|im_start|>user\n嗨<|im_end|>\n<|im_start|>assistant\n嗨！<|im_end|>\n"
+
+
+def test_sft_mask_is_right_when_content_starts_with_spaces(tmp_path, tok_dir):
+    # "\n   x" pre-tokenizes across the header/content boundary; the mask must not cover the header.
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "   x\n\n y"}]
+    src = write_jsonl(tmp_path / "s.jsonl", [msgs], field=None)
+    prepare_sft([src], tok_dir, tmp_path / "o", system_prompt="", **QUIET)
+    (ids, mask), = sft_split(tmp_path / "o")
+    tok = load_tokenizer(tok_dir)
+    (a, b), = mask_spans(mask)
+    assert "   x\n\n y<|im_end|>".endswith(tok.decode(ids[a:b].tolist()))
+    assert tok.decode(ids[:a].tolist()).endswith("<|im_start|>assistant\n") and ids[b - 1] == EOS
+
+
+def test_sft_bad_records_are_skipped_by_reason(tmp_path, tok_dir):
+    ok = [{"role": "user", "content": "问"}, {"role": "assistant", "content": "答"}]
+    lines = [
+        json.dumps(ok, ensure_ascii=False),
+        '{"conversations": [',                                                          # 2 malformed
+        json.dumps({"prompt": "x"}),                                                    # 3 unknown format
+        json.dumps({"messages": [{"role": "user", "content": 5}]}),                     # 4 bad message
+        json.dumps({"messages": [{"role": "tool", "content": "x"}]}),                   # 5 unknown role
+        json.dumps({"conversations": [{"from": "human", "value": "只有问题"}]}),        # 6 no assistant
+        json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]}),  # 7
+        json.dumps({"messages": []}),                                                   # 8 empty
+        json.dumps(ok, ensure_ascii=False),
+    ]
+    src = tmp_path / "s.jsonl"
+    src.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    meta = prepare_sft([src], tok_dir, tmp_path / "o", **QUIET)
+    assert meta["skipped"]["by_reason"] == {"malformed_json": 1, "unknown_format": 1, "bad_message": 1,
+                                            "unknown_role": 1, "no_assistant_turn": 2, "empty": 1}
+    assert meta["skipped"]["first"]["no_assistant_turn"] == ["s.jsonl:6", "s.jsonl:7"]
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 2
+    with pytest.raises(TinykError, match="not .txt"):
+        prepare_sft([write_jsonl(tmp_path / "t.txt", ["x"])], tok_dir, tmp_path / "o2", **QUIET)
+    with pytest.raises(TinykError, match="s.jsonl:2: malformed json"):
+        prepare_sft([src], tok_dir, tmp_path / "o3", strict=True, **QUIET)
+
+
+def test_sft_truncates_at_a_turn_boundary_when_possible(tmp_path, tok_dir):
+    tok = load_tokenizer(tok_dir)
+    first = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "好的。"}]
+    long_answer = [{"role": "user", "content": "写"}, {"role": "assistant", "content": CHINESE * 3}]
+    long_prompt = [{"role": "user", "content": CHINESE * 3}, {"role": "assistant", "content": "嗯"}]
+    two_turns = first + [{"role": "user", "content": "再说"}, {"role": "assistant", "content": CHINESE * 3}]
+    max_len = len(tok.encode(render_chat(first))) + 10
+    src = write_jsonl(tmp_path / "s.jsonl", [two_turns, long_answer, long_prompt], field=None)
+    meta = prepare_sft([src], tok_dir, tmp_path / "o", max_len=max_len, system_prompt="", val_fraction=0.0, **QUIET)
+    assert meta["truncated"] == {"at_turn": 1, "mid_turn": 2}
+    assert meta["skipped"]["by_reason"] == {"prompt_too_long": 1}
+    (ids0, mask0), (ids1, mask1) = sft_split(tmp_path / "o")
+    check_mask(tok, ids0, mask0, first)
+    assert len(ids1) == max_len and mask1[-1] == 1 and ids1[-1] != EOS
+    assert tok.decode(ids1.tolist()).startswith(render_chat(long_answer)[:20])
+    assert meta["splits"]["train"]["bytes"] == len("好的。".encode()) + len(tok.decode(ids1[mask_spans(mask1)[0][0]:].tolist()).encode())
+
+
+# ---------------------------------------------------------------- loaders
+
+
+@pytest.fixture(scope="module")
+def pretrain_dir(tmp_path_factory, tok_dir, corpus_file) -> Path:
+    out = tmp_path_factory.mktemp("data") / "pretrain"
+    prepare_pretrain([corpus_file], tok_dir, out, val_fraction=0.1, shard_tokens=3000, **QUIET)
+    return out
+
+
+@pytest.fixture(scope="module")
+def sft_dir(tmp_path_factory, tok_dir) -> Path:
+    root = tmp_path_factory.mktemp("sft")
+    src = write_jsonl(root / "c.jsonl", conversations(90), field=None)
+    prepare_sft([src], tok_dir, root / "sft", val_fraction=0.2, **QUIET)
+    return root / "sft"
+
+
+def rows(batches) -> list[tuple[int, ...]]:
+    return [tuple(r) for x, _ in batches for r in x.tolist()]
+
+
+def test_pretrain_loader_epoch_visits_every_window_once(pretrain_dir):
+    seq = 16
+    raw = split_tokens(pretrain_dir, "train").astype(np.int64)
+    loader = PretrainLoader(pretrain_dir, "train", seq, 1)
+    assert loader.num_windows == (len(raw) - 1) // seq and len(open_dataset(pretrain_dir)["splits"]["train"]["shards"]) > 2
+    seen = []
+    for _ in range(loader.num_windows):
+        x, y = loader.next_batch()
+        assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (1, seq)
+        assert torch.equal(x[0, 1:], y[0, :-1])
+        seen.append(tuple(x[0].tolist()) + (int(y[0, -1]),))
+        assert loader.epoch == (0 if len(seen) < loader.num_windows else 1)
+    expected = [tuple(raw[w * seq:w * seq + seq + 1].tolist()) for w in range(loader.num_windows)]
+    assert Counter(seen) == Counter(expected)  # the corpus repeats itself, so compare multisets
+    assert seen[:10] != [tuple(raw[w * seq:w * seq + seq + 1].tolist()) for w in range(10)]  # shuffled
+
+
+def test_pretrain_loader_ranks_split_each_group_and_resume_exactly(pretrain_dir):
+    ref = PretrainLoader(pretrain_dir, "train", 8, 4, seed=3)
+    steps = ref.num_windows // 4 + 5  # crosses an epoch boundary
+    expected = [ref.next_batch() for _ in range(steps)]
+    ranks = [PretrainLoader(pretrain_dir, "train", 8, 2, rank=r, world_size=2, seed=3) for r in (0, 1)]
+    for want in expected[:6]:  # rank r gets the r-th half of each global group: disjoint, nothing lost
+        got = [rk.next_batch() for rk in ranks]
+        assert torch.equal(torch.cat([g[0] for g in got]), want[0]) and torch.equal(torch.cat([g[1] for g in got]), want[1])
+    # Resume after 6 groups with a different split of the same global batch (1 rank x 4).
+    state = json.loads(json.dumps(ranks[0].state_dict()))
+    assert state == ranks[1].state_dict() == {"epoch": 0, "cursor": 24, "num_windows": ref.num_windows}
+    resumed = PretrainLoader(pretrain_dir, "train", 8, 4, seed=3)
+    resumed.load_state_dict(state)
+    for want in expected[6:]:
+        assert rows([resumed.next_batch()]) == rows([want])
+    assert resumed.epoch == ref.epoch == 1
+    assert rows(expected[:3]) != rows([PretrainLoader(pretrain_dir, "train", 8, 4, seed=4).next_batch() for _ in range(3)])
+    with pytest.raises(TinykError, match="different data or seq_len"):
+        PretrainLoader(pretrain_dir, "train", 16, 4).load_state_dict(state)
+
+
+def test_sft_loader_masks_prompts_and_padding(sft_dir):
+    meta = open_dataset(sft_dir)
+    seq = 96
+    loader = SFTLoader(sft_dir, "train", seq, 4, seed=1)
+    assert loader.num_windows == meta["splits"]["train"]["documents"] and loader.dropped == 0
+    convs = sft_split(sft_dir)
+    seen = []
+    for _ in range(loader.num_windows // 4):
+        x, y = loader.next_batch()
+        assert x.shape == y.shape and x.shape[0] == 4 and x.shape[1] <= seq
+        for xr, yr in zip(x.tolist(), y.tolist(), strict=True):
+            # Which conversation is this row? Its unpadded prefix identifies it.
+            (i, n), = [(i, min(len(t), seq + 1) - 1) for i, (t, _) in enumerate(convs)
+                       if t[:min(len(t), seq + 1) - 1].tolist() == xr[:min(len(t), seq + 1) - 1]
+                       and set(xr[min(len(t), seq + 1) - 1:]) <= {EOS}]
+            ids, mask = convs[i]
+            seen.append(i)
+            assert xr[n:] == [EOS] * (len(xr) - n) and yr[n:] == [-100] * (len(yr) - n)
+            assert yr[:n] == [int(t) if mask[k + 1] else -100 for k, t in enumerate(ids[1:n + 1])]
+    assert len(set(seen)) == len(seen) == loader.num_windows // 4 * 4
+    width = lambda ld: sum(ld.next_batch()[0].numel() for _ in range(15))  # noqa: E731
+    assert width(SFTLoader(sft_dir, "train", seq, 4, seed=1)) < width(SFTLoader(sft_dir, "train", seq, 4, seed=1, bucket=1))
+
+
+def test_sft_loader_resumes_and_drops_conversations_without_loss(sft_dir):
+    ref = SFTLoader(sft_dir, "train", 64, 6, seed=2)
+    expected = [ref.next_batch() for _ in range(30)]
+    other = SFTLoader(sft_dir, "train", 64, 3, rank=1, world_size=2, seed=2)
+    [other.next_batch() for _ in range(10)]
+    resumed = SFTLoader(sft_dir, "train", 64, 6, seed=2)
+    resumed.load_state_dict(other.state_dict())
+    for want in expected[10:]:
+        got = resumed.next_batch()
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    short = SFTLoader(sft_dir, "train", 56, 2)
+    assert short.dropped > 0 and short.num_windows + short.dropped == ref.num_windows
+    for _ in range(short.num_windows):
+        x, y = short.next_batch()
+        assert x.shape[1] <= 56 and bool((y != -100).any(dim=1).all())
+    with pytest.raises(TinykError, match="no conversation .* assistant token"):
+        SFTLoader(sft_dir, "train", 20, 2)
+
+
+def test_eval_batches_are_sequential_and_sharded(pretrain_dir, sft_dir):
+    seq = 32
+    raw = split_tokens(pretrain_dir, "val").astype(np.int64)
+    n = (len(raw) - 1) // seq
+    whole = rows(eval_batches(pretrain_dir, "val", seq, 3))
+    assert whole == [tuple(raw[w * seq:w * seq + seq].tolist()) for w in range(n)]
+    shards = [list(eval_batches(pretrain_dir, "val", seq, 2, rank=r, world_size=2)) for r in (0, 1)]
+    interleaved = [r for a, b in zip(shards[0], shards[1] + [(torch.empty(0, seq), None)], strict=False)
+                   for r in rows([a]) + rows([b])]
+    assert sorted(interleaved) == sorted(whole) and len(interleaved) == n
+    assert len(list(eval_batches(pretrain_dir, "val", seq, 2, max_batches=2, rank=1, world_size=2))) == 2
+    sft = list(eval_batches(sft_dir, "val", 64, 4))
+    assert sum(len(x) for x, _ in sft) == open_dataset(sft_dir)["splits"]["val"]["documents"]
+    assert all(bool((y != -100).any(dim=1).all()) for _, y in sft)
+    assert rows(sft) == rows(eval_batches(sft_dir, "val", 64, 4))
+
+
+def test_bytes_per_token_matches_meta(pretrain_dir, sft_dir):
+    pre, sft = open_dataset(pretrain_dir), open_dataset(sft_dir)
+    assert bytes_per_token(pre, "val") == pre["splits"]["val"]["bytes"] / pre["splits"]["val"]["tokens"]
+    assert bytes_per_token(sft, "train") == sft["splits"]["train"]["bytes"] / sft["splits"]["train"]["loss_tokens"]
+    assert 1.0 < bytes_per_token(pre, "train") < 8.0
+
+
+def test_loaders_refuse_missing_or_damaged_data(tmp_path, pretrain_dir, sft_dir):
+    with pytest.raises(TinykError, match="not found"):
+        open_dataset(tmp_path / "nope")
+    with pytest.raises(TinykError, match="no meta.json"):
+        open_dataset(tmp_path)
+    (tmp_path / "meta.json").write_text("{not json")
+    with pytest.raises(TinykError, match="invalid"):
+        open_dataset(tmp_path)
+    (tmp_path / "meta.json").write_text(json.dumps({"kind": "pretrain", "format_version": 2}))
+    with pytest.raises(TinykError, match="format_version"):
+        open_dataset(tmp_path)
+    with pytest.raises(TinykError, match="holds sft data, not pretrain"):
+        PretrainLoader(sft_dir, "train", 16, 2)
+    with pytest.raises(TinykError, match="unknown split"):
+        SFTLoader(sft_dir, "test", 16, 2)
+    with pytest.raises(TinykError, match="fewer than seq_len"):
+        PretrainLoader(pretrain_dir, "val", 10**6, 2)
+    with pytest.raises(TinykError, match="rank 2 is outside"):
+        PretrainLoader(pretrain_dir, "train", 16, 2, rank=2, world_size=2)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in pretrain_dir.rglob("*"):
+        if f.is_file():
+            (broken / f.relative_to(pretrain_dir)).parent.mkdir(exist_ok=True)
+            (broken / f.relative_to(pretrain_dir)).write_bytes(f.read_bytes())
+    shard = broken / "train" / "shard_00000.bin"
+    shard.write_bytes(shard.read_bytes()[:-2])
+    with pytest.raises(TinykError, match="shard_00000.bin is missing or not"):
+        PretrainLoader(broken, "train", 16, 2)
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_cli_prepares_data_and_reports_a_summary(tmp_path, tok_dir, corpus_file, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["data", "pretrain", "--input", str(corpus_file), "--tokenizer", str(tok_dir), "--out",
+              str(tmp_path / "p"), "--workers", "1", "--shard-tokens", "5k"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "pretrain data: 400 documents" in out and "skipped 0 records" in out and "MB/s" in out
+    assert open_dataset(tmp_path / "p")["splits"]["train"]["shards"][0]["tokens"] == 5000
+    src = write_jsonl(tmp_path / "s.jsonl", [*conversations(5), {"oops": 1}], field=None)
+    with pytest.raises(SystemExit) as e:
+        main(["data", "sft", "--input", str(src), "--tokenizer", str(tok_dir), "--out", str(tmp_path / "s"),
+              "--workers", "1", "--system-prompt", "", "--max-len", "40"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "sft data: 5 conversations" in out and "unknown format: 1 (first at s.jsonl:6)" in out
+    assert "--max-len 40" in out
+    with pytest.raises(SystemExit) as e:
+        main(["data", "info", str(tmp_path / "s")])
+    assert e.value.code == 0 and "sft data: 5 conversations" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["data", "sft", "--input", str(src), "--tokenizer", str(tok_dir), "--out", str(tmp_path / "s")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "--force" in err
