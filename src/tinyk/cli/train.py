@@ -1,0 +1,69 @@
+"""`tinyk pretrain` and `tinyk sft`: one trainer, two data kinds (also `torchrun ... -m tinyk pretrain`)."""
+
+from __future__ import annotations
+
+import argparse
+
+from tinyk.cli.common import parse_size
+
+# Flags that map one-to-one onto config keys; None means "not given", so configs stay in charge.
+_FLAG_KEYS = ("data", "tokenizer", "init", "out", "max_steps", "max_tokens", "epochs", "batch_size", "micro_batch",
+              "seq_len", "lr", "dtype", "device", "parallel", "eval_every", "save_every", "log_every", "seed",
+              "tracker")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    for kind, help_text in (("pretrain", "pretrain a model on a tinyk pretraining data directory"),
+                            ("sft", "fine-tune a model on a tinyk SFT data directory (loss on assistant tokens)")):
+        p = sub.add_parser(kind, help=help_text,
+                           description=f"{help_text}. Settings: --preset/--config, then flags, then --set.")
+        src = p.add_argument_group("what to train")
+        src.add_argument("--config", help="YAML or TOML config file")
+        src.add_argument("--preset", help="a shipped config: seed-215m, seed-82m, tiny, nano")
+        src.add_argument("--data", help="data directory from `tinyk data`")
+        src.add_argument("--tokenizer", help="tokenizer directory (default: the --init model's)")
+        src.add_argument("--init", help="start from this model directory, or a run directory (its final/)"
+                         + (" [required]" if kind == "sft" else ""))
+        src.add_argument("--out", help="run directory (checkpoints/, final/, metrics.jsonl, ...)")
+        b = p.add_argument_group("budget and batch")
+        b.add_argument("--max-steps", type=int)
+        b.add_argument("--max-tokens", type=parse_size, help="e.g. 2G; whichever budget comes first ends the run")
+        b.add_argument("--epochs", type=float)
+        b.add_argument("--batch-size", type=int, help="global batch in sequences per optimizer step")
+        b.add_argument("--micro-batch", type=int, help="sequences per forward pass per process (accumulation fills "
+                       "the rest)")
+        b.add_argument("--seq-len", type=int)
+        b.add_argument("--lr", type=float, help="peak learning rate (warmup, then cosine to 10%%)")
+        r = p.add_argument_group("runtime")
+        r.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"])
+        r.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
+        r.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+        r.add_argument("--parallel", choices=["ddp", "fsdp"], help="multi-process strategy under torchrun")
+        r.add_argument("--activation-checkpointing", action="store_true", default=None,
+                       help="recompute activations in backward to save memory")
+        r.add_argument("--seed", type=int)
+        o = p.add_argument_group("evaluation, checkpoints, logging")
+        o.add_argument("--eval-every", type=int, help="steps between validations (0: only at the end)")
+        o.add_argument("--save-every", type=int, help="steps between checkpoints (0: only at the end)")
+        o.add_argument("--log-every", type=int)
+        o.add_argument("--tracker", help="comma list of tensorboard, wandb, swanlab")
+        o.add_argument("--no-progress", action="store_true", help="no progress bar")
+        o.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+        o.add_argument("--force", action="store_true", help="delete an existing run directory and start over")
+        o.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="any config key, e.g. --set model.dim=64 --set warmup_steps=100")
+        p.set_defaults(func=_run, kind=kind)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from tinyk.train import resolve_config, train
+
+    flags = {k: getattr(args, k) for k in _FLAG_KEYS}
+    flags["compile"] = args.compile
+    flags["activation_checkpointing"] = args.activation_checkpointing
+    if args.no_progress:
+        flags["progress"] = False
+    cfg = resolve_config(args.kind, preset=args.preset, config=args.config, flags=flags, sets=args.set,
+                         resume=args.resume)
+    summary = train(cfg, resume=args.resume, force=args.force)
+    return 130 if summary["status"] == "interrupted" else 0

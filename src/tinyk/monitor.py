@@ -1,0 +1,226 @@
+"""What a person watches during training: progress bar, metrics.jsonl, loss curve, trackers, MFU.
+
+Only rank 0 creates a `Monitor`; everything here is host-side bookkeeping and never touches
+the GPU, so logging costs no synchronisation beyond what the trainer already does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .files import TinykError
+
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, matched against torch.cuda.get_device_name().
+# The order matters: the first name contained in the device name wins.
+GPU_PEAK_TFLOPS: dict[str, float] = {
+    "GB200": 2500.0, "B200": 2250.0, "H200": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0,
+    "H800": 989.0, "H20": 148.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "L40": 181.0, "L4": 121.0,
+    "A10G": 70.0, "A10": 125.0, "RTX 6000 Ada": 364.0, "A6000": 155.0, "RTX 5090": 209.0, "RTX 4090": 165.0,
+    "RTX 4080": 97.0, "RTX 3090": 71.0, "RTX 3080": 59.5, "V100": 125.0, "T4": 65.0,
+}
+
+TRACKERS = ("tensorboard", "wandb", "swanlab")
+
+
+def gpu_peak_flops(name: str) -> float | None:
+    """The dense bf16 peak FLOP/s of a GPU by its device name, or None if unknown."""
+    for key, tflops in GPU_PEAK_TFLOPS.items():
+        if key.lower() in name.lower():
+            return tflops * 1e12
+    return None
+
+
+def measure_matmul_flops(seconds: float = 0.15, n: int = 1024, dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of a square matmul on this CPU with the current thread count (a practical peak)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    torch.mm(a, b)
+    iters, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds or iters < 2:
+        torch.mm(a, b)
+        iters += 1
+    return 2 * n ** 3 * iters / elapsed
+
+
+def peak_flops(device: torch.device, override_tflops: float | None,
+               dtype: torch.dtype = torch.float32) -> tuple[float | None, str]:
+    """Peak FLOP/s per device for MFU, and a phrase saying where the number came from.
+
+    GPUs use the dense bf16 tensor-core peak whatever the training dtype (the usual MFU convention);
+    a CPU has no table to go by, so its matmul rate is measured in the training dtype.
+    """
+    if override_tflops:
+        return override_tflops * 1e12, "from the config (peak_tflops)"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = gpu_peak_flops(name)
+        if peak is None:
+            return None, f"unknown for {name} (set peak_tflops to get MFU)"
+        return peak, f"{name} dense bf16"
+    if device.type == "cpu":
+        name = str(dtype).split(".")[-1]
+        return (measure_matmul_flops(dtype=dtype),
+                f"measured {name} matmul on this CPU, {torch.get_num_threads()} threads")
+    return None, f"unknown for {device.type} (set peak_tflops to get MFU)"
+
+
+class Trackers:
+    """TensorBoard, Weights & Biases and SwanLab behind one `log`; each imported only when asked for."""
+
+    def __init__(self, names: list[str], out: Path, config: dict[str, Any], project: str, run_name: str):
+        self.sinks: list[tuple[str, Any]] = []
+        for name in names:
+            if name not in TRACKERS:
+                raise TinykError(f"unknown tracker {name!r} (choose from {', '.join(TRACKERS)})")
+            self.sinks.append((name, self._start(name, out, config, project, run_name)))
+
+    @staticmethod
+    def _start(name: str, out: Path, config: dict[str, Any], project: str, run_name: str) -> Any:
+        package = {"tensorboard": "tensorboard", "wandb": "wandb", "swanlab": "swanlab"}[name]
+        try:
+            if name == "tensorboard":
+                from torch.utils.tensorboard import SummaryWriter
+
+                return SummaryWriter(str(out / "tensorboard"))
+            if name == "wandb":
+                import wandb
+
+                return wandb.init(project=project, name=run_name, config=config, dir=str(out),
+                                  id=_run_id(out), resume="allow")
+            import swanlab
+
+            (out / "swanlab").mkdir(exist_ok=True)
+            swanlab.init(project=project, experiment_name=run_name, config=config, logdir=str(out / "swanlab"))
+            return swanlab  # its module-level log()/finish() act on the run just started
+        except ImportError as e:
+            raise TinykError(f"--tracker {name} needs the '{package}' package (pip install {package})") from e
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        for name, sink in self.sinks:
+            if name == "tensorboard":
+                for k, v in values.items():
+                    sink.add_scalar(k, v, step)
+            else:
+                sink.log(values, step=step)
+
+    def close(self) -> None:
+        for name, sink in self.sinks:
+            if name == "tensorboard":
+                sink.close()
+            else:
+                sink.finish()
+
+
+def _run_id(out: Path) -> str:
+    """A stable tracker run id per run directory, so a resumed run continues the same curve."""
+    f = out / ".tracker_id"
+    if not f.exists():
+        f.write_text(os.urandom(6).hex())
+    return f.read_text().strip()
+
+
+def plot_losses(records: list[dict[str, Any]], png: Path) -> bool:
+    """Train and validation loss against tokens; False (and no file) when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    train = [(r["tokens"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["tokens"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    for points, label, style in ((train, "train", "-"), (val, "validation", "o-")):
+        if points:
+            ax.plot(*zip(*points, strict=True), style, label=label, markersize=3)
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = png.with_name(f".{png.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, png)
+    return True
+
+
+def _fmt_rate(x: float) -> str:
+    return f"{x / 1e6:.2f}M" if x >= 1e6 else f"{x / 1e3:.1f}k" if x >= 1e3 else f"{x:.0f}"
+
+
+class Monitor:
+    """Rank 0's outputs: progress bar, metrics.jsonl, loss.png and the optional trackers."""
+
+    def __init__(self, out: Path, total_steps: int, start_step: int, trackers: Trackers | None,
+                 show_progress: bool):
+        from tqdm import tqdm
+
+        self.out, self.trackers = out, trackers
+        self.metrics_path = out / "metrics.jsonl"
+        self.records = self._read_records()
+        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                        disable=not show_progress, mininterval=1.0, smoothing=0.1)
+        self.plotted = True
+
+    def _read_records(self) -> list[dict[str, Any]]:
+        if not self.metrics_path.exists():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+
+    def truncate(self, step: int) -> None:
+        """Drops records past `step` (written by a run that died after its last checkpoint)."""
+        self.records = [r for r in self.records if r["step"] <= step]
+        tmp = self.metrics_path.with_name(f".{self.metrics_path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        os.replace(tmp, self.metrics_path)
+
+    def _append(self, rec: dict[str, Any]) -> None:
+        self.records.append(rec)
+        self.plotted = False
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.trackers:
+            numbers = {k: v for k, v in rec.items() if isinstance(v, int | float) and k != "step"}
+            self.trackers.log(numbers, rec["step"])
+
+    def advance(self, steps: int) -> None:
+        self.bar.update(steps)
+
+    def log_train(self, rec: dict[str, Any]) -> None:
+        self._append({"type": "train", **rec})
+        mfu = f" mfu {rec['mfu']:.1%}" if rec.get("mfu") is not None else ""
+        self.bar.set_postfix_str(f"loss {rec['loss']:.4f} lr {rec['lr']:.2e} "
+                                 f"{_fmt_rate(rec['tokens_per_s'])} tok/s{mfu}", refresh=False)
+
+    def log_eval(self, rec: dict[str, Any]) -> None:
+        self._append({"type": "eval", **rec})
+        bpb = f", {rec['val_bpb']:.4f} bits/byte" if rec.get("val_bpb") is not None else ""
+        self.print(f"step {rec['step']}: val loss {rec['val_loss']:.4f}{bpb}")
+        self.plot()
+
+    def plot(self) -> None:
+        if not self.plotted:
+            plot_losses(self.records, self.out / "loss.png")
+            self.plotted = True
+
+    def print(self, msg: str) -> None:
+        self.bar.write(msg)
+
+    def close(self) -> None:
+        self.plot()
+        self.bar.close()
+        if self.trackers:
+            self.trackers.close()
+
+
+def finite(x: float) -> float | None:
+    """JSON has no NaN/inf: report them as null."""
+    return x if math.isfinite(x) else None

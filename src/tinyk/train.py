@@ -1,0 +1,975 @@
+"""One trainer for pretraining and SFT, from one CPU process to torchrun on many GPUs.
+
+The seed had two copy-pasted scripts that ran fp16 autocast while claiming bf16, stepped the
+LR per micro-batch and checkpointed weights only. Here both stages share one loop: the loss is
+the sum of per-token losses over the *global* batch divided by the global count of loss tokens
+(so N processes compute exactly what one would, and SFT masks are exact), the LR schedule is
+indexed by optimizer step, and a checkpoint holds everything needed to continue bit-for-bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.resources
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import statistics
+import time
+import types
+import typing
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from .checkpoint import check_compatible, is_model_dir, load_config, load_model, write_model_files
+from .files import TinykError, atomic_dir, write_json_atomic
+from .model import PRESETS, Attention, ModelConfig, Transformer
+from .monitor import Monitor, Trackers, finite, peak_flops
+
+KINDS = ("pretrain", "sft")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+PARALLEL = ("ddp", "fsdp")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+IGNORE = -100
+CKPT_RE = re.compile(r"^step_(\d{7,})$")
+# Model fields that change parameter shapes, so they cannot differ from an --init model's.
+SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "multiple_of",
+                "tie_embeddings")
+
+
+# ----------------------------------------------------------------------------- configuration
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; saved as OUT/config.yaml. `batch_size` is global, in sequences."""
+
+    kind: str = "pretrain"
+    data: str | None = None
+    tokenizer: str | None = None
+    init: str | None = None
+    out: str | None = None
+    model: dict[str, Any] = field(default_factory=dict)
+    seq_len: int = 512
+    batch_size: int = 64
+    micro_batch: int | None = None
+    max_steps: int | None = None
+    max_tokens: int | None = None
+    epochs: float | None = None
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int | None = None
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    dtype: str = "auto"
+    device: str = "auto"
+    compile: bool = False
+    compile_mode: str = "default"
+    parallel: str = "ddp"
+    activation_checkpointing: bool = False
+    seed: int = 0
+    eval_every: int = 500
+    eval_batches: int | None = 50
+    save_every: int = 1000
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    tracker: list[str] = field(default_factory=list)
+    project: str = "tinyk"
+    run_name: str | None = None
+    peak_tflops: float | None = None
+    progress: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_FIELD_TYPES = typing.get_type_hints(TrainConfig)
+_MODEL_TYPES = typing.get_type_hints(ModelConfig)
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Checks a config value against its annotation; YAML/TOML/--set values arrive loosely typed."""
+    args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise TinykError(f"config key {key} cannot be null")
+    if isinstance(value, str) and any(t in (int, float) for t in args):
+        with contextlib.suppress(ValueError):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            value = float(value)
+    for t in args:
+        origin = typing.get_origin(t) or t
+        if origin is bool and isinstance(value, bool):
+            return value
+        if origin is int and isinstance(value, int | float) and not isinstance(value, bool) and value == int(value):
+            return int(value)
+        if origin is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if origin is str and isinstance(value, str):
+            return value
+        if origin is list and isinstance(value, list | str):
+            items = value.split(",") if isinstance(value, str) else value
+            return [str(v).strip() for v in items if str(v).strip()]
+        if origin is dict and isinstance(value, dict):
+            return value
+    raise TinykError(f"config key {key}: {value!r} is not a valid {hint}")
+
+
+def _check_model_section(section: Any) -> dict[str, Any]:
+    if not isinstance(section, dict):
+        raise TinykError(f"config key model must be a mapping, got {section!r}")
+    out = {}
+    for k, v in section.items():
+        if k == "preset":
+            if v is not None and v not in PRESETS:
+                raise TinykError(f"unknown model preset {v!r} (choose from {', '.join(PRESETS)})")
+            out[k] = v
+        elif k in _MODEL_TYPES:
+            out[k] = _coerce(f"model.{k}", v, _MODEL_TYPES[k])
+        else:
+            raise TinykError(f"unknown config key model.{k} (model keys: preset, {', '.join(_MODEL_TYPES)})")
+    return out
+
+
+def _merge(base: dict[str, Any], layer: dict[str, Any], kind: str, where: str) -> dict[str, Any]:
+    """Applies one config layer; a layer's `pretrain:`/`sft:` block applies only to that stage."""
+    layer = dict(layer)
+    stage_blocks = {k: layer.pop(k) for k in KINDS if k in layer}
+    out = dict(base)
+    for d in (layer, stage_blocks.get(kind) or {}):
+        if not isinstance(d, dict):
+            raise TinykError(f"{where}: the {kind} block must be a mapping")
+        for k, v in d.items():
+            if k == "kind":
+                continue
+            if k == "model":
+                out["model"] = {**out.get("model", {}), **_check_model_section(v)}
+            elif k in _FIELD_TYPES:
+                out[k] = _coerce(k, v, _FIELD_TYPES[k])
+            else:
+                raise TinykError(f"{where}: unknown config key {k!r}")
+    return out
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A YAML or TOML config file as a dict (validated when merged)."""
+    p = Path(path)
+    if not p.is_file():
+        raise TinykError(f"config file not found: {p}")
+    if p.suffix not in (".yaml", ".yml", ".toml"):
+        raise TinykError(f"config file must be .yaml, .yml or .toml: {p}")
+    try:
+        if p.suffix == ".toml":
+            try:
+                import tomllib
+            except ImportError as e:
+                raise TinykError("TOML configs need Python 3.11 or newer; use YAML") from e
+            d = tomllib.loads(p.read_text(encoding="utf-8"))
+        else:
+            d = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, ValueError, UnicodeDecodeError) as e:  # tomllib.TOMLDecodeError is a ValueError
+        raise TinykError(f"cannot parse {p}: {str(e).splitlines()[0]}") from e
+    if not isinstance(d, dict):
+        raise TinykError(f"{p} must hold a mapping of config keys")
+    return d
+
+
+def shipped_config(name: str) -> dict[str, Any]:
+    """The config shipped for a model preset (src/tinyk/configs/NAME.yaml)."""
+    names = sorted(f.name[:-5] for f in importlib.resources.files("tinyk").joinpath("configs").iterdir()
+                   if f.name.endswith(".yaml"))
+    if name not in names:
+        raise TinykError(f"unknown preset {name!r} (choose from {', '.join(names)})")
+    text = importlib.resources.files("tinyk").joinpath("configs", f"{name}.yaml").read_text(encoding="utf-8")
+    return yaml.safe_load(text)
+
+
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    """`--set key=value` pairs as a nested dict; values are parsed as YAML scalars (1e-3, true, [a, b])."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, eq, raw = item.partition("=")
+        if not eq or not key.strip():
+            raise TinykError(f"--set expects key=value, got {item!r}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        parts = key.strip().split(".")
+        if len(parts) > 2 or (len(parts) == 2 and parts[0] not in ("model", *KINDS)):
+            raise TinykError(f"--set {key}: only model.<key> is nested (e.g. --set model.dim=64)")
+        target = out
+        for p in parts[:-1]:
+            target = target.setdefault(p, {})
+        target[parts[-1]] = value
+    return out
+
+
+def resolve_config(kind: str, *, preset: str | None = None, config: str | Path | None = None,
+                   flags: dict[str, Any] | None = None, sets: list[str] = (), resume: bool = False) -> TrainConfig:
+    """Defaults < shipped preset config < --config file < saved run config (--resume) < flags < --set."""
+    if kind not in KINDS:
+        raise TinykError(f"unknown training kind {kind!r}")
+    layers: list[tuple[dict[str, Any], str]] = []
+    if preset:
+        layers.append((shipped_config(preset), f"preset {preset}"))
+    if config:
+        layers.append((read_config_file(config), str(config)))
+    top = [({k: v for k, v in (flags or {}).items() if v is not None}, "command line"),
+           (parse_sets(list(sets)), "--set")]
+
+    def fold(stack: list[tuple[dict[str, Any], str]]) -> dict[str, Any]:
+        d: dict[str, Any] = {}
+        for layer, where in stack:
+            d = _merge(d, layer, kind, where)
+        return d
+
+    d = fold([*layers, *top])
+    # The run directory is known only once the layers are folded; its saved config then slots in below the flags.
+    saved = Path(d["out"]) / "config.yaml" if resume and d.get("out") else None
+    if saved is not None and saved.is_file():
+        d = fold([*layers, (read_config_file(saved), str(saved)), *top])
+    cfg = TrainConfig(**{**d, "kind": kind})
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Refuses impossible settings with one line before anything is loaded."""
+    checks = [
+        (cfg.dtype in ("auto", *DTYPES), f"dtype must be auto, bf16, fp16 or fp32, got {cfg.dtype!r}"),
+        (cfg.parallel in PARALLEL, f"parallel must be ddp or fsdp, got {cfg.parallel!r}"),
+        (cfg.compile_mode in COMPILE_MODES, f"compile_mode must be one of {', '.join(COMPILE_MODES)}"),
+        (cfg.device in ("auto", "cpu", "cuda", "mps"), f"device must be auto, cpu, cuda or mps, got {cfg.device!r}"),
+        (cfg.seq_len >= 1, "seq_len must be positive"),
+        (cfg.batch_size >= 1, "batch_size must be positive"),
+        (cfg.micro_batch is None or cfg.micro_batch >= 1, "micro_batch must be positive"),
+        (cfg.lr > 0, "lr must be positive"),
+        (0 <= cfg.min_lr_ratio <= 1, "min_lr_ratio must be between 0 and 1"),
+        (cfg.log_every >= 1, "log_every must be at least 1"),
+        (cfg.keep_checkpoints >= 1, "keep_checkpoints must be at least 1"),
+        (cfg.eval_every >= 0 and cfg.save_every >= 0, "eval_every and save_every must be >= 0 (0 = only at the end)"),
+        (all(v is None or v > 0 for v in (cfg.max_steps, cfg.max_tokens, cfg.epochs)),
+         "max_steps, max_tokens and epochs must be positive"),
+        (cfg.out is not None, "no run directory: pass --out"),
+        (cfg.data is not None, "no training data: pass --data (a directory made by tinyk data)"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise TinykError(msg)
+
+
+def dump_config(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+# ----------------------------------------------------------------------------- schedule & optimizer
+
+def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float = 0.1) -> float:
+    """Linear warmup over `warmup` optimizer steps, then cosine decay to min_ratio * peak at the last step."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    span = total - warmup - 1
+    progress = min(1.0, (step - warmup) / span) if span > 0 else 1.0
+    floor = peak * min_ratio
+    return floor + 0.5 * (1 + math.cos(math.pi * progress)) * (peak - floor)
+
+
+def default_warmup(total_steps: int) -> int:
+    return round(0.02 * total_steps)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices (embeddings and projections) only, never on norm gains."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             eps=cfg.eps, fused=device.type == "cuda")
+
+
+def micro_layout(batch_size: int, world: int, micro_batch: int | None) -> tuple[int, int]:
+    """(micro-batch per process, accumulation steps) that make up the global batch exactly."""
+    if batch_size % world:
+        raise TinykError(f"batch_size {batch_size} is not divisible by the {world} processes")
+    per_rank = batch_size // world
+    micro = min(micro_batch or per_rank, per_rank)
+    while per_rank % micro:
+        micro -= 1
+    return micro, per_rank // micro
+
+
+def total_steps(cfg: TrainConfig, samples_per_epoch: int) -> int:
+    """Optimizer steps in the run: whichever of max_steps, max_tokens, epochs comes first (default 1 epoch)."""
+    budgets = []
+    if cfg.max_steps:
+        budgets.append(cfg.max_steps)
+    if cfg.max_tokens:
+        budgets.append(math.ceil(cfg.max_tokens / (cfg.batch_size * cfg.seq_len)))
+    if cfg.epochs or not budgets:
+        budgets.append(math.ceil((cfg.epochs or 1) * samples_per_epoch / cfg.batch_size))
+    return max(1, min(budgets))
+
+
+# ----------------------------------------------------------------------------- processes and devices
+
+@dataclass
+class Dist:
+    """This process's place in the job; `host` is a gloo group for small CPU-side reductions."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    host: Any = None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def sum_host(self, values: list[int]) -> list[int]:
+        """Sums small integers across ranks without touching the GPU stream (no device sync)."""
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.int64)
+        dist.all_reduce(t, group=self.host)
+        return t.tolist()
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier(group=self.host)
+
+
+def setup_dist(device: str) -> Dist:
+    """Joins the torchrun job if there is one (NCCL on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise TinykError("device cuda requested but no CUDA GPU is available")
+    dev = torch.device("cuda", local_rank) if device == "cuda" else torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world == 1:
+        return Dist(device=dev)
+    if dev.type not in ("cuda", "cpu"):
+        raise TinykError(f"multi-process training needs cuda or cpu, not {dev.type}")
+    if not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None)
+    host = dist.new_group(backend="gloo") if dev.type == "cuda" else None
+    return Dist(rank, world, local_rank, dev, host)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return DTYPES[name]
+
+
+def loss_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Summed (not mean) cross-entropy over targets != -100, in fp32: the caller divides by the global count."""
+    logits, _ = model(x)
+    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE, reduction="sum")
+
+
+class LossSum(nn.Module):
+    """`loss_sum` as a module: the unit that DDP and torch.compile wrap, so the loss fuses with the model."""
+
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return loss_sum(self.model, x, y)
+
+
+# ----------------------------------------------------------------------------- run directory & checkpoints
+
+def checkpoints(out: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first (incomplete ones still carry their temporary name)."""
+    root = Path(out) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := CKPT_RE.match(p.name))
+             and (p / "state.json").is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_init(path: str | Path) -> Path:
+    """--init: a model directory, or a run directory meaning its final model."""
+    p = Path(path)
+    if is_model_dir(p):
+        return p
+    if is_model_dir(p / "final"):
+        return p / "final"
+    if (p / "config.yaml").is_file() and (p / "checkpoints").is_dir():
+        raise TinykError(f"--init {p} is a run directory without final/ (unfinished); pass one of its "
+                         f"checkpoints/step_*/model directories instead")
+    raise TinykError(f"--init {p} is not a model directory (no config.json + model.safetensors) "
+                     f"nor a run directory with final/")
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    random.setstate(state["python"])
+    name, key, *rest = state["numpy"]
+    np.random.set_state((name, np.array(key, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _export(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> Transformer:
+    """A plain CPU model around a full state dict (gathered from DDP or FSDP), for writing model files."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.load_state_dict(state, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
+def _apply_runtime_fields(model: Transformer, cfg: ModelConfig) -> None:
+    """Settings that may differ from a loaded model's without touching its weights (context, dropout)."""
+    model.config = cfg
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = cfg.dropout
+        elif isinstance(m, Attention):
+            m.dropout = cfg.dropout
+
+
+def _clean_partial(out: Path) -> None:
+    """Removes temporary directories left by a run that was killed while writing."""
+    for parent in (out, out / "checkpoints"):
+        if parent.is_dir():
+            for p in parent.iterdir():
+                if p.name.startswith(".") and ".tmp-" in p.name and p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+@dataclass
+class _Progress:
+    step: int = 0
+    tokens: int = 0
+    loss_tokens: int = 0
+    elapsed: float = 0.0
+
+
+class Trainer:
+    """One training run; `run()` returns the summary. Construction performs every set-up check."""
+
+    def __init__(self, cfg: TrainConfig, *, resume: bool = False, force: bool = False):
+        self.cfg, self.resume = cfg, resume
+        self.dist = setup_dist(cfg.device)
+        self.device = self.dist.device
+        self.out = Path(cfg.out)
+        self.stop_signal: str | None = None
+        self._setup_inputs()
+        self._setup_data()
+        self._setup_run_dir(force)
+        self._setup_model()
+        self.monitor = self._make_monitor() if self.dist.main else None
+
+    # --- set-up checks, all before the first step --------------------------------------------
+
+    def _setup_inputs(self) -> None:
+        from .data import open_dataset
+        from .tokenizer import load_tokenizer, tokenizer_hash
+
+        cfg = self.cfg
+        self.meta = open_dataset(cfg.data)
+        if self.meta["kind"] != cfg.kind:
+            raise TinykError(f"{cfg.data} holds {self.meta['kind']} data; tinyk {cfg.kind} needs {cfg.kind} data")
+        self.init_dir = resolve_init(cfg.init) if cfg.init else None
+        if cfg.kind == "sft" and self.init_dir is None:
+            raise TinykError("tinyk sft needs --init (a pretrained model directory or a pretraining run directory)")
+        ckpts = checkpoints(self.out) if self.resume else []
+        self.resumed_from = ckpts[-1] if ckpts else None
+        self.weights_dir = self.resumed_from / "model" if self.resumed_from else self.init_dir
+        self.tok_dir = Path(cfg.tokenizer) if cfg.tokenizer else self.init_dir
+        if self.tok_dir is None:
+            raise TinykError("no tokenizer: pass --tokenizer (or --init a model directory, which carries one)")
+        tok = load_tokenizer(self.tok_dir)
+        if self.init_dir is not None and cfg.tokenizer and tokenizer_hash(self.tok_dir) != tokenizer_hash(self.init_dir):
+            raise TinykError(f"tokenizer {self.tok_dir} is not the one the model in {self.init_dir} was trained with")
+        if self.meta["tokenizer_hash"] != tokenizer_hash(self.tok_dir) or self.meta["vocab_size"] != tok.vocab_size:
+            raise TinykError(f"{cfg.data} was tokenized with another tokenizer (vocab {self.meta['vocab_size']}) "
+                             f"than {self.tok_dir} (vocab {tok.vocab_size}); re-run tinyk data with this tokenizer")
+        self.mcfg = self._model_config(tok.vocab_size)
+        check_compatible(self.mcfg, tok)
+        if cfg.seq_len > self.mcfg.max_seq_len:
+            raise TinykError(f"seq_len {cfg.seq_len} exceeds the model's context of {self.mcfg.max_seq_len} tokens "
+                             f"(lower --seq-len or raise model.max_seq_len)")
+        if cfg.parallel == "fsdp" and self.dist.world > 1 and resolve_dtype(cfg.dtype, self.device) == torch.float16:
+            raise TinykError("fp16 with --parallel fsdp is not supported: use --dtype bf16 (or DDP)")
+
+    def _model_config(self, vocab_size: int) -> ModelConfig:
+        section = dict(self.cfg.model)
+        preset = section.pop("preset", None)
+        if self.weights_dir is not None:
+            base = load_config(self.weights_dir)
+            clash = [k for k in SHAPE_FIELDS if k in section and section[k] != getattr(base, k)]
+            if clash:
+                raise TinykError(f"model.{clash[0]}={section[clash[0]]} conflicts with {self.weights_dir} "
+                                 f"({clash[0]} {getattr(base, clash[0])}); shapes come from the loaded model")
+            return ModelConfig.from_dict({**base.to_dict(), **section})
+        if preset is None and "dim" not in section:
+            raise TinykError("no model: pass --preset, a config with a model section, or --init a model directory")
+        try:
+            return ModelConfig(**{**(PRESETS[preset] if preset else {}), "vocab_size": vocab_size, **section})
+        except (TypeError, ValueError) as e:
+            raise TinykError(f"invalid model config: {e}") from e
+
+    def _setup_run_dir(self, force: bool) -> None:
+        out, main = self.out, self.dist.main
+        if out.exists() and not out.is_dir():
+            raise TinykError(f"--out {out} is a file, not a run directory")
+        exists = out.is_dir() and any(out.iterdir())
+        is_run = (out / "config.yaml").is_file()
+        # The saved config names the full model, so a resumed run rebuilds exactly this one.
+        preset = self.cfg.model.get("preset")
+        self.cfg.model = {**({"preset": preset} if preset else {}), **self.mcfg.to_dict()}
+        if exists and not self.resume:
+            if not force:
+                raise TinykError(f"run directory {out} exists (use --resume to continue it or --force to start over)")
+            if not is_run:
+                raise TinykError(f"refusing to delete {out}: not a tinyk run directory")
+        self.dist.barrier()
+        if main:
+            if exists and force and not self.resume:
+                shutil.rmtree(out)
+            (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+            _clean_partial(out)
+            (out / "config.yaml").write_text(dump_config(self.cfg), encoding="utf-8")
+        self.dist.barrier()
+
+    def _setup_data(self) -> None:
+        from .data import PretrainLoader, SFTLoader, bytes_per_token, eval_batches
+
+        cfg, d = self.cfg, self.dist
+        self.micro, self.accum = micro_layout(cfg.batch_size, d.world, cfg.micro_batch)
+        loader_cls = PretrainLoader if cfg.kind == "pretrain" else SFTLoader
+        self.loader = loader_cls(cfg.data, "train", cfg.seq_len, self.micro, rank=d.rank, world_size=d.world,
+                                 seed=cfg.seed)
+        self.total_steps = total_steps(cfg, self.loader.num_windows)
+        self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else default_warmup(self.total_steps)
+        self.val_problem = None
+        try:  # opening the split validates it; a run without usable validation data still trains
+            eval_batches(cfg.data, "val", cfg.seq_len, 1)
+            self.val_bytes_per_token = bytes_per_token(self.meta, "val")
+        except TinykError as e:
+            self.val_problem = str(e)
+        self.has_val = self.val_problem is None
+
+    def _setup_model(self) -> None:
+        cfg, d = self.cfg, self.dist
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        self.progress = _Progress()
+        # Step losses since the last log line: kept in checkpoints so a resumed run logs the same curve.
+        self.window_loss, self.window_steps = torch.zeros((), device=self.device), 0
+        torch.manual_seed(cfg.seed)
+        if self.weights_dir is not None:
+            model, _ = load_model(self.weights_dir)
+            _apply_runtime_fields(model, self.mcfg)
+        else:
+            model = Transformer(self.mcfg)
+        self.n_params = model.num_params()
+        self.flops_per_token = model.flops_per_token(cfg.seq_len)
+        model = model.to(self.device).train()
+        model.activation_checkpointing = cfg.activation_checkpointing
+        self.fsdp = cfg.parallel == "fsdp" and d.world > 1
+        if self.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            for block in model.model.layers:
+                fully_shard(block)
+            fully_shard(model)
+        self.model = model
+        step_module: nn.Module = LossSum(model)
+        if d.world > 1 and not self.fsdp:
+            from torch.nn.parallel import DistributedDataParallel
+
+            step_module = DistributedDataParallel(step_module, device_ids=[self.device.index]
+                                                  if self.device.type == "cuda" else None)
+        self.ddp = step_module if d.world > 1 and not self.fsdp else None
+        self.step_module = torch.compile(step_module, mode=cfg.compile_mode) if cfg.compile else step_module
+        self.opt = make_optimizer(model, cfg, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        torch.manual_seed(cfg.seed + 1 + d.rank)
+        if self.resumed_from:
+            self._load_checkpoint(self.resumed_from)
+
+    def _make_monitor(self) -> Monitor:
+        cfg = self.cfg
+        trackers = None
+        if cfg.tracker:
+            trackers = Trackers(cfg.tracker, self.out, cfg.to_dict(), cfg.project,
+                                cfg.run_name or self.out.name)
+        mon = Monitor(self.out, self.total_steps, self.progress.step, trackers, cfg.progress)
+        mon.truncate(self.progress.step)
+        return mon
+
+    # --- checkpoints ----------------------------------------------------------------------
+
+    def _full_states(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Model and optimizer state keyed by parameter name, gathered to rank 0 (a collective)."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return (get_model_state_dict(self.model, options=opts),
+                get_optimizer_state_dict(self.model, self.opt, options=opts))
+
+    def write_model(self, out: Path, model_state: dict[str, torch.Tensor]) -> None:
+        out.mkdir(exist_ok=True)
+        write_model_files(_export(self.mcfg, model_state), self.tok_dir, out)
+
+    def save_checkpoint(self, loader_state: dict[str, Any]) -> Path:
+        d, step = self.dist, self.progress.step
+        model_state, optim_state = self._full_states()
+        window = self.window_loss.clone()
+        if d.world > 1:
+            dist.all_reduce(window)
+        ranks = [_rng_state(self.device)]
+        if d.world > 1:
+            ranks = [None] * d.world
+            dist.all_gather_object(ranks, _rng_state(self.device), group=d.host)
+        path = self.out / "checkpoints" / f"step_{step:07d}"
+        if d.main:
+            with atomic_dir(path, force=True) as tmp:
+                self.write_model(tmp / "model", model_state)
+                torch.save(optim_state, tmp / "optimizer.pt")
+                torch.save({"ranks": ranks, "scaler": self.scaler.state_dict()}, tmp / "rng.pt")
+                (tmp / "config.yaml").write_text(dump_config(self.cfg), encoding="utf-8")
+                write_json_atomic(tmp / "state.json", {
+                    "kind": self.cfg.kind, "step": step, "tokens": self.progress.tokens,
+                    "loss_tokens": self.progress.loss_tokens, "elapsed_s": self._elapsed(),
+                    "loader": loader_state, "log_window": {"loss": window.item(), "steps": self.window_steps},
+                    "world_size": d.world, "batch_size": self.cfg.batch_size,
+                    "seq_len": self.cfg.seq_len, "total_steps": self.total_steps})
+            for old in checkpoints(self.out)[:-self.cfg.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        d.barrier()
+        return path
+
+    def _load_checkpoint(self, path: Path) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        state = json.loads((path / "state.json").read_text())
+        if state["kind"] != self.cfg.kind:
+            raise TinykError(f"{path} is a {state['kind']} checkpoint, not {self.cfg.kind}")
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.opt.param_groups]
+        optim_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        set_optimizer_state_dict(self.model, self.opt, optim_state,
+                                 options=StateDictOptions(full_state_dict=self.fsdp))
+        # Hyper-parameters and kernel choices come from this run's config and device, state from the file.
+        for g, f in zip(self.opt.param_groups, fresh, strict=True):
+            g.update(f)
+        self.loader.load_state_dict(state["loader"])
+        extra = torch.load(path / "rng.pt", weights_only=True)
+        ranks = extra["ranks"]
+        _set_rng_state(ranks[self.dist.rank] if len(ranks) == self.dist.world else ranks[0], self.device)
+        self.scaler.load_state_dict(extra["scaler"])
+        self.progress = _Progress(state["step"], state["tokens"], state["loss_tokens"], state["elapsed_s"])
+        if self.dist.main:
+            self.window_loss.fill_(state["log_window"]["loss"])
+        self.window_steps = state["log_window"]["steps"]
+
+    # --- the loop --------------------------------------------------------------------------
+
+    def _elapsed(self) -> float:
+        return self.progress.elapsed + time.perf_counter() - self._t0
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    def _sync(self, last: bool) -> contextlib.AbstractContextManager:
+        """Gradients are reduced across processes only on the last micro-step of an accumulation."""
+        if self.fsdp:
+            self.model.set_requires_gradient_sync(last)
+        if self.ddp is not None and not last:
+            return self.ddp.no_sync()
+        return contextlib.nullcontext()
+
+    def _oom(self) -> TinykError:
+        return TinykError(f"out of GPU memory at micro-batch {self.micro} x seq_len {self.cfg.seq_len} "
+                          f"({str(self.dtype).split('.')[-1]}): lower --micro-batch (try {max(1, self.micro // 2)}), "
+                          f"or add --activation-checkpointing, --parallel fsdp, or a shorter --seq-len")
+
+    def train_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]], n_loss: int) -> tuple[torch.Tensor,
+                                                                                                 torch.Tensor]:
+        """One optimizer step over this process's micro-batches; returns (loss sum, grad norm) as tensors.
+
+        `n_loss` is the global number of loss tokens, so sum/n_loss is the exact global mean and the
+        world-size factor undoes the averaging of gradients across processes.
+        """
+        for g in self.opt.param_groups:
+            g["lr"] = lr_at(self.progress.step, self.total_steps, self.cfg.lr, self.warmup, self.cfg.min_lr_ratio)
+        scale = self.dist.world / max(n_loss, 1)
+        total = torch.zeros((), device=self.device)
+        for i, (x, y) in enumerate(batches):
+            x, y = self._to_device(x), self._to_device(y)
+            with self._sync(i == len(batches) - 1):
+                with self._autocast():
+                    part = self.step_module(x, y)
+                self.scaler.scale(part * scale).backward()
+            total += part.detach()
+        self.scaler.unscale_(self.opt)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip or float("inf"))
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.opt.zero_grad(set_to_none=True)
+        return total, norm
+
+    def _lockstep(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor] | None]:
+        """Under FSDP every forward is a collective, so ranks that ran out keep stepping with None."""
+        it = iter(batches)
+        while True:
+            b = next(it, None)
+            if not self.fsdp:
+                if b is None:
+                    return
+            elif self.dist.sum_host([b is not None])[0] == 0:
+                return
+            yield b
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, float]:
+        """Validation loss (nats per loss token) and bits per source byte over the held-out split."""
+        from .data import eval_batches
+
+        cfg = self.cfg
+        self.model.eval()
+        acc = torch.zeros(2, dtype=torch.float64, device=self.device)
+        # eval_batches counts global batches of batch_size sequences, so the subset is the same for any world size.
+        group = self.micro * self.dist.world
+        groups = math.ceil(cfg.eval_batches * cfg.batch_size / group) if cfg.eval_batches else None
+        batches = eval_batches(cfg.data, "val", cfg.seq_len, self.micro, groups,
+                               rank=self.dist.rank, world_size=self.dist.world)
+        dummy = torch.zeros(1, 1, dtype=torch.long)
+        for b in self._lockstep(batches):
+            x, y = b if b is not None else (dummy, torch.full_like(dummy, IGNORE))
+            x, y = self._to_device(x), self._to_device(y)
+            with self._autocast():
+                loss = loss_sum(self.model, x, y)
+            acc += torch.stack([loss.double(), (y != IGNORE).sum().double()])
+        self.model.train()
+        if self.dist.world > 1:
+            dist.all_reduce(acc)
+        total, count = acc.tolist()
+        val = total / max(count, 1)
+        return val, val / math.log(2) / self.val_bytes_per_token
+
+    def _install_signals(self) -> dict[int, Any]:
+        def handler(signum: int, _frame: Any) -> None:
+            if self.stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.stop_signal = signal.Signals(signum).name
+
+        previous = {}
+        with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+            for s in (signal.SIGINT, signal.SIGTERM):
+                previous[s] = signal.signal(s, handler)
+        return previous
+
+    def _header(self) -> None:
+        cfg, d, m = self.cfg, self.dist, self.mcfg
+        dev = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else self.device.type
+        tokens_per_step = cfg.batch_size * cfg.seq_len
+        n_matmul = self.n_params - (0 if m.tie_embeddings else m.vocab_size * m.dim)
+        lines = [
+            f"tinyk {cfg.kind}: {self.n_params / 1e6:.1f}M parameters, {d.world} process(es) on {dev}, "
+            f"{str(self.dtype).split('.')[-1]}, {'FSDP' if self.fsdp else 'DDP' if d.world > 1 else 'single process'}"
+            f"{', compiled' if cfg.compile else ''}{', activation checkpointing' if cfg.activation_checkpointing else ''}",
+            f"batch {cfg.batch_size} x {cfg.seq_len} = {tokens_per_step:,} tokens/step = {self.accum} micro-batch(es) "
+            f"of {self.micro} per process; {self.total_steps:,} steps ({self.total_steps * tokens_per_step:,} tokens), "
+            f"warmup {self.warmup}, lr {cfg.lr:g} -> {cfg.lr * cfg.min_lr_ratio:g}",
+            f"FLOPs/token {self.flops_per_token:.4g} = 6*N + 12*L*d*T = 6*{n_matmul:,} + 12*{m.n_layers}*{m.dim}*"
+            f"{cfg.seq_len}; peak for MFU: "
+            + (f"{self.peak / 1e12:.2f} TFLOP/s per device, {self.peak_source}" if self.peak else self.peak_source),
+        ]
+        if self.resumed_from:
+            lines.append(f"resumed from {self.resumed_from} (step {self.progress.step})")
+        if self.val_problem:
+            lines.append(f"no validation: {self.val_problem}")
+        for line in lines:
+            self.monitor.print(line)
+
+    def run(self) -> dict[str, Any]:
+        cfg, d = self.cfg, self.dist
+        self.peak, self.peak_source = peak_flops(self.device, cfg.peak_tflops, self.dtype)
+        if d.main:
+            self._header()
+        previous = self._install_signals()
+        self._t0, self._start_tokens = time.perf_counter(), self.progress.tokens
+        try:
+            summary = self._loop()
+        except torch.cuda.OutOfMemoryError as e:
+            raise self._oom() from e
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+            if self.monitor:
+                self.monitor.close()
+        return summary
+
+    def _loop(self) -> dict[str, Any]:
+        cfg, d, p = self.cfg, self.dist, self.progress
+        mon = self.monitor
+        t_log, tokens_log = time.perf_counter(), p.tokens
+        self.rates: list[float] = []
+        last_train = last_val = None
+        best_val = math.inf
+        last_saved = p.step if self.resumed_from else -1
+        while True:
+            loader_state = self.loader.state_dict()
+            if p.step >= self.total_steps:
+                break
+            batches = [self.loader.next_batch() for _ in range(self.accum)]
+            n_loss = sum(int((y != IGNORE).sum()) for _, y in batches)
+            n_pos = sum(x.numel() for x, _ in batches)
+            n_loss, n_pos, stop = d.sum_host([n_loss, n_pos, self.stop_signal is not None])
+            if stop:
+                break
+            total, norm = self.train_step(batches, n_loss)
+            self.window_loss += total / max(n_loss, 1)
+            p.step += 1
+            p.tokens += n_pos
+            p.loss_tokens += n_loss
+            self.window_steps += 1
+            if mon:
+                mon.advance(1)
+            if p.step % cfg.log_every == 0 or p.step == self.total_steps:
+                if d.world > 1:
+                    dist.all_reduce(self.window_loss)
+                last_train = self.window_loss.item() / self.window_steps
+                now = time.perf_counter()
+                rate = (p.tokens - tokens_log) / (now - t_log)
+                self.rates.append(rate)
+                if not math.isfinite(last_train):
+                    raise TinykError(f"training diverged at step {p.step} (loss {last_train}); lower --lr "
+                                     f"or resume from an earlier checkpoint")
+                if mon:
+                    mon.log_train(self._train_record(last_train, rate, norm.item()))
+                self.window_loss.zero_()
+                self.window_steps, t_log, tokens_log = 0, now, p.tokens
+            last = p.step == self.total_steps
+            if self.has_val and (last or (cfg.eval_every and p.step % cfg.eval_every == 0)):
+                last_val = self.evaluate()
+                best_val = min(best_val, last_val[0])
+                if mon:
+                    mon.log_eval({"step": p.step, "tokens": p.tokens, "val_loss": finite(last_val[0]),
+                                  "val_bpb": finite(last_val[1]), "elapsed_s": round(self._elapsed(), 3)})
+            if not last and cfg.save_every and p.step % cfg.save_every == 0:
+                self.save_checkpoint(self.loader.state_dict())
+                last_saved = p.step
+        interrupted = p.step < self.total_steps
+        if last_saved != p.step:
+            self.save_checkpoint(loader_state)
+        final = None
+        if not interrupted:
+            model_state, _ = self._full_states()
+            if d.main:
+                with atomic_dir(self.out / "final", force=True) as tmp:
+                    self.write_model(tmp, model_state)
+                final = str(self.out / "final")
+            d.barrier()
+        return self._summary(interrupted, final, last_train, last_val, best_val)
+
+    def _mfu(self, tokens_per_s: float) -> float | None:
+        return round(tokens_per_s * self.flops_per_token / (self.peak * self.dist.world), 5) if self.peak else None
+
+    def _peak_mem_mib(self) -> float | None:
+        return round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1) if self.device.type == "cuda" else None
+
+    def _train_record(self, loss: float, rate: float, grad_norm: float) -> dict[str, Any]:
+        p = self.progress
+        return {"step": p.step, "tokens": p.tokens, "loss": loss, "lr": self.opt.param_groups[0]["lr"],
+                "grad_norm": finite(grad_norm), "tokens_per_s": round(rate, 1), "mfu": self._mfu(rate),
+                "flops_per_token": self.flops_per_token, "peak_mem_mib": self._peak_mem_mib(),
+                "elapsed_s": round(self._elapsed(), 3), "epoch": self.loader.epoch}
+
+    def _summary(self, interrupted: bool, final: str | None, last_train: float | None,
+                 last_val: tuple[float, float] | None, best_val: float) -> dict[str, Any]:
+        p, cfg = self.progress, self.cfg
+        elapsed = self._elapsed()
+        session_time = time.perf_counter() - self._t0
+        session_tokens = p.tokens - self._start_tokens
+        rate = session_tokens / session_time if session_time > 0 else 0.0
+        # The first log window holds start-up (and compilation); the median of the rest is the steady rate.
+        windows = self.rates[1:] or self.rates
+        steady = statistics.median(windows) if windows else None
+        summary = {
+            "kind": cfg.kind, "status": "interrupted" if interrupted else "completed",
+            "stop_signal": self.stop_signal, "steps": p.step, "total_steps": self.total_steps,
+            "tokens": p.tokens, "loss_tokens": p.loss_tokens, "elapsed_s": round(elapsed, 3),
+            "tokens_per_s": round(rate, 1), "mfu": self._mfu(rate),
+            "tokens_per_s_steady": round(steady, 1) if steady else None,
+            "mfu_steady": self._mfu(steady) if steady else None,
+            "peak_flops_per_device": self.peak, "peak_flops_source": self.peak_source,
+            "flops_per_token": self.flops_per_token, "parameters": self.n_params,
+            "final_train_loss": last_train, "final_val_loss": last_val[0] if last_val else None,
+            "final_val_bpb": last_val[1] if last_val else None,
+            "best_val_loss": best_val if math.isfinite(best_val) else None,
+            "peak_mem_mib": self._peak_mem_mib(),
+            "world_size": self.dist.world, "device": str(self.device), "dtype": str(self.dtype).split(".")[-1],
+            "parallel": "fsdp" if self.fsdp else "ddp" if self.dist.world > 1 else "none",
+            "final_model": final, "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+        }
+        if self.dist.main:
+            write_json_atomic(self.out / "summary.json", summary)
+            msg = (f"finished: {p.step} steps, {p.tokens:,} tokens in {elapsed:.0f}s; model in {final}" if final else
+                   f"stopped by {self.stop_signal} at step {p.step}; checkpoint saved, continue with --resume")
+            self.monitor.print(msg)
+        return summary
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False) -> dict[str, Any]:
+    """Runs (or continues) a training run and returns its summary (also written to OUT/summary.json)."""
+    try:
+        return Trainer(cfg, resume=resume, force=force).run()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

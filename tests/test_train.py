@@ -1,0 +1,426 @@
+"""Trainer: schedule, config layering, exact resume after SIGKILL, DDP/FSDP == one process, set-up errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tinyk.checkpoint import load_model
+from tinyk.cli import main
+from tinyk.data import SFTLoader, prepare_pretrain, prepare_sft
+from tinyk.files import TinykError
+from tinyk.model import Transformer, preset_config
+from tinyk.train import (
+    TrainConfig,
+    Trainer,
+    checkpoints,
+    lr_at,
+    micro_layout,
+    param_groups,
+    parse_sets,
+    resolve_config,
+    total_steps,
+    train,
+)
+
+# One thread everywhere: the machine is shared, and bit-identical comparisons need identical kernels.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def pt_data(tmp_path_factory, corpus_file, tok_dir) -> Path:
+    out = tmp_path_factory.mktemp("pt") / "data"
+    prepare_pretrain([corpus_file], tok_dir, out, val_fraction=0.05, workers=1, show_progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def sft_data(tmp_path_factory, tok_dir) -> Path:
+    root = tmp_path_factory.mktemp("sft")
+    convs = [{"conversations": [{"from": "human", "value": f"问题{i}：北京是哪里？" + "请详细说明。" * (i % 4)},
+                                {"from": "gpt", "value": f"北京是中国的首都。第{i}个回答。"}]} for i in range(120)]
+    (root / "sft.jsonl").write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in convs))
+    prepare_sft([root / "sft.jsonl"], tok_dir, root / "data", val_fraction=0.1, workers=1, show_progress=False)
+    return root / "data"
+
+
+def nano_cfg(data: Path, tok: Path | None, out: Path, kind: str = "pretrain", **kw) -> TrainConfig:
+    base = dict(kind=kind, data=str(data), tokenizer=str(tok) if tok else None, out=str(out),
+                model={"preset": "nano"}, seq_len=32, batch_size=8, lr=3e-3, warmup_steps=2, max_steps=6,
+                eval_every=0, eval_batches=2, save_every=0, log_every=1, progress=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def train_losses(out: Path) -> dict[int, float]:
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in recs if r["type"] == "train"}
+
+
+def cli_args(data: Path, tok: Path, out: Path, *extra: str) -> list[str]:
+    return ["pretrain", "--preset", "nano", "--data", str(data), "--tokenizer", str(tok), "--out", str(out),
+            "--seq-len", "32", "--batch-size", "8", "--no-progress", *extra]
+
+
+# ----------------------------------------------------------------------------- pure pieces
+
+def test_lr_schedule_warmup_then_cosine_to_ten_percent():
+    lrs = [lr_at(s, 100, 1.0, 10) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:10], strict=False))
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+    assert lrs[10] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1)
+    assert lr_at(55, 101, 1.0, 10) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_at(0, 1, 2.0, 0) == pytest.approx(0.2)
+
+
+def test_weight_decay_only_on_matrices():
+    model = Transformer(preset_config("nano"))
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim == 2 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_micro_batch_and_accumulation_fill_the_global_batch():
+    assert micro_layout(64, 1, None) == (64, 1)
+    assert micro_layout(64, 2, 16) == (16, 2)
+    assert micro_layout(48, 2, 20) == (12, 2)
+    assert micro_layout(8, 4, 64) == (2, 1)
+    with pytest.raises(TinykError, match="not divisible by the 3 processes"):
+        micro_layout(8, 3, None)
+
+
+def test_budget_is_whichever_comes_first():
+    cfg = TrainConfig(batch_size=4, seq_len=10)
+    assert total_steps(cfg, 100) == 25
+    assert total_steps(TrainConfig(batch_size=4, seq_len=10, max_steps=7), 100) == 7
+    assert total_steps(TrainConfig(batch_size=4, seq_len=10, max_tokens=200, epochs=2), 100) == 5
+    assert total_steps(TrainConfig(batch_size=4, seq_len=10, max_steps=1000, epochs=0.5), 100) == 13
+
+
+def test_config_layers_preset_file_flags_set(tmp_path):
+    user = tmp_path / "c.yaml"
+    user.write_text("lr: 0.01\nbatch_size: 32\nmodel: {dim: 96}\nsft: {lr: 0.002}\n")
+    cfg = resolve_config("pretrain", preset="tiny", config=user, flags={"batch_size": 16, "out": "o", "data": "d"},
+                         sets=["model.n_layers=3", "tracker=wandb,swanlab", "warmup_steps=5", "micro_batch=null"])
+    assert cfg.model == {"preset": "tiny", "dim": 96, "n_layers": 3}
+    assert (cfg.lr, cfg.batch_size, cfg.seq_len, cfg.warmup_steps) == (0.01, 16, 256, 5)
+    assert cfg.tracker == ["wandb", "swanlab"] and cfg.micro_batch is None
+    sft = resolve_config("sft", preset="tiny", config=user, flags={"out": "o", "data": "d"})
+    assert sft.lr == 0.002 and sft.kind == "sft"
+    toml = tmp_path / "c.toml"
+    toml.write_text('lr = 5e-4\nseq_len = 64\n[model]\npreset = "nano"\n')
+    t = resolve_config("pretrain", config=toml, flags={"out": "o", "data": "d"})
+    assert (t.lr, t.seq_len, t.model) == (5e-4, 64, {"preset": "nano"})
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("kind: pretrain\ndata: d\nlr: 0.005\nmax_steps: 4\nmodel: {preset: nano, dim: 32}\n")
+    resumed = resolve_config("pretrain", preset="tiny", flags={"out": str(run), "max_steps": 9}, resume=True)
+    assert (resumed.lr, resumed.max_steps, resumed.seq_len, resumed.model["dim"]) == (0.005, 9, 256, 32)
+
+
+@pytest.mark.parametrize("sets,message", [
+    (["nope=1"], "unknown config key 'nope'"),
+    (["model.width=3"], "unknown config key model.width"),
+    (["lr=fast"], "config key lr: 'fast' is not a valid"),
+    (["batch_size=2.5"], "config key batch_size"),
+    (["dtype=int8"], "dtype must be auto, bf16, fp16 or fp32"),
+    (["compile_mode=fast"], "compile_mode must be one of default, reduce-overhead"),
+    (["model.preset=huge"], "unknown model preset 'huge'"),
+    (["a.b.c=1"], "only model.<key> is nested"),
+    (["novalue"], "--set expects key=value"),
+])
+def test_bad_config_values_are_one_line_errors(sets, message):
+    with pytest.raises(TinykError, match=message):
+        resolve_config("pretrain", preset="nano", flags={"out": "o", "data": "d"}, sets=sets)
+
+
+def test_set_values_parse_as_yaml():
+    assert parse_sets(["model.dim=64", "lr=0.001", "compile=true", "run_name=a=b"]) == {
+        "model": {"dim": 64}, "lr": 1e-3, "compile": True, "run_name": "a=b"}
+    cfg = resolve_config("pretrain", preset="nano", flags={"out": "o", "data": "d"}, sets=["lr=3e-4", "max_steps=1e3"])
+    assert (cfg.lr, cfg.max_steps) == (3e-4, 1000)
+
+
+# ----------------------------------------------------------------------------- training runs
+
+def test_pretrain_run_outputs_and_loss_decreases(tmp_path, pt_data, tok_dir):
+    out = tmp_path / "run"
+    summary = train(nano_cfg(pt_data, tok_dir, out, max_steps=24, eval_every=12, save_every=8, keep_checkpoints=2,
+                             log_every=4))
+    assert summary["status"] == "completed" and summary["steps"] == 24 and summary["tokens"] == 24 * 8 * 32
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    tr = [r for r in recs if r["type"] == "train"]
+    ev = [r for r in recs if r["type"] == "eval"]
+    assert [r["step"] for r in tr] == [4, 8, 12, 16, 20, 24] and [r["step"] for r in ev] == [12, 24]
+    for key in ("step", "tokens", "loss", "lr", "tokens_per_s", "mfu", "flops_per_token", "peak_mem_mib",
+                "elapsed_s", "grad_norm"):
+        assert key in tr[0]
+    assert tr[0]["peak_mem_mib"] is None and tr[0]["mfu"] > 0 and tr[-1]["tokens"] == 24 * 256
+    assert tr[-1]["loss"] < tr[0]["loss"] - 0.5 and ev[-1]["val_loss"] < ev[0]["val_loss"]
+    assert ev[-1]["val_bpb"] == pytest.approx(summary["final_val_bpb"]) and ev[-1]["val_bpb"] > 0
+    assert [p.name for p in checkpoints(out)] == ["step_0000016", "step_0000024"]
+    ck = checkpoints(out)[-1]
+    assert {p.name for p in ck.iterdir()} == {"model", "optimizer.pt", "rng.pt", "config.yaml", "state.json"}
+    model, tok = load_model(out / "final")
+    assert model.config.vocab_size == tok.vocab_size and model.config.dim == 64
+    assert torch.equal(load_file(ck / "model" / "model.safetensors")["model.norm.weight"], model.model.norm.weight)
+    saved = (out / "config.yaml").read_text()
+    assert "dim: 64" in saved and "n_layers: 2" in saved
+    assert (out / "loss.png").stat().st_size > 1000
+    assert json.loads((out / "summary.json").read_text())["final_model"] == str(out / "final")
+
+
+def test_sft_loss_counts_only_assistant_tokens(tmp_path, sft_data, nano_model_dir):
+    cfg = nano_cfg(sft_data, None, tmp_path / "sft", kind="sft", init=str(nano_model_dir), model={},
+                   seq_len=64, micro_batch=2, max_steps=2)
+    summary = train(cfg)
+    loader = SFTLoader(sft_data, "train", 64, 2, seed=0)
+    model, _ = load_model(nano_model_dir)
+    total, count, positions = 0.0, 0, 0
+    with torch.no_grad():
+        for _ in range(4):
+            x, y = loader.next_batch()
+            logits, _ = model(x)
+            total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100,
+                                                       reduction="sum").item()
+            count += int((y != -100).sum())
+            positions += x.numel()
+    assert train_losses(tmp_path / "sft")[1] == pytest.approx(total / count, rel=1e-5)
+    assert 0 < count < positions and summary["loss_tokens"] > count
+
+
+def test_sft_init_accepts_a_run_directory(tmp_path, pt_data, sft_data, tok_dir):
+    run = tmp_path / "pre"
+    train(nano_cfg(pt_data, tok_dir, run, max_steps=1))
+    summary = train(nano_cfg(sft_data, None, tmp_path / "sft", kind="sft", init=str(run), model={}, max_steps=1,
+                             seq_len=64))
+    assert summary["status"] == "completed"
+    assert (tmp_path / "sft" / "final" / "tokenizer.json").read_bytes() == (tok_dir / "tokenizer.json").read_bytes()
+
+
+def test_sigkill_then_resume_is_bit_identical(tmp_path, pt_data, tok_dir):
+    """The CLI is killed with SIGKILL once it has written a checkpoint (wherever it is then, possibly
+    mid-save), resumed, and must end with exactly the weights and losses of a run never interrupted."""
+    flags = {"data": str(pt_data), "tokenizer": str(tok_dir), "seq_len": 32, "batch_size": 8, "max_steps": 40,
+             "save_every": 4, "eval_every": 20, "progress": False}
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([str(BIN / "python"), "-m", "tinyk", *cli_args(pt_data, tok_dir, killed, "--max-steps",
+                             "40", "--save-every", "4", "--eval-every", "20")],
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not checkpoints(killed) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, proc.stderr.read().decode()
+    assert not (killed / "final").exists()
+    resumed = train(resolve_config("pretrain", preset="nano", flags={**flags, "out": str(killed)}, resume=True),
+                    resume=True)
+    assert resumed["resumed_from"] is not None and resumed["steps"] == 40
+    train(resolve_config("pretrain", preset="nano", flags={**flags, "out": str(tmp_path / "straight")}))
+    a = load_file(killed / "final" / "model.safetensors")
+    b = load_file(tmp_path / "straight" / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert train_losses(killed) == train_losses(tmp_path / "straight")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_a_checkpoint_and_exits(tmp_path, pt_data, tok_dir, monkeypatch, capsys, sig):
+    from tinyk.monitor import Monitor
+
+    log_train = Monitor.log_train
+
+    def log_and_signal(self, rec):
+        log_train(self, rec)
+        if rec["step"] == 3:
+            os.kill(os.getpid(), sig)
+
+    monkeypatch.setattr(Monitor, "log_train", log_and_signal)
+    out, before = tmp_path / "run", signal.getsignal(sig)
+    with pytest.raises(SystemExit) as e:
+        main(cli_args(pt_data, tok_dir, out, "--max-steps", "50", "--log-every", "1", "--save-every", "0"))
+    assert e.value.code == 130 and f"stopped by {sig.name} at step 3" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["steps"] == 3
+    assert [p.name for p in checkpoints(out)] == ["step_0000003"] and not (out / "final").exists()
+    assert signal.getsignal(sig) == before
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_and_fsdp_match_one_process(tmp_path, pt_data, tok_dir):
+    """Same global batch: torchrun DDP from scratch follows the one-process loss curve; two processes
+    under FSDP (+ activation checkpointing) resume the one-process checkpoint; one process resumes FSDP's."""
+    common = dict(max_steps=8, save_every=2, keep_checkpoints=10, micro_batch=2, eval_every=4)
+    ref = tmp_path / "ref"
+    train(nano_cfg(pt_data, tok_dir, ref, **common))
+    flags = ["--max-steps", "8", "--save-every", "2", "--micro-batch", "2", "--eval-every", "4", "--log-every", "1",
+             "--set", "keep_checkpoints=10", "--set", "eval_batches=2", "--set", "lr=3e-3", "--set", "warmup_steps=2"]
+    ddp = tmp_path / "ddp"
+    r = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "tinyk",
+                        *cli_args(pt_data, tok_dir, ddp, *flags)], env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    fsdp = tmp_path / "fsdp"
+    shutil.copytree(ref, fsdp)
+    shutil.rmtree(fsdp / "final")
+    for p in checkpoints(fsdp)[2:]:
+        shutil.rmtree(p)
+    # What torchrun does for each worker, done by hand: the env:// rendezvous.
+    rdzv = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
+    workers = [subprocess.Popen([str(BIN / "python"), "-m", "tinyk",
+                                 *cli_args(pt_data, tok_dir, fsdp, *flags, "--parallel", "fsdp",
+                                           "--activation-checkpointing", "--resume")],
+                                env={**ENV, **rdzv, "RANK": str(r), "LOCAL_RANK": str(r)},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outputs = [w.communicate(timeout=300) for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    assert "resumed from" in outputs[0][0] and "FSDP" in outputs[0][0]
+    back = tmp_path / "back"
+    shutil.copytree(fsdp, back)
+    shutil.rmtree(back / "final")
+    shutil.rmtree(checkpoints(back)[-1])
+    train(nano_cfg(pt_data, tok_dir, back, **common), resume=True)
+    want = train_losses(ref)
+    assert sorted(want) == list(range(1, 9))
+    for run in (ddp, fsdp, back):
+        got = train_losses(run)
+        assert sorted(got) == sorted(want)
+        for step, loss in want.items():
+            assert got[step] == pytest.approx(loss, rel=1e-5), (run.name, step)
+    evals = [json.loads(x) for x in (ddp / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    ref_evals = [json.loads(x) for x in (ref / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    assert [e["val_loss"] for e in evals] == pytest.approx([e["val_loss"] for e in ref_evals], rel=1e-5)
+
+
+def test_trackers_are_lazy_and_optional(tmp_path, pt_data, tok_dir, monkeypatch):
+    calls = []
+
+    class FakeRun:
+        def log(self, values, step):
+            calls.append((step, values))
+
+        def finish(self):
+            calls.append("finish")
+
+    fake = type(sys)("wandb")
+    fake.init = lambda **kw: calls.append(kw["project"]) or FakeRun()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    train(nano_cfg(pt_data, tok_dir, tmp_path / "w", max_steps=2, tracker=["wandb"], project="p"))
+    assert calls[0] == "p" and calls[-1] == "finish"
+    assert [s for s, v in calls[1:-1] if "loss" in v] == [1, 2]
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(TinykError, match=r"--tracker wandb needs the 'wandb' package \(pip install wandb\)"):
+        train(nano_cfg(pt_data, tok_dir, tmp_path / "w2", tracker=["wandb"]))
+    with pytest.raises(TinykError, match="unknown tracker 'mlflow'"):
+        train(nano_cfg(pt_data, tok_dir, tmp_path / "w3", tracker=["mlflow"]))
+
+
+# ----------------------------------------------------------------------------- set-up errors
+
+def _edited_meta(src: Path, dst: Path, **changes) -> Path:
+    shutil.copytree(src, dst)
+    meta = json.loads((dst / "meta.json").read_text())
+    meta.update(changes)
+    (dst / "meta.json").write_text(json.dumps(meta))
+    return dst
+
+
+def test_setup_errors_are_one_line(tmp_path, pt_data, sft_data, tok_dir, nano_model_dir, corpus_file):
+    def err(**kw) -> str:
+        with pytest.raises(TinykError) as e:
+            train(nano_cfg(**{"data": pt_data, "tok": tok_dir, "out": tmp_path / "o", **kw}))
+        assert "\n" not in str(e.value)
+        return str(e.value)
+
+    other = _edited_meta(pt_data, tmp_path / "other", tokenizer_hash="0" * 16, vocab_size=600)
+    assert "was tokenized with another tokenizer (vocab 600)" in err(data=other)
+    assert "tokens but the model's vocab_size is 256" in err(model={"preset": "nano", "vocab_size": 256})
+    assert "seq_len 256 exceeds the model's context of 128 tokens" in err(seq_len=256)
+    assert "holds sft data; tinyk pretrain needs pretrain data" in err(data=sft_data)
+    (tmp_path / "notmodel").mkdir()
+    assert "is not a model directory" in err(data=sft_data, kind="sft", init=str(tmp_path / "notmodel"), model={})
+    assert "tinyk sft needs --init" in err(data=sft_data, kind="sft")
+    short = tmp_path / "short.jsonl"
+    short.write_text(json.dumps({"text": "短"}) + "\n")
+    tiny_data = tmp_path / "tinydata"
+    prepare_pretrain([short], tok_dir, tiny_data, val_fraction=0.0, workers=1, show_progress=False)
+    assert "fewer than seq_len + 1" in err(data=tiny_data)
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "x").write_text("")
+    assert "exists (use --resume to continue it or --force to start over)" in err()
+    assert [p.name for p in (tmp_path / "o").iterdir()] == ["x"]
+    with pytest.raises(TinykError, match="not a tinyk run directory"):
+        train(nano_cfg(pt_data, tok_dir, tmp_path / "o"), force=True)
+    shutil.rmtree(tmp_path / "o")
+    assert "conflicts with" in err(init=str(nano_model_dir), model={"dim": 32})
+
+
+def test_cuda_oom_names_the_knob(tmp_path, pt_data, tok_dir, monkeypatch):
+    def boom(self, *a, **kw):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Transformer, "forward", boom)
+    with pytest.raises(TinykError, match=r"out of GPU memory at micro-batch 8 x seq_len 32 .*--micro-batch \(try 4\)"):
+        train(nano_cfg(pt_data, tok_dir, tmp_path / "o"))
+
+
+def test_cli_prints_one_line(tmp_path, pt_data, tok_dir, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(cli_args(pt_data, tok_dir, tmp_path / "o", "--seq-len", "4096"))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.count("\n") == 0 and err.startswith("tinyk: error: seq_len 4096 exceeds")
+    with pytest.raises(SystemExit) as e:
+        main(cli_args(pt_data, tok_dir, tmp_path / "o2", "--max-steps", "2", "--set", "eval_every=0"))
+    assert e.value.code == 0 and (tmp_path / "o2" / "final" / "model.safetensors").is_file()
+
+
+def test_trainer_is_usable_as_a_library(tmp_path, pt_data, tok_dir):
+    trainer = Trainer(nano_cfg(pt_data, tok_dir, tmp_path / "lib", max_steps=1))
+    assert (trainer.micro, trainer.accum, trainer.total_steps) == (8, 1, 1)
+    assert trainer.flops_per_token == trainer.model.flops_per_token(32)
+    assert trainer.run()["steps"] == 1
+
+
+def test_no_validation_split_still_trains(tmp_path, corpus_file, tok_dir, capsys):
+    data = tmp_path / "noval"
+    prepare_pretrain([corpus_file], tok_dir, data, val_fraction=0.0, workers=1, show_progress=False)
+    summary = train(nano_cfg(data, tok_dir, tmp_path / "run", max_steps=2, eval_every=1))
+    assert summary["status"] == "completed" and summary["final_val_loss"] is None
+    assert "no validation: the val split" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("dtype,name", [("bf16", "bfloat16"), ("fp16", "float16")])
+def test_mixed_precision_on_cpu_trains_and_resumes(tmp_path, pt_data, tok_dir, dtype, name):
+    """bf16 autocast runs without a GradScaler, fp16 with one whose state survives a resume."""
+    out = tmp_path / "run"
+    first = train(nano_cfg(pt_data, tok_dir, out, max_steps=2, dtype=dtype))
+    assert first["dtype"] == name and math.isfinite(first["final_train_loss"])
+    scaler = torch.load(checkpoints(out)[-1] / "rng.pt", weights_only=True)["scaler"]
+    assert ("scale" in scaler) == (dtype == "fp16")
+    second = train(nano_cfg(pt_data, tok_dir, out, max_steps=3, dtype=dtype), resume=True)
+    assert second["steps"] == 3 and second["resumed_from"].endswith("step_0000002")
