@@ -1,0 +1,352 @@
+"""GPU benchmark of seed-215m pretraining: tokens/s, MFU and peak memory per configuration.
+
+Runs `python3 -m tinyk pretrain` once per configuration (a fresh process each, so peak memory
+and compile caches never leak between rows) on generated data, then prints one table:
+
+  eager vs torch.compile, micro-batch 16/32/64, activation checkpointing off/on, all bf16;
+  a bf16-vs-fp32 check: the same 10 steps in both, losses compared step by step;
+  beside each measured peak (torch.cuda.max_memory_allocated) the `tinyk plan` estimate (eager).
+
+Throughput is taken over the logged intervals after the first (which holds compilation and
+warm-up). Nothing is downloaded: a tokenizer and a pretraining data directory are generated
+from synthetic Chinese text in seconds. Each row has a timeout, an OOM becomes a row, and the
+whole run keeps to a time budget (rows that no longer fit are reported as skipped).
+
+  bench/gpu.sh                # on a machine with one NVIDIA GPU, ~8 minutes
+  bench/gpu.sh --cpu-smoke    # the same code path on CPU with the tiny preset, seconds
+
+Results go to --out (default $OUT, else a temporary directory): gpu_bench.json, gpu_bench.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+from tinyk.model import PRESETS, ModelConfig  # noqa: E402
+from tinyk.plan import MiB, Setup, estimate_memory, gpu_class  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    micro: int
+    compile: bool = False
+    checkpointing: bool = False
+    dtype: str = "bf16"
+    steps: int = 30
+    log_every: int = 10
+    agree: bool = False  # one side of the bf16-vs-fp32 comparison (logs every step)
+    priority: int = 0  # lower runs first; the table keeps the listed order
+    timeout_s: float = 90.0
+
+
+def gpu_rows() -> list[Row]:
+    """The benchmark matrix, most important rows first in priority (compiled mb64 is the headline)."""
+    rows = []
+    for compiled in (False, True):
+        kind = "compiled" if compiled else "eager"
+        timeout = 180.0 if compiled else 90.0
+        for micro, prio in ((16, 5), (32, 4), (64, 0)):
+            rows.append(Row(f"{kind} mb{micro}", micro, compile=compiled, timeout_s=timeout,
+                            priority=prio + (0 if compiled else 1) + (0 if micro == 64 else 3 * compiled)))
+        rows.append(Row(f"{kind} mb64 ckpt", 64, compile=compiled, checkpointing=True, timeout_s=timeout,
+                        priority=8 + compiled))
+    rows.append(Row("agree bf16 mb16", 16, steps=10, log_every=1, agree=True, priority=2))
+    rows.append(Row("agree fp32 mb16", 16, dtype="fp32", steps=10, log_every=1, agree=True, priority=3))
+    return rows
+
+
+def smoke_rows() -> list[Row]:
+    """The same code path shrunk for CPU: three processes of two steps (bf16, fp32, checkpointing).
+
+    torch.compile on CPU costs tens of seconds per process, so the smoke run leaves it out.
+    """
+    return [Row("eager mb2", 2, steps=2, log_every=1, agree=True, timeout_s=120),
+            Row("eager mb2 ckpt", 2, checkpointing=True, steps=2, log_every=1, timeout_s=120),
+            Row("agree fp32 mb2", 2, dtype="fp32", steps=2, log_every=1, agree=True, timeout_s=120)]
+
+
+# ----------------------------------------------------------------------------- synthetic data
+
+def write_corpus(path: Path, n_chars: int, seed: int = 0) -> Path:
+    """Chinese-looking text from a Zipf-distributed lexicon of 1-4 character words.
+
+    Word frequencies and fixed spellings give the model something to learn in a few steps,
+    so the bf16/fp32 loss curves move; thousands of distinct characters give BPE enough pairs
+    to fill a 6144-token vocabulary.
+    """
+    rng = random.Random(seed)
+    chars = [chr(c) for c in range(0x4E00, 0x4E00 + 3500)]
+    lexicon = ["".join(rng.choice(chars) for _ in range(rng.choice((1, 2, 2, 3, 4)))) for _ in range(6000)]
+    weights = [1 / (i + 1) for i in range(len(lexicon))]
+    punct = "，。，、；！？"
+    written = 0
+    with open(path, "w", encoding="utf-8") as f:
+        while written < n_chars:
+            words = rng.choices(lexicon, weights, k=rng.randint(40, 160))
+            text = "".join(w + (rng.choice(punct) if rng.random() < 0.15 else "") for w in words) + "。"
+            f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+            written += len(text)
+    return path
+
+
+def prepare_data(work: Path, vocab_size: int, n_chars: int) -> tuple[Path, Path]:
+    """Tokenizer and pretraining data directory, made with tinyk's own writers."""
+    from tinyk.data import prepare_pretrain
+    from tinyk.tokenizer import load_tokenizer, train_tokenizer
+
+    corpus = write_corpus(work / "corpus.jsonl", n_chars)
+    tok_dir, data_dir = work / "tokenizer", work / "data"
+    # A few MB are plenty for BPE to fill the vocabulary; the data uses the whole corpus.
+    train_tokenizer([corpus], tok_dir, vocab_size=vocab_size, max_bytes=3_000_000, show_progress=False)
+    got = load_tokenizer(tok_dir).vocab_size
+    if got != vocab_size:
+        raise RuntimeError(f"the synthetic corpus gave a {got}-token vocabulary, not {vocab_size}")
+    prepare_pretrain([corpus], tok_dir, data_dir, val_fraction=0.02, show_progress=False)
+    return tok_dir, data_dir
+
+
+# ----------------------------------------------------------------------------- one row
+
+def _train_config(path: Path, preset: str, seq_len: int) -> Path:
+    """The run's settings, written as JSON (which is also YAML)."""
+    cfg = {"model": {"preset": preset}, "seq_len": seq_len, "eval_every": 0, "eval_batches": 1,
+           "save_every": 0, "keep_checkpoints": 1, "warmup_steps": 0, "lr": 3e-4, "seed": 0}
+    path.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src")] + [p for p in [env.get("PYTHONPATH")] if p])
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def run_row(row: Row, *, work: Path, cfg_file: Path, tok_dir: Path, data_dir: Path, device: str,
+            timeout_s: float, logs: Path) -> dict:
+    out = work / "runs" / row.name.replace(" ", "_")
+    cmd = [sys.executable, "-m", "tinyk", "pretrain", "--config", str(cfg_file), "--data", str(data_dir),
+           "--tokenizer", str(tok_dir), "--out", str(out), "--force", "--no-progress", "--device", device,
+           "--max-steps", str(row.steps), "--batch-size", str(row.micro), "--micro-batch", str(row.micro),
+           "--dtype", row.dtype, "--log-every", str(row.log_every)]
+    if row.compile:
+        cmd.append("--compile")
+    if row.checkpointing:
+        cmd.append("--activation-checkpointing")
+    t0 = time.perf_counter()
+    result = _describe(row)
+    # A session of its own, so a timeout also kills torch.compile's worker processes.
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, cwd=ROOT, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout_s)
+        code: int | None = proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        code = None
+    result["wall_s"] = round(time.perf_counter() - t0, 1)
+    (logs / f"{out.name}.log").write_text(" ".join(cmd) + "\n\n" + output[-20000:], encoding="utf-8")
+    records = _records(out / "metrics.jsonl")
+    shutil.rmtree(out, ignore_errors=True)  # a 215M run leaves ~3.5 GB of checkpoints
+    if code is None:
+        result["status"] = f"timeout after {timeout_s:.0f}s"
+    elif code != 0:
+        oom = "out of GPU memory" in output or "OutOfMemoryError" in output or "CUDA out of memory" in output
+        result["status"] = "OOM" if oom else f"failed (exit {code}): {_last_line(output)}"
+    else:
+        result["status"] = "ok"
+    result.update(_throughput(records))
+    return result
+
+
+def _describe(row: Row) -> dict:
+    return {"name": row.name, "micro_batch": row.micro, "compile": row.compile, "checkpointing": row.checkpointing,
+            "dtype": row.dtype, "steps": row.steps, "agree": row.agree}
+
+
+def _records(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "loss" in rec and "step" in rec:
+            out.append(rec)
+    return out
+
+
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1][:200] if lines else "no output"
+
+
+def _throughput(records: list[dict]) -> dict:
+    """Steady-state rate over the logged intervals after the first, which holds compilation and warm-up."""
+    res: dict = {"losses": [r["loss"] for r in records]}
+    if not records:
+        return res
+    first, last = records[0], records[-1]
+    if len(records) > 1 and last["elapsed_s"] > first["elapsed_s"]:
+        rate = (last["tokens"] - first["tokens"]) / (last["elapsed_s"] - first["elapsed_s"])
+    else:
+        rate = last["tokens_per_s"]
+    res["tokens_per_s"] = rate
+    # The trainer's MFU is tokens/s x FLOPs per token / peak; rescale its last figure to the steady rate.
+    if last.get("mfu") and last.get("tokens_per_s"):
+        res["mfu"] = last["mfu"] * rate / last["tokens_per_s"]
+    mems = [r["peak_mem_mib"] for r in records if r.get("peak_mem_mib") is not None]
+    res["peak_mem_mib"] = max(mems) if mems else None
+    res["flops_per_token"] = last.get("flops_per_token")
+    return res
+
+
+# ----------------------------------------------------------------------------- report
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def table(results: list[dict], title: str) -> str:
+    lines = [title, "",
+             "| config | micro-batch | compile | ckpt | dtype | tokens/s | MFU | peak MiB | plan MiB (eager) | status |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        mfu = r.get("mfu")
+        lines.append(f"| {r['name']} | {r['micro_batch']} | {'yes' if r['compile'] else 'no'} | "
+                     f"{'on' if r['checkpointing'] else 'off'} | {r['dtype']} | {_fmt(r.get('tokens_per_s'), ',.0f')} | "
+                     f"{'-' if mfu is None else f'{mfu:.1%}'} | {_fmt(r.get('peak_mem_mib'), ',.0f')} | "
+                     f"{_fmt(r.get('plan_mib'), ',.0f')} | {r['status']} |")
+    return "\n".join(lines)
+
+
+def agreement(results: list[dict]) -> dict | None:
+    """Largest relative difference between the bf16 and fp32 loss at the same step."""
+    by_dtype = {r["dtype"]: r for r in results if r.get("agree")}
+    a, b = by_dtype.get("bf16"), by_dtype.get("fp32")
+    if not a or not b or not a.get("losses") or not b.get("losses"):
+        return None
+    n = min(len(a["losses"]), len(b["losses"]))
+    diffs = [abs(x - y) / abs(y) for x, y in zip(a["losses"][:n], b["losses"][:n], strict=True)]
+    return {"steps": n, "max_rel_diff": max(diffs), "bf16": a["losses"][:n], "fp32": b["losses"][:n],
+            "ok": max(diffs) < 0.02}
+
+
+def best_mfu_line(results: list[dict], gpu_key: str | None, device_name: str) -> str | None:
+    """The line to paste into tinyk/plan.py's GPUS table for this GPU class."""
+    ok = [r for r in results if r["status"] == "ok" and r.get("mfu") is not None and not r["checkpointing"]
+          and r["dtype"] == "bf16" and not r.get("agree")]
+    if not ok or gpu_key is None:
+        return None
+    best = max(ok, key=lambda r: r["mfu"])
+    return (f'measured MFU for plan.GPUS["{gpu_key}"]: {best["mfu"]:.3f}, "measured: bench/gpu.sh on {device_name}, '
+            f'{best["name"]}, {time.strftime("%Y-%m-%d")}"')
+
+
+def report(rows: list[Row], results: dict[str, dict], *, out: Path, title: str, device_name: str,
+           gpu_key: str | None, started: float, meta: dict) -> tuple[str, list[dict]]:
+    """Writes gpu_bench.json and gpu_bench.md (after every row, so a killed run still leaves results)."""
+    ordered = [results.get(r.name) or {**_describe(r), "status": "not run yet"} for r in rows]
+    agree = agreement(ordered)
+    total = round(time.perf_counter() - started, 1)
+    text = table(ordered, title)
+    if agree:
+        text += (f"\n\nbf16 vs fp32 over {agree['steps']} steps: largest relative loss difference "
+                 f"{agree['max_rel_diff']:.2e} ({'ok' if agree['ok'] else 'TOO LARGE'}, limit 2e-2)")
+    line = best_mfu_line(ordered, gpu_key, device_name)
+    if line:
+        text += "\n" + line
+    text += f"\ntotal {total:.0f}s"
+    data = {**meta, "device": device_name, "rows": ordered, "bf16_vs_fp32": agree, "total_s": total}
+    (out / "gpu_bench.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    (out / "gpu_bench.md").write_text(text + "\n", encoding="utf-8")
+    return text, ordered
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny preset on CPU, two steps per row")
+    ap.add_argument("--out", help="results directory (default: $OUT, else a temporary directory)")
+    ap.add_argument("--budget-s", type=float, default=450.0, help="total time budget, data generation included")
+    ap.add_argument("--only", nargs="*", help="run only the rows with these names")
+    args = ap.parse_args(argv)
+
+    started = time.perf_counter()
+    smoke = args.cpu_smoke
+    if not smoke and not torch.cuda.is_available():
+        print("gpu_bench: no CUDA GPU here; use --cpu-smoke for the CPU check", file=sys.stderr)
+        return 2
+    out = Path(args.out or os.environ.get("OUT") or tempfile.mkdtemp(prefix="tinyk-gpu-bench-"))
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    preset, seq_len = ("tiny", 64) if smoke else ("seed-215m", 512)
+    vocab = 512 if smoke else PRESETS["seed-215m"]["vocab_size"]
+    model_cfg = ModelConfig(**{**PRESETS[preset], "vocab_size": vocab})
+    rows = smoke_rows() if smoke else gpu_rows()
+    if args.only:
+        rows = [r for r in rows if r.name in args.only]
+    device = "cpu" if smoke else "cuda"
+    device_name = "CPU" if smoke else torch.cuda.get_device_name(0)
+    title = (f"{preset} pretraining on {device_name}, seq {seq_len}, vocab {vocab} (MFU against the device's dense "
+             f"bf16 peak; plan = tinyk plan's eager estimate)")
+    meta = {"smoke": smoke, "preset": preset, "seq_len": seq_len, "torch": torch.__version__}
+    gpu_key = None if smoke else gpu_class(device_name)
+    results: dict[str, dict] = {}
+    work = Path(tempfile.mkdtemp(prefix="tinyk-gpu-bench-work-"))
+    try:
+        tok_dir, data_dir = prepare_data(work, vocab, 60_000 if smoke else 2_000_000)
+        print(f"gpu_bench: data ready in {time.perf_counter() - started:.0f}s on {device_name}", flush=True)
+        cfg_file = _train_config(work / "bench.yaml", preset, seq_len)
+        failures = 0
+        for row in sorted(rows, key=lambda r: r.priority):
+            left = args.budget_s - (time.perf_counter() - started)
+            if left < 20 or failures >= 2:
+                results[row.name] = {**_describe(row),
+                                     "status": f"skipped ({'time budget' if left < 20 else 'earlier rows failed'})"}
+                continue
+            r = run_row(row, work=work, cfg_file=cfg_file, tok_dir=tok_dir, data_dir=data_dir, device=device,
+                        timeout_s=min(row.timeout_s, left), logs=logs)
+            est = estimate_memory(Setup(model_cfg, seq_len, row.micro, amp=row.dtype != "fp32",
+                                        checkpointing=row.checkpointing, fused_adamw=not smoke))
+            r["plan_mib"] = est.peak / MiB
+            # Two failures in a row that are not OOMs mean a broken set-up: stop spending device time.
+            failures = failures + 1 if r["status"].startswith("failed") else 0
+            results[row.name] = r
+            print(f"gpu_bench: {row.name}: {r['status']}, {r['wall_s']}s, tokens/s "
+                  f"{_fmt(r.get('tokens_per_s'), ',.0f')}, MFU {_fmt(r.get('mfu'), '.3f')}, "
+                  f"peak MiB {_fmt(r.get('peak_mem_mib'), ',.0f')}", flush=True)
+            report(rows, results, out=out, title=title, device_name=device_name, gpu_key=gpu_key, started=started,
+                   meta=meta)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    text, ordered = report(rows, results, out=out, title=title, device_name=device_name, gpu_key=gpu_key,
+                           started=started, meta=meta)
+    print()
+    print(text)
+    return 0 if all(r["status"] == "ok" for r in ordered) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

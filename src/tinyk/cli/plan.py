@@ -1,0 +1,58 @@
+"""`tinyk plan`: GPU memory, the largest micro-batch, time and cost of a training run, before it starts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from tinyk.cli.common import parse_size
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="estimate memory per GPU, largest micro-batch, time and cost of a run",
+                       description="Sizes a pretraining run from a preset or config: parameters, FLOPs per token, "
+                                   "memory per GPU, the largest micro-batch that fits, tokens/s, wall time, cost.")
+    what = p.add_argument_group("what to train (as for tinyk pretrain)")
+    what.add_argument("--preset", help="a shipped config: seed-215m, seed-82m, tiny, nano")
+    what.add_argument("--config", help="YAML or TOML training config")
+    what.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key")
+    what.add_argument("--seq-len", type=int)
+    what.add_argument("--batch-size", type=int, help="global batch in sequences per optimizer step")
+    what.add_argument("--micro-batch", type=int, help="sequences per forward pass per GPU (default: the config's, "
+                                                      "else the largest that fits)")
+    what.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], help="auto = bf16 autocast")
+    what.add_argument("--parallel", choices=["ddp", "fsdp"])
+    what.add_argument("--activation-checkpointing", action="store_true", default=None)
+    where = p.add_argument_group("where")
+    where.add_argument("--gpu", default="a100", help="a100, a100-40gb, h100, h100-pcie, h200, rtx4090, rtx3090 "
+                                                     "(default a100)")
+    where.add_argument("--gpus", type=int, default=1, help="GPUs per node")
+    where.add_argument("--nodes", type=int, default=1)
+    where.add_argument("--tokens", type=parse_tokens, default="10B",
+                       help="training tokens: 10B, 500M, 2e9 (default 10B, the seed's corpus)")
+    where.add_argument("--price", type=float, help="price per GPU-hour, for the cost line")
+    where.add_argument("--mfu", type=float, help="model FLOPs utilisation to assume, e.g. 0.45 (default: the "
+                                                 "GPU table's)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=_run)
+
+
+def parse_tokens(s: str) -> int:
+    """A token count; unlike byte sizes, a trailing B means billion ("10B tokens")."""
+    t = s.strip()
+    if t[-1:] in ("b", "B") and t[:-1].replace(".", "", 1).isdigit():
+        return int(float(t[:-1]) * 10**9)
+    return parse_size(t)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from tinyk.plan import find_gpu, format_plan, make_plan, run_spec
+
+    run = run_spec(preset=args.preset, config=args.config, sets=args.set,
+                   overrides={"seq_len": args.seq_len, "batch_size": args.batch_size, "micro_batch": args.micro_batch,
+                              "dtype": args.dtype, "parallel": args.parallel,
+                              "activation_checkpointing": args.activation_checkpointing})
+    plan = make_plan(run, find_gpu(args.gpu), gpus=args.gpus, nodes=args.nodes, tokens=args.tokens,
+                     price=args.price, mfu=args.mfu)
+    print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
+    return 0

@@ -1,0 +1,601 @@
+"""Sizing a training run before it starts: memory per GPU, the largest micro-batch, time and cost.
+
+The memory model is an inventory of what `tinyk.model` keeps alive during a training step:
+the tensors autograd saves for backward (listed with `torch.autograd.graph.saved_tensors_hooks`,
+in fp32 and in bf16 autocast) and the few transient buffers that set the peak. It is checked
+against PyTorch's own allocation record by `measure_step_memory`, which replays the trainer's
+step under the CPU memory profiler (tests/test_plan.py, bench/plan_vs_measured.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+
+from .files import TinykError
+from .model import PRESETS, ModelConfig, Transformer
+from .monitor import gpu_peak_flops
+
+GiB = 2**30
+MiB = 2**20
+
+# Share of a GPU's memory a plan may fill: the rest is for the CUDA context, cuBLAS workspaces
+# and the caching allocator's fragmentation, which PyTorch does not count as allocated.
+USABLE_FRACTION = 0.90
+# The seed's corpus is about 10B tokens; its author pretrained seed-215m on it in 26 h on 4 A100s.
+DEFAULT_TOKENS = 10_000_000_000
+TUTORIAL_RUN = {"preset": "seed-215m", "gpu": "a100", "gpus": 4, "hours": 26.0}
+ASSUMED = "assumed"
+
+
+@dataclass(frozen=True)
+class GPUSpec:
+    """A GPU class: memory as PyTorch reports it and the MFU tinyk reaches on it.
+
+    The dense bf16 peak comes from the trainer's table (`monitor.GPU_PEAK_TFLOPS`), so plan
+    and the training log divide by the same number.
+    """
+
+    key: str
+    name: str
+    memory_gib: float
+    mfu: float
+    mfu_source: str  # ASSUMED, or "measured: ..." naming the bench/gpu.sh run it comes from
+
+    @property
+    def peak_flops(self) -> float:
+        peak = gpu_peak_flops(self.name)
+        assert peak is not None, self.name
+        return peak
+
+    @property
+    def mfu_measured(self) -> bool:
+        return self.mfu_source != ASSUMED
+
+
+# MFU stays "assumed" (peers: nanochat 41-47% and llm.c ~40% on H100, TinyLlama 56% on A100)
+# until a bench/gpu.sh run on that class replaces it with the figure it printed.
+GPUS: dict[str, GPUSpec] = {g.key: g for g in [
+    GPUSpec("a100", "NVIDIA A100 80GB", 79.2, 0.40, ASSUMED),
+    GPUSpec("a100-40gb", "NVIDIA A100 40GB", 39.4, 0.40, ASSUMED),
+    GPUSpec("h100", "NVIDIA H100 80GB SXM", 79.1, 0.40, ASSUMED),
+    GPUSpec("h100-pcie", "NVIDIA H100 PCIe 80GB", 79.1, 0.40, ASSUMED),
+    GPUSpec("h200", "NVIDIA H200 141GB", 139.8, 0.401,
+            "measured: bench/gpu.sh on NVIDIA H200, compiled mb64, 2026-11-27"),
+    GPUSpec("rtx4090", "NVIDIA GeForce RTX 4090 24GB", 23.6, 0.35, ASSUMED),
+    GPUSpec("rtx3090", "NVIDIA GeForce RTX 3090 24GB", 23.6, 0.35, ASSUMED),
+]}
+
+
+def _norm_gpu_name(s: str) -> str:
+    s = "".join(c for c in s.lower() if c.isalnum())
+    for prefix in ("nvidia", "geforce", "rtx"):
+        s = s.removeprefix(prefix)
+    return s
+
+
+def find_gpu(name: str) -> GPUSpec:
+    """`--gpu` as typed by a person: "h100", "A100-40GB", "4090", "RTX 3090" ..."""
+    want = _norm_gpu_name(name)
+    for key, gpu in GPUS.items():
+        if _norm_gpu_name(key) == want:
+            return gpu
+    raise TinykError(f"unknown GPU {name!r} (choose from {', '.join(GPUS)})")
+
+
+def gpu_class(device_name: str) -> str | None:
+    """The GPUS key for a CUDA device name such as 'NVIDIA H100 80GB HBM3' (None if not in the table)."""
+    n = device_name.upper()
+    rules = [("H200", "", "h200"), ("H100", "PCIE", "h100-pcie"), ("H100", "", "h100"), ("A100", "40GB", "a100-40gb"),
+             ("A100", "", "a100"), ("4090", "", "rtx4090"), ("3090", "", "rtx3090")]
+    return next((key for chip, variant, key in rules if chip in n and variant in n), None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model arithmetic
+
+
+def model_size(cfg: ModelConfig) -> dict[str, int]:
+    """Parameter counts the memory model needs (cached: plans evaluate many micro-batch sizes)."""
+    return dict(_model_size(tuple(cfg.to_dict().items())))
+
+
+@functools.lru_cache(maxsize=32)
+def _model_size(items: tuple[tuple[str, Any], ...]) -> tuple[tuple[str, int], ...]:
+    cfg = ModelConfig(**dict(items))
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    n = model.num_params()
+    block = sum(p.numel() for p in model.model.layers[0].parameters())
+    return (
+        ("parameters", n),
+        ("linear", sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))),
+        ("per_layer", block),
+        ("non_block", n - cfg.n_layers * block),
+        ("largest", max(p.numel() for p in model.parameters())),
+        ("flops_per_token_n", n - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim)),
+    )
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
+    """Exactly `Transformer.flops_per_token`, so plan and the training log report the same MFU."""
+    with torch.device("meta"):
+        return Transformer(cfg).flops_per_token(seq_len)
+
+
+def flops_formula(cfg: ModelConfig, seq_len: int) -> str:
+    n = model_size(cfg)["flops_per_token_n"]
+    total = flops_per_token(cfg, seq_len)
+    amount = f"{total / 1e9:.3f} GFLOP" if total >= 1e9 else f"{total / 1e6:.3f} MFLOP"
+    return (f"6N + 12*L*d*T = 6 x {n:,} + 12 x {cfg.n_layers} x {cfg.dim} x {seq_len} "
+            f"= {amount} per token (forward + backward)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations: bytes per token, from what autograd saves
+
+
+def layer_saved_bytes(cfg: ModelConfig, amp: bool) -> dict[str, int]:
+    """Bytes per token one transformer block keeps for backward (eager PyTorch).
+
+    fp32: each RMSNorm keeps its input, the normalised tensor and its output (the next
+    linear's input); attention keeps RoPE'd q and k, v, the SDPA output and its logsumexp;
+    the SwiGLU MLP keeps gate, silu(gate), up and their product.
+    bf16 autocast: the residual stream and the norms stay fp32, but every linear saves its
+    own bf16 cast of its input (five per block: q, k, v, gate, up), RoPE saves bf16 casts of
+    cos and sin for q and k, and the attention and MLP tensors are bf16.
+    """
+    d, kv, h, heads, hd = cfg.dim, cfg.n_kv_heads * cfg.head_dim, cfg.hidden_dim, cfg.n_heads, cfg.head_dim
+    assert h is not None
+    rsqrt, lse = 2 * 4, 4 * heads
+    if not amp:
+        return {"norms": 4 * 6 * d + rsqrt, "attention": 4 * (2 * d + 2 * kv) + lse, "mlp": 4 * 4 * h}
+    return {"norms": 4 * 4 * d + rsqrt + 2 * 5 * d,
+            "attention": 2 * 4 * hd + 2 * (2 * d + 2 * kv) + lse,
+            "mlp": 2 * 4 * h}
+
+
+def head_saved_bytes(cfg: ModelConfig, amp: bool, checkpointing: bool) -> int:
+    """Bytes per token saved outside the blocks: final norm, lm_head input, fp32 log-probs.
+
+    RoPE's fp32 cos/sin stay alive when they are inputs of checkpointed blocks or are
+    saved directly (fp32); under autocast without checkpointing only their casts are kept.
+    """
+    d, v = cfg.dim, cfg.vocab_size
+    final_norm = 4 * 2 * d + 4 + (2 if amp else 4) * d
+    rope = 2 * 4 * cfg.head_dim if (checkpointing or not amp) else 0
+    return final_norm + 4 * v + rope
+
+
+# Input ids and targets (int64) on the device during a micro-step.
+BATCH_BYTES_PER_TOKEN = 16
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What a training step's memory depends on. Defaults are the trainer's (src/tinyk/train.py)."""
+
+    cfg: ModelConfig
+    seq_len: int
+    micro_batch: int
+    amp: bool = True  # bf16/fp16 autocast over fp32 master weights; False: plain fp32
+    checkpointing: bool = False
+    parallel: str = "ddp"
+    world_size: int = 1
+    grad_accum: int = 1
+    fused_adamw: bool = True  # CUDA; CPU's for-loop AdamW needs a temporary per parameter
+    ddp_bucket_view: bool = False  # DDP(gradient_as_bucket_view=...): the trainer keeps the default
+
+    @property
+    def fsdp(self) -> bool:
+        """The trainer shards only under torchrun with several processes."""
+        return self.parallel == "fsdp" and self.world_size > 1
+
+
+@dataclass
+class Memory:
+    """Bytes per GPU. `peak` is the step's largest live set, not the sum of the parts."""
+
+    weights: float
+    gradients: float
+    optimizer: float
+    weight_copies: float  # bf16 casts of the weights that autocast keeps for backward
+    buffers: float  # DDP gradient buckets, or FSDP's unsharded blocks in flight
+    activations: float  # everything batch-proportional at the peak phase
+    gradients_at_peak: float
+    peak: float
+    phase: str
+    phases: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: (round(v) if isinstance(v, float) else
+                    {p: round(b) for p, b in v.items()} if isinstance(v, dict) else v)
+                for k, v in asdict(self).items()}
+
+
+def estimate_memory(s: Setup) -> Memory:
+    """Peak bytes allocated on one GPU by a steady-state optimizer step (eager mode).
+
+    A step passes through phases with different live sets; the peak is the largest: the start
+    of backward (all saved activations plus the loss gradients), its end (all gradients), the
+    optimizer step, and with checkpointing the end of the forward and the recomputation of
+    the last and of the first block.
+    """
+    cfg, tokens = s.cfg, s.micro_batch * s.seq_len
+    size = model_size(cfg)
+    n, d, v = size["parameters"], cfg.dim, cfg.vocab_size
+    shard = s.world_size if s.fsdp else 1
+    weights, grads, opt = 4 * n / shard, 4 * n / shard, 8 * n / shard
+    act = 2 if s.amp else 4  # bytes per element of an activation outside the fp32 residual stream
+
+    layer = sum(layer_saved_bytes(cfg, s.amp).values()) * tokens
+    head = head_saved_bytes(cfg, s.amp, s.checkpointing) * tokens
+    batch = BATCH_BYTES_PER_TOKEN * tokens
+    # Backward starts with the fp32 gradients of the log-probs and of the logits alive at once.
+    loss_grads = 8 * v * tokens
+    # Autocast caches a bf16 copy of every linear weight; without checkpointing each copy is
+    # saved for backward, with it they are dropped when the forward leaves autocast.
+    copies = 2 * size["linear"] if s.amp else 0
+    block_copies = 2 * size["per_layer"] if s.amp else 0
+    head_copy = 2 * v * d if s.amp else 0
+    # Backward through a block: the residual stream's gradient, and in the MLP the gradients of
+    # the product, of silu(gate) and of up at once.
+    block_bwd = 4 * d * tokens + 3 * act * cfg.hidden_dim * tokens
+    # A tied embedding's gradient is the sum of the lookup's and the lm_head's: one more copy.
+    # Under FSDP the root's (embedding's) gradient is still unsharded when that sum is formed.
+    tied_sum = 4 * v * d if cfg.tie_embeddings else 0
+    root_grads = 4 * size["non_block"] if s.fsdp else 0
+
+    if s.fsdp:
+        # fully_shard per block, fp32 parameters: the current and the prefetched block are
+        # unsharded, one block's full gradient waits for its reduce-scatter, and the root
+        # (embeddings, final norm) stays unsharded from forward to backward.
+        buffers = 4.0 * (3 * size["per_layer"] + size["non_block"])
+    elif s.world_size > 1 and not s.ddp_bucket_view:
+        buffers = 4.0 * n  # DDP's flat gradient buckets, beside the .grad tensors
+    else:
+        buffers = 0.0
+    # Gradient accumulation keeps gradients alive through the next forward; FSDP skips the
+    # reduce-scatter on those micro-steps and so accumulates them unsharded.
+    if s.grad_accum > 1:
+        grads_live = 4.0 * n if s.fsdp else grads
+    elif s.ddp_bucket_view and s.world_size > 1 and not s.fsdp:
+        grads_live = grads
+    else:
+        grads_live = 0.0
+
+    phases: dict[str, tuple[float, float, float]] = {}  # phase -> (activations, gradients, weight copies)
+    if not s.checkpointing:
+        phases["backward start"] = (cfg.n_layers * layer + head + batch + loss_grads, grads_live, copies)
+    else:
+        inputs = 4 * d * tokens  # per block: its input, kept for the recomputation
+        saved = cfg.n_layers * inputs + head + batch
+        phases["forward end"] = (saved + (act + 4) * v * tokens, grads_live, copies)
+        phases["backward start"] = (saved + loss_grads, grads_live, head_copy)
+        phases["recompute last block"] = (batch + cfg.n_layers * inputs + layer + block_bwd,
+                                          max(grads_live, 4 * size["non_block"] / shard), block_copies)
+        phases["recompute first block"] = (batch + inputs + layer + block_bwd,
+                                           max(grads_live, grads - 4 * size["per_layer"] / shard), block_copies)
+    phases["backward end"] = (batch + tied_sum + root_grads, max(grads_live, grads), 0.0)
+    phases["optimizer step"] = (batch, grads, 0.0 if s.fused_adamw else 2.0 * 4 * size["largest"])
+
+    static = weights + opt + buffers
+    totals = {name: static + sum(parts) for name, parts in phases.items()}
+    phase = max(totals, key=totals.__getitem__)
+    a, g, c = phases[phase]
+    return Memory(weights=weights, gradients=grads, optimizer=opt, weight_copies=float(copies), buffers=buffers,
+                  activations=a, gradients_at_peak=g, peak=totals[phase], phase=phase, phases=totals)
+
+
+def usable_bytes(gpu: GPUSpec) -> float:
+    return gpu.memory_gib * GiB * USABLE_FRACTION
+
+
+def largest_micro_batch(s: Setup, gpu: GPUSpec, per_rank: int,
+                        layout: Callable[[int], tuple[int, int]]) -> int:
+    """The largest micro-batch the trainer can use (it divides `per_rank`) whose peak fits; 0 if none.
+
+    `layout(micro)` gives (micro, accumulation) as the trainer would, since accumulation changes
+    whether gradients are alive during the forward.
+    """
+    budget = usable_bytes(gpu)
+    for m in sorted((m for m in range(1, per_rank + 1) if per_rank % m == 0), reverse=True):
+        micro, accum = layout(m)
+        if estimate_memory(replace(s, micro_batch=micro, grad_accum=accum)).peak <= budget:
+            return micro
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """The run being planned: model, batch layout and runtime, as the trainer resolves them."""
+
+    name: str
+    cfg: ModelConfig
+    seq_len: int
+    batch_size: int  # global, in sequences
+    micro_batch: int | None
+    dtype: str
+    parallel: str
+    checkpointing: bool
+
+
+def run_spec(*, preset: str | None, config: str | None, sets: Iterable[str] = (),
+             overrides: dict[str, Any] | None = None) -> RunSpec:
+    """Resolves preset/config/--set/flags with the trainer's own rules, so plan sizes the run it would do."""
+    from .train import resolve_config
+
+    if not preset and not config:
+        raise TinykError("pass --preset or --config")
+    # resolve_config insists on data and output paths; planning reads neither.
+    flags = {"data": "-", "out": "-", **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    tc = resolve_config("pretrain", preset=preset, config=config, flags=flags, sets=list(sets))
+    section = dict(tc.model)
+    base = section.pop("preset", None)
+    if base is None and "dim" not in section:
+        raise TinykError("the config has no model (a model.preset or model.dim)")
+    try:
+        cfg = ModelConfig(**{**(PRESETS[base] if base else {}), **section})
+    except (TypeError, ValueError) as e:
+        raise TinykError(f"invalid model config: {e}") from e
+    if tc.seq_len > cfg.max_seq_len:
+        raise TinykError(f"seq_len {tc.seq_len} exceeds the model's context of {cfg.max_seq_len} tokens")
+    return RunSpec(name=preset or base or str(config), cfg=cfg, seq_len=tc.seq_len, batch_size=tc.batch_size,
+                   micro_batch=tc.micro_batch, dtype=tc.dtype, parallel=tc.parallel,
+                   checkpointing=tc.activation_checkpointing)
+
+
+def make_plan(run: RunSpec, gpu: GPUSpec, *, gpus: int = 1, nodes: int = 1, tokens: float = DEFAULT_TOKENS,
+              price: float | None = None, mfu: float | None = None) -> dict[str, Any]:
+    """Everything `tinyk plan` prints, as JSON-able data."""
+    from .train import micro_layout
+
+    if gpus < 1 or nodes < 1:
+        raise TinykError("--gpus and --nodes must be at least 1")
+    if tokens <= 0:
+        raise TinykError("--tokens must be positive")
+    if mfu is not None and not 0 < mfu <= 1:
+        raise TinykError("--mfu is a fraction between 0 and 1 (e.g. 0.45)")
+    if price is not None and price < 0:
+        raise TinykError("--price must not be negative")
+    world = gpus * nodes
+    if run.batch_size % world:
+        raise TinykError(f"batch size {run.batch_size} is not divisible by {world} GPUs (set --batch-size)")
+    per_rank = run.batch_size // world
+    cfg = run.cfg
+    size = model_size(cfg)
+    fpt = flops_per_token(cfg, run.seq_len)
+
+    def layout(m: int | None) -> tuple[int, int]:
+        return micro_layout(run.batch_size, world, m)
+
+    base = Setup(cfg, run.seq_len, 1, amp=run.dtype != "fp32", checkpointing=run.checkpointing,
+                 parallel=run.parallel, world_size=world)
+    fits = {ck: largest_micro_batch(replace(base, checkpointing=ck), gpu, per_rank, layout) for ck in (False, True)}
+    micro, accum = layout(run.micro_batch or fits[run.checkpointing] or 1)
+    setup = replace(base, micro_batch=micro, grad_accum=accum)
+    mem = estimate_memory(setup)
+    other = estimate_memory(replace(setup, checkpointing=not run.checkpointing))
+
+    if mfu is not None:
+        used_mfu, mfu_source = mfu, "given with --mfu"
+    else:
+        used_mfu, mfu_source = gpu.mfu, gpu.mfu_source
+    # Recomputing the forward adds a third to the compute while MFU counts model FLOPs only.
+    efficiency = 0.75 if run.checkpointing else 1.0
+    per_gpu = used_mfu * gpu.peak_flops * efficiency / fpt
+    wall_s = tokens / (per_gpu * world)
+    gpu_hours = wall_s / 3600 * world
+    plan: dict[str, Any] = {
+        "model": {"name": run.name, "parameters": size["parameters"], "config": cfg.to_dict()},
+        "flops_per_token": fpt,
+        "flops_formula": flops_formula(cfg, run.seq_len),
+        "gpu": {"key": gpu.key, "name": gpu.name, "count": world, "gpus_per_node": gpus, "nodes": nodes,
+                "peak_tflops": gpu.peak_flops / 1e12, "memory_gib": gpu.memory_gib,
+                "usable_gib": usable_bytes(gpu) / GiB},
+        "run": {"seq_len": run.seq_len, "batch_size": run.batch_size, "micro_batch": micro,
+                "grad_accum": accum, "dtype": run.dtype, "parallel": run.parallel if world > 1 else "none",
+                "activation_checkpointing": run.checkpointing, "tokens": int(tokens)},
+        "memory": mem.to_json(),
+        "memory_other_checkpointing": other.to_json(),
+        "fits": mem.peak <= usable_bytes(gpu),
+        "largest_micro_batch": {"no_checkpointing": fits[False], "checkpointing": fits[True]},
+        "throughput": {"mfu": used_mfu, "mfu_source": mfu_source, "tokens_per_s_per_gpu": per_gpu,
+                       "tokens_per_s": per_gpu * world},
+        "time": {"wall_s": wall_s, "wall_h": wall_s / 3600, "gpu_hours": gpu_hours},
+        "cost": None if price is None else {"price_per_gpu_hour": price, "total": gpu_hours * price},
+    }
+    amp = setup.amp
+    plan["activation_model"] = {
+        "layer_bytes_per_token": layer_saved_bytes(cfg, amp),
+        "checkpointed_layer_bytes_per_token": 4 * cfg.dim,
+        "head_bytes_per_token": head_saved_bytes(cfg, amp, run.checkpointing),
+        "loss_gradient_bytes_per_token": 8 * cfg.vocab_size,
+    }
+    if run.cfg == ModelConfig(**PRESETS[TUTORIAL_RUN["preset"]]):
+        a100 = GPUS[TUTORIAL_RUN["gpu"]]
+        a100_mfu = used_mfu if gpu.key == a100.key else a100.mfu
+        plan["tutorial"] = {
+            "gpu_hours": TUTORIAL_RUN["gpus"] * TUTORIAL_RUN["hours"], "gpus": TUTORIAL_RUN["gpus"],
+            "hours": TUTORIAL_RUN["hours"], "a100_mfu": a100_mfu,
+            "a100_mfu_source": mfu_source if gpu.key == a100.key else a100.mfu_source,
+            "a100_hours": tokens * fpt / (a100_mfu * efficiency * a100.peak_flops) / 3600,
+        }
+    return plan
+
+
+_LABEL = 36
+
+
+def _row(label: str, b: float, extra: str = "") -> str:
+    return f"  {label:<{_LABEL}}{b / GiB:7.2f} GiB{extra}"
+
+
+def _mfu_text(mfu: float, source: str) -> str:
+    if source == ASSUMED:
+        return f"{mfu:.0%} (ASSUMED: not yet measured by bench/gpu.sh on this GPU class; override with --mfu)"
+    return f"{mfu:.0%} ({source})"
+
+
+def format_plan(p: dict[str, Any]) -> str:
+    """The human-readable plan."""
+    m, g, r, mem, am = p["model"], p["gpu"], p["run"], p["memory"], p["activation_model"]
+    c = m["config"]
+    ck = r["activation_checkpointing"]
+    precision = "fp32" if r["dtype"] == "fp32" else f"{'bf16' if r['dtype'] == 'auto' else r['dtype']} autocast"
+    parallel = {"none": "one process", "ddp": "DDP", "fsdp": "FSDP"}[r["parallel"]]
+    layer_kib = sum(am["layer_bytes_per_token"].values()) / 1024
+    lines = [
+        f"model        {m['name']}: {m['parameters']:,} parameters (dim {c['dim']}, {c['n_layers']} layers, "
+        f"{c['n_heads']} heads / {c['n_kv_heads']} KV, hidden {c['hidden_dim']}, vocab {c['vocab_size']})",
+        f"FLOPs/token  {p['flops_formula']}",
+        f"hardware     {g['count']} x {g['name']} ({g['nodes']} node{'s' * (g['nodes'] > 1)} x {g['gpus_per_node']} "
+        f"GPU{'s' * (g['gpus_per_node'] > 1)}): {g['peak_tflops']:g} TFLOP/s dense bf16, {g['memory_gib']:g} GiB each",
+        f"run          seq {r['seq_len']}; global batch {r['batch_size']} sequences = micro-batch {r['micro_batch']} "
+        f"x {r['grad_accum']} accumulation x {g['count']} GPU{'s' * (g['count'] > 1)}; {precision} with fp32 "
+        f"master weights; {parallel}; activation checkpointing {'on' if ck else 'off'}",
+        "",
+        f"memory per GPU, eager mode, micro-batch {r['micro_batch']} (torch.compile needs less):",
+        _row("weights (fp32)", mem["weights"]),
+        _row("gradients (fp32)", mem["gradients"],
+             f"   {mem['gradients_at_peak'] / GiB:.2f} GiB of them alive at the peak"
+             if mem["gradients_at_peak"] < mem["gradients"] else ""),
+        _row("optimizer state (AdamW m, v fp32)", mem["optimizer"]),
+    ]
+    if mem["weight_copies"]:
+        lines.append(_row("bf16 weight copies (autocast)", mem["weight_copies"],
+                          "   freed after the forward" if ck else ""))
+    if mem["buffers"]:
+        lines.append(_row("FSDP unsharded blocks in flight" if r["parallel"] == "fsdp" else "DDP gradient buckets",
+                          mem["buffers"]))
+    if ck:
+        detail = (f"{c['n_layers']} block inputs x {am['checkpointed_layer_bytes_per_token'] / 1024:.1f} KiB/token, "
+                  f"one block recomputed at {layer_kib:.1f} KiB/token")
+    else:
+        detail = f"{c['n_layers']} layers x {layer_kib:.1f} KiB/token saved for backward"
+    lines += [
+        _row(f"activations at {mem['phase']}", mem["activations"], f"   {detail}, "
+             f"head {am['head_bytes_per_token'] / 1024:.1f} KiB/token"),
+        _row("peak", mem["peak"], f"   of {g['usable_gib']:.1f} GiB usable ({USABLE_FRACTION:.0%}): "
+             f"{'fits' if p['fits'] else 'DOES NOT FIT'}"),
+        _row(f"peak with checkpointing {'off' if ck else 'on'}", p["memory_other_checkpointing"]["peak"]),
+        f"largest micro-batch that fits: {p['largest_micro_batch']['no_checkpointing']} without activation "
+        f"checkpointing, {p['largest_micro_batch']['checkpointing']} with it (among divisors of the "
+        f"{r['batch_size'] // g['count']} sequences per GPU)",
+        "",
+    ]
+    t, tm = p["throughput"], p["time"]
+    lines += [
+        f"throughput   MFU {_mfu_text(t['mfu'], t['mfu_source'])}" + ("; x0.75 for recomputation" if ck else ""),
+        f"             {t['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU, {t['tokens_per_s']:,.0f} in total",
+        f"time         {r['tokens'] / 1e9:g}B tokens in {tm['wall_h']:,.1f} h = {tm['gpu_hours']:,.1f} GPU-hours",
+    ]
+    if p["cost"]:
+        lines.append(f"cost         {p['cost']['total']:,.2f} = {tm['gpu_hours']:,.1f} GPU-hours x "
+                     f"{p['cost']['price_per_gpu_hour']:g} per GPU-hour")
+    if "tutorial" in p:
+        tut = p["tutorial"]
+        line = (f"tutorial     {tut['gpus']} x A100 for {tut['hours']:g} h = {tut['gpu_hours']:g} A100-hours; this plan: "
+                f"{tm['gpu_hours']:,.1f} {g['key'].upper()}-hours ({tut['gpu_hours'] / tm['gpu_hours']:.1f}x fewer)")
+        if g["key"] != "a100":
+            line += (f"; on A100 at MFU {tut['a100_mfu']:.0%}{' (assumed)' if tut['a100_mfu_source'] == ASSUMED else ''}"
+                     f": {tut['a100_hours']:.1f} A100-hours ({tut['gpu_hours'] / tut['a100_hours']:.1f}x fewer)")
+        lines.append(line)
+    if not p["fits"]:
+        fixes = []
+        if p["largest_micro_batch"]["checkpointing" if ck else "no_checkpointing"]:
+            fixes.append(f"--micro-batch {p['largest_micro_batch']['checkpointing' if ck else 'no_checkpointing']}")
+        if not ck:
+            fixes.append("--activation-checkpointing")
+        if r["parallel"] != "fsdp" and g["count"] > 1:
+            fixes.append("--parallel fsdp")
+        lines.append("warning      the peak exceeds the usable memory" +
+                     (f"; try {' or '.join(fixes)}" if fixes else "; use more GPUs with --parallel fsdp"))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurement (CPU): the check that keeps the memory model honest
+
+
+def _profiled_peak(fn: Callable[[], None]) -> int:
+    """Peak bytes allocated above the starting point while `fn` runs (CPU allocator).
+
+    The CPU allocator reports each allocation to the profiler with a running total of the
+    blocks allocated while profiling, so tensors alive before the start are not in it.
+    """
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events: list[tuple[int, int, int]] = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if node.tag == _EventType.Allocation:
+            f = node.extra_fields
+            events.append((node.start_time_ns, f.alloc_size, f.total_allocated))
+        stack.extend(node.children)
+    if not events:
+        raise RuntimeError("the profiler recorded no allocations")
+    events.sort()
+    start = events[0][2] - events[0][1]
+    return max(e[2] for e in events) - start
+
+
+def _storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    seen = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(seen.values())
+
+
+def measure_step_memory(s: Setup, *, seed: int = 0) -> dict[str, int]:
+    """Runs one steady-state optimizer step of `s` on CPU; returns its peak allocation in bytes.
+
+    The step is the trainer's (`Trainer.train_step` around `LossSum`): autocast around the
+    forward only, a summed cross-entropy, backward per micro-batch, gradient clipping, AdamW
+    from `make_optimizer`, zero_grad(set_to_none=True). The optimizer state exists before the
+    measured step, as in every step after the first.
+    """
+    from .train import LossSum, TrainConfig, make_optimizer
+
+    if s.world_size != 1:
+        raise ValueError("measure_step_memory runs one process")
+    torch.manual_seed(seed)
+    model = Transformer(replace(s.cfg, max_seq_len=max(s.cfg.max_seq_len, s.seq_len))).train()
+    model.activation_checkpointing = s.checkpointing
+    step_module = LossSum(model)
+    opt = make_optimizer(model, TrainConfig(), torch.device("cpu"))
+    params = list(model.parameters())
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    gen = torch.Generator().manual_seed(seed)
+    scale = 1.0 / (s.grad_accum * s.micro_batch * s.seq_len)
+
+    def step() -> None:
+        for _ in range(s.grad_accum):
+            # A fresh batch per micro-step, as the loader hands it over.
+            x, y = torch.randint(0, s.cfg.vocab_size, (2, s.micro_batch, s.seq_len), generator=gen)
+            amp = torch.autocast("cpu", dtype=torch.bfloat16) if s.amp else contextlib.nullcontext()
+            with amp:
+                loss_sum = step_module(x, y)
+            (loss_sum * scale).backward()
+            del x, y, loss_sum
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    static = _storage_bytes(params) + _storage_bytes(t for st in opt.state.values() for t in st.values())
+    peak = _profiled_peak(step)
+    return {"static": static, "step_peak": peak, "peak": static + peak}

@@ -1,0 +1,207 @@
+"""`tinyk plan`: FLOPs, the memory model against what PyTorch allocates, the CLI, and bench/gpu.sh's CPU smoke run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tinyk.cli import main
+from tinyk.model import PRESETS, Transformer, preset_config
+from tinyk.plan import (
+    ASSUMED,
+    GPUS,
+    Setup,
+    estimate_memory,
+    find_gpu,
+    flops_per_token,
+    gpu_class,
+    head_saved_bytes,
+    layer_saved_bytes,
+    make_plan,
+    measure_step_memory,
+    run_spec,
+    usable_bytes,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    captured = capsys.readouterr()
+    return e.value.code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_flops_per_token_is_the_models(preset):
+    cfg = preset_config(preset)
+    with torch.device("meta"):
+        expected = Transformer(cfg).flops_per_token(cfg.max_seq_len)
+    assert flops_per_token(cfg, cfg.max_seq_len) == expected
+
+
+def _saved_bytes(cfg, batch: int, seq: int, amp: bool) -> int:
+    """Bytes of non-parameter tensors autograd saves in one forward (distinct storages)."""
+    torch.manual_seed(0)
+    model = Transformer(cfg).train()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    x = torch.randint(0, cfg.vocab_size, (batch, seq))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        model(x, x)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16"])
+def test_saved_tensor_inventory_per_layer_and_token(amp):
+    """Differencing two depths and two lengths isolates one block's bytes per token (weight casts cancel)."""
+    shape = dict(dim=96, n_heads=6, n_kv_heads=2, hidden_dim=160, vocab_size=300, max_seq_len=64)
+    cfg1, cfg2 = preset_config("nano", n_layers=1, **shape), preset_config("nano", n_layers=2, **shape)
+    b = 3
+    per_layer = (_saved_bytes(cfg2, b, 16, amp) - _saved_bytes(cfg2, b, 8, amp)
+                 - _saved_bytes(cfg1, b, 16, amp) + _saved_bytes(cfg1, b, 8, amp)) / (8 * b)
+    assert per_layer == sum(layer_saved_bytes(cfg1, amp).values())
+    head = (_saved_bytes(cfg1, b, 16, amp) - _saved_bytes(cfg1, b, 8, amp)) / (8 * b) - per_layer
+    ids = 8  # the int64 input, saved by the embedding and the loss; the plan counts it with the batch
+    assert head - ids == head_saved_bytes(cfg1, amp, checkpointing=False)
+
+
+@pytest.mark.parametrize("amp,checkpointing,accum", [
+    (False, False, 1), (True, False, 1), (True, True, 1), (False, True, 2),
+], ids=["fp32", "bf16", "bf16-ckpt", "fp32-ckpt-accum2"])
+def test_estimate_matches_measured_step(amp, checkpointing, accum):
+    """The plan's peak against the CPU profiler's record of the trainer's step, within 15%."""
+    s = Setup(preset_config("tiny"), 64, 2, amp=amp, checkpointing=checkpointing, grad_accum=accum,
+              fused_adamw=False)
+    measured = measure_step_memory(s)["peak"]
+    estimated = estimate_memory(s).peak
+    assert abs(estimated / measured - 1) <= 0.15, (estimated, measured)
+
+
+def test_memory_model_structure():
+    cfg = preset_config("seed-215m")
+    one = estimate_memory(Setup(cfg, 512, 16))
+    n = 215_127_040
+    assert (one.weights, one.gradients, one.optimizer) == (4 * n, 4 * n, 8 * n)
+    assert one.weight_copies > 0 and one.buffers == 0 and one.phase == "backward start"
+    # A single micro-step frees gradients before the activations exist; accumulation keeps them.
+    assert one.gradients_at_peak == 0
+    assert estimate_memory(Setup(cfg, 512, 16, grad_accum=4)).gradients_at_peak == 4 * n
+    fsdp = estimate_memory(Setup(cfg, 512, 16, parallel="fsdp", world_size=4))
+    assert (fsdp.weights, fsdp.optimizer) == (n, 2 * n) and 0 < fsdp.buffers < n
+    ddp = estimate_memory(Setup(cfg, 512, 16, parallel="ddp", world_size=4))
+    assert ddp.buffers == 4 * n  # default DDP: flat gradient buckets beside .grad
+    ckpt = estimate_memory(Setup(cfg, 512, 16, checkpointing=True))
+    assert ckpt.peak < one.peak / 2
+    fp32 = estimate_memory(Setup(cfg, 512, 16, amp=False))
+    assert fp32.weight_copies == 0 and fp32.peak > one.peak
+
+
+def test_largest_micro_batch_is_the_largest_that_fits():
+    run = run_spec(preset="seed-215m", config=None)
+    gpu = find_gpu("4090")
+    plan = make_plan(run, gpu, gpus=8)
+    largest = plan["largest_micro_batch"]["no_checkpointing"]
+    per_gpu = run.batch_size // 8
+    assert 0 < largest < per_gpu
+    base = Setup(run.cfg, run.seq_len, largest, world_size=8)
+    fits = estimate_memory(replace(base, grad_accum=per_gpu // largest)).peak
+    assert fits <= usable_bytes(gpu)
+    bigger = min(m for m in range(largest + 1, per_gpu + 1) if per_gpu % m == 0)
+    assert estimate_memory(replace(base, micro_batch=bigger, grad_accum=per_gpu // bigger)).peak > usable_bytes(gpu)
+    assert plan["largest_micro_batch"]["checkpointing"] > largest
+
+
+def test_plan_seed_215m_on_4_a100(capsys):
+    code, out, _ = run_cli(["plan", "--preset", "seed-215m", "--gpu", "a100", "--gpus", "4", "--tokens", "10B",
+                            "--price", "2", "--json"], capsys)
+    assert code == 0
+    p = json.loads(out)
+    assert p["model"]["parameters"] == 215_127_040 and p["gpu"]["count"] == 4 and p["fits"]
+    fpt = p["flops_per_token"]
+    rate = p["throughput"]["mfu"] * 312e12 * 4 / fpt
+    assert p["throughput"]["tokens_per_s"] == pytest.approx(rate)
+    assert p["time"]["gpu_hours"] == pytest.approx(1e10 / rate / 3600 * 4)
+    assert p["cost"]["total"] == pytest.approx(2 * p["time"]["gpu_hours"])
+    assert p["run"]["micro_batch"] * p["run"]["grad_accum"] * 4 == p["run"]["batch_size"]
+    assert p["tutorial"]["gpu_hours"] == 104
+
+    code, out, _ = run_cli(["plan", "--preset", "seed-215m", "--gpu", "a100", "--gpus", "4", "--price", "2"], capsys)
+    assert code == 0
+    assert "6N + 12*L*d*T = 6 x 215,127,040 + 12 x 18 x 1024 x 512" in out
+    assert "ASSUMED" in out  # no bench/gpu.sh figure for A100 yet
+    for label in ("weights (fp32)", "gradients (fp32)", "optimizer state", "activations at", "peak",
+                  "largest micro-batch that fits", "tokens/s per GPU", "GPU-hours", "cost", "A100-hours"):
+        assert label in out
+
+
+def test_plan_from_config_file_and_flags(tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"preset": "nano", "dim": 96}, "seq_len": 64, "batch_size": 8}))
+    code, out, _ = run_cli(["plan", "--config", str(cfg), "--gpu", "h100", "--micro-batch", "4",
+                            "--activation-checkpointing", "--mfu", "0.5", "--json"], capsys)
+    assert code == 0
+    p = json.loads(out)
+    assert p["model"]["config"]["dim"] == 96 and p["run"]["seq_len"] == 64
+    assert (p["run"]["micro_batch"], p["run"]["grad_accum"]) == (4, 2)
+    assert p["run"]["activation_checkpointing"] and p["throughput"]["mfu_source"] == "given with --mfu"
+    assert "tutorial" not in p
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--preset", "seed-215m", "--gpu", "v100"], "unknown GPU 'v100'"),
+    (["--gpu", "h100"], "pass --preset or --config"),
+    (["--preset", "seed-215m", "--mfu", "45"], "--mfu is a fraction"),
+    (["--preset", "seed-215m", "--gpus", "3"], "not divisible by 3 GPUs"),
+    (["--preset", "seed-215m", "--seq-len", "4096"], "exceeds the model's context"),
+    (["--preset", "nope"], "unknown preset 'nope'"),
+])
+def test_plan_errors_are_one_line(args, message, capsys):
+    code, out, err = run_cli(["plan", *args], capsys)
+    assert code == 2 and out == ""
+    assert err.startswith("tinyk: error: ") and message in err and err.count("\n") == 1
+
+
+def test_gpu_table():
+    for key, gpu in GPUS.items():
+        assert gpu.peak_flops > 0 and 0 < gpu.mfu <= 1 and gpu.memory_gib > 0
+        assert gpu.mfu_source == ASSUMED or gpu.mfu_source.startswith("measured:"), key
+        assert find_gpu(key) is gpu
+    assert GPUS["h100"].peak_flops == 989e12 and GPUS["a100"].peak_flops == 312e12
+    assert find_gpu("RTX 4090") is GPUS["rtx4090"] and find_gpu("A100-40GB") is GPUS["a100-40gb"]
+    names = {"NVIDIA H100 80GB HBM3": "h100", "NVIDIA H100 PCIe": "h100-pcie", "NVIDIA H200": "h200",
+             "NVIDIA A100-SXM4-40GB": "a100-40gb", "NVIDIA A100-SXM4-80GB": "a100",
+             "NVIDIA GeForce RTX 4090": "rtx4090", "NVIDIA GeForce RTX 3090": "rtx3090", "Tesla T4": None}
+    for name, key in names.items():
+        assert gpu_class(name) == key
+
+
+def test_gpu_bench_cpu_smoke(tmp_path):
+    """bench/gpu.sh end to end on CPU: data generation, trainer runs, table."""
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--cpu-smoke",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHON": sys.executable})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_bench.json").read_text())
+    assert [r["status"] for r in report["rows"]] == ["ok"] * len(report["rows"])
+    assert all(r["tokens_per_s"] > 0 and r["mfu"] > 0 and r["plan_mib"] > 0 for r in report["rows"])
+    assert report["bf16_vs_fp32"]["ok"] and report["bf16_vs_fp32"]["steps"] == 2
+    tail = proc.stdout.strip().splitlines()
+    assert any(line.startswith("| eager mb2 ckpt |") for line in tail[-8:])
