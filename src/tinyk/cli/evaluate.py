@@ -1,0 +1,52 @@
+"""`tinyk eval`: loss and bits per byte on prepared data, exact match on chat tasks, multiple choice."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate a model: data loss/bits per byte, chat tasks, multiple choice",
+                       description="Modes combine: --data DIR (loss, perplexity, bits per byte), --task FILE "
+                                   "(JSONL of {messages, answer}: greedy exact match and stop rate), --choice DIR "
+                                   "(C-Eval/CMMLU CSVs: option log-likelihood vs chance).")
+    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--data", nargs="+", default=[], metavar="DIR", help="prepared data directories")
+    p.add_argument("--split", default="val", help="split of --data to evaluate (default val)")
+    p.add_argument("--seq-len", type=int, default=None, help="window length for --data (default: the data's)")
+    p.add_argument("--max-batches", type=int, default=None, help="evaluate only this many batches of --data")
+    p.add_argument("--task", nargs="+", default=[], metavar="FILE", help='JSONL of {"messages": ..., "answer": ...}')
+    p.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit for --task")
+    p.add_argument("--system-prompt", default=None,
+                   help="added to --task chats without one (default: the training default; '' for none)")
+    p.add_argument("--choice", nargs="+", default=[], metavar="PATH",
+                   help="C-Eval/CMMLU CSV files or folders (e.g. ceval/val, cmmlu/test)")
+    p.add_argument("--choice-format", choices=["cloze", "letter"], default="cloze",
+                   help="cloze: score each option's text (better for small models); letter: list the options "
+                        "and score A/B/C/D")
+    p.add_argument("--limit", type=int, default=None, help="first N examples of each task / questions")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.add_argument("--out", default=None, metavar="FILE", help="also write the JSON results here")
+    p.set_defaults(func=_eval)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from tinyk.evaluate import evaluate, format_table, table_rows
+    from tinyk.files import write_json_atomic
+    from tinyk.tokenizer import DEFAULT_SYSTEM_PROMPT
+
+    system_prompt = DEFAULT_SYSTEM_PROMPT if args.system_prompt is None else args.system_prompt
+    results = evaluate(args.model, data=args.data, tasks=args.task, choice=args.choice, split=args.split,
+                       seq_len=args.seq_len, batch_size=args.batch_size, max_batches=args.max_batches,
+                       max_new_tokens=args.max_new_tokens, limit=args.limit, choice_format=args.choice_format,
+                       system_prompt=system_prompt or None, device=args.device)
+    if args.out:
+        write_json_atomic(args.out, results)
+    if args.json:
+        print(json.dumps(results, ensure_ascii=False, indent=2))
+    else:
+        print(format_table(table_rows(results)))
+    return 0

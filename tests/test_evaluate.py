@@ -1,0 +1,291 @@
+"""`tinyk eval`: data loss/bits per byte, generation exact match and stop rate, multiple choice."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tinyk.checkpoint import load_model
+from tinyk.cli import main
+from tinyk.evaluate import (
+    ChoiceQuestion,
+    choice_continuations,
+    continuation_logprobs,
+    eval_choice,
+    eval_data,
+    eval_task,
+    evaluate,
+    format_table,
+    normalize_answer,
+    read_choice,
+    table_rows,
+)
+from tinyk.files import Skips, TinykError
+
+QUESTIONS = [
+    ("中国的首都是哪里？", ["北京", "上海", "广州", "深圳"]),
+    ("一年有几个季节？", ["四个", "三个", "五个", "六个"]),
+    ("水在零度会怎样？", ["结冰", "沸腾", "燃烧", "蒸发"]),
+    ("太阳从哪边升起？", ["东边", "西边", "南边", "北边"]),
+    ("1+1等于几？", ["2", "3", "4", "5"]),
+    ("下面哪个是水果？", ["苹果", "汽车", "桌子", "电脑"]),
+]
+
+
+@pytest.fixture(scope="module")
+def nano(nano_model_dir):
+    return load_model(nano_model_dir)
+
+
+def model_choice(model, tok, fmt: str, question: str, options: dict[str, str]) -> str:
+    """The option the model prefers, computed independently of eval_choice's bookkeeping."""
+    context, conts = choice_continuations(ChoiceQuestion("s", question, options, "A"), fmt)
+    scores = continuation_logprobs(model, tok, [(context, c) for _, c in conts], batch_size=1)
+    if fmt == "cloze":
+        scores = [s / len(c.encode()) for s, (_, c) in zip(scores, conts, strict=True)]
+    return conts[max(range(len(conts)), key=scores.__getitem__)][0]
+
+
+def write_ceval(folder: Path, model, tok, fmt: str) -> None:
+    """A C-Eval layout: answers where the model agrees for the first 3 questions and disagrees after.
+
+    So accuracy must come out exactly 50%, whatever the random model prefers. The test split has
+    no answer column (as in the real C-Eval) and must be skipped.
+    """
+    (folder / "val").mkdir(parents=True)
+    (folder / "test").mkdir()
+    with open(folder / "val" / "toy_val.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "question", "A", "B", "C", "D", "answer", "explanation"])
+        for i, (q, opts) in enumerate(QUESTIONS):
+            options = dict(zip("ABCD", opts, strict=True))
+            pick = model_choice(model, tok, fmt, q, options)
+            answer = pick if i < 3 else next(k for k in "ABCD" if k != pick)
+            w.writerow([i, q, *opts, answer, ""])
+    with open(folder / "test" / "toy_test.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "question", "A", "B", "C", "D"])
+        w.writerow([0, "?", "a", "b", "c", "d"])
+
+
+def test_continuation_logprobs_match_a_direct_forward(nano):
+    model, tok = nano
+    pairs = [("中国的首都是", "北京"), ("今天天气", "很好啊")]
+    got = continuation_logprobs(model, tok, pairs, batch_size=2)
+    for (ctx, cont), value in zip(pairs, got, strict=True):
+        p, c = [tok.bos_id] + tok.encode(ctx), tok.encode(cont)
+        ids = torch.tensor([p + c])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids)[0][0], -1)
+        want = sum(logp[len(p) - 1 + i, t].item() for i, t in enumerate(c))
+        assert value == pytest.approx(want, abs=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["cloze", "letter"])
+def test_choice_accuracy_and_chance_on_a_ceval_folder(tmp_path, nano, fmt):
+    model, tok = nano
+    write_ceval(tmp_path / "ceval", model, tok, fmt)
+    r = eval_choice(model, tok, [tmp_path / "ceval"], fmt=fmt)
+    assert r["questions"] == 6
+    assert r["accuracy"] == pytest.approx(0.5)
+    assert r["baseline"] == pytest.approx(0.25)
+    assert r["subjects"] == {"toy": {"questions": 6, "accuracy": 0.5}}
+    assert r["skipped"]["by_reason"] == {"no_answer_column": 1}
+
+
+def test_cmmlu_header_bad_rows_and_uneven_options(tmp_path):
+    f = tmp_path / "astronomy.csv"
+    f.write_text(",Question,A,B,C,D,Answer\n"
+                 "0,天上最亮的星？,太阳,月亮,,,A\n"      # two options: chance 1/2
+                 "1,坏行,甲,乙,丙,丁,E\n"               # answer not an option
+                 "2,哪个是行星？,地球,太阳,月亮,银河,a\n", encoding="utf-8")
+    skips = Skips()
+    qs = read_choice([f], skips)
+    assert [(q.subject, q.answer, len(q.options)) for q in qs] == [("astronomy", "A", 2), ("astronomy", "A", 4)]
+    assert skips.counts == {"bad_row": 1}
+
+
+def test_choice_refuses_bad_inputs(tmp_path, nano):
+    model, tok = nano
+    with pytest.raises(TinykError, match="not found"):
+        eval_choice(model, tok, [tmp_path / "missing"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TinykError, match="no .csv files"):
+        eval_choice(model, tok, [tmp_path / "empty"])
+    bad = tmp_path / "bad.csv"
+    bad.write_text("x,y\n1,2\n", encoding="utf-8")
+    with pytest.raises(TinykError, match="not a multiple-choice CSV"):
+        eval_choice(model, tok, [bad])
+    with pytest.raises(TinykError, match="unknown multiple-choice format"):
+        eval_choice(model, tok, [bad], fmt="mmlu")
+
+
+def test_normalize_answer():
+    assert normalize_answer(" 3+5等于８。 ") == "3+5等于8"
+    assert normalize_answer("正面\n") == normalize_answer("正面！")
+    assert normalize_answer("负面") != normalize_answer("正面")
+
+
+@pytest.fixture(scope="module")
+def pretrain_data(tmp_path_factory, corpus_file, tok_dir):
+    from tinyk.data import prepare_pretrain
+
+    out = tmp_path_factory.mktemp("evaldata") / "pt"
+    prepare_pretrain([corpus_file], tok_dir, out, val_fraction=0.2, workers=1, show_progress=False)
+    return out
+
+
+def test_data_loss_perplexity_bits_per_byte(nano, nano_model_dir, pretrain_data):
+    from tinyk.data import bytes_per_token, eval_batches, open_dataset
+
+    model, _ = nano
+    r = eval_data(model, nano_model_dir, pretrain_data, seq_len=32, batch_size=4)
+    total = count = 0
+    with torch.no_grad():
+        for x, y in eval_batches(pretrain_data, "val", 32, 4):
+            total += F.cross_entropy(model(x)[0].flatten(0, 1), y.flatten(), reduction="sum").item()
+            count += y.numel()
+    assert r["tokens"] == count
+    assert r["loss"] == pytest.approx(total / count, rel=1e-5)
+    assert r["perplexity"] == pytest.approx(math.exp(r["loss"]), rel=1e-6)
+    meta = open_dataset(pretrain_data)
+    assert r["bits_per_byte"] == pytest.approx(r["loss"] / math.log(2) / bytes_per_token(meta, "val"), rel=1e-6)
+    # A random model is close to uniform over the vocabulary.
+    assert abs(r["loss"] - math.log(model.config.vocab_size)) < 0.5
+
+
+def test_data_from_another_tokenizer_is_refused(tmp_path, nano, pretrain_data, corpus_file):
+    from tinyk.checkpoint import init_model_dir
+    from tinyk.tokenizer import train_tokenizer
+
+    other_tok = train_tokenizer([corpus_file], tmp_path / "tok", vocab_size=300, show_progress=False)
+    assert other_tok["vocab_size"] == 300
+    init_model_dir("nano", tmp_path / "tok", tmp_path / "m")
+    model, _ = load_model(tmp_path / "m")
+    with pytest.raises(TinykError, match="different tokenizer"):
+        eval_data(model, tmp_path / "m", pretrain_data)
+
+
+class ScriptedEngine:
+    """Answers each prompt from a table keyed by its last user message, so scores can be checked exactly."""
+
+    def __init__(self, replies: dict[str, tuple[str, str]], context: int = 200):
+        self.replies, self.context, self.seen = replies, context, []
+
+    def encode(self, prompt: str) -> str:
+        from tinyk.engine import ContextLengthError
+
+        if len(prompt) >= self.context:
+            raise ContextLengthError("too long")
+        return prompt
+
+    def generate(self, prompts, params):
+        from types import SimpleNamespace
+
+        assert params.temperature == 0 and params.repetition_penalty == 1
+        self.seen += prompts
+        out = []
+        for p in prompts:
+            text, reason = self.replies[p.split("<|im_start|>user\n")[-1].split("<|im_end|>")[0]]
+            out.append(SimpleNamespace(text=text, finish_reason=reason))
+        return out
+
+
+def write_task(path: Path, rows: list[object]) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in rows),
+                    encoding="utf-8")
+    return path
+
+
+def test_exact_match_stop_rate_and_majority_baseline(tmp_path):
+    task = write_task(tmp_path / "sentiment.jsonl", [
+        {"messages": [{"role": "user", "content": "好评1"}], "answer": "正面"},
+        {"messages": [{"role": "user", "content": "差评1"}], "answer": "负面"},
+        {"messages": [{"role": "user", "content": "差评2"}], "answer": "负面"},
+        {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "算"}], "answer": ["8", "等于8"]},
+        "{not json",
+        {"messages": [{"role": "assistant", "content": "x"}], "answer": "y"},
+        {"messages": [{"role": "tool", "content": "x"}, {"role": "user", "content": "q"}], "answer": "y"},
+        {"messages": [{"role": "user", "content": "q"}], "answer": 3},
+        {"messages": [{"role": "user", "content": "长" * 300}], "answer": "y"},
+    ])
+    engine = ScriptedEngine({"好评1": ("正面。", "stop"), "差评1": ("正面", "stop"),
+                             "差评2": ("负面负面负面", "length"), "算": ("等于８", "stop")})
+    r = eval_task(engine, task, batch_size=2)
+    assert r["examples"] == 4
+    assert r["accuracy"] == pytest.approx(2 / 4)
+    assert r["stop_rate"] == pytest.approx(3 / 4)
+    assert r["baseline"] == pytest.approx(2 / 4) and r["majority_answer"] == "负面"
+    assert r["skipped"]["by_reason"] == {"malformed_json": 1, "bad_messages": 2, "bad_answer": 1,
+                                         "prompt_too_long": 1}
+    # The default system prompt is added where missing, kept where given; results stay in file order.
+    assert sorted(engine.seen) == sorted([
+        "<|im_start|>system\n你是一个AI助手<|im_end|>\n<|im_start|>user\n好评1<|im_end|>\n<|im_start|>assistant\n",
+        "<|im_start|>system\n你是一个AI助手<|im_end|>\n<|im_start|>user\n差评1<|im_end|>\n<|im_start|>assistant\n",
+        "<|im_start|>system\n你是一个AI助手<|im_end|>\n<|im_start|>user\n差评2<|im_end|>\n<|im_start|>assistant\n",
+        "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\n算<|im_end|>\n<|im_start|>assistant\n"])
+    assert [s["prompt"] for s in r["samples"]] == ["好评1", "差评1", "差评2", "算"]
+    assert [s["correct"] for s in r["samples"]] == [True, False, False, True]
+    r = eval_task(engine, task, system_prompt=None, limit=1)
+    assert r["examples"] == 1 and engine.seen[-1] == "<|im_start|>user\n好评1<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_task_errors(tmp_path):
+    with pytest.raises(TinykError, match="not found"):
+        evaluate(tmp_path, tasks=[tmp_path / "nope.jsonl"])
+    with pytest.raises(TinykError, match="no usable examples"):
+        eval_task(ScriptedEngine({}), write_task(tmp_path / "t.jsonl", ["[]"]))
+    with pytest.raises(TinykError, match="nothing to evaluate"):
+        evaluate(tmp_path)
+
+
+def test_generation_with_the_real_engine(tmp_path, nano):
+    """A random model rarely stops; the point is that real completions flow through and are scored."""
+    from tinyk.evaluate import make_engine
+
+    task = write_task(tmp_path / "t.jsonl", [{"messages": [{"role": "user", "content": f"你好{i}"}], "answer": "你好"}
+                                             for i in range(3)])
+    r = eval_task(make_engine(*nano), task, max_new_tokens=4)
+    assert r["examples"] == 3 and 0 <= r["accuracy"] <= 1
+    assert all(s["finish_reason"] in ("stop", "length") for s in r["samples"])
+    assert r["stop_rate"] == sum(s["finish_reason"] == "stop" for s in r["samples"]) / 3
+
+
+def test_cli_table_and_json(tmp_path, nano, nano_model_dir, pretrain_data, capsys):
+    model, tok = nano
+    write_ceval(tmp_path / "ceval", model, tok, "cloze")
+    out = tmp_path / "r.json"
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--model", str(nano_model_dir), "--data", str(pretrain_data), "--seq-len", "32",
+              "--choice", str(tmp_path / "ceval" / "val"), "--out", str(out)])
+    assert e.value.code == 0
+    table = capsys.readouterr().out
+    assert "pt/val bits per byte" in table and "50.0%  25.0% chance" in table
+    saved = json.loads(out.read_text())
+    assert saved["choice"]["accuracy"] == 0.5 and saved["data"][0]["split"] == "val"
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--model", str(nano_model_dir), "--choice", str(tmp_path / "ceval"), "--json"])
+    assert json.loads(capsys.readouterr().out)["choice"]["questions"] == 6
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--model", str(nano_model_dir)])
+    assert e.value.code == 2
+    assert "nothing to evaluate" in capsys.readouterr().err
+
+
+def test_table_aligns_chinese_text():
+    from tinyk.evaluate import _width
+
+    rows = list(table_rows({"tasks": [{"task": "情感", "examples": 3, "accuracy": 1 / 3, "stop_rate": 1.0,
+                                       "baseline": 2 / 3, "skipped": {"total": 0}}]}))
+    lines = format_table(rows).splitlines()
+    assert "33.3%  66.7% majority" in lines[2] and lines[3].endswith("100.0%")
+    # Scores are right-aligned in display columns, CJK characters counting two.
+    ends = [_width(line[:line.index(score) + len(score)]) for line, score in
+            ((lines[0], "score"), (lines[2], "33.3%"), (lines[3], "100.0%"))]
+    assert len(set(ends)) == 1
