@@ -33,7 +33,7 @@ BASE_SAMPLE_PROMPT = "新华社北京１月１日电"
 class DemoConfig:
     """Every knob of the demo; the defaults are `tinyk demo`, tests use `smoke()`."""
 
-    minutes: float = 12.0
+    minutes: float = 13.0
     corpus: CorpusSpec = field(default_factory=CorpusSpec)
     vocab_size: int = 6144
     tokenizer_bytes: int | None = 3_000_000
@@ -45,7 +45,7 @@ class DemoConfig:
     sft_batch: int = 32
     sft_lr: float = 1e-3
     sft_max_len: int = 256
-    pretrain_share: float = 0.6
+    pretrain_share: float = 0.45
     reserve_s: float = 75.0
     pretrain_steps: int | None = None
     sft_steps: int | None = None
@@ -127,11 +127,13 @@ def probe_throughput(mcfg: Any, batch: int, seq_len: int, dtype: torch.dtype, de
     return steps * batch * seq_len / elapsed
 
 
-def choose_dtype(cfg: DemoConfig, mcfg: Any) -> tuple[str, dict[str, float]]:
-    """The training dtype and measured tokens/s per candidate.
+def choose_runtime(cfg: DemoConfig, mcfg: Any) -> tuple[str, int, dict[str, float]]:
+    """The training dtype and CPU thread count, with the measured tokens/s of each candidate.
 
-    "probe" tries fp32 and bf16 autocast and keeps the faster: on CPUs with AMX or AVX512-BF16
-    bf16 is several times faster, elsewhere it can be slower.
+    dtype "probe" tries fp32 and bf16 autocast and keeps the faster: on CPUs with AMX or
+    AVX512-BF16 bf16 is several times faster, elsewhere it can be slower. One thread is tried
+    too: on a machine busy with other work, threads waiting for each other can make all cores
+    slower than one. The chosen thread count stays set for the rest of the run.
     """
     from .train import DTYPES, resolve_dtype
 
@@ -142,9 +144,17 @@ def choose_dtype(cfg: DemoConfig, mcfg: Any) -> tuple[str, dict[str, float]]:
         names = [cfg.dtype]
     else:
         raise TinykError(f"dtype must be probe, auto, {', '.join(DTYPES)}; got {cfg.dtype!r}")
-    rates = {n: round(probe_throughput(mcfg, cfg.pretrain_batch, cfg.seq_len, resolve_dtype(n, device), device), 1)
-             for n in names}
-    return max(rates, key=rates.__getitem__), rates
+
+    def probe(name: str, threads: int) -> float:
+        torch.set_num_threads(threads)
+        return round(probe_throughput(mcfg, cfg.pretrain_batch, cfg.seq_len, resolve_dtype(name, device), device), 1)
+
+    cores = torch.get_num_threads()
+    counts = [cores, 1] if device.type == "cpu" and cores > 1 else [cores]
+    rates = {(n, t): probe(n, t) for n in names for t in counts}
+    best = max(rates, key=rates.__getitem__)
+    torch.set_num_threads(best[1])
+    return best[0], best[1], {f"{n} x{t}": r for (n, t), r in rates.items()}
 
 
 def steps_for(seconds: float, tokens_per_s: float, tokens_per_step: float, minimum: int = 10) -> int:
@@ -189,11 +199,15 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, *, force: bool = Fa
     previous_demo = (out / "results.json").is_file() and _is_demo_results(out / "results.json")
     if out.exists() and not (force or previous_demo):
         raise TinykError(f"output directory exists and is not an earlier demo: {out} (use --force to replace it)")
-    with atomic_dir(out, force=True) as tmp:
-        results = _pipeline(tmp, cfg, show_progress)
-        results["out"] = str(out)
-        write_json_atomic(tmp / "results.json", results)
-        (tmp / "report.md").write_text(render_report(results), encoding="utf-8")
+    threads = torch.get_num_threads()
+    try:
+        with atomic_dir(out, force=True) as tmp:
+            results = _pipeline(tmp, cfg, show_progress)
+            results["out"] = str(out)
+            write_json_atomic(tmp / "results.json", results)
+            (tmp / "report.md").write_text(render_report(results), encoding="utf-8")
+    finally:
+        torch.set_num_threads(threads)
     if show_progress:
         print("\n" + results_table(results))
         print("\n" + sample_chats(results))
@@ -253,14 +267,14 @@ def _pipeline(root: Path, cfg: DemoConfig, show_progress: bool) -> dict[str, Any
 
     mcfg = preset_config(cfg.preset, vocab_size=open_dataset(data_dir / "pretrain")["vocab_size"], **cfg.model)
     with st.stage("pretrain", f"{cfg.preset} model, batch {cfg.pretrain_batch} x {cfg.seq_len} tokens") as rec:
-        dtype, probe = choose_dtype(cfg, mcfg)
-        steps = cfg.pretrain_steps or steps_for((st.left() - cfg.reserve_s) * cfg.pretrain_share, probe[dtype],
+        dtype, threads, probe = choose_runtime(cfg, mcfg)
+        steps = cfg.pretrain_steps or steps_for((st.left() - cfg.reserve_s) * cfg.pretrain_share, max(probe.values()),
                                                 cfg.pretrain_batch * cfg.seq_len)
-        st.print(f"      throughput probe (tokens/s): {probe} -> {dtype}, {steps} steps")
+        st.print(f"      throughput probe (tokens/s): {probe} -> {dtype}, {threads} thread(s), {steps} steps")
         summary = run_training("pretrain", cfg, data=data_dir / "pretrain", out=runs / "pretrain", steps=steps,
                                dtype=dtype, tokenizer=tok_dir, show_progress=show_progress)
         os.replace(runs / "pretrain" / "final", root / "base")
-        res["pretrain"] = {**_run_summary(summary), "probe_tokens_per_s": probe, "dtype": dtype}
+        res["pretrain"] = {**_run_summary(summary), "probe_tokens_per_s": probe, "dtype": dtype, "threads": threads}
         rec["tokens"] = summary["tokens"]
         rec["note"] = f"{summary['tokens']:,} tokens, val loss {summary['final_val_loss']:.3f}"
 
@@ -392,7 +406,7 @@ def result_rows(res: dict[str, Any]) -> list[tuple[str, str, str]]:
         ("tokenizer", f"{res['tokenizer']['chars_per_token']} chars/token",
          f"vocab {res['tokenizer']['vocab_size']}, {res['tokenizer']['bytes_per_token']} bytes/token"),
         ("pretraining tokens", f"{pre['tokens']:,}", f"{pre['steps']} steps, {pre['tokens_per_s']:,.0f} tokens/s, "
-         f"{pre['dtype']}"),
+         f"{pre['dtype']}, {pre['threads']} thread(s)"),
         ("SFT tokens", f"{sft['tokens']:,}", f"{sft['steps']} steps, {sft['epochs']:.2f} epochs, "
          f"{sft['tokens_per_s']:,.0f} tokens/s"),
         ("base val bits per byte", f"{ev['base_val']['bits_per_byte']:.3f}",

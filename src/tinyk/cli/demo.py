@@ -13,7 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo; an earlier demo "
                                                       "there is replaced)")
     p.add_argument("--minutes", type=float, default=None,
-                   help="wall-time budget for the whole run (default 12); training gets what the other "
+                   help="wall-time budget for the whole run (default 13); training gets what the other "
                         "stages leave")
     p.add_argument("--smoke", action="store_true", help="a shrunken run that takes seconds (checks the plumbing)")
     p.add_argument("--force", action="store_true", help="replace --out even if it is not an earlier demo")
