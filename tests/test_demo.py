@@ -105,15 +105,21 @@ def test_corpus_refuses_an_impossible_holdout(tmp_path):
 
 
 def test_training_budget_from_a_throughput_probe():
-    from tinyk.demo import choose_dtype
+    from tinyk.demo import choose_runtime
     from tinyk.model import preset_config
 
-    cfg = DemoConfig.smoke()
-    dtype, rates = choose_dtype(cfg, preset_config("nano"))
-    assert set(rates) == {"fp32", "bf16"} and dtype == max(rates, key=rates.get) and min(rates.values()) > 0
-    assert list(choose_dtype(replace(cfg, dtype="fp32"), preset_config("nano"))[1]) == ["fp32"]
-    with pytest.raises(TinykError, match="dtype must be"):
-        choose_dtype(replace(cfg, dtype="fp8"), preset_config("nano"))
+    cfg, nano = DemoConfig.smoke(), preset_config("nano")
+    threads = torch.get_num_threads()
+    try:
+        dtype, n, rates = choose_runtime(cfg, nano)
+        assert min(rates.values()) > 0 and rates[f"{dtype} x{n}"] == max(rates.values())
+        assert {"fp32", "bf16"} <= {k.split()[0] for k in rates} and torch.get_num_threads() == n
+        torch.set_num_threads(threads)
+        assert [k.split()[0] for k in choose_runtime(replace(cfg, dtype="fp32"), nano)[2]][0] == "fp32"
+        with pytest.raises(TinykError, match="dtype must be"):
+            choose_runtime(replace(cfg, dtype="fp8"), nano)
+    finally:
+        torch.set_num_threads(threads)
     assert steps_for(60, 1000, 500) == 120
     assert steps_for(-5, 1000, 500) == 10
 
@@ -133,7 +139,7 @@ def test_demo_leaves_models_results_and_report(demo, capsys):
 
     assert is_model_dir(demo / "base") and is_model_dir(demo / "chat")
     r = json.loads((demo / "results.json").read_text(encoding="utf-8"))
-    assert r["kind"] == "tinyk-demo"
+    assert r["kind"] == "tinyk-demo" and r["pretrain"]["threads"] >= 1
     assert [s["stage"] for s in r["stages"]] == ["corpus", "tokenizer", "data", "pretrain", "sft", "eval", "samples",
                                                  "report"]
     assert all(s["seconds"] >= 0 for s in r["stages"])
