@@ -3,11 +3,14 @@
 A random-init `seed-82m` model directory (vocab 6144) is loaded by both; each does greedy
 decoding of identical prompts of `--prompt-len` tokens for `--new-tokens` tokens (EOS ignored),
 at each batch size and dtype. Runs are interleaved so background load hits both alike.
+`--dtype int8` runs tinyk with int8 weights (bf16 compute, `--quantize int8`) against HF in
+fp32, the reference numerics and HF's fastest CPU setting here; "same tokens" then says
+whether quantization changed any greedy token of the (random-init) model.
 
   time to first token (TTFT) = wall time of a 1-token generate (prefill + first token)
   decode tokens/s            = batch * (new_tokens - 1) / (T(new_tokens) - T(1))
 
-Usage: .venv/bin/python bench/decode.py [--batch 1 8] [--dtype float32 bfloat16] [--json out.json]
+Usage: .venv/bin/python bench/decode.py [--batch 1 8] [--dtype float32 bfloat16 int8] [--json out.json]
 """
 
 from __future__ import annotations
@@ -58,6 +61,29 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
+def matmul_floor(model_dir: Path, batch: int, repeats: int = 20) -> float:
+    """Tokens/s if a fp32 decode step were nothing but its matrix products (weights read once each).
+
+    No fp32 implementation can beat this, so it bounds what a same-arithmetic engine can gain.
+    """
+    import torch.nn.functional as F
+
+    from tinyk.checkpoint import load_model
+
+    model, _ = load_model(model_dir)
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    xs = {w.shape[1]: torch.randn(batch, w.shape[1]) for w in weights}
+    with torch.inference_mode():
+        for _ in range(3):
+            for w in weights:
+                F.linear(xs[w.shape[1]], w)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            for w in weights:
+                F.linear(xs[w.shape[1]], w)
+    return batch * repeats / (time.perf_counter() - t0)
+
+
 def measure(engine: Engine, hf, batch: int, args: argparse.Namespace) -> dict:
     """TTFT and decode speed of both implementations on the same random prompts, interleaved."""
     dev = engine.device
@@ -81,7 +107,8 @@ def measure(engine: Engine, hf, batch: int, args: argparse.Namespace) -> dict:
             t = times.setdefault(name, {"first": [], "full": []})
             t["first"].append(timed(lambda fn=fn: fn(1), dev))
             t["full"].append(timed(lambda fn=fn: fn(args.new_tokens), dev))
-    row = {"device": dev.type, "dtype": str(engine.dtype).removeprefix("torch."), "batch": batch, "same_tokens": same}
+    dtype = "int8" if engine.quantize == "int8" else str(engine.dtype).removeprefix("torch.")
+    row = {"device": dev.type, "dtype": dtype, "batch": batch, "same_tokens": same}
     for name, t in times.items():
         first, full = statistics.median(t["first"]), statistics.median(t["full"])
         row[f"{name}_ttft_ms"] = round(first * 1000, 1)
@@ -97,7 +124,7 @@ def main() -> None:
     ap.add_argument("--tokenizer", type=Path, help="a trained 6144-token tokenizer (default: a synthetic one)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=sorted(DTYPES))
+    ap.add_argument("--dtype", nargs="+", default=["float32", "bfloat16", "int8"], choices=[*sorted(DTYPES), "int8"])
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
@@ -112,15 +139,23 @@ def main() -> None:
     mdir = model_dir(args.work, args.tokenizer)
     results = []
     for dtype in args.dtype:
-        engine = Engine.from_dir(mdir, device=args.device, dtype=dtype)
-        hf = AutoModelForCausalLM.from_pretrained(mdir, dtype=DTYPES[dtype]).to(engine.device).eval()
+        int8 = dtype == "int8"
+        engine = Engine.from_dir(mdir, device=args.device, dtype=None if int8 else dtype,
+                                 quantize="int8" if int8 else "none")
+        hf_dtype = torch.float32 if int8 else DTYPES[dtype]
+        hf = AutoModelForCausalLM.from_pretrained(mdir, dtype=hf_dtype).to(engine.device).eval()
         for batch in args.batch:
             results.append(measure(engine, hf, batch, args))
             print(json.dumps(results[-1]), flush=True)
         del engine, hf
+    if args.device == "cpu":
+        for batch in args.batch:
+            print(f"fp32 matrix products alone, batch {batch}: {matmul_floor(mdir, batch):.1f} tokens/s (the ceiling "
+                  "for any fp32 decode)")
     print(f"\nseed-82m on {args.device}, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, "
           f"{torch.get_num_threads()} threads, median of {args.repeats}\n")
-    print("| dtype | batch | tinyk tok/s | HF tok/s | speedup | tinyk TTFT ms | HF TTFT ms | same tokens |")
+    print("| dtype (int8: HF in fp32) | batch | tinyk tok/s | HF tok/s | speedup | tinyk TTFT ms | HF TTFT ms "
+          "| same tokens |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['dtype']} | {r['batch']} | {r['tinyk_decode_tok_s']} | {r['transformers_decode_tok_s']} | "

@@ -20,6 +20,8 @@ from tinyk.engine import (
     Scheduler,
     _ParamTensors,
     cpu_bf16_packing_works,
+    int8_works,
+    quantize_int8,
 )
 from tinyk.files import TinykError
 from tinyk.model import KVCache
@@ -253,6 +255,46 @@ def test_bf16_on_cpu(nano_model_dir, engine, reference):
     if eng.packed:
         plain = Engine(load_model(nano_model_dir)[0], eng.tok, dtype=torch.bfloat16)
         assert not plain.packed and [c.token_ids for c in plain.generate(PROMPTS, GREEDY)] == reference
+
+
+INT8 = pytest.mark.skipif(not hasattr(torch.ops.aten, "_weight_int8pack_mm"),
+                          reason="this torch build has no int8 weight-only kernel")
+
+
+def test_int8_quantization_is_per_row_absmax():
+    w = torch.randn(48, 64) * torch.logspace(-3, 1, 48)[:, None]  # rows of very different scales
+    q, scale = quantize_int8(w, torch.float32)
+    assert q.dtype == torch.int8 and scale.shape == (48,) and int(q.abs().max()) == 127
+    assert torch.all((q.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 + 1e-7)
+
+
+@INT8
+def test_int8_engine_tracks_the_fp32_model(nano_model_dir, engine, reference):
+    """Prefill (6 rows) runs on bf16 weights, each decode step of 1-2 rows on the int8 ones."""
+    assert int8_works(torch.device("cpu"), torch.bfloat16)
+    eng = Engine.from_dir(nano_model_dir, quantize="int8", max_batch=2)
+    assert eng.quantize == "int8" and eng.dtype == torch.bfloat16 and not eng.packed
+    x = torch.tensor([[10, 11, 12, 13, 14, 15, 16]])
+    cache = KVCache(eng.model.config, 1, 8, "cpu", torch.bfloat16)
+    with torch.inference_mode():
+        want, _ = engine.model(x)
+        got = [eng.forward(x[:, :6], torch.arange(6)[None], cache), eng.forward(x[:, 6:], torch.tensor([[6]]), cache)]
+    for g, w in zip(got, (want[:, 5], want[:, 6]), strict=True):
+        err = (g.float() - w).abs().max() / w.std()
+        assert err < 0.05, f"int8 logits are {err:.3f} standard deviations off"
+    out = [c.token_ids for c in eng.generate(PROMPTS, GREEDY)]
+    same = sum(a == b for o, r in zip(out, reference, strict=True) for a, b in zip(o, r, strict=True))
+    assert same >= 0.9 * sum(map(len, reference))
+    with pytest.raises(TinykError, match="unknown quantization"):
+        Engine.from_dir(nano_model_dir, quantize="int4")
+
+
+@INT8
+def test_generate_cli_with_int8(nano_model_dir, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", str(nano_model_dir), "--prompt", "我们", "--quantize", "int8",
+              "--temperature", "0", "--max-new-tokens", "4", "--json"])
+    assert e.value.code == 0 and json.loads(capsys.readouterr().out)["completion_tokens"] == 4
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

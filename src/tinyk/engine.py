@@ -83,21 +83,64 @@ def cpu_bf16_packing_works() -> bool:
         return False
 
 
+QUANTIZE = ("none", "int8")
+
+
+def quantize_int8(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight-only int8 with one scale per output row (absmax / 127): a quarter of fp32's bytes.
+
+    Batch-1 decoding on a CPU is bound by reading every weight once per token (fp32's matrix
+    products alone cap seed-82m near 60 tokens/s on 2 cores), so fewer bytes per weight is
+    the only way past that; the scales are kept in the activation dtype.
+    """
+    w = w.detach().float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale.to(dtype)
+
+
+# Up to this many rows (sequences x tokens) the int8 kernel beats a bf16 matmul; prefill and
+# larger batches are compute-bound and run on the model's own bf16 weights instead.
+INT8_MAX_ROWS = 4
+
+
+def _int8_linear(x: torch.Tensor, w: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    q, scale, dense = w
+    if x.numel() > INT8_MAX_ROWS * x.shape[-1]:
+        return F.linear(x, dense)
+    y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), q, scale)
+    return y.view(*x.shape[:-1], q.shape[0])
+
+
+def int8_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this torch build has the int8 weight-only kernel for `device` and `dtype`."""
+    try:
+        w, x = torch.randn(32, 64, device=device), torch.randn(3, 64, device=device, dtype=dtype)
+        ref = F.linear(x.float(), w)
+        err = (_int8_linear(x, (*quantize_int8(w, dtype), w)).float() - ref).abs().max() / ref.std()
+        return bool(err < 0.05)
+    except (AttributeError, NotImplementedError, RuntimeError):
+        return False
+
+
 class _Forward:
     """The model's forward pass with the KV cache, restated for generation.
 
     Same arithmetic as `Transformer.forward`, so the same logits bit for bit (unless the
-    weights are packed), minus what dominates a small-batch decode step besides the matrix
-    products: ~150 module calls, dropout no-ops, and the RoPE tables rebuilt every step.
-    It uses the model's own weight tensors, so a model trained further is seen at once;
-    only packed bf16 weights (CPU, `Engine(optimize=True)`) are copies.
+    weights are packed or quantized), minus what dominates a small-batch decode step besides
+    the matrix products: ~150 module calls, dropout no-ops, and the RoPE tables rebuilt every
+    step. It uses the model's own weight tensors, so a model trained further is seen at once;
+    only packed bf16 and int8 weights (`Engine(optimize=True)`, `quantize="int8"`) are copies.
     """
 
-    def __init__(self, model: Transformer, pack: bool):
+    def __init__(self, model: Transformer, weights: str = "plain"):
         cfg = model.config
         self.model, self.heads, self.kv_heads, self.head_dim = model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        prep = pack_cpu_bf16 if pack else (lambda w: w)
-        self.linear = _packed_linear if pack else F.linear
+        dtype = model.lm_head.weight.dtype
+        prep, self.linear = {
+            "plain": (lambda w: w, F.linear),
+            "packed": (pack_cpu_bf16, _packed_linear),
+            "int8": (lambda w: (*quantize_int8(w, dtype), w), _int8_linear),
+        }[weights]
         self.layers = [(b.input_layernorm, b.post_attention_layernorm,
                         *(prep(m.weight) for m in (b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj,
                                                    b.self_attn.o_proj, b.mlp.gate_proj, b.mlp.up_proj,
@@ -454,20 +497,35 @@ class Engine:
     """Batched, cached generation over one tinyk model (see the module docstring)."""
 
     def __init__(self, model: Transformer, tok: TinyTokenizer, device: str | torch.device | None = None,
-                 dtype: str | torch.dtype | None = None, max_batch: int = 16, optimize: bool = False):
+                 dtype: str | torch.dtype | None = None, max_batch: int = 16, optimize: bool = False,
+                 quantize: str = "none"):
         """`optimize` lets a bf16 engine on CPU keep packed copies of the weights (see
         `pack_cpu_bf16`), which would go stale if the model were trained further; `from_dir`
-        sets it, since the engine owns that model."""
+        sets it, since the engine owns that model. `quantize="int8"` decodes with int8
+        copies of the weights (see `quantize_int8`); with dtype "auto" it computes in bf16."""
         check_compatible(model.config, tok)
         if not (isinstance(max_batch, int) and max_batch >= 1):
             raise TinykError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        if quantize not in QUANTIZE:
+            raise TinykError(f"unknown quantization {quantize!r} (use {' or '.join(QUANTIZE)})")
         first = next(model.parameters())
         self.device = resolve_device(device) if device is not None else first.device
+        if quantize == "int8" and dtype in (None, "auto"):
+            dtype = torch.bfloat16  # the int8 kernel is fast with bf16 activations, slow with fp32
         self.dtype = resolve_dtype(dtype, self.device) if dtype is not None else first.dtype
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
-        self.packed = optimize and self.device.type == "cpu" and self.dtype == torch.bfloat16 and \
-            cpu_bf16_packing_works()
-        self.forward = _Forward(self.model, self.packed)
+        self.quantize = quantize
+        if quantize == "int8":
+            if not int8_works(self.device, self.dtype):
+                raise TinykError(f"int8 weights are not supported by this torch build on {self.device.type} "
+                                 f"with {str(self.dtype).removeprefix('torch.')}")
+            weights = "int8"
+        elif optimize and self.device.type == "cpu" and self.dtype == torch.bfloat16 and cpu_bf16_packing_works():
+            weights = "packed"
+        else:
+            weights = "plain"
+        self.packed = weights == "packed"
+        self.forward = _Forward(self.model, weights)
         self.tok = tok
         self.max_batch = max_batch
         self.context_length = model.config.max_seq_len
@@ -475,10 +533,11 @@ class Engine:
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, device: str | torch.device | None = "cpu",
-                 dtype: str | torch.dtype | None = None, max_batch: int = 16) -> Engine:
+                 dtype: str | torch.dtype | None = None, max_batch: int = 16, quantize: str = "none") -> Engine:
         dev = resolve_device(device)
-        model, tok = load_model(model_dir, device=dev, dtype=resolve_dtype(dtype, dev))
-        return cls(model, tok, max_batch=max_batch, optimize=True)
+        model, tok = load_model(model_dir, device=dev)
+        return cls(model, tok, dtype=dtype if dtype is not None else "auto", max_batch=max_batch, optimize=True,
+                   quantize=quantize)
 
     # -- prompts ------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ Three modes, combinable in one call:
 
 from __future__ import annotations
 
+import copy
 import csv
 import math
 import unicodedata
@@ -298,7 +299,8 @@ def evaluate(model_dir: str | Path, *, data: Iterable[str | Path] = (), tasks: I
              choice: Iterable[str | Path] = (), split: str = "val", seq_len: int | None = None,
              batch_size: int = 16, max_batches: int | None = None, max_new_tokens: int = 64,
              limit: int | None = None, choice_format: str = "cloze",
-             system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, device: str = "auto") -> dict[str, Any]:
+             system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, device: str = "auto",
+             quantize: str = "none") -> dict[str, Any]:
     """Runs every requested mode on one model directory; the model is loaded once."""
     from .checkpoint import load_model
 
@@ -316,7 +318,7 @@ def evaluate(model_dir: str | Path, *, data: Iterable[str | Path] = (), tasks: I
         results["data"].append(eval_data(model, model_dir, d, split=split, seq_len=seq_len,
                                          batch_size=batch_size, max_batches=max_batches))
     if tasks:
-        engine = make_engine(model, tok, batch_size)
+        engine = make_engine(model, tok, batch_size, quantize)
         results["tasks"] = [eval_task(engine, t, batch_size=batch_size, max_new_tokens=max_new_tokens,
                                       limit=limit, system_prompt=system_prompt) for t in tasks]
     if choice:
@@ -324,9 +326,12 @@ def evaluate(model_dir: str | Path, *, data: Iterable[str | Path] = (), tasks: I
     return results
 
 
-def make_engine(model: Transformer, tok: TinyTokenizer, batch_size: int = 32) -> Any:
+def make_engine(model: Transformer, tok: TinyTokenizer, batch_size: int = 32, quantize: str = "none") -> Any:
+    """The engine for generation tasks; an int8 one works on a copy, so the other modes keep fp32."""
     from .engine import Engine
 
+    if quantize != "none":
+        return Engine(copy.deepcopy(model), tok, max_batch=batch_size, dtype="auto", quantize=quantize)
     return Engine(model, tok, max_batch=batch_size)
 
 

@@ -472,14 +472,15 @@ class ChatServer(ThreadingHTTPServer):
 
 
 def serve(model_dir: str, *, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
-          dtype: str = "auto", max_batch: int = 16, **cfg: Any) -> None:
+          dtype: str = "auto", quantize: str = "none", max_batch: int = 16, **cfg: Any) -> None:
     """Loads the model and serves until interrupted (`tinyk serve`)."""
     from pathlib import Path
 
-    engine = Engine.from_dir(model_dir, device=device, dtype=dtype, max_batch=max_batch)
+    engine = Engine.from_dir(model_dir, device=device, dtype=dtype, max_batch=max_batch, quantize=quantize)
     cfg.setdefault("model_name", Path(model_dir).resolve().name)
     server = ChatServer(engine, ServerConfig(**cfg), host, port)
-    print(f"tinyk: serving {cfg['model_name']} ({engine.device}, {str(engine.dtype).removeprefix('torch.')}) "
+    weights = ", int8 weights" if engine.quantize == "int8" else ""
+    print(f"tinyk: serving {cfg['model_name']} ({engine.device}, {str(engine.dtype).removeprefix('torch.')}{weights}) "
           f"at {server.url}  (chat page: {server.url}/, API: {server.url}/v1)", file=sys.stderr, flush=True)
     try:
         server.serve_forever()

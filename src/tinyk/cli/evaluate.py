@@ -28,6 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=None, help="first N examples of each task / questions")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--quantize", choices=["none", "int8"], default="none",
+                   help="decode --task answers with int8 weights, to see what `--quantize int8` costs")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--out", default=None, metavar="FILE", help="also write the JSON results here")
     p.set_defaults(func=_eval)
@@ -42,7 +44,7 @@ def _eval(args: argparse.Namespace) -> int:
     results = evaluate(args.model, data=args.data, tasks=args.task, choice=args.choice, split=args.split,
                        seq_len=args.seq_len, batch_size=args.batch_size, max_batches=args.max_batches,
                        max_new_tokens=args.max_new_tokens, limit=args.limit, choice_format=args.choice_format,
-                       system_prompt=system_prompt or None, device=args.device)
+                       system_prompt=system_prompt or None, device=args.device, quantize=args.quantize)
     if args.out:
         write_json_atomic(args.out, results)
     if args.json:

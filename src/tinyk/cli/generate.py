@@ -21,6 +21,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model directory")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
+    p.add_argument("--quantize", choices=["none", "int8"], default="none",
+                   help="int8: weight-only int8 copies of the weights, bf16 compute (CPU; 1.3-1.7x faster batch-1 "
+                        "decoding than fp32, slightly different numbers)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop when this text appears (repeatable); it is not part of the output")
 
@@ -60,7 +63,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _engine(args: argparse.Namespace, max_batch: int = 16) -> Engine:
     from tinyk.engine import Engine
 
-    return Engine.from_dir(args.model, device=args.device, dtype=args.dtype, max_batch=max_batch)
+    return Engine.from_dir(args.model, device=args.device, dtype=args.dtype, max_batch=max_batch,
+                           quantize=args.quantize)
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:

@@ -51,5 +51,5 @@ def _serve(args: argparse.Namespace) -> int:
     if args.model_name:
         cfg["model_name"] = args.model_name
     serve(args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
-          max_batch=args.max_batch, **cfg)
+          quantize=args.quantize, max_batch=args.max_batch, **cfg)
     return 0
