@@ -66,8 +66,8 @@ class CorpusSpec:
     news_chunk_chars: int = 512
     max_news_paragraphs: int | None = None
     max_reviews: int | None = None
-    chitchat_conversations: int = 1500
-    multiturn_conversations: int = 1500
+    chitchat_conversations: int = 800
+    multiturn_conversations: int = 800
     max_operand: int = 30
     seed: int = 0
 
@@ -241,9 +241,9 @@ def build_demo_corpus(out: str | Path, spec: CorpusSpec = CorpusSpec()) -> dict[
         return rng.choice(ARITHMETIC_TEMPLATES).format(q=q), arithmetic_answer(q, res)
 
     conversations = [[sentiment_turn(r)] for r in train_reviews]
-    # Every training sum twice in single turns; the rest of the practice comes from multi-turn chats.
+    # Every training sum once in a single turn; more practice comes from multi-turn chats.
     conversations += [[(rng.choice(ARITHMETIC_TEMPLATES).format(q=q), arithmetic_answer(q, res))]
-                      for q, res in train_arith * 2]
+                      for q, res in train_arith]
     makers = (lambda: _chitchat_turn(rng), lambda: sentiment_turn(rng.choice(train_reviews)), arithmetic_turn)
     for _ in range(spec.multiturn_conversations):
         conversations.append([rng.choice(makers)() for _ in range(rng.randint(2, 3))])

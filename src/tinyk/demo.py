@@ -45,8 +45,8 @@ class DemoConfig:
     sft_batch: int = 32
     sft_lr: float = 1e-3
     sft_max_len: int = 256
-    pretrain_share: float = 0.45
-    reserve_s: float = 75.0
+    pretrain_share: float = 0.4
+    reserve_s: float = 45.0
     pretrain_steps: int | None = None
     sft_steps: int | None = None
     evals_per_run: int = 4
