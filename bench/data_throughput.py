@@ -169,9 +169,12 @@ def bench_one(size: int, args: argparse.Namespace, pool: list[str], tok_dir: Pat
     out = work / f"data-{size}"
     try:
         t0 = time.perf_counter()
-        make_corpus(corpus, size, pool)
+        if corpus.exists() and corpus.stat().st_size >= size:  # kept by --keep; generation is seeded
+            print(f"[{size / 1e9:g} GB] reusing {corpus}", flush=True)
+        else:
+            make_corpus(corpus, size, pool)
         nbytes = corpus.stat().st_size
-        print(f"[{size / 1e9:g} GB] generated {nbytes / 1e6:,.0f} MB in {time.perf_counter() - t0:.0f}s", flush=True)
+        print(f"[{size / 1e9:g} GB] corpus of {nbytes / 1e6:,.0f} MB ready in {time.perf_counter() - t0:.0f}s", flush=True)
         if not (tok_dir / "tokenizer.json").exists():
             from tinyk.tokenizer import train_tokenizer
 
