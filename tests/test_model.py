@@ -58,6 +58,29 @@ def test_loss_ignores_masked_targets():
     assert torch.allclose(loss, ref)
 
 
+def test_repeated_kv_heads_match_fused_gqa(monkeypatch):
+    """The path CUDA fp32 takes (K/V heads repeated, no enable_gqa) gives the same logits and gradients."""
+    from tinyk import model as model_mod
+
+    assert model_mod.sdpa_fuses_gqa("cpu", torch.float32) and model_mod.sdpa_fuses_gqa("cuda", torch.bfloat16)
+    assert not model_mod.sdpa_fuses_gqa("cuda", torch.float32)
+    torch.manual_seed(0)
+    model = Transformer(preset_config("nano")).train()
+    x, y = torch.randint(0, 512, (2, 16)), torch.randint(0, 512, (2, 16))
+
+    def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        logits, loss = model(x, y)
+        loss.backward()
+        return logits.detach(), [p.grad.clone() for p in model.parameters()]
+
+    fused = run()
+    monkeypatch.setattr(model_mod, "sdpa_fuses_gqa", lambda *_: False)
+    repeated = run()
+    assert torch.allclose(fused[0], repeated[0], atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(fused[1], repeated[1], strict=True))
+
+
 def test_kv_cache_decoding_equals_full_recomputation():
     torch.manual_seed(0)
     model = Transformer(preset_config("nano")).eval()

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from .checkpoint import check_compatible, load_model
 from .files import TinykError
-from .model import KVCache, Transformer, apply_rope, rope_cos_sin
+from .model import KVCache, Transformer, apply_rope, rope_tables
 from .tokenizer import CHAT_ROLES, TinyTokenizer, render_chat
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -148,8 +148,7 @@ class _Forward:
                        for b in model.model.layers]
         self.lm_head = prep(model.lm_head.weight)
         device = model.lm_head.weight.device
-        cos, sin = rope_cos_sin(torch.arange(cfg.max_seq_len, device=device)[None], cfg.head_dim, cfg.rope_theta)
-        self.cos, self.sin = cos[0], sin[0]
+        self.cos, self.sin = (t.to(device) for t in rope_tables(cfg))
 
     def __call__(self, idx: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                  valid: torch.Tensor | None = None) -> torch.Tensor:

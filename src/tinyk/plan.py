@@ -63,10 +63,12 @@ class GPUSpec:
 GPUS: dict[str, GPUSpec] = {g.key: g for g in [
     GPUSpec("a100", "NVIDIA A100 80GB", 79.2, 0.40, ASSUMED),
     GPUSpec("a100-40gb", "NVIDIA A100 40GB", 39.4, 0.40, ASSUMED),
-    GPUSpec("h100", "NVIDIA H100 80GB SXM", 79.1, 0.40, ASSUMED),
+    GPUSpec("h100", "NVIDIA H100 80GB SXM", 79.1, 0.427,
+            "measured: bench/gpu.sh on NVIDIA H100 80GB HBM3, compiled mb64, 2026-11-28"),
     GPUSpec("h100-pcie", "NVIDIA H100 PCIe 80GB", 79.1, 0.40, ASSUMED),
+    # Measured before the fused q/k/v and gate/up matmuls and the RoPE tables, which gave +13% on the H100.
     GPUSpec("h200", "NVIDIA H200 141GB", 139.8, 0.401,
-            "measured: bench/gpu.sh on NVIDIA H200, compiled mb64, 2026-11-27"),
+            "measured: bench/gpu.sh on NVIDIA H200, compiled mb64, earlier model code, 2026-11-27"),
     GPUSpec("rtx4090", "NVIDIA GeForce RTX 4090 24GB", 23.6, 0.35, ASSUMED),
     GPUSpec("rtx3090", "NVIDIA GeForce RTX 3090 24GB", 23.6, 0.35, ASSUMED),
 ]}
@@ -118,6 +120,9 @@ def _model_size(items: tuple[tuple[str, Any], ...]) -> tuple[tuple[str, int], ..
         ("per_layer", block),
         ("non_block", n - cfg.n_layers * block),
         ("largest", max(p.numel() for p in model.parameters())),
+        # q/k/v and gate/up: concatenated in every forward, so their matmul weight is a new tensor.
+        ("fused", sum(m.weight.numel() for name, m in model.named_modules()
+                      if name.endswith(("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")))),
         ("flops_per_token_n", n - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim)),
     )
 
@@ -143,33 +148,37 @@ def flops_formula(cfg: ModelConfig, seq_len: int) -> str:
 def layer_saved_bytes(cfg: ModelConfig, amp: bool) -> dict[str, int]:
     """Bytes per token one transformer block keeps for backward (eager PyTorch).
 
-    fp32: each RMSNorm keeps its input, the normalised tensor and its output (the next
-    linear's input); attention keeps RoPE'd q and k, v, the SDPA output and its logsumexp;
-    the SwiGLU MLP keeps gate, silu(gate), up and their product.
-    bf16 autocast: the residual stream and the norms stay fp32, but every linear saves its
-    own bf16 cast of its input (five per block: q, k, v, gate, up), RoPE saves bf16 casts of
-    cos and sin for q and k, and the attention and MLP tensors are bf16.
+    fp32: each RMSNorm keeps its input, the normalised tensor and its output (the input of
+    the fused q/k/v and gate/up matmuls); attention keeps RoPE'd q and k, the SDPA output and
+    its logsumexp, and v, a view that keeps the whole q/k/v product alive; the SwiGLU MLP keeps
+    the gate/up product, silu(gate) and silu(gate) * up.
+    bf16 autocast: the residual stream and the norms stay fp32, each of the two fused matmuls
+    saves a bf16 cast of its input, and the attention and MLP tensors are bf16.
     """
-    d, kv, h, heads, hd = cfg.dim, cfg.n_kv_heads * cfg.head_dim, cfg.hidden_dim, cfg.n_heads, cfg.head_dim
+    d, kv, h, heads = cfg.dim, cfg.n_kv_heads * cfg.head_dim, cfg.hidden_dim, cfg.n_heads
     assert h is not None
     rsqrt, lse = 2 * 4, 4 * heads
     if not amp:
-        return {"norms": 4 * 6 * d + rsqrt, "attention": 4 * (2 * d + 2 * kv) + lse, "mlp": 4 * 4 * h}
-    return {"norms": 4 * 4 * d + rsqrt + 2 * 5 * d,
-            "attention": 2 * 4 * hd + 2 * (2 * d + 2 * kv) + lse,
+        return {"norms": 4 * 6 * d + rsqrt, "attention": 4 * (3 * d + 3 * kv) + lse, "mlp": 4 * 4 * h}
+    return {"norms": 4 * 4 * d + rsqrt + 2 * 2 * d,
+            "attention": 2 * (3 * d + 3 * kv) + lse,
             "mlp": 2 * 4 * h}
 
 
-def head_saved_bytes(cfg: ModelConfig, amp: bool, checkpointing: bool) -> int:
-    """Bytes per token saved outside the blocks: final norm, lm_head input, fp32 log-probs.
+def layer_rope_bytes(cfg: ModelConfig, amp: bool) -> int:
+    """Bytes per sequence position (not per token: the batch shares them) one block saves for RoPE.
 
-    RoPE's fp32 cos/sin stay alive when they are inputs of checkpointed blocks or are
-    saved directly (fp32); under autocast without checkpointing only their casts are kept.
+    The tables are fp32 buffers, saved as views in fp32; autocast saves bf16 casts of cos and
+    sin for q and for k.
     """
+    return 4 * 2 * cfg.head_dim if amp else 0
+
+
+def head_saved_bytes(cfg: ModelConfig, amp: bool) -> int:
+    """Bytes per token saved outside the blocks: final norm, lm_head input, fp32 log-probs."""
     d, v = cfg.dim, cfg.vocab_size
     final_norm = 4 * 2 * d + 4 + (2 if amp else 4) * d
-    rope = 2 * 4 * cfg.head_dim if (checkpointing or not amp) else 0
-    return final_norm + 4 * v + rope
+    return final_norm + 4 * v
 
 
 # Input ids and targets (int64) on the device during a micro-step.
@@ -233,15 +242,18 @@ def estimate_memory(s: Setup) -> Memory:
     weights, grads, opt = 4 * n / shard, 4 * n / shard, 8 * n / shard
     act = 2 if s.amp else 4  # bytes per element of an activation outside the fp32 residual stream
 
-    layer = sum(layer_saved_bytes(cfg, s.amp).values()) * tokens
-    head = head_saved_bytes(cfg, s.amp, s.checkpointing) * tokens
+    layer = sum(layer_saved_bytes(cfg, s.amp).values()) * tokens + layer_rope_bytes(cfg, s.amp) * s.seq_len
+    head = head_saved_bytes(cfg, s.amp) * tokens
     batch = BATCH_BYTES_PER_TOKEN * tokens
     # Backward starts with the fp32 gradients of the log-probs and of the logits alive at once.
     loss_grads = 8 * v * tokens
-    # Autocast caches a bf16 copy of every linear weight; without checkpointing each copy is
-    # saved for backward, with it they are dropped when the forward leaves autocast.
-    copies = 2 * size["linear"] if s.amp else 0
-    block_copies = 2 * size["per_layer"] if s.amp else 0
+    # Each matmul saves its weight as it ran: under autocast a bf16 copy of every linear weight (the
+    # fused q/k/v and gate/up casts, and autocast's cache of the others), in fp32 the concatenated
+    # ones. With checkpointing they are dropped, except autocast's cache until the forward leaves it.
+    fused, block_fused = size["fused"], size["fused"] // cfg.n_layers
+    copies = 2 * size["linear"] if s.amp else 4 * fused
+    cached = 2 * (size["linear"] - fused) if s.amp else 0
+    block_copies = 2 * size["per_layer"] if s.amp else 4 * block_fused
     head_copy = 2 * v * d if s.amp else 0
     # Backward through a block: the residual stream's gradient, and in the MLP the gradients of
     # the product, of silu(gate) and of up at once.
@@ -275,7 +287,7 @@ def estimate_memory(s: Setup) -> Memory:
     else:
         inputs = 4 * d * tokens  # per block: its input, kept for the recomputation
         saved = cfg.n_layers * inputs + head + batch
-        phases["forward end"] = (saved + (act + 4) * v * tokens, grads_live, copies)
+        phases["forward end"] = (saved + (act + 4) * v * tokens, grads_live, cached)
         phases["backward start"] = (saved + loss_grads, grads_live, head_copy)
         phases["recompute last block"] = (batch + cfg.n_layers * inputs + layer + block_bwd,
                                           max(grads_live, 4 * size["non_block"] / shard), block_copies)
@@ -418,7 +430,7 @@ def make_plan(run: RunSpec, gpu: GPUSpec, *, gpus: int = 1, nodes: int = 1, toke
     plan["activation_model"] = {
         "layer_bytes_per_token": layer_saved_bytes(cfg, amp),
         "checkpointed_layer_bytes_per_token": 4 * cfg.dim,
-        "head_bytes_per_token": head_saved_bytes(cfg, amp, run.checkpointing),
+        "head_bytes_per_token": head_saved_bytes(cfg, amp),
         "loss_gradient_bytes_per_token": 8 * cfg.vocab_size,
     }
     if run.cfg == ModelConfig(**PRESETS[TUTORIAL_RUN["preset"]]):

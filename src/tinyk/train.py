@@ -462,6 +462,7 @@ def _export(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> Transformer:
 def _apply_runtime_fields(model: Transformer, cfg: ModelConfig) -> None:
     """Settings that may differ from a loaded model's without touching its weights (context, dropout)."""
     model.config = cfg
+    model.init_rope()
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.p = cfg.dropout
@@ -622,8 +623,9 @@ class Trainer:
         if d.world > 1 and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel
 
+            # The only buffers are the RoPE tables, the same on every rank: nothing to broadcast per step.
             step_module = DistributedDataParallel(step_module, device_ids=[self.device.index]
-                                                  if self.device.type == "cuda" else None)
+                                                  if self.device.type == "cuda" else None, broadcast_buffers=False)
         self.ddp = step_module if d.world > 1 and not self.fsdp else None
         self.step_module = torch.compile(step_module, mode=cfg.compile_mode) if cfg.compile else step_module
         self.opt = make_optimizer(model, cfg, self.device)
