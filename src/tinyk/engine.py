@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from .checkpoint import check_compatible, load_model
 from .files import TinykError
-from .model import KVCache, Transformer, apply_rope, rope_tables
+from .model import KVCache, Transformer, apply_rope
 from .tokenizer import CHAT_ROLES, TinyTokenizer, render_chat
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -127,9 +127,10 @@ class _Forward:
 
     Same arithmetic as `Transformer.forward`, so the same logits bit for bit (unless the
     weights are packed or quantized), minus what dominates a small-batch decode step besides
-    the matrix products: ~150 module calls, dropout no-ops, and the RoPE tables rebuilt every
-    step. It uses the model's own weight tensors, so a model trained further is seen at once;
-    only packed bf16 and int8 weights (`Engine(optimize=True)`, `quantize="int8"`) are copies.
+    the matrix products: ~150 module calls, dropout no-ops, and the q/k/v and gate/up weights
+    concatenated every step. It uses the model's own weight tensors and RoPE tables, so a model
+    trained further is seen at once; only packed bf16 and int8 weights (`Engine(optimize=True)`,
+    `quantize="int8"`) are copies.
     """
 
     def __init__(self, model: Transformer, weights: str = "plain"):
@@ -147,8 +148,7 @@ class _Forward:
                                                    b.mlp.down_proj)))
                        for b in model.model.layers]
         self.lm_head = prep(model.lm_head.weight)
-        device = model.lm_head.weight.device
-        self.cos, self.sin = (t.to(device) for t in rope_tables(cfg))
+        self.cos, self.sin = model.rope_cos, model.rope_sin
 
     def __call__(self, idx: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                  valid: torch.Tensor | None = None) -> torch.Tensor:

@@ -79,11 +79,11 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-def rope_tables(cfg: ModelConfig, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 cos/sin of shape (max_seq_len, head_dim) in HF's half-rotation layout, row = position."""
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=device, dtype=torch.float32)
+def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos/sin on the CPU, shape (max_seq_len, head_dim), HF's half-rotation layout, row = position."""
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device="cpu", dtype=torch.float32)
                                          / cfg.head_dim))
-    freqs = torch.arange(cfg.max_seq_len, device=device, dtype=torch.float32)[:, None] * inv_freq
+    freqs = torch.arange(cfg.max_seq_len, device="cpu", dtype=torch.float32)[:, None] * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
 
