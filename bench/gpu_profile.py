@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from gpu_bench import prepare_data  # noqa: E402
 from tinyk.model import PRESETS, ModelConfig  # noqa: E402
 from tinyk.monitor import peak_flops  # noqa: E402
-from tinyk.train import IGNORE, TrainConfig, Trainer  # noqa: E402
+from tinyk.train import TrainConfig, Trainer  # noqa: E402
 
 # First match wins; CUDA kernel names and, on CPU, aten op names.
 CATEGORIES = [
@@ -60,21 +60,15 @@ def category(name: str) -> str:
     return "other"
 
 
-def _step_fn(tr: Trainer):
-    def step() -> None:
-        batches = [tr.loader.next_batch() for _ in range(tr.accum)]
-        n_loss = sum(int((y != IGNORE).sum()) for _, y in batches)
-        tr.train_step(batches, n_loss)
-    return step
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def time_steps(tr: Trainer, warmup: int, steps: int) -> dict:
-    step = _step_fn(tr)
+    def step() -> None:
+        tr.train_step(*tr.next_batches())
+
     t0 = time.perf_counter()
     step()
     _sync(tr.device)
@@ -100,7 +94,9 @@ def profile_steps(tr: Trainer, steps: int) -> tuple[list[dict], float]:
 
     cuda = tr.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    step = _step_fn(tr)
+    def step() -> None:
+        tr.train_step(*tr.next_batches())
+
     with profile(activities=activities) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):

@@ -27,7 +27,7 @@ from tinyk.checkpoint import hf_config
 from tinyk.data import PretrainLoader, prepare_pretrain
 from tinyk.monitor import measure_matmul_flops
 from tinyk.tokenizer import train_tokenizer
-from tinyk.train import IGNORE, TrainConfig, Trainer
+from tinyk.train import TrainConfig, Trainer
 
 TEXT = ("我们今天去公园散步，天气很好！你喜欢吃苹果吗？这本书非常有意思：作者写得很好。中国的首都是北京。"
         "The quick brown fox jumps over the lazy dog. 1+1=2; (x, y) -> z. ")
@@ -52,8 +52,7 @@ def tinyk_step(args: argparse.Namespace, root: Path, tok: Path, data: Path, comp
     trainer = Trainer(cfg)
 
     def step() -> None:
-        batches = [trainer.loader.next_batch() for _ in range(trainer.accum)]
-        trainer.train_step(batches, sum(int((y != IGNORE).sum()) for _, y in batches))
+        trainer.train_step(*trainer.next_batches())
 
     return trainer, step
 

@@ -104,24 +104,57 @@ def test_corpus_refuses_an_impossible_holdout(tmp_path):
         build_demo_corpus(tmp_path, replace(SMALL, max_reviews=10, heldout_reviews=10))
 
 
-def test_training_budget_from_a_throughput_probe():
-    from tinyk.demo import choose_runtime
-    from tinyk.model import preset_config
+def test_training_budget_from_a_throughput_probe(tmp_path, pt_data, tok_dir):
+    from tinyk.demo import choose_runtime, training_config
 
-    cfg, nano = DemoConfig.smoke(), preset_config("nano")
+    cfg = DemoConfig.smoke()
+    tcfg = training_config("pretrain", cfg, data=pt_data, out=tmp_path / "probe", steps=10**6, tokenizer=tok_dir)
     threads = torch.get_num_threads()
     try:
-        dtype, n, rates = choose_runtime(cfg, nano)
-        assert min(rates.values()) > 0 and rates[f"{dtype} x{n}"] == max(rates.values())
-        assert {"fp32", "bf16"} <= {k.split()[0] for k in rates} and torch.get_num_threads() == n
+        rt = choose_runtime(cfg, tcfg)
+        assert min(rt.rates.values()) > 0 and rt.tokens_per_s == max(rt.rates.values()) and not rt.compile
+        assert {"fp32", "bf16"} <= {k.split()[0] for k in rt.rates} and torch.get_num_threads() == rt.threads
+        assert not (tmp_path / "probe").exists()
         torch.set_num_threads(threads)
-        assert [k.split()[0] for k in choose_runtime(replace(cfg, dtype="fp32"), nano)[2]][0] == "fp32"
+        assert [k.split()[0] for k in choose_runtime(replace(cfg, dtype="fp32"), tcfg).rates][0] == "fp32"
         with pytest.raises(TinykError, match="dtype must be"):
-            choose_runtime(replace(cfg, dtype="fp8"), nano)
+            choose_runtime(replace(cfg, dtype="fp8"), tcfg)
     finally:
         torch.set_num_threads(threads)
-    assert steps_for(60, 1000, 500) == 120
-    assert steps_for(-5, 1000, 500) == 10
+    assert steps_for(60, 2.0) == 120
+    assert steps_for(-5, 2.0) == 10
+
+
+def test_sft_is_timed_on_its_own_batches(tmp_path, sft_data, nano_model_dir):
+    from tinyk.demo import steps_per_second, training_config
+
+    tcfg = training_config("sft", DemoConfig.smoke(), data=sft_data, out=tmp_path / "probe", steps=10**6,
+                           init=nano_model_dir)
+    assert steps_per_second(tcfg, 0.0) > 0 and not (tmp_path / "probe").exists()
+
+
+def test_probe_compiles_the_trainer_step_or_falls_back_to_eager(tmp_path, pt_data, tok_dir, monkeypatch):
+    from tinyk.demo import choose_runtime, training_config
+
+    cfg = replace(DemoConfig.smoke(), dtype="fp32")
+    tcfg = training_config("pretrain", cfg, data=pt_data, out=tmp_path / "probe", steps=10**6, tokenizer=tok_dir)
+    threads = torch.get_num_threads()
+    try:
+        rt = choose_runtime(cfg, tcfg, try_compile=True)
+        compiled = rt.rates[f"fp32 x{rt.threads} compiled"]
+        assert compiled > 0 and rt.compile_error is None
+        assert rt.compile == (compiled > rt.eager_tokens_per_s)
+        assert rt.tokens_per_s == (compiled if rt.compile else rt.eager_tokens_per_s)
+
+        def no_compiler(*args, **kwargs):
+            raise RuntimeError("InductorError: C++ compiler not found\nmore detail")
+
+        monkeypatch.setattr(torch, "compile", no_compiler)
+        rt = choose_runtime(cfg, tcfg, try_compile=True)
+        assert not rt.compile and rt.compile_error == "InductorError: C++ compiler not found"
+        assert all("compiled" not in k for k in rt.rates)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from tinyk.checkpoint import load_model
 from tinyk.cli import main
-from tinyk.data import SFTLoader, prepare_pretrain, prepare_sft
+from tinyk.data import SFTLoader, prepare_pretrain
 from tinyk.files import TinykError
 from tinyk.model import Transformer, preset_config
 from tinyk.train import (
@@ -46,23 +46,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def pt_data(tmp_path_factory, corpus_file, tok_dir) -> Path:
-    out = tmp_path_factory.mktemp("pt") / "data"
-    prepare_pretrain([corpus_file], tok_dir, out, val_fraction=0.05, workers=1, show_progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
-def sft_data(tmp_path_factory, tok_dir) -> Path:
-    root = tmp_path_factory.mktemp("sft")
-    convs = [{"conversations": [{"from": "human", "value": f"问题{i}：北京是哪里？" + "请详细说明。" * (i % 4)},
-                                {"from": "gpt", "value": f"北京是中国的首都。第{i}个回答。"}]} for i in range(120)]
-    (root / "sft.jsonl").write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in convs))
-    prepare_sft([root / "sft.jsonl"], tok_dir, root / "data", val_fraction=0.1, workers=1, show_progress=False)
-    return root / "data"
 
 
 def nano_cfg(data: Path, tok: Path | None, out: Path, kind: str = "pretrain", **kw) -> TrainConfig:
@@ -147,6 +130,7 @@ def test_config_layers_preset_file_flags_set(tmp_path):
     (["batch_size=2.5"], "config key batch_size"),
     (["dtype=int8"], "dtype must be auto, bf16, fp16 or fp32"),
     (["compile_mode=fast"], "compile_mode must be one of default, reduce-overhead"),
+    (["max_minutes=0"], "max_minutes must be positive"),
     (["model.preset=huge"], "unknown model preset 'huge'"),
     (["a.b.c=1"], "only model.<key> is nested"),
     (["novalue"], "--set expects key=value"),
@@ -404,6 +388,29 @@ def test_trainer_is_usable_as_a_library(tmp_path, pt_data, tok_dir):
     assert (trainer.micro, trainer.accum, trainer.total_steps) == (8, 1, 1)
     assert trainer.flops_per_token == trainer.model.flops_per_token(32)
     assert trainer.run()["steps"] == 1
+
+
+def test_max_minutes_fits_the_schedule_to_the_clock(tmp_path, pt_data, tok_dir):
+    """A wall-time budget ends the run on time with its LR decayed, and the step budgets still cap it."""
+    out = tmp_path / "timed"
+    summary = train(nano_cfg(pt_data, tok_dir, out, max_steps=3000, max_minutes=0.04, warmup_steps=2))
+    lrs = [r["lr"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["type"] == "train"]
+    assert summary["status"] == "completed" and 5 <= summary["steps"] == summary["total_steps"] < 3000
+    assert summary["elapsed_s"] < 0.04 * 60 + 5 and (out / "final").is_dir()
+    assert max(lrs) == pytest.approx(3e-3) and lrs[-1] < 0.2 * 3e-3  # the cosine reached (near) its floor
+    capped = train(nano_cfg(pt_data, tok_dir, tmp_path / "capped", max_steps=3, max_minutes=10))
+    assert capped["steps"] == 3
+
+
+def test_compiled_training_matches_eager(tmp_path, pt_data, tok_dir):
+    """--compile changes kernels, not the arithmetic: the same losses within float reordering."""
+    # seq_len 64 is the demo probe's shape (tests/test_demo.py), so this graph is usually compiled already.
+    eager = train(nano_cfg(pt_data, tok_dir, tmp_path / "eager", max_steps=3, seq_len=64))
+    compiled = train(nano_cfg(pt_data, tok_dir, tmp_path / "compiled", max_steps=3, seq_len=64, compile=True))
+    a, b = train_losses(tmp_path / "eager"), train_losses(tmp_path / "compiled")
+    assert a.keys() == b.keys() == {1, 2, 3}
+    assert all(b[k] == pytest.approx(a[k], rel=1e-4) for k in a)
+    assert compiled["final_val_loss"] == pytest.approx(eager["final_val_loss"], rel=1e-4)
 
 
 def test_no_validation_split_still_trains(tmp_path, corpus_file, tok_dir, capsys):

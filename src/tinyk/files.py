@@ -79,6 +79,16 @@ def check_inputs(paths: list[str | Path]) -> list[Path]:
     return out
 
 
+def marker_file(directory: str | Path, name: str, what: str) -> Path:
+    """`directory/name`, the file that makes `directory` a `what` directory, or one line on what is wrong."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise TinykError(f"{what} directory not found: {d}")
+    if not (d / name).is_file():
+        raise TinykError(f"not a {what} directory (no {name}): {d}")
+    return d / name
+
+
 def _open_binary(path: Path) -> BinaryIO:
     if path.name.endswith(".gz"):
         return gzip.open(path, "rb")  # type: ignore[return-value]

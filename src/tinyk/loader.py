@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .data import FORMAT_VERSION, SPLITS
-from .files import TinykError
+from .files import TinykError, marker_file
 from .tokenizer import IM_END_ID
 
 PAD_ID = IM_END_ID
@@ -31,12 +31,7 @@ _LOSS_COUNT_CHUNK = 1 << 24
 
 def open_dataset(data_dir: str | Path) -> dict[str, Any]:
     """Reads and validates meta.json; every loader starts here."""
-    d = Path(data_dir)
-    f = d / "meta.json"
-    if not d.is_dir():
-        raise TinykError(f"data directory not found: {d}")
-    if not f.is_file():
-        raise TinykError(f"not a tinyk data directory (no meta.json): {d}")
+    f = marker_file(data_dir, "meta.json", "tinyk data")
     try:
         meta = json.loads(f.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

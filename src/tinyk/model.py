@@ -160,13 +160,15 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.dropout = cfg.dropout
 
+    def qkv_weight(self) -> torch.Tensor:
+        """q, k and v as one matmul (the weights stay HF's three tensors): alone, the narrow k and v
+        products use a GPU poorly (forward+backward 1.8x faster fused on an H100, bench/gpu_profile.py)."""
+        return torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+
     def forward(self, x, cos, sin, cache: KVCache | None = None, mask: torch.Tensor | None = None):
         B, T, _ = x.shape
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        # One matmul for q, k and v (the weights stay HF's three tensors): alone, the narrow k and v
-        # products use a GPU poorly (forward+backward 1.8x faster fused on an H100, bench/gpu_profile.py).
-        w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
-        q, k, v = F.linear(x, w).split([q_size, kv_size, kv_size], dim=-1)
+        q, k, v = F.linear(x, self.qkv_weight()).split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -192,8 +194,12 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
         self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
 
+    def gate_up_weight(self) -> torch.Tensor:
+        """gate and up as one matmul, for the same reason as `Attention.qkv_weight`."""
+        return torch.cat([self.gate_proj.weight, self.up_proj.weight])
+
     def forward(self, x):
-        gate, up = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight])).chunk(2, dim=-1)
+        gate, up = F.linear(x, self.gate_up_weight()).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 

@@ -191,6 +191,11 @@ class Monitor:
             numbers = {k: v for k, v in rec.items() if isinstance(v, int | float) and k != "step"}
             self.trackers.log(numbers, rec["step"])
 
+    def set_total(self, total_steps: int) -> None:
+        if self.bar.total != total_steps:
+            self.bar.total = total_steps
+            self.bar.refresh()
+
     def advance(self, steps: int) -> None:
         self.bar.update(steps)
 

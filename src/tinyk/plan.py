@@ -121,8 +121,8 @@ def _model_size(items: tuple[tuple[str, Any], ...]) -> tuple[tuple[str, int], ..
         ("non_block", n - cfg.n_layers * block),
         ("largest", max(p.numel() for p in model.parameters())),
         # q/k/v and gate/up: concatenated in every forward, so their matmul weight is a new tensor.
-        ("fused", sum(m.weight.numel() for name, m in model.named_modules()
-                      if name.endswith(("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")))),
+        ("fused", sum(b.self_attn.qkv_weight().numel() + b.mlp.gate_up_weight().numel()
+                      for b in model.model.layers)),
         ("flops_per_token_n", n - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim)),
     )
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from .files import Skips, TinykError, atomic_dir, check_inputs, hash_files, iter_texts
+from .files import Skips, TinykError, atomic_dir, check_inputs, hash_files, iter_texts, marker_file
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 UNK_ID, BOS_ID, EOS_ID, IM_START_ID, IM_END_ID = range(5)
@@ -102,11 +102,7 @@ def tokenizer_hash(path: str | Path) -> str:
 def load_tokenizer(path: str | Path) -> TinyTokenizer:
     """Loads a tokenizer directory and checks it carries the special ids tinyk relies on."""
     path = Path(path)
-    f = path / "tokenizer.json"
-    if not path.is_dir():
-        raise TinykError(f"tokenizer directory not found: {path}")
-    if not f.is_file():
-        raise TinykError(f"not a tokenizer directory (no tokenizer.json): {path}")
+    f = marker_file(path, "tokenizer.json", "tokenizer")
     try:
         tok = Tokenizer.from_file(str(f))
     except Exception as e:  # tokenizers raises a bare Exception on bad JSON

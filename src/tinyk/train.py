@@ -68,6 +68,7 @@ class TrainConfig:
     max_steps: int | None = None
     max_tokens: int | None = None
     epochs: float | None = None
+    max_minutes: float | None = None
     lr: float = 3e-4
     min_lr_ratio: float = 0.1
     warmup_steps: int | None = None
@@ -264,8 +265,8 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.log_every >= 1, "log_every must be at least 1"),
         (cfg.keep_checkpoints >= 1, "keep_checkpoints must be at least 1"),
         (cfg.eval_every >= 0 and cfg.save_every >= 0, "eval_every and save_every must be >= 0 (0 = only at the end)"),
-        (all(v is None or v > 0 for v in (cfg.max_steps, cfg.max_tokens, cfg.epochs)),
-         "max_steps, max_tokens and epochs must be positive"),
+        (all(v is None or v > 0 for v in (cfg.max_steps, cfg.max_tokens, cfg.epochs, cfg.max_minutes)),
+         "max_steps, max_tokens, epochs and max_minutes must be positive"),
         (cfg.out is not None, "no run directory: pass --out"),
         (cfg.data is not None, "no training data: pass --data (a directory made by tinyk data)"),
     ]
@@ -585,7 +586,8 @@ class Trainer:
         loader_cls = PretrainLoader if cfg.kind == "pretrain" else SFTLoader
         self.loader = loader_cls(cfg.data, "train", cfg.seq_len, self.micro, rank=d.rank, world_size=d.world,
                                  seed=cfg.seed)
-        self.total_steps = total_steps(cfg, self.loader.num_windows)
+        # With max_minutes this is the cap, and total_steps is re-fitted to the clock as the run goes.
+        self.step_cap = self.total_steps = total_steps(cfg, self.loader.num_windows)
         self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else default_warmup(self.total_steps)
         self.val_problem = None
         try:  # opening the split validates it; a run without usable validation data still trains
@@ -739,6 +741,11 @@ class Trainer:
                           f"({str(self.dtype).split('.')[-1]}): lower --micro-batch (try {max(1, self.micro // 2)}), "
                           f"or add --activation-checkpointing, --parallel fsdp, or a shorter --seq-len")
 
+    def next_batches(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
+        """This process's micro-batches for one optimizer step, and how many of their targets carry loss."""
+        batches = [self.loader.next_batch() for _ in range(self.accum)]
+        return batches, sum(int((y != IGNORE).sum()) for _, y in batches)
+
     def train_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]], n_loss: int) -> tuple[torch.Tensor,
                                                                                                  torch.Tensor]:
         """One optimizer step over this process's micro-batches; returns (loss sum, grad norm) as tensors.
@@ -763,6 +770,23 @@ class Trainer:
         self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
         return total, norm
+
+    def _fit_schedule(self, t_first: float, step_first: int) -> None:
+        """--max-minutes: the run's length becomes the steps that fit the time left at this session's
+        measured rate (evaluations included), so the LR schedule still ends at its floor on time."""
+        p, done = self.progress, self.progress.step - step_first
+        if done < 2:  # the first step of a session is timed from its end: compilation and warm-up excluded
+            return
+        left = self.cfg.max_minutes * 60 - self._elapsed()
+        rate = done / (time.perf_counter() - t_first)
+        fitted = p.step + max(0, int(left * rate))
+        if self.dist.world > 1:  # every rank must agree on when to stop
+            fitted = int(self.dist.sum_host([fitted])[0]) // self.dist.world
+        self.total_steps = min(self.step_cap, fitted)
+        if self.cfg.warmup_steps is None:
+            self.warmup = min(self.warmup, default_warmup(self.total_steps))
+        if self.monitor:
+            self.monitor.set_total(self.total_steps)
 
     def _lockstep(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]
                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor] | None]:
@@ -826,7 +850,9 @@ class Trainer:
             f"{str(self.dtype).split('.')[-1]}, {'FSDP' if self.fsdp else 'DDP' if d.world > 1 else 'single process'}"
             f"{', compiled' if cfg.compile else ''}{', activation checkpointing' if cfg.activation_checkpointing else ''}",
             f"batch {cfg.batch_size} x {cfg.seq_len} = {tokens_per_step:,} tokens/step = {self.accum} micro-batch(es) "
-            f"of {self.micro} per process; {self.total_steps:,} steps ({self.total_steps * tokens_per_step:,} tokens), "
+            f"of {self.micro} per process; {'up to ' if cfg.max_minutes else ''}{self.total_steps:,} steps "
+            f"({self.total_steps * tokens_per_step:,} tokens)"
+            f"{f', fitted to {cfg.max_minutes:g} minutes' if cfg.max_minutes else ''}, "
             f"warmup {self.warmup}, lr {cfg.lr:g} -> {cfg.lr * cfg.min_lr_ratio:g}",
             f"FLOPs/token {self.flops_per_token:.4g} = 6*N + 12*L*d*T = 6*{n_matmul:,} + 12*{m.n_layers}*{m.dim}*"
             f"{cfg.seq_len}; peak for MFU: "
@@ -865,12 +891,12 @@ class Trainer:
         last_train = last_val = None
         best_val = math.inf
         last_saved = p.step if self.resumed_from else -1
+        t_first = step_first = None
         while True:
             loader_state = self.loader.state_dict()
             if p.step >= self.total_steps:
                 break
-            batches = [self.loader.next_batch() for _ in range(self.accum)]
-            n_loss = sum(int((y != IGNORE).sum()) for _, y in batches)
+            batches, n_loss = self.next_batches()
             n_pos = sum(x.numel() for x, _ in batches)
             n_loss, n_pos, stop = d.sum_host([n_loss, n_pos, self.stop_signal is not None])
             if stop:
@@ -881,6 +907,10 @@ class Trainer:
             p.tokens += n_pos
             p.loss_tokens += n_loss
             self.window_steps += 1
+            if cfg.max_minutes:
+                if t_first is None:
+                    t_first, step_first = time.perf_counter(), p.step
+                self._fit_schedule(t_first, step_first)
             if mon:
                 mon.advance(1)
             if p.step % cfg.log_every == 0 or p.step == self.total_steps:

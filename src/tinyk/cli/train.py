@@ -7,9 +7,9 @@ import argparse
 from tinyk.cli.common import parse_size
 
 # Flags that map one-to-one onto config keys; None means "not given", so configs stay in charge.
-_FLAG_KEYS = ("data", "tokenizer", "init", "out", "max_steps", "max_tokens", "epochs", "batch_size", "micro_batch",
-              "seq_len", "lr", "dtype", "device", "parallel", "eval_every", "save_every", "log_every", "seed",
-              "tracker")
+_FLAG_KEYS = ("data", "tokenizer", "init", "out", "max_steps", "max_tokens", "epochs", "max_minutes", "batch_size",
+              "micro_batch", "seq_len", "lr", "dtype", "device", "parallel", "eval_every", "save_every", "log_every",
+              "seed", "tracker")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,6 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         b.add_argument("--max-steps", type=int)
         b.add_argument("--max-tokens", type=parse_size, help="e.g. 2G; whichever budget comes first ends the run")
         b.add_argument("--epochs", type=float)
+        b.add_argument("--max-minutes", type=float, help="wall-time budget: the run's length (and so its LR "
+                       "schedule) is fitted to the measured speed; the other budgets still cap it")
         b.add_argument("--batch-size", type=int, help="global batch in sequences per optimizer step")
         b.add_argument("--micro-batch", type=int, help="sequences per forward pass per process (accumulation fills "
                        "the rest)")
