@@ -404,9 +404,8 @@ def test_max_minutes_fits_the_schedule_to_the_clock(tmp_path, pt_data, tok_dir):
 
 def test_compiled_training_matches_eager(tmp_path, pt_data, tok_dir):
     """--compile changes kernels, not the arithmetic: the same losses within float reordering."""
-    # seq_len 64 is the demo probe's shape (tests/test_demo.py), so this graph is usually compiled already.
-    eager = train(nano_cfg(pt_data, tok_dir, tmp_path / "eager", max_steps=3, seq_len=64))
-    compiled = train(nano_cfg(pt_data, tok_dir, tmp_path / "compiled", max_steps=3, seq_len=64, compile=True))
+    eager = train(nano_cfg(pt_data, tok_dir, tmp_path / "eager", max_steps=3))
+    compiled = train(nano_cfg(pt_data, tok_dir, tmp_path / "compiled", max_steps=3, compile=True))
     a, b = train_losses(tmp_path / "eager"), train_losses(tmp_path / "compiled")
     assert a.keys() == b.keys() == {1, 2, 3}
     assert all(b[k] == pytest.approx(a[k], rel=1e-4) for k in a)
