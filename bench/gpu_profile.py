@@ -65,20 +65,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(tr: Trainer, warmup: int, steps: int) -> dict:
-    def step() -> None:
-        tr.train_step(*tr.next_batches())
+def _step(tr: Trainer) -> None:
+    tr.train_step(*tr.next_batches())
 
+
+def time_steps(tr: Trainer, warmup: int, steps: int) -> dict:
     t0 = time.perf_counter()
-    step()
+    _step(tr)
     _sync(tr.device)
     first = time.perf_counter() - t0
     for _ in range(warmup - 1):
-        step()
+        _step(tr)
     _sync(tr.device)
     t0 = time.perf_counter()
     for _ in range(steps):
-        step()
+        _step(tr)
     _sync(tr.device)
     dt = (time.perf_counter() - t0) / steps
     tokens = tr.micro * tr.accum * tr.cfg.seq_len
@@ -94,13 +95,10 @@ def profile_steps(tr: Trainer, steps: int) -> tuple[list[dict], float]:
 
     cuda = tr.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    def step() -> None:
-        tr.train_step(*tr.next_batches())
-
     with profile(activities=activities) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
-            step()
+            _step(tr)
         _sync(tr.device)
         wall = time.perf_counter() - t0
     events = prof.key_averages()
