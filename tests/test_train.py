@@ -301,6 +301,23 @@ def test_two_process_ddp_and_fsdp_match_one_process(tmp_path, pt_data, tok_dir):
     assert [e["val_loss"] for e in evals] == pytest.approx([e["val_loss"] for e in ref_evals], rel=1e-5)
 
 
+def test_two_processes_stop_together_on_a_time_budget(tmp_path, pt_data, tok_dir):
+    """--max-minutes under torchrun: the ranks average their fitted lengths, so both take the final
+    evaluation (a collective) at the same step and finish; a disagreement would hang until the timeout."""
+    out = tmp_path / "timed"
+    r = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "tinyk",
+                        *cli_args(pt_data, tok_dir, out, "--max-steps", "100000", "--max-minutes", "0.05",
+                                  "--eval-every", "7", "--log-every", "5", "--set", "eval_batches=1")],
+                       env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["world_size"] == 2
+    assert 5 <= summary["steps"] == summary["total_steps"] < 100000
+    assert summary["elapsed_s"] < 0.05 * 60 + 5 and (out / "final").is_dir()
+    evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    assert evals[-1]["step"] == summary["steps"]
+
+
 def test_trackers_are_lazy_and_optional(tmp_path, pt_data, tok_dir, monkeypatch):
     calls = []
 

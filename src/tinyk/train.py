@@ -771,18 +771,18 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         return total, norm
 
-    def _fit_schedule(self, t_first: float, step_first: int) -> None:
-        """--max-minutes: the run's length becomes the steps that fit the time left at this session's
-        measured rate (evaluations included), so the LR schedule still ends at its floor on time."""
-        p, done = self.progress, self.progress.step - step_first
+    def _fit_estimate(self, t_first: float, step_first: int) -> int:
+        """--max-minutes: the run's length that fits the time left at this session's measured rate
+        (evaluations included), or 0 before there is a rate. Ranks average their estimates."""
+        done = self.progress.step - step_first
         if done < 2:  # the first step of a session is timed from its end: compilation and warm-up excluded
-            return
+            return 0
         left = self.cfg.max_minutes * 60 - self._elapsed()
-        rate = done / (time.perf_counter() - t_first)
-        fitted = p.step + max(0, int(left * rate))
-        if self.dist.world > 1:  # every rank must agree on when to stop
-            fitted = int(self.dist.sum_host([fitted])[0]) // self.dist.world
-        self.total_steps = min(self.step_cap, fitted)
+        return self.progress.step + max(0, int(left * done / (time.perf_counter() - t_first)))
+
+    def _fit_schedule(self, fitted: int) -> None:
+        """Re-fits the LR schedule to the agreed length, so it still ends at its floor on time."""
+        self.total_steps = min(self.step_cap, max(self.progress.step, fitted))
         if self.cfg.warmup_steps is None:
             self.warmup = min(self.warmup, default_warmup(self.total_steps))
         if self.monitor:
@@ -892,13 +892,16 @@ class Trainer:
         best_val = math.inf
         last_saved = p.step if self.resumed_from else -1
         t_first = step_first = None
+        estimate = 0
         while True:
             loader_state = self.loader.state_dict()
             if p.step >= self.total_steps:
                 break
             batches, n_loss = self.next_batches()
             n_pos = sum(x.numel() for x, _ in batches)
-            n_loss, n_pos, stop = d.sum_host([n_loss, n_pos, self.stop_signal is not None])
+            # One host all-reduce per step: loss-token and token counts, a stop signal on any rank, and
+            # the --max-minutes estimates from the previous step (every rank must stop at the same step).
+            n_loss, n_pos, stop, estimates = d.sum_host([n_loss, n_pos, self.stop_signal is not None, estimate])
             if stop:
                 break
             total, norm = self.train_step(batches, n_loss)
@@ -910,7 +913,9 @@ class Trainer:
             if cfg.max_minutes:
                 if t_first is None:
                     t_first, step_first = time.perf_counter(), p.step
-                self._fit_schedule(t_first, step_first)
+                if estimates:
+                    self._fit_schedule(estimates // d.world)
+                estimate = self._fit_estimate(t_first, step_first)
             if mon:
                 mon.advance(1)
             if p.step % cfg.log_every == 0 or p.step == self.total_steps:
