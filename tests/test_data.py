@@ -578,13 +578,14 @@ def test_cli_prepares_data_and_reports_a_summary(tmp_path, tok_dir, corpus_file,
     out = capsys.readouterr().out
     assert "pretrain data: 400 documents" in out and "skipped 0 records" in out and "MB/s" in out
     assert open_dataset(tmp_path / "p")["splits"]["train"]["shards"][0]["tokens"] == 5000
-    src = write_jsonl(tmp_path / "s.jsonl", [*conversations(5), {"oops": 1}], field=None)
-    with pytest.raises(SystemExit) as e:
-        main(["data", "sft", "--input", str(src), "--tokenizer", str(tok_dir), "--out", str(tmp_path / "s"),
-              "--workers", "1", "--system-prompt", "", "--max-len", "40"])
+    first = write_jsonl(tmp_path / "first.jsonl", conversations(3), field=None)
+    src = write_jsonl(tmp_path / "s.jsonl", [*conversations(2), {"oops": 1}], field=None)
+    with pytest.raises(SystemExit) as e:  # a repeated --input adds files, like one --input with several
+        main(["data", "sft", "--input", str(first), "--input", str(src), "--tokenizer", str(tok_dir), "--out",
+              str(tmp_path / "s"), "--workers", "1", "--system-prompt", "", "--max-len", "40"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    assert "sft data: 5 conversations" in out and "unknown format: 1 (first at s.jsonl:6)" in out
+    assert "sft data: 5 conversations" in out and "unknown format: 1 (first at s.jsonl:3)" in out
     assert "--max-len 40" in out
     with pytest.raises(SystemExit) as e:
         main(["data", "info", str(tmp_path / "s")])

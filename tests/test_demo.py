@@ -209,7 +209,8 @@ def test_demo_prints_table_and_chats(demo, capsys):
 
 
 def test_demo_model_matches_transformers_greedy(demo):
-    """The chat model directory is a transformers checkpoint: same greedy tokens as tinyk's engine."""
+    """The chat model directory is a transformers checkpoint: same greedy tokens as tinyk's engine,
+    stopping at the same <|im_end|> with nothing passed to `generate` but the prompt."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tinyk.engine import Engine
@@ -224,8 +225,7 @@ def test_demo_model_matches_transformers_greedy(demo):
         ids = hf_tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
         assert ids[0].tolist() == engine.encode(prompt)
         with torch.no_grad():
-            gen = hf.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=hf_tok.eos_token_id,
-                              pad_token_id=hf_tok.pad_token_id)
+            gen = hf.generate(ids, max_new_tokens=12, do_sample=False)  # config's own eos: stops at <|im_end|>
         assert gen[0, ids.shape[1]:].tolist() == c.token_ids
 
 

@@ -224,7 +224,10 @@ def test_scheduler_serves_callers_and_cancels(engine, reference):
         req.cancel()
         list(req.deltas(timeout=60))
         assert req.finish_reason == "cancelled" and len(req.out_ids) < 100
-        assert sched.stats()["finished"] == {"length": len(PROMPTS), "cancelled": 1}
+        # Admitted and finished in one round (prefill's token, then one step): all text, ended once.
+        short = [sched.submit(p, replace(GREEDY, max_new_tokens=2)) for p in PROMPTS]
+        assert ["".join(r.deltas(timeout=60)) for r in short] == [engine.tok.decode(ids[:2]) for ids in reference]
+        assert sched.stats()["finished"] == {"length": 2 * len(PROMPTS), "cancelled": 1}
     finally:
         sched.close()
 

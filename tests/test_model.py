@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from tinyk.checkpoint import init_model_dir, load_model, model_info, save_model
 from tinyk.model import KVCache, ModelConfig, Transformer, preset_config
@@ -44,6 +44,11 @@ def test_hf_llama_loads_and_matches_logits(tmp_path, tok_dir, shape):
     reloaded, _ = load_model(out)
     with torch.no_grad():
         assert torch.equal(reloaded(x)[0], ours)
+    # generate() stops where tinyk does (<|im_end|>) without being told: the ids agree with the tokenizer.
+    tok = AutoTokenizer.from_pretrained(out)
+    gen = hf.generation_config
+    assert (gen.bos_token_id, gen.eos_token_id, gen.pad_token_id) == (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    assert (hf.config.bos_token_id, hf.config.eos_token_id) == (tok.bos_token_id, tok.eos_token_id)
 
 
 def test_loss_ignores_masked_targets():

@@ -18,14 +18,18 @@ from safetensors.torch import load_file, save_file
 from .files import TinykError, atomic_dir
 from .model import ModelConfig, Transformer
 from .tokenizer import (
-    BOS_ID,
-    EOS_ID,
+    IM_END_ID,
+    IM_START_ID,
     SPECIAL_TOKENS,
     TOKENIZER_FILES,
     TinyTokenizer,
     load_tokenizer,
     tokenizer_config,
 )
+
+# The tokenizer's bos/eos/pad (documents and turns open with <|im_start|> and close with <|im_end|>),
+# so `generate()` in transformers stops where tinyk's engine does.
+GENERATION_IDS = {"bos_token_id": IM_START_ID, "eos_token_id": IM_END_ID, "pad_token_id": IM_END_ID}
 
 
 def hf_config(cfg: ModelConfig) -> dict[str, Any]:
@@ -49,9 +53,7 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
         "mlp_bias": False,
         "attention_dropout": 0.0,
         "tie_word_embeddings": cfg.tie_embeddings,
-        "bos_token_id": BOS_ID,
-        "eos_token_id": EOS_ID,
-        "pad_token_id": EOS_ID,
+        **GENERATION_IDS,
         "initializer_range": 0.02,
         "torch_dtype": "float32",
         "tinyk": cfg.to_dict(),
@@ -93,8 +95,7 @@ def write_model_files(model: Transformer, tok_dir: str | Path, out: Path) -> Non
         state.pop("lm_head.weight", None)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf_config(cfg), indent=2) + "\n")
-    gen = {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": EOS_ID}
-    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    (out / "generation_config.json").write_text(json.dumps(GENERATION_IDS, indent=2) + "\n")
     tok_dir = Path(tok_dir)
     for name in TOKENIZER_FILES:
         shutil.copyfile(tok_dir / name, out / name)

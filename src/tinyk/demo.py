@@ -454,8 +454,7 @@ def transformers_check(model_dir: Path, engine: Any, max_new_tokens: int = 24) -
     prompt = engine.chat_prompt(messages)
     ids = hf_tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
     with torch.no_grad():
-        gen = hf.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=hf_tok.eos_token_id,
-                          pad_token_id=hf_tok.pad_token_id)
+        gen = hf.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
     hf_ids = gen[0, ids.shape[1]:].tolist()
     ours = engine.generate([prompt], greedy_params(max_new_tokens))[0].token_ids
     return {"ok": hf_ids == ours, "prompt_ids_equal": ids[0].tolist() == engine.encode(prompt),

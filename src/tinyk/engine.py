@@ -705,8 +705,7 @@ class Scheduler:
                     events = batch.fail("server shutting down")
                     events += [(r, r.end("error", "server shutting down")) for r in self._waiting]
                     self._waiting.clear()
-                    for r, d in events:
-                        self._deliver(r, d)
+                    self._deliver(events)
                     return
                 room = self.engine.max_batch - len(batch.rows)
                 admit = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
@@ -722,15 +721,20 @@ class Scheduler:
                 events += batch.fail(message)
                 events += [(r, r.end("error", message)) for r in admit if not r.finished]
             self.running = len(batch.rows)
-            for r, delta in events:
-                self._deliver(r, delta)
+            self._deliver(events)
 
-    def _deliver(self, r: Request, delta: str) -> None:
-        r.deliver(delta)
-        if r.finished:
-            self.finished[r.finish_reason] += 1
-            if self.on_finish is not None:
-                self.on_finish(r)
+    def _deliver(self, events: list[tuple[Request, str]]) -> None:
+        """Hands each request its text of this round at once: a request admitted and finished in the
+        same round has two events, and must end (and be counted) once, after all of its text."""
+        text: dict[Request, str] = {}
+        for r, delta in events:
+            text[r] = text.get(r, "") + delta
+        for r, delta in text.items():
+            r.deliver(delta)
+            if r.finished:
+                self.finished[r.finish_reason] += 1
+                if self.on_finish is not None:
+                    self.on_finish(r)
 
     def stats(self) -> dict:
         return {"running": self.running, "waiting": len(self._waiting), "finished": dict(self.finished)}

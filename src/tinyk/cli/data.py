@@ -12,7 +12,7 @@ from tinyk.files import DEFAULT_MAX_LINE_BYTES
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input", nargs="+", required=True, metavar="FILE", help="input files (read, never modified)")
+    p.add_argument("--input", nargs="+", action="extend", required=True, metavar="FILE", help="input files (read, never modified)")
     p.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer directory")
     p.add_argument("--out", required=True, metavar="DIR", help="output data directory")
     p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out (seeded)")

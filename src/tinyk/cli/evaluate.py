@@ -12,15 +12,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "(JSONL of {messages, answer}: greedy exact match and stop rate), --choice DIR "
                                    "(C-Eval/CMMLU CSVs: option log-likelihood vs chance).")
     p.add_argument("--model", required=True, help="model directory")
-    p.add_argument("--data", nargs="+", default=[], metavar="DIR", help="prepared data directories")
+    p.add_argument("--data", nargs="+", action="extend", default=[], metavar="DIR", help="prepared data directories")
     p.add_argument("--split", default="val", help="split of --data to evaluate (default val)")
     p.add_argument("--seq-len", type=int, default=None, help="window length for --data (default: the data's)")
     p.add_argument("--max-batches", type=int, default=None, help="evaluate only this many batches of --data")
-    p.add_argument("--task", nargs="+", default=[], metavar="FILE", help='JSONL of {"messages": ..., "answer": ...}')
+    p.add_argument("--task", nargs="+", action="extend", default=[], metavar="FILE", help='JSONL of {"messages": ..., "answer": ...}')
     p.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit for --task")
     p.add_argument("--system-prompt", default=None,
                    help="added to --task chats without one (default: the training default; '' for none)")
-    p.add_argument("--choice", nargs="+", default=[], metavar="PATH",
+    p.add_argument("--choice", nargs="+", action="extend", default=[], metavar="PATH",
                    help="C-Eval/CMMLU CSV files or folders (e.g. ceval/val, cmmlu/test)")
     p.add_argument("--choice-format", choices=["cloze", "letter"], default="cloze",
                    help="cloze: score each option's text (better for small models); letter: list the options "

@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     e = tsub.add_parser("eval", help="vocab, special ids, round trip and compression")
     e.add_argument("path", help="tokenizer directory")
-    e.add_argument("--input", nargs="*", default=None, help="sample files to measure compression on")
+    e.add_argument("--input", nargs="*", action="extend", default=None, help="sample files to measure compression on")
     e.add_argument("--max-bytes", type=parse_size, default=10_000_000)
     e.add_argument("--json", action="store_true", help="print JSON")
     e.set_defaults(func=_eval)
