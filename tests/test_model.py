@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -130,3 +132,14 @@ def test_model_init_uses_tokenizer_vocab_and_info(tmp_path, tok_dir):
     assert info["parameters"] == m.num_params() and info["config"]["dim"] == 64
     assert {p.name for p in (tmp_path / "m").iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json",
                                                            "tokenizer_config.json", "generation_config.json"}
+
+
+def test_model_directory_permissions_follow_the_umask(tmp_path, tok_dir):
+    """Readable by others as with any file a user writes (not mkdtemp's 0700 or safetensors' 0600)."""
+    before = os.umask(0o022)
+    try:
+        init_model_dir("nano", tok_dir, tmp_path / "m")
+    finally:
+        os.umask(before)
+    assert stat.S_IMODE((tmp_path / "m").stat().st_mode) == 0o755
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "m").iterdir()} == {0o644}

@@ -337,8 +337,12 @@ def test_trackers_are_lazy_and_optional(tmp_path, pt_data, tok_dir, monkeypatch)
     monkeypatch.setitem(sys.modules, "wandb", None)
     with pytest.raises(TinykError, match=r"--tracker wandb needs the 'wandb' package \(pip install wandb\)"):
         train(nano_cfg(pt_data, tok_dir, tmp_path / "w2", tracker=["wandb"]))
+    (tmp_path / "w3").mkdir()
     with pytest.raises(TinykError, match="unknown tracker 'mlflow'"):
         train(nano_cfg(pt_data, tok_dir, tmp_path / "w3", tracker=["mlflow"]))
+    # A failed start leaves nothing behind (an empty --out stays empty): the corrected command needs no --force.
+    assert not (tmp_path / "w2").exists() and list((tmp_path / "w3").iterdir()) == []
+    assert train(nano_cfg(pt_data, tok_dir, tmp_path / "w2", max_steps=1))["status"] == "completed"
 
 
 # ----------------------------------------------------------------------------- set-up errors

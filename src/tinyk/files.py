@@ -225,6 +225,7 @@ def atomic_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
+        _share_like_umask(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)
@@ -235,6 +236,19 @@ def atomic_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _share_like_umask(root: Path) -> None:
+    """Gives a finished output the permissions a plain `mkdir`/`open` would have: `mkdtemp` makes the
+    directory private (0700) and safetensors writes 0600, which would hide a model from other users."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(root, 0o777 & ~mask)
+    for parent, dirs, files in os.walk(root):
+        for name in dirs:
+            os.chmod(os.path.join(parent, name), 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(parent, name), 0o666 & ~mask)
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:

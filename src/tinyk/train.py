@@ -501,9 +501,19 @@ class Trainer:
         self.stop_signal: str | None = None
         self._setup_inputs()
         self._setup_data()
-        self._setup_run_dir(force)
-        self._setup_model()
-        self.monitor = self._make_monitor() if self.dist.main else None
+        existed = self.out.is_dir()
+        fresh = self._setup_run_dir(force)
+        try:
+            self._setup_model()
+            self.monitor = self._make_monitor() if self.dist.main else None
+        except BaseException:
+            # A new run that fails to start (a missing tracker package, unloadable weights) leaves
+            # nothing behind, so the corrected command needs no --force.
+            if fresh and self.dist.main:
+                shutil.rmtree(self.out, ignore_errors=True)
+                if existed:
+                    self.out.mkdir()
+            raise
 
     # --- set-up checks, all before the first step --------------------------------------------
 
@@ -555,7 +565,8 @@ class Trainer:
         except (TypeError, ValueError) as e:
             raise TinykError(f"invalid model config: {e}") from e
 
-    def _setup_run_dir(self, force: bool) -> None:
+    def _setup_run_dir(self, force: bool) -> bool:
+        """Creates or reopens the run directory; True when it holds nothing of an earlier run."""
         out, main = self.out, self.dist.main
         if out.exists() and not out.is_dir():
             raise TinykError(f"--out {out} is a file, not a run directory")
@@ -577,6 +588,7 @@ class Trainer:
             _clean_partial(out)
             (out / "config.yaml").write_text(dump_config(self.cfg), encoding="utf-8")
         self.dist.barrier()
+        return not exists or not self.resume
 
     def _setup_data(self) -> None:
         from .data import PretrainLoader, SFTLoader, bytes_per_token, eval_batches
