@@ -84,7 +84,8 @@ def greedy(n: int, **kw) -> SamplingParams:
 
 
 def expected_completion(ref: Engine, prompt: str, n: int, **kw):
-    return ref.generate([prompt], greedy(n, **kw))[0]
+    """What `tinyk generate` gives: a text prompt starts a document with <|im_start|>."""
+    return ref.generate([ref.encode(prompt, bos=True)], greedy(n, **kw))[0]
 
 
 def expected_chat(ref: Engine, messages: list[dict], n: int):

@@ -540,10 +540,11 @@ class Engine:
 
     # -- prompts ------------------------------------------------------------------------
 
-    def encode(self, prompt: str | list[int]) -> list[int]:
-        """Token ids of a raw prompt; an empty prompt starts a document (`<|im_start|>`)."""
+    def encode(self, prompt: str | list[int], bos: bool = False) -> list[int]:
+        """Token ids of a prompt; `bos` starts a text prompt with `<|im_start|>` as training documents
+        start (raw completion); token ids are taken as given; an empty prompt is `<|im_start|>`."""
         if isinstance(prompt, str):
-            ids = self.tok.encode(prompt)
+            ids = ([self.tok.bos_id] if bos else []) + self.tok.encode(prompt)
         elif isinstance(prompt, list | tuple) and all(_is_int(t) for t in prompt):
             ids = list(prompt)
             bad = [t for t in ids if not 0 <= t < self.vocab_size]

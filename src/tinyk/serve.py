@@ -152,9 +152,9 @@ class Api:
         except TinykError as e:
             raise ApiError(400, str(e), code="invalid_value") from e
 
-    def prompt_ids(self, prompt: str | list[int], param: str) -> list[int]:
+    def prompt_ids(self, prompt: str | list[int], param: str, bos: bool = False) -> list[int]:
         try:
-            return self.engine.encode(prompt)
+            return self.engine.encode(prompt, bos=bos)
         except ContextLengthError as e:
             raise ApiError(400, str(e), param=param, code="context_length_exceeded") from e
         except TinykError as e:
@@ -171,7 +171,7 @@ class Api:
         if not (isinstance(prompt, str) or
                 isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
             raise ApiError(400, "'prompt' must be a string or a list of token ids", param="prompt", code="invalid_type")
-        return self.prompt_ids(prompt, "prompt")
+        return self.prompt_ids(prompt, "prompt", bos=True)  # text starts a document, as in `tinyk generate`
 
     def chat_prompt(self, body: dict) -> list[int]:
         messages = _get(body, "messages", "array")

@@ -89,8 +89,7 @@ def _generate(args: argparse.Namespace) -> int:
     prompts = read_prompts(args)
     params = sampling_params(args)
     engine = _engine(args, args.batch_size)
-    bos = [] if args.no_bos else [engine.tok.bos_id]
-    ids = [bos + engine.tok.encode(p) for p in prompts]
+    ids = [engine.encode(p, bos=not args.no_bos) for p in prompts]
     if len(prompts) == 1 and not args.json:
         sys.stdout.write(prompts[0])
         for delta in engine.stream(ids[0], params):
