@@ -169,6 +169,12 @@ def test_plan_from_config_file_and_flags(tmp_path, capsys):
     assert p["run"]["activation_checkpointing"] and p["throughput"]["mfu_source"] == "given with --mfu"
     assert "tutorial" not in p
 
+    # The H100's measured MFU is seed-215m's; another model's plan says so, and small times stay visible.
+    code, out, _ = run_cli(["plan", "--preset", "tiny", "--gpu", "h100", "--tokens", "1G"], capsys)
+    assert code == 0 and "for seed-215m, not this model" in out and "in 0.0 h" not in out
+    code, out, _ = run_cli(["plan", "--preset", "seed-215m", "--gpu", "h100"], capsys)
+    assert code == 0 and "measured: bench/gpu.sh" in out and "not this model" not in out
+
 
 @pytest.mark.parametrize("args,message", [
     (["--preset", "seed-215m", "--gpu", "v100"], "unknown GPU 'v100'"),

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .files import TinykError
-from .model import PRESETS, ModelConfig, Transformer
+from .model import PRESETS, ModelConfig, Transformer, preset_config
 from .monitor import gpu_peak_flops
 
 GiB = 2**30
@@ -31,6 +31,7 @@ USABLE_FRACTION = 0.90
 DEFAULT_TOKENS = 10_000_000_000
 TUTORIAL_RUN = {"preset": "seed-215m", "gpu": "a100", "gpus": 4, "hours": 26.0}
 ASSUMED = "assumed"
+MEASURED_MODEL = "seed-215m"  # the model bench/gpu.sh measures; its MFU is the one in GPUS
 
 
 @dataclass(frozen=True)
@@ -402,6 +403,8 @@ def make_plan(run: RunSpec, gpu: GPUSpec, *, gpus: int = 1, nodes: int = 1, toke
         used_mfu, mfu_source = mfu, "given with --mfu"
     else:
         used_mfu, mfu_source = gpu.mfu, gpu.mfu_source
+        if gpu.mfu_measured and _shape(cfg) != _shape(preset_config(MEASURED_MODEL)):
+            mfu_source += f"; for {MEASURED_MODEL}, not this model: smaller models usually reach less"
     # Recomputing the forward adds a third to the compute while MFU counts model FLOPs only.
     efficiency = 0.75 if run.checkpointing else 1.0
     per_gpu = used_mfu * gpu.peak_flops * efficiency / fpt
@@ -446,6 +449,15 @@ def make_plan(run: RunSpec, gpu: GPUSpec, *, gpus: int = 1, nodes: int = 1, toke
 
 
 _LABEL = 36
+
+
+def _shape(cfg: ModelConfig) -> tuple[int, ...]:
+    return cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.hidden_dim, cfg.vocab_size
+
+
+def _amount(x: float) -> str:
+    """Hours as 9.2 or 1,234.5, and small ones with two significant digits (0.021) instead of 0.0."""
+    return f"{x:,.1f}" if x >= 0.95 else f"{x:.2g}"
 
 
 def _row(label: str, b: float, extra: str = "") -> str:
@@ -509,15 +521,15 @@ def format_plan(p: dict[str, Any]) -> str:
     lines += [
         f"throughput   MFU {_mfu_text(t['mfu'], t['mfu_source'])}" + ("; x0.75 for recomputation" if ck else ""),
         f"             {t['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU, {t['tokens_per_s']:,.0f} in total",
-        f"time         {r['tokens'] / 1e9:g}B tokens in {tm['wall_h']:,.1f} h = {tm['gpu_hours']:,.1f} GPU-hours",
+        f"time         {r['tokens'] / 1e9:g}B tokens in {_amount(tm['wall_h'])} h = {_amount(tm['gpu_hours'])} GPU-hours",
     ]
     if p["cost"]:
-        lines.append(f"cost         {p['cost']['total']:,.2f} = {tm['gpu_hours']:,.1f} GPU-hours x "
+        lines.append(f"cost         {p['cost']['total']:,.2f} = {_amount(tm['gpu_hours'])} GPU-hours x "
                      f"{p['cost']['price_per_gpu_hour']:g} per GPU-hour")
     if "tutorial" in p:
         tut = p["tutorial"]
         line = (f"tutorial     {tut['gpus']} x A100 for {tut['hours']:g} h = {tut['gpu_hours']:g} A100-hours; this plan: "
-                f"{tm['gpu_hours']:,.1f} {g['key'].upper()}-hours ({tut['gpu_hours'] / tm['gpu_hours']:.1f}x fewer)")
+                f"{_amount(tm['gpu_hours'])} {g['key'].upper()}-hours ({tut['gpu_hours'] / tm['gpu_hours']:.1f}x fewer)")
         if g["key"] != "a100":
             line += (f"; on A100 at MFU {tut['a100_mfu']:.0%}{' (assumed)' if tut['a100_mfu_source'] == ASSUMED else ''}"
                      f": {tut['a100_hours']:.1f} A100-hours ({tut['gpu_hours'] / tut['a100_hours']:.1f}x fewer)")
