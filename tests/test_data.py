@@ -396,7 +396,7 @@ def test_sft_truncates_at_a_turn_boundary_when_possible(tmp_path, tok_dir):
     max_len = len(tok.encode(render_chat(first))) + 10
     src = write_jsonl(tmp_path / "s.jsonl", [two_turns, long_answer, long_prompt], field=None)
     meta = prepare_sft([src], tok_dir, tmp_path / "o", max_len=max_len, system_prompt="", val_fraction=0.0, **QUIET)
-    assert meta["truncated"] == {"at_turn": 1, "mid_turn": 2}
+    assert meta["truncated"] == {"at_turn": 1, "mid_turn": 1}  # the dropped one is only "skipped"
     assert meta["skipped"]["by_reason"] == {"prompt_too_long": 1}
     (ids0, mask0), (ids1, mask1) = sft_split(tmp_path / "o")
     check_mask(tok, ids0, mask0, first)

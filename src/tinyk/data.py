@@ -196,15 +196,16 @@ def _encode_sft(job: _Job, convs: list[tuple[str, list[dict[str, str]]]]) -> _En
     for (where, _), (text, flags, spans, turn_ends), enc in zip(convs, rendered, encs, strict=True):
         starts = np.fromiter((s for s, _ in enc.offsets), np.int64, len(enc.ids))
         mask = flags[starts]
-        cut = len(starts)
+        cut, how = len(starts), None
         if cut > job.max_len:
             # Prefer ending after the last assistant turn that fits; else cut mid-turn.
             fits = [n for n in np.searchsorted(starts, turn_ends).tolist() if n <= job.max_len]
-            cut = fits[-1] if fits else job.max_len
-            truncated["at_turn" if fits else "mid_turn"] += 1
-        if not mask[1:cut].any():
+            cut, how = (fits[-1], "at_turn") if fits else (job.max_len, "mid_turn")
+        if not mask[1:cut].any():  # dropped, so counted as skipped only
             skipped.append(("prompt_too_long", where))
             continue
+        if how:
+            truncated[how] += 1
         cut_char = int(starts[cut]) if cut < len(starts) else len(text)
         toks.append(np.asarray(enc.ids[:cut], job.dtype))
         masks.append(mask[:cut])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.resources
+import inspect
 import json
 import math
 import os
@@ -128,7 +129,9 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             return [str(v).strip() for v in items if str(v).strip()]
         if origin is dict and isinstance(value, dict):
             return value
-    raise TinykError(f"config key {key}: {value!r} is not a valid {hint}")
+    names = " or ".join("null" if t is type(None) else getattr(typing.get_origin(t) or t, "__name__", str(t))
+                        for t in args)
+    raise TinykError(f"config key {key}: {value!r} is not a valid {names}")
 
 
 def _check_model_section(section: Any) -> dict[str, Any]:
@@ -245,6 +248,9 @@ def resolve_config(kind: str, *, preset: str | None = None, config: str | Path |
     saved = Path(d["out"]) / "config.yaml" if resume and d.get("out") else None
     if saved is not None and saved.is_file():
         d = fold([*layers, (read_config_file(saved), str(saved)), *top])
+    elif saved is not None and d.get("data") is None:
+        raise TinykError(f"nothing to resume in {d['out']} (no config.yaml there); check --out, or start a new "
+                         f"run without --resume")
     cfg = TrainConfig(**{**d, "kind": kind})
     validate(cfg)
     return cfg
@@ -638,8 +644,11 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             # The only buffers are the RoPE tables, the same on every rank: nothing to broadcast per step.
+            # torch 2.13 renamed the flag (the old name warns); older torch only knows the old one.
+            no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in
+                       inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers")
             step_module = DistributedDataParallel(step_module, device_ids=[self.device.index]
-                                                  if self.device.type == "cuda" else None, broadcast_buffers=False)
+                                                  if self.device.type == "cuda" else None, **{no_sync: False})
         self.ddp = step_module if d.world > 1 and not self.fsdp else None
         self.step_module = torch.compile(step_module, mode=cfg.compile_mode) if cfg.compile else step_module
         self.opt = make_optimizer(model, cfg, self.device)
@@ -870,8 +879,19 @@ class Trainer:
             f"{cfg.seq_len}; peak for MFU: "
             + (f"{self.peak / 1e12:.2f} TFLOP/s per device, {self.peak_source}" if self.peak else self.peak_source),
         ]
+        if cfg.micro_batch and cfg.micro_batch != self.micro:
+            lines.append(f"note: micro_batch {cfg.micro_batch} does not divide the {cfg.batch_size // d.world} "
+                         f"sequences per process; using {self.micro}")
+        if self.warmup >= self.total_steps:
+            lines.append(f"note: warmup {self.warmup} is not shorter than the run's {self.total_steps} steps, so the "
+                         f"LR never reaches its peak (set warmup_steps)")
         if self.resumed_from:
             lines.append(f"resumed from {self.resumed_from} (step {self.progress.step})")
+            if self.progress.step >= self.total_steps:
+                lines.append(f"the run is already complete at step {self.progress.step}: raise --max-steps "
+                             f"(or another budget) to train further")
+        elif self.resume:
+            lines.append(f"--resume: no checkpoint in {self.out}, so this is a new run")
         if self.val_problem:
             lines.append(f"no validation: {self.val_problem}")
         for line in lines:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from tinyk.files import TinykError
@@ -39,6 +40,10 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("tinyk: interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:
+        # The reader left (`tinyk plan | head`): stop quietly, as other command-line tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
     except OSError as e:
         print(f"tinyk: error: {e}", file=sys.stderr)
         sys.exit(2)

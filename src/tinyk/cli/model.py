@@ -40,9 +40,10 @@ def _info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    print(f"parameters   {info['parameters']:,}")
+    width = 2 + max(map(len, [*info["config"], *info["memory"]]))
+    print(f"{'parameters':<{width}}{info['parameters']:,}")
     for k, v in info["config"].items():
-        print(f"{k:<13}{v}")
+        print(f"{k:<{width}}{v}")
     for k, v in info["memory"].items():
-        print(f"{k:<26}{v:,.1f}")
+        print(f"{k:<{width}}{v:,.1f}")
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from tinyk.cli.common import parse_size
 
@@ -38,7 +39,8 @@ def _train(args: argparse.Namespace) -> int:
 
     r = train_tokenizer(args.inputs, args.out, vocab_size=args.vocab_size, normalization=args.normalization,
                         max_bytes=args.max_bytes, field_name=args.field, min_frequency=args.min_frequency,
-                        force=args.force, strict=args.strict)
+                        force=args.force, strict=args.strict,
+                        show_progress=sys.stdout.isatty())  # its bar leaves blank lines in a pipe or log
     print(f"trained on {r['documents']:,} documents ({r['characters']:,} characters) in {r['seconds']}s; "
           f"vocab {r['vocab_size']}; {r['skipped_summary']}")
     print(f"saved to {args.out}")
