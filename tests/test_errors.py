@@ -57,6 +57,26 @@ def test_existing_output_needs_force(tmp_path, corpus_file, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ["t"]
 
 
+def test_force_never_replaces_an_input(tmp_path, corpus_file, tok_dir, capsys):
+    """--force replaces an earlier output, never what the command reads (nor a folder holding it)."""
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    corpus = Path(shutil.copy(corpus_file, folder / "c.jsonl"))
+    before = corpus.read_bytes()
+    for out in (folder, corpus):
+        code, err = run_cli(["tokenizer", "train", str(corpus), "--out", str(out), "--force"], capsys)
+        assert code == 2 and f"--out {out} would replace the input {corpus}" in err
+    tok = Path(shutil.copytree(tok_dir, tmp_path / "tok"))
+    code, err = run_cli(["data", "pretrain", "--input", str(corpus), "--tokenizer", str(tok), "--out", str(tok),
+                         "--force"], capsys)
+    assert code == 2 and "would replace the input" in err
+    code, err = run_cli(["data", "pretrain", "--input", str(corpus), "--tokenizer", str(tok), "--out",
+                         str(tok / "data")], capsys)
+    assert code == 2 and "lies inside the input" in err
+    assert corpus.read_bytes() == before and (tok / "tokenizer.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "tok"] and os.listdir(folder) == ["c.jsonl"]
+
+
 def test_failed_run_leaves_nothing_behind(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{broken\n{also broken\n")

@@ -378,11 +378,22 @@ def test_setup_errors_are_one_line(tmp_path, pt_data, sft_data, tok_dir, nano_mo
     assert "fewer than seq_len + 1" in err(data=tiny_data)
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "x").write_text("")
-    assert "exists (use --resume to continue it or --force to start over)" in err()
+    assert "--out " + str(tmp_path / "o") + " is not a tinyk run directory (it holds x)" in err()
     assert [p.name for p in (tmp_path / "o").iterdir()] == ["x"]
-    with pytest.raises(TinykError, match="not a tinyk run directory"):
-        train(nano_cfg(pt_data, tok_dir, tmp_path / "o"), force=True)
+    (tmp_path / "o" / "config.yaml").write_text("lr: 0.001\n")  # a config.yaml alone does not make a run
+    for kw in ({"force": True}, {"resume": True}):
+        with pytest.raises(TinykError, match=r"not a tinyk run directory \(it holds x\)"):
+            train(nano_cfg(pt_data, tok_dir, tmp_path / "o"), **kw)
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["config.yaml", "x"]
     shutil.rmtree(tmp_path / "o")
+    # An output that would replace (or write into) an input is refused, --force or not.
+    assert "would replace the input" in err(out=pt_data.parent)
+    assert "lies inside the input" in err(out=tok_dir / "run")
+    run = tmp_path / "base"
+    train(nano_cfg(pt_data, tok_dir, run, max_steps=1))
+    with pytest.raises(TinykError, match="would replace the input"):
+        train(nano_cfg(sft_data, None, run, kind="sft", init=str(run), model={}, seq_len=128), force=True)
+    assert (run / "final" / "model.safetensors").is_file()
     assert "conflicts with" in err(init=str(nano_model_dir), model={"dim": 32})
 
 

@@ -414,7 +414,7 @@ def _prepare(kind: str, paths: list[Path], tokenizer_dir: str | Path, out: str |
     skips = Skips(strict=strict)
     truncated: Counter = Counter()
     unit = "docs" if kind == "pretrain" else "conversations"
-    with atomic_dir(out, force=force) as tmp:
+    with atomic_dir(out, force=force, inputs=[*paths, tokenizer_dir]) as tmp:
         splitter = _Splitter(make_writer(tmp / "train"), make_writer(tmp / "val"), val_fraction, seed)
         with tqdm(unit=f" {unit}", disable=not show_progress, dynamic_ncols=True,
                   desc=f"tokenizing {kind}") as bar:

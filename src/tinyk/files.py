@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -212,13 +212,29 @@ def iter_texts(paths: list[Path], skips: Skips, *, field_name: str = "text", **k
         yield text
 
 
+def check_output(out: str | Path, inputs: Iterable[str | Path | None], flag: str = "--out") -> None:
+    """Refuses an output path that is an input, holds one, or lies inside an input directory:
+    writing there (or --force replacing it) would destroy or change what the output is made from."""
+    o = Path(out).resolve()
+    for i in inputs:
+        if i is None:
+            continue
+        p = Path(i).resolve()
+        if o == p or o in p.parents:
+            raise TinykError(f"{flag} {out} would replace the input {i}; choose another output path")
+        if p in o.parents:
+            raise TinykError(f"{flag} {out} lies inside the input {i}; inputs are never written to")
+
+
 @contextlib.contextmanager
-def atomic_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
+def atomic_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path | None] = ()) -> Iterator[Path]:
     """Yields a temporary sibling of `out` to fill; renames it into place only on success.
 
-    An existing `out` is refused unless `force`, and is replaced only once the new one is complete.
+    An existing `out` is refused unless `force`, and is replaced only once the new one is complete;
+    `out` may not overlap any of `inputs`.
     """
     out = Path(out)
+    check_output(out, inputs)
     if out.exists() and not force:
         raise TinykError(f"output directory exists: {out} (use --force to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)

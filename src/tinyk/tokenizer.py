@@ -181,7 +181,7 @@ def train_tokenizer(inputs: list[str | Path], out: str | Path, *, vocab_size: in
             yield t
 
     t0 = time.time()
-    with atomic_dir(out, force=force) as tmp:
+    with atomic_dir(out, force=force, inputs=paths) as tmp:
         tok.train_from_iterator(texts(), trainer=trainer)
         if stats["documents"] == 0:
             raise TinykError("no usable documents in the input (" + skips.summary() + ")")

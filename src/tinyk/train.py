@@ -36,9 +36,9 @@ import yaml
 from torch import nn
 
 from .checkpoint import check_compatible, is_model_dir, load_config, load_model, write_model_files
-from .files import TinykError, atomic_dir, write_json_atomic
+from .files import TinykError, atomic_dir, check_output, write_json_atomic
 from .model import PRESETS, Attention, ModelConfig, Transformer
-from .monitor import Monitor, Trackers, finite, peak_flops
+from .monitor import TRACKERS, Monitor, Trackers, finite, peak_flops
 
 KINDS = ("pretrain", "sft")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -477,6 +477,15 @@ def _apply_runtime_fields(model: Transformer, cfg: ModelConfig) -> None:
             m.dropout = cfg.dropout
 
 
+RUN_ENTRIES = {"config.yaml", "checkpoints", "final", "metrics.jsonl", "summary.json", "loss.png", ".tracker_id",
+               *TRACKERS}
+
+
+def _made_by_a_run(p: Path) -> bool:
+    """What a run directory may hold: --force deletes a run only when it holds nothing else."""
+    return p.name in RUN_ENTRIES or p.name.startswith(".") and ".tmp-" in p.name
+
+
 def _clean_partial(out: Path) -> None:
     """Removes temporary directories left by a run that was killed while writing."""
     for parent in (out, out / "checkpoints"):
@@ -576,16 +585,17 @@ class Trainer:
         out, main = self.out, self.dist.main
         if out.exists() and not out.is_dir():
             raise TinykError(f"--out {out} is a file, not a run directory")
+        check_output(out, [self.cfg.data, self.init_dir, self.tok_dir])
         exists = out.is_dir() and any(out.iterdir())
-        is_run = (out / "config.yaml").is_file()
+        foreign = sorted(p.name for p in out.iterdir() if not _made_by_a_run(p)) if exists else []
         # The saved config names the full model, so a resumed run rebuilds exactly this one.
         preset = self.cfg.model.get("preset")
         self.cfg.model = {**({"preset": preset} if preset else {}), **self.mcfg.to_dict()}
-        if exists and not self.resume:
-            if not force:
-                raise TinykError(f"run directory {out} exists (use --resume to continue it or --force to start over)")
-            if not is_run:
-                raise TinykError(f"refusing to delete {out}: not a tinyk run directory")
+        if (exists and not (out / "config.yaml").is_file()) or foreign:
+            what = f"it holds {', '.join(foreign[:3])}" if foreign else "no config.yaml"
+            raise TinykError(f"--out {out} is not a tinyk run directory ({what}); choose a new or empty directory")
+        if exists and not self.resume and not force:
+            raise TinykError(f"run directory {out} exists (use --resume to continue it or --force to start over)")
         self.dist.barrier()
         if main:
             if exists and force and not self.resume:
