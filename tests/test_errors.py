@@ -123,6 +123,24 @@ def test_corrupt_config(tmp_path, nano_model_dir, capsys):
     (m / "config.json").write_text("{")
     code, err = run_cli(["model", "info", str(m)], capsys)
     assert code == 2 and "invalid config.json" in err
+    config = json.loads((nano_model_dir / "config.json").read_text())
+    for change, message in [({"n_heads": 0}, "n_heads must be a positive integer, got 0"),
+                            ({"dim": "big"}, "dim must be a positive integer, got 'big'")]:
+        (m / "config.json").write_text(json.dumps({**config, "tinyk": {**config["tinyk"], **change}}))
+        code, err = run_cli(["model", "info", str(m)], capsys)
+        assert code == 2 and message in err and err.count("\n") == 1
+
+
+def test_damaged_weights(tmp_path, nano_model_dir):
+    m = Path(shutil.copytree(nano_model_dir, tmp_path / "m"))
+    config = json.loads((m / "config.json").read_text())
+    (m / "config.json").write_text(json.dumps({**config, "tinyk": {**config["tinyk"], "dim": 128}}))
+    with pytest.raises(TinykError, match=r"does not match its config.json: model.embed_tokens.weight is \(\d+, 64\)"):
+        load_model(m)
+    weights = m / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(TinykError, match="model.safetensors is damaged or truncated"):
+        load_model(m)
 
 
 def test_real_process_prints_one_line_no_traceback(tmp_path):

@@ -210,12 +210,20 @@ LONG = "".join(chr(0x4E00 + 37 * i) for i in range(200))  # rare characters: sev
     ("/v1/completions", b'{"model": "nano", "prompt": "' + b"a" * MAX_BODY + b'"}', 413, None, "request_too_large"),
     ("/v1/embeddings", {"model": "nano", "input": "hi"}, 404, None, "not_found"),
     ("/v1/models", {}, 405, None, "method_not_allowed"),
+    ("/v1/completions", {"model": "nano", "prompt": "a\ud800b"}, 400, "prompt", "invalid_value"),  # not UTF-8
+    ("/v1/chat/completions", {"model": "nano", "messages": [{"role": "user", "content": "a\ud800b"}]}, 400,
+     "messages", "invalid_value"),
 ])
 def test_bad_input_gets_a_4xx_with_an_openai_error(server, path, body, status, param, code):
     got, err = request(server, "POST", path, body)
     assert got == status, err
     assert set(err) == {"error"} and err["error"]["message"] and err["error"]["type"] == "invalid_request_error"
     assert (err["error"]["param"], err["error"]["code"]) == (param, code)
+
+
+def test_other_methods_get_a_json_error(server):
+    got, err = request(server, "DELETE", "/v1/models/nano")
+    assert got == 405 and err["error"]["code"] == "method_not_allowed" and "DELETE" in err["error"]["message"]
 
 
 def test_the_openai_client_sees_api_errors(client):

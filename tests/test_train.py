@@ -131,6 +131,12 @@ def test_config_layers_preset_file_flags_set(tmp_path):
     (["dtype=int8"], "dtype must be auto, bf16, fp16 or fp32"),
     (["compile_mode=fast"], "compile_mode must be one of default, reduce-overhead"),
     (["max_minutes=0"], "max_minutes must be positive"),
+    (["grad_clip=-1"], "grad_clip must be >= 0"),  # would train uphill
+    (["eval_batches=-1"], "eval_batches must be at least 1"),  # would report a val loss of 0
+    (["warmup_steps=.nan"], "config key warmup_steps: nan is not a valid int or null"),
+    (["lr=.inf"], "must be finite"),
+    (["seed=-1"], "seed must be between 0 and 2"),
+    (["beta1=2"], "beta1 and beta2 must be in"),
     (["model.preset=huge"], "unknown model preset 'huge'"),
     (["a.b.c=1"], "only model.<key> is nested"),
     (["novalue"], "--set expects key=value"),
@@ -367,6 +373,9 @@ def test_setup_errors_are_one_line(tmp_path, pt_data, sft_data, tok_dir, nano_mo
     assert "was tokenized with another tokenizer (vocab 600)" in err(data=other)
     assert "tokens but the model's vocab_size is 256" in err(model={"preset": "nano", "vocab_size": 256})
     assert "seq_len 256 exceeds the model's context of 128 tokens" in err(seq_len=256)
+    assert "invalid model config: n_heads must be a positive integer, got 0" in err(model={"preset": "nano", "n_heads": 0})
+    assert "invalid model config: need norm_eps > 0" in err(data=sft_data, kind="sft", init=str(nano_model_dir),
+                                                            model={"dropout": 2})
     assert "holds sft data; tinyk pretrain needs pretrain data" in err(data=sft_data)
     (tmp_path / "notmodel").mkdir()
     assert "is not a model directory" in err(data=sft_data, kind="sft", init=str(tmp_path / "notmodel"), model={})
@@ -404,6 +413,25 @@ def test_cuda_oom_names_the_knob(tmp_path, pt_data, tok_dir, monkeypatch):
     monkeypatch.setattr(Transformer, "forward", boom)
     with pytest.raises(TinykError, match=r"out of GPU memory at micro-batch 8 x seq_len 32 .*--micro-batch \(try 4\)"):
         train(nano_cfg(pt_data, tok_dir, tmp_path / "o"))
+
+
+def test_a_damaged_checkpoint_is_named_with_the_way_out(tmp_path, pt_data, tok_dir):
+    out = tmp_path / "run"
+    train(nano_cfg(pt_data, tok_dir, out, max_steps=4, save_every=2, keep_checkpoints=5))
+    newest = checkpoints(out)[-1]
+    damage = [lambda: (newest / "state.json").write_text("{"), lambda: (newest / "optimizer.pt").write_bytes(b"x"),
+              lambda: (newest / "rng.pt").unlink(),
+              lambda: (newest / "model" / "model.safetensors").write_bytes(b"\0" * 100)]
+    for i, spoil in enumerate(damage):
+        shutil.rmtree(out / "final", ignore_errors=True)
+        copy = Path(shutil.copytree(newest, tmp_path / f"keep{i}"))
+        spoil()
+        with pytest.raises(TinykError, match=f"checkpoint {newest} is damaged .*; delete it to resume from the one "
+                                             f"before, or start over with --force") as e:
+            train(nano_cfg(pt_data, tok_dir, out, max_steps=6), resume=True)
+        assert "\n" not in str(e.value)
+        shutil.rmtree(newest)
+        shutil.copytree(copy, newest)
 
 
 def test_cli_prints_one_line(tmp_path, pt_data, tok_dir, capsys):

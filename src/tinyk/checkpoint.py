@@ -131,12 +131,20 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     check_compatible(cfg, tok)
     with torch.device("meta"):
         model = Transformer(cfg)
-    state = load_file(str(path / "model.safetensors"))
-    if cfg.tie_embeddings:
+    try:
+        state = load_file(str(path / "model.safetensors"))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        raise TinykError(f"{path}/model.safetensors is damaged or truncated ({e})") from e
+    if cfg.tie_embeddings and "model.embed_tokens.weight" in state:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    missing = set(model.state_dict()) - set(state)
+    expected = model.state_dict()
+    missing = set(expected) - set(state)
     if missing:
         raise TinykError(f"{path}/model.safetensors lacks weights: {sorted(missing)[:3]}")
+    wrong = [k for k, v in expected.items() if state[k].shape != v.shape]
+    if wrong:
+        raise TinykError(f"{path}/model.safetensors does not match its config.json: {wrong[0]} is "
+                         f"{tuple(state[wrong[0]].shape)}, the config needs {tuple(expected[wrong[0]].shape)}")
     model.load_state_dict(state, strict=False, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight

@@ -31,6 +31,17 @@ class ModelConfig:
     tie_embeddings: bool = True
 
     def __post_init__(self) -> None:
+        sizes = ["dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_seq_len"]
+        for name in [*sizes, *(["hidden_dim"] if self.hidden_dim is not None else [])]:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        for name in ("norm_eps", "rope_theta", "dropout"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int | float):
+                raise ValueError(f"{name} must be a number, got {getattr(self, name)!r}")
+        if not (self.norm_eps > 0 and self.rope_theta > 0 and 0 <= self.dropout < 1):
+            raise ValueError(f"need norm_eps > 0, rope_theta > 0 and 0 <= dropout < 1, got {self.norm_eps}, "
+                             f"{self.rope_theta}, {self.dropout}")
         if self.hidden_dim is None:
             hidden = int(8 * self.dim / 3)
             self.hidden_dim = self.multiple_of * math.ceil(hidden / self.multiple_of)

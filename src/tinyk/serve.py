@@ -365,6 +365,13 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self._complete(req, chat)
 
+    def _other_method(self) -> None:
+        """PUT, PATCH, DELETE, OPTIONS: an OpenAI-style error instead of the standard library's HTML page."""
+        self.close_connection = True  # any body is left unread
+        self._error(ApiError(405, f"{self.command} is not supported; use GET or POST", code="method_not_allowed"))
+
+    do_PUT = do_PATCH = do_DELETE = do_OPTIONS = _other_method
+
     def _complete(self, req: Request, chat: bool) -> None:
         for _ in req.deltas():
             pass

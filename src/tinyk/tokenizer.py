@@ -37,6 +37,7 @@ CHAT_TEMPLATE = (
     "{% endif %}"
 )
 CHAT_ROLES = ("system", "user", "assistant")
+MAX_VOCAB = 1_000_000  # far above any small LLM's; the trainer would try to allocate for whatever it is given
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -79,7 +80,10 @@ class TinyTokenizer:
         return IM_END_ID
 
     def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
+        try:
+            return self.tok.encode(text, add_special_tokens=False).ids
+        except TypeError as e:  # a lone surrogate: bytes that were not UTF-8 (a GBK file, a raw byte in argv)
+            raise TinykError("the text is not valid UTF-8 (convert it first, e.g. iconv -f gbk -t utf-8)") from e
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
@@ -103,6 +107,9 @@ def load_tokenizer(path: str | Path) -> TinyTokenizer:
     """Loads a tokenizer directory and checks it carries the special ids tinyk relies on."""
     path = Path(path)
     f = marker_file(path, "tokenizer.json", "tokenizer")
+    missing = [name for name in TOKENIZER_FILES if not (path / name).is_file()]
+    if missing:  # every model directory copies them all, so a partial tokenizer would fail much later
+        raise TinykError(f"tokenizer {path} is incomplete: no {missing[0]}")
     try:
         tok = Tokenizer.from_file(str(f))
     except Exception as e:  # tokenizers raises a bare Exception on bad JSON
@@ -164,8 +171,11 @@ def train_tokenizer(inputs: list[str | Path], out: str | Path, *, vocab_size: in
                     show_progress: bool = True) -> dict[str, Any]:
     """Trains a tokenizer on a streamed (optionally truncated) corpus and saves an HF directory."""
     paths = check_inputs(inputs)
-    if vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise TinykError(f"--vocab-size must be at least {256 + len(SPECIAL_TOKENS)} (256 bytes + special tokens)")
+    if not 256 + len(SPECIAL_TOKENS) <= vocab_size <= MAX_VOCAB:
+        raise TinykError(f"--vocab-size must be between {256 + len(SPECIAL_TOKENS)} (256 bytes + special tokens) "
+                         f"and {MAX_VOCAB:,}")
+    if min_frequency < 0:
+        raise TinykError("--min-frequency must be >= 0")
     skips = Skips(strict=strict)
     tok = build_tokenizer(normalization)
     trainer = trainers.BpeTrainer(
@@ -221,6 +231,8 @@ def eval_tokenizer(path: str | Path, inputs: list[str | Path] | None = None, *,
         chars += len(t)
         nbytes += len(t.encode("utf-8"))
         ntok += len(ids)
+    if inputs and docs == 0:
+        raise TinykError(f"no usable documents in the sample to measure ({skips.summary()})")
     fixed_ok = all(tk.decode(tk.encode(s)) == s for s in samples)
     return {
         "path": str(path),

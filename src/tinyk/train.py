@@ -15,6 +15,7 @@ import inspect
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -118,7 +119,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         origin = typing.get_origin(t) or t
         if origin is bool and isinstance(value, bool):
             return value
-        if origin is int and isinstance(value, int | float) and not isinstance(value, bool) and value == int(value):
+        if (origin is int and isinstance(value, int | float) and not isinstance(value, bool)
+                and (isinstance(value, int) or math.isfinite(value) and value == int(value))):
             return int(value)
         if origin is float and isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
@@ -266,8 +268,19 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.seq_len >= 1, "seq_len must be positive"),
         (cfg.batch_size >= 1, "batch_size must be positive"),
         (cfg.micro_batch is None or cfg.micro_batch >= 1, "micro_batch must be positive"),
+        (all(math.isfinite(v) for v in (cfg.lr, cfg.min_lr_ratio, cfg.weight_decay, cfg.beta1, cfg.beta2, cfg.eps,
+                                         cfg.grad_clip, cfg.epochs or 1, cfg.max_minutes or 1, cfg.peak_tflops or 1)),
+         "numbers in the config must be finite (no inf or nan)"),
         (cfg.lr > 0, "lr must be positive"),
         (0 <= cfg.min_lr_ratio <= 1, "min_lr_ratio must be between 0 and 1"),
+        (cfg.warmup_steps is None or cfg.warmup_steps >= 0, "warmup_steps must be >= 0"),
+        (cfg.weight_decay >= 0, "weight_decay must be >= 0"),
+        (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1, "beta1 and beta2 must be in [0, 1)"),
+        (cfg.eps > 0, "eps must be positive"),
+        (cfg.grad_clip >= 0, "grad_clip must be >= 0 (0 turns clipping off)"),
+        (cfg.eval_batches is None or cfg.eval_batches >= 1, "eval_batches must be at least 1 (or null for the whole split)"),
+        (cfg.peak_tflops is None or cfg.peak_tflops > 0, "peak_tflops must be positive"),
+        (0 <= cfg.seed < 2**32, "seed must be between 0 and 2**32 - 1"),
         (cfg.log_every >= 1, "log_every must be at least 1"),
         (cfg.keep_checkpoints >= 1, "keep_checkpoints must be at least 1"),
         (cfg.eval_every >= 0 and cfg.save_every >= 0, "eval_every and save_every must be >= 0 (0 = only at the end)"),
@@ -572,11 +585,13 @@ class Trainer:
             if clash:
                 raise TinykError(f"model.{clash[0]}={section[clash[0]]} conflicts with {self.weights_dir} "
                                  f"({clash[0]} {getattr(base, clash[0])}); shapes come from the loaded model")
-            return ModelConfig.from_dict({**base.to_dict(), **section})
-        if preset is None and "dim" not in section:
+            fields = {**base.to_dict(), **section}
+        elif preset is None and "dim" not in section:
             raise TinykError("no model: pass --preset, a config with a model section, or --init a model directory")
+        else:
+            fields = {**(PRESETS[preset] if preset else {}), "vocab_size": vocab_size, **section}
         try:
-            return ModelConfig(**{**(PRESETS[preset] if preset else {}), "vocab_size": vocab_size, **section})
+            return ModelConfig(**fields)
         except (TypeError, ValueError) as e:
             raise TinykError(f"invalid model config: {e}") from e
 
@@ -633,7 +648,10 @@ class Trainer:
         self.window_loss, self.window_steps = torch.zeros((), device=self.device), 0
         torch.manual_seed(cfg.seed)
         if self.weights_dir is not None:
-            model, _ = load_model(self.weights_dir)
+            try:
+                model, _ = load_model(self.weights_dir)
+            except TinykError as e:
+                raise self._damaged(e) if self.resumed_from else e from None
             _apply_runtime_fields(model, self.mcfg)
         else:
             model = Transformer(self.mcfg)
@@ -723,7 +741,18 @@ class Trainer:
         d.barrier()
         return path
 
+    def _damaged(self, problem: Exception) -> TinykError:
+        """A checkpoint damaged after it was written (disk, copying): say which, and the way out."""
+        return TinykError(f"checkpoint {self.resumed_from} is damaged ({str(problem).splitlines()[0]}); delete it "
+                          f"to resume from the one before, or start over with --force")
+
     def _load_checkpoint(self, path: Path) -> None:
+        try:
+            self._load_checkpoint_files(path)
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError, pickle.UnpicklingError) as e:
+            raise self._damaged(e) from e
+
+    def _load_checkpoint_files(self, path: Path) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         state = json.loads((path / "state.json").read_text())

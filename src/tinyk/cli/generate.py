@@ -165,6 +165,13 @@ def chat_session(engine: Engine, params: SamplingParams, lines: Iterable[str], o
         if text.startswith("/"):
             print(f"unknown command {text.split()[0]}; {CHAT_HELP}", file=sys.stderr)
             continue
+        try:
+            engine.tok.encode(text)
+        except TinykError as e:  # e.g. a line of GBK bytes: say so and keep the session
+            if not interactive:
+                raise
+            print(f"({e})", file=sys.stderr)
+            continue
         history.append({"role": "user", "content": text})
         while True:
             ids = engine.tok.encode(engine.chat_prompt(history, default_system=system))
