@@ -181,8 +181,33 @@ def _subject(path: Path) -> str:
     return stem
 
 
+def _first_non_utf8_line(path: Path) -> int | None:
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                return lineno
+    return None
+
+
 def read_choice_csv(path: Path, skips: Skips) -> list[ChoiceQuestion]:
-    """One C-Eval (id,question,A..D,answer[,explanation]) or CMMLU (,Question,A..D,Answer) file."""
+    """One C-Eval (id,question,A..D,answer[,explanation]) or CMMLU (,Question,A..D,Answer) file.
+
+    A file that is not UTF-8 text (a GBK export, a binary file) or not parseable CSV is one TinykError.
+    """
+    try:
+        return _read_choice_csv(path, skips)
+    except UnicodeDecodeError as e:
+        lineno = _first_non_utf8_line(path)
+        where = f"{path}:{lineno}" if lineno else str(path)
+        raise TinykError(f"{where}: not UTF-8 text; multiple-choice CSVs must be UTF-8 "
+                         "(convert it, e.g. with iconv -f gbk -t utf-8)") from e
+    except csv.Error as e:
+        raise TinykError(f"{path}: malformed CSV ({e})") from e
+
+
+def _read_choice_csv(path: Path, skips: Skips) -> list[ChoiceQuestion]:
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         header = {h.strip().lower(): h for h in (reader.fieldnames or []) if h}

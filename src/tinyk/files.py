@@ -12,8 +12,10 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -82,6 +84,8 @@ def check_inputs(paths: list[str | Path]) -> list[Path]:
 def marker_file(directory: str | Path, name: str, what: str) -> Path:
     """`directory/name`, the file that makes `directory` a `what` directory, or one line on what is wrong."""
     d = Path(directory)
+    if d.exists() and not d.is_dir():
+        raise TinykError(f"{what} directory {d} is a file, not a directory")
     if not d.is_dir():
         raise TinykError(f"{what} directory not found: {d}")
     if not (d / name).is_file():
@@ -89,27 +93,119 @@ def marker_file(directory: str | Path, name: str, what: str) -> Path:
     return d / name
 
 
+_BOM = b"\xef\xbb\xbf"
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+_ZSTD_CHUNK = 4096  # compressed bytes per step; bounds what one step can expand to
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _codec(path: Path) -> str | None:
+    return "gzip" if path.name.endswith(".gz") else "zstd" if path.name.endswith(".zst") else None
+
+
+def _zstandard() -> Any:
+    try:
+        import zstandard
+    except ImportError as e:
+        raise TinykError("reading .zst files needs the 'zstandard' package (pip install zstandard)") from e
+    return zstandard
+
+
+class _ZstdTruncated(EOFError):
+    pass
+
+
+class _ZstdReader(io.RawIOBase):
+    """Decompresses a .zst file frame after frame and, unlike zstandard's stream_reader, reports a
+    file that ends inside a frame (an interrupted download) instead of ending quietly."""
+
+    def __init__(self, path: Path):
+        self._dctx = _zstandard().ZstdDecompressor()
+        self._f = open(path, "rb")  # noqa: SIM115 - closed by close()
+        self._frame: Any = None
+        self._buf, self._pos, self._eof = b"", 0, False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        while self._pos >= len(self._buf):
+            if self._eof:
+                return 0
+            self._fill()
+        n = min(len(b), len(self._buf) - self._pos)
+        b[:n] = memoryview(self._buf)[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    def _fill(self) -> None:
+        data = self._f.read(_ZSTD_CHUNK)
+        if not data:
+            if self._frame is not None:
+                raise _ZstdTruncated("file ends inside a zstd frame")
+            self._eof = True
+            return
+        out = []
+        while data:
+            if self._frame is None:
+                self._frame = self._dctx.decompressobj()
+            out.append(self._frame.decompress(data))
+            if self._frame.eof:
+                data, self._frame = self._frame.unused_data, None
+            else:
+                data = b""
+        self._buf, self._pos = b"".join(out), 0
+
+    def close(self) -> None:
+        f = getattr(self, "_f", None)  # absent when open() failed in __init__
+        if f is not None:
+            f.close()
+        super().close()
+
+
 def _open_binary(path: Path) -> BinaryIO:
-    if path.name.endswith(".gz"):
+    codec = _codec(path)
+    if codec == "gzip":
         return gzip.open(path, "rb")  # type: ignore[return-value]
-    if path.name.endswith(".zst"):
-        try:
-            import zstandard
-        except ImportError as e:
-            raise TinykError("reading .zst files needs the 'zstandard' package (pip install zstandard)") from e
-        raw = open(path, "rb")
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))  # type: ignore[arg-type]
+    if codec == "zstd":
+        return io.BufferedReader(_ZstdReader(path))  # type: ignore[return-value]
     return open(path, "rb")
 
 
-class _Counting:
-    """Wraps a binary stream to count the (uncompressed) bytes consumed."""
+def _read_errors(path: Path) -> tuple[type[BaseException], ...]:
+    """What reading `path` raises when the file (not the program) is at fault."""
+    errors: tuple[type[BaseException], ...] = (OSError, EOFError, zlib.error)
+    if _codec(path) == "zstd":
+        errors += (_zstandard().ZstdError,)
+    return errors
 
-    def __init__(self, f: BinaryIO):
-        self.f, self.n = f, 0
+
+def _read_error(path: Path, e: BaseException, lines: int) -> TinykError:
+    """One line naming the file (and how far reading got) for an error raised while reading it."""
+    after = f" after line {lines}" if lines else ""
+    codec = _codec(path)
+    io_error = isinstance(e, OSError) and e.errno is not None  # not BadGzipFile, which has none
+    if codec and not io_error:
+        return TinykError(f"{path}: damaged or truncated {codec} data{after} ({_one_line(e)})")
+    detail = e.strerror if isinstance(e, OSError) and e.strerror else _one_line(e)
+    return TinykError(f"{path}: read error{after} ({detail})")
+
+
+class _Counting:
+    """Wraps a binary stream to count the (uncompressed) bytes and lines consumed; turns read errors
+    (a damaged or truncated compressed file, an I/O error) into one line naming the file."""
+
+    def __init__(self, f: BinaryIO, path: Path, errors: tuple[type[BaseException], ...]):
+        self.f, self.n, self.path, self.lines, self.errors = f, 0, path, 0, errors
 
     def readline(self, limit: int) -> bytes:
-        line = self.f.readline(limit)
+        try:
+            line = self.f.readline(limit)
+        except self.errors as e:
+            raise _read_error(self.path, e, self.lines) from e
         self.n += len(line)
         return line
 
@@ -118,20 +214,33 @@ def iter_lines(path: Path, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iter
     """Yields (line number, line bytes or None if over the limit, bytes read so far).
 
     A line longer than `max_line_bytes` is consumed in bounded chunks and never held whole.
+    A UTF-8 byte order mark at the start of the file is dropped; any read error is one TinykError.
     """
-    with _open_binary(path) as raw:
-        f = _Counting(raw)
+    errors = _read_errors(path)
+    try:
+        raw = _open_binary(path)
+    except errors as e:
+        raise _read_error(path, e, 0) from e
+    with raw:
+        f = _Counting(raw, path, errors)
         lineno = 0
         while True:
             line = f.readline(max_line_bytes + 1)
             if not line:
                 return
             lineno += 1
+            if lineno == 1:
+                if line.startswith(_UTF16_BOMS):
+                    raise TinykError(f"{path}: UTF-16 text; tinyk reads UTF-8 (convert it, e.g. with iconv)")
+                if line.startswith(_BOM):
+                    line = line[len(_BOM):]
             if len(line) > max_line_bytes and not line.endswith(b"\n"):
                 while line and not line.endswith(b"\n"):
                     line = f.readline(1 << 20)
+                f.lines = lineno
                 yield lineno, None, f.n
                 continue
+            f.lines = lineno
             yield lineno, line, f.n
 
 
@@ -186,12 +295,21 @@ def _iter_parquet(path: Path) -> Iterator[tuple[str, dict, int]]:
         raise TinykError("reading .parquet files needs the 'pyarrow' package (pip install pyarrow)") from e
     try:
         pf = pq.ParquetFile(path)
+        batches = pf.iter_batches(batch_size=1024)
     except Exception as e:  # pyarrow raises several types for a corrupt file
-        raise TinykError(f"cannot read parquet file {path}: {e}") from e
+        raise TinykError(f"cannot read parquet file {path}: {_one_line(e)}") from e
     row = 0
-    for batch in pf.iter_batches(batch_size=1024):
+    while True:
+        try:
+            batch = next(batches, None)
+            recs = batch.to_pylist() if batch is not None else []
+        except Exception as e:  # ArrowInvalid, ArrowIOError, OSError, ... for a damaged row group
+            after = f" after row {row}" if row else ""
+            raise TinykError(f"{path}: damaged parquet data{after} ({_one_line(e)})") from e
+        if batch is None:
+            return
         size = max(1, batch.nbytes // max(1, batch.num_rows))
-        for rec in batch.to_pylist():
+        for rec in recs:
             row += 1
             yield f"{path.name}:row {row}", rec, size
 
@@ -231,14 +349,16 @@ def atomic_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path
     """Yields a temporary sibling of `out` to fill; renames it into place only on success.
 
     An existing `out` is refused unless `force`, and is replaced only once the new one is complete;
-    `out` may not overlap any of `inputs`.
+    `out` may not overlap any of `inputs`. The temporary is named `.{name}.tmp-{pid}-XXXX`, so a later
+    run can remove one left by a killed process (see `remove_stale_temps`).
     """
     out = Path(out)
     check_output(out, inputs)
     if out.exists() and not force:
         raise TinykError(f"output directory exists: {out} (use --force to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remove_stale_temps(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
         yield tmp
         _share_like_umask(tmp)
@@ -252,6 +372,45 @@ def atomic_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _pid_running(pid: int) -> bool:
+    """False only when no process `pid` exists on this machine; in doubt, True."""
+    if os.name != "posix":  # os.kill(pid, 0) would not be a harmless probe
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # PermissionError: someone else's process
+        return True
+    return True
+
+
+def remove_stale_temps(out: str | Path) -> list[Path]:
+    """Removes what a killed `atomic_dir` left beside `out`: `.{name}.tmp-{pid}-XXXX` and `.{name}.old-{pid}`
+    directories whose process no longer runs on this machine. Returns what was removed.
+
+    Anything else, a directory whose process is alive, and temporaries named without a pid (by
+    older versions, whose owner cannot be told) are left alone.
+    """
+    out = Path(out)
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(?:tmp-([0-9]+)-[A-Za-z0-9_]+|old-([0-9]+))")
+    try:
+        siblings = list(out.parent.iterdir())
+    except OSError:
+        return []
+    removed = []
+    for p in siblings:
+        m = pattern.fullmatch(p.name)
+        if not m:
+            continue
+        pid = int(m.group(1) or m.group(2))
+        if pid <= 0 or pid == os.getpid() or _pid_running(pid) or p.is_symlink() or not p.is_dir():
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
 
 
 def _share_like_umask(root: Path) -> None:

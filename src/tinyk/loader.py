@@ -88,6 +88,20 @@ def _memmap(path: Path, dtype: str, count: int) -> np.memmap:
     return np.memmap(path, dtype=dtype, mode="r", shape=(count,))
 
 
+def _load_offsets(path: Path, documents: int, tokens: int) -> np.ndarray:
+    """The conversation boundaries: documents + 1 increasing integers from 0 to `tokens`."""
+    if not path.is_file():
+        raise TinykError(f"{path} is missing (re-run tinyk data)")
+    try:
+        offsets = np.load(path, allow_pickle=False)
+    except (ValueError, EOFError, OSError) as e:  # not .npy, pickled, truncated, unreadable
+        raise TinykError(f"{path} is damaged or not a NumPy array file (re-run tinyk data)") from e
+    if (offsets.dtype.kind not in "iu" or offsets.shape != (documents + 1,) or offsets[0] != 0
+            or offsets[-1] != tokens or np.any(np.diff(offsets) <= 0)):
+        raise TinykError(f"{path} does not match meta.json (re-run tinyk data)")
+    return offsets.astype(np.int64, copy=False)
+
+
 class _Windows:
     """Windows of seq_len + 1 tokens starting every seq_len tokens over the concatenated shards."""
 
@@ -141,10 +155,7 @@ class _Conversations:
         s = meta["splits"][split]
         self.tokens = _memmap(folder / "tokens.bin", meta["dtype"], s["tokens"])
         self.mask = _memmap(folder / "mask.bin", "uint8", s["tokens"])
-        offsets = np.load(folder / "offsets.npy")
-        if (offsets.shape != (s["documents"] + 1,) or offsets[0] != 0 or offsets[-1] != s["tokens"]
-                or np.any(np.diff(offsets) <= 0)):
-            raise TinykError(f"{folder / 'offsets.npy'} does not match meta.json (re-run tinyk data)")
+        offsets = _load_offsets(folder / "offsets.npy", s["documents"], s["tokens"])
         starts, lengths = offsets[:-1], np.minimum(np.diff(offsets), seq_len + 1)
         usable = _loss_counts(self.mask, starts, lengths) > 0
         self.starts, self.lengths = starts[usable], lengths[usable]

@@ -1,0 +1,326 @@
+"""Damaged, oddly encoded or misplaced inputs give one line naming the file, never a traceback; a killed
+process's temporary output is cleaned up by the next run."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tinyk.cli import main
+from tinyk.evaluate import read_choice_csv, read_task
+from tinyk.files import (
+    Skips,
+    TinykError,
+    atomic_dir,
+    iter_records,
+    iter_texts,
+    marker_file,
+    remove_stale_temps,
+)
+from tinyk.loader import SFTLoader
+
+zstandard = pytest.importorskip("zstandard")
+
+_rng = random.Random(0)
+DOCS = [{"text": f"第{i}号文档：" + "".join(chr(_rng.randrange(0x4E00, 0x5000)) for _ in range(60))}
+        for i in range(2000)]
+JSONL = "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in DOCS).encode("utf-8")
+GARBAGE = random.Random(1).randbytes(3000)
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in args])
+    return e.value.code, capsys.readouterr().err
+
+
+def one_error_line(err: str) -> str:
+    """The one `tinyk: error:` line (progress bars may precede it), with no traceback."""
+    assert "Traceback" not in err, err
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("tinyk: error: ")]
+    assert len(lines) == 1 and err.rstrip("\n").endswith(lines[0]), err
+    return lines[0]
+
+
+def texts(path: Path) -> list[str]:
+    return list(iter_texts([path], Skips()))
+
+
+# ---------------------------------------------------------------- 1. damaged compressed inputs
+
+def truncated_gz(path: Path) -> Path:
+    path.write_bytes(gzip.compress(JSONL)[:20000])
+    return path
+
+
+@pytest.fixture
+def damaged(tmp_path) -> dict[str, Path]:
+    gz = gzip.compress(JSONL)
+    zst = zstandard.ZstdCompressor().compress(JSONL)
+    bad_block = bytearray(gz)
+    bad_block[10:] = b"\xff" * (len(gz) - 10)  # a valid gzip header, then an invalid deflate block
+    files = {"truncated.jsonl.gz": gz[:20000], "random.jsonl.gz": GARBAGE, "bad-block.jsonl.gz": bytes(bad_block),
+             "crc.jsonl.gz": gz[:-8] + b"\0" * 8, "truncated.jsonl.zst": zst[: len(zst) // 2],
+             "random.jsonl.zst": GARBAGE, "random.txt.zst": GARBAGE}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    return {name: tmp_path / name for name in files}
+
+
+def test_every_damaged_compressed_file_is_one_error_naming_it(damaged):
+    for name, path in damaged.items():
+        with pytest.raises(TinykError) as e:
+            texts(path)
+        msg = str(e.value)
+        codec = "gzip" if name.endswith(".gz") else "zstd"
+        assert msg.startswith(f"{path}: damaged or truncated {codec} data"), msg
+        assert "\n" not in msg
+        if name.startswith("truncated"):
+            assert " after line " in msg
+
+
+def test_truncated_zstd_is_not_read_as_a_shorter_corpus(tmp_path):
+    """zstandard's stream_reader ends quietly at a cut; tinyk must say the file is cut."""
+    zst = zstandard.ZstdCompressor().compress(JSONL)
+    (tmp_path / "cut.jsonl.zst").write_bytes(zst[:-3])
+    with pytest.raises(TinykError, match=r"cut.jsonl.zst: damaged or truncated zstd data after line \d+"):
+        texts(tmp_path / "cut.jsonl.zst")
+
+
+def test_good_compressed_files_still_read_whole(tmp_path):
+    c = zstandard.ZstdCompressor()
+    half = len(JSONL) // 2
+    cut = JSONL.index(b"\n", half) + 1
+    (tmp_path / "frames.jsonl.zst").write_bytes(c.compress(JSONL[:cut]) + c.compress(JSONL[cut:]))
+    (tmp_path / "members.jsonl.gz").write_bytes(gzip.compress(JSONL[:cut]) + gzip.compress(JSONL[cut:]))
+    (tmp_path / "empty.jsonl.zst").write_bytes(b"")
+    want = [d["text"] for d in DOCS]
+    assert texts(tmp_path / "frames.jsonl.zst") == want
+    assert texts(tmp_path / "members.jsonl.gz") == want
+    assert texts(tmp_path / "empty.jsonl.zst") == []
+
+
+@pytest.mark.parametrize("command", ["tokenizer train", "tokenizer eval", "data pretrain", "data sft"])
+def test_cli_damaged_gzip_is_one_line_and_leaves_nothing(tmp_path, tok_dir, command, capsys):
+    src = truncated_gz(tmp_path / "corpus.jsonl.gz")
+    before = src.read_bytes()
+    out = tmp_path / "out"
+    args = {"tokenizer train": ["tokenizer", "train", src, "--out", out, "--vocab-size", "300"],
+            "tokenizer eval": ["tokenizer", "eval", tok_dir, "--input", src],
+            "data pretrain": ["data", "pretrain", "--input", src, "--tokenizer", tok_dir, "--out", out],
+            "data sft": ["data", "sft", "--input", src, "--tokenizer", tok_dir, "--out", out]}[command]
+    code, err = run_cli(args, capsys)
+    line = one_error_line(err)
+    assert code == 2
+    assert line.startswith(f"tinyk: error: {src}: damaged or truncated gzip data after line "), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.jsonl.gz"]
+    assert src.read_bytes() == before
+
+
+def test_cli_random_zstd_is_one_line(tmp_path, capsys):
+    src = tmp_path / "corpus.jsonl.zst"
+    src.write_bytes(GARBAGE)
+    code, err = run_cli(["tokenizer", "train", src, "--out", tmp_path / "t", "--vocab-size", "300"], capsys)
+    assert code == 2 and f"{src}: damaged or truncated zstd data" in one_error_line(err)
+
+
+def test_damaged_task_file_is_one_error(tmp_path):
+    task = tmp_path / "task.jsonl.gz"
+    recs = [{"messages": [{"role": "user", "content": d["text"]}], "answer": "2"} for d in DOCS]
+    data = gzip.compress("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs).encode())
+    task.write_bytes(data[: len(data) // 2])
+    with pytest.raises(TinykError, match="task.jsonl.gz: damaged or truncated gzip data"):
+        read_task(task, Skips())
+
+
+def test_damaged_parquet_is_one_error_naming_it(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    good = tmp_path / "good.parquet"
+    pq.write_table(pa.table({"text": [f"文档{i} " * 20 for i in range(5000)]}), good, row_group_size=1000)
+    data = bytearray(good.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 200] = b"\xff" * 200
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(bytes(data))
+    assert len(texts(good)) == 5000
+    with pytest.raises(TinykError, match=r"bad.parquet: damaged parquet data after row \d+ \(") as e:
+        texts(bad)
+    assert "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------- 2. byte order marks
+
+@pytest.mark.parametrize("name", ["bom.jsonl", "bom.txt", "bom.jsonl.gz"])
+def test_a_leading_utf8_bom_is_dropped(tmp_path, name):
+    body = (JSONL if ".jsonl" in name else "第一行\n第二行\n".encode())
+    data = b"\xef\xbb\xbf" + body
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    skips = Skips(strict=True)
+    recs = [rec for _, rec in iter_records([path], skips)]
+    assert skips.total == 0
+    assert recs[0] == (DOCS[0] if ".jsonl" in name else {"text": "第一行"})
+
+
+def test_bom_jsonl_trains_with_no_skips(tmp_path, tok_dir, capsys):
+    src = tmp_path / "bom.jsonl"
+    src.write_bytes(b"\xef\xbb\xbf" + JSONL)
+    code, _ = run_cli(["data", "pretrain", "--input", src, "--tokenizer", tok_dir, "--out", tmp_path / "d",
+                       "--strict"], capsys)
+    assert code == 0
+    meta = json.loads((tmp_path / "d" / "meta.json").read_text())
+    assert meta["skipped"]["total"] == 0 and meta["splits"]["train"]["documents"] + \
+        meta["splits"]["val"]["documents"] == len(DOCS)
+
+
+def test_utf16_input_is_one_error(tmp_path):
+    src = tmp_path / "u16.jsonl"
+    src.write_bytes(JSONL.decode().encode("utf-16"))
+    with pytest.raises(TinykError, match="u16.jsonl: UTF-16 text; tinyk reads UTF-8"):
+        texts(src)
+
+
+# ---------------------------------------------------------------- 3. prepared data: offsets.npy
+
+@pytest.fixture
+def sft_copy(tmp_path, sft_data) -> Path:
+    return Path(shutil.copytree(sft_data, tmp_path / "data"))
+
+
+@pytest.mark.parametrize("damage", ["random", "pickled", "truncated", "floats", "missing"])
+def test_damaged_offsets_is_one_line_naming_it(sft_copy, damage):
+    f = sft_copy / "train" / "offsets.npy"
+    good = np.load(f)
+    if damage == "random":
+        f.write_bytes(GARBAGE)
+    elif damage == "pickled":
+        np.save(f, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    elif damage == "truncated":
+        f.write_bytes(f.read_bytes()[:200])
+    elif damage == "floats":
+        np.save(f, good.astype(np.float64))
+    else:
+        f.unlink()
+    want = {"missing": "is missing", "floats": "does not match meta.json"}.get(damage, "is damaged or not a NumPy")
+    with pytest.raises(TinykError) as e:
+        SFTLoader(sft_copy, "train", 64, 2)
+    assert str(e.value).startswith(f"{f} {want}") and "re-run tinyk data" in str(e.value)
+
+
+def test_cli_eval_on_damaged_offsets(sft_copy, nano_model_dir, capsys):
+    (sft_copy / "val" / "offsets.npy").write_bytes(GARBAGE)
+    code, err = run_cli(["eval", "--model", nano_model_dir, "--data", sft_copy, "--device", "cpu"], capsys)
+    assert code == 2 and "offsets.npy is damaged or not a NumPy array file" in one_error_line(err)
+
+
+# ---------------------------------------------------------------- 4. evaluation inputs
+
+CSV = "id,question,A,B,C,D,answer\n1,中国的首都是哪里？,北京,上海,广州,深圳,A\n"
+
+
+def test_gbk_and_binary_choice_csv_are_one_line(tmp_path, nano_model_dir, capsys):
+    gbk = tmp_path / "gbk.csv"
+    gbk.write_bytes(CSV.encode("gbk"))
+    binary = tmp_path / "binary.csv"
+    binary.write_bytes(GARBAGE)
+    with pytest.raises(TinykError, match=r"gbk.csv:2: not UTF-8 text; multiple-choice CSVs must be UTF-8"):
+        read_choice_csv(gbk, Skips())
+    with pytest.raises(TinykError, match=r"binary.csv:\d+: not UTF-8 text"):
+        read_choice_csv(binary, Skips())
+    code, err = run_cli(["eval", "--model", nano_model_dir, "--choice", gbk, "--device", "cpu"], capsys)
+    assert code == 2 and "must be UTF-8" in one_error_line(err)
+    assert gbk.read_bytes() == CSV.encode("gbk")
+
+
+def test_choice_csv_with_bom_and_malformed_csv(tmp_path):
+    ok = tmp_path / "ok.csv"
+    ok.write_bytes(b"\xef\xbb\xbf" + CSV.encode())
+    assert [q.answer for q in read_choice_csv(ok, Skips())] == ["A"]
+    huge = tmp_path / "huge.csv"
+    huge.write_text('id,question,A,B,answer\n1,"' + "x" * 200_000 + '",a,b,A\n', encoding="utf-8")
+    with pytest.raises(TinykError, match="huge.csv: malformed CSV"):
+        read_choice_csv(huge, Skips())
+
+
+def test_gbk_task_file_is_one_line(tmp_path):
+    task = tmp_path / "task.jsonl"
+    rec = {"messages": [{"role": "user", "content": "你好"}], "answer": "好"}
+    task.write_bytes((json.dumps(rec, ensure_ascii=False) + "\n").encode("gbk"))
+    with pytest.raises(TinykError, match="task.jsonl: no usable examples.*invalid utf8: 1"):
+        read_task(task, Skips())
+
+
+# ---------------------------------------------------------------- 5. temporaries of killed processes
+
+def dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def test_atomic_dir_names_its_temporary_with_the_pid(tmp_path):
+    with atomic_dir(tmp_path / "out") as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(f".out.tmp-{os.getpid()}-")
+        assert ".tmp-" in tmp.name  # train.py's _clean_partial relies on this
+        (tmp / "f").write_text("x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_only_temporaries_of_dead_processes_are_removed(tmp_path):
+    dead, alive = dead_pid(), os.getppid()
+    keep = [f".out.tmp-{alive}-abc123", f".out.tmp-{os.getpid()}-mine", ".out.tmp-legacy12", f".other.tmp-{dead}-x",
+            f".out.tmp-{dead}", f"out.tmp-{dead}-x", f".out.old-{alive}", f".out.tmp-{dead}-a.b"]
+    gone = [f".out.tmp-{dead}-abc123", f".out.old-{dead}"]
+    for name in keep + gone:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "data.bin").write_bytes(b"x" * 100)
+    (tmp_path / f".out.tmp-{dead}-afile").write_text("a file, not ours")
+    keep.append(f".out.tmp-{dead}-afile")
+    with atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "f").write_text("x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*keep, "out"])
+    assert remove_stale_temps(tmp_path / "out") == []
+
+
+def test_a_later_run_removes_what_a_killed_one_left(tmp_path):
+    out = tmp_path / "out"
+    script = ("import sys, time\nfrom tinyk.files import atomic_dir\n"
+              "with atomic_dir(sys.argv[1]) as t:\n    (t / 'big.bin').write_bytes(b'x' * 100000)\n"
+              "    print(t, flush=True)\n    time.sleep(60)\n")
+    p = subprocess.Popen([sys.executable, "-c", script, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        left = Path(p.stdout.readline().strip())
+    finally:
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        p.stdout.close()
+    assert left.is_dir() and left.name.startswith(f".out.tmp-{p.pid}-") and not out.exists()
+    with atomic_dir(out) as tmp:
+        (tmp / "f").write_text("done")
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["out"]
+
+
+# ---------------------------------------------------------------- 6. a file where a directory belongs
+
+def test_marker_file_says_a_file_is_not_a_directory(tmp_path, capsys):
+    f = tmp_path / "tokenizer.json"
+    f.write_text("{}")
+    with pytest.raises(TinykError, match=f"tokenizer directory {f} is a file, not a directory"):
+        marker_file(f, "tokenizer.json", "tokenizer")
+    with pytest.raises(TinykError, match="tokenizer directory not found"):
+        marker_file(tmp_path / "nope", "tokenizer.json", "tokenizer")
+    src = tmp_path / "c.jsonl"
+    src.write_bytes(JSONL)
+    code, err = run_cli(["data", "pretrain", "--input", src, "--tokenizer", f, "--out", tmp_path / "d"], capsys)
+    assert code == 2 and "is a file, not a directory" in one_error_line(err)
