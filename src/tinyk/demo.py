@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -247,8 +248,8 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, *, force: bool = Fa
     """
     cfg = cfg or DemoConfig()
     out = Path(out)
-    if cfg.minutes <= 0:
-        raise TinykError(f"--minutes must be positive, got {cfg.minutes}")
+    if not (isinstance(cfg.minutes, int | float) and math.isfinite(cfg.minutes) and cfg.minutes > 0):
+        raise TinykError(f"--minutes must be positive (a finite number of minutes), got {cfg.minutes}")
     previous_demo = (out / "results.json").is_file() and _is_demo_results(out / "results.json")
     if out.exists() and not (force or previous_demo):
         raise TinykError(f"output directory exists and is not an earlier demo: {out} (use --force to replace it)")

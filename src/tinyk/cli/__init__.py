@@ -10,14 +10,22 @@ import argparse
 import importlib
 import os
 import sys
+from typing import NoReturn
 
 from tinyk.files import TinykError
 
 STAGES = ["tokenizer", "model", "data", "train", "generate", "serve", "evaluate", "demo", "plan"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with tinyk's error style: one line and exit 2, the usage left to --help."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tinyk", description="Train a small Chinese chat LLM from scratch.")
+    parser = _Parser(prog="tinyk", description="Train a small Chinese chat LLM from scratch.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for stage in STAGES:
         try:

@@ -1,31 +1,151 @@
-"""Argument helpers shared by the stage modules."""
+"""Argument helpers shared by the stage modules.
+
+Numeric flags are checked as they are parsed (the `type=` helpers below), so a bad value is
+refused before anything is loaded, with a message that names the allowed range. inf and nan
+are never accepted.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
+from collections.abc import Callable
+from typing import NoReturn
 
 _UNITS = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 
+MAX_SIZE = 10**18  # beyond this, counts overflow the 64-bit integers of the libraries underneath
+SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit
+MAX_BATCH = 65536  # sequences per step: far more than fits anywhere, far less than exhausts memory
 
-def parse_size(s: str) -> int:
-    """'500M', '2G', '1e9' or a plain integer, as a byte or token count."""
+
+def _refuse(rule: str, s: str) -> NoReturn:
+    raise argparse.ArgumentTypeError(f"must be {rule}, got {s!r}")
+
+
+def int_range(lo: int | None = None, hi: int | None = None) -> Callable[[str], int]:
+    """A `type=` for an integer in lo..hi (either end may be open)."""
+    if lo is not None and hi is not None:
+        rule = f"an integer in {lo}..{hi}"
+    elif lo is not None:
+        rule = f"an integer >= {lo}"
+    else:
+        rule = f"an integer <= {hi}"
+
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            _refuse(rule, s)
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            _refuse(rule, s)
+        return v
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def float_range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
+                hi_open: bool = False, unit: str = "") -> Callable[[str], float]:
+    """A `type=` for a finite number between lo and hi; `lo_open`/`hi_open` exclude that end."""
+    if lo is not None and hi is not None:
+        rule = f"a finite number in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+    elif lo is not None:
+        rule = f"a finite number {'>' if lo_open else '>='} {lo:g}"
+    elif hi is not None:
+        rule = f"a finite number {'<' if hi_open else '<='} {hi:g}"
+    else:
+        rule = "a finite number"
+    rule += unit
+
+    def parse(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            _refuse(rule, s)
+        if not math.isfinite(v):
+            _refuse(rule, s)
+        if lo is not None and (v <= lo if lo_open else v < lo):
+            _refuse(rule, s)
+        if hi is not None and (v >= hi if hi_open else v > hi):
+            _refuse(rule, s)
+        return v
+
+    parse.__name__ = "number"
+    return parse
+
+
+positive_int = int_range(1)
+non_negative_int = int_range(0)
+seed = int_range(0, SEED_MAX)
+batch_count = int_range(1, MAX_BATCH)
+positive_float = float_range(0, lo_open=True)
+non_negative_float = float_range(0)
+fraction = float_range(0, 1)
+
+
+def non_empty(s: str) -> str:
+    """A `type=` for text that must say something (not empty, not only spaces)."""
+    if not s.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return s
+
+
+def _fmt_size(n: int) -> str:
+    for unit, scale in (("T", 10**12), ("G", 10**9), ("M", 10**6), ("k", 10**3)):
+        if n >= scale and n % scale == 0 and n // scale < 1000:
+            return f"{n // scale}{unit}"
+    return f"{n:.0e}".replace("e+", "e") if n >= 10**15 else str(n)
+
+
+def size_number(s: str) -> float:
+    """'500M', '2G', '1e9' or a plain number, as a float (unchecked)."""
     t = s.strip().lower().rstrip("b")
     try:
         if t and t[-1] in _UNITS:
-            return int(float(t[:-1]) * _UNITS[t[-1]])
-        return int(float(t))
+            return float(t[:-1]) * _UNITS[t[-1]]
+        return float(t)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a size: {s!r} (e.g. 500M, 2G)") from None
 
 
+def checked_size(value: float, s: str, lo: int = 0, hi: int = MAX_SIZE) -> int:
+    """`value` (parsed from `s`) as an integer count in lo..hi, else an argparse error."""
+    n = int(value) if math.isfinite(value) else None
+    if n is None or not lo <= n <= hi:
+        _refuse(f"a size from {_fmt_size(lo)} to {_fmt_size(hi)} (e.g. 500M, 2G)", s)
+    return n
+
+
+def size_range(lo: int = 1, hi: int = MAX_SIZE) -> Callable[[str], int]:
+    """A `type=` for a byte or token count in lo..hi, written as for `parse_size`."""
+
+    def parse(s: str) -> int:
+        return checked_size(size_number(s), s, lo, hi)
+
+    parse.__name__ = "size"
+    return parse
+
+
+def parse_size(s: str) -> int:
+    """'500M', '2G', '1e9' or a plain integer, as a byte or token count (0..1e18; never inf or nan)."""
+    return checked_size(size_number(s), s)
+
+
+positive_size = size_range(1)
+
+
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    """Sampling flags shared by generate, chat and eval; defaults avoid loops on small models."""
+    """Sampling flags shared by generate, chat and serve; defaults avoid loops on small models.
+
+    The float flags are range-checked by `SamplingParams` (one line, before the model loads)."""
     p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy; higher = more random (default 0.7)")
-    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens; 0 = off (default 50)")
+    p.add_argument("--top-k", type=int_range(0, 1_000_000), default=50,
+                   help="sample among the k most likely tokens; 0 = off (default 50)")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass; 1 = off (default 0.9)")
     p.add_argument("--min-p", type=float, default=0.0,
                    help="drop tokens below min_p x the top probability; 0 = off (default 0)")
     p.add_argument("--repetition-penalty", type=float, default=1.1,
                    help="penalise tokens already in the text; 1 = off (default 1.1)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="token budget per answer (default 256)")
-    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--max-new-tokens", type=positive_int, default=256, help="token budget per answer (default 256)")
+    p.add_argument("--seed", type=seed, default=None, help="seed for reproducible sampling")

@@ -7,18 +7,22 @@ import json
 import time
 from typing import Any
 
-from tinyk.cli.common import parse_size
+from tinyk.cli.common import float_range, int_range, positive_size, seed
 from tinyk.files import DEFAULT_MAX_LINE_BYTES
+
+MAX_WORKERS = 1024  # tokenizer processes; more only exhausts the machine
+MAX_LEN = 2**20  # SFT tokens per conversation, far past any model's context
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", nargs="+", action="extend", required=True, metavar="FILE", help="input files (read, never modified)")
     p.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer directory")
     p.add_argument("--out", required=True, metavar="DIR", help="output data directory")
-    p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out (seeded)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
-    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
-    p.add_argument("--max-line-bytes", type=parse_size, default=DEFAULT_MAX_LINE_BYTES,
+    p.add_argument("--val-fraction", type=float_range(0, 1, hi_open=True), default=0.01,
+                   help="share of documents held out (seeded)")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the train/val split")
+    p.add_argument("--workers", type=int_range(1, MAX_WORKERS), default=None, help="tokenizer processes (default: all cores)")
+    p.add_argument("--max-line-bytes", type=positive_size, default=DEFAULT_MAX_LINE_BYTES,
                    help="longer lines are skipped (default 16 MiB)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
@@ -31,12 +35,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     t = dsub.add_parser("pretrain", help="documents (.jsonl/.txt/.parquet, .gz/.zst) -> token shards")
     _add_common(t)
     t.add_argument("--field", default="text", help="JSON/Parquet field holding the text")
-    t.add_argument("--shard-tokens", type=parse_size, default="100M", help="tokens per shard file")
+    t.add_argument("--shard-tokens", type=positive_size, default="100M", help="tokens per shard file")
     t.set_defaults(func=_pretrain)
 
     s = dsub.add_parser("sft", help="conversations (BelleGroup, ShareGPT, OpenAI messages) -> tokens + loss mask")
     _add_common(s)
-    s.add_argument("--max-len", type=int, default=512, help="longer conversations are cut, at a turn if possible")
+    s.add_argument("--max-len", type=int_range(8, MAX_LEN), default=512, help="longer conversations are cut, at a turn if possible")
     s.add_argument("--system-prompt", default=None,
                    help="added when a conversation has none (default: 你是一个AI助手; '' for none)")
     s.set_defaults(func=_sft)

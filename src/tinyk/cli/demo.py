@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from tinyk.cli.common import float_range
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="train a small Chinese chat model end to end on bundled data and report",
@@ -12,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "the time budget, evaluates it on held-out data and writes report.md.")
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo; an earlier demo "
                                                       "there is replaced)")
-    p.add_argument("--minutes", type=float, default=None,
+    p.add_argument("--minutes", type=float_range(0, 24 * 60, lo_open=True), default=None,
                    help="wall-time budget for the whole run (default 13); training gets what the other "
                         "stages leave")
     p.add_argument("--smoke", action="store_true", help="a shrunken run that takes seconds (checks the plumbing)")

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+from pathlib import Path
+
+from tinyk.cli.common import batch_count, positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -14,10 +18,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="model directory")
     p.add_argument("--data", nargs="+", action="extend", default=[], metavar="DIR", help="prepared data directories")
     p.add_argument("--split", default="val", help="split of --data to evaluate (default val)")
-    p.add_argument("--seq-len", type=int, default=None, help="window length for --data (default: the data's)")
-    p.add_argument("--max-batches", type=int, default=None, help="evaluate only this many batches of --data")
+    p.add_argument("--seq-len", type=positive_int, default=None, help="window length for --data (default: the data's)")
+    p.add_argument("--max-batches", type=positive_int, default=None, help="evaluate only this many batches of --data")
     p.add_argument("--task", nargs="+", action="extend", default=[], metavar="FILE", help='JSONL of {"messages": ..., "answer": ...}')
-    p.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit for --task")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64, help="answer length limit for --task")
     p.add_argument("--system-prompt", default=None,
                    help="added to --task chats without one (default: the training default; '' for none)")
     p.add_argument("--choice", nargs="+", action="extend", default=[], metavar="PATH",
@@ -25,13 +29,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--choice-format", choices=["cloze", "letter"], default="cloze",
                    help="cloze: score each option's text (better for small models); letter: list the options "
                         "and score A/B/C/D")
-    p.add_argument("--limit", type=int, default=None, help="first N examples of each task / questions")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--limit", type=positive_int, default=None, help="first N examples of each task / questions")
+    p.add_argument("--batch-size", type=batch_count, default=16)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--quantize", choices=["none", "int8"], default="none",
                    help="decode --task answers with int8 weights, to see what `--quantize int8` costs")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--out", default=None, metavar="FILE", help="also write the JSON results here")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=_eval)
 
 
@@ -40,15 +45,37 @@ def _eval(args: argparse.Namespace) -> int:
     from tinyk.files import write_json_atomic
     from tinyk.tokenizer import DEFAULT_SYSTEM_PROMPT
 
+    if args.out is not None:
+        check_out_file(args.out, [args.model, *args.data, *args.task, *args.choice], force=args.force)
     system_prompt = DEFAULT_SYSTEM_PROMPT if args.system_prompt is None else args.system_prompt
     results = evaluate(args.model, data=args.data, tasks=args.task, choice=args.choice, split=args.split,
                        seq_len=args.seq_len, batch_size=args.batch_size, max_batches=args.max_batches,
                        max_new_tokens=args.max_new_tokens, limit=args.limit, choice_format=args.choice_format,
                        system_prompt=system_prompt or None, device=args.device, quantize=args.quantize)
-    if args.out:
+    if args.out is not None:
         write_json_atomic(args.out, results)
     if args.json:
         print(json.dumps(results, ensure_ascii=False, indent=2))
     else:
         print(format_table(table_rows(results)))
     return 0
+
+
+def check_out_file(out: str, inputs: list[str], *, force: bool) -> None:
+    """Refuses an --out that could not be written, or whose writing would destroy something:
+    checked before evaluating, so a mistake costs nothing."""
+    from tinyk.files import TinykError, check_output
+
+    if not out:
+        raise TinykError("--out is empty")
+    check_output(out, inputs)
+    path = Path(out)
+    if path.is_dir():
+        raise TinykError(f"--out {out} is a directory; give a file name for the JSON results")
+    if (path.exists() or path.is_symlink()) and not force:
+        raise TinykError(f"--out {out} exists (use --force to replace it)")
+    parent = path.parent
+    if not parent.is_dir():
+        raise TinykError(f"--out {out}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise TinykError(f"--out {out}: directory {parent} is not writable")

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, TextIO
 
-from tinyk.cli.common import add_sampling_args
+from tinyk.cli.common import add_sampling_args, batch_count, non_empty
 
 if TYPE_CHECKING:
     from tinyk.engine import Engine, SamplingParams
@@ -45,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--prompt-file", help="prompts, one per line (.txt) or one per record (.jsonl/.json/.parquet)")
     g.add_argument("--field", default="prompt", help="record field holding the prompt in --prompt-file (default prompt)")
     g.add_argument("--no-bos", action="store_true", help="do not start prompts with <|im_start|>")
-    g.add_argument("--batch-size", type=int, default=16, help="sequences decoded together")
+    g.add_argument("--batch-size", type=batch_count, default=16, help="sequences decoded together")
     g.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     add_sampling_args(g)
     g.set_defaults(func=_generate)
@@ -54,7 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Interactive multi-turn chat (" + CHAT_HELP + "). With --message, or with "
                                    "input piped on stdin, answers that one message and exits.")
     add_engine_args(c)
-    c.add_argument("--message", help="answer this one message and exit")
+    c.add_argument("--message", type=non_empty, help="answer this one message and exit")
     c.add_argument("--system", help="system prompt (default: the one SFT data uses)")
     add_sampling_args(c)
     c.set_defaults(func=_chat)
@@ -82,10 +82,6 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from tinyk.files import TinykError
-
-    if args.batch_size < 1:
-        raise TinykError("--batch-size must be at least 1")
     prompts = read_prompts(args)
     params = sampling_params(args)
     engine = _engine(args, args.batch_size)
@@ -108,6 +104,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
+    from tinyk.files import TinykError
     from tinyk.tokenizer import DEFAULT_SYSTEM_PROMPT
 
     params = sampling_params(args)
@@ -115,6 +112,8 @@ def _chat(args: argparse.Namespace) -> int:
     message = args.message
     if message is None and not sys.stdin.isatty():
         message = sys.stdin.read().strip()
+        if not message:
+            raise TinykError("no message on stdin (pipe in a message, or use --message TEXT)")
     engine = _engine(args, 1)
     if message is not None:
         chat_session(engine, params, [message], sys.stdout, system=system, prompt="", interactive=False)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from tinyk.cli.common import seed
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("model", help="create or inspect a model directory")
@@ -14,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--preset", required=True, help="seed-215m, seed-82m, tiny or nano")
     i.add_argument("--tokenizer", required=True, help="tokenizer directory (vocab size comes from it)")
     i.add_argument("--out", required=True)
-    i.add_argument("--seed", type=int, default=0)
+    i.add_argument("--seed", type=seed, default=0)
     i.add_argument("--force", action="store_true")
     i.set_defaults(func=_init)
 

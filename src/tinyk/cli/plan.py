@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from tinyk.cli.common import parse_size
+from tinyk.cli.common import batch_count, checked_size, non_negative_float, positive_int, size_number
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,9 +16,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     what.add_argument("--preset", help="a shipped config: seed-215m, seed-82m, tiny, nano")
     what.add_argument("--config", help="YAML or TOML training config")
     what.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key")
-    what.add_argument("--seq-len", type=int)
-    what.add_argument("--batch-size", type=int, help="global batch in sequences per optimizer step")
-    what.add_argument("--micro-batch", type=int, help="sequences per forward pass per GPU (default: the config's, "
+    what.add_argument("--seq-len", type=positive_int)
+    what.add_argument("--batch-size", type=batch_count, help="global batch in sequences per optimizer step")
+    what.add_argument("--micro-batch", type=batch_count, help="sequences per forward pass per GPU (default: the config's, "
                                                       "else the largest that fits)")
     what.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], help="auto = bf16 autocast")
     what.add_argument("--parallel", choices=["ddp", "fsdp"])
@@ -26,11 +26,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     where = p.add_argument_group("where")
     where.add_argument("--gpu", default="a100", help="a100, a100-40gb, h100, h100-pcie, h200, rtx4090, rtx3090 "
                                                      "(default a100)")
-    where.add_argument("--gpus", type=int, default=1, help="GPUs per node")
-    where.add_argument("--nodes", type=int, default=1)
+    where.add_argument("--gpus", type=positive_int, default=1, help="GPUs per node")
+    where.add_argument("--nodes", type=positive_int, default=1)
     where.add_argument("--tokens", type=parse_tokens, default="10B",
                        help="training tokens: 10B, 500M, 2e9 (default 10B, the seed's corpus)")
-    where.add_argument("--price", type=float, help="price per GPU-hour, for the cost line")
+    where.add_argument("--price", type=non_negative_float, help="price per GPU-hour, for the cost line")
     where.add_argument("--mfu", type=float, help="model FLOPs utilisation to assume, e.g. 0.45 (default: the "
                                                  "GPU table's)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -41,8 +41,8 @@ def parse_tokens(s: str) -> int:
     """A token count; unlike byte sizes, a trailing B means billion ("10B tokens")."""
     t = s.strip()
     if t[-1:] in ("b", "B") and t[:-1].replace(".", "", 1).isdigit():
-        return int(float(t[:-1]) * 10**9)
-    return parse_size(t)
+        return checked_size(float(t[:-1]) * 10**9, s, lo=1)
+    return checked_size(size_number(t), s, lo=1)
 
 
 def _run(args: argparse.Namespace) -> int:

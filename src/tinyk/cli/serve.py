@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from tinyk.cli.common import add_sampling_args, parse_size
+from tinyk.cli.common import add_sampling_args, batch_count, float_range, int_range, positive_int, size_range
 from tinyk.cli.generate import add_engine_args, sampling_params
 
 
@@ -16,14 +16,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "requests are decoded together in one continuously refilled batch.")
     add_engine_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int_range(0, 65535), default=8000)
     p.add_argument("--model-name", help="the model id clients send (default: the directory's name)")
     p.add_argument("--api-key", default=os.environ.get("TINYK_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $TINYK_API_KEY, else no check)")
-    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
-    p.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 503")
-    p.add_argument("--max-body", type=parse_size, default="1M", help="largest request body (default 1M)")
-    p.add_argument("--timeout", type=float, default=60.0,
+    p.add_argument("--max-batch", type=batch_count, default=16, help="sequences decoded together")
+    p.add_argument("--max-waiting", type=positive_int, default=256, help="queued requests before answering 503")
+    p.add_argument("--max-body", type=size_range(1, 10**9), default="1M", help="largest request body (default 1M)")
+    p.add_argument("--timeout", type=float_range(0, 86400, lo_open=True, unit=" seconds"), default=60.0,
                    help="seconds a client may stall sending a request or reading a stream (default 60)")
     p.add_argument("--system-prompt", help="system prompt for chats that bring none (default: the SFT one; "
                                            "'' for none)")
@@ -37,12 +37,6 @@ def _serve(args: argparse.Namespace) -> int:
     from tinyk.serve import serve
     from tinyk.tokenizer import DEFAULT_SYSTEM_PROMPT
 
-    for flag, value in (("--max-batch", args.max_batch), ("--max-waiting", args.max_waiting),
-                        ("--max-body", args.max_body)):
-        if value < 1:
-            raise TinykError(f"{flag} must be at least 1")
-    if not 0 <= args.port <= 65535:
-        raise TinykError(f"--port must be in 0..65535, got {args.port}")
     if args.api_key == "":
         raise TinykError("--api-key is empty")
     system = DEFAULT_SYSTEM_PROMPT if args.system_prompt is None else (args.system_prompt or None)

@@ -6,7 +6,16 @@ import argparse
 import json
 import sys
 
-from tinyk.cli.common import parse_size
+from tinyk.cli.common import int_range, positive_size
+
+MAX_VOCAB = 1_000_000  # far past any useful vocabulary; much more and the trainer runs out of memory
+
+
+def vocab_size(s: str) -> int:
+    """--vocab-size: room for the 256 bytes and the special tokens, at most MAX_VOCAB."""
+    from tinyk.tokenizer import SPECIAL_TOKENS
+
+    return int_range(256 + len(SPECIAL_TOKENS), MAX_VOCAB)(s)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,12 +25,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     t = tsub.add_parser("train", help="train a tokenizer on .jsonl/.txt/.parquet files (streamed)")
     t.add_argument("inputs", nargs="+", help="corpus files")
     t.add_argument("--out", required=True, help="output tokenizer directory")
-    t.add_argument("--vocab-size", type=int, default=6144)
+    t.add_argument("--vocab-size", type=vocab_size, default=6144)
     t.add_argument("--normalization", choices=["none", "nfkc"], default="none",
                    help="none keeps full-width punctuation; nfkc reproduces the seed")
-    t.add_argument("--max-bytes", type=parse_size, default=None, help="train on this much input, e.g. 2G")
+    t.add_argument("--max-bytes", type=positive_size, default=None, help="train on this much input, e.g. 2G")
     t.add_argument("--field", default="text", help="JSON/Parquet field holding the text")
-    t.add_argument("--min-frequency", type=int, default=2)
+    t.add_argument("--min-frequency", type=int_range(0, 1_000_000_000), default=2)
     t.add_argument("--strict", action="store_true", help="stop at the first malformed line")
     t.add_argument("--force", action="store_true", help="replace an existing output directory")
     t.set_defaults(func=_train)
@@ -29,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e = tsub.add_parser("eval", help="vocab, special ids, round trip and compression")
     e.add_argument("path", help="tokenizer directory")
     e.add_argument("--input", nargs="*", action="extend", default=None, help="sample files to measure compression on")
-    e.add_argument("--max-bytes", type=parse_size, default=10_000_000)
+    e.add_argument("--max-bytes", type=positive_size, default=10_000_000)
     e.add_argument("--json", action="store_true", help="print JSON")
     e.set_defaults(func=_eval)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from tinyk.cli.common import parse_size
+from tinyk.cli.common import batch_count, non_negative_int, positive_float, positive_int, positive_size, seed
 
 # Flags that map one-to-one onto config keys; None means "not given", so configs stay in charge.
 _FLAG_KEYS = ("data", "tokenizer", "init", "out", "max_steps", "max_tokens", "epochs", "max_minutes", "batch_size",
@@ -26,16 +26,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                          + (" [required]" if kind == "sft" else ""))
         src.add_argument("--out", help="run directory (checkpoints/, final/, metrics.jsonl, ...)")
         b = p.add_argument_group("budget and batch")
-        b.add_argument("--max-steps", type=int)
-        b.add_argument("--max-tokens", type=parse_size, help="e.g. 2G; whichever budget comes first ends the run")
-        b.add_argument("--epochs", type=float)
-        b.add_argument("--max-minutes", type=float, help="wall-time budget: the run's length (and so its LR "
+        b.add_argument("--max-steps", type=positive_int)
+        b.add_argument("--max-tokens", type=positive_size, help="e.g. 2G; whichever budget comes first ends the run")
+        b.add_argument("--epochs", type=positive_float)
+        b.add_argument("--max-minutes", type=positive_float, help="wall-time budget: the run's length (and so its LR "
                        "schedule) is fitted to the measured speed; the other budgets still cap it")
-        b.add_argument("--batch-size", type=int, help="global batch in sequences per optimizer step")
-        b.add_argument("--micro-batch", type=int, help="sequences per forward pass per process (accumulation fills "
+        b.add_argument("--batch-size", type=batch_count, help="global batch in sequences per optimizer step")
+        b.add_argument("--micro-batch", type=batch_count, help="sequences per forward pass per process (accumulation fills "
                        "the rest)")
-        b.add_argument("--seq-len", type=int)
-        b.add_argument("--lr", type=float, help="peak learning rate (warmup, then cosine to 10%%)")
+        b.add_argument("--seq-len", type=positive_int)
+        b.add_argument("--lr", type=positive_float, help="peak learning rate (warmup, then cosine to 10%%)")
         r = p.add_argument_group("runtime")
         r.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"])
         r.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
@@ -43,11 +43,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         r.add_argument("--parallel", choices=["ddp", "fsdp"], help="multi-process strategy under torchrun")
         r.add_argument("--activation-checkpointing", action="store_true", default=None,
                        help="recompute activations in backward to save memory")
-        r.add_argument("--seed", type=int)
+        r.add_argument("--seed", type=seed)
         o = p.add_argument_group("evaluation, checkpoints, logging")
-        o.add_argument("--eval-every", type=int, help="steps between validations (0: only at the end)")
-        o.add_argument("--save-every", type=int, help="steps between checkpoints (0: only at the end)")
-        o.add_argument("--log-every", type=int)
+        o.add_argument("--eval-every", type=non_negative_int, help="steps between validations (0: only at the end)")
+        o.add_argument("--save-every", type=non_negative_int, help="steps between checkpoints (0: only at the end)")
+        o.add_argument("--log-every", type=positive_int)
         o.add_argument("--tracker", help="comma list of tensorboard, wandb, swanlab")
         o.add_argument("--no-progress", action="store_true", help="no progress bar")
         o.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")

@@ -1,0 +1,227 @@
+"""Command-line flags are range-checked as they are parsed: a bad number is one error line naming
+the allowed range (never a traceback, never a run that silently does nothing), and `eval --out`
+is checked before the evaluation starts and never replaces an input or an existing file unasked."""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import replace
+
+import pytest
+
+from tinyk.cli import build_parser, main
+from tinyk.cli.common import float_range, int_range, parse_size, positive_size, seed
+from tinyk.files import TinykError
+
+TASK = {"messages": [{"role": "user", "content": "你好"}], "answer": "北京"}
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in args])
+    return e.value.code, capsys.readouterr().err
+
+
+def error_line(args: list[str], capsys) -> str:
+    """The one line a refused command prints (argparse's usage block is left to --help)."""
+    code, err = run_cli(args, capsys)
+    assert code == 2 and err.count("\n") == 1 and ": error: " in err, err
+    return err.strip()
+
+
+SIZE = "must be a size from 1 to 1e18 (e.g. 500M, 2G)"
+SEED = "must be an integer in 0..4294967295"
+POSITIVE = "must be an integer >= 1"
+BATCH = "must be an integer in 1..65536"
+POSITIVE_FLOAT = "must be a finite number > 0"
+
+TOK = ["tokenizer", "train", "c.jsonl", "--out", "t"]
+DATA = ["data", "pretrain", "--input", "c.jsonl", "--tokenizer", "tok", "--out", "d"]
+SFT = ["data", "sft", "--input", "c.jsonl", "--tokenizer", "tok", "--out", "d"]
+GEN = ["generate", "--model", "m", "--prompt", "x"]
+SERVE = ["serve", "--model", "m"]
+EVAL = ["eval", "--model", "m", "--data", "d"]
+PLAN = ["plan", "--preset", "nano"]
+
+
+@pytest.mark.parametrize("args, flag, message", [
+    # sizes: finite, positive, at most 1e18 (inf, 1e400 and nan used to end in an OverflowError traceback;
+    # a negative --max-bytes read nothing)
+    ([*TOK, "--max-bytes", "inf"], "--max-bytes", f"{SIZE}, got 'inf'"),
+    ([*TOK, "--max-bytes", "1e400"], "--max-bytes", SIZE),
+    ([*TOK, "--max-bytes", "nan"], "--max-bytes", SIZE),
+    ([*TOK, "--max-bytes", "-5"], "--max-bytes", f"{SIZE}, got '-5'"),
+    ([*TOK, "--max-bytes", "0"], "--max-bytes", SIZE),
+    ([*TOK, "--max-bytes", "lots"], "--max-bytes", "not a size: 'lots' (e.g. 500M, 2G)"),
+    (["tokenizer", "eval", "t", "--max-bytes", "0.1"], "--max-bytes", SIZE),
+    ([*DATA, "--shard-tokens", "inf"], "--shard-tokens", SIZE),
+    ([*DATA, "--max-line-bytes", "1e30"], "--max-line-bytes", SIZE),
+    (["pretrain", "--max-tokens=-1G"], "--max-tokens", SIZE),
+    ([*SERVE, "--max-body", "inf"], "--max-body", "must be a size from 1 to 1G"),
+    ([*SERVE, "--max-body", "2G"], "--max-body", "must be a size from 1 to 1G"),
+    ([*PLAN, "--tokens", "inf"], "--tokens", SIZE),
+    ([*PLAN, "--tokens", "0"], "--tokens", SIZE),
+    ([*PLAN, "--tokens", "2000000000000B"], "--tokens", SIZE),
+    # integers
+    ([*TOK, "--vocab-size", "4294967296"], "--vocab-size", "must be an integer in 261..1000000"),
+    ([*TOK, "--vocab-size", "100"], "--vocab-size", "must be an integer in 261..1000000"),
+    ([*TOK, "--min-frequency", "-1"], "--min-frequency", "must be an integer in 0..1000000000"),
+    (["model", "init", "--preset", "nano", "--tokenizer", "t", "--out", "m", "--seed", "-1"], "--seed", SEED),
+    (["model", "init", "--preset", "nano", "--tokenizer", "t", "--out", "m", "--seed", "99999999999999999999"],
+     "--seed", SEED),
+    ([*DATA, "--seed", "4294967296"], "--seed", SEED),
+    ([*DATA, "--workers", "0"], "--workers", "must be an integer in 1..1024"),
+    ([*SFT, "--max-len", "4"], "--max-len", "must be an integer in 8..1048576"),
+    (["pretrain", "--max-steps", "0"], "--max-steps", POSITIVE),
+    (["pretrain", "--batch-size", "100000000000000000000"], "--batch-size", BATCH),
+    (["sft", "--micro-batch", "0"], "--micro-batch", BATCH),
+    (["pretrain", "--seq-len", "-8"], "--seq-len", POSITIVE),
+    (["pretrain", "--seed", "1.5"], "--seed", f"{SEED}, got '1.5'"),
+    (["pretrain", "--eval-every", "-1"], "--eval-every", "must be an integer >= 0"),
+    (["pretrain", "--save-every", "-1"], "--save-every", "must be an integer >= 0"),
+    (["pretrain", "--log-every", "0"], "--log-every", POSITIVE),
+    ([*GEN, "--batch-size", "0"], "--batch-size", BATCH),
+    ([*GEN, "--top-k", "100000000000000000000"], "--top-k", "must be an integer in 0..1000000"),
+    ([*GEN, "--max-new-tokens", "0"], "--max-new-tokens", POSITIVE),
+    ([*GEN, "--seed", "-1"], "--seed", SEED),
+    ([*SERVE, "--port", "70000"], "--port", "must be an integer in 0..65535"),
+    ([*SERVE, "--max-batch", "0"], "--max-batch", BATCH),
+    ([*SERVE, "--max-waiting", "0"], "--max-waiting", POSITIVE),
+    ([*EVAL, "--limit", "-1"], "--limit", POSITIVE),
+    ([*EVAL, "--limit", "0"], "--limit", POSITIVE),
+    ([*EVAL, "--max-batches", "0"], "--max-batches", POSITIVE),
+    ([*EVAL, "--max-batches", "-1"], "--max-batches", POSITIVE),
+    ([*EVAL, "--seq-len", "0"], "--seq-len", POSITIVE),
+    ([*EVAL, "--max-new-tokens", "0"], "--max-new-tokens", POSITIVE),
+    ([*EVAL, "--batch-size", "0"], "--batch-size", BATCH),
+    ([*PLAN, "--gpus", "0"], "--gpus", POSITIVE),
+    ([*PLAN, "--nodes", "-2"], "--nodes", POSITIVE),
+    ([*PLAN, "--micro-batch", "0"], "--micro-batch", BATCH),
+    # floats: finite and in range
+    (["pretrain", "--epochs", "inf"], "--epochs", f"{POSITIVE_FLOAT}, got 'inf'"),
+    (["sft", "--epochs", "nan"], "--epochs", POSITIVE_FLOAT),
+    (["pretrain", "--max-minutes", "0"], "--max-minutes", POSITIVE_FLOAT),
+    (["pretrain", "--lr=-3e-4"], "--lr", POSITIVE_FLOAT),
+    ([*DATA, "--val-fraction", "1"], "--val-fraction", "must be a finite number in [0, 1)"),
+    ([*DATA, "--val-fraction", "nan"], "--val-fraction", "must be a finite number in [0, 1)"),
+    ([*SERVE, "--timeout", "0"], "--timeout", "must be a finite number in (0, 86400] seconds, got '0'"),
+    ([*SERVE, "--timeout", "-1"], "--timeout", "must be a finite number in (0, 86400] seconds"),
+    ([*SERVE, "--timeout", "nan"], "--timeout", "must be a finite number in (0, 86400] seconds"),
+    (["demo", "--minutes", "nan"], "--minutes", "must be a finite number in (0, 1440], got 'nan'"),
+    (["demo", "--minutes", "0"], "--minutes", "must be a finite number in (0, 1440]"),
+    ([*PLAN, "--price", "nan"], "--price", "must be a finite number >= 0"),
+    ([*PLAN, "--price", "-1"], "--price", "must be a finite number >= 0"),
+    # text
+    (["chat", "--model", "m", "--message", ""], "--message", "must not be empty"),
+    (["chat", "--model", "m", "--message", "  "], "--message", "must not be empty"),
+])
+def test_bad_values_are_refused_while_parsing(args, flag, message, capsys):
+    line = error_line(args, capsys)
+    assert line.startswith("tinyk ") and f"error: argument {flag}: {message}" in line, line
+
+
+def test_good_values_and_defaults_still_parse():
+    parse = build_parser().parse_args
+    a = parse([*TOK, "--max-bytes", "2G", "--vocab-size", "261", "--min-frequency", "0"])
+    assert (a.max_bytes, a.vocab_size, a.min_frequency) == (2 * 10**9, 261, 0)
+    assert parse(TOK).vocab_size == 6144 and parse(TOK).max_bytes is None
+    a = parse([*DATA, "--val-fraction", "0", "--seed", "4294967295", "--max-line-bytes", "1k"])
+    assert (a.val_fraction, a.seed, a.max_line_bytes, a.shard_tokens) == (0.0, 2**32 - 1, 1000, 10**8)
+    a = parse(["pretrain", "--eval-every", "0", "--save-every", "0", "--epochs", "0.5", "--max-tokens", "2G"])
+    assert (a.eval_every, a.save_every, a.epochs, a.max_tokens, a.seed) == (0, 0, 0.5, 2 * 10**9, None)
+    a = parse([*SERVE, "--port", "0"])
+    assert (a.port, a.max_body, a.timeout, a.max_batch, a.top_k, a.max_new_tokens) == (0, 10**6, 60.0, 16, 50, 256)
+    a = parse([*PLAN, "--tokens", "0.5B"])
+    assert a.tokens == 5 * 10**8 and parse(PLAN).tokens == 10**10
+    assert parse(["demo", "--minutes", "1.5"]).minutes == 1.5 and parse(["demo"]).minutes is None
+    assert parse(["eval", "--model", "m"]).force is False
+
+
+def test_helpers():
+    assert int_range(0, 3)("3") == 3 and seed("0") == 0 and positive_size("1.5k") == 1500
+    assert parse_size("0") == 0 and parse_size("500MB") == 5 * 10**8
+    assert float_range(0, 1, lo_open=True)("1") == 1.0
+    for bad in ("inf", "-inf", "nan", "1e400"):
+        with pytest.raises(Exception, match="must be"):
+            float_range()(bad)
+    with pytest.raises(Exception, match=r"must be a finite number in \(0, 1\], got '0'"):
+        float_range(0, 1, lo_open=True)("0")
+
+
+def test_sampling_floats_are_checked_before_the_model_loads(tmp_path, capsys):
+    """The float sampling flags are checked by SamplingParams: one `tinyk: error:` line."""
+    for flag, value in (("--temperature", "nan"), ("--top-p", "inf"), ("--min-p", "-0.1"),
+                        ("--repetition-penalty", "0")):
+        code, err = run_cli(["generate", "--model", tmp_path / "missing", "--prompt", "x", flag, value], capsys)
+        name = flag[2:].replace("-", "_")
+        assert code == 2 and err.startswith(f"tinyk: error: {name} must be") and err.count("\n") == 1, err
+
+
+def test_chat_refuses_an_empty_message_on_stdin(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO(" \n\n"))
+    code, err = run_cli(["chat", "--model", tmp_path / "missing"], capsys)
+    assert code == 2 and err == "tinyk: error: no message on stdin (pipe in a message, or use --message TEXT)\n"
+
+
+def test_demo_refuses_a_nan_budget(tmp_path):
+    from tinyk.demo import DemoConfig, run_demo
+
+    for minutes in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(TinykError, match="--minutes must be positive"):
+            run_demo(tmp_path / "demo", replace(DemoConfig.smoke(), minutes=minutes), show_progress=False)
+    assert not (tmp_path / "demo").exists()
+
+
+# ----------------------------------------------------------------------------- eval --out
+
+
+@pytest.fixture
+def task_file(tmp_path):
+    f = tmp_path / "t.jsonl"
+    f.write_text(json.dumps(TASK, ensure_ascii=False) + "\n", encoding="utf-8")
+    return f
+
+
+def eval_args(model, task, *more) -> list:
+    return ["eval", "--model", model, "--task", task, "--max-new-tokens", "2", "--device", "cpu", *more]
+
+
+def test_eval_out_never_replaces_an_input(tmp_path, nano_model_dir, task_file, capsys):
+    before = task_file.read_bytes()
+    for force in ([], ["--force"]):
+        code, err = run_cli(eval_args(nano_model_dir, task_file, "--out", task_file, *force), capsys)
+        assert code == 2 and err == (f"tinyk: error: --out {task_file} would replace the input {task_file}; "
+                                     "choose another output path\n")
+    code, err = run_cli(eval_args(nano_model_dir, task_file, "--out", nano_model_dir / "r.json"), capsys)
+    assert code == 2 and "lies inside the input" in err and err.count("\n") == 1
+    assert task_file.read_bytes() == before and not (nano_model_dir / "r.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.jsonl"]
+
+
+def test_eval_out_is_checked_before_evaluating(tmp_path, task_file, capsys):
+    """A bad --out is refused at once (the model, which does not exist here, is never loaded)."""
+    model = tmp_path / "no-model"
+    folder = tmp_path / "results"
+    folder.mkdir()
+    code, err = run_cli(eval_args(model, task_file, "--out", folder, "--force"), capsys)
+    assert code == 2 and err == f"tinyk: error: --out {folder} is a directory; give a file name for the JSON results\n"
+    assert list(folder.iterdir()) == []
+    mine = tmp_path / "mine.json"
+    mine.write_text("keep")
+    code, err = run_cli(eval_args(model, task_file, "--out", mine), capsys)
+    assert code == 2 and err == f"tinyk: error: --out {mine} exists (use --force to replace it)\n"
+    assert mine.read_text() == "keep"
+    code, err = run_cli(eval_args(model, task_file, "--out", tmp_path / "nope" / "r.json"), capsys)
+    assert code == 2 and "does not exist" in err and err.count("\n") == 1
+    code, err = run_cli(eval_args(model, task_file, "--out", ""), capsys)
+    assert code == 2 and err == "tinyk: error: --out is empty\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.json", "results", "t.jsonl"]
+
+
+def test_eval_out_force_replaces_an_earlier_result(tmp_path, nano_model_dir, task_file, capsys):
+    out = tmp_path / "r.json"
+    out.write_text("old")
+    code, _ = run_cli(eval_args(nano_model_dir, task_file, "--out", out, "--force"), capsys)
+    assert code == 0 and json.loads(out.read_text())["tasks"][0]["examples"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "t.jsonl"]
