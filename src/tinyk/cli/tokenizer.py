@@ -8,12 +8,10 @@ import sys
 
 from tinyk.cli.common import int_range, positive_size
 
-MAX_VOCAB = 1_000_000  # far past any useful vocabulary; much more and the trainer runs out of memory
-
 
 def vocab_size(s: str) -> int:
-    """--vocab-size: room for the 256 bytes and the special tokens, at most MAX_VOCAB."""
-    from tinyk.tokenizer import SPECIAL_TOKENS
+    """--vocab-size: room for the 256 bytes and the special tokens, at most the library's MAX_VOCAB."""
+    from tinyk.tokenizer import MAX_VOCAB, SPECIAL_TOKENS
 
     return int_range(256 + len(SPECIAL_TOKENS), MAX_VOCAB)(s)
 
