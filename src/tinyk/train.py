@@ -919,8 +919,9 @@ class Trainer:
             + (f"{self.peak / 1e12:.2f} TFLOP/s per device, {self.peak_source}" if self.peak else self.peak_source),
         ]
         if cfg.micro_batch and cfg.micro_batch != self.micro:
-            lines.append(f"note: micro_batch {cfg.micro_batch} does not divide the {cfg.batch_size // d.world} "
-                         f"sequences per process; using {self.micro}")
+            per_rank = cfg.batch_size // d.world
+            lines.append(f"note: micro_batch {cfg.micro_batch} {'exceeds' if cfg.micro_batch > per_rank else 'does not divide'}"
+                         f" the {per_rank} sequences per process; using {self.micro}")
         if self.warmup >= self.total_steps:
             lines.append(f"note: warmup {self.warmup} is not shorter than the run's {self.total_steps} steps, so the "
                          f"LR never reaches its peak (set warmup_steps)")
