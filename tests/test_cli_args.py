@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 
 from tinyk.cli import build_parser, main
-from tinyk.cli.common import float_range, int_range, parse_size, positive_size, seed
+from tinyk.cli.common import float_range, int_range, positive_size, seed, size_range
 from tinyk.files import TinykError
 
 TASK = {"messages": [{"role": "user", "content": "你好"}], "answer": "北京"}
@@ -140,7 +140,7 @@ def test_good_values_and_defaults_still_parse():
 
 def test_helpers():
     assert int_range(0, 3)("3") == 3 and seed("0") == 0 and positive_size("1.5k") == 1500
-    assert parse_size("0") == 0 and parse_size("500MB") == 5 * 10**8
+    assert size_range(0)("0") == 0 and size_range(0)("500MB") == 5 * 10**8
     assert float_range(0, 1, lo_open=True)("1") == 1.0
     for bad in ("inf", "-inf", "nan", "1e400"):
         with pytest.raises(Exception, match="must be"):

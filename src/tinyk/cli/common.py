@@ -81,7 +81,6 @@ seed = int_range(0, SEED_MAX)
 batch_count = int_range(1, MAX_BATCH)
 positive_float = float_range(0, lo_open=True)
 non_negative_float = float_range(0)
-fraction = float_range(0, 1)
 
 
 def non_empty(s: str) -> str:
@@ -118,18 +117,13 @@ def checked_size(value: float, s: str, lo: int = 0, hi: int = MAX_SIZE) -> int:
 
 
 def size_range(lo: int = 1, hi: int = MAX_SIZE) -> Callable[[str], int]:
-    """A `type=` for a byte or token count in lo..hi, written as for `parse_size`."""
+    """A `type=` for a byte or token count in lo..hi, written as '500M', '2G', '1e9' or a plain number."""
 
     def parse(s: str) -> int:
         return checked_size(size_number(s), s, lo, hi)
 
     parse.__name__ = "size"
     return parse
-
-
-def parse_size(s: str) -> int:
-    """'500M', '2G', '1e9' or a plain integer, as a byte or token count (0..1e18; never inf or nan)."""
-    return checked_size(size_number(s), s)
 
 
 positive_size = size_range(1)
