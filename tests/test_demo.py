@@ -126,11 +126,37 @@ def test_training_budget_from_a_throughput_probe(tmp_path, pt_data, tok_dir):
 
 
 def test_sft_is_timed_on_its_own_batches(tmp_path, sft_data, nano_model_dir):
-    from tinyk.demo import steps_per_second, training_config
+    from tinyk.demo import step_rates, training_config
 
     tcfg = training_config("sft", DemoConfig.smoke(), data=sft_data, out=tmp_path / "probe", steps=10**6,
                            init=nano_model_dir)
-    assert steps_per_second(tcfg, 0.0) > 0 and not (tmp_path / "probe").exists()
+    assert step_rates([tcfg], 0.0, rounds=1)[0] > 0 and not (tmp_path / "probe").exists()
+
+
+def test_probe_times_candidates_in_turns(tmp_path, pt_data, tok_dir, monkeypatch):
+    """Load that comes and goes must fall on every candidate alike, so their slices alternate."""
+    from tinyk.demo import step_rates, training_config
+    from tinyk.train import Trainer
+
+    cfg = DemoConfig.smoke()
+    tcfgs = [training_config("pretrain", cfg, data=pt_data, out=tmp_path / f"c{i}", steps=10**6, tokenizer=tok_dir,
+                             dtype=dtype) for i, dtype in enumerate(["fp32", "bf16"])]
+    order, step = [], Trainer.train_step
+
+    def recording(self, *args):
+        order.append(self.cfg.dtype)
+        return step(self, *args)
+
+    monkeypatch.setattr(Trainer, "train_step", recording)
+    threads = torch.get_num_threads()
+    try:
+        rates = step_rates(tcfgs, 0.0, [threads, 1], rounds=3)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(rates) == 2 and min(rates) > 0
+    timed = order[2:]  # after one warm-up step each
+    assert timed == ["fp32", "fp32", "bf16", "bf16"] * 3
+    assert not any(t.out and Path(t.out).exists() for t in tcfgs)
 
 
 def test_probe_compiles_the_trainer_step_or_falls_back_to_eager(tmp_path, pt_data, tok_dir, monkeypatch):

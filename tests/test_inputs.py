@@ -21,6 +21,7 @@ from tinyk.evaluate import read_choice_csv, read_task
 from tinyk.files import (
     Skips,
     TinykError,
+    _host,
     atomic_dir,
     iter_records,
     iter_texts,
@@ -269,24 +270,27 @@ def dead_pid() -> int:
     return p.pid
 
 
-def test_atomic_dir_names_its_temporary_with_the_pid(tmp_path):
+def test_atomic_dir_names_its_temporary_with_host_and_pid(tmp_path):
     with atomic_dir(tmp_path / "out") as tmp:
-        assert tmp.parent == tmp_path and tmp.name.startswith(f".out.tmp-{os.getpid()}-")
+        assert tmp.parent == tmp_path and tmp.name.startswith(f".out.tmp-{_host()}-{os.getpid()}-")
         assert ".tmp-" in tmp.name  # train.py's _clean_partial relies on this
         (tmp / "f").write_text("x")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-def test_only_temporaries_of_dead_processes_are_removed(tmp_path):
-    dead, alive = dead_pid(), os.getppid()
-    keep = [f".out.tmp-{alive}-abc123", f".out.tmp-{os.getpid()}-mine", ".out.tmp-legacy12", f".other.tmp-{dead}-x",
-            f".out.tmp-{dead}", f"out.tmp-{dead}-x", f".out.old-{alive}", f".out.tmp-{dead}-a.b"]
-    gone = [f".out.tmp-{dead}-abc123", f".out.old-{dead}"]
+def test_only_temporaries_of_dead_processes_on_this_machine_are_removed(tmp_path):
+    dead, alive, host = dead_pid(), os.getppid(), _host()
+    keep = [f".out.tmp-{host}-{alive}-abc123", f".out.tmp-{host}-{os.getpid()}-mine", ".out.tmp-legacy12",
+            f".other.tmp-{host}-{dead}-x", f".out.tmp-{host}-{dead}", f"out.tmp-{host}-{dead}-x",
+            f".out.old-{host}-{alive}", f".out.tmp-{host}-{dead}-a.b",
+            f".out.tmp-{dead}-abc123", f".out.old-{dead}",  # older versions' names: no host, owner unknown
+            f".out.tmp-{host}x-{dead}-abc123", f".out.old-other-{host}-{dead}"]  # another machine's
+    gone = [f".out.tmp-{host}-{dead}-abc123", f".out.old-{host}-{dead}"]
     for name in keep + gone:
         (tmp_path / name).mkdir()
         (tmp_path / name / "data.bin").write_bytes(b"x" * 100)
-    (tmp_path / f".out.tmp-{dead}-afile").write_text("a file, not ours")
-    keep.append(f".out.tmp-{dead}-afile")
+    (tmp_path / f".out.tmp-{host}-{dead}-afile").write_text("a file, not ours")
+    keep.append(f".out.tmp-{host}-{dead}-afile")
     with atomic_dir(tmp_path / "out") as tmp:
         (tmp / "f").write_text("x")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*keep, "out"])
@@ -305,7 +309,7 @@ def test_a_later_run_removes_what_a_killed_one_left(tmp_path):
         os.kill(p.pid, signal.SIGKILL)
         p.wait()
         p.stdout.close()
-    assert left.is_dir() and left.name.startswith(f".out.tmp-{p.pid}-") and not out.exists()
+    assert left.is_dir() and left.name.startswith(f".out.tmp-{_host()}-{p.pid}-") and not out.exists()
     with atomic_dir(out) as tmp:
         (tmp / "f").write_text("done")
     assert sorted(x.name for x in tmp_path.iterdir()) == ["out"]

@@ -16,8 +16,9 @@ import math
 import os
 import platform
 import shutil
+import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -133,29 +134,44 @@ def training_config(kind: str, cfg: DemoConfig, *, data: Path, out: Path, steps:
     return resolve_config(kind, preset=cfg.preset, flags=flags)
 
 
-def steps_per_second(tcfg: Any, seconds: float) -> float:
-    """Optimizer steps per second of the trainer's own step on its own batches, measured here.
+def step_rates(tcfgs: Sequence[Any], seconds: float, threads: Sequence[int] | None = None,
+               rounds: int = 3) -> list[float]:
+    """Optimizer steps per second of each config's trainer on its own batches, measured here.
 
-    One warm-up step (two when compiled: the second call can recompile), then timed steps for at
-    least `seconds` and two steps, since single steps vary by 50% on a shared machine. The run and
-    its directory are thrown away; a compiled graph stays in torch's caches, so the real run that
-    follows starts without compiling again.
+    The candidates are timed in turns, `rounds` slices each of at least seconds/rounds and two
+    steps, and each gets its median slice: load on a shared machine comes and goes within seconds,
+    so timing one candidate after the other can hand one of them a quiet moment (the demo once
+    measured a compiled step at 0.88x eager against 1.46x steady). Warm-up first (two steps when
+    compiled: the second call can recompile). The runs and their directories are thrown away; a
+    compiled graph stays in torch's caches, so the real run that follows starts without compiling again.
     """
     from .train import Trainer
 
+    threads = list(threads or [torch.get_num_threads()] * len(tcfgs))
+    slices: list[list[float]] = [[] for _ in tcfgs]
     try:
-        trainer = Trainer(tcfg, force=True)
-        with contextlib.closing(trainer.monitor):
-            for _ in range(2 if tcfg.compile else 1):
-                trainer.train_step(*trainer.next_batches())
-            steps, t0 = 0, time.perf_counter()
-            while steps < 2 or time.perf_counter() - t0 < seconds:
-                loss, _ = trainer.train_step(*trainer.next_batches())
-                loss.item()
-                steps += 1
-            return steps / (time.perf_counter() - t0)
+        with contextlib.ExitStack() as stack:
+            trainers = []
+            for tcfg, n in zip(tcfgs, threads, strict=True):
+                torch.set_num_threads(n)
+                trainer = Trainer(tcfg, force=True)
+                stack.enter_context(contextlib.closing(trainer.monitor))
+                trainers.append(trainer)
+                for _ in range(2 if tcfg.compile else 1):
+                    trainer.train_step(*trainer.next_batches())
+            for _ in range(rounds):
+                for trainer, n, rates in zip(trainers, threads, slices, strict=True):
+                    torch.set_num_threads(n)
+                    steps, t0 = 0, time.perf_counter()
+                    while steps < 2 or time.perf_counter() - t0 < seconds / rounds:
+                        loss, _ = trainer.train_step(*trainer.next_batches())
+                        loss.item()
+                        steps += 1
+                    rates.append(steps / (time.perf_counter() - t0))
+        return [statistics.median(r) for r in slices]
     finally:
-        shutil.rmtree(tcfg.out, ignore_errors=True)
+        for tcfg in tcfgs:
+            shutil.rmtree(tcfg.out, ignore_errors=True)
 
 
 @dataclass
@@ -181,11 +197,12 @@ def choose_runtime(cfg: DemoConfig, tcfg: Any, try_compile: bool = False) -> Run
     """The pretraining dtype, CPU thread count and whether to compile, from the measured speed of `tcfg`.
 
     dtype "probe" tries fp32 and bf16 autocast and keeps the faster: on CPUs with AMX or
-    AVX512-BF16 bf16 is several times faster, elsewhere it can be slower. One thread is tried
-    for the faster dtype too: on a machine busy with other work, threads waiting for each other
-    can make all cores slower than one. The chosen thread count stays set for the rest of the run.
-    With `try_compile` the winner is timed again under torch.compile (about 35 s of compiling on
-    two cores), which is kept if faster; where compiling fails (no C++ compiler, say) training stays eager.
+    AVX512-BF16 bf16 is several times faster, elsewhere it can be slower. Each is also tried on one
+    thread: on a machine busy with other work, threads waiting for each other can make all cores
+    slower than one. The chosen thread count stays set for the rest of the run. With `try_compile`
+    the winner is timed again side by side with its torch.compile'd self (about 35 s of compiling
+    on two cores), which is kept if faster; where compiling fails (no C++ compiler, say) training
+    stays eager.
     """
     from .train import DTYPES
 
@@ -198,25 +215,26 @@ def choose_runtime(cfg: DemoConfig, tcfg: Any, try_compile: bool = False) -> Run
         raise TinykError(f"dtype must be probe, auto, {', '.join(DTYPES)}; got {cfg.dtype!r}")
     tokens_per_step = tcfg.batch_size * tcfg.seq_len
 
-    def probe(name: str, threads: int, compile: bool = False) -> float:
-        torch.set_num_threads(threads)
-        return round(tokens_per_step * steps_per_second(replace(tcfg, dtype=name, compile=compile), cfg.probe_s), 1)
+    def probe(*candidates: tuple[str, int, bool]) -> list[float]:
+        """Tokens/s of each (dtype, threads, compile), timed side by side."""
+        tcfgs = [replace(tcfg, dtype=name, compile=compile, out=f"{tcfg.out}-{i}")
+                 for i, (name, _, compile) in enumerate(candidates)]
+        steps = step_rates(tcfgs, cfg.probe_s, [n for _, n, _ in candidates])
+        return [round(tokens_per_step * s, 1) for s in steps]
 
     cores = torch.get_num_threads()
-    rates = {(n, cores): probe(n, cores) for n in names}
-    name = max(rates, key=rates.__getitem__)[0]
-    if not cuda and cores > 1:
-        rates[name, 1] = probe(name, 1)
-    name, threads = max(rates, key=rates.__getitem__)
-    rt = Runtime(name, threads, False, {f"{n} x{t}": r for (n, t), r in rates.items()})
+    candidates = [(n, t, False) for n in names for t in ([cores, 1] if not cuda and cores > 1 else [cores])]
+    rates = dict(zip(candidates, probe(*candidates), strict=True))
+    name, threads, _ = max(rates, key=rates.__getitem__)
+    rt = Runtime(name, threads, False, {f"{n} x{t}": r for (n, t, _), r in rates.items()})
     if try_compile:
         try:
-            compiled = probe(name, threads, compile=True)
+            eager_rate, compiled = probe((name, threads, False), (name, threads, True))
         except Exception as e:  # any compiler failure only means training stays eager
             rt.compile_error = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         else:
-            rt.rates[f"{name} x{threads} compiled"] = compiled
-            rt.compile = compiled > rt.eager_tokens_per_s
+            rt.rates[f"{name} x{threads}"], rt.rates[f"{name} x{threads} compiled"] = eager_rate, compiled
+            rt.compile = compiled > eager_rate
     torch.set_num_threads(threads)
     return rt
 
@@ -352,7 +370,7 @@ def _pipeline(root: Path, cfg: DemoConfig, show_progress: bool) -> dict[str, Any
         steps, minutes = cfg.sft_steps, None
         if not steps:
             # Eager (its padded lengths vary, so a compiled step would recompile), timed on its own batches.
-            rate = steps_per_second(sft_config(10**6, out=runs / "probe"), cfg.probe_s)
+            rate = step_rates([sft_config(10**6, out=runs / "probe")], cfg.probe_s, rounds=1)[0]
             minutes = (st.left() - cfg.reserve_s) / 60
             steps = steps_for(minutes * 60, rate)
             st.print(f"      {minutes:.1f} minutes, about {steps} steps "

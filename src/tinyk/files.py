@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 import zlib
 from collections import Counter
@@ -349,8 +350,8 @@ def atomic_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path
     """Yields a temporary sibling of `out` to fill; renames it into place only on success.
 
     An existing `out` is refused unless `force`, and is replaced only once the new one is complete;
-    `out` may not overlap any of `inputs`. The temporary is named `.{name}.tmp-{pid}-XXXX`, so a later
-    run can remove one left by a killed process (see `remove_stale_temps`).
+    `out` may not overlap any of `inputs`. The temporary is named `.{name}.tmp-{host}-{pid}-XXXX`, so
+    a later run can remove one left by a killed process (see `remove_stale_temps`).
     """
     out = Path(out)
     check_output(out, inputs)
@@ -358,12 +359,12 @@ def atomic_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path
         raise TinykError(f"output directory exists: {out} (use --force to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{_host()}-{os.getpid()}-", dir=out.parent))
     try:
         yield tmp
         _share_like_umask(tmp)
         if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            old = out.with_name(f".{out.name}.old-{_host()}-{os.getpid()}")
             os.replace(out, old)
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
@@ -372,6 +373,12 @@ def atomic_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _host() -> str:
+    """This machine's name as it may appear in a file name. A pid says whether a process is alive
+    only on the machine that issued it, and outputs can live on a filesystem several machines share."""
+    return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:64] or "localhost"
 
 
 def _pid_running(pid: int) -> bool:
@@ -388,14 +395,16 @@ def _pid_running(pid: int) -> bool:
 
 
 def remove_stale_temps(out: str | Path) -> list[Path]:
-    """Removes what a killed `atomic_dir` left beside `out`: `.{name}.tmp-{pid}-XXXX` and `.{name}.old-{pid}`
-    directories whose process no longer runs on this machine. Returns what was removed.
+    """Removes what a killed `atomic_dir` left beside `out`: `.{name}.tmp-{host}-{pid}-XXXX` and
+    `.{name}.old-{host}-{pid}` directories made on this machine by a process that no longer runs.
+    Returns what was removed.
 
-    Anything else, a directory whose process is alive, and temporaries named without a pid (by
-    older versions, whose owner cannot be told) are left alone.
+    Anything else is left alone: a directory whose process is alive, one made on another machine
+    sharing the filesystem, and temporaries named by older versions, whose owner cannot be told.
     """
     out = Path(out)
-    pattern = re.compile(rf"\.{re.escape(out.name)}\.(?:tmp-([0-9]+)-[A-Za-z0-9_]+|old-([0-9]+))")
+    host = re.escape(_host())
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(?:tmp-{host}-([0-9]+)-[A-Za-z0-9_]+|old-{host}-([0-9]+))")
     try:
         siblings = list(out.parent.iterdir())
     except OSError:
