@@ -107,7 +107,7 @@ def test_token_budget_is_capped_by_the_context_window(engine):
 
 
 @pytest.mark.parametrize("bad", [
-    dict(temperature=-0.1), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5), dict(min_p=2.0),
+    dict(temperature=-0.1), dict(top_k=-1), dict(top_p=-0.1), dict(top_p=1.5), dict(min_p=2.0),
     dict(repetition_penalty=0.0), dict(max_new_tokens=0), dict(max_new_tokens=2.5), dict(temperature=float("nan")),
     dict(seed="1"), dict(stop=[""]), dict(stop="abc"), dict(temperature=True),
 ])
@@ -193,6 +193,7 @@ def test_sampling_filters():
     assert sample(logits, 0.99, **{**plain, "top_k": 2}) == 1
     assert sample(logits, 0.99, **{**plain, "top_p": 0.8}) == 1  # 0.5 + 0.3 reaches top_p
     assert sample(logits, 0.99, **{**plain, "top_p": 0.81}) == 2
+    assert sample(logits, 0.99, **{**plain, "top_p": 0.0}) == 0  # OpenAI's top_p 0: the most likely token
     assert sample(logits, 0.99, **{**plain, "min_p": 0.5}) == 1  # 0.15 < 0.5 * 0.5
     assert sample(logits, 0.99, **{**plain, "temperature": 0.0}) == 0
     assert sample([2.0, 1.9, -1.0], 0.0, seen=[0], **{**plain, "temperature": 0.0, "repetition_penalty": 1.1}) == 1

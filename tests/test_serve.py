@@ -14,6 +14,7 @@ import openai
 import pytest
 
 from tinyk.engine import Engine, SamplingParams
+from tinyk.files import TinykError
 from tinyk.serve import ChatServer, ServerConfig
 from tinyk.tokenizer import DEFAULT_SYSTEM_PROMPT
 
@@ -207,6 +208,19 @@ LONG = "".join(chr(0x4E00 + 37 * i) for i in range(200))  # rare characters: sev
     ("/v1/completions", {"model": "nano", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop",
      "invalid_value"),
     ("/v1/completions", {"model": "nano", "prompt": "hi", "logprobs": 2}, 400, "logprobs", "invalid_value"),
+    ("/v1/completions", {"model": "nano", "prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty",
+     "invalid_value"),
+    ("/v1/chat/completions", {"model": "nano", "messages": [{"role": "user", "content": "hi"}],
+                              "response_format": {"type": "json_object"}}, 400, "response_format", "invalid_value"),
+    ("/v1/completions", {"model": "nano", "prompt": "hi", "logit_bias": {"5": 100}}, 400, "logit_bias",
+     "invalid_value"),
+    ("/v1/completions", {"model": "nano", "prompt": "hi", "stream_options": {"include_usage": True}}, 400,
+     "stream_options", "invalid_value"),
+    ("/v1/completions", {"model": "nano", "prompt": "hi", "stream": True, "stream_options": {"include_usage": "yes"}},
+     400, "include_usage", "invalid_type"),
+    ("/v1/completions", {"model": "nano", "prompt": "hi", "seed": 2**64}, 400, "seed", "invalid_value"),
+    ("/v1/completions", b'{"model": "nano", "prompt": "hi", "seed": ' + b"9" * 5000 + b"}", 400, None, "invalid_json"),
+    ("/v1/completions", b"[" * 20000, 400, None, "invalid_json"),
     ("/v1/completions", b'{"model": "nano", "prompt": "' + b"a" * MAX_BODY + b'"}', 413, None, "request_too_large"),
     ("/v1/embeddings", {"model": "nano", "input": "hi"}, 404, None, "not_found"),
     ("/v1/models", {}, 405, None, "method_not_allowed"),
@@ -248,6 +262,8 @@ def test_protocol_errors(server):
         .startswith(b"HTTP/1.1 411")
     big = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\nExpect: 100-continue\r\n\r\n"
     assert raw(server, big).startswith(b"HTTP/1.1 413")
+    odd = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: \u00b2\r\n\r\n".encode("latin-1")
+    assert raw(server, odd).startswith(b"HTTP/1.1 411")  # "²".isdigit() is true, int("²") is not
     status, body = request(server, "GET", "/v1/chat/completions")
     assert status == 405 and body["error"]["code"] == "method_not_allowed"
     status, body = request(server, "GET", "/health")
@@ -257,7 +273,8 @@ def test_protocol_errors(server):
 def test_api_key(nano_model_dir, reference):
     server, _ = start(nano_model_dir, api_key="sk-secret")
     try:
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sk-secret"}):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sk-secret"},
+                        {"Authorization": "Basic sk-secret"}):
             status, body = request(server, "GET", "/v1/models", headers=headers)
             assert status == 401 and body["error"]["code"] == "invalid_api_key"
             status, body = request(server, "POST", "/v1/completions", {"model": "nano", "prompt": "hi"}, headers)
@@ -267,10 +284,48 @@ def test_api_key(nano_model_dir, reference):
         good = openai.OpenAI(base_url=server.url + "/v1", api_key="sk-secret", max_retries=0, timeout=60)
         r = good.completions.create(model="nano", prompt="你好", max_tokens=4, temperature=0)
         assert r.choices[0].text == expected_completion(reference, "你好", 4).text
+        status, _ = request(server, "GET", "/v1/models", headers={"Authorization": "bearer  sk-secret"})
+        assert status == 200  # the scheme is case-insensitive (RFC 7235)
         status, page = request(server, "GET", "/")
         assert status == 200 and "<title>tinyk chat</title>" in page
     finally:
         server.close()
+
+
+def test_a_non_ascii_model_name_and_api_key(nano_model_dir):
+    with pytest.raises(TinykError, match="printable ASCII"):
+        ServerConfig(model_name="nano", api_key="密钥")  # no HTTP client could send it
+    server, _ = start(nano_model_dir, model_name="小模型 v1")
+    try:
+        c = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
+        assert c.models.retrieve("小模型 v1").id == "小模型 v1"  # the client URL-encodes the id in the path
+        assert c.completions.create(model="小模型 v1", prompt="hi", max_tokens=2).usage.completion_tokens >= 1
+    finally:
+        server.close()
+
+
+def test_ipv6_hosts_bind(nano_model_dir):
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    engine = Engine.from_dir(nano_model_dir)
+    try:
+        server = ChatServer(engine, ServerConfig(model_name="nano", log=False), host="::1", port=0)
+    except TinykError as e:
+        pytest.skip(f"no IPv6 loopback here: {e}")
+    try:
+        server.start()
+        assert server.url.startswith("http://[::1]:")
+        assert openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60).models.list().data
+    finally:
+        server.close()
+
+
+def test_negative_and_positive_seeds_differ(client):
+    def text(seed: int) -> str:
+        return client.completions.create(model="nano", prompt="天气", max_tokens=12, temperature=1.5, seed=seed,
+                                         extra_body={"top_k": 0}).choices[0].text
+
+    assert text(5) == text(5) and text(-5) == text(-5) and text(5) != text(-5)
 
 
 PROMPTS = [f"{'我们今天去公园散步，天气很好！'[:i % 12 + 1]}{i}" for i in range(16)]

@@ -108,7 +108,7 @@ class Browser:
         self.proc.stderr.close()
 
 
-# Runs in the page: waits for the model name, sends a message, resolves when the reply is complete.
+# Runs in the page: waits for the model name, sends each message once the reply before it is complete.
 CHAT_SCRIPT = """
 (async () => {
   const until = async (ok, what) => {
@@ -117,22 +117,25 @@ CHAT_SCRIPT = """
   };
   await until(() => document.getElementById("status").textContent.startsWith("nano"), "the model list");
   document.getElementById("temperature").value = "0";
-  document.getElementById("max-tokens").value = "%(max_tokens)d";
+  document.getElementById("max-tokens").value = %(max_tokens)s;
   const input = document.getElementById("input");
-  input.value = %(message)s;
-  input.dispatchEvent(new KeyboardEvent("keydown", {key: "Enter", bubbles: true}));
-  await until(() => { const a = document.querySelector(".msg.assistant"); return a && a.dataset.done === "true"; },
-              "the reply");
-  const a = document.querySelector(".msg.assistant");
+  for (const [i, message] of %(messages)s.entries()) {
+    input.value = message;
+    input.dispatchEvent(new KeyboardEvent("keydown", {key: "Enter", bubbles: true}));
+    await until(() => { const a = document.querySelectorAll(".msg.assistant");
+                        return a.length > i && a[i].dataset.done === "true"; }, "reply " + i);
+  }
+  const replies = [...document.querySelectorAll(".msg.assistant")];
   return {user: document.querySelector(".msg.user").textContent, userHtml: document.querySelector(".msg.user").innerHTML,
-          reply: a.textContent, chunks: Number(a.dataset.chunks), finish: a.dataset.finish || null,
-          tokens: Number(a.dataset.tokens), errors: document.querySelectorAll(".msg.error").length};
+          replies: replies.map(a => ({text: a.textContent, chunks: Number(a.dataset.chunks),
+                                      finish: a.dataset.finish || null, tokens: Number(a.dataset.tokens)})),
+          notes: [...document.querySelectorAll(".msg.note")].map(n => n.textContent),
+          errors: [...document.querySelectorAll(".msg.error")].map(n => n.textContent)};
 })()
 """
 
 
-def test_the_chat_page_streams_a_reply(nano_model_dir, tmp_path):
-    engine = Engine.from_dir(nano_model_dir)
+def chat_in_page(engine: Engine, tmp_path, messages: list[str], max_tokens: int | None) -> dict:
     server = ChatServer(engine, ServerConfig(model_name="nano", defaults=DEFAULTS, log=False), port=0)
     server.start()
     browser = Browser(str(tmp_path / "profile"))
@@ -142,15 +145,51 @@ def test_the_chat_page_streams_a_reply(nano_model_dir, tmp_path):
         browser.send("Page.enable", session=session)
         browser.send("Page.navigate", {"url": server.url + "/"}, session)
         browser.wait_event("Page.loadEventFired", session)
-        message = "你好<b>!</b>"
-        result = browser.evaluate(session, CHAT_SCRIPT % {"max_tokens": 12, "message": json.dumps(message)})
+        script = CHAT_SCRIPT % {"max_tokens": json.dumps("" if max_tokens is None else str(max_tokens)),
+                                "messages": json.dumps(messages)}
+        return browser.evaluate(session, script)
     finally:
         browser.close()
         server.close()
-    prompt = engine.chat_prompt([{"role": "user", "content": message}], default_system=DEFAULT_SYSTEM_PROMPT)
-    want = engine.generate([prompt], replace(DEFAULTS, temperature=0.0, max_new_tokens=12))[0]
-    assert result["errors"] == 0
+
+
+def greedy_chat(engine: Engine, history: list[dict], max_new_tokens: int):
+    prompt = engine.chat_prompt(history, default_system=DEFAULT_SYSTEM_PROMPT)
+    return engine.generate([prompt], replace(DEFAULTS, temperature=0.0, max_new_tokens=max_new_tokens))[0]
+
+
+def test_the_chat_page_streams_a_reply(nano_model_dir, tmp_path):
+    engine = Engine.from_dir(nano_model_dir)
+    message = "你好<b>!</b>"
+    result = chat_in_page(engine, tmp_path, [message], max_tokens=12)
+    want = greedy_chat(engine, [{"role": "user", "content": message}], 12)
+    assert result["errors"] == [] and result["notes"] == []
     assert result["user"] == message and "<b>" not in result["userHtml"]  # shown as text, not HTML
-    assert result["reply"] == want.text and result["finish"] == want.finish_reason
-    assert result["tokens"] == want.completion_tokens
-    assert result["chunks"] > 1, "the reply should arrive in several streamed pieces"
+    [reply] = result["replies"]
+    assert reply["text"] == want.text and reply["finish"] == want.finish_reason
+    assert reply["tokens"] == want.completion_tokens
+    assert reply["chunks"] > 1, "the reply should arrive in several streamed pieces"
+
+
+def test_the_chat_page_forgets_old_turns_to_fit_the_context(nano_model_dir, tmp_path):
+    """A conversation longer than the model's window goes on, as in `tinyk chat`; an empty max tokens
+    field leaves the budget to the server (a fixed 256 was refused outright by 256-token models)."""
+    engine = Engine.from_dir(nano_model_dir)
+    long = "今天天气很好，我们一起去公园散步吧。" * 3
+    messages = [long + str(i) for i in range(3)]
+    ids = engine.tok.encode(engine.chat_prompt([{"role": "user", "content": long}] * 3,
+                                               default_system=DEFAULT_SYSTEM_PROMPT))
+    assert len(ids) > engine.context_length, "the test needs a conversation longer than the window"
+    result = chat_in_page(engine, tmp_path, messages, max_tokens=None)
+    assert result["errors"] == [] and len(result["replies"]) == 3
+    assert result["notes"] and all("forgot the oldest turn" in n for n in result["notes"])
+    # The replies equal the engine's on the history the page kept, which always ends with the newest message.
+    history: list[dict] = []
+    for message, reply in zip(messages, result["replies"], strict=True):
+        history.append({"role": "user", "content": message})
+        while len(engine.tok.encode(engine.chat_prompt(history, default_system=DEFAULT_SYSTEM_PROMPT))) \
+                >= engine.context_length:
+            history = history[2:]
+        want = greedy_chat(engine, history, DEFAULTS.max_new_tokens)
+        assert reply["text"] == want.text and reply["finish"] == want.finish_reason
+        history.append({"role": "assistant", "content": reply["text"]})

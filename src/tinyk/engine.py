@@ -179,7 +179,8 @@ class ContextLengthError(TinykError):
 class SamplingParams:
     """How to pick tokens. Defaults avoid the repetition loops small models fall into.
 
-    temperature 0 is greedy decoding; top_k 0, top_p 1 and min_p 0 switch those filters off;
+    temperature 0 is greedy decoding; top_k 0, top_p 1 and min_p 0 switch those filters off (top_p 0
+    keeps only the most likely token);
     repetition_penalty 1 switches the penalty off. `stop` strings end a sequence and are not
     part of its text; `stop_token_ids` do the same as EOS.
     """
@@ -205,7 +206,7 @@ class SamplingParams:
         checks = [
             ("temperature", "a number >= 0", self.temperature, _is_number(self.temperature) and self.temperature >= 0),
             ("top_k", "an integer >= 0", self.top_k, _is_int(self.top_k) and self.top_k >= 0),
-            ("top_p", "a number in (0, 1]", self.top_p, _is_number(self.top_p) and 0 < self.top_p <= 1),
+            ("top_p", "a number in [0, 1]", self.top_p, _is_number(self.top_p) and 0 <= self.top_p <= 1),
             ("min_p", "a number in [0, 1]", self.min_p, _is_number(self.min_p) and 0 <= self.min_p <= 1),
             ("repetition_penalty", "a number > 0", self.repetition_penalty,
              _is_number(self.repetition_penalty) and self.repetition_penalty > 0),
@@ -304,7 +305,8 @@ class Request:
         self.params = params
         self.max_new = min(params.max_new_tokens, engine.context_length - len(prompt_ids))
         self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else {engine.tok.eos_id})
-        self.rng = random.Random(params.seed)
+        # random.Random(-5) is random.Random(5); modulo keeps every 64-bit seed distinct.
+        self.rng = random.Random(None if params.seed is None else params.seed % 2**64)
         self.out_ids: list[int] = []
         self.detok = Detokenizer(engine.tok, params.stop) if (stream or params.stop) else None
         self.tok = engine.tok
@@ -644,8 +646,8 @@ class Engine:
             scaled = scaled.masked_fill(scaled < kth, -math.inf)
         sorted_l, order = scaled.sort(-1, descending=True)
         probs = sorted_l.softmax(-1)
-        # top-p keeps the smallest head whose mass reaches top_p (the most likely token always).
-        sorted_l = sorted_l.masked_fill(probs.cumsum(-1) - probs >= p.top_p[:, None], -math.inf)
+        # top-p keeps the smallest head whose mass reaches top_p (the most likely token always, even at 0).
+        sorted_l = sorted_l.masked_fill(probs.cumsum(-1) - probs >= p.top_p.clamp(min=1e-9)[:, None], -math.inf)
         probs = sorted_l.softmax(-1)
         probs = probs.masked_fill(probs < p.min_p[:, None] * probs[:, :1], 0.0)
         cdf = probs.cumsum(-1)

@@ -16,6 +16,7 @@ import socket
 import sys
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
@@ -29,6 +30,10 @@ DEFAULT_MAX_BODY = 1_000_000  # the CLI's --max-body 1M
 MAX_STOP_STRINGS = 4
 LINGER_BYTES = 64 << 20  # at most this much of a refused body is read and thrown away
 ROLE_ALIASES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+# OpenAI request fields this server cannot honour, with the value that means "off": anything else is a 400,
+# not a silently different answer.
+UNSUPPORTED = {"logprobs": False, "top_logprobs": 0, "echo": False, "best_of": 1, "suffix": "", "logit_bias": {},
+               "presence_penalty": 0, "frequency_penalty": 0, "tools": [], "functions": []}
 _MISSING = object()
 
 
@@ -54,6 +59,12 @@ class ServerConfig:
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT  # put first when a chat has no system message
     max_waiting: int = 256
     log: bool = True
+
+    def __post_init__(self) -> None:
+        if self.api_key is not None and not (self.api_key.isascii() and self.api_key.isprintable()
+                                             and self.api_key and " " not in self.api_key):
+            # HTTP headers carry ASCII: clients (the openai package among them) cannot send anything else.
+            raise TinykError("the API key must be printable ASCII without spaces")
 
 
 def _get(body: dict, name: str, kind: str, default: Any = _MISSING) -> Any:
@@ -141,14 +152,20 @@ class Api:
         n = _get(body, "n", "integer", 1)
         if n != 1:
             raise ApiError(400, "only n=1 is supported", param="n", code="invalid_value")
-        for name in ("logprobs", "echo"):
-            if body.get(name) not in (None, False, 0):
-                raise ApiError(400, f"'{name}' is not supported", param=name, code="invalid_value")
+        for name, off in UNSUPPORTED.items():
+            if body.get(name, off) not in (None, off):
+                raise ApiError(400, f"'{name}' is not supported by this server", param=name, code="invalid_value")
+        fmt = body.get("response_format")
+        if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+            raise ApiError(400, "only 'response_format' {\"type\": \"text\"} is supported", param="response_format",
+                           code="invalid_value")
+        seed = _get(body, "seed", "integer", d.seed)
+        _in_range("seed", seed, -2**63, 2**64 - 1)
         try:
             return replace(d, temperature=float(temperature), top_p=float(top_p), top_k=max(top_k, 0),
                            min_p=float(min_p), repetition_penalty=float(penalty),
                            stop=d.stop if stop is None else stop, max_new_tokens=max_tokens or d.max_new_tokens,
-                           seed=_get(body, "seed", "integer", d.seed))
+                           seed=seed)
         except TinykError as e:
             raise ApiError(400, str(e), code="invalid_value") from e
 
@@ -211,7 +228,10 @@ class Api:
         params = self.sampling(body, len(ids))
         stream = _get(body, "stream", "boolean", False)
         options = _get(body, "stream_options", "object", {})
-        include_usage = bool(options.get("include_usage", False))
+        if options and not stream:
+            raise ApiError(400, "'stream_options' is only allowed when 'stream' is true", param="stream_options",
+                           code="invalid_value")
+        include_usage = _get(options, "include_usage", "boolean", False)
         try:
             return self.scheduler.submit(ids, params), stream, include_usage
         except EngineBusy as e:
@@ -282,14 +302,15 @@ class Handler(BaseHTTPRequestHandler):
         key = self.server.api.cfg.api_key
         if key is None:
             return True
-        header = self.headers.get("Authorization", "")
-        given = header[7:] if header.startswith("Bearer ") else ""
-        return hmac.compare_digest(given.encode(), key.encode())
+        scheme, _, given = self.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        return hmac.compare_digest(given.strip().encode("latin-1", "replace"), key.encode())
 
     def handle_expect_100(self) -> bool:
         """Refuses an oversized body before the client sends it."""
         length = self.headers.get("Content-Length", "")
-        if length.isdigit() and int(length) > self.server.api.cfg.max_body_bytes:
+        if _is_length(length) and int(length) > self.server.api.cfg.max_body_bytes:
             self.close_connection = self.unread_body = True
             self._error(_too_large(int(length), self.server.api.cfg.max_body_bytes))
             return False
@@ -300,7 +321,7 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             raise ApiError(411, "chunked request bodies are not supported; send Content-Length", code="length_required")
         length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
+        if length is None or not _is_length(length):
             self.close_connection = True
             raise ApiError(411, "a Content-Length header is required", code="length_required")
         limit = self.server.api.cfg.max_body_bytes
@@ -311,16 +332,23 @@ class Handler(BaseHTTPRequestHandler):
         self.unread_body = False
         try:
             body = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from e
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: JSON, or a 5000-digit number
+            raise ApiError(400, f"the request body is not valid JSON: {str(e)[:200]}", code="invalid_json") from e
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
         return body
 
     # -- routes -------------------------------------------------------------------------
 
+    def handle_one_request(self) -> None:
+        """A client that leaves mid-request is its own business: no traceback on the server's stderr."""
+        try:
+            super().handle_one_request()
+        except ConnectionError:
+            self.close_connection = True
+
     def do_GET(self) -> None:
-        path = self.path.split("?", 1)[0]
+        path = urllib.parse.unquote(self.path.split("?", 1)[0])
         api = self.server.api
         if path in ("/", "/index.html"):
             self._send(200, self.server.page, "text/html; charset=utf-8")
@@ -434,6 +462,10 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
 
+def _is_length(header: str) -> bool:
+    return header.isascii() and header.isdigit() and len(header) < 20
+
+
 def _unauthorized() -> ApiError:
     return ApiError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')", code="invalid_api_key")
 
@@ -453,6 +485,8 @@ class ChatServer(ThreadingHTTPServer):
     request_queue_size = 128
 
     def __init__(self, engine: Engine, cfg: ServerConfig, host: str = "127.0.0.1", port: int = 8000):
+        if ":" in host:
+            self.address_family = socket.AF_INET6
         self.api = Api(engine, cfg)
         self.page = resources.files("tinyk").joinpath("web/index.html").read_bytes()
         try:
@@ -464,7 +498,7 @@ class ChatServer(ThreadingHTTPServer):
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     def start(self) -> threading.Thread:
         """Serves from a background thread (tests, notebooks)."""
