@@ -186,7 +186,7 @@ def test_sft_loss_counts_only_assistant_tokens(tmp_path, sft_data, nano_model_di
     cfg = nano_cfg(sft_data, None, tmp_path / "sft", kind="sft", init=str(nano_model_dir), model={},
                    seq_len=64, micro_batch=2, max_steps=2)
     summary = train(cfg)
-    loader = SFTLoader(sft_data, "train", 64, 2, seed=0)
+    loader = SFTLoader(sft_data, "train", 64, 2, seed=0, batch_size=8)
     model, _ = load_model(nano_model_dir)
     total, count, positions = 0.0, 0, 0
     with torch.no_grad():
@@ -505,3 +505,107 @@ def test_mixed_precision_on_cpu_trains_and_resumes(tmp_path, pt_data, tok_dir, d
     assert ("scale" in scaler) == (dtype == "fp16")
     second = train(nano_cfg(pt_data, tok_dir, out, max_steps=3, dtype=dtype), resume=True)
     assert second["steps"] == 3 and second["resumed_from"].endswith("step_0000002")
+
+
+# ----------------------------------------------------------------------------- resumed runs, continued
+
+def stop_at(monkeypatch, step: int) -> None:
+    """Sends this process SIGTERM once `step` is logged: the trainer saves a checkpoint and stops there."""
+    from tinyk.monitor import Monitor
+
+    log_train = Monitor.log_train
+
+    def log_and_signal(self, rec):
+        log_train(self, rec)
+        if rec["step"] == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Monitor, "log_train", log_and_signal)
+
+
+def records(out: Path, kind: str) -> list[dict]:
+    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["type"] == kind]
+
+
+def test_resume_with_dropout_is_bit_identical(tmp_path, pt_data, tok_dir, monkeypatch):
+    """Dropout draws from the RNG a checkpoint restores; nothing at start-up (the CPU's peak-FLOP/s
+    measurement once did) may draw from it before training goes on."""
+    cfg = dict(model={"preset": "nano", "dropout": 0.1}, max_steps=8)
+    train(nano_cfg(pt_data, tok_dir, tmp_path / "straight", **cfg))
+    with monkeypatch.context() as m:
+        stop_at(m, 4)
+        assert train(nano_cfg(pt_data, tok_dir, tmp_path / "resumed", **cfg))["steps"] == 4
+    train(nano_cfg(pt_data, tok_dir, tmp_path / "resumed", **cfg), resume=True)
+    assert train_losses(tmp_path / "resumed") == train_losses(tmp_path / "straight")
+    a = load_file(tmp_path / "resumed" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "straight" / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_timed_run_resumes_on_its_fitted_schedule_and_stays_finished(tmp_path, pt_data, tok_dir, monkeypatch):
+    out = tmp_path / "timed"
+    cfg = nano_cfg(pt_data, tok_dir, out, max_steps=100000, max_minutes=0.03, warmup_steps=None)
+    with monkeypatch.context() as m:
+        stop_at(m, 12)
+        train(cfg)
+    state = json.loads((checkpoints(out)[-1] / "state.json").read_text())
+    assert state["step"] == 12 and state["total_steps"] < 100000
+    train(cfg, resume=True)
+    # The first steps after the resume, before this session's own estimate, follow the saved schedule
+    # (they used to run on the uncapped 100,000-step schedule at a fraction of the LR).
+    first = records(out, "train")[12]
+    assert first["step"] == 13
+    assert first["lr"] == pytest.approx(lr_at(12, state["total_steps"], cfg.lr, state["warmup"], cfg.min_lr_ratio))
+    summary = json.loads((out / "summary.json").read_text())
+    weights = (out / "final" / "model.safetensors").read_bytes()
+    metrics = (out / "metrics.jsonl").read_text()
+    again = train(cfg, resume=True)  # a finished run: nothing trains, nothing is rewritten
+    assert again == summary and json.loads((out / "summary.json").read_text()) == summary
+    assert (out / "final" / "model.safetensors").read_bytes() == weights and (out / "metrics.jsonl").read_text() == metrics
+
+
+def test_the_summary_of_a_resumed_run_speaks_for_the_whole_run(tmp_path, pt_data, tok_dir, monkeypatch):
+    out = tmp_path / "run"
+    cfg = nano_cfg(pt_data, tok_dir, out, max_steps=8, eval_every=2)
+    with monkeypatch.context() as m:
+        stop_at(m, 5)
+        train(cfg)
+    # Make the first session's step-4 evaluation the run's best, whatever this tiny run does.
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for r in lines:
+        if r["type"] == "eval" and r["step"] == 4:
+            r["val_loss"] = 0.125
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    summary = train(cfg, resume=True)
+    evals = records(out, "eval")
+    assert [r["step"] for r in evals] == [2, 4, 6, 8]
+    assert summary["best_val_loss"] == 0.125
+    assert summary["final_val_loss"] == evals[-1]["val_loss"] and summary["tokens_per_s"] > 0
+
+
+def test_a_refused_resume_leaves_the_run_as_it_was(tmp_path, pt_data, sft_data, tok_dir, nano_model_dir):
+    out = tmp_path / "run"
+    train(nano_cfg(pt_data, tok_dir, out, max_steps=2, save_every=1))
+    saved = (out / "config.yaml").read_text()
+    with pytest.raises(TinykError, match="is a pretrain checkpoint, not sft"):
+        train(nano_cfg(sft_data, None, out, kind="sft", init=str(nano_model_dir), model={}, seq_len=64), resume=True)
+    assert (out / "config.yaml").read_text() == saved
+    assert train(nano_cfg(pt_data, tok_dir, out, max_steps=3), resume=True)["steps"] == 3
+
+
+def test_what_a_killed_write_leaves_never_locks_a_run(tmp_path, pt_data, tok_dir):
+    """A replaced `final` not yet deleted, a plot's temporary file, a metrics line cut short: the next
+    --resume cleans them up and goes on."""
+    out = tmp_path / "run"
+    train(nano_cfg(pt_data, tok_dir, out, max_steps=2, save_every=1))
+    shutil.copytree(out / "final", out / ".final.old-otherhost-12345")
+    (out / ".loss.png.tmp-12345.png").write_bytes(b"half a png")
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"type": "train", "st')
+    assert train(nano_cfg(pt_data, tok_dir, out, max_steps=3), resume=True)["steps"] == 3
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    assert [r["step"] for r in records(out, "train")] == [1, 2, 3]
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text("\n".join([lines[0], "{damaged", *lines[1:]]) + "\n")
+    with pytest.raises(TinykError, match=r"metrics.jsonl line 2 is damaged .*; repair or delete that line"):
+        train(nano_cfg(pt_data, tok_dir, out, max_steps=4), resume=True)

@@ -255,25 +255,33 @@ class PretrainLoader(_Loader):
 
 
 class SFTLoader(_Loader):
-    """Padded conversation batches; each epoch's order is shuffled, then length-sorted within buckets.
+    """Padded conversation batches of similar lengths, in random order.
 
-    Buckets have a fixed size (not a multiple of the batch), so the order does not depend on
-    how the global batch is split across ranks and micro-batches.
+    Each epoch's order is shuffled, length-sorted within buckets (so a batch pads little), then cut
+    into optimizer steps of `batch_size` conversations whose order is shuffled again (so training does
+    not run short to long through every bucket). Buckets and steps count global samples, so the order
+    does not depend on how the global batch is split across ranks and micro-batches.
     """
 
     def __init__(self, data_dir: str | Path, split: str, seq_len: int, micro_batch: int, *, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, bucket: int = SFT_BUCKET):
+                 world_size: int = 1, seed: int = 0, bucket: int = SFT_BUCKET, batch_size: int | None = None):
         data = _open_split(data_dir, split, seq_len, "sft")
         super().__init__(data, micro_batch, rank, world_size, seed)
         self.bucket = bucket
+        self.batch_size = batch_size or micro_batch * world_size
         self.dropped = data.dropped
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
         order = super()._epoch_order(epoch)
         lengths = self.data.lengths
-        chunks = [c[np.argsort(lengths[c], kind="stable")] for c in np.split(order, range(self.bucket, len(order),
-                                                                                          self.bucket))]
-        return np.concatenate(chunks)
+        order = np.concatenate([c[np.argsort(lengths[c], kind="stable")]
+                                for c in np.split(order, range(self.bucket, len(order), self.bucket))])
+        # Steps run on across epochs: the first `head` samples finish the step the last epoch began.
+        head = min(len(order), -epoch * len(order) % self.batch_size)
+        n_steps = (len(order) - head) // self.batch_size
+        steps = order[head:head + n_steps * self.batch_size].reshape(n_steps, self.batch_size)
+        shuffled = steps[np.random.default_rng((self.seed, epoch, 1)).permutation(n_steps)]
+        return np.concatenate([order[:head], shuffled.ravel(), order[head + n_steps * self.batch_size:]])
 
 
 def eval_batches(data_dir: str | Path, split: str, seq_len: int, micro_batch: int, max_batches: int | None = None,

@@ -42,7 +42,8 @@ def measure_matmul_flops(seconds: float = 0.15, n: int = 1024, dtype: torch.dtyp
 
     The fastest single product counts, not the average: on a shared machine other work only ever
     slows a product down, and an average taken in a busy moment put MFU above 100%."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    g = torch.Generator().manual_seed(0)  # not the global generator: a resumed run's dropout stream is restored
+    a, b = torch.randn(n, n, dtype=dtype, generator=g), torch.randn(n, n, dtype=dtype, generator=g)
     torch.mm(a, b)
     best, iters, start = math.inf, 0, time.perf_counter()
     while time.perf_counter() - start < seconds or iters < 3:
@@ -176,9 +177,25 @@ class Monitor:
         self.plotted = True
 
     def _read_records(self) -> list[dict[str, Any]]:
+        """The earlier sessions' lines. A last line cut short (a kill or a full disk mid-write) is dropped;
+        damage anywhere else is an error, since the run's history would silently lose lines."""
         if not self.metrics_path.exists():
             return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        lines = [line for line in self.metrics_path.read_text(encoding="utf-8", errors="replace").splitlines()
+                 if line.strip()]
+        records = []
+        for i, line in enumerate(lines):
+            try:
+                rec = json.loads(line)
+                if not (isinstance(rec, dict) and isinstance(rec.get("step"), int)):
+                    raise ValueError("not a metrics record")
+            except ValueError as e:
+                if i == len(lines) - 1:
+                    break
+                raise TinykError(f"{self.metrics_path} line {i + 1} is damaged ({e}); repair or delete that line "
+                                 f"to resume") from None
+            records.append(rec)
+        return records
 
     def truncate(self, step: int) -> None:
         """Drops records past `step` (written by a run that died after its last checkpoint)."""

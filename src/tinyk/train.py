@@ -494,18 +494,26 @@ RUN_ENTRIES = {"config.yaml", "checkpoints", "final", "metrics.jsonl", "summary.
                *TRACKERS}
 
 
+def _is_leftover(p: Path) -> bool:
+    """A temporary (`.name.tmp-...`) or a replaced output not yet deleted (`.name.old-...`) of a killed write."""
+    return p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name)
+
+
 def _made_by_a_run(p: Path) -> bool:
     """What a run directory may hold: --force deletes a run only when it holds nothing else."""
-    return p.name in RUN_ENTRIES or p.name.startswith(".") and ".tmp-" in p.name
+    return p.name in RUN_ENTRIES or _is_leftover(p)
 
 
 def _clean_partial(out: Path) -> None:
-    """Removes temporary directories left by a run that was killed while writing."""
+    """Removes what a run killed while writing left behind (the run's directory is its own alone)."""
     for parent in (out, out / "checkpoints"):
         if parent.is_dir():
             for p in parent.iterdir():
-                if p.name.startswith(".") and ".tmp-" in p.name and p.is_dir():
-                    shutil.rmtree(p, ignore_errors=True)
+                if _is_leftover(p):
+                    if p.is_dir() and not p.is_symlink():
+                        shutil.rmtree(p, ignore_errors=True)
+                    else:
+                        p.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -534,6 +542,8 @@ class Trainer:
         try:
             self._setup_model()
             self.monitor = self._make_monitor() if self.dist.main else None
+            if self.dist.main:  # only now: a refused or failed start leaves an existing run's config as it was
+                (self.out / "config.yaml").write_text(dump_config(self.cfg), encoding="utf-8")
         except BaseException:
             # A new run that fails to start (a missing tracker package, unloadable weights) leaves
             # nothing behind, so the corrected command needs no --force.
@@ -617,7 +627,6 @@ class Trainer:
                 shutil.rmtree(out)
             (out / "checkpoints").mkdir(parents=True, exist_ok=True)
             _clean_partial(out)
-            (out / "config.yaml").write_text(dump_config(self.cfg), encoding="utf-8")
         self.dist.barrier()
         return not exists or not self.resume
 
@@ -626,9 +635,12 @@ class Trainer:
 
         cfg, d = self.cfg, self.dist
         self.micro, self.accum = micro_layout(cfg.batch_size, d.world, cfg.micro_batch)
-        loader_cls = PretrainLoader if cfg.kind == "pretrain" else SFTLoader
-        self.loader = loader_cls(cfg.data, "train", cfg.seq_len, self.micro, rank=d.rank, world_size=d.world,
-                                 seed=cfg.seed)
+        if cfg.kind == "pretrain":
+            self.loader = PretrainLoader(cfg.data, "train", cfg.seq_len, self.micro, rank=d.rank, world_size=d.world,
+                                         seed=cfg.seed)
+        else:
+            self.loader = SFTLoader(cfg.data, "train", cfg.seq_len, self.micro, rank=d.rank, world_size=d.world,
+                                    seed=cfg.seed, batch_size=cfg.batch_size)
         # With max_minutes this is the cap, and total_steps is re-fitted to the clock as the run goes.
         self.step_cap = self.total_steps = total_steps(cfg, self.loader.num_windows)
         self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else default_warmup(self.total_steps)
@@ -735,7 +747,8 @@ class Trainer:
                     "loss_tokens": self.progress.loss_tokens, "elapsed_s": self._elapsed(),
                     "loader": loader_state, "log_window": {"loss": window.item(), "steps": self.window_steps},
                     "world_size": d.world, "batch_size": self.cfg.batch_size,
-                    "seq_len": self.cfg.seq_len, "total_steps": self.total_steps})
+                    "seq_len": self.cfg.seq_len, "total_steps": self.total_steps, "warmup": self.warmup,
+                    "max_minutes": self.cfg.max_minutes})
             for old in checkpoints(self.out)[:-self.cfg.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         d.barrier()
@@ -768,9 +781,18 @@ class Trainer:
         self.loader.load_state_dict(state["loader"])
         extra = torch.load(path / "rng.pt", weights_only=True)
         ranks = extra["ranks"]
-        _set_rng_state(ranks[self.dist.rank] if len(ranks) == self.dist.world else ranks[0], self.device)
+        if len(ranks) == self.dist.world:
+            _set_rng_state(ranks[self.dist.rank], self.device)
+        else:  # another world size: fresh per-rank streams, so the ranks' dropout masks still differ
+            torch.manual_seed((self.cfg.seed + 1 + self.dist.rank) * 1_000_003 + state["step"])
         self.scaler.load_state_dict(extra["scaler"])
         self.progress = _Progress(state["step"], state["tokens"], state["loss_tokens"], state["elapsed_s"])
+        if self.cfg.max_minutes and state.get("max_minutes") == self.cfg.max_minutes and "warmup" in state:
+            # The same time budget: go on with the schedule fitted so far (the first estimate of this
+            # session is a few steps away), and a finished run stays finished.
+            self.total_steps = min(self.step_cap, max(state["step"], state["total_steps"]))
+            if self.cfg.warmup_steps is None:
+                self.warmup = state["warmup"]
         if self.dist.main:
             self.window_loss.fill_(state["log_window"]["loss"])
         self.window_steps = state["log_window"]["steps"]
@@ -911,7 +933,7 @@ class Trainer:
             f"{', compiled' if cfg.compile else ''}{', activation checkpointing' if cfg.activation_checkpointing else ''}",
             f"batch {cfg.batch_size} x {cfg.seq_len} = {tokens_per_step:,} tokens/step = {self.accum} micro-batch(es) "
             f"of {self.micro} per process; {'up to ' if cfg.max_minutes else ''}{self.total_steps:,} steps "
-            f"({self.total_steps * tokens_per_step:,} tokens)"
+            f"({'at most ' if cfg.kind == 'sft' else ''}{self.total_steps * tokens_per_step:,} tokens)"
             f"{f', fitted to {cfg.max_minutes:g} minutes' if cfg.max_minutes else ''}, "
             f"warmup {self.warmup}, lr {cfg.lr:g} -> {cfg.lr * cfg.min_lr_ratio:g}",
             f"FLOPs/token {self.flops_per_token:.4g} = 6*N + 12*L*d*T = 6*{n_matmul:,} + 12*{m.n_layers}*{m.dim}*"
@@ -942,6 +964,10 @@ class Trainer:
         self.peak, self.peak_source = peak_flops(self.device, cfg.peak_tflops, self.dtype)
         if d.main:
             self._header()
+        if self.resumed_from and self.progress.step >= self.total_steps and (self.out / "final").is_dir():
+            if self.monitor:
+                self.monitor.close()
+            return self._finished_summary()
         previous = self._install_signals()
         self._t0, self._start_tokens = time.perf_counter(), self.progress.tokens
         try:
@@ -955,13 +981,30 @@ class Trainer:
                 self.monitor.close()
         return summary
 
+    def _finished_summary(self) -> dict[str, Any]:
+        """A finished run resumed again: nothing to train, so its summary and final model stay as they are."""
+        try:
+            return json.loads((self.out / "summary.json").read_text())
+        except (OSError, ValueError):
+            self._t0, self._start_tokens, self.rates = time.perf_counter(), self.progress.tokens, []
+            return self._summary(False, str(self.out / "final"), *self._earlier_results())
+
+    def _earlier_results(self) -> tuple[float | None, tuple[float, float] | None, float]:
+        """(last train loss, last (val loss, bpb), best val loss) logged before this session, so a resumed
+        run's summary speaks for the whole run."""
+        records = self.monitor.records if self.monitor else []
+        train = [r["loss"] for r in records if r.get("type") == "train" and r.get("loss") is not None]
+        evals = [(r["val_loss"], r.get("val_bpb")) for r in records
+                 if r.get("type") == "eval" and r.get("val_loss") is not None]
+        return (train[-1] if train else None, evals[-1] if evals else None,
+                min((v for v, _ in evals), default=math.inf))
+
     def _loop(self) -> dict[str, Any]:
         cfg, d, p = self.cfg, self.dist, self.progress
         mon = self.monitor
         t_log, tokens_log = time.perf_counter(), p.tokens
         self.rates: list[float] = []
-        last_train = last_val = None
-        best_val = math.inf
+        last_train, last_val, best_val = self._earlier_results()
         last_saved = p.step if self.resumed_from else -1
         t_first = step_first = None
         estimate = 0
@@ -1005,6 +1048,7 @@ class Trainer:
                 self.window_loss.zero_()
                 self.window_steps, t_log, tokens_log = 0, now, p.tokens
             last = p.step == self.total_steps
+            t_pause = time.perf_counter()
             if self.has_val and (last or (cfg.eval_every and p.step % cfg.eval_every == 0)):
                 last_val = self.evaluate()
                 best_val = min(best_val, last_val[0])
@@ -1014,6 +1058,7 @@ class Trainer:
             if not last and cfg.save_every and p.step % cfg.save_every == 0:
                 self.save_checkpoint(self.loader.state_dict())
                 last_saved = p.step
+            t_log += time.perf_counter() - t_pause  # a log window's tokens/s is training speed alone
         interrupted = p.step < self.total_steps
         if last_saved != p.step:
             self.save_checkpoint(loader_state)
@@ -1046,7 +1091,7 @@ class Trainer:
         elapsed = self._elapsed()
         session_time = time.perf_counter() - self._t0
         session_tokens = p.tokens - self._start_tokens
-        rate = session_tokens / session_time if session_time > 0 else 0.0
+        rate = session_tokens / session_time if session_tokens and session_time > 0 else None
         # The first log window holds start-up (and compilation); the median of the rest is the steady rate.
         windows = self.rates[1:] or self.rates
         steady = statistics.median(windows) if windows else None
@@ -1054,7 +1099,7 @@ class Trainer:
             "kind": cfg.kind, "status": "interrupted" if interrupted else "completed",
             "stop_signal": self.stop_signal, "steps": p.step, "total_steps": self.total_steps,
             "tokens": p.tokens, "loss_tokens": p.loss_tokens, "elapsed_s": round(elapsed, 3),
-            "tokens_per_s": round(rate, 1), "mfu": self._mfu(rate),
+            "tokens_per_s": round(rate, 1) if rate else None, "mfu": self._mfu(rate) if rate else None,
             "tokens_per_s_steady": round(steady, 1) if steady else None,
             "mfu_steady": self._mfu(steady) if steady else None,
             "peak_flops_per_device": self.peak, "peak_flops_source": self.peak_source,
