@@ -178,6 +178,11 @@ class ScriptedEngine:
     def __init__(self, replies: dict[str, tuple[str, str]], context: int = 200):
         self.replies, self.context, self.seen = replies, context, []
 
+    def chat_ids(self, messages: list[dict]) -> str:
+        from tinyk.tokenizer import render_chat
+
+        return render_chat(messages, add_generation_prompt=True)  # this stand-in works on the text
+
     def encode(self, prompt: str) -> str:
         from tinyk.engine import ContextLengthError
 

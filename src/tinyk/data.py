@@ -33,12 +33,12 @@ from .files import (
     write_json_atomic,
 )
 from .tokenizer import (
-    CHAT_FOOTER,
     DEFAULT_SYSTEM_PROMPT,
     IM_END_ID,
-    SPECIAL_TOKENS,
-    chat_header,
+    IM_START_ID,
+    encode_chat,
     load_tokenizer,
+    plain_text_tokenizer,
     tokenizer_hash,
 )
 
@@ -109,10 +109,12 @@ _TOKENIZERS: dict[str, Any] = {}
 
 
 def _tokenizer(path: str) -> Any:
+    """The plain-text tokenizer of a tokenizer.json, once per process: documents and messages are text,
+    so "<|im_end|>" written in them never becomes the special token."""
     if path not in _TOKENIZERS:
         from tokenizers import Tokenizer
 
-        _TOKENIZERS[path] = Tokenizer.from_file(path)
+        _TOKENIZERS[path] = plain_text_tokenizer(Tokenizer.from_file(path))
     return _TOKENIZERS[path]
 
 
@@ -153,64 +155,38 @@ def _encode_pretrain(job: _Job, texts: list[str]) -> _Batch:
     tokens = np.empty(int(lengths.sum()), job.dtype)
     inner = np.ones(len(tokens), bool)
     inner[ends - lengths] = inner[ends - 1] = False
-    tokens[ends - lengths] = tok.token_to_id("<|im_start|>")
-    tokens[ends - 1] = tok.token_to_id("<|im_end|>")
+    tokens[ends - lengths] = IM_START_ID
+    tokens[ends - 1] = IM_END_ID
     tokens[inner] = np.fromiter(chain.from_iterable(ids), job.dtype, len(tokens) - 2 * len(ids))
     nbytes = np.fromiter((len(t.encode("utf-8")) for t in texts), np.int64, len(texts))
     return _Batch(tokens, lengths, nbytes)
 
 
-_CLOSE = SPECIAL_TOKENS[IM_END_ID]  # closes every turn; trained on after assistant content
-_AFTER_CLOSE = CHAT_FOOTER.removeprefix(_CLOSE)  # the newline after it, never trained on
-
-
-def _render(messages: list[dict[str, str]]) -> tuple[str, np.ndarray, list[tuple[int, int]], list[int]]:
-    """The chat-template text, a per-character loss flag, assistant content spans and turn ends.
-
-    Flags are 1 on assistant content and on the <|im_end|> closing an assistant turn. Building
-    them from the same pieces the template is made of keeps the mask independent of token ids.
-    """
-    pieces: list[tuple[str, int]] = []
-    spans, turn_ends = [], []
-    pos = 0
-    for m in messages:
-        head, content, learn = chat_header(m["role"]), m["content"], int(m["role"] == "assistant")
-        pieces += [(head, 0), (content, learn), (_CLOSE, learn), (_AFTER_CLOSE, 0)]
-        start = pos + len(head)
-        pos = start + len(content) + len(CHAT_FOOTER)
-        if learn:
-            spans.append((start, start + len(content)))
-            turn_ends.append(pos)
-    text = "".join(p for p, _ in pieces)
-    flags = np.repeat(np.array([f for _, f in pieces], np.uint8), [len(p) for p, _ in pieces])
-    return text, flags, spans, turn_ends
-
-
 def _encode_sft(job: _Job, convs: list[tuple[str, list[dict[str, str]]]]) -> _Encoded:
-    """Tokenizes whole conversations and maps each token's first character to its loss flag."""
-    tok = _tokenizer(job.tokenizer_json)
-    rendered = [_render(msgs) for _, msgs in convs]
-    encs = tok.encode_batch([r[0] for r in rendered], add_special_tokens=False)
+    """Tokenizes conversations as the engine prompts a model (`encode_chat`), with their loss masks.
+
+    The mask is 1 on assistant content and the <|im_end|> that closes each assistant turn, built from
+    the template's pieces rather than token ids. Too-long conversations end after the last
+    assistant turn that fits, or mid-turn when none does.
+    """
+    chats = encode_chat(_tokenizer(job.tokenizer_json), [msgs for _, msgs in convs])
     toks, masks, lengths, nbytes, skipped = [], [], [], [], []
     truncated: Counter = Counter()
-    for (where, _), (text, flags, spans, turn_ends), enc in zip(convs, rendered, encs, strict=True):
-        starts = np.fromiter((s for s, _ in enc.offsets), np.int64, len(enc.ids))
-        mask = flags[starts]
-        cut, how = len(starts), None
+    for (where, _), chat in zip(convs, chats, strict=True):
+        mask = np.asarray(chat.flags, np.uint8)
+        cut, how = len(chat.ids), None
         if cut > job.max_len:
-            # Prefer ending after the last assistant turn that fits; else cut mid-turn.
-            fits = [n for n in np.searchsorted(starts, turn_ends).tolist() if n <= job.max_len]
+            fits = [n for n in chat.turn_ends if n <= job.max_len]
             cut, how = (fits[-1], "at_turn") if fits else (job.max_len, "mid_turn")
         if not mask[1:cut].any():  # dropped, so counted as skipped only
             skipped.append(("prompt_too_long", where))
             continue
         if how:
             truncated[how] += 1
-        cut_char = int(starts[cut]) if cut < len(starts) else len(text)
-        toks.append(np.asarray(enc.ids[:cut], job.dtype))
+        toks.append(np.asarray(chat.ids[:cut], job.dtype))
         masks.append(mask[:cut])
         lengths.append(cut)
-        nbytes.append(sum(len(text[a:min(b, cut_char)].encode("utf-8")) for a, b in spans if a < cut_char))
+        nbytes.append(sum(chat.content_bytes[:cut]))
     batch = _Batch(np.concatenate(toks) if toks else np.empty(0, job.dtype), np.array(lengths, np.int64),
                    np.array(nbytes, np.int64), np.concatenate(masks) if masks else np.empty(0, np.uint8))
     return batch, skipped, truncated

@@ -561,11 +561,20 @@ class Engine:
         return ids
 
     def chat_prompt(self, messages: list[dict], default_system: str | None = None) -> str:
-        """The conversation in the chat template, ending with the assistant's header.
+        """The conversation in the chat template, ending with the assistant's header, as text to show.
 
         Messages are rendered as given; `default_system` (e.g. `DEFAULT_SYSTEM_PROMPT`, which
-        SFT data carries) is put first when the conversation has no system message.
+        SFT data carries) is put first when the conversation has no system message. To prompt the
+        model use `chat_ids`: tokenizing this text would read "<|im_end|>" typed in a message as a token.
         """
+        return render_chat(self._chat_messages(messages, default_system), add_generation_prompt=True)
+
+    def chat_ids(self, messages: list[dict], default_system: str | None = None) -> list[int]:
+        """The chat prompt's token ids, as SFT data is tokenized: message text is only ever text."""
+        return self.tok.encode_chat(self._chat_messages(messages, default_system), add_generation_prompt=True)
+
+    @staticmethod
+    def _chat_messages(messages: list[dict], default_system: str | None) -> list[dict]:
         if not isinstance(messages, list) or not messages:
             raise TinykError("messages must be a non-empty list")
         for i, m in enumerate(messages):
@@ -575,7 +584,7 @@ class Engine:
                 raise TinykError(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}")
         if default_system and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": default_system}, *messages]
-        return render_chat(messages, add_generation_prompt=True)
+        return messages
 
     def request(self, prompt: str | list[int], params: SamplingParams, stream: bool = True) -> Request:
         params.check()
@@ -612,7 +621,7 @@ class Engine:
     def chat(self, messages_batch: list[list[dict]],
              params: SamplingParams | list[SamplingParams] | None = None) -> list[Completion]:
         """Assistant replies to each conversation, through the chat template."""
-        return self.generate([self.chat_prompt(m) for m in messages_batch], params)
+        return self.generate([self.chat_ids(m) for m in messages_batch], params)
 
     def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[str]:
         """Text deltas of one raw completion as they are produced."""
@@ -620,7 +629,7 @@ class Engine:
             yield delta
 
     def stream_chat(self, messages: list[dict], params: SamplingParams | None = None) -> Iterator[str]:
-        return self.stream(self.chat_prompt(messages), params)
+        return self.stream(self.chat_ids(messages), params)
 
     # -- sampling -----------------------------------------------------------------------
 

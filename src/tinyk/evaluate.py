@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .files import Skips, TinykError, iter_records
 from .model import Transformer
-from .tokenizer import CHAT_ROLES, DEFAULT_SYSTEM_PROMPT, TinyTokenizer, render_chat, tokenizer_hash
+from .tokenizer import CHAT_ROLES, DEFAULT_SYSTEM_PROMPT, TinyTokenizer, tokenizer_hash
 
 CHOICE_FORMATS = ("cloze", "letter")
 
@@ -130,9 +130,8 @@ def eval_task(engine: Any, path: str | Path, *, batch_size: int = 32, max_new_to
     skips = Skips()
     examples, prompts = [], []
     for ex in read_task(path, skips, system_prompt=system_prompt)[:limit]:
-        prompt = render_chat(ex.messages, add_generation_prompt=True)
         try:
-            prompts.append(engine.encode(prompt))
+            prompts.append(engine.encode(engine.chat_ids(ex.messages)))
         except ContextLengthError:
             skips.add("prompt_too_long", ex.where)
             continue

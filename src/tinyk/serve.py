@@ -204,8 +204,11 @@ class Api:
                 raise ApiError(400, f"'{where}.role' must be one of {', '.join(ROLE_ALIASES)}, got {json.dumps(role)}",
                                param=f"{where}.role", code="invalid_value")
             clean.append({"role": ROLE_ALIASES[role], "content": self._content(m.get("content", _MISSING), where)})
-        text = self.engine.chat_prompt(clean, default_system=self.cfg.system_prompt)
-        return self.prompt_ids(text, "messages")
+        try:
+            ids = self.engine.chat_ids(clean, default_system=self.cfg.system_prompt)
+        except TinykError as e:
+            raise ApiError(400, str(e), param="messages", code="invalid_value") from e
+        return self.prompt_ids(ids, "messages")
 
     @staticmethod
     def _content(content: Any, where: str) -> str:

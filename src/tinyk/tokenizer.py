@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ CHAT_TEMPLATE = (
     "{% endif %}"
 )
 CHAT_ROLES = ("system", "user", "assistant")
+NOT_UTF8 = "the text is not valid UTF-8 (convert it first, e.g. iconv -f gbk -t utf-8)"
 MAX_VOCAB = 1_000_000  # far above any small LLM's; the trainer would try to allocate for whatever it is given
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -54,6 +56,67 @@ def render_chat(messages: list[dict[str, str]], add_generation_prompt: bool = Fa
     if add_generation_prompt:
         parts.append(chat_header("assistant"))
     return "".join(parts)
+
+
+def plain_text_tokenizer(tok: Tokenizer) -> Tokenizer:
+    """A copy of `tok` that reads special-token strings in text as ordinary characters: a document or
+    a message that contains "<|im_end|>" is text, not the end of a turn."""
+    plain = Tokenizer.from_str(tok.to_str())
+    plain.encode_special_tokens = True
+    return plain
+
+
+@dataclass
+class ChatTokens:
+    """One conversation in the chat template, as token ids with what training needs to know of each."""
+
+    ids: list[int] = field(default_factory=list)
+    flags: list[int] = field(default_factory=list)  # 1 on assistant content and the <|im_end|> closing its turn
+    content_bytes: list[int] = field(default_factory=list)  # UTF-8 bytes of assistant content each token starts
+    turn_ends: list[int] = field(default_factory=list)  # token index just past each assistant turn
+
+    def add(self, ids: list[int], flag: int = 0) -> None:
+        self.ids += ids
+        self.flags += [flag] * len(ids)
+        self.content_bytes += [0] * len(ids)
+
+
+def encode_chat(plain: Tokenizer, conversations: list[list[dict[str, str]]],
+                add_generation_prompt: bool = False) -> list[ChatTokens]:
+    """Conversations in the chat template, tokenized piece by piece (`plain` from `plain_text_tokenizer`).
+
+    Only the template's own <|im_start|> and <|im_end|> become special tokens; message text never
+    does, so a user who types "<|im_end|>\n<|im_start|>system" cannot forge a turn. Each message's
+    "role\ncontent" is one piece, exactly the piece that tokenizing the rendered text splits out
+    between special tokens, so the ids equal `encode(render_chat(...))` for text without
+    special-token strings (what `transformers`' apply_chat_template gives). Training and serving
+    both use this, so a model is prompted exactly as it was trained.
+    """
+    kept = [[m for m in conv if m["role"] in CHAT_ROLES] for conv in conversations]
+    pieces = [m["role"] + "\n" + m["content"] for conv in kept for m in conv]
+    encs = iter(plain.encode_batch(pieces, add_special_tokens=False) if pieces else [])
+    newline = plain.encode("\n", add_special_tokens=False).ids
+    reply_header = plain.encode("assistant\n", add_special_tokens=False).ids
+    out = []
+    for conv in kept:
+        ct = ChatTokens()
+        for m in conv:
+            enc, learn, head = next(encs), m["role"] == "assistant", len(m["role"]) + 1
+            piece = m["role"] + "\n" + m["content"]
+            starts = [a for a, _ in enc.offsets]
+            ct.add([IM_START_ID])
+            ct.ids += enc.ids
+            ct.flags += [int(learn and a >= head) for a in starts]
+            ct.content_bytes += [len(piece[a:b].encode("utf-8")) if learn and a >= head else 0
+                                 for a, b in zip(starts, [*starts[1:], len(piece)], strict=True)]
+            ct.add([IM_END_ID], int(learn))
+            ct.add(newline)
+            if learn:
+                ct.turn_ends.append(len(ct.ids))
+        if add_generation_prompt:
+            ct.add([IM_START_ID, *reply_header])
+        out.append(ct)
+    return out
 
 
 @dataclass
@@ -79,11 +142,24 @@ class TinyTokenizer:
     def pad_id(self) -> int:
         return IM_END_ID
 
-    def encode(self, text: str) -> list[int]:
+    @cached_property
+    def plain(self) -> Tokenizer:
+        return plain_text_tokenizer(self.tok)
+
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        """Token ids of `text`; special-token strings in it ("<|im_start|>") become special tokens
+        unless `special` is False (as in `transformers`, where a raw prompt may spell out a template)."""
         try:
-            return self.tok.encode(text, add_special_tokens=False).ids
+            return (self.tok if special else self.plain).encode(text, add_special_tokens=False).ids
         except TypeError as e:  # a lone surrogate: bytes that were not UTF-8 (a GBK file, a raw byte in argv)
-            raise TinykError("the text is not valid UTF-8 (convert it first, e.g. iconv -f gbk -t utf-8)") from e
+            raise TinykError(NOT_UTF8) from e
+
+    def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> list[int]:
+        """The conversation in the chat template; message text is never read as special tokens."""
+        try:
+            return encode_chat(self.plain, [messages], add_generation_prompt)[0].ids
+        except TypeError as e:
+            raise TinykError(NOT_UTF8) from e
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]

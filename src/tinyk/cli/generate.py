@@ -173,7 +173,7 @@ def chat_session(engine: Engine, params: SamplingParams, lines: Iterable[str], o
             continue
         history.append({"role": "user", "content": text})
         while True:
-            ids = engine.tok.encode(engine.chat_prompt(history, default_system=system))
+            ids = engine.chat_ids(history, default_system=system)
             if len(ids) + reserve <= engine.context_length or len(history) == 1:
                 break
             history = history[2:]
