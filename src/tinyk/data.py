@@ -186,7 +186,7 @@ def _encode_sft(job: _Job, convs: list[tuple[str, list[dict[str, str]]]]) -> _En
         toks.append(np.asarray(chat.ids[:cut], job.dtype))
         masks.append(mask[:cut])
         lengths.append(cut)
-        nbytes.append(sum(chat.content_bytes[:cut]))
+        nbytes.append(chat.answer_bytes(cut))
     batch = _Batch(np.concatenate(toks) if toks else np.empty(0, job.dtype), np.array(lengths, np.int64),
                    np.array(nbytes, np.int64), np.concatenate(masks) if masks else np.empty(0, np.uint8))
     return batch, skipped, truncated

@@ -7,6 +7,7 @@ gives the same ids.
 
 from __future__ import annotations
 
+import bisect
 import json
 import time
 from dataclasses import dataclass, field
@@ -68,17 +69,27 @@ def plain_text_tokenizer(tok: Tokenizer) -> Tokenizer:
 
 @dataclass
 class ChatTokens:
-    """One conversation in the chat template, as token ids with what training needs to know of each."""
+    """One conversation in the chat template, as token ids with what training needs to know of them."""
 
     ids: list[int] = field(default_factory=list)
     flags: list[int] = field(default_factory=list)  # 1 on assistant content and the <|im_end|> closing its turn
-    content_bytes: list[int] = field(default_factory=list)  # UTF-8 bytes of assistant content each token starts
     turn_ends: list[int] = field(default_factory=list)  # token index just past each assistant turn
+    # Per assistant turn: its first content token, where each content token starts in the text, the text.
+    answers: list[tuple[int, list[int], str]] = field(default_factory=list)
 
     def add(self, ids: list[int], flag: int = 0) -> None:
         self.ids += ids
         self.flags += [flag] * len(ids)
-        self.content_bytes += [0] * len(ids)
+
+    def answer_bytes(self, cut: int) -> int:
+        """UTF-8 bytes of assistant text in the first `cut` tokens (the source size behind bits per byte)."""
+        total = 0
+        for first, starts, text in self.answers:
+            if cut <= first:
+                break
+            n = cut - first
+            total += len((text if n >= len(starts) else text[:starts[n]]).encode("utf-8"))
+        return total
 
 
 def encode_chat(plain: Tokenizer, conversations: list[list[dict[str, str]]],
@@ -101,14 +112,18 @@ def encode_chat(plain: Tokenizer, conversations: list[list[dict[str, str]]],
     for conv in kept:
         ct = ChatTokens()
         for m in conv:
-            enc, learn, head = next(encs), m["role"] == "assistant", len(m["role"]) + 1
-            piece = m["role"] + "\n" + m["content"]
-            starts = [a for a, _ in enc.offsets]
+            enc, learn = next(encs), m["role"] == "assistant"
             ct.add([IM_START_ID])
-            ct.ids += enc.ids
-            ct.flags += [int(learn and a >= head) for a in starts]
-            ct.content_bytes += [len(piece[a:b].encode("utf-8")) if learn and a >= head else 0
-                                 for a, b in zip(starts, [*starts[1:], len(piece)], strict=True)]
+            if learn:
+                # Tokens that start inside the content learn; the "assistant\n" header's do not.
+                head = len("assistant\n")
+                starts = [a for a, _ in enc.offsets]
+                k = bisect.bisect_left(starts, head)
+                ct.answers.append((len(ct.ids) + k, [a - head for a in starts[k:]], m["content"]))
+                ct.ids += enc.ids
+                ct.flags += [0] * k + [1] * (len(starts) - k)
+            else:
+                ct.add(enc.ids)
             ct.add([IM_END_ID], int(learn))
             ct.add(newline)
             if learn:
