@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -155,6 +156,14 @@ def test_plan_seed_215m_on_4_a100(capsys):
     for label in ("weights (fp32)", "gradients (fp32)", "optimizer state", "activations at", "peak",
                   "largest micro-batch that fits", "tokens/s per GPU", "GPU-hours", "cost", "A100-hours"):
         assert label in out
+
+
+def test_plan_text_says_more_when_slower_and_names_fp32_copies(capsys):
+    code, out, _ = run_cli(["plan", "--preset", "seed-215m", "--gpu", "rtx3090", "--micro-batch", "16"], capsys)
+    hours = float(re.search(r"this plan: ([0-9.]+) RTX3090-hours \(([0-9.]+)x more\)", out).group(1))
+    assert code == 0 and hours > 104
+    code, out, _ = run_cli(["plan", "--preset", "seed-215m", "--gpu", "h100", "--dtype", "fp32"], capsys)
+    assert "fp32 fused q/k/v and gate/up weights" in out and "autocast" not in out
 
 
 def test_plan_from_config_file_and_flags(tmp_path, capsys):

@@ -429,7 +429,7 @@ def test_a_damaged_checkpoint_is_named_with_the_way_out(tmp_path, pt_data, tok_d
         with pytest.raises(TinykError, match=f"checkpoint {newest} is damaged .*; delete it to resume from the one "
                                              f"before, or start over with --force") as e:
             train(nano_cfg(pt_data, tok_dir, out, max_steps=6), resume=True)
-        assert "\n" not in str(e.value)
+        assert "\n" not in str(e.value) and "weights_only" not in str(e.value)  # torch's advice is unsafe here
         shutil.rmtree(newest)
         shutil.copytree(copy, newest)
 

@@ -214,7 +214,7 @@ class Memory:
     weights: float
     gradients: float
     optimizer: float
-    weight_copies: float  # bf16 casts of the weights that autocast keeps for backward
+    weight_copies: float  # weights as the matmuls saw them: autocast's bf16 casts, or fp32 q/k/v, gate/up concatenations
     buffers: float  # DDP gradient buckets, or FSDP's unsharded blocks in flight
     activations: float  # everything batch-proportional at the peak phase
     gradients_at_peak: float
@@ -455,6 +455,13 @@ def _shape(cfg: ModelConfig) -> tuple[int, ...]:
     return cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.hidden_dim, cfg.vocab_size
 
 
+def _ratio(tutorial_hours: float, plan_hours: float) -> str:
+    """'3.3x fewer' or, when the plan takes longer than the tutorial, '1.5x more'."""
+    if plan_hours <= tutorial_hours:
+        return f"{tutorial_hours / plan_hours:.1f}x fewer"
+    return f"{plan_hours / tutorial_hours:.1f}x more"
+
+
 def _amount(x: float) -> str:
     """Hours as 9.2 or 1,234.5, and small ones with two significant digits (0.021) instead of 0.0."""
     return f"{x:,.1f}" if x >= 0.95 else f"{x:.2g}"
@@ -496,7 +503,8 @@ def format_plan(p: dict[str, Any]) -> str:
         _row("optimizer state (AdamW m, v fp32)", mem["optimizer"]),
     ]
     if mem["weight_copies"]:
-        lines.append(_row("bf16 weight copies (autocast)", mem["weight_copies"],
+        what = "fp32 fused q/k/v and gate/up weights" if r["dtype"] == "fp32" else "bf16 weight copies (autocast)"
+        lines.append(_row(what, mem["weight_copies"],
                           "   freed after the forward" if ck else ""))
     if mem["buffers"]:
         lines.append(_row("FSDP unsharded blocks in flight" if r["parallel"] == "fsdp" else "DDP gradient buckets",
@@ -529,10 +537,10 @@ def format_plan(p: dict[str, Any]) -> str:
     if "tutorial" in p:
         tut = p["tutorial"]
         line = (f"tutorial     {tut['gpus']} x A100 for {tut['hours']:g} h = {tut['gpu_hours']:g} A100-hours; this plan: "
-                f"{_amount(tm['gpu_hours'])} {g['key'].upper()}-hours ({tut['gpu_hours'] / tm['gpu_hours']:.1f}x fewer)")
+                f"{_amount(tm['gpu_hours'])} {g['key'].upper()}-hours ({_ratio(tut['gpu_hours'], tm['gpu_hours'])})")
         if g["key"] != "a100":
             line += (f"; on A100 at MFU {tut['a100_mfu']:.0%}{' (assumed)' if tut['a100_mfu_source'] == ASSUMED else ''}"
-                     f": {tut['a100_hours']:.1f} A100-hours ({tut['gpu_hours'] / tut['a100_hours']:.1f}x fewer)")
+                     f": {tut['a100_hours']:.1f} A100-hours ({_ratio(tut['gpu_hours'], tut['a100_hours'])})")
         lines.append(line)
     if not p["fits"]:
         fixes = []

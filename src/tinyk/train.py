@@ -469,6 +469,14 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def _load_pt(path: Path) -> Any:
+    """A checkpoint's .pt file, tensors and plain data only (never code)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's own text advises weights_only=False: wrong for a damaged file
+        raise ValueError(f"{path.name} is not a complete PyTorch file") from e
+
+
 def _export(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> Transformer:
     """A plain CPU model around a full state dict (gathered from DDP or FSDP), for writing model files."""
     with torch.device("meta"):
@@ -772,14 +780,14 @@ class Trainer:
         if state["kind"] != self.cfg.kind:
             raise TinykError(f"{path} is a {state['kind']} checkpoint, not {self.cfg.kind}")
         fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.opt.param_groups]
-        optim_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        optim_state = _load_pt(path / "optimizer.pt")
         set_optimizer_state_dict(self.model, self.opt, optim_state,
                                  options=StateDictOptions(full_state_dict=self.fsdp))
         # Hyper-parameters and kernel choices come from this run's config and device, state from the file.
         for g, f in zip(self.opt.param_groups, fresh, strict=True):
             g.update(f)
         self.loader.load_state_dict(state["loader"])
-        extra = torch.load(path / "rng.pt", weights_only=True)
+        extra = _load_pt(path / "rng.pt")
         ranks = extra["ranks"]
         if len(ranks) == self.dist.world:
             _set_rng_state(ranks[self.dist.rank], self.device)
