@@ -125,6 +125,15 @@ def test_training_budget_from_a_throughput_probe(tmp_path, pt_data, tok_dir):
     assert steps_for(-5, 2.0) == 10
 
 
+def test_timed_runs_are_bounded_by_the_clock_and_epochs_not_the_presets_step_cap(tmp_path, sft_data):
+    from tinyk.demo import training_config
+
+    cfg = replace(DemoConfig(), preset="tiny")
+    timed = training_config("sft", cfg, data=sft_data, out=tmp_path / "r", steps=100, minutes=5.0)
+    assert timed.max_steps is None and timed.epochs == cfg.max_epochs and timed.max_minutes == 5.0
+    assert training_config("sft", cfg, data=sft_data, out=tmp_path / "r", steps=100).max_steps == 100
+
+
 def test_sft_is_timed_on_its_own_batches(tmp_path, sft_data, nano_model_dir):
     from tinyk.demo import step_rates, training_config
 

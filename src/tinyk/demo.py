@@ -131,7 +131,9 @@ def training_config(kind: str, cfg: DemoConfig, *, data: Path, out: Path, steps:
         "eval_batches": cfg.eval_batches, "save_every": 0, "log_every": max(1, min(10, steps // 10)),
         "progress": show_progress, "model": cfg.model if pre else {}, "compile": compile,
     }
-    return resolve_config(kind, preset=cfg.preset, flags=flags)
+    # A timed run is bounded by the clock and max_epochs only: the preset's step cap (tiny: 500 SFT
+    # steps) would end it minutes early on a fast machine.
+    return resolve_config(kind, preset=cfg.preset, flags=flags, sets=["max_steps=null"] if minutes else [])
 
 
 def step_rates(tcfgs: Sequence[Any], seconds: float, threads: Sequence[int] | None = None,
