@@ -60,7 +60,7 @@ class DemoConfig:
     max_new_tokens: int = 32
     dtype: str = "probe"
     probe_s: float = 4.0  # timed seconds per throughput-probe candidate
-    # torch.compile for pretraining (1.46x on 2 cores, 35-45 s to compile) if it gets compile_min_s or more.
+    # torch.compile for pretraining (1.45x on 2 cores, 23-45 s to compile) if it gets compile_min_s or more.
     compile: bool = True
     compile_min_s: float = 120.0
     max_epochs: float = 4.0  # caps each time-budgeted run on a machine fast enough for more
