@@ -141,6 +141,9 @@ def test_bad_records_are_skipped_counted_and_located(tmp_path, tok_dir):
         f.write(b"[1, 2]\n")                                      # 8 not an object
         f.write(json.dumps({"text": good[1]}, ensure_ascii=False).encode() + b"\n")
         f.write(b'{"text": "also malformed"\n')                  # 10
+        f.write(b'{"text": "lone \\ud800 surrogate"}\n')         # 11 escaped, valid JSON, not UTF-8 text
+        f.write(b'{"text": ' + b"[" * 5000 + b"]" * 5000 + b"}\n")  # 12 nested too deep to parse
+        f.write(b'{"text": "emoji \\ud83d\\ude00 pair"}\n')        # 13 fine: a pair is one character
     tracemalloc.start()
     try:
         meta = prepare_pretrain([bad], tok_dir, tmp_path / "out", **QUIET)
@@ -149,12 +152,13 @@ def test_bad_records_are_skipped_counted_and_located(tmp_path, tok_dir):
         tracemalloc.stop()
     assert peak < 40 * 2**20, f"a 50 MB line must not be held whole (peak {peak / 2**20:.0f} MiB)"
     sk = meta["skipped"]
-    assert sk["by_reason"] == {"malformed_json": 2, "missing_field": 2, "not_string": 1, "empty": 1,
-                               "invalid_utf8": 1, "line_too_long": 1}
-    assert sk["first"]["malformed_json"] == ["bad.jsonl:2", "bad.jsonl:10"]
+    assert sk["by_reason"] == {"malformed_json": 3, "missing_field": 2, "not_string": 1, "empty": 1,
+                               "invalid_utf8": 2, "line_too_long": 1}
+    assert sk["first"]["malformed_json"] == ["bad.jsonl:2", "bad.jsonl:10", "bad.jsonl:12"]
     assert sk["first"]["missing_field"] == ["bad.jsonl:3", "bad.jsonl:8"]
-    assert sk["first"]["line_too_long"] == ["bad.jsonl:7"] and sk["first"]["invalid_utf8"] == ["bad.jsonl:6"]
-    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 2
+    assert sk["first"]["line_too_long"] == ["bad.jsonl:7"]
+    assert sk["first"]["invalid_utf8"] == ["bad.jsonl:6", "bad.jsonl:11"]
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 3
     assert bad.stat().st_size > 50 * 2**20  # input untouched
 
 

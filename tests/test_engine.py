@@ -233,6 +233,29 @@ def test_scheduler_serves_callers_and_cancels(engine, reference):
         sched.close()
 
 
+def test_a_failing_hook_or_prefill_never_strands_a_caller(engine, reference, monkeypatch, capsys):
+    """The engine thread outlives a logging hook that raises, and a prefill that fails ends every
+    request it admitted with the error instead of leaving callers waiting."""
+    def broken_hook(req):
+        raise RuntimeError("log disk full")
+
+    sched = Scheduler(engine, on_finish=broken_hook)
+    try:
+        first = sched.submit(PROMPTS[0], GREEDY)
+        assert "".join(first.deltas(timeout=60)) == engine.tok.decode(reference[0])
+        assert "on_finish failed: RuntimeError: log disk full" in capsys.readouterr().err
+        with monkeypatch.context() as m:
+            m.setattr("tinyk.engine._Batch.add", lambda self, reqs: (_ for _ in ()).throw(MemoryError("prefill")))
+            failed = [sched.submit(p, GREEDY) for p in PROMPTS]
+            for r in failed:
+                list(r.deltas(timeout=60))
+            assert {(r.finish_reason, r.error) for r in failed} == {("error", "generation failed: MemoryError: prefill")}
+        again = sched.submit(PROMPTS[1], GREEDY)
+        assert "".join(again.deltas(timeout=60)) == engine.tok.decode(reference[1])
+    finally:
+        sched.close()
+
+
 def test_engine_forward_is_the_models_forward(engine):
     """The engine's restated forward pass gives the model's logits bit for bit, padding and cache included."""
     x = torch.tensor([[4, 4, 10, 11, 12], [20, 21, 22, 23, 24]])

@@ -228,7 +228,7 @@ LONG = "".join(chr(0x4E00 + 37 * i) for i in range(200))  # rare characters: sev
      "stream_options", "invalid_value"),
     ("/v1/completions", {"model": "nano", "prompt": "hi", "stream": True, "stream_options": {"include_usage": "yes"}},
      400, "include_usage", "invalid_type"),
-    ("/v1/completions", {"model": "nano", "prompt": "hi", "seed": 2**64}, 400, "seed", "invalid_value"),
+    ("/v1/completions", {"model": "nano", "prompt": "hi", "seed": 2**63}, 400, "seed", "invalid_value"),
     ("/v1/completions", b'{"model": "nano", "prompt": "hi", "seed": ' + b"9" * 5000 + b"}", 400, None, "invalid_json"),
     ("/v1/completions", b"[" * 20000, 400, None, "invalid_json"),
     ("/v1/completions", b'{"model": "nano", "prompt": "' + b"a" * MAX_BODY + b'"}', 413, None, "request_too_large"),

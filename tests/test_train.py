@@ -609,3 +609,14 @@ def test_what_a_killed_write_leaves_never_locks_a_run(tmp_path, pt_data, tok_dir
     (out / "metrics.jsonl").write_text("\n".join([lines[0], "{damaged", *lines[1:]]) + "\n")
     with pytest.raises(TinykError, match=r"metrics.jsonl line 2 is damaged .*; repair or delete that line"):
         train(nano_cfg(pt_data, tok_dir, out, max_steps=4), resume=True)
+
+
+def test_an_sft_run_resumes_only_with_its_batch_size(tmp_path, sft_data, nano_model_dir):
+    """SFT's conversation order depends on the global batch (steps are shuffled whole), so another
+    --batch-size on resume would repeat some conversations and skip others: refused, saying why."""
+    out = tmp_path / "sft"
+    cfg = dict(kind="sft", init=str(nano_model_dir), model={}, seq_len=64, save_every=1)
+    train(nano_cfg(sft_data, None, out, max_steps=2, **cfg))
+    with pytest.raises(TinykError, match="saved with batch_size 8; resume it with the same batch size"):
+        train(nano_cfg(sft_data, None, out, max_steps=3, batch_size=4, **cfg), resume=True)
+    assert train(nano_cfg(sft_data, None, out, max_steps=3, **cfg), resume=True)["steps"] == 3

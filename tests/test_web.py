@@ -154,7 +154,7 @@ def chat_in_page(engine: Engine, tmp_path, messages: list[str], max_tokens: int 
 
 
 def greedy_chat(engine: Engine, history: list[dict], max_new_tokens: int):
-    prompt = engine.chat_prompt(history, default_system=DEFAULT_SYSTEM_PROMPT)
+    prompt = engine.chat_ids(history, default_system=DEFAULT_SYSTEM_PROMPT)
     return engine.generate([prompt], replace(DEFAULTS, temperature=0.0, max_new_tokens=max_new_tokens))[0]
 
 
@@ -172,24 +172,26 @@ def test_the_chat_page_streams_a_reply(nano_model_dir, tmp_path):
 
 
 def test_the_chat_page_forgets_old_turns_to_fit_the_context(nano_model_dir, tmp_path):
-    """A conversation longer than the model's window goes on, as in `tinyk chat`; an empty max tokens
-    field leaves the budget to the server (a fixed 256 was refused outright by 256-token models)."""
+    """A conversation longer than the model's window goes on, as in `tinyk chat`: old turns are
+    dropped until the reply has half the window (the page's default budget; a fixed 256 was refused
+    outright by 256-token models), and one message too long for that gets whatever room is left."""
     engine = Engine.from_dir(nano_model_dir)
     long = "今天天气很好，我们一起去公园散步吧。" * 3
     messages = [long + str(i) for i in range(3)]
-    ids = engine.tok.encode(engine.chat_prompt([{"role": "user", "content": long}] * 3,
-                                               default_system=DEFAULT_SYSTEM_PROMPT))
+    ids = engine.chat_ids([{"role": "user", "content": long}] * 3, default_system=DEFAULT_SYSTEM_PROMPT)
     assert len(ids) > engine.context_length, "the test needs a conversation longer than the window"
     result = chat_in_page(engine, tmp_path, messages, max_tokens=None)
     assert result["errors"] == [] and len(result["replies"]) == 3
     assert result["notes"] and all("forgot the oldest turn" in n for n in result["notes"])
     # The replies equal the engine's on the history the page kept, which always ends with the newest message.
     history: list[dict] = []
+    budget = engine.context_length // 2
     for message, reply in zip(messages, result["replies"], strict=True):
         history.append({"role": "user", "content": message})
-        while len(engine.tok.encode(engine.chat_prompt(history, default_system=DEFAULT_SYSTEM_PROMPT))) \
-                >= engine.context_length:
+        while len(engine.chat_ids(history, default_system=DEFAULT_SYSTEM_PROMPT)) + budget > engine.context_length \
+                and len(history) > 1:
             history = history[2:]
-        want = greedy_chat(engine, history, DEFAULTS.max_new_tokens)
+        fits = len(engine.chat_ids(history, default_system=DEFAULT_SYSTEM_PROMPT)) + budget <= engine.context_length
+        want = greedy_chat(engine, history, budget if fits else DEFAULTS.max_new_tokens)
         assert reply["text"] == want.text and reply["finish"] == want.finish_reason
         history.append({"role": "assistant", "content": reply["text"]})

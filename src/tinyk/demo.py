@@ -472,13 +472,15 @@ def transformers_check(model_dir: Path, engine: Any, max_new_tokens: int = 24) -
     hf_tok = AutoTokenizer.from_pretrained(model_dir)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     messages = [{"role": "user", "content": CHAT_SAMPLES[0]}]
-    prompt = engine.chat_prompt(messages)
-    ids = hf_tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    # transformers' own chat template against the ids tinyk prompts with (and trains SFT on).
+    ids = torch.tensor([hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                   return_dict=False)])
+    prompt_ids = engine.chat_ids(messages)
     with torch.no_grad():
         gen = hf.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
     hf_ids = gen[0, ids.shape[1]:].tolist()
-    ours = engine.generate([prompt], greedy_params(max_new_tokens))[0].token_ids
-    return {"ok": hf_ids == ours, "prompt_ids_equal": ids[0].tolist() == engine.encode(prompt),
+    ours = engine.generate([prompt_ids], greedy_params(max_new_tokens))[0].token_ids
+    return {"ok": hf_ids == ours and ids[0].tolist() == prompt_ids, "prompt_ids_equal": ids[0].tolist() == prompt_ids,
             "tokens_compared": len(ours), "transformers_class": type(hf).__name__}
 
 

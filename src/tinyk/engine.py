@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import queue
 import random
+import sys
 import threading
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
@@ -731,7 +732,10 @@ class Scheduler:
             except Exception as e:  # noqa: BLE001 - reported to every affected caller instead
                 message = f"generation failed: {type(e).__name__}: {e}"
                 events += batch.fail(message)
-                events += [(r, r.end("error", message)) for r in admit if not r.finished]
+                # Admitted requests the failure left without events (a failed `add` loses the text of
+                # those that finished inside it) end with the error too, so no caller waits forever.
+                ended = {r for r, _ in events}
+                events += [(r, r.end("error", message)) for r in admit if r not in ended]
             self.running = len(batch.rows)
             self._deliver(events)
 
@@ -744,9 +748,14 @@ class Scheduler:
         for r, delta in text.items():
             r.deliver(delta)
             if r.finished:
-                self.finished[r.finish_reason] += 1
+                with self._cv:
+                    self.finished[r.finish_reason] += 1
                 if self.on_finish is not None:
-                    self.on_finish(r)
+                    try:
+                        self.on_finish(r)
+                    except Exception as e:  # noqa: BLE001 - a logging hook must not stop the engine thread
+                        sys.stderr.write(f"tinyk: on_finish failed: {type(e).__name__}: {e}\n")
 
     def stats(self) -> dict:
-        return {"running": self.running, "waiting": len(self._waiting), "finished": dict(self.finished)}
+        with self._cv:
+            return {"running": self.running, "waiting": len(self._waiting), "finished": dict(self.finished)}

@@ -284,9 +284,29 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
             if not s.strip():
                 continue
             try:
-                yield where, json.loads(s)
-            except json.JSONDecodeError:
+                rec = json.loads(s)
+            except (ValueError, RecursionError):  # bad JSON, a 5000-digit number, nesting 1000 deep
                 skips.add("malformed_json", where)
+                continue
+            if _SURROGATE_ESCAPE.search(s) and _has_surrogate(rec):
+                skips.add("invalid_utf8", where)  # an escaped lone surrogate: no UTF-8 text holds one
+                continue
+            yield where, rec
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _has_surrogate(obj: Any) -> bool:
+    """Whether a parsed JSON value holds a lone surrogate ("\\ud800"); escaped pairs decode to one character."""
+    if isinstance(obj, str):
+        return _SURROGATE.search(obj) is not None
+    if isinstance(obj, dict):
+        return any(_has_surrogate(k) or _has_surrogate(v) for k, v in obj.items())
+    if isinstance(obj, list):
+        return any(_has_surrogate(v) for v in obj)
+    return False
 
 
 def _iter_parquet(path: Path) -> Iterator[tuple[str, dict, int]]:

@@ -3,7 +3,8 @@
 All ranks compute the same global sample order (a seeded permutation per epoch) and keep the
 same global cursor; each call consumes one group of `micro_batch * world_size` samples and
 rank r takes the r-th slice. The cursor is therefore independent of how the global batch is
-divided, so a run can resume with another world size and the same sample stream.
+divided, so a run can resume with another world size and the same sample stream (SFT's order
+also depends on the global batch size, which a resume must keep).
 """
 
 from __future__ import annotations
@@ -282,6 +283,16 @@ class SFTLoader(_Loader):
         steps = order[head:head + n_steps * self.batch_size].reshape(n_steps, self.batch_size)
         shuffled = steps[np.random.default_rng((self.seed, epoch, 1)).permutation(n_steps)]
         return np.concatenate([order[:head], shuffled.ravel(), order[head + n_steps * self.batch_size:]])
+
+    def state_dict(self) -> dict[str, int]:
+        return {**super().state_dict(), "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("batch_size", self.batch_size)
+        if saved != self.batch_size:
+            raise TinykError(f"this SFT run was saved with batch_size {saved}; resume it with the same batch size "
+                             f"(the order of its conversations depends on it), or start over with --force")
+        super().load_state_dict(state)
 
 
 def eval_batches(data_dir: str | Path, split: str, seq_len: int, micro_batch: int, max_batches: int | None = None,

@@ -90,7 +90,7 @@ def _get(body: dict, name: str, kind: str, default: Any = _MISSING) -> Any:
 
 def _in_range(name: str, value: float | None, lo: float, hi: float) -> None:
     if value is not None and not lo <= value <= hi:
-        raise ApiError(400, f"'{name}' must be between {lo:g} and {hi:g}, got {value}", param=name,
+        raise ApiError(400, f"'{name}' must be between {lo} and {hi}, got {value}", param=name,
                        code="invalid_value")
 
 
@@ -160,7 +160,7 @@ class Api:
             raise ApiError(400, "only 'response_format' {\"type\": \"text\"} is supported", param="response_format",
                            code="invalid_value")
         seed = _get(body, "seed", "integer", d.seed)
-        _in_range("seed", seed, -2**63, 2**64 - 1)
+        _in_range("seed", seed, -2**63, 2**63 - 1)  # int64, as OpenAI's; each maps to its own stream
         try:
             return replace(d, temperature=float(temperature), top_p=float(top_p), top_k=max(top_k, 0),
                            min_p=float(min_p), repetition_penalty=float(penalty),

@@ -550,7 +550,7 @@ class Trainer:
         try:
             self._setup_model()
             self.monitor = self._make_monitor() if self.dist.main else None
-            if self.dist.main:  # only now: a refused or failed start leaves an existing run's config as it was
+            if self.dist.main and not fresh:  # only now: a refused resume leaves the run's config as it was
                 (self.out / "config.yaml").write_text(dump_config(self.cfg), encoding="utf-8")
         except BaseException:
             # A new run that fails to start (a missing tracker package, unloadable weights) leaves
@@ -635,6 +635,8 @@ class Trainer:
                 shutil.rmtree(out)
             (out / "checkpoints").mkdir(parents=True, exist_ok=True)
             _clean_partial(out)
+            if not exists or not self.resume:  # a new run: its directory is a run's from the start
+                (out / "config.yaml").write_text(dump_config(self.cfg), encoding="utf-8")
         self.dist.barrier()
         return not exists or not self.resume
 
