@@ -440,3 +440,11 @@ def test_a_failed_step_is_a_500_and_the_server_goes_on(served, client, reference
         list(chunks)
     r = client.completions.create(model="nano", prompt="天气", max_tokens=5, temperature=0)
     assert r.choices[0].text == expected_completion(reference, "天气", 5).text
+
+
+def test_a_server_that_never_served_closes(nano_model_dir):
+    server = ChatServer(Engine.from_dir(nano_model_dir), ServerConfig(model_name="nano", log=False), port=0)
+    closer = threading.Thread(target=server.close, daemon=True)
+    closer.start()
+    closer.join(timeout=30)
+    assert not closer.is_alive(), "close() waited for a serve_forever that never ran"

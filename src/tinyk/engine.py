@@ -49,11 +49,14 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """'auto' is bf16 on CUDA and fp32 on CPU (where bf16 matmuls are not reliably faster)."""
+    """'auto' is bf16 on CUDA (fp16 on cards without bf16, e.g. V100 and T4) and fp32 on CPU (where
+    bf16 matmuls are not reliably faster)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype is None or dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if dtype not in DTYPES:
         raise TinykError(f"unknown dtype {dtype!r} (use auto, {', '.join(DTYPES)})")
     return DTYPES[dtype]
@@ -629,8 +632,6 @@ class Engine:
         for _, delta in self.run([self.request(prompt, params or SamplingParams())]):
             yield delta
 
-    def stream_chat(self, messages: list[dict], params: SamplingParams | None = None) -> Iterator[str]:
-        return self.stream(self.chat_ids(messages), params)
 
     # -- sampling -----------------------------------------------------------------------
 

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from .files import Skips, TinykError, iter_records
 from .model import Transformer
@@ -38,6 +37,8 @@ def eval_data(model: Transformer, model_dir: str | Path, data_dir: str | Path, *
               seq_len: int | None = None, batch_size: int = 8, max_batches: int | None = None) -> dict[str, Any]:
     """Mean token loss over a prepared split (all of it unless `max_batches`), as loss, perplexity, bits/byte."""
     from .data import bytes_per_token, eval_batches, open_dataset
+    from .loader import IGNORE
+    from .train import loss_sum
 
     meta = open_dataset(data_dir)
     if meta["tokenizer_hash"] != tokenizer_hash(model_dir):
@@ -51,9 +52,8 @@ def eval_data(model: Transformer, model_dir: str | Path, data_dir: str | Path, *
     total, count = 0.0, 0
     for x, y in eval_batches(data_dir, split, seq_len, batch_size, max_batches):
         x, y = x.to(device), y.to(device)
-        logits, _ = model(x)
-        total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum").item()
-        count += int((y != -100).sum())
+        total += loss_sum(model, x, y).item()
+        count += int((y != IGNORE).sum())
     if count == 0:
         raise TinykError(f"{data_dir}: split {split!r} has no tokens to evaluate")
     loss = total / count
@@ -260,13 +260,14 @@ def choice_continuations(q: ChoiceQuestion, fmt: str) -> tuple[str, list[tuple[s
 @torch.no_grad()
 def continuation_logprobs(model: Transformer, tok: TinyTokenizer, pairs: list[tuple[str, str]],
                           batch_size: int = 16) -> list[float]:
-    """Sum of log-probabilities of each continuation after its context (BOS first, as in pretraining)."""
+    """Sum of log-probabilities of each continuation after its context (BOS first and text as plain
+    text, as in pretraining)."""
     device = next(model.parameters()).device
     ctx_len = model.config.max_seq_len
     seqs = []
     for context, cont in pairs:
-        c_ids = tok.encode(cont)[: ctx_len - 1]
-        p_ids = ([tok.bos_id] + tok.encode(context))[-(ctx_len - len(c_ids)):]
+        c_ids = tok.encode(cont, special=False)[: ctx_len - 1]
+        p_ids = ([tok.bos_id] + tok.encode(context, special=False))[-(ctx_len - len(c_ids)):]
         seqs.append((p_ids + c_ids, len(c_ids)))
     out = []
     for start in range(0, len(seqs), batch_size):
@@ -364,7 +365,7 @@ def _pct(x: float) -> str:
 
 
 def table_rows(results: dict[str, Any]) -> Iterator[tuple[str, str, str]]:
-    """(metric, score, baseline) rows shared by the terminal table and the demo's report."""
+    """(metric, score, baseline) rows of `tinyk eval`'s table."""
     for d in results.get("data", []):
         name = f"{Path(d['data']).name}/{d['split']}"
         yield f"{name} loss", f"{d['loss']:.4f}", ""

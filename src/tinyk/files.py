@@ -386,7 +386,11 @@ def atomic_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path
         if out.exists():
             old = out.with_name(f".{out.name}.old-{_host()}-{os.getpid()}")
             os.replace(out, old)
-            os.replace(tmp, out)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old, out)  # the earlier output stays where it was
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)

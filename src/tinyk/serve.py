@@ -190,7 +190,7 @@ class Api:
             raise ApiError(400, "'prompt' must be a string or a list of token ids", param="prompt", code="invalid_type")
         return self.prompt_ids(prompt, "prompt", bos=True)  # text starts a document, as in `tinyk generate`
 
-    def chat_prompt(self, body: dict) -> list[int]:
+    def chat_ids(self, body: dict) -> list[int]:
         messages = _get(body, "messages", "array")
         if not messages:
             raise ApiError(400, "'messages' must contain at least one message", param="messages", code="invalid_value")
@@ -227,7 +227,7 @@ class Api:
     def submit(self, body: dict, chat: bool) -> tuple[Request, bool, bool]:
         """Validates everything before anything is queued; returns (request, stream, include_usage)."""
         self.check_model(body)
-        ids = self.chat_prompt(body) if chat else self.completion_prompt(body)
+        ids = self.chat_ids(body) if chat else self.completion_prompt(body)
         params = self.sampling(body, len(ids))
         stream = _get(body, "stream", "boolean", False)
         options = _get(body, "stream_options", "object", {})
@@ -375,7 +375,7 @@ class Handler(BaseHTTPRequestHandler):
     do_HEAD = do_GET
 
     def do_POST(self) -> None:
-        path = self.path.split("?", 1)[0]
+        path = urllib.parse.unquote(self.path.split("?", 1)[0])
         self.unread_body = True
         try:
             if path not in ("/v1/completions", "/v1/chat/completions"):
@@ -486,6 +486,7 @@ class ChatServer(ThreadingHTTPServer):
 
     daemon_threads = True
     request_queue_size = 128
+    _serving = False
 
     def __init__(self, engine: Engine, cfg: ServerConfig, host: str = "127.0.0.1", port: int = 8000):
         if ":" in host:
@@ -505,12 +506,18 @@ class ChatServer(ThreadingHTTPServer):
 
     def start(self) -> threading.Thread:
         """Serves from a background thread (tests, notebooks)."""
+        self._serving = True
         t = threading.Thread(target=self.serve_forever, name="tinyk-http", daemon=True)
         t.start()
         return t
 
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        self._serving = True
+        super().serve_forever(poll_interval)
+
     def close(self) -> None:
-        self.shutdown()
+        if self._serving:  # shutdown() waits for serve_forever to return: forever, if it never ran
+            self.shutdown()
         self.server_close()
         self.api.close()
 

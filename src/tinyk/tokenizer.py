@@ -176,9 +176,6 @@ class TinyTokenizer:
         except TypeError as e:
             raise TinykError(NOT_UTF8) from e
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
-
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
 

@@ -38,6 +38,7 @@ from torch import nn
 
 from .checkpoint import check_compatible, is_model_dir, load_config, load_model, write_model_files
 from .files import TinykError, atomic_dir, check_output, write_json_atomic
+from .loader import IGNORE
 from .model import PRESETS, Attention, ModelConfig, Transformer
 from .monitor import TRACKERS, Monitor, Trackers, finite, peak_flops
 
@@ -45,7 +46,6 @@ KINDS = ("pretrain", "sft")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PARALLEL = ("ddp", "fsdp")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-IGNORE = -100
 CKPT_RE = re.compile(r"^step_(\d{7,})$")
 # Model fields that change parameter shapes, so they cannot differ from an --init model's.
 SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "multiple_of",
