@@ -239,6 +239,18 @@ def test_exact_match_stop_rate_and_majority_baseline(tmp_path):
     assert [s["correct"] for s in r["samples"]] == [True, False, False, True]
     r = eval_task(engine, task, system_prompt=None, limit=1)
     assert r["examples"] == 1 and engine.seen[-1] == "<|im_start|>user\n好评1<|im_end|>\n<|im_start|>assistant\n"
+    assert r["skipped"]["by_reason"] == {}  # the bad rows lie past the limit
+
+
+def test_the_majority_baseline_counts_alternative_answers(tmp_path):
+    """Always answering "负面" is right on all three rows, one of which also accepts "差": 100%, not 67%."""
+    task = write_task(tmp_path / "t.jsonl", [
+        {"messages": [{"role": "user", "content": "a"}], "answer": ["差", "负面"]},
+        {"messages": [{"role": "user", "content": "b"}], "answer": "负面"},
+        {"messages": [{"role": "user", "content": "c"}], "answer": "负面"},
+    ])
+    r = eval_task(ScriptedEngine({k: ("负面", "stop") for k in "abc"}), task)
+    assert r["accuracy"] == 1.0 and r["baseline"] == 1.0 and r["majority_answer"] == "负面"
 
 
 def test_task_errors(tmp_path):

@@ -26,6 +26,15 @@ def test_hidden_dim_rule():
     assert ModelConfig(dim=768, hidden_dim=1000).hidden_dim == 1000
 
 
+@pytest.mark.parametrize("shape,message", [
+    (dict(dim=90, n_heads=6, n_kv_heads=3), "head dimension dim / n_heads = 15 must be even"),  # RoPE pairs
+    (dict(dim=64, n_heads=6, n_kv_heads=3), "do not divide"),
+])
+def test_impossible_shapes_are_refused(shape, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(**{**preset_config("nano").to_dict(), **shape})
+
+
 @pytest.mark.parametrize("shape", [
     dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512),           # GQA
     dict(dim=48, n_layers=3, n_heads=4, n_kv_heads=1, vocab_size=517),           # MQA, odd vocab

@@ -83,8 +83,9 @@ def _valid_messages(msgs: Any) -> bool:
             and msgs[-1]["role"] == "user")
 
 
-def read_task(path: str | Path, skips: Skips, *, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT) -> list[TaskExample]:
-    """Reads {"messages": [..., user turn], "answer": str or [str, ...]} lines.
+def read_task(path: str | Path, skips: Skips, *, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+              limit: int | None = None) -> list[TaskExample]:
+    """Reads {"messages": [..., user turn], "answer": str or [str, ...]} lines (the first `limit` usable ones).
 
     `system_prompt` is added where a chat has none, as `tinyk data sft` does when training
     (None: chats are rendered exactly as given).
@@ -106,6 +107,8 @@ def read_task(path: str | Path, skips: Skips, *, system_prompt: str | None = DEF
         if system_prompt and msgs[0]["role"] != "system":
             msgs.insert(0, {"role": "system", "content": system_prompt})
         out.append(TaskExample(where, msgs, answers))
+        if len(out) == limit:  # skips past here are not this evaluation's
+            break
     if not out:
         raise TinykError(f"{path}: no usable examples ({skips.summary()})")
     return out
@@ -129,7 +132,7 @@ def eval_task(engine: Any, path: str | Path, *, batch_size: int = 32, max_new_to
 
     skips = Skips()
     examples, prompts = [], []
-    for ex in read_task(path, skips, system_prompt=system_prompt)[:limit]:
+    for ex in read_task(path, skips, system_prompt=system_prompt, limit=limit):
         try:
             prompts.append(engine.encode(engine.chat_ids(ex.messages)))
         except ContextLengthError:
@@ -155,7 +158,9 @@ def eval_task(engine: Any, path: str | Path, *, batch_size: int = 32, max_new_to
         if len(samples) < keep_samples:
             samples.append({"prompt": ex.messages[-1]["content"], "answer": ex.answers[0], "output": c.text,
                             "correct": ok, "finish_reason": c.finish_reason})
-    majority, majority_n = Counter(normalize_answer(ex.answers[0]) for ex in examples).most_common(1)[0]
+    # The one answer that, given every time, would be right most often (alternatives count).
+    majority, majority_n = Counter(a for ex in examples for a in {normalize_answer(x) for x in ex.answers}
+                                   ).most_common(1)[0]
     n = len(examples)
     return {"task": name or Path(path).stem, "file": str(path), "examples": n, "accuracy": correct / n,
             "stop_rate": stopped / n, "baseline": majority_n / n, "baseline_kind": "majority",
@@ -190,13 +195,13 @@ def _first_non_utf8_line(path: Path) -> int | None:
     return None
 
 
-def read_choice_csv(path: Path, skips: Skips) -> list[ChoiceQuestion]:
+def read_choice_csv(path: Path, skips: Skips, limit: int | None = None) -> list[ChoiceQuestion]:
     """One C-Eval (id,question,A..D,answer[,explanation]) or CMMLU (,Question,A..D,Answer) file.
 
     A file that is not UTF-8 text (a GBK export, a binary file) or not parseable CSV is one TinykError.
     """
     try:
-        return _read_choice_csv(path, skips)
+        return _read_choice_csv(path, skips, limit)
     except UnicodeDecodeError as e:
         lineno = _first_non_utf8_line(path)
         where = f"{path}:{lineno}" if lineno else str(path)
@@ -206,9 +211,10 @@ def read_choice_csv(path: Path, skips: Skips) -> list[ChoiceQuestion]:
         raise TinykError(f"{path}: malformed CSV ({e})") from e
 
 
-def _read_choice_csv(path: Path, skips: Skips) -> list[ChoiceQuestion]:
+def _read_choice_csv(path: Path, skips: Skips, limit: int | None = None) -> list[ChoiceQuestion]:
     with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
+        # strict: an unclosed quote is an error, not a field that silently swallows the rows after it
+        reader = csv.DictReader(f, strict=True)
         header = {h.strip().lower(): h for h in (reader.fieldnames or []) if h}
         letters = sorted(h.upper() for h in header if len(h) == 1 and h.isalpha())
         if "question" not in header or len(letters) < 2:
@@ -217,8 +223,15 @@ def _read_choice_csv(path: Path, skips: Skips) -> list[ChoiceQuestion]:
             skips.add("no_answer_column", path.name)
             return []
         out = []
-        for row_no, row in enumerate(reader, start=2):
-            where = f"{path.name}:{row_no}"
+        rows = iter(reader)
+        while len(out) != limit:
+            try:
+                row = next(rows, None)
+            except csv.Error as e:
+                raise TinykError(f"{path}:{reader.line_num}: malformed CSV ({e})") from e
+            if row is None:
+                break
+            where = f"{path.name}:{reader.line_num}"
             options = {k: (row.get(header[k.lower()]) or "").strip() for k in letters}
             options = {k: v for k, v in options.items() if v}
             answer = (row.get(header["answer"]) or "").strip().upper()
@@ -230,8 +243,9 @@ def _read_choice_csv(path: Path, skips: Skips) -> list[ChoiceQuestion]:
     return out
 
 
-def read_choice(paths: Iterable[str | Path], skips: Skips) -> list[ChoiceQuestion]:
-    """Every CSV under the given folders (recursively) or the given CSV files, in a stable order."""
+def read_choice(paths: Iterable[str | Path], skips: Skips, limit: int | None = None) -> list[ChoiceQuestion]:
+    """Every CSV under the given folders (recursively) or the given CSV files, in a stable order; the
+    first `limit` usable questions."""
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
@@ -242,7 +256,11 @@ def read_choice(paths: Iterable[str | Path], skips: Skips) -> list[ChoiceQuestio
             raise TinykError(f"multiple-choice path not found: {p}")
     if not files:
         raise TinykError(f"no .csv files in {', '.join(map(str, paths))}")
-    questions = [q for f in files for q in read_choice_csv(f, skips)]
+    questions: list[ChoiceQuestion] = []
+    for f in files:
+        if len(questions) == limit:
+            break
+        questions += read_choice_csv(f, skips, None if limit is None else limit - len(questions))
     if not questions:
         raise TinykError(f"no questions with answers in {', '.join(map(str, paths))} ({skips.summary()}); "
                          "point at a split that has answers, e.g. ceval/val or cmmlu/test")
@@ -293,7 +311,7 @@ def eval_choice(model: Transformer, tok: TinyTokenizer, paths: Iterable[str | Pa
         raise TinykError(f"unknown multiple-choice format {fmt!r} (use {' or '.join(CHOICE_FORMATS)})")
     paths = list(paths)
     skips = Skips()
-    questions = read_choice(paths, skips)[:limit]
+    questions = read_choice(paths, skips, limit)
     pairs, owners = [], []
     for qi, q in enumerate(questions):
         context, conts = choice_continuations(q, fmt)

@@ -47,6 +47,8 @@ class ModelConfig:
             self.hidden_dim = self.multiple_of * math.ceil(hidden / self.multiple_of)
         if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
             raise ValueError(f"dim {self.dim} / n_heads {self.n_heads} / n_kv_heads {self.n_kv_heads} do not divide")
+        if self.head_dim % 2:  # RoPE rotates pairs of channels (transformers refuses such a config too)
+            raise ValueError(f"head dimension dim / n_heads = {self.head_dim} must be even")
 
     @property
     def head_dim(self) -> int:
