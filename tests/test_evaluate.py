@@ -306,3 +306,26 @@ def test_table_aligns_chinese_text():
     ends = [_width(line[:line.index(score) + len(score)]) for line, score in
             ((lines[0], "score"), (lines[2], "33.3%"), (lines[3], "100.0%"))]
     assert len(set(ends)) == 1
+
+
+def test_int8_task_answers_decode_in_batches_the_int8_kernel_takes(tmp_path, nano_model_dir, monkeypatch):
+    """Beyond INT8_MAX_ROWS sequences a decode step uses the bf16 copies, so `--quantize int8` with the
+    default batch of 16 would have measured bf16: its answers decode 4 at a time."""
+    from tinyk.engine import INT8_MAX_ROWS, Engine, int8_works
+
+    if not int8_works(torch.device("cpu"), torch.bfloat16):
+        pytest.skip("this torch build has no int8 weight-only kernel")
+    task = write_task(tmp_path / "t.jsonl", [{"messages": [{"role": "user", "content": f"问题{i}"}], "answer": "是"}
+                                             for i in range(10)])
+    sizes, generate = [], Engine.generate
+
+    def recording(self, prompts, params=None):
+        sizes.append(len(prompts))
+        return generate(self, prompts, params)
+
+    monkeypatch.setattr(Engine, "generate", recording)
+    r = evaluate(nano_model_dir, tasks=[task], quantize="int8", batch_size=16, max_new_tokens=3, device="cpu")
+    assert r["tasks"][0]["examples"] == 10 and max(sizes) == INT8_MAX_ROWS and sum(sizes) == 10
+    sizes.clear()
+    evaluate(nano_model_dir, tasks=[task], batch_size=16, max_new_tokens=3, device="cpu")
+    assert sizes == [10]

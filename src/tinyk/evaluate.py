@@ -361,8 +361,13 @@ def evaluate(model_dir: str | Path, *, data: Iterable[str | Path] = (), tasks: I
         results["data"].append(eval_data(model, model_dir, d, split=split, seq_len=seq_len,
                                          batch_size=batch_size, max_batches=max_batches))
     if tasks:
-        engine = make_engine(model, tok, batch_size, quantize)
-        results["tasks"] = [eval_task(engine, t, batch_size=batch_size, max_new_tokens=max_new_tokens,
+        from .engine import INT8_MAX_ROWS
+
+        # int8 weights serve decode steps of up to INT8_MAX_ROWS sequences (bf16 beyond), so to measure
+        # what int8 costs the answers decode in batches that small.
+        task_batch = min(batch_size, INT8_MAX_ROWS) if quantize == "int8" else batch_size
+        engine = make_engine(model, tok, task_batch, quantize)
+        results["tasks"] = [eval_task(engine, t, batch_size=task_batch, max_new_tokens=max_new_tokens,
                                       limit=limit, system_prompt=system_prompt) for t in tasks]
     if choice:
         results["choice"] = eval_choice(model, tok, choice, fmt=choice_format, limit=limit, batch_size=batch_size)
