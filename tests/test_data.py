@@ -17,7 +17,6 @@ from tinyk.cli import main
 from tinyk.data import (
     PretrainLoader,
     SFTLoader,
-    bytes_per_token,
     eval_batches,
     normalize_conversation,
     open_dataset,
@@ -568,13 +567,6 @@ def test_eval_batches_are_sequential_and_sharded(pretrain_dir, sft_dir):
     assert sum(len(x) for x, _ in sft) == open_dataset(sft_dir)["splits"]["val"]["documents"]
     assert all(bool((y != -100).any(dim=1).all()) for _, y in sft)
     assert rows(sft) == rows(eval_batches(sft_dir, "val", 64, 4))
-
-
-def test_bytes_per_token_matches_meta(pretrain_dir, sft_dir):
-    pre, sft = open_dataset(pretrain_dir), open_dataset(sft_dir)
-    assert bytes_per_token(pre, "val") == pre["splits"]["val"]["bytes"] / pre["splits"]["val"]["tokens"]
-    assert bytes_per_token(sft, "train") == sft["splits"]["train"]["bytes"] / sft["splits"]["train"]["loss_tokens"]
-    assert 1.0 < bytes_per_token(pre, "train") < 8.0
 
 
 def test_loaders_refuse_missing_or_damaged_data(tmp_path, pretrain_dir, sft_dir):

@@ -46,7 +46,7 @@ FORMAT_VERSION = 1
 SPLITS = ("train", "val")
 DEFAULT_SHARD_TOKENS = 100_000_000
 DEFAULT_BATCH_CHARS = 1 << 19
-LOADER_NAMES = ("PretrainLoader", "SFTLoader", "eval_batches", "open_dataset", "bytes_per_token")
+LOADER_NAMES = ("PretrainLoader", "SFTLoader", "eval_batches", "open_dataset")
 
 # Speaker names used by BelleGroup, ShareGPT and OpenAI-style data, mapped to chat-template roles.
 ROLE_ALIASES = {

@@ -35,9 +35,11 @@ CHOICE_FORMATS = ("cloze", "letter")
 @torch.no_grad()
 def eval_data(model: Transformer, model_dir: str | Path, data_dir: str | Path, *, split: str = "val",
               seq_len: int | None = None, batch_size: int = 8, max_batches: int | None = None) -> dict[str, Any]:
-    """Mean token loss over a prepared split (all of it unless `max_batches`), as loss, perplexity, bits/byte."""
-    from .data import bytes_per_token, eval_batches, open_dataset
+    """Mean token loss over a prepared split (all of it unless `max_batches`), as loss, perplexity, and
+    bits per byte of the text the evaluated tokens spell."""
+    from .data import eval_batches, open_dataset
     from .loader import IGNORE
+    from .tokenizer import load_tokenizer
     from .train import loss_sum
 
     meta = open_dataset(data_dir)
@@ -49,17 +51,19 @@ def eval_data(model: Transformer, model_dir: str | Path, data_dir: str | Path, *
     ctx = model.config.max_seq_len
     seq_len = min(seq_len or meta.get("seq_len") or meta.get("max_len") or ctx, ctx)
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    token_bytes = torch.tensor(load_tokenizer(model_dir).token_bytes, dtype=torch.float64, device=device)
+    total, count, nbytes = 0.0, 0, 0.0
     for x, y in eval_batches(data_dir, split, seq_len, batch_size, max_batches):
         x, y = x.to(device), y.to(device)
         total += loss_sum(model, x, y).item()
         count += int((y != IGNORE).sum())
+        nbytes += token_bytes[y[y != IGNORE]].sum().item()
     if count == 0:
         raise TinykError(f"{data_dir}: split {split!r} has no tokens to evaluate")
     loss = total / count
     return {"data": str(data_dir), "kind": meta["kind"], "split": split, "seq_len": seq_len, "tokens": count,
-            "loss": loss, "perplexity": math.exp(min(loss, 50.0)),
-            "bits_per_byte": loss / math.log(2) / bytes_per_token(meta, split)}
+            "bytes": int(nbytes), "loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+            "bits_per_byte": total / math.log(2) / nbytes if nbytes else None}
 
 
 # ---------------------------------------------------------------- generation tasks: exact match, stop rate

@@ -65,15 +65,6 @@ def _meta_problem(meta: Any) -> str | None:
     return None
 
 
-def bytes_per_token(meta: dict[str, Any], split: str) -> float:
-    """Source bytes per loss token, so bits per byte = loss / ln 2 / bytes_per_token."""
-    s = meta["splits"][split]
-    denom = s["loss_tokens"] if meta["kind"] == "sft" else s["tokens"]
-    if not denom:
-        raise TinykError(f"the {split} split is empty")
-    return s["bytes"] / denom
-
-
 def _split_folder(data_dir: str | Path, meta: dict[str, Any], split: str) -> Path:
     if split not in SPLITS:
         raise TinykError(f"unknown split {split!r} (use {' or '.join(SPLITS)})")

@@ -161,6 +161,12 @@ class TinyTokenizer:
     def plain(self) -> Tokenizer:
         return plain_text_tokenizer(self.tok)
 
+    @cached_property
+    def token_bytes(self) -> list[int]:
+        """UTF-8 bytes of text each token id stands for (0 for special tokens), for bits per byte:
+        byte-level BPE spells every byte as one character of its alphabet."""
+        return [0 if i < len(SPECIAL_TOKENS) else len(self.tok.id_to_token(i)) for i in range(self.vocab_size)]
+
     def encode(self, text: str, special: bool = True) -> list[int]:
         """Token ids of `text`; special-token strings in it ("<|im_start|>") become special tokens
         unless `special` is False (as in `transformers`, where a raw prompt may spell out a template)."""

@@ -581,6 +581,7 @@ class Trainer:
         if self.tok_dir is None:
             raise TinykError("no tokenizer: pass --tokenizer (or --init a model directory, which carries one)")
         tok = load_tokenizer(self.tok_dir)
+        self.token_bytes = torch.tensor(tok.token_bytes, dtype=torch.float64)  # for bits per byte
         if self.init_dir is not None and cfg.tokenizer and tokenizer_hash(self.tok_dir) != tokenizer_hash(self.init_dir):
             raise TinykError(f"tokenizer {self.tok_dir} is not the one the model in {self.init_dir} was trained with")
         if self.meta["tokenizer_hash"] != tokenizer_hash(self.tok_dir) or self.meta["vocab_size"] != tok.vocab_size:
@@ -641,7 +642,7 @@ class Trainer:
         return not exists or not self.resume
 
     def _setup_data(self) -> None:
-        from .data import PretrainLoader, SFTLoader, bytes_per_token, eval_batches
+        from .data import PretrainLoader, SFTLoader, eval_batches
 
         cfg, d = self.cfg, self.dist
         self.micro, self.accum = micro_layout(cfg.batch_size, d.world, cfg.micro_batch)
@@ -657,7 +658,6 @@ class Trainer:
         self.val_problem = None
         try:  # opening the split validates it; a run without usable validation data still trains
             eval_batches(cfg.data, "val", cfg.seq_len, 1)
-            self.val_bytes_per_token = bytes_per_token(self.meta, "val")
         except TinykError as e:
             self.val_problem = str(e)
         self.has_val = self.val_problem is None
@@ -895,12 +895,13 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
-        """Validation loss (nats per loss token) and bits per source byte over the held-out split."""
+        """Validation loss (nats per loss token) and bits per byte of the text those tokens spell."""
         from .data import eval_batches
 
         cfg = self.cfg
         self.model.eval()
-        acc = torch.zeros(2, dtype=torch.float64, device=self.device)
+        token_bytes = self.token_bytes.to(self.device)
+        acc = torch.zeros(3, dtype=torch.float64, device=self.device)
         # eval_batches counts global batches of batch_size sequences, so the subset is the same for any world size.
         group = self.micro * self.dist.world
         groups = math.ceil(cfg.eval_batches * cfg.batch_size / group) if cfg.eval_batches else None
@@ -912,13 +913,12 @@ class Trainer:
             x, y = self._to_device(x), self._to_device(y)
             with self._autocast():
                 loss = loss_sum(self.model, x, y)
-            acc += torch.stack([loss.double(), (y != IGNORE).sum().double()])
+            acc += torch.stack([loss.double(), (y != IGNORE).sum().double(), token_bytes[y[y != IGNORE]].sum()])
         self.model.train()
         if self.dist.world > 1:
             dist.all_reduce(acc)
-        total, count = acc.tolist()
-        val = total / max(count, 1)
-        return val, val / math.log(2) / self.val_bytes_per_token
+        total, count, nbytes = acc.tolist()
+        return total / max(count, 1), total / math.log(2) / nbytes if nbytes else math.nan
 
     def _install_signals(self) -> dict[int, Any]:
         def handler(signum: int, _frame: Any) -> None:
