@@ -143,6 +143,7 @@ def test_bad_records_are_skipped_counted_and_located(tmp_path, tok_dir):
         f.write(b'{"text": "lone \\ud800 surrogate"}\n')         # 11 escaped, valid JSON, not UTF-8 text
         f.write(b'{"text": ' + b"[" * 5000 + b"]" * 5000 + b"}\n")  # 12 nested too deep to parse
         f.write(b'{"text": "emoji \\ud83d\\ude00 pair"}\n')        # 13 fine: a pair is one character
+        f.write(b'{"text": "x", "m": ' + b"[" * 900 + b'"\\ud800"' + b"]" * 900 + b"}\n")  # 14 deep surrogate
     tracemalloc.start()
     try:
         meta = prepare_pretrain([bad], tok_dir, tmp_path / "out", **QUIET)
@@ -152,11 +153,11 @@ def test_bad_records_are_skipped_counted_and_located(tmp_path, tok_dir):
     assert peak < 40 * 2**20, f"a 50 MB line must not be held whole (peak {peak / 2**20:.0f} MiB)"
     sk = meta["skipped"]
     assert sk["by_reason"] == {"malformed_json": 3, "missing_field": 2, "not_string": 1, "empty": 1,
-                               "invalid_utf8": 2, "line_too_long": 1}
+                               "invalid_utf8": 3, "line_too_long": 1}
     assert sk["first"]["malformed_json"] == ["bad.jsonl:2", "bad.jsonl:10", "bad.jsonl:12"]
     assert sk["first"]["missing_field"] == ["bad.jsonl:3", "bad.jsonl:8"]
     assert sk["first"]["line_too_long"] == ["bad.jsonl:7"]
-    assert sk["first"]["invalid_utf8"] == ["bad.jsonl:6", "bad.jsonl:11"]
+    assert sk["first"]["invalid_utf8"] == ["bad.jsonl:6", "bad.jsonl:11", "bad.jsonl:14"]
     assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 3
     assert bad.stat().st_size > 50 * 2**20  # input untouched
 

@@ -335,3 +335,11 @@ def test_int8_task_answers_decode_in_batches_the_int8_kernel_takes(tmp_path, nan
     sizes.clear()
     evaluate(nano_model_dir, tasks=[task], batch_size=16, max_new_tokens=3, device="cpu")
     assert sizes == [10]
+
+
+def test_a_split_part_that_spells_no_text_has_no_bits_per_byte():
+    from tinyk.evaluate import table_rows
+
+    rows = list(table_rows({"data": [{"data": "d/sft", "split": "val", "loss": 1.0, "perplexity": 2.72,
+                                      "bits_per_byte": None}]}))
+    assert ("sft/val bits per byte", "n/a", "") in rows

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -559,8 +560,10 @@ def test_a_timed_run_resumes_on_its_fitted_schedule_and_stays_finished(tmp_path,
     summary = json.loads((out / "summary.json").read_text())
     weights = (out / "final" / "model.safetensors").read_bytes()
     metrics = (out / "metrics.jsonl").read_text()
-    again = train(cfg, resume=True)  # a finished run: nothing trains, nothing is rewritten
+    saved = (out / "config.yaml").read_text()
+    again = train(replace(cfg, lr=1e-2), resume=True)  # a finished run: nothing trains, nothing is rewritten
     assert again == summary and json.loads((out / "summary.json").read_text()) == summary
+    assert (out / "config.yaml").read_text() == saved
     assert (out / "final" / "model.safetensors").read_bytes() == weights and (out / "metrics.jsonl").read_text() == metrics
 
 

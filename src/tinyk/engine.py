@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .checkpoint import check_compatible, load_model
 from .files import TinykError
-from .model import KVCache, Transformer, apply_rope
+from .model import KVCache, Transformer, apply_rope, cuda_autocast_dtype
 from .tokenizer import CHAT_ROLES, TinyTokenizer, render_chat
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -56,7 +56,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if dtype is None or dtype == "auto":
         if device.type != "cuda":
             return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return cuda_autocast_dtype(device)
     if dtype not in DTYPES:
         raise TinykError(f"unknown dtype {dtype!r} (use auto, {', '.join(DTYPES)})")
     return DTYPES[dtype]

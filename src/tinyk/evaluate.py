@@ -397,7 +397,8 @@ def table_rows(results: dict[str, Any]) -> Iterator[tuple[str, str, str]]:
         name = f"{Path(d['data']).name}/{d['split']}"
         yield f"{name} loss", f"{d['loss']:.4f}", ""
         yield f"{name} perplexity", f"{d['perplexity']:.2f}", ""
-        yield f"{name} bits per byte", f"{d['bits_per_byte']:.4f}", ""
+        bpb = d["bits_per_byte"]  # None when the evaluated tokens spell no text (only <|im_end|>s)
+        yield f"{name} bits per byte", "n/a" if bpb is None else f"{bpb:.4f}", ""
     for t in results.get("tasks", []):
         yield f"{t['task']} exact match ({task_count(t)})", _pct(t["accuracy"]), f"{_pct(t['baseline'])} majority"
         yield f"{t['task']} stop rate", _pct(t["stop_rate"]), ""

@@ -299,13 +299,18 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _has_surrogate(obj: Any) -> bool:
-    """Whether a parsed JSON value holds a lone surrogate ("\\ud800"); escaped pairs decode to one character."""
-    if isinstance(obj, str):
-        return _SURROGATE.search(obj) is not None
-    if isinstance(obj, dict):
-        return any(_has_surrogate(k) or _has_surrogate(v) for k, v in obj.items())
-    if isinstance(obj, list):
-        return any(_has_surrogate(v) for v in obj)
+    """Whether a parsed JSON value holds a lone surrogate ("\\ud800"); escaped pairs decode to one character.
+    A loop, not recursion: a line nested as deep as json.loads allows must not exhaust the stack."""
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, str):
+            if _SURROGATE.search(x):
+                return True
+        elif isinstance(x, dict):
+            stack += [*x.keys(), *x.values()]
+        elif isinstance(x, list):
+            stack += x
     return False
 
 

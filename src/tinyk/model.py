@@ -15,6 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def cuda_autocast_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on cards that compute in it (compute capability 8+: A100, H100, RTX 30xx/40xx), fp16 on
+    older ones (V100, T4), where `torch.cuda.is_bf16_supported()` also counts slow emulation."""
+    return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
+
+
 @dataclass
 class ModelConfig:
     dim: int = 768

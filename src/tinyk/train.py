@@ -39,7 +39,7 @@ from torch import nn
 from .checkpoint import check_compatible, is_model_dir, load_config, load_model, write_model_files
 from .files import TinykError, atomic_dir, check_output, write_json_atomic
 from .loader import IGNORE
-from .model import PRESETS, Attention, ModelConfig, Transformer
+from .model import PRESETS, Attention, ModelConfig, Transformer, cuda_autocast_dtype
 from .monitor import TRACKERS, Monitor, Trackers, finite, peak_flops
 
 KINDS = ("pretrain", "sft")
@@ -405,7 +405,7 @@ def setup_dist(device: str) -> Dist:
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return cuda_autocast_dtype(device)
         return torch.float32
     return DTYPES[name]
 
@@ -550,7 +550,11 @@ class Trainer:
         try:
             self._setup_model()
             self.monitor = self._make_monitor() if self.dist.main else None
-            if self.dist.main and not fresh:  # only now: a refused resume leaves the run's config as it was
+            # Only now, and only when there is training to do: a refused resume, or one of a finished
+            # run, leaves the run's config as it was.
+            self.finished_already = bool(self.resumed_from) and self.progress.step >= self.total_steps \
+                and (self.out / "final").is_dir()
+            if self.dist.main and not fresh and not self.finished_already:
                 (self.out / "config.yaml").write_text(dump_config(self.cfg), encoding="utf-8")
         except BaseException:
             # A new run that fails to start (a missing tracker package, unloadable weights) leaves
@@ -913,7 +917,9 @@ class Trainer:
             x, y = self._to_device(x), self._to_device(y)
             with self._autocast():
                 loss = loss_sum(self.model, x, y)
-            acc += torch.stack([loss.double(), (y != IGNORE).sum().double(), token_bytes[y[y != IGNORE]].sum()])
+            scored = y != IGNORE  # masked sums, not boolean indexing, which would wait for the GPU each batch
+            acc += torch.stack([loss.double(), scored.sum().double(),
+                                torch.where(scored, token_bytes[y.clamp(min=0)], 0.0).sum()])
         self.model.train()
         if self.dist.world > 1:
             dist.all_reduce(acc)
@@ -974,7 +980,7 @@ class Trainer:
         self.peak, self.peak_source = peak_flops(self.device, cfg.peak_tflops, self.dtype)
         if d.main:
             self._header()
-        if self.resumed_from and self.progress.step >= self.total_steps and (self.out / "final").is_dir():
+        if self.finished_already:
             if self.monitor:
                 self.monitor.close()
             return self._finished_summary()
