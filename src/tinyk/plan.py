@@ -345,21 +345,15 @@ class RunSpec:
 def run_spec(*, preset: str | None, config: str | None, sets: Iterable[str] = (),
              overrides: dict[str, Any] | None = None) -> RunSpec:
     """Resolves preset/config/--set/flags with the trainer's own rules, so plan sizes the run it would do."""
-    from .train import resolve_config
+    from .train import model_config, resolve_config
 
     if not preset and not config:
         raise TinykError("pass --preset or --config")
     # resolve_config insists on data and output paths; planning reads neither.
     flags = {"data": "-", "out": "-", **{k: v for k, v in (overrides or {}).items() if v is not None}}
     tc = resolve_config("pretrain", preset=preset, config=config, flags=flags, sets=list(sets))
-    section = dict(tc.model)
-    base = section.pop("preset", None)
-    if base is None and "dim" not in section:
-        raise TinykError("the config has no model (a model.preset or model.dim)")
-    try:
-        cfg = ModelConfig(**{**(PRESETS[base] if base else {}), **section})
-    except (TypeError, ValueError) as e:
-        raise TinykError(f"invalid model config: {e}") from e
+    cfg = model_config(tc.model)
+    base = tc.model.get("preset")
     if tc.seq_len > cfg.max_seq_len:
         raise TinykError(f"seq_len {tc.seq_len} exceeds the model's context of {cfg.max_seq_len} tokens")
     return RunSpec(name=preset or base or str(config), cfg=cfg, seq_len=tc.seq_len, batch_size=tc.batch_size,

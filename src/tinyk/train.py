@@ -300,6 +300,26 @@ def dump_config(cfg: TrainConfig) -> str:
 
 # ----------------------------------------------------------------------------- schedule & optimizer
 
+def model_config(section: dict[str, Any], vocab_size: int | None = None, base: ModelConfig | None = None
+                 ) -> ModelConfig:
+    """The model a config's `model:` section names: a preset (or `base`, a loaded model's) plus the
+    section's fields, with `vocab_size` from the tokenizer unless the section sets one. Shared by the
+    trainer and `tinyk plan`, so a plan sizes exactly the model a run would build."""
+    section = dict(section)
+    preset = section.pop("preset", None)
+    if base is not None:
+        fields = {**base.to_dict(), **section}
+    elif preset is None and "dim" not in section:
+        raise TinykError("no model: pass --preset, a config with a model section, or --init a model directory")
+    else:
+        fields = {**(PRESETS[preset] if preset else {}), **({"vocab_size": vocab_size} if vocab_size else {}),
+                  **section}
+    try:
+        return ModelConfig(**fields)
+    except (TypeError, ValueError) as e:
+        raise TinykError(f"invalid model config: {e}") from e
+
+
 def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float = 0.1) -> float:
     """Linear warmup over `warmup` optimizer steps, then cosine decay to min_ratio * peak at the last step."""
     if step < warmup:
@@ -600,23 +620,15 @@ class Trainer:
             raise TinykError("fp16 with --parallel fsdp is not supported: use --dtype bf16 (or DDP)")
 
     def _model_config(self, vocab_size: int) -> ModelConfig:
-        section = dict(self.cfg.model)
-        preset = section.pop("preset", None)
-        if self.weights_dir is not None:
-            base = load_config(self.weights_dir)
-            clash = [k for k in SHAPE_FIELDS if k in section and section[k] != getattr(base, k)]
-            if clash:
-                raise TinykError(f"model.{clash[0]}={section[clash[0]]} conflicts with {self.weights_dir} "
-                                 f"({clash[0]} {getattr(base, clash[0])}); shapes come from the loaded model")
-            fields = {**base.to_dict(), **section}
-        elif preset is None and "dim" not in section:
-            raise TinykError("no model: pass --preset, a config with a model section, or --init a model directory")
-        else:
-            fields = {**(PRESETS[preset] if preset else {}), "vocab_size": vocab_size, **section}
-        try:
-            return ModelConfig(**fields)
-        except (TypeError, ValueError) as e:
-            raise TinykError(f"invalid model config: {e}") from e
+        if self.weights_dir is None:
+            return model_config(self.cfg.model, vocab_size)
+        base = load_config(self.weights_dir)
+        section = self.cfg.model
+        clash = [k for k in SHAPE_FIELDS if k in section and section[k] != getattr(base, k)]
+        if clash:
+            raise TinykError(f"model.{clash[0]}={section[clash[0]]} conflicts with {self.weights_dir} "
+                             f"({clash[0]} {getattr(base, clash[0])}); shapes come from the loaded model")
+        return model_config(section, base=base)
 
     def _setup_run_dir(self, force: bool) -> bool:
         """Creates or reopens the run directory; True when it holds nothing of an earlier run."""
