@@ -38,9 +38,8 @@ def eval_data(model: Transformer, model_dir: str | Path, data_dir: str | Path, *
     """Mean token loss over a prepared split (all of it unless `max_batches`), as loss, perplexity, and
     bits per byte of the text the evaluated tokens spell."""
     from .data import eval_batches, open_dataset
-    from .loader import IGNORE
     from .tokenizer import load_tokenizer
-    from .train import loss_sum
+    from .train import eval_sums
 
     meta = open_dataset(data_dir)
     if meta["tokenizer_hash"] != tokenizer_hash(model_dir):
@@ -52,12 +51,9 @@ def eval_data(model: Transformer, model_dir: str | Path, data_dir: str | Path, *
     seq_len = min(seq_len or meta.get("seq_len") or meta.get("max_len") or ctx, ctx)
     device = next(model.parameters()).device
     token_bytes = torch.tensor(load_tokenizer(model_dir).token_bytes, dtype=torch.float64, device=device)
-    total, count, nbytes = 0.0, 0, 0.0
-    for x, y in eval_batches(data_dir, split, seq_len, batch_size, max_batches):
-        x, y = x.to(device), y.to(device)
-        total += loss_sum(model, x, y).item()
-        count += int((y != IGNORE).sum())
-        nbytes += token_bytes[y[y != IGNORE]].sum().item()
+    batches = ((x.to(device), y.to(device)) for x, y in eval_batches(data_dir, split, seq_len, batch_size, max_batches))
+    total, count, nbytes = eval_sums(model, batches, token_bytes).tolist()
+    count = int(count)
     if count == 0:
         raise TinykError(f"{data_dir}: split {split!r} has no tokens to evaluate")
     loss = total / count

@@ -370,6 +370,24 @@ def check_output(out: str | Path, inputs: Iterable[str | Path | None], flag: str
             raise TinykError(f"{flag} {out} lies inside the input {i}; inputs are never written to")
 
 
+def check_output_file(out: str, inputs: Iterable[str | Path | None], *, force: bool, flag: str = "--out") -> None:
+    """Refuses an output file that could not be written, or whose writing would destroy something:
+    checked before the work, so a mistake costs nothing."""
+    if not out:
+        raise TinykError(f"{flag} is empty")
+    check_output(out, inputs, flag)
+    path = Path(out)
+    if path.is_dir():
+        raise TinykError(f"{flag} {out} is a directory; give a file name for the JSON results")
+    if (path.exists() or path.is_symlink()) and not force:
+        raise TinykError(f"{flag} {out} exists (use --force to replace it)")
+    parent = path.parent
+    if not parent.is_dir():
+        raise TinykError(f"{flag} {out}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise TinykError(f"{flag} {out}: directory {parent} is not writable")
+
+
 @contextlib.contextmanager
 def atomic_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path | None] = ()) -> Iterator[Path]:
     """Yields a temporary sibling of `out` to fill; renames it into place only on success.
@@ -384,12 +402,12 @@ def atomic_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path
         raise TinykError(f"output directory exists: {out} (use --force to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{_host()}-{os.getpid()}-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{_owner()}-", dir=out.parent))
     try:
         yield tmp
         _share_like_umask(tmp)
         if out.exists():
-            old = out.with_name(f".{out.name}.old-{_host()}-{os.getpid()}")
+            old = out.with_name(f".{out.name}.old-{_owner()}")
             os.replace(out, old)
             try:
                 os.replace(tmp, out)
@@ -408,6 +426,11 @@ def _host() -> str:
     """This machine's name as it may appear in a file name. A pid says whether a process is alive
     only on the machine that issued it, and outputs can live on a filesystem several machines share."""
     return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:64] or "localhost"
+
+
+def _owner() -> str:
+    """`{host}-{pid}`: who made a temporary, as `remove_stale_temps` reads it back."""
+    return f"{_host()}-{os.getpid()}"
 
 
 def _pid_running(pid: int) -> bool:

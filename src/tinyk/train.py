@@ -24,7 +24,7 @@ import statistics
 import time
 import types
 import typing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -436,6 +436,21 @@ def loss_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor
     return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE, reduction="sum")
 
 
+@torch.no_grad()
+def eval_sums(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], token_bytes: torch.Tensor,
+              autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> torch.Tensor:
+    """(summed loss, loss tokens, bytes of text those tokens spell) over batches already on the device,
+    accumulated there: masked sums, so nothing waits for the device until the caller reads the result."""
+    acc = torch.zeros(3, dtype=torch.float64, device=token_bytes.device)
+    for x, y in batches:
+        with autocast():
+            loss = loss_sum(model, x, y)
+        scored = y != IGNORE
+        acc += torch.stack([loss.double(), scored.sum().double(),
+                            torch.where(scored, token_bytes[y.clamp(min=0)], 0.0).sum()])
+    return acc
+
+
 class LossSum(nn.Module):
     """`loss_sum` as a module: the unit that DDP and torch.compile wrap, so the loss fuses with the model."""
 
@@ -605,7 +620,7 @@ class Trainer:
         if self.tok_dir is None:
             raise TinykError("no tokenizer: pass --tokenizer (or --init a model directory, which carries one)")
         tok = load_tokenizer(self.tok_dir)
-        self.token_bytes = torch.tensor(tok.token_bytes, dtype=torch.float64)  # for bits per byte
+        self.token_bytes = torch.tensor(tok.token_bytes, dtype=torch.float64, device=self.device)  # bits per byte
         if self.init_dir is not None and cfg.tokenizer and tokenizer_hash(self.tok_dir) != tokenizer_hash(self.init_dir):
             raise TinykError(f"tokenizer {self.tok_dir} is not the one the model in {self.init_dir} was trained with")
         if self.meta["tokenizer_hash"] != tokenizer_hash(self.tok_dir) or self.meta["vocab_size"] != tok.vocab_size:
@@ -916,22 +931,19 @@ class Trainer:
 
         cfg = self.cfg
         self.model.eval()
-        token_bytes = self.token_bytes.to(self.device)
-        acc = torch.zeros(3, dtype=torch.float64, device=self.device)
         # eval_batches counts global batches of batch_size sequences, so the subset is the same for any world size.
         group = self.micro * self.dist.world
         groups = math.ceil(cfg.eval_batches * cfg.batch_size / group) if cfg.eval_batches else None
         batches = eval_batches(cfg.data, "val", cfg.seq_len, self.micro, groups,
                                rank=self.dist.rank, world_size=self.dist.world)
-        dummy = torch.zeros(1, 1, dtype=torch.long)
-        for b in self._lockstep(batches):
-            x, y = b if b is not None else (dummy, torch.full_like(dummy, IGNORE))
-            x, y = self._to_device(x), self._to_device(y)
-            with self._autocast():
-                loss = loss_sum(self.model, x, y)
-            scored = y != IGNORE  # masked sums, not boolean indexing, which would wait for the GPU each batch
-            acc += torch.stack([loss.double(), scored.sum().double(),
-                                torch.where(scored, token_bytes[y.clamp(min=0)], 0.0).sum()])
+
+        def on_device() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            dummy = torch.zeros(1, 1, dtype=torch.long)
+            for b in self._lockstep(batches):
+                x, y = b if b is not None else (dummy, torch.full_like(dummy, IGNORE))
+                yield self._to_device(x), self._to_device(y)
+
+        acc = eval_sums(self.model, on_device(), self.token_bytes, self._autocast)
         self.model.train()
         if self.dist.world > 1:
             dist.all_reduce(acc)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-from pathlib import Path
 
 from tinyk.cli.common import batch_count, positive_int
 
@@ -42,11 +40,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _eval(args: argparse.Namespace) -> int:
     from tinyk.evaluate import evaluate, format_table, table_rows
-    from tinyk.files import write_json_atomic
+    from tinyk.files import check_output_file, write_json_atomic
     from tinyk.tokenizer import DEFAULT_SYSTEM_PROMPT
 
     if args.out is not None:
-        check_out_file(args.out, [args.model, *args.data, *args.task, *args.choice], force=args.force)
+        check_output_file(args.out, [args.model, *args.data, *args.task, *args.choice], force=args.force)
     system_prompt = DEFAULT_SYSTEM_PROMPT if args.system_prompt is None else args.system_prompt
     results = evaluate(args.model, data=args.data, tasks=args.task, choice=args.choice, split=args.split,
                        seq_len=args.seq_len, batch_size=args.batch_size, max_batches=args.max_batches,
@@ -60,22 +58,3 @@ def _eval(args: argparse.Namespace) -> int:
         print(format_table(table_rows(results)))
     return 0
 
-
-def check_out_file(out: str, inputs: list[str], *, force: bool) -> None:
-    """Refuses an --out that could not be written, or whose writing would destroy something:
-    checked before evaluating, so a mistake costs nothing."""
-    from tinyk.files import TinykError, check_output
-
-    if not out:
-        raise TinykError("--out is empty")
-    check_output(out, inputs)
-    path = Path(out)
-    if path.is_dir():
-        raise TinykError(f"--out {out} is a directory; give a file name for the JSON results")
-    if (path.exists() or path.is_symlink()) and not force:
-        raise TinykError(f"--out {out} exists (use --force to replace it)")
-    parent = path.parent
-    if not parent.is_dir():
-        raise TinykError(f"--out {out}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise TinykError(f"--out {out}: directory {parent} is not writable")
