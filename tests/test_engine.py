@@ -65,7 +65,7 @@ def test_cached_batched_decoding_equals_full_recomputation(engine, reference, ma
     for p, c in zip(PROMPTS, out, strict=True):
         assert c.finish_reason == "length" and c.completion_tokens == GREEDY.max_new_tokens
         assert c.prompt_tokens == len(engine.encode(p))
-        assert c.text == engine.tok.decode(c.token_ids)
+        assert c.text == engine.tok.decode(c.token_ids, skip_special_tokens=True)
 
 
 def test_per_sequence_stopping_leaves_the_others_untouched(engine, reference):
@@ -86,16 +86,20 @@ def test_per_sequence_stopping_leaves_the_others_untouched(engine, reference):
     assert out[3].token_ids == reference[3] and out[5].token_ids == reference[5]
 
 
-def test_eos_ends_a_sequence_unless_ignored(engine):
-    # A random model with tied embeddings repeats its last token, so a prompt ending in EOS makes it say EOS.
-    eos = engine.tok.eos_id
-    prompt = engine.tok.encode("你好") + [eos]
-    assert recompute_greedy(engine.model, prompt, 1) == [eos], "the fixture model no longer repeats its last token"
+@pytest.mark.parametrize("special", ["<|im_end|>", "<|im_start|>", "</s>"])
+def test_special_tokens_end_a_sequence_unless_ignored_and_are_never_text(engine, special):
+    # A random model with tied embeddings repeats its last token, so a prompt ending in a special
+    # token makes it say that token: EOS ends a reply, and so does <|im_start|> (a new turn).
+    token = engine.tok.tok.token_to_id(special)
+    prompt = engine.tok.encode("你好") + [token]
+    assert recompute_greedy(engine.model, prompt, 1) == [token], "the fixture model no longer repeats its last token"
     c = engine.generate([prompt, "我们今天"], replace(GREEDY, ignore_eos=False))
-    assert (c[0].text, c[0].token_ids, c[0].finish_reason, c[0].completion_tokens) == ("", [eos], "stop", 1)
+    assert (c[0].text, c[0].token_ids, c[0].finish_reason, c[0].completion_tokens) == ("", [token], "stop", 1)
     assert c[1].completion_tokens == GREEDY.max_new_tokens
     c = engine.generate([prompt], replace(GREEDY, max_new_tokens=3))[0]
-    assert c.token_ids == [eos] * 3 and c.finish_reason == "length"
+    assert c.token_ids == [token] * 3 and c.finish_reason == "length" and c.text == ""
+    streamed = "".join(engine.stream(prompt, replace(GREEDY, max_new_tokens=3)))
+    assert streamed == "" and special not in streamed
 
 
 def test_token_budget_is_capped_by_the_context_window(engine):
@@ -220,14 +224,15 @@ def test_scheduler_serves_callers_and_cancels(engine, reference):
         reqs = [sched.submit(p, GREEDY) for p in PROMPTS]
         texts = ["".join(r.deltas(timeout=60)) for r in reqs]
         assert [r.completion().token_ids for r in reqs] == reference
-        assert texts == [engine.tok.decode(ids) for ids in reference]
+        assert texts == [engine.tok.decode(ids, skip_special_tokens=True) for ids in reference]
         req = sched.submit("我们", replace(GREEDY, max_new_tokens=100))
         req.cancel()
         list(req.deltas(timeout=60))
         assert req.finish_reason == "cancelled" and len(req.out_ids) < 100
         # Admitted and finished in one round (prefill's token, then one step): all text, ended once.
         short = [sched.submit(p, replace(GREEDY, max_new_tokens=2)) for p in PROMPTS]
-        assert ["".join(r.deltas(timeout=60)) for r in short] == [engine.tok.decode(ids[:2]) for ids in reference]
+        assert ["".join(r.deltas(timeout=60)) for r in short] == [engine.tok.decode(ids[:2], skip_special_tokens=True)
+                                                                     for ids in reference]
         assert sched.stats()["finished"] == {"length": 2 * len(PROMPTS), "cancelled": 1}
     finally:
         sched.close()

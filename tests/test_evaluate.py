@@ -182,7 +182,13 @@ class ScriptedEngine:
     """Answers each prompt from a table keyed by its last user message, so scores can be checked exactly."""
 
     def __init__(self, replies: dict[str, tuple[str, str]], context: int = 200):
+        """`replies`: last user message -> (text, how it ended: "eos", "new turn" or "length")."""
+        from types import SimpleNamespace
+
+        from tinyk.tokenizer import IM_END_ID
+
         self.replies, self.context, self.seen = replies, context, []
+        self.tok = SimpleNamespace(eos_id=IM_END_ID)
 
     def chat_ids(self, messages: list[dict]) -> str:
         from tinyk.tokenizer import render_chat
@@ -199,12 +205,16 @@ class ScriptedEngine:
     def generate(self, prompts, params):
         from types import SimpleNamespace
 
+        from tinyk.tokenizer import IM_END_ID, IM_START_ID
+
         assert params.temperature == 0 and params.repetition_penalty == 1
         self.seen += prompts
         out = []
         for p in prompts:
-            text, reason = self.replies[p.split("<|im_start|>user\n")[-1].split("<|im_end|>")[0]]
-            out.append(SimpleNamespace(text=text, finish_reason=reason))
+            text, end = self.replies[p.split("<|im_start|>user\n")[-1].split("<|im_end|>")[0]]
+            last = {"eos": [IM_END_ID], "new turn": [IM_START_ID], "length": []}[end]
+            out.append(SimpleNamespace(text=text, token_ids=[7, *last], finish_reason="length" if end == "length"
+                                       else "stop"))
         return out
 
 
@@ -226,12 +236,12 @@ def test_exact_match_stop_rate_and_majority_baseline(tmp_path):
         {"messages": [{"role": "user", "content": "q"}], "answer": 3},
         {"messages": [{"role": "user", "content": "长" * 300}], "answer": "y"},
     ])
-    engine = ScriptedEngine({"好评1": ("正面。", "stop"), "差评1": ("正面", "stop"),
-                             "差评2": ("负面负面负面", "length"), "算": ("等于８", "stop")})
+    engine = ScriptedEngine({"好评1": ("正面。", "eos"), "差评1": ("正面", "new turn"),
+                             "差评2": ("负面负面负面", "length"), "算": ("等于８", "eos")})
     r = eval_task(engine, task, batch_size=2)
     assert r["examples"] == 4
     assert r["accuracy"] == pytest.approx(2 / 4)
-    assert r["stop_rate"] == pytest.approx(3 / 4)
+    assert r["stop_rate"] == pytest.approx(2 / 4)  # only answers closed with <|im_end|>
     assert r["baseline"] == pytest.approx(2 / 4) and r["majority_answer"] == "负面"
     assert r["skipped"]["by_reason"] == {"malformed_json": 1, "bad_messages": 2, "bad_answer": 1,
                                          "prompt_too_long": 1}
@@ -255,7 +265,7 @@ def test_the_majority_baseline_counts_alternative_answers(tmp_path):
         {"messages": [{"role": "user", "content": "b"}], "answer": "负面"},
         {"messages": [{"role": "user", "content": "c"}], "answer": "负面"},
     ])
-    r = eval_task(ScriptedEngine({k: ("负面", "stop") for k in "abc"}), task)
+    r = eval_task(ScriptedEngine({k: ("负面", "eos") for k in "abc"}), task)
     assert r["accuracy"] == 1.0 and r["baseline"] == 1.0 and r["majority_answer"] == "负面"
 
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from .checkpoint import check_compatible, load_model
 from .files import TinykError
 from .model import KVCache, Transformer, apply_rope, cuda_autocast_dtype
-from .tokenizer import CHAT_ROLES, TinyTokenizer, render_chat
+from .tokenizer import CHAT_ROLES, SPECIAL_IDS, TinyTokenizer, render_chat
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -186,7 +186,9 @@ class SamplingParams:
     temperature 0 is greedy decoding; top_k 0, top_p 1 and min_p 0 switch those filters off (top_p 0
     keeps only the most likely token);
     repetition_penalty 1 switches the penalty off. `stop` strings end a sequence and are not
-    part of its text; `stop_token_ids` do the same as EOS.
+    part of its text; `stop_token_ids` do the same as EOS. A sequence also ends at EOS (`<|im_end|>`)
+    or any other special token, since none belongs inside a text or a reply (`<|im_start|>` would
+    begin a new document or turn), unless `ignore_eos`; special tokens are never part of the text.
     """
 
     temperature: float = 0.7
@@ -238,7 +240,7 @@ def _is_int(x) -> bool:
 @dataclass
 class Completion:
     """One finished sequence. `token_ids` are all generated ids (a final EOS included);
-    `text` excludes the EOS and anything from a stop string on."""
+    `text` excludes special tokens and anything from a stop string on."""
 
     text: str
     token_ids: list[int]
@@ -266,7 +268,7 @@ class Detokenizer:
 
     def add(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.tok.decode(self.ids)
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
         stable = len(text.rstrip("\ufffd"))
         if self.stop:
             start = max(0, self.checked - self.max_stop + 1)
@@ -308,7 +310,7 @@ class Request:
         self.prompt_ids = prompt_ids
         self.params = params
         self.max_new = min(params.max_new_tokens, engine.context_length - len(prompt_ids))
-        self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else {engine.tok.eos_id})
+        self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else SPECIAL_IDS)
         # random.Random(-5) is random.Random(5); modulo keeps every 64-bit seed distinct.
         self.rng = random.Random(None if params.seed is None else params.seed % 2**64)
         self.out_ids: list[int] = []
@@ -352,7 +354,7 @@ class Request:
             text = self.detok.text
         else:
             ids = self.out_ids[:-1] if self.out_ids and self.out_ids[-1] in self.stop_ids else self.out_ids
-            text = self.tok.decode(ids)
+            text = self.tok.decode(ids, skip_special_tokens=True)
         return Completion(text=text, token_ids=list(self.out_ids), finish_reason=self.finish_reason or "length",
                           prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.out_ids))
 

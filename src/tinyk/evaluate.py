@@ -154,7 +154,7 @@ def eval_task(engine: Any, path: str | Path, *, batch_size: int = 32, max_new_to
     for ex, c in zip(examples, completions, strict=True):
         ok = normalize_answer(c.text) in {normalize_answer(a) for a in ex.answers}
         correct += ok
-        stopped += c.finish_reason == "stop"
+        stopped += bool(c.token_ids) and c.token_ids[-1] == engine.tok.eos_id  # closed its turn with <|im_end|>
         if len(samples) < keep_samples:
             samples.append({"prompt": ex.messages[-1]["content"], "answer": ex.answers[0], "output": c.text,
                             "correct": ok, "finish_reason": c.finish_reason})

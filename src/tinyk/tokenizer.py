@@ -21,6 +21,7 @@ from .files import Skips, TinykError, atomic_dir, check_inputs, hash_files, iter
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 UNK_ID, BOS_ID, EOS_ID, IM_START_ID, IM_END_ID = range(5)
+SPECIAL_IDS = frozenset(range(len(SPECIAL_TOKENS)))
 DEFAULT_SYSTEM_PROMPT = "你是一个AI助手"
 
 # The seed's template, verbatim: only system/user/assistant turns are rendered.
