@@ -9,9 +9,9 @@ from dataclasses import replace
 import pytest
 import torch
 
+from tinyk.chat import chat_session
 from tinyk.checkpoint import load_model
 from tinyk.cli import main
-from tinyk.cli.generate import chat_session
 from tinyk.engine import (
     ContextLengthError,
     Detokenizer,

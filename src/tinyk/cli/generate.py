@@ -1,4 +1,4 @@
-"""`tinyk generate` (raw completions, batched) and `tinyk chat` (interactive or scripted chat)."""
+"""`tinyk generate` (raw completions, batched) and `tinyk chat` (interactive or scripted chat, see tinyk.chat)."""
 
 from __future__ import annotations
 
@@ -6,14 +6,13 @@ import argparse
 import json
 import sys
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING
 
+from tinyk.chat import CHAT_HELP, chat_session
 from tinyk.cli.common import add_sampling_args, batch_count, non_empty
 
 if TYPE_CHECKING:
     from tinyk.engine import Engine, SamplingParams
-
-CHAT_HELP = "commands: /reset (forget the conversation), /system TEXT (new system prompt, then reset), /exit"
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -130,71 +129,3 @@ def _input_lines() -> Iterable[str]:
         except EOFError:
             print(file=sys.stderr)
             return
-
-
-def chat_session(engine: Engine, params: SamplingParams, lines: Iterable[str], out: TextIO, *,
-                 system: str | None, prompt: str = "assistant> ", interactive: bool = True) -> list[dict[str, str]]:
-    """Runs a conversation over `lines` (user messages and /commands), streaming each reply to `out`.
-
-    When the conversation outgrows the context window the oldest turns are forgotten; a
-    message too long on its own is reported (and fatal unless `interactive`).
-    Returns the final history.
-    """
-    from tinyk.engine import ContextLengthError
-    from tinyk.files import TinykError
-
-    history: list[dict[str, str]] = []
-    # Leave the reply room to grow: at least half the window, or the whole token budget.
-    reserve = min(params.max_new_tokens, engine.context_length // 2)
-    for line in lines:
-        text = line.strip()
-        if not text:
-            continue
-        if text in ("/exit", "/quit"):
-            break
-        if text == "/reset":
-            history = []
-            print("(conversation reset)", file=sys.stderr)
-            continue
-        if text.startswith("/system"):
-            system = text[len("/system"):].strip() or None
-            history = []
-            print(f"(system prompt {'set' if system else 'cleared'}; conversation reset)", file=sys.stderr)
-            continue
-        if text.startswith("/"):
-            print(f"unknown command {text.split()[0]}; {CHAT_HELP}", file=sys.stderr)
-            continue
-        try:
-            engine.tok.encode(text)
-        except TinykError as e:  # e.g. a line of GBK bytes: say so and keep the session
-            if not interactive:
-                raise
-            print(f"({e})", file=sys.stderr)
-            continue
-        history.append({"role": "user", "content": text})
-        while True:
-            ids = engine.chat_ids(history, default_system=system)
-            if len(ids) + reserve <= engine.context_length or len(history) == 1:
-                break
-            history = history[2:]
-            print("(forgot the oldest turn to fit the context window)", file=sys.stderr)
-        try:
-            request = engine.request(ids, params)
-        except ContextLengthError as e:
-            history.pop()
-            if not interactive:
-                raise TinykError(f"message too long: {e}") from e
-            print(f"(message too long: {e})", file=sys.stderr)
-            continue
-        out.write(prompt)
-        for _, delta in engine.run([request]):
-            out.write(delta)
-            out.flush()
-        out.write("\n")
-        out.flush()
-        reply = request.completion()
-        if reply.finish_reason == "length":
-            print(f"(reply cut at {reply.completion_tokens} tokens; raise --max-new-tokens for longer)",
-                  file=sys.stderr)
-        history.append({"role": "assistant", "content": reply.text})
-    return history
