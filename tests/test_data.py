@@ -188,6 +188,49 @@ def test_output_is_deterministic_and_independent_of_worker_count(tmp_path, tok_d
     assert other["splits"]["train"]["documents"] + other["splits"]["val"]["documents"] == 400
 
 
+def test_skip_report_and_strict_error_do_not_depend_on_the_worker_count(tmp_path, tok_dir):
+    """Reading runs ahead of tokenizing in worker processes; skips are still reported in input order."""
+    too_long = {"conversations": [{"from": "human", "value": "长" * 400}, {"from": "gpt", "value": "好"}]}
+    src = tmp_path / "s.jsonl"
+    write_jsonl(src, [too_long, *conversations(2)], field=None)
+    with open(src, "a", encoding="utf-8") as f:
+        f.write("{bad\n")
+    reports, errors = [], []
+    for workers in (1, 2):
+        kw = dict(max_len=64, workers=workers, batch_chars=300, show_progress=False)
+        meta = prepare_sft([src], tok_dir, tmp_path / f"w{workers}", **kw)
+        reports.append(json.dumps(meta["skipped"]))
+        with pytest.raises(TinykError) as e:
+            prepare_sft([src], tok_dir, tmp_path / f"strict{workers}", strict=True, **kw)
+        errors.append(str(e.value))
+    assert reports[0] == reports[1] and '"prompt_too_long": 1' in reports[0] and '"malformed_json": 1' in reports[0]
+    assert errors[0] == errors[1] == "s.jsonl:1: prompt too long (--strict)"
+
+
+def test_book_length_documents_are_tokenized_in_pieces_with_the_same_tokens(tmp_path, tok_dir, monkeypatch):
+    """Pieces are cut only where the pre-tokenizer splits anyway, so their tokens equal the whole's."""
+    import random
+
+    from tinyk import data
+
+    rng = random.Random(0)
+    atoms = ["中国", "的", "首都", "是北京", "。", "！", "？", ".", "!", "\n", "\n\n", " ", "  \n", "\t", "hello",
+             "it's", "_x", "3.14", "，", "”", "e\u0301", "\u3000", "①", "😀", "\r\n", "x\n", "。_"]
+    book = "".join(rng.choice(atoms) for _ in range(3000))
+    plain = load_tokenizer(tok_dir).plain
+    whole = plain.encode(book, add_special_tokens=False).ids
+    for size in (5, 40, 300):
+        pieces = data.text_pieces(book, size)
+        assert "".join(pieces) == book and len(pieces) > len(book) // (4 * size)
+        assert [i for p in pieces for i in plain.encode(p, add_special_tokens=False).ids] == whole
+    src = write_jsonl(tmp_path / "b.jsonl", [book, "短文。"])
+    prepare_pretrain([src], tok_dir, tmp_path / "whole", val_fraction=0, **QUIET)
+    monkeypatch.setattr(data, "PIECE_CHARS", 100)
+    prepare_pretrain([src], tok_dir, tmp_path / "pieces", val_fraction=0, **QUIET)
+    assert np.array_equal(split_tokens(tmp_path / "pieces", "train"), split_tokens(tmp_path / "whole", "train"))
+    assert documents(tmp_path / "pieces", "train")[0] == [BOS, *whole, EOS]
+
+
 def test_rerun_needs_force_and_replaces_instead_of_appending(tmp_path, tok_dir):
     src = write_jsonl(tmp_path / "c.jsonl", texts(50))
     out = tmp_path / "out"

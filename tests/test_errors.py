@@ -51,9 +51,16 @@ def test_existing_output_needs_force(tmp_path, corpus_file, capsys):
     code, err = run_cli(["tokenizer", "train", str(corpus_file), "--out", str(out), "--vocab-size", "300"], capsys)
     assert code == 2 and "output directory exists" in err and "--force" in err
     assert (out / "keep.txt").read_text() == "mine"
-    code, _ = run_cli(["tokenizer", "train", str(corpus_file), "--out", str(out), "--vocab-size", "300", "--force"],
-                      capsys)
-    assert code == 0 and (out / "tokenizer.json").exists() and not (out / "keep.txt").exists()
+    # --force replaces an earlier output of the command, never a folder of someone's files.
+    code, err = run_cli(["tokenizer", "train", str(corpus_file), "--out", str(out), "--vocab-size", "300",
+                         "--force"], capsys)
+    assert code == 2 and "not an earlier output of this command (no tokenizer.json; it holds keep.txt)" in err
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    for _ in range(2):  # into the now empty folder, then over that tokenizer
+        code, _ = run_cli(["tokenizer", "train", str(corpus_file), "--out", str(out), "--vocab-size", "300",
+                           "--force"], capsys)
+        assert code == 0 and (out / "tokenizer.json").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["t"]
 
 

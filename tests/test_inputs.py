@@ -333,3 +333,110 @@ def test_marker_file_says_a_file_is_not_a_directory(tmp_path, capsys):
     src.write_bytes(JSONL)
     code, err = run_cli(["data", "pretrain", "--input", src, "--tokenizer", f, "--out", tmp_path / "d"], capsys)
     assert code == 2 and "is a file, not a directory" in one_error_line(err)
+
+
+# ---------------------------------------------------------------- 7. names, places and signals
+
+def test_the_format_comes_from_the_suffix_not_a_txt_inside_the_name(tmp_path):
+    src = tmp_path / "corpus.txt.jsonl"
+    src.write_bytes(JSONL[:2000].rsplit(b"\n", 1)[0] + b"\n")
+    assert next(iter_texts([src], Skips())) == DOCS[0]["text"]
+
+
+def test_skips_name_the_path_where_file_names_repeat(tmp_path):
+    a, b = tmp_path / "a" / "part-0.jsonl", tmp_path / "b" / "part-0.jsonl"
+    for p in (a, b):
+        p.parent.mkdir()
+        p.write_text('{"text": "好"}\n{bad\n', encoding="utf-8")
+    one = tmp_path / "c.jsonl"
+    one.write_text("{bad\n", encoding="utf-8")
+    skips = Skips()
+    list(iter_texts([a, b, one], skips))
+    assert skips.first["malformed_json"] == [f"{a}:2", f"{b}:2", "c.jsonl:1"]
+
+
+def test_an_undecodable_file_name_is_written_as_replacement_characters(tmp_path, tok_dir, capsys):
+    src = Path(os.fsdecode(bytes(tmp_path) + b"/\xd6\xd0\xce\xc4.jsonl"))  # GBK "中文", as a Windows zip leaves it
+    src.write_bytes(JSONL[:5000].rsplit(b"\n", 1)[0] + b"\n{bad\n")
+    code, err = run_cli(["data", "pretrain", "--input", src, "--tokenizer", tok_dir, "--out", tmp_path / "d"], capsys)
+    meta = json.loads((tmp_path / "d" / "meta.json").read_text(encoding="utf-8"))
+    assert code == 0 and meta["inputs"][0]["path"].endswith("/\ufffd\ufffd\ufffd\ufffd.jsonl")
+    assert meta["skipped"]["first"]["malformed_json"][0].startswith("\ufffd")
+
+
+@pytest.mark.parametrize("out", [".", "..", "./"])
+def test_the_current_directory_is_not_an_output(tmp_path, tok_dir, out, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    src = tmp_path / "c.jsonl"
+    src.write_bytes(JSONL[:5000].rsplit(b"\n", 1)[0] + b"\n")
+    code, err = run_cli(["data", "pretrain", "--input", src, "--tokenizer", tok_dir, "--out", out, "--force"], capsys)
+    assert code == 2 and "must be named" in one_error_line(err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl"]
+
+
+def test_force_replaces_a_link_not_what_it_points_to(tmp_path):
+    target = tmp_path / "real"
+    target.mkdir()
+    (target / "meta.json").write_text("{}")
+    link = tmp_path / "out"
+    link.symlink_to(target)
+    with atomic_dir(link, force=True, replaces="meta.json") as tmp:
+        (tmp / "meta.json").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "real"]
+    assert not link.is_symlink() and (link / "meta.json").read_text() == "new"
+    assert (target / "meta.json").read_text() == "{}"
+
+
+def test_force_never_deletes_a_folder_this_command_did_not_make(tmp_path, tok_dir, capsys):
+    src = tmp_path / "c.jsonl"
+    src.write_bytes(JSONL[:5000].rsplit(b"\n", 1)[0] + b"\n")
+    thesis = tmp_path / "thesis"
+    (thesis / "sub").mkdir(parents=True)
+    (thesis / "sub" / "thesis.tex").write_text("years of work")
+    code, err = run_cli(["data", "pretrain", "--input", src, "--tokenizer", tok_dir, "--out", thesis, "--force"], capsys)
+    assert code == 2 and "not an earlier output of this command (no meta.json; it holds sub)" in one_error_line(err)
+    assert (thesis / "sub" / "thesis.tex").read_text() == "years of work"
+    code, err = run_cli(["data", "pretrain", "--input", src, "--tokenizer", tok_dir, "--out", tok_dir, "--force"],
+                        capsys)
+    assert code == 2 and "would replace the input" in err
+
+
+def test_sigterm_stops_data_preparation_like_ctrl_c(tmp_path, tok_dir, capsys, monkeypatch):
+    """`kill` or `timeout` gets the same clean-up as Ctrl-C: one line, exit 143, no partial output."""
+    from tinyk import data
+
+    encode = data._encode
+
+    def encode_then_terminate(job, payload):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return encode(job, payload)
+
+    monkeypatch.setattr(data, "_encode", encode_then_terminate)
+    src = tmp_path / "c.jsonl"
+    src.write_bytes(JSONL)
+    before = signal.getsignal(signal.SIGTERM)
+    code, err = run_cli(["data", "pretrain", "--input", src, "--tokenizer", tok_dir, "--out", tmp_path / "d",
+                         "--workers", "1"], capsys)
+    assert code == 143 and err == "tinyk: terminated\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl"]
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_pretty_printed_json_array_is_named_with_the_way_out(tmp_path, tok_dir, capsys):
+    src = tmp_path / "alpaca.json"
+    src.write_text(json.dumps([{"text": "第一条"}, {"text": "第二条"}], ensure_ascii=False, indent=2))
+    code, err = run_cli(["data", "pretrain", "--input", src, "--tokenizer", tok_dir, "--out", tmp_path / "d"], capsys)
+    assert code == 2 and "not JSON Lines" in one_error_line(err) and "jq -c '.[]' alpaca.json > alpaca.jsonl" in err
+
+
+def test_reports_point_at_the_cause(tmp_path, capsys):
+    from tinyk.tokenizer import train_tokenizer
+
+    src = tmp_path / "c.jsonl"
+    src.write_bytes(b'{"text": "\xd6\xd0\xce\xc4"}\n' + JSONL[:3000].rsplit(b"\n", 1)[0] + b"\n")
+    skips = Skips()
+    list(iter_texts([src], skips))
+    assert "invalid utf8: 1 (first at c.jsonl:1; convert such files first, e.g. iconv -f gbk -t utf-8)" in \
+        skips.summary()
+    with pytest.raises(TinykError, match="no document fits in the first 10 bytes of the input"):
+        train_tokenizer([src], tmp_path / "t", max_bytes=10, show_progress=False)

@@ -135,7 +135,55 @@ def test_max_bytes_streams_a_prefix(tmp_path):
     budget = 100 * len(line.encode())
     assert big.stat().st_size > 100 * budget
     r = train_tokenizer([big], tmp_path / "tok", vocab_size=300, max_bytes=budget, show_progress=False)
-    assert r["documents"] == 100
+    assert r["documents"] == 100 and r["capped_at"] == budget and not r["cap_from_memory"]
+
+
+def test_without_max_bytes_reading_stops_where_memory_would_run_out(tmp_path, monkeypatch, capsys):
+    """BPE training holds ~80 bytes per byte of text: with 150 MB free, a 3 MB corpus is read up to 1.5 MB."""
+    from tinyk import tokenizer
+
+    line = json.dumps({"text": "语料很大，内存有限。" * 20}, ensure_ascii=False) + "\n"
+    big = tmp_path / "big.jsonl"
+    big.write_text(line * (3_000_000 // len(line.encode())), encoding="utf-8")
+    monkeypatch.setattr(tokenizer, "memory_available", lambda: 150_000_000)
+    r = train_tokenizer([big], tmp_path / "tok", vocab_size=300, show_progress=False)
+    assert r["cap_from_memory"] and 1_400_000 < r["capped_at"] <= 1_500_000
+    assert r["documents"] == r["capped_at"] // len(line.encode())
+    monkeypatch.setattr(tokenizer, "memory_available", lambda: 10**12)
+    assert train_tokenizer([big], tmp_path / "tok2", vocab_size=300, show_progress=False)["capped_at"] is None
+    monkeypatch.setattr(tokenizer, "memory_available", lambda: 150_000_000)
+    with pytest.raises(SystemExit):
+        main(["tokenizer", "train", str(big), "--out", str(tmp_path / "t3"), "--vocab-size", "300"])
+    assert "read the first 1.5 MB of the input, what 150 MB of available memory allows" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["tokenizer", "train", str(big), "--out", str(tmp_path / "t4"), "--vocab-size", "300",
+              "--max-bytes", "2M"])
+    assert "warning: --max-bytes 2.0 MB may need up to 200 MB of memory" in capsys.readouterr().err
+
+
+def test_ctrl_c_stops_tokenizer_training_at_once(tmp_path, monkeypatch):
+    """The tokenizers library holds Ctrl-C until training returns; tinyk stops reading and leaves nothing."""
+    import os
+    import signal
+
+    from tinyk import tokenizer
+
+    read = []
+
+    def endless(*_args, **_kw):
+        for i in range(2_000_000):
+            if i == 50:
+                os.kill(os.getpid(), signal.SIGINT)
+            read.append(i)
+            yield f"第{i}号文档，内容不同。"
+
+    monkeypatch.setattr(tokenizer, "iter_texts", endless)
+    src = tmp_path / "c.jsonl"
+    src.write_text('{"text": "x"}\n')
+    with pytest.raises(KeyboardInterrupt):
+        train_tokenizer([src], tmp_path / "tok", vocab_size=300, show_progress=False)
+    assert len(read) < 100_000, f"kept reading after Ctrl-C ({len(read)} documents)"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl"]
 
 
 def write_bad_corpus(path: Path) -> Path:
@@ -189,3 +237,8 @@ def test_cli_train_and_eval(tmp_path, corpus_file, capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "round trip      exact" in out and "chars/token" in out
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"content": "另一个字段里的文本。"}\n', encoding="utf-8")
+    with pytest.raises(SystemExit) as e:
+        main(["tokenizer", "eval", str(tmp_path / "t"), "--input", str(other), "--field", "content", "--json"])
+    assert e.value.code == 0 and json.loads(capsys.readouterr().out)["documents"] == 1

@@ -107,7 +107,7 @@ def write_model_files(model: Transformer, tok_dir: str | Path, out: Path) -> Non
 
 def save_model(model: Transformer, tok_dir: str | Path, out: str | Path, force: bool = False) -> Path:
     """Writes a model directory atomically: it is complete or absent."""
-    with atomic_dir(out, force=force, inputs=[tok_dir]) as tmp:
+    with atomic_dir(out, force=force, inputs=[tok_dir], replaces="config.json") as tmp:
         write_model_files(model, tok_dir, tmp)
     return Path(out)
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import re
 import shlex
 import signal
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,10 @@ from .files import (
     TinykError,
     atomic_dir,
     check_inputs,
+    is_plain_text,
     iter_records,
     iter_texts,
+    shown,
     write_json_atomic,
 )
 from .tokenizer import (
@@ -46,6 +49,7 @@ FORMAT_VERSION = 1
 SPLITS = ("train", "val")
 DEFAULT_SHARD_TOKENS = 100_000_000
 DEFAULT_BATCH_CHARS = 1 << 19
+PIECE_CHARS = 1 << 17  # longer documents are tokenized piece by piece (see `text_pieces`)
 LOADER_NAMES = ("PretrainLoader", "SFTLoader", "eval_batches", "open_dataset")
 
 # Speaker names used by BelleGroup, ShareGPT and OpenAI-style data, mapped to chat-template roles.
@@ -123,8 +127,7 @@ _WORKER_JOB: _Job | None = None
 
 def _init_worker(job: _Job) -> None:
     global _WORKER_JOB
-    # Ctrl-C is the parent's to handle: it stops the pool and removes the partial output.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited already; kept should the start method change
     # Each worker is one core; tokenizers' own thread pool would oversubscribe them.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _WORKER_JOB = job
@@ -145,11 +148,44 @@ def _encode(job: _Job, payload: Any) -> _Encoded:
     return _encode_sft(job, payload)
 
 
+# Places where the byte-level pre-tokenizer always splits, so text cut there encodes to the same
+# tokens piece by piece: after a lone newline between two non-spaces, and after a sentence-ending
+# mark followed by a letter or digit (the mark and the word are separate pre-tokens).
+_SAFE_CUT = re.compile(r"(?<=\S\n)(?=\S)|(?<=[。！？.!?])(?=[^\W_])")
+
+
+def text_pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
+    """`text` cut at safe places into pieces of at most about `size` characters (a piece is longer
+    only where no safe place exists), so a book-length document's encoding, many times the size of
+    its text, is never in memory whole."""
+    pieces, start = [], 0
+    while len(text) - start > size:
+        cut = None
+        for m in _SAFE_CUT.finditer(text, start + size // 2, start + size):
+            cut = m.start()
+        if cut is None:
+            m = _SAFE_CUT.search(text, start + size)
+            if m is None:
+                break
+            cut = m.start()
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
 def _encode_pretrain(job: _Job, texts: list[str]) -> _Batch:
     """Each document becomes <|im_start|> + its tokens + <|im_end|>."""
     tok = _tokenizer(job.tokenizer_json)
     encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # the fast one skips offsets
-    ids = [e.ids for e in encode(texts, add_special_tokens=False)]
+    ids: list[Any] = [None] * len(texts)
+    short = [i for i, t in enumerate(texts) if len(t) <= PIECE_CHARS]
+    for i, e in zip(short, encode([texts[i] for i in short], add_special_tokens=False), strict=True):
+        ids[i] = e.ids
+    for i in (i for i, t in enumerate(texts) if len(t) > PIECE_CHARS):
+        pieces = text_pieces(texts[i], PIECE_CHARS)
+        ids[i] = np.concatenate([np.array(e.ids, job.dtype) for k in range(0, len(pieces), 4)
+                                 for e in encode(pieces[k:k + 4], add_special_tokens=False)])
     lengths = np.fromiter((len(x) + 2 for x in ids), np.int64, len(ids))
     ends = np.cumsum(lengths)
     tokens = np.empty(int(lengths.sum()), job.dtype)
@@ -192,27 +228,60 @@ def _encode_sft(job: _Job, convs: list[tuple[str, list[dict[str, str]]]]) -> _En
     return batch, skipped, truncated
 
 
-def _map_ordered(job: _Job, payloads: Iterable[Any], workers: int) -> Iterator[_Encoded]:
-    """Encodes payloads in order, in worker processes once there is more than one payload.
+@dataclass
+class _SkipLog(Skips):
+    """Skips met while reading, held until the batch they were read with is written: with several
+    workers, reading runs ahead of tokenizing, and the report (and --strict's first error) must not
+    depend on how far."""
+
+    events: list[tuple[str, str]] = field(default_factory=list)
+
+    def add(self, reason: str, where: str) -> None:
+        self.events.append((reason, where))
+
+    def drain(self) -> list[tuple[str, str]]:
+        events, self.events = self.events, []
+        return events
+
+
+def _map_ordered(job: _Job, payloads: Iterable[tuple[Any, Any]], workers: int) -> Iterator[tuple[Any, _Encoded]]:
+    """Encodes (tag, payload) pairs in order, in worker processes once there is more than one
+    payload; yields (tag, encoded).
 
     At most two payloads per worker are in flight, which bounds memory whatever the input size.
     """
     it = iter(payloads)
     head = [p for p in (next(it, None), next(it, None)) if p is not None]
     if workers <= 1 or len(head) < 2:
-        for p in chain(head, it):
-            yield _encode(job, p)
+        for tag, p in chain(head, it):
+            yield tag, _encode(job, p)
         return
     # spawn, not fork: the caller may hold threads (torch, tokenizers) that fork would break.
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(job,)) as pool:
+    # Ctrl-C is the parent's to handle (it stops the pool and removes the partial output). Workers
+    # start with SIGINT ignored, which survives exec, so one pressed while they import does not
+    # reach them; in the parent it is blocked meanwhile, so it stays pending (Linux never discards
+    # a blocked signal) and lands once the pool is in hand.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        pool = ctx.Pool(workers, initializer=_init_worker, initargs=(job,))
+    except BaseException:
+        signal.signal(signal.SIGINT, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        raise
+    signal.signal(signal.SIGINT, handler)
+    with pool:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         pending: deque = deque()
-        for p in chain(head, it):
-            pending.append(pool.apply_async(_work, (p,)))
+        for tag, p in chain(head, it):
+            pending.append((tag, pool.apply_async(_work, (p,))))
             if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
+                tag, result = pending.popleft()
+                yield tag, result.get()
         while pending:
-            yield pending.popleft().get()
+            tag, result = pending.popleft()
+            yield tag, result.get()
 
 
 def _batched(items: Iterable[Any], size: Callable[[Any], int], limit: int) -> Iterator[list[Any]]:
@@ -254,7 +323,10 @@ class _SplitWriter:
         self.documents += len(b)
         self.tokens += int(b.lengths.sum())
         self.bytes += int(b.nbytes.sum())
-        self._write(b)
+        try:
+            self._write(b)
+        except OSError as e:  # numpy's short write says only "N requested and M written"
+            raise TinykError(f"cannot write {self.folder}: {e.strerror or e} (is the disk full?)") from e
 
     def _write(self, b: _Batch) -> None:
         raise NotImplementedError
@@ -370,7 +442,7 @@ def _check_common(val_fraction: float, workers: int | None, max_line_bytes: int)
 
 def _command(kind: str, paths: list[Path], tokenizer_dir: Any, out: Any, options: dict[str, Any]) -> str:
     """The `tinyk data` command line equivalent to a library call, for meta.json."""
-    args = ["tinyk", "data", kind, "--input", *map(str, paths), "--tokenizer", str(tokenizer_dir), "--out", str(out)]
+    args = ["tinyk", "data", kind, "--input", *map(shown, paths), "--tokenizer", shown(tokenizer_dir), "--out", shown(out)]
     for key, value in options.items():
         args += [f"--{key.replace('_', '-')}", str(value)]
     return shlex.join(args)
@@ -388,19 +460,27 @@ def _prepare(kind: str, paths: list[Path], tokenizer_dir: str | Path, out: str |
     dtype = token_dtype(tok.vocab_size)
     job = _Job(kind, str(Path(tokenizer_dir) / "tokenizer.json"), dtype.name, **job_extra)
     skips = Skips(strict=strict)
+    reader = _SkipLog()
+
+    def tagged() -> Iterator[tuple[list[tuple[str, str]], list[Any]]]:
+        for batch in payloads(reader):
+            yield reader.drain(), batch
+
     truncated: Counter = Counter()
     unit = "docs" if kind == "pretrain" else "conversations"
-    with atomic_dir(out, force=force, inputs=[*paths, tokenizer_dir]) as tmp:
+    with atomic_dir(out, force=force, inputs=[*paths, tokenizer_dir], replaces="meta.json") as tmp:
         splitter = _Splitter(make_writer(tmp / "train"), make_writer(tmp / "val"), val_fraction, seed)
         with tqdm(unit=f" {unit}", disable=not show_progress, dynamic_ncols=True,
                   desc=f"tokenizing {kind}") as bar:
-            for batch, skipped, cut in _map_ordered(job, payloads(skips), workers):
-                for reason, where in skipped:
+            for read_skips, (batch, skipped, cut) in _map_ordered(job, tagged(), workers):
+                for reason, where in read_skips + skipped:
                     skips.add(reason, where)
                 truncated.update(cut)
                 splitter.add(batch)
                 bar.update(len(batch))
                 bar.set_postfix(tokens=f"{splitter.train.tokens + splitter.val.tokens:,}", refresh=False)
+        for reason, where in reader.drain():  # lines after the last usable record
+            skips.add(reason, where)
         splits = splitter.close()
         if not splits["train"]["documents"]:
             raise TinykError(f"no usable {unit} in the input ({skips.summary()})")
@@ -416,7 +496,7 @@ def _prepare(kind: str, paths: list[Path], tokenizer_dir: str | Path, out: str |
             "val_fraction": val_fraction,
             "seed": seed,
             "skipped": skips.to_json(),
-            "inputs": [{"path": str(p), "bytes": p.stat().st_size} for p in paths],
+            "inputs": [{"path": shown(p), "bytes": p.stat().st_size} for p in paths],
             "command": command,
         }
         write_json_atomic(tmp / "meta.json", meta)
@@ -489,7 +569,7 @@ def prepare_sft(inputs: list[str | Path], tokenizer_dir: str | Path, out: str | 
                 batch_chars: int = DEFAULT_BATCH_CHARS) -> dict[str, Any]:
     """Tokenizes conversations with their assistant-only loss mask into `train/` and `val/`; returns meta."""
     paths = check_inputs(inputs)
-    if any(".txt" in p.name for p in paths):
+    if any(is_plain_text(p) for p in paths):
         raise TinykError("SFT inputs must be JSON/JSONL/Parquet conversations, not .txt")
     nworkers = _check_common(val_fraction, workers, max_line_bytes)
     if max_len < 8:

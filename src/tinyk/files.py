@@ -40,6 +40,7 @@ class Skips:
     keep_first: int = 5
     counts: Counter = field(default_factory=Counter)
     first: dict[str, list[str]] = field(default_factory=dict)
+    stopped_at: int | None = None  # input bytes read when a max_bytes limit ended the reading
 
     def add(self, reason: str, where: str) -> None:
         if self.strict:
@@ -56,12 +57,15 @@ class Skips:
     def summary(self) -> str:
         if not self.total:
             return "skipped 0 records"
-        parts = [f"{reason.replace('_', ' ')}: {n} (first at {', '.join(self.first[reason])})"
+        parts = [f"{reason.replace('_', ' ')}: {n} (first at {', '.join(self.first[reason])}"
+                 f"{'; convert such files first, e.g. iconv -f gbk -t utf-8' if reason == 'invalid_utf8' else ''})"
                  for reason, n in sorted(self.counts.items())]
         return f"skipped {self.total} records; " + "; ".join(parts)
 
     def to_json(self) -> dict[str, Any]:
-        return {"total": self.total, "by_reason": dict(self.counts), "first": self.first}
+        # Sorted: with several workers, reading and tokenizing report skips in a different interleaving.
+        return {"total": self.total, "by_reason": dict(sorted(self.counts.items())),
+                "first": dict(sorted(self.first.items()))}
 
 
 def check_inputs(paths: list[str | Path]) -> list[Path]:
@@ -80,6 +84,25 @@ def check_inputs(paths: list[str | Path]) -> list[Path]:
             raise TinykError(f"unsupported input type: {p} (use {', '.join(SUPPORTED_SUFFIXES)})")
         out.append(p)
     return out
+
+
+def is_plain_text(path: Path) -> bool:
+    """A `.txt` input (one document per line), also compressed; decided by the suffix, so
+    `corpus.txt.jsonl` is JSON."""
+    return path.name.endswith((".txt", ".txt.gz", ".txt.zst"))
+
+
+def shown(path: str | Path) -> str:
+    """A path as text that can always be printed and written to JSON: bytes of a file name that are not
+    UTF-8 (a GBK name from a Windows zip) become U+FFFD."""
+    return os.fsencode(path).decode("utf-8", "replace")
+
+
+def _labels(paths: list[Path]) -> dict[Path, str]:
+    """How skip reports name each input: its file name, or the path as given where names repeat
+    (shards called part-0.jsonl in several folders)."""
+    names = Counter(p.name for p in paths)
+    return {p: shown(p.name if names[p.name] == 1 else p) for p in paths}
 
 
 def marker_file(directory: str | Path, name: str, what: str) -> Path:
@@ -253,22 +276,25 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
     yield a dict. Stops once `max_bytes` of input have been consumed.
     """
     consumed = 0
+    labels = _labels(paths)
     for path in paths:
-        name = path.name
-        if name.endswith(".parquet"):
-            for where, rec, n in _iter_parquet(path):
+        label = labels[path]
+        if path.name.endswith(".parquet"):
+            for where, rec, n in _iter_parquet(path, label):
                 if max_bytes is not None and consumed + n > max_bytes:
+                    skips.stopped_at = consumed
                     return
                 consumed += n
                 yield where, rec
             continue
-        is_txt = ".txt" in name
+        is_txt = is_plain_text(path)
         base = consumed
         for lineno, line, read in iter_lines(path, max_line_bytes):
             if max_bytes is not None and base + read > max_bytes:
+                skips.stopped_at = consumed
                 return
             consumed = base + read
-            where = f"{path.name}:{lineno}"
+            where = f"{label}:{lineno}"
             if line is None:
                 skips.add("line_too_long", where)
                 continue
@@ -283,6 +309,9 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
                 continue
             if not s.strip():
                 continue
+            if lineno == 1 and s.strip() == "[" and not is_txt:
+                raise TinykError(f"{path}: one JSON array over many lines, not JSON Lines (one record per line); "
+                                 f"convert it first, e.g. jq -c '.[]' {shown(path.name)} > {shown(path.stem)}.jsonl")
             try:
                 rec = json.loads(s)
             except (ValueError, RecursionError):  # bad JSON, a 5000-digit number, nesting 1000 deep
@@ -314,7 +343,7 @@ def _has_surrogate(obj: Any) -> bool:
     return False
 
 
-def _iter_parquet(path: Path) -> Iterator[tuple[str, dict, int]]:
+def _iter_parquet(path: Path, label: str) -> Iterator[tuple[str, dict, int]]:
     try:
         import pyarrow.parquet as pq
     except ImportError as e:
@@ -337,7 +366,7 @@ def _iter_parquet(path: Path) -> Iterator[tuple[str, dict, int]]:
         size = max(1, batch.nbytes // max(1, batch.num_rows))
         for rec in recs:
             row += 1
-            yield f"{path.name}:row {row}", rec, size
+            yield f"{label}:row {row}", rec, size
 
 
 def iter_texts(paths: list[Path], skips: Skips, *, field_name: str = "text", **kw: Any) -> Iterator[str]:
@@ -389,17 +418,31 @@ def check_output_file(out: str, inputs: Iterable[str | Path | None], *, force: b
 
 
 @contextlib.contextmanager
-def atomic_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path | None] = ()) -> Iterator[Path]:
+def atomic_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path | None] = (),
+               replaces: str | None = None) -> Iterator[Path]:
     """Yields a temporary sibling of `out` to fill; renames it into place only on success.
 
     An existing `out` is refused unless `force`, and is replaced only once the new one is complete;
-    `out` may not overlap any of `inputs`. The temporary is named `.{name}.tmp-{host}-{pid}-XXXX`, so
-    a later run can remove one left by a killed process (see `remove_stale_temps`).
+    with `replaces` (the file this kind of output always holds, e.g. "meta.json") only an empty
+    directory or one holding that file is replaced, so a mistyped --out never deletes someone's
+    files. `out` may not overlap any of `inputs`. The temporary is named
+    `.{name}.tmp-{host}-{pid}-XXXX`, so a later run can remove one left by a killed process (see
+    `remove_stale_temps`).
     """
     out = Path(out)
+    if out.name in ("", ".", ".."):
+        raise TinykError(f"output directory {str(out)!r} must be named (e.g. data/pretrain), not '.' or '..'")
     check_output(out, inputs)
-    if out.exists() and not force:
+    if (out.exists() or out.is_symlink()) and not force:
         raise TinykError(f"output directory exists: {out} (use --force to replace it)")
+    if out.exists() and replaces is not None:
+        if not out.is_dir():
+            raise TinykError(f"output {out} is a file, not a directory; remove it yourself or choose another path")
+        held = sorted(p.name for p in out.iterdir())
+        if held and replaces not in held:
+            raise TinykError(f"--force would delete {out}, which is not an earlier output of this command (no "
+                             f"{replaces}; it holds {', '.join(held[:3])}{', ...' if len(held) > 3 else ''}); "
+                             "remove it yourself or choose another path")
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{_owner()}-", dir=out.parent))
@@ -414,12 +457,48 @@ def atomic_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path
             except BaseException:
                 os.replace(old, out)  # the earlier output stays where it was
                 raise
-            shutil.rmtree(old, ignore_errors=True)
+            if old.is_symlink():  # --force on a link replaces the link, not what it points to
+                old.unlink()
+            else:
+                shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+class DirLock:
+    """An exclusive advisory lock on a directory while a process works in it. The kernel drops it when
+    the process dies, so a killed run never leaves a stale lock behind; where locks are unsupported
+    (not POSIX, some network filesystems) it always succeeds."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.fd: int | None = None
+
+    def acquire(self) -> bool:
+        """True when this process now holds the lock; False when another one does."""
+        try:
+            import fcntl
+        except ImportError:
+            return True
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        except OSError:
+            os.close(fd)
+            return True
+        self.fd = fd
+        return True
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def _host() -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from typing import Any
 
@@ -53,7 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _common_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {"val_fraction": args.val_fraction, "seed": args.seed, "workers": args.workers,
-            "max_line_bytes": args.max_line_bytes, "strict": args.strict, "force": args.force}
+            "max_line_bytes": args.max_line_bytes, "strict": args.strict, "force": args.force,
+            "show_progress": sys.stderr.isatty()}  # a bar in a pipe or log is carriage-return noise
 
 
 def _pretrain(args: argparse.Namespace) -> int:
@@ -101,7 +103,7 @@ def _summary(meta: dict[str, Any], seconds: float | None = None) -> str:
         cut = meta.get("truncated", {})
         text += (f", {tr['loss_tokens'] + va['loss_tokens']:,} with loss; {sum(cut.values()):,} cut to "
                  f"--max-len {meta['max_len']} ({cut.get('at_turn', 0):,} at a turn boundary)")
-    mb = sum(i["bytes"] for i in meta["inputs"]) / 1e6
     if seconds is not None:
+        mb = sum(i["bytes"] for i in meta["inputs"]) / 1e6
         text += f"; read {mb:,.1f} MB in {seconds:.1f}s ({mb / max(seconds, 1e-9):.1f} MB/s)"
-    return f"{text}; {skips_summary(meta['skipped'])}; tokenizer {meta['tokenizer_hash']}."
+    return f"{text}; {skips_summary(meta.get('skipped', {}))}; tokenizer {meta['tokenizer_hash']}."

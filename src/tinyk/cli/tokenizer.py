@@ -26,7 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--vocab-size", type=vocab_size, default=6144)
     t.add_argument("--normalization", choices=["none", "nfkc"], default="none",
                    help="none keeps full-width punctuation; nfkc reproduces the seed")
-    t.add_argument("--max-bytes", type=positive_size, default=None, help="train on this much input, e.g. 2G")
+    t.add_argument("--max-bytes", type=positive_size, default=None,
+                   help="train on this much input, e.g. 500M (default: what the available memory allows, about "
+                        "1/100 of it)")
     t.add_argument("--field", default="text", help="JSON/Parquet field holding the text")
     t.add_argument("--min-frequency", type=int_range(0, 1_000_000_000), default=2)
     t.add_argument("--strict", action="store_true", help="stop at the first malformed line")
@@ -37,19 +39,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("path", help="tokenizer directory")
     e.add_argument("--input", nargs="*", action="extend", default=None, help="sample files to measure compression on")
     e.add_argument("--max-bytes", type=positive_size, default=10_000_000)
+    e.add_argument("--field", default="text", help="JSON/Parquet field holding the text")
     e.add_argument("--json", action="store_true", help="print JSON")
     e.set_defaults(func=_eval)
 
 
-def _train(args: argparse.Namespace) -> int:
-    from tinyk.tokenizer import train_tokenizer
+def _size(n: int) -> str:
+    return f"{n / 1e9:,.1f} GB" if n >= 1e9 else f"{n / 1e6:,.0f} MB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
+
+def _train(args: argparse.Namespace) -> int:
+    from tinyk.tokenizer import BPE_MEMORY_PER_BYTE, memory_available, train_tokenizer
+
+    memory = memory_available()
+    if args.max_bytes and memory and args.max_bytes * BPE_MEMORY_PER_BYTE > memory:
+        print(f"tinyk: warning: --max-bytes {_size(args.max_bytes)} may need up to "
+              f"{_size(args.max_bytes * BPE_MEMORY_PER_BYTE)} of memory (BPE training holds about "
+              f"{BPE_MEMORY_PER_BYTE} bytes per byte of text) and {_size(memory)} is available", file=sys.stderr)
     r = train_tokenizer(args.inputs, args.out, vocab_size=args.vocab_size, normalization=args.normalization,
                         max_bytes=args.max_bytes, field_name=args.field, min_frequency=args.min_frequency,
                         force=args.force, strict=args.strict,
                         show_progress=sys.stdout.isatty())  # its bar leaves blank lines in a pipe or log
     print(f"trained on {r['documents']:,} documents ({r['characters']:,} characters) in {r['seconds']}s; "
           f"vocab {r['vocab_size']}; {r['skipped_summary']}")
+    if r["capped_at"] is not None and r["cap_from_memory"]:
+        print(f"read the first {_size(r['capped_at'])} of the input, what {_size(r['memory_available'])} of "
+              f"available memory allows (BPE training holds about {BPE_MEMORY_PER_BYTE} bytes per byte of text); "
+              "--max-bytes sets how much")
+    elif r["capped_at"] is not None:
+        print(f"read the first {_size(r['capped_at'])} of the input (--max-bytes)")
     print(f"saved to {args.out}")
     return 0
 
@@ -57,7 +75,7 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from tinyk.tokenizer import eval_tokenizer
 
-    r = eval_tokenizer(args.path, args.input, max_bytes=args.max_bytes)
+    r = eval_tokenizer(args.path, args.input, max_bytes=args.max_bytes, field_name=args.field)
     if args.json:
         print(json.dumps(r, ensure_ascii=False, indent=2))
         return 0
