@@ -623,3 +623,53 @@ def test_an_sft_run_resumes_only_with_its_batch_size(tmp_path, sft_data, nano_mo
     with pytest.raises(TinykError, match="saved with batch_size 8; resume it with the same batch size"):
         train(nano_cfg(sft_data, None, out, max_steps=3, batch_size=4, **cfg), resume=True)
     assert train(nano_cfg(sft_data, None, out, max_steps=3, **cfg), resume=True)["steps"] == 3
+
+
+def test_one_run_at_a_time_in_a_run_directory(tmp_path, pt_data, tok_dir):
+    """A second writer (a job script's --resume, workers that outlived a killed torchrun) is refused
+    before it touches anything; the directory is free again once the first run ends, even by a kill."""
+    out = tmp_path / "run"
+    first = Trainer(nano_cfg(pt_data, tok_dir, out, max_steps=2, save_every=1))
+    before = sorted(p.name for p in out.rglob("*"))
+    for resume, force in ((True, False), (False, True)):
+        with pytest.raises(TinykError, match=f"run directory {out} is in use by another tinyk run"):
+            train(nano_cfg(pt_data, tok_dir, out, max_steps=3), resume=resume, force=force)
+    assert sorted(p.name for p in out.rglob("*")) == before
+    assert first.run()["steps"] == 2
+    assert train(nano_cfg(pt_data, tok_dir, out, max_steps=3), resume=True)["steps"] == 3
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                               "fd = os.open(sys.argv[1], os.O_RDONLY)\nfcntl.flock(fd, fcntl.LOCK_EX)\n"
+                               "print('locked', flush=True)\ntime.sleep(60)\n", str(out)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(TinykError, match="in use by another tinyk run"):
+            train(nano_cfg(pt_data, tok_dir, out, max_steps=4), resume=True)
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    assert train(nano_cfg(pt_data, tok_dir, out, max_steps=4), resume=True)["steps"] == 4
+
+
+def test_a_full_disk_while_saving_is_one_line_and_keeps_the_last_checkpoint(tmp_path, pt_data, tok_dir,
+                                                                                  monkeypatch, capsys):
+    out = tmp_path / "run"
+    train(nano_cfg(pt_data, tok_dir, out, max_steps=2, save_every=1))
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **kw):
+        if str(f).endswith("optimizer.pt"):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 862912 vs 862804\n"
+                               "frame #0: c10::ThrowEnforceNotMet(...)")
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(SystemExit) as e:
+        main(cli_args(pt_data, tok_dir, out, "--max-steps", "3", "--save-every", "1", "--resume"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "Traceback" not in err[0]
+    assert err[0].startswith(f"tinyk: error: cannot write {out / 'checkpoints' / 'step_0000003'}: [enforce fail")
+    assert err[0].endswith("MB free on that disk")
+    assert checkpoints(out)[-1].name == "step_0000002"
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]

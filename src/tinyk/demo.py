@@ -157,7 +157,7 @@ def step_rates(tcfgs: Sequence[Any], seconds: float, threads: Sequence[int] | No
             for tcfg, n in zip(tcfgs, threads, strict=True):
                 torch.set_num_threads(n)
                 trainer = Trainer(tcfg, force=True)
-                stack.enter_context(contextlib.closing(trainer.monitor))
+                stack.enter_context(contextlib.closing(trainer))
                 trainers.append(trainer)
                 for _ in range(2 if tcfg.compile else 1):
                     trainer.train_step(*trainer.next_batches())

@@ -34,10 +34,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
+from safetensors import SafetensorError
 from torch import nn
 
 from .checkpoint import check_compatible, is_model_dir, load_config, load_model, write_model_files
-from .files import TinykError, atomic_dir, check_output, write_json_atomic
+from .files import DirLock, TinykError, atomic_dir, check_output, write_json_atomic
 from .loader import IGNORE
 from .model import PRESETS, Attention, ModelConfig, Transformer, cuda_autocast_dtype
 from .monitor import TRACKERS, Monitor, Trackers, finite, peak_flops
@@ -547,6 +548,21 @@ def _made_by_a_run(p: Path) -> bool:
     return p.name in RUN_ENTRIES or _is_leftover(p)
 
 
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """A failed write as one line that names the place and the free space: torch.save reports a full
+    disk only as "iostream error" and a page of C++ frames."""
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as e:
+        try:
+            free = f"; {shutil.disk_usage(path.parent).free / 1e6:,.0f} MB free on that disk"
+        except OSError:
+            free = ""
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise TinykError(f"cannot write {path}: {reason}{free}") from e
+
+
 def _clean_partial(out: Path) -> None:
     """Removes what a run killed while writing left behind (the run's directory is its own alone)."""
     for parent in (out, out / "checkpoints"):
@@ -577,6 +593,7 @@ class Trainer:
         self.dist = setup_dist(cfg.device)
         self.device = self.dist.device
         self.out = Path(cfg.out)
+        self.lock = DirLock(self.out)
         self.stop_signal: str | None = None
         self._setup_inputs()
         self._setup_data()
@@ -594,6 +611,7 @@ class Trainer:
         except BaseException:
             # A new run that fails to start (a missing tracker package, unloadable weights) leaves
             # nothing behind, so the corrected command needs no --force.
+            self.lock.release()
             if fresh and self.dist.main:
                 shutil.rmtree(self.out, ignore_errors=True)
                 if existed:
@@ -661,10 +679,21 @@ class Trainer:
             raise TinykError(f"--out {out} is not a tinyk run directory ({what}); choose a new or empty directory")
         if exists and not self.resume and not force:
             raise TinykError(f"run directory {out} exists (use --resume to continue it or --force to start over)")
+        # One run per directory: a second writer (a job script's --resume while the first still runs, or
+        # workers that outlived a killed torchrun) would interleave metrics and rotate away checkpoints.
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+        busy = main and not self.lock.acquire()
+        if self.dist.sum_host([int(busy)])[0]:
+            raise TinykError(f"run directory {out} is in use by another tinyk run (still training, or its processes "
+                             f"outlived a killed launcher); stop that one first")
         self.dist.barrier()
         if main:
             if exists and force and not self.resume:
+                self.lock.release()
                 shutil.rmtree(out)
+                out.mkdir(parents=True)
+                self.lock.acquire()
             (out / "checkpoints").mkdir(parents=True, exist_ok=True)
             _clean_partial(out)
             if not exists or not self.resume:  # a new run: its directory is a run's from the start
@@ -778,7 +807,7 @@ class Trainer:
             dist.all_gather_object(ranks, _rng_state(self.device), group=d.host)
         path = self.out / "checkpoints" / f"step_{step:07d}"
         if d.main:
-            with atomic_dir(path, force=True) as tmp:
+            with _writing(path), atomic_dir(path, force=True) as tmp:
                 self.write_model(tmp / "model", model_state)
                 torch.save(optim_state, tmp / "optimizer.pt")
                 torch.save({"ranks": ranks, "scaler": self.scaler.state_dict()}, tmp / "rng.pt")
@@ -791,7 +820,10 @@ class Trainer:
                     "seq_len": self.cfg.seq_len, "total_steps": self.total_steps, "warmup": self.warmup,
                     "max_minutes": self.cfg.max_minutes})
             for old in checkpoints(self.out)[:-self.cfg.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+                # Renamed first: a kill mid-delete leaves a leftover, never a checkpoint with files missing.
+                doomed = old.with_name(f".{old.name}.old-{os.getpid()}")
+                os.replace(old, doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
         d.barrier()
         return path
 
@@ -1000,26 +1032,34 @@ class Trainer:
             self.monitor.print(line)
 
     def run(self) -> dict[str, Any]:
+        try:
+            return self._run()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Closes the trackers and frees the run directory for the next run; `run()` ends with it."""
+        if self.monitor:
+            self.monitor.close()
+            self.monitor = None
+        self.lock.release()
+
+    def _run(self) -> dict[str, Any]:
         cfg, d = self.cfg, self.dist
         self.peak, self.peak_source = peak_flops(self.device, cfg.peak_tflops, self.dtype)
         if d.main:
             self._header()
         if self.finished_already:
-            if self.monitor:
-                self.monitor.close()
             return self._finished_summary()
         previous = self._install_signals()
         self._t0, self._start_tokens = time.perf_counter(), self.progress.tokens
         try:
-            summary = self._loop()
+            return self._loop()
         except torch.cuda.OutOfMemoryError as e:
             raise self._oom() from e
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
-            if self.monitor:
-                self.monitor.close()
-        return summary
 
     def _finished_summary(self) -> dict[str, Any]:
         """A finished run resumed again: nothing to train, so its summary and final model stay as they are."""
@@ -1056,8 +1096,10 @@ class Trainer:
             n_pos = sum(x.numel() for x, _ in batches)
             # One host all-reduce per step: loss-token and token counts, a stop signal on any rank, and
             # the --max-minutes estimates from the previous step (every rank must stop at the same step).
-            n_loss, n_pos, stop, estimates = d.sum_host([n_loss, n_pos, self.stop_signal is not None, estimate])
-            if stop:
+            n_loss, n_pos, interrupts, terms, estimates = d.sum_host(
+                [n_loss, n_pos, self.stop_signal == "SIGINT", self.stop_signal == "SIGTERM", estimate])
+            if interrupts or terms:
+                self.stop_signal = self.stop_signal or ("SIGTERM" if terms else "SIGINT")  # it reached another rank
                 break
             total, norm = self.train_step(batches, n_loss)
             self.window_loss += total / max(n_loss, 1)
@@ -1106,7 +1148,7 @@ class Trainer:
         if not interrupted:
             model_state, _ = self._full_states()
             if d.main:
-                with atomic_dir(self.out / "final", force=True) as tmp:
+                with _writing(self.out / "final"), atomic_dir(self.out / "final", force=True) as tmp:
                     self.write_model(tmp, model_state)
                 final = str(self.out / "final")
             d.barrier()
