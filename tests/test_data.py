@@ -26,7 +26,7 @@ from tinyk.data import (
 )
 from tinyk.files import TinykError
 from tinyk.loader import PAD_MULTIPLE
-from tinyk.tokenizer import DEFAULT_SYSTEM_PROMPT, load_tokenizer, render_chat
+from tinyk.tokenizer import DEFAULT_SYSTEM_PROMPT, load_tokenizer, render_chat, train_tokenizer
 
 BOS, EOS = 3, 4
 QUIET = {"show_progress": False, "workers": 1}
@@ -196,15 +196,34 @@ def test_skip_report_and_strict_error_do_not_depend_on_the_worker_count(tmp_path
     with open(src, "a", encoding="utf-8") as f:
         f.write("{bad\n")
     reports, errors = [], []
-    for workers in (1, 2):
-        kw = dict(max_len=64, workers=workers, batch_chars=300, show_progress=False)
-        meta = prepare_sft([src], tok_dir, tmp_path / f"w{workers}", **kw)
+    for workers, batch_chars in ((1, 300), (2, 300), (1, 10**6), (2, 10**6)):
+        kw = dict(max_len=64, workers=workers, batch_chars=batch_chars, show_progress=False)
+        meta = prepare_sft([src], tok_dir, tmp_path / f"w{workers}-{batch_chars}", **kw)
         reports.append(json.dumps(meta["skipped"]))
         with pytest.raises(TinykError) as e:
-            prepare_sft([src], tok_dir, tmp_path / f"strict{workers}", strict=True, **kw)
+            prepare_sft([src], tok_dir, tmp_path / f"strict{workers}-{batch_chars}", strict=True, **kw)
         errors.append(str(e.value))
-    assert reports[0] == reports[1] and '"prompt_too_long": 1' in reports[0] and '"malformed_json": 1' in reports[0]
-    assert errors[0] == errors[1] == "s.jsonl:1: prompt too long (--strict)"
+    assert len(set(reports)) == 1 and '"prompt_too_long": 1' in reports[0] and '"malformed_json": 1' in reports[0]
+    assert set(errors) == {"s.jsonl:1: prompt too long (--strict)"}
+
+
+def test_data_can_be_prepared_from_a_thread(tmp_path, tok_dir, corpus_file):
+    """Signal handlers belong to the main thread; a library caller's worker thread still gets a pool."""
+    import threading
+
+    result = {}
+
+    def work():
+        try:
+            result["meta"] = prepare_pretrain([corpus_file], tok_dir, tmp_path / "d", workers=2, batch_chars=2000,
+                                              show_progress=False)
+        except BaseException as e:  # handed to the test's thread
+            result["error"] = e
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    assert "error" not in result and result["meta"]["splits"]["train"]["documents"] > 0
 
 
 def test_book_length_documents_are_tokenized_in_pieces_with_the_same_tokens(tmp_path, tok_dir, monkeypatch):
@@ -217,18 +236,30 @@ def test_book_length_documents_are_tokenized_in_pieces_with_the_same_tokens(tmp_
     atoms = ["中国", "的", "首都", "是北京", "。", "！", "？", ".", "!", "\n", "\n\n", " ", "  \n", "\t", "hello",
              "it's", "_x", "3.14", "，", "”", "e\u0301", "\u3000", "①", "😀", "\r\n", "x\n", "。_"]
     book = "".join(rng.choice(atoms) for _ in range(3000))
+    # NFKC turns "⑴" into "(1)" and "㈠" into "(一)", which would join a "。" before them: cut after normalising.
+    legal = "".join(rng.choice(["第一条。", "⑴甲方应当", "。㈠总则", "，", "\n", "ำ", "ﾞ"]) for _ in range(800))
+    nfkc = tmp_path / "nfkc"
+    train_tokenizer([write_jsonl(tmp_path / "t.jsonl", [book, legal] * 3)], nfkc, vocab_size=400, normalization="nfkc",
+                    show_progress=False)
+    for tok, text in [(tok_dir, book), (nfkc, book), (nfkc, legal)]:
+        plain = load_tokenizer(tok).plain
+        whole = plain.encode(text, add_special_tokens=False).ids
+        normal = plain.normalizer.normalize_str(text) if plain.normalizer else text
+        for size in (1, 5, 40, 300):
+            pieces = data.text_pieces(normal, size)
+            assert "".join(pieces) == normal and len(pieces) > 1
+            assert [i for p in pieces for i in plain.encode(p, add_special_tokens=False).ids] == whole, (tok, size)
     plain = load_tokenizer(tok_dir).plain
     whole = plain.encode(book, add_special_tokens=False).ids
-    for size in (5, 40, 300):
-        pieces = data.text_pieces(book, size)
-        assert "".join(pieces) == book and len(pieces) > len(book) // (4 * size)
-        assert [i for p in pieces for i in plain.encode(p, add_special_tokens=False).ids] == whole
     src = write_jsonl(tmp_path / "b.jsonl", [book, "短文。"])
-    prepare_pretrain([src], tok_dir, tmp_path / "whole", val_fraction=0, **QUIET)
+    for tok in (tok_dir, nfkc):
+        prepare_pretrain([src], tok, tmp_path / f"whole-{tok.name}", val_fraction=0, **QUIET)
     monkeypatch.setattr(data, "PIECE_CHARS", 100)
-    prepare_pretrain([src], tok_dir, tmp_path / "pieces", val_fraction=0, **QUIET)
-    assert np.array_equal(split_tokens(tmp_path / "pieces", "train"), split_tokens(tmp_path / "whole", "train"))
-    assert documents(tmp_path / "pieces", "train")[0] == [BOS, *whole, EOS]
+    for tok in (tok_dir, nfkc):
+        prepare_pretrain([src], tok, tmp_path / f"pieces-{tok.name}", val_fraction=0, **QUIET)
+        assert np.array_equal(split_tokens(tmp_path / f"pieces-{tok.name}", "train"),
+                              split_tokens(tmp_path / f"whole-{tok.name}", "train"))
+    assert documents(tmp_path / f"pieces-{tok_dir.name}", "train")[0] == [BOS, *whole, EOS]
 
 
 def test_rerun_needs_force_and_replaces_instead_of_appending(tmp_path, tok_dir):

@@ -44,7 +44,7 @@ def test_unreadable_input(tmp_path, capsys, corpus_file):
     assert code == 2 and "not readable" in err
 
 
-def test_existing_output_needs_force(tmp_path, corpus_file, capsys):
+def test_existing_output_needs_force(tmp_path, corpus_file, nano_model_dir, capsys):
     out = tmp_path / "t"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
@@ -54,8 +54,12 @@ def test_existing_output_needs_force(tmp_path, corpus_file, capsys):
     # --force replaces an earlier output of the command, never a folder of someone's files.
     code, err = run_cli(["tokenizer", "train", str(corpus_file), "--out", str(out), "--vocab-size", "300",
                          "--force"], capsys)
-    assert code == 2 and "not an earlier output of this command (no tokenizer.json; it holds keep.txt)" in err
+    assert code == 2 and "not a tinyk tokenizer (it holds keep.txt)" in err
     assert (out / "keep.txt").read_text() == "mine"
+    model = Path(shutil.copytree(nano_model_dir, tmp_path / "model"))  # a model holds a tokenizer too
+    code, err = run_cli(["tokenizer", "train", str(corpus_file), "--out", str(model), "--force"], capsys)
+    assert code == 2 and "not a tinyk tokenizer" in err and (model / "model.safetensors").exists()
+    shutil.rmtree(model)
     (out / "keep.txt").unlink()
     for _ in range(2):  # into the now empty folder, then over that tokenizer
         code, _ = run_cli(["tokenizer", "train", str(corpus_file), "--out", str(out), "--vocab-size", "300",
@@ -162,3 +166,21 @@ def test_real_process_prints_one_line_no_traceback(tmp_path):
 def test_help_lists_commands():
     p = subprocess.run([sys.executable, "-m", "tinyk", "--help"], capture_output=True, text=True)
     assert p.returncode == 0 and "tokenizer" in p.stdout and "model" in p.stdout
+
+
+def test_main_works_from_a_thread(tmp_path, capsys):
+    """Signal handlers belong to the main thread: a program running tinyk commands in a worker thread
+    gets the same one-line error, not a ValueError about signals."""
+    import threading
+
+    codes = []
+
+    def call():
+        with pytest.raises(SystemExit) as e:
+            main(["data", "info", str(tmp_path / "nope")])
+        codes.append(e.value.code)
+
+    t = threading.Thread(target=call)
+    t.start()
+    t.join()
+    assert codes == [2] and "tinyk data directory not found" in capsys.readouterr().err

@@ -380,11 +380,16 @@ def test_force_replaces_a_link_not_what_it_points_to(tmp_path):
     (target / "meta.json").write_text("{}")
     link = tmp_path / "out"
     link.symlink_to(target)
-    with atomic_dir(link, force=True, replaces="meta.json") as tmp:
+    with atomic_dir(link, force=True, replaces=("a test output", lambda d: (d / "meta.json").is_file())) as tmp:
         (tmp / "meta.json").write_text("new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "real"]
     assert not link.is_symlink() and (link / "meta.json").read_text() == "new"
     assert (target / "meta.json").read_text() == "{}"
+    dangling = tmp_path / "gone"
+    dangling.symlink_to(tmp_path / "nowhere")
+    with atomic_dir(dangling, force=True) as tmp:
+        (tmp / "f").write_text("x")
+    assert dangling.is_dir() and not dangling.is_symlink()
 
 
 def test_force_never_deletes_a_folder_this_command_did_not_make(tmp_path, tok_dir, capsys):
@@ -394,7 +399,7 @@ def test_force_never_deletes_a_folder_this_command_did_not_make(tmp_path, tok_di
     (thesis / "sub").mkdir(parents=True)
     (thesis / "sub" / "thesis.tex").write_text("years of work")
     code, err = run_cli(["data", "pretrain", "--input", src, "--tokenizer", tok_dir, "--out", thesis, "--force"], capsys)
-    assert code == 2 and "not an earlier output of this command (no meta.json; it holds sub)" in one_error_line(err)
+    assert code == 2 and "not a tinyk data directory (it holds sub)" in one_error_line(err)
     assert (thesis / "sub" / "thesis.tex").read_text() == "years of work"
     code, err = run_cli(["data", "pretrain", "--input", src, "--tokenizer", tok_dir, "--out", tok_dir, "--force"],
                         capsys)

@@ -82,6 +82,14 @@ def check_compatible(cfg: ModelConfig, tok: TinyTokenizer) -> None:
             raise TinykError(f"tokenizer {tok.path}: special token {name} is not id {i}")
 
 
+def _is_tinyk_model(path: Path) -> bool:
+    """A model directory tinyk wrote (its config.json has a `tinyk` block), not any HF model."""
+    try:
+        return "tinyk" in json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def is_model_dir(path: str | Path) -> bool:
     p = Path(path)
     return (p / "config.json").is_file() and (p / "model.safetensors").is_file()
@@ -107,7 +115,7 @@ def write_model_files(model: Transformer, tok_dir: str | Path, out: Path) -> Non
 
 def save_model(model: Transformer, tok_dir: str | Path, out: str | Path, force: bool = False) -> Path:
     """Writes a model directory atomically: it is complete or absent."""
-    with atomic_dir(out, force=force, inputs=[tok_dir], replaces="config.json") as tmp:
+    with atomic_dir(out, force=force, inputs=[tok_dir], replaces=("a tinyk model directory", _is_tinyk_model)) as tmp:
         write_model_files(model, tok_dir, tmp)
     return Path(out)
 

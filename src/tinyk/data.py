@@ -9,15 +9,18 @@ The loaders that read these directories live in `tinyk.loader` and are re-export
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import re
 import shlex
 import signal
+import threading
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import chain
+from multiprocessing import resource_tracker
 from pathlib import Path
 from typing import Any
 
@@ -155,13 +158,13 @@ _SAFE_CUT = re.compile(r"(?<=\S\n)(?=\S)|(?<=[。！？.!?])(?=[^\W_])")
 
 
 def text_pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
-    """`text` cut at safe places into pieces of at most about `size` characters (a piece is longer
-    only where no safe place exists), so a book-length document's encoding, many times the size of
-    its text, is never in memory whole."""
+    """`text` (already normalised, if the tokenizer normalises) cut at safe places into pieces of at
+    most about `size` characters (a piece is longer only where no safe place exists), so a
+    book-length document's encoding, many times the size of its text, is never in memory whole."""
     pieces, start = [], 0
     while len(text) - start > size:
         cut = None
-        for m in _SAFE_CUT.finditer(text, start + size // 2, start + size):
+        for m in _SAFE_CUT.finditer(text, start + max(1, size // 2), start + size):
             cut = m.start()
         if cut is None:
             m = _SAFE_CUT.search(text, start + size)
@@ -183,7 +186,10 @@ def _encode_pretrain(job: _Job, texts: list[str]) -> _Batch:
     for i, e in zip(short, encode([texts[i] for i in short], add_special_tokens=False), strict=True):
         ids[i] = e.ids
     for i in (i for i, t in enumerate(texts) if len(t) > PIECE_CHARS):
-        pieces = text_pieces(texts[i], PIECE_CHARS)
+        # Cut after normalising (NFKC turns "⑴" into "(1)", which would join the "。" before it); the
+        # normaliser leaves normalised text as it is, so the tokens stay those of the whole.
+        text = tok.normalizer.normalize_str(texts[i]) if tok.normalizer is not None else texts[i]
+        pieces = text_pieces(text, PIECE_CHARS)
         ids[i] = np.concatenate([np.array(e.ids, job.dtype) for k in range(0, len(pieces), 4)
                                  for e in encode(pieces[k:k + 4], add_special_tokens=False)])
     lengths = np.fromiter((len(x) + 2 for x in ids), np.int64, len(ids))
@@ -228,20 +234,35 @@ def _encode_sft(job: _Job, convs: list[tuple[str, list[dict[str, str]]]]) -> _En
     return batch, skipped, truncated
 
 
+class _ReadStopped(Exception):
+    """--strict met a bad record while reading: the batch read so far still goes out first."""
+
+
 @dataclass
 class _SkipLog(Skips):
-    """Skips met while reading, held until the batch they were read with is written: with several
-    workers, reading runs ahead of tokenizing, and the report (and --strict's first error) must not
-    depend on how far."""
+    """Skips met while reading, counted per batch and handed over with it: with several workers,
+    reading runs ahead of tokenizing, and the report (and --strict's first error) must not depend
+    on how far. Under --strict, reading stops at the first one."""
 
-    events: list[tuple[str, str]] = field(default_factory=list)
+    stop_at_first: bool = False
 
     def add(self, reason: str, where: str) -> None:
-        self.events.append((reason, where))
+        super().add(reason, where)
+        if self.stop_at_first:
+            raise _ReadStopped
 
-    def drain(self) -> list[tuple[str, str]]:
-        events, self.events = self.events, []
-        return events
+    def take(self) -> Skips:
+        """What was counted since the last take, and a fresh start."""
+        taken = Skips(counts=self.counts, first=self.first)
+        self.counts, self.first = Counter(), {}
+        return taken
+
+
+def _read_until_stopped(items: Iterator[Any]) -> Iterator[Any]:
+    try:
+        yield from items
+    except _ReadStopped:
+        return
 
 
 def _map_ordered(job: _Job, payloads: Iterable[tuple[Any, Any]], workers: int) -> Iterator[tuple[Any, _Encoded]]:
@@ -256,23 +277,7 @@ def _map_ordered(job: _Job, payloads: Iterable[tuple[Any, Any]], workers: int) -
         for tag, p in chain(head, it):
             yield tag, _encode(job, p)
         return
-    # spawn, not fork: the caller may hold threads (torch, tokenizers) that fork would break.
-    ctx = multiprocessing.get_context("spawn")
-    # Ctrl-C is the parent's to handle (it stops the pool and removes the partial output). Workers
-    # start with SIGINT ignored, which survives exec, so one pressed while they import does not
-    # reach them; in the parent it is blocked meanwhile, so it stays pending (Linux never discards
-    # a blocked signal) and lands once the pool is in hand.
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        pool = ctx.Pool(workers, initializer=_init_worker, initargs=(job,))
-    except BaseException:
-        signal.signal(signal.SIGINT, handler)
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        raise
-    signal.signal(signal.SIGINT, handler)
-    with pool:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    with _start_pool(workers, job) as pool:
         pending: deque = deque()
         for tag, p in chain(head, it):
             pending.append((tag, pool.apply_async(_work, (p,))))
@@ -282,6 +287,37 @@ def _map_ordered(job: _Job, payloads: Iterable[tuple[Any, Any]], workers: int) -
         while pending:
             tag, result = pending.popleft()
             yield tag, result.get()
+
+
+@contextlib.contextmanager
+def _start_pool(workers: int, job: _Job) -> Iterator[Any]:
+    """A pool of spawned workers (not forked: the caller may hold threads, torch's or tokenizers',
+    that fork would break) that leave Ctrl-C to the parent, which stops the pool and removes the
+    partial output.
+
+    Workers start with SIGINT ignored, which survives exec, so one pressed while they import does
+    not reach them; the parent blocks it meanwhile, so it stays pending (Linux never discards a
+    blocked signal) and lands once the pool is in hand. Only the main thread can change handlers.
+    """
+    ctx = multiprocessing.get_context("spawn")
+    if threading.current_thread() is not threading.main_thread():
+        with ctx.Pool(workers, initializer=_init_worker, initargs=(job,)) as pool:
+            yield pool
+        return
+    resource_tracker.ensure_running()  # starting it unblocks SIGINT, so not in the window below
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(job,))
+        finally:
+            signal.signal(signal.SIGINT, handler)
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        raise
+    with pool:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        yield pool
 
 
 def _batched(items: Iterable[Any], size: Callable[[Any], int], limit: int) -> Iterator[list[Any]]:
@@ -448,8 +484,19 @@ def _command(kind: str, paths: list[Path], tokenizer_dir: Any, out: Any, options
     return shlex.join(args)
 
 
+def _is_data_dir(path: Path) -> bool:
+    from .loader import open_dataset
+
+    try:
+        open_dataset(path)
+    except TinykError:
+        return False
+    return True
+
+
 def _prepare(kind: str, paths: list[Path], tokenizer_dir: str | Path, out: str | Path, *,
-             payloads: Callable[[Skips], Iterator[list[Any]]], job_extra: dict[str, Any],
+             records: Callable[[Skips], Iterator[Any]], size: Callable[[Any], int], batch_chars: int,
+             job_extra: dict[str, Any],
              make_writer: Callable[[Path], _SplitWriter], meta_extra: dict[str, Any], command: str,
              val_fraction: float, seed: int, workers: int, force: bool, strict: bool,
              show_progress: bool) -> dict[str, Any]:
@@ -460,27 +507,29 @@ def _prepare(kind: str, paths: list[Path], tokenizer_dir: str | Path, out: str |
     dtype = token_dtype(tok.vocab_size)
     job = _Job(kind, str(Path(tokenizer_dir) / "tokenizer.json"), dtype.name, **job_extra)
     skips = Skips(strict=strict)
-    reader = _SkipLog()
+    reader = _SkipLog(stop_at_first=strict)
 
-    def tagged() -> Iterator[tuple[list[tuple[str, str]], list[Any]]]:
-        for batch in payloads(reader):
-            yield reader.drain(), batch
+    def tagged() -> Iterator[tuple[Skips, list[Any]]]:
+        for batch in _batched(_read_until_stopped(records(reader)), size, batch_chars):
+            yield reader.take(), batch
 
     truncated: Counter = Counter()
     unit = "docs" if kind == "pretrain" else "conversations"
-    with atomic_dir(out, force=force, inputs=[*paths, tokenizer_dir], replaces="meta.json") as tmp:
+    with atomic_dir(out, force=force, inputs=[*paths, tokenizer_dir],
+                    replaces=("a tinyk data directory", _is_data_dir)) as tmp:
         splitter = _Splitter(make_writer(tmp / "train"), make_writer(tmp / "val"), val_fraction, seed)
         with tqdm(unit=f" {unit}", disable=not show_progress, dynamic_ncols=True,
                   desc=f"tokenizing {kind}") as bar:
             for read_skips, (batch, skipped, cut) in _map_ordered(job, tagged(), workers):
-                for reason, where in read_skips + skipped:
+                # A batch's records all precede a --strict stop, so their own skips come first.
+                for reason, where in skipped:
                     skips.add(reason, where)
+                skips.merge(read_skips)
                 truncated.update(cut)
                 splitter.add(batch)
                 bar.update(len(batch))
                 bar.set_postfix(tokens=f"{splitter.train.tokens + splitter.val.tokens:,}", refresh=False)
-        for reason, where in reader.drain():  # lines after the last usable record
-            skips.add(reason, where)
+        skips.merge(reader.take())  # lines after the last usable record
         splits = splitter.close()
         if not splits["train"]["documents"]:
             raise TinykError(f"no usable {unit} in the input ({skips.summary()})")
@@ -518,12 +567,12 @@ def prepare_pretrain(inputs: list[str | Path], tokenizer_dir: str | Path, out: s
     if shard_tokens < 1:
         raise TinykError(f"--shard-tokens must be positive, got {shard_tokens}")
 
-    def payloads(skips: Skips) -> Iterator[list[str]]:
-        texts = iter_texts(paths, skips, field_name=field, max_line_bytes=max_line_bytes)
-        return _batched(texts, len, batch_chars)
+    def records(skips: Skips) -> Iterator[str]:
+        return iter_texts(paths, skips, field_name=field, max_line_bytes=max_line_bytes)
 
     options = {"field": field, "val_fraction": val_fraction, "seed": seed, "shard_tokens": shard_tokens}
-    return _prepare("pretrain", paths, tokenizer_dir, out, payloads=payloads, job_extra={},
+    return _prepare("pretrain", paths, tokenizer_dir, out, records=records, size=len, batch_chars=batch_chars,
+                    job_extra={},
                     make_writer=lambda d: _ShardWriter(d, shard_tokens), meta_extra={"field": field},
                     command=_command("pretrain", paths, tokenizer_dir, out, options), val_fraction=val_fraction,
                     seed=seed, workers=nworkers, force=force, strict=strict, show_progress=show_progress)
@@ -583,11 +632,12 @@ def prepare_sft(inputs: list[str | Path], tokenizer_dir: str | Path, out: str | 
             else:
                 yield where, conv
 
-    def payloads(skips: Skips) -> Iterator[list[tuple[str, list[dict[str, str]]]]]:
-        return _batched(conversations(skips), lambda c: sum(len(m["content"]) for m in c[1]), batch_chars)
+    def chars(conv: tuple[str, list[dict[str, str]]]) -> int:
+        return sum(len(m["content"]) for m in conv[1])
 
     options = {"max_len": max_len, "system_prompt": system_prompt, "val_fraction": val_fraction, "seed": seed}
-    return _prepare("sft", paths, tokenizer_dir, out, payloads=payloads, job_extra={"max_len": max_len},
+    return _prepare("sft", paths, tokenizer_dir, out, records=conversations, size=chars, batch_chars=batch_chars,
+                    job_extra={"max_len": max_len},
                     make_writer=_ConversationWriter,
                     meta_extra={"max_len": max_len, "system_prompt": system_prompt},
                     command=_command("sft", paths, tokenizer_dir, out, options), val_fraction=val_fraction,

@@ -259,23 +259,19 @@ def run_training(tcfg: Any) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- the pipeline
 
-def run_demo(out: str | Path, cfg: DemoConfig | None = None, *, force: bool = False,
-             show_progress: bool = True) -> dict[str, Any]:
+def run_demo(out: str | Path, cfg: DemoConfig | None = None, *, show_progress: bool = True) -> dict[str, Any]:
     """Runs the whole demo into `out` and returns results.json's content.
 
-    An existing `out` is replaced when it holds an earlier demo (so `make demo` can be rerun),
-    otherwise only with `force`.
+    An existing `out` is replaced when it holds an earlier demo (so `make demo` can be rerun) or
+    nothing; any other directory is refused.
     """
     cfg = cfg or DemoConfig()
     out = Path(out)
     if not (isinstance(cfg.minutes, int | float) and math.isfinite(cfg.minutes) and cfg.minutes > 0):
         raise TinykError(f"--minutes must be positive (a finite number of minutes), got {cfg.minutes}")
-    previous_demo = (out / "results.json").is_file() and _is_demo_results(out / "results.json")
-    if out.exists() and not (force or previous_demo):
-        raise TinykError(f"output directory exists and is not an earlier demo: {out} (use --force to replace it)")
     threads = torch.get_num_threads()
     try:
-        with atomic_dir(out, force=True) as tmp:
+        with atomic_dir(out, force=True, replaces=("an earlier demo", _is_demo_dir)) as tmp:
             results = _pipeline(tmp, cfg, show_progress)
             results["out"] = str(out)
             write_json_atomic(tmp / "results.json", results)
@@ -290,9 +286,9 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, *, force: bool = Fa
     return results
 
 
-def _is_demo_results(path: Path) -> bool:
+def _is_demo_dir(path: Path) -> bool:
     try:
-        return json.loads(path.read_text(encoding="utf-8")).get("kind") == RESULTS_KIND
+        return json.loads((path / "results.json").read_text(encoding="utf-8")).get("kind") == RESULTS_KIND
     except (OSError, json.JSONDecodeError, AttributeError):
         return False
 

@@ -13,12 +13,13 @@ import io
 import json
 import os
 import re
+import shlex
 import shutil
 import socket
 import tempfile
 import zlib
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -61,6 +62,14 @@ class Skips:
                  f"{'; convert such files first, e.g. iconv -f gbk -t utf-8' if reason == 'invalid_utf8' else ''})"
                  for reason, n in sorted(self.counts.items())]
         return f"skipped {self.total} records; " + "; ".join(parts)
+
+    def merge(self, other: Skips) -> None:
+        """Adds what `other` counted as if each of its skips were added here (so --strict raises)."""
+        for reason, n in other.counts.items():
+            places = other.first.get(reason, [])
+            for where in places:
+                self.add(reason, where)
+            self.counts[reason] += n - len(places)
 
     def to_json(self) -> dict[str, Any]:
         # Sorted: with several workers, reading and tokenizing report skips in a different interleaving.
@@ -311,7 +320,7 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
                 continue
             if lineno == 1 and s.strip() == "[" and not is_txt:
                 raise TinykError(f"{path}: one JSON array over many lines, not JSON Lines (one record per line); "
-                                 f"convert it first, e.g. jq -c '.[]' {shown(path.name)} > {shown(path.stem)}.jsonl")
+                                 f"convert it first, e.g. {_jq_hint(path)}")
             try:
                 rec = json.loads(s)
             except (ValueError, RecursionError):  # bad JSON, a 5000-digit number, nesting 1000 deep
@@ -321,6 +330,14 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
                 skips.add("invalid_utf8", where)  # an escaped lone surrogate: no UTF-8 text holds one
                 continue
             yield where, rec
+
+
+def _jq_hint(path: Path) -> str:
+    name = shown(path.name)
+    base = name.split(".")[0] or "records"
+    if _codec(path):
+        return f"decompress it, then jq -c '.[]' FILE > {shlex.quote(base + '.jsonl')}"
+    return f"jq -c '.[]' {shlex.quote(name)} > {shlex.quote(base + '.jsonl')}"
 
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
@@ -419,12 +436,12 @@ def check_output_file(out: str, inputs: Iterable[str | Path | None], *, force: b
 
 @contextlib.contextmanager
 def atomic_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path | None] = (),
-               replaces: str | None = None) -> Iterator[Path]:
+               replaces: tuple[str, Callable[[Path], bool]] | None = None) -> Iterator[Path]:
     """Yields a temporary sibling of `out` to fill; renames it into place only on success.
 
     An existing `out` is refused unless `force`, and is replaced only once the new one is complete;
-    with `replaces` (the file this kind of output always holds, e.g. "meta.json") only an empty
-    directory or one holding that file is replaced, so a mistyped --out never deletes someone's
+    with `replaces` (what this kind of output is called, and a check that a directory is one) only
+    an empty directory or such an output is replaced, so a mistyped --out never deletes someone's
     files. `out` may not overlap any of `inputs`. The temporary is named
     `.{name}.tmp-{host}-{pid}-XXXX`, so a later run can remove one left by a killed process (see
     `remove_stale_temps`).
@@ -436,20 +453,21 @@ def atomic_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path
     if (out.exists() or out.is_symlink()) and not force:
         raise TinykError(f"output directory exists: {out} (use --force to replace it)")
     if out.exists() and replaces is not None:
+        what, is_one = replaces
         if not out.is_dir():
             raise TinykError(f"output {out} is a file, not a directory; remove it yourself or choose another path")
         held = sorted(p.name for p in out.iterdir())
-        if held and replaces not in held:
-            raise TinykError(f"--force would delete {out}, which is not an earlier output of this command (no "
-                             f"{replaces}; it holds {', '.join(held[:3])}{', ...' if len(held) > 3 else ''}); "
-                             "remove it yourself or choose another path")
+        if held and not is_one(out):
+            raise TinykError(f"--force would delete {out}, which is not {what} (it holds "
+                             f"{', '.join(held[:3])}{', ...' if len(held) > 3 else ''}); remove it yourself or "
+                             "choose another path")
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{_owner()}-", dir=out.parent))
     try:
         yield tmp
         _share_like_umask(tmp)
-        if out.exists():
+        if out.exists() or out.is_symlink():
             old = out.with_name(f".{out.name}.old-{_owner()}")
             os.replace(out, old)
             try:
@@ -499,6 +517,8 @@ class DirLock:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+    __del__ = release
 
 
 def _host() -> str:

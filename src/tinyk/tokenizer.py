@@ -217,6 +217,18 @@ def load_tokenizer(path: str | Path) -> TinyTokenizer:
     return TinyTokenizer(tok, path)
 
 
+def _is_tokenizer_output(path: Path) -> bool:
+    """A directory `tinyk tokenizer train` made: a tinyk tokenizer and nothing more (a model directory
+    holds one too)."""
+    if (path / "config.json").exists():
+        return False
+    try:
+        load_tokenizer(path)
+    except TinykError:
+        return False
+    return True
+
+
 def tokenizer_config(model_max_length: int = 1_000_000) -> dict[str, Any]:
     return {
         "add_bos_token": False,
@@ -277,9 +289,14 @@ def memory_available() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        cgroup = Path("/sys/fs/cgroup")
+        limit = (cgroup / "memory.max").read_text().strip()
         if limit != "max":
-            found.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+            # The page cache counts as used but is given back on demand (docker and the kubelet
+            # subtract it too); a container that has just read its corpus would otherwise look full.
+            stat = dict(line.split() for line in (cgroup / "memory.stat").read_text().splitlines())
+            used = int((cgroup / "memory.current").read_text()) - int(stat.get("inactive_file", 0))
+            found.append(int(limit) - used)
     except (OSError, ValueError):
         pass
     return max(0, min(found)) if found else None
@@ -348,7 +365,7 @@ def train_tokenizer(inputs: list[str | Path], out: str | Path, *, vocab_size: in
             yield t
 
     t0 = time.time()
-    with atomic_dir(out, force=force, inputs=paths, replaces="tokenizer.json") as tmp:
+    with atomic_dir(out, force=force, inputs=paths, replaces=("a tinyk tokenizer", _is_tokenizer_output)) as tmp:
         _train_interruptibly(tok, texts(), trainer)
         if stats["documents"] == 0 and skips.stopped_at is not None:
             raise TinykError(f"no document fits in the first {max_bytes:,} bytes of the input (raise --max-bytes)")

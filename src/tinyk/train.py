@@ -554,13 +554,20 @@ def _writing(path: Path) -> Iterator[None]:
     disk only as "iostream error" and a page of C++ frames."""
     try:
         yield
-    except (OSError, RuntimeError, SafetensorError) as e:
-        try:
-            free = f"; {shutil.disk_usage(path.parent).free / 1e6:,.0f} MB free on that disk"
-        except OSError:
-            free = ""
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise TinykError(f"cannot write {path}: {reason}{free}") from e
+    except (OSError, SafetensorError) as e:
+        raise _write_error(path, e) from e
+    except RuntimeError as e:  # torch's file writer; other RuntimeErrors (CUDA out of memory) are not ours
+        if not any(m in str(e) for m in ("iostream", "inline_container", "PytorchStreamWriter")):
+            raise
+        raise _write_error(path, e) from e
+
+
+def _write_error(path: Path, e: Exception) -> TinykError:
+    try:
+        free = f"; {shutil.disk_usage(path.parent).free / 1e6:,.0f} MB free on that disk"
+    except OSError:
+        free = ""
+    return TinykError(f"cannot write {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}{free}")
 
 
 def _clean_partial(out: Path) -> None:
@@ -687,18 +694,20 @@ class Trainer:
         if self.dist.sum_host([int(busy)])[0]:
             raise TinykError(f"run directory {out} is in use by another tinyk run (still training, or its processes "
                              f"outlived a killed launcher); stop that one first")
-        self.dist.barrier()
-        if main:
-            if exists and force and not self.resume:
-                self.lock.release()
-                shutil.rmtree(out)
-                out.mkdir(parents=True)
-                self.lock.acquire()
-            (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-            _clean_partial(out)
-            if not exists or not self.resume:  # a new run: its directory is a run's from the start
-                (out / "config.yaml").write_text(dump_config(self.cfg), encoding="utf-8")
-        self.dist.barrier()
+        try:
+            self.dist.barrier()
+            if main:
+                if exists and force and not self.resume:
+                    for p in out.iterdir():  # emptied, not removed: the lock stays on the directory
+                        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+                (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+                _clean_partial(out)
+                if not exists or not self.resume:  # a new run: its directory is a run's from the start
+                    (out / "config.yaml").write_text(dump_config(self.cfg), encoding="utf-8")
+            self.dist.barrier()
+        except BaseException:
+            self.lock.release()
+            raise
         return not exists or not self.resume
 
     def _setup_data(self) -> None:

@@ -11,6 +11,7 @@ import importlib
 import os
 import signal
 import sys
+import threading
 from typing import NoReturn
 
 from tinyk.files import TinykError
@@ -50,7 +51,9 @@ def _terminate(signum: int, frame: object) -> NoReturn:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    # Handlers belong to the main thread; a program calling main() from another keeps its own.
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None
     try:
         code = args.func(args)
     except TinykError as e:
@@ -68,5 +71,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"tinyk: error: {e}", file=sys.stderr)
         sys.exit(2)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if previous is not None:  # None: a handler installed outside Python, which cannot be put back
+            signal.signal(signal.SIGTERM, previous)
     sys.exit(code or 0)

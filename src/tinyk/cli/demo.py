@@ -18,7 +18,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="wall-time budget for the whole run (default 13); training gets what the other "
                         "stages leave")
     p.add_argument("--smoke", action="store_true", help="a shrunken run that takes seconds (checks the plumbing)")
-    p.add_argument("--force", action="store_true", help="replace --out even if it is not an earlier demo")
     p.add_argument("--quiet", action="store_true", help="no progress output, only the final table")
     p.set_defaults(func=_demo)
 
@@ -31,7 +30,7 @@ def _demo(args: argparse.Namespace) -> int:
     cfg = DemoConfig.smoke() if args.smoke else DemoConfig()
     if args.minutes is not None:
         cfg = replace(cfg, minutes=args.minutes)
-    res = run_demo(args.out, cfg, force=args.force, show_progress=not args.quiet)
+    res = run_demo(args.out, cfg, show_progress=not args.quiet)
     if args.quiet:
         print(results_table(res) + "\n\n" + sample_chats(res))
     return 0

@@ -68,4 +68,6 @@ def _run(args: argparse.Namespace) -> int:
     cfg = resolve_config(args.kind, preset=args.preset, config=args.config, flags=flags, sets=args.set,
                          resume=args.resume)
     summary = train(cfg, resume=args.resume, force=args.force)
-    return 130 if summary["status"] == "interrupted" else 0
+    if summary["status"] == "interrupted":
+        return 143 if summary["stop_signal"] == "SIGTERM" else 130
+    return 0
