@@ -388,6 +388,12 @@ def test_chat_session_commands_and_history(engine, capsys):
     assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
     second = engine.generate([engine.chat_prompt(history[:3], default_system="你是诗人")], params)[0].text
     assert history[3]["content"] == second
+    # A one-shot message (--message, piped input) is never a command, and a cut reply names its limit.
+    history = chat_session(engine, params, ["/usr/bin 是什么"], io.StringIO(), system=None, interactive=False)
+    assert history[0] == {"role": "user", "content": "/usr/bin 是什么"} and len(history) == 2
+    assert "raise --max-new-tokens" in capsys.readouterr().err
+    chat_session(engine, replace(params, max_new_tokens=10**4), ["你好"], io.StringIO(), system=None)
+    assert "the context window is full" in capsys.readouterr().err
 
 
 def test_chat_session_forgets_old_turns_to_fit(engine, capsys):

@@ -152,3 +152,57 @@ def test_model_directory_permissions_follow_the_umask(tmp_path, tok_dir):
         os.umask(before)
     assert stat.S_IMODE((tmp_path / "m").stat().st_mode) == 0o755
     assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "m").iterdir()} == {0o644}
+
+
+def _hf_model_dir(tmp_path, tok_dir, name, **config):
+    """A model directory written by transformers itself (no tinyk block), with tinyk's tokenizer."""
+    import shutil
+
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=512, max_position_embeddings=64, **config)
+    hf = LlamaForCausalLM(cfg).eval()
+    out = tmp_path / name
+    hf.save_pretrained(out)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(tok_dir / f, out / f)
+    return hf, out
+
+
+def test_a_plain_hf_llama_loads_with_its_rope_theta_and_what_tinyk_cannot_do_is_refused(tmp_path, tok_dir):
+    from tinyk.files import TinykError
+
+    hf, out = _hf_model_dir(tmp_path, tok_dir, "theta", rope_parameters={"rope_type": "default", "rope_theta": 5e5})
+    assert "tinyk" not in json.loads((out / "config.json").read_text())
+    ours, _ = load_model(out)
+    assert ours.config.rope_theta == 5e5
+    x = torch.randint(0, 512, (2, 30))
+    with torch.no_grad():
+        assert (ours(x)[0] - hf(x).logits).abs().max().item() < 1e-4
+    for name, config, what in [
+        ("linear", dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}), "RoPE scaling"),
+        ("bias", dict(attention_bias=True), "bias terms"),
+        ("gelu", dict(hidden_act="gelu"), "activation 'gelu'"),
+    ]:
+        _, bad = _hf_model_dir(tmp_path, tok_dir, name, **config)
+        with pytest.raises(TinykError, match=f"config.json asks for {what}"):
+            load_model(bad)
+
+
+def test_a_tinyk_model_saved_back_by_transformers_loads(tmp_path, tok_dir):
+    """transformers 5 saves a tokenizer without special_tokens_map.json; tokenizer.json is all tinyk needs,
+    and a model made from it is complete again."""
+    src = init_model_dir("nano", tok_dir, tmp_path / "m", seed=0)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
+    back = tmp_path / "back"
+    hf.save_pretrained(back)
+    AutoTokenizer.from_pretrained(tmp_path / "m").save_pretrained(back)
+    (back / "special_tokens_map.json").unlink(missing_ok=True)
+    model, _ = load_model(back)
+    x = torch.randint(0, src.config.vocab_size, (2, 20))
+    with torch.no_grad():
+        assert (model(x)[0] - src.eval()(x)[0]).abs().max().item() < 1e-5
+    again = save_model(model, back, tmp_path / "again")
+    assert (again / "special_tokens_map.json").is_file() and load_model(again)[1].eos_id == 4

@@ -164,6 +164,12 @@ def test_plan_text_says_more_when_slower_and_names_fp32_copies(capsys):
     assert code == 0 and hours > 104
     code, out, _ = run_cli(["plan", "--preset", "seed-215m", "--gpu", "h100", "--dtype", "fp32"], capsys)
     assert "fp32 fused q/k/v and gate/up weights" in out and "autocast" not in out
+    # fp32 never touches the bf16 tensor cores: half the fp32 peak, which is what bench/gpu.sh saw.
+    assert "MFU 3.4% (ASSUMED for fp32: 50% of this GPU's 67 TFLOP/s fp32 peak" in out
+    fp32 = json.loads(run_cli(["plan", "--preset", "seed-215m", "--gpu", "h100", "--dtype", "fp32", "--json"],
+                              capsys)[1])
+    bf16 = json.loads(run_cli(["plan", "--preset", "seed-215m", "--gpu", "h100", "--json"], capsys)[1])
+    assert 12 < fp32["time"]["gpu_hours"] / bf16["time"]["gpu_hours"] < 13
 
 
 def test_plan_from_config_file_and_flags(tmp_path, capsys):
@@ -239,3 +245,14 @@ def test_gpu_profile_cpu_smoke(tmp_path):
     text = (tmp_path / "gpu_profile.md").read_text()
     assert "| matmul |" in text and "| attention |" in text
 
+
+
+def test_plan_names_the_model_it_sizes_and_takes_device_names(tmp_path, capsys):
+    cfg = tmp_path / "my.yaml"
+    cfg.write_text("model: {preset: seed-82m}\n")
+    code, out, _ = run_cli(["plan", "--preset", "seed-215m", "--config", str(cfg)], capsys)
+    assert code == 0 and "model        seed-82m: 82,594,560 parameters" in out
+    code, out, _ = run_cli(["plan", "--preset", "seed-215m", "--set", "model.dim=512"], capsys)
+    assert code == 0 and "model        custom (seed-215m): 56,248,832 parameters" in out
+    code, out, _ = run_cli(["plan", "--preset", "seed-215m", "--gpu", "NVIDIA H100 80GB HBM3"], capsys)
+    assert code == 0 and "1 x NVIDIA H100 80GB SXM" in out

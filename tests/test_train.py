@@ -343,6 +343,15 @@ def test_trackers_are_lazy_and_optional(tmp_path, pt_data, tok_dir, monkeypatch)
     train(nano_cfg(pt_data, tok_dir, tmp_path / "w", max_steps=2, tracker=["wandb"], project="p"))
     assert calls[0] == "p" and calls[-1] == "finish"
     assert [s for s, v in calls[1:-1] if "loss" in v] == [1, 2]
+
+    def not_logged_in(**kw):
+        raise RuntimeError("No API key configured. Use `wandb login` to log in.\n(more lines)")
+
+    fake.init = not_logged_in
+    with pytest.raises(TinykError, match=r"^--tracker wandb could not start: No API key configured\. Use `wandb "
+                                         r"login` to log in\.; WANDB_MODE=offline logs locally$"):
+        train(nano_cfg(pt_data, tok_dir, tmp_path / "w4", tracker=["wandb"]))
+    assert not (tmp_path / "w4").exists()
     monkeypatch.setitem(sys.modules, "wandb", None)
     with pytest.raises(TinykError, match=r"--tracker wandb needs the 'wandb' package \(pip install wandb\)"):
         train(nano_cfg(pt_data, tok_dir, tmp_path / "w2", tracker=["wandb"]))

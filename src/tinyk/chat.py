@@ -34,19 +34,18 @@ def chat_session(engine: Engine, params: SamplingParams, lines: Iterable[str], o
         text = line.strip()
         if not text:
             continue
-        if text in ("/exit", "/quit"):
-            break
-        if text == "/reset":
-            history = []
-            print("(conversation reset)", file=sys.stderr)
-            continue
-        if text.startswith("/system"):
-            system = text[len("/system"):].strip() or None
-            history = []
-            print(f"(system prompt {'set' if system else 'cleared'}; conversation reset)", file=sys.stderr)
-            continue
-        if text.startswith("/"):
-            print(f"unknown command {text.split()[0]}; {CHAT_HELP}", file=sys.stderr)
+        if interactive and text.startswith("/"):  # a one-shot message is only ever a message ("/usr 是什么")
+            if text in ("/exit", "/quit"):
+                break
+            if text == "/reset":
+                history = []
+                print("(conversation reset)", file=sys.stderr)
+            elif text.startswith("/system"):
+                system = text[len("/system"):].strip() or None
+                history = []
+                print(f"(system prompt {'set' if system else 'cleared'}; conversation reset)", file=sys.stderr)
+            else:
+                print(f"unknown command {text.split()[0]}; {CHAT_HELP}", file=sys.stderr)
             continue
         try:
             engine.tok.encode(text)
@@ -78,7 +77,8 @@ def chat_session(engine: Engine, params: SamplingParams, lines: Iterable[str], o
         out.flush()
         reply = request.completion()
         if reply.finish_reason == "length":
-            print(f"(reply cut at {reply.completion_tokens} tokens; raise --max-new-tokens for longer)",
-                  file=sys.stderr)
+            fix = ("raise --max-new-tokens for longer" if reply.completion_tokens >= params.max_new_tokens
+                   else "the context window is full; /reset starts over")
+            print(f"(reply cut at {reply.completion_tokens} tokens; {fix})", file=sys.stderr)
         history.append({"role": "assistant", "content": reply.text})
     return history

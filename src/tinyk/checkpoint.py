@@ -21,9 +21,9 @@ from .tokenizer import (
     IM_END_ID,
     IM_START_ID,
     SPECIAL_TOKENS,
-    TOKENIZER_FILES,
     TinyTokenizer,
     load_tokenizer,
+    special_tokens_map,
     tokenizer_config,
 )
 
@@ -61,13 +61,29 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def config_from_hf(d: dict[str, Any]) -> ModelConfig:
+    """The model a config.json describes: tinyk's own block, or a plain HF Llama config. What tinyk's
+    model cannot reproduce (RoPE scaling, biases, another activation) is refused, never dropped."""
     if "tinyk" in d:
         return ModelConfig.from_dict(d["tinyk"])
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}  # transformers 5 / 4 names
+    unsupported = [
+        (d.get("model_type", "llama") != "llama", f"model_type {d.get('model_type')!r}"),
+        (rope.get("rope_type", rope.get("type", "default")) != "default",
+         f"RoPE scaling {rope.get('rope_type', rope.get('type'))!r}"),
+        (bool(d.get("attention_bias")) or bool(d.get("mlp_bias")), "bias terms"),
+        (d.get("hidden_act", "silu") != "silu", f"activation {d.get('hidden_act')!r}"),
+        (d.get("head_dim") not in (None, d["hidden_size"] // d["num_attention_heads"]),
+         f"head_dim {d.get('head_dim')} other than hidden_size / num_attention_heads"),
+    ]
+    for bad, what in unsupported:
+        if bad:
+            raise TinykError(f"config.json asks for {what}, which tinyk's LLaMA-2 model does not implement")
     return ModelConfig(
         dim=d["hidden_size"], n_layers=d["num_hidden_layers"], n_heads=d["num_attention_heads"],
-        n_kv_heads=d.get("num_key_value_heads", d["num_attention_heads"]), vocab_size=d["vocab_size"],
+        n_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"], vocab_size=d["vocab_size"],
         hidden_dim=d["intermediate_size"], norm_eps=d.get("rms_norm_eps", 1e-5),
-        max_seq_len=d.get("max_position_embeddings", 2048), rope_theta=d.get("rope_theta", 10000.0),
+        max_seq_len=d.get("max_position_embeddings", 2048),
+        rope_theta=d.get("rope_theta") or rope.get("rope_theta") or 10000.0,
         tie_embeddings=d.get("tie_word_embeddings", True),
     )
 
@@ -104,13 +120,13 @@ def write_model_files(model: Transformer, tok_dir: str | Path, out: Path) -> Non
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf_config(cfg), indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps(GENERATION_IDS, indent=2) + "\n")
-    tok_dir = Path(tok_dir)
-    for name in TOKENIZER_FILES:
-        shutil.copyfile(tok_dir / name, out / name)
-    # The context length belongs to the model, so the tokenizer config records it.
-    tc = {**json.loads((tok_dir / "tokenizer_config.json").read_text()), "model_max_length": cfg.max_seq_len}
-    tc["chat_template"] = tokenizer_config()["chat_template"]
-    (out / "tokenizer_config.json").write_text(json.dumps(tc, ensure_ascii=False, indent=2) + "\n")
+    # tokenizer.json is the tokenizer (its hash is its identity); the two small files are tinyk's own,
+    # written afresh, so a directory that transformers saved back (without special_tokens_map.json)
+    # still makes complete models. The context length belongs to the model, so the config records it.
+    shutil.copyfile(Path(tok_dir) / "tokenizer.json", out / "tokenizer.json")
+    for name, content in (("tokenizer_config.json", tokenizer_config(model_max_length=cfg.max_seq_len)),
+                          ("special_tokens_map.json", special_tokens_map())):
+        (out / name).write_text(json.dumps(content, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
 
 
 def save_model(model: Transformer, tok_dir: str | Path, out: str | Path, force: bool = False) -> Path:
@@ -149,6 +165,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     missing = set(expected) - set(state)
     if missing:
         raise TinykError(f"{path}/model.safetensors lacks weights: {sorted(missing)[:3]}")
+    extra = sorted(set(state) - set(expected))
+    if extra:  # loading without them would silently compute another function
+        raise TinykError(f"{path}/model.safetensors holds weights tinyk's model has no place for: {extra[:3]}")
     wrong = [k for k, v in expected.items() if state[k].shape != v.shape]
     if wrong:
         raise TinykError(f"{path}/model.safetensors does not match its config.json: {wrong[0]} is "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -79,21 +80,24 @@ def peak_flops(device: torch.device, override_tflops: float | None,
 class Trackers:
     """TensorBoard, Weights & Biases and SwanLab behind one `log`; each imported only when asked for."""
 
-    def __init__(self, names: list[str], out: Path, config: dict[str, Any], project: str, run_name: str):
+    def __init__(self, names: list[str], out: Path, config: dict[str, Any], project: str, run_name: str,
+                 start_step: int = 0):
+        """`start_step`: the step a resumed run continues from; TensorBoard drops what a killed run
+        logged after it, so the curve has no doubled points."""
         self.sinks: list[tuple[str, Any]] = []
         for name in names:
             if name not in TRACKERS:
                 raise TinykError(f"unknown tracker {name!r} (choose from {', '.join(TRACKERS)})")
-            self.sinks.append((name, self._start(name, out, config, project, run_name)))
+            self.sinks.append((name, self._start(name, out, config, project, run_name, start_step)))
 
     @staticmethod
-    def _start(name: str, out: Path, config: dict[str, Any], project: str, run_name: str) -> Any:
+    def _start(name: str, out: Path, config: dict[str, Any], project: str, run_name: str, start_step: int) -> Any:
         package = {"tensorboard": "tensorboard", "wandb": "wandb", "swanlab": "swanlab"}[name]
         try:
             if name == "tensorboard":
                 from torch.utils.tensorboard import SummaryWriter
 
-                return SummaryWriter(str(out / "tensorboard"))
+                return SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1 if start_step else None)
             if name == "wandb":
                 import wandb
 
@@ -106,6 +110,10 @@ class Trackers:
             return swanlab  # its module-level log()/finish() act on the run just started
         except ImportError as e:
             raise TinykError(f"--tracker {name} needs the '{package}' package (pip install {package})") from e
+        except Exception as e:  # not logged in, no network, no terminal to ask on: the tracker's own words
+            offline = {"wandb": "; WANDB_MODE=offline logs locally", "swanlab": "; SWANLAB_MODE=offline logs locally"}
+            raise TinykError(f"--tracker {name} could not start: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+                             f"{offline.get(name, '')}") from e
 
     def log(self, values: dict[str, float], step: int) -> None:
         for name, sink in self.sinks:
@@ -172,8 +180,10 @@ class Monitor:
         self.out, self.trackers = out, trackers
         self.metrics_path = out / "metrics.jsonl"
         self.records = self._read_records()
+        # In a pipe or a log file a bar is carriage-return noise: each log interval is one line there.
+        self.lines = show_progress and not sys.stderr.isatty()
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
-                        disable=not show_progress, mininterval=1.0, smoothing=0.1)
+                        disable=not show_progress or self.lines, mininterval=1.0, smoothing=0.1)
         self.plotted = True
 
     def _read_records(self) -> list[dict[str, Any]]:
@@ -224,8 +234,11 @@ class Monitor:
     def log_train(self, rec: dict[str, Any]) -> None:
         self._append({"type": "train", **rec})
         mfu = f" mfu {rec['mfu']:.1%}" if rec.get("mfu") is not None else ""
-        self.bar.set_postfix_str(f"loss {rec['loss']:.4f} lr {rec['lr']:.2e} "
-                                 f"{_fmt_rate(rec['tokens_per_s'])} tok/s{mfu}", refresh=False)
+        status = f"loss {rec['loss']:.4f} lr {rec['lr']:.2e} {_fmt_rate(rec['tokens_per_s'])} tok/s{mfu}"
+        if self.lines:
+            self.print(f"step {rec['step']}/{self.bar.total}: {status}, {rec['elapsed_s']:.0f}s")
+        else:
+            self.bar.set_postfix_str(status, refresh=False)
 
     def log_eval(self, rec: dict[str, Any]) -> None:
         self._append({"type": "eval", **rec})

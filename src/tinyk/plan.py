@@ -31,6 +31,7 @@ USABLE_FRACTION = 0.90
 DEFAULT_TOKENS = 10_000_000_000
 TUTORIAL_RUN = {"preset": "seed-215m", "gpu": "a100", "gpus": 4, "hours": 26.0}
 ASSUMED = "assumed"
+FP32_SHARE = 0.5  # of the fp32 peak an fp32 run is assumed to reach
 MEASURED_MODEL = "seed-215m"  # the model bench/gpu.sh measures; its MFU is the one in GPUS
 
 
@@ -47,6 +48,7 @@ class GPUSpec:
     memory_gib: float
     mfu: float
     mfu_source: str  # ASSUMED, or "measured: ..." naming the bench/gpu.sh run it comes from
+    fp32_tflops: float  # dense fp32 without tensor cores (tinyk leaves TF32 off): what an fp32 run gets
 
     @property
     def peak_flops(self) -> float:
@@ -62,16 +64,16 @@ class GPUSpec:
 # MFU stays "assumed" (peers: nanochat 41-47% and llm.c ~40% on H100, TinyLlama 56% on A100)
 # until a bench/gpu.sh run on that class replaces it with the figure it printed.
 GPUS: dict[str, GPUSpec] = {g.key: g for g in [
-    GPUSpec("a100", "NVIDIA A100 80GB", 79.2, 0.40, ASSUMED),
-    GPUSpec("a100-40gb", "NVIDIA A100 40GB", 39.4, 0.40, ASSUMED),
+    GPUSpec("a100", "NVIDIA A100 80GB", 79.2, 0.40, ASSUMED, 19.5),
+    GPUSpec("a100-40gb", "NVIDIA A100 40GB", 39.4, 0.40, ASSUMED, 19.5),
     GPUSpec("h100", "NVIDIA H100 80GB SXM", 79.1, 0.427,
-            "measured: bench/gpu.sh on NVIDIA H100 80GB HBM3, compiled mb64, 2026-11-28"),
-    GPUSpec("h100-pcie", "NVIDIA H100 PCIe 80GB", 79.1, 0.40, ASSUMED),
+            "measured: bench/gpu.sh on NVIDIA H100 80GB HBM3, compiled mb64, 2026-11-28", 67.0),
+    GPUSpec("h100-pcie", "NVIDIA H100 PCIe 80GB", 79.1, 0.40, ASSUMED, 51.0),
     # Measured before the fused q/k/v and gate/up matmuls and the RoPE tables, which gave +13% on the H100.
     GPUSpec("h200", "NVIDIA H200 141GB", 139.8, 0.401,
-            "measured: bench/gpu.sh on NVIDIA H200, compiled mb64, earlier model code, 2026-11-27"),
-    GPUSpec("rtx4090", "NVIDIA GeForce RTX 4090 24GB", 23.6, 0.35, ASSUMED),
-    GPUSpec("rtx3090", "NVIDIA GeForce RTX 3090 24GB", 23.6, 0.35, ASSUMED),
+            "measured: bench/gpu.sh on NVIDIA H200, compiled mb64, earlier model code, 2026-11-27", 67.0),
+    GPUSpec("rtx4090", "NVIDIA GeForce RTX 4090 24GB", 23.6, 0.35, ASSUMED, 82.6),
+    GPUSpec("rtx3090", "NVIDIA GeForce RTX 3090 24GB", 23.6, 0.35, ASSUMED, 35.6),
 ]}
 
 
@@ -88,6 +90,9 @@ def find_gpu(name: str) -> GPUSpec:
     for key, gpu in GPUS.items():
         if _norm_gpu_name(key) == want:
             return gpu
+    key = gpu_class(name)  # a device name as nvidia-smi or torch print it: "NVIDIA H100 80GB HBM3"
+    if key is not None:
+        return GPUS[key]
     raise TinykError(f"unknown GPU {name!r} (choose from {', '.join(GPUS)})")
 
 
@@ -356,7 +361,10 @@ def run_spec(*, preset: str | None, config: str | None, sets: Iterable[str] = ()
     base = tc.model.get("preset")
     if tc.seq_len > cfg.max_seq_len:
         raise TinykError(f"seq_len {tc.seq_len} exceeds the model's context of {cfg.max_seq_len} tokens")
-    return RunSpec(name=preset or base or str(config), cfg=cfg, seq_len=tc.seq_len, batch_size=tc.batch_size,
+    # The model's name says what it is: a preset only while config and --set leave its shape alone.
+    named = base if base in PRESETS else None
+    name = named if named and _shape(cfg) == _shape(preset_config(named)) else f"custom ({config or preset})"
+    return RunSpec(name=name, cfg=cfg, seq_len=tc.seq_len, batch_size=tc.batch_size,
                    micro_batch=tc.micro_batch, dtype=tc.dtype, parallel=tc.parallel,
                    checkpointing=tc.activation_checkpointing)
 
@@ -395,6 +403,11 @@ def make_plan(run: RunSpec, gpu: GPUSpec, *, gpus: int = 1, nodes: int = 1, toke
 
     if mfu is not None:
         used_mfu, mfu_source = mfu, "given with --mfu"
+    elif run.dtype == "fp32":
+        # MFU is against the bf16 peak (the trainer's convention), which fp32 matmuls never touch.
+        used_mfu = FP32_SHARE * gpu.fp32_tflops * 1e12 / gpu.peak_flops
+        mfu_source = (f"ASSUMED for fp32: {FP32_SHARE:.0%} of this GPU's {gpu.fp32_tflops:g} TFLOP/s fp32 peak "
+                      "(bench/gpu.sh's fp32 row reached 54% of it on an H100); use bf16 for real runs")
     else:
         used_mfu, mfu_source = gpu.mfu, gpu.mfu_source
         if gpu.mfu_measured and _shape(cfg) != _shape(preset_config(MEASURED_MODEL)):
@@ -468,7 +481,7 @@ def _row(label: str, b: float, extra: str = "") -> str:
 def _mfu_text(mfu: float, source: str) -> str:
     if source == ASSUMED:
         return f"{mfu:.0%} (ASSUMED: not yet measured by bench/gpu.sh on this GPU class; override with --mfu)"
-    return f"{mfu:.0%} ({source})"
+    return f"{mfu:.0%} ({source})" if mfu >= 0.1 else f"{mfu:.1%} ({source})"
 
 
 def format_plan(p: dict[str, Any]) -> str:

@@ -781,7 +781,7 @@ class Trainer:
         trackers = None
         if cfg.tracker:
             trackers = Trackers(cfg.tracker, self.out, cfg.to_dict(), cfg.project,
-                                cfg.run_name or self.out.name)
+                                cfg.run_name or self.out.name, start_step=self.progress.step)
         mon = Monitor(self.out, self.total_steps, self.progress.step, trackers, cfg.progress)
         mon.truncate(self.progress.step)
         return mon
