@@ -396,6 +396,26 @@ def test_chat_session_commands_and_history(engine, capsys):
     assert "the context window is full" in capsys.readouterr().err
 
 
+def test_ctrl_c_stops_the_reply_not_the_chat(engine, capsys, monkeypatch):
+    run = engine.run
+
+    def interrupted(requests):
+        for i, event in enumerate(run(requests)):
+            if i == 2:
+                raise KeyboardInterrupt
+            yield event
+
+    monkeypatch.setattr(engine, "run", interrupted)
+    out = io.StringIO()
+    params = replace(GREEDY, max_new_tokens=8)
+    history = chat_session(engine, params, ["你好", "再见"], out, system=None)
+    assert [m["role"] for m in history] == ["user", "assistant"] * 2
+    assert capsys.readouterr().err.count("(reply stopped)") == 2
+    assert out.getvalue() == "".join(f"assistant> {m['content']}\n" for m in history[1::2])
+    with pytest.raises(KeyboardInterrupt):  # one-shot: Ctrl-C ends the command as everywhere else
+        chat_session(engine, params, ["你好"], io.StringIO(), system=None, interactive=False)
+
+
 def test_chat_session_forgets_old_turns_to_fit(engine, capsys):
     params = replace(GREEDY, max_new_tokens=8)
     long = "我们今天去公园散步" * 3

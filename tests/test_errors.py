@@ -184,3 +184,14 @@ def test_main_works_from_a_thread(tmp_path, capsys):
     t.start()
     t.join()
     assert codes == [2] and "tinyk data directory not found" in capsys.readouterr().err
+
+
+def test_model_and_prompt_file_mistakes_name_the_way_out(tmp_path, nano_model_dir, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(nano_model_dir, run / "final")
+    code, err = run_cli(["generate", "--model", str(run), "--prompt", "你好"], capsys)
+    assert code == 2 and f"a training run's model is in {run / 'final'}" in err
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('["你好", "再见"]\n', encoding="utf-8")
+    code, err = run_cli(["generate", "--model", str(nano_model_dir), "--prompt-file", str(prompts)], capsys)
+    assert code == 2 and "no prompts in" in err and "records need a string field 'prompt'" in err

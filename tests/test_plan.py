@@ -256,3 +256,21 @@ def test_plan_names_the_model_it_sizes_and_takes_device_names(tmp_path, capsys):
     assert code == 0 and "model        custom (seed-215m): 56,248,832 parameters" in out
     code, out, _ = run_cli(["plan", "--preset", "seed-215m", "--gpu", "NVIDIA H100 80GB HBM3"], capsys)
     assert code == 0 and "1 x NVIDIA H100 80GB SXM" in out
+
+
+def test_plan_takes_the_configs_budget_and_prints_small_runs_readably(capsys):
+    code, out, _ = run_cli(["plan", "--preset", "seed-215m", "--gpu", "h100", "--set", "max_tokens=2e9"], capsys)
+    assert code == 0 and "time         2B tokens in 1.8 h" in out
+    code, out, _ = run_cli(["plan", "--preset", "tiny", "--gpu", "h100"], capsys)  # max_steps 2000 x 16 x 256
+    assert code == 0 and "time         8.192M tokens in" in out
+    code, out, _ = run_cli(["plan", "--preset", "seed-215m", "--gpu", "h100", "--tokens", "10K"], capsys)
+    assert code == 0 and "time         10K tokens in 0.033 s" in out
+
+
+def test_plan_suggests_only_fixes_that_fit(capsys):
+    big = ["--set", "model.dim=4096", "--set", "model.n_layers=32", "--set", "model.n_heads=32"]
+    code, out, _ = run_cli(["plan", "--preset", "seed-215m", "--gpu", "rtx4090", *big], capsys)
+    warning = next(line for line in out.splitlines() if line.startswith("warning"))
+    assert code == 0 and "0 with it" in out and "--activation-checkpointing" not in warning
+    code, out, _ = run_cli(["plan", "--preset", "seed-215m", "--gpu", "rtx3090", "--micro-batch", "512"], capsys)
+    assert "try --micro-batch" in out and "--activation-checkpointing" in out.splitlines()[-1]

@@ -22,7 +22,8 @@ def chat_session(engine: Engine, params: SamplingParams, lines: Iterable[str], o
     """Runs a conversation over `lines` (user messages and /commands), streaming each reply to `out`.
 
     When the conversation outgrows the context window the oldest turns are forgotten; a
-    message too long on its own is reported (and fatal unless `interactive`).
+    message too long on its own is reported (and fatal unless `interactive`). In an interactive
+    session Ctrl-C stops the reply being written and keeps what was shown of it.
     Returns the final history.
     """
     from .engine import ContextLengthError
@@ -70,9 +71,19 @@ def chat_session(engine: Engine, params: SamplingParams, lines: Iterable[str], o
             print(f"(message too long: {e})", file=sys.stderr)
             continue
         out.write(prompt)
-        for _, delta in engine.run([request]):
-            out.write(delta)
-            out.flush()
+        shown = []
+        try:
+            for _, delta in engine.run([request]):
+                out.write(delta)
+                out.flush()
+                shown.append(delta)
+        except KeyboardInterrupt:  # Ctrl-C stops the reply, not the conversation
+            if not interactive:
+                raise
+            out.write("\n")
+            print("(reply stopped)", file=sys.stderr)
+            history.append({"role": "assistant", "content": "".join(shown)})
+            continue
         out.write("\n")
         out.flush()
         reply = request.completion()

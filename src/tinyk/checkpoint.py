@@ -139,7 +139,8 @@ def save_model(model: Transformer, tok_dir: str | Path, out: str | Path, force: 
 def load_config(path: str | Path) -> ModelConfig:
     path = Path(path)
     if not is_model_dir(path):
-        raise TinykError(f"not a model directory (needs config.json and model.safetensors): {path}")
+        hint = f"; a training run's model is in {path / 'final'}" if is_model_dir(path / "final") else ""
+        raise TinykError(f"not a model directory (needs config.json and model.safetensors): {path}{hint}")
     try:
         return config_from_hf(json.loads((path / "config.json").read_text()))
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:

@@ -345,6 +345,7 @@ class RunSpec:
     dtype: str
     parallel: str
     checkpointing: bool
+    max_tokens: int | None = None  # the config's budget (max_tokens, max_steps), planned without --tokens
 
 
 def run_spec(*, preset: str | None, config: str | None, sets: Iterable[str] = (),
@@ -361,12 +362,13 @@ def run_spec(*, preset: str | None, config: str | None, sets: Iterable[str] = ()
     base = tc.model.get("preset")
     if tc.seq_len > cfg.max_seq_len:
         raise TinykError(f"seq_len {tc.seq_len} exceeds the model's context of {cfg.max_seq_len} tokens")
+    budgets = [b for b in (tc.max_tokens, tc.max_steps and tc.max_steps * tc.batch_size * tc.seq_len) if b]
     # The model's name says what it is: a preset only while config and --set leave its shape alone.
     named = base if base in PRESETS else None
     name = named if named and _shape(cfg) == _shape(preset_config(named)) else f"custom ({config or preset})"
     return RunSpec(name=name, cfg=cfg, seq_len=tc.seq_len, batch_size=tc.batch_size,
                    micro_batch=tc.micro_batch, dtype=tc.dtype, parallel=tc.parallel,
-                   checkpointing=tc.activation_checkpointing)
+                   checkpointing=tc.activation_checkpointing, max_tokens=min(budgets) if budgets else None)
 
 
 def make_plan(run: RunSpec, gpu: GPUSpec, *, gpus: int = 1, nodes: int = 1, tokens: float = DEFAULT_TOKENS,
@@ -474,6 +476,16 @@ def _amount(x: float) -> str:
     return f"{x:,.1f}" if x >= 0.95 else f"{x:.2g}"
 
 
+def _duration(hours: float) -> str:
+    return f"{_amount(hours)} h" if hours >= 0.95 else f"{hours * 60:.2g} min" if hours * 60 >= 1 else \
+        f"{hours * 3600:.2g} s"
+
+
+def _token_count(n: float) -> str:
+    return next((f"{n / unit:g}{suffix}" for unit, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K"))
+                 if n >= unit), f"{n:g}")
+
+
 def _row(label: str, b: float, extra: str = "") -> str:
     return f"  {label:<{_LABEL}}{b / GiB:7.2f} GiB{extra}"
 
@@ -523,7 +535,9 @@ def format_plan(p: dict[str, Any]) -> str:
         detail = f"{c['n_layers']} layers x {layer_kib:.1f} KiB/token saved for backward"
     lines += [
         _row(f"activations at {mem['phase']}", mem["activations"], f"   {detail}, "
-             f"head {am['head_bytes_per_token'] / 1024:.1f} KiB/token"),
+             f"head {am['head_bytes_per_token'] / 1024:.1f} KiB/token"
+             + (f", loss gradients {am['loss_gradient_bytes_per_token'] / 1024:.1f} KiB/token"
+                if mem["phase"] == "backward start" else "")),
         _row("peak", mem["peak"], f"   of {g['usable_gib']:.1f} GiB usable ({USABLE_FRACTION:.0%}): "
              f"{'fits' if p['fits'] else 'DOES NOT FIT'}"),
         _row(f"peak with checkpointing {'off' if ck else 'on'}", p["memory_other_checkpointing"]["peak"]),
@@ -536,7 +550,8 @@ def format_plan(p: dict[str, Any]) -> str:
     lines += [
         f"throughput   MFU {_mfu_text(t['mfu'], t['mfu_source'])}" + ("; x0.75 for recomputation" if ck else ""),
         f"             {t['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU, {t['tokens_per_s']:,.0f} in total",
-        f"time         {r['tokens'] / 1e9:g}B tokens in {_amount(tm['wall_h'])} h = {_amount(tm['gpu_hours'])} GPU-hours",
+        f"time         {_token_count(r['tokens'])} tokens in {_duration(tm['wall_h'])} = {_amount(tm['gpu_hours'])} "
+        f"GPU-hours",
     ]
     if p["cost"]:
         lines.append(f"cost         {p['cost']['total']:,.2f} = {_amount(tm['gpu_hours'])} GPU-hours x "
@@ -553,7 +568,7 @@ def format_plan(p: dict[str, Any]) -> str:
         fixes = []
         if p["largest_micro_batch"]["checkpointing" if ck else "no_checkpointing"]:
             fixes.append(f"--micro-batch {p['largest_micro_batch']['checkpointing' if ck else 'no_checkpointing']}")
-        if not ck:
+        if not ck and p["largest_micro_batch"]["checkpointing"]:  # only if checkpointing makes it fit
             fixes.append("--activation-checkpointing")
         if r["parallel"] != "fsdp" and g["count"] > 1:
             fixes.append("--parallel fsdp")

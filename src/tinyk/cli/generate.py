@@ -72,9 +72,13 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt)
     if args.prompt_file:
         skips = Skips()
-        prompts += list(iter_texts(check_inputs([args.prompt_file]), skips, field_name=args.field))
+        found = list(iter_texts(check_inputs([args.prompt_file]), skips, field_name=args.field))
+        if not found:
+            raise TinykError(f"no prompts in {args.prompt_file} (records need a string field {args.field!r}, "
+                             f"see --field; {skips.summary()})")
         if skips.total:
             print(f"tinyk: {args.prompt_file}: {skips.summary()}", file=sys.stderr)
+        prompts += found
     if not prompts:
         raise TinykError("give --prompt TEXT (repeatable) or --prompt-file FILE")
     return prompts

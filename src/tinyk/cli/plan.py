@@ -28,8 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                      "(default a100)")
     where.add_argument("--gpus", type=positive_int, default=1, help="GPUs per node")
     where.add_argument("--nodes", type=positive_int, default=1)
-    where.add_argument("--tokens", type=parse_tokens, default="10B",
-                       help="training tokens: 10B, 500M, 2e9 (default 10B, the seed's corpus)")
+    where.add_argument("--tokens", type=parse_tokens,
+                       help="training tokens: 10B, 500M, 2e9 (default: the config's max_tokens, else 10B, the "
+                            "seed's corpus)")
     where.add_argument("--price", type=non_negative_float, help="price per GPU-hour, for the cost line")
     where.add_argument("--mfu", type=float, help="model FLOPs utilisation to assume, e.g. 0.45 (default: the "
                                                  "GPU table's)")
@@ -46,13 +47,14 @@ def parse_tokens(s: str) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from tinyk.plan import find_gpu, format_plan, make_plan, run_spec
+    from tinyk.plan import DEFAULT_TOKENS, find_gpu, format_plan, make_plan, run_spec
 
     run = run_spec(preset=args.preset, config=args.config, sets=args.set,
                    overrides={"seq_len": args.seq_len, "batch_size": args.batch_size, "micro_batch": args.micro_batch,
                               "dtype": args.dtype, "parallel": args.parallel,
                               "activation_checkpointing": args.activation_checkpointing})
-    plan = make_plan(run, find_gpu(args.gpu), gpus=args.gpus, nodes=args.nodes, tokens=args.tokens,
+    tokens = args.tokens or run.max_tokens or DEFAULT_TOKENS
+    plan = make_plan(run, find_gpu(args.gpu), gpus=args.gpus, nodes=args.nodes, tokens=tokens,
                      price=args.price, mfu=args.mfu)
     print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
     return 0
