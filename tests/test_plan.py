@@ -274,3 +274,9 @@ def test_plan_suggests_only_fixes_that_fit(capsys):
     assert code == 0 and "0 with it" in out and "--activation-checkpointing" not in warning
     code, out, _ = run_cli(["plan", "--preset", "seed-215m", "--gpu", "rtx3090", "--micro-batch", "512"], capsys)
     assert "try --micro-batch" in out and "--activation-checkpointing" in out.splitlines()[-1]
+
+
+@pytest.mark.parametrize("asked,planned,why", [(3, 2, "does not divide"), (1024, 512, "exceeds")])
+def test_plan_says_when_it_changes_the_micro_batch(capsys, asked, planned, why):
+    code, out, _ = run_cli(["plan", "--preset", "seed-215m", "--gpu", "h100", "--micro-batch", str(asked)], capsys)
+    assert code == 0 and f"note         micro-batch {asked} {why} the 512 sequences per GPU; planned with {planned}" in out

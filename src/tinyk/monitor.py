@@ -6,6 +6,8 @@ the GPU, so logging costs no synchronisation beyond what the trainer already doe
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import json
 import math
 import os
@@ -106,7 +108,12 @@ class Trackers:
             import swanlab
 
             (out / "swanlab").mkdir(exist_ok=True)
-            swanlab.init(project=project, experiment_name=run_name, config=config, logdir=str(out / "swanlab"))
+            resume = {}
+            if {"id", "resume"} <= set(inspect.signature(swanlab.init).parameters):  # swanlab >= 0.6
+                # Its ids were exactly 21 characters in some versions: a digest of the run's own id.
+                resume = {"id": hashlib.sha256(_run_id(out).encode()).hexdigest()[:21], "resume": "allow"}
+            swanlab.init(project=project, experiment_name=run_name, config=config, logdir=str(out / "swanlab"),
+                         **resume)
             return swanlab  # its module-level log()/finish() act on the run just started
         except ImportError as e:
             raise TinykError(f"--tracker {name} needs the '{package}' package (pip install {package})") from e

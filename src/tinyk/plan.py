@@ -427,6 +427,7 @@ def make_plan(run: RunSpec, gpu: GPUSpec, *, gpus: int = 1, nodes: int = 1, toke
                 "peak_tflops": gpu.peak_flops / 1e12, "memory_gib": gpu.memory_gib,
                 "usable_gib": usable_bytes(gpu) / GiB},
         "run": {"seq_len": run.seq_len, "batch_size": run.batch_size, "micro_batch": micro,
+                "micro_batch_requested": run.micro_batch,
                 "grad_accum": accum, "dtype": run.dtype, "parallel": run.parallel if world > 1 else "none",
                 "activation_checkpointing": run.checkpointing, "tokens": int(tokens)},
         "memory": mem.to_json(),
@@ -501,6 +502,7 @@ def format_plan(p: dict[str, Any]) -> str:
     m, g, r, mem, am = p["model"], p["gpu"], p["run"], p["memory"], p["activation_model"]
     c = m["config"]
     ck = r["activation_checkpointing"]
+    per_gpu = r["batch_size"] // g["count"]
     precision = "fp32" if r["dtype"] == "fp32" else f"{'bf16' if r['dtype'] == 'auto' else r['dtype']} autocast"
     parallel = {"none": "one process", "ddp": "DDP", "fsdp": "FSDP"}[r["parallel"]]
     layer_kib = sum(am["layer_bytes_per_token"].values()) / 1024
@@ -513,6 +515,10 @@ def format_plan(p: dict[str, Any]) -> str:
         f"run          seq {r['seq_len']}; global batch {r['batch_size']} sequences = micro-batch {r['micro_batch']} "
         f"x {r['grad_accum']} accumulation x {g['count']} GPU{'s' * (g['count'] > 1)}; {precision} with fp32 "
         f"master weights; {parallel}; activation checkpointing {'on' if ck else 'off'}",
+        *([f"note         micro-batch {r['micro_batch_requested']} "
+           f"{'exceeds' if r['micro_batch_requested'] > per_gpu else 'does not divide'} the {per_gpu} sequences "
+           f"per GPU; planned with {r['micro_batch']}, as the trainer would run it"]
+          if r["micro_batch_requested"] and r["micro_batch_requested"] != r["micro_batch"] else []),
         "",
         f"memory per GPU, eager mode, micro-batch {r['micro_batch']} (torch.compile needs less):",
         _row("weights (fp32)", mem["weights"]),
