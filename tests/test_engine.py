@@ -339,7 +339,7 @@ def test_cuda_matches_recomputation(nano_model_dir, dtype):
                                           for p in PROMPTS]
 
 
-def test_generate_cli(nano_model_dir, tmp_path, capsys):
+def test_generate_cli(nano_model_dir, tmp_path, capsys, monkeypatch):
     f = tmp_path / "prompts.txt"
     f.write_text("我们今天\n\nThe quick\n", encoding="utf-8")
     with pytest.raises(SystemExit) as e:
@@ -349,6 +349,11 @@ def test_generate_cli(nano_model_dir, tmp_path, capsys):
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["prompt"] for r in rows] == ["天气", "我们今天", "The quick"]
     assert all(r["completion_tokens"] == 5 and r["finish_reason"] == "length" for r in rows)
+    monkeypatch.setattr("sys.stdin", io.StringIO("我们今天\n\nThe quick\n"))
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", str(nano_model_dir), "--prompt-file", "-", "--prompt", "天气",
+              "--temperature", "0", "--max-new-tokens", "5", "--json"])
+    assert e.value.code == 0 and [json.loads(line) for line in capsys.readouterr().out.splitlines()] == rows
     with pytest.raises(SystemExit) as e:
         main(["generate", "--model", str(nano_model_dir), "--prompt", "我们", "--max-new-tokens", "4", "--seed", "1"])
     assert e.value.code == 0 and capsys.readouterr().out.startswith("我们")

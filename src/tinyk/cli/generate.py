@@ -41,7 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "<|im_start|> unless --no-bos). Several prompts are decoded as one batch.")
     add_engine_args(g)
     g.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    g.add_argument("--prompt-file", help="prompts, one per line (.txt) or one per record (.jsonl/.json/.parquet)")
+    g.add_argument("--prompt-file", help="prompts, one per line (.txt, or - for stdin) or one per record "
+                                         "(.jsonl/.json/.parquet)")
     g.add_argument("--field", default="prompt", help="record field holding the prompt in --prompt-file (default prompt)")
     g.add_argument("--no-bos", action="store_true", help="do not start prompts with <|im_start|>")
     g.add_argument("--batch-size", type=batch_count, default=16, help="sequences decoded together")
@@ -70,7 +71,12 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     from tinyk.files import Skips, TinykError, check_inputs, iter_texts
 
     prompts = list(args.prompt)
-    if args.prompt_file:
+    if args.prompt_file == "-":  # one prompt per line on stdin, for pipelines
+        try:
+            prompts += [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
+        except UnicodeDecodeError as e:
+            raise TinykError("stdin is not valid UTF-8 (convert it first, e.g. iconv -f gbk -t utf-8)") from e
+    elif args.prompt_file:
         skips = Skips()
         found = list(iter_texts(check_inputs([args.prompt_file]), skips, field_name=args.field))
         if not found:
