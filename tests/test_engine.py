@@ -23,7 +23,7 @@ from tinyk.engine import (
     int8_works,
     quantize_int8,
 )
-from tinyk.files import TinykError
+from tinyk.files import Terminated, TinykError
 from tinyk.model import KVCache
 from tinyk.tokenizer import DEFAULT_SYSTEM_PROMPT, render_chat
 
@@ -419,6 +419,14 @@ def test_ctrl_c_stops_the_reply_not_the_chat(engine, capsys, monkeypatch):
     assert out.getvalue() == "".join(f"assistant> {m['content']}\n" for m in history[1::2])
     with pytest.raises(KeyboardInterrupt):  # one-shot: Ctrl-C ends the command as everywhere else
         chat_session(engine, params, ["你好"], io.StringIO(), system=None, interactive=False)
+
+    def terminated(requests):
+        yield from ()
+        raise Terminated
+
+    monkeypatch.setattr(engine, "run", terminated)
+    with pytest.raises(Terminated):  # SIGTERM (kill, a scheduler) ends even an interactive chat
+        chat_session(engine, params, ["你好", "再见"], io.StringIO(), system=None)
 
 
 def test_chat_session_forgets_old_turns_to_fit(engine, capsys):

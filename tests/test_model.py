@@ -181,6 +181,22 @@ def test_a_plain_hf_llama_loads_with_its_rope_theta_and_what_tinyk_cannot_do_is_
     x = torch.randint(0, 512, (2, 30))
     with torch.no_grad():
         assert (ours(x)[0] - hf(x).logits).abs().max().item() < 1e-4
+    # A config that leaves out tie_word_embeddings and rms_norm_eps means LlamaConfig's defaults
+    # (untied, 1e-6), as transformers reads it; older checkpoints' rotary inv_freq buffers are derived.
+    hf2, untied = _hf_model_dir(tmp_path, tok_dir, "untied", rms_norm_eps=1e-6)
+    cfg = json.loads((untied / "config.json").read_text())
+    cfg.pop("tie_word_embeddings", None)
+    cfg.pop("rms_norm_eps", None)
+    (untied / "config.json").write_text(json.dumps(cfg))
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(untied / "model.safetensors")
+    weights["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    save_file(weights, untied / "model.safetensors", metadata={"format": "pt"})
+    ours2, _ = load_model(untied)
+    assert not ours2.config.tie_embeddings and ours2.config.norm_eps == 1e-6
+    with torch.no_grad():
+        assert (ours2(x)[0] - hf2(x).logits).abs().max().item() < 1e-4
     for name, config, what in [
         ("linear", dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}), "RoPE scaling"),
         ("bias", dict(attention_bias=True), "bias terms"),
@@ -206,3 +222,12 @@ def test_a_tinyk_model_saved_back_by_transformers_loads(tmp_path, tok_dir):
         assert (model(x)[0] - src.eval()(x)[0]).abs().max().item() < 1e-5
     again = save_model(model, back, tmp_path / "again")
     assert (again / "special_tokens_map.json").is_file() and load_model(again)[1].eos_id == 4
+    # transformers rewrote tokenizer.json (a post-processor, its own layout): still the same tokenizer, so
+    # data prepared with the original is accepted; data from before content hashes carries the bytes' hash.
+    from tinyk.files import hash_files
+    from tinyk.tokenizer import same_tokenizer, tokenizer_hash
+
+    assert (back / "tokenizer.json").read_bytes() != (tmp_path / "m" / "tokenizer.json").read_bytes()
+    assert tokenizer_hash(back) == tokenizer_hash(tmp_path / "m") == tokenizer_hash(tok_dir)
+    assert same_tokenizer(hash_files([tok_dir / "tokenizer.json"]), tok_dir)
+    assert not same_tokenizer(hash_files([tok_dir / "tokenizer.json"]), back)

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, TextIO
 
-from .files import TinykError
+from .files import Terminated, TinykError
 
 if TYPE_CHECKING:  # the engine brings torch, which `tinyk --help` does not need
     from .engine import Engine, SamplingParams
@@ -77,8 +77,8 @@ def chat_session(engine: Engine, params: SamplingParams, lines: Iterable[str], o
                 out.write(delta)
                 out.flush()
                 shown.append(delta)
-        except KeyboardInterrupt:  # Ctrl-C stops the reply, not the conversation
-            if not interactive:
+        except KeyboardInterrupt as e:  # Ctrl-C stops the reply, not the conversation; SIGTERM stops both
+            if not interactive or isinstance(e, Terminated):
                 raise
             out.write("\n")
             print("(reply stopped)", file=sys.stderr)

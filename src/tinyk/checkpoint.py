@@ -81,10 +81,11 @@ def config_from_hf(d: dict[str, Any]) -> ModelConfig:
     return ModelConfig(
         dim=d["hidden_size"], n_layers=d["num_hidden_layers"], n_heads=d["num_attention_heads"],
         n_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"], vocab_size=d["vocab_size"],
-        hidden_dim=d["intermediate_size"], norm_eps=d.get("rms_norm_eps", 1e-5),
+        # Missing keys mean what LlamaConfig means by them, which is how transformers reads the file.
+        hidden_dim=d["intermediate_size"], norm_eps=d.get("rms_norm_eps", 1e-6),
         max_seq_len=d.get("max_position_embeddings", 2048),
         rope_theta=d.get("rope_theta") or rope.get("rope_theta") or 10000.0,
-        tie_embeddings=d.get("tie_word_embeddings", True),
+        tie_embeddings=d.get("tie_word_embeddings", False),
     )
 
 
@@ -166,7 +167,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     missing = set(expected) - set(state)
     if missing:
         raise TinykError(f"{path}/model.safetensors lacks weights: {sorted(missing)[:3]}")
-    extra = sorted(set(state) - set(expected))
+    extra = sorted(k for k in set(state) - set(expected) if not k.endswith("rotary_emb.inv_freq"))  # derived
     if extra:  # loading without them would silently compute another function
         raise TinykError(f"{path}/model.safetensors holds weights tinyk's model has no place for: {extra[:3]}")
     wrong = [k for k, v in expected.items() if state[k].shape != v.shape]

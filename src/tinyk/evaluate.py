@@ -25,7 +25,7 @@ import torch
 
 from .files import Skips, TinykError, iter_records
 from .model import Transformer
-from .tokenizer import CHAT_ROLES, DEFAULT_SYSTEM_PROMPT, TinyTokenizer, tokenizer_hash
+from .tokenizer import CHAT_ROLES, DEFAULT_SYSTEM_PROMPT, TinyTokenizer, same_tokenizer, tokenizer_hash
 
 CHOICE_FORMATS = ("cloze", "letter")
 
@@ -42,7 +42,7 @@ def eval_data(model: Transformer, model_dir: str | Path, data_dir: str | Path, *
     from .train import eval_sums
 
     meta = open_dataset(data_dir)
-    if meta["tokenizer_hash"] != tokenizer_hash(model_dir):
+    if not same_tokenizer(meta["tokenizer_hash"], model_dir):
         raise TinykError(f"{data_dir} was prepared with a different tokenizer than the model {model_dir} "
                          f"(tokenizer hash {meta['tokenizer_hash']} vs {tokenizer_hash(model_dir)})")
     if split not in meta["splits"]:

@@ -29,6 +29,11 @@ class TinykError(Exception):
     """A user-facing error: the CLI prints its message as one line and exits non-zero."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, `timeout`, a job scheduler) stops a command as Ctrl-C does, through the same
+    clean-up: partial outputs are removed, a training run saves a checkpoint."""
+
+
 DEFAULT_MAX_LINE_BYTES = 16 * 1024 * 1024
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet", ".jsonl.gz", ".jsonl.zst", ".txt.gz", ".txt.zst")
 

@@ -187,10 +187,11 @@ class Monitor:
         self.out, self.trackers = out, trackers
         self.metrics_path = out / "metrics.jsonl"
         self.records = self._read_records()
-        # In a pipe or a log file a bar is carriage-return noise: each log interval is one line there.
-        self.lines = show_progress and not sys.stderr.isatty()
+        # The bar is for a terminal (stderr); where output goes to a pipe or a log file, where a bar is
+        # carriage-return noise, each log interval is one line on stdout instead (or as well).
+        self.lines = show_progress and not (sys.stdout.isatty() and sys.stderr.isatty())
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
-                        disable=not show_progress or self.lines, mininterval=1.0, smoothing=0.1)
+                        disable=not (show_progress and sys.stderr.isatty()), mininterval=1.0, smoothing=0.1)
         self.plotted = True
 
     def _read_records(self) -> list[dict[str, Any]]:
@@ -244,8 +245,7 @@ class Monitor:
         status = f"loss {rec['loss']:.4f} lr {rec['lr']:.2e} {_fmt_rate(rec['tokens_per_s'])} tok/s{mfu}"
         if self.lines:
             self.print(f"step {rec['step']}/{self.bar.total}: {status}, {rec['elapsed_s']:.0f}s")
-        else:
-            self.bar.set_postfix_str(status, refresh=False)
+        self.bar.set_postfix_str(status, refresh=False)
 
     def log_eval(self, rec: dict[str, Any]) -> None:
         self._append({"type": "eval", **rec})

@@ -99,7 +99,9 @@ def find_gpu(name: str) -> GPUSpec:
 def gpu_class(device_name: str) -> str | None:
     """The GPUS key for a CUDA device name such as 'NVIDIA H100 80GB HBM3' (None if not in the table)."""
     n = device_name.upper()
-    rules = [("H200", "", "h200"), ("H100", "PCIE", "h100-pcie"), ("H100", "", "h100"), ("A100", "40GB", "a100-40gb"),
+    if any(other in n for other in ("GH200", "NVL", "LAPTOP", "MOBILE")):  # other memory and clocks
+        return None
+    rules = [("H200", "", "h200"), ("H100", "PCIE", "h100-pcie"), ("H100", "", "h100"), ("A100", "40G", "a100-40gb"),
              ("A100", "", "a100"), ("4090", "", "rtx4090"), ("3090", "", "rtx3090")]
     return next((key for chip, variant, key in rules if chip in n and variant in n), None)
 
@@ -448,11 +450,14 @@ def make_plan(run: RunSpec, gpu: GPUSpec, *, gpus: int = 1, nodes: int = 1, toke
     }
     if run.cfg == ModelConfig(**PRESETS[TUTORIAL_RUN["preset"]]):
         a100 = GPUS[TUTORIAL_RUN["gpu"]]
-        a100_mfu = used_mfu if gpu.key == a100.key else a100.mfu
+        a100_mfu, a100_source = a100.mfu, a100.mfu_source
+        if gpu.key == a100.key:
+            a100_mfu, a100_source = used_mfu, mfu_source
+        elif run.dtype == "fp32" and mfu is None:  # the same precision on the tutorial's cards
+            a100_mfu, a100_source = FP32_SHARE * a100.fp32_tflops * 1e12 / a100.peak_flops, ASSUMED
         plan["tutorial"] = {
             "gpu_hours": TUTORIAL_RUN["gpus"] * TUTORIAL_RUN["hours"], "gpus": TUTORIAL_RUN["gpus"],
-            "hours": TUTORIAL_RUN["hours"], "a100_mfu": a100_mfu,
-            "a100_mfu_source": mfu_source if gpu.key == a100.key else a100.mfu_source,
+            "hours": TUTORIAL_RUN["hours"], "a100_mfu": a100_mfu, "a100_mfu_source": a100_source,
             "a100_hours": tokens * fpt / (a100_mfu * efficiency * a100.peak_flops) / 3600,
         }
     return plan
@@ -461,8 +466,8 @@ def make_plan(run: RunSpec, gpu: GPUSpec, *, gpus: int = 1, nodes: int = 1, toke
 _LABEL = 36
 
 
-def _shape(cfg: ModelConfig) -> tuple[int, ...]:
-    return cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.hidden_dim, cfg.vocab_size
+def _shape(cfg: ModelConfig) -> tuple[int | bool, ...]:
+    return cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.hidden_dim, cfg.vocab_size, cfg.tie_embeddings
 
 
 def _ratio(tutorial_hours: float, plan_hours: float) -> str:
@@ -478,12 +483,12 @@ def _amount(x: float) -> str:
 
 
 def _duration(hours: float) -> str:
-    return f"{_amount(hours)} h" if hours >= 0.95 else f"{hours * 60:.2g} min" if hours * 60 >= 1 else \
+    return f"{_amount(hours)} h" if hours >= 1 else f"{hours * 60:.2g} min" if hours * 60 >= 1 else \
         f"{hours * 3600:.2g} s"
 
 
 def _token_count(n: float) -> str:
-    return next((f"{n / unit:g}{suffix}" for unit, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K"))
+    return next((f"{n / unit:.4g}{suffix}" for unit, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K"))
                  if n >= unit), f"{n:g}")
 
 
@@ -491,10 +496,14 @@ def _row(label: str, b: float, extra: str = "") -> str:
     return f"  {label:<{_LABEL}}{b / GiB:7.2f} GiB{extra}"
 
 
+def _pct(x: float) -> str:
+    return f"{x:.0%}" if x >= 0.1 else f"{x:.1%}"
+
+
 def _mfu_text(mfu: float, source: str) -> str:
     if source == ASSUMED:
-        return f"{mfu:.0%} (ASSUMED: not yet measured by bench/gpu.sh on this GPU class; override with --mfu)"
-    return f"{mfu:.0%} ({source})" if mfu >= 0.1 else f"{mfu:.1%} ({source})"
+        return f"{_pct(mfu)} (ASSUMED: not yet measured by bench/gpu.sh on this GPU class; override with --mfu)"
+    return f"{_pct(mfu)} ({source})"
 
 
 def format_plan(p: dict[str, Any]) -> str:
@@ -567,7 +576,8 @@ def format_plan(p: dict[str, Any]) -> str:
         line = (f"tutorial     {tut['gpus']} x A100 for {tut['hours']:g} h = {tut['gpu_hours']:g} A100-hours; this plan: "
                 f"{_amount(tm['gpu_hours'])} {g['key'].upper()}-hours ({_ratio(tut['gpu_hours'], tm['gpu_hours'])})")
         if g["key"] != "a100":
-            line += (f"; on A100 at MFU {tut['a100_mfu']:.0%}{' (assumed)' if tut['a100_mfu_source'] == ASSUMED else ''}"
+            line += (f"; on A100 at MFU {_pct(tut['a100_mfu'])}"
+                     f"{' (assumed)' if tut['a100_mfu_source'] == ASSUMED else ''}"
                      f": {tut['a100_hours']:.1f} A100-hours ({_ratio(tut['gpu_hours'], tut['a100_hours'])})")
         lines.append(line)
     if not p["fits"]:

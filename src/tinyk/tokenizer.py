@@ -8,6 +8,7 @@ gives the same ids.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import threading
 import time
@@ -195,8 +196,25 @@ class TinyTokenizer:
 
 
 def tokenizer_hash(path: str | Path) -> str:
-    """Identity of a tokenizer directory: a hash of its vocabulary and merges file."""
-    return hash_files([Path(path) / "tokenizer.json"])
+    """Identity of a tokenizer directory: a hash of what decides its ids and text (vocabulary, merges,
+    normaliser, pre-tokeniser, decoder, added tokens), not of the file's bytes, which `transformers`
+    rewrites when it saves a tokenizer back (a post-processor tinyk never runs, other key order)."""
+    f = Path(path) / "tokenizer.json"
+    try:
+        d = json.loads(f.read_text(encoding="utf-8"))
+        model = dict(d["model"])
+        model["merges"] = [m.split(" ", 1) if isinstance(m, str) else list(m) for m in model.get("merges", [])]
+        added = sorted((t["id"], t["content"], bool(t.get("special"))) for t in d.get("added_tokens", []))
+        identity = {"model": model, "added": added, **{k: d.get(k) for k in ("normalizer", "pre_tokenizer", "decoder")}}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return hash_files([f])  # not a tokenizer tinyk can read: loading it reports why
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def same_tokenizer(recorded: str, path: str | Path) -> bool:
+    """Whether a hash recorded in data's meta.json names the tokenizer at `path`; data prepared before
+    the hash was of the tokenizer's content carries the hash of the file's bytes."""
+    return recorded in (tokenizer_hash(path), hash_files([Path(path) / "tokenizer.json"]))
 
 
 def load_tokenizer(path: str | Path) -> TinyTokenizer:

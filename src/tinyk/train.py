@@ -629,7 +629,7 @@ class Trainer:
 
     def _setup_inputs(self) -> None:
         from .data import open_dataset
-        from .tokenizer import load_tokenizer, tokenizer_hash
+        from .tokenizer import load_tokenizer, same_tokenizer, tokenizer_hash
 
         cfg = self.cfg
         self.meta = open_dataset(cfg.data)
@@ -648,7 +648,7 @@ class Trainer:
         self.token_bytes = torch.tensor(tok.token_bytes, dtype=torch.float64, device=self.device)  # bits per byte
         if self.init_dir is not None and cfg.tokenizer and tokenizer_hash(self.tok_dir) != tokenizer_hash(self.init_dir):
             raise TinykError(f"tokenizer {self.tok_dir} is not the one the model in {self.init_dir} was trained with")
-        if self.meta["tokenizer_hash"] != tokenizer_hash(self.tok_dir) or self.meta["vocab_size"] != tok.vocab_size:
+        if not same_tokenizer(self.meta["tokenizer_hash"], self.tok_dir) or self.meta["vocab_size"] != tok.vocab_size:
             raise TinykError(f"{cfg.data} was tokenized with another tokenizer (vocab {self.meta['vocab_size']}) "
                              f"than {self.tok_dir} (vocab {tok.vocab_size}); re-run tinyk data with this tokenizer")
         self.mcfg = self._model_config(tok.vocab_size)

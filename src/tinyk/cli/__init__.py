@@ -14,7 +14,7 @@ import sys
 import threading
 from typing import NoReturn
 
-from tinyk.files import TinykError
+from tinyk.files import Terminated, TinykError
 
 STAGES = ["tokenizer", "model", "data", "train", "generate", "serve", "evaluate", "demo", "plan"]
 
@@ -38,11 +38,6 @@ def build_parser() -> argparse.ArgumentParser:
             raise
         module.register(sub)
     return parser
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (`kill`, `timeout`, a job scheduler) stops a command as Ctrl-C does, through the same
-    clean-up: partial outputs are removed, a training run saves a checkpoint."""
 
 
 def _terminate(signum: int, frame: object) -> NoReturn:

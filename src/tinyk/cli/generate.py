@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tinyk.chat import CHAT_HELP, chat_session
@@ -68,7 +69,7 @@ def _engine(args: argparse.Namespace, max_batch: int = 16) -> Engine:
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
-    from tinyk.files import Skips, TinykError, check_inputs, iter_texts
+    from tinyk.files import Skips, TinykError, check_inputs, is_plain_text, iter_texts
 
     prompts = list(args.prompt)
     if args.prompt_file == "-":  # one prompt per line on stdin, for pipelines
@@ -79,6 +80,8 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     elif args.prompt_file:
         skips = Skips()
         found = list(iter_texts(check_inputs([args.prompt_file]), skips, field_name=args.field))
+        if not found and is_plain_text(Path(args.prompt_file)):
+            raise TinykError(f"no prompts in {args.prompt_file} (it has no non-empty lines)")
         if not found:
             raise TinykError(f"no prompts in {args.prompt_file} (records need a string field {args.field!r}, "
                              f"see --field; {skips.summary()})")
