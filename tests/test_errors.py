@@ -54,7 +54,7 @@ def test_existing_output_needs_force(tmp_path, corpus_file, nano_model_dir, caps
     # --force replaces an earlier output of the command, never a folder of someone's files.
     code, err = run_cli(["tokenizer", "train", str(corpus_file), "--out", str(out), "--vocab-size", "300",
                          "--force"], capsys)
-    assert code == 2 and "not a tinyk tokenizer (it holds keep.txt)" in err
+    assert code == 2 and "not a tinyk tokenizer, so it is not replaced (it holds keep.txt)" in err
     assert (out / "keep.txt").read_text() == "mine"
     model = Path(shutil.copytree(nano_model_dir, tmp_path / "model"))  # a model holds a tokenizer too
     code, err = run_cli(["tokenizer", "train", str(corpus_file), "--out", str(model), "--force"], capsys)

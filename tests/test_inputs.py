@@ -399,7 +399,7 @@ def test_force_never_deletes_a_folder_this_command_did_not_make(tmp_path, tok_di
     (thesis / "sub").mkdir(parents=True)
     (thesis / "sub" / "thesis.tex").write_text("years of work")
     code, err = run_cli(["data", "pretrain", "--input", src, "--tokenizer", tok_dir, "--out", thesis, "--force"], capsys)
-    assert code == 2 and "not a tinyk data directory (it holds sub)" in one_error_line(err)
+    assert code == 2 and "not a tinyk data directory, so it is not replaced (it holds sub)" in one_error_line(err)
     assert (thesis / "sub" / "thesis.tex").read_text() == "years of work"
     code, err = run_cli(["data", "pretrain", "--input", src, "--tokenizer", tok_dir, "--out", tok_dir, "--force"],
                         capsys)

@@ -463,7 +463,7 @@ def atomic_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path
             raise TinykError(f"output {out} is a file, not a directory; remove it yourself or choose another path")
         held = sorted(p.name for p in out.iterdir())
         if held and not is_one(out):
-            raise TinykError(f"--force would delete {out}, which is not {what} (it holds "
+            raise TinykError(f"{out} exists and is not {what}, so it is not replaced (it holds "
                              f"{', '.join(held[:3])}{', ...' if len(held) > 3 else ''}); remove it yourself or "
                              "choose another path")
     out.parent.mkdir(parents=True, exist_ok=True)
