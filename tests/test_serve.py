@@ -218,6 +218,8 @@ LONG = "".join(chr(0x4E00 + 37 * i) for i in range(200))  # rare characters: sev
     ("/v1/completions", {"model": "nano", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop",
      "invalid_value"),
     ("/v1/completions", {"model": "nano", "prompt": "hi", "logprobs": 2}, 400, "logprobs", "invalid_value"),
+    ("/v1/completions", {"model": "nano", "prompt": "hi", "logprobs": 0}, 400, "logprobs", "invalid_value"),
+    ("/v1/completions", {"model": "nano", "prompt": []}, 400, "prompt", "invalid_value"),
     ("/v1/completions", {"model": "nano", "prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty",
      "invalid_value"),
     ("/v1/chat/completions", {"model": "nano", "messages": [{"role": "user", "content": "hi"}],
@@ -243,6 +245,18 @@ def test_bad_input_gets_a_4xx_with_an_openai_error(server, path, body, status, p
     assert got == status, err
     assert set(err) == {"error"} and err["error"]["message"] and err["error"]["type"] == "invalid_request_error"
     assert (err["error"]["param"], err["error"]["code"]) == (param, code)
+
+
+def test_fields_at_their_off_values_are_accepted(server):
+    """What clients send for "off" (penalties 0.0, logprobs false, empty logit_bias) is not a refusal."""
+    body = {"model": "nano", "prompt": "hi", "max_tokens": 2, "presence_penalty": 0.0, "frequency_penalty": 0,
+            "logprobs": None, "echo": False, "logit_bias": {}, "best_of": 1}
+    status, reply = request(server, "POST", "/v1/completions", body)
+    assert status == 200, reply
+    chat = {"model": "nano", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "logprobs": False,
+            "top_logprobs": 0, "tools": [], "presence_penalty": 0.0}
+    status, reply = request(server, "POST", "/v1/chat/completions", chat)
+    assert status == 200, reply
 
 
 def test_other_methods_get_a_json_error(server):

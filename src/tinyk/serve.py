@@ -153,7 +153,10 @@ class Api:
         if n != 1:
             raise ApiError(400, "only n=1 is supported", param="n", code="invalid_value")
         for name, off in UNSUPPORTED.items():
-            if body.get(name, off) not in (None, off):
+            value = body.get(name, off)
+            # A bool is not a number here: OpenAI's logprobs 0 on completions asks for logprobs, unlike
+            # false, while a penalty of 0.0 is as off as 0.
+            if value is not None and not (isinstance(value, bool) == isinstance(off, bool) and value == off):
                 raise ApiError(400, f"'{name}' is not supported by this server", param=name, code="invalid_value")
         fmt = body.get("response_format")
         if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
@@ -185,6 +188,8 @@ class Api:
             prompt = prompt[0]  # a batch of one
         if isinstance(prompt, list) and prompt and all(isinstance(p, str | list) for p in prompt):
             raise ApiError(400, "only one prompt per request is supported", param="prompt", code="invalid_value")
+        if prompt == []:  # token ids are taken as given, so there is nothing to complete
+            raise ApiError(400, "'prompt' is an empty list of token ids", param="prompt", code="invalid_value")
         if not (isinstance(prompt, str) or
                 isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
             raise ApiError(400, "'prompt' must be a string or a list of token ids", param="prompt", code="invalid_type")
