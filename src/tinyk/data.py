@@ -36,6 +36,7 @@ from .files import (
     iter_records,
     iter_texts,
     shown,
+    write_error,
     write_json_atomic,
 )
 from .tokenizer import (
@@ -361,8 +362,8 @@ class _SplitWriter:
         self.bytes += int(b.nbytes.sum())
         try:
             self._write(b)
-        except OSError as e:  # numpy's short write says only "N requested and M written"
-            raise TinykError(f"cannot write {self.folder}: {e.strerror or e} (is the disk full?)") from e
+        except OSError as e:
+            raise write_error(self.folder, e) from e
 
     def _write(self, b: _Batch) -> None:
         raise NotImplementedError

@@ -140,6 +140,29 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
+def first_line(e: BaseException) -> str:
+    """An error's own first line: what follows is often a page of frames (torch, trackers)."""
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def write_error(path: Path, e: BaseException) -> TinykError:
+    """A failed write as one line with the free space beside it: a full disk often says only
+    "iostream error" (torch) or "N requested and M written" (numpy)."""
+    try:
+        free = f"; {shutil.disk_usage(path.parent).free / 1e6:,.0f} MB free on that disk"
+    except OSError:
+        free = ""
+    return TinykError(f"cannot write {path}: {first_line(e)}{free}")
+
+
+def remove_path(p: Path, ignore_errors: bool = False) -> None:
+    """A file, link or directory tree; a link is removed, never followed."""
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=ignore_errors)
+    else:
+        p.unlink(missing_ok=ignore_errors)
+
+
 def _codec(path: Path) -> str | None:
     return "gzip" if path.name.endswith(".gz") else "zstd" if path.name.endswith(".zst") else None
 
@@ -480,10 +503,7 @@ def atomic_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path
             except BaseException:
                 os.replace(old, out)  # the earlier output stays where it was
                 raise
-            if old.is_symlink():  # --force on a link replaces the link, not what it points to
-                old.unlink()
-            else:
-                shutil.rmtree(old, ignore_errors=True)
+            remove_path(old, ignore_errors=True)  # --force on a link replaces the link, not what it points to
         else:
             os.replace(tmp, out)
     except BaseException:

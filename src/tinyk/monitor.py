@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .files import TinykError
+from .files import TinykError, first_line
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, matched against torch.cuda.get_device_name().
 # The order matters: the first name contained in the device name wins.
@@ -118,9 +118,8 @@ class Trackers:
         except ImportError as e:
             raise TinykError(f"--tracker {name} needs the '{package}' package (pip install {package})") from e
         except Exception as e:  # not logged in, no network, no terminal to ask on: the tracker's own words
-            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             offline = {"wandb": "; WANDB_MODE=offline logs locally", "swanlab": "; SWANLAB_MODE=offline logs locally"}
-            raise TinykError(f"--tracker {name} could not start: {why}{offline.get(name, '')}") from e
+            raise TinykError(f"--tracker {name} could not start: {first_line(e)}{offline.get(name, '')}") from e
 
     def log(self, values: dict[str, float], step: int) -> None:
         for name, sink in self.sinks:

@@ -38,7 +38,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from .checkpoint import check_compatible, is_model_dir, load_config, load_model, write_model_files
-from .files import DirLock, TinykError, atomic_dir, check_output, write_json_atomic
+from .files import DirLock, TinykError, atomic_dir, check_output, remove_path, write_error, write_json_atomic
 from .loader import IGNORE
 from .model import PRESETS, Attention, ModelConfig, Transformer, cuda_autocast_dtype
 from .monitor import TRACKERS, Monitor, Trackers, finite, peak_flops
@@ -550,24 +550,15 @@ def _made_by_a_run(p: Path) -> bool:
 
 @contextlib.contextmanager
 def _writing(path: Path) -> Iterator[None]:
-    """A failed write as one line that names the place and the free space: torch.save reports a full
-    disk only as "iostream error" and a page of C++ frames."""
+    """A failed write as one line (see `write_error`) instead of torch's page of C++ frames."""
     try:
         yield
     except (OSError, SafetensorError) as e:
-        raise _write_error(path, e) from e
+        raise write_error(path, e) from e
     except RuntimeError as e:  # torch's file writer; other RuntimeErrors (CUDA out of memory) are not ours
         if not any(m in str(e) for m in ("iostream", "inline_container", "PytorchStreamWriter")):
             raise
-        raise _write_error(path, e) from e
-
-
-def _write_error(path: Path, e: Exception) -> TinykError:
-    try:
-        free = f"; {shutil.disk_usage(path.parent).free / 1e6:,.0f} MB free on that disk"
-    except OSError:
-        free = ""
-    return TinykError(f"cannot write {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}{free}")
+        raise write_error(path, e) from e
 
 
 def _clean_partial(out: Path) -> None:
@@ -576,10 +567,7 @@ def _clean_partial(out: Path) -> None:
         if parent.is_dir():
             for p in parent.iterdir():
                 if _is_leftover(p):
-                    if p.is_dir() and not p.is_symlink():
-                        shutil.rmtree(p, ignore_errors=True)
-                    else:
-                        p.unlink(missing_ok=True)
+                    remove_path(p, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -699,7 +687,7 @@ class Trainer:
             if main:
                 if exists and force and not self.resume:
                     for p in out.iterdir():  # emptied, not removed: the lock stays on the directory
-                        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+                        remove_path(p)
                 (out / "checkpoints").mkdir(parents=True, exist_ok=True)
                 _clean_partial(out)
                 if not exists or not self.resume:  # a new run: its directory is a run's from the start
