@@ -352,6 +352,12 @@ def test_trackers_are_lazy_and_optional(tmp_path, pt_data, tok_dir, monkeypatch)
                                          r"login` to log in\.; WANDB_MODE=offline logs locally$"):
         train(nano_cfg(pt_data, tok_dir, tmp_path / "w4", tracker=["wandb"]))
     assert not (tmp_path / "w4").exists()
+    fake.init = lambda **kw: calls.append(kw["project"]) or FakeRun()
+    monkeypatch.setitem(sys.modules, "swanlab", None)
+    calls.clear()
+    with pytest.raises(TinykError, match=r"--tracker swanlab needs the 'swanlab' package"):
+        train(nano_cfg(pt_data, tok_dir, tmp_path / "w5", tracker=["wandb", "swanlab"]))
+    assert calls[-1] == "finish"  # the W&B run that did start is closed, not left running
     monkeypatch.setitem(sys.modules, "wandb", None)
     with pytest.raises(TinykError, match=r"--tracker wandb needs the 'wandb' package \(pip install wandb\)"):
         train(nano_cfg(pt_data, tok_dir, tmp_path / "w2", tracker=["wandb"]))
@@ -683,3 +689,22 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_last_checkpoint(tmp_
     assert err[0].endswith("MB free on that disk")
     assert checkpoints(out)[-1].name == "step_0000002"
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def test_tensorboard_shows_one_curve_across_a_crash_and_resume(tmp_path, pt_data, tok_dir, monkeypatch):
+    """A session logged steps 1-5 but its last checkpoint was step 4 (as after a kill): the resumed run
+    logs 5-8 again, and TensorBoard must show each step once, with the resumed values."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    cfg = nano_cfg(pt_data, tok_dir, out, max_steps=8, save_every=2, tracker=["tensorboard"])
+    with monkeypatch.context() as m:
+        stop_at(m, 5)
+        train(cfg)
+    shutil.rmtree(out / "checkpoints" / "step_0000005")
+    train(cfg, resume=True)
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("loss")]
+    assert [s for s, _ in logged] == list(range(1, 9))
+    assert {s: pytest.approx(v) for s, v in logged} == train_losses(out)

@@ -90,7 +90,12 @@ class Trackers:
         for name in names:
             if name not in TRACKERS:
                 raise TinykError(f"unknown tracker {name!r} (choose from {', '.join(TRACKERS)})")
-            self.sinks.append((name, self._start(name, out, config, project, run_name, start_step)))
+        try:
+            for name in names:
+                self.sinks.append((name, self._start(name, out, config, project, run_name, start_step)))
+        except TinykError:
+            self.close()  # a W&B run started before SwanLab failed would otherwise stay open
+            raise
 
     @staticmethod
     def _start(name: str, out: Path, config: dict[str, Any], project: str, run_name: str, start_step: int) -> Any:
