@@ -309,6 +309,23 @@ def test_two_process_ddp_and_fsdp_match_one_process(tmp_path, pt_data, tok_dir):
     assert [e["val_loss"] for e in evals] == pytest.approx([e["val_loss"] for e in ref_evals], rel=1e-5)
 
 
+def test_ranks_that_do_not_share_the_run_directory_are_refused(tmp_path, pt_data, tok_dir):
+    """Two machines, each with its own disk at the same path (here: two paths): rank 1 would never see
+    the checkpoints rank 0 writes, so a resume would start the ranks at different steps."""
+    rdzv = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
+    workers = [subprocess.Popen([str(BIN / "python"), "-m", "tinyk",
+                                 *cli_args(pt_data, tok_dir, tmp_path / f"disk{r}" / "run", "--max-steps", "2")],
+                                env={**ENV, **rdzv, "RANK": str(r), "LOCAL_RANK": str(r)},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outputs = [w.communicate(timeout=120) for w in workers]
+    assert [w.returncode for w in workers] == [2, 2], outputs
+    for r, (_, err) in enumerate(outputs):
+        assert err.splitlines() == [f"tinyk: error: run directory {tmp_path / f'disk{r}' / 'run'} is not shared: 1 of 2 "
+                                    "processes do not see what rank 0 writes there; with several machines, --out "
+                                    "must be on a filesystem every node mounts at the same path"], err
+    assert [p.name for p in (tmp_path / "disk0" / "run").iterdir()] == []
+
+
 def test_two_processes_stop_together_on_a_time_budget(tmp_path, pt_data, tok_dir):
     """--max-minutes under torchrun: the ranks average their fitted lengths, so both take the final
     evaluation (a collective) at the same step and finish; a disagreement would hang until the timeout."""

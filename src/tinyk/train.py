@@ -683,7 +683,7 @@ class Trainer:
             raise TinykError(f"run directory {out} is in use by another tinyk run (still training, or its processes "
                              f"outlived a killed launcher); stop that one first")
         try:
-            self.dist.barrier()
+            self._check_shared()
             if main:
                 if exists and force and not self.resume:
                     for p in out.iterdir():  # emptied, not removed: the lock stays on the directory
@@ -697,6 +697,25 @@ class Trainer:
             self.lock.release()
             raise
         return not exists or not self.resume
+
+    def _check_shared(self) -> None:
+        """Every rank must see the directory rank 0 writes, as it reads the checkpoints there on resume;
+        on machines that each have their own disk, the ranks would otherwise resume from different steps."""
+        d = self.dist
+        if d.world == 1:
+            return
+        token = d.sum_host([int.from_bytes(os.urandom(7), "big") if d.main else 0])[0]
+        probe = self.out / f".shared-check.tmp-{token:014x}"  # a new name: no cached lookup can answer
+        if d.main:
+            probe.write_text(f"{d.world}\n")
+        d.barrier()
+        blind = d.sum_host([int(not probe.is_file())])[0]
+        if d.main:
+            probe.unlink()
+        if blind:
+            raise TinykError(f"run directory {self.out} is not shared: {blind} of {d.world} processes do not see what "
+                             f"rank 0 writes there; with several machines, --out must be on a filesystem every node "
+                             f"mounts at the same path")
 
     def _setup_data(self) -> None:
         from .data import PretrainLoader, SFTLoader, eval_batches
