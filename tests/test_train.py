@@ -130,6 +130,7 @@ def test_config_layers_preset_file_flags_set(tmp_path):
     (["lr=fast"], "config key lr: 'fast' is not a valid float$"),
     (["batch_size=2.5"], "config key batch_size"),
     (["dtype=int8"], "dtype must be auto, bf16, fp16 or fp32"),
+    (["device=mps"], "device must be auto, cpu or cuda, got .mps.$"),
     (["compile_mode=fast"], "compile_mode must be one of default, reduce-overhead"),
     (["max_minutes=0"], "max_minutes must be positive"),
     (["grad_clip=-1"], "grad_clip must be >= 0"),  # would train uphill

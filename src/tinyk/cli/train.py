@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         b.add_argument("--lr", type=positive_float, help="peak learning rate (warmup, then cosine to 10%%)")
         r = p.add_argument_group("runtime")
         r.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"])
-        r.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
+        r.add_argument("--device", choices=["auto", "cpu", "cuda"])
         r.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
         r.add_argument("--parallel", choices=["ddp", "fsdp"], help="multi-process strategy under torchrun")
         r.add_argument("--activation-checkpointing", action="store_true", default=None,
