@@ -192,7 +192,8 @@ def test_plan_from_config_file_and_flags(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--preset", "seed-215m", "--gpu", "v100"], "unknown GPU 'v100'"),
+    (["--preset", "seed-215m", "--gpu", "p100"], "unknown GPU 'p100'"),
+    (["--preset", "seed-215m", "--gpu", "t4", "--dtype", "bf16"], "T4 16GB has no bf16 tensor cores: plan with --dtype fp16"),
     (["--gpu", "h100"], "pass --preset or --config"),
     (["--preset", "seed-215m", "--mfu", "45"], "--mfu is a fraction"),
     (["--preset", "seed-215m", "--gpus", "3"], "not divisible by 3 GPUs"),
@@ -213,10 +214,40 @@ def test_gpu_table():
     assert GPUS["h100"].peak_flops == 989e12 and GPUS["a100"].peak_flops == 312e12
     assert find_gpu("RTX 4090") is GPUS["rtx4090"] and find_gpu("A100-40GB") is GPUS["a100-40gb"]
     names = {"NVIDIA H100 80GB HBM3": "h100", "NVIDIA H100 PCIe": "h100-pcie", "NVIDIA H200": "h200",
-             "NVIDIA A100-SXM4-40GB": "a100-40gb", "NVIDIA A100-SXM4-80GB": "a100",
-             "NVIDIA GeForce RTX 4090": "rtx4090", "NVIDIA GeForce RTX 3090": "rtx3090", "Tesla T4": None}
+             "NVIDIA A100-SXM4-40GB": "a100-40gb", "NVIDIA A100-SXM4-80GB": "a100", "NVIDIA A100 80GB PCIe": "a100",
+             "NVIDIA A800-SXM4-80GB": "a800", "NVIDIA H800": "h800", "NVIDIA H20": "h20", "NVIDIA L40S": "l40s",
+             "NVIDIA L4": "l4", "NVIDIA RTX A6000": "a6000", "NVIDIA GeForce RTX 5090": "rtx5090",
+             "NVIDIA GeForce RTX 4090": "rtx4090", "NVIDIA GeForce RTX 4080": "rtx4080",
+             "NVIDIA GeForce RTX 3090": "rtx3090", "NVIDIA GeForce RTX 3080": "rtx3080",
+             "Tesla V100-SXM2-32GB": "v100", "Tesla T4": "t4",
+             # other memory, clocks or chips than the table's card of that name
+             "NVIDIA L40": None, "NVIDIA GH200 480GB": None, "NVIDIA H100 NVL": None, "NVIDIA GeForce RTX 4090 D": None,
+             "NVIDIA GeForce RTX 4080 SUPER": None, "NVIDIA GeForce RTX 3080 Ti": None,
+             "NVIDIA GeForce RTX 3080 12GB": None, "Tesla V100-PCIE-16GB": None, "NVIDIA A10": None,
+             "NVIDIA GeForce RTX 4090 Laptop GPU": None, "NVIDIA RTX 6000 Ada Generation": None}
     for name, key in names.items():
-        assert gpu_class(name) == key
+        assert gpu_class(name) == key, name
+    for key, gpu in GPUS.items():  # each card's own table name finds it, and the plan's help names it
+        assert gpu_class(gpu.name) == key and key in plan_help()
+
+
+def plan_help() -> str:
+    import argparse
+
+    from tinyk.cli import plan
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    plan.register(sub)
+    return " ".join(sub.choices["plan"].format_help().split())
+
+
+def test_cards_without_bf16_plan_fp16_autocast(capsys):
+    code, out, _ = run_cli(["plan", "--preset", "seed-82m", "--gpu", "Tesla T4", "--json"], capsys)
+    plan = json.loads(out)
+    assert code == 0 and plan["run"]["dtype"] == "fp16" and plan["gpu"]["tensor_dtype"] == "fp16"
+    assert plan["gpu"]["peak_tflops"] == 65
+    code, out, _ = run_cli(["plan", "--preset", "seed-82m", "--gpu", "h100"], capsys)
+    assert "bf16 autocast with fp32 master weights" in out and "TFLOP/s dense bf16" in out
 
 
 def test_gpu_bench_cpu_smoke(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -39,8 +40,8 @@ MEASURED_MODEL = "seed-215m"  # the model bench/gpu.sh measures; its MFU is the 
 class GPUSpec:
     """A GPU class: memory as PyTorch reports it and the MFU tinyk reaches on it.
 
-    The dense bf16 peak comes from the trainer's table (`monitor.GPU_PEAK_TFLOPS`), so plan
-    and the training log divide by the same number.
+    The dense bf16 peak (fp16 before Ampere) comes from the trainer's table (`monitor.GPU_PEAK_TFLOPS`),
+    so plan and the training log divide by the same number.
     """
 
     key: str
@@ -49,6 +50,7 @@ class GPUSpec:
     mfu: float
     mfu_source: str  # ASSUMED, or "measured: ..." naming the bench/gpu.sh run it comes from
     fp32_tflops: float  # dense fp32 without tensor cores (tinyk leaves TF32 off): what an fp32 run gets
+    bf16: bool = True  # False before Ampere (T4, V100): autocast runs in fp16 there, and the peak is fp16's
 
     @property
     def peak_flops(self) -> float:
@@ -61,19 +63,31 @@ class GPUSpec:
         return self.mfu_source != ASSUMED
 
 
-# MFU stays "assumed" (peers: nanochat 41-47% and llm.c ~40% on H100, TinyLlama 56% on A100)
-# until a bench/gpu.sh run on that class replaces it with the figure it printed.
+# MFU stays "assumed" (peers: nanochat 41-47% and llm.c ~40% on H100, TinyLlama 56% on A100; 40% for
+# data-centre cards, 35% for the rest) until a bench/gpu.sh run on that class replaces it with the
+# figure it printed. A800, H800 and H20 are the export versions sold in China.
 GPUS: dict[str, GPUSpec] = {g.key: g for g in [
     GPUSpec("a100", "NVIDIA A100 80GB", 79.2, 0.40, ASSUMED, 19.5),
     GPUSpec("a100-40gb", "NVIDIA A100 40GB", 39.4, 0.40, ASSUMED, 19.5),
+    GPUSpec("a800", "NVIDIA A800 80GB", 79.2, 0.40, ASSUMED, 19.5),
     GPUSpec("h100", "NVIDIA H100 80GB SXM", 79.1, 0.427,
             "measured: bench/gpu.sh on NVIDIA H100 80GB HBM3, compiled mb64, 2026-11-28", 67.0),
     GPUSpec("h100-pcie", "NVIDIA H100 PCIe 80GB", 79.1, 0.40, ASSUMED, 51.0),
+    GPUSpec("h800", "NVIDIA H800 80GB SXM", 79.1, 0.40, ASSUMED, 67.0),
     # Measured before the fused q/k/v and gate/up matmuls and the RoPE tables, which gave +13% on the H100.
     GPUSpec("h200", "NVIDIA H200 141GB", 139.8, 0.401,
             "measured: bench/gpu.sh on NVIDIA H200, compiled mb64, earlier model code, 2026-11-27", 67.0),
+    GPUSpec("h20", "NVIDIA H20 96GB", 95.0, 0.40, ASSUMED, 44.0),
+    GPUSpec("l40s", "NVIDIA L40S 48GB", 44.5, 0.40, ASSUMED, 91.6),
+    GPUSpec("l4", "NVIDIA L4 24GB", 22.1, 0.35, ASSUMED, 30.3),
+    GPUSpec("a6000", "NVIDIA RTX A6000 48GB", 47.5, 0.35, ASSUMED, 38.7),
+    GPUSpec("rtx5090", "NVIDIA GeForce RTX 5090 32GB", 31.4, 0.35, ASSUMED, 104.8),
     GPUSpec("rtx4090", "NVIDIA GeForce RTX 4090 24GB", 23.6, 0.35, ASSUMED, 82.6),
+    GPUSpec("rtx4080", "NVIDIA GeForce RTX 4080 16GB", 15.6, 0.35, ASSUMED, 48.7),
     GPUSpec("rtx3090", "NVIDIA GeForce RTX 3090 24GB", 23.6, 0.35, ASSUMED, 35.6),
+    GPUSpec("rtx3080", "NVIDIA GeForce RTX 3080 10GB", 9.8, 0.35, ASSUMED, 29.8),
+    GPUSpec("v100", "NVIDIA V100 SXM2 32GB", 31.7, 0.35, ASSUMED, 15.7, bf16=False),
+    GPUSpec("t4", "NVIDIA Tesla T4 16GB", 14.6, 0.35, ASSUMED, 8.1, bf16=False),
 ]}
 
 
@@ -99,11 +113,15 @@ def find_gpu(name: str) -> GPUSpec:
 def gpu_class(device_name: str) -> str | None:
     """The GPUS key for a CUDA device name such as 'NVIDIA H100 80GB HBM3' (None if not in the table)."""
     n = device_name.upper()
-    if any(other in n for other in ("GH200", "NVL", "LAPTOP", "MOBILE")):  # other memory and clocks
+    # Other memory or clocks than the table's card: GH200, NVL, laptop chips, 4090 D, SUPER and Ti models,
+    # the 12 GB RTX 3080 and the 16 GB V100.
+    if re.search(r"GH200|NVL|LAPTOP|MOBILE|\b\d{4} ?D\b|SUPER|\bTI\b|\d{4}TI|3080.*12 ?GB|V100.*16 ?GB", n):
         return None
-    rules = [("H200", "", "h200"), ("H100", "PCIE", "h100-pcie"), ("H100", "", "h100"), ("A100", "40G", "a100-40gb"),
-             ("A100", "", "a100"), ("4090", "", "rtx4090"), ("3090", "", "rtx3090")]
-    return next((key for chip, variant, key in rules if chip in n and variant in n), None)
+    rules = [("H200", "h200"), ("H100.*PCIE|PCIE.*H100", "h100-pcie"), ("H100", "h100"), ("H800", "h800"),
+             ("H20", "h20"), ("A100.*40 ?GB", "a100-40gb"), ("A100", "a100"), ("A800", "a800"), ("L40S", "l40s"),
+             ("L4", "l4"), ("A6000", "a6000"), ("5090", "rtx5090"), ("4090", "rtx4090"), ("4080", "rtx4080"),
+             ("3090", "rtx3090"), ("3080", "rtx3080"), ("V100", "v100"), ("T4", "t4")]
+    return next((key for chip, key in rules if re.search(rf"(?<![A-Z0-9])(?:{chip})(?![A-Z0-9])", n)), None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,6 +408,9 @@ def make_plan(run: RunSpec, gpu: GPUSpec, *, gpus: int = 1, nodes: int = 1, toke
     if run.batch_size % world:
         raise TinykError(f"batch size {run.batch_size} is not divisible by {world} GPUs (set --batch-size)")
     per_rank = run.batch_size // world
+    if run.dtype == "bf16" and not gpu.bf16:
+        raise TinykError(f"{gpu.name} has no bf16 tensor cores: plan with --dtype fp16 (what auto picks there)")
+    dtype = run.dtype if run.dtype != "auto" else "bf16" if gpu.bf16 else "fp16"
     cfg = run.cfg
     size = model_size(cfg)
     fpt = flops_per_token(cfg, run.seq_len)
@@ -411,7 +432,7 @@ def make_plan(run: RunSpec, gpu: GPUSpec, *, gpus: int = 1, nodes: int = 1, toke
         # MFU is against the bf16 peak (the trainer's convention), which fp32 matmuls never touch.
         used_mfu = FP32_SHARE * gpu.fp32_tflops * 1e12 / gpu.peak_flops
         mfu_source = (f"ASSUMED for fp32: {FP32_SHARE:.0%} of this GPU's {gpu.fp32_tflops:g} TFLOP/s fp32 peak "
-                      "(bench/gpu.sh's fp32 row reached 54% of it on an H100); use bf16 for real runs")
+                      "(bench/gpu.sh's fp32 row reached 54% of it on an H100); use --dtype auto for real runs")
     else:
         used_mfu, mfu_source = gpu.mfu, gpu.mfu_source
         if gpu.mfu_measured and _shape(cfg) != _shape(preset_config(MEASURED_MODEL)):
@@ -426,11 +447,11 @@ def make_plan(run: RunSpec, gpu: GPUSpec, *, gpus: int = 1, nodes: int = 1, toke
         "flops_per_token": fpt,
         "flops_formula": flops_formula(cfg, run.seq_len),
         "gpu": {"key": gpu.key, "name": gpu.name, "count": world, "gpus_per_node": gpus, "nodes": nodes,
-                "peak_tflops": gpu.peak_flops / 1e12, "memory_gib": gpu.memory_gib,
+                "peak_tflops": gpu.peak_flops / 1e12, "tensor_dtype": "bf16" if gpu.bf16 else "fp16", "memory_gib": gpu.memory_gib,
                 "usable_gib": usable_bytes(gpu) / GiB},
         "run": {"seq_len": run.seq_len, "batch_size": run.batch_size, "micro_batch": micro,
                 "micro_batch_requested": run.micro_batch,
-                "grad_accum": accum, "dtype": run.dtype, "parallel": run.parallel if world > 1 else "none",
+                "grad_accum": accum, "dtype": dtype, "parallel": run.parallel if world > 1 else "none",
                 "activation_checkpointing": run.checkpointing, "tokens": int(tokens)},
         "memory": mem.to_json(),
         "memory_other_checkpointing": other.to_json(),
@@ -512,7 +533,7 @@ def format_plan(p: dict[str, Any]) -> str:
     c = m["config"]
     ck = r["activation_checkpointing"]
     per_gpu = r["batch_size"] // g["count"]
-    precision = "fp32" if r["dtype"] == "fp32" else f"{'bf16' if r['dtype'] == 'auto' else r['dtype']} autocast"
+    precision = "fp32" if r["dtype"] == "fp32" else f"{r['dtype']} autocast"
     parallel = {"none": "one process", "ddp": "DDP", "fsdp": "FSDP"}[r["parallel"]]
     layer_kib = sum(am["layer_bytes_per_token"].values()) / 1024
     lines = [
@@ -520,7 +541,8 @@ def format_plan(p: dict[str, Any]) -> str:
         f"{c['n_heads']} heads / {c['n_kv_heads']} KV, hidden {c['hidden_dim']}, vocab {c['vocab_size']})",
         f"FLOPs/token  {p['flops_formula']}",
         f"hardware     {g['count']} x {g['name']} ({g['nodes']} node{'s' * (g['nodes'] > 1)} x {g['gpus_per_node']} "
-        f"GPU{'s' * (g['gpus_per_node'] > 1)}): {g['peak_tflops']:g} TFLOP/s dense bf16, {g['memory_gib']:g} GiB each",
+        f"GPU{'s' * (g['gpus_per_node'] > 1)}): {g['peak_tflops']:g} TFLOP/s dense {g['tensor_dtype']}, "
+        f"{g['memory_gib']:g} GiB each",
         f"run          seq {r['seq_len']}; global batch {r['batch_size']} sequences = micro-batch {r['micro_batch']} "
         f"x {r['grad_accum']} accumulation x {g['count']} GPU{'s' * (g['count'] > 1)}; {precision} with fp32 "
         f"master weights; {parallel}; activation checkpointing {'on' if ck else 'off'}",
@@ -537,7 +559,8 @@ def format_plan(p: dict[str, Any]) -> str:
         _row("optimizer state (AdamW m, v fp32)", mem["optimizer"]),
     ]
     if mem["weight_copies"]:
-        what = "fp32 fused q/k/v and gate/up weights" if r["dtype"] == "fp32" else "bf16 weight copies (autocast)"
+        what = ("fp32 fused q/k/v and gate/up weights" if r["dtype"] == "fp32"
+                else f"{r['dtype']} weight copies (autocast)")
         lines.append(_row(what, mem["weight_copies"],
                           "   freed after the forward" if ck else ""))
     if mem["buffers"]:

@@ -24,8 +24,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     what.add_argument("--parallel", choices=["ddp", "fsdp"])
     what.add_argument("--activation-checkpointing", action="store_true", default=None)
     where = p.add_argument_group("where")
-    where.add_argument("--gpu", default="a100", help="a100, a100-40gb, h100, h100-pcie, h200, rtx4090, rtx3090 "
-                                                     "(default a100)")
+    where.add_argument("--gpu", default="a100",
+                       help="a GPU class: a100, a100-40gb, a800, h100, h100-pcie, h800, h200, h20, l40s, l4, a6000, "
+                            "rtx5090, rtx4090, rtx4080, rtx3090, rtx3080, v100, t4, or a device name as nvidia-smi "
+                            "prints it (default a100)")
     where.add_argument("--gpus", type=positive_int, default=1, help="GPUs per node")
     where.add_argument("--nodes", type=positive_int, default=1)
     where.add_argument("--tokens", type=parse_tokens,
