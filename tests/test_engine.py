@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -25,7 +28,7 @@ from tinyk.engine import (
 )
 from tinyk.files import Terminated, TinykError
 from tinyk.model import KVCache
-from tinyk.tokenizer import DEFAULT_SYSTEM_PROMPT, render_chat
+from tinyk.tokenizer import DEFAULT_SYSTEM_PROMPT, NOT_UTF8, render_chat
 
 GREEDY = SamplingParams(temperature=0, repetition_penalty=1.0, max_new_tokens=12, ignore_eos=True)
 PROMPTS = ["我们今天", "The quick brown fox jumps over the lazy dog.", "中国的首都是北京。你喜欢吃苹果吗？这本书", "",
@@ -377,6 +380,16 @@ def test_chat_cli_answers_one_message(engine, nano_model_dir, capsys, monkeypatc
     with pytest.raises(SystemExit) as e:
         main(["chat", "--model", str(nano_model_dir), "--temperature", "0", "--max-new-tokens", "6"])
     assert e.value.code == 0 and capsys.readouterr().out == expected + "\n"
+
+
+def test_chat_reports_gbk_on_stdin_in_one_line(nano_model_dir):
+    """A GBK message piped into chat (strict UTF-8 stdin, as under en_US.UTF-8) is the tokenizer's one
+    line, not a UnicodeDecodeError traceback."""
+    r = subprocess.run([sys.executable, "-m", "tinyk", "chat", "--model", str(nano_model_dir), "--max-new-tokens", "2"],
+                       input="你好".encode("gbk"), capture_output=True, timeout=120,
+                       env={**os.environ, "PYTHONIOENCODING": "utf-8:strict", "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 2 and r.stdout == b""
+    assert r.stderr.decode() == f"tinyk: error: {NOT_UTF8}\n"
 
 
 def test_chat_session_commands_and_history(engine, capsys):

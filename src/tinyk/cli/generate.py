@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from collections.abc import Iterable
@@ -121,6 +122,8 @@ def _chat(args: argparse.Namespace) -> int:
 
     params = sampling_params(args)
     system = DEFAULT_SYSTEM_PROMPT if args.system is None else args.system
+    if isinstance(sys.stdin, io.TextIOWrapper):  # a GBK line becomes one message the session reports, not a crash
+        sys.stdin.reconfigure(errors="surrogateescape")
     message = args.message
     if message is None and not sys.stdin.isatty():
         message = sys.stdin.read().strip()
