@@ -142,7 +142,10 @@ def test_chat_uses_the_template_with_the_generation_prompt(engine):
     with_system = engine.chat_prompt(msgs, default_system=DEFAULT_SYSTEM_PROMPT)
     assert with_system == f"<|im_start|>system\n{DEFAULT_SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n你好<|im_end|>\n" \
                           "<|im_start|>assistant\n"
-    assert engine.chat([msgs], GREEDY)[0].token_ids == engine.generate([engine.chat_prompt(msgs)], GREEDY)[0].token_ids
+    assert engine.chat([msgs], GREEDY, default_system=None)[0].token_ids == \
+        engine.generate([engine.chat_prompt(msgs)], GREEDY)[0].token_ids
+    # By default a conversation is prompted as SFT data was tokenized, system message first.
+    assert engine.chat([msgs], GREEDY)[0].token_ids == engine.generate([with_system], GREEDY)[0].token_ids
 
 
 def test_stream_deltas_join_to_the_generated_text(engine):

@@ -28,6 +28,7 @@ import torch
 
 from .corpus import CorpusSpec, build_demo_corpus
 from .files import TinykError, atomic_dir, write_json_atomic
+from .tokenizer import DEFAULT_SYSTEM_PROMPT
 
 RESULTS_KIND = "tinyk-demo"
 CHAT_SAMPLES = ("你好呀", "你是谁？")
@@ -453,7 +454,9 @@ def base_sample(engine: Any, max_new_tokens: int) -> dict[str, Any]:
     """A raw continuation from the pretrained model, as the seed's pretrain sample (seeded sampling)."""
     from .engine import SamplingParams
 
-    c = engine.generate([BASE_SAMPLE_PROMPT], SamplingParams(max_new_tokens=max_new_tokens, seed=0))[0]
+    # Started as pretraining documents were and as `tinyk generate --seed 0` starts it.
+    prompt = engine.encode(BASE_SAMPLE_PROMPT, bos=True)
+    c = engine.generate([prompt], SamplingParams(max_new_tokens=max_new_tokens, seed=0))[0]
     return {"prompt": BASE_SAMPLE_PROMPT, "continuation": c.text}
 
 
@@ -467,7 +470,7 @@ def transformers_check(model_dir: Path, engine: Any, max_new_tokens: int = 24) -
         return {"ok": False, "error": f"transformers not importable: {e}"}
     hf_tok = AutoTokenizer.from_pretrained(model_dir)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    messages = [{"role": "user", "content": CHAT_SAMPLES[0]}]
+    messages = [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, {"role": "user", "content": CHAT_SAMPLES[0]}]
     # transformers' own chat template against the ids tinyk prompts with (and trains SFT on).
     ids = torch.tensor([hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                    return_dict=False)])

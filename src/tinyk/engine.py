@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from .checkpoint import check_compatible, load_model
 from .files import TinykError
 from .model import KVCache, Transformer, apply_rope, cuda_autocast_dtype
-from .tokenizer import CHAT_ROLES, SPECIAL_IDS, TinyTokenizer, render_chat
+from .tokenizer import CHAT_ROLES, DEFAULT_SYSTEM_PROMPT, SPECIAL_IDS, TinyTokenizer, render_chat
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -624,10 +624,11 @@ class Engine:
             pass
         return [r.completion() for r in reqs]
 
-    def chat(self, messages_batch: list[list[dict]],
-             params: SamplingParams | list[SamplingParams] | None = None) -> list[Completion]:
-        """Assistant replies to each conversation, through the chat template."""
-        return self.generate([self.chat_ids(m) for m in messages_batch], params)
+    def chat(self, messages_batch: list[list[dict]], params: SamplingParams | list[SamplingParams] | None = None,
+             default_system: str | None = DEFAULT_SYSTEM_PROMPT) -> list[Completion]:
+        """Assistant replies to each conversation, through the chat template. As in `tinyk chat` and the
+        server, a conversation without a system message gets the one every SFT example carried."""
+        return self.generate([self.chat_ids(m, default_system) for m in messages_batch], params)
 
     def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[str]:
         """Text deltas of one raw completion as they are produced."""
