@@ -140,6 +140,14 @@ def test_corrupt_config(tmp_path, nano_model_dir, capsys):
         (m / "config.json").write_text(json.dumps({**config, "tinyk": {**config["tinyk"], **change}}))
         code, err = run_cli(["model", "info", str(m)], capsys)
         assert code == 2 and message in err and err.count("\n") == 1
+    plain = {k: v for k, v in config.items() if k != "tinyk"}
+    for content, message in [([1], "it is not a JSON object"), ({"tinyk": "x"}, "its 'tinyk' entry is not an object"),
+                             ({**plain, "num_attention_heads": 0, "head_dim": 8},
+                              "n_heads must be a positive integer, got 0"),
+                             ({**plain, "rope_scaling": "yes"}, "its RoPE parameters are not an object")]:
+        (m / "config.json").write_text(json.dumps(content))
+        code, err = run_cli(["model", "info", str(m)], capsys)
+        assert code == 2 and err == f"tinyk: error: invalid config.json in {m}: {message}\n"
 
 
 def test_damaged_weights(tmp_path, nano_model_dir):

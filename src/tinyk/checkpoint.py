@@ -60,25 +60,29 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
     }
 
 
-def config_from_hf(d: dict[str, Any]) -> ModelConfig:
+def config_from_hf(d: Any) -> ModelConfig:
     """The model a config.json describes: tinyk's own block, or a plain HF Llama config. What tinyk's
     model cannot reproduce (RoPE scaling, biases, another activation) is refused, never dropped."""
+    if not isinstance(d, dict):
+        raise ValueError("it is not a JSON object")
     if "tinyk" in d:
+        if not isinstance(d["tinyk"], dict):
+            raise ValueError("its 'tinyk' entry is not an object")
         return ModelConfig.from_dict(d["tinyk"])
     rope = d.get("rope_parameters") or d.get("rope_scaling") or {}  # transformers 5 / 4 names
+    if not isinstance(rope, dict):
+        raise ValueError("its RoPE parameters are not an object")
     unsupported = [
         (d.get("model_type", "llama") != "llama", f"model_type {d.get('model_type')!r}"),
         (rope.get("rope_type", rope.get("type", "default")) != "default",
          f"RoPE scaling {rope.get('rope_type', rope.get('type'))!r}"),
         (bool(d.get("attention_bias")) or bool(d.get("mlp_bias")), "bias terms"),
         (d.get("hidden_act", "silu") != "silu", f"activation {d.get('hidden_act')!r}"),
-        (d.get("head_dim") not in (None, d["hidden_size"] // d["num_attention_heads"]),
-         f"head_dim {d.get('head_dim')} other than hidden_size / num_attention_heads"),
     ]
     for bad, what in unsupported:
         if bad:
             raise TinykError(f"config.json asks for {what}, which tinyk's LLaMA-2 model does not implement")
-    return ModelConfig(
+    cfg = ModelConfig(
         dim=d["hidden_size"], n_layers=d["num_hidden_layers"], n_heads=d["num_attention_heads"],
         n_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"], vocab_size=d["vocab_size"],
         # Missing keys mean what LlamaConfig means by them, which is how transformers reads the file.
@@ -87,6 +91,10 @@ def config_from_hf(d: dict[str, Any]) -> ModelConfig:
         rope_theta=d.get("rope_theta") or rope.get("rope_theta") or 10000.0,
         tie_embeddings=d.get("tie_word_embeddings", False),
     )
+    if d.get("head_dim") not in (None, cfg.head_dim):
+        raise TinykError(f"config.json asks for head_dim {d['head_dim']} other than hidden_size / num_attention_heads, "
+                         f"which tinyk's LLaMA-2 model does not implement")
+    return cfg
 
 
 def check_compatible(cfg: ModelConfig, tok: TinyTokenizer) -> None:
