@@ -645,7 +645,8 @@ def test_what_a_killed_write_leaves_never_locks_a_run(tmp_path, pt_data, tok_dir
     lines = (out / "metrics.jsonl").read_text().splitlines()
     (out / "metrics.jsonl").write_text("\n".join([lines[0], "{damaged", *lines[1:]]) + "\n")
     with pytest.raises(TinykError, match=r"metrics.jsonl line 2 is damaged .*; repair or delete that line"):
-        train(nano_cfg(pt_data, tok_dir, out, max_steps=4), resume=True)
+        train(nano_cfg(pt_data, tok_dir, out, max_steps=4, tracker=["tensorboard"]), resume=True)
+    assert not (out / "tensorboard").exists()  # no tracker was started only to be left open
 
 
 def test_an_sft_run_resumes_only_with_its_batch_size(tmp_path, sft_data, nano_model_dir):

@@ -266,10 +266,12 @@ class Monitor:
         self.bar.write(msg)
 
     def close(self) -> None:
-        self.plot()
-        self.bar.close()
-        if self.trackers:
-            self.trackers.close()
+        try:
+            self.plot()
+        finally:
+            self.bar.close()
+            if self.trackers:
+                self.trackers.close()
 
 
 def finite(x: float) -> float | None:

@@ -588,6 +588,7 @@ class Trainer:
         self.device = self.dist.device
         self.out = Path(cfg.out)
         self.lock = DirLock(self.out)
+        self.monitor: Monitor | None = None
         self.stop_signal: str | None = None
         self._setup_inputs()
         self._setup_data()
@@ -605,7 +606,7 @@ class Trainer:
         except BaseException:
             # A new run that fails to start (a missing tracker package, unloadable weights) leaves
             # nothing behind, so the corrected command needs no --force.
-            self.lock.release()
+            self.close()
             if fresh and self.dist.main:
                 shutil.rmtree(self.out, ignore_errors=True)
                 if existed:
@@ -784,12 +785,11 @@ class Trainer:
 
     def _make_monitor(self) -> Monitor:
         cfg = self.cfg
-        trackers = None
-        if cfg.tracker:
-            trackers = Trackers(cfg.tracker, self.out, cfg.to_dict(), cfg.project,
-                                cfg.run_name or self.out.name, start_step=self.progress.step)
-        mon = Monitor(self.out, self.total_steps, self.progress.step, trackers, cfg.progress)
+        mon = Monitor(self.out, self.total_steps, self.progress.step, None, cfg.progress)
         mon.truncate(self.progress.step)
+        if cfg.tracker:  # last: nothing after them can fail and leave a tracker's run open
+            mon.trackers = Trackers(cfg.tracker, self.out, cfg.to_dict(), cfg.project,
+                                    cfg.run_name or self.out.name, start_step=self.progress.step)
         return mon
 
     # --- checkpoints ----------------------------------------------------------------------
@@ -1054,10 +1054,12 @@ class Trainer:
 
     def close(self) -> None:
         """Closes the trackers and frees the run directory for the next run; `run()` ends with it."""
-        if self.monitor:
-            self.monitor.close()
-            self.monitor = None
-        self.lock.release()
+        try:
+            if self.monitor:
+                monitor, self.monitor = self.monitor, None
+                monitor.close()
+        finally:
+            self.lock.release()
 
     def _run(self) -> dict[str, Any]:
         cfg, d = self.cfg, self.dist
