@@ -27,6 +27,7 @@ from tinyk.files import (
     iter_texts,
     marker_file,
     remove_stale_temps,
+    write_json_atomic,
 )
 from tinyk.loader import SFTLoader
 
@@ -281,6 +282,14 @@ def test_atomic_dir_names_its_temporary_with_host_and_pid(tmp_path):
         assert ".tmp-" in tmp.name  # train.py's _clean_partial relies on this
         (tmp / "f").write_text("x")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_failed_file_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    f = tmp_path / "results.json"
+    write_json_atomic(f, {"a": 1})
+    with pytest.raises(TypeError):
+        write_json_atomic(f, {"a": {1, 2}})  # fails half-way through writing
+    assert json.loads(f.read_text()) == {"a": 1} and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
 
 
 def test_only_temporaries_of_dead_processes_on_this_machine_are_removed(tmp_path):

@@ -611,14 +611,26 @@ def _share_like_umask(root: Path) -> None:
             os.chmod(os.path.join(parent, name), 0o666 & ~mask)
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Writes JSON through a temporary sibling so readers never see half a file."""
+@contextlib.contextmanager
+def atomic_file(path: str | Path, suffix: str = "") -> Iterator[Path]:
+    """A temporary sibling to write: it replaces `path` when the block succeeds and is removed when
+    it fails, so readers never see half a file and a failed write (a full disk) leaves nothing behind.
+    `suffix` keeps an extension that the writer reads the format from (matplotlib's .png)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Writes `obj` as JSON, complete or not at all (see `atomic_file`)."""
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, ensure_ascii=False, indent=2)
         f.write("\n")
-    os.replace(tmp, path)
 
 
 def hash_files(paths: list[Path]) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .files import TinykError, first_line
+from .files import TinykError, atomic_file, first_line
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, matched against torch.cuda.get_device_name().
 # The order matters: the first name contained in the device name wins.
@@ -170,10 +170,11 @@ def plot_losses(records: list[dict[str, Any]], png: Path) -> bool:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, png)
+    try:
+        with atomic_file(png, suffix=".png") as tmp:
+            fig.savefig(tmp)
+    finally:
+        plt.close(fig)
     return True
 
 
@@ -222,9 +223,8 @@ class Monitor:
     def truncate(self, step: int) -> None:
         """Drops records past `step` (written by a run that died after its last checkpoint)."""
         self.records = [r for r in self.records if r["step"] <= step]
-        tmp = self.metrics_path.with_name(f".{self.metrics_path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-        os.replace(tmp, self.metrics_path)
+        with atomic_file(self.metrics_path) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
 
     def _append(self, rec: dict[str, Any]) -> None:
         self.records.append(rec)

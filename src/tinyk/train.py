@@ -38,7 +38,16 @@ from safetensors import SafetensorError
 from torch import nn
 
 from .checkpoint import check_compatible, is_model_dir, load_config, load_model, write_model_files
-from .files import DirLock, TinykError, atomic_dir, check_output, remove_path, write_error, write_json_atomic
+from .files import (
+    DirLock,
+    TinykError,
+    atomic_dir,
+    atomic_file,
+    check_output,
+    remove_path,
+    write_error,
+    write_json_atomic,
+)
 from .loader import IGNORE
 from .model import PRESETS, Attention, ModelConfig, Transformer, cuda_autocast_dtype
 from .monitor import TRACKERS, Monitor, Trackers, finite, peak_flops
@@ -602,7 +611,7 @@ class Trainer:
             self.finished_already = bool(self.resumed_from) and self.progress.step >= self.total_steps \
                 and (self.out / "final").is_dir()
             if self.dist.main and not fresh and not self.finished_already:
-                (self.out / "config.yaml").write_text(dump_config(self.cfg), encoding="utf-8")
+                self._write_config()
         except BaseException:
             # A new run that fails to start (a missing tracker package, unloadable weights) leaves
             # nothing behind, so the corrected command needs no --force.
@@ -691,12 +700,17 @@ class Trainer:
                 (out / "checkpoints").mkdir(parents=True, exist_ok=True)
                 _clean_partial(out)
                 if not exists or not self.resume:  # a new run: its directory is a run's from the start
-                    (out / "config.yaml").write_text(dump_config(self.cfg), encoding="utf-8")
+                    self._write_config()
             self.dist.barrier()
         except BaseException:
             self.lock.release()
             raise
         return not exists or not self.resume
+
+    def _write_config(self) -> None:
+        """The run's config.yaml, whole or as it was: it is what --resume starts from."""
+        with atomic_file(self.out / "config.yaml") as tmp:
+            tmp.write_text(dump_config(self.cfg), encoding="utf-8")
 
     def _check_shared(self) -> None:
         """Every rank must see the directory rank 0 writes, as it reads the checkpoints there on resume;
