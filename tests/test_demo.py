@@ -271,6 +271,9 @@ def test_demo_output_rules(tmp_path, demo):
     with pytest.raises(TinykError, match="not an earlier demo"):
         run_demo(other, DemoConfig.smoke(), show_progress=False)
     assert (other / "keep.txt").exists()
+    (other / "results.json").write_bytes(b"\xff\xfe{}")  # not UTF-8: someone's file, not a demo's
+    with pytest.raises(TinykError, match="not an earlier demo"):
+        run_demo(other, DemoConfig.smoke(), show_progress=False)
     with pytest.raises(TinykError, match="--minutes must be positive"):
         run_demo(tmp_path / "new", replace(DemoConfig.smoke(), minutes=0), show_progress=False)
     assert not (tmp_path / "new").exists()

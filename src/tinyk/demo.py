@@ -290,7 +290,7 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, *, show_progress: b
 def _is_demo_dir(path: Path) -> bool:
     try:
         return json.loads((path / "results.json").read_text(encoding="utf-8")).get("kind") == RESULTS_KIND
-    except (OSError, json.JSONDecodeError, AttributeError):
+    except (OSError, ValueError, AttributeError):  # ValueError: not JSON, or not UTF-8
         return False
 
 
