@@ -385,11 +385,11 @@ def test_sixteen_simultaneous_requests_are_batched_and_correct(served, client, r
     assert max(probe.rows) == 16, "the 15 queued requests should join one batch"
 
 
-def stream_request(server: ChatServer, max_tokens: int) -> socket.socket:
+def stream_request(server: ChatServer, max_tokens: int, stream: bool = True) -> socket.socket:
     u = urlsplit(server.url)
     s = socket.create_connection((u.hostname, u.port), timeout=60)
     body = json.dumps({"model": "nano", "prompt": "我们今天", "max_tokens": max_tokens, "temperature": 0,
-                       "stream": True}).encode()
+                       "stream": stream}).encode()
     s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
               b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
     return s
@@ -411,22 +411,25 @@ def test_a_client_that_stops_reading_does_not_stall_others(server, client, refer
         slow.close()
 
 
-def test_a_disconnected_client_is_cancelled(served, client, reference):
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_disconnected_client_is_cancelled(served, client, reference, stream):
+    """A client that leaves (a closed tab, an HTTP timeout) stops its sequence, streamed or not."""
     server, probe = served
     sched = server.api.scheduler
     cancelled = threading.Event()
     sched.on_finish = lambda r: cancelled.set() if r.finish_reason == "cancelled" else None
     probe.gate = gate = threading.Semaphore(0)
     try:
-        s = stream_request(server, 100)
+        s = stream_request(server, 100, stream)
         gate.release(10)  # the prefill and enough steps to complete a character
         data = b""
-        while b'"text": "' not in data.split(b"\r\n\r\n", 1)[-1]:
+        while stream and b'"text": "' not in data.split(b"\r\n\r\n", 1)[-1]:
             chunk = s.recv(65536)
             assert chunk
             data += chunk
         s.close()
-        # One step at a time: the handler's next writes fail, it cancels, the engine drops the row.
+        # One step at a time: the handler's next writes fail (or its watch on the connection sees it
+        # closed), it cancels, the engine drops the row.
         for _ in range(90):
             probe.stepped.clear()
             gate.release()

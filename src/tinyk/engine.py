@@ -16,6 +16,7 @@ import queue
 import random
 import sys
 import threading
+import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -363,6 +364,17 @@ class Request:
             self._deltas.put(delta)
         if self.finished:
             self._deltas.put(_DONE)
+
+    def wait(self, timeout: float) -> bool:
+        """Whether the sequence ended within `timeout` seconds (its text is then in `completion()`)."""
+        end = time.monotonic() + timeout
+        while (left := end - time.monotonic()) > 0:
+            try:
+                if self._deltas.get(timeout=left) is _DONE:
+                    return True
+            except queue.Empty:
+                break
+        return False
 
     def deltas(self, timeout: float | None = None) -> Iterator[str]:
         """Text deltas as a background `Scheduler` produces them, until the sequence ends."""

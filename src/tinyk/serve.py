@@ -4,7 +4,7 @@ Standard library only: `ThreadingHTTPServer` gives every connection its own thre
 those threads only parse, validate and relay. One `engine.Scheduler` thread owns the model
 and decodes every active request in a single continuously refilled batch, so a client that
 reads slowly or disconnects only ever blocks its own connection thread; a vanished client's
-sequence is cancelled and leaves the batch at the next step.
+sequence, streamed or not, is cancelled and leaves the batch at the next step.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 import json
 import secrets
+import select
 import socket
 import sys
 import threading
@@ -29,6 +30,7 @@ from .tokenizer import DEFAULT_SYSTEM_PROMPT
 DEFAULT_MAX_BODY = 1_000_000  # the CLI's --max-body 1M
 MAX_STOP_STRINGS = 4
 LINGER_BYTES = 64 << 20  # at most this much of a refused body is read and thrown away
+CLIENT_POLL_S = 0.2  # how often a non-streamed request checks that its client is still connected
 ROLE_ALIASES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 # OpenAI request fields this server cannot honour, with the value that means "off": anything else is a 400,
 # not a silently different answer.
@@ -409,8 +411,11 @@ class Handler(BaseHTTPRequestHandler):
     do_PUT = do_PATCH = do_DELETE = do_OPTIONS = _other_method
 
     def _complete(self, req: Request, chat: bool) -> None:
-        for _ in req.deltas():
-            pass
+        while not req.wait(CLIENT_POLL_S):  # nothing is sent until the end: watch for a client that left
+            if self._client_gone():
+                req.cancel()
+                self.close_connection = True
+                return
         if req.finish_reason == "error":
             self._error(ApiError(500, req.error or "generation failed", type="server_error", code="internal_error"))
             return
@@ -424,6 +429,14 @@ class Handler(BaseHTTPRequestHandler):
         self._json(200, {"id": rid, "object": "chat.completion" if chat else "text_completion",
                          "created": int(time.time()), "model": name, "choices": [choice],
                          "usage": Api.usage(req)})
+
+    def _client_gone(self) -> bool:
+        """Whether the client closed the connection (an HTTP timeout, a closed tab) while it waited."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
 
     def _stream(self, req: Request, chat: bool, include_usage: bool) -> None:
         """Server-sent events in chunked encoding; a client that goes away cancels its sequence."""
