@@ -62,6 +62,17 @@ def test_hf_llama_loads_and_matches_logits(tmp_path, tok_dir, shape):
     assert (hf.config.bos_token_id, hf.config.eos_token_id) == (tok.bos_token_id, tok.eos_token_id)
 
 
+def test_init_scales_what_writes_into_the_residual_stream():
+    """GPT-2's init: std 0.02, and 0.02 / sqrt(2 * layers) for the attention and MLP output projections."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(dim=256, n_layers=8, n_heads=4, n_kv_heads=2, vocab_size=512))
+    stds = {n.split(".")[-2]: p.std().item() for n, p in model.model.layers[3].named_parameters() if p.dim() == 2}
+    for name in ("o_proj", "down_proj"):
+        assert stds[name] == pytest.approx(0.02 / 4, rel=0.05), name
+    for name in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+        assert stds[name] == pytest.approx(0.02, rel=0.05), name
+
+
 def test_loss_ignores_masked_targets():
     torch.manual_seed(0)
     model = Transformer(preset_config("nano")).eval()

@@ -258,9 +258,10 @@ class Transformer(nn.Module):
         self.activation_checkpointing = False
         self.init_rope()
         self.apply(self._init_weights)
-        # The seed (after GPT-2) scales the residual-output projections by depth.
+        # GPT-2's depth scaling of the projections that write into the residual stream. The seed
+        # (after llama2.c) scales w3, which is up_proj, instead of w2 (down_proj): a slip, not a choice.
         for name, p in self.named_parameters():
-            if name.endswith(("up_proj.weight", "o_proj.weight")):
+            if name.endswith(("down_proj.weight", "o_proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
 
     def init_rope(self) -> None:
