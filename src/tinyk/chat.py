@@ -29,7 +29,8 @@ def chat_session(engine: Engine, params: SamplingParams, lines: Iterable[str], o
     from .engine import ContextLengthError
 
     history: list[dict[str, str]] = []
-    # Leave the reply room to grow: at least half the window, or the whole token budget.
+    # Room for the reply: its whole token budget, but never more than half the window (the history
+    # keeps the rest).
     reserve = min(params.max_new_tokens, engine.context_length // 2)
     for line in lines:
         text = line.strip()

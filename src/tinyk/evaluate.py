@@ -48,7 +48,7 @@ def eval_data(model: Transformer, model_dir: str | Path, data_dir: str | Path, *
     if split not in meta["splits"]:
         raise TinykError(f"{data_dir} has no split {split!r} (has {', '.join(meta['splits'])})")
     ctx = model.config.max_seq_len
-    seq_len = min(seq_len or meta.get("seq_len") or meta.get("max_len") or ctx, ctx)
+    seq_len = min(seq_len or meta.get("max_len") or ctx, ctx)  # SFT data records its max_len
     device = next(model.parameters()).device
     token_bytes = torch.tensor(load_tokenizer(model_dir).token_bytes, dtype=torch.float64, device=device)
     batches = ((x.to(device), y.to(device)) for x, y in eval_batches(data_dir, split, seq_len, batch_size, max_batches))
