@@ -649,6 +649,22 @@ def test_what_a_killed_write_leaves_never_locks_a_run(tmp_path, pt_data, tok_dir
     assert not (out / "tensorboard").exists()  # no tracker was started only to be left open
 
 
+def test_sft_says_how_many_conversations_a_short_seq_len_leaves_out(tmp_path, sft_data, nano_model_dir, capsys):
+    def dropped_at(n: int) -> int:
+        try:
+            return SFTLoader(sft_data, "train", n, 2).dropped
+        except TinykError:  # all of them
+            return 0
+
+    seq_len = next(n for n in range(8, 128, 4) if dropped_at(n))
+    dropped = dropped_at(seq_len)
+    total = json.loads((sft_data / "meta.json").read_text())["splits"]["train"]["documents"]
+    train(nano_cfg(sft_data, None, tmp_path / "sft", kind="sft", init=str(nano_model_dir), model={}, seq_len=seq_len,
+                   max_steps=1))
+    assert (f"note: {dropped:,} of {total:,} training conversations ({dropped / total:.1%}) have no assistant token "
+            f"within seq_len {seq_len} and are left out") in capsys.readouterr().out
+
+
 def test_an_sft_run_resumes_only_with_its_batch_size(tmp_path, sft_data, nano_model_dir):
     """SFT's conversation order depends on the global batch (steps are shuffled whole), so another
     --batch-size on resume would repeat some conversations and skip others: refused, saying why."""

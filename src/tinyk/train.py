@@ -1045,6 +1045,12 @@ class Trainer:
             per_rank = cfg.batch_size // d.world
             lines.append(f"note: micro_batch {cfg.micro_batch} {'exceeds' if cfg.micro_batch > per_rank else 'does not divide'}"
                          f" the {per_rank} sequences per process; using {self.micro}")
+        dropped = getattr(self.loader, "dropped", 0)
+        if dropped:
+            total = dropped + self.loader.num_windows
+            lines.append(f"note: {dropped:,} of {total:,} training conversations ({dropped / total:.1%}) have no "
+                         f"assistant token within seq_len {cfg.seq_len} and are left out (the data's max_len is "
+                         f"{self.meta.get('max_len')}; a longer --seq-len keeps them)")
         if self.warmup >= self.total_steps:
             lines.append(f"note: warmup {self.warmup} is not shorter than the run's {self.total_steps} steps, so the "
                          f"LR never reaches its peak (set warmup_steps)")
