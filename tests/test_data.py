@@ -26,7 +26,13 @@ from tinyk.data import (
 )
 from tinyk.files import TinykError
 from tinyk.loader import PAD_MULTIPLE
-from tinyk.tokenizer import DEFAULT_SYSTEM_PROMPT, load_tokenizer, render_chat, train_tokenizer
+from tinyk.tokenizer import (
+    DEFAULT_SYSTEM_PROMPT,
+    load_tokenizer,
+    render_chat,
+    tokenizer_hash,
+    train_tokenizer,
+)
 
 BOS, EOS = 3, 4
 QUIET = {"show_progress": False, "workers": 1}
@@ -72,7 +78,7 @@ def test_pretrain_writes_bos_text_eos_documents_and_meta(tmp_path, tok_dir):
     out = tmp_path / "out"
     assert meta == json.loads((out / "meta.json").read_text())
     assert (meta["kind"], meta["format_version"], meta["dtype"]) == ("pretrain", 1, "uint16")
-    assert meta["tokenizer_hash"] == tok.fingerprint() and meta["vocab_size"] == tok.vocab_size
+    assert meta["tokenizer_hash"] == tokenizer_hash(tok.path) and meta["vocab_size"] == tok.vocab_size
     assert meta["inputs"] == [{"path": str(src), "bytes": src.stat().st_size}]
     assert meta["command"].startswith("tinyk data pretrain --input") and meta["skipped"]["total"] == 0
     decoded = {}

@@ -346,7 +346,7 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
                 continue
             if not s.strip():
                 continue
-            if lineno == 1 and s.strip() == "[" and not is_txt:
+            if lineno == 1 and s.strip() == "[":
                 raise TinykError(f"{path}: one JSON array over many lines, not JSON Lines (one record per line); "
                                  f"convert it first, e.g. {_jq_hint(path)}")
             try:

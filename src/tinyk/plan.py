@@ -224,7 +224,6 @@ class Setup:
     world_size: int = 1
     grad_accum: int = 1
     fused_adamw: bool = True  # CUDA; CPU's for-loop AdamW needs a temporary per parameter
-    ddp_bucket_view: bool = False  # DDP(gradient_as_bucket_view=...): the trainer keeps the default
 
     @property
     def fsdp(self) -> bool:
@@ -294,16 +293,14 @@ def estimate_memory(s: Setup) -> Memory:
         # unsharded, one block's full gradient waits for its reduce-scatter, and the root
         # (embeddings, final norm) stays unsharded from forward to backward.
         buffers = 4.0 * (3 * size["per_layer"] + size["non_block"])
-    elif s.world_size > 1 and not s.ddp_bucket_view:
-        buffers = 4.0 * n  # DDP's flat gradient buckets, beside the .grad tensors
+    elif s.world_size > 1:
+        buffers = 4.0 * n  # DDP's flat gradient buckets, beside the .grad tensors (no gradient_as_bucket_view)
     else:
         buffers = 0.0
     # Gradient accumulation keeps gradients alive through the next forward; FSDP skips the
     # reduce-scatter on those micro-steps and so accumulates them unsharded.
     if s.grad_accum > 1:
         grads_live = 4.0 * n if s.fsdp else grads
-    elif s.ddp_bucket_view and s.world_size > 1 and not s.fsdp:
-        grads_live = grads
     else:
         grads_live = 0.0
 

@@ -191,9 +191,6 @@ class TinyTokenizer:
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
         return render_chat(messages, add_generation_prompt)
 
-    def fingerprint(self) -> str:
-        return tokenizer_hash(self.path)
-
 
 def tokenizer_hash(path: str | Path) -> str:
     """Identity of a tokenizer directory: a hash of what decides its ids and text (vocabulary, merges,
