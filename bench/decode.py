@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from tinyk.checkpoint import init_model_dir, is_model_dir
-from tinyk.engine import DTYPES, Engine, SamplingParams
+from tinyk.engine import Engine, SamplingParams
+from tinyk.model import DTYPES
 from tinyk.tokenizer import train_tokenizer
 
 

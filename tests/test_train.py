@@ -129,7 +129,7 @@ def test_config_layers_preset_file_flags_set(tmp_path):
     (["model.width=3"], "unknown config key model.width"),
     (["lr=fast"], "config key lr: 'fast' is not a valid float$"),
     (["batch_size=2.5"], "config key batch_size"),
-    (["dtype=int8"], "dtype must be auto, bf16, fp16 or fp32"),
+    (["dtype=int8"], "dtype must be auto, bf16, fp16, fp32, got .int8.$"),
     (["device=mps"], "device must be auto, cpu or cuda, got .mps.$"),
     (["compile_mode=fast"], "compile_mode must be one of default, reduce-overhead"),
     (["max_minutes=0"], "max_minutes must be positive"),

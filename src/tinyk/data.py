@@ -47,6 +47,7 @@ from .tokenizer import (
     load_tokenizer,
     plain_text_tokenizer,
     tokenizer_hash,
+    with_system,
 )
 
 FORMAT_VERSION = 1
@@ -607,9 +608,7 @@ def normalize_conversation(rec: Any, system_prompt: str = DEFAULT_SYSTEM_PROMPT)
         return "empty"
     if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
         return "no_assistant_turn"
-    if system_prompt and messages[0]["role"] != "system":
-        messages.insert(0, {"role": "system", "content": system_prompt})
-    return messages
+    return with_system(messages, system_prompt)
 
 
 def prepare_sft(inputs: list[str | Path], tokenizer_dir: str | Path, out: str | Path, *, max_len: int = 512,

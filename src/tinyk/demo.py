@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from .corpus import CorpusSpec, build_demo_corpus
+from .evaluate import percent
 from .files import TinykError, atomic_dir, write_json_atomic
 from .tokenizer import DEFAULT_SYSTEM_PROMPT
 
@@ -207,15 +208,15 @@ def choose_runtime(cfg: DemoConfig, tcfg: Any, try_compile: bool = False) -> Run
     on two cores), which is kept if faster; where compiling fails (no C++ compiler, say) training
     stays eager.
     """
-    from .train import DTYPES
+    from .train import TRAIN_DTYPES
 
     cuda = torch.cuda.is_available()
     if cfg.dtype == "probe":
         names = ["bf16"] if cuda else ["fp32", "bf16"]
-    elif cfg.dtype in DTYPES or cfg.dtype == "auto":
+    elif cfg.dtype in TRAIN_DTYPES:
         names = [cfg.dtype]
     else:
-        raise TinykError(f"dtype must be probe, auto, {', '.join(DTYPES)}; got {cfg.dtype!r}")
+        raise TinykError(f"dtype must be probe, {', '.join(TRAIN_DTYPES)}; got {cfg.dtype!r}")
     tokens_per_step = tcfg.batch_size * tcfg.seq_len
 
     def probe(*candidates: tuple[str, int, bool]) -> list[float]:
@@ -485,10 +486,6 @@ def transformers_check(model_dir: Path, engine: Any, max_new_tokens: int = 24) -
 
 # ----------------------------------------------------------------------------- presenting the results
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}%"
-
-
 def result_rows(res: dict[str, Any]) -> list[tuple[str, str, str]]:
     """(what, value, baseline or note): the table printed at the end and put in report.md."""
     from .evaluate import task_count
@@ -508,9 +505,9 @@ def result_rows(res: dict[str, Any]) -> list[tuple[str, str, str]]:
         ("chat val bits per byte", f"{ev['chat_val']['bits_per_byte']:.3f}", "same text, after SFT"),
     ]
     for t in res["tasks"]:
-        rows.append((f"{t['task']} accuracy ({task_count(t)})", _pct(t["accuracy"]),
-                     f"{_pct(t['baseline'])} majority answer"))
-        rows.append((f"{t['task']} stop rate", _pct(t["stop_rate"]), "answers ending with <|im_end|>"))
+        rows.append((f"{t['task']} accuracy ({task_count(t)})", percent(t["accuracy"]),
+                     f"{percent(t['baseline'])} majority answer"))
+        rows.append((f"{t['task']} stop rate", percent(t["stop_rate"]), "answers ending with <|im_end|>"))
     check = res.get("transformers_check", {})
     rows.append(("transformers greedy parity", "identical" if check.get("ok") else "DIFFERENT",
                  f"{check.get('tokens_compared', 0)} tokens" if "tokens_compared" in check else check.get("error", "")))
@@ -606,9 +603,9 @@ def render_report(res: dict[str, Any]) -> str:
         "",
     ]
     for t in res["tasks"]:
-        parts += [f"{t['task']}: {t['examples']} examples, exact match {_pct(t['accuracy'])} "
-                  f"(majority answer '{t['majority_answer']}' would score {_pct(t['baseline'])}), "
-                  f"stop rate {_pct(t['stop_rate'])}.", "",
+        parts += [f"{t['task']}: {t['examples']} examples, exact match {percent(t['accuracy'])} "
+                  f"(majority answer '{t['majority_answer']}' would score {percent(t['baseline'])}), "
+                  f"stop rate {percent(t['stop_rate'])}.", "",
                   _md_table(("prompt", "expected", "output", "correct"),
                             [(s["prompt"], s["answer"], s["output"], s["correct"]) for s in t["samples"]]), ""]
     parts += ["Reproduce: `make demo` (or `tinyk demo --out runs/demo`); models are in `base/` and `chat/` "

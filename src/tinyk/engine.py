@@ -27,11 +27,8 @@ import torch.nn.functional as F
 
 from .checkpoint import check_compatible, load_model
 from .files import TinykError
-from .model import KVCache, Transformer, apply_rope, cuda_autocast_dtype
-from .tokenizer import CHAT_ROLES, DEFAULT_SYSTEM_PROMPT, SPECIAL_IDS, TinyTokenizer, render_chat
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+from .model import KVCache, Transformer, apply_rope, resolve_dtype
+from .tokenizer import CHAT_ROLES, DEFAULT_SYSTEM_PROMPT, SPECIAL_IDS, TinyTokenizer, render_chat, with_system
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -47,20 +44,6 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     if dev.type not in ("cpu", "cuda"):
         raise TinykError(f"unsupported device {device!r} (use auto, cpu or cuda[:N])")
     return dev
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """'auto' is bf16 on CUDA (fp16 on cards without bf16, e.g. V100 and T4) and fp32 on CPU (where
-    bf16 matmuls are not reliably faster)."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype is None or dtype == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        return cuda_autocast_dtype(device)
-    if dtype not in DTYPES:
-        raise TinykError(f"unknown dtype {dtype!r} (use auto, {', '.join(DTYPES)})")
-    return DTYPES[dtype]
 
 
 def _packed_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -600,9 +583,7 @@ class Engine:
                 raise TinykError(f"messages[{i}] must be an object with a string 'content'")
             if m.get("role") not in CHAT_ROLES:
                 raise TinykError(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}")
-        if default_system and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": default_system}, *messages]
-        return messages
+        return with_system(messages, default_system)
 
     def request(self, prompt: str | list[int], params: SamplingParams, stream: bool = True) -> Request:
         params.check()

@@ -25,7 +25,14 @@ import torch
 
 from .files import Skips, TinykError, iter_records
 from .model import Transformer
-from .tokenizer import CHAT_ROLES, DEFAULT_SYSTEM_PROMPT, TinyTokenizer, same_tokenizer, tokenizer_hash
+from .tokenizer import (
+    CHAT_ROLES,
+    DEFAULT_SYSTEM_PROMPT,
+    TinyTokenizer,
+    same_tokenizer,
+    tokenizer_hash,
+    with_system,
+)
 
 CHOICE_FORMATS = ("cloze", "letter")
 
@@ -103,9 +110,7 @@ def read_task(path: str | Path, skips: Skips, *, system_prompt: str | None = DEF
         if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
             skips.add("bad_answer", where)
             continue
-        msgs = [{"role": m["role"], "content": m["content"]} for m in rec["messages"]]
-        if system_prompt and msgs[0]["role"] != "system":
-            msgs.insert(0, {"role": "system", "content": system_prompt})
+        msgs = with_system([{"role": m["role"], "content": m["content"]} for m in rec["messages"]], system_prompt)
         out.append(TaskExample(where, msgs, answers))
         if len(out) == limit:  # skips past here are not this evaluation's
             break
@@ -383,7 +388,7 @@ def make_engine(model: Transformer, tok: TinyTokenizer, batch_size: int = 32, qu
     return Engine(model, tok, max_batch=batch_size)
 
 
-def _pct(x: float) -> str:
+def percent(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
@@ -396,13 +401,13 @@ def table_rows(results: dict[str, Any]) -> Iterator[tuple[str, str, str]]:
         bpb = d["bits_per_byte"]  # None when the evaluated tokens spell no text (only <|im_end|>s)
         yield f"{name} bits per byte", "n/a" if bpb is None else f"{bpb:.4f}", ""
     for t in results.get("tasks", []):
-        yield f"{t['task']} exact match ({task_count(t)})", _pct(t["accuracy"]), f"{_pct(t['baseline'])} majority"
-        yield f"{t['task']} stop rate", _pct(t["stop_rate"]), ""
+        yield f"{t['task']} exact match ({task_count(t)})", percent(t["accuracy"]), f"{percent(t['baseline'])} majority"
+        yield f"{t['task']} stop rate", percent(t["stop_rate"]), ""
     c = results.get("choice")
     if c:
-        yield f"multiple choice, {c['format']} (n={c['questions']})", _pct(c["accuracy"]), f"{_pct(c['baseline'])} chance"
+        yield f"multiple choice, {c['format']} (n={c['questions']})", percent(c["accuracy"]), f"{percent(c['baseline'])} chance"
         for s, v in c["subjects"].items():
-            yield f"  {s} (n={v['questions']})", _pct(v["accuracy"]), ""
+            yield f"  {s} (n={v['questions']})", percent(v["accuracy"]), ""
 
 
 def task_count(t: dict[str, Any]) -> str:

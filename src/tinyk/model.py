@@ -14,11 +14,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .files import TinykError
+
 
 def cuda_autocast_dtype(device: torch.device) -> torch.dtype:
     """bf16 on cards that compute in it (compute capability 8+: A100, H100, RTX 30xx/40xx), fp16 on
     older ones (V100, T4), where `torch.cuda.is_bf16_supported()` also counts slow emulation."""
     return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
+          "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """'auto' is bf16 on CUDA (fp16 on cards without bf16, e.g. V100 and T4) and fp32 on CPU (where
+    bf16 matmuls are not reliably faster). Training autocasts to it; generation computes in it."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        return cuda_autocast_dtype(device) if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise TinykError(f"unknown dtype {dtype!r} (use auto, {', '.join(DTYPES)})")
+    return DTYPES[dtype]
 
 
 @dataclass
@@ -323,8 +341,12 @@ class Transformer(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
 
+    def matmul_params(self) -> int:
+        """The N of 6N: every parameter but an untied input embedding, which is a lookup, not a matmul."""
+        cfg = self.config
+        return self.num_params() - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim)
+
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token: 6N for the matrices plus attention scores (PaLM appendix B)."""
         cfg = self.config
-        n = self.num_params() - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim)
-        return 6 * n + 12 * cfg.n_layers * cfg.dim * seq_len
+        return 6 * self.matmul_params() + 12 * cfg.n_layers * cfg.dim * seq_len

@@ -149,7 +149,7 @@ def _model_size(items: tuple[tuple[str, Any], ...]) -> tuple[tuple[str, int], ..
         # q/k/v and gate/up: concatenated in every forward, so their matmul weight is a new tensor.
         ("fused", sum(b.self_attn.qkv_weight().numel() + b.mlp.gate_up_weight().numel()
                       for b in model.model.layers)),
-        ("flops_per_token_n", n - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim)),
+        ("flops_per_token_n", model.matmul_params()),
     )
 
 

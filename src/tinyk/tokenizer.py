@@ -20,7 +20,16 @@ from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from .files import Skips, TinykError, atomic_dir, check_inputs, hash_files, iter_texts, marker_file
+from .files import (
+    Skips,
+    TinykError,
+    atomic_dir,
+    check_inputs,
+    first_line,
+    hash_files,
+    iter_texts,
+    marker_file,
+)
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 UNK_ID, BOS_ID, EOS_ID, IM_START_ID, IM_END_ID = range(5)
@@ -45,6 +54,14 @@ CHAT_TEMPLATE = (
 CHAT_ROLES = ("system", "user", "assistant")
 NOT_UTF8 = "the text is not valid UTF-8 (convert it first, e.g. iconv -f gbk -t utf-8)"
 MAX_VOCAB = 1_000_000  # far above any small LLM's; the trainer would try to allocate for whatever it is given
+
+
+def with_system(messages: list[dict[str, str]], system: str | None) -> list[dict[str, str]]:
+    """`messages` with `system` first unless they start with a system message of their own: how SFT
+    data is prepared, so training, evaluation and serving all prompt alike."""
+    if system and messages and messages[0]["role"] != "system":
+        return [{"role": "system", "content": system}, *messages]
+    return messages
 
 
 def chat_header(role: str) -> str:
@@ -221,7 +238,7 @@ def load_tokenizer(path: str | Path) -> TinyTokenizer:
     try:
         tok = Tokenizer.from_file(str(f))
     except Exception as e:  # tokenizers raises a bare Exception on bad JSON
-        raise TinykError(f"cannot read tokenizer {f}: {str(e).splitlines()[0]}") from e
+        raise TinykError(f"cannot read tokenizer {f}: {first_line(e)}") from e
     for i, name in enumerate(SPECIAL_TOKENS):
         if tok.token_to_id(name) != i:
             raise TinykError(f"tokenizer {path}: special token {name} must have id {i}, has {tok.token_to_id(name)}")

@@ -44,16 +44,17 @@ from .files import (
     atomic_dir,
     atomic_file,
     check_output,
+    first_line,
     remove_path,
     write_error,
     write_json_atomic,
 )
 from .loader import IGNORE
-from .model import PRESETS, Attention, ModelConfig, Transformer, cuda_autocast_dtype
+from .model import PRESETS, Attention, ModelConfig, Transformer, resolve_dtype
 from .monitor import TRACKERS, Monitor, Trackers, finite, peak_flops
 
 KINDS = ("pretrain", "sft")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+TRAIN_DTYPES = ("auto", "bf16", "fp16", "fp32")  # the plan reads these names too
 PARALLEL = ("ddp", "fsdp")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CKPT_RE = re.compile(r"^step_(\d{7,})$")
@@ -199,7 +200,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         else:
             d = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, ValueError, UnicodeDecodeError) as e:  # tomllib.TOMLDecodeError is a ValueError
-        raise TinykError(f"cannot parse {p}: {str(e).splitlines()[0]}") from e
+        raise TinykError(f"cannot parse {p}: {first_line(e)}") from e
     if not isinstance(d, dict):
         raise TinykError(f"{p} must hold a mapping of config keys")
     return d
@@ -271,7 +272,7 @@ def resolve_config(kind: str, *, preset: str | None = None, config: str | Path |
 def validate(cfg: TrainConfig) -> None:
     """Refuses impossible settings with one line before anything is loaded."""
     checks = [
-        (cfg.dtype in ("auto", *DTYPES), f"dtype must be auto, bf16, fp16 or fp32, got {cfg.dtype!r}"),
+        (cfg.dtype in TRAIN_DTYPES, f"dtype must be {', '.join(TRAIN_DTYPES)}, got {cfg.dtype!r}"),
         (cfg.parallel in PARALLEL, f"parallel must be ddp or fsdp, got {cfg.parallel!r}"),
         (cfg.compile_mode in COMPILE_MODES, f"compile_mode must be one of {', '.join(COMPILE_MODES)}"),
         # Apple's mps is not offered: its tensors have no float64 (the loss accumulators) and it is untested.
@@ -429,14 +430,6 @@ def setup_dist(device: str) -> Dist:
         dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None)
     host = dist.new_group(backend="gloo") if dev.type == "cuda" else None
     return Dist(rank, world, local_rank, dev, host)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        if device.type == "cuda":
-            return cuda_autocast_dtype(device)
-        return torch.float32
-    return DTYPES[name]
 
 
 def loss_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -767,7 +760,7 @@ class Trainer:
             _apply_runtime_fields(model, self.mcfg)
         else:
             model = Transformer(self.mcfg)
-        self.n_params = model.num_params()
+        self.n_params, self.n_matmul = model.num_params(), model.matmul_params()
         self.flops_per_token = model.flops_per_token(cfg.seq_len)
         model = model.to(self.device).train()
         model.activation_checkpointing = cfg.activation_checkpointing
@@ -858,7 +851,7 @@ class Trainer:
 
     def _damaged(self, problem: Exception) -> TinykError:
         """A checkpoint damaged after it was written (disk, copying): say which, and the way out."""
-        return TinykError(f"checkpoint {self.resumed_from} is damaged ({str(problem).splitlines()[0]}); delete it "
+        return TinykError(f"checkpoint {self.resumed_from} is damaged ({first_line(problem)}); delete it "
                           f"to resume from the one before, or start over with --force")
 
     def _load_checkpoint(self, path: Path) -> None:
@@ -1027,7 +1020,6 @@ class Trainer:
         cfg, d, m = self.cfg, self.dist, self.mcfg
         dev = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else self.device.type
         tokens_per_step = cfg.batch_size * cfg.seq_len
-        n_matmul = self.n_params - (0 if m.tie_embeddings else m.vocab_size * m.dim)
         lines = [
             f"tinyk {cfg.kind}: {self.n_params / 1e6:.1f}M parameters, {d.world} process(es) on {dev}, "
             f"{str(self.dtype).split('.')[-1]}, {'FSDP' if self.fsdp else 'DDP' if d.world > 1 else 'single process'}"
@@ -1037,7 +1029,7 @@ class Trainer:
             f"({'at most ' if cfg.kind == 'sft' else ''}{self.total_steps * tokens_per_step:,} tokens)"
             f"{f', fitted to {cfg.max_minutes:g} minutes' if cfg.max_minutes else ''}, "
             f"warmup {self.warmup}, lr {cfg.lr:g} -> {cfg.lr * cfg.min_lr_ratio:g}",
-            f"FLOPs/token {self.flops_per_token:.4g} = 6*N + 12*L*d*T = 6*{n_matmul:,} + 12*{m.n_layers}*{m.dim}*"
+            f"FLOPs/token {self.flops_per_token:.4g} = 6*N + 12*L*d*T = 6*{self.n_matmul:,} + 12*{m.n_layers}*{m.dim}*"
             f"{cfg.seq_len}; peak for MFU: "
             + (f"{self.peak / 1e12:.2f} TFLOP/s per device, {self.peak_source}" if self.peak else self.peak_source),
         ]
