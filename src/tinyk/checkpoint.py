@@ -20,11 +20,9 @@ from .model import ModelConfig, Transformer
 from .tokenizer import (
     IM_END_ID,
     IM_START_ID,
-    SPECIAL_TOKENS,
     TinyTokenizer,
     load_tokenizer,
-    special_tokens_map,
-    tokenizer_config,
+    write_hf_tokenizer_files,
 )
 
 # The tokenizer's bos/eos/pad (documents and turns open with <|im_start|> and close with <|im_end|>),
@@ -101,10 +99,7 @@ def check_compatible(cfg: ModelConfig, tok: TinyTokenizer) -> None:
     """Refuse a tokenizer whose ids would overflow the embedding (a CUDA index assert otherwise)."""
     if tok.vocab_size > cfg.vocab_size:
         raise TinykError(f"tokenizer {tok.path} has {tok.vocab_size} tokens but the model's vocab_size is "
-                         f"{cfg.vocab_size}")
-    for i, name in enumerate(SPECIAL_TOKENS):
-        if tok.tok.token_to_id(name) != i:
-            raise TinykError(f"tokenizer {tok.path}: special token {name} is not id {i}")
+                         f"{cfg.vocab_size}")  # its special ids were checked by load_tokenizer
 
 
 def _is_tinyk_model(path: Path) -> bool:
@@ -133,9 +128,7 @@ def write_model_files(model: Transformer, tok_dir: str | Path, out: Path) -> Non
     # written afresh, so a directory that transformers saved back (without special_tokens_map.json)
     # still makes complete models. The context length belongs to the model, so the config records it.
     shutil.copyfile(Path(tok_dir) / "tokenizer.json", out / "tokenizer.json")
-    for name, content in (("tokenizer_config.json", tokenizer_config(model_max_length=cfg.max_seq_len)),
-                          ("special_tokens_map.json", special_tokens_map())):
-        (out / name).write_text(json.dumps(content, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    write_hf_tokenizer_files(out, model_max_length=cfg.max_seq_len)
 
 
 def save_model(model: Transformer, tok_dir: str | Path, out: str | Path, force: bool = False) -> Path:

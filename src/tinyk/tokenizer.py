@@ -285,6 +285,11 @@ def special_tokens_map() -> dict[str, Any]:
 
 def save_tokenizer_files(tok: Tokenizer, out: Path, model_max_length: int = 1_000_000) -> None:
     tok.save(str(out / "tokenizer.json"))
+    write_hf_tokenizer_files(out, model_max_length)
+
+
+def write_hf_tokenizer_files(out: Path, model_max_length: int) -> None:
+    """tokenizer_config.json and special_tokens_map.json, what `transformers` reads beside tokenizer.json."""
     for name, obj in (("tokenizer_config.json", tokenizer_config(model_max_length)),
                       ("special_tokens_map.json", special_tokens_map())):
         (out / name).write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
