@@ -148,6 +148,19 @@ def test_chat_uses_the_template_with_the_generation_prompt(engine):
     assert engine.chat([msgs], GREEDY)[0].token_ids == engine.generate([with_system], GREEDY)[0].token_ids
 
 
+def test_a_text_prompt_starts_a_document_as_in_tinyk_generate(engine, nano_model_dir, capsys):
+    """From Python as from the CLI: text gets <|im_start|> first (once, even when it spells it out)."""
+    text, params = "北京大学是", replace(GREEDY, max_new_tokens=6, ignore_eos=False)
+    c = engine.generate([text], params)[0]
+    assert c.prompt_tokens == 1 + len(engine.tok.encode(text))
+    assert engine.encode(text) == engine.encode("<|im_start|>" + text) == [engine.tok.bos_id, *engine.tok.encode(text)]
+    assert engine.encode(text, bos=False) == engine.tok.encode(text)
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", str(nano_model_dir), "--prompt", text, "--temperature", "0",
+              "--repetition-penalty", "1", "--max-new-tokens", "6", "--json"])
+    assert json.loads(capsys.readouterr().out)["text"] == c.text == "".join(engine.stream(text, params))
+
+
 def test_stream_deltas_join_to_the_generated_text(engine):
     params = SamplingParams(max_new_tokens=40, seed=3, ignore_eos=True)
     deltas = list(engine.stream("我们今天", params))

@@ -455,9 +455,7 @@ def base_sample(engine: Any, max_new_tokens: int) -> dict[str, Any]:
     """A raw continuation from the pretrained model, as the seed's pretrain sample (seeded sampling)."""
     from .engine import SamplingParams
 
-    # Started as pretraining documents were and as `tinyk generate --seed 0` starts it.
-    prompt = engine.encode(BASE_SAMPLE_PROMPT, bos=True)
-    c = engine.generate([prompt], SamplingParams(max_new_tokens=max_new_tokens, seed=0))[0]
+    c = engine.generate([BASE_SAMPLE_PROMPT], SamplingParams(max_new_tokens=max_new_tokens, seed=0))[0]
     return {"prompt": BASE_SAMPLE_PROMPT, "continuation": c.text}
 
 

@@ -543,11 +543,14 @@ class Engine:
 
     # -- prompts ------------------------------------------------------------------------
 
-    def encode(self, prompt: str | list[int], bos: bool = False) -> list[int]:
-        """Token ids of a prompt; `bos` starts a text prompt with `<|im_start|>` as training documents
-        start (raw completion); token ids are taken as given; an empty prompt is `<|im_start|>`."""
+    def encode(self, prompt: str | list[int], bos: bool = True) -> list[int]:
+        """Token ids of a prompt. Text is a raw completion: it starts with `<|im_start|>` as training
+        documents do (unless it already does, e.g. a rendered chat, or `bos` is False). Token ids are
+        taken as given; an empty prompt is `<|im_start|>`."""
         if isinstance(prompt, str):
-            ids = ([self.tok.bos_id] if bos else []) + self.tok.encode(prompt)
+            ids = self.tok.encode(prompt)
+            if bos and ids[:1] != [self.tok.bos_id]:
+                ids = [self.tok.bos_id, *ids]
         elif isinstance(prompt, list | tuple) and all(_is_int(t) for t in prompt):
             ids = list(prompt)
             bad = [t for t in ids if not 0 <= t < self.vocab_size]
