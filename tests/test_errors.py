@@ -153,7 +153,8 @@ def test_corrupt_config(tmp_path, nano_model_dir, capsys):
 def test_damaged_weights(tmp_path, nano_model_dir):
     m = Path(shutil.copytree(nano_model_dir, tmp_path / "m"))
     config = json.loads((m / "config.json").read_text())
-    (m / "config.json").write_text(json.dumps({**config, "tinyk": {**config["tinyk"], "dim": 128}}))
+    wider = {"hidden_size": 128, "head_dim": 128 // config["num_attention_heads"]}
+    (m / "config.json").write_text(json.dumps({**config, **wider, "tinyk": {**config["tinyk"], "dim": 128}}))
     with pytest.raises(TinykError, match=r"does not match its config.json: model.embed_tokens.weight is \(\d+, 64\)"):
         load_model(m)
     weights = m / "model.safetensors"

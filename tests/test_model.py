@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from tinyk.checkpoint import init_model_dir, load_model, model_info, save_model
+from tinyk.files import TinykError
 from tinyk.model import KVCache, ModelConfig, Transformer, preset_config
 
 
@@ -183,7 +185,6 @@ def _hf_model_dir(tmp_path, tok_dir, name, **config):
 
 
 def test_a_plain_hf_llama_loads_with_its_rope_theta_and_what_tinyk_cannot_do_is_refused(tmp_path, tok_dir):
-    from tinyk.files import TinykError
 
     hf, out = _hf_model_dir(tmp_path, tok_dir, "theta", rope_parameters={"rope_type": "default", "rope_theta": 5e5})
     assert "tinyk" not in json.loads((out / "config.json").read_text())
@@ -216,6 +217,24 @@ def test_a_plain_hf_llama_loads_with_its_rope_theta_and_what_tinyk_cannot_do_is_
         _, bad = _hf_model_dir(tmp_path, tok_dir, name, **config)
         with pytest.raises(TinykError, match=f"config.json asks for {what}"):
             load_model(bad)
+
+
+def test_transformers_settings_beside_the_tinyk_block_are_read_not_ignored(tmp_path, tok_dir):
+    """save_pretrained keeps tinyk's block and writes what the user changed in transformers: a RoPE
+    scaling is refused and a changed context is a disagreement, neither silently ignored."""
+    init_model_dir("nano", tok_dir, tmp_path / "m", seed=0)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
+    hf.config.rope_scaling = {"rope_type": "linear", "factor": 4.0}
+    hf.save_pretrained(tmp_path / "scaled")
+    shutil.copy(tmp_path / "m" / "tokenizer.json", tmp_path / "scaled")
+    assert "tinyk" in json.loads((tmp_path / "scaled" / "config.json").read_text())
+    with pytest.raises(TinykError, match="config.json asks for RoPE scaling 'linear'"):
+        load_model(tmp_path / "scaled")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 1024}))
+    with pytest.raises(TinykError, match=r"disagrees with itself: max_position_embeddings is 1024 but its tinyk "
+                                         r"block has max_seq_len 128"):
+        load_model(tmp_path / "m")
 
 
 def test_a_tinyk_model_saved_back_by_transformers_loads(tmp_path, tok_dir):

@@ -58,15 +58,24 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
     }
 
 
+# ModelConfig fields and the LlamaConfig keys that say the same.
+HF_KEYS = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+           "n_kv_heads": "num_key_value_heads", "vocab_size": "vocab_size", "hidden_dim": "intermediate_size",
+           "norm_eps": "rms_norm_eps", "max_seq_len": "max_position_embeddings", "rope_theta": "rope_theta",
+           "tie_embeddings": "tie_word_embeddings"}
+
+
 def config_from_hf(d: Any) -> ModelConfig:
-    """The model a config.json describes: tinyk's own block, or a plain HF Llama config. What tinyk's
-    model cannot reproduce (RoPE scaling, biases, another activation) is refused, never dropped."""
+    """The model a config.json describes, read as transformers reads it. What tinyk's model cannot
+    reproduce (RoPE scaling, biases, another activation) is refused, never dropped; tinyk's own block
+    must agree with the transformers keys, which a tool (`save_pretrained`) may have changed alone."""
     if not isinstance(d, dict):
         raise ValueError("it is not a JSON object")
-    if "tinyk" in d:
-        if not isinstance(d["tinyk"], dict):
+    own = d.get("tinyk")
+    if own is not None:
+        if not isinstance(own, dict):
             raise ValueError("its 'tinyk' entry is not an object")
-        return ModelConfig.from_dict(d["tinyk"])
+        own = ModelConfig.from_dict(own)
     rope = d.get("rope_parameters") or d.get("rope_scaling") or {}  # transformers 5 / 4 names
     if not isinstance(rope, dict):
         raise ValueError("its RoPE parameters are not an object")
@@ -92,7 +101,13 @@ def config_from_hf(d: Any) -> ModelConfig:
     if d.get("head_dim") not in (None, cfg.head_dim):
         raise TinykError(f"config.json asks for head_dim {d['head_dim']} other than hidden_size / num_attention_heads, "
                          f"which tinyk's LLaMA-2 model does not implement")
-    return cfg
+    if own is None:
+        return cfg
+    for name, key in HF_KEYS.items():
+        if getattr(own, name) != getattr(cfg, name):
+            raise TinykError(f"config.json disagrees with itself: {key} is {getattr(cfg, name)} but its tinyk block "
+                             f"has {name} {getattr(own, name)} (one was edited without the other); make them agree")
+    return own
 
 
 def check_compatible(cfg: ModelConfig, tok: TinyTokenizer) -> None:
