@@ -31,8 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     where.add_argument("--gpus", type=positive_int, default=1, help="GPUs per node")
     where.add_argument("--nodes", type=positive_int, default=1)
     where.add_argument("--tokens", type=parse_tokens,
-                       help="training tokens: 10B, 500M, 2e9 (default: the config's max_tokens, else 10B, the "
-                            "seed's corpus)")
+                       help="training tokens: 10B, 500M, 2e9 (default: the config's max_tokens or max_steps "
+                            "budget, else 10B, the seed's corpus)")
     where.add_argument("--price", type=non_negative_float, help="price per GPU-hour, for the cost line")
     where.add_argument("--mfu", type=float, help="model FLOPs utilisation to assume, e.g. 0.45 (default: the "
                                                  "GPU table's)")
