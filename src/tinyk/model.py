@@ -277,7 +277,7 @@ class Transformer(nn.Module):
         self.init_rope()
         self.apply(self._init_weights)
         # GPT-2's depth scaling of the projections that write into the residual stream. The seed
-        # (after llama2.c) scales w3, which is up_proj, instead of w2 (down_proj): a slip, not a choice.
+        # (after llama2.c) scales w3, which is up_proj, where the MLP's output is w2 (down_proj).
         for name, p in self.named_parameters():
             if name.endswith(("down_proj.weight", "o_proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))

@@ -608,7 +608,8 @@ class Trainer:
         except BaseException:
             # A new run that fails to start (a missing tracker package, unloadable weights) leaves
             # nothing behind, so the corrected command needs no --force.
-            self.close()
+            with contextlib.suppress(Exception):  # the error that stopped the start is the one to report
+                self.close()
             if fresh and self.dist.main:
                 shutil.rmtree(self.out, ignore_errors=True)
                 if existed:
