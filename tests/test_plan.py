@@ -194,6 +194,8 @@ def test_plan_from_config_file_and_flags(tmp_path, capsys):
 @pytest.mark.parametrize("args,message", [
     (["--preset", "seed-215m", "--gpu", "p100"], "unknown GPU 'p100'"),
     (["--preset", "seed-215m", "--gpu", "t4", "--dtype", "bf16"], "T4 16GB has no bf16 tensor cores: plan with --dtype fp16"),
+    (["--preset", "seed-82m", "--gpu", "v100", "--gpus", "2", "--parallel", "fsdp"],
+     "fp16 with --parallel fsdp is not supported: plan DDP (NVIDIA V100 SXM2 32GB has no bf16)"),
     (["--gpu", "h100"], "pass --preset or --config"),
     (["--preset", "seed-215m", "--mfu", "45"], "--mfu is a fraction"),
     (["--preset", "seed-215m", "--gpus", "3"], "not divisible by 3 GPUs"),
@@ -224,7 +226,9 @@ def test_gpu_table():
              "NVIDIA L40": None, "NVIDIA GH200 480GB": None, "NVIDIA H100 NVL": None, "NVIDIA GeForce RTX 4090 D": None,
              "NVIDIA GeForce RTX 4080 SUPER": None, "NVIDIA GeForce RTX 3080 Ti": None,
              "NVIDIA GeForce RTX 3080 12GB": None, "Tesla V100-PCIE-16GB": None, "NVIDIA A10": None,
-             "NVIDIA GeForce RTX 4090 Laptop GPU": None, "NVIDIA RTX 6000 Ada Generation": None}
+             "NVIDIA GeForce RTX 4090 Laptop GPU": None, "NVIDIA RTX 6000 Ada Generation": None,
+             "NVIDIA A800-SXM4-40GB": None, "NVIDIA H800 PCIe": None, "Tesla V100-PCIE-32GB": None,
+             "NVIDIA A100-SXM4-80GB MIG 1g.10gb": None}
     for name, key in names.items():
         assert gpu_class(name) == key, name
     for key, gpu in GPUS.items():  # each card's own table name finds it, and the plan's help names it

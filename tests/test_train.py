@@ -314,7 +314,9 @@ def test_ranks_that_do_not_share_the_run_directory_are_refused(tmp_path, pt_data
     """Two machines, each with its own disk at the same path (here: two paths): rank 1 would never see
     the checkpoints rank 0 writes, so a resume would start the ranks at different steps."""
     rdzv = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
-    workers = [subprocess.Popen([str(BIN / "python"), "-m", "tinyk",
+    # The ranks wait for a slow network filesystem before giving up; here 2 s, not the real 60.
+    worker = "import sys, tinyk.train; tinyk.train.SHARED_WAIT_S = 2; from tinyk.cli import main; main(sys.argv[1:])"
+    workers = [subprocess.Popen([str(BIN / "python"), "-c", worker,
                                  *cli_args(pt_data, tok_dir, tmp_path / f"disk{r}" / "run", "--max-steps", "2")],
                                 env={**ENV, **rdzv, "RANK": str(r), "LOCAL_RANK": str(r)},
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]

@@ -574,7 +574,8 @@ class Engine:
         return render_chat(self._chat_messages(messages, default_system), add_generation_prompt=True)
 
     def chat_ids(self, messages: list[dict], default_system: str | None = None) -> list[int]:
-        """The chat prompt's token ids, as SFT data is tokenized: message text is only ever text."""
+        """The chat prompt's token ids, as SFT data is tokenized: message text is only ever text. The
+        messages are taken as given unless `default_system` is passed (`chat` passes the training one)."""
         return self.tok.encode_chat(self._chat_messages(messages, default_system), add_generation_prompt=True)
 
     @staticmethod

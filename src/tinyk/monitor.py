@@ -6,6 +6,7 @@ the GPU, so logging costs no synchronisation beyond what the trainer already doe
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 
 from .files import TinykError, atomic_file, first_line
+from .model import cuda_autocast_dtype
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, matched against torch.cuda.get_device_name().
 # The order matters: the first name contained in the device name wins.
@@ -61,8 +63,9 @@ def peak_flops(device: torch.device, override_tflops: float | None,
                dtype: torch.dtype = torch.float32) -> tuple[float | None, str]:
     """Peak FLOP/s per device for MFU, and a phrase saying where the number came from.
 
-    GPUs use the dense bf16 tensor-core peak whatever the training dtype (the usual MFU convention);
-    a CPU has no table to go by, so its matmul rate is measured in the training dtype.
+    GPUs use the dense bf16 tensor-core peak (fp16 before Ampere, which has no bf16) whatever the
+    training dtype (the usual MFU convention); a CPU has no table to go by, so its matmul rate is
+    measured in the training dtype.
     """
     if override_tflops:
         return override_tflops * 1e12, "from the config (peak_tflops)"
@@ -71,7 +74,7 @@ def peak_flops(device: torch.device, override_tflops: float | None,
         peak = gpu_peak_flops(name)
         if peak is None:
             return None, f"unknown for {name} (set peak_tflops to get MFU)"
-        return peak, f"{name} dense bf16"
+        return peak, f"{name} dense {'bf16' if cuda_autocast_dtype(device) == torch.bfloat16 else 'fp16'}"
     if device.type == "cpu":
         name = str(dtype).split(".")[-1]
         return (measure_matmul_flops(dtype=dtype),
@@ -93,8 +96,9 @@ class Trackers:
         try:
             for name in names:
                 self.sinks.append((name, self._start(name, out, config, project, run_name, start_step)))
-        except TinykError:
-            self.close()  # a W&B run started before SwanLab failed would otherwise stay open
+        except BaseException:  # a W&B run started before SwanLab failed (or Ctrl-C) would otherwise stay open
+            with contextlib.suppress(Exception):
+                self.close()
             raise
 
     @staticmethod
@@ -185,11 +189,12 @@ def _fmt_rate(x: float) -> str:
 class Monitor:
     """Rank 0's outputs: progress bar, metrics.jsonl, loss.png and the optional trackers."""
 
-    def __init__(self, out: Path, total_steps: int, start_step: int, trackers: Trackers | None,
-                 show_progress: bool):
+    def __init__(self, out: Path, total_steps: int, start_step: int, show_progress: bool):
+        """Trackers are attached afterwards (`trackers`), once the run's history has been read."""
         from tqdm import tqdm
 
-        self.out, self.trackers = out, trackers
+        self.out = out
+        self.trackers: Trackers | None = None
         self.metrics_path = out / "metrics.jsonl"
         self.records = self._read_records()
         # The bar is for a terminal (stderr); where output goes to a pipe or a log file, where a bar is

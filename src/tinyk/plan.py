@@ -64,7 +64,7 @@ class GPUSpec:
 
 
 # MFU stays "assumed" (peers: nanochat 41-47% and llm.c ~40% on H100, TinyLlama 56% on A100; 40% for
-# data-centre cards, 35% for the rest) until a bench/gpu.sh run on that class replaces it with the
+# A100/H100-class cards and the L40S, 35% for consumer and workstation cards, L4, V100 and T4) until a bench/gpu.sh run on that class replaces it with the
 # figure it printed. A800, H800 and H20 are the export versions sold in China.
 GPUS: dict[str, GPUSpec] = {g.key: g for g in [
     GPUSpec("a100", "NVIDIA A100 80GB", 79.2, 0.40, ASSUMED, 19.5),
@@ -113,9 +113,10 @@ def find_gpu(name: str) -> GPUSpec:
 def gpu_class(device_name: str) -> str | None:
     """The GPUS key for a CUDA device name such as 'NVIDIA H100 80GB HBM3' (None if not in the table)."""
     n = device_name.upper()
-    # Other memory or clocks than the table's card: GH200, NVL, laptop chips, 4090 D, SUPER and Ti models,
-    # the 12 GB RTX 3080 and the 16 GB V100.
-    if re.search(r"GH200|NVL|LAPTOP|MOBILE|\b\d{4} ?D\b|SUPER|\bTI\b|\d{4}TI|3080.*12 ?GB|V100.*16 ?GB", n):
+    # Other memory or clocks than the table's card: GH200, NVL, MIG slices, laptop chips, 4090 D, SUPER and
+    # Ti models, the 12 GB RTX 3080, the 40 GB A800, the PCIe H800 and V100s.
+    if re.search(r"GH200|NVL|\bMIG\b|LAPTOP|MOBILE|\b\d{4} ?D\b|SUPER|\bTI\b|\d{4}TI|3080.*12 ?GB|A800.*40 ?GB|"
+                 r"H800.*PCIE|V100.*(16 ?GB|PCIE)", n):
         return None
     rules = [("H200", "h200"), ("H100.*PCIE|PCIE.*H100", "h100-pcie"), ("H100", "h100"), ("H800", "h800"),
              ("H20", "h20"), ("A100.*40 ?GB", "a100-40gb"), ("A100", "a100"), ("A800", "a800"), ("L40S", "l40s"),
@@ -408,6 +409,9 @@ def make_plan(run: RunSpec, gpu: GPUSpec, *, gpus: int = 1, nodes: int = 1, toke
     if run.dtype == "bf16" and not gpu.bf16:
         raise TinykError(f"{gpu.name} has no bf16 tensor cores: plan with --dtype fp16 (what auto picks there)")
     dtype = run.dtype if run.dtype != "auto" else "bf16" if gpu.bf16 else "fp16"
+    if dtype == "fp16" and run.parallel == "fsdp" and world > 1:  # as the trainer refuses it
+        raise TinykError(f"fp16 with --parallel fsdp is not supported: plan DDP"
+                         f"{' or --dtype bf16' if gpu.bf16 else f' ({gpu.name} has no bf16)'}")
     cfg = run.cfg
     size = model_size(cfg)
     fpt = flops_per_token(cfg, run.seq_len)

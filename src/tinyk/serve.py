@@ -12,7 +12,7 @@ from __future__ import annotations
 import hmac
 import json
 import secrets
-import select
+import selectors
 import socket
 import sys
 import threading
@@ -431,11 +431,14 @@ class Handler(BaseHTTPRequestHandler):
                          "usage": Api.usage(req)})
 
     def _client_gone(self) -> bool:
-        """Whether the client closed the connection (an HTTP timeout, a closed tab) while it waited."""
+        """Whether the client closed the connection (an HTTP timeout, a closed tab) while it waited.
+        A selector, not select(), which fails for descriptors past 1024 on a busy server; a client
+        that only shut down its sending side counts as gone, as in Go's net/http."""
         try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
-            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
-        except (OSError, ValueError):
+            with selectors.DefaultSelector() as sel:
+                sel.register(self.connection, selectors.EVENT_READ)
+                return bool(sel.select(0)) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):  # reset, or already closed
             return True
 
     def _stream(self, req: Request, chat: bool, include_usage: bool) -> None:

@@ -54,9 +54,10 @@ from .model import PRESETS, Attention, ModelConfig, Transformer, resolve_dtype
 from .monitor import TRACKERS, Monitor, Trackers, finite, peak_flops
 
 KINDS = ("pretrain", "sft")
-TRAIN_DTYPES = ("auto", "bf16", "fp16", "fp32")  # the plan reads these names too
+TRAIN_DTYPES = ("auto", "bf16", "fp16", "fp32")  # also the --dtype choices of pretrain, sft and plan
 PARALLEL = ("ddp", "fsdp")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+SHARED_WAIT_S = 60.0  # NFS's longest default attribute cache (acdirmax)
 CKPT_RE = re.compile(r"^step_(\d{7,})$")
 # Model fields that change parameter shapes, so they cannot differ from an --init model's.
 SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "multiple_of",
@@ -717,7 +718,14 @@ class Trainer:
         if d.main:
             probe.write_text(f"{d.world}\n")
         d.barrier()
-        blind = d.sum_host([int(not probe.is_file())])[0]
+        # An NFS client may keep answering "no such directory" for --out (looked up before rank 0
+        # made it) until its attribute cache expires, so ranks look again, deciding together.
+        deadline = time.monotonic() + SHARED_WAIT_S
+        while True:
+            blind, late = d.sum_host([int(not probe.is_file()), int(time.monotonic() >= deadline)])
+            if not blind or late:
+                break
+            time.sleep(1.0)
         if d.main:
             probe.unlink()
         if blind:
@@ -793,11 +801,15 @@ class Trainer:
 
     def _make_monitor(self) -> Monitor:
         cfg = self.cfg
-        mon = Monitor(self.out, self.total_steps, self.progress.step, None, cfg.progress)
-        mon.truncate(self.progress.step)
-        if cfg.tracker:  # last: nothing after them can fail and leave a tracker's run open
-            mon.trackers = Trackers(cfg.tracker, self.out, cfg.to_dict(), cfg.project,
-                                    cfg.run_name or self.out.name, start_step=self.progress.step)
+        mon = Monitor(self.out, self.total_steps, self.progress.step, cfg.progress)
+        try:
+            mon.truncate(self.progress.step)
+            if cfg.tracker:  # last: nothing after them can fail and leave a tracker's run open
+                mon.trackers = Trackers(cfg.tracker, self.out, cfg.to_dict(), cfg.project,
+                                        cfg.run_name or self.out.name, start_step=self.progress.step)
+        except BaseException:
+            mon.bar.close()
+            raise
         return mon
 
     # --- checkpoints ----------------------------------------------------------------------
@@ -1038,7 +1050,7 @@ class Trainer:
             per_rank = cfg.batch_size // d.world
             lines.append(f"note: micro_batch {cfg.micro_batch} {'exceeds' if cfg.micro_batch > per_rank else 'does not divide'}"
                          f" the {per_rank} sequences per process; using {self.micro}")
-        dropped = getattr(self.loader, "dropped", 0)
+        dropped = self.loader.dropped if cfg.kind == "sft" else 0
         if dropped:
             total = dropped + self.loader.num_windows
             lines.append(f"note: {dropped:,} of {total:,} training conversations ({dropped / total:.1%}) have no "

@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="wall-time budget for the whole run (default 13); training gets what the other "
                         "stages leave")
     p.add_argument("--smoke", action="store_true", help="a shrunken run that takes seconds (checks the plumbing)")
-    p.add_argument("--quiet", action="store_true", help="no progress output, only the final table")
+    p.add_argument("--quiet", action="store_true", help="no progress output, only the final table and sample chats")
     p.set_defaults(func=_demo)
 
 

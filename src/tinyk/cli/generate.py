@@ -23,8 +23,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
     p.add_argument("--quantize", choices=["none", "int8"], default="none",
-                   help="int8: weight-only int8 copies of the weights, bf16 compute (CPU; 1.5-1.75x faster batch-1 "
-                        "decoding than fp32 as measured by bench/decode.py, slightly different numbers)")
+                   help="int8: weight-only int8 copies of the weights, bf16 compute (CPU; batch-1 decoding "
+                        "1.5-1.75x as fast as transformers' fp32 generate in bench/decode.py, slightly different "
+                        "numbers)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop when this text appears (repeatable); it is not part of the output")
 

@@ -20,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     what.add_argument("--batch-size", type=batch_count, help="global batch in sequences per optimizer step")
     what.add_argument("--micro-batch", type=batch_count, help="sequences per forward pass per GPU (default: the config's, "
                                                       "else the largest that fits)")
-    what.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], help="auto = bf16 autocast")
+    what.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"],
+                      help="auto = bf16 autocast (fp16 on cards without bf16)")
     what.add_argument("--parallel", choices=["ddp", "fsdp"])
     what.add_argument("--activation-checkpointing", action="store_true", default=None)
     where = p.add_argument_group("where")
