@@ -261,3 +261,113 @@ def test_a_tinyk_model_saved_back_by_transformers_loads(tmp_path, tok_dir):
     assert tokenizer_hash(back) == tokenizer_hash(tmp_path / "m") == tokenizer_hash(tok_dir)
     assert same_tokenizer(hash_files([tok_dir / "tokenizer.json"]), tok_dir)
     assert not same_tokenizer(hash_files([tok_dir / "tokenizer.json"]), back)
+
+
+# ----------------------------------------------------------------------------- the tutorial's checkpoints
+
+def seed_forward(sd: dict, x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Logits as the tutorial's k_model.py computes them: RMSNorm eps 1e-5, and RoPE (theta 10000)
+    rotating adjacent channel pairs of each head, which transformers and tinyk order differently."""
+    emb = sd["tok_embeddings.weight"]
+    (batch, seq), dim = x.shape, emb.shape[1]
+    hd = dim // n_heads
+    angles = torch.outer(torch.arange(seq).float(), 1.0 / 10000 ** (torch.arange(0, hd, 2).float() / hd))
+    cos, sin = angles.cos()[None, :, None], angles.sin()[None, :, None]
+
+    def rms(v, w):
+        return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-5) * w
+
+    def rope(v):
+        a, b = v[..., 0::2], v[..., 1::2]
+        return torch.stack([a * cos - b * sin, a * sin + b * cos], -1).flatten(-2)
+
+    h = emb[x]
+    for i in range(len({k.split(".")[1] for k in sd if k.startswith("layers.")})):
+        def w(name, i=i):
+            return sd[f"layers.{i}.{name}.weight"]
+        a = rms(h, w("attention_norm"))
+        q = rope((a @ w("attention.wq").T).view(batch, seq, n_heads, hd))
+        k = rope((a @ w("attention.wk").T).view(batch, seq, -1, hd))
+        v = (a @ w("attention.wv").T).view(batch, seq, -1, hd)
+        k, v = (t.repeat_interleave(n_heads // t.shape[2], 2) for t in (k, v))  # its repeat_kv
+        o = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                             is_causal=True)
+        h = h + o.transpose(1, 2).reshape(batch, seq, dim) @ w("attention.wo").T
+        f = rms(h, w("ffn_norm"))
+        h = h + (torch.nn.functional.silu(f @ w("feed_forward.w1").T) * (f @ w("feed_forward.w3").T)) \
+            @ w("feed_forward.w2").T
+    return rms(h, sd["norm.weight"]) @ sd["output.weight"].T
+
+
+def seed_state_dict(vocab: int, dim: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+                    hidden: int = 192) -> dict[str, torch.Tensor]:
+    """Random weights under the tutorial's names, tied embeddings, as its scripts save them."""
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape, mean=0.0):
+        return mean + 0.1 * torch.randn(*shape, generator=g)
+
+    kv = kv_heads * dim // heads
+    sd = {"tok_embeddings.weight": rand(vocab, dim), "norm.weight": rand(dim, mean=1.0)}
+    sd["output.weight"] = sd["tok_embeddings.weight"]
+    for i in range(layers):
+        sd |= {f"layers.{i}.attention.wq.weight": rand(dim, dim), f"layers.{i}.attention.wk.weight": rand(kv, dim),
+               f"layers.{i}.attention.wv.weight": rand(kv, dim), f"layers.{i}.attention.wo.weight": rand(dim, dim),
+               f"layers.{i}.feed_forward.w1.weight": rand(hidden, dim),
+               f"layers.{i}.feed_forward.w2.weight": rand(dim, hidden),
+               f"layers.{i}.feed_forward.w3.weight": rand(hidden, dim),
+               f"layers.{i}.attention_norm.weight": rand(dim, mean=1.0),
+               f"layers.{i}.ffn_norm.weight": rand(dim, mean=1.0)}
+    return sd
+
+
+def test_a_checkpoint_of_the_tutorial_imports_and_computes_the_same(tmp_path, tok_dir, capsys):
+    from tinyk.cli import main
+    from tinyk.tokenizer import load_tokenizer
+
+    sd = seed_state_dict(load_tokenizer(tok_dir).vocab_size)
+    ckpt = tmp_path / "pretrain_64_2_512.pth"
+    torch.save({f"_orig_mod.{k}": v for k, v in sd.items()}, ckpt)  # as saved from a compiled model
+    with pytest.raises(SystemExit) as e:
+        main(["model", "import", str(ckpt), "--tokenizer", str(tok_dir), "--out", str(tmp_path / "m"),
+              "--n-heads", "4", "--max-seq-len", "64"])
+    assert e.value.code == 0
+    vocab, n = sd["tok_embeddings.weight"].shape[0], sum(v.numel() for k, v in sd.items() if k != "output.weight")
+    assert (f"{n:,} parameters (dim 64, 2 layers, 4 heads / 2 KV, hidden 192, vocab {vocab}, tied embeddings)"
+            in capsys.readouterr().out)
+    model, _ = load_model(tmp_path / "m")
+    assert model.config.tie_embeddings and model.config.max_seq_len == 64
+    x = torch.randint(0, sd["tok_embeddings.weight"].shape[0], (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = seed_forward(sd, x, n_heads=4)
+        assert (model(x)[0] - want).abs().max().item() < 1e-4
+        hf = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
+        assert (hf(x).logits - want).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda sd: {**sd, "layers.0.attention.bias": torch.zeros(3)}, "holds layers.0.attention.bias, which the "
+                                                                    "tutorial's model does not have"),
+    (lambda sd: {k: v for k, v in sd.items() if "ffn_norm" not in k}, "lacks weights of the tutorial's model"),
+    (lambda sd: {"tok_embeddings": 1}, "is not a state dict"),
+    (lambda sd: {"model.embed_tokens.weight": sd["tok_embeddings.weight"]}, "not a checkpoint of the tutorial's"),
+])
+def test_what_is_not_the_tutorials_checkpoint_is_one_line(tmp_path, tok_dir, change, message):
+    from tinyk.checkpoint import import_seed_checkpoint
+    from tinyk.tokenizer import load_tokenizer
+
+    ckpt = tmp_path / "x.pth"
+    torch.save(change(seed_state_dict(load_tokenizer(tok_dir).vocab_size)), ckpt)
+    with pytest.raises(TinykError, match=message):
+        import_seed_checkpoint(ckpt, tok_dir, tmp_path / "m", n_heads=4)
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_head_count_that_does_not_divide_the_width_is_one_line(tmp_path, tok_dir):
+    from tinyk.checkpoint import import_seed_checkpoint
+    from tinyk.tokenizer import load_tokenizer
+
+    ckpt = tmp_path / "x.pth"
+    torch.save(seed_state_dict(load_tokenizer(tok_dir).vocab_size), ckpt)
+    with pytest.raises(TinykError, match="dim 64 does not split into 3 heads of an even size"):
+        import_seed_checkpoint(ckpt, tok_dir, tmp_path / "m", n_heads=3)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .files import TinykError, atomic_dir
+from .files import TinykError, atomic_dir, first_line
 from .model import ModelConfig, Transformer
 from .tokenizer import (
     IM_END_ID,
@@ -224,3 +224,78 @@ def model_info(path: str | Path) -> dict[str, Any]:
     with torch.device("meta"):
         n = Transformer(cfg).num_params()
     return {"path": str(path), "parameters": n, "config": cfg.to_dict(), "memory": memory_footprint(cfg, n)}
+
+
+# The tutorial's parameter names (its k_model.py) and tinyk's, which are transformers', per layer.
+SEED_NAMES = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
+              "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+              "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+
+
+def _rope_halves(w: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """q or k rows reordered from the tutorial's RoPE, which rotates adjacent channels (0, 1), (2, 3), ...,
+    to transformers', which rotates channel i with i + head_dim/2. q and k move alike, so every attention
+    score stays the same; without this the model would load and compute something else."""
+    rows, dim = w.shape
+    return w.reshape(rows // head_dim, head_dim // 2, 2, dim).transpose(1, 2).reshape(rows, dim)
+
+
+def import_seed_checkpoint(ckpt: str | Path, tok_dir: str | Path, out: str | Path, *, n_heads: int = 16,
+                           max_seq_len: int = 512, force: bool = False) -> Transformer:
+    """A model directory from a `.pth` the tutorial's training scripts saved (`pretrain_1024_18_6144.pth`).
+    Shapes come from the tensors; the head count and context are not in the file, so they default to the
+    tutorial's (16 heads, 512 tokens); RMSNorm eps 1e-5 and RoPE theta 10000 are its fixed values."""
+    path = Path(ckpt)
+    if not path.is_file():
+        raise TinykError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - pickle, zip and torch each raise their own
+        raise TinykError(f"cannot read {path} as a checkpoint of tensors ({first_line(e)})") from e
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise TinykError(f"{path} is not a state dict (a mapping of parameter names to tensors)")
+    # torch.compile and DataParallel prefix the names when the scripts save them.
+    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v.float() for k, v in state.items()}
+    if "tok_embeddings.weight" not in state:
+        raise TinykError(f"{path} is not a checkpoint of the tutorial's model (it has no tok_embeddings.weight)")
+    emb = state.pop("tok_embeddings.weight")
+    vocab_size, dim = emb.shape
+    output = state.pop("output.weight", emb)
+    if n_heads < 1 or dim % n_heads or (dim // n_heads) % 2:
+        raise TinykError(f"dim {dim} does not split into {n_heads} heads of an even size (set --n-heads)")
+    head_dim = dim // n_heads
+    ours = {"model.embed_tokens.weight": emb, "lm_head.weight": output}
+    for key, w in state.items():
+        parts = key.removesuffix(".weight").split(".", 2)
+        if key == "norm.weight":
+            ours["model.norm.weight"] = w
+        elif len(parts) == 3 and parts[0] == "layers" and parts[2] in SEED_NAMES:
+            if parts[2] in ("attention.wq", "attention.wk"):
+                w = _rope_halves(w, head_dim) if w.dim() == 2 and w.shape[0] % head_dim == 0 else w  # else refused below
+            ours[f"model.layers.{parts[1]}.{SEED_NAMES[parts[2]]}.weight"] = w
+        else:
+            raise TinykError(f"{path} holds {key}, which the tutorial's model does not have")
+    try:
+        cfg = ModelConfig(dim=dim, n_layers=len({k.split(".")[1] for k in state if k.startswith("layers.")}),
+                          n_heads=n_heads, n_kv_heads=state["layers.0.attention.wk.weight"].shape[0] // head_dim,
+                          vocab_size=vocab_size, hidden_dim=state["layers.0.feed_forward.w1.weight"].shape[0],
+                          max_seq_len=max_seq_len, tie_embeddings=torch.equal(output, emb))
+    except (KeyError, ValueError) as e:
+        raise TinykError(f"{path} does not hold the tutorial's model ({first_line(e)}); is --n-heads {n_heads} "
+                         f"right?") from e
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(ours))
+    if missing:
+        raise TinykError(f"{path} lacks weights of the tutorial's model: {missing[:3]}")
+    wrong = [k for k, v in expected.items() if ours[k].shape != v.shape]
+    if wrong:
+        raise TinykError(f"{path}: {wrong[0]} is {tuple(ours[wrong[0]].shape)} where {cfg.n_layers} layers of dim "
+                         f"{dim} with {n_heads} heads need {tuple(expected[wrong[0]].shape)}; is --n-heads right?")
+    model.load_state_dict(ours, strict=True, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    check_compatible(cfg, load_tokenizer(tok_dir))
+    save_model(model, tok_dir, out, force=force)
+    return model

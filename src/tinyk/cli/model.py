@@ -1,11 +1,11 @@
-"""`tinyk model init|info`."""
+"""`tinyk model init|info|import`."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-from tinyk.cli.common import seed
+from tinyk.cli.common import positive_int, seed
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,6 +20,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--force", action="store_true")
     i.set_defaults(func=_init)
 
+    m = msub.add_parser("import", help="a model directory from a .pth checkpoint of the tutorial's training scripts",
+                        description="Converts pretrain_*.pth / sft_*.pth, as the tutorial's scripts save them "
+                                    "(its k_model.py), into a tinyk (and transformers) model directory.")
+    m.add_argument("checkpoint", help="the .pth file")
+    m.add_argument("--tokenizer", required=True, help="the tokenizer the checkpoint was trained with")
+    m.add_argument("--out", required=True)
+    m.add_argument("--n-heads", type=positive_int, default=16, help="attention heads (not in the file; the "
+                                                                    "tutorial's 16)")
+    m.add_argument("--max-seq-len", type=positive_int, default=512, help="context length (the tutorial's 512)")
+    m.add_argument("--force", action="store_true")
+    m.set_defaults(func=_import)
+
     f = msub.add_parser("info", help="parameter count, config and memory footprint")
     f.add_argument("path")
     f.add_argument("--json", action="store_true")
@@ -32,6 +44,18 @@ def _init(args: argparse.Namespace) -> int:
     model = init_model_dir(args.preset, args.tokenizer, args.out, seed=args.seed, force=args.force)
     print(f"initialised {args.preset} ({model.num_params():,} parameters, vocab {model.config.vocab_size}) "
           f"in {args.out}")
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from tinyk.checkpoint import import_seed_checkpoint
+
+    model = import_seed_checkpoint(args.checkpoint, args.tokenizer, args.out, n_heads=args.n_heads,
+                                   max_seq_len=args.max_seq_len, force=args.force)
+    c = model.config
+    print(f"imported {args.checkpoint}: {model.num_params():,} parameters (dim {c.dim}, {c.n_layers} layers, "
+          f"{c.n_heads} heads / {c.n_kv_heads} KV, hidden {c.hidden_dim}, vocab {c.vocab_size}"
+          f"{', tied embeddings' if c.tie_embeddings else ''}) in {args.out}")
     return 0
 
 
