@@ -212,6 +212,31 @@ def test_sft_init_accepts_a_run_directory(tmp_path, pt_data, sft_data, tok_dir):
     assert (tmp_path / "sft" / "final" / "tokenizer.json").read_bytes() == (tok_dir / "tokenizer.json").read_bytes()
 
 
+@pytest.mark.parametrize("echo_s,saved", [(1.0, True), (0.0, False)])
+def test_a_sigint_delivered_twice_still_saves_but_a_second_ctrl_c_aborts(tmp_path, pt_data, tok_dir, monkeypatch,
+                                                                         capsys, echo_s, saved):
+    """`pkill -INT` reaches torchrun's workers directly and again through torchrun: one stop, saved. A
+    second Ctrl-C after the echo window (here 0 s) is a person asking to abort without saving."""
+    from tinyk.monitor import Monitor
+
+    log_train = Monitor.log_train
+
+    def log_and_signal(self, rec):
+        log_train(self, rec)
+        if rec["step"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(Monitor, "log_train", log_and_signal)
+    monkeypatch.setattr("tinyk.train.SIGINT_ECHO_S", echo_s)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        main(cli_args(pt_data, tok_dir, out, "--max-steps", "50", "--log-every", "1", "--save-every", "0"))
+    assert e.value.code == 130
+    assert [p.name for p in checkpoints(out)] == (["step_0000003"] if saved else [])
+    assert ("stopped by SIGINT at step 3" in capsys.readouterr().out) == saved
+
+
 def test_sigkill_then_resume_is_bit_identical(tmp_path, pt_data, tok_dir):
     """The CLI is killed with SIGKILL once it has written a checkpoint (wherever it is then, possibly
     mid-save), resumed, and must end with exactly the weights and losses of a run never interrupted."""
