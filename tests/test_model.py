@@ -345,6 +345,26 @@ def test_a_checkpoint_of_the_tutorial_imports_and_computes_the_same(tmp_path, to
         assert (hf(x).logits - want).abs().max().item() < 1e-4
 
 
+def test_a_model_directory_the_tutorials_save_pretrained_wrote_imports_with_its_heads(tmp_path, tok_dir):
+    """Its config.json (model_type Tiny-K) has the head count and context a .pth leaves out."""
+    from safetensors.torch import save_file
+
+    from tinyk.checkpoint import import_seed_checkpoint
+    from tinyk.tokenizer import load_tokenizer
+
+    sd = seed_state_dict(load_tokenizer(tok_dir).vocab_size, heads=8, kv_heads=4)
+    saved = tmp_path / "k-model"
+    saved.mkdir()
+    save_file({k: v.clone() for k, v in sd.items()}, saved / "model.safetensors")
+    (saved / "config.json").write_text(json.dumps({"model_type": "Tiny-K", "dim": 64, "n_heads": 8,
+                                                   "max_seq_len": 96}))
+    model = import_seed_checkpoint(saved, tok_dir, tmp_path / "m")
+    assert (model.config.n_heads, model.config.n_kv_heads, model.config.max_seq_len) == (8, 4, 96)
+    x = torch.randint(0, 100, (1, 30), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (load_model(tmp_path / "m")[0](x)[0] - seed_forward(sd, x, n_heads=8)).abs().max().item() < 1e-4
+
+
 @pytest.mark.parametrize("change,message", [
     (lambda sd: {**sd, "layers.0.attention.bias": torch.zeros(3)}, "holds layers.0.attention.bias, which the "
                                                                     "tutorial's model does not have"),

@@ -7,6 +7,7 @@ A model directory holds `config.json` (a valid LlamaConfig plus a `tinyk` block)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -240,20 +241,39 @@ def _rope_halves(w: torch.Tensor, head_dim: int) -> torch.Tensor:
     return w.reshape(rows // head_dim, head_dim // 2, 2, dim).transpose(1, 2).reshape(rows, dim)
 
 
-def import_seed_checkpoint(ckpt: str | Path, tok_dir: str | Path, out: str | Path, *, n_heads: int = 16,
-                           max_seq_len: int = 512, force: bool = False) -> Transformer:
-    """A model directory from a `.pth` the tutorial's training scripts saved (`pretrain_1024_18_6144.pth`).
-    Shapes come from the tensors; the head count and context are not in the file, so they default to the
-    tutorial's (16 heads, 512 tokens); RMSNorm eps 1e-5 and RoPE theta 10000 are its fixed values."""
-    path = Path(ckpt)
-    if not path.is_file():
+def _read_seed_weights(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(weights, config.json or {}) of a tutorial model: a `.pth`/`.bin` its scripts saved, a
+    `.safetensors`, or a directory its `PreTrainedModel.save_pretrained` wrote."""
+    config: dict[str, Any] = {}
+    if path.is_dir():
+        with contextlib.suppress(OSError, ValueError):
+            config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        found = [path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()]
+        if not found:
+            raise TinykError(f"{path} holds neither model.safetensors nor pytorch_model.bin")
+        path = found[0]
+    elif not path.is_file():
         raise TinykError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - pickle, zip and torch each raise their own
+        state = load_file(str(path)) if path.suffix == ".safetensors" else \
+            torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - pickle, zip, safetensors and torch each raise their own
         raise TinykError(f"cannot read {path} as a checkpoint of tensors ({first_line(e)})") from e
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise TinykError(f"{path} is not a state dict (a mapping of parameter names to tensors)")
+    return state, config if isinstance(config, dict) else {}
+
+
+def import_seed_checkpoint(ckpt: str | Path, tok_dir: str | Path, out: str | Path, *, n_heads: int | None = None,
+                           max_seq_len: int | None = None, force: bool = False) -> Transformer:
+    """A model directory from a model the tutorial's scripts saved (`pretrain_1024_18_6144.pth`).
+    Shapes come from the tensors. The head count and context are in a saved directory's config.json
+    but not in a `.pth`, where they default to the tutorial's (16 heads, 512 tokens); RMSNorm eps 1e-5
+    and RoPE theta 10000 are its fixed values."""
+    path = Path(ckpt)
+    state, config = _read_seed_weights(path)
+    n_heads = n_heads or config.get("n_heads") or 16
+    max_seq_len = max_seq_len or config.get("max_seq_len") or 512
     # torch.compile and DataParallel prefix the names when the scripts save them.
     state = {k.removeprefix("_orig_mod.").removeprefix("module."): v.float() for k, v in state.items()}
     if "tok_embeddings.weight" not in state:
@@ -261,7 +281,7 @@ def import_seed_checkpoint(ckpt: str | Path, tok_dir: str | Path, out: str | Pat
     emb = state.pop("tok_embeddings.weight")
     vocab_size, dim = emb.shape
     output = state.pop("output.weight", emb)
-    if n_heads < 1 or dim % n_heads or (dim // n_heads) % 2:
+    if not isinstance(n_heads, int) or n_heads < 1 or dim % n_heads or (dim // n_heads) % 2:
         raise TinykError(f"dim {dim} does not split into {n_heads} heads of an even size (set --n-heads)")
     head_dim = dim // n_heads
     ours = {"model.embed_tokens.weight": emb, "lm_head.weight": output}

@@ -20,15 +20,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--force", action="store_true")
     i.set_defaults(func=_init)
 
-    m = msub.add_parser("import", help="a model directory from a .pth checkpoint of the tutorial's training scripts",
+    m = msub.add_parser("import", help="a model directory from a model the tutorial's training scripts saved",
                         description="Converts pretrain_*.pth / sft_*.pth, as the tutorial's scripts save them "
-                                    "(its k_model.py), into a tinyk (and transformers) model directory.")
-    m.add_argument("checkpoint", help="the .pth file")
+                                    "(its k_model.py), or a directory its save_pretrained wrote, into a tinyk "
+                                    "(and transformers) model directory.")
+    m.add_argument("checkpoint", help="the .pth (or .bin, .safetensors) file, or a saved model directory")
     m.add_argument("--tokenizer", required=True, help="the tokenizer the checkpoint was trained with")
     m.add_argument("--out", required=True)
-    m.add_argument("--n-heads", type=positive_int, default=16, help="attention heads (not in the file; the "
-                                                                    "tutorial's 16)")
-    m.add_argument("--max-seq-len", type=positive_int, default=512, help="context length (the tutorial's 512)")
+    m.add_argument("--n-heads", type=positive_int, help="attention heads (default: the directory's config.json, "
+                                                        "else the tutorial's 16)")
+    m.add_argument("--max-seq-len", type=positive_int, help="context length (default: config.json's, else the "
+                                                            "tutorial's 512)")
     m.add_argument("--force", action="store_true")
     m.set_defaults(func=_import)
 
