@@ -224,7 +224,10 @@ def test_transformers_settings_beside_the_tinyk_block_are_read_not_ignored(tmp_p
     scaling is refused and a changed context is a disagreement, neither silently ignored."""
     init_model_dir("nano", tok_dir, tmp_path / "m", seed=0)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
-    hf.config.rope_scaling = {"rope_type": "linear", "factor": 4.0}
+    if hasattr(hf.config, "rope_parameters"):  # transformers 5; 4 calls it rope_scaling
+        hf.config.rope_parameters = {**hf.config.rope_parameters, "rope_type": "linear", "factor": 4.0}
+    else:
+        hf.config.rope_scaling = {"rope_type": "linear", "factor": 4.0}
     hf.save_pretrained(tmp_path / "scaled")
     shutil.copy(tmp_path / "m" / "tokenizer.json", tmp_path / "scaled")
     assert "tinyk" in json.loads((tmp_path / "scaled" / "config.json").read_text())
