@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -303,8 +304,8 @@ def seed_forward(sd: dict, x: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def seed_state_dict(vocab: int, dim: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
-                    hidden: int = 192) -> dict[str, torch.Tensor]:
-    """Random weights under the tutorial's names, tied embeddings, as its scripts save them."""
+                    hidden: int = 192, tied: bool = True) -> dict[str, torch.Tensor]:
+    """Random weights under the tutorial's names (tied embeddings, as its model has them)."""
     g = torch.Generator().manual_seed(0)
 
     def rand(*shape, mean=0.0):
@@ -312,7 +313,7 @@ def seed_state_dict(vocab: int, dim: int = 64, layers: int = 2, heads: int = 4, 
 
     kv = kv_heads * dim // heads
     sd = {"tok_embeddings.weight": rand(vocab, dim), "norm.weight": rand(dim, mean=1.0)}
-    sd["output.weight"] = sd["tok_embeddings.weight"]
+    sd["output.weight"] = sd["tok_embeddings.weight"] if tied else rand(vocab, dim)
     for i in range(layers):
         sd |= {f"layers.{i}.attention.wq.weight": rand(dim, dim), f"layers.{i}.attention.wk.weight": rand(kv, dim),
                f"layers.{i}.attention.wv.weight": rand(kv, dim), f"layers.{i}.attention.wo.weight": rand(dim, dim),
@@ -324,22 +325,26 @@ def seed_state_dict(vocab: int, dim: int = 64, layers: int = 2, heads: int = 4, 
     return sd
 
 
-def test_a_checkpoint_of_the_tutorial_imports_and_computes_the_same(tmp_path, tok_dir, capsys):
+@pytest.mark.parametrize("tied,prefix,wrap", [(True, "_orig_mod.", False), (False, "module._orig_mod.", True)])
+def test_a_checkpoint_of_the_tutorial_imports_and_computes_the_same(tmp_path, tok_dir, capsys, tied, prefix, wrap):
+    """As its scripts save it (from a compiled model), or wrapped by DDP and saved with the optimizer."""
     from tinyk.cli import main
     from tinyk.tokenizer import load_tokenizer
 
-    sd = seed_state_dict(load_tokenizer(tok_dir).vocab_size)
+    sd = seed_state_dict(load_tokenizer(tok_dir).vocab_size, tied=tied)
     ckpt = tmp_path / "pretrain_64_2_512.pth"
-    torch.save({f"_orig_mod.{k}": v for k, v in sd.items()}, ckpt)  # as saved from a compiled model
+    saved = {f"{prefix}{k}": v for k, v in sd.items()}
+    torch.save({"model": saved, "optimizer": {"state": {}}} if wrap else saved, ckpt)
     with pytest.raises(SystemExit) as e:
         main(["model", "import", str(ckpt), "--tokenizer", str(tok_dir), "--out", str(tmp_path / "m"),
               "--n-heads", "4", "--max-seq-len", "64"])
     assert e.value.code == 0
-    vocab, n = sd["tok_embeddings.weight"].shape[0], sum(v.numel() for k, v in sd.items() if k != "output.weight")
-    assert (f"{n:,} parameters (dim 64, 2 layers, 4 heads / 2 KV, hidden 192, vocab {vocab}, tied embeddings)"
-            in capsys.readouterr().out)
+    vocab = sd["tok_embeddings.weight"].shape[0]
+    n = sum(v.numel() for k, v in sd.items() if k != "output.weight" or not tied)
+    assert (f"{n:,} parameters (dim 64, 2 layers, 4 heads / 2 KV, hidden 192, vocab {vocab}"
+            f"{', tied embeddings' if tied else ''})" in capsys.readouterr().out)
     model, _ = load_model(tmp_path / "m")
-    assert model.config.tie_embeddings and model.config.max_seq_len == 64
+    assert model.config.tie_embeddings == tied and model.config.max_seq_len == 64
     x = torch.randint(0, sd["tok_embeddings.weight"].shape[0], (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = seed_forward(sd, x, n_heads=4)
@@ -374,6 +379,10 @@ def test_a_model_directory_the_tutorials_save_pretrained_wrote_imports_with_its_
     (lambda sd: {k: v for k, v in sd.items() if "ffn_norm" not in k}, "lacks weights of the tutorial's model"),
     (lambda sd: {"tok_embeddings": 1}, "is not a state dict"),
     (lambda sd: {"model.embed_tokens.weight": sd["tok_embeddings.weight"]}, "not a checkpoint of the tutorial's"),
+    (lambda sd: {**sd, "args": argparse.Namespace(dim=64)}, "holds Python objects besides tensors, which tinyk does "
+                                                             "not unpickle"),
+    (lambda sd: {k: v[:0] if "w1" in k or "w3" in k else v[:, :0] if "w2" in k else v for k, v in sd.items()},
+     "has feed-forward layers of width 0"),
 ])
 def test_what_is_not_the_tutorials_checkpoint_is_one_line(tmp_path, tok_dir, change, message):
     from tinyk.checkpoint import import_seed_checkpoint

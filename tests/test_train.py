@@ -212,7 +212,7 @@ def test_sft_init_accepts_a_run_directory(tmp_path, pt_data, sft_data, tok_dir):
     assert (tmp_path / "sft" / "final" / "tokenizer.json").read_bytes() == (tok_dir / "tokenizer.json").read_bytes()
 
 
-@pytest.mark.parametrize("echo_s,saved", [(1.0, True), (0.0, False)])
+@pytest.mark.parametrize("echo_s,saved", [(0.5, True), (0.0, False)])
 def test_a_sigint_delivered_twice_still_saves_but_a_second_ctrl_c_aborts(tmp_path, pt_data, tok_dir, monkeypatch,
                                                                          capsys, echo_s, saved):
     """`pkill -INT` reaches torchrun's workers directly and again through torchrun: one stop, saved. A

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any
@@ -257,11 +258,24 @@ def _read_seed_weights(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     try:
         state = load_file(str(path)) if path.suffix == ".safetensors" else \
             torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - pickle, zip, safetensors and torch each raise their own
+    except pickle.UnpicklingError as e:
+        raise TinykError(f"cannot read {path}: it holds Python objects besides tensors, which tinyk does not "
+                         f"unpickle (code could run); save model.state_dict() alone") from e
+    except Exception as e:  # noqa: BLE001 - zip, safetensors and torch each raise their own
         raise TinykError(f"cannot read {path} as a checkpoint of tensors ({first_line(e)})") from e
+    for key in ("model", "state_dict"):  # {"model": state_dict, "optimizer": ...}, as many scripts save
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise TinykError(f"{path} is not a state dict (a mapping of parameter names to tensors)")
     return state, config if isinstance(config, dict) else {}
+
+
+def _unprefixed(name: str) -> str:
+    """A parameter name without the prefixes torch.compile and (Distributed)DataParallel add, in any order."""
+    while name.startswith(("_orig_mod.", "module.")):
+        name = name.split(".", 1)[1]
+    return name
 
 
 def import_seed_checkpoint(ckpt: str | Path, tok_dir: str | Path, out: str | Path, *, n_heads: int | None = None,
@@ -274,8 +288,8 @@ def import_seed_checkpoint(ckpt: str | Path, tok_dir: str | Path, out: str | Pat
     state, config = _read_seed_weights(path)
     n_heads = n_heads or config.get("n_heads") or 16
     max_seq_len = max_seq_len or config.get("max_seq_len") or 512
-    # torch.compile and DataParallel prefix the names when the scripts save them.
-    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v.float() for k, v in state.items()}
+    state = {_unprefixed(k): v.float() for k, v in state.items()
+             if not k.endswith("attention.mask")}  # the causal mask older torch made it keep: not a weight
     if "tok_embeddings.weight" not in state:
         raise TinykError(f"{path} is not a checkpoint of the tutorial's model (it has no tok_embeddings.weight)")
     emb = state.pop("tok_embeddings.weight")
@@ -295,14 +309,20 @@ def import_seed_checkpoint(ckpt: str | Path, tok_dir: str | Path, out: str | Pat
             ours[f"model.layers.{parts[1]}.{SEED_NAMES[parts[2]]}.weight"] = w
         else:
             raise TinykError(f"{path} holds {key}, which the tutorial's model does not have")
+    if "layers.0.attention.wk.weight" not in state or "layers.0.feed_forward.w1.weight" not in state:
+        raise TinykError(f"{path} lacks weights of the tutorial's model (layers.0's wk or w1)")
+    hidden_dim = state["layers.0.feed_forward.w1.weight"].shape[0]
+    if hidden_dim == 0:
+        raise TinykError(f"{path} has feed-forward layers of width 0 (a k_model.py whose ModelConfig defaults "
+                         f"hidden_dim to 0, which its MLP takes as the width): a model without MLPs, which tinyk "
+                         f"cannot hold; retrain with hidden_dim=None")
     try:
         cfg = ModelConfig(dim=dim, n_layers=len({k.split(".")[1] for k in state if k.startswith("layers.")}),
                           n_heads=n_heads, n_kv_heads=state["layers.0.attention.wk.weight"].shape[0] // head_dim,
-                          vocab_size=vocab_size, hidden_dim=state["layers.0.feed_forward.w1.weight"].shape[0],
-                          max_seq_len=max_seq_len, tie_embeddings=torch.equal(output, emb))
-    except (KeyError, ValueError) as e:
-        raise TinykError(f"{path} does not hold the tutorial's model ({first_line(e)}); is --n-heads {n_heads} "
-                         f"right?") from e
+                          vocab_size=vocab_size, hidden_dim=hidden_dim, max_seq_len=max_seq_len,
+                          tie_embeddings=torch.equal(output, emb))
+    except ValueError as e:
+        raise TinykError(f"{path} does not hold the tutorial's model with {n_heads} heads ({first_line(e)})") from e
     with torch.device("meta"):
         model = Transformer(cfg)
     expected = model.state_dict()

@@ -58,7 +58,7 @@ TRAIN_DTYPES = ("auto", "bf16", "fp16", "fp32")  # also the --dtype choices of p
 PARALLEL = ("ddp", "fsdp")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 SHARED_WAIT_S = 60.0  # NFS's longest default attribute cache (acdirmax)
-SIGINT_ECHO_S = 1.0  # a second SIGINT sooner than this is the first one again, not a second Ctrl-C
+SIGINT_ECHO_S = 0.5  # a second SIGINT sooner than this is the first one again, not a second Ctrl-C
 CKPT_RE = re.compile(r"^step_(\d{7,})$")
 # Model fields that change parameter shapes, so they cannot differ from an --init model's.
 SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "multiple_of",
@@ -1019,17 +1019,18 @@ class Trainer:
         return total / max(count, 1), total / math.log(2) / nbytes if nbytes else math.nan
 
     def _install_signals(self) -> dict[int, Any]:
-        first = 0.0
+        first: float | None = None  # when this process got its first signal (not when another rank did)
 
         def handler(signum: int, _frame: Any) -> None:
             nonlocal first
-            # A second Ctrl-C aborts without saving, unless it follows the first within a second: then it
-            # is the same one delivered twice (`pkill -INT`, a scheduler signalling torchrun and its workers).
-            if self.stop_signal is not None and signum == signal.SIGINT:
+            # A second Ctrl-C aborts without saving, unless it follows the first within the echo window:
+            # then it is the same one delivered twice (`pkill -INT` reaching torchrun and its workers).
+            if signum == signal.SIGINT and first is not None:
                 if time.monotonic() - first > SIGINT_ECHO_S:
                     raise KeyboardInterrupt
                 return
-            self.stop_signal, first = signal.Signals(signum).name, time.monotonic()
+            first = first if first is not None else time.monotonic()
+            self.stop_signal = signal.Signals(signum).name
 
         previous = {}
         with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
