@@ -290,7 +290,7 @@ def import_seed_checkpoint(ckpt: str | Path, tok_dir: str | Path, out: str | Pat
     max_seq_len = max_seq_len or config.get("max_seq_len") or 512
     state = {_unprefixed(k): v.float() for k, v in state.items()
              if not k.endswith("attention.mask")}  # the causal mask older torch made it keep: not a weight
-    if "tok_embeddings.weight" not in state:
+    if state.get("tok_embeddings.weight", torch.empty(0)).dim() != 2:
         raise TinykError(f"{path} is not a checkpoint of the tutorial's model (it has no tok_embeddings.weight)")
     emb = state.pop("tok_embeddings.weight")
     vocab_size, dim = emb.shape
@@ -304,8 +304,8 @@ def import_seed_checkpoint(ckpt: str | Path, tok_dir: str | Path, out: str | Pat
         if key == "norm.weight":
             ours["model.norm.weight"] = w
         elif len(parts) == 3 and parts[0] == "layers" and parts[2] in SEED_NAMES:
-            if parts[2] in ("attention.wq", "attention.wk"):
-                w = _rope_halves(w, head_dim) if w.dim() == 2 and w.shape[0] % head_dim == 0 else w  # else refused below
+            if parts[2] in ("attention.wq", "attention.wk") and w.dim() == 2 and w.shape[0] % head_dim == 0:
+                w = _rope_halves(w, head_dim)  # other shapes are refused below
             ours[f"model.layers.{parts[1]}.{SEED_NAMES[parts[2]]}.weight"] = w
         else:
             raise TinykError(f"{path} holds {key}, which the tutorial's model does not have")
