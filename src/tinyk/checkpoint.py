@@ -166,6 +166,28 @@ def load_config(path: str | Path) -> ModelConfig:
         raise TinykError(f"invalid config.json in {path}: {e}") from e
 
 
+def _model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], source: str, mismatch: str) -> Transformer:
+    """The model `cfg` describes holding exactly `state`: every weight there, none left over (loading
+    without one would silently compute another function), each of the shape the config needs."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise TinykError(f"{source} lacks weights: {missing[:3]}")
+    extra = sorted(k for k in set(state) - set(expected) if not k.endswith("rotary_emb.inv_freq"))  # derived
+    if extra:
+        raise TinykError(f"{source} holds weights tinyk's model has no place for: {extra[:3]}")
+    wrong = [k for k, v in expected.items() if state[k].shape != v.shape]
+    if wrong:
+        raise TinykError(f"{source} {mismatch}: {wrong[0]} is {tuple(state[wrong[0]].shape)}, the config needs "
+                         f"{tuple(expected[wrong[0]].shape)}")
+    model.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32) -> tuple[Transformer, TinyTokenizer]:
     """Loads a model directory (weights via safetensors only) and its tokenizer."""
@@ -173,28 +195,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     cfg = load_config(path)
     tok = load_tokenizer(path)
     check_compatible(cfg, tok)
-    with torch.device("meta"):
-        model = Transformer(cfg)
     try:
         state = load_file(str(path / "model.safetensors"))
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged files
         raise TinykError(f"{path}/model.safetensors is damaged or truncated ({e})") from e
     if cfg.tie_embeddings and "model.embed_tokens.weight" in state:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    expected = model.state_dict()
-    missing = set(expected) - set(state)
-    if missing:
-        raise TinykError(f"{path}/model.safetensors lacks weights: {sorted(missing)[:3]}")
-    extra = sorted(k for k in set(state) - set(expected) if not k.endswith("rotary_emb.inv_freq"))  # derived
-    if extra:  # loading without them would silently compute another function
-        raise TinykError(f"{path}/model.safetensors holds weights tinyk's model has no place for: {extra[:3]}")
-    wrong = [k for k, v in expected.items() if state[k].shape != v.shape]
-    if wrong:
-        raise TinykError(f"{path}/model.safetensors does not match its config.json: {wrong[0]} is "
-                         f"{tuple(state[wrong[0]].shape)}, the config needs {tuple(expected[wrong[0]].shape)}")
-    model.load_state_dict(state, strict=False, assign=True)
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+    model = _model_from_state(cfg, state, f"{path}/model.safetensors", "does not match its config.json")
     model.activation_checkpointing = False
     return model.to(device=device, dtype=dtype).eval(), tok
 
@@ -323,19 +330,8 @@ def import_seed_checkpoint(ckpt: str | Path, tok_dir: str | Path, out: str | Pat
                           tie_embeddings=torch.equal(output, emb))
     except ValueError as e:
         raise TinykError(f"{path} does not hold the tutorial's model with {n_heads} heads ({first_line(e)})") from e
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(ours))
-    if missing:
-        raise TinykError(f"{path} lacks weights of the tutorial's model: {missing[:3]}")
-    wrong = [k for k, v in expected.items() if ours[k].shape != v.shape]
-    if wrong:
-        raise TinykError(f"{path}: {wrong[0]} is {tuple(ours[wrong[0]].shape)} where {cfg.n_layers} layers of dim "
-                         f"{dim} with {n_heads} heads need {tuple(expected[wrong[0]].shape)}; is --n-heads right?")
-    model.load_state_dict(ours, strict=True, assign=True)
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+    model = _model_from_state(cfg, ours, str(path), f"does not fit {cfg.n_layers} layers of dim {dim} with "
+                                                    f"{n_heads} heads (is --n-heads right?)")
     check_compatible(cfg, load_tokenizer(tok_dir))
     save_model(model, tok_dir, out, force=force)
     return model
