@@ -9,7 +9,7 @@ from tinyk.cli.common import positive_int, seed
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("model", help="create or inspect a model directory")
+    p = sub.add_parser("model", help="create, import or inspect a model directory")
     msub = p.add_subparsers(dest="model_command", metavar="ACTION", required=True)
 
     i = msub.add_parser("init", help="write a randomly initialised model directory")
