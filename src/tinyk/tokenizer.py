@@ -228,7 +228,7 @@ def tokenizer_hash(path: str | Path) -> str:
 def same_tokenizer(recorded: str, path: str | Path) -> bool:
     """Whether a hash recorded in data's meta.json names the tokenizer at `path`; data prepared before
     the hash was of the tokenizer's content carries the hash of the file's bytes."""
-    return recorded in (tokenizer_hash(path), hash_files([Path(path) / "tokenizer.json"]))
+    return recorded == tokenizer_hash(path) or recorded == hash_files([Path(path) / "tokenizer.json"])
 
 
 def load_tokenizer(path: str | Path) -> TinyTokenizer:
