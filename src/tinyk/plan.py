@@ -59,13 +59,19 @@ class GPUSpec:
         return peak
 
     @property
+    def fp32_mfu(self) -> float:
+        """An fp32 run's MFU, against the bf16 peak (the trainer's convention) its matmuls never touch."""
+        return FP32_SHARE * self.fp32_tflops * 1e12 / self.peak_flops
+
+    @property
     def mfu_measured(self) -> bool:
         return self.mfu_source != ASSUMED
 
 
 # MFU stays "assumed" (peers: nanochat 41-47% and llm.c ~40% on H100, TinyLlama 56% on A100; 40% for
-# A100/H100-class cards and the L40S, 35% for consumer and workstation cards, L4, V100 and T4) until a bench/gpu.sh run on that class replaces it with the
-# figure it printed. A800, H800 and H20 are the export versions sold in China.
+# A100/H100-class cards and the L40S, 35% for consumer and workstation cards, L4, V100 and T4) until a
+# bench/gpu.sh run on that class replaces it with the figure it printed. A800, H800 and H20 are the
+# export versions sold in China.
 GPUS: dict[str, GPUSpec] = {g.key: g for g in [
     GPUSpec("a100", "NVIDIA A100 80GB", 79.2, 0.40, ASSUMED, 19.5),
     GPUSpec("a100-40gb", "NVIDIA A100 40GB", 39.4, 0.40, ASSUMED, 19.5),
@@ -430,8 +436,7 @@ def make_plan(run: RunSpec, gpu: GPUSpec, *, gpus: int = 1, nodes: int = 1, toke
     if mfu is not None:
         used_mfu, mfu_source = mfu, "given with --mfu"
     elif run.dtype == "fp32":
-        # MFU is against the bf16 peak (the trainer's convention), which fp32 matmuls never touch.
-        used_mfu = FP32_SHARE * gpu.fp32_tflops * 1e12 / gpu.peak_flops
+        used_mfu = gpu.fp32_mfu
         mfu_source = (f"ASSUMED for fp32: {FP32_SHARE:.0%} of this GPU's {gpu.fp32_tflops:g} TFLOP/s fp32 peak "
                       "(bench/gpu.sh's fp32 row reached 54% of it on an H100); use --dtype auto for real runs")
     else:
@@ -476,7 +481,7 @@ def make_plan(run: RunSpec, gpu: GPUSpec, *, gpus: int = 1, nodes: int = 1, toke
         if gpu.key == a100.key:
             a100_mfu, a100_source = used_mfu, mfu_source
         elif run.dtype == "fp32" and mfu is None:  # the same precision on the tutorial's cards
-            a100_mfu, a100_source = FP32_SHARE * a100.fp32_tflops * 1e12 / a100.peak_flops, ASSUMED
+            a100_mfu, a100_source = a100.fp32_mfu, ASSUMED
         plan["tutorial"] = {
             "gpu_hours": TUTORIAL_RUN["gpus"] * TUTORIAL_RUN["hours"], "gpus": TUTORIAL_RUN["gpus"],
             "hours": TUTORIAL_RUN["hours"], "a100_mfu": a100_mfu, "a100_mfu_source": a100_source,
