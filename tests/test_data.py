@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import gzip
 import json
 import tracemalloc
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -171,9 +173,17 @@ def test_bad_records_are_skipped_counted_and_located(tmp_path, tok_dir):
 def test_strict_stops_at_the_first_bad_record_and_leaves_nothing(tmp_path, tok_dir):
     src = tmp_path / "bad.jsonl"
     src.write_text('{"text": "好的"}\n{"text": 7}\n', encoding="utf-8")
-    with pytest.raises(TinykError, match=r"bad.jsonl:2: not string"):
-        prepare_pretrain([src], tok_dir, tmp_path / "out", strict=True, **QUIET)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
+    conv = tmp_path / "bad_sft.jsonl"
+    conv.write_text(json.dumps(conversations(1)[0], ensure_ascii=False) + '\n{"conversations": 7}\n')
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        with pytest.raises(TinykError, match=r"bad.jsonl:2: not string"):
+            prepare_pretrain([src], tok_dir, tmp_path / "out", strict=True, **QUIET)
+        with pytest.raises(TinykError, match=r"bad_sft.jsonl:2: "):
+            prepare_sft([conv], tok_dir, tmp_path / "out", strict=True, **QUIET)
+        gc.collect()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "bad_sft.jsonl"]
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]  # the writers closed their files
 
 
 def test_output_is_deterministic_and_independent_of_worker_count(tmp_path, tok_dir, corpus_file):

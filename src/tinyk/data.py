@@ -372,6 +372,9 @@ class _SplitWriter:
     def close(self) -> dict[str, Any]:
         return {"documents": self.documents, "tokens": self.tokens, "bytes": self.bytes}
 
+    def release(self) -> None:
+        """Closes the open files without finishing the split (a stopped run's directory is discarded)."""
+
 
 class _ShardWriter(_SplitWriter):
     """Pretraining tokens as fixed-size shards; documents may straddle two shards."""
@@ -400,9 +403,12 @@ class _ShardWriter(_SplitWriter):
         self.shards.append({"file": name, "tokens": 0})
 
     def close(self) -> dict[str, Any]:
+        self.release()
+        return {**super().close(), "shards": self.shards}
+
+    def release(self) -> None:
         if self.f is not None:
             self.f.close()
-        return {**super().close(), "shards": self.shards}
 
 
 class _ConversationWriter(_SplitWriter):
@@ -423,11 +429,14 @@ class _ConversationWriter(_SplitWriter):
         self.loss_tokens += int(np.count_nonzero(b.mask))
 
     def close(self) -> dict[str, Any]:
-        self.tok_f.close()
-        self.mask_f.close()
+        self.release()
         lengths = np.concatenate(self.lengths) if self.lengths else np.empty(0, np.int64)
         np.save(self.folder / "offsets.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
         return {**super().close(), "loss_tokens": self.loss_tokens}
+
+    def release(self) -> None:
+        self.tok_f.close()
+        self.mask_f.close()
 
 
 class _Splitter:
@@ -518,8 +527,12 @@ def _prepare(kind: str, paths: list[Path], tokenizer_dir: str | Path, out: str |
     truncated: Counter = Counter()
     unit = "docs" if kind == "pretrain" else "conversations"
     with atomic_dir(out, force=force, inputs=[*paths, tokenizer_dir],
-                    replaces=("a tinyk data directory", _is_data_dir)) as tmp:
-        splitter = _Splitter(make_writer(tmp / "train"), make_writer(tmp / "val"), val_fraction, seed)
+                    replaces=("a tinyk data directory", _is_data_dir)) as tmp, contextlib.ExitStack() as opened:
+        writers = []
+        for split in ("train", "val"):
+            writers.append(make_writer(tmp / split))
+            opened.callback(writers[-1].release)  # a stopped run closes its files before tmp is removed
+        splitter = _Splitter(*writers, val_fraction, seed)
         with tqdm(unit=f" {unit}", disable=not show_progress, dynamic_ncols=True,
                   desc=f"tokenizing {kind}") as bar:
             for read_skips, (batch, skipped, cut) in _map_ordered(job, tagged(), workers):
