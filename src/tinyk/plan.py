@@ -535,10 +535,12 @@ def _mfu_text(mfu: float, source: str) -> str:
 
 def format_plan(p: dict[str, Any]) -> str:
     """The human-readable plan."""
+    from .train import micro_note
+
     m, g, r, mem, am = p["model"], p["gpu"], p["run"], p["memory"], p["activation_model"]
     c = m["config"]
     ck = r["activation_checkpointing"]
-    per_gpu = r["batch_size"] // g["count"]
+    note = micro_note(r["batch_size"], g["count"], r["micro_batch_requested"], r["micro_batch"], per="GPU")
     precision = "fp32" if r["dtype"] == "fp32" else f"{r['dtype']} autocast"
     parallel = {"none": "one process", "ddp": "DDP", "fsdp": "FSDP"}[r["parallel"]]
     layer_kib = sum(am["layer_bytes_per_token"].values()) / 1024
@@ -552,10 +554,7 @@ def format_plan(p: dict[str, Any]) -> str:
         f"run          seq {r['seq_len']}; global batch {r['batch_size']} sequences = micro-batch {r['micro_batch']} "
         f"x {r['grad_accum']} accumulation x {g['count']} GPU{'s' * (g['count'] > 1)}; {precision} with fp32 "
         f"master weights; {parallel}; activation checkpointing {'on' if ck else 'off'}",
-        *([f"note         micro-batch {r['micro_batch_requested']} "
-           f"{'exceeds' if r['micro_batch_requested'] > per_gpu else 'does not divide'} the {per_gpu} sequences "
-           f"per GPU; planned with {r['micro_batch']}, as the trainer would run it"]
-          if r["micro_batch_requested"] and r["micro_batch_requested"] != r["micro_batch"] else []),
+        *([f"note         {note}, as the trainer would"] if note else []),
         "",
         f"memory per GPU, eager mode, micro-batch {r['micro_batch']} (torch.compile needs less):",
         _row("weights (fp32)", mem["weights"]),

@@ -373,6 +373,15 @@ def micro_layout(batch_size: int, world: int, micro_batch: int | None) -> tuple[
     return micro, per_rank // micro
 
 
+def micro_note(batch_size: int, world: int, requested: int | None, used: int, per: str = "process") -> str | None:
+    """Why the micro-batch used is not the one asked for (None when it is), worded once for train and plan."""
+    if not requested or requested == used:
+        return None
+    per_rank = batch_size // world
+    why = "exceeds" if requested > per_rank else "does not divide"
+    return f"micro_batch {requested} {why} the {per_rank} sequences per {per}; using {used}"
+
+
 def total_steps(cfg: TrainConfig, samples_per_epoch: int) -> int:
     """Optimizer steps in the run: whichever of max_steps, max_tokens, epochs comes first (default 1 epoch)."""
     budgets = []
