@@ -1064,10 +1064,9 @@ class Trainer:
             f"{cfg.seq_len}; peak for MFU: "
             + (f"{self.peak / 1e12:.2f} TFLOP/s per device, {self.peak_source}" if self.peak else self.peak_source),
         ]
-        if cfg.micro_batch and cfg.micro_batch != self.micro:
-            per_rank = cfg.batch_size // d.world
-            lines.append(f"note: micro_batch {cfg.micro_batch} {'exceeds' if cfg.micro_batch > per_rank else 'does not divide'}"
-                         f" the {per_rank} sequences per process; using {self.micro}")
+        note = micro_note(cfg.batch_size, d.world, cfg.micro_batch, self.micro)
+        if note:
+            lines.append(f"note: {note}")
         dropped = self.loader.dropped if cfg.kind == "sft" else 0
         if dropped:
             total = dropped + self.loader.num_windows
@@ -1141,8 +1140,7 @@ class Trainer:
 
     def _loop(self) -> dict[str, Any]:
         cfg, d, p = self.cfg, self.dist, self.progress
-        mon = self.monitor
-        t_log, tokens_log = time.perf_counter(), p.tokens
+        self._window_t0, self._window_tokens0 = time.perf_counter(), p.tokens
         self.rates: list[float] = []
         last_train, last_val, best_val = self._earlier_results()
         last_saved = p.step if self.resumed_from else -1
@@ -1173,46 +1171,61 @@ class Trainer:
                 if estimates:
                     self._fit_schedule(estimates // d.world)
                 estimate = self._fit_estimate(t_first, step_first)
-            if mon:
-                mon.advance(1)
+            if self.monitor:
+                self.monitor.advance(1)
             if p.step % cfg.log_every == 0 or p.step == self.total_steps:
-                if d.world > 1:
-                    dist.all_reduce(self.window_loss)
-                last_train = self.window_loss.item() / self.window_steps
-                now = time.perf_counter()
-                rate = (p.tokens - tokens_log) / (now - t_log)
-                self.rates.append(rate)
-                if not math.isfinite(last_train):
-                    raise TinykError(f"training diverged at step {p.step} (loss {last_train}); lower --lr "
-                                     f"or resume from an earlier checkpoint")
-                if mon:
-                    mon.log_train(self._train_record(last_train, rate, norm.item()))
-                self.window_loss.zero_()
-                self.window_steps, t_log, tokens_log = 0, now, p.tokens
+                last_train = self._log_window(norm)
             last = p.step == self.total_steps
             t_pause = time.perf_counter()
             if self.has_val and (last or (cfg.eval_every and p.step % cfg.eval_every == 0)):
-                last_val = self.evaluate()
+                last_val = self._validate()
                 best_val = min(best_val, last_val[0])
-                if mon:
-                    mon.log_eval({"step": p.step, "tokens": p.tokens, "val_loss": finite(last_val[0]),
-                                  "val_bpb": finite(last_val[1]), "elapsed_s": round(self._elapsed(), 3)})
             if not last and cfg.save_every and p.step % cfg.save_every == 0:
                 self.save_checkpoint(self.loader.state_dict())
                 last_saved = p.step
-            t_log += time.perf_counter() - t_pause  # a log window's tokens/s is training speed alone
+            self._window_t0 += time.perf_counter() - t_pause  # a log window's tokens/s is training speed alone
         interrupted = p.step < self.total_steps
         if last_saved != p.step:
             self.save_checkpoint(loader_state)
-        final = None
-        if not interrupted:
-            model_state, _ = self._full_states()
-            if d.main:
-                with _writing(self.out / "final"), atomic_dir(self.out / "final", force=True) as tmp:
-                    self.write_model(tmp, model_state)
-                final = str(self.out / "final")
-            d.barrier()
+        final = None if interrupted else self._save_final()
         return self._summary(interrupted, final, last_train, last_val, best_val)
+
+    def _log_window(self, grad_norm: torch.Tensor) -> float:
+        """Logs the mean train loss and tokens/s of the steps since the last log (the only host sync of the
+        loss) and starts a new window; returns the loss."""
+        p = self.progress
+        if self.dist.world > 1:
+            dist.all_reduce(self.window_loss)
+        loss = self.window_loss.item() / self.window_steps
+        now = time.perf_counter()
+        rate = (p.tokens - self._window_tokens0) / (now - self._window_t0)
+        self.rates.append(rate)
+        if not math.isfinite(loss):
+            raise TinykError(f"training diverged at step {p.step} (loss {loss}); lower --lr "
+                             f"or resume from an earlier checkpoint")
+        if self.monitor:
+            self.monitor.log_train(self._train_record(loss, rate, grad_norm.item()))
+        self.window_loss.zero_()
+        self.window_steps, self._window_t0, self._window_tokens0 = 0, now, p.tokens
+        return loss
+
+    def _validate(self) -> tuple[float, float]:
+        """(val loss, val bits per byte), logged."""
+        p = self.progress
+        val = self.evaluate()
+        if self.monitor:
+            self.monitor.log_eval({"step": p.step, "tokens": p.tokens, "val_loss": finite(val[0]),
+                                   "val_bpb": finite(val[1]), "elapsed_s": round(self._elapsed(), 3)})
+        return val
+
+    def _save_final(self) -> str:
+        """Writes the finished model (rank 0; under FSDP every rank takes part in gathering it)."""
+        model_state, _ = self._full_states()
+        if self.dist.main:
+            with _writing(self.out / "final"), atomic_dir(self.out / "final", force=True) as tmp:
+                self.write_model(tmp, model_state)
+        self.dist.barrier()
+        return str(self.out / "final")
 
     def _mfu(self, tokens_per_s: float) -> float | None:
         return round(tokens_per_s * self.flops_per_token / (self.peak * self.dist.world), 5) if self.peak else None
