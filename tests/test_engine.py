@@ -19,6 +19,7 @@ from tinyk.engine import (
     ContextLengthError,
     Detokenizer,
     Engine,
+    Request,
     SamplingParams,
     Scheduler,
     _ParamTensors,
@@ -181,6 +182,18 @@ def test_detokenizer_never_splits_a_character_or_leaks_a_stop_string(tok_dir):
     d = Detokenizer(tok, ["文😀"])
     deltas = [d.add(i) for i in ids] + [d.flush()]
     assert d.stopped and d.text == "好中" and "".join(deltas) == "好中"
+
+
+def test_a_character_cut_by_max_tokens_is_dropped_not_shown_as_a_replacement(engine):
+    ids = engine.tok.encode("好😀")
+    cut = len(engine.tok.encode("好")) + 1  # the emoji's first byte only
+    assert engine.tok.decode(ids[:cut]) == "好\ufffd"
+    for stream, stop in ((True, []), (False, []), (False, ["x"])):
+        req = Request(engine, [engine.tok.bos_id], replace(GREEDY, max_new_tokens=cut, stop=stop), stream)
+        deltas = [req.accept(i) for i in ids[:cut]]
+        c = req.completion()
+        shown = "好" if stream or stop else ""  # text is decoded as it goes only when streamed or stop-checked
+        assert (c.finish_reason, c.text, "".join(deltas)) == ("length", "好", shown), (stream, stop)
 
 
 def logits_for(values: list[float]) -> torch.Tensor:

@@ -280,8 +280,14 @@ class Detokenizer:
         return delta
 
     def flush(self) -> str:
-        """Everything not yet sent: called once the sequence is over."""
+        """Everything not yet sent: called once the sequence is over. A character whose last bytes were
+        never generated (max_tokens reached mid-character) is dropped rather than shown as U+FFFD."""
+        self.text = self.text[:max(self.sent, len(_without_cut_char(self.text)))]
         return self._emit(len(self.text))
+
+
+def _without_cut_char(text: str) -> str:
+    return text.rstrip("\ufffd")
 
 
 _DONE = object()
@@ -338,7 +344,7 @@ class Request:
             text = self.detok.text
         else:
             ids = self.out_ids[:-1] if self.out_ids and self.out_ids[-1] in self.stop_ids else self.out_ids
-            text = self.tok.decode(ids, skip_special_tokens=True)
+            text = _without_cut_char(self.tok.decode(ids, skip_special_tokens=True))
         return Completion(text=text, token_ids=list(self.out_ids), finish_reason=self.finish_reason or "length",
                           prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.out_ids))
 
