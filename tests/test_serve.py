@@ -239,6 +239,16 @@ LONG = "".join(chr(0x4E00 + 37 * i) for i in range(200))  # rare characters: sev
     ("/v1/completions", {"model": "nano", "prompt": "a\ud800b"}, 400, "prompt", "invalid_value"),  # not UTF-8
     ("/v1/chat/completions", {"model": "nano", "messages": [{"role": "user", "content": "a\ud800b"}]}, 400,
      "messages", "invalid_value"),
+    ("/v1/completions", {"model": "nano", "prompt": "hi", "max_token": 5}, 400, "max_token", "unknown_parameter"),
+    ("/v1/completions", {"model": "nano", "messages": []}, 400, "messages", "unknown_parameter"),
+    ("/v1/chat/completions", {"model": "nano", "messages": [{"role": "user", "content": "hi"}],
+                              "tool_choice": "required"}, 400, "tool_choice", "invalid_value"),
+    ("/v1/chat/completions", {"model": "nano", "messages": [{"role": "user", "content": "hi"}],
+                              "modalities": ["text", "audio"]}, 400, "modalities", "invalid_value"),
+    ("/v1/chat/completions", {"model": "nano", "messages": [{"role": "user", "content": "hi"}],
+                              "max_completion_tokens": 0}, 400, "max_completion_tokens", "invalid_value"),
+    ("/v1/completions", {"model": "\ud83d", "prompt": "hi"}, 404, "model", "model_not_found"),  # echoed back
+    ("/v1/completions", {"model": "nano", "prompt": "hi", "stop": ["\ud83d"]}, 400, "stop", "invalid_value"),
 ])
 def test_bad_input_gets_a_4xx_with_an_openai_error(server, path, body, status, param, code):
     got, err = request(server, "POST", path, body)
@@ -248,13 +258,15 @@ def test_bad_input_gets_a_4xx_with_an_openai_error(server, path, body, status, p
 
 
 def test_fields_at_their_off_values_are_accepted(server):
-    """What clients send for "off" (penalties 0.0, logprobs false, empty logit_bias) is not a refusal."""
+    """What clients send for "off" (penalties 0.0, logprobs false, empty logit_bias), and fields that do not
+    change the answer (user, metadata), are not a refusal."""
     body = {"model": "nano", "prompt": "hi", "max_tokens": 2, "presence_penalty": 0.0, "frequency_penalty": 0,
             "logprobs": None, "echo": False, "logit_bias": {}, "best_of": 1}
     status, reply = request(server, "POST", "/v1/completions", body)
     assert status == 200, reply
     chat = {"model": "nano", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "logprobs": False,
-            "top_logprobs": 0, "tools": [], "presence_penalty": 0.0}
+            "top_logprobs": 0, "tools": [], "presence_penalty": 0.0, "tool_choice": "auto", "modalities": ["text"],
+            "user": "u1", "metadata": {"k": "v"}, "store": False, "parallel_tool_calls": False}
     status, reply = request(server, "POST", "/v1/chat/completions", chat)
     assert status == 200, reply
 

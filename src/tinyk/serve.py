@@ -32,10 +32,21 @@ MAX_STOP_STRINGS = 4
 LINGER_BYTES = 64 << 20  # at most this much of a refused body is read and thrown away
 CLIENT_POLL_S = 0.2  # how often a non-streamed request checks that its client is still connected
 ROLE_ALIASES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-# OpenAI request fields this server cannot honour, with the value that means "off": anything else is a 400,
-# not a silently different answer.
-UNSUPPORTED = {"logprobs": False, "top_logprobs": 0, "echo": False, "best_of": 1, "suffix": "", "logit_bias": {},
-               "presence_penalty": 0, "frequency_penalty": 0, "tools": [], "functions": []}
+# OpenAI request fields this server cannot honour, with the values that mean "off" (null always does):
+# anything else is a 400, not a silently different answer.
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "logprobs": (False,), "top_logprobs": (0,), "echo": (False,), "best_of": (1,), "suffix": ("",),
+    "logit_bias": ({},), "presence_penalty": (0,), "frequency_penalty": (0,), "tools": ([],), "functions": ([],),
+    "tool_choice": ("none", "auto"), "function_call": ("none", "auto"), "modalities": (["text"],), "audio": (),
+    "web_search_options": (),
+}
+# Fields that do not change the answer (who is asking, storage, caching and latency hints), accepted and
+# ignored; any field in neither list is refused as OpenAI refuses it ("max_token" is a typo, not a no-op).
+IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prediction", "reasoning_effort",
+           "verbosity", "prompt_cache_key", "prompt_cache_options", "prompt_cache_retention", "safety_identifier"}
+_COMMON = {"model", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop",
+           "seed", "n", "top_k", "min_p", "repetition_penalty", *UNSUPPORTED, *IGNORED}
+FIELDS = {True: _COMMON | {"messages", "response_format"}, False: _COMMON | {"prompt"}}  # by chat or not
 _MISSING = object()
 
 
@@ -127,13 +138,13 @@ class Api:
     def sampling(self, body: dict, prompt_tokens: int) -> SamplingParams:
         d = self.defaults
         ctx = self.engine.context_length
-        max_tokens = _get(body, "max_completion_tokens", "integer", None)
-        max_tokens = _get(body, "max_tokens", "integer", max_tokens)
-        _in_range("max_tokens", max_tokens, 1, ctx - 1)
+        max_name = "max_tokens" if body.get("max_tokens") is not None else "max_completion_tokens"
+        max_tokens = _get(body, max_name, "integer", None)
+        _in_range(max_name, max_tokens, 1, ctx - 1)
         if max_tokens is not None and prompt_tokens + max_tokens > ctx:
             raise ApiError(400, f"this model's maximum context length is {ctx} tokens, but {prompt_tokens + max_tokens} "
                                 f"were requested ({prompt_tokens} in the prompt, {max_tokens} for the completion)",
-                           param="max_tokens", code="context_length_exceeded")
+                           param=max_name, code="context_length_exceeded")
         temperature = _get(body, "temperature", "number", d.temperature)
         _in_range("temperature", temperature, 0, 2)
         top_p = _get(body, "top_p", "number", d.top_p)
@@ -149,16 +160,20 @@ class Api:
             stop = [stop]
         if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
             raise ApiError(400, "'stop' must be a non-empty string or a list of them", param="stop", code="invalid_type")
+        if stop and not all(_is_utf8(s) for s in stop):
+            raise ApiError(400, "'stop' holds a lone surrogate (\\ud800-\\udfff), which no generated text contains",
+                           param="stop", code="invalid_value")
         if stop and len(stop) > MAX_STOP_STRINGS:
             raise ApiError(400, f"'stop' takes at most {MAX_STOP_STRINGS} strings", param="stop", code="invalid_value")
         n = _get(body, "n", "integer", 1)
         if n != 1:
             raise ApiError(400, "only n=1 is supported", param="n", code="invalid_value")
-        for name, off in UNSUPPORTED.items():
-            value = body.get(name, off)
+        for name, offs in UNSUPPORTED.items():
+            value = body.get(name)
             # A bool is not a number here: OpenAI's logprobs 0 on completions asks for logprobs, unlike
             # false, while a penalty of 0.0 is as off as 0.
-            if value is not None and not (isinstance(value, bool) == isinstance(off, bool) and value == off):
+            if value is not None and not any(isinstance(value, bool) == isinstance(off, bool) and value == off
+                                             for off in offs):
                 raise ApiError(400, f"'{name}' is not supported by this server", param=name, code="invalid_value")
         fmt = body.get("response_format")
         if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
@@ -233,6 +248,12 @@ class Api:
 
     def submit(self, body: dict, chat: bool) -> tuple[Request, bool, bool]:
         """Validates everything before anything is queued; returns (request, stream, include_usage)."""
+        unknown = sorted(set(body) - FIELDS[chat])
+        if unknown:
+            hint = {"messages": "; chat messages go to /v1/chat/completions",
+                    "prompt": "; a text prompt goes to /v1/completions"}.get(unknown[0], "")
+            raise ApiError(400, f"unrecognized request argument supplied: {unknown[0]}{hint}", param=unknown[0],
+                           code="unknown_parameter")
         self.check_model(body)
         ids = self.chat_ids(body) if chat else self.completion_prompt(body)
         params = self.sampling(body, len(ids))
@@ -303,7 +324,7 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _json(self, status: int, obj: Any) -> None:
-        self._send(status, json.dumps(obj, ensure_ascii=False).encode())
+        self._send(status, _json_bytes(obj))
 
     def _error(self, e: ApiError) -> None:
         self._json(e.status, e.body())
@@ -479,11 +500,25 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def _event(self, obj: dict) -> None:
-        self._write_chunk(b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n")
+        self._write_chunk(b"data: " + _json_bytes(obj) + b"\n\n")
 
     def _write_chunk(self, data: bytes) -> None:
         self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
         self.wfile.flush()
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _json_bytes(obj: Any) -> bytes:
+    """UTF-8 JSON; a lone surrogate echoed from a request (a model name of "\\ud83d") stays the JSON
+    escape it came as instead of failing to encode."""
+    return json.dumps(obj, ensure_ascii=False).encode("utf-8", "backslashreplace")
 
 
 def _is_length(header: str) -> bool:
