@@ -196,6 +196,20 @@ def test_a_character_cut_by_max_tokens_is_dropped_not_shown_as_a_replacement(eng
         assert (c.finish_reason, c.text, "".join(deltas)) == ("length", "好", shown), (stream, stop)
 
 
+def test_a_prompt_far_too_long_is_refused_before_it_is_tokenized(engine, monkeypatch):
+    ctx, most = engine.context_length, engine.tok.max_token_bytes
+    longest = max(range(engine.vocab_size), key=lambda i: engine.tok.token_bytes[i])
+    fits = engine.tok.decode([longest]) * (ctx - 2) + "<|im_start|>"  # the most bytes ctx - 1 tokens can hold
+    assert most >= len("<|im_start|>") and len(fits.encode()) // most == ctx - 2
+    assert len(engine.encode(fits, bos=False)) < ctx
+    monkeypatch.setattr(engine.tok, "encode", lambda *a, **k: pytest.fail("tokenized"))
+    with pytest.raises(ContextLengthError, match="at least"):
+        engine.encode("字" * (ctx * most))
+    with pytest.raises(ContextLengthError, match="at least"):
+        engine.check_fits(["a" * 10, "b" * (ctx * most)])
+    engine.check_fits([fits])
+
+
 def logits_for(values: list[float]) -> torch.Tensor:
     return torch.tensor([values])
 

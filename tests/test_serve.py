@@ -210,6 +210,8 @@ LONG = "".join(chr(0x4E00 + 37 * i) for i in range(200))  # rare characters: sev
     ("/v1/completions", {"model": "nano", "prompt": LONG}, 400, "prompt", "context_length_exceeded"),
     ("/v1/chat/completions", {"model": "nano", "messages": [{"role": "user", "content": LONG}]}, 400, "messages",
      "context_length_exceeded"),
+    ("/v1/chat/completions", {"model": "nano", "messages": [{"role": "user", "content": "a" * 20_000}]}, 400,
+     "messages", "context_length_exceeded"),  # refused before it is tokenized
     ("/v1/completions", {"model": "nano", "prompt": [1, 10**6]}, 400, "prompt", "invalid_value"),
     ("/v1/completions", {"model": "nano", "prompt": ["a", "b"]}, 400, "prompt", "invalid_value"),
     ("/v1/completions", {"model": "nano", "prompt": "hi", "temperature": -1}, 400, "temperature", "invalid_value"),

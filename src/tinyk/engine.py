@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -554,6 +554,7 @@ class Engine:
         documents do (unless it already does, e.g. a rendered chat, or `bos` is False). Token ids are
         taken as given; an empty prompt is `<|im_start|>`."""
         if isinstance(prompt, str):
+            self.check_fits([prompt])
             ids = self.tok.encode(prompt)
             if bos and ids[:1] != [self.tok.bos_id]:
                 ids = [self.tok.bos_id, *ids]
@@ -583,6 +584,14 @@ class Engine:
         """The chat prompt's token ids, as SFT data is tokenized: message text is only ever text. The
         messages are taken as given unless `default_system` is passed (`chat` passes the training one)."""
         return self.tok.encode_chat(self._chat_messages(messages, default_system), add_generation_prompt=True)
+
+    def check_fits(self, texts: Iterable[str]) -> None:
+        """Refuses text too long for the context window before it is tokenized: encoding a megabyte
+        holds the GIL for a second or more, stalling every other stream of a server."""
+        least = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts) // self.tok.max_token_bytes
+        if least >= self.context_length:
+            raise ContextLengthError(f"the prompt has at least {least:,} tokens but the model's context window is "
+                                     f"{self.context_length} tokens (at most {self.context_length - 1} fit)")
 
     @staticmethod
     def _chat_messages(messages: list[dict], default_system: str | None) -> list[dict]:

@@ -227,7 +227,10 @@ class Api:
                                param=f"{where}.role", code="invalid_value")
             clean.append({"role": ROLE_ALIASES[role], "content": self._content(m.get("content", _MISSING), where)})
         try:
+            self.engine.check_fits(m["content"] for m in clean)
             ids = self.engine.chat_ids(clean, default_system=self.cfg.system_prompt)
+        except ContextLengthError as e:
+            raise ApiError(400, str(e), param="messages", code="context_length_exceeded") from e
         except TinykError as e:
             raise ApiError(400, str(e), param="messages", code="invalid_value") from e
         return self.prompt_ids(ids, "messages")

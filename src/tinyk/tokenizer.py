@@ -187,6 +187,12 @@ class TinyTokenizer:
         byte-level BPE spells every byte as one character of its alphabet."""
         return [0 if i < len(SPECIAL_TOKENS) else len(self.tok.id_to_token(i)) for i in range(self.vocab_size)]
 
+    @cached_property
+    def max_token_bytes(self) -> int:
+        """The most UTF-8 bytes one token stands for (a special token's spelling included): text of n
+        bytes has at least n / max_token_bytes tokens."""
+        return max(*self.token_bytes, *(len(t.encode()) for t in SPECIAL_TOKENS))
+
     def encode(self, text: str, special: bool = True) -> list[int]:
         """Token ids of `text`; special-token strings in it ("<|im_start|>") become special tokens
         unless `special` is False (as in `transformers`, where a raw prompt may spell out a template)."""
