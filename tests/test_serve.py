@@ -308,6 +308,15 @@ def test_protocol_errors(server):
     assert status == 200 and body["status"] == "ok"
 
 
+def test_an_http_1_0_client_gets_a_plain_event_stream(server):
+    body = json.dumps({"model": "nano", "prompt": "hi", "max_tokens": 3, "stream": True}).encode()
+    reply = raw(server, b"POST /v1/completions HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    head, _, events = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"chunked" not in head.lower() and b"X-Accel-Buffering: no" in head
+    assert events.startswith(b"data: {") and events.endswith(b"data: [DONE]\n\n")  # no chunk sizes in between
+    assert all(e.startswith(b"data: ") for e in events.split(b"\n\n")[:-1])
+
+
 def test_api_key(nano_model_dir, reference):
     server, _ = start(nano_model_dir, api_key="sk-secret")
     try:

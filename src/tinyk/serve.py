@@ -288,6 +288,7 @@ class Handler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         self.timeout = self.server.api.cfg.timeout
         self.unread_body = False
+        self.chunked = True
         super().setup()
 
     def finish(self) -> None:
@@ -466,7 +467,8 @@ class Handler(BaseHTTPRequestHandler):
             return True
 
     def _stream(self, req: Request, chat: bool, include_usage: bool) -> None:
-        """Server-sent events in chunked encoding; a client that goes away cancels its sequence."""
+        """Server-sent events, in chunked encoding for HTTP/1.1 (an HTTP/1.0 client gets them up to
+        the connection's close); a client that goes away cancels its sequence."""
         rid, name, created = _new_id(chat), self.server.api.cfg.model_name, int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
 
@@ -482,7 +484,13 @@ class Handler(BaseHTTPRequestHandler):
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream; charset=utf-8")
             self.send_header("Cache-Control", "no-cache")
-            self.send_header("Transfer-Encoding", "chunked")
+            self.send_header("X-Accel-Buffering", "no")  # nginx would otherwise hold the events back
+            self.chunked = self.request_version != "HTTP/1.0"
+            if self.chunked:
+                self.send_header("Transfer-Encoding", "chunked")
+            else:
+                self.close_connection = True
+                self.send_header("Connection", "close")
             self.end_headers()
             if chat:
                 self._event(chunk(None, first=True))
@@ -497,7 +505,8 @@ class Handler(BaseHTTPRequestHandler):
                     self._event({"id": rid, "object": obj, "created": created, "model": name, "choices": [],
                                  "usage": Api.usage(req)})
             self._write_chunk(b"data: [DONE]\n\n")
-            self._write_chunk(b"")
+            if self.chunked:
+                self._write_chunk(b"")
         except (OSError, ValueError):  # disconnected, reset or timed out (ValueError: closed file)
             req.cancel()
             self.close_connection = True
@@ -506,7 +515,7 @@ class Handler(BaseHTTPRequestHandler):
         self._write_chunk(b"data: " + _json_bytes(obj) + b"\n\n")
 
     def _write_chunk(self, data: bytes) -> None:
-        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n" if self.chunked else data)
         self.wfile.flush()
 
 
