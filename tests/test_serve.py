@@ -339,6 +339,34 @@ def test_api_key(nano_model_dir, reference):
         server.close()
 
 
+def test_web_pages_of_other_sites_are_refused_unless_allowed(nano_model_dir, server):
+    body = {"model": "nano", "prompt": "hi", "max_tokens": 2}
+    status, err = request(server, "POST", "/v1/completions", body, {"Origin": "http://evil.example"})
+    assert status == 403 and err["error"]["code"] == "origin_not_allowed"
+    assert "--allow-origin http://evil.example" in err["error"]["message"]
+    assert request(server, "POST", "/v1/completions", body, {"Origin": server.url})[0] == 200  # the chat page's
+
+    def call(srv: ChatServer, method: str, origin: str) -> tuple[int, str | None]:
+        u = urlsplit(srv.url)
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+        conn.request(method, "/v1/completions", body=json.dumps(body).encode() if method == "POST" else None,
+                     headers={"Origin": origin, "Access-Control-Request-Method": "POST"})
+        resp = conn.getresponse()
+        resp.read()
+        conn.close()
+        return resp.status, resp.getheader("Access-Control-Allow-Origin")
+
+    allowed = "http://localhost:5173"
+    other, _ = start(nano_model_dir, allow_origins=(allowed,))
+    try:
+        assert call(other, "OPTIONS", allowed) == (204, allowed)  # the browser's preflight
+        assert call(other, "POST", allowed) == (200, allowed)
+        assert call(other, "POST", "http://evil.example") == (403, None)
+        assert call(other, "OPTIONS", "http://evil.example") == (405, None)
+    finally:
+        other.close()
+
+
 def test_a_non_ascii_model_name_and_api_key(nano_model_dir):
     with pytest.raises(TinykError, match="printable ASCII"):
         ServerConfig(model_name="nano", api_key="密钥")  # no HTTP client could send it

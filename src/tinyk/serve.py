@@ -72,6 +72,7 @@ class ServerConfig:
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT  # put first when a chat has no system message
     max_waiting: int = 256
     log: bool = True
+    allow_origins: tuple[str, ...] = ()  # web pages of other origins that may call the API ("*": any)
 
     def __post_init__(self) -> None:
         if self.api_key is not None and not (self.api_key.isascii() and self.api_key.isprintable()
@@ -289,6 +290,7 @@ class Handler(BaseHTTPRequestHandler):
         self.timeout = self.server.api.cfg.timeout
         self.unread_body = False
         self.chunked = True
+        self.cors_origin: str | None = None
         super().setup()
 
     def finish(self) -> None:
@@ -332,6 +334,31 @@ class Handler(BaseHTTPRequestHandler):
 
     def _error(self, e: ApiError) -> None:
         self._json(e.status, e.body())
+
+    def _cross_origin(self) -> str | None:
+        """The calling page's origin when a browser calls from another site (None for programs, which
+        send no Origin, and for the chat page at /)."""
+        origin = self.headers.get("Origin")
+        if origin is None or urllib.parse.urlsplit(origin).netloc.lower() == self.headers.get("Host", "").lower():
+            return None
+        return origin
+
+    def _origin_allowed(self) -> bool:
+        """Any web page the user visits could otherwise make the API generate for it (with no --api-key,
+        a form post needs no preflight); pages named with --allow-origin get CORS headers."""
+        origin = self._cross_origin()
+        if origin is None:
+            return True
+        if origin in self.server.api.cfg.allow_origins or "*" in self.server.api.cfg.allow_origins:
+            self.cors_origin = origin
+            return True
+        return False
+
+    def end_headers(self) -> None:
+        if self.cors_origin:
+            self.send_header("Access-Control-Allow-Origin", self.cors_origin)
+            self.send_header("Vary", "Origin")
+        super().end_headers()
 
     def _authorized(self) -> bool:
         key = self.server.api.cfg.api_key
@@ -377,6 +404,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def handle_one_request(self) -> None:
         """A client that leaves mid-request is its own business: no traceback on the server's stderr."""
+        self.cors_origin = None  # decided anew for each request on a kept-alive connection
         try:
             super().handle_one_request()
         except ConnectionError:
@@ -391,6 +419,8 @@ class Handler(BaseHTTPRequestHandler):
             self._json(200, {"status": "ok", **api.scheduler.stats()})
         elif not path.startswith("/v1/"):
             self._error(ApiError(404, f"no such path: {path}", code="not_found"))
+        elif not self._origin_allowed():
+            self._error(self._forbidden_origin())
         elif not self._authorized():
             self._error(_unauthorized())
         elif path == "/v1/models":
@@ -415,6 +445,9 @@ class Handler(BaseHTTPRequestHandler):
                 if path in ("/", "/index.html", "/health") or path.startswith("/v1/models"):
                     raise ApiError(405, f"use GET for {path}", code="method_not_allowed")
                 raise ApiError(404, f"no such path: {path}", code="not_found")
+            if not self._origin_allowed():
+                self.close_connection = True
+                raise self._forbidden_origin()
             if not self._authorized():
                 self.close_connection = True
                 raise _unauthorized()
@@ -428,12 +461,30 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self._complete(req, chat)
 
+    def _forbidden_origin(self) -> ApiError:
+        origin = self._cross_origin()
+        return ApiError(403, f"requests from web pages at {origin} are refused; start the server with "
+                             f"--allow-origin {origin} to allow them", code="origin_not_allowed")
+
+    def do_OPTIONS(self) -> None:
+        """A browser's CORS preflight: answered for the origins --allow-origin names."""
+        if self._cross_origin() is None or not self._origin_allowed():
+            self._other_method()
+            return
+        self.send_response(204)
+        self.send_header("Access-Control-Allow-Methods", "GET, POST")
+        self.send_header("Access-Control-Allow-Headers", "Authorization, Content-Type")
+        self.send_header("Access-Control-Max-Age", "600")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
     def _other_method(self) -> None:
-        """PUT, PATCH, DELETE, OPTIONS: an OpenAI-style error instead of the standard library's HTML page."""
+        """PUT, PATCH, DELETE (and OPTIONS but for a preflight): an OpenAI-style error instead of the
+        standard library's HTML page."""
         self.close_connection = True  # any body is left unread
         self._error(ApiError(405, f"{self.command} is not supported; use GET or POST", code="method_not_allowed"))
 
-    do_PUT = do_PATCH = do_DELETE = do_OPTIONS = _other_method
+    do_PUT = do_PATCH = do_DELETE = _other_method
 
     def _complete(self, req: Request, chat: bool) -> None:
         while not req.wait(CLIENT_POLL_S):  # nothing is sent until the end: watch for a client that left

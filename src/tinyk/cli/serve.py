@@ -27,6 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="seconds a client may stall sending a request or reading a stream (default 60)")
     p.add_argument("--system-prompt", help="system prompt for chats that bring none (default: the SFT one; "
                                            "'' for none)")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="a web page origin (http://localhost:5173) that may call the API from a browser; "
+                        "repeatable, * for any (default: only the chat page at /)")
     p.add_argument("--quiet", action="store_true", help="no access log")
     add_sampling_args(p)
     p.set_defaults(func=_serve)
@@ -41,7 +44,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise TinykError("--api-key is empty")
     system = DEFAULT_SYSTEM_PROMPT if args.system_prompt is None else (args.system_prompt or None)
     cfg = dict(api_key=args.api_key, max_body_bytes=args.max_body, timeout=args.timeout,
-               defaults=sampling_params(args), system_prompt=system, max_waiting=args.max_waiting, log=not args.quiet)
+               defaults=sampling_params(args), system_prompt=system, max_waiting=args.max_waiting, log=not args.quiet,
+               allow_origins=tuple(o.rstrip("/") for o in args.allow_origin))
     if args.model_name:
         cfg["model_name"] = args.model_name
     serve(args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
