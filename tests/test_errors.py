@@ -204,3 +204,29 @@ def test_model_and_prompt_file_mistakes_name_the_way_out(tmp_path, nano_model_di
     prompts.write_text('["你好", "再见"]\n', encoding="utf-8")
     code, err = run_cli(["generate", "--model", str(nano_model_dir), "--prompt-file", str(prompts)], capsys)
     assert code == 2 and "no prompts in" in err and "records need a string field 'prompt'" in err
+
+
+def test_a_full_disk_while_writing_a_tokenizer_or_model_is_one_line(tmp_path, corpus_file, tok_dir, monkeypatch,
+                                                                     capsys):
+    """What the Rust writers raise on a full disk (safetensors' SafetensorError, tokenizers' plain
+    Exception) is one line naming the output, and no temporary sibling is left."""
+    from safetensors import SafetensorError
+
+    import tinyk.checkpoint
+    import tinyk.tokenizer
+
+    def full(*a, **kw):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    def full_tok(*a, **kw):
+        raise Exception("No space left on device (os error 28)")  # noqa: TRY002 - what tokenizers raises
+
+    monkeypatch.setattr(tinyk.checkpoint, "save_file", full)
+    monkeypatch.setattr(tinyk.tokenizer, "save_tokenizer_files", full_tok)
+    for args, out in ((["model", "init", "--preset", "nano", "--tokenizer", str(tok_dir)], tmp_path / "m"),
+                      (["tokenizer", "train", str(corpus_file), "--vocab-size", "300"], tmp_path / "t")):
+        code, err = run_cli([*args, "--out", str(out)], capsys)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].endswith("MB free on that disk"), err
+        assert lines[0].startswith(f"tinyk: error: cannot write {out}: ") and "(os error 28)" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .files import TinykError, atomic_dir, first_line
+from .files import TinykError, atomic_dir, first_line, writing
 from .model import ModelConfig, Transformer
 from .tokenizer import (
     IM_END_ID,
@@ -150,7 +150,8 @@ def write_model_files(model: Transformer, tok_dir: str | Path, out: Path) -> Non
 
 def save_model(model: Transformer, tok_dir: str | Path, out: str | Path, force: bool = False) -> Path:
     """Writes a model directory atomically: it is complete or absent."""
-    with atomic_dir(out, force=force, inputs=[tok_dir], replaces=("a tinyk model directory", _is_tinyk_model)) as tmp:
+    with writing(Path(out)), atomic_dir(out, force=force, inputs=[tok_dir],
+                                        replaces=("a tinyk model directory", _is_tinyk_model)) as tmp:
         write_model_files(model, tok_dir, tmp)
     return Path(out)
 

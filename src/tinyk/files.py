@@ -155,6 +155,26 @@ def write_error(path: Path, e: BaseException) -> TinykError:
     return TinykError(f"cannot write {path}: {first_line(e)}{free}")
 
 
+# What torch's checkpoint writer and the Rust writers of safetensors and tokenizers ("No space left on
+# device (os error 28)") say when a write fails; other RuntimeErrors (CUDA out of memory) are not ours.
+_WRITE_FAILURES = ("iostream", "inline_container", "PytorchStreamWriter", "(os error ")
+
+
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """A failed write of `path` as one line (see `write_error`) instead of a traceback."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, SafetensorError) as e:
+        raise write_error(path, e) from e
+    except Exception as e:
+        if isinstance(e, TinykError) or not any(m in str(e) for m in _WRITE_FAILURES):
+            raise
+        raise write_error(path, e) from e
+
+
 def remove_path(p: Path, ignore_errors: bool = False) -> None:
     """A file, link or directory tree; a link is removed, never followed."""
     if p.is_dir() and not p.is_symlink():

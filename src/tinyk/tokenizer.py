@@ -29,6 +29,7 @@ from .files import (
     hash_files,
     iter_texts,
     marker_file,
+    writing,
 )
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
@@ -412,7 +413,8 @@ def train_tokenizer(inputs: list[str | Path], out: str | Path, *, vocab_size: in
             raise TinykError("no usable documents in the input (" + skips.summary() + ")")
         for i, name in enumerate(SPECIAL_TOKENS):
             assert tok.token_to_id(name) == i, name
-        save_tokenizer_files(tok, tmp)
+        with writing(Path(out)):
+            save_tokenizer_files(tok, tmp)
     return {**stats, "vocab_size": tok.get_vocab_size(), "skipped": skips.to_json(),
             "skipped_summary": skips.summary(), "seconds": round(time.time() - t0, 2),
             "capped_at": skips.stopped_at, "cap_from_memory": auto_cap, "memory_available": memory}

@@ -34,7 +34,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
-from safetensors import SafetensorError
 from torch import nn
 
 from .checkpoint import check_compatible, is_model_dir, load_config, load_model, write_model_files
@@ -46,8 +45,8 @@ from .files import (
     check_output,
     first_line,
     remove_path,
-    write_error,
     write_json_atomic,
+    writing,
 )
 from .loader import IGNORE
 from .model import PRESETS, Attention, ModelConfig, Transformer, resolve_dtype
@@ -560,19 +559,6 @@ def _made_by_a_run(p: Path) -> bool:
     return p.name in RUN_ENTRIES or _is_leftover(p)
 
 
-@contextlib.contextmanager
-def _writing(path: Path) -> Iterator[None]:
-    """A failed write as one line (see `write_error`) instead of torch's page of C++ frames."""
-    try:
-        yield
-    except (OSError, SafetensorError) as e:
-        raise write_error(path, e) from e
-    except RuntimeError as e:  # torch's file writer; other RuntimeErrors (CUDA out of memory) are not ours
-        if not any(m in str(e) for m in ("iostream", "inline_container", "PytorchStreamWriter")):
-            raise
-        raise write_error(path, e) from e
-
-
 def _clean_partial(out: Path) -> None:
     """Removes what a run killed while writing left behind (the run's directory is its own alone)."""
     for parent in (out, out / "checkpoints"):
@@ -852,7 +838,7 @@ class Trainer:
             dist.all_gather_object(ranks, _rng_state(self.device), group=d.host)
         path = self.out / "checkpoints" / f"step_{step:07d}"
         if d.main:
-            with _writing(path), atomic_dir(path, force=True) as tmp:
+            with writing(path), atomic_dir(path, force=True) as tmp:
                 self.write_model(tmp / "model", model_state)
                 torch.save(optim_state, tmp / "optimizer.pt")
                 torch.save({"ranks": ranks, "scaler": self.scaler.state_dict()}, tmp / "rng.pt")
@@ -1222,7 +1208,7 @@ class Trainer:
         """Writes the finished model (rank 0; under FSDP every rank takes part in gathering it)."""
         model_state, _ = self._full_states()
         if self.dist.main:
-            with _writing(self.out / "final"), atomic_dir(self.out / "final", force=True) as tmp:
+            with writing(self.out / "final"), atomic_dir(self.out / "final", force=True) as tmp:
                 self.write_model(tmp, model_state)
         self.dist.barrier()
         return str(self.out / "final")
