@@ -770,3 +770,15 @@ def test_tensorboard_shows_one_curve_across_a_crash_and_resume(tmp_path, pt_data
     logged = [(e.step, e.value) for e in events.Scalars("loss")]
     assert [s for s, _ in logged] == list(range(1, 9))
     assert {s: pytest.approx(v) for s, v in logged} == train_losses(out)
+
+
+@pytest.mark.parametrize("log_every,eval_every", [(1, 0), (10, 1)])
+def test_a_diverged_run_is_one_line_whichever_loss_sees_it_first(tmp_path, pt_data, tok_dir, capsys, log_every,
+                                                                  eval_every):
+    with pytest.raises(SystemExit) as e:
+        main(cli_args(pt_data, tok_dir, tmp_path / "run", "--max-steps", "20", "--lr", "1e9", "--set", "warmup_steps=0",
+                      "--set", f"log_every={log_every}", "--eval-every", str(eval_every)))
+    code, err = e.value.code, capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "Traceback" not in err[0], err
+    assert err[0].startswith("tinyk: error: training diverged at step ") and "lower --lr" in err[0]
+    assert ("val loss" in err[0]) == bool(eval_every)

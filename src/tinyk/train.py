@@ -1186,19 +1186,23 @@ class Trainer:
         now = time.perf_counter()
         rate = (p.tokens - self._window_tokens0) / (now - self._window_t0)
         self.rates.append(rate)
-        if not math.isfinite(loss):
-            raise TinykError(f"training diverged at step {p.step} (loss {loss}); lower --lr "
-                             f"or resume from an earlier checkpoint")
+        self._check_finite(loss, "loss")
         if self.monitor:
             self.monitor.log_train(self._train_record(loss, rate, grad_norm.item()))
         self.window_loss.zero_()
         self.window_steps, self._window_t0, self._window_tokens0 = 0, now, p.tokens
         return loss
 
+    def _check_finite(self, loss: float, name: str) -> None:
+        if not math.isfinite(loss):
+            raise TinykError(f"training diverged at step {self.progress.step} ({name} {loss}); lower --lr "
+                             f"or resume from an earlier checkpoint")
+
     def _validate(self) -> tuple[float, float]:
         """(val loss, val bits per byte), logged."""
         p = self.progress
         val = self.evaluate()
+        self._check_finite(val[0], "val loss")
         if self.monitor:
             self.monitor.log_eval({"step": p.step, "tokens": p.tokens, "val_loss": finite(val[0]),
                                    "val_bpb": finite(val[1]), "elapsed_s": round(self._elapsed(), 3)})
