@@ -782,3 +782,22 @@ def test_a_diverged_run_is_one_line_whichever_loss_sees_it_first(tmp_path, pt_da
     assert code == 2 and len(err) == 1 and "Traceback" not in err[0], err
     assert err[0].startswith("tinyk: error: training diverged at step ") and "lower --lr" in err[0]
     assert ("val loss" in err[0]) == bool(eval_every)
+
+
+@pytest.mark.parametrize("env,says", [
+    ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 is set but RANK, MASTER_ADDR, MASTER_PORT are not: launch with torchrun"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1"}, "but MASTER_PORT is not"),
+    ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' is not a whole number"),
+    ({"LOCAL_RANK": "x"}, "LOCAL_RANK='x' is not a whole number"),
+    ({"WORLD_SIZE": "2", "RANK": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}, "RANK=2 does not fit"),
+])
+def test_a_partial_torchrun_environment_is_one_line(tmp_path, pt_data, tok_dir, capsys, monkeypatch, env, says):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as e:
+        main(cli_args(pt_data, tok_dir, tmp_path / "run", "--max-steps", "1"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and says in err[0], err
+    assert not (tmp_path / "run").exists()

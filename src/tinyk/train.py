@@ -422,10 +422,29 @@ class Dist:
             dist.barrier(group=self.host)
 
 
+def _launch_env() -> tuple[int, int, int]:
+    """(world size, rank, local rank) from what torchrun sets; a partial set (a job script that exports
+    WORLD_SIZE alone) is one line instead of the rendezvous's traceback."""
+    values = {}
+    for name, default in (("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        raw = os.environ.get(name, default)
+        if not (raw.isascii() and raw.isdigit()):
+            raise TinykError(f"{name}={raw!r} is not a whole number (torchrun sets it; unset it to run one process)")
+        values[name] = int(raw)
+    world, rank, local_rank = values.values()
+    if world > 1:
+        missing = [n for n in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(n)]
+        if missing:
+            raise TinykError(f"WORLD_SIZE={world} is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'}"
+                             f" not: launch with torchrun, which sets them all, or unset WORLD_SIZE")
+    if world < 1 or rank >= world:
+        raise TinykError(f"RANK={rank} does not fit WORLD_SIZE={world} (torchrun sets both)")
+    return world, rank, local_rank
+
+
 def setup_dist(device: str) -> Dist:
     """Joins the torchrun job if there is one (NCCL on CUDA, gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    world, rank, local_rank = _launch_env()
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
