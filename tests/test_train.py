@@ -414,6 +414,19 @@ def test_trackers_are_lazy_and_optional(tmp_path, pt_data, tok_dir, monkeypatch)
     assert train(nano_cfg(pt_data, tok_dir, tmp_path / "w2", max_steps=1))["status"] == "completed"
 
 
+def test_ctrl_c_while_the_run_starts_leaves_no_run_directory(tmp_path, pt_data, tok_dir, monkeypatch):
+    """Set-up ends with timing the CPU's matmul peak, long enough for a Ctrl-C after spotting a typo."""
+    import tinyk.train
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tinyk.train, "peak_flops", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(nano_cfg(pt_data, tok_dir, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
 # ----------------------------------------------------------------------------- set-up errors
 
 def _edited_meta(src: Path, dst: Path, **changes) -> Path:

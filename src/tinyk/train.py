@@ -621,6 +621,7 @@ class Trainer:
                 and (self.out / "final").is_dir()
             if self.dist.main and not fresh and not self.finished_already:
                 self._write_config()
+            self.peak, self.peak_source = peak_flops(self.device, cfg.peak_tflops, self.dtype)  # a timed matmul on CPU
         except BaseException:
             # A new run that fails to start (a missing tracker package, unloadable weights) leaves
             # nothing behind, so the corrected command needs no --force.
@@ -1109,9 +1110,7 @@ class Trainer:
             self.lock.release()
 
     def _run(self) -> dict[str, Any]:
-        cfg, d = self.cfg, self.dist
-        self.peak, self.peak_source = peak_flops(self.device, cfg.peak_tflops, self.dtype)
-        if d.main:
+        if self.dist.main:
             self._header()
         if self.finished_already:
             return self._finished_summary()
