@@ -22,6 +22,7 @@ from tinyk.files import (
     Skips,
     TinykError,
     _host,
+    _stem,
     atomic_dir,
     iter_records,
     iter_texts,
@@ -30,6 +31,7 @@ from tinyk.files import (
     write_json_atomic,
 )
 from tinyk.loader import SFTLoader
+from tinyk.tokenizer import train_tokenizer
 
 zstandard = pytest.importorskip("zstandard")
 
@@ -311,6 +313,24 @@ def test_only_temporaries_of_dead_processes_on_this_machine_are_removed(tmp_path
     assert remove_stale_temps(tmp_path / "out") == []
 
 
+def test_an_output_name_near_the_filesystem_limit_gets_legal_temporaries(tmp_path, corpus_file):
+    """A name of 250 bytes is legal; `.{name}.tmp-{host}-{pid}-XXXX` beside it would not be."""
+    name = "语料" * 20 + "x" * 130  # 250 bytes
+    assert len(name.encode()) == 250
+    out = tmp_path / name
+    train_tokenizer([corpus_file], out, vocab_size=300, show_progress=False)
+    train_tokenizer([corpus_file], out, vocab_size=300, show_progress=False, force=True)  # beside an .old one
+    assert (out / "tokenizer.json").is_file()
+    write_json_atomic(tmp_path / (name[:-5] + ".json"), {"a": 1})
+    dead = dead_pid()
+    left = tmp_path / f".{_stem(name)}.tmp-{_host()}-{dead}-abcdefgh"
+    assert len(os.fsencode(left.name)) <= 255 and _stem(name) != name
+    left.mkdir()
+    with atomic_dir(out, force=True) as tmp:
+        (tmp / "f").write_text("x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, name[:-5] + ".json"])
+
+
 def test_a_later_run_removes_what_a_killed_one_left(tmp_path):
     out = tmp_path / "out"
     script = ("import sys, time\nfrom tinyk.files import atomic_dir\n"
@@ -444,8 +464,6 @@ def test_a_pretty_printed_json_array_is_named_with_the_way_out(tmp_path, tok_dir
 
 
 def test_reports_point_at_the_cause(tmp_path, capsys):
-    from tinyk.tokenizer import train_tokenizer
-
     src = tmp_path / "c.jsonl"
     src.write_bytes(b'{"text": "\xd6\xd0\xce\xc4"}\n' + JSONL[:3000].rsplit(b"\n", 1)[0] + b"\n")
     skips = Skips()

@@ -511,12 +511,12 @@ def atomic_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path
                              "choose another path")
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{_owner()}-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{_stem(out.name)}.tmp-{_owner()}-", dir=out.parent))
     try:
         yield tmp
         _share_like_umask(tmp)
         if out.exists() or out.is_symlink():
-            old = out.with_name(f".{out.name}.old-{_owner()}")
+            old = out.with_name(f".{_stem(out.name)}.old-{_owner()}")
             os.replace(out, old)
             try:
                 os.replace(tmp, out)
@@ -577,6 +577,18 @@ def _owner() -> str:
     return f"{_host()}-{os.getpid()}"
 
 
+def _stem(name: str) -> str:
+    """`name` as temporaries beside it carry it: cut short, and told apart by a hash, where
+    `.{name}.tmp-{host}-{pid}-XXXXXXXX` would pass the 255-byte limit filesystems put on a name (a
+    legal output name must get a legal temporary)."""
+    raw = os.fsencode(name)
+    room = 255 - len(f"..tmp-{_host()}-{'9' * 7}-{'X' * 8}".encode())  # pids have at most 7 digits
+    if len(raw) <= room:
+        return name
+    digest = hashlib.sha256(raw).hexdigest()[:8]
+    return os.fsdecode(raw[:room - len(digest) - 1]) + "." + digest
+
+
 def _pid_running(pid: int) -> bool:
     """False only when no process `pid` exists on this machine; in doubt, True."""
     if os.name != "posix":  # os.kill(pid, 0) would not be a harmless probe
@@ -600,7 +612,7 @@ def remove_stale_temps(out: str | Path) -> list[Path]:
     """
     out = Path(out)
     host = re.escape(_host())
-    pattern = re.compile(rf"\.{re.escape(out.name)}\.(?:tmp-{host}-([0-9]+)-[A-Za-z0-9_]+|old-{host}-([0-9]+))")
+    pattern = re.compile(rf"\.{re.escape(_stem(out.name))}\.(?:tmp-{host}-([0-9]+)-[A-Za-z0-9_]+|old-{host}-([0-9]+))")
     try:
         siblings = list(out.parent.iterdir())
     except OSError:
@@ -637,7 +649,7 @@ def atomic_file(path: str | Path, suffix: str = "") -> Iterator[Path]:
     it fails, so readers never see half a file and a failed write (a full disk) leaves nothing behind.
     `suffix` keeps an extension that the writer reads the format from (matplotlib's .png)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{suffix}")
+    tmp = path.with_name(f".{_stem(path.name)}.tmp-{os.getpid()}{suffix}")
     try:
         yield tmp
         os.replace(tmp, path)
