@@ -230,3 +230,11 @@ def test_a_full_disk_while_writing_a_tokenizer_or_model_is_one_line(tmp_path, co
         assert code == 2 and len(lines) == 1 and lines[0].endswith("MB free on that disk"), err
         assert lines[0].startswith(f"tinyk: error: cannot write {out}: ") and "(os error 28)" in lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_an_empty_api_key_names_where_it_came_from(nano_model_dir, monkeypatch, capsys):
+    code, err = run_cli(["serve", "--model", str(nano_model_dir), "--api-key", ""], capsys)
+    assert code == 2 and err.strip() == "tinyk: error: --api-key is empty"
+    monkeypatch.setenv("TINYK_API_KEY", "")
+    code, err = run_cli(["serve", "--model", str(nano_model_dir)], capsys)
+    assert code == 2 and err.strip() == "tinyk: error: TINYK_API_KEY is set but empty (unset it to serve without a key)"

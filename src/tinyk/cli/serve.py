@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int_range(0, 65535), default=8000)
     p.add_argument("--model-name", help="the model id clients send (default: the directory's name)")
-    p.add_argument("--api-key", default=os.environ.get("TINYK_API_KEY"),
+    p.add_argument("--api-key",
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $TINYK_API_KEY, else no check)")
     p.add_argument("--max-batch", type=batch_count, default=16, help="sequences decoded together")
     p.add_argument("--max-waiting", type=positive_int, default=256, help="queued requests before answering 503")
@@ -40,10 +40,12 @@ def _serve(args: argparse.Namespace) -> int:
     from tinyk.serve import serve
     from tinyk.tokenizer import DEFAULT_SYSTEM_PROMPT
 
-    if args.api_key == "":
-        raise TinykError("--api-key is empty")
+    key = args.api_key if args.api_key is not None else os.environ.get("TINYK_API_KEY")
+    if key == "":
+        raise TinykError("--api-key is empty" if args.api_key is not None else
+                         "TINYK_API_KEY is set but empty (unset it to serve without a key)")
     system = DEFAULT_SYSTEM_PROMPT if args.system_prompt is None else (args.system_prompt or None)
-    cfg = dict(api_key=args.api_key, max_body_bytes=args.max_body, timeout=args.timeout,
+    cfg = dict(api_key=key, max_body_bytes=args.max_body, timeout=args.timeout,
                defaults=sampling_params(args), system_prompt=system, max_waiting=args.max_waiting, log=not args.quiet,
                allow_origins=tuple(o.rstrip("/") for o in args.allow_origin))
     if args.model_name:
