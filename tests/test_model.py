@@ -155,6 +155,16 @@ def test_model_init_uses_tokenizer_vocab_and_info(tmp_path, tok_dir):
     assert info["parameters"] == m.num_params() and info["config"]["dim"] == 64
     assert {p.name for p in (tmp_path / "m").iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json",
                                                            "tokenizer_config.json", "generation_config.json"}
+    # info checks the weights file from its header: truncated, or of another shape, is one line
+    weights = tmp_path / "m" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:len(data) // 2])
+    with pytest.raises(TinykError, match=r"model.safetensors is damaged or truncated \(.*not fully covered"):
+        model_info(tmp_path / "m")
+    init_model_dir("nano", tok_dir, tmp_path / "wide", dim=128)
+    shutil.copyfile(tmp_path / "wide" / "model.safetensors", weights)
+    with pytest.raises(TinykError, match="does not match its config.json: model.embed_tokens.weight is"):
+        model_info(tmp_path / "m")
 
 
 def test_model_directory_permissions_follow_the_umask(tmp_path, tok_dir):

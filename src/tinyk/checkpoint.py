@@ -11,10 +11,12 @@ import contextlib
 import json
 import pickle
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .files import TinykError, atomic_dir, first_line, writing
@@ -196,15 +198,25 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     cfg = load_config(path)
     tok = load_tokenizer(path)
     check_compatible(cfg, tok)
-    try:
+    with _reading_weights(path):
         state = load_file(str(path / "model.safetensors"))
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged files
-        raise TinykError(f"{path}/model.safetensors is damaged or truncated ({e})") from e
-    if cfg.tie_embeddings and "model.embed_tokens.weight" in state:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    model = _model_from_state(cfg, state, f"{path}/model.safetensors", "does not match its config.json")
+    model = _model_from_dir_state(path, cfg, state)
     model.activation_checkpointing = False
     return model.to(device=device, dtype=dtype).eval(), tok
+
+
+@contextlib.contextmanager
+def _reading_weights(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        raise TinykError(f"{path}/model.safetensors is damaged or truncated ({e})") from e
+
+
+def _model_from_dir_state(path: Path, cfg: ModelConfig, state: dict[str, torch.Tensor]) -> Transformer:
+    if cfg.tie_embeddings and "model.embed_tokens.weight" in state:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    return _model_from_state(cfg, state, f"{path}/model.safetensors", "does not match its config.json")
 
 
 def memory_footprint(cfg: ModelConfig, n_params: int) -> dict[str, float]:
@@ -230,9 +242,13 @@ def init_model_dir(preset: str, tok_dir: str | Path, out: str | Path, *, seed: i
 
 
 def model_info(path: str | Path) -> dict[str, Any]:
+    """What `tinyk model info` shows, after checking the weights file against config.json from its
+    header alone (names, shapes and that the file holds all the bytes they need), without loading it."""
+    path = Path(path)
     cfg = load_config(path)
-    with torch.device("meta"):
-        n = Transformer(cfg).num_params()
+    with _reading_weights(path), safe_open(str(path / "model.safetensors"), "pt") as f:
+        state = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+    n = _model_from_dir_state(path, cfg, state).num_params()
     return {"path": str(path), "parameters": n, "config": cfg.to_dict(), "memory": memory_footprint(cfg, n)}
 
 
