@@ -195,6 +195,19 @@ def test_utf16_input_is_one_error(tmp_path):
         texts(src)
 
 
+def test_compressed_data_under_a_plain_name_says_to_rename_it(tmp_path):
+    """Not the "not UTF-8, convert it with iconv" advice its bytes would otherwise get."""
+    (tmp_path / "docs.jsonl").write_bytes(gzip.compress(JSONL))
+    (tmp_path / "z.jsonl").write_bytes(zstandard.ZstdCompressor().compress(JSONL))
+    with pytest.raises(TinykError, match=r"docs.jsonl: gzip-compressed data in a file not named .gz; rename it to "
+                                         r"docs.jsonl.gz"):
+        texts(tmp_path / "docs.jsonl")
+    with pytest.raises(TinykError, match=r"z.jsonl: zstd-compressed data in a file not named .zst"):
+        texts(tmp_path / "z.jsonl")
+    os.replace(tmp_path / "docs.jsonl", tmp_path / "docs.jsonl.gz")
+    assert len(texts(tmp_path / "docs.jsonl.gz")) == len(DOCS)
+
+
 # ---------------------------------------------------------------- 3. prepared data: offsets.npy
 
 @pytest.fixture

@@ -133,6 +133,8 @@ def marker_file(directory: str | Path, name: str, what: str) -> Path:
 
 _BOM = b"\xef\xbb\xbf"
 _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+_MAGIC = {".gz": b"\x1f\x8b", ".zst": b"\x28\xb5\x2f\xfd"}  # how compressed files begin
+_CODECS = {".gz": "gzip", ".zst": "zstd"}
 _ZSTD_CHUNK = 4096  # compressed bytes per step; bounds what one step can expand to
 
 
@@ -184,7 +186,7 @@ def remove_path(p: Path, ignore_errors: bool = False) -> None:
 
 
 def _codec(path: Path) -> str | None:
-    return "gzip" if path.name.endswith(".gz") else "zstd" if path.name.endswith(".zst") else None
+    return next((codec for ext, codec in _CODECS.items() if path.name.endswith(ext)), None)
 
 
 def _zstandard() -> Any:
@@ -313,6 +315,10 @@ def iter_lines(path: Path, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iter
             if lineno == 1:
                 if line.startswith(_UTF16_BOMS):
                     raise TinykError(f"{path}: UTF-16 text; tinyk reads UTF-8 (convert it, e.g. with iconv)")
+                packed = next((ext for ext, magic in _MAGIC.items() if line.startswith(magic)), None)
+                if packed and not _codec(path):
+                    raise TinykError(f"{path}: {_CODECS[packed]}-compressed data in a file not named {packed}; "
+                                     f"rename it to {path.name}{packed} and tinyk reads it as it is")
                 if line.startswith(_BOM):
                     line = line[len(_BOM):]
             if len(line) > max_line_bytes and not line.endswith(b"\n"):
