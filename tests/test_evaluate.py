@@ -97,6 +97,7 @@ def test_choice_accuracy_and_chance_on_a_ceval_folder(tmp_path, nano, fmt):
     assert r["baseline"] == pytest.approx(0.25)
     assert r["subjects"] == {"toy": {"questions": 6, "accuracy": 0.5}}
     assert r["skipped"]["by_reason"] == {"no_answer_column": 1}
+    assert next(table_rows({"choice": r}))[0] == f"multiple choice, {fmt} (n=6, 1 skipped)"  # said, not hidden
 
 
 def test_cmmlu_header_bad_rows_and_uneven_options(tmp_path):

@@ -486,7 +486,7 @@ def transformers_check(model_dir: Path, engine: Any, max_new_tokens: int = 24) -
 
 def result_rows(res: dict[str, Any]) -> list[tuple[str, str, str]]:
     """(what, value, baseline or note): the table printed at the end and put in report.md."""
-    from .evaluate import task_count
+    from .evaluate import counted
 
     ev, pre, sft = res["eval"], res["pretrain"], res["sft"]
     rows = [
@@ -503,7 +503,7 @@ def result_rows(res: dict[str, Any]) -> list[tuple[str, str, str]]:
         ("chat val bits per byte", f"{ev['chat_val']['bits_per_byte']:.3f}", "same text, after SFT"),
     ]
     for t in res["tasks"]:
-        rows.append((f"{t['task']} accuracy ({task_count(t)})", percent(t["accuracy"]),
+        rows.append((f"{t['task']} accuracy ({counted(t['examples'], t['skipped'])})", percent(t["accuracy"]),
                      f"{percent(t['baseline'])} majority answer"))
         rows.append((f"{t['task']} stop rate", percent(t["stop_rate"]), "answers ending with <|im_end|>"))
     check = res.get("transformers_check", {})

@@ -401,18 +401,19 @@ def table_rows(results: dict[str, Any]) -> Iterator[tuple[str, str, str]]:
         bpb = d["bits_per_byte"]  # None when the evaluated tokens spell no text (only <|im_end|>s)
         yield f"{name} bits per byte", "n/a" if bpb is None else f"{bpb:.4f}", ""
     for t in results.get("tasks", []):
-        yield f"{t['task']} exact match ({task_count(t)})", percent(t["accuracy"]), f"{percent(t['baseline'])} majority"
+        yield f"{t['task']} exact match ({counted(t['examples'], t['skipped'])})", percent(t["accuracy"]), f"{percent(t['baseline'])} majority"
         yield f"{t['task']} stop rate", percent(t["stop_rate"]), ""
     c = results.get("choice")
     if c:
-        yield f"multiple choice, {c['format']} (n={c['questions']})", percent(c["accuracy"]), f"{percent(c['baseline'])} chance"
+        yield (f"multiple choice, {c['format']} ({counted(c['questions'], c['skipped'])})", percent(c["accuracy"]),
+               f"{percent(c['baseline'])} chance")
         for s, v in c["subjects"].items():
             yield f"  {s} (n={v['questions']})", percent(v["accuracy"]), ""
 
 
-def task_count(t: dict[str, Any]) -> str:
-    skipped = t["skipped"]["total"]
-    return f"n={t['examples']}" + (f", {skipped} skipped" if skipped else "")
+def counted(n: int, skipped: dict[str, Any]) -> str:
+    """"n=40" or "n=40, 3 skipped": how many examples a score is over, and how many input rows were not."""
+    return f"n={n}" + (f", {skipped['total']} skipped" if skipped["total"] else "")
 
 
 def format_table(rows: Iterable[tuple[str, str, str]], header: tuple[str, str, str] = ("metric", "score", "baseline")
