@@ -404,6 +404,14 @@ class Dist:
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     host: Any = None
+    owns_group: bool = False  # tinyk started the process group, so it ends it
+
+    def close(self) -> None:
+        """Ends the process group tinyk started: left to exit, gloo's threads can abort the process
+        ("terminate called without an active exception") after the run has finished."""
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self.owns_group = False
 
     @property
     def main(self) -> bool:
@@ -454,11 +462,12 @@ def setup_dist(device: str) -> Dist:
         torch.cuda.set_device(dev)
     if world == 1:
         return Dist(device=dev)
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None)
     host = dist.new_group(backend="gloo") if dev.type == "cuda" else None
-    return Dist(rank, world, local_rank, dev, host)
+    return Dist(rank, world, local_rank, dev, host, owns)
 
 
 def loss_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -1108,6 +1117,7 @@ class Trainer:
                 monitor.close()
         finally:
             self.lock.release()
+            self.dist.close()
 
     def _run(self) -> dict[str, Any]:
         if self.dist.main:
