@@ -490,13 +490,16 @@ def test_cuda_oom_names_the_knob(tmp_path, pt_data, tok_dir, monkeypatch):
         train(nano_cfg(pt_data, tok_dir, tmp_path / "o"))
 
 
-def test_a_damaged_checkpoint_is_named_with_the_way_out(tmp_path, pt_data, tok_dir):
+def test_a_damaged_checkpoint_is_named_with_the_way_out(tmp_path, pt_data, tok_dir, capsys):
     out = tmp_path / "run"
     train(nano_cfg(pt_data, tok_dir, out, max_steps=4, save_every=2, keep_checkpoints=5))
     newest = checkpoints(out)[-1]
     damage = [lambda: (newest / "state.json").write_text("{"), lambda: (newest / "optimizer.pt").write_bytes(b"x"),
               lambda: (newest / "rng.pt").unlink(),
-              lambda: (newest / "model" / "model.safetensors").write_bytes(b"\0" * 100)]
+              lambda: (newest / "model" / "model.safetensors").write_bytes(b"\0" * 100),
+              lambda: (newest / "state.json").write_text((newest / "state.json").read_text().replace(
+                  '"step": 4', '"step": "4"')),
+              lambda: shutil.rmtree(newest / "model")]
     for i, spoil in enumerate(damage):
         shutil.rmtree(out / "final", ignore_errors=True)
         copy = Path(shutil.copytree(newest, tmp_path / f"keep{i}"))
@@ -507,6 +510,12 @@ def test_a_damaged_checkpoint_is_named_with_the_way_out(tmp_path, pt_data, tok_d
         assert "\n" not in str(e.value) and "weights_only" not in str(e.value)  # torch's advice is unsafe here
         shutil.rmtree(newest)
         shutil.copytree(copy, newest)
+    (out / "config.yaml").write_text("")
+    with pytest.raises(SystemExit) as e:
+        main(["pretrain", "--out", str(out), "--resume"])
+    assert e.value.code == 2 and capsys.readouterr().err.strip() == (
+        f"tinyk: error: {out / 'config.yaml'} is empty; each checkpoint keeps a copy: cp {newest / 'config.yaml'} "
+        f"{out / 'config.yaml'}")
 
 
 def test_cli_prints_one_line(tmp_path, pt_data, tok_dir, capsys):

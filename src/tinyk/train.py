@@ -261,7 +261,12 @@ def resolve_config(kind: str, *, preset: str | None = None, config: str | Path |
     # The run directory is known only once the layers are folded; its saved config then slots in below the flags.
     saved = Path(d["out"]) / "config.yaml" if resume and d.get("out") else None
     if saved is not None and saved.is_file():
-        d = fold([*layers, (read_config_file(saved), str(saved)), *top])
+        run_config = read_config_file(saved)
+        if not run_config:
+            ckpts = checkpoints(saved.parent)
+            raise TinykError(f"{saved} is empty" + (f"; each checkpoint keeps a copy: cp {ckpts[-1] / 'config.yaml'} "
+                                                    f"{saved}" if ckpts else ""))
+        d = fold([*layers, (run_config, str(saved)), *top])
     elif saved is not None and d.get("data") is None:
         raise TinykError(f"nothing to resume in {d['out']} (no config.yaml there); check --out, or start a new "
                          f"run without --resume")
@@ -679,7 +684,10 @@ class Trainer:
     def _model_config(self, vocab_size: int) -> ModelConfig:
         if self.weights_dir is None:
             return model_config(self.cfg.model, vocab_size)
-        base = load_config(self.weights_dir)
+        try:
+            base = load_config(self.weights_dir)
+        except TinykError as e:
+            raise self._weights_error(e) from None
         section = self.cfg.model
         clash = [k for k in SHAPE_FIELDS if k in section and section[k] != getattr(base, k)]
         if clash:
@@ -790,7 +798,7 @@ class Trainer:
             try:
                 model, _ = load_model(self.weights_dir)
             except TinykError as e:
-                raise self._damaged(e) if self.resumed_from else e from None
+                raise self._weights_error(e) from None
             _apply_runtime_fields(model, self.mcfg)
         else:
             model = Transformer(self.mcfg)
@@ -892,6 +900,10 @@ class Trainer:
         return TinykError(f"checkpoint {self.resumed_from} is damaged ({first_line(problem)}); delete it "
                           f"to resume from the one before, or start over with --force")
 
+    def _weights_error(self, e: TinykError) -> TinykError:
+        """Weights that do not load: a resumed checkpoint's are damaged, --init's are the user's to fix."""
+        return self._damaged(e) if self.resumed_from else e
+
     def _load_checkpoint(self, path: Path) -> None:
         try:
             self._load_checkpoint_files(path)
@@ -902,6 +914,11 @@ class Trainer:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         state = json.loads((path / "state.json").read_text())
+        for key in ("step", "tokens", "loss_tokens", "elapsed_s"):
+            value = state[key]
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf \
+                    or (key != "elapsed_s" and not isinstance(value, int)):
+                raise ValueError(f"state.json has {key} {value!r}")
         if state["kind"] != self.cfg.kind:
             raise TinykError(f"{path} is a {state['kind']} checkpoint, not {self.cfg.kind}")
         fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.opt.param_groups]
