@@ -296,11 +296,11 @@ def raw(server: ChatServer, data: bytes) -> bytes:
 
 
 def test_protocol_errors(server):
-    assert raw(server, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n") \
+    assert raw(server, b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n") \
         .startswith(b"HTTP/1.1 411")
-    big = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\nExpect: 100-continue\r\n\r\n"
+    big = b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: 99999999\r\nExpect: 100-continue\r\n\r\n"
     assert raw(server, big).startswith(b"HTTP/1.1 413")
-    odd = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: \u00b2\r\n\r\n".encode("latin-1")
+    odd = "POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: \u00b2\r\n\r\n".encode("latin-1")
     assert raw(server, odd).startswith(b"HTTP/1.1 411")  # "²".isdigit() is true, int("²") is not
     status, body = request(server, "GET", "/v1/chat/completions")
     assert status == 405 and body["error"]["code"] == "method_not_allowed"
@@ -365,6 +365,16 @@ def test_web_pages_of_other_sites_are_refused_unless_allowed(nano_model_dir, ser
         assert call(other, "OPTIONS", "http://evil.example") == (405, None)
     finally:
         other.close()
+
+
+@pytest.mark.parametrize("host,status", [("evil.example:8000", 403), ("[::1", 403), ("localhost:1", 200),
+                                         ("127.0.0.1", 200), ("[::1]:8000", 200), ("app.localhost", 200)])
+def test_a_host_naming_another_site_is_refused_on_loopback(server, host, status):
+    """DNS rebinding: a page at evil.example re-pointed to 127.0.0.1 reads the API as its own origin."""
+    got, body = request(server, "GET", "/v1/models", headers={"Host": host})
+    assert got == status, body
+    if status == 403:
+        assert body["error"]["code"] == "host_not_allowed" and server.url in body["error"]["message"]
 
 
 def test_a_non_ascii_model_name_and_api_key(nano_model_dir):
@@ -441,7 +451,7 @@ def stream_request(server: ChatServer, max_tokens: int, stream: bool = True) -> 
     s = socket.create_connection((u.hostname, u.port), timeout=60)
     body = json.dumps({"model": "nano", "prompt": "我们今天", "max_tokens": max_tokens, "temperature": 0,
                        "stream": stream}).encode()
-    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
               b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
     return s
 

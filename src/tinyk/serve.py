@@ -10,6 +10,7 @@ sequence, streamed or not, is cancelled and leaves the batch at the next step.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 import secrets
 import selectors
@@ -402,6 +403,20 @@ class Handler(BaseHTTPRequestHandler):
 
     # -- routes -------------------------------------------------------------------------
 
+    def parse_request(self) -> bool:
+        """Refuses a request that names another site as its Host when the server listens on this machine
+        only: a web page whose DNS name was re-pointed at 127.0.0.1 (DNS rebinding) would otherwise read
+        the API as its own origin."""
+        if not super().parse_request():
+            return False
+        host = self.headers.get("Host")
+        if not self.server.loopback or host is None or _local_host_name(host):
+            return True
+        self.close_connection = self.unread_body = True
+        self._error(ApiError(403, f"Host {host} is not this server (it listens on {self.server.url} only); use that "
+                                  "address, or --host to listen on others", code="host_not_allowed"))
+        return False
+
     def handle_one_request(self) -> None:
         """A client that leaves mid-request is its own business: no traceback on the server's stderr."""
         self.cors_origin = None  # decided anew for each request on a kept-alive connection
@@ -584,6 +599,21 @@ def _json_bytes(obj: Any) -> bytes:
     return json.dumps(obj, ensure_ascii=False).encode("utf-8", "backslashreplace")
 
 
+def _local_host_name(host: str) -> bool:
+    """Whether a Host header names this machine as no rebound DNS name can: localhost or an IP address."""
+    try:
+        name = urllib.parse.urlsplit("//" + host).hostname or ""
+    except ValueError:  # "[::1" and other malformed values
+        return False
+    if name == "localhost" or name.endswith(".localhost"):  # RFC 6761: always loopback
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
 def _is_length(header: str) -> bool:
     return header.isascii() and header.isdigit() and len(header) < 20
 
@@ -617,6 +647,7 @@ class ChatServer(ThreadingHTTPServer):
         except OSError as e:
             self.api.close()
             raise TinykError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
+        self.loopback = ipaddress.ip_address(self.server_address[0].split("%")[0]).is_loopback
 
     @property
     def url(self) -> str:
