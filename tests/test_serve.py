@@ -345,6 +345,7 @@ def test_web_pages_of_other_sites_are_refused_unless_allowed(nano_model_dir, ser
     assert status == 403 and err["error"]["code"] == "origin_not_allowed"
     assert "--allow-origin http://evil.example" in err["error"]["message"]
     assert request(server, "POST", "/v1/completions", body, {"Origin": server.url})[0] == 200  # the chat page's
+    assert request(server, "POST", "/v1/completions", body, {"Origin": "http://[::1"})[0] == 403  # malformed
 
     def call(srv: ChatServer, method: str, origin: str) -> tuple[int, str | None]:
         u = urlsplit(srv.url)

@@ -340,7 +340,7 @@ class Handler(BaseHTTPRequestHandler):
         """The calling page's origin when a browser calls from another site (None for programs, which
         send no Origin, and for the chat page at /)."""
         origin = self.headers.get("Origin")
-        if origin is None or urllib.parse.urlsplit(origin).netloc.lower() == self.headers.get("Host", "").lower():
+        if origin is None or _netloc(origin) == self.headers.get("Host", "").lower():
             return None
         return origin
 
@@ -599,11 +599,18 @@ def _json_bytes(obj: Any) -> bytes:
     return json.dumps(obj, ensure_ascii=False).encode("utf-8", "backslashreplace")
 
 
+def _netloc(url: str) -> str | None:
+    try:
+        return urllib.parse.urlsplit(url).netloc.lower()
+    except ValueError:  # "http://[::1" and other malformed values
+        return None
+
+
 def _local_host_name(host: str) -> bool:
     """Whether a Host header names this machine as no rebound DNS name can: localhost or an IP address."""
     try:
         name = urllib.parse.urlsplit("//" + host).hostname or ""
-    except ValueError:  # "[::1" and other malformed values
+    except ValueError:
         return False
     if name == "localhost" or name.endswith(".localhost"):  # RFC 6761: always loopback
         return True
