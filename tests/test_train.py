@@ -823,3 +823,11 @@ def test_a_partial_torchrun_environment_is_one_line(tmp_path, pt_data, tok_dir, 
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and says in err[0], err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+def test_cuda_graph_compile_modes_are_refused_with_gradient_accumulation(tmp_path, pt_data, tok_dir, mode):
+    with pytest.raises(TinykError, match=rf"compile_mode {mode} replays CUDA graphs.* the 4 micro-batches .*"
+                                         r"use max-autotune-no-cudagraphs"):
+        train(nano_cfg(pt_data, tok_dir, tmp_path / "run", compile=True, compile_mode=mode, micro_batch=2))
+    assert not (tmp_path / "run").exists()

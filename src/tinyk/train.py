@@ -49,13 +49,14 @@ from .files import (
     writing,
 )
 from .loader import IGNORE
-from .model import PRESETS, Attention, ModelConfig, Transformer, resolve_dtype
+from .model import PRESETS, Attention, ModelConfig, Transformer, cuda_autocast_dtype, resolve_dtype
 from .monitor import TRACKERS, Monitor, Trackers, finite, peak_flops
 
 KINDS = ("pretrain", "sft")
 TRAIN_DTYPES = ("auto", "bf16", "fp16", "fp32")  # also the --dtype choices of pretrain, sft and plan
 PARALLEL = ("ddp", "fsdp")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 SHARED_WAIT_S = 60.0  # NFS's longest default attribute cache (acdirmax)
 SIGINT_ECHO_S = 0.5  # a second SIGINT sooner than this is the first one again, not a second Ctrl-C
 CKPT_RE = re.compile(r"^step_(\d{7,})$")
@@ -678,7 +679,11 @@ class Trainer:
         if cfg.seq_len > self.mcfg.max_seq_len:
             raise TinykError(f"seq_len {cfg.seq_len} exceeds the model's context of {self.mcfg.max_seq_len} tokens "
                              f"(lower --seq-len or raise model.max_seq_len)")
-        if cfg.parallel == "fsdp" and self.dist.world > 1 and resolve_dtype(cfg.dtype, self.device) == torch.float16:
+        dtype = resolve_dtype(cfg.dtype, self.device)
+        if dtype == torch.bfloat16 and self.device.type == "cuda" and cuda_autocast_dtype(self.device) != dtype:
+            raise TinykError(f"{torch.cuda.get_device_name(self.device)} has no bf16 tensor cores (PyTorch would "
+                             f"emulate bf16, many times slower): use --dtype fp16, or auto, which picks it")
+        if cfg.parallel == "fsdp" and self.dist.world > 1 and dtype == torch.float16:
             raise TinykError("fp16 with --parallel fsdp is not supported: use --dtype bf16 (or DDP)")
 
     def _model_config(self, vocab_size: int) -> ModelConfig:
@@ -771,6 +776,11 @@ class Trainer:
 
         cfg, d = self.cfg, self.dist
         self.micro, self.accum = micro_layout(cfg.batch_size, d.world, cfg.micro_batch)
+        if cfg.compile and cfg.compile_mode in CUDA_GRAPH_MODES and self.accum > 1:
+            raise TinykError(f"compile_mode {cfg.compile_mode} replays CUDA graphs, whose outputs the next micro-batch "
+                             f"overwrites: the {self.accum} micro-batches of a step would not add up their gradients "
+                             f"(pytorch#96693); use max-autotune-no-cudagraphs, or a micro_batch of the whole "
+                             f"{cfg.batch_size // d.world} sequences per process")
         if cfg.kind == "pretrain":
             self.loader = PretrainLoader(cfg.data, "train", cfg.seq_len, self.micro, rank=d.rank, world_size=d.world,
                                          seed=cfg.seed)
