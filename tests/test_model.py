@@ -94,6 +94,7 @@ def test_repeated_kv_heads_match_fused_gqa(monkeypatch):
 
     assert model_mod.sdpa_fuses_gqa("cpu", torch.float32) and model_mod.sdpa_fuses_gqa("cuda", torch.bfloat16)
     assert not model_mod.sdpa_fuses_gqa("cuda", torch.float32)
+    assert not model_mod.sdpa_fuses_gqa("cuda", torch.float16, has_flash=False)  # V100, T4: no flash kernel
     torch.manual_seed(0)
     model = Transformer(preset_config("nano")).train()
     x, y = torch.randint(0, 512, (2, 16)), torch.randint(0, 512, (2, 16))

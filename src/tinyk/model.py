@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -176,15 +177,16 @@ class KVCache:
         self.key_valid = self.key_valid[index]
 
 
-def sdpa_fuses_gqa(device_type: str, dtype: torch.dtype) -> bool:
+def sdpa_fuses_gqa(device_type: str, dtype: torch.dtype, has_flash: bool = True) -> bool:
     """Whether SDPA has a fused kernel for grouped K/V heads (`enable_gqa`) here.
 
-    CPU's kernel and CUDA's flash and cuDNN kernels (bf16/fp16) do; CUDA's fp32 kernel
-    (memory-efficient) does not, so `enable_gqa` there falls back to the math kernel, which stores
-    every attention matrix (measured on an H100, seed-215m fp32 at micro-batch 16: 20,316 MiB
-    against the plan's 15,915). Repeating the K/V heads keeps the memory-efficient kernel.
+    CPU's kernel and CUDA's flash and cuDNN kernels (bf16/fp16 on compute capability 8+) do;
+    CUDA's memory-efficient kernel (fp32, and every dtype on a V100 or T4) does not, so
+    `enable_gqa` there falls back to the math kernel, which stores every attention matrix
+    (measured on an H100, seed-215m fp32 at micro-batch 16: 20,316 MiB against the plan's 15,915).
+    Repeating the K/V heads keeps the memory-efficient kernel.
     """
-    return device_type != "cuda" or dtype != torch.float32
+    return device_type != "cuda" or (dtype != torch.float32 and has_flash)
 
 
 class Attention(nn.Module):
@@ -196,6 +198,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.dropout = cfg.dropout
+        self.has_flash = True  # whether this module's GPU has SDPA's flash kernel: see Transformer._apply
 
     def qkv_weight(self) -> torch.Tensor:
         """q, k and v as one matmul (the weights stay HF's three tensors): alone, the narrow k and v
@@ -213,7 +216,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         gqa = self.n_heads != self.n_kv_heads
-        if gqa and not sdpa_fuses_gqa(q.device.type, q.dtype):
+        if gqa and not sdpa_fuses_gqa(q.device.type, q.dtype, self.has_flash):
             rep = self.n_heads // self.n_kv_heads
             k, v, gqa = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), False
         drop = self.dropout if self.training else 0.0
@@ -293,6 +296,17 @@ class Transformer(nn.Module):
             cos, sin = cos.to(device), sin.to(device)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Transformer:
+        """Moving the model (`.to`, `.cuda`) also settles, outside any compiled code, whether its GPU
+        has SDPA's flash kernel (compute capability 8+), which takes grouped K/V heads as they are."""
+        super()._apply(fn, recurse)
+        device = self.lm_head.weight.device
+        has_flash = device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 8
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.has_flash = has_flash
+        return self
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
