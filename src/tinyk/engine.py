@@ -279,15 +279,18 @@ class Detokenizer:
         delta, self.sent = self.text[self.sent:end], end
         return delta
 
-    def flush(self) -> str:
-        """Everything not yet sent: called once the sequence is over. A character whose last bytes were
-        never generated (max_tokens reached mid-character) is dropped rather than shown as U+FFFD."""
-        self.text = self.text[:max(self.sent, len(_without_cut_char(self.text)))]
+    def flush(self, cut_short: bool = False) -> str:
+        """Everything not yet sent: called once the sequence is over. When max_tokens `cut_short` the
+        reply, a character whose last bytes were never generated is dropped, not shown as U+FFFD."""
+        if cut_short:
+            self.text = self.text[:max(self.sent, len(_without_cut_char(self.text)))]
         return self._emit(len(self.text))
 
 
 def _without_cut_char(text: str) -> str:
-    return text.rstrip("\ufffd")
+    """A reply cut by max_tokens without the U+FFFD that decoding makes of its last, unfinished character
+    (a U+FFFD the model generated as a whole character could only be told apart from the token bytes)."""
+    return text.removesuffix("\ufffd")
 
 
 _DONE = object()
@@ -332,7 +335,7 @@ class Request:
         if self.finish_reason is None and len(self.out_ids) >= self.max_new:
             self.finish_reason = "length"
         if self.finished and self.detok is not None:
-            delta += self.detok.flush()
+            delta += self.detok.flush(cut_short=self.finish_reason == "length")
         return delta
 
     def end(self, reason: str, error: str | None = None) -> str:
@@ -344,7 +347,9 @@ class Request:
             text = self.detok.text
         else:
             ids = self.out_ids[:-1] if self.out_ids and self.out_ids[-1] in self.stop_ids else self.out_ids
-            text = _without_cut_char(self.tok.decode(ids, skip_special_tokens=True))
+            text = self.tok.decode(ids, skip_special_tokens=True)
+            if self.finish_reason == "length":
+                text = _without_cut_char(text)
         return Completion(text=text, token_ids=list(self.out_ids), finish_reason=self.finish_reason or "length",
                           prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.out_ids))
 
