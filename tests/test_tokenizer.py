@@ -120,6 +120,14 @@ def test_nfkc_roundtrip_on_normalised_text(nfkc_dir, s):
     assert nk.decode(nk.encode(s)) == s
 
 
+@settings(max_examples=150, deadline=None)
+@given(st.text() | st.sampled_from(["𝐀" * 300, "<|im_start|>" * 40 + "ﬁ" * 50]))
+def test_text_bytes_bound_its_token_count_from_below(tk, nfkc_dir, s):
+    """What lets the engine refuse a prompt that cannot fit before tokenizing it (NFKC shrinks 𝐀 to A)."""
+    for t in (tk, load_tokenizer(nfkc_dir)):
+        assert len(t.encode(s)) >= len(s.encode()) // t.max_token_bytes
+
+
 def test_fullwidth_punctuation_survives_by_default(tk, nfkc_dir):
     s = "你好，世界！真的吗？（是的）"
     assert tk.decode(tk.encode(s)) == s

@@ -190,9 +190,11 @@ class TinyTokenizer:
 
     @cached_property
     def max_token_bytes(self) -> int:
-        """The most UTF-8 bytes one token stands for (a special token's spelling included): text of n
-        bytes has at least n / max_token_bytes tokens."""
-        return max(*self.token_bytes, *(len(t.encode()) for t in SPECIAL_TOKENS))
+        """The most UTF-8 bytes of input text one token stands for (a special token's spelling included;
+        four times that under NFKC, which can make a 4-byte character a 1-byte one): text of n bytes
+        has at least n / max_token_bytes tokens."""
+        most = max(*self.token_bytes, *(len(t.encode()) for t in SPECIAL_TOKENS))
+        return most * 4 if self.tok.normalizer is not None else most
 
     def encode(self, text: str, special: bool = True) -> list[int]:
         """Token ids of `text`; special-token strings in it ("<|im_start|>") become special tokens
