@@ -232,9 +232,14 @@ def test_a_full_disk_while_writing_a_tokenizer_or_model_is_one_line(tmp_path, co
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
-def test_an_empty_api_key_names_where_it_came_from(nano_model_dir, monkeypatch, capsys):
+def test_serve_settings_that_cannot_work_are_one_line(nano_model_dir, monkeypatch, capsys):
     code, err = run_cli(["serve", "--model", str(nano_model_dir), "--api-key", ""], capsys)
     assert code == 2 and err.strip() == "tinyk: error: --api-key is empty"
     monkeypatch.setenv("TINYK_API_KEY", "")
     code, err = run_cli(["serve", "--model", str(nano_model_dir)], capsys)
     assert code == 2 and err.strip() == "tinyk: error: TINYK_API_KEY is set but empty (unset it to serve without a key)"
+    for flag, value, says in (("--allow-origin", "localhost:5173", "not an origin (scheme://host[:port]"),
+                              ("--allow-origin", "http://x.example/app", "not an origin"),
+                              ("--allow-host", "https://chat.example.com", "not a host name")):
+        code, err = run_cli(["serve", "--model", str(nano_model_dir), flag, value], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and says in err, err

@@ -259,6 +259,13 @@ def test_bad_input_gets_a_4xx_with_an_openai_error(server, path, body, status, p
     assert (err["error"]["param"], err["error"]["code"]) == (param, code)
 
 
+def test_a_chat_far_too_long_is_refused_before_it_is_tokenized(server, monkeypatch):
+    monkeypatch.setattr(server.api.engine.tok, "encode_chat", lambda *a, **k: pytest.fail("tokenized"))
+    body = {"model": "nano", "messages": [{"role": "user", "content": "a" * 20_000}]}
+    status, err = request(server, "POST", "/v1/chat/completions", body)
+    assert status == 400 and err["error"]["code"] == "context_length_exceeded" and "at least" in err["error"]["message"]
+
+
 def test_fields_at_their_off_values_are_accepted(server):
     """What clients send for "off" (penalties 0.0, logprobs false, empty logit_bias), and fields that do not
     change the answer (user, metadata), are not a refusal."""
@@ -347,14 +354,18 @@ def test_web_pages_of_other_sites_are_refused_unless_allowed(nano_model_dir, ser
     assert request(server, "POST", "/v1/completions", body, {"Origin": server.url})[0] == 200  # the chat page's
     assert request(server, "POST", "/v1/completions", body, {"Origin": "http://[::1"})[0] == 403  # malformed
 
-    def call(srv: ChatServer, method: str, origin: str) -> tuple[int, str | None]:
+    def call(srv: ChatServer, method: str, origin: str, path: str = "/v1/completions") -> tuple[int, str | None]:
         u = urlsplit(srv.url)
         conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
-        conn.request(method, "/v1/completions", body=json.dumps(body).encode() if method == "POST" else None,
-                     headers={"Origin": origin, "Access-Control-Request-Method": "POST"})
+        sdk = "authorization,content-type,x-stainless-os,x-stainless-retry-count"  # what the openai JS package sends
+        conn.request(method, path, body=json.dumps(body).encode() if method == "POST" else None,
+                     headers={"Origin": origin, "Access-Control-Request-Method": "POST",
+                              "Access-Control-Request-Headers": sdk})
         resp = conn.getresponse()
         resp.read()
         conn.close()
+        if method == "OPTIONS" and resp.status == 204:
+            assert resp.getheader("Access-Control-Allow-Headers") == sdk
         return resp.status, resp.getheader("Access-Control-Allow-Origin")
 
     allowed = "http://localhost:5173"
@@ -364,6 +375,7 @@ def test_web_pages_of_other_sites_are_refused_unless_allowed(nano_model_dir, ser
         assert call(other, "POST", allowed) == (200, allowed)
         assert call(other, "POST", "http://evil.example") == (403, None)
         assert call(other, "OPTIONS", "http://evil.example") == (405, None)
+        assert call(other, "OPTIONS", allowed, "/nothing")[0] == 405  # only API paths are preflighted
     finally:
         other.close()
 
@@ -376,6 +388,20 @@ def test_a_host_naming_another_site_is_refused_on_loopback(server, host, status)
     assert got == status, body
     if status == 403:
         assert body["error"]["code"] == "host_not_allowed" and server.url in body["error"]["message"]
+
+
+def test_a_reverse_proxy_host_is_answered_when_allowed(nano_model_dir):
+    """nginx with `proxy_set_header Host $host`, Caddy and Traefik pass the site's own Host on."""
+    proxied, _ = start(nano_model_dir, allow_hosts=("chat.example.com",))
+    try:
+        for host, status in (("chat.example.com", 200), ("chat.example.com:443", 200), ("evil.example", 403)):
+            got, body = request(proxied, "GET", "/v1/models", headers={"Host": host})
+            assert got == status, body
+        body = {"model": "nano", "prompt": "hi", "max_tokens": 2}  # the chat page behind the proxy: same origin
+        headers = {"Host": "chat.example.com", "Origin": "https://chat.example.com"}
+        assert request(proxied, "POST", "/v1/completions", body, headers)[0] == 200
+    finally:
+        proxied.close()
 
 
 def test_a_non_ascii_model_name_and_api_key(nano_model_dir):

@@ -401,7 +401,8 @@ def table_rows(results: dict[str, Any]) -> Iterator[tuple[str, str, str]]:
         bpb = d["bits_per_byte"]  # None when the evaluated tokens spell no text (only <|im_end|>s)
         yield f"{name} bits per byte", "n/a" if bpb is None else f"{bpb:.4f}", ""
     for t in results.get("tasks", []):
-        yield f"{t['task']} exact match ({counted(t['examples'], t['skipped'])})", percent(t["accuracy"]), f"{percent(t['baseline'])} majority"
+        yield (f"{t['task']} exact match ({counted(t['examples'], t['skipped'])})", percent(t["accuracy"]),
+               f"{percent(t['baseline'])} majority")
         yield f"{t['task']} stop rate", percent(t["stop_rate"]), ""
     c = results.get("choice")
     if c:
@@ -412,7 +413,7 @@ def table_rows(results: dict[str, Any]) -> Iterator[tuple[str, str, str]]:
 
 
 def counted(n: int, skipped: dict[str, Any]) -> str:
-    """"n=40" or "n=40, 3 skipped": how many examples a score is over, and how many input rows were not."""
+    """How many examples a score is over, and how many input rows were not: "n=40, 3 skipped"."""
     return f"n={n}" + (f", {skipped['total']} skipped" if skipped["total"] else "")
 
 

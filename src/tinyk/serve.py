@@ -74,6 +74,7 @@ class ServerConfig:
     max_waiting: int = 256
     log: bool = True
     allow_origins: tuple[str, ...] = ()  # web pages of other origins that may call the API ("*": any)
+    allow_hosts: tuple[str, ...] = ()  # Host names answered on loopback besides localhost ("*": any)
 
     def __post_init__(self) -> None:
         if self.api_key is not None and not (self.api_key.isascii() and self.api_key.isprintable()
@@ -140,8 +141,10 @@ class Api:
     def sampling(self, body: dict, prompt_tokens: int) -> SamplingParams:
         d = self.defaults
         ctx = self.engine.context_length
-        max_name = "max_tokens" if body.get("max_tokens") is not None else "max_completion_tokens"
-        max_tokens = _get(body, max_name, "integer", None)
+        newer = _get(body, "max_completion_tokens", "integer", None)
+        max_tokens = _get(body, "max_tokens", "integer", None)
+        max_name = "max_tokens" if max_tokens is not None else "max_completion_tokens"
+        max_tokens = newer if max_tokens is None else max_tokens
         _in_range(max_name, max_tokens, 1, ctx - 1)
         if max_tokens is not None and prompt_tokens + max_tokens > ctx:
             raise ApiError(400, f"this model's maximum context length is {ctx} tokens, but {prompt_tokens + max_tokens} "
@@ -410,11 +413,13 @@ class Handler(BaseHTTPRequestHandler):
         if not super().parse_request():
             return False
         host = self.headers.get("Host")
-        if not self.server.loopback or host is None or _local_host_name(host):
+        allowed = self.server.api.cfg.allow_hosts
+        if not self.server.loopback or host is None or "*" in allowed or _local_host_name(host, allowed):
             return True
         self.close_connection = self.unread_body = True
-        self._error(ApiError(403, f"Host {host} is not this server (it listens on {self.server.url} only); use that "
-                                  "address, or --host to listen on others", code="host_not_allowed"))
+        self._error(ApiError(403, f"Host {host} is not this server, which listens on {self.server.url}; behind a "
+                                  f"reverse proxy that passes its Host on, start it with --allow-host "
+                                  f"{_hostname(host) or host}", code="host_not_allowed"))
         return False
 
     def handle_one_request(self) -> None:
@@ -482,13 +487,16 @@ class Handler(BaseHTTPRequestHandler):
                              f"--allow-origin {origin} to allow them", code="origin_not_allowed")
 
     def do_OPTIONS(self) -> None:
-        """A browser's CORS preflight: answered for the origins --allow-origin names."""
-        if self._cross_origin() is None or not self._origin_allowed():
+        """A browser's CORS preflight of an API call: answered for the origins --allow-origin names,
+        with whatever request headers the page's client sends (the openai JS package adds x-stainless-*)."""
+        path = urllib.parse.unquote(self.path.split("?", 1)[0])
+        if not path.startswith("/v1/") or self._cross_origin() is None or not self._origin_allowed():
             self._other_method()
             return
         self.send_response(204)
         self.send_header("Access-Control-Allow-Methods", "GET, POST")
-        self.send_header("Access-Control-Allow-Headers", "Authorization, Content-Type")
+        self.send_header("Access-Control-Allow-Headers",
+                         self.headers.get("Access-Control-Request-Headers") or "Authorization, Content-Type")
         self.send_header("Access-Control-Max-Age", "600")
         self.send_header("Content-Length", "0")
         self.end_headers()
@@ -606,13 +614,19 @@ def _netloc(url: str) -> str | None:
         return None
 
 
-def _local_host_name(host: str) -> bool:
-    """Whether a Host header names this machine as no rebound DNS name can: localhost or an IP address."""
+def _hostname(host: str) -> str | None:
+    """The name in a Host header, without its port ("[::1]:8000" -> "::1"); None when malformed."""
     try:
-        name = urllib.parse.urlsplit("//" + host).hostname or ""
+        return urllib.parse.urlsplit("//" + host).hostname
     except ValueError:
-        return False
-    if name == "localhost" or name.endswith(".localhost"):  # RFC 6761: always loopback
+        return None
+
+
+def _local_host_name(host: str, allowed: tuple[str, ...] = ()) -> bool:
+    """Whether a Host header names this machine as no rebound DNS name can (localhost or an IP
+    address), or is one --allow-host names."""
+    name = _hostname(host) or ""
+    if name in allowed or name == "localhost" or name.endswith(".localhost"):  # RFC 6761: always loopback
         return True
     try:
         ipaddress.ip_address(name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import urllib.parse
 
 from tinyk.cli.common import add_sampling_args, batch_count, float_range, int_range, positive_int, size_range
 from tinyk.cli.generate import add_engine_args, sampling_params
@@ -27,9 +28,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="seconds a client may stall sending a request or reading a stream (default 60)")
     p.add_argument("--system-prompt", help="system prompt for chats that bring none (default: the SFT one; "
                                            "'' for none)")
-    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN", type=_origin,
                    help="a web page origin (http://localhost:5173) that may call the API from a browser; "
                         "repeatable, * for any (default: only the chat page at /)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME", type=_host_name,
+                   help="a host name to answer besides localhost and IP addresses when listening on 127.0.0.1, "
+                        "e.g. the one a reverse proxy passes on; repeatable, * for any")
     p.add_argument("--quiet", action="store_true", help="no access log")
     add_sampling_args(p)
     p.set_defaults(func=_serve)
@@ -47,9 +51,28 @@ def _serve(args: argparse.Namespace) -> int:
     system = DEFAULT_SYSTEM_PROMPT if args.system_prompt is None else (args.system_prompt or None)
     cfg = dict(api_key=key, max_body_bytes=args.max_body, timeout=args.timeout,
                defaults=sampling_params(args), system_prompt=system, max_waiting=args.max_waiting, log=not args.quiet,
-               allow_origins=tuple(o.rstrip("/") for o in args.allow_origin))
+               allow_origins=tuple(args.allow_origin), allow_hosts=tuple(args.allow_host))
     if args.model_name:
         cfg["model_name"] = args.model_name
     serve(args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
           quantize=args.quantize, max_batch=args.max_batch, **cfg)
     return 0
+
+
+def _origin(value: str) -> str:
+    """An origin as browsers send it (scheme://host[:port], lowercase, no path), null (a file:// page) or *."""
+    if value in ("*", "null"):
+        return value
+    parts = urllib.parse.urlsplit(value.strip().lower())
+    if not (parts.scheme and parts.netloc) or parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise argparse.ArgumentTypeError(f"not an origin (scheme://host[:port], e.g. http://localhost:5173): {value!r}")
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _host_name(value: str) -> str:
+    """A host name as a Host header carries it, without a port (chat.example.com), or *."""
+    name = value.strip().lower()
+    if not name or any(c in name for c in "/:@ "):
+        raise argparse.ArgumentTypeError(f"not a host name (e.g. chat.example.com): {value!r}")
+    return name
+
