@@ -24,6 +24,7 @@ from tinyk.data import SFTLoader, prepare_pretrain
 from tinyk.files import TinykError
 from tinyk.model import Transformer, preset_config
 from tinyk.train import (
+    Dist,
     TrainConfig,
     Trainer,
     checkpoints,
@@ -831,3 +832,18 @@ def test_cuda_graph_compile_modes_are_refused_with_gradient_accumulation(tmp_pat
                                          r"use max-autotune-no-cudagraphs"):
         train(nano_cfg(pt_data, tok_dir, tmp_path / "run", compile=True, compile_mode=mode, micro_batch=2))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_ends_only_the_process_group_it_started(monkeypatch):
+    """A script that set up torch.distributed itself keeps its group after tinyk's run."""
+    import tinyk.train
+
+    ended = []
+    monkeypatch.setattr(tinyk.train.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(tinyk.train.dist, "destroy_process_group", lambda: ended.append(1))
+    Dist(world=2, owns_group=False).close()
+    assert ended == []
+    started = Dist(world=2, owns_group=True)
+    started.close()
+    started.close()
+    assert ended == [1]

@@ -413,8 +413,8 @@ class Dist:
     owns_group: bool = False  # tinyk started the process group, so it ends it
 
     def close(self) -> None:
-        """Ends the process group tinyk started: left to exit, gloo's threads can abort the process
-        ("terminate called without an active exception") after the run has finished."""
+        """Ends the process group if tinyk started it (one a caller started stays theirs), so the next
+        run in the same process can start its own."""
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
             self.owns_group = False
@@ -451,7 +451,7 @@ def _launch_env() -> tuple[int, int, int]:
         if missing:
             raise TinykError(f"WORLD_SIZE={world} is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'}"
                              f" not: launch with torchrun, which sets them all, or unset WORLD_SIZE")
-    if world < 1 or rank >= world:
+    if world < 1 or (world > 1 and rank >= world):  # a stray RANK with no WORLD_SIZE is a single process
         raise TinykError(f"RANK={rank} does not fit WORLD_SIZE={world} (torchrun sets both)")
     return world, rank, local_rank
 
@@ -623,10 +623,14 @@ class Trainer:
         self.lock = DirLock(self.out)
         self.monitor: Monitor | None = None
         self.stop_signal: str | None = None
-        self._setup_inputs()
-        self._setup_data()
-        existed = self.out.is_dir()
-        fresh = self._setup_run_dir(force)
+        try:
+            self._setup_inputs()
+            self._setup_data()
+            existed = self.out.is_dir()
+            fresh = self._setup_run_dir(force)
+        except BaseException:
+            self.dist.close()
+            raise
         try:
             self._setup_model()
             self.monitor = self._make_monitor() if self.dist.main else None
@@ -1322,8 +1326,4 @@ class Trainer:
 
 def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False) -> dict[str, Any]:
     """Runs (or continues) a training run and returns its summary (also written to OUT/summary.json)."""
-    try:
-        return Trainer(cfg, resume=resume, force=force).run()
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    return Trainer(cfg, resume=resume, force=force).run()
