@@ -75,4 +75,3 @@ def _host_name(value: str) -> str:
     if not name or any(c in name for c in "/:@ "):
         raise argparse.ArgumentTypeError(f"not a host name (e.g. chat.example.com): {value!r}")
     return name
-
