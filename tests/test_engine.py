@@ -194,6 +194,10 @@ def test_a_character_cut_by_max_tokens_is_dropped_not_shown_as_a_replacement(eng
         c = req.completion()
         shown = "好" if stream or stop else ""  # text is decoded as it goes only when streamed or stop-checked
         assert (c.finish_reason, c.text, "".join(deltas)) == ("length", "好", shown), (stream, stop)
+        # So does a reply cancelled mid-character (a client that left, a server error).
+        req = Request(engine, [engine.tok.bos_id], replace(GREEDY, stop=stop), stream)
+        shown = "".join(req.accept(i) for i in ids[:cut]) + req.end("cancelled")
+        assert req.completion().text == "好" and shown == ("好" if stream or stop else "")
         # A U+FFFD the model wrote as a whole character, ending the reply itself, stays.
         req = Request(engine, [engine.tok.bos_id], replace(GREEDY, ignore_eos=False, stop=stop), stream)
         for i in [*engine.tok.encode("好\ufffd"), engine.tok.eos_id]:

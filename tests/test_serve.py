@@ -53,12 +53,12 @@ def reference(nano_model_dir) -> Engine:
     return Engine.from_dir(nano_model_dir)
 
 
-def start(nano_model_dir, **cfg) -> tuple[ChatServer, Probe]:
+def start(nano_model_dir, host: str = "127.0.0.1", **cfg) -> tuple[ChatServer, Probe]:
     engine = Engine.from_dir(nano_model_dir)
     probe = engine.forward = Probe(engine.forward)
     server = ChatServer(engine, ServerConfig(**{"model_name": "nano", "defaults": DEFAULTS,
                                                            "max_body_bytes": MAX_BODY, "log": False, **cfg}),
-                        port=0)
+                        host, port=0)
     server.start()
     return server, probe
 
@@ -249,6 +249,8 @@ LONG = "".join(chr(0x4E00 + 37 * i) for i in range(200))  # rare characters: sev
                               "modalities": ["text", "audio"]}, 400, "modalities", "invalid_value"),
     ("/v1/chat/completions", {"model": "nano", "messages": [{"role": "user", "content": "hi"}],
                               "max_completion_tokens": 0}, 400, "max_completion_tokens", "invalid_value"),
+    ("/v1/chat/completions", {"model": "nano", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                              "max_completion_tokens": 10**9}, 400, "max_completion_tokens", "invalid_value"),
     ("/v1/completions", {"model": "\ud83d", "prompt": "hi"}, 404, "model", "model_not_found"),  # echoed back
     ("/v1/completions", {"model": "nano", "prompt": "hi", "stop": ["\ud83d"]}, 400, "stop", "invalid_value"),
 ])
@@ -376,6 +378,9 @@ def test_web_pages_of_other_sites_are_refused_unless_allowed(nano_model_dir, ser
         assert call(other, "POST", "http://evil.example") == (403, None)
         assert call(other, "OPTIONS", "http://evil.example") == (405, None)
         assert call(other, "OPTIONS", allowed, "/nothing")[0] == 405  # only API paths are preflighted
+        folded = raw(other, b"OPTIONS /v1/completions HTTP/1.1\r\nHost: localhost\r\nOrigin: " + allowed.encode()
+                     + b"\r\nAccess-Control-Request-Headers: x-a,\r\n Set-Cookie: y\r\nConnection: close\r\n\r\n")
+        assert b"Access-Control-Allow-Headers: Authorization, Content-Type\r\n" in folded and b"Set-Cookie" not in folded
     finally:
         other.close()
 
@@ -388,6 +393,16 @@ def test_a_host_naming_another_site_is_refused_on_loopback(server, host, status)
     assert got == status, body
     if status == 403:
         assert body["error"]["code"] == "host_not_allowed" and server.url in body["error"]["message"]
+
+
+def test_named_hosts_are_enforced_on_any_address(nano_model_dir):
+    """In Docker the server listens on 0.0.0.0 behind `-p 127.0.0.1:8000:8000`: --allow-host still guards it."""
+    server, _ = start(nano_model_dir, allow_hosts=("Chat.Example.com",), host="0.0.0.0")
+    try:
+        for host, status in (("chat.example.com", 200), ("127.0.0.1", 200), ("evil.example", 403)):
+            assert request(server, "GET", "/v1/models", headers={"Host": host})[0] == status, host
+    finally:
+        server.close()
 
 
 def test_a_reverse_proxy_host_is_answered_when_allowed(nano_model_dir):

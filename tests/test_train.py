@@ -834,16 +834,16 @@ def test_cuda_graph_compile_modes_are_refused_with_gradient_accumulation(tmp_pat
     assert not (tmp_path / "run").exists()
 
 
-def test_a_run_ends_only_the_process_group_it_started(monkeypatch):
-    """A script that set up torch.distributed itself keeps its group after tinyk's run."""
+def test_a_run_ends_only_the_process_group_it_started(tmp_path, tok_dir, monkeypatch):
+    """A script that set up torch.distributed itself keeps its group; one tinyk started ends, even when
+    the run's set-up fails."""
     import tinyk.train
 
     ended = []
     monkeypatch.setattr(tinyk.train.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(tinyk.train.dist, "destroy_process_group", lambda: ended.append(1))
-    Dist(world=2, owns_group=False).close()
-    assert ended == []
-    started = Dist(world=2, owns_group=True)
-    started.close()
-    started.close()
-    assert ended == [1]
+    for owns in (False, True):
+        monkeypatch.setattr(tinyk.train, "setup_dist", lambda device, owns=owns: Dist(world=2, owns_group=owns))
+        with pytest.raises(TinykError, match="tinyk data directory not found"):
+            train(nano_cfg(tmp_path / "no-data", tok_dir, tmp_path / "run"))
+        assert ended == ([1] if owns else [])

@@ -280,15 +280,16 @@ class Detokenizer:
         return delta
 
     def flush(self, cut_short: bool = False) -> str:
-        """Everything not yet sent: called once the sequence is over. When max_tokens `cut_short` the
-        reply, a character whose last bytes were never generated is dropped, not shown as U+FFFD."""
+        """Everything not yet sent: called once the sequence is over. When the reply was `cut_short`
+        (max_tokens, a cancel, an error), a character whose last bytes were never generated is dropped,
+        not shown as U+FFFD."""
         if cut_short:
             self.text = self.text[:max(self.sent, len(_without_cut_char(self.text)))]
         return self._emit(len(self.text))
 
 
 def _without_cut_char(text: str) -> str:
-    """A reply cut by max_tokens without the U+FFFD that decoding makes of its last, unfinished character
+    """A reply cut short without the U+FFFD that decoding makes of its last, unfinished character
     (a U+FFFD the model generated as a whole character could only be told apart from the token bytes)."""
     return text.removesuffix("\ufffd")
 
@@ -335,12 +336,12 @@ class Request:
         if self.finish_reason is None and len(self.out_ids) >= self.max_new:
             self.finish_reason = "length"
         if self.finished and self.detok is not None:
-            delta += self.detok.flush(cut_short=self.finish_reason == "length")
+            delta += self.detok.flush(cut_short=self.finish_reason != "stop")
         return delta
 
     def end(self, reason: str, error: str | None = None) -> str:
         self.finish_reason, self.error = reason, error
-        return self.detok.flush() if self.detok is not None else ""
+        return self.detok.flush(cut_short=reason != "stop") if self.detok is not None else ""
 
     def completion(self) -> Completion:
         if self.detok is not None:
@@ -348,7 +349,7 @@ class Request:
         else:
             ids = self.out_ids[:-1] if self.out_ids and self.out_ids[-1] in self.stop_ids else self.out_ids
             text = self.tok.decode(ids, skip_special_tokens=True)
-            if self.finish_reason == "length":
+            if self.finish_reason != "stop":
                 text = _without_cut_char(text)
         return Completion(text=text, token_ids=list(self.out_ids), finish_reason=self.finish_reason or "length",
                           prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.out_ids))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
+import re
 import secrets
 import selectors
 import socket
@@ -49,6 +50,7 @@ _COMMON = {"model", "stream", "stream_options", "max_tokens", "max_completion_to
            "seed", "n", "top_k", "min_p", "repetition_penalty", *UNSUPPORTED, *IGNORED}
 FIELDS = {True: _COMMON | {"messages", "response_format"}, False: _COMMON | {"prompt"}}  # by chat or not
 _MISSING = object()
+_HEADER_NAMES = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+(?:[ \t]*,[ \t]*[!#$%&'*+.^_`|~0-9A-Za-z-]+)*")  # RFC 9110 tokens
 
 
 class ApiError(Exception):
@@ -77,6 +79,7 @@ class ServerConfig:
     allow_hosts: tuple[str, ...] = ()  # Host names answered on loopback besides localhost ("*": any)
 
     def __post_init__(self) -> None:
+        self.allow_hosts = tuple(h.lower() for h in self.allow_hosts)  # as Host headers are compared
         if self.api_key is not None and not (self.api_key.isascii() and self.api_key.isprintable()
                                              and self.api_key and " " not in self.api_key):
             # HTTP headers carry ASCII: clients (the openai package among them) cannot send anything else.
@@ -143,9 +146,10 @@ class Api:
         ctx = self.engine.context_length
         newer = _get(body, "max_completion_tokens", "integer", None)
         max_tokens = _get(body, "max_tokens", "integer", None)
+        _in_range("max_completion_tokens", newer, 1, ctx - 1)
+        _in_range("max_tokens", max_tokens, 1, ctx - 1)
         max_name = "max_tokens" if max_tokens is not None else "max_completion_tokens"
         max_tokens = newer if max_tokens is None else max_tokens
-        _in_range(max_name, max_tokens, 1, ctx - 1)
         if max_tokens is not None and prompt_tokens + max_tokens > ctx:
             raise ApiError(400, f"this model's maximum context length is {ctx} tokens, but {prompt_tokens + max_tokens} "
                                 f"were requested ({prompt_tokens} in the prompt, {max_tokens} for the completion)",
@@ -414,7 +418,8 @@ class Handler(BaseHTTPRequestHandler):
             return False
         host = self.headers.get("Host")
         allowed = self.server.api.cfg.allow_hosts
-        if not self.server.loopback or host is None or "*" in allowed or _local_host_name(host, allowed):
+        guarded = self.server.loopback or bool(allowed)  # naming hosts guards any address (Docker's 0.0.0.0)
+        if not guarded or host is None or "*" in allowed or _local_host_name(host, allowed):
             return True
         self.close_connection = self.unread_body = True
         self._error(ApiError(403, f"Host {host} is not this server, which listens on {self.server.url}; behind a "
@@ -495,8 +500,9 @@ class Handler(BaseHTTPRequestHandler):
             return
         self.send_response(204)
         self.send_header("Access-Control-Allow-Methods", "GET, POST")
+        asked = self.headers.get("Access-Control-Request-Headers", "")
         self.send_header("Access-Control-Allow-Headers",
-                         self.headers.get("Access-Control-Request-Headers") or "Authorization, Content-Type")
+                         asked if _HEADER_NAMES.fullmatch(asked) else "Authorization, Content-Type")
         self.send_header("Access-Control-Max-Age", "600")
         self.send_header("Content-Length", "0")
         self.end_headers()
