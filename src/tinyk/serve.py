@@ -76,7 +76,7 @@ class ServerConfig:
     max_waiting: int = 256
     log: bool = True
     allow_origins: tuple[str, ...] = ()  # web pages of other origins that may call the API ("*": any)
-    allow_hosts: tuple[str, ...] = ()  # Host names answered on loopback besides localhost ("*": any)
+    allow_hosts: tuple[str, ...] = ()  # Host names answered besides localhost and IPs; given, they guard any address
 
     def __post_init__(self) -> None:
         self.allow_hosts = tuple(h.lower() for h in self.allow_hosts)  # as Host headers are compared
