@@ -380,7 +380,7 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
             except (ValueError, RecursionError):  # bad JSON, a 5000-digit number, nesting 1000 deep
                 skips.add("malformed_json", where)
                 continue
-            if _SURROGATE_ESCAPE.search(s) and _has_surrogate(rec):
+            if _SURROGATE_ESCAPE.search(s) and has_surrogate(rec):
                 skips.add("invalid_utf8", where)  # an escaped lone surrogate: no UTF-8 text holds one
                 continue
             yield where, rec
@@ -398,7 +398,7 @@ _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def _has_surrogate(obj: Any) -> bool:
+def has_surrogate(obj: Any) -> bool:
     """Whether a parsed JSON value holds a lone surrogate ("\\ud800"); escaped pairs decode to one character.
     A loop, not recursion: a line nested as deep as json.loads allows must not exhaust the stack."""
     stack = [obj]

@@ -26,7 +26,7 @@ from importlib import resources
 from typing import Any
 
 from .engine import ContextLengthError, Engine, EngineBusy, Request, SamplingParams, Scheduler
-from .files import TinykError
+from .files import TinykError, has_surrogate
 from .tokenizer import DEFAULT_SYSTEM_PROMPT
 
 DEFAULT_MAX_BODY = 1_000_000  # the CLI's --max-body 1M
@@ -169,7 +169,7 @@ class Api:
             stop = [stop]
         if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
             raise ApiError(400, "'stop' must be a non-empty string or a list of them", param="stop", code="invalid_type")
-        if stop and not all(_is_utf8(s) for s in stop):
+        if stop and has_surrogate(stop):
             raise ApiError(400, "'stop' holds a lone surrogate (\\ud800-\\udfff), which no generated text contains",
                            param="stop", code="invalid_value")
         if stop and len(stop) > MAX_STOP_STRINGS:
@@ -435,8 +435,12 @@ class Handler(BaseHTTPRequestHandler):
         except ConnectionError:
             self.close_connection = True
 
+    def _route(self) -> str:
+        """The request's path, unquoted and without its query."""
+        return urllib.parse.unquote(self.path.split("?", 1)[0])
+
     def do_GET(self) -> None:
-        path = urllib.parse.unquote(self.path.split("?", 1)[0])
+        path = self._route()
         api = self.server.api
         if path in ("/", "/index.html"):
             self._send(200, self.server.page, "text/html; charset=utf-8")
@@ -444,10 +448,8 @@ class Handler(BaseHTTPRequestHandler):
             self._json(200, {"status": "ok", **api.scheduler.stats()})
         elif not path.startswith("/v1/"):
             self._error(ApiError(404, f"no such path: {path}", code="not_found"))
-        elif not self._origin_allowed():
-            self._error(self._forbidden_origin())
-        elif not self._authorized():
-            self._error(_unauthorized())
+        elif (refusal := self._refusal()) is not None:
+            self._error(refusal)
         elif path == "/v1/models":
             self._json(200, {"object": "list", "data": [api.model_card()]})
         elif path == f"/v1/models/{api.cfg.model_name}":
@@ -462,7 +464,7 @@ class Handler(BaseHTTPRequestHandler):
     do_HEAD = do_GET
 
     def do_POST(self) -> None:
-        path = urllib.parse.unquote(self.path.split("?", 1)[0])
+        path = self._route()
         self.unread_body = True
         try:
             if path not in ("/v1/completions", "/v1/chat/completions"):
@@ -470,12 +472,10 @@ class Handler(BaseHTTPRequestHandler):
                 if path in ("/", "/index.html", "/health") or path.startswith("/v1/models"):
                     raise ApiError(405, f"use GET for {path}", code="method_not_allowed")
                 raise ApiError(404, f"no such path: {path}", code="not_found")
-            if not self._origin_allowed():
+            refusal = self._refusal()
+            if refusal is not None:
                 self.close_connection = True
-                raise self._forbidden_origin()
-            if not self._authorized():
-                self.close_connection = True
-                raise _unauthorized()
+                raise refusal
             chat = path == "/v1/chat/completions"
             req, stream, include_usage = self.server.api.submit(self._body(), chat)
         except ApiError as e:
@@ -486,16 +486,18 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self._complete(req, chat)
 
-    def _forbidden_origin(self) -> ApiError:
-        origin = self._cross_origin()
-        return ApiError(403, f"requests from web pages at {origin} are refused; start the server with "
-                             f"--allow-origin {origin} to allow them", code="origin_not_allowed")
+    def _refusal(self) -> ApiError | None:
+        """Why an API call is refused before its body is read: a web page of another site, or no valid key."""
+        if not self._origin_allowed():
+            origin = self._cross_origin()
+            return ApiError(403, f"requests from web pages at {origin} are refused; start the server with "
+                                 f"--allow-origin {origin} to allow them", code="origin_not_allowed")
+        return None if self._authorized() else _unauthorized()
 
     def do_OPTIONS(self) -> None:
         """A browser's CORS preflight of an API call: answered for the origins --allow-origin names,
         with whatever request headers the page's client sends (the openai JS package adds x-stainless-*)."""
-        path = urllib.parse.unquote(self.path.split("?", 1)[0])
-        if not path.startswith("/v1/") or self._cross_origin() is None or not self._origin_allowed():
+        if not self._route().startswith("/v1/") or self._cross_origin() is None or not self._origin_allowed():
             self._other_method()
             return
         self.send_response(204)
@@ -597,14 +599,6 @@ class Handler(BaseHTTPRequestHandler):
     def _write_chunk(self, data: bytes) -> None:
         self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n" if self.chunked else data)
         self.wfile.flush()
-
-
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _json_bytes(obj: Any) -> bytes:
