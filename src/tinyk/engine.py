@@ -336,12 +336,17 @@ class Request:
         if self.finish_reason is None and len(self.out_ids) >= self.max_new:
             self.finish_reason = "length"
         if self.finished and self.detok is not None:
-            delta += self.detok.flush(cut_short=self.finish_reason != "stop")
+            delta += self.detok.flush(cut_short=self.cut_short)
         return delta
 
     def end(self, reason: str, error: str | None = None) -> str:
         self.finish_reason, self.error = reason, error
-        return self.detok.flush(cut_short=reason != "stop") if self.detok is not None else ""
+        return self.detok.flush(cut_short=self.cut_short) if self.detok is not None else ""
+
+    @property
+    def cut_short(self) -> bool:
+        """Whether the reply ended before the model ended it (max_tokens, a cancel, an error)."""
+        return self.finish_reason != "stop"
 
     def completion(self) -> Completion:
         if self.detok is not None:
@@ -349,7 +354,7 @@ class Request:
         else:
             ids = self.out_ids[:-1] if self.out_ids and self.out_ids[-1] in self.stop_ids else self.out_ids
             text = self.tok.decode(ids, skip_special_tokens=True)
-            if self.finish_reason != "stop":
+            if self.cut_short:
                 text = _without_cut_char(text)
         return Completion(text=text, token_ids=list(self.out_ids), finish_reason=self.finish_reason or "length",
                           prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.out_ids))
