@@ -684,13 +684,13 @@ class Trainer:
             raise TinykError(f"seq_len {cfg.seq_len} exceeds the model's context of {self.mcfg.max_seq_len} tokens "
                              f"(lower --seq-len or raise model.max_seq_len)")
         dtype = resolve_dtype(cfg.dtype, self.device)
-        if dtype == torch.bfloat16 and self.device.type == "cuda" and cuda_autocast_dtype(self.device) != dtype:
+        has_bf16 = self.device.type != "cuda" or cuda_autocast_dtype(self.device) == torch.bfloat16
+        if dtype == torch.bfloat16 and not has_bf16:
             raise TinykError(f"{torch.cuda.get_device_name(self.device)} has no bf16 tensor cores (PyTorch would "
                              f"emulate bf16, many times slower): use --dtype fp16, or auto, which picks it")
         if cfg.parallel == "fsdp" and self.dist.world > 1 and dtype == torch.float16:
-            bf16 = self.device.type == "cuda" and cuda_autocast_dtype(self.device) == torch.bfloat16
             raise TinykError("fp16 with --parallel fsdp is not supported: use " +
-                             ("--dtype bf16 (or DDP)" if bf16 else "DDP, or --dtype fp32 (this GPU has no bf16)"))
+                             ("--dtype bf16 (or DDP)" if has_bf16 else "DDP, or --dtype fp32 (this GPU has no bf16)"))
 
     def _model_config(self, vocab_size: int) -> ModelConfig:
         if self.weights_dir is None:
