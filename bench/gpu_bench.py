@@ -39,7 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from tinyk.model import PRESETS, ModelConfig  # noqa: E402
+from tinyk.model import DTYPES, PRESETS, ModelConfig, sdpa_fuses_gqa  # noqa: E402
 from tinyk.plan import MiB, Setup, estimate_memory, gpu_class  # noqa: E402
 
 # The shipped seed-215m config's global batch: 512 sequences per optimizer step (micro-batch 64 x 8
@@ -338,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = [r for r in known if r.name in args.only]
     device = "cpu" if smoke else "cuda"
     device_name = "CPU" if smoke else torch.cuda.get_device_name(0)
+    has_flash = smoke or torch.cuda.get_device_capability(0)[0] >= 8
     title = (f"{preset} pretraining on {device_name}, seq {seq_len}, vocab {vocab} (MFU against the device's dense "
              f"bf16 peak; plan = tinyk plan's eager estimate)")
     meta = {"smoke": smoke, "preset": preset, "seq_len": seq_len, "torch": torch.__version__}
@@ -363,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
                         timeout_s=min(row.timeout_s, left), logs=logs)
             est = estimate_memory(Setup(model_cfg, seq_len, row.micro, amp=row.dtype != "fp32",
                                         checkpointing=row.checkpointing, fused_adamw=not smoke,
-                                        grad_accum=(row.batch or row.micro) // row.micro))
+                                        grad_accum=(row.batch or row.micro) // row.micro,
+                                        repeat_kv=not sdpa_fuses_gqa(device, DTYPES[row.dtype], has_flash)))
             r["plan_mib"] = est.peak / MiB
             # Two failures in a row that are not OOMs mean a broken set-up: stop spending device time.
             failures = failures + 1 if r["status"].startswith("failed") else 0

@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+import tinyk.model
 from tinyk.cli import main
 from tinyk.model import PRESETS, Transformer, preset_config
 from tinyk.plan import (
@@ -71,16 +72,20 @@ def _saved_bytes(cfg, batch: int, seq: int, amp: bool) -> int:
     return sum(seen.values())
 
 
+@pytest.mark.parametrize("repeat_kv", [False, True], ids=["gqa", "repeated-kv"])
 @pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16"])
-def test_saved_tensor_inventory_per_layer_and_token(amp):
-    """Differencing two depths and two lengths isolates one block's bytes per token (weight casts cancel)."""
+def test_saved_tensor_inventory_per_layer_and_token(amp, repeat_kv, monkeypatch):
+    """Differencing two depths and two lengths isolates one block's bytes per token (weight casts cancel).
+    CPU's SDPA takes grouped K/V; repeating them, as CUDA does in fp32 and before Ampere, saves other tensors."""
+    if repeat_kv:
+        monkeypatch.setattr(tinyk.model, "sdpa_fuses_gqa", lambda *a, **k: False)
     shape = dict(dim=96, n_heads=6, n_kv_heads=2, hidden_dim=160, vocab_size=300, max_seq_len=64)
     cfg1, cfg2 = preset_config("nano", n_layers=1, **shape), preset_config("nano", n_layers=2, **shape)
     b = 3
     per_layer = (_saved_bytes(cfg2, b, 16, amp) - _saved_bytes(cfg2, b, 8, amp)
                  - _saved_bytes(cfg1, b, 16, amp) + _saved_bytes(cfg1, b, 8, amp)) / (8 * b)
     # RoPE's saved casts scale with the length but not the batch.
-    assert per_layer == sum(layer_saved_bytes(cfg1, amp).values()) + layer_rope_bytes(cfg1, amp) / b
+    assert per_layer == sum(layer_saved_bytes(cfg1, amp, repeat_kv).values()) + layer_rope_bytes(cfg1, amp) / b
     head = (_saved_bytes(cfg1, b, 16, amp) - _saved_bytes(cfg1, b, 8, amp)) / (8 * b) - per_layer
     ids = 8  # the int64 input, saved by the embedding and the loss; the plan counts it with the batch
     assert head - ids == pytest.approx(head_saved_bytes(cfg1, amp), abs=1e-9)
@@ -252,6 +257,17 @@ def test_cards_without_bf16_plan_fp16_autocast(capsys):
     assert plan["gpu"]["peak_tflops"] == 65
     code, out, _ = run_cli(["plan", "--preset", "seed-82m", "--gpu", "h100"], capsys)
     assert "bf16 autocast with fp32 master weights" in out and "TFLOP/s dense bf16" in out
+
+
+@pytest.mark.parametrize("gpu,dtype,repeats", [("h100", "bf16", False), ("h100", "fp32", True),
+                                               ("t4", "fp16", True)])
+def test_plan_counts_the_attention_the_gpu_runs(capsys, gpu, dtype, repeats):
+    """Grouped K/V heads are repeated where CUDA's SDPA has no fused kernel for them (model.sdpa_fuses_gqa)."""
+    code, out, _ = run_cli(["plan", "--preset", "seed-215m", "--gpu", gpu, "--dtype", dtype, "--json"], capsys)
+    cfg = preset_config("seed-215m")
+    layer = json.loads(out)["activation_model"]["layer_bytes_per_token"]
+    assert code == 0 and layer == layer_saved_bytes(cfg, dtype != "fp32", repeat_kv=repeats)
+    assert layer != layer_saved_bytes(cfg, dtype != "fp32", repeat_kv=not repeats)
 
 
 def test_gpu_bench_cpu_smoke(tmp_path):

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .files import TinykError
-from .model import PRESETS, ModelConfig, Transformer, preset_config
+from .model import DTYPES, PRESETS, ModelConfig, Transformer, preset_config, sdpa_fuses_gqa
 from .monitor import gpu_peak_flops
 
 GiB = 2**30
@@ -178,23 +178,26 @@ def flops_formula(cfg: ModelConfig, seq_len: int) -> str:
 # Activations: bytes per token, from what autograd saves
 
 
-def layer_saved_bytes(cfg: ModelConfig, amp: bool) -> dict[str, int]:
+def layer_saved_bytes(cfg: ModelConfig, amp: bool, repeat_kv: bool = False) -> dict[str, int]:
     """Bytes per token one transformer block keeps for backward (eager PyTorch).
 
     fp32: each RMSNorm keeps its input, the normalised tensor and its output (the input of
     the fused q/k/v and gate/up matmuls); attention keeps RoPE'd q and k, the SDPA output and
     its logsumexp, and v, a view that keeps the whole q/k/v product alive; the SwiGLU MLP keeps
-    the gate/up product, silu(gate) and silu(gate) * up.
+    the gate/up product, silu(gate) and silu(gate) * up. Where SDPA has no grouped-K/V kernel
+    (`repeat_kv`, see `model.sdpa_fuses_gqa`) it keeps K and V repeated to every head instead,
+    and nothing keeps the product or the RoPE'd k alive.
     bf16 autocast: the residual stream and the norms stay fp32, each of the two fused matmuls
     saves a bf16 cast of its input, and the attention and MLP tensors are bf16.
     """
     d, kv, h, heads = cfg.dim, cfg.n_kv_heads * cfg.head_dim, cfg.hidden_dim, cfg.n_heads
     assert h is not None
     rsqrt, lse = 2 * 4, 4 * heads
+    qkvo = 4 * d if repeat_kv and cfg.n_kv_heads != heads else 3 * d + 3 * kv
     if not amp:
-        return {"norms": 4 * 6 * d + rsqrt, "attention": 4 * (3 * d + 3 * kv) + lse, "mlp": 4 * 4 * h}
+        return {"norms": 4 * 6 * d + rsqrt, "attention": 4 * qkvo + lse, "mlp": 4 * 4 * h}
     return {"norms": 4 * 4 * d + rsqrt + 2 * 2 * d,
-            "attention": 2 * (3 * d + 3 * kv) + lse,
+            "attention": 2 * qkvo + lse,
             "mlp": 2 * 4 * h}
 
 
@@ -231,6 +234,7 @@ class Setup:
     world_size: int = 1
     grad_accum: int = 1
     fused_adamw: bool = True  # CUDA; CPU's for-loop AdamW needs a temporary per parameter
+    repeat_kv: bool = False  # attention repeats grouped K/V heads: CUDA in fp32, or before Ampere
 
     @property
     def fsdp(self) -> bool:
@@ -274,7 +278,7 @@ def estimate_memory(s: Setup) -> Memory:
     weights, grads, opt = 4 * n / shard, 4 * n / shard, 8 * n / shard
     act = 2 if s.amp else 4  # bytes per element of an activation outside the fp32 residual stream
 
-    layer = sum(layer_saved_bytes(cfg, s.amp).values()) * tokens + layer_rope_bytes(cfg, s.amp) * s.seq_len
+    layer = sum(layer_saved_bytes(cfg, s.amp, s.repeat_kv).values()) * tokens + layer_rope_bytes(cfg, s.amp) * s.seq_len
     head = head_saved_bytes(cfg, s.amp) * tokens
     batch = BATCH_BYTES_PER_TOKEN * tokens
     # Backward starts with the fp32 gradients of the log-probs and of the logits alive at once.
@@ -426,7 +430,8 @@ def make_plan(run: RunSpec, gpu: GPUSpec, *, gpus: int = 1, nodes: int = 1, toke
         return micro_layout(run.batch_size, world, m)
 
     base = Setup(cfg, run.seq_len, 1, amp=run.dtype != "fp32", checkpointing=run.checkpointing,
-                 parallel=run.parallel, world_size=world)
+                 parallel=run.parallel, world_size=world,
+                 repeat_kv=not sdpa_fuses_gqa("cuda", DTYPES[dtype], has_flash=gpu.bf16))
     fits = {ck: largest_micro_batch(replace(base, checkpointing=ck), gpu, per_rank, layout) for ck in (False, True)}
     micro, accum = layout(run.micro_batch or fits[run.checkpointing] or 1)
     setup = replace(base, micro_batch=micro, grad_accum=accum)
@@ -470,7 +475,7 @@ def make_plan(run: RunSpec, gpu: GPUSpec, *, gpus: int = 1, nodes: int = 1, toke
     }
     amp = setup.amp
     plan["activation_model"] = {
-        "layer_bytes_per_token": layer_saved_bytes(cfg, amp),
+        "layer_bytes_per_token": layer_saved_bytes(cfg, amp, setup.repeat_kv),
         "checkpointed_layer_bytes_per_token": 4 * cfg.dim,
         "head_bytes_per_token": head_saved_bytes(cfg, amp),
         "loss_gradient_bytes_per_token": 8 * cfg.vocab_size,
