@@ -590,6 +590,34 @@ def test_mixed_precision_on_cpu_trains_and_resumes(tmp_path, pt_data, tok_dir, d
     assert ("scale" in scaler) == (dtype == "fp16")
     second = train(nano_cfg(pt_data, tok_dir, out, max_steps=3, dtype=dtype), resume=True)
     assert second["steps"] == 3 and second["resumed_from"].endswith("step_0000002")
+    assert (second["skipped_steps"] is None) == (dtype == "bf16")
+
+
+def test_fp16_skipped_steps_are_counted_across_a_resume(tmp_path, pt_data, tok_dir, monkeypatch, capsys):
+    """A loss scale far too high overflows every fp16 gradient: GradScaler skips those updates, and the
+    log lines, metrics and summary say how many, including steps a checkpoint took mid log window."""
+    from tinyk.monitor import Monitor
+
+    real = torch.amp.GradScaler
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda *a, **k: real(*a, **{**k, "init_scale": 2.0 ** 40}))
+    cfg = nano_cfg(pt_data, tok_dir, tmp_path / "run", max_steps=4, log_every=3, dtype="fp16", progress=True)
+    with monkeypatch.context() as m:  # SIGTERM after step 2: the checkpoint holds two unlogged skipped steps
+        advance, done = Monitor.advance, []
+
+        def advance_and_stop(self, steps):
+            advance(self, steps)
+            done.append(steps)
+            if len(done) == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        m.setattr(Monitor, "advance", advance_and_stop)
+        stopped = train(cfg)
+    assert stopped["status"] == "interrupted" and stopped["skipped_steps"] == 2
+    summary = train(cfg, resume=True)
+    assert summary["steps"] == 4 and summary["skipped_steps"] == 4
+    assert [(r["step"], r["skipped_steps"]) for r in records(tmp_path / "run", "train")] == [(3, 3), (4, 1)]
+    out = capsys.readouterr().out
+    assert "skipped 3 (fp16 overflow)" in out and "(4 of the steps were skipped by fp16's loss scaler)" in out
 
 
 # ----------------------------------------------------------------------------- resumed runs, continued

@@ -251,7 +251,10 @@ class Monitor:
     def log_train(self, rec: dict[str, Any]) -> None:
         self._append({"type": "train", **rec})
         mfu = f" mfu {rec['mfu']:.1%}" if rec.get("mfu") is not None else ""
-        status = f"loss {rec['loss']:.4f} lr {rec['lr']:.2e} {_fmt_rate(rec['tokens_per_s'])} tok/s{mfu}"
+        skipped = rec.get("skipped_steps")
+        # fp16's GradScaler skips a step whose gradients overflowed and lowers the loss scale.
+        skips = f" skipped {skipped} (fp16 overflow)" if skipped else ""
+        status = f"loss {rec['loss']:.4f} lr {rec['lr']:.2e} {_fmt_rate(rec['tokens_per_s'])} tok/s{mfu}{skips}"
         if self.lines:
             self.print(f"step {rec['step']}/{self.bar.total}: {status}, {rec['elapsed_s']:.0f}s")
         self.bar.set_postfix_str(status, refresh=False)

@@ -809,6 +809,8 @@ class Trainer:
         self.progress = _Progress()
         # Step losses since the last log line: kept in checkpoints so a resumed run logs the same curve.
         self.window_loss, self.window_steps = torch.zeros((), device=self.device), 0
+        # Steps whose update fp16's GradScaler skipped (inf/NaN gradients), counted on the device.
+        self.window_skipped = torch.zeros((), dtype=torch.int64, device=self.device)
         torch.manual_seed(cfg.seed)
         if self.weights_dir is not None:
             try:
@@ -899,7 +901,8 @@ class Trainer:
                 write_json_atomic(tmp / "state.json", {
                     "kind": self.cfg.kind, "step": step, "tokens": self.progress.tokens,
                     "loss_tokens": self.progress.loss_tokens, "elapsed_s": self._elapsed(),
-                    "loader": loader_state, "log_window": {"loss": window.item(), "steps": self.window_steps},
+                    "loader": loader_state, "log_window": {"loss": window.item(), "steps": self.window_steps,
+                                                           "skipped": int(self.window_skipped.item())},
                     "world_size": d.world, "batch_size": self.cfg.batch_size,
                     "seq_len": self.cfg.seq_len, "total_steps": self.total_steps, "warmup": self.warmup,
                     "max_minutes": self.cfg.max_minutes})
@@ -962,6 +965,7 @@ class Trainer:
         if self.dist.main:
             self.window_loss.fill_(state["log_window"]["loss"])
         self.window_steps = state["log_window"]["steps"]
+        self.window_skipped.fill_(int(state["log_window"].get("skipped", 0)))
 
     # --- the loop --------------------------------------------------------------------------
 
@@ -1014,6 +1018,8 @@ class Trainer:
             total += part.detach()
         self.scaler.unscale_(self.opt)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip or float("inf"))
+        if self.scaler.is_enabled():  # the scaler skips exactly the steps whose unscaled gradients are not finite
+            self.window_skipped += ~torch.isfinite(norm)
         self.scaler.step(self.opt)
         self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
@@ -1248,9 +1254,11 @@ class Trainer:
         rate = (p.tokens - self._window_tokens0) / (now - self._window_t0)
         self.rates.append(rate)
         self._check_finite(loss, "loss")
+        skipped = int(self.window_skipped.item()) if self.scaler.is_enabled() else None
         if self.monitor:
-            self.monitor.log_train(self._train_record(loss, rate, grad_norm.item()))
+            self.monitor.log_train(self._train_record(loss, rate, grad_norm.item(), skipped))
         self.window_loss.zero_()
+        self.window_skipped.zero_()
         self.window_steps, self._window_t0, self._window_tokens0 = 0, now, p.tokens
         return loss
 
@@ -1284,12 +1292,21 @@ class Trainer:
     def _peak_mem_mib(self) -> float | None:
         return round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1) if self.device.type == "cuda" else None
 
-    def _train_record(self, loss: float, rate: float, grad_norm: float) -> dict[str, Any]:
+    def _train_record(self, loss: float, rate: float, grad_norm: float, skipped: int | None) -> dict[str, Any]:
         p = self.progress
         return {"step": p.step, "tokens": p.tokens, "loss": loss, "lr": self.opt.param_groups[0]["lr"],
-                "grad_norm": finite(grad_norm), "tokens_per_s": round(rate, 1), "mfu": self._mfu(rate),
+                "grad_norm": finite(grad_norm), "skipped_steps": skipped,
+                "tokens_per_s": round(rate, 1), "mfu": self._mfu(rate),
                 "flops_per_token": self.flops_per_token, "peak_mem_mib": self._peak_mem_mib(),
                 "elapsed_s": round(self._elapsed(), 3), "epoch": self.loader.epoch}
+
+    def _skipped_steps(self) -> int | None:
+        """Steps of the whole run whose update fp16's GradScaler skipped (None unless fp16)."""
+        if not self.scaler.is_enabled():
+            return None
+        records = self.monitor.records if self.monitor else []
+        logged = sum(r.get("skipped_steps") or 0 for r in records if r.get("type") == "train")
+        return logged + int(self.window_skipped.item())
 
     def _summary(self, interrupted: bool, final: str | None, last_train: float | None,
                  last_val: tuple[float, float] | None, best_val: float) -> dict[str, Any]:
@@ -1301,9 +1318,10 @@ class Trainer:
         # The first log window holds start-up (and compilation); the median of the rest is the steady rate.
         windows = self.rates[1:] or self.rates
         steady = statistics.median(windows) if windows else None
+        skipped = self._skipped_steps()
         summary = {
             "kind": cfg.kind, "status": "interrupted" if interrupted else "completed",
-            "stop_signal": self.stop_signal, "steps": p.step, "total_steps": self.total_steps,
+            "stop_signal": self.stop_signal, "steps": p.step, "total_steps": self.total_steps, "skipped_steps": skipped,
             "tokens": p.tokens, "loss_tokens": p.loss_tokens, "elapsed_s": round(elapsed, 3),
             "tokens_per_s": round(rate, 1) if rate else None, "mfu": self._mfu(rate) if rate else None,
             "tokens_per_s_steady": round(steady, 1) if steady else None,
@@ -1322,6 +1340,8 @@ class Trainer:
             write_json_atomic(self.out / "summary.json", summary)
             msg = (f"finished: {p.step} steps, {p.tokens:,} tokens in {elapsed:.0f}s; model in {final}" if final else
                    f"stopped by {self.stop_signal} at step {p.step}; checkpoint saved, continue with --resume")
+            if skipped:
+                msg += f" ({skipped} of the steps were skipped by fp16's loss scaler)"
             self.monitor.print(msg)
         return summary
 
