@@ -3,8 +3,9 @@
 Runs `python3 -m tinyk pretrain` once per configuration (a fresh process each, so peak memory
 and compile caches never leak between rows) on generated data, then prints one table:
 
-  eager vs torch.compile, micro-batch 16/32/64, activation checkpointing off/on, all bf16, at the
-  shipped config's global batch of 512 sequences (micro-batch x gradient accumulation);
+  eager vs torch.compile, micro-batch 16/32/64, activation checkpointing off/on, all bf16 (fp16
+  on cards without it, V100 and T4), at the shipped config's global batch of 512 sequences
+  (micro-batch x gradient accumulation);
   a bf16-vs-fp32 check: the same 10 steps in both, losses compared step by step;
   beside each measured peak (torch.cuda.max_memory_allocated) the `tinyk plan` estimate (eager).
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import shutil
@@ -55,7 +57,7 @@ class Row:
     compile: bool = False
     compile_mode: str = "default"
     checkpointing: bool = False
-    dtype: str = "bf16"
+    dtype: str = "bf16"  # the mixed-precision rows' dtype; `with_half` makes it fp16 where a card lacks bf16
     steps: int = 12
     log_every: int = 4
     agree: bool = False  # one side of the bf16-vs-fp32 comparison (logs every step)
@@ -88,6 +90,13 @@ def extra_rows() -> list[Row]:
     common = dict(batch=SEED_BATCH, compile=True, steps=9, log_every=3, timeout_s=360.0)
     return [Row("compiled mb128", 128, **common),
             Row("compiled mb64 autotune", 64, compile_mode="max-autotune-no-cudagraphs", **common)]
+
+
+def with_half(row: Row, half: str) -> Row:
+    """The row with fp16 autocast instead of bf16 (cards before Ampere compute in fp16)."""
+    if row.dtype != "bf16" or half == "bf16":
+        return row
+    return replace(row, dtype=half, name=row.name.replace("bf16", half))
 
 
 def smoke_rows() -> list[Row]:
@@ -225,6 +234,9 @@ def _throughput(records: list[dict]) -> dict:
     res: dict = {"losses": [r["loss"] for r in records]}
     if not records:
         return res
+    skips = [r["step"] for r in records if r.get("skipped_steps")]
+    if skips:  # fp16 only; the agreement rows log every step, so this is the step itself
+        res["skipped_steps"], res["first_skip"] = sum(r["skipped_steps"] for r in records), skips[0]
     first, last = records[0], records[-1]
     if len(records) > 1 and last["elapsed_s"] > first["elapsed_s"]:
         rate = (last["tokens"] - first["tokens"]) / (last["elapsed_s"] - first["elapsed_s"])
@@ -264,21 +276,26 @@ def table(results: list[dict], title: str) -> str:
 
 
 def agreement(results: list[dict]) -> dict | None:
-    """Largest relative difference between the bf16 and fp32 loss at the same step."""
-    by_dtype = {r["dtype"]: r for r in results if r.get("agree")}
-    a, b = by_dtype.get("bf16"), by_dtype.get("fp32")
+    """Largest relative difference between the bf16 (or fp16) and fp32 loss at the same step.
+
+    A step fp16's loss scaler skipped leaves the losses after it one update behind fp32's, so the
+    comparison ends at the first skipped step (whose own loss was computed before the skip).
+    """
+    agree = [r for r in results if r.get("agree")]
+    a = next((r for r in agree if r["dtype"] != "fp32"), None)
+    b = next((r for r in agree if r["dtype"] == "fp32"), None)
     if not a or not b or not a.get("losses") or not b.get("losses"):
         return None
-    n = min(len(a["losses"]), len(b["losses"]))
+    n = min(len(a["losses"]), len(b["losses"]), (a.get("first_skip") or math.inf))
     diffs = [abs(x - y) / abs(y) for x, y in zip(a["losses"][:n], b["losses"][:n], strict=True)]
-    return {"steps": n, "max_rel_diff": max(diffs), "bf16": a["losses"][:n], "fp32": b["losses"][:n],
-            "ok": max(diffs) < 0.02}
+    return {"dtype": a["dtype"], "steps": n, "max_rel_diff": max(diffs), "half": a["losses"][:n],
+            "fp32": b["losses"][:n], "skipped_steps": a.get("skipped_steps"), "ok": max(diffs) < 0.02}
 
 
 def best_mfu_line(results: list[dict], gpu_key: str | None, device_name: str) -> str | None:
     """The line to paste into tinyk/plan.py's GPUS table for this GPU class."""
     ok = [r for r in results if r["status"] == "ok" and r.get("mfu") is not None and not r["checkpointing"]
-          and r["dtype"] == "bf16" and not r.get("agree")]
+          and r["dtype"] != "fp32" and not r.get("agree")]
     if not ok or gpu_key is None:
         return None
     best = max(ok, key=lambda r: r["mfu"])
@@ -294,13 +311,16 @@ def report(rows: list[Row], results: dict[str, dict], *, out: Path, title: str, 
     total = round(time.perf_counter() - started, 1)
     text = table(ordered, title)
     if agree:
-        text += (f"\n\nbf16 vs fp32 over {agree['steps']} steps: largest relative loss difference "
+        text += (f"\n\n{agree['dtype']} vs fp32 over {agree['steps']} steps: largest relative loss difference "
                  f"{agree['max_rel_diff']:.2e} ({'ok' if agree['ok'] else 'TOO LARGE'}, limit 2e-2)")
+        if agree["skipped_steps"]:
+            text += (f"; fp16's loss scaler skipped {agree['skipped_steps']} step(s), so the comparison "
+                     f"stops at the first")
     line = best_mfu_line(ordered, gpu_key, device_name)
     if line:
         text += "\n" + line
     text += f"\ntotal {total:.0f}s"
-    data = {**meta, "device": device_name, "rows": ordered, "bf16_vs_fp32": agree, "total_s": total}
+    data = {**meta, "device": device_name, "rows": ordered, "half_vs_fp32": agree, "total_s": total}
     (out / "gpu_bench.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     (out / "gpu_bench.md").write_text(text + "\n", encoding="utf-8")
     return text, ordered
@@ -314,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="results directory (default: $OUT, else a temporary directory)")
     ap.add_argument("--budget-s", type=float, default=480.0, help="total time budget, data generation included")
     ap.add_argument("--only", nargs="*", help="run only the rows with these names")
+    ap.add_argument("--half", choices=["auto", "bf16", "fp16"], default="auto",
+                    help="the mixed-precision rows' dtype (auto: bf16, or fp16 on cards without it, V100 and T4)")
     args = ap.parse_args(argv)
 
     started = time.perf_counter()
@@ -327,9 +349,11 @@ def main(argv: list[str] | None = None) -> int:
     preset, seq_len = ("tiny", 64) if smoke else ("seed-215m", 512)
     vocab = 512 if smoke else PRESETS["seed-215m"]["vocab_size"]
     model_cfg = ModelConfig(**{**PRESETS[preset], "vocab_size": vocab})
-    rows = smoke_rows() if smoke else gpu_rows()
+    has_flash = smoke or torch.cuda.get_device_capability(0)[0] >= 8
+    half = args.half if args.half != "auto" else "bf16" if has_flash else "fp16"
+    rows = [with_half(r, half) for r in (smoke_rows() if smoke else gpu_rows())]
     if args.only:
-        known = rows + ([] if smoke else extra_rows())
+        known = rows + ([] if smoke else [with_half(r, half) for r in extra_rows()])
         unknown = sorted(set(args.only) - {r.name for r in known})
         if unknown:
             print(f"gpu_bench: no row named {', '.join(map(repr, unknown))}; rows: "
@@ -338,9 +362,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = [r for r in known if r.name in args.only]
     device = "cpu" if smoke else "cuda"
     device_name = "CPU" if smoke else torch.cuda.get_device_name(0)
-    has_flash = smoke or torch.cuda.get_device_capability(0)[0] >= 8
     title = (f"{preset} pretraining on {device_name}, seq {seq_len}, vocab {vocab} (MFU against the device's dense "
-             f"bf16 peak; plan = tinyk plan's eager estimate)")
+             f"{half} peak; plan = tinyk plan's eager estimate)")
     meta = {"smoke": smoke, "preset": preset, "seq_len": seq_len, "torch": torch.__version__}
     gpu_key = None if smoke else gpu_class(device_name)
     results: dict[str, dict] = {}

@@ -1,7 +1,8 @@
 """Where a pretraining step's time goes: the trainer's own step under torch.profiler, plus the parts alone.
 
 bench/gpu.sh says how fast a configuration is; this says why. It builds one `Trainer` in this
-process (seed-215m, seq 512, bf16, compiled, micro-batch 64 unless told otherwise), runs its real
+process (seed-215m, seq 512, bf16 (fp16 on a V100/T4), compiled, micro-batch 64 unless told otherwise),
+runs its real
 `train_step` (data loader, autocast, clipping, fused AdamW), and prints:
 
   1. the step's wall time, tokens/s and MFU, timed over steps after compilation;
@@ -141,11 +142,11 @@ def _cuda_ms(fn, iters: int = 10) -> float:
     return start.elapsed_time(end) / iters
 
 
-def attention_backends(cfg: ModelConfig, micro: int, seq: int) -> list[dict]:
+def attention_backends(cfg: ModelConfig, micro: int, seq: int, dt: torch.dtype) -> list[dict]:
     """Forward+backward of causal SDPA at the step's shapes under each backend; TFLOP/s counts causal work."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    dev, dt = "cuda", torch.bfloat16
+    dev = "cuda"
     q = torch.randn(micro, cfg.n_heads, seq, cfg.head_dim, device=dev, dtype=dt, requires_grad=True)
     k = torch.randn(micro, cfg.n_kv_heads, seq, cfg.head_dim, device=dev, dtype=dt, requires_grad=True)
     v = torch.randn_like(k, requires_grad=True)
@@ -171,9 +172,9 @@ def attention_backends(cfg: ModelConfig, micro: int, seq: int) -> list[dict]:
     return out
 
 
-def projections(cfg: ModelConfig, tokens: int) -> list[dict]:
+def projections(cfg: ModelConfig, tokens: int, dt: torch.dtype) -> list[dict]:
     """Forward+backward of the block's matmuls as the model runs them vs with their weights concatenated."""
-    dev, dt = "cuda", torch.bfloat16
+    dev = "cuda"
     d, kv, h = cfg.dim, cfg.n_kv_heads * cfg.head_dim, cfg.hidden_dim
     x = torch.randn(tokens, d, device=dev, dtype=dt, requires_grad=True)
     groups = {"q,k,v": [d, kv, kv], "gate,up": [h, h]}
@@ -247,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         tok_dir, data_dir = prepare_data(work, vocab, 60_000 if smoke else 2_000_000)
         cfg = TrainConfig(kind="pretrain", data=str(data_dir), tokenizer=str(tok_dir), out=str(work / "run"),
                           model={"preset": preset}, seq_len=seq_len, batch_size=micro, micro_batch=micro,
-                          max_steps=1000, warmup_steps=0, dtype="bf16", device="cpu" if smoke else "cuda",
+                          max_steps=1000, warmup_steps=0, device="cpu" if smoke else "cuda",
+                          dtype="bf16" if smoke else "auto",  # auto: fp16 on cards without bf16 (V100, T4)
                           compile=compiled, compile_mode=args.compile_mode, eval_every=0, save_every=0,
                           progress=False)
         tr = Trainer(cfg, force=True)
@@ -256,10 +258,11 @@ def main(argv: list[str] | None = None) -> int:
         kernels, wall_ms = profile_steps(tr, steps=1 if smoke else 3)
         parts: dict = {}
         if not smoke:
-            parts = {"attention": attention_backends(tr.mcfg, micro, seq_len),
-                     "projections": projections(tr.mcfg, micro * seq_len)}
+            parts = {"attention": attention_backends(tr.mcfg, micro, seq_len, tr.dtype),
+                     "projections": projections(tr.mcfg, micro * seq_len, tr.dtype)}
         device_name = "CPU" if smoke else torch.cuda.get_device_name(0)
-        meta = {"preset": preset, "seq_len": seq_len, "micro": micro, "dtype": "bf16", "compile": compiled,
+        meta = {"preset": preset, "seq_len": seq_len, "micro": micro, "dtype": str(tr.dtype).split(".")[-1],
+                "compile": compiled,
                 "compile_mode": args.compile_mode, "device": device_name, "torch": torch.__version__}
         text = report(meta, timing, kernels, wall_ms, parts)
         (out / "gpu_profile.md").write_text(text + "\n", encoding="utf-8")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -270,18 +271,34 @@ def test_plan_counts_the_attention_the_gpu_runs(capsys, gpu, dtype, repeats):
     assert layer != layer_saved_bytes(cfg, dtype != "fp32", repeat_kv=not repeats)
 
 
-def test_gpu_bench_cpu_smoke(tmp_path):
-    """bench/gpu.sh end to end on CPU: data generation, trainer runs, table."""
-    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--cpu-smoke",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHON": sys.executable})
+@pytest.mark.parametrize("half", ["bf16", "fp16"])
+def test_gpu_bench_cpu_smoke(tmp_path, half):
+    """bench/gpu.sh end to end on CPU: data generation, trainer runs, table; fp16 is what a V100 or T4 runs."""
+    only = ["--half", "fp16", "--only", "eager mb2", "agree fp32 mb2"] if half == "fp16" else []
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--cpu-smoke", "--out", str(tmp_path), *only],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_bench.json").read_text())
-    assert [r["status"] for r in report["rows"]] == ["ok"] * len(report["rows"])
+    assert [r["status"] for r in report["rows"]] == ["ok"] * len(report["rows"]) == ["ok"] * (2 if only else 3)
     assert all(r["tokens_per_s"] > 0 and r["mfu"] > 0 and r["plan_mib"] > 0 for r in report["rows"])
-    assert report["bf16_vs_fp32"]["ok"] and report["bf16_vs_fp32"]["steps"] == 2
+    assert [r["dtype"] for r in report["rows"]][0] == half
+    assert report["half_vs_fp32"]["ok"] and report["half_vs_fp32"]["steps"] == 2
     tail = proc.stdout.strip().splitlines()
-    assert any(line.startswith("| eager mb2 ckpt |") for line in tail[-8:])
+    assert f"{half} vs fp32 over 2 steps" in proc.stdout
+    assert only or any(line.startswith("| eager mb2 ckpt |") for line in tail[-8:])
+
+
+def test_gpu_bench_agreement_stops_at_the_first_skipped_fp16_step(monkeypatch):
+    """After a step fp16's loss scaler skipped, its losses trail fp32's by an update: not a precision error."""
+    spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "bench" / "gpu_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_bench", bench)  # its dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    fp16 = {"agree": True, "dtype": "fp16", "losses": [8.0, 8.0, 7.5], "skipped_steps": 1, "first_skip": 2}
+    fp32 = {"agree": True, "dtype": "fp32", "losses": [8.0, 7.9, 7.0]}
+    agree = bench.agreement([fp16, fp32])
+    assert agree["steps"] == 2 and agree["ok"] and agree["skipped_steps"] == 1
+    assert not bench.agreement([{**fp16, "first_skip": None}, fp32])["ok"]
 
 
 def test_gpu_profile_cpu_smoke(tmp_path):
