@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 from tinyk.checkpoint import init_model_dir, load_model, model_info, save_model
 from tinyk.files import TinykError
 from tinyk.model import KVCache, ModelConfig, Transformer, preset_config
+from tinyk.tokenizer import SPECIAL_IDS
 
 
 @pytest.mark.parametrize("preset,expected", [("seed-215m", 215_127_040), ("seed-82m", 82_594_560)])
@@ -58,11 +59,32 @@ def test_hf_llama_loads_and_matches_logits(tmp_path, tok_dir, shape):
     reloaded, _ = load_model(out)
     with torch.no_grad():
         assert torch.equal(reloaded(x)[0], ours)
-    # generate() stops where tinyk does (<|im_end|>) without being told: the ids agree with the tokenizer.
+    # generate() stops where tinyk does without being told: at <|im_end|>, the tokenizer's eos, and at any
+    # other special token, as the engine does.
     tok = AutoTokenizer.from_pretrained(out)
     gen = hf.generation_config
-    assert (gen.bos_token_id, gen.eos_token_id, gen.pad_token_id) == (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    assert (gen.bos_token_id, gen.eos_token_id[0], gen.pad_token_id) == (tok.bos_token_id, tok.eos_token_id,
+                                                                         tok.pad_token_id)
+    assert set(gen.eos_token_id) == SPECIAL_IDS
     assert (hf.config.bos_token_id, hf.config.eos_token_id) == (tok.bos_token_id, tok.eos_token_id)
+
+
+def test_hf_generate_stops_at_the_special_tokens_tinyk_stops_at(tmp_path, tok_dir):
+    """A model whose final norm is zeroed gives all-zero logits, so greedy decoding picks id 0, <unk>:
+    tinyk's engine ends there, and `generate()` in transformers must end there too, untold."""
+    from tinyk.engine import Engine, SamplingParams
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=512, max_seq_len=64))
+    with torch.no_grad():
+        model.model.norm.weight.zero_()
+    out = save_model(model, tok_dir, tmp_path / "m")
+    [done] = Engine.from_dir(out).generate(["北京"], SamplingParams(temperature=0, max_new_tokens=8))
+    assert (done.token_ids, done.finish_reason) == ([0], "stop")
+    tok = AutoTokenizer.from_pretrained(out)
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    x = torch.tensor([[tok.bos_token_id, *tok("北京").input_ids]])
+    assert hf.generate(x, max_new_tokens=8, do_sample=False)[0, x.shape[1]:].tolist() == [0]
 
 
 def test_init_scales_what_writes_into_the_residual_stream():

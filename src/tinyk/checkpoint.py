@@ -24,14 +24,17 @@ from .model import ModelConfig, Transformer
 from .tokenizer import (
     IM_END_ID,
     IM_START_ID,
+    SPECIAL_IDS,
     TinyTokenizer,
     load_tokenizer,
     write_hf_tokenizer_files,
 )
 
-# The tokenizer's bos/eos/pad (documents and turns open with <|im_start|> and close with <|im_end|>),
-# so `generate()` in transformers stops where tinyk's engine does.
+# The tokenizer's bos/eos/pad (documents and turns open with <|im_start|> and close with <|im_end|>).
 GENERATION_IDS = {"bos_token_id": IM_START_ID, "eos_token_id": IM_END_ID, "pad_token_id": IM_END_ID}
+# generation_config.json lists every special token as an end, eos first, so `generate()` in
+# transformers stops where tinyk's engine does (a base model that opens the next document, too).
+GENERATION_CONFIG = {**GENERATION_IDS, "eos_token_id": [IM_END_ID, *sorted(SPECIAL_IDS - {IM_END_ID})]}
 
 
 def hf_config(cfg: ModelConfig) -> dict[str, Any]:
@@ -142,7 +145,7 @@ def write_model_files(model: Transformer, tok_dir: str | Path, out: Path) -> Non
         state.pop("lm_head.weight", None)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf_config(cfg), indent=2) + "\n")
-    (out / "generation_config.json").write_text(json.dumps(GENERATION_IDS, indent=2) + "\n")
+    (out / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")
     # tokenizer.json is the tokenizer (its hash is its identity); the two small files are tinyk's own,
     # written afresh, so a directory that transformers saved back (without special_tokens_map.json)
     # still makes complete models. The context length belongs to the model, so the config records it.

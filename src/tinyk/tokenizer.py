@@ -37,10 +37,17 @@ UNK_ID, BOS_ID, EOS_ID, IM_START_ID, IM_END_ID = range(5)
 SPECIAL_IDS = frozenset(range(len(SPECIAL_TOKENS)))
 DEFAULT_SYSTEM_PROMPT = "你是一个AI助手"
 
-# The seed's template, verbatim: only system/user/assistant turns are rendered.
+# The seed's template (only system/user/assistant turns are rendered), plus what tinyk's chat, serve
+# and SFT data do around it, so `transformers` prompts a model as it was trained: the training system
+# prompt goes first when a conversation has none (`apply_chat_template(..., default_system=None)`
+# leaves it out, as `Engine.chat` does), and OpenAI's `developer` role is the system role.
 CHAT_TEMPLATE = (
+    f"{{% set system = default_system if default_system is defined else '{DEFAULT_SYSTEM_PROMPT}' %}}"
+    "{% if system and messages and messages[0]['role'] not in ['system', 'developer'] %}"
+    "<|im_start|>system\n{{ system }}<|im_end|>\n"
+    "{% endif %}"
     "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}"
+    "{% if message['role'] in ['system', 'developer'] %}"
     "<|im_start|>system\n{{ message['content'] }}<|im_end|>\n"
     "{% elif message['role'] == 'user' %}"
     "<|im_start|>user\n{{ message['content'] }}<|im_end|>\n"
@@ -73,7 +80,7 @@ CHAT_FOOTER = "<|im_end|>\n"
 
 
 def render_chat(messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
-    """Renders messages exactly as CHAT_TEMPLATE does, without needing jinja."""
+    """Renders messages as given, as CHAT_TEMPLATE does with `default_system=None`, without jinja."""
     parts = [chat_header(m["role"]) + m["content"] + CHAT_FOOTER for m in messages if m["role"] in CHAT_ROLES]
     if add_generation_prompt:
         parts.append(chat_header("assistant"))
@@ -214,8 +221,10 @@ class TinyTokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
-        return render_chat(messages, add_generation_prompt)
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = False,
+                            default_system: str | None = DEFAULT_SYSTEM_PROMPT) -> str:
+        """The text `transformers`' apply_chat_template renders from this tokenizer's CHAT_TEMPLATE."""
+        return render_chat(with_system(messages, default_system), add_generation_prompt)
 
 
 def tokenizer_hash(path: str | Path) -> str:
