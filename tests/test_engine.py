@@ -260,6 +260,10 @@ def test_sampling_filters():
                                                            "repetition_penalty": 1.1}) == 1
     # low temperature sharpens: the top token takes almost all the mass
     assert sample(logits, 0.99, **{**plain, "temperature": 0.05}) == 0
+    # random() can return 1 - 2**-26, which is 1.0 in float32: still only tokens the filters kept
+    top = 1 - 2 ** -26
+    assert [sample(logits, top, **{**plain, **f}) for f in ({"top_k": 1}, {"top_p": 0.5}, {"min_p": 0.9}, {})] == \
+        [0, 0, 0, 3]
 
 
 def test_seeded_sampling_is_reproducible_whatever_the_batch(engine):

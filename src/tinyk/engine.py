@@ -689,7 +689,10 @@ class Engine:
         probs = probs.masked_fill(probs < p.min_p[:, None] * probs[:, :1], 0.0)
         cdf = probs.cumsum(-1)
         u = torch.tensor([r.random() for r in rngs], device=logits.device)[:, None] * cdf[:, -1:]
-        choice = torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[-1] - 1)
+        # The kept tokens are a prefix of `order`. A draw within 2**-25 of 1 rounds to cdf's end in
+        # float32, and searchsorted then steps past every filtered-out token: stop at the last kept one.
+        last_kept = (probs > 0).sum(-1, keepdim=True) - 1
+        choice = torch.minimum(torch.searchsorted(cdf, u, right=True), last_kept)
         sampled = order.gather(1, choice).squeeze(1)
         return torch.where(p.temperature == 0, greedy, sampled)
 
