@@ -566,15 +566,22 @@ def test_pretrain_loader_ranks_split_each_group_and_resume_exactly(pretrain_dir)
         assert torch.equal(torch.cat([g[0] for g in got]), want[0]) and torch.equal(torch.cat([g[1] for g in got]), want[1])
     # Resume after 6 groups with a different split of the same global batch (1 rank x 4).
     state = json.loads(json.dumps(ranks[0].state_dict()))
-    assert state == ranks[1].state_dict() == {"epoch": 0, "cursor": 24, "num_windows": ref.num_windows}
+    assert state == ranks[1].state_dict() == {"epoch": 0, "cursor": 24, "num_windows": ref.num_windows, "seed": 3,
+                                              "seq_len": 8}
     resumed = PretrainLoader(pretrain_dir, "train", 8, 4, seed=3)
     resumed.load_state_dict(state)
     for want in expected[6:]:
         assert rows([resumed.next_batch()]) == rows([want])
     assert resumed.epoch == ref.epoch == 1
     assert rows(expected[:3]) != rows([PretrainLoader(pretrain_dir, "train", 8, 4, seed=4).next_batch() for _ in range(3)])
-    with pytest.raises(TinykError, match="different data or seq_len"):
-        PretrainLoader(pretrain_dir, "train", 16, 4).load_state_dict(state)
+    # Another seed or window length would repeat some windows of the epoch and skip others.
+    with pytest.raises(TinykError, match="saved with seq_len 8; resume it with the same seq_len"):
+        PretrainLoader(pretrain_dir, "train", 16, 4, seed=3).load_state_dict(state)
+    with pytest.raises(TinykError, match="saved with seed 3; resume it with the same seed"):
+        PretrainLoader(pretrain_dir, "train", 8, 4, seed=0).load_state_dict(state)
+    with pytest.raises(TinykError, match="different data or seq_len"):  # a checkpoint from before seq_len was saved
+        PretrainLoader(pretrain_dir, "train", 16, 4).load_state_dict({"epoch": 0, "cursor": 24,
+                                                                      "num_windows": ref.num_windows})
 
 
 def test_sft_loader_masks_prompts_and_padding(sft_dir):

@@ -743,14 +743,19 @@ def test_sft_says_how_many_conversations_a_short_seq_len_leaves_out(tmp_path, sf
             f"within seq_len {seq_len} and are left out") in capsys.readouterr().out
 
 
-def test_an_sft_run_resumes_only_with_its_batch_size(tmp_path, sft_data, nano_model_dir):
-    """SFT's conversation order depends on the global batch (steps are shuffled whole), so another
-    --batch-size on resume would repeat some conversations and skip others: refused, saying why."""
+@pytest.mark.parametrize("change", [dict(batch_size=4), dict(seq_len=128), dict(seed=7)], ids=lambda c: next(iter(c)))
+def test_an_sft_run_resumes_only_with_its_sample_order(tmp_path, sft_data, nano_model_dir, change):
+    """SFT's conversation order depends on the seed, on seq_len (length buckets) and on the global batch
+    (steps are shuffled whole), so changing one on resume would repeat some conversations and skip
+    others: refused, saying why and how to go on from the weights."""
     out = tmp_path / "sft"
     cfg = dict(kind="sft", init=str(nano_model_dir), model={}, seq_len=64, save_every=1)
     train(nano_cfg(sft_data, None, out, max_steps=2, **cfg))
-    with pytest.raises(TinykError, match="saved with batch_size 8; resume it with the same batch size"):
-        train(nano_cfg(sft_data, None, out, max_steps=3, batch_size=4, **cfg), resume=True)
+    (name, value), = change.items()
+    saved = nano_cfg(sft_data, None, out, **cfg).__dict__[name]
+    with pytest.raises(TinykError, match=f"saved with {name} {saved}; resume it with the same {name} .* in a new "
+                                         f"run \\(--init {out / 'checkpoints' / 'step_0000002' / 'model'}\\)$"):
+        train(nano_cfg(sft_data, None, out, max_steps=3, **{**cfg, **change}), resume=True)
     assert train(nano_cfg(sft_data, None, out, max_steps=3, **cfg), resume=True)["steps"] == 3
 
 

@@ -190,6 +190,10 @@ def _check_layout(micro_batch: int, rank: int, world_size: int) -> None:
         raise TinykError(f"rank {rank} is outside world size {world_size}")
 
 
+class ResumeMismatch(TinykError):
+    """A resume with settings that would repeat some samples of the epoch and skip others."""
+
+
 class _Loader:
     """A rank's view of an endless, seeded, per-epoch sample order addressed by (epoch, cursor)."""
 
@@ -225,10 +229,19 @@ class _Loader:
     def epoch(self) -> int:
         return self._epoch
 
+    def order_settings(self) -> dict[str, int]:
+        """What the sample order depends on besides the data: a resume must keep them."""
+        return {"seed": self.seed, "seq_len": self.data.seq_len}
+
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self._epoch, "cursor": self._cursor, "num_windows": self.num_windows}
+        return {"epoch": self._epoch, "cursor": self._cursor, "num_windows": self.num_windows, **self.order_settings()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, value in self.order_settings().items():
+            saved = state.get(name, value)  # absent from checkpoints written before it was recorded
+            if saved != value:
+                raise ResumeMismatch(f"this run was saved with {name} {saved}; resume it with the same {name} "
+                                     f"(which samples come next depends on it)")
         if state.get("num_windows", self.num_windows) != self.num_windows:
             raise TinykError(f"the data loader state is for {state['num_windows']} samples per epoch, this data has "
                              f"{self.num_windows} (different data or seq_len)")
@@ -275,15 +288,9 @@ class SFTLoader(_Loader):
         shuffled = steps[np.random.default_rng((self.seed, epoch, 1)).permutation(n_steps)]
         return np.concatenate([order[:head], shuffled.ravel(), order[head + n_steps * self.batch_size:]])
 
-    def state_dict(self) -> dict[str, int]:
-        return {**super().state_dict(), "batch_size": self.batch_size}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        saved = state.get("batch_size", self.batch_size)
-        if saved != self.batch_size:
-            raise TinykError(f"this SFT run was saved with batch_size {saved}; resume it with the same batch size "
-                             f"(the order of its conversations depends on it), or start over with --force")
-        super().load_state_dict(state)
+    def order_settings(self) -> dict[str, int]:
+        """Steps are shuffled whole, so the order also depends on the global batch."""
+        return {**super().order_settings(), "batch_size": self.batch_size}
 
 
 def eval_batches(data_dir: str | Path, split: str, seq_len: int, micro_batch: int, max_batches: int | None = None,

@@ -48,7 +48,7 @@ from .files import (
     write_json_atomic,
     writing,
 )
-from .loader import IGNORE
+from .loader import IGNORE, ResumeMismatch
 from .model import PRESETS, Attention, ModelConfig, Transformer, cuda_autocast_dtype, resolve_dtype
 from .monitor import TRACKERS, Monitor, Trackers, finite, peak_flops
 
@@ -947,7 +947,10 @@ class Trainer:
         # Hyper-parameters and kernel choices come from this run's config and device, state from the file.
         for g, f in zip(self.opt.param_groups, fresh, strict=True):
             g.update(f)
-        self.loader.load_state_dict(state["loader"])
+        try:
+            self.loader.load_state_dict(state["loader"])
+        except ResumeMismatch as e:
+            raise TinykError(f"{e}, or train on from its weights in a new run (--init {path / 'model'})") from None
         extra = _load_pt(path / "rng.pt")
         ranks = extra["ranks"]
         if len(ranks) == self.dist.world:
