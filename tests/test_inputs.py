@@ -469,11 +469,34 @@ def test_sigterm_stops_data_preparation_like_ctrl_c(tmp_path, tok_dir, capsys, m
     assert signal.getsignal(signal.SIGTERM) is before
 
 
-def test_a_pretty_printed_json_array_is_named_with_the_way_out(tmp_path, tok_dir, capsys):
+@pytest.mark.parametrize("stage,records", [
+    ("pretrain", [{"text": "第一条"}, {"text": "第二条"}]),
+    ("sft", [{"conversations": [{"from": "human", "value": "你好"}, {"from": "assistant", "value": "你好！"}]}] * 2),
+])
+@pytest.mark.parametrize("layout", ["indented", "one line", "one long line"])
+def test_a_json_array_of_records_is_named_with_the_way_out(tmp_path, tok_dir, capsys, stage, records, layout):
+    """json.dump of a list, pretty-printed or on one line (even one too long to read as a line), is not
+    JSON Lines: refused with the conversion, not taken as one bad record while the rest of a run goes on."""
     src = tmp_path / "alpaca.json"
-    src.write_text(json.dumps([{"text": "第一条"}, {"text": "第二条"}], ensure_ascii=False, indent=2))
-    code, err = run_cli(["data", "pretrain", "--input", src, "--tokenizer", tok_dir, "--out", tmp_path / "d"], capsys)
-    assert code == 2 and "not JSON Lines" in one_error_line(err) and "jq -c '.[]' alpaca.json > alpaca.jsonl" in err
+    src.write_text(json.dumps(records, ensure_ascii=False, indent=2 if layout == "indented" else None))
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps(records[0], ensure_ascii=False) + "\n")
+    limit = ["--max-line-bytes", "200"] if layout == "one long line" else []
+    code, err = run_cli(["data", stage, "--input", good, "--input", src, "--tokenizer", tok_dir, "--out",
+                         tmp_path / "d", *limit], capsys)
+    assert code == 2 and "one JSON array of records, not JSON Lines" in one_error_line(err), err
+    assert "jq -c '.[]' alpaca.json > alpaca.jsonl" in err and not (tmp_path / "d").exists()
+
+
+def test_a_line_that_is_a_list_of_messages_is_one_conversation(tmp_path, tok_dir, capsys):
+    """The seed's SFT format: each line a list of {role, content} messages; not an array of records."""
+    conv = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"}]
+    src = tmp_path / "seed.jsonl"
+    src.write_text("\n".join(json.dumps(conv, ensure_ascii=False) for _ in range(3)) + "\n")
+    code, err = run_cli(["data", "sft", "--input", src, "--tokenizer", tok_dir, "--out", tmp_path / "d"], capsys)
+    assert code == 0, err
+    meta = json.loads((tmp_path / "d" / "meta.json").read_text())
+    assert sum(split["documents"] for split in meta["splits"].values()) == 3 and meta["skipped"]["total"] == 0
 
 
 def test_reports_point_at_the_cause(tmp_path, capsys):

@@ -358,6 +358,9 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
                 return
             consumed = base + read
             where = f"{label}:{lineno}"
+            if lineno == 1 and not is_txt and _is_json_array(path, line):
+                raise TinykError(f"{path}: one JSON array of records, not JSON Lines (one record per line); "
+                                 f"convert it first, e.g. {_jq_hint(path)}")
             if line is None:
                 skips.add("line_too_long", where)
                 continue
@@ -372,9 +375,6 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
                 continue
             if not s.strip():
                 continue
-            if lineno == 1 and s.strip() == "[":
-                raise TinykError(f"{path}: one JSON array over many lines, not JSON Lines (one record per line); "
-                                 f"convert it first, e.g. {_jq_hint(path)}")
             try:
                 rec = json.loads(s)
             except (ValueError, RecursionError):  # bad JSON, a 5000-digit number, nesting 1000 deep
@@ -384,6 +384,22 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
                 skips.add("invalid_utf8", where)  # an escaped lone surrogate: no UTF-8 text holds one
                 continue
             yield where, rec
+
+
+# A file that opens an array and then an object whose first key is not a chat message's: an array of
+# records (json.dump of a list, on one line or pretty-printed), where a line of JSON Lines is one record.
+# A line that is a list of messages ([{"role": ...}, ...]) is one conversation in the seed's SFT format.
+_ARRAY_OF_RECORDS = re.compile(rb'\s*\[\s*\{\s*(\}|"(?!(?:role|content|from|value)"))')
+
+
+def _is_json_array(path: Path, first_line: bytes | None) -> bool:
+    """Whether a JSON file is one array (of records, or over many lines) rather than JSON Lines.
+    `first_line` is None when it was too long to hold; then the file's first 64 KB decide."""
+    if first_line is not None:
+        return first_line.strip() == b"[" or bool(_ARRAY_OF_RECORDS.match(first_line))
+    with _open_binary(path) as f:
+        head = f.read(1 << 16)
+    return bool(_ARRAY_OF_RECORDS.match(head.removeprefix(_BOM)))
 
 
 def _jq_hint(path: Path) -> str:
