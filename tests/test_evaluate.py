@@ -167,6 +167,20 @@ def test_data_loss_perplexity_bits_per_byte(nano, nano_model_dir, pretrain_data)
     assert abs(r["loss"] - math.log(model.config.vocab_size)) < 0.5
 
 
+def test_sft_conversations_a_short_window_leaves_out_are_reported(nano, nano_model_dir, sft_data):
+    """Conversations with no answer token within --seq-len are not in the score: the results say how many."""
+    from tinyk.data import conversations_left_out
+
+    model, _ = nano
+    full = eval_data(model, nano_model_dir, sft_data, seq_len=128)
+    short = eval_data(model, nano_model_dir, sft_data, seq_len=24)
+    assert full["conversations_left_out"] == conversations_left_out(sft_data, "val", 128)
+    assert short["conversations_left_out"] == conversations_left_out(sft_data, "val", 24) > \
+        full["conversations_left_out"]
+    rows = [r[0] for r in table_rows({"data": [short]})]
+    assert f"{sft_data.name}/val conversations left out (no answer token within seq_len 24)" in rows
+
+
 def test_data_from_another_tokenizer_is_refused(tmp_path, nano, pretrain_data, corpus_file):
     from tinyk.checkpoint import init_model_dir
     from tinyk.tokenizer import train_tokenizer

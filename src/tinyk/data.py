@@ -55,7 +55,7 @@ SPLITS = ("train", "val")
 DEFAULT_SHARD_TOKENS = 100_000_000
 DEFAULT_BATCH_CHARS = 1 << 19
 PIECE_CHARS = 1 << 17  # longer documents are tokenized piece by piece (see `text_pieces`)
-LOADER_NAMES = ("PretrainLoader", "SFTLoader", "eval_batches", "open_dataset")
+LOADER_NAMES = ("PretrainLoader", "SFTLoader", "eval_batches", "conversations_left_out", "open_dataset")
 
 # Speaker names used by BelleGroup, ShareGPT and OpenAI-style data, mapped to chat-template roles.
 ROLE_ALIASES = {

@@ -44,7 +44,7 @@ def eval_data(model: Transformer, model_dir: str | Path, data_dir: str | Path, *
               seq_len: int | None = None, batch_size: int = 8, max_batches: int | None = None) -> dict[str, Any]:
     """Mean token loss over a prepared split (all of it unless `max_batches`), as loss, perplexity, and
     bits per byte of the text the evaluated tokens spell."""
-    from .data import eval_batches, open_dataset
+    from .data import conversations_left_out, eval_batches, open_dataset
     from .tokenizer import load_tokenizer
     from .train import eval_sums
 
@@ -66,7 +66,8 @@ def eval_data(model: Transformer, model_dir: str | Path, data_dir: str | Path, *
     loss = total / count
     return {"data": str(data_dir), "kind": meta["kind"], "split": split, "seq_len": seq_len, "tokens": count,
             "bytes": int(nbytes), "loss": loss, "perplexity": math.exp(min(loss, 50.0)),
-            "bits_per_byte": total / math.log(2) / nbytes if nbytes else None}
+            "bits_per_byte": total / math.log(2) / nbytes if nbytes else None,
+            "conversations_left_out": conversations_left_out(data_dir, split, seq_len)}
 
 
 # ---------------------------------------------------------------- generation tasks: exact match, stop rate
@@ -400,6 +401,9 @@ def table_rows(results: dict[str, Any]) -> Iterator[tuple[str, str, str]]:
         yield f"{name} perplexity", f"{d['perplexity']:.2f}", ""
         bpb = d["bits_per_byte"]  # None when the evaluated tokens spell no text (only <|im_end|>s)
         yield f"{name} bits per byte", "n/a" if bpb is None else f"{bpb:.4f}", ""
+        if d.get("conversations_left_out"):
+            yield (f"{name} conversations left out (no answer token within seq_len {d['seq_len']})",
+                   f"{d['conversations_left_out']:,}", "")
     for t in results.get("tasks", []):
         yield (f"{t['task']} exact match ({counted(t['examples'], t['skipped'])})", percent(t["accuracy"]),
                f"{percent(t['baseline'])} majority")

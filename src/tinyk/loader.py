@@ -304,6 +304,12 @@ def eval_batches(data_dir: str | Path, split: str, seq_len: int, micro_batch: in
     return _sequential(data.size, micro_batch, rank, world_size, max_batches, data.fetch)
 
 
+def conversations_left_out(data_dir: str | Path, split: str, seq_len: int) -> int:
+    """SFT conversations of a split with no assistant token within seq_len, which training and
+    evaluation leave out (0 for pretraining data)."""
+    return getattr(_open_split(data_dir, split, seq_len), "dropped", 0)
+
+
 def _sequential(size: int, micro_batch: int, rank: int, world_size: int, max_batches: int | None,
                 fetch: Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]]
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
