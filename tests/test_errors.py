@@ -107,6 +107,19 @@ def test_not_a_model_dir(tmp_path, capsys):
     assert code == 2 and "not a model directory" in err
 
 
+@pytest.mark.parametrize("weights,says", [
+    ("model.safetensors.index.json", "sharded over several files: save them as one, e.g. transformers' "
+                                     "save_pretrained(DIR, max_shard_size='100GB')"),
+    ("pytorch_model.bin", "a pickle (pytorch_model.bin), which tinyk does not load: save them as safetensors"),
+])
+def test_a_transformers_directory_tinyk_cannot_read_says_how_to_save_it(tmp_path, capsys, weights, says):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / weights).write_text("{}")
+    code, err = run_cli(["model", "info", str(tmp_path)], capsys)
+    assert code == 2 and err.count("\n") == 1 and f"not a model directory (needs config.json and model.safetensors): " \
+        f"{tmp_path}; its weights are {says}" in err
+
+
 def test_tokenizer_larger_than_model_vocab(tmp_path, tok_dir, corpus_file):
     from tinyk.checkpoint import init_model_dir
     from tinyk.tokenizer import train_tokenizer
