@@ -5,6 +5,9 @@ from __future__ import annotations
 import gc
 import gzip
 import json
+import os
+import subprocess
+import sys
 import tracemalloc
 import warnings
 from collections import Counter
@@ -725,3 +728,22 @@ def test_cli_prepares_data_and_reports_a_summary(tmp_path, tok_dir, corpus_file,
         main(["data", "sft", "--input", str(src), "--tokenizer", str(tok_dir), "--out", str(tmp_path / "s")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "--force" in err
+
+
+def test_a_script_without_the_main_guard_runs_once(tmp_path, corpus_file, tok_dir):
+    """Spawned workers used to run the calling script first: without `if __name__ == "__main__":`
+    each re-ran its side effects and started workers of its own, which failed and were restarted forever."""
+    script = tmp_path / "prepare.py"
+    script.write_text(
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from tinyk.data import prepare_pretrain\n"
+        "with open(Path(__file__).with_name('ran.txt'), 'a') as f:\n"
+        "    f.write('ran\\n')\n"
+        "prepare_pretrain([sys.argv[1]], sys.argv[2], sys.argv[3], workers=2, batch_chars=2000, show_progress=False)\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    r = subprocess.run([sys.executable, str(script), str(corpus_file), str(tok_dir), str(tmp_path / "d")], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "ran.txt").read_text() == "ran\n"
+    assert (tmp_path / "d" / "meta.json").is_file()

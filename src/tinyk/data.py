@@ -15,7 +15,9 @@ import os
 import re
 import shlex
 import signal
+import sys
 import threading
+import types
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -303,7 +305,7 @@ def _start_pool(workers: int, job: _Job) -> Iterator[Any]:
     """
     ctx = multiprocessing.get_context("spawn")
     if threading.current_thread() is not threading.main_thread():
-        with ctx.Pool(workers, initializer=_init_worker, initargs=(job,)) as pool:
+        with _without_main(), ctx.Pool(workers, initializer=_init_worker, initargs=(job,)) as pool:
             yield pool
         return
     resource_tracker.ensure_running()  # starting it unblocks SIGINT, so not in the window below
@@ -311,7 +313,8 @@ def _start_pool(workers: int, job: _Job) -> Iterator[Any]:
     try:
         handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
-            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(job,))
+            with _without_main():
+                pool = ctx.Pool(workers, initializer=_init_worker, initargs=(job,))
         finally:
             signal.signal(signal.SIGINT, handler)
     except BaseException:
@@ -320,6 +323,20 @@ def _start_pool(workers: int, job: _Job) -> Iterator[Any]:
     with pool:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         yield pool
+
+
+@contextlib.contextmanager
+def _without_main() -> Iterator[None]:
+    """Workers started meanwhile do not run the parent's `__main__` first, as spawned processes do
+    unless it looks interactive: they need only tinyk, and a script that called tinyk without the
+    `if __name__ == "__main__":` guard would have every worker run the script (its side effects
+    included) and start workers of its own, which fail, and the pool restarts them forever."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
 
 
 def _batched(items: Iterable[Any], size: Callable[[Any], int], limit: int) -> Iterator[list[Any]]:
@@ -574,8 +591,7 @@ def prepare_pretrain(inputs: list[str | Path], tokenizer_dir: str | Path, out: s
                      batch_chars: int = DEFAULT_BATCH_CHARS) -> dict[str, Any]:
     """Tokenizes documents into `train/` and `val/` shards of back-to-back documents; returns meta.
 
-    With `workers` > 1 the tokenizers run in spawned processes, so a script calling this needs
-    the usual `if __name__ == "__main__":` guard.
+    With `workers` > 1 the tokenizers run in spawned processes, which never run the caller's script.
     """
     paths = check_inputs(inputs)
     nworkers = _check_common(val_fraction, workers, max_line_bytes)
