@@ -173,12 +173,12 @@ def test_sft_conversations_a_short_window_leaves_out_are_reported(nano, nano_mod
 
     model, _ = nano
     full = eval_data(model, nano_model_dir, sft_data, seq_len=128)
-    short = eval_data(model, nano_model_dir, sft_data, seq_len=24)
+    short = eval_data(model, nano_model_dir, sft_data, seq_len=64)
     assert full["conversations_left_out"] == conversations_left_out(sft_data, "val", 128)
-    assert short["conversations_left_out"] == conversations_left_out(sft_data, "val", 24) > \
+    assert short["conversations_left_out"] == conversations_left_out(sft_data, "val", 64) > \
         full["conversations_left_out"]
     rows = [r[0] for r in table_rows({"data": [short]})]
-    assert f"{sft_data.name}/val conversations left out (no answer token within seq_len 24)" in rows
+    assert f"{sft_data.name}/val conversations left out (no answer token within seq_len 64)" in rows
 
 
 def test_data_from_another_tokenizer_is_refused(tmp_path, nano, pretrain_data, corpus_file):
