@@ -264,6 +264,9 @@ def test_sampling_filters():
     top = 1 - 2 ** -26
     assert [sample(logits, top, **{**plain, **f}) for f in ({"top_k": 1}, {"top_p": 0.5}, {"min_p": 0.9}, {})] == \
         [0, 0, 0, 3]
+    # Draws keep float64's resolution: a tail of mass 1e-10 is drawn by the top 1e-10 of draws, not the top 3e-8.
+    peaked = [30.0] + [0.0] * 999
+    assert [sample(peaked, u, **plain) > 0 for u in (1 - 2 ** -26, 1 - 2 ** -40)] == [False, True]
 
 
 def test_seeded_sampling_is_reproducible_whatever_the_batch(engine):

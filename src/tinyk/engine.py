@@ -683,14 +683,17 @@ class Engine:
             scaled = scaled.masked_fill(scaled < kth, -math.inf)
         sorted_l, order = scaled.sort(-1, descending=True)
         probs = sorted_l.softmax(-1)
-        # top-p keeps the smallest head whose mass reaches top_p (the most likely token always, even at 0).
-        sorted_l = sorted_l.masked_fill(probs.cumsum(-1) - probs >= p.top_p.clamp(min=1e-9)[:, None], -math.inf)
+        # top-p keeps the smallest head whose mass reaches top_p (the most likely token always, even at 0);
+        # top_p 1 keeps everything, also where float32's cumulative sum reaches 1 early.
+        cut = (probs.cumsum(-1) - probs >= p.top_p.clamp(min=1e-9)[:, None]) & (p.top_p < 1)[:, None]
+        sorted_l = sorted_l.masked_fill(cut, -math.inf)
         probs = sorted_l.softmax(-1)
         probs = probs.masked_fill(probs < p.min_p[:, None] * probs[:, :1], 0.0)
-        cdf = probs.cumsum(-1)
-        u = torch.tensor([r.random() for r in rngs], device=logits.device)[:, None] * cdf[:, -1:]
-        # The kept tokens are a prefix of `order`. A draw within 2**-25 of 1 rounds to cdf's end in
-        # float32, and searchsorted then steps past every filtered-out token: stop at the last kept one.
+        # In float64, so a draw keeps its 53 bits: in float32 the top 2**-25 of draws all became the
+        # last token. The kept tokens are a prefix of `order`; a draw that still rounds to cdf's end
+        # would step past every filtered-out token in searchsorted, so it stops at the last kept one.
+        cdf = probs.double().cumsum(-1)
+        u = torch.tensor([r.random() for r in rngs], dtype=torch.float64, device=logits.device)[:, None] * cdf[:, -1:]
         last_kept = (probs > 0).sum(-1, keepdim=True) - 1
         choice = torch.minimum(torch.searchsorted(cdf, u, right=True), last_kept)
         sampled = order.gather(1, choice).squeeze(1)
