@@ -97,7 +97,7 @@ def test_choice_accuracy_and_chance_on_a_ceval_folder(tmp_path, nano, fmt):
     assert r["baseline"] == pytest.approx(0.25)
     assert r["subjects"] == {"toy": {"questions": 6, "accuracy": 0.5}}
     assert r["skipped"]["by_reason"] == {"no_answer_column": 1}
-    assert next(table_rows({"choice": r}))[0] == f"multiple choice, {fmt} (n=6, 1 skipped)"  # said, not hidden
+    assert next(table_rows({"choice": r}))[0] == f"multiple choice, {fmt} (n=6, 1 skipped (no answer column))"  # said, not hidden
 
 
 def test_cmmlu_header_bad_rows_and_uneven_options(tmp_path):
@@ -330,7 +330,7 @@ def test_table_aligns_chinese_text():
     from tinyk.evaluate import _width
 
     rows = list(table_rows({"tasks": [{"task": "情感", "examples": 3, "accuracy": 1 / 3, "stop_rate": 1.0,
-                                       "baseline": 2 / 3, "skipped": {"total": 0}}]}))
+                                       "baseline": 2 / 3, "skipped": {"total": 0, "by_reason": {}}}]}))
     lines = format_table(rows).splitlines()
     assert "33.3%  66.7% majority" in lines[2] and lines[3].endswith("100.0%")
     # Scores are right-aligned in display columns, CJK characters counting two.

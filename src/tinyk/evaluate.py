@@ -417,8 +417,10 @@ def table_rows(results: dict[str, Any]) -> Iterator[tuple[str, str, str]]:
 
 
 def counted(n: int, skipped: dict[str, Any]) -> str:
-    """How many examples a score is over, and how many input rows were not: "n=40, 3 skipped"."""
-    return f"n={n}" + (f", {skipped['total']} skipped" if skipped["total"] else "")
+    """How many examples a score is over, and what was not, by reason: "n=40, 3 skipped (bad row)"
+    (a CSV without an answer column is one skip that may hide many questions, so it is named)."""
+    return ", ".join([f"n={n}", *(f"{count} skipped ({reason.replace('_', ' ')})"
+                                  for reason, count in skipped["by_reason"].items())])
 
 
 def format_table(rows: Iterable[tuple[str, str, str]], header: tuple[str, str, str] = ("metric", "score", "baseline")
