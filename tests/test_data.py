@@ -435,6 +435,21 @@ def test_sft_formats_system_prompt_and_mask(tmp_path, tok_dir):
     assert np.array_equal(ids, convs[0][0]) and np.array_equal(mask, convs[0][1])
 
 
+def test_an_empty_reply_in_a_conversation_carries_no_loss(tmp_path, tok_dir):
+    """ShareGPT dumps hold failed generations as empty turns: loss on their <|im_end|> alone would teach
+    the model to answer with silence. They stay as context; the other replies are learned as before."""
+    msgs = [{"role": "user", "content": "一"}, {"role": "assistant", "content": " \n"},
+            {"role": "user", "content": "二"}, {"role": "assistant", "content": "好的"}]
+    prepare_sft([write_jsonl(tmp_path / "s.jsonl", [msgs], field=None)], tok_dir, tmp_path / "o", system_prompt="",
+                **QUIET)
+    (ids, mask), = sft_split(tmp_path / "o")
+    tok = load_tokenizer(tok_dir)
+    assert tok.decode(ids.tolist()) == ("<|im_start|>user\n一<|im_end|>\n<|im_start|>assistant\n \n<|im_end|>\n"
+                                        "<|im_start|>user\n二<|im_end|>\n<|im_start|>assistant\n好的<|im_end|>\n")
+    [(a, b)] = mask_spans(mask)
+    assert tok.decode(ids[a:b].tolist()) == "好的<|im_end|>"
+
+
 def test_sft_custom_or_no_system_prompt(tmp_path, tok_dir):
     src = write_jsonl(tmp_path / "s.jsonl", [[{"role": "user", "content": "嗨"}, {"role": "assistant", "content": "嗨！"}]],
                       field=None)

@@ -140,7 +140,9 @@ def encode_chat(plain: Tokenizer, conversations: list[list[dict[str, str]]],
     for conv in kept:
         ct = ChatTokens()
         for m in conv:
-            enc, learn = next(encs), m["role"] == "assistant"
+            # An empty reply (a failed generation in a ShareGPT dump) stays as context but teaches
+            # nothing: loss on its <|im_end|> alone would teach the model to answer that turn with silence.
+            enc, learn = next(encs), m["role"] == "assistant" and bool(m["content"].strip())
             ct.add([IM_START_ID])
             if learn:
                 # Tokens that start inside the content learn; the "assistant\n" header's do not.
