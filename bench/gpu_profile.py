@@ -1,9 +1,8 @@
 """Where a pretraining step's time goes: the trainer's own step under torch.profiler, plus the parts alone.
 
 bench/gpu.sh says how fast a configuration is; this says why. It builds one `Trainer` in this
-process (seed-215m, seq 512, bf16 (fp16 on a V100/T4), compiled, micro-batch 64 unless told otherwise),
-runs its real
-`train_step` (data loader, autocast, clipping, fused AdamW), and prints:
+process (seed-215m, seq 512, bf16 (fp16 on a V100/T4), compiled, micro-batch 64 unless told
+otherwise), runs its real `train_step` (data loader, autocast, clipping, fused AdamW), and prints:
 
   1. the step's wall time, tokens/s and MFU, timed over steps after compilation;
   2. GPU kernel time by category (matmul, attention, fused elementwise, optimizer, ...) and the
@@ -261,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             parts = {"attention": attention_backends(tr.mcfg, micro, seq_len, tr.dtype),
                      "projections": projections(tr.mcfg, micro * seq_len, tr.dtype)}
         device_name = "CPU" if smoke else torch.cuda.get_device_name(0)
-        meta = {"preset": preset, "seq_len": seq_len, "micro": micro, "dtype": str(tr.dtype).split(".")[-1],
+        meta = {"preset": preset, "seq_len": seq_len, "micro": micro, "dtype": {torch.bfloat16: "bf16", torch.float16: "fp16"}[tr.dtype],
                 "compile": compiled,
                 "compile_mode": args.compile_mode, "device": device_name, "torch": torch.__version__}
         text = report(meta, timing, kernels, wall_ms, parts)

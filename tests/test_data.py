@@ -758,7 +758,7 @@ def test_a_script_without_the_main_guard_runs_once(tmp_path, corpus_file, tok_di
         "prepare_pretrain([sys.argv[1]], sys.argv[2], sys.argv[3], workers=2, batch_chars=2000, show_progress=False)\n")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     r = subprocess.run([sys.executable, str(script), str(corpus_file), str(tok_dir), str(tmp_path / "d")], env=env,
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "ran.txt").read_text() == "ran\n"
     assert (tmp_path / "d" / "meta.json").is_file()

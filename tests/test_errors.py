@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tinyk.checkpoint import load_model
 from tinyk.cli import main
@@ -110,14 +111,29 @@ def test_not_a_model_dir(tmp_path, capsys):
 @pytest.mark.parametrize("weights,says", [
     ("model.safetensors.index.json", "sharded over several files: save them as one, e.g. transformers' "
                                      "save_pretrained(DIR, max_shard_size='100GB')"),
+    ("pytorch_model.bin.index.json", "sharded over several files"),
     ("pytorch_model.bin", "a pickle (pytorch_model.bin), which tinyk does not load: save them as safetensors"),
 ])
-def test_a_transformers_directory_tinyk_cannot_read_says_how_to_save_it(tmp_path, capsys, weights, says):
-    (tmp_path / "config.json").write_text("{}")
-    (tmp_path / weights).write_text("{}")
-    code, err = run_cli(["model", "info", str(tmp_path)], capsys)
+def test_a_transformers_directory_tinyk_cannot_read_says_how_to_save_it(tmp_path, tok_dir, sft_data, capsys, weights,
+                                                                       says):
+    """In every command that reads a model directory: model info, --init, model import."""
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    if weights == "pytorch_model.bin":
+        torch.save({"model.embed_tokens.weight": torch.zeros(8, 4)}, hf / weights)
+    else:
+        (hf / weights).write_text("{}")
+    code, err = run_cli(["model", "info", str(hf)], capsys)
     assert code == 2 and err.count("\n") == 1 and f"not a model directory (needs config.json and model.safetensors): " \
-        f"{tmp_path}; its weights are {says}" in err
+        f"{hf}; its weights are {says}" in err
+    code, err = run_cli(["sft", "--init", str(hf), "--data", str(sft_data), "--out", str(tmp_path / "run")], capsys)
+    assert code == 2 and err.count("\n") == 1 and f"nor a run directory with final/; its weights are {says}" in err
+    if weights == "pytorch_model.bin":
+        code, err = run_cli(["model", "import", str(hf), "--tokenizer", str(tok_dir), "--out", str(tmp_path / "m")],
+                            capsys)
+        assert code == 2 and f"{hf} is not a checkpoint of the tutorial's model but a Hugging Face Llama " \
+            f"checkpoint; its weights are {says}" in err
 
 
 def test_tokenizer_larger_than_model_vocab(tmp_path, tok_dir, corpus_file):

@@ -169,7 +169,7 @@ def test_data_loss_perplexity_bits_per_byte(nano, nano_model_dir, pretrain_data)
 
 def test_sft_conversations_a_short_window_leaves_out_are_reported(nano, nano_model_dir, sft_data):
     """Conversations with no answer token within --seq-len are not in the score: the results say how many."""
-    from tinyk.data import conversations_left_out
+    from tinyk.loader import conversations_left_out
 
     model, _ = nano
     full = eval_data(model, nano_model_dir, sft_data, seq_len=128)

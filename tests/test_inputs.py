@@ -471,8 +471,9 @@ def test_sigterm_stops_data_preparation_like_ctrl_c(tmp_path, tok_dir, capsys, m
 
 @pytest.mark.parametrize("stage,records", [
     ("pretrain", [{"text": "第一条"}, {"text": "第二条"}]),
+    ("pretrain", [{"content": "第一条"}, {"content": "第二条"}]),  # a message's key, but pretraining has no lists
     ("sft", [{"conversations": [{"from": "human", "value": "你好"}, {"from": "assistant", "value": "你好！"}]}] * 2),
-])
+], ids=["text", "content", "sft"])
 @pytest.mark.parametrize("layout", ["indented", "one line", "one long line"])
 def test_a_json_array_of_records_is_named_with_the_way_out(tmp_path, tok_dir, capsys, stage, records, layout):
     """json.dump of a list, pretty-printed or on one line (even one too long to read as a line), is not
@@ -482,6 +483,7 @@ def test_a_json_array_of_records_is_named_with_the_way_out(tmp_path, tok_dir, ca
     good = tmp_path / "good.jsonl"
     good.write_text(json.dumps(records[0], ensure_ascii=False) + "\n")
     limit = ["--max-line-bytes", "200"] if layout == "one long line" else []
+    limit += ["--field", "content"] if "content" in records[0] else []
     code, err = run_cli(["data", stage, "--input", good, "--input", src, "--tokenizer", tok_dir, "--out",
                          tmp_path / "d", *limit], capsys)
     assert code == 2 and "one JSON array of records, not JSON Lines" in one_error_line(err), err

@@ -411,8 +411,9 @@ def test_a_model_directory_the_tutorials_save_pretrained_wrote_imports_with_its_
                                                                     "tutorial's model does not have"),
     (lambda sd: {k: v for k, v in sd.items() if "ffn_norm" not in k}, "lacks weights: \\[.model.layers.0.post_attention_layernorm"),
     (lambda sd: {"tok_embeddings": 1}, "is not a state dict"),
-    (lambda sd: {"model.embed_tokens.weight": sd["tok_embeddings.weight"]}, "not a checkpoint of the tutorial's "
-                                                                             "model but a Hugging Face Llama checkpoint"),
+    (lambda sd: {"model.embed_tokens.weight": sd["tok_embeddings.weight"]},
+     "not a checkpoint of the tutorial's model but a Hugging Face Llama checkpoint; tinyk reads such a model from "
+     "the directory transformers' save_pretrained writes"),
     (lambda sd: {"embed.weight": sd["tok_embeddings.weight"]}, "not a checkpoint of the tutorial's model \\(it has no"),
     (lambda sd: {**sd, "args": argparse.Namespace(dim=64)}, "holds Python objects besides tensors, which tinyk does "
                                                              "not unpickle"),

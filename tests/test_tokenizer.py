@@ -20,6 +20,7 @@ from tinyk.tokenizer import (
     eval_tokenizer,
     load_tokenizer,
     train_tokenizer,
+    with_system,
 )
 
 # The seed's own eval_tokenizer() messages and the prompt it prints.
@@ -64,7 +65,7 @@ def test_special_token_ids(tk, tok_dir):
     assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (3, 4, 4)
 
 
-def test_chat_template_matches_seed(tk, tok_dir):
+def test_chat_template_renders_the_seeds_conversations(tk, tok_dir):
     hf = AutoTokenizer.from_pretrained(tok_dir)
     assert hf.chat_template == CHAT_TEMPLATE
     assert hf.apply_chat_template(SEED_MESSAGES, tokenize=False) == SEED_PROMPT
@@ -97,17 +98,17 @@ def test_exact_roundtrip_chat_text(tk, roles, content):
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["system", "user", "assistant"]),
+@given(st.lists(st.tuples(st.sampled_from(["system", "developer", "user", "assistant"]),
                           st.text(max_size=30).filter(lambda t: not any(x in t for x in SPECIAL_TOKENS))),
-                min_size=1, max_size=4), st.booleans())
-def test_chat_ids_are_the_rendered_template_tokenized(tk, hf_tok, turns, gen):
+                min_size=1, max_size=4), st.booleans(), st.sampled_from([None, DEFAULT_SYSTEM_PROMPT]))
+def test_chat_ids_are_the_rendered_template_tokenized(tk, hf_tok, turns, gen, system):
     """Piecewise chat encoding gives exactly the ids of tokenizing the rendered text, as `transformers`'
-    apply_chat_template does, for any text without special-token strings."""
+    apply_chat_template does, for any text without special-token strings (`developer` is the system role)."""
     messages = [{"role": r, "content": c} for r, c in turns]
-    ids = tk.encode_chat(messages, add_generation_prompt=gen)
-    assert ids == tk.encode(tk.apply_chat_template(messages, add_generation_prompt=gen, default_system=None))
+    ids = tk.encode_chat(with_system(messages, system), add_generation_prompt=gen)
+    assert ids == tk.encode(tk.apply_chat_template(messages, add_generation_prompt=gen, default_system=system))
     assert ids == hf_tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen, return_dict=False,
-                                             default_system=None)
+                                             default_system=system)
 
 
 def test_hf_template_prompts_like_tinyk_chat(tk, hf_tok, tok_dir):

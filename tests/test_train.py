@@ -753,6 +753,11 @@ def test_an_sft_run_resumes_only_with_its_sample_order(tmp_path, sft_data, nano_
     train(nano_cfg(sft_data, None, out, max_steps=2, **cfg))
     (name, value), = change.items()
     saved = nano_cfg(sft_data, None, out, **cfg).__dict__[name]
+    if name == "seq_len":  # as a checkpoint of an earlier tinyk wrote it: seq_len beside the loader's state
+        state_file = out / "checkpoints" / "step_0000002" / "state.json"
+        state = json.loads(state_file.read_text())
+        del state["loader"]["seq_len"]
+        state_file.write_text(json.dumps(state))
     with pytest.raises(TinykError, match=f"saved with {name} {saved}; resume it with the same {name} .* in a new "
                                          f"run \\(--init {out / 'checkpoints' / 'step_0000002' / 'model'}\\)$"):
         train(nano_cfg(sft_data, None, out, max_steps=3, **{**cfg, **change}), resume=True)

@@ -164,18 +164,20 @@ def save_model(model: Transformer, tok_dir: str | Path, out: str | Path, force: 
 def load_config(path: str | Path) -> ModelConfig:
     path = Path(path)
     if not is_model_dir(path):
-        raise TinykError(f"not a model directory (needs config.json and model.safetensors): {path}{_dir_hint(path)}")
+        raise TinykError(f"not a model directory (needs config.json and model.safetensors): {path}"
+                         f"{model_dir_hint(path)}")
     try:
         return config_from_hf(json.loads((path / "config.json").read_text()))
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise TinykError(f"invalid config.json in {path}: {e}") from e
 
 
-def _dir_hint(path: Path) -> str:
-    """What a directory that is almost a model directory holds instead, and the way to one."""
+def model_dir_hint(path: Path) -> str:
+    """"; " and what a directory that is almost a model directory holds instead, with the way to one."""
     if is_model_dir(path / "final"):
         return f"; a training run's model is in {path / 'final'}"
-    if (path / "config.json").is_file() and (path / "model.safetensors.index.json").is_file():
+    if (path / "config.json").is_file() and any((path / f"{name}.index.json").is_file()
+                                                for name in ("model.safetensors", "pytorch_model.bin")):
         return ("; its weights are sharded over several files: save them as one, e.g. transformers' "
                 "save_pretrained(DIR, max_shard_size='100GB')")
     if (path / "config.json").is_file() and (path / "pytorch_model.bin").is_file():
@@ -330,9 +332,13 @@ def import_seed_checkpoint(ckpt: str | Path, tok_dir: str | Path, out: str | Pat
     state = {_unprefixed(k): v.float() for k, v in state.items()
              if not k.endswith("attention.mask")}  # the causal mask older torch made it keep: not a weight
     if state.get("tok_embeddings.weight", torch.empty(0)).dim() != 2:
-        hf = " but a Hugging Face Llama checkpoint: with a tinyk tokenizer.json beside it, use the directory " \
-             "as it is" if "model.embed_tokens.weight" in state else " (it has no tok_embeddings.weight)"
-        raise TinykError(f"{path} is not a checkpoint of the tutorial's model{hf}")
+        if "model.embed_tokens.weight" not in state:
+            raise TinykError(f"{path} is not a checkpoint of the tutorial's model (it has no tok_embeddings.weight)")
+        fix = (model_dir_hint(path).removeprefix("; ") or "use the directory as it is, with a tinyk tokenizer.json "
+               "beside it") if path.is_dir() else ("tinyk reads such a model from the directory transformers' "
+                                                   "save_pretrained writes, with a tinyk tokenizer.json beside it")
+        raise TinykError(f"{path} is not a checkpoint of the tutorial's model but a Hugging Face Llama checkpoint; "
+                         f"{fix}")
     emb = state.pop("tok_embeddings.weight")
     vocab_size, dim = emb.shape
     output = state.pop("output.weight", emb)

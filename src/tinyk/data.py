@@ -17,7 +17,6 @@ import shlex
 import signal
 import sys
 import threading
-import types
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -57,7 +56,7 @@ SPLITS = ("train", "val")
 DEFAULT_SHARD_TOKENS = 100_000_000
 DEFAULT_BATCH_CHARS = 1 << 19
 PIECE_CHARS = 1 << 17  # longer documents are tokenized piece by piece (see `text_pieces`)
-LOADER_NAMES = ("PretrainLoader", "SFTLoader", "eval_batches", "conversations_left_out", "open_dataset")
+LOADER_NAMES = ("PretrainLoader", "SFTLoader", "eval_batches", "open_dataset")
 
 # Speaker names used by BelleGroup, ShareGPT and OpenAI-style data, mapped to chat-template roles.
 ROLE_ALIASES = {
@@ -305,7 +304,7 @@ def _start_pool(workers: int, job: _Job) -> Iterator[Any]:
     """
     ctx = multiprocessing.get_context("spawn")
     if threading.current_thread() is not threading.main_thread():
-        with _without_main(), ctx.Pool(workers, initializer=_init_worker, initargs=(job,)) as pool:
+        with _spawn_pool(ctx, workers, job) as pool:
             yield pool
         return
     resource_tracker.ensure_running()  # starting it unblocks SIGINT, so not in the window below
@@ -313,8 +312,7 @@ def _start_pool(workers: int, job: _Job) -> Iterator[Any]:
     try:
         handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
-            with _without_main():
-                pool = ctx.Pool(workers, initializer=_init_worker, initargs=(job,))
+            pool = _spawn_pool(ctx, workers, job)
         finally:
             signal.signal(signal.SIGINT, handler)
     except BaseException:
@@ -325,18 +323,29 @@ def _start_pool(workers: int, job: _Job) -> Iterator[Any]:
         yield pool
 
 
-@contextlib.contextmanager
-def _without_main() -> Iterator[None]:
-    """Workers started meanwhile do not run the parent's `__main__` first, as spawned processes do
+_MAIN_SWAP = threading.Lock()
+
+
+def _spawn_pool(ctx: Any, workers: int, job: _Job) -> Any:
+    """A spawn pool whose workers do not run the parent's `__main__` first, as spawned processes do
     unless it looks interactive: they need only tinyk, and a script that called tinyk without the
     `if __name__ == "__main__":` guard would have every worker run the script (its side effects
-    included) and start workers of its own, which fail, and the pool restarts them forever."""
+    included) and start workers of its own, which fail, and the pool restarts them forever.
+
+    Spawning reads `__main__.__spec__` and `__file__` to find the script; only those two are hidden,
+    only while the pool starts its workers (synchronously), and under a lock, so two pools never
+    interleave and another thread still finds everything the script defines (pickle needs that).
+    """
     main = sys.modules["__main__"]
-    sys.modules["__main__"] = types.ModuleType("__main__")
-    try:
-        yield
-    finally:
-        sys.modules["__main__"] = main
+    with _MAIN_SWAP:
+        saved = {k: main.__dict__[k] for k in ("__spec__", "__file__") if k in main.__dict__}
+        main.__spec__ = None
+        main.__dict__.pop("__file__", None)
+        try:
+            return ctx.Pool(workers, initializer=_init_worker, initargs=(job,))
+        finally:
+            main.__dict__.pop("__spec__", None)
+            main.__dict__.update(saved)
 
 
 def _batched(items: Iterable[Any], size: Callable[[Any], int], limit: int) -> Iterator[list[Any]]:
@@ -591,7 +600,7 @@ def prepare_pretrain(inputs: list[str | Path], tokenizer_dir: str | Path, out: s
                      batch_chars: int = DEFAULT_BATCH_CHARS) -> dict[str, Any]:
     """Tokenizes documents into `train/` and `val/` shards of back-to-back documents; returns meta.
 
-    With `workers` > 1 the tokenizers run in spawned processes, which never run the caller's script.
+    With `workers` > 1 the tokenizers run in spawned processes, which do not run the caller's script.
     """
     paths = check_inputs(inputs)
     nworkers = _check_common(val_fraction, workers, max_line_bytes)
@@ -654,7 +663,7 @@ def prepare_sft(inputs: list[str | Path], tokenizer_dir: str | Path, out: str | 
         raise TinykError(f"--max-len must be at least 8 tokens, got {max_len}")
 
     def conversations(skips: Skips) -> Iterator[tuple[str, list[dict[str, str]]]]:
-        for where, rec in iter_records(paths, skips, max_line_bytes=max_line_bytes):
+        for where, rec in iter_records(paths, skips, max_line_bytes=max_line_bytes, message_lists=True):
             conv = normalize_conversation(rec, system_prompt)
             if isinstance(conv, str):
                 skips.add(conv, where)

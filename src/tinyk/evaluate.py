@@ -44,7 +44,8 @@ def eval_data(model: Transformer, model_dir: str | Path, data_dir: str | Path, *
               seq_len: int | None = None, batch_size: int = 8, max_batches: int | None = None) -> dict[str, Any]:
     """Mean token loss over a prepared split (all of it unless `max_batches`), as loss, perplexity, and
     bits per byte of the text the evaluated tokens spell."""
-    from .data import conversations_left_out, eval_batches, open_dataset
+    from .data import eval_batches, open_dataset
+    from .loader import conversations_left_out
     from .tokenizer import load_tokenizer
     from .train import eval_sums
 
@@ -67,7 +68,9 @@ def eval_data(model: Transformer, model_dir: str | Path, data_dir: str | Path, *
     return {"data": str(data_dir), "kind": meta["kind"], "split": split, "seq_len": seq_len, "tokens": count,
             "bytes": int(nbytes), "loss": loss, "perplexity": math.exp(min(loss, 50.0)),
             "bits_per_byte": total / math.log(2) / nbytes if nbytes else None,
-            "conversations_left_out": conversations_left_out(data_dir, split, seq_len)}
+            # of the whole split, also where --max-batches scores part of it
+            **({"conversations_left_out": conversations_left_out(data_dir, split, seq_len)} if meta["kind"] == "sft"
+               else {})}
 
 
 # ---------------------------------------------------------------- generation tasks: exact match, stop rate

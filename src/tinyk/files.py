@@ -332,11 +332,14 @@ def iter_lines(path: Path, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iter
 
 
 def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = None,
-                 max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, text_field: str = "text") -> Iterator[tuple[str, Any]]:
+                 max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, text_field: str = "text",
+                 message_lists: bool = False) -> Iterator[tuple[str, Any]]:
     """Yields (where, record) from every input in order, skipping and counting bad lines.
 
     JSON inputs yield the parsed object; `.txt` lines yield {text_field: line}; Parquet rows
-    yield a dict. Stops once `max_bytes` of input have been consumed.
+    yield a dict. Stops once `max_bytes` of input have been consumed. `message_lists`: a line may
+    be a bare list of chat messages (the seed's SFT format), so such a first line is not taken
+    for the start of a JSON array.
     """
     consumed = 0
     labels = _labels(paths)
@@ -358,7 +361,7 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
                 return
             consumed = base + read
             where = f"{label}:{lineno}"
-            if lineno == 1 and not is_txt and _is_json_array(path, line):
+            if lineno == 1 and not is_txt and _is_json_array(path, line, message_lists):
                 raise TinykError(f"{path}: one JSON array of records, not JSON Lines (one record per line); "
                                  f"convert it first, e.g. {_jq_hint(path)}")
             if line is None:
@@ -386,20 +389,21 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
             yield where, rec
 
 
-# A file that opens an array and then an object whose first key is not a chat message's: an array of
-# records (json.dump of a list, on one line or pretty-printed), where a line of JSON Lines is one record.
-# A line that is a list of messages ([{"role": ...}, ...]) is one conversation in the seed's SFT format.
+# Where a line may be a list of chat messages ([{"role": ...}, ...], one conversation in the seed's SFT
+# format), an array of records is one whose first object starts with a key no message has.
+_ARRAY = re.compile(rb'\s*\[')
 _ARRAY_OF_RECORDS = re.compile(rb'\s*\[\s*\{\s*(\}|"(?!(?:role|content|from|value)"))')
 
 
-def _is_json_array(path: Path, first_line: bytes | None) -> bool:
-    """Whether a JSON file is one array (of records, or over many lines) rather than JSON Lines.
-    `first_line` is None when it was too long to hold; then the file's first 64 KB decide."""
-    if first_line is not None:
-        return first_line.strip() == b"[" or bool(_ARRAY_OF_RECORDS.match(first_line))
-    with _open_binary(path) as f:
-        head = f.read(1 << 16)
-    return bool(_ARRAY_OF_RECORDS.match(head.removeprefix(_BOM)))
+def _is_json_array(path: Path, first_line: bytes | None, message_lists: bool) -> bool:
+    """Whether a JSON file is one array (json.dump of a list, on one line or indented) rather than
+    JSON Lines. `first_line` is None when it was too long to hold; then the file's first 64 KB decide."""
+    if first_line is not None and first_line.strip() == b"[":
+        return True
+    if first_line is None:
+        with _open_binary(path) as f:
+            first_line = f.read(1 << 16).removeprefix(_BOM)
+    return bool((_ARRAY_OF_RECORDS if message_lists else _ARRAY).match(first_line))
 
 
 def _jq_hint(path: Path) -> str:

@@ -40,7 +40,7 @@ DEFAULT_SYSTEM_PROMPT = "你是一个AI助手"
 # The seed's template (only system/user/assistant turns are rendered), plus what tinyk's chat, serve
 # and SFT data do around it, so `transformers` prompts a model as it was trained: the training system
 # prompt goes first when a conversation has none (`apply_chat_template(..., default_system=None)`
-# leaves it out, as `Engine.chat` does), and OpenAI's `developer` role is the system role.
+# leaves it out, as `Engine.chat_ids` does), and OpenAI's `developer` role is the system role.
 CHAT_TEMPLATE = (
     f"{{% set system = default_system if default_system is defined else '{DEFAULT_SYSTEM_PROMPT}' %}}"
     "{% if system and messages and messages[0]['role'] not in ['system', 'developer'] %}"
@@ -60,6 +60,7 @@ CHAT_TEMPLATE = (
     "{% endif %}"
 )
 CHAT_ROLES = ("system", "user", "assistant")
+SYSTEM_ROLES = ("system", "developer")  # OpenAI's newer name for the system role
 NOT_UTF8 = "the text is not valid UTF-8 (convert it first, e.g. iconv -f gbk -t utf-8)"
 MAX_VOCAB = 1_000_000  # far above any small LLM's; the trainer would try to allocate for whatever it is given
 
@@ -67,7 +68,7 @@ MAX_VOCAB = 1_000_000  # far above any small LLM's; the trainer would try to all
 def with_system(messages: list[dict[str, str]], system: str | None) -> list[dict[str, str]]:
     """`messages` with `system` first unless they start with a system message of their own: how SFT
     data is prepared, so training, evaluation and serving all prompt alike."""
-    if system and messages and messages[0]["role"] != "system":
+    if system and messages and messages[0]["role"] not in SYSTEM_ROLES:
         return [{"role": "system", "content": system}, *messages]
     return messages
 
@@ -79,9 +80,15 @@ def chat_header(role: str) -> str:
 CHAT_FOOTER = "<|im_end|>\n"
 
 
+def _turns(messages: list[dict[str, str]]) -> list[tuple[str, str]]:
+    """(role, content) of the messages the template renders, `developer` as system; others are dropped."""
+    return [("system" if m["role"] in SYSTEM_ROLES else m["role"], m["content"])
+            for m in messages if m["role"] in CHAT_ROLES or m["role"] in SYSTEM_ROLES]
+
+
 def render_chat(messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
     """Renders messages as given, as CHAT_TEMPLATE does with `default_system=None`, without jinja."""
-    parts = [chat_header(m["role"]) + m["content"] + CHAT_FOOTER for m in messages if m["role"] in CHAT_ROLES]
+    parts = [chat_header(role) + content + CHAT_FOOTER for role, content in _turns(messages)]
     if add_generation_prompt:
         parts.append(chat_header("assistant"))
     return "".join(parts)
@@ -131,25 +138,25 @@ def encode_chat(plain: Tokenizer, conversations: list[list[dict[str, str]]],
     special-token strings (what `transformers`' apply_chat_template gives). Training and serving
     both use this, so a model is prompted exactly as it was trained.
     """
-    kept = [[m for m in conv if m["role"] in CHAT_ROLES] for conv in conversations]
-    pieces = [m["role"] + "\n" + m["content"] for conv in kept for m in conv]
+    kept = [_turns(conv) for conv in conversations]
+    pieces = [role + "\n" + content for conv in kept for role, content in conv]
     encs = iter(plain.encode_batch(pieces, add_special_tokens=False) if pieces else [])
     newline = plain.encode("\n", add_special_tokens=False).ids
     reply_header = plain.encode("assistant\n", add_special_tokens=False).ids
     out = []
     for conv in kept:
         ct = ChatTokens()
-        for m in conv:
+        for role, content in conv:
             # An empty reply (a failed generation in a ShareGPT dump) stays as context but teaches
             # nothing: loss on its <|im_end|> alone would teach the model to answer that turn with silence.
-            enc, learn = next(encs), m["role"] == "assistant" and bool(m["content"].strip())
+            enc, learn = next(encs), role == "assistant" and bool(content.strip())
             ct.add([IM_START_ID])
             if learn:
                 # Tokens that start inside the content learn; the "assistant\n" header's do not.
                 head = len("assistant\n")
                 starts = [a for a, _ in enc.offsets]
                 k = bisect.bisect_left(starts, head)
-                ct.answers.append((len(ct.ids) + k, [a - head for a in starts[k:]], m["content"]))
+                ct.answers.append((len(ct.ids) + k, [a - head for a in starts[k:]], content))
                 ct.ids += enc.ids
                 ct.flags += [0] * k + [1] * (len(starts) - k)
             else:

@@ -36,7 +36,14 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from .checkpoint import check_compatible, is_model_dir, load_config, load_model, write_model_files
+from .checkpoint import (
+    check_compatible,
+    is_model_dir,
+    load_config,
+    load_model,
+    model_dir_hint,
+    write_model_files,
+)
 from .files import (
     DirLock,
     TinykError,
@@ -531,7 +538,7 @@ def resolve_init(path: str | Path) -> Path:
         raise TinykError(f"--init {p} is a run directory without final/ (unfinished); pass one of its "
                          f"checkpoints/step_*/model directories instead")
     raise TinykError(f"--init {p} is not a model directory (no config.json + model.safetensors) "
-                     f"nor a run directory with final/")
+                     f"nor a run directory with final/{model_dir_hint(p)}")
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
@@ -940,6 +947,11 @@ class Trainer:
                 raise ValueError(f"state.json has {key} {value!r}")
         if state["kind"] != self.cfg.kind:
             raise TinykError(f"{path} is a {state['kind']} checkpoint, not {self.cfg.kind}")
+        try:  # before the large files: a resume that would disturb the sample order is refused at once
+            # Checkpoints from before the loader recorded seq_len have it beside the loader's state.
+            self.loader.load_state_dict({"seq_len": state.get("seq_len", self.cfg.seq_len), **state["loader"]})
+        except ResumeMismatch as e:
+            raise TinykError(f"{e}, or train on from its weights in a new run (--init {path / 'model'})") from None
         fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.opt.param_groups]
         optim_state = _load_pt(path / "optimizer.pt")
         set_optimizer_state_dict(self.model, self.opt, optim_state,
@@ -947,10 +959,6 @@ class Trainer:
         # Hyper-parameters and kernel choices come from this run's config and device, state from the file.
         for g, f in zip(self.opt.param_groups, fresh, strict=True):
             g.update(f)
-        try:
-            self.loader.load_state_dict(state["loader"])
-        except ResumeMismatch as e:
-            raise TinykError(f"{e}, or train on from its weights in a new run (--init {path / 'model'})") from None
         extra = _load_pt(path / "rng.pt")
         ranks = extra["ranks"]
         if len(ranks) == self.dist.world:
