@@ -232,6 +232,10 @@ def test_model_and_prompt_file_mistakes_name_the_way_out(tmp_path, nano_model_di
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('["你好", "再见"]\n', encoding="utf-8")
     code, err = run_cli(["generate", "--model", str(nano_model_dir), "--prompt-file", str(prompts)], capsys)
+    assert code == 2 and "p.jsonl: one JSON array, not JSON Lines" in err
+    assert """jq -c '.[] | {"prompt": .}' p.jsonl > p.lines.jsonl""" in err  # strings become records, not the input
+    prompts.write_text('"你好"\n"再见"\n', encoding="utf-8")
+    code, err = run_cli(["generate", "--model", str(nano_model_dir), "--prompt-file", str(prompts)], capsys)
     assert code == 2 and "no prompts in" in err and "records need a string field 'prompt'" in err
 
 

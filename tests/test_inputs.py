@@ -486,7 +486,7 @@ def test_a_json_array_of_records_is_named_with_the_way_out(tmp_path, tok_dir, ca
     limit += ["--field", "content"] if "content" in records[0] else []
     code, err = run_cli(["data", stage, "--input", good, "--input", src, "--tokenizer", tok_dir, "--out",
                          tmp_path / "d", *limit], capsys)
-    assert code == 2 and "one JSON array of records, not JSON Lines" in one_error_line(err), err
+    assert code == 2 and "one JSON array, not JSON Lines" in one_error_line(err), err
     assert "jq -c '.[]' alpaca.json > alpaca.jsonl" in err and not (tmp_path / "d").exists()
 
 

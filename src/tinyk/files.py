@@ -361,9 +361,10 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
                 return
             consumed = base + read
             where = f"{label}:{lineno}"
-            if lineno == 1 and not is_txt and _is_json_array(path, line, message_lists):
-                raise TinykError(f"{path}: one JSON array of records, not JSON Lines (one record per line); "
-                                 f"convert it first, e.g. {_jq_hint(path)}")
+            head = _json_array_head(path, line, message_lists) if lineno == 1 and not is_txt else None
+            if head is not None:
+                raise TinykError(f"{path}: one JSON array, not JSON Lines (one record per line); convert it "
+                                 f"first, e.g. {_jq_hint(path, text_field if _STRINGS.match(head) else None)}")
             if line is None:
                 skips.add("line_too_long", where)
                 continue
@@ -395,23 +396,29 @@ _ARRAY = re.compile(rb'\s*\[')
 _ARRAY_OF_RECORDS = re.compile(rb'\s*\[\s*\{\s*(\}|"(?!(?:role|content|from|value)"))')
 
 
-def _is_json_array(path: Path, first_line: bytes | None, message_lists: bool) -> bool:
-    """Whether a JSON file is one array (json.dump of a list, on one line or indented) rather than
-    JSON Lines. `first_line` is None when it was too long to hold; then the file's first 64 KB decide."""
-    if first_line is not None and first_line.strip() == b"[":
-        return True
-    if first_line is None:
-        with _open_binary(path) as f:
-            first_line = f.read(1 << 16).removeprefix(_BOM)
-    return bool((_ARRAY_OF_RECORDS if message_lists else _ARRAY).match(first_line))
+_STRINGS = re.compile(rb'\s*\[\s*"')
 
 
-def _jq_hint(path: Path) -> str:
+def _json_array_head(path: Path, first_line: bytes | None, message_lists: bool) -> bytes | None:
+    """The first 64 KB of a JSON file that is one array (json.dump of a list, on one line or indented)
+    rather than JSON Lines, else None. `first_line` is None when it was too long to hold."""
+    if first_line is not None and not first_line.lstrip().startswith(b"["):
+        return None
+    with _open_binary(path) as f:
+        head = f.read(1 << 16).removeprefix(_BOM)
+    indented = first_line is not None and first_line.strip() == b"["
+    return head if indented or (_ARRAY_OF_RECORDS if message_lists else _ARRAY).match(head) else None
+
+
+def _jq_hint(path: Path, field: str | None = None) -> str:
+    """The jq line that writes an array's elements one per line (strings become {field: ...} records)."""
     name = shown(path.name)
     base = name.split(".")[0] or "records"
+    out = base + ".jsonl" if base + ".jsonl" != name else base + ".lines.jsonl"
+    program = shlex.quote(f".[] | {{{json.dumps(field, ensure_ascii=False)}: .}}" if field else ".[]")
     if _codec(path):
-        return f"decompress it, then jq -c '.[]' FILE > {shlex.quote(base + '.jsonl')}"
-    return f"jq -c '.[]' {shlex.quote(name)} > {shlex.quote(base + '.jsonl')}"
+        return f"decompress it, then jq -c {program} FILE > {shlex.quote(out)}"
+    return f"jq -c {program} {shlex.quote(name)} > {shlex.quote(out)}"
 
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
