@@ -288,7 +288,7 @@ def test_task_errors(tmp_path):
     with pytest.raises(TinykError, match="not found"):
         evaluate(tmp_path, tasks=[tmp_path / "nope.jsonl"])
     with pytest.raises(TinykError, match="no usable examples"):
-        eval_task(ScriptedEngine({}), write_task(tmp_path / "t.jsonl", ["[]"]))
+        eval_task(ScriptedEngine({}), write_task(tmp_path / "t.jsonl", ["{}"]))
     with pytest.raises(TinykError, match="nothing to evaluate"):
         evaluate(tmp_path)
 
