@@ -11,6 +11,7 @@ Everything is built in a temporary sibling of the output directory and renamed a
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import os
@@ -251,7 +252,8 @@ def run_training(tcfg: Any) -> dict[str, Any]:
     """One trainer run; leaves only the run's logs and plots besides `final`."""
     from .train import train
 
-    summary = train(tcfg, force=True)
+    with contextlib.nullcontext() if tcfg.progress else contextlib.redirect_stdout(io.StringIO()):  # --quiet
+        summary = train(tcfg, force=True)
     if summary["status"] != "completed":
         raise TinykError(f"{tcfg.kind} stopped early ({summary['stop_signal']})")
     # The demo is not resumable, so checkpoints (weights + optimizer state) are only disk use.
@@ -465,15 +467,18 @@ def transformers_check(model_dir: Path, engine: Any, max_new_tokens: int = 24) -
 
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
     except ImportError as e:
         return {"ok": False, "error": f"transformers not importable: {e}"}
+    hf_logging.disable_progress_bar()  # its weight-loading bar would interleave with the demo's output
     hf_tok = AutoTokenizer.from_pretrained(model_dir)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    messages = [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, {"role": "user", "content": CHAT_SAMPLES[0]}]
-    # transformers' own chat template against the ids tinyk prompts with (and trains SFT on).
+    messages = [{"role": "user", "content": CHAT_SAMPLES[0]}]
+    # transformers' own chat template (which puts the training system prompt first, as tinyk's chat
+    # does) against the ids tinyk prompts with (and trains SFT on).
     ids = torch.tensor([hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                    return_dict=False)])
-    prompt_ids = engine.chat_ids(messages)
+    prompt_ids = engine.chat_ids(messages, default_system=DEFAULT_SYSTEM_PROMPT)
     with torch.no_grad():
         gen = hf.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
     hf_ids = gen[0, ids.shape[1]:].tolist()
