@@ -394,9 +394,7 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
 # format), an array of records is one whose first object starts with a key no message has.
 _ARRAY = re.compile(rb'\s*\[')
 _ARRAY_OF_RECORDS = re.compile(rb'\s*\[\s*\{\s*(\}|"(?!(?:role|content|from|value)"))')
-
-
-_STRINGS = re.compile(rb'\s*\[\s*"')
+_STRINGS = re.compile(rb'\s*\[\s*"')  # an array of strings: the jq line makes them records
 
 
 def _json_array_head(path: Path, first_line: bytes | None, message_lists: bool) -> bytes | None:
