@@ -399,6 +399,18 @@ def check_mask(tok, ids: np.ndarray, mask: np.ndarray, messages: list[dict]) -> 
         assert ids[b - 1] == EOS and tok.decode(ids[:a].tolist()).endswith("<|im_start|>assistant\n")
 
 
+def test_sft_top_level_system_field():
+    turns = [{"from": "human", "value": "猫"}, {"from": "gpt", "value": "Cat"}]
+    own = {"from": "system", "value": "你是翻译。"}
+    assert normalize_conversation({"system": "你是翻译。", "conversations": turns})[0]["content"] == "你是翻译。"
+    assert [m["role"] for m in normalize_conversation({"system": "你是翻译。", "conversations": [own, *turns]})] == [
+        "system", "user", "assistant"]
+    assert normalize_conversation({"system": "你是诗人。", "conversations": [own, *turns]}) == "two_system_prompts"
+    developer = {"messages": [{"role": "developer", "content": "简短"}, {"role": "user", "content": "猫"},
+                              {"role": "assistant", "content": "Cat"}]}
+    assert normalize_conversation(developer)[0] == {"role": "system", "content": "简短"}
+
+
 def test_sft_formats_system_prompt_and_mask(tmp_path, tok_dir):
     import pyarrow as pa
     import pyarrow.parquet as pq

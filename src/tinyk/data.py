@@ -60,7 +60,7 @@ LOADER_NAMES = ("PretrainLoader", "SFTLoader", "eval_batches", "open_dataset")
 
 # Speaker names used by BelleGroup, ShareGPT and OpenAI-style data, mapped to chat-template roles.
 ROLE_ALIASES = {
-    "system": "system",
+    "system": "system", "developer": "system",
     "human": "user", "user": "user",
     "assistant": "assistant", "gpt": "assistant", "bot": "assistant", "chatgpt": "assistant",
 }
@@ -622,7 +622,9 @@ def normalize_conversation(rec: Any, system_prompt: str = DEFAULT_SYSTEM_PROMPT)
     """A record in any supported SFT format as chat messages, or the reason it is unusable.
 
     Accepts BelleGroup / ShareGPT (`conversations` of `from`/`value`), OpenAI-style
-    (`messages` of `role`/`content`) and the seed's converted format (a bare list of messages).
+    (`messages` of `role`/`content`) and the seed's converted format (a bare list of messages). A
+    top-level `system` field is the first turn; one that disagrees with a system turn of its own is
+    refused rather than rendered as two.
     """
     system = None
     if isinstance(rec, list):
@@ -632,7 +634,8 @@ def normalize_conversation(rec: Any, system_prompt: str = DEFAULT_SYSTEM_PROMPT)
         system = rec.get("system")
     else:
         return "unknown_format"
-    messages = [{"role": "system", "content": system}] if isinstance(system, str) and system.strip() else []
+    system_field = isinstance(system, str) and bool(system.strip())
+    messages = [{"role": "system", "content": system}] if system_field else []
     for t in turns:
         if not isinstance(t, dict):
             return "bad_message"
@@ -644,6 +647,10 @@ def normalize_conversation(rec: Any, system_prompt: str = DEFAULT_SYSTEM_PROMPT)
         messages.append({"role": ROLE_ALIASES[role.lower()], "content": content})
     if not messages:
         return "empty"
+    if system_field and len(messages) > 1 and messages[1]["role"] == "system":
+        if messages[1]["content"] != messages[0]["content"]:
+            return "two_system_prompts"  # which one the data meant cannot be told
+        del messages[1]
     if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
         return "no_assistant_turn"
     return with_system(messages, system_prompt)
