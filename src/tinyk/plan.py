@@ -404,24 +404,10 @@ def make_plan(run: RunSpec, gpu: GPUSpec, *, gpus: int = 1, nodes: int = 1, toke
     """Everything `tinyk plan` prints, as JSON-able data."""
     from .train import micro_layout
 
-    if gpus < 1 or nodes < 1:
-        raise TinykError("--gpus and --nodes must be at least 1")
-    if tokens <= 0:
-        raise TinykError("--tokens must be positive")
-    if mfu is not None and not 0 < mfu <= 1:
-        raise TinykError("--mfu is a fraction between 0 and 1 (e.g. 0.45)")
-    if price is not None and price < 0:
-        raise TinykError("--price must not be negative")
+    _check_plan_args(run, gpu, gpus=gpus, nodes=nodes, tokens=tokens, price=price, mfu=mfu)
     world = gpus * nodes
-    if run.batch_size % world:
-        raise TinykError(f"batch size {run.batch_size} is not divisible by {world} GPUs (set --batch-size)")
     per_rank = run.batch_size // world
-    if run.dtype == "bf16" and not gpu.bf16:
-        raise TinykError(f"{gpu.name} has no bf16 tensor cores: plan with --dtype fp16 (what auto picks there)")
     dtype = run.dtype if run.dtype != "auto" else "bf16" if gpu.bf16 else "fp16"
-    if dtype == "fp16" and run.parallel == "fsdp" and world > 1:  # as the trainer refuses it
-        raise TinykError(f"fp16 with --parallel fsdp is not supported: plan DDP"
-                         f"{' or --dtype bf16' if gpu.bf16 else f' ({gpu.name} has no bf16)'}")
     cfg = run.cfg
     size = model_size(cfg)
     fpt = flops_per_token(cfg, run.seq_len)
@@ -438,16 +424,7 @@ def make_plan(run: RunSpec, gpu: GPUSpec, *, gpus: int = 1, nodes: int = 1, toke
     mem = estimate_memory(setup)
     other = estimate_memory(replace(setup, checkpointing=not run.checkpointing))
 
-    if mfu is not None:
-        used_mfu, mfu_source = mfu, "given with --mfu"
-    elif run.dtype == "fp32":
-        used_mfu = gpu.fp32_mfu
-        mfu_source = (f"ASSUMED for fp32: {FP32_SHARE:.0%} of this GPU's {gpu.fp32_tflops:g} TFLOP/s fp32 peak "
-                      "(bench/gpu.sh's fp32 row reached 54% of it on an H100); use --dtype auto for real runs")
-    else:
-        used_mfu, mfu_source = gpu.mfu, gpu.mfu_source
-        if gpu.mfu_measured and _shape(cfg) != _shape(preset_config(MEASURED_MODEL)):
-            mfu_source += f"; for {MEASURED_MODEL}, not this model: smaller models usually reach less"
+    used_mfu, mfu_source = _planned_mfu(run, gpu, mfu)
     # Recomputing the forward adds a third to the compute while MFU counts model FLOPs only.
     efficiency = 0.75 if run.checkpointing else 1.0
     per_gpu = used_mfu * gpu.peak_flops * efficiency / fpt
@@ -495,6 +472,42 @@ def make_plan(run: RunSpec, gpu: GPUSpec, *, gpus: int = 1, nodes: int = 1, toke
     return plan
 
 
+def _check_plan_args(run: RunSpec, gpu: GPUSpec, *, gpus: int, nodes: int, tokens: float, price: float | None,
+                     mfu: float | None) -> None:
+    """Refuses what `tinyk plan` cannot plan, with the trainer's own refusals among them."""
+    if gpus < 1 or nodes < 1:
+        raise TinykError("--gpus and --nodes must be at least 1")
+    world = gpus * nodes
+    if tokens <= 0:
+        raise TinykError("--tokens must be positive")
+    if mfu is not None and not 0 < mfu <= 1:
+        raise TinykError("--mfu is a fraction between 0 and 1 (e.g. 0.45)")
+    if price is not None and price < 0:
+        raise TinykError("--price must not be negative")
+    if run.batch_size % world:
+        raise TinykError(f"batch size {run.batch_size} is not divisible by {world} GPUs (set --batch-size)")
+    if run.dtype == "bf16" and not gpu.bf16:
+        raise TinykError(f"{gpu.name} has no bf16 tensor cores: plan with --dtype fp16 (what auto picks there)")
+    fp16 = run.dtype == "fp16" or run.dtype == "auto" and not gpu.bf16
+    if fp16 and run.parallel == "fsdp" and world > 1:
+        raise TinykError(f"fp16 with --parallel fsdp is not supported: plan DDP"
+                         f"{' or --dtype bf16' if gpu.bf16 else f' ({gpu.name} has no bf16)'}")
+
+
+def _planned_mfu(run: RunSpec, gpu: GPUSpec, mfu: float | None) -> tuple[float, str]:
+    """The MFU a plan assumes on `gpu`, and where it comes from."""
+    if mfu is not None:
+        return mfu, "given with --mfu"
+    if run.dtype == "fp32":
+        return gpu.fp32_mfu, (f"ASSUMED for fp32: {FP32_SHARE:.0%} of this GPU's {gpu.fp32_tflops:g} TFLOP/s fp32 "
+                              "peak (bench/gpu.sh's fp32 row reached 54% of it on an H100); use --dtype auto for "
+                              "real runs")
+    source = gpu.mfu_source
+    if gpu.mfu_measured and _shape(run.cfg) != _shape(preset_config(MEASURED_MODEL)):
+        source += f"; for {MEASURED_MODEL}, not this model: smaller models usually reach less"
+    return gpu.mfu, source
+
+
 _LABEL = 36
 
 
@@ -538,17 +551,71 @@ def _mfu_text(mfu: float, source: str) -> str:
     return f"{_pct(mfu)} ({source})"
 
 
+def _memory_lines(p: dict[str, Any]) -> list[str]:
+    """The plan's memory table: each part of the peak, and what it is made of."""
+    g, r, mem, am, c = p["gpu"], p["run"], p["memory"], p["activation_model"], p["model"]["config"]
+    ck = r["activation_checkpointing"]
+    lines = [
+        f"memory per GPU, eager mode, micro-batch {r['micro_batch']} (torch.compile needs less):",
+        _row("weights (fp32)", mem["weights"]),
+        _row("gradients (fp32)", mem["gradients"],
+             f"   {mem['gradients_at_peak'] / GiB:.2f} GiB of them alive at the peak"
+             if mem["gradients_at_peak"] < mem["gradients"] else ""),
+        _row("optimizer state (AdamW m, v fp32)", mem["optimizer"]),
+    ]
+    if mem["weight_copies"]:
+        what = ("fp32 fused q/k/v and gate/up weights" if r["dtype"] == "fp32"
+                else f"{r['dtype']} weight copies (autocast)")
+        lines.append(_row(what, mem["weight_copies"], "   freed after the forward" if ck else ""))
+    if mem["buffers"]:
+        lines.append(_row("FSDP unsharded blocks in flight" if r["parallel"] == "fsdp" else "DDP gradient buckets",
+                          mem["buffers"]))
+    layer_kib = sum(am["layer_bytes_per_token"].values()) / 1024
+    if ck:
+        detail = (f"{c['n_layers']} block inputs x {am['checkpointed_layer_bytes_per_token'] / 1024:.1f} KiB/token, "
+                  f"one block recomputed at {layer_kib:.1f} KiB/token")
+    else:
+        detail = f"{c['n_layers']} layers x {layer_kib:.1f} KiB/token saved for backward"
+    fits = p["largest_micro_batch"]
+    return [
+        *lines,
+        _row(f"activations at {mem['phase']}", mem["activations"], f"   {detail}, "
+             f"head {am['head_bytes_per_token'] / 1024:.1f} KiB/token"
+             + (f", loss gradients {am['loss_gradient_bytes_per_token'] / 1024:.1f} KiB/token"
+                if mem["phase"] == "backward start" else "")),
+        _row("peak", mem["peak"], f"   of {g['usable_gib']:.1f} GiB usable ({USABLE_FRACTION:.0%}): "
+             f"{'fits' if p['fits'] else 'DOES NOT FIT'}"),
+        _row(f"peak with checkpointing {'off' if ck else 'on'}", p["memory_other_checkpointing"]["peak"]),
+        f"largest micro-batch that fits: {fits['no_checkpointing']} without activation checkpointing, "
+        f"{fits['checkpointing']} with it (among divisors of the {r['batch_size'] // g['count']} sequences per GPU)",
+    ]
+
+
+def _fit_warning(p: dict[str, Any]) -> str:
+    """What to change when the planned peak does not fit."""
+    g, r, fits = p["gpu"], p["run"], p["largest_micro_batch"]
+    ck = r["activation_checkpointing"]
+    fixes = []
+    if fits["checkpointing" if ck else "no_checkpointing"]:
+        fixes.append(f"--micro-batch {fits['checkpointing' if ck else 'no_checkpointing']}")
+    if not ck and fits["checkpointing"]:  # only if checkpointing makes it fit
+        fixes.append("--activation-checkpointing")
+    if r["parallel"] != "fsdp" and g["count"] > 1:
+        fixes.append("--parallel fsdp")
+    return ("warning      the peak exceeds the usable memory" +
+            (f"; try {' or '.join(fixes)}" if fixes else "; use more GPUs with --parallel fsdp"))
+
+
 def format_plan(p: dict[str, Any]) -> str:
     """The human-readable plan."""
     from .train import micro_note
 
-    m, g, r, mem, am = p["model"], p["gpu"], p["run"], p["memory"], p["activation_model"]
+    m, g, r = p["model"], p["gpu"], p["run"]
     c = m["config"]
     ck = r["activation_checkpointing"]
     note = micro_note(r["batch_size"], g["count"], r["micro_batch_requested"], r["micro_batch"], per="GPU")
     precision = "fp32" if r["dtype"] == "fp32" else f"{r['dtype']} autocast"
     parallel = {"none": "one process", "ddp": "DDP", "fsdp": "FSDP"}[r["parallel"]]
-    layer_kib = sum(am["layer_bytes_per_token"].values()) / 1024
     lines = [
         f"model        {m['name']}: {m['parameters']:,} parameters (dim {c['dim']}, {c['n_layers']} layers, "
         f"{c['n_heads']} heads / {c['n_kv_heads']} KV, hidden {c['hidden_dim']}, vocab {c['vocab_size']})",
@@ -561,37 +628,7 @@ def format_plan(p: dict[str, Any]) -> str:
         f"master weights; {parallel}; activation checkpointing {'on' if ck else 'off'}",
         *([f"note         {note}, as the trainer would"] if note else []),
         "",
-        f"memory per GPU, eager mode, micro-batch {r['micro_batch']} (torch.compile needs less):",
-        _row("weights (fp32)", mem["weights"]),
-        _row("gradients (fp32)", mem["gradients"],
-             f"   {mem['gradients_at_peak'] / GiB:.2f} GiB of them alive at the peak"
-             if mem["gradients_at_peak"] < mem["gradients"] else ""),
-        _row("optimizer state (AdamW m, v fp32)", mem["optimizer"]),
-    ]
-    if mem["weight_copies"]:
-        what = ("fp32 fused q/k/v and gate/up weights" if r["dtype"] == "fp32"
-                else f"{r['dtype']} weight copies (autocast)")
-        lines.append(_row(what, mem["weight_copies"],
-                          "   freed after the forward" if ck else ""))
-    if mem["buffers"]:
-        lines.append(_row("FSDP unsharded blocks in flight" if r["parallel"] == "fsdp" else "DDP gradient buckets",
-                          mem["buffers"]))
-    if ck:
-        detail = (f"{c['n_layers']} block inputs x {am['checkpointed_layer_bytes_per_token'] / 1024:.1f} KiB/token, "
-                  f"one block recomputed at {layer_kib:.1f} KiB/token")
-    else:
-        detail = f"{c['n_layers']} layers x {layer_kib:.1f} KiB/token saved for backward"
-    lines += [
-        _row(f"activations at {mem['phase']}", mem["activations"], f"   {detail}, "
-             f"head {am['head_bytes_per_token'] / 1024:.1f} KiB/token"
-             + (f", loss gradients {am['loss_gradient_bytes_per_token'] / 1024:.1f} KiB/token"
-                if mem["phase"] == "backward start" else "")),
-        _row("peak", mem["peak"], f"   of {g['usable_gib']:.1f} GiB usable ({USABLE_FRACTION:.0%}): "
-             f"{'fits' if p['fits'] else 'DOES NOT FIT'}"),
-        _row(f"peak with checkpointing {'off' if ck else 'on'}", p["memory_other_checkpointing"]["peak"]),
-        f"largest micro-batch that fits: {p['largest_micro_batch']['no_checkpointing']} without activation "
-        f"checkpointing, {p['largest_micro_batch']['checkpointing']} with it (among divisors of the "
-        f"{r['batch_size'] // g['count']} sequences per GPU)",
+        *_memory_lines(p),
         "",
     ]
     t, tm = p["throughput"], p["time"]
@@ -614,15 +651,7 @@ def format_plan(p: dict[str, Any]) -> str:
                      f": {tut['a100_hours']:.1f} A100-hours ({_ratio(tut['gpu_hours'], tut['a100_hours'])})")
         lines.append(line)
     if not p["fits"]:
-        fixes = []
-        if p["largest_micro_batch"]["checkpointing" if ck else "no_checkpointing"]:
-            fixes.append(f"--micro-batch {p['largest_micro_batch']['checkpointing' if ck else 'no_checkpointing']}")
-        if not ck and p["largest_micro_batch"]["checkpointing"]:  # only if checkpointing makes it fit
-            fixes.append("--activation-checkpointing")
-        if r["parallel"] != "fsdp" and g["count"] > 1:
-            fixes.append("--parallel fsdp")
-        lines.append("warning      the peak exceeds the usable memory" +
-                     (f"; try {' or '.join(fixes)}" if fixes else "; use more GPUs with --parallel fsdp"))
+        lines.append(_fit_warning(p))
     return "\n".join(lines)
 
 
