@@ -276,6 +276,8 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, *, show_progress: b
     threads = torch.get_num_threads()
     try:
         with atomic_dir(out, force=True, replaces=("an earlier demo", _is_demo_dir)) as tmp:
+            if show_progress:  # the stages' lines name files in the temporary folder
+                print(f"working in {tmp}, renamed to {out} when the demo is complete", flush=True)
             results = _pipeline(tmp, cfg, show_progress)
             results["out"] = str(out)
             write_json_atomic(tmp / "results.json", results)
