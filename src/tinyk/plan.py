@@ -404,10 +404,10 @@ def make_plan(run: RunSpec, gpu: GPUSpec, *, gpus: int = 1, nodes: int = 1, toke
     """Everything `tinyk plan` prints, as JSON-able data."""
     from .train import micro_layout
 
-    _check_plan_args(run, gpu, gpus=gpus, nodes=nodes, tokens=tokens, price=price, mfu=mfu)
+    dtype = run.dtype if run.dtype != "auto" else "bf16" if gpu.bf16 else "fp16"
+    _check_plan_args(run, gpu, dtype, gpus=gpus, nodes=nodes, tokens=tokens, price=price, mfu=mfu)
     world = gpus * nodes
     per_rank = run.batch_size // world
-    dtype = run.dtype if run.dtype != "auto" else "bf16" if gpu.bf16 else "fp16"
     cfg = run.cfg
     size = model_size(cfg)
     fpt = flops_per_token(cfg, run.seq_len)
@@ -472,9 +472,10 @@ def make_plan(run: RunSpec, gpu: GPUSpec, *, gpus: int = 1, nodes: int = 1, toke
     return plan
 
 
-def _check_plan_args(run: RunSpec, gpu: GPUSpec, *, gpus: int, nodes: int, tokens: float, price: float | None,
-                     mfu: float | None) -> None:
-    """Refuses what `tinyk plan` cannot plan, with the trainer's own refusals among them."""
+def _check_plan_args(run: RunSpec, gpu: GPUSpec, dtype: str, *, gpus: int, nodes: int, tokens: float,
+                     price: float | None, mfu: float | None) -> None:
+    """Refuses what `tinyk plan` cannot plan, with the trainer's own refusals among them (`dtype` is
+    the run's, with auto resolved for `gpu`)."""
     if gpus < 1 or nodes < 1:
         raise TinykError("--gpus and --nodes must be at least 1")
     world = gpus * nodes
@@ -486,10 +487,9 @@ def _check_plan_args(run: RunSpec, gpu: GPUSpec, *, gpus: int, nodes: int, token
         raise TinykError("--price must not be negative")
     if run.batch_size % world:
         raise TinykError(f"batch size {run.batch_size} is not divisible by {world} GPUs (set --batch-size)")
-    if run.dtype == "bf16" and not gpu.bf16:
+    if dtype == "bf16" and not gpu.bf16:
         raise TinykError(f"{gpu.name} has no bf16 tensor cores: plan with --dtype fp16 (what auto picks there)")
-    fp16 = run.dtype == "fp16" or run.dtype == "auto" and not gpu.bf16
-    if fp16 and run.parallel == "fsdp" and world > 1:
+    if dtype == "fp16" and run.parallel == "fsdp" and world > 1:
         raise TinykError(f"fp16 with --parallel fsdp is not supported: plan DDP"
                          f"{' or --dtype bf16' if gpu.bf16 else f' ({gpu.name} has no bf16)'}")
 
@@ -596,8 +596,9 @@ def _fit_warning(p: dict[str, Any]) -> str:
     g, r, fits = p["gpu"], p["run"], p["largest_micro_batch"]
     ck = r["activation_checkpointing"]
     fixes = []
-    if fits["checkpointing" if ck else "no_checkpointing"]:
-        fixes.append(f"--micro-batch {fits['checkpointing' if ck else 'no_checkpointing']}")
+    largest = fits["checkpointing" if ck else "no_checkpointing"]
+    if largest:
+        fixes.append(f"--micro-batch {largest}")
     if not ck and fits["checkpointing"]:  # only if checkpointing makes it fit
         fixes.append("--activation-checkpointing")
     if r["parallel"] != "fsdp" and g["count"] > 1:
