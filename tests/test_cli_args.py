@@ -211,6 +211,9 @@ def test_eval_out_is_checked_before_evaluating(tmp_path, task_file, capsys):
     mine.write_text("keep")
     code, err = run_cli(eval_args(model, task_file, "--out", mine), capsys)
     assert code == 2 and err == f"tinyk: error: --out {mine} exists (use --force to replace it)\n"
+    code, err = run_cli(eval_args(model, task_file, "--out", mine, "--force"), capsys)
+    assert code == 2 and err == (f"tinyk: error: --out {mine} exists and is not the results of tinyk eval, so it "
+                                 f"is not replaced; remove it yourself or choose another path\n")
     assert mine.read_text() == "keep"
     code, err = run_cli(eval_args(model, task_file, "--out", tmp_path / "nope" / "r.json"), capsys)
     assert code == 2 and "does not exist" in err and err.count("\n") == 1
@@ -221,7 +224,14 @@ def test_eval_out_is_checked_before_evaluating(tmp_path, task_file, capsys):
 
 def test_eval_out_force_replaces_an_earlier_result(tmp_path, nano_model_dir, task_file, capsys):
     out = tmp_path / "r.json"
-    out.write_text("old")
+    code, _ = run_cli(eval_args(nano_model_dir, task_file, "--out", out), capsys)
+    first = json.loads(out.read_text())
+    first["tasks"] = []
+    out.write_text(json.dumps(first))
     code, _ = run_cli(eval_args(nano_model_dir, task_file, "--out", out, "--force"), capsys)
     assert code == 0 and json.loads(out.read_text())["tasks"][0]["examples"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "t.jsonl"]
+    (tmp_path / "tasks").mkdir()
+    code, err = run_cli(eval_args(nano_model_dir, tmp_path / "tasks"), capsys)
+    assert code == 2 and err == f"tinyk: error: task file {tmp_path / 'tasks'} is a directory; give a JSONL file " \
+                                "of chats\n"

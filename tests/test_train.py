@@ -415,17 +415,31 @@ def test_trackers_are_lazy_and_optional(tmp_path, pt_data, tok_dir, monkeypatch)
     assert train(nano_cfg(pt_data, tok_dir, tmp_path / "w2", max_steps=1))["status"] == "completed"
 
 
-def test_ctrl_c_while_the_run_starts_leaves_no_run_directory(tmp_path, pt_data, tok_dir, monkeypatch):
+def test_ctrl_c_while_the_run_starts_leaves_the_directory_as_it_was(tmp_path, pt_data, tok_dir, monkeypatch):
     """Set-up ends with timing the CPU's matmul peak, long enough for a Ctrl-C after spotting a typo."""
     import tinyk.train
 
     def interrupted(*a, **kw):
         raise KeyboardInterrupt
 
+    real_peak = tinyk.train.peak_flops
     monkeypatch.setattr(tinyk.train, "peak_flops", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train(nano_cfg(pt_data, tok_dir, tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+    # --force over a finished run: the old run is deleted only once the new one has started.
+    monkeypatch.setattr(tinyk.train, "peak_flops", real_peak)
+    old = tmp_path / "old"
+    train(nano_cfg(pt_data, tok_dir, old, max_steps=2, save_every=1))
+    before = {p.relative_to(old): p.read_bytes() for p in old.rglob("*") if p.is_file()}
+    monkeypatch.setattr(tinyk.train, "peak_flops", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(nano_cfg(pt_data, tok_dir, old, max_steps=3, lr=1e-4), force=True)
+    assert {p.relative_to(old): p.read_bytes() for p in old.rglob("*") if p.is_file()} == before
+    monkeypatch.setattr(tinyk.train, "peak_flops", real_peak)
+    assert train(nano_cfg(pt_data, tok_dir, old, max_steps=3), force=True)["steps"] == 3
+    assert sorted(p.name for p in old.iterdir() if p.name.startswith(".")) == []
+    assert [p.name for p in (old / "checkpoints").iterdir()] == ["step_0000003"]
 
 
 # ----------------------------------------------------------------------------- set-up errors

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import json
 import math
 import unicodedata
 from collections import Counter
@@ -360,6 +361,8 @@ def evaluate(model_dir: str | Path, *, data: Iterable[str | Path] = (), tasks: I
     if not (data or tasks or choice):
         raise TinykError("nothing to evaluate: give --data, --task and/or --choice")
     for t in tasks:
+        if Path(t).is_dir():
+            raise TinykError(f"task file {t} is a directory; give a JSONL file of chats")
         if not Path(t).is_file():
             raise TinykError(f"task file not found: {t}")
     from .engine import resolve_device
@@ -381,6 +384,17 @@ def evaluate(model_dir: str | Path, *, data: Iterable[str | Path] = (), tasks: I
     if choice:
         results["choice"] = eval_choice(model, tok, choice, fmt=choice_format, limit=limit, batch_size=batch_size)
     return results
+
+
+def is_results(path: Path) -> bool:
+    """Whether a file holds `tinyk eval --out` results, the only file `--out --force` replaces."""
+    try:
+        if path.stat().st_size > 64 << 20:
+            return False
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(results, dict) and {"model", "data", "tasks", "choice"} <= results.keys()
 
 
 def make_engine(model: Transformer, tok: TinyTokenizer, batch_size: int = 32, quantize: str = "none") -> Any:

@@ -495,9 +495,11 @@ def check_output(out: str | Path, inputs: Iterable[str | Path | None], flag: str
             raise TinykError(f"{flag} {out} lies inside the input {i}; inputs are never written to")
 
 
-def check_output_file(out: str, inputs: Iterable[str | Path | None], *, force: bool, flag: str = "--out") -> None:
+def check_output_file(out: str, inputs: Iterable[str | Path | None], *, force: bool, flag: str = "--out",
+                      replaces: tuple[str, Callable[[Path], bool]] | None = None) -> None:
     """Refuses an output file that could not be written, or whose writing would destroy something:
-    checked before the work, so a mistake costs nothing."""
+    checked before the work, so a mistake costs nothing. With `replaces` (what this kind of output is
+    called, and a check that a file is one) --force replaces only such a file."""
     if not out:
         raise TinykError(f"{flag} is empty")
     check_output(out, inputs, flag)
@@ -506,6 +508,9 @@ def check_output_file(out: str, inputs: Iterable[str | Path | None], *, force: b
         raise TinykError(f"{flag} {out} is a directory; give a file name for the JSON results")
     if (path.exists() or path.is_symlink()) and not force:
         raise TinykError(f"{flag} {out} exists (use --force to replace it)")
+    if path.exists() and replaces is not None and not replaces[1](path):
+        raise TinykError(f"{flag} {out} exists and is not {replaces[0]}, so it is not replaced; remove it yourself "
+                         f"or choose another path")
     parent = path.parent
     if not parent.is_dir():
         raise TinykError(f"{flag} {out}: directory {parent} does not exist")

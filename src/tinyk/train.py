@@ -630,6 +630,7 @@ class Trainer:
         self.lock = DirLock(self.out)
         self.monitor: Monitor | None = None
         self.stop_signal: str | None = None
+        self.aside: Path | None = None  # the run --force replaces, kept until the new one has started
         try:
             self._setup_inputs()
             self._setup_data()
@@ -649,15 +650,16 @@ class Trainer:
                 self._write_config()
             self.peak, self.peak_source = peak_flops(self.device, cfg.peak_tflops, self.dtype)  # a timed matmul on CPU
         except BaseException:
-            # A new run that fails to start (a missing tracker package, unloadable weights) leaves
-            # nothing behind, so the corrected command needs no --force.
+            # A new run that fails to start (a missing tracker package, unloadable weights, Ctrl-C) leaves
+            # the directory as it found it: nothing behind, or the run --force was to replace.
             with contextlib.suppress(Exception):  # the error that stopped the start is the one to report
                 self.close()
             if fresh and self.dist.main:
-                shutil.rmtree(self.out, ignore_errors=True)
-                if existed:
-                    self.out.mkdir()
+                self._undo_start(existed)
             raise
+        if self.aside is not None:
+            shutil.rmtree(self.aside, ignore_errors=True)
+            self.aside = None
 
     # --- set-up checks, all before the first step --------------------------------------------
 
@@ -740,18 +742,43 @@ class Trainer:
         try:
             self._check_shared()
             if main:
-                if exists and force and not self.resume:
-                    for p in out.iterdir():  # emptied, not removed: the lock stays on the directory
-                        remove_path(p)
-                (out / "checkpoints").mkdir(parents=True, exist_ok=True)
                 _clean_partial(out)
+                if exists and force and not self.resume:
+                    self._set_aside()
+                (out / "checkpoints").mkdir(parents=True, exist_ok=True)
                 if not exists or not self.resume:  # a new run: its directory is a run's from the start
                     self._write_config()
             self.dist.barrier()
         except BaseException:
+            if self.aside is not None:
+                self._undo_start(existed=True)
             self.lock.release()
             raise
         return not exists or not self.resume
+
+    def _set_aside(self) -> None:
+        """Moves the run --force replaces into a hidden folder of its directory (emptied, not removed:
+        the lock stays on it), deleted once the new run has started. A kill before then leaves a
+        leftover the next start removes."""
+        self.aside = self.out / f".forced.old-{os.getpid()}-{time.time_ns()}"
+        self.aside.mkdir()
+        for p in self.out.iterdir():
+            if p != self.aside:
+                p.rename(self.aside / p.name)
+
+    def _undo_start(self, existed: bool) -> None:
+        """Removes what a start that failed wrote, and puts back the run --force set aside."""
+        if not existed:
+            shutil.rmtree(self.out, ignore_errors=True)
+            return
+        for p in self.out.iterdir():
+            if p != self.aside:
+                remove_path(p, ignore_errors=True)
+        if self.aside is not None:
+            for p in self.aside.iterdir():
+                p.rename(self.out / p.name)
+            self.aside.rmdir()
+            self.aside = None
 
     def _write_config(self) -> None:
         """The run's config.yaml, whole or as it was: it is what --resume starts from."""

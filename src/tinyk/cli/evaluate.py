@@ -40,12 +40,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from tinyk.evaluate import evaluate, format_table, table_rows
+    from tinyk.evaluate import evaluate, format_table, is_results, table_rows
     from tinyk.files import check_output_file, write_json_atomic
     from tinyk.tokenizer import DEFAULT_SYSTEM_PROMPT
 
     if args.out is not None:
-        check_output_file(args.out, [args.model, *args.data, *args.task, *args.choice], force=args.force)
+        check_output_file(args.out, [args.model, *args.data, *args.task, *args.choice], force=args.force,
+                          replaces=("the results of tinyk eval", is_results))
     system_prompt = DEFAULT_SYSTEM_PROMPT if args.system_prompt is None else args.system_prompt
     results = evaluate(args.model, data=args.data, tasks=args.task, choice=args.choice, split=args.split,
                        seq_len=args.seq_len, batch_size=args.batch_size, max_batches=args.max_batches,
