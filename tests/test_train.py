@@ -102,6 +102,22 @@ def test_budget_is_whichever_comes_first():
     assert total_steps(TrainConfig(batch_size=4, seq_len=10, max_steps=7), 100) == 7
     assert total_steps(TrainConfig(batch_size=4, seq_len=10, max_tokens=200, epochs=2), 100) == 5
     assert total_steps(TrainConfig(batch_size=4, seq_len=10, max_steps=1000, epochs=0.5), 100) == 13
+    # Resumed after 3 steps of 8 samples: the rest of the budget is trained at the new batch of 4.
+    assert total_steps(TrainConfig(batch_size=4, seq_len=10, max_tokens=400), 100, 3, 24) == 3 + 4
+    assert total_steps(TrainConfig(batch_size=4, seq_len=10, epochs=1), 100, 3, 24) == 3 + 19
+    assert total_steps(TrainConfig(batch_size=4, seq_len=10, max_tokens=200), 100, 3, 24) == 3  # already spent
+
+
+def test_a_pretraining_resume_with_another_batch_size_keeps_its_token_budget(tmp_path, pt_data, tok_dir):
+    out = tmp_path / "run"
+    first = train(nano_cfg(pt_data, tok_dir, out, max_steps=None, max_tokens=32 * 8 * 6, save_every=2))
+    assert first["steps"] == 6
+    for p in (out / "checkpoints").iterdir():
+        if p.name != "step_0000002":
+            shutil.rmtree(p)
+    shutil.rmtree(out / "final")
+    resumed = train(nano_cfg(pt_data, tok_dir, out, max_steps=None, max_tokens=32 * 8 * 6, batch_size=4), resume=True)
+    assert resumed["steps"] == 2 + 8 and resumed["tokens"] == first["tokens"]
 
 
 def test_config_layers_preset_file_flags_set(tmp_path):

@@ -6,13 +6,17 @@ websocket library is needed. `tests/install_chromium.sh` installs Debian's `chro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
 import shutil
 import subprocess
+import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -108,34 +112,39 @@ class Browser:
         self.proc.stderr.close()
 
 
-# Runs in the page: waits for the model name, sends each message once the reply before it is complete.
-CHAT_SCRIPT = """
-(async () => {
-  const until = async (ok, what) => {
-    for (let i = 0; i < 600; i++) { if (ok()) return; await new Promise(r => setTimeout(r, 50)); }
-    throw new Error("timed out waiting for " + what);
-  };
-  await until(() => document.getElementById("status").textContent.startsWith("nano"), "the model list");
-  document.getElementById("temperature").value = "0";
-  document.getElementById("max-tokens").value = %(max_tokens)s;
-  const input = document.getElementById("input");
-  for (const [i, message] of %(messages)s.entries()) {
-    input.value = message;
-    input.dispatchEvent(new KeyboardEvent("keydown", {key: "Enter", bubbles: true}));
-    await until(() => { const a = document.querySelectorAll(".msg.assistant");
-                        return a.length > i && a[i].dataset.done === "true"; }, "reply " + i);
-  }
+# Defined in the page (whose top-level `history`, `controller`, `input` and `requestBody` are in scope):
+# `submit` sends a message, `say` sends one and waits until its reply is complete, `shown` returns what the page shows and keeps.
+SETUP_SCRIPT = """
+window.until = async (ok, what) => {
+  for (let i = 0; i < 600; i++) { if (ok()) return; await new Promise(r => setTimeout(r, 50)); }
+  throw new Error("timed out waiting for " + what);
+};
+window.submit = (message) => {
+  input.value = message;
+  input.dispatchEvent(new KeyboardEvent("keydown", {key: "Enter", bubbles: true}));
+};
+window.say = async (message) => { submit(message); await until(() => controller === null, "the reply to " + message); };
+window.shown = () => {
   const replies = [...document.querySelectorAll(".msg.assistant")];
-  return {user: document.querySelector(".msg.user").textContent, userHtml: document.querySelector(".msg.user").innerHTML,
+  return {users: [...document.querySelectorAll(".msg.user")].map(u => u.textContent),
+          userHtml: document.querySelector(".msg.user") && document.querySelector(".msg.user").innerHTML,
+          unsent: [...document.querySelectorAll(".msg.user.unsent")].map(u => u.textContent),
           replies: replies.map(a => ({text: a.textContent, chunks: Number(a.dataset.chunks),
                                       finish: a.dataset.finish || null, tokens: Number(a.dataset.tokens)})),
           notes: [...document.querySelectorAll(".msg.note")].map(n => n.textContent),
-          errors: [...document.querySelectorAll(".msg.error")].map(n => n.textContent)};
-})()
+          errors: [...document.querySelectorAll(".msg.error")].map(n => n.textContent),
+          history: JSON.parse(JSON.stringify(history))};
+};
+await until(() => document.getElementById("status").textContent.startsWith("nano"), "the model list");
+document.getElementById("temperature").value = "0";
+document.getElementById("max-tokens").value = %s;
 """
 
 
-def chat_in_page(engine: Engine, tmp_path, messages: list[str], max_tokens: int | None) -> dict:
+@contextlib.contextmanager
+def chat_page(engine: Engine, tmp_path, max_tokens: int | None) -> Iterator[Callable[[str], Any]]:
+    """Serves `engine`, opens the chat page in headless Chromium, and yields a function that runs
+    JavaScript (an async function's body) in it and returns its result."""
     server = ChatServer(engine, ServerConfig(model_name="nano", defaults=DEFAULTS, log=False), port=0)
     server.start()
     browser = Browser(str(tmp_path / "profile"))
@@ -145,12 +154,20 @@ def chat_in_page(engine: Engine, tmp_path, messages: list[str], max_tokens: int 
         browser.send("Page.enable", session=session)
         browser.send("Page.navigate", {"url": server.url + "/"}, session)
         browser.wait_event("Page.loadEventFired", session)
-        script = CHAT_SCRIPT % {"max_tokens": json.dumps("" if max_tokens is None else str(max_tokens)),
-                                "messages": json.dumps(messages)}
-        return browser.evaluate(session, script)
+
+        def run(body: str) -> Any:
+            return browser.evaluate(session, f"(async () => {{\n{body}\n}})()")
+
+        run(SETUP_SCRIPT % json.dumps("" if max_tokens is None else str(max_tokens)))
+        yield run
     finally:
         browser.close()
         server.close()
+
+
+def chat_in_page(engine: Engine, tmp_path, messages: list[str], max_tokens: int | None) -> dict:
+    with chat_page(engine, tmp_path, max_tokens) as run:
+        return run(f"for (const m of {json.dumps(messages)}) await say(m);\nreturn shown();")
 
 
 def greedy_chat(engine: Engine, history: list[dict], max_new_tokens: int):
@@ -164,7 +181,7 @@ def test_the_chat_page_streams_a_reply(nano_model_dir, tmp_path):
     result = chat_in_page(engine, tmp_path, [message], max_tokens=12)
     want = greedy_chat(engine, [{"role": "user", "content": message}], 12)
     assert result["errors"] == [] and result["notes"] == []
-    assert result["user"] == message and "<b>" not in result["userHtml"]  # shown as text, not HTML
+    assert result["users"] == [message] and "<b>" not in result["userHtml"]  # shown as text, not HTML
     [reply] = result["replies"]
     assert reply["text"] == want.text and reply["finish"] == want.finish_reason
     assert reply["tokens"] == want.completion_tokens
@@ -195,3 +212,60 @@ def test_the_chat_page_forgets_old_turns_to_fit_the_context(nano_model_dir, tmp_
         want = greedy_chat(engine, history, budget if fits else DEFAULTS.max_new_tokens)
         assert reply["text"] == want.text and reply["finish"] == want.finish_reason
         history.append({"role": "assistant", "content": reply["text"]})
+
+
+class Forward:
+    """The engine's forward pass, made to fail or to wait for the test at its nth call from now."""
+
+    def __init__(self, forward: Callable[..., Any]):
+        self.forward = forward
+        self.fail_in: int | None = None
+        self.hold_in: int | None = None
+        self.released = threading.Event()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.fail_in is not None:
+            self.fail_in -= 1
+            if self.fail_in == 0:
+                self.fail_in = None
+                raise RuntimeError("simulated out of memory")
+        if self.hold_in is not None:
+            self.hold_in -= 1
+            if self.hold_in == 0:
+                self.hold_in = None
+                self.released.wait(timeout=60)
+        return self.forward(*args, **kwargs)
+
+
+def test_the_chat_page_keeps_the_conversation_it_shows(nano_model_dir, tmp_path):
+    """What the page shows is what it sends next: a message too long on its own is struck through and
+    the conversation kept; a reply broken off by a server error stays as far as it came; 清空 during a
+    reply discards it; an empty temperature field leaves the server's default."""
+    engine = Engine.from_dir(nano_model_dir)
+    forward = engine.forward = Forward(engine.forward)
+    too_long = "很" * (2 * engine.context_length)
+    with chat_page(engine, tmp_path, max_tokens=64) as run:
+        refused = run(f"await say('你好'); await say({json.dumps(too_long)}); return shown();")
+        forward.fail_in = 4  # the prompt, two tokens, then the error
+        broken = run("await say('再见'); return shown();")
+        no_temperature = run("document.getElementById('temperature').value = '';\n"
+                             "return !('temperature' in requestBody(history, 5));")
+        forward.hold_in = 3
+        try:
+            run("submit('讲个故事'); await until(() => history.length && history.at(-1).content === '讲个故事', "
+                "'the server to take the message');\n"
+                "document.getElementById('reset').click(); await until(() => controller === null, 'the stop');")
+        finally:
+            forward.released.set()
+        after = run("return shown();")
+    first = greedy_chat(engine, [{"role": "user", "content": "你好"}], 64)
+    assert refused["history"] == [{"role": "user", "content": "你好"}, {"role": "assistant", "content": first.text}]
+    assert refused["unsent"] == [too_long] and [r["text"] for r in refused["replies"]] == [first.text]
+    assert len(refused["errors"]) == 1 and "context" in refused["errors"][0]
+    assert refused["notes"] == []  # turns forgotten to make room for a refused message stay
+    assert broken["errors"][1:] == ["generation failed: RuntimeError: simulated out of memory"]
+    assert broken["replies"][1]["finish"] == "error"
+    assert broken["replies"][1]["chunks"] > 0 and broken["history"][-2:] == [
+        {"role": "user", "content": "再见"}, {"role": "assistant", "content": broken["replies"][1]["text"]}]
+    assert no_temperature is True
+    assert after == {**after, "users": [], "replies": [], "errors": [], "notes": [], "history": []}

@@ -14,7 +14,8 @@ from .files import Terminated, TinykError
 if TYPE_CHECKING:  # the engine brings torch, which `tinyk --help` does not need
     from .engine import Engine, SamplingParams
 
-CHAT_HELP = "commands: /reset (forget the conversation), /system TEXT (new system prompt, then reset), /exit"
+CHAT_HELP = ("commands: /reset (forget the conversation), /system TEXT (new system prompt, then reset), /exit; "
+             "//TEXT sends /TEXT")
 
 
 def chat_session(engine: Engine, params: SamplingParams, lines: Iterable[str], out: TextIO, *,
@@ -36,18 +37,21 @@ def chat_session(engine: Engine, params: SamplingParams, lines: Iterable[str], o
         text = line.strip()
         if not text:
             continue
-        if interactive and text.startswith("/"):  # a one-shot message is only ever a message ("/usr 是什么")
-            if text in ("/exit", "/quit"):
+        if interactive and text.startswith("//"):  # the escape for a message that starts with "/"
+            text = text[1:]
+        elif interactive and text.startswith("/"):  # a one-shot message is only ever a message ("/usr 是什么")
+            command = text.split(maxsplit=1)[0]
+            if command in ("/exit", "/quit"):
                 break
-            if text == "/reset":
+            if command == "/reset":
                 history = []
                 print("(conversation reset)", file=sys.stderr)
-            elif text.startswith("/system"):
+            elif command == "/system":
                 system = text[len("/system"):].strip() or None
                 history = []
                 print(f"(system prompt {'set' if system else 'cleared'}; conversation reset)", file=sys.stderr)
             else:
-                print(f"unknown command {text.split()[0]}; {CHAT_HELP}", file=sys.stderr)
+                print(f"unknown command {command}; {CHAT_HELP}", file=sys.stderr)
             continue
         try:
             engine.tok.encode(text)
@@ -56,21 +60,24 @@ def chat_session(engine: Engine, params: SamplingParams, lines: Iterable[str], o
                 raise
             print(f"({e})", file=sys.stderr)
             continue
-        history.append({"role": "user", "content": text})
+        # Turns are forgotten from a copy: a message too long even on its own keeps the conversation.
+        kept, forgot = [*history, {"role": "user", "content": text}], 0
         while True:
-            ids = engine.chat_ids(history, default_system=system)
-            if len(ids) + reserve <= engine.context_length or len(history) == 1:
+            ids = engine.chat_ids(kept, default_system=system)
+            if len(ids) + reserve <= engine.context_length or len(kept) == 1:
                 break
-            history = history[2:]
-            print("(forgot the oldest turn to fit the context window)", file=sys.stderr)
+            kept, forgot = kept[2:], forgot + 1
         try:
             request = engine.request(ids, params)
         except ContextLengthError as e:
-            history.pop()
             if not interactive:
                 raise TinykError(f"message too long: {e}") from e
             print(f"(message too long: {e})", file=sys.stderr)
             continue
+        if forgot:
+            turns = f"{forgot} turns" if forgot > 1 else "turn"
+            print(f"(forgot the oldest {turns} to fit the context window)", file=sys.stderr)
+        history = kept
         out.write(prompt)
         shown = []
         try:

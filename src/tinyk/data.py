@@ -249,15 +249,15 @@ class _SkipLog(Skips):
 
     stop_at_first: bool = False
 
-    def add(self, reason: str, where: str) -> None:
-        super().add(reason, where)
+    def add(self, reason: str, where: str, hint: str | None = None) -> None:
+        super().add(reason, where, hint)
         if self.stop_at_first:
             raise _ReadStopped
 
     def take(self) -> Skips:
         """What was counted since the last take, and a fresh start."""
-        taken = Skips(counts=self.counts, first=self.first)
-        self.counts, self.first = Counter(), {}
+        taken = Skips(counts=self.counts, first=self.first, hints=self.hints)
+        self.counts, self.first, self.hints = Counter(), {}, {}
         return taken
 
 
@@ -691,4 +691,5 @@ def prepare_sft(inputs: list[str | Path], tokenizer_dir: str | Path, out: str | 
 
 def skips_summary(skipped: dict[str, Any]) -> str:
     """The one-line skip summary of a meta.json `skipped` block."""
-    return Skips(counts=Counter(skipped.get("by_reason", {})), first=skipped.get("first", {})).summary()
+    return Skips(counts=Counter(skipped.get("by_reason", {})), first=skipped.get("first", {}),
+                 hints=skipped.get("hints", {})).summary()

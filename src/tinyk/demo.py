@@ -37,6 +37,10 @@ CHAT_SAMPLES = ("你好呀", "你是谁？")
 BASE_SAMPLE_PROMPT = "新华社北京１月１日电"
 
 
+MIN_MINUTES = 4.0  # the shortest time-budgeted demo: about a minute of set-up, 45 s of evaluation
+MIN_RUN_S = 10.0  # the least training time a run is started with
+
+
 @dataclass
 class DemoConfig:
     """Every knob of the demo; the defaults are `tinyk demo`, tests use `smoke()`."""
@@ -244,6 +248,16 @@ def choose_runtime(cfg: DemoConfig, tcfg: Any, try_compile: bool = False) -> Run
     return rt
 
 
+def training_seconds(st: Stages, cfg: DemoConfig, run: str) -> float:
+    """What the budget leaves for training once evaluation's reserve is set aside; a slow or busy
+    machine that spent it on the earlier stages is told so, not given a run of zero minutes."""
+    seconds = st.left() - cfg.reserve_s
+    if seconds < MIN_RUN_S:
+        raise TinykError(f"the {cfg.minutes:g}-minute budget is spent before {run} ({st.elapsed():.0f} s so far, "
+                         f"{cfg.reserve_s:g} s kept for evaluation): give a larger --minutes")
+    return seconds
+
+
 def steps_for(seconds: float, steps_per_s: float, minimum: int = 10) -> int:
     return max(minimum, int(seconds * steps_per_s))
 
@@ -273,6 +287,10 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, *, show_progress: b
     out = Path(out)
     if not (isinstance(cfg.minutes, int | float) and math.isfinite(cfg.minutes) and cfg.minutes > 0):
         raise TinykError(f"--minutes must be positive (a finite number of minutes), got {cfg.minutes}")
+    if not (cfg.pretrain_steps and cfg.sft_steps) and cfg.minutes < MIN_MINUTES:
+        raise TinykError(f"--minutes {cfg.minutes:g} is too short: building the data and timing the trainer take "
+                         f"about a minute, evaluation {cfg.reserve_s:g} s, and both runs need time of their own; "
+                         f"give --minutes {MIN_MINUTES:g} or more (--smoke is a seconds-long run)")
     threads = torch.get_num_threads()
     try:
         with atomic_dir(out, force=True, replaces=("an earlier demo", _is_demo_dir)) as tmp:
@@ -345,7 +363,7 @@ def _pipeline(root: Path, cfg: DemoConfig, show_progress: bool) -> dict[str, Any
             return training_config("pretrain", cfg, data=data_dir / "pretrain", steps=steps, tokenizer=tok_dir, **kw)
 
         def share() -> float:
-            return (st.left() - cfg.reserve_s) * cfg.pretrain_share
+            return training_seconds(st, cfg, "pretraining") * cfg.pretrain_share
 
         rt = choose_runtime(cfg, pretrain_config(10**6, out=runs / "probe"),
                             try_compile=cfg.compile and share() >= cfg.compile_min_s)
@@ -375,7 +393,7 @@ def _pipeline(root: Path, cfg: DemoConfig, show_progress: bool) -> dict[str, Any
         if not steps:
             # Eager (its padded lengths vary, so a compiled step would recompile), timed on its own batches.
             rate = step_rates([sft_config(10**6, out=runs / "probe")], cfg.probe_s, rounds=1)[0]
-            minutes = (st.left() - cfg.reserve_s) / 60
+            minutes = training_seconds(st, cfg, "SFT") / 60
             steps = steps_for(minutes * 60, rate)
             st.print(f"      {minutes:.1f} minutes, about {steps} steps "
                      f"({steps * cfg.sft_batch / max(1, sft_meta['documents']):.2f} epochs)")

@@ -35,7 +35,8 @@ class Terminated(KeyboardInterrupt):
 
 
 DEFAULT_MAX_LINE_BYTES = 16 * 1024 * 1024
-SUPPORTED_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet", ".jsonl.gz", ".jsonl.zst", ".txt.gz", ".txt.zst")
+SUPPORTED_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".json.zst", ".txt.gz",
+                      ".txt.zst")
 
 
 @dataclass
@@ -46,11 +47,14 @@ class Skips:
     keep_first: int = 5
     counts: Counter = field(default_factory=Counter)
     first: dict[str, list[str]] = field(default_factory=dict)
+    hints: dict[str, str] = field(default_factory=dict)  # what the first skip of a reason says about the fix
     stopped_at: int | None = None  # input bytes read when a max_bytes limit ended the reading
 
-    def add(self, reason: str, where: str) -> None:
+    def add(self, reason: str, where: str, hint: str | None = None) -> None:
         if self.strict:
-            raise TinykError(f"{where}: {reason.replace('_', ' ')} (--strict)")
+            raise TinykError(f"{where}: {reason.replace('_', ' ')}{f' ({hint})' if hint else ''} (--strict)")
+        if hint:
+            self.hints.setdefault(reason, hint)
         self.counts[reason] += 1
         places = self.first.setdefault(reason, [])
         if len(places) < self.keep_first:
@@ -63,9 +67,9 @@ class Skips:
     def summary(self) -> str:
         if not self.total:
             return "skipped 0 records"
+        hints = {"invalid_utf8": "convert such files first, e.g. iconv -f gbk -t utf-8", **self.hints}
         parts = [f"{reason.replace('_', ' ')}: {n} (first at {', '.join(self.first[reason])}"
-                 f"{'; convert such files first, e.g. iconv -f gbk -t utf-8' if reason == 'invalid_utf8' else ''})"
-                 for reason, n in sorted(self.counts.items())]
+                 f"{'; ' + hints[reason] if reason in hints else ''})" for reason, n in sorted(self.counts.items())]
         return f"skipped {self.total} records; " + "; ".join(parts)
 
     def merge(self, other: Skips) -> None:
@@ -73,13 +77,13 @@ class Skips:
         for reason, n in other.counts.items():
             places = other.first.get(reason, [])
             for where in places:
-                self.add(reason, where)
+                self.add(reason, where, other.hints.get(reason))
             self.counts[reason] += n - len(places)
 
     def to_json(self) -> dict[str, Any]:
         # Sorted: with several workers, reading and tokenizing report skips in a different interleaving.
         return {"total": self.total, "by_reason": dict(sorted(self.counts.items())),
-                "first": dict(sorted(self.first.items()))}
+                "first": dict(sorted(self.first.items())), "hints": dict(sorted(self.hints.items()))}
 
 
 def check_inputs(paths: list[str | Path]) -> list[Path]:
@@ -469,7 +473,10 @@ def iter_texts(paths: list[Path], skips: Skips, *, field_name: str = "text", **k
     """Yields the text of each document, skipping records without a usable text field."""
     for where, rec in iter_records(paths, skips, text_field=field_name, **kw):
         if not isinstance(rec, dict) or field_name not in rec:
-            skips.add("missing_field", where)
+            found = f"fields {', '.join(map(repr, list(rec)[:6]))}" if isinstance(rec, dict) and rec else \
+                f"a JSON {type(rec).__name__}"
+            skips.add("missing_field", where, f"no field {field_name!r}, the first such record has {found}; "
+                                              f"--field names the one with the text")
             continue
         text = rec[field_name]
         if not isinstance(text, str):

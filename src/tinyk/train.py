@@ -394,15 +394,22 @@ def micro_note(batch_size: int, world: int, requested: int | None, used: int, pe
     return f"micro_batch {requested} {why} the {per_rank} sequences per {per}; using {used}"
 
 
-def total_steps(cfg: TrainConfig, samples_per_epoch: int) -> int:
-    """Optimizer steps in the run: whichever of max_steps, max_tokens, epochs comes first (default 1 epoch)."""
+def total_steps(cfg: TrainConfig, samples_per_epoch: int, steps_done: int = 0, samples_done: int = 0) -> int:
+    """Optimizer steps in the run: whichever of max_steps, max_tokens, epochs comes first (default 1 epoch).
+
+    A token or epoch budget counts samples: what is left of it after `samples_done` (a resumed
+    run's) is trained at this run's batch size, so resuming with another --batch-size keeps it.
+    """
+    def after(samples: float) -> int:
+        return steps_done + max(0, math.ceil((samples - samples_done) / cfg.batch_size))
+
     budgets = []
     if cfg.max_steps:
         budgets.append(cfg.max_steps)
     if cfg.max_tokens:
-        budgets.append(math.ceil(cfg.max_tokens / (cfg.batch_size * cfg.seq_len)))
+        budgets.append(after(cfg.max_tokens / cfg.seq_len))
     if cfg.epochs or not budgets:
-        budgets.append(math.ceil((cfg.epochs or 1) * samples_per_epoch / cfg.batch_size))
+        budgets.append(after((cfg.epochs or 1) * samples_per_epoch))
     return max(1, min(budgets))
 
 
@@ -994,6 +1001,11 @@ class Trainer:
             torch.manual_seed((self.cfg.seed + 1 + self.dist.rank) * 1_000_003 + state["step"])
         self.scaler.load_state_dict(extra["scaler"])
         self.progress = _Progress(state["step"], state["tokens"], state["loss_tokens"], state["elapsed_s"])
+        if state.get("batch_size", self.cfg.batch_size) != self.cfg.batch_size:  # pretraining only: SFT refuses it
+            done = state["loader"]["epoch"] * self.loader.num_windows + state["loader"]["cursor"]
+            self.step_cap = self.total_steps = total_steps(self.cfg, self.loader.num_windows, state["step"], done)
+            if self.cfg.warmup_steps is None:
+                self.warmup = state.get("warmup", self.warmup)  # the warmup this run began with
         if self.cfg.max_minutes and state.get("max_minutes") == self.cfg.max_minutes and "warmup" in state:
             # The same time budget: go on with the schedule fitted so far (the first estimate of this
             # session is a few steps away), and a finished run stays finished.
@@ -1166,8 +1178,10 @@ class Trainer:
                          f"assistant token within seq_len {cfg.seq_len} and are left out (the data's max_len is "
                          f"{self.meta.get('max_len')}; a longer --seq-len keeps them)")
         if self.warmup >= self.total_steps:
+            peak = "reaches its peak only at the last step" if self.warmup == self.total_steps else \
+                "never reaches its peak"
             lines.append(f"note: warmup {self.warmup} is not shorter than the run's {self.total_steps} steps, so the "
-                         f"LR never reaches its peak (set warmup_steps)")
+                         f"LR {peak} and never decays (set warmup_steps)")
         if self.resumed_from:
             lines.append(f"resumed from {self.resumed_from} (step {self.progress.step})")
             if self.progress.step >= self.total_steps:
