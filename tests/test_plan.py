@@ -153,7 +153,12 @@ def test_plan_seed_215m_on_4_a100(capsys):
     assert p["time"]["gpu_hours"] == pytest.approx(1e10 / rate / 3600 * 4)
     assert p["cost"]["total"] == pytest.approx(2 * p["time"]["gpu_hours"])
     assert p["run"]["micro_batch"] * p["run"]["grad_accum"] * 4 == p["run"]["batch_size"]
-    assert p["tutorial"]["gpu_hours"] == 104
+    assert p["tutorial"]["gpu_hours"] == p["tutorial"]["gpu_hours_for_tokens"] == 104
+    # Fewer tokens than the tutorial's 10B compare with its pace, not with its whole run.
+    code, out, _ = run_cli(["plan", "--preset", "seed-215m", "--gpu", "a100", "--gpus", "4", "--tokens", "1B"], capsys)
+    hours = p["time"]["gpu_hours"] / 10
+    assert f"104 A100-hours for its 10B tokens, 10.4 at that pace for 1B; this plan: {hours:.1f} A100-hours " \
+           f"({10.4 / hours:.1f}x fewer)" in out
 
     code, out, _ = run_cli(["plan", "--preset", "seed-215m", "--gpu", "a100", "--gpus", "4", "--price", "2"], capsys)
     assert code == 0

@@ -122,12 +122,12 @@ def test_a_pretraining_resume_with_another_batch_size_keeps_its_token_budget(tmp
 
 def test_config_layers_preset_file_flags_set(tmp_path):
     user = tmp_path / "c.yaml"
-    user.write_text("lr: 0.01\nbatch_size: 32\nmodel: {dim: 96}\nsft: {lr: 0.002}\n")
+    user.write_text("lr: 0.01\nbatch_size: 32\nmodel: {dim: 96}\nsft: {lr: 0.002}\nrun_name: 2024\n")
     cfg = resolve_config("pretrain", preset="tiny", config=user, flags={"batch_size": 16, "out": "o", "data": "d"},
                          sets=["model.n_layers=3", "tracker=wandb,swanlab", "warmup_steps=5", "micro_batch=null"])
     assert cfg.model == {"preset": "tiny", "dim": 96, "n_layers": 3}
     assert (cfg.lr, cfg.batch_size, cfg.seq_len, cfg.warmup_steps) == (0.01, 16, 256, 5)
-    assert cfg.tracker == ["wandb", "swanlab"] and cfg.micro_batch is None
+    assert cfg.tracker == ["wandb", "swanlab"] and cfg.micro_batch is None and cfg.run_name == "2024"
     sft = resolve_config("sft", preset="tiny", config=user, flags={"out": "o", "data": "d"})
     assert sft.lr == 0.002 and sft.kind == "sft"
     toml = tmp_path / "c.toml"
@@ -151,6 +151,8 @@ def test_config_layers_preset_file_flags_set(tmp_path):
     (["compile_mode=fast"], "compile_mode must be one of default, reduce-overhead"),
     (["max_minutes=0"], "max_minutes must be positive"),
     (["grad_clip=-1"], "grad_clip must be >= 0"),  # would train uphill
+    (["batch_size=100000"], "batch_size must be in 1..65536$"),  # the flag's own limit
+    (["micro_batch=0"], "micro_batch must be in 1..65536$"),
     (["eval_batches=-1"], "eval_batches must be at least 1"),  # would report a val loss of 0
     (["warmup_steps=.nan"], "config key warmup_steps: nan is not a valid int or null"),
     (["lr=.inf"], "must be finite"),
@@ -170,6 +172,11 @@ def test_set_values_parse_as_yaml():
         "model": {"dim": 64}, "lr": 1e-3, "compile": True, "run_name": "a=b"}
     cfg = resolve_config("pretrain", preset="nano", flags={"out": "o", "data": "d"}, sets=["lr=3e-4", "max_steps=1e3"])
     assert (cfg.lr, cfg.max_steps) == (3e-4, 1000)
+    # Names that look like numbers stay names, as typed on the command line or read from YAML.
+    cfg = resolve_config("pretrain", preset="nano", flags={"out": "o", "data": "d"},
+                         sets=["run_name=1.10", "project=2024", "sft.run_name=7"])
+    assert (cfg.run_name, cfg.project) == ("1.10", "2024")
+    assert resolve_config("sft", preset="nano", flags={"out": "o", "data": "d"}, sets=["sft.run_name=7"]).run_name == "7"
 
 
 # ----------------------------------------------------------------------------- training runs
@@ -420,6 +427,14 @@ def test_trackers_are_lazy_and_optional(tmp_path, pt_data, tok_dir, monkeypatch)
     with pytest.raises(TinykError, match=r"--tracker swanlab needs the 'swanlab' package"):
         train(nano_cfg(pt_data, tok_dir, tmp_path / "w5", tracker=["wandb", "swanlab"]))
     assert calls[-1] == "finish"  # the W&B run that did start is closed, not left running
+
+    def broken_install(**kw):
+        raise ModuleNotFoundError("No module named 'pydantic_core._pydantic_core'", name="pydantic_core._pydantic_core")
+
+    fake.init = broken_install
+    with pytest.raises(TinykError, match=r"^--tracker wandb could not start: the 'wandb' package does not import "
+                                         r"\(No module named 'pydantic_core._pydantic_core'\); reinstall it"):
+        train(nano_cfg(pt_data, tok_dir, tmp_path / "w2", tracker=["wandb"]))
     monkeypatch.setitem(sys.modules, "wandb", None)
     with pytest.raises(TinykError, match=r"--tracker wandb needs the 'wandb' package \(pip install wandb\)"):
         train(nano_cfg(pt_data, tok_dir, tmp_path / "w2", tracker=["wandb"]))
@@ -480,8 +495,9 @@ def test_setup_errors_are_one_line(tmp_path, pt_data, sft_data, tok_dir, nano_mo
     assert "tokens but the model's vocab_size is 256" in err(model={"preset": "nano", "vocab_size": 256})
     assert "seq_len 256 exceeds the model's context of 128 tokens" in err(seq_len=256)
     assert "invalid model config: n_heads must be a positive integer, got 0" in err(model={"preset": "nano", "n_heads": 0})
-    assert "invalid model config: need norm_eps > 0" in err(data=sft_data, kind="sft", init=str(nano_model_dir),
-                                                            model={"dropout": 2})
+    assert "invalid model config: need finite norm_eps > 0" in err(data=sft_data, kind="sft",
+                                                                   init=str(nano_model_dir), model={"dropout": 2})
+    assert "got 1e-05, inf, 0.0" in err(model={"preset": "nano", "rope_theta": math.inf})
     assert "holds sft data; tinyk pretrain needs pretrain data" in err(data=sft_data)
     (tmp_path / "notmodel").mkdir()
     assert "is not a model directory" in err(data=sft_data, kind="sft", init=str(tmp_path / "notmodel"), model={})
@@ -850,7 +866,7 @@ def test_tensorboard_shows_one_curve_across_a_crash_and_resume(tmp_path, pt_data
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
-    cfg = nano_cfg(pt_data, tok_dir, out, max_steps=8, save_every=2, tracker=["tensorboard"])
+    cfg = nano_cfg(pt_data, tok_dir, out, max_steps=8, save_every=2, eval_every=4, tracker=["tensorboard"])
     with monkeypatch.context() as m:
         stop_at(m, 5)
         train(cfg)
@@ -861,6 +877,10 @@ def test_tensorboard_shows_one_curve_across_a_crash_and_resume(tmp_path, pt_data
     logged = [(e.step, e.value) for e in events.Scalars("loss")]
     assert [s for s, _ in logged] == list(range(1, 9))
     assert {s: pytest.approx(v) for s, v in logged} == train_losses(out)
+    # One point per step on every curve (an eval step's tokens are the train record's), no constants.
+    assert [e.step for e in events.Scalars("tokens")] == list(range(1, 9))
+    assert [e.step for e in events.Scalars("val_loss")] == [4, 8]
+    assert "flops_per_token" not in events.Tags()["scalars"]
 
 
 @pytest.mark.parametrize("log_every,eval_every", [(1, 0), (10, 1)])

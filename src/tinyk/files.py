@@ -35,6 +35,7 @@ class Terminated(KeyboardInterrupt):
 
 
 DEFAULT_MAX_LINE_BYTES = 16 * 1024 * 1024
+MAX_BATCH = 65536  # sequences per step: far more than fits anywhere, far less than exhausts memory
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".json.zst", ".txt.gz",
                       ".txt.zst")
 

@@ -64,8 +64,8 @@ class ModelConfig:
         for name in ("norm_eps", "rope_theta", "dropout"):
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int | float):
                 raise ValueError(f"{name} must be a number, got {getattr(self, name)!r}")
-        if not (self.norm_eps > 0 and self.rope_theta > 0 and 0 <= self.dropout < 1):
-            raise ValueError(f"need norm_eps > 0, rope_theta > 0 and 0 <= dropout < 1, got {self.norm_eps}, "
+        if not (0 < self.norm_eps < math.inf and 0 < self.rope_theta < math.inf and 0 <= self.dropout < 1):
+            raise ValueError(f"need finite norm_eps > 0, rope_theta > 0 and 0 <= dropout < 1, got {self.norm_eps}, "
                              f"{self.rope_theta}, {self.dropout}")
         if self.hidden_dim is None:
             hidden = int(8 * self.dim / 3)

@@ -125,7 +125,11 @@ class Trackers:
                          **resume)
             return swanlab  # its module-level log()/finish() act on the run just started
         except ImportError as e:
-            raise TinykError(f"--tracker {name} needs the '{package}' package (pip install {package})") from e
+            if (e.name or package).split(".")[0] == package:
+                raise TinykError(f"--tracker {name} needs the '{package}' package (pip install {package})") from e
+            # The package is there but something it imports is not: a broken or half-upgraded install.
+            raise TinykError(f"--tracker {name} could not start: the '{package}' package does not import "
+                             f"({first_line(e)}); reinstall it (pip install -U {package})") from e
         except Exception as e:  # not logged in, no network, no terminal to ask on: the tracker's own words
             offline = {"wandb": "; WANDB_MODE=offline logs locally", "swanlab": "; SWANLAB_MODE=offline logs locally"}
             raise TinykError(f"--tracker {name} could not start: {first_line(e)}{offline.get(name, '')}") from e
@@ -237,7 +241,11 @@ class Monitor:
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(rec) + "\n")
         if self.trackers:
-            numbers = {k: v for k, v in rec.items() if isinstance(v, int | float) and k != "step"}
+            # One point per curve and step: an eval record's tokens and time repeat the train record's,
+            # and FLOPs per token is a constant of the run.
+            keep = (lambda k: k.startswith("val_")) if rec["type"] == "eval" else \
+                (lambda k: k not in ("step", "flops_per_token"))
+            numbers = {k: v for k, v in rec.items() if isinstance(v, int | float) and keep(k)}
             self.trackers.log(numbers, rec["step"])
 
     def set_total(self, total_steps: int) -> None:

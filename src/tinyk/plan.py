@@ -30,7 +30,7 @@ MiB = 2**20
 USABLE_FRACTION = 0.90
 # The seed's corpus is about 10B tokens; its author pretrained seed-215m on it in 26 h on 4 A100s.
 DEFAULT_TOKENS = 10_000_000_000
-TUTORIAL_RUN = {"preset": "seed-215m", "gpu": "a100", "gpus": 4, "hours": 26.0}
+TUTORIAL_RUN = {"preset": "seed-215m", "gpu": "a100", "gpus": 4, "hours": 26.0, "tokens": 10e9}
 ASSUMED = "assumed"
 FP32_SHARE = 0.5  # of the fp32 peak an fp32 run is assumed to reach
 MEASURED_MODEL = "seed-215m"  # the model bench/gpu.sh measures; its MFU is the one in GPUS
@@ -464,9 +464,13 @@ def make_plan(run: RunSpec, gpu: GPUSpec, *, gpus: int = 1, nodes: int = 1, toke
             a100_mfu, a100_source = used_mfu, mfu_source
         elif run.dtype == "fp32" and mfu is None:  # the same precision on the tutorial's cards
             a100_mfu, a100_source = a100.fp32_mfu, ASSUMED
+        tutorial_hours = TUTORIAL_RUN["gpus"] * TUTORIAL_RUN["hours"]
         plan["tutorial"] = {
-            "gpu_hours": TUTORIAL_RUN["gpus"] * TUTORIAL_RUN["hours"], "gpus": TUTORIAL_RUN["gpus"],
-            "hours": TUTORIAL_RUN["hours"], "a100_mfu": a100_mfu, "a100_mfu_source": a100_source,
+            "gpu_hours": tutorial_hours, "gpus": TUTORIAL_RUN["gpus"], "hours": TUTORIAL_RUN["hours"],
+            "tokens": TUTORIAL_RUN["tokens"],
+            # At the tutorial's pace, for this plan's tokens: what the comparison is made against.
+            "gpu_hours_for_tokens": tutorial_hours * tokens / TUTORIAL_RUN["tokens"],
+            "a100_mfu": a100_mfu, "a100_mfu_source": a100_source,
             "a100_hours": tokens * fpt / (a100_mfu * efficiency * a100.peak_flops) / 3600,
         }
     return plan
@@ -644,12 +648,16 @@ def format_plan(p: dict[str, Any]) -> str:
                      f"{p['cost']['price_per_gpu_hour']:g} per GPU-hour")
     if "tutorial" in p:
         tut = p["tutorial"]
-        line = (f"tutorial     {tut['gpus']} x A100 for {tut['hours']:g} h = {tut['gpu_hours']:g} A100-hours; this plan: "
-                f"{_amount(tm['gpu_hours'])} {g['key'].upper()}-hours ({_ratio(tut['gpu_hours'], tm['gpu_hours'])})")
+        base = tut["gpu_hours_for_tokens"]
+        line = f"tutorial     {tut['gpus']} x A100 for {tut['hours']:g} h = {tut['gpu_hours']:g} A100-hours"
+        if base != tut["gpu_hours"]:
+            line += (f" for its {_token_count(tut['tokens'])} tokens, {_amount(base)} at that pace for "
+                     f"{_token_count(p['run']['tokens'])}")
+        line += f"; this plan: {_amount(tm['gpu_hours'])} {g['key'].upper()}-hours ({_ratio(base, tm['gpu_hours'])})"
         if g["key"] != "a100":
             line += (f"; on A100 at MFU {_pct(tut['a100_mfu'])}"
                      f"{' (assumed)' if tut['a100_mfu_source'] == ASSUMED else ''}"
-                     f": {tut['a100_hours']:.1f} A100-hours ({_ratio(tut['gpu_hours'], tut['a100_hours'])})")
+                     f": {_amount(tut['a100_hours'])} A100-hours ({_ratio(base, tut['a100_hours'])})")
         lines.append(line)
     if not p["fits"]:
         lines.append(_fit_warning(p))

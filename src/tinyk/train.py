@@ -45,6 +45,7 @@ from .checkpoint import (
     write_model_files,
 )
 from .files import (
+    MAX_BATCH,
     DirLock,
     TinykError,
     atomic_dir,
@@ -146,6 +147,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             return float(value)
         if origin is str and isinstance(value, str):
             return value
+        if origin is str and isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)  # YAML reads `run_name: 2024` as a number
         if origin is list and isinstance(value, list | str):
             items = value.split(",") if isinstance(value, str) else value
             return [str(v).strip() for v in items if str(v).strip()]
@@ -239,6 +242,10 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
         parts = key.strip().split(".")
         if len(parts) > 2 or (len(parts) == 2 and parts[0] not in ("model", *KINDS)):
             raise TinykError(f"--set {key}: only model.<key> is nested (e.g. --set model.dim=64)")
+        hint = _FIELD_TYPES.get(parts[-1]) if parts[0] != "model" else None
+        text_key = hint is str or str in typing.get_args(hint)
+        if text_key and isinstance(value, int | float) and not isinstance(value, bool):
+            value = raw.strip()  # --set run_name=1.10 names the run 1.10, not 1.1
         target = out
         for p in parts[:-1]:
             target = target.setdefault(p, {})
@@ -292,8 +299,8 @@ def validate(cfg: TrainConfig) -> None:
         # Apple's mps is not offered: its tensors have no float64 (the loss accumulators) and it is untested.
         (cfg.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {cfg.device!r}"),
         (cfg.seq_len >= 1, "seq_len must be positive"),
-        (cfg.batch_size >= 1, "batch_size must be positive"),
-        (cfg.micro_batch is None or cfg.micro_batch >= 1, "micro_batch must be positive"),
+        (1 <= cfg.batch_size <= MAX_BATCH, f"batch_size must be in 1..{MAX_BATCH}"),
+        (cfg.micro_batch is None or 1 <= cfg.micro_batch <= MAX_BATCH, f"micro_batch must be in 1..{MAX_BATCH}"),
         (all(math.isfinite(v) for v in (cfg.lr, cfg.min_lr_ratio, cfg.weight_decay, cfg.beta1, cfg.beta2, cfg.eps,
                                          cfg.grad_clip, cfg.epochs or 1, cfg.max_minutes or 1, cfg.peak_tflops or 1)),
          "numbers in the config must be finite (no inf or nan)"),

@@ -12,11 +12,12 @@ import math
 from collections.abc import Callable
 from typing import NoReturn
 
+from tinyk.files import MAX_BATCH
+
 _UNITS = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 
 MAX_SIZE = 10**18  # beyond this, counts overflow the 64-bit integers of the libraries underneath
 SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit
-MAX_BATCH = 65536  # sequences per step: far more than fits anywhere, far less than exhausts memory
 
 
 def _refuse(rule: str, s: str) -> NoReturn:
