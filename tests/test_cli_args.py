@@ -235,3 +235,15 @@ def test_eval_out_force_replaces_an_earlier_result(tmp_path, nano_model_dir, tas
     code, err = run_cli(eval_args(nano_model_dir, tmp_path / "tasks"), capsys)
     assert code == 2 and err == f"tinyk: error: task file {tmp_path / 'tasks'} is a directory; give a JSONL file " \
                                 "of chats\n"
+
+
+def test_a_bare_tinyk_shows_what_it_can_do_and_version_says_which(capsys):
+    import tinyk
+
+    with pytest.raises(SystemExit) as e:
+        main([])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith("usage: tinyk") and "pretrain" in out and "serve" in out
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out == f"tinyk {tinyk.__version__}\n"

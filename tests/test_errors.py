@@ -127,6 +127,10 @@ def test_a_transformers_directory_tinyk_cannot_read_says_how_to_save_it(tmp_path
     code, err = run_cli(["model", "info", str(hf)], capsys)
     assert code == 2 and err.count("\n") == 1 and f"not a model directory (needs config.json and model.safetensors): " \
         f"{hf}; its weights are {says}" in err
+    typo = tmp_path / "typo"
+    assert run_cli(["model", "info", str(typo)], capsys)[1] == f"tinyk: error: model directory not found: {typo}\n"
+    assert run_cli(["sft", "--init", str(typo), "--data", str(sft_data), "--out", str(tmp_path / "r")],
+                   capsys)[1] == f"tinyk: error: --init {typo} not found\n"
     code, err = run_cli(["sft", "--init", str(hf), "--data", str(sft_data), "--out", str(tmp_path / "run")], capsys)
     assert code == 2 and err.count("\n") == 1 and f"nor a run directory with final/; its weights are {says}" in err
     if weights == "pytorch_model.bin":

@@ -431,6 +431,16 @@ def test_what_is_not_the_tutorials_checkpoint_is_one_line(tmp_path, tok_dir, cha
     assert not (tmp_path / "m").exists()
 
 
+def test_a_file_torch_did_not_write_is_named_as_such(tmp_path, tok_dir):
+    from tinyk.checkpoint import import_seed_checkpoint
+
+    ckpt = tmp_path / "notes.pth"
+    ckpt.write_text("not weights\n")
+    with pytest.raises(TinykError, match=f"^{ckpt} is not a PyTorch checkpoint \\(a file torch.save wrote"):
+        import_seed_checkpoint(ckpt, tok_dir, tmp_path / "m", n_heads=4)
+    assert not (tmp_path / "m").exists()
+
+
 def test_a_head_count_that_does_not_divide_the_width_is_one_line(tmp_path, tok_dir):
     from tinyk.checkpoint import import_seed_checkpoint
     from tinyk.tokenizer import load_tokenizer

@@ -744,10 +744,15 @@ def test_the_summary_of_a_resumed_run_speaks_for_the_whole_run(tmp_path, pt_data
     assert summary["final_val_loss"] == evals[-1]["val_loss"] and summary["tokens_per_s"] > 0
 
 
-def test_a_refused_resume_leaves_the_run_as_it_was(tmp_path, pt_data, sft_data, tok_dir, nano_model_dir):
+def test_a_refused_resume_leaves_the_run_as_it_was(tmp_path, pt_data, sft_data, tok_dir, nano_model_dir, capsys):
     out = tmp_path / "run"
     train(nano_cfg(pt_data, tok_dir, out, max_steps=2, save_every=1))
     saved = (out / "config.yaml").read_text()
+    with pytest.raises(SystemExit) as e:
+        main(["sft", "--resume", "--out", str(out), "--device", "cpu"])
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"tinyk: error: {out} is a pretrain run: resume it with tinyk pretrain --resume, or fine-tune its model "
+        f"in a new run (tinyk sft --init {out})\n")
     with pytest.raises(TinykError, match="is a pretrain checkpoint, not sft"):
         train(nano_cfg(sft_data, None, out, kind="sft", init=str(nano_model_dir), model={}, seq_len=64), resume=True)
     assert (out / "config.yaml").read_text() == saved

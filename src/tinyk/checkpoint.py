@@ -163,6 +163,8 @@ def save_model(model: Transformer, tok_dir: str | Path, out: str | Path, force: 
 
 def load_config(path: str | Path) -> ModelConfig:
     path = Path(path)
+    if not path.exists():
+        raise TinykError(f"model directory not found: {path}")
     if not is_model_dir(path):
         raise TinykError(f"not a model directory (needs config.json and model.safetensors): {path}"
                          f"{model_dir_hint(path)}")
@@ -296,6 +298,11 @@ def _read_seed_weights(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         path = found[0]
     elif not path.is_file():
         raise TinykError(f"checkpoint not found: {path}")
+    if path.suffix != ".safetensors":
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip, or a legacy pickle
+            raise TinykError(f"{path} is not a PyTorch checkpoint (a file torch.save wrote: .pth, .pt or .bin)")
     try:
         state = load_file(str(path)) if path.suffix == ".safetensors" else \
             torch.load(path, map_location="cpu", weights_only=True)

@@ -281,6 +281,11 @@ def resolve_config(kind: str, *, preset: str | None = None, config: str | Path |
             ckpts = checkpoints(saved.parent)
             raise TinykError(f"{saved} is empty" + (f"; each checkpoint keeps a copy: cp {ckpts[-1] / 'config.yaml'} "
                                                     f"{saved}" if ckpts else ""))
+        if run_config.get("kind", kind) != kind:
+            run = saved.parent
+            raise TinykError(f"{run} is a {run_config['kind']} run: resume it with tinyk {run_config['kind']} "
+                             f"--resume" + (f", or fine-tune its model in a new run (tinyk sft --init {run})"
+                                            if kind == "sft" else ""))
         d = fold([*layers, (run_config, str(saved)), *top])
     elif saved is not None and d.get("data") is None:
         raise TinykError(f"nothing to resume in {d['out']} (no config.yaml there); check --out, or start a new "
@@ -544,6 +549,8 @@ def checkpoints(out: str | Path) -> list[Path]:
 def resolve_init(path: str | Path) -> Path:
     """--init: a model directory, or a run directory meaning its final model."""
     p = Path(path)
+    if not p.exists():
+        raise TinykError(f"--init {p} not found")
     if is_model_dir(p):
         return p
     if is_model_dir(p / "final"):

@@ -14,6 +14,7 @@ import sys
 import threading
 from typing import NoReturn
 
+from tinyk import __version__
 from tinyk.files import Terminated, TinykError
 
 STAGES = ["tokenizer", "model", "data", "train", "generate", "serve", "evaluate", "demo", "plan"]
@@ -28,6 +29,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tinyk", description="Train a small Chinese chat LLM from scratch.")
+    parser.add_argument("--version", action="version", version=f"tinyk {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for stage in STAGES:
         try:
@@ -45,7 +47,11 @@ def _terminate(signum: int, frame: object) -> NoReturn:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if not (sys.argv[1:] if argv is None else argv):  # a bare `tinyk`: what it can do
+        parser.print_help()
+        sys.exit(0)
+    args = parser.parse_args(argv)
     # Handlers belong to the main thread; a program calling main() from another keeps its own.
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None
