@@ -232,6 +232,8 @@ LONG = "".join(chr(0x4E00 + 37 * i) for i in range(200))  # rare characters: sev
      "stream_options", "invalid_value"),
     ("/v1/completions", {"model": "nano", "prompt": "hi", "stream": True, "stream_options": {"include_usage": "yes"}},
      400, "include_usage", "invalid_type"),
+    ("/v1/completions", {"model": "nano", "prompt": "hi", "stream": True, "stream_options": {"include_usages": True}},
+     400, "stream_options.include_usages", "unknown_parameter"),  # a typo is not silently no usage
     ("/v1/completions", {"model": "nano", "prompt": "hi", "seed": 2**63}, 400, "seed", "invalid_value"),
     ("/v1/completions", b'{"model": "nano", "prompt": "hi", "seed": ' + b"9" * 5000 + b"}", 400, None, "invalid_json"),
     ("/v1/completions", b"[" * 20000, 400, None, "invalid_json"),
@@ -280,6 +282,17 @@ def test_fields_at_their_off_values_are_accepted(server):
             "user": "u1", "metadata": {"k": "v"}, "store": False, "parallel_tool_calls": False}
     status, reply = request(server, "POST", "/v1/chat/completions", chat)
     assert status == 200, reply
+    status, reply = request(server, "POST", "/v1/completions", {**body, "stream": True,
+                                                                "stream_options": {"include_obfuscation": False}})
+    assert status == 200, reply
+
+
+def test_max_completion_tokens_wins_over_the_deprecated_max_tokens(server):
+    chat = {"model": "nano", "messages": [{"role": "user", "content": "hi"}], "temperature": 0}
+    status, longer = request(server, "POST", "/v1/chat/completions", {**chat, "max_tokens": 9})
+    assert status == 200 and longer["usage"]["completion_tokens"] > 3, "the test needs a reply longer than 3 tokens"
+    status, reply = request(server, "POST", "/v1/chat/completions", {**chat, "max_tokens": 9, "max_completion_tokens": 3})
+    assert status == 200 and reply["usage"]["completion_tokens"] == 3, reply
 
 
 def test_other_methods_get_a_json_error(server):

@@ -148,8 +148,9 @@ class Api:
         max_tokens = _get(body, "max_tokens", "integer", None)
         _in_range("max_completion_tokens", newer, 1, ctx - 1)
         _in_range("max_tokens", max_tokens, 1, ctx - 1)
-        max_name = "max_tokens" if max_tokens is not None else "max_completion_tokens"
-        max_tokens = newer if max_tokens is None else max_tokens
+        # max_completion_tokens replaced max_tokens in OpenAI's API: given both, it is the one that counts.
+        max_name = "max_completion_tokens" if newer is not None else "max_tokens"
+        max_tokens = max_tokens if newer is None else newer
         if max_tokens is not None and prompt_tokens + max_tokens > ctx:
             raise ApiError(400, f"this model's maximum context length is {ctx} tokens, but {prompt_tokens + max_tokens} "
                                 f"were requested ({prompt_tokens} in the prompt, {max_tokens} for the completion)",
@@ -275,6 +276,11 @@ class Api:
             raise ApiError(400, "'stream_options' is only allowed when 'stream' is true", param="stream_options",
                            code="invalid_value")
         include_usage = _get(options, "include_usage", "boolean", False)
+        _get(options, "include_obfuscation", "boolean", False)  # no padding is added to chunks either way
+        unknown = sorted(set(options) - {"include_usage", "include_obfuscation"})
+        if unknown:
+            raise ApiError(400, f"unrecognized stream_options argument supplied: {unknown[0]}",
+                           param=f"stream_options.{unknown[0]}", code="unknown_parameter")
         try:
             return self.scheduler.submit(ids, params), stream, include_usage
         except EngineBusy as e:
