@@ -179,6 +179,12 @@ def test_sft_conversations_a_short_window_leaves_out_are_reported(nano, nano_mod
         full["conversations_left_out"]
     rows = [r[0] for r in table_rows({"data": [short]})]
     assert f"{sft_data.name}/val conversations left out (no answer token within seq_len 64)" in rows
+    # A window beyond the model's 128-token context is cut to it, and the table says so.
+    wide = eval_data(model, nano_model_dir, sft_data, seq_len=1000)
+    assert (wide["seq_len"], wide["seq_len_asked"], wide["loss"]) == (128, 1000, full["loss"])
+    assert table_rows({"data": [wide]}).__next__()[2] == "windows of 128 tokens (--seq-len 1000 is beyond the " \
+                                                         "model's context)"
+    assert "seq_len_asked" not in full and table_rows({"data": [full]}).__next__()[2] == "windows of 128 tokens"
 
 
 def test_data_from_another_tokenizer_is_refused(tmp_path, nano, pretrain_data, corpus_file):
@@ -365,6 +371,6 @@ def test_int8_task_answers_decode_in_batches_the_int8_kernel_takes(tmp_path, nan
 def test_a_split_part_that_spells_no_text_has_no_bits_per_byte():
     from tinyk.evaluate import table_rows
 
-    rows = list(table_rows({"data": [{"data": "d/sft", "split": "val", "loss": 1.0, "perplexity": 2.72,
+    rows = list(table_rows({"data": [{"data": "d/sft", "split": "val", "seq_len": 64, "loss": 1.0, "perplexity": 2.72,
                                       "bits_per_byte": None}]}))
     assert ("sft/val bits per byte", "n/a", "") in rows

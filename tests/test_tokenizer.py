@@ -199,7 +199,11 @@ def test_without_max_bytes_reading_stops_where_memory_would_run_out(tmp_path, mo
     with pytest.raises(SystemExit):
         main(["tokenizer", "train", str(big), "--out", str(tmp_path / "t4"), "--vocab-size", "300",
               "--max-bytes", "2M"])
-    assert "warning: --max-bytes 2.0 MB may need up to 200 MB of memory" in capsys.readouterr().err
+    assert "warning: reading 2.0 MB of text (--max-bytes) may need up to 200 MB of memory" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a limit beyond the input: the warning is about the text, not the flag
+        main(["tokenizer", "train", str(big), "--out", str(tmp_path / "t5"), "--vocab-size", "300",
+              "--max-bytes", "100G"])
+    assert "warning: reading 3.0 MB of text (--max-bytes)" in capsys.readouterr().err
 
 
 def test_ctrl_c_stops_tokenizer_training_at_once(tmp_path, monkeypatch):
@@ -283,3 +287,14 @@ def test_cli_train_and_eval(tmp_path, corpus_file, capsys):
     with pytest.raises(SystemExit) as e:
         main(["tokenizer", "eval", str(tmp_path / "t"), "--input", str(other), "--field", "content", "--json"])
     assert e.value.code == 0 and json.loads(capsys.readouterr().out)["documents"] == 1
+
+
+def test_a_vocabulary_smaller_than_asked_is_noted(tmp_path, capsys):
+    small = tmp_path / "small.txt"
+    small.write_text("你好世界\n" * 20, encoding="utf-8")
+    with pytest.raises(SystemExit) as e:
+        main(["tokenizer", "train", str(small), "--out", str(tmp_path / "tok"), "--vocab-size", "1000"])
+    out = capsys.readouterr().out
+    got = load_tokenizer(tmp_path / "tok").vocab_size
+    assert e.value.code == 0 and got < 1000
+    assert f"note: {got} tokens, not --vocab-size 1000: the text has no more pairs" in out

@@ -57,6 +57,7 @@ def eval_data(model: Transformer, model_dir: str | Path, data_dir: str | Path, *
     if split not in meta["splits"]:
         raise TinykError(f"{data_dir} has no split {split!r} (has {', '.join(meta['splits'])})")
     ctx = model.config.max_seq_len
+    asked = seq_len
     seq_len = min(seq_len or meta.get("max_len") or ctx, ctx)  # SFT data records its max_len
     device = next(model.parameters()).device
     token_bytes = torch.tensor(load_tokenizer(model_dir).token_bytes, dtype=torch.float64, device=device)
@@ -66,7 +67,9 @@ def eval_data(model: Transformer, model_dir: str | Path, data_dir: str | Path, *
     if count == 0:
         raise TinykError(f"{data_dir}: split {split!r} has no tokens to evaluate")
     loss = total / count
-    return {"data": str(data_dir), "kind": meta["kind"], "split": split, "seq_len": seq_len, "tokens": count,
+    return {"data": str(data_dir), "kind": meta["kind"], "split": split, "seq_len": seq_len,
+            # a --seq-len beyond the model's context is cut to it, and the table says so
+            **({"seq_len_asked": asked} if asked and asked > seq_len else {}), "tokens": count,
             "bytes": int(nbytes), "loss": loss, "perplexity": math.exp(min(loss, 50.0)),
             "bits_per_byte": total / math.log(2) / nbytes if nbytes else None,
             # of the whole split, also where --max-batches scores part of it
@@ -414,7 +417,8 @@ def table_rows(results: dict[str, Any]) -> Iterator[tuple[str, str, str]]:
     """(metric, score, baseline) rows of `tinyk eval`'s table."""
     for d in results.get("data", []):
         name = f"{Path(d['data']).name}/{d['split']}"
-        yield f"{name} loss", f"{d['loss']:.4f}", ""
+        cut = f" (--seq-len {d['seq_len_asked']} is beyond the model's context)" if d.get("seq_len_asked") else ""
+        yield f"{name} loss", f"{d['loss']:.4f}", f"windows of {d['seq_len']} tokens{cut}"
         yield f"{name} perplexity", f"{d['perplexity']:.2f}", ""
         bpb = d["bits_per_byte"]  # None when the evaluated tokens spell no text (only <|im_end|>s)
         yield f"{name} bits per byte", "n/a" if bpb is None else f"{bpb:.4f}", ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from tinyk.cli.common import int_range, positive_size
 
@@ -48,13 +49,23 @@ def _size(n: int) -> str:
     return f"{n / 1e9:,.1f} GB" if n >= 1e9 else f"{n / 1e6:,.0f} MB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
+def _text_read(inputs: list[str], max_bytes: int) -> int:
+    """How much text a --max-bytes read takes: all of it when the inputs are smaller (only
+    uncompressed files say how much text they hold)."""
+    paths = [Path(p) for p in inputs]
+    if any(p.name.endswith((".gz", ".zst", ".parquet")) or not p.is_file() for p in paths):
+        return max_bytes
+    return min(max_bytes, sum(p.stat().st_size for p in paths))
+
+
 def _train(args: argparse.Namespace) -> int:
     from tinyk.tokenizer import BPE_MEMORY_PER_BYTE, memory_available, train_tokenizer
 
     memory = memory_available()
-    if args.max_bytes and memory and args.max_bytes * BPE_MEMORY_PER_BYTE > memory:
-        print(f"tinyk: warning: --max-bytes {_size(args.max_bytes)} may need up to "
-              f"{_size(args.max_bytes * BPE_MEMORY_PER_BYTE)} of memory (BPE training holds about "
+    text = args.max_bytes and _text_read(args.inputs, args.max_bytes)
+    if text and memory and text * BPE_MEMORY_PER_BYTE > memory:
+        print(f"tinyk: warning: reading {_size(text)} of text (--max-bytes) may need up to "
+              f"{_size(text * BPE_MEMORY_PER_BYTE)} of memory (BPE training holds about "
               f"{BPE_MEMORY_PER_BYTE} bytes per byte of text) and {_size(memory)} is available", file=sys.stderr)
     r = train_tokenizer(args.inputs, args.out, vocab_size=args.vocab_size, normalization=args.normalization,
                         max_bytes=args.max_bytes, field_name=args.field, min_frequency=args.min_frequency,
@@ -62,6 +73,9 @@ def _train(args: argparse.Namespace) -> int:
                         show_progress=sys.stdout.isatty())  # its bar leaves blank lines in a pipe or log
     print(f"trained on {r['documents']:,} documents ({r['characters']:,} characters) in {r['seconds']}s; "
           f"vocab {r['vocab_size']}; {r['skipped_summary']}")
+    if r["vocab_size"] < args.vocab_size:
+        print(f"note: {r['vocab_size']} tokens, not --vocab-size {args.vocab_size}: the text has no more pairs seen "
+              f"at least --min-frequency {args.min_frequency} times to merge (more text gives a larger vocabulary)")
     if r["capped_at"] is not None and r["cap_from_memory"]:
         print(f"read the first {_size(r['capped_at'])} of the input, what {_size(r['memory_available'])} of "
               f"available memory allows (BPE training holds about {BPE_MEMORY_PER_BYTE} bytes per byte of text); "
