@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import tracemalloc
 import warnings
 from collections import Counter
@@ -212,6 +213,36 @@ def test_output_is_deterministic_and_independent_of_worker_count(tmp_path, tok_d
     other = prepare_pretrain([corpus_file], tok_dir, tmp_path / "seed1", val_fraction=0.2, seed=1, **QUIET)
     assert not np.array_equal(split_tokens(tmp_path / "seed1", "val"), split_tokens(tmp_path / "pre1", "val"))
     assert other["splits"]["train"]["documents"] + other["splits"]["val"]["documents"] == 400
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signals are Linux's")
+def test_a_worker_ends_with_its_killed_parent():
+    """kill -9 of `tinyk data` must not leave its tokenizer workers running for no one (and printing
+    BrokenPipeError tracebacks when they hand their batch over)."""
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import subprocess, sys, os, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import sys, time; from tinyk.data import _die_with; '\n"
+        "                          '_die_with(int(sys.argv[1])); print(1, flush=True); time.sleep(60)', str(os.getpid())],\n"
+        "                         stdout=subprocess.PIPE)\n"
+        "print(child.stdout.readline().decode().strip(), child.pid, flush=True)\n"
+        "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    ready, child = parent.stdout.readline().split()
+    child = int(child)
+    assert ready == "1", "the worker did not start"
+    parent.kill()
+    parent.wait()
+    parent.stdout.close()
+
+    def running() -> bool:
+        try:
+            return Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 10
+    while running() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not running(), "the worker outlived its killed parent"
 
 
 def test_skip_report_and_strict_error_do_not_depend_on_the_worker_count(tmp_path, tok_dir):

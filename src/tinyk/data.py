@@ -10,6 +10,7 @@ The loaders that read these directories live in `tinyk.loader` and are re-export
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import multiprocessing
 import os
 import re
@@ -131,12 +132,25 @@ def _tokenizer(path: str) -> Any:
 _WORKER_JOB: _Job | None = None
 
 
-def _init_worker(job: _Job) -> None:
+def _init_worker(job: _Job, parent: int) -> None:
     global _WORKER_JOB
+    _die_with(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited already; kept should the start method change
     # Each worker is one core; tokenizers' own thread pool would oversubscribe them.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _WORKER_JOB = job
+
+
+def _die_with(parent: int) -> None:
+    """A worker whose parent is killed (kill -9, the OOM killer) ends with it, rather than tokenizing
+    for no one and printing a BrokenPipeError traceback when it hands its batch over. Linux only
+    (prctl PR_SET_PDEATHSIG); elsewhere such a worker ends at that hand-over."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # killed before the line above took effect
+        os._exit(1)
 
 
 def _work(payload: Any) -> _Encoded:
@@ -342,7 +356,7 @@ def _spawn_pool(ctx: Any, workers: int, job: _Job) -> Any:
         main.__spec__ = None
         main.__dict__.pop("__file__", None)
         try:
-            return ctx.Pool(workers, initializer=_init_worker, initargs=(job,))
+            return ctx.Pool(workers, initializer=_init_worker, initargs=(job, os.getpid()))
         finally:
             main.__dict__.pop("__spec__", None)
             main.__dict__.update(saved)
