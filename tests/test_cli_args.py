@@ -224,7 +224,8 @@ def test_eval_out_is_checked_before_evaluating(tmp_path, task_file, capsys):
 
 def test_eval_out_force_replaces_an_earlier_result(tmp_path, nano_model_dir, task_file, capsys):
     out = tmp_path / "r.json"
-    code, _ = run_cli(eval_args(nano_model_dir, task_file, "--out", out), capsys)
+    out.touch()  # an empty file (mktemp's) holds nothing to lose
+    code, _ = run_cli(eval_args(nano_model_dir, task_file, "--out", out, "--force"), capsys)
     first = json.loads(out.read_text())
     first["tasks"] = []
     out.write_text(json.dumps(first))

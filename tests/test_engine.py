@@ -424,7 +424,8 @@ def test_generate_cli(nano_model_dir, tmp_path, capsys, monkeypatch):
     assert e.value.code == 2 and "temperature must be" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "x"])
-    assert e.value.code == 2 and "not a model directory" in capsys.readouterr().err
+    assert e.value.code == 2
+    assert capsys.readouterr().err == f"tinyk: error: model directory not found: {tmp_path / 'missing'}\n"
 
 
 def test_chat_cli_answers_one_message(engine, nano_model_dir, capsys, monkeypatch):

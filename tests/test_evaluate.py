@@ -182,9 +182,9 @@ def test_sft_conversations_a_short_window_leaves_out_are_reported(nano, nano_mod
     # A window beyond the model's 128-token context is cut to it, and the table says so.
     wide = eval_data(model, nano_model_dir, sft_data, seq_len=1000)
     assert (wide["seq_len"], wide["seq_len_asked"], wide["loss"]) == (128, 1000, full["loss"])
-    assert table_rows({"data": [wide]}).__next__()[2] == "windows of 128 tokens (--seq-len 1000 is beyond the " \
-                                                         "model's context)"
-    assert "seq_len_asked" not in full and table_rows({"data": [full]}).__next__()[2] == "windows of 128 tokens"
+    assert next(table_rows({"data": [wide]}))[0] == f"{sft_data.name}/val loss (128-token windows; --seq-len 1000 " \
+                                                   "is beyond the model's context)"
+    assert "seq_len_asked" not in full and next(table_rows({"data": [full]}))[0].endswith("loss (128-token windows)")
 
 
 def test_data_from_another_tokenizer_is_refused(tmp_path, nano, pretrain_data, corpus_file):

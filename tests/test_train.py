@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -108,7 +109,7 @@ def test_budget_is_whichever_comes_first():
     assert total_steps(TrainConfig(batch_size=4, seq_len=10, max_tokens=200), 100, 3, 24) == 3  # already spent
 
 
-def test_a_pretraining_resume_with_another_batch_size_keeps_its_token_budget(tmp_path, pt_data, tok_dir):
+def test_a_pretraining_resume_with_another_batch_size_keeps_its_token_budget(tmp_path, pt_data, tok_dir, capsys):
     out = tmp_path / "run"
     first = train(nano_cfg(pt_data, tok_dir, out, max_steps=None, max_tokens=32 * 8 * 6, save_every=2))
     assert first["steps"] == 6
@@ -116,18 +117,22 @@ def test_a_pretraining_resume_with_another_batch_size_keeps_its_token_budget(tmp
         if p.name != "step_0000002":
             shutil.rmtree(p)
     shutil.rmtree(out / "final")
-    resumed = train(nano_cfg(pt_data, tok_dir, out, max_steps=None, max_tokens=32 * 8 * 6, batch_size=4), resume=True)
+    resumed = train(nano_cfg(pt_data, tok_dir, out, max_steps=None, max_tokens=32 * 8 * 6, batch_size=4,
+                             progress=True), resume=True)
     assert resumed["steps"] == 2 + 8 and resumed["tokens"] == first["tokens"]
+    assert "10 steps (1,536 tokens)" in capsys.readouterr().out
 
 
 def test_config_layers_preset_file_flags_set(tmp_path):
     user = tmp_path / "c.yaml"
-    user.write_text("lr: 0.01\nbatch_size: 32\nmodel: {dim: 96}\nsft: {lr: 0.002}\nrun_name: 2024\n")
+    user.write_text("lr: 0.01\nbatch_size: 32\nmodel: {dim: 96}\nsft: {lr: 0.002}\nrun_name: 2024\n"
+                    "project: 2024-06-01\n")
     cfg = resolve_config("pretrain", preset="tiny", config=user, flags={"batch_size": 16, "out": "o", "data": "d"},
                          sets=["model.n_layers=3", "tracker=wandb,swanlab", "warmup_steps=5", "micro_batch=null"])
     assert cfg.model == {"preset": "tiny", "dim": 96, "n_layers": 3}
     assert (cfg.lr, cfg.batch_size, cfg.seq_len, cfg.warmup_steps) == (0.01, 16, 256, 5)
     assert cfg.tracker == ["wandb", "swanlab"] and cfg.micro_batch is None and cfg.run_name == "2024"
+    assert cfg.project == "2024-06-01"
     sft = resolve_config("sft", preset="tiny", config=user, flags={"out": "o", "data": "d"})
     assert sft.lr == 0.002 and sft.kind == "sft"
     toml = tmp_path / "c.toml"
@@ -176,6 +181,9 @@ def test_set_values_parse_as_yaml():
     cfg = resolve_config("pretrain", preset="nano", flags={"out": "o", "data": "d"},
                          sets=["run_name=1.10", "project=2024", "sft.run_name=7"])
     assert (cfg.run_name, cfg.project) == ("1.10", "2024")
+    cfg = resolve_config("pretrain", preset="nano", flags={"out": "o", "data": "d"},
+                         sets=["run_name=2024-06-01", "project=yes"])
+    assert (cfg.run_name, cfg.project) == ("2024-06-01", "yes")
     assert resolve_config("sft", preset="nano", flags={"out": "o", "data": "d"}, sets=["sft.run_name=7"]).run_name == "7"
 
 
@@ -428,13 +436,15 @@ def test_trackers_are_lazy_and_optional(tmp_path, pt_data, tok_dir, monkeypatch)
         train(nano_cfg(pt_data, tok_dir, tmp_path / "w5", tracker=["wandb", "swanlab"]))
     assert calls[-1] == "finish"  # the W&B run that did start is closed, not left running
 
-    def broken_install(**kw):
-        raise ModuleNotFoundError("No module named 'pydantic_core._pydantic_core'", name="pydantic_core._pydantic_core")
+    for broken in (ModuleNotFoundError("No module named 'pydantic_core._pydantic_core'", name="pydantic_core"),
+                   ImportError("cannot import name 'Run' from 'wandb.sdk'", name="wandb.sdk")):  # half-upgraded
+        def broken_install(error=broken, **kw):
+            raise error
 
-    fake.init = broken_install
-    with pytest.raises(TinykError, match=r"^--tracker wandb could not start: the 'wandb' package does not import "
-                                         r"\(No module named 'pydantic_core._pydantic_core'\); reinstall it"):
-        train(nano_cfg(pt_data, tok_dir, tmp_path / "w2", tracker=["wandb"]))
+        fake.init = broken_install
+        with pytest.raises(TinykError, match=rf"^--tracker wandb could not start: the 'wandb' package does not "
+                                             rf"import \({re.escape(str(broken))}\); reinstall it"):
+            train(nano_cfg(pt_data, tok_dir, tmp_path / "w2", tracker=["wandb"]))
     monkeypatch.setitem(sys.modules, "wandb", None)
     with pytest.raises(TinykError, match=r"--tracker wandb needs the 'wandb' package \(pip install wandb\)"):
         train(nano_cfg(pt_data, tok_dir, tmp_path / "w2", tracker=["wandb"]))
@@ -813,6 +823,57 @@ def test_an_sft_run_resumes_only_with_its_sample_order(tmp_path, sft_data, nano_
                                          f"run \\(--init {out / 'checkpoints' / 'step_0000002' / 'model'}\\)$"):
         train(nano_cfg(sft_data, None, out, max_steps=3, **{**cfg, **change}), resume=True)
     assert train(nano_cfg(sft_data, None, out, max_steps=3, **cfg), resume=True)["steps"] == 3
+
+
+def test_force_loses_no_run_to_a_failure_or_a_kill_while_files_move(tmp_path, pt_data, tok_dir, monkeypatch):
+    """--force sets the old run aside until the new one has started. A rename that fails midway (a
+    read-only folder, a filesystem that cannot rename directories), or a kill at any moment, even
+    while the old run is being put back, leaves it whole: the next start puts it back."""
+    from tinyk.train import _put_back, _set_aside
+
+    out = tmp_path / "run"
+    train(nano_cfg(pt_data, tok_dir, out, max_steps=2, save_every=1))
+
+    def files() -> dict:
+        return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+    before = files()
+    real_rename, calls = Path.rename, []
+
+    def rename_fails_at(n: int):
+        def rename(self, target):
+            calls.append(self)
+            if len(calls) == n:
+                raise PermissionError(13, "Permission denied", str(self))
+            return real_rename(self, target)
+        return rename
+
+    monkeypatch.setattr(Path, "rename", rename_fails_at(3))
+    with pytest.raises(PermissionError):
+        train(nano_cfg(pt_data, tok_dir, out, max_steps=3), force=True)
+    monkeypatch.setattr(Path, "rename", real_rename)
+    assert files() == before and not any(p.name.startswith(".") for p in out.iterdir())
+    # A start killed after the set-aside, with the new run's first files written (as kill -9 leaves it):
+    aside = _set_aside(out)
+    (out / "config.yaml").write_text("kind: pretrain\n")
+    (out / "checkpoints").mkdir()
+    with pytest.raises(TinykError, match=f"^put back the run in {out} that a killed --force start had set aside; "
+                                         f"run the command again$"):
+        train(nano_cfg(pt_data, tok_dir, out, max_steps=3), resume=True)
+    assert files() == before
+    # ... and one killed while putting the old run back (here: the rename back fails midway).
+    aside = _set_aside(out)
+    (out / "config.yaml").write_text("kind: pretrain\n")
+    calls.clear()
+    monkeypatch.setattr(Path, "rename", rename_fails_at(3))
+    with pytest.raises(PermissionError):
+        _put_back(out, aside)
+    monkeypatch.setattr(Path, "rename", real_rename)
+    assert any(p.name.startswith(".forced.back-") for p in out.iterdir())
+    with pytest.raises(TinykError, match="put back the run"):
+        train(nano_cfg(pt_data, tok_dir, out, max_steps=3), force=True)
+    assert files() == before
+    assert train(nano_cfg(pt_data, tok_dir, out, max_steps=3), resume=True)["steps"] == 3
 
 
 def test_one_run_at_a_time_in_a_run_directory(tmp_path, pt_data, tok_dir):

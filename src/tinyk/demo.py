@@ -366,8 +366,8 @@ def _pipeline(root: Path, cfg: DemoConfig, show_progress: bool) -> dict[str, Any
             return training_seconds(st, cfg, "pretraining") * cfg.pretrain_share
 
         rt = choose_runtime(cfg, pretrain_config(10**6, out=runs / "probe"),
-                            try_compile=cfg.compile and share() >= cfg.compile_min_s)
-        seconds = share()
+                            try_compile=cfg.compile and not cfg.pretrain_steps and share() >= cfg.compile_min_s)
+        seconds = 0.0 if cfg.pretrain_steps else share()
         steps = cfg.pretrain_steps or steps_for(seconds, rt.tokens_per_s / (cfg.pretrain_batch * cfg.seq_len))
         minutes = None if cfg.pretrain_steps else seconds / 60
         st.print(f"      throughput probe (tokens/s): {rt.rates} -> {rt.dtype}, {rt.threads} thread(s)"

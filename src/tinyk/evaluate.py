@@ -390,9 +390,12 @@ def evaluate(model_dir: str | Path, *, data: Iterable[str | Path] = (), tasks: I
 
 
 def is_results(path: Path) -> bool:
-    """Whether a file holds `tinyk eval --out` results, the only file `--out --force` replaces."""
+    """Whether `tinyk eval --out --force` may replace a file: earlier results, or an empty file."""
     try:
-        if path.stat().st_size > 64 << 20:
+        size = path.stat().st_size
+        if size == 0:  # an empty file (mktemp's): nothing to lose
+            return True
+        if size > 64 << 20:
             return False
         results = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
@@ -417,8 +420,8 @@ def table_rows(results: dict[str, Any]) -> Iterator[tuple[str, str, str]]:
     """(metric, score, baseline) rows of `tinyk eval`'s table."""
     for d in results.get("data", []):
         name = f"{Path(d['data']).name}/{d['split']}"
-        cut = f" (--seq-len {d['seq_len_asked']} is beyond the model's context)" if d.get("seq_len_asked") else ""
-        yield f"{name} loss", f"{d['loss']:.4f}", f"windows of {d['seq_len']} tokens{cut}"
+        cut = f"; --seq-len {d['seq_len_asked']} is beyond the model's context" if d.get("seq_len_asked") else ""
+        yield f"{name} loss ({d['seq_len']}-token windows{cut})", f"{d['loss']:.4f}", ""
         yield f"{name} perplexity", f"{d['perplexity']:.2f}", ""
         bpb = d["bits_per_byte"]  # None when the evaluated tokens spell no text (only <|im_end|>s)
         yield f"{name} bits per byte", "n/a" if bpb is None else f"{bpb:.4f}", ""

@@ -125,7 +125,7 @@ class Trackers:
                          **resume)
             return swanlab  # its module-level log()/finish() act on the run just started
         except ImportError as e:
-            if (e.name or package).split(".")[0] == package:
+            if isinstance(e, ModuleNotFoundError) and e.name == package:
                 raise TinykError(f"--tracker {name} needs the '{package}' package (pip install {package})") from e
             # The package is there but something it imports is not: a broken or half-upgraded install.
             raise TinykError(f"--tracker {name} could not start: the '{package}' package does not import "

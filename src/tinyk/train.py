@@ -10,6 +10,7 @@ indexed by optimizer step, and a checkpoint holds everything needed to continue 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import importlib.resources
 import inspect
 import json
@@ -21,6 +22,7 @@ import re
 import shutil
 import signal
 import statistics
+import threading
 import time
 import types
 import typing
@@ -147,8 +149,9 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             return float(value)
         if origin is str and isinstance(value, str):
             return value
-        if origin is str and isinstance(value, int | float) and not isinstance(value, bool):
-            return str(value)  # YAML reads `run_name: 2024` as a number
+        if origin is str and isinstance(value, int | float | datetime.date) and not isinstance(value, bool):
+            # YAML reads `run_name: 2024` as a number, `run_name: 2024-06-01` as a date
+            return value.isoformat() if isinstance(value, datetime.date) else str(value)
         if origin is list and isinstance(value, list | str):
             items = value.split(",") if isinstance(value, str) else value
             return [str(v).strip() for v in items if str(v).strip()]
@@ -244,8 +247,8 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
             raise TinykError(f"--set {key}: only model.<key> is nested (e.g. --set model.dim=64)")
         hint = _FIELD_TYPES.get(parts[-1]) if parts[0] != "model" else None
         text_key = hint is str or str in typing.get_args(hint)
-        if text_key and isinstance(value, int | float) and not isinstance(value, bool):
-            value = raw.strip()  # --set run_name=1.10 names the run 1.10, not 1.1
+        if text_key and value is not None and not isinstance(value, str):
+            value = raw.strip()  # --set run_name=1.10 names the run 1.10, not 1.1 (nor a date, nor True)
         target = out
         for p in parts[:-1]:
             target = target.setdefault(p, {})
@@ -613,12 +616,81 @@ RUN_ENTRIES = {"config.yaml", "checkpoints", "final", "metrics.jsonl", "summary.
 
 def _is_leftover(p: Path) -> bool:
     """A temporary (`.name.tmp-...`) or a replaced output not yet deleted (`.name.old-...`) of a killed write."""
-    return p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name)
+    return p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name) and not _ASIDE.match(p.name)
 
 
 def _made_by_a_run(p: Path) -> bool:
     """What a run directory may hold: --force deletes a run only when it holds nothing else."""
-    return p.name in RUN_ENTRIES or _is_leftover(p)
+    return p.name in RUN_ENTRIES or _is_leftover(p) or bool(_ASIDE.match(p.name))
+
+
+# --force keeps the run it replaces in a hidden folder of the run directory until the new run has
+# started, so a start that fails puts it back. The folder's name says whose the directory's other
+# entries are, so a start killed at any moment, even while putting the old run back, is undone by the
+# next one:  .forced.moving-*  being filled: the directory's other entries are the old run's;
+#            .forced.old-*     filled: they are the new run's;
+#            .forced.back-*    being emptied: they are the old run's.
+_ASIDE = re.compile(r"^\.forced\.(moving|old|back)-(.+)$")
+
+
+def _set_aside(out: Path) -> Path:
+    """Moves everything in `out` into a `.forced.old-*` folder there (the directory itself stays: the
+    run's lock is on it); a failure midway puts back what had moved."""
+    token = f"{os.getpid()}-{time.time_ns()}"
+    moving = out / f".forced.moving-{token}"
+    moving.mkdir()
+    try:
+        for p in out.iterdir():
+            if p != moving:
+                p.rename(moving / p.name)
+        aside = out / f".forced.old-{token}"
+        os.replace(moving, aside)
+    except BaseException:
+        _put_back(out, moving)
+        raise
+    return aside
+
+
+def _put_back(out: Path, aside: Path) -> None:
+    """Returns a set-aside run to `out`; a new run's entries there go first (into a leftover)."""
+    phase, token = _ASIDE.match(aside.name).groups()
+    with _signals_held():
+        trash = None
+        if phase == "old":
+            trash = out / f".forced.tmp-{token}-{time.time_ns()}"
+            trash.mkdir()
+            for p in out.iterdir():
+                if p != trash and not _ASIDE.match(p.name):
+                    p.rename(trash / p.name)
+            back = out / f".forced.back-{token}"
+            os.replace(aside, back)
+            aside = back
+        for p in aside.iterdir():
+            p.rename(out / p.name)
+        aside.rmdir()
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+
+
+def _drop_aside(aside: Path) -> None:
+    """Deletes the run --force replaced, once the new one has started: renamed to a leftover first,
+    so a kill mid-delete never leaves part of it looking like a run to put back."""
+    doomed = aside.with_name(f".forced.tmp-{_ASIDE.match(aside.name).group(2)}")
+    os.replace(aside, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Holds Ctrl-C and SIGTERM (delivered afterwards) while files move, so moving back is not cut short."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def _clean_partial(out: Path) -> None:
@@ -673,13 +745,20 @@ class Trainer:
         except BaseException:
             # A new run that fails to start (a missing tracker package, unloadable weights, Ctrl-C) leaves
             # the directory as it found it: nothing behind, or the run --force was to replace.
+            monitor, self.monitor = self.monitor, None
             with contextlib.suppress(Exception):  # the error that stopped the start is the one to report
-                self.close()
-            if fresh and self.dist.main:
-                self._undo_start(existed)
+                if monitor:
+                    monitor.close()
+            try:
+                if fresh and self.dist.main:  # while the lock is held: no other start moves files here
+                    with contextlib.suppress(OSError):  # what cannot be put back now, the next start puts back
+                        self._undo_start(existed)
+            finally:
+                with contextlib.suppress(Exception):
+                    self.close()
             raise
         if self.aside is not None:
-            shutil.rmtree(self.aside, ignore_errors=True)
+            _drop_aside(self.aside)
             self.aside = None
 
     # --- set-up checks, all before the first step --------------------------------------------
@@ -747,7 +826,8 @@ class Trainer:
         # The saved config names the full model, so a resumed run rebuilds exactly this one.
         preset = self.cfg.model.get("preset")
         self.cfg.model = {**({"preset": preset} if preset else {}), **self.mcfg.to_dict()}
-        if (exists and not (out / "config.yaml").is_file()) or foreign:
+        set_aside = exists and any(_ASIDE.match(p.name) for p in out.iterdir())
+        if (exists and not (out / "config.yaml").is_file() and not set_aside) or foreign:
             what = f"it holds {', '.join(foreign[:3])}" if foreign else "no config.yaml"
             raise TinykError(f"--out {out} is not a tinyk run directory ({what}); choose a new or empty directory")
         if exists and not self.resume and not force:
@@ -762,10 +842,20 @@ class Trainer:
                              f"outlived a killed launcher); stop that one first")
         try:
             self._check_shared()
+            # A start killed while --force had the old run set aside never began the new run: put the
+            # old one back, and have the command run again on the directory as it was.
+            asides = [p for p in out.iterdir() if _ASIDE.match(p.name)] if main else []
+            for aside in asides:
+                _put_back(out, aside)
+            if asides:
+                _clean_partial(out)  # the new run's files, moved out of the way
+            if self.dist.sum_host([len(asides)])[0]:
+                raise TinykError(f"put back the run in {out} that a killed --force start had set aside; "
+                                 f"run the command again")
             if main:
                 _clean_partial(out)
                 if exists and force and not self.resume:
-                    self._set_aside()
+                    self.aside = _set_aside(out)
                 (out / "checkpoints").mkdir(parents=True, exist_ok=True)
                 if not exists or not self.resume:  # a new run: its directory is a run's from the start
                     self._write_config()
@@ -777,29 +867,16 @@ class Trainer:
             raise
         return not exists or not self.resume
 
-    def _set_aside(self) -> None:
-        """Moves the run --force replaces into a hidden folder of its directory (emptied, not removed:
-        the lock stays on it), deleted once the new run has started. A kill before then leaves a
-        leftover the next start removes."""
-        self.aside = self.out / f".forced.old-{os.getpid()}-{time.time_ns()}"
-        self.aside.mkdir()
-        for p in self.out.iterdir():
-            if p != self.aside:
-                p.rename(self.aside / p.name)
-
     def _undo_start(self, existed: bool) -> None:
         """Removes what a start that failed wrote, and puts back the run --force set aside."""
-        if not existed:
-            shutil.rmtree(self.out, ignore_errors=True)
-            return
-        for p in self.out.iterdir():
-            if p != self.aside:
-                remove_path(p, ignore_errors=True)
         if self.aside is not None:
-            for p in self.aside.iterdir():
-                p.rename(self.out / p.name)
-            self.aside.rmdir()
-            self.aside = None
+            aside, self.aside = self.aside, None
+            _put_back(self.out, aside)
+        elif not existed:
+            shutil.rmtree(self.out, ignore_errors=True)
+        else:
+            for p in self.out.iterdir():
+                remove_path(p, ignore_errors=True)
 
     def _write_config(self) -> None:
         """The run's config.yaml, whole or as it was: it is what --resume starts from."""
@@ -1169,13 +1246,15 @@ class Trainer:
         cfg, d, m = self.cfg, self.dist, self.mcfg
         dev = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else self.device.type
         tokens_per_step = cfg.batch_size * cfg.seq_len
+        # A resumed run may have trained its first steps at another batch size.
+        run_tokens = self.progress.tokens + max(0, self.total_steps - self.progress.step) * tokens_per_step
         lines = [
             f"tinyk {cfg.kind}: {self.n_params / 1e6:.1f}M parameters, {d.world} process(es) on {dev}, "
             f"{str(self.dtype).split('.')[-1]}, {'FSDP' if self.fsdp else 'DDP' if d.world > 1 else 'single process'}"
             f"{', compiled' if cfg.compile else ''}{', activation checkpointing' if cfg.activation_checkpointing else ''}",
             f"batch {cfg.batch_size} x {cfg.seq_len} = {tokens_per_step:,} tokens/step = {self.accum} micro-batch(es) "
             f"of {self.micro} per process; {'up to ' if cfg.max_minutes else ''}{self.total_steps:,} steps "
-            f"({'at most ' if cfg.kind == 'sft' else ''}{self.total_steps * tokens_per_step:,} tokens)"
+            f"({'at most ' if cfg.kind == 'sft' else ''}{run_tokens:,} tokens)"
             f"{f', fitted to {cfg.max_minutes:g} minutes' if cfg.max_minutes else ''}, "
             f"warmup {self.warmup}, lr {cfg.lr:g} -> {cfg.lr * cfg.min_lr_ratio:g}",
             f"FLOPs/token {self.flops_per_token:.4g} = 6*N + 12*L*d*T = 6*{self.n_matmul:,} + 12*{m.n_layers}*{m.dim}*"
