@@ -788,6 +788,50 @@ def test_what_a_killed_write_leaves_never_locks_a_run(tmp_path, pt_data, tok_dir
     assert not (out / "tensorboard").exists()  # no tracker was started only to be left open
 
 
+@pytest.mark.parametrize("system", ["你是小K，一个\"会写诗\"的助手", ""], ids=["custom", "none"])
+def test_the_chat_model_prompts_with_the_system_prompt_its_sft_data_carried(tmp_path, tok_dir, nano_model_dir,
+                                                                            monkeypatch, system):
+    """`tinyk data sft --system-prompt` decides what every chat without a system message starts with:
+    the model directory records it, and its template (for transformers), chat and serve use it."""
+    from transformers import AutoTokenizer
+
+    from tinyk.data import prepare_sft
+    from tinyk.engine import Engine
+    from tinyk.serve import ChatServer, ServerConfig
+    from tinyk.tokenizer import load_tokenizer
+
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"conversations": [{"from": "human", "value": f"你好{i}"},
+                                                           {"from": "gpt", "value": "你好！"}]},
+                                        ensure_ascii=False) + "\n" for i in range(40)), encoding="utf-8")
+    data = tmp_path / "data"
+    prepare_sft([chats], tok_dir, data, system_prompt=system, workers=1, show_progress=False)
+    train(nano_cfg(data, None, tmp_path / "run", kind="sft", init=str(nano_model_dir), model={}, seq_len=64,
+                   max_steps=1, save_every=1))
+    final = tmp_path / "run" / "final"
+    assert load_tokenizer(final).system_prompt == (system or None)
+    assert load_tokenizer(nano_model_dir).system_prompt == "你是一个AI助手"  # a base model keeps the default
+    user = [{"role": "user", "content": "在吗"}]
+    hf_text = AutoTokenizer.from_pretrained(str(final)).apply_chat_template(user, tokenize=False,
+                                                                            add_generation_prompt=True)
+    assert hf_text == (f"<|im_start|>system\n{system}<|im_end|>\n" if system else "") + \
+        "<|im_start|>user\n在吗<|im_end|>\n<|im_start|>assistant\n"
+    assert load_tokenizer(final).apply_chat_template(user, add_generation_prompt=True) == hf_text
+    engine = Engine.from_dir(final)
+    server = ChatServer(engine, ServerConfig(model_name="m", system_prompt=engine.tok.system_prompt, log=False), port=0)
+    assert engine.tok.decode(server.api.chat_ids({"messages": user})) == hf_text
+    server.server_close()
+    server.api.close()
+    import tinyk.cli.generate
+
+    told = []
+    monkeypatch.setattr(tinyk.cli.generate, "chat_session", lambda *a, **kw: told.append(kw["system"]))
+    for flags, want in (([], system or None), (["--system", "你是诗人"], "你是诗人"), (["--system", ""], None)):
+        with pytest.raises(SystemExit):
+            main(["chat", "--model", str(final), "--message", "在吗", "--device", "cpu", *flags])
+        assert told.pop() == want
+
+
 def test_sft_says_how_many_conversations_a_short_seq_len_leaves_out(tmp_path, sft_data, nano_model_dir, capsys):
     def dropped_at(n: int) -> int:
         try:

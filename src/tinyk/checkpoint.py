@@ -137,8 +137,9 @@ def is_model_dir(path: str | Path) -> bool:
     return (p / "config.json").is_file() and (p / "model.safetensors").is_file()
 
 
-def write_model_files(model: Transformer, tok_dir: str | Path, out: Path) -> None:
-    """Fills an existing directory `out` (normally a temporary one) with a complete model."""
+def write_model_files(model: Transformer, tok_dir: str | Path, out: Path, system_prompt: str | None) -> None:
+    """Fills an existing directory `out` (normally a temporary one) with a complete model, which
+    records the system prompt it was trained with (its chat template puts it first)."""
     cfg = model.config
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     if cfg.tie_embeddings:
@@ -150,14 +151,16 @@ def write_model_files(model: Transformer, tok_dir: str | Path, out: Path) -> Non
     # written afresh, so a directory that transformers saved back (without special_tokens_map.json)
     # still makes complete models. The context length belongs to the model, so the config records it.
     shutil.copyfile(Path(tok_dir) / "tokenizer.json", out / "tokenizer.json")
-    write_hf_tokenizer_files(out, model_max_length=cfg.max_seq_len)
+    write_hf_tokenizer_files(out, model_max_length=cfg.max_seq_len, system_prompt=system_prompt)
 
 
 def save_model(model: Transformer, tok_dir: str | Path, out: str | Path, force: bool = False) -> Path:
-    """Writes a model directory atomically: it is complete or absent."""
+    """Writes a model directory atomically: it is complete or absent. Its system prompt is the
+    tokenizer directory's (a model directory's own, or the default)."""
+    system_prompt = load_tokenizer(tok_dir).system_prompt
     with writing(Path(out)), atomic_dir(out, force=force, inputs=[tok_dir],
                                         replaces=("a tinyk model directory", _is_tinyk_model)) as tmp:
-        write_model_files(model, tok_dir, tmp)
+        write_model_files(model, tok_dir, tmp, system_prompt)
     return Path(out)
 
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from .checkpoint import check_compatible, load_model
 from .files import TinykError
 from .model import KVCache, Transformer, apply_rope, resolve_dtype
-from .tokenizer import CHAT_ROLES, DEFAULT_SYSTEM_PROMPT, SPECIAL_IDS, TinyTokenizer, render_chat, with_system
+from .tokenizer import CHAT_ROLES, SPECIAL_IDS, TinyTokenizer, render_chat, with_system
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -585,8 +585,8 @@ class Engine:
     def chat_prompt(self, messages: list[dict], default_system: str | None = None) -> str:
         """The conversation in the chat template, ending with the assistant's header, as text to show.
 
-        Messages are rendered as given; `default_system` (e.g. `DEFAULT_SYSTEM_PROMPT`, which
-        SFT data carries) is put first when the conversation has no system message. To prompt the
+        Messages are rendered as given; `default_system` (e.g. `tok.system_prompt`, which the
+        model's SFT data carried) is put first when the conversation has no system message. To prompt the
         model use `chat_ids`: tokenizing this text would read "<|im_end|>" typed in a message as a token.
         """
         return render_chat(self._chat_messages(messages, default_system), add_generation_prompt=True)
@@ -648,9 +648,11 @@ class Engine:
         return [r.completion() for r in reqs]
 
     def chat(self, messages_batch: list[list[dict]], params: SamplingParams | list[SamplingParams] | None = None,
-             default_system: str | None = DEFAULT_SYSTEM_PROMPT) -> list[Completion]:
+             **kwargs: str | None) -> list[Completion]:
         """Assistant replies to each conversation, through the chat template. As in `tinyk chat` and the
-        server, a conversation without a system message gets the one every SFT example carried."""
+        server, a conversation without a system message gets the one the model's SFT examples carried,
+        unless `default_system` is given (None: none), as in `transformers`' apply_chat_template."""
+        default_system = kwargs.get("default_system", self.tok.system_prompt)
         return self.generate([self.chat_ids(m, default_system) for m in messages_batch], params)
 
     def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[str]:

@@ -355,9 +355,10 @@ def evaluate(model_dir: str | Path, *, data: Iterable[str | Path] = (), tasks: I
              choice: Iterable[str | Path] = (), split: str = "val", seq_len: int | None = None,
              batch_size: int = 16, max_batches: int | None = None, max_new_tokens: int = 64,
              limit: int | None = None, choice_format: str = "cloze",
-             system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, device: str = "auto",
+             system_prompt: str | None = None, device: str = "auto",
              quantize: str = "none") -> dict[str, Any]:
-    """Runs every requested mode on one model directory; the model is loaded once."""
+    """Runs every requested mode on one model directory; the model is loaded once. Task chats without
+    a system message get `system_prompt`: by default the model's own (its SFT data's), '' for none."""
     from .checkpoint import load_model
 
     data, tasks, choice = list(data), list(tasks), list(choice)
@@ -381,9 +382,10 @@ def evaluate(model_dir: str | Path, *, data: Iterable[str | Path] = (), tasks: I
         # int8 weights serve decode steps of up to INT8_MAX_ROWS sequences (bf16 beyond), so to measure
         # what int8 costs the answers decode in batches that small.
         task_batch = min(batch_size, INT8_MAX_ROWS) if quantize == "int8" else batch_size
+        system = tok.system_prompt if system_prompt is None else (system_prompt or None)
         engine = make_engine(model, tok, task_batch, quantize)
         results["tasks"] = [eval_task(engine, t, batch_size=task_batch, max_new_tokens=max_new_tokens,
-                                      limit=limit, system_prompt=system_prompt) for t in tasks]
+                                      limit=limit, system_prompt=system) for t in tasks]
     if choice:
         results["choice"] = eval_choice(model, tok, choice, fmt=choice_format, limit=limit, batch_size=batch_size)
     return results

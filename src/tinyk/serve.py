@@ -706,6 +706,7 @@ def serve(model_dir: str, *, host: str = "127.0.0.1", port: int = 8000, device: 
 
     engine = Engine.from_dir(model_dir, device=device, dtype=dtype, max_batch=max_batch, quantize=quantize)
     cfg.setdefault("model_name", Path(model_dir).resolve().name)
+    cfg.setdefault("system_prompt", engine.tok.system_prompt)
     server = ChatServer(engine, ServerConfig(**cfg), host, port)
     weights = ", int8 weights" if engine.quantize == "int8" else ""
     print(f"tinyk: serving {cfg['model_name']} ({engine.device}, {str(engine.dtype).removeprefix('torch.')}{weights}) "

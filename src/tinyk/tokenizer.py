@@ -37,12 +37,18 @@ UNK_ID, BOS_ID, EOS_ID, IM_START_ID, IM_END_ID = range(5)
 SPECIAL_IDS = frozenset(range(len(SPECIAL_TOKENS)))
 DEFAULT_SYSTEM_PROMPT = "你是一个AI助手"
 
-# The seed's template (only system/user/assistant turns are rendered), plus what tinyk's chat, serve
-# and SFT data do around it, so `transformers` prompts a model as it was trained: the training system
-# prompt goes first when a conversation has none (`apply_chat_template(..., default_system=None)`
-# leaves it out, as `Engine.chat_ids` does), and OpenAI's `developer` role is the system role.
-CHAT_TEMPLATE = (
-    f"{{% set system = default_system if default_system is defined else '{DEFAULT_SYSTEM_PROMPT}' %}}"
+
+def chat_template(system_prompt: str | None) -> str:
+    """The seed's template (only system/user/assistant turns are rendered), plus what tinyk's chat, serve
+    and SFT data do around it, so `transformers` prompts a model as it was trained: the model's training
+    system prompt goes first when a conversation has none (`apply_chat_template(..., default_system=None)`
+    leaves it out, as `Engine.chat_ids` does), and OpenAI's `developer` role is the system role."""
+    # A JSON string is a valid Jinja string literal (Jinja reads its backslash escapes).
+    literal = json.dumps(system_prompt or "", ensure_ascii=False)
+    return f"{{% set system = default_system if default_system is defined else {literal} %}}" + _TEMPLATE_BODY
+
+
+_TEMPLATE_BODY = (
     "{% if system and messages and messages[0]['role'] not in ['system', 'developer'] %}"
     "<|im_start|>system\n{{ system }}<|im_end|>\n"
     "{% endif %}"
@@ -59,6 +65,7 @@ CHAT_TEMPLATE = (
     "{{ '<|im_start|>assistant\n' }}"
     "{% endif %}"
 )
+CHAT_TEMPLATE = chat_template(DEFAULT_SYSTEM_PROMPT)
 CHAT_ROLES = ("system", "user", "assistant")
 SYSTEM_ROLES = ("system", "developer")  # OpenAI's newer name for the system role
 NOT_UTF8 = "the text is not valid UTF-8 (convert it first, e.g. iconv -f gbk -t utf-8)"
@@ -87,7 +94,7 @@ def _turns(messages: list[dict[str, str]]) -> list[tuple[str, str]]:
 
 
 def render_chat(messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
-    """Renders messages as given, as CHAT_TEMPLATE does with `default_system=None`, without jinja."""
+    """Renders messages as given, as the chat template does with `default_system=None`, without jinja."""
     parts = [chat_header(role) + content + CHAT_FOOTER for role, content in _turns(messages)]
     if add_generation_prompt:
         parts.append(chat_header("assistant"))
@@ -230,9 +237,23 @@ class TinyTokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    @cached_property
+    def system_prompt(self) -> str | None:
+        """The system prompt the model was trained with (SFT data's, recorded in tokenizer_config.json),
+        which a chat without one gets first; None for none. Older directories: the default."""
+        try:
+            recorded = json.loads((self.path / "tokenizer_config.json").read_text(encoding="utf-8"))["system_prompt"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return DEFAULT_SYSTEM_PROMPT
+        if not isinstance(recorded, str):
+            return DEFAULT_SYSTEM_PROMPT
+        return recorded or None
+
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = False,
-                            default_system: str | None = DEFAULT_SYSTEM_PROMPT) -> str:
-        """The text `transformers`' apply_chat_template renders from this tokenizer's CHAT_TEMPLATE."""
+                            **kwargs: str | None) -> str:
+        """The text `transformers`' apply_chat_template renders from this directory's template: as there,
+        `default_system` replaces the model's system prompt when given (None: no system turn)."""
+        default_system = kwargs.get("default_system", self.system_prompt)
         return render_chat(with_system(messages, default_system), add_generation_prompt)
 
 
@@ -284,7 +305,8 @@ def _is_tokenizer_output(path: Path) -> bool:
     return True
 
 
-def tokenizer_config(model_max_length: int = 1_000_000) -> dict[str, Any]:
+def tokenizer_config(model_max_length: int = 1_000_000, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
+                     ) -> dict[str, Any]:
     return {
         "add_bos_token": False,
         "add_eos_token": False,
@@ -296,7 +318,8 @@ def tokenizer_config(model_max_length: int = 1_000_000) -> dict[str, Any]:
         "model_max_length": model_max_length,
         "clean_up_tokenization_spaces": False,
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "chat_template": CHAT_TEMPLATE,
+        "chat_template": chat_template(system_prompt),
+        "system_prompt": system_prompt or "",  # tinyk's own record of it ("" for none)
     }
 
 
@@ -315,9 +338,10 @@ def save_tokenizer_files(tok: Tokenizer, out: Path, model_max_length: int = 1_00
     write_hf_tokenizer_files(out, model_max_length)
 
 
-def write_hf_tokenizer_files(out: Path, model_max_length: int) -> None:
+def write_hf_tokenizer_files(out: Path, model_max_length: int, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
+                             ) -> None:
     """tokenizer_config.json and special_tokens_map.json, what `transformers` reads beside tokenizer.json."""
-    for name, obj in (("tokenizer_config.json", tokenizer_config(model_max_length)),
+    for name, obj in (("tokenizer_config.json", tokenizer_config(model_max_length, system_prompt)),
                       ("special_tokens_map.json", special_tokens_map())):
         (out / name).write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
 

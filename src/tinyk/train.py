@@ -765,7 +765,7 @@ class Trainer:
 
     def _setup_inputs(self) -> None:
         from .data import open_dataset
-        from .tokenizer import load_tokenizer, same_tokenizer, tokenizer_hash
+        from .tokenizer import DEFAULT_SYSTEM_PROMPT, load_tokenizer, same_tokenizer, tokenizer_hash
 
         cfg = self.cfg
         self.meta = open_dataset(cfg.data)
@@ -781,6 +781,10 @@ class Trainer:
         if self.tok_dir is None:
             raise TinykError("no tokenizer: pass --tokenizer (or --init a model directory, which carries one)")
         tok = load_tokenizer(self.tok_dir)
+        # What the model directories record: SFT data's system prompt (the default for data made before
+        # tinyk recorded it), else what the tokenizer or --init model carries.
+        self.system_prompt = (self.meta.get("system_prompt", DEFAULT_SYSTEM_PROMPT) or None) \
+            if cfg.kind == "sft" else tok.system_prompt
         self.token_bytes = torch.tensor(tok.token_bytes, dtype=torch.float64, device=self.device)  # bits per byte
         if self.init_dir is not None and cfg.tokenizer and tokenizer_hash(self.tok_dir) != tokenizer_hash(self.init_dir):
             raise TinykError(f"tokenizer {self.tok_dir} is not the one the model in {self.init_dir} was trained with")
@@ -1011,7 +1015,7 @@ class Trainer:
 
     def write_model(self, out: Path, model_state: dict[str, torch.Tensor]) -> None:
         out.mkdir(exist_ok=True)
-        write_model_files(_export(self.mcfg, model_state), self.tok_dir, out)
+        write_model_files(_export(self.mcfg, model_state), self.tok_dir, out, self.system_prompt)
 
     def save_checkpoint(self, loader_state: dict[str, Any]) -> Path:
         d, step = self.dist, self.progress.step

@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--task", nargs="+", action="extend", default=[], metavar="FILE", help='JSONL of {"messages": ..., "answer": ...}')
     p.add_argument("--max-new-tokens", type=positive_int, default=64, help="answer length limit for --task")
     p.add_argument("--system-prompt", default=None,
-                   help="added to --task chats without one (default: the training default; '' for none)")
+                   help="added to --task chats without one (default: the model's own, its SFT data's; '' for none)")
     p.add_argument("--choice", nargs="+", action="extend", default=[], metavar="PATH",
                    help="C-Eval/CMMLU CSV files or folders (e.g. ceval/val, cmmlu/test)")
     p.add_argument("--choice-format", choices=["cloze", "letter"], default="cloze",
@@ -42,16 +42,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _eval(args: argparse.Namespace) -> int:
     from tinyk.evaluate import evaluate, format_table, is_results, table_rows
     from tinyk.files import check_output_file, write_json_atomic
-    from tinyk.tokenizer import DEFAULT_SYSTEM_PROMPT
 
     if args.out is not None:
         check_output_file(args.out, [args.model, *args.data, *args.task, *args.choice], force=args.force,
                           replaces=("the results of tinyk eval", is_results))
-    system_prompt = DEFAULT_SYSTEM_PROMPT if args.system_prompt is None else args.system_prompt
     results = evaluate(args.model, data=args.data, tasks=args.task, choice=args.choice, split=args.split,
                        seq_len=args.seq_len, batch_size=args.batch_size, max_batches=args.max_batches,
                        max_new_tokens=args.max_new_tokens, limit=args.limit, choice_format=args.choice_format,
-                       system_prompt=system_prompt or None, device=args.device, quantize=args.quantize)
+                       system_prompt=args.system_prompt, device=args.device, quantize=args.quantize)
     if args.out is not None:
         write_json_atomic(args.out, results)
     if args.json:

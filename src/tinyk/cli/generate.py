@@ -58,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "input piped on stdin, answers that one message and exits.")
     add_engine_args(c)
     c.add_argument("--message", type=non_empty, help="answer this one message and exit")
-    c.add_argument("--system", help="system prompt (default: the one SFT data uses)")
+    c.add_argument("--system", help="system prompt (default: the model's own, its SFT data's; '' for none)")
     add_sampling_args(c)
     c.set_defaults(func=_chat)
 
@@ -119,10 +119,8 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _chat(args: argparse.Namespace) -> int:
     from tinyk.files import TinykError
-    from tinyk.tokenizer import DEFAULT_SYSTEM_PROMPT
 
     params = sampling_params(args)
-    system = DEFAULT_SYSTEM_PROMPT if args.system is None else args.system
     if isinstance(sys.stdin, io.TextIOWrapper):  # a GBK line becomes one message the session reports, not a crash
         sys.stdin.reconfigure(errors="surrogateescape")
     message = args.message
@@ -131,6 +129,7 @@ def _chat(args: argparse.Namespace) -> int:
         if not message:
             raise TinykError("no message on stdin (pipe in a message, or use --message TEXT)")
     engine = _engine(args, 1)
+    system = engine.tok.system_prompt if args.system is None else (args.system or None)
     if message is not None:
         chat_session(engine, params, [message], sys.stdout, system=system, prompt="", interactive=False)
         return 0

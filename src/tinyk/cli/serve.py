@@ -27,8 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-body", type=size_range(1, 10**9), default="1M", help="largest request body (default 1M)")
     p.add_argument("--timeout", type=float_range(0, 86400, lo_open=True, unit=" seconds"), default=60.0,
                    help="seconds a client may stall sending a request or reading a stream (default 60)")
-    p.add_argument("--system-prompt", help="system prompt for chats that bring none (default: the SFT one; "
-                                           "'' for none)")
+    p.add_argument("--system-prompt", help="system prompt for chats that bring none (default: the model's "
+                                           "own, its SFT data's; '' for none)")
     p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN", type=_origin,
                    help="a web page origin (http://localhost:5173) that may call the API from a browser; "
                         "repeatable, * for any (default: only the chat page at /)")
@@ -43,18 +43,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _serve(args: argparse.Namespace) -> int:
     from tinyk.files import TinykError
     from tinyk.serve import serve
-    from tinyk.tokenizer import DEFAULT_SYSTEM_PROMPT
 
     key = args.api_key if args.api_key is not None else os.environ.get("TINYK_API_KEY")
     if key == "":
         raise TinykError("--api-key is empty" if args.api_key is not None else
                          "TINYK_API_KEY is set but empty (unset it to serve without a key)")
-    system = DEFAULT_SYSTEM_PROMPT if args.system_prompt is None else (args.system_prompt or None)
     cfg = dict(api_key=key, max_body_bytes=args.max_body, timeout=args.timeout,
-               defaults=sampling_params(args), system_prompt=system, max_waiting=args.max_waiting, log=not args.quiet,
+               defaults=sampling_params(args), max_waiting=args.max_waiting, log=not args.quiet,
                allow_origins=tuple(args.allow_origin), allow_hosts=tuple(args.allow_host))
     if args.model_name:
         cfg["model_name"] = args.model_name
+    if args.system_prompt is not None:
+        cfg["system_prompt"] = args.system_prompt or None
     serve(args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
           quantize=args.quantize, max_batch=args.max_batch, **cfg)
     return 0
