@@ -449,6 +449,20 @@ def test_sft_top_level_system_field():
     assert normalize_conversation(developer)[0] == {"role": "system", "content": "简短"}
 
 
+def test_sft_alpaca_records():
+    """BelleGroup's train_*_CN sets (and Alpaca's) are instruction / input / output, with history."""
+    sys_ = {"role": "system", "content": DEFAULT_SYSTEM_PROMPT}
+    assert normalize_conversation({"instruction": "翻译成英文", "input": "猫", "output": "Cat"}) == [
+        sys_, {"role": "user", "content": "翻译成英文\n猫"}, {"role": "assistant", "content": "Cat"}]
+    assert normalize_conversation({"instruction": "你好", "input": "", "output": "你好！", "system": "你是小K"}) == [
+        {"role": "system", "content": "你是小K"}, {"role": "user", "content": "你好"},
+        {"role": "assistant", "content": "你好！"}]
+    multi = normalize_conversation({"instruction": "再来一个", "output": "狗", "history": [["说个动物", "猫"]]})
+    assert [m["content"] for m in multi] == [DEFAULT_SYSTEM_PROMPT, "说个动物", "猫", "再来一个", "狗"]
+    assert normalize_conversation({"instruction": "你好", "output": 3}) == "bad_message"
+    assert normalize_conversation({"instruction": "你好", "output": "", "input": ""}) == "no_assistant_turn"
+
+
 def test_sft_formats_system_prompt_and_mask(tmp_path, tok_dir):
     import pyarrow as pa
     import pyarrow.parquet as pq

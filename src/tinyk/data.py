@@ -636,15 +636,21 @@ def normalize_conversation(rec: Any, system_prompt: str = DEFAULT_SYSTEM_PROMPT)
     """A record in any supported SFT format as chat messages, or the reason it is unusable.
 
     Accepts BelleGroup / ShareGPT (`conversations` of `from`/`value`), OpenAI-style
-    (`messages` of `role`/`content`) and the seed's converted format (a bare list of messages). A
-    top-level `system` field is the first turn; one that disagrees with a system turn of its own is
-    refused rather than rendered as two.
+    (`messages` of `role`/`content`), Alpaca-style (`instruction`, optional `input`, `output`, and
+    optional `history` of [question, answer] pairs, as BelleGroup's train_*_CN sets) and the seed's
+    converted format (a bare list of messages). A top-level `system` field is the first turn; one
+    that disagrees with a system turn of its own is refused rather than rendered as two.
     """
     system = None
     if isinstance(rec, list):
         turns = rec
     elif isinstance(rec, dict) and isinstance(rec.get("conversations", rec.get("messages")), list):
         turns = rec.get("conversations", rec.get("messages"))
+        system = rec.get("system")
+    elif isinstance(rec, dict) and "instruction" in rec and "output" in rec:
+        turns = _alpaca_turns(rec)
+        if turns is None:
+            return "bad_message"
         system = rec.get("system")
     else:
         return "unknown_format"
@@ -668,6 +674,20 @@ def normalize_conversation(rec: Any, system_prompt: str = DEFAULT_SYSTEM_PROMPT)
     if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
         return "no_assistant_turn"
     return with_system(messages, system_prompt)
+
+
+def _alpaca_turns(rec: dict[str, Any]) -> list[dict[str, str]] | None:
+    """An Alpaca-style record's turns: the question is the instruction, then the input on a line of
+    its own when there is one (as LLaMA-Factory renders it); None when a field is not text."""
+    instruction, extra, output = rec["instruction"], rec.get("input") or "", rec["output"]
+    history = rec.get("history") or []
+    if not (isinstance(instruction, str) and isinstance(extra, str) and isinstance(output, str)
+            and isinstance(history, list)
+            and all(isinstance(h, list) and len(h) == 2 and all(isinstance(x, str) for x in h) for h in history)):
+        return None
+    question = f"{instruction}\n{extra}" if extra.strip() else instruction
+    pairs = [*history, [question, output]]
+    return [{"role": role, "content": text} for q, a in pairs for role, text in (("user", q), ("assistant", a))]
 
 
 def prepare_sft(inputs: list[str | Path], tokenizer_dir: str | Path, out: str | Path, *, max_len: int = 512,
