@@ -411,7 +411,8 @@ def test_generate_cli(nano_model_dir, tmp_path, capsys, monkeypatch):
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["prompt"] for r in rows] == ["天气", "我们今天", "The quick"]
     assert all(r["completion_tokens"] == 5 and r["finish_reason"] == "length" for r in rows)
-    monkeypatch.setattr("sys.stdin", io.StringIO("我们今天\n\nThe quick\n"))
+    assert capsys.readouterr().err == ""  # a blank line separates prompts: nothing was skipped
+    monkeypatch.setattr("sys.stdin", io.StringIO("\ufeff我们今天\n\nThe quick\n"))  # a BOM, as Notepad writes
     with pytest.raises(SystemExit) as e:
         main(["generate", "--model", str(nano_model_dir), "--prompt-file", "-", "--prompt", "天气",
               "--temperature", "0", "--max-new-tokens", "5", "--json"])

@@ -241,6 +241,15 @@ def test_model_and_prompt_file_mistakes_name_the_way_out(tmp_path, nano_model_di
     prompts.write_text('"你好"\n"再见"\n', encoding="utf-8")
     code, err = run_cli(["generate", "--model", str(nano_model_dir), "--prompt-file", str(prompts)], capsys)
     assert code == 2 and "no prompts in" in err and "records need a string field 'prompt'" in err
+    gbk = tmp_path / "gbk.txt"
+    gbk.write_bytes("北京大学\n".encode("gbk"))
+    code, err = run_cli(["generate", "--model", str(nano_model_dir), "--prompt-file", str(gbk)], capsys)
+    assert code == 2 and err.startswith(f"tinyk: error: no prompts in {gbk} (it has no non-empty lines; skipped 1 "
+                                        f"records; invalid utf8: 1")
+    long = tmp_path / "long.txt"
+    long.write_text("短\n" + "中国" * 200 + "\n", encoding="utf-8")
+    code, err = run_cli(["generate", "--model", str(nano_model_dir), "--prompt-file", str(long)], capsys)
+    assert code == 2 and err.startswith("tinyk: error: prompt 2 of 2 ('中国中国中国中国中国中国中国中国中国中国中国中国'...): the prompt has")
 
 
 def test_a_full_disk_while_writing_a_tokenizer_or_model_is_one_line(tmp_path, corpus_file, tok_dir, monkeypatch,

@@ -481,8 +481,8 @@ def eval_tokenizer(path: str | Path, inputs: list[str | Path] | None = None, *,
     samples = [chat, "<|im_start|>user\nHello<|im_end|>", "全角标点：，！？；（）…… ＡＢＣ １２３"]
     chars = nbytes = ntok = docs = 0
     failures = 0
+    skips = Skips()
     if inputs:
-        skips = Skips()
         texts = iter_texts(check_inputs(inputs), skips, field_name=field_name, max_bytes=max_bytes)
     else:
         texts = iter(samples)
@@ -504,6 +504,7 @@ def eval_tokenizer(path: str | Path, inputs: list[str | Path] | None = None, *,
         "roundtrip_ok": fixed_ok and failures == 0,
         "roundtrip_failures": failures,
         "documents": docs,
+        "skipped": skips.to_json(),
         "chars_per_token": round(chars / max(ntok, 1), 3),
         "bytes_per_token": round(nbytes / max(ntok, 1), 3),
         "chat_sample": chat,

@@ -76,14 +76,21 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt)
     if args.prompt_file == "-":  # one prompt per line on stdin, for pipelines
         try:
-            prompts += [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
+            lines = [line.rstrip("\r\n").removeprefix("\ufeff") for line in sys.stdin]  # a BOM, as in files
         except UnicodeDecodeError as e:
             raise TinykError("stdin is not valid UTF-8 (convert it first, e.g. iconv -f gbk -t utf-8)") from e
+        prompts += [line for line in lines if line.strip()]
+        if not prompts:
+            raise TinykError("no prompts on stdin (--prompt-file - reads one per line)")
     elif args.prompt_file:
         skips = Skips()
         found = list(iter_texts(check_inputs([args.prompt_file]), skips, field_name=args.field))
-        if not found and is_plain_text(Path(args.prompt_file)):
-            raise TinykError(f"no prompts in {args.prompt_file} (it has no non-empty lines)")
+        if is_plain_text(Path(args.prompt_file)):  # blank lines only separate prompts
+            skips.counts.pop("empty", None)
+            skips.first.pop("empty", None)
+            if not found:
+                raise TinykError(f"no prompts in {args.prompt_file} (it has no non-empty lines"
+                                 f"{'; ' + skips.summary() if skips.total else ''})")
         if not found:
             raise TinykError(f"no prompts in {args.prompt_file} (records need a string field {args.field!r}, "
                              f"see --field; {skips.summary()})")
@@ -96,10 +103,19 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from tinyk.engine import ContextLengthError
+    from tinyk.files import TinykError
+
     prompts = read_prompts(args)
     params = sampling_params(args)
     engine = _engine(args, args.batch_size)
-    ids = [engine.encode(p, bos=not args.no_bos) for p in prompts]
+    ids = []
+    for i, p in enumerate(prompts):
+        try:
+            ids.append(engine.encode(p, bos=not args.no_bos))
+        except ContextLengthError as e:  # which of many: its number and how it starts
+            raise TinykError(f"prompt {i + 1} of {len(prompts)} ({p[:24]!r}{'...' if len(p) > 24 else ''}): {e}"
+                             if len(prompts) > 1 else str(e)) from None
     if len(prompts) == 1 and not args.json:
         sys.stdout.write(prompts[0])
         for delta in engine.stream(ids[0], params):
@@ -125,7 +141,7 @@ def _chat(args: argparse.Namespace) -> int:
         sys.stdin.reconfigure(errors="surrogateescape")
     message = args.message
     if message is None and not sys.stdin.isatty():
-        message = sys.stdin.read().strip()
+        message = sys.stdin.read().removeprefix("\ufeff").strip()
         if not message:
             raise TinykError("no message on stdin (pipe in a message, or use --message TEXT)")
     engine = _engine(args, 1)

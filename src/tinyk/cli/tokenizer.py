@@ -87,6 +87,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from tinyk.data import skips_summary
     from tinyk.tokenizer import eval_tokenizer
 
     r = eval_tokenizer(args.path, args.input, max_bytes=args.max_bytes, field_name=args.field)
@@ -98,5 +99,7 @@ def _eval(args: argparse.Namespace) -> int:
     print(f"bos/eos/pad     {r['bos']} / {r['eos']} / {r['pad']}")
     print(f"round trip      {'exact' if r['roundtrip_ok'] else 'FAILED'} ({r['documents']} documents, "
           f"{r['roundtrip_failures']} failures)")
+    if r["skipped"]["total"]:
+        print(f"input           {skips_summary(r['skipped'])}")
     print(f"compression     {r['chars_per_token']} chars/token, {r['bytes_per_token']} bytes/token")
     return 0 if r["roundtrip_ok"] else 1
