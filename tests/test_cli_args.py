@@ -248,3 +248,10 @@ def test_a_bare_tinyk_shows_what_it_can_do_and_version_says_which(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out == f"tinyk {tinyk.__version__}\n"
+
+
+def test_a_value_that_looks_like_a_flag_says_how_to_give_it(capsys):
+    assert error_line(["plan", "--tokens", "-5B"], capsys) == (
+        "tinyk plan: error: argument --tokens: expected one argument (a value that starts with '-' is written "
+        "--tokens=VALUE) (see tinyk plan --help)")
+    assert "must be a size from 1" in error_line(["plan", "--tokens=-5B"], capsys)
