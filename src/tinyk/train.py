@@ -848,12 +848,16 @@ class Trainer:
             self._check_shared()
             # A start killed while --force had the old run set aside never began the new run: put the
             # old one back, and have the command run again on the directory as it was.
-            asides = [p for p in out.iterdir() if _ASIDE.match(p.name)] if main else []
-            for aside in asides:
-                _put_back(out, aside)
-            if asides:
+            put_back = 0
+            for aside in [p for p in out.iterdir() if _ASIDE.match(p.name)] if main else []:
+                if _ASIDE.match(aside.name).group(1) == "old" and checkpoints(out):
+                    _drop_aside(aside)  # the new run got as far as a checkpoint: it is the one to keep
+                else:
+                    _put_back(out, aside)
+                    put_back += 1
+            if put_back:
                 _clean_partial(out)  # the new run's files, moved out of the way
-            if self.dist.sum_host([len(asides)])[0]:
+            if self.dist.sum_host([put_back])[0]:
                 raise TinykError(f"put back the run in {out} that a killed --force start had set aside; "
                                  f"run the command again")
             if main:
@@ -865,9 +869,12 @@ class Trainer:
                     self._write_config()
             self.dist.barrier()
         except BaseException:
-            if self.aside is not None:
-                self._undo_start(existed=True)
-            self.lock.release()
+            try:
+                if self.aside is not None:
+                    with contextlib.suppress(OSError):  # what cannot be put back now, the next start puts back
+                        self._undo_start(existed=True)
+            finally:
+                self.lock.release()
             raise
         return not exists or not self.resume
 
