@@ -38,6 +38,7 @@ POSITIVE_FLOAT = "must be a finite number > 0"
 
 TOK = ["tokenizer", "train", "c.jsonl", "--out", "t"]
 DATA = ["data", "pretrain", "--input", "c.jsonl", "--tokenizer", "tok", "--out", "d"]
+UTF8 = "is not valid UTF-8 text"
 SFT = ["data", "sft", "--input", "c.jsonl", "--tokenizer", "tok", "--out", "d"]
 GEN = ["generate", "--model", "m", "--prompt", "x"]
 SERVE = ["serve", "--model", "m"]
@@ -115,6 +116,14 @@ PLAN = ["plan", "--preset", "nano"]
     # text
     (["chat", "--model", "m", "--message", ""], "--message", "must not be empty"),
     (["chat", "--model", "m", "--message", "  "], "--message", "must not be empty"),
+    # text a model reads, with bytes that were not UTF-8 (Python's surrogateescape of argv)
+    (["chat", "--model", "m", "--message", "hi\udcff"], "--message", UTF8),
+    (["chat", "--model", "m", "--system", "\udcb2\udce2"], "--system", UTF8),
+    ([*GEN, "--prompt", "\udcc4\udce3"], "--prompt", UTF8),
+    ([*GEN, "--stop", "\udcff"], "--stop", UTF8),
+    ([*SFT, "--system-prompt", "bad\udcff"], "--system-prompt", UTF8),
+    ([*SERVE, "--system-prompt", "\udcff"], "--system-prompt", UTF8),
+    ([*EVAL, "--system-prompt", "\udcff"], "--system-prompt", UTF8),
 ])
 def test_bad_values_are_refused_while_parsing(args, flag, message, capsys):
     line = error_line(args, capsys)

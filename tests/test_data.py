@@ -6,6 +6,7 @@ import gc
 import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -523,6 +524,16 @@ def test_sft_custom_or_no_system_prompt(tmp_path, tok_dir):
         (ids, _), = sft_split(tmp_path / f"o{prompt}")
         head = f"<|im_start|>system\n{prompt}<|im_end|>\n" if prompt else ""
         assert tok.decode(ids.tolist()) == head + "<|im_start|>user\n嗨<|im_end|>\n<|im_start|>assistant\n嗨！<|im_end|>\n"
+    # By default, the prompt the tokenizer directory records: a model fine-tuned with its own keeps it.
+    model_like = tmp_path / "model_like"
+    shutil.copytree(tok_dir, model_like)
+    config = json.loads((model_like / "tokenizer_config.json").read_text(encoding="utf-8"))
+    (model_like / "tokenizer_config.json").write_text(json.dumps({**config, "system_prompt": "你是诗人"}))
+    for tokenizer, prompt in ((tok_dir, DEFAULT_SYSTEM_PROMPT), (model_like, "你是诗人")):
+        meta = prepare_sft([src], tokenizer, tmp_path / f"default-{prompt}", **QUIET)
+        (ids, _), = sft_split(tmp_path / f"default-{prompt}")
+        assert meta["system_prompt"] == prompt
+        assert tok.decode(ids.tolist()).startswith(f"<|im_start|>system\n{prompt}<|im_end|>\n<|im_start|>user")
 
 
 def test_sft_mask_is_right_when_content_starts_with_spaces(tmp_path, tok_dir):

@@ -147,6 +147,8 @@ def test_chat_uses_the_template_with_the_generation_prompt(engine):
         engine.generate([engine.chat_prompt(msgs)], GREEDY)[0].token_ids
     # By default a conversation is prompted as SFT data was tokenized, system message first.
     assert engine.chat([msgs], GREEDY)[0].token_ids == engine.generate([with_system], GREEDY)[0].token_ids
+    with pytest.raises(TypeError, match="default_sytem"):  # a misspelt option is an error, not ignored
+        engine.chat([msgs], GREEDY, default_sytem=None)
 
 
 def test_a_text_prompt_starts_a_document_as_in_tinyk_generate(engine, nano_model_dir, capsys):

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -905,6 +906,14 @@ def test_force_loses_no_run_to_a_failure_or_a_kill_while_files_move(tmp_path, pt
                                          f"run the command again$"):
         train(nano_cfg(pt_data, tok_dir, out, max_steps=3), resume=True)
     assert files() == before
+    # One killed right after the set-aside, before the new run wrote anything: --resume with only --out
+    # finds the run's config where it was set aside, and the start puts the run back.
+    _set_aside(out)
+    resumed = resolve_config("pretrain", flags={"out": str(out)}, resume=True)
+    assert resumed.data == str(pt_data) and resumed.max_steps == 2
+    with pytest.raises(TinykError, match="put back the run"):
+        train(resumed, resume=True)
+    assert files() == before
     # ... and one killed while putting the old run back (here: the rename back fails midway).
     aside = _set_aside(out)
     (out / "config.yaml").write_text("kind: pretrain\n")
@@ -923,6 +932,26 @@ def test_force_loses_no_run_to_a_failure_or_a_kill_while_files_move(tmp_path, pt
     (out / ".forced.old-1-2" / "config.yaml").write_text("kind: pretrain\n")
     assert train(nano_cfg(pt_data, tok_dir, out, max_steps=4), resume=True)["steps"] == 4
     assert not any(p.name.startswith(".") for p in out.iterdir())
+
+
+def test_ctrl_c_while_a_run_is_put_back_waits_until_it_is_back():
+    """Held even with other threads running (a data loader's, a tracker's), where a signal mask would not be."""
+    from tinyk.train import _signals_held
+
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    moved = []
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with _signals_held():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0)
+                moved.append("all")
+    finally:
+        stop.set()
+        other.join()
+    assert moved == ["all"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_one_run_at_a_time_in_a_run_directory(tmp_path, pt_data, tok_dir):

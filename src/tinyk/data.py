@@ -45,6 +45,8 @@ from .tokenizer import (
     DEFAULT_SYSTEM_PROMPT,
     IM_END_ID,
     IM_START_ID,
+    MODEL_PROMPT,
+    ModelPrompt,
     encode_chat,
     load_tokenizer,
     plain_text_tokenizer,
@@ -691,17 +693,21 @@ def _alpaca_turns(rec: dict[str, Any]) -> list[dict[str, str]] | None:
 
 
 def prepare_sft(inputs: list[str | Path], tokenizer_dir: str | Path, out: str | Path, *, max_len: int = 512,
-                system_prompt: str = DEFAULT_SYSTEM_PROMPT, val_fraction: float = 0.01, seed: int = 0,
+                system_prompt: str | ModelPrompt = MODEL_PROMPT, val_fraction: float = 0.01, seed: int = 0,
                 workers: int | None = None, force: bool = False, strict: bool = False,
                 max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, show_progress: bool = True,
                 batch_chars: int = DEFAULT_BATCH_CHARS) -> dict[str, Any]:
-    """Tokenizes conversations with their assistant-only loss mask into `train/` and `val/`; returns meta."""
+    """Tokenizes conversations with their assistant-only loss mask into `train/` and `val/`; returns meta.
+    Conversations without a system message get `system_prompt` ('' for none); by default the one the
+    tokenizer directory records, so data made with a fine-tuned model's directory keeps its prompt."""
     paths = check_inputs(inputs)
     if any(is_plain_text(p) for p in paths):
         raise TinykError("SFT inputs must be JSON/JSONL/Parquet conversations, not .txt")
     nworkers = _check_common(val_fraction, workers, max_line_bytes)
     if max_len < 8:
         raise TinykError(f"--max-len must be at least 8 tokens, got {max_len}")
+    if isinstance(system_prompt, ModelPrompt):
+        system_prompt = load_tokenizer(tokenizer_dir).system_prompt or ""
 
     def conversations(skips: Skips) -> Iterator[tuple[str, list[dict[str, str]]]]:
         for where, rec in iter_records(paths, skips, max_line_bytes=max_line_bytes, message_lists=True):

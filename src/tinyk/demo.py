@@ -30,7 +30,6 @@ import torch
 from .corpus import CorpusSpec, build_demo_corpus
 from .evaluate import percent
 from .files import TinykError, atomic_dir, write_json_atomic
-from .tokenizer import DEFAULT_SYSTEM_PROMPT
 
 RESULTS_KIND = "tinyk-demo"
 CHAT_SAMPLES = ("你好呀", "你是谁？")
@@ -498,7 +497,7 @@ def transformers_check(model_dir: Path, engine: Any, max_new_tokens: int = 24) -
     # does) against the ids tinyk prompts with (and trains SFT on).
     ids = torch.tensor([hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                    return_dict=False)])
-    prompt_ids = engine.chat_ids(messages, default_system=DEFAULT_SYSTEM_PROMPT)
+    prompt_ids = engine.chat_ids(messages, default_system=engine.tok.system_prompt)
     with torch.no_grad():
         gen = hf.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
     hf_ids = gen[0, ids.shape[1]:].tolist()

@@ -28,7 +28,15 @@ import torch.nn.functional as F
 from .checkpoint import check_compatible, load_model
 from .files import TinykError
 from .model import KVCache, Transformer, apply_rope, resolve_dtype
-from .tokenizer import CHAT_ROLES, SPECIAL_IDS, TinyTokenizer, render_chat, with_system
+from .tokenizer import (
+    CHAT_ROLES,
+    MODEL_PROMPT,
+    SPECIAL_IDS,
+    ModelPrompt,
+    TinyTokenizer,
+    render_chat,
+    with_system,
+)
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -648,12 +656,12 @@ class Engine:
         return [r.completion() for r in reqs]
 
     def chat(self, messages_batch: list[list[dict]], params: SamplingParams | list[SamplingParams] | None = None,
-             **kwargs: str | None) -> list[Completion]:
+             default_system: str | None | ModelPrompt = MODEL_PROMPT) -> list[Completion]:
         """Assistant replies to each conversation, through the chat template. As in `tinyk chat` and the
         server, a conversation without a system message gets the one the model's SFT examples carried,
         unless `default_system` is given (None: none), as in `transformers`' apply_chat_template."""
-        default_system = kwargs.get("default_system", self.tok.system_prompt)
-        return self.generate([self.chat_ids(m, default_system) for m in messages_batch], params)
+        system = self.tok.resolve_system(default_system)
+        return self.generate([self.chat_ids(m, system) for m in messages_batch], params)
 
     def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[str]:
         """Text deltas of one raw completion as they are produced."""

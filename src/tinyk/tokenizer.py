@@ -38,6 +38,14 @@ SPECIAL_IDS = frozenset(range(len(SPECIAL_TOKENS)))
 DEFAULT_SYSTEM_PROMPT = "你是一个AI助手"
 
 
+class ModelPrompt:
+    """The type of MODEL_PROMPT, the default of `default_system` arguments: the system prompt the model
+    was trained with. Not None, which asks for no system turn."""
+
+
+MODEL_PROMPT = ModelPrompt()
+
+
 def chat_template(system_prompt: str | None) -> str:
     """The seed's template (only system/user/assistant turns are rendered), plus what tinyk's chat, serve
     and SFT data do around it, so `transformers` prompts a model as it was trained: the model's training
@@ -250,11 +258,14 @@ class TinyTokenizer:
         return recorded or None
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = False,
-                            **kwargs: str | None) -> str:
+                            default_system: str | None | ModelPrompt = MODEL_PROMPT) -> str:
         """The text `transformers`' apply_chat_template renders from this directory's template: as there,
         `default_system` replaces the model's system prompt when given (None: no system turn)."""
-        default_system = kwargs.get("default_system", self.system_prompt)
-        return render_chat(with_system(messages, default_system), add_generation_prompt)
+        return render_chat(with_system(messages, self.resolve_system(default_system)), add_generation_prompt)
+
+    def resolve_system(self, default_system: str | None | ModelPrompt) -> str | None:
+        """What a `default_system` argument stands for: MODEL_PROMPT is this model's own prompt."""
+        return self.system_prompt if isinstance(default_system, ModelPrompt) else default_system
 
 
 def tokenizer_hash(path: str | Path) -> str:

@@ -277,15 +277,15 @@ def resolve_config(kind: str, *, preset: str | None = None, config: str | Path |
 
     d = fold([*layers, *top])
     # The run directory is known only once the layers are folded; its saved config then slots in below the flags.
-    saved = Path(d["out"]) / "config.yaml" if resume and d.get("out") else None
+    saved = _saved_config(Path(d["out"])) if resume and d.get("out") else None
     if saved is not None and saved.is_file():
         run_config = read_config_file(saved)
         if not run_config:
-            ckpts = checkpoints(saved.parent)
+            ckpts = checkpoints(Path(d["out"]))
             raise TinykError(f"{saved} is empty" + (f"; each checkpoint keeps a copy: cp {ckpts[-1] / 'config.yaml'} "
                                                     f"{saved}" if ckpts else ""))
         if run_config.get("kind", kind) != kind:
-            run = saved.parent
+            run = Path(d["out"])
             raise TinykError(f"{run} is a {run_config['kind']} run: resume it with tinyk {run_config['kind']} "
                              f"--resume" + (f", or fine-tune its model in a new run (tinyk sft --init {run})"
                                             if kind == "sft" else ""))
@@ -296,6 +296,16 @@ def resolve_config(kind: str, *, preset: str | None = None, config: str | Path |
     cfg = TrainConfig(**{**d, "kind": kind})
     validate(cfg)
     return cfg
+
+
+def _saved_config(out: Path) -> Path:
+    """The run's config.yaml, also where a killed --force start left it set aside (the trainer puts it back)."""
+    saved = out / "config.yaml"
+    if not saved.is_file() and out.is_dir():
+        for p in out.iterdir():
+            if _ASIDE.match(p.name) and (p / "config.yaml").is_file():
+                return p / "config.yaml"
+    return saved
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -682,15 +692,21 @@ def _drop_aside(aside: Path) -> None:
 
 @contextlib.contextmanager
 def _signals_held() -> Iterator[None]:
-    """Holds Ctrl-C and SIGTERM (delivered afterwards) while files move, so moving back is not cut short."""
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+    """Holds Ctrl-C and SIGTERM (delivered afterwards) while files move, so moving back is not cut short.
+    Python handlers rather than a signal mask: a mask holds a signal only from the thread that set it."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    caught: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    before = {s: signal.signal(s, lambda signum, _frame: caught.append(signum)) for s in held}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        for s, handler in before.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        if caught:
+            signal.raise_signal(caught[0])
 
 
 def _clean_partial(out: Path) -> None:
@@ -746,20 +762,26 @@ class Trainer:
             # A new run that fails to start (a missing tracker package, unloadable weights, Ctrl-C) leaves
             # the directory as it found it: nothing behind, or the run --force was to replace.
             monitor, self.monitor = self.monitor, None
-            with contextlib.suppress(Exception):  # the error that stopped the start is the one to report
-                if monitor:
-                    monitor.close()
             try:
-                if fresh and self.dist.main:  # while the lock is held: no other start moves files here
-                    with contextlib.suppress(OSError):  # what cannot be put back now, the next start puts back
-                        self._undo_start(existed)
+                with contextlib.suppress(Exception):  # the error that stopped the start is the one to report
+                    if monitor:
+                        monitor.close()
             finally:
-                with contextlib.suppress(Exception):
-                    self.close()
+                self._fail_start(fresh, existed)
             raise
         if self.aside is not None:
             _drop_aside(self.aside)
             self.aside = None
+
+    def _fail_start(self, fresh: bool, existed: bool) -> None:
+        """Undoes a start that failed after the run directory was set up, and releases it."""
+        try:
+            if fresh and self.dist.main:  # while the lock is held: no other start moves files here
+                with contextlib.suppress(OSError):  # what cannot be put back now, the next start puts back
+                    self._undo_start(existed)
+        finally:
+            with contextlib.suppress(Exception):
+                self.close()
 
     # --- set-up checks, all before the first step --------------------------------------------
 

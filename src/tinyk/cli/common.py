@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable
 from typing import NoReturn
 
-from tinyk.files import MAX_BATCH
+from tinyk.files import MAX_BATCH, has_surrogate
 
 _UNITS = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 
@@ -84,11 +84,19 @@ positive_float = float_range(0, lo_open=True)
 non_negative_float = float_range(0)
 
 
+def utf8_text(s: str) -> str:
+    """A `type=` for text a model reads: bytes that are not UTF-8 (a GBK terminal, a script's raw bytes)
+    reach Python as lone surrogates, which no tokenizer can encode."""
+    if has_surrogate(s):
+        raise argparse.ArgumentTypeError("is not valid UTF-8 text (the terminal or script passed other bytes)")
+    return s
+
+
 def non_empty(s: str) -> str:
     """A `type=` for text that must say something (not empty, not only spaces)."""
     if not s.strip():
         raise argparse.ArgumentTypeError("must not be empty")
-    return s
+    return utf8_text(s)
 
 
 def _fmt_size(n: int) -> str:

@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Any
 
-from tinyk.cli.common import float_range, int_range, positive_size, seed
+from tinyk.cli.common import float_range, int_range, positive_size, seed, utf8_text
 from tinyk.files import DEFAULT_MAX_LINE_BYTES
 
 MAX_WORKERS = 1024  # tokenizer processes; more only exhausts the machine
@@ -42,8 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s = dsub.add_parser("sft", help="conversations (BelleGroup, ShareGPT, OpenAI messages) -> tokens + loss mask")
     _add_common(s)
     s.add_argument("--max-len", type=int_range(8, MAX_LEN), default=512, help="longer conversations are cut, at a turn if possible")
-    s.add_argument("--system-prompt", default=None,
-                   help="added when a conversation has none (default: 你是一个AI助手; '' for none)")
+    s.add_argument("--system-prompt", type=utf8_text, default=None,
+                   help="added when a conversation has none (default: the one --tokenizer records, 你是一个AI助手 unless "
+                        "it is a model fine-tuned with another; '' for none)")
     s.set_defaults(func=_sft)
 
     i = dsub.add_parser("info", help="summarize a prepared data directory")
@@ -71,10 +72,10 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 def _sft(args: argparse.Namespace) -> int:
     from tinyk.data import prepare_sft
-    from tinyk.tokenizer import DEFAULT_SYSTEM_PROMPT
+    from tinyk.tokenizer import MODEL_PROMPT
 
     t0 = time.time()
-    system_prompt = DEFAULT_SYSTEM_PROMPT if args.system_prompt is None else args.system_prompt
+    system_prompt = MODEL_PROMPT if args.system_prompt is None else args.system_prompt
     meta = prepare_sft(args.input, args.tokenizer, args.out, max_len=args.max_len, system_prompt=system_prompt,
                        **_common_kwargs(args))
     print(_summary(meta, time.time() - t0))

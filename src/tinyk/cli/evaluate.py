@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from tinyk.cli.common import batch_count, positive_int
+from tinyk.cli.common import batch_count, positive_int, utf8_text
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batches", type=positive_int, default=None, help="evaluate only this many batches of --data")
     p.add_argument("--task", nargs="+", action="extend", default=[], metavar="FILE", help='JSONL of {"messages": ..., "answer": ...}')
     p.add_argument("--max-new-tokens", type=positive_int, default=64, help="answer length limit for --task")
-    p.add_argument("--system-prompt", default=None,
+    p.add_argument("--system-prompt", type=utf8_text, default=None,
                    help="added to --task chats without one (default: the model's own, its SFT data's; '' for none)")
     p.add_argument("--choice", nargs="+", action="extend", default=[], metavar="PATH",
                    help="C-Eval/CMMLU CSV files or folders (e.g. ceval/val, cmmlu/test)")

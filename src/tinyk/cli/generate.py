@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tinyk.chat import CHAT_HELP, chat_session
-from tinyk.cli.common import add_sampling_args, batch_count, non_empty
+from tinyk.cli.common import add_sampling_args, batch_count, non_empty, utf8_text
 
 if TYPE_CHECKING:
     from tinyk.engine import Engine, SamplingParams
@@ -26,7 +26,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="int8: weight-only int8 copies of the weights, bf16 compute (CPU; batch-1 decoding "
                         "1.5-1.75x as fast as transformers' fp32 generate in bench/decode.py, slightly different "
                         "numbers)")
-    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+    p.add_argument("--stop", action="append", type=utf8_text, default=[], metavar="TEXT",
                    help="stop when this text appears (repeatable); it is not part of the output")
 
 
@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Continues each prompt as a pretraining document (prompts start with "
                                    "<|im_start|> unless --no-bos). Several prompts are decoded as one batch.")
     add_engine_args(g)
-    g.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    g.add_argument("--prompt", action="append", type=utf8_text, default=[], help="a prompt (repeatable)")
     g.add_argument("--prompt-file", help="prompts, one per line (.txt, or - for stdin) or one per record "
                                          "(.jsonl/.json/.parquet)")
     g.add_argument("--field", default="prompt", help="record field holding the prompt in --prompt-file (default prompt)")
@@ -58,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "input piped on stdin, answers that one message and exits.")
     add_engine_args(c)
     c.add_argument("--message", type=non_empty, help="answer this one message and exit")
-    c.add_argument("--system", help="system prompt (default: the model's own, its SFT data's; '' for none)")
+    c.add_argument("--system", type=utf8_text, help="system prompt (default: the model's own, its SFT data's; '' for none)")
     add_sampling_args(c)
     c.set_defaults(func=_chat)
 

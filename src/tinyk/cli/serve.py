@@ -7,7 +7,15 @@ import ipaddress
 import os
 import urllib.parse
 
-from tinyk.cli.common import add_sampling_args, batch_count, float_range, int_range, positive_int, size_range
+from tinyk.cli.common import (
+    add_sampling_args,
+    batch_count,
+    float_range,
+    int_range,
+    positive_int,
+    size_range,
+    utf8_text,
+)
 from tinyk.cli.generate import add_engine_args, sampling_params
 
 
@@ -27,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-body", type=size_range(1, 10**9), default="1M", help="largest request body (default 1M)")
     p.add_argument("--timeout", type=float_range(0, 86400, lo_open=True, unit=" seconds"), default=60.0,
                    help="seconds a client may stall sending a request or reading a stream (default 60)")
-    p.add_argument("--system-prompt", help="system prompt for chats that bring none (default: the model's "
+    p.add_argument("--system-prompt", type=utf8_text, help="system prompt for chats that bring none (default: the model's "
                                            "own, its SFT data's; '' for none)")
     p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN", type=_origin,
                    help="a web page origin (http://localhost:5173) that may call the API from a browser; "
