@@ -123,7 +123,7 @@ def test_every_input_format_gives_the_same_tokens(tmp_path, tok_dir):
 
     docs_in = texts(60)
     plain = write_jsonl(tmp_path / "c.jsonl", docs_in).read_bytes()
-    (tmp_path / "c.txt").write_text("\n".join(docs_in) + "\n", encoding="utf-8")
+    (tmp_path / "c.txt").write_text("\n\n".join(docs_in) + "\n", encoding="utf-8")  # blank lines are no documents
     (tmp_path / "c.jsonl.gz").write_bytes(gzip.compress(plain))
     (tmp_path / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(plain))
     (tmp_path / "c.json.gz").write_bytes(gzip.compress(plain))
@@ -137,6 +137,7 @@ def test_every_input_format_gives_the_same_tokens(tmp_path, tok_dir):
         field = "content" if name == "content" else "text"
         meta = prepare_pretrain(inputs, tok_dir, tmp_path / f"o{i}", field=field, **QUIET)
         assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 60, name
+        assert meta["skipped"]["total"] == 0, name
         streams[name] = (split_tokens(tmp_path / f"o{i}", "train"), split_tokens(tmp_path / f"o{i}", "val"))
     ref = streams["c.jsonl"]
     for name, (train, val) in streams.items():
@@ -462,6 +463,11 @@ def test_sft_alpaca_records():
     assert [m["content"] for m in multi] == [DEFAULT_SYSTEM_PROMPT, "说个动物", "猫", "再来一个", "狗"]
     assert normalize_conversation({"instruction": "你好", "output": 3}) == "bad_message"
     assert normalize_conversation({"instruction": "你好", "output": "", "input": ""}) == "no_assistant_turn"
+    # A blank answer of its own with a history: the history alone would repeat another record.
+    assert normalize_conversation({"instruction": "再来", "output": " ", "history": [["说个动物", "猫"]]}) == \
+        "no_assistant_turn"
+    for extra in (0, False, ["猫"]):  # an input that is not text is refused, not read as none
+        assert normalize_conversation({"instruction": "翻译", "input": extra, "output": "Cat"}) == "bad_message"
 
 
 def test_sft_formats_system_prompt_and_mask(tmp_path, tok_dir):

@@ -244,7 +244,7 @@ def test_model_and_prompt_file_mistakes_name_the_way_out(tmp_path, nano_model_di
     gbk = tmp_path / "gbk.txt"
     gbk.write_bytes("北京大学\n".encode("gbk"))
     code, err = run_cli(["generate", "--model", str(nano_model_dir), "--prompt-file", str(gbk)], capsys)
-    assert code == 2 and err.startswith(f"tinyk: error: no prompts in {gbk} (it has no non-empty lines; skipped 1 "
+    assert code == 2 and err.startswith(f"tinyk: error: no prompts in {gbk} (no usable lines; skipped 1 "
                                         f"records; invalid utf8: 1")
     long = tmp_path / "long.txt"
     long.write_text("短\n" + "中国" * 200 + "\n", encoding="utf-8")

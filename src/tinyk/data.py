@@ -651,8 +651,8 @@ def normalize_conversation(rec: Any, system_prompt: str = DEFAULT_SYSTEM_PROMPT)
         system = rec.get("system")
     elif isinstance(rec, dict) and "instruction" in rec and "output" in rec:
         turns = _alpaca_turns(rec)
-        if turns is None:
-            return "bad_message"
+        if isinstance(turns, str):
+            return turns
         system = rec.get("system")
     else:
         return "unknown_format"
@@ -678,15 +678,19 @@ def normalize_conversation(rec: Any, system_prompt: str = DEFAULT_SYSTEM_PROMPT)
     return with_system(messages, system_prompt)
 
 
-def _alpaca_turns(rec: dict[str, Any]) -> list[dict[str, str]] | None:
+def _alpaca_turns(rec: dict[str, Any]) -> list[dict[str, str]] | str:
     """An Alpaca-style record's turns: the question is the instruction, then the input on a line of
-    its own when there is one (as LLaMA-Factory renders it); None when a field is not text."""
-    instruction, extra, output = rec["instruction"], rec.get("input") or "", rec["output"]
-    history = rec.get("history") or []
+    its own when there is one (as LLaMA-Factory renders it); or why the record is unusable."""
+    instruction, extra, output = rec["instruction"], rec.get("input"), rec["output"]
+    history = rec.get("history")
+    history = [] if history is None else history
+    extra = "" if extra is None else extra
     if not (isinstance(instruction, str) and isinstance(extra, str) and isinstance(output, str)
             and isinstance(history, list)
             and all(isinstance(h, list) and len(h) == 2 and all(isinstance(x, str) for x in h) for h in history)):
-        return None
+        return "bad_message"
+    if not output.strip():  # the record's own answer is missing: its history alone is another record's
+        return "no_assistant_turn"
     question = f"{instruction}\n{extra}" if extra.strip() else instruction
     pairs = [*history, [question, output]]
     return [{"role": role, "content": text} for q, a in pairs for role, text in (("user", q), ("assistant", a))]

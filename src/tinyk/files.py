@@ -379,10 +379,10 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
                 skips.add("invalid_utf8", where)
                 continue
             s = s.rstrip("\r\n")
+            if not s.strip():  # blank lines separate documents and records; they are not ones
+                continue
             if is_txt:
                 yield where, {text_field: s}
-                continue
-            if not s.strip():
                 continue
             try:
                 rec = json.loads(s)

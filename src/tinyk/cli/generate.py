@@ -85,12 +85,10 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     elif args.prompt_file:
         skips = Skips()
         found = list(iter_texts(check_inputs([args.prompt_file]), skips, field_name=args.field))
-        if is_plain_text(Path(args.prompt_file)):  # blank lines only separate prompts
-            skips.counts.pop("empty", None)
-            skips.first.pop("empty", None)
+        if is_plain_text(Path(args.prompt_file)):
             if not found:
-                raise TinykError(f"no prompts in {args.prompt_file} (it has no non-empty lines"
-                                 f"{'; ' + skips.summary() if skips.total else ''})")
+                why = f"no usable lines; {skips.summary()}" if skips.total else "it has no non-empty lines"
+                raise TinykError(f"no prompts in {args.prompt_file} ({why})")
         if not found:
             raise TinykError(f"no prompts in {args.prompt_file} (records need a string field {args.field!r}, "
                              f"see --field; {skips.summary()})")
