@@ -24,7 +24,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse with tinyk's error style: one line and exit 2, the usage left to --help."""
 
     def error(self, message: str) -> NoReturn:
-        if message.startswith("argument --") and message.endswith(": expected one argument"):
+        if message.startswith("argument --") and message.endswith((": expected one argument",
+                                                                    ": expected at least one argument")):
             flag = message.split(":")[0].removeprefix("argument ").split("/")[-1]  # it took -5B for a flag
             message += f" (a value that starts with '-' is written {flag}=VALUE)"
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
