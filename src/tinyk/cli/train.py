@@ -49,7 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         o.add_argument("--save-every", type=non_negative_int, help="steps between checkpoints (0: only at the end)")
         o.add_argument("--log-every", type=positive_int)
         o.add_argument("--tracker", help="comma list of tensorboard, wandb, swanlab")
-        o.add_argument("--no-progress", action="store_true", help="no progress bar")
+        o.add_argument("--no-progress", action="store_true",
+                       help="no progress bar, and no line per log interval where output is not a terminal "
+                            "(metrics.jsonl and trackers still get every interval)")
         o.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
         o.add_argument("--force", action="store_true", help="delete an existing run directory and start over")
         o.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
