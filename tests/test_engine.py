@@ -29,7 +29,7 @@ from tinyk.engine import (
 )
 from tinyk.files import Terminated, TinykError
 from tinyk.model import KVCache
-from tinyk.tokenizer import DEFAULT_SYSTEM_PROMPT, NOT_UTF8, render_chat
+from tinyk.tokenizer import DEFAULT_SYSTEM_PROMPT, MODEL_PROMPT, NOT_UTF8, render_chat
 
 GREEDY = SamplingParams(temperature=0, repetition_penalty=1.0, max_new_tokens=12, ignore_eos=True)
 PROMPTS = ["我们今天", "The quick brown fox jumps over the lazy dog.", "中国的首都是北京。你喜欢吃苹果吗？这本书", "",
@@ -419,6 +419,10 @@ def test_generate_cli(nano_model_dir, tmp_path, capsys, monkeypatch):
         main(["generate", "--model", str(nano_model_dir), "--prompt-file", "-", "--prompt", "天气",
               "--temperature", "0", "--max-new-tokens", "5", "--json"])
     assert e.value.code == 0 and [json.loads(line) for line in capsys.readouterr().out.splitlines()] == rows
+    monkeypatch.setattr("sys.stdin", io.StringIO("我们今天\n\udcc4\udce3\n"))  # GBK bytes through a C locale
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", str(nano_model_dir), "--prompt-file", "-"])
+    assert e.value.code == 2 and capsys.readouterr().err.startswith("tinyk: error: stdin is not valid UTF-8")
     with pytest.raises(SystemExit) as e:
         main(["generate", "--model", str(nano_model_dir), "--prompt", "我们", "--max-new-tokens", "4", "--seed", "1"])
     assert e.value.code == 0 and capsys.readouterr().out.startswith("我们")
@@ -477,6 +481,13 @@ def test_chat_session_commands_and_history(engine, capsys):
     assert "raise --max-new-tokens" in capsys.readouterr().err
     chat_session(engine, replace(params, max_new_tokens=10**4), ["你好"], io.StringIO(), system=None)
     assert "the context window is full" in capsys.readouterr().err
+    # A /system line of bytes that were not UTF-8 (a GBK terminal) is reported; the session goes on.
+    history = chat_session(engine, params, ["/system \udcc4\udce3", "你好"], io.StringIO(), system="你是诗人")
+    assert f"{NOT_UTF8}; system prompt unchanged" in capsys.readouterr().err
+    assert history[1]["content"] == \
+        engine.generate([engine.chat_ids(history[:1], default_system="你是诗人")], params)[0].text
+    assert engine.chat_ids(history[:1], default_system=MODEL_PROMPT) == \
+        engine.chat_ids(history[:1], default_system=engine.tok.system_prompt) != engine.chat_ids(history[:1])
 
 
 def test_ctrl_c_stops_the_reply_not_the_chat(engine, capsys, monkeypatch):

@@ -927,9 +927,11 @@ def test_force_loses_no_run_to_a_failure_or_a_kill_while_files_move(tmp_path, pt
         train(nano_cfg(pt_data, tok_dir, out, max_steps=3), force=True)
     assert files() == before
     assert train(nano_cfg(pt_data, tok_dir, out, max_steps=3), resume=True)["steps"] == 3
-    # A set-aside run left behind by a new run that got as far as a checkpoint is the one dropped.
+    # A set-aside run left behind by a new run that got as far as a checkpoint is the one dropped, and
+    # --resume goes on with the new run's settings.
     (out / ".forced.old-1-2").mkdir()
-    (out / ".forced.old-1-2" / "config.yaml").write_text("kind: pretrain\n")
+    (out / ".forced.old-1-2" / "config.yaml").write_text("kind: pretrain\nmax_steps: 99\n")
+    assert resolve_config("pretrain", flags={"out": str(out)}, resume=True).max_steps == 3
     assert train(nano_cfg(pt_data, tok_dir, out, max_steps=4), resume=True)["steps"] == 4
     assert not any(p.name.startswith(".") for p in out.iterdir())
 

@@ -28,6 +28,8 @@ def chat_session(engine: Engine, params: SamplingParams, lines: Iterable[str], o
     Returns the final history.
     """
     from .engine import ContextLengthError
+    from .files import has_surrogate
+    from .tokenizer import NOT_UTF8
 
     history: list[dict[str, str]] = []
     # Room for the reply: its whole token budget, but never more than half the window (the history
@@ -46,6 +48,8 @@ def chat_session(engine: Engine, params: SamplingParams, lines: Iterable[str], o
             if command == "/reset":
                 history = []
                 print("(conversation reset)", file=sys.stderr)
+            elif command == "/system" and has_surrogate(text):  # a GBK line: the session goes on
+                print(f"({NOT_UTF8}; system prompt unchanged)", file=sys.stderr)
             elif command == "/system":
                 system = text[len("/system"):].strip() or None
                 history = []

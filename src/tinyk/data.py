@@ -711,7 +711,8 @@ def prepare_sft(inputs: list[str | Path], tokenizer_dir: str | Path, out: str | 
     if max_len < 8:
         raise TinykError(f"--max-len must be at least 8 tokens, got {max_len}")
     if isinstance(system_prompt, ModelPrompt):
-        system_prompt = load_tokenizer(tokenizer_dir).system_prompt or ""
+        system_prompt = load_tokenizer(tokenizer_dir).system_prompt
+    system_prompt = system_prompt or ""  # recorded, and in the command to rerun, as '' for none
 
     def conversations(skips: Skips) -> Iterator[tuple[str, list[dict[str, str]]]]:
         for where, rec in iter_records(paths, skips, max_line_bytes=max_line_bytes, message_lists=True):

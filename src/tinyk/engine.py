@@ -590,16 +590,16 @@ class Engine:
                                      f"{self.context_length} tokens (at most {self.context_length - 1} fit)")
         return ids
 
-    def chat_prompt(self, messages: list[dict], default_system: str | None = None) -> str:
+    def chat_prompt(self, messages: list[dict], default_system: str | None | ModelPrompt = None) -> str:
         """The conversation in the chat template, ending with the assistant's header, as text to show.
 
-        Messages are rendered as given; `default_system` (e.g. `tok.system_prompt`, which the
-        model's SFT data carried) is put first when the conversation has no system message. To prompt the
+        Messages are rendered as given; `default_system` (e.g. MODEL_PROMPT, the prompt the model's SFT
+        data carried) is put first when the conversation has no system message. To prompt the
         model use `chat_ids`: tokenizing this text would read "<|im_end|>" typed in a message as a token.
         """
         return render_chat(self._chat_messages(messages, default_system), add_generation_prompt=True)
 
-    def chat_ids(self, messages: list[dict], default_system: str | None = None) -> list[int]:
+    def chat_ids(self, messages: list[dict], default_system: str | None | ModelPrompt = None) -> list[int]:
         """The chat prompt's token ids, as SFT data is tokenized: message text is only ever text. The
         messages are taken as given unless `default_system` is passed (`chat` passes the training one)."""
         return self.tok.encode_chat(self._chat_messages(messages, default_system), add_generation_prompt=True)
@@ -612,8 +612,7 @@ class Engine:
             raise ContextLengthError(f"the prompt has at least {least:,} tokens but the model's context window is "
                                      f"{self.context_length} tokens (at most {self.context_length - 1} fit)")
 
-    @staticmethod
-    def _chat_messages(messages: list[dict], default_system: str | None) -> list[dict]:
+    def _chat_messages(self, messages: list[dict], default_system: str | None | ModelPrompt) -> list[dict]:
         if not isinstance(messages, list) or not messages:
             raise TinykError("messages must be a non-empty list")
         for i, m in enumerate(messages):
@@ -621,7 +620,7 @@ class Engine:
                 raise TinykError(f"messages[{i}] must be an object with a string 'content'")
             if m.get("role") not in CHAT_ROLES:
                 raise TinykError(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}")
-        return with_system(messages, default_system)
+        return with_system(messages, self.tok.resolve_system(default_system))
 
     def request(self, prompt: str | list[int], params: SamplingParams, stream: bool = True) -> Request:
         params.check()
@@ -660,8 +659,7 @@ class Engine:
         """Assistant replies to each conversation, through the chat template. As in `tinyk chat` and the
         server, a conversation without a system message gets the one the model's SFT examples carried,
         unless `default_system` is given (None: none), as in `transformers`' apply_chat_template."""
-        system = self.tok.resolve_system(default_system)
-        return self.generate([self.chat_ids(m, system) for m in messages_batch], params)
+        return self.generate([self.chat_ids(m, default_system) for m in messages_batch], params)
 
     def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[str]:
         """Text deltas of one raw completion as they are produced."""

@@ -299,13 +299,14 @@ def resolve_config(kind: str, *, preset: str | None = None, config: str | Path |
 
 
 def _saved_config(out: Path) -> Path:
-    """The run's config.yaml, also where a killed --force start left it set aside (the trainer puts it back)."""
-    saved = out / "config.yaml"
-    if not saved.is_file() and out.is_dir():
+    """The run's config.yaml; where a killed --force start left the run set aside, the config of the run
+    the trainer keeps: the set-aside one, unless the new run got as far as a checkpoint."""
+    if out.is_dir():
         for p in out.iterdir():
-            if _ASIDE.match(p.name) and (p / "config.yaml").is_file():
+            m = _ASIDE.match(p.name)
+            if m and not (m.group(1) == "old" and checkpoints(out)) and (p / "config.yaml").is_file():
                 return p / "config.yaml"
-    return saved
+    return out / "config.yaml"
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -698,15 +699,17 @@ def _signals_held() -> Iterator[None]:
         yield
         return
     caught: list[int] = []
-    held = (signal.SIGINT, signal.SIGTERM)
-    before = {s: signal.signal(s, lambda signum, _frame: caught.append(signum)) for s in held}
+    before = {}
     try:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(s) is not None:  # None: a handler Python did not install, left alone
+                before[s] = signal.signal(s, lambda signum, _frame: caught.append(signum))
         yield
     finally:
         for s, handler in before.items():
-            signal.signal(s, signal.SIG_DFL if handler is None else handler)
-        if caught:
-            signal.raise_signal(caught[0])
+            signal.signal(s, handler)
+        for s in dict.fromkeys(caught):  # each once; one that was ignored before stays ignored
+            signal.raise_signal(s)
 
 
 def _clean_partial(out: Path) -> None:
@@ -770,7 +773,12 @@ class Trainer:
                 self._fail_start(fresh, existed)
             raise
         if self.aside is not None:
-            _drop_aside(self.aside)
+            try:
+                with contextlib.suppress(OSError):  # a replaced run not deleted now, the next start deletes
+                    _drop_aside(self.aside)
+            except BaseException:
+                self.close()
+                raise
             self.aside = None
 
     def _fail_start(self, fresh: bool, existed: bool) -> None:

@@ -71,14 +71,17 @@ def _engine(args: argparse.Namespace, max_batch: int = 16) -> Engine:
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
-    from tinyk.files import Skips, TinykError, check_inputs, is_plain_text, iter_texts
+    from tinyk.files import Skips, TinykError, check_inputs, has_surrogate, is_plain_text, iter_texts
 
     prompts = list(args.prompt)
     if args.prompt_file == "-":  # one prompt per line on stdin, for pipelines
         try:
             lines = [line.rstrip("\r\n").removeprefix("\ufeff") for line in sys.stdin]  # a BOM, as in files
-        except UnicodeDecodeError as e:
-            raise TinykError("stdin is not valid UTF-8 (convert it first, e.g. iconv -f gbk -t utf-8)") from e
+            not_utf8 = any(has_surrogate(line) for line in lines)  # how a C locale's stdin decodes them
+        except UnicodeDecodeError:
+            not_utf8 = True
+        if not_utf8:
+            raise TinykError("stdin is not valid UTF-8 (convert it first, e.g. iconv -f gbk -t utf-8)")
         prompts += [line for line in lines if line.strip()]
         if not prompts:
             raise TinykError("no prompts on stdin (--prompt-file - reads one per line)")
