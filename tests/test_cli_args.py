@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from dataclasses import replace
 
 import pytest
@@ -228,6 +229,16 @@ def test_eval_out_is_checked_before_evaluating(tmp_path, task_file, capsys):
     assert code == 2 and "does not exist" in err and err.count("\n") == 1
     code, err = run_cli(eval_args(model, task_file, "--out", ""), capsys)
     assert code == 2 and err == "tinyk: error: --out is empty\n"
+    fifo, null_link = tmp_path / "fifo", tmp_path / "null"
+    os.mkfifo(fifo)
+    null_link.symlink_to(os.devnull)
+    for special in (fifo, null_link):  # never replaced by a results file, even with --force
+        code, err = run_cli(eval_args(model, task_file, "--out", special, "--force"), capsys)
+        assert code == 2 and err == (f"tinyk: error: --out {special} is not a regular file, so it is not replaced; "
+                                     f"choose another path\n")
+    assert fifo.is_fifo() and null_link.is_symlink()
+    fifo.unlink()
+    null_link.unlink()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.json", "results", "t.jsonl"]
 
 

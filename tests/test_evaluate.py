@@ -127,6 +127,33 @@ def test_choice_refuses_bad_inputs(tmp_path, nano):
         eval_choice(model, tok, [bad], fmt="mmlu")
 
 
+def test_every_input_is_checked_before_the_model_loads(tmp_path, pretrain_data):
+    """A mistake in the last mode must not cost the minutes the first ones take: here the model does
+    not even exist, and each mistake is still what is reported."""
+    no_model = tmp_path / "no-model"
+    with pytest.raises(TinykError, match="multiple-choice path not found"):
+        evaluate(no_model, data=[pretrain_data], choice=[tmp_path / "nope"])
+    with pytest.raises(TinykError, match="has no split 'test'"):
+        evaluate(no_model, data=[pretrain_data], split="test")
+    gbk = tmp_path / "gbk_val.csv"
+    gbk.write_bytes("id,question,A,B,answer\n1,天上,太阳,月亮,A\n".encode("gbk"))
+    with pytest.raises(TinykError, match="not UTF-8 text"):
+        evaluate(no_model, data=[pretrain_data], choice=[gbk])
+    with pytest.raises(TinykError, match="--quantize int8 applies to --task answers"):
+        evaluate(no_model, choice=[gbk], quantize="int8")
+
+
+def test_a_csv_reached_twice_is_read_once_and_limit_is_per_subject(tmp_path):
+    (tmp_path / "val").mkdir()
+    for subject in ("astro", "geo"):
+        rows = "".join(f"{i},问题{i},甲,乙,A\n" for i in range(3))
+        (tmp_path / "val" / f"{subject}_val.csv").write_text("id,question,A,B,answer\n" + rows, encoding="utf-8")
+    qs = read_choice([tmp_path / "val", tmp_path / "val" / "geo_val.csv"], Skips())
+    assert [q.subject for q in qs] == ["astro"] * 3 + ["geo"] * 3
+    qs = read_choice([tmp_path / "val"], Skips(), limit=2)
+    assert [q.subject for q in qs] == ["astro", "astro", "geo", "geo"]
+
+
 def test_normalize_answer():
     assert normalize_answer(" 3+5等于８。 ") == "3+5等于8"
     assert normalize_answer("正面\n") == normalize_answer("正面！")
@@ -363,6 +390,7 @@ def test_int8_task_answers_decode_in_batches_the_int8_kernel_takes(tmp_path, nan
     monkeypatch.setattr(Engine, "generate", recording)
     r = evaluate(nano_model_dir, tasks=[task], quantize="int8", batch_size=16, max_new_tokens=3, device="cpu")
     assert r["tasks"][0]["examples"] == 10 and max(sizes) == INT8_MAX_ROWS and sum(sizes) == 10
+    assert r["quantize"] == "int8" and next(table_rows(r))[0] == "t exact match (n=10, int8 weights)"
     sizes.clear()
     evaluate(nano_model_dir, tasks=[task], batch_size=16, max_new_tokens=3, device="cpu")
     assert sizes == [10]

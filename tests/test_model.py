@@ -7,9 +7,11 @@ import json
 import os
 import shutil
 import stat
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from tinyk.checkpoint import init_model_dir, load_model, model_info, save_model
@@ -429,6 +431,52 @@ def test_what_is_not_the_tutorials_checkpoint_is_one_line(tmp_path, tok_dir, cha
     with pytest.raises(TinykError, match=message):
         import_seed_checkpoint(ckpt, tok_dir, tmp_path / "m", n_heads=4)
     assert not (tmp_path / "m").exists()
+
+
+def test_import_never_replaces_its_input_and_reads_the_config_or_refuses_it(tmp_path, tok_dir):
+    """--out over the directory that holds the checkpoint (with --force) would delete the checkpoint; a
+    config.json that cannot be read would have the head count guessed, which loads and computes
+    something else; a plain state dict saved with a newer pickle protocol is named as such."""
+    from tinyk.checkpoint import import_seed_checkpoint
+    from tinyk.tokenizer import load_tokenizer
+
+    sd = seed_state_dict(load_tokenizer(tok_dir).vocab_size)
+    holder = tmp_path / "holder"
+    import_seed_checkpoint(_save(sd, tmp_path / "x.pth"), tok_dir, holder, n_heads=4)
+    ckpt = _save(sd, holder / "pretrain.pth")
+    with pytest.raises(TinykError, match=f"--out {holder} would replace the input {ckpt}"):
+        import_seed_checkpoint(ckpt, tok_dir, holder, n_heads=4, force=True)
+    assert ckpt.is_file()
+    saved = tmp_path / "k-model"
+    saved.mkdir()
+    save_file({k: v.clone() for k, v in sd.items()}, saved / "model.safetensors")
+    with pytest.raises(TinykError, match=f"--out {saved / 'converted'} lies inside the input {saved}"):
+        import_seed_checkpoint(saved, tok_dir, saved / "converted", n_heads=4)
+    for config in ("{bad", '{"n_heads": "4"}', "[]"):
+        (saved / "config.json").write_text(config)
+        with pytest.raises(TinykError, match=f"{saved / 'config.json'}"):
+            import_seed_checkpoint(saved, tok_dir, tmp_path / "m")
+    torch.save(sd, tmp_path / "p4.pth", pickle_protocol=4)
+    with pytest.raises(TinykError, match="saved with a newer pickle protocol"):
+        import_seed_checkpoint(tmp_path / "p4.pth", tok_dir, tmp_path / "m", n_heads=4)
+    assert not (tmp_path / "m").exists()
+
+
+def test_weights_that_are_not_finite_are_refused_everywhere(tmp_path, tok_dir):
+    init_model_dir("nano", tok_dir, tmp_path / "m")
+    state = load_file(tmp_path / "m" / "model.safetensors")
+    state["model.norm.weight"][0] = float("nan")
+    save_file(state, tmp_path / "m" / "model.safetensors")
+    with pytest.raises(TinykError, match="holds inf or nan weights \\(model.norm.weight\\)"):
+        load_model(tmp_path / "m")
+    (tmp_path / "m" / "tokenizer.json").unlink()  # and `model info` refuses what every other command does
+    with pytest.raises(TinykError, match="tokenizer"):
+        model_info(tmp_path / "m")
+
+
+def _save(sd: dict, path: Path) -> Path:
+    torch.save(sd, path)
+    return path
 
 
 def test_a_file_torch_did_not_write_is_named_as_such(tmp_path, tok_dir):

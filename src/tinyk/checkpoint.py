@@ -11,6 +11,7 @@ import contextlib
 import json
 import pickle
 import shutil
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -154,11 +155,13 @@ def write_model_files(model: Transformer, tok_dir: str | Path, out: Path, system
     write_hf_tokenizer_files(out, model_max_length=cfg.max_seq_len, system_prompt=system_prompt)
 
 
-def save_model(model: Transformer, tok_dir: str | Path, out: str | Path, force: bool = False) -> Path:
-    """Writes a model directory atomically: it is complete or absent. Its system prompt is the
-    tokenizer directory's (a model directory's own, or the default)."""
+def save_model(model: Transformer, tok_dir: str | Path, out: str | Path, force: bool = False,
+               inputs: tuple[str | Path, ...] = ()) -> Path:
+    """Writes a model directory atomically: it is complete or absent, and never replaces the tokenizer
+    directory or other `inputs`. Its system prompt is the tokenizer directory's (a model directory's own,
+    or the default)."""
     system_prompt = load_tokenizer(tok_dir).system_prompt
-    with writing(Path(out)), atomic_dir(out, force=force, inputs=[tok_dir],
+    with writing(Path(out)), atomic_dir(out, force=force, inputs=[tok_dir, *inputs],
                                         replaces=("a tinyk model directory", _is_tinyk_model)) as tmp:
         write_model_files(model, tok_dir, tmp, system_prompt)
     return Path(out)
@@ -207,6 +210,10 @@ def _model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], source: 
     if wrong:
         raise TinykError(f"{source} {mismatch}: {wrong[0]} is {tuple(state[wrong[0]].shape)}, the config needs "
                          f"{tuple(expected[wrong[0]].shape)}")
+    damaged = next((k for k in expected if state[k].device.type != "meta" and not torch.isfinite(state[k]).all()),
+                   None)
+    if damaged:  # it would score, chat and train as nan, silently
+        raise TinykError(f"{source} holds inf or nan weights ({damaged}): a damaged file or a diverged run")
     model.load_state_dict(state, strict=False, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -268,6 +275,7 @@ def model_info(path: str | Path) -> dict[str, Any]:
     header alone (names, shapes and that the file holds all the bytes they need), without loading it."""
     path = Path(path)
     cfg = load_config(path)
+    check_compatible(cfg, load_tokenizer(path))  # a directory other commands would refuse is refused here
     with _reading_weights(path), safe_open(str(path / "model.safetensors"), "pt") as f:
         state = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
     n = _model_from_dir_state(path, cfg, state).num_params()
@@ -291,10 +299,18 @@ def _rope_halves(w: torch.Tensor, head_dim: int) -> torch.Tensor:
 def _read_seed_weights(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(weights, config.json or {}) of a tutorial model: a `.pth`/`.bin` its scripts saved, a
     `.safetensors`, or a directory its `PreTrainedModel.save_pretrained` wrote."""
-    config: dict[str, Any] = {}
+    config: Any = {}
     if path.is_dir():
-        with contextlib.suppress(OSError, ValueError):
+        try:
             config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError) as e:  # a guessed head count would load and compute something else
+            raise TinykError(f"cannot read {path / 'config.json'} ({first_line(e)})") from e
+        if not isinstance(config, dict) or any(
+                k in config and not (type(config[k]) is int and config[k] >= 1) for k in ("n_heads", "max_seq_len")):
+            raise TinykError(f"{path / 'config.json'} is not the tutorial's model config (n_heads and max_seq_len "
+                             f"must be positive integers)")
         found = [path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()]
         if not found:
             raise TinykError(f"{path} holds neither model.safetensors nor pytorch_model.bin")
@@ -307,9 +323,14 @@ def _read_seed_weights(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip, or a legacy pickle
             raise TinykError(f"{path} is not a PyTorch checkpoint (a file torch.save wrote: .pth, .pt or .bin)")
     try:
-        state = load_file(str(path)) if path.suffix == ".safetensors" else \
-            torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's advice on weights_only is not for tinyk's users
+            warnings.simplefilter("ignore")
+            state = load_file(str(path)) if path.suffix == ".safetensors" else \
+                torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if "Unsupported operand" in str(e):  # torch's safe loader reads pickle protocols up to 3
+            raise TinykError(f"cannot read {path}: it was saved with a newer pickle protocol than torch's safe "
+                             f"loader reads; re-save it with torch.save(state_dict, path)") from e
         raise TinykError(f"cannot read {path}: it holds Python objects besides tensors, which tinyk does not "
                          f"unpickle (code could run); save model.state_dict() alone") from e
     except Exception as e:  # noqa: BLE001 - zip, safetensors and torch each raise their own
@@ -319,7 +340,7 @@ def _read_seed_weights(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise TinykError(f"{path} is not a state dict (a mapping of parameter names to tensors)")
-    return state, config if isinstance(config, dict) else {}
+    return state, config
 
 
 def _unprefixed(name: str) -> str:
@@ -383,5 +404,5 @@ def import_seed_checkpoint(ckpt: str | Path, tok_dir: str | Path, out: str | Pat
     model = _model_from_state(cfg, ours, str(path), f"does not fit {cfg.n_layers} layers of dim {dim} with "
                                                     f"{n_heads} heads (is --n-heads right?)")
     check_compatible(cfg, load_tokenizer(tok_dir))
-    save_model(model, tok_dir, out, force=force)
+    save_model(model, tok_dir, out, force=force, inputs=(path,))
     return model

@@ -41,21 +41,29 @@ CHOICE_FORMATS = ("cloze", "letter")
 # ---------------------------------------------------------------- data: loss, perplexity, bits per byte
 
 @torch.no_grad()
+def _open_split(data_dir: str | Path, split: str) -> dict[str, Any]:
+    """A prepared data directory's meta, once it is known to have `split`."""
+    from .data import open_dataset
+
+    meta = open_dataset(data_dir)
+    if split not in meta["splits"]:
+        raise TinykError(f"{data_dir} has no split {split!r} (has {', '.join(meta['splits'])})")
+    return meta
+
+
 def eval_data(model: Transformer, model_dir: str | Path, data_dir: str | Path, *, split: str = "val",
               seq_len: int | None = None, batch_size: int = 8, max_batches: int | None = None) -> dict[str, Any]:
     """Mean token loss over a prepared split (all of it unless `max_batches`), as loss, perplexity, and
     bits per byte of the text the evaluated tokens spell."""
-    from .data import eval_batches, open_dataset
+    from .data import eval_batches
     from .loader import conversations_left_out
     from .tokenizer import load_tokenizer
     from .train import eval_sums
 
-    meta = open_dataset(data_dir)
+    meta = _open_split(data_dir, split)
     if not same_tokenizer(meta["tokenizer_hash"], model_dir):
         raise TinykError(f"{data_dir} was prepared with a different tokenizer than the model {model_dir} "
                          f"(tokenizer hash {meta['tokenizer_hash']} vs {tokenizer_hash(model_dir)})")
-    if split not in meta["splits"]:
-        raise TinykError(f"{data_dir} has no split {split!r} (has {', '.join(meta['splits'])})")
     ctx = model.config.max_seq_len
     asked = seq_len
     seq_len = min(seq_len or meta.get("max_len") or ctx, ctx)  # SFT data records its max_len
@@ -111,7 +119,8 @@ def read_task(path: str | Path, skips: Skips, *, system_prompt: str | None = DEF
     out = []
     for where, rec in iter_records([path], skips):
         if not isinstance(rec, dict) or not _valid_messages(rec.get("messages")):
-            skips.add("bad_messages", where)
+            skips.add("bad_messages", where, "'messages' must be a list of {role, content} ending with the user "
+                                             "turn to answer; an SFT chat's last turn, the reply, goes in 'answer'")
             continue
         answer = rec.get("answer")
         answers = [answer] if isinstance(answer, str) else answer
@@ -257,23 +266,23 @@ def _read_choice_csv(path: Path, skips: Skips, limit: int | None = None) -> list
 
 
 def read_choice(paths: Iterable[str | Path], skips: Skips, limit: int | None = None) -> list[ChoiceQuestion]:
-    """Every CSV under the given folders (recursively) or the given CSV files, in a stable order; the
-    first `limit` usable questions."""
-    files: list[Path] = []
+    """Every CSV under the given folders (recursively) or the given CSV files, in a stable order, each
+    once; the first `limit` usable questions of each file (a subject), as lm-eval's --limit does."""
+    files: dict[Path, Path] = {}  # by resolved path: a file reached twice is scored once
     for p in map(Path, paths):
         if p.is_dir():
-            files += sorted(p.rglob("*.csv"))
+            found = sorted(p.rglob("*.csv"))
         elif p.is_file():
-            files.append(p)
+            found = [p]
         else:
             raise TinykError(f"multiple-choice path not found: {p}")
+        for f in found:
+            files.setdefault(f.resolve(), f)
     if not files:
         raise TinykError(f"no .csv files in {', '.join(map(str, paths))}")
     questions: list[ChoiceQuestion] = []
-    for f in files:
-        if len(questions) == limit:
-            break
-        questions += read_choice_csv(f, skips, None if limit is None else limit - len(questions))
+    for f in files.values():
+        questions += read_choice_csv(f, skips, limit)
     if not questions:
         raise TinykError(f"no questions with answers in {', '.join(map(str, paths))} ({skips.summary()}); "
                          "point at a split that has answers, e.g. ceval/val or cmmlu/test")
@@ -364,15 +373,26 @@ def evaluate(model_dir: str | Path, *, data: Iterable[str | Path] = (), tasks: I
     data, tasks, choice = list(data), list(tasks), list(choice)
     if not (data or tasks or choice):
         raise TinykError("nothing to evaluate: give --data, --task and/or --choice")
+    if quantize != "none" and not tasks:
+        raise TinykError(f"--quantize {quantize} applies to --task answers (--data and --choice always score "
+                         f"in fp32); add --task or leave --quantize out")
+    # Every input is checked before the model loads and any mode runs: a mistake in the last one
+    # must not throw away the minutes the first ones took.
+    for d in data:
+        _open_split(d, split)
     for t in tasks:
         if Path(t).is_dir():
             raise TinykError(f"task file {t} is a directory; give a JSONL file of chats")
         if not Path(t).is_file():
             raise TinykError(f"task file not found: {t}")
+    if choice:
+        read_choice(choice, Skips(), limit)
     from .engine import resolve_device
 
     model, tok = load_model(model_dir, device=resolve_device(device))
     results: dict[str, Any] = {"model": str(model_dir), "data": [], "tasks": [], "choice": None}
+    if tasks:
+        results["quantize"] = quantize  # the task answers' weights; the other modes always use fp32
     for d in data:
         results["data"].append(eval_data(model, model_dir, d, split=split, seq_len=seq_len,
                                          batch_size=batch_size, max_batches=max_batches))
@@ -430,8 +450,9 @@ def table_rows(results: dict[str, Any]) -> Iterator[tuple[str, str, str]]:
         if d.get("conversations_left_out"):
             yield (f"{name} conversations left out (no answer token within seq_len {d['seq_len']})",
                    f"{d['conversations_left_out']:,}", "")
+    int8 = ", int8 weights" if results.get("quantize", "none") != "none" else ""
     for t in results.get("tasks", []):
-        yield (f"{t['task']} exact match ({counted(t['examples'], t['skipped'])})", percent(t["accuracy"]),
+        yield (f"{t['task']} exact match ({counted(t['examples'], t['skipped'])}{int8})", percent(t["accuracy"]),
                f"{percent(t['baseline'])} majority")
         yield f"{t['task']} stop rate", percent(t["stop_rate"]), ""
     c = results.get("choice")

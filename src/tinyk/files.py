@@ -516,6 +516,8 @@ def check_output_file(out: str, inputs: Iterable[str | Path | None], *, force: b
         raise TinykError(f"{flag} {out} is a directory; give a file name for the JSON results")
     if (path.exists() or path.is_symlink()) and not force:
         raise TinykError(f"{flag} {out} exists (use --force to replace it)")
+    if (path.exists() or path.is_symlink()) and not path.is_file():  # /dev/null, a pipe, a dangling link
+        raise TinykError(f"{flag} {out} is not a regular file, so it is not replaced; choose another path")
     if path.exists() and replaces is not None and not replaces[1](path):
         raise TinykError(f"{flag} {out} exists and is not {replaces[0]}, so it is not replaced; remove it yourself "
                          f"or choose another path")

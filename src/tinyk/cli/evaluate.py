@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from tinyk.cli.common import batch_count, positive_int, utf8_text
 
@@ -28,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--choice-format", choices=["cloze", "letter"], default="cloze",
                    help="cloze: score each option's text (better for small models); letter: list the options "
                         "and score A/B/C/D")
-    p.add_argument("--limit", type=positive_int, default=None, help="first N examples of each task / questions")
+    p.add_argument("--limit", type=positive_int, default=None, help="first N examples of each --task file, and first N questions of each --choice CSV")
     p.add_argument("--batch-size", type=batch_count, default=16)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--quantize", choices=["none", "int8"], default="none",
@@ -41,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _eval(args: argparse.Namespace) -> int:
     from tinyk.evaluate import evaluate, format_table, is_results, table_rows
-    from tinyk.files import check_output_file, write_json_atomic
+    from tinyk.files import check_output_file, write_json_atomic, writing
 
     if args.out is not None:
         check_output_file(args.out, [args.model, *args.data, *args.task, *args.choice], force=args.force,
@@ -50,11 +51,12 @@ def _eval(args: argparse.Namespace) -> int:
                        seq_len=args.seq_len, batch_size=args.batch_size, max_batches=args.max_batches,
                        max_new_tokens=args.max_new_tokens, limit=args.limit, choice_format=args.choice_format,
                        system_prompt=args.system_prompt, device=args.device, quantize=args.quantize)
-    if args.out is not None:
-        write_json_atomic(args.out, results)
     if args.json:
         print(json.dumps(results, ensure_ascii=False, indent=2))
     else:
         print(format_table(table_rows(results)))
+    if args.out is not None:  # after printing: results a failed write would lose are on the screen
+        with writing(Path(args.out)):
+            write_json_atomic(args.out, results)
     return 0
 
