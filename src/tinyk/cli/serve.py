@@ -41,8 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a web page origin (http://localhost:5173) that may call the API from a browser; "
                         "repeatable, * for any (default: only the chat page at /)")
     p.add_argument("--allow-host", action="append", default=[], metavar="NAME", type=_host_name,
-                   help="a host name to answer besides localhost and IP addresses when listening on 127.0.0.1, "
-                        "e.g. the one a reverse proxy passes on; repeatable, * for any")
+                   help="a host name to answer besides localhost and IP addresses, e.g. the one a reverse proxy "
+                        "passes on (named hosts are enforced on any address; without any, only on 127.0.0.1); "
+                        "repeatable, * for any")
     p.add_argument("--quiet", action="store_true", help="no access log")
     add_sampling_args(p)
     p.set_defaults(func=_serve)
