@@ -18,6 +18,7 @@ import os
 import platform
 import shutil
 import statistics
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -324,6 +325,8 @@ def _pipeline(root: Path, cfg: DemoConfig, show_progress: bool) -> dict[str, Any
     from .tokenizer import eval_tokenizer, train_tokenizer
 
     st = Stages(8, cfg.minutes * 60, show_progress)
+    # The tokenizer's and the data's bars redraw a line: in a pipe or a log, blank lines and carriage returns.
+    bars = show_progress and sys.stdout.isatty() and sys.stderr.isatty()
     res: dict[str, Any] = {"kind": RESULTS_KIND, "config": _jsonable(asdict(cfg)), "machine": machine_info()}
     corpus_dir, tok_dir, data_dir, runs = root / "corpus", root / "tokenizer", root / "data", root / "runs"
 
@@ -339,7 +342,7 @@ def _pipeline(root: Path, cfg: DemoConfig, show_progress: bool) -> dict[str, Any
     with st.stage("tokenizer", f"byte-level BPE, vocabulary {cfg.vocab_size}") as rec:
         # The corpus is shuffled, so its first few MB are a fair sample; more barely changes the merges.
         tr = train_tokenizer([pretrain_file], tok_dir, vocab_size=cfg.vocab_size, max_bytes=cfg.tokenizer_bytes,
-                             show_progress=show_progress)
+                             show_progress=bars)
         ev = eval_tokenizer(tok_dir, [pretrain_file], max_bytes=2_000_000)
         res["tokenizer"] = {"vocab_size": tr["vocab_size"], "trained_on_characters": tr["characters"],
                             "chars_per_token": ev["chars_per_token"], "bytes_per_token": ev["bytes_per_token"],
@@ -348,9 +351,9 @@ def _pipeline(root: Path, cfg: DemoConfig, show_progress: bool) -> dict[str, Any
 
     with st.stage("data", "tokenize into packed pretraining shards and masked SFT conversations") as rec:
         pt = prepare_pretrain([pretrain_file], tok_dir, data_dir / "pretrain", seed=cfg.seed, workers=cfg.workers,
-                              show_progress=show_progress)
+                              show_progress=bars)
         sft = prepare_sft([corpus_dir / "sft.jsonl", corpus_dir / "sft_belle.json"], tok_dir, data_dir / "sft",
-                          max_len=cfg.sft_max_len, seed=cfg.seed, workers=cfg.workers, show_progress=show_progress)
+                          max_len=cfg.sft_max_len, seed=cfg.seed, workers=cfg.workers, show_progress=bars)
         res["data"] = {"pretrain": _split_sizes(pt), "sft": _split_sizes(sft)}
         rec["tokens"] = sum(s["tokens"] for m in (pt, sft) for s in m["splits"].values())
         rec["note"] = (f"pretraining {pt['splits']['train']['tokens']:,} train / {pt['splits']['val']['tokens']:,} "
