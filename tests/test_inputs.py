@@ -266,12 +266,14 @@ def test_choice_csv_with_bom_and_malformed_csv(tmp_path):
     assert [q.answer for q in read_choice_csv(ok, Skips())] == ["A"]
     huge = tmp_path / "huge.csv"
     huge.write_text('id,question,A,B,answer\n1,"' + "x" * 200_000 + '",a,b,A\n', encoding="utf-8")
-    with pytest.raises(TinykError, match=r"huge.csv:\d+: malformed CSV"):
+    with pytest.raises(TinykError, match=r"huge.csv:2: malformed CSV"):
         read_choice_csv(huge, Skips())
     # An unclosed quote would swallow every row after it into one field: an error naming the line.
     unclosed = tmp_path / "q_val.csv"
-    unclosed.write_text('id,question,A,B,answer\n1,"no closing quote,a,b,A\n2,q2,a,b,B\n3,q3,a,b,A\n', encoding="utf-8")
-    with pytest.raises(TinykError, match=r"q_val.csv:\d+: malformed CSV \(unexpected end of data\)"):
+    unclosed.write_text('id,question,A,B,answer\n0,q0,a,b,A\n1,"no closing quote,a,b,A\n2,q2,a,b,B\n3,q3,a,b,A\n',
+                        encoding="utf-8")
+    with pytest.raises(TinykError, match=r"q_val.csv:3: malformed CSV in the row that starts here "
+                                         r"\(unexpected end of data\)"):
         read_choice_csv(unclosed, Skips())
 
 

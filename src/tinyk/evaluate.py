@@ -247,10 +247,11 @@ def _read_choice_csv(path: Path, skips: Skips, limit: int | None = None) -> list
         out = []
         rows = iter(reader)
         while len(out) != limit:
+            start = reader.line_num + 1  # an unclosed quote is only noticed where the file ends
             try:
                 row = next(rows, None)
             except csv.Error as e:
-                raise TinykError(f"{path}:{reader.line_num}: malformed CSV ({e})") from e
+                raise TinykError(f"{path}:{start}: malformed CSV in the row that starts here ({e})") from e
             if row is None:
                 break
             where = f"{path.name}:{reader.line_num}"
