@@ -40,7 +40,6 @@ CHOICE_FORMATS = ("cloze", "letter")
 
 # ---------------------------------------------------------------- data: loss, perplexity, bits per byte
 
-@torch.no_grad()
 def _open_split(data_dir: str | Path, split: str) -> dict[str, Any]:
     """A prepared data directory's meta, once it is known to have `split`."""
     from .data import open_dataset
@@ -51,6 +50,7 @@ def _open_split(data_dir: str | Path, split: str) -> dict[str, Any]:
     return meta
 
 
+@torch.no_grad()
 def eval_data(model: Transformer, model_dir: str | Path, data_dir: str | Path, *, split: str = "val",
               seq_len: int | None = None, batch_size: int = 8, max_batches: int | None = None) -> dict[str, Any]:
     """Mean token loss over a prepared split (all of it unless `max_batches`), as loss, perplexity, and

@@ -29,7 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--choice-format", choices=["cloze", "letter"], default="cloze",
                    help="cloze: score each option's text (better for small models); letter: list the options "
                         "and score A/B/C/D")
-    p.add_argument("--limit", type=positive_int, default=None, help="first N examples of each --task file, and first N questions of each --choice CSV")
+    p.add_argument("--limit", type=positive_int, default=None,
+                   help="first N examples of each --task file, and first N questions of each --choice CSV")
     p.add_argument("--batch-size", type=batch_count, default=16)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--quantize", choices=["none", "int8"], default="none",
