@@ -73,9 +73,11 @@ def damaged(tmp_path) -> dict[str, Path]:
     zst = zstandard.ZstdCompressor().compress(JSONL)
     bad_block = bytearray(gz)
     bad_block[10:] = b"\xff" * (len(gz) - 10)  # a valid gzip header, then an invalid deflate block
+    array = gzip.compress(b'[\n  {"text": "\xe4\xbd\xa0\xe5\xa5\xbd"},\n  {"text": "x"}\n]\n')  # an indented array
     files = {"truncated.jsonl.gz": gz[:20000], "random.jsonl.gz": GARBAGE, "bad-block.jsonl.gz": bytes(bad_block),
              "crc.jsonl.gz": gz[:-8] + b"\0" * 8, "truncated.jsonl.zst": zst[: len(zst) // 2],
-             "random.jsonl.zst": GARBAGE, "random.txt.zst": GARBAGE}
+             "random.jsonl.zst": GARBAGE, "random.txt.zst": GARBAGE, "array-cut.json.gz": array[:-12],
+             "array-crc.json.gz": array[:-4] + b"\0" * 4}
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
     return {name: tmp_path / name for name in files}

@@ -407,8 +407,11 @@ def _json_array_head(path: Path, first_line: bytes | None, message_lists: bool) 
     rather than JSON Lines, else None. `first_line` is None when it was too long to hold."""
     if first_line is not None and not first_line.lstrip().startswith(b"["):
         return None
-    with _open_binary(path) as f:
-        head = f.read(1 << 16).removeprefix(_BOM)
+    try:
+        with _open_binary(path) as f:
+            head = f.read(1 << 16).removeprefix(_BOM)
+    except _read_errors(path) as e:  # a truncated .json.gz: the same line as reading it on would give
+        raise _read_error(path, e, 0) from e
     indented = first_line is not None and first_line.strip() == b"["
     return head if indented or (_ARRAY_OF_RECORDS if message_lists else _ARRAY).match(head) else None
 
