@@ -614,6 +614,15 @@ def test_sft_truncates_at_a_turn_boundary_when_possible(tmp_path, tok_dir):
     assert len(ids1) == max_len and mask1[-1] == 1 and ids1[-1] != EOS
     assert tok.decode(ids1.tolist()).startswith(render_chat(long_answer)[:20])
     assert meta["splits"]["train"]["bytes"] == len("好的。".encode()) + len(tok.decode(ids1[mask_spans(mask1)[0][0]:].tolist()).encode())
+    # An empty first reply (a failed generation in a ShareGPT dump) is no turn to end at: the long
+    # answer after it is cut mid-turn, not the conversation dropped as "prompt too long".
+    empty_first = [first[0], {"role": "assistant", "content": ""}, *long_answer]
+    max_len = len(tok.encode(render_chat(empty_first[:3], add_generation_prompt=True))) + 5
+    src = write_jsonl(tmp_path / "e.jsonl", [empty_first], field=None)
+    meta = prepare_sft([src], tok_dir, tmp_path / "e", max_len=max_len, system_prompt="", val_fraction=0.0, **QUIET)
+    assert meta["truncated"] == {"mid_turn": 1} and meta["skipped"]["total"] == 0
+    (ids, mask), = sft_split(tmp_path / "e")
+    assert len(ids) == max_len and mask[-5:].all() and not mask[:-5].any()  # the empty reply learns nothing
 
 
 # ---------------------------------------------------------------- loaders
