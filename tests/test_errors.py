@@ -36,6 +36,17 @@ def test_input_that_is_not_a_file(tmp_path, capsys):
     assert code == 2 and "input is not a file" in err
 
 
+def test_an_input_given_twice_is_refused(tmp_path, corpus_file, capsys):
+    """Its documents would be counted twice and land in both the train and the validation split."""
+    link = tmp_path / "same.jsonl"
+    link.symlink_to(corpus_file)
+    for again in (corpus_file, link):
+        code, err = run_cli(["tokenizer", "train", str(corpus_file), str(again), "--out", str(tmp_path / "t")], capsys)
+        assert code == 2 and err == (f"tinyk: error: input {again} is given twice (also as {corpus_file}); "
+                                     f"give each file once\n")
+    assert not (tmp_path / "t").exists()
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can read any file")
 def test_unreadable_input(tmp_path, capsys, corpus_file):
     f = tmp_path / "locked.jsonl"

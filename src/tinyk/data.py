@@ -538,6 +538,11 @@ def _command(kind: str, paths: list[Path], tokenizer_dir: Any, out: Any, options
     return shlex.join(args)
 
 
+def _line_cap(max_line_bytes: int) -> dict[str, int]:
+    """--max-line-bytes for the recorded command when it is not the default (it decides what is skipped)."""
+    return {} if max_line_bytes == DEFAULT_MAX_LINE_BYTES else {"max_line_bytes": max_line_bytes}
+
+
 def _is_data_dir(path: Path) -> bool:
     from .loader import open_dataset
 
@@ -627,7 +632,8 @@ def prepare_pretrain(inputs: list[str | Path], tokenizer_dir: str | Path, out: s
     def records(skips: Skips) -> Iterator[str]:
         return iter_texts(paths, skips, field_name=field, max_line_bytes=max_line_bytes)
 
-    options = {"field": field, "val_fraction": val_fraction, "seed": seed, "shard_tokens": shard_tokens}
+    options = {"field": field, "val_fraction": val_fraction, "seed": seed, "shard_tokens": shard_tokens,
+               **_line_cap(max_line_bytes)}
     return _prepare("pretrain", paths, tokenizer_dir, out, records=records, size=len, batch_chars=batch_chars,
                     job_extra={},
                     make_writer=lambda d: _ShardWriter(d, shard_tokens), meta_extra={"field": field},
@@ -726,7 +732,8 @@ def prepare_sft(inputs: list[str | Path], tokenizer_dir: str | Path, out: str | 
     def chars(conv: tuple[str, list[dict[str, str]]]) -> int:
         return sum(len(m["content"]) for m in conv[1])
 
-    options = {"max_len": max_len, "system_prompt": system_prompt, "val_fraction": val_fraction, "seed": seed}
+    options = {"max_len": max_len, "system_prompt": system_prompt, "val_fraction": val_fraction, "seed": seed,
+               **_line_cap(max_line_bytes)}
     return _prepare("sft", paths, tokenizer_dir, out, records=conversations, size=chars, batch_chars=batch_chars,
                     job_extra={"max_len": max_len},
                     make_writer=_ConversationWriter,

@@ -91,7 +91,7 @@ def check_inputs(paths: list[str | Path]) -> list[Path]:
     """Fail early, with one line, on inputs that are missing, unreadable or of an unknown type."""
     if not paths:
         raise TinykError("no input files given")
-    out = []
+    out: dict[tuple[int, int], Path] = {}
     for p in map(Path, paths):
         if not p.exists():
             raise TinykError(f"input file not found: {p}")
@@ -101,8 +101,11 @@ def check_inputs(paths: list[str | Path]) -> list[Path]:
             raise TinykError(f"input file is not readable: {p}")
         if not p.name.endswith(SUPPORTED_SUFFIXES):
             raise TinykError(f"unsupported input type: {p} (use {', '.join(SUPPORTED_SUFFIXES)})")
-        out.append(p)
-    return out
+        st = p.stat()
+        twice = out.setdefault((st.st_dev, st.st_ino), p)
+        if twice is not p:  # its documents would count twice, and land in both splits
+            raise TinykError(f"input {p} is given twice (also as {twice}); give each file once")
+    return list(out.values())
 
 
 def is_plain_text(path: Path) -> bool:
