@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from tinyk.checkpoint import load_model
@@ -255,6 +256,39 @@ def test_sft_init_accepts_a_run_directory(tmp_path, pt_data, sft_data, tok_dir):
                              seq_len=64))
     assert summary["status"] == "completed"
     assert (tmp_path / "sft" / "final" / "tokenizer.json").read_bytes() == (tok_dir / "tokenizer.json").read_bytes()
+
+
+def test_a_run_resumes_from_anywhere_without_the_model_it_started_from(tmp_path, pt_data, sft_data, tok_dir,
+                                                                        monkeypatch):
+    """config.yaml saves input paths absolute, so a job script may resume from another directory; and a
+    resumed run takes its model and tokenizer from its checkpoint, so the --init run (or tokenizer) it
+    started from may have moved or been retrained since."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tok_dir, "tok")
+    train(nano_cfg(pt_data, Path("tok"), Path("pre"), max_steps=2))
+    train(nano_cfg(sft_data, None, Path("sft"), kind="sft", init="pre", model={}, max_steps=2, save_every=1,
+                   keep_checkpoints=1, seq_len=64))
+    saved = yaml.safe_load((tmp_path / "sft" / "config.yaml").read_text())
+    assert saved["init"] == str(tmp_path / "pre") and saved["data"] == str(sft_data)
+    (tmp_path / "pre").rename(tmp_path / "pre.old")
+    shutil.rmtree(tmp_path / "tok")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    resumed = resolve_config("sft", flags={"out": str(tmp_path / "sft"), "max_steps": 4}, resume=True)
+    assert train(resumed, resume=True)["steps"] == 4  # checkpoints rotated (keep 1) while it copied the tokenizer
+    assert (tmp_path / "sft" / "final" / "tokenizer.json").read_bytes() == (tok_dir / "tokenizer.json").read_bytes()
+    with pytest.raises(TinykError, match=f"tokenizer {tmp_path / 'other'} is not the one the run in"):
+        other = tmp_path / "other"
+        train_tokenizer_like(tok_dir, other)
+        train(replace(resumed, tokenizer=str(other), max_steps=5), resume=True)
+
+
+def train_tokenizer_like(tok_dir: Path, out: Path) -> None:
+    """A tokenizer directory with other merges (its hash differs): the model's own, one merge dropped."""
+    shutil.copytree(tok_dir, out)
+    tok = json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))
+    tok["model"]["merges"] = tok["model"]["merges"][:-1]
+    (out / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False), encoding="utf-8")
 
 
 @pytest.mark.parametrize("echo_s,saved", [(0.5, True), (0.0, False)])

@@ -347,7 +347,13 @@ def validate(cfg: TrainConfig) -> None:
 
 
 def dump_config(cfg: TrainConfig) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True)
+    """The YAML of config.yaml. Input paths are saved absolute: a job script that resumes from another
+    working directory must find the same data, not another directory of that name or none."""
+    d = cfg.to_dict()
+    for key in ("data", "tokenizer", "init"):
+        if d.get(key):
+            d[key] = os.path.abspath(d[key])
+    return yaml.safe_dump(d, sort_keys=False, allow_unicode=True)
 
 
 # ----------------------------------------------------------------------------- schedule & optimizer
@@ -801,16 +807,25 @@ class Trainer:
         self.meta = open_dataset(cfg.data)
         if self.meta["kind"] != cfg.kind:
             raise TinykError(f"{cfg.data} holds {self.meta['kind']} data; tinyk {cfg.kind} needs {cfg.kind} data")
-        self.init_dir = resolve_init(cfg.init) if cfg.init else None
-        if cfg.kind == "sft" and self.init_dir is None:
+        if cfg.kind == "sft" and not cfg.init:
             raise TinykError("tinyk sft needs --init (a pretrained model directory or a pretraining run directory)")
         ckpts = checkpoints(self.out) if self.resume else []
         self.resumed_from = ckpts[-1] if ckpts else None
+        # A resumed run's model, tokenizer included, is its checkpoint's: the --init model and the
+        # tokenizer directory it started from may have moved or been retrained since.
+        self.init_dir = resolve_init(cfg.init) if cfg.init and not self.resumed_from else None
         self.weights_dir = self.resumed_from / "model" if self.resumed_from else self.init_dir
-        self.tok_dir = Path(cfg.tokenizer) if cfg.tokenizer else self.init_dir
+        self.tok_dir = self.resumed_from / "model" if self.resumed_from else \
+            Path(cfg.tokenizer) if cfg.tokenizer else self.init_dir
         if self.tok_dir is None:
             raise TinykError("no tokenizer: pass --tokenizer (or --init a model directory, which carries one)")
-        tok = load_tokenizer(self.tok_dir)
+        try:
+            tok = load_tokenizer(self.tok_dir)
+        except TinykError as e:
+            raise self._weights_error(e) from None
+        given = Path(cfg.tokenizer) if self.resumed_from and cfg.tokenizer else None
+        if given is not None and given.is_dir() and tokenizer_hash(given) != tokenizer_hash(self.tok_dir):
+            raise TinykError(f"tokenizer {given} is not the one the run in {self.out} was trained with")
         # What the model directories record: SFT data's system prompt (the default for data made before
         # tinyk recorded it), else what the tokenizer or --init model carries.
         self.system_prompt = (self.meta.get("system_prompt", DEFAULT_SYSTEM_PROMPT) or None) \
@@ -854,7 +869,7 @@ class Trainer:
         out, main = self.out, self.dist.main
         if out.exists() and not out.is_dir():
             raise TinykError(f"--out {out} is a file, not a run directory")
-        check_output(out, [self.cfg.data, self.init_dir, self.tok_dir])
+        check_output(out, [self.cfg.data, self.init_dir, None if self.resumed_from else self.tok_dir])
         exists = out.is_dir() and any(out.iterdir())
         foreign = sorted(p.name for p in out.iterdir() if not _made_by_a_run(p)) if exists else []
         # The saved config names the full model, so a resumed run rebuilds exactly this one.
@@ -1079,6 +1094,7 @@ class Trainer:
                     "world_size": d.world, "batch_size": self.cfg.batch_size,
                     "seq_len": self.cfg.seq_len, "total_steps": self.total_steps, "warmup": self.warmup,
                     "max_minutes": self.cfg.max_minutes})
+            self.tok_dir = path / "model"  # the tokenizer to copy from now on: never rotated away, never moved
             for old in checkpoints(self.out)[:-self.cfg.keep_checkpoints]:
                 # Renamed first: a kill mid-delete leaves a leftover, never a checkpoint with files missing.
                 doomed = old.with_name(f".{old.name}.old-{os.getpid()}")
@@ -1093,7 +1109,8 @@ class Trainer:
                           f"to resume from the one before, or start over with --force")
 
     def _weights_error(self, e: TinykError) -> TinykError:
-        """Weights that do not load: a resumed checkpoint's are damaged, --init's are the user's to fix."""
+        """A model (weights, tokenizer) that does not load: a resumed checkpoint's is damaged, --init's
+        is the user's to fix."""
         return self._damaged(e) if self.resumed_from else e
 
     def _load_checkpoint(self, path: Path) -> None:
