@@ -829,6 +829,22 @@ def test_cli_prepares_data_and_reports_a_summary(tmp_path, tok_dir, corpus_file,
     with pytest.raises(SystemExit) as e:
         main(["data", "info", str(tmp_path / "s")])
     assert e.value.code == 0 and "sft data: 5 conversations" in capsys.readouterr().out
+    # A damaged directory is one line: a meta.json edited wrong, a shard cut short.
+    meta_file = tmp_path / "s" / "meta.json"
+    good = meta_file.read_text()
+    for damage in ({"max_len": None}, {"skipped": 5}, {"vocab_size": "6144"},
+                   {"splits": {**json.loads(good)["splits"], "val": {"documents": "x"}}}):
+        meta_file.write_text(json.dumps({**json.loads(good), **damage}))
+        with pytest.raises(SystemExit) as e:
+            main(["data", "info", str(tmp_path / "s")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith(f"tinyk: error: invalid {meta_file}: ") and err.count("\n") == 1
+    meta_file.write_text(good)
+    mask = tmp_path / "s" / "train" / "mask.bin"
+    mask.write_bytes(mask.read_bytes()[:-1])
+    with pytest.raises(SystemExit) as e:
+        main(["data", "info", str(tmp_path / "s")])
+    assert e.value.code == 2 and f"{mask} is missing or not" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         main(["data", "sft", "--input", str(src), "--tokenizer", str(tok_dir), "--out", str(tmp_path / "s")])
     err = capsys.readouterr().err

@@ -53,16 +53,27 @@ def _meta_problem(meta: Any) -> str | None:
         return f"format_version {meta.get('format_version')!r}; this tinyk reads {FORMAT_VERSION} (re-run tinyk data)"
     if meta.get("dtype") not in ("uint16", "uint32"):
         return f"unknown dtype {meta.get('dtype')!r}"
-    for key in ("tokenizer_hash", "vocab_size"):
-        if key not in meta:
-            return f"missing {key}"
+    if not isinstance(meta.get("tokenizer_hash"), str) or not _count(meta.get("vocab_size")):
+        return "missing or wrong tokenizer_hash or vocab_size"
+    if kind == "sft" and not (_count(meta.get("max_len")) and isinstance(meta.get("system_prompt", ""), str)):
+        return "missing or wrong max_len or system_prompt"
+    if not isinstance(meta.get("skipped", {}), dict):
+        return "skipped is not an object"
     need = ("documents", "tokens", "bytes", "shards" if kind == "pretrain" else "loss_tokens")
     splits = meta.get("splits")
     for split in SPLITS:
         s = splits.get(split) if isinstance(splits, dict) else None
         if not isinstance(s, dict) or any(k not in s for k in need):
             return f"split {split!r} is missing or lacks one of {', '.join(need)}"
+        shards = s.get("shards", [])
+        if not (all(_count(s[k]) for k in need if k != "shards") and isinstance(shards, list) and all(
+                isinstance(x, dict) and isinstance(x.get("file"), str) and _count(x.get("tokens")) for x in shards)):
+            return f"split {split!r} has counts that are not whole numbers"
     return None
+
+
+def _count(value: Any) -> bool:
+    return type(value) is int and value >= 0
 
 
 def _split_folder(data_dir: str | Path, meta: dict[str, Any], split: str) -> Path:
@@ -78,6 +89,21 @@ def _memmap(path: Path, dtype: str, count: int) -> np.memmap:
     if not path.is_file() or path.stat().st_size != expected:
         raise TinykError(f"{path} is missing or not {expected} bytes as meta.json says (re-run tinyk data)")
     return np.memmap(path, dtype=dtype, mode="r", shape=(count,))
+
+
+def check_files(data_dir: str | Path, meta: dict[str, Any]) -> None:
+    """Every file meta.json names is there, of the size it says (what `tinyk data info` vouches for)."""
+    for split in SPLITS:
+        s, folder = meta["splits"][split], Path(data_dir) / split
+        if not s["tokens"]:
+            continue
+        if meta["kind"] == "pretrain":
+            for shard in s["shards"]:
+                _memmap(folder / shard["file"], meta["dtype"], shard["tokens"])
+        else:
+            _memmap(folder / "tokens.bin", meta["dtype"], s["tokens"])
+            _memmap(folder / "mask.bin", "uint8", s["tokens"])
+            _load_offsets(folder / "offsets.npy", s["documents"], s["tokens"])
 
 
 def _load_offsets(path: Path, documents: int, tokens: int) -> np.ndarray:

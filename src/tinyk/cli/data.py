@@ -84,9 +84,10 @@ def _sft(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from tinyk.loader import open_dataset
+    from tinyk.loader import check_files, open_dataset
 
     meta = open_dataset(args.path)
+    check_files(args.path, meta)
     print(json.dumps(meta, ensure_ascii=False, indent=2) if args.json else _summary(meta))
     return 0
 
