@@ -330,6 +330,18 @@ def test_only_temporaries_of_dead_processes_on_this_machine_are_removed(tmp_path
     assert remove_stale_temps(tmp_path / "out") == []
 
 
+def test_an_output_moved_aside_by_a_killed_replace_is_put_back(tmp_path):
+    """Killed between moving the old output aside and the new one in, a --force run leaves only the
+    old one under its `.old-` name: the next run puts it back rather than deleting it with the leftovers."""
+    old = tmp_path / f".out.old-{_host()}-{dead_pid()}"
+    old.mkdir()
+    (old / "model.bin").write_bytes(b"weights")
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "out", force=True):
+        raise RuntimeError("the new output fails to build")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert (tmp_path / "out" / "model.bin").read_bytes() == b"weights"
+
+
 def test_an_output_name_near_the_filesystem_limit_gets_legal_temporaries(tmp_path, corpus_file):
     """A name of 250 bytes is legal; `.{name}.tmp-{host}-{pid}-XXXX` beside it would not be."""
     name = "语料" * 20 + "x" * 130  # 250 bytes

@@ -656,8 +656,8 @@ def _pid_running(pid: int) -> bool:
 
 def remove_stale_temps(out: str | Path) -> list[Path]:
     """Removes what a killed `atomic_dir` left beside `out`: `.{name}.tmp-{host}-{pid}-XXXX` and
-    `.{name}.old-{host}-{pid}` directories made on this machine by a process that no longer runs.
-    Returns what was removed.
+    `.{name}.old-{host}-{pid}` directories made on this machine by a process that no longer runs; an
+    `.old-` one is put back instead when `out` itself is missing. Returns what was removed.
 
     Anything else is left alone: a directory whose process is alive, one made on another machine
     sharing the filesystem, and temporaries named by older versions, whose owner cannot be told.
@@ -675,7 +675,12 @@ def remove_stale_temps(out: str | Path) -> list[Path]:
         if not m:
             continue
         pid = int(m.group(1) or m.group(2))
-        if pid <= 0 or pid == os.getpid() or _pid_running(pid) or p.is_symlink() or not p.is_dir():
+        if pid <= 0 or pid == os.getpid() or _pid_running(pid):
+            continue
+        if m.group(2) and not (out.exists() or out.is_symlink()):
+            os.replace(p, out)  # killed between moving the old output aside and the new one in: it goes back
+            continue
+        if p.is_symlink() or not p.is_dir():
             continue
         shutil.rmtree(p, ignore_errors=True)
         removed.append(p)
