@@ -36,6 +36,13 @@ def test_input_that_is_not_a_file(tmp_path, capsys):
     assert code == 2 and "input is not a file" in err
 
 
+def test_an_output_under_a_file_is_one_line(tmp_path, corpus_file, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    code, err = run_cli(["tokenizer", "train", str(corpus_file), "--out", str(tmp_path / "notes.txt" / "tok")], capsys)
+    assert code == 2 and err == (f"tinyk: error: output {tmp_path / 'notes.txt' / 'tok'}: {tmp_path / 'notes.txt'} "
+                                 f"is a file, not a directory\n")
+
+
 def test_an_input_given_twice_is_refused(tmp_path, corpus_file, capsys):
     """Its documents would be counted twice and land in both the train and the validation split."""
     link = tmp_path / "same.jsonl"

@@ -561,6 +561,9 @@ def atomic_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path
             raise TinykError(f"{out} exists and is not {what}, so it is not replaced (it holds "
                              f"{', '.join(held[:3])}{', ...' if len(held) > 3 else ''}); remove it yourself or "
                              "choose another path")
+    nearest = next(a for a in out.parents if a.exists() or a.is_symlink())
+    if not nearest.is_dir():
+        raise TinykError(f"output {out}: {nearest} is a file, not a directory")
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{_stem(out.name)}.tmp-{_owner()}-", dir=out.parent))
