@@ -287,6 +287,14 @@ def test_cli_train_and_eval(tmp_path, corpus_file, capsys):
     with pytest.raises(SystemExit) as e:
         main(["tokenizer", "eval", str(tmp_path / "t"), "--input", str(other), "--field", "content", "--json"])
     assert e.value.code == 0 and json.loads(capsys.readouterr().out)["documents"] == 1
+    with pytest.raises(TinykError, match="no document fits in the first 10 bytes of the input \\(raise --max-bytes\\)"):
+        eval_tokenizer(tmp_path / "t", [corpus_file], max_bytes=10)
+
+
+def test_an_nfkc_tokenizer_is_lossy_by_design_not_broken(nfkc_dir, corpus_file, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["tokenizer", "eval", str(nfkc_dir), "--input", str(corpus_file)])
+    assert e.value.code == 0 and "round trip      not exact, by design (NFKC normalisation)" in capsys.readouterr().out
 
 
 def test_a_vocabulary_smaller_than_asked_is_noted(tmp_path, capsys):

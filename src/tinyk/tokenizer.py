@@ -504,6 +504,8 @@ def eval_tokenizer(path: str | Path, inputs: list[str | Path] | None = None, *,
         chars += len(t)
         nbytes += len(t.encode("utf-8"))
         ntok += len(ids)
+    if inputs and docs == 0 and skips.stopped_at is not None:
+        raise TinykError(f"no document fits in the first {max_bytes:,} bytes of the input (raise --max-bytes)")
     if inputs and docs == 0:
         raise TinykError(f"no usable documents in the sample to measure ({skips.summary()})")
     fixed_ok = all(tk.decode(tk.encode(s)) == s for s in samples)
@@ -513,6 +515,7 @@ def eval_tokenizer(path: str | Path, inputs: list[str | Path] | None = None, *,
         "special_ids": {name: tk.tok.token_to_id(name) for name in SPECIAL_TOKENS},
         "bos": "<|im_start|>", "eos": "<|im_end|>", "pad": "<|im_end|>",
         "roundtrip_ok": fixed_ok and failures == 0,
+        "normalizes": tk.tok.normalizer is not None,  # NFKC: full-width text comes back half-width, by design
         "roundtrip_failures": failures,
         "documents": docs,
         "skipped": skips.to_json(),
