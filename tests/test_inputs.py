@@ -489,7 +489,8 @@ def test_sigterm_stops_data_preparation_like_ctrl_c(tmp_path, tok_dir, capsys, m
     ("pretrain", [{"text": "第一条"}, {"text": "第二条"}]),
     ("pretrain", [{"content": "第一条"}, {"content": "第二条"}]),  # a message's key, but pretraining has no lists
     ("sft", [{"conversations": [{"from": "human", "value": "你好"}, {"from": "assistant", "value": "你好！"}]}] * 2),
-], ids=["text", "content", "sft"])
+    ("sft", [[{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"}]] * 2),  # the seed's
+], ids=["text", "content", "sft", "seed conversations"])
 @pytest.mark.parametrize("layout", ["indented", "one line", "one long line"])
 def test_a_json_array_of_records_is_named_with_the_way_out(tmp_path, tok_dir, capsys, stage, records, layout):
     """json.dump of a list, pretty-printed or on one line (even one too long to read as a line), is not

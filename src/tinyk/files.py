@@ -399,9 +399,10 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
 
 
 # Where a line may be a list of chat messages ([{"role": ...}, ...], one conversation in the seed's SFT
-# format), an array of records is one whose first object starts with a key no message has.
+# format), an array of records is one whose first object starts with a key no message has, or an array
+# of such conversations.
 _ARRAY = re.compile(rb'\s*\[')
-_ARRAY_OF_RECORDS = re.compile(rb'\s*\[\s*\{\s*(\}|"(?!(?:role|content|from|value)"))')
+_ARRAY_OF_RECORDS = re.compile(rb'\s*\[\s*(\[|\{\s*(\}|"(?!(?:role|content|from|value)")))')
 _STRINGS = re.compile(rb'\s*\[\s*"')  # an array of strings: the jq line makes them records
 
 
