@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from tinyk.checkpoint import load_model
 from tinyk.cli import main
+from tinyk.data import prepare_pretrain
 from tinyk.evaluate import (
     ChoiceQuestion,
     choice_continuations,
@@ -27,6 +28,7 @@ from tinyk.evaluate import (
     table_rows,
 )
 from tinyk.files import Skips, TinykError
+from tinyk.tokenizer import train_tokenizer
 
 QUESTIONS = [
     ("中国的首都是哪里？", ["北京", "上海", "广州", "深圳"]),
@@ -127,20 +129,32 @@ def test_choice_refuses_bad_inputs(tmp_path, nano):
         eval_choice(model, tok, [bad], fmt="mmlu")
 
 
-def test_every_input_is_checked_before_the_model_loads(tmp_path, pretrain_data):
-    """A mistake in the last mode must not cost the minutes the first ones take: here the model does
-    not even exist, and each mistake is still what is reported."""
-    no_model = tmp_path / "no-model"
+def test_every_input_is_checked_before_the_model_loads(tmp_path, nano_model_dir, pretrain_data, corpus_file,
+                                                        monkeypatch):
+    """A mistake in the last mode must not cost the minutes the first ones take: each is reported
+    before the model's weights are loaded."""
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("tinyk.checkpoint.load_model", never)
+    other_tok = tmp_path / "other-tok"
+    train_tokenizer([corpus_file], other_tok, vocab_size=300, show_progress=False)
+    prepare_pretrain([corpus_file], other_tok, tmp_path / "other-data", val_fraction=0.0, workers=1,
+                     show_progress=False)
+    with pytest.raises(TinykError, match="the val split of .* is empty"):
+        evaluate(nano_model_dir, data=[tmp_path / "other-data"])
+    with pytest.raises(TinykError, match="prepared with a different tokenizer than the model"):
+        evaluate(nano_model_dir, data=[tmp_path / "other-data"], split="train")
     with pytest.raises(TinykError, match="multiple-choice path not found"):
-        evaluate(no_model, data=[pretrain_data], choice=[tmp_path / "nope"])
+        evaluate(nano_model_dir, data=[pretrain_data], choice=[tmp_path / "nope"])
     with pytest.raises(TinykError, match="has no split 'test'"):
-        evaluate(no_model, data=[pretrain_data], split="test")
+        evaluate(nano_model_dir, data=[pretrain_data], split="test")
     gbk = tmp_path / "gbk_val.csv"
     gbk.write_bytes("id,question,A,B,answer\n1,天上,太阳,月亮,A\n".encode("gbk"))
     with pytest.raises(TinykError, match="not UTF-8 text"):
-        evaluate(no_model, data=[pretrain_data], choice=[gbk])
+        evaluate(nano_model_dir, data=[pretrain_data], choice=[gbk])
     with pytest.raises(TinykError, match="--quantize int8 applies to --task answers"):
-        evaluate(no_model, choice=[gbk], quantize="int8")
+        evaluate(nano_model_dir, choice=[gbk], quantize="int8")
 
 
 def test_a_csv_reached_twice_is_read_once_and_limit_is_per_subject(tmp_path):

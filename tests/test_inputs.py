@@ -340,6 +340,10 @@ def test_an_output_moved_aside_by_a_killed_replace_is_put_back(tmp_path):
         raise RuntimeError("the new output fails to build")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert (tmp_path / "out" / "model.bin").read_bytes() == b"weights"
+    (tmp_path / "out").rename(old)  # and a run without --force, once it is back, does not replace it
+    with pytest.raises(TinykError, match="output directory exists"), atomic_dir(tmp_path / "out"):
+        pass
+    assert (tmp_path / "out" / "model.bin").read_bytes() == b"weights" and not old.exists()
 
 
 def test_an_output_name_near_the_filesystem_limit_gets_legal_temporaries(tmp_path, corpus_file):

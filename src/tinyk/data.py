@@ -228,7 +228,7 @@ def _encode_sft(job: _Job, convs: list[tuple[str, list[dict[str, str]]]]) -> _En
 
     The mask is 1 on assistant content and the <|im_end|> that closes each assistant turn, built from
     the template's pieces rather than token ids. Too-long conversations end after the last
-    assistant turn that fits and has something to learn, or mid-turn when none does.
+    assistant turn that fits, or mid-turn when none does.
     """
     chats = encode_chat(_tokenizer(job.tokenizer_json), [msgs for _, msgs in convs])
     toks, masks, lengths, nbytes, skipped = [], [], [], [], []
@@ -237,8 +237,7 @@ def _encode_sft(job: _Job, convs: list[tuple[str, list[dict[str, str]]]]) -> _En
         mask = np.asarray(chat.flags, np.uint8)
         cut, how = len(chat.ids), None
         if cut > job.max_len:
-            # A turn end that keeps something to learn (an empty reply before it teaches nothing).
-            fits = [n for n in chat.turn_ends if n <= job.max_len and mask[1:n].any()]
+            fits = [n for n in chat.turn_ends if n <= job.max_len]  # ends of learnable (non-empty) replies
             cut, how = (fits[-1], "at_turn") if fits else (job.max_len, "mid_turn")
         if not mask[1:cut].any():  # dropped, so counted as skipped only
             skipped.append(("prompt_too_long", where))

@@ -40,13 +40,19 @@ CHOICE_FORMATS = ("cloze", "letter")
 
 # ---------------------------------------------------------------- data: loss, perplexity, bits per byte
 
-def _open_split(data_dir: str | Path, split: str) -> dict[str, Any]:
-    """A prepared data directory's meta, once it is known to have `split`."""
+def _open_split(data_dir: str | Path, split: str, model_dir: str | Path) -> dict[str, Any]:
+    """A prepared data directory's meta, once it is known to have tokens in `split`, tokenized with
+    the model's tokenizer."""
     from .data import open_dataset
 
     meta = open_dataset(data_dir)
     if split not in meta["splits"]:
         raise TinykError(f"{data_dir} has no split {split!r} (has {', '.join(meta['splits'])})")
+    if not meta["splits"][split]["tokens"]:
+        raise TinykError(f"the {split} split of {data_dir} is empty")
+    if not same_tokenizer(meta["tokenizer_hash"], model_dir):
+        raise TinykError(f"{data_dir} was prepared with a different tokenizer than the model {model_dir} "
+                         f"(tokenizer hash {meta['tokenizer_hash']} vs {tokenizer_hash(model_dir)})")
     return meta
 
 
@@ -60,10 +66,7 @@ def eval_data(model: Transformer, model_dir: str | Path, data_dir: str | Path, *
     from .tokenizer import load_tokenizer
     from .train import eval_sums
 
-    meta = _open_split(data_dir, split)
-    if not same_tokenizer(meta["tokenizer_hash"], model_dir):
-        raise TinykError(f"{data_dir} was prepared with a different tokenizer than the model {model_dir} "
-                         f"(tokenizer hash {meta['tokenizer_hash']} vs {tokenizer_hash(model_dir)})")
+    meta = _open_split(data_dir, split, model_dir)
     ctx = model.config.max_seq_len
     asked = seq_len
     seq_len = min(seq_len or meta.get("max_len") or ctx, ctx)  # SFT data records its max_len
@@ -380,7 +383,7 @@ def evaluate(model_dir: str | Path, *, data: Iterable[str | Path] = (), tasks: I
     # Every input is checked before the model loads and any mode runs: a mistake in the last one
     # must not throw away the minutes the first ones took.
     for d in data:
-        _open_split(d, split)
+        _open_split(d, split, model_dir)
     for t in tasks:
         if Path(t).is_dir():
             raise TinykError(f"task file {t} is a directory; give a JSONL file of chats")

@@ -551,6 +551,10 @@ def atomic_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path
     if out.name in ("", ".", ".."):
         raise TinykError(f"output directory {str(out)!r} must be named (e.g. data/pretrain), not '.' or '..'")
     check_output(out, inputs)
+    nearest = next(a for a in out.parents if a.exists() or a.is_symlink())
+    if not nearest.is_dir():
+        raise TinykError(f"output {out}: {nearest} is a file, not a directory")
+    remove_stale_temps(out)  # first: an output a killed replace had moved aside is back, and checked below
     if (out.exists() or out.is_symlink()) and not force:
         raise TinykError(f"output directory exists: {out} (use --force to replace it)")
     if out.exists() and replaces is not None:
@@ -562,11 +566,7 @@ def atomic_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path
             raise TinykError(f"{out} exists and is not {what}, so it is not replaced (it holds "
                              f"{', '.join(held[:3])}{', ...' if len(held) > 3 else ''}); remove it yourself or "
                              "choose another path")
-    nearest = next(a for a in out.parents if a.exists() or a.is_symlink())
-    if not nearest.is_dir():
-        raise TinykError(f"output {out}: {nearest} is a file, not a directory")
     out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{_stem(out.name)}.tmp-{_owner()}-", dir=out.parent))
     try:
         yield tmp
@@ -682,7 +682,8 @@ def remove_stale_temps(out: str | Path) -> list[Path]:
         if pid <= 0 or pid == os.getpid() or _pid_running(pid):
             continue
         if m.group(2) and not (out.exists() or out.is_symlink()):
-            os.replace(p, out)  # killed between moving the old output aside and the new one in: it goes back
+            with contextlib.suppress(OSError):  # another process may be cleaning up too
+                os.replace(p, out)  # killed between moving the old output aside and the new one in: it goes back
             continue
         if p.is_symlink() or not p.is_dir():
             continue

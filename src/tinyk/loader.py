@@ -55,7 +55,7 @@ def _meta_problem(meta: Any) -> str | None:
         return f"unknown dtype {meta.get('dtype')!r}"
     if not isinstance(meta.get("tokenizer_hash"), str) or not _count(meta.get("vocab_size")):
         return "missing or wrong tokenizer_hash or vocab_size"
-    if kind == "sft" and not (_count(meta.get("max_len")) and isinstance(meta.get("system_prompt", ""), str)):
+    if kind == "sft" and not (_count(meta.get("max_len")) and isinstance(meta.get("system_prompt") or "", str)):
         return "missing or wrong max_len or system_prompt"
     if not isinstance(meta.get("skipped", {}), dict):
         return "skipped is not an object"

@@ -823,9 +823,6 @@ class Trainer:
             tok = load_tokenizer(self.tok_dir)
         except TinykError as e:
             raise self._weights_error(e) from None
-        given = Path(cfg.tokenizer) if self.resumed_from and cfg.tokenizer else None
-        if given is not None and given.is_dir() and tokenizer_hash(given) != tokenizer_hash(self.tok_dir):
-            raise TinykError(f"tokenizer {given} is not the one the run in {self.out} was trained with")
         # What the model directories record: SFT data's system prompt (the default for data made before
         # tinyk recorded it), else what the tokenizer or --init model carries.
         self.system_prompt = (self.meta.get("system_prompt", DEFAULT_SYSTEM_PROMPT) or None) \
@@ -1462,7 +1459,8 @@ class Trainer:
             self.monitor.log_train(self._train_record(loss, rate, grad_norm.item(), skipped))
         self.window_loss.zero_()
         self.window_skipped.zero_()
-        self.window_steps, self._window_t0, self._window_tokens0 = 0, now, p.tokens
+        # From after the logging (which may re-time a CPU's peak): a window's tokens/s is training speed alone.
+        self.window_steps, self._window_t0, self._window_tokens0 = 0, time.perf_counter(), p.tokens
         return loss
 
     def _check_finite(self, loss: float, name: str) -> None:
