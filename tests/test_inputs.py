@@ -324,9 +324,10 @@ def test_only_temporaries_of_dead_processes_on_this_machine_are_removed(tmp_path
         (tmp_path / name / "data.bin").write_bytes(b"x" * 100)
     (tmp_path / f".out.tmp-{host}-{dead}-afile").write_text("a file, not ours")
     keep.append(f".out.tmp-{host}-{dead}-afile")
-    with atomic_dir(tmp_path / "out") as tmp:
+    with atomic_dir(tmp_path / "out", force=True) as tmp:  # the dead .old- one is put back, then replaced
         (tmp / "f").write_text("x")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*keep, "out"])
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["f"]
     assert remove_stale_temps(tmp_path / "out") == []
 
 
