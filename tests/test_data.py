@@ -625,6 +625,28 @@ def test_sft_truncates_at_a_turn_boundary_when_possible(tmp_path, tok_dir):
     assert len(ids) == max_len and mask[-5:].all() and not mask[:-5].any()  # the empty reply learns nothing
 
 
+def test_a_huge_message_is_tokenized_only_as_far_as_max_len_reaches(tmp_path, tok_dir, monkeypatch):
+    """Only what `--max-len` keeps is tokenized (a 7.6 MB reply took 1.5 GB to encode), and cutting the
+    text changes no kept token or mask bit, even inside one 60,000-character pre-token."""
+    from tinyk import data
+
+    convs = [[{"role": "user", "content": "写"}, {"role": "assistant", "content": CHINESE * 400},
+              {"role": "user", "content": "再写"}, {"role": "assistant", "content": "好"}],
+             [{"role": "user", "content": "啊" * 60_000}, {"role": "assistant", "content": "嗯"}],
+             [{"role": "user", "content": "说"}, {"role": "assistant", "content": "啊" * 60_000}]]
+    src = write_jsonl(tmp_path / "s.jsonl", convs, field=None)
+    seen = []
+    clipped = data._clipped
+    monkeypatch.setattr(data, "_clipped", lambda msgs, chars: seen.append(clipped(msgs, chars)) or seen[-1])
+    meta = prepare_sft([src], tok_dir, tmp_path / "cut", max_len=64, val_fraction=0.0, **QUIET)
+    assert max(len(m["content"]) for conv in seen for m in conv) < 10_000 and len(seen[0]) == 3  # + system
+    monkeypatch.setattr(data, "_clipped", lambda msgs, chars: msgs)
+    whole = prepare_sft([src], tok_dir, tmp_path / "whole", max_len=64, val_fraction=0.0, **QUIET)
+    assert {k: v for k, v in meta.items() if k != "command"} == {k: v for k, v in whole.items() if k != "command"}
+    for (ids, mask), (ids2, mask2) in zip(sft_split(tmp_path / "cut"), sft_split(tmp_path / "whole"), strict=True):
+        assert np.array_equal(ids, ids2) and np.array_equal(mask, mask2)
+
+
 # ---------------------------------------------------------------- loaders
 
 

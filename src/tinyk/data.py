@@ -716,9 +716,13 @@ def prepare_sft(inputs: list[str | Path], tokenizer_dir: str | Path, out: str | 
     nworkers = _check_common(val_fraction, workers, max_line_bytes)
     if max_len < 8:
         raise TinykError(f"--max-len must be at least 8 tokens, got {max_len}")
+    tok = load_tokenizer(tokenizer_dir)
     if isinstance(system_prompt, ModelPrompt):
-        system_prompt = load_tokenizer(tokenizer_dir).system_prompt
+        system_prompt = tok.system_prompt
     system_prompt = system_prompt or ""  # recorded, and in the command to rerun, as '' for none
+    # A message this many characters long holds more than twice max_len tokens, so the conversation is
+    # cut well inside it: the rest is never tokenized (a megabyte-long reply took gigabytes to encode).
+    clip = 2 * max_len * tok.max_token_bytes
 
     def conversations(skips: Skips) -> Iterator[tuple[str, list[dict[str, str]]]]:
         for where, rec in iter_records(paths, skips, max_line_bytes=max_line_bytes, message_lists=True):
@@ -726,7 +730,7 @@ def prepare_sft(inputs: list[str | Path], tokenizer_dir: str | Path, out: str | 
             if isinstance(conv, str):
                 skips.add(conv, where)
             else:
-                yield where, conv
+                yield where, _clipped(conv, clip)
 
     def chars(conv: tuple[str, list[dict[str, str]]]) -> int:
         return sum(len(m["content"]) for m in conv[1])
@@ -739,6 +743,16 @@ def prepare_sft(inputs: list[str | Path], tokenizer_dir: str | Path, out: str | 
                     meta_extra={"max_len": max_len, "system_prompt": system_prompt},
                     command=_command("sft", paths, tokenizer_dir, out, options), val_fraction=val_fraction,
                     seed=seed, workers=nworkers, force=force, strict=strict, show_progress=show_progress)
+
+
+def _clipped(messages: list[dict[str, str]], chars: int) -> list[dict[str, str]]:
+    """The conversation up to and including the first message longer than `chars`, cut to that length."""
+    out = []
+    for m in messages:
+        if len(m["content"]) > chars:
+            return [*out, {**m, "content": m["content"][:chars]}]
+        out.append(m)
+    return out
 
 
 def skips_summary(skipped: dict[str, Any]) -> str:
