@@ -77,6 +77,7 @@ CHAT_TEMPLATE = chat_template(DEFAULT_SYSTEM_PROMPT)
 CHAT_ROLES = ("system", "user", "assistant")
 SYSTEM_ROLES = ("system", "developer")  # OpenAI's newer name for the system role
 NOT_UTF8 = "the text is not valid UTF-8 (convert it first, e.g. iconv -f gbk -t utf-8)"
+TRAIN_PIECE_CHARS = 4000  # the longest text the BPE trainer is given at once (see train_tokenizer)
 MAX_VOCAB = 1_000_000  # far above any small LLM's; the trainer would try to allocate for whatever it is given
 
 
@@ -457,7 +458,11 @@ def train_tokenizer(inputs: list[str | Path], out: str | Path, *, vocab_size: in
         for t in iter_texts(paths, skips, field_name=field_name, max_bytes=max_bytes):
             stats["documents"] += 1
             stats["characters"] += len(t)
-            yield t
+            # The BPE trainer slows with the square of a pre-token's length (a 20,000-character run of
+            # Chinese without punctuation took 2.3 s, in pieces 0.3 s): long documents go in pieces,
+            # which splits one word in thousands.
+            for i in range(0, len(t), TRAIN_PIECE_CHARS):
+                yield t[i:i + TRAIN_PIECE_CHARS]
 
     t0 = time.time()
     with atomic_dir(out, force=force, inputs=paths, replaces=("a tinyk tokenizer", _is_tokenizer_output)) as tmp:
