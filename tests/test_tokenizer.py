@@ -167,6 +167,22 @@ def test_fullwidth_punctuation_survives_by_default(tk, nfkc_dir):
     assert load_tokenizer(nfkc_dir).decode(load_tokenizer(nfkc_dir).encode(s)) == "你好,世界!真的吗?(是的)"
 
 
+def test_long_documents_reach_the_bpe_trainer_in_pieces(tmp_path, monkeypatch):
+    """The trainer slows with the square of a word's length; a document is still one document."""
+    from tinyk import tokenizer as tk_module
+
+    real, given = tk_module._train_interruptibly, []
+
+    def recording(tok, texts, trainer):
+        return real(tok, (given.append(len(t)) or t for t in texts), trainer)
+
+    monkeypatch.setattr(tk_module, "_train_interruptibly", recording)
+    src = tmp_path / "run.jsonl"
+    src.write_text(json.dumps({"text": "啊" * 10_001}, ensure_ascii=False) + "\n", encoding="utf-8")
+    r = train_tokenizer([src], tmp_path / "tok", vocab_size=300, show_progress=False)
+    assert given == [4000, 4000, 2001] and r["documents"] == 1 and r["characters"] == 10_001
+
+
 def test_max_bytes_streams_a_prefix(tmp_path):
     line = json.dumps({"text": "数据流式读取测试。" * 20}, ensure_ascii=False) + "\n"
     big = tmp_path / "big.jsonl"
