@@ -171,14 +171,17 @@ def test_bad_records_are_skipped_counted_and_located(tmp_path, tok_dir):
     assert peak < 40 * 2**20, f"a 50 MB line must not be held whole (peak {peak / 2**20:.0f} MiB)"
     sk = meta["skipped"]
     assert sk["by_reason"] == {"malformed_json": 3, "missing_field": 2, "not_string": 1, "empty": 1,
-                               "invalid_utf8": 3, "line_too_long": 1}
+                               "invalid_utf8": 1, "lone_surrogate": 2, "line_too_long": 1}
     assert sk["first"]["malformed_json"] == ["bad.jsonl:2", "bad.jsonl:10", "bad.jsonl:12"]
     assert sk["first"]["missing_field"] == ["bad.jsonl:3", "bad.jsonl:8"]
     assert sk["hints"] == {"missing_field": "no field 'text', the first such record has fields 'title'; --field "
-                                            "names the one with the text"}
+                                            "names the one with the text",
+                           "lone_surrogate": "a \\ud800-\\udfff escape without its pair is no text; fix the "
+                                             "program that wrote it"}
     assert sk["hints"]["missing_field"] in skips_summary(sk)  # as `tinyk data` prints it
     assert sk["first"]["line_too_long"] == ["bad.jsonl:7"]
-    assert sk["first"]["invalid_utf8"] == ["bad.jsonl:6", "bad.jsonl:11", "bad.jsonl:14"]
+    assert sk["first"]["invalid_utf8"] == ["bad.jsonl:6"]
+    assert sk["first"]["lone_surrogate"] == ["bad.jsonl:11", "bad.jsonl:14"]
     assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 3
     assert bad.stat().st_size > 50 * 2**20  # input untouched
 

@@ -393,7 +393,8 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
                 skips.add("malformed_json", where)
                 continue
             if _SURROGATE_ESCAPE.search(s) and has_surrogate(rec):
-                skips.add("invalid_utf8", where)  # an escaped lone surrogate: no UTF-8 text holds one
+                skips.add("lone_surrogate", where, "a \\ud800-\\udfff escape without its pair is no text; fix the "
+                                                   "program that wrote it")
                 continue
             yield where, rec
 
