@@ -47,6 +47,7 @@ from .tokenizer import (
     IM_START_ID,
     MODEL_PROMPT,
     ModelPrompt,
+    TinyTokenizer,
     encode_chat,
     load_tokenizer,
     plain_text_tokenizer,
@@ -552,7 +553,7 @@ def _is_data_dir(path: Path) -> bool:
     return True
 
 
-def _prepare(kind: str, paths: list[Path], tokenizer_dir: str | Path, out: str | Path, *,
+def _prepare(kind: str, paths: list[Path], tok: TinyTokenizer, out: str | Path, *,
              records: Callable[[Skips], Iterator[Any]], size: Callable[[Any], int], batch_chars: int,
              job_extra: dict[str, Any],
              make_writer: Callable[[Path], _SplitWriter], meta_extra: dict[str, Any], command: str,
@@ -561,7 +562,7 @@ def _prepare(kind: str, paths: list[Path], tokenizer_dir: str | Path, out: str |
     """The shared pipeline: read -> batch -> tokenize in order -> split -> write -> meta.json."""
     from tqdm import tqdm
 
-    tok = load_tokenizer(tokenizer_dir)
+    tokenizer_dir = tok.path
     dtype = token_dtype(tok.vocab_size)
     job = _Job(kind, str(Path(tokenizer_dir) / "tokenizer.json"), dtype.name, **job_extra)
     skips = Skips(strict=strict)
@@ -633,7 +634,7 @@ def prepare_pretrain(inputs: list[str | Path], tokenizer_dir: str | Path, out: s
 
     options = {"field": field, "val_fraction": val_fraction, "seed": seed, "shard_tokens": shard_tokens,
                **_line_cap(max_line_bytes)}
-    return _prepare("pretrain", paths, tokenizer_dir, out, records=records, size=len, batch_chars=batch_chars,
+    return _prepare("pretrain", paths, load_tokenizer(tokenizer_dir), out, records=records, size=len, batch_chars=batch_chars,
                     job_extra={},
                     make_writer=lambda d: _ShardWriter(d, shard_tokens), meta_extra={"field": field},
                     command=_command("pretrain", paths, tokenizer_dir, out, options), val_fraction=val_fraction,
@@ -737,7 +738,7 @@ def prepare_sft(inputs: list[str | Path], tokenizer_dir: str | Path, out: str | 
 
     options = {"max_len": max_len, "system_prompt": system_prompt, "val_fraction": val_fraction, "seed": seed,
                **_line_cap(max_line_bytes)}
-    return _prepare("sft", paths, tokenizer_dir, out, records=conversations, size=chars, batch_chars=batch_chars,
+    return _prepare("sft", paths, tok, out, records=conversations, size=chars, batch_chars=batch_chars,
                     job_extra={"max_len": max_len},
                     make_writer=_ConversationWriter,
                     meta_extra={"max_len": max_len, "system_prompt": system_prompt},
