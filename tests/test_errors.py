@@ -36,11 +36,17 @@ def test_input_that_is_not_a_file(tmp_path, capsys):
     assert code == 2 and "input is not a file" in err
 
 
-def test_an_output_under_a_file_is_one_line(tmp_path, corpus_file, capsys):
-    (tmp_path / "notes.txt").write_text("mine")
-    code, err = run_cli(["tokenizer", "train", str(corpus_file), "--out", str(tmp_path / "notes.txt" / "tok")], capsys)
-    assert code == 2 and err == (f"tinyk: error: output {tmp_path / 'notes.txt' / 'tok'}: {tmp_path / 'notes.txt'} "
-                                 f"is a file, not a directory\n")
+def test_an_output_under_a_file_is_one_line(tmp_path, corpus_file, pt_data, tok_dir, capsys):
+    """Every command's output, a tokenizer, a training run or eval results, says what is wrong."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    for args, out in ((["tokenizer", "train", str(corpus_file)], notes / "tok"),
+                      (["pretrain", "--preset", "nano", "--data", str(pt_data), "--tokenizer", str(tok_dir)],
+                       notes / "run"),
+                      (["eval", "--model", str(tmp_path / "m"), "--data", str(pt_data)], notes / "r.json")):
+        code, err = run_cli([*args, "--out", str(out)], capsys)
+        assert code == 2 and err == f"tinyk: error: --out {out}: {notes} is a file, not a directory\n"
+    assert notes.read_text() == "mine"
 
 
 def test_an_input_given_twice_is_refused(tmp_path, corpus_file, capsys):

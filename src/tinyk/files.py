@@ -499,7 +499,8 @@ def iter_texts(paths: list[Path], skips: Skips, *, field_name: str = "text", **k
 
 def check_output(out: str | Path, inputs: Iterable[str | Path | None], flag: str = "--out") -> None:
     """Refuses an output path that is an input, holds one, or lies inside an input directory:
-    writing there (or --force replacing it) would destroy or change what the output is made from."""
+    writing there (or --force replacing it) would destroy or change what the output is made from.
+    Also one under a file, which no directory can be made in."""
     o = Path(out).resolve()
     for i in inputs:
         if i is None:
@@ -509,6 +510,9 @@ def check_output(out: str | Path, inputs: Iterable[str | Path | None], flag: str
             raise TinykError(f"{flag} {out} would replace the input {i}; choose another output path")
         if p in o.parents:
             raise TinykError(f"{flag} {out} lies inside the input {i}; inputs are never written to")
+    nearest = next(a for a in Path(out).parents if a.exists() or a.is_symlink())
+    if not nearest.is_dir():
+        raise TinykError(f"{flag} {out}: {nearest} is a file, not a directory")
 
 
 def check_output_file(out: str, inputs: Iterable[str | Path | None], *, force: bool, flag: str = "--out",
@@ -552,9 +556,6 @@ def atomic_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path
     if out.name in ("", ".", ".."):
         raise TinykError(f"output directory {str(out)!r} must be named (e.g. data/pretrain), not '.' or '..'")
     check_output(out, inputs)
-    nearest = next(a for a in out.parents if a.exists() or a.is_symlink())
-    if not nearest.is_dir():
-        raise TinykError(f"output {out}: {nearest} is a file, not a directory")
     remove_stale_temps(out)  # first: an output a killed replace had moved aside is back, and checked below
     if (out.exists() or out.is_symlink()) and not force:
         raise TinykError(f"output directory exists: {out} (use --force to replace it)")
