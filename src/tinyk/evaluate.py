@@ -333,11 +333,19 @@ def eval_choice(model: Transformer, tok: TinyTokenizer, paths: Iterable[str | Pa
 
     cloze normalises by the option's UTF-8 length so long options are not penalised.
     """
+    _check_choice_format(fmt)
+    paths, skips = list(paths), Skips()
+    return score_choice(model, tok, paths, read_choice(paths, skips, limit), skips, fmt=fmt, batch_size=batch_size)
+
+
+def _check_choice_format(fmt: str) -> None:
     if fmt not in CHOICE_FORMATS:
         raise TinykError(f"unknown multiple-choice format {fmt!r} (use {' or '.join(CHOICE_FORMATS)})")
-    paths = list(paths)
-    skips = Skips()
-    questions = read_choice(paths, skips, limit)
+
+
+def score_choice(model: Transformer, tok: TinyTokenizer, paths: list[str | Path], questions: list[ChoiceQuestion],
+                 skips: Skips, *, fmt: str, batch_size: int = 16) -> dict[str, Any]:
+    """`eval_choice` on questions already read (by `read_choice(paths, skips, ...)`)."""
     pairs, owners = [], []
     for qi, q in enumerate(questions):
         context, conts = choice_continuations(q, fmt)
@@ -390,7 +398,9 @@ def evaluate(model_dir: str | Path, *, data: Iterable[str | Path] = (), tasks: I
         if not Path(t).is_file():
             raise TinykError(f"task file not found: {t}")
     if choice:
-        read_choice(choice, Skips(), limit)
+        _check_choice_format(choice_format)
+        choice_skips = Skips()
+        questions = read_choice(choice, choice_skips, limit)
     from .engine import resolve_device
 
     model, tok = load_model(model_dir, device=resolve_device(device))
@@ -411,7 +421,8 @@ def evaluate(model_dir: str | Path, *, data: Iterable[str | Path] = (), tasks: I
         results["tasks"] = [eval_task(engine, t, batch_size=task_batch, max_new_tokens=max_new_tokens,
                                       limit=limit, system_prompt=system) for t in tasks]
     if choice:
-        results["choice"] = eval_choice(model, tok, choice, fmt=choice_format, limit=limit, batch_size=batch_size)
+        results["choice"] = score_choice(model, tok, choice, questions, choice_skips, fmt=choice_format,
+                                         batch_size=batch_size)
     return results
 
 
