@@ -224,14 +224,19 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32) -> tuple[Transformer, TinyTokenizer]:
     """Loads a model directory (weights via safetensors only) and its tokenizer."""
     path = Path(path)
-    cfg = load_config(path)
-    tok = load_tokenizer(path)
-    check_compatible(cfg, tok)
+    cfg, tok = _config_and_tokenizer(path)
     with _reading_weights(path):
         state = load_file(str(path / "model.safetensors"))
     model = _model_from_dir_state(path, cfg, state)
     model.activation_checkpointing = False
     return model.to(device=device, dtype=dtype).eval(), tok
+
+
+def _config_and_tokenizer(path: Path) -> tuple[ModelConfig, TinyTokenizer]:
+    """A model directory's config and tokenizer, checked to belong together."""
+    cfg, tok = load_config(path), load_tokenizer(path)
+    check_compatible(cfg, tok)
+    return cfg, tok
 
 
 @contextlib.contextmanager
@@ -274,8 +279,7 @@ def model_info(path: str | Path) -> dict[str, Any]:
     """What `tinyk model info` shows, after checking the weights file against config.json from its
     header alone (names, shapes and that the file holds all the bytes they need), without loading it."""
     path = Path(path)
-    cfg = load_config(path)
-    check_compatible(cfg, load_tokenizer(path))  # a directory other commands would refuse is refused here
+    cfg, _ = _config_and_tokenizer(path)  # a directory other commands would refuse is refused here
     with _reading_weights(path), safe_open(str(path / "model.safetensors"), "pt") as f:
         state = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
     n = _model_from_dir_state(path, cfg, state).num_params()
