@@ -416,7 +416,7 @@ def evaluate(model_dir: str | Path, *, data: Iterable[str | Path] = (), tasks: I
         # int8 weights serve decode steps of up to INT8_MAX_ROWS sequences (bf16 beyond), so to measure
         # what int8 costs the answers decode in batches that small.
         task_batch = min(batch_size, INT8_MAX_ROWS) if quantize == "int8" else batch_size
-        system = tok.system_prompt if system_prompt is None else (system_prompt or None)
+        system = tok.system_from_flag(system_prompt)
         engine = make_engine(model, tok, task_batch, quantize)
         results["tasks"] = [eval_task(engine, t, batch_size=task_batch, max_new_tokens=max_new_tokens,
                                       limit=limit, system_prompt=system) for t in tasks]

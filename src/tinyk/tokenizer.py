@@ -268,6 +268,10 @@ class TinyTokenizer:
         """What a `default_system` argument stands for: MODEL_PROMPT is this model's own prompt."""
         return self.system_prompt if isinstance(default_system, ModelPrompt) else default_system
 
+    def system_from_flag(self, flag: str | None) -> str | None:
+        """What a --system / --system-prompt flag asks for: absent, this model's own prompt; '' none."""
+        return self.system_prompt if flag is None else (flag or None)
+
 
 def tokenizer_hash(path: str | Path) -> str:
     """Identity of a tokenizer directory: a hash of what decides its ids and text (vocabulary, merges,

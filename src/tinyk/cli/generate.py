@@ -146,7 +146,7 @@ def _chat(args: argparse.Namespace) -> int:
         if not message:
             raise TinykError("no message on stdin (pipe in a message, or use --message TEXT)")
     engine = _engine(args, 1)
-    system = engine.tok.system_prompt if args.system is None else (args.system or None)
+    system = engine.tok.system_from_flag(args.system)
     if message is not None:
         chat_session(engine, params, [message], sys.stdout, system=system, prompt="", interactive=False)
         return 0
