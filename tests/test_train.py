@@ -1010,6 +1010,14 @@ def test_one_run_at_a_time_in_a_run_directory(tmp_path, pt_data, tok_dir):
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(TinykError, match="in use by another tinyk run"):
             train(nano_cfg(pt_data, tok_dir, out, max_steps=4), resume=True)
+        # The holder's rotation deleting the newest checkpoint while it is read: in use, not damaged.
+        newest = checkpoints(out)[-1] / "model"
+        (newest / "tokenizer.json").rename(tmp_path / "tokenizer.json")
+        try:
+            with pytest.raises(TinykError, match="in use by another tinyk run"):
+                train(nano_cfg(pt_data, tok_dir, out, max_steps=4), resume=True)
+        finally:
+            (tmp_path / "tokenizer.json").rename(newest / "tokenizer.json")
     finally:
         holder.kill()
         holder.wait()

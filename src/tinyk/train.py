@@ -884,8 +884,7 @@ class Trainer:
             out.mkdir(parents=True, exist_ok=True)
         busy = main and not self.lock.acquire()
         if self.dist.sum_host([int(busy)])[0]:
-            raise TinykError(f"run directory {out} is in use by another tinyk run (still training, or its processes "
-                             f"outlived a killed launcher); stop that one first")
+            raise self._in_use()
         try:
             self._check_shared()
             # A start killed while --force had the old run set aside never began the new run: put the
@@ -1100,8 +1099,18 @@ class Trainer:
         d.barrier()
         return path
 
+    def _in_use(self) -> TinykError:
+        return TinykError(f"run directory {self.out} is in use by another tinyk run (still training, or its "
+                          f"processes outlived a killed launcher); stop that one first")
+
     def _damaged(self, problem: Exception) -> TinykError:
-        """A checkpoint damaged after it was written (disk, copying): say which, and the way out."""
+        """A checkpoint damaged after it was written (disk, copying): say which, and the way out. One
+        that vanished or changed while read, in a directory another run holds, was that run's rotation."""
+        if self.dist.main and self.lock.fd is None and self.out.is_dir():
+            probe = DirLock(self.out)
+            if not probe.acquire():
+                return self._in_use()
+            probe.release()
         return TinykError(f"checkpoint {self.resumed_from} is damaged ({first_line(problem)}); delete it "
                           f"to resume from the one before, or start over with --force")
 
