@@ -14,7 +14,7 @@ import torch
 
 from tinyk.checkpoint import load_model
 from tinyk.cli import main
-from tinyk.files import TinykError
+from tinyk.files import TinykError, check_inputs
 from tinyk.tokenizer import build_tokenizer
 
 
@@ -58,6 +58,23 @@ def test_an_input_given_twice_is_refused(tmp_path, corpus_file, capsys):
         assert code == 2 and err == (f"tinyk: error: input {again} is given twice (also as {corpus_file}); "
                                      f"give each file once\n")
     assert not (tmp_path / "t").exists()
+
+
+def test_inputs_on_a_filesystem_without_inode_numbers_are_told_apart(tmp_path, corpus_file, monkeypatch):
+    """FAT and some FUSE mounts report inode 0 for every file: two files there are still two."""
+    other, link = tmp_path / "other.jsonl", tmp_path / "link.jsonl"
+    shutil.copy(corpus_file, other)
+    link.symlink_to(other)
+    real_stat = Path.stat
+
+    def no_inodes(self, **kw):
+        st = real_stat(self, **kw)
+        return os.stat_result((st.st_mode, 0, *st[2:]))
+
+    monkeypatch.setattr(Path, "stat", no_inodes)
+    assert check_inputs([corpus_file, other]) == [corpus_file, other]
+    with pytest.raises(TinykError, match="given twice"):
+        check_inputs([corpus_file, other, link])
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can read any file")

@@ -91,7 +91,7 @@ def check_inputs(paths: list[str | Path]) -> list[Path]:
     """Fail early, with one line, on inputs that are missing, unreadable or of an unknown type."""
     if not paths:
         raise TinykError("no input files given")
-    out: dict[tuple[int, int], Path] = {}
+    out: dict[tuple[int, int] | Path, Path] = {}
     for p in map(Path, paths):
         if not p.exists():
             raise TinykError(f"input file not found: {p}")
@@ -102,7 +102,8 @@ def check_inputs(paths: list[str | Path]) -> list[Path]:
         if not p.name.endswith(SUPPORTED_SUFFIXES):
             raise TinykError(f"unsupported input type: {p} (use {', '.join(SUPPORTED_SUFFIXES)})")
         st = p.stat()
-        twice = out.setdefault((st.st_dev, st.st_ino), p)
+        # Some filesystems (FAT, some FUSE mounts) report inode 0 for every file: there the real path decides.
+        twice = out.setdefault((st.st_dev, st.st_ino) if st.st_ino else p.resolve(), p)
         if twice is not p:  # its documents would count twice, and land in both splits
             raise TinykError(f"input {p} is given twice (also as {twice}); give each file once")
     return list(out.values())
