@@ -244,18 +244,19 @@ def test_demo_prints_table_and_chats(demo, capsys):
 
 
 def test_demo_model_matches_transformers_greedy(demo):
-    """The chat model directory is a transformers checkpoint: same greedy tokens as tinyk's engine,
-    stopping at the same <|im_end|> with nothing passed to `generate` but the prompt."""
+    """The chat model directory is a transformers checkpoint: `generate(do_sample=False)` gives tinyk's
+    `--temperature 0` tokens (both with tinyk's repetition penalty, from generation_config.json),
+    stopping at the same <|im_end|> with nothing else passed."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tinyk.engine import Engine
+    from tinyk.engine import Engine, SamplingParams
     from tinyk.evaluate import greedy_params
 
     engine = Engine.from_dir(demo / "chat")
     hf_tok = AutoTokenizer.from_pretrained(demo / "chat")
     hf = AutoModelForCausalLM.from_pretrained(demo / "chat", dtype=torch.float32).eval()
     prompts = [engine.chat_prompt([{"role": "user", "content": p}]) for p in ("你好呀", "5+3等于多少？这道题怎么算")]
-    ours = engine.generate(prompts, greedy_params(12))
+    ours = engine.generate(prompts, replace(greedy_params(12), repetition_penalty=SamplingParams().repetition_penalty))
     for prompt, c in zip(prompts, ours, strict=True):
         ids = hf_tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
         assert ids[0].tolist() == engine.encode(prompt)

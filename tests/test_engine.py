@@ -28,7 +28,7 @@ from tinyk.engine import (
     quantize_int8,
 )
 from tinyk.files import Terminated, TinykError
-from tinyk.model import KVCache
+from tinyk.model import KVCache, Transformer
 from tinyk.tokenizer import DEFAULT_SYSTEM_PROMPT, MODEL_PROMPT, NOT_UTF8, render_chat
 
 GREEDY = SamplingParams(temperature=0, repetition_penalty=1.0, max_new_tokens=12, ignore_eos=True)
@@ -133,6 +133,9 @@ def test_bad_prompts(engine):
         engine.chat([[]], GREEDY)
     with pytest.raises(TinykError, match="role"):
         engine.chat([[{"role": "robot", "content": "hi"}]], GREEDY)
+    # OpenAI's newer name for the system role, as in the template, the server and SFT data.
+    msgs = [{"role": "system", "content": "你是助手"}, {"role": "user", "content": "你好"}]
+    assert engine.chat_ids([{**msgs[0], "role": "developer"}, msgs[1]]) == engine.chat_ids(msgs)
     with pytest.raises(TinykError, match="2 sampling params for 1 prompts"):
         engine.generate(["a"], [GREEDY, GREEDY])
 
@@ -162,6 +165,31 @@ def test_a_text_prompt_starts_a_document_as_in_tinyk_generate(engine, nano_model
         main(["generate", "--model", str(nano_model_dir), "--prompt", text, "--temperature", "0",
               "--repetition-penalty", "1", "--max-new-tokens", "6", "--json"])
     assert json.loads(capsys.readouterr().out)["text"] == c.text == "".join(engine.stream(text, params))
+
+
+def test_repeated_prompts_with_one_seed_give_different_reproducible_samples(engine, nano_model_dir, capsys):
+    """As the tutorial's num_samples: prompt i of a batch samples with seed + i, as it would alone."""
+    params = SamplingParams(temperature=1.5, top_k=0, top_p=1.0, max_new_tokens=8, seed=7, ignore_eos=True)
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", str(nano_model_dir), *["--prompt", "我们"] * 3, "--seed", "7", "--temperature",
+              "1.5", "--top-k", "0", "--top-p", "1", "--max-new-tokens", "8", "--json"])
+    texts = [json.loads(line)["text"] for line in capsys.readouterr().out.splitlines()]
+    alone = [engine.generate(["我们"], replace(params, seed=7 + i))[0].text for i in range(3)]
+    assert texts == alone and len(set(texts)) == 3
+
+
+def test_ids_past_the_tokenizer_are_never_sampled(engine):
+    """An imported model may pad its vocabulary past the tokenizer's: those ids decode to nothing."""
+    cfg = replace(engine.model.config, vocab_size=engine.tok.vocab_size + 64)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight[engine.tok.vocab_size:] = model.lm_head.weight[5] * 50  # the padding rows win
+    padded = Engine(model, engine.tok)
+    for params in (GREEDY, SamplingParams(temperature=2.0, top_k=0, top_p=1.0, max_new_tokens=12, seed=1,
+                                          ignore_eos=True)):
+        out = padded.generate(PROMPTS, params)
+        assert all(t < engine.tok.vocab_size for c in out for t in c.token_ids)
+        assert all(c.completion_tokens == 12 for c in out)
 
 
 def test_stream_deltas_join_to_the_generated_text(engine):

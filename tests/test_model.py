@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from tinyk.checkpoint import init_model_dir, load_model, model_info, save_model
+from tinyk.engine import SamplingParams
 from tinyk.files import TinykError
 from tinyk.model import KVCache, ModelConfig, Transformer, preset_config
 from tinyk.tokenizer import SPECIAL_IDS
@@ -68,13 +69,16 @@ def test_hf_llama_loads_and_matches_logits(tmp_path, tok_dir, shape):
     assert (gen.bos_token_id, gen.eos_token_id[0], gen.pad_token_id) == (tok.bos_token_id, tok.eos_token_id,
                                                                          tok.pad_token_id)
     assert set(gen.eos_token_id) == SPECIAL_IDS
+    d = SamplingParams()  # generate() samples as tinyk does
+    assert (gen.do_sample, gen.temperature, gen.top_k, gen.top_p, gen.repetition_penalty) == (
+        True, d.temperature, d.top_k, d.top_p, d.repetition_penalty)
     assert (hf.config.bos_token_id, hf.config.eos_token_id) == (tok.bos_token_id, tok.eos_token_id)
 
 
 def test_hf_generate_stops_at_the_special_tokens_tinyk_stops_at(tmp_path, tok_dir):
     """A model whose final norm is zeroed gives all-zero logits, so greedy decoding picks id 0, <unk>:
     tinyk's engine ends there, and `generate()` in transformers must end there too, untold."""
-    from tinyk.engine import Engine, SamplingParams
+    from tinyk.engine import Engine
 
     torch.manual_seed(0)
     model = Transformer(ModelConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=512, max_seq_len=64))

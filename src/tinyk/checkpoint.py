@@ -33,9 +33,18 @@ from .tokenizer import (
 
 # The tokenizer's bos/eos/pad (documents and turns open with <|im_start|> and close with <|im_end|>).
 GENERATION_IDS = {"bos_token_id": IM_START_ID, "eos_token_id": IM_END_ID, "pad_token_id": IM_END_ID}
-# generation_config.json lists every special token as an end, eos first, so `generate()` in
-# transformers stops where tinyk's engine does (a base model that opens the next document, too).
-GENERATION_CONFIG = {**GENERATION_IDS, "eos_token_id": [IM_END_ID, *sorted(SPECIAL_IDS - {IM_END_ID})]}
+
+
+def generation_config() -> dict[str, Any]:
+    """generation_config.json: every special token ends a sequence, eos first, so `generate()` in
+    transformers stops where tinyk's engine does (a base model that opens the next document, too), and
+    it samples with tinyk's defaults (`do_sample=False` there is greedy with tinyk's repetition penalty)."""
+    from .engine import SamplingParams
+
+    d = SamplingParams()
+    return {**GENERATION_IDS, "eos_token_id": [IM_END_ID, *sorted(SPECIAL_IDS - {IM_END_ID})], "do_sample": True,
+            "temperature": d.temperature, "top_k": d.top_k, "top_p": d.top_p,
+            "repetition_penalty": d.repetition_penalty}
 
 
 def hf_config(cfg: ModelConfig) -> dict[str, Any]:
@@ -147,7 +156,7 @@ def write_model_files(model: Transformer, tok_dir: str | Path, out: Path, system
         state.pop("lm_head.weight", None)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf_config(cfg), indent=2) + "\n")
-    (out / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")
+    (out / "generation_config.json").write_text(json.dumps(generation_config(), indent=2) + "\n")
     # tokenizer.json is the tokenizer (its hash is its identity); the two small files are tinyk's own,
     # written afresh, so a directory that transformers saved back (without special_tokens_map.json)
     # still makes complete models. The context length belongs to the model, so the config records it.

@@ -32,6 +32,7 @@ from .tokenizer import (
     CHAT_ROLES,
     MODEL_PROMPT,
     SPECIAL_IDS,
+    SYSTEM_ROLES,
     ModelPrompt,
     TinyTokenizer,
     render_chat,
@@ -129,8 +130,10 @@ class _Forward:
     `quantize="int8"`) are copies.
     """
 
-    def __init__(self, model: Transformer, weights: str = "plain"):
+    def __init__(self, model: Transformer, weights: str = "plain", vocab: int | None = None):
         cfg = model.config
+        # Rows past the tokenizer's vocabulary (an imported model's padding) decode to nothing: never picked.
+        self.vocab = vocab if vocab is not None and vocab < cfg.vocab_size else None
         self.model, self.heads, self.kv_heads, self.head_dim = model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         dtype = model.lm_head.weight.dtype
         prep, self.linear = {
@@ -164,7 +167,10 @@ class _Forward:
             h = norm2(x)
             x = x + lin(F.silu(lin(h, wg)) * lin(h, wu), wd)
         cache.length += T
-        return lin(self.model.model.norm(x[:, -1]), self.lm_head)
+        logits = lin(self.model.model.norm(x[:, -1]), self.lm_head)
+        if self.vocab is not None:
+            logits[:, self.vocab:] = -math.inf
+        return logits
 
 
 class ContextLengthError(TinykError):
@@ -552,7 +558,7 @@ class Engine:
         else:
             weights = "plain"
         self.packed = weights == "packed"
-        self.forward = _Forward(self.model, weights)
+        self.forward = _Forward(self.model, weights, tok.vocab_size)
         self.tok = tok
         self.max_batch = max_batch
         self.context_length = model.config.max_seq_len
@@ -618,8 +624,8 @@ class Engine:
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("content"), str):
                 raise TinykError(f"messages[{i}] must be an object with a string 'content'")
-            if m.get("role") not in CHAT_ROLES:
-                raise TinykError(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}")
+            if m.get("role") not in (*CHAT_ROLES, *SYSTEM_ROLES):
+                raise TinykError(f"messages[{i}].role must be one of {', '.join(dict.fromkeys(CHAT_ROLES + SYSTEM_ROLES))}")
         return with_system(messages, self.tok.resolve_system(default_system))
 
     def request(self, prompt: str | list[int], params: SamplingParams, stream: bool = True) -> Request:

@@ -7,6 +7,7 @@ import io
 import json
 import sys
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -124,7 +125,9 @@ def _generate(args: argparse.Namespace) -> int:
             sys.stdout.flush()
         sys.stdout.write("\n")
         return 0
-    for i, (prompt, c) in enumerate(zip(prompts, engine.generate(ids, params), strict=True)):
+    # Prompt i samples with seed + i: repeated prompts give different samples, each reproducible alone.
+    plist = [params if params.seed is None else replace(params, seed=params.seed + i) for i in range(len(ids))]
+    for i, (prompt, c) in enumerate(zip(prompts, engine.generate(ids, plist), strict=True)):
         if args.json:
             print(json.dumps({"prompt": prompt, "text": c.text, "finish_reason": c.finish_reason,
                               "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens},
