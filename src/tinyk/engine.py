@@ -123,7 +123,7 @@ class _Forward:
     """The model's forward pass with the KV cache, restated for generation.
 
     Same arithmetic as `Transformer.forward`, so the same logits bit for bit (unless the
-    weights are packed or quantized), minus what dominates a small-batch decode step besides
+    weights are packed or quantized; ids past the tokenizer's vocabulary get -inf), minus what dominates a small-batch decode step besides
     the matrix products: ~150 module calls, dropout no-ops, and the q/k/v and gate/up weights
     concatenated every step. It uses the model's own weight tensors and RoPE tables, so a model
     trained further is seen at once; only packed bf16 and int8 weights (`Engine(optimize=True)`,
