@@ -152,11 +152,15 @@ def test_a_message_cannot_forge_turns(client, reference):
 
 
 def test_chat_stream_with_history_and_system(client, reference):
+    # Text parts are joined by newlines, as vLLM joins them; an assistant turn's content may be null.
     messages = [{"role": "system", "content": "你是诗人"}, {"role": "user", "content": "写诗"},
-                {"role": "assistant", "content": "好的"}, {"role": "user", "content": [{"type": "text", "text": "再来"}]}]
+                {"role": "assistant", "content": None}, {"role": "user", "content": "写诗"},
+                {"role": "assistant", "content": "好的"},
+                {"role": "user", "content": [{"type": "text", "text": "再来"}, {"type": "text", "text": "一首"}]}]
     chunks = list(client.chat.completions.create(model="nano", messages=messages, max_tokens=12, temperature=0,
                                                  stream=True, stream_options={"include_usage": True}))
-    plain = [{**m, "content": "再来"} if isinstance(m["content"], list) else m for m in messages]
+    plain = [{**m, "content": "再来\n一首" if isinstance(m["content"], list) else m["content"] or ""}
+             for m in messages]
     want = expected_chat(reference, plain, 12)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.text
@@ -242,7 +246,7 @@ LONG = "".join(chr(0x4E00 + 37 * i) for i in range(200))  # rare characters: sev
     ("/v1/models", {}, 405, None, "method_not_allowed"),
     ("/v1/completions", {"model": "nano", "prompt": "a\ud800b"}, 400, "prompt", "invalid_value"),  # not UTF-8
     ("/v1/chat/completions", {"model": "nano", "messages": [{"role": "user", "content": "a\ud800b"}]}, 400,
-     "messages", "invalid_value"),
+     "messages[0].content", "invalid_value"),
     ("/v1/completions", {"model": "nano", "prompt": "hi", "max_token": 5}, 400, "max_token", "unknown_parameter"),
     ("/v1/completions", {"model": "nano", "messages": []}, 400, "messages", "unknown_parameter"),
     ("/v1/chat/completions", {"model": "nano", "messages": [{"role": "user", "content": "hi"}],
@@ -265,9 +269,11 @@ def test_bad_input_gets_a_4xx_with_an_openai_error(server, path, body, status, p
 
 def test_a_chat_far_too_long_is_refused_before_it_is_tokenized(server, monkeypatch):
     monkeypatch.setattr(server.api.engine.tok, "encode_chat", lambda *a, **k: pytest.fail("tokenized"))
-    body = {"model": "nano", "messages": [{"role": "user", "content": "a" * 20_000}]}
-    status, err = request(server, "POST", "/v1/chat/completions", body)
-    assert status == 400 and err["error"]["code"] == "context_length_exceeded" and "at least" in err["error"]["message"]
+    for messages in ([{"role": "user", "content": "a" * 20_000}], [{"role": "user", "content": ""}] * 1000):
+        body = {"model": "nano", "messages": messages}  # a thousand empty messages: 3,000 tokens of markers
+        status, err = request(server, "POST", "/v1/chat/completions", body)
+        assert status == 400 and err["error"]["code"] == "context_length_exceeded"
+        assert "at least" in err["error"]["message"]
 
 
 def test_fields_at_their_off_values_are_accepted(server):
@@ -328,6 +334,31 @@ def test_protocol_errors(server):
     assert status == 405 and body["error"]["code"] == "method_not_allowed"
     status, body = request(server, "GET", "/health")
     assert status == 200 and body["status"] == "ok"
+    absolute = raw(server, f"GET {server.url}/v1/models HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+                   .encode())  # RFC 9112 3.2.2: servers accept a target in absolute form
+    assert absolute.startswith(b"HTTP/1.1 200") and b'"id":"nano"' in absolute.replace(b" ", b"")
+
+
+def test_an_overloaded_server_says_when_to_retry(nano_model_dir):
+    server, _ = start(nano_model_dir)
+    try:
+        server.api.scheduler.close()
+        body = json.dumps({"model": "nano", "prompt": "hi", "max_tokens": 2}).encode()
+        reply = raw(server, b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+                            b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        assert reply.startswith(b"HTTP/1.1 503") and b"\r\nRetry-After: 1\r\n" in reply
+    finally:
+        server.close()
+
+
+def test_usage_is_null_in_every_chunk_but_the_last_when_asked_for(server):
+    body = json.dumps({"model": "nano", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+                       "stream": True, "stream_options": {"include_usage": True}}).encode()
+    reply = raw(server, b"POST /v1/chat/completions HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    events = [json.loads(e[len(b"data: "):]) for e in reply.partition(b"\r\n\r\n")[2].split(b"\n\n")
+              if e.startswith(b"data: {")]
+    assert len(events) >= 3 and all(e["usage"] is None for e in events[:-1])
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 3
 
 
 def test_an_http_1_0_client_gets_a_plain_event_stream(server):
@@ -466,6 +497,22 @@ def test_negative_and_positive_seeds_differ(client):
                                          extra_body={"top_k": 0}).choices[0].text
 
     assert text(5) == text(5) and text(-5) == text(-5) and text(5) != text(-5)
+
+
+def test_a_server_seed_makes_the_run_reproducible_not_every_answer_the_same(nano_model_dir):
+    """`tinyk serve --seed 7`: requests without a seed differ from each other (the chat page sends none),
+    and a server started again with the same seed answers the same requests the same way."""
+    def answers() -> list[str]:
+        server, _ = start(nano_model_dir, defaults=replace(DEFAULTS, seed=7))
+        try:
+            c = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
+            return [c.completions.create(model="nano", prompt="天气", max_tokens=12, temperature=1.5,
+                                         extra_body={"top_k": 0}).choices[0].text for _ in range(3)]
+        finally:
+            server.close()
+
+    first = answers()
+    assert len(set(first)) == 3 and answers() == first
 
 
 PROMPTS = [f"{'我们今天去公园散步，天气很好！'[:i % 12 + 1]}{i}" for i in range(16)]

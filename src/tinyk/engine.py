@@ -583,6 +583,8 @@ class Engine:
             ids = self.tok.encode(prompt)
             if bos and ids[:1] != [self.tok.bos_id]:
                 ids = [self.tok.bos_id, *ids]
+        elif isinstance(prompt, list | tuple) and len(prompt) >= self.context_length:
+            raise self._too_long(len(prompt))
         elif isinstance(prompt, list | tuple) and all(_is_int(t) for t in prompt):
             ids = list(prompt)
             bad = [t for t in ids if not 0 <= t < self.vocab_size]
@@ -592,9 +594,13 @@ class Engine:
             raise TinykError("a prompt must be a string or a list of token ids")
         ids = ids or [self.tok.bos_id]
         if len(ids) >= self.context_length:
-            raise ContextLengthError(f"the prompt has {len(ids)} tokens but the model's context window is "
-                                     f"{self.context_length} tokens (at most {self.context_length - 1} fit)")
+            raise self._too_long(len(ids))
         return ids
+
+    def _too_long(self, tokens: int, at_least: bool = False) -> ContextLengthError:
+        return ContextLengthError(f"the prompt has {'at least ' if at_least else ''}{tokens:,} tokens but the model's "
+                                  f"context window is {self.context_length} tokens (at most "
+                                  f"{self.context_length - 1} fit)")
 
     def chat_prompt(self, messages: list[dict], default_system: str | None | ModelPrompt = None) -> str:
         """The conversation in the chat template, ending with the assistant's header, as text to show.
@@ -610,13 +616,14 @@ class Engine:
         messages are taken as given unless `default_system` is passed (`chat` passes the training one)."""
         return self.tok.encode_chat(self._chat_messages(messages, default_system), add_generation_prompt=True)
 
-    def check_fits(self, texts: Iterable[str]) -> None:
+    def check_fits(self, texts: Iterable[str], tokens_each: int = 0) -> None:
         """Refuses text too long for the context window before it is tokenized: encoding a megabyte
-        holds the GIL for a second or more, stalling every other stream of a server."""
-        least = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts) // self.tok.max_token_bytes
+        holds the GIL for a second or more, stalling every other stream of a server. `tokens_each` is
+        the least each text adds around itself (a chat message's <|im_start|>, role and <|im_end|>)."""
+        sizes = [len(t.encode("utf-8", "surrogatepass")) for t in texts]
+        least = sum(sizes) // self.tok.max_token_bytes + tokens_each * len(sizes)
         if least >= self.context_length:
-            raise ContextLengthError(f"the prompt has at least {least:,} tokens but the model's context window is "
-                                     f"{self.context_length} tokens (at most {self.context_length - 1} fit)")
+            raise self._too_long(least, at_least=True)
 
     def _chat_messages(self, messages: list[dict], default_system: str | None | ModelPrompt) -> list[dict]:
         if not isinstance(messages, list) or not messages:

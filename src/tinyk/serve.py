@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
+import random
 import re
 import secrets
 import selectors
@@ -113,6 +114,13 @@ def _in_range(name: str, value: float | None, lo: float, hi: float) -> None:
                        code="invalid_value")
 
 
+def _no_surrogate(text: Any, name: str) -> None:
+    """JSON can escape half of a UTF-16 pair ("\\ud83d"), which is no character: refused as such."""
+    if isinstance(text, str) and has_surrogate(text):
+        raise ApiError(400, f"'{name}' holds a lone surrogate (\\ud800-\\udfff), which is not text", param=name,
+                       code="invalid_value")
+
+
 class Api:
     """Turns OpenAI request bodies into engine requests and engine output into OpenAI responses."""
 
@@ -121,6 +129,10 @@ class Api:
         self.defaults = cfg.defaults or SamplingParams()
         self.scheduler = Scheduler(engine, max_waiting=cfg.max_waiting, on_finish=self._log if cfg.log else None)
         self.created = int(time.time())
+        # --seed seeds the server, not every request: requests without a seed of their own each draw one,
+        # so they differ from each other, and the same requests in the same order give the same answers.
+        self._seeds = None if self.defaults.seed is None else random.Random(self.defaults.seed)
+        self._seeds_lock = threading.Lock()
 
     @staticmethod
     def _log(req: Request) -> None:
@@ -189,8 +201,11 @@ class Api:
         if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
             raise ApiError(400, "only 'response_format' {\"type\": \"text\"} is supported", param="response_format",
                            code="invalid_value")
-        seed = _get(body, "seed", "integer", d.seed)
+        seed = _get(body, "seed", "integer", None)
         _in_range("seed", seed, -2**63, 2**63 - 1)  # int64, as OpenAI's; each maps to its own stream
+        if seed is None and self._seeds is not None:
+            with self._seeds_lock:
+                seed = self._seeds.getrandbits(63)
         try:
             return replace(d, temperature=float(temperature), top_p=float(top_p), top_k=max(top_k, 0),
                            min_p=float(min_p), repetition_penalty=float(penalty),
@@ -215,11 +230,14 @@ class Api:
             prompt = prompt[0]  # a batch of one
         if isinstance(prompt, list) and prompt and all(isinstance(p, str | list) for p in prompt):
             raise ApiError(400, "only one prompt per request is supported", param="prompt", code="invalid_value")
+        if isinstance(prompt, list) and len(prompt) >= self.engine.context_length:
+            self.prompt_ids(prompt, "prompt")  # refused for its length, before its ids are read one by one
         if prompt == []:  # token ids are taken as given, so there is nothing to complete
             raise ApiError(400, "'prompt' is an empty list of token ids", param="prompt", code="invalid_value")
         if not (isinstance(prompt, str) or
                 isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
             raise ApiError(400, "'prompt' must be a string or a list of token ids", param="prompt", code="invalid_type")
+        _no_surrogate(prompt, "prompt")
         return self.prompt_ids(prompt, "prompt", bos=True)  # text starts a document, as in `tinyk generate`
 
     def chat_ids(self, body: dict) -> list[int]:
@@ -235,9 +253,13 @@ class Api:
             if role not in ROLE_ALIASES:
                 raise ApiError(400, f"'{where}.role' must be one of {', '.join(ROLE_ALIASES)}, got {json.dumps(role)}",
                                param=f"{where}.role", code="invalid_value")
-            clean.append({"role": ROLE_ALIASES[role], "content": self._content(m.get("content", _MISSING), where)})
+            content = m.get("content", _MISSING)
+            if content is None and role == "assistant":  # OpenAI's for a turn that was only tool calls or a refusal
+                content = ""
+            clean.append({"role": ROLE_ALIASES[role], "content": self._content(content, where)})
+            _no_surrogate(clean[-1]["content"], f"{where}.content")
         try:
-            self.engine.check_fits(m["content"] for m in clean)
+            self.engine.check_fits((m["content"] for m in clean), tokens_each=3)  # <|im_start|>, role, <|im_end|>
             ids = self.engine.chat_ids(clean, default_system=self.cfg.system_prompt)
         except ContextLengthError as e:
             raise ApiError(400, str(e), param="messages", code="context_length_exceeded") from e
@@ -247,12 +269,13 @@ class Api:
 
     @staticmethod
     def _content(content: Any, where: str) -> str:
-        """A message's text: a string, or a list of `{"type": "text", "text": ...}` parts."""
+        """A message's text: a string, or a list of `{"type": "text", "text": ...}` parts, joined by
+        newlines as vLLM joins them (the same request gives the same prompt on either server)."""
         if isinstance(content, str):
             return content
         if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
                                              and isinstance(p.get("text"), str) for p in content):
-            return "".join(p["text"] for p in content)
+            return "\n".join(p["text"] for p in content)
         if content is _MISSING:
             raise ApiError(400, f"'{where}.content' is missing", param=f"{where}.content",
                            code="missing_required_parameter")
@@ -337,6 +360,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
+        if status == 503:  # overloaded or stopping: clients that honour it wait before trying again
+            self.send_header("Retry-After", "1")
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
@@ -442,8 +467,12 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def _route(self) -> str:
-        """The request's path, unquoted and without its query."""
-        return urllib.parse.unquote(self.path.split("?", 1)[0])
+        """The request's path, unquoted and without its query; a target in absolute form
+        (`GET http://host/v1/models`, RFC 9112 3.2.2) is its path (the Host header was checked)."""
+        target = self.path
+        if target.lower().startswith(("http://", "https://")):
+            target = "/" + target.split("/", 3)[3] if target.count("/") >= 3 else "/"
+        return urllib.parse.unquote(target.split("?", 1)[0])
 
     def do_GET(self) -> None:
         path = self._route()
@@ -566,7 +595,8 @@ class Handler(BaseHTTPRequestHandler):
                 choice = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
             else:
                 choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
-            return {"id": rid, "object": obj, "created": created, "model": name, "choices": [choice]}
+            usage = {"usage": None} if include_usage else {}  # the spec's: null until the last chunk
+            return {"id": rid, "object": obj, "created": created, "model": name, "choices": [choice], **usage}
 
         try:
             self.send_response(200)
