@@ -187,6 +187,11 @@ def test_set_values_parse_as_yaml():
                          sets=["run_name=2024-06-01", "project=yes"])
     assert (cfg.run_name, cfg.project) == ("2024-06-01", "yes")
     assert resolve_config("sft", preset="nano", flags={"out": "o", "data": "d"}, sets=["sft.run_name=7"]).run_name == "7"
+    # A list key takes a YAML list, as in a config file (`tracker: [tensorboard]`), or comma-separated names.
+    for value, trackers in (("[tensorboard]", ["tensorboard"]), ("[tensorboard, wandb]", ["tensorboard", "wandb"]),
+                            ("[]", []), ("tensorboard,wandb", ["tensorboard", "wandb"])):
+        cfg = resolve_config("pretrain", preset="nano", flags={"out": "o", "data": "d"}, sets=[f"tracker={value}"])
+        assert cfg.tracker == trackers, value
 
 
 # ----------------------------------------------------------------------------- training runs

@@ -246,7 +246,7 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
         if len(parts) > 2 or (len(parts) == 2 and parts[0] not in ("model", *KINDS)):
             raise TinykError(f"--set {key}: only model.<key> is nested (e.g. --set model.dim=64)")
         hint = _FIELD_TYPES.get(parts[-1]) if parts[0] != "model" else None
-        text_key = hint is str or str in typing.get_args(hint)
+        text_key = str in (typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,))  # not list[str]
         if text_key and value is not None and not isinstance(value, str):
             value = raw.strip()  # --set run_name=1.10 names the run 1.10, not 1.1 (nor a date, nor True)
         target = out
