@@ -530,5 +530,11 @@ def test_reports_point_at_the_cause(tmp_path, capsys):
     list(iter_texts([src], skips))
     assert "invalid utf8: 1 (first at c.jsonl:1; convert such files first, e.g. iconv -f gbk -t utf-8)" in \
         skips.summary()
+    cut = tmp_path / "cut.txt"
+    cut.write_bytes("第一行\n第二行".encode()[:-1])  # `head -c` ended the file inside a character
+    skips = Skips()
+    assert [r["text"] for _, r in iter_records([cut], skips)] == ["第一行"]
+    assert skips.summary() == ("skipped 1 records; cut character: 1 (first at cut.txt:2; the file ends inside a "
+                               "character: it was cut short (e.g. by head -c))")
     with pytest.raises(TinykError, match="no document fits in the first 10 bytes of the input"):
         train_tokenizer([src], tmp_path / "t", max_bytes=10, show_progress=False)

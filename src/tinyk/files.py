@@ -379,8 +379,12 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
                 continue
             try:
                 s = line.decode("utf-8")
-            except UnicodeDecodeError:
-                skips.add("invalid_utf8", where)
+            except UnicodeDecodeError as e:
+                if e.reason == "unexpected end of data" and not line.endswith(b"\n"):  # no GBK: a cut file
+                    skips.add("cut_character", where, "the file ends inside a character: it was cut short "
+                                                      "(e.g. by head -c)")
+                else:
+                    skips.add("invalid_utf8", where)
                 continue
             s = s.rstrip("\r\n")
             if not s.strip():  # blank lines separate documents and records; they are not ones

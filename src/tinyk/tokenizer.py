@@ -485,11 +485,10 @@ def train_tokenizer(inputs: list[str | Path], out: str | Path, *, vocab_size: in
 
 
 CHAT_SAMPLE = [
-    {"role": "system", "content": "你是一个AI助手。"},
+    {"role": "system", "content": DEFAULT_SYSTEM_PROMPT},
     {"role": "user", "content": "How are you?"},
     {"role": "assistant", "content": "I'm fine, thank you. and you?"},
-    {"role": "user", "content": "今天天气怎么样？"},
-    {"role": "assistant", "content": "今天是晴天，气温25℃，适合出门！"},
+    {"role": "user", "content": "今天天气怎么样？适合出门吗？"},
 ]
 
 
