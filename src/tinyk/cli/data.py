@@ -36,12 +36,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     t = dsub.add_parser("pretrain", help="documents (.jsonl/.txt/.parquet, .gz/.zst) -> token shards")
     _add_common(t)
     t.add_argument("--field", default="text", help="JSON/Parquet field holding the text")
-    t.add_argument("--shard-tokens", type=positive_size, default="100M", help="tokens per shard file")
+    t.add_argument("--shard-tokens", type=positive_size, default="100M", help="tokens per shard file (default 100M)")
     t.set_defaults(func=_pretrain)
 
     s = dsub.add_parser("sft", help="conversations (BelleGroup, ShareGPT, OpenAI messages) -> tokens + loss mask")
     _add_common(s)
-    s.add_argument("--max-len", type=int_range(8, MAX_LEN), default=512, help="longer conversations are cut, at a turn if possible")
+    s.add_argument("--max-len", type=int_range(8, MAX_LEN), default=512, help="longer conversations are cut, at a turn if possible (default 512)")
     s.add_argument("--system-prompt", type=utf8_text, default=None,
                    help="added when a conversation has none (default: the one --tokenizer records, 你是一个AI助手 unless "
                         "it is a model fine-tuned with another; '' for none)")

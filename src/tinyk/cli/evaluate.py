@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="window length for --data (default: the model's context, or SFT data's max_len)")
     p.add_argument("--max-batches", type=positive_int, default=None, help="evaluate only this many batches of --data")
     p.add_argument("--task", nargs="+", action="extend", default=[], metavar="FILE", help='JSONL of {"messages": ..., "answer": ...}')
-    p.add_argument("--max-new-tokens", type=positive_int, default=64, help="answer length limit for --task")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64, help="answer length limit for --task (default 64)")
     p.add_argument("--system-prompt", type=utf8_text, default=None,
                    help="added to --task chats without one (default: the model's own, its SFT data's; '' for none)")
     p.add_argument("--choice", nargs="+", action="extend", default=[], metavar="PATH",
@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "and score A/B/C/D")
     p.add_argument("--limit", type=positive_int, default=None,
                    help="first N examples of each --task file, and first N questions of each --choice CSV")
-    p.add_argument("--batch-size", type=batch_count, default=16)
+    p.add_argument("--batch-size", type=batch_count, default=16, help="sequences per forward pass (default 16)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--quantize", choices=["none", "int8"], default="none",
                    help="decode --task answers with int8 weights, to see what `--quantize int8` costs")

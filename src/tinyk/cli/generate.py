@@ -49,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                          "(.jsonl/.json/.parquet)")
     g.add_argument("--field", default="prompt", help="record field holding the prompt in --prompt-file (default prompt)")
     g.add_argument("--no-bos", action="store_true", help="do not start prompts with <|im_start|>")
-    g.add_argument("--batch-size", type=batch_count, default=16, help="sequences decoded together")
+    g.add_argument("--batch-size", type=batch_count, default=16, help="sequences decoded together (default 16)")
     g.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     add_sampling_args(g)
     g.set_defaults(func=_generate)

@@ -26,12 +26,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "requests are decoded together in one continuously refilled batch.")
     add_engine_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int_range(0, 65535), default=8000)
+    p.add_argument("--port", type=int_range(0, 65535), default=8000, help="default 8000; 0 picks a free one")
     p.add_argument("--model-name", help="the model id clients send (default: the directory's name)")
     p.add_argument("--api-key",
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $TINYK_API_KEY, else no check)")
-    p.add_argument("--max-batch", type=batch_count, default=16, help="sequences decoded together")
-    p.add_argument("--max-waiting", type=positive_int, default=256, help="queued requests before answering 503")
+    p.add_argument("--max-batch", type=batch_count, default=16, help="sequences decoded together (default 16)")
+    p.add_argument("--max-waiting", type=positive_int, default=256, help="queued requests before answering 503 (default 256)")
     p.add_argument("--max-body", type=size_range(1, 10**9), default="1M", help="largest request body (default 1M)")
     p.add_argument("--timeout", type=float_range(0, 86400, lo_open=True, unit=" seconds"), default=60.0,
                    help="seconds a client may stall sending a request or reading a stream (default 60)")

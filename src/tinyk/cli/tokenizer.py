@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t = tsub.add_parser("train", help="train a tokenizer on .jsonl/.txt/.parquet files (streamed)")
     t.add_argument("inputs", nargs="+", help="corpus files")
     t.add_argument("--out", required=True, help="output tokenizer directory")
-    t.add_argument("--vocab-size", type=vocab_size, default=6144)
+    t.add_argument("--vocab-size", type=vocab_size, default=6144, help="default 6144, the seed's")
     t.add_argument("--normalization", choices=["none", "nfkc"], default="none",
                    help="none keeps full-width punctuation; nfkc reproduces the seed")
     t.add_argument("--max-bytes", type=positive_size, default=None,
@@ -39,7 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     e = tsub.add_parser("eval", help="vocab, special ids, round trip and compression")
     e.add_argument("path", help="tokenizer directory")
     e.add_argument("--input", nargs="*", action="extend", default=None, help="sample files to measure compression on")
-    e.add_argument("--max-bytes", type=positive_size, default=10_000_000)
+    e.add_argument("--max-bytes", type=positive_size, default=10_000_000,
+                   help="read at most this much of the input files (default 10M)")
     e.add_argument("--field", default="text", help="JSON/Parquet field holding the text")
     e.add_argument("--json", action="store_true", help="print JSON")
     e.set_defaults(func=_eval)
