@@ -407,6 +407,32 @@ def test_two_process_ddp_and_fsdp_match_one_process(tmp_path, pt_data, tok_dir):
     assert [e["val_loss"] for e in evals] == pytest.approx([e["val_loss"] for e in ref_evals], rel=1e-5)
 
 
+def test_a_dead_process_leaves_the_others_one_line_and_the_way_back(tmp_path, pt_data, tok_dir):
+    """A worker killed mid-run (out of memory, a node lost): the survivor's failed collective is one
+    line naming the newest checkpoint, not the backend's traceback."""
+    out = tmp_path / "run"
+    rdzv = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
+    workers = [subprocess.Popen([str(BIN / "python"), "-m", "tinyk",
+                                 *cli_args(pt_data, tok_dir, out, "--max-steps", "100000", "--save-every", "2")],
+                                env={**ENV, **rdzv, "RANK": str(r), "LOCAL_RANK": str(r)},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    try:
+        deadline = time.monotonic() + 120
+        while not checkpoints(out) and workers[0].poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        workers[1].kill()
+        err = workers[0].communicate(timeout=120)[1]
+    finally:
+        for w in workers:
+            w.kill()
+            w.wait()
+            w.stderr.close()
+    assert workers[0].returncode == 2 and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("tinyk: error: another process of this job stopped (") and \
+        re.search(r"the newest checkpoint is .*step_\d+; start the job again with --resume$", last), last
+
+
 def test_ranks_that_do_not_share_the_run_directory_are_refused(tmp_path, pt_data, tok_dir):
     """Two machines, each with its own disk at the same path (here: two paths): rank 1 would never see
     the checkpoints rank 0 writes, so a resume would start the ranks at different steps."""
@@ -1042,7 +1068,11 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_last_checkpoint(tmp_
                                "frame #0: c10::ThrowEnforceNotMet(...)")
         return real_save(obj, f, *a, **kw)
 
+    def no_room(*a, **kw):
+        raise OSError(28, "No space left on device")
+
     monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.setattr("tinyk.monitor.Monitor.close", no_room)  # closing fails on the full disk too
     with pytest.raises(SystemExit) as e:
         main(cli_args(pt_data, tok_dir, out, "--max-steps", "3", "--save-every", "1", "--resume"))
     err = capsys.readouterr().err.strip().splitlines()
@@ -1051,6 +1081,10 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_last_checkpoint(tmp_
     assert err[0].endswith("MB free on that disk")
     assert checkpoints(out)[-1].name == "step_0000002"
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
+    monkeypatch.undo()
+    monkeypatch.setattr("tinyk.monitor.plot_losses", no_room)  # the plot alone does not fail a run
+    summary = train(nano_cfg(pt_data, tok_dir, out, max_steps=3), resume=True)
+    assert summary["status"] == "completed" and "warning: loss.png not written" in capsys.readouterr().out
 
 
 def test_tensorboard_shows_one_curve_across_a_crash_and_resume(tmp_path, pt_data, tok_dir, monkeypatch):

@@ -275,7 +275,10 @@ class Monitor:
 
     def plot(self) -> None:
         if not self.plotted:
-            plot_losses(self.records, self.out / "loss.png")
+            try:
+                plot_losses(self.records, self.out / "loss.png")
+            except OSError as e:  # a full disk: the picture of metrics.jsonl is not worth the run, nor its error
+                self.print(f"warning: loss.png not written ({first_line(e)})")
             self.plotted = True
 
     def print(self, msg: str) -> None:

@@ -1353,9 +1353,16 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         try:
-            return self._run()
-        finally:
-            self.close()
+            summary = self._run()
+        except BaseException as e:
+            with contextlib.suppress(Exception):  # the error that stopped the run is the one to report
+                self.close()
+            lost = peer_lost(e, self.out) if self.dist.world > 1 else None
+            if lost is not None:
+                raise lost from e
+            raise
+        self.close()
+        return summary
 
     def close(self) -> None:
         """Closes the trackers and frees the run directory for the next run; `run()` ends with it."""
@@ -1563,6 +1570,20 @@ class Trainer:
                 msg += f" ({skipped} of the steps were skipped by fp16's loss scaler)"
             self.monitor.print(msg)
         return summary
+
+
+_PEER_GONE = ("closed by peer", "reset by peer", "Broken pipe", "Connection refused", "communicator was aborted")
+
+
+def peer_lost(e: BaseException, out: Path) -> TinykError | None:
+    """A collective that failed because another process of the job died (killed, out of memory): one
+    line with the way back, in place of the backend's traceback."""
+    if not isinstance(e, RuntimeError) or not any(s in str(e) for s in _PEER_GONE):
+        return None
+    ckpts = checkpoints(out)
+    newest = f"the newest checkpoint is {ckpts[-1]}; " if ckpts else ""
+    return TinykError(f"another process of this job stopped ({first_line(e)}); {newest}start the job again with "
+                      f"--resume")
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False) -> dict[str, Any]:
