@@ -9,6 +9,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -639,6 +640,13 @@ def test_a_damaged_checkpoint_is_named_with_the_way_out(tmp_path, pt_data, tok_d
     assert e.value.code == 2 and capsys.readouterr().err.strip() == (
         f"tinyk: error: {out / 'config.yaml'} is empty; each checkpoint keeps a copy: cp {newest / 'config.yaml'} "
         f"{out / 'config.yaml'}")
+    (out / "config.yaml").unlink()  # deleted: the same way back, with or without the data named again
+    for args in ([], cli_args(pt_data, tok_dir, out)[1:]):
+        with pytest.raises(SystemExit) as e:
+            main(["pretrain", "--out", str(out), "--resume", *args])
+        assert e.value.code == 2 and capsys.readouterr().err.strip() == (
+            f"tinyk: error: run directory {out} has no config.yaml; each checkpoint keeps a copy: cp "
+            f"{newest / 'config.yaml'} {out / 'config.yaml'}")
 
 
 def test_cli_prints_one_line(tmp_path, pt_data, tok_dir, capsys):
@@ -651,6 +659,11 @@ def test_cli_prints_one_line(tmp_path, pt_data, tok_dir, capsys):
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err == (f"tinyk: error: nothing to resume in {tmp_path / 'typo'} (no config.yaml "
                                          f"there); check --out, or start a new run without --resume")
+    with pytest.raises(SystemExit) as e:
+        main(cli_args(pt_data, tok_dir, tmp_path / "o", "--resume", "--force"))
+    assert e.value.code == 2 and capsys.readouterr().err == ("tinyk: error: --resume continues the run in --out and "
+                                                            "--force starts it over: give one of them\n")
+    assert not (tmp_path / "o").exists()
     capsys.readouterr()
     # Settings the trainer had to bend, or that make no sense, are said in the header.
     with pytest.raises(SystemExit) as e:
@@ -818,6 +831,13 @@ def test_the_summary_of_a_resumed_run_speaks_for_the_whole_run(tmp_path, pt_data
     assert [r["step"] for r in evals] == [2, 4, 6, 8]
     assert summary["best_val_loss"] == 0.125
     assert summary["final_val_loss"] == evals[-1]["val_loss"] and summary["tokens_per_s"] > 0
+    # Killed while final/ was written: the resumed session trains nothing, and the run's speed is its logged one.
+    shutil.rmtree(out / "final")
+    (out / "summary.json").unlink()
+    again = train(cfg, resume=True)
+    logged = sorted(r["tokens_per_s"] for r in records(out, "train")[1:])
+    assert again["tokens_per_s"] is None and again["tokens_per_s_steady"] == pytest.approx(statistics.median(logged))
+    assert again["status"] == "completed" and again["stop_signal"] is None and (out / "final").is_dir()
 
 
 def test_a_refused_resume_leaves_the_run_as_it_was(tmp_path, pt_data, sft_data, tok_dir, nano_model_dir, capsys):

@@ -231,7 +231,10 @@ class Monitor:
 
     def truncate(self, step: int) -> None:
         """Drops records past `step` (written by a run that died after its last checkpoint)."""
-        self.records = [r for r in self.records if r["step"] <= step]
+        kept = [r for r in self.records if r["step"] <= step]
+        if len(kept) == len(self.records):  # nothing to drop: a finished run on a read-only disk still resumes
+            return
+        self.records = kept
         with atomic_file(self.metrics_path) as tmp:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
 

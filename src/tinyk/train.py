@@ -231,6 +231,13 @@ def shipped_config(name: str) -> dict[str, Any]:
     return yaml.safe_load(text)
 
 
+def _config_copy(out: Path) -> str:
+    """How to put back a run's lost or emptied config.yaml, when one of its checkpoints keeps a copy."""
+    ckpts = checkpoints(out) if out.is_dir() else []
+    copy = ckpts[-1] / "config.yaml" if ckpts else None
+    return f"; each checkpoint keeps a copy: cp {copy} {out / 'config.yaml'}" if copy and copy.is_file() else ""
+
+
 def parse_sets(items: list[str]) -> dict[str, Any]:
     """`--set key=value` pairs as a nested dict; values are parsed as YAML scalars (1e-3, true, [a, b])."""
     out: dict[str, Any] = {}
@@ -281,9 +288,7 @@ def resolve_config(kind: str, *, preset: str | None = None, config: str | Path |
     if saved is not None and saved.is_file():
         run_config = read_config_file(saved)
         if not run_config:
-            ckpts = checkpoints(Path(d["out"]))
-            raise TinykError(f"{saved} is empty" + (f"; each checkpoint keeps a copy: cp {ckpts[-1] / 'config.yaml'} "
-                                                    f"{saved}" if ckpts else ""))
+            raise TinykError(f"{saved} is empty{_config_copy(Path(d['out']))}")
         if run_config.get("kind", kind) != kind:
             run = Path(d["out"])
             raise TinykError(f"{run} is a {run_config['kind']} run: resume it with tinyk {run_config['kind']} "
@@ -291,6 +296,9 @@ def resolve_config(kind: str, *, preset: str | None = None, config: str | Path |
                                             if kind == "sft" else ""))
         d = fold([*layers, (run_config, str(saved)), *top])
     elif saved is not None and d.get("data") is None:
+        copy = _config_copy(Path(d["out"]))
+        if copy:
+            raise TinykError(f"run directory {d['out']} has no config.yaml{copy}")
         raise TinykError(f"nothing to resume in {d['out']} (no config.yaml there); check --out, or start a new "
                          f"run without --resume")
     cfg = TrainConfig(**{**d, "kind": kind})
@@ -741,6 +749,8 @@ class Trainer:
     """One training run; `run()` returns the summary. Construction performs every set-up check."""
 
     def __init__(self, cfg: TrainConfig, *, resume: bool = False, force: bool = False):
+        if resume and force:
+            raise TinykError("--resume continues the run in --out and --force starts it over: give one of them")
         self.cfg, self.resume = cfg, resume
         self.dist = setup_dist(cfg.device)
         self.device = self.dist.device
@@ -874,6 +884,9 @@ class Trainer:
         self.cfg.model = {**({"preset": preset} if preset else {}), **self.mcfg.to_dict()}
         set_aside = exists and any(_ASIDE.match(p.name) for p in out.iterdir())
         if (exists and not (out / "config.yaml").is_file() and not set_aside) or foreign:
+            copy = "" if foreign else _config_copy(out)
+            if copy:
+                raise TinykError(f"run directory {out} has no config.yaml{copy}")
             what = f"it holds {', '.join(foreign[:3])}" if foreign else "no config.yaml"
             raise TinykError(f"--out {out} is not a tinyk run directory ({what}); choose a new or empty directory")
         if exists and not self.resume and not force:
@@ -1542,12 +1555,15 @@ class Trainer:
         session_tokens = p.tokens - self._start_tokens
         rate = session_tokens / session_time if session_tokens and session_time > 0 else None
         # The first log window holds start-up (and compilation); the median of the rest is the steady rate.
-        windows = self.rates[1:] or self.rates
+        # A session that trained nothing (resumed after a kill while final/ was written) has the run's logged ones.
+        logged = [r["tokens_per_s"] for r in (self.monitor.records if self.monitor and not self.rates else [])
+                  if r.get("type") == "train" and r.get("tokens_per_s")]
+        windows = self.rates[1:] or self.rates or logged[1:] or logged
         steady = statistics.median(windows) if windows else None
         skipped = self._skipped_steps()
         summary = {
             "kind": cfg.kind, "status": "interrupted" if interrupted else "completed",
-            "stop_signal": self.stop_signal, "steps": p.step, "total_steps": self.total_steps, "skipped_steps": skipped,
+            "stop_signal": self.stop_signal if interrupted else None, "steps": p.step, "total_steps": self.total_steps, "skipped_steps": skipped,
             "tokens": p.tokens, "loss_tokens": p.loss_tokens, "elapsed_s": round(elapsed, 3),
             "tokens_per_s": round(rate, 1) if rate else None, "mfu": self._mfu(rate) if rate else None,
             "tokens_per_s_steady": round(steady, 1) if steady else None,
