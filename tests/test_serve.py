@@ -505,9 +505,9 @@ def test_a_server_seed_makes_the_run_reproducible_not_every_answer_the_same(nano
     def answers() -> list[str]:
         server, _ = start(nano_model_dir, defaults=replace(DEFAULTS, seed=7))
         try:
-            c = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
-            return [c.completions.create(model="nano", prompt="天气", max_tokens=12, temperature=1.5,
-                                         extra_body={"top_k": 0}).choices[0].text for _ in range(3)]
+            with openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60) as c:
+                return [c.completions.create(model="nano", prompt="天气", max_tokens=12, temperature=1.5,
+                                             extra_body={"top_k": 0}).choices[0].text for _ in range(3)]
         finally:
             server.close()
 

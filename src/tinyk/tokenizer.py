@@ -423,7 +423,8 @@ def _train_interruptibly(tok: Tokenizer, texts: Iterator[str], trainer: Any) -> 
     thread = threading.Thread(target=run, name="tinyk-bpe", daemon=True)
     thread.start()
     try:
-        thread.join()
+        while thread.is_alive():  # short waits: a Ctrl-C the kernel hands another thread is acted on at a wake-up
+            thread.join(0.2)
     except KeyboardInterrupt:
         stop.set()  # the merges after reading cannot be stopped; the daemon thread ends with the process
         raise
