@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -97,7 +98,7 @@ def test_choice_accuracy_and_chance_on_a_ceval_folder(tmp_path, nano, fmt):
     assert r["questions"] == 6
     assert r["accuracy"] == pytest.approx(0.5)
     assert r["baseline"] == pytest.approx(0.25)
-    assert r["subjects"] == {"toy": {"questions": 6, "accuracy": 0.5}}
+    assert r["subjects"] == {"toy": {"questions": 6, "accuracy": 0.5}} and r["macro_accuracy"] == pytest.approx(0.5)
     assert r["skipped"]["by_reason"] == {"no_answer_column": 1}
     assert next(table_rows({"choice": r}))[0] == f"multiple choice, {fmt} (n=6, 1 skipped (no answer column))"  # said, not hidden
 
@@ -155,6 +156,17 @@ def test_every_input_is_checked_before_the_model_loads(tmp_path, nano_model_dir,
         evaluate(nano_model_dir, data=[pretrain_data], choice=[gbk])
     with pytest.raises(TinykError, match="--quantize int8 applies to --task answers"):
         evaluate(nano_model_dir, choice=[gbk], quantize="int8")
+    # What a mode finds only by reading: a task file without a usable line or a prompt that fits, a cut shard.
+    with pytest.raises(TinykError, match="bad.jsonl: no usable examples"):
+        evaluate(nano_model_dir, data=[pretrain_data], tasks=[write_task(tmp_path / "bad.jsonl", ["not json"])])
+    long = write_task(tmp_path / "long.jsonl", [{"messages": [{"role": "user", "content": "长" * 1000}], "answer": "y"}])
+    with pytest.raises(TinykError, match="long.jsonl: no example fits the model's context"):
+        evaluate(nano_model_dir, data=[pretrain_data], tasks=[long])
+    cut = Path(shutil.copytree(pretrain_data, tmp_path / "cut"))
+    shard = sorted((cut / "val").glob("*.bin"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(TinykError, match="shard"):
+        evaluate(nano_model_dir, data=[pretrain_data, cut])
 
 
 def test_a_csv_reached_twice_is_read_once_and_limit_is_per_subject(tmp_path):
@@ -166,6 +178,12 @@ def test_a_csv_reached_twice_is_read_once_and_limit_is_per_subject(tmp_path):
     assert [q.subject for q in qs] == ["astro"] * 3 + ["geo"] * 3
     qs = read_choice([tmp_path / "val"], Skips(), limit=2)
     assert [q.subject for q in qs] == ["astro", "astro", "geo", "geo"]
+    # The same subject in another folder (C-Eval's dev split, or another benchmark) is not merged into it;
+    # a folder named like a CSV is not one.
+    (tmp_path / "cmmlu" / "odd.csv").mkdir(parents=True)
+    (tmp_path / "cmmlu" / "geo.csv").write_text(",Question,A,B,Answer\n0,问题,甲,乙,B\n", encoding="utf-8")
+    qs = read_choice([tmp_path / "val", tmp_path / "cmmlu"], Skips())
+    assert [q.subject for q in qs] == ["astro"] * 3 + ["val/geo"] * 3 + ["cmmlu/geo"]
 
 
 def test_normalize_answer():
@@ -320,6 +338,21 @@ def test_exact_match_stop_rate_and_majority_baseline(tmp_path):
     assert r["skipped"]["by_reason"] == {}  # the bad rows lie past the limit
 
 
+def test_developer_chats_count_and_empty_answers_do_not(tmp_path):
+    """`developer` is the system role everywhere else (template, SFT data, server); an answer that is only
+    punctuation would be matched by an empty reply."""
+    task = write_task(tmp_path / "t.jsonl", [
+        {"messages": [{"role": "developer", "content": "S"}, {"role": "user", "content": "a"}], "answer": "好"},
+        {"messages": [{"role": "user", "content": "b"}], "answer": "。"},
+        {"messages": [{"role": "user", "content": "c"}], "answer": ["好", " "]},
+    ])
+    engine = ScriptedEngine({"a": ("好", "eos")})
+    r = eval_task(engine, task)
+    assert (r["examples"], r["accuracy"]) == (1, 1.0)
+    assert engine.seen == ["<|im_start|>system\nS<|im_end|>\n<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\n"]
+    assert r["skipped"]["by_reason"] == {"empty_answer": 2}
+
+
 def test_the_majority_baseline_counts_alternative_answers(tmp_path):
     """Always answering "负面" is right on all three rows, one of which also accepts "差": 100%, not 67%."""
     task = write_task(tmp_path / "t.jsonl", [
@@ -331,9 +364,11 @@ def test_the_majority_baseline_counts_alternative_answers(tmp_path):
     assert r["accuracy"] == 1.0 and r["baseline"] == 1.0 and r["majority_answer"] == "负面"
 
 
-def test_task_errors(tmp_path):
-    with pytest.raises(TinykError, match="not found"):
+def test_task_errors(tmp_path, nano_model_dir):
+    with pytest.raises(TinykError, match="not a model directory"):  # the model first: the checks read its tokenizer
         evaluate(tmp_path, tasks=[tmp_path / "nope.jsonl"])
+    with pytest.raises(TinykError, match="not found"):
+        evaluate(nano_model_dir, tasks=[tmp_path / "nope.jsonl"])
     with pytest.raises(TinykError, match="no usable examples"):
         eval_task(ScriptedEngine({}), write_task(tmp_path / "t.jsonl", ["{}"]))
     with pytest.raises(TinykError, match="nothing to evaluate"):

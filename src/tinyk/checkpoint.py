@@ -233,7 +233,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32) -> tuple[Transformer, TinyTokenizer]:
     """Loads a model directory (weights via safetensors only) and its tokenizer."""
     path = Path(path)
-    cfg, tok = _config_and_tokenizer(path)
+    cfg, tok = config_and_tokenizer(path)
     with _reading_weights(path):
         state = load_file(str(path / "model.safetensors"))
     model = _model_from_dir_state(path, cfg, state)
@@ -241,7 +241,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     return model.to(device=device, dtype=dtype).eval(), tok
 
 
-def _config_and_tokenizer(path: Path) -> tuple[ModelConfig, TinyTokenizer]:
+def config_and_tokenizer(path: Path) -> tuple[ModelConfig, TinyTokenizer]:
     """A model directory's config and tokenizer, checked to belong together."""
     cfg, tok = load_config(path), load_tokenizer(path)
     check_compatible(cfg, tok)
@@ -288,7 +288,7 @@ def model_info(path: str | Path) -> dict[str, Any]:
     """What `tinyk model info` shows, after checking the weights file against config.json from its
     header alone (names, shapes and that the file holds all the bytes they need), without loading it."""
     path = Path(path)
-    cfg, _ = _config_and_tokenizer(path)  # a directory other commands would refuse is refused here
+    cfg, _ = config_and_tokenizer(path)  # a directory other commands would refuse is refused here
     with _reading_weights(path), safe_open(str(path / "model.safetensors"), "pt") as f:
         state = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
     n = _model_from_dir_state(path, cfg, state).num_params()

@@ -17,8 +17,8 @@ import json
 import math
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from .model import Transformer
 from .tokenizer import (
     CHAT_ROLES,
     DEFAULT_SYSTEM_PROMPT,
+    SYSTEM_ROLES,
     TinyTokenizer,
     same_tokenizer,
     tokenizer_hash,
@@ -40,7 +41,7 @@ CHOICE_FORMATS = ("cloze", "letter")
 
 # ---------------------------------------------------------------- data: loss, perplexity, bits per byte
 
-def _open_split(data_dir: str | Path, split: str, model_dir: str | Path) -> dict[str, Any]:
+def _split_meta(data_dir: str | Path, split: str, model_dir: str | Path) -> dict[str, Any]:
     """A prepared data directory's meta, once it is known to have tokens in `split`, tokenized with
     the model's tokenizer."""
     from .data import open_dataset
@@ -56,6 +57,11 @@ def _open_split(data_dir: str | Path, split: str, model_dir: str | Path) -> dict
     return meta
 
 
+def data_seq_len(meta: dict[str, Any], asked: int | None, context: int) -> int:
+    """The window a split is scored in: as asked, else the SFT data's max_len, else the context; never past it."""
+    return min(asked or meta.get("max_len") or context, context)
+
+
 @torch.no_grad()
 def eval_data(model: Transformer, model_dir: str | Path, data_dir: str | Path, *, split: str = "val",
               seq_len: int | None = None, batch_size: int = 8, max_batches: int | None = None) -> dict[str, Any]:
@@ -66,10 +72,9 @@ def eval_data(model: Transformer, model_dir: str | Path, data_dir: str | Path, *
     from .tokenizer import load_tokenizer
     from .train import eval_sums
 
-    meta = _open_split(data_dir, split, model_dir)
-    ctx = model.config.max_seq_len
+    meta = _split_meta(data_dir, split, model_dir)
     asked = seq_len
-    seq_len = min(seq_len or meta.get("max_len") or ctx, ctx)  # SFT data records its max_len
+    seq_len = data_seq_len(meta, asked, model.config.max_seq_len)
     device = next(model.parameters()).device
     token_bytes = torch.tensor(load_tokenizer(model_dir).token_bytes, dtype=torch.float64, device=device)
     batches = ((x.to(device), y.to(device)) for x, y in eval_batches(data_dir, split, seq_len, batch_size, max_batches))
@@ -104,7 +109,8 @@ def normalize_answer(text: str) -> str:
 
 def _valid_messages(msgs: Any) -> bool:
     return (isinstance(msgs, list) and bool(msgs)
-            and all(isinstance(m, dict) and m.get("role") in CHAT_ROLES and isinstance(m.get("content"), str)
+            and all(isinstance(m, dict) and m.get("role") in (*CHAT_ROLES, *SYSTEM_ROLES)
+                    and isinstance(m.get("content"), str)
                     for m in msgs)
             and msgs[-1]["role"] == "user")
 
@@ -117,6 +123,8 @@ def read_task(path: str | Path, skips: Skips, *, system_prompt: str | None = DEF
     (None: chats are rendered exactly as given).
     """
     path = Path(path)
+    if path.is_dir():
+        raise TinykError(f"task file {path} is a directory; give a JSONL file of chats")
     if not path.is_file():
         raise TinykError(f"task file not found: {path}")
     out = []
@@ -129,6 +137,10 @@ def read_task(path: str | Path, skips: Skips, *, system_prompt: str | None = DEF
         answers = [answer] if isinstance(answer, str) else answer
         if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
             skips.add("bad_answer", where)
+            continue
+        if not all(normalize_answer(a) for a in answers):  # an empty reply would match it
+            skips.add("empty_answer", where, "an answer must keep some text once space and final punctuation "
+                                             "are dropped")
             continue
         msgs = with_system([{"role": m["role"], "content": m["content"]} for m in rec["messages"]], system_prompt)
         out.append(TaskExample(where, msgs, answers))
@@ -146,6 +158,41 @@ def greedy_params(max_new_tokens: int) -> Any:
                           max_new_tokens=max_new_tokens, seed=0)
 
 
+def read_task_prompts(path: str | Path, prompt_of: Callable[[list[dict[str, str]]], Any], *,
+                      system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, limit: int | None = None
+                      ) -> tuple[list[TaskExample], list[Any], Skips]:
+    """The examples of a task file whose prompt fits the model's context, with their prompts (`prompt_of`
+    makes one from a chat, raising ContextLengthError when it does not fit: those are skipped and
+    counted); a file with none is a TinykError."""
+    from .engine import ContextLengthError
+
+    skips = Skips()
+    examples, prompts = [], []
+    for ex in read_task(path, skips, system_prompt=system_prompt, limit=limit):
+        try:
+            prompts.append(prompt_of(ex.messages))
+        except ContextLengthError:
+            skips.add("prompt_too_long", ex.where)
+            continue
+        examples.append(ex)
+    if not examples:
+        raise TinykError(f"{path}: no example fits the model's context ({skips.summary()})")
+    return examples, prompts, skips
+
+
+def chat_prompt_ids(tok: TinyTokenizer, context_length: int) -> Callable[[list[dict[str, str]]], list[int]]:
+    """A chat's prompt ids as `Engine.chat_ids` and `Engine.encode` make them, before any engine exists."""
+    from .engine import ContextLengthError
+
+    def prompt_of(messages: list[dict[str, str]]) -> list[int]:
+        ids = tok.encode_chat(messages, add_generation_prompt=True)
+        if len(ids) >= context_length:
+            raise ContextLengthError(f"{len(ids)} tokens, context {context_length}")
+        return ids
+
+    return prompt_of
+
+
 def eval_task(engine: Any, path: str | Path, *, batch_size: int = 32, max_new_tokens: int = 64,
               limit: int | None = None, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
               keep_samples: int = 5, name: str | None = None) -> dict[str, Any]:
@@ -153,19 +200,16 @@ def eval_task(engine: Any, path: str | Path, *, batch_size: int = 32, max_new_to
 
     Examples whose prompt does not fit the model's context are skipped and counted.
     """
-    from .engine import ContextLengthError
+    read = read_task_prompts(path, lambda m: engine.encode(engine.chat_ids(m)), system_prompt=system_prompt,
+                             limit=limit)
+    return score_task(engine, path, *read, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                      keep_samples=keep_samples, name=name)
 
-    skips = Skips()
-    examples, prompts = [], []
-    for ex in read_task(path, skips, system_prompt=system_prompt, limit=limit):
-        try:
-            prompts.append(engine.encode(engine.chat_ids(ex.messages)))
-        except ContextLengthError:
-            skips.add("prompt_too_long", ex.where)
-            continue
-        examples.append(ex)
-    if not examples:
-        raise TinykError(f"{path}: no example fits the model's context ({skips.summary()})")
+
+def score_task(engine: Any, path: str | Path, examples: list[TaskExample], prompts: list[Any], skips: Skips,
+               *, batch_size: int = 32, max_new_tokens: int = 64, keep_samples: int = 5,
+               name: str | None = None) -> dict[str, Any]:
+    """`eval_task` on examples already read, with their prompts (by `read_task_prompts`)."""
     params = greedy_params(max_new_tokens)
     # Similar lengths together waste less compute on padding; results go back in file order.
     order = sorted(range(len(examples)), key=lambda i: len(prompts[i]))
@@ -221,7 +265,8 @@ def _first_non_utf8_line(path: Path) -> int | None:
 
 
 def read_choice_csv(path: Path, skips: Skips, limit: int | None = None) -> list[ChoiceQuestion]:
-    """One C-Eval (id,question,A..D,answer[,explanation]) or CMMLU (,Question,A..D,Answer) file.
+    """One C-Eval (id,question,A..D,answer[,explanation]) or CMMLU (,Question,A..D,Answer) file; its
+    questions' subject is the file's name without _val/_dev/_test.
 
     A file that is not UTF-8 text (a GBK export, a binary file) or not parseable CSV is one TinykError.
     """
@@ -236,7 +281,7 @@ def read_choice_csv(path: Path, skips: Skips, limit: int | None = None) -> list[
         raise TinykError(f"{path}: malformed CSV ({e})") from e
 
 
-def _read_choice_csv(path: Path, skips: Skips, limit: int | None = None) -> list[ChoiceQuestion]:
+def _read_choice_csv(path: Path, skips: Skips, limit: int | None) -> list[ChoiceQuestion]:
     with open(path, newline="", encoding="utf-8-sig") as f:
         # strict: an unclosed quote is an error, not a field that silently swallows the rows after it
         reader = csv.DictReader(f, strict=True)
@@ -271,11 +316,13 @@ def _read_choice_csv(path: Path, skips: Skips, limit: int | None = None) -> list
 
 def read_choice(paths: Iterable[str | Path], skips: Skips, limit: int | None = None) -> list[ChoiceQuestion]:
     """Every CSV under the given folders (recursively) or the given CSV files, in a stable order, each
-    once; the first `limit` usable questions of each file (a subject), as lm-eval's --limit does."""
+    once; the first `limit` usable questions of each file (a subject), as lm-eval's --limit does. A
+    subject name found in several folders (ceval/val and ceval/dev, or two benchmarks) is named with
+    its folder in each, so they are not merged."""
     files: dict[Path, Path] = {}  # by resolved path: a file reached twice is scored once
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(p.rglob("*.csv"))
+            found = sorted(f for f in p.rglob("*.csv") if f.is_file())
         elif p.is_file():
             found = [p]
         else:
@@ -284,9 +331,16 @@ def read_choice(paths: Iterable[str | Path], skips: Skips, limit: int | None = N
             files.setdefault(f.resolve(), f)
     if not files:
         raise TinykError(f"no .csv files in {', '.join(map(str, paths))}")
+    read = [(f, read_choice_csv(f, skips, limit)) for f in files.values()]
+    folders: dict[str, set[Path]] = {}
+    for f, qs in read:
+        if qs:  # a test split without answers merges with nothing
+            folders.setdefault(_subject(f), set()).add(f.parent.resolve())
     questions: list[ChoiceQuestion] = []
-    for f in files.values():
-        questions += read_choice_csv(f, skips, limit)
+    for f, qs in read:
+        if len(folders.get(_subject(f), ())) > 1:
+            qs = [replace(q, subject=f"{f.parent.name}/{q.subject}") for q in qs]
+        questions += qs
     if not questions:
         raise TinykError(f"no questions with answers in {', '.join(map(str, paths))} ({skips.summary()}); "
                          "point at a split that has answers, e.g. ceval/val or cmmlu/test")
@@ -364,9 +418,12 @@ def score_choice(model: Transformer, tok: TinyTokenizer, paths: list[str | Path]
         per.setdefault(q.subject, []).append(int(best[qi][1] == q.answer))
         chance += 1 / len(q.options)
     n = len(questions)
+    subjects = {s: {"questions": len(v), "accuracy": sum(v) / len(v)} for s, v in sorted(per.items())}
+    # accuracy is per question (lm-eval's ceval-valid); macro_accuracy is the mean over subjects (C-Eval's "Average")
     return {"task": "choice", "paths": [str(p) for p in paths], "format": fmt, "questions": n,
-            "accuracy": sum(sum(v) for v in per.values()) / n, "baseline": chance / n, "baseline_kind": "chance",
-            "subjects": {s: {"questions": len(v), "accuracy": sum(v) / len(v)} for s, v in sorted(per.items())},
+            "accuracy": sum(sum(v) for v in per.values()) / n,
+            "macro_accuracy": sum(v["accuracy"] for v in subjects.values()) / len(subjects),
+            "baseline": chance / n, "baseline_kind": "chance", "subjects": subjects,
             "skipped": skips.to_json()}
 
 
@@ -380,7 +437,8 @@ def evaluate(model_dir: str | Path, *, data: Iterable[str | Path] = (), tasks: I
              quantize: str = "none") -> dict[str, Any]:
     """Runs every requested mode on one model directory; the model is loaded once. Task chats without
     a system message get `system_prompt`: by default the model's own (its SFT data's), '' for none."""
-    from .checkpoint import load_model
+    from .checkpoint import config_and_tokenizer, load_model
+    from .loader import open_split
 
     data, tasks, choice = list(data), list(tasks), list(choice)
     if not (data or tasks or choice):
@@ -388,15 +446,15 @@ def evaluate(model_dir: str | Path, *, data: Iterable[str | Path] = (), tasks: I
     if quantize != "none" and not tasks:
         raise TinykError(f"--quantize {quantize} applies to --task answers (--data and --choice always score "
                          f"in fp32); add --task or leave --quantize out")
-    # Every input is checked before the model loads and any mode runs: a mistake in the last one
-    # must not throw away the minutes the first ones took.
+    # Every input is checked before the weights load and any mode runs: a mistake in the last one
+    # must not throw away the minutes the first ones took. The model directory first: the checks read
+    # its tokenizer and context length.
+    cfg, tok = config_and_tokenizer(Path(model_dir))
     for d in data:
-        _open_split(d, split, model_dir)
-    for t in tasks:
-        if Path(t).is_dir():
-            raise TinykError(f"task file {t} is a directory; give a JSONL file of chats")
-        if not Path(t).is_file():
-            raise TinykError(f"task file not found: {t}")
+        open_split(d, split, data_seq_len(_split_meta(d, split, model_dir), seq_len, cfg.max_seq_len))
+    system = tok.system_from_flag(system_prompt)
+    prompt_of = chat_prompt_ids(tok, cfg.max_seq_len)
+    task_inputs = [read_task_prompts(t, prompt_of, system_prompt=system, limit=limit) for t in tasks]
     if choice:
         _check_choice_format(choice_format)
         choice_skips = Skips()
@@ -404,7 +462,11 @@ def evaluate(model_dir: str | Path, *, data: Iterable[str | Path] = (), tasks: I
     from .engine import resolve_device
 
     model, tok = load_model(model_dir, device=resolve_device(device))
-    results: dict[str, Any] = {"model": str(model_dir), "data": [], "tasks": [], "choice": None}
+    results: dict[str, Any] = {"model": str(model_dir), "data": [], "tasks": [], "choice": None,
+                               "settings": {"split": split, "seq_len": seq_len, "max_batches": max_batches,
+                                            "limit": limit, "max_new_tokens": max_new_tokens,
+                                            "system_prompt": system, "choice_format": choice_format,
+                                            "batch_size": batch_size}}
     if tasks:
         results["quantize"] = quantize  # the task answers' weights; the other modes always use fp32
     for d in data:
@@ -416,10 +478,9 @@ def evaluate(model_dir: str | Path, *, data: Iterable[str | Path] = (), tasks: I
         # int8 weights serve decode steps of up to INT8_MAX_ROWS sequences (bf16 beyond), so to measure
         # what int8 costs the answers decode in batches that small.
         task_batch = min(batch_size, INT8_MAX_ROWS) if quantize == "int8" else batch_size
-        system = tok.system_from_flag(system_prompt)
         engine = make_engine(model, tok, task_batch, quantize)
-        results["tasks"] = [eval_task(engine, t, batch_size=task_batch, max_new_tokens=max_new_tokens,
-                                      limit=limit, system_prompt=system) for t in tasks]
+        results["tasks"] = [score_task(engine, t, *read, batch_size=task_batch, max_new_tokens=max_new_tokens)
+                            for t, read in zip(tasks, task_inputs, strict=True)]
     if choice:
         results["choice"] = score_choice(model, tok, choice, questions, choice_skips, fmt=choice_format,
                                          batch_size=batch_size)
@@ -474,6 +535,8 @@ def table_rows(results: dict[str, Any]) -> Iterator[tuple[str, str, str]]:
     if c:
         yield (f"multiple choice, {c['format']} ({counted(c['questions'], c['skipped'])})", percent(c["accuracy"]),
                f"{percent(c['baseline'])} chance")
+        if len(c["subjects"]) > 1:
+            yield "  mean over subjects", percent(c["macro_accuracy"]), ""
         for s, v in c["subjects"].items():
             yield f"  {s} (n={v['questions']})", percent(v["accuracy"]), ""
 

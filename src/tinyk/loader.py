@@ -200,7 +200,9 @@ class _Conversations:
 _Data = _Windows | _Conversations
 
 
-def _open_split(data_dir: str | Path, split: str, seq_len: int, kind: str | None = None) -> _Data:
+def open_split(data_dir: str | Path, split: str, seq_len: int, kind: str | None = None) -> _Data:
+    """A split ready to read: its shards opened and their sizes checked, and refused with one line when
+    it cannot fill `seq_len` (too few tokens, no SFT conversation with an answer token within it)."""
     if seq_len < 1:
         raise TinykError(f"seq_len must be positive, got {seq_len}")
     meta = open_dataset(data_dir)
@@ -282,7 +284,7 @@ class PretrainLoader(_Loader):
 
     def __init__(self, data_dir: str | Path, split: str, seq_len: int, micro_batch: int, *, rank: int = 0,
                  world_size: int = 1, seed: int = 0):
-        super().__init__(_open_split(data_dir, split, seq_len, "pretrain"), micro_batch, rank, world_size, seed)
+        super().__init__(open_split(data_dir, split, seq_len, "pretrain"), micro_batch, rank, world_size, seed)
 
 
 class SFTLoader(_Loader):
@@ -296,7 +298,7 @@ class SFTLoader(_Loader):
 
     def __init__(self, data_dir: str | Path, split: str, seq_len: int, micro_batch: int, *, rank: int = 0,
                  world_size: int = 1, seed: int = 0, bucket: int = SFT_BUCKET, batch_size: int | None = None):
-        data = _open_split(data_dir, split, seq_len, "sft")
+        data = open_split(data_dir, split, seq_len, "sft")
         super().__init__(data, micro_batch, rank, world_size, seed)
         self.bucket = bucket
         self.batch_size = batch_size or micro_batch * world_size
@@ -326,14 +328,14 @@ def eval_batches(data_dir: str | Path, split: str, seq_len: int, micro_batch: in
     `max_batches` counts global groups, so every rank stops after the same number of steps.
     """
     _check_layout(micro_batch, rank, world_size)
-    data = _open_split(data_dir, split, seq_len)
+    data = open_split(data_dir, split, seq_len)
     return _sequential(data.size, micro_batch, rank, world_size, max_batches, data.fetch)
 
 
 def conversations_left_out(data_dir: str | Path, split: str, seq_len: int) -> int:
     """SFT conversations of a split with no assistant token within seq_len, which training and
     evaluation leave out (0 for pretraining data)."""
-    return getattr(_open_split(data_dir, split, seq_len), "dropped", 0)
+    return getattr(open_split(data_dir, split, seq_len), "dropped", 0)
 
 
 def _sequential(size: int, micro_batch: int, rank: int, world_size: int, max_batches: int | None,
