@@ -4,6 +4,7 @@ built once per test session."""
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,10 @@ import pytest
 from tinyk.checkpoint import init_model_dir
 from tinyk.data import prepare_pretrain, prepare_sft
 from tinyk.tokenizer import train_tokenizer
+
+# Tests press Ctrl-C on themselves; a shell starts a background job (`make test &`, nohup) with it ignored.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 CHINESE = "我们今天去公园散步，天气很好！你喜欢吃苹果吗？这本书非常有意思：作者写得很好。中国的首都是北京。"
 ENGLISH = "The quick brown fox jumps over the lazy dog. 1+1=2; (x, y) -> z."
