@@ -123,9 +123,9 @@ class _Forward:
     """The model's forward pass with the KV cache, restated for generation.
 
     Same arithmetic as `Transformer.forward`, so the same logits bit for bit (unless the
-    weights are packed or quantized; ids past the tokenizer's vocabulary get -inf), minus what dominates a small-batch decode step besides
-    the matrix products: ~150 module calls, dropout no-ops, and the q/k/v and gate/up weights
-    concatenated every step. It uses the model's own weight tensors and RoPE tables, so a model
+    weights are packed or quantized; ids past the tokenizer's vocabulary get -inf), minus what
+    dominates a small-batch decode step besides the matrix products: ~150 module calls, dropout
+    no-ops, and the q/k/v and gate/up weights concatenated every step. It uses the model's own weight tensors and RoPE tables, so a model
     trained further is seen at once; only packed bf16 and int8 weights (`Engine(optimize=True)`,
     `quantize="int8"`) are copies.
     """
@@ -632,7 +632,8 @@ class Engine:
             if not isinstance(m, dict) or not isinstance(m.get("content"), str):
                 raise TinykError(f"messages[{i}] must be an object with a string 'content'")
             if m.get("role") not in (*CHAT_ROLES, *SYSTEM_ROLES):
-                raise TinykError(f"messages[{i}].role must be one of {', '.join(dict.fromkeys(CHAT_ROLES + SYSTEM_ROLES))}")
+                roles = ", ".join(dict.fromkeys(CHAT_ROLES + SYSTEM_ROLES))
+                raise TinykError(f"messages[{i}].role must be one of {roles}")
         return with_system(messages, self.tok.resolve_system(default_system))
 
     def request(self, prompt: str | list[int], params: SamplingParams, stream: bool = True) -> Request:

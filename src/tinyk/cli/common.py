@@ -151,4 +151,5 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.1,
                    help="penalise tokens already in the text; 1 = off (default 1.1)")
     p.add_argument("--max-new-tokens", type=positive_int, default=256, help="token budget per answer (default 256)")
-    p.add_argument("--seed", type=seed, default=None, help="seed for reproducible sampling (with several prompts, the i-th from 0 uses seed + i)")
+    p.add_argument("--seed", type=seed, default=None,
+                   help="seed for reproducible sampling (with several prompts, the i-th from 0 uses seed + i)")
