@@ -200,6 +200,7 @@ class Monitor:
         self.out = out
         self.trackers: Trackers | None = None
         self.metrics_path = out / "metrics.jsonl"
+        self.cut_tail = False  # whether metrics.jsonl ends in a line cut short, which truncate() removes
         self.records = self._read_records()
         # The bar is for a terminal (stderr); where output goes to a pipe or a log file, where a bar is
         # carriage-return noise, each log interval is one line on stdout instead (or as well).
@@ -213,8 +214,9 @@ class Monitor:
         damage anywhere else is an error, since the run's history would silently lose lines."""
         if not self.metrics_path.exists():
             return []
-        lines = [line for line in self.metrics_path.read_text(encoding="utf-8", errors="replace").splitlines()
-                 if line.strip()]
+        text = self.metrics_path.read_text(encoding="utf-8", errors="replace")
+        self.cut_tail = bool(text) and not text.endswith("\n")  # the next line would join this one
+        lines = [line for line in text.splitlines() if line.strip()]
         records = []
         for i, line in enumerate(lines):
             try:
@@ -223,6 +225,7 @@ class Monitor:
                     raise ValueError("not a metrics record")
             except ValueError as e:
                 if i == len(lines) - 1:
+                    self.cut_tail = True
                     break
                 raise TinykError(f"{self.metrics_path} line {i + 1} is damaged ({e}); repair or delete that line "
                                  f"to resume") from None
@@ -232,9 +235,9 @@ class Monitor:
     def truncate(self, step: int) -> None:
         """Drops records past `step` (written by a run that died after its last checkpoint)."""
         kept = [r for r in self.records if r["step"] <= step]
-        if len(kept) == len(self.records):  # nothing to drop: a finished run on a read-only disk still resumes
+        if len(kept) == len(self.records) and not self.cut_tail:  # a finished run resumes on a read-only disk
             return
-        self.records = kept
+        self.records, self.cut_tail = kept, False
         with atomic_file(self.metrics_path) as tmp:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
 
