@@ -867,10 +867,14 @@ def test_what_a_killed_write_leaves_never_locks_a_run(tmp_path, pt_data, tok_dir
     assert train(nano_cfg(pt_data, tok_dir, out, max_steps=3), resume=True)["steps"] == 3
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
     assert [r["step"] for r in records(out, "train")] == [1, 2, 3]
+    metrics = out / "metrics.jsonl"
+    metrics.write_text(metrics.read_text().removesuffix("\n"))  # whole, but cut before its newline
+    assert train(nano_cfg(pt_data, tok_dir, out, max_steps=4), resume=True)["steps"] == 4
+    assert [r["step"] for r in records(out, "train")] == [1, 2, 3, 4]
     lines = (out / "metrics.jsonl").read_text().splitlines()
     (out / "metrics.jsonl").write_text("\n".join([lines[0], "{damaged", *lines[1:]]) + "\n")
     with pytest.raises(TinykError, match=r"metrics.jsonl line 2 is damaged .*; repair or delete that line"):
-        train(nano_cfg(pt_data, tok_dir, out, max_steps=4, tracker=["tensorboard"]), resume=True)
+        train(nano_cfg(pt_data, tok_dir, out, max_steps=5, tracker=["tensorboard"]), resume=True)
     assert not (out / "tensorboard").exists()  # no tracker was started only to be left open
 
 
