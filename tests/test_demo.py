@@ -244,9 +244,9 @@ def test_demo_prints_table_and_chats(demo, capsys):
 
 
 def test_demo_model_matches_transformers_greedy(demo):
-    """The chat model directory is a transformers checkpoint: `generate(do_sample=False)` gives tinyk's
-    `--temperature 0` tokens (both with tinyk's repetition penalty, from generation_config.json),
-    stopping at the same <|im_end|> with nothing else passed."""
+    """The chat model directory is a transformers checkpoint: `generate()` given only the prompt gives
+    tinyk's `--temperature 0` tokens (greedy with tinyk's repetition penalty, from generation_config.json),
+    stopping at the same <|im_end|>."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tinyk.engine import Engine, SamplingParams
@@ -261,7 +261,7 @@ def test_demo_model_matches_transformers_greedy(demo):
         ids = hf_tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
         assert ids[0].tolist() == engine.encode(prompt)
         with torch.no_grad():
-            gen = hf.generate(ids, max_new_tokens=12, do_sample=False)  # config's own eos: stops at <|im_end|>
+            gen = hf.generate(ids, max_new_tokens=12)  # the config's own eos: stops at <|im_end|>
         assert gen[0, ids.shape[1]:].tolist() == c.token_ids
 
 

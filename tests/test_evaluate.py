@@ -184,6 +184,12 @@ def test_a_csv_reached_twice_is_read_once_and_limit_is_per_subject(tmp_path):
     (tmp_path / "cmmlu" / "geo.csv").write_text(",Question,A,B,Answer\n0,问题,甲,乙,B\n", encoding="utf-8")
     qs = read_choice([tmp_path / "val", tmp_path / "cmmlu"], Skips())
     assert [q.subject for q in qs] == ["astro"] * 3 + ["val/geo"] * 3 + ["cmmlu/geo"]
+    for bench in ("ceval", "cmmlu"):  # both benchmarks have a dev folder and shared subject names
+        (tmp_path / bench / "dev").mkdir(parents=True)
+        (tmp_path / bench / "dev" / "geo_dev.csv").write_text("id,question,A,B,answer\n0,问题,甲,乙,A\n",
+                                                              encoding="utf-8")
+    qs = read_choice([tmp_path / "ceval" / "dev", tmp_path / "cmmlu" / "dev"], Skips())
+    assert [q.subject for q in qs] == ["ceval/dev/geo", "cmmlu/dev/geo"]
 
 
 def test_normalize_answer():

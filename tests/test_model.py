@@ -69,9 +69,8 @@ def test_hf_llama_loads_and_matches_logits(tmp_path, tok_dir, shape):
     assert (gen.bos_token_id, gen.eos_token_id[0], gen.pad_token_id) == (tok.bos_token_id, tok.eos_token_id,
                                                                          tok.pad_token_id)
     assert set(gen.eos_token_id) == SPECIAL_IDS
-    d = SamplingParams()  # generate() samples as tinyk does
-    assert (gen.do_sample, gen.temperature, gen.top_k, gen.top_p, gen.repetition_penalty) == (
-        True, d.temperature, d.top_k, d.top_p, d.repetition_penalty)
+    # Greedy by default, with tinyk's repetition penalty: generate() is `tinyk generate --temperature 0`.
+    assert not gen.do_sample and gen.repetition_penalty == SamplingParams().repetition_penalty
     assert (hf.config.bos_token_id, hf.config.eos_token_id) == (tok.bos_token_id, tok.eos_token_id)
 
 

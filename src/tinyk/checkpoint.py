@@ -38,13 +38,12 @@ GENERATION_IDS = {"bos_token_id": IM_START_ID, "eos_token_id": IM_END_ID, "pad_t
 def generation_config() -> dict[str, Any]:
     """generation_config.json: every special token ends a sequence, eos first, so `generate()` in
     transformers stops where tinyk's engine does (a base model that opens the next document, too), and
-    it samples with tinyk's defaults (`do_sample=False` there is greedy with tinyk's repetition penalty)."""
+    greedy decoding there is tinyk's `--temperature 0` (the repetition penalty included). Sampling stays
+    off by default: with it on, transformers refuses `temperature=0` and saving a greedy config."""
     from .engine import SamplingParams
 
-    d = SamplingParams()
-    return {**GENERATION_IDS, "eos_token_id": [IM_END_ID, *sorted(SPECIAL_IDS - {IM_END_ID})], "do_sample": True,
-            "temperature": d.temperature, "top_k": d.top_k, "top_p": d.top_p,
-            "repetition_penalty": d.repetition_penalty}
+    return {**GENERATION_IDS, "eos_token_id": [IM_END_ID, *sorted(SPECIAL_IDS - {IM_END_ID})],
+            "repetition_penalty": SamplingParams().repetition_penalty}
 
 
 def hf_config(cfg: ModelConfig) -> dict[str, Any]:

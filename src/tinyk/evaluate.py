@@ -331,20 +331,30 @@ def read_choice(paths: Iterable[str | Path], skips: Skips, limit: int | None = N
             files.setdefault(f.resolve(), f)
     if not files:
         raise TinykError(f"no .csv files in {', '.join(map(str, paths))}")
-    read = [(f, read_choice_csv(f, skips, limit)) for f in files.values()]
+    read = [(f, read_choice_csv(f, skips, limit)) for f in files]
     folders: dict[str, set[Path]] = {}
     for f, qs in read:
         if qs:  # a test split without answers merges with nothing
-            folders.setdefault(_subject(f), set()).add(f.parent.resolve())
+            folders.setdefault(_subject(f), set()).add(f.parent)
     questions: list[ChoiceQuestion] = []
     for f, qs in read:
-        if len(folders.get(_subject(f), ())) > 1:
-            qs = [replace(q, subject=f"{f.parent.name}/{q.subject}") for q in qs]
+        same = folders.get(_subject(f), set())
+        if len(same) > 1:
+            qs = [replace(q, subject=f"{_short_names(same)[f.parent]}/{q.subject}") for q in qs]
         questions += qs
     if not questions:
         raise TinykError(f"no questions with answers in {', '.join(map(str, paths))} ({skips.summary()}); "
                          "point at a split that has answers, e.g. ceval/val or cmmlu/test")
     return questions
+
+
+def _short_names(folders: set[Path]) -> dict[Path, str]:
+    """The fewest trailing path parts that tell the folders apart (ceval/dev vs cmmlu/dev)."""
+    for k in range(1, max(len(p.parts) for p in folders) + 1):
+        names = {p: "/".join(p.parts[-k:]) for p in folders}
+        if len(set(names.values())) == len(names):
+            return names
+    return {p: str(p) for p in folders}
 
 
 def choice_continuations(q: ChoiceQuestion, fmt: str) -> tuple[str, list[tuple[str, str]]]:

@@ -1596,7 +1596,9 @@ def peer_lost(e: BaseException, out: Path) -> TinykError | None:
     line with the way back, in place of the backend's traceback."""
     if not isinstance(e, RuntimeError) or not any(s in str(e) for s in _PEER_GONE):
         return None
-    ckpts = checkpoints(out)
+    ckpts: list[Path] = []
+    with contextlib.suppress(OSError):  # a lost network disk: the failed collective is still the news
+        ckpts = checkpoints(out)
     newest = f"the newest checkpoint is {ckpts[-1]}; " if ckpts else ""
     return TinykError(f"another process of this job stopped ({first_line(e)}); {newest}start the job again with "
                       f"--resume")

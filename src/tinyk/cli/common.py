@@ -138,7 +138,7 @@ def size_range(lo: int = 1, hi: int = MAX_SIZE) -> Callable[[str], int]:
 positive_size = size_range(1)
 
 
-def add_sampling_args(p: argparse.ArgumentParser) -> None:
+def add_sampling_args(p: argparse.ArgumentParser, seed_help: str = "seed for reproducible sampling") -> None:
     """Sampling flags shared by generate, chat and serve; defaults avoid loops on small models.
 
     The float flags are range-checked by `SamplingParams` (one line, before the model loads)."""
@@ -151,5 +151,4 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.1,
                    help="penalise tokens already in the text; 1 = off (default 1.1)")
     p.add_argument("--max-new-tokens", type=positive_int, default=256, help="token budget per answer (default 256)")
-    p.add_argument("--seed", type=seed, default=None,
-                   help="seed for reproducible sampling (with several prompts, the i-th from 0 uses seed + i)")
+    p.add_argument("--seed", type=seed, default=None, help=seed_help)

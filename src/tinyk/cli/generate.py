@@ -51,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--no-bos", action="store_true", help="do not start prompts with <|im_start|>")
     g.add_argument("--batch-size", type=batch_count, default=16, help="sequences decoded together (default 16)")
     g.add_argument("--json", action="store_true", help="print one JSON object per prompt")
-    add_sampling_args(g)
+    add_sampling_args(g, "seed for reproducible sampling (with several prompts, the i-th from 0 uses seed + i)")
     g.set_defaults(func=_generate)
 
     c = sub.add_parser("chat", help="chat with a model in the terminal",

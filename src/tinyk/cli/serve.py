@@ -45,7 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "passes on (named hosts are enforced on any address; without any, only on 127.0.0.1); "
                         "repeatable, * for any")
     p.add_argument("--quiet", action="store_true", help="no access log")
-    add_sampling_args(p)
+    add_sampling_args(p, "seeds the server: requests without a seed of their own draw one from it, so a "
+                         "restarted server answers the same requests, in the same order, the same way")
     p.set_defaults(func=_serve)
 
 
