@@ -180,7 +180,9 @@ def test_the_chat_page_streams_a_reply(nano_model_dir, tmp_path):
     message = "你好<b>!</b>"
     result = chat_in_page(engine, tmp_path, [message], max_tokens=12)
     want = greedy_chat(engine, [{"role": "user", "content": message}], 12)
-    assert result["errors"] == [] and result["notes"] == []
+    assert result["errors"] == []
+    cut = [f"(reply cut at {want.completion_tokens} tokens; raise max tokens for longer)"]  # as `tinyk chat` says
+    assert result["notes"] == (cut if want.finish_reason == "length" else [])
     assert result["users"] == [message] and "<b>" not in result["userHtml"]  # shown as text, not HTML
     [reply] = result["replies"]
     assert reply["text"] == want.text and reply["finish"] == want.finish_reason
@@ -199,7 +201,8 @@ def test_the_chat_page_forgets_old_turns_to_fit_the_context(nano_model_dir, tmp_
     assert len(ids) > engine.context_length, "the test needs a conversation longer than the window"
     result = chat_in_page(engine, tmp_path, messages, max_tokens=None)
     assert result["errors"] == [] and len(result["replies"]) == 3
-    assert result["notes"] and all("forgot the oldest turn" in n for n in result["notes"])
+    forgot = [n for n in result["notes"] if not n.startswith("(reply cut at")]
+    assert forgot and all("forgot the oldest turn" in n for n in forgot)
     # The replies equal the engine's on the history the page kept, which always ends with the newest message.
     history: list[dict] = []
     budget = engine.context_length // 2
@@ -258,14 +261,25 @@ def test_the_chat_page_keeps_the_conversation_it_shows(nano_model_dir, tmp_path)
         finally:
             forward.released.set()
         after = run("return shown();")
+        # Unset by default (the server's --temperature decides); a key the browser cannot send, and
+        # Safari's IME Enter (keyCode 229, composition already ended), send nothing.
+        default_temperature = run("return document.getElementById('temperature').defaultValue;")
+        bad_key = run("document.getElementById('api-key').value = '密钥'; await say('你好');\n"
+                      "document.getElementById('api-key').value = ''; return shown();")
+        ime = run("input.value = 'nihao'; input.dispatchEvent(new KeyboardEvent('keydown', "
+                  "{key: 'Enter', keyCode: 229, bubbles: true})); return [input.value, controller === null];")
     first = greedy_chat(engine, [{"role": "user", "content": "你好"}], 64)
     assert refused["history"] == [{"role": "user", "content": "你好"}, {"role": "assistant", "content": first.text}]
     assert refused["unsent"] == [too_long] and [r["text"] for r in refused["replies"]] == [first.text]
     assert len(refused["errors"]) == 1 and "context" in refused["errors"][0]
-    assert refused["notes"] == []  # turns forgotten to make room for a refused message stay
+    cut = [f"(reply cut at {first.completion_tokens} tokens; raise max tokens for longer)"]
+    assert refused["notes"] == (cut if first.finish_reason == "length" else [])  # no turn forgotten for it
     assert broken["errors"][1:] == ["generation failed: RuntimeError: simulated out of memory"]
     assert broken["replies"][1]["finish"] == "error"
     assert broken["replies"][1]["chunks"] > 0 and broken["history"][-2:] == [
         {"role": "user", "content": "再见"}, {"role": "assistant", "content": broken["replies"][1]["text"]}]
     assert no_temperature is True
     assert after == {**after, "users": [], "replies": [], "errors": [], "notes": [], "history": []}
+    assert default_temperature == ""
+    assert bad_key["unsent"] == ["你好"] and bad_key["errors"] == ["an API key is printable ASCII without spaces"]
+    assert ime == ["nihao", True]
