@@ -463,6 +463,47 @@ def test_generate_cli(nano_model_dir, tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().err == f"tinyk: error: model directory not found: {tmp_path / 'missing'}\n"
 
 
+def test_chat_in_a_terminal_keeps_the_conversation_through_ctrl_c_at_the_prompt(nano_model_dir):
+    """At `you>`, Ctrl-C clears the line (as Python's prompt does) and the session goes on; Ctrl-D ends it."""
+    import pty
+    import select
+    import signal
+    import time
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "tinyk", "chat", "--model", str(nano_model_dir), "--temperature",
+                             "0", "--max-new-tokens", "3"], stdin=slave, stdout=slave, stderr=slave,
+                            start_new_session=True, env={**os.environ, "TERM": "dumb"})
+    os.close(slave)
+    seen = b""
+
+    def until(text: bytes) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + 60
+        while text not in seen:
+            assert time.monotonic() < deadline and proc.poll() is None, seen.decode(errors="replace")
+            if select.select([master], [], [], 0.5)[0]:
+                seen += os.read(master, 4096)
+
+    try:
+        until(b"you> ")
+        seen = b""
+        os.write(master, "半句".encode())
+        until("半句".encode())  # echoed: the line is being typed
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C at the prompt sends
+        until(b"you> ")  # a fresh prompt, the session alive
+        os.write(master, "你好\n".encode())
+        until(b"assistant> ")
+        seen = b""
+        until(b"you> ")
+        os.write(master, b"\x04")  # Ctrl-D
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+        os.close(master)
+
+
 def test_chat_cli_answers_one_message(engine, nano_model_dir, capsys, monkeypatch):
     prompt = engine.chat_prompt([{"role": "user", "content": "你好"}], default_system=DEFAULT_SYSTEM_PROMPT)
     params = replace(GREEDY, repetition_penalty=1.1, max_new_tokens=6, ignore_eos=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import sys
@@ -159,9 +160,20 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _input_lines() -> Iterable[str]:
+    """Lines typed at the `you>` prompt, with line editing and history where readline exists (arrow
+    keys otherwise type escape codes into the message). Ctrl-C there clears the line, as at Python's
+    own prompt, rather than ending the conversation; Ctrl-D ends it."""
+    from tinyk.files import Terminated
+
+    with contextlib.suppress(ImportError):  # not on Windows
+        import readline  # noqa: F401 - loading it is what gives input() editing and history
     while True:
         try:
             yield input("you> ")
         except EOFError:
             print(file=sys.stderr)
             return
+        except KeyboardInterrupt as e:
+            if isinstance(e, Terminated):
+                raise
+            print(file=sys.stderr)
