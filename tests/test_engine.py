@@ -512,6 +512,16 @@ def test_chat_in_a_terminal_keeps_the_conversation_through_ctrl_c_at_the_prompt(
         os.close(master)
 
 
+def test_a_terminal_that_cannot_show_a_character_gets_a_substitute(nano_model_dir, monkeypatch):
+    """A GBK (or ASCII) terminal has no emoji nor U+FFFD, which small models emit: no traceback."""
+    out = io.TextIOWrapper(io.BytesIO(), encoding="gbk")
+    monkeypatch.setattr("sys.stdout", out)
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", str(nano_model_dir), "--prompt", "你好😀", "--max-new-tokens", "2"])
+    out.flush()
+    assert e.value.code == 0 and out.buffer.getvalue().decode("gbk").startswith("你好?")
+
+
 def test_chat_cli_answers_one_message(engine, nano_model_dir, capsys, monkeypatch):
     prompt = engine.chat_prompt([{"role": "user", "content": "你好"}], default_system=DEFAULT_SYSTEM_PROMPT)
     params = replace(GREEDY, repetition_penalty=1.1, max_new_tokens=6, ignore_eos=False)

@@ -363,6 +363,9 @@ def test_an_output_name_near_the_filesystem_limit_gets_legal_temporaries(tmp_pat
     with atomic_dir(out, force=True) as tmp:
         (tmp / "f").write_text("x")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, name[:-5] + ".json"])
+    chinese = "长" * 80  # 240 bytes: its temporary's name is cut, never inside a character (tokenizers refused it)
+    assert all(_stem(chinese[:n]).encode("utf-8") for n in range(60, 81))
+    train_tokenizer([corpus_file], tmp_path / chinese, vocab_size=300, show_progress=False)
 
 
 def test_a_later_run_removes_what_a_killed_one_left(tmp_path):

@@ -408,6 +408,15 @@ def test_two_process_ddp_and_fsdp_match_one_process(tmp_path, pt_data, tok_dir):
     assert [e["val_loss"] for e in evals] == pytest.approx([e["val_loss"] for e in ref_evals], rel=1e-5)
 
 
+def test_a_run_resumes_from_inside_its_directory(tmp_path, pt_data, tok_dir, monkeypatch):
+    """`cd run && tinyk pretrain --out . --resume` (it was a StopIteration traceback)."""
+    train(nano_cfg(pt_data, tok_dir, tmp_path / "run", max_steps=2, save_every=1))
+    monkeypatch.chdir(tmp_path / "run")
+    with pytest.raises(SystemExit) as e:
+        main(["pretrain", "--out", ".", "--resume", "--max-steps", "3", "--no-progress"])
+    assert e.value.code == 0 and json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 3
+
+
 def test_a_dead_process_leaves_the_others_one_line_and_the_way_back(tmp_path, pt_data, tok_dir):
     """A worker killed mid-run (out of memory, a node lost): the survivor's failed collective is one
     line naming the newest checkpoint, not the backend's traceback."""

@@ -515,8 +515,8 @@ def check_output(out: str | Path, inputs: Iterable[str | Path | None], flag: str
             raise TinykError(f"{flag} {out} would replace the input {i}; choose another output path")
         if p in o.parents:
             raise TinykError(f"{flag} {out} lies inside the input {i}; inputs are never written to")
-    nearest = next(a for a in Path(out).parents if a.exists() or a.is_symlink())
-    if not nearest.is_dir():
+    nearest = next((a for a in Path(out).absolute().parents if a.exists() or a.is_symlink()), None)
+    if nearest is not None and not nearest.is_dir():
         raise TinykError(f"{flag} {out}: {nearest} is a file, not a directory")
 
 
@@ -649,7 +649,18 @@ def _stem(name: str) -> str:
     if len(raw) <= room:
         return name
     digest = hashlib.sha256(raw).hexdigest()[:8]
-    return os.fsdecode(raw[:room - len(digest) - 1]) + "." + digest
+    head = raw[:room - len(digest) - 1]
+    # Not inside a UTF-8 character: libraries that take str paths (tokenizers) encode them strictly.
+    whole = next((head[:len(head) - k] for k in range(4) if _is_utf8(head[:len(head) - k])), head)
+    return os.fsdecode(whole) + "." + digest
+
+
+def _is_utf8(b: bytes) -> bool:
+    try:
+        b.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _pid_running(pid: int) -> bool:

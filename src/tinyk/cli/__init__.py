@@ -7,7 +7,9 @@ import the library lazily so `tinyk --help` stays fast.
 from __future__ import annotations
 
 import argparse
+import codecs
 import importlib
+import io
 import os
 import signal
 import sys
@@ -56,6 +58,11 @@ def main(argv: list[str] | None = None) -> None:
         parser.print_help()
         sys.exit(0)
     args = parser.parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):
+        # A GBK or ASCII terminal cannot show every character a model writes (U+FFFD, emoji, rare
+        # characters): they print as substitutes instead of ending the command with a traceback.
+        if isinstance(stream, io.TextIOWrapper) and codecs.lookup(stream.encoding).name != "utf-8":
+            stream.reconfigure(errors="replace")
     # Handlers belong to the main thread; a program calling main() from another keeps its own.
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None
