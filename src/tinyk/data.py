@@ -634,8 +634,8 @@ def prepare_pretrain(inputs: list[str | Path], tokenizer_dir: str | Path, out: s
 
     options = {"field": field, "val_fraction": val_fraction, "seed": seed, "shard_tokens": shard_tokens,
                **_line_cap(max_line_bytes)}
-    return _prepare("pretrain", paths, load_tokenizer(tokenizer_dir), out, records=records, size=len, batch_chars=batch_chars,
-                    job_extra={},
+    return _prepare("pretrain", paths, load_tokenizer(tokenizer_dir), out, records=records, size=len,
+                    batch_chars=batch_chars, job_extra={},
                     make_writer=lambda d: _ShardWriter(d, shard_tokens), meta_extra={"field": field},
                     command=_command("pretrain", paths, tokenizer_dir, out, options), val_fraction=val_fraction,
                     seed=seed, workers=nworkers, force=force, strict=strict, show_progress=show_progress)

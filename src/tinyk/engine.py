@@ -125,9 +125,9 @@ class _Forward:
     Same arithmetic as `Transformer.forward`, so the same logits bit for bit (unless the
     weights are packed or quantized; ids past the tokenizer's vocabulary get -inf), minus what
     dominates a small-batch decode step besides the matrix products: ~150 module calls, dropout
-    no-ops, and the q/k/v and gate/up weights concatenated every step. It uses the model's own weight tensors and RoPE tables, so a model
-    trained further is seen at once; only packed bf16 and int8 weights (`Engine(optimize=True)`,
-    `quantize="int8"`) are copies.
+    no-ops, and the q/k/v and gate/up weights concatenated every step. It uses the model's own
+    weight tensors and RoPE tables, so a model trained further is seen at once; only packed bf16
+    and int8 weights (`Engine(optimize=True)`, `quantize="int8"`) are copies.
     """
 
     def __init__(self, model: Transformer, weights: str = "plain", vocab: int | None = None):

@@ -318,7 +318,7 @@ def read_choice(paths: Iterable[str | Path], skips: Skips, limit: int | None = N
     """Every CSV under the given folders (recursively) or the given CSV files, in a stable order, each
     once; the first `limit` usable questions of each file (a subject), as lm-eval's --limit does. A
     subject name found in several folders (ceval/val and ceval/dev, or two benchmarks) is named with
-    its folder in each, so they are not merged."""
+    as much of each folder's path as tells them apart, so they are not merged."""
     files: dict[Path, Path] = {}  # by resolved path: a file reached twice is scored once
     for p in map(Path, paths):
         if p.is_dir():
@@ -331,16 +331,16 @@ def read_choice(paths: Iterable[str | Path], skips: Skips, limit: int | None = N
             files.setdefault(f.resolve(), f)
     if not files:
         raise TinykError(f"no .csv files in {', '.join(map(str, paths))}")
-    read = [(f, read_choice_csv(f, skips, limit)) for f in files]
+    read = [(real.parent, read_choice_csv(f, skips, limit)) for real, f in files.items()]
     folders: dict[str, set[Path]] = {}
-    for f, qs in read:
+    for folder, qs in read:
         if qs:  # a test split without answers merges with nothing
-            folders.setdefault(_subject(f), set()).add(f.parent)
+            folders.setdefault(qs[0].subject, set()).add(folder)
+    names = {s: _short_names(same) for s, same in folders.items() if len(same) > 1}
     questions: list[ChoiceQuestion] = []
-    for f, qs in read:
-        same = folders.get(_subject(f), set())
-        if len(same) > 1:
-            qs = [replace(q, subject=f"{_short_names(same)[f.parent]}/{q.subject}") for q in qs]
+    for folder, qs in read:
+        if qs and qs[0].subject in names:
+            qs = [replace(q, subject=f"{names[q.subject][folder]}/{q.subject}") for q in qs]
         questions += qs
     if not questions:
         raise TinykError(f"no questions with answers in {', '.join(map(str, paths))} ({skips.summary()}); "

@@ -649,18 +649,12 @@ def _stem(name: str) -> str:
     if len(raw) <= room:
         return name
     digest = hashlib.sha256(raw).hexdigest()[:8]
-    head = raw[:room - len(digest) - 1]
-    # Not inside a UTF-8 character: libraries that take str paths (tokenizers) encode them strictly.
-    whole = next((head[:len(head) - k] for k in range(4) if _is_utf8(head[:len(head) - k])), head)
-    return os.fsdecode(whole) + "." + digest
-
-
-def _is_utf8(b: bytes) -> bool:
-    try:
-        b.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
+    cut = room - len(digest) - 1
+    # Not inside a UTF-8 character (before a continuation byte): libraries that take str paths
+    # (tokenizers) encode them strictly.
+    while cut and raw[cut] & 0xC0 == 0x80:
+        cut -= 1
+    return os.fsdecode(raw[:cut]) + "." + digest
 
 
 def _pid_running(pid: int) -> bool:

@@ -1555,15 +1555,17 @@ class Trainer:
         session_tokens = p.tokens - self._start_tokens
         rate = session_tokens / session_time if session_tokens and session_time > 0 else None
         # The first log window holds start-up (and compilation); the median of the rest is the steady rate.
-        # A session that trained nothing (resumed after a kill while final/ was written) has the run's logged ones.
-        logged = [r["tokens_per_s"] for r in (self.monitor.records if self.monitor and not self.rates else [])
-                  if r.get("type") == "train" and r.get("tokens_per_s")]
-        windows = self.rates[1:] or self.rates or logged[1:] or logged
+        windows = self.rates[1:] or self.rates
+        if not windows and self.monitor:  # this session trained nothing (killed while final/ was written)
+            logged = [r["tokens_per_s"] for r in self.monitor.records
+                      if r.get("type") == "train" and r.get("tokens_per_s")]
+            windows = logged[1:] or logged
         steady = statistics.median(windows) if windows else None
         skipped = self._skipped_steps()
         summary = {
             "kind": cfg.kind, "status": "interrupted" if interrupted else "completed",
-            "stop_signal": self.stop_signal if interrupted else None, "steps": p.step, "total_steps": self.total_steps, "skipped_steps": skipped,
+            "stop_signal": self.stop_signal if interrupted else None, "steps": p.step,
+            "total_steps": self.total_steps, "skipped_steps": skipped,
             "tokens": p.tokens, "loss_tokens": p.loss_tokens, "elapsed_s": round(elapsed, 3),
             "tokens_per_s": round(rate, 1) if rate else None, "mfu": self._mfu(rate) if rate else None,
             "tokens_per_s_steady": round(steady, 1) if steady else None,
