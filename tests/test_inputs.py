@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 
 from tinyk.cli import main
+from tinyk.demo import transformers_check
+from tinyk.engine import Engine
 from tinyk.evaluate import read_choice_csv, read_task
 from tinyk.files import (
     Skips,
@@ -31,7 +33,7 @@ from tinyk.files import (
     write_json_atomic,
 )
 from tinyk.loader import SFTLoader
-from tinyk.tokenizer import train_tokenizer
+from tinyk.tokenizer import load_tokenizer, train_tokenizer
 
 zstandard = pytest.importorskip("zstandard")
 
@@ -430,6 +432,36 @@ def test_an_undecodable_file_name_is_written_as_replacement_characters(tmp_path,
     assert meta["skipped"]["first"]["malformed_json"][0].startswith("\ufffd")
 
 
+def test_a_folder_named_in_gbk_holds_a_whole_run(tmp_path, corpus_file, capsysbinary):
+    """tokenizers and safetensors (Rust) take str paths as UTF-8; a folder named in the locale's GBK, or
+    unpacked from a Windows zip, holds other bytes and every stage must still find its files."""
+    root = Path(os.fsdecode(bytes(tmp_path) + b"/\xd6\xd0\xce\xc4"))  # GBK "中文"
+    root.mkdir()
+    tok, data, model = root / "tok", root / "data", root / "model"
+    steps = [["tokenizer", "train", corpus_file, "--out", tok, "--vocab-size", 600],
+             ["data", "pretrain", "--input", corpus_file, "--tokenizer", tok, "--out", data],
+             ["model", "init", "--preset", "nano", "--tokenizer", tok, "--out", model],
+             ["model", "info", model],
+             ["pretrain", "--init", model, "--data", data, "--out", root / "run", "--seq-len", 32, "--batch-size", 8,
+              "--max-steps", 2, "--save-every", 1, "--no-progress"],
+             ["pretrain", "--out", root / "run", "--resume", "--max-steps", 3, "--no-progress"],
+             ["generate", "--model", root / "run" / "final", "--prompt", "第", "--max-new-tokens", 3],
+             ["eval", "--model", root / "run" / "final", "--data", data, "--out", root / "results.json"]]
+    for args in steps:
+        with pytest.raises(SystemExit) as e:
+            main([str(a) for a in args])
+        out, err = capsysbinary.readouterr()
+        assert e.value.code == 0, (args[:2], err)
+        if args[0] == "tokenizer":  # the path is printed as its own bytes, as `ls` shows it
+            assert b"saved to " + bytes(tok) + b"\n" in out
+    assert json.loads((model / "config.json").read_text(encoding="utf-8"))["vocab_size"] == load_tokenizer(tok).vocab_size
+    shown_root = os.fsencode(root).decode("utf-8", "replace")  # how JSON outputs name it
+    assert json.loads((root / "run" / "summary.json").read_text(encoding="utf-8"))["final_model"] == f"{shown_root}/run/final"
+    assert json.loads((root / "results.json").read_text(encoding="utf-8"))["model"] == f"{shown_root}/run/final"
+    check = transformers_check(root / "run" / "final", Engine.from_dir(root / "run" / "final"), max_new_tokens=4)
+    assert check["ok"], check
+
+
 @pytest.mark.parametrize("out", [".", "..", "./"])
 def test_the_current_directory_is_not_an_output(tmp_path, tok_dir, out, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -438,6 +470,18 @@ def test_the_current_directory_is_not_an_output(tmp_path, tok_dir, out, capsys, 
     code, err = run_cli(["data", "pretrain", "--input", src, "--tokenizer", tok_dir, "--out", out, "--force"], capsys)
     assert code == 2 and "must be named" in one_error_line(err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl"]
+
+
+def test_an_unexpanded_tilde_is_not_made_a_folder(tmp_path, tok_dir, nano_model_dir, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for args in (["model", "init", "--preset", "nano", "--tokenizer", tok_dir, "--out=~/m"],
+                 ["eval", "--model", nano_model_dir, "--out=~/r.json"]):
+        code, err = run_cli(args, capsys)
+        assert code == 2 and "the shell did not expand ~" in one_error_line(err)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "~").mkdir()  # a folder really named so is the user's choice
+    code, err = run_cli(["model", "init", "--preset", "nano", "--tokenizer", tok_dir, "--out=~/m"], capsys)
+    assert code == 0 and (tmp_path / "~" / "m" / "config.json").is_file()
 
 
 def test_force_replaces_a_link_not_what_it_points_to(tmp_path):

@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .files import TinykError, atomic_dir, first_line, writing
+from .files import TinykError, atomic_dir, first_line, rust_path, writing
 from .model import ModelConfig, Transformer
 from .tokenizer import (
     IM_END_ID,
@@ -233,8 +233,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     """Loads a model directory (weights via safetensors only) and its tokenizer."""
     path = Path(path)
     cfg, tok = config_and_tokenizer(path)
-    with _reading_weights(path):
-        state = load_file(str(path / "model.safetensors"))
+    with _reading_weights(path), rust_path(path / "model.safetensors") as f:
+        state = load_file(f)
     model = _model_from_dir_state(path, cfg, state)
     model.activation_checkpointing = False
     return model.to(device=device, dtype=dtype).eval(), tok
@@ -288,7 +288,7 @@ def model_info(path: str | Path) -> dict[str, Any]:
     header alone (names, shapes and that the file holds all the bytes they need), without loading it."""
     path = Path(path)
     cfg, _ = config_and_tokenizer(path)  # a directory other commands would refuse is refused here
-    with _reading_weights(path), safe_open(str(path / "model.safetensors"), "pt") as f:
+    with _reading_weights(path), rust_path(path / "model.safetensors") as name, safe_open(name, "pt") as f:
         state = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
     n = _model_from_dir_state(path, cfg, state).num_params()
     return {"path": str(path), "parameters": n, "config": cfg.to_dict(), "memory": memory_footprint(cfg, n)}
@@ -337,8 +337,11 @@ def _read_seed_weights(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     try:
         with warnings.catch_warnings():  # torch's advice on weights_only is not for tinyk's users
             warnings.simplefilter("ignore")
-            state = load_file(str(path)) if path.suffix == ".safetensors" else \
-                torch.load(path, map_location="cpu", weights_only=True)
+            if path.suffix == ".safetensors":
+                with rust_path(path) as name:
+                    state = load_file(name)
+            else:
+                state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "Unsupported operand" in str(e):  # torch's safe loader reads pickle protocols up to 3
             raise TinykError(f"cannot read {path}: it was saved with a newer pickle protocol than torch's safe "

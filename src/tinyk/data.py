@@ -128,7 +128,7 @@ def _tokenizer(path: str) -> Any:
     if path not in _TOKENIZERS:
         from tokenizers import Tokenizer
 
-        _TOKENIZERS[path] = plain_text_tokenizer(Tokenizer.from_file(path))
+        _TOKENIZERS[path] = plain_text_tokenizer(Tokenizer.from_str(Path(path).read_text(encoding="utf-8")))
     return _TOKENIZERS[path]
 
 

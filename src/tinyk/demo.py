@@ -30,7 +30,7 @@ import torch
 
 from .corpus import CorpusSpec, build_demo_corpus
 from .evaluate import percent
-from .files import TinykError, atomic_dir, write_json_atomic
+from .files import TinykError, atomic_dir, rust_path, write_json_atomic
 
 RESULTS_KIND = "tinyk-demo"
 CHAT_SAMPLES = ("你好呀", "你是谁？")
@@ -493,8 +493,9 @@ def transformers_check(model_dir: Path, engine: Any, max_new_tokens: int = 24) -
     except ImportError as e:
         return {"ok": False, "error": f"transformers not importable: {e}"}
     hf_logging.disable_progress_bar()  # its weight-loading bar would interleave with the demo's output
-    hf_tok = AutoTokenizer.from_pretrained(model_dir)
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with rust_path(model_dir) as path:
+        hf_tok = AutoTokenizer.from_pretrained(path)
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     messages = [{"role": "user", "content": CHAT_SAMPLES[0]}]
     # transformers' own chat template (which puts the training system prompt first, as tinyk's chat
     # does) against the ids tinyk prompts with (and trains SFT on).

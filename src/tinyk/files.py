@@ -505,7 +505,12 @@ def iter_texts(paths: list[Path], skips: Skips, *, field_name: str = "text", **k
 def check_output(out: str | Path, inputs: Iterable[str | Path | None], flag: str = "--out") -> None:
     """Refuses an output path that is an input, holds one, or lies inside an input directory:
     writing there (or --force replacing it) would destroy or change what the output is made from.
-    Also one under a file, which no directory can be made in."""
+    Also one under a file, which no directory can be made in, and one starting with a `~` the shell
+    left as it is (`--out=~/x`), which would make a folder named `~` here."""
+    first = Path(out).parts[0] if Path(out).parts else ""
+    if first.startswith("~") and not Path(first).exists():
+        raise TinykError(f"{flag} {out}: the shell did not expand {first} (it does only at the start of a word); "
+                         f"write {flag} {out} with a space, or {flag}=$HOME{str(out)[len(first):]}")
     o = Path(out).resolve()
     for i in inputs:
         if i is None:
@@ -732,11 +737,32 @@ def atomic_file(path: str | Path, suffix: str = "") -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def rust_path(path: str | Path) -> Iterator[str]:
+    """`path` (a file or directory) as a str that Rust libraries (safetensors, tokenizers) open as the
+    same one. They encode str paths as UTF-8, while the name is in the locale's encoding (GBK) or raw
+    bytes (an unpacked Windows zip): such a path is reached through this process's descriptor for it."""
+    s = str(path)
+    try:
+        same = os.fsencode(s) == s.encode("utf-8")
+    except UnicodeEncodeError:  # a surrogate-escaped byte
+        same = False
+    if same or not os.path.isdir("/proc/self/fd"):
+        yield s
+        return
+    fd = os.open(s, os.O_RDONLY)
+    try:
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
+
+
 def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Writes `obj` as JSON, complete or not at all (see `atomic_file`)."""
-    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=2)
-        f.write("\n")
+    """Writes `obj` as JSON, complete or not at all (see `atomic_file`). Paths in it whose bytes are not
+    UTF-8 (a GBK folder name) are written as `shown` prints them."""
+    text = json.dumps(obj, ensure_ascii=False, indent=2) + "\n"
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(text.encode("utf-8", "surrogateescape").decode("utf-8", "replace").encode("utf-8"))
 
 
 def hash_files(paths: list[Path]) -> str:

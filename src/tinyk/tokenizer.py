@@ -300,7 +300,7 @@ def load_tokenizer(path: str | Path) -> TinyTokenizer:
     path = Path(path)
     f = marker_file(path, "tokenizer.json", "tokenizer")
     try:
-        tok = Tokenizer.from_file(str(f))
+        tok = Tokenizer.from_str(f.read_text(encoding="utf-8"))  # Python opens it: see files.rust_path
     except Exception as e:  # tokenizers raises a bare Exception on bad JSON
         raise TinykError(f"cannot read tokenizer {f}: {first_line(e)}") from e
     for i, name in enumerate(SPECIAL_TOKENS):
@@ -350,7 +350,7 @@ def special_tokens_map() -> dict[str, Any]:
 
 
 def save_tokenizer_files(tok: Tokenizer, out: Path, model_max_length: int = 1_000_000) -> None:
-    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer.json").write_text(tok.to_str(pretty=True), encoding="utf-8")  # see files.rust_path
     write_hf_tokenizer_files(out, model_max_length)
 
 

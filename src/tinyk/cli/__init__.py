@@ -60,9 +60,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     for stream in (sys.stdout, sys.stderr):
         # A GBK or ASCII terminal cannot show every character a model writes (U+FFFD, emoji, rare
-        # characters): they print as substitutes instead of ending the command with a traceback.
-        if isinstance(stream, io.TextIOWrapper) and codecs.lookup(stream.encoding).name != "utf-8":
+        # characters): they print as substitutes instead of ending the command with a traceback. On a
+        # UTF-8 one, a path named in another encoding prints as its own bytes, as `ls` shows it.
+        if not isinstance(stream, io.TextIOWrapper):
+            continue
+        if codecs.lookup(stream.encoding).name != "utf-8":
             stream.reconfigure(errors="replace")
+        elif stream.errors == "strict":
+            stream.reconfigure(errors="surrogateescape")
     # Handlers belong to the main thread; a program calling main() from another keeps its own.
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None
