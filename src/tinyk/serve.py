@@ -27,7 +27,7 @@ from importlib import resources
 from typing import Any
 
 from .engine import ContextLengthError, Engine, EngineBusy, Request, SamplingParams, Scheduler
-from .files import TinykError, has_surrogate
+from .files import TinykError, has_surrogate, shown
 from .tokenizer import DEFAULT_SYSTEM_PROMPT
 
 DEFAULT_MAX_BODY = 1_000_000  # the CLI's --max-body 1M
@@ -735,7 +735,7 @@ def serve(model_dir: str, *, host: str = "127.0.0.1", port: int = 8000, device: 
     from pathlib import Path
 
     engine = Engine.from_dir(model_dir, device=device, dtype=dtype, max_batch=max_batch, quantize=quantize)
-    cfg.setdefault("model_name", Path(model_dir).resolve().name)
+    cfg.setdefault("model_name", shown(Path(model_dir).resolve().name))  # the id clients send back: text
     cfg.setdefault("system_prompt", engine.tok.system_prompt)
     server = ChatServer(engine, ServerConfig(**cfg), host, port)
     weights = ", int8 weights" if engine.quantize == "int8" else ""
