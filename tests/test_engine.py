@@ -463,17 +463,20 @@ def test_generate_cli(nano_model_dir, tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().err == f"tinyk: error: model directory not found: {tmp_path / 'missing'}\n"
 
 
-def test_chat_in_a_terminal_keeps_the_conversation_through_ctrl_c_at_the_prompt(nano_model_dir):
-    """At `you>`, Ctrl-C clears the line (as Python's prompt does) and the session goes on; Ctrl-D ends it."""
+def test_chat_in_a_terminal_keeps_ctrl_c_at_the_prompt_and_a_pasted_paragraph_as_one(nano_model_dir, tmp_path):
+    """At `you>`, Ctrl-C clears the line (as Python's prompt does) and the session goes on; a paragraph
+    pasted into a terminal with bracketed paste (xterm's, readline's default) is one message; Ctrl-D ends it."""
     import pty
     import select
     import signal
     import time
 
+    inputrc = tmp_path / "inputrc"  # readline's defaults, not this machine's /etc/inputrc or ~/.inputrc
+    inputrc.write_text("set enable-bracketed-paste on\n")
     master, slave = pty.openpty()
     proc = subprocess.Popen([sys.executable, "-m", "tinyk", "chat", "--model", str(nano_model_dir), "--temperature",
                              "0", "--max-new-tokens", "3"], stdin=slave, stdout=slave, stderr=slave,
-                            start_new_session=True, env={**os.environ, "TERM": "dumb"})
+                            start_new_session=True, env={**os.environ, "TERM": "xterm", "INPUTRC": str(inputrc)})
     os.close(slave)
     seen = b""
 
@@ -504,8 +507,17 @@ def test_chat_in_a_terminal_keeps_the_conversation_through_ctrl_c_at_the_prompt(
         assert until(b"assistant> ")
         seen = b""
         assert until(b"you> ")
+        seen = b""
+        os.write(master, "\x1b[200~第一行\n第二行\x1b[201~\n".encode())  # what the terminal sends for a paste
+        assert until(b"you> ")
         os.write(master, b"\x04")  # Ctrl-D
         assert proc.wait(timeout=60) == 0
+        while select.select([master], [], [], 0.1)[0]:
+            try:
+                seen += os.read(master, 4096)
+            except OSError:  # the terminal closed with the process
+                break
+        assert seen.count(b"assistant> ") == 1, seen.decode(errors="replace")  # one reply: one message
     finally:
         proc.kill()
         proc.wait()
