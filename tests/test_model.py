@@ -404,11 +404,45 @@ def test_a_model_directory_the_tutorials_save_pretrained_wrote_imports_with_its_
     save_file({k: v.clone() for k, v in sd.items()}, saved / "model.safetensors")
     (saved / "config.json").write_text(json.dumps({"model_type": "Tiny-K", "dim": 64, "n_heads": 8,
                                                    "max_seq_len": 96}))
-    model = import_seed_checkpoint(saved, tok_dir, tmp_path / "m")
-    assert (model.config.n_heads, model.config.n_kv_heads, model.config.max_seq_len) == (8, 4, 96)
+    model, assumed = import_seed_checkpoint(saved, tok_dir, tmp_path / "m")
+    assert (model.config.n_heads, model.config.n_kv_heads, model.config.max_seq_len) == (8, 4, 96) and assumed == []
+    with pytest.raises(TinykError, match="--n-heads 16 contradicts the 8 heads .* was saved with"):
+        import_seed_checkpoint(saved, tok_dir, tmp_path / "m16", n_heads=16)
+    with pytest.raises(TinykError, match=f"not a tinyk model directory: {saved}; it holds a model the tutorial's "
+                                         f"code saved .*`tinyk model import {saved} --tokenizer"):
+        model_info(saved)  # as every command that reads a model directory says
     x = torch.randint(0, 100, (1, 30), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert (load_model(tmp_path / "m")[0](x)[0] - seed_forward(sd, x, n_heads=8)).abs().max().item() < 1e-4
+
+
+def test_a_tutorial_pth_is_pointed_to_import_which_says_what_it_assumed(tmp_path, tok_dir, capsys):
+    """A .pth records no head count or context: the import says it assumed the tutorial's, unless the
+    RoPE tables some variants of its model keep tell them; other commands point at the import."""
+    from tinyk.checkpoint import import_seed_checkpoint
+    from tinyk.cli import main
+    from tinyk.tokenizer import load_tokenizer
+
+    sd = seed_state_dict(load_tokenizer(tok_dir).vocab_size)
+    runs = tmp_path / "base_monkey"  # where the tutorial's script saves
+    runs.mkdir()
+    ckpt = _save(sd, runs / "pretrain_64_2_512.pth")
+    for where in (ckpt, runs):
+        with pytest.raises(TinykError, match=f"`tinyk model import {ckpt} --tokenizer TOKENIZER_DIR --out DIR`"):
+            model_info(where)
+    with pytest.raises(TinykError, match="holds neither model.safetensors nor pytorch_model.bin; give the file to "
+                                         "import \\(pretrain_64_2_512.pth\\)"):
+        import_seed_checkpoint(runs, tok_dir, tmp_path / "m")
+    with pytest.raises(SystemExit) as e:
+        main(["model", "import", str(ckpt), "--tokenizer", str(tok_dir), "--out", str(tmp_path / "m")])
+    assert e.value.code == 0 and "note: 16 heads and a 512-token context assumed" in capsys.readouterr().out
+    half = 64 // 4 // 2  # the tables' width: half a head's for 4 heads of dim 64
+    tables = {**sd, "freqs_cos": torch.ones(80, half), "freqs_sin": torch.zeros(80, half)}
+    model, assumed = import_seed_checkpoint(_save(tables, tmp_path / "t.pth"), tok_dir, tmp_path / "t")
+    assert (model.config.n_heads, model.config.max_seq_len, assumed) == (4, 80, [])
+    x = torch.randint(0, 100, (1, 30), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (model(x)[0] - seed_forward(sd, x, n_heads=4)).abs().max().item() < 1e-4
 
 
 @pytest.mark.parametrize("change,message", [

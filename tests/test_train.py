@@ -27,6 +27,7 @@ from tinyk.cli import main
 from tinyk.data import SFTLoader, prepare_pretrain
 from tinyk.files import TinykError
 from tinyk.model import Transformer, preset_config
+from tinyk.tokenizer import load_tokenizer
 from tinyk.train import (
     Dist,
     TrainConfig,
@@ -577,7 +578,10 @@ def test_setup_errors_are_one_line(tmp_path, pt_data, sft_data, tok_dir, nano_mo
         return str(e.value)
 
     other = _edited_meta(pt_data, tmp_path / "other", tokenizer_hash="0" * 16, vocab_size=600)
-    assert "was tokenized with another tokenizer (vocab 600)" in err(data=other)
+    n = load_tokenizer(tok_dir).vocab_size
+    assert f"was tokenized with another tokenizer than {tok_dir} (vocab 600 vs {n})" in err(data=other)
+    same_size = _edited_meta(pt_data, tmp_path / "same", tokenizer_hash="0" * 16)
+    assert f"(both of vocab {n}, with other merges or normalisation)" in err(data=same_size)
     assert "tokens but the model's vocab_size is 256" in err(model={"preset": "nano", "vocab_size": 256})
     assert "seq_len 256 exceeds the model's context of 128 tokens" in err(seq_len=256)
     assert "invalid model config: n_heads must be a positive integer, got 0" in err(model={"preset": "nano", "n_heads": 0})
@@ -897,7 +901,6 @@ def test_the_chat_model_prompts_with_the_system_prompt_its_sft_data_carried(tmp_
     from tinyk.data import prepare_sft
     from tinyk.engine import Engine
     from tinyk.serve import ChatServer, ServerConfig
-    from tinyk.tokenizer import load_tokenizer
 
     chats = tmp_path / "chats.jsonl"
     chats.write_text("".join(json.dumps({"conversations": [{"from": "human", "value": f"你好{i}"},

@@ -182,6 +182,8 @@ def load_config(path: str | Path) -> ModelConfig:
     if not is_model_dir(path):
         raise TinykError(f"not a model directory (needs config.json and model.safetensors): {path}"
                          f"{model_dir_hint(path)}")
+    if _is_seed_config(path):
+        raise TinykError(f"not a tinyk model directory: {path}{model_dir_hint(path)}")
     try:
         return config_from_hf(json.loads((path / "config.json").read_text()))
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
@@ -192,6 +194,14 @@ def model_dir_hint(path: Path) -> str:
     """"; " and what a directory that is almost a model directory holds instead, with the way to one."""
     if is_model_dir(path / "final"):
         return f"; a training run's model is in {path / 'final'}"
+    if path.is_file() and path.suffix in (".pth", ".pt", ".bin", ".safetensors"):
+        return f"; it is a weights file: if the tutorial's scripts saved it, {_import_hint(path)}"
+    if _is_seed_config(path):
+        return f"; it holds a model the tutorial's code saved (its Tiny-K config), which {_import_hint(path)}"
+    pths = sorted(path.glob("*.pth")) if path.is_dir() and not (path / "config.json").exists() else []
+    if pths:
+        more = f" (and {len(pths) - 1} more .pth)" if len(pths) > 1 else ""
+        return f"; it holds {pths[0].name}{more}: if the tutorial's scripts saved it, {_import_hint(pths[0])}"
     if (path / "config.json").is_file() and any((path / f"{name}.index.json").is_file()
                                                 for name in ("model.safetensors", "pytorch_model.bin")):
         return ("; its weights are sharded over several files: save them as one, e.g. transformers' "
@@ -200,6 +210,21 @@ def model_dir_hint(path: Path) -> str:
         return ("; its weights are a pickle (pytorch_model.bin), which tinyk does not load: save them as "
                 "safetensors, e.g. transformers' save_pretrained(DIR, safe_serialization=True)")
     return ""
+
+
+def _is_seed_config(path: Path) -> bool:
+    """Whether `path` holds the config.json of a model the tutorial's code saved (its `Tiny-K` class,
+    whose keys are dim, n_layers, ... rather than transformers' hidden_size, num_hidden_layers, ...)."""
+    try:
+        d = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and (d.get("model_type") == "Tiny-K" or
+                                    ({"dim", "n_layers"} <= d.keys() and "hidden_size" not in d))
+
+
+def _import_hint(source: Path) -> str:
+    return f"`tinyk model import {source} --tokenizer TOKENIZER_DIR --out DIR` converts it"
 
 
 def _model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], source: str, mismatch: str) -> Transformer:
@@ -325,7 +350,9 @@ def _read_seed_weights(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
                              f"must be positive integers)")
         found = [path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()]
         if not found:
-            raise TinykError(f"{path} holds neither model.safetensors nor pytorch_model.bin")
+            pths = ", ".join(p.name for p in sorted(path.glob("*.pth"))[:3])
+            raise TinykError(f"{path} holds neither model.safetensors nor pytorch_model.bin"
+                             + (f"; give the file to import ({pths})" if pths else ""))
         path = found[0]
     elif not path.is_file():
         raise TinykError(f"checkpoint not found: {path}")
@@ -366,17 +393,18 @@ def _unprefixed(name: str) -> str:
 
 
 def import_seed_checkpoint(ckpt: str | Path, tok_dir: str | Path, out: str | Path, *, n_heads: int | None = None,
-                           max_seq_len: int | None = None, force: bool = False) -> Transformer:
-    """A model directory from a model the tutorial's scripts saved (`pretrain_1024_18_6144.pth`).
-    Shapes come from the tensors. The head count and context are in a saved directory's config.json
-    but not in a `.pth`, where they default to the tutorial's (16 heads, 512 tokens); RMSNorm eps 1e-5
-    and RoPE theta 10000 are its fixed values."""
+                           max_seq_len: int | None = None, force: bool = False) -> tuple[Transformer, list[str]]:
+    """A model directory from a model the tutorial's scripts saved (`pretrain_1024_18_6144.pth`), and
+    what had to be assumed. Shapes come from the tensors. The head count and context are in a saved
+    directory's config.json (or the RoPE tables some variants keep) but not in a plain `.pth`, where
+    they default to the tutorial's (16 heads, 512 tokens); RMSNorm eps 1e-5 and RoPE theta 10000 are
+    its fixed values."""
     path = Path(ckpt)
     state, config = _read_seed_weights(path)
-    n_heads = n_heads or config.get("n_heads") or 16
-    max_seq_len = max_seq_len or config.get("max_seq_len") or 512
+    # The causal mask older torch made it keep and the RoPE tables: derived, not weights.
+    derived = {k.rsplit(".", 1)[-1]: v for k, v in state.items() if k.endswith(("attention.mask", "freqs_cos"))}
     state = {_unprefixed(k): v.float() for k, v in state.items()
-             if not k.endswith("attention.mask")}  # the causal mask older torch made it keep: not a weight
+             if not k.endswith(("attention.mask", "freqs_cos", "freqs_sin"))}
     if state.get("tok_embeddings.weight", torch.empty(0)).dim() != 2:
         if "model.embed_tokens.weight" not in state:
             raise TinykError(f"{path} is not a checkpoint of the tutorial's model (it has no tok_embeddings.weight)")
@@ -388,6 +416,18 @@ def import_seed_checkpoint(ckpt: str | Path, tok_dir: str | Path, out: str | Pat
     emb = state.pop("tok_embeddings.weight")
     vocab_size, dim = emb.shape
     output = state.pop("output.weight", emb)
+    recorded = {k: config[k] for k in ("n_heads", "max_seq_len") if k in config}
+    rope = derived.get("freqs_cos")
+    if not recorded and rope is not None and rope.dim() == 2 and rope.shape[1] and dim % (2 * rope.shape[1]) == 0:
+        recorded = {"n_heads": dim // (2 * rope.shape[1]), "max_seq_len": rope.shape[0]}
+    if n_heads is not None and recorded.get("n_heads", n_heads) != n_heads:
+        raise TinykError(f"--n-heads {n_heads} contradicts the {recorded['n_heads']} heads {path} was saved with "
+                         f"(a model split into other heads computes something else); leave --n-heads out")
+    assumed = [what for what, key, given in (("16 heads", "n_heads", n_heads), ("a 512-token context", "max_seq_len",
+                                                                                 max_seq_len))
+               if given is None and key not in recorded]
+    n_heads = n_heads or recorded.get("n_heads") or 16
+    max_seq_len = max_seq_len or recorded.get("max_seq_len") or 512
     if not isinstance(n_heads, int) or n_heads < 1 or dim % n_heads or (dim // n_heads) % 2:
         raise TinykError(f"dim {dim} does not split into {n_heads} heads of an even size (set --n-heads)")
     head_dim = dim // n_heads
@@ -420,4 +460,4 @@ def import_seed_checkpoint(ckpt: str | Path, tok_dir: str | Path, out: str | Pat
                                                     f"{n_heads} heads (is --n-heads right?)")
     check_compatible(cfg, load_tokenizer(tok_dir))
     save_model(model, tok_dir, out, force=force, inputs=(path,))
-    return model
+    return model, assumed

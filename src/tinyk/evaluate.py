@@ -529,7 +529,8 @@ def table_rows(results: dict[str, Any]) -> Iterator[tuple[str, str, str]]:
     for d in results.get("data", []):
         name = f"{Path(d['data']).name}/{d['split']}"
         cut = f"; --seq-len {d['seq_len_asked']} is beyond the model's context" if d.get("seq_len_asked") else ""
-        yield f"{name} loss ({d['seq_len']}-token windows{cut})", f"{d['loss']:.4f}", ""
+        unit = "answer tokens, conversations of up to" if d.get("kind") == "sft" else "windows of"
+        yield f"{name} loss ({unit} {d['seq_len']} tokens{cut})", f"{d['loss']:.4f}", ""
         yield f"{name} perplexity", f"{d['perplexity']:.2f}", ""
         bpb = d["bits_per_byte"]  # None when the evaluated tokens spell no text (only <|im_end|>s)
         yield f"{name} bits per byte", "n/a" if bpb is None else f"{bpb:.4f}", ""

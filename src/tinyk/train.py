@@ -841,8 +841,10 @@ class Trainer:
         if self.init_dir is not None and cfg.tokenizer and tokenizer_hash(self.tok_dir) != tokenizer_hash(self.init_dir):
             raise TinykError(f"tokenizer {self.tok_dir} is not the one the model in {self.init_dir} was trained with")
         if not same_tokenizer(self.meta["tokenizer_hash"], self.tok_dir) or self.meta["vocab_size"] != tok.vocab_size:
-            raise TinykError(f"{cfg.data} was tokenized with another tokenizer (vocab {self.meta['vocab_size']}) "
-                             f"than {self.tok_dir} (vocab {tok.vocab_size}); re-run tinyk data with this tokenizer")
+            sizes = (f"vocab {self.meta['vocab_size']} vs {tok.vocab_size}" if self.meta["vocab_size"] != tok.vocab_size
+                     else f"both of vocab {tok.vocab_size}, with other merges or normalisation")
+            raise TinykError(f"{cfg.data} was tokenized with another tokenizer than {self.tok_dir} ({sizes}); re-run "
+                             f"tinyk data with this tokenizer")
         self.mcfg = self._model_config(tok.vocab_size)
         check_compatible(self.mcfg, tok)
         if cfg.seq_len > self.mcfg.max_seq_len:

@@ -52,12 +52,15 @@ def _init(args: argparse.Namespace) -> int:
 def _import(args: argparse.Namespace) -> int:
     from tinyk.checkpoint import import_seed_checkpoint
 
-    model = import_seed_checkpoint(args.checkpoint, args.tokenizer, args.out, n_heads=args.n_heads,
-                                   max_seq_len=args.max_seq_len, force=args.force)
+    model, assumed = import_seed_checkpoint(args.checkpoint, args.tokenizer, args.out, n_heads=args.n_heads,
+                                            max_seq_len=args.max_seq_len, force=args.force)
     c = model.config
     print(f"imported {args.checkpoint}: {model.num_params():,} parameters (dim {c.dim}, {c.n_layers} layers, "
           f"{c.n_heads} heads / {c.n_kv_heads} KV, hidden {c.hidden_dim}, vocab {c.vocab_size}"
           f"{', tied embeddings' if c.tie_embeddings else ''}) in {args.out}")
+    if assumed:
+        print(f"note: {' and '.join(assumed)} assumed, the tutorial's: the checkpoint does not record them "
+              f"(--n-heads / --max-seq-len if yours differ; wrong heads load but compute something else)")
     return 0
 
 
