@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -280,6 +281,12 @@ def test_demo_output_rules(tmp_path, demo):
     # A time-budgeted demo too short to train is refused before any work, not after a minute of it.
     with pytest.raises(TinykError, match=r"^--minutes 1 is too short: .* give --minutes 4 or more \(--smoke"):
         run_demo(tmp_path / "new", replace(DemoConfig(), minutes=1), show_progress=False)
+    assert not (tmp_path / "new").exists()
+    with pytest.MonkeyPatch.context() as mp:  # a missing package is said first, not after the run it serves
+        mp.setitem(sys.modules, "matplotlib", None)
+        mp.setitem(sys.modules, "transformers", None)
+        with pytest.raises(TinykError, match="^the demo needs matplotlib and transformers .*'tinyk\\[demo\\]'$"):
+            run_demo(tmp_path / "new", DemoConfig.smoke(), show_progress=False)
     assert not (tmp_path / "new").exists()
     # A machine that spent the budget on the earlier stages is told so.
     with pytest.raises(TinykError, match=r"^the 3-minute budget is spent before SFT \(0 s so far, 45 s kept for "

@@ -463,6 +463,27 @@ def test_generate_cli(nano_model_dir, tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().err == f"tinyk: error: model directory not found: {tmp_path / 'missing'}\n"
 
 
+def test_generate_prints_each_sample_as_it_is_done_so_ctrl_c_keeps_them(nano_model_dir, tmp_path):
+    """A prompt file of thousands of lines showed nothing until the last was done, and an interrupt
+    (Ctrl-C, a scheduler's time limit) threw every finished sample away."""
+    import signal
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"北京{i}\n" for i in range(300)), encoding="utf-8")
+    proc = subprocess.Popen([sys.executable, "-m", "tinyk", "generate", "--model", str(nano_model_dir), "--prompt-file",
+                             str(prompts), "--batch-size", "1", "--max-new-tokens", "64", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        first = proc.stdout.readline()  # the first sample, long before the 300th
+        proc.send_signal(signal.SIGINT)
+        rest, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    lines = [json.loads(line) for line in (first + rest).decode().splitlines()]
+    assert proc.returncode == 130 and err.decode().endswith("tinyk: interrupted\n")
+    assert 1 <= len(lines) < 300 and [r["prompt"] for r in lines] == [f"北京{i}" for i in range(len(lines))]
+
+
 def test_chat_in_a_terminal_keeps_ctrl_c_at_the_prompt_and_a_pasted_paragraph_as_one(nano_model_dir, tmp_path):
     """At `you>`, Ctrl-C clears the line (as Python's prompt does) and the session goes on; a paragraph
     pasted into a terminal with bracketed paste (xterm's, readline's default) is one message; Ctrl-D ends it."""

@@ -26,6 +26,7 @@ from tinyk.files import (
     _host,
     _stem,
     atomic_dir,
+    check_inputs,
     iter_records,
     iter_texts,
     marker_file,
@@ -432,6 +433,18 @@ def test_an_undecodable_file_name_is_written_as_replacement_characters(tmp_path,
     assert meta["skipped"]["first"]["malformed_json"][0].startswith("\ufffd")
 
 
+@pytest.mark.parametrize("name,module,package", [("c.parquet", "pyarrow.parquet", "pyarrow"),
+                                                  ("c.jsonl.zst", "zstandard", "zstandard")])
+def test_a_missing_reader_is_said_before_any_input_is_read(tmp_path, monkeypatch, name, module, package):
+    """Not after hours spent on the inputs listed before the file that needs it."""
+    first, second = tmp_path / "a.jsonl", tmp_path / name
+    first.write_text('{"text": "好"}\n', encoding="utf-8")
+    second.write_bytes(b"")
+    monkeypatch.setitem(sys.modules, module, None)  # what a missing package looks like to import
+    with pytest.raises(TinykError, match=f"needs the '{package}' package \\(pip install {package}\\)"):
+        check_inputs([first, second])
+
+
 def test_a_folder_named_in_gbk_holds_a_whole_run(tmp_path, corpus_file, capsysbinary):
     """tokenizers and safetensors (Rust) take str paths as UTF-8; a folder named in the locale's GBK, or
     unpacked from a Windows zip, holds other bytes and every stage must still find its files."""
@@ -557,6 +570,17 @@ def test_a_json_array_of_records_is_named_with_the_way_out(tmp_path, tok_dir, ca
                          tmp_path / "d", *limit], capsys)
     assert code == 2 and "one JSON array, not JSON Lines" in one_error_line(err), err
     assert "jq -c '.[]' alpaca.json > alpaca.jsonl" in err and not (tmp_path / "d").exists()
+
+
+def test_a_pretty_printed_json_object_is_named_with_the_way_out(tmp_path, tok_dir, capsys):
+    """It was 'malformed json' on every line, which says nothing of what is wrong."""
+    src = tmp_path / "obj.json"
+    src.write_text(json.dumps({"data": [{"text": "好"}, {"text": "天"}]}, indent=2))
+    code, err = run_cli(["data", "pretrain", "--input", src, "--tokenizer", tok_dir, "--out", tmp_path / "d"], capsys)
+    assert code == 2 and one_error_line(err).endswith("obj.json: one JSON object written over many lines, not JSON "
+                                                      "Lines (one record per line); write its records one per line "
+                                                      "first, e.g. for a list of them under KEY: jq -c '.KEY[]' FILE "
+                                                      "> records.jsonl")
 
 
 def test_a_line_that_is_a_list_of_messages_is_one_conversation(tmp_path, tok_dir, capsys):

@@ -72,6 +72,8 @@ def test_hf_llama_loads_and_matches_logits(tmp_path, tok_dir, shape):
     # Greedy by default, with tinyk's repetition penalty: generate() is `tinyk generate --temperature 0`.
     assert not gen.do_sample and gen.repetition_penalty == SamplingParams().repetition_penalty
     assert (hf.config.bos_token_id, hf.config.eos_token_id) == (tok.bos_token_id, tok.eos_token_id)
+    # A Llama's inputs only: transformers 4 added token_type_ids, which generate(**inputs) refused.
+    assert set(tok("北京", return_tensors="pt")) == {"input_ids", "attention_mask"}
 
 
 def test_hf_generate_stops_at_the_special_tokens_tinyk_stops_at(tmp_path, tok_dir):
@@ -435,7 +437,16 @@ def test_a_tutorial_pth_is_pointed_to_import_which_says_what_it_assumed(tmp_path
         import_seed_checkpoint(runs, tok_dir, tmp_path / "m")
     with pytest.raises(SystemExit) as e:
         main(["model", "import", str(ckpt), "--tokenizer", str(tok_dir), "--out", str(tmp_path / "m")])
-    assert e.value.code == 0 and "note: 16 heads and a 512-token context assumed" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "note: 16 heads and a 512-token context assumed" in out and "token embeddings" not in out
+    n = load_tokenizer(tok_dir).vocab_size
+    wider = _save(seed_state_dict(n + 64), tmp_path / "wider.pth")  # another tokenizer's, or a padded vocabulary
+    with pytest.raises(SystemExit) as e:
+        main(["model", "import", str(wider), "--tokenizer", str(tok_dir), "--out", str(tmp_path / "w"), "--n-heads",
+              "4", "--max-seq-len", "64"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "assumed" not in out
+    assert f"note: the model has {n + 64} token embeddings and the tokenizer {n} tokens" in out
     half = 64 // 4 // 2  # the tables' width: half a head's for 4 heads of dim 64
     tables = {**sd, "freqs_cos": torch.ones(80, half), "freqs_sin": torch.zeros(80, half)}
     model, assumed = import_seed_checkpoint(_save(tables, tmp_path / "t.pth"), tok_dir, tmp_path / "t")

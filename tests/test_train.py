@@ -148,6 +148,10 @@ def test_config_layers_preset_file_flags_set(tmp_path):
     (run / "config.yaml").write_text("kind: pretrain\ndata: d\nlr: 0.005\nmax_steps: 4\nmodel: {preset: nano, dim: 32}\n")
     resumed = resolve_config("pretrain", preset="tiny", flags={"out": str(run), "max_steps": 9}, resume=True)
     assert (resumed.lr, resumed.max_steps, resumed.seq_len, resumed.model["dim"]) == (0.005, 9, 256, 32)
+    user.write_text("lr: 0.01\nmodel: {dim: 96\n")  # a YAML mistake is named with where it is
+    with pytest.raises(TinykError, match=f"^cannot parse {user}: expected ',' or '}}', but got '<stream end>' at "
+                                         f"line 3, column 1$"):
+        resolve_config("pretrain", config=user, flags={"out": "o", "data": "d"})
 
 
 @pytest.mark.parametrize("sets,message", [
@@ -336,7 +340,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, pt_data, tok_dir):
     assert train_losses(killed) == train_losses(tmp_path / "straight")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])  # SIGHUP: an SSH session dropped
 def test_signal_saves_a_checkpoint_and_exits(tmp_path, pt_data, tok_dir, monkeypatch, capsys, sig):
     from tinyk.monitor import Monitor
 
@@ -351,12 +355,32 @@ def test_signal_saves_a_checkpoint_and_exits(tmp_path, pt_data, tok_dir, monkeyp
     out, before = tmp_path / "run", signal.getsignal(sig)
     with pytest.raises(SystemExit) as e:
         main(cli_args(pt_data, tok_dir, out, "--max-steps", "50", "--log-every", "1", "--save-every", "0"))
-    assert e.value.code == (143 if sig == signal.SIGTERM else 130)
+    assert e.value.code == 128 + sig
     assert f"stopped by {sig.name} at step 3" in capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["steps"] == 3
     assert [p.name for p in checkpoints(out)] == ["step_0000003"] and not (out / "final").exists()
     assert signal.getsignal(sig) == before
+
+
+def test_a_run_whose_output_is_closed_stops_with_a_checkpoint(tmp_path, pt_data, tok_dir):
+    """`tinyk pretrain ... | head`: the first write after the reader left ended the run with no
+    checkpoint, and the shell would otherwise wait for a run no one watches."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "tinyk", *cli_args(pt_data, tok_dir, out, "--max-steps", "100000",
+                                                                       "--log-every", "1", "--save-every", "0")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        proc.stdout.readline()  # what `head -1` reads before it leaves
+        proc.stdout.close()
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=120) == 141
+    finally:
+        proc.kill()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stop_signal"] == "SIGPIPE" and [p.name for p in checkpoints(out)] == [f"step_{summary['steps']:07d}"]
+    assert err.endswith(f"tinyk: its output was closed, so pretrain stopped at step {summary['steps']} with a "
+                        f"checkpoint; continue with --resume\n") and "Traceback" not in err
 
 
 def _free_port() -> int:
@@ -718,6 +742,23 @@ def test_compiled_training_matches_eager(tmp_path, pt_data, tok_dir):
     assert a.keys() == b.keys() == {1, 2, 3}
     assert all(b[k] == pytest.approx(a[k], rel=1e-4) for k in a)
     assert compiled["final_val_loss"] == pytest.approx(eager["final_val_loss"], rel=1e-4)
+
+
+def test_a_compile_that_fails_is_one_line_and_leaves_no_run(tmp_path, pt_data, tok_dir, monkeypatch):
+    """No C++ compiler: inductor's 150-line traceback was the report, and the run directory it left
+    behind refused the corrected command ("exists, use --resume or --force")."""
+    import torch._dynamo
+    import torch._inductor.config as inductor
+
+    monkeypatch.setattr(inductor.cpp, "cxx", ("/nonexistent/g++",))
+    monkeypatch.setattr(inductor, "fx_graph_cache", False)  # a graph compiled earlier must not be reused
+    torch._dynamo.reset()
+    out = tmp_path / "run"
+    with pytest.raises(TinykError, match="^torch.compile failed .*; leave --compile out, or install what it needs"):
+        train(nano_cfg(pt_data, tok_dir, out, max_steps=3, compile=True, seq_len=24))
+    assert not out.exists()
+    torch._dynamo.reset()
+    assert train(nano_cfg(pt_data, tok_dir, out, max_steps=1, seq_len=24))["steps"] == 1
 
 
 def test_no_validation_split_still_trains(tmp_path, corpus_file, tok_dir, capsys):
@@ -1121,6 +1162,13 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_last_checkpoint(tmp_
     monkeypatch.setattr("tinyk.monitor.plot_losses", no_room)  # the plot alone does not fail a run
     summary = train(nano_cfg(pt_data, tok_dir, out, max_steps=3), resume=True)
     assert summary["status"] == "completed" and "warning: loss.png not written" in capsys.readouterr().out
+
+
+def test_a_run_without_matplotlib_says_there_is_no_plot(tmp_path, pt_data, tok_dir, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # how a missing package looks to find_spec
+    train(nano_cfg(pt_data, tok_dir, tmp_path / "run", max_steps=2))
+    assert "note: no loss.png without matplotlib (pip install matplotlib)" in capsys.readouterr().out
+    assert not (tmp_path / "run" / "loss.png").exists()
 
 
 def test_tensorboard_shows_one_curve_across_a_crash_and_resume(tmp_path, pt_data, tok_dir, monkeypatch):

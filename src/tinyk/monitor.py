@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import inspect
 import json
 import math
@@ -208,6 +209,8 @@ class Monitor:
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                         disable=not (show_progress and sys.stderr.isatty()), mininterval=1.0, smoothing=0.1)
         self.plotted = True
+        self.can_plot = importlib.util.find_spec("matplotlib") is not None  # the run's header says when not
+        self.output_lost = False
 
     def _read_records(self) -> list[dict[str, Any]]:
         """The earlier sessions' lines. A last line cut short (a kill or a full disk mid-write) is dropped;
@@ -280,7 +283,7 @@ class Monitor:
         self.plot()
 
     def plot(self) -> None:
-        if not self.plotted:
+        if not self.plotted and self.can_plot:
             try:
                 plot_losses(self.records, self.out / "loss.png")
             except OSError as e:  # a full disk: the picture of metrics.jsonl is not worth the run, nor its error
@@ -288,7 +291,11 @@ class Monitor:
             self.plotted = True
 
     def print(self, msg: str) -> None:
-        self.bar.write(msg)
+        try:
+            self.bar.write(msg)
+        except OSError:  # the reader left (`| head`) or the terminal hung up: the run stops, saved
+            self.output_lost = True
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
     def close(self) -> None:
         try:

@@ -334,6 +334,8 @@ def tokenizer_config(model_max_length: int = 1_000_000, system_prompt: str | Non
         "model_max_length": model_max_length,
         "clean_up_tokenization_spaces": False,
         "tokenizer_class": "PreTrainedTokenizerFast",
+        # A Llama's inputs: without this, transformers 4 adds token_type_ids, which generate() refuses.
+        "model_input_names": ["input_ids", "attention_mask"],
         "chat_template": chat_template(system_prompt),
         "system_prompt": system_prompt or "",  # tinyk's own record of it ("" for none)
     }

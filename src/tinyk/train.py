@@ -214,6 +214,10 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             d = tomllib.loads(p.read_text(encoding="utf-8"))
         else:
             d = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.MarkedYAMLError as e:  # its first line ("while parsing a flow node") says neither what nor where
+        mark = e.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise TinykError(f"cannot parse {p}: {e.problem or e.context}{where}") from e
     except (yaml.YAMLError, ValueError, UnicodeDecodeError) as e:  # tomllib.TOMLDecodeError is a ValueError
         raise TinykError(f"cannot parse {p}: {first_line(e)}") from e
     if not isinstance(d, dict):
@@ -764,6 +768,7 @@ class Trainer:
             self._setup_data()
             existed = self.out.is_dir()
             fresh = self._setup_run_dir(force)
+            self.fresh, self.existed = fresh, existed
         except BaseException:
             self.dist.close()
             raise
@@ -1316,8 +1321,9 @@ class Trainer:
             self.stop_signal = signal.Signals(signum).name
 
         previous = {}
+        # SIGHUP: the terminal went away (an SSH session dropped), which would kill the run unsaved.
         with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
-            for s in (signal.SIGINT, signal.SIGTERM):
+            for s in (signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])):
                 previous[s] = signal.signal(s, handler)
         return previous
 
@@ -1363,6 +1369,8 @@ class Trainer:
             lines.append(f"--resume: no checkpoint in {self.out}, so this is a new run")
         if self.val_problem:
             lines.append(f"no validation: {self.val_problem}")
+        if not self.monitor.can_plot:
+            lines.append("note: no loss.png without matplotlib (pip install matplotlib); metrics.jsonl has the losses")
         for line in lines:
             self.monitor.print(line)
 
@@ -1370,8 +1378,11 @@ class Trainer:
         try:
             summary = self._run()
         except BaseException as e:
-            with contextlib.suppress(Exception):  # the error that stopped the run is the one to report
-                self.close()
+            if self.progress.step == 0 and not self.resumed_from:  # its first step failed (compiling, memory)
+                self._fail_start(self.fresh, self.existed)
+            else:
+                with contextlib.suppress(Exception):  # the error that stopped the run is the one to report
+                    self.close()
             lost = peer_lost(e, self.out) if self.dist.world > 1 else None
             if lost is not None:
                 raise lost from e
@@ -1400,6 +1411,13 @@ class Trainer:
             return self._loop()
         except torch.cuda.OutOfMemoryError as e:
             raise self._oom() from e
+        except RuntimeError as e:
+            from torch._dynamo.exc import TorchDynamoException
+
+            if self.cfg.compile and isinstance(e, TorchDynamoException):
+                raise TinykError(f"torch.compile failed ({first_line(e)[:300]}); leave --compile out, or install what "
+                                 f"it needs (a C++ compiler such as g++; Triton on a GPU)") from e
+            raise
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
@@ -1436,10 +1454,12 @@ class Trainer:
                 break
             batches, n_loss = self.next_batches()
             n_pos = sum(x.numel() for x, _ in batches)
+            if self.monitor and self.monitor.output_lost:  # `| head` read its lines: stop as SIGPIPE would, saved
+                self.stop_signal = self.stop_signal or "SIGPIPE"
             # One host all-reduce per step: loss-token and token counts, a stop signal on any rank, and
             # the --max-minutes estimates from the previous step (every rank must stop at the same step).
             n_loss, n_pos, interrupts, terms, estimates = d.sum_host(
-                [n_loss, n_pos, self.stop_signal == "SIGINT", self.stop_signal == "SIGTERM", estimate])
+                [n_loss, n_pos, self.stop_signal == "SIGINT", self.stop_signal not in (None, "SIGINT"), estimate])
             if interrupts or terms:
                 self.stop_signal = self.stop_signal or ("SIGTERM" if terms else "SIGINT")  # it reached another rank
                 break

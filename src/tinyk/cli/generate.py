@@ -128,13 +128,15 @@ def _generate(args: argparse.Namespace) -> int:
         return 0
     # Prompt i samples with seed + i: repeated prompts give different samples, each reproducible alone.
     plist = [params if params.seed is None else replace(params, seed=params.seed + i) for i in range(len(ids))]
-    for i, (prompt, c) in enumerate(zip(prompts, engine.generate(ids, plist), strict=True)):
+    # Each sample is printed once it and those before it are done: Ctrl-C keeps what was printed.
+    for i, (prompt, c) in enumerate(zip(prompts, engine.completions(ids, plist), strict=True)):
         if args.json:
             print(json.dumps({"prompt": prompt, "text": c.text, "finish_reason": c.finish_reason,
                               "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens},
-                             ensure_ascii=False))
+                             ensure_ascii=False), flush=True)
         else:
-            print(f"--- sample {i + 1} ({c.completion_tokens} tokens, {c.finish_reason}) ---\n{prompt}{c.text}")
+            print(f"--- sample {i + 1} ({c.completion_tokens} tokens, {c.finish_reason}) ---\n{prompt}{c.text}",
+                  flush=True)
     return 0
 
 

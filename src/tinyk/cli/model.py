@@ -51,6 +51,7 @@ def _init(args: argparse.Namespace) -> int:
 
 def _import(args: argparse.Namespace) -> int:
     from tinyk.checkpoint import import_seed_checkpoint
+    from tinyk.tokenizer import load_tokenizer
 
     model, assumed = import_seed_checkpoint(args.checkpoint, args.tokenizer, args.out, n_heads=args.n_heads,
                                             max_seq_len=args.max_seq_len, force=args.force)
@@ -61,6 +62,10 @@ def _import(args: argparse.Namespace) -> int:
     if assumed:
         print(f"note: {' and '.join(assumed)} assumed, the tutorial's: the checkpoint does not record them "
               f"(--n-heads / --max-seq-len if yours differ; wrong heads load but compute something else)")
+    n_tok = load_tokenizer(args.tokenizer).vocab_size
+    if c.vocab_size != n_tok:  # a padded vocabulary, or the wrong tokenizer
+        print(f"note: the model has {c.vocab_size} token embeddings and the tokenizer {n_tok} tokens, so ids from "
+              f"{n_tok} on are never used: is --tokenizer the one the model was trained with?")
     return 0
 
 

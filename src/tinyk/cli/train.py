@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import signal
+import sys
 
 from tinyk.cli.common import batch_count, non_negative_int, positive_float, positive_int, positive_size, seed
 
@@ -70,6 +72,9 @@ def _run(args: argparse.Namespace) -> int:
     cfg = resolve_config(args.kind, preset=args.preset, config=args.config, flags=flags, sets=args.set,
                          resume=args.resume)
     summary = train(cfg, resume=args.resume, force=args.force)
-    if summary["status"] == "interrupted":
-        return 143 if summary["stop_signal"] == "SIGTERM" else 130
+    if summary["status"] == "interrupted":  # 128 + the signal's number, as the shell reports a kill by it
+        if summary["stop_signal"] == "SIGPIPE":  # its own line went where the output went
+            print(f"tinyk: its output was closed, so {args.kind} stopped at step {summary['steps']} with a "
+                  f"checkpoint; continue with --resume", file=sys.stderr)
+        return 128 + getattr(signal, summary["stop_signal"])
     return 0
