@@ -363,6 +363,26 @@ def test_signal_saves_a_checkpoint_and_exits(tmp_path, pt_data, tok_dir, monkeyp
     assert signal.getsignal(sig) == before
 
 
+def test_a_run_under_nohup_goes_on_after_a_hangup(tmp_path, pt_data, tok_dir, monkeypatch):
+    from tinyk.monitor import Monitor
+
+    log_train = Monitor.log_train
+
+    def log_and_hang_up(self, rec):
+        log_train(self, rec)
+        if rec["step"] == 2:
+            os.kill(os.getpid(), signal.SIGHUP)
+
+    monkeypatch.setattr(Monitor, "log_train", log_and_hang_up)
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # what nohup leaves its command
+    try:
+        summary = train(nano_cfg(pt_data, tok_dir, tmp_path / "run", max_steps=4))
+        assert summary["status"] == "completed" and summary["steps"] == 4
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)
+
+
 def test_a_run_whose_output_is_closed_stops_with_a_checkpoint(tmp_path, pt_data, tok_dir):
     """`tinyk pretrain ... | head`: the first write after the reader left ended the run with no
     checkpoint, and the shell would otherwise wait for a run no one watches."""

@@ -1321,9 +1321,12 @@ class Trainer:
             self.stop_signal = signal.Signals(signum).name
 
         previous = {}
-        # SIGHUP: the terminal went away (an SSH session dropped), which would kill the run unsaved.
+        # SIGHUP: the terminal went away (an SSH session dropped), which would kill the run unsaved; under
+        # nohup it is ignored, and stays so: the run goes on.
+        hangup = [signal.SIGHUP] if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) != signal.SIG_IGN \
+            else []
         with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
-            for s in (signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])):
+            for s in (signal.SIGINT, signal.SIGTERM, *hangup):
                 previous[s] = signal.signal(s, handler)
         return previous
 
