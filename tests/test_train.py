@@ -399,7 +399,7 @@ def test_a_run_whose_output_is_closed_stops_with_a_checkpoint(tmp_path, pt_data,
         proc.kill()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stop_signal"] == "SIGPIPE" and [p.name for p in checkpoints(out)] == [f"step_{summary['steps']:07d}"]
-    assert err.endswith(f"tinyk: its output was closed, so pretrain stopped at step {summary['steps']} with a "
+    assert err.endswith(f"tinyk: its output could not be written (the reader left, or a full disk), so pretrain stopped at step {summary['steps']} with a "
                         f"checkpoint; continue with --resume\n") and "Traceback" not in err
 
 
