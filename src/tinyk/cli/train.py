@@ -74,7 +74,7 @@ def _run(args: argparse.Namespace) -> int:
     summary = train(cfg, resume=args.resume, force=args.force)
     if summary["status"] == "interrupted":  # 128 + the signal's number, as the shell reports a kill by it
         if summary["stop_signal"] == "SIGPIPE":  # its own line went where the output went
-            print(f"tinyk: its output could not be written (the reader left, or a full disk), so {args.kind} stopped at step {summary['steps']} with a "
-                  f"checkpoint; continue with --resume", file=sys.stderr)
+            print(f"tinyk: its output could not be written (the reader left, or a full disk), so {args.kind} "
+                  f"stopped at step {summary['steps']} with a checkpoint; continue with --resume", file=sys.stderr)
         return 128 + getattr(signal, summary["stop_signal"])
     return 0
