@@ -407,7 +407,7 @@ def test_a_model_directory_the_tutorials_save_pretrained_wrote_imports_with_its_
     (saved / "config.json").write_text(json.dumps({"model_type": "Tiny-K", "dim": 64, "n_heads": 8,
                                                    "max_seq_len": 96}))
     model, assumed = import_seed_checkpoint(saved, tok_dir, tmp_path / "m")
-    assert (model.config.n_heads, model.config.n_kv_heads, model.config.max_seq_len) == (8, 4, 96) and assumed == []
+    assert (model.config.n_heads, model.config.n_kv_heads, model.config.max_seq_len) == (8, 4, 96) and assumed == ""
     with pytest.raises(TinykError, match="--n-heads 16 contradicts the 8 heads .* was saved with"):
         import_seed_checkpoint(saved, tok_dir, tmp_path / "m16", n_heads=16)
     with pytest.raises(TinykError, match=f"not a tinyk model directory: {saved}; it holds a model the tutorial's "
@@ -432,13 +432,17 @@ def test_a_tutorial_pth_is_pointed_to_import_which_says_what_it_assumed(tmp_path
     for where in (ckpt, runs):
         with pytest.raises(TinykError, match=f"`tinyk model import {ckpt} --tokenizer TOKENIZER_DIR --out DIR`"):
             model_info(where)
+    init_model_dir("nano", tok_dir, tmp_path / "mine")  # a tinyk model's weights file: its folder is the model
+    with pytest.raises(TinykError, match=f"; give the model directory it is in, {tmp_path / 'mine'}$"):
+        model_info(tmp_path / "mine" / "model.safetensors")
     with pytest.raises(TinykError, match="holds neither model.safetensors nor pytorch_model.bin; give the file to "
                                          "import \\(pretrain_64_2_512.pth\\)"):
         import_seed_checkpoint(runs, tok_dir, tmp_path / "m")
     with pytest.raises(SystemExit) as e:
         main(["model", "import", str(ckpt), "--tokenizer", str(tok_dir), "--out", str(tmp_path / "m")])
     out = capsys.readouterr().out
-    assert e.value.code == 0 and "note: 16 heads and a 512-token context assumed" in out and "token embeddings" not in out
+    assert e.value.code == 0 and "note: 16 heads and a context of 512 tokens (the tutorial's) assumed" in out
+    assert "token embeddings" not in out
     n = load_tokenizer(tok_dir).vocab_size
     wider = _save(seed_state_dict(n + 64), tmp_path / "wider.pth")  # another tokenizer's, or a padded vocabulary
     with pytest.raises(SystemExit) as e:
@@ -450,7 +454,10 @@ def test_a_tutorial_pth_is_pointed_to_import_which_says_what_it_assumed(tmp_path
     half = 64 // 4 // 2  # the tables' width: half a head's for 4 heads of dim 64
     tables = {**sd, "freqs_cos": torch.ones(80, half), "freqs_sin": torch.zeros(80, half)}
     model, assumed = import_seed_checkpoint(_save(tables, tmp_path / "t.pth"), tok_dir, tmp_path / "t")
-    assert (model.config.n_heads, model.config.max_seq_len, assumed) == (4, 80, [])
+    assert (model.config.n_heads, model.config.max_seq_len, assumed) == (4, 80, "4 heads and a context of 80 tokens "
+                                                                          "(from its RoPE tables)")
+    model, assumed = import_seed_checkpoint(tmp_path / "t.pth", tok_dir, tmp_path / "t2", n_heads=4, max_seq_len=64)
+    assert (model.config.n_heads, model.config.max_seq_len, assumed) == (4, 64, "")  # the flags win
     x = torch.randint(0, 100, (1, 30), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert (model(x)[0] - seed_forward(sd, x, n_heads=4)).abs().max().item() < 1e-4

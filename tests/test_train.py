@@ -341,7 +341,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, pt_data, tok_dir):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])  # SIGHUP: an SSH session dropped
-def test_signal_saves_a_checkpoint_and_exits(tmp_path, pt_data, tok_dir, monkeypatch, capsys, sig):
+def test_signal_saves_a_checkpoint_and_exits(tmp_path, pt_data, tok_dir, monkeypatch, capsys, request, sig):
     from tinyk.monitor import Monitor
 
     log_train = Monitor.log_train
@@ -352,6 +352,9 @@ def test_signal_saves_a_checkpoint_and_exits(tmp_path, pt_data, tok_dir, monkeyp
             os.kill(os.getpid(), sig)
 
     monkeypatch.setattr(Monitor, "log_train", log_and_signal)
+    if sig == signal.SIGHUP:  # a test session under nohup ignores it, and so would the run
+        original = signal.signal(sig, signal.SIG_DFL)
+        request.addfinalizer(lambda: signal.signal(sig, original))
     out, before = tmp_path / "run", signal.getsignal(sig)
     with pytest.raises(SystemExit) as e:
         main(cli_args(pt_data, tok_dir, out, "--max-steps", "50", "--log-every", "1", "--save-every", "0"))
@@ -766,7 +769,8 @@ def test_compiled_training_matches_eager(tmp_path, pt_data, tok_dir):
 
 def test_a_compile_that_fails_is_one_line_and_leaves_no_run(tmp_path, pt_data, tok_dir, monkeypatch):
     """No C++ compiler: inductor's 150-line traceback was the report, and the run directory it left
-    behind refused the corrected command ("exists, use --resume or --force")."""
+    behind refused the corrected command ("exists, use --resume or --force"); with --force, the run it
+    replaced was gone."""
     import torch._dynamo
     import torch._inductor.config as inductor
 
@@ -779,6 +783,10 @@ def test_a_compile_that_fails_is_one_line_and_leaves_no_run(tmp_path, pt_data, t
     assert not out.exists()
     torch._dynamo.reset()
     assert train(nano_cfg(pt_data, tok_dir, out, max_steps=1, seq_len=24))["steps"] == 1
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    with pytest.raises(TinykError, match="^torch.compile failed"):  # --force replaces a run only once a step is done
+        train(nano_cfg(pt_data, tok_dir, out, max_steps=3, compile=True, seq_len=24), force=True)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
 
 
 def test_no_validation_split_still_trains(tmp_path, corpus_file, tok_dir, capsys):

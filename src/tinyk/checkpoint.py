@@ -194,6 +194,8 @@ def model_dir_hint(path: Path) -> str:
     """"; " and what a directory that is almost a model directory holds instead, with the way to one."""
     if is_model_dir(path / "final"):
         return f"; a training run's model is in {path / 'final'}"
+    if path.is_file() and is_model_dir(path.parent):
+        return f"; give the model directory it is in, {path.parent}"
     if path.is_file() and path.suffix in (".pth", ".pt", ".bin", ".safetensors"):
         return f"; it is a weights file: if the tutorial's scripts saved it, {_import_hint(path)}"
     if _is_seed_config(path):
@@ -220,7 +222,7 @@ def _is_seed_config(path: Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(d, dict) and (d.get("model_type") == "Tiny-K" or
-                                    ({"dim", "n_layers"} <= d.keys() and "hidden_size" not in d))
+                                    ("model_type" not in d and {"dim", "n_layers", "n_heads"} <= d.keys()))
 
 
 def _import_hint(source: Path) -> str:
@@ -393,9 +395,9 @@ def _unprefixed(name: str) -> str:
 
 
 def import_seed_checkpoint(ckpt: str | Path, tok_dir: str | Path, out: str | Path, *, n_heads: int | None = None,
-                           max_seq_len: int | None = None, force: bool = False) -> tuple[Transformer, list[str]]:
+                           max_seq_len: int | None = None, force: bool = False) -> tuple[Transformer, str]:
     """A model directory from a model the tutorial's scripts saved (`pretrain_1024_18_6144.pth`), and
-    what had to be assumed. Shapes come from the tensors. The head count and context are in a saved
+    what had to be assumed ("" if nothing). Shapes come from the tensors. The head count and context are in a saved
     directory's config.json (or the RoPE tables some variants keep) but not in a plain `.pth`, where
     they default to the tutorial's (16 heads, 512 tokens); RMSNorm eps 1e-5 and RoPE theta 10000 are
     its fixed values."""
@@ -416,18 +418,20 @@ def import_seed_checkpoint(ckpt: str | Path, tok_dir: str | Path, out: str | Pat
     emb = state.pop("tok_embeddings.weight")
     vocab_size, dim = emb.shape
     output = state.pop("output.weight", emb)
-    recorded = {k: config[k] for k in ("n_heads", "max_seq_len") if k in config}
-    rope = derived.get("freqs_cos")
-    if not recorded and rope is not None and rope.dim() == 2 and rope.shape[1] and dim % (2 * rope.shape[1]) == 0:
-        recorded = {"n_heads": dim // (2 * rope.shape[1]), "max_seq_len": rope.shape[0]}
-    if n_heads is not None and recorded.get("n_heads", n_heads) != n_heads:
-        raise TinykError(f"--n-heads {n_heads} contradicts the {recorded['n_heads']} heads {path} was saved with "
+    if n_heads is not None and config.get("n_heads", n_heads) != n_heads:
+        raise TinykError(f"--n-heads {n_heads} contradicts the {config['n_heads']} heads {path} was saved with "
                          f"(a model split into other heads computes something else); leave --n-heads out")
-    assumed = [what for what, key, given in (("16 heads", "n_heads", n_heads), ("a 512-token context", "max_seq_len",
-                                                                                 max_seq_len))
-               if given is None and key not in recorded]
-    n_heads = n_heads or recorded.get("n_heads") or 16
-    max_seq_len = max_seq_len or recorded.get("max_seq_len") or 512
+    # Not given nor recorded: the RoPE tables' shape if it kept them (half a head wide, one row per
+    # position, in the tutorial's layout), else the tutorial's values; either is said.
+    rope = derived.get("freqs_cos")
+    guess, source = {"n_heads": 16, "max_seq_len": 512}, "the tutorial's"
+    if rope is not None and rope.dim() == 2 and rope.shape[1] and dim % (2 * rope.shape[1]) == 0:
+        guess, source = {"n_heads": dim // (2 * rope.shape[1]), "max_seq_len": rope.shape[0]}, "from its RoPE tables"
+    missing = [k for k, v in (("n_heads", n_heads), ("max_seq_len", max_seq_len)) if not v and k not in config]
+    n_heads = n_heads or config.get("n_heads") or guess["n_heads"]
+    max_seq_len = max_seq_len or config.get("max_seq_len") or guess["max_seq_len"]
+    said = {"n_heads": f"{n_heads} heads", "max_seq_len": f"a context of {max_seq_len} tokens"}
+    assumed = f"{' and '.join(said[k] for k in missing)} ({source})" if missing else ""
     if not isinstance(n_heads, int) or n_heads < 1 or dim % n_heads or (dim // n_heads) % 2:
         raise TinykError(f"dim {dim} does not split into {n_heads} heads of an even size (set --n-heads)")
     head_dim = dim // n_heads

@@ -122,7 +122,7 @@ def is_plain_text(path: Path) -> bool:
 def shown(path: str | Path) -> str:
     """A path as text that can always be printed and written to JSON: bytes of a file name that are not
     UTF-8 (a GBK name from a Windows zip) become U+FFFD."""
-    return os.fsencode(path).decode("utf-8", "replace")
+    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _labels(paths: list[Path]) -> dict[Path, str]:
@@ -522,8 +522,9 @@ def check_output(out: str | Path, inputs: Iterable[str | Path | None], flag: str
     left as it is (`--out=~/x`), which would make a folder named `~` here."""
     first = Path(out).parts[0] if Path(out).parts else ""
     if first.startswith("~") and not Path(first).exists():
-        raise TinykError(f"{flag} {out}: the shell did not expand {first} (it does only at the start of a word); "
-                         f"write {flag} {out} with a space, or {flag}=$HOME{str(out)[len(first):]}")
+        raise TinykError(f"{flag} {out}: {first} was not expanded to a home directory (a shell does so only at the "
+                         f"start of a word: {flag} ~/x, not {flag}=~/x); give the path in full, or ./{out} for a "
+                         f"folder named so")
     o = Path(out).resolve()
     for i in inputs:
         if i is None:

@@ -295,7 +295,12 @@ class Monitor:
             self.bar.write(msg)
         except OSError:  # the reader left (`| head`) or the terminal hung up: the run stops, saved
             self.output_lost = True
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            null = os.open(os.devnull, os.O_WRONLY)
+            try:
+                with contextlib.suppress(OSError, ValueError):  # what is left to print goes nowhere
+                    os.dup2(null, sys.stdout.fileno())
+            finally:
+                os.close(null)
 
     def close(self) -> None:
         try:

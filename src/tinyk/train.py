@@ -762,13 +762,12 @@ class Trainer:
         self.lock = DirLock(self.out)
         self.monitor: Monitor | None = None
         self.stop_signal: str | None = None
-        self.aside: Path | None = None  # the run --force replaces, kept until the new one has started
+        self.aside: Path | None = None  # the run --force replaces, kept until the new one has trained a step
         try:
             self._setup_inputs()
             self._setup_data()
-            existed = self.out.is_dir()
-            fresh = self._setup_run_dir(force)
-            self.fresh, self.existed = fresh, existed
+            self.existed = self.out.is_dir()
+            self.fresh = self._setup_run_dir(force)
         except BaseException:
             self.dist.close()
             raise
@@ -779,35 +778,26 @@ class Trainer:
             # run, leaves the run's config as it was.
             self.finished_already = bool(self.resumed_from) and self.progress.step >= self.total_steps \
                 and (self.out / "final").is_dir()
-            if self.dist.main and not fresh and not self.finished_already:
+            if self.dist.main and not self.fresh and not self.finished_already:
                 self._write_config()
             self.peak, self.peak_source = peak_flops(self.device, cfg.peak_tflops, self.dtype)  # a timed matmul on CPU
         except BaseException:
-            # A new run that fails to start (a missing tracker package, unloadable weights, Ctrl-C) leaves
-            # the directory as it found it: nothing behind, or the run --force was to replace.
-            monitor, self.monitor = self.monitor, None
-            try:
-                with contextlib.suppress(Exception):  # the error that stopped the start is the one to report
-                    if monitor:
-                        monitor.close()
-            finally:
-                self._fail_start(fresh, existed)
+            self._fail_start()
             raise
-        if self.aside is not None:
-            try:
-                with contextlib.suppress(OSError):  # a replaced run not deleted now, the next start deletes
-                    _drop_aside(self.aside)
-            except BaseException:
-                self.close()
-                raise
-            self.aside = None
 
-    def _fail_start(self, fresh: bool, existed: bool) -> None:
-        """Undoes a start that failed after the run directory was set up, and releases it."""
+    def _fail_start(self) -> None:
+        """Undoes a start that failed after the run directory was set up (a missing tracker package,
+        unloadable weights, Ctrl-C, or a first step that failed: compiling, out of memory), and releases
+        it: the directory is left as it was found, nothing behind or the run --force was to replace.
+        The trackers close first, as they write into it."""
+        monitor, self.monitor = self.monitor, None
         try:
-            if fresh and self.dist.main:  # while the lock is held: no other start moves files here
+            with contextlib.suppress(Exception):  # the error that stopped the start is the one to report
+                if monitor:
+                    monitor.close()
+            if self.fresh and self.dist.main:  # while the lock is held: no other start moves files here
                 with contextlib.suppress(OSError):  # what cannot be put back now, the next start puts back
-                    self._undo_start(existed)
+                    self._undo_start(self.existed)
         finally:
             with contextlib.suppress(Exception):
                 self.close()
@@ -1380,9 +1370,10 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         try:
             summary = self._run()
+            self._drop_replaced()
         except BaseException as e:
-            if self.progress.step == 0 and not self.resumed_from:  # its first step failed (compiling, memory)
-                self._fail_start(self.fresh, self.existed)
+            if self.progress.step == 0 and not self.resumed_from:  # its first step failed
+                self._fail_start()
             else:
                 with contextlib.suppress(Exception):  # the error that stopped the run is the one to report
                     self.close()
@@ -1392,6 +1383,13 @@ class Trainer:
             raise
         self.close()
         return summary
+
+    def _drop_replaced(self) -> None:
+        """Deletes the run --force replaced, once this one has trained a step (or ended without error)."""
+        if self.aside is not None:
+            aside, self.aside = self.aside, None
+            with contextlib.suppress(OSError):  # a replaced run not deleted now, the next start deletes
+                _drop_aside(aside)
 
     def close(self) -> None:
         """Closes the trackers and frees the run directory for the next run; `run()` ends with it."""
@@ -1469,6 +1467,7 @@ class Trainer:
             total, norm = self.train_step(batches, n_loss)
             self.window_loss += total / max(n_loss, 1)
             p.step += 1
+            self._drop_replaced()
             p.tokens += n_pos
             p.loss_tokens += n_loss
             self.window_steps += 1

@@ -168,7 +168,11 @@ def _input_lines() -> Iterable[str]:
     from tinyk.files import Terminated
 
     with contextlib.suppress(ImportError):  # not on Windows
-        import readline  # noqa: F401 - loading it is what gives input() editing and history
+        import readline  # loading it is what gives input() editing and history
+
+        if "libedit" not in (readline.__doc__ or ""):  # macOS's libedit has no bracketed paste
+            # CPython turns it off; on, the terminal marks a paste and a pasted paragraph is one message.
+            readline.parse_and_bind("set enable-bracketed-paste on")
     while True:
         try:
             yield input("you> ")
