@@ -397,10 +397,10 @@ def _unprefixed(name: str) -> str:
 def import_seed_checkpoint(ckpt: str | Path, tok_dir: str | Path, out: str | Path, *, n_heads: int | None = None,
                            max_seq_len: int | None = None, force: bool = False) -> tuple[Transformer, str]:
     """A model directory from a model the tutorial's scripts saved (`pretrain_1024_18_6144.pth`), and
-    what had to be assumed ("" if nothing). Shapes come from the tensors. The head count and context are in a saved
-    directory's config.json (or the RoPE tables some variants keep) but not in a plain `.pth`, where
-    they default to the tutorial's (16 heads, 512 tokens); RMSNorm eps 1e-5 and RoPE theta 10000 are
-    its fixed values."""
+    what had to be assumed ("" if nothing). Shapes come from the tensors. The head count and context
+    are in a saved directory's config.json but not in a `.pth`, where they default to what the RoPE
+    tables some variants keep imply, else the tutorial's (16 heads, 512 tokens); RMSNorm eps 1e-5 and
+    RoPE theta 10000 are its fixed values."""
     path = Path(ckpt)
     state, config = _read_seed_weights(path)
     # The causal mask older torch made it keep and the RoPE tables: derived, not weights.
