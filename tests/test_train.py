@@ -1019,6 +1019,14 @@ def test_sft_says_how_many_conversations_a_short_seq_len_leaves_out(tmp_path, sf
             f"within seq_len {seq_len} and are left out") in capsys.readouterr().out
 
 
+def test_a_preset_beside_init_is_said_to_give_only_the_training_settings(tmp_path, sft_data, nano_model_dir, capsys):
+    for preset, said in (("tiny", True), ("nano", False)):
+        train(nano_cfg(sft_data, None, tmp_path / preset, kind="sft", init=str(nano_model_dir),
+                       model={"preset": preset}, seq_len=128, max_steps=1))
+        assert ("note: the model is --init's (dim 64, 2 layers, 4 heads), not the tiny preset's: the preset gives "
+                "the training settings" in capsys.readouterr().out) == said
+
+
 @pytest.mark.parametrize("change", [dict(batch_size=4), dict(seq_len=128), dict(seed=7)], ids=lambda c: next(iter(c)))
 def test_an_sft_run_resumes_only_with_its_sample_order(tmp_path, sft_data, nano_model_dir, change):
     """SFT's conversation order depends on the seed, on seq_len (length buckets) and on the global batch

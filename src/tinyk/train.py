@@ -1342,6 +1342,11 @@ class Trainer:
         note = micro_note(cfg.batch_size, d.world, cfg.micro_batch, self.micro)
         if note:
             lines.append(f"note: {note}")
+        preset = cfg.model.get("preset")
+        if self.init_dir is not None and preset in PRESETS and any(
+                PRESETS[preset].get(k, getattr(m, k)) != getattr(m, k) for k in ("dim", "n_layers", "n_heads")):
+            lines.append(f"note: the model is --init's (dim {m.dim}, {m.n_layers} layers, {m.n_heads} heads), not the "
+                         f"{preset} preset's: the preset gives the training settings")
         dropped = self.loader.dropped if cfg.kind == "sft" else 0
         if dropped:
             total = dropped + self.loader.num_windows
