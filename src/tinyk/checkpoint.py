@@ -182,10 +182,11 @@ def load_config(path: str | Path) -> ModelConfig:
     if not is_model_dir(path):
         raise TinykError(f"not a model directory (needs config.json and model.safetensors): {path}"
                          f"{model_dir_hint(path)}")
-    if _is_seed_config(path):
-        raise TinykError(f"not a tinyk model directory: {path}{model_dir_hint(path)}")
     try:
-        return config_from_hf(json.loads((path / "config.json").read_text()))
+        d = json.loads((path / "config.json").read_text())
+        if _is_seed_config(d):
+            raise TinykError(f"not a tinyk model directory: {path}{model_dir_hint(path)}")
+        return config_from_hf(d)
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise TinykError(f"invalid config.json in {path}: {e}") from e
 
@@ -198,7 +199,11 @@ def model_dir_hint(path: Path) -> str:
         return f"; give the model directory it is in, {path.parent}"
     if path.is_file() and path.suffix in (".pth", ".pt", ".bin", ".safetensors"):
         return f"; it is a weights file: if the tutorial's scripts saved it, {_import_hint(path)}"
-    if _is_seed_config(path):
+    try:
+        seed = _is_seed_config(json.loads((path / "config.json").read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        seed = False
+    if seed:
         return f"; it holds a model the tutorial's code saved (its Tiny-K config), which {_import_hint(path)}"
     pths = sorted(path.glob("*.pth")) if path.is_dir() and not (path / "config.json").exists() else []
     if pths:
@@ -214,13 +219,9 @@ def model_dir_hint(path: Path) -> str:
     return ""
 
 
-def _is_seed_config(path: Path) -> bool:
-    """Whether `path` holds the config.json of a model the tutorial's code saved (its `Tiny-K` class,
+def _is_seed_config(d: Any) -> bool:
+    """Whether a parsed config.json is that of a model the tutorial's code saved (its `Tiny-K` class,
     whose keys are dim, n_layers, ... rather than transformers' hidden_size, num_hidden_layers, ...)."""
-    try:
-        d = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
     return isinstance(d, dict) and (d.get("model_type") == "Tiny-K" or
                                     ("model_type" not in d and {"dim", "n_layers", "n_heads"} <= d.keys()))
 
@@ -403,8 +404,8 @@ def import_seed_checkpoint(ckpt: str | Path, tok_dir: str | Path, out: str | Pat
     RoPE theta 10000 are its fixed values."""
     path = Path(ckpt)
     state, config = _read_seed_weights(path)
+    rope = next((v for k, v in state.items() if k.endswith("freqs_cos")), None)
     # The causal mask older torch made it keep and the RoPE tables: derived, not weights.
-    derived = {k.rsplit(".", 1)[-1]: v for k, v in state.items() if k.endswith(("attention.mask", "freqs_cos"))}
     state = {_unprefixed(k): v.float() for k, v in state.items()
              if not k.endswith(("attention.mask", "freqs_cos", "freqs_sin"))}
     if state.get("tok_embeddings.weight", torch.empty(0)).dim() != 2:
@@ -423,7 +424,6 @@ def import_seed_checkpoint(ckpt: str | Path, tok_dir: str | Path, out: str | Pat
                          f"(a model split into other heads computes something else); leave --n-heads out")
     # Not given nor recorded: the RoPE tables' shape if it kept them (half a head wide, one row per
     # position, in the tutorial's layout), else the tutorial's values; either is said.
-    rope = derived.get("freqs_cos")
     guess, source = {"n_heads": 16, "max_seq_len": 512}, "the tutorial's"
     if rope is not None and rope.dim() == 2 and rope.shape[1] and dim % (2 * rope.shape[1]) == 0:
         guess, source = {"n_heads": dim // (2 * rope.shape[1]), "max_seq_len": rope.shape[0]}, "from its RoPE tables"

@@ -669,8 +669,8 @@ def _stem(name: str) -> str:
         return name
     digest = hashlib.sha256(raw).hexdigest()[:8]
     cut = room - len(digest) - 1
-    # Not inside a UTF-8 character (before a continuation byte): libraries that take str paths
-    # (tokenizers) encode them strictly.
+    # Not inside a UTF-8 character (before a continuation byte), so the temporary's name stays text
+    # wherever it is shown or handed to a library.
     while cut and raw[cut] & 0xC0 == 0x80:
         cut -= 1
     return os.fsdecode(raw[:cut]) + "." + digest
@@ -776,7 +776,7 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     UTF-8 (a GBK folder name) are written as `shown` prints them."""
     text = json.dumps(obj, ensure_ascii=False, indent=2) + "\n"
     with atomic_file(path) as tmp:
-        tmp.write_bytes(text.encode("utf-8", "surrogateescape").decode("utf-8", "replace").encode("utf-8"))
+        tmp.write_bytes(shown(text).encode("utf-8"))
 
 
 def hash_files(paths: list[Path]) -> str:

@@ -1472,10 +1472,10 @@ class Trainer:
             total, norm = self.train_step(batches, n_loss)
             self.window_loss += total / max(n_loss, 1)
             p.step += 1
-            self._drop_replaced()
             p.tokens += n_pos
             p.loss_tokens += n_loss
             self.window_steps += 1
+            self._drop_replaced()
             if cfg.max_minutes:
                 if t_first is None:
                     t_first, step_first = time.perf_counter(), p.step
