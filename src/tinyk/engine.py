@@ -176,6 +176,11 @@ class _Forward:
 class ContextLengthError(TinykError):
     """A prompt that leaves no room in the model's context window."""
 
+    @classmethod
+    def of(cls, tokens: int, context_length: int, at_least: bool = False) -> ContextLengthError:
+        return cls(f"the prompt has {'at least ' if at_least else ''}{tokens:,} tokens but the model's context "
+                   f"window is {context_length} tokens (at most {context_length - 1} fit)")
+
 
 @dataclass
 class SamplingParams:
@@ -598,9 +603,7 @@ class Engine:
         return ids
 
     def _too_long(self, tokens: int, at_least: bool = False) -> ContextLengthError:
-        return ContextLengthError(f"the prompt has {'at least ' if at_least else ''}{tokens:,} tokens but the model's "
-                                  f"context window is {self.context_length} tokens (at most "
-                                  f"{self.context_length - 1} fit)")
+        return ContextLengthError.of(tokens, self.context_length, at_least)
 
     def chat_prompt(self, messages: list[dict], default_system: str | None | ModelPrompt = None) -> str:
         """The conversation in the chat template, ending with the assistant's header, as text to show.

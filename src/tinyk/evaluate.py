@@ -187,7 +187,7 @@ def chat_prompt_ids(tok: TinyTokenizer, context_length: int) -> Callable[[list[d
     def prompt_of(messages: list[dict[str, str]]) -> list[int]:
         ids = tok.encode_chat(messages, add_generation_prompt=True)
         if len(ids) >= context_length:
-            raise ContextLengthError(f"{len(ids)} tokens, context {context_length}")
+            raise ContextLengthError.of(len(ids), context_length)
         return ids
 
     return prompt_of
