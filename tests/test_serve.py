@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import socket
+import subprocess
+import sys
 import threading
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from typing import Any
 from urllib.parse import urlsplit
 
 import openai
@@ -304,6 +309,78 @@ def test_max_completion_tokens_wins_over_the_deprecated_max_tokens(server):
 def test_other_methods_get_a_json_error(server):
     got, err = request(server, "DELETE", "/v1/models/nano")
     assert got == 405 and err["error"]["code"] == "method_not_allowed" and "DELETE" in err["error"]["message"]
+    assert request(server, "DELETE", "/nothing")[0] == 404
+
+
+def head_and_error(server: ChatServer, request_line: str) -> tuple[bytes, dict]:
+    reply = raw(server, f"{request_line}\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                .encode())
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert b"\r\nContent-Type: application/json\r\n" in head, reply
+    return head, json.loads(body)["error"]
+
+
+@pytest.mark.parametrize("line, allow", [
+    ("GET /v1/chat/completions HTTP/1.1", b"POST"),
+    ("POST /v1/models HTTP/1.1", b"GET, HEAD"),
+    ("PUT /health HTTP/1.1", b"GET, HEAD"),
+    ("DELETE /v1/completions HTTP/1.1", b"POST"),
+])
+def test_a_405_names_the_methods_that_work(server, line, allow):
+    """RFC 9110 15.5.6: a 405 carries Allow, so a client (or its developer) can see what to send instead."""
+    head, err = head_and_error(server, line)
+    assert head.startswith(b"HTTP/1.1 405") and b"\r\nAllow: " + allow + b"\r\n" in head
+    assert err["code"] == "method_not_allowed" and allow.decode().replace(", ", " or ") in err["message"]
+
+
+@pytest.mark.parametrize("line, status", [
+    ("TRACE /v1/models HTTP/1.1", b"501"),  # a method the server has no handler for
+    ("FOO /v1/models HTTP/1.1", b"501"),
+    ("GET /v1/models HTTP/9.9", b"505"),
+    ("GET", b"400"),
+])
+def test_requests_http_itself_refuses_get_a_json_error(server, line, status):
+    """The standard library answers these before any route runs, with an HTML page an API client cannot read."""
+    head, err = head_and_error(server, line)
+    assert head.split(b" ", 2)[1] == status and err["message"] and err["code"]
+
+
+def test_requests_in_flight_when_the_server_stops_get_a_503(nano_model_dir):
+    """They could be retried elsewhere or after a restart: a 503 with Retry-After says so; a 500 says the
+    request itself failed."""
+    server, _ = start(nano_model_dir)
+    entered, release = threading.Event(), threading.Event()
+    forward = server.api.engine.forward
+
+    def held(*args, **kwargs):
+        entered.set()
+        release.wait(60)
+        return forward(*args, **kwargs)
+
+    server.api.engine.forward = held
+    body = {"model": "nano", "prompt": "hi", "max_tokens": 5}
+    replies: dict[str, Any] = {}
+    try:
+        streamed = threading.Thread(target=lambda: replies.update(
+            stream=raw(server, b"POST /v1/completions HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s" % (
+                len(s := json.dumps({**body, "stream": True}).encode()), s))))
+        streamed.start()
+        assert entered.wait(60)  # the streamed request is decoding
+        plain = threading.Thread(target=lambda: replies.update(plain=request(server, "POST", "/v1/completions", body)))
+        plain.start()
+        while server.api.scheduler.stats()["waiting"] == 0 and plain.is_alive():
+            release.wait(0.01)  # until the second request is queued behind the first
+        server.api.scheduler.stop()
+        release.set()
+        streamed.join(60)
+        plain.join(60)
+    finally:
+        release.set()
+        server.close()
+    status, err = replies["plain"]
+    assert status == 503 and err["error"]["code"] == "server_shutting_down", err
+    events = [json.loads(e[6:]) for e in replies["stream"].split(b"\n\n") if e.startswith(b"data: {")]
+    assert events[-1]["error"]["code"] == "server_shutting_down"
 
 
 def test_the_openai_client_sees_api_errors(client):
@@ -377,6 +454,8 @@ def test_api_key(nano_model_dir, reference):
                         {"Authorization": "Basic sk-secret"}):
             status, body = request(server, "GET", "/v1/models", headers=headers)
             assert status == 401 and body["error"]["code"] == "invalid_api_key"
+            head, _ = head_and_error(server, "GET /v1/models HTTP/1.1")
+            assert b"\r\nWWW-Authenticate: Bearer\r\n" in head  # RFC 9110 11.6.1: how to authenticate
             status, body = request(server, "POST", "/v1/completions", {"model": "nano", "prompt": "hi"}, headers)
             assert status == 401
         with pytest.raises(openai.AuthenticationError):
@@ -421,7 +500,7 @@ def test_web_pages_of_other_sites_are_refused_unless_allowed(nano_model_dir, ser
         assert call(other, "POST", allowed) == (200, allowed)
         assert call(other, "POST", "http://evil.example") == (403, None)
         assert call(other, "OPTIONS", "http://evil.example") == (405, None)
-        assert call(other, "OPTIONS", allowed, "/nothing")[0] == 405  # only API paths are preflighted
+        assert call(other, "OPTIONS", allowed, "/nothing")[0] == 404  # only API paths are preflighted
         folded = raw(other, b"OPTIONS /v1/completions HTTP/1.1\r\nHost: localhost\r\nOrigin: " + allowed.encode()
                      + b"\r\nAccess-Control-Request-Headers: x-a,\r\n Set-Cookie: y\r\nConnection: close\r\n\r\n")
         assert b"Access-Control-Allow-Headers: Authorization, Content-Type\r\n" in folded and b"Set-Cookie" not in folded
@@ -436,7 +515,7 @@ def test_a_host_naming_another_site_is_refused_on_loopback(server, host, status)
     got, body = request(server, "GET", "/v1/models", headers={"Host": host})
     assert got == status, body
     if status == 403:
-        assert body["error"]["code"] == "host_not_allowed" and server.url in body["error"]["message"]
+        assert body["error"]["code"] == "host_not_allowed" and server.address in body["error"]["message"]
 
 
 def test_named_hosts_are_enforced_on_any_address(nano_model_dir):
@@ -628,3 +707,18 @@ def test_a_server_that_never_served_closes(nano_model_dir):
     closer.start()
     closer.join(timeout=30)
     assert not closer.is_alive(), "close() waited for a serve_forever that never ran"
+
+
+def test_serving_on_every_interface_prints_a_url_that_opens_and_warns_without_a_key(nano_model_dir):
+    """0.0.0.0 is no address to browse to; and a server the network can reach without a key should say so."""
+    proc = subprocess.Popen([sys.executable, "-m", "tinyk", "serve", "--model", str(nano_model_dir), "--host", "0.0.0.0",
+                             "--port", "0", "--quiet"], stderr=subprocess.PIPE, text=True)
+    try:
+        banner, warning = proc.stderr.readline(), proc.stderr.readline()
+        assert "on every interface (0.0.0.0:" in banner and "warning: no --api-key" in warning, banner + warning
+        url = re.search(r"here at (http://127\.0\.0\.1:\d+) ", banner).group(1)
+        with urllib.request.urlopen(url + "/health", timeout=60) as reply:
+            assert json.load(reply)["status"] == "ok"
+    finally:
+        proc.terminate()
+        proc.wait(60)

@@ -738,7 +738,10 @@ class Engine:
 
 
 class EngineBusy(TinykError):
-    """Too many requests are waiting; the caller should retry later."""
+    """Too many requests are waiting, or the engine is stopping; the caller should retry later."""
+
+
+SHUTTING_DOWN = "the server is shutting down; retry later"  # the error of requests a closing Scheduler ends
 
 
 class Scheduler:
@@ -765,17 +768,21 @@ class Scheduler:
         req = self.engine.request(prompt, params, stream=True)
         with self._cv:
             if self._closed:
-                raise EngineBusy("the engine is shutting down")
+                raise EngineBusy(SHUTTING_DOWN)
             if len(self._waiting) >= self.max_waiting:
-                raise EngineBusy(f"{len(self._waiting)} requests are already waiting; retry later")
+                raise EngineBusy(f"the queue is full ({len(self._waiting)} waiting); retry later")
             self._waiting.append(req)
             self._cv.notify()
         return req
 
-    def close(self) -> None:
+    def stop(self) -> None:
+        """Refuses new requests; those queued or decoding end (error SHUTTING_DOWN) before the next step."""
         with self._cv:
             self._closed = True
             self._cv.notify()
+
+    def close(self) -> None:
+        self.stop()
         self._thread.join()
 
     def _loop(self) -> None:
@@ -785,8 +792,8 @@ class Scheduler:
                 while not self._waiting and not batch.rows and not self._closed:
                     self._cv.wait()
                 if self._closed:
-                    events = batch.fail("server shutting down")
-                    events += [(r, r.end("error", "server shutting down")) for r in self._waiting]
+                    events = batch.fail(SHUTTING_DOWN)
+                    events += [(r, r.end("error", SHUTTING_DOWN)) for r in self._waiting]
                     self._waiting.clear()
                     self._deliver(events)
                     return

@@ -22,11 +22,12 @@ import threading
 import time
 import urllib.parse
 from dataclasses import dataclass, replace
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from typing import Any
 
-from .engine import ContextLengthError, Engine, EngineBusy, Request, SamplingParams, Scheduler
+from .engine import SHUTTING_DOWN, ContextLengthError, Engine, EngineBusy, Request, SamplingParams, Scheduler
 from .files import TinykError, has_surrogate, shown
 from .tokenizer import DEFAULT_SYSTEM_PROMPT
 
@@ -51,6 +52,7 @@ _COMMON = {"model", "stream", "stream_options", "max_tokens", "max_completion_to
            "seed", "n", "top_k", "min_p", "repetition_penalty", *UNSUPPORTED, *IGNORED}
 FIELDS = {True: _COMMON | {"messages", "response_format"}, False: _COMMON | {"prompt"}}  # by chat or not
 _MISSING = object()
+POST_PATHS = ("/v1/completions", "/v1/chat/completions")
 _HEADER_NAMES = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+(?:[ \t]*,[ \t]*[!#$%&'*+.^_`|~0-9A-Za-z-]+)*")  # RFC 9110 tokens
 
 
@@ -58,9 +60,11 @@ class ApiError(Exception):
     """An error answered to the client as `{"error": {...}}` with an HTTP status."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error"):  # noqa: A002 - OpenAI's field name
+                 type: str = "invalid_request_error",  # noqa: A002 - OpenAI's field name
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        self.headers = headers or {}  # those HTTP requires with the status (Allow with a 405, ...)
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -307,7 +311,8 @@ class Api:
         try:
             return self.scheduler.submit(ids, params), stream, include_usage
         except EngineBusy as e:
-            raise ApiError(503, str(e), type="server_error", code="overloaded") from e
+            code = "server_shutting_down" if str(e) == SHUTTING_DOWN else "overloaded"
+            raise ApiError(503, str(e), type="server_error", code=code) from e
 
     @staticmethod
     def usage(req: Request) -> dict[str, int]:
@@ -356,12 +361,15 @@ class Handler(BaseHTTPRequestHandler):
 
     # -- plumbing -----------------------------------------------------------------------
 
-    def _send(self, status: int, body: bytes, content_type: str = "application/json") -> None:
+    def _send(self, status: int, body: bytes, content_type: str = "application/json",
+              headers: dict[str, str] | None = None) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         if status == 503:  # overloaded or stopping: clients that honour it wait before trying again
             self.send_header("Retry-After", "1")
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
@@ -372,7 +380,17 @@ class Handler(BaseHTTPRequestHandler):
         self._send(status, _json_bytes(obj))
 
     def _error(self, e: ApiError) -> None:
-        self._json(e.status, e.body())
+        self._send(e.status, _json_bytes(e.body()), headers=e.headers)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """The standard library's own refusals (a malformed request line, headers too large, a method
+        with no handler) in the OpenAI format instead of its HTML page. A request line too malformed to
+        name its version is answered in HTTP/1.1, not as HTTP/0.9 (a bare body, which curl refuses)."""
+        self.close_connection = True
+        if self.request_version == "HTTP/0.9":
+            self.request_version = "HTTP/1.1"
+        phrase = HTTPStatus(code).phrase
+        self._error(ApiError(code, message or phrase, code=phrase.lower().replace(" ", "_").replace("-", "_")))
 
     def _cross_origin(self) -> str | None:
         """The calling page's origin when a browser calls from another site (None for programs, which
@@ -453,7 +471,7 @@ class Handler(BaseHTTPRequestHandler):
         if not guarded or host is None or "*" in allowed or _local_host_name(host, allowed):
             return True
         self.close_connection = self.unread_body = True
-        self._error(ApiError(403, f"Host {host} is not this server, which listens on {self.server.url}; behind a "
+        self._error(ApiError(403, f"Host {host} is not this server, which listens on {self.server.address}; behind a "
                                   f"reverse proxy that passes its Host on, start it with --allow-host "
                                   f"{_hostname(host) or host}", code="host_not_allowed"))
         return False
@@ -491,8 +509,8 @@ class Handler(BaseHTTPRequestHandler):
             self._json(200, api.model_card())
         elif path.startswith("/v1/models/"):
             self._error(ApiError(404, f"the model '{path[11:]}' does not exist", param="model", code="model_not_found"))
-        elif path in ("/v1/completions", "/v1/chat/completions"):
-            self._error(ApiError(405, f"use POST for {path}", code="method_not_allowed"))
+        elif path in POST_PATHS:
+            self._error(_not_allowed(path))
         else:
             self._error(ApiError(404, f"no such path: {path}", code="not_found"))
 
@@ -502,10 +520,10 @@ class Handler(BaseHTTPRequestHandler):
         path = self._route()
         self.unread_body = True
         try:
-            if path not in ("/v1/completions", "/v1/chat/completions"):
+            if path not in POST_PATHS:
                 self.close_connection = True  # the body is left unread
-                if path in ("/", "/index.html", "/health") or path.startswith("/v1/models"):
-                    raise ApiError(405, f"use GET for {path}", code="method_not_allowed")
+                if _is_get_path(path):
+                    raise _not_allowed(path)
                 raise ApiError(404, f"no such path: {path}", code="not_found")
             refusal = self._refusal()
             if refusal is not None:
@@ -545,10 +563,13 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
 
     def _other_method(self) -> None:
-        """PUT, PATCH, DELETE (and OPTIONS but for a preflight): an OpenAI-style error instead of the
-        standard library's HTML page."""
+        """PUT, PATCH, DELETE (and OPTIONS but for a preflight): a 405 naming the path's methods, or a 404."""
         self.close_connection = True  # any body is left unread
-        self._error(ApiError(405, f"{self.command} is not supported; use GET or POST", code="method_not_allowed"))
+        path = self._route()
+        if path in POST_PATHS or _is_get_path(path):
+            self._error(_not_allowed(path, f"{self.command} is not supported; "))
+        else:
+            self._error(ApiError(404, f"no such path: {path}", code="not_found"))
 
     do_PUT = do_PATCH = do_DELETE = _other_method
 
@@ -559,7 +580,7 @@ class Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 return
         if req.finish_reason == "error":
-            self._error(ApiError(500, req.error or "generation failed", type="server_error", code="internal_error"))
+            self._error(_failure(req))
             return
         c = req.completion()
         rid, name = _new_id(chat), self.server.api.cfg.model_name
@@ -615,8 +636,7 @@ class Handler(BaseHTTPRequestHandler):
             for delta in req.deltas():
                 self._event(chunk(delta))
             if req.finish_reason == "error":
-                self._event(ApiError(500, req.error or "generation failed", type="server_error",
-                                     code="internal_error").body())
+                self._event(_failure(req).body())
             else:
                 self._event(chunk(None, req.finish_reason))
                 if include_usage:
@@ -676,7 +696,25 @@ def _is_length(header: str) -> bool:
 
 
 def _unauthorized() -> ApiError:
-    return ApiError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')", code="invalid_api_key")
+    return ApiError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')", code="invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"})
+
+
+def _is_get_path(path: str) -> bool:
+    return path in ("/", "/index.html", "/health", "/v1/models") or path.startswith("/v1/models/")
+
+
+def _not_allowed(path: str, why: str = "") -> ApiError:
+    methods = "POST" if path in POST_PATHS else "GET, HEAD"
+    return ApiError(405, f"{why}use {methods.replace(', ', ' or ')} for {path}", code="method_not_allowed",
+                    headers={"Allow": methods})
+
+
+def _failure(req: Request) -> ApiError:
+    """The error of a request the engine ended: a stopping server's is worth retrying (elsewhere, or later)."""
+    if req.error == SHUTTING_DOWN:
+        return ApiError(503, SHUTTING_DOWN, type="server_error", code="server_shutting_down")
+    return ApiError(500, req.error or "generation failed", type="server_error", code="internal_error")
 
 
 def _too_large(length: int, limit: int) -> ApiError:
@@ -704,11 +742,22 @@ class ChatServer(ThreadingHTTPServer):
         except OSError as e:
             self.api.close()
             raise TinykError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
-        self.loopback = ipaddress.ip_address(self.server_address[0].split("%")[0]).is_loopback
+        ip = ipaddress.ip_address(self.server_address[0].split("%")[0])
+        self.loopback, self.everywhere = ip.is_loopback, ip.is_unspecified
+
+    @property
+    def address(self) -> str:
+        """Where it listens, as bound (0.0.0.0 or [::]: every interface)."""
+        host, port = self.server_address[:2]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     @property
     def url(self) -> str:
+        """Its URL on this machine: one listening on every interface is opened through loopback
+        (0.0.0.0 is no address a browser can open everywhere)."""
         host, port = self.server_address[:2]
+        if self.everywhere:
+            host = "::1" if ":" in host else "127.0.0.1"
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     def start(self) -> threading.Thread:
@@ -723,6 +772,7 @@ class ChatServer(ThreadingHTTPServer):
         super().serve_forever(poll_interval)
 
     def close(self) -> None:
+        self.api.scheduler.stop()  # requests in flight get their 503 now, not after the listener stops
         if self._serving:  # shutdown() waits for serve_forever to return: forever, if it never ran
             self.shutdown()
         self.server_close()
@@ -739,8 +789,12 @@ def serve(model_dir: str, *, host: str = "127.0.0.1", port: int = 8000, device: 
     cfg.setdefault("system_prompt", engine.tok.system_prompt)
     server = ChatServer(engine, ServerConfig(**cfg), host, port)
     weights = ", int8 weights" if engine.quantize == "int8" else ""
+    where = f"on every interface ({server.address}): here at" if server.everywhere else "at"
     print(f"tinyk: serving {cfg['model_name']} ({engine.device}, {str(engine.dtype).removeprefix('torch.')}{weights}) "
-          f"at {server.url}  (chat page: {server.url}/, API: {server.url}/v1)", file=sys.stderr, flush=True)
+          f"{where} {server.url}  (chat page: {server.url}/, API: {server.url}/v1)", file=sys.stderr, flush=True)
+    if not server.loopback and server.api.cfg.api_key is None:
+        print(f"tinyk: warning: no --api-key: anyone who can reach port {server.server_address[1]} of this machine "
+              f"can use the model", file=sys.stderr, flush=True)
     try:
         server.serve_forever()
     finally:
