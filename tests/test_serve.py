@@ -359,27 +359,34 @@ def test_requests_in_flight_when_the_server_stops_get_a_503(nano_model_dir):
 
     server.api.engine.forward = held
     body = {"model": "nano", "prompt": "hi", "max_tokens": 5}
+    stream = json.dumps({**body, "stream": True}).encode()
     replies: dict[str, Any] = {}
+    calls = {
+        "decoding": lambda: request(server, "POST", "/v1/completions", body),
+        "plain": lambda: request(server, "POST", "/v1/completions", body),
+        "stream": lambda: raw(server, b"POST /v1/completions HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s"
+                                      % (len(stream), stream)),
+    }
+    threads = {name: threading.Thread(target=lambda n=name, c=call: replies.update({n: c()}))
+               for name, call in calls.items()}
     try:
-        streamed = threading.Thread(target=lambda: replies.update(
-            stream=raw(server, b"POST /v1/completions HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s" % (
-                len(s := json.dumps({**body, "stream": True}).encode()), s))))
-        streamed.start()
-        assert entered.wait(60)  # the streamed request is decoding
-        plain = threading.Thread(target=lambda: replies.update(plain=request(server, "POST", "/v1/completions", body)))
-        plain.start()
-        while server.api.scheduler.stats()["waiting"] == 0 and plain.is_alive():
-            release.wait(0.01)  # until the second request is queued behind the first
+        threads["decoding"].start()
+        assert entered.wait(60)  # in the batch (it may yet end by itself, in the step under way)
+        threads["plain"].start()
+        threads["stream"].start()
+        while server.api.scheduler.stats()["waiting"] < 2 and all(t.is_alive() for t in threads.values()):
+            release.wait(0.01)  # until both are queued behind it
         server.api.scheduler.stop()
         release.set()
-        streamed.join(60)
-        plain.join(60)
+        for t in threads.values():
+            t.join(60)
     finally:
         release.set()
         server.close()
     status, err = replies["plain"]
     assert status == 503 and err["error"]["code"] == "server_shutting_down", err
-    events = [json.loads(e[6:]) for e in replies["stream"].split(b"\n\n") if e.startswith(b"data: {")]
+    head, _, stream = replies["stream"].partition(b"\r\n\r\n")
+    events = [json.loads(e[6:]) for e in stream.split(b"\n\n") if e.startswith(b"data: {")]
     assert events[-1]["error"]["code"] == "server_shutting_down"
 
 
