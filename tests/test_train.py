@@ -1025,6 +1025,8 @@ def test_a_preset_beside_init_is_said_to_give_only_the_training_settings(tmp_pat
                        model={"preset": preset}, seq_len=128, max_steps=1))
         assert ("note: the model is --init's (dim 64, 2 layers, 4 heads), not the tiny preset's: the preset gives "
                 "the training settings" in capsys.readouterr().out) == said
+        saved = yaml.safe_load((tmp_path / preset / "config.yaml").read_text())["model"]
+        assert "preset" not in saved and saved["dim"] == 64  # the run's config names the model it trained
 
 
 @pytest.mark.parametrize("change", [dict(batch_size=4), dict(seq_len=128), dict(seed=7)], ids=lambda c: next(iter(c)))

@@ -819,6 +819,7 @@ class Trainer:
         # A resumed run's model, tokenizer included, is its checkpoint's: the --init model and the
         # tokenizer directory it started from may have moved or been retrained since.
         self.init_dir = resolve_init(cfg.init) if cfg.init and not self.resumed_from else None
+        self.preset_beside_init = cfg.model.get("preset") if self.init_dir is not None else None  # for the header
         self.weights_dir = self.resumed_from / "model" if self.resumed_from else self.init_dir
         self.tok_dir = self.resumed_from / "model" if self.resumed_from else \
             Path(cfg.tokenizer) if cfg.tokenizer else self.init_dir
@@ -876,8 +877,9 @@ class Trainer:
         check_output(out, [self.cfg.data, self.init_dir, None if self.resumed_from else self.tok_dir])
         exists = out.is_dir() and any(out.iterdir())
         foreign = sorted(p.name for p in out.iterdir() if not _made_by_a_run(p)) if exists else []
-        # The saved config names the full model, so a resumed run rebuilds exactly this one.
-        preset = self.cfg.model.get("preset")
+        # The saved config names the full model, so a resumed run rebuilds exactly this one, and the
+        # preset only where it named the model (beside --init it gave the training settings alone).
+        preset = None if self.cfg.init else self.cfg.model.get("preset")
         self.cfg.model = {**({"preset": preset} if preset else {}), **self.mcfg.to_dict()}
         set_aside = exists and any(_ASIDE.match(p.name) for p in out.iterdir())
         if (exists and not (out / "config.yaml").is_file() and not set_aside) or foreign:
@@ -1342,8 +1344,8 @@ class Trainer:
         note = micro_note(cfg.batch_size, d.world, cfg.micro_batch, self.micro)
         if note:
             lines.append(f"note: {note}")
-        preset = cfg.model.get("preset")
-        if self.init_dir is not None and preset in PRESETS and any(
+        preset = self.preset_beside_init
+        if preset in PRESETS and any(
                 PRESETS[preset].get(k, getattr(m, k)) != getattr(m, k) for k in ("dim", "n_layers", "n_heads")):
             lines.append(f"note: the model is --init's (dim {m.dim}, {m.n_layers} layers, {m.n_heads} heads), not the "
                          f"{preset} preset's: the preset gives the training settings")
