@@ -366,6 +366,64 @@ def test_signal_saves_a_checkpoint_and_exits(tmp_path, pt_data, tok_dir, monkeyp
     assert signal.getsignal(sig) == before
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+def test_a_signal_before_the_first_step_leaves_the_directory_as_it_was(tmp_path, pt_data, tok_dir, monkeypatch,
+                                                                       capsys, sig):
+    """Under torchrun a rank can wait seconds for a slower one before step 1: a Ctrl-C then saved a
+    step-0 checkpoint as the run, and --force deleted the finished run it was to replace."""
+    out = tmp_path / "run"
+    assert train(nano_cfg(pt_data, tok_dir, out, max_steps=2))["status"] == "completed"
+    before = {p.relative_to(out): p.read_bytes() if p.is_file() else None for p in sorted(out.rglob("*"))}
+    next_batches = Trainer.next_batches
+
+    def signalled(self):
+        os.kill(os.getpid(), sig)
+        return next_batches(self)
+
+    monkeypatch.setattr(Trainer, "next_batches", signalled)
+    for target, force in ((out, ["--force"]), (tmp_path / "new", [])):
+        with pytest.raises(SystemExit) as e:
+            main(cli_args(pt_data, tok_dir, target, "--max-steps", "5", *force))
+        assert e.value.code == 128 + sig
+        assert f"tinyk: stopped by {sig.name} before the first step: nothing was trained" in capsys.readouterr().err
+    assert {p.relative_to(out): p.read_bytes() if p.is_file() else None for p in sorted(out.rglob("*"))} == before
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_start_refused_after_the_run_directory_was_made_leaves_nothing(tmp_path, pt_data, tok_dir, monkeypatch):
+    """E.g. the check that every node sees the run directory: rank 0 had made an empty one."""
+    def not_shared(self):
+        raise TinykError("not shared")
+
+    monkeypatch.setattr(Trainer, "_check_shared", not_shared)
+    with pytest.raises(TinykError, match="not shared"):
+        Trainer(nano_cfg(pt_data, tok_dir, tmp_path / "runs" / "x", max_steps=2))
+    assert not (tmp_path / "runs" / "x").exists()
+
+
+def test_a_resume_that_finds_a_newer_checkpoint_once_it_holds_the_lock_starts_again(tmp_path, pt_data, tok_dir,
+                                                                                   monkeypatch):
+    """A run that was finishing (`kill -9` of torchrun leaves its workers running) saved another
+    checkpoint between this start's listing and its lock: resuming from the older would redo steps."""
+    from tinyk.files import DirLock
+
+    out = tmp_path / "run"
+    train(nano_cfg(pt_data, tok_dir, out, max_steps=4, save_every=2))
+    latest = checkpoints(out)[-1]
+    shutil.rmtree(latest)  # the other run's last save is yet to come
+    acquire = DirLock.acquire
+
+    def finishing_run_saves_first(self):
+        shutil.copytree(checkpoints(out)[-1], latest)
+        return acquire(self)
+
+    monkeypatch.setattr(DirLock, "acquire", finishing_run_saves_first)
+    with pytest.raises(TinykError, match="gained a checkpoint while this run started"):
+        Trainer(nano_cfg(pt_data, tok_dir, out, max_steps=6), resume=True)
+    monkeypatch.undo()
+    assert train(nano_cfg(pt_data, tok_dir, out, max_steps=6), resume=True)["steps"] == 6
+
+
 def test_a_run_under_nohup_goes_on_after_a_hangup(tmp_path, pt_data, tok_dir, monkeypatch):
     from tinyk.monitor import Monitor
 
@@ -507,7 +565,7 @@ def test_ranks_that_do_not_share_the_run_directory_are_refused(tmp_path, pt_data
         assert err.splitlines() == [f"tinyk: error: run directory {tmp_path / f'disk{r}' / 'run'} is not shared: 1 of 2 "
                                     "processes do not see what rank 0 writes there; with several machines, --out "
                                     "must be on a filesystem every node mounts at the same path"], err
-    assert [p.name for p in (tmp_path / "disk0" / "run").iterdir()] == []
+    assert not (tmp_path / "disk0" / "run").exists()  # rank 0 made it, and takes it away again
 
 
 def test_two_processes_stop_together_on_a_time_budget(tmp_path, pt_data, tok_dir):

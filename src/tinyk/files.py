@@ -34,6 +34,15 @@ class Terminated(KeyboardInterrupt):
     clean-up: partial outputs are removed, a training run saves a checkpoint."""
 
 
+class StoppedBeforeTraining(KeyboardInterrupt):
+    """A signal stopped a new training run before its first step: there is nothing to save, so the
+    run directory is left as the run found it (the run --force was to replace kept)."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+
 DEFAULT_MAX_LINE_BYTES = 16 * 1024 * 1024
 MAX_BATCH = 65536  # sequences per step: far more than fits anywhere, far less than exhausts memory
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".json.zst", ".txt.gz",

@@ -49,6 +49,7 @@ from .checkpoint import (
 from .files import (
     MAX_BATCH,
     DirLock,
+    StoppedBeforeTraining,
     TinykError,
     atomic_dir,
     atomic_file,
@@ -898,6 +899,12 @@ class Trainer:
         if self.dist.sum_host([int(busy)])[0]:
             raise self._in_use()
         try:
+            # A run that was still finishing (its lock not yet released) when this one listed the
+            # checkpoints may have saved another since: resuming from the older would redo its steps.
+            moved_on = main and self.resume and (checkpoints(out) or [None])[-1] != self.resumed_from
+            if self.dist.sum_host([int(moved_on)])[0]:
+                raise TinykError(f"{out} gained a checkpoint while this run started (another run was finishing "
+                                 f"there); run the command again")
             self._check_shared()
             # A start killed while --force had the old run set aside never began the new run: put the
             # old one back, and have the command run again on the directory as it was.
@@ -923,9 +930,9 @@ class Trainer:
             self.dist.barrier()
         except BaseException:
             try:
-                if self.aside is not None:
+                if main and (self.aside is not None or not exists):  # no earlier run's files are touched
                     with contextlib.suppress(OSError):  # what cannot be put back now, the next start puts back
-                        self._undo_start(existed=True)
+                        self._undo_start(self.existed)
             finally:
                 self.lock.release()
             raise
@@ -1470,6 +1477,8 @@ class Trainer:
                 [n_loss, n_pos, self.stop_signal == "SIGINT", self.stop_signal not in (None, "SIGINT"), estimate])
             if interrupts or terms:
                 self.stop_signal = self.stop_signal or ("SIGTERM" if terms else "SIGINT")  # it reached another rank
+                if p.step == 0 and not self.resumed_from:  # `run` undoes the start, as for a failed first step
+                    raise StoppedBeforeTraining(self.stop_signal)
                 break
             total, norm = self.train_step(batches, n_loss)
             self.window_loss += total / max(n_loss, 1)

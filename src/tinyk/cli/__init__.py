@@ -17,7 +17,7 @@ import threading
 from typing import NoReturn
 
 from tinyk import __version__
-from tinyk.files import Terminated, TinykError
+from tinyk.files import StoppedBeforeTraining, Terminated, TinykError
 
 STAGES = ["tokenizer", "model", "data", "train", "generate", "serve", "evaluate", "demo", "plan"]
 
@@ -76,6 +76,10 @@ def main(argv: list[str] | None = None) -> None:
     except TinykError as e:
         print(f"tinyk: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except StoppedBeforeTraining as e:
+        print(f"tinyk: stopped by {e.signal_name} before the first step: nothing was trained, and the run "
+              f"directory is as it was", file=sys.stderr)
+        sys.exit(128 + getattr(signal, e.signal_name, signal.SIGINT))
     except KeyboardInterrupt as e:
         terminated = isinstance(e, Terminated)
         print(f"tinyk: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
