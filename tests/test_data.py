@@ -250,6 +250,27 @@ def test_a_worker_ends_with_its_killed_parent():
     assert not running(), "the worker outlived its killed parent"
 
 
+def test_stopping_the_worker_pool_reads_its_pipe_until_the_task_thread_has_ended():
+    """A full disk mid-run hung `tinyk data` about once in twenty tries on a busy machine: terminating,
+    the standard pool stops reading the workers' pipe as soon as it is empty, and its task thread could
+    then write a batch of megabytes into it, waiting for a reader forever (and terminate() joins it)."""
+    import multiprocessing
+    import threading
+
+    from tinyk.data import _Pool
+
+    inqueue = multiprocessing.get_context("spawn").SimpleQueue()
+    late_writer = threading.Timer(0.2, inqueue._writer.send_bytes, (b"x" * (4 << 20),))
+    late_writer.daemon = True
+    late_writer.start()
+    try:
+        _Pool._help_stuff_finish(inqueue, late_writer, 1)
+        late_writer.join(10)
+        assert not late_writer.is_alive(), "the task thread is left blocked writing into the pipe"
+    finally:
+        inqueue._reader.close()  # a writer still blocked gets a broken pipe
+
+
 def test_skip_report_and_strict_error_do_not_depend_on_the_worker_count(tmp_path, tok_dir):
     """Reading runs ahead of tokenizing in worker processes; skips are still reported in input order."""
     too_long = {"conversations": [{"from": "human", "value": "长" * 400}, {"from": "gpt", "value": "好"}]}

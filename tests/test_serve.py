@@ -385,7 +385,7 @@ def test_requests_in_flight_when_the_server_stops_get_a_503(nano_model_dir):
         server.close()
     status, err = replies["plain"]
     assert status == 503 and err["error"]["code"] == "server_shutting_down", err
-    head, _, stream = replies["stream"].partition(b"\r\n\r\n")
+    stream = replies["stream"].partition(b"\r\n\r\n")[2]
     events = [json.loads(e[6:]) for e in stream.split(b"\n\n") if e.startswith(b"data: {")]
     assert events[-1]["error"]["code"] == "server_shutting_down"
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import multiprocessing
+import multiprocessing.pool
 import os
 import re
 import shlex
@@ -343,6 +344,23 @@ def _start_pool(workers: int, job: _Job) -> Iterator[Any]:
 _MAIN_SWAP = threading.Lock()
 
 
+class _Pool(multiprocessing.pool.Pool):
+    """A pool whose `terminate()` cannot hang on an error (a full disk) while tasks are in flight.
+
+    Terminating, the standard pool reads the workers' pipe only while it holds data, then kills the
+    workers and joins the thread that writes tasks into that pipe. That thread may start writing one
+    more task just after (a batch is megabytes, the pipe holds 64 KiB) and then waits for a reader
+    forever. Here the pipe is read until that thread has ended.
+    """
+
+    @staticmethod
+    def _help_stuff_finish(inqueue: Any, task_handler: threading.Thread, size: int) -> None:
+        inqueue._rlock.acquire()  # held for good, as the standard pool does: the workers are being stopped
+        while task_handler.is_alive():
+            if inqueue._reader.poll(0.01):
+                inqueue._reader.recv_bytes()
+
+
 def _spawn_pool(ctx: Any, workers: int, job: _Job) -> Any:
     """A spawn pool whose workers do not run the parent's `__main__` first, as spawned processes do
     unless it looks interactive: they need only tinyk, and a script that called tinyk without the
@@ -359,7 +377,7 @@ def _spawn_pool(ctx: Any, workers: int, job: _Job) -> Any:
         main.__spec__ = None
         main.__dict__.pop("__file__", None)
         try:
-            return ctx.Pool(workers, initializer=_init_worker, initargs=(job, os.getpid()))
+            return _Pool(workers, initializer=_init_worker, initargs=(job, os.getpid()), context=ctx)
         finally:
             main.__dict__.pop("__spec__", None)
             main.__dict__.update(saved)
