@@ -6,6 +6,7 @@ import gc
 import gzip
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -248,6 +249,21 @@ def test_a_worker_ends_with_its_killed_parent():
     while running() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not running(), "the worker outlived its killed parent"
+
+
+def test_without_a_terminal_progress_is_a_line_now_and_then(tmp_path, corpus_file, tok_dir, monkeypatch, capsys):
+    """Under nohup or in a batch job a bar is carriage-return noise, and no output is hours of silence."""
+    monkeypatch.setattr("tinyk.data.PROGRESS_LINE_S", 0.0)  # a line after every batch
+    meta = prepare_pretrain([corpus_file], tok_dir, tmp_path / "d", workers=1, batch_chars=4000)
+    lines = capsys.readouterr().err.splitlines()
+    pattern = r"tokenizing pretrain: ([\d,]+) docs, ([\d,]+) tokens, [\d.]+ MB of text in \d+s \([\d.]+ MB/s\)"
+    assert len(lines) > 1 and all(re.fullmatch(pattern, line) for line in lines), lines
+    docs, tokens = (int(n.replace(",", "")) for n in re.fullmatch(pattern, lines[-1]).groups())
+    splits = meta["splits"]
+    assert docs == splits["train"]["documents"] + splits["val"]["documents"]
+    assert 0.9 < tokens / (splits["train"]["tokens"] + splits["val"]["tokens"]) <= 1  # the last one is held back
+    prepare_pretrain([corpus_file], tok_dir, tmp_path / "quiet", workers=1, batch_chars=4000, show_progress=False)
+    assert capsys.readouterr().err == ""
 
 
 def test_stopping_the_worker_pool_reads_its_pipe_until_the_task_thread_has_ended():

@@ -86,6 +86,22 @@ def damaged(tmp_path) -> dict[str, Path]:
     return {name: tmp_path / name for name in files}
 
 
+
+def test_a_line_too_long_to_read_is_no_part_of_the_max_bytes_budget(tmp_path):
+    """`tokenizer train --max-bytes 20M` stopped at 6.2 MB of a corpus with a 32 MB line: the line,
+    skipped, had used the budget up."""
+    src = tmp_path / "c.jsonl"
+    short = [json.dumps({"text": f"doc {i}"}) + "\n" for i in range(4)]
+    src.write_text(short[0] + json.dumps({"text": "x" * 5000}) + "\n" + "".join(short[1:]), encoding="utf-8")
+    skips = Skips()
+    texts = [r["text"] for _, r in iter_records([src], skips, max_bytes=len("".join(short)), max_line_bytes=1000)]
+    assert texts == [f"doc {i}" for i in range(4)] and skips.stopped_at is None
+    assert skips.to_json()["by_reason"] == {"line_too_long": 1}
+    skips = Skips()
+    assert len(list(iter_records([src], skips, max_bytes=len("".join(short)) - 1, max_line_bytes=1000))) == 3
+    assert skips.stopped_at == len("".join(short[:3]))
+
+
 def test_every_damaged_compressed_file_is_one_error_naming_it(damaged):
     for name, path in damaged.items():
         with pytest.raises(TinykError) as e:

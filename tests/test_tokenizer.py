@@ -211,7 +211,9 @@ def test_without_max_bytes_reading_stops_where_memory_would_run_out(tmp_path, mo
     monkeypatch.setattr(tokenizer, "memory_available", lambda: 150_000_000)
     with pytest.raises(SystemExit):
         main(["tokenizer", "train", str(big), "--out", str(tmp_path / "t3"), "--vocab-size", "300"])
-    assert "read the first 1.5 MB of the input, what 150 MB of available memory allows" in capsys.readouterr().out
+    said = capsys.readouterr()
+    assert "read the first 1.5 MB of the input, what 150 MB of available memory allows" in said.out
+    assert "tinyk: reading at most 1.5 MB of text, what 150 MB of available memory allows" in said.err  # up front
     with pytest.raises(SystemExit):
         main(["tokenizer", "train", str(big), "--out", str(tmp_path / "t4"), "--vocab-size", "300",
               "--max-bytes", "2M"])

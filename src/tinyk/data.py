@@ -19,6 +19,7 @@ import shlex
 import signal
 import sys
 import threading
+import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -60,6 +61,7 @@ FORMAT_VERSION = 1
 SPLITS = ("train", "val")
 DEFAULT_SHARD_TOKENS = 100_000_000
 DEFAULT_BATCH_CHARS = 1 << 19
+PROGRESS_LINE_S = 60.0  # without a terminal (a log, a batch job) a line this often instead of a bar
 PIECE_CHARS = 1 << 17  # longer documents are tokenized piece by piece (see `text_pieces`)
 LOADER_NAMES = ("PretrainLoader", "SFTLoader", "eval_batches", "open_dataset")
 
@@ -571,6 +573,13 @@ def _is_data_dir(path: Path) -> bool:
     return True
 
 
+def _progress_line(kind: str, unit: str, splitter: _Splitter, seconds: float) -> str:
+    done = [splitter.train, splitter.val]
+    mb = sum(w.bytes for w in done) / 1e6
+    return (f"tokenizing {kind}: {splitter.seen:,} {unit}, {sum(w.tokens for w in done):,} tokens, "
+            f"{mb:,.1f} MB of text in {seconds:.0f}s ({mb / max(seconds, 1e-9):.1f} MB/s)")
+
+
 def _prepare(kind: str, paths: list[Path], tok: TinyTokenizer, out: str | Path, *,
              records: Callable[[Skips], Iterator[Any]], size: Callable[[Any], int], batch_chars: int,
              job_extra: dict[str, Any],
@@ -599,7 +608,9 @@ def _prepare(kind: str, paths: list[Path], tok: TinyTokenizer, out: str | Path, 
             writers.append(make_writer(tmp / split))
             opened.callback(writers[-1].release)  # a stopped run closes its files before tmp is removed
         splitter = _Splitter(*writers, val_fraction, seed)
-        with tqdm(unit=f" {unit}", disable=not show_progress, dynamic_ncols=True,
+        bar_shown = show_progress and sys.stderr.isatty()  # a bar in a log is carriage-return noise
+        t0 = last_line = time.monotonic()
+        with tqdm(unit=f" {unit}", disable=not bar_shown, dynamic_ncols=True,
                   desc=f"tokenizing {kind}") as bar:
             for read_skips, (batch, skipped, cut) in _map_ordered(job, tagged(), workers):
                 # A batch's records all precede a --strict stop, so their own skips come first.
@@ -610,6 +621,9 @@ def _prepare(kind: str, paths: list[Path], tok: TinyTokenizer, out: str | Path, 
                 splitter.add(batch)
                 bar.update(len(batch))
                 bar.set_postfix(tokens=f"{splitter.train.tokens + splitter.val.tokens:,}", refresh=False)
+                if show_progress and not bar_shown and time.monotonic() - last_line >= PROGRESS_LINE_S:
+                    last_line = time.monotonic()
+                    print(_progress_line(kind, unit, splitter, last_line - t0), file=sys.stderr, flush=True)
         skips.merge(reader.take())  # lines after the last usable record
         splits = splitter.close()
         if not splits["train"]["documents"]:

@@ -376,8 +376,11 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
                 yield where, rec
             continue
         is_txt = is_plain_text(path)
-        base = consumed
+        base, end = consumed, 0
         for lineno, line, read in iter_lines(path, max_line_bytes):
+            if line is None:  # too long to read: skipped below, and no part of the max_bytes budget
+                base -= read - end
+            end = read
             if max_bytes is not None and base + read > max_bytes:
                 skips.stopped_at = consumed
                 return

@@ -381,6 +381,11 @@ def build_tokenizer(normalization: str = "none") -> Tokenizer:
 BPE_MEMORY_PER_BYTE = 100
 
 
+def memory_read_limit(memory: int) -> int:
+    """How much text BPE training reads without --max-bytes, given the memory available."""
+    return max(memory // BPE_MEMORY_PER_BYTE, 1 << 20)
+
+
 def memory_available() -> int | None:
     """Bytes this machine (or its container's memory limit, if lower) can still give, if known."""
     found = []
@@ -452,7 +457,7 @@ def train_tokenizer(inputs: list[str | Path], out: str | Path, *, vocab_size: in
     memory = memory_available()
     auto_cap = max_bytes is None and memory is not None
     if auto_cap:
-        max_bytes = max(memory // BPE_MEMORY_PER_BYTE, 1 << 20)
+        max_bytes = memory_read_limit(memory)
     skips = Skips(strict=strict)
     tok = build_tokenizer(normalization)
     trainer = trainers.BpeTrainer(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from typing import Any
 
@@ -56,7 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _common_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {"val_fraction": args.val_fraction, "seed": args.seed, "workers": args.workers,
             "max_line_bytes": args.max_line_bytes, "strict": args.strict, "force": args.force,
-            "show_progress": sys.stderr.isatty()}  # a bar in a pipe or log is carriage-return noise
+            "show_progress": True}  # a bar in a terminal, else a line a minute
 
 
 def _pretrain(args: argparse.Namespace) -> int:
@@ -107,5 +106,8 @@ def _summary(meta: dict[str, Any], seconds: float | None = None) -> str:
                  f"--max-len {meta['max_len']} ({cut.get('at_turn', 0):,} at a turn boundary)")
     if seconds is not None:
         mb = sum(i["bytes"] for i in meta["inputs"]) / 1e6
-        text += f"; read {mb:,.1f} MB in {seconds:.1f}s ({mb / max(seconds, 1e-9):.1f} MB/s)"
+        packed = any(i["path"].endswith((".gz", ".zst", ".parquet")) for i in meta["inputs"])
+        tokens = tr["tokens"] + va["tokens"]
+        text += (f"; read {mb:,.1f} MB{' of compressed files' if packed else ''} in {seconds:.1f}s "
+                 f"({mb / max(seconds, 1e-9):.1f} MB/s, {tokens / max(seconds, 1e-9):,.0f} tokens/s)")
     return f"{text}; {skips_summary(meta.get('skipped', {}))}; tokenizer {meta['tokenizer_hash']}."

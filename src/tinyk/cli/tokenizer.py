@@ -60,7 +60,7 @@ def _text_read(inputs: list[str], max_bytes: int) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from tinyk.tokenizer import BPE_MEMORY_PER_BYTE, memory_available, train_tokenizer
+    from tinyk.tokenizer import BPE_MEMORY_PER_BYTE, memory_available, memory_read_limit, train_tokenizer
 
     memory = memory_available()
     text = args.max_bytes and _text_read(args.inputs, args.max_bytes)
@@ -68,6 +68,11 @@ def _train(args: argparse.Namespace) -> int:
         print(f"tinyk: warning: reading {_size(text)} of text (--max-bytes) may need up to "
               f"{_size(text * BPE_MEMORY_PER_BYTE)} of memory (BPE training holds about "
               f"{BPE_MEMORY_PER_BYTE} bytes per byte of text) and {_size(memory)} is available", file=sys.stderr)
+    elif args.max_bytes is None and memory and _text_read(args.inputs, memory_read_limit(memory)) >= \
+            memory_read_limit(memory):  # said before the minutes of reading, not only after
+        print(f"tinyk: reading at most {_size(memory_read_limit(memory))} of text, what {_size(memory)} of available "
+              f"memory allows (BPE training holds about {BPE_MEMORY_PER_BYTE} bytes per byte of text); --max-bytes "
+              f"sets how much", file=sys.stderr)
     r = train_tokenizer(args.inputs, args.out, vocab_size=args.vocab_size, normalization=args.normalization,
                         max_bytes=args.max_bytes, field_name=args.field, min_frequency=args.min_frequency,
                         force=args.force, strict=args.strict,
