@@ -60,8 +60,10 @@ def _text_read(inputs: list[str], max_bytes: int) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from tinyk.files import check_inputs
     from tinyk.tokenizer import BPE_MEMORY_PER_BYTE, memory_available, memory_read_limit, train_tokenizer
 
+    check_inputs(args.inputs)  # a missing file is the one line, not a word on memory before it
     memory = memory_available()
     text = args.max_bytes and _text_read(args.inputs, args.max_bytes)
     if text and memory and text * BPE_MEMORY_PER_BYTE > memory:
