@@ -271,10 +271,12 @@ def test_stopping_the_worker_pool_reads_its_pipe_until_the_task_thread_has_ended
     the standard pool stops reading the workers' pipe as soon as it is empty, and its task thread could
     then write a batch of megabytes into it, waiting for a reader forever (and terminate() joins it)."""
     import multiprocessing
+    import multiprocessing.pool
     import threading
 
     from tinyk.data import _Pool
 
+    assert "_help_stuff_finish" in vars(multiprocessing.pool.Pool), "the hook this fix overrides is gone"
     inqueue = multiprocessing.get_context("spawn").SimpleQueue()
     late_writer = threading.Timer(0.2, inqueue._writer.send_bytes, (b"x" * (4 << 20),))
     late_writer.daemon = True

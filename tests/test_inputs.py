@@ -86,7 +86,6 @@ def damaged(tmp_path) -> dict[str, Path]:
     return {name: tmp_path / name for name in files}
 
 
-
 def test_a_line_too_long_to_read_is_no_part_of_the_max_bytes_budget(tmp_path):
     """`tokenizer train --max-bytes 20M` stopped at 6.2 MB of a corpus with a 32 MB line: the line,
     skipped, had used the budget up."""

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import re
+import select
 import socket
 import subprocess
 import sys
@@ -380,6 +382,7 @@ def test_requests_in_flight_when_the_server_stops_get_a_503(nano_model_dir):
         release.set()
         for t in threads.values():
             t.join(60)
+        assert not any(t.is_alive() for t in threads.values()), "a request got no answer"
     finally:
         release.set()
         server.close()
@@ -718,9 +721,11 @@ def test_a_server_that_never_served_closes(nano_model_dir):
 
 def test_serving_on_every_interface_prints_a_url_that_opens_and_warns_without_a_key(nano_model_dir):
     """0.0.0.0 is no address to browse to; and a server the network can reach without a key should say so."""
+    env = {k: v for k, v in os.environ.items() if k != "TINYK_API_KEY"}  # a key there would silence the warning
     proc = subprocess.Popen([sys.executable, "-m", "tinyk", "serve", "--model", str(nano_model_dir), "--host", "0.0.0.0",
-                             "--port", "0", "--quiet"], stderr=subprocess.PIPE, text=True)
+                             "--port", "0", "--quiet"], stderr=subprocess.PIPE, text=True, env=env)
     try:
+        assert select.select([proc.stderr], [], [], 120)[0], "no banner within 2 minutes"
         banner, warning = proc.stderr.readline(), proc.stderr.readline()
         assert "on every interface (0.0.0.0:" in banner and "warning: no --api-key" in warning, banner + warning
         url = re.search(r"here at (http://127\.0\.0\.1:\d+) ", banner).group(1)

@@ -357,6 +357,8 @@ class _Pool(multiprocessing.pool.Pool):
 
     @staticmethod
     def _help_stuff_finish(inqueue: Any, task_handler: threading.Thread, size: int) -> None:
+        if threading.current_thread() is task_handler:  # it would wait for itself (the standard pool never joins it then)
+            return
         inqueue._rlock.acquire()  # held for good, as the standard pool does: the workers are being stopped
         while task_handler.is_alive():
             if inqueue._reader.poll(0.01):
@@ -608,7 +610,8 @@ def _prepare(kind: str, paths: list[Path], tok: TinyTokenizer, out: str | Path, 
             writers.append(make_writer(tmp / split))
             opened.callback(writers[-1].release)  # a stopped run closes its files before tmp is removed
         splitter = _Splitter(*writers, val_fraction, seed)
-        bar_shown = show_progress and sys.stderr.isatty()  # a bar in a log is carriage-return noise
+        # A bar in a log is carriage-return noise; a notebook (no terminal either) shows it as one.
+        bar_shown = show_progress and (sys.stderr.isatty() or "ipykernel" in sys.modules)
         t0 = last_line = time.monotonic()
         with tqdm(unit=f" {unit}", disable=not bar_shown, dynamic_ncols=True,
                   desc=f"tokenizing {kind}") as bar:

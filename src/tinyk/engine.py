@@ -178,6 +178,7 @@ class ContextLengthError(TinykError):
 
     @classmethod
     def of(cls, tokens: int, context_length: int, at_least: bool = False) -> ContextLengthError:
+        """The one wording, for the engine and for checks made before any engine exists (`tinyk eval`)."""
         return cls(f"the prompt has {'at least ' if at_least else ''}{tokens:,} tokens but the model's context "
                    f"window is {context_length} tokens (at most {context_length - 1} fit)")
 
@@ -589,7 +590,7 @@ class Engine:
             if bos and ids[:1] != [self.tok.bos_id]:
                 ids = [self.tok.bos_id, *ids]
         elif isinstance(prompt, list | tuple) and len(prompt) >= self.context_length:
-            raise self._too_long(len(prompt))
+            raise ContextLengthError.of(len(prompt), self.context_length)
         elif isinstance(prompt, list | tuple) and all(_is_int(t) for t in prompt):
             ids = list(prompt)
             bad = [t for t in ids if not 0 <= t < self.vocab_size]
@@ -599,11 +600,8 @@ class Engine:
             raise TinykError("a prompt must be a string or a list of token ids")
         ids = ids or [self.tok.bos_id]
         if len(ids) >= self.context_length:
-            raise self._too_long(len(ids))
+            raise ContextLengthError.of(len(ids), self.context_length)
         return ids
-
-    def _too_long(self, tokens: int, at_least: bool = False) -> ContextLengthError:
-        return ContextLengthError.of(tokens, self.context_length, at_least)
 
     def chat_prompt(self, messages: list[dict], default_system: str | None | ModelPrompt = None) -> str:
         """The conversation in the chat template, ending with the assistant's header, as text to show.
@@ -626,7 +624,7 @@ class Engine:
         sizes = [len(t.encode("utf-8", "surrogatepass")) for t in texts]
         least = sum(sizes) // self.tok.max_token_bytes + tokens_each * len(sizes)
         if least >= self.context_length:
-            raise self._too_long(least, at_least=True)
+            raise ContextLengthError.of(least, self.context_length, at_least=True)
 
     def _chat_messages(self, messages: list[dict], default_system: str | None | ModelPrompt) -> list[dict]:
         if not isinstance(messages, list) or not messages:
@@ -738,7 +736,11 @@ class Engine:
 
 
 class EngineBusy(TinykError):
-    """Too many requests are waiting, or the engine is stopping; the caller should retry later."""
+    """Too many requests are waiting; the caller should retry later."""
+
+
+class EngineStopping(EngineBusy):
+    """The engine is stopping: the caller may retry later (or elsewhere)."""
 
 
 SHUTTING_DOWN = "the server is shutting down; retry later"  # the error of requests a closing Scheduler ends
@@ -768,7 +770,7 @@ class Scheduler:
         req = self.engine.request(prompt, params, stream=True)
         with self._cv:
             if self._closed:
-                raise EngineBusy(SHUTTING_DOWN)
+                raise EngineStopping(SHUTTING_DOWN)
             if len(self._waiting) >= self.max_waiting:
                 raise EngineBusy(f"the queue is full ({len(self._waiting)} waiting); retry later")
             self._waiting.append(req)

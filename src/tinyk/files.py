@@ -58,7 +58,7 @@ class Skips:
     counts: Counter = field(default_factory=Counter)
     first: dict[str, list[str]] = field(default_factory=dict)
     hints: dict[str, str] = field(default_factory=dict)  # what the first skip of a reason says about the fix
-    stopped_at: int | None = None  # input bytes read when a max_bytes limit ended the reading
+    stopped_at: int | None = None  # input bytes read (lines too long to read not counted) when max_bytes ended it
 
     def add(self, reason: str, where: str, hint: str | None = None) -> None:
         if self.strict:

@@ -9,6 +9,7 @@ sequence, streamed or not, is cancelled and leaves the batch at the next step.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import ipaddress
 import json
@@ -21,13 +22,23 @@ import sys
 import threading
 import time
 import urllib.parse
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from typing import Any
 
-from .engine import SHUTTING_DOWN, ContextLengthError, Engine, EngineBusy, Request, SamplingParams, Scheduler
+from .engine import (
+    SHUTTING_DOWN,
+    ContextLengthError,
+    Engine,
+    EngineBusy,
+    EngineStopping,
+    Request,
+    SamplingParams,
+    Scheduler,
+)
 from .files import TinykError, has_surrogate, shown
 from .tokenizer import DEFAULT_SYSTEM_PROMPT
 
@@ -311,7 +322,7 @@ class Api:
         try:
             return self.scheduler.submit(ids, params), stream, include_usage
         except EngineBusy as e:
-            code = "server_shutting_down" if str(e) == SHUTTING_DOWN else "overloaded"
+            code = "server_shutting_down" if isinstance(e, EngineStopping) else "overloaded"
             raise ApiError(503, str(e), type="server_error", code=code) from e
 
     @staticmethod
@@ -386,7 +397,7 @@ class Handler(BaseHTTPRequestHandler):
         """The standard library's own refusals (a malformed request line, headers too large, a method
         with no handler) in the OpenAI format instead of its HTML page. A request line too malformed to
         name its version is answered in HTTP/1.1, not as HTTP/0.9 (a bare body, which curl refuses)."""
-        self.close_connection = True
+        self.close_connection = self.unread_body = True
         if self.request_version == "HTTP/0.9":
             self.request_version = "HTTP/1.1"
         phrase = HTTPStatus(code).phrase
@@ -517,6 +528,10 @@ class Handler(BaseHTTPRequestHandler):
     do_HEAD = do_GET
 
     def do_POST(self) -> None:
+        with self.server.answering():
+            self._post()
+
+    def _post(self) -> None:
         path = self._route()
         self.unread_body = True
         try:
@@ -744,6 +759,8 @@ class ChatServer(ThreadingHTTPServer):
             raise TinykError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
         ip = ipaddress.ip_address(self.server_address[0].split("%")[0])
         self.loopback, self.everywhere = ip.is_loopback, ip.is_unspecified
+        self._answering = 0
+        self._quiet = threading.Condition()
 
     @property
     def address(self) -> str:
@@ -771,8 +788,24 @@ class ChatServer(ThreadingHTTPServer):
         self._serving = True
         super().serve_forever(poll_interval)
 
-    def close(self) -> None:
-        self.api.scheduler.stop()  # requests in flight get their 503 now, not after the listener stops
+    @contextlib.contextmanager
+    def answering(self) -> Iterator[None]:
+        """Counts a request being answered, so that `close` lets its reply go out first."""
+        with self._quiet:
+            self._answering += 1
+        try:
+            yield
+        finally:
+            with self._quiet:
+                self._answering -= 1
+                self._quiet.notify_all()
+
+    def close(self, grace_s: float = 2.0) -> None:
+        # Requests in flight get their 503 now, and a moment to send it: the handler threads are
+        # daemons, which a process ending after `close` (tinyk serve on Ctrl-C) would cut off.
+        self.api.scheduler.stop()
+        with self._quiet:
+            self._quiet.wait_for(lambda: self._answering == 0, timeout=grace_s)
         if self._serving:  # shutdown() waits for serve_forever to return: forever, if it never ran
             self.shutdown()
         self.server_close()

@@ -106,8 +106,9 @@ def _summary(meta: dict[str, Any], seconds: float | None = None) -> str:
                  f"--max-len {meta['max_len']} ({cut.get('at_turn', 0):,} at a turn boundary)")
     if seconds is not None:
         mb = sum(i["bytes"] for i in meta["inputs"]) / 1e6
-        packed = any(i["path"].endswith((".gz", ".zst", ".parquet")) for i in meta["inputs"])
+        packed = [i["path"].endswith((".gz", ".zst", ".parquet")) for i in meta["inputs"]]
+        files = " of compressed files" if all(packed) else " of files, some compressed" if any(packed) else ""
         tokens = tr["tokens"] + va["tokens"]
-        text += (f"; read {mb:,.1f} MB{' of compressed files' if packed else ''} in {seconds:.1f}s "
+        text += (f"; read {mb:,.1f} MB{files} in {seconds:.1f}s "
                  f"({mb / max(seconds, 1e-9):.1f} MB/s, {tokens / max(seconds, 1e-9):,.0f} tokens/s)")
     return f"{text}; {skips_summary(meta.get('skipped', {}))}; tokenizer {meta['tokenizer_hash']}."

@@ -70,9 +70,9 @@ def _train(args: argparse.Namespace) -> int:
         print(f"tinyk: warning: reading {_size(text)} of text (--max-bytes) may need up to "
               f"{_size(text * BPE_MEMORY_PER_BYTE)} of memory (BPE training holds about "
               f"{BPE_MEMORY_PER_BYTE} bytes per byte of text) and {_size(memory)} is available", file=sys.stderr)
-    elif args.max_bytes is None and memory and _text_read(args.inputs, memory_read_limit(memory)) >= \
-            memory_read_limit(memory):  # said before the minutes of reading, not only after
-        print(f"tinyk: reading at most {_size(memory_read_limit(memory))} of text, what {_size(memory)} of available "
+    elif args.max_bytes is None and memory and _text_read(args.inputs, limit := memory_read_limit(memory)) >= limit:
+        # said before the minutes of reading, not only after (train_tokenizer measures the memory again)
+        print(f"tinyk: reading at most {_size(limit)} of text, what {_size(memory)} of available "
               f"memory allows (BPE training holds about {BPE_MEMORY_PER_BYTE} bytes per byte of text); --max-bytes "
               f"sets how much", file=sys.stderr)
     r = train_tokenizer(args.inputs, args.out, vocab_size=args.vocab_size, normalization=args.normalization,
@@ -84,12 +84,15 @@ def _train(args: argparse.Namespace) -> int:
     if r["vocab_size"] < args.vocab_size:
         print(f"note: {r['vocab_size']} tokens, not --vocab-size {args.vocab_size}: the text has no more pairs seen "
               f"at least --min-frequency {args.min_frequency} times to merge (more text gives a larger vocabulary)")
+    long_lines = r["skipped"]["by_reason"].get("line_too_long", 0)
+    read = f"read the first {_size(r['capped_at'] or 0)} of the input" + (
+        f" (not counting {long_lines:,} line(s) too long to read, skipped)" if long_lines else "")
     if r["capped_at"] is not None and r["cap_from_memory"]:
-        print(f"read the first {_size(r['capped_at'])} of the input, what {_size(r['memory_available'])} of "
+        print(f"{read}, what {_size(r['memory_available'])} of "
               f"available memory allows (BPE training holds about {BPE_MEMORY_PER_BYTE} bytes per byte of text); "
               "--max-bytes sets how much")
     elif r["capped_at"] is not None:
-        print(f"read the first {_size(r['capped_at'])} of the input (--max-bytes)")
+        print(f"{read} (--max-bytes)")
     print(f"saved to {args.out}")
     return 0
 
