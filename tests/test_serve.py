@@ -186,6 +186,34 @@ def test_stop_strings_and_seeds(client, reference):
     assert texts[0] == texts[1] != texts[2]
 
 
+def test_n_choices_are_the_answers_of_consecutive_seeds(client):
+    """n=3 with seed s: choice i is what n=1 with seed s+i answers (and a batch changes no answer);
+    the prompt counts once in usage, as OpenAI counts it."""
+    kw = {"model": "nano", "max_tokens": 10, "temperature": 1.2, "extra_body": {"top_k": 0}}
+    one = [client.completions.create(prompt="天气", seed=40 + i, **kw) for i in range(3)]
+    three = client.completions.create(prompt="天气", seed=40, n=3, **kw)
+    assert [c.index for c in three.choices] == [0, 1, 2]
+    assert [c.text for c in three.choices] == [r.choices[0].text for r in one]
+    assert [c.finish_reason for c in three.choices] == [r.choices[0].finish_reason for r in one]
+    assert three.usage.prompt_tokens == one[0].usage.prompt_tokens
+    assert three.usage.completion_tokens == sum(r.usage.completion_tokens for r in one)
+    messages = [{"role": "user", "content": "你好"}]
+    chat = client.chat.completions.create(messages=messages, seed=9, n=2, **kw)
+    texts, finishes, roles = {0: "", 1: ""}, {}, {}
+    for chunk in client.chat.completions.create(messages=messages, seed=9, n=2, stream=True,
+                                                stream_options={"include_usage": True}, **kw):
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+            roles[c.index] = roles.get(c.index) or c.delta.role
+            if c.finish_reason:
+                assert c.index not in finishes, "one finish_reason per choice"
+                finishes[c.index] = c.finish_reason
+        if not chunk.choices:
+            usage = chunk.usage
+    assert texts == {c.index: c.message.content for c in chat.choices} and roles == {0: "assistant", 1: "assistant"}
+    assert finishes == {c.index: c.finish_reason for c in chat.choices} and usage == chat.usage
+
+
 LONG = "".join(chr(0x4E00 + 37 * i) for i in range(200))  # rare characters: several tokens each
 
 
@@ -227,7 +255,8 @@ LONG = "".join(chr(0x4E00 + 37 * i) for i in range(200))  # rare characters: sev
     ("/v1/completions", {"model": "nano", "prompt": ["a", "b"]}, 400, "prompt", "invalid_value"),
     ("/v1/completions", {"model": "nano", "prompt": "hi", "temperature": -1}, 400, "temperature", "invalid_value"),
     ("/v1/completions", {"model": "nano", "prompt": "hi", "top_p": 1.5}, 400, "top_p", "invalid_value"),
-    ("/v1/completions", {"model": "nano", "prompt": "hi", "n": 2}, 400, "n", "invalid_value"),
+    ("/v1/completions", {"model": "nano", "prompt": "hi", "n": 0}, 400, "n", "invalid_value"),
+    ("/v1/completions", {"model": "nano", "prompt": "hi", "n": 17}, 400, "n", "invalid_value"),  # past the batch
     ("/v1/completions", {"model": "nano", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop",
      "invalid_value"),
     ("/v1/completions", {"model": "nano", "prompt": "hi", "logprobs": 2}, 400, "logprobs", "invalid_value"),

@@ -13,6 +13,7 @@ import contextlib
 import hmac
 import ipaddress
 import json
+import queue
 import random
 import re
 import secrets
@@ -202,9 +203,6 @@ class Api:
                            param="stop", code="invalid_value")
         if stop and len(stop) > MAX_STOP_STRINGS:
             raise ApiError(400, f"'stop' takes at most {MAX_STOP_STRINGS} strings", param="stop", code="invalid_value")
-        n = _get(body, "n", "integer", 1)
-        if n != 1:
-            raise ApiError(400, "only n=1 is supported", param="n", code="invalid_value")
         for name, offs in UNSUPPORTED.items():
             value = body.get(name)
             # A bool is not a number here: OpenAI's logprobs 0 on completions asks for logprobs, unlike
@@ -297,8 +295,9 @@ class Api:
         raise ApiError(400, f"'{where}.content' must be a string or a list of text parts", param=f"{where}.content",
                        code="invalid_type")
 
-    def submit(self, body: dict, chat: bool) -> tuple[Request, bool, bool]:
-        """Validates everything before anything is queued; returns (request, stream, include_usage)."""
+    def submit(self, body: dict, chat: bool) -> tuple[list[Request], bool, bool]:
+        """Validates everything before anything is queued; returns (one request per choice, stream,
+        include_usage)."""
         unknown = sorted(set(body) - FIELDS[chat])
         if unknown:
             hint = {"messages": "; chat messages go to /v1/chat/completions",
@@ -308,6 +307,9 @@ class Api:
         self.check_model(body)
         ids = self.chat_ids(body) if chat else self.completion_prompt(body)
         params = self.sampling(body, len(ids))
+        n = _get(body, "n", "integer", 1)
+        # The choices decode side by side in one batch, so no more than the batch holds.
+        _in_range("n", n, 1, self.engine.max_batch)
         stream = _get(body, "stream", "boolean", False)
         options = _get(body, "stream_options", "object", {})
         if options and not stream:
@@ -319,17 +321,26 @@ class Api:
         if unknown:
             raise ApiError(400, f"unrecognized stream_options argument supplied: {unknown[0]}",
                            param=f"stream_options.{unknown[0]}", code="unknown_parameter")
+        # Choice i of a seeded request samples with seed + i: choice 0 is the n=1 answer, and none
+        # repeats another.
+        choices = [params if params.seed is None else replace(params, seed=params.seed + i) for i in range(n)]
+        reqs: list[Request] = []
         try:
-            return self.scheduler.submit(ids, params), stream, include_usage
+            for p in choices:
+                reqs.append(self.scheduler.submit(ids, p))
         except EngineBusy as e:
+            for r in reqs:
+                r.cancel()
             code = "server_shutting_down" if isinstance(e, EngineStopping) else "overloaded"
             raise ApiError(503, str(e), type="server_error", code=code) from e
+        return reqs, stream, include_usage
 
     @staticmethod
-    def usage(req: Request) -> dict[str, int]:
-        c = req.completion()
-        return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
-                "total_tokens": c.prompt_tokens + c.completion_tokens}
+    def usage(reqs: list[Request]) -> dict[str, int]:
+        """The prompt counts once, as OpenAI counts it for n choices."""
+        done = [r.completion() for r in reqs]
+        prompt, completion = done[0].prompt_tokens, sum(c.completion_tokens for c in done)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -545,14 +556,14 @@ class Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 raise refusal
             chat = path == "/v1/chat/completions"
-            req, stream, include_usage = self.server.api.submit(self._body(), chat)
+            reqs, stream, include_usage = self.server.api.submit(self._body(), chat)
         except ApiError as e:
             self._error(e)
             return
         if stream:
-            self._stream(req, chat, include_usage)
+            self._stream(reqs, chat, include_usage)
         else:
-            self._complete(req, chat)
+            self._complete(reqs, chat)
 
     def _refusal(self) -> ApiError | None:
         """Why an API call is refused before its body is read: a web page of another site, or no valid key."""
@@ -588,25 +599,25 @@ class Handler(BaseHTTPRequestHandler):
 
     do_PUT = do_PATCH = do_DELETE = _other_method
 
-    def _complete(self, req: Request, chat: bool) -> None:
-        while not req.wait(CLIENT_POLL_S):  # nothing is sent until the end: watch for a client that left
-            if self._client_gone():
-                req.cancel()
-                self.close_connection = True
-                return
-        if req.finish_reason == "error":
-            self._error(_failure(req))
+    def _complete(self, reqs: list[Request], chat: bool) -> None:
+        for req in reqs:
+            while not req.wait(CLIENT_POLL_S):  # nothing is sent until the end: watch for a client that left
+                if self._client_gone():
+                    for r in reqs:
+                        r.cancel()
+                    self.close_connection = True
+                    return
+        failed = next((r for r in reqs if r.finish_reason == "error"), None)
+        if failed is not None:
+            self._error(_failure(failed))
             return
-        c = req.completion()
-        rid, name = _new_id(chat), self.server.api.cfg.model_name
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
-                      "finish_reason": c.finish_reason}
-        else:
-            choice = {"index": 0, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
-        self._json(200, {"id": rid, "object": "chat.completion" if chat else "text_completion",
-                         "created": int(time.time()), "model": name, "choices": [choice],
-                         "usage": Api.usage(req)})
+        choices = []
+        for i, c in enumerate(r.completion() for r in reqs):
+            answer = {"message": {"role": "assistant", "content": c.text}} if chat else {"text": c.text}
+            choices.append({"index": i, **answer, "logprobs": None, "finish_reason": c.finish_reason})
+        self._json(200, {"id": _new_id(chat), "object": "chat.completion" if chat else "text_completion",
+                         "created": int(time.time()), "model": self.server.api.cfg.model_name, "choices": choices,
+                         "usage": Api.usage(reqs)})
 
     def _client_gone(self) -> bool:
         """Whether the client closed the connection (an HTTP timeout, a closed tab) while it waited.
@@ -619,18 +630,19 @@ class Handler(BaseHTTPRequestHandler):
         except (OSError, ValueError):  # reset, or already closed
             return True
 
-    def _stream(self, req: Request, chat: bool, include_usage: bool) -> None:
+    def _stream(self, reqs: list[Request], chat: bool, include_usage: bool) -> None:
         """Server-sent events, in chunked encoding for HTTP/1.1 (an HTTP/1.0 client gets them up to
-        the connection's close); a client that goes away cancels its sequence."""
+        the connection's close); each choice's text as it comes, tagged with its index, and its
+        finish_reason once it ends. A client that goes away cancels every choice."""
         rid, name, created = _new_id(chat), self.server.api.cfg.model_name, int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(delta: str | None, finish: str | None = None, first: bool = False) -> dict[str, Any]:
+        def chunk(i: int, delta: str | None, finish: str | None = None, first: bool = False) -> dict[str, Any]:
             if chat:
                 d = {"role": "assistant", "content": ""} if first else ({"content": delta} if delta else {})
-                choice = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
+                choice = {"index": i, "delta": d, "logprobs": None, "finish_reason": finish}
             else:
-                choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
+                choice = {"index": i, "text": delta or "", "logprobs": None, "finish_reason": finish}
             usage = {"usage": None} if include_usage else {}  # the spec's: null until the last chunk
             return {"id": rid, "object": obj, "created": created, "model": name, "choices": [choice], **usage}
 
@@ -647,21 +659,27 @@ class Handler(BaseHTTPRequestHandler):
                 self.send_header("Connection", "close")
             self.end_headers()
             if chat:
-                self._event(chunk(None, first=True))
-            for delta in req.deltas():
-                self._event(chunk(delta))
-            if req.finish_reason == "error":
-                self._event(_failure(req).body())
-            else:
-                self._event(chunk(None, req.finish_reason))
-                if include_usage:
-                    self._event({"id": rid, "object": obj, "created": created, "model": name, "choices": [],
-                                 "usage": Api.usage(req)})
+                for i in range(len(reqs)):
+                    self._event(chunk(i, None, first=True))
+            failed = None
+            for i, delta in _merged(reqs):
+                if delta is not None:
+                    self._event(chunk(i, delta))
+                elif reqs[i].finish_reason == "error":
+                    failed = failed or reqs[i]
+                else:
+                    self._event(chunk(i, None, reqs[i].finish_reason))
+            if failed is not None:
+                self._event(_failure(failed).body())
+            elif include_usage:
+                self._event({"id": rid, "object": obj, "created": created, "model": name, "choices": [],
+                             "usage": Api.usage(reqs)})
             self._write_chunk(b"data: [DONE]\n\n")
             if self.chunked:
                 self._write_chunk(b"")
         except (OSError, ValueError):  # disconnected, reset or timed out (ValueError: closed file)
-            req.cancel()
+            for r in reqs:
+                r.cancel()
             self.close_connection = True
 
     def _event(self, obj: dict) -> None:
@@ -670,6 +688,29 @@ class Handler(BaseHTTPRequestHandler):
     def _write_chunk(self, data: bytes) -> None:
         self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n" if self.chunked else data)
         self.wfile.flush()
+
+
+def _merged(reqs: list[Request]) -> Iterator[tuple[int, str | None]]:
+    """(choice index, text delta) as the engine produces them, and (index, None) as each ends. One
+    thread per choice relays its deltas (n > 1 only); each ends when its sequence does, cancelled
+    ones included."""
+    if len(reqs) == 1:
+        yield from ((0, d) for d in reqs[0].deltas())
+        yield 0, None
+        return
+    merged: queue.SimpleQueue = queue.SimpleQueue()
+
+    def relay(i: int, req: Request) -> None:
+        for delta in req.deltas():
+            merged.put((i, delta))
+        merged.put((i, None))
+
+    for i, req in enumerate(reqs):
+        threading.Thread(target=relay, args=(i, req), name=f"tinyk-choice-{i}", daemon=True).start()
+    for _ in range(len(reqs)):
+        while (item := merged.get())[1] is not None:
+            yield item
+        yield item
 
 
 def _json_bytes(obj: Any) -> bytes:
