@@ -446,13 +446,15 @@ def test_a_run_under_nohup_goes_on_after_a_hangup(tmp_path, pt_data, tok_dir, mo
 
 def test_a_run_whose_output_is_closed_stops_with_a_checkpoint(tmp_path, pt_data, tok_dir):
     """`tinyk pretrain ... | head`: the first write after the reader left ended the run with no
-    checkpoint, and the shell would otherwise wait for a run no one watches."""
+    checkpoint, and the shell would otherwise wait for a run no one watches. (A reader that leaves
+    before the first step stops the run as a signal then does: nothing saved, nothing left.)"""
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "tinyk", *cli_args(pt_data, tok_dir, out, "--max-steps", "100000",
                                                                        "--log-every", "1", "--save-every", "0")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        proc.stdout.readline()  # what `head -1` reads before it leaves
+        while not proc.stdout.readline().startswith(b"step "):  # `head` leaves once training has begun
+            pass
         proc.stdout.close()
         err = proc.stderr.read().decode()
         assert proc.wait(timeout=120) == 141
