@@ -601,7 +601,12 @@ def test_chat_session_commands_and_history(engine, capsys):
     assert history[0] == {"role": "user", "content": "/usr/bin 是什么"} and len(history) == 2
     assert "raise --max-new-tokens" in capsys.readouterr().err
     chat_session(engine, replace(params, max_new_tokens=10**4), ["你好"], io.StringIO(), system=None)
-    assert "the context window is full" in capsys.readouterr().err
+    assert "the context window is full; /reset starts over" in capsys.readouterr().err
+    chat_session(engine, replace(params, max_new_tokens=10**4), ["你好"], io.StringIO(), system=None, interactive=False)
+    assert "the context window is full)" in capsys.readouterr().err  # no session to /reset
+    # A pasted paragraph is a message even when it starts with "/": its lines are not commands.
+    history = chat_session(engine, params, ["/x\n/y 是什么"], io.StringIO(), system=None)
+    assert history[0] == {"role": "user", "content": "/x\n/y 是什么"} and len(history) == 2
     # A /system line of bytes that were not UTF-8 (a GBK terminal) is reported; the session goes on.
     history = chat_session(engine, params, ["/system \udcc4\udce3", "你好"], io.StringIO(), system="你是诗人")
     assert f"{NOT_UTF8}; system prompt unchanged" in capsys.readouterr().err
@@ -630,6 +635,14 @@ def test_ctrl_c_stops_the_reply_not_the_chat(engine, capsys, monkeypatch):
     with pytest.raises(KeyboardInterrupt):  # one-shot: Ctrl-C ends the command as everywhere else
         chat_session(engine, params, ["你好"], io.StringIO(), system=None, interactive=False)
 
+    def before_the_first_token(requests):
+        yield from ()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "run", before_the_first_token)
+    history = chat_session(engine, params, ["你好"], io.StringIO(), system=None)
+    assert history == [] and "the message is forgotten too" in capsys.readouterr().err  # no empty answer kept
+
     def terminated(requests):
         yield from ()
         raise Terminated
@@ -639,7 +652,7 @@ def test_ctrl_c_stops_the_reply_not_the_chat(engine, capsys, monkeypatch):
         chat_session(engine, params, ["你好", "再见"], io.StringIO(), system=None)
 
 
-def test_chat_session_forgets_old_turns_to_fit(engine, capsys):
+def test_chat_session_forgets_old_turns_to_fit(engine, capsys, monkeypatch):
     params = replace(GREEDY, max_new_tokens=8)
     long = "我们今天去公园散步" * 3
     history = chat_session(engine, params, [long] * 6, io.StringIO(), system=None)
@@ -652,3 +665,8 @@ def test_chat_session_forgets_old_turns_to_fit(engine, capsys):
     assert [m["content"] for m in history[::2]] == ["你好", "再见"]
     with pytest.raises(TinykError, match="message too long"):
         chat_session(engine, params, ["很" * 400], io.StringIO(), system=None, interactive=False)
+    # A pasted megabyte is refused before it is tokenized (600,000 characters took 2.5 s, and Ctrl-C
+    # meanwhile ended the session).
+    monkeypatch.setattr(engine.tok, "encode", lambda *a, **k: pytest.fail("tokenized"))
+    history = chat_session(engine, params, ["北京大学" * 150_000], io.StringIO(), system=None)
+    assert history == [] and "message too long: the prompt has at least" in capsys.readouterr().err

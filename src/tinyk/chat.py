@@ -41,7 +41,8 @@ def chat_session(engine: Engine, params: SamplingParams, lines: Iterable[str], o
             continue
         if interactive and text.startswith("//"):  # the escape for a message that starts with "/"
             text = text[1:]
-        elif interactive and text.startswith("/"):  # a one-shot message is only ever a message ("/usr 是什么")
+        # A one-shot message is only ever a message ("/usr 是什么"), and so is a pasted paragraph.
+        elif interactive and text.startswith("/") and "\n" not in text:
             command = text.split(maxsplit=1)[0]
             if command in ("/exit", "/quit"):
                 break
@@ -58,11 +59,15 @@ def chat_session(engine: Engine, params: SamplingParams, lines: Iterable[str], o
                 print(f"unknown command {command}; {CHAT_HELP}", file=sys.stderr)
             continue
         try:
+            engine.check_fits([text], tokens_each=3)  # a pasted megabyte is refused at once, not tokenized
             engine.tok.encode(text)
-        except TinykError as e:  # e.g. a line of GBK bytes: say so and keep the session
+        except TinykError as e:  # too long, or a line of GBK bytes: say so and keep the session
+            long = isinstance(e, ContextLengthError)
+            if not interactive and long:
+                raise TinykError(f"message too long: {e}") from e
             if not interactive:
                 raise
-            print(f"({e})", file=sys.stderr)
+            print(f"({'message too long: ' if long else ''}{e})", file=sys.stderr)
             continue
         # Turns are forgotten from a copy: a message too long even on its own keeps the conversation.
         kept, forgot = [*history, {"role": "user", "content": text}], 0
@@ -93,15 +98,19 @@ def chat_session(engine: Engine, params: SamplingParams, lines: Iterable[str], o
             if not interactive or isinstance(e, Terminated):
                 raise
             out.write("\n")
-            print("(reply stopped)", file=sys.stderr)
-            history.append({"role": "assistant", "content": "".join(shown)})
+            if shown:
+                print("(reply stopped)", file=sys.stderr)
+                history.append({"role": "assistant", "content": "".join(shown)})
+            else:  # no reply to keep: the message goes too, so no empty answer stays in the context
+                print("(reply stopped; the message is forgotten too)", file=sys.stderr)
+                history.pop()
             continue
         out.write("\n")
         out.flush()
         reply = request.completion()
         if reply.finish_reason == "length":
             fix = ("raise --max-new-tokens for longer" if reply.completion_tokens >= params.max_new_tokens
-                   else "the context window is full; /reset starts over")
+                   else "the context window is full" + ("; /reset starts over" if interactive else ""))
             print(f"(reply cut at {reply.completion_tokens} tokens; {fix})", file=sys.stderr)
         history.append({"role": "assistant", "content": reply.text})
     return history
