@@ -318,7 +318,8 @@ def read_choice(paths: Iterable[str | Path], skips: Skips, limit: int | None = N
     """Every CSV under the given folders (recursively) or the given CSV files, in a stable order, each
     once; the first `limit` usable questions of each file (a subject), as lm-eval's --limit does. A
     subject name found in several folders (ceval/val and ceval/dev, or two benchmarks) is named with
-    as much of each folder's path as tells them apart, so they are not merged."""
+    as much of each folder's path as tells them apart, and two files of one subject in one folder by
+    their file names, so they are not merged."""
     files: dict[Path, Path] = {}  # by resolved path: a file reached twice is scored once
     for p in map(Path, paths):
         if p.is_dir():
@@ -331,7 +332,11 @@ def read_choice(paths: Iterable[str | Path], skips: Skips, limit: int | None = N
             files.setdefault(f.resolve(), f)
     if not files:
         raise TinykError(f"no .csv files in {', '.join(map(str, paths))}")
-    read = [(real.parent, read_choice_csv(f, skips, limit)) for real, f in files.items()]
+    read = [(real.parent, f, read_choice_csv(f, skips, limit)) for real, f in files.items()]
+    # Two splits of a subject in one folder (geo_val.csv beside geo_dev.csv) keep their file names.
+    in_folder = Counter((folder, qs[0].subject) for folder, _, qs in read if qs)
+    read = [(folder, [replace(q, subject=f.stem) for q in qs] if qs and in_folder[folder, qs[0].subject] > 1 else qs)
+            for folder, f, qs in read]
     folders: dict[str, set[Path]] = {}
     for folder, qs in read:
         if qs:  # a test split without answers merges with nothing
