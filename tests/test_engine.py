@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from tinyk.chat import chat_session
+from tinyk.chat import CHAT_HELP, chat_session
 from tinyk.checkpoint import load_model
 from tinyk.cli import main
 from tinyk.engine import (
@@ -584,9 +584,10 @@ def test_chat_session_commands_and_history(engine, capsys):
     params = replace(GREEDY, max_new_tokens=4)
     out = io.StringIO()
     history = chat_session(engine, params, ["你好", "/system 你是诗人", "写诗", "/bogus", "/systemd", "", "再来",
-                                            "/reset", "/exit", "never read"], out, system=DEFAULT_SYSTEM_PROMPT)
+                                            "/help", "/reset", "/exit", "never read"], out, system=DEFAULT_SYSTEM_PROMPT)
     assert history == []
     err = capsys.readouterr().err
+    assert f"\n{CHAT_HELP}\n" in err
     assert "system prompt set" in err and "unknown command /bogus" in err and "conversation reset" in err
     assert "unknown command /systemd" in err and out.getvalue().count("assistant> ") == 3
     history = chat_session(engine, params, ["//usr 是什么"], io.StringIO(), system=None)  # "//" sends "/"

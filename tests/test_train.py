@@ -157,6 +157,7 @@ def test_config_layers_preset_file_flags_set(tmp_path):
 @pytest.mark.parametrize("sets,message", [
     (["nope=1"], "unknown config key 'nope'"),
     (["model.width=3"], "unknown config key model.width"),
+    (["vocab_size=6144"], "unknown config key 'vocab_size'; the model's is model.vocab_size$"),
     (["lr=fast"], "config key lr: 'fast' is not a valid float$"),
     (["batch_size=2.5"], "config key batch_size"),
     (["dtype=int8"], "dtype must be auto, bf16, fp16, fp32, got .int8.$"),

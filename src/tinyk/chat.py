@@ -14,8 +14,8 @@ from .files import Terminated, TinykError
 if TYPE_CHECKING:  # the engine brings torch, which `tinyk --help` does not need
     from .engine import Engine, SamplingParams
 
-CHAT_HELP = ("commands: /reset (forget the conversation), /system TEXT (new system prompt, then reset), /exit; "
-             "//TEXT sends /TEXT")
+CHAT_HELP = ("commands: /reset (forget the conversation), /system TEXT (new system prompt, then reset), "
+             "/exit or /quit, /help; //TEXT sends /TEXT")
 
 
 def chat_session(engine: Engine, params: SamplingParams, lines: Iterable[str], out: TextIO, *,
@@ -49,6 +49,8 @@ def chat_session(engine: Engine, params: SamplingParams, lines: Iterable[str], o
             if command == "/reset":
                 history = []
                 print("(conversation reset)", file=sys.stderr)
+            elif command == "/help":
+                print(CHAT_HELP, file=sys.stderr)
             elif command == "/system" and has_surrogate(text):  # a GBK line: the session goes on
                 print(f"({NOT_UTF8}; system prompt unchanged)", file=sys.stderr)
             elif command == "/system":

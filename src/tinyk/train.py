@@ -194,6 +194,8 @@ def _merge(base: dict[str, Any], layer: dict[str, Any], kind: str, where: str) -
                 out["model"] = {**out.get("model", {}), **_check_model_section(v)}
             elif k in _FIELD_TYPES:
                 out[k] = _coerce(k, v, _FIELD_TYPES[k])
+            elif k in _MODEL_TYPES or k == "preset":  # `--set dim=64` for `--set model.dim=64`
+                raise TinykError(f"{where}: unknown config key {k!r}; the model's is model.{k}")
             else:
                 raise TinykError(f"{where}: unknown config key {k!r}")
     return out
