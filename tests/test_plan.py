@@ -17,6 +17,7 @@ import yaml
 
 import tinyk.model
 from tinyk.cli import main
+from tinyk.files import TinykError
 from tinyk.model import PRESETS, Transformer, preset_config
 from tinyk.plan import (
     ASSUMED,
@@ -242,6 +243,9 @@ def test_gpu_table():
              "NVIDIA A100-SXM4-80GB MIG 1g.10gb": None}
     for name, key in names.items():
         assert gpu_class(name) == key, name
+    with pytest.raises(TinykError, match="^unknown GPU 'NVIDIA H100 NVL'; it differs from the table's .*: --gpu h100 "
+                                         "plans it as that card"):
+        find_gpu("NVIDIA H100 NVL")
     for key, gpu in GPUS.items():  # each card's own table name finds it, and the plan's help names it
         assert gpu_class(gpu.name) == key and key in plan_help()
 

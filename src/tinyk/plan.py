@@ -113,15 +113,19 @@ def find_gpu(name: str) -> GPUSpec:
     key = gpu_class(name)  # a device name as nvidia-smi or torch print it: "NVIDIA H100 80GB HBM3"
     if key is not None:
         return GPUS[key]
-    raise TinykError(f"unknown GPU {name!r} (choose from {', '.join(GPUS)})")
+    near = gpu_class(name, variants=True)
+    variant = (f"; it differs from the table's {GPUS[near].name} in memory or clocks: --gpu {near} plans it as "
+               f"that card" if near else "")
+    raise TinykError(f"unknown GPU {name!r}{variant} (choose from {', '.join(GPUS)})")
 
 
-def gpu_class(device_name: str) -> str | None:
-    """The GPUS key for a CUDA device name such as 'NVIDIA H100 80GB HBM3' (None if not in the table)."""
+def gpu_class(device_name: str, variants: bool = False) -> str | None:
+    """The GPUS key for a CUDA device name such as 'NVIDIA H100 80GB HBM3' (None if not in the table);
+    with `variants`, also the card a variant of other memory or clocks is named after."""
     n = device_name.upper()
     # Other memory or clocks than the table's card: GH200, NVL, MIG slices, laptop chips, 4090 D, SUPER and
     # Ti models, the 12 GB RTX 3080, the 40 GB A800, the PCIe H800 and V100s.
-    if re.search(r"GH200|NVL|\bMIG\b|LAPTOP|MOBILE|\b\d{4} ?D\b|SUPER|\bTI\b|\d{4}TI|3080.*12 ?GB|A800.*40 ?GB|"
+    if not variants and re.search(r"GH200|NVL|\bMIG\b|LAPTOP|MOBILE|\b\d{4} ?D\b|SUPER|\bTI\b|\d{4}TI|3080.*12 ?GB|A800.*40 ?GB|"
                  r"H800.*PCIE|V100.*(16 ?GB|PCIE)", n):
         return None
     rules = [("H200", "h200"), ("H100.*PCIE|PCIE.*H100", "h100-pcie"), ("H100", "h100"), ("H800", "h800"),
