@@ -237,13 +237,13 @@ def test_data_loss_perplexity_bits_per_byte(nano, nano_model_dir, pretrain_data)
 
 def test_sft_conversations_a_short_window_leaves_out_are_reported(nano, nano_model_dir, sft_data):
     """Conversations with no answer token within --seq-len are not in the score: the results say how many."""
-    from tinyk.loader import conversations_left_out
+    from tinyk.data import SFTLoader
 
     model, _ = nano
     full = eval_data(model, nano_model_dir, sft_data, seq_len=128)
     short = eval_data(model, nano_model_dir, sft_data, seq_len=64)
-    assert full["conversations_left_out"] == conversations_left_out(sft_data, "val", 128)
-    assert short["conversations_left_out"] == conversations_left_out(sft_data, "val", 64) > \
+    assert full["conversations_left_out"] == SFTLoader(sft_data, "val", 128, 2).dropped  # as training leaves out
+    assert short["conversations_left_out"] == SFTLoader(sft_data, "val", 64, 2).dropped > \
         full["conversations_left_out"]
     rows = [r[0] for r in table_rows({"data": [short]})]
     assert f"{sft_data.name}/val conversations left out (no answer token within seq_len 64)" in rows

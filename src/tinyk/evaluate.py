@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -35,6 +35,9 @@ from .tokenizer import (
     tokenizer_hash,
     with_system,
 )
+
+if TYPE_CHECKING:  # the loader is imported where a split is read
+    from .loader import SplitData
 
 CHOICE_FORMATS = ("cloze", "letter")
 
@@ -64,11 +67,12 @@ def data_seq_len(meta: dict[str, Any], asked: int | None, context: int) -> int:
 
 @torch.no_grad()
 def eval_data(model: Transformer, model_dir: str | Path, data_dir: str | Path, *, split: str = "val",
-              seq_len: int | None = None, batch_size: int = 8, max_batches: int | None = None) -> dict[str, Any]:
+              seq_len: int | None = None, batch_size: int = 8, max_batches: int | None = None,
+              opened: SplitData | None = None) -> dict[str, Any]:
     """Mean token loss over a prepared split (all of it unless `max_batches`), as loss, perplexity, and
-    bits per byte of the text the evaluated tokens spell."""
-    from .data import eval_batches
-    from .loader import conversations_left_out
+    bits per byte of the text the evaluated tokens spell. `opened`: the split as `open_split` gave it
+    for these settings (an SFT split's mask is read whole to open it)."""
+    from .loader import open_split, split_batches
     from .tokenizer import load_tokenizer
     from .train import eval_sums
 
@@ -77,7 +81,8 @@ def eval_data(model: Transformer, model_dir: str | Path, data_dir: str | Path, *
     seq_len = data_seq_len(meta, asked, model.config.max_seq_len)
     device = next(model.parameters()).device
     token_bytes = torch.tensor(load_tokenizer(model_dir).token_bytes, dtype=torch.float64, device=device)
-    batches = ((x.to(device), y.to(device)) for x, y in eval_batches(data_dir, split, seq_len, batch_size, max_batches))
+    opened = opened or open_split(data_dir, split, seq_len)
+    batches = ((x.to(device), y.to(device)) for x, y in split_batches(opened, batch_size, max_batches))
     total, count, nbytes = eval_sums(model, batches, token_bytes).tolist()
     count = int(count)
     if count == 0:
@@ -89,8 +94,7 @@ def eval_data(model: Transformer, model_dir: str | Path, data_dir: str | Path, *
             "bytes": int(nbytes), "loss": loss, "perplexity": math.exp(min(loss, 50.0)),
             "bits_per_byte": total / math.log(2) / nbytes if nbytes else None,
             # of the whole split, also where --max-batches scores part of it
-            **({"conversations_left_out": conversations_left_out(data_dir, split, seq_len)} if meta["kind"] == "sft"
-               else {})}
+            **({"conversations_left_out": opened.dropped} if meta["kind"] == "sft" else {})}
 
 
 # ---------------------------------------------------------------- generation tasks: exact match, stop rate
@@ -465,8 +469,8 @@ def evaluate(model_dir: str | Path, *, data: Iterable[str | Path] = (), tasks: I
     # must not throw away the minutes the first ones took. The model directory first: the checks read
     # its tokenizer and context length.
     cfg, tok = config_and_tokenizer(Path(model_dir))
-    for d in data:
-        open_split(d, split, data_seq_len(_split_meta(d, split, model_dir), seq_len, cfg.max_seq_len))
+    opened = [open_split(d, split, data_seq_len(_split_meta(d, split, model_dir), seq_len, cfg.max_seq_len))
+              for d in data]
     system = tok.system_from_flag(system_prompt)
     prompt_of = chat_prompt_ids(tok, cfg.max_seq_len)
     task_inputs = [read_task_prompts(t, prompt_of, system_prompt=system, limit=limit) for t in tasks]
@@ -484,9 +488,9 @@ def evaluate(model_dir: str | Path, *, data: Iterable[str | Path] = (), tasks: I
                                             "batch_size": batch_size}}
     if tasks:
         results["quantize"] = quantize  # the task answers' weights; the other modes always use fp32
-    for d in data:
+    for d, split_data in zip(data, opened, strict=True):
         results["data"].append(eval_data(model, model_dir, d, split=split, seq_len=seq_len,
-                                         batch_size=batch_size, max_batches=max_batches))
+                                         batch_size=batch_size, max_batches=max_batches, opened=split_data))
     if tasks:
         from .engine import INT8_MAX_ROWS
 

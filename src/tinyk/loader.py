@@ -197,10 +197,10 @@ class _Conversations:
         return torch.from_numpy(x), torch.from_numpy(y)
 
 
-_Data = _Windows | _Conversations
+SplitData = _Windows | _Conversations  # a split as `open_split` opens it
 
 
-def open_split(data_dir: str | Path, split: str, seq_len: int, kind: str | None = None) -> _Data:
+def open_split(data_dir: str | Path, split: str, seq_len: int, kind: str | None = None) -> SplitData:
     """A split ready to read: its shards opened and their sizes checked, and refused with one line when
     it cannot fill `seq_len` (too few tokens, no SFT conversation with an answer token within it)."""
     if seq_len < 1:
@@ -225,7 +225,7 @@ class ResumeMismatch(TinykError):
 class _Loader:
     """A rank's view of an endless, seeded, per-epoch sample order addressed by (epoch, cursor)."""
 
-    def __init__(self, data: _Data, micro_batch: int, rank: int, world_size: int, seed: int):
+    def __init__(self, data: SplitData, micro_batch: int, rank: int, world_size: int, seed: int):
         _check_layout(micro_batch, rank, world_size)
         self.data, self.micro_batch, self.rank, self.world_size, self.seed = data, micro_batch, rank, world_size, seed
         self.num_windows = data.size
@@ -327,15 +327,15 @@ def eval_batches(data_dir: str | Path, split: str, seq_len: int, micro_batch: in
 
     `max_batches` counts global groups, so every rank stops after the same number of steps.
     """
+    return split_batches(open_split(data_dir, split, seq_len), micro_batch, max_batches, rank=rank,
+                         world_size=world_size)
+
+
+def split_batches(data: SplitData, micro_batch: int, max_batches: int | None = None, *, rank: int = 0,
+                  world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """`eval_batches` of a split already opened: opening an SFT split reads its whole loss mask."""
     _check_layout(micro_batch, rank, world_size)
-    data = open_split(data_dir, split, seq_len)
     return _sequential(data.size, micro_batch, rank, world_size, max_batches, data.fetch)
-
-
-def conversations_left_out(data_dir: str | Path, split: str, seq_len: int) -> int:
-    """SFT conversations of a split with no assistant token within seq_len, which training and
-    evaluation leave out (0 for pretraining data)."""
-    return getattr(open_split(data_dir, split, seq_len), "dropped", 0)
 
 
 def _sequential(size: int, micro_batch: int, rank: int, world_size: int, max_batches: int | None,
