@@ -565,9 +565,11 @@ def test_chat_cli_answers_one_message(engine, nano_model_dir, capsys, monkeypatc
               "--max-new-tokens", "6"])
     assert e.value.code == 0 and capsys.readouterr().out == expected + "\n"
     monkeypatch.setattr("sys.stdin", io.StringIO("你好\n"))
+    threads = []
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)  # --threads: fewer, for a busy machine
     with pytest.raises(SystemExit) as e:
-        main(["chat", "--model", str(nano_model_dir), "--temperature", "0", "--max-new-tokens", "6"])
-    assert e.value.code == 0 and capsys.readouterr().out == expected + "\n"
+        main(["chat", "--model", str(nano_model_dir), "--temperature", "0", "--max-new-tokens", "6", "--threads", "1"])
+    assert e.value.code == 0 and capsys.readouterr().out == expected + "\n" and threads == [1]
 
 
 def test_chat_reports_gbk_on_stdin_in_one_line(nano_model_dir):

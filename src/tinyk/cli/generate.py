@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tinyk.chat import CHAT_HELP, chat_session
-from tinyk.cli.common import add_sampling_args, batch_count, non_empty, utf8_text
+from tinyk.cli.common import add_sampling_args, batch_count, int_range, non_empty, utf8_text
 
 if TYPE_CHECKING:
     from tinyk.engine import Engine, SamplingParams
@@ -30,6 +30,16 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "numbers)")
     p.add_argument("--stop", action="append", type=utf8_text, default=[], metavar="TEXT",
                    help="stop when this text appears (repeatable); it is not part of the output")
+    p.add_argument("--threads", type=int_range(1, 4096), default=None,
+                   help="CPU threads (default: torch's, one per core; on a machine busy with other work, fewer "
+                        "can be many times faster)")
+
+
+def set_threads(args: argparse.Namespace) -> None:
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
@@ -68,6 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _engine(args: argparse.Namespace, max_batch: int = 16) -> Engine:
     from tinyk.engine import Engine
 
+    set_threads(args)
     return Engine.from_dir(args.model, device=args.device, dtype=args.dtype, max_batch=max_batch,
                            quantize=args.quantize)
 

@@ -16,7 +16,7 @@ from tinyk.cli.common import (
     size_range,
     utf8_text,
 )
-from tinyk.cli.generate import add_engine_args, sampling_params
+from tinyk.cli.generate import add_engine_args, sampling_params, set_threads
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -65,6 +65,7 @@ def _serve(args: argparse.Namespace) -> int:
         cfg["model_name"] = args.model_name
     if args.system_prompt is not None:
         cfg["system_prompt"] = args.system_prompt or None
+    set_threads(args)
     serve(args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
           quantize=args.quantize, max_batch=args.max_batch, **cfg)
     return 0
