@@ -81,7 +81,8 @@ def eval_data(model: Transformer, model_dir: str | Path, data_dir: str | Path, *
     seq_len = data_seq_len(meta, asked, model.config.max_seq_len)
     device = next(model.parameters()).device
     token_bytes = torch.tensor(load_tokenizer(model_dir).token_bytes, dtype=torch.float64, device=device)
-    opened = opened or open_split(data_dir, split, seq_len)
+    if opened is None:
+        opened = open_split(data_dir, split, seq_len)
     batches = ((x.to(device), y.to(device)) for x, y in split_batches(opened, batch_size, max_batches))
     total, count, nbytes = eval_sums(model, batches, token_bytes).tolist()
     count = int(count)
