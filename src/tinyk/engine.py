@@ -19,7 +19,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -208,6 +208,11 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         self.check()
+
+    def numbered(self, n: int) -> list[SamplingParams]:
+        """The params of n samples (generate's prompts, the server's choices): with a seed, sample i
+        draws with seed + i, so repeats differ and each is what that seed gives alone."""
+        return [self if self.seed is None else replace(self, seed=self.seed + i) for i in range(n)]
 
     def check(self) -> None:
         def bad(name: str, rule: str, value) -> TinykError:

@@ -125,8 +125,8 @@ def gpu_class(device_name: str, variants: bool = False) -> str | None:
     n = device_name.upper()
     # Other memory or clocks than the table's card: GH200, NVL, MIG slices, laptop chips, 4090 D, SUPER and
     # Ti models, the 12 GB RTX 3080, the 40 GB A800, the PCIe H800 and V100s.
-    if not variants and re.search(r"GH200|NVL|\bMIG\b|LAPTOP|MOBILE|\b\d{4} ?D\b|SUPER|\bTI\b|\d{4}TI|3080.*12 ?GB|A800.*40 ?GB|"
-                 r"H800.*PCIE|V100.*(16 ?GB|PCIE)", n):
+    if not variants and re.search(r"GH200|NVL|\bMIG\b|LAPTOP|MOBILE|\b\d{4} ?D\b|SUPER|\bTI\b|\d{4}TI|3080.*12 ?GB|"
+                                  r"A800.*40 ?GB|H800.*PCIE|V100.*(16 ?GB|PCIE)", n):
         return None
     rules = [("H200", "h200"), ("H100.*PCIE|PCIE.*H100", "h100-pcie"), ("H100", "h100"), ("H800", "h800"),
              ("H20", "h20"), ("A100.*40 ?GB", "a100-40gb"), ("A100", "a100"), ("A800", "a800"), ("L40S", "l40s"),

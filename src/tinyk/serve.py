@@ -321,12 +321,9 @@ class Api:
         if unknown:
             raise ApiError(400, f"unrecognized stream_options argument supplied: {unknown[0]}",
                            param=f"stream_options.{unknown[0]}", code="unknown_parameter")
-        # Choice i of a seeded request samples with seed + i: choice 0 is the n=1 answer, and none
-        # repeats another.
-        choices = [params if params.seed is None else replace(params, seed=params.seed + i) for i in range(n)]
         reqs: list[Request] = []
         try:
-            for p in choices:
+            for p in params.numbered(n):  # choice 0 is the n=1 answer
                 reqs.append(self.scheduler.submit(ids, p))
         except EngineBusy as e:
             for r in reqs:
@@ -522,7 +519,7 @@ class Handler(BaseHTTPRequestHandler):
         elif path == "/health":
             self._json(200, {"status": "ok", **api.scheduler.stats()})
         elif not path.startswith("/v1/"):
-            self._error(ApiError(404, f"no such path: {path}", code="not_found"))
+            self._error(_not_found(path))
         elif (refusal := self._refusal()) is not None:
             self._error(refusal)
         elif path == "/v1/models":
@@ -534,7 +531,7 @@ class Handler(BaseHTTPRequestHandler):
         elif path in POST_PATHS:
             self._error(_not_allowed(path))
         else:
-            self._error(ApiError(404, f"no such path: {path}", code="not_found"))
+            self._error(_not_found(path))
 
     do_HEAD = do_GET
 
@@ -550,7 +547,7 @@ class Handler(BaseHTTPRequestHandler):
                 self.close_connection = True  # the body is left unread
                 if _is_get_path(path):
                     raise _not_allowed(path)
-                raise ApiError(404, f"no such path: {path}", code="not_found")
+                raise _not_found(path)
             refusal = self._refusal()
             if refusal is not None:
                 self.close_connection = True
@@ -595,7 +592,7 @@ class Handler(BaseHTTPRequestHandler):
         if path in POST_PATHS or _is_get_path(path):
             self._error(_not_allowed(path, f"{self.command} is not supported; "))
         else:
-            self._error(ApiError(404, f"no such path: {path}", code="not_found"))
+            self._error(_not_found(path))
 
     do_PUT = do_PATCH = do_DELETE = _other_method
 
@@ -758,6 +755,10 @@ def _unauthorized() -> ApiError:
 
 def _is_get_path(path: str) -> bool:
     return path in ("/", "/index.html", "/health", "/v1/models") or path.startswith("/v1/models/")
+
+
+def _not_found(path: str) -> ApiError:
+    return ApiError(404, f"no such path: {path}", code="not_found")
 
 
 def _not_allowed(path: str, why: str = "") -> ApiError:

@@ -8,7 +8,6 @@ import io
 import json
 import sys
 from collections.abc import Iterable
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -137,8 +136,7 @@ def _generate(args: argparse.Namespace) -> int:
             sys.stdout.flush()
         sys.stdout.write("\n")
         return 0
-    # Prompt i samples with seed + i: repeated prompts give different samples, each reproducible alone.
-    plist = [params if params.seed is None else replace(params, seed=params.seed + i) for i in range(len(ids))]
+    plist = params.numbered(len(ids))  # repeated prompts give different samples, each reproducible alone
     # Each sample is printed once it and those before it are done: Ctrl-C keeps what was printed.
     for i, (prompt, c) in enumerate(zip(prompts, engine.completions(ids, plist), strict=True)):
         if args.json:
