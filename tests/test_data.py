@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import gzip
 import json
@@ -15,6 +16,7 @@ import tracemalloc
 import warnings
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -400,6 +402,155 @@ def test_interrupted_run_leaves_the_previous_output_untouched(tmp_path, tok_dir,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl", "out"]
 
 
+
+def _stoppable_inputs(tmp_path: Path, kind: str) -> tuple[Path, Any]:
+    """An input with bad records among good ones (and, for SFT, conversations cut or skipped by
+    --max-len), and the prepare function to run on it."""
+    if kind == "pretrain":
+        lines = [json.dumps({"text": t}, ensure_ascii=False) for t in texts(150)]
+        prep = functools.partial(prepare_pretrain, shard_tokens=700)
+    else:
+        convs = conversations(60)
+        convs[20] = [{"role": "user", "content": CHINESE * 3}, {"role": "assistant", "content": "好"}]  # prompt too long
+        lines = [json.dumps(c, ensure_ascii=False) for c in convs]
+        prep = functools.partial(prepare_sft, max_len=96)
+    for i in (3, 40, 77):
+        lines.insert(i, "{not json")
+    src = tmp_path / f"{kind}.jsonl"
+    src.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return src, prep
+
+
+def _stop_during_batch(monkeypatch, n: int, signal: type[BaseException] = KeyboardInterrupt) -> None:
+    """Checkpoints after every second batch, and a stop once the n-th batch is written (so the files
+    hold more than the last checkpoint records)."""
+    from tinyk.data import _Checkpoints, _Splitter
+
+    ticks, written, real = iter(range(10**6)), [], _Splitter.add
+    monkeypatch.setattr(_Checkpoints, "due", lambda self: next(ticks) % 2 == 1)
+
+    def add(self, b):
+        real(self, b)
+        written.append(len(b))
+        if len(written) == n:
+            raise signal
+
+    monkeypatch.setattr(_Splitter, "add", add)
+
+
+def _same_data(a: Path, b: Path) -> None:
+    files_a, files_b = all_files(a), all_files(b)
+    meta_a, meta_b = (json.loads(f.pop("meta.json")) for f in (files_a, files_b))
+    assert files_a == files_b
+    for meta in (meta_a, meta_b):
+        del meta["command"], meta["seconds"]  # the command names its --out
+    assert meta_a == meta_b
+
+
+@pytest.mark.parametrize("kind, workers", [("pretrain", 1), ("pretrain", 2), ("sft", 1), ("sft", 2)])
+def test_a_stopped_run_continues_to_the_output_of_a_run_never_stopped(tmp_path, tok_dir, monkeypatch, capsys,
+                                                                       kind, workers):
+    src, prep = _stoppable_inputs(tmp_path, kind)
+    opts = {"val_fraction": 0.2, "workers": workers, "batch_chars": 300}
+    prep([src], tok_dir, tmp_path / "whole", show_progress=False, **opts)
+    out, partial = tmp_path / "out", tmp_path / ".out.partial"
+    with monkeypatch.context() as m:
+        _stop_during_batch(m, 7)
+        with pytest.raises(KeyboardInterrupt):
+            prep([src], tok_dir, out, **opts)
+    kept = re.search(r"the ([\d,]+) \w+ done are kept in (.*); run the same command again", capsys.readouterr().err)
+    assert kept and Path(kept[2]) == partial and (partial / "progress.json").is_file() and not out.exists()
+    again = prep([src], tok_dir, out, **opts)
+    continued = re.search(r"continuing the stopped run in .*: ([\d,]+) \w+, [\d,]+ tokens done", capsys.readouterr().err)
+    assert continued and continued[1] == kept[1] and int(kept[1].replace(",", "")) > 0
+    _same_data(out, tmp_path / "whole")
+    assert again["skipped"]["total"] >= 3 and not partial.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"{kind}.jsonl", "out", "whole"])
+
+
+def test_a_stopped_run_is_not_continued_by_another_command(tmp_path, tok_dir, monkeypatch, capsys):
+    src, prep = _stoppable_inputs(tmp_path, "pretrain")
+    opts = {"val_fraction": 0.2, "batch_chars": 300, "workers": 1}
+    out = tmp_path / "out"
+    for change, kwargs in (("input", {}), ("seed", {"seed": 1}), ("fraction", {"val_fraction": 0.3})):
+        with monkeypatch.context() as m:
+            _stop_during_batch(m, 5)
+            with pytest.raises(KeyboardInterrupt):
+                prep([src], tok_dir, out, force=True, **opts)
+        if change == "input":
+            os.utime(src, ns=(time.time_ns(), src.stat().st_mtime_ns + 10**9))
+        capsys.readouterr()
+        made = prep([src], tok_dir, out, force=True, **{**opts, **kwargs})
+        assert "starting over: the stopped run in" in capsys.readouterr().err, change
+        assert made["seed"] == kwargs.get("seed", 0) and made["val_fraction"] == kwargs.get("val_fraction", 0.2)
+    prep([src], tok_dir, tmp_path / "fresh", show_progress=False, **{**opts, "val_fraction": 0.3})
+    _same_data(out, tmp_path / "fresh")
+    assert not (tmp_path / ".out.partial").exists()
+
+
+
+def test_the_same_command_continues_a_run_killed_with_sigkill(tmp_path, tok_dir, capsys):
+    src, _ = _stoppable_inputs(tmp_path, "pretrain")
+    args = ["data", "pretrain", "--input", str(src), "--tokenizer", str(tok_dir), "--out", str(tmp_path / "out"),
+            "--workers", "1", "--shard-tokens", "700", "--val-fraction", "0.2"]
+    killed = subprocess.run([sys.executable, "-c", (
+        "import os, signal, sys\n"
+        "import tinyk.data as d\n"
+        "batched, add, written = d._batched, d._Splitter.add, []\n"
+        "d._batched = lambda items, size, limit: batched(items, size, 300)\n"
+        "d._Checkpoints.due = lambda self: True\n"
+        "def dying(self, b):\n"
+        "    add(self, b)\n"
+        "    written.append(b)\n"
+        "    if len(written) == 9:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "d._Splitter.add = dying\n"
+        "from tinyk.cli import main\n"
+        "main(sys.argv[1:])\n"), *args], capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -9, killed.stderr
+    assert (tmp_path / ".out.partial" / "progress.json").is_file() and not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 0
+    assert re.search(r"continuing the stopped run in .*\.out\.partial: [1-9][\d,]* docs", capsys.readouterr().err)
+    prepare_pretrain([src], tok_dir, tmp_path / "whole", val_fraction=0.2, shard_tokens=700, **QUIET)
+    _same_data(tmp_path / "out", tmp_path / "whole")
+    assert not (tmp_path / ".out.partial").exists()
+
+
+def test_a_run_stopped_by_its_input_or_before_a_checkpoint_keeps_nothing(tmp_path, tok_dir, monkeypatch):
+    from tinyk.data import _Checkpoints
+
+    lines = [json.dumps({"text": t}, ensure_ascii=False) for t in texts(60)]
+    src = tmp_path / "c.jsonl"
+    src.write_text("\n".join([*lines[:50], "{not json", *lines[50:]]) + "\n", encoding="utf-8")
+    monkeypatch.setattr(_Checkpoints, "due", lambda self: True)
+    with pytest.raises(TinykError, match="c.jsonl:51: malformed json"):  # rerun, it would stop there again
+        prepare_pretrain([src], tok_dir, tmp_path / "out", strict=True, val_fraction=0.2, batch_chars=300, **QUIET)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl"]
+    _stop_during_batch(monkeypatch, 3)
+    monkeypatch.setattr(_Checkpoints, "due", lambda self: False)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_pretrain([src], tok_dir, tmp_path / "out", batch_chars=300, **QUIET)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl"]
+
+
+def test_two_runs_never_write_into_one_output_at_once(tmp_path, tok_dir):
+    from tinyk.files import DirLock
+
+    src = write_jsonl(tmp_path / "c.jsonl", texts(20))
+    partial = tmp_path / ".out.partial"
+    partial.mkdir()
+    lock = DirLock(partial)
+    assert lock.acquire()
+    with pytest.raises(TinykError, match=r"another tinyk data run is writing .*out \(in .*\.out\.partial\)"):
+        prepare_pretrain([src], tok_dir, tmp_path / "out", **QUIET)
+    assert partial.is_dir() and not (tmp_path / "out").exists()
+    lock.release()
+    prepare_pretrain([src], tok_dir, tmp_path / "out", **QUIET)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl", "out"]
+
+
 def test_tiny_corpora_still_get_both_splits(tmp_path, tok_dir):
     def counts(name: str, n: int, **kw) -> tuple[int, int]:
         src = write_jsonl(tmp_path / f"{name}.jsonl", texts(n))
@@ -684,7 +835,8 @@ def test_a_huge_message_is_tokenized_only_as_far_as_max_len_reaches(tmp_path, to
     assert max(len(m["content"]) for conv in seen for m in conv) < 10_000 and len(seen[0]) == 3  # + system
     monkeypatch.setattr(data, "_clipped", lambda msgs, chars: msgs)
     whole = prepare_sft([src], tok_dir, tmp_path / "whole", max_len=64, val_fraction=0.0, **QUIET)
-    assert {k: v for k, v in meta.items() if k != "command"} == {k: v for k, v in whole.items() if k != "command"}
+    assert {k: v for k, v in meta.items() if k not in ("command", "seconds")} == \
+        {k: v for k, v in whole.items() if k not in ("command", "seconds")}
     for (ids, mask), (ids2, mask2) in zip(sft_split(tmp_path / "cut"), sft_split(tmp_path / "whole"), strict=True):
         assert np.array_equal(ids, ids2) and np.array_equal(mask, mask2)
 

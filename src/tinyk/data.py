@@ -3,7 +3,8 @@
 The seed read whole files into memory, appended to its outputs, padded every sample and
 found assistant spans by hard-coded ids. Here inputs are streamed record by record,
 tokenized in worker processes (in input order, so the result never depends on the worker
-count), and written into a temporary directory that is renamed into place when complete.
+count), and written into a temporary directory that is renamed into place when complete; a
+stopped run is continued by the same command from its last checkpoint.
 The loaders that read these directories live in `tinyk.loader` and are re-exported here.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import multiprocessing
 import multiprocessing.pool
 import os
@@ -23,7 +25,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from itertools import chain
+from itertools import chain, islice
 from multiprocessing import resource_tracker
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ import numpy as np
 
 from .files import (
     DEFAULT_MAX_LINE_BYTES,
+    DirLock,
     Skips,
     TinykError,
     atomic_dir,
@@ -39,6 +42,7 @@ from .files import (
     is_plain_text,
     iter_records,
     iter_texts,
+    remove_path,
     shown,
     write_error,
     write_json_atomic,
@@ -62,6 +66,7 @@ SPLITS = ("train", "val")
 DEFAULT_SHARD_TOKENS = 100_000_000
 DEFAULT_BATCH_CHARS = 1 << 19
 PROGRESS_LINE_S = 60.0  # without a terminal (a log, a batch job) a line this often instead of a bar
+CHECKPOINT_S = 60.0  # a stopped run, continued, redoes at most about this much work
 PIECE_CHARS = 1 << 17  # longer documents are tokenized piece by piece (see `text_pieces`)
 LOADER_NAMES = ("PretrainLoader", "SFTLoader", "eval_batches", "open_dataset")
 
@@ -315,8 +320,8 @@ def _map_ordered(job: _Job, payloads: Iterable[tuple[Any, Any]], workers: int) -
 @contextlib.contextmanager
 def _start_pool(workers: int, job: _Job) -> Iterator[Any]:
     """A pool of spawned workers (not forked: the caller may hold threads, torch's or tokenizers',
-    that fork would break) that leave Ctrl-C to the parent, which stops the pool and removes the
-    partial output.
+    that fork would break) that leave Ctrl-C to the parent, which stops the pool and keeps the work
+    done for the same command to continue (`_Checkpoints`).
 
     Workers start with SIGINT ignored, which survives exec, so one pressed while they import does
     not reach them; the parent blocks it meanwhile, so it stays pending (Linux never discards a
@@ -413,12 +418,21 @@ def _unit_draws(seed: int, start: int, n: int) -> np.ndarray:
 
 
 class _SplitWriter:
-    """Appends documents to one split and keeps the counts meta.json reports."""
+    """Appends documents to one split and keeps the counts meta.json reports.
 
-    def __init__(self, folder: Path):
-        folder.mkdir()
-        self.folder = folder
+    Files are only ever appended to, so a checkpoint is the counts and the file sizes they imply
+    (`state`, `sizes`): a stopped run's files are cut back to those and appended to again (`open`).
+    """
+
+    def __init__(self, folder: Path, dtype: np.dtype):
+        self.folder, self.itemsize = folder, dtype.itemsize
         self.documents = self.tokens = self.bytes = 0
+
+    def open(self, state: dict[str, Any] | None) -> None:
+        """Starts the split, or continues it from a checkpoint's `state` (its files already cut back)."""
+        self.folder.mkdir(exist_ok=True)
+        if state:
+            self.documents, self.tokens, self.bytes = state["documents"], state["tokens"], state["bytes"]
 
     def add(self, b: _Batch) -> None:
         if not len(b):
@@ -434,21 +448,49 @@ class _SplitWriter:
     def _write(self, b: _Batch) -> None:
         raise NotImplementedError
 
-    def close(self) -> dict[str, Any]:
+    def _files(self) -> list[Any]:
+        """The open files."""
+        raise NotImplementedError
+
+    def state(self) -> dict[str, Any]:
         return {"documents": self.documents, "tokens": self.tokens, "bytes": self.bytes}
 
+    def sizes(self) -> dict[str, int]:
+        """Bytes each file holds at this state, by name in the folder."""
+        raise NotImplementedError
+
+    def sync(self) -> None:
+        """Everything written so far on disk, so a checkpoint never records more than survives a crash."""
+        try:
+            for f in self._files():
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise write_error(self.folder, e) from e
+
+    def close(self) -> dict[str, Any]:
+        return self.state()
+
     def release(self) -> None:
-        """Closes the open files without finishing the split (a stopped run's directory is discarded)."""
+        """Closes the open files without finishing the split (a stopped run's directory is discarded or kept)."""
+        for f in self._files():
+            f.close()
 
 
 class _ShardWriter(_SplitWriter):
     """Pretraining tokens as fixed-size shards; documents may straddle two shards."""
 
-    def __init__(self, folder: Path, shard_tokens: int):
-        super().__init__(folder)
+    def __init__(self, folder: Path, dtype: np.dtype, shard_tokens: int):
+        super().__init__(folder, dtype)
         self.shard_tokens = shard_tokens
         self.shards: list[dict[str, Any]] = []
         self.f: Any = None
+
+    def open(self, state: dict[str, Any] | None) -> None:
+        super().open(state)
+        if state and state["shards"]:
+            self.shards = [dict(s) for s in state["shards"]]
+            self.f = open(self.folder / self.shards[-1]["file"], "ab")  # noqa: SIM115 - closed by release()
 
     def _write(self, b: _Batch) -> None:
         data = b.tokens
@@ -464,44 +506,53 @@ class _ShardWriter(_SplitWriter):
         if self.f is not None:
             self.f.close()
         name = f"shard_{len(self.shards):05d}.bin"
-        self.f = open(self.folder / name, "wb")  # noqa: SIM115 - closed by close()/_next_shard
+        self.f = open(self.folder / name, "wb")  # noqa: SIM115 - closed by release()/_next_shard
         self.shards.append({"file": name, "tokens": 0})
 
-    def close(self) -> dict[str, Any]:
-        self.release()
-        return {**super().close(), "shards": self.shards}
+    def _files(self) -> list[Any]:
+        return [] if self.f is None else [self.f]
 
-    def release(self) -> None:
-        if self.f is not None:
-            self.f.close()
+    def state(self) -> dict[str, Any]:
+        return {**super().state(), "shards": [dict(s) for s in self.shards]}
+
+    def sizes(self) -> dict[str, int]:
+        return {s["file"]: s["tokens"] * self.itemsize for s in self.shards}
 
 
 class _ConversationWriter(_SplitWriter):
-    """SFT tokens, loss mask and per-conversation start offsets."""
+    """SFT tokens, loss mask and per-conversation start offsets (kept as lengths until the end)."""
 
-    def __init__(self, folder: Path):
-        super().__init__(folder)
-        self.tok_f = open(folder / "tokens.bin", "wb")  # noqa: SIM115 - closed by close()
-        self.mask_f = open(folder / "mask.bin", "wb")  # noqa: SIM115
-        self.lengths: list[np.ndarray] = []
-        self.loss_tokens = 0
+    LENGTHS = "lengths.tmp"
+
+    def open(self, state: dict[str, Any] | None) -> None:
+        super().open(state)
+        self.loss_tokens = state["loss_tokens"] if state else 0
+        # Appending: a continued run's files are already cut back to the checkpoint.
+        self.tok_f, self.mask_f, self.len_f = (open(self.folder / name, "ab")  # noqa: SIM115 - closed by release()
+                                               for name in ("tokens.bin", "mask.bin", self.LENGTHS))
 
     def _write(self, b: _Batch) -> None:
         assert b.mask is not None
         b.tokens.tofile(self.tok_f)
         b.mask.astype(np.uint8).tofile(self.mask_f)
-        self.lengths.append(b.lengths)
+        b.lengths.astype(np.int64).tofile(self.len_f)
         self.loss_tokens += int(np.count_nonzero(b.mask))
+
+    def _files(self) -> list[Any]:
+        return [self.tok_f, self.mask_f, self.len_f]
+
+    def state(self) -> dict[str, Any]:
+        return {**super().state(), "loss_tokens": self.loss_tokens}
+
+    def sizes(self) -> dict[str, int]:
+        return {"tokens.bin": self.tokens * self.itemsize, "mask.bin": self.tokens, self.LENGTHS: self.documents * 8}
 
     def close(self) -> dict[str, Any]:
         self.release()
-        lengths = np.concatenate(self.lengths) if self.lengths else np.empty(0, np.int64)
+        lengths = np.fromfile(self.folder / self.LENGTHS, np.int64)
         np.save(self.folder / "offsets.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+        (self.folder / self.LENGTHS).unlink()
         return {**super().close(), "loss_tokens": self.loss_tokens}
-
-    def release(self) -> None:
-        self.tok_f.close()
-        self.mask_f.close()
 
 
 class _Splitter:
@@ -511,9 +562,9 @@ class _Splitter:
     whichever split would otherwise be empty: tiny corpora still get both splits.
     """
 
-    def __init__(self, train: _SplitWriter, val: _SplitWriter, val_fraction: float, seed: int):
+    def __init__(self, train: _SplitWriter, val: _SplitWriter, val_fraction: float, seed: int, seen: int = 0):
         self.train, self.val, self.val_fraction, self.seed = train, val, val_fraction, seed
-        self.seen = 0
+        self.seen = seen
         self.held: tuple[_Batch, bool] | None = None
 
     def add(self, b: _Batch) -> None:
@@ -530,6 +581,14 @@ class _Splitter:
 
     def _route(self, b: _Batch, to_val: bool) -> None:
         (self.val if to_val else self.train).add(b)
+
+    def settle(self) -> bool:
+        """Writes the held document where its hash sends it, if `close` could not send it elsewhere (both
+        splits have documents already); True when nothing is held, so the state can be checkpointed."""
+        if self.held is not None and self.train.documents and (self.val.documents or not self.val_fraction):
+            self._route(*self.held)
+            self.held = None
+        return self.held is None
 
     def close(self) -> dict[str, dict[str, Any]]:
         if self.held is not None:
@@ -582,79 +641,234 @@ def _progress_line(kind: str, unit: str, splitter: _Splitter, seconds: float) ->
             f"{mb:,.1f} MB of text in {seconds:.0f}s ({mb / max(seconds, 1e-9):.1f} MB/s)")
 
 
+class _Checkpoints:
+    """A run's work so far, saved in its partial directory (`partial_sibling`) every `every_s` seconds,
+    so that the same command, run again after a stop (Ctrl-C, a kill, a full disk, a crash), continues
+    from there with the same result as a run never stopped.
+
+    A checkpoint is the number of input records done, the writers' state and the file sizes it implies;
+    a continued run cuts the files back to those sizes and skips that many records of the input (read
+    and parsed again, not tokenized). The command's fingerprint (inputs with their sizes and times,
+    tokenizer, every option that changes the output) must match, else the run starts over.
+    """
+
+    FILE = "progress.json"
+
+    def __init__(self, folder: Path, fingerprint: dict[str, Any], every_s: float, talk: bool):
+        self.folder, self.fingerprint, self.every_s, self.talk = folder, fingerprint, every_s, talk
+        self.saved: dict[str, Any] | None = None
+        self.last = time.monotonic()
+
+    def load(self) -> dict[str, Any] | None:
+        """The saved state when it is this command's and its files are complete; otherwise None, with
+        the folder emptied for a fresh start."""
+        try:
+            state = json.loads((self.folder / self.FILE).read_text(encoding="utf-8"))
+            if not isinstance(state, dict):
+                raise ValueError
+        except FileNotFoundError:
+            state = None
+        except (OSError, ValueError):
+            state = {}
+        why = None
+        if state is not None and state.get("fingerprint") != self.fingerprint:
+            why = "was started with other inputs, tokenizer or options"
+        elif state is not None and not self._cut_back(state["files"]):
+            why = "is missing some of its files"
+        if why:
+            self.say(f"starting over: the stopped run in {shown(self.folder)} {why}")
+        if state is None or why:
+            self._empty()
+            return None
+        self.saved = state
+        return state
+
+    def _cut_back(self, sizes: dict[str, int]) -> bool:
+        """Files cut to the sizes a checkpoint recorded, and files it does not know removed."""
+        for path in sorted(self.folder.rglob("*"), reverse=True):
+            name = path.relative_to(self.folder).as_posix()
+            if path.is_file() and name != self.FILE and name not in sizes:
+                path.unlink()
+        for name, size in sizes.items():
+            path = self.folder / name
+            if not path.is_file() or path.stat().st_size < size:
+                return False
+            os.truncate(path, size)
+        return True
+
+    def _empty(self) -> None:
+        for path in self.folder.iterdir():
+            remove_path(path)
+
+    def due(self) -> bool:
+        return time.monotonic() - self.last >= self.every_s
+
+    def save(self, state: dict[str, Any], writers: dict[str, _SplitWriter]) -> None:
+        for w in writers.values():
+            w.sync()
+        files = {f"{split}/{name}": size for split, w in writers.items() for name, size in w.sizes().items()}
+        self.saved = {"fingerprint": self.fingerprint, **state, "files": files}
+        try:
+            write_json_atomic(self.folder / self.FILE, self.saved)
+        except OSError as e:
+            raise write_error(self.folder / self.FILE, e) from e
+        self.last = time.monotonic()
+
+    def stopped(self, e: BaseException, unit: str) -> None:
+        """After a failure: the folder is kept when there is work to continue and the input did not cause
+        the failure (--strict's bad record, which a rerun meets again), else removed."""
+        from_input = isinstance(e, TinykError) and not isinstance(e.__cause__, OSError)
+        if self.saved is None or from_input:
+            remove_path(self.folder, ignore_errors=True)
+            return
+        done = self.saved["splitter"]["seen"]
+        self.say(f"tinyk: the {done:,} {unit} done are kept in {shown(self.folder)}; run the same command "
+                  "again to continue from there (or delete that folder)")
+
+    def finished(self) -> None:
+        (self.folder / self.FILE).unlink(missing_ok=True)
+
+    def say(self, line: str) -> None:
+        if self.talk:
+            print(line, file=sys.stderr, flush=True)
+
+
+def _fingerprint(kind: str, paths: list[Path], tok_hash: str, options: dict[str, Any], strict: bool) -> dict[str, Any]:
+    """What decides a run's output: a stopped run is continued only by a run that would write the same."""
+    inputs = []
+    for p in paths:
+        st = p.stat()
+        inputs.append({"path": shown(p.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns})
+    return {"kind": kind, "format_version": FORMAT_VERSION, "tokenizer_hash": tok_hash, "inputs": inputs,
+            "options": options, "strict": strict}
+
+
 def _prepare(kind: str, paths: list[Path], tok: TinyTokenizer, out: str | Path, *,
              records: Callable[[Skips], Iterator[Any]], size: Callable[[Any], int], batch_chars: int,
-             job_extra: dict[str, Any],
-             make_writer: Callable[[Path], _SplitWriter], meta_extra: dict[str, Any], command: str,
+             job_extra: dict[str, Any], options: dict[str, Any],
+             make_writer: Callable[[Path, np.dtype], _SplitWriter], meta_extra: dict[str, Any], command: str,
              val_fraction: float, seed: int, workers: int, force: bool, strict: bool,
-             show_progress: bool) -> dict[str, Any]:
-    """The shared pipeline: read -> batch -> tokenize in order -> split -> write -> meta.json."""
-    from tqdm import tqdm
-
+             show_progress: bool, checkpoint_s: float) -> dict[str, Any]:
+    """The shared pipeline: read -> batch -> tokenize in order -> split -> write -> meta.json, with
+    checkpoints that let the same command continue a stopped run (`_Checkpoints`)."""
     tokenizer_dir = tok.path
     dtype = token_dtype(tok.vocab_size)
     job = _Job(kind, str(Path(tokenizer_dir) / "tokenizer.json"), dtype.name, **job_extra)
-    skips = Skips(strict=strict)
-    reader = _SkipLog(stop_at_first=strict)
-
-    def tagged() -> Iterator[tuple[Skips, list[Any]]]:
-        for batch in _batched(_read_until_stopped(records(reader)), size, batch_chars):
-            yield reader.take(), batch
-
-    truncated: Counter = Counter()
+    tok_hash = tokenizer_hash(tokenizer_dir)
+    fingerprint = _fingerprint(kind, paths, tok_hash, options, strict)
     unit = "docs" if kind == "pretrain" else "conversations"
-    with atomic_dir(out, force=force, inputs=[*paths, tokenizer_dir],
+    with atomic_dir(out, force=force, inputs=[*paths, tokenizer_dir], partial=True,
                     replaces=("a tinyk data directory", _is_data_dir)) as tmp, contextlib.ExitStack() as opened:
-        writers = []
-        for split in ("train", "val"):
-            writers.append(make_writer(tmp / split))
-            opened.callback(writers[-1].release)  # a stopped run closes its files before tmp is removed
-        splitter = _Splitter(*writers, val_fraction, seed)
-        # A bar in a log is carriage-return noise; a notebook (no terminal either) shows it as one.
-        bar_shown = show_progress and (sys.stderr.isatty() or "ipykernel" in sys.modules)
-        t0 = last_line = time.monotonic()
-        with tqdm(unit=f" {unit}", disable=not bar_shown, dynamic_ncols=True,
-                  desc=f"tokenizing {kind}") as bar:
-            for read_skips, (batch, skipped, cut) in _map_ordered(job, tagged(), workers):
-                # A batch's records all precede a --strict stop, so their own skips come first.
-                for reason, where in skipped:
-                    skips.add(reason, where)
-                skips.merge(read_skips)
-                truncated.update(cut)
-                splitter.add(batch)
-                bar.update(len(batch))
-                bar.set_postfix(tokens=f"{splitter.train.tokens + splitter.val.tokens:,}", refresh=False)
-                if show_progress and not bar_shown and time.monotonic() - last_line >= PROGRESS_LINE_S:
-                    last_line = time.monotonic()
-                    print(_progress_line(kind, unit, splitter, last_line - t0), file=sys.stderr, flush=True)
-        skips.merge(reader.take())  # lines after the last usable record
-        splits = splitter.close()
-        if not splits["train"]["documents"]:
-            raise TinykError(f"no usable {unit} in the input ({skips.summary()})")
+        lock = DirLock(tmp)
+        if not lock.acquire():
+            raise TinykError(f"another tinyk data run is writing {shown(out)} (in {shown(tmp)}); wait for it to end")
+        opened.callback(lock.release)
+        checkpoints = _Checkpoints(tmp, fingerprint, checkpoint_s, show_progress)
+        try:
+            splits = _tokenize(kind, unit, job, records, size, batch_chars, make_writer, dtype, val_fraction, seed,
+                               workers, strict, show_progress, checkpoints, opened)
+        except BaseException as e:
+            checkpoints.stopped(e, unit)
+            raise
+        skips, truncated, seconds = splits.pop("skips"), splits.pop("truncated"), splits.pop("seconds")
         meta = {
             "kind": kind,
             "format_version": FORMAT_VERSION,
-            "tokenizer_hash": tokenizer_hash(tokenizer_dir),
+            "tokenizer_hash": tok_hash,
             "vocab_size": tok.vocab_size,
             "dtype": dtype.name,
             "splits": splits,
             **meta_extra,
-            **({"truncated": dict(truncated)} if kind == "sft" else {}),
+            **({"truncated": truncated} if kind == "sft" else {}),
             "val_fraction": val_fraction,
             "seed": seed,
-            "skipped": skips.to_json(),
+            "skipped": skips,
             "inputs": [{"path": shown(p), "bytes": p.stat().st_size} for p in paths],
             "command": command,
+            "seconds": seconds,
         }
         write_json_atomic(tmp / "meta.json", meta)
+        checkpoints.finished()
     return meta
+
+
+def _tokenize(kind: str, unit: str, job: _Job, records: Callable[[Skips], Iterator[Any]], size: Callable[[Any], int],
+              batch_chars: int, make_writer: Callable[[Path, np.dtype], _SplitWriter], dtype: np.dtype,
+              val_fraction: float, seed: int, workers: int, strict: bool, show_progress: bool,
+              checkpoints: _Checkpoints, opened: contextlib.ExitStack) -> dict[str, Any]:
+    """Fills `checkpoints.folder` with the two splits, continuing a saved state if there is one; returns
+    the splits' meta with the skip report, truncation counts and seconds spent (over all runs)."""
+    from tqdm import tqdm
+
+    state = checkpoints.load()
+    writers = {split: make_writer(checkpoints.folder / split, dtype) for split in SPLITS}
+    for split, w in writers.items():
+        w.open(state["writers"][split] if state else None)
+        opened.callback(w.release)  # a stopped run closes its files before its folder is removed or kept
+    splitter = _Splitter(writers["train"], writers["val"], val_fraction, seed, state["splitter"]["seen"] if state else 0)
+    skips = Skips(strict=strict)
+    truncated: Counter = Counter()
+    done_records, seconds_before = 0, 0.0
+    if state:
+        saved = state["skips"]
+        skips = Skips(strict=strict, counts=Counter(saved["by_reason"]), first=saved["first"], hints=saved["hints"])
+        truncated.update(state["truncated"])
+        done_records, seconds_before = state["records"], state["seconds"]
+        checkpoints.say(f"continuing the stopped run in {shown(checkpoints.folder)}: {splitter.seen:,} {unit}, "
+                         f"{splitter.train.tokens + splitter.val.tokens:,} tokens done; reading past them")
+    reader = _SkipLog(stop_at_first=strict)
+
+    def tagged() -> Iterator[tuple[tuple[Skips, int], list[Any]]]:
+        items = _read_until_stopped(records(reader))
+        if done_records:
+            t = time.monotonic()
+            count = sum(1 for _ in islice(items, done_records))
+            if count < done_records:
+                raise TinykError(f"the input holds fewer records ({count:,}) than the stopped run had done "
+                                 f"({done_records:,}); was it changed? Run the command again to start over")
+            reader.take()  # the skips among them are counted in the saved state
+            checkpoints.say(f"read past them in {time.monotonic() - t:.0f}s")
+        count = done_records
+        for batch in _batched(items, size, batch_chars):
+            count += len(batch)
+            yield (reader.take(), count), batch
+
+    # A bar in a log is carriage-return noise; a notebook (no terminal either) shows it as one.
+    bar_shown = show_progress and (sys.stderr.isatty() or "ipykernel" in sys.modules)
+    t0 = last_line = time.monotonic()
+    with tqdm(unit=f" {unit}", disable=not bar_shown, dynamic_ncols=True, desc=f"tokenizing {kind}",
+              initial=splitter.seen) as bar:
+        for (read_skips, count), (batch, skipped, cut) in _map_ordered(job, tagged(), workers):
+            # A batch's records all precede a --strict stop, so their own skips come first.
+            for reason, where in skipped:
+                skips.add(reason, where)
+            skips.merge(read_skips)
+            truncated.update(cut)
+            splitter.add(batch)
+            bar.update(len(batch))
+            bar.set_postfix(tokens=f"{splitter.train.tokens + splitter.val.tokens:,}", refresh=False)
+            now = time.monotonic()
+            if show_progress and not bar_shown and now - last_line >= PROGRESS_LINE_S:
+                last_line = now
+                print(_progress_line(kind, unit, splitter, seconds_before + now - t0), file=sys.stderr, flush=True)
+            if checkpoints.due() and splitter.settle():
+                checkpoints.save({"records": count, "splitter": {"seen": splitter.seen},
+                                  "writers": {split: w.state() for split, w in writers.items()},
+                                  "skips": skips.to_json(), "truncated": dict(truncated),
+                                  "seconds": round(seconds_before + now - t0, 1)}, writers)
+    skips.merge(reader.take())  # lines after the last usable record
+    splits = splitter.close()
+    if not splits["train"]["documents"]:
+        raise TinykError(f"no usable {unit} in the input ({skips.summary()})")
+    return {**splits, "skips": skips.to_json(), "truncated": dict(truncated),
+            "seconds": round(seconds_before + time.monotonic() - t0, 1)}
 
 
 def prepare_pretrain(inputs: list[str | Path], tokenizer_dir: str | Path, out: str | Path, *,
                      field: str = "text", val_fraction: float = 0.01, seed: int = 0, workers: int | None = None,
                      shard_tokens: int = DEFAULT_SHARD_TOKENS, force: bool = False, strict: bool = False,
                      max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, show_progress: bool = True,
-                     batch_chars: int = DEFAULT_BATCH_CHARS) -> dict[str, Any]:
+                     batch_chars: int = DEFAULT_BATCH_CHARS, checkpoint_s: float = CHECKPOINT_S) -> dict[str, Any]:
     """Tokenizes documents into `train/` and `val/` shards of back-to-back documents; returns meta.
 
     With `workers` > 1 the tokenizers run in spawned processes, which do not run the caller's script.
@@ -670,10 +884,11 @@ def prepare_pretrain(inputs: list[str | Path], tokenizer_dir: str | Path, out: s
     options = {"field": field, "val_fraction": val_fraction, "seed": seed, "shard_tokens": shard_tokens,
                **_line_cap(max_line_bytes)}
     return _prepare("pretrain", paths, load_tokenizer(tokenizer_dir), out, records=records, size=len,
-                    batch_chars=batch_chars, job_extra={},
-                    make_writer=lambda d: _ShardWriter(d, shard_tokens), meta_extra={"field": field},
+                    batch_chars=batch_chars, job_extra={}, options=options,
+                    make_writer=lambda d, dtype: _ShardWriter(d, dtype, shard_tokens), meta_extra={"field": field},
                     command=_command("pretrain", paths, tokenizer_dir, out, options), val_fraction=val_fraction,
-                    seed=seed, workers=nworkers, force=force, strict=strict, show_progress=show_progress)
+                    seed=seed, workers=nworkers, force=force, strict=strict, show_progress=show_progress,
+                    checkpoint_s=checkpoint_s)
 
 
 def normalize_conversation(rec: Any, system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> list[dict[str, str]] | str:
@@ -742,7 +957,7 @@ def prepare_sft(inputs: list[str | Path], tokenizer_dir: str | Path, out: str | 
                 system_prompt: str | ModelPrompt = MODEL_PROMPT, val_fraction: float = 0.01, seed: int = 0,
                 workers: int | None = None, force: bool = False, strict: bool = False,
                 max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, show_progress: bool = True,
-                batch_chars: int = DEFAULT_BATCH_CHARS) -> dict[str, Any]:
+                batch_chars: int = DEFAULT_BATCH_CHARS, checkpoint_s: float = CHECKPOINT_S) -> dict[str, Any]:
     """Tokenizes conversations with their assistant-only loss mask into `train/` and `val/`; returns meta.
     Conversations without a system message get `system_prompt` ('' for none); by default the one the
     tokenizer directory records, so data made with a fine-tuned model's directory keeps its prompt."""
@@ -774,11 +989,12 @@ def prepare_sft(inputs: list[str | Path], tokenizer_dir: str | Path, out: str | 
     options = {"max_len": max_len, "system_prompt": system_prompt, "val_fraction": val_fraction, "seed": seed,
                **_line_cap(max_line_bytes)}
     return _prepare("sft", paths, tok, out, records=conversations, size=chars, batch_chars=batch_chars,
-                    job_extra={"max_len": max_len},
+                    job_extra={"max_len": max_len}, options=options,
                     make_writer=_ConversationWriter,
                     meta_extra={"max_len": max_len, "system_prompt": system_prompt},
                     command=_command("sft", paths, tokenizer_dir, out, options), val_fraction=val_fraction,
-                    seed=seed, workers=nworkers, force=force, strict=strict, show_progress=show_progress)
+                    seed=seed, workers=nworkers, force=force, strict=strict, show_progress=show_progress,
+                    checkpoint_s=checkpoint_s)
 
 
 def _clipped(messages: list[dict[str, str]], chars: int) -> list[dict[str, str]]:

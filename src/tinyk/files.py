@@ -578,7 +578,8 @@ def check_output_file(out: str, inputs: Iterable[str | Path | None], *, force: b
 
 @contextlib.contextmanager
 def atomic_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path | None] = (),
-               replaces: tuple[str, Callable[[Path], bool]] | None = None) -> Iterator[Path]:
+               replaces: tuple[str, Callable[[Path], bool]] | None = None,
+               partial: bool = False) -> Iterator[Path]:
     """Yields a temporary sibling of `out` to fill; renames it into place only on success.
 
     An existing `out` is refused unless `force`, and is replaced only once the new one is complete;
@@ -586,7 +587,8 @@ def atomic_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path
     an empty directory or such an output is replaced, so a mistyped --out never deletes someone's
     files. `out` may not overlap any of `inputs`. The temporary is named
     `.{name}.tmp-{host}-{pid}-XXXX`, so a later run can remove one left by a killed process (see
-    `remove_stale_temps`).
+    `remove_stale_temps`). With `partial`, the temporary is `partial_sibling(out)` instead, made if
+    missing and left in place on failure, for the caller to continue or remove.
     """
     out = Path(out)
     if out.name in ("", ".", ".."):
@@ -605,7 +607,11 @@ def atomic_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path
                              f"{', '.join(held[:3])}{', ...' if len(held) > 3 else ''}); remove it yourself or "
                              "choose another path")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{_stem(out.name)}.tmp-{_owner()}-", dir=out.parent))
+    if partial:
+        tmp = partial_sibling(out)
+        tmp.mkdir(exist_ok=True)
+    else:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{_stem(out.name)}.tmp-{_owner()}-", dir=out.parent))
     try:
         yield tmp
         _share_like_umask(tmp)
@@ -621,8 +627,15 @@ def atomic_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path
         else:
             os.replace(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not partial:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def partial_sibling(out: str | Path) -> Path:
+    """`.{name}.partial` beside `out`: where a run that can be continued keeps its work until done."""
+    out = Path(out)
+    return out.with_name(f".{_stem(out.name)}.partial")
 
 
 class DirLock:

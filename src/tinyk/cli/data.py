@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from typing import Any
 
 from tinyk.cli.common import float_range, int_range, positive_size, seed, utf8_text
@@ -61,10 +60,9 @@ def _common_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def _pretrain(args: argparse.Namespace) -> int:
     from tinyk.data import prepare_pretrain
 
-    t0 = time.time()
     meta = prepare_pretrain(args.input, args.tokenizer, args.out, field=args.field, shard_tokens=args.shard_tokens,
                             **_common_kwargs(args))
-    print(_summary(meta, time.time() - t0))
+    print(_summary(meta))
     print(f"saved to {args.out}")
     return 0
 
@@ -73,11 +71,10 @@ def _sft(args: argparse.Namespace) -> int:
     from tinyk.data import prepare_sft
     from tinyk.tokenizer import MODEL_PROMPT
 
-    t0 = time.time()
     system_prompt = MODEL_PROMPT if args.system_prompt is None else args.system_prompt
     meta = prepare_sft(args.input, args.tokenizer, args.out, max_len=args.max_len, system_prompt=system_prompt,
                        **_common_kwargs(args))
-    print(_summary(meta, time.time() - t0))
+    print(_summary(meta))
     print(f"saved to {args.out}")
     return 0
 
@@ -91,8 +88,9 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _summary(meta: dict[str, Any], seconds: float | None = None) -> str:
-    """One paragraph: what was kept, what was skipped and why, and how fast."""
+def _summary(meta: dict[str, Any]) -> str:
+    """One paragraph: what was kept, what was skipped and why, and how fast (over all the runs that made
+    it, when a stopped one was continued)."""
     from tinyk.data import skips_summary
 
     tr, va = meta["splits"]["train"], meta["splits"]["val"]
@@ -104,6 +102,7 @@ def _summary(meta: dict[str, Any], seconds: float | None = None) -> str:
         cut = meta.get("truncated", {})
         text += (f", {tr['loss_tokens'] + va['loss_tokens']:,} with loss; {sum(cut.values()):,} cut to "
                  f"--max-len {meta['max_len']} ({cut.get('at_turn', 0):,} at a turn boundary)")
+    seconds = meta.get("seconds")  # data made before tinyk recorded it has none
     if seconds is not None:
         mb = sum(i["bytes"] for i in meta["inputs"]) / 1e6
         packed = [i["path"].endswith((".gz", ".zst", ".parquet")) for i in meta["inputs"]]
