@@ -1044,11 +1044,14 @@ def test_cli_prepares_data_and_reports_a_summary(tmp_path, tok_dir, corpus_file,
     assert "--max-len 40" in out
     with pytest.raises(SystemExit) as e:
         main(["data", "info", str(tmp_path / "s")])
-    assert e.value.code == 0 and "sft data: 5 conversations" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "sft data: 5 conversations" in out
+    assert f"  input {first} (0.0 MB)\n  input {src} (0.0 MB)\n  made by tinyk data sft --input" in out
     # A damaged directory is one line: a meta.json edited wrong, a shard cut short.
     meta_file = tmp_path / "s" / "meta.json"
     good = meta_file.read_text()
-    for damage in ({"max_len": None}, {"skipped": 5}, {"vocab_size": "6144"},
+    for damage in ({"max_len": None}, {"skipped": 5}, {"vocab_size": "6144"}, {"seconds": "12"},
+                   {"inputs": [{"path": "a.jsonl"}]}, {"command": ["tinyk"]},
                    {"splits": {**json.loads(good)["splits"], "val": {"documents": "x"}}}):
         meta_file.write_text(json.dumps({**json.loads(good), **damage}))
         with pytest.raises(SystemExit) as e:

@@ -17,6 +17,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -1064,7 +1065,7 @@ def test_the_chat_model_prompts_with_the_system_prompt_its_sft_data_carried(tmp_
         assert told.pop() == want
 
 
-def test_sft_says_how_many_conversations_a_short_seq_len_leaves_out(tmp_path, sft_data, nano_model_dir, capsys):
+def test_sft_says_how_many_conversations_a_short_seq_len_leaves_out_or_cuts(tmp_path, sft_data, nano_model_dir, capsys):
     def dropped_at(n: int) -> int:
         try:
             return SFTLoader(sft_data, "train", n, 2).dropped
@@ -1076,8 +1077,17 @@ def test_sft_says_how_many_conversations_a_short_seq_len_leaves_out(tmp_path, sf
     total = json.loads((sft_data / "meta.json").read_text())["splits"]["train"]["documents"]
     train(nano_cfg(sft_data, None, tmp_path / "sft", kind="sft", init=str(nano_model_dir), model={}, seq_len=seq_len,
                    max_steps=1))
+    out = capsys.readouterr().out
     assert (f"note: {dropped:,} of {total:,} training conversations ({dropped / total:.1%}) have no assistant token "
-            f"within seq_len {seq_len} and are left out") in capsys.readouterr().out
+            f"within seq_len {seq_len} and are left out") in out
+    offsets = np.load(sft_data / "train" / "offsets.npy")
+    cut = SFTLoader(sft_data, "train", seq_len, 2).cut
+    assert 0 < cut <= int((np.diff(offsets) > seq_len + 1).sum()) - dropped
+    assert f"note: {cut:,} of {total:,} training conversations ({cut / total:.1%}) are longer than seq_len {seq_len} " \
+        "+ 1 tokens and are cut there" in out
+    train(nano_cfg(sft_data, None, tmp_path / "long", kind="sft", init=str(nano_model_dir), model={}, seq_len=128,
+                   max_steps=1))
+    assert "are cut there" not in capsys.readouterr().out
 
 
 def test_a_preset_beside_init_is_said_to_give_only_the_training_settings(tmp_path, sft_data, nano_model_dir, capsys):

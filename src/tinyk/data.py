@@ -855,13 +855,13 @@ def _tokenize(kind: str, unit: str, job: _Job, records: Callable[[Skips], Iterat
                 checkpoints.save({"records": count, "splitter": {"seen": splitter.seen},
                                   "writers": {split: w.state() for split, w in writers.items()},
                                   "skips": skips.to_json(), "truncated": dict(truncated),
-                                  "seconds": round(seconds_before + now - t0, 1)}, writers)
+                                  "seconds": round(seconds_before + now - t0, 3)}, writers)
     skips.merge(reader.take())  # lines after the last usable record
     splits = splitter.close()
     if not splits["train"]["documents"]:
         raise TinykError(f"no usable {unit} in the input ({skips.summary()})")
     return {**splits, "skips": skips.to_json(), "truncated": dict(truncated),
-            "seconds": round(seconds_before + time.monotonic() - t0, 1)}
+            "seconds": round(seconds_before + time.monotonic() - t0, 3)}
 
 
 def prepare_pretrain(inputs: list[str | Path], tokenizer_dir: str | Path, out: str | Path, *,

@@ -59,6 +59,15 @@ def _meta_problem(meta: Any) -> str | None:
         return "missing or wrong max_len or system_prompt"
     if not isinstance(meta.get("skipped", {}), dict):
         return "skipped is not an object"
+    inputs = meta.get("inputs", [])
+    if not (isinstance(inputs, list) and all(
+            isinstance(i, dict) and isinstance(i.get("path"), str) and _count(i.get("bytes")) for i in inputs)):
+        return "inputs is not a list of {path, bytes}"
+    if not isinstance(meta.get("command", ""), str):
+        return "command is not a string"
+    seconds = meta.get("seconds", 0)
+    if not (isinstance(seconds, int | float) and not isinstance(seconds, bool) and seconds >= 0):
+        return "seconds is not a number of seconds"
     need = ("documents", "tokens", "bytes", "shards" if kind == "pretrain" else "loss_tokens")
     splits = meta.get("splits")
     for split in SPLITS:
@@ -174,12 +183,14 @@ class _Conversations:
         self.tokens = _memmap(folder / "tokens.bin", meta["dtype"], s["tokens"])
         self.mask = _memmap(folder / "mask.bin", "uint8", s["tokens"])
         offsets = _load_offsets(folder / "offsets.npy", s["documents"], s["tokens"])
-        starts, lengths = offsets[:-1], np.minimum(np.diff(offsets), seq_len + 1)
+        whole = np.diff(offsets)
+        starts, lengths = offsets[:-1], np.minimum(whole, seq_len + 1)
         usable = _loss_counts(self.mask, starts, lengths) > 0
         self.starts, self.lengths = starts[usable], lengths[usable]
         self.size = len(self.starts)
         self.seq_len = seq_len
         self.dropped = int((~usable).sum())
+        self.cut = int((whole[usable] > seq_len + 1).sum())  # kept, but their end does not fit the window
         if not self.size:
             raise TinykError(f"no conversation in the {split} split has an assistant token within seq_len {seq_len}")
 
@@ -302,7 +313,7 @@ class SFTLoader(_Loader):
         super().__init__(data, micro_batch, rank, world_size, seed)
         self.bucket = bucket
         self.batch_size = batch_size or micro_batch * world_size
-        self.dropped = data.dropped
+        self.dropped, self.cut = data.dropped, data.cut
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
         order = super()._epoch_order(epoch)

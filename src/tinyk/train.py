@@ -1358,12 +1358,16 @@ class Trainer:
                 PRESETS[preset].get(k, getattr(m, k)) != getattr(m, k) for k in ("dim", "n_layers", "n_heads")):
             lines.append(f"note: the model is --init's (dim {m.dim}, {m.n_layers} layers, {m.n_heads} heads), not the "
                          f"{preset} preset's: the preset gives the training settings")
-        dropped = self.loader.dropped if cfg.kind == "sft" else 0
+        dropped, cut = (self.loader.dropped, self.loader.cut) if cfg.kind == "sft" else (0, 0)
+        total = dropped + self.loader.num_windows
         if dropped:
-            total = dropped + self.loader.num_windows
             lines.append(f"note: {dropped:,} of {total:,} training conversations ({dropped / total:.1%}) have no "
                          f"assistant token within seq_len {cfg.seq_len} and are left out (the data's max_len is "
                          f"{self.meta.get('max_len')}; a longer --seq-len keeps them)")
+        if cut:
+            lines.append(f"note: {cut:,} of {total:,} training conversations ({cut / total:.1%}) are longer than "
+                         f"seq_len {cfg.seq_len} + 1 tokens and are cut there, mid-answer where it falls (the data "
+                         f"was cut at max_len {self.meta.get('max_len')}, at a turn where possible)")
         if self.warmup >= self.total_steps:
             peak = "reaches its peak only at the last step" if self.warmup == self.total_steps else \
                 "never reaches its peak"

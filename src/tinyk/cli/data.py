@@ -18,8 +18,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer directory")
     p.add_argument("--out", required=True, metavar="DIR", help="output data directory")
     p.add_argument("--val-fraction", type=float_range(0, 1, hi_open=True), default=0.01,
-                   help="share of documents held out (seeded)")
-    p.add_argument("--seed", type=seed, default=0, help="seed of the train/val split")
+                   help="share of documents held out (seeded; default 0.01)")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the train/val split (default 0)")
     p.add_argument("--workers", type=int_range(1, MAX_WORKERS), default=None, help="tokenizer processes (default: all cores)")
     p.add_argument("--max-line-bytes", type=positive_size, default=DEFAULT_MAX_LINE_BYTES,
                    help="longer lines are skipped (default 16 MiB)")
@@ -84,7 +84,14 @@ def _info(args: argparse.Namespace) -> int:
 
     meta = open_dataset(args.path)
     check_files(args.path, meta)
-    print(json.dumps(meta, ensure_ascii=False, indent=2) if args.json else _summary(meta))
+    if args.json:
+        print(json.dumps(meta, ensure_ascii=False, indent=2))
+        return 0
+    print(_summary(meta))
+    for i in meta.get("inputs", []):
+        print(f"  input {i['path']} ({i['bytes'] / 1e6:,.1f} MB)")
+    if meta.get("command"):
+        print(f"  made by {meta['command']}")
     return 0
 
 
@@ -103,7 +110,7 @@ def _summary(meta: dict[str, Any]) -> str:
         text += (f", {tr['loss_tokens'] + va['loss_tokens']:,} with loss; {sum(cut.values()):,} cut to "
                  f"--max-len {meta['max_len']} ({cut.get('at_turn', 0):,} at a turn boundary)")
     seconds = meta.get("seconds")  # data made before tinyk recorded it has none
-    if seconds is not None:
+    if seconds:
         mb = sum(i["bytes"] for i in meta["inputs"]) / 1e6
         packed = [i["path"].endswith((".gz", ".zst", ".parquet")) for i in meta["inputs"]]
         files = " of compressed files" if all(packed) else " of files, some compressed" if any(packed) else ""

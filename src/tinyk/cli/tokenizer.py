@@ -31,7 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="train on this much input, e.g. 500M (default: what the available memory allows, about "
                         "1/100 of it)")
     t.add_argument("--field", default="text", help="JSON/Parquet field holding the text")
-    t.add_argument("--min-frequency", type=int_range(0, 1_000_000_000), default=2)
+    t.add_argument("--min-frequency", type=int_range(0, 1_000_000_000), default=2,
+                   help="a pair of tokens must occur this often to be merged (default 2)")
     t.add_argument("--strict", action="store_true", help="stop at the first malformed line")
     t.add_argument("--force", action="store_true", help="replace an existing output directory")
     t.set_defaults(func=_train)
