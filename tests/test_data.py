@@ -468,6 +468,63 @@ def test_a_stopped_run_continues_to_the_output_of_a_run_never_stopped(tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"{kind}.jsonl", "out", "whole"])
 
 
+
+@pytest.mark.parametrize("kind", ["pretrain", "sft"])
+def test_a_run_stopped_after_its_last_batch_continues_without_counting_anything_twice(tmp_path, tok_dir, monkeypatch,
+                                                                                       capsys, kind):
+    import errno
+
+    import tinyk.data
+    from tinyk.data import _Checkpoints, _Splitter
+
+    src, prep = _stoppable_inputs(tmp_path, kind)
+    with src.open("a", encoding="utf-8") as f:
+        f.write('{"text": bad\n{"nofield": 1}\n')  # bad lines after the last record
+    opts = {"val_fraction": 0.2, "workers": 1, "batch_chars": 300}
+    whole = prep([src], tok_dir, tmp_path / "whole", show_progress=False, **opts)
+    real_write = tinyk.data.write_json_atomic
+
+    def full_disk(path, obj):
+        if Path(path).name == "meta.json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(path, obj)
+
+    def stopped(self):
+        raise KeyboardInterrupt
+
+    for where, patch, error in (("close", (_Splitter, "close", stopped), KeyboardInterrupt),
+                                ("meta.json", (tinyk.data, "write_json_atomic", full_disk), TinykError)):
+        out = tmp_path / where
+        with monkeypatch.context() as m:
+            m.setattr(_Checkpoints, "due", lambda self: True)
+            m.setattr(*patch)
+            with pytest.raises(error):
+                prep([src], tok_dir, out, **opts)
+        assert "done are kept in" in capsys.readouterr().err
+        again = prep([src], tok_dir, out, **opts)
+        assert "continuing the stopped run" in capsys.readouterr().err, where
+        assert again["skipped"] == whole["skipped"]
+        _same_data(out, tmp_path / "whole")
+        assert not (tmp_path / f".{where}.partial").exists()
+
+
+def test_the_partial_folder_stays_locked_until_it_is_the_output(tmp_path, tok_dir, monkeypatch):
+    """A second run let in between the first one's last write and its rename would empty the folder."""
+    import tinyk.files
+    from tinyk.files import DirLock
+
+    src = write_jsonl(tmp_path / "c.jsonl", texts(20))
+    real, tried = tinyk.files._share_like_umask, []
+
+    def renaming(root):
+        tried.append(DirLock(root).acquire())
+        real(root)
+
+    monkeypatch.setattr(tinyk.files, "_share_like_umask", renaming)
+    prepare_pretrain([src], tok_dir, tmp_path / "out", **QUIET)
+    assert tried == [False]
+
+
 def test_a_stopped_run_is_not_continued_by_another_command(tmp_path, tok_dir, monkeypatch, capsys):
     src, prep = _stoppable_inputs(tmp_path, "pretrain")
     opts = {"val_fraction": 0.2, "batch_chars": 300, "workers": 1}

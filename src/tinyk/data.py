@@ -471,6 +471,11 @@ class _SplitWriter:
     def close(self) -> dict[str, Any]:
         return self.state()
 
+    def scratch(self) -> list[Path]:
+        """Files a checkpoint needs that the finished split does not (removed once the run has no
+        checkpoint left to continue)."""
+        return []
+
     def release(self) -> None:
         """Closes the open files without finishing the split (a stopped run's directory is discarded or kept)."""
         for f in self._files():
@@ -551,8 +556,10 @@ class _ConversationWriter(_SplitWriter):
         self.release()
         lengths = np.fromfile(self.folder / self.LENGTHS, np.int64)
         np.save(self.folder / "offsets.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
-        (self.folder / self.LENGTHS).unlink()
         return {**super().close(), "loss_tokens": self.loss_tokens}
+
+    def scratch(self) -> list[Path]:
+        return [self.folder / self.LENGTHS]
 
 
 class _Splitter:
@@ -662,19 +669,21 @@ class _Checkpoints:
     def load(self) -> dict[str, Any] | None:
         """The saved state when it is this command's and its files are complete; otherwise None, with
         the folder emptied for a fresh start."""
+        why, state = None, None
         try:
             state = json.loads((self.folder / self.FILE).read_text(encoding="utf-8"))
-            if not isinstance(state, dict):
-                raise ValueError
         except FileNotFoundError:
-            state = None
+            pass
         except (OSError, ValueError):
-            state = {}
-        why = None
-        if state is not None and state.get("fingerprint") != self.fingerprint:
-            why = "was started with other inputs, tokenizer or options"
-        elif state is not None and not self._cut_back(state["files"]):
-            why = "is missing some of its files"
+            why = "has a progress file that cannot be read"
+        if state is not None:
+            try:
+                if state["fingerprint"] != self.fingerprint:
+                    why = "was started with other inputs, tokenizer or options"
+                elif not self._cut_back(state["files"]):
+                    why = "has files missing or cut short"
+            except (KeyError, TypeError, AttributeError, ValueError, OSError):
+                why = "has a progress file that cannot be read"
         if why:
             self.say(f"starting over: the stopped run in {shown(self.folder)} {why}")
         if state is None or why:
@@ -707,12 +716,12 @@ class _Checkpoints:
         for w in writers.values():
             w.sync()
         files = {f"{split}/{name}": size for split, w in writers.items() for name, size in w.sizes().items()}
-        self.saved = {"fingerprint": self.fingerprint, **state, "files": files}
+        saved = {"fingerprint": self.fingerprint, **state, "files": files}
         try:
-            write_json_atomic(self.folder / self.FILE, self.saved)
+            write_json_atomic(self.folder / self.FILE, saved)
         except OSError as e:
             raise write_error(self.folder / self.FILE, e) from e
-        self.last = time.monotonic()
+        self.saved, self.last = saved, time.monotonic()
 
     def stopped(self, e: BaseException, unit: str) -> None:
         """After a failure: the folder is kept when there is work to continue and the input did not cause
@@ -725,8 +734,10 @@ class _Checkpoints:
         self.say(f"tinyk: the {done:,} {unit} done are kept in {shown(self.folder)}; run the same command "
                   "again to continue from there (or delete that folder)")
 
-    def finished(self) -> None:
-        (self.folder / self.FILE).unlink(missing_ok=True)
+    def finished(self, scratch: list[Path]) -> None:
+        """The run is complete: its checkpoint and the files only a checkpoint needed go."""
+        for path in [self.folder / self.FILE, *scratch]:
+            path.unlink(missing_ok=True)
 
     def say(self, line: str) -> None:
         if self.talk:
@@ -757,38 +768,44 @@ def _prepare(kind: str, paths: list[Path], tok: TinyTokenizer, out: str | Path, 
     tok_hash = tokenizer_hash(tokenizer_dir)
     fingerprint = _fingerprint(kind, paths, tok_hash, options, strict)
     unit = "docs" if kind == "pretrain" else "conversations"
-    with atomic_dir(out, force=force, inputs=[*paths, tokenizer_dir], partial=True,
-                    replaces=("a tinyk data directory", _is_data_dir)) as tmp, contextlib.ExitStack() as opened:
+    # The lock is held until the folder is renamed into place: a second run let in before would empty it.
+    with contextlib.ExitStack() as locked, atomic_dir(out, force=force, inputs=[*paths, tokenizer_dir], partial=True,
+                                                      replaces=("a tinyk data directory", _is_data_dir)) as tmp:
         lock = DirLock(tmp)
         if not lock.acquire():
             raise TinykError(f"another tinyk data run is writing {shown(out)} (in {shown(tmp)}); wait for it to end")
-        opened.callback(lock.release)
+        locked.callback(lock.release)
         checkpoints = _Checkpoints(tmp, fingerprint, checkpoint_s, show_progress)
         try:
-            splits = _tokenize(kind, unit, job, records, size, batch_chars, make_writer, dtype, val_fraction, seed,
-                               workers, strict, show_progress, checkpoints, opened)
+            with contextlib.ExitStack() as opened:
+                splits = _tokenize(kind, unit, job, records, size, batch_chars, make_writer, dtype, val_fraction,
+                                   seed, workers, strict, show_progress, checkpoints, opened)
+            skips, truncated, seconds = splits.pop("skips"), splits.pop("truncated"), splits.pop("seconds")
+            scratch = splits.pop("scratch")
+            meta = {
+                "kind": kind,
+                "format_version": FORMAT_VERSION,
+                "tokenizer_hash": tok_hash,
+                "vocab_size": tok.vocab_size,
+                "dtype": dtype.name,
+                "splits": splits,
+                **meta_extra,
+                **({"truncated": truncated} if kind == "sft" else {}),
+                "val_fraction": val_fraction,
+                "seed": seed,
+                "skipped": skips,
+                "inputs": [{"path": shown(p), "bytes": p.stat().st_size} for p in paths],
+                "command": command,
+                "seconds": seconds,
+            }
+            try:
+                write_json_atomic(tmp / "meta.json", meta)
+            except OSError as e:
+                raise write_error(tmp / "meta.json", e) from e
         except BaseException as e:
             checkpoints.stopped(e, unit)
             raise
-        skips, truncated, seconds = splits.pop("skips"), splits.pop("truncated"), splits.pop("seconds")
-        meta = {
-            "kind": kind,
-            "format_version": FORMAT_VERSION,
-            "tokenizer_hash": tok_hash,
-            "vocab_size": tok.vocab_size,
-            "dtype": dtype.name,
-            "splits": splits,
-            **meta_extra,
-            **({"truncated": truncated} if kind == "sft" else {}),
-            "val_fraction": val_fraction,
-            "seed": seed,
-            "skipped": skips,
-            "inputs": [{"path": shown(p), "bytes": p.stat().st_size} for p in paths],
-            "command": command,
-            "seconds": seconds,
-        }
-        write_json_atomic(tmp / "meta.json", meta)
-        checkpoints.finished()
+        checkpoints.finished(scratch)
     return meta
 
 
@@ -828,10 +845,17 @@ def _tokenize(kind: str, unit: str, job: _Job, records: Callable[[Skips], Iterat
                                  f"({done_records:,}); was it changed? Run the command again to start over")
             reader.take()  # the skips among them are counted in the saved state
             checkpoints.say(f"read past them in {time.monotonic() - t:.0f}s")
-        count = done_records
-        for batch in _batched(items, size, batch_chars):
+        count, read = done_records, [Skips()]
+
+        def taking(items: Iterator[Any]) -> Iterator[Any]:
+            for item in items:
+                read[0].merge(reader.take())  # the lines up to this record, and not those after the last one
+                yield item
+
+        for batch in _batched(taking(items), size, batch_chars):
             count += len(batch)
-            yield (reader.take(), count), batch
+            batch_skips, read[0] = read[0], Skips()
+            yield (batch_skips, count), batch
 
     # A bar in a log is carriage-return noise; a notebook (no terminal either) shows it as one.
     bar_shown = show_progress and (sys.stderr.isatty() or "ipykernel" in sys.modules)
@@ -856,12 +880,13 @@ def _tokenize(kind: str, unit: str, job: _Job, records: Callable[[Skips], Iterat
                                   "writers": {split: w.state() for split, w in writers.items()},
                                   "skips": skips.to_json(), "truncated": dict(truncated),
                                   "seconds": round(seconds_before + now - t0, 3)}, writers)
-    skips.merge(reader.take())  # lines after the last usable record
+    skips.merge(reader.take())  # lines after the last usable record (never in a checkpoint: a rerun reads them again)
     splits = splitter.close()
     if not splits["train"]["documents"]:
         raise TinykError(f"no usable {unit} in the input ({skips.summary()})")
     return {**splits, "skips": skips.to_json(), "truncated": dict(truncated),
-            "seconds": round(seconds_before + time.monotonic() - t0, 3)}
+            "seconds": round(seconds_before + time.monotonic() - t0, 3),
+            "scratch": [path for w in writers.values() for path in w.scratch()]}
 
 
 def prepare_pretrain(inputs: list[str | Path], tokenizer_dir: str | Path, out: str | Path, *,

@@ -53,7 +53,11 @@ def _terminate(signum: int, frame: object) -> NoReturn:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = build_parser()
+    try:
+        parser = build_parser()  # imports every stage's module: a Ctrl-C can land here too
+    except KeyboardInterrupt:
+        print("tinyk: interrupted", file=sys.stderr)
+        sys.exit(130)
     if not (sys.argv[1:] if argv is None else argv):  # a bare `tinyk`: what it can do
         parser.print_help()
         sys.exit(0)
