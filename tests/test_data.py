@@ -529,21 +529,29 @@ def test_a_stopped_run_is_not_continued_by_another_command(tmp_path, tok_dir, mo
     src, prep = _stoppable_inputs(tmp_path, "pretrain")
     opts = {"val_fraction": 0.2, "batch_chars": 300, "workers": 1}
     out = tmp_path / "out"
-    for change, kwargs in (("input", {}), ("seed", {"seed": 1}), ("fraction", {"val_fraction": 0.3})):
+    progress = tmp_path / ".out.partial" / "progress.json"
+    other, unreadable = "was started with other inputs, tokenizer or options", "has a progress file that cannot be read"
+    for change, kwargs, why in (("input", {}, other), ("seed", {"seed": 1}, other), ("garbled", {}, unreadable),
+                                ("keyless", {}, unreadable), ("fraction", {"val_fraction": 0.3}, other)):
         with monkeypatch.context() as m:
             _stop_during_batch(m, 5)
             with pytest.raises(KeyboardInterrupt):
                 prep([src], tok_dir, out, force=True, **opts)
         if change == "input":
             os.utime(src, ns=(time.time_ns(), src.stat().st_mtime_ns + 10**9))
+        elif change == "garbled":
+            progress.write_text(progress.read_text()[:100])
+        elif change == "keyless":
+            state = json.loads(progress.read_text())
+            del state["writers"]
+            progress.write_text(json.dumps(state))
         capsys.readouterr()
         made = prep([src], tok_dir, out, force=True, **{**opts, **kwargs})
-        assert "starting over: the stopped run in" in capsys.readouterr().err, change
+        assert f"starting over: the stopped run in {progress.parent} {why}" in capsys.readouterr().err, change
         assert made["seed"] == kwargs.get("seed", 0) and made["val_fraction"] == kwargs.get("val_fraction", 0.2)
     prep([src], tok_dir, tmp_path / "fresh", show_progress=False, **{**opts, "val_fraction": 0.3})
     _same_data(out, tmp_path / "fresh")
-    assert not (tmp_path / ".out.partial").exists()
-
+    assert not progress.parent.exists()
 
 
 def test_the_same_command_continues_a_run_killed_with_sigkill(tmp_path, tok_dir, capsys):

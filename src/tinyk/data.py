@@ -660,6 +660,7 @@ class _Checkpoints:
     """
 
     FILE = "progress.json"
+    KEYS = {"records", "splitter", "writers", "skips", "truncated", "seconds", "files"}
 
     def __init__(self, folder: Path, fingerprint: dict[str, Any], every_s: float, talk: bool):
         self.folder, self.fingerprint, self.every_s, self.talk = folder, fingerprint, every_s, talk
@@ -680,6 +681,8 @@ class _Checkpoints:
             try:
                 if state["fingerprint"] != self.fingerprint:
                     why = "was started with other inputs, tokenizer or options"
+                elif not self.KEYS <= state.keys():
+                    raise KeyError
                 elif not self._cut_back(state["files"]):
                     why = "has files missing or cut short"
             except (KeyError, TypeError, AttributeError, ValueError, OSError):
@@ -694,7 +697,7 @@ class _Checkpoints:
 
     def _cut_back(self, sizes: dict[str, int]) -> bool:
         """Files cut to the sizes a checkpoint recorded, and files it does not know removed."""
-        for path in sorted(self.folder.rglob("*"), reverse=True):
+        for path in list(self.folder.rglob("*")):
             name = path.relative_to(self.folder).as_posix()
             if path.is_file() and name != self.FILE and name not in sizes:
                 path.unlink()
