@@ -65,6 +65,9 @@ def main() -> None:
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     corpus, tok_dir = work / "corpus.jsonl", work / "tokenizer-6144"
+    made = [corpus, work / "whole", work / "out", work / ".out.partial"]
+    if not (tok_dir / "tokenizer.json").exists():
+        made.append(tok_dir)  # a tokenizer found there is reused and kept
     try:
         pool, source = sentence_pool()
         make_corpus(corpus, args.size, pool)
@@ -95,7 +98,13 @@ def main() -> None:
         if not same:
             raise SystemExit(1)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        for path in made:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        if not any(work.iterdir()):
+            work.rmdir()
 
 
 if __name__ == "__main__":

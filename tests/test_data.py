@@ -402,7 +402,6 @@ def test_interrupted_run_leaves_the_previous_output_untouched(tmp_path, tok_dir,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl", "out"]
 
 
-
 def _stoppable_inputs(tmp_path: Path, kind: str) -> tuple[Path, Any]:
     """An input with bad records among good ones (and, for SFT, conversations cut or skipped by
     --max-len), and the prepare function to run on it."""
@@ -532,7 +531,8 @@ def test_a_stopped_run_is_not_continued_by_another_command(tmp_path, tok_dir, mo
     progress = tmp_path / ".out.partial" / "progress.json"
     other, unreadable = "was started with other inputs, tokenizer or options", "has a progress file that cannot be read"
     for change, kwargs, why in (("input", {}, other), ("seed", {"seed": 1}, other), ("garbled", {}, unreadable),
-                                ("keyless", {}, unreadable), ("fraction", {"val_fraction": 0.3}, other)):
+                                ("keyless", {}, unreadable), ("nested", {}, unreadable),
+                                ("fraction", {"val_fraction": 0.3}, other)):
         with monkeypatch.context() as m:
             _stop_during_batch(m, 5)
             with pytest.raises(KeyboardInterrupt):
@@ -541,9 +541,12 @@ def test_a_stopped_run_is_not_continued_by_another_command(tmp_path, tok_dir, mo
             os.utime(src, ns=(time.time_ns(), src.stat().st_mtime_ns + 10**9))
         elif change == "garbled":
             progress.write_text(progress.read_text()[:100])
-        elif change == "keyless":
+        elif change in ("keyless", "nested"):  # edited by hand, or left by another version
             state = json.loads(progress.read_text())
-            del state["writers"]
+            if change == "keyless":
+                del state["writers"]
+            else:
+                del state["writers"]["val"]["shards"]
             progress.write_text(json.dumps(state))
         capsys.readouterr()
         made = prep([src], tok_dir, out, force=True, **{**opts, **kwargs})

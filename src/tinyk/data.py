@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from . import __version__
 from .files import (
     DEFAULT_MAX_LINE_BYTES,
     DirLock,
@@ -66,7 +67,7 @@ SPLITS = ("train", "val")
 DEFAULT_SHARD_TOKENS = 100_000_000
 DEFAULT_BATCH_CHARS = 1 << 19
 PROGRESS_LINE_S = 60.0  # without a terminal (a log, a batch job) a line this often instead of a bar
-CHECKPOINT_S = 60.0  # a stopped run, continued, redoes at most about this much work
+CHECKPOINT_S = 60.0  # a stopped run, continued, redoes about this much work at most (once both splits have begun)
 PIECE_CHARS = 1 << 17  # longer documents are tokenized piece by piece (see `text_pieces`)
 LOADER_NAMES = ("PretrainLoader", "SFTLoader", "eval_batches", "open_dataset")
 
@@ -469,6 +470,8 @@ class _SplitWriter:
             raise write_error(self.folder, e) from e
 
     def close(self) -> dict[str, Any]:
+        """Finishes the split; returns its part of meta.json."""
+        self.release()
         return self.state()
 
     def scratch(self) -> list[Path]:
@@ -509,6 +512,8 @@ class _ShardWriter(_SplitWriter):
 
     def _next_shard(self) -> None:
         if self.f is not None:
+            self.f.flush()
+            os.fsync(self.f.fileno())  # `sync` reaches only the open shard: a full one is on disk before it closes
             self.f.close()
         name = f"shard_{len(self.shards):05d}.bin"
         self.f = open(self.folder / name, "wb")  # noqa: SIM115 - closed by release()/_next_shard
@@ -553,10 +558,10 @@ class _ConversationWriter(_SplitWriter):
         return {"tokens.bin": self.tokens * self.itemsize, "mask.bin": self.tokens, self.LENGTHS: self.documents * 8}
 
     def close(self) -> dict[str, Any]:
-        self.release()
+        meta = super().close()
         lengths = np.fromfile(self.folder / self.LENGTHS, np.int64)
         np.save(self.folder / "offsets.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
-        return {**super().close(), "loss_tokens": self.loss_tokens}
+        return meta
 
     def scratch(self) -> list[Path]:
         return [self.folder / self.LENGTHS]
@@ -688,12 +693,17 @@ class _Checkpoints:
             except (KeyError, TypeError, AttributeError, ValueError, OSError):
                 why = "has a progress file that cannot be read"
         if why:
-            self.say(f"starting over: the stopped run in {shown(self.folder)} {why}")
-        if state is None or why:
+            self.start_over(why)
+        elif state is None:
             self._empty()
-            return None
-        self.saved = state
-        return state
+        else:
+            self.saved = state
+        return self.saved
+
+    def start_over(self, why: str) -> None:
+        self.say(f"starting over: the stopped run in {shown(self.folder)} {why}")
+        self._empty()
+        self.saved = None
 
     def _cut_back(self, sizes: dict[str, int]) -> bool:
         """Files cut to the sizes a checkpoint recorded, and files it does not know removed."""
@@ -753,8 +763,8 @@ def _fingerprint(kind: str, paths: list[Path], tok_hash: str, options: dict[str,
     for p in paths:
         st = p.stat()
         inputs.append({"path": shown(p.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns})
-    return {"kind": kind, "format_version": FORMAT_VERSION, "tokenizer_hash": tok_hash, "inputs": inputs,
-            "options": options, "strict": strict}
+    return {"tinyk": __version__, "kind": kind, "format_version": FORMAT_VERSION, "tokenizer_hash": tok_hash,
+            "inputs": inputs, "options": options, "strict": strict}
 
 
 def _prepare(kind: str, paths: list[Path], tok: TinyTokenizer, out: str | Path, *,
@@ -775,9 +785,17 @@ def _prepare(kind: str, paths: list[Path], tok: TinyTokenizer, out: str | Path, 
     with contextlib.ExitStack() as locked, atomic_dir(out, force=force, inputs=[*paths, tokenizer_dir], partial=True,
                                                       replaces=("a tinyk data directory", _is_data_dir)) as tmp:
         lock = DirLock(tmp)
-        if not lock.acquire():
+        try:
+            free = lock.acquire()
+        except FileNotFoundError:  # another run renamed it into place just now
+            free = False
+        if not free:
             raise TinykError(f"another tinyk data run is writing {shown(out)} (in {shown(tmp)}); wait for it to end")
         locked.callback(lock.release)
+        if (Path(out).exists() or Path(out).is_symlink()) and not force:  # made by a run that ended meanwhile
+            with contextlib.suppress(OSError):
+                tmp.rmdir()  # the folder this run has just made, not a stopped run's work
+            raise TinykError(f"output directory exists: {shown(out)} (use --force to replace it)")
         checkpoints = _Checkpoints(tmp, fingerprint, checkpoint_s, show_progress)
         try:
             with contextlib.ExitStack() as opened:
@@ -817,37 +835,42 @@ def _tokenize(kind: str, unit: str, job: _Job, records: Callable[[Skips], Iterat
               val_fraction: float, seed: int, workers: int, strict: bool, show_progress: bool,
               checkpoints: _Checkpoints, opened: contextlib.ExitStack) -> dict[str, Any]:
     """Fills `checkpoints.folder` with the two splits, continuing a saved state if there is one; returns
-    the splits' meta with the skip report, truncation counts and seconds spent (over all runs)."""
+    the splits' meta with the skip report, truncation counts and the seconds spent on the work kept
+    (a stopped run's time after its last save is not counted: that work was done again)."""
     from tqdm import tqdm
 
+    def restore(state: dict[str, Any] | None) -> tuple[dict[str, _SplitWriter], _Splitter, Skips, Counter, int, float]:
+        writers = {split: make_writer(checkpoints.folder / split, dtype) for split in SPLITS}
+        for split, w in writers.items():
+            opened.callback(w.release)  # a stopped run closes its files before its folder is removed or kept
+            w.open(state["writers"][split] if state else None)
+        if not state:
+            return writers, _Splitter(writers["train"], writers["val"], val_fraction, seed), Skips(strict=strict), \
+                Counter(), 0, 0.0
+        return (writers, _Splitter(writers["train"], writers["val"], val_fraction, seed, int(state["splitter"]["seen"])),
+                Skips.from_json(state["skips"], strict), Counter(state["truncated"]), int(state["records"]),
+                float(state["seconds"]))
+
     state = checkpoints.load()
-    writers = {split: make_writer(checkpoints.folder / split, dtype) for split in SPLITS}
-    for split, w in writers.items():
-        w.open(state["writers"][split] if state else None)
-        opened.callback(w.release)  # a stopped run closes its files before its folder is removed or kept
-    splitter = _Splitter(writers["train"], writers["val"], val_fraction, seed, state["splitter"]["seen"] if state else 0)
-    skips = Skips(strict=strict)
-    truncated: Counter = Counter()
-    done_records, seconds_before = 0, 0.0
-    if state:
-        saved = state["skips"]
-        skips = Skips(strict=strict, counts=Counter(saved["by_reason"]), first=saved["first"], hints=saved["hints"])
-        truncated.update(state["truncated"])
-        done_records, seconds_before = state["records"], state["seconds"]
-        checkpoints.say(f"continuing the stopped run in {shown(checkpoints.folder)}: {splitter.seen:,} {unit}, "
-                         f"{splitter.train.tokens + splitter.val.tokens:,} tokens done; reading past them")
+    try:
+        writers, splitter, skips, truncated, done_records, seconds_before = restore(state)
+    except (KeyError, TypeError, ValueError, AttributeError):  # a progress file edited, or from elsewhere
+        checkpoints.start_over("has a progress file that cannot be read")
+        writers, splitter, skips, truncated, done_records, seconds_before = restore(None)
     reader = _SkipLog(stop_at_first=strict)
+    items = _read_until_stopped(records(reader))
+    t0 = time.monotonic()
+    if done_records:
+        checkpoints.say(f"continuing the stopped run in {shown(checkpoints.folder)}: {splitter.seen:,} {unit}, "
+                        f"{splitter.train.tokens + splitter.val.tokens:,} tokens done; reading past them")
+        count = sum(1 for _ in islice(items, done_records))
+        if count < done_records:
+            raise TinykError(f"the input holds fewer records ({count:,}) than the stopped run had done "
+                             f"({done_records:,}); was it changed? Run the command again to start over")
+        reader.take()  # the skips among them are counted in the saved state
+        checkpoints.say(f"read past them in {time.monotonic() - t0:.0f}s")
 
     def tagged() -> Iterator[tuple[tuple[Skips, int], list[Any]]]:
-        items = _read_until_stopped(records(reader))
-        if done_records:
-            t = time.monotonic()
-            count = sum(1 for _ in islice(items, done_records))
-            if count < done_records:
-                raise TinykError(f"the input holds fewer records ({count:,}) than the stopped run had done "
-                                 f"({done_records:,}); was it changed? Run the command again to start over")
-            reader.take()  # the skips among them are counted in the saved state
-            checkpoints.say(f"read past them in {time.monotonic() - t:.0f}s")
         count, read = done_records, [Skips()]
 
         def taking(items: Iterator[Any]) -> Iterator[Any]:
@@ -862,7 +885,7 @@ def _tokenize(kind: str, unit: str, job: _Job, records: Callable[[Skips], Iterat
 
     # A bar in a log is carriage-return noise; a notebook (no terminal either) shows it as one.
     bar_shown = show_progress and (sys.stderr.isatty() or "ipykernel" in sys.modules)
-    t0 = last_line = time.monotonic()
+    last_line = time.monotonic()
     with tqdm(unit=f" {unit}", disable=not bar_shown, dynamic_ncols=True, desc=f"tokenizing {kind}",
               initial=splitter.seen) as bar:
         for (read_skips, count), (batch, skipped, cut) in _map_ordered(job, tagged(), workers):
@@ -1037,5 +1060,4 @@ def _clipped(messages: list[dict[str, str]], chars: int) -> list[dict[str, str]]
 
 def skips_summary(skipped: dict[str, Any]) -> str:
     """The one-line skip summary of a meta.json `skipped` block."""
-    return Skips(counts=Counter(skipped.get("by_reason", {})), first=skipped.get("first", {}),
-                 hints=skipped.get("hints", {})).summary()
+    return Skips.from_json(skipped).summary()

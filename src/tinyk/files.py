@@ -31,7 +31,8 @@ class TinykError(Exception):
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM (`kill`, `timeout`, a job scheduler) stops a command as Ctrl-C does, through the same
-    clean-up: partial outputs are removed, a training run saves a checkpoint."""
+    clean-up: partial outputs are removed (`tinyk data` keeps its work to continue), a training run saves
+    a checkpoint."""
 
 
 class StoppedBeforeTraining(KeyboardInterrupt):
@@ -94,6 +95,12 @@ class Skips:
         # Sorted: with several workers, reading and tokenizing report skips in a different interleaving.
         return {"total": self.total, "by_reason": dict(sorted(self.counts.items())),
                 "first": dict(sorted(self.first.items())), "hints": dict(sorted(self.hints.items()))}
+
+    @classmethod
+    def from_json(cls, saved: dict[str, Any], strict: bool = False) -> Skips:
+        """What `to_json` wrote, to report or to count on from."""
+        return cls(strict=strict, counts=Counter(saved.get("by_reason", {})), first=saved.get("first", {}),
+                   hints=saved.get("hints", {}))
 
 
 def check_inputs(paths: list[str | Path]) -> list[Path]:

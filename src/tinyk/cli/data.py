@@ -96,8 +96,8 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _summary(meta: dict[str, Any]) -> str:
-    """One paragraph: what was kept, what was skipped and why, and how fast (over all the runs that made
-    it, when a stopped one was continued)."""
+    """One paragraph: what was kept, what was skipped and why, and how fast (over the work kept, when a
+    stopped run was continued)."""
     from tinyk.data import skips_summary
 
     tr, va = meta["splits"]["train"], meta["splits"]["val"]
@@ -111,8 +111,9 @@ def _summary(meta: dict[str, Any]) -> str:
                  f"--max-len {meta['max_len']} ({cut.get('at_turn', 0):,} at a turn boundary)")
     seconds = meta.get("seconds")  # data made before tinyk recorded it has none
     if seconds:
-        mb = sum(i["bytes"] for i in meta["inputs"]) / 1e6
-        packed = [i["path"].endswith((".gz", ".zst", ".parquet")) for i in meta["inputs"]]
+        inputs = meta.get("inputs", [])
+        mb = sum(i["bytes"] for i in inputs) / 1e6
+        packed = [i["path"].endswith((".gz", ".zst", ".parquet")) for i in inputs]
         files = " of compressed files" if all(packed) else " of files, some compressed" if any(packed) else ""
         tokens = tr["tokens"] + va["tokens"]
         text += (f"; read {mb:,.1f} MB{files} in {seconds:.1f}s "
