@@ -420,7 +420,7 @@ def _stoppable_inputs(tmp_path: Path, kind: str) -> tuple[Path, Any]:
     return src, prep
 
 
-def _stop_during_batch(monkeypatch, n: int, signal: type[BaseException] = KeyboardInterrupt) -> None:
+def _stop_during_batch(monkeypatch, n: int) -> None:
     """Checkpoints after every second batch, and a stop once the n-th batch is written (so the files
     hold more than the last checkpoint records)."""
     from tinyk.data import _Checkpoints, _Splitter
@@ -432,7 +432,7 @@ def _stop_during_batch(monkeypatch, n: int, signal: type[BaseException] = Keyboa
         real(self, b)
         written.append(len(b))
         if len(written) == n:
-            raise signal
+            raise KeyboardInterrupt
 
     monkeypatch.setattr(_Splitter, "add", add)
 
