@@ -665,7 +665,6 @@ class _Checkpoints:
     """
 
     FILE = "progress.json"
-    KEYS = {"records", "splitter", "writers", "skips", "truncated", "seconds", "files"}
 
     def __init__(self, folder: Path, fingerprint: dict[str, Any], every_s: float, talk: bool):
         self.folder, self.fingerprint, self.every_s, self.talk = folder, fingerprint, every_s, talk
@@ -686,8 +685,6 @@ class _Checkpoints:
             try:
                 if state["fingerprint"] != self.fingerprint:
                     why = "was started with other inputs, tokenizer or options"
-                elif not self.KEYS <= state.keys():
-                    raise KeyError
                 elif not self._cut_back(state["files"]):
                     why = "has files missing or cut short"
             except (KeyError, TypeError, AttributeError, ValueError, OSError):
