@@ -278,3 +278,14 @@ def test_a_value_that_looks_like_a_flag_says_how_to_give_it(capsys):
     assert error_line(["eval", "--model", "m", "--task", "-x.jsonl"], capsys).endswith(
         "--task: expected at least one argument (a value that starts with '-' is written --task=VALUE) "
         "(see tinyk eval --help)")
+
+
+@pytest.mark.parametrize("args, command", [
+    (["pretrain", "--config", "c.yaml", "--bogus"], "tinyk pretrain"),
+    ([*DATA, "--max-lenn", "5"], "tinyk data pretrain"),
+    ([*PLAN, "extra"], "tinyk plan"),
+])
+def test_an_unknown_flag_names_the_command_it_was_given_to(args, command, capsys):
+    unknown = " ".join(args[-2:] if args[-2].startswith("--max") else args[-1:])
+    assert error_line(args, capsys) == (f"{command}: error: unrecognized arguments: {unknown} "
+                                        f"(see {command} --help)")

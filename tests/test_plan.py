@@ -344,6 +344,13 @@ def test_plan_takes_the_configs_budget_and_prints_small_runs_readably(capsys):
     assert code == 0 and "time         10K tokens in 0.033 s" in out
 
 
+def test_plan_prints_long_runs_in_days_and_years(capsys):
+    code, out, _ = run_cli(["plan", "--preset", "seed-215m", "--gpu", "h100", "--tokens", "500B"], capsys)
+    assert code == 0 and re.search(r"time         500B tokens in [\d,.]+ h \(\d+\.\d days\)", out)
+    code, out, _ = run_cli(["plan", "--preset", "seed-215m", "--gpu", "h100", "--tokens", "1e18"], capsys)
+    assert code == 0 and re.search(r"time         1e\+18 tokens in [\d,.]+ h \([\d,]+ years\)", out)
+
+
 def test_plan_suggests_only_fixes_that_fit(capsys):
     big = ["--set", "model.dim=4096", "--set", "model.n_layers=32", "--set", "model.n_heads=32"]
     code, out, _ = run_cli(["plan", "--preset", "seed-215m", "--gpu", "rtx4090", *big], capsys)

@@ -590,7 +590,7 @@ def test_two_processes_stop_together_on_a_time_budget(tmp_path, pt_data, tok_dir
     assert evals[-1]["step"] == summary["steps"]
 
 
-def test_trackers_are_lazy_and_optional(tmp_path, pt_data, tok_dir, monkeypatch):
+def test_trackers_are_lazy_and_optional(tmp_path, pt_data, tok_dir, monkeypatch, capsys):
     calls = []
 
     class FakeRun:
@@ -639,7 +639,9 @@ def test_trackers_are_lazy_and_optional(tmp_path, pt_data, tok_dir, monkeypatch)
         train(nano_cfg(pt_data, tok_dir, tmp_path / "w3", tracker=["mlflow"]))
     # A failed start leaves nothing behind (an empty --out stays empty): the corrected command needs no --force.
     assert not (tmp_path / "w2").exists() and list((tmp_path / "w3").iterdir()) == []
+    capsys.readouterr()
     assert train(nano_cfg(pt_data, tok_dir, tmp_path / "w2", max_steps=1))["status"] == "completed"
+    assert "finished: 1 step, " in capsys.readouterr().out
 
 
 def test_ctrl_c_while_the_run_starts_leaves_the_directory_as_it_was(tmp_path, pt_data, tok_dir, monkeypatch):

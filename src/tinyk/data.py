@@ -43,6 +43,7 @@ from .files import (
     is_plain_text,
     iter_records,
     iter_texts,
+    plural,
     remove_path,
     shown,
     write_error,
@@ -741,7 +742,7 @@ class _Checkpoints:
             remove_path(self.folder, ignore_errors=True)
             return
         done = self.saved["splitter"]["seen"]
-        self.say(f"tinyk: the {done:,} {unit} done are kept in {shown(self.folder)}; run the same command "
+        self.say(f"tinyk: the {plural(done, unit)} done are kept in {shown(self.folder)}; run the same command "
                   "again to continue from there (or delete that folder)")
 
     def finished(self, scratch: list[Path]) -> None:

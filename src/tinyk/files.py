@@ -141,6 +141,11 @@ def shown(path: str | Path) -> str:
     return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
+def plural(n: int, noun: str) -> str:
+    """'1,234 documents', and '1 document' (`noun` is a plural ending in s)."""
+    return f"{n:,} {noun[:-1] if n == 1 else noun}"
+
+
 def _labels(paths: list[Path]) -> dict[Path, str]:
     """How skip reports name each input: its file name, or the path as given where names repeat
     (shards called part-0.jsonl in several folders)."""

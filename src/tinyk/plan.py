@@ -536,11 +536,21 @@ def _amount(x: float) -> str:
 
 
 def _duration(hours: float) -> str:
-    return f"{_amount(hours)} h" if hours >= 1 else f"{hours * 60:.2g} min" if hours * 60 >= 1 else \
-        f"{hours * 3600:.2g} s"
+    """Seconds, minutes or hours, with days or years beside long runs' hours (wall time is what a user waits)."""
+    if hours * 60 < 1:
+        return f"{hours * 3600:.2g} s"
+    if hours < 1:
+        return f"{hours * 60:.2g} min"
+    if hours < 48:
+        return f"{_amount(hours)} h"
+    days = hours / 24
+    return f"{_amount(hours)} h ({days:,.1f} days)" if days < 730 else f"{_amount(hours)} h ({days / 365:,.0f} years)"
 
 
 def _token_count(n: float) -> str:
+    """500M, 10B, 1.5T; beyond a thousand T, 2e+15."""
+    if n >= 1e15:
+        return f"{n:.3g}"
     return next((f"{n / unit:.4g}{suffix}" for unit, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K"))
                  if n >= unit), f"{n:g}")
 

@@ -55,6 +55,7 @@ from .files import (
     atomic_file,
     check_output,
     first_line,
+    plural,
     remove_path,
     write_json_atomic,
     writing,
@@ -1628,7 +1629,7 @@ class Trainer:
         }
         if self.dist.main:
             write_json_atomic(self.out / "summary.json", summary)
-            msg = (f"finished: {p.step} steps, {p.tokens:,} tokens in {elapsed:.0f}s; model in {final}" if final else
+            msg = (f"finished: {plural(p.step, 'steps')}, {p.tokens:,} tokens in {elapsed:.0f}s; model in {final}" if final else
                    f"stopped by {self.stop_signal} at step {p.step}; checkpoint saved, continue with --resume")
             if skipped:
                 msg += f" ({skipped} of the steps were skipped by fp16's loss scaler)"

@@ -32,6 +32,13 @@ class _Parser(argparse.ArgumentParser):
             message += f" (a value that starts with '-' is written {flag}=VALUE)"
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        """Records the innermost (sub)command's parser, which names the command in an error about what follows it."""
+        namespace, extras = super().parse_known_args(args, namespace)
+        if not hasattr(namespace, "command_parser"):
+            namespace.command_parser = self
+        return namespace, extras
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tinyk", description="Train a small Chinese chat LLM from scratch.")
@@ -61,7 +68,9 @@ def main(argv: list[str] | None = None) -> None:
     if not (sys.argv[1:] if argv is None else argv):  # a bare `tinyk`: what it can do
         parser.print_help()
         sys.exit(0)
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        args.command_parser.error(f"unrecognized arguments: {' '.join(extras)}")
     for stream in (sys.stdout, sys.stderr):
         # A GBK or ASCII terminal cannot show every character a model writes (U+FFFD, emoji, rare
         # characters): they print as substitutes instead of ending the command with a traceback. On a

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from tinyk.cli.common import float_range, int_range, positive_size, seed, utf8_text
-from tinyk.files import DEFAULT_MAX_LINE_BYTES
+from tinyk.files import DEFAULT_MAX_LINE_BYTES, plural
 
 MAX_WORKERS = 1024  # tokenizer processes; more only exhausts the machine
 MAX_LEN = 2**20  # SFT tokens per conversation, far past any model's context
@@ -102,7 +102,7 @@ def _summary(meta: dict[str, Any]) -> str:
 
     tr, va = meta["splits"]["train"], meta["splits"]["val"]
     unit = "documents" if meta["kind"] == "pretrain" else "conversations"
-    text = (f"{meta['kind']} data: {tr['documents'] + va['documents']:,} {unit} (train {tr['documents']:,}, "
+    text = (f"{meta['kind']} data: {plural(tr['documents'] + va['documents'], unit)} (train {tr['documents']:,}, "
             f"val {va['documents']:,}), {tr['tokens'] + va['tokens']:,} tokens (train {tr['tokens']:,}, "
             f"val {va['tokens']:,}) as {meta['dtype']}")
     if meta["kind"] == "sft":

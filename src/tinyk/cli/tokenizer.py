@@ -61,7 +61,7 @@ def _text_read(inputs: list[str], max_bytes: int) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from tinyk.files import check_inputs
+    from tinyk.files import check_inputs, plural
     from tinyk.tokenizer import BPE_MEMORY_PER_BYTE, memory_available, memory_read_limit, train_tokenizer
 
     check_inputs(args.inputs)  # a missing file is the one line, not a word on memory before it
@@ -80,7 +80,7 @@ def _train(args: argparse.Namespace) -> int:
                         max_bytes=args.max_bytes, field_name=args.field, min_frequency=args.min_frequency,
                         force=args.force, strict=args.strict,
                         show_progress=sys.stdout.isatty())  # its bar leaves blank lines in a pipe or log
-    print(f"trained on {r['documents']:,} documents ({r['characters']:,} characters) in {r['seconds']}s; "
+    print(f"trained on {plural(r['documents'], 'documents')} ({r['characters']:,} characters) in {r['seconds']}s; "
           f"vocab {r['vocab_size']}; {r['skipped_summary']}")
     if r["vocab_size"] < args.vocab_size:
         print(f"note: {r['vocab_size']} tokens, not --vocab-size {args.vocab_size}: the text has no more pairs seen "
