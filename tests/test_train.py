@@ -114,7 +114,8 @@ def test_budget_is_whichever_comes_first():
     assert total_steps(TrainConfig(batch_size=4, seq_len=10, max_tokens=200), 100, 3, 24) == 3  # already spent
 
 
-def test_a_pretraining_resume_with_another_batch_size_keeps_its_token_budget(tmp_path, pt_data, tok_dir, capsys):
+def test_a_pretraining_resume_with_another_batch_size_keeps_its_token_budget(tmp_path, pt_data, tok_dir, capsys,
+                                                                            monkeypatch):
     out = tmp_path / "run"
     first = train(nano_cfg(pt_data, tok_dir, out, max_steps=None, max_tokens=32 * 8 * 6, save_every=2))
     assert first["steps"] == 6
@@ -122,8 +123,13 @@ def test_a_pretraining_resume_with_another_batch_size_keeps_its_token_budget(tmp
         if p.name != "step_0000002":
             shutil.rmtree(p)
     shutil.rmtree(out / "final")
-    resumed = train(nano_cfg(pt_data, tok_dir, out, max_steps=None, max_tokens=32 * 8 * 6, batch_size=4,
-                             progress=True), resume=True)
+    halved = nano_cfg(pt_data, tok_dir, out, max_steps=None, max_tokens=32 * 8 * 6, batch_size=4, progress=True)
+    with monkeypatch.context() as m:
+        stop_at(m, 5)
+        train(halved, resume=True)
+    assert "10 steps (1,536 tokens)" in capsys.readouterr().out
+    # Resumed again at the new batch size: the two steps at the old one still count double.
+    resumed = train(halved, resume=True)
     assert resumed["steps"] == 2 + 8 and resumed["tokens"] == first["tokens"]
     assert "10 steps (1,536 tokens)" in capsys.readouterr().out
 
@@ -729,13 +735,24 @@ def test_setup_errors_are_one_line(tmp_path, pt_data, sft_data, tok_dir, nano_mo
     assert "conflicts with" in err(init=str(nano_model_dir), model={"dim": 32})
 
 
-def test_cuda_oom_names_the_knob(tmp_path, pt_data, tok_dir, monkeypatch):
+def test_out_of_memory_names_the_knob(tmp_path, pt_data, tok_dir, monkeypatch, capsys):
     def boom(self, *a, **kw):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(Transformer, "forward", boom)
     with pytest.raises(TinykError, match=r"out of GPU memory at micro-batch 8 x seq_len 32 .*--micro-batch \(try 4\)"):
         train(nano_cfg(pt_data, tok_dir, tmp_path / "o"))
+    monkeypatch.setattr(Transformer, "forward", lambda self, *a, **kw: torch.empty(2**62, dtype=torch.uint8))
+    with pytest.raises(TinykError, match=r"^out of CPU memory \(asked for 4,611,686,018.4 GB\) at micro-batch 8 "):
+        train(nano_cfg(pt_data, tok_dir, tmp_path / "o"))
+    # A model too large to build is one line too, not a traceback.
+    monkeypatch.setattr(Transformer, "__init__", lambda self, *a, **kw: torch.empty(2**62, dtype=torch.uint8))
+    with pytest.raises(SystemExit) as e:
+        main(cli_args(pt_data, tok_dir, tmp_path / "o"))
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        "tinyk: error: out of CPU memory (asked for 4,611,686,018.4 GB): a smaller model, batch or sequence length "
+        "fits\n")
+    assert not (tmp_path / "o").exists()
 
 
 def test_a_damaged_checkpoint_is_named_with_the_way_out(tmp_path, pt_data, tok_dir, capsys):
@@ -800,6 +817,24 @@ def test_cli_prints_one_line(tmp_path, pt_data, tok_dir, capsys):
     with pytest.raises(SystemExit) as e:
         main(cli_args(pt_data, tok_dir, tmp_path / "o2", "--max-steps", "2", "--resume"))
     assert e.value.code == 0 and "the run is already complete at step 2" in capsys.readouterr().out
+
+
+def test_a_run_extended_stopped_and_resumed_with_its_old_budget_writes_its_final_model(tmp_path, pt_data, tok_dir,
+                                                                                        monkeypatch):
+    """final/ from the first finish (step 3) is not the model of a run stopped at step 5 after being extended:
+    resumed with a budget of 5, the run is finished only once final/ holds step 5."""
+    out = tmp_path / "run"
+    train(nano_cfg(pt_data, tok_dir, out, max_steps=3))
+    with monkeypatch.context() as m:
+        stop_at(m, 5)
+        assert train(nano_cfg(pt_data, tok_dir, out, max_steps=8), resume=True)["status"] == "interrupted"
+    summary = train(nano_cfg(pt_data, tok_dir, out, max_steps=5), resume=True)
+    assert (summary["status"], summary["steps"], summary["final_model"]) == ("completed", 5, str(out / "final"))
+    final, saved = (load_file(d / "model.safetensors") for d in (out / "final", checkpoints(out)[-1] / "model"))
+    assert checkpoints(out)[-1].name == "step_0000005" and all(torch.equal(final[k], saved[k]) for k in saved)
+    # Finished now: resumed again it changes nothing, and starts no tracker only to log nothing.
+    again = train(nano_cfg(pt_data, tok_dir, out, max_steps=5, tracker=["tensorboard"]), resume=True)
+    assert again == summary and not (out / "tensorboard").exists()
 
 
 def test_trainer_is_usable_as_a_library(tmp_path, pt_data, tok_dir):
@@ -1303,6 +1338,28 @@ def test_tensorboard_shows_one_curve_across_a_crash_and_resume(tmp_path, pt_data
     assert [e.step for e in events.Scalars("tokens")] == list(range(1, 9))
     assert [e.step for e in events.Scalars("val_loss")] == [4, 8]
     assert "flops_per_token" not in events.Tags()["scalars"]
+
+
+def test_a_resume_before_the_first_checkpoint_is_a_new_curve_for_every_tracker(tmp_path, pt_data, tok_dir,
+                                                                               monkeypatch):
+    """Killed before its first checkpoint, the run starts again from step 0: TensorBoard must not keep the
+    killed session's points beside the new ones, W&B and SwanLab get a new run id, and a tracker named
+    twice still logs each point once."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    cfg = nano_cfg(pt_data, tok_dir, out, max_steps=6, eval_every=0, tracker=["tensorboard", "tensorboard"])
+    with monkeypatch.context() as m:
+        stop_at(m, 4)
+        train(cfg)
+    for step in (out / "checkpoints").iterdir():
+        shutil.rmtree(step)
+    (out / ".tracker_id").write_text("killed-run")
+    train(cfg, resume=True)
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == list(range(1, 7))
+    assert not (out / ".tracker_id").exists()
 
 
 @pytest.mark.parametrize("log_every,eval_every", [(1, 0), (10, 1)])

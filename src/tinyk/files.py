@@ -181,6 +181,17 @@ def first_line(e: BaseException) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
+def out_of_memory(e: BaseException) -> str | None:
+    """What PyTorch ran out of ('GPU memory', 'CPU memory (asked for 32.0 GB)'), or None when `e` is another
+    error: a user's model or batch too large for the machine, said in one line, not a traceback."""
+    if type(e).__name__ == "OutOfMemoryError":
+        return "GPU memory"
+    if isinstance(e, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(e):
+        asked = re.search(r"allocate (\d+) bytes", str(e))
+        return "CPU memory" + (f" (asked for {int(asked[1]) / 1e9:,.1f} GB)" if asked else "")
+    return None
+
+
 def write_error(path: Path, e: BaseException) -> TinykError:
     """A failed write as one line with the free space beside it: a full disk often says only
     "iostream error" (torch) or "N requested and M written" (numpy)."""

@@ -89,11 +89,15 @@ class Trackers:
     def __init__(self, names: list[str], out: Path, config: dict[str, Any], project: str, run_name: str,
                  start_step: int = 0):
         """`start_step`: the step a resumed run continues from; TensorBoard drops what a killed run
-        logged after it, so the curve has no doubled points."""
+        logged after it, so the curve has no doubled points. A run from step 0 (new, or resumed before
+        its first checkpoint) is a new run for W&B and SwanLab too."""
         self.sinks: list[tuple[str, Any]] = []
+        names = list(dict.fromkeys(names))  # one writer each: a name given twice would log every point twice
         for name in names:
             if name not in TRACKERS:
                 raise TinykError(f"unknown tracker {name!r} (choose from {', '.join(TRACKERS)})")
+        if not start_step:
+            (out / ".tracker_id").unlink(missing_ok=True)
         try:
             for name in names:
                 self.sinks.append((name, self._start(name, out, config, project, run_name, start_step)))
@@ -109,7 +113,7 @@ class Trackers:
             if name == "tensorboard":
                 from torch.utils.tensorboard import SummaryWriter
 
-                return SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+                return SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1)
             if name == "wandb":
                 import wandb
 

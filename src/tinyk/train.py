@@ -55,6 +55,7 @@ from .files import (
     atomic_file,
     check_output,
     first_line,
+    out_of_memory,
     plural,
     remove_path,
     write_json_atomic,
@@ -777,11 +778,10 @@ class Trainer:
             raise
         try:
             self._setup_model()
+            self.finished_already = self._finished_summary()
             self.monitor = self._make_monitor() if self.dist.main else None
             # Only now, and only when there is training to do: a refused resume, or one of a finished
             # run, leaves the run's config as it was.
-            self.finished_already = bool(self.resumed_from) and self.progress.step >= self.total_steps \
-                and (self.out / "final").is_dir()
             if self.dist.main and not self.fresh and not self.finished_already:
                 self._write_config()
             self.peak, self.peak_source = peak_flops(self.device, cfg.peak_tflops, self.dtype)  # a timed matmul on CPU
@@ -1061,7 +1061,9 @@ class Trainer:
         mon = Monitor(self.out, self.total_steps, self.progress.step, cfg.progress)
         try:
             mon.truncate(self.progress.step)
-            if cfg.tracker:  # last: nothing after them can fail and leave a tracker's run open
+            # Last: nothing after them can fail and leave a tracker's run open. A finished run resumed
+            # again logs nothing, so it starts none.
+            if cfg.tracker and not self.finished_already:
                 mon.trackers = Trackers(cfg.tracker, self.out, cfg.to_dict(), cfg.project,
                                         cfg.run_name or self.out.name, start_step=self.progress.step)
         except BaseException:
@@ -1178,11 +1180,12 @@ class Trainer:
             torch.manual_seed((self.cfg.seed + 1 + self.dist.rank) * 1_000_003 + state["step"])
         self.scaler.load_state_dict(extra["scaler"])
         self.progress = _Progress(state["step"], state["tokens"], state["loss_tokens"], state["elapsed_s"])
-        if state.get("batch_size", self.cfg.batch_size) != self.cfg.batch_size:  # pretraining only: SFT refuses it
-            done = state["loader"]["epoch"] * self.loader.num_windows + state["loader"]["cursor"]
-            self.step_cap = self.total_steps = total_steps(self.cfg, self.loader.num_windows, state["step"], done)
-            if self.cfg.warmup_steps is None:
-                self.warmup = state.get("warmup", self.warmup)  # the warmup this run began with
+        # What is left of a token or epoch budget, at this session's batch size (pretraining may change
+        # it; SFT refuses that): a run that changed it once plans the rest from the samples done ever after.
+        done = state["loader"]["epoch"] * self.loader.num_windows + state["loader"]["cursor"]
+        self.step_cap = self.total_steps = total_steps(self.cfg, self.loader.num_windows, state["step"], done)
+        if self.total_steps != total_steps(self.cfg, self.loader.num_windows) and self.cfg.warmup_steps is None:
+            self.warmup = state.get("warmup", self.warmup)  # the warmup this run began with
         if self.cfg.max_minutes and state.get("max_minutes") == self.cfg.max_minutes and "warmup" in state:
             # The same time budget: go on with the schedule fitted so far (the first estimate of this
             # session is a few steps away), and a finished run stays finished.
@@ -1215,8 +1218,8 @@ class Trainer:
             return self.ddp.no_sync()
         return contextlib.nullcontext()
 
-    def _oom(self) -> TinykError:
-        return TinykError(f"out of GPU memory at micro-batch {self.micro} x seq_len {self.cfg.seq_len} "
+    def _oom(self, memory: str) -> TinykError:
+        return TinykError(f"out of {memory} at micro-batch {self.micro} x seq_len {self.cfg.seq_len} "
                           f"({str(self.dtype).split('.')[-1]}): lower --micro-batch (try {max(1, self.micro // 2)}), "
                           f"or add --activation-checkpointing, --parallel fsdp, or a shorter --seq-len")
 
@@ -1426,16 +1429,16 @@ class Trainer:
         if self.dist.main:
             self._header()
         if self.finished_already:
-            return self._finished_summary()
+            return self.finished_already
         previous = self._install_signals()
         self._t0, self._start_tokens = time.perf_counter(), self.progress.tokens
         try:
             return self._loop()
-        except torch.cuda.OutOfMemoryError as e:
-            raise self._oom() from e
         except RuntimeError as e:
             from torch._dynamo.exc import TorchDynamoException
 
+            if memory := out_of_memory(e):
+                raise self._oom(memory) from e
             if self.cfg.compile and isinstance(e, TorchDynamoException):
                 raise TinykError(f"torch.compile failed ({first_line(e)[:300]}); leave --compile out, or install what "
                                  f"it needs (a C++ compiler such as g++; Triton on a GPU)") from e
@@ -1444,13 +1447,19 @@ class Trainer:
             for s, h in previous.items():
                 signal.signal(s, h)
 
-    def _finished_summary(self) -> dict[str, Any]:
-        """A finished run resumed again: nothing to train, so its summary and final model stay as they are."""
+    def _finished_summary(self) -> dict[str, Any] | None:
+        """The summary of a run that finished at the step it resumes from: nothing to train, and its
+        summary and final model stay as they are. A final/ from an earlier, shorter finish (the run was
+        extended, stopped and resumed with the old budget), or one without its summary, is written again."""
+        if not self.resumed_from or self.progress.step < self.total_steps or not (self.out / "final").is_dir():
+            return None
         try:
-            return json.loads((self.out / "summary.json").read_text())
+            summary = json.loads((self.out / "summary.json").read_text())
         except (OSError, ValueError):
-            self._t0, self._start_tokens, self.rates = time.perf_counter(), self.progress.tokens, []
-            return self._summary(False, str(self.out / "final"), *self._earlier_results())
+            return None
+        finished = isinstance(summary, dict) and summary.get("status") == "completed" \
+            and summary.get("steps") == self.progress.step
+        return summary if finished else None
 
     def _earlier_results(self) -> tuple[float | None, tuple[float, float] | None, float]:
         """(last train loss, last (val loss, bpb), best val loss) logged before this session, so a resumed

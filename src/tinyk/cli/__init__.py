@@ -17,7 +17,7 @@ import threading
 from typing import NoReturn
 
 from tinyk import __version__
-from tinyk.files import StoppedBeforeTraining, Terminated, TinykError
+from tinyk.files import StoppedBeforeTraining, Terminated, TinykError, out_of_memory
 
 STAGES = ["tokenizer", "model", "data", "train", "generate", "serve", "evaluate", "demo", "plan"]
 
@@ -103,6 +103,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(141)
     except OSError as e:
         print(f"tinyk: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except RuntimeError as e:
+        if not (memory := out_of_memory(e)):
+            raise
+        print(f"tinyk: error: out of {memory}: a smaller model, batch or sequence length fits", file=sys.stderr)
         sys.exit(2)
     finally:
         if previous is not None:  # None: a handler installed outside Python, which cannot be put back
