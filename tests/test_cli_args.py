@@ -144,6 +144,10 @@ def test_good_values_and_defaults_still_parse():
     assert (a.port, a.max_body, a.timeout, a.max_batch, a.top_k, a.max_new_tokens) == (0, 10**6, 60.0, 16, 50, 256)
     a = parse([*PLAN, "--tokens", "0.5B"])
     assert a.tokens == 5 * 10**8 and parse(PLAN).tokens is None  # the config's budget, else 10B
+    # A token count's B is billion wherever one is asked for, as plan prints it (it was read as "bytes": 10).
+    assert parse(["sft", "--max-tokens", "10B"]).max_tokens == 10**10
+    assert parse([*DATA, "--shard-tokens", "1b"]).shard_tokens == 10**9
+    assert positive_size("10B") == 10  # bytes stay bytes
     assert parse(["demo", "--minutes", "1.5"]).minutes == 1.5 and parse(["demo"]).minutes is None
     assert parse(["eval", "--model", "m"]).force is False
 

@@ -8,6 +8,7 @@ are never accepted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 from collections.abc import Callable
 from typing import NoReturn
@@ -136,6 +137,16 @@ def size_range(lo: int = 1, hi: int = MAX_SIZE) -> Callable[[str], int]:
 
 
 positive_size = size_range(1)
+
+
+def token_count(s: str) -> int:
+    """A `type=` for a token count: a size, except that a B after a number means billion ("10B tokens",
+    as `tinyk plan` prints them), never bytes."""
+    t = s.strip()
+    if t[-1:] in ("b", "B"):
+        with contextlib.suppress(ValueError):
+            return checked_size(float(t[:-1]) * 10**9, s, lo=1)
+    return checked_size(size_number(t), s, lo=1)
 
 
 def add_sampling_args(p: argparse.ArgumentParser, seed_help: str = "seed for reproducible sampling") -> None:

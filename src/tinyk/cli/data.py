@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from tinyk.cli.common import float_range, int_range, positive_size, seed, utf8_text
+from tinyk.cli.common import float_range, int_range, positive_size, seed, token_count, utf8_text
 from tinyk.files import DEFAULT_MAX_LINE_BYTES, plural
 
 MAX_WORKERS = 1024  # tokenizer processes; more only exhausts the machine
@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t = dsub.add_parser("pretrain", help="documents (.jsonl/.txt/.parquet, .gz/.zst) -> token shards")
     _add_common(t)
     t.add_argument("--field", default="text", help="JSON/Parquet field holding the text")
-    t.add_argument("--shard-tokens", type=positive_size, default="100M", help="tokens per shard file (default 100M)")
+    t.add_argument("--shard-tokens", type=token_count, default="100M", help="tokens per shard file (default 100M)")
     t.set_defaults(func=_pretrain)
 
     s = dsub.add_parser("sft", help="conversations (BelleGroup, ShareGPT, OpenAI messages) -> tokens + loss mask")

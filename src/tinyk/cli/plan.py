@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from tinyk.cli.common import batch_count, checked_size, non_negative_float, positive_int, size_number
+from tinyk.cli.common import batch_count, non_negative_float, positive_int, token_count
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                             "prints it (default a100)")
     where.add_argument("--gpus", type=positive_int, default=1, help="GPUs per node")
     where.add_argument("--nodes", type=positive_int, default=1)
-    where.add_argument("--tokens", type=parse_tokens,
+    where.add_argument("--tokens", type=token_count,
                        help="training tokens: 10B, 500M, 2e9 (default: the config's max_tokens or max_steps "
                             "budget, else 10B, the seed's corpus)")
     where.add_argument("--price", type=non_negative_float, help="price per GPU-hour, for the cost line")
@@ -39,14 +39,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                  "GPU table's)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=_run)
-
-
-def parse_tokens(s: str) -> int:
-    """A token count; unlike byte sizes, a trailing B means billion ("10B tokens")."""
-    t = s.strip()
-    if t[-1:] in ("b", "B") and t[:-1].replace(".", "", 1).isdigit():
-        return checked_size(float(t[:-1]) * 10**9, s, lo=1)
-    return checked_size(size_number(t), s, lo=1)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -6,7 +6,7 @@ import argparse
 import signal
 import sys
 
-from tinyk.cli.common import batch_count, non_negative_int, positive_float, positive_int, positive_size, seed
+from tinyk.cli.common import batch_count, non_negative_int, positive_float, positive_int, seed, token_count
 
 # Flags that map one-to-one onto config keys; None means "not given", so configs stay in charge.
 _FLAG_KEYS = ("data", "tokenizer", "init", "out", "max_steps", "max_tokens", "epochs", "max_minutes", "batch_size",
@@ -29,7 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         src.add_argument("--out", help="run directory (checkpoints/, final/, metrics.jsonl, ...)")
         b = p.add_argument_group("budget and batch")
         b.add_argument("--max-steps", type=positive_int)
-        b.add_argument("--max-tokens", type=positive_size, help="e.g. 2G; whichever budget comes first ends the run")
+        b.add_argument("--max-tokens", type=token_count, help="e.g. 10B, 500M, 2e9; whichever budget comes first ends "
+                                                               "the run")
         b.add_argument("--epochs", type=positive_float)
         b.add_argument("--max-minutes", type=positive_float, help="wall-time budget: the run's length (and so its LR "
                        "schedule) is fitted to the measured speed; the other budgets still cap it")
