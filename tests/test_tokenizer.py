@@ -195,6 +195,41 @@ def test_max_bytes_streams_a_prefix(tmp_path):
     assert r["documents"] == 100 and r["capped_at"] == budget and not r["cap_from_memory"]
 
 
+def cgroup_tree(tmp_path, own: str, groups: dict[str, tuple[str, int, int]], v1: bool) -> tuple:
+    """A fake /sys/fs/cgroup and /proc/self/cgroup: `groups` maps a group's path to (limit, usage, cache)."""
+    root, base = tmp_path / "cgroup", tmp_path / "cgroup" / ("memory" if v1 else "")
+    names = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file") if v1 else \
+        ("memory.max", "memory.current", "inactive_file")
+    for path, (limit, usage, cache) in groups.items():
+        d = base / path.strip("/")
+        d.mkdir(parents=True, exist_ok=True)
+        (d / names[0]).write_text(f"{limit}\n")
+        (d / names[1]).write_text(f"{usage}\n")
+        (d / "memory.stat").write_text(f"active_file 5\n{names[2]} {cache}\nanon 7\n")
+    proc = tmp_path / "self-cgroup"
+    proc.write_text(f"4:memory:{own}\n1:cpu:/\n0::/\n" if v1 else f"0::{own}\n")
+    return root, proc
+
+
+def test_a_containers_memory_limit_counts_under_cgroup_v1_and_v2(tmp_path):
+    """/proc/meminfo shows the host's memory: the container's limit (its own group's or one above it,
+    page cache given back) decides what the tokenizer may read."""
+    from tinyk.tokenizer import cgroup_memory_left
+
+    G = 10**9
+    for v1, unlimited in ((True, "9223372036854771712"), (False, "max")):
+        root, proc = cgroup_tree(tmp_path / str(v1), "/kube/pod/c1", {
+            "/": (unlimited, 50 * G, 0), "/kube/pod": (8 * G, 6 * G, 1 * G), "/kube/pod/c1": (unlimited, 5 * G, 0)},
+            v1)
+        assert cgroup_memory_left(root, proc) == 3 * G
+        # Inside a container the mount's root is its own group, and the path /proc names is not there.
+        root, proc = cgroup_tree(tmp_path / f"ns{v1}", "/docker/abc", {"/": (4 * G, 3 * G, 2 * G)}, v1)
+        assert cgroup_memory_left(root, proc) == 3 * G
+        root, proc = cgroup_tree(tmp_path / f"none{v1}", "/", {"/": (unlimited, 3 * G, 0)}, v1)
+        assert cgroup_memory_left(root, proc) is None
+    assert cgroup_memory_left(tmp_path, tmp_path / "no-proc") is None
+
+
 def test_without_max_bytes_reading_stops_where_memory_would_run_out(tmp_path, monkeypatch, capsys):
     """BPE training holds ~80 bytes per byte of text: with 150 MB free, a 3 MB corpus is read up to 1.5 MB."""
     from tinyk import tokenizer
