@@ -251,8 +251,8 @@ def test_sft_conversations_a_short_window_leaves_out_are_reported(nano, nano_mod
     wide = eval_data(model, nano_model_dir, sft_data, seq_len=1000)
     assert (wide["seq_len"], wide["seq_len_asked"], wide["loss"]) == (128, 1000, full["loss"])
     assert next(table_rows({"data": [wide]}))[0] == f"{sft_data.name}/val loss (answer tokens, conversations of " \
-                                                   "up to 128 tokens; --seq-len 1000 is beyond the model's context)"
-    assert "seq_len_asked" not in full and next(table_rows({"data": [full]}))[0].endswith("up to 128 tokens)")
+                                                   "up to 129 tokens; --seq-len 1000 is beyond the model's context)"
+    assert "seq_len_asked" not in full and next(table_rows({"data": [full]}))[0].endswith("up to 129 tokens)")
 
 
 def test_data_from_another_tokenizer_is_refused(tmp_path, nano, pretrain_data, corpus_file):

@@ -539,8 +539,10 @@ def table_rows(results: dict[str, Any]) -> Iterator[tuple[str, str, str]]:
     for d in results.get("data", []):
         name = f"{Path(d['data']).name}/{d['split']}"
         cut = f"; --seq-len {d['seq_len_asked']} is beyond the model's context" if d.get("seq_len_asked") else ""
-        unit = "answer tokens, conversations of up to" if d.get("kind") == "sft" else "windows of"
-        yield f"{name} loss ({unit} {d['seq_len']} tokens{cut})", f"{d['loss']:.4f}", ""
+        # A conversation of seq_len + 1 tokens is seq_len predictions, as in training.
+        unit = f"answer tokens, conversations of up to {d['seq_len'] + 1}" if d.get("kind") == "sft" else \
+            f"windows of {d['seq_len']}"
+        yield f"{name} loss ({unit} tokens{cut})", f"{d['loss']:.4f}", ""
         yield f"{name} perplexity", f"{d['perplexity']:.2f}", ""
         bpb = d["bits_per_byte"]  # None when the evaluated tokens spell no text (only <|im_end|>s)
         yield f"{name} bits per byte", "n/a" if bpb is None else f"{bpb:.4f}", ""
