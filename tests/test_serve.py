@@ -237,6 +237,8 @@ LONG = "".join(chr(0x4E00 + 37 * i) for i in range(200))  # rare characters: sev
     ("/v1/chat/completions", {"model": "nano", "messages": ["hi"]}, 400, "messages[0]", "invalid_type"),
     ("/v1/chat/completions", {"model": "nano", "messages": [{"role": "robot", "content": "x"}]}, 400,
      "messages[0].role", "invalid_value"),
+    ("/v1/chat/completions", {"model": "nano", "messages": [{"role": ["user"], "content": "x"}]}, 400,
+     "messages[0].role", "invalid_value"),  # was a TypeError: no reply at all, which clients retry
     ("/v1/chat/completions", {"model": "nano", "messages": [{"role": "user"}]}, 400, "messages[0].content",
      "missing_required_parameter"),
     ("/v1/chat/completions", {"model": "nano", "messages": [{"role": "user", "content": 3}]}, 400,
@@ -444,8 +446,10 @@ def test_protocol_errors(server):
         .startswith(b"HTTP/1.1 411")
     big = b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: 99999999\r\nExpect: 100-continue\r\n\r\n"
     assert raw(server, big).startswith(b"HTTP/1.1 413")
-    odd = "POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: \u00b2\r\n\r\n".encode("latin-1")
-    assert raw(server, odd).startswith(b"HTTP/1.1 411")  # "²".isdigit() is true, int("²") is not
+    # A Content-Length that is there but is no number is a 400, one of many digits a 413 (both were 411s).
+    for length, status in (("\u00b2", 400), ("12abc", 400), ("9" * 5000, 413)):
+        bad = f"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: {length}\r\n\r\n{{}}"
+        assert raw(server, bad.encode("latin-1")).startswith(b"HTTP/1.1 %d" % status), length
     status, body = request(server, "GET", "/v1/chat/completions")
     assert status == 405 and body["error"]["code"] == "method_not_allowed"
     status, body = request(server, "GET", "/health")
@@ -453,6 +457,38 @@ def test_protocol_errors(server):
     absolute = raw(server, f"GET {server.url}/v1/models HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
                    .encode())  # RFC 9112 3.2.2: servers accept a target in absolute form
     assert absolute.startswith(b"HTTP/1.1 200") and b'"id":"nano"' in absolute.replace(b" ", b"")
+
+
+def test_a_body_sent_with_get_is_never_taken_for_the_next_request(server):
+    """A GET, HEAD or OPTIONS whose body is a whole request: answered once, and the connection ends, so a
+    proxy reusing it cannot have the hidden request answered to another client."""
+    hidden = json.dumps({"model": "nano", "prompt": "hi", "max_tokens": 2}).encode()
+    hidden = b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n%s" % (
+        len(hidden), hidden)
+    for method in (b"GET", b"HEAD", b"OPTIONS"):
+        reply = raw(server, b"%s /v1/models HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n%s" % (
+            method, len(hidden), hidden))
+        assert reply.count(b"HTTP/1.1 ") == 1 and b"text_completion" not in reply, method
+        assert b"\r\nConnection: close\r\n" in reply
+
+
+def test_an_idle_kept_alive_connection_closes_without_a_log_line(nano_model_dir, capfd):
+    server, _ = start(nano_model_dir, timeout=0.3, log=True)
+    try:
+        u = urlsplit(server.url)
+        with socket.create_connection((u.hostname, u.port), timeout=60) as s:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            data = b""
+            while chunk := s.recv(65536):  # the answer, then the end the server's --timeout makes
+                data += chunk
+        assert data.startswith(b"HTTP/1.1 200")
+        with socket.create_connection((u.hostname, u.port), timeout=60) as s:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n")  # stalls inside its headers
+            assert s.recv(65536) == b""
+    finally:
+        server.close()
+    log = capfd.readouterr().err
+    assert log.count('"GET /health HTTP/1.1" 200') == 1 and log.count("Request timed out") == 1, log
 
 
 def test_an_overloaded_server_says_when_to_retry(nano_model_dir):

@@ -263,7 +263,7 @@ class Api:
             if not isinstance(m, dict):
                 raise ApiError(400, f"'{where}' must be an object", param=where, code="invalid_type")
             role = m.get("role")
-            if role not in ROLE_ALIASES:
+            if not isinstance(role, str) or role not in ROLE_ALIASES:
                 raise ApiError(400, f"'{where}.role' must be one of {', '.join(ROLE_ALIASES)}, got {json.dumps(role)}",
                                param=f"{where}.role", code="invalid_value")
             content = m.get("content", _MISSING)
@@ -446,27 +446,28 @@ class Handler(BaseHTTPRequestHandler):
         return hmac.compare_digest(given.strip().encode("latin-1", "replace"), key.encode())
 
     def handle_expect_100(self) -> bool:
-        """Refuses an oversized body before the client sends it."""
-        length = self.headers.get("Content-Length", "")
-        if _is_length(length) and int(length) > self.server.api.cfg.max_body_bytes:
-            self.close_connection = self.unread_body = True
-            self._error(_too_large(int(length), self.server.api.cfg.max_body_bytes))
+        """Refuses an oversized (or unusable) body before the client sends it."""
+        try:
+            if self.command == "POST":
+                self._body_length()
+        except ApiError as e:
+            self.unread_body = True
+            self._error(e)
             return False
         return super().handle_expect_100()
 
+    def _body_length(self) -> int:
+        """The body's Content-Length, or the ApiError that refuses it (the connection then ends: the unread
+        body must not be parsed as the next request)."""
+        try:
+            return _content_length(self.headers, self.server.api.cfg.max_body_bytes)
+        except ApiError:
+            self.close_connection = True
+            raise
+
     def _body(self) -> dict:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            self.close_connection = True
-            raise ApiError(411, "chunked request bodies are not supported; send Content-Length", code="length_required")
-        length = self.headers.get("Content-Length")
-        if length is None or not _is_length(length):
-            self.close_connection = True
-            raise ApiError(411, "a Content-Length header is required", code="length_required")
-        limit = self.server.api.cfg.max_body_bytes
-        if int(length) > limit:
-            self.close_connection = True  # the unread body must not be parsed as the next request
-            raise _too_large(int(length), limit)
-        raw = self.rfile.read(int(length))
+        length = self._body_length()
+        raw = self.rfile.read(length)
         self.unread_body = False
         try:
             body = json.loads(raw.decode("utf-8"))
@@ -484,6 +485,12 @@ class Handler(BaseHTTPRequestHandler):
         the API as its own origin."""
         if not super().parse_request():
             return False
+        if self.command != "POST" and (self.headers.get("Transfer-Encoding") is not None
+                                       or self.headers.get("Content-Length", "0").strip() not in ("", "0")):
+            # A body sent with GET, HEAD or OPTIONS is never read: the connection ends with this answer,
+            # so the body is not taken for the next request (behind a proxy that reuses connections,
+            # another client's).
+            self.close_connection = self.unread_body = True
         host = self.headers.get("Host")
         allowed = self.server.api.cfg.allow_hosts
         guarded = self.server.loopback or bool(allowed)  # naming hosts guards any address (Docker's 0.0.0.0)
@@ -498,10 +505,18 @@ class Handler(BaseHTTPRequestHandler):
     def handle_one_request(self) -> None:
         """A client that leaves mid-request is its own business: no traceback on the server's stderr."""
         self.cors_origin = None  # decided anew for each request on a kept-alive connection
+        self.raw_requestline = b""
         try:
             super().handle_one_request()
         except ConnectionError:
             self.close_connection = True
+
+    def log_error(self, format: str, *args: Any) -> None:  # noqa: A002 - BaseHTTPRequestHandler's signature
+        """As log_message, but a kept-alive connection that stays idle until --timeout (a browser keeps the
+        chat page's open) closes silently: only a request that stalls mid-way is worth a line."""
+        if format.startswith("Request timed out") and not self.raw_requestline:
+            return
+        self.log_message(format, *args)
 
     def _route(self) -> str:
         """The request's path, unquoted and without its query; a target in absolute form
@@ -583,6 +598,8 @@ class Handler(BaseHTTPRequestHandler):
                          asked if _HEADER_NAMES.fullmatch(asked) else "Authorization, Content-Type")
         self.send_header("Access-Control-Max-Age", "600")
         self.send_header("Content-Length", "0")
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
 
     def _other_method(self) -> None:
@@ -744,10 +761,6 @@ def _local_host_name(host: str, allowed: tuple[str, ...] = ()) -> bool:
     return True
 
 
-def _is_length(header: str) -> bool:
-    return header.isascii() and header.isdigit() and len(header) < 20
-
-
 def _unauthorized() -> ApiError:
     return ApiError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')", code="invalid_api_key",
                     headers={"WWW-Authenticate": "Bearer"})
@@ -774,7 +787,24 @@ def _failure(req: Request) -> ApiError:
     return ApiError(500, req.error or "generation failed", type="server_error", code="internal_error")
 
 
-def _too_large(length: int, limit: int) -> ApiError:
+def _content_length(headers: Any, limit: int) -> int:
+    """A request's Content-Length: 411 when there is none (or the body is chunked), 400 when it is not a
+    number, 413 above `limit`."""
+    if "chunked" in headers.get("Transfer-Encoding", "").lower():
+        raise ApiError(411, "chunked request bodies are not supported; send Content-Length", code="length_required")
+    length = headers.get("Content-Length")
+    if length is None:
+        raise ApiError(411, "a Content-Length header is required", code="length_required")
+    length = length.strip()
+    if not (length.isascii() and length.isdigit()):  # "²".isdigit() is true, int("²") is not
+        raise ApiError(400, f"Content-Length must be a number of bytes, got {length[:40]!r}",
+                       code="invalid_content_length")
+    if len(length.lstrip("0")) > len(str(limit)) or int(length) > limit:  # and Python's int() refuses 5,000 digits
+        raise _too_large(length if len(length) <= 40 else f"{length[:20]}... ({len(length)} digits)", limit)
+    return int(length)
+
+
+def _too_large(length: int | str, limit: int) -> ApiError:
     return ApiError(413, f"request body of {length} bytes exceeds the limit of {limit} bytes", code="request_too_large")
 
 
