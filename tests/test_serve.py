@@ -501,6 +501,16 @@ def test_an_overloaded_server_says_when_to_retry(nano_model_dir):
         assert reply.startswith(b"HTTP/1.1 503") and b"\r\nRetry-After: 1\r\n" in reply
     finally:
         server.close()
+    # More choices than the queue holds could never be served: a 400, not a 503 that every retry gets.
+    server, _ = start(nano_model_dir, max_waiting=2)
+    try:
+        status, body = request(server, "POST", "/v1/completions", {"model": "nano", "prompt": "hi", "n": 3})
+        assert status == 400 and body["error"]["param"] == "n" and "between 1 and 2" in body["error"]["message"]
+        status, body = request(server, "POST", "/v1/completions", {"model": "nano", "prompt": "hi", "n": 2,
+                                                                   "max_tokens": 2})
+        assert status == 200 and len(body["choices"]) == 2
+    finally:
+        server.close()
 
 
 def test_usage_is_null_in_every_chunk_but_the_last_when_asked_for(server):

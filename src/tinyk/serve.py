@@ -308,8 +308,9 @@ class Api:
         ids = self.chat_ids(body) if chat else self.completion_prompt(body)
         params = self.sampling(body, len(ids))
         n = _get(body, "n", "integer", 1)
-        # The choices decode side by side in one batch, so no more than the batch holds.
-        _in_range("n", n, 1, self.engine.max_batch)
+        # The choices decode side by side in one batch, so no more than the batch holds; and they queue
+        # together, so no more than the queue holds (else every retry of an n above it would get a 503).
+        _in_range("n", n, 1, min(self.engine.max_batch, self.cfg.max_waiting))
         stream = _get(body, "stream", "boolean", False)
         options = _get(body, "stream_options", "object", {})
         if options and not stream:
