@@ -364,3 +364,16 @@ def test_plan_suggests_only_fixes_that_fit(capsys):
 def test_plan_says_when_it_changes_the_micro_batch(capsys, asked, planned, why):
     code, out, _ = run_cli(["plan", "--preset", "seed-215m", "--gpu", "h100", "--micro-batch", str(asked)], capsys)
     assert code == 0 and f"note         micro_batch {asked} {why} the 512 sequences per GPU; using {planned}, as the trainer would" in out
+
+
+def test_plan_says_which_micro_batch_to_pass_when_the_config_sets_none(tmp_path, capsys):
+    """Without micro_batch the trainer runs the whole batch per process; a plan that had to pick a smaller
+    one to fit says to pass it, instead of calling a run that would run out of memory one that fits."""
+    config = tmp_path / "my.yaml"
+    config.write_text("model: {preset: seed-215m}\nseq_len: 512\nbatch_size: 512\n")
+    code, out, _ = run_cli(["plan", "--config", str(config), "--gpu", "a100"], capsys)
+    assert code == 0 and ("note         micro_batch is not set, so the trainer would run all 512 sequences per GPU "
+                          "at once, which does not fit; this plan is for --micro-batch 128: pass that to the "
+                          "trainer") in out
+    code, out, _ = run_cli(["plan", "--config", str(config), "--gpu", "a100", "--micro-batch", "128"], capsys)
+    assert code == 0 and "note " not in out

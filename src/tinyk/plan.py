@@ -633,6 +633,11 @@ def format_plan(p: dict[str, Any]) -> str:
     c = m["config"]
     ck = r["activation_checkpointing"]
     note = micro_note(r["batch_size"], g["count"], r["micro_batch_requested"], r["micro_batch"], per="GPU")
+    per_gpu = r["batch_size"] // g["count"]
+    if r["micro_batch_requested"] is None and r["micro_batch"] < per_gpu:
+        # The trainer has no memory model: left unset, its micro-batch is the whole batch per process.
+        note = (f"micro_batch is not set, so the trainer would run all {per_gpu} sequences per GPU at once, which "
+                f"does not fit; this plan is for --micro-batch {r['micro_batch']}: pass that to the trainer")
     precision = "fp32" if r["dtype"] == "fp32" else f"{r['dtype']} autocast"
     parallel = {"none": "one process", "ddp": "DDP", "fsdp": "FSDP"}[r["parallel"]]
     lines = [
@@ -645,7 +650,8 @@ def format_plan(p: dict[str, Any]) -> str:
         f"run          seq {r['seq_len']}; global batch {r['batch_size']} sequences = micro-batch {r['micro_batch']} "
         f"x {r['grad_accum']} accumulation x {g['count']} GPU{'s' * (g['count'] > 1)}; {precision} with fp32 "
         f"master weights; {parallel}; activation checkpointing {'on' if ck else 'off'}",
-        *([f"note         {note}, as the trainer would"] if note else []),
+        *([f"note         {note}" + ("" if r["micro_batch_requested"] is None else ", as the trainer would")]
+          if note else []),
         "",
         *_memory_lines(p),
         "",
