@@ -86,7 +86,7 @@ PLAN = ["plan", "--preset", "nano"]
     ([*GEN, "--batch-size", "0"], "--batch-size", BATCH),
     ([*GEN, "--top-k", "100000000000000000000"], "--top-k", "must be an integer in 0..1000000"),
     ([*GEN, "--max-new-tokens", "0"], "--max-new-tokens", POSITIVE),
-    ([*GEN, "--seed", "-1"], "--seed", SEED),
+    ([*GEN, "--seed", str(2**63)], "--seed", "must be an integer in -9223372036854775808..9223372036854775807"),
     ([*SERVE, "--port", "70000"], "--port", "must be an integer in 0..65535"),
     ([*SERVE, "--max-batch", "0"], "--max-batch", BATCH),
     ([*SERVE, "--max-waiting", "0"], "--max-waiting", POSITIVE),
@@ -148,6 +148,9 @@ def test_good_values_and_defaults_still_parse():
     assert parse(["sft", "--max-tokens", "10B"]).max_tokens == 10**10
     assert parse([*DATA, "--shard-tokens", "1b"]).shard_tokens == 10**9
     assert positive_size("10B") == 10  # bytes stay bytes
+    # Sampling seeds take the API's range (int64), so any request's seed can be replayed with generate or chat.
+    assert [parse([*GEN, "--seed", s]).seed for s in ("-1", "5000000000")] == [-1, 5 * 10**9]
+    assert parse(["chat", "--model", "m", "--seed=-9223372036854775808"]).seed == -2**63
     assert parse(["demo", "--minutes", "1.5"]).minutes == 1.5 and parse(["demo"]).minutes is None
     assert parse(["eval", "--model", "m"]).force is False
 

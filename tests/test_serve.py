@@ -809,3 +809,17 @@ def test_serving_on_every_interface_prints_a_url_that_opens_and_warns_without_a_
     finally:
         proc.terminate()
         proc.wait(60)
+
+
+def test_server_defaults_beyond_the_apis_ranges_still_serve(nano_model_dir):
+    """`tinyk serve --temperature 3 --top-k 1000` (as generate takes them): a request that leaves those
+    fields out gets the server's settings, not a 400 about a field it never sent; one that sends them
+    is held to the API's ranges."""
+    server, _ = start(nano_model_dir, defaults=replace(DEFAULTS, temperature=3.0, top_k=1000, repetition_penalty=20.0))
+    try:
+        status, body = request(server, "POST", "/v1/completions", {"model": "nano", "prompt": "hi", "max_tokens": 2})
+        assert status == 200 and body["choices"][0]["finish_reason"] in ("length", "stop")
+        status, body = request(server, "POST", "/v1/completions", {"model": "nano", "prompt": "hi", "temperature": 3})
+        assert status == 400 and body["error"]["param"] == "temperature"
+    finally:
+        server.close()

@@ -124,6 +124,16 @@ def _get(body: dict, name: str, kind: str, default: Any = _MISSING) -> Any:
     return value
 
 
+def _sampling_field(body: dict, name: str, kind: str, default: float, lo: float, hi: float) -> Any:
+    """A sampling setting: the request's, within the API's range (OpenAI's), else the server's flag, which
+    is not held to it (`tinyk generate` takes a --temperature of 3 too, and a client never sent it)."""
+    value = _get(body, name, kind, None)
+    if value is None:
+        return default
+    _in_range(name, value, lo, hi)
+    return value
+
+
 def _in_range(name: str, value: float | None, lo: float, hi: float) -> None:
     if value is not None and not lo <= value <= hi:
         raise ApiError(400, f"'{name}' must be between {lo} and {hi}, got {value}", param=name,
@@ -183,16 +193,11 @@ class Api:
             raise ApiError(400, f"this model's maximum context length is {ctx} tokens, but {prompt_tokens + max_tokens} "
                                 f"were requested ({prompt_tokens} in the prompt, {max_tokens} for the completion)",
                            param=max_name, code="context_length_exceeded")
-        temperature = _get(body, "temperature", "number", d.temperature)
-        _in_range("temperature", temperature, 0, 2)
-        top_p = _get(body, "top_p", "number", d.top_p)
-        _in_range("top_p", top_p, 0, 1)
-        top_k = _get(body, "top_k", "integer", d.top_k)
-        _in_range("top_k", top_k, -1, self.engine.vocab_size)
-        min_p = _get(body, "min_p", "number", d.min_p)
-        _in_range("min_p", min_p, 0, 1)
-        penalty = _get(body, "repetition_penalty", "number", d.repetition_penalty)
-        _in_range("repetition_penalty", penalty, 0.01, 10)
+        temperature = _sampling_field(body, "temperature", "number", d.temperature, 0, 2)
+        top_p = _sampling_field(body, "top_p", "number", d.top_p, 0, 1)
+        top_k = _sampling_field(body, "top_k", "integer", d.top_k, -1, self.engine.vocab_size)
+        min_p = _sampling_field(body, "min_p", "number", d.min_p, 0, 1)
+        penalty = _sampling_field(body, "repetition_penalty", "number", d.repetition_penalty, 0.01, 10)
         stop = body.get("stop")
         if isinstance(stop, str):
             stop = [stop]

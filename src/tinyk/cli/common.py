@@ -80,6 +80,7 @@ def float_range(lo: float | None = None, hi: float | None = None, *, lo_open: bo
 positive_int = int_range(1)
 non_negative_int = int_range(0)
 seed = int_range(0, SEED_MAX)
+sampling_seed = int_range(-2**63, 2**63 - 1)  # the API's (OpenAI's int64): any request's seed can be replayed
 batch_count = int_range(1, MAX_BATCH)
 positive_float = float_range(0, lo_open=True)
 non_negative_float = float_range(0)
@@ -162,4 +163,4 @@ def add_sampling_args(p: argparse.ArgumentParser, seed_help: str = "seed for rep
     p.add_argument("--repetition-penalty", type=float, default=1.1,
                    help="penalise tokens already in the text; 1 = off (default 1.1)")
     p.add_argument("--max-new-tokens", type=positive_int, default=256, help="token budget per answer (default 256)")
-    p.add_argument("--seed", type=seed, default=None, help=seed_help)
+    p.add_argument("--seed", type=sampling_seed, default=None, help=seed_help)
