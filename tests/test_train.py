@@ -150,6 +150,9 @@ def test_config_layers_preset_file_flags_set(tmp_path):
     toml.write_text('lr = 5e-4\nseq_len = 64\n[model]\npreset = "nano"\n')
     t = resolve_config("pretrain", config=toml, flags={"out": "o", "data": "d"})
     assert (t.lr, t.seq_len, t.model) == (5e-4, 64, {"preset": "nano"})
+    # The dtype summary.json names (PyTorch's) is taken back, as its short name.
+    assert resolve_config("pretrain", preset="nano", flags={"out": "o", "data": "d"}, sets=["dtype=float32"]).dtype \
+        == "fp32"
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text("kind: pretrain\ndata: d\nlr: 0.005\nmax_steps: 4\nmodel: {preset: nano, dim: 32}\n")

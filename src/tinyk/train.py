@@ -67,6 +67,8 @@ from .monitor import TRACKERS, Monitor, Trackers, finite, measure_matmul_flops, 
 
 KINDS = ("pretrain", "sft")
 TRAIN_DTYPES = ("auto", "bf16", "fp16", "fp32")  # also the --dtype choices of pretrain, sft and plan
+# PyTorch's names, as summary.json and the header print them (and generate's --dtype takes them).
+DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 PARALLEL = ("ddp", "fsdp")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
@@ -311,6 +313,7 @@ def resolve_config(kind: str, *, preset: str | None = None, config: str | Path |
         raise TinykError(f"nothing to resume in {d['out']} (no config.yaml there); check --out, or start a new "
                          f"run without --resume")
     cfg = TrainConfig(**{**d, "kind": kind})
+    cfg.dtype = DTYPE_ALIASES.get(cfg.dtype, cfg.dtype)
     validate(cfg)
     return cfg
 
