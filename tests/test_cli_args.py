@@ -119,7 +119,7 @@ PLAN = ["plan", "--preset", "nano"]
     (["chat", "--model", "m", "--message", "  "], "--message", "must not be empty"),
     # text a model reads, with bytes that were not UTF-8 (Python's surrogateescape of argv)
     (["chat", "--model", "m", "--message", "hi\udcff"], "--message", UTF8),
-    (["chat", "--model", "m", "--system", "\udcb2\udce2"], "--system", UTF8),
+    (["chat", "--model", "m", "--system", "\udcb2\udce2"], "--system-prompt/--system", UTF8),
     ([*GEN, "--prompt", "\udcc4\udce3"], "--prompt", UTF8),
     ([*GEN, "--stop", "\udcff"], "--stop", UTF8),
     ([*SFT, "--system-prompt", "bad\udcff"], "--system-prompt", UTF8),
@@ -151,6 +151,9 @@ def test_good_values_and_defaults_still_parse():
     # Sampling seeds take the API's range (int64), so any request's seed can be replayed with generate or chat.
     assert [parse([*GEN, "--seed", s]).seed for s in ("-1", "5000000000")] == [-1, 5 * 10**9]
     assert parse(["chat", "--model", "m", "--seed=-9223372036854775808"]).seed == -2**63
+    # chat's system prompt flag has serve's, eval's and data sft's name too.
+    assert parse(["chat", "--model", "m", "--system-prompt", "x"]).system == "x" == \
+        parse(["chat", "--model", "m", "--system", "x"]).system
     assert parse(["demo", "--minutes", "1.5"]).minutes == 1.5 and parse(["demo"]).minutes is None
     assert parse(["eval", "--model", "m"]).force is False
 

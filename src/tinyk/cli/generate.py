@@ -69,7 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "input piped on stdin, answers that one message and exits.")
     add_engine_args(c)
     c.add_argument("--message", type=non_empty, help="answer this one message and exit")
-    c.add_argument("--system", type=utf8_text, help="system prompt (default: the model's own, its SFT data's; '' for none)")
+    c.add_argument("--system-prompt", "--system", dest="system", type=utf8_text, help="system prompt (default: the model's own, its SFT data's; '' for none)")
     add_sampling_args(c)
     c.set_defaults(func=_chat)
 
