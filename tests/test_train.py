@@ -150,7 +150,11 @@ def test_config_layers_preset_file_flags_set(tmp_path):
     toml.write_text('lr = 5e-4\nseq_len = 64\n[model]\npreset = "nano"\n')
     t = resolve_config("pretrain", config=toml, flags={"out": "o", "data": "d"})
     assert (t.lr, t.seq_len, t.model) == (5e-4, 64, {"preset": "nano"})
-    # The dtype summary.json names (PyTorch's) is taken back, as its short name.
+    # A token budget is written as --max-tokens takes it; the dtype summary.json names (PyTorch's) is taken back.
+    assert resolve_config("pretrain", preset="nano", flags={"out": "o", "data": "d"}, sets=["max_tokens=10B"]) \
+        .max_tokens == 10**10
+    with pytest.raises(TinykError, match=r"^config key max_tokens: must be a size from 1 to 1e18"):
+        resolve_config("pretrain", preset="nano", flags={"out": "o", "data": "d"}, sets=["max_tokens=-1B"])
     assert resolve_config("pretrain", preset="nano", flags={"out": "o", "data": "d"}, sets=["dtype=float32"]).dtype \
         == "fp32"
     run = tmp_path / "run"

@@ -140,6 +140,14 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if type(None) in args:
             return None
         raise TinykError(f"config key {key} cannot be null")
+    if key == "max_tokens" and isinstance(value, str):  # as --max-tokens takes it: 10B, 500M, 2e9
+        from argparse import ArgumentTypeError
+
+        from .cli.common import token_count
+        try:
+            return token_count(value)
+        except ArgumentTypeError as e:
+            raise TinykError(f"config key max_tokens: {e}") from None
     if isinstance(value, str) and any(t in (int, float) for t in args):
         with contextlib.suppress(ValueError):  # YAML 1.1 reads 3e-4 (no dot) as a string
             value = float(value)
