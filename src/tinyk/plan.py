@@ -634,7 +634,9 @@ def format_plan(p: dict[str, Any]) -> str:
     ck = r["activation_checkpointing"]
     note = micro_note(r["batch_size"], g["count"], r["micro_batch_requested"], r["micro_batch"], per="GPU")
     per_gpu = r["batch_size"] // g["count"]
-    if r["micro_batch_requested"] is None and r["micro_batch"] < per_gpu:
+    if note:
+        note += ", as the trainer would"
+    elif r["micro_batch_requested"] is None and r["micro_batch"] < per_gpu:
         # The trainer has no memory model: left unset, its micro-batch is the whole batch per process.
         note = (f"micro_batch is not set, so the trainer would run all {per_gpu} sequences per GPU at once, which "
                 f"does not fit; this plan is for --micro-batch {r['micro_batch']}: pass that to the trainer")
@@ -650,8 +652,7 @@ def format_plan(p: dict[str, Any]) -> str:
         f"run          seq {r['seq_len']}; global batch {r['batch_size']} sequences = micro-batch {r['micro_batch']} "
         f"x {r['grad_accum']} accumulation x {g['count']} GPU{'s' * (g['count'] > 1)}; {precision} with fp32 "
         f"master weights; {parallel}; activation checkpointing {'on' if ck else 'off'}",
-        *([f"note         {note}" + ("" if r["micro_batch_requested"] is None else ", as the trainer would")]
-          if note else []),
+        *([f"note         {note}"] if note else []),
         "",
         *_memory_lines(p),
         "",
