@@ -56,6 +56,7 @@ from .files import (
     check_output,
     first_line,
     out_of_memory,
+    parse_size,
     plural,
     remove_path,
     write_json_atomic,
@@ -141,12 +142,9 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             return None
         raise TinykError(f"config key {key} cannot be null")
     if key == "max_tokens" and isinstance(value, str):  # as --max-tokens takes it: 10B, 500M, 2e9
-        from argparse import ArgumentTypeError
-
-        from .cli.common import token_count
         try:
-            return token_count(value)
-        except ArgumentTypeError as e:
+            return parse_size(value, lo=1, tokens=True)
+        except ValueError as e:
             raise TinykError(f"config key max_tokens: {e}") from None
     if isinstance(value, str) and any(t in (int, float) for t in args):
         with contextlib.suppress(ValueError):  # YAML 1.1 reads 3e-4 (no dot) as a string

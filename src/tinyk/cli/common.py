@@ -8,16 +8,12 @@ are never accepted.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 from collections.abc import Callable
 from typing import NoReturn
 
-from tinyk.files import MAX_BATCH, has_surrogate
+from tinyk.files import MAX_BATCH, MAX_SIZE, has_surrogate, parse_size
 
-_UNITS = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
-
-MAX_SIZE = 10**18  # beyond this, counts overflow the 64-bit integers of the libraries underneath
 SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit
 
 
@@ -101,53 +97,22 @@ def non_empty(s: str) -> str:
     return utf8_text(s)
 
 
-def _fmt_size(n: int) -> str:
-    for unit, scale in (("T", 10**12), ("G", 10**9), ("M", 10**6), ("k", 10**3)):
-        if n >= scale and n % scale == 0 and n // scale < 1000:
-            return f"{n // scale}{unit}"
-    return f"{n:.0e}".replace("e+", "e") if n >= 10**15 else str(n)
-
-
-def size_number(s: str) -> float:
-    """'500M', '2G', '1e9' or a plain number, as a float (unchecked)."""
-    t = s.strip().lower().rstrip("b")
-    try:
-        if t and t[-1] in _UNITS:
-            return float(t[:-1]) * _UNITS[t[-1]]
-        return float(t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {s!r} (e.g. 500M, 2G)") from None
-
-
-def checked_size(value: float, s: str, lo: int = 0, hi: int = MAX_SIZE) -> int:
-    """`value` (parsed from `s`) as an integer count in lo..hi, else an argparse error."""
-    n = int(value) if math.isfinite(value) else None
-    if n is None or not lo <= n <= hi:
-        _refuse(f"a size from {_fmt_size(lo)} to {_fmt_size(hi)} (e.g. 500M, 2G)", s)
-    return n
-
-
-def size_range(lo: int = 1, hi: int = MAX_SIZE) -> Callable[[str], int]:
-    """A `type=` for a byte or token count in lo..hi, written as '500M', '2G', '1e9' or a plain number."""
+def size_range(lo: int = 1, hi: int = MAX_SIZE, *, tokens: bool = False) -> Callable[[str], int]:
+    """A `type=` for a byte or token count in lo..hi, written as '500M', '2G', '1e9' or a plain number
+    (`files.parse_size`: with `tokens`, 10B is ten billion, not ten bytes)."""
 
     def parse(s: str) -> int:
-        return checked_size(size_number(s), s, lo, hi)
+        try:
+            return parse_size(s, lo, hi, tokens=tokens)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
 
     parse.__name__ = "size"
     return parse
 
 
 positive_size = size_range(1)
-
-
-def token_count(s: str) -> int:
-    """A `type=` for a token count: a size, except that a B after a number means billion ("10B tokens",
-    as `tinyk plan` prints them), never bytes."""
-    t = s.strip()
-    if t[-1:] in ("b", "B"):
-        with contextlib.suppress(ValueError):
-            return checked_size(float(t[:-1]) * 10**9, s, lo=1)
-    return checked_size(size_number(t), s, lo=1)
+token_count = size_range(1, tokens=True)
 
 
 def add_sampling_args(p: argparse.ArgumentParser, seed_help: str = "seed for reproducible sampling") -> None:
