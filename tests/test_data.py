@@ -635,6 +635,27 @@ def test_tiny_corpora_still_get_both_splits(tmp_path, tok_dir):
         PretrainLoader(tmp_path / "one", "val", 8, 2)
 
 
+def test_a_documents_split_depends_on_its_content_alone(tmp_path, tok_dir):
+    """Fixing a bad line and preparing again moves no other document into train (a run continued on
+    the new data would be validated on text it trained on), and copies of a document are on one side."""
+    docs = texts(300)
+
+    def val_and_train(name: str, lines: list[str], seed: int = 0) -> tuple[set, set]:
+        src = tmp_path / f"{name}.jsonl"
+        src.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        prepare_pretrain([src], tok_dir, tmp_path / name, val_fraction=0.1, seed=seed, **QUIET)
+        return tuple({tuple(d) for d in documents(tmp_path / name, split)} for split in ("val", "train"))
+
+    good = [json.dumps({"text": t}, ensure_ascii=False) for t in docs]
+    val, train = val_and_train("good", good)
+    assert 10 < len(val) < 60 and len(val) + len(train) == 300
+    broken_val, _ = val_and_train("broken", ['{"text": "cut'] + good[1:])
+    assert broken_val <= val and len(val - broken_val) <= 1
+    twice_val, twice_train = val_and_train("twice", [x for line in good for x in (line, line)])
+    assert (twice_val, twice_train) == (val, train)  # each copy where the first one is
+    assert val_and_train("seed", good, seed=1)[0] != val
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"val_fraction": 1.0}, "val-fraction"),
     ({"workers": 0}, "workers"),
@@ -689,9 +710,10 @@ def sft_split(data_dir: Path, split: str = "train") -> list[tuple[np.ndarray, np
     return [(toks[a:b], mask[a:b]) for a, b in zip(off[:-1], off[1:], strict=True)]
 
 
-def check_mask(tok, ids: np.ndarray, mask: np.ndarray, messages: list[dict]) -> None:
-    """The mask covers exactly each assistant content and the <|im_end|> closing it."""
-    assert tok.decode(ids.tolist()) == render_chat(messages)
+def check_mask(tok, ids: np.ndarray, mask: np.ndarray, messages: list[dict], cut: bool = False) -> None:
+    """The mask covers exactly each assistant content and the <|im_end|> closing it; a conversation
+    `cut` after a turn ends with that <|im_end|> (the newline after it learns nothing)."""
+    assert tok.decode(ids.tolist()) == render_chat(messages).removesuffix("\n" if cut else "")
     answers = [m["content"] for m in messages if m["role"] == "assistant"]
     spans = mask_spans(mask)
     assert len(spans) == len(answers)
@@ -845,6 +867,9 @@ def test_sft_bad_records_are_skipped_by_reason(tmp_path, tok_dir):
         json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]}),  # 7
         json.dumps({"messages": []}),                                                   # 8 empty
         json.dumps(ok, ensure_ascii=False),
+        # A `datasets` export of mixed sources writes both keys, the one a row lacks as null or empty.
+        json.dumps({"conversations": None, "messages": ok}, ensure_ascii=False),
+        json.dumps({"conversations": [], "messages": ok}, ensure_ascii=False),
     ]
     src = tmp_path / "s.jsonl"
     src.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -852,7 +877,7 @@ def test_sft_bad_records_are_skipped_by_reason(tmp_path, tok_dir):
     assert meta["skipped"]["by_reason"] == {"malformed_json": 1, "unknown_format": 1, "bad_message": 1,
                                             "unknown_role": 1, "no_assistant_turn": 2, "empty": 1}
     assert meta["skipped"]["first"]["no_assistant_turn"] == ["s.jsonl:6", "s.jsonl:7"]
-    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 2
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 4
     with pytest.raises(TinykError, match="not .txt"):
         prepare_sft([write_jsonl(tmp_path / "t.txt", ["x"])], tok_dir, tmp_path / "o2", **QUIET)
     with pytest.raises(TinykError, match="s.jsonl:2: malformed json"):
@@ -871,7 +896,7 @@ def test_sft_truncates_at_a_turn_boundary_when_possible(tmp_path, tok_dir):
     assert meta["truncated"] == {"at_turn": 1, "mid_turn": 1}  # the dropped one is only "skipped"
     assert meta["skipped"]["by_reason"] == {"prompt_too_long": 1}
     (ids0, mask0), (ids1, mask1) = sft_split(tmp_path / "o")
-    check_mask(tok, ids0, mask0, first)
+    check_mask(tok, ids0, mask0, first, cut=True)
     assert len(ids1) == max_len and mask1[-1] == 1 and ids1[-1] != EOS
     assert tok.decode(ids1.tolist()).startswith(render_chat(long_answer)[:20])
     assert meta["splits"]["train"]["bytes"] == len("好的。".encode()) + len(tok.decode(ids1[mask_spans(mask1)[0][0]:].tolist()).encode())
@@ -884,6 +909,14 @@ def test_sft_truncates_at_a_turn_boundary_when_possible(tmp_path, tok_dir):
     assert meta["truncated"] == {"mid_turn": 1} and meta["skipped"]["total"] == 0
     (ids, mask), = sft_split(tmp_path / "e")
     assert len(ids) == max_len and mask[-5:].all() and not mask[:-5].any()  # the empty reply learns nothing
+    # One token over --max-len is the newline after the last <|im_end|>: no answer is lost (the whole
+    # last reply was, when the cut came before the turn that the newline closes).
+    max_len = len(tok.encode(render_chat(two_turns))) - 1
+    src = write_jsonl(tmp_path / "n.jsonl", [two_turns], field=None)
+    meta = prepare_sft([src], tok_dir, tmp_path / "n", max_len=max_len, system_prompt="", val_fraction=0.0, **QUIET)
+    assert meta["truncated"] == {"at_turn": 1}
+    (ids, mask), = sft_split(tmp_path / "n")
+    check_mask(tok, ids, mask, two_turns, cut=True)
 
 
 def test_a_huge_message_is_tokenized_only_as_far_as_max_len_reaches(tmp_path, tok_dir, monkeypatch):

@@ -197,6 +197,18 @@ def test_a_leading_utf8_bom_is_dropped(tmp_path, name):
     assert recs[0] == (DOCS[0] if ".jsonl" in name else {"text": "第一行"})
 
 
+def test_a_bom_glued_inside_a_file_is_dropped_too(tmp_path):
+    """`cat a.jsonl b.jsonl` of two files Notepad saved puts b's BOM at the start of a line."""
+    bom = b"\xef\xbb\xbf"
+    lines = JSONL.splitlines(keepends=True)
+    path = tmp_path / "glued.jsonl"
+    path.write_bytes(bom + b"".join(lines[:2]) + bom + b"".join(lines[2:]))
+    skips = Skips(strict=True)
+    assert [rec for _, rec in iter_records([path], skips)] == DOCS and skips.total == 0
+    (tmp_path / "glued.txt").write_bytes(bom + "一\n".encode() + bom + "二\n".encode())
+    assert texts(tmp_path / "glued.txt") == ["一", "二"]
+
+
 def test_bom_jsonl_trains_with_no_skips(tmp_path, tok_dir, capsys):
     src = tmp_path / "bom.jsonl"
     src.write_bytes(b"\xef\xbb\xbf" + JSONL)

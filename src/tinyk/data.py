@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import json
 import multiprocessing
 import multiprocessing.pool
@@ -102,11 +103,12 @@ def default_workers() -> int:
 
 @dataclass
 class _Batch:
-    """Tokenized documents back to back, with per-document lengths and source sizes."""
+    """Tokenized documents back to back, with per-document lengths, source sizes and content keys."""
 
     tokens: np.ndarray
     lengths: np.ndarray
     nbytes: np.ndarray
+    keys: np.ndarray  # uint64 hash of each document's content: what decides its split
     mask: np.ndarray | None = None
 
     def __len__(self) -> int:
@@ -116,7 +118,7 @@ class _Batch:
         """The documents where `keep` (one bool per document) is set, in order."""
         per_token = np.repeat(keep, self.lengths)
         mask = None if self.mask is None else self.mask[per_token]
-        return _Batch(self.tokens[per_token], self.lengths[keep], self.nbytes[keep], mask)
+        return _Batch(self.tokens[per_token], self.lengths[keep], self.nbytes[keep], self.keys[keep], mask)
 
 
 @dataclass(frozen=True)
@@ -230,8 +232,9 @@ def _encode_pretrain(job: _Job, texts: list[str]) -> _Batch:
     tokens[ends - lengths] = IM_START_ID
     tokens[ends - 1] = IM_END_ID
     tokens[inner] = np.fromiter(chain.from_iterable(ids), job.dtype, len(tokens) - 2 * len(ids))
-    nbytes = np.fromiter((len(t.encode("utf-8")) for t in texts), np.int64, len(texts))
-    return _Batch(tokens, lengths, nbytes)
+    raw = [t.encode("utf-8") for t in texts]
+    nbytes = np.fromiter((len(b) for b in raw), np.int64, len(raw))
+    return _Batch(tokens, lengths, nbytes, _content_keys(raw))
 
 
 def _encode_sft(job: _Job, convs: list[tuple[str, list[dict[str, str]]]]) -> _Encoded:
@@ -242,13 +245,13 @@ def _encode_sft(job: _Job, convs: list[tuple[str, list[dict[str, str]]]]) -> _En
     assistant turn that fits, or mid-turn when none does.
     """
     chats = encode_chat(_tokenizer(job.tokenizer_json), [msgs for _, msgs in convs])
-    toks, masks, lengths, nbytes, skipped = [], [], [], [], []
+    toks, masks, lengths, nbytes, kept, skipped = [], [], [], [], [], []
     truncated: Counter = Counter()
-    for (where, _), chat in zip(convs, chats, strict=True):
+    for (where, msgs), chat in zip(convs, chats, strict=True):
         mask = np.asarray(chat.flags, np.uint8)
         cut, how = len(chat.ids), None
         if cut > job.max_len:
-            fits = [n for n in chat.turn_ends if n <= job.max_len]  # ends of learnable (non-empty) replies
+            fits = [n for n in chat.turn_ends if n <= job.max_len]  # just past learnable replies' <|im_end|>
             cut, how = (fits[-1], "at_turn") if fits else (job.max_len, "mid_turn")
         if not mask[1:cut].any():  # dropped, so counted as skipped only
             skipped.append(("prompt_too_long", where))
@@ -259,8 +262,10 @@ def _encode_sft(job: _Job, convs: list[tuple[str, list[dict[str, str]]]]) -> _En
         masks.append(mask[:cut])
         lengths.append(cut)
         nbytes.append(chat.answer_bytes(cut))
+        kept.append(json.dumps(msgs, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
     batch = _Batch(np.concatenate(toks) if toks else np.empty(0, job.dtype), np.array(lengths, np.int64),
-                   np.array(nbytes, np.int64), np.concatenate(masks) if masks else np.empty(0, np.uint8))
+                   np.array(nbytes, np.int64), _content_keys(kept),
+                   np.concatenate(masks) if masks else np.empty(0, np.uint8))
     return batch, skipped, truncated
 
 
@@ -409,10 +414,17 @@ def _batched(items: Iterable[Any], size: Callable[[Any], int], limit: int) -> It
 _M64 = (1 << 64) - 1
 
 
-def _unit_draws(seed: int, start: int, n: int) -> np.ndarray:
-    """A splitmix64 hash of (seed, document index) in [0, 1): the split ignores batch boundaries."""
-    z = np.arange(start, start + n, dtype=np.uint64)
-    z = z * np.uint64(0x9E3779B97F4A7C15) + np.uint64((seed * 0xD1B54A32D192ED03 + 1) & _M64)
+def _content_keys(docs: list[bytes]) -> np.ndarray:
+    """A 64-bit hash of each document's bytes."""
+    return np.fromiter((int.from_bytes(hashlib.blake2b(d, digest_size=8).digest(), "little") for d in docs),
+                       np.uint64, len(docs))
+
+
+def _unit_draws(seed: int, keys: np.ndarray) -> np.ndarray:
+    """A splitmix64 hash of (seed, content key) in [0, 1). A document's split depends on its content
+    alone: fixing or adding other records moves no document between train and val, and copies of a
+    document are all on the same side."""
+    z = keys * np.uint64(0x9E3779B97F4A7C15) + np.uint64((seed * 0xD1B54A32D192ED03 + 1) & _M64)
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     z ^= z >> np.uint64(31)
@@ -583,7 +595,7 @@ class _Splitter:
     def add(self, b: _Batch) -> None:
         if not len(b):
             return
-        to_val = _unit_draws(self.seed, self.seen, len(b)) < self.val_fraction
+        to_val = _unit_draws(self.seed, b.keys) < self.val_fraction
         self.seen += len(b)
         if self.held is not None:
             self._route(*self.held)
@@ -761,8 +773,8 @@ def _fingerprint(kind: str, paths: list[Path], tok_hash: str, options: dict[str,
     for p in paths:
         st = p.stat()
         inputs.append({"path": shown(p.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns})
-    return {"tinyk": __version__, "kind": kind, "format_version": FORMAT_VERSION, "tokenizer_hash": tok_hash,
-            "inputs": inputs, "options": options, "strict": strict}
+    return {"tinyk": __version__, "kind": kind, "format_version": FORMAT_VERSION, "val_split": "by content",
+            "tokenizer_hash": tok_hash, "inputs": inputs, "options": options, "strict": strict}
 
 
 def _prepare(kind: str, paths: list[Path], tok: TinyTokenizer, out: str | Path, *,
@@ -952,8 +964,10 @@ def normalize_conversation(rec: Any, system_prompt: str = DEFAULT_SYSTEM_PROMPT)
     system = None
     if isinstance(rec, list):
         turns = rec
-    elif isinstance(rec, dict) and isinstance(rec.get("conversations", rec.get("messages")), list):
-        turns = rec.get("conversations", rec.get("messages"))
+    elif isinstance(rec, dict) and any(isinstance(rec.get(k), list) for k in ("conversations", "messages")):
+        # Both keys, one null or empty, is how a `datasets` export of mixed sources writes a row.
+        lists = [rec[k] for k in ("conversations", "messages") if isinstance(rec.get(k), list)]
+        turns = next((t for t in lists if t), lists[0])
         system = rec.get("system")
     elif isinstance(rec, dict) and "instruction" in rec and "output" in rec:
         turns = _alpaca_turns(rec)

@@ -398,8 +398,8 @@ def iter_lines(path: Path, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iter
                 if packed and not _codec(path):
                     raise TinykError(f"{path}: {_CODECS[packed]}-compressed data in a file not named {packed}; "
                                      f"rename it to {path.name}{packed} and tinyk reads it as it is")
-                if line.startswith(_BOM):
-                    line = line[len(_BOM):]
+            if line.startswith(_BOM):  # the file's, or one glued on by `cat a.jsonl b.jsonl`
+                line = line[len(_BOM):]
             if len(line) > max_line_bytes and not line.endswith(b"\n"):
                 while line and not line.endswith(b"\n"):
                     line = f.readline(1 << 20)

@@ -124,7 +124,7 @@ class ChatTokens:
 
     ids: list[int] = field(default_factory=list)
     flags: list[int] = field(default_factory=list)  # 1 on assistant content and the <|im_end|> closing its turn
-    turn_ends: list[int] = field(default_factory=list)  # token index just past each assistant turn
+    turn_ends: list[int] = field(default_factory=list)  # token index just past each assistant <|im_end|>
     # Per assistant turn: its first content token, where each content token starts in the text, the text.
     answers: list[tuple[int, list[int], str]] = field(default_factory=list)
 
@@ -178,9 +178,9 @@ def encode_chat(plain: Tokenizer, conversations: list[list[dict[str, str]]],
             else:
                 ct.add(enc.ids)
             ct.add([IM_END_ID], int(learn))
-            ct.add(newline)
-            if learn:
+            if learn:  # the newline after it learns nothing: a cut there loses no answer
                 ct.turn_ends.append(len(ct.ids))
+            ct.add(newline)
         if add_generation_prompt:
             ct.add([IM_START_ID, *reply_header])
         out.append(ct)
