@@ -18,7 +18,7 @@ from tinyk.checkpoint import init_model_dir, load_model, model_info, save_model
 from tinyk.engine import SamplingParams
 from tinyk.files import TinykError
 from tinyk.model import KVCache, ModelConfig, Transformer, preset_config
-from tinyk.tokenizer import SPECIAL_IDS
+from tinyk.tokenizer import SPECIAL_IDS, load_tokenizer
 
 
 @pytest.mark.parametrize("preset,expected", [("seed-215m", 215_127_040), ("seed-82m", 82_594_560)])
@@ -92,6 +92,25 @@ def test_hf_generate_stops_at_the_special_tokens_tinyk_stops_at(tmp_path, tok_di
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     x = torch.tensor([[tok.bos_token_id, *tok("北京").input_ids]])
     assert hf.generate(x, max_new_tokens=8, do_sample=False)[0, x.shape[1]:].tolist() == [0]
+
+
+def test_hf_generate_never_picks_the_rows_of_a_padded_embedding(tmp_path, tok_dir):
+    """An imported model may have more embedding rows than the tokenizer has ids (padded to a multiple
+    of 64): the engine never picks those rows, and generation_config.json tells transformers the same."""
+    from tinyk.engine import Engine
+
+    ids = load_tokenizer(tok_dir).vocab_size
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=ids + 40, max_seq_len=64))
+    with torch.no_grad():
+        model.lm_head.weight[ids:] *= 50  # the padding rows would win every step
+    out = save_model(model, tok_dir, tmp_path / "m")
+    tok, hf = AutoTokenizer.from_pretrained(out), AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert hf.generation_config.suppress_tokens == list(range(ids, ids + 40))
+    [done] = Engine.from_dir(out).generate(["北京"], SamplingParams(temperature=0, max_new_tokens=8))
+    x = torch.tensor([[tok.bos_token_id, *tok("北京").input_ids]])
+    theirs = hf.generate(x, max_new_tokens=8, do_sample=False)[0, x.shape[1]:].tolist()
+    assert theirs == done.token_ids and max(theirs) < ids
 
 
 def test_init_scales_what_writes_into_the_residual_stream():

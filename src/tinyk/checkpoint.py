@@ -35,15 +35,18 @@ from .tokenizer import (
 GENERATION_IDS = {"bos_token_id": IM_START_ID, "eos_token_id": IM_END_ID, "pad_token_id": IM_END_ID}
 
 
-def generation_config() -> dict[str, Any]:
+def generation_config(model_vocab: int, tokenizer_vocab: int) -> dict[str, Any]:
     """generation_config.json: every special token ends a sequence, eos first, so `generate()` in
     transformers stops where tinyk's engine does (a base model that opens the next document, too), and
-    greedy decoding there is tinyk's `--temperature 0` (the repetition penalty included). Sampling stays
-    off by default: with it on, transformers refuses `temperature=0` and saving a greedy config."""
+    greedy decoding there is tinyk's `--temperature 0` (the repetition penalty included, and the rows
+    past the tokenizer's ids that an imported model's padded embedding has suppressed, as the engine
+    does). Sampling stays off by default: with it on, transformers refuses `temperature=0` and saving
+    a greedy config."""
     from .engine import SamplingParams
 
+    padding = {"suppress_tokens": list(range(tokenizer_vocab, model_vocab))} if model_vocab > tokenizer_vocab else {}
     return {**GENERATION_IDS, "eos_token_id": [IM_END_ID, *sorted(SPECIAL_IDS - {IM_END_ID})],
-            "repetition_penalty": SamplingParams().repetition_penalty}
+            "repetition_penalty": SamplingParams().repetition_penalty, **padding}
 
 
 def hf_config(cfg: ModelConfig) -> dict[str, Any]:
@@ -155,7 +158,8 @@ def write_model_files(model: Transformer, tok_dir: str | Path, out: Path, system
         state.pop("lm_head.weight", None)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf_config(cfg), indent=2) + "\n")
-    (out / "generation_config.json").write_text(json.dumps(generation_config(), indent=2) + "\n")
+    gen = generation_config(cfg.vocab_size, load_tokenizer(tok_dir).vocab_size)
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     # tokenizer.json is the tokenizer (its hash is its identity); the two small files are tinyk's own,
     # written afresh, so a directory that transformers saved back (without special_tokens_map.json)
     # still makes complete models. The context length belongs to the model, so the config records it.
