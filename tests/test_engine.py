@@ -308,6 +308,9 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(engine):
     assert other != alone
     assert engine.generate(["我们今天"], replace(params, top_k=1))[0].token_ids == \
         engine.generate(["我们今天"], replace(GREEDY, max_new_tokens=16))[0].token_ids
+    # A k past any vocabulary (past int64, too) is "off", and fails no request batched with it.
+    assert [r.token_ids for r in engine.generate(["我们今天"] * 2, [replace(params, top_k=2**70), params])] == \
+        [alone, alone]
 
 
 def test_scheduler_serves_callers_and_cancels(engine, reference):

@@ -534,7 +534,9 @@ class _ParamTensors:
         self.penalize = any(p.repetition_penalty != 1 for p in ps)
         self.filter_k = any(p.top_k > 0 for p in ps)
         self.temperature, self.top_p, self.min_p = col("temperature"), col("top_p"), col("min_p")
-        self.penalty, self.top_k = col("repetition_penalty"), col("top_k", torch.long)
+        self.penalty = col("repetition_penalty")
+        # Any k past the vocabulary keeps every token; an int64 cannot hold every Python int.
+        self.top_k = torch.tensor([min(p.top_k, 2**62) for p in ps], dtype=torch.long, device=device)
 
 
 class Engine:
