@@ -117,6 +117,11 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+def training_flops(cfg: ModelConfig, matmul_params: int, seq_len: int) -> int:
+    """Training FLOPs per token: 6N for the matrices plus attention scores (PaLM appendix B)."""
+    return 6 * matmul_params + 12 * cfg.n_layers * cfg.dim * seq_len
+
+
 def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 cos/sin on the CPU, shape (max_seq_len, head_dim), HF's half-rotation layout, row = position."""
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device="cpu", dtype=torch.float32)
@@ -278,6 +283,8 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.activation_checkpointing = False
         self.init_rope()
+        if self.lm_head.weight.device.type == "meta":  # a shape to count or to load weights into
+            return
         self.apply(self._init_weights)
         # GPT-2's depth scaling of the projections that write into the residual stream. The seed
         # (after llama2.c) scales w3, which is up_proj, where the MLP's output is w2 (down_proj).
@@ -361,6 +368,4 @@ class Transformer(nn.Module):
         return self.num_params() - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim)
 
     def flops_per_token(self, seq_len: int) -> int:
-        """Training FLOPs per token: 6N for the matrices plus attention scores (PaLM appendix B)."""
-        cfg = self.config
-        return 6 * self.matmul_params() + 12 * cfg.n_layers * cfg.dim * seq_len
+        return training_flops(self.config, self.matmul_params(), seq_len)

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from .files import TinykError
-from .model import DTYPES, PRESETS, ModelConfig, Transformer, preset_config, sdpa_fuses_gqa
+from .files import TinykError, first_line
+from .model import DTYPES, PRESETS, ModelConfig, Transformer, preset_config, sdpa_fuses_gqa, training_flops
 from .monitor import gpu_peak_flops
 
 GiB = 2**30
@@ -146,9 +146,14 @@ def model_size(cfg: ModelConfig) -> dict[str, int]:
 
 @functools.lru_cache(maxsize=32)
 def _model_size(items: tuple[tuple[str, Any], ...]) -> tuple[tuple[str, int], ...]:
-    cfg = ModelConfig(**dict(items))
-    with torch.device("meta"):
-        model = Transformer(cfg)
+    # The context length changes no parameter, and its RoPE tables are built even on meta.
+    cfg = ModelConfig(**{**dict(items), "max_seq_len": 1})
+    try:
+        with torch.device("meta"):
+            model = Transformer(cfg)
+    except RuntimeError as e:  # a weight of more than 2**63 bytes
+        raise TinykError(f"the model is too large to plan (dim {cfg.dim}, hidden {cfg.hidden_dim}, vocab "
+                         f"{cfg.vocab_size}): {first_line(e)}") from None
     n = model.num_params()
     block = sum(p.numel() for p in model.model.layers[0].parameters())
     return (
@@ -165,9 +170,8 @@ def _model_size(items: tuple[tuple[str, Any], ...]) -> tuple[tuple[str, int], ..
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
-    """Exactly `Transformer.flops_per_token`, so plan and the training log report the same MFU."""
-    with torch.device("meta"):
-        return Transformer(cfg).flops_per_token(seq_len)
+    """What `Transformer.flops_per_token` gives, so plan and the training log report the same MFU."""
+    return training_flops(cfg, model_size(cfg)["flops_per_token_n"], seq_len)
 
 
 def flops_formula(cfg: ModelConfig, seq_len: int) -> str:
@@ -605,7 +609,8 @@ def _memory_lines(p: dict[str, Any]) -> list[str]:
              f"{'fits' if p['fits'] else 'DOES NOT FIT'}"),
         _row(f"peak with checkpointing {'off' if ck else 'on'}", p["memory_other_checkpointing"]["peak"]),
         f"largest micro-batch that fits: {fits['no_checkpointing']} without activation checkpointing, "
-        f"{fits['checkpointing']} with it (among divisors of the {r['batch_size'] // g['count']} sequences per GPU)",
+        f"{fits['checkpointing']} with it (among divisors of the {r['batch_size'] // g['count']} sequences per GPU)"
+        if fits["checkpointing"] else "no micro-batch fits, not even 1 with activation checkpointing",
     ]
 
 
