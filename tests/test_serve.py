@@ -773,6 +773,43 @@ def test_a_disconnected_client_is_cancelled(served, client, reference, stream):
     assert sched.stats()["running"] == 0
 
 
+def test_streams_whose_clients_left_while_queued_are_never_decoded_and_free_the_queue(nano_model_dir):
+    """A streamed request waiting for a batch row writes nothing that could fail, so its client is
+    watched as a non-streamed one is: it ends without a token, and its place in the queue is free
+    for the next client (with one row, each used to be prefilled and decoded once the row was free)."""
+    server, probe = start(nano_model_dir, max_waiting=2)
+    sched = server.api.scheduler
+    sched.engine.max_batch = 1
+    ended: list[tuple[int, str, int]] = []
+    both = threading.Event()
+    sched.on_finish = lambda r: (ended.append((r.params.max_new_tokens, r.finish_reason, len(r.out_ids))),
+                                 len(ended) == 2 and both.set())
+    probe.gate = gate = threading.Semaphore(0)
+    try:
+        running = stream_request(server, 100)
+        assert probe.waiting.wait(timeout=60)  # its prefill holds the only row
+        queued = [stream_request(server, 90), stream_request(server, 80)]
+        for s in queued:
+            assert s.recv(65536).startswith(b"HTTP/1.1 200 OK")  # the headers go out while it waits
+            s.close()
+        for _ in range(60):  # the running stream takes a step at a time meanwhile
+            probe.stepped.clear()
+            gate.release()
+            assert probe.stepped.wait(timeout=60)
+            if both.wait(timeout=0.05):  # the handlers look at their connections every 0.2 s
+                break
+        assert sorted(ended) == [(80, "cancelled", 0), (90, "cancelled", 0)] and sched.stats()["waiting"] == 0
+        late = stream_request(server, 2, stream=False)  # the queue has room again: not a 503
+        gate.release(1000)
+        assert late.recv(65536).startswith(b"HTTP/1.1 200 OK")
+        late.close()
+        running.close()
+    finally:
+        probe.gate = None
+        gate.release(1000)
+        server.close()
+
+
 def test_a_failed_step_is_a_500_and_the_server_goes_on(served, client, reference):
     server, probe = served
     probe.fail_next = True

@@ -401,10 +401,18 @@ class Request:
                 break
         return False
 
-    def deltas(self, timeout: float | None = None) -> Iterator[str]:
-        """Text deltas as a background `Scheduler` produces them, until the sequence ends."""
+    def deltas(self, timeout: float | None = None, idle: Callable[[], None] | None = None) -> Iterator[str]:
+        """Text deltas as a background `Scheduler` produces them, until the sequence ends. After `timeout`
+        seconds without one, `idle()` is called and the wait goes on (a server checks there that its
+        client is still connected, and raises to stop); without `idle`, queue.Empty is raised."""
         while True:
-            item = self._deltas.get(timeout=timeout)
+            try:
+                item = self._deltas.get(timeout=timeout)
+            except queue.Empty:
+                if idle is None:
+                    raise
+                idle()
+                continue
             if item is _DONE:
                 return
             yield item
@@ -806,9 +814,13 @@ class Scheduler:
                     self._waiting.clear()
                     self._deliver(events)
                     return
+                # A request whose client left while it waited gives its place in the queue up now.
+                gone = [r for r in self._waiting if r.cancelled]
+                if gone:
+                    self._waiting = deque(r for r in self._waiting if not r.cancelled)
                 room = self.engine.max_batch - len(batch.rows)
                 admit = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
-            events = [(r, r.end("cancelled")) for r in admit if r.cancelled]
+            events = [(r, r.end("cancelled")) for r in gone + admit if r.cancelled]
             admit = [r for r in admit if not r.cancelled]
             try:
                 if admit:

@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -639,6 +639,10 @@ class Handler(BaseHTTPRequestHandler):
                          "created": int(time.time()), "model": self.server.api.cfg.model_name, "choices": choices,
                          "usage": Api.usage(reqs)})
 
+    def _stop_if_client_gone(self) -> None:
+        if self._client_gone():
+            raise ConnectionAbortedError("the client left")
+
     def _client_gone(self) -> bool:
         """Whether the client closed the connection (an HTTP timeout, a closed tab) while it waited.
         A selector, not select(), which fails for descriptors past 1024 on a busy server; a client
@@ -682,7 +686,7 @@ class Handler(BaseHTTPRequestHandler):
                 for i in range(len(reqs)):
                     self._event(chunk(i, None, first=True))
             failed = None
-            for i, delta in _merged(reqs):
+            for i, delta in _merged(reqs, self._stop_if_client_gone):
                 if delta is not None:
                     self._event(chunk(i, delta))
                 elif reqs[i].finish_reason == "error":
@@ -710,12 +714,13 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
 
-def _merged(reqs: list[Request]) -> Iterator[tuple[int, str | None]]:
-    """(choice index, text delta) as the engine produces them, and (index, None) as each ends. One
-    thread per choice relays its deltas (n > 1 only); each ends when its sequence does, cancelled
+def _merged(reqs: list[Request], idle: Callable[[], None]) -> Iterator[tuple[int, str | None]]:
+    """(choice index, text delta) as the engine produces them, and (index, None) as each ends; `idle()`
+    is called every CLIENT_POLL_S without one (a request still queued writes nothing that would fail).
+    One thread per choice relays its deltas (n > 1 only); each ends when its sequence does, cancelled
     ones included."""
     if len(reqs) == 1:
-        yield from ((0, d) for d in reqs[0].deltas())
+        yield from ((0, d) for d in reqs[0].deltas(CLIENT_POLL_S, idle))
         yield 0, None
         return
     merged: queue.SimpleQueue = queue.SimpleQueue()
@@ -727,9 +732,14 @@ def _merged(reqs: list[Request]) -> Iterator[tuple[int, str | None]]:
 
     for i, req in enumerate(reqs):
         threading.Thread(target=relay, args=(i, req), name=f"tinyk-choice-{i}", daemon=True).start()
-    for _ in range(len(reqs)):
-        while (item := merged.get())[1] is not None:
-            yield item
+    ended = 0
+    while ended < len(reqs):
+        try:
+            item = merged.get(timeout=CLIENT_POLL_S)
+        except queue.Empty:
+            idle()
+            continue
+        ended += item[1] is None
         yield item
 
 
