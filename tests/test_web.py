@@ -19,10 +19,13 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+import torch
 
+from tinyk.checkpoint import save_model
 from tinyk.engine import Engine, SamplingParams
+from tinyk.model import ModelConfig, Transformer
 from tinyk.serve import ChatServer, ServerConfig
-from tinyk.tokenizer import DEFAULT_SYSTEM_PROMPT
+from tinyk.tokenizer import DEFAULT_SYSTEM_PROMPT, load_tokenizer
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed "
@@ -193,7 +196,8 @@ def test_the_chat_page_streams_a_reply(nano_model_dir, tmp_path):
 def test_the_chat_page_forgets_old_turns_to_fit_the_context(nano_model_dir, tmp_path):
     """A conversation longer than the model's window goes on, as in `tinyk chat`: old turns are
     dropped until the reply has half the window (the page's default budget; a fixed 256 was refused
-    outright by 256-token models), and one message too long for that gets whatever room is left."""
+    outright by 256-token models), and one message too long for that gets whatever room is left (it
+    got the server's --max-new-tokens, and a note that the window was full when it was not)."""
     engine = Engine.from_dir(nano_model_dir)
     long = "今天天气很好，我们一起去公园散步吧。" * 3
     messages = [long + str(i) for i in range(3)]
@@ -211,10 +215,37 @@ def test_the_chat_page_forgets_old_turns_to_fit_the_context(nano_model_dir, tmp_
         while len(engine.chat_ids(history, default_system=DEFAULT_SYSTEM_PROMPT)) + budget > engine.context_length \
                 and len(history) > 1:
             history = history[2:]
-        fits = len(engine.chat_ids(history, default_system=DEFAULT_SYSTEM_PROMPT)) + budget <= engine.context_length
-        want = greedy_chat(engine, history, budget if fits else DEFAULTS.max_new_tokens)
+        room = engine.context_length - len(engine.chat_ids(history, default_system=DEFAULT_SYSTEM_PROMPT))
+        want = greedy_chat(engine, history, min(budget, room))
         assert reply["text"] == want.text and reply["finish"] == want.finish_reason
         history.append({"role": "assistant", "content": reply["text"]})
+        if want.finish_reason == "length":
+            full = "the context window is full" if want.completion_tokens == room else "raise max tokens"
+            assert any(n.startswith(f"(reply cut at {want.completion_tokens} tokens; {full}") for n in result["notes"])
+    assert any(n.endswith("the context window is full; 清空 starts over)") for n in result["notes"])
+
+
+def test_a_large_max_tokens_keeps_the_conversation_and_gets_the_room_there_is(tok_dir, tmp_path):
+    """"max tokens" near the window keeps the earlier turns while they leave the reply half the window,
+    as `tinyk chat` does, and the reply gets the room there is (all but the newest turn were forgotten,
+    and the reply cut at the server's --max-new-tokens)."""
+    torch.manual_seed(0)
+    vocab = load_tokenizer(tok_dir).vocab_size
+    model = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=2, vocab_size=vocab, max_seq_len=512))
+    engine = Engine.from_dir(save_model(model, tok_dir, tmp_path / "long"))
+    with chat_page(engine, tmp_path, max_tokens=8) as run:
+        result = run("await say('你好');\n"
+                     f"document.getElementById('max-tokens').value = '{engine.context_length - 1}';\n"
+                     "await say('再见'); return shown();")
+    assert result["errors"] == [] and not [n for n in result["notes"] if "forgot" in n]
+    first = greedy_chat(engine, [{"role": "user", "content": "你好"}], 8)
+    history = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": first.text},
+               {"role": "user", "content": "再见"}]
+    room = engine.context_length - len(engine.chat_ids(history, default_system=DEFAULT_SYSTEM_PROMPT))
+    assert room >= engine.context_length // 2 > DEFAULTS.max_new_tokens
+    want = greedy_chat(engine, history, room)
+    assert [r["text"] for r in result["replies"]] == [first.text, want.text]
+    assert result["history"] == [*history, {"role": "assistant", "content": want.text}]
 
 
 class Forward:
