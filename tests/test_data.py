@@ -882,6 +882,20 @@ def test_sft_bad_records_are_skipped_by_reason(tmp_path, tok_dir):
         prepare_sft([write_jsonl(tmp_path / "t.txt", ["x"])], tok_dir, tmp_path / "o2", **QUIET)
     with pytest.raises(TinykError, match="s.jsonl:2: malformed json"):
         prepare_sft([src], tok_dir, tmp_path / "o3", strict=True, **QUIET)
+    assert meta["skipped"]["hints"]["unknown_format"] == (
+        "the first such record has fields 'prompt'; an SFT record has 'conversations' or 'messages' (a list of "
+        "turns), or 'instruction' and 'output', or is a list of turns")
+
+
+def test_data_given_to_the_wrong_command_says_which_one_reads_it(tmp_path, tok_dir):
+    text = write_jsonl(tmp_path / "t.jsonl", texts(3))
+    chats = write_jsonl(tmp_path / "c.jsonl", [{"conversations": [{"from": "human", "value": "问"},
+                                                                  {"from": "gpt", "value": "答"}]}], field=None)
+    with pytest.raises(TinykError, match="records of 'text' are pretraining data, which `tinyk data pretrain` reads"):
+        prepare_sft([text], tok_dir, tmp_path / "s", **QUIET)
+    with pytest.raises(TinykError, match="fields 'conversations'; these are SFT conversations, not text: "
+                                         "`tinyk data sft` reads them"):
+        prepare_pretrain([chats], tok_dir, tmp_path / "p", **QUIET)
 
 
 def test_sft_truncates_at_a_turn_boundary_when_possible(tmp_path, tok_dir):

@@ -334,6 +334,9 @@ def test_exact_match_stop_rate_and_majority_baseline(tmp_path):
     assert r["baseline"] == pytest.approx(2 / 4) and r["majority_answer"] == "负面"
     assert r["skipped"]["by_reason"] == {"malformed_json": 1, "bad_messages": 2, "bad_answer": 1,
                                          "prompt_too_long": 1}
+    assert r["skipped"]["hints"]["bad_answer"] == (
+        "'answer' is 3; 'answer' is the expected reply, a string or a list of the strings accepted (the first "
+        "such record has fields 'messages', 'answer')")
     # The default system prompt is added where missing, kept where given; results stay in file order.
     assert sorted(engine.seen) == sorted([
         "<|im_start|>system\n你是一个AI助手<|im_end|>\n<|im_start|>user\n好评1<|im_end|>\n<|im_start|>assistant\n",

@@ -342,6 +342,11 @@ def test_cli_train_and_eval(tmp_path, corpus_file, capsys):
     assert e.value.code == 0 and json.loads(capsys.readouterr().out)["documents"] == 1
     with pytest.raises(TinykError, match="no document fits in the first 10 bytes of the input \\(raise --max-bytes\\)"):
         eval_tokenizer(tmp_path / "t", [corpus_file], max_bytes=10)
+    # Records read but all skipped (a wrong --field): their reason, not "raise --max-bytes".
+    with pytest.raises(TinykError, match=r"no usable documents in the input \(read up to --max-bytes 300\): .*"
+                                         r"no field 'content'.*--field names the one with the text"):
+        train_tokenizer([corpus_file], tmp_path / "t2", vocab_size=300, field_name="content", max_bytes=300,
+                        show_progress=False)
 
 
 def test_an_nfkc_tokenizer_is_lossy_by_design_not_broken(nfkc_dir, corpus_file, capsys):

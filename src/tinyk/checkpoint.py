@@ -437,7 +437,11 @@ def import_seed_checkpoint(ckpt: str | Path, tok_dir: str | Path, out: str | Pat
     said = {"n_heads": f"{n_heads} heads", "max_seq_len": f"a context of {max_seq_len} tokens"}
     assumed = f"{' and '.join(said[k] for k in missing)} ({source})" if missing else ""
     if not isinstance(n_heads, int) or n_heads < 1 or dim % n_heads or (dim // n_heads) % 2:
-        raise TinykError(f"dim {dim} does not split into {n_heads} heads of an even size (set --n-heads)")
+        fits = [str(h) for h in range(1, dim + 1) if dim % h == 0 and (dim // h) % 2 == 0]
+        told = "n_heads" not in missing and "n_heads" not in config  # the user's --n-heads
+        raise TinykError(f"dim {dim} does not split into {'--n-heads ' if told else ''}{n_heads} heads of an even "
+                         f"size (head counts that do: {', '.join(fits[:8])}{', ...' if len(fits) > 8 else ''})"
+                         f"{'' if told else '; set --n-heads'}")
     head_dim = dim // n_heads
     ours = {"model.embed_tokens.weight": emb, "lm_head.weight": output}
     for key, w in state.items():

@@ -45,6 +45,7 @@ from .files import (
     iter_records,
     iter_texts,
     plural,
+    record_shape,
     remove_path,
     shown,
     write_error,
@@ -998,6 +999,14 @@ def normalize_conversation(rec: Any, system_prompt: str = DEFAULT_SYSTEM_PROMPT)
     return with_system(messages, system_prompt)
 
 
+def _format_hint(rec: Any) -> str:
+    """What an SFT record of no known format holds, and what tinyk reads."""
+    if isinstance(rec, dict) and isinstance(rec.get("text"), str):
+        return "records of 'text' are pretraining data, which `tinyk data pretrain` reads"
+    return (f"the first such record has {record_shape(rec)}; an SFT record has 'conversations' or 'messages' "
+            "(a list of turns), or 'instruction' and 'output', or is a list of turns")
+
+
 def _alpaca_turns(rec: dict[str, Any]) -> list[dict[str, str]] | str:
     """An Alpaca-style record's turns: the question is the instruction, then the input on a line of
     its own when there is one (as LLaMA-Factory renders it); or why the record is unusable."""
@@ -1042,7 +1051,7 @@ def prepare_sft(inputs: list[str | Path], tokenizer_dir: str | Path, out: str | 
         for where, rec in iter_records(paths, skips, max_line_bytes=max_line_bytes, message_lists=True):
             conv = normalize_conversation(rec, system_prompt)
             if isinstance(conv, str):
-                skips.add(conv, where)
+                skips.add(conv, where, _format_hint(rec) if conv == "unknown_format" else None)
             else:
                 yield where, _clipped(conv, clip)
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .files import Skips, TinykError, iter_records
+from .files import Skips, TinykError, iter_records, record_shape
 from .model import Transformer
 from .tokenizer import (
     CHAT_ROLES,
@@ -141,7 +141,9 @@ def read_task(path: str | Path, skips: Skips, *, system_prompt: str | None = DEF
         answer = rec.get("answer")
         answers = [answer] if isinstance(answer, str) else answer
         if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
-            skips.add("bad_answer", where)
+            got = "no field 'answer'" if "answer" not in rec else f"'answer' is {json.dumps(answer)[:40]}"
+            skips.add("bad_answer", where, f"{got}; 'answer' is the expected reply, a string or a list of the "
+                                           f"strings accepted (the first such record has {record_shape(rec)})")
             continue
         if not all(normalize_answer(a) for a in answers):  # an empty reply would match it
             skips.add("empty_answer", where, "an answer must keep some text once space and final punctuation "

@@ -565,14 +565,26 @@ def _iter_parquet(path: Path, label: str) -> Iterator[tuple[str, dict, int]]:
             yield f"{label}:row {row}", rec, size
 
 
+def record_shape(rec: Any) -> str:
+    """What a record holds, for a message about one tinyk cannot use: "fields 'id', 'conversations'"."""
+    return f"fields {', '.join(map(repr, list(rec)[:6]))}" if isinstance(rec, dict) and rec else \
+        f"a JSON {type(rec).__name__}"
+
+
+def is_conversation(rec: Any) -> bool:
+    """Whether a record looks like SFT data (BelleGroup/ShareGPT, OpenAI messages, Alpaca)."""
+    return isinstance(rec, dict) and (any(isinstance(rec.get(k), list) for k in ("conversations", "messages"))
+                                      or "instruction" in rec and "output" in rec)
+
+
 def iter_texts(paths: list[Path], skips: Skips, *, field_name: str = "text", **kw: Any) -> Iterator[str]:
     """Yields the text of each document, skipping records without a usable text field."""
     for where, rec in iter_records(paths, skips, text_field=field_name, **kw):
         if not isinstance(rec, dict) or field_name not in rec:
-            found = f"fields {', '.join(map(repr, list(rec)[:6]))}" if isinstance(rec, dict) and rec else \
-                f"a JSON {type(rec).__name__}"
-            skips.add("missing_field", where, f"no field {field_name!r}, the first such record has {found}; "
-                                              f"--field names the one with the text")
+            fix = ("these are SFT conversations, not text: `tinyk data sft` reads them" if is_conversation(rec)
+                   else "--field names the one with the text")
+            skips.add("missing_field", where, f"no field {field_name!r}, the first such record has "
+                                              f"{record_shape(rec)}; {fix}")
             continue
         text = rec[field_name]
         if not isinstance(text, str):

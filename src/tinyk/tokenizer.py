@@ -504,10 +504,8 @@ def train_tokenizer(inputs: list[str | Path], out: str | Path, *, vocab_size: in
     t0 = time.time()
     with atomic_dir(out, force=force, inputs=paths, replaces=("a tinyk tokenizer", _is_tokenizer_output)) as tmp:
         _train_interruptibly(tok, texts(), trainer)
-        if stats["documents"] == 0 and skips.stopped_at is not None:
-            raise TinykError(f"no document fits in the first {max_bytes:,} bytes of the input (raise --max-bytes)")
         if stats["documents"] == 0:
-            raise TinykError("no usable documents in the input (" + skips.summary() + ")")
+            raise _no_documents("in the input", skips, max_bytes)
         for i, name in enumerate(SPECIAL_TOKENS):
             assert tok.token_to_id(name) == i, name
         with writing(Path(out)):
@@ -515,6 +513,15 @@ def train_tokenizer(inputs: list[str | Path], out: str | Path, *, vocab_size: in
     return {**stats, "vocab_size": tok.get_vocab_size(), "skipped": skips.to_json(),
             "skipped_summary": skips.summary(), "seconds": round(time.time() - t0, 2),
             "capped_at": skips.stopped_at, "cap_from_memory": auto_cap, "memory_available": memory}
+
+
+def _no_documents(where: str, skips: Skips, max_bytes: int | None) -> TinykError:
+    """Why nothing was read: --max-bytes ended inside the first document, or every record read was
+    skipped (the reasons say how to fix them: a wrong --field, SFT data, bad lines)."""
+    if skips.stopped_at is not None and not skips.total:
+        return TinykError(f"no document fits in the first {max_bytes:,} bytes of the input (raise --max-bytes)")
+    within = f" (read up to --max-bytes {max_bytes:,})" if skips.stopped_at is not None else ""
+    return TinykError(f"no usable documents {where}{within}: {skips.summary()}")
 
 
 CHAT_SAMPLE = [
@@ -545,10 +552,8 @@ def eval_tokenizer(path: str | Path, inputs: list[str | Path] | None = None, *,
         chars += len(t)
         nbytes += len(t.encode("utf-8"))
         ntok += len(ids)
-    if inputs and docs == 0 and skips.stopped_at is not None:
-        raise TinykError(f"no document fits in the first {max_bytes:,} bytes of the input (raise --max-bytes)")
     if inputs and docs == 0:
-        raise TinykError(f"no usable documents in the sample to measure ({skips.summary()})")
+        raise _no_documents("in the sample to measure", skips, max_bytes)
     fixed_ok = all(tk.decode(tk.encode(s)) == s for s in samples)
     return {
         "path": str(path),
