@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -143,29 +144,35 @@ def test_sft_is_timed_on_its_own_batches(tmp_path, sft_data, nano_model_dir):
     assert step_rates([tcfg], 0.0, rounds=1)[0] > 0 and not (tmp_path / "probe").exists()
 
 
-def test_probe_times_candidates_in_turns(tmp_path, pt_data, tok_dir, monkeypatch):
-    """Load that comes and goes must fall on every candidate alike, so their slices alternate."""
+@pytest.mark.parametrize("bf16_step_s, timed", [(20, ["fp32", "fp32", "bf16", "bf16"] * 3), (50, ["fp32"] * 6)])
+def test_probe_times_candidates_in_turns(tmp_path, pt_data, tok_dir, monkeypatch, bf16_step_s, timed):
+    """Load that comes and goes must fall on every candidate alike, so their slices alternate; a
+    candidate whose first step takes over 3x the fastest's is not timed further (bf16 on a CPU without
+    bf16 instructions spent 11 minutes of a 4-minute demo in the probe). The clock runs fast: each step
+    takes 10 s more in fp32, `bf16_step_s` more in bf16."""
+    from tinyk import demo
     from tinyk.demo import step_rates, training_config
     from tinyk.train import Trainer
 
     cfg = DemoConfig.smoke()
     tcfgs = [training_config("pretrain", cfg, data=pt_data, out=tmp_path / f"c{i}", steps=10**6, tokenizer=tok_dir,
                              dtype=dtype) for i, dtype in enumerate(["fp32", "bf16"])]
-    order, step = [], Trainer.train_step
+    order, step, ahead, clock = [], Trainer.train_step, [0.0], time.perf_counter
 
     def recording(self, *args):
         order.append(self.cfg.dtype)
+        ahead[0] += bf16_step_s if self.cfg.dtype == "bf16" else 10
         return step(self, *args)
 
     monkeypatch.setattr(Trainer, "train_step", recording)
+    monkeypatch.setattr(demo.time, "perf_counter", lambda: clock() + ahead[0])
     threads = torch.get_num_threads()
     try:
         rates = step_rates(tcfgs, 0.0, [threads, 1], rounds=3)
     finally:
         torch.set_num_threads(threads)
-    assert len(rates) == 2 and min(rates) > 0
-    timed = order[2:]  # after one warm-up step each
-    assert timed == ["fp32", "fp32", "bf16", "bf16"] * 3
+    assert rates == pytest.approx([1 / 10, 1 / bf16_step_s], rel=0.1)
+    assert order[2:] == timed  # after one warm-up step each
     assert not any(t.out and Path(t.out).exists() for t in tcfgs)
 
 
