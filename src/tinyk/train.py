@@ -724,9 +724,10 @@ def _drop_aside(aside: Path) -> None:
 
 
 @contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
-    """Holds Ctrl-C and SIGTERM (delivered afterwards) while files move, so moving back is not cut short.
-    Python handlers rather than a signal mask: a mask holds a signal only from the thread that set it."""
+def _signals_held(deliver: bool = True) -> Iterator[None]:
+    """Holds Ctrl-C and SIGTERM (delivered afterwards, unless not `deliver`) while files move, so moving
+    back is not cut short. Python handlers rather than a signal mask: a mask holds a signal only from
+    the thread that set it."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -740,7 +741,7 @@ def _signals_held() -> Iterator[None]:
     finally:
         for s, handler in before.items():
             signal.signal(s, handler)
-        for s in dict.fromkeys(caught):  # each once; one that was ignored before stays ignored
+        for s in dict.fromkeys(caught if deliver else ()):  # each once; one ignored before stays ignored
             signal.raise_signal(s)
 
 
@@ -1405,12 +1406,15 @@ class Trainer:
             summary = self._run()
             self._drop_replaced()
         except BaseException as e:
-            if self.progress.step == 0 and not self.resumed_from:  # its first step failed
-                self._fail_start()
-            else:
-                with contextlib.suppress(Exception):  # the error that stopped the run is the one to report
-                    self.close()
             lost = peer_lost(e, self.out) if self.dist.world > 1 else None
+            # torchrun sends SIGTERM to the survivors of a lost process: this one is ending already, and
+            # the line saying why (and how to resume) is the one to print, not "terminated".
+            with _signals_held(deliver=False) if lost is not None else contextlib.nullcontext():
+                if self.progress.step == 0 and not self.resumed_from:  # its first step failed
+                    self._fail_start()
+                else:
+                    with contextlib.suppress(Exception):  # the error that stopped the run is the one to report
+                        self.close()
             if lost is not None:
                 raise lost from e
             raise
