@@ -1155,7 +1155,8 @@ def test_cli_prepares_data_and_reports_a_summary(tmp_path, tok_dir, corpus_file,
               str(tmp_path / "s"), "--workers", "1", "--system-prompt", "", "--max-len", "40"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    assert "sft data: 5 conversations" in out and "unknown format: 1 (first at s.jsonl:3)" in out
+    assert "sft data: 5 conversations" in out and "unknown format: 1 (first at s.jsonl:3; the first such record " \
+        "has fields 'oops'" in out
     assert "--max-len 40" in out
     with pytest.raises(SystemExit) as e:
         main(["data", "info", str(tmp_path / "s")])
