@@ -825,6 +825,22 @@ def test_sft_custom_or_no_system_prompt(tmp_path, tok_dir):
         assert tok.decode(ids.tolist()).startswith(f"<|im_start|>system\n{prompt}<|im_end|>\n<|im_start|>user")
 
 
+def test_sft_split_is_the_same_under_another_system_prompt(tmp_path, tok_dir):
+    """The prompt added to conversations without one is not their content: changing it keeps every
+    conversation's side (a run continued on the new data is not validated on what it trained on)."""
+    src = write_jsonl(tmp_path / "s.jsonl", conversations(200), field=None)
+    tok = load_tokenizer(tok_dir)
+
+    def val_questions(prompt: str) -> list[str]:
+        out = tmp_path / f"o{prompt}"
+        prepare_sft([src], tok_dir, out, system_prompt=prompt, val_fraction=0.1, **QUIET)
+        return sorted(re.search(r"问题(\d+)", tok.decode(ids.tolist()))[1] for ids, _ in sft_split(out, "val"))
+
+    without = val_questions("")
+    assert 5 < len(without) < 50
+    assert without == val_questions("你是诗人") == val_questions(DEFAULT_SYSTEM_PROMPT)
+
+
 def test_sft_mask_is_right_when_content_starts_with_spaces(tmp_path, tok_dir):
     # "\n   x" pre-tokenizes across the header/content boundary; the mask must not cover the header.
     msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "   x\n\n y"}]
@@ -947,7 +963,7 @@ def test_a_huge_message_is_tokenized_only_as_far_as_max_len_reaches(tmp_path, to
     clipped = data._clipped
     monkeypatch.setattr(data, "_clipped", lambda msgs, chars: seen.append(clipped(msgs, chars)) or seen[-1])
     meta = prepare_sft([src], tok_dir, tmp_path / "cut", max_len=64, val_fraction=0.0, **QUIET)
-    assert max(len(m["content"]) for conv in seen for m in conv) < 10_000 and len(seen[0]) == 3  # + system
+    assert max(len(m["content"]) for conv in seen for m in conv) < 10_000 and len(seen[0]) == 2  # the system prompt comes later
     monkeypatch.setattr(data, "_clipped", lambda msgs, chars: msgs)
     whole = prepare_sft([src], tok_dir, tmp_path / "whole", max_len=64, val_fraction=0.0, **QUIET)
     assert {k: v for k, v in meta.items() if k not in ("command", "seconds")} == \

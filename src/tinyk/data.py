@@ -47,6 +47,7 @@ from .files import (
     plural,
     record_shape,
     remove_path,
+    sft_format,
     shown,
     write_error,
     write_json_atomic,
@@ -130,6 +131,7 @@ class _Job:
     tokenizer_json: str
     dtype: str
     max_len: int = 0
+    system_prompt: str = ""
 
 
 _TOKENIZERS: dict[str, Any] = {}
@@ -239,13 +241,15 @@ def _encode_pretrain(job: _Job, texts: list[str]) -> _Batch:
 
 
 def _encode_sft(job: _Job, convs: list[tuple[str, list[dict[str, str]]]]) -> _Encoded:
-    """Tokenizes conversations as the engine prompts a model (`encode_chat`), with their loss masks.
+    """Tokenizes conversations as the engine prompts a model (`encode_chat`, the job's system prompt
+    first where they have none), with their loss masks.
 
     The mask is 1 on assistant content and the <|im_end|> that closes each assistant turn, built from
     the template's pieces rather than token ids. Too-long conversations end after the last
     assistant turn that fits, or mid-turn when none does.
     """
-    chats = encode_chat(_tokenizer(job.tokenizer_json), [msgs for _, msgs in convs])
+    prompted = [with_system(msgs, job.system_prompt) for _, msgs in convs]
+    chats = encode_chat(_tokenizer(job.tokenizer_json), prompted)
     toks, masks, lengths, nbytes, kept, skipped = [], [], [], [], [], []
     truncated: Counter = Counter()
     for (where, msgs), chat in zip(convs, chats, strict=True):
@@ -263,6 +267,7 @@ def _encode_sft(job: _Job, convs: list[tuple[str, list[dict[str, str]]]]) -> _En
         masks.append(mask[:cut])
         lengths.append(cut)
         nbytes.append(chat.answer_bytes(cut))
+        # The split key leaves the added prompt out: another --system-prompt keeps every conversation's side.
         kept.append(json.dumps(msgs, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
     batch = _Batch(np.concatenate(toks) if toks else np.empty(0, job.dtype), np.array(lengths, np.int64),
                    np.array(nbytes, np.int64), _content_keys(kept),
@@ -774,7 +779,7 @@ def _fingerprint(kind: str, paths: list[Path], tok_hash: str, options: dict[str,
     for p in paths:
         st = p.stat()
         inputs.append({"path": shown(p.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns})
-    return {"tinyk": __version__, "kind": kind, "format_version": FORMAT_VERSION, "val_split": "by content",
+    return {"tinyk": __version__, "kind": kind, "format_version": FORMAT_VERSION, "val_split": "by content, default system prompt aside",
             "tokenizer_hash": tok_hash, "inputs": inputs, "options": options, "strict": strict}
 
 
@@ -962,21 +967,20 @@ def normalize_conversation(rec: Any, system_prompt: str = DEFAULT_SYSTEM_PROMPT)
     converted format (a bare list of messages). A top-level `system` field is the first turn; one
     that disagrees with a system turn of its own is refused rather than rendered as two.
     """
-    system = None
-    if isinstance(rec, list):
+    form = sft_format(rec)
+    if form is None:
+        return "unknown_format"
+    system = None if form == "turns" else rec.get("system")
+    if form == "turns":
         turns = rec
-    elif isinstance(rec, dict) and any(isinstance(rec.get(k), list) for k in ("conversations", "messages")):
+    elif form == "chat":
         # Both keys, one null or empty, is how a `datasets` export of mixed sources writes a row.
         lists = [rec[k] for k in ("conversations", "messages") if isinstance(rec.get(k), list)]
         turns = next((t for t in lists if t), lists[0])
-        system = rec.get("system")
-    elif isinstance(rec, dict) and "instruction" in rec and "output" in rec:
+    else:
         turns = _alpaca_turns(rec)
         if isinstance(turns, str):
             return turns
-        system = rec.get("system")
-    else:
-        return "unknown_format"
     system_field = isinstance(system, str) and bool(system.strip())
     messages = [{"role": "system", "content": system}] if system_field else []
     for t in turns:
@@ -1049,7 +1053,7 @@ def prepare_sft(inputs: list[str | Path], tokenizer_dir: str | Path, out: str | 
 
     def conversations(skips: Skips) -> Iterator[tuple[str, list[dict[str, str]]]]:
         for where, rec in iter_records(paths, skips, max_line_bytes=max_line_bytes, message_lists=True):
-            conv = normalize_conversation(rec, system_prompt)
+            conv = normalize_conversation(rec, "")  # the prompt is added when tokenizing, after the split key
             if isinstance(conv, str):
                 skips.add(conv, where, _format_hint(rec) if conv == "unknown_format" else None)
             else:
@@ -1061,7 +1065,7 @@ def prepare_sft(inputs: list[str | Path], tokenizer_dir: str | Path, out: str | 
     options = {"max_len": max_len, "system_prompt": system_prompt, "val_fraction": val_fraction, "seed": seed,
                **_line_cap(max_line_bytes)}
     return _prepare("sft", paths, tok, out, records=conversations, size=chars, batch_chars=batch_chars,
-                    job_extra={"max_len": max_len}, options=options,
+                    job_extra={"max_len": max_len, "system_prompt": system_prompt}, options=options,
                     make_writer=_ConversationWriter,
                     meta_extra={"max_len": max_len, "system_prompt": system_prompt},
                     command=_command("sft", paths, tokenizer_dir, out, options), val_fraction=val_fraction,

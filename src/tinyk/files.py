@@ -571,18 +571,25 @@ def record_shape(rec: Any) -> str:
         f"a JSON {type(rec).__name__}"
 
 
-def is_conversation(rec: Any) -> bool:
-    """Whether a record looks like SFT data (BelleGroup/ShareGPT, OpenAI messages, Alpaca)."""
-    return isinstance(rec, dict) and (any(isinstance(rec.get(k), list) for k in ("conversations", "messages"))
-                                      or "instruction" in rec and "output" in rec)
+def sft_format(rec: Any) -> str | None:
+    """Which SFT format a record is in: "turns" (the seed's bare list of messages), "chat" (BelleGroup/
+    ShareGPT `conversations` or OpenAI `messages`), "alpaca" (`instruction` and `output`); None if none.
+    Here, not in data.py, so reading text can tell a user that they gave it conversations."""
+    if isinstance(rec, list):
+        return "turns"
+    if not isinstance(rec, dict):
+        return None
+    if any(isinstance(rec.get(k), list) for k in ("conversations", "messages")):
+        return "chat"
+    return "alpaca" if "instruction" in rec and "output" in rec else None
 
 
 def iter_texts(paths: list[Path], skips: Skips, *, field_name: str = "text", **kw: Any) -> Iterator[str]:
     """Yields the text of each document, skipping records without a usable text field."""
     for where, rec in iter_records(paths, skips, text_field=field_name, **kw):
         if not isinstance(rec, dict) or field_name not in rec:
-            fix = ("these are SFT conversations, not text: `tinyk data sft` reads them" if is_conversation(rec)
-                   else "--field names the one with the text")
+            fix = ("these are SFT conversations, not text: `tinyk data sft` reads them"
+                   if sft_format(rec) in ("chat", "alpaca") else "--field names the one with the text")
             skips.add("missing_field", where, f"no field {field_name!r}, the first such record has "
                                               f"{record_shape(rec)}; {fix}")
             continue
