@@ -746,6 +746,30 @@ def test_setup_errors_are_one_line(tmp_path, pt_data, sft_data, tok_dir, nano_mo
     assert "conflicts with" in err(init=str(nano_model_dir), model={"dim": 32})
 
 
+def test_a_model_larger_than_memory_is_refused_before_it_is_built(tmp_path, pt_data, tok_dir, monkeypatch):
+    """Weights, gradients and AdamW state take 16 bytes a parameter: a model needing more than the
+    memory free was built for minutes, then killed by the system without a word."""
+    from tinyk import train as train_module
+
+    n = Transformer(replace(preset_config("nano"), vocab_size=load_tokenizer(tok_dir).vocab_size)).num_params()
+    built = []
+    init = Transformer.__init__
+    monkeypatch.setattr(Transformer, "__init__", lambda self, *a, **kw: built.append(torch.empty(0).device.type)
+                        or init(self, *a, **kw))
+    monkeypatch.setattr(train_module, "memory_available", lambda: 15 * n)
+    with pytest.raises(TinykError, match=rf"the model's {n:,} parameters need {16 * n / 2**30:.1f} GiB for fp32 "
+                                         r"weights, gradients and AdamW state alone, more than the 0.0 GiB this "
+                                         r"machine has available: choose a smaller model \(`tinyk plan` sizes one\)$"):
+        train(nano_cfg(pt_data, tok_dir, tmp_path / "o"))
+    assert "cpu" not in built and not (tmp_path / "o").exists()  # sized on the meta device only
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two processes on this host: each holds a copy
+    monkeypatch.setattr(train_module, "memory_available", lambda: 17 * n)
+    with pytest.raises(TinykError, match=f"the model's {n:,} parameters need"):
+        train(nano_cfg(pt_data, tok_dir, tmp_path / "o"))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert train(nano_cfg(pt_data, tok_dir, tmp_path / "o", max_steps=1))["steps"] == 1 and "cpu" in built
+
+
 def test_out_of_memory_names_the_knob(tmp_path, pt_data, tok_dir, monkeypatch, capsys):
     def boom(self, *a, **kw):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

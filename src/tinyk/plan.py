@@ -146,26 +146,31 @@ def model_size(cfg: ModelConfig) -> dict[str, int]:
 
 @functools.lru_cache(maxsize=32)
 def _model_size(items: tuple[tuple[str, Any], ...]) -> tuple[tuple[str, int], ...]:
-    # The context length changes no parameter, and its RoPE tables are built even on meta.
-    cfg = ModelConfig(**{**dict(items), "max_seq_len": 1})
+    # Built with one block (the blocks are all alike: 100,000 of them took minutes even on meta) and a
+    # context of 1, which changes no parameter (its RoPE tables are built even on meta).
+    full = ModelConfig(**dict(items))
+    cfg = replace(full, n_layers=1, max_seq_len=1)
     try:
         with torch.device("meta"):
             model = Transformer(cfg)
     except RuntimeError as e:  # a weight of more than 2**63 bytes
         raise TinykError(f"the model is too large to plan (dim {cfg.dim}, hidden {cfg.hidden_dim}, vocab "
                          f"{cfg.vocab_size}): {first_line(e)}") from None
-    n = model.num_params()
-    block = sum(p.numel() for p in model.model.layers[0].parameters())
+    block = model.model.layers[0]
+    per_layer = sum(p.numel() for p in block.parameters())
+    non_block = model.num_params() - per_layer
+    linear = [m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    block_linear = sum(m.weight.numel() for m in block.modules() if isinstance(m, torch.nn.Linear))
+    layers = full.n_layers
     return (
-        ("parameters", n),
-        ("linear", sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))),
-        ("per_layer", block),
-        ("non_block", n - cfg.n_layers * block),
+        ("parameters", non_block + layers * per_layer),
+        ("linear", sum(linear) + (layers - 1) * block_linear),
+        ("per_layer", per_layer),
+        ("non_block", non_block),
         ("largest", max(p.numel() for p in model.parameters())),
         # q/k/v and gate/up: concatenated in every forward, so their matmul weight is a new tensor.
-        ("fused", sum(b.self_attn.qkv_weight().numel() + b.mlp.gate_up_weight().numel()
-                      for b in model.model.layers)),
-        ("flops_per_token_n", model.matmul_params()),
+        ("fused", layers * (block.self_attn.qkv_weight().numel() + block.mlp.gate_up_weight().numel())),
+        ("flops_per_token_n", model.matmul_params() + (layers - 1) * per_layer),
     )
 
 

@@ -29,6 +29,7 @@ from .files import (
     hash_files,
     iter_texts,
     marker_file,
+    memory_available,
     writing,
 )
 
@@ -384,54 +385,6 @@ BPE_MEMORY_PER_BYTE = 100
 def memory_read_limit(memory: int) -> int:
     """How much text BPE training reads without --max-bytes, given the memory available."""
     return max(memory // BPE_MEMORY_PER_BYTE, 1 << 20)
-
-
-def memory_available() -> int | None:
-    """Bytes this machine (or its container's memory limit, if lower) can still give, if known."""
-    found = []
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                found.append(int(line.split()[1]) * 1024)
-    except (OSError, ValueError, IndexError):
-        pass
-    if (left := cgroup_memory_left()) is not None:
-        found.append(left)
-    return max(0, min(found)) if found else None
-
-
-_CGROUP_FILES = {2: ("memory.max", "memory.current", "inactive_file"),
-                 1: ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")}
-
-
-def cgroup_memory_left(root: Path = Path("/sys/fs/cgroup"), own: Path = Path("/proc/self/cgroup")) -> int | None:
-    """What the memory limits of this process's cgroup and of the groups above it leave (cgroup v2, or
-    v1's memory controller, which older Docker and many clusters still use), or None with no limit.
-    /proc/meminfo shows the whole machine's memory, not a container's."""
-    try:
-        groups = [line.split(":", 2) for line in own.read_text().splitlines()]
-    except OSError:
-        return None
-    v1 = [path for _, controllers, path in groups if "memory" in controllers.split(",")]
-    version, base = (1, root / "memory") if v1 else (2, root)
-    path = v1[0] if v1 else next((path for _, controllers, path in groups if not controllers), "/")
-    limit_file, usage_file, cache_key = _CGROUP_FILES[version]
-    left = []
-    d = base / path.strip("/")
-    while True:  # up to the mount's root: a container may see its own group there, its path not existing
-        try:
-            limit = (d / limit_file).read_text().strip()
-            if limit != "max" and int(limit) < 1 << 60:  # v1 writes "no limit" as a huge number
-                # The page cache counts as used but is given back on demand (docker and the kubelet
-                # subtract it too); a container that has just read its corpus would otherwise look full.
-                stat = dict(line.split() for line in (d / "memory.stat").read_text().splitlines())
-                left.append(int(limit) - int((d / usage_file).read_text()) + int(stat.get(cache_key, 0)))
-        except (OSError, ValueError):
-            pass
-        if d == base or base not in d.parents:
-            break
-        d = d.parent
-    return min(left) if left else None
 
 
 def _train_interruptibly(tok: Tokenizer, texts: Iterator[str], trainer: Any) -> None:

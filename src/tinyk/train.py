@@ -55,6 +55,7 @@ from .files import (
     atomic_file,
     check_output,
     first_line,
+    memory_available,
     out_of_memory,
     parse_size,
     plural,
@@ -65,6 +66,7 @@ from .files import (
 from .loader import IGNORE, ResumeMismatch
 from .model import PRESETS, Attention, ModelConfig, Transformer, cuda_autocast_dtype, resolve_dtype
 from .monitor import TRACKERS, Monitor, Trackers, finite, measure_matmul_flops, peak_flops
+from .plan import GiB, model_size
 
 KINDS = ("pretrain", "sft")
 TRAIN_DTYPES = ("auto", "bf16", "fp16", "fp32")  # also the --dtype choices of pretrain, sft and plan
@@ -868,6 +870,25 @@ class Trainer:
         if cfg.parallel == "fsdp" and self.dist.world > 1 and dtype == torch.float16:
             raise TinykError("fp16 with --parallel fsdp is not supported: use " +
                              ("--dtype bf16 (or DDP)" if has_bf16 else "DDP, or --dtype fp32 (this GPU has no bf16)"))
+        self._check_room()
+
+    def _check_room(self) -> None:
+        """Refuses a model whose fp32 weights, gradients and AdamW state alone need more memory than is
+        free: building one took minutes, and then the system killed the run without a word."""
+        d = self.dist
+        n = model_size(self.mcfg)["parameters"]
+        need = 16 * n / (d.world if self.cfg.parallel == "fsdp" and d.world > 1 else 1)
+        if self.device.type == "cuda":
+            free, where = torch.cuda.mem_get_info(self.device)[0], f"{torch.cuda.get_device_name(self.device)} has free"
+        else:
+            local = os.environ.get("LOCAL_WORLD_SIZE", "1")
+            need *= int(local) if local.isdigit() and int(local) > 0 else 1  # processes on this host share it
+            free, where = memory_available(), "this machine has available"
+        if free is not None and need > free:
+            raise TinykError(f"the model's {n:,} parameters need {need / GiB:,.1f} GiB for fp32 weights, "
+                             f"gradients and AdamW state alone, more than the {free / GiB:,.1f} GiB {where}: "
+                             f"choose a smaller model (`tinyk plan` sizes one)"
+                             + ("" if self.device.type == "cpu" else ", or shard it with --parallel fsdp"))
 
     def _model_config(self, vocab_size: int) -> ModelConfig:
         if self.weights_dir is None:
