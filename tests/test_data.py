@@ -43,6 +43,7 @@ from tinyk.tokenizer import (
     render_chat,
     tokenizer_hash,
     train_tokenizer,
+    with_system,
 )
 
 BOS, EOS = 3, 4
@@ -736,14 +737,13 @@ def test_sft_top_level_system_field():
 
 def test_sft_alpaca_records():
     """BelleGroup's train_*_CN sets (and Alpaca's) are instruction / input / output, with history."""
-    sys_ = {"role": "system", "content": DEFAULT_SYSTEM_PROMPT}
     assert normalize_conversation({"instruction": "翻译成英文", "input": "猫", "output": "Cat"}) == [
-        sys_, {"role": "user", "content": "翻译成英文\n猫"}, {"role": "assistant", "content": "Cat"}]
+        {"role": "user", "content": "翻译成英文\n猫"}, {"role": "assistant", "content": "Cat"}]
     assert normalize_conversation({"instruction": "你好", "input": "", "output": "你好！", "system": "你是小K"}) == [
         {"role": "system", "content": "你是小K"}, {"role": "user", "content": "你好"},
         {"role": "assistant", "content": "你好！"}]
     multi = normalize_conversation({"instruction": "再来一个", "output": "狗", "history": [["说个动物", "猫"]]})
-    assert [m["content"] for m in multi] == [DEFAULT_SYSTEM_PROMPT, "说个动物", "猫", "再来一个", "狗"]
+    assert [m["content"] for m in multi] == ["说个动物", "猫", "再来一个", "狗"]
     assert normalize_conversation({"instruction": "你好", "output": 3}) == "bad_message"
     assert normalize_conversation({"instruction": "你好", "output": "", "input": ""}) == "no_assistant_turn"
     # A blank answer of its own with a history: the history alone would repeat another record.
@@ -767,7 +767,7 @@ def test_sft_formats_system_prompt_and_mask(tmp_path, tok_dir):
         [{"role": "system", "content": "你是一个AI助手"}, {"role": "user", "content": "天气"},
          {"role": "assistant", "content": "今天是晴天。"}],
     ]
-    expected = [normalize_conversation(r) for r in records]
+    expected = [with_system(normalize_conversation(r), DEFAULT_SYSTEM_PROMPT) for r in records]
     assert [m["content"] for m in expected[0]] == [DEFAULT_SYSTEM_PROMPT, "你好", "你好！有什么可以帮你？"]
     assert expected[1][0] == {"role": "system", "content": "你是翻译。"} and len(expected[1]) == 5
     assert [m["role"] for m in expected[2]] == ["system", "user", "assistant"]

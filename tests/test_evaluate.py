@@ -279,10 +279,12 @@ class ScriptedEngine:
         self.replies, self.context, self.seen = replies, context, []
         self.tok = SimpleNamespace(eos_id=IM_END_ID)
 
-    def chat_ids(self, messages: list[dict]) -> str:
-        from tinyk.tokenizer import render_chat
+    def chat_ids(self, messages: list[dict], default_system=None) -> str:
+        """As Engine.chat_ids, for a model trained with the system prompt "你是诗人"."""
+        from tinyk.tokenizer import ModelPrompt, render_chat, with_system
 
-        return render_chat(messages, add_generation_prompt=True)  # this stand-in works on the text
+        system = "你是诗人" if isinstance(default_system, ModelPrompt) else default_system
+        return render_chat(with_system(messages, system), add_generation_prompt=True)  # a stand-in on text
 
     def encode(self, prompt: str) -> str:
         from tinyk.engine import ContextLengthError
@@ -337,11 +339,11 @@ def test_exact_match_stop_rate_and_majority_baseline(tmp_path):
     assert r["skipped"]["hints"]["bad_answer"] == (
         "'answer' is 3; 'answer' is the expected reply, a string or a list of the strings accepted (the first "
         "such record has fields 'messages', 'answer')")
-    # The default system prompt is added where missing, kept where given; results stay in file order.
+    # The model's own system prompt is added where missing, kept where given; results stay in file order.
     assert sorted(engine.seen) == sorted([
-        "<|im_start|>system\n你是一个AI助手<|im_end|>\n<|im_start|>user\n好评1<|im_end|>\n<|im_start|>assistant\n",
-        "<|im_start|>system\n你是一个AI助手<|im_end|>\n<|im_start|>user\n差评1<|im_end|>\n<|im_start|>assistant\n",
-        "<|im_start|>system\n你是一个AI助手<|im_end|>\n<|im_start|>user\n差评2<|im_end|>\n<|im_start|>assistant\n",
+        "<|im_start|>system\n你是诗人<|im_end|>\n<|im_start|>user\n好评1<|im_end|>\n<|im_start|>assistant\n",
+        "<|im_start|>system\n你是诗人<|im_end|>\n<|im_start|>user\n差评1<|im_end|>\n<|im_start|>assistant\n",
+        "<|im_start|>system\n你是诗人<|im_end|>\n<|im_start|>user\n差评2<|im_end|>\n<|im_start|>assistant\n",
         "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\n算<|im_end|>\n<|im_start|>assistant\n"])
     assert [s["prompt"] for s in r["samples"]] == ["好评1", "差评1", "差评2", "算"]
     assert [s["correct"] for s in r["samples"]] == [True, False, False, True]

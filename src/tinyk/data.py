@@ -53,7 +53,6 @@ from .files import (
     write_json_atomic,
 )
 from .tokenizer import (
-    DEFAULT_SYSTEM_PROMPT,
     IM_END_ID,
     IM_START_ID,
     MODEL_PROMPT,
@@ -958,8 +957,9 @@ def prepare_pretrain(inputs: list[str | Path], tokenizer_dir: str | Path, out: s
                     checkpoint_s=checkpoint_s)
 
 
-def normalize_conversation(rec: Any, system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> list[dict[str, str]] | str:
-    """A record in any supported SFT format as chat messages, or the reason it is unusable.
+def normalize_conversation(rec: Any) -> list[dict[str, str]] | str:
+    """A record in any supported SFT format as chat messages, or the reason it is unusable. A system
+    prompt is only the record's own: `tinyk data sft` adds its --system-prompt when tokenizing.
 
     Accepts BelleGroup / ShareGPT (`conversations` of `from`/`value`), OpenAI-style
     (`messages` of `role`/`content`), Alpaca-style (`instruction`, optional `input`, `output`, and
@@ -1000,7 +1000,7 @@ def normalize_conversation(rec: Any, system_prompt: str = DEFAULT_SYSTEM_PROMPT)
         del messages[1]
     if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
         return "no_assistant_turn"
-    return with_system(messages, system_prompt)
+    return messages
 
 
 def _format_hint(rec: Any) -> str:
@@ -1053,7 +1053,7 @@ def prepare_sft(inputs: list[str | Path], tokenizer_dir: str | Path, out: str | 
 
     def conversations(skips: Skips) -> Iterator[tuple[str, list[dict[str, str]]]]:
         for where, rec in iter_records(paths, skips, max_line_bytes=max_line_bytes, message_lists=True):
-            conv = normalize_conversation(rec, "")  # the prompt is added when tokenizing, after the split key
+            conv = normalize_conversation(rec)
             if isinstance(conv, str):
                 skips.add(conv, where, _format_hint(rec) if conv == "unknown_format" else None)
             else:

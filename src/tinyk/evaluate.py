@@ -28,8 +28,9 @@ from .files import Skips, TinykError, iter_records, record_shape
 from .model import Transformer
 from .tokenizer import (
     CHAT_ROLES,
-    DEFAULT_SYSTEM_PROMPT,
+    MODEL_PROMPT,
     SYSTEM_ROLES,
+    ModelPrompt,
     TinyTokenizer,
     same_tokenizer,
     tokenizer_hash,
@@ -120,7 +121,7 @@ def _valid_messages(msgs: Any) -> bool:
             and msgs[-1]["role"] == "user")
 
 
-def read_task(path: str | Path, skips: Skips, *, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+def read_task(path: str | Path, skips: Skips, *, system_prompt: str | None = None,
               limit: int | None = None) -> list[TaskExample]:
     """Reads {"messages": [..., user turn], "answer": str or [str, ...]} lines (the first `limit` usable ones).
 
@@ -166,7 +167,7 @@ def greedy_params(max_new_tokens: int) -> Any:
 
 
 def read_task_prompts(path: str | Path, prompt_of: Callable[[list[dict[str, str]]], Any], *,
-                      system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, limit: int | None = None
+                      system_prompt: str | None = None, limit: int | None = None
                       ) -> tuple[list[TaskExample], list[Any], Skips]:
     """The examples of a task file whose prompt fits the model's context, with their prompts (`prompt_of`
     makes one from a chat, raising ContextLengthError when it does not fit: those are skipped and
@@ -201,13 +202,14 @@ def chat_prompt_ids(tok: TinyTokenizer, context_length: int) -> Callable[[list[d
 
 
 def eval_task(engine: Any, path: str | Path, *, batch_size: int = 32, max_new_tokens: int = 64,
-              limit: int | None = None, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+              limit: int | None = None, system_prompt: str | None | ModelPrompt = MODEL_PROMPT,
               keep_samples: int = 5, name: str | None = None) -> dict[str, Any]:
     """Greedy answers to every example: exact-match accuracy, stop rate, and the majority-answer baseline.
 
-    Examples whose prompt does not fit the model's context are skipped and counted.
+    Examples whose prompt does not fit the model's context are skipped and counted. A chat without a
+    system message gets `system_prompt`: by default the model's own, as `tinyk eval --task` does.
     """
-    read = read_task_prompts(path, lambda m: engine.encode(engine.chat_ids(m)), system_prompt=system_prompt,
+    read = read_task_prompts(path, lambda m: engine.encode(engine.chat_ids(m, default_system=system_prompt)),
                              limit=limit)
     return score_task(engine, path, *read, batch_size=batch_size, max_new_tokens=max_new_tokens,
                       keep_samples=keep_samples, name=name)

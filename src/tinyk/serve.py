@@ -41,7 +41,7 @@ from .engine import (
     Scheduler,
 )
 from .files import TinykError, has_surrogate, shown
-from .tokenizer import DEFAULT_SYSTEM_PROMPT
+from .tokenizer import MODEL_PROMPT, ModelPrompt
 
 DEFAULT_MAX_BODY = 1_000_000  # the CLI's --max-body 1M
 MAX_STOP_STRINGS = 4
@@ -89,7 +89,8 @@ class ServerConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY
     timeout: float = 60.0  # seconds a connection may stall (reading the request or taking the stream)
     defaults: SamplingParams | None = None  # for fields a request leaves out
-    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT  # put first when a chat has no system message
+    # Put first when a chat has no system message; by default the one the model was trained with.
+    system_prompt: str | None | ModelPrompt = MODEL_PROMPT
     max_waiting: int = 256
     log: bool = True
     allow_origins: tuple[str, ...] = ()  # web pages of other origins that may call the API ("*": any)
@@ -907,7 +908,6 @@ def serve(model_dir: str, *, host: str = "127.0.0.1", port: int = 8000, device: 
 
     engine = Engine.from_dir(model_dir, device=device, dtype=dtype, max_batch=max_batch, quantize=quantize)
     cfg.setdefault("model_name", shown(Path(model_dir).resolve().name))  # the id clients send back: text
-    cfg.setdefault("system_prompt", engine.tok.system_prompt)
     server = ChatServer(engine, ServerConfig(**cfg), host, port)
     weights = ", int8 weights" if engine.quantize == "int8" else ""
     where = f"on every interface ({server.address}): here at" if server.everywhere else "at"
