@@ -40,6 +40,7 @@ from .tokenizer import (
 if TYPE_CHECKING:  # the loader is imported where a split is read
     from .loader import SplitData
 
+KEPT_SAMPLES = 5  # answers shown in a task's results, for a look at what the model says
 CHOICE_FORMATS = ("cloze", "letter")
 
 
@@ -203,7 +204,7 @@ def chat_prompt_ids(tok: TinyTokenizer, context_length: int) -> Callable[[list[d
 
 def eval_task(engine: Any, path: str | Path, *, batch_size: int = 32, max_new_tokens: int = 64,
               limit: int | None = None, system_prompt: str | None | ModelPrompt = MODEL_PROMPT,
-              keep_samples: int = 5, name: str | None = None) -> dict[str, Any]:
+              name: str | None = None) -> dict[str, Any]:
     """Greedy answers to every example: exact-match accuracy, stop rate, and the majority-answer baseline.
 
     Examples whose prompt does not fit the model's context are skipped and counted. A chat without a
@@ -211,12 +212,11 @@ def eval_task(engine: Any, path: str | Path, *, batch_size: int = 32, max_new_to
     """
     read = read_task_prompts(path, lambda m: engine.encode(engine.chat_ids(m, default_system=system_prompt)),
                              limit=limit)
-    return score_task(engine, path, *read, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                      keep_samples=keep_samples, name=name)
+    return score_task(engine, path, *read, batch_size=batch_size, max_new_tokens=max_new_tokens, name=name)
 
 
 def score_task(engine: Any, path: str | Path, examples: list[TaskExample], prompts: list[Any], skips: Skips,
-               *, batch_size: int = 32, max_new_tokens: int = 64, keep_samples: int = 5,
+               *, batch_size: int = 32, max_new_tokens: int = 64,
                name: str | None = None) -> dict[str, Any]:
     """`eval_task` on examples already read, with their prompts (by `read_task_prompts`)."""
     params = greedy_params(max_new_tokens)
@@ -233,7 +233,7 @@ def score_task(engine: Any, path: str | Path, examples: list[TaskExample], promp
         ok = normalize_answer(c.text) in {normalize_answer(a) for a in ex.answers}
         correct += ok
         stopped += bool(c.token_ids) and c.token_ids[-1] == engine.tok.eos_id  # closed its turn with <|im_end|>
-        if len(samples) < keep_samples:
+        if len(samples) < KEPT_SAMPLES:
             samples.append({"prompt": ex.messages[-1]["content"], "answer": ex.answers[0], "output": c.text,
                             "correct": ok, "finish_reason": c.finish_reason})
     # The one answer that, given every time, would be right most often (alternatives count).

@@ -352,9 +352,9 @@ def special_tokens_map() -> dict[str, Any]:
     }
 
 
-def save_tokenizer_files(tok: Tokenizer, out: Path, model_max_length: int = 1_000_000) -> None:
+def save_tokenizer_files(tok: Tokenizer, out: Path) -> None:
     (out / "tokenizer.json").write_text(tok.to_str(pretty=True), encoding="utf-8")  # see files.rust_path
-    write_hf_tokenizer_files(out, model_max_length)
+    write_hf_tokenizer_files(out, 1_000_000)  # no model, so no context length yet
 
 
 def write_hf_tokenizer_files(out: Path, model_max_length: int, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT

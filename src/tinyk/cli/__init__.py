@@ -45,13 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tinyk {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for stage in STAGES:
-        try:
-            module = importlib.import_module(f"tinyk.cli.{stage}")
-        except ModuleNotFoundError as e:
-            if e.name == f"tinyk.cli.{stage}":
-                continue
-            raise
-        module.register(sub)
+        importlib.import_module(f"tinyk.cli.{stage}").register(sub)
     return parser
 
 

@@ -22,7 +22,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Model and device flags shared by generate, chat and serve."""
     p.add_argument("--model", required=True, help="model directory")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp16 on GPUs without bf16 such as V100 "
+                                                   "and T4, fp32 on CPU), float32, bfloat16, float16")
     p.add_argument("--quantize", choices=["none", "int8"], default="none",
                    help="int8: weight-only int8 copies of the weights, bf16 compute (CPU; batch-1 decoding "
                         "1.5-1.75x as fast as transformers' fp32 generate in bench/decode.py, slightly different "
