@@ -579,7 +579,7 @@ def test_web_pages_of_other_sites_are_refused_unless_allowed(nano_model_dir, ser
         return resp.status, resp.getheader("Access-Control-Allow-Origin")
 
     allowed = "http://localhost:5173"
-    other, _ = start(nano_model_dir, allow_origins=(allowed,))
+    other, _ = start(nano_model_dir, allow_origins=("HTTP://LocalHost:5173/",))  # as browsers send it, once read
     try:
         assert call(other, "OPTIONS", allowed) == (204, allowed)  # the browser's preflight
         assert call(other, "POST", allowed) == (200, allowed)
@@ -591,6 +591,18 @@ def test_web_pages_of_other_sites_are_refused_unless_allowed(nano_model_dir, ser
         assert b"Access-Control-Allow-Headers: Authorization, Content-Type\r\n" in folded and b"Set-Cookie" not in folded
     finally:
         other.close()
+
+
+def test_server_config_reads_origins_and_hosts_as_the_cli_does():
+    cfg = ServerConfig(model_name="m", allow_origins=("https://Chat.Example.com:443/", "null"),
+                       allow_hosts=("Chat.Example.COM", "例子.中国"))
+    assert cfg.allow_origins == ("https://chat.example.com", "null")
+    assert cfg.allow_hosts == ("chat.example.com", "xn--fsqu00a.xn--fiqs8s")
+    with pytest.raises(TinykError, match=r"not an origin \(scheme://host\[:port\], e.g. http://localhost:5173\): "
+                                         r"'localhost:5173/app'"):
+        ServerConfig(model_name="m", allow_origins=("localhost:5173/app",))
+    with pytest.raises(TinykError, match="not a host name .*'chat.example.com:80'"):
+        ServerConfig(model_name="m", allow_hosts=("chat.example.com:80",))
 
 
 @pytest.mark.parametrize("host,status", [("evil.example:8000", 403), ("[::1", 403), ("localhost:1", 200),

@@ -97,11 +97,56 @@ class ServerConfig:
     allow_hosts: tuple[str, ...] = ()  # Host names answered besides localhost and IPs; given, they guard any address
 
     def __post_init__(self) -> None:
-        self.allow_hosts = tuple(h.lower() for h in self.allow_hosts)  # as Host headers are compared
+        try:  # as browsers send them, so that the headers compare equal
+            self.allow_origins = tuple(normal_origin(o) for o in self.allow_origins)
+            self.allow_hosts = tuple(normal_host(h) for h in self.allow_hosts)
+        except ValueError as e:
+            raise TinykError(str(e)) from None
         if self.api_key is not None and not (self.api_key.isascii() and self.api_key.isprintable()
                                              and self.api_key and " " not in self.api_key):
             # HTTP headers carry ASCII: clients (the openai package among them) cannot send anything else.
             raise TinykError("the API key must be printable ASCII without spaces")
+
+
+def normal_origin(value: str) -> str:
+    """An origin as browsers send it (scheme://host[:port], lowercase, punycode, no default port, no
+    path), null (a file:// page) or *."""
+    if value in ("*", "null"):
+        return value
+    bad = ValueError(f"not an origin (scheme://host[:port], e.g. http://localhost:5173): {value!r}")
+    try:
+        parts = urllib.parse.urlsplit(value.strip())
+        port = parts.port
+    except ValueError:
+        raise bad from None
+    if not (parts.scheme and parts.hostname) or parts.username or parts.path not in ("", "/") or parts.query \
+            or parts.fragment:
+        raise bad
+    host = normal_host(parts.hostname)
+    host = f"[{host}]" if ":" in host else host
+    default = {"http": 80, "https": 443}.get(parts.scheme.lower())
+    return f"{parts.scheme.lower()}://{host}" + (f":{port}" if port is not None and port != default else "")
+
+
+def normal_host(value: str) -> str:
+    """A host name as a Host header carries it, without a port (chat.example.com, punycode), or *."""
+    name = value.strip().lower()
+    if name == "*":
+        return name
+    try:
+        name = name.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise ValueError(f"not a host name: {value!r}") from None
+    if not name or any(c in name for c in "/@ *") or (":" in name and not _is_ipv6(name)):
+        raise ValueError(f"not a host name (e.g. chat.example.com, no port or wildcard): {value!r}")
+    return name
+
+
+def _is_ipv6(name: str) -> bool:
+    try:
+        return ipaddress.ip_address(name).version == 6
+    except ValueError:
+        return False
 
 
 def _get(body: dict, name: str, kind: str, default: Any = _MISSING) -> Any:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import os
-import urllib.parse
 
 from tinyk.cli.common import (
     add_sampling_args,
@@ -72,41 +70,18 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _origin(value: str) -> str:
-    """An origin as browsers send it (scheme://host[:port], lowercase, punycode, no default port, no
-    path), null (a file:// page) or *."""
-    if value in ("*", "null"):
-        return value
-    bad = argparse.ArgumentTypeError(f"not an origin (scheme://host[:port], e.g. http://localhost:5173): {value!r}")
+    from tinyk.serve import normal_origin
+
     try:
-        parts = urllib.parse.urlsplit(value.strip())
-        port = parts.port
-    except ValueError:
-        raise bad from None
-    if not (parts.scheme and parts.hostname) or parts.username or parts.path not in ("", "/") or parts.query \
-            or parts.fragment:
-        raise bad
-    host = _host_name(parts.hostname)
-    host = f"[{host}]" if ":" in host else host
-    default = {"http": 80, "https": 443}.get(parts.scheme.lower())
-    return f"{parts.scheme.lower()}://{host}" + (f":{port}" if port is not None and port != default else "")
+        return normal_origin(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _host_name(value: str) -> str:
-    """A host name as a Host header carries it, without a port (chat.example.com, punycode), or *."""
-    name = value.strip().lower()
-    if name == "*":
-        return name
-    try:
-        name = name.encode("idna").decode("ascii")
-    except UnicodeError:
-        raise argparse.ArgumentTypeError(f"not a host name: {value!r}") from None
-    if not name or any(c in name for c in "/@ *") or (":" in name and not _is_ipv6(name)):
-        raise argparse.ArgumentTypeError(f"not a host name (e.g. chat.example.com, no port or wildcard): {value!r}")
-    return name
+    from tinyk.serve import normal_host
 
-
-def _is_ipv6(name: str) -> bool:
     try:
-        return ipaddress.ip_address(name).version == 6
-    except ValueError:
-        return False
+        return normal_host(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
