@@ -1,8 +1,10 @@
 """A LLaMA-2 style decoder, the whole model in one file.
 
 Parameter names and the RoPE layout are Hugging Face Llama's, so a saved tinyk model
-is a `LlamaForCausalLM` checkpoint as-is. The KV cache is part of the model: the
-generation engine, chat and the server all decode through it.
+is a `LlamaForCausalLM` checkpoint as-is. The KV cache is part of the model, and
+decoding through it here is the readable reference: the generation engine (chat, the
+server) runs the same arithmetic restated for speed (`engine._Forward`), and the tests
+hold the two to the same logits bit for bit.
 """
 
 from __future__ import annotations
