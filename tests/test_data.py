@@ -32,10 +32,9 @@ from tinyk.data import (
     open_dataset,
     prepare_pretrain,
     prepare_sft,
-    skips_summary,
     token_dtype,
 )
-from tinyk.files import TinykError
+from tinyk.files import Skips, TinykError
 from tinyk.loader import PAD_MULTIPLE
 from tinyk.tokenizer import (
     DEFAULT_SYSTEM_PROMPT,
@@ -182,7 +181,7 @@ def test_bad_records_are_skipped_counted_and_located(tmp_path, tok_dir):
                                             "names the one with the text",
                            "lone_surrogate": "a \\ud800-\\udfff escape without its pair is no text; fix the "
                                              "program that wrote it"}
-    assert sk["hints"]["missing_field"] in skips_summary(sk)  # as `tinyk data` prints it
+    assert sk["hints"]["missing_field"] in Skips.from_json(sk).summary()  # as `tinyk data` prints it
     assert sk["first"]["line_too_long"] == ["bad.jsonl:7"]
     assert sk["first"]["invalid_utf8"] == ["bad.jsonl:6"]
     assert sk["first"]["lone_surrogate"] == ["bad.jsonl:11", "bad.jsonl:14"]

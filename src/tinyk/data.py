@@ -49,8 +49,8 @@ from .files import (
     remove_path,
     sft_format,
     shown,
-    write_error,
     write_json_atomic,
+    writing,
 )
 from .tokenizer import (
     IM_END_ID,
@@ -459,10 +459,8 @@ class _SplitWriter:
         self.documents += len(b)
         self.tokens += int(b.lengths.sum())
         self.bytes += int(b.nbytes.sum())
-        try:
+        with writing(self.folder):
             self._write(b)
-        except OSError as e:
-            raise write_error(self.folder, e) from e
 
     def _write(self, b: _Batch) -> None:
         raise NotImplementedError
@@ -480,12 +478,10 @@ class _SplitWriter:
 
     def sync(self) -> None:
         """Everything written so far on disk, so a checkpoint never records more than survives a crash."""
-        try:
+        with writing(self.folder):
             for f in self._files():
                 f.flush()
                 os.fsync(f.fileno())
-        except OSError as e:
-            raise write_error(self.folder, e) from e
 
     def close(self) -> dict[str, Any]:
         """Finishes the split; returns its part of meta.json."""
@@ -745,10 +741,8 @@ class _Checkpoints:
             w.sync()
         files = {f"{split}/{name}": size for split, w in writers.items() for name, size in w.sizes().items()}
         saved = {"fingerprint": self.fingerprint, **state, "files": files}
-        try:
+        with writing(self.folder / self.FILE):
             write_json_atomic(self.folder / self.FILE, saved)
-        except OSError as e:
-            raise write_error(self.folder / self.FILE, e) from e
         self.saved, self.last = saved, time.monotonic()
 
     def stopped(self, e: BaseException, unit: str) -> None:
@@ -834,10 +828,8 @@ def _prepare(kind: str, paths: list[Path], tok: TinyTokenizer, out: str | Path, 
                 "command": command,
                 "seconds": seconds,
             }
-            try:
+            with writing(tmp / "meta.json"):
                 write_json_atomic(tmp / "meta.json", meta)
-            except OSError as e:
-                raise write_error(tmp / "meta.json", e) from e
         except BaseException as e:
             checkpoints.stopped(e, unit)
             raise
@@ -1081,8 +1073,3 @@ def _clipped(messages: list[dict[str, str]], chars: int) -> list[dict[str, str]]
             return [*out, {**m, "content": m["content"][:chars]}]
         out.append(m)
     return out
-
-
-def skips_summary(skipped: dict[str, Any]) -> str:
-    """The one-line skip summary of a meta.json `skipped` block."""
-    return Skips.from_json(skipped).summary()

@@ -250,7 +250,7 @@ def choose_runtime(cfg: DemoConfig, tcfg: Any, try_compile: bool = False) -> Run
         try:
             eager_rate, compiled = probe((name, threads, False), (name, threads, True))
         except Exception as e:  # any compiler failure only means training stays eager
-            rt.compile_error = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            rt.compile_error = first_line(e)[:200]
         else:
             rt.rates[f"{name} x{threads}"], rt.rates[f"{name} x{threads} compiled"] = eager_rate, compiled
             rt.compile = compiled > eager_rate

@@ -316,6 +316,11 @@ def _codec(path: Path) -> str | None:
     return next((codec for ext, codec in _CODECS.items() if path.name.endswith(ext)), None)
 
 
+def is_compressed(path: str | Path) -> bool:
+    """Whether a file's size says nothing of how much text it holds (gzip, zstd, Parquet)."""
+    return _codec(Path(path)) is not None or str(path).endswith(".parquet")
+
+
 def _zstandard() -> Any:
     try:
         import zstandard

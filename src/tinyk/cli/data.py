@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from tinyk.cli.common import float_range, int_range, positive_size, seed, token_count, utf8_text
-from tinyk.files import DEFAULT_MAX_LINE_BYTES, plural
+from tinyk.files import DEFAULT_MAX_LINE_BYTES, Skips, is_compressed, plural
 
 MAX_WORKERS = 1024  # tokenizer processes; more only exhausts the machine
 MAX_LEN = 2**20  # SFT tokens per conversation, far past any model's context
@@ -98,7 +98,6 @@ def _info(args: argparse.Namespace) -> int:
 def _summary(meta: dict[str, Any]) -> str:
     """One paragraph: what was kept, what was skipped and why, and how fast (over the work kept, when a
     stopped run was continued)."""
-    from tinyk.data import skips_summary
 
     tr, va = meta["splits"]["train"], meta["splits"]["val"]
     unit = "documents" if meta["kind"] == "pretrain" else "conversations"
@@ -113,9 +112,9 @@ def _summary(meta: dict[str, Any]) -> str:
     if seconds:
         inputs = meta.get("inputs", [])
         mb = sum(i["bytes"] for i in inputs) / 1e6
-        packed = [i["path"].endswith((".gz", ".zst", ".parquet")) for i in inputs]
+        packed = [is_compressed(i["path"]) for i in inputs]
         files = " of compressed files" if all(packed) else " of files, some compressed" if any(packed) else ""
         tokens = tr["tokens"] + va["tokens"]
         text += (f"; read {mb:,.1f} MB{files} in {seconds:.1f}s "
                  f"({mb / max(seconds, 1e-9):.1f} MB/s, {tokens / max(seconds, 1e-9):,.0f} tokens/s)")
-    return f"{text}; {skips_summary(meta.get('skipped', {}))}; tokenizer {meta['tokenizer_hash']}."
+    return f"{text}; {Skips.from_json(meta.get('skipped', {})).summary()}; tokenizer {meta['tokenizer_hash']}."

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from tinyk.cli.common import int_range, positive_size
+from tinyk.files import Skips, is_compressed
 
 
 def vocab_size(s: str) -> int:
@@ -55,7 +56,7 @@ def _text_read(inputs: list[str], max_bytes: int) -> int:
     """How much text a --max-bytes read takes: all of it when the inputs are smaller (only
     uncompressed files say how much text they hold)."""
     paths = [Path(p) for p in inputs]
-    if any(p.name.endswith((".gz", ".zst", ".parquet")) or not p.is_file() for p in paths):
+    if any(is_compressed(p) or not p.is_file() for p in paths):
         return max_bytes
     return min(max_bytes, sum(p.stat().st_size for p in paths))
 
@@ -99,7 +100,6 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from tinyk.data import skips_summary
     from tinyk.tokenizer import eval_tokenizer
 
     r = eval_tokenizer(args.path, args.input, max_bytes=args.max_bytes, field_name=args.field)
@@ -113,6 +113,6 @@ def _eval(args: argparse.Namespace) -> int:
     verdict = "exact" if r["roundtrip_ok"] else "not exact, by design (NFKC normalisation)" if lossy else "FAILED"
     print(f"round trip      {verdict} ({r['documents']} documents, {r['roundtrip_failures']} failures)")
     if r["skipped"]["total"]:
-        print(f"input           {skips_summary(r['skipped'])}")
+        print(f"input           {Skips.from_json(r['skipped']).summary()}")
     print(f"compression     {r['chars_per_token']} chars/token, {r['bytes_per_token']} bytes/token")
     return 0 if r["roundtrip_ok"] or lossy else 1
