@@ -24,7 +24,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tinyk.checkpoint import hf_config
-from tinyk.data import PretrainLoader, prepare_pretrain
+from tinyk.data import prepare_pretrain
+from tinyk.loader import PretrainLoader
 from tinyk.monitor import measure_matmul_flops
 from tinyk.tokenizer import train_tokenizer
 from tinyk.train import TrainConfig, Trainer

@@ -25,17 +25,13 @@ import torch
 from conftest import CHINESE, ENGLISH
 from tinyk.cli import main
 from tinyk.data import (
-    PretrainLoader,
-    SFTLoader,
-    eval_batches,
     normalize_conversation,
-    open_dataset,
     prepare_pretrain,
     prepare_sft,
     token_dtype,
 )
 from tinyk.files import Skips, TinykError
-from tinyk.loader import PAD_MULTIPLE
+from tinyk.loader import PAD_MULTIPLE, PretrainLoader, SFTLoader, eval_batches, open_dataset
 from tinyk.tokenizer import (
     DEFAULT_SYSTEM_PROMPT,
     load_tokenizer,

@@ -213,7 +213,7 @@ def pretrain_data(tmp_path_factory, corpus_file, tok_dir):
 def test_data_loss_perplexity_bits_per_byte(nano, nano_model_dir, pretrain_data):
     """Bits per byte divide by the bytes of text the evaluated targets spell, whatever part of the split
     is evaluated (a whole-split average was off on part of one)."""
-    from tinyk.data import eval_batches
+    from tinyk.loader import eval_batches
 
     model, tok = nano
     for max_batches in (None, 2):
@@ -237,7 +237,7 @@ def test_data_loss_perplexity_bits_per_byte(nano, nano_model_dir, pretrain_data)
 
 def test_sft_conversations_a_short_window_leaves_out_are_reported(nano, nano_model_dir, sft_data):
     """Conversations with no answer token within --seq-len are not in the score: the results say how many."""
-    from tinyk.data import SFTLoader
+    from tinyk.loader import SFTLoader
 
     model, _ = nano
     full = eval_data(model, nano_model_dir, sft_data, seq_len=128)

@@ -25,8 +25,9 @@ from safetensors.torch import load_file
 
 from tinyk.checkpoint import load_model
 from tinyk.cli import main
-from tinyk.data import SFTLoader, prepare_pretrain
+from tinyk.data import prepare_pretrain
 from tinyk.files import TinykError
+from tinyk.loader import SFTLoader
 from tinyk.model import Transformer, preset_config
 from tinyk.tokenizer import load_tokenizer
 from tinyk.train import (

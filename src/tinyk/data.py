@@ -72,23 +72,12 @@ DEFAULT_BATCH_CHARS = 1 << 19
 PROGRESS_LINE_S = 60.0  # without a terminal (a log, a batch job) a line this often instead of a bar
 CHECKPOINT_S = 60.0  # a stopped run, continued, redoes about this much work at most (once both splits have begun)
 PIECE_CHARS = 1 << 17  # longer documents are tokenized piece by piece (see `text_pieces`)
-LOADER_NAMES = ("PretrainLoader", "SFTLoader", "eval_batches", "open_dataset")
-
 # Speaker names used by BelleGroup, ShareGPT and OpenAI-style data, mapped to chat-template roles.
 ROLE_ALIASES = {
     "system": "system", "developer": "system",
     "human": "user", "user": "user",
     "assistant": "assistant", "gpt": "assistant", "bot": "assistant", "chatgpt": "assistant",
 }
-
-
-def __getattr__(name: str) -> Any:
-    # The loaders need torch; preparation workers import this module and must stay light.
-    if name in LOADER_NAMES:
-        from . import loader
-
-        return getattr(loader, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

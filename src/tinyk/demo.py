@@ -333,9 +333,10 @@ def _is_demo_dir(path: Path) -> bool:
 
 def _pipeline(root: Path, cfg: DemoConfig, show_progress: bool) -> dict[str, Any]:
     from .checkpoint import load_model, model_info
-    from .data import open_dataset, prepare_pretrain, prepare_sft
+    from .data import prepare_pretrain, prepare_sft
     from .engine import Engine
     from .evaluate import eval_data, eval_task
+    from .loader import open_dataset
     from .tokenizer import eval_tokenizer, train_tokenizer
 
     st = Stages(8, cfg.minutes * 60, show_progress)

@@ -49,7 +49,7 @@ CHOICE_FORMATS = ("cloze", "letter")
 def _split_meta(data_dir: str | Path, split: str, model_dir: str | Path) -> dict[str, Any]:
     """A prepared data directory's meta, once it is known to have tokens in `split`, tokenized with
     the model's tokenizer."""
-    from .data import open_dataset
+    from .loader import open_dataset
 
     meta = open_dataset(data_dir)
     if split not in meta["splits"]:

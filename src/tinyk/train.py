@@ -821,7 +821,7 @@ class Trainer:
     # --- set-up checks, all before the first step --------------------------------------------
 
     def _setup_inputs(self) -> None:
-        from .data import open_dataset
+        from .loader import open_dataset
         from .tokenizer import DEFAULT_SYSTEM_PROMPT, load_tokenizer, same_tokenizer, tokenizer_hash
 
         cfg = self.cfg
@@ -1015,7 +1015,7 @@ class Trainer:
                              f"mounts at the same path")
 
     def _setup_data(self) -> None:
-        from .data import PretrainLoader, SFTLoader, eval_batches
+        from .loader import PretrainLoader, SFTLoader, eval_batches
 
         cfg, d = self.cfg, self.dist
         self.micro, self.accum = micro_layout(cfg.batch_size, d.world, cfg.micro_batch)
@@ -1319,7 +1319,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
         """Validation loss (nats per loss token) and bits per byte of the text those tokens spell."""
-        from .data import eval_batches
+        from .loader import eval_batches
 
         cfg = self.cfg
         self.model.eval()
