@@ -41,13 +41,14 @@ from .engine import (
     Scheduler,
 )
 from .files import TinykError, has_surrogate, shown
-from .tokenizer import MODEL_PROMPT, ModelPrompt
+from .tokenizer import MODEL_PROMPT, SYSTEM_ROLES, ModelPrompt
 
 DEFAULT_MAX_BODY = 1_000_000  # the CLI's --max-body 1M
 MAX_STOP_STRINGS = 4
 LINGER_BYTES = 64 << 20  # at most this much of a refused body is read and thrown away
 CLIENT_POLL_S = 0.2  # how often a non-streamed request checks that its client is still connected
-ROLE_ALIASES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+# The roles a request may give, as the chat template names them (OpenAI's `developer` is the system role).
+API_ROLES = {r: "system" if r in SYSTEM_ROLES else r for r in (*SYSTEM_ROLES, "user", "assistant")}
 # OpenAI request fields this server cannot honour, with the values that mean "off" (null always does):
 # anything else is a 400, not a silently different answer.
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
@@ -314,13 +315,13 @@ class Api:
             if not isinstance(m, dict):
                 raise ApiError(400, f"'{where}' must be an object", param=where, code="invalid_type")
             role = m.get("role")
-            if not isinstance(role, str) or role not in ROLE_ALIASES:
-                raise ApiError(400, f"'{where}.role' must be one of {', '.join(ROLE_ALIASES)}, got {json.dumps(role)}",
+            if not isinstance(role, str) or role not in API_ROLES:
+                raise ApiError(400, f"'{where}.role' must be one of {', '.join(API_ROLES)}, got {json.dumps(role)}",
                                param=f"{where}.role", code="invalid_value")
             content = m.get("content", _MISSING)
             if content is None and role == "assistant":  # OpenAI's for a turn that was only tool calls or a refusal
                 content = ""
-            clean.append({"role": ROLE_ALIASES[role], "content": self._content(content, where)})
+            clean.append({"role": API_ROLES[role], "content": self._content(content, where)})
             _no_surrogate(clean[-1]["content"], f"{where}.content")
         try:
             self.engine.check_fits((m["content"] for m in clean), tokens_each=3)  # <|im_start|>, role, <|im_end|>
