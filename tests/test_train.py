@@ -417,6 +417,42 @@ def test_a_start_refused_after_the_run_directory_was_made_leaves_nothing(tmp_pat
     assert not (tmp_path / "runs" / "x").exists()
 
 
+def test_a_run_directory_keeps_the_users_own_files(tmp_path, pt_data, tok_dir, monkeypatch):
+    """`tinyk pretrain --out r > r/train.log` (the shell opens the log first), an eval's results or notes
+    in the run directory: no start, resume, --force or failed start moves or deletes them."""
+    out = tmp_path / "r"
+    out.mkdir()
+    mine = {"train.log": "step 1 ...\n", "notes": None}
+    (out / "train.log").write_text(mine["train.log"])
+    (out / "notes").mkdir()
+    assert train(nano_cfg(pt_data, tok_dir, out, max_steps=2, save_every=1))["steps"] == 2
+    assert train(nano_cfg(pt_data, tok_dir, out, max_steps=3, save_every=1), resume=True)["steps"] == 3
+    (out / "eval.json").write_text("{}")
+    monkeypatch.setattr(Transformer, "forward", lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):  # a --force start that fails puts the old run back
+        train(nano_cfg(pt_data, tok_dir, out, max_steps=1), force=True)
+    monkeypatch.undo()
+    assert [r["step"] for r in records(out, "train")] == [1, 2, 3]
+    assert train(nano_cfg(pt_data, tok_dir, out, max_steps=1), force=True)["steps"] == 1
+    assert [r["step"] for r in records(out, "train")] == [1]
+    assert (out / "train.log").read_text() == mine["train.log"] and (out / "notes").is_dir()
+    assert (out / "eval.json").read_text() == "{}"
+
+
+def test_a_resume_without_checkpoints_never_replaces_a_final_model(tmp_path, pt_data, tok_dir):
+    """Deleting checkpoints/ to free disk (or copying a run without it) and resuming to train longer
+    started over and replaced final/ with a model trained from scratch."""
+    out = tmp_path / "r"
+    train(nano_cfg(pt_data, tok_dir, out, max_steps=2, save_every=1))
+    final = (out / "final" / "model.safetensors").read_bytes()
+    shutil.rmtree(out / "checkpoints")
+    with pytest.raises(TinykError, match=rf"--resume: {re.escape(str(out))} holds a final model but no checkpoint "
+                                         rf"to continue from; to train on from its weights, start a new run with "
+                                         rf"--init {re.escape(str(out / 'final'))}"):
+        train(nano_cfg(pt_data, tok_dir, out, max_steps=4), resume=True)
+    assert (out / "final" / "model.safetensors").read_bytes() == final
+
+
 def test_a_resume_that_finds_a_newer_checkpoint_once_it_holds_the_lock_starts_again(tmp_path, pt_data, tok_dir,
                                                                                    monkeypatch):
     """A run that was finishing (`kill -9` of torchrun leaves its workers running) saved another
@@ -727,14 +763,12 @@ def test_setup_errors_are_one_line(tmp_path, pt_data, sft_data, tok_dir, nano_mo
     prepare_pretrain([short], tok_dir, tiny_data, val_fraction=0.0, workers=1, show_progress=False)
     assert "fewer than seq_len + 1" in err(data=tiny_data)
     (tmp_path / "o").mkdir()
-    (tmp_path / "o" / "x").write_text("")
-    assert "--out " + str(tmp_path / "o") + " is not a tinyk run directory (it holds x)" in err()
-    assert [p.name for p in (tmp_path / "o").iterdir()] == ["x"]
-    (tmp_path / "o" / "config.yaml").write_text("lr: 0.001\n")  # a config.yaml alone does not make a run
-    for kw in ({"force": True}, {"resume": True}):
-        with pytest.raises(TinykError, match=r"not a tinyk run directory \(it holds x\)"):
+    (tmp_path / "o" / "metrics.jsonl").write_text("")
+    for kw in ({}, {"force": True}, {"resume": True}):
+        with pytest.raises(TinykError, match=r"holds metrics.jsonl but no config.yaml: not a tinyk run to continue "
+                                             r"or replace; choose another directory"):
             train(nano_cfg(pt_data, tok_dir, tmp_path / "o"), **kw)
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["config.yaml", "x"]
+    assert [p.name for p in (tmp_path / "o").iterdir()] == ["metrics.jsonl"]
     shutil.rmtree(tmp_path / "o")
     # An output that would replace (or write into) an input is refused, --force or not.
     assert "would replace the input" in err(out=pt_data.parent)

@@ -665,7 +665,8 @@ def _is_leftover(p: Path) -> bool:
 
 
 def _made_by_a_run(p: Path) -> bool:
-    """What a run directory may hold: --force deletes a run only when it holds nothing else."""
+    """A run's own entry. Others (a log the shell opened there, an eval's results, notes) are the
+    user's: no start, --force or failed start moves or deletes them."""
     return p.name in RUN_ENTRIES or _is_leftover(p) or bool(_ASIDE.match(p.name))
 
 
@@ -679,14 +680,14 @@ _ASIDE = re.compile(r"^\.forced\.(moving|old|back)-(.+)$")
 
 
 def _set_aside(out: Path) -> Path:
-    """Moves everything in `out` into a `.forced.old-*` folder there (the directory itself stays: the
-    run's lock is on it); a failure midway puts back what had moved."""
+    """Moves the run's entries in `out` into a `.forced.old-*` folder there (the directory itself stays:
+    the run's lock is on it); a failure midway puts back what had moved."""
     token = f"{os.getpid()}-{time.time_ns()}"
     moving = out / f".forced.moving-{token}"
     moving.mkdir()
     try:
         for p in out.iterdir():
-            if p != moving:
+            if p != moving and _made_by_a_run(p):
                 p.rename(moving / p.name)
         aside = out / f".forced.old-{token}"
         os.replace(moving, aside)
@@ -705,7 +706,7 @@ def _put_back(out: Path, aside: Path) -> None:
             trash = out / f".forced.tmp-{token}-{time.time_ns()}"
             trash.mkdir()
             for p in out.iterdir():
-                if p != trash and not _ASIDE.match(p.name):
+                if p != trash and not _ASIDE.match(p.name) and _made_by_a_run(p):
                     p.rename(trash / p.name)
             back = out / f".forced.back-{token}"
             os.replace(aside, back)
@@ -832,6 +833,9 @@ class Trainer:
             raise TinykError("tinyk sft needs --init (a pretrained model directory or a pretraining run directory)")
         ckpts = checkpoints(self.out) if self.resume else []
         self.resumed_from = ckpts[-1] if ckpts else None
+        if self.resume and not ckpts and is_model_dir(self.out / "final"):  # starting over would replace it
+            raise TinykError(f"--resume: {self.out} holds a final model but no checkpoint to continue from; to "
+                             f"train on from its weights, start a new run with --init {self.out / 'final'}")
         # A resumed run's model, tokenizer included, is its checkpoint's: the --init model and the
         # tokenizer directory it started from may have moved or been retrained since.
         self.init_dir = resolve_init(cfg.init) if cfg.init and not self.resumed_from else None
@@ -910,19 +914,19 @@ class Trainer:
         if out.exists() and not out.is_dir():
             raise TinykError(f"--out {out} is a file, not a run directory")
         check_output(out, [self.cfg.data, self.init_dir, None if self.resumed_from else self.tok_dir])
-        exists = out.is_dir() and any(out.iterdir())
-        foreign = sorted(p.name for p in out.iterdir() if not _made_by_a_run(p)) if exists else []
+        exists = out.is_dir() and any(_made_by_a_run(p) for p in out.iterdir())  # an earlier run's
         # The saved config names the full model, so a resumed run rebuilds exactly this one, and the
         # preset only where it named the model (beside --init it gave the training settings alone).
         preset = None if self.cfg.init else self.cfg.model.get("preset")
         self.cfg.model = {**({"preset": preset} if preset else {}), **self.mcfg.to_dict()}
         set_aside = exists and any(_ASIDE.match(p.name) for p in out.iterdir())
-        if (exists and not (out / "config.yaml").is_file() and not set_aside) or foreign:
-            copy = "" if foreign else _config_copy(out)
+        if exists and not (out / "config.yaml").is_file() and not set_aside:
+            copy = _config_copy(out)
             if copy:
                 raise TinykError(f"run directory {out} has no config.yaml{copy}")
-            what = f"it holds {', '.join(foreign[:3])}" if foreign else "no config.yaml"
-            raise TinykError(f"--out {out} is not a tinyk run directory ({what}); choose a new or empty directory")
+            held = sorted(p.name for p in out.iterdir() if _made_by_a_run(p))
+            raise TinykError(f"--out {out} holds {', '.join(held[:3])} but no config.yaml: not a tinyk run to "
+                             f"continue or replace; choose another directory")
         if exists and not self.resume and not force:
             raise TinykError(f"run directory {out} exists (use --resume to continue it or --force to start over)")
         # One run per directory: a second writer (a job script's --resume while the first still runs, or
@@ -981,7 +985,8 @@ class Trainer:
             shutil.rmtree(self.out, ignore_errors=True)
         else:
             for p in self.out.iterdir():
-                remove_path(p, ignore_errors=True)
+                if _made_by_a_run(p):
+                    remove_path(p, ignore_errors=True)
 
     def _write_config(self) -> None:
         """The run's config.yaml, whole or as it was: it is what --resume starts from."""
