@@ -357,7 +357,7 @@ def test_only_temporaries_of_dead_processes_on_this_machine_are_removed(tmp_path
     with atomic_dir(tmp_path / "out", force=True) as tmp:  # the dead .old- one is put back, then replaced
         (tmp / "f").write_text("x")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*keep, "out"])
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["f"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["data.bin", "f"]  # not the new one's: kept
     assert remove_stale_temps(tmp_path / "out") == []
 
 
@@ -375,6 +375,26 @@ def test_an_output_moved_aside_by_a_killed_replace_is_put_back(tmp_path):
     with pytest.raises(TinykError, match="output directory exists"), atomic_dir(tmp_path / "out"):
         pass
     assert (tmp_path / "out" / "model.bin").read_bytes() == b"weights" and not old.exists()
+
+
+def test_force_replaces_only_what_the_output_holds_and_keeps_the_users_own_entries(tmp_path):
+    """`tinyk demo --out d` again, after `tinyk eval ... --out d/my_eval.json`: the demo's files are
+    replaced, the user's are not deleted with them; also when the replace was killed half-way."""
+    out = tmp_path / "out"
+    with atomic_dir(out) as tmp:
+        (tmp / "model").write_text("old")
+    (out / "my_eval.json").write_text("{}")
+    (out / "my_run").mkdir()
+    with atomic_dir(out, force=True) as tmp:
+        (tmp / "model").write_text("new")
+    assert {p.name: p.is_dir() or p.read_text() for p in out.iterdir()} == {
+        "model": "new", "my_eval.json": "{}", "my_run": True}
+    old = tmp_path / f".out.old-{_host()}-{dead_pid()}"  # killed after the swap, before the carry-over
+    old.mkdir()
+    (old / "model").write_text("older")
+    (old / "notes.txt").write_text("mine")
+    assert remove_stale_temps(out) == [old]
+    assert (out / "notes.txt").read_text() == "mine" and (out / "model").read_text() == "new"
 
 
 def test_an_output_name_near_the_filesystem_limit_gets_legal_temporaries(tmp_path, corpus_file):

@@ -752,6 +752,7 @@ def atomic_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path
             except BaseException:
                 os.replace(old, out)  # the earlier output stays where it was
                 raise
+            _carry_over(old, out)
             remove_path(old, ignore_errors=True)  # --force on a link replaces the link, not what it points to
         else:
             os.replace(tmp, out)
@@ -759,6 +760,16 @@ def atomic_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path
         if not partial:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _carry_over(old: Path, new: Path) -> None:
+    """Moves into a new output the entries of the one it replaced that it lacks: the user's own (an
+    eval's results in a demo folder, notes beside a model). --force replaces what tinyk made, only."""
+    if old.is_symlink() or not old.is_dir():
+        return
+    for p in old.iterdir():
+        if not (new / p.name).exists() and not (new / p.name).is_symlink():
+            os.replace(p, new / p.name)
 
 
 def partial_sibling(out: str | Path) -> Path:
@@ -872,6 +883,11 @@ def remove_stale_temps(out: str | Path) -> list[Path]:
             continue
         if p.is_symlink() or not p.is_dir():
             continue
+        if m.group(2) and out.is_dir() and not out.is_symlink():  # killed after the new output went in:
+            try:  # the user's entries of the old one go there; kept for a later run if they cannot
+                _carry_over(p, out)
+            except OSError:
+                continue
         shutil.rmtree(p, ignore_errors=True)
         removed.append(p)
     return removed
