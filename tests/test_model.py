@@ -543,6 +543,11 @@ def test_weights_that_are_not_finite_are_refused_everywhere(tmp_path, tok_dir):
     save_file(state, tmp_path / "m" / "model.safetensors")
     with pytest.raises(TinykError, match="holds inf or nan weights \\(model.norm.weight\\)"):
         load_model(tmp_path / "m")
+    state["model.norm.weight"] = state["model.norm.weight"].to(torch.int8)  # an integer export, or a damaged header
+    save_file(state, tmp_path / "m" / "model.safetensors")
+    with pytest.raises(TinykError, match=r"holds int8 weights \(model.norm.weight\); tinyk loads float32, float16 "
+                                         r"or bfloat16 weights"):
+        load_model(tmp_path / "m")
     (tmp_path / "m" / "tokenizer.json").unlink()  # and `model info` refuses what every other command does
     with pytest.raises(TinykError, match="tokenizer"):
         model_info(tmp_path / "m")

@@ -185,6 +185,8 @@ def test_config_layers_preset_file_flags_set(tmp_path):
     (["eval_batches=-1"], "eval_batches must be at least 1"),  # would report a val loss of 0
     (["warmup_steps=.nan"], "config key warmup_steps: nan is not a valid int or null"),
     (["lr=.inf"], "must be finite"),
+    (["lr=1e300"], "must fit a float32"),  # a traceback from inside AdamW
+    (["sft.max_step=50"], "unknown config key 'max_step' in its sft block"),  # seen by pretrain, before SFT
     (["seed=-1"], "seed must be between 0 and 2"),
     (["beta1=2"], "beta1 and beta2 must be in"),
     (["model.preset=huge"], "unknown model preset 'huge'"),
@@ -830,6 +832,7 @@ def test_a_damaged_checkpoint_is_named_with_the_way_out(tmp_path, pt_data, tok_d
     train(nano_cfg(pt_data, tok_dir, out, max_steps=4, save_every=2, keep_checkpoints=5))
     newest = checkpoints(out)[-1]
     damage = [lambda: (newest / "state.json").write_text("{"), lambda: (newest / "optimizer.pt").write_bytes(b"x"),
+              lambda: (newest / "optimizer.pt").write_bytes(b""), lambda: (newest / "rng.pt").write_bytes(b""),
               lambda: (newest / "rng.pt").unlink(),
               lambda: (newest / "model" / "model.safetensors").write_bytes(b"\0" * 100),
               lambda: (newest / "state.json").write_text((newest / "state.json").read_text().replace(

@@ -250,6 +250,10 @@ def _model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], source: 
     if wrong:
         raise TinykError(f"{source} {mismatch}: {wrong[0]} is {tuple(state[wrong[0]].shape)}, the config needs "
                          f"{tuple(expected[wrong[0]].shape)}")
+    not_float = next((k for k in expected if not state[k].is_floating_point()), None)
+    if not_float:  # an integer export (int8) or a damaged header: no float model to compute with
+        raise TinykError(f"{source} holds {str(state[not_float].dtype).removeprefix('torch.')} weights ({not_float}); "
+                         f"tinyk loads float32, float16 or bfloat16 weights")
     damaged = next((k for k in expected if state[k].device.type != "meta" and not torch.isfinite(state[k]).all()),
                    None)
     if damaged:  # it would score, chat and train as nan, silently

@@ -282,8 +282,9 @@ class _Loader:
                 raise ResumeMismatch(f"this run was saved with {name} {saved}; resume it with the same {name} "
                                      f"(which samples come next depends on it)")
         if state.get("num_windows", self.num_windows) != self.num_windows:
-            raise TinykError(f"the data loader state is for {state['num_windows']} samples per epoch, this data has "
-                             f"{self.num_windows} (different data or seq_len)")
+            raise ResumeMismatch(f"this run was saved with {state['num_windows']:,} samples per epoch, the data now "
+                                 f"gives {self.num_windows:,} (the data or seq_len changed); resume it with the "
+                                 f"data and seq_len it was saved with")
         epoch, cursor = int(state["epoch"]), int(state["cursor"])
         if epoch < 0 or not 0 <= cursor < self.num_windows:
             raise TinykError(f"invalid data loader state {state}")

@@ -192,24 +192,29 @@ def _check_model_section(section: Any) -> dict[str, Any]:
 
 
 def _merge(base: dict[str, Any], layer: dict[str, Any], kind: str, where: str) -> dict[str, Any]:
-    """Applies one config layer; a layer's `pretrain:`/`sft:` block applies only to that stage."""
+    """Applies one config layer; a layer's `pretrain:`/`sft:` block applies only to that stage. The other
+    stage's block is checked all the same: a typo there shows when pretraining starts, not after it."""
     layer = dict(layer)
     stage_blocks = {k: layer.pop(k) for k in KINDS if k in layer}
     out = dict(base)
-    for d in (layer, stage_blocks.get(kind) or {}):
+    for stage, d in (("", layer), *stage_blocks.items()):
+        if d is None:
+            continue
         if not isinstance(d, dict):
-            raise TinykError(f"{where}: the {kind} block must be a mapping")
+            raise TinykError(f"{where}: the {stage} block must be a mapping")
+        into = out if stage in ("", kind) else dict(out)
+        block = f" in its {stage} block" if stage else ""
         for k, v in d.items():
             if k == "kind":
                 continue
             if k == "model":
-                out["model"] = {**out.get("model", {}), **_check_model_section(v)}
+                into["model"] = {**into.get("model", {}), **_check_model_section(v)}
             elif k in _FIELD_TYPES:
-                out[k] = _coerce(k, v, _FIELD_TYPES[k])
+                into[k] = _coerce(k, v, _FIELD_TYPES[k])
             elif k in _MODEL_TYPES or k == "preset":  # `--set dim=64` for `--set model.dim=64`
-                raise TinykError(f"{where}: unknown config key {k!r}; the model's is model.{k}")
+                raise TinykError(f"{where}: unknown config key {k!r}{block}; the model's is model.{k}")
             else:
-                raise TinykError(f"{where}: unknown config key {k!r}")
+                raise TinykError(f"{where}: unknown config key {k!r}{block}")
     return out
 
 
@@ -352,6 +357,9 @@ def validate(cfg: TrainConfig) -> None:
                                          cfg.grad_clip, cfg.epochs or 1, cfg.max_minutes or 1, cfg.peak_tflops or 1)),
          "numbers in the config must be finite (no inf or nan)"),
         (cfg.lr > 0, "lr must be positive"),
+        # The optimizer holds them as float32 (a larger lr was a traceback from inside AdamW).
+        (max(cfg.lr, cfg.weight_decay, cfg.eps, cfg.grad_clip) < torch.finfo(torch.float32).max,
+         "lr, weight_decay, eps and grad_clip must fit a float32 (below 3.4e38)"),
         (0 <= cfg.min_lr_ratio <= 1, "min_lr_ratio must be between 0 and 1"),
         (cfg.warmup_steps is None or cfg.warmup_steps >= 0, "warmup_steps must be >= 0"),
         (cfg.weight_decay >= 0, "weight_decay must be >= 0"),
@@ -630,7 +638,8 @@ def _load_pt(path: Path) -> Any:
     """A checkpoint's .pt file, tensors and plain data only (never code)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # torch's own text advises weights_only=False: wrong for a damaged file
+    # torch's own text advises weights_only=False: wrong for a damaged file. EOFError: an empty one.
+    except (pickle.UnpicklingError, EOFError) as e:
         raise ValueError(f"{path.name} is not a complete PyTorch file") from e
 
 
