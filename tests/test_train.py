@@ -929,6 +929,16 @@ def test_max_minutes_fits_the_schedule_to_the_clock(tmp_path, pt_data, tok_dir):
     assert capped["steps"] == 3
 
 
+def test_a_time_budget_shortens_a_warmup_longer_than_half_the_fitted_run(tmp_path, pt_data, tok_dir, monkeypatch):
+    """`--preset tiny --max-minutes 0.5` (warmup 50) fitted to 7 steps ended mid-warmup, the LR never at
+    its peak and never decayed."""
+    monkeypatch.setattr(Trainer, "_fit_estimate", lambda self, t, s: 8 if self.progress.step >= 2 else 0)
+    out = tmp_path / "timed"
+    assert train(nano_cfg(pt_data, tok_dir, out, max_steps=3000, max_minutes=10, warmup_steps=50))["steps"] == 8
+    lrs = [r["lr"] for r in records(out, "train")]
+    assert max(lrs) == pytest.approx(3e-3) and lrs[-1] == pytest.approx(0.1 * 3e-3)
+
+
 def test_compiled_training_matches_eager(tmp_path, pt_data, tok_dir):
     """--compile changes kernels, not the arithmetic: the same losses within float reordering."""
     eager = train(nano_cfg(pt_data, tok_dir, tmp_path / "eager", max_steps=3))

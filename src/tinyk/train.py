@@ -1235,8 +1235,8 @@ class Trainer:
             # The same time budget: go on with the schedule fitted so far (the first estimate of this
             # session is a few steps away), and a finished run stays finished.
             self.total_steps = min(self.step_cap, max(state["step"], state["total_steps"]))
-            if self.cfg.warmup_steps is None:
-                self.warmup = state["warmup"]
+            self.warmup = state["warmup"] if self.cfg.warmup_steps is None else \
+                min(self.cfg.warmup_steps, self.total_steps // 2)
         if self.dist.main:
             self.window_loss.fill_(state["log_window"]["loss"])
         self.window_steps = state["log_window"]["steps"]
@@ -1310,10 +1310,14 @@ class Trainer:
         return self.progress.step + max(0, int(left * done / (time.perf_counter() - t_first)))
 
     def _fit_schedule(self, fitted: int) -> None:
-        """Re-fits the LR schedule to the agreed length, so it still ends at its floor on time."""
+        """Re-fits the LR schedule to the agreed length, so it still ends at its floor on time. A warmup
+        of its own (a preset's 1000 steps) keeps at most half of the run, so the LR reaches its peak and
+        decays."""
         self.total_steps = min(self.step_cap, max(self.progress.step, fitted))
         if self.cfg.warmup_steps is None:
             self.warmup = min(self.warmup, default_warmup(self.total_steps))
+        else:
+            self.warmup = min(self.cfg.warmup_steps, self.total_steps // 2)
         if self.monitor:
             self.monitor.set_total(self.total_steps)
 
