@@ -1483,7 +1483,7 @@ class Trainer:
         if self.finished_already:
             return self.finished_already
         previous = self._install_signals()
-        self._t0, self._start_tokens = time.perf_counter(), self.progress.tokens
+        self._t0 = time.perf_counter()
         try:
             return self._loop()
         except RuntimeError as e:
@@ -1659,9 +1659,7 @@ class Trainer:
                  last_val: tuple[float, float] | None, best_val: float) -> dict[str, Any]:
         p, cfg = self.progress, self.cfg
         elapsed = self._elapsed()
-        session_time = time.perf_counter() - self._t0
-        session_tokens = p.tokens - self._start_tokens
-        rate = session_tokens / session_time if session_tokens and session_time > 0 else None
+        rate = p.tokens / elapsed if p.tokens and elapsed > 0 else None  # the whole run's, as tokens and elapsed_s
         # The first log window holds start-up (and compilation); the median of the rest is the steady rate.
         windows = self.rates[1:] or self.rates
         if not windows and self.monitor:  # this session trained nothing (killed while final/ was written)
