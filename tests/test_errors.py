@@ -274,6 +274,12 @@ def test_model_and_prompt_file_mistakes_name_the_way_out(tmp_path, nano_model_di
     shutil.copytree(nano_model_dir, run / "final")
     code, err = run_cli(["generate", "--model", str(run), "--prompt", "你好"], capsys)
     assert code == 2 and f"a training run's model is in {run / 'final'}" in err
+    for n in (2, 4):  # a checkpoint, and the folder of them
+        shutil.copytree(nano_model_dir, run / "checkpoints" / f"step_{n:07d}" / "model")
+    code, err = run_cli(["chat", "--model", str(run / "checkpoints" / "step_0000002"), "--message", "你好"], capsys)
+    assert code == 2 and f"a checkpoint's model is in {run / 'checkpoints' / 'step_0000002' / 'model'}" in err
+    code, err = run_cli(["generate", "--model", str(run / "checkpoints"), "--prompt", "你好"], capsys)
+    assert code == 2 and f"the newest one's model is in {run / 'checkpoints' / 'step_0000004' / 'model'}" in err
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('["你好", "再见"]\n', encoding="utf-8")
     code, err = run_cli(["generate", "--model", str(nano_model_dir), "--prompt-file", str(prompts)], capsys)

@@ -429,6 +429,10 @@ def test_a_run_directory_keeps_the_users_own_files(tmp_path, pt_data, tok_dir, m
     (out / "notes").mkdir()
     assert train(nano_cfg(pt_data, tok_dir, out, max_steps=2, save_every=1))["steps"] == 2
     assert train(nano_cfg(pt_data, tok_dir, out, max_steps=3, save_every=1), resume=True)["steps"] == 3
+    step = checkpoints(out)[0]  # not a run to write into: resumed through its run
+    with pytest.raises(TinykError, match=rf"--out {re.escape(str(step))} is one of a run's checkpoints \(to resume "
+                                         rf"from it, delete the newer ones and resume --out {re.escape(str(out))}\)"):
+        train(nano_cfg(pt_data, tok_dir, step, max_steps=4), resume=True)
     (out / "eval.json").write_text("{}")
     monkeypatch.setattr(Transformer, "forward", lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(RuntimeError, match="boom"):  # a --force start that fails puts the old run back
@@ -772,6 +776,11 @@ def test_setup_errors_are_one_line(tmp_path, pt_data, sft_data, tok_dir, nano_mo
             train(nano_cfg(pt_data, tok_dir, tmp_path / "o"), **kw)
     assert [p.name for p in (tmp_path / "o").iterdir()] == ["metrics.jsonl"]
     shutil.rmtree(tmp_path / "o")
+    for other, what in ((nano_model_dir, "a model directory"), (pt_data, "a tinyk data directory"),
+                        (tok_dir, "a tokenizer directory")):
+        copy = shutil.copytree(other, tmp_path / "o")
+        assert f"--out {copy} is {what}, not a run directory; choose another --out" in err(out=copy)
+        shutil.rmtree(copy)
     # An output that would replace (or write into) an input is refused, --force or not.
     assert "would replace the input" in err(out=pt_data.parent)
     assert "lies inside the input" in err(out=tok_dir / "run")

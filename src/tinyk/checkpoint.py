@@ -199,6 +199,11 @@ def model_dir_hint(path: Path) -> str:
     """"; " and what a directory that is almost a model directory holds instead, with the way to one."""
     if is_model_dir(path / "final"):
         return f"; a training run's model is in {path / 'final'}"
+    if is_model_dir(path / "model"):  # a checkpoint: checkpoints/step_*/model
+        return f"; a checkpoint's model is in {path / 'model'}"
+    steps = sorted(p for p in path.glob("step_*") if is_model_dir(p / "model")) if path.is_dir() else []
+    if steps:
+        return f"; a run's checkpoints: the newest one's model is in {steps[-1] / 'model'}"
     if path.is_file() and is_model_dir(path.parent):
         return f"; give the model directory it is in, {path.parent}"
     if path.is_file() and path.suffix in (".pth", ".pt", ".bin", ".safetensors"):

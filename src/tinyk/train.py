@@ -679,6 +679,19 @@ def _made_by_a_run(p: Path) -> bool:
     return p.name in RUN_ENTRIES or _is_leftover(p) or bool(_ASIDE.match(p.name))
 
 
+def _another_output(out: Path) -> str | None:
+    """What a directory given as --out holds when it is another tinyk output: a run's files mixed into
+    it would spoil it, and a checkpoint is resumed through its run."""
+    if (out / "state.json").is_file() and is_model_dir(out / "model"):
+        return (f"one of a run's checkpoints (to resume from it, delete the newer ones and resume "
+                f"--out {out.parent.parent})")
+    if is_model_dir(out):
+        return "a model directory"
+    if (out / "meta.json").is_file() and (out / "train").is_dir():
+        return "a tinyk data directory"
+    return "a tokenizer directory" if (out / "tokenizer.json").is_file() else None
+
+
 # --force keeps the run it replaces in a hidden folder of the run directory until the new run has
 # started, so a start that fails puts it back. The folder's name says whose the directory's other
 # entries are, so a start killed at any moment, even while putting the old run back, is undone by the
@@ -923,6 +936,8 @@ class Trainer:
         if out.exists() and not out.is_dir():
             raise TinykError(f"--out {out} is a file, not a run directory")
         check_output(out, [self.cfg.data, self.init_dir, None if self.resumed_from else self.tok_dir])
+        if out.is_dir() and (other := _another_output(out)):
+            raise TinykError(f"--out {out} is {other}, not a run directory; choose another --out")
         exists = out.is_dir() and any(_made_by_a_run(p) for p in out.iterdir())  # an earlier run's
         # The saved config names the full model, so a resumed run rebuilds exactly this one, and the
         # preset only where it named the model (beside --init it gave the training settings alone).
