@@ -269,6 +269,23 @@ def test_main_works_from_a_thread(tmp_path, capsys):
     assert codes == [2] and "tinyk data directory not found" in capsys.readouterr().err
 
 
+def test_a_damaged_tokenizer_config_is_refused_not_read_as_the_stock_prompt(tmp_path, nano_model_dir, capsys):
+    """tokenizer_config.json records the model's system prompt: a cut one silently gave every chat,
+    eval and SFT dataset the default prompt instead."""
+    model = Path(shutil.copytree(nano_model_dir, tmp_path / "m"))
+    config = model / "tokenizer_config.json"
+    config.write_text(config.read_text(encoding="utf-8")[:200], encoding="utf-8")
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text('[{"role": "user", "content": "嗨"}, {"role": "assistant", "content": "嗨！"}]\n', encoding="utf-8")
+    for args in (["chat", "--model", str(model), "--message", "你好"],
+                 ["data", "sft", "--input", str(chats), "--tokenizer", str(model), "--out", str(tmp_path / "d")]):
+        code, err = run_cli(args, capsys)
+        assert code == 2 and f"cannot read {config} (" in err and "restore it, or delete it for the default" in err
+    config.unlink()  # an older directory without one: the default prompt
+    code, err = run_cli(["chat", "--model", str(model), "--message", "你好", "--max-new-tokens", "2"], capsys)
+    assert code == 0
+
+
 def test_model_and_prompt_file_mistakes_name_the_way_out(tmp_path, nano_model_dir, capsys):
     run = tmp_path / "run"
     shutil.copytree(nano_model_dir, run / "final")

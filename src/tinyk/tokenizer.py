@@ -307,6 +307,14 @@ def load_tokenizer(path: str | Path) -> TinyTokenizer:
     for i, name in enumerate(SPECIAL_TOKENS):
         if tok.token_to_id(name) != i:
             raise TinykError(f"tokenizer {path}: special token {name} must have id {i}, has {tok.token_to_id(name)}")
+    config = path / "tokenizer_config.json"
+    try:  # it records the model's system prompt: a damaged one would silently give the stock prompt
+        json.loads(config.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        pass  # older directories: the default prompt
+    except (OSError, ValueError) as e:
+        raise TinykError(f"cannot read {config} ({first_line(e)}); it records the system prompt the model was "
+                         f"trained with: restore it, or delete it for the default one") from e
     return TinyTokenizer(tok, path)
 
 
