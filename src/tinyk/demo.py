@@ -314,6 +314,8 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, *, show_progress: b
             results["out"] = str(out)
             write_json_atomic(tmp / "results.json", results)
             (tmp / "report.md").write_text(render_report(results), encoding="utf-8")
+            _name_final_paths(tmp, Path(out))
+            results = json.loads((tmp / "results.json").read_text(encoding="utf-8"))
     finally:
         torch.set_num_threads(threads)
     if show_progress:
@@ -322,6 +324,20 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, *, show_progress: b
         print(f"\nreport: {out / 'report.md'}   results: {out / 'results.json'}   "
               f"models: {out / 'base'}, {out / 'chat'}")
     return results
+
+
+RECORDS_PATHS = ("config.yaml", "summary.json", "meta.json", "results.json", "report.md")
+
+
+def _name_final_paths(tmp: Path, out: Path) -> None:
+    """The files that record paths (the runs' configs and summaries, the data's meta, the results) name
+    the temporary folder the demo ran in: they name `out`, its sibling, once it is renamed there (a
+    `--resume` of a demo run, or its data command run again, finds its files)."""
+    for f in tmp.rglob("*"):
+        if f.name in RECORDS_PATHS and f.is_file():
+            text = f.read_text(encoding="utf-8")
+            if tmp.name in text:
+                f.write_text(text.replace(tmp.name, out.name), encoding="utf-8")
 
 
 def _is_demo_dir(path: Path) -> bool:
