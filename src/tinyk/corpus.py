@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -132,31 +133,40 @@ def clip_review(text: str, max_chars: int) -> str:
     return " ".join(text.split())[:max_chars]
 
 
+def review_key(text: str) -> str:
+    """What makes two clipped reviews the same one: their text without punctuation and spaces (the
+    files repeat reviews with and without a final "。")."""
+    return re.sub(r"[\W_]+", "", text)
+
+
 def load_reviews(max_chars: int, limit: int | None = None) -> list[Review]:
     """The labelled reviews, clipped, deduplicated, and without texts that carry both labels.
 
-    The files repeat many reviews; deduplicating on the clipped text is what keeps a
-    held-out prompt from also being a training prompt.
+    The files repeat many reviews; deduplicating on the clipped text's `review_key` is what keeps
+    a held-out prompt from also being a training prompt.
     """
     labels: dict[str, set[int]] = {}
+    first: dict[str, str] = {}
     for label, rel in REVIEW_FILES.items():
         for line in _read_lines(rel):
             text = clip_review(line, max_chars)
-            if text:
-                labels.setdefault(text, set()).add(label)
-    reviews = [Review(t, next(iter(ls))) for t, ls in sorted(labels.items()) if len(ls) == 1]
+            if key := review_key(text):
+                labels.setdefault(key, set()).add(label)
+                first.setdefault(key, text)
+    reviews = [Review(first[k], next(iter(ls))) for k, ls in sorted(labels.items()) if len(ls) == 1]
     if limit is not None:
         reviews = random.Random(0).sample(reviews, min(limit, len(reviews)))
     return reviews
 
 
 def full_reviews(exclude: set[str], max_chars: int) -> list[str]:
-    """Unclipped review texts for pretraining, minus those whose clipped form is held out."""
+    """Unclipped review texts for pretraining, minus those whose clipped form is held out (`exclude`
+    holds their `review_key`s)."""
     out = []
     for rel in REVIEW_FILES.values():
         for line in _read_lines(rel):
             text = " ".join(line.split())
-            if text and clip_review(text, max_chars) not in exclude:
+            if text and review_key(clip_review(text, max_chars)) not in exclude:
                 out.append(text)
     return sorted(set(out))
 
@@ -220,14 +230,14 @@ def build_demo_corpus(out: str | Path, spec: CorpusSpec = CorpusSpec()) -> dict[
         raise TinykError(f"only {len(reviews)} reviews; cannot hold out {spec.heldout_reviews}")
     rng.shuffle(reviews)
     held, train_reviews = reviews[:spec.heldout_reviews], reviews[spec.heldout_reviews:]
-    held_texts = {r.text for r in held}
+    held_keys = {review_key(r.text) for r in held}
 
     problems = arithmetic_problems(spec.max_operand)
     rng.shuffle(problems)
     held_arith, train_arith = problems[:spec.heldout_arithmetic], problems[spec.heldout_arithmetic:]
 
     news_docs = list(chunk_paragraphs(news_paragraphs(spec.max_news_paragraphs), spec.news_chunk_chars))
-    review_docs = full_reviews(held_texts, spec.max_review_chars)
+    review_docs = full_reviews(held_keys, spec.max_review_chars)
     if spec.max_reviews is not None:
         review_docs = rng.sample(review_docs, min(spec.max_reviews, len(review_docs)))
     pretrain = news_docs + review_docs
