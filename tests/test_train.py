@@ -1211,6 +1211,8 @@ def test_sft_says_how_many_conversations_a_short_seq_len_leaves_out_or_cuts(tmp_
     out = capsys.readouterr().out
     assert (f"note: {dropped:,} of {total:,} training conversations ({dropped / total:.1%}) have no assistant token "
             f"within seq_len {seq_len} and are left out") in out
+    val_dropped = SFTLoader(sft_data, "val", seq_len, 1).dropped  # without a word, they changed the val loss
+    assert (f"note: the val loss leaves out {val_dropped:,} conversation" in out) == (val_dropped > 0)
     offsets = np.load(sft_data / "train" / "offsets.npy")
     cut = SFTLoader(sft_data, "train", seq_len, 2).cut
     assert 0 < cut == int((np.diff(offsets) > seq_len + 1).sum()) - dropped  # the rest are cut or left out

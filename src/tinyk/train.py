@@ -1044,7 +1044,7 @@ class Trainer:
                              f"mounts at the same path")
 
     def _setup_data(self) -> None:
-        from .loader import PretrainLoader, SFTLoader, eval_batches
+        from .loader import PretrainLoader, SFTLoader, open_split
 
         cfg, d = self.cfg, self.dist
         self.micro, self.accum = micro_layout(cfg.batch_size, d.world, cfg.micro_batch)
@@ -1062,9 +1062,9 @@ class Trainer:
         # With max_minutes this is the cap, and total_steps is re-fitted to the clock as the run goes.
         self.step_cap = self.total_steps = total_steps(cfg, self.loader.num_windows)
         self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else default_warmup(self.total_steps)
-        self.val_problem = None
+        self.val_problem, self.val_dropped = None, 0
         try:  # opening the split validates it; a run without usable validation data still trains
-            eval_batches(cfg.data, "val", cfg.seq_len, 1)
+            self.val_dropped = getattr(open_split(cfg.data, "val", cfg.seq_len), "dropped", 0)
         except TinykError as e:
             self.val_problem = str(e)
         self.has_val = self.val_problem is None
@@ -1432,6 +1432,9 @@ class Trainer:
             lines.append(f"note: {dropped:,} of {total:,} training conversations ({dropped / total:.1%}) have no "
                          f"assistant token within seq_len {cfg.seq_len} and are left out (the data's max_len is "
                          f"{self.meta.get('max_len')}; a longer --seq-len keeps them)")
+        if self.val_dropped:
+            lines.append(f"note: the val loss leaves out {plural(self.val_dropped, 'conversations')} with no "
+                         f"assistant token within seq_len {cfg.seq_len}")
         if cut:
             lines.append(f"note: {cut:,} of {total:,} training conversations ({cut / total:.1%}) are longer than "
                          f"seq_len {cfg.seq_len} + 1 tokens and are cut there, mid-answer where it falls (the data "
