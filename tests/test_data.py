@@ -254,7 +254,7 @@ def test_without_a_terminal_progress_is_a_line_now_and_then(tmp_path, corpus_fil
     monkeypatch.setattr("tinyk.data.PROGRESS_LINE_S", 0.0)  # a line after every batch
     meta = prepare_pretrain([corpus_file], tok_dir, tmp_path / "d", workers=1, batch_chars=4000)
     lines = capsys.readouterr().err.splitlines()
-    pattern = r"tokenizing pretrain: ([\d,]+) docs, ([\d,]+) tokens, [\d.]+ MB of text in \d+s \([\d.]+ MB/s\)"
+    pattern = r"tokenizing pretrain: ([\d,]+) docs, ([\d,]+) tokens, [\d.]+ MB of text in \d+s \([\d,]+ tokens/s\)"
     assert len(lines) > 1 and all(re.fullmatch(pattern, line) for line in lines), lines
     docs, tokens = (int(n.replace(",", "")) for n in re.fullmatch(pattern, lines[-1]).groups())
     splits = meta["splits"]

@@ -650,10 +650,13 @@ def _is_data_dir(path: Path) -> bool:
 
 
 def _progress_line(kind: str, unit: str, splitter: _Splitter, seconds: float) -> str:
+    """The rate is in tokens/s, as the closing line's: bytes kept (SFT: of answers only) are not the
+    input's bytes, which the closing line's MB/s counts."""
     done = [splitter.train, splitter.val]
-    mb = sum(w.bytes for w in done) / 1e6
-    return (f"tokenizing {kind}: {splitter.seen:,} {unit}, {sum(w.tokens for w in done):,} tokens, "
-            f"{mb:,.1f} MB of text in {seconds:.0f}s ({mb / max(seconds, 1e-9):.1f} MB/s)")
+    mb, tokens = sum(w.bytes for w in done) / 1e6, sum(w.tokens for w in done)
+    text = "answer text" if kind == "sft" else "text"
+    return (f"tokenizing {kind}: {splitter.seen:,} {unit}, {tokens:,} tokens, {mb:,.1f} MB of {text} in "
+            f"{seconds:.0f}s ({tokens / max(seconds, 1e-9):,.0f} tokens/s)")
 
 
 class _Checkpoints:
