@@ -836,6 +836,24 @@ def test_out_of_memory_names_the_knob(tmp_path, pt_data, tok_dir, monkeypatch, c
     assert not (tmp_path / "o").exists()
 
 
+def test_token_ids_past_the_vocabulary_are_one_line_not_an_index_error(tmp_path, pt_data, sft_data, tok_dir,
+                                                                        nano_model_dir):
+    """A shard damaged after it was written (a flipped byte): on CUDA the embedding's device-side assert
+    kills the process; here it was an IndexError traceback."""
+    for data, kind in ((pt_data, "pretrain"), (sft_data, "sft")):
+        bad = Path(shutil.copytree(data, tmp_path / f"bad_{kind}"))
+        meta = json.loads((bad / "meta.json").read_text())
+        shard = next((bad / "train").glob("*.bin")) if kind == "pretrain" else bad / "train" / "tokens.bin"
+        ids = np.fromfile(shard, dtype=meta["dtype"])
+        ids[::7] = 60000
+        ids.tofile(shard)
+        extra = {"init": str(nano_model_dir), "model": {}, "seq_len": 64} if kind == "sft" else {}
+        with pytest.raises(TinykError, match=rf"^{re.escape(str(bad / 'train'))} holds token id 60000, past the "
+                                             rf"tokenizer's vocabulary of {meta['vocab_size']}: the data is damaged; "
+                                             rf"re-run tinyk data$"):
+            train(nano_cfg(bad, None if kind == "sft" else tok_dir, tmp_path / f"run_{kind}", kind=kind, **extra))
+
+
 def test_a_damaged_checkpoint_is_named_with_the_way_out(tmp_path, pt_data, tok_dir, capsys):
     out = tmp_path / "run"
     train(nano_cfg(pt_data, tok_dir, out, max_steps=4, save_every=2, keep_checkpoints=5))

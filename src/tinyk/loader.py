@@ -129,6 +129,15 @@ def _load_offsets(path: Path, documents: int, tokens: int) -> np.ndarray:
     return offsets.astype(np.int64, copy=False)
 
 
+def _check_ids(ids: np.ndarray, vocab: int, folder: Path) -> None:
+    """A damaged shard's ids past the vocabulary: one line here, not an IndexError from the embedding
+    (on CUDA a device-side assert that kills the process). A max over a batch costs next to nothing."""
+    top = int(ids.max(initial=0))
+    if top >= vocab:
+        raise TinykError(f"{folder} holds token id {top}, past the tokenizer's vocabulary of {vocab}: the data is "
+                         f"damaged; re-run tinyk data")
+
+
 class _Windows:
     """Windows of seq_len + 1 tokens starting every seq_len tokens over the concatenated shards."""
 
@@ -136,7 +145,7 @@ class _Windows:
         folder = _split_folder(data_dir, meta, split)
         self.shards = [_memmap(folder / s["file"], meta["dtype"], s["tokens"]) for s in meta["splits"][split]["shards"]]
         self.bounds = np.cumsum([0] + [len(s) for s in self.shards])
-        self.seq_len = seq_len
+        self.seq_len, self.folder, self.vocab = seq_len, folder, meta["vocab_size"]
         total = int(self.bounds[-1])
         self.size = (total - 1) // seq_len
         if self.size < 1:
@@ -155,8 +164,9 @@ class _Windows:
         return np.concatenate(parts)
 
     def fetch(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = torch.from_numpy(np.stack([self._read(int(w) * self.seq_len, self.seq_len + 1) for w in idx])
-                                .astype(np.int64))
+        rows = np.stack([self._read(int(w) * self.seq_len, self.seq_len + 1) for w in idx]).astype(np.int64)
+        _check_ids(rows, self.vocab, self.folder)
+        rows = torch.from_numpy(rows)
         return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
 
 
@@ -188,7 +198,7 @@ class _Conversations:
         usable = _loss_counts(self.mask, starts, lengths) > 0
         self.starts, self.lengths = starts[usable], lengths[usable]
         self.size = len(self.starts)
-        self.seq_len = seq_len
+        self.seq_len, self.folder, self.vocab = seq_len, folder, meta["vocab_size"]
         self.dropped = int((~usable).sum())
         self.cut = int((whole[usable] > seq_len + 1).sum())  # kept, but their end does not fit the window
         if not self.size:
@@ -203,6 +213,7 @@ class _Conversations:
         y = np.full_like(x, IGNORE)
         for row, (s, n) in enumerate(zip(self.starts[idx].tolist(), lens.tolist(), strict=True)):
             t = self.tokens[s:s + n].astype(np.int64)
+            _check_ids(t, self.vocab, self.folder)
             x[row, :n - 1] = t[:-1]
             y[row, :n - 1] = np.where(self.mask[s + 1:s + n] != 0, t[1:], IGNORE)
         return torch.from_numpy(x), torch.from_numpy(y)
