@@ -528,6 +528,7 @@ def test_a_stopped_run_is_not_continued_by_another_command(tmp_path, tok_dir, mo
     other, unreadable = "was started with other inputs, tokenizer or options", "has a progress file that cannot be read"
     for change, kwargs, why in (("input", {}, other), ("seed", {"seed": 1}, other), ("garbled", {}, unreadable),
                                 ("keyless", {}, unreadable), ("nested", {}, unreadable),
+                                ("negative", {}, unreadable), ("text", {}, unreadable),
                                 ("fraction", {"val_fraction": 0.3}, other)):
         with monkeypatch.context() as m:
             _stop_during_batch(m, 5)
@@ -537,12 +538,16 @@ def test_a_stopped_run_is_not_continued_by_another_command(tmp_path, tok_dir, mo
             os.utime(src, ns=(time.time_ns(), src.stat().st_mtime_ns + 10**9))
         elif change == "garbled":
             progress.write_text(progress.read_text()[:100])
-        elif change in ("keyless", "nested"):  # edited by hand, or left by another version
+        elif change in ("keyless", "nested", "negative", "text"):  # edited by hand, or left by another version
             state = json.loads(progress.read_text())
             if change == "keyless":
                 del state["writers"]
-            else:
+            elif change == "nested":
                 del state["writers"]["val"]["shards"]
+            elif change == "negative":
+                state["records"] = -5
+            else:
+                state["writers"]["train"]["tokens"] = "many"
             progress.write_text(json.dumps(state))
         capsys.readouterr()
         made = prep([src], tok_dir, out, force=True, **{**opts, **kwargs})

@@ -839,6 +839,12 @@ def _tokenize(kind: str, unit: str, job: _Job, records: Callable[[Skips], Iterat
     from tqdm import tqdm
 
     def restore(state: dict[str, Any] | None) -> tuple[dict[str, _SplitWriter], _Splitter, Skips, Counter, int, float]:
+        if state:  # an edited count would fail later, mid-run, as a traceback
+            counts = [state["records"], state["splitter"]["seen"],
+                      *(v for w in state["writers"].values() for k, v in w.items() if k != "shards"),
+                      *(s["tokens"] for w in state["writers"].values() for s in w.get("shards", []))]
+            if not all(type(n) is int and n >= 0 for n in counts):
+                raise ValueError("a count that is not a whole number")
         writers = {split: make_writer(checkpoints.folder / split, dtype) for split in SPLITS}
         for split, w in writers.items():
             opened.callback(w.release)  # a stopped run closes its files before its folder is removed or kept
