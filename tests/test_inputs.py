@@ -31,6 +31,7 @@ from tinyk.files import (
     iter_texts,
     marker_file,
     remove_stale_temps,
+    write_error,
     write_json_atomic,
 )
 from tinyk.loader import SFTLoader
@@ -339,6 +340,17 @@ def test_a_failed_file_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path
     with pytest.raises(TypeError):
         write_json_atomic(f, {"a": {1, 2}})  # fails half-way through writing
     assert json.loads(f.read_text()) == {"a": 1} and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+def test_a_refused_write_names_the_folder_not_the_free_space(tmp_path):
+    """Root-owned or read-only run folders: "Permission denied: '.config.yaml.tmp-16918'; 81,446 MB free on
+    that disk" pointed at the disk and at a temporary file."""
+    run = tmp_path / "run"
+    run.mkdir()
+    e = PermissionError(13, "Permission denied", str(run / ".config.yaml.tmp-16918"))
+    assert str(write_error(run / "config.yaml", e)) == f"cannot write in {run}: permission denied"
+    full = str(write_error(run / "config.yaml", OSError(28, "No space left on device")))
+    assert full.startswith(f"cannot write {run / 'config.yaml'}: [Errno 28] No space left on device; ") and "MB free" in full
 
 
 def test_only_temporaries_of_dead_processes_on_this_machine_are_removed(tmp_path):

@@ -276,7 +276,11 @@ def out_of_memory(e: BaseException) -> str | None:
 
 def write_error(path: Path, e: BaseException) -> TinykError:
     """A failed write as one line with the free space beside it: a full disk often says only
-    "iostream error" (torch) or "N requested and M written" (numpy)."""
+    "iostream error" (torch) or "N requested and M written" (numpy). Not where permission was refused:
+    there the folder is what to fix, not the disk."""
+    if isinstance(e, PermissionError):
+        refused = Path(os.fsdecode(e.filename)) if e.filename else path
+        return TinykError(f"cannot write in {shown(refused.parent)}: permission denied")
     try:
         free = f"; {shutil.disk_usage(path.parent).free / 1e6:,.0f} MB free on that disk"
     except OSError:
