@@ -650,7 +650,9 @@ def render_report(res: dict[str, Any]) -> str:
         "",
         "## Stages",
         "",
-        _md_table(("stage", "seconds", "tokens", "tokens/s"), stage_rows),
+        # Over the whole stage: its throughput probe, compilation and evaluations too (the runs' table has
+        # the training rate).
+        _md_table(("stage", "seconds", "tokens", "tokens per stage second"), stage_rows),
         "",
         "## Sample answers (greedy)",
         "",
