@@ -831,14 +831,17 @@ def test_sft_split_is_the_same_under_another_system_prompt(tmp_path, tok_dir):
     src = write_jsonl(tmp_path / "s.jsonl", conversations(200), field=None)
     tok = load_tokenizer(tok_dir)
 
-    def val_questions(prompt: str) -> list[str]:
-        out = tmp_path / f"o{prompt}"
-        prepare_sft([src], tok_dir, out, system_prompt=prompt, val_fraction=0.1, **QUIET)
+    def val_questions(prompt: str, source: Path = src) -> list[str]:
+        out = tmp_path / f"o{prompt}{source.stem}"
+        prepare_sft([source], tok_dir, out, system_prompt=prompt, val_fraction=0.1, **QUIET)
         return sorted(re.search(r"问题(\d+)", tok.decode(ids.tolist()))[1] for ids, _ in sft_split(out, "val"))
 
     without = val_questions("")
     assert 5 < len(without) < 50
     assert without == val_questions("你是诗人") == val_questions(DEFAULT_SYSTEM_PROMPT)
+    # A copy that names the prompt it would be given anyway is the same conversation: the same side.
+    named = [[{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, *c] for c in conversations(200)]
+    assert val_questions(DEFAULT_SYSTEM_PROMPT, write_jsonl(tmp_path / "named.jsonl", named, field=None)) == without
 
 
 def test_sft_mask_is_right_when_content_starts_with_spaces(tmp_path, tok_dir):

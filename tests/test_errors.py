@@ -281,6 +281,20 @@ def test_a_damaged_tokenizer_config_is_refused_not_read_as_the_stock_prompt(tmp_
                  ["data", "sft", "--input", str(chats), "--tokenizer", str(model), "--out", str(tmp_path / "d")]):
         code, err = run_cli(args, capsys)
         assert code == 2 and f"cannot read {config} (" in err and "restore it, or delete it for the default" in err
+    for wrong in ("[]", "null", '{"system_prompt": 5}'):
+        config.write_text(wrong, encoding="utf-8")
+        code, err = run_cli(["chat", "--model", str(model), "--message", "你好"], capsys)
+        assert code == 2 and "(not an object with a string system_prompt)" in err, wrong
+    tok = tmp_path / "tok"  # a tokenizer whose record is damaged is still one that --force replaces
+    tok.mkdir()
+    for name in ("tokenizer.json", "special_tokens_map.json"):
+        shutil.copy(model / name, tok / name)
+    (tok / "tokenizer_config.json").write_text("{cut", encoding="utf-8")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("今天天气很好，我们去公园散步。\n" * 50, encoding="utf-8")
+    code, err = run_cli(["tokenizer", "train", str(corpus), "--out", str(tok), "--force", "--vocab-size", "300"],
+                        capsys)
+    assert code == 0, err
     config.unlink()  # an older directory without one: the default prompt
     code, err = run_cli(["chat", "--model", str(model), "--message", "你好", "--max-new-tokens", "2"], capsys)
     assert code == 0

@@ -369,7 +369,7 @@ def test_only_temporaries_of_dead_processes_on_this_machine_are_removed(tmp_path
     with atomic_dir(tmp_path / "out", force=True) as tmp:  # the dead .old- one is put back, then replaced
         (tmp / "f").write_text("x")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*keep, "out"])
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["data.bin", "f"]  # not the new one's: kept
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["f"]  # weights go with the output they were
     assert remove_stale_temps(tmp_path / "out") == []
 
 
@@ -389,7 +389,7 @@ def test_an_output_moved_aside_by_a_killed_replace_is_put_back(tmp_path):
     assert (tmp_path / "out" / "model.bin").read_bytes() == b"weights" and not old.exists()
 
 
-def test_force_replaces_only_what_the_output_holds_and_keeps_the_users_own_entries(tmp_path):
+def test_force_replaces_only_what_the_output_holds_and_keeps_the_users_own_entries(tmp_path, monkeypatch, capsys):
     """`tinyk demo --out d` again, after `tinyk eval ... --out d/my_eval.json`: the demo's files are
     replaced, the user's are not deleted with them; also when the replace was killed half-way."""
     out = tmp_path / "out"
@@ -397,6 +397,7 @@ def test_force_replaces_only_what_the_output_holds_and_keeps_the_users_own_entri
         (tmp / "model").write_text("old")
     (out / "my_eval.json").write_text("{}")
     (out / "my_run").mkdir()
+    (out / "chat_template.jinja").write_text("old")  # transformers' save_pretrained: it describes the old one
     with atomic_dir(out, force=True) as tmp:
         (tmp / "model").write_text("new")
     assert {p.name: p.is_dir() or p.read_text() for p in out.iterdir()} == {
@@ -407,6 +408,13 @@ def test_force_replaces_only_what_the_output_holds_and_keeps_the_users_own_entri
     (old / "notes.txt").write_text("mine")
     assert remove_stale_temps(out) == [old]
     assert (out / "notes.txt").read_text() == "mine" and (out / "model").read_text() == "new"
+    # Moving them fails (a read-only folder of the user's): the new output stands, theirs stay aside.
+    monkeypatch.setattr("tinyk.files._carry_over", lambda old, new: (_ for _ in ()).throw(PermissionError(13, "no")))
+    with atomic_dir(out, force=True) as tmp:
+        (tmp / "model").write_text("newer")
+    assert (out / "model").read_text() == "newer" and "keeps files of the replaced" in capsys.readouterr().err
+    kept = [p for p in tmp_path.iterdir() if ".out.old-" in p.name]
+    assert len(kept) == 1 and (kept[0] / "my_eval.json").read_text() == "{}"
 
 
 def test_an_output_name_near_the_filesystem_limit_gets_legal_temporaries(tmp_path, corpus_file):

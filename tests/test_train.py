@@ -443,6 +443,10 @@ def test_a_run_directory_keeps_the_users_own_files(tmp_path, pt_data, tok_dir, m
     assert [r["step"] for r in records(out, "train")] == [1]
     assert (out / "train.log").read_text() == mine["train.log"] and (out / "notes").is_dir()
     assert (out / "eval.json").read_text() == "{}"
+    (out / ".env.old-backup").write_text("mine")  # a dotfile of the user's is no killed write's leftover
+    (out / "tokenizer.json").write_text("{}")  # nor do files of other tinyk outputs make it one
+    assert train(nano_cfg(pt_data, tok_dir, out, max_steps=2), resume=True)["steps"] == 2
+    assert (out / ".env.old-backup").read_text() == "mine" and (out / "tokenizer.json").is_file()
 
 
 def test_a_resume_without_checkpoints_never_replaces_a_final_model(tmp_path, pt_data, tok_dir):
@@ -768,14 +772,16 @@ def test_setup_errors_are_one_line(tmp_path, pt_data, sft_data, tok_dir, nano_mo
     tiny_data = tmp_path / "tinydata"
     prepare_pretrain([short], tok_dir, tiny_data, val_fraction=0.0, workers=1, show_progress=False)
     assert "fewer than seq_len + 1" in err(data=tiny_data)
-    (tmp_path / "o").mkdir()
-    (tmp_path / "o" / "metrics.jsonl").write_text("")
-    for kw in ({}, {"force": True}, {"resume": True}):
-        with pytest.raises(TinykError, match=r"holds metrics.jsonl but no config.yaml: not a tinyk run to continue "
-                                             r"or replace; choose another directory"):
-            train(nano_cfg(pt_data, tok_dir, tmp_path / "o"), **kw)
-    assert [p.name for p in (tmp_path / "o").iterdir()] == ["metrics.jsonl"]
-    shutil.rmtree(tmp_path / "o")
+    for name in ("metrics.jsonl", "config.yaml"):  # a config.yaml of the user's alone does not make a run
+        (tmp_path / "o").mkdir()
+        (tmp_path / "o" / name).write_text("lr: 0.001\n")
+        (tmp_path / "o" / "notes.md").write_text("")
+        for kw in ({}, {"force": True}, {"resume": True}):
+            with pytest.raises(TinykError, match=rf"holds {name} but is not a tinyk run \(a run has a config.yaml and "
+                                                 rf"checkpoints/\): its files would be overwritten; choose another"):
+                train(nano_cfg(pt_data, tok_dir, tmp_path / "o"), **kw)
+        assert (tmp_path / "o" / name).read_text() == "lr: 0.001\n"
+        shutil.rmtree(tmp_path / "o")
     for other, what in ((nano_model_dir, "a model directory"), (pt_data, "a tinyk data directory"),
                         (tok_dir, "a tokenizer directory")):
         copy = shutil.copytree(other, tmp_path / "o")
@@ -964,6 +970,13 @@ def test_a_time_budget_shortens_a_warmup_longer_than_half_the_fitted_run(tmp_pat
     assert train(nano_cfg(pt_data, tok_dir, out, max_steps=3000, max_minutes=10, warmup_steps=50))["steps"] == 8
     lrs = [r["lr"] for r in records(out, "train")]
     assert max(lrs) == pytest.approx(3e-3) and lrs[-1] == pytest.approx(0.1 * 3e-3)
+    # An estimate that grows later (a slow start) stretches the decay but never starts the warmup again.
+    monkeypatch.setattr(Trainer, "_fit_estimate", lambda self, t, s: (10 if self.progress.step < 6 else 40)
+                        if self.progress.step >= 2 else 0)
+    out = tmp_path / "stretched"
+    assert train(nano_cfg(pt_data, tok_dir, out, max_steps=3000, max_minutes=10, warmup_steps=50))["steps"] == 40
+    lrs = [r["lr"] for r in records(out, "train")][7:]  # from step 8, on the 40-step schedule
+    assert lrs == sorted(lrs, reverse=True) and lrs[0] > 0.9 * 3e-3 and lrs[-1] == pytest.approx(0.1 * 3e-3)
 
 
 def test_compiled_training_matches_eager(tmp_path, pt_data, tok_dir):

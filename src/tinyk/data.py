@@ -255,8 +255,11 @@ def _encode_sft(job: _Job, convs: list[tuple[str, list[dict[str, str]]]]) -> _En
         masks.append(mask[:cut])
         lengths.append(cut)
         nbytes.append(chat.answer_bytes(cut))
-        # The split key leaves the added prompt out: another --system-prompt keeps every conversation's side.
-        kept.append(json.dumps(msgs, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+        # The split key leaves the system prompt out, the record's own or the one added: another
+        # --system-prompt keeps every conversation's side, and a copy that names the prompt it would get
+        # anyway is on the same side as one that does not.
+        turns = msgs[1:] if msgs and msgs[0]["role"] == "system" else msgs
+        kept.append(json.dumps(turns, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
     batch = _Batch(np.concatenate(toks) if toks else np.empty(0, job.dtype), np.array(lengths, np.int64),
                    np.array(nbytes, np.int64), _content_keys(kept),
                    np.concatenate(masks) if masks else np.empty(0, np.uint8))

@@ -17,6 +17,7 @@ import re
 import shlex
 import shutil
 import socket
+import sys
 import tempfile
 import zlib
 from collections import Counter
@@ -756,8 +757,13 @@ def atomic_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path
             except BaseException:
                 os.replace(old, out)  # the earlier output stays where it was
                 raise
-            _carry_over(old, out)
-            remove_path(old, ignore_errors=True)  # --force on a link replaces the link, not what it points to
+            try:
+                _carry_over(old, out)
+            except OSError as e:  # the new output is in place: the rest stays aside, for a later run to move
+                print(f"tinyk: warning: {shown(old)} keeps files of the replaced {shown(out)} that could not be "
+                      f"moved into the new one ({first_line(e)})", file=sys.stderr)
+            else:
+                remove_path(old, ignore_errors=True)  # --force on a link replaces the link, not what it points to
         else:
             os.replace(tmp, out)
     except BaseException:
@@ -766,13 +772,22 @@ def atomic_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path
         raise
 
 
+# Files that describe a model or tokenizer (transformers' save_pretrained adds some tinyk does not write,
+# chat_template.jinja first among them, which outranks the template the new output carries): they go
+# with the output they described.
+_OUTPUT_FILES = re.compile(r"(chat_template.*\.jinja|.*\.safetensors(\.index\.json)?|.*\.(bin|pt|pth|npy)|vocab.*|"
+                           r"merges\.txt|added_tokens\.json|special_tokens_map\.json|tokenizer.*\.json|config\.json|"
+                           r"generation_config\.json|meta\.json)")
+
+
 def _carry_over(old: Path, new: Path) -> None:
-    """Moves into a new output the entries of the one it replaced that it lacks: the user's own (an
-    eval's results in a demo folder, notes beside a model). --force replaces what tinyk made, only."""
+    """Moves into a new output the entries of the one it replaced that it lacks and that do not describe
+    a model (`_OUTPUT_FILES`): the user's own (an eval's results in a demo folder, notes beside a
+    model). --force replaces what tinyk made, only."""
     if old.is_symlink() or not old.is_dir():
         return
     for p in old.iterdir():
-        if not (new / p.name).exists() and not (new / p.name).is_symlink():
+        if not _OUTPUT_FILES.fullmatch(p.name) and not (new / p.name).exists() and not (new / p.name).is_symlink():
             os.replace(p, new / p.name)
 
 

@@ -297,8 +297,24 @@ def same_tokenizer(recorded: str, path: str | Path) -> bool:
 
 
 def load_tokenizer(path: str | Path) -> TinyTokenizer:
-    """Loads a tokenizer directory and checks it carries the special ids tinyk relies on."""
-    path = Path(path)
+    """Loads a tokenizer directory and checks it carries the special ids tinyk relies on, and a readable
+    record of the model's system prompt."""
+    tok = _read_tokenizer(Path(path))
+    config = tok.path / "tokenizer_config.json"
+    try:  # a damaged one would silently give the stock prompt
+        recorded = json.loads(config.read_text(encoding="utf-8"))
+        if not isinstance(recorded, dict) or not isinstance(recorded.get("system_prompt", ""), str):
+            raise ValueError("not an object with a string system_prompt")
+    except FileNotFoundError:
+        pass  # older directories: the default prompt
+    except (OSError, ValueError) as e:
+        raise TinykError(f"cannot read {config} ({first_line(e)}); it records the system prompt the model was "
+                         f"trained with: restore it, or delete it for the default one") from e
+    return tok
+
+
+def _read_tokenizer(path: Path) -> TinyTokenizer:
+    """tokenizer.json with the special ids tinyk relies on."""
     f = marker_file(path, "tokenizer.json", "tokenizer")
     try:
         tok = Tokenizer.from_str(f.read_text(encoding="utf-8"))  # Python opens it: see files.rust_path
@@ -307,14 +323,6 @@ def load_tokenizer(path: str | Path) -> TinyTokenizer:
     for i, name in enumerate(SPECIAL_TOKENS):
         if tok.token_to_id(name) != i:
             raise TinykError(f"tokenizer {path}: special token {name} must have id {i}, has {tok.token_to_id(name)}")
-    config = path / "tokenizer_config.json"
-    try:  # it records the model's system prompt: a damaged one would silently give the stock prompt
-        json.loads(config.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        pass  # older directories: the default prompt
-    except (OSError, ValueError) as e:
-        raise TinykError(f"cannot read {config} ({first_line(e)}); it records the system prompt the model was "
-                         f"trained with: restore it, or delete it for the default one") from e
     return TinyTokenizer(tok, path)
 
 
@@ -323,8 +331,8 @@ def _is_tokenizer_output(path: Path) -> bool:
     holds one too)."""
     if (path / "config.json").exists():
         return False
-    try:
-        load_tokenizer(path)
+    try:  # one whose tokenizer_config.json was damaged is still one to replace
+        _read_tokenizer(path)
     except TinykError:
         return False
     return True

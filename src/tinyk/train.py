@@ -668,9 +668,15 @@ RUN_ENTRIES = {"config.yaml", "checkpoints", "final", "metrics.jsonl", "summary.
                *TRACKERS}
 
 
+_LEFTOVER = re.compile(r"^\.(.+?)\.(?:tmp|old)-")
+
+
 def _is_leftover(p: Path) -> bool:
-    """A temporary (`.name.tmp-...`) or a replaced output not yet deleted (`.name.old-...`) of a killed write."""
-    return p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name) and not _ASIDE.match(p.name)
+    """A temporary (`.name.tmp-...`) or a replaced output not yet deleted (`.name.old-...`) that a killed
+    write of the run left, named after one of its entries (a user's `.env.old-backup` is not one)."""
+    m = _LEFTOVER.match(p.name)
+    return bool(m) and not _ASIDE.match(p.name) and (
+        m[1] in RUN_ENTRIES or m[1] in ("forced", "shared-check") or bool(CKPT_RE.match(m[1])))
 
 
 def _made_by_a_run(p: Path) -> bool:
@@ -905,6 +911,7 @@ class Trainer:
         n = model_size(self.mcfg)["parameters"]
         need = 16 * n / (d.world if self.cfg.parallel == "fsdp" and d.world > 1 else 1)
         if self.device.type == "cuda":
+            need = max(need, 4 * n)  # the whole fp32 model reaches the GPU before FSDP shards it
             free, where = torch.cuda.mem_get_info(self.device)[0], f"{torch.cuda.get_device_name(self.device)} has free"
         else:
             local = os.environ.get("LOCAL_WORLD_SIZE", "1")
@@ -936,21 +943,23 @@ class Trainer:
         if out.exists() and not out.is_dir():
             raise TinykError(f"--out {out} is a file, not a run directory")
         check_output(out, [self.cfg.data, self.init_dir, None if self.resumed_from else self.tok_dir])
-        if out.is_dir() and (other := _another_output(out)):
+        ours = sorted(p.name for p in out.iterdir() if _made_by_a_run(p)) if out.is_dir() else []
+        exists = bool(ours)  # an earlier run's files
+        # A run writes its config.yaml and checkpoints/ at once: a config.yaml alone is a file of the user's.
+        is_run = ("config.yaml" in ours and len(ours) > 1) or any(_ASIDE.match(n) for n in ours)
+        if out.is_dir() and not is_run and (other := _another_output(out)):
             raise TinykError(f"--out {out} is {other}, not a run directory; choose another --out")
-        exists = out.is_dir() and any(_made_by_a_run(p) for p in out.iterdir())  # an earlier run's
         # The saved config names the full model, so a resumed run rebuilds exactly this one, and the
         # preset only where it named the model (beside --init it gave the training settings alone).
         preset = None if self.cfg.init else self.cfg.model.get("preset")
         self.cfg.model = {**({"preset": preset} if preset else {}), **self.mcfg.to_dict()}
-        set_aside = exists and any(_ASIDE.match(p.name) for p in out.iterdir())
-        if exists and not (out / "config.yaml").is_file() and not set_aside:
+        if exists and not is_run:
             copy = _config_copy(out)
             if copy:
                 raise TinykError(f"run directory {out} has no config.yaml{copy}")
-            held = sorted(p.name for p in out.iterdir() if _made_by_a_run(p))
-            raise TinykError(f"--out {out} holds {', '.join(held[:3])} but no config.yaml: not a tinyk run to "
-                             f"continue or replace; choose another directory")
+            raise TinykError(f"--out {out} holds {', '.join(ours[:3])} but is not a tinyk run (a run has a "
+                             f"config.yaml and checkpoints/): its files would be overwritten; choose another "
+                             f"directory")
         if exists and not self.resume and not force:
             raise TinykError(f"run directory {out} exists (use --resume to continue it or --force to start over)")
         # One run per directory: a second writer (a job script's --resume while the first still runs, or
@@ -1331,8 +1340,8 @@ class Trainer:
         self.total_steps = min(self.step_cap, max(self.progress.step, fitted))
         if self.cfg.warmup_steps is None:
             self.warmup = min(self.warmup, default_warmup(self.total_steps))
-        else:
-            self.warmup = min(self.cfg.warmup_steps, self.total_steps // 2)
+        else:  # only ever shortened: a longer estimate later must not start the warmup again
+            self.warmup = min(self.warmup, self.total_steps // 2)
         if self.monitor:
             self.monitor.set_total(self.total_steps)
 
