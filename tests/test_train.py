@@ -27,7 +27,7 @@ from tinyk.checkpoint import load_model
 from tinyk.cli import main
 from tinyk.data import prepare_pretrain
 from tinyk.files import TinykError
-from tinyk.loader import SFTLoader
+from tinyk.loader import PretrainLoader, SFTLoader
 from tinyk.model import Transformer, preset_config
 from tinyk.tokenizer import load_tokenizer
 from tinyk.train import (
@@ -1133,6 +1133,8 @@ def test_the_summary_of_a_resumed_run_speaks_for_the_whole_run(tmp_path, pt_data
     summary = train(cfg, resume=True)
     evals = records(out, "eval")
     assert [r["step"] for r in evals] == [2, 4, 6, 8]
+    windows = PretrainLoader(pt_data, "train", 32, 8).num_windows  # the epoch logged is the fraction done
+    assert [r["epoch"] for r in records(out, "train")] == [round(s * 8 / windows, 4) for s in range(1, 9)]
     assert summary["best_val_loss"] == 0.125
     assert summary["final_val_loss"] == evals[-1]["val_loss"]
     assert summary["tokens_per_s"] == pytest.approx(summary["tokens"] / summary["elapsed_s"], rel=1e-2)

@@ -279,6 +279,11 @@ class _Loader:
     def epoch(self) -> int:
         return self._epoch
 
+    @property
+    def epochs_done(self) -> float:
+        """Epochs so far, with the part of the current one: what a loss curve by epoch plots."""
+        return self._epoch + self._cursor / self.num_windows
+
     def order_settings(self) -> dict[str, int]:
         """What the sample order depends on besides the data: a resume must keep them."""
         return {"seed": self.seed, "seq_len": self.data.seq_len}

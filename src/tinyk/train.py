@@ -1672,7 +1672,7 @@ class Trainer:
                 "grad_norm": finite(grad_norm), "skipped_steps": skipped,
                 "tokens_per_s": round(rate, 1), "mfu": self._mfu(rate),
                 "flops_per_token": self.flops_per_token, "peak_mem_mib": self._peak_mem_mib(),
-                "elapsed_s": round(self._elapsed(), 3), "epoch": self.loader.epoch}
+                "elapsed_s": round(self._elapsed(), 3), "epoch": round(self.loader.epochs_done, 4)}
 
     def _skipped_steps(self) -> int | None:
         """Steps of the whole run whose update fp16's GradScaler skipped (None unless fp16)."""
