@@ -767,8 +767,9 @@ def _fingerprint(kind: str, paths: list[Path], tok_hash: str, options: dict[str,
     for p in paths:
         st = p.stat()
         inputs.append({"path": shown(p.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns})
-    return {"tinyk": __version__, "kind": kind, "format_version": FORMAT_VERSION, "val_split": "by content, default system prompt aside",
-            "tokenizer_hash": tok_hash, "inputs": inputs, "options": options, "strict": strict}
+    return {"tinyk": __version__, "kind": kind, "format_version": FORMAT_VERSION,
+            "val_split": "by content, system prompt aside", "tokenizer_hash": tok_hash, "inputs": inputs,
+            "options": options, "strict": strict}
 
 
 def _prepare(kind: str, paths: list[Path], tok: TinyTokenizer, out: str | Path, *,
