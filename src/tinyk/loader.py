@@ -213,9 +213,10 @@ class _Conversations:
         y = np.full_like(x, IGNORE)
         for row, (s, n) in enumerate(zip(self.starts[idx].tolist(), lens.tolist(), strict=True)):
             t = self.tokens[s:s + n].astype(np.int64)
-            _check_ids(t, self.vocab, self.folder)
             x[row, :n - 1] = t[:-1]
             y[row, :n - 1] = np.where(self.mask[s + 1:s + n] != 0, t[1:], IGNORE)
+        for ids in (x, y):  # every token the model reads or is scored on
+            _check_ids(ids, self.vocab, self.folder)
         return torch.from_numpy(x), torch.from_numpy(y)
 
 

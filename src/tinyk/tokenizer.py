@@ -250,14 +250,19 @@ class TinyTokenizer:
     @cached_property
     def system_prompt(self) -> str | None:
         """The system prompt the model was trained with (SFT data's, recorded in tokenizer_config.json),
-        which a chat without one gets first; None for none. Older directories: the default."""
+        which a chat without one gets first; None for none. Older directories (no file, or no key in it):
+        the default. A damaged file is an error: it would silently give the stock prompt."""
+        config = self.path / "tokenizer_config.json"
         try:
-            recorded = json.loads((self.path / "tokenizer_config.json").read_text(encoding="utf-8"))["system_prompt"]
-        except (OSError, ValueError, KeyError, TypeError):
+            recorded = json.loads(config.read_text(encoding="utf-8"))
+            if not isinstance(recorded, dict) or not isinstance(recorded.get("system_prompt", ""), str):
+                raise ValueError("not an object with a string system_prompt")
+        except FileNotFoundError:
             return DEFAULT_SYSTEM_PROMPT
-        if not isinstance(recorded, str):
-            return DEFAULT_SYSTEM_PROMPT
-        return recorded or None
+        except (OSError, ValueError) as e:
+            raise TinykError(f"cannot read {config} ({first_line(e)}); it records the system prompt the model "
+                             f"was trained with: restore it, or delete it for the default one") from e
+        return (recorded["system_prompt"] or None) if "system_prompt" in recorded else DEFAULT_SYSTEM_PROMPT
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = False,
                             default_system: str | None | ModelPrompt = MODEL_PROMPT) -> str:
@@ -300,16 +305,7 @@ def load_tokenizer(path: str | Path) -> TinyTokenizer:
     """Loads a tokenizer directory and checks it carries the special ids tinyk relies on, and a readable
     record of the model's system prompt."""
     tok = _read_tokenizer(Path(path))
-    config = tok.path / "tokenizer_config.json"
-    try:  # a damaged one would silently give the stock prompt
-        recorded = json.loads(config.read_text(encoding="utf-8"))
-        if not isinstance(recorded, dict) or not isinstance(recorded.get("system_prompt", ""), str):
-            raise ValueError("not an object with a string system_prompt")
-    except FileNotFoundError:
-        pass  # older directories: the default prompt
-    except (OSError, ValueError) as e:
-        raise TinykError(f"cannot read {config} ({first_line(e)}); it records the system prompt the model was "
-                         f"trained with: restore it, or delete it for the default one") from e
+    tok.system_prompt  # noqa: B018 - read now: a damaged record is refused before any work starts
     return tok
 
 
