@@ -534,6 +534,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_the_whole_run_mfu_counts_each_session_at_its_own_peak(tmp_path, pt_data, tok_dir, monkeypatch):
+    """A resume on other hardware (here: another peak) keeps what the first session's devices could do."""
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        stop_at(m, 3)
+        train(nano_cfg(pt_data, tok_dir, out, peak_tflops=0.01))
+    before = json.loads((checkpoints(out)[-1] / "state.json").read_text())["elapsed_s"]
+    summary = train(nano_cfg(pt_data, tok_dir, out, peak_tflops=0.04), resume=True)
+    spent = (before * 0.01 + (summary["elapsed_s"] - before) * 0.04) * 1e12
+    assert summary["mfu"] == pytest.approx(summary["tokens"] * summary["flops_per_token"] / spent, rel=1e-2)
+
+
 def test_two_process_ddp_and_fsdp_match_one_process(tmp_path, pt_data, tok_dir):
     """Same global batch: torchrun DDP from scratch follows the one-process loss curve; two processes
     under FSDP (+ activation checkpointing) resume the one-process checkpoint; one process resumes FSDP's."""

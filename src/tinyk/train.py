@@ -793,6 +793,9 @@ class _Progress:
     tokens: int = 0
     loss_tokens: int = 0
     elapsed: float = 0.0
+    # FLOPs the devices of the sessions before this one could have done (seconds x processes x peak):
+    # the whole run's MFU, when a resume changed the number of processes or the GPU. None: not recorded.
+    peak_flops_spent: float | None = None
 
 
 class Trainer:
@@ -1175,9 +1178,11 @@ class Trainer:
                 torch.save(optim_state, tmp / "optimizer.pt")
                 torch.save({"ranks": ranks, "scaler": self.scaler.state_dict()}, tmp / "rng.pt")
                 (tmp / "config.yaml").write_text(dump_config(self.cfg), encoding="utf-8")
+                elapsed = self._elapsed()
                 write_json_atomic(tmp / "state.json", {
                     "kind": self.cfg.kind, "step": step, "tokens": self.progress.tokens,
-                    "loss_tokens": self.progress.loss_tokens, "elapsed_s": self._elapsed(),
+                    "loss_tokens": self.progress.loss_tokens, "elapsed_s": elapsed,
+                    "peak_flops_spent": self._peak_flops_spent(elapsed),
                     "loader": loader_state, "log_window": {"loss": window.item(), "steps": self.window_steps,
                                                            "skipped": int(self.window_skipped.item())},
                     "world_size": d.world, "batch_size": self.cfg.batch_size,
@@ -1248,7 +1253,10 @@ class Trainer:
         else:  # another world size: fresh per-rank streams, so the ranks' dropout masks still differ
             torch.manual_seed((self.cfg.seed + 1 + self.dist.rank) * 1_000_003 + state["step"])
         self.scaler.load_state_dict(extra["scaler"])
-        self.progress = _Progress(state["step"], state["tokens"], state["loss_tokens"], state["elapsed_s"])
+        spent = state.get("peak_flops_spent")
+        if isinstance(spent, bool) or not isinstance(spent, int | float) or not 0 <= spent < math.inf:
+            spent = None  # an older checkpoint, or a session whose device had no known peak
+        self.progress = _Progress(state["step"], state["tokens"], state["loss_tokens"], state["elapsed_s"], spent)
         # What is left of a token or epoch budget, at this session's batch size (pretraining may change
         # it; SFT refuses that): a run that changed it once plans the rest from the samples done ever after.
         done = state["loader"]["epoch"] * self.loader.num_windows + state["loader"]["cursor"]
@@ -1663,6 +1671,20 @@ class Trainer:
             self.peak_source = self.peak_source.removesuffix(again) + again
         return round(achieved / self.peak, 5)
 
+    def _peak_flops_spent(self, elapsed: float) -> float | None:
+        """What the run's devices could have done in `elapsed` seconds of it, at each session's world
+        size and peak."""
+        if not self.peak:
+            return None
+        p = self.progress
+        before = p.peak_flops_spent if p.peak_flops_spent is not None else p.elapsed * self.dist.world * self.peak
+        return before + (elapsed - p.elapsed) * self.dist.world * self.peak
+
+    def _run_mfu(self, elapsed: float) -> float | None:
+        """The whole run's MFU: its tokens' FLOPs over what its devices could have done."""
+        spent = self._peak_flops_spent(elapsed)
+        return round(self.progress.tokens * self.flops_per_token / spent, 5) if spent and self.progress.tokens else None
+
     def _peak_mem_mib(self) -> float | None:
         return round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1) if self.device.type == "cuda" else None
 
@@ -1694,15 +1716,15 @@ class Trainer:
                       if r.get("type") == "train" and r.get("tokens_per_s")]
             windows = logged[1:] or logged
         steady = statistics.median(windows) if windows else None
+        mfu_steady = self._mfu(steady) if steady else None  # first: it may time the CPU's peak again
         skipped = self._skipped_steps()
         summary = {
             "kind": cfg.kind, "status": "interrupted" if interrupted else "completed",
             "stop_signal": self.stop_signal if interrupted else None, "steps": p.step,
             "total_steps": self.total_steps, "skipped_steps": skipped,
             "tokens": p.tokens, "loss_tokens": p.loss_tokens, "elapsed_s": round(elapsed, 3),
-            "tokens_per_s": round(rate, 1) if rate else None, "mfu": self._mfu(rate) if rate else None,
-            "tokens_per_s_steady": round(steady, 1) if steady else None,
-            "mfu_steady": self._mfu(steady) if steady else None,
+            "tokens_per_s": round(rate, 1) if rate else None, "mfu": self._run_mfu(elapsed),
+            "tokens_per_s_steady": round(steady, 1) if steady else None, "mfu_steady": mfu_steady,
             "peak_flops_per_device": self.peak, "peak_flops_source": self.peak_source,
             "flops_per_token": self.flops_per_token, "parameters": self.n_params,
             "final_train_loss": last_train, "final_val_loss": last_val[0] if last_val else None,
