@@ -47,7 +47,7 @@ def recompute_greedy(model, ids: list[int], n: int) -> list[int]:
     device = next(model.parameters()).device
     with torch.no_grad():
         for _ in range(n):
-            logits, _ = model(torch.tensor([ids + out], device=device))
+            logits = model(torch.tensor([ids + out], device=device))
             out.append(int(logits[0, -1].argmax()))
     return out
 
@@ -363,11 +363,11 @@ def test_engine_forward_is_the_models_forward(engine):
     positions = (valid.cumsum(1) - 1).clamp(min=0)
     caches = [KVCache(engine.model.config, 2, 8, "cpu", torch.float32) for _ in range(2)]
     with torch.inference_mode():
-        want, _ = engine.model(x, positions=positions, valid=valid, cache=caches[0], last_only=True)
+        want = engine.model(x, positions=positions, valid=valid, cache=caches[0], last_only=True)
         got = engine.forward(x, positions, caches[1], valid)
         assert torch.equal(got, want[:, -1])
         step, pos = torch.tensor([[30], [31]]), positions[:, -1:] + 1
-        want, _ = engine.model(step, positions=pos, cache=caches[0], last_only=True)
+        want = engine.model(step, positions=pos, cache=caches[0], last_only=True)
         assert torch.equal(engine.forward(step, pos, caches[1]), want[:, -1])
     assert torch.equal(caches[0].k, caches[1].k) and caches[0].length == caches[1].length == 6
 
@@ -404,7 +404,7 @@ def test_int8_engine_tracks_the_fp32_model(nano_model_dir, engine, reference):
     x = torch.tensor([[10, 11, 12, 13, 14, 15, 16]])
     cache = KVCache(eng.model.config, 1, 8, "cpu", torch.bfloat16)
     with torch.inference_mode():
-        want, _ = engine.model(x)
+        want = engine.model(x)
         got = [eng.forward(x[:, :6], torch.arange(6)[None], cache), eng.forward(x[:, 6:], torch.tensor([[6]]), cache)]
     for g, w in zip(got, (want[:, 5], want[:, 6]), strict=True):
         err = (g.float() - w).abs().max() / w.std()

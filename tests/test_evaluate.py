@@ -85,7 +85,7 @@ def test_continuation_logprobs_match_a_direct_forward(nano):
         p, c = [tok.bos_id] + tok.encode(ctx), tok.encode(cont)
         ids = torch.tensor([p + c])
         with torch.no_grad():
-            logp = torch.log_softmax(model(ids)[0][0], -1)
+            logp = torch.log_softmax(model(ids)[0], -1)
         want = sum(logp[len(p) - 1 + i, t].item() for i, t in enumerate(c))
         assert value == pytest.approx(want, abs=1e-4)
 
@@ -222,7 +222,7 @@ def test_data_loss_perplexity_bits_per_byte(nano, nano_model_dir, pretrain_data)
         targets: list[int] = []
         with torch.no_grad():
             for x, y in eval_batches(pretrain_data, "val", 32, 4, max_batches):
-                total += F.cross_entropy(model(x)[0].flatten(0, 1), y.flatten(), reduction="sum").item()
+                total += F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="sum").item()
                 count += y.numel()
                 targets += y.flatten().tolist()  # consecutive windows: one stretch of the token stream
         text_bytes = len(tok.decode(targets, skip_special_tokens=True).encode("utf-8"))

@@ -19,6 +19,7 @@ from tinyk.engine import SamplingParams
 from tinyk.files import TinykError
 from tinyk.model import KVCache, ModelConfig, Transformer, preset_config
 from tinyk.tokenizer import SPECIAL_IDS, load_tokenizer
+from tinyk.train import loss_sum
 
 
 @pytest.mark.parametrize("preset,expected", [("seed-215m", 215_127_040), ("seed-82m", 82_594_560)])
@@ -56,12 +57,12 @@ def test_hf_llama_loads_and_matches_logits(tmp_path, tok_dir, shape):
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     x = torch.randint(0, shape["vocab_size"], (3, 40))
     with torch.no_grad():
-        ours, _ = model(x)
+        ours = model(x)
         theirs = hf(x).logits
     assert (ours - theirs).abs().max().item() < 1e-4
     reloaded, _ = load_model(out)
     with torch.no_grad():
-        assert torch.equal(reloaded(x)[0], ours)
+        assert torch.equal(reloaded(x), ours)
     # generate() stops where tinyk does without being told: at <|im_end|>, the tokenizer's eos, and at any
     # other special token, as the engine does.
     tok = AutoTokenizer.from_pretrained(out)
@@ -131,9 +132,8 @@ def test_loss_ignores_masked_targets():
     y = torch.randint(0, 512, (2, 16))
     y_masked = y.clone()
     y_masked[:, :8] = -100
-    logits, loss = model(x, y_masked)
-    ref = torch.nn.functional.cross_entropy(logits[:, 8:].reshape(-1, 512), y[:, 8:].reshape(-1))
-    assert torch.allclose(loss, ref)
+    ref = torch.nn.functional.cross_entropy(model(x)[:, 8:].reshape(-1, 512), y[:, 8:].reshape(-1), reduction="sum")
+    assert torch.allclose(loss_sum(model, x, y_masked), ref)
 
 
 def test_repeated_kv_heads_match_fused_gqa(monkeypatch):
@@ -149,8 +149,8 @@ def test_repeated_kv_heads_match_fused_gqa(monkeypatch):
 
     def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
         model.zero_grad()
-        logits, loss = model(x, y)
-        loss.backward()
+        logits = model(x)
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten()).backward()
         return logits.detach(), [p.grad.clone() for p in model.parameters()]
 
     fused = run()
@@ -165,11 +165,11 @@ def test_kv_cache_decoding_equals_full_recomputation():
     model = Transformer(preset_config("nano")).eval()
     seq = torch.randint(0, 512, (2, 24))
     with torch.no_grad():
-        full, _ = model(seq)
+        full = model(seq)
         cache = KVCache(model.config, 2, 32, "cpu", torch.float32)
-        step_logits = [model(seq[:, :10], cache=cache)[0]]
+        step_logits = [model(seq[:, :10], cache=cache)]
         for t in range(10, 24):
-            step_logits.append(model(seq[:, t:t + 1], cache=cache)[0])
+            step_logits.append(model(seq[:, t:t + 1], cache=cache))
     assert cache.length == 24
     assert (torch.cat(step_logits, 1) - full).abs().max().item() < 1e-5
 
@@ -185,11 +185,11 @@ def test_left_padded_batch_matches_unpadded():
     positions = (valid.long().cumsum(1) - 1).clamp(min=0)
     with torch.no_grad():
         cache = KVCache(model.config, 2, 20, "cpu", torch.float32)
-        logits, _ = model(batch, cache=cache, valid=valid, positions=positions)
+        logits = model(batch, cache=cache, valid=valid, positions=positions)
         nxt = torch.tensor([[7], [9]])
-        step, _ = model(nxt, cache=cache, positions=positions[:, -1:] + 1)
-        ref_b = model(torch.cat([b, torch.tensor([[9]])], 1))[0]
-        ref_a = model(torch.cat([a, torch.tensor([[7]])], 1))[0]
+        step = model(nxt, cache=cache, positions=positions[:, -1:] + 1)
+        ref_b = model(torch.cat([b, torch.tensor([[9]])], 1))
+        ref_a = model(torch.cat([a, torch.tensor([[7]])], 1))
     assert (logits[1, pad:] - ref_b[0, :5]).abs().max() < 1e-5
     assert (step[1, 0] - ref_b[0, 5]).abs().max() < 1e-5
     assert (step[0, 0] - ref_a[0, 12]).abs().max() < 1e-5
@@ -252,7 +252,7 @@ def test_a_plain_hf_llama_loads_with_its_rope_theta_and_what_tinyk_cannot_do_is_
     assert ours.config.rope_theta == 5e5
     x = torch.randint(0, 512, (2, 30))
     with torch.no_grad():
-        assert (ours(x)[0] - hf(x).logits).abs().max().item() < 1e-4
+        assert (ours(x) - hf(x).logits).abs().max().item() < 1e-4
     # A config that leaves out tie_word_embeddings and rms_norm_eps means LlamaConfig's defaults
     # (untied, 1e-6), as transformers reads it; older checkpoints' rotary inv_freq buffers are derived.
     hf2, untied = _hf_model_dir(tmp_path, tok_dir, "untied", rms_norm_eps=1e-6)
@@ -268,7 +268,7 @@ def test_a_plain_hf_llama_loads_with_its_rope_theta_and_what_tinyk_cannot_do_is_
     ours2, _ = load_model(untied)
     assert not ours2.config.tie_embeddings and ours2.config.norm_eps == 1e-6
     with torch.no_grad():
-        assert (ours2(x)[0] - hf2(x).logits).abs().max().item() < 1e-4
+        assert (ours2(x) - hf2(x).logits).abs().max().item() < 1e-4
     for name, config, what in [
         ("linear", dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}), "RoPE scaling"),
         ("bias", dict(attention_bias=True), "bias terms"),
@@ -312,7 +312,7 @@ def test_a_tinyk_model_saved_back_by_transformers_loads(tmp_path, tok_dir):
     model, _ = load_model(back)
     x = torch.randint(0, src.config.vocab_size, (2, 20))
     with torch.no_grad():
-        assert (model(x)[0] - src.eval()(x)[0]).abs().max().item() < 1e-5
+        assert (model(x) - src.eval()(x)).abs().max().item() < 1e-5
     again = save_model(model, back, tmp_path / "again")
     assert (again / "special_tokens_map.json").is_file() and load_model(again)[1].eos_id == 4
     # transformers rewrote tokenizer.json (a post-processor, its own layout): still the same tokenizer, so
@@ -407,7 +407,7 @@ def test_a_checkpoint_of_the_tutorial_imports_and_computes_the_same(tmp_path, to
     x = torch.randint(0, sd["tok_embeddings.weight"].shape[0], (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = seed_forward(sd, x, n_heads=4)
-        assert (model(x)[0] - want).abs().max().item() < 1e-4
+        assert (model(x) - want).abs().max().item() < 1e-4
         hf = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
         assert (hf(x).logits - want).abs().max().item() < 1e-4
 
@@ -434,7 +434,7 @@ def test_a_model_directory_the_tutorials_save_pretrained_wrote_imports_with_its_
         model_info(saved)  # as every command that reads a model directory says
     x = torch.randint(0, 100, (1, 30), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        assert (load_model(tmp_path / "m")[0](x)[0] - seed_forward(sd, x, n_heads=8)).abs().max().item() < 1e-4
+        assert (load_model(tmp_path / "m")[0](x) - seed_forward(sd, x, n_heads=8)).abs().max().item() < 1e-4
 
 
 def test_a_tutorial_pth_is_pointed_to_import_which_says_what_it_assumed(tmp_path, tok_dir, capsys):
@@ -479,7 +479,7 @@ def test_a_tutorial_pth_is_pointed_to_import_which_says_what_it_assumed(tmp_path
     assert (model.config.n_heads, model.config.max_seq_len, assumed) == (4, 64, "")  # the flags win
     x = torch.randint(0, 100, (1, 30), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        assert (model(x)[0] - seed_forward(sd, x, n_heads=4)).abs().max().item() < 1e-4
+        assert (model(x) - seed_forward(sd, x, n_heads=4)).abs().max().item() < 1e-4
 
 
 @pytest.mark.parametrize("change,message", [

@@ -35,6 +35,7 @@ from tinyk.plan import (
     run_spec,
     usable_bytes,
 )
+from tinyk.train import loss_sum
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,7 +71,7 @@ def _saved_bytes(cfg, batch: int, seq: int, amp: bool) -> int:
     x = torch.randint(0, cfg.vocab_size, (batch, seq))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
             torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-        model(x, x)
+        loss_sum(model, x, x)
     return sum(seen.values())
 
 

@@ -398,7 +398,7 @@ def continuation_logprobs(model: Transformer, tok: TinyTokenizer, pairs: list[tu
         x = torch.full((len(chunk), width), tok.pad_id, dtype=torch.long)
         for i, (s, _) in enumerate(chunk):
             x[i, :len(s)] = torch.tensor(s)
-        logp = torch.log_softmax(model(x.to(device))[0].float(), dim=-1)
+        logp = torch.log_softmax(model(x.to(device)).float(), dim=-1)
         for i, (s, n) in enumerate(chunk):
             pos = torch.arange(len(s) - n - 1, len(s) - 1, device=device)
             out.append(logp[i, pos, torch.tensor(s[-n:], device=device)].sum().item())

@@ -325,12 +325,10 @@ class Transformer(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
-                positions: torch.Tensor | None = None, cache: KVCache | None = None,
-                valid: torch.Tensor | None = None, last_only: bool = False):
-        """Returns (logits, loss).
+    def forward(self, idx: torch.Tensor, *, positions: torch.Tensor | None = None, cache: KVCache | None = None,
+                valid: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        """Returns the logits (the trainer's loss is `train.loss_sum`).
 
-        Training: `targets` uses -100 for positions without loss; loss is the mean over the rest.
         Decoding: pass a `cache`; `valid` (B, T) marks real tokens (False for left padding) and
         `positions` their RoPE positions. `last_only` computes logits for the last position only.
         """
@@ -358,11 +356,7 @@ class Transformer(nn.Module):
         x = self.model.norm(x)
         if last_only:
             x = x[:, -1:]
-        logits = self.lm_head(x)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        return logits, loss
+        return self.lm_head(x)
 
     def matmul_params(self) -> int:
         """The N of 6N: every parameter but an untied input embedding, which is a lookup, not a matmul."""

@@ -560,8 +560,7 @@ def setup_dist(device: str) -> Dist:
 
 def loss_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Summed (not mean) cross-entropy over targets != -100, in fp32: the caller divides by the global count."""
-    logits, _ = model(x)
-    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE, reduction="sum")
+    return F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE, reduction="sum")
 
 
 @torch.no_grad()
