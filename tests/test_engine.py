@@ -142,12 +142,12 @@ def test_bad_prompts(engine):
 
 def test_chat_uses_the_template_with_the_generation_prompt(engine):
     msgs = [{"role": "user", "content": "你好"}]
-    assert engine.chat_prompt(msgs) == render_chat(msgs, add_generation_prompt=True)
-    with_system = engine.chat_prompt(msgs, default_system=DEFAULT_SYSTEM_PROMPT)
+    assert engine.tok.apply_chat_template(msgs, True, None) == render_chat(msgs, add_generation_prompt=True)
+    with_system = engine.tok.apply_chat_template(msgs, True, DEFAULT_SYSTEM_PROMPT)
     assert with_system == f"<|im_start|>system\n{DEFAULT_SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n你好<|im_end|>\n" \
                           "<|im_start|>assistant\n"
     assert engine.chat([msgs], GREEDY, default_system=None)[0].token_ids == \
-        engine.generate([engine.chat_prompt(msgs)], GREEDY)[0].token_ids
+        engine.generate([engine.tok.apply_chat_template(msgs, True, None)], GREEDY)[0].token_ids
     # By default a conversation is prompted as SFT data was tokenized, system message first.
     assert engine.chat([msgs], GREEDY)[0].token_ids == engine.generate([with_system], GREEDY)[0].token_ids
     with pytest.raises(TypeError, match="default_sytem"):  # a misspelt option is an error, not ignored
@@ -560,7 +560,7 @@ def test_a_terminal_that_cannot_show_a_character_gets_a_substitute(nano_model_di
 
 
 def test_chat_cli_answers_one_message(engine, nano_model_dir, capsys, monkeypatch):
-    prompt = engine.chat_prompt([{"role": "user", "content": "你好"}], default_system=DEFAULT_SYSTEM_PROMPT)
+    prompt = engine.tok.apply_chat_template([{"role": "user", "content": "你好"}], True, DEFAULT_SYSTEM_PROMPT)
     params = replace(GREEDY, repetition_penalty=1.1, max_new_tokens=6, ignore_eos=False)
     expected = engine.generate([prompt], params)[0].text
     with pytest.raises(SystemExit) as e:
@@ -600,7 +600,7 @@ def test_chat_session_commands_and_history(engine, capsys):
     out = io.StringIO()
     history = chat_session(engine, params, ["写诗", "再来"], out, system="你是诗人")
     assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
-    second = engine.generate([engine.chat_prompt(history[:3], default_system="你是诗人")], params)[0].text
+    second = engine.generate([engine.tok.apply_chat_template(history[:3], True, "你是诗人")], params)[0].text
     assert history[3]["content"] == second
     # A one-shot message (--message, piped input) is never a command, and a cut reply names its limit.
     history = chat_session(engine, params, ["/usr/bin 是什么"], io.StringIO(), system=None, interactive=False)
@@ -663,7 +663,7 @@ def test_chat_session_forgets_old_turns_to_fit(engine, capsys, monkeypatch):
     long = "我们今天去公园散步" * 3
     history = chat_session(engine, params, [long] * 6, io.StringIO(), system=None)
     assert "forgot the oldest turn" in capsys.readouterr().err
-    assert len(engine.encode(engine.chat_prompt(history[:-1]))) + params.max_new_tokens <= engine.context_length
+    assert len(engine.encode(engine.tok.apply_chat_template(history[:-1], True, None))) + params.max_new_tokens <= engine.context_length
     # A message too long on its own is refused and the conversation kept, not forgotten first.
     history = chat_session(engine, params, ["你好", "很" * 400, "再见"], io.StringIO(), system=None)
     err = capsys.readouterr().err

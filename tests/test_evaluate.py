@@ -271,27 +271,15 @@ class ScriptedEngine:
     """Answers each prompt from a table keyed by its last user message, so scores can be checked exactly."""
 
     def __init__(self, replies: dict[str, tuple[str, str]], context: int = 200):
-        """`replies`: last user message -> (text, how it ended: "eos", "new turn" or "length")."""
+        """`replies`: last user message -> (text, how it ended: "eos", "new turn" or "length"). Its
+        tokenizer, for a model trained with the system prompt "你是诗人", works on text: one token a character."""
         from types import SimpleNamespace
 
-        from tinyk.tokenizer import IM_END_ID
+        from tinyk.tokenizer import IM_END_ID, ModelPrompt, render_chat
 
-        self.replies, self.context, self.seen = replies, context, []
-        self.tok = SimpleNamespace(eos_id=IM_END_ID)
-
-    def chat_ids(self, messages: list[dict], default_system=None) -> str:
-        """As Engine.chat_ids, for a model trained with the system prompt "你是诗人"."""
-        from tinyk.tokenizer import ModelPrompt, render_chat, with_system
-
-        system = "你是诗人" if isinstance(default_system, ModelPrompt) else default_system
-        return render_chat(with_system(messages, system), add_generation_prompt=True)  # a stand-in on text
-
-    def encode(self, prompt: str) -> str:
-        from tinyk.engine import ContextLengthError
-
-        if len(prompt) >= self.context:
-            raise ContextLengthError("too long")
-        return prompt
+        self.replies, self.context_length, self.seen = replies, context, []
+        self.tok = SimpleNamespace(eos_id=IM_END_ID, encode_chat=render_chat,
+                                   resolve_system=lambda s: "你是诗人" if isinstance(s, ModelPrompt) else s)
 
     def generate(self, prompts, params):
         from types import SimpleNamespace

@@ -35,7 +35,6 @@ from .tokenizer import (
     SYSTEM_ROLES,
     ModelPrompt,
     TinyTokenizer,
-    render_chat,
     with_system,
 )
 
@@ -617,15 +616,6 @@ class Engine:
         if len(ids) >= self.context_length:
             raise ContextLengthError.of(len(ids), self.context_length)
         return ids
-
-    def chat_prompt(self, messages: list[dict], default_system: str | None | ModelPrompt = None) -> str:
-        """The conversation in the chat template, ending with the assistant's header, as text to show.
-
-        Messages are rendered as given; `default_system` (e.g. MODEL_PROMPT, the prompt the model's SFT
-        data carried) is put first when the conversation has no system message. To prompt the
-        model use `chat_ids`: tokenizing this text would read "<|im_end|>" typed in a message as a token.
-        """
-        return render_chat(self._chat_messages(messages, default_system), add_generation_prompt=True)
 
     def chat_ids(self, messages: list[dict], default_system: str | None | ModelPrompt = None) -> list[int]:
         """The chat prompt's token ids, as SFT data is tokenized: message text is only ever text. The

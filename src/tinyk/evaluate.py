@@ -210,8 +210,8 @@ def eval_task(engine: Any, path: str | Path, *, batch_size: int = 32, max_new_to
     Examples whose prompt does not fit the model's context are skipped and counted. A chat without a
     system message gets `system_prompt`: by default the model's own, as `tinyk eval --task` does.
     """
-    read = read_task_prompts(path, lambda m: engine.encode(engine.chat_ids(m, default_system=system_prompt)),
-                             limit=limit)
+    read = read_task_prompts(path, chat_prompt_ids(engine.tok, engine.context_length),
+                             system_prompt=engine.tok.resolve_system(system_prompt), limit=limit)
     return score_task(engine, path, *read, batch_size=batch_size, max_new_tokens=max_new_tokens, name=name)
 
 
