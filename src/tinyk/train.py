@@ -66,7 +66,7 @@ from .files import (
 from .loader import IGNORE, ResumeMismatch
 from .model import PRESETS, Attention, ModelConfig, Transformer, cuda_autocast_dtype, resolve_dtype
 from .monitor import TRACKERS, Monitor, Trackers, finite, measure_matmul_flops, peak_flops
-from .plan import GiB, model_size
+from .plan import GiB, flops_formula, model_size
 
 KINDS = ("pretrain", "sft")
 TRAIN_DTYPES = ("auto", "bf16", "fp16", "fp32")  # also the --dtype choices of pretrain, sft and plan
@@ -1097,7 +1097,7 @@ class Trainer:
             _apply_runtime_fields(model, self.mcfg)
         else:
             model = Transformer(self.mcfg)
-        self.n_params, self.n_matmul = model.num_params(), model.matmul_params()
+        self.n_params = model.num_params()
         self.flops_per_token = model.flops_per_token(cfg.seq_len)
         model = model.to(self.device).train()
         model.activation_checkpointing = cfg.activation_checkpointing
@@ -1430,8 +1430,7 @@ class Trainer:
             f"({'at most ' if cfg.kind == 'sft' else ''}{run_tokens:,} tokens)"
             f"{f', fitted to {cfg.max_minutes:g} minutes' if cfg.max_minutes else ''}, "
             f"warmup {self.warmup}, lr {cfg.lr:g} -> {cfg.lr * cfg.min_lr_ratio:g}",
-            f"FLOPs/token {self.flops_per_token:.4g} = 6*N + 12*L*d*T = 6*{self.n_matmul:,} + 12*{m.n_layers}*{m.dim}*"
-            f"{cfg.seq_len}; peak for MFU: "
+            f"FLOPs/token {flops_formula(m, cfg.seq_len)}; peak for MFU: "
             + (f"{self.peak / 1e12:.2f} TFLOP/s per device, {self.peak_source}" if self.peak else self.peak_source),
         ]
         note = micro_note(cfg.batch_size, d.world, cfg.micro_batch, self.micro)
