@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .files import TinykError, atomic_dir, first_line, rust_path, writing
-from .model import ModelConfig, Transformer
+from .model import ADAMW_BYTES, GRAD_BYTES, WEIGHT_BYTES, ModelConfig, Transformer
 from .tokenizer import (
     IM_END_ID,
     IM_START_ID,
@@ -307,7 +307,7 @@ def memory_footprint(cfg: ModelConfig, n_params: int) -> dict[str, float]:
     kv = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * cfg.max_seq_len
     mib = 2 ** 20
     return {"fp32_mib": n_params * 4 / mib, "bf16_mib": n_params * 2 / mib,
-            "train_adamw_fp32_mib": n_params * 16 / mib, "kv_cache_per_seq_bf16_mib": kv * 2 / mib}
+            "train_adamw_fp32_mib": n_params * (WEIGHT_BYTES + GRAD_BYTES + ADAMW_BYTES) / mib, "kv_cache_per_seq_bf16_mib": kv * 2 / mib}
 
 
 def init_model_dir(preset: str, tok_dir: str | Path, out: str | Path, *, seed: int = 0,

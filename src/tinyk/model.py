@@ -119,6 +119,11 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+# Bytes per parameter that training keeps whatever the autocast dtype: fp32 weights, fp32 gradients
+# and AdamW's two fp32 moments.
+WEIGHT_BYTES, GRAD_BYTES, ADAMW_BYTES = 4, 4, 8
+
+
 def training_flops(cfg: ModelConfig, matmul_params: int, seq_len: int) -> int:
     """Training FLOPs per token: 6N for the matrices plus attention scores (PaLM appendix B)."""
     return 6 * matmul_params + 12 * cfg.n_layers * cfg.dim * seq_len

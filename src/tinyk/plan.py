@@ -19,7 +19,18 @@ from typing import Any
 import torch
 
 from .files import TinykError, first_line
-from .model import DTYPES, PRESETS, ModelConfig, Transformer, preset_config, sdpa_fuses_gqa, training_flops
+from .model import (
+    ADAMW_BYTES,
+    DTYPES,
+    GRAD_BYTES,
+    PRESETS,
+    WEIGHT_BYTES,
+    ModelConfig,
+    Transformer,
+    preset_config,
+    sdpa_fuses_gqa,
+    training_flops,
+)
 from .monitor import gpu_peak_flops
 
 GiB = 2**30
@@ -288,7 +299,7 @@ def estimate_memory(s: Setup) -> Memory:
     size = model_size(cfg)
     n, d, v = size["parameters"], cfg.dim, cfg.vocab_size
     shard = s.world_size if s.fsdp else 1
-    weights, grads, opt = 4 * n / shard, 4 * n / shard, 8 * n / shard
+    weights, grads, opt = WEIGHT_BYTES * n / shard, GRAD_BYTES * n / shard, ADAMW_BYTES * n / shard
     act = 2 if s.amp else 4  # bytes per element of an activation outside the fp32 residual stream
 
     layer = sum(layer_saved_bytes(cfg, s.amp, s.repeat_kv).values()) * tokens + layer_rope_bytes(cfg, s.amp) * s.seq_len

@@ -64,7 +64,17 @@ from .files import (
     writing,
 )
 from .loader import IGNORE, ResumeMismatch
-from .model import PRESETS, Attention, ModelConfig, Transformer, cuda_autocast_dtype, resolve_dtype
+from .model import (
+    ADAMW_BYTES,
+    GRAD_BYTES,
+    PRESETS,
+    WEIGHT_BYTES,
+    Attention,
+    ModelConfig,
+    Transformer,
+    cuda_autocast_dtype,
+    resolve_dtype,
+)
 from .monitor import TRACKERS, Monitor, Trackers, finite, measure_matmul_flops, peak_flops
 from .plan import GiB, flops_formula, model_size
 
@@ -911,9 +921,10 @@ class Trainer:
         free: building one took minutes, and then the system killed the run without a word."""
         d = self.dist
         n = model_size(self.mcfg)["parameters"]
-        need = 16 * n / (d.world if self.cfg.parallel == "fsdp" and d.world > 1 else 1)
+        shards = d.world if self.cfg.parallel == "fsdp" and d.world > 1 else 1
+        need = (WEIGHT_BYTES + GRAD_BYTES + ADAMW_BYTES) * n / shards
         if self.device.type == "cuda":
-            need = max(need, 4 * n)  # the whole fp32 model reaches the GPU before FSDP shards it
+            need = max(need, WEIGHT_BYTES * n)  # the whole fp32 model reaches the GPU before FSDP shards it
             free, where = torch.cuda.mem_get_info(self.device)[0], f"{torch.cuda.get_device_name(self.device)} has free"
         else:
             local = os.environ.get("LOCAL_WORLD_SIZE", "1")
