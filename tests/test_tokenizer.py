@@ -14,9 +14,9 @@ from transformers import AutoTokenizer
 from tinyk.cli import main
 from tinyk.files import TinykError
 from tinyk.tokenizer import (
-    CHAT_TEMPLATE,
     DEFAULT_SYSTEM_PROMPT,
     SPECIAL_TOKENS,
+    chat_template,
     eval_tokenizer,
     load_tokenizer,
     train_tokenizer,
@@ -67,7 +67,7 @@ def test_special_token_ids(tk, tok_dir):
 
 def test_chat_template_renders_the_seeds_conversations(tk, tok_dir):
     hf = AutoTokenizer.from_pretrained(tok_dir)
-    assert hf.chat_template == CHAT_TEMPLATE
+    assert hf.chat_template == chat_template(DEFAULT_SYSTEM_PROMPT)
     assert hf.apply_chat_template(SEED_MESSAGES, tokenize=False) == SEED_PROMPT
     assert tk.apply_chat_template(SEED_MESSAGES) == SEED_PROMPT
     with_prompt = hf.apply_chat_template(SEED_MESSAGES[:2], tokenize=False, add_generation_prompt=True)

@@ -4,8 +4,8 @@ The seed read whole files into memory, appended to its outputs, padded every sam
 found assistant spans by hard-coded ids. Here inputs are streamed record by record,
 tokenized in worker processes (in input order, so the result never depends on the worker
 count), and written into a temporary directory that is renamed into place when complete; a
-stopped run is continued by the same command from its last checkpoint.
-The loaders that read these directories live in `tinyk.loader` and are re-exported here.
+stopped run is continued by the same command from its last checkpoint. The loaders that read
+these directories live in `tinyk.loader`.
 """
 
 from __future__ import annotations

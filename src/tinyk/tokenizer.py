@@ -34,7 +34,7 @@ from .files import (
 )
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
-UNK_ID, BOS_ID, EOS_ID, IM_START_ID, IM_END_ID = range(5)
+IM_START_ID, IM_END_ID = SPECIAL_TOKENS.index("<|im_start|>"), SPECIAL_TOKENS.index("<|im_end|>")  # bos, eos
 SPECIAL_IDS = frozenset(range(len(SPECIAL_TOKENS)))
 DEFAULT_SYSTEM_PROMPT = "你是一个AI助手"
 
@@ -74,7 +74,6 @@ _TEMPLATE_BODY = (
     "{{ '<|im_start|>assistant\n' }}"
     "{% endif %}"
 )
-CHAT_TEMPLATE = chat_template(DEFAULT_SYSTEM_PROMPT)
 CHAT_ROLES = ("system", "user", "assistant")
 SYSTEM_ROLES = ("system", "developer")  # OpenAI's newer name for the system role
 NOT_UTF8 = "the text is not valid UTF-8 (convert it first, e.g. iconv -f gbk -t utf-8)"
