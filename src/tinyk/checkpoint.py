@@ -313,10 +313,8 @@ def memory_footprint(cfg: ModelConfig, n_params: int) -> dict[str, float]:
 def init_model_dir(preset: str, tok_dir: str | Path, out: str | Path, *, seed: int = 0,
                    force: bool = False, **overrides: Any) -> Transformer:
     """A randomly initialised model: shapes from the preset, vocab size from the tokenizer."""
-    from .model import PRESETS, preset_config
+    from .model import preset_config
 
-    if preset not in PRESETS:
-        raise TinykError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
     tok = load_tokenizer(tok_dir)
     torch.manual_seed(seed)
     model = Transformer(preset_config(preset, vocab_size=tok.vocab_size, **overrides))

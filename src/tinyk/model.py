@@ -102,7 +102,7 @@ PRESETS: dict[str, dict] = {
 
 def preset_config(name: str, **overrides) -> ModelConfig:
     if name not in PRESETS:
-        raise KeyError(name)
+        raise TinykError(f"unknown preset {name!r} (choose from {', '.join(PRESETS)})")
     return ModelConfig(**{**PRESETS[name], **overrides})
 
 
