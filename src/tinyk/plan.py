@@ -9,7 +9,6 @@ step under the CPU memory profiler (tests/test_plan.py, bench/plan_vs_measured.p
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import re
 from collections.abc import Callable, Iterable
@@ -744,12 +743,11 @@ def _storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
 def measure_step_memory(s: Setup, *, seed: int = 0) -> dict[str, int]:
     """Runs one steady-state optimizer step of `s` on CPU; returns its peak allocation in bytes.
 
-    The step is the trainer's (`Trainer.train_step` around `LossSum`): autocast around the
-    forward only, a summed cross-entropy, backward per micro-batch, gradient clipping, AdamW
-    from `make_optimizer`, zero_grad(set_to_none=True). The optimizer state exists before the
-    measured step, as in every step after the first.
+    The step is the trainer's (`optimizer_step` around `LossSum`, AdamW from `make_optimizer`);
+    each micro-batch is made as it is used, as the trainer moves one at a time to the device. The
+    optimizer state exists before the measured step, as in every step after the first.
     """
-    from .train import LossSum, TrainConfig, make_optimizer
+    from .train import LossSum, TrainConfig, make_optimizer, optimizer_step
 
     if s.world_size != 1:
         raise ValueError("measure_step_memory runs one process")
@@ -764,20 +762,16 @@ def measure_step_memory(s: Setup, *, seed: int = 0) -> dict[str, int]:
     opt.step()
     opt.zero_grad(set_to_none=True)
     gen = torch.Generator().manual_seed(seed)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
     scale = 1.0 / (s.grad_accum * s.micro_batch * s.seq_len)
+    autocast = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16, enabled=s.amp)
+
+    def batch(_: int) -> torch.Tensor:  # input ids and targets, made as the trainer moves them to the device
+        return torch.randint(0, s.cfg.vocab_size, (2, s.micro_batch, s.seq_len), generator=gen)
 
     def step() -> None:
-        for _ in range(s.grad_accum):
-            # A fresh batch per micro-step, as the loader hands it over.
-            x, y = torch.randint(0, s.cfg.vocab_size, (2, s.micro_batch, s.seq_len), generator=gen)
-            amp = torch.autocast("cpu", dtype=torch.bfloat16) if s.amp else contextlib.nullcontext()
-            with amp:
-                loss_sum = step_module(x, y)
-            (loss_sum * scale).backward()
-            del x, y, loss_sum
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer_step(step_module, opt, scaler, range(s.grad_accum), scale, grad_clip=TrainConfig().grad_clip,
+                       autocast=autocast, to_device=batch)
 
     static = _storage_bytes(params) + _storage_bytes(t for st in opt.state.values() for t in st.values())
     peak = _profiled_peak(step)

@@ -26,7 +26,7 @@ import threading
 import time
 import types
 import typing
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -597,6 +597,33 @@ class LossSum(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return loss_sum(self.model, x, y)
+
+
+def optimizer_step(step_module: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                   batches: Sequence[Any], scale: float, *, grad_clip: float | None,
+                   to_device: Callable[[Any], tuple[torch.Tensor, torch.Tensor]] = lambda b: b,
+                   autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                   sync: Callable[[bool], contextlib.AbstractContextManager] = lambda last: contextlib.nullcontext()
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step: per micro-batch, the summed loss (autocast around the forward only) times
+    `scale`, backward; then clipping and AdamW through the loss scaler. The trainer's step, and the one
+    `tinyk plan` measures. Micro-batches reach the device one at a time (`to_device`); `sync(last)`
+    holds gradient reduction back until the last. Returns (loss sum, grad norm) as tensors."""
+    parts = []
+    for i, batch in enumerate(batches):
+        x, y = to_device(batch)
+        with sync(i == len(batches) - 1):
+            with autocast():
+                part = step_module(x, y)
+            scaler.scale(part * scale).backward()
+        parts.append(part.detach())
+    scaler.unscale_(opt)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float("inf"))
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    return torch.stack(parts).sum(), norm
 
 
 # ----------------------------------------------------------------------------- run directory & checkpoints
@@ -1325,21 +1352,11 @@ class Trainer:
         for g in self.opt.param_groups:
             g["lr"] = lr_at(self.progress.step, self.total_steps, self.cfg.lr, self.warmup, self.cfg.min_lr_ratio)
         scale = self.dist.world / max(n_loss, 1)
-        total = torch.zeros((), device=self.device)
-        for i, (x, y) in enumerate(batches):
-            x, y = self._to_device(x), self._to_device(y)
-            with self._sync(i == len(batches) - 1):
-                with self._autocast():
-                    part = self.step_module(x, y)
-                self.scaler.scale(part * scale).backward()
-            total += part.detach()
-        self.scaler.unscale_(self.opt)
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip or float("inf"))
+        total, norm = optimizer_step(self.step_module, self.opt, self.scaler, batches, scale,
+                                     grad_clip=self.cfg.grad_clip, autocast=self._autocast, sync=self._sync,
+                                     to_device=lambda b: (self._to_device(b[0]), self._to_device(b[1])))
         if self.scaler.is_enabled():  # the scaler skips exactly the steps whose unscaled gradients are not finite
             self.window_skipped += ~torch.isfinite(norm)
-        self.scaler.step(self.opt)
-        self.scaler.update()
-        self.opt.zero_grad(set_to_none=True)
         return total, norm
 
     def _fit_estimate(self, t_first: float, step_first: int) -> int:
