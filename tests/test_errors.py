@@ -367,3 +367,22 @@ def test_serve_settings_that_cannot_work_are_one_line(nano_model_dir, monkeypatc
                               ("--allow-host", "https://chat.example.com", "not a host name")):
         code, err = run_cli(["serve", "--model", str(nano_model_dir), flag, value], capsys)
         assert code == 2 and len(err.strip().splitlines()) == 1 and says in err, err
+
+
+def test_a_hand_edited_huge_context_is_one_line_naming_the_key(tmp_path, nano_model_dir):
+    """max_position_embeddings set to 10^8 in config.json: its RoPE tables alone do not fit (here under
+    a 4 GB address-space limit), and the message says which setting asked for them."""
+    import resource
+
+    model = tmp_path / "m"
+    shutil.copytree(nano_model_dir, model)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["max_position_embeddings"] = cfg["tinyk"]["max_seq_len"] = 10**8
+    (model / "config.json").write_text(json.dumps(cfg))
+    r = subprocess.run([sys.executable, "-m", "tinyk", "generate", "--model", str(model), "--prompt", "你好"],
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30)))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines() == [
+        "tinyk: error: a context of 100,000,000 positions (max_seq_len, max_position_embeddings in config.json) "
+        "needs about 25.6 GB for its RoPE tables alone, more than this machine has"]

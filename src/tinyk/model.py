@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .files import TinykError
+from .files import TinykError, out_of_memory
 
 
 def cuda_autocast_dtype(device: torch.device) -> torch.dtype:
@@ -133,9 +133,17 @@ def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 cos/sin on the CPU, shape (max_seq_len, head_dim), HF's half-rotation layout, row = position."""
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device="cpu", dtype=torch.float32)
                                          / cfg.head_dim))
-    freqs = torch.arange(cfg.max_seq_len, device="cpu", dtype=torch.float32)[:, None] * inv_freq
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos(), emb.sin()
+    try:
+        freqs = torch.arange(cfg.max_seq_len, device="cpu", dtype=torch.float32)[:, None] * inv_freq
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos(), emb.sin()
+    except RuntimeError as e:
+        if not out_of_memory(e):
+            raise
+        # A config.json edited by hand (max_position_embeddings) more often than a real context.
+        raise TinykError(f"a context of {cfg.max_seq_len:,} positions (max_seq_len, max_position_embeddings in "
+                         f"config.json) needs about {cfg.max_seq_len * cfg.head_dim * 16 / 1e9:,.1f} GB for its RoPE "
+                         f"tables alone, more than this machine has") from None
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
