@@ -772,12 +772,15 @@ def atomic_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path
         raise
 
 
-# Files that describe a model or tokenizer (transformers' save_pretrained adds some tinyk does not write,
-# chat_template.jinja first among them, which outranks the template the new output carries): they go
-# with the output they described.
-_OUTPUT_FILES = re.compile(r"(chat_template.*\.jinja|.*\.safetensors(\.index\.json)?|.*\.(bin|pt|pth|npy)|vocab.*|"
-                           r"merges\.txt|added_tokens\.json|special_tokens_map\.json|tokenizer.*\.json|config\.json|"
-                           r"generation_config\.json|meta\.json)")
+# The files that describe a model, tokenizer or dataset, by the exact names tinyk and transformers'
+# save_pretrained give them (it adds some tinyk does not write, chat_template.jinja first among them,
+# which outranks the template the new output carries): they go with the output they described. Any
+# other name is the user's (notes, vocab_study/, training_args.bin) and stays.
+_OUTPUT_FILES = re.compile(r"config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors|"
+                           r"pytorch_model(-\d+-of-\d+)?\.bin|(model\.safetensors|pytorch_model\.bin)\.index\.json|"
+                           r"tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json|added_tokens\.json|"
+                           r"chat_template\.jinja|vocab\.(json|txt)|merges\.txt|tokenizer\.model|"
+                           r"meta\.json|progress\.json")
 
 
 def _carry_over(old: Path, new: Path) -> None:
