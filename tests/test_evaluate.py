@@ -410,6 +410,28 @@ def test_cli_table_and_json(tmp_path, nano, nano_model_dir, pretrain_data, capsy
     assert "nothing to evaluate" in capsys.readouterr().err
 
 
+def test_an_out_file_made_while_the_evaluation_ran_is_not_overwritten(tmp_path, nano_model_dir, pretrain_data,
+                                                                       capsys, monkeypatch):
+    import tinyk.evaluate
+
+    out = tmp_path / "r.json"
+    real = tinyk.evaluate.evaluate
+
+    def evaluate_while_the_user_writes(*args, **kw):
+        results = real(*args, **kw)
+        out.write_text("mine")
+        return results
+
+    monkeypatch.setattr(tinyk.evaluate, "evaluate", evaluate_while_the_user_writes)
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--model", str(nano_model_dir), "--data", str(pretrain_data), "--seq-len", "32",
+              "--out", str(out)])
+    captured = capsys.readouterr()
+    assert e.value.code == 2 and out.read_text() == "mine" and "bits per byte" in captured.out
+    assert captured.err.strip() == (f"tinyk: error: --out {out} exists (use --force to replace it) (it changed while "
+                                    f"the evaluation ran; the results are above)")
+
+
 def test_table_aligns_chinese_text():
     from tinyk.evaluate import _width
 

@@ -421,6 +421,36 @@ def test_force_replaces_only_what_the_output_holds_and_keeps_the_users_own_entri
     assert len(kept) == 1 and (kept[0] / "my_eval.json").read_text() == "{}"
 
 
+def test_an_output_that_appears_while_a_command_runs_is_not_replaced(tmp_path):
+    """Another run (or the user) made `out` meanwhile: refused as it would have been at the start, and
+    this run's output is kept beside it, not thrown away."""
+    out = tmp_path / "tok"
+    with pytest.raises(TinykError, match=r"output directory exists: .*tok \(use --force.*appeared or changed while "
+                                         r"this ran; the new output is kept as .*tok\.new\)"):
+        with atomic_dir(out) as tmp:
+            (tmp / "tokenizer.json").write_text("ours")
+            out.mkdir()
+            (out / "config.json").write_text("theirs")
+    assert (out / "config.json").read_text() == "theirs" and not (out / "tokenizer.json").exists()
+    assert (tmp_path / "tok.new" / "tokenizer.json").read_text() == "ours"
+    shutil.rmtree(out)
+    with pytest.raises(TinykError, match=r"is not a tinyk tokenizer.*kept as .*tok\.new-2\)"):  # --force too
+        with atomic_dir(out, force=True, replaces=("a tinyk tokenizer", lambda p: (p / "tokenizer.json").exists())):
+            out.mkdir()
+            (out / "config.json").write_text("theirs, again")
+    assert (out / "config.json").read_text() == "theirs, again"
+
+
+def test_an_output_named_through_itself_is_replaced_in_place(tmp_path, monkeypatch):
+    """--out m/../m --force: moving m aside must not cut the way to where the new one goes."""
+    monkeypatch.chdir(tmp_path)
+    with atomic_dir("m") as tmp:
+        (tmp / "w").write_text("old")
+    with atomic_dir("m/../m", force=True) as tmp:
+        (tmp / "w").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"] and (tmp_path / "m" / "w").read_text() == "new"
+
+
 def test_an_output_name_near_the_filesystem_limit_gets_legal_temporaries(tmp_path, corpus_file):
     """A name of 250 bytes is legal; `.{name}.tmp-{host}-{pid}-XXXX` beside it would not be."""
     name = "语料" * 20 + "x" * 130  # 250 bytes

@@ -710,6 +710,12 @@ def check_output_file(out: str, inputs: Iterable[str | Path | None], *, force: b
         raise TinykError(f"--out {out}: directory {parent} is not writable")
 
 
+def without_dotdot(path: Path) -> Path:
+    """`path` with a '..' before its name resolved: out/../out names its siblings through itself, a way
+    that is gone once it is moved aside to be replaced."""
+    return path.parent.resolve() / path.name if ".." in path.parent.parts else path
+
+
 @contextlib.contextmanager
 def atomic_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path | None] = (),
                replaces: tuple[str, Callable[[Path], bool]] | None = None,
@@ -727,19 +733,10 @@ def atomic_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path
     out = Path(out)
     if out.name in ("", ".", ".."):
         raise TinykError(f"output directory {str(out)!r} must be named (e.g. data/pretrain), not '.' or '..'")
+    out = without_dotdot(out)
     check_output(out, inputs)
     remove_stale_temps(out)  # first: an output a killed replace had moved aside is back, and checked below
-    if (out.exists() or out.is_symlink()) and not force:
-        raise TinykError(f"output directory exists: {out} (use --force to replace it)")
-    if out.exists() and replaces is not None:
-        what, is_one = replaces
-        if not out.is_dir():
-            raise TinykError(f"output {out} is a file, not a directory; remove it yourself or choose another path")
-        held = sorted(p.name for p in out.iterdir())
-        if held and not is_one(out):
-            raise TinykError(f"{out} exists and is not {what}, so it is not replaced (it holds "
-                             f"{', '.join(held[:3])}{', ...' if len(held) > 3 else ''}); remove it yourself or "
-                             "choose another path")
+    _check_replace(out, force, replaces)
     out.parent.mkdir(parents=True, exist_ok=True)
     if partial:
         tmp = partial_sibling(out)
@@ -749,6 +746,15 @@ def atomic_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path
     try:
         yield tmp
         _share_like_umask(tmp)
+        try:  # again: something may have been put there meanwhile (another run, the user)
+            _check_replace(out, force, replaces)
+        except TinykError as e:
+            if partial:
+                raise
+            kept = _unused_name(out.with_name(f"{out.name}.new"))
+            os.replace(tmp, kept)
+            raise TinykError(f"{e} ({out} appeared or changed while this ran; the new output is kept as {kept})") \
+                from None
         if out.exists() or out.is_symlink():
             old = out.with_name(f".{_stem(out.name)}.old-{_owner()}")
             os.replace(out, old)
@@ -770,6 +776,31 @@ def atomic_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path
         if not partial:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _check_replace(out: Path, force: bool, replaces: tuple[str, Callable[[Path], bool]] | None) -> None:
+    """Refuses to replace an existing `out` without `force`, or (with `replaces`) one that is not this
+    kind of output: a mistyped --out never deletes someone's files."""
+    if (out.exists() or out.is_symlink()) and not force:
+        raise TinykError(f"output directory exists: {out} (use --force to replace it)")
+    if out.exists() and replaces is not None:
+        what, is_one = replaces
+        if not out.is_dir():
+            raise TinykError(f"output {out} is a file, not a directory; remove it yourself or choose another path")
+        held = sorted(p.name for p in out.iterdir())
+        if held and not is_one(out):
+            raise TinykError(f"{out} exists and is not {what}, so it is not replaced (it holds "
+                             f"{', '.join(held[:3])}{', ...' if len(held) > 3 else ''}); remove it yourself or "
+                             "choose another path")
+
+
+def _unused_name(path: Path) -> Path:
+    """`path`, or `path-2`, `path-3`, ...: the first that does not exist."""
+    candidate, n = path, 1
+    while candidate.exists() or candidate.is_symlink():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
 
 
 # The files that describe a model, tokenizer or dataset, by the exact names tinyk and transformers'

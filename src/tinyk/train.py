@@ -60,6 +60,7 @@ from .files import (
     parse_size,
     plural,
     remove_path,
+    without_dotdot,
     write_json_atomic,
     writing,
 )
@@ -843,7 +844,7 @@ class Trainer:
         self.cfg, self.resume = cfg, resume
         self.dist = setup_dist(cfg.device)
         self.device = self.dist.device
-        self.out = Path(cfg.out)
+        self.out = without_dotdot(Path(cfg.out))
         self.lock = DirLock(self.out)
         self.monitor: Monitor | None = None
         self.stop_signal: str | None = None

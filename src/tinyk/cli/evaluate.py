@@ -43,11 +43,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _eval(args: argparse.Namespace) -> int:
     from tinyk.evaluate import evaluate, format_table, is_results, table_rows
-    from tinyk.files import check_output_file, write_json_atomic, writing
+    from tinyk.files import TinykError, check_output_file, write_json_atomic, writing
 
-    if args.out is not None:
+    def check_out() -> None:
         check_output_file(args.out, [args.model, *args.data, *args.task, *args.choice], force=args.force,
                           replaces=("the results of tinyk eval", is_results))
+
+    if args.out is not None:
+        check_out()
     results = evaluate(args.model, data=args.data, tasks=args.task, choice=args.choice, split=args.split,
                        seq_len=args.seq_len, batch_size=args.batch_size, max_batches=args.max_batches,
                        max_new_tokens=args.max_new_tokens, limit=args.limit, choice_format=args.choice_format,
@@ -57,6 +60,10 @@ def _eval(args: argparse.Namespace) -> int:
     else:
         print(format_table(table_rows(results)))
     if args.out is not None:  # after printing: results a failed write would lose are on the screen
+        try:
+            check_out()  # again: the file may have been made meanwhile
+        except TinykError as e:
+            raise TinykError(f"{e} (it changed while the evaluation ran; the results are above)") from None
         with writing(Path(args.out)):
             write_json_atomic(args.out, results)
     return 0
