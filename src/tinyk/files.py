@@ -814,6 +814,11 @@ _OUTPUT_FILES = re.compile(r"config\.json|generation_config\.json|model(-\d+-of-
                            r"meta\.json|progress\.json")
 
 
+def is_output_file(name: str) -> bool:
+    """A name that a model, tokenizer or dataset file has (`_OUTPUT_FILES`), not one of the user's."""
+    return bool(_OUTPUT_FILES.fullmatch(name))
+
+
 def _carry_over(old: Path, new: Path) -> None:
     """Moves into a new output the entries of the one it replaced that it lacks and that do not describe
     a model (`_OUTPUT_FILES`): the user's own (an eval's results in a demo folder, notes beside a
@@ -821,7 +826,7 @@ def _carry_over(old: Path, new: Path) -> None:
     if old.is_symlink() or not old.is_dir():
         return
     for p in old.iterdir():
-        if not _OUTPUT_FILES.fullmatch(p.name) and not (new / p.name).exists() and not (new / p.name).is_symlink():
+        if not is_output_file(p.name) and not (new / p.name).exists() and not (new / p.name).is_symlink():
             os.replace(p, new / p.name)
 
 

@@ -55,6 +55,7 @@ from .files import (
     atomic_file,
     check_output,
     first_line,
+    is_output_file,
     memory_available,
     out_of_memory,
     parse_size,
@@ -722,6 +723,25 @@ def _made_by_a_run(p: Path) -> bool:
     return p.name in RUN_ENTRIES or _is_leftover(p) or bool(_ASIDE.match(p.name))
 
 
+CHECKPOINT_ENTRIES = {"model", "optimizer.pt", "rng.pt", "config.yaml", "state.json"}
+
+
+def _users_files_in_run(out: Path) -> list[str]:
+    """Files a user put in a run's final/ or checkpoints/ (a model card, an eval's results), which
+    --force, replacing the run's own entries whole, would delete with them."""
+    found = []
+    final, ckpts = out / "final", out / "checkpoints"
+    if final.is_dir() and not final.is_symlink():
+        found += [f"final/{p.name}" for p in final.iterdir() if not is_output_file(p.name)]
+    if ckpts.is_dir() and not ckpts.is_symlink():
+        for p in ckpts.iterdir():
+            if not (CKPT_RE.match(p.name) or _is_leftover(p)):
+                found.append(f"checkpoints/{p.name}")
+            elif CKPT_RE.match(p.name) and p.is_dir():
+                found += [f"checkpoints/{p.name}/{q.name}" for q in p.iterdir() if q.name not in CHECKPOINT_ENTRIES]
+    return sorted(found)
+
+
 def _another_output(out: Path) -> str | None:
     """What a directory given as --out holds when it is another tinyk output: a run's files mixed into
     it would spoil it, and a checkpoint is resumed through its run."""
@@ -1003,6 +1023,9 @@ class Trainer:
                              f"directory")
         if exists and not self.resume and not force:
             raise TinykError(f"run directory {out} exists (use --resume to continue it or --force to start over)")
+        if exists and force and not self.resume and (mine := _users_files_in_run(out)):
+            raise TinykError(f"--force would delete {', '.join(mine[:3])}{', ...' if len(mine) > 3 else ''} in {out} "
+                             f"with the run, and tinyk did not write them; move them out of the run first")
         # One run per directory: a second writer (a job script's --resume while the first still runs, or
         # workers that outlived a killed torchrun) would interleave metrics and rotate away checkpoints.
         if main:
