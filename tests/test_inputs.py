@@ -221,10 +221,16 @@ def test_bom_jsonl_trains_with_no_skips(tmp_path, tok_dir, capsys):
         meta["splits"]["val"]["documents"] == len(DOCS)
 
 
-def test_utf16_input_is_one_error(tmp_path):
-    src = tmp_path / "u16.jsonl"
-    src.write_bytes(JSONL.decode().encode("utf-16"))
-    with pytest.raises(TinykError, match="u16.jsonl: UTF-16 text; tinyk reads UTF-8"):
+@pytest.mark.parametrize(("encoding", "says"), [
+    ("utf-16", "UTF-16 text; tinyk reads UTF-8"), ("utf-32", "UTF-32 text; tinyk reads UTF-8"),
+    # No byte order mark: English text has a NUL in every other byte, Chinese only in UTF-16's newline.
+    ("utf-16-le", "NUL bytes at the start: UTF-16 or UTF-32 text without a byte order mark"),
+    ("utf-16-be", "NUL bytes at the start: UTF-16 or UTF-32 text without a byte order mark")])
+@pytest.mark.parametrize("text", ["english", "中文"])
+def test_utf16_input_is_one_error(tmp_path, encoding, says, text):
+    src = tmp_path / "u16.txt"
+    src.write_bytes(f"{text} one\n{text} two\n".encode(encoding))
+    with pytest.raises(TinykError, match=f"u16.txt: {says}"):
         texts(src)
 
 

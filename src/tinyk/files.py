@@ -202,6 +202,7 @@ def marker_file(directory: str | Path, name: str, what: str) -> Path:
 
 _BOM = b"\xef\xbb\xbf"
 _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+_UTF32_BOMS = (b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")
 _MAGIC = {".gz": b"\x1f\x8b", ".zst": b"\x28\xb5\x2f\xfd"}  # how compressed files begin
 _CODECS = {".gz": "gzip", ".zst": "zstd"}
 _ZSTD_CHUNK = 4096  # compressed bytes per step; bounds what one step can expand to
@@ -451,13 +452,18 @@ def iter_lines(path: Path, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iter
             lineno += 1
             if lineno == 1:
                 if line.startswith(_UTF16_BOMS):
-                    raise TinykError(f"{path}: UTF-16 text; tinyk reads UTF-8 (convert it, e.g. with iconv)")
+                    raise TinykError(f"{path}: UTF-{32 if line.startswith(_UTF32_BOMS) else 16} text; tinyk reads "
+                                     f"UTF-8 (convert it, e.g. with iconv)")
                 packed = next((ext for ext, magic in _MAGIC.items() if line.startswith(magic)), None)
                 if packed and not _codec(path):
                     raise TinykError(f"{path}: {_CODECS[packed]}-compressed data in a file not named {packed}; "
                                      f"rename it to {path.name}{packed} and tinyk reads it as it is")
             if line.startswith(_BOM):  # the file's, or one glued on by `cat a.jsonl b.jsonl`
                 line = line[len(_BOM):]
+            if lineno <= 2 and b"\x00" in line:  # UTF-16's newline is "\n\0": the NUL may start line 2
+                raise TinykError(f"{path}: NUL bytes at the start: UTF-16 or UTF-32 text without a byte order "
+                                 f"mark, or not text at all; tinyk reads UTF-8 (convert it, e.g. iconv -f utf-16le "
+                                 f"-t utf-8)")
             if len(line) > max_line_bytes and not line.endswith(b"\n"):
                 while line and not line.endswith(b"\n"):
                     line = f.readline(1 << 20)
