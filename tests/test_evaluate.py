@@ -17,6 +17,7 @@ from tinyk.cli import main
 from tinyk.data import prepare_pretrain
 from tinyk.evaluate import (
     ChoiceQuestion,
+    chat_prompt_ids,
     choice_continuations,
     continuation_logprobs,
     eval_choice,
@@ -26,6 +27,7 @@ from tinyk.evaluate import (
     format_table,
     normalize_answer,
     read_choice,
+    read_task_prompts,
     table_rows,
 )
 from tinyk.files import Skips, TinykError
@@ -278,7 +280,7 @@ class ScriptedEngine:
         from tinyk.tokenizer import IM_END_ID, ModelPrompt, render_chat
 
         self.replies, self.context_length, self.seen = replies, context, []
-        self.tok = SimpleNamespace(eos_id=IM_END_ID, encode_chat=render_chat,
+        self.tok = SimpleNamespace(eos_id=IM_END_ID, encode_chat=render_chat, max_token_bytes=4,
                                    resolve_system=lambda s: "你是诗人" if isinstance(s, ModelPrompt) else s)
 
     def generate(self, prompts, params):
@@ -430,6 +432,21 @@ def test_an_out_file_made_while_the_evaluation_ran_is_not_overwritten(tmp_path, 
     assert e.value.code == 2 and out.read_text() == "mine" and "bits per byte" in captured.out
     assert captured.err.strip() == (f"tinyk: error: --out {out} exists (use --force to replace it) (it changed while "
                                     f"the evaluation ran; the results are above)")
+
+
+def test_a_message_far_too_long_is_skipped_before_it_is_tokenized(tmp_path, nano_model_dir, monkeypatch):
+    """A 3-million-character task line: tokenizing it took 10 s and 1.4 GB to learn that it does not fit."""
+    from tinyk.tokenizer import TinyTokenizer, load_tokenizer
+
+    task = write_task(tmp_path / "t.jsonl", [{"messages": [{"role": "user", "content": "长" * 3_000_000}], "answer": "a"},
+                                             {"messages": [{"role": "user", "content": "你好"}], "answer": "b"}])
+    encoded = []
+    encode_chat = TinyTokenizer.encode_chat
+    monkeypatch.setattr(TinyTokenizer, "encode_chat", lambda self, m, *a, **kw: encoded.append(m) or
+                        encode_chat(self, m, *a, **kw))
+    examples, _, skips = read_task_prompts(task, chat_prompt_ids(load_tokenizer(nano_model_dir), 128))
+    assert [ex.answers for ex in examples] == [["b"]] and dict(skips.counts) == {"prompt_too_long": 1}
+    assert len(encoded) == 1 and encoded[0][-1]["content"] == "你好"
 
 
 def test_table_aligns_chinese_text():

@@ -27,7 +27,7 @@ def chat_session(engine: Engine, params: SamplingParams, lines: Iterable[str], o
     session Ctrl-C stops the reply being written and keeps what was shown of it.
     Returns the final history.
     """
-    from .engine import ContextLengthError
+    from .engine import MESSAGE_TOKENS, ContextLengthError
     from .files import has_surrogate
     from .tokenizer import NOT_UTF8
 
@@ -61,7 +61,7 @@ def chat_session(engine: Engine, params: SamplingParams, lines: Iterable[str], o
                 print(f"unknown command {command}; {CHAT_HELP}", file=sys.stderr)
             continue
         try:
-            engine.check_fits([text], tokens_each=3)  # a pasted megabyte is refused at once, not tokenized
+            engine.check_fits([text], tokens_each=MESSAGE_TOKENS)  # a pasted megabyte is refused at once, not tokenized
             engine.tok.encode(text)
         except TinykError as e:  # too long, or a line of GBK bytes: say so and keep the session
             long = isinstance(e, ContextLengthError)

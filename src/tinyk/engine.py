@@ -182,6 +182,20 @@ class ContextLengthError(TinykError):
                    f"window is {context_length} tokens (at most {context_length - 1} fit)")
 
 
+# The least a chat message adds around its text: <|im_start|>, its role and <|im_end|>.
+MESSAGE_TOKENS = 3
+
+
+def check_fits(tok: TinyTokenizer, context_length: int, texts: Iterable[str], tokens_each: int = 0) -> None:
+    """Refuses text too long for the context window before it is tokenized: encoding a megabyte holds
+    the GIL for a second or more (stalling every other stream of a server) and takes a GB of memory.
+    `tokens_each` is the least each text adds around itself (MESSAGE_TOKENS for a chat message)."""
+    sizes = [len(t.encode("utf-8", "surrogatepass")) for t in texts]
+    least = sum(sizes) // tok.max_token_bytes + tokens_each * len(sizes)
+    if least >= context_length:
+        raise ContextLengthError.of(least, context_length, at_least=True)
+
+
 @dataclass
 class SamplingParams:
     """How to pick tokens. Defaults avoid the repetition loops small models fall into.
@@ -623,13 +637,7 @@ class Engine:
         return self.tok.encode_chat(self._chat_messages(messages, default_system), add_generation_prompt=True)
 
     def check_fits(self, texts: Iterable[str], tokens_each: int = 0) -> None:
-        """Refuses text too long for the context window before it is tokenized: encoding a megabyte
-        holds the GIL for a second or more, stalling every other stream of a server. `tokens_each` is
-        the least each text adds around itself (a chat message's <|im_start|>, role and <|im_end|>)."""
-        sizes = [len(t.encode("utf-8", "surrogatepass")) for t in texts]
-        least = sum(sizes) // self.tok.max_token_bytes + tokens_each * len(sizes)
-        if least >= self.context_length:
-            raise ContextLengthError.of(least, self.context_length, at_least=True)
+        check_fits(self.tok, self.context_length, texts, tokens_each)
 
     def _chat_messages(self, messages: list[dict], default_system: str | None | ModelPrompt) -> list[dict]:
         if not isinstance(messages, list) or not messages:

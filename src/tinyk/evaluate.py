@@ -191,9 +191,10 @@ def read_task_prompts(path: str | Path, prompt_of: Callable[[list[dict[str, str]
 
 def chat_prompt_ids(tok: TinyTokenizer, context_length: int) -> Callable[[list[dict[str, str]]], list[int]]:
     """A chat's prompt ids as `Engine.chat_ids` and `Engine.encode` make them, before any engine exists."""
-    from .engine import ContextLengthError
+    from .engine import MESSAGE_TOKENS, ContextLengthError, check_fits
 
     def prompt_of(messages: list[dict[str, str]]) -> list[int]:
+        check_fits(tok, context_length, (m["content"] for m in messages), MESSAGE_TOKENS)  # before tokenizing
         ids = tok.encode_chat(messages, add_generation_prompt=True)
         if len(ids) >= context_length:
             raise ContextLengthError.of(len(ids), context_length)

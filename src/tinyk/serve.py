@@ -31,6 +31,7 @@ from importlib import resources
 from typing import Any
 
 from .engine import (
+    MESSAGE_TOKENS,
     SHUTTING_DOWN,
     ContextLengthError,
     Engine,
@@ -324,7 +325,7 @@ class Api:
             clean.append({"role": API_ROLES[role], "content": self._content(content, where)})
             _no_surrogate(clean[-1]["content"], f"{where}.content")
         try:
-            self.engine.check_fits((m["content"] for m in clean), tokens_each=3)  # <|im_start|>, role, <|im_end|>
+            self.engine.check_fits((m["content"] for m in clean), tokens_each=MESSAGE_TOKENS)
             ids = self.engine.chat_ids(clean, default_system=self.cfg.system_prompt)
         except ContextLengthError as e:
             raise ApiError(400, str(e), param="messages", code="context_length_exceeded") from e
