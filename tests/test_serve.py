@@ -667,6 +667,24 @@ def test_ipv6_hosts_bind(nano_model_dir):
         server.close()
 
 
+def test_an_ipv4_mapped_loopback_is_loopback_and_an_empty_host_is_refused(nano_model_dir):
+    """::ffff:127.0.0.1 is this machine only: no 'anyone can reach' warning, and the DNS-rebinding
+    Host check stays on. An empty --host (an unset $HOST) would listen on every interface."""
+    engine = Engine.from_dir(nano_model_dir)
+    with pytest.raises(TinykError, match="--host is empty"):
+        ChatServer(engine, ServerConfig(model_name="nano", log=False), host=" ", port=0)
+    try:
+        server = ChatServer(engine, ServerConfig(model_name="nano", log=False), host="::ffff:127.0.0.1", port=0)
+    except TinykError as e:
+        pytest.skip(f"no IPv6 sockets here: {e}")
+    try:
+        server.start()
+        assert server.loopback and not server.everywhere
+        assert request(server, "GET", "/v1/models", headers={"Host": "evil.example.com"})[0] == 403
+    finally:
+        server.close()
+
+
 def test_negative_and_positive_seeds_differ(client):
     def text(seed: int) -> str:
         return client.completions.create(model="nano", prompt="天气", max_tokens=12, temperature=1.5, seed=seed,

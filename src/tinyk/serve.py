@@ -884,6 +884,8 @@ class ChatServer(ThreadingHTTPServer):
     _serving = False
 
     def __init__(self, engine: Engine, cfg: ServerConfig, host: str = "127.0.0.1", port: int = 8000):
+        if not host.strip():  # an unset $HOST in a script: the socket would listen on every interface
+            raise TinykError("--host is empty; give 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)")
         if ":" in host:
             self.address_family = socket.AF_INET6
         self.api = Api(engine, cfg)
@@ -894,6 +896,8 @@ class ChatServer(ThreadingHTTPServer):
             self.api.close()
             raise TinykError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
         ip = ipaddress.ip_address(self.server_address[0].split("%")[0])
+        if ip.version == 6 and ip.ipv4_mapped:  # ::ffff:127.0.0.1 is 127.0.0.1
+            ip = ip.ipv4_mapped
         self.loopback, self.everywhere = ip.is_loopback, ip.is_unspecified
         self._answering = 0
         self._quiet = threading.Condition()
