@@ -508,8 +508,8 @@ def _check_plan_args(run: RunSpec, gpu: GPUSpec, dtype: str, *, gpus: int, nodes
     world = gpus * nodes
     if tokens <= 0:
         raise TinykError("--tokens must be positive")
-    if mfu is not None and not 0 < mfu <= 1:
-        raise TinykError("--mfu is a fraction between 0 and 1 (e.g. 0.45)")
+    if mfu is not None and not 0.001 <= mfu <= 1:  # below 0.1%, times and costs run to hundreds of digits
+        raise TinykError("--mfu is a fraction between 0.001 and 1 (e.g. 0.45)")
     if price is not None and price < 0:
         raise TinykError("--price must not be negative")
     if run.batch_size % world:

@@ -79,7 +79,6 @@ seed = int_range(0, SEED_MAX)
 sampling_seed = int_range(-2**63, 2**63 - 1)  # the API's (OpenAI's int64): any request's seed can be replayed
 batch_count = int_range(1, MAX_BATCH)
 positive_float = float_range(0, lo_open=True)
-non_negative_float = float_range(0)
 
 
 def utf8_text(s: str) -> str:

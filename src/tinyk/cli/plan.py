@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from tinyk.cli.common import batch_count, non_negative_float, positive_int, token_count
+from tinyk.cli.common import batch_count, float_range, positive_int, token_count
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     where.add_argument("--tokens", type=token_count,
                        help="training tokens: 10B, 500M, 2e9 (default: the config's max_tokens or max_steps "
                             "budget, else 10B, the seed's corpus)")
-    where.add_argument("--price", type=non_negative_float, help="price per GPU-hour, for the cost line")
+    where.add_argument("--price", type=float_range(0, 1e6), help="price per GPU-hour, for the cost line")
     where.add_argument("--mfu", type=float, help="model FLOPs utilisation to assume, e.g. 0.45 (default: the "
                                                  "GPU table's)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
