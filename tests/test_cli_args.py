@@ -285,6 +285,8 @@ def test_a_value_that_looks_like_a_flag_says_how_to_give_it(capsys):
         "tinyk plan: error: argument --tokens: expected one argument (a value that starts with '-' is written "
         "--tokens=VALUE) (see tinyk plan --help)")
     assert "must be a size from 1" in error_line(["plan", "--tokens=-5B"], capsys)
+    assert "argument --price: must be a finite number in [0, 1e+06], got '1e308'" in \
+        error_line([*PLAN, "--price", "1e308"], capsys)  # it printed "cost inf"
     assert error_line(["eval", "--model", "m", "--task", "-x.jsonl"], capsys).endswith(
         "--task: expected at least one argument (a value that starts with '-' is written --task=VALUE) "
         "(see tinyk eval --help)")

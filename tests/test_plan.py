@@ -212,7 +212,6 @@ def test_plan_from_config_file_and_flags(tmp_path, capsys):
     (["--gpu", "h100"], "pass --preset or --config"),
     (["--preset", "seed-215m", "--mfu", "45"], "--mfu is a fraction"),
     (["--preset", "seed-215m", "--mfu", "1e-300"], "--mfu is a fraction between 0.001 and 1"),
-    (["--preset", "seed-215m", "--price", "1e308"], "argument --price: must be a finite number in [0, 1e+06]"),
     (["--preset", "seed-215m", "--gpus", "3"], "not divisible by 3 GPUs"),
     (["--preset", "seed-215m", "--seq-len", "4096"], "exceeds the model's context"),
     (["--preset", "nope"], "unknown preset 'nope'"),
