@@ -81,7 +81,7 @@ from .monitor import TRACKERS, Monitor, Trackers, finite, measure_matmul_flops, 
 from .plan import GiB, flops_formula, model_size
 
 KINDS = ("pretrain", "sft")
-TRAIN_DTYPES = ("auto", "bf16", "fp16", "fp32")  # also the --dtype choices of pretrain, sft and plan
+TRAIN_DTYPES = ("auto", "bf16", "fp16", "fp32")  # with DTYPE_ALIASES, cli.common.TRAIN_DTYPE_CHOICES
 # PyTorch's names, as summary.json and the header print them (and generate's --dtype takes them).
 DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 PARALLEL = ("ddp", "fsdp")

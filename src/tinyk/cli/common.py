@@ -14,6 +14,11 @@ from typing import NoReturn
 
 from tinyk.files import MAX_BATCH, MAX_SIZE, has_surrogate, parse_size
 
+# pretrain, sft and plan's --dtype and --parallel: what the trainer's config takes (train.TRAIN_DTYPES with
+# PyTorch's names, DTYPE_ALIASES; train.PARALLEL), here so that parsing arguments needs no torch.
+TRAIN_DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32", "bfloat16", "float16", "float32")
+PARALLEL_CHOICES = ("ddp", "fsdp")
+
 SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit
 
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from tinyk.cli.common import batch_count, float_range, positive_int, token_count
+from tinyk.cli.common import (
+    PARALLEL_CHOICES,
+    TRAIN_DTYPE_CHOICES,
+    batch_count,
+    float_range,
+    positive_int,
+    token_count,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,9 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     what.add_argument("--batch-size", type=batch_count, help="global batch in sequences per optimizer step")
     what.add_argument("--micro-batch", type=batch_count, help="sequences per forward pass per GPU (default: the config's, "
                                                       "else the largest that fits)")
-    what.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"],
+    what.add_argument("--dtype", choices=TRAIN_DTYPE_CHOICES,
                       help="auto = bf16 autocast (fp16 on cards without bf16)")
-    what.add_argument("--parallel", choices=["ddp", "fsdp"])
+    what.add_argument("--parallel", choices=PARALLEL_CHOICES)
     what.add_argument("--activation-checkpointing", action="store_true", default=None)
     where = p.add_argument_group("where")
     where.add_argument("--gpu", default="a100",

@@ -6,7 +6,16 @@ import argparse
 import signal
 import sys
 
-from tinyk.cli.common import batch_count, non_negative_int, positive_float, positive_int, seed, token_count
+from tinyk.cli.common import (
+    PARALLEL_CHOICES,
+    TRAIN_DTYPE_CHOICES,
+    batch_count,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    seed,
+    token_count,
+)
 
 # Flags that map one-to-one onto config keys; None means "not given", so configs stay in charge.
 _FLAG_KEYS = ("data", "tokenizer", "init", "out", "max_steps", "max_tokens", "epochs", "max_minutes", "batch_size",
@@ -40,10 +49,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         b.add_argument("--seq-len", type=positive_int)
         b.add_argument("--lr", type=positive_float, help="peak learning rate (warmup, then cosine to 10%%)")
         r = p.add_argument_group("runtime")
-        r.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"])
+        r.add_argument("--dtype", choices=TRAIN_DTYPE_CHOICES)
         r.add_argument("--device", choices=["auto", "cpu", "cuda"])
         r.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-        r.add_argument("--parallel", choices=["ddp", "fsdp"], help="multi-process strategy under torchrun")
+        r.add_argument("--parallel", choices=PARALLEL_CHOICES, help="multi-process strategy under torchrun")
         r.add_argument("--activation-checkpointing", action="store_true", default=None,
                        help="recompute activations in backward to save memory")
         r.add_argument("--seed", type=seed)
