@@ -18,7 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", nargs="+", action="extend", default=[], metavar="DIR", help="prepared data directories")
     p.add_argument("--split", default="val", help="split of --data to evaluate (default val)")
     p.add_argument("--seq-len", type=positive_int, default=None,
-                   help="window length for --data (default: the model's context, or SFT data's max_len)")
+                   help="window length for --data (default: SFT data's max_len, else the model's context; never "
+                        "more than the context)")
     p.add_argument("--max-batches", type=positive_int, default=None, help="evaluate only this many batches of --data")
     p.add_argument("--task", nargs="+", action="extend", default=[], metavar="FILE", help='JSONL of {"messages": ..., "answer": ...}')
     p.add_argument("--max-new-tokens", type=positive_int, default=64, help="answer length limit for --task (default 64)")
