@@ -407,11 +407,17 @@ def test_force_replaces_only_what_the_output_holds_and_keeps_the_users_own_entri
     (out / "pytorch_model.bin").write_text("old")
     for mine in ("vocab_notes.md", "tokenizer_stats.json", "training_args.bin", "lora.pt", "emb.npy", "vocab_study"):
         (out / mine).write_text("mine")  # only names tinyk or transformers give a model's files go with it
+    (out / "chat").mkdir()  # a model inside the output, as the demo's chat/: notes beside it stay too
+    (out / "chat" / "config.json").write_text("old")
+    (out / "chat" / "notes.txt").write_text("mine")
     with atomic_dir(out, force=True) as tmp:
         (tmp / "model").write_text("new")
+        (tmp / "chat").mkdir()
+        (tmp / "chat" / "config.json").write_text("new")
     assert {p.name: p.is_dir() or p.read_text() for p in out.iterdir()} == {
         "model": "new", "my_eval.json": "{}", "my_run": True, "vocab_notes.md": "mine", "tokenizer_stats.json": "mine",
-        "training_args.bin": "mine", "lora.pt": "mine", "emb.npy": "mine", "vocab_study": "mine"}
+        "training_args.bin": "mine", "lora.pt": "mine", "emb.npy": "mine", "vocab_study": "mine", "chat": True}
+    assert {p.name: p.read_text() for p in (out / "chat").iterdir()} == {"config.json": "new", "notes.txt": "mine"}
     old = tmp_path / f".out.old-{_host()}-{dead_pid()}"  # killed after the swap, before the carry-over
     old.mkdir()
     (old / "model").write_text("older")
