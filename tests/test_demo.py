@@ -271,7 +271,8 @@ def test_demo_model_matches_transformers_greedy(demo):
     engine = Engine.from_dir(demo / "chat")
     hf_tok = AutoTokenizer.from_pretrained(demo / "chat")
     hf = AutoModelForCausalLM.from_pretrained(demo / "chat", dtype=torch.float32).eval()
-    prompts = [engine.tok.apply_chat_template([{"role": "user", "content": p}], True, default_system=None) for p in ("你好呀", "5+3等于多少？这道题怎么算")]
+    prompts = [engine.tok.apply_chat_template([{"role": "user", "content": p}], True, default_system=None)
+               for p in ("你好呀", "5+3等于多少？这道题怎么算")]
     ours = engine.generate(prompts, replace(greedy_params(12), repetition_penalty=SamplingParams().repetition_penalty))
     for prompt, c in zip(prompts, ours, strict=True):
         ids = hf_tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids

@@ -663,7 +663,8 @@ def test_chat_session_forgets_old_turns_to_fit(engine, capsys, monkeypatch):
     long = "我们今天去公园散步" * 3
     history = chat_session(engine, params, [long] * 6, io.StringIO(), system=None)
     assert "forgot the oldest turn" in capsys.readouterr().err
-    assert len(engine.encode(engine.tok.apply_chat_template(history[:-1], True, None))) + params.max_new_tokens <= engine.context_length
+    shown = engine.tok.apply_chat_template(history[:-1], True, None)
+    assert len(engine.encode(shown)) + params.max_new_tokens <= engine.context_length
     # A message too long on its own is refused and the conversation kept, not forgotten first.
     history = chat_session(engine, params, ["你好", "很" * 400, "再见"], io.StringIO(), system=None)
     err = capsys.readouterr().err

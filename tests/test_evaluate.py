@@ -438,8 +438,9 @@ def test_a_message_far_too_long_is_skipped_before_it_is_tokenized(tmp_path, nano
     """A 3-million-character task line: tokenizing it took 10 s and 1.4 GB to learn that it does not fit."""
     from tinyk.tokenizer import TinyTokenizer, load_tokenizer
 
-    task = write_task(tmp_path / "t.jsonl", [{"messages": [{"role": "user", "content": "长" * 3_000_000}], "answer": "a"},
-                                             {"messages": [{"role": "user", "content": "你好"}], "answer": "b"}])
+    task = write_task(tmp_path / "t.jsonl", [
+        {"messages": [{"role": "user", "content": "长" * 3_000_000}], "answer": "a"},
+        {"messages": [{"role": "user", "content": "你好"}], "answer": "b"}])
     encoded = []
     encode_chat = TinyTokenizer.encode_chat
     monkeypatch.setattr(TinyTokenizer, "encode_chat", lambda self, m, *a, **kw: encoded.append(m) or

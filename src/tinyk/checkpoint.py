@@ -307,7 +307,8 @@ def memory_footprint(cfg: ModelConfig, n_params: int) -> dict[str, float]:
     kv = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * cfg.max_seq_len
     mib = 2 ** 20
     return {"fp32_mib": n_params * 4 / mib, "bf16_mib": n_params * 2 / mib,
-            "train_adamw_fp32_mib": n_params * (WEIGHT_BYTES + GRAD_BYTES + ADAMW_BYTES) / mib, "kv_cache_per_seq_bf16_mib": kv * 2 / mib}
+            "train_adamw_fp32_mib": n_params * (WEIGHT_BYTES + GRAD_BYTES + ADAMW_BYTES) / mib,
+            "kv_cache_per_seq_bf16_mib": kv * 2 / mib}
 
 
 def init_model_dir(preset: str, tok_dir: str | Path, out: str | Path, *, seed: int = 0,
