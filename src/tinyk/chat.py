@@ -61,7 +61,7 @@ def chat_session(engine: Engine, params: SamplingParams, lines: Iterable[str], o
                 print(f"unknown command {command}; {CHAT_HELP}", file=sys.stderr)
             continue
         try:
-            engine.check_fits([text], tokens_each=MESSAGE_TOKENS)  # a pasted megabyte is refused at once, not tokenized
+            engine.check_fits([text], tokens_each=MESSAGE_TOKENS)  # a pasted megabyte: refused, not tokenized
             engine.tok.encode(text)
         except TinykError as e:  # too long, or a line of GBK bytes: say so and keep the session
             long = isinstance(e, ContextLengthError)
