@@ -369,7 +369,7 @@ def test_only_temporaries_of_dead_processes_on_this_machine_are_removed(tmp_path
     gone = [f".out.tmp-{host}-{dead}-abc123", f".out.old-{host}-{dead}"]
     for name in keep + gone:
         (tmp_path / name).mkdir()
-        (tmp_path / name / "data.bin").write_bytes(b"x" * 100)
+        (tmp_path / name / "model.safetensors").write_bytes(b"x" * 100)
     (tmp_path / f".out.tmp-{host}-{dead}-afile").write_text("a file, not ours")
     keep.append(f".out.tmp-{host}-{dead}-afile")
     with atomic_dir(tmp_path / "out", force=True) as tmp:  # the dead .old- one is put back, then replaced
