@@ -369,6 +369,7 @@ def test_serve_settings_that_cannot_work_are_one_line(nano_model_dir, monkeypatc
         assert code == 2 and len(err.strip().splitlines()) == 1 and says in err, err
 
 
+@pytest.mark.skipif(torch.version.cuda is not None, reason="a CUDA build of torch maps GBs of libraries at import")
 def test_a_hand_edited_huge_context_is_one_line_naming_the_key(tmp_path, nano_model_dir):
     """max_position_embeddings set to 10^8 in config.json: its RoPE tables alone do not fit (here under
     a 4 GB address-space limit), and the message says which setting asked for them."""

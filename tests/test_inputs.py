@@ -221,15 +221,16 @@ def test_bom_jsonl_trains_with_no_skips(tmp_path, tok_dir, capsys):
         meta["splits"]["val"]["documents"] == len(DOCS)
 
 
-@pytest.mark.parametrize(("encoding", "says"), [
-    ("utf-16", "UTF-16 text; tinyk reads UTF-8"), ("utf-32", "UTF-32 text; tinyk reads UTF-8"),
-    # No byte order mark: English text has a NUL in every other byte, Chinese only in UTF-16's newline.
-    ("utf-16-le", "NUL bytes at the start: UTF-16 or UTF-32 text without a byte order mark"),
-    ("utf-16-be", "NUL bytes at the start: UTF-16 or UTF-32 text without a byte order mark")])
-@pytest.mark.parametrize("text", ["english", "中文"])
-def test_utf16_input_is_one_error(tmp_path, encoding, says, text):
+@pytest.mark.parametrize(("encoding", "bom", "says"), [
+    ("utf-16-le", b"\xff\xfe", "UTF-16 text"), ("utf-16-be", b"\xfe\xff", "UTF-16 text"),
+    ("utf-32-le", b"\xff\xfe\0\0", "UTF-32 text"), ("utf-32-be", b"\0\0\xfe\xff", "UTF-32 text"),
+    # No byte order mark: English text has a NUL in every other byte, Chinese only in some.
+    ("utf-16-le", b"", "NUL bytes at the start: UTF-16 or UTF-32 text without a byte order mark"),
+    ("utf-16-be", b"", "NUL bytes at the start: UTF-16 or UTF-32 text without a byte order mark")])
+@pytest.mark.parametrize("text", ["english one\nenglish two\n", "上海\n浦东\n" * 3])  # 上 is 0A 4E in UTF-16LE
+def test_utf16_input_is_one_error(tmp_path, encoding, bom, says, text):
     src = tmp_path / "u16.txt"
-    src.write_bytes(f"{text} one\n{text} two\n".encode(encoding))
+    src.write_bytes(bom + text.encode(encoding))
     with pytest.raises(TinykError, match=f"u16.txt: {says}"):
         texts(src)
 
@@ -450,6 +451,21 @@ def test_an_output_that_appears_while_a_command_runs_is_not_replaced(tmp_path):
         with atomic_dir(out, force=True, replaces=("a tinyk tokenizer", lambda p: (p / "tokenizer.json").exists())):
             out.mkdir()
             (out / "config.json").write_text("theirs, again")
+    # A dataset, written in .NAME.partial to be continued: it is complete now, so it is kept as well.
+    data = tmp_path / "data"
+    with pytest.raises(TinykError, match=r"kept as .*data\.new\)"):
+        with atomic_dir(data, partial=True) as tmp:
+            (tmp / "meta.json").write_text("ours")
+            data.mkdir()
+    assert (tmp_path / "data.new" / "meta.json").read_text() == "ours" and not (tmp_path / ".data.partial").exists()
+    # A name near the 255-byte limit gets a legal one beside it.
+    long = tmp_path / ("长" * 84)
+    with pytest.raises(TinykError, match=r"kept as .*\.new\)"):
+        with atomic_dir(long) as tmp:
+            (tmp / "w").write_text("ours")
+            long.mkdir()
+    assert [(p / "w").read_text() for p in tmp_path.iterdir() if p.name.startswith("长") and p.name.endswith(".new")] \
+        == ["ours"]
     assert (out / "config.json").read_text() == "theirs, again"
 
 

@@ -443,13 +443,15 @@ def test_a_run_directory_keeps_the_users_own_files(tmp_path, pt_data, tok_dir, m
     (out / "final" / "README.md").write_text("card")
     (out / "checkpoints" / "notes.txt").write_text("mine")
     (checkpoints(out)[-1] / "my_eval.json").write_text("{}")
+    (checkpoints(out)[-1] / "model" / "notes.md").write_text("mine")
     with pytest.raises(TinykError, match=r"--force would delete checkpoints/notes.txt, checkpoints/step_0000003/"
-                                         r"my_eval.json, final/README.md in .* move them out of the run first"):
+                                         r"model/notes.md, checkpoints/step_0000003/my_eval.json, \.\.\. in .* move "
+                                         r"them out of the run first"):
         train(nano_cfg(pt_data, tok_dir, out, max_steps=1), force=True)
     assert (out / "final" / "README.md").read_text() == "card"
     assert [r["step"] for r in records(out, "train")] == [1, 2, 3]
     for mine_too in (out / "final" / "README.md", out / "checkpoints" / "notes.txt",
-                     checkpoints(out)[-1] / "my_eval.json"):
+                     checkpoints(out)[-1] / "my_eval.json", checkpoints(out)[-1] / "model" / "notes.md"):
         mine_too.unlink()
     assert train(nano_cfg(pt_data, tok_dir, out, max_steps=1), force=True)["steps"] == 1
     assert [r["step"] for r in records(out, "train")] == [1]

@@ -190,7 +190,8 @@ def read_task_prompts(path: str | Path, prompt_of: Callable[[list[dict[str, str]
 
 
 def chat_prompt_ids(tok: TinyTokenizer, context_length: int) -> Callable[[list[dict[str, str]]], list[int]]:
-    """A chat's prompt ids as `Engine.chat_ids` and `Engine.encode` make them, before any engine exists."""
+    """A chat's prompt ids as `Engine.chat_ids` and `Engine.encode` make them, from the tokenizer alone
+    (`tinyk eval` checks every task file before the weights load); too long is a ContextLengthError."""
     from .engine import MESSAGE_TOKENS, ContextLengthError, check_fits
 
     def prompt_of(messages: list[dict[str, str]]) -> list[int]:

@@ -451,19 +451,21 @@ def iter_lines(path: Path, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iter
                 return
             lineno += 1
             if lineno == 1:
-                if line.startswith(_UTF16_BOMS):
-                    raise TinykError(f"{path}: UTF-{32 if line.startswith(_UTF32_BOMS) else 16} text; tinyk reads "
-                                     f"UTF-8 (convert it, e.g. with iconv)")
+                wide = next((bits for bits, boms in ((32, _UTF32_BOMS), (16, _UTF16_BOMS)) if line.startswith(boms)),
+                            None)
+                if wide:
+                    raise TinykError(f"{path}: UTF-{wide} text; tinyk reads UTF-8 (convert it, e.g. with iconv)")
                 packed = next((ext for ext, magic in _MAGIC.items() if line.startswith(magic)), None)
                 if packed and not _codec(path):
                     raise TinykError(f"{path}: {_CODECS[packed]}-compressed data in a file not named {packed}; "
                                      f"rename it to {path.name}{packed} and tinyk reads it as it is")
             if line.startswith(_BOM):  # the file's, or one glued on by `cat a.jsonl b.jsonl`
                 line = line[len(_BOM):]
-            if lineno <= 2 and b"\x00" in line:  # UTF-16's newline is "\n\0": the NUL may start line 2
+            # In the first 4 KB, not the first line: UTF-16LE's 上 (0A 4E) or newline (0A 00) ends lines early.
+            if f.n - len(line) < 4096 and b"\x00" in line:
                 raise TinykError(f"{path}: NUL bytes at the start: UTF-16 or UTF-32 text without a byte order "
                                  f"mark, or not text at all; tinyk reads UTF-8 (convert it, e.g. iconv -f utf-16le "
-                                 f"-t utf-8)")
+                                 f"-t utf-8, or utf-16be)")
             if len(line) > max_line_bytes and not line.endswith(b"\n"):
                 while line and not line.endswith(b"\n"):
                     line = f.readline(1 << 20)
@@ -749,16 +751,18 @@ def atomic_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path
         tmp.mkdir(exist_ok=True)
     else:
         tmp = Path(tempfile.mkdtemp(prefix=f".{_stem(out.name)}.tmp-{_owner()}-", dir=out.parent))
+    kept: Path | None = None
     try:
         yield tmp
         _share_like_umask(tmp)
         try:  # again: something may have been put there meanwhile (another run, the user)
             _check_replace(out, force, replaces)
         except TinykError as e:
-            if partial:
-                raise
-            kept = _unused_name(out.with_name(f"{out.name}.new"))
-            os.replace(tmp, kept)
+            kept = _unused_name(out.with_name(f"{_stem(out.name)}.new"))  # complete, partial or not
+            try:
+                os.replace(tmp, kept)
+            except OSError:
+                kept = tmp
             raise TinykError(f"{e} ({out} appeared or changed while this ran; the new output is kept as {kept})") \
                 from None
         if out.exists() or out.is_symlink():
@@ -779,7 +783,7 @@ def atomic_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path
         else:
             os.replace(tmp, out)
     except BaseException:
-        if not partial:
+        if not partial and kept is None:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
 

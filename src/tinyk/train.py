@@ -728,18 +728,23 @@ CHECKPOINT_ENTRIES = {"model", "optimizer.pt", "rng.pt", "config.yaml", "state.j
 
 def _users_files_in_run(out: Path) -> list[str]:
     """Files a user put in a run's final/ or checkpoints/ (a model card, an eval's results), which
-    --force, replacing the run's own entries whole, would delete with them."""
-    found = []
-    final, ckpts = out / "final", out / "checkpoints"
-    if final.is_dir() and not final.is_symlink():
-        found += [f"final/{p.name}" for p in final.iterdir() if not is_output_file(p.name)]
-    if ckpts.is_dir() and not ckpts.is_symlink():
-        for p in ckpts.iterdir():
-            if not (CKPT_RE.match(p.name) or _is_leftover(p)):
-                found.append(f"checkpoints/{p.name}")
-            elif CKPT_RE.match(p.name) and p.is_dir():
-                found += [f"checkpoints/{p.name}/{q.name}" for q in p.iterdir() if q.name not in CHECKPOINT_ENTRIES]
-    return sorted(found)
+    --force, replacing the run's own entries whole, would delete with them. A checkpoint another run
+    rotates away meanwhile is no news here: that run's lock refuses this one next."""
+
+    def foreign(folder: Path, ours: Callable[[str], bool]) -> list[Path]:
+        try:
+            if folder.is_symlink() or not folder.is_dir():
+                return []
+            return [p for p in folder.iterdir() if not ours(p.name)]
+        except OSError:
+            return []
+
+    found = foreign(out / "final", is_output_file)
+    found += foreign(out / "checkpoints", lambda n: bool(CKPT_RE.match(n)) or _is_leftover(Path(n)))
+    with contextlib.suppress(OSError):
+        for step in checkpoints(out):
+            found += foreign(step, CHECKPOINT_ENTRIES.__contains__) + foreign(step / "model", is_output_file)
+    return sorted(str(p.relative_to(out)) for p in found)
 
 
 def _another_output(out: Path) -> str | None:
