@@ -14,6 +14,7 @@ import threading
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -651,16 +652,22 @@ def test_a_non_ascii_model_name_and_api_key(nano_model_dir):
         server.close()
 
 
-def test_ipv6_hosts_bind(nano_model_dir):
+def ipv6_server(nano_model_dir: Path, host: str) -> ChatServer:
+    """A started server on an IPv6 address; the test is skipped where this machine has none."""
     if not socket.has_ipv6:
         pytest.skip("no IPv6 here")
-    engine = Engine.from_dir(nano_model_dir)
     try:
-        server = ChatServer(engine, ServerConfig(model_name="nano", log=False), host="::1", port=0)
+        server = ChatServer(Engine.from_dir(nano_model_dir), ServerConfig(model_name="nano", log=False), host=host,
+                            port=0)
     except TinykError as e:
-        pytest.skip(f"no IPv6 loopback here: {e}")
+        pytest.skip(f"cannot listen on {host} here: {e}")
+    server.start()
+    return server
+
+
+def test_ipv6_hosts_bind(nano_model_dir):
+    server = ipv6_server(nano_model_dir, "::1")
     try:
-        server.start()
         assert server.url.startswith("http://[::1]:")
         assert openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60).models.list().data
     finally:
@@ -670,15 +677,10 @@ def test_ipv6_hosts_bind(nano_model_dir):
 def test_an_ipv4_mapped_loopback_is_loopback_and_an_empty_host_is_refused(nano_model_dir):
     """::ffff:127.0.0.1 is this machine only: no 'anyone can reach' warning, and the DNS-rebinding
     Host check stays on. An empty --host (an unset $HOST) would listen on every interface."""
-    engine = Engine.from_dir(nano_model_dir)
     with pytest.raises(TinykError, match="--host is empty"):
-        ChatServer(engine, ServerConfig(model_name="nano", log=False), host=" ", port=0)
+        ChatServer(Engine.from_dir(nano_model_dir), ServerConfig(model_name="nano", log=False), host=" ", port=0)
+    server = ipv6_server(nano_model_dir, "::ffff:127.0.0.1")
     try:
-        server = ChatServer(engine, ServerConfig(model_name="nano", log=False), host="::ffff:127.0.0.1", port=0)
-    except TinykError as e:
-        pytest.skip(f"no IPv6 sockets here: {e}")
-    try:
-        server.start()
         assert server.loopback and not server.everywhere
         assert request(server, "GET", "/v1/models", headers={"Host": "evil.example.com"})[0] == 403
     finally:
