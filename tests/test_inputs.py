@@ -7,6 +7,7 @@ import gzip
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -358,6 +359,17 @@ def test_a_refused_write_names_the_folder_not_the_free_space(tmp_path):
     assert str(write_error(run / "config.yaml", e)) == f"cannot write in {run}: permission denied"
     full = str(write_error(run / "config.yaml", OSError(28, "No space left on device")))
     assert full.startswith(f"cannot write {run / 'config.yaml'}: [Errno 28] No space left on device; ") and "MB free" in full
+
+
+def test_an_output_on_a_read_only_file_system_is_named_not_its_temporary(tmp_path, monkeypatch):
+    """It said "[Errno 30] Read-only file system: '.tok.tmp-vm-29639-u3xfooht'"."""
+    def read_only(prefix: str, dir: str) -> str:
+        raise OSError(30, "Read-only file system", os.path.join(dir, prefix + "u3xfooht"))
+
+    monkeypatch.setattr("tinyk.files.tempfile.mkdtemp", read_only)
+    with pytest.raises(TinykError, match=rf"^cannot write in {re.escape(str(tmp_path))}: the file system is read-only$"):
+        with atomic_dir(tmp_path / "tok"):
+            pass
 
 
 def test_only_temporaries_of_dead_processes_on_this_machine_are_removed(tmp_path):

@@ -7,6 +7,7 @@ JSONL) and writes directories that must be complete or absent, so both live here
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import hashlib
 import io
@@ -278,11 +279,12 @@ def out_of_memory(e: BaseException) -> str | None:
 
 def write_error(path: Path, e: BaseException) -> TinykError:
     """A failed write as one line with the free space beside it: a full disk often says only
-    "iostream error" (torch) or "N requested and M written" (numpy). Not where permission was refused:
-    there the folder is what to fix, not the disk."""
-    if isinstance(e, PermissionError):
-        refused = Path(os.fsdecode(e.filename)) if e.filename else path
-        return TinykError(f"cannot write in {shown(refused.parent)}: permission denied")
+    "iostream error" (torch) or "N requested and M written" (numpy). Not where permission was refused
+    or the file system is read-only: there the folder is what to fix, not the disk."""
+    if isinstance(e, PermissionError) or getattr(e, "errno", None) == errno.EROFS:
+        refused = Path(os.fsdecode(e.filename)) if getattr(e, "filename", None) else path
+        why = "permission denied" if isinstance(e, PermissionError) else "the file system is read-only"
+        return TinykError(f"cannot write in {shown(refused.parent)}: {why}")
     try:
         free = f"; {shutil.disk_usage(path.parent).free / 1e6:,.0f} MB free on that disk"
     except OSError:
@@ -745,12 +747,15 @@ def atomic_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path
     check_output(out, inputs)
     remove_stale_temps(out)  # first: an output a killed replace had moved aside is back, and checked below
     _check_replace(out, force, replaces)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if partial:
-        tmp = partial_sibling(out)
-        tmp.mkdir(exist_ok=True)
-    else:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{_stem(out.name)}.tmp-{_owner()}-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if partial:
+            tmp = partial_sibling(out)
+            tmp.mkdir(exist_ok=True)
+        else:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{_stem(out.name)}.tmp-{_owner()}-", dir=out.parent))
+    except OSError as e:  # said of the output, not of a hidden temporary the user never named
+        raise write_error(out, e) from e
     kept: Path | None = None
     try:
         yield tmp
