@@ -206,9 +206,10 @@ def test_plan_from_config_file_and_flags(tmp_path, capsys):
 
 @pytest.mark.parametrize("args,message", [
     (["--preset", "seed-215m", "--gpu", "p100"], "unknown GPU 'p100'"),
-    (["--preset", "seed-215m", "--gpu", "t4", "--dtype", "bf16"], "T4 16GB has no bf16 tensor cores: plan with --dtype fp16"),
+    (["--preset", "seed-215m", "--gpu", "t4", "--dtype", "bf16"],
+     "T4 16GB has no bf16 tensor cores (PyTorch would emulate bf16, many times slower): plan with --dtype fp16"),
     (["--preset", "seed-82m", "--gpu", "v100", "--gpus", "2", "--parallel", "fsdp"],
-     "fp16 with --parallel fsdp is not supported: plan DDP (NVIDIA V100 SXM2 32GB has no bf16)"),
+     "fp16 with --parallel fsdp is not supported: plan with DDP, or --dtype fp32 (NVIDIA V100 SXM2 32GB has no bf16)"),
     (["--gpu", "h100"], "pass --preset or --config"),
     (["--preset", "seed-215m", "--mfu", "45"], "--mfu is a fraction"),
     (["--preset", "seed-215m", "--mfu", "1e-300"], "--mfu is a fraction between 0.001 and 1"),
@@ -221,6 +222,16 @@ def test_plan_errors_are_one_line(args, message, capsys):
     code, out, err = run_cli(["plan", *args], capsys)
     assert code == 2 and out == ""
     assert err.startswith("tinyk: error: ") and message in err and err.count("\n") == 1
+
+
+def test_the_trainer_refuses_the_precisions_plan_refuses_in_its_own_words():
+    from tinyk.plan import precision_refusal
+
+    assert precision_refusal("fp16", True, "NVIDIA A100", True) == \
+        "fp16 with --parallel fsdp is not supported: use --dtype bf16, or DDP"
+    assert precision_refusal("bf16", False, "Tesla T4", False).startswith("Tesla T4 has no bf16 tensor cores")
+    assert precision_refusal("bf16", True, "NVIDIA A100", True) is None
+    assert precision_refusal("fp16", False, "Tesla T4", False) is None
 
 
 def test_gpu_table():

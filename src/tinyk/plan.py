@@ -514,11 +514,21 @@ def _check_plan_args(run: RunSpec, gpu: GPUSpec, dtype: str, *, gpus: int, nodes
         raise TinykError("--price must not be negative")
     if run.batch_size % world:
         raise TinykError(f"batch size {run.batch_size} is not divisible by {world} GPUs (set --batch-size)")
-    if dtype == "bf16" and not gpu.bf16:
-        raise TinykError(f"{gpu.name} has no bf16 tensor cores: plan with --dtype fp16 (what auto picks there)")
-    if dtype == "fp16" and run.parallel == "fsdp" and world > 1:
-        raise TinykError(f"fp16 with --parallel fsdp is not supported: plan DDP"
-                         f"{' or --dtype bf16' if gpu.bf16 else f' ({gpu.name} has no bf16)'}")
+    refusal = precision_refusal(dtype, run.parallel == "fsdp" and world > 1, gpu.name, gpu.bf16, "plan with")
+    if refusal:
+        raise TinykError(refusal)
+
+
+def precision_refusal(dtype: str, fsdp: bool, gpu_name: str, has_bf16: bool, verb: str = "use") -> str | None:
+    """Why training cannot run in `dtype` (bf16, fp16, fp32) on this GPU, or None: worded once for the
+    trainer ("use ...") and for plan ("plan with ...")."""
+    if dtype == "bf16" and not has_bf16:
+        return (f"{gpu_name} has no bf16 tensor cores (PyTorch would emulate bf16, many times slower): {verb} "
+                f"--dtype fp16, which auto picks there")
+    if dtype == "fp16" and fsdp:
+        return "fp16 with --parallel fsdp is not supported: " + (
+            f"{verb} --dtype bf16, or DDP" if has_bf16 else f"{verb} DDP, or --dtype fp32 ({gpu_name} has no bf16)")
+    return None
 
 
 def _planned_mfu(run: RunSpec, gpu: GPUSpec, mfu: float | None) -> tuple[float, str]:

@@ -78,7 +78,7 @@ from .model import (
     resolve_dtype,
 )
 from .monitor import TRACKERS, Monitor, Trackers, finite, measure_matmul_flops, peak_flops
-from .plan import GiB, flops_formula, model_size
+from .plan import GiB, flops_formula, model_size, precision_refusal
 
 KINDS = ("pretrain", "sft")
 TRAIN_DTYPES = ("auto", "bf16", "fp16", "fp32")  # with DTYPE_ALIASES, cli.common.TRAIN_DTYPE_CHOICES
@@ -959,14 +959,13 @@ class Trainer:
         if cfg.seq_len > self.mcfg.max_seq_len:
             raise TinykError(f"seq_len {cfg.seq_len} exceeds the model's context of {self.mcfg.max_seq_len} tokens "
                              f"(lower --seq-len or raise model.max_seq_len)")
-        dtype = resolve_dtype(cfg.dtype, self.device)
-        has_bf16 = self.device.type != "cuda" or cuda_autocast_dtype(self.device) == torch.bfloat16
-        if dtype == torch.bfloat16 and not has_bf16:
-            raise TinykError(f"{torch.cuda.get_device_name(self.device)} has no bf16 tensor cores (PyTorch would "
-                             f"emulate bf16, many times slower): use --dtype fp16, or auto, which picks it")
-        if cfg.parallel == "fsdp" and self.dist.world > 1 and dtype == torch.float16:
-            raise TinykError("fp16 with --parallel fsdp is not supported: use " +
-                             ("--dtype bf16 (or DDP)" if has_bf16 else "DDP, or --dtype fp32 (this GPU has no bf16)"))
+        dtype = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(resolve_dtype(cfg.dtype, self.device), "fp32")
+        cuda = self.device.type == "cuda"
+        refusal = precision_refusal(dtype, cfg.parallel == "fsdp" and self.dist.world > 1,
+                                    torch.cuda.get_device_name(self.device) if cuda else "this CPU",
+                                    not cuda or cuda_autocast_dtype(self.device) == torch.bfloat16)
+        if refusal:
+            raise TinykError(refusal)
         self._check_room()
 
     def _check_room(self) -> None:
