@@ -214,6 +214,32 @@ def test_detokenizer_never_splits_a_character_or_leaks_a_stop_string(tok_dir):
     assert d.stopped and d.text == "好中" and "".join(deltas) == "好中"
 
 
+def test_a_stop_string_holding_a_replacement_character_waits_for_whole_characters(tok_dir):
+    """Before a character's last byte arrives its decoded text ends in U+FFFD: no stop string there."""
+    from tinyk.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tok_dir)
+    d = Detokenizer(tok, ["\ufffd"])
+    deltas = [d.add(i) for i in tok.encode("好中文😀再见")] + [d.flush()]
+    assert not d.stopped and "".join(deltas) == "好中文😀再见"
+
+
+def test_the_held_back_end_of_a_reply_is_the_longest_start_of_a_stop_string():
+    """Only the places a stop string's first character stands are tried; the answer is still the
+    longest end of the text that begins a stop string (a whole one is a hit, found before), as trying
+    every length gives."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(3000):
+        stops = ["".join(rng.choices("ab文", k=rng.randint(1, 6))) for _ in range(rng.randint(1, 4))]
+        text = "".join(rng.choices("ab文c", k=rng.randint(0, 12)))
+        d = Detokenizer(None, stops)
+        every_length = next((k for k in range(min(d.max_stop - 1, len(text)), 0, -1)
+                             if any(s.startswith(text[-k:]) and k < len(s) for s in stops)), 0)
+        assert d._partial_stop(text) == every_length, (stops, text)
+
+
 def test_a_character_cut_by_max_tokens_is_dropped_not_shown_as_a_replacement(engine):
     ids = engine.tok.encode("好😀")
     cut = len(engine.tok.encode("好")) + 1  # the emoji's first byte only

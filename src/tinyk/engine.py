@@ -294,7 +294,9 @@ class Detokenizer:
         stable = len(text.rstrip("\ufffd"))
         if self.stop:
             start = max(0, self.checked - self.max_stop + 1)
-            hits = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
+            # In the decoded characters only: a stop string holding U+FFFD must not match a character
+            # whose last bytes are still to come.
+            hits = [i for i in (text.find(s, start, stable) for s in self.stop) if i >= 0]
             if hits:
                 self.stopped = True
                 self.text = text[:min(hits)]
@@ -305,11 +307,19 @@ class Detokenizer:
         return self._emit(stable)
 
     def _partial_stop(self, text: str) -> int:
-        """Length of the longest end of `text` that could be the start of a stop string."""
-        for k in range(min(self.max_stop - 1, len(text)), 0, -1):
-            if any(s.startswith(text[-k:]) for s in self.stop):
-                return k
-        return 0
+        """Length of the longest end of `text` that could be the start of a stop string. Only the places
+        where a stop string's first character stands are tried: trying every length cost a request
+        with 5000-character stop strings (run for every token, in the thread that decodes them all)
+        seconds per reply."""
+        longest = 0
+        for s in self.stop:
+            i = text.find(s[0], max(0, len(text) - len(s) + 1))
+            while i >= 0 and len(text) - i > longest:
+                if s.startswith(text[i:]):
+                    longest = len(text) - i
+                    break
+                i = text.find(s[0], i + 1)
+        return longest
 
     def _emit(self, end: int) -> str:
         if end <= self.sent:
