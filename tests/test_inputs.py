@@ -334,6 +334,25 @@ def dead_pid() -> int:
     return p.pid
 
 
+def test_an_output_a_killed_replace_had_moved_aside_is_found_by_the_commands_that_read_it(tmp_path, tok_dir,
+                                                                                         nano_model_dir, pt_data):
+    """Killed between the two renames of a --force replace: the old output is in `.NAME.old-HOST-PID`
+    and NAME is missing. A command reading NAME puts it back instead of saying "not found"."""
+    from tinyk.cli import main
+    from tinyk.loader import open_dataset
+
+    dead = dead_pid()
+    copies = {}
+    for name, src in (("tok", tok_dir), ("model", nano_model_dir), ("data", pt_data)):
+        copies[name] = tmp_path / name
+        shutil.copytree(src, tmp_path / f".{name}.old-{_host()}-{dead}")
+    assert load_tokenizer(copies["tok"]).vocab_size > 0 and (copies["tok"] / "tokenizer.json").is_file()
+    assert open_dataset(copies["data"])["kind"] == "pretrain"
+    with pytest.raises(SystemExit) as e:
+        main(["model", "info", str(copies["model"])])
+    assert e.value.code == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["data", "model", "tok"]
+
+
 def test_atomic_dir_names_its_temporary_with_host_and_pid(tmp_path):
     with atomic_dir(tmp_path / "out") as tmp:
         assert tmp.parent == tmp_path and tmp.name.startswith(f".out.tmp-{_host()}-{os.getpid()}-")

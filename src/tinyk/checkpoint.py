@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .files import TinykError, atomic_dir, first_line, rust_path, writing
+from .files import TinykError, atomic_dir, first_line, put_back_interrupted, rust_path, writing
 from .model import ADAMW_BYTES, GRAD_BYTES, WEIGHT_BYTES, ModelConfig, Transformer
 from .tokenizer import (
     IM_END_ID,
@@ -181,6 +181,7 @@ def save_model(model: Transformer, tok_dir: str | Path, out: str | Path, force: 
 
 def load_config(path: str | Path) -> ModelConfig:
     path = Path(path)
+    put_back_interrupted(path)
     if not path.exists():
         raise TinykError(f"model directory not found: {path}")
     if not is_model_dir(path):

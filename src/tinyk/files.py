@@ -189,9 +189,19 @@ def _labels(paths: list[Path]) -> dict[Path, str]:
     return {p: shown(p.name if names[p.name] == 1 else p) for p in paths}
 
 
+def put_back_interrupted(path: str | Path) -> None:
+    """A missing output that a killed --force replace had moved aside (the new one not yet in place)
+    goes back where it was, so a command reading it finds it rather than saying "not found". Only
+    what a process of this machine that no longer runs left (see `remove_stale_temps`)."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        remove_stale_temps(path)
+
+
 def marker_file(directory: str | Path, name: str, what: str) -> Path:
     """`directory/name`, the file that makes `directory` a `what` directory, or one line on what is wrong."""
     d = Path(directory)
+    put_back_interrupted(d)
     if d.exists() and not d.is_dir():
         raise TinykError(f"{what} directory {d} is a file, not a directory")
     if not d.is_dir():

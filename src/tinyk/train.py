@@ -60,6 +60,7 @@ from .files import (
     out_of_memory,
     parse_size,
     plural,
+    put_back_interrupted,
     remove_path,
     without_dotdot,
     write_json_atomic,
@@ -643,6 +644,7 @@ def checkpoints(out: str | Path) -> list[Path]:
 def resolve_init(path: str | Path) -> Path:
     """--init: a model directory, or a run directory meaning its final model."""
     p = Path(path)
+    put_back_interrupted(p)
     if not p.exists():
         raise TinykError(f"--init {p} not found")
     if is_model_dir(p):
