@@ -187,6 +187,18 @@ def test_stop_strings_and_seeds(client, reference):
     assert texts[0] == texts[1] != texts[2]
 
 
+def test_vllms_stop_token_ids_and_ignore_eos(client, reference):
+    """The extensions vLLM's clients send: they decode as the engine's own settings do."""
+    ids = expected_completion(reference, "我们今天", 16).token_ids
+    for extra in ({"stop_token_ids": [ids[3]]}, {"ignore_eos": True}):
+        want = expected_completion(reference, "我们今天", 16, **extra)
+        r = client.completions.create(model="nano", prompt="我们今天", max_tokens=16, temperature=0, extra_body=extra)
+        assert (r.choices[0].text, r.usage.completion_tokens) == (want.text, len(want.token_ids)), extra
+    assert r.usage.completion_tokens == 16 and r.choices[0].finish_reason == "length"
+    with pytest.raises(openai.BadRequestError, match="'stop_token_ids' must be a list of token ids"):
+        client.completions.create(model="nano", prompt="x", extra_body={"stop_token_ids": [10**9]})
+
+
 def test_n_choices_are_the_answers_of_consecutive_seeds(client):
     """n=3 with seed s: choice i is what n=1 with seed s+i answers (and a batch changes no answer);
     the prompt counts once in usage, as OpenAI counts it."""

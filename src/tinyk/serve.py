@@ -63,7 +63,7 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
 IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prediction", "reasoning_effort",
            "verbosity", "prompt_cache_key", "prompt_cache_options", "prompt_cache_retention", "safety_identifier"}
 _COMMON = {"model", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop",
-           "seed", "n", "top_k", "min_p", "repetition_penalty", *UNSUPPORTED, *IGNORED}
+           "seed", "n", "top_k", "min_p", "repetition_penalty", "stop_token_ids", "ignore_eos", *UNSUPPORTED, *IGNORED}
 FIELDS = {True: _COMMON | {"messages", "response_format"}, False: _COMMON | {"prompt"}}  # by chat or not
 _MISSING = object()
 POST_PATHS = ("/v1/completions", "/v1/chat/completions")
@@ -267,6 +267,13 @@ class Api:
         if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
             raise ApiError(400, "only 'response_format' {\"type\": \"text\"} is supported", param="response_format",
                            code="invalid_value")
+        # vLLM's extensions: more tokens that end a reply, and none (not even <|im_end|>) but the length.
+        stop_ids = body.get("stop_token_ids")
+        if stop_ids is not None and not (isinstance(stop_ids, list) and all(
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.engine.vocab_size for t in stop_ids)):
+            raise ApiError(400, f"'stop_token_ids' must be a list of token ids (0 to {self.engine.vocab_size - 1})",
+                           param="stop_token_ids", code="invalid_value")
+        ignore_eos = _get(body, "ignore_eos", "boolean", False)
         seed = _get(body, "seed", "integer", None)
         _in_range("seed", seed, -2**63, 2**63 - 1)  # int64, as OpenAI's; each maps to its own stream
         if seed is None and self._seeds is not None:
@@ -276,7 +283,7 @@ class Api:
             return replace(d, temperature=float(temperature), top_p=float(top_p), top_k=max(top_k, 0),
                            min_p=float(min_p), repetition_penalty=float(penalty),
                            stop=d.stop if stop is None else stop, max_new_tokens=max_tokens or d.max_new_tokens,
-                           seed=seed)
+                           seed=seed, stop_token_ids=stop_ids or d.stop_token_ids, ignore_eos=ignore_eos or d.ignore_eos)
         except TinykError as e:
             raise ApiError(400, str(e), code="invalid_value") from e
 
