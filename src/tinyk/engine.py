@@ -233,18 +233,18 @@ class SamplingParams:
 
         checks = [
             ("temperature", "a number >= 0", self.temperature, _is_number(self.temperature) and self.temperature >= 0),
-            ("top_k", "an integer >= 0", self.top_k, _is_int(self.top_k) and self.top_k >= 0),
+            ("top_k", "an integer >= 0", self.top_k, is_int(self.top_k) and self.top_k >= 0),
             ("top_p", "a number in [0, 1]", self.top_p, _is_number(self.top_p) and 0 <= self.top_p <= 1),
             ("min_p", "a number in [0, 1]", self.min_p, _is_number(self.min_p) and 0 <= self.min_p <= 1),
             ("repetition_penalty", "a number > 0", self.repetition_penalty,
              _is_number(self.repetition_penalty) and self.repetition_penalty > 0),
             ("max_new_tokens", "an integer >= 1", self.max_new_tokens,
-             _is_int(self.max_new_tokens) and self.max_new_tokens >= 1),
-            ("seed", "an integer or None", self.seed, self.seed is None or _is_int(self.seed)),
+             is_int(self.max_new_tokens) and self.max_new_tokens >= 1),
+            ("seed", "an integer or None", self.seed, self.seed is None or is_int(self.seed)),
             ("stop", "a list of non-empty strings", self.stop,
              isinstance(self.stop, list | tuple) and all(isinstance(s, str) and s for s in self.stop)),
             ("stop_token_ids", "a list of integers", self.stop_token_ids,
-             isinstance(self.stop_token_ids, list | tuple) and all(_is_int(t) for t in self.stop_token_ids)),
+             isinstance(self.stop_token_ids, list | tuple) and all(is_int(t) for t in self.stop_token_ids)),
         ]
         for name, rule, value, ok in checks:
             if not ok:
@@ -255,7 +255,8 @@ def _is_number(x) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _is_int(x) -> bool:
+def is_int(x: object) -> bool:
+    """An int, not a bool (which Python counts as one)."""
     return isinstance(x, int) and not isinstance(x, bool)
 
 
@@ -629,7 +630,7 @@ class Engine:
                 ids = [self.tok.bos_id, *ids]
         elif isinstance(prompt, list | tuple) and len(prompt) >= self.context_length:
             raise ContextLengthError.of(len(prompt), self.context_length)
-        elif isinstance(prompt, list | tuple) and all(_is_int(t) for t in prompt):
+        elif isinstance(prompt, list | tuple) and all(is_int(t) for t in prompt):
             ids = list(prompt)
             bad = [t for t in ids if not 0 <= t < self.vocab_size]
             if bad:

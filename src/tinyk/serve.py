@@ -40,6 +40,7 @@ from .engine import (
     Request,
     SamplingParams,
     Scheduler,
+    is_int,
 )
 from .files import TinykError, has_surrogate, shown
 from .tokenizer import MODEL_PROMPT, SYSTEM_ROLES, ModelPrompt
@@ -270,7 +271,7 @@ class Api:
         # vLLM's extensions: more tokens that end a reply, and none (not even <|im_end|>) but the length.
         stop_ids = body.get("stop_token_ids")
         if stop_ids is not None and not (isinstance(stop_ids, list) and all(
-                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.engine.vocab_size for t in stop_ids)):
+                is_int(t) and 0 <= t < self.engine.vocab_size for t in stop_ids)):
             raise ApiError(400, f"'stop_token_ids' must be a list of token ids (0 to {self.engine.vocab_size - 1})",
                            param="stop_token_ids", code="invalid_value")
         ignore_eos = _get(body, "ignore_eos", "boolean", False)

@@ -851,6 +851,11 @@ def _clean_partial(out: Path) -> None:
 
 # ----------------------------------------------------------------------------- the trainer
 
+def _finite_amount(value: Any) -> bool:
+    """A count or amount state.json can hold: a finite number >= 0 (not a bool, not NaN)."""
+    return not isinstance(value, bool) and isinstance(value, int | float) and 0 <= value < math.inf
+
+
 @dataclass
 class _Progress:
     step: int = 0
@@ -1296,8 +1301,7 @@ class Trainer:
         state = json.loads((path / "state.json").read_text())
         for key in ("step", "tokens", "loss_tokens", "elapsed_s"):
             value = state[key]
-            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf \
-                    or (key != "elapsed_s" and not isinstance(value, int)):
+            if not _finite_amount(value) or (key != "elapsed_s" and not isinstance(value, int)):
                 raise ValueError(f"state.json has {key} {value!r}")
         if state["kind"] != self.cfg.kind:
             raise TinykError(f"{path} is a {state['kind']} checkpoint, not {self.cfg.kind}")
@@ -1321,7 +1325,7 @@ class Trainer:
             torch.manual_seed((self.cfg.seed + 1 + self.dist.rank) * 1_000_003 + state["step"])
         self.scaler.load_state_dict(extra["scaler"])
         spent = state.get("peak_flops_spent")
-        if isinstance(spent, bool) or not isinstance(spent, int | float) or not 0 <= spent < math.inf:
+        if not _finite_amount(spent):
             spent = None  # an older checkpoint, or a session whose device had no known peak
         self.progress = _Progress(state["step"], state["tokens"], state["loss_tokens"], state["elapsed_s"], spent)
         # What is left of a token or epoch budget, at this session's batch size (pretraining may change
