@@ -117,7 +117,8 @@ def test_token_budget_is_capped_by_the_context_window(engine):
 @pytest.mark.parametrize("bad", [
     dict(temperature=-0.1), dict(top_k=-1), dict(top_p=-0.1), dict(top_p=1.5), dict(min_p=2.0),
     dict(repetition_penalty=0.0), dict(max_new_tokens=0), dict(max_new_tokens=2.5), dict(temperature=float("nan")),
-    dict(seed="1"), dict(stop=[""]), dict(stop="abc"), dict(temperature=True),
+    dict(seed="1"), dict(stop=[""]), dict(stop="abc"), dict(temperature=True), dict(logprobs=21),
+    dict(logprobs=-1), dict(prompt_logprobs=True), dict(prompt_logprobs=1.0),
 ])
 def test_bad_sampling_params_are_one_line_errors(bad):
     with pytest.raises(TinykError, match="must be"):
@@ -337,6 +338,41 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(engine):
     # A k past any vocabulary (past int64, too) is "off", and fails no request batched with it.
     assert [r.token_ids for r in engine.generate(["我们今天"] * 2, [replace(params, top_k=2**70), params])] == \
         [alone, alone]
+
+
+def test_logprobs_are_the_models_own_whatever_the_batch_and_sampling(engine):
+    """Each generated and prompt token's log-probability and top alternatives equal a full recomputation
+    of log_softmax over the whole sequence, in a batch mixing rows that ask for them with rows that don't;
+    asking changes no sampled token."""
+    sampled = SamplingParams(temperature=0.9, max_new_tokens=10, seed=3, ignore_eos=True)
+    asking = [replace(sampled, logprobs=5, prompt_logprobs=2), replace(GREEDY, logprobs=0),
+              replace(sampled, seed=4, prompt_logprobs=20)]
+    prompts = ["我们今天", "The quick brown fox", "天气很好！你喜欢吃苹果吗？", "1+1="]
+    params = [asking[0], GREEDY, asking[1], asking[2]]
+    done = engine.generate(prompts, params)
+    plain = engine.generate(prompts, [replace(p, logprobs=None, prompt_logprobs=None) for p in params])
+    assert [c.token_ids for c in done] == [c.token_ids for c in plain]
+    assert done[1].logprobs is None and done[1].prompt_logprobs is None
+    for prompt, p, c in zip(prompts, params, done, strict=True):
+        ids = engine.encode(prompt)
+        with torch.no_grad():
+            ref = engine.model(torch.tensor([ids + c.token_ids]))[0].float().log_softmax(-1)
+        for name, n, got, first in (("logprobs", p.logprobs, c.logprobs, len(ids)),
+                                    ("prompt_logprobs", p.prompt_logprobs, c.prompt_logprobs, 1)):
+            if n is None:
+                assert got is None, name
+                continue
+            want_ids = (c.token_ids if name == "logprobs" else ids[1:])
+            if name == "prompt_logprobs":
+                assert got[0] is None
+                got = got[1:]
+            assert [t.token_id for t in got] == want_ids
+            for k, t in enumerate(got):
+                row = ref[first + k - 1]
+                assert t.logprob == pytest.approx(float(row[t.token_id]), abs=1e-4)
+                values = row.topk(n).values
+                assert [v for _, v in t.top] == pytest.approx(values.tolist(), abs=1e-4), (name, k)
+                assert [float(row[i]) for i, _ in t.top] == pytest.approx([v for _, v in t.top], abs=1e-4)
 
 
 def test_scheduler_serves_callers_and_cancels(engine, reference):

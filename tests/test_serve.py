@@ -20,11 +20,12 @@ from urllib.parse import urlsplit
 
 import openai
 import pytest
+import torch
 
 from tinyk.engine import Engine, SamplingParams
 from tinyk.files import TinykError
 from tinyk.serve import ChatServer, ServerConfig
-from tinyk.tokenizer import DEFAULT_SYSTEM_PROMPT
+from tinyk.tokenizer import DEFAULT_SYSTEM_PROMPT, SPECIAL_IDS
 
 DEFAULTS = SamplingParams(temperature=0.7, top_k=50, top_p=0.9, repetition_penalty=1.1, max_new_tokens=32)
 MAX_BODY = 64 * 1024
@@ -274,8 +275,18 @@ LONG = "".join(chr(0x4E00 + 37 * i) for i in range(200))  # rare characters: sev
     ("/v1/completions", {"model": "nano", "prompt": "hi", "n": 17}, 400, "n", "invalid_value"),  # past the batch
     ("/v1/completions", {"model": "nano", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop",
      "invalid_value"),
-    ("/v1/completions", {"model": "nano", "prompt": "hi", "logprobs": 2}, 400, "logprobs", "invalid_value"),
-    ("/v1/completions", {"model": "nano", "prompt": "hi", "logprobs": 0}, 400, "logprobs", "invalid_value"),
+    ("/v1/completions", {"model": "nano", "prompt": "hi", "logprobs": 21}, 400, "logprobs", "invalid_value"),
+    ("/v1/completions", {"model": "nano", "prompt": "hi", "logprobs": "2"}, 400, "logprobs", "invalid_type"),
+    ("/v1/completions", {"model": "nano", "prompt": "hi", "echo": 1}, 400, "echo", "invalid_type"),
+    ("/v1/completions", {"model": "nano", "prompt": "hi", "top_logprobs": 2}, 400, "top_logprobs", "invalid_value"),
+    ("/v1/chat/completions", {"model": "nano", "messages": [{"role": "user", "content": "hi"}], "logprobs": 2}, 400,
+     "logprobs", "invalid_type"),
+    ("/v1/chat/completions", {"model": "nano", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
+     400, "top_logprobs", "invalid_value"),  # without logprobs: true
+    ("/v1/chat/completions", {"model": "nano", "messages": [{"role": "user", "content": "hi"}], "logprobs": True,
+                              "top_logprobs": 21}, 400, "top_logprobs", "invalid_value"),
+    ("/v1/chat/completions", {"model": "nano", "messages": [{"role": "user", "content": "hi"}], "echo": True}, 400,
+     "echo", "invalid_value"),
     ("/v1/completions", {"model": "nano", "prompt": []}, 400, "prompt", "invalid_value"),
     ("/v1/completions", {"model": "nano", "prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty",
      "invalid_value"),
@@ -316,6 +327,72 @@ def test_bad_input_gets_a_4xx_with_an_openai_error(server, path, body, status, p
     assert got == status, err
     assert set(err) == {"error"} and err["error"]["message"] and err["error"]["type"] == "invalid_request_error"
     assert (err["error"]["param"], err["error"]["code"]) == (param, code)
+
+
+def full_logprobs(ref: Engine, ids: list[int]):
+    """log_softmax over the whole sequence, recomputed without cache or batch: row t scores token t + 1."""
+    with torch.no_grad():
+        return ref.model(torch.tensor([ids]))[0].float().log_softmax(-1)
+
+
+def test_chat_logprobs_streamed_or_not_are_the_models(client, reference):
+    messages = [{"role": "user", "content": "你好，今天天气怎么样？"}]
+    kw = dict(model="nano", messages=messages, max_tokens=8, temperature=0, logprobs=True, top_logprobs=3)
+    r = client.chat.completions.create(**kw)
+    content = r.choices[0].logprobs.content
+    want = expected_chat(reference, messages, 8)
+    prompt = reference.chat_ids(messages, default_system=DEFAULT_SYSTEM_PROMPT)
+    ref = full_logprobs(reference, prompt + want.token_ids)
+    assert len(content) == len(want.token_ids)
+    tok = reference.tok
+    for k, (t, token_id) in enumerate(zip(content, want.token_ids, strict=True)):
+        row = ref[len(prompt) + k - 1]
+        assert bytes(t.bytes) == tok.piece(token_id) and t.token == tok.piece(token_id).decode(errors="replace")
+        assert t.logprob == pytest.approx(float(row[token_id]), abs=1e-4)
+        assert [a.logprob for a in t.top_logprobs] == pytest.approx(row.topk(3).values.tolist(), abs=1e-4)
+        assert t.top_logprobs[0].logprob == pytest.approx(t.logprob, abs=1e-6)  # greedy picks the likeliest
+    text = [bytes(t.bytes) for t, i in zip(content, want.token_ids, strict=True) if i not in SPECIAL_IDS]
+    assert b"".join(text).decode(errors="replace") == tok.decode(want.token_ids, skip_special_tokens=True)
+    streamed = [c for c in client.chat.completions.create(**kw, stream=True) if c.choices]
+    assert [t.model_dump() for c in streamed if c.choices[0].logprobs for t in c.choices[0].logprobs.content] == \
+        [t.model_dump() for t in content]
+    assert not client.chat.completions.create(**{**kw, "logprobs": False, "top_logprobs": None}).choices[0].logprobs
+
+
+def test_lm_eval_loglikelihood_requests(client, reference):
+    """What lm-evaluation-harness's local-completions sends to score a continuation: token ids, echo, one
+    logprob, one new token. Every prompt token but the first gets its log-probability; the text is the
+    prompt's and the new token's, and the offsets point into it."""
+    ids = reference.encode("中国的首都是北京。") + reference.tok.encode("你喜欢吃苹果吗？")
+    r = client.completions.create(model="nano", prompt=ids, echo=True, logprobs=1, max_tokens=1, temperature=0)
+    lp, tok = r.choices[0].logprobs, reference.tok
+    new = reference.generate([ids], greedy(1))[0].token_ids
+    ref = full_logprobs(reference, ids + new)
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(ids) + 1
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:] == pytest.approx([float(ref[t - 1, i]) for t, i in enumerate(ids + new) if t],
+                                                  abs=1e-4)
+    for t, top in enumerate(lp.top_logprobs[1:], 1):  # the likeliest token, and the one that was there
+        assert lp.tokens[t] in top and max(top.values()) == pytest.approx(float(ref[t - 1].max()), abs=1e-4)
+    assert r.choices[0].text == tok.decode(ids) + tok.decode(new, skip_special_tokens=True)
+    text = r.choices[0].text
+    pieces = [text[a:b] for a, b in zip(lp.text_offset, [*lp.text_offset[1:], len(text)], strict=True)]
+    tokens = [tok.decode([i]) for i in ids] + [tok.decode([i], skip_special_tokens=True) for i in new]
+    whole = [k for k, t in enumerate(tokens) if "\ufffd" not in t]  # not part of a character
+    assert len(whole) > len(tokens) // 2 and [pieces[k] for k in whole] == [tokens[k] for k in whole]
+    # A text prompt: the <|im_start|> the server puts first is a token of the logprobs, not of the text.
+    r = client.completions.create(model="nano", prompt="The quick", echo=True, logprobs=0, max_tokens=3,
+                                  temperature=0)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text.startswith("The quick") and lp.tokens[0] == "<|im_start|>" and lp.text_offset[:2] == [0, 0]
+    assert all(len(top) == 1 for top in lp.top_logprobs[1:])  # logprobs 0: the token's own only
+    chunks = list(client.completions.create(model="nano", prompt="The quick", echo=True, logprobs=0, max_tokens=3,
+                                            temperature=0, stream=True))
+    assert chunks[0].choices[0].text == "The quick"
+    assert "".join(c.choices[0].text for c in chunks) == r.choices[0].text
+    assert [x for c in chunks if c.choices[0].logprobs for x in c.choices[0].logprobs.token_logprobs] == \
+        lp.token_logprobs
+    assert [x for c in chunks if c.choices[0].logprobs for x in c.choices[0].logprobs.text_offset] == lp.text_offset
 
 
 def test_a_chat_far_too_long_is_refused_before_it_is_tokenized(server, monkeypatch):

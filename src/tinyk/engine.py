@@ -80,6 +80,7 @@ def cpu_bf16_packing_works() -> bool:
 
 
 QUANTIZE = ("none", "int8")
+MAX_LOGPROBS = 20  # the most alternatives a token's log-probability comes with, as in OpenAI's API
 
 
 def quantize_int8(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,8 +150,9 @@ class _Forward:
         self.cos, self.sin = model.rope_cos, model.rope_sin
 
     def __call__(self, idx: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                 valid: torch.Tensor | None = None) -> torch.Tensor:
-        """Feeds (B, T) tokens through the cache; returns the (B, vocab) logits of the last position."""
+                 valid: torch.Tensor | None = None, every_position: bool = False) -> torch.Tensor:
+        """Feeds (B, T) tokens through the cache; returns the (B, vocab) logits of the last position,
+        or the (B, T, vocab) logits of every position."""
         B, T = idx.shape
         H, K, D, lin = self.heads, self.kv_heads, self.head_dim, self.linear
         mask = cache.mask(valid if valid is not None else torch.ones(B, T, dtype=torch.bool, device=idx.device))
@@ -166,9 +168,9 @@ class _Forward:
             h = norm2(x)
             x = x + lin(F.silu(lin(h, wg)) * lin(h, wu), wd)
         cache.length += T
-        logits = lin(self.model.model.norm(x[:, -1]), self.lm_head)
+        logits = lin(self.model.model.norm(x if every_position else x[:, -1]), self.lm_head)
         if self.vocab is not None:
-            logits[:, self.vocab:] = -math.inf
+            logits[..., self.vocab:] = -math.inf
         return logits
 
 
@@ -202,7 +204,9 @@ class SamplingParams:
 
     temperature 0 is greedy decoding; top_k 0, top_p 1 and min_p 0 switch those filters off (top_p 0
     keeps only the most likely token);
-    repetition_penalty 1 switches the penalty off. `stop` strings end a sequence and are not
+    repetition_penalty 1 switches the penalty off. `logprobs` n records each generated token's
+    log-probability and the n likeliest at its place, `prompt_logprobs` n the same for the prompt's
+    tokens (None: neither); both come from the model's own distribution, before any sampling setting. `stop` strings end a sequence and are not
     part of its text; `stop_token_ids` do the same as EOS. A sequence also ends at EOS (`<|im_end|>`)
     or any other special token, since none belongs inside a text or a reply (`<|im_start|>` would
     begin a new document or turn), unless `ignore_eos`; special tokens are never part of the text.
@@ -218,6 +222,8 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         self.check()
@@ -245,6 +251,8 @@ class SamplingParams:
              isinstance(self.stop, list | tuple) and all(isinstance(s, str) and s for s in self.stop)),
             ("stop_token_ids", "a list of integers", self.stop_token_ids,
              isinstance(self.stop_token_ids, list | tuple) and all(is_int(t) for t in self.stop_token_ids)),
+            *((name, f"None or an integer from 0 to {MAX_LOGPROBS}", n, n is None or is_int(n) and 0 <= n <= MAX_LOGPROBS)
+              for name, n in (("logprobs", self.logprobs), ("prompt_logprobs", self.prompt_logprobs))),
         ]
         for name, rule, value, ok in checks:
             if not ok:
@@ -261,15 +269,28 @@ def is_int(x: object) -> bool:
 
 
 @dataclass
+class TokenLogprob:
+    """A token's log-probability under the model, and the likeliest tokens at its place (most likely first)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
 class Completion:
     """One finished sequence. `token_ids` are all generated ids (a final EOS included);
-    `text` excludes special tokens and anything from a stop string on."""
+    `text` excludes special tokens and anything from a stop string on. `logprobs` has one entry per
+    generated id and `prompt_logprobs` one per prompt id (None for the first, which nothing predicts)
+    when the sampling params asked for them."""
 
     text: str
     token_ids: list[int]
     finish_reason: str  # "stop" (EOS / stop string / stop token), "length", "cancelled" or "error"
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class Detokenizer:
@@ -357,6 +378,8 @@ class Request:
         # random.Random(-5) is random.Random(5); modulo keeps every 64-bit seed distinct.
         self.rng = random.Random(None if params.seed is None else params.seed % 2**64)
         self.out_ids: list[int] = []
+        self.logprobs: list[TokenLogprob] = []  # filled by the engine thread before the token is accepted
+        self.prompt_logprobs: list[TokenLogprob | None] = []
         self.detok = Detokenizer(engine.tok, params.stop) if (stream or params.stop) else None
         self.tok = engine.tok
         self.finish_reason: str | None = None
@@ -405,8 +428,11 @@ class Request:
             text = self.tok.decode(ids, skip_special_tokens=True)
             if self.cut_short:
                 text = _without_cut_char(text)
+        p = self.params
         return Completion(text=text, token_ids=list(self.out_ids), finish_reason=self.finish_reason or "length",
-                          prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.out_ids))
+                          prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.out_ids),
+                          logprobs=None if p.logprobs is None else list(self.logprobs),
+                          prompt_logprobs=None if p.prompt_logprobs is None else list(self.prompt_logprobs))
 
     def deliver(self, delta: str) -> None:
         if delta:
@@ -468,11 +494,16 @@ class _Batch:
         # A lone batch gets its final size now, so decoding never copies the cache.
         room = max(r.max_new for r in reqs) - 1 if self.cache is None else 0
         cache = KVCache(e.model.config, n, P + room, dev, e.dtype)
-        logits = e.forward(x, positions, cache, valid)
+        every = any(r.params.prompt_logprobs is not None for r in reqs)
+        logits = e.forward(x, positions, cache, valid, every_position=every)
+        if every:
+            _record_prompt_logprobs(reqs, logits, x)
+            logits = logits[:, -1]
         seen = torch.zeros((n, e.vocab_size), dtype=torch.bool, device=dev)
         seen.scatter_(1, torch.where(valid, x, x[:, -1:]), True)
         params = _ParamTensors(reqs, dev)
         tokens = e.sample(logits, seen, params, [r.rng for r in reqs])
+        _record_logprobs(reqs, logits, tokens)
         events = self._accept(reqs, tokens, seen)
         keep = [i for i, r in enumerate(reqs) if not r.finished]
         if keep:
@@ -524,6 +555,7 @@ class _Batch:
         if self._params is None:
             self._params = _ParamTensors(self.rows, e.device)
         self.tokens = e.sample(logits, self.seen, self._params, [r.rng for r in self.rows])
+        _record_logprobs(self.rows, logits, self.tokens)
         events += self._accept(self.rows, self.tokens, self.seen)
         self._drop()
         return events
@@ -551,6 +583,38 @@ class _Batch:
         self.tokens, self.pos, self.seen = self.tokens[index], self.pos[index], self.seen[index]
         self.rows = [self.rows[i] for i in keep]
         self._params = None
+
+
+def _top_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, n: int) -> list[tuple[float, list[tuple[int, float]]]]:
+    """Each row's log-probability of its chosen id, and its n likeliest (id, log-probability)s."""
+    picked = logprobs.gather(-1, chosen[:, None]).squeeze(-1).tolist()
+    values, ids = logprobs.topk(n, dim=-1)
+    return [(lp, list(zip(i, v, strict=True))) for lp, i, v in zip(picked, ids.tolist(), values.tolist(), strict=True)]
+
+
+def _record_logprobs(rows: list[Request], logits: torch.Tensor, tokens: torch.Tensor) -> None:
+    """Appends each row's sampled token, with its log-probability, to the rows that asked for them."""
+    want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+    if not want:
+        return
+    index = torch.tensor(want, device=logits.device)
+    n = max(rows[i].params.logprobs for i in want)
+    found = _top_logprobs(logits[index].float().log_softmax(-1), tokens[index], n)
+    for i, (lp, top) in zip(want, found, strict=True):
+        r = rows[i]
+        r.logprobs.append(TokenLogprob(int(tokens[i]), lp, top[:r.params.logprobs]))
+
+
+def _record_prompt_logprobs(rows: list[Request], logits: torch.Tensor, x: torch.Tensor) -> None:
+    """Sets each asking row's prompt log-probabilities from the prefill's (rows, positions, vocab) logits
+    of its left-padded prompt `x`: position t predicts token t + 1."""
+    for i, r in enumerate(rows):
+        n = r.params.prompt_logprobs
+        if n is None:
+            continue
+        P = len(r.prompt_ids)
+        found = _top_logprobs(logits[i, -P:-1].float().log_softmax(-1), x[i, -P + 1:], n) if P > 1 else []
+        r.prompt_logprobs = [None] + [TokenLogprob(t, lp, top) for t, (lp, top) in zip(r.prompt_ids[1:], found, strict=True)]
 
 
 class _ParamTensors:

@@ -9,6 +9,7 @@ sequence, streamed or not, is cancelled and leaves the batch at the next step.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import hmac
 import ipaddress
@@ -31,6 +32,7 @@ from importlib import resources
 from typing import Any
 
 from .engine import (
+    MAX_LOGPROBS,
     MESSAGE_TOKENS,
     SHUTTING_DOWN,
     ContextLengthError,
@@ -40,10 +42,19 @@ from .engine import (
     Request,
     SamplingParams,
     Scheduler,
+    TokenLogprob,
     is_int,
 )
 from .files import TinykError, has_surrogate, shown
-from .tokenizer import MODEL_PROMPT, SYSTEM_ROLES, ModelPrompt
+from .tokenizer import (
+    IM_START_ID,
+    MODEL_PROMPT,
+    SPECIAL_IDS,
+    SPECIAL_TOKENS,
+    SYSTEM_ROLES,
+    ModelPrompt,
+    TinyTokenizer,
+)
 
 DEFAULT_MAX_BODY = 1_000_000  # the CLI's --max-body 1M
 MAX_STOP_STRINGS = 4
@@ -52,20 +63,24 @@ CLIENT_POLL_S = 0.2  # how often a non-streamed request checks that its client i
 # The roles a request may give, as the chat template names them (OpenAI's `developer` is the system role).
 API_ROLES = {r: "system" if r in SYSTEM_ROLES else r for r in (*SYSTEM_ROLES, "user", "assistant")}
 # OpenAI request fields this server cannot honour, with the values that mean "off" (null always does):
-# anything else is a 400, not a silently different answer.
+# anything else is a 400, not a silently different answer. Those of one endpoint (chat or not), then both.
+UNSUPPORTED_BY_KIND: dict[bool, dict[str, tuple[Any, ...]]] = {True: {"echo": (False,)}, False: {"top_logprobs": (0,)}}
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "logprobs": (False,), "top_logprobs": (0,), "echo": (False,), "best_of": (1,), "suffix": ("",),
+    "best_of": (1,), "suffix": ("",),
     "logit_bias": ({},), "presence_penalty": (0,), "frequency_penalty": (0,), "tools": ([],), "functions": ([],),
     "tool_choice": ("none", "auto"), "function_call": ("none", "auto"), "modalities": (["text"],), "audio": (),
     "web_search_options": (),
 }
+NO_LOGPROB = -9999.0  # JSON has no -infinity: a token the model rules out (vLLM's value)
 # Fields that do not change the answer (who is asking, storage, caching and latency hints), accepted and
 # ignored; any field in neither list is refused as OpenAI refuses it ("max_token" is a typo, not a no-op).
 IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prediction", "reasoning_effort",
            "verbosity", "prompt_cache_key", "prompt_cache_options", "prompt_cache_retention", "safety_identifier"}
 _COMMON = {"model", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop",
-           "seed", "n", "top_k", "min_p", "repetition_penalty", "stop_token_ids", "ignore_eos", *UNSUPPORTED, *IGNORED}
-FIELDS = {True: _COMMON | {"messages", "response_format"}, False: _COMMON | {"prompt"}}  # by chat or not
+           "seed", "n", "top_k", "min_p", "repetition_penalty", "stop_token_ids", "ignore_eos", "logprobs",
+           *UNSUPPORTED, *IGNORED}
+FIELDS = {True: _COMMON | {"messages", "response_format", "top_logprobs", *UNSUPPORTED_BY_KIND[True]},
+          False: _COMMON | {"prompt", "echo", *UNSUPPORTED_BY_KIND[False]}}  # by chat or not
 _MISSING = object()
 POST_PATHS = ("/v1/completions", "/v1/chat/completions")
 _HEADER_NAMES = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+(?:[ \t]*,[ \t]*[!#$%&'*+.^_`|~0-9A-Za-z-]+)*")  # RFC 9110 tokens
@@ -228,7 +243,7 @@ class Api:
             raise ApiError(404, f"the model '{name}' does not exist (this server has '{self.cfg.model_name}')",
                            param="model", code="model_not_found")
 
-    def sampling(self, body: dict, prompt_tokens: int) -> SamplingParams:
+    def sampling(self, body: dict, prompt_tokens: int, chat: bool) -> SamplingParams:
         d = self.defaults
         ctx = self.engine.context_length
         newer = _get(body, "max_completion_tokens", "integer", None)
@@ -257,10 +272,9 @@ class Api:
                            param="stop", code="invalid_value")
         if stop and len(stop) > MAX_STOP_STRINGS:
             raise ApiError(400, f"'stop' takes at most {MAX_STOP_STRINGS} strings", param="stop", code="invalid_value")
-        for name, offs in UNSUPPORTED.items():
+        for name, offs in (UNSUPPORTED | UNSUPPORTED_BY_KIND[chat]).items():
             value = body.get(name)
-            # A bool is not a number here: OpenAI's logprobs 0 on completions asks for logprobs, unlike
-            # false, while a penalty of 0.0 is as off as 0.
+            # A bool is not a number here: `best_of: true` is not 1, while a penalty of 0.0 is as off as 0.
             if value is not None and not any(isinstance(value, bool) == isinstance(off, bool) and value == off
                                              for off in offs):
                 raise ApiError(400, f"'{name}' is not supported by this server", param=name, code="invalid_value")
@@ -280,11 +294,13 @@ class Api:
         if seed is None and self._seeds is not None:
             with self._seeds_lock:
                 seed = self._seeds.getrandbits(63)
+        logprobs, prompt_logprobs = _logprob_fields(body, chat)
         try:
             return replace(d, temperature=float(temperature), top_p=float(top_p), top_k=max(top_k, 0),
                            min_p=float(min_p), repetition_penalty=float(penalty),
                            stop=d.stop if stop is None else stop, max_new_tokens=max_tokens or d.max_new_tokens,
-                           seed=seed, stop_token_ids=stop_ids or d.stop_token_ids, ignore_eos=ignore_eos or d.ignore_eos)
+                           seed=seed, stop_token_ids=stop_ids or d.stop_token_ids, ignore_eos=ignore_eos or d.ignore_eos,
+                           logprobs=logprobs, prompt_logprobs=prompt_logprobs)
         except TinykError as e:
             raise ApiError(400, str(e), code="invalid_value") from e
 
@@ -296,7 +312,9 @@ class Api:
         except TinykError as e:
             raise ApiError(400, str(e), param=param, code="invalid_value") from e
 
-    def completion_prompt(self, body: dict) -> list[int]:
+    def completion_prompt(self, body: dict) -> tuple[list[int], int]:
+        """The prompt's token ids, and how many of them the server put first (the `<|im_start|>` that
+        starts a text prompt), which an echo leaves out of the text."""
         prompt = body.get("prompt", _MISSING)
         if prompt is _MISSING:
             _get(body, "prompt", "string")
@@ -312,7 +330,8 @@ class Api:
                 isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
             raise ApiError(400, "'prompt' must be a string or a list of token ids", param="prompt", code="invalid_type")
         _no_surrogate(prompt, "prompt")
-        return self.prompt_ids(prompt, "prompt", bos=True)  # text starts a document, as in `tinyk generate`
+        ids = self.prompt_ids(prompt, "prompt", bos=True)  # text starts a document, as in `tinyk generate`
+        return ids, int(isinstance(prompt, str) and not prompt.startswith(SPECIAL_TOKENS[IM_START_ID]))
 
     def chat_ids(self, body: dict) -> list[int]:
         messages = _get(body, "messages", "array")
@@ -356,9 +375,8 @@ class Api:
         raise ApiError(400, f"'{where}.content' must be a string or a list of text parts", param=f"{where}.content",
                        code="invalid_type")
 
-    def submit(self, body: dict, chat: bool) -> tuple[list[Request], bool, bool]:
-        """Validates everything before anything is queued; returns (one request per choice, stream,
-        include_usage)."""
+    def submit(self, body: dict, chat: bool) -> Submission:
+        """Validates everything before anything is queued."""
         unknown = sorted(set(body) - FIELDS[chat])
         if unknown:
             hint = {"messages": "; chat messages go to /v1/chat/completions",
@@ -366,8 +384,8 @@ class Api:
             raise ApiError(400, f"unrecognized request argument supplied: {unknown[0]}{hint}", param=unknown[0],
                            code="unknown_parameter")
         self.check_model(body)
-        ids = self.chat_ids(body) if chat else self.completion_prompt(body)
-        params = self.sampling(body, len(ids))
+        ids, added = (self.chat_ids(body), 0) if chat else self.completion_prompt(body)
+        params = self.sampling(body, len(ids), chat)
         n = _get(body, "n", "integer", 1)
         # The choices decode side by side in one batch, so no more than the batch holds; and they queue
         # together, so no more than the queue holds (else every retry of an n above it would get a 503).
@@ -383,6 +401,7 @@ class Api:
         if unknown:
             raise ApiError(400, f"unrecognized stream_options argument supplied: {unknown[0]}",
                            param=f"stream_options.{unknown[0]}", code="unknown_parameter")
+        echo = not chat and _get(body, "echo", "boolean", False)
         reqs: list[Request] = []
         try:
             for p in params.numbered(n):  # choice 0 is the n=1 answer
@@ -392,7 +411,7 @@ class Api:
                 r.cancel()
             code = "server_shutting_down" if isinstance(e, EngineStopping) else "overloaded"
             raise ApiError(503, str(e), type="server_error", code=code) from e
-        return reqs, stream, include_usage
+        return Submission(reqs, chat, stream, include_usage, echo, added)
 
     @staticmethod
     def usage(reqs: list[Request]) -> dict[str, int]:
@@ -400,6 +419,84 @@ class Api:
         done = [r.completion() for r in reqs]
         prompt, completion = done[0].prompt_tokens, sum(c.completion_tokens for c in done)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _logprob_fields(body: dict, chat: bool) -> tuple[int | None, int | None]:
+    """The (logprobs, prompt_logprobs) of SamplingParams a request asks for: chat's `logprobs` true with
+    `top_logprobs` alternatives, or completions' `logprobs` alternatives, for the prompt too with `echo`."""
+    if chat:
+        want = _get(body, "logprobs", "boolean", False)
+        top = _get(body, "top_logprobs", "integer", None)
+        _in_range("top_logprobs", top, 0, MAX_LOGPROBS)
+        if top and not want:
+            raise ApiError(400, "'top_logprobs' requires 'logprobs' to be true", param="top_logprobs",
+                           code="invalid_value")
+        return (top or 0) if want else None, None
+    n = None if body.get("logprobs") is False else _get(body, "logprobs", "integer", None)
+    _in_range("logprobs", n, 0, MAX_LOGPROBS)
+    return n, n if _get(body, "echo", "boolean", False) else None
+
+
+@dataclass
+class Submission:
+    """A validated request, queued: one engine request per choice, and how to answer."""
+
+    reqs: list[Request]
+    chat: bool
+    stream: bool
+    include_usage: bool
+    echo: bool = False  # completions: the prompt comes first in the text (and its tokens in the logprobs)
+    added: int = 0  # leading prompt ids the server put there, which the echoed text leaves out
+
+
+class LogprobsWriter:
+    """One choice's `logprobs` object, in OpenAI's shape: chat's list of `content` tokens, or the
+    completions API's parallel lists with character offsets into the choice's text. Fed token by
+    token (a stream's chunks carry those of the tokens since the last)."""
+
+    def __init__(self, tok: TinyTokenizer, chat: bool):
+        self.tok, self.chat = tok, chat
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.chars = 0  # characters of the choice's text before the next token
+
+    def take(self, items: list[tuple[int, TokenLogprob | None, bool]]) -> dict[str, Any]:
+        """The object for (token id, its logprob entry or None, whether its bytes are in the text)s."""
+        if self.chat:
+            return {"content": [self._chat_entry(e) for _, e, _ in items if e is not None], "refusal": None}
+        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for token_id, e, in_text in items:
+            out["tokens"].append(self._text(token_id))
+            out["token_logprobs"].append(None if e is None else _finite(e.logprob))
+            top = None if e is None else {self._text(i): _finite(lp) for i, lp in [*e.top, (token_id, e.logprob)]}
+            out["top_logprobs"].append(top)
+            out["text_offset"].append(self.chars)
+            if in_text:
+                self.chars += len(self._decoder.decode(self.tok.piece(token_id)))
+        return out
+
+    def _text(self, token_id: int) -> str:
+        return self.tok.piece(token_id).decode("utf-8", errors="replace")
+
+    def _chat_entry(self, e: TokenLogprob) -> dict[str, Any]:
+        def one(token_id: int, logprob: float) -> dict[str, Any]:
+            piece = self.tok.piece(token_id)
+            return {"token": piece.decode("utf-8", errors="replace"), "logprob": _finite(logprob), "bytes": list(piece)}
+
+        return {**one(e.token_id, e.logprob), "top_logprobs": [one(i, lp) for i, lp in e.top]}
+
+
+def _finite(logprob: float) -> float:
+    return max(logprob, NO_LOGPROB)
+
+
+def _generated(req: Request, start: int, end: int) -> list[tuple[int, TokenLogprob | None, bool]]:
+    """Generated tokens start..end for a LogprobsWriter: special tokens (EOS) are not part of the text."""
+    return [(e.token_id, e, e.token_id not in SPECIAL_IDS) for e in req.logprobs[start:end]]
+
+
+def _echoed(req: Request, added: int) -> list[tuple[int, TokenLogprob | None, bool]]:
+    """The prompt's tokens for a LogprobsWriter: all in the echoed text but those the server added."""
+    return [(t, e, k >= added) for k, (t, e) in enumerate(zip(req.prompt_ids, req.prompt_logprobs, strict=True))]
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -629,15 +726,14 @@ class Handler(BaseHTTPRequestHandler):
             if refusal is not None:
                 self.close_connection = True
                 raise refusal
-            chat = path == "/v1/chat/completions"
-            reqs, stream, include_usage = self.server.api.submit(self._body(), chat)
+            sub = self.server.api.submit(self._body(), path == "/v1/chat/completions")
         except ApiError as e:
             self._error(e)
             return
-        if stream:
-            self._stream(reqs, chat, include_usage)
+        if sub.stream:
+            self._stream(sub)
         else:
-            self._complete(reqs, chat)
+            self._complete(sub)
 
     def _refusal(self) -> ApiError | None:
         """Why an API call is refused before its body is read: a web page of another site, or no valid key."""
@@ -675,7 +771,8 @@ class Handler(BaseHTTPRequestHandler):
 
     do_PUT = do_PATCH = do_DELETE = _other_method
 
-    def _complete(self, reqs: list[Request], chat: bool) -> None:
+    def _complete(self, sub: Submission) -> None:
+        reqs, chat, tok = sub.reqs, sub.chat, self.server.api.engine.tok
         for req in reqs:
             while not req.wait(CLIENT_POLL_S):  # nothing is sent until the end: watch for a client that left
                 if self._client_gone():
@@ -688,9 +785,15 @@ class Handler(BaseHTTPRequestHandler):
             self._error(_failure(failed))
             return
         choices = []
-        for i, c in enumerate(r.completion() for r in reqs):
-            answer = {"message": {"role": "assistant", "content": c.text}} if chat else {"text": c.text}
-            choices.append({"index": i, **answer, "logprobs": None, "finish_reason": c.finish_reason})
+        for i, r in enumerate(reqs):
+            c = r.completion()
+            text = tok.decode(r.prompt_ids[sub.added:]) + c.text if sub.echo else c.text
+            logprobs = None
+            if c.logprobs is not None:
+                echoed = _echoed(r, sub.added) if c.prompt_logprobs is not None else []
+                logprobs = LogprobsWriter(tok, chat).take(echoed + _generated(r, 0, len(c.logprobs)))
+            answer = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+            choices.append({"index": i, **answer, "logprobs": logprobs, "finish_reason": c.finish_reason})
         self._json(200, {"id": _new_id(chat), "object": "chat.completion" if chat else "text_completion",
                          "created": int(time.time()), "model": self.server.api.cfg.model_name, "choices": choices,
                          "usage": Api.usage(reqs)})
@@ -710,19 +813,40 @@ class Handler(BaseHTTPRequestHandler):
         except (OSError, ValueError):  # reset, or already closed
             return True
 
-    def _stream(self, reqs: list[Request], chat: bool, include_usage: bool) -> None:
+    def _stream(self, sub: Submission) -> None:
         """Server-sent events, in chunked encoding for HTTP/1.1 (an HTTP/1.0 client gets them up to
-        the connection's close); each choice's text as it comes, tagged with its index, and its
-        finish_reason once it ends. A client that goes away cancels every choice."""
+        the connection's close); each choice's text as it comes, tagged with its index (with the
+        logprobs of the tokens since its last chunk, when asked), and its finish_reason once it ends.
+        An echoed prompt is its choice's first chunk. A client that goes away cancels every choice."""
+        reqs, chat, include_usage, tok = sub.reqs, sub.chat, sub.include_usage, self.server.api.engine.tok
         rid, name, created = _new_id(chat), self.server.api.cfg.model_name, int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
+        writers = [LogprobsWriter(tok, chat) if r.params.logprobs is not None else None for r in reqs]
+        sent = [0] * len(reqs)  # generated tokens whose logprobs went out, by choice
+        started = [False] * len(reqs)
+
+        def logprobs(i: int) -> dict[str, Any] | None:
+            r, end = reqs[i], len(reqs[i].logprobs)
+            if writers[i] is None:
+                return None
+            items, sent[i] = _generated(r, sent[i], end), end
+            return writers[i].take(items)
+
+        def echo(i: int) -> dict[str, Any]:
+            r, w = reqs[i], writers[i]
+            lp = w.take(_echoed(r, sub.added)) if w is not None and r.prompt_logprobs else None
+            text = tok.decode(r.prompt_ids[sub.added:])
+            return {"id": rid, "object": obj, "created": created, "model": name,
+                    "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": None}],
+                    **({"usage": None} if include_usage else {})}
 
         def chunk(i: int, delta: str | None, finish: str | None = None, first: bool = False) -> dict[str, Any]:
+            lp = None if first else logprobs(i)
             if chat:
                 d = {"role": "assistant", "content": ""} if first else ({"content": delta} if delta else {})
-                choice = {"index": i, "delta": d, "logprobs": None, "finish_reason": finish}
+                choice = {"index": i, "delta": d, "logprobs": lp, "finish_reason": finish}
             else:
-                choice = {"index": i, "text": delta or "", "logprobs": None, "finish_reason": finish}
+                choice = {"index": i, "text": delta or "", "logprobs": lp, "finish_reason": finish}
             usage = {"usage": None} if include_usage else {}  # the spec's: null until the last chunk
             return {"id": rid, "object": obj, "created": created, "model": name, "choices": [choice], **usage}
 
@@ -743,6 +867,9 @@ class Handler(BaseHTTPRequestHandler):
                     self._event(chunk(i, None, first=True))
             failed = None
             for i, delta in _merged(reqs, self._stop_if_client_gone):
+                if sub.echo and not started[i] and reqs[i].finish_reason != "error":
+                    self._event(echo(i))
+                started[i] = True
                 if delta is not None:
                     self._event(chunk(i, delta))
                 elif reqs[i].finish_reason == "error":

@@ -221,6 +221,22 @@ class TinyTokenizer:
         return [0 if i < len(SPECIAL_TOKENS) else len(self.tok.id_to_token(i)) for i in range(self.vocab_size)]
 
     @cached_property
+    def _byte_of_char(self) -> dict[str, int]:
+        """Byte-level BPE's alphabet: printable Latin-1 bytes stand for themselves, the others for
+        the characters from U+0100 on, in byte order."""
+        printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+        others = [b for b in range(256) if b not in printable]
+        return {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(others)}
+
+    def piece(self, token_id: int) -> bytes:
+        """The bytes a token id stands for (a special token's spelling): part of a character, for the
+        tokens that split one."""
+        token = self.tok.id_to_token(token_id) or ""
+        if token_id in SPECIAL_IDS or not all(c in self._byte_of_char for c in token):
+            return self.decode([token_id]).encode()
+        return bytes(self._byte_of_char[c] for c in token)
+
+    @cached_property
     def max_token_bytes(self) -> int:
         """The most UTF-8 bytes of input text one token stands for (a special token's spelling included;
         four times that under NFKC, which can make a 4-byte character a 1-byte one): text of n bytes
