@@ -374,6 +374,8 @@ def test_lm_eval_loglikelihood_requests(client, reference):
                                                   abs=1e-4)
     for t, top in enumerate(lp.top_logprobs[1:], 1):  # the likeliest token, and the one that was there
         assert lp.tokens[t] in top and max(top.values()) == pytest.approx(float(ref[t - 1].max()), abs=1e-4)
+        likeliest = int(ref[t - 1].argmax()) == (ids + new)[t]  # lm-eval's is_greedy: the token's is the top value
+        assert len(top) == 2 - likeliest and (lp.token_logprobs[t] == max(top.values())) == likeliest, t
     assert r.choices[0].text == tok.decode(ids) + tok.decode(new, skip_special_tokens=True)
     text = r.choices[0].text
     pieces = [text[a:b] for a, b in zip(lp.text_offset, [*lp.text_offset[1:], len(text)], strict=True)]

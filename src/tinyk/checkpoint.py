@@ -188,7 +188,7 @@ def load_config(path: str | Path) -> ModelConfig:
         raise TinykError(f"not a model directory (needs config.json and model.safetensors): {path}"
                          f"{model_dir_hint(path)}")
     try:
-        d = json.loads((path / "config.json").read_text())
+        d = json.loads((path / "config.json").read_text(encoding="utf-8"))
         if _is_seed_config(d):
             raise TinykError(f"not a tinyk model directory: {path}{model_dir_hint(path)}")
         return config_from_hf(d)

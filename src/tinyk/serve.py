@@ -475,7 +475,13 @@ class LogprobsWriter:
         return out
 
     def _text(self, token_id: int) -> str:
-        return self.tok.piece(token_id).decode("utf-8", errors="replace")
+        """A token as the completions API names it: its text, or, for part of a character, its bytes as
+        OpenAI writes them ("bytes:\\xe4\\xb8"), so that no two tokens of `top_logprobs` share a key."""
+        piece = self.tok.piece(token_id)
+        try:
+            return piece.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in piece)
 
     def _chat_entry(self, e: TokenLogprob) -> dict[str, Any]:
         def one(token_id: int, logprob: float) -> dict[str, Any]:

@@ -1298,7 +1298,7 @@ class Trainer:
     def _load_checkpoint_files(self, path: Path) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        state = json.loads((path / "state.json").read_text())
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
         for key in ("step", "tokens", "loss_tokens", "elapsed_s"):
             value = state[key]
             if not _finite_amount(value) or (key != "elapsed_s" and not isinstance(value, int)):
@@ -1601,7 +1601,7 @@ class Trainer:
         if not self.resumed_from or self.progress.step < self.total_steps or not (self.out / "final").is_dir():
             return None
         try:
-            summary = json.loads((self.out / "summary.json").read_text())
+            summary = json.loads((self.out / "summary.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
         finished = isinstance(summary, dict) and summary.get("status") == "completed" \
