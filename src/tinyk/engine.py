@@ -206,8 +206,8 @@ class SamplingParams:
     keeps only the most likely token);
     repetition_penalty 1 switches the penalty off. `logprobs` n records each generated token's
     log-probability and the n likeliest at its place, `prompt_logprobs` n the same for the prompt's
-    tokens (None: neither); both come from the model's own distribution, before any sampling setting. `stop` strings end a sequence and are not
-    part of its text; `stop_token_ids` do the same as EOS. A sequence also ends at EOS (`<|im_end|>`)
+    tokens (None: neither); both come from the model's own distribution, before any sampling setting.
+    `stop` strings end a sequence and are not part of its text; `stop_token_ids` do the same as EOS. A sequence also ends at EOS (`<|im_end|>`)
     or any other special token, since none belongs inside a text or a reply (`<|im_start|>` would
     begin a new document or turn), unless `ignore_eos`; special tokens are never part of the text.
     """
@@ -599,10 +599,10 @@ def _record_logprobs(rows: list[Request], logits: torch.Tensor, tokens: torch.Te
         return
     index = torch.tensor(want, device=logits.device)
     n = max(rows[i].params.logprobs for i in want)
-    found = _top_logprobs(logits[index].float().log_softmax(-1), tokens[index], n)
-    for i, (lp, top) in zip(want, found, strict=True):
-        r = rows[i]
-        r.logprobs.append(TokenLogprob(int(tokens[i]), lp, top[:r.params.logprobs]))
+    chosen = tokens[index]
+    found = _top_logprobs(logits[index].float().log_softmax(-1), chosen, n)
+    for i, token, (lp, top) in zip(want, chosen.tolist(), found, strict=True):  # one device sync, not one a row
+        rows[i].logprobs.append(TokenLogprob(token, lp, top[:rows[i].params.logprobs]))
 
 
 def _record_prompt_logprobs(rows: list[Request], logits: torch.Tensor, x: torch.Tensor) -> None:

@@ -500,6 +500,11 @@ def _generated(req: Request, start: int, end: int) -> list[tuple[int, TokenLogpr
     return [(e.token_id, e, e.token_id not in SPECIAL_IDS) for e in req.logprobs[start:end]]
 
 
+def _echo_text(req: Request, added: int) -> str:
+    """The prompt as an echo shows it: without the ids the server added."""
+    return req.tok.decode(req.prompt_ids[added:])
+
+
 def _echoed(req: Request, added: int) -> list[tuple[int, TokenLogprob | None, bool]]:
     """The prompt's tokens for a LogprobsWriter: all in the echoed text but those the server added."""
     return [(t, e, k >= added) for k, (t, e) in enumerate(zip(req.prompt_ids, req.prompt_logprobs, strict=True))]
@@ -793,7 +798,7 @@ class Handler(BaseHTTPRequestHandler):
         choices = []
         for i, r in enumerate(reqs):
             c = r.completion()
-            text = tok.decode(r.prompt_ids[sub.added:]) + c.text if sub.echo else c.text
+            text = _echo_text(r, sub.added) + c.text if sub.echo else c.text
             logprobs = None
             if c.logprobs is not None:
                 echoed = _echoed(r, sub.added) if c.prompt_logprobs is not None else []
@@ -841,7 +846,7 @@ class Handler(BaseHTTPRequestHandler):
         def echo(i: int) -> dict[str, Any]:
             r, w = reqs[i], writers[i]
             lp = w.take(_echoed(r, sub.added)) if w is not None and r.prompt_logprobs else None
-            text = tok.decode(r.prompt_ids[sub.added:])
+            text = _echo_text(r, sub.added)
             return {"id": rid, "object": obj, "created": created, "model": name,
                     "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": None}],
                     **({"usage": None} if include_usage else {})}
