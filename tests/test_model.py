@@ -136,6 +136,34 @@ def test_loss_ignores_masked_targets():
     assert torch.allclose(loss_sum(model, x, y_masked), ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_autocast_carries_the_residual_stream_in_its_dtype_near_fp32(dtype):
+    """Under autocast the blocks add into a residual stream of the autocast dtype (half the bytes of the
+    memory-bound norms and adds), as a model cast to that dtype does; without it, fp32. The loss and the
+    gradients stay near fp32's."""
+    torch.manual_seed(0)
+    model = Transformer(preset_config("nano")).train()
+    x, y = torch.randint(0, 512, (4, 32)), torch.randint(0, 512, (4, 32))
+    seen: list[torch.dtype] = []
+    for block in model.model.layers:
+        block.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+
+    def run(autocast: bool) -> tuple[float, torch.Tensor]:
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=dtype, enabled=autocast):
+            loss = loss_sum(model, x, y) / y.numel()
+        loss.backward()
+        return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    ref_loss, ref_grad = run(False)
+    assert seen == [torch.float32, torch.float32]
+    seen.clear()
+    loss, grad = run(True)
+    assert seen == [dtype, dtype]
+    assert loss == pytest.approx(ref_loss, rel=1e-2)
+    assert torch.nn.functional.cosine_similarity(grad, ref_grad, dim=0) > 0.99
+
+
 def test_repeated_kv_heads_match_fused_gqa(monkeypatch):
     """The path CUDA fp32 takes (K/V heads repeated, no enable_gqa) gives the same logits and gradients."""
     from tinyk import model as model_mod

@@ -86,13 +86,13 @@ GPUS: dict[str, GPUSpec] = {g.key: g for g in [
     GPUSpec("a100", "NVIDIA A100 80GB", 79.2, 0.40, ASSUMED, 19.5),
     GPUSpec("a100-40gb", "NVIDIA A100 40GB", 39.4, 0.40, ASSUMED, 19.5),
     GPUSpec("a800", "NVIDIA A800 80GB", 79.2, 0.40, ASSUMED, 19.5),
+    # Measured before the bf16 residual stream, which gave +4% on an H200.
     GPUSpec("h100", "NVIDIA H100 80GB SXM", 79.1, 0.427,
             "measured: bench/gpu.sh on NVIDIA H100 80GB HBM3, compiled mb64, 2026-11-28", 67.0),
     GPUSpec("h100-pcie", "NVIDIA H100 PCIe 80GB", 79.1, 0.40, ASSUMED, 51.0),
     GPUSpec("h800", "NVIDIA H800 80GB SXM", 79.1, 0.40, ASSUMED, 67.0),
-    # Measured before the fused q/k/v and gate/up matmuls and the RoPE tables, which gave +13% on the H100.
-    GPUSpec("h200", "NVIDIA H200 141GB", 139.8, 0.401,
-            "measured: bench/gpu.sh on NVIDIA H200, compiled mb64, earlier model code, 2026-11-27", 67.0),
+    GPUSpec("h200", "NVIDIA H200 141GB", 139.8, 0.486,
+            "measured: bench/gpu.sh on NVIDIA H200, compiled mb128, 2026-12-04", 67.0),
     GPUSpec("h20", "NVIDIA H20 96GB", 95.0, 0.40, ASSUMED, 44.0),
     GPUSpec("l40s", "NVIDIA L40S 48GB", 44.5, 0.40, ASSUMED, 91.6),
     GPUSpec("l4", "NVIDIA L4 24GB", 22.1, 0.35, ASSUMED, 30.3),
@@ -210,8 +210,9 @@ def layer_saved_bytes(cfg: ModelConfig, amp: bool, repeat_kv: bool = False) -> d
     the gate/up product, silu(gate) and silu(gate) * up. Where SDPA has no grouped-K/V kernel
     (`repeat_kv`, see `model.sdpa_fuses_gqa`) it keeps K and V repeated to every head instead,
     and nothing keeps the product or the RoPE'd k alive.
-    bf16 autocast: the residual stream and the norms stay fp32, each of the two fused matmuls
-    saves a bf16 cast of its input, and the attention and MLP tensors are bf16.
+    Autocast (bf16, or fp16 alike): the residual stream is bf16 too (`model.Transformer.forward`);
+    each RMSNorm keeps an fp32 copy of its input and the bf16 normalised tensor, each of the two
+    fused matmuls a bf16 cast of its input, and the attention and MLP tensors are bf16.
     """
     d, kv, h, heads = cfg.dim, cfg.n_kv_heads * cfg.head_dim, cfg.hidden_dim, cfg.n_heads
     assert h is not None
@@ -219,7 +220,7 @@ def layer_saved_bytes(cfg: ModelConfig, amp: bool, repeat_kv: bool = False) -> d
     qkvo = 4 * d if repeat_kv and cfg.n_kv_heads != heads else 3 * d + 3 * kv
     if not amp:
         return {"norms": 4 * 6 * d + rsqrt, "attention": 4 * qkvo + lse, "mlp": 4 * 4 * h}
-    return {"norms": 4 * 4 * d + rsqrt + 2 * 2 * d,
+    return {"norms": 4 * 4 * d + rsqrt,
             "attention": 2 * qkvo + lse,
             "mlp": 2 * 4 * h}
 
@@ -236,7 +237,7 @@ def layer_rope_bytes(cfg: ModelConfig, amp: bool) -> int:
 def head_saved_bytes(cfg: ModelConfig, amp: bool) -> int:
     """Bytes per token saved outside the blocks: final norm, lm_head input, fp32 log-probs."""
     d, v = cfg.dim, cfg.vocab_size
-    final_norm = 4 * 2 * d + 4 + (2 if amp else 4) * d
+    final_norm = 4 * 2 * d + 4 + (0 if amp else 4 * d)  # as a block's norm; fp32 also keeps its input
     return final_norm + 4 * v
 
 
@@ -299,7 +300,7 @@ def estimate_memory(s: Setup) -> Memory:
     n, d, v = size["parameters"], cfg.dim, cfg.vocab_size
     shard = s.world_size if s.fsdp else 1
     weights, grads, opt = WEIGHT_BYTES * n / shard, GRAD_BYTES * n / shard, ADAMW_BYTES * n / shard
-    act = 2 if s.amp else 4  # bytes per element of an activation outside the fp32 residual stream
+    act = 2 if s.amp else 4  # bytes per element of an activation, the residual stream's too
 
     layer = sum(layer_saved_bytes(cfg, s.amp, s.repeat_kv).values()) * tokens + layer_rope_bytes(cfg, s.amp) * s.seq_len
     head = head_saved_bytes(cfg, s.amp) * tokens
@@ -316,7 +317,7 @@ def estimate_memory(s: Setup) -> Memory:
     head_copy = 2 * v * d if s.amp else 0
     # Backward through a block: the residual stream's gradient, and in the MLP the gradients of
     # the product, of silu(gate) and of up at once.
-    block_bwd = 4 * d * tokens + 3 * act * cfg.hidden_dim * tokens
+    block_bwd = act * d * tokens + 3 * act * cfg.hidden_dim * tokens
     # A tied embedding's gradient is the sum of the lookup's and the lm_head's: one more copy.
     # Under FSDP the root's (embedding's) gradient is still unsharded when that sum is formed.
     tied_sum = 4 * v * d if cfg.tie_embeddings else 0
@@ -342,7 +343,7 @@ def estimate_memory(s: Setup) -> Memory:
     if not s.checkpointing:
         phases["backward start"] = (cfg.n_layers * layer + head + batch + loss_grads, grads_live, copies)
     else:
-        inputs = 4 * d * tokens  # per block: its input, kept for the recomputation
+        inputs = act * d * tokens  # per block: its input, kept for the recomputation
         saved = cfg.n_layers * inputs + head + batch
         phases["forward end"] = (saved + (act + 4) * v * tokens, grads_live, cached)
         phases["backward start"] = (saved + loss_grads, grads_live, head_copy)
