@@ -643,6 +643,30 @@ def test_a_dead_process_leaves_the_others_one_line_and_the_way_back(tmp_path, pt
         re.search(r"the newest checkpoint is .*step_\d+; start the job again with --resume$", last), last
 
 
+def test_under_torchrun_a_refusal_is_printed_once_and_the_others_say_why_they_stopped(tmp_path, pt_data, tok_dir):
+    """Rank 0 refuses to start (here its tracker) while rank 1 waits for it: rank 1's failed collective is one
+    line, not gloo's traceback, and not advice to --resume a run that never trained. Each rank leaves its line
+    in the error file torchrun's failure summary shows; only local rank 0 prints, so the line appears once."""
+    rdzv = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
+    refuse = ("import sys, tinyk.train as t\n"
+              "def refuse(self):\n    raise t.TinykError('--tracker wandb could not start: not logged in')\n"
+              "t.Trainer._make_monitor = refuse\nfrom tinyk.cli import main; main(sys.argv[1:])")
+    files = [tmp_path / f"error{r}.json" for r in range(2)]
+    workers = [subprocess.Popen([str(BIN / "python"), *(("-c", refuse) if r == 0 else ("-m", "tinyk")),
+                                 *cli_args(pt_data, tok_dir, tmp_path / "run", "--max-steps", "2")],
+                                env={**ENV, **rdzv, "RANK": str(r), "LOCAL_RANK": str(r),
+                                     "TORCHELASTIC_ERROR_FILE": str(files[r])},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outputs = [w.communicate(timeout=120) for w in workers]
+    assert [w.returncode for w in workers] == [2, 2], outputs
+    refusal = "tinyk: error: --tracker wandb could not start: not logged in"
+    assert outputs[0][1].splitlines() == [refusal] and outputs[1][1] == "", outputs
+    messages = [json.loads(f.read_text(encoding="utf-8"))["message"] for f in files]
+    assert messages == [refusal, "tinyk: error: another process of this job stopped before training began; its own "
+                                 "error says why"]
+    assert not (tmp_path / "run").exists()  # the refused start left nothing behind
+
+
 def test_ranks_that_do_not_share_the_run_directory_are_refused(tmp_path, pt_data, tok_dir):
     """Two machines, each with its own disk at the same path (here: two paths): rank 1 would never see
     the checkpoints rank 0 writes, so a resume would start the ranks at different steps."""

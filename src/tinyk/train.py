@@ -886,8 +886,10 @@ class Trainer:
             self._setup_data()
             self.existed = self.out.is_dir()
             self.fresh = self._setup_run_dir(force)
-        except BaseException:
+        except BaseException as e:
             self.dist.close()
+            if (lost := self._peer_lost(e, before_training=True)) is not None:
+                raise lost from e
             raise
         try:
             self._setup_model()
@@ -898,9 +900,14 @@ class Trainer:
             if self.dist.main and not self.fresh and not self.finished_already:
                 self._write_config()
             self.peak, self.peak_source = peak_flops(self.device, cfg.peak_tflops, self.dtype)  # a timed matmul on CPU
-        except BaseException:
+        except BaseException as e:
             self._fail_start()
+            if (lost := self._peer_lost(e, before_training=True)) is not None:
+                raise lost from e
             raise
+
+    def _peer_lost(self, e: BaseException, *, before_training: bool) -> TinykError | None:
+        return peer_lost(e, self.out, before_training=before_training) if self.dist.world > 1 else None
 
     def _fail_start(self) -> None:
         """Undoes a start that failed after the run directory was set up (a missing tracker package,
@@ -1540,11 +1547,12 @@ class Trainer:
             summary = self._run()
             self._drop_replaced()
         except BaseException as e:
-            lost = peer_lost(e, self.out) if self.dist.world > 1 else None
+            first_step = self.progress.step == 0 and not self.resumed_from
+            lost = self._peer_lost(e, before_training=first_step)
             # torchrun sends SIGTERM to the survivors of a lost process: this one is ending already, and
             # the line saying why (and how to resume) is the one to print, not "terminated".
             with _signals_held(deliver=False) if lost is not None else contextlib.nullcontext():
-                if self.progress.step == 0 and not self.resumed_from:  # its first step failed
+                if first_step:  # its first step failed
                     self._fail_start()
                 else:
                     with contextlib.suppress(Exception):  # the error that stopped the run is the one to report
@@ -1808,11 +1816,14 @@ class Trainer:
 _PEER_GONE = ("closed by peer", "reset by peer", "Broken pipe", "Connection refused", "communicator was aborted")
 
 
-def peer_lost(e: BaseException, out: Path) -> TinykError | None:
-    """A collective that failed because another process of the job died (killed, out of memory): one
-    line with the way back, in place of the backend's traceback."""
+def peer_lost(e: BaseException, out: Path, *, before_training: bool = False) -> TinykError | None:
+    """A collective that failed because another process of the job died (killed, out of memory, or
+    refused to start: an unwritable --out, a tracker that did not start): one line with the way back,
+    in place of the backend's traceback."""
     if not isinstance(e, RuntimeError) or not any(s in str(e) for s in _PEER_GONE):
         return None
+    if before_training:  # that process's own error is the news, and nothing was saved to resume
+        return TinykError("another process of this job stopped before training began; its own error says why")
     ckpts: list[Path] = []
     with contextlib.suppress(OSError):  # a lost network disk: the failed collective is still the news
         ckpts = checkpoints(out)

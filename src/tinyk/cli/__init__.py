@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import contextlib
 import importlib
 import io
+import json
 import os
 import signal
 import sys
 import threading
+import time
+from pathlib import Path
 from typing import NoReturn
 
 from tinyk import __version__
@@ -53,6 +57,19 @@ def _terminate(signum: int, frame: object) -> NoReturn:
     raise Terminated
 
 
+def _fail(message: str) -> NoReturn:
+    """One line on stderr and exit 2. Under torchrun every process usually fails alike: each leaves its
+    line in the error file torchrun reads, whose failure summary then shows it in place of a link to
+    PyTorch's docs, and only local rank 0 prints it, once per machine rather than once per process."""
+    if error_file := os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        with contextlib.suppress(OSError):
+            Path(error_file).write_text(json.dumps({"message": message, "timestamp": int(time.time())}),
+                                        encoding="utf-8")
+    if not error_file or os.environ.get("LOCAL_RANK", "0") == "0":
+        print(message, file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         parser = build_parser()  # imports every stage's module: a Ctrl-C can land here too
@@ -81,8 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = args.func(args)
     except TinykError as e:
-        print(f"tinyk: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(f"tinyk: error: {e}")
     except StoppedBeforeTraining as e:
         print(f"tinyk: stopped by {e.signal_name} before the first step: nothing was trained, and the run "
               f"directory is as it was", file=sys.stderr)
@@ -96,13 +112,11 @@ def main(argv: list[str] | None = None) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(141)
     except OSError as e:
-        print(f"tinyk: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(f"tinyk: error: {e}")
     except RuntimeError as e:
         if not (memory := out_of_memory(e)):
             raise
-        print(f"tinyk: error: out of {memory}: a smaller model, batch or sequence length fits", file=sys.stderr)
-        sys.exit(2)
+        _fail(f"tinyk: error: out of {memory}: a smaller model, batch or sequence length fits")
     finally:
         if previous is not None:  # None: a handler installed outside Python, which cannot be put back
             signal.signal(signal.SIGTERM, previous)
