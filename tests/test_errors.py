@@ -86,6 +86,16 @@ def test_unreadable_input(tmp_path, capsys, corpus_file):
     assert code == 2 and "not readable" in err
 
 
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can read any file")
+@pytest.mark.parametrize("command", [["model", "info"], ["generate", "--prompt", "你好", "--model"]])
+def test_unreadable_weights_are_called_unreadable(tmp_path, capsys, nano_model_dir, command):
+    """Not "damaged or truncated (No such file or directory)", which is what safetensors makes of it."""
+    model = Path(shutil.copytree(nano_model_dir, tmp_path / "model"))
+    (model / "model.safetensors").chmod(0)
+    code, err = run_cli([*command, str(model)], capsys)
+    assert code == 2 and err.strip() == f"tinyk: error: [Errno 13] Permission denied: '{model / 'model.safetensors'}'"
+
+
 def test_existing_output_needs_force(tmp_path, corpus_file, nano_model_dir, capsys):
     out = tmp_path / "t"
     out.mkdir()

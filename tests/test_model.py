@@ -573,9 +573,17 @@ def test_weights_that_are_not_finite_are_refused_everywhere(tmp_path, tok_dir):
         load_model(tmp_path / "m")
     state["model.norm.weight"] = state["model.norm.weight"].to(torch.int8)  # an integer export, or a damaged header
     save_file(state, tmp_path / "m" / "model.safetensors")
-    with pytest.raises(TinykError, match=r"holds int8 weights \(model.norm.weight\); tinyk loads float32, float16 "
-                                         r"or bfloat16 weights"):
-        load_model(tmp_path / "m")
+    for load in (load_model, model_info):  # info reads the dtype from the header
+        with pytest.raises(TinykError, match=r"holds int8 weights \(model.norm.weight\); tinyk loads float32, "
+                                             r"float16 or bfloat16 weights"):
+            load(tmp_path / "m")
+    state["model.norm.weight"] = state["model.norm.weight"] != 0
+    save_file(state, tmp_path / "m" / "model.safetensors")
+    with pytest.raises(TinykError, match=r"holds bool weights \(model.norm.weight\)"):
+        model_info(tmp_path / "m")
+    state["model.norm.weight"] = state["model.norm.weight"].to(torch.bfloat16)
+    save_file(state, tmp_path / "m" / "model.safetensors")
+    assert model_info(tmp_path / "m")["parameters"] > 0
     (tmp_path / "m" / "tokenizer.json").unlink()  # and `model info` refuses what every other command does
     with pytest.raises(TinykError, match="tokenizer"):
         model_info(tmp_path / "m")

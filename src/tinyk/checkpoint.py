@@ -291,6 +291,9 @@ def config_and_tokenizer(path: Path) -> tuple[ModelConfig, TinyTokenizer]:
 
 @contextlib.contextmanager
 def _reading_weights(path: Path) -> Iterator[None]:
+    # Opened here first, so a file this user may not read is called that (safetensors says "no such file").
+    with open(path / "model.safetensors", "rb"):
+        pass
     try:
         yield
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged files
@@ -324,13 +327,21 @@ def init_model_dir(preset: str, tok_dir: str | Path, out: str | Path, *, seed: i
     return model
 
 
+# safetensors' dtype names in a file's header; a name not listed is a float type newer than these.
+HEADER_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                 "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "BOOL": torch.bool}
+
+
 def model_info(path: str | Path) -> dict[str, Any]:
     """What `tinyk model info` shows, after checking the weights file against config.json from its
-    header alone (names, shapes and that the file holds all the bytes they need), without loading it."""
+    header alone (names, shapes, dtypes and that the file holds all the bytes they need), without
+    loading it: values (inf, nan) are checked when a command loads the weights."""
     path = Path(path)
     cfg, _ = config_and_tokenizer(path)  # a directory other commands would refuse is refused here
     with _reading_weights(path), rust_path(path / "model.safetensors") as name, safe_open(name, "pt") as f:
-        state = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+        state = {k: torch.empty(f.get_slice(k).get_shape(), device="meta",
+                                dtype=HEADER_DTYPES.get(f.get_slice(k).get_dtype(), torch.float32)) for k in f.keys()}
     n = _model_from_dir_state(path, cfg, state).num_params()
     return {"path": str(path), "parameters": n, "config": cfg.to_dict(), "memory": memory_footprint(cfg, n)}
 
