@@ -228,10 +228,26 @@ def test_corrupt_config(tmp_path, nano_model_dir, capsys):
     for content, message in [([1], "it is not a JSON object"), ({"tinyk": "x"}, "its 'tinyk' entry is not an object"),
                              ({**plain, "num_attention_heads": 0, "head_dim": 8},
                               "n_heads must be a positive integer, got 0"),
-                             ({**plain, "rope_scaling": "yes"}, "its RoPE parameters are not an object")]:
+                             ({**plain, "rope_scaling": "yes"}, "its RoPE parameters are not an object"),
+                             ({k: v for k, v in plain.items() if k != "hidden_size"}, "it has no 'hidden_size'")]:
         (m / "config.json").write_text(json.dumps(content))
         code, err = run_cli(["model", "info", str(m)], capsys)
         assert code == 2 and err == f"tinyk: error: invalid config.json in {m}: {message}\n"
+
+
+@pytest.mark.parametrize("name", ["config.json", "tokenizer_config.json", "meta.json"])
+def test_json_nested_too_deeply_is_one_line(tmp_path, nano_model_dir, pt_data, capsys, name):
+    """A damaged or hostile file nested deeper than Python's JSON reader recurses (it was a RecursionError
+    traceback): the file is named and the command refused, like any other bad JSON."""
+    model = Path(shutil.copytree(nano_model_dir, tmp_path / "m"))
+    data = Path(shutil.copytree(pt_data, tmp_path / "data"))
+    target = (data if name == "meta.json" else model) / name
+    target.write_text("[" * 100_000 + "]" * 100_000)
+    args = (["pretrain", "--data", str(data), "--init", str(model), "--out", str(tmp_path / "run")]
+            if name == "meta.json" else ["generate", "--model", str(model), "--prompt", "你好"])
+    code, err = run_cli(args, capsys)
+    assert code == 2 and err.count("\n") == 1 and str(target.parent) in err and name in err, err
+    assert "nested too deeply" in err
 
 
 def test_damaged_weights(tmp_path, nano_model_dir):

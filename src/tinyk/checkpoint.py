@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .files import TinykError, atomic_dir, first_line, put_back_interrupted, rust_path, writing
+from .files import TinykError, atomic_dir, first_line, put_back_interrupted, read_json, rust_path, writing
 from .model import ADAMW_BYTES, GRAD_BYTES, WEIGHT_BYTES, ModelConfig, Transformer
 from .tokenizer import (
     IM_END_ID,
@@ -139,7 +139,7 @@ def check_compatible(cfg: ModelConfig, tok: TinyTokenizer) -> None:
 def _is_tinyk_model(path: Path) -> bool:
     """A model directory tinyk wrote (its config.json has a `tinyk` block), not any HF model."""
     try:
-        return "tinyk" in json.loads((path / "config.json").read_text(encoding="utf-8"))
+        return "tinyk" in read_json(path / "config.json")
     except (OSError, ValueError, TypeError):
         return False
 
@@ -188,11 +188,13 @@ def load_config(path: str | Path) -> ModelConfig:
         raise TinykError(f"not a model directory (needs config.json and model.safetensors): {path}"
                          f"{model_dir_hint(path)}")
     try:
-        d = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        d = read_json(path / "config.json")
         if _is_seed_config(d):
             raise TinykError(f"not a tinyk model directory: {path}{model_dir_hint(path)}")
         return config_from_hf(d)
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+    except KeyError as e:
+        raise TinykError(f"invalid config.json in {path}: it has no {e.args[0]!r}") from e
+    except (TypeError, ValueError) as e:
         raise TinykError(f"invalid config.json in {path}: {e}") from e
 
 
@@ -210,7 +212,7 @@ def model_dir_hint(path: Path) -> str:
     if path.is_file() and path.suffix in (".pth", ".pt", ".bin", ".safetensors"):
         return f"; it is a weights file: if the tutorial's scripts saved it, {_import_hint(path)}"
     try:
-        seed = _is_seed_config(json.loads((path / "config.json").read_text(encoding="utf-8")))
+        seed = _is_seed_config(read_json(path / "config.json"))
     except (OSError, ValueError):
         seed = False
     if seed:
@@ -366,7 +368,7 @@ def _read_seed_weights(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     config: Any = {}
     if path.is_dir():
         try:
-            config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+            config = read_json(path / "config.json")
         except FileNotFoundError:
             pass
         except (OSError, ValueError) as e:  # a guessed head count would load and compute something else

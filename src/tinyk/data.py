@@ -45,6 +45,7 @@ from .files import (
     iter_records,
     iter_texts,
     plural,
+    read_json,
     record_shape,
     remove_path,
     sft_format,
@@ -685,7 +686,7 @@ class _Checkpoints:
         the folder emptied for a fresh start."""
         why, state = None, None
         try:
-            state = json.loads((self.folder / self.FILE).read_text(encoding="utf-8"))
+            state = read_json(self.folder / self.FILE)
         except FileNotFoundError:
             pass
         except (OSError, ValueError):

@@ -31,7 +31,7 @@ import torch
 
 from .corpus import CorpusSpec, build_demo_corpus
 from .evaluate import percent
-from .files import TinykError, atomic_dir, first_line, rust_path, write_json_atomic
+from .files import TinykError, atomic_dir, first_line, read_json, rust_path, write_json_atomic
 
 RESULTS_KIND = "tinyk-demo"
 CHAT_SAMPLES = ("你好呀", "你是谁？")
@@ -315,7 +315,7 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, *, show_progress: b
             write_json_atomic(tmp / "results.json", results)
             (tmp / "report.md").write_text(render_report(results), encoding="utf-8")
             _name_final_paths(tmp, Path(out))
-            results = json.loads((tmp / "results.json").read_text(encoding="utf-8"))
+            results = read_json(tmp / "results.json")
     finally:
         torch.set_num_threads(threads)
     if show_progress:
@@ -342,7 +342,7 @@ def _name_final_paths(tmp: Path, out: Path) -> None:
 
 def _is_demo_dir(path: Path) -> bool:
     try:
-        return json.loads((path / "results.json").read_text(encoding="utf-8")).get("kind") == RESULTS_KIND
+        return read_json(path / "results.json").get("kind") == RESULTS_KIND
     except (OSError, ValueError, AttributeError):  # ValueError: not JSON, or not UTF-8
         return False
 

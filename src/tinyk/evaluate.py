@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .files import Skips, TinykError, iter_records, record_shape
+from .files import Skips, TinykError, iter_records, read_json, record_shape
 from .model import Transformer
 from .tokenizer import (
     CHAT_ROLES,
@@ -521,7 +521,7 @@ def is_results(path: Path) -> bool:
             return True
         if size > 64 << 20:
             return False
-        results = json.loads(path.read_text(encoding="utf-8"))
+        results = read_json(path)
     except (OSError, UnicodeDecodeError, ValueError):
         return False
     return isinstance(results, dict) and {"model", "data", "tasks", "choice"} <= results.keys()

@@ -1030,6 +1030,16 @@ def rust_path(path: str | Path) -> Iterator[str]:
         os.close(fd)
 
 
+def read_json(path: str | Path) -> Any:
+    """A JSON file tinyk or a user wrote, read as UTF-8. Nesting deeper than the parser's recursion (a
+    damaged or hostile config.json) is a ValueError like any other bad JSON, not a RecursionError."""
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply to read") from None
+
+
 def write_json_atomic(path: str | Path, obj: Any) -> None:
     """Writes `obj` as JSON, complete or not at all (see `atomic_file`). Paths in it whose bytes are not
     UTF-8 (a GBK folder name) are written as `shown` prints them."""

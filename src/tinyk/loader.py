@@ -9,7 +9,6 @@ also depends on the global batch size, which a resume must keep).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 
 from .data import FORMAT_VERSION, SPLITS
-from .files import TinykError, marker_file
+from .files import TinykError, marker_file, read_json
 from .tokenizer import IM_END_ID
 
 PAD_ID = IM_END_ID
@@ -34,8 +33,8 @@ def open_dataset(data_dir: str | Path) -> dict[str, Any]:
     """Reads and validates meta.json; every loader starts here."""
     f = marker_file(data_dir, "meta.json", "tinyk data")
     try:
-        meta = json.loads(f.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        meta = read_json(f)
+    except ValueError as e:  # not JSON, not UTF-8, nested too deeply
         raise TinykError(f"invalid {f}: {e}") from e
     problem = _meta_problem(meta)
     if problem:

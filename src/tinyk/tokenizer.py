@@ -30,6 +30,7 @@ from .files import (
     iter_texts,
     marker_file,
     memory_available,
+    read_json,
     writing,
 )
 
@@ -269,7 +270,7 @@ class TinyTokenizer:
         the default. A damaged file is an error: it would silently give the stock prompt."""
         config = self.path / "tokenizer_config.json"
         try:
-            recorded = json.loads(config.read_text(encoding="utf-8"))
+            recorded = read_json(config)
             if not isinstance(recorded, dict) or not isinstance(recorded.get("system_prompt", ""), str):
                 raise ValueError("not an object with a string system_prompt")
         except FileNotFoundError:
@@ -300,7 +301,7 @@ def tokenizer_hash(path: str | Path) -> str:
     rewrites when it saves a tokenizer back (a post-processor tinyk never runs, other key order)."""
     f = Path(path) / "tokenizer.json"
     try:
-        d = json.loads(f.read_text(encoding="utf-8"))
+        d = read_json(f)
         model = dict(d["model"])
         model["merges"] = [m.split(" ", 1) if isinstance(m, str) else list(m) for m in model.get("merges", [])]
         added = sorted((t["id"], t["content"], bool(t.get("special"))) for t in d.get("added_tokens", []))

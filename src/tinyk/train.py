@@ -13,7 +13,6 @@ import contextlib
 import datetime
 import importlib.resources
 import inspect
-import json
 import math
 import os
 import pickle
@@ -61,6 +60,7 @@ from .files import (
     parse_size,
     plural,
     put_back_interrupted,
+    read_json,
     remove_path,
     without_dotdot,
     write_json_atomic,
@@ -1305,7 +1305,7 @@ class Trainer:
     def _load_checkpoint_files(self, path: Path) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        state = read_json(path / "state.json")
         for key in ("step", "tokens", "loss_tokens", "elapsed_s"):
             value = state[key]
             if not _finite_amount(value) or (key != "elapsed_s" and not isinstance(value, int)):
@@ -1609,7 +1609,7 @@ class Trainer:
         if not self.resumed_from or self.progress.step < self.total_steps or not (self.out / "final").is_dir():
             return None
         try:
-            summary = json.loads((self.out / "summary.json").read_text(encoding="utf-8"))
+            summary = read_json(self.out / "summary.json")
         except (OSError, ValueError):
             return None
         finished = isinstance(summary, dict) and summary.get("status") == "completed" \
