@@ -589,6 +589,19 @@ def test_weights_that_are_not_finite_are_refused_everywhere(tmp_path, tok_dir):
         model_info(tmp_path / "m")
 
 
+def test_a_config_of_far_more_layers_than_the_weights_is_refused_before_building_them(tmp_path, tok_dir):
+    """A config.json saying 100,000 layers: the weights' lack of the last one is found from the header
+    before a model of that depth is built (10**6 layers took minutes and 4.7 GB)."""
+    m = tmp_path / "m"
+    init_model_dir("nano", tok_dir, m)
+    config = json.loads((m / "config.json").read_text())
+    config["num_hidden_layers"] = config["tinyk"]["n_layers"] = 100_000
+    (m / "config.json").write_text(json.dumps(config))
+    for load in (load_model, model_info):
+        with pytest.raises(TinykError, match=r"lacks weights: \['model.layers.99999.input_layernorm.weight'\]"):
+            load(m)
+
+
 def _save(sd: dict, path: Path) -> Path:
     torch.save(sd, path)
     return path

@@ -65,6 +65,19 @@ def test_special_token_ids(tk, tok_dir):
     assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (3, 4, 4)
 
 
+@pytest.mark.parametrize("decoder,says", [(None, "missing"), ({"type": "Fuse"}, "another")])
+def test_a_byte_level_tokenizer_without_its_decoder_is_refused(tmp_path, tok_dir, decoder, says):
+    """A tokenizer.json edited or damaged into decoding byte-level pieces as they are would make every
+    generated text garbled, with exit status 0."""
+    broken = tmp_path / "tok"
+    broken.mkdir()
+    d = json.loads((tok_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    (broken / "tokenizer.json").write_text(json.dumps({**d, "decoder": decoder}), encoding="utf-8")
+    with pytest.raises(TinykError, match=rf"tokenizer {broken / 'tokenizer.json'} splits text into bytes but has no "
+                                         rf"byte-level decoder to join them back \(its \"decoder\" entry is {says}\)"):
+        load_tokenizer(broken)
+
+
 def test_chat_template_renders_the_seeds_conversations(tk, tok_dir):
     hf = AutoTokenizer.from_pretrained(tok_dir)
     assert hf.chat_template == chat_template(DEFAULT_SYSTEM_PROMPT)

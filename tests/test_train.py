@@ -970,6 +970,14 @@ def test_cli_prints_one_line(tmp_path, pt_data, tok_dir, capsys):
     assert e.value.code == 0 and (tmp_path / "o2" / "final" / "model.safetensors").is_file()
     assert "--resume: no checkpoint in" in out and "micro_batch 3 does not divide the 8 sequences per process; using 2" in out
     assert "warmup 5 is not shorter than the run's 2 steps" in out
+    with pytest.raises(SystemExit) as e:  # the epoch budget rounds up to a step, which holds the data 4 times
+        main(cli_args(pt_data, tok_dir, tmp_path / "o3", "--batch-size", "1024", "--epochs", "1",
+                      "--set", "eval_every=0", "--set", "warmup_steps=0"))
+    out = capsys.readouterr().out
+    note = re.search(r"note: a batch of 1,024 is more than the data's (\d+) training sequences at seq_len 32: each "
+                     r"step goes through the data ([\d.]+) times, so the run trains ([\d.]+) epochs in 1 step ", out)
+    assert e.value.code == 0 and note, out
+    assert float(note[2]) == float(note[3]) == round(1024 / int(note[1]), 1) > 1
     with pytest.raises(SystemExit) as e:
         main(cli_args(pt_data, tok_dir, tmp_path / "o2", "--max-steps", "2", "--resume"))
     assert e.value.code == 0 and "the run is already complete at step 2" in capsys.readouterr().out

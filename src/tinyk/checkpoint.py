@@ -245,6 +245,9 @@ def _import_hint(source: Path) -> str:
 def _model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], source: str, mismatch: str) -> Transformer:
     """The model `cfg` describes holding exactly `state`: every weight there, none left over (loading
     without one would silently compute another function), each of the shape the config needs."""
+    last = f"model.layers.{cfg.n_layers - 1}.input_layernorm.weight"
+    if last not in state:  # before building the model, which takes minutes for a config.json of 10**6 layers
+        raise TinykError(f"{source} lacks weights: {[last]}")
     with torch.device("meta"):
         model = Transformer(cfg)
     expected = model.state_dict()

@@ -335,6 +335,10 @@ def _read_tokenizer(path: Path) -> TinyTokenizer:
     for i, name in enumerate(SPECIAL_TOKENS):
         if tok.token_to_id(name) != i:
             raise TinykError(f"tokenizer {path}: special token {name} must have id {i}, has {tok.token_to_id(name)}")
+    if isinstance(tok.pre_tokenizer, pre_tokenizers.ByteLevel) and not isinstance(tok.decoder, decoders.ByteLevel):
+        raise TinykError(f"tokenizer {f} splits text into bytes but has no byte-level decoder to join them back "
+                         f"(its \"decoder\" entry is {'missing' if tok.decoder is None else 'another'}): every "
+                         f"decoded text would be garbled; restore the file")
     return TinyTokenizer(tok, path)
 
 

@@ -1523,6 +1523,13 @@ class Trainer:
             lines.append(f"note: {cut:,} of {total:,} training conversations ({cut / total:.1%}) are longer than "
                          f"seq_len {cfg.seq_len} + 1 tokens and are cut there, mid-answer where it falls (the data "
                          f"was cut at max_len {self.meta.get('max_len')}, at a turn where possible)")
+        windows = self.loader.num_windows
+        if cfg.batch_size > windows:  # the epoch budget rounds up to one step, which holds the data several times
+            unit = "training conversations" if cfg.kind == "sft" else f"training sequences at seq_len {cfg.seq_len}"
+            lines.append(f"note: a batch of {cfg.batch_size:,} is more than the data's {windows:,} {unit}: each step "
+                         f"goes through the data {cfg.batch_size / windows:.1f} times, so the run trains "
+                         f"{self.total_steps * cfg.batch_size / windows:.1f} epochs in "
+                         f"{plural(self.total_steps, 'steps')} (a smaller --batch-size keeps closer to --epochs)")
         if self.warmup >= self.total_steps:
             peak = "reaches its peak only at the last step" if self.warmup == self.total_steps else \
                 "never reaches its peak"
