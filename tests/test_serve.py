@@ -268,7 +268,10 @@ LONG = "".join(chr(0x4E00 + 37 * i) for i in range(200))  # rare characters: sev
     ("/v1/chat/completions", {"model": "nano", "messages": [{"role": "user", "content": "a" * 20_000}]}, 400,
      "messages", "context_length_exceeded"),  # refused before it is tokenized
     ("/v1/completions", {"model": "nano", "prompt": [1, 10**6]}, 400, "prompt", "invalid_value"),
-    ("/v1/completions", {"model": "nano", "prompt": ["a", "b"]}, 400, "prompt", "invalid_value"),
+    ("/v1/completions", {"model": "nano", "prompt": ["a"] * 17}, 400, "prompt", "invalid_value"),  # past the batch
+    ("/v1/completions", {"model": "nano", "prompt": ["a", "b"], "n": 9}, 400, "n", "invalid_value"),  # 18 choices
+    ("/v1/completions", {"model": "nano", "prompt": [[1, 2], [10**6]]}, 400, "prompt", "invalid_value"),
+    ("/v1/completions", {"model": "nano", "prompt": ["a", 5]}, 400, "prompt", "invalid_type"),
     ("/v1/completions", {"model": "nano", "prompt": "hi", "temperature": -1}, 400, "temperature", "invalid_value"),
     ("/v1/completions", {"model": "nano", "prompt": "hi", "top_p": 1.5}, 400, "top_p", "invalid_value"),
     ("/v1/completions", {"model": "nano", "prompt": "hi", "n": 0}, 400, "n", "invalid_value"),
@@ -395,6 +398,26 @@ def test_lm_eval_loglikelihood_requests(client, reference):
     assert [x for c in chunks if c.choices[0].logprobs for x in c.choices[0].logprobs.token_logprobs] == \
         lp.token_logprobs
     assert [x for c in chunks if c.choices[0].logprobs for x in c.choices[0].logprobs.text_offset] == lp.text_offset
+
+
+def test_a_batch_of_prompts_answers_each_as_alone_in_order(client, reference):
+    """`prompt` as a list of prompts (lm-eval's batch_size): the choices come prompt by prompt, n each, each
+    the answer that prompt gets alone, streamed or not; usage counts each prompt once."""
+    ids = reference.encode("中国的首都是北京。")
+    prompts = [ids, "The quick", ids[:3]]
+    kw = dict(model="nano", echo=True, logprobs=1, max_tokens=3, temperature=0)
+    alone = [client.completions.create(prompt=p, **kw).choices[0] for p in prompts]
+    r = client.completions.create(prompt=prompts, n=2, **kw)
+    assert [c.index for c in r.choices] == list(range(6))
+    for c in r.choices:
+        one = alone[c.index // 2]
+        assert c.text == one.text and c.logprobs.token_logprobs == pytest.approx(one.logprobs.token_logprobs, abs=1e-5)
+        assert c.logprobs.text_offset == one.logprobs.text_offset and c.finish_reason == one.finish_reason
+    assert r.usage.prompt_tokens == len(ids) + len(reference.encode("The quick", bos=True)) + 3
+    assert r.usage.completion_tokens == sum(2 * len(c.logprobs.tokens) for c in alone) - 2 * r.usage.prompt_tokens
+    chunks = list(client.completions.create(prompt=prompts, stream=True, **kw))
+    texts = ["".join(c.choices[0].text for c in chunks if c.choices[0].index == i) for i in range(3)]
+    assert texts == [c.text for c in alone]
 
 
 def test_a_chat_far_too_long_is_refused_before_it_is_tokenized(server, monkeypatch):

@@ -312,16 +312,21 @@ class Api:
         except TinykError as e:
             raise ApiError(400, str(e), param=param, code="invalid_value") from e
 
-    def completion_prompt(self, body: dict) -> tuple[list[int], int]:
-        """The prompt's token ids, and how many of them the server put first (the `<|im_start|>` that
-        starts a text prompt), which an echo leaves out of the text."""
+    def completion_prompts(self, body: dict, limit: int) -> list[tuple[list[int], int]]:
+        """Each prompt's token ids, and how many of them the server put first (the `<|im_start|>` that
+        starts a text prompt), which an echo leaves out of the text. `prompt` is a string or a list of
+        token ids, or a batch: a list of those (lm-eval's batch_size), at most `limit` of them."""
         prompt = body.get("prompt", _MISSING)
         if prompt is _MISSING:
             _get(body, "prompt", "string")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-            prompt = prompt[0]  # a batch of one
-        if isinstance(prompt, list) and prompt and all(isinstance(p, str | list) for p in prompt):
-            raise ApiError(400, "only one prompt per request is supported", param="prompt", code="invalid_value")
+        if not (isinstance(prompt, list) and prompt and all(isinstance(p, str | list) for p in prompt)):
+            return [self._completion_prompt(prompt)]
+        if len(prompt) > limit:
+            raise ApiError(400, f"a batch of {len(prompt)} prompts; this server takes at most {limit} completions "
+                                f"per request (its --max-batch)", param="prompt", code="invalid_value")
+        return [self._completion_prompt(p) for p in prompt]
+
+    def _completion_prompt(self, prompt: Any) -> tuple[list[int], int]:
         if isinstance(prompt, list) and len(prompt) >= self.engine.context_length:
             self.prompt_ids(prompt, "prompt")  # refused for its length, before its ids are read one by one
         if prompt == []:  # token ids are taken as given, so there is nothing to complete
@@ -384,12 +389,16 @@ class Api:
             raise ApiError(400, f"unrecognized request argument supplied: {unknown[0]}{hint}", param=unknown[0],
                            code="unknown_parameter")
         self.check_model(body)
-        ids, added = (self.chat_ids(body), 0) if chat else self.completion_prompt(body)
-        params = self.sampling(body, len(ids), chat)
-        n = _get(body, "n", "integer", 1)
         # The choices decode side by side in one batch, so no more than the batch holds; and they queue
         # together, so no more than the queue holds (else every retry of an n above it would get a 503).
-        _in_range("n", n, 1, min(self.engine.max_batch, self.cfg.max_waiting))
+        limit = min(self.engine.max_batch, self.cfg.max_waiting)
+        prompts = [(self.chat_ids(body), 0)] if chat else self.completion_prompts(body, limit)
+        params = self.sampling(body, max(len(ids) for ids, _ in prompts), chat)
+        n = _get(body, "n", "integer", 1)
+        _in_range("n", n, 1, limit)
+        if len(prompts) * n > limit:
+            raise ApiError(400, f"{len(prompts)} prompts x n {n} = {len(prompts) * n} completions; this server takes "
+                                f"at most {limit} per request (its --max-batch)", param="n", code="invalid_value")
         stream = _get(body, "stream", "boolean", False)
         options = _get(body, "stream_options", "object", {})
         if options and not stream:
@@ -404,20 +413,21 @@ class Api:
         echo = not chat and _get(body, "echo", "boolean", False)
         reqs: list[Request] = []
         try:
-            for p in params.numbered(n):  # choice 0 is the n=1 answer
-                reqs.append(self.scheduler.submit(ids, p))
+            for ids, _ in prompts:  # choices prompt by prompt, as OpenAI numbers them
+                for p in params.numbered(n):  # choice 0 is the n=1 answer
+                    reqs.append(self.scheduler.submit(ids, p))
         except EngineBusy as e:
             for r in reqs:
                 r.cancel()
             code = "server_shutting_down" if isinstance(e, EngineStopping) else "overloaded"
             raise ApiError(503, str(e), type="server_error", code=code) from e
-        return Submission(reqs, chat, stream, include_usage, echo, added)
+        return Submission(reqs, chat, stream, include_usage, echo, [added for _, added in prompts for _ in range(n)], n)
 
     @staticmethod
-    def usage(reqs: list[Request]) -> dict[str, int]:
-        """The prompt counts once, as OpenAI counts it for n choices."""
+    def usage(reqs: list[Request], n: int) -> dict[str, int]:
+        """Each prompt counts once, as OpenAI counts it for n choices."""
         done = [r.completion() for r in reqs]
-        prompt, completion = done[0].prompt_tokens, sum(c.completion_tokens for c in done)
+        prompt, completion = sum(c.prompt_tokens for c in done[::n]), sum(c.completion_tokens for c in done)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
@@ -439,14 +449,15 @@ def _logprob_fields(body: dict, chat: bool) -> tuple[int | None, int | None]:
 
 @dataclass
 class Submission:
-    """A validated request, queued: one engine request per choice, and how to answer."""
+    """A validated request, queued: one engine request per choice (n per prompt), and how to answer."""
 
     reqs: list[Request]
     chat: bool
     stream: bool
     include_usage: bool
-    echo: bool = False  # completions: the prompt comes first in the text (and its tokens in the logprobs)
-    added: int = 0  # leading prompt ids the server put there, which the echoed text leaves out
+    echo: bool  # completions: the prompt comes first in the text (and its tokens in the logprobs)
+    added: list[int]  # by choice: leading prompt ids the server put there, which the echoed text leaves out
+    n: int  # choices per prompt
 
 
 class LogprobsWriter:
@@ -798,16 +809,16 @@ class Handler(BaseHTTPRequestHandler):
         choices = []
         for i, r in enumerate(reqs):
             c = r.completion()
-            text = _echo_text(r, sub.added) + c.text if sub.echo else c.text
+            text = _echo_text(r, sub.added[i]) + c.text if sub.echo else c.text
             logprobs = None
             if c.logprobs is not None:
-                echoed = _echoed(r, sub.added) if c.prompt_logprobs is not None else []
+                echoed = _echoed(r, sub.added[i]) if c.prompt_logprobs is not None else []
                 logprobs = LogprobsWriter(tok, chat).take(echoed + _generated(r, 0, len(c.logprobs)))
             answer = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
             choices.append({"index": i, **answer, "logprobs": logprobs, "finish_reason": c.finish_reason})
         self._json(200, {"id": _new_id(chat), "object": "chat.completion" if chat else "text_completion",
                          "created": int(time.time()), "model": self.server.api.cfg.model_name, "choices": choices,
-                         "usage": Api.usage(reqs)})
+                         "usage": Api.usage(reqs, sub.n)})
 
     def _stop_if_client_gone(self) -> None:
         if self._client_gone():
@@ -845,8 +856,8 @@ class Handler(BaseHTTPRequestHandler):
 
         def echo(i: int) -> dict[str, Any]:
             r, w = reqs[i], writers[i]
-            lp = w.take(_echoed(r, sub.added)) if w is not None and r.prompt_logprobs else None
-            text = _echo_text(r, sub.added)
+            lp = w.take(_echoed(r, sub.added[i])) if w is not None and r.prompt_logprobs else None
+            text = _echo_text(r, sub.added[i])
             return {"id": rid, "object": obj, "created": created, "model": name,
                     "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": None}],
                     **({"usage": None} if include_usage else {})}
@@ -891,7 +902,7 @@ class Handler(BaseHTTPRequestHandler):
                 self._event(_failure(failed).body())
             elif include_usage:
                 self._event({"id": rid, "object": obj, "created": created, "model": name, "choices": [],
-                             "usage": Api.usage(reqs)})
+                             "usage": Api.usage(reqs, sub.n)})
             self._write_chunk(b"data: [DONE]\n\n")
             if self.chunked:
                 self._write_chunk(b"")
