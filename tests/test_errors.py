@@ -229,8 +229,9 @@ def test_corrupt_config(tmp_path, nano_model_dir, capsys):
                              ({**plain, "num_attention_heads": 0, "head_dim": 8},
                               "n_heads must be a positive integer, got 0"),
                              ({**plain, "rope_scaling": "yes"}, "its RoPE parameters are not an object"),
-                             ({k: v for k, v in plain.items() if k != "hidden_size"}, "it has no 'hidden_size'")]:
-        (m / "config.json").write_text(json.dumps(content))
+                             ({k: v for k, v in plain.items() if k != "hidden_size"}, "it has no 'hidden_size'"),
+                             ('{"hidden_size": ' + "9" * 5000 + "}", "it holds a number of thousands of digits")]:
+        (m / "config.json").write_text(content if isinstance(content, str) else json.dumps(content))
         code, err = run_cli(["model", "info", str(m)], capsys)
         assert code == 2 and err == f"tinyk: error: invalid config.json in {m}: {message}\n"
 

@@ -278,6 +278,13 @@ def test_a_plain_hf_llama_loads_with_its_rope_theta_and_what_tinyk_cannot_do_is_
     assert "tinyk" not in json.loads((out / "config.json").read_text())
     ours, _ = load_model(out)
     assert ours.config.rope_theta == 5e5
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "rope_theta": 1e4}))  # transformers 4's key, edited
+    with pytest.raises(TinykError, match=r"disagrees with itself: rope_theta is 10000.0 but its RoPE parameters have "
+                                         r"500000.0 \(transformers 4 reads one, 5 the other\)"):
+        load_model(out)
+    (out / "config.json").write_text(json.dumps({**config, "rope_theta": 5e5}))  # both, agreeing
+    assert load_model(out)[0].config.rope_theta == 5e5
     x = torch.randint(0, 512, (2, 30))
     with torch.no_grad():
         assert (ours(x) - hf(x).logits).abs().max().item() < 1e-4

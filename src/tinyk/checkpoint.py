@@ -108,6 +108,9 @@ def config_from_hf(d: Any) -> ModelConfig:
     for bad, what in unsupported:
         if bad:
             raise TinykError(f"config.json asks for {what}, which tinyk's LLaMA-2 model does not implement")
+    if None not in (d.get("rope_theta"), rope.get("rope_theta")) and d["rope_theta"] != rope["rope_theta"]:
+        raise TinykError(f"config.json disagrees with itself: rope_theta is {d['rope_theta']} but its RoPE parameters "
+                         f"have {rope['rope_theta']} (transformers 4 reads one, 5 the other); make them agree")
     cfg = ModelConfig(
         dim=d["hidden_size"], n_layers=d["num_hidden_layers"], n_heads=d["num_attention_heads"],
         n_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"], vocab_size=d["vocab_size"],

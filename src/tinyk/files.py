@@ -1038,6 +1038,10 @@ def read_json(path: str | Path) -> Any:
         return json.loads(text)
     except RecursionError:
         raise ValueError("JSON nested too deeply to read") from None
+    except ValueError as e:
+        if "integer string conversion" in str(e):  # Python's advice (sys.set_int_max_str_digits) is not the user's
+            raise ValueError("it holds a number of thousands of digits") from None
+        raise
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
