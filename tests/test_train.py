@@ -1449,7 +1449,8 @@ def test_one_run_at_a_time_in_a_run_directory(tmp_path, pt_data, tok_dir):
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(TinykError, match="in use by another tinyk run"):
+        with pytest.raises(TinykError, match=rf"in use by another tinyk run \(process {holder.pid} \(\S*python\S* -c "
+                                             rf"import fcntl, os, sys, time fd = .*\): still training"):
             train(nano_cfg(pt_data, tok_dir, out, max_steps=4), resume=True)
         # The holder's rotation deleting the newest checkpoint while it is read: in use, not damaged.
         newest = checkpoints(out)[-1] / "model"

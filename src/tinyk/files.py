@@ -901,6 +901,26 @@ class DirLock:
 
     __del__ = release
 
+    def holders(self) -> list[str]:
+        """The processes holding the lock, as "pid (command line)", where the kernel lists them (Linux's
+        /proc/locks; nothing elsewhere, or for a process in another PID namespace or on another machine)."""
+        try:
+            st = self.path.stat()
+            locks = Path("/proc/locks").read_text(encoding="ascii", errors="replace").splitlines()
+        except OSError:
+            return []
+        where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        found = []
+        for fields in (line.split() for line in locks):  # "1: FLOCK ADVISORY WRITE <pid> <maj:min:inode> 0 EOF"
+            if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == where and fields[4].isdigit():
+                try:
+                    args = Path(f"/proc/{fields[4]}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+                    command = " ".join(b" ".join(args).decode(errors="replace").split())  # one line
+                except OSError:
+                    command = ""
+                found.append(f"{fields[4]} ({command[:100]})" if command else fields[4])
+        return found
+
 
 def _host() -> str:
     """This machine's name as it may appear in a file name. A pid says whether a process is alive

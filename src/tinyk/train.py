@@ -1277,7 +1277,9 @@ class Trainer:
         return path
 
     def _in_use(self) -> TinykError:
-        return TinykError(f"run directory {self.out} is in use by another tinyk run (still training, or its "
+        holders = DirLock(self.out).holders()
+        which = f"process {', '.join(holders)}: " if holders else ""
+        return TinykError(f"run directory {self.out} is in use by another tinyk run ({which}still training, or its "
                           f"processes outlived a killed launcher); stop that one first")
 
     def _damaged(self, problem: Exception) -> TinykError:
