@@ -1431,6 +1431,24 @@ def test_ctrl_c_while_a_run_is_put_back_waits_until_it_is_back():
     assert moved == ["all"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_a_stop_while_the_ranks_meet_leaves_no_empty_run_directory(tmp_path, pt_data, tok_dir, monkeypatch):
+    """Under torchrun rank 0 makes --out, then waits for the other ranks (seconds, on a slow start): a Ctrl-C
+    there left an empty directory, which the next start took for someone's folder or a finished run."""
+    def interrupted(self, values):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Dist, "sum_host", interrupted)
+    out = tmp_path / "new" / "run"
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(nano_cfg(pt_data, tok_dir, out, max_steps=2))
+    assert not out.exists() and (tmp_path / "new").is_dir()
+    kept = tmp_path / "mine"
+    kept.mkdir()  # an empty directory of the user's, given as --out, stays
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(nano_cfg(pt_data, tok_dir, kept, max_steps=2))
+    assert kept.is_dir()
+
+
 def test_one_run_at_a_time_in_a_run_directory(tmp_path, pt_data, tok_dir):
     """A second writer (a job script's --resume, workers that outlived a killed torchrun) is refused
     before it touches anything; the directory is free again once the first run ends, even by a kill."""

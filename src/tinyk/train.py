@@ -1048,8 +1048,16 @@ class Trainer:
         # workers that outlived a killed torchrun) would interleave metrics and rotate away checkpoints.
         if main:
             out.mkdir(parents=True, exist_ok=True)
-        busy = main and not self.lock.acquire()
-        if self.dist.sum_host([int(busy)])[0]:
+        try:
+            busy = main and not self.lock.acquire()
+            in_use = self.dist.sum_host([int(busy)])[0]  # under torchrun, waits for the slowest rank to start
+        except BaseException:  # a Ctrl-C while waiting: no empty directory is left behind
+            self.lock.release()
+            if main and not self.existed:
+                with contextlib.suppress(OSError):
+                    out.rmdir()
+            raise
+        if in_use:
             raise self._in_use()
         try:
             # A run that was still finishing (its lock not yet released) when this one listed the
