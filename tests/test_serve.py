@@ -556,6 +556,28 @@ def raw(server: ChatServer, data: bytes) -> bytes:
     return out
 
 
+def chunked(data: bytes, size: int) -> bytes:
+    return b"".join(b"%x;ext=1\r\n%s\r\n" % (len(data[i:i + size]), data[i:i + size])
+                    for i in range(0, len(data), size)) + b"0\r\nX-Trailer: t\r\n\r\n"
+
+
+def test_a_chunked_body_is_read_as_a_whole_one(server, reference):
+    """HTTP/1.1 servers must take chunked bodies (curl's `-T -`, clients streaming a body): the same answer as
+    with Content-Length; over --max-body a 413, a malformed one a 400, and the connection ends either way."""
+    body = json.dumps({"model": "nano", "prompt": "中国的首都", "max_tokens": 4, "temperature": 0},
+                      ensure_ascii=False).encode()
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    reply = raw(server, head + chunked(body, 7))
+    assert reply.startswith(b"HTTP/1.1 200")
+    text = json.loads(reply.split(b"\r\n\r\n", 1)[1])["choices"][0]["text"]
+    assert text == expected_completion(reference, "中国的首都", 4).text
+    assert raw(server, head + chunked(b"x" * (MAX_BODY + 1), 4096)).startswith(b"HTTP/1.1 413")
+    for bad in (b"zz\r\n{}\r\n0\r\n\r\n", b"5\r\n{}\r\n0\r\n\r\n", b"2\r\n{}XX0\r\n\r\n"):
+        assert raw(server, head + bad).startswith(b"HTTP/1.1 400"), bad
+    gzip = head.replace(b"chunked", b"gzip, chunked")
+    assert raw(server, gzip + chunked(body, 7)).startswith(b"HTTP/1.1 501")
+
+
 def test_protocol_errors(server):
     assert raw(server, b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n") \
         .startswith(b"HTTP/1.1 411")

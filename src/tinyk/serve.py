@@ -57,6 +57,7 @@ from .tokenizer import (
 )
 
 DEFAULT_MAX_BODY = 1_000_000  # the CLI's --max-body 1M
+MAX_CHUNK_LINE, MAX_TRAILERS = 4096, 32  # a chunked body's size lines and trailer fields
 MAX_STOP_STRINGS = 4
 LINGER_BYTES = 64 << 20  # at most this much of a refused body is read and thrown away
 CLIENT_POLL_S = 0.2  # how often a non-streamed request checks that its client is still connected
@@ -637,9 +638,9 @@ class Handler(BaseHTTPRequestHandler):
             return False
         return super().handle_expect_100()
 
-    def _body_length(self) -> int:
-        """The body's Content-Length, or the ApiError that refuses it (the connection then ends: the unread
-        body must not be parsed as the next request)."""
+    def _body_length(self) -> int | None:
+        """The body's Content-Length (None: chunked), or the ApiError that refuses it (the connection then
+        ends: the unread body must not be parsed as the next request)."""
         try:
             return _content_length(self.headers, self.server.api.cfg.max_body_bytes)
         except ApiError:
@@ -648,7 +649,11 @@ class Handler(BaseHTTPRequestHandler):
 
     def _body(self) -> dict:
         length = self._body_length()
-        raw = self.rfile.read(length)
+        try:
+            raw = self.rfile.read(length) if length is not None else self._chunked_body()
+        except ApiError:  # the rest of the body must not be read as the next request: drained, then closed
+            self.close_connection = self.unread_body = True
+            raise
         self.unread_body = False
         try:
             body = json.loads(raw.decode("utf-8"))
@@ -657,6 +662,29 @@ class Handler(BaseHTTPRequestHandler):
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
         return body
+
+    def _chunked_body(self) -> bytes:
+        """A body in chunked transfer coding (RFC 9112 7.1), which HTTP/1.1 servers must take (curl
+        sends one for `-T -`, streaming HTTP clients for a body of unknown length); up to --max-body,
+        extensions and trailers read and dropped."""
+        limit, parts, total = self.server.api.cfg.max_body_bytes, [], 0
+        while True:
+            line = self.rfile.readline(MAX_CHUNK_LINE)
+            size = line.split(b";", 1)[0].strip()
+            if not line.endswith(b"\n") or not re.fullmatch(rb"[0-9A-Fa-f]{1,15}", size):
+                raise ApiError(400, "malformed chunked request body", code="invalid_chunked_body")
+            if int(size, 16) == 0:
+                break
+            total += int(size, 16)
+            if total > limit:
+                raise _too_large(f"more than {limit}", limit)
+            parts.append(self.rfile.read(int(size, 16)))
+            if len(parts[-1]) < int(size, 16) or self.rfile.readline(MAX_CHUNK_LINE) not in (b"\r\n", b"\n"):
+                raise ApiError(400, "malformed chunked request body", code="invalid_chunked_body")
+        for _ in range(MAX_TRAILERS + 1):
+            if self.rfile.readline(MAX_CHUNK_LINE) in (b"\r\n", b"\n", b""):
+                return b"".join(parts)
+        raise ApiError(400, f"more than {MAX_TRAILERS} trailer fields after a chunked body", code="invalid_chunked_body")
 
     # -- routes -------------------------------------------------------------------------
 
@@ -1008,11 +1036,15 @@ def _failure(req: Request) -> ApiError:
     return ApiError(500, req.error or "generation failed", type="server_error", code="internal_error")
 
 
-def _content_length(headers: Any, limit: int) -> int:
-    """A request's Content-Length: 411 when there is none (or the body is chunked), 400 when it is not a
-    number, 413 above `limit`."""
-    if "chunked" in headers.get("Transfer-Encoding", "").lower():
-        raise ApiError(411, "chunked request bodies are not supported; send Content-Length", code="length_required")
+def _content_length(headers: Any, limit: int) -> int | None:
+    """A request's Content-Length, or None for a chunked body (whose size is checked as it is read):
+    411 when there is neither, 400 when it is not a number, 413 above `limit`."""
+    coding = [c.strip().lower() for c in headers.get("Transfer-Encoding", "").split(",") if c.strip()]
+    if coding == ["chunked"]:  # it overrides a Content-Length (RFC 9112 6.3)
+        return None
+    if coding:
+        raise ApiError(501, f"Transfer-Encoding {', '.join(coding)} is not supported; send chunked or Content-Length",
+                       code="unsupported_transfer_encoding")
     length = headers.get("Content-Length")
     if length is None:
         raise ApiError(411, "a Content-Length header is required", code="length_required")
