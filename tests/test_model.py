@@ -584,10 +584,13 @@ def test_weights_that_are_not_finite_are_refused_everywhere(tmp_path, tok_dir):
         with pytest.raises(TinykError, match=r"holds int8 weights \(model.norm.weight\); tinyk loads float32, "
                                              r"float16 or bfloat16 weights"):
             load(tmp_path / "m")
-    state["model.norm.weight"] = state["model.norm.weight"] != 0
-    save_file(state, tmp_path / "m" / "model.safetensors")
-    with pytest.raises(TinykError, match=r"holds bool weights \(model.norm.weight\)"):
-        model_info(tmp_path / "m")
+    for dtype in (torch.bool, torch.complex64):
+        state["model.norm.weight"] = state["model.norm.weight"].to(dtype)
+        save_file(state, tmp_path / "m" / "model.safetensors")
+        with pytest.raises(TinykError, match=rf"holds {str(dtype)[6:]} weights \(model.norm.weight\)"):
+            model_info(tmp_path / "m")
+        state["model.norm.weight"] = state["model.norm.weight"].real.float() if dtype.is_complex else \
+            state["model.norm.weight"].float()
     state["model.norm.weight"] = state["model.norm.weight"].to(torch.bfloat16)
     save_file(state, tmp_path / "m" / "model.safetensors")
     assert model_info(tmp_path / "m")["parameters"] > 0

@@ -270,7 +270,7 @@ LONG = "".join(chr(0x4E00 + 37 * i) for i in range(200))  # rare characters: sev
     ("/v1/completions", {"model": "nano", "prompt": [1, 10**6]}, 400, "prompt", "invalid_value"),
     ("/v1/completions", {"model": "nano", "prompt": ["a"] * 17}, 400, "prompt", "invalid_value"),  # past the batch
     ("/v1/completions", {"model": "nano", "prompt": ["a", "b"], "n": 9}, 400, "n", "invalid_value"),  # 18 choices
-    ("/v1/completions", {"model": "nano", "prompt": [[1, 2], [10**6]]}, 400, "prompt", "invalid_value"),
+    ("/v1/completions", {"model": "nano", "prompt": [[1, 2], [10**6]]}, 400, "prompt[1]", "invalid_value"),
     ("/v1/completions", {"model": "nano", "prompt": ["a", 5]}, 400, "prompt", "invalid_type"),
     ("/v1/completions", {"model": "nano", "prompt": "hi", "temperature": -1}, 400, "temperature", "invalid_value"),
     ("/v1/completions", {"model": "nano", "prompt": "hi", "top_p": 1.5}, 400, "top_p", "invalid_value"),
@@ -415,9 +415,15 @@ def test_a_batch_of_prompts_answers_each_as_alone_in_order(client, reference):
         assert c.logprobs.text_offset == one.logprobs.text_offset and c.finish_reason == one.finish_reason
     assert r.usage.prompt_tokens == len(ids) + len(reference.encode("The quick", bos=True)) + 3
     assert r.usage.completion_tokens == sum(2 * len(c.logprobs.tokens) for c in alone) - 2 * r.usage.prompt_tokens
-    chunks = list(client.completions.create(prompt=prompts, stream=True, **kw))
-    texts = ["".join(c.choices[0].text for c in chunks if c.choices[0].index == i) for i in range(3)]
-    assert texts == [c.text for c in alone]
+    chunks = list(client.completions.create(prompt=prompts, n=2, stream=True, **kw))
+    texts = ["".join(c.choices[0].text for c in chunks if c.choices[0].index == i) for i in range(6)]
+    assert texts == [c.text for c in alone for _ in range(2)]
+    ends = [c.choices[0] for c in chunks if c.choices[0].finish_reason]
+    assert sorted(e.index for e in ends) == list(range(6)) and {e.finish_reason for e in ends} == {"length"}
+    bad = [ids, "x" * 5000]
+    with pytest.raises(openai.BadRequestError, match=r"prompt 1 of the batch: .*context") as e:
+        client.completions.create(prompt=bad, **kw)
+    assert e.value.body["param"] == "prompt[1]"
 
 
 def test_a_chat_far_too_long_is_refused_before_it_is_tokenized(server, monkeypatch):
@@ -556,9 +562,23 @@ def raw(server: ChatServer, data: bytes) -> bytes:
     return out
 
 
-def chunked(data: bytes, size: int) -> bytes:
-    return b"".join(b"%x;ext=1\r\n%s\r\n" % (len(data[i:i + size]), data[i:i + size])
-                    for i in range(0, len(data), size)) + b"0\r\nX-Trailer: t\r\n\r\n"
+def raw_reply(server: ChatServer, data: bytes) -> bytes:
+    """One response on a connection kept alive: its head, and a body of its Content-Length."""
+    u = urlsplit(server.url)
+    with socket.create_connection((u.hostname, u.port), timeout=60) as s:
+        s.sendall(data)
+        out = b""
+        while b"\r\n\r\n" not in out:
+            out += s.recv(65536)
+        length = int(re.search(rb"Content-Length: (\d+)", out)[1])
+        while len(out.split(b"\r\n\r\n", 1)[1]) < length:
+            out += s.recv(65536)
+    return out
+
+
+def chunked(data: bytes, size: int, trailer: bytes = b"X-Trailer: t\r\n") -> bytes:
+    return b"".join(b"%X;ext=1\r\n%s\r\n" % (len(data[i:i + size]), data[i:i + size])
+                    for i in range(0, len(data), size)) + b"0\r\n" + trailer + b"\r\n"
 
 
 def test_a_chunked_body_is_read_as_a_whole_one(server, reference):
@@ -571,11 +591,19 @@ def test_a_chunked_body_is_read_as_a_whole_one(server, reference):
     assert reply.startswith(b"HTTP/1.1 200")
     text = json.loads(reply.split(b"\r\n\r\n", 1)[1])["choices"][0]["text"]
     assert text == expected_completion(reference, "中国的首都", 4).text
+    keep = head.replace(b"Connection: close\r\n", b"")
+    for data in (chunked(body, 200, trailer=b""), chunked(body, 13)):  # no trailers; uppercase hex sizes
+        reply = raw_reply(server, keep + data)
+        assert reply.startswith(b"HTTP/1.1 200") and json.loads(reply.split(b"\r\n\r\n", 1)[1])["choices"][0]["text"] \
+            == text
+    # With a Content-Length beside it, chunked counts (RFC 9112 6.3), and the connection then ends.
+    both = keep.replace(b"Transfer-Encoding", b"Content-Length: 5\r\nTransfer-Encoding")
+    assert raw(server, both + chunked(body, 7)).startswith(b"HTTP/1.1 200")
     assert raw(server, head + chunked(b"x" * (MAX_BODY + 1), 4096)).startswith(b"HTTP/1.1 413")
     for bad in (b"zz\r\n{}\r\n0\r\n\r\n", b"5\r\n{}\r\n0\r\n\r\n", b"2\r\n{}XX0\r\n\r\n"):
         assert raw(server, head + bad).startswith(b"HTTP/1.1 400"), bad
-    gzip = head.replace(b"chunked", b"gzip, chunked")
-    assert raw(server, gzip + chunked(body, 7)).startswith(b"HTTP/1.1 501")
+    for coding in (b"gzip, chunked", b"chunked\r\nTransfer-Encoding: gzip"):  # on one line or on two
+        assert raw(server, head.replace(b"chunked", coding) + chunked(body, 7)).startswith(b"HTTP/1.1 501"), coding
 
 
 def test_protocol_errors(server):

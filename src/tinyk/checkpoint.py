@@ -335,8 +335,9 @@ def init_model_dir(preset: str, tok_dir: str | Path, out: str | Path, *, seed: i
     return model
 
 
-# safetensors' dtype names in a file's header; a name not listed is a float type newer than these.
+# safetensors' dtype names in a file's header; the ones not listed are float formats of 6 bits or fewer.
 HEADER_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                 "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "C64": torch.complex64,
                  "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                  "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "BOOL": torch.bool}
 

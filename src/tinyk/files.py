@@ -32,6 +32,10 @@ class TinykError(Exception):
     """A user-facing error: the CLI prints its message as one line and exits non-zero."""
 
 
+class PeerLost(TinykError):
+    """This process of a distributed job stopped because another one did, whose error is the root cause."""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (`kill`, `timeout`, a job scheduler) stops a command as Ctrl-C does, through the same
     clean-up: partial outputs are removed (`tinyk data` keeps its work to continue), a training run saves
@@ -916,9 +920,9 @@ class DirLock:
                 try:
                     args = Path(f"/proc/{fields[4]}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
                     command = " ".join(b" ".join(args).decode(errors="replace").split())  # one line
-                except OSError:
-                    command = ""
-                found.append(f"{fields[4]} ({command[:100]})" if command else fields[4])
+                except OSError:  # gone: the lock is held through a descriptor a child of it inherited
+                    command = "exited; a process it started holds the lock"
+                found.append(f"{fields[4]} ({command[:100]})")
         return found
 
 

@@ -313,7 +313,7 @@ class Api:
         except TinykError as e:
             raise ApiError(400, str(e), param=param, code="invalid_value") from e
 
-    def completion_prompts(self, body: dict, limit: int) -> list[tuple[list[int], int]]:
+    def completion_prompts(self, body: dict, limit: int, why: str) -> list[tuple[list[int], int]]:
         """Each prompt's token ids, and how many of them the server put first (the `<|im_start|>` that
         starts a text prompt), which an echo leaves out of the text. `prompt` is a string or a list of
         token ids, or a batch: a list of those (lm-eval's batch_size), at most `limit` of them."""
@@ -324,8 +324,15 @@ class Api:
             return [self._completion_prompt(prompt)]
         if len(prompt) > limit:
             raise ApiError(400, f"a batch of {len(prompt)} prompts; this server takes at most {limit} completions "
-                                f"per request (its --max-batch)", param="prompt", code="invalid_value")
-        return [self._completion_prompt(p) for p in prompt]
+                                f"per request ({why})", param="prompt", code="invalid_value")
+        prompts = []
+        for i, p in enumerate(prompt):
+            try:
+                prompts.append(self._completion_prompt(p))
+            except ApiError as e:  # which prompt of the batch it was
+                e.message, e.param = f"prompt {i} of the batch: {e.message}", f"prompt[{i}]"
+                raise
+        return prompts
 
     def _completion_prompt(self, prompt: Any) -> tuple[list[int], int]:
         if isinstance(prompt, list) and len(prompt) >= self.engine.context_length:
@@ -393,13 +400,14 @@ class Api:
         # The choices decode side by side in one batch, so no more than the batch holds; and they queue
         # together, so no more than the queue holds (else every retry of an n above it would get a 503).
         limit = min(self.engine.max_batch, self.cfg.max_waiting)
-        prompts = [(self.chat_ids(body), 0)] if chat else self.completion_prompts(body, limit)
+        why = "its --max-batch" if self.engine.max_batch <= self.cfg.max_waiting else "its --max-waiting"
+        prompts = [(self.chat_ids(body), 0)] if chat else self.completion_prompts(body, limit, why)
         params = self.sampling(body, max(len(ids) for ids, _ in prompts), chat)
         n = _get(body, "n", "integer", 1)
         _in_range("n", n, 1, limit)
         if len(prompts) * n > limit:
             raise ApiError(400, f"{len(prompts)} prompts x n {n} = {len(prompts) * n} completions; this server takes "
-                                f"at most {limit} per request (its --max-batch)", param="n", code="invalid_value")
+                                f"at most {limit} per request ({why})", param="n", code="invalid_value")
         stream = _get(body, "stream", "boolean", False)
         options = _get(body, "stream_options", "object", {})
         if options and not stream:
@@ -649,6 +657,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def _body(self) -> dict:
         length = self._body_length()
+        if length is None and "Content-Length" in self.headers:  # RFC 9112 6.3: read chunked, then close
+            self.close_connection = True
         try:
             raw = self.rfile.read(length) if length is not None else self._chunked_body()
         except ApiError:  # the rest of the body must not be read as the next request: drained, then closed
@@ -1039,7 +1049,10 @@ def _failure(req: Request) -> ApiError:
 def _content_length(headers: Any, limit: int) -> int | None:
     """A request's Content-Length, or None for a chunked body (whose size is checked as it is read):
     411 when there is neither, 400 when it is not a number, 413 above `limit`."""
-    coding = [c.strip().lower() for c in headers.get("Transfer-Encoding", "").split(",") if c.strip()]
+    # Every Transfer-Encoding line: a proxy that reads another one than this server does is how
+    # requests are smuggled past it.
+    coding = [c.strip().lower() for line in headers.get_all("Transfer-Encoding", []) for c in line.split(",")
+              if c.strip()]
     if coding == ["chunked"]:  # it overrides a Content-Length (RFC 9112 6.3)
         return None
     if coding:

@@ -48,6 +48,7 @@ from .checkpoint import (
 from .files import (
     MAX_BATCH,
     DirLock,
+    PeerLost,
     StoppedBeforeTraining,
     TinykError,
     atomic_dir,
@@ -906,7 +907,7 @@ class Trainer:
                 raise lost from e
             raise
 
-    def _peer_lost(self, e: BaseException, *, before_training: bool) -> TinykError | None:
+    def _peer_lost(self, e: BaseException, *, before_training: bool) -> PeerLost | None:
         return peer_lost(e, self.out, before_training=before_training) if self.dist.world > 1 else None
 
     def _fail_start(self) -> None:
@@ -1534,12 +1535,12 @@ class Trainer:
                          f"seq_len {cfg.seq_len} + 1 tokens and are cut there, mid-answer where it falls (the data "
                          f"was cut at max_len {self.meta.get('max_len')}, at a turn where possible)")
         windows = self.loader.num_windows
-        if cfg.batch_size > windows:  # the epoch budget rounds up to one step, which holds the data several times
+        if cfg.batch_size > windows:  # an epoch budget then rounds up to a step, which holds the data several times
             unit = "training conversations" if cfg.kind == "sft" else f"training sequences at seq_len {cfg.seq_len}"
             lines.append(f"note: a batch of {cfg.batch_size:,} is more than the data's {windows:,} {unit}: each step "
                          f"goes through the data {cfg.batch_size / windows:.1f} times, so the run trains "
                          f"{self.total_steps * cfg.batch_size / windows:.1f} epochs in "
-                         f"{plural(self.total_steps, 'steps')} (a smaller --batch-size keeps closer to --epochs)")
+                         f"{plural(self.total_steps, 'steps')}")
         if self.warmup >= self.total_steps:
             peak = "reaches its peak only at the last step" if self.warmup == self.total_steps else \
                 "never reaches its peak"
@@ -1833,20 +1834,20 @@ class Trainer:
 _PEER_GONE = ("closed by peer", "reset by peer", "Broken pipe", "Connection refused", "communicator was aborted")
 
 
-def peer_lost(e: BaseException, out: Path, *, before_training: bool = False) -> TinykError | None:
+def peer_lost(e: BaseException, out: Path, *, before_training: bool = False) -> PeerLost | None:
     """A collective that failed because another process of the job died (killed, out of memory, or
     refused to start: an unwritable --out, a tracker that did not start): one line with the way back,
     in place of the backend's traceback."""
     if not isinstance(e, RuntimeError) or not any(s in str(e) for s in _PEER_GONE):
         return None
     if before_training:  # that process's own error is the news, and nothing was saved to resume
-        return TinykError("another process of this job stopped before training began; its own error says why")
+        return PeerLost("another process of this job stopped before training began; its own error says why")
     ckpts: list[Path] = []
     with contextlib.suppress(OSError):  # a lost network disk: the failed collective is still the news
         ckpts = checkpoints(out)
     newest = f"the newest checkpoint is {ckpts[-1]}; " if ckpts else ""
-    return TinykError(f"another process of this job stopped ({first_line(e)}); {newest}start the job again with "
-                      f"--resume")
+    return PeerLost(f"another process of this job stopped ({first_line(e)}); {newest}start the job again with "
+                    f"--resume")
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from tinyk import __version__
-from tinyk.files import StoppedBeforeTraining, Terminated, TinykError, out_of_memory
+from tinyk.files import PeerLost, StoppedBeforeTraining, Terminated, TinykError, out_of_memory
 
 STAGES = ["tokenizer", "model", "data", "train", "generate", "serve", "evaluate", "demo", "plan"]
 
@@ -57,15 +57,21 @@ def _terminate(signum: int, frame: object) -> NoReturn:
     raise Terminated
 
 
-def _fail(message: str) -> NoReturn:
+def _fail(message: str, root_cause: bool = True) -> NoReturn:
     """One line on stderr and exit 2. Under torchrun every process usually fails alike: each leaves its
     line in the error file torchrun reads, whose failure summary then shows it in place of a link to
-    PyTorch's docs, and only local rank 0 prints it, once per machine rather than once per process."""
+    PyTorch's docs, and only local rank 0 prints it, once per machine rather than once per process.
+    torchrun names the earliest failure the root cause: a process that only saw another one stop
+    dates its line a second later, so the other's error is the one named."""
+    written = False
     if error_file := os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        stamp = str(int(time.time()) + (0 if root_cause else 1))
+        # The layout torch's own @record writes: {"message": {"message", "extraInfo": {"py_callstack", "timestamp"}}}
         with contextlib.suppress(OSError):
-            Path(error_file).write_text(json.dumps({"message": message, "timestamp": int(time.time())}),
-                                        encoding="utf-8")
-    if not error_file or os.environ.get("LOCAL_RANK", "0") == "0":
+            Path(error_file).write_text(json.dumps({"message": {"message": message, "extraInfo": {
+                "py_callstack": message, "timestamp": stamp}}}), encoding="utf-8")
+            written = True
+    if not written or os.environ.get("LOCAL_RANK", "0") == "0":
         print(message, file=sys.stderr)
     sys.exit(2)
 
@@ -98,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = args.func(args)
     except TinykError as e:
-        _fail(f"tinyk: error: {e}")
+        _fail(f"tinyk: error: {e}", root_cause=not isinstance(e, PeerLost))
     except StoppedBeforeTraining as e:
         print(f"tinyk: stopped by {e.signal_name} before the first step: nothing was trained, and the run "
               f"directory is as it was", file=sys.stderr)
