@@ -684,6 +684,30 @@ def test_chat_session_commands_and_history(engine, capsys):
         engine.chat_ids(history[:1], default_system=engine.tok.system_prompt) != engine.chat_ids(history[:1])
 
 
+def test_a_system_prompt_that_leaves_no_room_is_blamed_not_the_message(engine, capsys):
+    """A --system as long as the context window was reported as every message being too long; now it is
+    refused at the start, and a /system that long leaves the prompt as it was. A message too long beside
+    a large system prompt says how much of the window the system prompt takes."""
+    params = replace(GREEDY, max_new_tokens=4)
+    ctx = engine.context_length
+    huge = "系统" * ctx
+    for interactive in (True, False):
+        with pytest.raises(TinykError, match=rf"^the system prompt is too long: with it the conversation takes at "
+                                             rf"least [\d,]+ tokens before any message, and the model's context "
+                                             rf"window is {ctx}$"):
+            chat_session(engine, params, ["hi"], io.StringIO(), system=huge, interactive=interactive)
+    history = chat_session(engine, params, [f"/system {huge}", "你好"], io.StringIO(), system="你是诗人")
+    assert "; system prompt unchanged)" in capsys.readouterr().err and len(history) == 2
+    assert history[1]["content"] == \
+        engine.generate([engine.chat_ids(history[:1], default_system="你是诗人")], params)[0].text
+    system = next(s for k in range(1, ctx) if len(engine.chat_ids([{"role": "user", "content": ""}],
+                                                                  default_system=(s := "系统" * k))) > ctx // 2)
+    message = next(m for k in range(1, ctx) if len(engine.chat_ids([{"role": "user", "content": (m := "好" * k)}],
+                                                                   default_system=system)) >= ctx)
+    with pytest.raises(TinykError, match=r"^message too long: .*; the system prompt and chat markers take [\d,]+$"):
+        chat_session(engine, params, [message], io.StringIO(), system=system, interactive=False)
+
+
 def test_ctrl_c_stops_the_reply_not_the_chat(engine, capsys, monkeypatch):
     run = engine.run
 

@@ -36,6 +36,18 @@ def test_input_that_is_not_a_file(tmp_path, capsys):
     assert code == 2 and "input is not a file" in err
 
 
+def test_a_pipe_given_as_a_file_says_what_to_do(tmp_path, capsys, nano_model_dir):
+    """`<(command)` and named pipes: inputs are sized and read more than once, and prompts have stdin."""
+    fifo = tmp_path / "p.jsonl"
+    os.mkfifo(fifo)
+    code, err = run_cli(["tokenizer", "train", str(fifo), "--out", str(tmp_path / "t")], capsys)
+    assert code == 2 and err.strip() == f"tinyk: error: input is a pipe, not a file: {fifo} (save what it gives to a " \
+                                        f"file first)"
+    code, err = run_cli(["generate", "--model", str(nano_model_dir), "--prompt-file", str(fifo)], capsys)
+    assert code == 2 and err.strip() == f"tinyk: error: --prompt-file {fifo} is a pipe: pipe the prompts to stdin " \
+                                        f"with --prompt-file - instead"
+
+
 def test_an_output_under_a_file_is_one_line(tmp_path, corpus_file, pt_data, tok_dir, capsys):
     """Every command's output, a tokenizer, a training run or eval results, says what is wrong."""
     notes = tmp_path / "notes.txt"

@@ -226,8 +226,8 @@ def test_bom_jsonl_trains_with_no_skips(tmp_path, tok_dir, capsys):
     ("utf-16-le", b"\xff\xfe", "UTF-16 text"), ("utf-16-be", b"\xfe\xff", "UTF-16 text"),
     ("utf-32-le", b"\xff\xfe\0\0", "UTF-32 text"), ("utf-32-be", b"\0\0\xfe\xff", "UTF-32 text"),
     # No byte order mark: English text has a NUL in every other byte, Chinese only in some.
-    ("utf-16-le", b"", "NUL bytes at the start: UTF-16 or UTF-32 text without a byte order mark"),
-    ("utf-16-be", b"", "NUL bytes at the start: UTF-16 or UTF-32 text without a byte order mark")])
+    ("utf-16-le", b"", "NUL bytes in its first 4 KB: UTF-16 or UTF-32 text without a byte order mark"),
+    ("utf-16-be", b"", "NUL bytes in its first 4 KB: UTF-16 or UTF-32 text without a byte order mark")])
 @pytest.mark.parametrize("text", ["english one\nenglish two\n", "上海\n浦东\n" * 3])  # 上 is 0A 4E in UTF-16LE
 def test_utf16_input_is_one_error(tmp_path, encoding, bom, says, text):
     src = tmp_path / "u16.txt"

@@ -78,6 +78,13 @@ def test_a_byte_level_tokenizer_without_its_decoder_is_refused(tmp_path, tok_dir
         load_tokenizer(broken)
 
 
+def test_the_system_flag_reads_as_chats_system_command(tk):
+    """--system '' or only spaces means no system prompt, as `/system` in chat; absent means the model's own."""
+    assert tk.system_from_flag(None) == tk.system_prompt
+    assert tk.system_from_flag("") is tk.system_from_flag("   ") is None
+    assert tk.system_from_flag("  你是诗人\n") == "你是诗人"
+
+
 def test_chat_template_renders_the_seeds_conversations(tk, tok_dir):
     hf = AutoTokenizer.from_pretrained(tok_dir)
     assert hf.chat_template == chat_template(DEFAULT_SYSTEM_PROMPT)

@@ -35,6 +35,24 @@ def chat_session(engine: Engine, params: SamplingParams, lines: Iterable[str], o
     # Room for the reply: its whole token budget, but never more than half the window (the history
     # keeps the rest).
     reserve = min(params.max_new_tokens, engine.context_length // 2)
+
+    def opening(s: str | None) -> int:
+        """Tokens a conversation under system prompt `s` takes before its first message's text."""
+        engine.check_fits([s or ""], tokens_each=MESSAGE_TOKENS)  # a pasted megabyte: refused, not tokenized
+        return len(engine.chat_ids([{"role": "user", "content": ""}], default_system=s))
+
+    def too_long(s: str | None) -> str | None:
+        """Why system prompt `s` leaves no room for any message, or None."""
+        try:
+            start = opening(s)
+        except ContextLengthError:
+            start = engine.context_length
+        return None if start < engine.context_length else (
+            f"the system prompt is too long: with it the conversation takes at least {start:,} tokens before "
+            f"any message, and the model's context window is {engine.context_length:,}")
+
+    if why := too_long(system):
+        raise TinykError(why)
     for line in lines:
         text = line.strip()
         if not text:
@@ -53,6 +71,8 @@ def chat_session(engine: Engine, params: SamplingParams, lines: Iterable[str], o
                 print(CHAT_HELP, file=sys.stderr)
             elif command == "/system" and has_surrogate(text):  # a GBK line: the session goes on
                 print(f"({NOT_UTF8}; system prompt unchanged)", file=sys.stderr)
+            elif command == "/system" and (why := too_long(text[len("/system"):].strip() or None)):
+                print(f"({why}; system prompt unchanged)", file=sys.stderr)
             elif command == "/system":
                 system = text[len("/system"):].strip() or None
                 history = []
@@ -81,8 +101,10 @@ def chat_session(engine: Engine, params: SamplingParams, lines: Iterable[str], o
         try:
             request = engine.request(ids, params)
         except ContextLengthError as e:
+            share = opening(system)
+            e = f"{e}; the system prompt and chat markers take {share:,}" if share > engine.context_length // 4 else e
             if not interactive:
-                raise TinykError(f"message too long: {e}") from e
+                raise TinykError(f"message too long: {e}") from None
             print(f"(message too long: {e})", file=sys.stderr)
             continue
         if forgot:

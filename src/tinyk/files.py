@@ -151,6 +151,8 @@ def check_inputs(paths: list[str | Path]) -> list[Path]:
     for p in map(Path, paths):
         if not p.exists():
             raise TinykError(f"input file not found: {p}")
+        if p.is_fifo():  # read more than once, and sized first: a pipe or <(command) gives neither
+            raise TinykError(f"input is a pipe, not a file: {p} (save what it gives to a file first)")
         if not p.is_file():
             raise TinykError(f"input is not a file: {p}")
         if not os.access(p, os.R_OK):
@@ -479,7 +481,7 @@ def iter_lines(path: Path, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iter
                 line = line[len(_BOM):]
             # In the first 4 KB, not the first line: UTF-16LE's 上 (0A 4E) or newline (0A 00) ends lines early.
             if f.n - len(line) < 4096 and b"\x00" in line:
-                raise TinykError(f"{path}: NUL bytes at the start: UTF-16 or UTF-32 text without a byte order "
+                raise TinykError(f"{path}: NUL bytes in its first 4 KB: UTF-16 or UTF-32 text without a byte order "
                                  f"mark, or not text at all; tinyk reads UTF-8 (convert it, e.g. iconv -f utf-16le "
                                  f"-t utf-8, or utf-16be)")
             if len(line) > max_line_bytes and not line.endswith(b"\n"):

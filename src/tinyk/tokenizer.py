@@ -291,8 +291,9 @@ class TinyTokenizer:
         return self.system_prompt if isinstance(default_system, ModelPrompt) else default_system
 
     def system_from_flag(self, flag: str | None) -> str | None:
-        """What a --system / --system-prompt flag asks for: absent, this model's own prompt; '' none."""
-        return self.system_prompt if flag is None else (flag or None)
+        """What a --system / --system-prompt flag asks for: absent, this model's own prompt; '' (or only
+        spaces, as chat's /system takes it) none."""
+        return self.system_prompt if flag is None else (flag.strip() or None)
 
 
 def tokenizer_hash(path: str | Path) -> str:

@@ -99,6 +99,9 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
         if not prompts:
             raise TinykError("no prompts on stdin (--prompt-file - reads one per line)")
     elif args.prompt_file:
+        if Path(args.prompt_file).is_fifo():  # `--prompt-file <(command)`
+            raise TinykError(f"--prompt-file {args.prompt_file} is a pipe: pipe the prompts to stdin with "
+                             f"--prompt-file - instead")
         skips = Skips()
         found = list(iter_texts(check_inputs([args.prompt_file]), skips, field_name=args.field))
         if is_plain_text(Path(args.prompt_file)):
