@@ -102,10 +102,11 @@ def chat_session(engine: Engine, params: SamplingParams, lines: Iterable[str], o
             request = engine.request(ids, params)
         except ContextLengthError as e:
             share = opening(system)
-            e = f"{e}; the system prompt and chat markers take {share:,}" if share > engine.context_length // 4 else e
+            why = f"{e}; the system prompt and chat markers take {share:,}" if share > engine.context_length // 4 \
+                else str(e)
             if not interactive:
-                raise TinykError(f"message too long: {e}") from None
-            print(f"(message too long: {e})", file=sys.stderr)
+                raise TinykError(f"message too long: {why}") from e
+            print(f"(message too long: {why})", file=sys.stderr)
             continue
         if forgot:
             turns = f"{forgot} turns" if forgot > 1 else "turn"

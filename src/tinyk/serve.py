@@ -683,13 +683,14 @@ class Handler(BaseHTTPRequestHandler):
             size = line.split(b";", 1)[0].strip()
             if not line.endswith(b"\n") or not re.fullmatch(rb"[0-9A-Fa-f]{1,15}", size):
                 raise ApiError(400, "malformed chunked request body", code="invalid_chunked_body")
-            if int(size, 16) == 0:
+            n = int(size, 16)
+            if n == 0:
                 break
-            total += int(size, 16)
+            total += n
             if total > limit:
                 raise _too_large(f"more than {limit}", limit)
-            parts.append(self.rfile.read(int(size, 16)))
-            if len(parts[-1]) < int(size, 16) or self.rfile.readline(MAX_CHUNK_LINE) not in (b"\r\n", b"\n"):
+            parts.append(self.rfile.read(n))
+            if len(parts[-1]) < n or self.rfile.readline(MAX_CHUNK_LINE) not in (b"\r\n", b"\n"):
                 raise ApiError(400, "malformed chunked request body", code="invalid_chunked_body")
         for _ in range(MAX_TRAILERS + 1):
             if self.rfile.readline(MAX_CHUNK_LINE) in (b"\r\n", b"\n", b""):
