@@ -28,6 +28,7 @@ from tinyk.files import (
     _stem,
     atomic_dir,
     check_inputs,
+    check_output_file,
     iter_records,
     iter_texts,
     marker_file,
@@ -378,6 +379,18 @@ def test_a_refused_write_names_the_folder_not_the_free_space(tmp_path):
     assert str(write_error(run / "config.yaml", e)) == f"cannot write in {run}: permission denied"
     full = str(write_error(run / "config.yaml", OSError(28, "No space left on device")))
     assert full.startswith(f"cannot write {run / 'config.yaml'}: [Errno 28] No space left on device; ") and "MB free" in full
+    # Neither the disk nor permission (a folder of /proc): the reason alone, not the temporary's name.
+    missing = FileNotFoundError(2, "No such file or directory", str(run / ".config.yaml.tmp-16918"))
+    assert str(write_error(run / "config.yaml", missing)) == f"cannot write {run / 'config.yaml'}: No such file or directory"
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_an_output_file_where_nothing_can_be_written_is_refused_before_the_work():
+    """Root passes the access check in /proc and /sys, where every write fails: `tinyk eval --out /proc/r.json`
+    evaluated everything, then failed to save it."""
+    with pytest.raises(TinykError, match=r"^(cannot write /proc/r.json: No such file or directory|--out /proc/r.json: "
+                                         r"directory /proc is not writable)$"):  # as root | as a user
+        check_output_file("/proc/r.json", [], force=False)
 
 
 def test_an_output_on_a_read_only_file_system_is_named_not_its_temporary(tmp_path, monkeypatch):

@@ -301,6 +301,9 @@ def write_error(path: Path, e: BaseException) -> TinykError:
         refused = Path(os.fsdecode(e.filename)) if getattr(e, "filename", None) else path
         why = "permission denied" if isinstance(e, PermissionError) else "the file system is read-only"
         return TinykError(f"cannot write in {shown(refused.parent)}: {why}")
+    if isinstance(e, OSError) and e.errno not in (None, errno.ENOSPC, errno.EDQUOT, errno.EIO) and e.strerror:
+        # Not the disk (a folder that is not one, /proc): the reason alone, without the temporary file's name.
+        return TinykError(f"cannot write {path}: {e.strerror}")
     try:
         free = f"; {shutil.disk_usage(path.parent).free / 1e6:,.0f} MB free on that disk"
     except OSError:
@@ -734,6 +737,12 @@ def check_output_file(out: str, inputs: Iterable[str | Path | None], *, force: b
         raise TinykError(f"--out {out}: directory {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise TinykError(f"--out {out}: directory {parent} is not writable")
+    try:  # a real write: root passes the access check where nothing can be written (/sys, /proc, read-only)
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.tmp-probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise write_error(path, e) from e
 
 
 def without_dotdot(path: Path) -> Path:
