@@ -203,13 +203,13 @@ class SamplingParams:
     """How to pick tokens. Defaults avoid the repetition loops small models fall into.
 
     temperature 0 is greedy decoding; top_k 0, top_p 1 and min_p 0 switch those filters off (top_p 0
-    keeps only the most likely token);
-    repetition_penalty 1 switches the penalty off. `logprobs` n records each generated token's
-    log-probability and the n likeliest at its place, `prompt_logprobs` n the same for the prompt's
-    tokens (None: neither); both come from the model's own distribution, before any sampling setting.
-    `stop` strings end a sequence and are not part of its text; `stop_token_ids` do the same as EOS. A sequence also ends at EOS (`<|im_end|>`)
-    or any other special token, since none belongs inside a text or a reply (`<|im_start|>` would
-    begin a new document or turn), unless `ignore_eos`; special tokens are never part of the text.
+    keeps only the most likely token); repetition_penalty 1 switches the penalty off. `logprobs` n
+    records each generated token's log-probability and the n likeliest at its place, `prompt_logprobs`
+    n the same for the prompt's tokens (None: neither); both come from the model's own distribution,
+    before any sampling setting. `stop` strings end a sequence and are not part of its text;
+    `stop_token_ids` do the same as EOS. A sequence also ends at EOS (`<|im_end|>`) or any other
+    special token, since none belongs inside a text or a reply (`<|im_start|>` would begin a new
+    document or turn), unless `ignore_eos`; special tokens are never part of the text.
     """
 
     temperature: float = 0.7
