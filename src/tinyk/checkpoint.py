@@ -349,8 +349,9 @@ def model_info(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     cfg, _ = config_and_tokenizer(path)  # a directory other commands would refuse is refused here
     with _reading_weights(path), rust_path(path / "model.safetensors") as name, safe_open(name, "pt") as f:
-        state = {k: torch.empty(f.get_slice(k).get_shape(), device="meta",
-                                dtype=HEADER_DTYPES.get(f.get_slice(k).get_dtype(), torch.float32)) for k in f.keys()}
+        slices = {k: f.get_slice(k) for k in f.keys()}
+        state = {k: torch.empty(s.get_shape(), device="meta", dtype=HEADER_DTYPES.get(s.get_dtype(), torch.float32))
+                 for k, s in slices.items()}
     n = _model_from_dir_state(path, cfg, state).num_params()
     return {"path": str(path), "parameters": n, "config": cfg.to_dict(), "memory": memory_footprint(cfg, n)}
 
