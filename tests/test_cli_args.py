@@ -57,7 +57,16 @@ PLAN = ["plan", "--preset", "nano"]
     ([*TOK, "--max-bytes", "0"], "--max-bytes", SIZE),
     ([*TOK, "--max-bytes", "lots"], "--max-bytes", "not a size: 'lots' (e.g. 500M, 2G)"),
     (["tokenizer", "eval", "t", "--max-bytes", "0.1"], "--max-bytes", SIZE),
-    ([*DATA, "--shard-tokens", "inf"], "--shard-tokens", SIZE),
+    ([*DATA, "--shard-tokens", "inf"], "--shard-tokens", "must be a size from 1k to 1e18 (e.g. 500M, 2G)"),
+    # one file per token (or 100 meant as 100M): a shard holds at least 1k tokens
+    ([*DATA, "--shard-tokens", "1"], "--shard-tokens", "must be a size from 1k to 1e18 (e.g. 500M, 2G), got '1'"),
+    # an empty --out (`--out "$DIR"`, DIR unset) is no path, not the current folder
+    ([*TOK[:-2], "--out", ""], "--out", "is empty; give a path"),
+    ([*DATA[:-2], "--out", ""], "--out", "is empty; give a path"),
+    ([*EVAL, "--out", ""], "--out", "is empty; give a path"),
+    (["pretrain", "--preset", "nano", "--out", ""], "--out", "is empty; give a path"),
+    (["model", "init", "--preset", "nano", "--tokenizer", "t", "--out", ""], "--out", "is empty; give a path"),
+    (["demo", "--out", ""], "--out", "is empty; give a path"),
     ([*DATA, "--max-line-bytes", "1e30"], "--max-line-bytes", SIZE),
     (["pretrain", "--max-tokens=-1G"], "--max-tokens", SIZE),
     ([*SERVE, "--max-body", "inf"], "--max-body", "must be a size from 1 to 1G"),
@@ -249,8 +258,9 @@ def test_eval_out_is_checked_before_evaluating(tmp_path, task_file, capsys):
     assert mine.read_text() == "keep"
     code, err = run_cli(eval_args(model, task_file, "--out", tmp_path / "nope" / "r.json"), capsys)
     assert code == 2 and "does not exist" in err and err.count("\n") == 1
-    code, err = run_cli(eval_args(model, task_file, "--out", ""), capsys)
-    assert code == 2 and err == "tinyk: error: --out is empty\n"
+    code, err = run_cli(eval_args(model, task_file, "--out", f"{tmp_path / 'r.json'}/"), capsys)
+    assert code == 2 and err == (f"tinyk: error: --out {tmp_path / 'r.json'}/ ends in '/', which names a directory; "
+                                 f"give a file name for the JSON results\n")
     fifo, null_link = tmp_path / "fifo", tmp_path / "null"
     os.mkfifo(fifo)
     null_link.symlink_to(os.devnull)
@@ -278,6 +288,45 @@ def test_eval_out_force_replaces_an_earlier_result(tmp_path, nano_model_dir, tas
     code, err = run_cli(eval_args(nano_model_dir, tmp_path / "tasks"), capsys)
     assert code == 2 and err == f"tinyk: error: task file {tmp_path / 'tasks'} is a directory; give a JSONL file " \
                                 "of chats\n"
+
+
+def test_a_stop_once_the_results_are_written_says_they_are_complete(tmp_path, nano_model_dir, task_file, capsys,
+                                                                    monkeypatch):
+    """Ctrl-C (or SIGTERM) landing just after the file is in place: the command still stops as one
+    stopped (130, 143: `tinyk eval ... && next` does not go on), and says the results are whole."""
+    import tinyk.files
+    from tinyk.files import Terminated
+
+    real, out = tinyk.files.write_json_atomic, tmp_path / "r.json"
+
+    def stopped(stop: type[KeyboardInterrupt], after: bool):
+        def write(path, obj):
+            if after:
+                real(path, obj)
+            raise stop
+        return write
+
+    for stop, code, said in ((KeyboardInterrupt, 130, "interrupted"), (Terminated, 143, "terminated")):
+        monkeypatch.setattr(tinyk.files, "write_json_atomic", stopped(stop, after=True))
+        assert run_cli(eval_args(nano_model_dir, task_file, "--out", out, "--force"), capsys) == (
+            code, f"tinyk: {said} after the evaluation finished: {out} holds its complete results\n")
+        assert json.loads(out.read_text())["tasks"][0]["examples"] == 1
+    out.unlink()
+    monkeypatch.setattr(tinyk.files, "write_json_atomic", stopped(KeyboardInterrupt, after=False))
+    assert run_cli(eval_args(nano_model_dir, task_file, "--out", out), capsys) == (130, "tinyk: interrupted\n")
+    assert not out.exists()
+
+
+def test_a_task_file_or_data_directory_given_twice_is_refused(tmp_path, nano_model_dir, task_file, pt_data, capsys):
+    """Its results would be computed twice and shown as two rows."""
+    link = tmp_path / "same.jsonl"
+    link.symlink_to(task_file)
+    code, err = run_cli(eval_args(nano_model_dir, task_file, "--task", link), capsys)
+    assert code == 2 and err == (f"tinyk: error: task file {link} is given twice (also as {task_file}); give each "
+                                 f"file once\n")
+    code, err = run_cli(["eval", "--model", nano_model_dir, "--data", pt_data, pt_data], capsys)
+    assert code == 2 and err == (f"tinyk: error: data directory {pt_data} is given twice (also as {pt_data}); give "
+                                 f"each directory once\n")
 
 
 def test_a_bare_tinyk_shows_what_it_can_do_and_version_says_which(capsys):

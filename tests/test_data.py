@@ -403,7 +403,7 @@ def _stoppable_inputs(tmp_path: Path, kind: str) -> tuple[Path, Any]:
     --max-len), and the prepare function to run on it."""
     if kind == "pretrain":
         lines = [json.dumps({"text": t}, ensure_ascii=False) for t in texts(150)]
-        prep = functools.partial(prepare_pretrain, shard_tokens=700)
+        prep = functools.partial(prepare_pretrain, shard_tokens=1000)
     else:
         convs = conversations(60)
         convs[20] = [{"role": "user", "content": CHINESE * 3}, {"role": "assistant", "content": "好"}]  # prompt too long
@@ -526,9 +526,12 @@ def test_a_stopped_run_is_not_continued_by_another_command(tmp_path, tok_dir, mo
     out = tmp_path / "out"
     progress = tmp_path / ".out.partial" / "progress.json"
     other, unreadable = "was started with other inputs, tokenizer or options", "has a progress file that cannot be read"
+    victim = tmp_path / "victim.bin"
+    victim.write_bytes(b"precious")
     for change, kwargs, why in (("input", {}, other), ("seed", {"seed": 1}, other), ("garbled", {}, unreadable),
                                 ("keyless", {}, unreadable), ("nested", {}, unreadable),
                                 ("negative", {}, unreadable), ("text", {}, unreadable),
+                                ("outside", {}, unreadable), ("shard outside", {}, unreadable),
                                 ("fraction", {"val_fraction": 0.3}, other)):
         with monkeypatch.context() as m:
             _stop_during_batch(m, 5)
@@ -538,9 +541,13 @@ def test_a_stopped_run_is_not_continued_by_another_command(tmp_path, tok_dir, mo
             os.utime(src, ns=(time.time_ns(), src.stat().st_mtime_ns + 10**9))
         elif change == "garbled":
             progress.write_text(progress.read_text()[:100])
-        elif change in ("keyless", "nested", "negative", "text"):  # edited by hand, or left by another version
-            state = json.loads(progress.read_text())
-            if change == "keyless":
+        elif change in ("keyless", "nested", "negative", "text", "outside", "shard outside"):
+            state = json.loads(progress.read_text())  # edited by hand, tampered with, or left by another version
+            if change == "outside":  # nothing outside the folder is cut back or written to
+                state["files"]["train/../../victim.bin"] = 1
+            elif change == "shard outside":
+                state["writers"]["train"]["shards"][-1]["file"] = "../../victim.bin"
+            elif change == "keyless":
                 del state["writers"]
             elif change == "nested":
                 del state["writers"]["val"]["shards"]
@@ -555,13 +562,13 @@ def test_a_stopped_run_is_not_continued_by_another_command(tmp_path, tok_dir, mo
         assert made["seed"] == kwargs.get("seed", 0) and made["val_fraction"] == kwargs.get("val_fraction", 0.2)
     prep([src], tok_dir, tmp_path / "fresh", show_progress=False, **{**opts, "val_fraction": 0.3})
     _same_data(out, tmp_path / "fresh")
-    assert not progress.parent.exists()
+    assert not progress.parent.exists() and victim.read_bytes() == b"precious"
 
 
 def test_the_same_command_continues_a_run_killed_with_sigkill(tmp_path, tok_dir, capsys):
     src, _ = _stoppable_inputs(tmp_path, "pretrain")
     args = ["data", "pretrain", "--input", str(src), "--tokenizer", str(tok_dir), "--out", str(tmp_path / "out"),
-            "--workers", "1", "--shard-tokens", "700", "--val-fraction", "0.2"]
+            "--workers", "1", "--shard-tokens", "1k", "--val-fraction", "0.2"]
     killed = subprocess.run([sys.executable, "-c", (
         "import os, signal, sys\n"
         "import tinyk.data as d\n"
@@ -582,7 +589,7 @@ def test_the_same_command_continues_a_run_killed_with_sigkill(tmp_path, tok_dir,
         main(args)
     assert e.value.code == 0
     assert re.search(r"continuing the stopped run in .*\.out\.partial: [1-9][\d,]* docs", capsys.readouterr().err)
-    prepare_pretrain([src], tok_dir, tmp_path / "whole", val_fraction=0.2, shard_tokens=700, **QUIET)
+    prepare_pretrain([src], tok_dir, tmp_path / "whole", val_fraction=0.2, shard_tokens=1000, **QUIET)
     _same_data(tmp_path / "out", tmp_path / "whole")
     assert not (tmp_path / ".out.partial").exists()
 
@@ -661,6 +668,7 @@ def test_a_documents_split_depends_on_its_content_alone(tmp_path, tok_dir):
     ({"val_fraction": 1.0}, "val-fraction"),
     ({"workers": 0}, "workers"),
     ({"shard_tokens": 0}, "shard-tokens"),
+    ({"shard_tokens": 999}, r"--shard-tokens must be at least 1k \(fewer makes a file every few documents\), got 999"),
 ])
 def test_bad_arguments_are_one_line_errors(tmp_path, tok_dir, corpus_file, kwargs, message):
     with pytest.raises(TinykError, match=message):
@@ -745,10 +753,10 @@ def test_sft_alpaca_records():
     multi = normalize_conversation({"instruction": "再来一个", "output": "狗", "history": [["说个动物", "猫"]]})
     assert [m["content"] for m in multi] == ["说个动物", "猫", "再来一个", "狗"]
     assert normalize_conversation({"instruction": "你好", "output": 3}) == "bad_message"
-    assert normalize_conversation({"instruction": "你好", "output": "", "input": ""}) == "no_assistant_turn"
+    assert normalize_conversation({"instruction": "你好", "output": "", "input": ""}) == "empty_assistant_turn"
     # A blank answer of its own with a history: the history alone would repeat another record.
     assert normalize_conversation({"instruction": "再来", "output": " ", "history": [["说个动物", "猫"]]}) == \
-        "no_assistant_turn"
+        "empty_assistant_turn"
     for extra in (0, False, ["猫"]):  # an input that is not text is refused, not read as none
         assert normalize_conversation({"instruction": "翻译", "input": extra, "output": "Cat"}) == "bad_message"
 
@@ -883,7 +891,7 @@ def test_sft_bad_records_are_skipped_by_reason(tmp_path, tok_dir):
         json.dumps({"messages": [{"role": "user", "content": 5}]}),                     # 4 bad message
         json.dumps({"messages": [{"role": "tool", "content": "x"}]}),                   # 5 unknown role
         json.dumps({"conversations": [{"from": "human", "value": "只有问题"}]}),        # 6 no assistant
-        json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]}),  # 7
+        json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]}),  # 7 empty
         json.dumps({"messages": []}),                                                   # 8 empty
         json.dumps(ok, ensure_ascii=False),
         # A `datasets` export of mixed sources writes both keys, the one a row lacks as null or empty.
@@ -894,8 +902,10 @@ def test_sft_bad_records_are_skipped_by_reason(tmp_path, tok_dir):
     src.write_text("\n".join(lines) + "\n", encoding="utf-8")
     meta = prepare_sft([src], tok_dir, tmp_path / "o", **QUIET)
     assert meta["skipped"]["by_reason"] == {"malformed_json": 1, "unknown_format": 1, "bad_message": 1,
-                                            "unknown_role": 1, "no_assistant_turn": 2, "empty": 1}
-    assert meta["skipped"]["first"]["no_assistant_turn"] == ["s.jsonl:6", "s.jsonl:7"]
+                                            "unknown_role": 1, "no_assistant_turn": 1, "empty_assistant_turn": 1,
+                                            "empty": 1}
+    assert meta["skipped"]["first"]["no_assistant_turn"] == ["s.jsonl:6"]
+    assert meta["skipped"]["first"]["empty_assistant_turn"] == ["s.jsonl:7"]
     assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 4
     with pytest.raises(TinykError, match="not .txt"):
         prepare_sft([write_jsonl(tmp_path / "t.txt", ["x"])], tok_dir, tmp_path / "o2", **QUIET)
@@ -1154,6 +1164,43 @@ def test_loaders_refuse_missing_or_damaged_data(tmp_path, pretrain_dir, sft_dir)
     shard.write_bytes(shard.read_bytes()[:-2])
     with pytest.raises(TinykError, match="shard_00000.bin is missing or not"):
         PretrainLoader(broken, "train", 16, 2)
+
+
+@pytest.mark.parametrize("name", ["../../outside.bin", "/tmp/shard_00000.bin", "sub/shard_00000.bin", ".."])
+def test_a_meta_json_naming_a_shard_outside_its_folder_is_refused(tmp_path, pt_data, capsys, name):
+    """A damaged or tampered meta.json: no file outside the data directory is read, or vouched for by data info."""
+    data = Path(shutil.copytree(pt_data, tmp_path / "data"))
+    meta = json.loads((data / "meta.json").read_text())
+    meta["splits"]["train"]["shards"][0]["file"] = name
+    (data / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(SystemExit) as e:
+        main(["data", "info", str(data)])
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"tinyk: error: invalid {data / 'meta.json'}: split 'train' names a shard {name!r} outside its folder\n")
+
+
+def test_more_shards_than_the_open_file_limit_are_opened_or_refused_in_one_line(pretrain_dir):
+    """Each memory-mapped shard keeps a file open: the soft limit is raised as far as the hard one allows."""
+    script = (
+        "import os, resource, sys\n"
+        "from tinyk.files import TinykError\n"
+        "from tinyk.loader import PretrainLoader\n"
+        "now = len(os.listdir('/proc/self/fd'))\n"
+        "hard = now + 1 if sys.argv[2] == 'low' else resource.getrlimit(resource.RLIMIT_NOFILE)[1]\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (now + 1, hard))\n"
+        "try:\n"
+        "    PretrainLoader(sys.argv[1], 'train', 16, 2)\n"
+        "except TinykError as e:\n"
+        "    sys.exit(str(e))\n"
+        "print('opened')\n")
+    for hard, want in (("as it is", "opened\n"), ("low", "")):
+        r = subprocess.run([sys.executable, "-c", script, str(pretrain_dir), hard], capture_output=True, text=True,
+                           timeout=60)
+        assert r.stdout == want, r.stderr[-1000:]
+    n = len(json.loads((pretrain_dir / "meta.json").read_text())["splits"]["train"]["shards"])
+    assert r.returncode == 1 and re.fullmatch(
+        rf"{re.escape(str(pretrain_dir / 'train'))} has {n:,} shard files, more than this process may keep open "
+        r"\(ulimit -n allows \d+\); raise that limit, or remake the data with a larger --shard-tokens\n", r.stderr)
 
 
 # ---------------------------------------------------------------- CLI

@@ -15,7 +15,7 @@ import torch
 from tinyk.checkpoint import load_model
 from tinyk.cli import main
 from tinyk.files import TinykError, check_inputs
-from tinyk.tokenizer import build_tokenizer
+from tinyk.tokenizer import build_tokenizer, load_tokenizer
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str]:
@@ -46,6 +46,10 @@ def test_a_pipe_given_as_a_file_says_what_to_do(tmp_path, capsys, nano_model_dir
     code, err = run_cli(["generate", "--model", str(nano_model_dir), "--prompt-file", str(fifo)], capsys)
     assert code == 2 and err.strip() == f"tinyk: error: --prompt-file {fifo} is a pipe: pipe the prompts to stdin " \
                                         f"with --prompt-file - instead"
+    for flag, what in (("--task", "task file"), ("--choice", "multiple-choice path")):  # not "not found"
+        code, err = run_cli(["eval", "--model", str(nano_model_dir), flag, str(fifo)], capsys)
+        assert code == 2 and err == f"tinyk: error: {what} is a pipe, not a file: {fifo} (save what it gives to a " \
+                                    f"file first)\n"
 
 
 def test_an_output_under_a_file_is_one_line(tmp_path, corpus_file, pt_data, tok_dir, capsys):
@@ -70,6 +74,70 @@ def test_an_input_given_twice_is_refused(tmp_path, corpus_file, capsys):
         assert code == 2 and err == (f"tinyk: error: input {again} is given twice (also as {corpus_file}); "
                                      f"give each file once\n")
     assert not (tmp_path / "t").exists()
+
+
+def test_a_symlink_loop_is_called_a_loop_not_missing(tmp_path, nano_model_dir, capsys):
+    """ELOOP: `exists()` says False for a loop as for a missing file."""
+    loop, back = tmp_path / "c.jsonl", tmp_path / "d"
+    loop.symlink_to(back)
+    back.symlink_to(loop)
+    for args, what, path in ((["tokenizer", "train", loop, "--out", tmp_path / "t"], "input file", loop),
+                             (["eval", "--model", nano_model_dir, "--task", loop], "task file", loop),
+                             (["eval", "--model", nano_model_dir, "--choice", loop], "multiple-choice path", loop),
+                             (["data", "info", back], "tinyk data directory", back),
+                             (["generate", "--model", back, "--prompt", "x"], "model directory", back)):
+        code, err = run_cli([str(a) for a in args], capsys)
+        assert code == 2 and err == f"tinyk: error: {what} is a symlink loop (its links lead back to themselves): " \
+                                    f"{path}\n"
+
+
+def test_an_empty_file_is_called_empty(tmp_path, tok_dir, nano_model_dir, capsys):
+    """0 bytes: not "no usable documents (skipped 0 records)"; one empty file among others is read as none."""
+    empty, other = tmp_path / "e.jsonl", tmp_path / "f.jsonl"
+    empty.touch()
+    other.touch()
+    for args in (["tokenizer", "train", empty, "--out", tmp_path / "t"],
+                 ["data", "pretrain", "--input", empty, "--tokenizer", tok_dir, "--out", tmp_path / "d"],
+                 ["data", "sft", "--input", empty, "--tokenizer", tok_dir, "--out", tmp_path / "d"],
+                 ["generate", "--model", nano_model_dir, "--prompt-file", empty]):
+        code, err = run_cli([str(a) for a in args], capsys)
+        assert code == 2 and err == f"tinyk: error: input file is empty: {empty}\n"
+    code, err = run_cli(["tokenizer", "train", str(empty), str(other), "--out", str(tmp_path / "t")], capsys)
+    assert code == 2 and err == f"tinyk: error: all 2 input files are empty, e.g. {empty}\n"
+    code, err = run_cli(["eval", "--model", str(nano_model_dir), "--task", str(empty)], capsys)
+    assert code == 2 and err == f"tinyk: error: task file is empty: {empty}\n"
+    csv = tmp_path / "c.csv"
+    csv.touch()
+    code, err = run_cli(["eval", "--model", str(nano_model_dir), "--choice", str(csv)], capsys)
+    assert code == 2 and err == f"tinyk: error: multiple-choice CSV is empty: {csv}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.csv", "e.jsonl", "f.jsonl"]
+
+
+def test_an_empty_reply_is_called_empty_not_missing(tmp_path, tok_dir, capsys):
+    src = tmp_path / "s.jsonl"
+    src.write_text(json.dumps({"conversations": [{"from": "human", "value": "你好"}, {"from": "gpt", "value": ""}]},
+                              ensure_ascii=False) + "\n", encoding="utf-8")
+    code, err = run_cli(["data", "sft", "--input", str(src), "--tokenizer", str(tok_dir), "--out", str(tmp_path / "d")],
+                        capsys)
+    assert code == 2 and err == ("tinyk: error: no usable conversations in the input (skipped 1 records; empty "
+                                 "assistant turn: 1 (first at s.jsonl:1))\n")
+
+
+def test_a_system_prompt_too_long_for_max_len_is_blamed_not_the_input(tmp_path, tok_dir, capsys):
+    """Said before any conversation is tokenized, not as each one skipped as "prompt too long"."""
+    src = tmp_path / "s.jsonl"
+    src.write_text(json.dumps([{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"}],
+                              ensure_ascii=False) + "\n", encoding="utf-8")
+    long = "很长的系统提示" * 20
+    opening = len(load_tokenizer(tok_dir).encode_chat([{"role": "system", "content": long},
+                                                        {"role": "user", "content": ""}], add_generation_prompt=True))
+    args = ["data", "sft", "--input", str(src), "--tokenizer", str(tok_dir), "--out", str(tmp_path / "d"),
+            "--max-len", "64"]
+    code, err = run_cli([*args, "--system-prompt", long], capsys)
+    assert code == 2 and err == (f"tinyk: error: --system-prompt is too long for --max-len 64: with it a conversation "
+                                 f"takes at least {opening} tokens before its answer\n")
+    code, err = run_cli([*args, "--system-prompt", ""], capsys)  # without one it fits
+    assert code == 0 and (tmp_path / "d" / "meta.json").is_file()
 
 
 def test_inputs_on_a_filesystem_without_inode_numbers_are_told_apart(tmp_path, corpus_file, monkeypatch):

@@ -115,6 +115,14 @@ def test_cmmlu_header_bad_rows_and_uneven_options(tmp_path):
     qs = read_choice([f], skips)
     assert [(q.subject, q.answer, len(q.options)) for q in qs] == [("astronomy", "A", 2), ("astronomy", "A", 4)]
     assert skips.counts == {"bad_row": 1}
+    # No question is usable: what is wrong with the rows, not a word on splits without answers.
+    f.write_text(",Question,A,B,C,D,Answer\n0,坏行,甲,乙,丙,丁,E\n1,,甲,乙,丙,丁,A\n", encoding="utf-8")
+    with pytest.raises(TinykError) as e:
+        read_choice([f], Skips())
+    assert str(e.value) == (f"no questions with answers in {f} (skipped 2 records; bad row: 2 (first at astronomy.csv:2, "
+                            "astronomy.csv:3; answer 'E' is not the letter of one of its options; a row has a "
+                            "question, at least two of the options A, B, C, D and the right one's letter as its "
+                            "answer))")
 
 
 def test_choice_refuses_bad_inputs(tmp_path, nano):

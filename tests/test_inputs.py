@@ -237,6 +237,34 @@ def test_utf16_input_is_one_error(tmp_path, encoding, bom, says, text):
         texts(src)
 
 
+def test_a_nul_byte_past_the_first_4_kb_of_a_txt_file_is_skipped_not_read(tmp_path, nano_model_dir, capsys):
+    """Past the encoding check a NUL byte reached a prompt (or a corpus) as text; JSON refuses it already."""
+    src = tmp_path / "p.txt"
+    src.write_bytes("你好世界\n".encode() * 400 + b"abc\x00def\n")
+    skips = Skips()
+    assert list(iter_texts([src], skips)) == ["你好世界"] * 400
+    assert skips.summary() == "skipped 1 records; nul byte: 1 (first at p.txt:401; a NUL byte is binary data, not text)"
+    src.write_bytes(b" " * 4096 + "\n你好\nab\x00c\n".encode())  # a blank line first: no prompt
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", str(nano_model_dir), "--prompt-file", str(src), "--prompt", "早上", "--json",
+              "--max-new-tokens", "1", "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert e.value.code == 0 and [json.loads(line)["prompt"] for line in out.splitlines()] == ["早上", "你好"]
+    assert err == f"tinyk: {src}: skipped 1 records; nul byte: 1 (first at p.txt:3; a NUL byte is binary data, not text)\n"
+
+
+def test_surrogates_written_as_utf8_bytes_get_their_own_reason_not_the_gbk_hint(tmp_path):
+    """ED A0 80 (CESU-8, Java's modified UTF-8): no iconv -f gbk fixes it."""
+    src = tmp_path / "s.txt"
+    src.write_bytes(b"hello\nbad \xed\xa0\x80 x\n\xc4\xe3\xba\xc3\n")  # the last line is GBK
+    skips = Skips()
+    assert texts(src) == ["hello"] and list(iter_texts([src], skips)) == ["hello"]
+    assert skips.summary() == ("skipped 2 records; encoded surrogate: 1 (first at s.txt:2; a \\ud800-\\udfff "
+                               "surrogate written as UTF-8 bytes (CESU-8, Java's modified UTF-8) is no UTF-8 text; fix "
+                               "the program that wrote it); invalid utf8: 1 (first at s.txt:3; convert such files "
+                               "first, e.g. iconv -f gbk -t utf-8)")
+
+
 def test_compressed_data_under_a_plain_name_says_to_rename_it(tmp_path):
     """Not the "not UTF-8, convert it with iconv" advice its bytes would otherwise get."""
     (tmp_path / "docs.jsonl").write_bytes(gzip.compress(JSONL))

@@ -20,7 +20,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .files import TinykError, atomic_dir, first_line, put_back_interrupted, read_json, rust_path, writing
+from .files import (
+    TinykError,
+    atomic_dir,
+    first_line,
+    not_found,
+    put_back_interrupted,
+    read_json,
+    rust_path,
+    writing,
+)
 from .model import ADAMW_BYTES, GRAD_BYTES, WEIGHT_BYTES, ModelConfig, Transformer
 from .tokenizer import (
     IM_END_ID,
@@ -186,7 +195,7 @@ def load_config(path: str | Path) -> ModelConfig:
     path = Path(path)
     put_back_interrupted(path)
     if not path.exists():
-        raise TinykError(f"model directory not found: {path}")
+        raise not_found(path, "model directory")
     if not is_model_dir(path):
         raise TinykError(f"not a model directory (needs config.json and model.safetensors): {path}"
                          f"{model_dir_hint(path)}")

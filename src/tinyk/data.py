@@ -36,6 +36,7 @@ import numpy as np
 from . import __version__
 from .files import (
     DEFAULT_MAX_LINE_BYTES,
+    MIN_SHARD_TOKENS,
     DirLock,
     Skips,
     TinykError,
@@ -44,12 +45,14 @@ from .files import (
     is_plain_text,
     iter_records,
     iter_texts,
+    plain_name,
     plural,
     read_json,
     record_shape,
     remove_path,
     sft_format,
     shown,
+    size_text,
     write_json_atomic,
     writing,
 )
@@ -714,6 +717,10 @@ class _Checkpoints:
 
     def _cut_back(self, sizes: dict[str, int]) -> bool:
         """Files cut to the sizes a checkpoint recorded, and files it does not know removed."""
+        for name in sizes:  # an edited file must not cut back anything outside the folder
+            split, _, file = name.partition("/")
+            if split not in SPLITS or not plain_name(file):
+                raise ValueError(f"{name!r} is not a file of a split")
         for path in list(self.folder.rglob("*")):
             name = path.relative_to(self.folder).as_posix()
             if path.is_file() and name != self.FILE and name not in sizes:
@@ -850,6 +857,8 @@ def _tokenize(kind: str, unit: str, job: _Job, records: Callable[[Skips], Iterat
                       *(s["tokens"] for w in state["writers"].values() for s in w.get("shards", []))]
             if not all(type(n) is int and n >= 0 for n in counts):
                 raise ValueError("a count that is not a whole number")
+            if not all(plain_name(s["file"]) for w in state["writers"].values() for s in w.get("shards", [])):
+                raise ValueError("a shard named outside its split's folder")
         writers = {split: make_writer(checkpoints.folder / split, dtype) for split in SPLITS}
         for split, w in writers.items():
             opened.callback(w.release)  # a stopped run closes its files before its folder is removed or kept
@@ -936,8 +945,9 @@ def prepare_pretrain(inputs: list[str | Path], tokenizer_dir: str | Path, out: s
     """
     paths = check_inputs(inputs)
     nworkers = _check_common(val_fraction, workers, max_line_bytes)
-    if shard_tokens < 1:
-        raise TinykError(f"--shard-tokens must be positive, got {shard_tokens}")
+    if shard_tokens < MIN_SHARD_TOKENS:
+        raise TinykError(f"--shard-tokens must be at least {size_text(MIN_SHARD_TOKENS)} (fewer makes a file every few "
+                         f"documents), got {shard_tokens}")
 
     def records(skips: Skips) -> Iterator[str]:
         return iter_texts(paths, skips, field_name=field, max_line_bytes=max_line_bytes)
@@ -993,8 +1003,9 @@ def normalize_conversation(rec: Any) -> list[dict[str, str]] | str:
         if messages[1]["content"] != messages[0]["content"]:
             return "two_system_prompts"  # which one the data meant cannot be told
         del messages[1]
-    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
-        return "no_assistant_turn"
+    replies = [m["content"] for m in messages if m["role"] == "assistant"]
+    if not any(r.strip() for r in replies):  # nothing to learn from
+        return "empty_assistant_turn" if replies else "no_assistant_turn"
     return messages
 
 
@@ -1017,8 +1028,8 @@ def _alpaca_turns(rec: dict[str, Any]) -> list[dict[str, str]] | str:
             and isinstance(history, list)
             and all(isinstance(h, list) and len(h) == 2 and all(isinstance(x, str) for x in h) for h in history)):
         return "bad_message"
-    if not output.strip():  # the record's own answer is missing: its history alone is another record's
-        return "no_assistant_turn"
+    if not output.strip():  # the record's own answer is empty: its history alone is another record's
+        return "empty_assistant_turn"
     question = f"{instruction}\n{extra}" if extra.strip() else instruction
     pairs = [*history, [question, output]]
     return [{"role": role, "content": text} for q, a in pairs for role, text in (("user", q), ("assistant", a))]
@@ -1039,9 +1050,17 @@ def prepare_sft(inputs: list[str | Path], tokenizer_dir: str | Path, out: str | 
     if max_len < 8:
         raise TinykError(f"--max-len must be at least 8 tokens, got {max_len}")
     tok = load_tokenizer(tokenizer_dir)
+    named = "--system-prompt" if isinstance(system_prompt, str) else \
+        "the system prompt the tokenizer records (--system-prompt replaces it, '' for none)"
     if isinstance(system_prompt, ModelPrompt):
         system_prompt = tok.system_prompt
     system_prompt = system_prompt or ""  # recorded, and in the command to rerun, as '' for none
+    if system_prompt:  # said now, not as every conversation without one of its own skipped as too long
+        opening = tok.encode_chat([{"role": "system", "content": system_prompt}, {"role": "user", "content": ""}],
+                                  add_generation_prompt=True)
+        if len(opening) >= max_len:
+            raise TinykError(f"{named} is too long for --max-len {max_len}: with it a conversation takes at least "
+                             f"{len(opening):,} tokens before its answer")
     # A message this many characters long holds more than twice max_len tokens, so the conversation is
     # cut well inside it: the rest is never tokenized (a megabyte-long reply took gigabytes to encode).
     clip = 2 * max_len * tok.max_token_bytes

@@ -24,7 +24,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .files import Skips, TinykError, iter_records, read_json, record_shape
+from .files import (
+    Skips,
+    TinykError,
+    iter_records,
+    not_found,
+    read_json,
+    record_shape,
+    refuse_pipe,
+    refuse_repeats,
+)
 from .model import Transformer
 from .tokenizer import (
     CHAT_ROLES,
@@ -132,8 +141,13 @@ def read_task(path: str | Path, skips: Skips, *, system_prompt: str | None = Non
     path = Path(path)
     if path.is_dir():
         raise TinykError(f"task file {path} is a directory; give a JSONL file of chats")
+    if not path.exists():
+        raise not_found(path, "task file")
+    refuse_pipe(path, "task file")
     if not path.is_file():
-        raise TinykError(f"task file not found: {path}")
+        raise TinykError(f"task file is not a file: {path}")
+    if path.stat().st_size == 0:
+        raise TinykError(f"task file is empty: {path}")
     out = []
     for where, rec in iter_records([path], skips):
         if not isinstance(rec, dict) or not _valid_messages(rec.get("messages")):
@@ -296,7 +310,9 @@ def _read_choice_csv(path: Path, skips: Skips, limit: int | None) -> list[Choice
     with open(path, newline="", encoding="utf-8-sig") as f:
         # strict: an unclosed quote is an error, not a field that silently swallows the rows after it
         reader = csv.DictReader(f, strict=True)
-        header = {h.strip().lower(): h for h in (reader.fieldnames or []) if h}
+        if reader.fieldnames is None:  # not even a header line
+            raise TinykError(f"multiple-choice CSV is empty: {path}")
+        header = {h.strip().lower(): h for h in reader.fieldnames if h}
         letters = sorted(h.upper() for h in header if len(h) == 1 and h.isalpha())
         if "question" not in header or len(letters) < 2:
             raise TinykError(f"{path}: not a multiple-choice CSV (needs question, A, B, ... and answer columns)")
@@ -318,8 +334,11 @@ def _read_choice_csv(path: Path, skips: Skips, limit: int | None) -> list[Choice
             options = {k: v for k, v in options.items() if v}
             answer = (row.get(header["answer"]) or "").strip().upper()
             question = (row.get(header["question"]) or "").strip()
-            if not question or answer not in options or len(options) < 2:
-                skips.add("bad_row", where)
+            problem = ("no question" if not question else "fewer than two options" if len(options) < 2 else
+                       f"answer {answer!r} is not the letter of one of its options" if answer not in options else None)
+            if problem:
+                skips.add("bad_row", where, f"{problem}; a row has a question, at least two of the options "
+                                            f"{', '.join(letters)} and the right one's letter as its answer")
                 continue
             out.append(ChoiceQuestion(_subject(path), question, options, answer))
     return out
@@ -338,7 +357,8 @@ def read_choice(paths: Iterable[str | Path], skips: Skips, limit: int | None = N
         elif p.is_file():
             found = [p]
         else:
-            raise TinykError(f"multiple-choice path not found: {p}")
+            refuse_pipe(p, "multiple-choice path")
+            raise not_found(p, "multiple-choice path")
         for f in found:
             files.setdefault(f.resolve(), f)
     if not files:
@@ -359,8 +379,9 @@ def read_choice(paths: Iterable[str | Path], skips: Skips, limit: int | None = N
             qs = [replace(q, subject=f"{names[q.subject][folder]}/{q.subject}") for q in qs]
         questions += qs
     if not questions:
-        raise TinykError(f"no questions with answers in {', '.join(map(str, paths))} ({skips.summary()}); "
-                         "point at a split that has answers, e.g. ceval/val or cmmlu/test")
+        split = "; point at a split that has answers, e.g. ceval/val or cmmlu/test" \
+            if skips.counts["no_answer_column"] else ""
+        raise TinykError(f"no questions with answers in {', '.join(map(str, paths))} ({skips.summary()}){split}")
     return questions
 
 
@@ -478,9 +499,11 @@ def evaluate(model_dir: str | Path, *, data: Iterable[str | Path] = (), tasks: I
     cfg, tok = config_and_tokenizer(Path(model_dir))
     opened = [open_split(d, split, data_seq_len(_split_meta(d, split, model_dir), seq_len, cfg.max_seq_len))
               for d in data]
+    refuse_repeats([Path(d) for d in data], "data directory")
     system = tok.system_from_flag(system_prompt)
     prompt_of = chat_prompt_ids(tok, cfg.max_seq_len)
     task_inputs = [read_task_prompts(t, prompt_of, system_prompt=system, limit=limit) for t in tasks]
+    refuse_repeats([Path(t) for t in tasks], "task file")  # once read: each one exists
     if choice:
         _check_choice_format(choice_format)
         choice_skips = Skips()

@@ -53,6 +53,9 @@ class StoppedBeforeTraining(KeyboardInterrupt):
 
 DEFAULT_MAX_LINE_BYTES = 16 * 1024 * 1024
 MAX_BATCH = 65536  # sequences per step: far more than fits anywhere, far less than exhausts memory
+# Tokens per pretraining shard, at least: fewer is a file every few documents (or `--shard-tokens 100` meant
+# as 100M), and training holds every shard open at once.
+MIN_SHARD_TOKENS = 1000
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".json.zst", ".txt.gz",
                       ".txt.zst")
 
@@ -144,15 +147,14 @@ class Skips:
 
 
 def check_inputs(paths: list[str | Path]) -> list[Path]:
-    """Fail early, with one line, on inputs that are missing, unreadable or of an unknown type."""
+    """Fail early, with one line, on inputs that are missing, unreadable, empty or of an unknown type."""
     if not paths:
         raise TinykError("no input files given")
-    out: dict[tuple[int, int] | Path, Path] = {}
+    out = []
     for p in map(Path, paths):
         if not p.exists():
-            raise TinykError(f"input file not found: {p}")
-        if p.is_fifo():  # read more than once, and sized first: a pipe or <(command) gives neither
-            raise TinykError(f"input is a pipe, not a file: {p} (save what it gives to a file first)")
+            raise not_found(p, "input file")
+        refuse_pipe(p, "input")
         if not p.is_file():
             raise TinykError(f"input is not a file: {p}")
         if not os.access(p, os.R_OK):
@@ -163,12 +165,48 @@ def check_inputs(paths: list[str | Path]) -> list[Path]:
             _parquet()
         elif _codec(p) == "zstd":
             _zstandard()
+        out.append(p)
+    refuse_repeats(out, "input")  # its documents would count twice, and land in both splits
+    # One empty file among others is fine (a Spark export's empty part files); all of them, a mistake.
+    if all(p.stat().st_size == 0 for p in out):
+        raise TinykError(f"input file is empty: {out[0]}" if len(out) == 1 else
+                         f"all {len(out)} input files are empty, e.g. {out[0]}")
+    return out
+
+
+def not_found(path: Path, what: str) -> TinykError:
+    """Why `path` (of `what`, e.g. "input file") cannot be found: missing, or a symlink loop, which
+    `exists()` reports alike."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return TinykError(f"{what} is a symlink loop (its links lead back to themselves): {path}")
+    return TinykError(f"{what} not found: {path}")
+
+
+def refuse_pipe(path: Path, what: str) -> None:
+    """Refuses a named pipe or `<(command)`: inputs are sized first and read more than once."""
+    if path.is_fifo():
+        raise TinykError(f"{what} is a pipe, not a file: {path} (save what it gives to a file first)")
+
+
+def refuse_repeats(paths: list[Path], what: str) -> None:
+    """Refuses a file or directory given twice, also under another name (a link, ./x); `paths` exist."""
+    seen: dict[tuple[int, int] | Path, Path] = {}
+    for p in paths:
         st = p.stat()
         # Some filesystems (FAT, some FUSE mounts) report inode 0 for every file: there the real path decides.
-        twice = out.setdefault((st.st_dev, st.st_ino) if st.st_ino else p.resolve(), p)
-        if twice is not p:  # its documents would count twice, and land in both splits
-            raise TinykError(f"input {p} is given twice (also as {twice}); give each file once")
-    return list(out.values())
+        twice = seen.setdefault((st.st_dev, st.st_ino) if st.st_ino else p.resolve(), p)
+        if twice is not p:
+            raise TinykError(f"{what} {p} is given twice (also as {twice}); give each "
+                             f"{'directory' if p.is_dir() else 'file'} once")
+
+
+def plain_name(name: Any) -> bool:
+    """Whether `name` (read from a file tinyk wrote, which may have been edited) names a file in a
+    folder, not a path that leads elsewhere."""
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
 
 
 def is_plain_text(path: Path) -> bool:
@@ -211,7 +249,7 @@ def marker_file(directory: str | Path, name: str, what: str) -> Path:
     if d.exists() and not d.is_dir():
         raise TinykError(f"{what} directory {d} is a file, not a directory")
     if not d.is_dir():
-        raise TinykError(f"{what} directory not found: {d}")
+        raise not_found(d, f"{what} directory")
     if not (d / name).is_file():
         raise TinykError(f"not a {what} directory (no {name}): {d}")
     return d / name
@@ -547,6 +585,10 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
                 if e.reason == "unexpected end of data" and not line.endswith(b"\n"):  # no GBK: a cut file
                     skips.add("cut_character", where, "the file ends inside a character: it was cut short "
                                                       "(e.g. by head -c)")
+                elif _decodes_with_surrogates(line):  # no GBK either: the bytes of a UTF-16 surrogate
+                    skips.add("encoded_surrogate", where, "a \\ud800-\\udfff surrogate written as UTF-8 bytes "
+                                                          "(CESU-8, Java's modified UTF-8) is no UTF-8 text; fix "
+                                                          "the program that wrote it")
                 else:
                     skips.add("invalid_utf8", where)
                 continue
@@ -554,6 +596,9 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
             if not s.strip():  # blank lines separate documents and records; they are not ones
                 continue
             if is_txt:
+                if "\x00" in s:  # past the first 4 KB (refused whole above); in JSON, malformed_json
+                    skips.add("nul_byte", where, "a NUL byte is binary data, not text")
+                    continue
                 yield where, {text_field: s}
                 continue
             try:
@@ -599,6 +644,15 @@ def _jq_hint(path: Path, field: str | None = None) -> str:
     if _codec(path):
         return f"decompress it, then jq -c {program} FILE > {shlex.quote(out)}"
     return f"jq -c {program} {shlex.quote(name)} > {shlex.quote(out)}"
+
+
+def _decodes_with_surrogates(line: bytes) -> bool:
+    """Whether `line` is UTF-8 once encoded surrogates (ED A0 80 to ED BF BF) are allowed."""
+    try:
+        line.decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
@@ -719,12 +773,12 @@ def check_output_file(out: str, inputs: Iterable[str | Path | None], *, force: b
     """Refuses an output file that could not be written, or whose writing would destroy something:
     checked before the work, so a mistake costs nothing. With `replaces` (what this kind of output is
     called, and a check that a file is one) --force replaces only such a file."""
-    if not out:
-        raise TinykError("--out is empty")
     check_output(out, inputs)
     path = Path(out)
     if path.is_dir():
         raise TinykError(f"--out {out} is a directory; give a file name for the JSON results")
+    if out.endswith(("/", os.sep)):  # Path() drops the slash: x.json/ would be written as the file x.json
+        raise TinykError(f"--out {out} ends in '/', which names a directory; give a file name for the JSON results")
     if (path.exists() or path.is_symlink()) and not force:
         raise TinykError(f"--out {out} exists (use --force to replace it)")
     if (path.exists() or path.is_symlink()) and not path.is_file():  # /dev/null, a pipe, a dangling link

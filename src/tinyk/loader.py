@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .data import FORMAT_VERSION, SPLITS
-from .files import TinykError, marker_file, read_json
+from .files import TinykError, marker_file, plain_name, read_json
 from .tokenizer import IM_END_ID
 
 PAD_ID = IM_END_ID
@@ -77,6 +77,10 @@ def _meta_problem(meta: Any) -> str | None:
         if not (all(_count(s[k]) for k in need if k != "shards") and isinstance(shards, list) and all(
                 isinstance(x, dict) and isinstance(x.get("file"), str) and _count(x.get("tokens")) for x in shards)):
             return f"split {split!r} has counts that are not whole numbers"
+        # A name, not a path: a damaged or hand-edited meta.json must not make a run read files elsewhere.
+        outside = next((x["file"] for x in shards if not plain_name(x["file"])), None)
+        if outside is not None:
+            return f"split {split!r} names a shard {outside!r} outside its folder"
     return None
 
 
@@ -137,11 +141,32 @@ def _check_ids(ids: np.ndarray, vocab: int, folder: Path) -> None:
                          f"damaged; re-run tinyk data")
 
 
+def _room_to_open(n: int, folder: Path) -> None:
+    """Makes room for `n` more open files: each memory-mapped shard keeps one, and a data directory of
+    many small shards passes the usual soft limit of 1024. The soft limit is raised toward the hard
+    one, as any process may; past the hard one, one line says what to do."""
+    try:
+        import resource
+        fds = Path("/proc/self/fd")
+        open_now = len(list(fds.iterdir())) if fds.is_dir() else 64
+    except ImportError:  # Windows: no such limit to raise
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = open_now + n + 64  # and room for what opens files later (checkpoints, logs, compilers)
+    if soft == resource.RLIM_INFINITY or need <= soft:
+        return
+    if hard != resource.RLIM_INFINITY and need > hard:
+        raise TinykError(f"{folder} has {n:,} shard files, more than this process may keep open (ulimit -n allows "
+                         f"{hard:,}); raise that limit, or remake the data with a larger --shard-tokens")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+
+
 class _Windows:
     """Windows of seq_len + 1 tokens starting every seq_len tokens over the concatenated shards."""
 
     def __init__(self, data_dir: str | Path, meta: dict[str, Any], split: str, seq_len: int):
         folder = _split_folder(data_dir, meta, split)
+        _room_to_open(len(meta["splits"][split]["shards"]), folder)
         self.shards = [_memmap(folder / s["file"], meta["dtype"], s["tokens"]) for s in meta["splits"][split]["shards"]]
         self.bounds = np.cumsum([0] + [len(s) for s in self.shards])
         self.seq_len, self.folder, self.vocab = seq_len, folder, meta["vocab_size"]

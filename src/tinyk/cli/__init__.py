@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(128 + getattr(signal, e.signal_name, signal.SIGINT))
     except KeyboardInterrupt as e:
         terminated = isinstance(e, Terminated)
-        print(f"tinyk: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        # A command may say what the stop came too late to undo (eval's complete results).
+        print(f"tinyk: {'terminated' if terminated else 'interrupted'}{f' {e}' if str(e) else ''}", file=sys.stderr)
         sys.exit(143 if terminated else 130)
     except BrokenPipeError:
         # The reader left (`tinyk plan | head`): stop quietly, as other command-line tools do.

@@ -101,6 +101,13 @@ def non_empty(s: str) -> str:
     return utf8_text(s)
 
 
+def output_path(s: str) -> str:
+    """A `type=` for --out: an empty one (`--out "$DIR"` with DIR unset) is no path, not the current folder."""
+    if not s:
+        raise argparse.ArgumentTypeError("is empty; give a path")
+    return s
+
+
 def size_range(lo: int = 1, hi: int = MAX_SIZE, *, tokens: bool = False) -> Callable[[str], int]:
     """A `type=` for a byte or token count in lo..hi, written as '500M', '2G', '1e9' or a plain number
     (`files.parse_size`: with `tokens`, 10B is ten billion, not ten bytes)."""

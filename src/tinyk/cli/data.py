@@ -6,8 +6,8 @@ import argparse
 import json
 from typing import Any
 
-from tinyk.cli.common import float_range, int_range, positive_size, seed, token_count, utf8_text
-from tinyk.files import DEFAULT_MAX_LINE_BYTES, Skips, is_compressed, plural
+from tinyk.cli.common import float_range, int_range, output_path, positive_size, seed, size_range, utf8_text
+from tinyk.files import DEFAULT_MAX_LINE_BYTES, MIN_SHARD_TOKENS, Skips, is_compressed, plural, size_text
 
 MAX_WORKERS = 1024  # tokenizer processes; more only exhausts the machine
 MAX_LEN = 2**20  # SFT tokens per conversation, far past any model's context
@@ -16,7 +16,7 @@ MAX_LEN = 2**20  # SFT tokens per conversation, far past any model's context
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", nargs="+", action="extend", required=True, metavar="FILE", help="input files (read, never modified)")
     p.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer directory")
-    p.add_argument("--out", required=True, metavar="DIR", help="output data directory")
+    p.add_argument("--out", type=output_path, required=True, metavar="DIR", help="output data directory")
     p.add_argument("--val-fraction", type=float_range(0, 1, hi_open=True), default=0.01,
                    help="share of documents held out (seeded; default 0.01)")
     p.add_argument("--seed", type=seed, default=0, help="seed of the train/val split (default 0)")
@@ -34,7 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t = dsub.add_parser("pretrain", help="documents (.jsonl/.txt/.parquet, .gz/.zst) -> token shards")
     _add_common(t)
     t.add_argument("--field", default="text", help="JSON/Parquet field holding the text")
-    t.add_argument("--shard-tokens", type=token_count, default="100M", help="tokens per shard file (default 100M)")
+    t.add_argument("--shard-tokens", type=size_range(MIN_SHARD_TOKENS, tokens=True), default="100M",
+                   help=f"tokens per shard file, at least {size_text(MIN_SHARD_TOKENS)} (default 100M)")
     t.set_defaults(func=_pretrain)
 
     s = dsub.add_parser("sft", help="conversations (BelleGroup, ShareGPT, OpenAI messages) -> tokens + loss mask")

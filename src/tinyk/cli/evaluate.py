@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
-from tinyk.cli.common import batch_count, positive_int, utf8_text
+from tinyk.cli.common import batch_count, output_path, positive_int, utf8_text
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quantize", choices=["none", "int8"], default="none",
                    help="decode --task answers with int8 weights, to see what `--quantize int8` costs")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    p.add_argument("--out", default=None, metavar="FILE", help="also write the JSON results here")
+    p.add_argument("--out", type=output_path, default=None, metavar="FILE", help="also write the JSON results here")
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=_eval)
 
@@ -65,7 +66,22 @@ def _eval(args: argparse.Namespace) -> int:
             check_out()  # again: the file may have been made meanwhile
         except TinykError as e:
             raise TinykError(f"{e} (it changed while the evaluation ran; the results are above)") from None
-        with writing(Path(args.out)):
-            write_json_atomic(args.out, results)
+        try:
+            with writing(Path(args.out)):
+                write_json_atomic(args.out, results)
+        except KeyboardInterrupt as e:  # too late to stop anything: whether the file is whole is what matters
+            if not _holds(Path(args.out), results):
+                raise
+            raise type(e)(f"after the evaluation finished: {args.out} holds its complete results") from None
     return 0
+
+
+def _holds(path: Path, results: dict[str, Any]) -> bool:
+    """Whether `path` holds exactly `results` (a NaN never compares equal: then it says no)."""
+    from tinyk.files import read_json
+
+    try:
+        return read_json(path) == results
+    except (OSError, ValueError):
+        return False
 

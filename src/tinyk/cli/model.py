@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from tinyk.cli.common import positive_int, seed
+from tinyk.cli.common import output_path, positive_int, seed
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     i = msub.add_parser("init", help="write a randomly initialised model directory")
     i.add_argument("--preset", required=True, help="seed-215m, seed-82m, tiny or nano")
     i.add_argument("--tokenizer", required=True, help="tokenizer directory (vocab size comes from it)")
-    i.add_argument("--out", required=True)
+    i.add_argument("--out", type=output_path, required=True)
     i.add_argument("--seed", type=seed, default=0)
     i.add_argument("--force", action="store_true")
     i.set_defaults(func=_init)
@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                     "(and transformers) model directory.")
     m.add_argument("checkpoint", help="the .pth (or .bin, .safetensors) file, or a saved model directory")
     m.add_argument("--tokenizer", required=True, help="the tokenizer the checkpoint was trained with")
-    m.add_argument("--out", required=True)
+    m.add_argument("--out", type=output_path, required=True)
     m.add_argument("--n-heads", type=positive_int, help="attention heads (default: the directory's config.json, "
                                                         "else the tutorial's 16)")
     m.add_argument("--max-seq-len", type=positive_int, help="context length (default: config.json's, else the "

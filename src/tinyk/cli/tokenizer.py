@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from tinyk.cli.common import int_range, positive_size
+from tinyk.cli.common import int_range, output_path, positive_size
 from tinyk.files import Skips, is_compressed
 
 
@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     t = tsub.add_parser("train", help="train a tokenizer on .jsonl/.txt/.parquet files (streamed)")
     t.add_argument("inputs", nargs="+", help="corpus files")
-    t.add_argument("--out", required=True, help="output tokenizer directory")
+    t.add_argument("--out", type=output_path, required=True, help="output tokenizer directory")
     t.add_argument("--vocab-size", type=vocab_size, default=6144, help="default 6144, the seed's")
     t.add_argument("--normalization", choices=["none", "nfkc"], default="none",
                    help="none keeps full-width punctuation; nfkc reproduces the seed")

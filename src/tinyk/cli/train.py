@@ -11,6 +11,7 @@ from tinyk.cli.common import (
     TRAIN_DTYPE_CHOICES,
     batch_count,
     non_negative_int,
+    output_path,
     positive_float,
     positive_int,
     seed,
@@ -35,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         src.add_argument("--tokenizer", help="tokenizer directory (default: the --init model's)")
         src.add_argument("--init", help="start from this model directory, or a run directory (its final/)"
                          + (" [required]" if kind == "sft" else ""))
-        src.add_argument("--out", help="run directory (checkpoints/, final/, metrics.jsonl, ...)")
+        src.add_argument("--out", type=output_path, help="run directory (checkpoints/, final/, metrics.jsonl, ...)")
         b = p.add_argument_group("budget and batch")
         b.add_argument("--max-steps", type=positive_int)
         b.add_argument("--max-tokens", type=token_count, help="e.g. 10B, 500M, 2e9; whichever budget comes first ends "
