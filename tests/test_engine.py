@@ -512,6 +512,13 @@ def test_generate_cli(nano_model_dir, tmp_path, capsys, monkeypatch):
         main(["generate", "--model", str(nano_model_dir), "--prompt-file", "-", "--prompt", "天气",
               "--temperature", "0", "--max-new-tokens", "5", "--json"])
     assert e.value.code == 0 and [json.loads(line) for line in capsys.readouterr().out.splitlines()] == rows
+    monkeypatch.setattr("sys.stdin", io.StringIO("\ufeff我们今天\nab\x00c\nThe quick\n"))  # binary, as in a file
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", str(nano_model_dir), "--prompt-file", "-", "--prompt", "天气",
+              "--temperature", "0", "--max-new-tokens", "5", "--json"])
+    out, err = capsys.readouterr()
+    assert e.value.code == 0 and [json.loads(line) for line in out.splitlines()] == rows
+    assert err == "tinyk: stdin: skipped 1 records; nul byte: 1 (first at stdin:2; a NUL byte is binary data, not text)\n"
     monkeypatch.setattr("sys.stdin", io.StringIO("我们今天\n\udcc4\udce3\n"))  # GBK bytes through a C locale
     with pytest.raises(SystemExit) as e:
         main(["generate", "--model", str(nano_model_dir), "--prompt-file", "-"])

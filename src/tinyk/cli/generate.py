@@ -95,7 +95,14 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
             not_utf8 = True
         if not_utf8:
             raise TinykError("stdin is not valid UTF-8 (convert it first, e.g. iconv -f gbk -t utf-8)")
-        prompts += [line for line in lines if line.strip()]
+        skips = Skips()
+        for n, line in enumerate(lines, 1):
+            if "\x00" in line:  # as in a .txt prompt file
+                skips.add("nul_byte", f"stdin:{n}", "a NUL byte is binary data, not text")
+            elif line.strip():
+                prompts.append(line)
+        if skips.total:
+            print(f"tinyk: stdin: {skips.summary()}", file=sys.stderr)
         if not prompts:
             raise TinykError("no prompts on stdin (--prompt-file - reads one per line)")
     elif args.prompt_file:
