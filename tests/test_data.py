@@ -1203,6 +1203,44 @@ def test_more_shards_than_the_open_file_limit_are_opened_or_refused_in_one_line(
         r"\(ulimit -n allows \d+\); raise that limit, or remake the data with a larger --shard-tokens\n", r.stderr)
 
 
+def test_data_info_verify_finds_a_changed_byte_that_sizes_miss(tmp_path, pt_data, sft_data, capsys):
+    """meta.json records each file's SHA-256; --verify reads the files again and compares."""
+    from tinyk.data import data_files
+
+    for kind, src in (("pretrain", pt_data), ("sft", sft_data)):
+        data = Path(shutil.copytree(src, tmp_path / kind))
+        meta = json.loads((data / "meta.json").read_text())
+        names = data_files(meta)
+        assert sorted(meta["sha256"]) == sorted(names) and len(names) >= 2
+        with pytest.raises(SystemExit) as e:
+            main(["data", "info", str(data), "--verify"])
+        assert e.value.code == 0 and capsys.readouterr().out.endswith(
+            f"  checksums: all {len(names)} files match the SHA-256 meta.json recorded\n")
+        victim = data / names[0]  # the train split's first tokens
+        raw = bytearray(victim.read_bytes())
+        raw[0] ^= 1  # one token id off by one, the size the same: only the checksum tells
+        victim.write_bytes(bytes(raw))
+        with pytest.raises(SystemExit) as e:
+            main(["data", "info", str(data)])
+        assert e.value.code == 0
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            main(["data", "info", str(data), "--verify"])
+        assert e.value.code == 2 and capsys.readouterr().err == (
+            f"tinyk: error: 1 of {len(names)} files in {data} differ from the checksums meta.json recorded "
+            f"({names[0]}): damaged or changed since; make the data again\n")
+    for recorded, says in ((None, "records no checksums (the data was made by an older tinyk); make it again to get "
+                                  "them"),
+                           ({}, "invalid {meta}: its checksums do not list the files it describes")):
+        meta["sha256"] = recorded
+        (data / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if v is not None}))
+        with pytest.raises(SystemExit) as e:
+            main(["data", "info", str(data), "--verify"])
+        where = data / "meta.json"
+        assert e.value.code == 2 and capsys.readouterr().err == (
+            f"tinyk: error: {says.format(meta=where)}\n" if recorded == {} else f"tinyk: error: {where} {says}\n")
+
+
 # ---------------------------------------------------------------- CLI
 
 

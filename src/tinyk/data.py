@@ -51,6 +51,7 @@ from .files import (
     record_shape,
     remove_path,
     sft_format,
+    sha256_file,
     shown,
     size_text,
     write_json_atomic,
@@ -769,6 +770,18 @@ class _Checkpoints:
             print(line, file=sys.stderr, flush=True)
 
 
+def data_files(meta: dict[str, Any]) -> list[str]:
+    """Every file a data directory's meta.json describes, by path in the directory."""
+    names = []
+    for split in SPLITS:
+        s = meta["splits"][split]
+        if meta["kind"] == "pretrain":
+            names += [f"{split}/{shard['file']}" for shard in s["shards"]]
+        elif s["tokens"]:
+            names += [f"{split}/{name}" for name in ("tokens.bin", "mask.bin", "offsets.npy")]
+    return names
+
+
 def _fingerprint(kind: str, paths: list[Path], tok_hash: str, options: dict[str, Any], strict: bool) -> dict[str, Any]:
     """What decides a run's output: a stopped run is continued only by a run that would write the same."""
     inputs = []
@@ -832,6 +845,8 @@ def _prepare(kind: str, paths: list[Path], tok: TinyTokenizer, out: str | Path, 
                 "command": command,
                 "seconds": seconds,
             }
+            # Read back once (from the page cache, mostly): `tinyk data info --verify` checks a copy against it.
+            meta["sha256"] = {name: sha256_file(tmp / name) for name in data_files(meta)}
             with writing(tmp / "meta.json"):
                 write_json_atomic(tmp / "meta.json", meta)
         except BaseException as e:

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data import FORMAT_VERSION, SPLITS
-from .files import TinykError, marker_file, plain_name, read_json
+from .data import FORMAT_VERSION, SPLITS, data_files
+from .files import TinykError, marker_file, plain_name, read_json, sha256_file
 from .tokenizer import IM_END_ID
 
 PAD_ID = IM_END_ID
@@ -116,6 +116,25 @@ def check_files(data_dir: str | Path, meta: dict[str, Any]) -> None:
             _memmap(folder / "tokens.bin", meta["dtype"], s["tokens"])
             _memmap(folder / "mask.bin", "uint8", s["tokens"])
             _load_offsets(folder / "offsets.npy", s["documents"], s["tokens"])
+
+
+def verify_files(data_dir: str | Path, meta: dict[str, Any]) -> int:
+    """Each file's SHA-256 against the one meta.json recorded when the data was made (a copy, an old
+    disk, a file edited since); returns how many files were read."""
+    where = Path(data_dir) / "meta.json"
+    recorded, names = meta.get("sha256"), data_files(meta)
+    if recorded is None:
+        raise TinykError(f"{where} records no checksums (the data was made by an older tinyk); make it again to "
+                         f"get them")
+    if not (isinstance(recorded, dict) and set(recorded) == set(names)
+            and all(isinstance(v, str) for v in recorded.values())):
+        raise TinykError(f"invalid {where}: its checksums do not list the files it describes")
+    bad = [n for n in names if sha256_file(Path(data_dir) / n) != recorded[n]]
+    if bad:
+        raise TinykError(f"{len(bad)} of {len(names)} files in {data_dir} differ from the checksums meta.json "
+                         f"recorded ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): damaged or changed "
+                         f"since; make the data again")
+    return len(names)
 
 
 def _load_offsets(path: Path, documents: int, tokens: int) -> np.ndarray:

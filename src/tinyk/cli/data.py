@@ -49,6 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     i = dsub.add_parser("info", help="summarize a prepared data directory")
     i.add_argument("path", help="data directory")
     i.add_argument("--json", action="store_true", help="print meta.json")
+    i.add_argument("--verify", action="store_true",
+                   help="also read every file and compare it with the SHA-256 meta.json recorded (a copied or "
+                        "long-stored directory)")
     i.set_defaults(func=_info)
 
 
@@ -81,10 +84,11 @@ def _sft(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from tinyk.loader import check_files, open_dataset
+    from tinyk.loader import check_files, open_dataset, verify_files
 
     meta = open_dataset(args.path)
     check_files(args.path, meta)
+    verified = verify_files(args.path, meta) if args.verify else None
     if args.json:
         print(json.dumps(meta, ensure_ascii=False, indent=2))
         return 0
@@ -93,6 +97,8 @@ def _info(args: argparse.Namespace) -> int:
         print(f"  input {i['path']} ({i['bytes'] / 1e6:,.1f} MB)")
     if meta.get("command"):
         print(f"  made by {meta['command']}")
+    if verified is not None:
+        print(f"  checksums: all {plural(verified, 'files')} match the SHA-256 meta.json recorded")
     return 0
 
 
