@@ -70,6 +70,7 @@ PLAN = ["plan", "--preset", "nano"]
     ([*DATA, "--max-line-bytes", "1e30"], "--max-line-bytes", SIZE),
     (["pretrain", "--max-tokens=-1G"], "--max-tokens", SIZE),
     ([*SERVE, "--max-body", "inf"], "--max-body", "must be a size from 1 to 1G"),
+    ([*SERVE, "--model-name", " "], "--model-name", "must not be empty"),  # was the directory's name, silently
     ([*SERVE, "--max-body", "2G"], "--max-body", "must be a size from 1 to 1G"),
     ([*PLAN, "--tokens", "inf"], "--tokens", SIZE),
     ([*PLAN, "--tokens", "0"], "--tokens", SIZE),

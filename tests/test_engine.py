@@ -519,6 +519,11 @@ def test_generate_cli(nano_model_dir, tmp_path, capsys, monkeypatch):
     out, err = capsys.readouterr()
     assert e.value.code == 0 and [json.loads(line) for line in out.splitlines()] == rows
     assert err == "tinyk: stdin: skipped 1 records; nul byte: 1 (first at stdin:2; a NUL byte is binary data, not text)\n"
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", str(nano_model_dir), "--prompt", "x", "--prompt", "", "--no-bos"])
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        "tinyk: error: an empty prompt has nothing to continue without <|im_start|>; give it text, or leave out "
+        "--no-bos\n")
     monkeypatch.setattr("sys.stdin", io.StringIO("我们今天\n\udcc4\udce3\n"))  # GBK bytes through a C locale
     with pytest.raises(SystemExit) as e:
         main(["generate", "--model", str(nano_model_dir), "--prompt-file", "-"])
@@ -747,8 +752,22 @@ def test_ctrl_c_stops_the_reply_not_the_chat(engine, capsys, monkeypatch):
         raise Terminated
 
     monkeypatch.setattr(engine, "run", terminated)
+    out = io.StringIO()
     with pytest.raises(Terminated):  # SIGTERM (kill, a scheduler) ends even an interactive chat
-        chat_session(engine, params, ["你好", "再见"], io.StringIO(), system=None)
+        chat_session(engine, params, ["你好", "再见"], out, system=None)
+    assert out.getvalue() == "assistant> \n"  # "tinyk: terminated" then starts a line of its own
+
+
+def test_the_you_prompt_goes_where_the_person_typing_sees_it(monkeypatch, capsys):
+    """With replies redirected to a file (`tinyk chat > chat.txt`) the prompt goes to stderr, not the file."""
+    from tinyk.cli.generate import _input_lines
+
+    asked: list[str] = []
+    monkeypatch.setattr("builtins.input", lambda prompt="": asked.append(prompt) or "你好")
+    assert next(_input_lines()) == "你好" and asked == [""]
+    assert capsys.readouterr() == ("", "you> ")
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert next(_input_lines()) == "你好" and asked == ["", "you> "]
 
 
 def test_chat_session_forgets_old_turns_to_fit(engine, capsys, monkeypatch):

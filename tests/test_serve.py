@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import http.client
 import json
 import os
@@ -615,6 +616,26 @@ def test_protocol_errors(server):
     for length, status in (("\u00b2", 400), ("12abc", 400), ("9" * 5000, 413)):
         bad = f"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: {length}\r\n\r\n{{}}"
         assert raw(server, bad.encode("latin-1")).startswith(b"HTTP/1.1 %d" % status), length
+    # Two Content-Lengths or Hosts: a proxy in front may have gone by the other one (request smuggling).
+    body = json.dumps({"model": "nano", "prompt": "hi", "max_tokens": 2}).encode()
+    hidden = b"GET /v1/models/SMUGGLED HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    post = b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\nContent-Length: %d\r\n\r\n%s%s" % (
+        len(body), len(body) + len(hidden), body, hidden)
+    reply = raw(server, post)
+    assert reply.startswith(b"HTTP/1.1 400") and reply.count(b"HTTP/1.1 ") == 1 and b"SMUGGLED" not in reply
+    assert b"conflicting Content-Length values" in reply
+    same = b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: %d, %d\r\n\r\n%s" % (
+        len(body), len(body), body)
+    assert raw(server, same).startswith(b"HTTP/1.1 200")  # the same value twice is one value (RFC 9110 8.6)
+    get = b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nContent-Length: %d\r\n\r\n%s" % (
+        len(hidden), hidden)
+    assert raw(server, get).count(b"HTTP/1.1 ") == 1
+    reply = raw(server, b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\nHost: evil.example\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 400") and b"more than one Host header" in reply
+    gzipped = b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s" % (
+        len(gzip.compress(body)), gzip.compress(body))
+    reply = raw(server, gzipped)
+    assert reply.startswith(b"HTTP/1.1 415") and b"send the body uncompressed" in reply
     status, body = request(server, "GET", "/v1/chat/completions")
     assert status == 405 and body["error"]["code"] == "method_not_allowed"
     status, body = request(server, "GET", "/health")
@@ -654,6 +675,18 @@ def test_an_idle_kept_alive_connection_closes_without_a_log_line(nano_model_dir,
         server.close()
     log = capfd.readouterr().err
     assert log.count('"GET /health HTTP/1.1" 200') == 1 and log.count("Request timed out") == 1, log
+
+
+def test_the_access_log_escapes_control_characters(nano_model_dir, capfd):
+    """A request line's escape codes would clear or repaint the operator's terminal, or fake log lines."""
+    server, _ = start(nano_model_dir, log=True)
+    try:
+        assert raw(server, b"GET /\x1b[2J\x1b[31mred HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n") \
+            .startswith(b"HTTP/1.1 404")
+    finally:
+        server.close()
+    log = capfd.readouterr().err
+    assert '"GET /\\x1b[2J\\x1b[31mred HTTP/1.1" 404' in log and "\x1b" not in log, log
 
 
 def test_an_overloaded_server_says_when_to_retry(nano_model_dir):

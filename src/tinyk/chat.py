@@ -120,9 +120,10 @@ def chat_session(engine: Engine, params: SamplingParams, lines: Iterable[str], o
                 out.flush()
                 shown.append(delta)
         except KeyboardInterrupt as e:  # Ctrl-C stops the reply, not the conversation; SIGTERM stops both
+            out.write("\n")  # the reply's line ends before anything says why it stopped
+            out.flush()
             if not interactive or isinstance(e, Terminated):
                 raise
-            out.write("\n")
             if shown:
                 print("(reply stopped)", file=sys.stderr)
                 history.append({"role": "assistant", "content": "".join(shown)})

@@ -565,8 +565,8 @@ class Handler(BaseHTTPRequestHandler):
             pass
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - BaseHTTPRequestHandler's signature
-        if self.server.api.cfg.log:
-            sys.stderr.write(f"{self.address_string()} - {format % args}\n")
+        if self.server.api.cfg.log:  # a request line's escape codes would repaint the operator's terminal
+            sys.stderr.write(f"{self.address_string()} - {_CONTROL.sub(_escaped, format % args)}\n")
 
     # -- plumbing -----------------------------------------------------------------------
 
@@ -656,6 +656,11 @@ class Handler(BaseHTTPRequestHandler):
             raise
 
     def _body(self) -> dict:
+        coding = self.headers.get("Content-Encoding", "").strip().lower()
+        if coding not in ("", "identity"):
+            self.close_connection = self.unread_body = True
+            raise ApiError(415, f"Content-Encoding {coding[:40]} is not supported; send the body uncompressed",
+                           code="unsupported_content_encoding")
         length = self._body_length()
         if length is None and "Content-Length" in self.headers:  # RFC 9112 6.3: read chunked, then close
             self.close_connection = True
@@ -705,13 +710,19 @@ class Handler(BaseHTTPRequestHandler):
         the API as its own origin."""
         if not super().parse_request():
             return False
+        lengths = [v.strip() for line in self.headers.get_all("Content-Length", []) for v in line.split(",")]
         if self.command != "POST" and (self.headers.get("Transfer-Encoding") is not None
-                                       or self.headers.get("Content-Length", "0").strip() not in ("", "0")):
+                                       or any(v not in ("", "0") for v in lengths)):
             # A body sent with GET, HEAD or OPTIONS is never read: the connection ends with this answer,
             # so the body is not taken for the next request (behind a proxy that reuses connections,
             # another client's).
             self.close_connection = self.unread_body = True
-        host = self.headers.get("Host")
+        hosts = self.headers.get_all("Host", [])
+        if len(hosts) > 1:  # RFC 9112 3.2: which one a proxy in front checked is unknown
+            self.close_connection = self.unread_body = True
+            self._error(ApiError(400, "more than one Host header", code="invalid_host"))
+            return False
+        host = hosts[0] if hosts else None
         allowed = self.server.api.cfg.allow_hosts
         guarded = self.server.loopback or bool(allowed)  # naming hosts guards any address (Docker's 0.0.0.0)
         if not guarded or host is None or "*" in allowed or _local_host_name(host, allowed):
@@ -1047,6 +1058,13 @@ def _failure(req: Request) -> ApiError:
     return ApiError(500, req.error or "generation failed", type="server_error", code="internal_error")
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _escaped(m: re.Match[str]) -> str:
+    return f"\\x{ord(m[0]):02x}"
+
+
 def _content_length(headers: Any, limit: int) -> int | None:
     """A request's Content-Length, or None for a chunked body (whose size is checked as it is read):
     411 when there is neither, 400 when it is not a number, 413 above `limit`."""
@@ -1059,10 +1077,13 @@ def _content_length(headers: Any, limit: int) -> int | None:
     if coding:
         raise ApiError(501, f"Transfer-Encoding {', '.join(coding)} is not supported; send chunked or Content-Length",
                        code="unsupported_transfer_encoding")
-    length = headers.get("Content-Length")
-    if length is None:
+    lengths = {v.strip() for line in headers.get_all("Content-Length", []) for v in line.split(",")}
+    if not lengths:
         raise ApiError(411, "a Content-Length header is required", code="length_required")
-    length = length.strip()
+    if len(lengths) > 1:  # which one a proxy in front went by is unknown (RFC 9112 6.3)
+        raise ApiError(400, f"conflicting Content-Length values: {', '.join(sorted(lengths))[:80]}",
+                       code="invalid_content_length")
+    length = lengths.pop()
     if not (length.isascii() and length.isdigit()):  # "²".isdigit() is true, int("²") is not
         raise ApiError(400, f"Content-Length must be a number of bytes, got {length[:40]!r}",
                        code="invalid_content_length")

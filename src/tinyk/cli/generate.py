@@ -131,6 +131,9 @@ def _generate(args: argparse.Namespace) -> int:
     from tinyk.files import TinykError
 
     prompts = read_prompts(args)
+    if args.no_bos and "" in prompts:  # the engine would start it from <|im_start|> all the same
+        raise TinykError("an empty prompt has nothing to continue without <|im_start|>; give it text, or leave out "
+                         "--no-bos")
     params = sampling_params(args)
     engine = _engine(args, args.batch_size)
     ids = []
@@ -193,9 +196,14 @@ def _input_lines() -> Iterable[str]:
         if "libedit" not in (readline.__doc__ or ""):  # macOS's libedit has no bracketed paste
             # CPython turns it off; on, the terminal marks a paste and a pasted paragraph is one message.
             readline.parse_and_bind("set enable-bracketed-paste on")
+    to_terminal = sys.stdout.isatty()
     while True:
         try:
-            yield input("you> ")
+            if to_terminal:
+                yield input("you> ")
+            else:  # replies go to a file or a pipe; the prompt is for the person typing
+                print("you> ", end="", file=sys.stderr, flush=True)
+                yield input()
         except EOFError:
             print(file=sys.stderr)
             return
