@@ -982,7 +982,42 @@ def test_cli_prints_one_line(tmp_path, pt_data, tok_dir, capsys):
     assert float(note[2]) == float(note[3]) == round(1024 / int(note[1]), 1) > 1
     with pytest.raises(SystemExit) as e:
         main(cli_args(pt_data, tok_dir, tmp_path / "o2", "--max-steps", "2", "--resume"))
-    assert e.value.code == 0 and "the run is already complete at step 2" in capsys.readouterr().out
+    assert e.value.code == 0 and "the run is already complete at step 2, the end of --max-steps 2: raise " \
+                                 "--max-steps to train further" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:  # the budget that ended it is the one to raise, not --max-steps
+        main(cli_args(pt_data, tok_dir, tmp_path / "o3", "--max-steps", "1000", "--resume"))
+    assert e.value.code == 0 and "the run is already complete at step 1, the end of --epochs 1: raise --epochs to " \
+                                 "train further" in capsys.readouterr().out
+    # A finished run made longer: its cosine is re-fitted, so the LR climbs back up, and the header says so.
+    main_ok = ("--set", "eval_every=0", "--set", "warmup_steps=0")
+    with pytest.raises(SystemExit) as e:
+        main(cli_args(pt_data, tok_dir, tmp_path / "o4", "--max-steps", "2", *main_ok))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(cli_args(pt_data, tok_dir, tmp_path / "o4", "--max-steps", "6", "--log-every", "1", "--resume"))
+    note = re.search(r"^note: the run is now 6 steps long, not 2, so the LR schedule is re-fitted: step 3 trains at "
+                     r"LR (\S+), where the old schedule was at (\S+)$", capsys.readouterr().out, re.M)
+    assert e.value.code == 0 and note and float(note[1]) > 2 * float(note[2])
+    logged = [json.loads(line) for line in (tmp_path / "o4" / "metrics.jsonl").read_text().splitlines()]
+    assert [f"{r['lr']:.3g}" for r in logged if r.get("step") == 3 and "lr" in r] == [note[1]]
+
+
+def test_a_config_file_edited_before_resume_is_said_to_be_outranked(tmp_path, pt_data, tok_dir, capsys):
+    """The saved run config outranks --config (so a resume keeps the flags the run began with); an edit
+    to the file is then not silently dropped."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("max_steps: 2\nlr: 1.0e-3\neval_every: 0\n")
+    with pytest.raises(SystemExit) as e:
+        main(cli_args(pt_data, tok_dir, tmp_path / "r", "--config", str(cfg)))
+    assert e.value.code == 0
+    capsys.readouterr()
+    cfg.write_text("max_steps: 3\nlr: 1.0e-5\neval_every: 0\n")
+    with pytest.raises(SystemExit) as e:
+        main(cli_args(pt_data, tok_dir, tmp_path / "r", "--config", str(cfg), "--resume", "--max-steps", "3"))
+    err = capsys.readouterr().err
+    assert e.value.code == 0 and err == (f"note: on --resume the run's saved {tmp_path / 'r' / 'config.yaml'} outranks "
+                                         f"--config {cfg}, so lr stays 0.001 (not 1e-05); pass a flag or --set to "
+                                         f"change it\n")
 
 
 def test_a_run_extended_stopped_and_resumed_with_its_old_budget_writes_its_final_model(tmp_path, pt_data, tok_dir,
@@ -1221,6 +1256,29 @@ def test_a_refused_resume_leaves_the_run_as_it_was(tmp_path, pt_data, sft_data, 
         train(nano_cfg(sft_data, None, out, kind="sft", init=str(nano_model_dir), model={}, seq_len=64), resume=True)
     assert (out / "config.yaml").read_text() == saved
     assert train(nano_cfg(pt_data, tok_dir, out, max_steps=3), resume=True)["steps"] == 3
+    # On --resume the checkpoint's model and tokenizer count: an --init is said not to be read, and not saved.
+    with pytest.raises(SystemExit) as e:
+        main(cli_args(pt_data, tok_dir, out, "--max-steps", "4", "--resume", "--init", str(nano_model_dir)))
+    assert e.value.code == 0 and capsys.readouterr().err == (
+        "note: on --resume the model and tokenizer are the checkpoint's, so --init is not read (to start from other "
+        "weights, begin a new run with --init)\n")
+    assert yaml.safe_load((out / "config.yaml").read_text())["init"] is None
+    inside = out / "checkpoints" / "x"  # its --force or rotation would reach the run around it
+    with pytest.raises(SystemExit) as e:
+        main(cli_args(pt_data, tok_dir, inside, "--max-steps", "1"))
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"tinyk: error: --out {inside} is inside the run directory {out.resolve()}; give a path outside it\n")
+    assert not inside.exists()
+    sft_out = tmp_path / "sft"
+    train(nano_cfg(sft_data, None, sft_out, kind="sft", init=str(nano_model_dir), model={}, seq_len=64, max_steps=1))
+    with pytest.raises(SystemExit) as e:
+        main(["pretrain", "--resume", "--out", str(sft_out), "--device", "cpu"])
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"tinyk: error: {sft_out} is an sft run: resume it with tinyk sft --resume\n")
+    with pytest.raises(SystemExit) as e:
+        main(["pretrain", "--config", str(tmp_path), "--out", str(out), "--resume"])
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"tinyk: error: config file {tmp_path} is a directory; give a .yaml, .yml or .toml file\n")
 
 
 def test_what_a_killed_write_leaves_never_locks_a_run(tmp_path, pt_data, tok_dir):
@@ -1508,10 +1566,27 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_last_checkpoint(tmp_
         main(cli_args(pt_data, tok_dir, out, "--max-steps", "3", "--save-every", "1", "--resume"))
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and "Traceback" not in err[0]
-    assert err[0].startswith(f"tinyk: error: cannot write {out / 'checkpoints' / 'step_0000003'}: [enforce fail")
-    assert err[0].endswith("MB free on that disk")
+    assert re.fullmatch(rf"tinyk: error: cannot write {re.escape(str(out / 'checkpoints' / 'step_0000003'))}: the "
+                        r"write stopped part-way, as it does on a full disk \(torch: unexpected pos 862912 vs 862804\);"
+                        r" [\d,]+ MB free on that disk \(the last checkpoint, checkpoints/step_0000002, is kept: "
+                        r"--resume continues from it\)", err[0]), err[0]
     assert checkpoints(out)[-1].name == "step_0000002"
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
+    monkeypatch.undo()
+    real_open = open
+
+    def metrics_no_room(path, *a, **kw):
+        if str(path).endswith("metrics.jsonl"):
+            raise OSError(28, "No space left on device")
+        return real_open(path, *a, **kw)
+
+    monkeypatch.setattr("tinyk.monitor.open", metrics_no_room, raising=False)
+    with pytest.raises(SystemExit) as e:
+        main(cli_args(pt_data, tok_dir, out, "--max-steps", "3", "--log-every", "1", "--resume"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and re.fullmatch(
+        rf"tinyk: error: cannot write {re.escape(str(out / 'metrics.jsonl'))}: \[Errno 28\] No space left on device; "
+        r"[\d,]+ MB free on that disk", err[0]), err
     monkeypatch.undo()
     monkeypatch.setattr("tinyk.monitor.plot_losses", no_room)  # the plot alone does not fail a run
     summary = train(nano_cfg(pt_data, tok_dir, out, max_steps=3), resume=True)

@@ -356,12 +356,16 @@ def write_error(path: Path, e: BaseException) -> TinykError:
         free = f"; {shutil.disk_usage(path.parent).free / 1e6:,.0f} MB free on that disk"
     except OSError:
         free = ""
-    return TinykError(f"cannot write {path}: {first_line(e)}{free}")
+    why = first_line(e)
+    if not isinstance(e, OSError) and any(m in why for m in _TORCH_WRITER):  # "unexpected pos 292928 vs 292820"
+        why = f"the write stopped part-way, as it does on a full disk (torch: {why.split('] ')[-1].strip(' .')})"
+    return TinykError(f"cannot write {path}: {why}{free}")
 
 
 # What torch's checkpoint writer and the Rust writers of safetensors and tokenizers ("No space left on
 # device (os error 28)") say when a write fails; other RuntimeErrors (CUDA out of memory) are not ours.
-_WRITE_FAILURES = ("iostream", "inline_container", "PytorchStreamWriter", "(os error ")
+_TORCH_WRITER = ("iostream", "inline_container", "PytorchStreamWriter")
+_WRITE_FAILURES = (*_TORCH_WRITER, "(os error ")
 
 
 @contextlib.contextmanager

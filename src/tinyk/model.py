@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .files import TinykError, out_of_memory
+from .files import TinykError, memory_available, out_of_memory
 
 
 def cuda_autocast_dtype(device: torch.device) -> torch.dtype:
@@ -131,6 +131,13 @@ def training_flops(cfg: ModelConfig, matmul_params: int, seq_len: int) -> int:
 
 def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 cos/sin on the CPU, shape (max_seq_len, head_dim), HF's half-rotation layout, row = position."""
+    need = cfg.max_seq_len * cfg.head_dim * 16  # the tables and their intermediates, 4 bytes each
+    free = memory_available()
+    # Half of it: a training run holds the tables twice when it writes a model (its export builds them).
+    if free is not None and need > free / 2:
+        raise TinykError(f"a context of {cfg.max_seq_len:,} positions (max_seq_len, max_position_embeddings in "
+                         f"config.json) needs about {need / 1e9:,.1f} GB for its RoPE tables alone, more than this "
+                         f"machine can spare ({free / 1e9:,.1f} GB available)")
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device="cpu", dtype=torch.float32)
                                          / cfg.head_dim))
     try:

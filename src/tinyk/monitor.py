@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .files import TinykError, atomic_file, first_line
+from .files import TinykError, atomic_file, first_line, writing
 from .model import cuda_autocast_dtype
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, matched against torch.cuda.get_device_name().
@@ -251,7 +251,7 @@ class Monitor:
     def _append(self, rec: dict[str, Any]) -> None:
         self.records.append(rec)
         self.plotted = False
-        with open(self.metrics_path, "a", encoding="utf-8") as f:
+        with writing(self.metrics_path), open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(rec) + "\n")
         if self.trackers:
             # One point per curve and step: an eval record's tokens and time repeat the train record's,

@@ -57,6 +57,7 @@ from .files import (
     first_line,
     is_output_file,
     memory_available,
+    not_found,
     out_of_memory,
     parse_size,
     plural,
@@ -235,8 +236,10 @@ def _merge(base: dict[str, Any], layer: dict[str, Any], kind: str, where: str) -
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """A YAML or TOML config file as a dict (validated when merged)."""
     p = Path(path)
+    if p.is_dir():
+        raise TinykError(f"config file {p} is a directory; give a .yaml, .yml or .toml file")
     if not p.is_file():
-        raise TinykError(f"config file not found: {p}")
+        raise not_found(p, "config file")
     if p.suffix not in (".yaml", ".yml", ".toml"):
         raise TinykError(f"config file must be .yaml, .yml or .toml: {p}")
     try:
@@ -302,8 +305,12 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
 
 
 def resolve_config(kind: str, *, preset: str | None = None, config: str | Path | None = None,
-                   flags: dict[str, Any] | None = None, sets: list[str] = (), resume: bool = False) -> TrainConfig:
-    """Defaults < shipped preset config < --config file < saved run config (--resume) < flags < --set."""
+                   flags: dict[str, Any] | None = None, sets: list[str] = (), resume: bool = False,
+                   notes: list[str] | None = None) -> TrainConfig:
+    """Defaults < shipped preset config < --config file < saved run config (--resume) < flags < --set.
+
+    `notes` gets a line for what a user may not expect: --config values the saved run config outranks.
+    """
     if kind not in KINDS:
         raise TinykError(f"unknown training kind {kind!r}")
     layers: list[tuple[dict[str, Any], str]] = []
@@ -329,10 +336,24 @@ def resolve_config(kind: str, *, preset: str | None = None, config: str | Path |
             raise TinykError(f"{saved} is empty{_config_copy(Path(d['out']))}")
         if run_config.get("kind", kind) != kind:
             run = Path(d["out"])
-            raise TinykError(f"{run} is a {run_config['kind']} run: resume it with tinyk {run_config['kind']} "
+            raise TinykError(f"{run} is {'an' if run_config['kind'] == 'sft' else 'a'} {run_config['kind']} run: resume it with tinyk {run_config['kind']} "
                              f"--resume" + (f", or fine-tune its model in a new run (tinyk sft --init {run})"
                                             if kind == "sft" else ""))
-        d = fold([*layers, (run_config, str(saved)), *top])
+        before, d = d, fold([*layers, (run_config, str(saved)), *top])
+        ignored = [k for k in ("tokenizer", "init") if not _same_path(d.get(k), run_config.get(k))]
+        if ignored:  # the checkpoint holds the model and tokenizer; config.yaml must not name others
+            d.update({k: run_config.get(k) for k in ignored})
+            if notes is not None:
+                notes.append(f"note: on --resume the model and tokenizer are the checkpoint's, so "
+                             f"{' and '.join('--' + k for k in ignored)} {'is' if len(ignored) == 1 else 'are'} "
+                             f"not read (to start from other weights, begin a new run with --init)")
+        if config and notes is not None:
+            mine = _flat(fold([(read_config_file(config), str(config))]))
+            kept = {k: v for k, v in _flat(d).items() if k in mine and mine[k] != v and _flat(before).get(k) == mine[k]}
+            if kept:
+                notes.append(f"note: on --resume the run's saved {saved} outranks --config {config}, so "
+                             + ", ".join(f"{k} stays {v!r} (not {mine[k]!r})" for k, v in kept.items())
+                             + "; pass a flag or --set to change it")
     elif saved is not None and d.get("data") is None:
         copy = _config_copy(Path(d["out"]))
         if copy:
@@ -343,6 +364,16 @@ def resolve_config(kind: str, *, preset: str | None = None, config: str | Path |
     cfg.dtype = DTYPE_ALIASES.get(cfg.dtype, cfg.dtype)
     validate(cfg)
     return cfg
+
+
+def _same_path(a: Any, b: Any) -> bool:
+    """Whether two config values name the same path (the saved config holds them absolute)."""
+    return a == b or (isinstance(a, str) and isinstance(b, str) and Path(a).resolve() == Path(b).resolve())
+
+
+def _flat(d: dict[str, Any]) -> dict[str, Any]:
+    """A folded config with the model's keys as model.KEY, as --set writes them."""
+    return {**{k: v for k, v in d.items() if k != "model"}, **{f"model.{k}": v for k, v in d.get("model", {}).items()}}
 
 
 def _saved_config(out: Path) -> Path:
@@ -477,7 +508,13 @@ def micro_note(batch_size: int, world: int, requested: int | None, used: int, pe
 
 
 def total_steps(cfg: TrainConfig, samples_per_epoch: int, steps_done: int = 0, samples_done: int = 0) -> int:
-    """Optimizer steps in the run: whichever of max_steps, max_tokens, epochs comes first (default 1 epoch).
+    """Optimizer steps in the run: whichever of max_steps, max_tokens, epochs comes first (default 1 epoch)."""
+    return max(1, min(step_budgets(cfg, samples_per_epoch, steps_done, samples_done).values()))
+
+
+def step_budgets(cfg: TrainConfig, samples_per_epoch: int, steps_done: int = 0,
+                 samples_done: int = 0) -> dict[str, int]:
+    """The steps each budget allows, by the flag that sets it (--epochs stands for the default epoch too).
 
     A token or epoch budget counts samples: what is left of it after `samples_done` (a resumed
     run's) is trained at this run's batch size, so resuming with another --batch-size keeps it.
@@ -485,14 +522,14 @@ def total_steps(cfg: TrainConfig, samples_per_epoch: int, steps_done: int = 0, s
     def after(samples: float) -> int:
         return steps_done + max(0, math.ceil((samples - samples_done) / cfg.batch_size))
 
-    budgets = []
+    budgets = {}
     if cfg.max_steps:
-        budgets.append(cfg.max_steps)
+        budgets["--max-steps"] = cfg.max_steps
     if cfg.max_tokens:
-        budgets.append(after(cfg.max_tokens / cfg.seq_len))
+        budgets["--max-tokens"] = after(cfg.max_tokens / cfg.seq_len)
     if cfg.epochs or not budgets:
-        budgets.append(after((cfg.epochs or 1) * samples_per_epoch))
-    return max(1, min(budgets))
+        budgets["--epochs"] = after((cfg.epochs or 1) * samples_per_epoch)
+    return budgets
 
 
 # ----------------------------------------------------------------------------- processes and devices
@@ -1022,6 +1059,11 @@ class Trainer:
         out, main = self.out, self.dist.main
         if out.exists() and not out.is_dir():
             raise TinykError(f"--out {out} is a file, not a run directory")
+        # Inside another run (its checkpoints/ or final/), its --force and rotation would reach this one.
+        host = next((p for p in out.resolve().parents if (p / "config.yaml").is_file() and (p / "checkpoints").is_dir()),
+                    None)
+        if host is not None:
+            raise TinykError(f"--out {out} is inside the run directory {host}; give a path outside it")
         check_output(out, [self.cfg.data, self.init_dir, None if self.resumed_from else self.tok_dir])
         ours = sorted(p.name for p in out.iterdir() if _made_by_a_run(p)) if out.is_dir() else []
         exists = bool(ours)  # an earlier run's files
@@ -1160,7 +1202,10 @@ class Trainer:
             self.loader = SFTLoader(cfg.data, "train", cfg.seq_len, self.micro, rank=d.rank, world_size=d.world,
                                     seed=cfg.seed, batch_size=cfg.batch_size)
         # With max_minutes this is the cap, and total_steps is re-fitted to the clock as the run goes.
-        self.step_cap = self.total_steps = total_steps(cfg, self.loader.num_windows)
+        budgets = step_budgets(cfg, self.loader.num_windows)
+        self.step_cap = self.total_steps = max(1, min(budgets.values()))
+        self.ended_by = min(budgets, key=budgets.__getitem__)  # the flag that ends the run, for messages
+        self.refit: tuple[int, float, float] | None = None  # a resumed run's re-fitted schedule, for the header
         self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else default_warmup(self.total_steps)
         self.val_problem, self.val_dropped = None, 0
         try:  # opening the split validates it; a run without usable validation data still trains
@@ -1261,7 +1306,8 @@ class Trainer:
             dist.all_gather_object(ranks, _rng_state(self.device), group=d.host)
         path = self.out / "checkpoints" / f"step_{step:07d}"
         if d.main:
-            with writing(path), atomic_dir(path, force=True) as tmp:
+            with self._kept_on_failure("--resume continues from it"), writing(path), \
+                    atomic_dir(path, force=True) as tmp:
                 self.write_model(tmp / "model", model_state)
                 torch.save(optim_state, tmp / "optimizer.pt")
                 torch.save({"ranks": ranks, "scaler": self.scaler.state_dict()}, tmp / "rng.pt")
@@ -1349,7 +1395,9 @@ class Trainer:
         # What is left of a token or epoch budget, at this session's batch size (pretraining may change
         # it; SFT refuses that): a run that changed it once plans the rest from the samples done ever after.
         done = state["loader"]["epoch"] * self.loader.num_windows + state["loader"]["cursor"]
-        self.step_cap = self.total_steps = total_steps(self.cfg, self.loader.num_windows, state["step"], done)
+        budgets = step_budgets(self.cfg, self.loader.num_windows, state["step"], done)
+        self.step_cap = self.total_steps = max(1, min(budgets.values()))
+        self.ended_by = min(budgets, key=budgets.__getitem__)
         if self.total_steps != total_steps(self.cfg, self.loader.num_windows) and self.cfg.warmup_steps is None:
             self.warmup = state.get("warmup", self.warmup)  # the warmup this run began with
         if self.cfg.max_minutes and state.get("max_minutes") == self.cfg.max_minutes and "warmup" in state:
@@ -1358,6 +1406,15 @@ class Trainer:
             self.total_steps = min(self.step_cap, max(state["step"], state["total_steps"]))
             self.warmup = state["warmup"] if self.cfg.warmup_steps is None else \
                 min(self.cfg.warmup_steps, self.total_steps // 2)
+            if self.total_steps < self.step_cap:
+                self.ended_by = "--max-minutes"
+        planned, step = state.get("total_steps"), state["step"]
+        if planned and planned != self.total_steps and step < self.total_steps:
+            # A longer (or shorter) run re-fits the cosine: after a finished run the LR climbs back up.
+            was = lr_at(step, planned, self.cfg.lr, state.get("warmup", self.warmup), self.cfg.min_lr_ratio)
+            now = lr_at(step, self.total_steps, self.cfg.lr, self.warmup, self.cfg.min_lr_ratio)
+            if abs(now - was) > 0.1 * was:
+                self.refit = (planned, was, now)
         if self.dist.main:
             self.window_loss.fill_(state["log_window"]["loss"])
         self.window_steps = state["log_window"]["steps"]
@@ -1549,8 +1606,16 @@ class Trainer:
         if self.resumed_from:
             lines.append(f"resumed from {self.resumed_from} (step {self.progress.step})")
             if self.progress.step >= self.total_steps:
-                lines.append(f"the run is already complete at step {self.progress.step}: raise --max-steps "
-                             f"(or another budget) to train further")
+                value = {"--max-steps": cfg.max_steps, "--max-tokens": cfg.max_tokens,
+                         "--max-minutes": cfg.max_minutes, "--epochs": cfg.epochs}[self.ended_by]
+                budget = f"{self.ended_by} {value:,g}" if value else "one epoch (the default)"
+                lines.append(f"the run is already complete at step {self.progress.step}, the end of {budget}: "
+                             f"raise {self.ended_by} to train further")
+            elif self.refit:
+                planned, was, now = self.refit
+                lines.append(f"note: the run is now {self.total_steps:,} steps long, not {planned:,}, so the LR "
+                             f"schedule is re-fitted: step {self.progress.step + 1} trains at LR {now:.3g}, where "
+                             f"the old schedule was at {was:.3g}")
         elif self.resume:
             lines.append(f"--resume: no checkpoint in {self.out}, so this is a new run")
         if self.val_problem:
@@ -1736,11 +1801,22 @@ class Trainer:
                                    "val_bpb": finite(val[1]), "elapsed_s": round(self._elapsed(), 3)})
         return val
 
+    @contextlib.contextmanager
+    def _kept_on_failure(self, then: str) -> Iterator[None]:
+        """A failed save (a full disk, most often) says which checkpoint is still whole."""
+        try:
+            yield
+        except TinykError as e:
+            kept = checkpoints(self.out)
+            raise TinykError(f"{e} (the last checkpoint, checkpoints/{kept[-1].name}, is kept: {then})" if kept else
+                             f"{e} (no checkpoint was kept)") from e
+
     def _save_final(self) -> str:
         """Writes the finished model (rank 0; under FSDP every rank takes part in gathering it)."""
         model_state, _ = self._full_states()
         if self.dist.main:
-            with writing(self.out / "final"), atomic_dir(self.out / "final", force=True) as tmp:
+            with self._kept_on_failure("--resume writes final/ from it"), writing(self.out / "final"), \
+                    atomic_dir(self.out / "final", force=True) as tmp:
                 self.write_model(tmp, model_state)
         self.dist.barrier()
         return str(self.out / "final")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 
@@ -80,8 +81,12 @@ def _run(args: argparse.Namespace) -> int:
     flags["activation_checkpointing"] = args.activation_checkpointing
     if args.no_progress:
         flags["progress"] = False
+    notes: list[str] = []
     cfg = resolve_config(args.kind, preset=args.preset, config=args.config, flags=flags, sets=args.set,
-                         resume=args.resume)
+                         resume=args.resume, notes=notes)
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # once per machine under torchrun
+        for note in notes:
+            print(note, file=sys.stderr)
     summary = train(cfg, resume=args.resume, force=args.force)
     if summary["status"] == "interrupted":  # 128 + the signal's number, as the shell reports a kill by it
         if summary["stop_signal"] == "SIGPIPE":  # its own line went where the output went
