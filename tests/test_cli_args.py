@@ -361,3 +361,13 @@ def test_an_unknown_flag_names_the_command_it_was_given_to(args, command, capsys
     unknown = " ".join(args[-2:] if args[-2].startswith("--max") else args[-1:])
     assert error_line(args, capsys) == (f"{command}: error: unrecognized arguments: {unknown} "
                                         f"(see {command} --help)")
+
+
+def test_a_config_key_typed_as_a_flag_is_shown_its_set(capsys):
+    """Most training settings have no flag of their own: the error says how to give one."""
+    assert error_line(["pretrain", "--keep-checkpoints", "5"], capsys) == (
+        "tinyk pretrain: error: unrecognized arguments: --keep-checkpoints 5; a config key without a flag of its own "
+        "is set with --set keep_checkpoints=5 (see tinyk pretrain --help)")
+    assert error_line(["sft", "--n-layers=4"], capsys) == (
+        "tinyk sft: error: unrecognized arguments: --n-layers=4; a config key without a flag of its own is set with "
+        "--set model.n_layers=4 (see tinyk sft --help)")

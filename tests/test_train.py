@@ -1002,6 +1002,22 @@ def test_cli_prints_one_line(tmp_path, pt_data, tok_dir, capsys):
     assert [f"{r['lr']:.3g}" for r in logged if r.get("step") == 3 and "lr" in r] == [note[1]]
 
 
+def test_switches_a_saved_config_turned_on_can_be_turned_off_on_resume(tmp_path, pt_data, tok_dir):
+    """--no-progress, --compile and --activation-checkpointing are saved with the run; each has its opposite."""
+    from tinyk.cli import build_parser
+
+    out = tmp_path / "r"
+    train(nano_cfg(pt_data, tok_dir, out, max_steps=1, progress=False, activation_checkpointing=True))
+    args = build_parser().parse_args(["pretrain", "--out", str(out), "--resume", "--progress", "--no-compile",
+                                      "--no-activation-checkpointing"])
+    flags = {"out": args.out, "progress": args.progress, "compile": args.compile,
+             "activation_checkpointing": args.activation_checkpointing}
+    cfg = resolve_config("pretrain", flags=flags, resume=True)
+    assert (cfg.progress, cfg.compile, cfg.activation_checkpointing) == (True, False, False)
+    args = build_parser().parse_args(["pretrain", "--out", str(out), "--resume"])
+    assert (args.progress, args.compile, args.activation_checkpointing) == (None, None, None)  # the saved ones
+
+
 def test_a_config_file_edited_before_resume_is_said_to_be_outranked(tmp_path, pt_data, tok_dir, capsys):
     """The saved run config outranks --config (so a resume keeps the flags the run began with); an edit
     to the file is then not silently dropped."""

@@ -53,6 +53,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _set_hint(command: str, extras: list[str]) -> str:
+    """For a training config key typed as a flag (`--keep-checkpoints 5`): the --set that says it."""
+    if command not in ("pretrain", "sft") or not extras[0].startswith("--"):
+        return ""
+    from dataclasses import fields
+
+    from tinyk.model import ModelConfig
+    from tinyk.train import TrainConfig
+
+    name, _, value = extras[0][2:].partition("=")
+    key = name.replace("-", "_")
+    if key not in {f.name for f in fields(TrainConfig)}:
+        if key not in {f.name for f in fields(ModelConfig)}:
+            return ""
+        key = f"model.{key}"
+    value = value or (extras[1] if len(extras) > 1 and not extras[1].startswith("--") else "VALUE")
+    return f"; a config key without a flag of its own is set with --set {key}={value}"
+
+
 def _terminate(signum: int, frame: object) -> NoReturn:
     raise Terminated
 
@@ -87,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0)
     args, extras = parser.parse_known_args(argv)
     if extras:
-        args.command_parser.error(f"unrecognized arguments: {' '.join(extras)}")
+        args.command_parser.error(f"unrecognized arguments: {' '.join(extras)}{_set_hint(args.command, extras)}")
     for stream in (sys.stdout, sys.stderr):
         # A GBK or ASCII terminal cannot show every character a model writes (U+FFFD, emoji, rare
         # characters): they print as substitutes instead of ending the command with a traceback. On a

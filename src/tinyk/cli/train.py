@@ -53,9 +53,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         r = p.add_argument_group("runtime")
         r.add_argument("--dtype", choices=TRAIN_DTYPE_CHOICES)
         r.add_argument("--device", choices=["auto", "cpu", "cuda"])
-        r.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+        # --no-X turns off what a resumed run's saved config turned on.
+        r.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
         r.add_argument("--parallel", choices=PARALLEL_CHOICES, help="multi-process strategy under torchrun")
-        r.add_argument("--activation-checkpointing", action="store_true", default=None,
+        r.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction,
                        help="recompute activations in backward to save memory")
         r.add_argument("--seed", type=seed)
         o = p.add_argument_group("evaluation, checkpoints, logging")
@@ -63,9 +64,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         o.add_argument("--save-every", type=non_negative_int, help="steps between checkpoints (0: only at the end)")
         o.add_argument("--log-every", type=positive_int)
         o.add_argument("--tracker", help="comma list of tensorboard, wandb, swanlab")
-        o.add_argument("--no-progress", action="store_true",
-                       help="no progress bar, and no line per log interval where output is not a terminal "
-                            "(metrics.jsonl and trackers still get every interval)")
+        o.add_argument("--progress", action=argparse.BooleanOptionalAction,
+                       help="--no-progress: no progress bar, and no line per log interval where output is not a "
+                            "terminal (metrics.jsonl and trackers still get every interval)")
         o.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
         o.add_argument("--force", action="store_true", help="delete an existing run directory and start over")
         o.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -79,8 +80,7 @@ def _run(args: argparse.Namespace) -> int:
     flags = {k: getattr(args, k) for k in _FLAG_KEYS}
     flags["compile"] = args.compile
     flags["activation_checkpointing"] = args.activation_checkpointing
-    if args.no_progress:
-        flags["progress"] = False
+    flags["progress"] = args.progress
     notes: list[str] = []
     cfg = resolve_config(args.kind, preset=args.preset, config=args.config, flags=flags, sets=args.set,
                          resume=args.resume, notes=notes)
