@@ -1272,6 +1272,13 @@ def test_a_refused_resume_leaves_the_run_as_it_was(tmp_path, pt_data, sft_data, 
         train(nano_cfg(sft_data, None, out, kind="sft", init=str(nano_model_dir), model={}, seq_len=64), resume=True)
     assert (out / "config.yaml").read_text() == saved
     assert train(nano_cfg(pt_data, tok_dir, out, max_steps=3), resume=True)["steps"] == 3
+    (out / "config.yaml").write_text("lr: [1,\n")  # damaged: the checkpoint's copy is the way back
+    with pytest.raises(SystemExit) as e:
+        main(["pretrain", "--resume", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"tinyk: error: cannot parse {out / 'config.yaml'}: ") and err.endswith(
+        f"; each checkpoint keeps a copy: cp {checkpoints(out)[-1] / 'config.yaml'} {out / 'config.yaml'}\n")
+    (out / "config.yaml").write_text(saved)
     # On --resume the checkpoint's model and tokenizer count: an --init is said not to be read, and not saved.
     with pytest.raises(SystemExit) as e:
         main(cli_args(pt_data, tok_dir, out, "--max-steps", "4", "--resume", "--init", str(nano_model_dir)))
@@ -1279,6 +1286,15 @@ def test_a_refused_resume_leaves_the_run_as_it_was(tmp_path, pt_data, sft_data, 
         "note: on --resume the model and tokenizer are the checkpoint's, so --init is not read (to start from other "
         "weights, begin a new run with --init)\n")
     assert yaml.safe_load((out / "config.yaml").read_text())["init"] is None
+    from tinyk.train import resolve_init
+
+    shutil.move(out / "final", tmp_path / "final")  # unfinished: its newest checkpoint is the one to name
+    with pytest.raises(TinykError) as e:
+        resolve_init(out)
+    assert str(e.value) == (f"--init {out} is a run directory without final/ (unfinished); pass one of its "
+                            f"checkpoints' model directories instead, e.g. the newest, "
+                            f"{checkpoints(out)[-1] / 'model'}")
+    shutil.move(tmp_path / "final", out / "final")
     inside = out / "checkpoints" / "x"  # its --force or rotation would reach the run around it
     with pytest.raises(SystemExit) as e:
         main(cli_args(pt_data, tok_dir, inside, "--max-steps", "1"))

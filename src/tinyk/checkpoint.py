@@ -287,6 +287,17 @@ def _model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], source: 
     return model
 
 
+def _cut_zip(path: Path) -> bool:
+    """A zip archive (what torch.save writes) whose end, the central directory, is missing."""
+    import zipfile
+
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"PK\x03\x04" and not zipfile.is_zipfile(path)
+    except OSError:
+        return False
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32) -> tuple[Transformer, TinyTokenizer]:
     """Loads a model directory (weights via safetensors only) and its tokenizer."""
@@ -422,6 +433,9 @@ def _read_seed_weights(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         raise TinykError(f"cannot read {path}: it holds Python objects besides tensors, which tinyk does not "
                          f"unpickle (code could run); save model.state_dict() alone") from e
     except Exception as e:  # noqa: BLE001 - zip, safetensors and torch each raise their own
+        if _cut_zip(path):  # torch says "[Errno 22] Invalid argument" or "failed finding central directory"
+            raise TinykError(f"cannot read {path}: it is cut short or damaged (torch.save's zip archive has no "
+                             f"end); copy or save it again") from e
         raise TinykError(f"cannot read {path} as a checkpoint of tensors ({first_line(e)})") from e
     for key in ("model", "state_dict"):  # {"model": state_dict, "optimizer": ...}, as many scripts save
         if isinstance(state, dict) and isinstance(state.get(key), dict):

@@ -331,7 +331,10 @@ def resolve_config(kind: str, *, preset: str | None = None, config: str | Path |
     # The run directory is known only once the layers are folded; its saved config then slots in below the flags.
     saved = _saved_config(Path(d["out"])) if resume and d.get("out") else None
     if saved is not None and saved.is_file():
-        run_config = read_config_file(saved)
+        try:
+            run_config = read_config_file(saved)
+        except TinykError as e:  # damaged: a checkpoint's copy puts it back
+            raise TinykError(f"{e}{_config_copy(Path(d['out']))}") from e
         if not run_config:
             raise TinykError(f"{saved} is empty{_config_copy(Path(d['out']))}")
         if run_config.get("kind", kind) != kind:
@@ -690,8 +693,10 @@ def resolve_init(path: str | Path) -> Path:
     if is_model_dir(p / "final"):
         return p / "final"
     if (p / "config.yaml").is_file() and (p / "checkpoints").is_dir():
-        raise TinykError(f"--init {p} is a run directory without final/ (unfinished); pass one of its "
-                         f"checkpoints/step_*/model directories instead")
+        newest = checkpoints(p)
+        raise TinykError(f"--init {p} is a run directory without final/ (unfinished); pass one of its checkpoints' "
+                         f"model directories instead" + (f", e.g. the newest, {newest[-1] / 'model'}" if newest
+                                                         else ", once it has saved one"))
     raise TinykError(f"--init {p} is not a model directory (no config.json + model.safetensors) "
                      f"nor a run directory with final/{model_dir_hint(p)}")
 
@@ -1156,7 +1161,7 @@ class Trainer:
 
     def _write_config(self) -> None:
         """The run's config.yaml, whole or as it was: it is what --resume starts from."""
-        with atomic_file(self.out / "config.yaml") as tmp:
+        with writing(self.out / "config.yaml"), atomic_file(self.out / "config.yaml") as tmp:
             tmp.write_text(dump_config(self.cfg), encoding="utf-8")
 
     def _check_shared(self) -> None:
