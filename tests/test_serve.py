@@ -619,21 +619,22 @@ def test_protocol_errors(server):
     # Two Content-Lengths or Hosts: a proxy in front may have gone by the other one (request smuggling).
     body = json.dumps({"model": "nano", "prompt": "hi", "max_tokens": 2}).encode()
     hidden = b"GET /v1/models/SMUGGLED HTTP/1.1\r\nHost: localhost\r\n\r\n"
-    post = b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\nContent-Length: %d\r\n\r\n%s%s" % (
-        len(body), len(body) + len(hidden), body, hidden)
+    post = (b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\nContent-Length: %d\r\n\r\n"
+            b"%s%s" % (len(body), len(body) + len(hidden), body, hidden))
     reply = raw(server, post)
     assert reply.startswith(b"HTTP/1.1 400") and reply.count(b"HTTP/1.1 ") == 1 and b"SMUGGLED" not in reply
     assert b"conflicting Content-Length values" in reply
-    same = b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: %d, %d\r\n\r\n%s" % (
-        len(body), len(body), body)
+    same = (b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+            b"Content-Length: %d, %d\r\n\r\n%s" % (len(body), len(body), body))
     assert raw(server, same).startswith(b"HTTP/1.1 200")  # the same value twice is one value (RFC 9110 8.6)
     get = b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nContent-Length: %d\r\n\r\n%s" % (
         len(hidden), hidden)
     assert raw(server, get).count(b"HTTP/1.1 ") == 1
     reply = raw(server, b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\nHost: evil.example\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 400") and b"more than one Host header" in reply
-    gzipped = b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s" % (
-        len(gzip.compress(body)), gzip.compress(body))
+    packed = gzip.compress(body)
+    gzipped = (b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Encoding: gzip\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (len(packed), packed))
     reply = raw(server, gzipped)
     assert reply.startswith(b"HTTP/1.1 415") and b"send the body uncompressed" in reply
     status, body = request(server, "GET", "/v1/chat/completions")

@@ -339,7 +339,8 @@ def resolve_config(kind: str, *, preset: str | None = None, config: str | Path |
             raise TinykError(f"{saved} is empty{_config_copy(Path(d['out']))}")
         if run_config.get("kind", kind) != kind:
             run = Path(d["out"])
-            raise TinykError(f"{run} is {'an' if run_config['kind'] == 'sft' else 'a'} {run_config['kind']} run: resume it with tinyk {run_config['kind']} "
+            other = run_config["kind"]
+            raise TinykError(f"{run} is {'an' if other == 'sft' else 'a'} {other} run: resume it with tinyk {other} "
                              f"--resume" + (f", or fine-tune its model in a new run (tinyk sft --init {run})"
                                             if kind == "sft" else ""))
         before, d = d, fold([*layers, (run_config, str(saved)), *top])
@@ -352,7 +353,8 @@ def resolve_config(kind: str, *, preset: str | None = None, config: str | Path |
                              f"not read (to start from other weights, begin a new run with --init)")
         if config and notes is not None:
             mine = _flat(fold([(read_config_file(config), str(config))]))
-            kept = {k: v for k, v in _flat(d).items() if k in mine and mine[k] != v and _flat(before).get(k) == mine[k]}
+            kept = {k: v for k, v in _flat(d).items()
+                    if k in mine and mine[k] != v and _flat(before).get(k) == mine[k]}
             if kept:
                 notes.append(f"note: on --resume the run's saved {saved} outranks --config {config}, so "
                              + ", ".join(f"{k} stays {v!r} (not {mine[k]!r})" for k, v in kept.items())
@@ -1064,11 +1066,6 @@ class Trainer:
         out, main = self.out, self.dist.main
         if out.exists() and not out.is_dir():
             raise TinykError(f"--out {out} is a file, not a run directory")
-        # Inside another run (its checkpoints/ or final/), its --force and rotation would reach this one.
-        host = next((p for p in out.resolve().parents if (p / "config.yaml").is_file() and (p / "checkpoints").is_dir()),
-                    None)
-        if host is not None:
-            raise TinykError(f"--out {out} is inside the run directory {host}; give a path outside it")
         check_output(out, [self.cfg.data, self.init_dir, None if self.resumed_from else self.tok_dir])
         ours = sorted(p.name for p in out.iterdir() if _made_by_a_run(p)) if out.is_dir() else []
         exists = bool(ours)  # an earlier run's files
@@ -1076,6 +1073,11 @@ class Trainer:
         is_run = ("config.yaml" in ours and len(ours) > 1) or any(_ASIDE.match(n) for n in ours)
         if out.is_dir() and not is_run and (other := _another_output(out)):
             raise TinykError(f"--out {out} is {other}, not a run directory; choose another --out")
+        # Inside another run (its checkpoints/ or final/), its --force and rotation would reach this one.
+        host = next((p for p in out.resolve().parents
+                     if (p / "config.yaml").is_file() and (p / "checkpoints").is_dir()), None)
+        if host is not None:
+            raise TinykError(f"--out {out} is inside the run directory {host}; give a path outside it")
         # The saved config names the full model, so a resumed run rebuilds exactly this one, and the
         # preset only where it named the model (beside --init it gave the training settings alone).
         preset = None if self.cfg.init else self.cfg.model.get("preset")
