@@ -281,8 +281,14 @@ def _model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], source: 
                    None)
     if damaged:  # it would score, chat and train as nan, silently
         raise TinykError(f"{source} holds inf or nan weights ({damaged}): a damaged file or a diverged run")
-    model.load_state_dict(state, strict=False, assign=True)
-    if cfg.tie_embeddings:
+    return holding(model, state, strict=False)  # checked above; derived buffers (inv_freq) may be extra
+
+
+def holding(model: Transformer, state: dict[str, torch.Tensor], strict: bool = True) -> Transformer:
+    """`model` (built on the meta device) with `state`'s tensors as its weights, not copies, and its
+    head tied again where the config ties it (assigning replaced the shared tensor)."""
+    model.load_state_dict(state, strict=strict, assign=True)
+    if model.config.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model
 

@@ -39,6 +39,7 @@ from torch import nn
 
 from .checkpoint import (
     check_compatible,
+    holding,
     is_model_dir,
     load_config,
     load_model,
@@ -732,10 +733,7 @@ def _export(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> Transformer:
     """A plain CPU model around a full state dict (gathered from DDP or FSDP), for writing model files."""
     with torch.device("meta"):
         model = Transformer(cfg)
-    model.load_state_dict(state, assign=True)
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    return model
+    return holding(model, state)
 
 
 def _apply_runtime_fields(model: Transformer, cfg: ModelConfig) -> None:
