@@ -500,24 +500,26 @@ def test_a_resume_that_finds_a_newer_checkpoint_once_it_holds_the_lock_starts_ag
     assert train(nano_cfg(pt_data, tok_dir, out, max_steps=6), resume=True)["steps"] == 6
 
 
-def test_a_run_under_nohup_goes_on_after_a_hangup(tmp_path, pt_data, tok_dir, monkeypatch):
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGINT])
+def test_a_signal_ignored_when_the_run_began_stays_ignored(tmp_path, pt_data, tok_dir, monkeypatch, sig):
+    """nohup leaves its command SIGHUP ignored, a shell script's `cmd &` SIGINT: the run goes on."""
     from tinyk.monitor import Monitor
 
     log_train = Monitor.log_train
 
-    def log_and_hang_up(self, rec):
+    def log_and_signal(self, rec):
         log_train(self, rec)
         if rec["step"] == 2:
-            os.kill(os.getpid(), signal.SIGHUP)
+            os.kill(os.getpid(), sig)
 
-    monkeypatch.setattr(Monitor, "log_train", log_and_hang_up)
-    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # what nohup leaves its command
+    monkeypatch.setattr(Monitor, "log_train", log_and_signal)
+    before = signal.signal(sig, signal.SIG_IGN)
     try:
         summary = train(nano_cfg(pt_data, tok_dir, tmp_path / "run", max_steps=4))
         assert summary["status"] == "completed" and summary["steps"] == 4
-        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+        assert signal.getsignal(sig) == signal.SIG_IGN
     finally:
-        signal.signal(signal.SIGHUP, before)
+        signal.signal(sig, before)
 
 
 def test_a_run_whose_output_is_closed_stops_with_a_checkpoint(tmp_path, pt_data, tok_dir):

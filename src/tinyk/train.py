@@ -1548,12 +1548,13 @@ class Trainer:
             self.stop_signal = signal.Signals(signum).name
 
         previous = {}
-        # SIGHUP: the terminal went away (an SSH session dropped), which would kill the run unsaved; under
-        # nohup it is ignored, and stays so: the run goes on.
-        hangup = [signal.SIGHUP] if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) != signal.SIG_IGN \
-            else []
+        # SIGHUP: the terminal went away (an SSH session dropped), which would kill the run unsaved. A signal
+        # ignored when the run began stays so (SIGHUP under nohup; SIGINT for a job a script started with &,
+        # as the shell does it): the run goes on.
+        stops = [s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None))
+                 if s is not None and signal.getsignal(s) != signal.SIG_IGN]
         with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
-            for s in (signal.SIGINT, signal.SIGTERM, *hangup):
+            for s in stops:
                 previous[s] = signal.signal(s, handler)
         return previous
 
