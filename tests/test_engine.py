@@ -518,7 +518,7 @@ def test_generate_cli(nano_model_dir, tmp_path, capsys, monkeypatch):
               "--temperature", "0", "--max-new-tokens", "5", "--json"])
     out, err = capsys.readouterr()
     assert e.value.code == 0 and [json.loads(line) for line in out.splitlines()] == rows
-    assert err == "tinyk: stdin: skipped 1 records; nul byte: 1 (first at stdin:2; a NUL byte is binary data, not text)\n"
+    assert err == "tinyk: stdin: skipped 1 record; nul byte: 1 (first at stdin:2; a NUL byte is binary data, not text)\n"
     with pytest.raises(SystemExit) as e:
         main(["generate", "--model", str(nano_model_dir), "--prompt", "x", "--prompt", "", "--no-bos"])
     assert e.value.code == 2 and capsys.readouterr().err == (

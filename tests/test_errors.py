@@ -120,7 +120,7 @@ def test_an_empty_reply_is_called_empty_not_missing(tmp_path, tok_dir, capsys):
                               ensure_ascii=False) + "\n", encoding="utf-8")
     code, err = run_cli(["data", "sft", "--input", str(src), "--tokenizer", str(tok_dir), "--out", str(tmp_path / "d")],
                         capsys)
-    assert code == 2 and err == ("tinyk: error: no usable conversations in the input (skipped 1 records; empty "
+    assert code == 2 and err == ("tinyk: error: no usable conversations in the input (skipped 1 record; empty "
                                  "assistant turn: 1 (first at s.jsonl:1))\n")
 
 
@@ -431,7 +431,7 @@ def test_model_and_prompt_file_mistakes_name_the_way_out(tmp_path, nano_model_di
     gbk.write_bytes("北京大学\n".encode("gbk"))
     code, err = run_cli(["generate", "--model", str(nano_model_dir), "--prompt-file", str(gbk)], capsys)
     assert code == 2 and err.startswith(f"tinyk: error: no prompts in {gbk} (no usable lines; skipped 1 "
-                                        f"records; invalid utf8: 1")
+                                        f"record; invalid utf8: 1")
     long = tmp_path / "long.txt"
     long.write_text("短\n" + "中国" * 200 + "\n", encoding="utf-8")
     code, err = run_cli(["generate", "--model", str(nano_model_dir), "--prompt-file", str(long)], capsys)

@@ -243,14 +243,14 @@ def test_a_nul_byte_past_the_first_4_kb_of_a_txt_file_is_skipped_not_read(tmp_pa
     src.write_bytes("你好世界\n".encode() * 400 + b"abc\x00def\n")
     skips = Skips()
     assert list(iter_texts([src], skips)) == ["你好世界"] * 400
-    assert skips.summary() == "skipped 1 records; nul byte: 1 (first at p.txt:401; a NUL byte is binary data, not text)"
+    assert skips.summary() == "skipped 1 record; nul byte: 1 (first at p.txt:401; a NUL byte is binary data, not text)"
     src.write_bytes(b" " * 4096 + "\n你好\nab\x00c\n".encode())  # a blank line first: no prompt
     with pytest.raises(SystemExit) as e:
         main(["generate", "--model", str(nano_model_dir), "--prompt-file", str(src), "--prompt", "早上", "--json",
               "--max-new-tokens", "1", "--device", "cpu"])
     out, err = capsys.readouterr()
     assert e.value.code == 0 and [json.loads(line)["prompt"] for line in out.splitlines()] == ["早上", "你好"]
-    assert err == f"tinyk: {src}: skipped 1 records; nul byte: 1 (first at p.txt:3; a NUL byte is binary data, not text)\n"
+    assert err == f"tinyk: {src}: skipped 1 record; nul byte: 1 (first at p.txt:3; a NUL byte is binary data, not text)\n"
 
 
 def test_surrogates_written_as_utf8_bytes_get_their_own_reason_not_the_gbk_hint(tmp_path):
@@ -807,7 +807,7 @@ def test_reports_point_at_the_cause(tmp_path, capsys):
     cut.write_bytes("第一行\n第二行".encode()[:-1])  # `head -c` ended the file inside a character
     skips = Skips()
     assert [r["text"] for _, r in iter_records([cut], skips)] == ["第一行"]
-    assert skips.summary() == ("skipped 1 records; cut character: 1 (first at cut.txt:2; the file ends inside a "
+    assert skips.summary() == ("skipped 1 record; cut character: 1 (first at cut.txt:2; the file ends inside a "
                                "character: it was cut short (e.g. by head -c))")
     with pytest.raises(TinykError, match="no document fits in the first 10 bytes of the input"):
         train_tokenizer([src], tmp_path / "t", max_bytes=10, show_progress=False)

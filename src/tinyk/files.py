@@ -124,7 +124,7 @@ class Skips:
         hints = {"invalid_utf8": "convert such files first, e.g. iconv -f gbk -t utf-8", **self.hints}
         parts = [f"{reason.replace('_', ' ')}: {n} (first at {', '.join(self.first[reason])}"
                  f"{'; ' + hints[reason] if reason in hints else ''})" for reason, n in sorted(self.counts.items())]
-        return f"skipped {self.total} records; " + "; ".join(parts)
+        return f"skipped {plural(self.total, 'records')}; " + "; ".join(parts)
 
     def merge(self, other: Skips) -> None:
         """Adds what `other` counted as if each of its skips were added here (so --strict raises)."""
