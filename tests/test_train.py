@@ -1020,6 +1020,18 @@ def test_switches_a_saved_config_turned_on_can_be_turned_off_on_resume(tmp_path,
     assert (args.progress, args.compile, args.activation_checkpointing) == (None, None, None)  # the saved ones
 
 
+def test_an_init_model_trains_at_its_own_context_unless_told_otherwise(tmp_path, pt_data, nano_model_dir, capsys):
+    """Without --preset nothing set seq_len: it was 512, which a 128-token model refused."""
+    base = ["pretrain", "--init", str(nano_model_dir), "--data", str(pt_data), "--max-steps", "1", "--batch-size", "2",
+            "--no-progress", "--set", "eval_every=0"]
+    with pytest.raises(SystemExit) as e:
+        main([*base, "--out", str(tmp_path / "a")])
+    assert e.value.code == 0 and yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())["seq_len"] == 128
+    with pytest.raises(SystemExit) as e:
+        main([*base, "--out", str(tmp_path / "b"), "--seq-len", "32"])
+    assert e.value.code == 0 and yaml.safe_load((tmp_path / "b" / "config.yaml").read_text())["seq_len"] == 32
+
+
 def test_a_config_file_edited_before_resume_is_said_to_be_outranked(tmp_path, pt_data, tok_dir, capsys):
     """The saved run config outranks --config (so a resume keeps the flags the run began with); an edit
     to the file is then not silently dropped."""

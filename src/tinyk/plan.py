@@ -413,13 +413,14 @@ def run_spec(*, preset: str | None, config: str | None, sets: Iterable[str] = ()
     tc = resolve_config("pretrain", preset=preset, config=config, flags=flags, sets=list(sets))
     cfg = model_config(tc.model)
     base = tc.model.get("preset")
-    if tc.seq_len > cfg.max_seq_len:
-        raise TinykError(f"seq_len {tc.seq_len} exceeds the model's context of {cfg.max_seq_len} tokens")
-    budgets = [b for b in (tc.max_tokens, tc.max_steps and tc.max_steps * tc.batch_size * tc.seq_len) if b]
+    seq_len = tc.seq_len or cfg.max_seq_len  # as training takes it
+    if seq_len > cfg.max_seq_len:
+        raise TinykError(f"seq_len {seq_len} exceeds the model's context of {cfg.max_seq_len} tokens")
+    budgets = [b for b in (tc.max_tokens, tc.max_steps and tc.max_steps * tc.batch_size * seq_len) if b]
     # The model's name says what it is: a preset only while config and --set leave its shape alone.
     named = base if base in PRESETS else None
     name = named if named and _shape(cfg) == _shape(preset_config(named)) else f"custom ({config or preset})"
-    return RunSpec(name=name, cfg=cfg, seq_len=tc.seq_len, batch_size=tc.batch_size,
+    return RunSpec(name=name, cfg=cfg, seq_len=seq_len, batch_size=tc.batch_size,
                    micro_batch=tc.micro_batch, dtype=tc.dtype, parallel=tc.parallel,
                    checkpointing=tc.activation_checkpointing, max_tokens=min(budgets) if budgets else None)
 

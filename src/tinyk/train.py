@@ -111,7 +111,7 @@ class TrainConfig:
     init: str | None = None
     out: str | None = None
     model: dict[str, Any] = field(default_factory=dict)
-    seq_len: int = 512
+    seq_len: int | None = None  # None: the model's context (an --init model's own, 512 for the default shape)
     batch_size: int = 64
     micro_batch: int | None = None
     max_steps: int | None = None
@@ -401,7 +401,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.compile_mode in COMPILE_MODES, f"compile_mode must be one of {', '.join(COMPILE_MODES)}"),
         # Apple's mps is not offered: its tensors have no float64 (the loss accumulators) and it is untested.
         (cfg.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {cfg.device!r}"),
-        (cfg.seq_len >= 1, "seq_len must be positive"),
+        (cfg.seq_len is None or cfg.seq_len >= 1, "seq_len must be positive"),
         (1 <= cfg.batch_size <= MAX_BATCH, f"batch_size must be in 1..{MAX_BATCH}"),
         (cfg.micro_batch is None or 1 <= cfg.micro_batch <= MAX_BATCH, f"micro_batch must be in 1..{MAX_BATCH}"),
         (all(math.isfinite(v) for v in (cfg.lr, cfg.min_lr_ratio, cfg.weight_decay, cfg.beta1, cfg.beta2, cfg.eps,
@@ -1013,6 +1013,8 @@ class Trainer:
                              f"tinyk data with this tokenizer")
         self.mcfg = self._model_config(tok.vocab_size)
         check_compatible(self.mcfg, tok)
+        if cfg.seq_len is None:
+            cfg.seq_len = self.mcfg.max_seq_len
         if cfg.seq_len > self.mcfg.max_seq_len:
             raise TinykError(f"seq_len {cfg.seq_len} exceeds the model's context of {self.mcfg.max_seq_len} tokens "
                              f"(lower --seq-len or raise model.max_seq_len)")
