@@ -52,6 +52,7 @@ class StoppedBeforeTraining(KeyboardInterrupt):
 
 
 DEFAULT_MAX_LINE_BYTES = 16 * 1024 * 1024
+NUL_HINT = "a NUL byte is binary data, not text"  # a text line holding one is skipped with this reason
 MAX_BATCH = 65536  # sequences per step: far more than fits anywhere, far less than exhausts memory
 # Tokens per pretraining shard, at least: fewer is a file every few documents (or `--shard-tokens 100` meant
 # as 100M), and training holds every shard open at once.
@@ -611,7 +612,7 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
                 continue
             if is_txt:
                 if "\x00" in s:  # past the first 4 KB (refused whole above); in JSON, malformed_json
-                    skips.add("nul_byte", where, "a NUL byte is binary data, not text")
+                    skips.add("nul_byte", where, NUL_HINT)
                     continue
                 yield where, {text_field: s}
                 continue

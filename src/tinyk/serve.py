@@ -710,7 +710,7 @@ class Handler(BaseHTTPRequestHandler):
         the API as its own origin."""
         if not super().parse_request():
             return False
-        lengths = [v.strip() for line in self.headers.get_all("Content-Length", []) for v in line.split(",")]
+        lengths = _content_lengths(self.headers)
         if self.command != "POST" and (self.headers.get("Transfer-Encoding") is not None
                                        or any(v not in ("", "0") for v in lengths)):
             # A body sent with GET, HEAD or OPTIONS is never read: the connection ends with this answer,
@@ -1065,6 +1065,11 @@ def _escaped(m: re.Match[str]) -> str:
     return f"\\x{ord(m[0]):02x}"
 
 
+def _content_lengths(headers: Any) -> list[str]:
+    """Every Content-Length value, over repeated headers and comma lists (RFC 9110 8.6)."""
+    return [v.strip() for line in headers.get_all("Content-Length", []) for v in line.split(",")]
+
+
 def _content_length(headers: Any, limit: int) -> int | None:
     """A request's Content-Length, or None for a chunked body (whose size is checked as it is read):
     411 when there is neither, 400 when it is not a number, 413 above `limit`."""
@@ -1077,7 +1082,7 @@ def _content_length(headers: Any, limit: int) -> int | None:
     if coding:
         raise ApiError(501, f"Transfer-Encoding {', '.join(coding)} is not supported; send chunked or Content-Length",
                        code="unsupported_transfer_encoding")
-    lengths = {v.strip() for line in headers.get_all("Content-Length", []) for v in line.split(",")}
+    lengths = set(_content_lengths(headers))
     if not lengths:
         raise ApiError(411, "a Content-Length header is required", code="length_required")
     if len(lengths) > 1:  # which one a proxy in front went by is unknown (RFC 9112 6.3)

@@ -317,8 +317,9 @@ def resolve_config(kind: str, *, preset: str | None = None, config: str | Path |
     layers: list[tuple[dict[str, Any], str]] = []
     if preset:
         layers.append((shipped_config(preset), f"preset {preset}"))
+    mine = read_config_file(config) if config else None
     if config:
-        layers.append((read_config_file(config), str(config)))
+        layers.append((mine, str(config)))
     top = [({k: v for k, v in (flags or {}).items() if v is not None}, "command line"),
            (parse_sets(list(sets)), "--set")]
 
@@ -353,12 +354,11 @@ def resolve_config(kind: str, *, preset: str | None = None, config: str | Path |
                              f"{' and '.join('--' + k for k in ignored)} {'is' if len(ignored) == 1 else 'are'} "
                              f"not read (to start from other weights, begin a new run with --init)")
         if config and notes is not None:
-            mine = _flat(fold([(read_config_file(config), str(config))]))
-            kept = {k: v for k, v in _flat(d).items()
-                    if k in mine and mine[k] != v and _flat(before).get(k) == mine[k]}
+            given, was = _flat(fold([(mine, str(config))])), _flat(before)
+            kept = {k: v for k, v in _flat(d).items() if k in given and given[k] != v and was.get(k) == given[k]}
             if kept:
                 notes.append(f"note: on --resume the run's saved {saved} outranks --config {config}, so "
-                             + ", ".join(f"{k} stays {v!r} (not {mine[k]!r})" for k, v in kept.items())
+                             + ", ".join(f"{k} stays {v!r} (not {given[k]!r})" for k, v in kept.items())
                              + "; pass a flag or --set to change it")
     elif saved is not None and d.get("data") is None:
         copy = _config_copy(Path(d["out"]))
@@ -515,7 +515,13 @@ def micro_note(batch_size: int, world: int, requested: int | None, used: int, pe
 
 def total_steps(cfg: TrainConfig, samples_per_epoch: int, steps_done: int = 0, samples_done: int = 0) -> int:
     """Optimizer steps in the run: whichever of max_steps, max_tokens, epochs comes first (default 1 epoch)."""
-    return max(1, min(step_budgets(cfg, samples_per_epoch, steps_done, samples_done).values()))
+    return first_budget(step_budgets(cfg, samples_per_epoch, steps_done, samples_done))[0]
+
+
+def first_budget(budgets: dict[str, int]) -> tuple[int, str]:
+    """The steps of the budget that ends the run first, and its flag (for messages)."""
+    flag = min(budgets, key=budgets.__getitem__)
+    return max(1, budgets[flag]), flag
 
 
 def step_budgets(cfg: TrainConfig, samples_per_epoch: int, steps_done: int = 0,
@@ -1209,9 +1215,8 @@ class Trainer:
             self.loader = SFTLoader(cfg.data, "train", cfg.seq_len, self.micro, rank=d.rank, world_size=d.world,
                                     seed=cfg.seed, batch_size=cfg.batch_size)
         # With max_minutes this is the cap, and total_steps is re-fitted to the clock as the run goes.
-        budgets = step_budgets(cfg, self.loader.num_windows)
-        self.step_cap = self.total_steps = max(1, min(budgets.values()))
-        self.ended_by = min(budgets, key=budgets.__getitem__)  # the flag that ends the run, for messages
+        self.step_cap, self.ended_by = first_budget(step_budgets(cfg, self.loader.num_windows))
+        self.total_steps = self.step_cap
         self.refit: tuple[int, float, float] | None = None  # a resumed run's re-fitted schedule, for the header
         self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else default_warmup(self.total_steps)
         self.val_problem, self.val_dropped = None, 0
@@ -1402,9 +1407,9 @@ class Trainer:
         # What is left of a token or epoch budget, at this session's batch size (pretraining may change
         # it; SFT refuses that): a run that changed it once plans the rest from the samples done ever after.
         done = state["loader"]["epoch"] * self.loader.num_windows + state["loader"]["cursor"]
-        budgets = step_budgets(self.cfg, self.loader.num_windows, state["step"], done)
-        self.step_cap = self.total_steps = max(1, min(budgets.values()))
-        self.ended_by = min(budgets, key=budgets.__getitem__)
+        self.step_cap, self.ended_by = first_budget(step_budgets(self.cfg, self.loader.num_windows, state["step"],
+                                                                 done))
+        self.total_steps = self.step_cap
         if self.total_steps != total_steps(self.cfg, self.loader.num_windows) and self.cfg.warmup_steps is None:
             self.warmup = state.get("warmup", self.warmup)  # the warmup this run began with
         if self.cfg.max_minutes and state.get("max_minutes") == self.cfg.max_minutes and "warmup" in state:

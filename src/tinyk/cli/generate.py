@@ -84,7 +84,15 @@ def _engine(args: argparse.Namespace, max_batch: int = 16) -> Engine:
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
-    from tinyk.files import Skips, TinykError, check_inputs, has_surrogate, is_plain_text, iter_texts
+    from tinyk.files import (
+        NUL_HINT,
+        Skips,
+        TinykError,
+        check_inputs,
+        has_surrogate,
+        is_plain_text,
+        iter_texts,
+    )
 
     prompts = list(args.prompt)
     if args.prompt_file == "-":  # one prompt per line on stdin, for pipelines
@@ -98,7 +106,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
         skips = Skips()
         for n, line in enumerate(lines, 1):
             if "\x00" in line:  # as in a .txt prompt file
-                skips.add("nul_byte", f"stdin:{n}", "a NUL byte is binary data, not text")
+                skips.add("nul_byte", f"stdin:{n}", NUL_HINT)
             elif line.strip():
                 prompts.append(line)
         if skips.total:
