@@ -371,3 +371,17 @@ def test_a_config_key_typed_as_a_flag_is_shown_its_set(capsys):
     assert error_line(["sft", "--n-layers=4"], capsys) == (
         "tinyk sft: error: unrecognized arguments: --n-layers=4; a config key without a flag of its own is set with "
         "--set model.n_layers=4 (see tinyk sft --help)")
+
+
+@pytest.mark.parametrize("args, hint", [
+    (["pretrain", "--res", "run"], "--res run; did you mean --resume?"),
+    (["plan", "--pres", "nano"], "--pres nano; did you mean --preset?"),
+    ([*GEN, "--temprature", "1"], "--temprature 1; did you mean --temperature?"),
+    ([*GEN, "--top", "1"], "--top 1; did you mean --top-k or --top-p?"),
+    ([*PLAN, "--tok=1B"], "--tok=1B; did you mean --tokens?"),
+])
+def test_a_shortened_or_mistyped_flag_is_refused_and_named(args, hint, capsys):
+    """argparse would take `--res` for `--resume`: a script's meaning would change the day another
+    flag starting with `--res` is added. Flags are spelled out; the error says which one was meant."""
+    command = " ".join(["tinyk", *args[:1]])
+    assert error_line(args, capsys) == f"{command}: error: unrecognized arguments: {hint} (see {command} --help)"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import contextlib
+import difflib
 import importlib
 import io
 import json
@@ -27,7 +28,13 @@ STAGES = ["tokenizer", "model", "data", "train", "generate", "serve", "evaluate"
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with tinyk's error style: one line and exit 2, the usage left to --help."""
+    """argparse with tinyk's error style: one line and exit 2, the usage left to --help. Flags are
+    never abbreviated: `--res` meaning `--resume` today would silently mean something else once
+    another flag starting with it is added, and a script would change behaviour without a word."""
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         if message.startswith("argument --") and message.endswith((": expected one argument",
@@ -51,6 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     for stage in STAGES:
         importlib.import_module(f"tinyk.cli.{stage}").register(sub)
     return parser
+
+
+def _flag_hint(parser: argparse.ArgumentParser, extras: list[str]) -> str:
+    """For a shortened or mistyped flag (`--res`, `--max-new`, `--temprature`): the flag it may mean."""
+    given = extras[0].partition("=")[0]
+    if not given.startswith("--"):
+        return ""
+    flags = [f for f in parser._option_string_actions if f.startswith("--")]
+    matches = [f for f in flags if f.startswith(given)] or difflib.get_close_matches(given, flags, n=1, cutoff=0.8)
+    return f"; did you mean {' or '.join(sorted(matches))}?" if matches else ""
 
 
 def _set_hint(command: str, extras: list[str]) -> str:
@@ -106,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0)
     args, extras = parser.parse_known_args(argv)
     if extras:
-        args.command_parser.error(f"unrecognized arguments: {' '.join(extras)}{_set_hint(args.command, extras)}")
+        hint = _set_hint(args.command, extras) or _flag_hint(args.command_parser, extras)
+        args.command_parser.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
     for stream in (sys.stdout, sys.stderr):
         # A GBK or ASCII terminal cannot show every character a model writes (U+FFFD, emoji, rare
         # characters): they print as substitutes instead of ending the command with a traceback. On a
