@@ -38,9 +38,10 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from gpu_bench import prepare_data  # noqa: E402
+from tinyk.config import TrainConfig  # noqa: E402
 from tinyk.model import PRESETS, ModelConfig  # noqa: E402
 from tinyk.monitor import peak_flops  # noqa: E402
-from tinyk.train import TrainConfig, Trainer  # noqa: E402
+from tinyk.train import Trainer  # noqa: E402
 
 # First match wins; CUDA kernel names and, on CPU, aten op names.
 CATEGORIES = [

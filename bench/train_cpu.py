@@ -24,11 +24,12 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tinyk.checkpoint import hf_config
+from tinyk.config import TrainConfig
 from tinyk.data import prepare_pretrain
 from tinyk.loader import PretrainLoader
 from tinyk.monitor import measure_matmul_flops
 from tinyk.tokenizer import train_tokenizer
-from tinyk.train import TrainConfig, Trainer
+from tinyk.train import Trainer
 
 TEXT = ("我们今天去公园散步，天气很好！你喜欢吃苹果吗？这本书非常有意思：作者写得很好。中国的首都是北京。"
         "The quick brown fox jumps over the lazy dog. 1+1=2; (x, y) -> z. ")

@@ -173,7 +173,7 @@ def test_training_dtypes_and_strategies_are_the_configs():
     """--dtype takes PyTorch's names (summary.json's) as the config does; the lists live apart so
     that parsing needs no torch."""
     from tinyk.cli.common import PARALLEL_CHOICES, TRAIN_DTYPE_CHOICES
-    from tinyk.train import DTYPE_ALIASES, PARALLEL, TRAIN_DTYPES
+    from tinyk.config import DTYPE_ALIASES, PARALLEL, TRAIN_DTYPES
 
     assert set(TRAIN_DTYPE_CHOICES) == {*TRAIN_DTYPES, *DTYPE_ALIASES} and PARALLEL_CHOICES == PARALLEL
     parse = build_parser().parse_args

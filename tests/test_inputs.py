@@ -385,7 +385,7 @@ def test_an_output_a_killed_replace_had_moved_aside_is_found_by_the_commands_tha
 def test_atomic_dir_names_its_temporary_with_host_and_pid(tmp_path):
     with atomic_dir(tmp_path / "out") as tmp:
         assert tmp.parent == tmp_path and tmp.name.startswith(f".out.tmp-{_host()}-{os.getpid()}-")
-        assert ".tmp-" in tmp.name  # train.py's _clean_partial relies on this
+        assert ".tmp-" in tmp.name  # rundir.clean_partial relies on this
         (tmp / "f").write_text("x")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 

@@ -25,24 +25,14 @@ from safetensors.torch import load_file
 
 from tinyk.checkpoint import load_model
 from tinyk.cli import main
+from tinyk.config import TrainConfig, parse_sets, resolve_config
 from tinyk.data import prepare_pretrain
 from tinyk.files import TinykError
 from tinyk.loader import PretrainLoader, SFTLoader
 from tinyk.model import Transformer, preset_config
+from tinyk.rundir import checkpoints
 from tinyk.tokenizer import load_tokenizer
-from tinyk.train import (
-    Dist,
-    TrainConfig,
-    Trainer,
-    checkpoints,
-    lr_at,
-    micro_layout,
-    param_groups,
-    parse_sets,
-    resolve_config,
-    total_steps,
-    train,
-)
+from tinyk.train import Dist, Trainer, lr_at, micro_layout, param_groups, total_steps, train
 
 # One thread everywhere: the machine is shared, and bit-identical comparisons need identical kernels.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
@@ -1300,7 +1290,7 @@ def test_a_refused_resume_leaves_the_run_as_it_was(tmp_path, pt_data, sft_data, 
         "note: on --resume the model and tokenizer are the checkpoint's, so --init is not read (to start from other "
         "weights, begin a new run with --init)\n")
     assert yaml.safe_load((out / "config.yaml").read_text())["init"] is None
-    from tinyk.train import resolve_init
+    from tinyk.rundir import resolve_init
 
     shutil.move(out / "final", tmp_path / "final")  # unfinished: its newest checkpoint is the one to name
     with pytest.raises(TinykError) as e:
@@ -1455,7 +1445,7 @@ def test_force_loses_no_run_to_a_failure_or_a_kill_while_files_move(tmp_path, pt
     """--force sets the old run aside until the new one has started. A rename that fails midway (a
     read-only folder, a filesystem that cannot rename directories), or a kill at any moment, even
     while the old run is being put back, leaves it whole: the next start puts it back."""
-    from tinyk.train import _put_back, _set_aside
+    from tinyk.rundir import put_back, set_aside
 
     out = tmp_path / "run"
     train(nano_cfg(pt_data, tok_dir, out, max_steps=2, save_every=1))
@@ -1480,7 +1470,7 @@ def test_force_loses_no_run_to_a_failure_or_a_kill_while_files_move(tmp_path, pt
     monkeypatch.setattr(Path, "rename", real_rename)
     assert files() == before and not any(p.name.startswith(".") for p in out.iterdir())
     # A start killed after the set-aside, with the new run's first files written (as kill -9 leaves it):
-    aside = _set_aside(out)
+    aside = set_aside(out)
     (out / "config.yaml").write_text("kind: pretrain\n")
     (out / "checkpoints").mkdir()
     with pytest.raises(TinykError, match=f"^put back the run in {out} that a killed --force start had set aside; "
@@ -1489,19 +1479,19 @@ def test_force_loses_no_run_to_a_failure_or_a_kill_while_files_move(tmp_path, pt
     assert files() == before
     # One killed right after the set-aside, before the new run wrote anything: --resume with only --out
     # finds the run's config where it was set aside, and the start puts the run back.
-    _set_aside(out)
+    set_aside(out)
     resumed = resolve_config("pretrain", flags={"out": str(out)}, resume=True)
     assert resumed.data == str(pt_data) and resumed.max_steps == 2
     with pytest.raises(TinykError, match="put back the run"):
         train(resumed, resume=True)
     assert files() == before
     # ... and one killed while putting the old run back (here: the rename back fails midway).
-    aside = _set_aside(out)
+    aside = set_aside(out)
     (out / "config.yaml").write_text("kind: pretrain\n")
     calls.clear()
     monkeypatch.setattr(Path, "rename", rename_fails_at(3))
     with pytest.raises(PermissionError):
-        _put_back(out, aside)
+        put_back(out, aside)
     monkeypatch.setattr(Path, "rename", real_rename)
     assert any(p.name.startswith(".forced.back-") for p in out.iterdir())
     with pytest.raises(TinykError, match="put back the run"):
@@ -1519,7 +1509,7 @@ def test_force_loses_no_run_to_a_failure_or_a_kill_while_files_move(tmp_path, pt
 
 def test_ctrl_c_while_a_run_is_put_back_waits_until_it_is_back():
     """Held even with other threads running (a data loader's, a tracker's), where a signal mask would not be."""
-    from tinyk.train import _signals_held
+    from tinyk.rundir import signals_held
 
     stop = threading.Event()
     other = threading.Thread(target=stop.wait)
@@ -1527,7 +1517,7 @@ def test_ctrl_c_while_a_run_is_put_back_waits_until_it_is_back():
     moved = []
     try:
         with pytest.raises(KeyboardInterrupt):
-            with _signals_held():
+            with signals_held():
                 os.kill(os.getpid(), signal.SIGINT)
                 time.sleep(0)
                 moved.append("all")

@@ -127,7 +127,7 @@ def training_config(kind: str, cfg: DemoConfig, *, data: Path, out: Path, steps:
                     compile: bool = False, show_progress: bool = False) -> Any:
     """The TrainConfig of one of the demo's two runs: `steps` of them, or as many as fit `minutes`
     (then `steps` is the estimate that spaces warmup, evaluations and log lines)."""
-    from .train import resolve_config
+    from .config import resolve_config
 
     pre = kind == "pretrain"
     budget = {"max_minutes": minutes, "epochs": cfg.max_epochs} if minutes else {"max_steps": steps}
@@ -223,7 +223,7 @@ def choose_runtime(cfg: DemoConfig, tcfg: Any, try_compile: bool = False) -> Run
     on two cores), which is kept if faster; where compiling fails (no C++ compiler, say) training
     stays eager.
     """
-    from .train import TRAIN_DTYPES
+    from .config import TRAIN_DTYPES
 
     cuda = torch.cuda.is_available()
     if cfg.dtype == "probe":

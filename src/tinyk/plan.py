@@ -248,7 +248,7 @@ BATCH_BYTES_PER_TOKEN = 16
 
 @dataclass(frozen=True)
 class Setup:
-    """What a training step's memory depends on. Defaults are the trainer's (src/tinyk/train.py)."""
+    """What a training step's memory depends on. Defaults are the trainer's (src/tinyk/config.py)."""
 
     cfg: ModelConfig
     seq_len: int
@@ -404,7 +404,7 @@ class RunSpec:
 def run_spec(*, preset: str | None, config: str | None, sets: Iterable[str] = (),
              overrides: dict[str, Any] | None = None) -> RunSpec:
     """Resolves preset/config/--set/flags with the trainer's own rules, so plan sizes the run it would do."""
-    from .train import model_config, resolve_config
+    from .config import model_config, resolve_config
 
     if not preset and not config:
         raise TinykError("pass --preset or --config")
@@ -760,7 +760,8 @@ def measure_step_memory(s: Setup, *, seed: int = 0) -> dict[str, int]:
     each micro-batch is made as it is used, as the trainer moves one at a time to the device. The
     optimizer state exists before the measured step, as in every step after the first.
     """
-    from .train import LossSum, TrainConfig, make_optimizer, optimizer_step
+    from .config import TrainConfig
+    from .train import LossSum, make_optimizer, optimizer_step
 
     if s.world_size != 1:
         raise ValueError("measure_step_memory runs one process")

@@ -76,8 +76,8 @@ def _set_hint(command: str, extras: list[str]) -> str:
         return ""
     from dataclasses import fields
 
+    from tinyk.config import TrainConfig
     from tinyk.model import ModelConfig
-    from tinyk.train import TrainConfig
 
     name, _, value = extras[0][2:].partition("=")
     key = name.replace("-", "_")

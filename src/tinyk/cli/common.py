@@ -14,8 +14,8 @@ from typing import NoReturn
 
 from tinyk.files import MAX_BATCH, MAX_SIZE, has_surrogate, parse_size
 
-# pretrain, sft and plan's --dtype and --parallel: what the trainer's config takes (train.TRAIN_DTYPES with
-# PyTorch's names, DTYPE_ALIASES; train.PARALLEL), here so that parsing arguments needs no torch.
+# pretrain, sft and plan's --dtype and --parallel: what the trainer's config takes (config.TRAIN_DTYPES with
+# PyTorch's names, DTYPE_ALIASES; config.PARALLEL), here so that parsing arguments needs no torch.
 TRAIN_DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32", "bfloat16", "float16", "float32")
 PARALLEL_CHOICES = ("ddp", "fsdp")
 

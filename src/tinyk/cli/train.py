@@ -75,7 +75,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from tinyk.train import resolve_config, train
+    from tinyk.config import resolve_config
+    from tinyk.train import train
 
     flags = {k: getattr(args, k) for k in _FLAG_KEYS}
     flags["compile"] = args.compile

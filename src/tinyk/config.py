@@ -1,0 +1,380 @@
+"""A training run's configuration: `TrainConfig`, the YAML/TOML files and `--set` values that fill
+it, and the order in which they win (defaults < shipped preset < --config < the saved run config on
+--resume < flags < --set). Values are checked here, before anything is loaded, so a typo costs one
+line rather than a run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import importlib.resources
+import math
+import os
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from .files import MAX_BATCH, TinykError, first_line, not_found, parse_size
+from .model import PRESETS, ModelConfig
+from .rundir import config_copy, saved_config
+
+KINDS = ("pretrain", "sft")
+TRAIN_DTYPES = ("auto", "bf16", "fp16", "fp32")  # with DTYPE_ALIASES, cli.common.TRAIN_DTYPE_CHOICES
+# PyTorch's names, as summary.json and the header print them (and generate's --dtype takes them).
+DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+PARALLEL = ("ddp", "fsdp")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; saved as OUT/config.yaml. `batch_size` is global, in sequences."""
+
+    kind: str = "pretrain"
+    data: str | None = None
+    tokenizer: str | None = None
+    init: str | None = None
+    out: str | None = None
+    model: dict[str, Any] = field(default_factory=dict)
+    seq_len: int | None = None  # None: the model's context (an --init model's own, 512 for the default shape)
+    batch_size: int = 64
+    micro_batch: int | None = None
+    max_steps: int | None = None
+    max_tokens: int | None = None
+    epochs: float | None = None
+    max_minutes: float | None = None
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int | None = None
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    dtype: str = "auto"
+    device: str = "auto"
+    compile: bool = False
+    compile_mode: str = "default"
+    parallel: str = "ddp"
+    activation_checkpointing: bool = False
+    seed: int = 0
+    eval_every: int = 500
+    eval_batches: int | None = 50
+    save_every: int = 1000
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    tracker: list[str] = field(default_factory=list)
+    project: str = "tinyk"
+    run_name: str | None = None
+    peak_tflops: float | None = None
+    progress: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_FIELD_TYPES = typing.get_type_hints(TrainConfig)
+_MODEL_TYPES = typing.get_type_hints(ModelConfig)
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Checks a config value against its annotation; YAML/TOML/--set values arrive loosely typed."""
+    args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise TinykError(f"config key {key} cannot be null")
+    if key == "max_tokens" and isinstance(value, str):  # as --max-tokens takes it: 10B, 500M, 2e9
+        try:
+            return parse_size(value, lo=1, tokens=True)
+        except ValueError as e:
+            raise TinykError(f"config key max_tokens: {e}") from None
+    if isinstance(value, str) and any(t in (int, float) for t in args):
+        with contextlib.suppress(ValueError):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            value = float(value)
+    for t in args:
+        origin = typing.get_origin(t) or t
+        if origin is bool and isinstance(value, bool):
+            return value
+        if (origin is int and isinstance(value, int | float) and not isinstance(value, bool)
+                and (isinstance(value, int) or math.isfinite(value) and value == int(value))):
+            return int(value)
+        if origin is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if origin is str and isinstance(value, str):
+            return value
+        if origin is str and isinstance(value, int | float | datetime.date) and not isinstance(value, bool):
+            # YAML reads `run_name: 2024` as a number, `run_name: 2024-06-01` as a date
+            return value.isoformat() if isinstance(value, datetime.date) else str(value)
+        if origin is list and isinstance(value, list | str):
+            items = value.split(",") if isinstance(value, str) else value
+            return [str(v).strip() for v in items if str(v).strip()]
+        if origin is dict and isinstance(value, dict):
+            return value
+    names = " or ".join("null" if t is type(None) else getattr(typing.get_origin(t) or t, "__name__", str(t))
+                        for t in args)
+    raise TinykError(f"config key {key}: {value!r} is not a valid {names}")
+
+
+def _check_model_section(section: Any) -> dict[str, Any]:
+    if not isinstance(section, dict):
+        raise TinykError(f"config key model must be a mapping, got {section!r}")
+    out = {}
+    for k, v in section.items():
+        if k == "preset":
+            if v is not None and v not in PRESETS:
+                raise TinykError(f"unknown model preset {v!r} (choose from {', '.join(PRESETS)})")
+            out[k] = v
+        elif k in _MODEL_TYPES:
+            out[k] = _coerce(f"model.{k}", v, _MODEL_TYPES[k])
+        else:
+            raise TinykError(f"unknown config key model.{k} (model keys: preset, {', '.join(_MODEL_TYPES)})")
+    return out
+
+
+def _merge(base: dict[str, Any], layer: dict[str, Any], kind: str, where: str) -> dict[str, Any]:
+    """Applies one config layer; a layer's `pretrain:`/`sft:` block applies only to that stage. The other
+    stage's block is checked all the same: a typo there shows when pretraining starts, not after it."""
+    layer = dict(layer)
+    stage_blocks = {k: layer.pop(k) for k in KINDS if k in layer}
+    out = dict(base)
+    for stage, d in (("", layer), *stage_blocks.items()):
+        if d is None:
+            continue
+        if not isinstance(d, dict):
+            raise TinykError(f"{where}: the {stage} block must be a mapping")
+        into = out if stage in ("", kind) else dict(out)
+        block = f" in its {stage} block" if stage else ""
+        for k, v in d.items():
+            if k == "kind":
+                continue
+            if k == "model":
+                into["model"] = {**into.get("model", {}), **_check_model_section(v)}
+            elif k in _FIELD_TYPES:
+                into[k] = _coerce(k, v, _FIELD_TYPES[k])
+            elif k in _MODEL_TYPES or k == "preset":  # `--set dim=64` for `--set model.dim=64`
+                raise TinykError(f"{where}: unknown config key {k!r}{block}; the model's is model.{k}")
+            else:
+                raise TinykError(f"{where}: unknown config key {k!r}{block}")
+    return out
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A YAML or TOML config file as a dict (validated when merged)."""
+    p = Path(path)
+    if p.is_dir():
+        raise TinykError(f"config file {p} is a directory; give a .yaml, .yml or .toml file")
+    if not p.is_file():
+        raise not_found(p, "config file")
+    if p.suffix not in (".yaml", ".yml", ".toml"):
+        raise TinykError(f"config file must be .yaml, .yml or .toml: {p}")
+    try:
+        if p.suffix == ".toml":
+            try:
+                import tomllib
+            except ImportError as e:
+                raise TinykError("TOML configs need Python 3.11 or newer; use YAML") from e
+            d = tomllib.loads(p.read_text(encoding="utf-8"))
+        else:
+            d = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.MarkedYAMLError as e:  # its first line ("while parsing a flow node") says neither what nor where
+        mark = e.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise TinykError(f"cannot parse {p}: {e.problem or e.context}{where}") from e
+    except (yaml.YAMLError, ValueError, UnicodeDecodeError) as e:  # tomllib.TOMLDecodeError is a ValueError
+        raise TinykError(f"cannot parse {p}: {first_line(e)}") from e
+    if not isinstance(d, dict):
+        raise TinykError(f"{p} must hold a mapping of config keys")
+    return d
+
+
+def shipped_config(name: str) -> dict[str, Any]:
+    """The config shipped for a model preset (src/tinyk/configs/NAME.yaml)."""
+    names = sorted(f.name[:-5] for f in importlib.resources.files("tinyk").joinpath("configs").iterdir()
+                   if f.name.endswith(".yaml"))
+    if name not in names:
+        raise TinykError(f"unknown preset {name!r} (choose from {', '.join(names)})")
+    text = importlib.resources.files("tinyk").joinpath("configs", f"{name}.yaml").read_text(encoding="utf-8")
+    return yaml.safe_load(text)
+
+
+
+
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    """`--set key=value` pairs as a nested dict; values are parsed as YAML scalars (1e-3, true, [a, b])."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, eq, raw = item.partition("=")
+        if not eq or not key.strip():
+            raise TinykError(f"--set expects key=value, got {item!r}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        parts = key.strip().split(".")
+        if len(parts) > 2 or (len(parts) == 2 and parts[0] not in ("model", *KINDS)):
+            raise TinykError(f"--set {key}: only model.<key> is nested (e.g. --set model.dim=64)")
+        hint = _FIELD_TYPES.get(parts[-1]) if parts[0] != "model" else None
+        text_key = str in (typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,))  # not list[str]
+        if text_key and value is not None and not isinstance(value, str):
+            value = raw.strip()  # --set run_name=1.10 names the run 1.10, not 1.1 (nor a date, nor True)
+        target = out
+        for p in parts[:-1]:
+            target = target.setdefault(p, {})
+        target[parts[-1]] = value
+    return out
+
+
+def resolve_config(kind: str, *, preset: str | None = None, config: str | Path | None = None,
+                   flags: dict[str, Any] | None = None, sets: list[str] = (), resume: bool = False,
+                   notes: list[str] | None = None) -> TrainConfig:
+    """Defaults < shipped preset config < --config file < saved run config (--resume) < flags < --set.
+
+    `notes` gets a line for what a user may not expect: --config values the saved run config outranks.
+    """
+    if kind not in KINDS:
+        raise TinykError(f"unknown training kind {kind!r}")
+    layers: list[tuple[dict[str, Any], str]] = []
+    if preset:
+        layers.append((shipped_config(preset), f"preset {preset}"))
+    mine = read_config_file(config) if config else None
+    if config:
+        layers.append((mine, str(config)))
+    top = [({k: v for k, v in (flags or {}).items() if v is not None}, "command line"),
+           (parse_sets(list(sets)), "--set")]
+
+    def fold(stack: list[tuple[dict[str, Any], str]]) -> dict[str, Any]:
+        d: dict[str, Any] = {}
+        for layer, where in stack:
+            d = _merge(d, layer, kind, where)
+        return d
+
+    d = fold([*layers, *top])
+    # The run directory is known only once the layers are folded; its saved config then slots in below the flags.
+    saved = saved_config(Path(d["out"])) if resume and d.get("out") else None
+    if saved is not None and saved.is_file():
+        try:
+            run_config = read_config_file(saved)
+        except TinykError as e:  # damaged: a checkpoint's copy puts it back
+            raise TinykError(f"{e}{config_copy(Path(d['out']))}") from e
+        if not run_config:
+            raise TinykError(f"{saved} is empty{config_copy(Path(d['out']))}")
+        if run_config.get("kind", kind) != kind:
+            run = Path(d["out"])
+            other = run_config["kind"]
+            raise TinykError(f"{run} is {'an' if other == 'sft' else 'a'} {other} run: resume it with tinyk {other} "
+                             f"--resume" + (f", or fine-tune its model in a new run (tinyk sft --init {run})"
+                                            if kind == "sft" else ""))
+        before, d = d, fold([*layers, (run_config, str(saved)), *top])
+        ignored = [k for k in ("tokenizer", "init") if not _same_path(d.get(k), run_config.get(k))]
+        if ignored:  # the checkpoint holds the model and tokenizer; config.yaml must not name others
+            d.update({k: run_config.get(k) for k in ignored})
+            if notes is not None:
+                notes.append(f"note: on --resume the model and tokenizer are the checkpoint's, so "
+                             f"{' and '.join('--' + k for k in ignored)} {'is' if len(ignored) == 1 else 'are'} "
+                             f"not read (to start from other weights, begin a new run with --init)")
+        if config and notes is not None:
+            given, was = _flat(fold([(mine, str(config))])), _flat(before)
+            kept = {k: v for k, v in _flat(d).items() if k in given and given[k] != v and was.get(k) == given[k]}
+            if kept:
+                notes.append(f"note: on --resume the run's saved {saved} outranks --config {config}, so "
+                             + ", ".join(f"{k} stays {v!r} (not {given[k]!r})" for k, v in kept.items())
+                             + "; pass a flag or --set to change it")
+    elif saved is not None and d.get("data") is None:
+        copy = config_copy(Path(d["out"]))
+        if copy:
+            raise TinykError(f"run directory {d['out']} has no config.yaml{copy}")
+        raise TinykError(f"nothing to resume in {d['out']} (no config.yaml there); check --out, or start a new "
+                         f"run without --resume")
+    cfg = TrainConfig(**{**d, "kind": kind})
+    cfg.dtype = DTYPE_ALIASES.get(cfg.dtype, cfg.dtype)
+    validate(cfg)
+    return cfg
+
+
+def _same_path(a: Any, b: Any) -> bool:
+    """Whether two config values name the same path (the saved config holds them absolute)."""
+    return a == b or (isinstance(a, str) and isinstance(b, str) and Path(a).resolve() == Path(b).resolve())
+
+
+def _flat(d: dict[str, Any]) -> dict[str, Any]:
+    """A folded config with the model's keys as model.KEY, as --set writes them."""
+    return {**{k: v for k, v in d.items() if k != "model"}, **{f"model.{k}": v for k, v in d.get("model", {}).items()}}
+
+
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Refuses impossible settings with one line before anything is loaded."""
+    checks = [
+        (cfg.dtype in TRAIN_DTYPES, f"dtype must be {', '.join(TRAIN_DTYPES)}, got {cfg.dtype!r}"),
+        (cfg.parallel in PARALLEL, f"parallel must be ddp or fsdp, got {cfg.parallel!r}"),
+        (cfg.compile_mode in COMPILE_MODES, f"compile_mode must be one of {', '.join(COMPILE_MODES)}"),
+        # Apple's mps is not offered: its tensors have no float64 (the loss accumulators) and it is untested.
+        (cfg.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {cfg.device!r}"),
+        (cfg.seq_len is None or cfg.seq_len >= 1, "seq_len must be positive"),
+        (1 <= cfg.batch_size <= MAX_BATCH, f"batch_size must be in 1..{MAX_BATCH}"),
+        (cfg.micro_batch is None or 1 <= cfg.micro_batch <= MAX_BATCH, f"micro_batch must be in 1..{MAX_BATCH}"),
+        (all(math.isfinite(v) for v in (cfg.lr, cfg.min_lr_ratio, cfg.weight_decay, cfg.beta1, cfg.beta2, cfg.eps,
+                                         cfg.grad_clip, cfg.epochs or 1, cfg.max_minutes or 1, cfg.peak_tflops or 1)),
+         "numbers in the config must be finite (no inf or nan)"),
+        (cfg.lr > 0, "lr must be positive"),
+        # The optimizer holds them as float32 (a larger lr was a traceback from inside AdamW).
+        (max(cfg.lr, cfg.weight_decay, cfg.eps, cfg.grad_clip) < torch.finfo(torch.float32).max,
+         "lr, weight_decay, eps and grad_clip must fit a float32 (below 3.4e38)"),
+        (0 <= cfg.min_lr_ratio <= 1, "min_lr_ratio must be between 0 and 1"),
+        (cfg.warmup_steps is None or cfg.warmup_steps >= 0, "warmup_steps must be >= 0"),
+        (cfg.weight_decay >= 0, "weight_decay must be >= 0"),
+        (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1, "beta1 and beta2 must be in [0, 1)"),
+        (cfg.eps > 0, "eps must be positive"),
+        (cfg.grad_clip >= 0, "grad_clip must be >= 0 (0 turns clipping off)"),
+        (cfg.eval_batches is None or cfg.eval_batches >= 1, "eval_batches must be at least 1 (or null for the whole split)"),
+        (cfg.peak_tflops is None or cfg.peak_tflops > 0, "peak_tflops must be positive"),
+        (0 <= cfg.seed < 2**32, "seed must be between 0 and 2**32 - 1"),
+        (cfg.log_every >= 1, "log_every must be at least 1"),
+        (cfg.keep_checkpoints >= 1, "keep_checkpoints must be at least 1"),
+        (cfg.eval_every >= 0 and cfg.save_every >= 0, "eval_every and save_every must be >= 0 (0 = only at the end)"),
+        (all(v is None or v > 0 for v in (cfg.max_steps, cfg.max_tokens, cfg.epochs, cfg.max_minutes)),
+         "max_steps, max_tokens, epochs and max_minutes must be positive"),
+        (cfg.out is not None, "no run directory: pass --out"),
+        (cfg.data is not None, "no training data: pass --data (a directory made by tinyk data)"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise TinykError(msg)
+
+
+def dump_config(cfg: TrainConfig) -> str:
+    """The YAML of config.yaml. Input paths are saved absolute: a job script that resumes from another
+    working directory must find the same data, not another directory of that name or none."""
+    d = cfg.to_dict()
+    for key in ("data", "tokenizer", "init"):
+        if d.get(key):
+            d[key] = os.path.abspath(d[key])
+    return yaml.safe_dump(d, sort_keys=False, allow_unicode=True)
+
+
+def model_config(section: dict[str, Any], vocab_size: int | None = None, base: ModelConfig | None = None
+                 ) -> ModelConfig:
+    """The model a config's `model:` section names: a preset (or `base`, a loaded model's) plus the
+    section's fields, with `vocab_size` from the tokenizer unless the section sets one. Shared by the
+    trainer and `tinyk plan`, so a plan sizes exactly the model a run would build."""
+    section = dict(section)
+    preset = section.pop("preset", None)
+    if base is not None:
+        fields = {**base.to_dict(), **section}
+    elif preset is None and "dim" not in section:
+        raise TinykError("no model: pass --preset, a config with a model section, or --init a model directory")
+    else:
+        fields = {**(PRESETS[preset] if preset else {}), **({"vocab_size": vocab_size} if vocab_size else {}),
+                  **section}
+    try:
+        return ModelConfig(**fields)
+    except (TypeError, ValueError) as e:
+        raise TinykError(f"invalid model config: {e}") from e
