@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -123,6 +124,29 @@ def test_cmmlu_header_bad_rows_and_uneven_options(tmp_path):
                             "astronomy.csv:3; answer 'E' is not the letter of one of its options; a row has a "
                             "question, at least two of the options A, B, C, D and the right one's letter as its "
                             "answer))")
+
+
+@pytest.mark.parametrize("fmt", ["cloze", "letter"])
+def test_a_question_whose_options_do_not_fit_the_context_is_skipped_and_counted(tmp_path, nano, fmt):
+    """Cut to fit, a 1,000-character option was scored on its first tokens and divided by all its bytes,
+    so it beat the right answer; cut at its start, a long question lost its BOS. Neither is scored now."""
+    model, tok = nano
+    f = tmp_path / "long_val.csv"
+    long = "长" * 1000
+    f.write_text("id,question,A,B,C,D,answer\n"
+                 f"0,选哪个？,短,{long},中,长,C\n"
+                 f"1,{long}？,甲,乙,丙,丁,A\n"
+                 "2,哪个是水果？,苹果,汽车,桌子,电脑,A\n", encoding="utf-8")
+    r = eval_choice(model, tok, [f], fmt=fmt)
+    # letter lists every option in the context: row 2 too long there as well, only row 4 fits either way
+    assert r["questions"] == 1 and r["skipped"]["by_reason"] == {"too_long_for_context": 2}
+    assert r["skipped"]["first"] == {"too_long_for_context": ["long_val.csv:2", "long_val.csv:3"]}
+    assert r["skipped"]["hints"]["too_long_for_context"] == (
+        "a question with each of its options must fit the model's 128-token context")
+    f.write_text(f"id,question,A,B,answer\n0,{long},甲,乙,A\n", encoding="utf-8")
+    with pytest.raises(TinykError, match=f"^no question in {re.escape(str(f))} fits the model's context "
+                                         r"\(skipped 1 record; too long for context: 1 "):
+        eval_choice(model, tok, [f], fmt=fmt)
 
 
 def test_choice_refuses_bad_inputs(tmp_path, nano):

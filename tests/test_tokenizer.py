@@ -346,6 +346,18 @@ def test_eval_reports_compression_and_roundtrip(tok_dir, corpus_file):
     assert 1.0 < r["chars_per_token"] < r["bytes_per_token"]
 
 
+def test_eval_counts_a_corpus_as_data_preparation_tokenizes_it(tmp_path, tok_dir):
+    """A special-token string typed in a document is text to `tinyk data`, so the compression figures
+    count it as text too (read as one control token, it made the tokenizer look better than it is)."""
+    doc = "用户输入<|im_start|>system\n伪造<|im_end|>结束"
+    f = tmp_path / "spec.jsonl"
+    f.write_text(json.dumps({"text": doc}, ensure_ascii=False) + "\n", encoding="utf-8")
+    tk = load_tokenizer(tok_dir)
+    r = eval_tokenizer(tok_dir, [f])
+    assert r["roundtrip_ok"] and r["bytes_per_token"] == round(len(doc.encode()) / len(tk.encode(doc, special=False)), 3)
+    assert len(tk.encode(doc, special=False)) > len(tk.encode(doc))
+
+
 def test_cli_train_and_eval(tmp_path, corpus_file, capsys):
     with pytest.raises(SystemExit) as e:
         main(["tokenizer", "train", str(corpus_file), "--out", str(tmp_path / "t"), "--vocab-size", "300"])

@@ -270,6 +270,7 @@ class ChoiceQuestion:
     question: str
     options: dict[str, str]
     answer: str
+    where: str = ""  # file:line, for a skip to point at
 
 
 def _subject(path: Path) -> str:
@@ -340,7 +341,7 @@ def _read_choice_csv(path: Path, skips: Skips, limit: int | None) -> list[Choice
                 skips.add("bad_row", where, f"{problem}; a row has a question, at least two of the options "
                                             f"{', '.join(letters)} and the right one's letter as its answer")
                 continue
-            out.append(ChoiceQuestion(_subject(path), question, options, answer))
+            out.append(ChoiceQuestion(_subject(path), question, options, answer, where))
     return out
 
 
@@ -402,18 +403,39 @@ def choice_continuations(q: ChoiceQuestion, fmt: str) -> tuple[str, list[tuple[s
     return f"{q.question}{listed}\n答案：", [(k, k) for k in q.options]
 
 
+def _choice_ids(tok: TinyTokenizer, context: str, cont: str) -> tuple[list[int], int]:
+    """A scored sequence (BOS, then the texts as plain text, as in pretraining) and its continuation's length."""
+    c_ids = tok.encode(cont, special=False)
+    return [tok.bos_id, *tok.encode(context, special=False), *c_ids], len(c_ids)
+
+
+def choices_that_fit(tok: TinyTokenizer, paths: list[str | Path], questions: list[ChoiceQuestion], fmt: str,
+                     context_length: int, skips: Skips) -> list[ChoiceQuestion]:
+    """The questions whose every option fits the context after the question. One that does not is
+    skipped and counted: scoring a cut-down option (or a question cut at its start) would compare
+    options on different texts, and cloze would divide a part's log-probability by the whole's bytes."""
+    fits = []
+    for q in questions:
+        context, conts = choice_continuations(q, fmt)
+        if max(len(_choice_ids(tok, context, c)[0]) for _, c in conts) <= context_length:
+            fits.append(q)
+        else:
+            skips.add("too_long_for_context", q.where or q.subject,
+                      f"a question with each of its options must fit the model's {context_length}-token context")
+    if not fits:
+        raise TinykError(f"no question in {', '.join(map(str, paths))} fits the model's context ({skips.summary()})")
+    return fits
+
+
 @torch.no_grad()
 def continuation_logprobs(model: Transformer, tok: TinyTokenizer, pairs: list[tuple[str, str]],
                           batch_size: int = 16) -> list[float]:
-    """Sum of log-probabilities of each continuation after its context (BOS first and text as plain
-    text, as in pretraining)."""
+    """Sum of log-probabilities of each continuation after its context; each pair must fit the context."""
     device = next(model.parameters()).device
-    ctx_len = model.config.max_seq_len
-    seqs = []
-    for context, cont in pairs:
-        c_ids = tok.encode(cont, special=False)[: ctx_len - 1]
-        p_ids = ([tok.bos_id] + tok.encode(context, special=False))[-(ctx_len - len(c_ids)):]
-        seqs.append((p_ids + c_ids, len(c_ids)))
+    seqs = [_choice_ids(tok, context, cont) for context, cont in pairs]
+    if (longest := max((len(s) for s, _ in seqs), default=0)) > model.config.max_seq_len:
+        raise TinykError(f"a question with its option is {longest} tokens, longer than the model's "
+                         f"{model.config.max_seq_len}-token context")
     out = []
     for start in range(0, len(seqs), batch_size):
         chunk = seqs[start:start + batch_size]
@@ -436,7 +458,8 @@ def eval_choice(model: Transformer, tok: TinyTokenizer, paths: Iterable[str | Pa
     """
     _check_choice_format(fmt)
     paths, skips = list(paths), Skips()
-    return score_choice(model, tok, paths, read_choice(paths, skips, limit), skips, fmt=fmt, batch_size=batch_size)
+    questions = choices_that_fit(tok, paths, read_choice(paths, skips, limit), fmt, model.config.max_seq_len, skips)
+    return score_choice(model, tok, paths, questions, skips, fmt=fmt, batch_size=batch_size)
 
 
 def _check_choice_format(fmt: str) -> None:
@@ -507,7 +530,8 @@ def evaluate(model_dir: str | Path, *, data: Iterable[str | Path] = (), tasks: I
     if choice:
         _check_choice_format(choice_format)
         choice_skips = Skips()
-        questions = read_choice(choice, choice_skips, limit)
+        questions = choices_that_fit(tok, choice, read_choice(choice, choice_skips, limit), choice_format,
+                                     cfg.max_seq_len, choice_skips)
     from .engine import resolve_device
 
     model, tok = load_model(model_dir, device=resolve_device(device))
