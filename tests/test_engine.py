@@ -16,6 +16,7 @@ from tinyk.chat import CHAT_HELP, chat_session
 from tinyk.checkpoint import load_model
 from tinyk.cli import main
 from tinyk.engine import (
+    NON_FINITE,
     ContextLengthError,
     Detokenizer,
     Engine,
@@ -116,7 +117,7 @@ def test_token_budget_is_capped_by_the_context_window(engine):
 
 @pytest.mark.parametrize("bad", [
     dict(temperature=-0.1), dict(top_k=-1), dict(top_p=-0.1), dict(top_p=1.5), dict(min_p=2.0),
-    dict(repetition_penalty=0.0), dict(max_new_tokens=0), dict(max_new_tokens=2.5), dict(temperature=float("nan")),
+    dict(repetition_penalty=0.0), dict(repetition_penalty=1e-40), dict(repetition_penalty=11), dict(max_new_tokens=0), dict(max_new_tokens=2.5), dict(temperature=float("nan")),
     dict(seed="1"), dict(stop=[""]), dict(stop="abc"), dict(temperature=True), dict(logprobs=21),
     dict(logprobs=-1), dict(prompt_logprobs=True), dict(prompt_logprobs=1.0),
 ])
@@ -391,6 +392,37 @@ def test_scheduler_serves_callers_and_cancels(engine, reference):
         assert ["".join(r.deltas(timeout=60)) for r in short] == [engine.tok.decode(ids[:2], skip_special_tokens=True)
                                                                      for ids in reference]
         assert sched.stats()["finished"] == {"length": 2 * len(PROMPTS), "cancelled": 1}
+    finally:
+        sched.close()
+
+
+def test_logits_that_overflow_end_their_request_with_one_clear_error(engine, reference, monkeypatch):
+    """fp16 activations can overflow (fp16 is the default on V100 and T4): NaN logits were a traceback
+    from sampling, or under greedy decoding an empty reply that said it had stopped. Such a request
+    now ends with an error naming the cause; the requests decoding beside it go on."""
+    short, long = PROMPTS[0], PROMPTS[5] * 2
+    hot_from = len(engine.encode(long)) + 2  # the long prompt overflows after 3 tokens; the short one never does
+    assert len(engine.encode(short)) + GREEDY.max_new_tokens < hot_from
+    real = engine.forward
+
+    def overflowing(idx, positions, cache, valid=None, every_position=False):
+        logits = real(idx, positions, cache, valid, every_position)
+        hot = positions.amax(-1) >= hot_from
+        logits[hot, :3] = torch.tensor([float("nan"), float("inf"), 1.0])
+        return logits
+
+    monkeypatch.setattr(engine, "forward", overflowing)
+    for params in (GREEDY, replace(GREEDY, temperature=0.8, seed=1)):
+        with pytest.raises(TinykError) as e:
+            engine.generate([long], params)
+        assert str(e.value) == NON_FINITE and "use --dtype bf16 or fp32" in NON_FINITE
+    sched = Scheduler(engine)
+    try:
+        beside, hot = sched.submit(short, GREEDY), sched.submit(long, GREEDY)
+        list(hot.deltas(timeout=60))
+        assert (hot.finish_reason, hot.error, len(hot.out_ids)) == ("error", NON_FINITE, 3)
+        list(beside.deltas(timeout=60))
+        assert beside.finish_reason == "length" and beside.completion().token_ids == reference[0]
     finally:
         sched.close()
 

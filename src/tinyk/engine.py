@@ -81,6 +81,10 @@ def cpu_bf16_packing_works() -> bool:
 
 QUANTIZE = ("none", "int8")
 MAX_LOGPROBS = 20  # the most alternatives a token's log-probability comes with, as in OpenAI's API
+# Beyond these a penalty only breaks things: dividing a logit by 1e-40 is inf, and sampling NaN.
+REPETITION_PENALTY_RANGE = (0.01, 10)
+NON_FINITE = ("the model's logits are not finite (NaN or inf): its activations overflowed, as fp16 can; "
+              "use --dtype bf16 or fp32")
 
 
 def quantize_int8(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,8 +246,9 @@ class SamplingParams:
             ("top_k", "an integer >= 0", self.top_k, is_int(self.top_k) and self.top_k >= 0),
             ("top_p", "a number in [0, 1]", self.top_p, _is_number(self.top_p) and 0 <= self.top_p <= 1),
             ("min_p", "a number in [0, 1]", self.min_p, _is_number(self.min_p) and 0 <= self.min_p <= 1),
-            ("repetition_penalty", "a number > 0", self.repetition_penalty,
-             _is_number(self.repetition_penalty) and self.repetition_penalty > 0),
+            ("repetition_penalty", "a number in [{:g}, {:g}]".format(*REPETITION_PENALTY_RANGE), self.repetition_penalty,
+             _is_number(self.repetition_penalty)
+             and REPETITION_PENALTY_RANGE[0] <= self.repetition_penalty <= REPETITION_PENALTY_RANGE[1]),
             ("max_new_tokens", "an integer >= 1", self.max_new_tokens,
              is_int(self.max_new_tokens) and self.max_new_tokens >= 1),
             ("seed", "an integer or None", self.seed, self.seed is None or is_int(self.seed)),
@@ -502,9 +507,10 @@ class _Batch:
         seen = torch.zeros((n, e.vocab_size), dtype=torch.bool, device=dev)
         seen.scatter_(1, torch.where(valid, x, x[:, -1:]), True)
         params = _ParamTensors(reqs, dev)
+        logits, bad = _finite_rows(logits)
         tokens = e.sample(logits, seen, params, [r.rng for r in reqs])
         _record_logprobs(reqs, logits, tokens)
-        events = self._accept(reqs, tokens, seen)
+        events = self._accept(reqs, tokens, seen, bad)
         keep = [i for i, r in enumerate(reqs) if not r.finished]
         if keep:
             index = torch.tensor(keep, device=dev)
@@ -554,9 +560,10 @@ class _Batch:
         self.pos = self.pos + 1
         if self._params is None:
             self._params = _ParamTensors(self.rows, e.device)
+        logits, bad = _finite_rows(logits)
         self.tokens = e.sample(logits, self.seen, self._params, [r.rng for r in self.rows])
         _record_logprobs(self.rows, logits, self.tokens)
-        events += self._accept(self.rows, self.tokens, self.seen)
+        events += self._accept(self.rows, self.tokens, self.seen, bad)
         self._drop()
         return events
 
@@ -567,9 +574,12 @@ class _Batch:
         return events
 
     @staticmethod
-    def _accept(rows: list[Request], tokens: torch.Tensor, seen: torch.Tensor) -> list[tuple[Request, str]]:
+    def _accept(rows: list[Request], tokens: torch.Tensor, seen: torch.Tensor,
+                bad: torch.Tensor) -> list[tuple[Request, str]]:
+        """Each row takes its token; a row whose logits were not finite ends with an error instead."""
         seen[torch.arange(len(rows), device=seen.device), tokens] = True
-        return [(r, r.accept(t)) for r, t in zip(rows, tokens.tolist(), strict=True)]
+        return [(r, r.end("error", NON_FINITE) if b else r.accept(t))
+                for r, t, b in zip(rows, tokens.tolist(), bad.tolist(), strict=True)]
 
     def _drop(self) -> None:
         keep = [i for i, r in enumerate(self.rows) if not r.finished]
@@ -583,6 +593,14 @@ class _Batch:
         self.tokens, self.pos, self.seen = self.tokens[index], self.pos[index], self.seen[index]
         self.rows = [self.rows[i] for i in keep]
         self._params = None
+
+
+def _finite_rows(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits with each row holding NaN or +inf zeroed, so sampling them cannot fail, and which
+    rows those were (they end with an error; the rest of the batch goes on). -inf is no fault: it is
+    a token ruled out, as a padded vocabulary's are."""
+    bad = (logits.isnan() | (logits == math.inf)).any(-1)
+    return logits.masked_fill(bad[:, None], 0.0), bad
 
 
 def _top_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, n: int) -> list[tuple[float, list[tuple[int, float]]]]:
@@ -740,6 +758,8 @@ class Engine:
             events = batch.add(admit) if admit else []
             if batch.rows:
                 events += batch.step()
+            if failed := next((r.error for r, _ in events if r.error), None):
+                raise TinykError(failed)
             yield events
 
     def run(self, requests: list[Request]) -> Iterator[tuple[Request, str]]:

@@ -34,6 +34,7 @@ from typing import Any
 from .engine import (
     MAX_LOGPROBS,
     MESSAGE_TOKENS,
+    REPETITION_PENALTY_RANGE,
     SHUTTING_DOWN,
     ContextLengthError,
     Engine,
@@ -262,7 +263,7 @@ class Api:
         top_p = _sampling_field(body, "top_p", "number", d.top_p, 0, 1)
         top_k = _sampling_field(body, "top_k", "integer", d.top_k, -1, self.engine.vocab_size)
         min_p = _sampling_field(body, "min_p", "number", d.min_p, 0, 1)
-        penalty = _sampling_field(body, "repetition_penalty", "number", d.repetition_penalty, 0.01, 10)
+        penalty = _sampling_field(body, "repetition_penalty", "number", d.repetition_penalty, *REPETITION_PENALTY_RANGE)
         stop = body.get("stop")
         if isinstance(stop, str):
             stop = [stop]

@@ -62,8 +62,8 @@ def _serve(args: argparse.Namespace) -> int:
                allow_origins=tuple(args.allow_origin), allow_hosts=tuple(args.allow_host))
     if args.model_name:
         cfg["model_name"] = args.model_name
-    if args.system_prompt is not None:
-        cfg["system_prompt"] = args.system_prompt or None
+    if args.system_prompt is not None:  # as chat and eval read it (TinyTokenizer.system_from_flag): '' or spaces, none
+        cfg["system_prompt"] = args.system_prompt.strip() or None
     set_threads(args)
     serve(args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
           quantize=args.quantize, max_batch=args.max_batch, **cfg)
