@@ -717,18 +717,28 @@ def test_force_replaces_a_link_not_what_it_points_to(tmp_path):
     assert dangling.is_dir() and not dangling.is_symlink()
 
 
-def test_force_never_deletes_a_folder_this_command_did_not_make(tmp_path, tok_dir, capsys):
+def test_force_never_deletes_a_folder_this_command_did_not_make(tmp_path, tok_dir, sft_data, capsys):
     src = tmp_path / "c.jsonl"
     src.write_bytes(JSONL[:5000].rsplit(b"\n", 1)[0] + b"\n")
     thesis = tmp_path / "thesis"
     (thesis / "sub").mkdir(parents=True)
     (thesis / "sub" / "thesis.tex").write_text("years of work")
     code, err = run_cli(["data", "pretrain", "--input", src, "--tokenizer", tok_dir, "--out", thesis, "--force"], capsys)
-    assert code == 2 and "not a tinyk data directory, so it is not replaced (it holds sub)" in one_error_line(err)
+    assert code == 2 and "not pretrain data made by tinyk data pretrain, so it is not replaced (it holds sub)" in \
+        one_error_line(err)
     assert (thesis / "sub" / "thesis.tex").read_text() == "years of work"
     code, err = run_cli(["data", "pretrain", "--input", src, "--tokenizer", tok_dir, "--out", tok_dir, "--force"],
                         capsys)
     assert code == 2 and "would replace the input" in err
+    # Data of the other kind is not what `data pretrain --force` makes: an SFT set is never replaced by it.
+    sft = tmp_path / "sft"
+    shutil.copytree(sft_data, sft)
+    before = sorted((p.relative_to(sft), p.read_bytes()) for p in sft.rglob("*") if p.is_file())
+    code, err = run_cli(["data", "pretrain", "--input", src, "--tokenizer", tok_dir, "--out", sft, "--force"], capsys)
+    assert code == 2 and one_error_line(err) == (
+        f"tinyk: error: {sft} exists and is not pretrain data made by tinyk data pretrain, so it is not replaced "
+        f"(it holds meta.json, train, val); remove it yourself or choose another path")
+    assert sorted((p.relative_to(sft), p.read_bytes()) for p in sft.rglob("*") if p.is_file()) == before
 
 
 def test_sigterm_stops_data_preparation_like_ctrl_c(tmp_path, tok_dir, capsys, monkeypatch):

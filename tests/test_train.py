@@ -1134,6 +1134,19 @@ def test_no_validation_split_still_trains(tmp_path, corpus_file, tok_dir, capsys
     assert "no validation: the val split" in capsys.readouterr().out
 
 
+def test_a_damaged_validation_split_stops_the_run_before_it_starts(tmp_path, pt_data, tok_dir):
+    """An empty split is a run without validation; a cut or missing val shard is damaged data, which a
+    long run must not discover only in its missing validation curve."""
+    data = tmp_path / "data"
+    shutil.copytree(pt_data, data)
+    shard = sorted((data / "val").glob("*.bin"))[0]
+    shard.write_bytes(shard.read_bytes()[:-2])
+    with pytest.raises(TinykError, match=f"^{re.escape(str(shard))} is missing or not .* bytes as meta.json says "
+                                         r"\(re-run tinyk data\)$"):
+        train(nano_cfg(data, tok_dir, tmp_path / "run", max_steps=2))
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("dtype,name", [("bf16", "bfloat16"), ("fp16", "float16")])
 def test_mixed_precision_on_cpu_trains_and_resumes(tmp_path, pt_data, tok_dir, dtype, name):
     """bf16 autocast runs without a GradScaler, fp16 with one whose state survives a resume."""

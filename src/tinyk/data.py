@@ -647,14 +647,14 @@ def _line_cap(max_line_bytes: int) -> dict[str, int]:
     return {} if max_line_bytes == DEFAULT_MAX_LINE_BYTES else {"max_line_bytes": max_line_bytes}
 
 
-def _is_data_dir(path: Path) -> bool:
+def _is_data_dir(path: Path, kind: str) -> bool:
+    """Data of this kind: `--force` never turns an SFT directory into pretraining data, or back."""
     from .loader import open_dataset
 
     try:
-        open_dataset(path)
+        return open_dataset(path)["kind"] == kind
     except TinykError:
         return False
-    return True
 
 
 def _progress_line(kind: str, unit: str, splitter: _Splitter, seconds: float) -> str:
@@ -809,7 +809,8 @@ def _prepare(kind: str, paths: list[Path], tok: TinyTokenizer, out: str | Path, 
     unit = "docs" if kind == "pretrain" else "conversations"
     # The lock is held until the folder is renamed into place: a second run let in before would empty it.
     with contextlib.ExitStack() as locked, atomic_dir(out, force=force, inputs=[*paths, tokenizer_dir], partial=True,
-                                                      replaces=("a tinyk data directory", _is_data_dir)) as tmp:
+                                                      replaces=(f"{kind} data made by tinyk data {kind}",
+                                                                lambda p: _is_data_dir(p, kind))) as tmp:
         lock = DirLock(tmp)
         try:
             free = lock.acquire()

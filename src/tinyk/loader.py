@@ -29,6 +29,11 @@ PAD_MULTIPLE = 16
 _LOSS_COUNT_CHUNK = 1 << 24
 
 
+class UnusableSplit(TinykError):
+    """A split with nothing to read at this seq_len (empty, too short, no answer within the window):
+    a run without validation data, not damaged data, which stops a run."""
+
+
 def open_dataset(data_dir: str | Path) -> dict[str, Any]:
     """Reads and validates meta.json; every loader starts here."""
     f = marker_file(data_dir, "meta.json", "tinyk data")
@@ -92,7 +97,7 @@ def _split_folder(data_dir: str | Path, meta: dict[str, Any], split: str) -> Pat
     if split not in SPLITS:
         raise TinykError(f"unknown split {split!r} (use {' or '.join(SPLITS)})")
     if not meta["splits"][split]["tokens"]:
-        raise TinykError(f"the {split} split of {data_dir} is empty")
+        raise UnusableSplit(f"the {split} split of {data_dir} is empty")
     return Path(data_dir) / split
 
 
@@ -192,7 +197,7 @@ class _Windows:
         total = int(self.bounds[-1])
         self.size = (total - 1) // seq_len
         if self.size < 1:
-            raise TinykError(f"the {split} split has {total} tokens, fewer than seq_len + 1 = {seq_len + 1}")
+            raise UnusableSplit(f"the {split} split has {total} tokens, fewer than seq_len + 1 = {seq_len + 1}")
 
     def _read(self, start: int, length: int) -> np.ndarray:
         i = int(np.searchsorted(self.bounds, start, side="right")) - 1
@@ -245,7 +250,7 @@ class _Conversations:
         self.dropped = int((~usable).sum())
         self.cut = int((whole[usable] > seq_len + 1).sum())  # kept, but their end does not fit the window
         if not self.size:
-            raise TinykError(f"no conversation in the {split} split has an assistant token within seq_len {seq_len}")
+            raise UnusableSplit(f"no conversation in the {split} split has an assistant token within seq_len {seq_len}")
 
     def fetch(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded with <|im_end|> to the longest in the batch, rounded up to a multiple of

@@ -57,7 +57,7 @@ from .files import (
     write_json_atomic,
     writing,
 )
-from .loader import IGNORE, ResumeMismatch
+from .loader import IGNORE, ResumeMismatch, UnusableSplit
 from .model import (
     ADAMW_BYTES,
     GRAD_BYTES,
@@ -677,9 +677,9 @@ class Trainer:
         self.refit: tuple[int, float, float] | None = None  # a resumed run's re-fitted schedule, for the header
         self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else default_warmup(self.total_steps)
         self.val_problem, self.val_dropped = None, 0
-        try:  # opening the split validates it; a run without usable validation data still trains
+        try:  # opening the split validates it; a run without usable validation data still trains (damaged stops)
             self.val_dropped = getattr(open_split(cfg.data, "val", cfg.seq_len), "dropped", 0)
-        except TinykError as e:
+        except UnusableSplit as e:
             self.val_problem = str(e)
         self.has_val = self.val_problem is None
 
