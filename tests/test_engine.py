@@ -169,6 +169,26 @@ def test_a_text_prompt_starts_a_document_as_in_tinyk_generate(engine, nano_model
     assert json.loads(capsys.readouterr().out)["text"] == c.text == "".join(engine.stream(text, params))
 
 
+def test_generate_says_when_the_context_window_cut_the_text_short(engine, nano_model_dir, capsys):
+    """Asked for 50 tokens with 3 left in the window, one streamed sample said nothing of why it
+    stopped at 3 (chat did, and several samples' headers did)."""
+    text = engine.tok.decode(engine.tok.encode("我们" * 200)[: engine.context_length - 4])
+    assert len(engine.encode(text)) == engine.context_length - 3  # <|im_start|> first
+    params = replace(GREEDY, max_new_tokens=50, ignore_eos=False)
+    c = engine.generate([text], params)[0]
+    assert (c.finish_reason, c.completion_tokens) == ("length", 3)  # the fixture model does not stop sooner
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", str(nano_model_dir), "--prompt", text, "--temperature", "0",
+              "--repetition-penalty", "1", "--max-new-tokens", "50"])
+    out, err = capsys.readouterr()
+    assert out == text + c.text + "\n"
+    assert err == f"(cut at 3 tokens: the prompt and the text fill the model's {engine.context_length}-token context)\n"
+    with pytest.raises(SystemExit):  # the budget asked for: nothing to explain
+        main(["generate", "--model", str(nano_model_dir), "--prompt", text, "--temperature", "0",
+              "--repetition-penalty", "1", "--max-new-tokens", "2"])
+    assert capsys.readouterr().err == ""
+
+
 def test_repeated_prompts_with_one_seed_give_different_reproducible_samples(engine, nano_model_dir, capsys):
     """As the tutorial's num_samples: prompt i of a batch samples with seed + i, as it would alone."""
     params = SamplingParams(temperature=1.5, top_k=0, top_p=1.0, max_new_tokens=8, seed=7, ignore_eos=True)

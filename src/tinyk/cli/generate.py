@@ -153,10 +153,16 @@ def _generate(args: argparse.Namespace) -> int:
                              if len(prompts) > 1 else str(e)) from None
     if len(prompts) == 1 and not args.json:
         sys.stdout.write(prompts[0])
-        for delta in engine.stream(ids[0], params):
+        request = engine.request(ids[0], params)
+        for _, delta in engine.run([request]):
             sys.stdout.write(delta)
             sys.stdout.flush()
         sys.stdout.write("\n")
+        c = request.completion()
+        if c.finish_reason == "length" and c.completion_tokens < params.max_new_tokens:  # not the budget asked for
+            sys.stdout.flush()
+            print(f"(cut at {c.completion_tokens} tokens: the prompt and the text fill the model's "
+                  f"{engine.context_length}-token context)", file=sys.stderr)
         return 0
     plist = params.numbered(len(ids))  # repeated prompts give different samples, each reproducible alone
     # Each sample is printed once it and those before it are done: Ctrl-C keeps what was printed.
