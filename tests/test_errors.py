@@ -240,6 +240,31 @@ def test_not_a_model_dir(tmp_path, capsys):
     assert code == 2 and "not a model directory" in err
 
 
+def test_a_directory_next_to_the_right_one_is_pointed_to(tmp_path, tok_dir, nano_model_dir, pt_data, capsys):
+    """A run directory for a tokenizer (its final/ model holds one), a data split's folder for the data,
+    and an unfinished run's final/ (no model yet, but a checkpoint's)."""
+    run = tmp_path / "run"
+    shutil.copytree(nano_model_dir, run / "final")
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"text": "你好"}\n', encoding="utf-8")
+    assert run_cli(["data", "pretrain", "--input", str(corpus), "--tokenizer", str(run), "--out", str(tmp_path / "d")],
+                   capsys)[1] == (f"tinyk: error: not a tokenizer directory (no tokenizer.json): {run}; "
+                                  f"{run / 'final'} is one\n")
+    split = pt_data / "train"
+    assert run_cli(["pretrain", "--preset", "nano", "--data", str(split), "--tokenizer", str(tok_dir), "--out",
+                    str(tmp_path / "r")], capsys)[1] == (
+        f"tinyk: error: not a tinyk data directory (no meta.json): {split}; {pt_data} is one\n")
+    unfinished = tmp_path / "unfinished"
+    (unfinished / "checkpoints").mkdir(parents=True)
+    chat = ["chat", "--model", str(unfinished / "final"), "--message", "你好"]
+    assert run_cli(chat, capsys)[1] == (f"tinyk: error: model directory not found: {unfinished / 'final'} (its run has "
+                                        f"not finished, nor saved a checkpoint yet)\n")
+    newest = unfinished / "checkpoints" / "step_0000010" / "model"
+    shutil.copytree(nano_model_dir, newest)
+    assert run_cli(chat, capsys)[1] == (f"tinyk: error: model directory not found: {unfinished / 'final'} (its run has "
+                                        f"not finished; a run's checkpoints: the newest one's model is in {newest})\n")
+
+
 @pytest.mark.parametrize("weights,says", [
     ("model.safetensors.index.json", "sharded over several files: save them as one, e.g. transformers' "
                                      "save_pretrained(DIR, max_shard_size='100GB')"),

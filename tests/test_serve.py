@@ -331,6 +331,9 @@ def test_bad_input_gets_a_4xx_with_an_openai_error(server, path, body, status, p
     assert got == status, err
     assert set(err) == {"error"} and err["error"]["message"] and err["error"]["type"] == "invalid_request_error"
     assert (err["error"]["param"], err["error"]["code"]) == (param, code)
+    if param == "presence_penalty":  # OpenAI's penalties are not tinyk's: the error names the one it has
+        assert err["error"]["message"] == ("'presence_penalty' is not supported by this server; 'repetition_penalty' "
+                                           "(e.g. 1.1) discourages repeats")
 
 
 def full_logprobs(ref: Engine, ids: list[int]):

@@ -195,7 +195,10 @@ def load_config(path: str | Path) -> ModelConfig:
     path = Path(path)
     put_back_interrupted(path)
     if not path.exists():
-        raise not_found(path, "model directory")
+        unfinished = path.name == "final" and (path.parent / "checkpoints").is_dir()
+        hint = (model_dir_hint(path.parent / "checkpoints") or ", nor saved a checkpoint yet") if unfinished else ""
+        raise TinykError(f"{not_found(path, 'model directory')}" + (f" (its run has not finished{hint})"
+                                                                   if unfinished else ""))
     if not is_model_dir(path):
         raise TinykError(f"not a model directory (needs config.json and model.safetensors): {path}"
                          f"{model_dir_hint(path)}")

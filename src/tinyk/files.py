@@ -262,7 +262,9 @@ def marker_file(directory: str | Path, name: str, what: str) -> Path:
     if not d.is_dir():
         raise not_found(d, f"{what} directory")
     if not (d / name).is_file():
-        raise TinykError(f"not a {what} directory (no {name}): {d}")
+        # A run directory (its final/ model holds the tokenizer), a checkpoint, or a data split's folder.
+        near = next((p for p in (d / "final", d / "model", d.parent) if (p / name).is_file()), None)
+        raise TinykError(f"not a {what} directory (no {name}): {d}" + (f"; {near} is one" if near else ""))
     return d / name
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .files import TinykError, atomic_file, first_line, writing
+from .files import TinykError, atomic_file, first_line, plural, writing
 from .model import cuda_autocast_dtype
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, matched against torch.cuda.get_device_name().
@@ -79,7 +79,7 @@ def peak_flops(device: torch.device, override_tflops: float | None,
     if device.type == "cpu":
         name = str(dtype).split(".")[-1]
         return (measure_matmul_flops(dtype=dtype),
-                f"measured {name} matmul on this CPU, {torch.get_num_threads()} threads")
+                f"measured {name} matmul on this CPU, {plural(torch.get_num_threads(), 'threads')}")
     return None, f"unknown for {device.type} (set peak_tflops to get MFU)"
 
 

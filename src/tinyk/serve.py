@@ -279,7 +279,9 @@ class Api:
             # A bool is not a number here: `best_of: true` is not 1, while a penalty of 0.0 is as off as 0.
             if value is not None and not any(isinstance(value, bool) == isinstance(off, bool) and value == off
                                              for off in offs):
-                raise ApiError(400, f"'{name}' is not supported by this server", param=name, code="invalid_value")
+                instead = "; 'repetition_penalty' (e.g. 1.1) discourages repeats" if name.endswith("_penalty") else ""
+                raise ApiError(400, f"'{name}' is not supported by this server{instead}", param=name,
+                               code="invalid_value")
         fmt = body.get("response_format")
         if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
             raise ApiError(400, "only 'response_format' {\"type\": \"text\"} is supported", param="response_format",

@@ -49,16 +49,22 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _size(n: int) -> str:
+    if n < 1e6:
+        return f"{n:,} bytes" if n < 1e3 else f"{n / 1e3:.1f} kB"
     return f"{n / 1e9:,.1f} GB" if n >= 1e9 else f"{n / 1e6:,.0f} MB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
+# Text rarely compresses more than tenfold: a compressed file's size times this bounds the text it holds.
+MAX_COMPRESSION = 10
+
+
 def _text_read(inputs: list[str], max_bytes: int) -> int:
-    """How much text a --max-bytes read takes: all of it when the inputs are smaller (only
-    uncompressed files say how much text they hold)."""
+    """How much text a --max-bytes read takes: all of it when the inputs are smaller (a compressed
+    file counted at the most text it can plausibly hold)."""
     paths = [Path(p) for p in inputs]
-    if any(is_compressed(p) or not p.is_file() for p in paths):
+    if any(not p.is_file() for p in paths):
         return max_bytes
-    return min(max_bytes, sum(p.stat().st_size for p in paths))
+    return min(max_bytes, sum(p.stat().st_size * (MAX_COMPRESSION if is_compressed(p) else 1) for p in paths))
 
 
 def _train(args: argparse.Namespace) -> int:
