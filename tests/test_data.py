@@ -743,6 +743,18 @@ def test_sft_top_level_system_field():
     assert normalize_conversation(developer)[0] == {"role": "system", "content": "简短"}
 
 
+def test_sft_message_content_as_a_list_of_text_parts_reads_as_the_server_reads_it():
+    """OpenAI's `content` may be a list of text parts (as `tinyk serve` takes it): joined by newlines, so
+    a conversation trains as the same prompt it is served with; an image part is no text to learn from."""
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "猫"}, {"type": "text", "text": "狗"}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": "Cat, dog"}]}]}
+    assert normalize_conversation(parts) == [{"role": "user", "content": "猫\n狗"},
+                                             {"role": "assistant", "content": "Cat, dog"}]
+    image = {"type": "image_url", "image_url": {"url": "x.png"}}
+    assert normalize_conversation({"messages": [{"role": "user", "content": [image]},
+                                                *parts["messages"][1:]]}) == "bad_message"
+
+
 def test_sft_alpaca_records():
     """BelleGroup's train_*_CN sets (and Alpaca's) are instruction / input / output, with history."""
     assert normalize_conversation({"instruction": "翻译成英文", "input": "猫", "output": "Cat"}) == [

@@ -65,6 +65,7 @@ from .tokenizer import (
     TinyTokenizer,
     encode_chat,
     load_tokenizer,
+    message_text,
     plain_text_tokenizer,
     tokenizer_hash,
     with_system,
@@ -1007,8 +1008,8 @@ def normalize_conversation(rec: Any) -> list[dict[str, str]] | str:
     for t in turns:
         if not isinstance(t, dict):
             return "bad_message"
-        role, content = t.get("from", t.get("role")), t.get("value", t.get("content"))
-        if not isinstance(role, str) or not isinstance(content, str):
+        role, content = t.get("from", t.get("role")), message_text(t.get("value", t.get("content")))
+        if not isinstance(role, str) or content is None:
             return "bad_message"
         if role.lower() not in ROLE_ALIASES:
             return "unknown_role"

@@ -55,6 +55,7 @@ from .tokenizer import (
     SYSTEM_ROLES,
     ModelPrompt,
     TinyTokenizer,
+    message_text,
 )
 
 DEFAULT_MAX_BODY = 1_000_000  # the CLI's --max-body 1M
@@ -378,13 +379,9 @@ class Api:
 
     @staticmethod
     def _content(content: Any, where: str) -> str:
-        """A message's text: a string, or a list of `{"type": "text", "text": ...}` parts, joined by
-        newlines as vLLM joins them (the same request gives the same prompt on either server)."""
-        if isinstance(content, str):
-            return content
-        if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
-                                             and isinstance(p.get("text"), str) for p in content):
-            return "\n".join(p["text"] for p in content)
+        """A message's text (`message_text`: the same request gives the same prompt here as on vLLM)."""
+        if (text := message_text(content)) is not None:
+            return text
         if content is _MISSING:
             raise ApiError(400, f"'{where}.content' is missing", param=f"{where}.content",
                            code="missing_required_parameter")

@@ -82,6 +82,18 @@ TRAIN_PIECE_CHARS = 4000  # the longest text the BPE trainer is given at once (s
 MAX_VOCAB = 1_000_000  # far above any small LLM's; the trainer would try to allocate for whatever it is given
 
 
+def message_text(content: Any) -> str | None:
+    """A chat message's text: a string, or OpenAI's list of `{"type": "text", "text": ...}` parts joined
+    by newlines as vLLM joins them, so a conversation trains and serves as the same prompt; None for
+    anything else (an image part, a number)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+        return "\n".join(p["text"] for p in content)
+    return None
+
+
 def with_system(messages: list[dict[str, str]], system: str | None) -> list[dict[str, str]]:
     """`messages` with `system` first unless they start with a system message of their own: how SFT
     data is prepared, so training, evaluation and serving all prompt alike."""
