@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import stat
 from pathlib import Path
@@ -577,6 +578,53 @@ def test_import_never_replaces_its_input_and_reads_the_config_or_refuses_it(tmp_
     assert not (tmp_path / "m").exists()
 
 
+def test_a_tied_config_with_a_head_of_its_own_is_refused_not_silently_retied(tmp_path, tok_dir):
+    """transformers uses such a file's lm_head (untying it, with a warning); tinyk replaced it with the
+    embedding, and so computed another model: now it says which setting to change."""
+    init_model_dir("nano", tok_dir, tmp_path / "m")
+    f = tmp_path / "m" / "model.safetensors"
+    state = load_file(f)
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    save_file(state, f)
+    assert load_model(tmp_path / "m")[0].config.tie_embeddings  # the same head: nothing lost
+    state["lm_head.weight"][0, 0] += 1
+    save_file(state, f)
+    with pytest.raises(TinykError) as e:
+        load_model(tmp_path / "m")
+    assert str(e.value) == (f"{f} holds an lm_head.weight unlike its embedding, but config.json ties them "
+                            f"(tie_word_embeddings: true): set that to false to use this head, or remove the tensor "
+                            f"to use the embedding")
+
+
+def test_import_reads_what_safetensors_save_model_keeps_and_refuses_integer_or_fp8_weights(tmp_path, tok_dir):
+    """The tutorial ties its embedding to its output layer; safetensors' save_model keeps one tensor of two
+    that share memory (output.weight), which import refused as "no tok_embeddings.weight". Integer weights
+    were made float and imported as a garbage model."""
+    from tinyk.checkpoint import import_seed_checkpoint
+    from tinyk.tokenizer import load_tokenizer
+
+    sd = seed_state_dict(load_tokenizer(tok_dir).vocab_size)
+    one = tmp_path / "save_model.safetensors"
+    save_file({k: v.clone() for k, v in sd.items() if k != "tok_embeddings.weight"}, one)
+    model, _ = import_seed_checkpoint(one, tok_dir, tmp_path / "m", n_heads=4)
+    assert model.config.tie_embeddings
+    x = torch.randint(0, 100, (1, 30), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (load_model(tmp_path / "m")[0](x) - seed_forward(sd, x, n_heads=4)).abs().max().item() < 1e-4
+    for dtype in (torch.int8, torch.float8_e4m3fn):
+        bad = tmp_path / f"{str(dtype)[6:]}.pth"
+        torch.save({k: (v * 100).to(dtype) for k, v in sd.items()}, bad)
+        with pytest.raises(TinykError, match=rf"^{re.escape(str(bad))} holds {str(dtype)[6:]} weights \("):
+            import_seed_checkpoint(bad, tok_dir, tmp_path / "bad", n_heads=4)
+    k_model = tmp_path / "k-model"  # a config.json whose head count does not fit: the fix is there, not a flag
+    k_model.mkdir()
+    save_file({k: v.clone() for k, v in sd.items()}, k_model / "model.safetensors")
+    (k_model / "config.json").write_text(json.dumps({"model_type": "Tiny-K", "dim": 64, "n_heads": 3}))
+    with pytest.raises(TinykError, match=f"dim 64 does not split into 3 heads .*; correct n_heads in "
+                                         f"{re.escape(str(k_model / 'config.json'))}$"):
+        import_seed_checkpoint(k_model, tok_dir, tmp_path / "m3")
+
+
 def test_weights_that_are_not_finite_are_refused_everywhere(tmp_path, tok_dir):
     init_model_dir("nano", tok_dir, tmp_path / "m")
     state = load_file(tmp_path / "m" / "model.safetensors")
@@ -597,6 +645,11 @@ def test_weights_that_are_not_finite_are_refused_everywhere(tmp_path, tok_dir):
             model_info(tmp_path / "m")
         state["model.norm.weight"] = state["model.norm.weight"].real.float() if dtype.is_complex else \
             state["model.norm.weight"].float()
+    state["model.norm.weight"] = state["model.norm.weight"].to(torch.float8_e4m3fn)  # a float torch cannot check
+    save_file(state, tmp_path / "m" / "model.safetensors")
+    for load in (load_model, model_info):  # it loaded in info, and was a traceback from isfinite in generate
+        with pytest.raises(TinykError, match=r"holds float8_e4m3fn weights \(model.norm.weight\)"):
+            load(tmp_path / "m")
     state["model.norm.weight"] = state["model.norm.weight"].to(torch.bfloat16)
     save_file(state, tmp_path / "m" / "model.safetensors")
     assert model_info(tmp_path / "m")["parameters"] > 0

@@ -276,15 +276,25 @@ def _model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], source: 
     if wrong:
         raise TinykError(f"{source} {mismatch}: {wrong[0]} is {tuple(state[wrong[0]].shape)}, the config needs "
                          f"{tuple(expected[wrong[0]].shape)}")
-    not_float = next((k for k in expected if not state[k].is_floating_point()), None)
-    if not_float:  # an integer export (int8) or a damaged header: no float model to compute with
-        raise TinykError(f"{source} holds {str(state[not_float].dtype).removeprefix('torch.')} weights ({not_float}); "
-                         f"tinyk loads float32, float16 or bfloat16 weights")
+    _check_dtypes({k: state[k] for k in expected}, source)
     damaged = next((k for k in expected if state[k].device.type != "meta" and not torch.isfinite(state[k]).all()),
                    None)
     if damaged:  # it would score, chat and train as nan, silently
         raise TinykError(f"{source} holds inf or nan weights ({damaged}): a damaged file or a diverged run")
     return holding(model, state, strict=False)  # checked above; derived buffers (inv_freq) may be extra
+
+
+# fp8 is a float too, but one torch cannot check for nan nor compute with on a CPU.
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_dtypes(state: dict[str, torch.Tensor], source: str) -> None:
+    """Weights of a dtype tinyk computes with: an integer export (int8), fp8 or a damaged header is
+    refused in one line, not loaded as garbage nor failed on with a traceback later."""
+    odd = next((k for k, v in state.items() if v.dtype not in WEIGHT_DTYPES), None)
+    if odd:
+        raise TinykError(f"{source} holds {str(state[odd].dtype).removeprefix('torch.')} weights ({odd}); "
+                         f"tinyk loads float32, float16 or bfloat16 weights")
 
 
 def holding(model: Transformer, state: dict[str, torch.Tensor], strict: bool = True) -> Transformer:
@@ -339,7 +349,14 @@ def _reading_weights(path: Path) -> Iterator[None]:
 
 def _model_from_dir_state(path: Path, cfg: ModelConfig, state: dict[str, torch.Tensor]) -> Transformer:
     if cfg.tie_embeddings and "model.embed_tokens.weight" in state:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+        emb, head = state["model.embed_tokens.weight"], state.get("lm_head.weight")
+        if head is not None and "meta" not in (emb.device.type, head.device.type) and not (
+                head.shape == emb.shape and torch.equal(head.to(emb.dtype), emb)):
+            # transformers would use this head (untied, with a warning); tinyk would have dropped it
+            raise TinykError(f"{path}/model.safetensors holds an lm_head.weight unlike its embedding, but config.json "
+                             f"ties them (tie_word_embeddings: true): set that to false to use this head, or "
+                             f"remove the tensor to use the embedding")
+        state["lm_head.weight"] = emb
     return _model_from_state(cfg, state, f"{path}/model.safetensors", "does not match its config.json")
 
 
@@ -472,8 +489,12 @@ def import_seed_checkpoint(ckpt: str | Path, tok_dir: str | Path, out: str | Pat
     state, config = _read_seed_weights(path)
     rope = next((v for k, v in state.items() if k.endswith("freqs_cos")), None)
     # The causal mask older torch made it keep and the RoPE tables: derived, not weights.
-    state = {_unprefixed(k): v.float() for k, v in state.items()
-             if not k.endswith(("attention.mask", "freqs_cos", "freqs_sin"))}
+    state = {_unprefixed(k): v for k, v in state.items() if not k.endswith(("attention.mask", "freqs_cos", "freqs_sin"))}
+    _check_dtypes(state, str(path))
+    state = {k: v.float() for k, v in state.items()}
+    if "tok_embeddings.weight" not in state and state.get("output.weight", torch.empty(0)).dim() == 2:
+        # The tutorial ties the two; safetensors' save_model keeps one of tensors that share memory.
+        state["tok_embeddings.weight"] = state["output.weight"]
     if state.get("tok_embeddings.weight", torch.empty(0)).dim() != 2:
         if "model.embed_tokens.weight" not in state:
             raise TinykError(f"{path} is not a checkpoint of the tutorial's model (it has no tok_embeddings.weight)")
@@ -501,9 +522,10 @@ def import_seed_checkpoint(ckpt: str | Path, tok_dir: str | Path, out: str | Pat
     if not isinstance(n_heads, int) or n_heads < 1 or dim % n_heads or (dim // n_heads) % 2:
         fits = [str(h) for h in range(1, dim + 1) if dim % h == 0 and (dim // h) % 2 == 0]
         told = "n_heads" not in missing and "n_heads" not in config  # the user's --n-heads
+        fix = "" if told else f"; correct n_heads in {path / 'config.json'}" if "n_heads" in config else \
+            "; set --n-heads"
         raise TinykError(f"dim {dim} does not split into {'--n-heads ' if told else ''}{n_heads} heads of an even "
-                         f"size (head counts that do: {', '.join(fits[:8])}{', ...' if len(fits) > 8 else ''})"
-                         f"{'' if told else '; set --n-heads'}")
+                         f"size (head counts that do: {', '.join(fits[:8])}{', ...' if len(fits) > 8 else ''}){fix}")
     head_dim = dim // n_heads
     ours = {"model.embed_tokens.weight": emb, "lm_head.weight": output}
     for key, w in state.items():
