@@ -754,6 +754,8 @@ def test_api_key(nano_model_dir, reference):
         assert status == 200  # the scheme is case-insensitive (RFC 7235)
         status, page = request(server, "GET", "/")
         assert status == 200 and "<title>tinyk chat</title>" in page
+        head = raw(server, b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").partition(b"\r\n\r\n")[0]
+        assert b"\r\nX-Frame-Options: DENY\r\n" in head and b"frame-ancestors 'none'" in head  # no clickjacking
     finally:
         server.close()
 

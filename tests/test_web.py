@@ -273,8 +273,8 @@ class Forward:
 
 def test_the_chat_page_keeps_the_conversation_it_shows(nano_model_dir, tmp_path):
     """What the page shows is what it sends next: a message too long on its own is struck through and
-    the conversation kept; a reply broken off by a server error stays as far as it came; 清空 during a
-    reply discards it; an empty temperature field leaves the server's default."""
+    the conversation kept; a reply broken off by a server error stays as far as it came, one stopped
+    before its first token does not; 清空 during a reply discards it; an empty temperature field leaves the server's default."""
     engine = Engine.from_dir(nano_model_dir)
     forward = engine.forward = Forward(engine.forward)
     too_long = "很" * (2 * engine.context_length)
@@ -292,10 +292,18 @@ def test_the_chat_page_keeps_the_conversation_it_shows(nano_model_dir, tmp_path)
         finally:
             forward.released.set()
         after = run("return shown();")
+        forward.released.clear()
+        forward.hold_in = 1  # the prefill: the server has taken the message, no token has come
+        try:
+            early_stop = run("submit('讲个笑话'); await until(() => history.length, 'the server to take the message');\n"
+                             "stop.click(); await until(() => controller === null, 'the stop'); return shown();")
+        finally:
+            forward.released.set()
         # Unset by default (the server's --temperature decides); a key the browser cannot send, and
         # Safari's IME Enter (keyCode 229, composition already ended), send nothing.
         default_temperature = run("return document.getElementById('temperature').defaultValue;")
-        bad_key = run("document.getElementById('api-key').value = '密钥'; await say('你好');\n"
+        bad_key = run("document.getElementById('reset').click();\n"
+                      "document.getElementById('api-key').value = '密钥'; await say('你好');\n"
                       "document.getElementById('api-key').value = ''; return shown();")
         ime = run("input.value = 'nihao'; input.dispatchEvent(new KeyboardEvent('keydown', "
                   "{key: 'Enter', keyCode: 229, bubbles: true})); return [input.value, controller === null];")
@@ -311,6 +319,9 @@ def test_the_chat_page_keeps_the_conversation_it_shows(nano_model_dir, tmp_path)
         {"role": "user", "content": "再见"}, {"role": "assistant", "content": broken["replies"][1]["text"]}]
     assert no_temperature is True
     assert after == {**after, "users": [], "replies": [], "errors": [], "notes": [], "history": []}
+    # Stopped before its reply began: no empty answer kept (and sent next time); the message is unsent.
+    assert early_stop == {**early_stop, "users": ["讲个笑话"], "unsent": ["讲个笑话"], "replies": [], "errors": [],
+                          "history": []}
     assert default_temperature == ""
     assert bad_key["unsent"] == ["你好"] and bad_key["errors"] == ["an API key is printable ASCII without spaces"]
     assert ime == ["nihao", True]

@@ -761,7 +761,9 @@ class Handler(BaseHTTPRequestHandler):
         path = self._route()
         api = self.server.api
         if path in ("/", "/index.html"):
-            self._send(200, self.server.page, "text/html; charset=utf-8")
+            # Never inside another site's frame, where a page could trick its user into clicking (clickjacking).
+            self._send(200, self.server.page, "text/html; charset=utf-8",
+                       {"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'"})
         elif path == "/health":
             self._json(200, {"status": "ok", **api.scheduler.stats()})
         elif not path.startswith("/v1/"):
