@@ -81,5 +81,5 @@ def _info(args: argparse.Namespace) -> int:
     for k, v in info["config"].items():
         print(f"{k:<{width}}{v}")
     for k, v in info["memory"].items():
-        print(f"{k:<{width}}{v:,.1f}")
+        print(f"{k:<{width}}{v:,.1f}" if v >= 1 else f"{k:<{width}}{v:.3g}")  # a nano model's KV cache: 0.0312
     return 0
