@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import subprocess
 import sys
@@ -16,16 +17,17 @@ from tinyk.chat import CHAT_HELP, chat_session
 from tinyk.checkpoint import load_model
 from tinyk.cli import main
 from tinyk.engine import (
-    NON_FINITE,
     ContextLengthError,
     Detokenizer,
     Engine,
     Request,
     SamplingParams,
     Scheduler,
+    _finite_rows,
     _ParamTensors,
     cpu_bf16_packing_works,
     int8_works,
+    non_finite,
     quantize_int8,
 )
 from tinyk.files import Terminated, TinykError
@@ -427,24 +429,55 @@ def test_logits_that_overflow_end_their_request_with_one_clear_error(engine, ref
 
     def overflowing(idx, positions, cache, valid=None, every_position=False):
         logits = real(idx, positions, cache, valid, every_position)
-        hot = positions.amax(-1) >= hot_from
-        logits[hot, :3] = torch.tensor([float("nan"), float("inf"), 1.0])
+        logits[:, -1] = -math.inf  # a token ruled out (a padded vocabulary's): no fault
+        logits[positions.amax(-1) >= hot_from, 0] = math.inf
         return logits
 
     monkeypatch.setattr(engine, "forward", overflowing)
+    said = "the model's logits are not finite (NaN or inf) in float32: the model has diverged"
     for params in (GREEDY, replace(GREEDY, temperature=0.8, seed=1)):
         with pytest.raises(TinykError) as e:
             engine.generate([long], params)
-        assert str(e.value) == NON_FINITE and "use --dtype bf16 or fp32" in NON_FINITE
+        assert str(e.value) == said
     sched = Scheduler(engine)
     try:
-        beside, hot = sched.submit(short, GREEDY), sched.submit(long, GREEDY)
+        beside, hot = sched.submit(short, GREEDY), sched.submit(long, replace(GREEDY, logprobs=2))
         list(hot.deltas(timeout=60))
-        assert (hot.finish_reason, hot.error, len(hot.out_ids)) == ("error", NON_FINITE, 3)
+        assert (hot.finish_reason, hot.error, len(hot.out_ids), len(hot.logprobs)) == ("error", said, 3, 3)
         list(beside.deltas(timeout=60))
         assert beside.finish_reason == "length" and beside.completion().token_ids == reference[0]
     finally:
         sched.close()
+    logits = torch.tensor([[0.0, float("nan")], [float("inf"), 0.0], [-math.inf, 1.0]])
+    fixed, bad = _finite_rows(logits)
+    assert bad.tolist() == [True, True, False] and torch.equal(fixed[2], logits[2]) and fixed[:2].eq(0).all()
+    assert non_finite(torch.float16) == ("the model's logits are not finite (NaN or inf): its activations "
+                                         "overflowed float16; use --dtype bf16 or fp32")
+
+
+def test_a_reply_that_overflows_mid_stream_ends_its_line_before_the_error(engine, nano_model_dir, monkeypatch, capsys):
+    """The error line came straight after the partial text on the terminal, in generate and chat alike."""
+    from tinyk import engine as engine_module
+
+    real, calls = engine_module._finite_rows, []
+
+    def third_step_overflows(logits):
+        calls.append(1)
+        fixed, bad = real(logits)
+        return fixed, bad | (len(calls) >= 3)
+
+    two = SamplingParams(temperature=0, max_new_tokens=2)  # what comes before the overflow, as the CLI decodes
+    shown = {"generate": "我们" + engine.generate(["我们"], two)[0].text,
+             "chat": engine.chat([[{"role": "user", "content": "我们"}]], two)[0].text}
+    monkeypatch.setattr(engine_module, "_finite_rows", third_step_overflows)
+    for command, flag in (("generate", "--prompt"), ("chat", "--message")):
+        calls.clear()
+        with pytest.raises(SystemExit) as e:
+            main([command, "--model", str(nano_model_dir), flag, "我们", "--temperature", "0", "--max-new-tokens", "20"])
+        out, err = capsys.readouterr()
+        assert e.value.code == 2 and out == shown[command] + "\n", command
+        assert err == ("tinyk: error: the model's logits are not finite (NaN or inf) in float32: the model has "
+                       "diverged\n")
 
 
 def test_a_failing_hook_or_prefill_never_strands_a_caller(engine, reference, monkeypatch, capsys):

@@ -736,8 +736,8 @@ def test_force_never_deletes_a_folder_this_command_did_not_make(tmp_path, tok_di
     before = sorted((p.relative_to(sft), p.read_bytes()) for p in sft.rglob("*") if p.is_file())
     code, err = run_cli(["data", "pretrain", "--input", src, "--tokenizer", tok_dir, "--out", sft, "--force"], capsys)
     assert code == 2 and one_error_line(err) == (
-        f"tinyk: error: {sft} exists and is not pretrain data made by tinyk data pretrain, so it is not replaced "
-        f"(it holds meta.json, train, val); remove it yourself or choose another path")
+        f"tinyk: error: {sft} holds sft data, which tinyk data pretrain --force does not replace; choose another "
+        f"--out, or delete it first")
     assert sorted((p.relative_to(sft), p.read_bytes()) for p in sft.rglob("*") if p.is_file()) == before
 
 

@@ -119,6 +119,10 @@ def chat_session(engine: Engine, params: SamplingParams, lines: Iterable[str], o
                 out.write(delta)
                 out.flush()
                 shown.append(delta)
+        except TinykError:  # the model failed mid-reply (its logits overflowed): the error gets its own line
+            out.write("\n")
+            out.flush()
+            raise
         except KeyboardInterrupt as e:  # Ctrl-C stops the reply, not the conversation; SIGTERM stops both
             out.write("\n")  # the reply's line ends before anything says why it stopped
             out.flush()

@@ -195,10 +195,7 @@ def load_config(path: str | Path) -> ModelConfig:
     path = Path(path)
     put_back_interrupted(path)
     if not path.exists():
-        unfinished = path.name == "final" and (path.parent / "checkpoints").is_dir()
-        hint = (model_dir_hint(path.parent / "checkpoints") or ", nor saved a checkpoint yet") if unfinished else ""
-        raise TinykError(f"{not_found(path, 'model directory')}" + (f" (its run has not finished{hint})"
-                                                                   if unfinished else ""))
+        raise TinykError(f"{not_found(path, 'model directory')}{unfinished_hint(path)}")
     if not is_model_dir(path):
         raise TinykError(f"not a model directory (needs config.json and model.safetensors): {path}"
                          f"{model_dir_hint(path)}")
@@ -211,6 +208,13 @@ def load_config(path: str | Path) -> ModelConfig:
         raise TinykError(f"invalid config.json in {path}: it has no {e.args[0]!r}") from e
     except (TypeError, ValueError) as e:
         raise TinykError(f"invalid config.json in {path}: {e}") from e
+
+
+def unfinished_hint(path: Path) -> str:
+    """For a missing RUN/final: that the run has not finished, and its newest checkpoint's model if any."""
+    if path.name != "final" or not (path.parent / "checkpoints").is_dir():
+        return ""
+    return f" (its run has not finished{model_dir_hint(path.parent / 'checkpoints') or ', nor saved a checkpoint yet'})"
 
 
 def model_dir_hint(path: Path) -> str:

@@ -30,6 +30,7 @@ TRAIN_DTYPES = ("auto", "bf16", "fp16", "fp32")  # with DTYPE_ALIASES, cli.commo
 DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 PARALLEL = ("ddp", "fsdp")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # replay CUDA graphs: one micro-batch per step
 
 
 @dataclass
@@ -204,8 +205,6 @@ def shipped_config(name: str) -> dict[str, Any]:
     return yaml.safe_load(text)
 
 
-
-
 def parse_sets(items: list[str]) -> dict[str, Any]:
     """`--set key=value` pairs as a nested dict; values are parsed as YAML scalars (1e-3, true, [a, b])."""
     out: dict[str, Any] = {}
@@ -306,8 +305,6 @@ def _same_path(a: Any, b: Any) -> bool:
 def _flat(d: dict[str, Any]) -> dict[str, Any]:
     """A folded config with the model's keys as model.KEY, as --set writes them."""
     return {**{k: v for k, v in d.items() if k != "model"}, **{f"model.{k}": v for k, v in d.get("model", {}).items()}}
-
-
 
 
 def validate(cfg: TrainConfig) -> None:

@@ -649,13 +649,18 @@ def _line_cap(max_line_bytes: int) -> dict[str, int]:
 
 
 def _is_data_dir(path: Path, kind: str) -> bool:
-    """Data of this kind: `--force` never turns an SFT directory into pretraining data, or back."""
+    """Data of this kind, which `--force` may replace; data of the other kind is refused with its own
+    line: `--force` never turns an SFT directory into pretraining data, or back."""
     from .loader import open_dataset
 
     try:
-        return open_dataset(path)["kind"] == kind
+        other = open_dataset(path)["kind"]
     except TinykError:
         return False
+    if other != kind:
+        raise TinykError(f"{path} holds {other} data, which tinyk data {kind} --force does not replace; choose "
+                         f"another --out, or delete it first")
+    return True
 
 
 def _progress_line(kind: str, unit: str, splitter: _Splitter, seconds: float) -> str:

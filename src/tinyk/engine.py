@@ -83,8 +83,16 @@ QUANTIZE = ("none", "int8")
 MAX_LOGPROBS = 20  # the most alternatives a token's log-probability comes with, as in OpenAI's API
 # Beyond these a penalty only breaks things: dividing a logit by 1e-40 is inf, and sampling NaN.
 REPETITION_PENALTY_RANGE = (0.01, 10)
-NON_FINITE = ("the model's logits are not finite (NaN or inf): its activations overflowed, as fp16 can; "
-              "use --dtype bf16 or fp32")
+
+
+def non_finite(dtype: torch.dtype) -> str:
+    """Why a request ended on NaN or infinite logits, and what to do: in fp16 (a V100's or T4's default)
+    activations overflow, which bf16 and fp32 do not; in those a model that gives them has diverged."""
+    if dtype == torch.float16:
+        return ("the model's logits are not finite (NaN or inf): its activations overflowed float16; "
+                "use --dtype bf16 or fp32")
+    return (f"the model's logits are not finite (NaN or inf) in {str(dtype).removeprefix('torch.')}: the "
+            f"model has diverged")
 
 
 def quantize_int8(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -509,8 +517,9 @@ class _Batch:
         params = _ParamTensors(reqs, dev)
         logits, bad = _finite_rows(logits)
         tokens = e.sample(logits, seen, params, [r.rng for r in reqs])
-        _record_logprobs(reqs, logits, tokens)
-        events = self._accept(reqs, tokens, seen, bad)
+        failed = bad.tolist()
+        _record_logprobs(reqs, logits, tokens, failed)
+        events = self._accept(reqs, tokens, seen, failed, e.dtype)
         keep = [i for i, r in enumerate(reqs) if not r.finished]
         if keep:
             index = torch.tensor(keep, device=dev)
@@ -562,8 +571,9 @@ class _Batch:
             self._params = _ParamTensors(self.rows, e.device)
         logits, bad = _finite_rows(logits)
         self.tokens = e.sample(logits, self.seen, self._params, [r.rng for r in self.rows])
-        _record_logprobs(self.rows, logits, self.tokens)
-        events += self._accept(self.rows, self.tokens, self.seen, bad)
+        failed = bad.tolist()
+        _record_logprobs(self.rows, logits, self.tokens, failed)
+        events += self._accept(self.rows, self.tokens, self.seen, failed, e.dtype)
         self._drop()
         return events
 
@@ -574,12 +584,12 @@ class _Batch:
         return events
 
     @staticmethod
-    def _accept(rows: list[Request], tokens: torch.Tensor, seen: torch.Tensor,
-                bad: torch.Tensor) -> list[tuple[Request, str]]:
+    def _accept(rows: list[Request], tokens: torch.Tensor, seen: torch.Tensor, failed: list[bool],
+                dtype: torch.dtype) -> list[tuple[Request, str]]:
         """Each row takes its token; a row whose logits were not finite ends with an error instead."""
         seen[torch.arange(len(rows), device=seen.device), tokens] = True
-        return [(r, r.end("error", NON_FINITE) if b else r.accept(t))
-                for r, t, b in zip(rows, tokens.tolist(), bad.tolist(), strict=True)]
+        return [(r, r.end("error", non_finite(dtype)) if bad else r.accept(t))
+                for r, t, bad in zip(rows, tokens.tolist(), failed, strict=True)]
 
     def _drop(self) -> None:
         keep = [i for i, r in enumerate(self.rows) if not r.finished]
@@ -610,9 +620,10 @@ def _top_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, n: int) -> list[
     return [(lp, list(zip(i, v, strict=True))) for lp, i, v in zip(picked, ids.tolist(), values.tolist(), strict=True)]
 
 
-def _record_logprobs(rows: list[Request], logits: torch.Tensor, tokens: torch.Tensor) -> None:
-    """Appends each row's sampled token, with its log-probability, to the rows that asked for them."""
-    want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+def _record_logprobs(rows: list[Request], logits: torch.Tensor, tokens: torch.Tensor, failed: list[bool]) -> None:
+    """Appends each row's sampled token, with its log-probability, to the rows that asked for them (not
+    to a row whose logits failed: its token, drawn from zeroed logits, is never taken)."""
+    want = [i for i, r in enumerate(rows) if r.params.logprobs is not None and not failed[i]]
     if not want:
         return
     index = torch.tensor(want, device=logits.device)

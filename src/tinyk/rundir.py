@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .checkpoint import is_model_dir, model_dir_hint
+from .checkpoint import is_model_dir, model_dir_hint, unfinished_hint
 from .files import TinykError, is_output_file, put_back_interrupted, remove_path
 from .monitor import TRACKERS
 
@@ -39,7 +39,7 @@ def resolve_init(path: str | Path) -> Path:
     p = Path(path)
     put_back_interrupted(p)
     if not p.exists():
-        raise TinykError(f"--init {p} not found")
+        raise TinykError(f"--init {p} not found{unfinished_hint(p)}")
     if is_model_dir(p):
         return p
     if is_model_dir(p / "final"):

@@ -38,7 +38,7 @@ from .checkpoint import (
     load_model,
     write_model_files,
 )
-from .config import TrainConfig, dump_config, model_config
+from .config import CUDA_GRAPH_MODES, TrainConfig, dump_config, model_config
 from .files import (
     DirLock,
     PeerLost,
@@ -86,7 +86,6 @@ from .rundir import (
     users_files_in_run,
 )
 
-CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 SHARED_WAIT_S = 60.0  # NFS's longest default attribute cache (acdirmax)
 SIGINT_ECHO_S = 0.5  # a second SIGINT sooner than this is the first one again, not a second Ctrl-C
 # Model fields that change parameter shapes, so they cannot differ from an --init model's.

@@ -63,11 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _flag_hint(parser: argparse.ArgumentParser, extras: list[str]) -> str:
     """For a shortened or mistyped flag (`--res`, `--max-new`, `--temprature`): the flag it may mean."""
     given = extras[0].partition("=")[0]
-    if not given.startswith("--"):
+    if not given.startswith("--") or len(given) < 4:  # a bare `--` begins every flag
         return ""
     flags = [f for f in parser._option_string_actions if f.startswith("--")]
     matches = [f for f in flags if f.startswith(given)] or difflib.get_close_matches(given, flags, n=1, cutoff=0.8)
-    return f"; did you mean {' or '.join(sorted(matches))}?" if matches else ""
+    return f"; did you mean {' or '.join(sorted(matches))}?" if 0 < len(matches) <= 3 else ""
 
 
 def _set_hint(command: str, extras: list[str]) -> str:
@@ -80,11 +80,11 @@ def _set_hint(command: str, extras: list[str]) -> str:
     from tinyk.model import ModelConfig
 
     name, _, value = extras[0][2:].partition("=")
-    key = name.replace("-", "_")
-    if key not in {f.name for f in fields(TrainConfig)}:
-        if key not in {f.name for f in fields(ModelConfig)}:
-            return ""
-        key = f"model.{key}"
+    keys = {f.name: f.name for f in fields(TrainConfig)} | {f.name: f"model.{f.name}" for f in fields(ModelConfig)}
+    close = difflib.get_close_matches(name.replace("-", "_"), keys, n=1, cutoff=0.85)  # --keep-checkpoint too
+    if not close:
+        return ""
+    key = keys[close[0]]
     value = value or (extras[1] if len(extras) > 1 and not extras[1].startswith("--") else "VALUE")
     return f"; a config key without a flag of its own is set with --set {key}={value}"
 
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0)
     args, extras = parser.parse_known_args(argv)
     if extras:
-        hint = _set_hint(args.command, extras) or _flag_hint(args.command_parser, extras)
+        hint = _flag_hint(args.command_parser, extras) or _set_hint(args.command, extras)
         args.command_parser.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
     for stream in (sys.stdout, sys.stderr):
         # A GBK or ASCII terminal cannot show every character a model writes (U+FFFD, emoji, rare

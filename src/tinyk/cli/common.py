@@ -137,6 +137,6 @@ def add_sampling_args(p: argparse.ArgumentParser, seed_help: str = "seed for rep
     p.add_argument("--min-p", type=float, default=0.0,
                    help="drop tokens below min_p x the top probability; 0 = off (default 0)")
     p.add_argument("--repetition-penalty", type=float, default=1.1,
-                   help="penalise tokens already in the text; 1 = off (default 1.1)")
+                   help="penalise tokens already in the text, 0.01 to 10; 1 = off (default 1.1)")
     p.add_argument("--max-new-tokens", type=positive_int, default=256, help="token budget per answer (default 256)")
     p.add_argument("--seed", type=sampling_seed, default=None, help=seed_help)

@@ -154,10 +154,12 @@ def _generate(args: argparse.Namespace) -> int:
     if len(prompts) == 1 and not args.json:
         sys.stdout.write(prompts[0])
         request = engine.request(ids[0], params)
-        for _, delta in engine.run([request]):
-            sys.stdout.write(delta)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
+        try:
+            for _, delta in engine.run([request]):
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+        finally:  # also before an error or Ctrl-C, which then get their own line
+            sys.stdout.write("\n")
         c = request.completion()
         if c.finish_reason == "length" and c.completion_tokens < params.max_new_tokens:  # not the budget asked for
             sys.stdout.flush()

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from tinyk.cli.common import int_range, output_path, positive_size
-from tinyk.files import Skips, is_compressed
+from tinyk.files import Skips, is_compressed, plural
 
 
 def vocab_size(s: str) -> int:
@@ -50,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _size(n: int) -> str:
     if n < 1e6:
-        return f"{n:,} bytes" if n < 1e3 else f"{n / 1e3:.1f} kB"
+        return plural(n, "bytes") if n < 1e3 else f"{n / 1e3:.1f} kB"
     return f"{n / 1e9:,.1f} GB" if n >= 1e9 else f"{n / 1e6:,.0f} MB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
@@ -68,7 +68,7 @@ def _text_read(inputs: list[str], max_bytes: int) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from tinyk.files import check_inputs, plural
+    from tinyk.files import check_inputs
     from tinyk.tokenizer import BPE_MEMORY_PER_BYTE, memory_available, memory_read_limit, train_tokenizer
 
     check_inputs(args.inputs)  # a missing file is the one line, not a word on memory before it
