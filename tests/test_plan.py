@@ -166,6 +166,10 @@ def test_plan_seed_215m_on_4_a100(capsys):
     assert code == 0
     assert "6N + 12*L*d*T = 6 x 215,127,040 + 12 x 18 x 1024 x 512" in out
     assert "ASSUMED" in out  # no bench/gpu.sh figure for A100 yet
+    assert "is far below that MFU" not in out
+    code, small, _ = run_cli(["plan", "--preset", "nano"], capsys)  # 140M tokens/s from 40% of an A100 is no plan
+    assert code == 0 and ("             a model of 0.13M parameters is far below that MFU: its kernels are too short "
+                          "to keep a GPU busy, so expect many times less (--mfu sets it)\n") in small
     for label in ("weights (fp32)", "gradients (fp32)", "optimizer state", "activations at", "peak",
                   "largest micro-batch that fits", "tokens/s per GPU", "GPU-hours", "cost", "A100-hours"):
         assert label in out

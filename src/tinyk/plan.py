@@ -472,7 +472,9 @@ def make_plan(run: RunSpec, gpu: GPUSpec, *, gpus: int = 1, nodes: int = 1, toke
         "fits": mem.peak <= usable_bytes(gpu),
         "largest_micro_batch": {"no_checkpointing": fits[False], "checkpointing": fits[True]},
         "throughput": {"mfu": used_mfu, "mfu_source": mfu_source, "tokens_per_s_per_gpu": per_gpu,
-                       "tokens_per_s": per_gpu * world},
+                       "tokens_per_s": per_gpu * world,
+                       # with --mfu the user has said what they expect
+                       "small_model": size["parameters"] < SMALL_MODEL and mfu is None},
         "time": {"wall_s": wall_s, "wall_h": wall_s / 3600, "gpu_hours": gpu_hours},
         "cost": None if price is None else {"price_per_gpu_hour": price, "total": gpu_hours * price},
     }
@@ -532,6 +534,9 @@ def precision_refusal(dtype: str, fsdp: bool, gpu_name: str, has_bf16: bool, ver
         return "fp16 with --parallel fsdp is not supported: " + (
             f"{verb} --dtype bf16, or DDP" if has_bf16 else f"{verb} DDP, or --dtype fp32 ({gpu_name} has no bf16)")
     return None
+
+
+SMALL_MODEL = 20_000_000  # parameters: below this (tiny, nano) a GPU's MFU is a small fraction of the table's
 
 
 def _planned_mfu(run: RunSpec, gpu: GPUSpec, mfu: float | None) -> tuple[float, str]:
@@ -693,6 +698,8 @@ def format_plan(p: dict[str, Any]) -> str:
     t, tm = p["throughput"], p["time"]
     lines += [
         f"throughput   MFU {_mfu_text(t['mfu'], t['mfu_source'])}" + ("; x0.75 for recomputation" if ck else ""),
+        *([f"             a model of {m['parameters'] / 1e6:.2g}M parameters is far below that MFU: its kernels are "
+           f"too short to keep a GPU busy, so expect many times less (--mfu sets it)"] if t["small_model"] else []),
         f"             {t['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU, {t['tokens_per_s']:,.0f} in total",
         f"time         {_token_count(r['tokens'])} tokens in {_duration(tm['wall_h'])} = {_amount(tm['gpu_hours'])} "
         f"GPU-hours",
