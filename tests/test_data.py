@@ -743,6 +743,19 @@ def test_sft_top_level_system_field():
     assert normalize_conversation(developer)[0] == {"role": "system", "content": "简短"}
 
 
+def test_a_val_split_far_beyond_val_fraction_is_explained(pt_data):
+    """Copies of a document stay on one side: a corpus that repeats one text can put a fifth of itself
+    in val at --val-fraction 0.01, which the closing line now says instead of leaving it to be found."""
+    from tinyk.cli.data import _summary
+
+    meta = json.loads((pt_data / "meta.json").read_text())
+    assert "val holds" not in _summary(meta)
+    tr, va = meta["splits"]["train"], meta["splits"]["val"]
+    va["documents"] = tr["documents"] // 4
+    assert f"(val holds {va['documents'] / (tr['documents'] + va['documents']):.0%} of them, not --val-fraction {meta['val_fraction']:g}: copies of a document all go to one " \
+           f"side, and this data repeats some)" in _summary(meta)
+
+
 def test_sft_message_content_as_a_list_of_text_parts_reads_as_the_server_reads_it():
     """OpenAI's `content` may be a list of text parts (as `tinyk serve` takes it): joined by newlines, so
     a conversation trains as the same prompt it is served with; an image part is no text to learn from."""

@@ -111,6 +111,10 @@ def _summary(meta: dict[str, Any]) -> str:
     text = (f"{meta['kind']} data: {plural(tr['documents'] + va['documents'], unit)} (train {tr['documents']:,}, "
             f"val {va['documents']:,}), {tr['tokens'] + va['tokens']:,} tokens (train {tr['tokens']:,}, "
             f"val {va['tokens']:,}) as {meta['dtype']}")
+    total, asked = tr["documents"] + va["documents"], meta.get("val_fraction")
+    if asked is not None and total >= 20 and va["documents"] > max(2 * asked, asked + 0.02) * total:
+        text += (f" (val holds {va['documents'] / total:.0%} of them, not --val-fraction {asked:g}: copies of a "
+                 f"{unit[:-1]} all go to one side, and this data repeats some)")
     if meta["kind"] == "sft":
         cut = meta.get("truncated", {})
         text += (f", {tr['loss_tokens'] + va['loss_tokens']:,} with loss; {sum(cut.values()):,} cut to "
