@@ -460,10 +460,23 @@ def test_model_and_prompt_file_mistakes_name_the_way_out(tmp_path, nano_model_di
     code, err = run_cli(["generate", "--model", str(nano_model_dir), "--prompt-file", str(gbk)], capsys)
     assert code == 2 and err.startswith(f"tinyk: error: no prompts in {gbk} (no usable lines; skipped 1 "
                                         f"record; invalid utf8: 1")
+    # A file's prompt too long for the context is skipped and counted, as a file's bad records are (one of
+    # 400 ended the whole file); a prompt typed out with --prompt is refused, as it is what the user means.
     long = tmp_path / "long.txt"
     long.write_text("短\n" + "中国" * 200 + "\n", encoding="utf-8")
-    code, err = run_cli(["generate", "--model", str(nano_model_dir), "--prompt-file", str(long)], capsys)
-    assert code == 2 and err.startswith("tinyk: error: prompt 2 of 2 ('中国中国中国中国中国中国中国中国中国中国中国中国'...): the prompt has")
+    said = "prompt 2 of 2 ('中国中国中国中国中国中国中国中国中国中国中国中国'...): the prompt has"
+    gen = ["generate", "--model", str(nano_model_dir), "--max-new-tokens", "2"]
+    with pytest.raises(SystemExit) as e:
+        main([*gen, "--prompt-file", str(long)])
+    out, err = capsys.readouterr()
+    assert e.value.code == 0 and err.startswith(f"tinyk: skipped 1 prompt longer than the model's context (the first: "
+                                                f"{said}") and out.startswith("--- sample 1 (")
+    long.write_text("中国" * 200 + "\n" + "北京" * 200 + "\n", encoding="utf-8")
+    code, err = run_cli([*gen, "--prompt-file", str(long)], capsys)
+    assert code == 2 and err.startswith("tinyk: error: no prompt fits the model's 128-token context (the first: "
+                                        "prompt 1 of 2 ('中国中国")
+    code, err = run_cli([*gen, "--prompt", "中国" * 200, "--prompt", "短"], capsys)
+    assert code == 2 and err.startswith("tinyk: error: prompt 1 of 2 ('中国中国中国中国中国中国中国中国中国中国中国中国'...): the prompt has")
 
 
 def test_a_full_disk_while_writing_a_tokenizer_or_model_is_one_line(tmp_path, corpus_file, tok_dir, monkeypatch,

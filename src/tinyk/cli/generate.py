@@ -136,7 +136,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 def _generate(args: argparse.Namespace) -> int:
     from tinyk.engine import ContextLengthError
-    from tinyk.files import TinykError
+    from tinyk.files import TinykError, plural
 
     prompts = read_prompts(args)
     if args.no_bos and "" in prompts:  # the engine would start it from <|im_start|> all the same
@@ -144,13 +144,22 @@ def _generate(args: argparse.Namespace) -> int:
                          "--no-bos")
     params = sampling_params(args)
     engine = _engine(args, args.batch_size)
-    ids = []
+    ids, kept, too_long = [], [], []  # kept: the prompts' numbers in the input, from 0
     for i, p in enumerate(prompts):
         try:
             ids.append(engine.encode(p, bos=not args.no_bos))
+            kept.append(i)
         except ContextLengthError as e:  # which of many: its number and how it starts
-            raise TinykError(f"prompt {i + 1} of {len(prompts)} ({p[:24]!r}{'...' if len(p) > 24 else ''}): {e}"
-                             if len(prompts) > 1 else str(e)) from None
+            said = f"prompt {i + 1} of {len(prompts)} ({p[:24]!r}{'...' if len(p) > 24 else ''}): {e}"
+            if i < len(args.prompt) or len(prompts) == 1:  # one typed out: the user means that one
+                raise TinykError(said if len(prompts) > 1 else str(e)) from None
+            too_long.append(said)
+    if too_long:  # a file's, as a file's bad records are: skipped and counted, the others generated
+        if not ids:
+            raise TinykError(f"no prompt fits the model's {engine.context_length}-token context (the first: "
+                             f"{too_long[0]})")
+        print(f"tinyk: skipped {plural(len(too_long), 'prompts')} longer than the model's context (the first: "
+              f"{too_long[0]})", file=sys.stderr)
     if len(prompts) == 1 and not args.json:
         sys.stdout.write(prompts[0])
         request = engine.request(ids[0], params)
@@ -166,9 +175,10 @@ def _generate(args: argparse.Namespace) -> int:
             print(f"(cut at {c.completion_tokens} tokens: the prompt and the text fill the model's "
                   f"{engine.context_length}-token context)", file=sys.stderr)
         return 0
-    plist = params.numbered(len(ids))  # repeated prompts give different samples, each reproducible alone
+    numbered = params.numbered(len(prompts))  # repeated prompts give different samples, each reproducible alone
     # Each sample is printed once it and those before it are done: Ctrl-C keeps what was printed.
-    for i, (prompt, c) in enumerate(zip(prompts, engine.completions(ids, plist), strict=True)):
+    for i, c in zip(kept, engine.completions(ids, [numbered[i] for i in kept]), strict=True):
+        prompt = prompts[i]
         if args.json:
             print(json.dumps({"prompt": prompt, "text": c.text, "finish_reason": c.finish_reason,
                               "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens},
