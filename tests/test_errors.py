@@ -463,14 +463,14 @@ def test_model_and_prompt_file_mistakes_name_the_way_out(tmp_path, nano_model_di
     # A file's prompt too long for the context is skipped and counted, as a file's bad records are (one of
     # 400 ended the whole file); a prompt typed out with --prompt is refused, as it is what the user means.
     long = tmp_path / "long.txt"
-    long.write_text("短\n" + "中国" * 200 + "\n", encoding="utf-8")
-    said = "prompt 2 of 2 ('中国中国中国中国中国中国中国中国中国中国中国中国'...): the prompt has"
+    long.write_text("中国" * 200 + "\n短\n", encoding="utf-8")
+    said = "prompt 1 of 2 ('中国中国中国中国中国中国中国中国中国中国中国中国'...): the prompt has"
     gen = ["generate", "--model", str(nano_model_dir), "--max-new-tokens", "2"]
     with pytest.raises(SystemExit) as e:
         main([*gen, "--prompt-file", str(long)])
     out, err = capsys.readouterr()
     assert e.value.code == 0 and err.startswith(f"tinyk: skipped 1 prompt longer than the model's context (the first: "
-                                                f"{said}") and out.startswith("--- sample 1 (")
+                                                f"{said}") and out.startswith("--- sample 2 (")  # its number in the file
     long.write_text("中国" * 200 + "\n" + "北京" * 200 + "\n", encoding="utf-8")
     code, err = run_cli([*gen, "--prompt-file", str(long)], capsys)
     assert code == 2 and err.startswith("tinyk: error: no prompt fits the model's 128-token context (the first: "
