@@ -439,8 +439,11 @@ def test_a_damaged_tokenizer_config_is_refused_not_read_as_the_stock_prompt(tmp_
 def test_model_and_prompt_file_mistakes_name_the_way_out(tmp_path, nano_model_dir, capsys):
     run = tmp_path / "run"
     shutil.copytree(nano_model_dir, run / "final")
-    code, err = run_cli(["generate", "--model", str(run), "--prompt", "你好"], capsys)
+    code, err = run_cli(["model", "info", str(run)], capsys)
     assert code == 2 and f"a training run's model is in {run / 'final'}" in err
+    with pytest.raises(SystemExit) as e:  # as --init takes it, a run directory means its final/ model
+        main(["generate", "--model", str(run), "--prompt", "你好", "--max-new-tokens", "2"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("你好")
     for n in (2, 4):  # a checkpoint, and the folder of them
         shutil.copytree(nano_model_dir, run / "checkpoints" / f"step_{n:07d}" / "model")
     code, err = run_cli(["chat", "--model", str(run / "checkpoints" / "step_0000002"), "--message", "你好"], capsys)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import NoReturn
 
 from tinyk.files import MAX_BATCH, MAX_SIZE, has_surrogate, parse_size
@@ -124,6 +125,15 @@ def size_range(lo: int = 1, hi: int = MAX_SIZE, *, tokens: bool = False) -> Call
 
 positive_size = size_range(1)
 token_count = size_range(1, tokens=True)
+
+
+def model_dir(text: str) -> str:
+    """--model: a model directory, or a training run's directory meaning its final/ model, as --init takes it."""
+    final = Path(text) / "final"
+    if not (Path(text) / "config.json").exists() and all((final / f).is_file()
+                                                         for f in ("config.json", "model.safetensors")):
+        return str(final)
+    return text
 
 
 def add_sampling_args(p: argparse.ArgumentParser, seed_help: str = "seed for reproducible sampling") -> None:

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tinyk.cli.common import batch_count, output_path, positive_int, utf8_text
+from tinyk.cli.common import batch_count, model_dir, output_path, positive_int, utf8_text
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -15,7 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Modes combine: --data DIR (loss, perplexity, bits per byte), --task FILE "
                                    "(JSONL of {messages, answer}: greedy exact match and stop rate), --choice DIR "
                                    "(C-Eval/CMMLU CSVs: option log-likelihood vs chance).")
-    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--model", required=True, type=model_dir,
+                   help="model directory, or a training run's (meaning its final/)")
     p.add_argument("--data", nargs="+", action="extend", default=[], metavar="DIR", help="prepared data directories")
     p.add_argument("--split", default="val", help="split of --data to evaluate (default val)")
     p.add_argument("--seq-len", type=positive_int, default=None,

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tinyk.chat import CHAT_HELP, chat_session
-from tinyk.cli.common import add_sampling_args, batch_count, int_range, non_empty, utf8_text
+from tinyk.cli.common import add_sampling_args, batch_count, int_range, model_dir, non_empty, utf8_text
 
 if TYPE_CHECKING:
     from tinyk.engine import Engine, SamplingParams
@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Model and device flags shared by generate, chat and serve."""
-    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--model", required=True, type=model_dir,
+                   help="model directory, or a training run's (meaning its final/)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp16 on GPUs without bf16 such as V100 "
                                                    "and T4, fp32 on CPU), float32, bfloat16, float16")
