@@ -385,3 +385,12 @@ def test_a_shortened_or_mistyped_flag_is_refused_and_named(args, hint, capsys):
     flag starting with `--res` is added. Flags are spelled out; the error says which one was meant."""
     command = " ".join(["tinyk", *args[:1]])
     assert error_line(args, capsys) == f"{command}: error: unrecognized arguments: {hint} (see {command} --help)"
+
+
+def test_a_required_flag_given_shortened_is_named(capsys):
+    """`--mod x` once meant `--model x`; now the missing --model says why it is missing."""
+    assert error_line(["generate", "--mod", "m", "--prompt", "x"], capsys) == (
+        "tinyk generate: error: the following arguments are required: --model; --mod is not --model: flags are "
+        "written in full (see tinyk generate --help)")
+    assert error_line(["generate", "--prompt", "x"], capsys) == (
+        "tinyk generate: error: the following arguments are required: --model (see tinyk generate --help)")

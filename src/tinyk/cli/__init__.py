@@ -41,10 +41,17 @@ class _Parser(argparse.ArgumentParser):
                                                                     ": expected at least one argument")):
             flag = message.split(":")[0].removeprefix("argument ").split("/")[-1]  # it took -5B for a flag
             message += f" (a value that starts with '-' is written {flag}=VALUE)"
+        if message.startswith("the following arguments are required: "):  # `--mod x` for `--model x`
+            missing = [f for f in message.split(": ", 1)[1].split(", ") if f.startswith("--")]
+            short = [(g, f) for g in (a.partition("=")[0] for a in getattr(self, "_given", []))
+                     if g.startswith("--") and len(g) > 3 for f in missing if f.startswith(g) and f != g]
+            message += "".join(f"; {g} is not {f}: flags are written in full" for g, f in short[:1])
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
     def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
-        """Records the innermost (sub)command's parser, which names the command in an error about what follows it."""
+        """Records the innermost (sub)command's parser, which names the command in an error about what follows it,
+        and what it was given, which an error about a missing flag looks through for the flag shortened."""
+        self._given = list(args) if args is not None else sys.argv[1:]
         namespace, extras = super().parse_known_args(args, namespace)
         if not hasattr(namespace, "command_parser"):
             namespace.command_parser = self
