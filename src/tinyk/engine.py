@@ -514,12 +514,7 @@ class _Batch:
             logits = logits[:, -1]
         seen = torch.zeros((n, e.vocab_size), dtype=torch.bool, device=dev)
         seen.scatter_(1, torch.where(valid, x, x[:, -1:]), True)
-        params = _ParamTensors(reqs, dev)
-        logits, bad = _finite_rows(logits)
-        tokens = e.sample(logits, seen, params, [r.rng for r in reqs])
-        failed = bad.tolist()
-        _record_logprobs(reqs, logits, tokens, failed)
-        events = self._accept(reqs, tokens, seen, failed, e.dtype)
+        tokens, events = self._take(reqs, logits, seen, _ParamTensors(reqs, dev))
         keep = [i for i, r in enumerate(reqs) if not r.finished]
         if keep:
             index = torch.tensor(keep, device=dev)
@@ -569,11 +564,8 @@ class _Batch:
         self.pos = self.pos + 1
         if self._params is None:
             self._params = _ParamTensors(self.rows, e.device)
-        logits, bad = _finite_rows(logits)
-        self.tokens = e.sample(logits, self.seen, self._params, [r.rng for r in self.rows])
-        failed = bad.tolist()
-        _record_logprobs(self.rows, logits, self.tokens, failed)
-        events += self._accept(self.rows, self.tokens, self.seen, failed, e.dtype)
+        self.tokens, taken = self._take(self.rows, logits, self.seen, self._params)
+        events += taken
         self._drop()
         return events
 
@@ -583,13 +575,17 @@ class _Batch:
         self.__init__(self.engine)
         return events
 
-    @staticmethod
-    def _accept(rows: list[Request], tokens: torch.Tensor, seen: torch.Tensor, failed: list[bool],
-                dtype: torch.dtype) -> list[tuple[Request, str]]:
-        """Each row takes its token; a row whose logits were not finite ends with an error instead."""
+    def _take(self, rows: list[Request], logits: torch.Tensor, seen: torch.Tensor,
+              params: _ParamTensors) -> tuple[torch.Tensor, list[tuple[Request, str]]]:
+        """Samples each row's next token and gives it to the row (with its log-probability where asked);
+        a row whose logits were not finite ends with an error instead."""
+        logits, bad = _finite_rows(logits)
+        tokens = self.engine.sample(logits, seen, params, [r.rng for r in rows])
+        failed = bad.tolist()
+        _record_logprobs(rows, logits, tokens, failed)
         seen[torch.arange(len(rows), device=seen.device), tokens] = True
-        return [(r, r.end("error", non_finite(dtype)) if bad else r.accept(t))
-                for r, t, bad in zip(rows, tokens.tolist(), failed, strict=True)]
+        return tokens, [(r, r.end("error", non_finite(self.engine.dtype)) if bad else r.accept(t))
+                        for r, t, bad in zip(rows, tokens.tolist(), failed, strict=True)]
 
     def _drop(self) -> None:
         keep = [i for i, r in enumerate(self.rows) if not r.finished]
