@@ -39,7 +39,7 @@ def chat_session(engine: Engine, params: SamplingParams, lines: Iterable[str], o
     def opening(s: str | None) -> int:
         """Tokens a conversation under system prompt `s` takes before its first message's text."""
         engine.check_fits([s or ""], tokens_each=MESSAGE_TOKENS)  # a pasted megabyte: refused, not tokenized
-        return len(engine.chat_ids([{"role": "user", "content": ""}], default_system=s))
+        return engine.tok.opening_tokens(s)
 
     def too_long(s: str | None) -> str | None:
         """Why system prompt `s` leaves no room for any message, or None."""

@@ -1078,11 +1078,10 @@ def prepare_sft(inputs: list[str | Path], tokenizer_dir: str | Path, out: str | 
         system_prompt = tok.system_prompt
     system_prompt = system_prompt or ""  # recorded, and in the command to rerun, as '' for none
     if system_prompt:  # said now, not as every conversation without one of its own skipped as too long
-        opening = tok.encode_chat([{"role": "system", "content": system_prompt}, {"role": "user", "content": ""}],
-                                  add_generation_prompt=True)
-        if len(opening) >= max_len:
+        opening = tok.opening_tokens(system_prompt)
+        if opening >= max_len:
             raise TinykError(f"{named} is too long for --max-len {max_len}: with it a conversation takes at least "
-                             f"{len(opening):,} tokens before its answer")
+                             f"{opening:,} tokens before its answer")
     # A message this many characters long holds more than twice max_len tokens, so the conversation is
     # cut well inside it: the rest is never tokenized (a megabyte-long reply took gigabytes to encode).
     clip = 2 * max_len * tok.max_token_bytes

@@ -272,6 +272,10 @@ class TinyTokenizer:
         except TypeError as e:
             raise TinykError(NOT_UTF8) from e
 
+    def opening_tokens(self, system: str | None) -> int:
+        """Tokens a conversation under system prompt `system` takes before its first message's text."""
+        return len(self.encode_chat(with_system([{"role": "user", "content": ""}], system), add_generation_prompt=True))
+
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
