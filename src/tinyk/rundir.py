@@ -34,6 +34,11 @@ def checkpoints(out: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def is_run_dir(path: Path) -> bool:
+    """A training run's directory, finished or not: its config and its checkpoints folder."""
+    return (path / "config.yaml").is_file() and (path / "checkpoints").is_dir()
+
+
 def resolve_init(path: str | Path) -> Path:
     """--init: a model directory, or a run directory meaning its final model."""
     p = Path(path)
@@ -44,7 +49,7 @@ def resolve_init(path: str | Path) -> Path:
         return p
     if is_model_dir(p / "final"):
         return p / "final"
-    if (p / "config.yaml").is_file() and (p / "checkpoints").is_dir():
+    if is_run_dir(p):
         newest = checkpoints(p)
         raise TinykError(f"--init {p} is a run directory without final/ (unfinished); pass one of its checkpoints' "
                          f"model directories instead" + (f", e.g. the newest, {newest[-1] / 'model'}" if newest

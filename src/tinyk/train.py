@@ -78,6 +78,7 @@ from .rundir import (
     clean_partial,
     config_copy,
     drop_aside,
+    is_run_dir,
     made_by_a_run,
     put_back,
     resolve_init,
@@ -536,8 +537,7 @@ class Trainer:
         if out.is_dir() and not is_run and (other := another_output(out)):
             raise TinykError(f"--out {out} is {other}, not a run directory; choose another --out")
         # Inside another run (its checkpoints/ or final/), its --force and rotation would reach this one.
-        host = next((p for p in out.resolve().parents
-                     if (p / "config.yaml").is_file() and (p / "checkpoints").is_dir()), None)
+        host = next((p for p in out.resolve().parents if is_run_dir(p)), None)
         if host is not None:
             raise TinykError(f"--out {out} is inside the run directory {host}; give a path outside it")
         # The saved config names the full model, so a resumed run rebuilds exactly this one, and the
