@@ -7,7 +7,7 @@ clip, `torch.optim.AdamW`). Trials are interleaved and repeated because the mach
 the table reports the median and best tokens/s of each, and MFU against the rate of a large matmul in
 the same dtype measured in the same run.
 
-    python bench/train_cpu.py                      # tiny preset, batch 8 x 256, fp32, eager + compiled
+    python bench/train_cpu.py                      # tiny preset, batch 8 x its context (256), fp32, eager + compiled
     python bench/train_cpu.py --dtype bf16 --no-compile --json out.json
 """
 
@@ -27,6 +27,7 @@ from tinyk.checkpoint import hf_config
 from tinyk.config import TrainConfig
 from tinyk.data import prepare_pretrain
 from tinyk.loader import PretrainLoader
+from tinyk.model import PRESETS
 from tinyk.monitor import measure_matmul_flops
 from tinyk.tokenizer import train_tokenizer
 from tinyk.train import Trainer
@@ -86,10 +87,10 @@ def hf_step(args: argparse.Namespace, trainer: Trainer, data: Path):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--vocab", type=int, default=6144)
+    ap.add_argument("--preset", default="tiny", choices=list(PRESETS))
+    ap.add_argument("--vocab", type=int, default=None, help="vocab size (default: the preset's)")
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--seq-len", type=int, default=None, help="sequence length (default: the preset's context)")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per trial")
     ap.add_argument("--repeats", type=int, default=5, help="interleaved trials per implementation")
@@ -98,6 +99,9 @@ def main() -> None:
     ap.add_argument("--compile-mode", default="default", help="torch.compile mode for the compiled variant")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
+    preset = PRESETS[args.preset]
+    args.vocab = args.vocab or preset["vocab_size"]
+    args.seq_len = args.seq_len or preset["max_seq_len"]
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -374,6 +374,33 @@ def test_exact_match_stop_rate_and_majority_baseline(tmp_path):
     assert r["skipped"]["by_reason"] == {}  # the bad rows lie past the limit
 
 
+def test_sft_records_are_task_lines_whose_last_reply_is_the_answer(tmp_path):
+    """A held-out slice of fine-tuning data, in any format `tinyk data sft` reads, evaluates as it is."""
+    task = write_task(tmp_path / "heldout.jsonl", [
+        {"conversations": [{"from": "human", "value": "好评1"}, {"from": "assistant", "value": "正面"}]},
+        {"instruction": "差评1", "input": "", "output": "负面"},
+        [{"role": "user", "content": "早"}, {"role": "assistant", "content": "早安"},
+         {"role": "user", "content": "算"}, {"role": "assistant", "content": "8"}],
+        {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "差评2"},
+                      {"role": "assistant", "content": "负面"}]},
+        {"messages": [{"role": "user", "content": "q"}]},
+        {"messages": [{"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}]},
+        {"text": "pretraining text"},
+    ])
+    engine = ScriptedEngine({"好评1": ("正面", "eos"), "差评1": ("正面", "eos"), "算": ("8", "eos"),
+                             "差评2": ("负面", "eos")})
+    r = eval_task(engine, task)
+    assert r["examples"] == 4 and r["accuracy"] == pytest.approx(3 / 4)
+    assert [s["answer"] for s in r["samples"]] == ["正面", "负面", "8", "负面"]
+    assert r["skipped"]["by_reason"] == {"bad_answer": 2, "bad_messages": 1}
+    assert "no field 'answer' and no reply after the last user turn" in r["skipped"]["hints"]["bad_answer"]
+    assert "fields 'text'" in r["skipped"]["hints"]["bad_messages"]
+    # Earlier turns are the prompt's; the record's own system prompt is kept.
+    assert ("<|im_start|>system\n你是诗人<|im_end|>\n<|im_start|>user\n早<|im_end|>\n<|im_start|>assistant\n早安"
+            "<|im_end|>\n<|im_start|>user\n算<|im_end|>\n<|im_start|>assistant\n") in engine.seen
+    assert "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\n差评2<|im_end|>\n<|im_start|>assistant\n" in engine.seen
+
+
 def test_developer_chats_count_and_empty_answers_do_not(tmp_path):
     """`developer` is the system role everywhere else (template, SFT data, server); an answer that is only
     punctuation would be matched by an empty reply."""

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .data import normalize_conversation
 from .files import (
     Skips,
     TinykError,
@@ -133,7 +134,8 @@ def _valid_messages(msgs: Any) -> bool:
 
 def read_task(path: str | Path, skips: Skips, *, system_prompt: str | None = None,
               limit: int | None = None) -> list[TaskExample]:
-    """Reads {"messages": [..., user turn], "answer": str or [str, ...]} lines (the first `limit` usable ones).
+    """Reads {"messages": [..., user turn], "answer": str or [str, ...]} lines, or SFT records in any
+    format `tinyk data sft` reads, whose last turn (the reply) is the answer (the first `limit` usable ones).
 
     `system_prompt` is added where a chat has none, as `tinyk data sft` does when training
     (None: chats are rendered exactly as given).
@@ -149,29 +151,47 @@ def read_task(path: str | Path, skips: Skips, *, system_prompt: str | None = Non
     if path.stat().st_size == 0:
         raise TinykError(f"task file is empty: {path}")
     out = []
-    for where, rec in iter_records([path], skips):
-        if not isinstance(rec, dict) or not _valid_messages(rec.get("messages")):
-            skips.add("bad_messages", where, "'messages' must be a list of {role, content} ending with the user "
-                                             "turn to answer; an SFT chat's last turn, the reply, goes in 'answer'")
+    for where, rec in iter_records([path], skips, message_lists=True):
+        example = _task_example(where, rec, system_prompt)
+        if not isinstance(example, TaskExample):
+            skips.add(example[0], where, example[1])
             continue
-        answer = rec.get("answer")
-        answers = [answer] if isinstance(answer, str) else answer
-        if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
-            got = "no field 'answer'" if "answer" not in rec else f"'answer' is {json.dumps(answer)[:40]}"
-            skips.add("bad_answer", where, f"{got}; 'answer' is the expected reply, a string or a list of the "
-                                           f"strings accepted (the first such record has {record_shape(rec)})")
-            continue
-        if not all(normalize_answer(a) for a in answers):  # an empty reply would match it
-            skips.add("empty_answer", where, "an answer must keep some text once space and final punctuation "
-                                             "are dropped")
-            continue
-        msgs = with_system([{"role": m["role"], "content": m["content"]} for m in rec["messages"]], system_prompt)
-        out.append(TaskExample(where, msgs, answers))
+        out.append(example)
         if len(out) == limit:  # skips past here are not this evaluation's
             break
     if not out:
         raise TinykError(f"{path}: no usable examples ({skips.summary()})")
     return out
+
+
+def _task_example(where: str, rec: Any, system_prompt: str | None) -> TaskExample | tuple[str, str]:
+    """A task line's prompt and accepted answers, or (skip reason, hint). A line with no `answer` field
+    is an SFT record whose last turn is the answer, so held-out fine-tuning data needs no converting."""
+    if not (isinstance(rec, dict) and "answer" in rec):
+        conv = normalize_conversation(rec)
+        if isinstance(conv, list) and conv[-1]["role"] == "assistant" and len(conv) > 1 \
+                and conv[-2]["role"] == "user":
+            msgs, answers = conv[:-1], [conv[-1]["content"]]
+        elif conv in ("no_assistant_turn", "empty_assistant_turn") or isinstance(conv, list):
+            return "bad_answer", ("no field 'answer' and no reply after the last user turn; 'answer' is the "
+                                  "expected reply, a string or a list of the strings accepted")
+        else:
+            return "bad_messages", ("a task line is {\"messages\": [..., user turn], \"answer\": ...}, or an "
+                                    f"SFT record ending with the reply to match ({record_shape(rec)})")
+    else:
+        if not _valid_messages(rec.get("messages")):
+            return "bad_messages", ("'messages' must be a list of {role, content} ending with the user turn to "
+                                    "answer; an SFT chat's last turn, the reply, goes in 'answer'")
+        answer = rec["answer"]
+        answers = [answer] if isinstance(answer, str) else answer
+        if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+            return "bad_answer", (f"'answer' is {json.dumps(answer)[:40]}; 'answer' is the expected reply, a "
+                                  "string or a list of the strings accepted (the first such record has "
+                                  f"{record_shape(rec)})")
+        msgs = [{"role": m["role"], "content": m["content"]} for m in rec["messages"]]
+    if not all(normalize_answer(a) for a in answers):  # an empty reply would match it
+        return "empty_answer", "an answer must keep some text once space and final punctuation are dropped"
+    return TaskExample(where, with_system(msgs, system_prompt), answers)
 
 
 def greedy_params(max_new_tokens: int) -> Any:
