@@ -180,6 +180,19 @@ def test_training_dtypes_and_strategies_are_the_configs():
     assert parse(["pretrain", "--dtype", "bfloat16"]).dtype == "bfloat16" == parse([*PLAN, "--dtype", "bfloat16"]).dtype
 
 
+def test_sampling_and_serving_defaults_are_the_librarys():
+    """The CLI's defaults are written out for its help (parsing needs no torch); they must be the
+    ones a library caller gets, or `tinyk generate` and `Engine.generate` would sample differently."""
+    from tinyk.engine import SamplingParams
+    from tinyk.serve import ServerConfig
+
+    a = build_parser().parse_args(SERVE)
+    fields = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "max_new_tokens", "seed")
+    assert {f: getattr(a, f) for f in fields} == {f: getattr(SamplingParams(), f) for f in fields}
+    assert a.max_body == ServerConfig.max_body_bytes and a.timeout == ServerConfig.timeout
+    assert a.max_waiting == ServerConfig.max_waiting
+
+
 def test_helpers():
     assert int_range(0, 3)("3") == 3 and seed("0") == 0 and positive_size("1.5k") == 1500
     assert size_range(0)("0") == 0 and size_range(0)("500MB") == 5 * 10**8
@@ -295,10 +308,10 @@ def test_a_stop_once_the_results_are_written_says_they_are_complete(tmp_path, na
                                                                     monkeypatch):
     """Ctrl-C (or SIGTERM) landing just after the file is in place: the command still stops as one
     stopped (130, 143: `tinyk eval ... && next` does not go on), and says the results are whole."""
-    import tinyk.files
+    import tinyk.evaluate
     from tinyk.files import Terminated
 
-    real, out = tinyk.files.write_json_atomic, tmp_path / "r.json"
+    real, out = tinyk.evaluate.write_json_atomic, tmp_path / "r.json"
 
     def stopped(stop: type[KeyboardInterrupt], after: bool):
         def write(path, obj):
@@ -308,12 +321,12 @@ def test_a_stop_once_the_results_are_written_says_they_are_complete(tmp_path, na
         return write
 
     for stop, code, said in ((KeyboardInterrupt, 130, "interrupted"), (Terminated, 143, "terminated")):
-        monkeypatch.setattr(tinyk.files, "write_json_atomic", stopped(stop, after=True))
+        monkeypatch.setattr(tinyk.evaluate, "write_json_atomic", stopped(stop, after=True))
         assert run_cli(eval_args(nano_model_dir, task_file, "--out", out, "--force"), capsys) == (
             code, f"tinyk: {said} after the evaluation finished: {out} holds its complete results\n")
         assert json.loads(out.read_text())["tasks"][0]["examples"] == 1
     out.unlink()
-    monkeypatch.setattr(tinyk.files, "write_json_atomic", stopped(KeyboardInterrupt, after=False))
+    monkeypatch.setattr(tinyk.evaluate, "write_json_atomic", stopped(KeyboardInterrupt, after=False))
     assert run_cli(eval_args(nano_model_dir, task_file, "--out", out), capsys) == (130, "tinyk: interrupted\n")
     assert not out.exists()
 

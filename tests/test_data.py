@@ -746,14 +746,14 @@ def test_sft_top_level_system_field():
 def test_a_val_split_far_beyond_val_fraction_is_explained(pt_data):
     """Copies of a document stay on one side: a corpus that repeats one text can put a fifth of itself
     in val at --val-fraction 0.01, which the closing line now says instead of leaving it to be found."""
-    from tinyk.cli.data import _summary
+    from tinyk.data import summary
 
     meta = json.loads((pt_data / "meta.json").read_text())
-    assert "val holds" not in _summary(meta)
+    assert "val holds" not in summary(meta)
     tr, va = meta["splits"]["train"], meta["splits"]["val"]
     va["documents"] = tr["documents"] // 4
     assert f"(val holds {va['documents'] / (tr['documents'] + va['documents']):.0%} of them, not --val-fraction {meta['val_fraction']:g}: copies of a document all go to one " \
-           f"side, and this data repeats some)" in _summary(meta)
+           f"side, and this data repeats some)" in summary(meta)
 
 
 def test_sft_message_content_as_a_list_of_text_parts_reads_as_the_server_reads_it():

@@ -366,6 +366,22 @@ def test_chat_logprobs_streamed_or_not_are_the_models(client, reference):
     assert not client.chat.completions.create(**{**kw, "logprobs": False, "top_logprobs": None}).choices[0].logprobs
 
 
+def test_each_streamed_chunk_carries_the_logprobs_of_its_own_text(client, monkeypatch):
+    """A stream read behind the decoding (a slow client, a busy server) still sends each chunk with the
+    tokens its text comes from, not those decoded since: clients line tokens up with text by chunk."""
+    import tinyk.serve
+
+    merged = tinyk.serve._merged
+    monkeypatch.setattr(tinyk.serve, "_merged", lambda reqs, idle: iter(list(merged(reqs, idle))))  # all decoded first
+    chunks = [c.choices[0] for c in client.chat.completions.create(
+        model="nano", messages=[{"role": "user", "content": "北京是哪里？"}], max_tokens=24, temperature=0,
+        logprobs=True, stream=True) if c.choices and c.choices[0].delta.content]
+    assert len(chunks) >= 3
+    for c in chunks:
+        spelled = b"".join(bytes(t.bytes) for t in c.logprobs.content).decode(errors="replace")
+        assert spelled == c.delta.content or "\ufffd" in spelled + c.delta.content
+
+
 def test_lm_eval_loglikelihood_requests(client, reference):
     """What lm-evaluation-harness's local-completions sends to score a continuation: token ids, echo, one
     logprob, one new token. Every prompt token but the first gets its log-probability; the text is the

@@ -42,6 +42,7 @@ from .files import (
     TinykError,
     atomic_dir,
     check_inputs,
+    is_compressed,
     is_plain_text,
     iter_records,
     iter_texts,
@@ -982,6 +983,34 @@ def prepare_pretrain(inputs: list[str | Path], tokenizer_dir: str | Path, out: s
                     command=_command("pretrain", paths, tokenizer_dir, out, options), val_fraction=val_fraction,
                     seed=seed, workers=nworkers, force=force, strict=strict, show_progress=show_progress,
                     checkpoint_s=checkpoint_s)
+
+
+def summary(meta: dict[str, Any]) -> str:
+    """`tinyk data`'s report, one paragraph: what was kept, what was skipped and why, and how fast
+    (over the work kept, when a stopped run was continued)."""
+    tr, va = meta["splits"]["train"], meta["splits"]["val"]
+    unit = "documents" if meta["kind"] == "pretrain" else "conversations"
+    text = (f"{meta['kind']} data: {plural(tr['documents'] + va['documents'], unit)} (train {tr['documents']:,}, "
+            f"val {va['documents']:,}), {tr['tokens'] + va['tokens']:,} tokens (train {tr['tokens']:,}, "
+            f"val {va['tokens']:,}) as {meta['dtype']}")
+    total, asked = tr["documents"] + va["documents"], meta.get("val_fraction")
+    if asked is not None and total >= 20 and va["documents"] > max(2 * asked, asked + 0.02) * total:
+        text += (f" (val holds {va['documents'] / total:.0%} of them, not --val-fraction {asked:g}: copies of a "
+                 f"{unit[:-1]} all go to one side, and this data repeats some)")
+    if meta["kind"] == "sft":
+        cut = meta.get("truncated", {})
+        text += (f", {tr['loss_tokens'] + va['loss_tokens']:,} with loss; {sum(cut.values()):,} cut to "
+                 f"--max-len {meta['max_len']} ({cut.get('at_turn', 0):,} at a turn boundary)")
+    seconds = meta.get("seconds")  # data made before tinyk recorded it has none
+    if seconds:
+        inputs = meta.get("inputs", [])
+        mb = sum(i["bytes"] for i in inputs) / 1e6
+        packed = [is_compressed(i["path"]) for i in inputs]
+        files = " of compressed files" if all(packed) else " of files, some compressed" if any(packed) else ""
+        tokens = tr["tokens"] + va["tokens"]
+        text += (f"; read {mb:,.1f} MB{files} in {seconds:.1f}s "
+                 f"({mb / max(seconds, 1e-9):.1f} MB/s, {tokens / max(seconds, 1e-9):,.0f} tokens/s)")
+    return f"{text}; {Skips.from_json(meta.get('skipped', {})).summary()}; tokenizer {meta['tokenizer_hash']}."
 
 
 def normalize_conversation(rec: Any) -> list[dict[str, str]] | str:

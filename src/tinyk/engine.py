@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import check_compatible, load_model
-from .files import TinykError
+from .files import TinykError, plural
 from .model import KVCache, Transformer, apply_rope, resolve_dtype
 from .tokenizer import (
     CHAT_ROLES,
@@ -448,8 +448,8 @@ class Request:
                           prompt_logprobs=None if p.prompt_logprobs is None else list(self.prompt_logprobs))
 
     def deliver(self, delta: str) -> None:
-        if delta:
-            self._deltas.put(delta)
+        if delta:  # with the count of log-probabilities recorded by now: those behind this text
+            self._deltas.put((delta, len(self.logprobs)))
         if self.finished:
             self._deltas.put(_DONE)
 
@@ -468,6 +468,12 @@ class Request:
         """Text deltas as a background `Scheduler` produces them, until the sequence ends. After `timeout`
         seconds without one, `idle()` is called and the wait goes on (a server checks there that its
         client is still connected, and raises to stop); without `idle`, queue.Empty is raised."""
+        return (text for text, _ in self.chunks(timeout, idle))
+
+    def chunks(self, timeout: float | None = None, idle: Callable[[], None] | None = None
+               ) -> Iterator[tuple[str, int]]:
+        """`deltas` with, for each, how many of `logprobs` its text comes from: the scheduler may have
+        recorded the next tokens' by the time a delta is read, and a stream sends each text with its own."""
         while True:
             try:
                 item = self._deltas.get(timeout=timeout)
@@ -730,6 +736,28 @@ class Engine:
         if len(ids) >= self.context_length:
             raise ContextLengthError.of(len(ids), self.context_length)
         return ids
+
+    def encode_prompts(self, prompts: list[str], *, bos: bool = True, typed: int = 0
+                       ) -> tuple[list[list[int]], list[int], str | None]:
+        """Token ids of the prompts that fit the context, their numbers in `prompts` (from 0), and a note
+        on those skipped as too long: like a file's bad records, they are skipped and counted. The
+        first `typed` were typed out one by one, so the user means each: a long one is an error."""
+        ids, kept, too_long = [], [], []
+        for i, p in enumerate(prompts):
+            try:
+                ids.append(self.encode(p, bos=bos))
+                kept.append(i)
+            except ContextLengthError as e:  # which of many: its number and how it starts
+                said = f"prompt {i + 1} of {len(prompts)} ({p[:24]!r}{'...' if len(p) > 24 else ''}): {e}"
+                if i < typed or len(prompts) == 1:
+                    raise TinykError(said if len(prompts) > 1 else str(e)) from None
+                too_long.append(said)
+        if too_long and not ids:
+            raise TinykError(f"no prompt fits the model's {self.context_length}-token context (the first: "
+                             f"{too_long[0]})")
+        note = (f"skipped {plural(len(too_long), 'prompts')} longer than the model's context (the first: "
+                f"{too_long[0]})") if too_long else None
+        return ids, kept, note
 
     def chat_ids(self, messages: list[dict], default_system: str | None | ModelPrompt = None) -> list[int]:
         """The chat prompt's token ids, as SFT data is tokenized: message text is only ever text. The

@@ -28,12 +28,15 @@ from .data import normalize_conversation
 from .files import (
     Skips,
     TinykError,
+    check_output_file,
     iter_records,
     not_found,
     read_json,
     record_shape,
     refuse_pipe,
     refuse_repeats,
+    write_json_atomic,
+    writing,
 )
 from .model import Transformer
 from .tokenizer import (
@@ -592,6 +595,36 @@ def is_results(path: Path) -> bool:
     except (OSError, UnicodeDecodeError, ValueError):
         return False
     return isinstance(results, dict) and {"model", "data", "tasks", "choice"} <= results.keys()
+
+
+def check_results_out(out: str | Path, inputs: Iterable[str | Path], force: bool) -> None:
+    """Refuses an --out that is an input or holds anything but earlier results (unless `force`)."""
+    check_output_file(out, inputs, force=force, replaces=("the results of tinyk eval", is_results))
+
+
+def save_results(out: str | Path, results: dict[str, Any], inputs: Iterable[str | Path], force: bool) -> None:
+    """Writes the results atomically, checking --out again: the file may have been made while the
+    evaluation ran. The caller has shown the results already, so a failed write loses nothing."""
+    inputs = list(inputs)
+    try:
+        check_results_out(out, inputs, force)
+    except TinykError as e:
+        raise TinykError(f"{e} (it changed while the evaluation ran; the results are above)") from None
+    try:
+        with writing(Path(out)):
+            write_json_atomic(out, results)
+    except KeyboardInterrupt as e:  # too late to stop anything: whether the file is whole is what matters
+        if not _holds(Path(out), results):
+            raise
+        raise type(e)(f"after the evaluation finished: {out} holds its complete results") from None
+
+
+def _holds(path: Path, results: dict[str, Any]) -> bool:
+    """Whether `path` holds exactly `results` (a NaN never compares equal: then it says no)."""
+    try:
+        return read_json(path) == results
+    except (OSError, ValueError):
+        return False
 
 
 def make_engine(model: Transformer, tok: TinyTokenizer, batch_size: int = 32, quantize: str = "none") -> Any:

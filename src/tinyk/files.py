@@ -73,6 +73,13 @@ def size_text(n: int) -> str:
     return f"{n:.0e}".replace("e+", "e") if n >= 10**15 else str(n)
 
 
+def bytes_text(n: float) -> str:
+    """An amount of bytes or memory to read at a glance: 512 bytes, 14.2 kB, 3.5 MB, 180 MB, 1.5 GB."""
+    if n < 1e6:
+        return plural(int(n), "bytes") if n < 1e3 else f"{n / 1e3:.1f} kB"
+    return f"{n / 1e9:,.1f} GB" if n >= 1e9 else f"{n / 1e6:,.0f} MB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
 def parse_size(s: str, lo: int = 0, hi: int = MAX_SIZE, *, tokens: bool = False) -> int:
     """'500M', '2G', '1e9' or a plain number as an integer in lo..hi; ValueError says what is allowed.
 
@@ -759,6 +766,47 @@ def iter_texts(paths: list[Path], skips: Skips, *, field_name: str = "text", **k
             skips.add("empty", where)
             continue
         yield text
+
+
+def read_prompts(typed: list[str], prompt_file: str | None, field_name: str = "prompt",
+                 stdin: Iterable[str] | None = None) -> tuple[list[str], str | None]:
+    """`tinyk generate`'s prompts: the typed ones, then a file's (one per `.txt` line or per record's
+    `field_name`) or stdin's (`-`, one per line); with a note on the lines skipped, if any."""
+    prompts, note = list(typed), None
+    if prompt_file == "-":  # one prompt per line on stdin, for pipelines
+        try:
+            lines = [line.rstrip("\r\n").removeprefix("\ufeff") for line in stdin or sys.stdin]  # a BOM, as in files
+            not_utf8 = any(has_surrogate(line) for line in lines)  # how a C locale's stdin decodes them
+        except UnicodeDecodeError:
+            not_utf8 = True
+        if not_utf8:
+            raise TinykError("stdin is not valid UTF-8 (convert it first, e.g. iconv -f gbk -t utf-8)")
+        skips = Skips()
+        for n, line in enumerate(lines, 1):
+            if "\x00" in line:  # as in a .txt prompt file
+                skips.add("nul_byte", f"stdin:{n}", NUL_HINT)
+            elif line.strip():
+                prompts.append(line)
+        note = f"stdin: {skips.summary()}" if skips.total else None
+        if not prompts:
+            raise TinykError("no prompts on stdin (--prompt-file - reads one per line)")
+    elif prompt_file:
+        if Path(prompt_file).is_fifo():  # `--prompt-file <(command)`
+            raise TinykError(f"--prompt-file {prompt_file} is a pipe: pipe the prompts to stdin with "
+                             f"--prompt-file - instead")
+        skips = Skips()
+        found = list(iter_texts(check_inputs([prompt_file]), skips, field_name=field_name))
+        if not found and is_plain_text(Path(prompt_file)):
+            why = f"no usable lines; {skips.summary()}" if skips.total else "it has no non-empty lines"
+            raise TinykError(f"no prompts in {prompt_file} ({why})")
+        if not found:
+            raise TinykError(f"no prompts in {prompt_file} (records need a string field {field_name!r}, "
+                             f"see --field; {skips.summary()})")
+        note = f"{prompt_file}: {skips.summary()}" if skips.total else None
+        prompts += found
+    if not prompts:
+        raise TinykError("give --prompt TEXT (repeatable) or --prompt-file FILE")
+    return prompts, note
 
 
 def check_output(out: str | Path, inputs: Iterable[str | Path | None]) -> None:

@@ -158,8 +158,9 @@ class Trackers:
 def _run_id(out: Path) -> str:
     """A stable tracker run id per run directory, so a resumed run continues the same curve."""
     f = out / ".tracker_id"
-    if not f.exists():
-        f.write_text(os.urandom(6).hex())
+    if not f.exists() or not f.read_text().strip():  # empty: made by an older tinyk killed mid-write
+        with atomic_file(f) as tmp:
+            tmp.write_text(os.urandom(6).hex())
     return f.read_text().strip()
 
 

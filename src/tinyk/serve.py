@@ -899,8 +899,10 @@ class Handler(BaseHTTPRequestHandler):
         sent = [0] * len(reqs)  # generated tokens whose logprobs went out, by choice
         started = [False] * len(reqs)
 
-        def logprobs(i: int) -> dict[str, Any] | None:
-            r, end = reqs[i], len(reqs[i].logprobs)
+        def logprobs(i: int, upto: int | None) -> dict[str, Any] | None:
+            """Those of the tokens since choice i's last chunk, up to `upto` (None: all, once it ended)."""
+            r = reqs[i]
+            end = len(r.logprobs) if upto is None else upto
             if writers[i] is None:
                 return None
             items, sent[i] = _generated(r, sent[i], end), end
@@ -914,8 +916,9 @@ class Handler(BaseHTTPRequestHandler):
                     "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": None}],
                     **({"usage": None} if include_usage else {})}
 
-        def chunk(i: int, delta: str | None, finish: str | None = None, first: bool = False) -> dict[str, Any]:
-            lp = None if first else logprobs(i)
+        def chunk(i: int, delta: str | None, finish: str | None = None, first: bool = False,
+                  upto: int | None = None) -> dict[str, Any]:
+            lp = None if first else logprobs(i, upto)
             if chat:
                 d = {"role": "assistant", "content": ""} if first else ({"content": delta} if delta else {})
                 choice = {"index": i, "delta": d, "logprobs": lp, "finish_reason": finish}
@@ -940,12 +943,13 @@ class Handler(BaseHTTPRequestHandler):
                 for i in range(len(reqs)):
                     self._event(chunk(i, None, first=True))
             failed = None
-            for i, delta in _merged(reqs, self._stop_if_client_gone):
+            for i, item in _merged(reqs, self._stop_if_client_gone):
                 if sub.echo and not started[i] and reqs[i].finish_reason != "error":
                     self._event(echo(i))
                 started[i] = True
-                if delta is not None:
-                    self._event(chunk(i, delta))
+                if item is not None:
+                    delta, upto = item
+                    self._event(chunk(i, delta, upto=upto))
                 elif reqs[i].finish_reason == "error":
                     failed = failed or reqs[i]
                 else:
@@ -971,20 +975,20 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
 
-def _merged(reqs: list[Request], idle: Callable[[], None]) -> Iterator[tuple[int, str | None]]:
-    """(choice index, text delta) as the engine produces them, and (index, None) as each ends; `idle()`
-    is called every CLIENT_POLL_S without one (a request still queued writes nothing that would fail).
-    One thread per choice relays its deltas (n > 1 only); each ends when its sequence does, cancelled
-    ones included."""
+def _merged(reqs: list[Request], idle: Callable[[], None]) -> Iterator[tuple[int, tuple[str, int] | None]]:
+    """(choice index, (text delta, log-probabilities behind it)) as the engine produces them, and
+    (index, None) as each ends; `idle()` is called every CLIENT_POLL_S without one (a request still
+    queued writes nothing that would fail). One thread per choice relays its deltas (n > 1 only); each
+    ends when its sequence does, cancelled ones included."""
     if len(reqs) == 1:
-        yield from ((0, d) for d in reqs[0].deltas(CLIENT_POLL_S, idle))
+        yield from ((0, c) for c in reqs[0].chunks(CLIENT_POLL_S, idle))
         yield 0, None
         return
     merged: queue.SimpleQueue = queue.SimpleQueue()
 
     def relay(i: int, req: Request) -> None:
-        for delta in req.deltas():
-            merged.put((i, delta))
+        for c in req.chunks():
+            merged.put((i, c))
         merged.put((i, None))
 
     for i, req in enumerate(reqs):

@@ -24,9 +24,11 @@ from .files import (
     Skips,
     TinykError,
     atomic_dir,
+    bytes_text,
     check_inputs,
     first_line,
     hash_files,
+    is_compressed,
     iter_texts,
     marker_file,
     memory_available,
@@ -434,6 +436,38 @@ BPE_MEMORY_PER_BYTE = 100
 def memory_read_limit(memory: int) -> int:
     """How much text BPE training reads without --max-bytes, given the memory available."""
     return max(memory // BPE_MEMORY_PER_BYTE, 1 << 20)
+
+
+# Text rarely compresses more than tenfold: a compressed file's size times this bounds the text it holds.
+MAX_COMPRESSION = 10
+
+
+def memory_note(inputs: list[str | Path], max_bytes: int | None) -> str | None:
+    """What to tell the user before training when the text read may not fit in memory (`max_bytes`
+    given), or when the available memory caps how much is read (None); None when neither applies."""
+    memory = memory_available()
+    if not memory:
+        return None
+    per_byte = f"BPE training holds about {BPE_MEMORY_PER_BYTE} bytes per byte of text"
+    if max_bytes:
+        text = _text_read(inputs, max_bytes)
+        if text * BPE_MEMORY_PER_BYTE > memory:
+            return (f"warning: reading {bytes_text(text)} of text (--max-bytes) may need up to "
+                    f"{bytes_text(text * BPE_MEMORY_PER_BYTE)} of memory ({per_byte}) and {bytes_text(memory)} is "
+                    "available")
+    elif max_bytes is None and _text_read(inputs, limit := memory_read_limit(memory)) >= limit:
+        return (f"reading at most {bytes_text(limit)} of text, what {bytes_text(memory)} of available memory allows "
+                f"({per_byte}); --max-bytes sets how much")
+    return None
+
+
+def _text_read(inputs: list[str | Path], max_bytes: int) -> int:
+    """How much text a read of `max_bytes` takes: all of it when the inputs are smaller (a compressed
+    file counted at the most text it can plausibly hold)."""
+    paths = [Path(p) for p in inputs]
+    if any(not p.is_file() for p in paths):
+        return max_bytes
+    return min(max_bytes, sum(p.stat().st_size * (MAX_COMPRESSION if is_compressed(p) else 1) for p in paths))
 
 
 def _train_interruptibly(tok: Tokenizer, texts: Iterator[str], trainer: Any) -> None:

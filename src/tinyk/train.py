@@ -18,6 +18,7 @@ import random
 import shutil
 import signal
 import statistics
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -533,6 +534,8 @@ class Trainer:
         ours = sorted(p.name for p in out.iterdir() if made_by_a_run(p)) if out.is_dir() else []
         exists = bool(ours)  # an earlier run's files
         # A run writes its config.yaml and checkpoints/ at once: a config.yaml alone is a file of the user's.
+        # Wider than rundir.is_run_dir: a run whose checkpoints/ is gone (deleted to save space, or a
+        # --force start killed with it set aside) is still a run, to resume or replace, not to refuse.
         is_run = ("config.yaml" in ours and len(ours) > 1) or any(ASIDE.match(n) for n in ours)
         if out.is_dir() and not is_run and (other := another_output(out)):
             raise TinykError(f"--out {out} is {other}, not a run directory; choose another --out")
@@ -1010,16 +1013,15 @@ class Trainer:
             first = first if first is not None else time.monotonic()
             self.stop_signal = signal.Signals(signum).name
 
-        previous = {}
+        if threading.current_thread() is not threading.main_thread():  # only the main thread sets handlers
+            return {}
         # SIGHUP: the terminal went away (an SSH session dropped), which would kill the run unsaved. A signal
         # ignored when the run began stays so (SIGHUP under nohup; SIGINT for a job a script started with &,
-        # as the shell does it): the run goes on.
+        # as the shell does it): the run goes on. None: a handler Python did not install, left alone (as
+        # rundir.signals_held leaves it), since it could not be put back.
         stops = [s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None))
-                 if s is not None and signal.getsignal(s) != signal.SIG_IGN]
-        with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
-            for s in stops:
-                previous[s] = signal.signal(s, handler)
-        return previous
+                 if s is not None and signal.getsignal(s) not in (signal.SIG_IGN, None)]
+        return {s: signal.signal(s, handler) for s in stops}
 
     def _header(self) -> None:
         cfg, d, m = self.cfg, self.dist, self.mcfg

@@ -116,6 +116,10 @@ def _fail(message: str, root_cause: bool = True) -> NoReturn:
             written = True
     if not written or os.environ.get("LOCAL_RANK", "0") == "0":
         print(message, file=sys.stderr)
+    if not root_cause:  # a peer died: tearing down the broken gloo pairs at exit can abort (SIGABRT, not 2)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)
     sys.exit(2)
 
 

@@ -11,9 +11,12 @@ import argparse
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from tinyk.files import MAX_BATCH, MAX_SIZE, has_surrogate, parse_size
+
+if TYPE_CHECKING:
+    from tinyk.engine import SamplingParams
 
 # pretrain, sft and plan's --dtype and --parallel: what the trainer's config takes (config.TRAIN_DTYPES with
 # PyTorch's names, DTYPE_ALIASES; config.PARALLEL), here so that parsing arguments needs no torch.
@@ -150,3 +153,36 @@ def add_sampling_args(p: argparse.ArgumentParser, seed_help: str = "seed for rep
                    help="penalise tokens already in the text, 0.01 to 10; 1 = off (default 1.1)")
     p.add_argument("--max-new-tokens", type=positive_int, default=256, help="token budget per answer (default 256)")
     p.add_argument("--seed", type=sampling_seed, default=None, help=seed_help)
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """Model and device flags shared by generate, chat and serve."""
+    p.add_argument("--model", required=True, type=model_dir,
+                   help="model directory, or a training run's (meaning its final/)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp16 on GPUs without bf16 such as V100 "
+                                                   "and T4, fp32 on CPU), float32, bfloat16, float16")
+    p.add_argument("--quantize", choices=["none", "int8"], default="none",
+                   help="int8: weight-only int8 copies of the weights, bf16 compute (CPU; batch-1 decoding "
+                        "1.5-1.75x as fast as transformers' fp32 generate in bench/decode.py, slightly different "
+                        "numbers)")
+    p.add_argument("--stop", action="append", type=utf8_text, default=[], metavar="TEXT",
+                   help="stop when this text appears (repeatable); it is not part of the output")
+    p.add_argument("--threads", type=int_range(1, 4096), default=None,
+                   help="CPU threads (default: torch's, one per core; on a machine busy with other work, fewer "
+                        "can be many times faster)")
+
+
+def set_threads(args: argparse.Namespace) -> None:
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    from tinyk.engine import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                          repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
+                          seed=args.seed, stop=list(args.stop))

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from tinyk.cli.common import float_range, int_range, output_path, positive_size, seed, size_range, utf8_text
-from tinyk.files import DEFAULT_MAX_LINE_BYTES, MIN_SHARD_TOKENS, Skips, is_compressed, plural, size_text
+from tinyk.files import DEFAULT_MAX_LINE_BYTES, MIN_SHARD_TOKENS, plural, size_text
 
 MAX_WORKERS = 1024  # tokenizer processes; more only exhausts the machine
 MAX_LEN = 2**20  # SFT tokens per conversation, far past any model's context
@@ -62,28 +62,29 @@ def _common_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from tinyk.data import prepare_pretrain
+    from tinyk.data import prepare_pretrain, summary
 
     meta = prepare_pretrain(args.input, args.tokenizer, args.out, field=args.field, shard_tokens=args.shard_tokens,
                             **_common_kwargs(args))
-    print(_summary(meta))
+    print(summary(meta))
     print(f"saved to {args.out}")
     return 0
 
 
 def _sft(args: argparse.Namespace) -> int:
-    from tinyk.data import prepare_sft
+    from tinyk.data import prepare_sft, summary
     from tinyk.tokenizer import MODEL_PROMPT
 
     system_prompt = MODEL_PROMPT if args.system_prompt is None else args.system_prompt
     meta = prepare_sft(args.input, args.tokenizer, args.out, max_len=args.max_len, system_prompt=system_prompt,
                        **_common_kwargs(args))
-    print(_summary(meta))
+    print(summary(meta))
     print(f"saved to {args.out}")
     return 0
 
 
 def _info(args: argparse.Namespace) -> int:
+    from tinyk.data import summary
     from tinyk.loader import check_files, open_dataset, verify_files
 
     meta = open_dataset(args.path)
@@ -92,7 +93,7 @@ def _info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(meta, ensure_ascii=False, indent=2))
         return 0
-    print(_summary(meta))
+    print(summary(meta))
     for i in meta.get("inputs", []):
         print(f"  input {i['path']} ({i['bytes'] / 1e6:,.1f} MB)")
     if meta.get("command"):
@@ -100,32 +101,3 @@ def _info(args: argparse.Namespace) -> int:
     if verified is not None:
         print(f"  checksums: all {plural(verified, 'files')} match the SHA-256 meta.json recorded")
     return 0
-
-
-def _summary(meta: dict[str, Any]) -> str:
-    """One paragraph: what was kept, what was skipped and why, and how fast (over the work kept, when a
-    stopped run was continued)."""
-
-    tr, va = meta["splits"]["train"], meta["splits"]["val"]
-    unit = "documents" if meta["kind"] == "pretrain" else "conversations"
-    text = (f"{meta['kind']} data: {plural(tr['documents'] + va['documents'], unit)} (train {tr['documents']:,}, "
-            f"val {va['documents']:,}), {tr['tokens'] + va['tokens']:,} tokens (train {tr['tokens']:,}, "
-            f"val {va['tokens']:,}) as {meta['dtype']}")
-    total, asked = tr["documents"] + va["documents"], meta.get("val_fraction")
-    if asked is not None and total >= 20 and va["documents"] > max(2 * asked, asked + 0.02) * total:
-        text += (f" (val holds {va['documents'] / total:.0%} of them, not --val-fraction {asked:g}: copies of a "
-                 f"{unit[:-1]} all go to one side, and this data repeats some)")
-    if meta["kind"] == "sft":
-        cut = meta.get("truncated", {})
-        text += (f", {tr['loss_tokens'] + va['loss_tokens']:,} with loss; {sum(cut.values()):,} cut to "
-                 f"--max-len {meta['max_len']} ({cut.get('at_turn', 0):,} at a turn boundary)")
-    seconds = meta.get("seconds")  # data made before tinyk recorded it has none
-    if seconds:
-        inputs = meta.get("inputs", [])
-        mb = sum(i["bytes"] for i in inputs) / 1e6
-        packed = [is_compressed(i["path"]) for i in inputs]
-        files = " of compressed files" if all(packed) else " of files, some compressed" if any(packed) else ""
-        tokens = tr["tokens"] + va["tokens"]
-        text += (f"; read {mb:,.1f} MB{files} in {seconds:.1f}s "
-                 f"({mb / max(seconds, 1e-9):.1f} MB/s, {tokens / max(seconds, 1e-9):,.0f} tokens/s)")
-    return f"{text}; {Skips.from_json(meta.get('skipped', {})).summary()}; tokenizer {meta['tokenizer_hash']}."

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
-from typing import Any
 
 from tinyk.cli.common import batch_count, model_dir, output_path, positive_int, utf8_text
 
@@ -45,15 +43,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from tinyk.evaluate import evaluate, format_table, is_results, table_rows
-    from tinyk.files import TinykError, check_output_file, write_json_atomic, writing
+    from tinyk.evaluate import check_results_out, evaluate, format_table, save_results, table_rows
 
-    def check_out() -> None:
-        check_output_file(args.out, [args.model, *args.data, *args.task, *args.choice], force=args.force,
-                          replaces=("the results of tinyk eval", is_results))
-
+    inputs = [args.model, *args.data, *args.task, *args.choice]
     if args.out is not None:
-        check_out()
+        check_results_out(args.out, inputs, args.force)
     results = evaluate(args.model, data=args.data, tasks=args.task, choice=args.choice, split=args.split,
                        seq_len=args.seq_len, batch_size=args.batch_size, max_batches=args.max_batches,
                        max_new_tokens=args.max_new_tokens, limit=args.limit, choice_format=args.choice_format,
@@ -63,26 +57,5 @@ def _eval(args: argparse.Namespace) -> int:
     else:
         print(format_table(table_rows(results)))
     if args.out is not None:  # after printing: results a failed write would lose are on the screen
-        try:
-            check_out()  # again: the file may have been made meanwhile
-        except TinykError as e:
-            raise TinykError(f"{e} (it changed while the evaluation ran; the results are above)") from None
-        try:
-            with writing(Path(args.out)):
-                write_json_atomic(args.out, results)
-        except KeyboardInterrupt as e:  # too late to stop anything: whether the file is whole is what matters
-            if not _holds(Path(args.out), results):
-                raise
-            raise type(e)(f"after the evaluation finished: {args.out} holds its complete results") from None
+        save_results(args.out, results, inputs, args.force)
     return 0
-
-
-def _holds(path: Path, results: dict[str, Any]) -> bool:
-    """Whether `path` holds exactly `results` (a NaN never compares equal: then it says no)."""
-    from tinyk.files import read_json
-
-    try:
-        return read_json(path) == results
-    except (OSError, ValueError):
-        return False
-

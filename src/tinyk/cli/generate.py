@@ -8,47 +8,22 @@ import io
 import json
 import sys
 from collections.abc import Iterable
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tinyk.chat import CHAT_HELP, chat_session
-from tinyk.cli.common import add_sampling_args, batch_count, int_range, model_dir, non_empty, utf8_text
+from tinyk.cli.common import (
+    add_engine_args,
+    add_sampling_args,
+    batch_count,
+    non_empty,
+    sampling_params,
+    set_threads,
+    utf8_text,
+)
+from tinyk.files import Terminated, TinykError, read_prompts
 
 if TYPE_CHECKING:
-    from tinyk.engine import Engine, SamplingParams
-
-
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    """Model and device flags shared by generate, chat and serve."""
-    p.add_argument("--model", required=True, type=model_dir,
-                   help="model directory, or a training run's (meaning its final/)")
-    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp16 on GPUs without bf16 such as V100 "
-                                                   "and T4, fp32 on CPU), float32, bfloat16, float16")
-    p.add_argument("--quantize", choices=["none", "int8"], default="none",
-                   help="int8: weight-only int8 copies of the weights, bf16 compute (CPU; batch-1 decoding "
-                        "1.5-1.75x as fast as transformers' fp32 generate in bench/decode.py, slightly different "
-                        "numbers)")
-    p.add_argument("--stop", action="append", type=utf8_text, default=[], metavar="TEXT",
-                   help="stop when this text appears (repeatable); it is not part of the output")
-    p.add_argument("--threads", type=int_range(1, 4096), default=None,
-                   help="CPU threads (default: torch's, one per core; on a machine busy with other work, fewer "
-                        "can be many times faster)")
-
-
-def set_threads(args: argparse.Namespace) -> None:
-    if args.threads is not None:
-        import torch
-
-        torch.set_num_threads(args.threads)
-
-
-def sampling_params(args: argparse.Namespace) -> SamplingParams:
-    from tinyk.engine import SamplingParams
-
-    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                          repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
-                          seed=args.seed, stop=list(args.stop))
+    from tinyk.engine import Engine
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -84,83 +59,18 @@ def _engine(args: argparse.Namespace, max_batch: int = 16) -> Engine:
                            quantize=args.quantize)
 
 
-def read_prompts(args: argparse.Namespace) -> list[str]:
-    from tinyk.files import (
-        NUL_HINT,
-        Skips,
-        TinykError,
-        check_inputs,
-        has_surrogate,
-        is_plain_text,
-        iter_texts,
-    )
-
-    prompts = list(args.prompt)
-    if args.prompt_file == "-":  # one prompt per line on stdin, for pipelines
-        try:
-            lines = [line.rstrip("\r\n").removeprefix("\ufeff") for line in sys.stdin]  # a BOM, as in files
-            not_utf8 = any(has_surrogate(line) for line in lines)  # how a C locale's stdin decodes them
-        except UnicodeDecodeError:
-            not_utf8 = True
-        if not_utf8:
-            raise TinykError("stdin is not valid UTF-8 (convert it first, e.g. iconv -f gbk -t utf-8)")
-        skips = Skips()
-        for n, line in enumerate(lines, 1):
-            if "\x00" in line:  # as in a .txt prompt file
-                skips.add("nul_byte", f"stdin:{n}", NUL_HINT)
-            elif line.strip():
-                prompts.append(line)
-        if skips.total:
-            print(f"tinyk: stdin: {skips.summary()}", file=sys.stderr)
-        if not prompts:
-            raise TinykError("no prompts on stdin (--prompt-file - reads one per line)")
-    elif args.prompt_file:
-        if Path(args.prompt_file).is_fifo():  # `--prompt-file <(command)`
-            raise TinykError(f"--prompt-file {args.prompt_file} is a pipe: pipe the prompts to stdin with "
-                             f"--prompt-file - instead")
-        skips = Skips()
-        found = list(iter_texts(check_inputs([args.prompt_file]), skips, field_name=args.field))
-        if is_plain_text(Path(args.prompt_file)):
-            if not found:
-                why = f"no usable lines; {skips.summary()}" if skips.total else "it has no non-empty lines"
-                raise TinykError(f"no prompts in {args.prompt_file} ({why})")
-        if not found:
-            raise TinykError(f"no prompts in {args.prompt_file} (records need a string field {args.field!r}, "
-                             f"see --field; {skips.summary()})")
-        if skips.total:
-            print(f"tinyk: {args.prompt_file}: {skips.summary()}", file=sys.stderr)
-        prompts += found
-    if not prompts:
-        raise TinykError("give --prompt TEXT (repeatable) or --prompt-file FILE")
-    return prompts
-
-
 def _generate(args: argparse.Namespace) -> int:
-    from tinyk.engine import ContextLengthError
-    from tinyk.files import TinykError, plural
-
-    prompts = read_prompts(args)
+    prompts, note = read_prompts(args.prompt, args.prompt_file, args.field)
+    if note:
+        print(f"tinyk: {note}", file=sys.stderr)
     if args.no_bos and "" in prompts:  # the engine would start it from <|im_start|> all the same
         raise TinykError("an empty prompt has nothing to continue without <|im_start|>; give it text, or leave out "
                          "--no-bos")
     params = sampling_params(args)
     engine = _engine(args, args.batch_size)
-    ids, kept, too_long = [], [], []  # kept: the prompts' numbers in the input, from 0
-    for i, p in enumerate(prompts):
-        try:
-            ids.append(engine.encode(p, bos=not args.no_bos))
-            kept.append(i)
-        except ContextLengthError as e:  # which of many: its number and how it starts
-            said = f"prompt {i + 1} of {len(prompts)} ({p[:24]!r}{'...' if len(p) > 24 else ''}): {e}"
-            if i < len(args.prompt) or len(prompts) == 1:  # one typed out: the user means that one
-                raise TinykError(said if len(prompts) > 1 else str(e)) from None
-            too_long.append(said)
-    if too_long:  # a file's, as a file's bad records are: skipped and counted, the others generated
-        if not ids:
-            raise TinykError(f"no prompt fits the model's {engine.context_length}-token context (the first: "
-                             f"{too_long[0]})")
-        print(f"tinyk: skipped {plural(len(too_long), 'prompts')} longer than the model's context (the first: "
-              f"{too_long[0]})", file=sys.stderr)
+    ids, kept, note = engine.encode_prompts(prompts, bos=not args.no_bos, typed=len(args.prompt))
+    if note:
+        print(f"tinyk: {note}", file=sys.stderr)
     if len(prompts) == 1 and not args.json:
         sys.stdout.write(prompts[0])
         request = engine.request(ids[0], params)
@@ -191,8 +101,6 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from tinyk.files import TinykError
-
     params = sampling_params(args)
     if isinstance(sys.stdin, io.TextIOWrapper):  # a GBK line becomes one message the session reports, not a crash
         sys.stdin.reconfigure(errors="surrogateescape")
@@ -215,8 +123,6 @@ def _input_lines() -> Iterable[str]:
     """Lines typed at the `you>` prompt, with line editing and history where readline exists (arrow
     keys otherwise type escape codes into the message). Ctrl-C there clears the line, as at Python's
     own prompt, rather than ending the conversation; Ctrl-D ends it."""
-    from tinyk.files import Terminated
-
     with contextlib.suppress(ImportError):  # not on Windows
         import readline  # loading it is what gives input() editing and history
 

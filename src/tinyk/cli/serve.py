@@ -6,16 +6,19 @@ import argparse
 import os
 
 from tinyk.cli.common import (
+    add_engine_args,
     add_sampling_args,
     batch_count,
     float_range,
     int_range,
     non_empty,
     positive_int,
+    sampling_params,
+    set_threads,
     size_range,
     utf8_text,
 )
-from tinyk.cli.generate import add_engine_args, sampling_params, set_threads
+from tinyk.files import TinykError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -50,7 +53,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from tinyk.files import TinykError
     from tinyk.serve import serve
 
     key = args.api_key if args.api_key is not None else os.environ.get("TINYK_API_KEY")

@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from tinyk.cli.common import int_range, output_path, positive_size
-from tinyk.files import Skips, is_compressed, plural
+from tinyk.files import Skips, bytes_text, check_inputs, plural
 
 
 def vocab_size(s: str) -> int:
@@ -48,41 +47,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.set_defaults(func=_eval)
 
 
-def _size(n: int) -> str:
-    if n < 1e6:
-        return plural(n, "bytes") if n < 1e3 else f"{n / 1e3:.1f} kB"
-    return f"{n / 1e9:,.1f} GB" if n >= 1e9 else f"{n / 1e6:,.0f} MB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
-
-
-# Text rarely compresses more than tenfold: a compressed file's size times this bounds the text it holds.
-MAX_COMPRESSION = 10
-
-
-def _text_read(inputs: list[str], max_bytes: int) -> int:
-    """How much text a --max-bytes read takes: all of it when the inputs are smaller (a compressed
-    file counted at the most text it can plausibly hold)."""
-    paths = [Path(p) for p in inputs]
-    if any(not p.is_file() for p in paths):
-        return max_bytes
-    return min(max_bytes, sum(p.stat().st_size * (MAX_COMPRESSION if is_compressed(p) else 1) for p in paths))
-
-
 def _train(args: argparse.Namespace) -> int:
-    from tinyk.files import check_inputs
-    from tinyk.tokenizer import BPE_MEMORY_PER_BYTE, memory_available, memory_read_limit, train_tokenizer
+    from tinyk.tokenizer import BPE_MEMORY_PER_BYTE, memory_note, train_tokenizer
 
     check_inputs(args.inputs)  # a missing file is the one line, not a word on memory before it
-    memory = memory_available()
-    text = args.max_bytes and _text_read(args.inputs, args.max_bytes)
-    if text and memory and text * BPE_MEMORY_PER_BYTE > memory:
-        print(f"tinyk: warning: reading {_size(text)} of text (--max-bytes) may need up to "
-              f"{_size(text * BPE_MEMORY_PER_BYTE)} of memory (BPE training holds about "
-              f"{BPE_MEMORY_PER_BYTE} bytes per byte of text) and {_size(memory)} is available", file=sys.stderr)
-    elif args.max_bytes is None and memory and _text_read(args.inputs, limit := memory_read_limit(memory)) >= limit:
-        # said before the minutes of reading, not only after (train_tokenizer measures the memory again)
-        print(f"tinyk: reading at most {_size(limit)} of text, what {_size(memory)} of available "
-              f"memory allows (BPE training holds about {BPE_MEMORY_PER_BYTE} bytes per byte of text); --max-bytes "
-              f"sets how much", file=sys.stderr)
+    note = memory_note(args.inputs, args.max_bytes)
+    if note:  # said before the minutes of reading, not only after
+        print(f"tinyk: {note}", file=sys.stderr)
     r = train_tokenizer(args.inputs, args.out, vocab_size=args.vocab_size, normalization=args.normalization,
                         max_bytes=args.max_bytes, field_name=args.field, min_frequency=args.min_frequency,
                         force=args.force, strict=args.strict,
@@ -93,10 +64,10 @@ def _train(args: argparse.Namespace) -> int:
         print(f"note: {r['vocab_size']} tokens, not --vocab-size {args.vocab_size}: the text has no more pairs seen "
               f"at least --min-frequency {args.min_frequency} times to merge (more text gives a larger vocabulary)")
     long_lines = r["skipped"]["by_reason"].get("line_too_long", 0)
-    read = f"read the first {_size(r['capped_at'] or 0)} of the input" + (
+    read = f"read the first {bytes_text(r['capped_at'] or 0)} of the input" + (
         f" (not counting {long_lines:,} line(s) too long to read, skipped)" if long_lines else "")
     if r["capped_at"] is not None and r["cap_from_memory"]:
-        print(f"{read}, what {_size(r['memory_available'])} of "
+        print(f"{read}, what {bytes_text(r['memory_available'])} of "
               f"available memory allows (BPE training holds about {BPE_MEMORY_PER_BYTE} bytes per byte of text); "
               "--max-bytes sets how much")
     elif r["capped_at"] is not None:
