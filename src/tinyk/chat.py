@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, TextIO
 from .files import Terminated, TinykError
 
 if TYPE_CHECKING:  # the engine brings torch, which `tinyk --help` does not need
-    from .engine import Engine, SamplingParams
+    from .engine import Engine, Request, SamplingParams
 
 CHAT_HELP = ("commands: /reset (forget the conversation), /system TEXT (new system prompt, then reset), "
              "/exit or /quit, /help; //TEXT sends /TEXT")
@@ -27,32 +27,7 @@ def chat_session(engine: Engine, params: SamplingParams, lines: Iterable[str], o
     session Ctrl-C stops the reply being written and keeps what was shown of it.
     Returns the final history.
     """
-    from .engine import MESSAGE_TOKENS, ContextLengthError
-    from .files import has_surrogate
-    from .tokenizer import NOT_UTF8
-
-    history: list[dict[str, str]] = []
-    # Room for the reply: its whole token budget, but never more than half the window (the history
-    # keeps the rest).
-    reserve = min(params.max_new_tokens, engine.context_length // 2)
-
-    def opening(s: str | None) -> int:
-        """Tokens a conversation under system prompt `s` takes before its first message's text."""
-        engine.check_fits([s or ""], tokens_each=MESSAGE_TOKENS)  # a pasted megabyte: refused, not tokenized
-        return engine.tok.opening_tokens(s)
-
-    def too_long(s: str | None) -> str | None:
-        """Why system prompt `s` leaves no room for any message, or None."""
-        try:
-            start = opening(s)
-        except ContextLengthError:
-            start = engine.context_length
-        return None if start < engine.context_length else (
-            f"the system prompt is too long: with it the conversation takes at least {start:,} tokens before "
-            f"any message, and the model's context window is {engine.context_length:,}")
-
-    if why := too_long(system):
-        raise TinykError(why)
+    session = _Session(engine, params, out, system, prompt, interactive)
     for line in lines:
         text = line.strip()
         if not text:
@@ -61,25 +36,77 @@ def chat_session(engine: Engine, params: SamplingParams, lines: Iterable[str], o
             text = text[1:]
         # A one-shot message is only ever a message ("/usr 是什么"), and so is a pasted paragraph.
         elif interactive and text.startswith("/") and "\n" not in text:
-            command = text.split(maxsplit=1)[0]
-            if command in ("/exit", "/quit"):
+            if not session.command(text):
                 break
-            if command == "/reset":
-                history = []
-                print("(conversation reset)", file=sys.stderr)
-            elif command == "/help":
-                print(CHAT_HELP, file=sys.stderr)
-            elif command == "/system" and has_surrogate(text):  # a GBK line: the session goes on
-                print(f"({NOT_UTF8}; system prompt unchanged)", file=sys.stderr)
-            elif command == "/system" and (why := too_long(text[len("/system"):].strip() or None)):
-                print(f"({why}; system prompt unchanged)", file=sys.stderr)
-            elif command == "/system":
-                system = text[len("/system"):].strip() or None
-                history = []
-                print(f"(system prompt {'set' if system else 'cleared'}; conversation reset)", file=sys.stderr)
-            else:
-                print(f"unknown command {command}; {CHAT_HELP}", file=sys.stderr)
             continue
+        session.message(text)
+    return session.history
+
+
+class _Session:
+    """One conversation: its history and system prompt, and how each line changes them."""
+
+    def __init__(self, engine: Engine, params: SamplingParams, out: TextIO, system: str | None, prompt: str,
+                 interactive: bool):
+        self.engine, self.params, self.out, self.prompt, self.interactive = engine, params, out, prompt, interactive
+        self.history: list[dict[str, str]] = []
+        # Room for the reply: its whole token budget, but never more than half the window (the history
+        # keeps the rest).
+        self.reserve = min(params.max_new_tokens, engine.context_length // 2)
+        if why := self.too_long(system):
+            raise TinykError(why)
+        self.system = system
+
+    def opening(self, s: str | None) -> int:
+        """Tokens a conversation under system prompt `s` takes before its first message's text."""
+        from .engine import MESSAGE_TOKENS
+
+        self.engine.check_fits([s or ""], tokens_each=MESSAGE_TOKENS)  # a pasted megabyte: refused, not tokenized
+        return self.engine.tok.opening_tokens(s)
+
+    def too_long(self, s: str | None) -> str | None:
+        """Why system prompt `s` leaves no room for any message, or None."""
+        from .engine import ContextLengthError
+
+        context = self.engine.context_length
+        try:
+            start = self.opening(s)
+        except ContextLengthError:
+            start = context
+        return None if start < context else (
+            f"the system prompt is too long: with it the conversation takes at least {start:,} tokens before "
+            f"any message, and the model's context window is {context:,}")
+
+    def command(self, text: str) -> bool:
+        """Carries out a /command; False when it ends the session."""
+        from .files import has_surrogate
+        from .tokenizer import NOT_UTF8
+
+        command, *rest = text.split(maxsplit=1)
+        system = rest[0].strip() if rest else None  # /system's argument
+        if command in ("/exit", "/quit"):
+            return False
+        if command == "/reset":
+            self.history = []
+            print("(conversation reset)", file=sys.stderr)
+        elif command == "/help":
+            print(CHAT_HELP, file=sys.stderr)
+        elif command == "/system" and has_surrogate(text):  # a GBK line: the session goes on
+            print(f"({NOT_UTF8}; system prompt unchanged)", file=sys.stderr)
+        elif command == "/system" and (why := self.too_long(system)):
+            print(f"({why}; system prompt unchanged)", file=sys.stderr)
+        elif command == "/system":
+            self.system, self.history = system, []
+            print(f"(system prompt {'set' if system else 'cleared'}; conversation reset)", file=sys.stderr)
+        else:
+            print(f"unknown command {command}; {CHAT_HELP}", file=sys.stderr)
+        return True
+
+    def message(self, text: str) -> None:
+        """Answers one user message, streaming the reply; a message that cannot be sent is reported."""
+        from .engine import MESSAGE_TOKENS, ContextLengthError
+
+        engine, interactive = self.engine, self.interactive
         try:
             engine.check_fits([text], tokens_each=MESSAGE_TOKENS)  # a pasted megabyte: refused, not tokenized
             engine.tok.encode(text)
@@ -90,32 +117,37 @@ def chat_session(engine: Engine, params: SamplingParams, lines: Iterable[str], o
             if not interactive:
                 raise
             print(f"({'message too long: ' if long else ''}{e})", file=sys.stderr)
-            continue
+            return
         # Turns are forgotten from a copy: a message too long even on its own keeps the conversation.
-        kept, forgot = [*history, {"role": "user", "content": text}], 0
+        kept, forgot = [*self.history, {"role": "user", "content": text}], 0
         while True:
-            ids = engine.chat_ids(kept, default_system=system)
-            if len(ids) + reserve <= engine.context_length or len(kept) == 1:
+            ids = engine.chat_ids(kept, default_system=self.system)
+            if len(ids) + self.reserve <= engine.context_length or len(kept) == 1:
                 break
             kept, forgot = kept[2:], forgot + 1
         try:
-            request = engine.request(ids, params)
+            request = engine.request(ids, self.params)
         except ContextLengthError as e:
-            share = opening(system)
+            share = self.opening(self.system)
             why = f"{e}; the system prompt and chat markers take {share:,}" if share > engine.context_length // 4 \
                 else str(e)
             if not interactive:
                 raise TinykError(f"message too long: {why}") from e
             print(f"(message too long: {why})", file=sys.stderr)
-            continue
+            return
         if forgot:
             turns = f"{forgot} turns" if forgot > 1 else "turn"
             print(f"(forgot the oldest {turns} to fit the context window)", file=sys.stderr)
-        history = kept
-        out.write(prompt)
+        self.history = kept
+        self._reply(request)
+
+    def _reply(self, request: Request) -> None:
+        """Streams the reply to `out` and adds it to the history (what was shown of it, after a Ctrl-C)."""
+        out, params = self.out, self.params
+        out.write(self.prompt)
         shown = []
         try:
-            for _, delta in engine.run([request]):
+            for _, delta in self.engine.run([request]):
                 out.write(delta)
                 out.flush()
                 shown.append(delta)
@@ -126,21 +158,20 @@ def chat_session(engine: Engine, params: SamplingParams, lines: Iterable[str], o
         except KeyboardInterrupt as e:  # Ctrl-C stops the reply, not the conversation; SIGTERM stops both
             out.write("\n")  # the reply's line ends before anything says why it stopped
             out.flush()
-            if not interactive or isinstance(e, Terminated):
+            if not self.interactive or isinstance(e, Terminated):
                 raise
             if shown:
                 print("(reply stopped)", file=sys.stderr)
-                history.append({"role": "assistant", "content": "".join(shown)})
+                self.history.append({"role": "assistant", "content": "".join(shown)})
             else:  # no reply to keep: the message goes too, so no empty answer stays in the context
                 print("(reply stopped; the message is forgotten too)", file=sys.stderr)
-                history.pop()
-            continue
+                self.history.pop()
+            return
         out.write("\n")
         out.flush()
         reply = request.completion()
         if reply.finish_reason == "length":
             fix = ("raise --max-new-tokens for longer" if reply.completion_tokens >= params.max_new_tokens
-                   else "the context window is full" + ("; /reset starts over" if interactive else ""))
+                   else "the context window is full" + ("; /reset starts over" if self.interactive else ""))
             print(f"(reply cut at {reply.completion_tokens} tokens; {fix})", file=sys.stderr)
-        history.append({"role": "assistant", "content": reply.text})
-    return history
+        self.history.append({"role": "assistant", "content": reply.text})
