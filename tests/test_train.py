@@ -605,6 +605,24 @@ def test_a_run_resumes_from_inside_its_directory(tmp_path, pt_data, tok_dir, mon
     assert e.value.code == 0 and json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 3
 
 
+def test_a_resume_keeps_what_the_weights_compute_and_a_fine_tune_may_change_it(tmp_path, pt_data, tok_dir, capsys):
+    """rope_theta or norm_eps changed on --resume made the run go on training another function, with no
+    word; a new run from the checkpoint (--init) is how to mean it."""
+    run = tmp_path / "run"
+    train(nano_cfg(pt_data, tok_dir, run, max_steps=2, save_every=1))
+    for key, value in (("rope_theta", "500"), ("norm_eps", "0.1")):
+        with pytest.raises(SystemExit) as e:
+            main(["pretrain", "--out", str(run), "--resume", "--max-steps", "3", "--set", f"model.{key}={value}",
+                  "--no-progress"])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and err.startswith(f"tinyk: error: model.{key}={float(value)} differs from the "
+                                                    "run's ") and err.endswith(f"--init {run}/checkpoints/step_0000002/model"), err
+    assert not (run / "checkpoints" / "step_0000003").exists()
+    out = train(nano_cfg(pt_data, None, tmp_path / "long", init=str(run / "final"), model={"rope_theta": 500.0},
+                         max_steps=1))
+    assert out["steps"] == 1 and json.loads((tmp_path / "long" / "final" / "config.json").read_text())["rope_theta"] == 500
+
+
 def test_a_dead_process_leaves_the_others_one_line_and_the_way_back(tmp_path, pt_data, tok_dir):
     """A worker killed mid-run (out of memory, a node lost): the survivor's failed collective is one
     line naming the newest checkpoint, not the backend's traceback, even when torchrun's SIGTERM to
@@ -1640,6 +1658,44 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_last_checkpoint(tmp_
     monkeypatch.setattr("tinyk.monitor.plot_losses", no_room)  # the plot alone does not fail a run
     summary = train(nano_cfg(pt_data, tok_dir, out, max_steps=3), resume=True)
     assert summary["status"] == "completed" and "warning: loss.png not written" in capsys.readouterr().out
+
+
+def test_checkpoints_are_on_the_disk_before_older_ones_are_deleted(tmp_path, pt_data, tok_dir, monkeypatch):
+    """A rename orders nothing: after a power cut the newest checkpoint could be there with empty files
+    and the one before it rotated away. Every file of a checkpoint is flushed before any deletion."""
+    import tinyk.files
+
+    events: list[tuple[str, str]] = []
+    fsync, rmtree = tinyk.files.os.fsync, shutil.rmtree
+    monkeypatch.setattr(tinyk.files.os, "fsync", lambda fd: events.append(("sync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or fsync(fd))
+    monkeypatch.setattr(shutil, "rmtree", lambda path, *a, **kw: events.append(("delete", str(path)))
+                        or rmtree(path, *a, **kw))
+    out = tmp_path / "run"
+    train(nano_cfg(pt_data, tok_dir, out, max_steps=2, save_every=1, keep_checkpoints=1))
+    deleted = next(i for i, (what, path) in enumerate(events) if what == "delete" and "step_0000001" in path)
+    synced = {Path(path).name for what, path in events[:deleted] if what == "sync"}
+    newest = out / "checkpoints" / "step_0000002"
+    assert {p.name for p in newest.rglob("*") if p.is_file()} <= synced and "checkpoints" in synced
+    assert {p.name for p in (out / "final").iterdir()} <= {Path(path).name for what, path in events if what == "sync"}
+
+
+def test_a_resume_on_a_read_only_disk_is_one_line(tmp_path, pt_data, tok_dir, monkeypatch):
+    """Cutting the log of a run killed mid-line, where nothing can be written: the folder and why, not
+    an errno naming a hidden temporary file."""
+    import errno
+
+    out = tmp_path / "run"
+    train(nano_cfg(pt_data, tok_dir, out, max_steps=2, save_every=1))
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"type": "train", "st')
+
+    def read_only(path: Path, *a, **kw):
+        raise OSError(errno.EROFS, "Read-only file system", str(path.parent / f".{path.name}.tmp-1"))
+
+    monkeypatch.setattr("tinyk.monitor.atomic_file", read_only)
+    with pytest.raises(TinykError, match=rf"^cannot write in {re.escape(str(out))}: the file system is read-only$"):
+        train(nano_cfg(pt_data, tok_dir, out, max_steps=3), resume=True)
 
 
 def test_a_run_without_matplotlib_says_there_is_no_plot(tmp_path, pt_data, tok_dir, capsys, monkeypatch):

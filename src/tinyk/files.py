@@ -937,6 +937,33 @@ def atomic_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path
         raise
 
 
+def sync_tree(root: Path) -> None:
+    """Puts every file under `root`, and the folder entries naming them, on the disk. Renaming a
+    folder into place orders nothing: after a power cut a checkpoint could be there in name with its
+    files empty, and the older ones it replaced already deleted."""
+    for folder, _, names in os.walk(root):
+        for name in names:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        sync_folder(Path(folder))
+
+
+def sync_folder(folder: Path) -> None:
+    """Puts a folder's entries (a file renamed into it) on the disk, where the system can."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # Windows opens no folders
+        return
+    try:
+        with contextlib.suppress(OSError):  # some file systems take no fsync of a folder (EINVAL)
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _check_replace(out: Path, force: bool, replaces: tuple[str, Callable[[Path], bool]] | None) -> None:
     """Refuses to replace an existing `out` without `force`, or (with `replaces`) one that is not this
     kind of output: a mistyped --out never deletes someone's files."""

@@ -246,7 +246,7 @@ class Monitor:
         if len(kept) == len(self.records) and not self.cut_tail:  # a finished run resumes on a read-only disk
             return
         self.records, self.cut_tail = kept, False
-        with atomic_file(self.metrics_path) as tmp:
+        with writing(self.metrics_path), atomic_file(self.metrics_path) as tmp:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
 
     def _append(self, rec: dict[str, Any]) -> None:

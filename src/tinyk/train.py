@@ -54,6 +54,8 @@ from .files import (
     plural,
     read_json,
     remove_path,
+    sync_folder,
+    sync_tree,
     without_dotdot,
     write_json_atomic,
     writing,
@@ -93,6 +95,7 @@ SIGINT_ECHO_S = 0.5  # a second SIGINT sooner than this is the first one again, 
 # Model fields that change parameter shapes, so they cannot differ from an --init model's.
 SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "multiple_of",
                 "tie_embeddings")
+COMPUTE_FIELDS = ("rope_theta", "norm_eps")  # not shapes, but the weights were trained with them
 
 
 # ----------------------------------------------------------------------------- schedule & optimizer
@@ -523,6 +526,14 @@ class Trainer:
         if clash:
             raise TinykError(f"model.{clash[0]}={section[clash[0]]} conflicts with {self.weights_dir} "
                              f"({clash[0]} {getattr(base, clash[0])}); shapes come from the loaded model")
+        # A resumed run goes on training the same function; these change what its weights compute (the
+        # loss jumps), as a fine-tune from them may mean to (extending the context with rope_theta).
+        changed = [k for k in COMPUTE_FIELDS if self.resumed_from and k in section and section[k] != getattr(base, k)]
+        if changed:
+            k = changed[0]
+            raise TinykError(f"model.{k}={section[k]} differs from the run's {getattr(base, k)}: a resumed run "
+                             f"trains the same model on; to train with another {k}, start a new run with "
+                             f"--init {self.weights_dir}")
         return model_config(section, base=base)
 
     def _setup_run_dir(self, force: bool) -> bool:
@@ -562,7 +573,8 @@ class Trainer:
         # One run per directory: a second writer (a job script's --resume while the first still runs, or
         # workers that outlived a killed torchrun) would interleave metrics and rotate away checkpoints.
         if main:
-            out.mkdir(parents=True, exist_ok=True)
+            with writing(out):
+                out.mkdir(parents=True, exist_ok=True)
         try:
             busy = main and not self.lock.acquire()
             in_use = self.dist.sum_host([int(busy)])[0]  # under torchrun, waits for the slowest rank to start
@@ -600,7 +612,8 @@ class Trainer:
                 clean_partial(out)
                 if exists and force and not self.resume:
                     self.aside = set_aside(out)
-                (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+                with writing(out / "checkpoints"):
+                    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
                 if not exists or not self.resume:  # a new run: its directory is a run's from the start
                     self._write_config()
             self.dist.barrier()
@@ -793,6 +806,8 @@ class Trainer:
                     "world_size": d.world, "batch_size": self.cfg.batch_size,
                     "seq_len": self.cfg.seq_len, "total_steps": self.total_steps, "warmup": self.warmup,
                     "max_minutes": self.cfg.max_minutes})
+                sync_tree(tmp)  # on the disk before older checkpoints are deleted
+            sync_folder(path.parent)
             self.tok_dir = path / "model"  # the tokenizer to copy from now on: never rotated away, never moved
             for old in checkpoints(self.out)[:-self.cfg.keep_checkpoints]:
                 # Renamed first: a kill mid-delete leaves a leftover, never a checkpoint with files missing.
@@ -1289,6 +1304,8 @@ class Trainer:
             with self._kept_on_failure("--resume writes final/ from it"), writing(self.out / "final"), \
                     atomic_dir(self.out / "final", force=True) as tmp:
                 self.write_model(tmp, model_state)
+                sync_tree(tmp)
+            sync_folder(self.out)
         self.dist.barrier()
         return str(self.out / "final")
 
