@@ -470,6 +470,12 @@ def test_fields_at_their_off_values_are_accepted(server):
     status, reply = request(server, "POST", "/v1/completions", {**body, "stream": True,
                                                                 "stream_options": {"include_obfuscation": False}})
     assert status == 200, reply
+    # Ignored, but not any value: OpenAI's schema types them, and so does this server.
+    for field, value, kind in (("user", 5, "a string"), ("metadata", "k=v", "an object"), ("store", "no", "a boolean")):
+        status, err = request(server, "POST", "/v1/chat/completions", {**chat, field: value})
+        assert status == 400 and err["error"] == {"message": f"'{field}' must be {kind}", "type": "invalid_request_error",
+                                                  "param": field, "code": "invalid_type"}, err
+    assert request(server, "POST", "/v1/chat/completions", {**chat, "user": None})[0] == 200
 
 
 def test_max_completion_tokens_wins_over_the_deprecated_max_tokens(server):

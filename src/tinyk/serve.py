@@ -77,8 +77,12 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
 NO_LOGPROB = -9999.0  # JSON has no -infinity: a token the model rules out (vLLM's value)
 # Fields that do not change the answer (who is asking, storage, caching and latency hints), accepted and
 # ignored; any field in neither list is refused as OpenAI refuses it ("max_token" is a typo, not a no-op).
-IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prediction", "reasoning_effort",
-           "verbosity", "prompt_cache_key", "prompt_cache_options", "prompt_cache_retention", "safety_identifier"}
+# Each with the JSON type OpenAI's schema gives it, which is still checked (null is always accepted).
+IGNORED: dict[str, type] = {
+    "user": str, "metadata": dict, "store": bool, "service_tier": str, "parallel_tool_calls": bool,
+    "prediction": dict, "reasoning_effort": str, "verbosity": str, "prompt_cache_key": str,
+    "prompt_cache_options": dict, "prompt_cache_retention": str, "safety_identifier": str}
+_JSON_TYPES = {str: "a string", dict: "an object", bool: "a boolean"}
 _COMMON = {"model", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop",
            "seed", "n", "top_k", "min_p", "repetition_penalty", "stop_token_ids", "ignore_eos", "logprobs",
            *UNSUPPORTED, *IGNORED}
@@ -275,6 +279,9 @@ class Api:
                            param="stop", code="invalid_value")
         if stop and len(stop) > MAX_STOP_STRINGS:
             raise ApiError(400, f"'stop' takes at most {MAX_STOP_STRINGS} strings", param="stop", code="invalid_value")
+        for name, kind in IGNORED.items():
+            if body.get(name) is not None and not isinstance(body[name], kind):
+                raise ApiError(400, f"'{name}' must be {_JSON_TYPES[kind]}", param=name, code="invalid_type")
         for name, offs in (UNSUPPORTED | UNSUPPORTED_BY_KIND[chat]).items():
             value = body.get(name)
             # A bool is not a number here: `best_of: true` is not 1, while a penalty of 0.0 is as off as 0.
