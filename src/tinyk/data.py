@@ -833,10 +833,11 @@ def _prepare(kind: str, paths: list[Path], tok: TinyTokenizer, out: str | Path, 
         checkpoints = _Checkpoints(tmp, fingerprint, checkpoint_s, show_progress)
         try:
             with contextlib.ExitStack() as opened:
-                splits = _tokenize(kind, unit, job, records, size, batch_chars, make_writer, dtype, val_fraction,
-                                   seed, workers, strict, show_progress, checkpoints, opened)
-            skips, truncated, seconds = splits.pop("skips"), splits.pop("truncated"), splits.pop("seconds")
-            scratch = splits.pop("scratch")
+                splits, done = _tokenize(
+                    kind, unit, job, records, size=size, batch_chars=batch_chars, workers=workers, strict=strict,
+                    show_progress=show_progress, checkpoints=checkpoints,
+                    open_done=lambda state: _Done.open(state, tmp, make_writer, dtype, val_fraction, seed, strict,
+                                                       opened))
             meta = {
                 "kind": kind,
                 "format_version": FORMAT_VERSION,
@@ -845,13 +846,13 @@ def _prepare(kind: str, paths: list[Path], tok: TinyTokenizer, out: str | Path, 
                 "dtype": dtype.name,
                 "splits": splits,
                 **meta_extra,
-                **({"truncated": truncated} if kind == "sft" else {}),
+                **({"truncated": dict(done.truncated)} if kind == "sft" else {}),
                 "val_fraction": val_fraction,
                 "seed": seed,
-                "skipped": skips,
+                "skipped": done.skips.to_json(),
                 "inputs": [{"path": shown(p), "bytes": p.stat().st_size} for p in paths],
                 "command": command,
-                "seconds": seconds,
+                "seconds": done.seconds,
             }
             # Read back once (from the page cache, mostly): `tinyk data info --verify` checks a copy against it.
             meta["sha256"] = {name: sha256_file(tmp / name) for name in data_files(meta)}
@@ -860,20 +861,27 @@ def _prepare(kind: str, paths: list[Path], tok: TinyTokenizer, out: str | Path, 
         except BaseException as e:
             checkpoints.stopped(e, unit)
             raise
-        checkpoints.finished(scratch)
+        checkpoints.finished([path for w in done.writers.values() for path in w.scratch()])
     return meta
 
 
-def _tokenize(kind: str, unit: str, job: _Job, records: Callable[[Skips], Iterator[Any]], size: Callable[[Any], int],
-              batch_chars: int, make_writer: Callable[[Path, np.dtype], _SplitWriter], dtype: np.dtype,
-              val_fraction: float, seed: int, workers: int, strict: bool, show_progress: bool,
-              checkpoints: _Checkpoints, opened: contextlib.ExitStack) -> dict[str, Any]:
-    """Fills `checkpoints.folder` with the two splits, continuing a saved state if there is one; returns
-    the splits' meta with the skip report, truncation counts and the seconds spent on the work kept
-    (a stopped run's time after its last save is not counted: that work was done again)."""
-    from tqdm import tqdm
+@dataclass
+class _Done:
+    """What a tokenizing run has done so far: what a checkpoint saves (with the writers' own state), and
+    what a stopped run's next start continues from."""
 
-    def restore(state: dict[str, Any] | None) -> tuple[dict[str, _SplitWriter], _Splitter, Skips, Counter, int, float]:
+    writers: dict[str, _SplitWriter]
+    splitter: _Splitter
+    skips: Skips
+    truncated: Counter
+    records: int = 0  # input records read, skipped ones included
+    seconds: float = 0.0  # spent on the work kept (a stopped run's time after its last save is not)
+
+    @classmethod
+    def open(cls, state: dict[str, Any] | None, folder: Path, make_writer: Callable[[Path, np.dtype], _SplitWriter],
+             dtype: np.dtype, val_fraction: float, seed: int, strict: bool, opened: contextlib.ExitStack) -> _Done:
+        """The splits' writers, opened at a checkpoint's `state` (None: from nothing); a state that does not
+        add up (edited, or from elsewhere) is a KeyError, TypeError, ValueError or AttributeError."""
         if state:  # an edited count would fail later, mid-run, as a traceback
             counts = [state["records"], state["splitter"]["seen"],
                       *(v for w in state["writers"].values() for k, v in w.items() if k != "shards"),
@@ -882,38 +890,53 @@ def _tokenize(kind: str, unit: str, job: _Job, records: Callable[[Skips], Iterat
                 raise ValueError("a count that is not a whole number")
             if not all(plain_name(s["file"]) for w in state["writers"].values() for s in w.get("shards", [])):
                 raise ValueError("a shard named outside its split's folder")
-        writers = {split: make_writer(checkpoints.folder / split, dtype) for split in SPLITS}
+        writers = {split: make_writer(folder / split, dtype) for split in SPLITS}
         for split, w in writers.items():
             opened.callback(w.release)  # a stopped run closes its files before its folder is removed or kept
             w.open(state["writers"][split] if state else None)
+        seen = int(state["splitter"]["seen"]) if state else 0
+        splitter = _Splitter(writers["train"], writers["val"], val_fraction, seed, seen)
         if not state:
-            return writers, _Splitter(writers["train"], writers["val"], val_fraction, seed), Skips(strict=strict), \
-                Counter(), 0, 0.0
-        return (writers, _Splitter(writers["train"], writers["val"], val_fraction, seed, int(state["splitter"]["seen"])),
-                Skips.from_json(state["skips"], strict), Counter(state["truncated"]), int(state["records"]),
-                float(state["seconds"]))
+            return cls(writers, splitter, Skips(strict=strict), Counter())
+        return cls(writers, splitter, Skips.from_json(state["skips"], strict), Counter(state["truncated"]),
+                   int(state["records"]), float(state["seconds"]))
 
-    state = checkpoints.load()
+    def state(self, records: int, seconds: float) -> dict[str, Any]:
+        """The checkpoint of this point: `records` read, `seconds` spent in all."""
+        return {"records": records, "splitter": {"seen": self.splitter.seen},
+                "writers": {split: w.state() for split, w in self.writers.items()},
+                "skips": self.skips.to_json(), "truncated": dict(self.truncated), "seconds": round(seconds, 3)}
+
+
+def _tokenize(kind: str, unit: str, job: _Job, records: Callable[[Skips], Iterator[Any]], *,
+              size: Callable[[Any], int], batch_chars: int, workers: int, strict: bool, show_progress: bool,
+              checkpoints: _Checkpoints, open_done: Callable[[dict[str, Any] | None], _Done]
+              ) -> tuple[dict[str, Any], _Done]:
+    """Fills `checkpoints.folder` with the two splits, continuing a saved state if there is one; returns
+    the splits' meta and what was done (skips, truncation counts, seconds)."""
+    from tqdm import tqdm
+
     try:
-        writers, splitter, skips, truncated, done_records, seconds_before = restore(state)
+        done = open_done(checkpoints.load())
     except (KeyError, TypeError, ValueError, AttributeError):  # a progress file edited, or from elsewhere
         checkpoints.start_over("has a progress file that cannot be read")
-        writers, splitter, skips, truncated, done_records, seconds_before = restore(None)
+        done = open_done(None)
+    splitter, seconds_before = done.splitter, done.seconds
     reader = _SkipLog(stop_at_first=strict)
     items = _read_until_stopped(records(reader))
     t0 = time.monotonic()
-    if done_records:
+    if done.records:
         checkpoints.say(f"continuing the stopped run in {shown(checkpoints.folder)}: {splitter.seen:,} {unit}, "
                         f"{splitter.train.tokens + splitter.val.tokens:,} tokens done; reading past them")
-        count = sum(1 for _ in islice(items, done_records))
-        if count < done_records:
+        count = sum(1 for _ in islice(items, done.records))
+        if count < done.records:
             raise TinykError(f"the input holds fewer records ({count:,}) than the stopped run had done "
-                             f"({done_records:,}); was it changed? Run the command again to start over")
+                             f"({done.records:,}); was it changed? Run the command again to start over")
         reader.take()  # the skips among them are counted in the saved state
         checkpoints.say(f"read past them in {time.monotonic() - t0:.0f}s")
 
     def tagged() -> Iterator[tuple[tuple[Skips, int], list[Any]]]:
-        count, read = done_records, [Skips()]
+        count, read = done.records, [Skips()]
 
         def taking(items: Iterator[Any]) -> Iterator[Any]:
             for item in items:
@@ -933,9 +956,9 @@ def _tokenize(kind: str, unit: str, job: _Job, records: Callable[[Skips], Iterat
         for (read_skips, count), (batch, skipped, cut) in _map_ordered(job, tagged(), workers):
             # A batch's records all precede a --strict stop, so their own skips come first.
             for reason, where in skipped:
-                skips.add(reason, where)
-            skips.merge(read_skips)
-            truncated.update(cut)
+                done.skips.add(reason, where)
+            done.skips.merge(read_skips)
+            done.truncated.update(cut)
             splitter.add(batch)
             bar.update(len(batch))
             bar.set_postfix(tokens=f"{splitter.train.tokens + splitter.val.tokens:,}", refresh=False)
@@ -944,17 +967,13 @@ def _tokenize(kind: str, unit: str, job: _Job, records: Callable[[Skips], Iterat
                 last_line = now
                 print(_progress_line(kind, unit, splitter, seconds_before + now - t0), file=sys.stderr, flush=True)
             if checkpoints.due() and splitter.settle():
-                checkpoints.save({"records": count, "splitter": {"seen": splitter.seen},
-                                  "writers": {split: w.state() for split, w in writers.items()},
-                                  "skips": skips.to_json(), "truncated": dict(truncated),
-                                  "seconds": round(seconds_before + now - t0, 3)}, writers)
-    skips.merge(reader.take())  # lines after the last usable record (never in a checkpoint: a rerun reads them again)
+                checkpoints.save(done.state(count, seconds_before + now - t0), done.writers)
+    done.skips.merge(reader.take())  # lines after the last usable record (never in a checkpoint: a rerun reads them again)
     splits = splitter.close()
     if not splits["train"]["documents"]:
-        raise TinykError(f"no usable {unit} in the input ({skips.summary()})")
-    return {**splits, "skips": skips.to_json(), "truncated": dict(truncated),
-            "seconds": round(seconds_before + time.monotonic() - t0, 3),
-            "scratch": [path for w in writers.values() for path in w.scratch()]}
+        raise TinykError(f"no usable {unit} in the input ({done.skips.summary()})")
+    done.seconds = round(seconds_before + time.monotonic() - t0, 3)
+    return splits, done
 
 
 def prepare_pretrain(inputs: list[str | Path], tokenizer_dir: str | Path, out: str | Path, *,
