@@ -238,6 +238,26 @@ def test_detokenizer_never_splits_a_character_or_leaks_a_stop_string(tok_dir):
     assert d.stopped and d.text == "好中" and "".join(deltas) == "好中"
 
 
+def test_the_tokens_a_detokenizer_has_shown_are_exactly_those_behind_its_text(tok_dir):
+    """What a stream sends each chunk's logprobs by: the tokens whose bytes the text sent so far holds,
+    not one whose character is unfinished or whose text may begin a stop string."""
+    from tinyk.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tok_dir)
+    ids = tok.encode("好中文😀再见好中文")
+    for stop in ([], ["再见好"], ["见好中x"]):
+        d, sent, lagged = Detokenizer(tok, stop), "", False
+        for i in ids:
+            sent += d.add(i)
+            shown = tok.decode(ids[:d.covered()])
+            assert sent.startswith(shown) and (shown == sent or stop), (stop, sent, shown)
+            lagged |= d.covered() < len(d.ids)
+        assert lagged  # the emoji's first bytes wait for its last, and a stop string's start for the rest
+        assert sent + d.flush() == ("好中文😀" if stop == ["再见好"] else "好中文😀再见好中文")
+        if stop != ["再见好"]:
+            assert d.covered() == len(ids)
+
+
 def test_a_stop_string_holding_a_replacement_character_waits_for_whole_characters(tok_dir):
     """Before a character's last byte arrives its decoded text ends in U+FFFD: no stop string there."""
     from tinyk.tokenizer import load_tokenizer
@@ -613,6 +633,13 @@ def test_generate_cli(nano_model_dir, tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         main(["generate", "--model", str(nano_model_dir), "--prompt-file", "-"])
     assert e.value.code == 2 and capsys.readouterr().err.startswith("tinyk: error: stdin is not valid UTF-8")
+    # Only binary lines: the error says why none was a prompt (the report was made, then never shown).
+    monkeypatch.setattr("sys.stdin", io.StringIO("ab\x00c\n\n"))
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", str(nano_model_dir), "--prompt-file", "-"])
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        "tinyk: error: no prompts on stdin (--prompt-file - reads one per line; stdin: skipped 1 record; nul byte: 1 "
+        "(first at stdin:1; a NUL byte is binary data, not text))\n")
     with pytest.raises(SystemExit) as e:
         main(["generate", "--model", str(nano_model_dir), "--prompt", "我们", "--max-new-tokens", "4", "--seed", "1"])
     assert e.value.code == 0 and capsys.readouterr().out.startswith("我们")

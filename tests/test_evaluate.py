@@ -382,7 +382,7 @@ def test_sft_records_are_task_lines_whose_last_reply_is_the_answer(tmp_path):
         [{"role": "user", "content": "早"}, {"role": "assistant", "content": "早安"},
          {"role": "user", "content": "算"}, {"role": "assistant", "content": "8"}],
         {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "差评2"},
-                      {"role": "assistant", "content": "负面"}]},
+                      {"role": "assistant", "content": "负面"}], "answer": None},
         {"messages": [{"role": "user", "content": "q"}]},
         {"messages": [{"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}]},
         {"text": "pretraining text"},
@@ -393,7 +393,7 @@ def test_sft_records_are_task_lines_whose_last_reply_is_the_answer(tmp_path):
     assert r["examples"] == 4 and r["accuracy"] == pytest.approx(3 / 4)
     assert [s["answer"] for s in r["samples"]] == ["正面", "负面", "8", "负面"]
     assert r["skipped"]["by_reason"] == {"bad_answer": 2, "bad_messages": 1}
-    assert "no field 'answer' and no reply after the last user turn" in r["skipped"]["hints"]["bad_answer"]
+    assert "no 'answer', and the chat does not end with a reply to a user turn" in r["skipped"]["hints"]["bad_answer"]
     assert "fields 'text'" in r["skipped"]["hints"]["bad_messages"]
     # Earlier turns are the prompt's; the record's own system prompt is kept.
     assert ("<|im_start|>system\n你是诗人<|im_end|>\n<|im_start|>user\n早<|im_end|>\n<|im_start|>assistant\n早安"
@@ -544,6 +544,22 @@ def test_int8_task_answers_decode_in_batches_the_int8_kernel_takes(tmp_path, nan
     sizes.clear()
     evaluate(nano_model_dir, tasks=[task], batch_size=16, max_new_tokens=3, device="cpu")
     assert sizes == [10]
+
+
+def test_int8_that_cannot_run_is_refused_before_any_mode_runs(tmp_path, nano_model_dir, monkeypatch):
+    """PyTorch's int8 kernel is CPU-only: on a GPU machine (device auto) `--quantize int8` failed only
+    once the --data modes before it had run, and without saying to add --device cpu."""
+    import tinyk.checkpoint
+    import tinyk.engine
+
+    task = write_task(tmp_path / "t.jsonl", [{"messages": [{"role": "user", "content": "问题"}], "answer": "是"}])
+    monkeypatch.setattr(tinyk.engine, "int8_works", lambda device, dtype: False)
+    monkeypatch.setattr(tinyk.checkpoint, "load_model", lambda *a, **kw: pytest.fail("the weights were loaded"))
+    with pytest.raises(TinykError, match=r"^int8 weights are not supported by this torch build on cpu with "
+                                         r"float32$"):
+        evaluate(nano_model_dir, tasks=[task], quantize="int8", device="cpu")
+    assert tinyk.engine.int8_refusal(torch.device("meta"), torch.bfloat16).endswith(
+        "on meta with bfloat16; int8 decoding runs on the CPU: add --device cpu")
 
 
 def test_a_split_part_that_spells_no_text_has_no_bits_per_byte():

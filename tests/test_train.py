@@ -1205,6 +1205,32 @@ def test_fp16_skipped_steps_are_counted_across_a_resume(tmp_path, pt_data, tok_d
     assert "skipped 3 (fp16 overflow)" in out and "(4 of the steps were skipped by fp16's loss scaler)" in out
 
 
+def test_a_run_resumes_in_fp16_on_a_card_without_bf16(tmp_path, pt_data, tok_dir):
+    """A run begun in bf16 (or fp32) has no loss-scaler state; resumed on a V100 or T4, where auto means
+    fp16, its checkpoint was called damaged (every one of them, so deleting it did not help)."""
+    out = tmp_path / "run"
+    train(nano_cfg(pt_data, tok_dir, out, max_steps=2, save_every=1, dtype="bf16"))
+    assert train(nano_cfg(pt_data, tok_dir, out, max_steps=3, dtype="fp16"), resume=True)["steps"] == 3
+
+
+def test_a_resumed_optimizer_takes_this_sessions_kernels(tmp_path, pt_data, tok_dir, monkeypatch):
+    """AdamW's state is placed by the kernel flags the state dict carries: a CPU run's unfused ones
+    left the step counts on the CPU, which CUDA's fused kernel refuses at the first step of a resume
+    on a GPU. The saved state is loaded as this session's optimizer runs (here fused, on the CPU)."""
+    import tinyk.train
+
+    out = tmp_path / "run"
+    train(nano_cfg(pt_data, tok_dir, out, max_steps=2, save_every=1))
+    loaded, load = [], torch.optim.Optimizer.load_state_dict
+    monkeypatch.setattr(torch.optim.Optimizer, "load_state_dict",
+                        lambda self, state_dict: loaded.append([g.get("fused") for g in state_dict["param_groups"]])
+                        or load(self, state_dict))
+    monkeypatch.setattr(tinyk.train, "make_optimizer", lambda model, cfg, device: torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True))
+    assert train(nano_cfg(pt_data, tok_dir, out, max_steps=3), resume=True)["steps"] == 3
+    assert loaded == [[True, True]]
+
+
 # ----------------------------------------------------------------------------- resumed runs, continued
 
 def stop_at(monkeypatch, step: int) -> None:
@@ -1673,11 +1699,23 @@ def test_checkpoints_are_on_the_disk_before_older_ones_are_deleted(tmp_path, pt_
                         or rmtree(path, *a, **kw))
     out = tmp_path / "run"
     train(nano_cfg(pt_data, tok_dir, out, max_steps=2, save_every=1, keep_checkpoints=1))
+    def synced(events: list[tuple[str, str]], temporary: str) -> set[str]:
+        """The files synced inside the temporary folder an output was written in, relative to it."""
+        found = set()
+        for what, path in events:
+            parts = Path(path).parts
+            tmp = next((k for k, part in enumerate(parts) if part.startswith(temporary)), None)
+            if what == "sync" and tmp is not None:
+                found.add(str(Path(*parts[tmp + 1:])) if tmp + 1 < len(parts) else ".")
+        return found
+
     deleted = next(i for i, (what, path) in enumerate(events) if what == "delete" and "step_0000001" in path)
-    synced = {Path(path).name for what, path in events[:deleted] if what == "sync"}
     newest = out / "checkpoints" / "step_0000002"
-    assert {p.name for p in newest.rglob("*") if p.is_file()} <= synced and "checkpoints" in synced
-    assert {p.name for p in (out / "final").iterdir()} <= {Path(path).name for what, path in events if what == "sync"}
+    files = {str(p.relative_to(newest)) for p in newest.rglob("*") if p.is_file()}
+    assert files <= synced(events[:deleted], ".step_0000002.tmp-") and "model/model.safetensors" in files
+    assert ("sync", str(out / "checkpoints")) in events[:deleted]  # the rename itself
+    assert {p.name for p in (out / "final").iterdir()} <= synced(events, ".final.tmp-")
+    assert ("sync", str(out)) in events
 
 
 def test_a_resume_on_a_read_only_disk_is_one_line(tmp_path, pt_data, tok_dir, monkeypatch):

@@ -216,7 +216,7 @@ def choose_runtime(cfg: DemoConfig, tcfg: Any, try_compile: bool = False) -> Run
     """The pretraining dtype, CPU thread count and whether to compile, from the measured speed of `tcfg`.
 
     dtype "probe" tries fp32 and bf16 autocast and keeps the faster: on CPUs with AMX or
-    AVX512-BF16 bf16 is several times faster, elsewhere it can be slower. Each is also tried on one
+    AVX512-BF16 bf16 is several times faster, elsewhere it can be slower (a GPU takes its autocast dtype). Each is also tried on one
     thread: on a machine busy with other work, threads waiting for each other can make all cores
     slower than one. The chosen thread count stays set for the rest of the run. With `try_compile`
     the winner is timed again side by side with its torch.compile'd self (about 35 s of compiling
@@ -224,10 +224,13 @@ def choose_runtime(cfg: DemoConfig, tcfg: Any, try_compile: bool = False) -> Run
     stays eager.
     """
     from .config import TRAIN_DTYPES
+    from .model import cuda_autocast_dtype
 
     cuda = torch.cuda.is_available()
     if cfg.dtype == "probe":
-        names = ["bf16"] if cuda else ["fp32", "bf16"]
+        # On a GPU its autocast dtype: fp16 on cards without bf16 (a T4, Colab's free GPU; a V100).
+        names = [{torch.bfloat16: "bf16", torch.float16: "fp16"}[cuda_autocast_dtype(torch.device("cuda"))]] \
+            if cuda else ["fp32", "bf16"]
     elif cfg.dtype in TRAIN_DTYPES:
         names = [cfg.dtype]
     else:

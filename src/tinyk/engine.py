@@ -131,6 +131,15 @@ def int8_works(device: torch.device, dtype: torch.dtype) -> bool:
         return False
 
 
+def int8_refusal(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why int8 weights cannot decode on `device` in `dtype` (its kernel is CPU-only in PyTorch), or None."""
+    if int8_works(device, dtype):
+        return None
+    fix = "; int8 decoding runs on the CPU: add --device cpu" if device.type != "cpu" else ""
+    return (f"int8 weights are not supported by this torch build on {device.type} with "
+            f"{str(dtype).removeprefix('torch.')}{fix}")
+
+
 class _Forward:
     """The model's forward pass with the KV cache, restated for generation.
 
@@ -322,10 +331,13 @@ class Detokenizer:
         self.sent = 0
         self.checked = 0  # text before this index can no longer change or complete a stop string
         self.stopped = False
+        self.ends: list[int] = []  # the text's length after each token, its unfinished character's U+FFFD included
+        self._covered = 0
 
     def add(self, token_id: int) -> str:
         self.ids.append(token_id)
         text = self.tok.decode(self.ids, skip_special_tokens=True)
+        self.ends.append(len(text))
         stable = len(text.rstrip("\ufffd"))
         if self.stop:
             start = max(0, self.checked - self.max_stop + 1)
@@ -355,6 +367,13 @@ class Detokenizer:
                     break
                 i = text.find(s[0], i + 1)
         return longest
+
+    def covered(self) -> int:
+        """How many of the tokens added have all their text sent; one whose character is unfinished, or
+        that may begin a stop string, waits for the delta that shows it (a stream's logprobs go with it)."""
+        while self._covered < len(self.ends) and self.ends[self._covered] <= self.sent:
+            self._covered += 1
+        return self._covered
 
     def _emit(self, end: int) -> str:
         if end <= self.sent:
@@ -448,8 +467,8 @@ class Request:
                           prompt_logprobs=None if p.prompt_logprobs is None else list(self.prompt_logprobs))
 
     def deliver(self, delta: str) -> None:
-        if delta:  # with the count of log-probabilities recorded by now: those behind this text
-            self._deltas.put((delta, len(self.logprobs)))
+        if delta:  # with how many tokens' text has now been sent: the log-probabilities behind it
+            self._deltas.put((delta, self.detok.covered() if self.detok is not None else len(self.out_ids)))
         if self.finished:
             self._deltas.put(_DONE)
 
@@ -689,9 +708,8 @@ class Engine:
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.quantize = quantize
         if quantize == "int8":
-            if not int8_works(self.device, self.dtype):
-                raise TinykError(f"int8 weights are not supported by this torch build on {self.device.type} "
-                                 f"with {str(self.dtype).removeprefix('torch.')}")
+            if why := int8_refusal(self.device, self.dtype):
+                raise TinykError(why)
             weights = "int8"
         elif optimize and self.device.type == "cpu" and self.dtype == torch.bfloat16 and cpu_bf16_packing_works():
             weights = "packed"

@@ -170,14 +170,15 @@ def read_task(path: str | Path, skips: Skips, *, system_prompt: str | None = Non
 def _task_example(where: str, rec: Any, system_prompt: str | None) -> TaskExample | tuple[str, str]:
     """A task line's prompt and accepted answers, or (skip reason, hint). A line with no `answer` field
     is an SFT record whose last turn is the answer, so held-out fine-tuning data needs no converting."""
-    if not (isinstance(rec, dict) and "answer" in rec):
+    # `answer: null`: how a Parquet export mixing task lines and SFT records writes the latter.
+    if not (isinstance(rec, dict) and rec.get("answer") is not None):
         conv = normalize_conversation(rec)
         if isinstance(conv, list) and conv[-1]["role"] == "assistant" and len(conv) > 1 \
                 and conv[-2]["role"] == "user":
             msgs, answers = conv[:-1], [conv[-1]["content"]]
         elif conv in ("no_assistant_turn", "empty_assistant_turn") or isinstance(conv, list):
-            return "bad_answer", ("no field 'answer' and no reply after the last user turn; 'answer' is the "
-                                  "expected reply, a string or a list of the strings accepted")
+            return "bad_answer", ("no 'answer', and the chat does not end with a reply to a user turn; "
+                                  "'answer' is the expected reply, a string or a list of the strings accepted")
         else:
             return "bad_messages", ("a task line is {\"messages\": [..., user turn], \"answer\": ...}, or an "
                                     f"SFT record ending with the reply to match ({record_shape(rec)})")
@@ -555,9 +556,13 @@ def evaluate(model_dir: str | Path, *, data: Iterable[str | Path] = (), tasks: I
         choice_skips = Skips()
         questions = choices_that_fit(tok, choice, read_choice(choice, choice_skips, limit), choice_format,
                                      cfg.max_seq_len, choice_skips)
-    from .engine import resolve_device
+    from .engine import int8_refusal, resolve_device
+    from .model import resolve_dtype
 
-    model, tok = load_model(model_dir, device=resolve_device(device))
+    dev = resolve_device(device)
+    if quantize == "int8" and (why := int8_refusal(dev, resolve_dtype("auto", dev))):
+        raise TinykError(why)  # before the other modes run, not after
+    model, tok = load_model(model_dir, device=dev)
     results: dict[str, Any] = {"model": str(model_dir), "data": [], "tasks": [], "choice": None,
                                "settings": {"split": split, "seq_len": seq_len, "max_batches": max_batches,
                                             "limit": limit, "max_new_tokens": max_new_tokens,

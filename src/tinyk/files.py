@@ -775,7 +775,8 @@ def read_prompts(typed: list[str], prompt_file: str | None, field_name: str = "p
     prompts, note = list(typed), None
     if prompt_file == "-":  # one prompt per line on stdin, for pipelines
         try:
-            lines = [line.rstrip("\r\n").removeprefix("\ufeff") for line in stdin or sys.stdin]  # a BOM, as in files
+            lines = [line.rstrip("\r\n").removeprefix("\ufeff")  # a BOM, as in files
+                     for line in (sys.stdin if stdin is None else stdin)]
             not_utf8 = any(has_surrogate(line) for line in lines)  # how a C locale's stdin decodes them
         except UnicodeDecodeError:
             not_utf8 = True
@@ -789,7 +790,7 @@ def read_prompts(typed: list[str], prompt_file: str | None, field_name: str = "p
                 prompts.append(line)
         note = f"stdin: {skips.summary()}" if skips.total else None
         if not prompts:
-            raise TinykError("no prompts on stdin (--prompt-file - reads one per line)")
+            raise TinykError(f"no prompts on stdin (--prompt-file - reads one per line{f'; {note}' if note else ''})")
     elif prompt_file:
         if Path(prompt_file).is_fifo():  # `--prompt-file <(command)`
             raise TinykError(f"--prompt-file {prompt_file} is a pipe: pipe the prompts to stdin with "
@@ -941,9 +942,10 @@ def sync_tree(root: Path) -> None:
     """Puts every file under `root`, and the folder entries naming them, on the disk. Renaming a
     folder into place orders nothing: after a power cut a checkpoint could be there in name with its
     files empty, and the older ones it replaced already deleted."""
+    mode = os.O_RDWR if os.name == "nt" else os.O_RDONLY  # Windows flushes only a handle open for writing
     for folder, _, names in os.walk(root):
         for name in names:
-            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            fd = os.open(os.path.join(folder, name), mode)
             try:
                 os.fsync(fd)
             finally:

@@ -243,7 +243,8 @@ def setup_dist(device: str) -> Dist:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise TinykError("device cuda requested but no CUDA GPU is available")
-    dev = torch.device("cuda", local_rank) if device == "cuda" else torch.device(device)
+    # A launcher that shows each process only its own GPU (CUDA_VISIBLE_DEVICES per task) leaves one device.
+    dev = torch.device("cuda", local_rank % torch.cuda.device_count()) if device == "cuda" else torch.device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world == 1:
@@ -862,6 +863,11 @@ class Trainer:
             raise TinykError(f"{e}, or train on from its weights in a new run (--init {path / 'model'})") from None
         fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.opt.param_groups]
         optim_state = _load_pt(path / "optimizer.pt")
+        # Loading places AdamW's step counts by the saved kernel choice: a CPU run's unfused groups would
+        # leave them on the CPU, where CUDA's fused kernel refuses them at the first step.
+        kernels = {k: fresh[0][k] for k in ("fused", "foreach", "capturable") if k in fresh[0]}
+        for g in optim_state.get("param_groups", []):
+            g.update(kernels)
         set_optimizer_state_dict(self.model, self.opt, optim_state,
                                  options=StateDictOptions(full_state_dict=self.fsdp))
         # Hyper-parameters and kernel choices come from this run's config and device, state from the file.
@@ -873,7 +879,8 @@ class Trainer:
             _set_rng_state(ranks[self.dist.rank], self.device)
         else:  # another world size: fresh per-rank streams, so the ranks' dropout masks still differ
             torch.manual_seed((self.cfg.seed + 1 + self.dist.rank) * 1_000_003 + state["step"])
-        self.scaler.load_state_dict(extra["scaler"])
+        if extra["scaler"]:  # empty from a bf16 or fp32 session: an fp16 one (a V100 after an A100) starts afresh
+            self.scaler.load_state_dict(extra["scaler"])
         spent = state.get("peak_flops_spent")
         if not _finite_amount(spent):
             spent = None  # an older checkpoint, or a session whose device had no known peak
@@ -1197,6 +1204,8 @@ class Trainer:
 
     def _loop(self) -> dict[str, Any]:
         cfg, d, p = self.cfg, self.dist, self.progress
+        if self.device.type == "cuda":  # this run's peak, not that of one before it in the process (the demo's)
+            torch.cuda.reset_peak_memory_stats(self.device)
         self._window_t0, self._window_tokens0 = time.perf_counter(), p.tokens
         self.rates: list[float] = []
         last_train, last_val, best_val = self._earlier_results()
