@@ -168,9 +168,9 @@ def read_task(path: str | Path, skips: Skips, *, system_prompt: str | None = Non
 
 
 def _task_example(where: str, rec: Any, system_prompt: str | None) -> TaskExample | tuple[str, str]:
-    """A task line's prompt and accepted answers, or (skip reason, hint). A line with no `answer` field
-    is an SFT record whose last turn is the answer, so held-out fine-tuning data needs no converting."""
-    # `answer: null`: how a Parquet export mixing task lines and SFT records writes the latter.
+    """A task line's prompt and accepted answers, or (skip reason, hint). A line without an `answer` (or
+    with `answer: null`, as a Parquet export mixing both kinds writes it) is an SFT record whose last
+    turn is the answer, so held-out fine-tuning data needs no converting."""
     if not (isinstance(rec, dict) and rec.get("answer") is not None):
         conv = normalize_conversation(rec)
         if isinstance(conv, list) and conv[-1]["role"] == "assistant" and len(conv) > 1 \
