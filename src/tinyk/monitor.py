@@ -87,11 +87,15 @@ class Trackers:
     """TensorBoard, Weights & Biases and SwanLab behind one `log`; each imported only when asked for."""
 
     def __init__(self, names: list[str], out: Path, config: dict[str, Any], project: str, run_name: str,
-                 start_step: int = 0):
+                 start_step: int = 0, logged_upto: int = 0):
         """`start_step`: the step a resumed run continues from; TensorBoard drops what a killed run
-        logged after it, so the curve has no doubled points. A run from step 0 (new, or resumed before
-        its first checkpoint) is a new run for W&B and SwanLab too."""
+        logged after it, so the curve has no doubled points. W&B and SwanLab cannot drop points: they
+        get no step up to `logged_upto`, the last one a killed session may have sent them (W&B refuses
+        a lower step than it has, SwanLab keeps the first of two), so their curves keep that session's
+        values there. A run from step 0 (new, or resumed before its first checkpoint) is a new run for
+        W&B and SwanLab too."""
         self.sinks: list[tuple[str, Any]] = []
+        self.logged_upto = logged_upto if start_step else 0
         names = list(dict.fromkeys(names))  # one writer each: a name given twice would log every point twice
         for name in names:
             if name not in TRACKERS:
@@ -137,22 +141,36 @@ class Trackers:
                              f"({first_line(e)}); reinstall it (pip install -U {package})") from e
         except Exception as e:  # not logged in, no network, no terminal to ask on: the tracker's own words
             offline = {"wandb": "; WANDB_MODE=offline logs locally", "swanlab": "; SWANLAB_MODE=offline logs locally"}
-            raise TinykError(f"--tracker {name} could not start: {first_line(e)}{offline.get(name, '')}") from e
+            raise TinykError(f"--tracker {name} could not start: {first_line(e).rstrip('.')}"
+                             f"{offline.get(name, '')}") from e
 
     def log(self, values: dict[str, float], step: int) -> None:
-        for name, sink in self.sinks:
-            if name == "tensorboard":
-                for k, v in values.items():
-                    sink.add_scalar(k, v, step)
-            else:
-                sink.log(values, step=step)
+        """Sends one step's values. A tracker that fails (its service or its own background process
+        gone) is dropped with a warning: metrics.jsonl has every value, and the run goes on."""
+        for name, sink in list(self.sinks):
+            try:
+                if name == "tensorboard":
+                    for k, v in values.items():
+                        sink.add_scalar(k, v, step)
+                elif step > self.logged_upto:
+                    sink.log(values, step=step)
+            except Exception as e:
+                self.sinks.remove((name, sink))
+                print(f"tinyk: warning: --tracker {name} failed at step {step} ({first_line(e)}); it gets nothing "
+                      f"more from this run, and metrics.jsonl keeps every value", file=sys.stderr)
+                with contextlib.suppress(Exception):
+                    self._finish(name, sink)
 
     def close(self) -> None:
         for name, sink in self.sinks:
-            if name == "tensorboard":
-                sink.close()
-            else:
-                sink.finish()
+            self._finish(name, sink)
+
+    @staticmethod
+    def _finish(name: str, sink: Any) -> None:
+        if name == "tensorboard":
+            sink.close()
+        else:
+            sink.finish()
 
 
 def _run_id(out: Path) -> str:
@@ -216,6 +234,7 @@ class Monitor:
         self.plotted = True
         self.can_plot = importlib.util.find_spec("matplotlib") is not None  # the run's header says when not
         self.output_lost = False
+        self.logged_upto = 0  # the last step an earlier session logged (`truncate`)
 
     def _read_records(self) -> list[dict[str, Any]]:
         """The earlier sessions' lines. A last line cut short (a kill or a full disk mid-write) is dropped;
@@ -242,6 +261,7 @@ class Monitor:
 
     def truncate(self, step: int) -> None:
         """Drops records past `step` (written by a run that died after its last checkpoint)."""
+        self.logged_upto = max((r["step"] for r in self.records), default=0)  # what trackers may have had
         kept = [r for r in self.records if r["step"] <= step]
         if len(kept) == len(self.records) and not self.cut_tail:  # a finished run resumes on a read-only disk
             return

@@ -755,7 +755,8 @@ class Trainer:
             # again logs nothing, so it starts none.
             if cfg.tracker and not self.finished_already:
                 mon.trackers = Trackers(cfg.tracker, self.out, cfg.to_dict(), cfg.project,
-                                        cfg.run_name or self.out.name, start_step=self.progress.step)
+                                        cfg.run_name or self.out.resolve().name, start_step=self.progress.step,
+                                        logged_upto=mon.logged_upto)
         except BaseException:
             mon.bar.close()
             raise
@@ -1323,10 +1324,12 @@ class Trainer:
             return None
         achieved = tokens_per_s * self.flops_per_token / self.dist.world
         if achieved > self.peak and self.device.type == "cpu" and not self.cfg.peak_tflops:
-            # The CPU's matmul rate was timed while other work held the cores: time it again, and never
-            # report more than 100% of it.
-            self.peak = max(measure_matmul_flops(dtype=self.dtype), achieved)
+            # The CPU's matmul rate was timed while other work held the cores: time it again, once (an
+            # fp16 matmul on a CPU can time slower than the training runs: timed at every log window, it
+            # cost seconds each), and never report more than 100% of it.
             again = " (timed again: the first timing was slowed by other work)"
+            measured = self.peak if self.peak_source.endswith(again) else measure_matmul_flops(dtype=self.dtype)
+            self.peak = max(measured, achieved)
             self.peak_source = self.peak_source.removesuffix(again) + again
         return round(achieved / self.peak, 5)
 
