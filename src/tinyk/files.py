@@ -874,7 +874,7 @@ def without_dotdot(path: Path) -> Path:
 @contextlib.contextmanager
 def atomic_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path | None] = (),
                replaces: tuple[str, Callable[[Path], bool]] | None = None,
-               partial: bool = False) -> Iterator[Path]:
+               partial: bool = False, durable: bool = False) -> Iterator[Path]:
     """Yields a temporary sibling of `out` to fill; renames it into place only on success.
 
     An existing `out` is refused unless `force`, and is replaced only once the new one is complete;
@@ -883,7 +883,9 @@ def atomic_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path
     files. `out` may not overlap any of `inputs`. The temporary is named
     `.{name}.tmp-{host}-{pid}-XXXX`, so a later run can remove one left by a killed process (see
     `remove_stale_temps`). With `partial`, the temporary is `partial_sibling(out)` instead, made if
-    missing and left in place on failure, for the caller to continue or remove.
+    missing and left in place on failure, for the caller to continue or remove. With `durable`, the
+    output is on the disk (`sync_tree`) before it is renamed into place, and the rename once it is:
+    what the caller deletes next (older checkpoints) is never the only copy that survives a power cut.
     """
     out = Path(out)
     if out.name in ("", ".", ".."):
@@ -905,6 +907,8 @@ def atomic_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path
     try:
         yield tmp
         _share_like_umask(tmp)
+        if durable:
+            sync_tree(tmp)
         try:  # again: something may have been put there meanwhile (another run, the user)
             _check_replace(out, force, replaces)
         except TinykError as e:
@@ -932,6 +936,8 @@ def atomic_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path
                 remove_path(old, ignore_errors=True)  # --force on a link replaces the link, not what it points to
         else:
             os.replace(tmp, out)
+        if durable:
+            sync_folder(out.parent)
     except BaseException:
         if not partial and kept is None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -940,8 +946,7 @@ def atomic_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path
 
 def sync_tree(root: Path) -> None:
     """Puts every file under `root`, and the folder entries naming them, on the disk. Renaming a
-    folder into place orders nothing: after a power cut a checkpoint could be there in name with its
-    files empty, and the older ones it replaced already deleted."""
+    folder into place orders nothing: after a power cut it could be there in name with its files empty."""
     mode = os.O_RDWR if os.name == "nt" else os.O_RDONLY  # Windows flushes only a handle open for writing
     for folder, _, names in os.walk(root):
         for name in names:

@@ -54,8 +54,6 @@ from .files import (
     plural,
     read_json,
     remove_path,
-    sync_folder,
-    sync_tree,
     without_dotdot,
     write_json_atomic,
     writing,
@@ -793,7 +791,7 @@ class Trainer:
         path = self.out / "checkpoints" / f"step_{step:07d}"
         if d.main:
             with self._kept_on_failure("--resume continues from it"), writing(path), \
-                    atomic_dir(path, force=True) as tmp:
+                    atomic_dir(path, force=True, durable=True) as tmp:  # on the disk before older ones go
                 self.write_model(tmp / "model", model_state)
                 torch.save(optim_state, tmp / "optimizer.pt")
                 torch.save({"ranks": ranks, "scaler": self.scaler.state_dict()}, tmp / "rng.pt")
@@ -808,8 +806,6 @@ class Trainer:
                     "world_size": d.world, "batch_size": self.cfg.batch_size,
                     "seq_len": self.cfg.seq_len, "total_steps": self.total_steps, "warmup": self.warmup,
                     "max_minutes": self.cfg.max_minutes})
-                sync_tree(tmp)  # on the disk before older checkpoints are deleted
-            sync_folder(path.parent)
             self.tok_dir = path / "model"  # the tokenizer to copy from now on: never rotated away, never moved
             for old in checkpoints(self.out)[:-self.cfg.keep_checkpoints]:
                 # Renamed first: a kill mid-delete leaves a leftover, never a checkpoint with files missing.
@@ -1312,10 +1308,8 @@ class Trainer:
         model_state, _ = self._full_states()
         if self.dist.main:
             with self._kept_on_failure("--resume writes final/ from it"), writing(self.out / "final"), \
-                    atomic_dir(self.out / "final", force=True) as tmp:
+                    atomic_dir(self.out / "final", force=True, durable=True) as tmp:
                 self.write_model(tmp, model_state)
-                sync_tree(tmp)
-            sync_folder(self.out)
         self.dist.barrier()
         return str(self.out / "final")
 
