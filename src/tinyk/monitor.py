@@ -234,7 +234,6 @@ class Monitor:
         self.plotted = True
         self.can_plot = importlib.util.find_spec("matplotlib") is not None  # the run's header says when not
         self.output_lost = False
-        self.logged_upto = 0  # the last step an earlier session logged (`truncate`)
 
     def _read_records(self) -> list[dict[str, Any]]:
         """The earlier sessions' lines. A last line cut short (a kill or a full disk mid-write) is dropped;
@@ -259,15 +258,17 @@ class Monitor:
             records.append(rec)
         return records
 
-    def truncate(self, step: int) -> None:
-        """Drops records past `step` (written by a run that died after its last checkpoint)."""
-        self.logged_upto = max((r["step"] for r in self.records), default=0)  # what trackers may have had
+    def truncate(self, step: int) -> int:
+        """Drops records past `step` (written by a run that died after its last checkpoint); returns the
+        last step the earlier sessions logged, which their trackers may have had."""
+        logged = max((r["step"] for r in self.records), default=0)
         kept = [r for r in self.records if r["step"] <= step]
         if len(kept) == len(self.records) and not self.cut_tail:  # a finished run resumes on a read-only disk
-            return
+            return logged
         self.records, self.cut_tail = kept, False
         with writing(self.metrics_path), atomic_file(self.metrics_path) as tmp:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        return logged
 
     def _append(self, rec: dict[str, Any]) -> None:
         self.records.append(rec)

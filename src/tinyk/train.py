@@ -748,13 +748,13 @@ class Trainer:
         cfg = self.cfg
         mon = Monitor(self.out, self.total_steps, self.progress.step, cfg.progress)
         try:
-            mon.truncate(self.progress.step)
+            logged = mon.truncate(self.progress.step)
             # Last: nothing after them can fail and leave a tracker's run open. A finished run resumed
             # again logs nothing, so it starts none.
             if cfg.tracker and not self.finished_already:
                 mon.trackers = Trackers(cfg.tracker, self.out, cfg.to_dict(), cfg.project,
                                         cfg.run_name or self.out.resolve().name, start_step=self.progress.step,
-                                        logged_upto=mon.logged_upto)
+                                        logged_upto=logged)
         except BaseException:
             mon.bar.close()
             raise
