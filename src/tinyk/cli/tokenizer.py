@@ -48,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from tinyk.tokenizer import BPE_MEMORY_PER_BYTE, memory_note, train_tokenizer
+    from tinyk.tokenizer import memory_cap_text, memory_note, train_tokenizer
 
     check_inputs(args.inputs)  # a missing file is the one line, not a word on memory before it
     note = memory_note(args.inputs, args.max_bytes)
@@ -67,9 +67,7 @@ def _train(args: argparse.Namespace) -> int:
     read = f"read the first {bytes_text(r['capped_at'] or 0)} of the input" + (
         f" (not counting {long_lines:,} line(s) too long to read, skipped)" if long_lines else "")
     if r["capped_at"] is not None and r["cap_from_memory"]:
-        print(f"{read}, what {bytes_text(r['memory_available'])} of "
-              f"available memory allows (BPE training holds about {BPE_MEMORY_PER_BYTE} bytes per byte of text); "
-              "--max-bytes sets how much")
+        print(f"{read}, {memory_cap_text(r['memory_available'])}")
     elif r["capped_at"] is not None:
         print(f"{read} (--max-bytes)")
     print(f"saved to {args.out}")
