@@ -218,10 +218,10 @@ def choose_runtime(cfg: DemoConfig, tcfg: Any, try_compile: bool = False) -> Run
     dtype "probe" tries fp32 and bf16 autocast and keeps the faster: on CPUs with AMX or
     AVX512-BF16 bf16 is several times faster, elsewhere it can be slower (a GPU takes its autocast
     dtype). Each is also tried on one thread: on a machine busy with other work, threads waiting for
-    each other can make all cores slower than one. The chosen thread count stays set for the rest of the run. With `try_compile`
-    the winner is timed again side by side with its torch.compile'd self (about 35 s of compiling
-    on two cores), which is kept if faster; where compiling fails (no C++ compiler, say) training
-    stays eager.
+    each other can make all cores slower than one. The chosen thread count stays set for the rest of
+    the run. With `try_compile` the winner is timed again side by side with its torch.compile'd self
+    (about 35 s of compiling on two cores), which is kept if faster; where compiling fails (no C++
+    compiler, say) training stays eager.
     """
     from .config import TRAIN_DTYPES
     from .model import cuda_autocast_dtype
