@@ -13,7 +13,7 @@ import pytest
 
 from tinyk.cli import build_parser, main
 from tinyk.cli.common import float_range, int_range, positive_size, seed, size_range
-from tinyk.files import TinykError
+from tinyk.errors import TinykError
 
 TASK = {"messages": [{"role": "user", "content": "你好"}], "answer": "北京"}
 
@@ -309,7 +309,7 @@ def test_a_stop_once_the_results_are_written_says_they_are_complete(tmp_path, na
     """Ctrl-C (or SIGTERM) landing just after the file is in place: the command still stops as one
     stopped (130, 143: `tinyk eval ... && next` does not go on), and says the results are whole."""
     import tinyk.evaluate
-    from tinyk.files import Terminated
+    from tinyk.errors import Terminated
 
     real, out = tinyk.evaluate.write_json_atomic, tmp_path / "r.json"
 

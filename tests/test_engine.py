@@ -30,7 +30,7 @@ from tinyk.engine import (
     non_finite,
     quantize_int8,
 )
-from tinyk.files import Terminated, TinykError
+from tinyk.errors import Terminated, TinykError
 from tinyk.model import KVCache, Transformer
 from tinyk.tokenizer import DEFAULT_SYSTEM_PROMPT, MODEL_PROMPT, NOT_UTF8, render_chat
 

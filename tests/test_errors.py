@@ -15,7 +15,8 @@ import torch
 
 from tinyk.checkpoint import load_model
 from tinyk.cli import main
-from tinyk.files import TinykError, check_inputs
+from tinyk.errors import TinykError
+from tinyk.inputs import check_inputs
 from tinyk.tokenizer import build_tokenizer, load_tokenizer
 
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from tinyk.checkpoint import load_model
 from tinyk.cli import main
 from tinyk.data import prepare_pretrain
+from tinyk.errors import TinykError
 from tinyk.evaluate import (
     ChoiceQuestion,
     chat_prompt_ids,
@@ -31,7 +32,7 @@ from tinyk.evaluate import (
     read_task_prompts,
     table_rows,
 )
-from tinyk.files import Skips, TinykError
+from tinyk.inputs import Skips
 from tinyk.tokenizer import train_tokenizer
 
 QUESTIONS = [

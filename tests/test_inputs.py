@@ -20,23 +20,19 @@ import pytest
 from tinyk.cli import main
 from tinyk.demo import transformers_check
 from tinyk.engine import Engine
+from tinyk.errors import TinykError, write_error
 from tinyk.evaluate import read_choice_csv, read_task
-from tinyk.files import (
-    Skips,
-    TinykError,
+from tinyk.inputs import Skips, check_inputs, iter_records, iter_texts
+from tinyk.loader import SFTLoader
+from tinyk.outputs import (
     _host,
     _stem,
     atomic_dir,
-    check_inputs,
     check_output_file,
-    iter_records,
-    iter_texts,
     marker_file,
     remove_stale_temps,
-    write_error,
     write_json_atomic,
 )
-from tinyk.loader import SFTLoader
 from tinyk.tokenizer import load_tokenizer, train_tokenizer
 
 zstandard = pytest.importorskip("zstandard")
@@ -426,7 +422,7 @@ def test_an_output_on_a_read_only_file_system_is_named_not_its_temporary(tmp_pat
     def read_only(prefix: str, dir: str) -> str:
         raise OSError(30, "Read-only file system", os.path.join(dir, prefix + "u3xfooht"))
 
-    monkeypatch.setattr("tinyk.files.tempfile.mkdtemp", read_only)
+    monkeypatch.setattr("tinyk.outputs.tempfile.mkdtemp", read_only)
     with pytest.raises(TinykError, match=rf"^cannot write in {re.escape(str(tmp_path))}: the file system is read-only$"):
         with atomic_dir(tmp_path / "tok"):
             pass
@@ -498,7 +494,7 @@ def test_force_replaces_only_what_the_output_holds_and_keeps_the_users_own_entri
     assert remove_stale_temps(out) == [old]
     assert (out / "notes.txt").read_text() == "mine" and (out / "model").read_text() == "new"
     # Moving them fails (a read-only folder of the user's): the new output stands, theirs stay aside.
-    monkeypatch.setattr("tinyk.files._carry_over", lambda old, new: (_ for _ in ()).throw(PermissionError(13, "no")))
+    monkeypatch.setattr("tinyk.outputs._carry_over", lambda old, new: (_ for _ in ()).throw(PermissionError(13, "no")))
     with atomic_dir(out, force=True) as tmp:
         (tmp / "model").write_text("newer")
     assert (out / "model").read_text() == "newer" and "keeps files of the replaced" in capsys.readouterr().err
@@ -574,7 +570,7 @@ def test_an_output_name_near_the_filesystem_limit_gets_legal_temporaries(tmp_pat
 
 def test_a_later_run_removes_what_a_killed_one_left(tmp_path):
     out = tmp_path / "out"
-    script = ("import sys, time\nfrom tinyk.files import atomic_dir\n"
+    script = ("import sys, time\nfrom tinyk.outputs import atomic_dir\n"
               "with atomic_dir(sys.argv[1]) as t:\n    (t / 'big.bin').write_bytes(b'x' * 100000)\n"
               "    print(t, flush=True)\n    time.sleep(60)\n")
     p = subprocess.Popen([sys.executable, "-c", script, str(out)], stdout=subprocess.PIPE, text=True)

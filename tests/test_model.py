@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from tinyk.checkpoint import init_model_dir, load_model, model_info, save_model
 from tinyk.engine import SamplingParams
-from tinyk.files import TinykError
+from tinyk.errors import TinykError
 from tinyk.model import KVCache, ModelConfig, Transformer, preset_config
 from tinyk.tokenizer import SPECIAL_IDS, load_tokenizer
 from tinyk.train import loss_sum
@@ -353,7 +353,7 @@ def test_a_tinyk_model_saved_back_by_transformers_loads(tmp_path, tok_dir):
     assert (again / "special_tokens_map.json").is_file() and load_model(again)[1].eos_id == 4
     # transformers rewrote tokenizer.json (a post-processor, its own layout): still the same tokenizer, so
     # data prepared with the original is accepted; data from before content hashes carries the bytes' hash.
-    from tinyk.files import hash_files
+    from tinyk.inputs import hash_files
     from tinyk.tokenizer import same_tokenizer, tokenizer_hash
 
     assert (back / "tokenizer.json").read_bytes() != (tmp_path / "m" / "tokenizer.json").read_bytes()

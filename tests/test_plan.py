@@ -17,7 +17,7 @@ import yaml
 
 import tinyk.model
 from tinyk.cli import main
-from tinyk.files import TinykError
+from tinyk.errors import TinykError
 from tinyk.model import PRESETS, Transformer, preset_config
 from tinyk.plan import (
     ASSUMED,

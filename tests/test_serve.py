@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from tinyk.engine import Engine, SamplingParams
-from tinyk.files import TinykError
+from tinyk.errors import TinykError
 from tinyk.serve import ChatServer, ServerConfig
 from tinyk.tokenizer import DEFAULT_SYSTEM_PROMPT, SPECIAL_IDS
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from tinyk.cli import main
-from tinyk.files import TinykError
+from tinyk.errors import TinykError
 from tinyk.tokenizer import (
     DEFAULT_SYSTEM_PROMPT,
     SPECIAL_TOKENS,
@@ -234,7 +234,7 @@ def cgroup_tree(tmp_path, own: str, groups: dict[str, tuple[str, int, int]], v1:
 def test_a_containers_memory_limit_counts_under_cgroup_v1_and_v2(tmp_path):
     """/proc/meminfo shows the host's memory: the container's limit (its own group's or one above it,
     page cache given back) decides what the tokenizer may read."""
-    from tinyk.files import cgroup_memory_left
+    from tinyk.errors import cgroup_memory_left
 
     G = 10**9
     for v1, unlimited in ((True, "9223372036854771712"), (False, "max")):

@@ -27,7 +27,7 @@ from tinyk.checkpoint import load_model
 from tinyk.cli import main
 from tinyk.config import TrainConfig, parse_sets, resolve_config
 from tinyk.data import prepare_pretrain
-from tinyk.files import TinykError
+from tinyk.errors import TinykError
 from tinyk.loader import PretrainLoader, SFTLoader
 from tinyk.model import Transformer, preset_config
 from tinyk.rundir import checkpoints
@@ -474,7 +474,7 @@ def test_a_resume_that_finds_a_newer_checkpoint_once_it_holds_the_lock_starts_ag
                                                                                    monkeypatch):
     """A run that was finishing (`kill -9` of torchrun leaves its workers running) saved another
     checkpoint between this start's listing and its lock: resuming from the older would redo steps."""
-    from tinyk.files import DirLock
+    from tinyk.outputs import DirLock
 
     out = tmp_path / "run"
     train(nano_cfg(pt_data, tok_dir, out, max_steps=4, save_every=2))
@@ -1730,11 +1730,11 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_last_checkpoint(tmp_
 def test_checkpoints_are_on_the_disk_before_older_ones_are_deleted(tmp_path, pt_data, tok_dir, monkeypatch):
     """A rename orders nothing: after a power cut the newest checkpoint could be there with empty files
     and the one before it rotated away. Every file of a checkpoint is flushed before any deletion."""
-    import tinyk.files
+    import tinyk.outputs
 
     events: list[tuple[str, str]] = []
-    fsync, rmtree = tinyk.files.os.fsync, shutil.rmtree
-    monkeypatch.setattr(tinyk.files.os, "fsync", lambda fd: events.append(("sync", os.readlink(f"/proc/self/fd/{fd}")))
+    fsync, rmtree = tinyk.outputs.os.fsync, shutil.rmtree
+    monkeypatch.setattr(tinyk.outputs.os, "fsync", lambda fd: events.append(("sync", os.readlink(f"/proc/self/fd/{fd}")))
                         or fsync(fd))
     monkeypatch.setattr(shutil, "rmtree", lambda path, *a, **kw: events.append(("delete", str(path)))
                         or rmtree(path, *a, **kw))

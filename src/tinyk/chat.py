@@ -9,7 +9,7 @@ import sys
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, TextIO
 
-from .files import Terminated, TinykError
+from .errors import Terminated, TinykError
 
 if TYPE_CHECKING:  # the engine brings torch, which `tinyk --help` does not need
     from .engine import Engine, Request, SamplingParams
@@ -79,7 +79,7 @@ class _Session:
 
     def command(self, text: str) -> bool:
         """Carries out a /command; False when it ends the session."""
-        from .files import has_surrogate
+        from .inputs import has_surrogate
         from .tokenizer import NOT_UTF8
 
         command, *rest = text.split(maxsplit=1)

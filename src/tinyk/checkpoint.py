@@ -20,17 +20,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .files import (
-    TinykError,
-    atomic_dir,
-    first_line,
-    not_found,
-    put_back_interrupted,
-    read_json,
-    rust_path,
-    writing,
-)
+from .errors import TinykError, first_line, not_found, writing
+from .inputs import read_json
 from .model import ADAMW_BYTES, GRAD_BYTES, WEIGHT_BYTES, ModelConfig, Transformer
+from .outputs import atomic_dir, put_back_interrupted, rust_path
 from .tokenizer import (
     IM_END_ID,
     IM_START_ID,

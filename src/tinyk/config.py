@@ -20,9 +20,10 @@ from typing import Any
 import torch
 import yaml
 
-from .files import MAX_BATCH, TinykError, first_line, not_found, parse_size
+from .errors import TinykError, first_line, not_found
 from .model import PRESETS, ModelConfig
 from .rundir import config_copy, saved_config
+from .units import MAX_BATCH, parse_size
 
 KINDS = ("pretrain", "sft")
 TRAIN_DTYPES = ("auto", "bf16", "fp16", "fp32")  # with DTYPE_ALIASES, cli.common.TRAIN_DTYPE_CHOICES

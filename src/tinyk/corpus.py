@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .files import TinykError
+from .errors import TinykError
 
 NEWS_FILE = "tag/199801.txt"
 REVIEW_FILES = {1: "sentiment/pos.txt", 0: "sentiment/neg.txt"}

@@ -34,30 +34,21 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .files import (
+from .errors import TinykError, shown, writing
+from .inputs import (
     DEFAULT_MAX_LINE_BYTES,
-    MIN_SHARD_TOKENS,
-    DirLock,
     Skips,
-    TinykError,
-    atomic_dir,
     check_inputs,
     is_compressed,
     is_plain_text,
     iter_records,
     iter_texts,
-    plain_name,
-    plural,
     read_json,
     record_shape,
-    remove_path,
     sft_format,
     sha256_file,
-    shown,
-    size_text,
-    write_json_atomic,
-    writing,
 )
+from .outputs import DirLock, atomic_dir, plain_name, remove_path, write_json_atomic
 from .tokenizer import (
     IM_END_ID,
     IM_START_ID,
@@ -71,6 +62,7 @@ from .tokenizer import (
     tokenizer_hash,
     with_system,
 )
+from .units import MIN_SHARD_TOKENS, plural, size_text
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")

@@ -30,8 +30,10 @@ from typing import Any
 import torch
 
 from .corpus import CorpusSpec, build_demo_corpus
+from .errors import TinykError, first_line
 from .evaluate import percent
-from .files import TinykError, atomic_dir, first_line, read_json, rust_path, write_json_atomic
+from .inputs import read_json
+from .outputs import atomic_dir, rust_path, write_json_atomic
 
 RESULTS_KIND = "tinyk-demo"
 CHAT_SAMPLES = ("你好呀", "你是谁？")

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import check_compatible, load_model
-from .files import TinykError, plural
+from .errors import TinykError
 from .model import KVCache, Transformer, apply_rope, resolve_dtype
 from .tokenizer import (
     CHAT_ROLES,
@@ -37,6 +37,7 @@ from .tokenizer import (
     TinyTokenizer,
     with_system,
 )
+from .units import plural
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:

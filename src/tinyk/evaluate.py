@@ -25,20 +25,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .data import normalize_conversation
-from .files import (
-    Skips,
-    TinykError,
-    check_output_file,
-    iter_records,
-    not_found,
-    read_json,
-    record_shape,
-    refuse_pipe,
-    refuse_repeats,
-    write_json_atomic,
-    writing,
-)
+from .errors import TinykError, not_found, writing
+from .inputs import Skips, iter_records, read_json, record_shape, refuse_pipe, refuse_repeats
 from .model import Transformer
+from .outputs import check_output_file, write_json_atomic
 from .tokenizer import (
     CHAT_ROLES,
     MODEL_PROMPT,

@@ -17,7 +17,9 @@ import numpy as np
 import torch
 
 from .data import FORMAT_VERSION, SPLITS, data_files
-from .files import TinykError, marker_file, plain_name, read_json, sha256_file
+from .errors import TinykError
+from .inputs import read_json, sha256_file
+from .outputs import marker_file, plain_name
 from .tokenizer import IM_END_ID
 
 PAD_ID = IM_END_ID

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .files import TinykError, memory_available, out_of_memory
+from .errors import TinykError, memory_available, out_of_memory
 
 
 def cuda_autocast_dtype(device: torch.device) -> torch.dtype:

@@ -20,8 +20,10 @@ from typing import Any
 
 import torch
 
-from .files import TinykError, atomic_file, first_line, plural, writing
+from .errors import TinykError, first_line, writing
 from .model import cuda_autocast_dtype
+from .outputs import atomic_file
+from .units import plural
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, matched against torch.cuda.get_device_name().
 # The order matters: the first name contained in the device name wins.

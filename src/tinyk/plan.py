@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .files import TinykError, first_line
+from .errors import TinykError, first_line
 from .model import (
     ADAMW_BYTES,
     DTYPES,

@@ -18,8 +18,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .checkpoint import is_model_dir, model_dir_hint, unfinished_hint
-from .files import TinykError, is_output_file, put_back_interrupted, remove_path
+from .errors import TinykError
 from .monitor import TRACKERS
+from .outputs import is_output_file, put_back_interrupted, remove_path
 
 CKPT_RE = re.compile(r"^step_(\d{7,})$")
 

@@ -46,7 +46,8 @@ from .engine import (
     TokenLogprob,
     is_int,
 )
-from .files import TinykError, has_surrogate, shown
+from .errors import TinykError, shown
+from .inputs import has_surrogate
 from .tokenizer import (
     IM_START_ID,
     MODEL_PROMPT,

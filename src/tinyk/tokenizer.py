@@ -20,21 +20,10 @@ from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from .files import (
-    Skips,
-    TinykError,
-    atomic_dir,
-    bytes_text,
-    check_inputs,
-    first_line,
-    hash_files,
-    is_compressed,
-    iter_texts,
-    marker_file,
-    memory_available,
-    read_json,
-    writing,
-)
+from .errors import TinykError, first_line, memory_available, writing
+from .inputs import Skips, check_inputs, hash_files, is_compressed, iter_texts, read_json
+from .outputs import atomic_dir, marker_file
+from .units import bytes_text
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 IM_START_ID, IM_END_ID = SPECIAL_TOKENS.index("<|im_start|>"), SPECIAL_TOKENS.index("<|im_end|>")  # bos, eos
@@ -348,7 +337,7 @@ def _read_tokenizer(path: Path) -> TinyTokenizer:
     """tokenizer.json with the special ids tinyk relies on."""
     f = marker_file(path, "tokenizer.json", "tokenizer")
     try:
-        tok = Tokenizer.from_str(f.read_text(encoding="utf-8"))  # Python opens it: see files.rust_path
+        tok = Tokenizer.from_str(f.read_text(encoding="utf-8"))  # Python opens it: see outputs.rust_path
     except Exception as e:  # tokenizers raises a bare Exception on bad JSON
         raise TinykError(f"cannot read tokenizer {f}: {first_line(e)}") from e
     for i, name in enumerate(SPECIAL_TOKENS):
@@ -404,7 +393,7 @@ def special_tokens_map() -> dict[str, Any]:
 
 
 def save_tokenizer_files(tok: Tokenizer, out: Path) -> None:
-    (out / "tokenizer.json").write_text(tok.to_str(pretty=True), encoding="utf-8")  # see files.rust_path
+    (out / "tokenizer.json").write_text(tok.to_str(pretty=True), encoding="utf-8")  # see outputs.rust_path
     write_hf_tokenizer_files(out, 1_000_000)  # no model, so no context length yet
 
 

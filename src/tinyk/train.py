@@ -40,24 +40,16 @@ from .checkpoint import (
     write_model_files,
 )
 from .config import CUDA_GRAPH_MODES, TrainConfig, dump_config, model_config
-from .files import (
-    DirLock,
+from .errors import (
     PeerLost,
     StoppedBeforeTraining,
     TinykError,
-    atomic_dir,
-    atomic_file,
-    check_output,
     first_line,
     memory_available,
     out_of_memory,
-    plural,
-    read_json,
-    remove_path,
-    without_dotdot,
-    write_json_atomic,
     writing,
 )
+from .inputs import read_json
 from .loader import IGNORE, ResumeMismatch, UnusableSplit
 from .model import (
     ADAMW_BYTES,
@@ -71,6 +63,15 @@ from .model import (
     resolve_dtype,
 )
 from .monitor import Monitor, Trackers, finite, measure_matmul_flops, peak_flops
+from .outputs import (
+    DirLock,
+    atomic_dir,
+    atomic_file,
+    check_output,
+    remove_path,
+    without_dotdot,
+    write_json_atomic,
+)
 from .plan import GiB, flops_formula, model_size, precision_refusal
 from .rundir import (
     ASIDE,
@@ -87,6 +88,7 @@ from .rundir import (
     signals_held,
     users_files_in_run,
 )
+from .units import plural
 
 SHARED_WAIT_S = 60.0  # NFS's longest default attribute cache (acdirmax)
 SIGINT_ECHO_S = 0.5  # a second SIGINT sooner than this is the first one again, not a second Ctrl-C

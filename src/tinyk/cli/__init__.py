@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from tinyk import __version__
-from tinyk.files import PeerLost, StoppedBeforeTraining, Terminated, TinykError, out_of_memory
+from tinyk.errors import PeerLost, StoppedBeforeTraining, Terminated, TinykError, out_of_memory
 
 STAGES = ["tokenizer", "model", "data", "train", "generate", "serve", "evaluate", "demo", "plan"]
 

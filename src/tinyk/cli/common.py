@@ -13,7 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from tinyk.files import MAX_BATCH, MAX_SIZE, has_surrogate, parse_size
+from tinyk.inputs import has_surrogate
+from tinyk.units import MAX_BATCH, MAX_SIZE, parse_size
 
 if TYPE_CHECKING:
     from tinyk.engine import SamplingParams
@@ -114,7 +115,7 @@ def output_path(s: str) -> str:
 
 def size_range(lo: int = 1, hi: int = MAX_SIZE, *, tokens: bool = False) -> Callable[[str], int]:
     """A `type=` for a byte or token count in lo..hi, written as '500M', '2G', '1e9' or a plain number
-    (`files.parse_size`: with `tokens`, 10B is ten billion, not ten bytes)."""
+    (`units.parse_size`: with `tokens`, 10B is ten billion, not ten bytes)."""
 
     def parse(s: str) -> int:
         try:

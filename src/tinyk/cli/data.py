@@ -7,7 +7,8 @@ import json
 from typing import Any
 
 from tinyk.cli.common import float_range, int_range, output_path, positive_size, seed, size_range, utf8_text
-from tinyk.files import DEFAULT_MAX_LINE_BYTES, MIN_SHARD_TOKENS, plural, size_text
+from tinyk.inputs import DEFAULT_MAX_LINE_BYTES
+from tinyk.units import MIN_SHARD_TOKENS, plural, size_text
 
 MAX_WORKERS = 1024  # tokenizer processes; more only exhausts the machine
 MAX_LEN = 2**20  # SFT tokens per conversation, far past any model's context

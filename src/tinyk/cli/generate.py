@@ -20,7 +20,8 @@ from tinyk.cli.common import (
     set_threads,
     utf8_text,
 )
-from tinyk.files import Terminated, TinykError, read_prompts
+from tinyk.errors import Terminated, TinykError
+from tinyk.inputs import read_prompts
 
 if TYPE_CHECKING:
     from tinyk.engine import Engine

@@ -18,7 +18,7 @@ from tinyk.cli.common import (
     size_range,
     utf8_text,
 )
-from tinyk.files import TinykError
+from tinyk.errors import TinykError
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -7,7 +7,8 @@ import json
 import sys
 
 from tinyk.cli.common import int_range, output_path, positive_size
-from tinyk.files import Skips, bytes_text, check_inputs, plural
+from tinyk.inputs import Skips, check_inputs
+from tinyk.units import bytes_text, plural
 
 
 def vocab_size(s: str) -> int:

@@ -1,0 +1,166 @@
+"""What tinyk says when something goes wrong.
+
+The CLI prints a `TinykError` as one line and exits non-zero. The helpers here turn what
+libraries raise (a full disk, an exhausted allocator, a symlink loop) into such a line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+
+class TinykError(Exception):
+    """A user-facing error: the CLI prints its message as one line and exits non-zero."""
+
+
+class PeerLost(TinykError):
+    """This process of a distributed job stopped because another one did, whose error is the root cause."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, `timeout`, a job scheduler) stops a command as Ctrl-C does, through the same
+    clean-up: partial outputs are removed (`tinyk data` keeps its work to continue), a training run saves
+    a checkpoint."""
+
+
+class StoppedBeforeTraining(KeyboardInterrupt):
+    """A signal stopped a new training run before its first step: there is nothing to save, so the
+    run directory is left as the run found it (the run --force was to replace kept)."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+
+def not_found(path: Path, what: str) -> TinykError:
+    """Why `path` (of `what`, e.g. "input file") cannot be found: missing, or a symlink loop, which
+    `exists()` reports alike."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return TinykError(f"{what} is a symlink loop (its links lead back to themselves): {path}")
+    return TinykError(f"{what} not found: {path}")
+
+
+def shown(path: str | Path) -> str:
+    """A path as text that can always be printed and written to JSON: bytes of a file name that are not
+    UTF-8 (a GBK name from a Windows zip) become U+FFFD."""
+    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def one_line(e: BaseException) -> str:
+    """An error's whole message on one line, to quote inside one of ours."""
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def first_line(e: BaseException) -> str:
+    """An error's own first line: what follows is often a page of frames (torch, trackers)."""
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def memory_available() -> int | None:
+    """Bytes this machine (or its container's memory limit, if lower) can still give, if known."""
+    found = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    if (left := cgroup_memory_left()) is not None:
+        found.append(left)
+    return max(0, min(found)) if found else None
+
+
+_CGROUP_FILES = {2: ("memory.max", "memory.current", "inactive_file"),
+                 1: ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")}
+
+
+def cgroup_memory_left(root: Path = Path("/sys/fs/cgroup"), own: Path = Path("/proc/self/cgroup")) -> int | None:
+    """What the memory limits of this process's cgroup and of the groups above it leave (cgroup v2, or
+    v1's memory controller, which older Docker and many clusters still use), or None with no limit.
+    /proc/meminfo shows the whole machine's memory, not a container's."""
+    try:
+        groups = [line.split(":", 2) for line in own.read_text().splitlines()]
+    except OSError:
+        return None
+    v1 = [path for _, controllers, path in groups if "memory" in controllers.split(",")]
+    version, base = (1, root / "memory") if v1 else (2, root)
+    path = v1[0] if v1 else next((path for _, controllers, path in groups if not controllers), "/")
+    limit_file, usage_file, cache_key = _CGROUP_FILES[version]
+    left = []
+    d = base / path.strip("/")
+    while True:  # up to the mount's root: a container may see its own group there, its path not existing
+        try:
+            limit = (d / limit_file).read_text().strip()
+            if limit != "max" and int(limit) < 1 << 60:  # v1 writes "no limit" as a huge number
+                # The page cache counts as used but is given back on demand (docker and the kubelet
+                # subtract it too); a container that has just read its corpus would otherwise look full.
+                stat = dict(line.split() for line in (d / "memory.stat").read_text().splitlines())
+                left.append(int(limit) - int((d / usage_file).read_text()) + int(stat.get(cache_key, 0)))
+        except (OSError, ValueError):
+            pass
+        if d == base or base not in d.parents:
+            break
+        d = d.parent
+    return min(left) if left else None
+
+
+def out_of_memory(e: BaseException) -> str | None:
+    """What PyTorch ran out of ('GPU memory', 'CPU memory (asked for 32.0 GB)'), or None when `e` is another
+    error: a user's model or batch too large for the machine, said in one line, not a traceback."""
+    if type(e).__name__ == "OutOfMemoryError":
+        return "GPU memory"
+    if isinstance(e, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(e):
+        asked = re.search(r"allocate (\d+) bytes", str(e))
+        return "CPU memory" + (f" (asked for {int(asked[1]) / 1e9:,.1f} GB)" if asked else "")
+    return None
+
+
+def write_error(path: Path, e: BaseException) -> TinykError:
+    """A failed write as one line with the free space beside it: a full disk often says only
+    "iostream error" (torch) or "N requested and M written" (numpy). Not where permission was refused
+    or the file system is read-only: there the folder is what to fix, not the disk."""
+    if isinstance(e, PermissionError) or getattr(e, "errno", None) == errno.EROFS:
+        refused = Path(os.fsdecode(e.filename)) if getattr(e, "filename", None) else path
+        why = "permission denied" if isinstance(e, PermissionError) else "the file system is read-only"
+        return TinykError(f"cannot write in {shown(refused.parent)}: {why}")
+    if isinstance(e, OSError) and e.errno not in (None, errno.ENOSPC, errno.EDQUOT, errno.EIO) and e.strerror:
+        # Not the disk (a folder that is not one, /proc): the reason alone, without the temporary file's name.
+        return TinykError(f"cannot write {path}: {e.strerror}")
+    try:
+        free = f"; {shutil.disk_usage(path.parent).free / 1e6:,.0f} MB free on that disk"
+    except OSError:
+        free = ""
+    why = first_line(e)
+    if not isinstance(e, OSError) and any(m in why for m in _TORCH_WRITER):  # "unexpected pos 292928 vs 292820"
+        why = f"the write stopped part-way, as it does on a full disk (torch: {why.split('] ')[-1].strip(' .')})"
+    return TinykError(f"cannot write {path}: {why}{free}")
+
+
+# What torch's checkpoint writer and the Rust writers of safetensors and tokenizers ("No space left on
+# device (os error 28)") say when a write fails; other RuntimeErrors (CUDA out of memory) are not ours.
+_TORCH_WRITER = ("iostream", "inline_container", "PytorchStreamWriter")
+_WRITE_FAILURES = (*_TORCH_WRITER, "(os error ")
+
+
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """A failed write of `path` as one line (see `write_error`) instead of a traceback."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, SafetensorError) as e:
+        raise write_error(path, e) from e
+    except Exception as e:
+        if isinstance(e, TinykError) or not any(m in str(e) for m in _WRITE_FAILURES):
+            raise
+        raise write_error(path, e) from e

@@ -1,0 +1,592 @@
+"""Reading user corpora safely.
+
+Every stage reads the same kinds of input (JSONL, TXT, Parquet, gzip- or zstd-compressed JSONL and
+TXT): a bad line is skipped and counted (`Skips`), a bad file is one line, and inputs are never modified.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+import shlex
+import sys
+import zlib
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from .errors import TinykError, not_found, one_line, shown
+from .units import plural
+
+DEFAULT_MAX_LINE_BYTES = 16 * 1024 * 1024
+NUL_HINT = "a NUL byte is binary data, not text"  # a text line holding one is skipped with this reason
+SUPPORTED_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".json.zst", ".txt.gz",
+                      ".txt.zst")
+
+
+@dataclass
+class Skips:
+    """Counts skipped input records by reason and remembers where the first few were."""
+
+    strict: bool = False
+    keep_first: int = 5
+    counts: Counter = field(default_factory=Counter)
+    first: dict[str, list[str]] = field(default_factory=dict)
+    hints: dict[str, str] = field(default_factory=dict)  # what the first skip of a reason says about the fix
+    stopped_at: int | None = None  # input bytes read (lines too long to read not counted) when max_bytes ended it
+
+    def add(self, reason: str, where: str, hint: str | None = None) -> None:
+        if self.strict:
+            raise TinykError(f"{where}: {reason.replace('_', ' ')}{f' ({hint})' if hint else ''} (--strict)")
+        if hint:
+            self.hints.setdefault(reason, hint)
+        self.counts[reason] += 1
+        places = self.first.setdefault(reason, [])
+        if len(places) < self.keep_first:
+            places.append(where)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> str:
+        if not self.total:
+            return "skipped 0 records"
+        hints = {"invalid_utf8": "convert such files first, e.g. iconv -f gbk -t utf-8", **self.hints}
+        parts = [f"{reason.replace('_', ' ')}: {n} (first at {', '.join(self.first[reason])}"
+                 f"{'; ' + hints[reason] if reason in hints else ''})" for reason, n in sorted(self.counts.items())]
+        return f"skipped {plural(self.total, 'records')}; " + "; ".join(parts)
+
+    def merge(self, other: Skips) -> None:
+        """Adds what `other` counted as if each of its skips were added here (so --strict raises)."""
+        for reason, n in other.counts.items():
+            places = other.first.get(reason, [])
+            for where in places:
+                self.add(reason, where, other.hints.get(reason))
+            self.counts[reason] += n - len(places)
+
+    def to_json(self) -> dict[str, Any]:
+        # Sorted: with several workers, reading and tokenizing report skips in a different interleaving.
+        return {"total": self.total, "by_reason": dict(sorted(self.counts.items())),
+                "first": dict(sorted(self.first.items())), "hints": dict(sorted(self.hints.items()))}
+
+    @classmethod
+    def from_json(cls, saved: dict[str, Any], strict: bool = False) -> Skips:
+        """What `to_json` wrote, to report or to count on from."""
+        return cls(strict=strict, counts=Counter(saved.get("by_reason", {})), first=saved.get("first", {}),
+                   hints=saved.get("hints", {}))
+
+
+def check_inputs(paths: list[str | Path]) -> list[Path]:
+    """Fail early, with one line, on inputs that are missing, unreadable, empty or of an unknown type."""
+    if not paths:
+        raise TinykError("no input files given")
+    out = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise not_found(p, "input file")
+        refuse_pipe(p, "input")
+        if not p.is_file():
+            raise TinykError(f"input is not a file: {p}")
+        if not os.access(p, os.R_OK):
+            raise TinykError(f"input file is not readable: {p}")
+        if not p.name.endswith(SUPPORTED_SUFFIXES):
+            raise TinykError(f"unsupported input type: {p} (use {', '.join(SUPPORTED_SUFFIXES)})")
+        if p.name.endswith(".parquet"):  # a missing reader is said now, not after the files before it
+            _parquet()
+        elif _codec(p) == "zstd":
+            _zstandard()
+        out.append(p)
+    refuse_repeats(out, "input")  # its documents would count twice, and land in both splits
+    # One empty file among others is fine (a Spark export's empty part files); all of them, a mistake.
+    if all(p.stat().st_size == 0 for p in out):
+        raise TinykError(f"input file is empty: {out[0]}" if len(out) == 1 else
+                         f"all {len(out)} input files are empty, e.g. {out[0]}")
+    return out
+
+
+def refuse_pipe(path: Path, what: str) -> None:
+    """Refuses a named pipe or `<(command)`: inputs are sized first and read more than once."""
+    if path.is_fifo():
+        raise TinykError(f"{what} is a pipe, not a file: {path} (save what it gives to a file first)")
+
+
+def refuse_repeats(paths: list[Path], what: str) -> None:
+    """Refuses a file or directory given twice, also under another name (a link, ./x); `paths` exist."""
+    seen: dict[tuple[int, int] | Path, Path] = {}
+    for p in paths:
+        st = p.stat()
+        # Some filesystems (FAT, some FUSE mounts) report inode 0 for every file: there the real path decides.
+        twice = seen.setdefault((st.st_dev, st.st_ino) if st.st_ino else p.resolve(), p)
+        if twice is not p:
+            raise TinykError(f"{what} {p} is given twice (also as {twice}); give each "
+                             f"{'directory' if p.is_dir() else 'file'} once")
+
+
+def sha256_file(path: Path) -> str:
+    """The file's SHA-256, read in 1 MiB blocks (1.5 GB/s on one core of a 2-core AMD EPYC)."""
+    h, buf = hashlib.sha256(), bytearray(1 << 20)
+    view = memoryview(buf)
+    with open(path, "rb") as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def is_plain_text(path: Path) -> bool:
+    """A `.txt` input (one document per line), also compressed; decided by the suffix, so
+    `corpus.txt.jsonl` is JSON."""
+    return path.name.endswith((".txt", ".txt.gz", ".txt.zst"))
+
+
+def _labels(paths: list[Path]) -> dict[Path, str]:
+    """How skip reports name each input: its file name, or the path as given where names repeat
+    (shards called part-0.jsonl in several folders)."""
+    names = Counter(p.name for p in paths)
+    return {p: shown(p.name if names[p.name] == 1 else p) for p in paths}
+
+
+_BOM = b"\xef\xbb\xbf"
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+_UTF32_BOMS = (b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")
+_MAGIC = {".gz": b"\x1f\x8b", ".zst": b"\x28\xb5\x2f\xfd"}  # how compressed files begin
+_CODECS = {".gz": "gzip", ".zst": "zstd"}
+_ZSTD_CHUNK = 4096  # compressed bytes per step; bounds what one step can expand to
+
+
+def _codec(path: Path) -> str | None:
+    return next((codec for ext, codec in _CODECS.items() if path.name.endswith(ext)), None)
+
+
+def is_compressed(path: str | Path) -> bool:
+    """Whether a file's size says nothing of how much text it holds (gzip, zstd, Parquet)."""
+    return _codec(Path(path)) is not None or str(path).endswith(".parquet")
+
+
+def _zstandard() -> Any:
+    try:
+        import zstandard
+    except ImportError as e:
+        raise TinykError("reading .zst files needs the 'zstandard' package (pip install zstandard)") from e
+    return zstandard
+
+
+class _ZstdTruncated(EOFError):
+    pass
+
+
+class _ZstdReader(io.RawIOBase):
+    """Decompresses a .zst file frame after frame and, unlike zstandard's stream_reader, reports a
+    file that ends inside a frame (an interrupted download) instead of ending quietly."""
+
+    def __init__(self, path: Path):
+        self._dctx = _zstandard().ZstdDecompressor()
+        self._f = open(path, "rb")  # noqa: SIM115 - closed by close()
+        self._frame: Any = None
+        self._buf, self._pos, self._eof = b"", 0, False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        while self._pos >= len(self._buf):
+            if self._eof:
+                return 0
+            self._fill()
+        n = min(len(b), len(self._buf) - self._pos)
+        b[:n] = memoryview(self._buf)[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    def _fill(self) -> None:
+        data = self._f.read(_ZSTD_CHUNK)
+        if not data:
+            if self._frame is not None:
+                raise _ZstdTruncated("file ends inside a zstd frame")
+            self._eof = True
+            return
+        out = []
+        while data:
+            if self._frame is None:
+                self._frame = self._dctx.decompressobj()
+            out.append(self._frame.decompress(data))
+            if self._frame.eof:
+                data, self._frame = self._frame.unused_data, None
+            else:
+                data = b""
+        self._buf, self._pos = b"".join(out), 0
+
+    def close(self) -> None:
+        f = getattr(self, "_f", None)  # absent when open() failed in __init__
+        if f is not None:
+            f.close()
+        super().close()
+
+
+def _open_binary(path: Path) -> BinaryIO:
+    codec = _codec(path)
+    if codec == "gzip":
+        return gzip.open(path, "rb")  # type: ignore[return-value]
+    if codec == "zstd":
+        return io.BufferedReader(_ZstdReader(path))  # type: ignore[return-value]
+    return open(path, "rb")
+
+
+def _read_errors(path: Path) -> tuple[type[BaseException], ...]:
+    """What reading `path` raises when the file (not the program) is at fault."""
+    errors: tuple[type[BaseException], ...] = (OSError, EOFError, zlib.error)
+    if _codec(path) == "zstd":
+        errors += (_zstandard().ZstdError,)
+    return errors
+
+
+def _read_error(path: Path, e: BaseException, lines: int) -> TinykError:
+    """One line naming the file (and how far reading got) for an error raised while reading it."""
+    after = f" after line {lines}" if lines else ""
+    codec = _codec(path)
+    io_error = isinstance(e, OSError) and e.errno is not None  # not BadGzipFile, which has none
+    if codec and not io_error:
+        return TinykError(f"{path}: damaged or truncated {codec} data{after} ({one_line(e)})")
+    detail = e.strerror if isinstance(e, OSError) and e.strerror else one_line(e)
+    return TinykError(f"{path}: read error{after} ({detail})")
+
+
+class _Counting:
+    """Wraps a binary stream to count the (uncompressed) bytes and lines consumed; turns read errors
+    (a damaged or truncated compressed file, an I/O error) into one line naming the file."""
+
+    def __init__(self, f: BinaryIO, path: Path, errors: tuple[type[BaseException], ...]):
+        self.f, self.n, self.path, self.lines, self.errors = f, 0, path, 0, errors
+
+    def readline(self, limit: int) -> bytes:
+        try:
+            line = self.f.readline(limit)
+        except self.errors as e:
+            raise _read_error(self.path, e, self.lines) from e
+        self.n += len(line)
+        return line
+
+
+def iter_lines(path: Path, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iterator[tuple[int, bytes | None, int]]:
+    """Yields (line number, line bytes or None if over the limit, bytes read so far).
+
+    A line longer than `max_line_bytes` is consumed in bounded chunks and never held whole.
+    A UTF-8 byte order mark at the start of the file is dropped; any read error is one TinykError.
+    """
+    errors = _read_errors(path)
+    try:
+        raw = _open_binary(path)
+    except errors as e:
+        raise _read_error(path, e, 0) from e
+    with raw:
+        f = _Counting(raw, path, errors)
+        lineno = 0
+        while True:
+            line = f.readline(max_line_bytes + 1)
+            if not line:
+                return
+            lineno += 1
+            if lineno == 1:
+                wide = next((bits for bits, boms in ((32, _UTF32_BOMS), (16, _UTF16_BOMS)) if line.startswith(boms)),
+                            None)
+                if wide:
+                    raise TinykError(f"{path}: UTF-{wide} text; tinyk reads UTF-8 (convert it, e.g. with iconv)")
+                packed = next((ext for ext, magic in _MAGIC.items() if line.startswith(magic)), None)
+                if packed and not _codec(path):
+                    raise TinykError(f"{path}: {_CODECS[packed]}-compressed data in a file not named {packed}; "
+                                     f"rename it to {path.name}{packed} and tinyk reads it as it is")
+            if line.startswith(_BOM):  # the file's, or one glued on by `cat a.jsonl b.jsonl`
+                line = line[len(_BOM):]
+            # In the first 4 KB, not the first line: UTF-16LE's 上 (0A 4E) or newline (0A 00) ends lines early.
+            if f.n - len(line) < 4096 and b"\x00" in line:
+                raise TinykError(f"{path}: NUL bytes in its first 4 KB: UTF-16 or UTF-32 text without a byte order "
+                                 f"mark, or not text at all; tinyk reads UTF-8 (convert it, e.g. iconv -f utf-16le "
+                                 f"-t utf-8, or utf-16be)")
+            if len(line) > max_line_bytes and not line.endswith(b"\n"):
+                while line and not line.endswith(b"\n"):
+                    line = f.readline(1 << 20)
+                f.lines = lineno
+                yield lineno, None, f.n
+                continue
+            f.lines = lineno
+            yield lineno, line, f.n
+
+
+def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = None,
+                 max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, text_field: str = "text",
+                 message_lists: bool = False) -> Iterator[tuple[str, Any]]:
+    """Yields (where, record) from every input in order, skipping and counting bad lines.
+
+    JSON inputs yield the parsed object; `.txt` lines yield {text_field: line}; Parquet rows
+    yield a dict. Stops once `max_bytes` of input have been consumed. `message_lists`: a line may
+    be a bare list of chat messages (the seed's SFT format), so such a first line is not taken
+    for the start of a JSON array.
+    """
+    consumed = 0
+    labels = _labels(paths)
+    for path in paths:
+        label = labels[path]
+        if path.name.endswith(".parquet"):
+            for where, rec, n in _iter_parquet(path, label):
+                if max_bytes is not None and consumed + n > max_bytes:
+                    skips.stopped_at = consumed
+                    return
+                consumed += n
+                yield where, rec
+            continue
+        is_txt = is_plain_text(path)
+        base, end = consumed, 0
+        for lineno, line, read in iter_lines(path, max_line_bytes):
+            if line is None:  # too long to read: skipped below, and no part of the max_bytes budget
+                base -= read - end
+            end = read
+            if max_bytes is not None and base + read > max_bytes:
+                skips.stopped_at = consumed
+                return
+            consumed = base + read
+            where = f"{label}:{lineno}"
+            head = _json_array_head(path, line, message_lists) if lineno == 1 and not is_txt else None
+            if head is not None:
+                raise TinykError(f"{path}: one JSON array, not JSON Lines (one record per line); convert it "
+                                 f"first, e.g. {_jq_hint(path, text_field if _STRINGS.match(head) else None)}")
+            if lineno == 1 and not is_txt and line is not None and line.strip() == b"{":
+                raise TinykError(f"{path}: one JSON object written over many lines, not JSON Lines (one record "
+                                 f"per line); write its records one per line first, e.g. for a list of them "
+                                 f"under KEY: jq -c '.KEY[]' FILE > records.jsonl")
+            if line is None:
+                skips.add("line_too_long", where)
+                continue
+            try:
+                s = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                if e.reason == "unexpected end of data" and not line.endswith(b"\n"):  # no GBK: a cut file
+                    skips.add("cut_character", where, "the file ends inside a character: it was cut short "
+                                                      "(e.g. by head -c)")
+                elif _decodes_with_surrogates(line):  # no GBK either: the bytes of a UTF-16 surrogate
+                    skips.add("encoded_surrogate", where, "a \\ud800-\\udfff surrogate written as UTF-8 bytes "
+                                                          "(CESU-8, Java's modified UTF-8) is no UTF-8 text; fix "
+                                                          "the program that wrote it")
+                else:
+                    skips.add("invalid_utf8", where)
+                continue
+            s = s.rstrip("\r\n")
+            if not s.strip():  # blank lines separate documents and records; they are not ones
+                continue
+            if is_txt:
+                if "\x00" in s:  # past the first 4 KB (refused whole above); in JSON, malformed_json
+                    skips.add("nul_byte", where, NUL_HINT)
+                    continue
+                yield where, {text_field: s}
+                continue
+            try:
+                rec = json.loads(s)
+            except (ValueError, RecursionError):  # bad JSON, a 5000-digit number, nesting 1000 deep
+                skips.add("malformed_json", where)
+                continue
+            if _SURROGATE_ESCAPE.search(s) and has_surrogate(rec):
+                skips.add("lone_surrogate", where, "a \\ud800-\\udfff escape without its pair is no text; fix the "
+                                                   "program that wrote it")
+                continue
+            yield where, rec
+
+
+# Where a line may be a list of chat messages ([{"role": ...}, ...], one conversation in the seed's SFT
+# format), an array of records is one whose first object starts with a key no message has, or an array
+# of such conversations.
+_ARRAY = re.compile(rb'\s*\[')
+_ARRAY_OF_RECORDS = re.compile(rb'\s*\[\s*(\[|\{\s*(\}|"(?!(?:role|content|from|value)")))')
+_STRINGS = re.compile(rb'\s*\[\s*"')  # an array of strings: the jq line makes them records
+
+
+def _json_array_head(path: Path, first_line: bytes | None, message_lists: bool) -> bytes | None:
+    """The first 64 KB of a JSON file that is one array (json.dump of a list, on one line or indented)
+    rather than JSON Lines, else None. `first_line` is None when it was too long to hold."""
+    if first_line is not None and not first_line.lstrip().startswith(b"["):
+        return None
+    try:
+        with _open_binary(path) as f:
+            head = f.read(1 << 16).removeprefix(_BOM)
+    except _read_errors(path) as e:  # a truncated .json.gz: the same line as reading it on would give
+        raise _read_error(path, e, 0) from e
+    indented = first_line is not None and first_line.strip() == b"["
+    return head if indented or (_ARRAY_OF_RECORDS if message_lists else _ARRAY).match(head) else None
+
+
+def _jq_hint(path: Path, field: str | None = None) -> str:
+    """The jq line that writes an array's elements one per line (strings become {field: ...} records)."""
+    name = shown(path.name)
+    base = name.split(".")[0] or "records"
+    out = base + ".jsonl" if base + ".jsonl" != name else base + ".lines.jsonl"
+    program = shlex.quote(f".[] | {{{json.dumps(field, ensure_ascii=False)}: .}}" if field else ".[]")
+    if _codec(path):
+        return f"decompress it, then jq -c {program} FILE > {shlex.quote(out)}"
+    return f"jq -c {program} {shlex.quote(name)} > {shlex.quote(out)}"
+
+
+def _decodes_with_surrogates(line: bytes) -> bool:
+    """Whether `line` is UTF-8 once encoded surrogates (ED A0 80 to ED BF BF) are allowed."""
+    try:
+        line.decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def has_surrogate(obj: Any) -> bool:
+    """Whether a parsed JSON value holds a lone surrogate ("\\ud800"); escaped pairs decode to one character.
+    A loop, not recursion: a line nested as deep as json.loads allows must not exhaust the stack."""
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, str):
+            if _SURROGATE.search(x):
+                return True
+        elif isinstance(x, dict):
+            stack += [*x.keys(), *x.values()]
+        elif isinstance(x, list):
+            stack += x
+    return False
+
+
+def _parquet() -> Any:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise TinykError("reading .parquet files needs the 'pyarrow' package (pip install pyarrow)") from e
+    return pq
+
+
+def _iter_parquet(path: Path, label: str) -> Iterator[tuple[str, dict, int]]:
+    pq = _parquet()
+    try:
+        pf = pq.ParquetFile(path)
+        batches = pf.iter_batches(batch_size=1024)
+    except Exception as e:  # pyarrow raises several types for a corrupt file
+        raise TinykError(f"cannot read parquet file {path}: {one_line(e)}") from e
+    row = 0
+    while True:
+        try:
+            batch = next(batches, None)
+            recs = batch.to_pylist() if batch is not None else []
+        except Exception as e:  # ArrowInvalid, ArrowIOError, OSError, ... for a damaged row group
+            after = f" after row {row}" if row else ""
+            raise TinykError(f"{path}: damaged parquet data{after} ({one_line(e)})") from e
+        if batch is None:
+            return
+        size = max(1, batch.nbytes // max(1, batch.num_rows))
+        for rec in recs:
+            row += 1
+            yield f"{label}:row {row}", rec, size
+
+
+def record_shape(rec: Any) -> str:
+    """What a record holds, for a message about one tinyk cannot use: "fields 'id', 'conversations'"."""
+    return f"fields {', '.join(map(repr, list(rec)[:6]))}" if isinstance(rec, dict) and rec else \
+        f"a JSON {type(rec).__name__}"
+
+
+def sft_format(rec: Any) -> str | None:
+    """Which SFT format a record is in: "turns" (the seed's bare list of messages), "chat" (BelleGroup/
+    ShareGPT `conversations` or OpenAI `messages`), "alpaca" (`instruction` and `output`); None if none.
+    Here, not in data.py, so reading text can tell a user that they gave it conversations."""
+    if isinstance(rec, list):
+        return "turns"
+    if not isinstance(rec, dict):
+        return None
+    if any(isinstance(rec.get(k), list) for k in ("conversations", "messages")):
+        return "chat"
+    return "alpaca" if "instruction" in rec and "output" in rec else None
+
+
+def iter_texts(paths: list[Path], skips: Skips, *, field_name: str = "text", **kw: Any) -> Iterator[str]:
+    """Yields the text of each document, skipping records without a usable text field."""
+    for where, rec in iter_records(paths, skips, text_field=field_name, **kw):
+        if not isinstance(rec, dict) or field_name not in rec:
+            fix = ("these are SFT conversations, not text: `tinyk data sft` reads them"
+                   if sft_format(rec) in ("chat", "alpaca") else "--field names the one with the text")
+            skips.add("missing_field", where, f"no field {field_name!r}, the first such record has "
+                                              f"{record_shape(rec)}; {fix}")
+            continue
+        text = rec[field_name]
+        if not isinstance(text, str):
+            skips.add("not_string", where)
+            continue
+        if not text.strip():
+            skips.add("empty", where)
+            continue
+        yield text
+
+
+def read_prompts(typed: list[str], prompt_file: str | None, field_name: str = "prompt",
+                 stdin: Iterable[str] | None = None) -> tuple[list[str], str | None]:
+    """`tinyk generate`'s prompts: the typed ones, then a file's (one per `.txt` line or per record's
+    `field_name`) or stdin's (`-`, one per line); with a note on the lines skipped, if any."""
+    prompts, note = list(typed), None
+    if prompt_file == "-":  # one prompt per line on stdin, for pipelines
+        try:
+            lines = [line.rstrip("\r\n").removeprefix("\ufeff")  # a BOM, as in files
+                     for line in (sys.stdin if stdin is None else stdin)]
+            not_utf8 = any(has_surrogate(line) for line in lines)  # how a C locale's stdin decodes them
+        except UnicodeDecodeError:
+            not_utf8 = True
+        if not_utf8:
+            raise TinykError("stdin is not valid UTF-8 (convert it first, e.g. iconv -f gbk -t utf-8)")
+        skips = Skips()
+        for n, line in enumerate(lines, 1):
+            if "\x00" in line:  # as in a .txt prompt file
+                skips.add("nul_byte", f"stdin:{n}", NUL_HINT)
+            elif line.strip():
+                prompts.append(line)
+        note = f"stdin: {skips.summary()}" if skips.total else None
+        if not prompts:
+            raise TinykError(f"no prompts on stdin (--prompt-file - reads one per line{f'; {note}' if note else ''})")
+    elif prompt_file:
+        if Path(prompt_file).is_fifo():  # `--prompt-file <(command)`
+            raise TinykError(f"--prompt-file {prompt_file} is a pipe: pipe the prompts to stdin with "
+                             f"--prompt-file - instead")
+        skips = Skips()
+        found = list(iter_texts(check_inputs([prompt_file]), skips, field_name=field_name))
+        if not found and is_plain_text(Path(prompt_file)):
+            why = f"no usable lines; {skips.summary()}" if skips.total else "it has no non-empty lines"
+            raise TinykError(f"no prompts in {prompt_file} ({why})")
+        if not found:
+            raise TinykError(f"no prompts in {prompt_file} (records need a string field {field_name!r}, "
+                             f"see --field; {skips.summary()})")
+        note = f"{prompt_file}: {skips.summary()}" if skips.total else None
+        prompts += found
+    if not prompts:
+        raise TinykError("give --prompt TEXT (repeatable) or --prompt-file FILE")
+    return prompts, note
+
+
+def read_json(path: str | Path) -> Any:
+    """A JSON file tinyk or a user wrote, read as UTF-8. Nesting deeper than the parser's recursion (a
+    damaged or hostile config.json) is a ValueError like any other bad JSON, not a RecursionError."""
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply to read") from None
+    except ValueError as e:
+        if "integer string conversion" in str(e):  # Python's advice (sys.set_int_max_str_digits) is not the user's
+            raise ValueError("it holds a number of thousands of digits") from None
+        raise
+
+
+def hash_files(paths: list[Path]) -> str:
+    """A short content hash identifying a set of files (e.g. a tokenizer)."""
+    h = hashlib.sha256()
+    for p in sorted(paths, key=lambda p: p.name):
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
