@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import TinykError, first_line, not_found, writing
 from .inputs import read_json
-from .model import ADAMW_BYTES, GRAD_BYTES, WEIGHT_BYTES, ModelConfig, Transformer
+from .model import ADAMW_BYTES, GRAD_BYTES, WEIGHT_BYTES, ModelConfig, Transformer, dtype_name
 from .outputs import atomic_dir, put_back_interrupted, rust_path
 from .tokenizer import (
     IM_END_ID,
@@ -290,7 +290,7 @@ def _check_dtypes(state: dict[str, torch.Tensor], source: str) -> None:
     refused in one line, not loaded as garbage nor failed on with a traceback later."""
     odd = next((k for k, v in state.items() if v.dtype not in WEIGHT_DTYPES), None)
     if odd:
-        raise TinykError(f"{source} holds {str(state[odd].dtype).removeprefix('torch.')} weights ({odd}); "
+        raise TinykError(f"{source} holds {dtype_name(state[odd].dtype)} weights ({odd}); "
                          f"tinyk loads float32, float16 or bfloat16 weights")
 
 

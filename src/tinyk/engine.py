@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .checkpoint import check_compatible, load_model
 from .errors import TinykError
-from .model import KVCache, Transformer, apply_rope, resolve_dtype
+from .model import KVCache, Transformer, apply_rope, dtype_name, resolve_dtype
 from .tokenizer import (
     CHAT_ROLES,
     MODEL_PROMPT,
@@ -92,7 +92,7 @@ def non_finite(dtype: torch.dtype) -> str:
     if dtype == torch.float16:
         return ("the model's logits are not finite (NaN or inf): its activations overflowed float16; "
                 "use --dtype bf16 or fp32")
-    return (f"the model's logits are not finite (NaN or inf) in {str(dtype).removeprefix('torch.')}: the "
+    return (f"the model's logits are not finite (NaN or inf) in {dtype_name(dtype)}: the "
             f"model has diverged")
 
 
@@ -138,7 +138,7 @@ def int8_refusal(device: torch.device, dtype: torch.dtype) -> str | None:
         return None
     fix = "; int8 decoding runs on the CPU: add --device cpu" if device.type != "cpu" else ""
     return (f"int8 weights are not supported by this torch build on {device.type} with "
-            f"{str(dtype).removeprefix('torch.')}{fix}")
+            f"{dtype_name(dtype)}{fix}")
 
 
 class _Forward:

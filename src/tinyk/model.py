@@ -42,6 +42,11 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[dtype]
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """'bfloat16' for torch.bfloat16: how messages and summary.json name a dtype."""
+    return str(dtype).removeprefix("torch.")
+
+
 @dataclass
 class ModelConfig:
     dim: int = 768

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .errors import TinykError, first_line, writing
-from .model import cuda_autocast_dtype
+from .model import cuda_autocast_dtype, dtype_name
 from .outputs import atomic_file
 from .units import plural
 
@@ -79,9 +79,8 @@ def peak_flops(device: torch.device, override_tflops: float | None,
             return None, f"unknown for {name} (set peak_tflops to get MFU)"
         return peak, f"{name} dense {'bf16' if cuda_autocast_dtype(device) == torch.bfloat16 else 'fp16'}"
     if device.type == "cpu":
-        name = str(dtype).split(".")[-1]
         return (measure_matmul_flops(dtype=dtype),
-                f"measured {name} matmul on this CPU, {plural(torch.get_num_threads(), 'threads')}")
+                f"measured {dtype_name(dtype)} matmul on this CPU, {plural(torch.get_num_threads(), 'threads')}")
     return None, f"unknown for {device.type} (set peak_tflops to get MFU)"
 
 

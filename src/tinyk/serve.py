@@ -48,6 +48,7 @@ from .engine import (
 )
 from .errors import TinykError, shown
 from .inputs import has_surrogate
+from .model import dtype_name
 from .tokenizer import (
     IM_START_ID,
     MODEL_PROMPT,
@@ -1205,7 +1206,7 @@ def serve(model_dir: str, *, host: str = "127.0.0.1", port: int = 8000, device: 
     server = ChatServer(engine, ServerConfig(**cfg), host, port)
     weights = ", int8 weights" if engine.quantize == "int8" else ""
     where = f"on every interface ({server.address}): here at" if server.everywhere else "at"
-    print(f"tinyk: serving {cfg['model_name']} ({engine.device}, {str(engine.dtype).removeprefix('torch.')}{weights}) "
+    print(f"tinyk: serving {cfg['model_name']} ({engine.device}, {dtype_name(engine.dtype)}{weights}) "
           f"{where} {server.url}  (chat page: {server.url}/, API: {server.url}/v1)", file=sys.stderr, flush=True)
     if not server.loopback and server.api.cfg.api_key is None:
         print(f"tinyk: warning: no --api-key: anyone who can reach port {server.server_address[1]} of this machine "

@@ -60,6 +60,7 @@ from .model import (
     ModelConfig,
     Transformer,
     cuda_autocast_dtype,
+    dtype_name,
     resolve_dtype,
 )
 from .monitor import Monitor, Trackers, finite, measure_matmul_flops, peak_flops
@@ -411,6 +412,7 @@ class Trainer:
             if self.dist.main and not self.fresh and not self.finished_already:
                 self._write_config()
             self.peak, self.peak_source = peak_flops(self.device, cfg.peak_tflops, self.dtype)  # a timed matmul on CPU
+            self.peak_retimed = False  # see _mfu
         except BaseException as e:
             self._fail_start()
             if (lost := self._peer_lost(e, before_training=True)) is not None:
@@ -935,7 +937,7 @@ class Trainer:
 
     def _oom(self, memory: str) -> TinykError:
         return TinykError(f"out of {memory} at micro-batch {self.micro} x seq_len {self.cfg.seq_len} "
-                          f"({str(self.dtype).split('.')[-1]}): lower --micro-batch (try {max(1, self.micro // 2)}), "
+                          f"({dtype_name(self.dtype)}): lower --micro-batch (try {max(1, self.micro // 2)}), "
                           f"or add --activation-checkpointing, --parallel fsdp, or a shorter --seq-len")
 
     def next_batches(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
@@ -1052,7 +1054,7 @@ class Trainer:
         run_tokens = self.progress.tokens + max(0, self.total_steps - self.progress.step) * tokens_per_step
         lines = [
             f"tinyk {cfg.kind}: {self.n_params / 1e6:.1f}M parameters, {d.world} process(es) on {dev}, "
-            f"{str(self.dtype).split('.')[-1]}, {'FSDP' if self.fsdp else 'DDP' if d.world > 1 else 'single process'}"
+            f"{dtype_name(self.dtype)}, {'FSDP' if self.fsdp else 'DDP' if d.world > 1 else 'single process'}"
             f"{', compiled' if cfg.compile else ''}{', activation checkpointing' if cfg.activation_checkpointing else ''}",
             f"batch {cfg.batch_size} x {cfg.seq_len} = {tokens_per_step:,} tokens/step = {self.accum} micro-batch(es) "
             f"of {self.micro} per process; {'up to ' if cfg.max_minutes else ''}{self.total_steps:,} steps "
@@ -1323,10 +1325,10 @@ class Trainer:
             # The CPU's matmul rate was timed while other work held the cores: time it again, once (an
             # fp16 matmul on a CPU can time slower than the training runs: timed at every log window, it
             # cost seconds each), and never report more than 100% of it.
-            again = " (timed again: the first timing was slowed by other work)"
-            measured = self.peak if self.peak_source.endswith(again) else measure_matmul_flops(dtype=self.dtype)
-            self.peak = max(measured, achieved)
-            self.peak_source = self.peak_source.removesuffix(again) + again
+            if not self.peak_retimed:
+                self.peak, self.peak_retimed = measure_matmul_flops(dtype=self.dtype), True
+                self.peak_source += " (timed again: the first timing was slowed by other work)"
+            self.peak = max(self.peak, achieved)
         return round(achieved / self.peak, 5)
 
     def _peak_flops_spent(self, elapsed: float) -> float | None:
@@ -1389,7 +1391,7 @@ class Trainer:
             "final_val_bpb": last_val[1] if last_val else None,
             "best_val_loss": best_val if math.isfinite(best_val) else None,
             "peak_mem_mib": self._peak_mem_mib(),
-            "world_size": self.dist.world, "device": str(self.device), "dtype": str(self.dtype).split(".")[-1],
+            "world_size": self.dist.world, "device": str(self.device), "dtype": dtype_name(self.dtype),
             "parallel": "fsdp" if self.fsdp else "ddp" if self.dist.world > 1 else "none",
             "final_model": final, "resumed_from": str(self.resumed_from) if self.resumed_from else None,
         }
