@@ -1,7 +1,8 @@
 """What tinyk says when something goes wrong.
 
 The CLI prints a `TinykError` as one line and exits non-zero. The helpers here turn what
-libraries raise (a full disk, an exhausted allocator, a symlink loop) into such a line.
+libraries raise (a full disk, an exhausted allocator, a symlink loop) into such a line, and tell
+how much memory is left, so that a step too large for it is refused before it starts.
 """
 
 from __future__ import annotations
