@@ -734,7 +734,8 @@ def test_trackers_are_lazy_and_optional(tmp_path, pt_data, tok_dir, monkeypatch,
     monkeypatch.setitem(sys.modules, "wandb", fake)
     train(nano_cfg(pt_data, tok_dir, tmp_path / "w", max_steps=2, tracker=["wandb"], project="p"))
     assert calls[0] == "p" and calls[-1] == "finish"
-    assert [s for s, v in calls[1:-1] if "loss" in v] == [1, 2]
+    assert [s for s, v in calls[1:-1] if "train/loss" in v] == [1, 2]
+    assert {"train/lr", "train/tokens_per_s"} <= set(calls[1][1])
 
     def not_logged_in(**kw):
         raise RuntimeError("No API key configured. Use `wandb login` to log in.\n(more lines)")
@@ -784,7 +785,7 @@ def test_a_tracker_failing_mid_run_is_dropped_and_a_killed_sessions_steps_are_no
         def log(self, values, step):
             if step in fail_at:
                 raise ConnectionResetError("Connection lost")
-            if "loss" in values:  # the training curve's points
+            if "train/loss" in values:  # the training curve's points
                 sent.append(step)
 
         def finish(self):
@@ -1798,13 +1799,13 @@ def test_tensorboard_shows_one_curve_across_a_crash_and_resume(tmp_path, pt_data
     train(cfg, resume=True)
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
-    logged = [(e.step, e.value) for e in events.Scalars("loss")]
+    logged = [(e.step, e.value) for e in events.Scalars("train/loss")]
     assert [s for s, _ in logged] == list(range(1, 9))
     assert {s: pytest.approx(v) for s, v in logged} == train_losses(out)
     # One point per step on every curve (an eval step's tokens are the train record's), no constants.
-    assert [e.step for e in events.Scalars("tokens")] == list(range(1, 9))
-    assert [e.step for e in events.Scalars("val_loss")] == [4, 8]
-    assert "flops_per_token" not in events.Tags()["scalars"]
+    assert [e.step for e in events.Scalars("train/tokens")] == list(range(1, 9))
+    assert [e.step for e in events.Scalars("val/loss")] == [4, 8] and "val/bpb" in events.Tags()["scalars"]
+    assert not [t for t in events.Tags()["scalars"] if "flops_per_token" in t or "step" in t]
 
 
 def test_a_resume_before_the_first_checkpoint_is_a_new_curve_for_every_tracker(tmp_path, pt_data, tok_dir,
@@ -1825,7 +1826,7 @@ def test_a_resume_before_the_first_checkpoint_is_a_new_curve_for_every_tracker(t
     train(cfg, resume=True)
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
-    assert [e.step for e in events.Scalars("loss")] == list(range(1, 7))
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 7))
     assert not (out / ".tracker_id").exists()
 
 

@@ -174,6 +174,17 @@ class Trackers:
             sink.finish()
 
 
+def tracker_values(rec: dict[str, Any]) -> dict[str, float]:
+    """A metrics.jsonl record's numbers as the trackers get them, grouped as nanochat and HF's Trainer
+    group theirs: `train/loss`, `train/tokens_per_s`, `val/loss`, `val/bpb`. One point per curve and
+    step: an eval record's tokens and time repeat the train record's, and FLOPs per token is a
+    constant of the run."""
+    numbers = {k: v for k, v in rec.items() if isinstance(v, int | float) and k not in ("step", "flops_per_token")}
+    if rec["type"] == "eval":
+        return {f"val/{k.removeprefix('val_')}": v for k, v in numbers.items() if k.startswith("val_")}
+    return {f"train/{k}": v for k, v in numbers.items()}
+
+
 def _run_id(out: Path) -> str:
     """A stable tracker run id per run directory, so a resumed run continues the same curve."""
     f = out / ".tracker_id"
@@ -277,12 +288,7 @@ class Monitor:
         with writing(self.metrics_path), open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(rec) + "\n")
         if self.trackers:
-            # One point per curve and step: an eval record's tokens and time repeat the train record's,
-            # and FLOPs per token is a constant of the run.
-            keep = (lambda k: k.startswith("val_")) if rec["type"] == "eval" else \
-                (lambda k: k not in ("step", "flops_per_token"))
-            numbers = {k: v for k, v in rec.items() if isinstance(v, int | float) and keep(k)}
-            self.trackers.log(numbers, rec["step"])
+            self.trackers.log(tracker_values(rec), rec["step"])
 
     def set_total(self, total_steps: int) -> None:
         if self.bar.total != total_steps:
