@@ -189,6 +189,11 @@ def run_row(row: Row, *, work: Path, cfg_file: Path, tok_dir: Path, data_dir: Pa
         os.killpg(proc.pid, signal.SIGKILL)
         output, _ = proc.communicate()
         code = None
+    except BaseException:  # interrupted (Ctrl-C, or SIGTERM from a time limit): the GPU is freed too
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        shutil.rmtree(out, ignore_errors=True)
+        raise
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     (logs / f"{out.name}.log").write_text(" ".join(cmd) + "\n\n" + output[-20000:], encoding="utf-8")
     records = _records(out / "metrics.jsonl")
@@ -202,6 +207,34 @@ def run_row(row: Row, *, work: Path, cfg_file: Path, tok_dir: Path, data_dir: Pa
         result["status"] = "ok"
     result.update(_throughput(records))
     return result
+
+
+def compile_missing() -> str | None:
+    """What torch.compile's Triton kernels need and this machine lacks: a C compiler and Python's
+    headers to build their launcher, and Triton itself. Without them each compiled row would spend
+    its start-up and then fail."""
+    import importlib.util
+    import sysconfig
+
+    if importlib.util.find_spec("triton") is None:
+        return "no triton for torch.compile's kernels"
+    if not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang") or shutil.which("cc")):
+        return "no C compiler for torch.compile's Triton kernels"
+    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file():
+        return "no Python.h for torch.compile's Triton kernels"
+    return None
+
+
+def work_dir() -> Path:
+    """Where the rows run: /dev/shm where it has room (each row saves a 3.3 GB checkpoint and model at
+    its end, 7-10 s each on a VM's disk, which the time budget would pay for), else the temporary folder."""
+    shm = Path("/dev/shm")
+    room = shutil.disk_usage(shm).free if shm.is_dir() and os.access(shm, os.W_OK) else 0
+    return Path(tempfile.mkdtemp(prefix="tinyk-gpu-bench-work-", dir=shm if room > 16 * 2**30 else None))
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _describe(row: Row) -> dict:
@@ -238,14 +271,13 @@ def _throughput(records: list[dict]) -> dict:
     if skips:  # fp16 only; the agreement rows log every step, so this is the step itself
         res["skipped_steps"], res["first_skip"] = sum(r["skipped_steps"] for r in records), skips[0]
     first, last = records[0], records[-1]
+    # One window only (a row cut short) is start-up and compilation, no steady rate: none is shown.
     if len(records) > 1 and last["elapsed_s"] > first["elapsed_s"]:
         rate = (last["tokens"] - first["tokens"]) / (last["elapsed_s"] - first["elapsed_s"])
-    else:
-        rate = last["tokens_per_s"]
-    res["tokens_per_s"] = rate
-    # The trainer's MFU is tokens/s x FLOPs per token / peak; rescale its last figure to the steady rate.
-    if last.get("mfu") and last.get("tokens_per_s"):
-        res["mfu"] = last["mfu"] * rate / last["tokens_per_s"]
+        res["tokens_per_s"] = rate
+        # The trainer's MFU is tokens/s x FLOPs per token / peak; rescale its last figure to the steady rate.
+        if last.get("mfu") and last.get("tokens_per_s"):
+            res["mfu"] = last["mfu"] * rate / last["tokens_per_s"]
     mems = [r["peak_mem_mib"] for r in records if r.get("peak_mem_mib") is not None]
     res["peak_mem_mib"] = max(mems) if mems else None
     res["flops_per_token"] = last.get("flops_per_token")
@@ -309,17 +341,15 @@ def report(rows: list[Row], results: dict[str, dict], *, out: Path, title: str, 
     ordered = [results.get(r.name) or {**_describe(r), "status": "not run yet"} for r in rows]
     agree = agreement(ordered)
     total = round(time.perf_counter() - started, 1)
-    text = table(ordered, title)
+    notes = [f"total {total:.0f}s"]
     if agree:
-        text += (f"\n\n{agree['dtype']} vs fp32 over {agree['steps']} steps: largest relative loss difference "
-                 f"{agree['max_rel_diff']:.2e} ({'ok' if agree['ok'] else 'TOO LARGE'}, limit 2e-2)")
-        if agree["skipped_steps"]:
-            text += (f"; fp16's loss scaler skipped {agree['skipped_steps']} step(s), so the comparison "
-                     f"stops at the first")
-    line = best_mfu_line(ordered, gpu_key, device_name)
-    if line:
-        text += "\n" + line
-    text += f"\ntotal {total:.0f}s"
+        notes.append(f"{agree['dtype']} vs fp32 over {agree['steps']} steps: largest relative loss difference "
+                     f"{agree['max_rel_diff']:.2e} ({'ok' if agree['ok'] else 'TOO LARGE'}, limit 2e-2)"
+                     + (f"; fp16's loss scaler skipped {agree['skipped_steps']} step(s), so the comparison stops "
+                        f"at the first" if agree["skipped_steps"] else ""))
+    if line := best_mfu_line(ordered, gpu_key, device_name):
+        notes.append(line)
+    text = "\n".join(notes) + "\n\n" + table(ordered, title)  # the table last, as the issue asks
     data = {**meta, "device": device_name, "rows": ordered, "half_vs_fp32": agree, "total_s": total}
     (out / "gpu_bench.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     (out / "gpu_bench.md").write_text(text + "\n", encoding="utf-8")
@@ -343,6 +373,12 @@ def main(argv: list[str] | None = None) -> int:
     if not smoke and not torch.cuda.is_available():
         print("gpu_bench: no CUDA GPU here; use --cpu-smoke for the CPU check", file=sys.stderr)
         return 2
+    for package in ("yaml", "tokenizers", "safetensors", "numpy", "tqdm"):  # what every row's trainer imports
+        try:
+            __import__(package)
+        except ImportError as e:
+            print(f"gpu_bench: the trainer needs the {package!r} package here ({e})", file=sys.stderr)
+            return 2
     out = Path(args.out or os.environ.get("OUT") or tempfile.mkdtemp(prefix="tinyk-gpu-bench-"))
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -367,19 +403,21 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"smoke": smoke, "preset": preset, "seq_len": seq_len, "torch": torch.__version__}
     gpu_key = None if smoke else gpu_class(device_name)
     results: dict[str, dict] = {}
-    work = Path(tempfile.mkdtemp(prefix="tinyk-gpu-bench-work-"))
+    work = work_dir() if not smoke else Path(tempfile.mkdtemp(prefix="tinyk-gpu-bench-work-"))
+    # A time limit's SIGTERM ends the run as Ctrl-C does: the row's process is killed, the table still printed.
+    signal.signal(signal.SIGTERM, _interrupt)
+    stopped = None
     try:
         tok_dir, data_dir = prepare_data(work, vocab, 60_000 if smoke else 2_000_000)
         print(f"gpu_bench: data ready in {time.perf_counter() - started:.0f}s on {device_name}", flush=True)
         cfg_file = _train_config(work / "bench.yaml", preset, seq_len)
         failures = 0
-        compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")  # where Triton looks
+        no_compile = None if smoke else compile_missing()
         for row in sorted(rows, key=lambda r: r.priority):
             left = args.budget_s - (time.perf_counter() - started)
             # A row started with less than half its timeout left would most likely end as a timeout.
             why = ("time budget" if left < max(20.0, row.timeout_s / 2) else "earlier rows failed" if failures >= 2
-                   else "no C compiler for torch.compile's Triton kernels" if row.compile and not smoke and not compiler
-                   else None)
+                   else no_compile if row.compile else None)
             if why:
                 results[row.name] = {**_describe(row), "status": f"skipped ({why})"}
                 continue
@@ -392,19 +430,29 @@ def main(argv: list[str] | None = None) -> int:
             r["plan_mib"] = est.peak / MiB
             # Two failures in a row that are not OOMs mean a broken set-up: stop spending device time.
             failures = failures + 1 if r["status"].startswith("failed") else 0
+            if row.compile and r["status"].startswith("timeout") and not r["losses"]:
+                no_compile = "a compiled row timed out before its first step"  # the others would too
             results[row.name] = r
             print(f"gpu_bench: {row.name}: {r['status']}, {r['wall_s']}s, tokens/s "
                   f"{_fmt(r.get('tokens_per_s'), ',.0f')}, MFU {_fmt(r.get('mfu'), '.3f')}, "
                   f"peak MiB {_fmt(r.get('peak_mem_mib'), ',.0f')}", flush=True)
             report(rows, results, out=out, title=title, device_name=device_name, gpu_key=gpu_key, started=started,
                    meta=meta)
+    except KeyboardInterrupt:
+        stopped = "interrupted"
+    except Exception as e:  # a broken set-up (data generation, the memory model): said, and the table still printed
+        stopped = f"stopped by {type(e).__name__}: {e}"
     finally:
         shutil.rmtree(work, ignore_errors=True)
     text, ordered = report(rows, results, out=out, title=title, device_name=device_name, gpu_key=gpu_key,
                            started=started, meta=meta)
     print()
+    if stopped:
+        print(f"gpu_bench: {stopped}; the rows not run are marked so")
     print(text)
     measured = any(r["status"] == "ok" for r in ordered)
+    if stopped:
+        return 130 if stopped == "interrupted" else 1
     return 0 if measured and all(r["status"] in ("ok", "skipped (time budget)") for r in ordered) else 1
 
 

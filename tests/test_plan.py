@@ -313,14 +313,32 @@ def test_gpu_bench_cpu_smoke(tmp_path, half):
     tail = proc.stdout.strip().splitlines()
     assert f"{half} vs fp32 over 2 steps" in proc.stdout
     assert only or any(line.startswith("| eager mb2 ckpt |") for line in tail[-8:])
+    assert tail[-1].startswith("| ")  # the table is the last thing printed
 
 
-def test_gpu_bench_agreement_stops_at_the_first_skipped_fp16_step(monkeypatch):
-    """After a step fp16's loss scaler skipped, its losses trail fp32's by an update: not a precision error."""
+def _gpu_bench(monkeypatch):
     spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "bench" / "gpu_bench.py")
     bench = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "gpu_bench", bench)  # its dataclasses look their module up there
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_gpu_bench_shows_no_rate_for_a_row_cut_short_in_its_first_window(monkeypatch):
+    """The first log window holds start-up and compilation: alone (a row that timed out), it is no
+    steady rate, and printing it beside "timeout" would read as the configuration's speed."""
+    bench = _gpu_bench(monkeypatch)
+    first = {"step": 3, "loss": 8.0, "tokens": 3000, "elapsed_s": 60.0, "tokens_per_s": 50.0, "mfu": 0.01}
+    cut = bench._throughput([first])
+    assert "tokens_per_s" not in cut and "mfu" not in cut and cut["losses"] == [8.0]
+    steady = bench._throughput([first, {**first, "step": 6, "tokens": 6000, "elapsed_s": 61.0, "tokens_per_s": 3000.0,
+                                        "mfu": 0.4}])
+    assert steady["tokens_per_s"] == 3000.0 and steady["mfu"] == pytest.approx(0.4)
+
+
+def test_gpu_bench_agreement_stops_at_the_first_skipped_fp16_step(monkeypatch):
+    """After a step fp16's loss scaler skipped, its losses trail fp32's by an update: not a precision error."""
+    bench = _gpu_bench(monkeypatch)
     fp16 = {"agree": True, "dtype": "fp16", "losses": [8.0, 8.0, 7.5], "skipped_steps": 1, "first_skip": 2}
     fp32 = {"agree": True, "dtype": "fp32", "losses": [8.0, 7.9, 7.0]}
     agree = bench.agreement([fp16, fp32])
