@@ -375,6 +375,24 @@ def test_exact_match_stop_rate_and_majority_baseline(tmp_path):
     assert r["skipped"]["by_reason"] == {}  # the bad rows lie past the limit
 
 
+def test_answers_cut_short_by_the_context_are_counted(tmp_path):
+    """A prompt that leaves the answer 1 token of the context scores as wrong and not stopped; the
+    results say that the context, not the model, ended it."""
+    from tinyk.tokenizer import render_chat
+
+    task = write_task(tmp_path / "t.jsonl", [{"messages": [{"role": "user", "content": u}], "answer": "好"}
+                                             for u in ("长长长", "短", "中")])
+    long_prompt = render_chat([{"role": "system", "content": "你是诗人"}, {"role": "user", "content": "长长长"}],
+                              add_generation_prompt=True)
+    engine = ScriptedEngine({"长长长": ("不", "length"), "短": ("好", "length"), "中": ("好", "eos")},
+                            context=len(long_prompt) + 1)
+    r = eval_task(engine, task)
+    assert r["cut_by_context"] == 1 and r["stop_rate"] == pytest.approx(1 / 3) and r["accuracy"] == pytest.approx(2 / 3)
+    assert ("t answers cut short by the model's context (not stopped)", "1", "") in list(table_rows(
+        {"tasks": [r]}))
+    assert eval_task(engine, task, max_new_tokens=1)["cut_by_context"] == 0  # max_new_tokens ended it as soon
+
+
 def test_sft_records_are_task_lines_whose_last_reply_is_the_answer(tmp_path):
     """A held-out slice of fine-tuning data, in any format `tinyk data sft` reads, evaluates as it is."""
     task = write_task(tmp_path / "heldout.jsonl", [

@@ -257,12 +257,16 @@ def score_task(engine: Any, path: str | Path, examples: list[TaskExample], promp
         idx = order[start:start + batch_size]
         for i, c in zip(idx, engine.generate([prompts[i] for i in idx], params), strict=True):
             completions[i] = c
-    correct = stopped = 0
+    correct = stopped = cut = 0
     samples = []
-    for ex, c in zip(examples, completions, strict=True):
+    for ex, prompt, c in zip(examples, prompts, completions, strict=True):
         ok = normalize_answer(c.text) in {normalize_answer(a) for a in ex.answers}
         correct += ok
         stopped += bool(c.token_ids) and c.token_ids[-1] == engine.tok.eos_id  # closed its turn with <|im_end|>
+        # The model's context, not max_new_tokens, ended the answer: one that did not stop, and likely
+        # wrong, which a shorter prompt might have let finish. Counted, so a low score says why.
+        cut += (c.finish_reason == "length" and len(c.token_ids) < max_new_tokens
+                and len(prompt) + len(c.token_ids) >= engine.context_length)
         if len(samples) < KEPT_SAMPLES:
             samples.append({"prompt": ex.messages[-1]["content"], "answer": ex.answers[0], "output": c.text,
                             "correct": ok, "finish_reason": c.finish_reason})
@@ -271,7 +275,7 @@ def score_task(engine: Any, path: str | Path, examples: list[TaskExample], promp
                                    ).most_common(1)[0]
     n = len(examples)
     return {"task": name or Path(path).stem, "file": str(path), "examples": n, "accuracy": correct / n,
-            "stop_rate": stopped / n, "baseline": majority_n / n, "baseline_kind": "majority",
+            "stop_rate": stopped / n, "cut_by_context": cut, "baseline": majority_n / n, "baseline_kind": "majority",
             "majority_answer": majority, "max_new_tokens": max_new_tokens, "skipped": skips.to_json(),
             "samples": samples}
 
@@ -655,6 +659,9 @@ def table_rows(results: dict[str, Any]) -> Iterator[tuple[str, str, str]]:
         yield (f"{t['task']} exact match ({counted(t['examples'], t['skipped'])}{int8})", percent(t["accuracy"]),
                f"{percent(t['baseline'])} majority")
         yield f"{t['task']} stop rate", percent(t["stop_rate"]), ""
+        if t.get("cut_by_context"):
+            yield f"{t['task']} answers cut short by the model's context (not stopped)", \
+                f"{t['cut_by_context']:,}", ""
     c = results.get("choice")
     if c:
         yield (f"multiple choice, {c['format']} ({counted(c['questions'], c['skipped'])})", percent(c["accuracy"]),

@@ -199,7 +199,9 @@ class _Windows:
         total = int(self.bounds[-1])
         self.size = (total - 1) // seq_len
         if self.size < 1:
-            raise UnusableSplit(f"the {split} split has {total} tokens, fewer than seq_len + 1 = {seq_len + 1}")
+            fits = f" (--seq-len {total - 1} or less fits)" if total > 1 else ""
+            raise UnusableSplit(f"the {split} split of {data_dir} has {total} tokens, fewer than seq_len + 1 = "
+                                f"{seq_len + 1}{fits}")
 
     def _read(self, start: int, length: int) -> np.ndarray:
         i = int(np.searchsorted(self.bounds, start, side="right")) - 1
@@ -252,7 +254,8 @@ class _Conversations:
         self.dropped = int((~usable).sum())
         self.cut = int((whole[usable] > seq_len + 1).sum())  # kept, but their end does not fit the window
         if not self.size:
-            raise UnusableSplit(f"no conversation in the {split} split has an assistant token within seq_len {seq_len}")
+            raise UnusableSplit(f"no conversation in the {split} split of {data_dir} has an assistant token within "
+                                f"seq_len {seq_len}")
 
     def fetch(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded with <|im_end|> to the longest in the batch, rounded up to a multiple of
