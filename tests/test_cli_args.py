@@ -57,6 +57,8 @@ PLAN = ["plan", "--preset", "nano"]
     ([*TOK, "--max-bytes", "0"], "--max-bytes", SIZE),
     ([*TOK, "--max-bytes", "lots"], "--max-bytes", "not a size: 'lots' (e.g. 500M, 2G)"),
     (["tokenizer", "eval", "t", "--max-bytes", "0.1"], "--max-bytes", SIZE),
+    # a glob that matched nothing measured the built-in samples instead, without a word
+    (["tokenizer", "eval", "t", "--input"], "--input", "expected at least one argument"),
     ([*DATA, "--shard-tokens", "inf"], "--shard-tokens", "must be a size from 1k to 1e18 (e.g. 500M, 2G)"),
     # one file per token (or 100 meant as 100M): a shard holds at least 1k tokens
     ([*DATA, "--shard-tokens", "1"], "--shard-tokens", "must be a size from 1k to 1e18 (e.g. 500M, 2G), got '1'"),

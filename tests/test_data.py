@@ -744,6 +744,44 @@ def test_sft_top_level_system_field():
     assert normalize_conversation(developer)[0] == {"role": "system", "content": "简短"}
 
 
+def test_turns_of_a_merged_sharegpt_and_openai_export_read_whichever_keys_are_set():
+    """A Parquet or `datasets` export of both kinds gives every turn all four keys, two of them null."""
+    row = {"messages": [{"from": None, "value": None, "role": "user", "content": "猫"},
+                        {"from": None, "value": None, "role": "assistant", "content": "Cat"}], "conversations": None}
+    assert normalize_conversation(row) == [{"role": "user", "content": "猫"}, {"role": "assistant", "content": "Cat"}]
+    row = {"conversations": [{"from": "human", "value": "猫", "role": None, "content": None},
+                             {"from": "gpt", "value": "Cat", "role": None, "content": None}]}
+    assert normalize_conversation(row) == [{"role": "user", "content": "猫"}, {"role": "assistant", "content": "Cat"}]
+
+
+def test_a_small_corpus_is_not_said_to_repeat_itself(pt_data):
+    """The one document val always gets, and the hash's spread, are no sign of repeated documents: 25
+    distinct documents put 1 (4%) in val at --val-fraction 0.01."""
+    from tinyk.data import summary
+
+    meta = {**json.loads((pt_data / "meta.json").read_text()), "val_fraction": 0.01}
+    for total, val in ((25, 1), (50, 2), (200, 5)):
+        meta["splits"]["train"]["documents"], meta["splits"]["val"]["documents"] = total - val, val
+        assert "val holds" not in summary(meta), (total, val)
+    meta["splits"]["train"]["documents"], meta["splits"]["val"]["documents"] = 150, 50
+    assert "val holds 25% of them" in summary(meta)
+
+
+def test_a_tokenizer_retrained_at_the_same_path_is_read_again(tmp_path, corpus_file):
+    """A notebook that retrains its tokenizer in place and prepares data again got the new tokenizer's
+    hash and vocabulary in meta.json over tokens of the old one."""
+    tok = tmp_path / "tok"
+    train_tokenizer([corpus_file], tok, vocab_size=300, show_progress=False)
+    first = prepare_pretrain([corpus_file], tok, tmp_path / "d1", workers=1, show_progress=False)
+    train_tokenizer([corpus_file], tok, vocab_size=512, force=True, show_progress=False)
+    again = prepare_pretrain([corpus_file], tok, tmp_path / "d2", workers=1, show_progress=False)
+    fresh = subprocess.run([sys.executable, "-c", "import json, sys\nfrom tinyk.data import prepare_pretrain\n"
+                            "m = prepare_pretrain([sys.argv[1]], sys.argv[2], sys.argv[3], workers=1, show_progress=False)\n"
+                            "print(m['splits']['train']['tokens'])", str(corpus_file), str(tok), str(tmp_path / "d3")],
+                           capture_output=True, text=True, check=True)
+    assert again["splits"]["train"]["tokens"] == int(fresh.stdout) != first["splits"]["train"]["tokens"]
+
+
 def test_a_val_split_far_beyond_val_fraction_is_explained(pt_data):
     """Copies of a document stay on one side: a corpus that repeats one text can put a fifth of itself
     in val at --val-fraction 0.01, which the closing line now says instead of leaving it to be found."""

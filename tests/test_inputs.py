@@ -150,6 +150,21 @@ def test_cli_damaged_gzip_is_one_line_and_leaves_nothing(tmp_path, tok_dir, comm
     assert src.read_bytes() == before
 
 
+def test_a_gzip_file_failing_its_crc_is_not_kept_to_continue(tmp_path, tok_dir):
+    """gzip's CRC error is an OSError, as a failing disk's is: the work done was kept with "run the same
+    command again to continue", and the rerun failed at the same place every time."""
+    from tinyk.data import prepare_pretrain
+    from tinyk.outputs import partial_sibling
+
+    data = gzip.compress(JSONL)
+    src = tmp_path / "corpus.jsonl.gz"
+    src.write_bytes(data[:-8] + bytes([data[-8] ^ 0xFF]) + data[-7:])  # the CRC-32 of the member, wrong
+    out = tmp_path / "out"
+    with pytest.raises(TinykError, match=r"corpus\.jsonl\.gz: damaged or truncated gzip data after line \d+ \(CRC"):
+        prepare_pretrain([src], tok_dir, out, workers=1, batch_chars=500, checkpoint_s=0, show_progress=False)
+    assert not out.exists() and not partial_sibling(out).exists()
+
+
 def test_cli_random_zstd_is_one_line(tmp_path, capsys):
     src = tmp_path / "corpus.jsonl.zst"
     src.write_bytes(GARBAGE)

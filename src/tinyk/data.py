@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import hashlib
 import json
+import math
 import multiprocessing
 import multiprocessing.pool
 import os
@@ -121,17 +122,21 @@ class _Job:
     system_prompt: str = ""
 
 
-_TOKENIZERS: dict[str, Any] = {}
+_TOKENIZERS: dict[str, tuple[tuple[int, int, int], Any]] = {}
 
 
 def _tokenizer(path: str) -> Any:
     """The plain-text tokenizer of a tokenizer.json, once per process: documents and messages are text,
-    so "<|im_end|>" written in them never becomes the special token."""
-    if path not in _TOKENIZERS:
+    so "<|im_end|>" written in them never becomes the special token. A tokenizer retrained at the same
+    path (a notebook preparing data again) is a new file, and is read again."""
+    st = os.stat(path)
+    version = (st.st_ino, st.st_mtime_ns, st.st_size)
+    if path not in _TOKENIZERS or _TOKENIZERS[path][0] != version:
         from tokenizers import Tokenizer
 
-        _TOKENIZERS[path] = plain_text_tokenizer(Tokenizer.from_str(Path(path).read_text(encoding="utf-8")))
-    return _TOKENIZERS[path]
+        tok = plain_text_tokenizer(Tokenizer.from_str(Path(path).read_text(encoding="utf-8")))
+        _TOKENIZERS[path] = (version, tok)
+    return _TOKENIZERS[path][1]
 
 
 _WORKER_JOB: _Job | None = None
@@ -750,8 +755,10 @@ class _Checkpoints:
 
     def stopped(self, e: BaseException, unit: str) -> None:
         """After a failure: the folder is kept when there is work to continue and the input did not cause
-        the failure (--strict's bad record, which a rerun meets again), else removed."""
-        from_input = isinstance(e, TinykError) and not isinstance(e.__cause__, OSError)
+        the failure (--strict's bad record, a damaged file, which a rerun meets again), else removed."""
+        # A failing disk is an OSError with an errno; gzip's BadGzipFile (a damaged file) is one without.
+        cause = e.__cause__
+        from_input = isinstance(e, TinykError) and not (isinstance(cause, OSError) and cause.errno is not None)
         if self.saved is None or from_input:
             remove_path(self.folder, ignore_errors=True)
             return
@@ -1005,7 +1012,9 @@ def summary(meta: dict[str, Any]) -> str:
             f"val {va['documents']:,}), {tr['tokens'] + va['tokens']:,} tokens (train {tr['tokens']:,}, "
             f"val {va['tokens']:,}) as {meta['dtype']}")
     total, asked = tr["documents"] + va["documents"], meta.get("val_fraction")
-    if asked is not None and total >= 20 and va["documents"] > max(2 * asked, asked + 0.02) * total:
+    # Beyond chance: the hash's spread (3 standard deviations) and the one document val always gets.
+    chance = 3 * math.sqrt(asked * total) + 1 if asked is not None else 0
+    if asked is not None and total >= 20 and va["documents"] > max(2 * asked, asked + 0.02) * total + chance:
         text += (f" (val holds {va['documents'] / total:.0%} of them, not --val-fraction {asked:g}: copies of a "
                  f"{unit[:-1]} all go to one side, and this data repeats some)")
     if meta["kind"] == "sft":
@@ -1022,6 +1031,13 @@ def summary(meta: dict[str, Any]) -> str:
         text += (f"; read {mb:,.1f} MB{files} in {seconds:.1f}s "
                  f"({mb / max(seconds, 1e-9):.1f} MB/s, {tokens / max(seconds, 1e-9):,.0f} tokens/s)")
     return f"{text}; {Skips.from_json(meta.get('skipped', {})).summary()}; tokenizer {meta['tokenizer_hash']}."
+
+
+def _either(turn: dict[str, Any], key: str, other: str) -> Any:
+    """`turn[key]`, else `turn[other]`: a turn of a Parquet or `datasets` export that merged ShareGPT and
+    OpenAI rows has all four keys, two of them null."""
+    value = turn.get(key)
+    return value if value is not None else turn.get(other)
 
 
 def normalize_conversation(rec: Any) -> list[dict[str, str]] | str:
@@ -1053,7 +1069,7 @@ def normalize_conversation(rec: Any) -> list[dict[str, str]] | str:
     for t in turns:
         if not isinstance(t, dict):
             return "bad_message"
-        role, content = t.get("from", t.get("role")), message_text(t.get("value", t.get("content")))
+        role, content = _either(t, "from", "role"), message_text(_either(t, "value", "content"))
         if not isinstance(role, str) or content is None:
             return "bad_message"
         if role.lower() not in ROLE_ALIASES:

@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     e = tsub.add_parser("eval", help="vocab, special ids, round trip and compression")
     e.add_argument("path", help="tokenizer directory")
-    e.add_argument("--input", nargs="*", action="extend", default=None, help="sample files to measure compression on")
+    e.add_argument("--input", nargs="+", action="extend", default=None, help="sample files to measure compression on")
     e.add_argument("--max-bytes", type=positive_size, default=10_000_000,
                    help="read at most this much of the input files (default 10M)")
     e.add_argument("--field", default="text", help="JSON/Parquet field holding the text")
