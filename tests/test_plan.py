@@ -371,6 +371,21 @@ def test_plan_names_the_model_it_sizes_and_takes_device_names(tmp_path, capsys):
     assert code == 0 and "1 x NVIDIA H100 80GB SXM" in out
 
 
+def test_plan_takes_the_vocabulary_of_the_tokenizer_as_training_does(tmp_path, tok_dir, capsys):
+    """A tokenizer smaller than the preset's vocabulary makes a smaller model: the plan sized the preset's."""
+    from tinyk.checkpoint import init_model_dir, load_model
+
+    init_model_dir("nano", tok_dir, tmp_path / "m")
+    built = load_model(tmp_path / "m")[0]
+    assert built.config.vocab_size != PRESETS["nano"]["vocab_size"]
+    code, out, _ = run_cli(["plan", "--preset", "nano", "--tokenizer", str(tok_dir), "--json"], capsys)
+    plan = json.loads(out)
+    assert code == 0 and plan["model"]["parameters"] == built.num_params()
+    assert plan["model"]["name"] == "nano" and plan["flops_per_token"] == built.flops_per_token(plan["run"]["seq_len"])
+    code, out, _ = run_cli(["plan", "--preset", "nano", "--tokenizer", str(tmp_path / "nothing")], capsys)
+    assert code == 2 and out == ""
+
+
 def test_plan_takes_the_configs_budget_and_prints_small_runs_readably(capsys):
     code, out, _ = run_cli(["plan", "--preset", "seed-215m", "--gpu", "h100", "--set", "max_tokens=2e9"], capsys)
     assert code == 0 and "time         2B tokens in 1.8 h" in out

@@ -13,6 +13,7 @@ import functools
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -402,8 +403,9 @@ class RunSpec:
 
 
 def run_spec(*, preset: str | None, config: str | None, sets: Iterable[str] = (),
-             overrides: dict[str, Any] | None = None) -> RunSpec:
-    """Resolves preset/config/--set/flags with the trainer's own rules, so plan sizes the run it would do."""
+             overrides: dict[str, Any] | None = None, tokenizer: str | Path | None = None) -> RunSpec:
+    """Resolves preset/config/--set/flags with the trainer's own rules, so plan sizes the run it would do;
+    with `tokenizer`, the vocabulary is that tokenizer's, as training takes it."""
     from .config import model_config, resolve_config
 
     if not preset and not config:
@@ -411,7 +413,12 @@ def run_spec(*, preset: str | None, config: str | None, sets: Iterable[str] = ()
     # resolve_config insists on data and output paths; planning reads neither.
     flags = {"data": "-", "out": "-", **{k: v for k, v in (overrides or {}).items() if v is not None}}
     tc = resolve_config("pretrain", preset=preset, config=config, flags=flags, sets=list(sets))
-    cfg = model_config(tc.model)
+    vocab = None
+    if tokenizer is not None:
+        from .tokenizer import load_tokenizer
+
+        vocab = load_tokenizer(tokenizer).vocab_size
+    cfg = model_config(tc.model, vocab)
     base = tc.model.get("preset")
     seq_len = tc.seq_len or cfg.max_seq_len  # as training takes it
     if seq_len > cfg.max_seq_len:
@@ -419,7 +426,8 @@ def run_spec(*, preset: str | None, config: str | None, sets: Iterable[str] = ()
     budgets = [b for b in (tc.max_tokens, tc.max_steps and tc.max_steps * tc.batch_size * seq_len) if b]
     # The model's name says what it is: a preset only while config and --set leave its shape alone.
     named = base if base in PRESETS else None
-    name = named if named and _shape(cfg) == _shape(preset_config(named)) else f"custom ({config or preset})"
+    same = named and _shape(cfg) == _shape(replace(preset_config(named), vocab_size=vocab or cfg.vocab_size))
+    name = named if same else f"custom ({config or preset})"
     return RunSpec(name=name, cfg=cfg, seq_len=seq_len, batch_size=tc.batch_size,
                    micro_batch=tc.micro_batch, dtype=tc.dtype, parallel=tc.parallel,
                    checkpointing=tc.activation_checkpointing, max_tokens=min(budgets) if budgets else None)

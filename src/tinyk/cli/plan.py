@@ -23,6 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     what.add_argument("--preset", help="a shipped config: seed-215m, seed-82m, tiny, nano")
     what.add_argument("--config", help="YAML or TOML training config")
     what.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key")
+    what.add_argument("--tokenizer", help="tokenizer directory: the model's vocabulary is its size, as in tinyk "
+                                          "pretrain (default: the preset's)")
     what.add_argument("--seq-len", type=positive_int)
     what.add_argument("--batch-size", type=batch_count, help="global batch in sequences per optimizer step")
     what.add_argument("--micro-batch", type=batch_count, help="sequences per forward pass per GPU (default: the config's, "
@@ -54,7 +56,8 @@ def _run(args: argparse.Namespace) -> int:
     run = run_spec(preset=args.preset, config=args.config, sets=args.set,
                    overrides={"seq_len": args.seq_len, "batch_size": args.batch_size, "micro_batch": args.micro_batch,
                               "dtype": args.dtype, "parallel": args.parallel,
-                              "activation_checkpointing": args.activation_checkpointing})
+                              "activation_checkpointing": args.activation_checkpointing},
+                   tokenizer=args.tokenizer)
     tokens = args.tokens or run.max_tokens or DEFAULT_TOKENS
     plan = make_plan(run, find_gpu(args.gpu), gpus=args.gpus, nodes=args.nodes, tokens=tokens,
                      price=args.price, mfu=args.mfu)
