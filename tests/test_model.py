@@ -364,8 +364,8 @@ def test_a_tinyk_model_saved_back_by_transformers_loads(tmp_path, tok_dir):
 
 # ----------------------------------------------------------------------------- the tutorial's checkpoints
 
-def seed_forward(sd: dict, x: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Logits as the tutorial's k_model.py computes them: RMSNorm eps 1e-5, and RoPE (theta 10000)
+def seed_forward(sd: dict, x: torch.Tensor, n_heads: int, eps: float = 1e-5) -> torch.Tensor:
+    """Logits as the tutorial's k_model.py computes them: RMSNorm eps (its default 1e-5), and RoPE (theta 10000)
     rotating adjacent channel pairs of each head, which transformers and tinyk order differently."""
     emb = sd["tok_embeddings.weight"]
     (batch, seq), dim = x.shape, emb.shape[1]
@@ -374,7 +374,7 @@ def seed_forward(sd: dict, x: torch.Tensor, n_heads: int) -> torch.Tensor:
     cos, sin = angles.cos()[None, :, None], angles.sin()[None, :, None]
 
     def rms(v, w):
-        return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-5) * w
+        return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps) * w
 
     def rope(v):
         a, b = v[..., 0::2], v[..., 1::2]
@@ -449,7 +449,7 @@ def test_a_checkpoint_of_the_tutorial_imports_and_computes_the_same(tmp_path, to
 
 
 def test_a_model_directory_the_tutorials_save_pretrained_wrote_imports_with_its_heads(tmp_path, tok_dir):
-    """Its config.json (model_type Tiny-K) has the head count and context a .pth leaves out."""
+    """Its config.json (model_type Tiny-K) has the head count, context and RMSNorm eps a .pth leaves out."""
     from safetensors.torch import save_file
 
     from tinyk.checkpoint import import_seed_checkpoint
@@ -459,8 +459,12 @@ def test_a_model_directory_the_tutorials_save_pretrained_wrote_imports_with_its_
     saved = tmp_path / "k-model"
     saved.mkdir()
     save_file({k: v.clone() for k, v in sd.items()}, saved / "model.safetensors")
-    (saved / "config.json").write_text(json.dumps({"model_type": "Tiny-K", "dim": 64, "n_heads": 8,
-                                                   "max_seq_len": 96}))
+    config = {"model_type": "Tiny-K", "dim": 64, "n_heads": 8, "max_seq_len": 96, "norm_eps": 0.01}
+    for eps in (0, "1e-5", True):
+        (saved / "config.json").write_text(json.dumps({**config, "norm_eps": eps}))
+        with pytest.raises(TinykError, match=f"has norm_eps {eps!r}; RMSNorm's eps is a small positive number"):
+            import_seed_checkpoint(saved, tok_dir, tmp_path / "m")
+    (saved / "config.json").write_text(json.dumps(config))
     model, assumed = import_seed_checkpoint(saved, tok_dir, tmp_path / "m")
     assert (model.config.n_heads, model.config.n_kv_heads, model.config.max_seq_len) == (8, 4, 96) and assumed == ""
     with pytest.raises(TinykError, match="--n-heads 16 contradicts the 8 heads .* was saved with"):
@@ -470,7 +474,7 @@ def test_a_model_directory_the_tutorials_save_pretrained_wrote_imports_with_its_
         model_info(saved)  # as every command that reads a model directory says
     x = torch.randint(0, 100, (1, 30), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        assert (load_model(tmp_path / "m")[0](x) - seed_forward(sd, x, n_heads=8)).abs().max().item() < 1e-4
+        assert (load_model(tmp_path / "m")[0](x) - seed_forward(sd, x, n_heads=8, eps=0.01)).abs().max().item() < 1e-4
 
 
 def test_a_tutorial_pth_is_pointed_to_import_which_says_what_it_assumed(tmp_path, tok_dir, capsys):

@@ -228,7 +228,7 @@ def model_dir_hint(path: Path) -> str:
     except (OSError, ValueError):
         seed = False
     if seed:
-        return f"; it holds a model the tutorial's code saved (its Tiny-K config), which {_import_hint(path)}"
+        return f"; it holds a model the tutorial's code saved (its Tiny-K config): {_import_hint(path)}"
     pths = sorted(path.glob("*.pth")) if path.is_dir() and not (path / "config.json").exists() else []
     if pths:
         more = f" (and {len(pths) - 1} more .pth)" if len(pths) > 1 else ""
@@ -480,8 +480,8 @@ def import_seed_checkpoint(ckpt: str | Path, tok_dir: str | Path, out: str | Pat
     """A model directory from a model the tutorial's scripts saved (`pretrain_1024_18_6144.pth`), and
     what had to be assumed ("" if nothing). Shapes come from the tensors. The head count and context
     are in a saved directory's config.json but not in a `.pth`, where they default to what the RoPE
-    tables some variants keep imply, else the tutorial's (16 heads, 512 tokens); RMSNorm eps 1e-5 and
-    RoPE theta 10000 are its fixed values."""
+    tables some variants keep imply, else the tutorial's (16 heads, 512 tokens). RMSNorm's eps is the
+    config's `norm_eps`, else the tutorial's default 1e-5; RoPE theta 10000 is its fixed value."""
     path = Path(ckpt)
     state, config = _read_seed_weights(path)
     rope = next((v for k, v in state.items() if k.endswith("freqs_cos")), None)
@@ -524,6 +524,10 @@ def import_seed_checkpoint(ckpt: str | Path, tok_dir: str | Path, out: str | Pat
         raise TinykError(f"dim {dim} does not split into {'--n-heads ' if told else ''}{n_heads} heads of an even "
                          f"size (head counts that do: {', '.join(fits[:8])}{', ...' if len(fits) > 8 else ''}){fix}")
     head_dim = dim // n_heads
+    norm_eps = config.get("norm_eps", 1e-5)
+    if isinstance(norm_eps, bool) or not isinstance(norm_eps, int | float) or not 0 < norm_eps < 1:
+        raise TinykError(f"{path / 'config.json'} has norm_eps {norm_eps!r}; RMSNorm's eps is a small positive "
+                         f"number (the tutorial's is 1e-5)")
     ours = {"model.embed_tokens.weight": emb, "lm_head.weight": output}
     for key, w in state.items():
         parts = key.removesuffix(".weight").split(".", 2)
@@ -546,7 +550,7 @@ def import_seed_checkpoint(ckpt: str | Path, tok_dir: str | Path, out: str | Pat
         cfg = ModelConfig(dim=dim, n_layers=len({k.split(".")[1] for k in state if k.startswith("layers.")}),
                           n_heads=n_heads, n_kv_heads=state["layers.0.attention.wk.weight"].shape[0] // head_dim,
                           vocab_size=vocab_size, hidden_dim=hidden_dim, max_seq_len=max_seq_len,
-                          tie_embeddings=torch.equal(output, emb))
+                          norm_eps=float(norm_eps), tie_embeddings=torch.equal(output, emb))
     except ValueError as e:
         raise TinykError(f"{path} does not hold the tutorial's model with {n_heads} heads ({first_line(e)})") from e
     model = _model_from_state(cfg, ours, str(path), f"does not fit {cfg.n_layers} layers of dim {dim} with "
