@@ -393,7 +393,7 @@ def test_a_config_key_typed_as_a_flag_is_shown_its_set(capsys):
     (["plan", "--pres", "nano"], "--pres nano; did you mean --preset?"),
     ([*GEN, "--temprature", "1"], "--temprature 1; did you mean --temperature?"),
     ([*GEN, "--top", "1"], "--top 1; did you mean --top-k or --top-p?"),
-    ([*PLAN, "--tok=1B"], "--tok=1B; did you mean --tokens?"),
+    ([*PLAN, "--tok=1B"], "--tok=1B; did you mean --tokenizer or --tokens?"),
 ])
 def test_a_shortened_or_mistyped_flag_is_refused_and_named(args, hint, capsys):
     """argparse would take `--res` for `--resume`: a script's meaning would change the day another

@@ -191,6 +191,30 @@ def test_generate_says_when_the_context_window_cut_the_text_short(engine, nano_m
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.parametrize("samples", [1, 2])
+def test_control_characters_reach_a_terminal_escaped_and_a_pipe_as_they_are(nano_model_dir, capsys, monkeypatch,
+                                                                           samples):
+    """A model (an untrained one above all) can write any character: ESC [2J clears the screen, others switch
+    the terminal's character set. A terminal shows them escaped; a file or pipe gets the text as it is."""
+    from tinyk.errors import for_terminal
+
+    prompt = "我们\x1b[2J\x07\t好\n"
+    args = ["generate", "--model", str(nano_model_dir), *["--prompt", prompt] * samples, "--max-new-tokens", "2"]
+    for tty in (True, False):
+        monkeypatch.setattr(sys.stdout, "isatty", lambda tty=tty: tty)
+        with pytest.raises(SystemExit):
+            main(args)
+        out = capsys.readouterr().out
+        assert ("我们\\x1b[2J\\x07\t好\n" in out) == tty and (prompt in out) != tty and ("\x1b" in out) != tty
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    # C1's CSI (\x9b) starts escape sequences too; line breaks and tabs are the text's own.
+    assert for_terminal("\x9b\x7f\r\n\t", Terminal()) == "\\x9b\\x7f\r\n\t"
+    assert for_terminal("\x9b\x7f\r\n\t", io.StringIO()) == "\x9b\x7f\r\n\t"
+
+
 def test_repeated_prompts_with_one_seed_give_different_reproducible_samples(engine, nano_model_dir, capsys):
     """As the tutorial's num_samples: prompt i of a batch samples with seed + i, as it would alone."""
     params = SamplingParams(temperature=1.5, top_k=0, top_p=1.0, max_new_tokens=8, seed=7, ignore_eos=True)

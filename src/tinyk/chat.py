@@ -9,7 +9,8 @@ import sys
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, TextIO
 
-from .errors import Terminated, TinykError
+from .errors import Terminated, TinykError, for_terminal
+from .units import plural
 
 if TYPE_CHECKING:  # the engine brings torch, which `tinyk --help` does not need
     from .engine import Engine, Request, SamplingParams
@@ -148,7 +149,7 @@ class _Session:
         shown = []
         try:
             for _, delta in self.engine.run([request]):
-                out.write(delta)
+                out.write(for_terminal(delta, out))
                 out.flush()
                 shown.append(delta)
         except TinykError:  # the model failed mid-reply (its logits overflowed): the error gets its own line
@@ -173,5 +174,5 @@ class _Session:
         if reply.finish_reason == "length":
             fix = ("raise --max-new-tokens for longer" if reply.completion_tokens >= params.max_new_tokens
                    else "the context window is full" + ("; /reset starts over" if self.interactive else ""))
-            print(f"(reply cut at {reply.completion_tokens} tokens; {fix})", file=sys.stderr)
+            print(f"(reply cut at {plural(reply.completion_tokens, 'tokens')}; {fix})", file=sys.stderr)
         self.history.append({"role": "assistant", "content": reply.text})

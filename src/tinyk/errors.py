@@ -14,6 +14,7 @@ import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TextIO
 
 
 class TinykError(Exception):
@@ -54,6 +55,22 @@ def shown(path: str | Path) -> str:
     """A path as text that can always be printed and written to JSON: bytes of a file name that are not
     UTF-8 (a GBK name from a Windows zip) become U+FFFD."""
     return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def escape_controls(text: str, keep: str = "") -> str:
+    """`text` with its control characters written out (ESC as \\x1b): a terminal acts on them, and a
+    model's output or a request line can hold any (clear the screen, switch the character set). Those
+    in `keep` (newline, tab) stay as they are."""
+    return _CONTROL.sub(lambda m: m[0] if m[0] in keep else f"\\x{ord(m[0]):02x}", text)
+
+
+def for_terminal(text: str, stream: TextIO) -> str:
+    """A model's text as `stream` shows it: control characters other than line breaks and tabs escaped
+    on a terminal, untouched in a file or pipe (which get exactly what the model wrote)."""
+    return escape_controls(text, "\n\r\t") if stream.isatty() else text
 
 
 def one_line(e: BaseException) -> str:

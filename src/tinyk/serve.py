@@ -46,7 +46,7 @@ from .engine import (
     TokenLogprob,
     is_int,
 )
-from .errors import TinykError, shown
+from .errors import TinykError, escape_controls, shown
 from .inputs import has_surrogate
 from .model import dtype_name
 from .tokenizer import (
@@ -575,7 +575,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - BaseHTTPRequestHandler's signature
         if self.server.api.cfg.log:  # a request line's escape codes would repaint the operator's terminal
-            sys.stderr.write(f"{self.address_string()} - {_CONTROL.sub(_escaped, format % args)}\n")
+            sys.stderr.write(f"{self.address_string()} - {escape_controls(format % args)}\n")
 
     # -- plumbing -----------------------------------------------------------------------
 
@@ -1071,13 +1071,6 @@ def _failure(req: Request) -> ApiError:
     if req.error == SHUTTING_DOWN:
         return ApiError(503, SHUTTING_DOWN, type="server_error", code="server_shutting_down")
     return ApiError(500, req.error or "generation failed", type="server_error", code="internal_error")
-
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
-def _escaped(m: re.Match[str]) -> str:
-    return f"\\x{ord(m[0]):02x}"
 
 
 def _content_lengths(headers: Any) -> list[str]:

@@ -20,8 +20,9 @@ from tinyk.cli.common import (
     set_threads,
     utf8_text,
 )
-from tinyk.errors import Terminated, TinykError
+from tinyk.errors import Terminated, TinykError, for_terminal
 from tinyk.inputs import read_prompts
+from tinyk.units import plural
 
 if TYPE_CHECKING:
     from tinyk.engine import Engine
@@ -73,18 +74,18 @@ def _generate(args: argparse.Namespace) -> int:
     if note:
         print(f"tinyk: {note}", file=sys.stderr)
     if len(prompts) == 1 and not args.json:
-        sys.stdout.write(prompts[0])
+        sys.stdout.write(for_terminal(prompts[0], sys.stdout))
         request = engine.request(ids[0], params)
         try:
             for _, delta in engine.run([request]):
-                sys.stdout.write(delta)
+                sys.stdout.write(for_terminal(delta, sys.stdout))
                 sys.stdout.flush()
         finally:  # also before an error or Ctrl-C, which then get their own line
             sys.stdout.write("\n")
         c = request.completion()
         if c.finish_reason == "length" and c.completion_tokens < params.max_new_tokens:  # not the budget asked for
             sys.stdout.flush()
-            print(f"(cut at {c.completion_tokens} tokens: the prompt and the text fill the model's "
+            print(f"(cut at {plural(c.completion_tokens, 'tokens')}: the prompt and the text fill the model's "
                   f"{engine.context_length}-token context)", file=sys.stderr)
         return 0
     numbered = params.numbered(len(prompts))  # repeated prompts give different samples, each reproducible alone
@@ -96,8 +97,8 @@ def _generate(args: argparse.Namespace) -> int:
                               "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens},
                              ensure_ascii=False), flush=True)
         else:
-            print(f"--- sample {i + 1} ({c.completion_tokens} tokens, {c.finish_reason}) ---\n{prompt}{c.text}",
-                  flush=True)
+            print(f"--- sample {i + 1} ({c.completion_tokens} tokens, {c.finish_reason}) ---\n"
+                  f"{for_terminal(prompt + c.text, sys.stdout)}", flush=True)
     return 0
 
 
