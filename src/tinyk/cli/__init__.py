@@ -146,6 +146,10 @@ def main(argv: list[str] | None = None) -> None:
             stream.reconfigure(errors="replace")
         elif stream.errors == "strict":
             stream.reconfigure(errors="surrogateescape")
+    if isinstance(sys.stdin, io.TextIOWrapper) and codecs.lookup(sys.stdin.encoding).name == "ascii":
+        # An ASCII locale (LC_ALL=C without Python's UTF-8 mode) reads no character past ASCII: what a
+        # pipe or terminal of Chinese text holds is UTF-8.
+        sys.stdin.reconfigure(encoding="utf-8")
     # Handlers belong to the main thread; a program calling main() from another keeps its own.
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None

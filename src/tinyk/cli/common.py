@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
@@ -93,9 +94,14 @@ positive_float = float_range(0, lo_open=True)
 
 def utf8_text(s: str) -> str:
     """A `type=` for text a model reads: bytes that are not UTF-8 (a GBK terminal, a script's raw bytes)
-    reach Python as lone surrogates, which no tokenizer can encode."""
+    reach Python as lone surrogates, which no tokenizer can encode. So do UTF-8 bytes under an ASCII
+    locale (LC_ALL=C without Python's UTF-8 mode): those are read as the UTF-8 they are."""
     if has_surrogate(s):
-        raise argparse.ArgumentTypeError("is not valid UTF-8 text (the terminal or script passed other bytes)")
+        try:
+            return os.fsencode(s).decode("utf-8")
+        except UnicodeError:
+            raise argparse.ArgumentTypeError("is not valid UTF-8 text (the terminal or script passed other "
+                                             "bytes)") from None
     return s
 
 
