@@ -138,13 +138,13 @@ def test_config_layers_preset_file_flags_set(tmp_path):
     sft = resolve_config("sft", preset="tiny", config=user, flags={"out": "o", "data": "d"})
     assert sft.lr == 0.002 and sft.kind == "sft"
     toml = tmp_path / "c.toml"
-    toml.write_text('lr = 5e-4\nseq_len = 64\n[model]\npreset = "nano"\n')
+    toml.write_text('lr = 5e-4\nseq_len = 64\n[model]\npreset = "nano"\n', encoding="utf-8-sig")  # Notepad's BOM
     t = resolve_config("pretrain", config=toml, flags={"out": "o", "data": "d"})
     assert (t.lr, t.seq_len, t.model) == (5e-4, 64, {"preset": "nano"})
     # A token budget is written as --max-tokens takes it; the dtype summary.json names (PyTorch's) is taken back.
     assert resolve_config("pretrain", preset="nano", flags={"out": "o", "data": "d"}, sets=["max_tokens=10B"]) \
         .max_tokens == 10**10
-    with pytest.raises(TinykError, match=r"^config key max_tokens: must be a size from 1 to 1e18"):
+    with pytest.raises(TinykError, match=r"^--set: config key max_tokens: must be a size from 1 to 1e18"):
         resolve_config("pretrain", preset="nano", flags={"out": "o", "data": "d"}, sets=["max_tokens=-1B"])
     assert resolve_config("pretrain", preset="nano", flags={"out": "o", "data": "d"}, sets=["dtype=float32"]).dtype \
         == "fp32"
@@ -163,7 +163,17 @@ def test_config_layers_preset_file_flags_set(tmp_path):
     (["nope=1"], "unknown config key 'nope'"),
     (["model.width=3"], "unknown config key model.width"),
     (["vocab_size=6144"], "unknown config key 'vocab_size'; the model's is model.vocab_size$"),
-    (["lr=fast"], "config key lr: 'fast' is not a valid float$"),
+    (["lr=fast"], "^--set: config key lr: 'fast' is not a valid float$"),  # where the value came from
+    (["warmup_step=3"], r"unknown config key 'warmup_step'; did you mean warmup_steps\?$"),
+    (["model.dims=3"], r"unknown config key model.dims; did you mean model.dim\? \(model keys"),
+    # were tracebacks: a nested key under a value, a list as a preset's name, step counts past a float's range
+    (["model=tiny", "model.dim=64"], "^--set model.dim: an earlier --set made model 'tiny', not a mapping of keys$"),
+    (["model.preset=[a]"], r"unknown model preset \['a'\]"),
+    (["max_steps=null", "epochs=1e308"], "epochs and max_minutes must be at most 1e9$"),
+    (["max_minutes=1e307"], "epochs and max_minutes must be at most 1e9$"),
+    (['out=""'], "out, data, tokenizer and init must not be empty paths"),  # trained into the current folder
+    (["tracker=[tensorboard, mlflow]"], r"^unknown tracker 'mlflow' \(choose from tensorboard, wandb, swanlab\)$"),
+    (["kind=sft"], "^--set kind: the command says what is trained"),  # was ignored without a word
     (["batch_size=2.5"], "config key batch_size"),
     (["dtype=int8"], "dtype must be auto, bf16, fp16, fp32, got .int8.$"),
     (["device=mps"], "device must be auto, cpu or cuda, got .mps.$"),
@@ -180,7 +190,7 @@ def test_config_layers_preset_file_flags_set(tmp_path):
     (["seed=-1"], "seed must be between 0 and 2"),
     (["beta1=2"], "beta1 and beta2 must be in"),
     (["model.preset=huge"], "unknown model preset 'huge'"),
-    (["a.b.c=1"], "only model.<key> is nested"),
+    (["a.b.c=1"], "only model.<key>, pretrain.<key> and sft.<key> are nested"),
     (["novalue"], "--set expects key=value"),
 ])
 def test_bad_config_values_are_one_line_errors(sets, message):
@@ -1080,6 +1090,23 @@ def test_an_init_model_trains_at_its_own_context_unless_told_otherwise(tmp_path,
     with pytest.raises(SystemExit) as e:
         main([*base, "--out", str(tmp_path / "b"), "--seq-len", "32"])
     assert e.value.code == 0 and yaml.safe_load((tmp_path / "b" / "config.yaml").read_text())["seq_len"] == 32
+
+
+def test_a_resume_continues_the_run_whose_config_it_read(tmp_path, monkeypatch):
+    """A run copied to Ry keeps `out: Rx` in its config.yaml: resumed as Ry (here --config's out), it trained
+    Rx. And the note on what the saved config outranks took the same data path, written two ways, for an edit."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "Ry").mkdir()
+    (tmp_path / "Ry" / "config.yaml").write_text(yaml.safe_dump({
+        "kind": "pretrain", "out": str(tmp_path / "Rx"), "data": str(tmp_path / "data"), "model": {"preset": "nano"},
+        "lr": 0.001}))
+    (tmp_path / "c.yaml").write_text("out: Ry\ndata: data\nlr: 0.01\n")
+    notes: list[str] = []
+    cfg = resolve_config("pretrain", config="c.yaml", resume=True, notes=notes)
+    assert cfg.out == "Ry" and cfg.lr == 0.001
+    assert notes == ["note: on --resume the run's saved Ry/config.yaml outranks --config c.yaml, so lr stays 0.001 "
+                     "(not 0.01); pass a flag or --set to change it"]
 
 
 def test_a_config_file_edited_before_resume_is_said_to_be_outranked(tmp_path, pt_data, tok_dir, capsys):

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import difflib
 import importlib.resources
 import math
 import os
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ import yaml
 
 from .errors import TinykError, first_line, not_found
 from .model import PRESETS, ModelConfig
+from .monitor import TRACKERS
 from .rundir import config_copy, saved_config
 from .units import MAX_BATCH, parse_size
 
@@ -124,19 +127,26 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     raise TinykError(f"config key {key}: {value!r} is not a valid {names}")
 
 
+def _did_you_mean(key: Any, known: Iterable[str], prefix: str = "") -> str:
+    """'; did you mean warmup_steps?' for a mistyped config key, else ''."""
+    close = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.8)
+    return f"; did you mean {prefix}{close[0]}?" if close else ""
+
+
 def _check_model_section(section: Any) -> dict[str, Any]:
     if not isinstance(section, dict):
         raise TinykError(f"config key model must be a mapping, got {section!r}")
     out = {}
     for k, v in section.items():
         if k == "preset":
-            if v is not None and v not in PRESETS:
+            if v is not None and (not isinstance(v, str) or v not in PRESETS):
                 raise TinykError(f"unknown model preset {v!r} (choose from {', '.join(PRESETS)})")
             out[k] = v
         elif k in _MODEL_TYPES:
             out[k] = _coerce(f"model.{k}", v, _MODEL_TYPES[k])
         else:
-            raise TinykError(f"unknown config key model.{k} (model keys: preset, {', '.join(_MODEL_TYPES)})")
+            raise TinykError(f"unknown config key model.{k}{_did_you_mean(k, ['preset', *_MODEL_TYPES], 'model.')} "
+                             f"(model keys: preset, {', '.join(_MODEL_TYPES)})")
     return out
 
 
@@ -154,16 +164,19 @@ def _merge(base: dict[str, Any], layer: dict[str, Any], kind: str, where: str) -
         into = out if stage in ("", kind) else dict(out)
         block = f" in its {stage} block" if stage else ""
         for k, v in d.items():
-            if k == "kind":
+            if k == "kind":  # config.yaml records it; the command (pretrain or sft) decides it
                 continue
-            if k == "model":
-                into["model"] = {**into.get("model", {}), **_check_model_section(v)}
-            elif k in _FIELD_TYPES:
-                into[k] = _coerce(k, v, _FIELD_TYPES[k])
-            elif k in _MODEL_TYPES or k == "preset":  # `--set dim=64` for `--set model.dim=64`
-                raise TinykError(f"{where}: unknown config key {k!r}{block}; the model's is model.{k}")
-            else:
-                raise TinykError(f"{where}: unknown config key {k!r}{block}")
+            try:
+                if k == "model":
+                    into["model"] = {**into.get("model", {}), **_check_model_section(v)}
+                elif k in _FIELD_TYPES:
+                    into[k] = _coerce(k, v, _FIELD_TYPES[k])
+                elif k in _MODEL_TYPES or k == "preset":  # `--set dim=64` for `--set model.dim=64`
+                    raise TinykError(f"unknown config key {k!r}{block}; the model's is model.{k}")
+                else:
+                    raise TinykError(f"unknown config key {k!r}{block}{_did_you_mean(k, _FIELD_TYPES)}")
+            except TinykError as e:  # which layer: a preset, --config, a run's saved config.yaml, or --set
+                raise TinykError(f"{where}: {e}") from None
     return out
 
 
@@ -182,7 +195,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
                 import tomllib
             except ImportError as e:
                 raise TinykError("TOML configs need Python 3.11 or newer; use YAML") from e
-            d = tomllib.loads(p.read_text(encoding="utf-8"))
+            d = tomllib.loads(p.read_text(encoding="utf-8-sig"))
         else:
             d = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.MarkedYAMLError as e:  # its first line ("while parsing a flow node") says neither what nor where
@@ -219,7 +232,10 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
             value = raw
         parts = key.strip().split(".")
         if len(parts) > 2 or (len(parts) == 2 and parts[0] not in ("model", *KINDS)):
-            raise TinykError(f"--set {key}: only model.<key> is nested (e.g. --set model.dim=64)")
+            raise TinykError(f"--set {key}: only model.<key>, pretrain.<key> and sft.<key> are nested "
+                             f"(e.g. --set model.dim=64)")
+        if parts == ["kind"]:
+            raise TinykError("--set kind: the command says what is trained (tinyk pretrain or tinyk sft)")
         hint = _FIELD_TYPES.get(parts[-1]) if parts[0] != "model" else None
         text_key = str in (typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,))  # not list[str]
         if text_key and value is not None and not isinstance(value, str):
@@ -227,6 +243,8 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
         target = out
         for p in parts[:-1]:
             target = target.setdefault(p, {})
+            if not isinstance(target, dict):  # `--set model=tiny --set model.dim=64`
+                raise TinykError(f"--set {key}: an earlier --set made {p} {target!r}, not a mapping of keys")
         target[parts[-1]] = value
     return out
 
@@ -272,6 +290,7 @@ def resolve_config(kind: str, *, preset: str | None = None, config: str | Path |
                              f"--resume" + (f", or fine-tune its model in a new run (tinyk sft --init {run})"
                                             if kind == "sft" else ""))
         before, d = d, fold([*layers, (run_config, str(saved)), *top])
+        d["out"] = before["out"]  # the run whose config.yaml this is, not the one a moved or copied run recorded
         ignored = [k for k in ("tokenizer", "init") if not _same_path(d.get(k), run_config.get(k))]
         if ignored:  # the checkpoint holds the model and tokenizer; config.yaml must not name others
             d.update({k: run_config.get(k) for k in ignored})
@@ -281,7 +300,8 @@ def resolve_config(kind: str, *, preset: str | None = None, config: str | Path |
                              f"not read (to start from other weights, begin a new run with --init)")
         if config and notes is not None:
             given, was = _flat(fold([(mine, str(config))])), _flat(before)
-            kept = {k: v for k, v in _flat(d).items() if k in given and given[k] != v and was.get(k) == given[k]}
+            kept = {k: v for k, v in _flat(d).items() if k in given and not _same_path(given[k], v)
+                    and was.get(k) == given[k] and k not in ("out", "tokenizer", "init")}  # those said above
             if kept:
                 notes.append(f"note: on --resume the run's saved {saved} outranks --config {config}, so "
                              + ", ".join(f"{k} stays {v!r} (not {given[k]!r})" for k, v in kept.items())
@@ -310,6 +330,7 @@ def _flat(d: dict[str, Any]) -> dict[str, Any]:
 
 def validate(cfg: TrainConfig) -> None:
     """Refuses impossible settings with one line before anything is loaded."""
+    unknown_trackers = ", ".join(repr(t) for t in cfg.tracker if t not in TRACKERS)
     checks = [
         (cfg.dtype in TRAIN_DTYPES, f"dtype must be {', '.join(TRAIN_DTYPES)}, got {cfg.dtype!r}"),
         (cfg.parallel in PARALLEL, f"parallel must be ddp or fsdp, got {cfg.parallel!r}"),
@@ -340,7 +361,12 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.eval_every >= 0 and cfg.save_every >= 0, "eval_every and save_every must be >= 0 (0 = only at the end)"),
         (all(v is None or v > 0 for v in (cfg.max_steps, cfg.max_tokens, cfg.epochs, cfg.max_minutes)),
          "max_steps, max_tokens, epochs and max_minutes must be positive"),
+        # Beyond these the step counts they give overflow (a billion epochs, two thousand years).
+        (all(v is None or v <= 1e9 for v in (cfg.epochs, cfg.max_minutes)), "epochs and max_minutes must be at most 1e9"),
+        (not unknown_trackers, f"unknown tracker {unknown_trackers} (choose from {', '.join(TRACKERS)})"),
         (cfg.out is not None, "no run directory: pass --out"),
+        (cfg.out != "" and cfg.data != "" and cfg.tokenizer != "" and cfg.init != "",
+         "out, data, tokenizer and init must not be empty paths (an empty one is the current folder)"),
         (cfg.data is not None, "no training data: pass --data (a directory made by tinyk data)"),
     ]
     for ok, msg in checks:

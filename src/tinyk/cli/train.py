@@ -29,7 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     for kind, help_text in (("pretrain", "pretrain a model on a tinyk pretraining data directory"),
                             ("sft", "fine-tune a model on a tinyk SFT data directory (loss on assistant tokens)")):
         p = sub.add_parser(kind, help=help_text,
-                           description=f"{help_text}. Settings: --preset/--config, then flags, then --set.")
+                           description=f"{help_text}. Settings: --preset/--config, then on --resume the run's saved "
+                                       f"config.yaml, then flags, then --set.")
         src = p.add_argument_group("what to train")
         src.add_argument("--config", help="YAML or TOML config file")
         src.add_argument("--preset", help="a shipped config: seed-215m, seed-82m, tiny, nano")
@@ -49,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         b.add_argument("--micro-batch", type=batch_count, help="sequences per forward pass per process (accumulation fills "
                        "the rest)")
         b.add_argument("--seq-len", type=positive_int, help="tokens per sample (default: the model's context)")
-        b.add_argument("--lr", type=positive_float, help="peak learning rate (warmup, then cosine to 10%%)")
+        b.add_argument("--lr", type=positive_float, help="peak learning rate (warmup, then cosine to min_lr_ratio of it, 10%% by default)")
         r = p.add_argument_group("runtime")
         r.add_argument("--dtype", choices=TRAIN_DTYPE_CHOICES)
         r.add_argument("--device", choices=["auto", "cpu", "cuda"])
