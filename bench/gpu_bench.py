@@ -218,7 +218,7 @@ def compile_missing() -> str | None:
 
     if importlib.util.find_spec("triton") is None:
         return "no triton for torch.compile's kernels"
-    if not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang") or shutil.which("cc")):
+    if not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):  # where Triton looks
         return "no C compiler for torch.compile's Triton kernels"
     if not (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file():
         return "no Python.h for torch.compile's Triton kernels"
@@ -405,8 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict] = {}
     work = work_dir() if not smoke else Path(tempfile.mkdtemp(prefix="tinyk-gpu-bench-work-"))
     # A time limit's SIGTERM ends the run as Ctrl-C does: the row's process is killed, the table still printed.
-    signal.signal(signal.SIGTERM, _interrupt)
-    stopped = None
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    stopped, running = None, None
     try:
         tok_dir, data_dir = prepare_data(work, vocab, 60_000 if smoke else 2_000_000)
         print(f"gpu_bench: data ready in {time.perf_counter() - started:.0f}s on {device_name}", flush=True)
@@ -421,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
             if why:
                 results[row.name] = {**_describe(row), "status": f"skipped ({why})"}
                 continue
+            running = row
             r = run_row(row, work=work, cfg_file=cfg_file, tok_dir=tok_dir, data_dir=data_dir, device=device,
                         timeout_s=min(row.timeout_s, left), logs=logs)
             est = estimate_memory(Setup(model_cfg, seq_len, row.micro, amp=row.dtype != "fp32",
@@ -431,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
             # Two failures in a row that are not OOMs mean a broken set-up: stop spending device time.
             failures = failures + 1 if r["status"].startswith("failed") else 0
             if row.compile and r["status"].startswith("timeout") and not r["losses"]:
-                no_compile = "a compiled row timed out before its first step"  # the others would too
+                no_compile = "a compiled row timed out before its first log line"  # the others would too
             results[row.name] = r
             print(f"gpu_bench: {row.name}: {r['status']}, {r['wall_s']}s, tokens/s "
                   f"{_fmt(r.get('tokens_per_s'), ',.0f')}, MFU {_fmt(r.get('mfu'), '.3f')}, "
@@ -440,15 +441,18 @@ def main(argv: list[str] | None = None) -> int:
                    meta=meta)
     except KeyboardInterrupt:
         stopped = "interrupted"
+        if running is not None and running.name not in results:
+            results[running.name] = {**_describe(running), "status": "interrupted"}
     except Exception as e:  # a broken set-up (data generation, the memory model): said, and the table still printed
         stopped = f"stopped by {type(e).__name__}: {e}"
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        signal.signal(signal.SIGTERM, previous)
     text, ordered = report(rows, results, out=out, title=title, device_name=device_name, gpu_key=gpu_key,
                            started=started, meta=meta)
     print()
     if stopped:
-        print(f"gpu_bench: {stopped}; the rows not run are marked so")
+        print(f"gpu_bench: {stopped}; the rows not run are marked so")  # the table follows, last
     print(text)
     measured = any(r["status"] == "ok" for r in ordered)
     if stopped:

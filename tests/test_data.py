@@ -485,11 +485,17 @@ def test_a_run_stopped_after_its_last_batch_continues_without_counting_anything_
             raise OSError(errno.ENOSPC, "No space left on device")
         real_write(path, obj)
 
+    def full_disk_numpy(path, obj):  # numpy's tofile says a full disk without an errno
+        if Path(path).name == "meta.json":
+            raise OSError("4096 requested and 1024 written")
+        real_write(path, obj)
+
     def stopped(self):
         raise KeyboardInterrupt
 
     for where, patch, error in (("close", (_Splitter, "close", stopped), KeyboardInterrupt),
-                                ("meta.json", (tinyk.data, "write_json_atomic", full_disk), TinykError)):
+                                ("meta.json", (tinyk.data, "write_json_atomic", full_disk), TinykError),
+                                ("numpy", (tinyk.data, "write_json_atomic", full_disk_numpy), TinykError)):
         out = tmp_path / where
         with monkeypatch.context() as m:
             m.setattr(_Checkpoints, "due", lambda self: True)

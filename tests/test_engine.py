@@ -797,7 +797,8 @@ def test_chat_reports_gbk_on_stdin_in_one_line(nano_model_dir):
 
 def test_an_ascii_locale_reads_utf8_text_as_the_utf8_it_is(nano_model_dir):
     """Under LC_ALL=C without Python's UTF-8 mode, argv and stdin reach Python as one surrogate per byte:
-    valid UTF-8 was refused as "not valid UTF-8". GBK bytes still are."""
+    valid UTF-8 was refused as "not valid UTF-8", and the output was question marks. GBK bytes still are
+    refused."""
     env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0", "OMP_NUM_THREADS": "1"}
     model = ["--model", str(nano_model_dir), "--max-new-tokens", "2"]
     for args, stdin in ((["generate", "--prompt", "你好"], b""), (["generate", "--prompt-file", "-"], "你好\n".encode()),
@@ -805,6 +806,8 @@ def test_an_ascii_locale_reads_utf8_text_as_the_utf8_it_is(nano_model_dir):
         r = subprocess.run([sys.executable, "-m", "tinyk", *args, *model], input=stdin, capture_output=True,
                            timeout=120, env=env)
         assert r.returncode == 0 and b"UTF-8" not in r.stderr, (args, r.stderr)
+        if args[0] == "generate":  # the prompt comes back as it went in
+            assert r.stdout.startswith("你好".encode()), r.stdout
     r = subprocess.run([sys.executable, "-m", "tinyk", "generate", "--prompt", "你好".encode("gbk"), *model],
                        capture_output=True, timeout=120, env=env)
     assert r.returncode == 2 and b"is not valid UTF-8 text" in r.stderr

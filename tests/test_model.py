@@ -513,8 +513,8 @@ def test_a_tutorial_pth_is_pointed_to_import_which_says_what_it_assumed(tmp_path
     half = 64 // 4 // 2  # the tables' width: half a head's for 4 heads of dim 64
     tables = {**sd, "freqs_cos": torch.ones(80, half), "freqs_sin": torch.zeros(80, half)}
     model, assumed = import_seed_checkpoint(_save(tables, tmp_path / "t.pth"), tok_dir, tmp_path / "t")
-    assert (model.config.n_heads, model.config.max_seq_len, assumed) == (4, 80, "4 heads and a context of 80 tokens "
-                                                                          "(from its RoPE tables)")
+    assert (model.config.n_heads, model.config.max_seq_len, assumed) == (
+        4, 80, "4 heads and a context of 80 tokens (from its RoPE tables) assumed: the checkpoint does not record them")
     model, assumed = import_seed_checkpoint(tmp_path / "t.pth", tok_dir, tmp_path / "t2", n_heads=4, max_seq_len=64)
     assert (model.config.n_heads, model.config.max_seq_len, assumed) == (4, 64, "")  # the flags win
     x = torch.randint(0, 100, (1, 30), generator=torch.Generator().manual_seed(2))

@@ -382,8 +382,12 @@ def test_plan_takes_the_vocabulary_of_the_tokenizer_as_training_does(tmp_path, t
     plan = json.loads(out)
     assert code == 0 and plan["model"]["parameters"] == built.num_params()
     assert plan["model"]["name"] == "nano" and plan["flops_per_token"] == built.flops_per_token(plan["run"]["seq_len"])
+    code, out, _ = run_cli(["plan", "--preset", "nano", "--set", f"tokenizer={tok_dir}", "--json"], capsys)
+    assert code == 0 and json.loads(out)["model"] == plan["model"]  # a config's tokenizer, as training reads it
     code, out, _ = run_cli(["plan", "--preset", "nano", "--tokenizer", str(tmp_path / "nothing")], capsys)
     assert code == 2 and out == ""
+    code, out, _ = run_cli(["plan", "--preset", "nano", "--set", "model.vocab_size=8000", "--json"], capsys)
+    assert code == 0 and json.loads(out)["model"]["name"] == "custom (nano)"  # a vocabulary of its own
 
 
 def test_plan_takes_the_configs_budget_and_prints_small_runs_readably(capsys):

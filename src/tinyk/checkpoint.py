@@ -478,7 +478,7 @@ def _unprefixed(name: str) -> str:
 def import_seed_checkpoint(ckpt: str | Path, tok_dir: str | Path, out: str | Path, *, n_heads: int | None = None,
                            max_seq_len: int | None = None, force: bool = False) -> tuple[Transformer, str]:
     """A model directory from a model the tutorial's scripts saved (`pretrain_1024_18_6144.pth`), and
-    what had to be assumed ("" if nothing). Shapes come from the tensors. The head count and context
+    what had to be assumed, said as a sentence ("" if nothing). Shapes come from the tensors. The head count and context
     are in a saved directory's config.json but not in a `.pth`, where they default to what the RoPE
     tables some variants keep imply, else the tutorial's (16 heads, 512 tokens). RMSNorm's eps is the
     config's `norm_eps`, else the tutorial's default 1e-5; RoPE theta 10000 is its fixed value."""
@@ -515,7 +515,8 @@ def import_seed_checkpoint(ckpt: str | Path, tok_dir: str | Path, out: str | Pat
     n_heads = n_heads or config.get("n_heads") or guess["n_heads"]
     max_seq_len = max_seq_len or config.get("max_seq_len") or guess["max_seq_len"]
     said = {"n_heads": f"{n_heads} heads", "max_seq_len": f"a context of {max_seq_len} tokens"}
-    assumed = f"{' and '.join(said[k] for k in missing)} ({source})" if missing else ""
+    assumed = (f"{' and '.join(said[k] for k in missing)} ({source}) assumed: the checkpoint does not record "
+               f"{'them' if len(missing) > 1 else 'it'}") if missing else ""
     if not isinstance(n_heads, int) or n_heads < 1 or dim % n_heads or (dim // n_heads) % 2:
         fits = [str(h) for h in range(1, dim + 1) if dim % h == 0 and (dim // h) % 2 == 0]
         told = "n_heads" not in missing and "n_heads" not in config  # the user's --n-heads

@@ -234,7 +234,7 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
         if len(parts) > 2 or (len(parts) == 2 and parts[0] not in ("model", *KINDS)):
             raise TinykError(f"--set {key}: only model.<key>, pretrain.<key> and sft.<key> are nested "
                              f"(e.g. --set model.dim=64)")
-        if parts == ["kind"]:
+        if parts[-1] == "kind":
             raise TinykError("--set kind: the command says what is trained (tinyk pretrain or tinyk sft)")
         hint = _FIELD_TYPES.get(parts[-1]) if parts[0] != "model" else None
         text_key = str in (typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,))  # not list[str]
@@ -301,11 +301,18 @@ def resolve_config(kind: str, *, preset: str | None = None, config: str | Path |
         if config and notes is not None:
             given, was = _flat(fold([(mine, str(config))])), _flat(before)
             kept = {k: v for k, v in _flat(d).items() if k in given and not _same_path(given[k], v)
-                    and was.get(k) == given[k] and k not in ("out", "tokenizer", "init")}  # those said above
+                    and was.get(k) == given[k] and k not in ("out", *ignored)}  # out: the run named; ignored: said above
+            fixed = [k for k in ("tokenizer", "init") if k in kept]  # the checkpoint's, whatever says otherwise
+            for k in fixed:
+                del kept[k]
             if kept:
                 notes.append(f"note: on --resume the run's saved {saved} outranks --config {config}, so "
                              + ", ".join(f"{k} stays {v!r} (not {given[k]!r})" for k, v in kept.items())
                              + "; pass a flag or --set to change it")
+            if fixed:
+                notes.append(f"note: on --resume the model and tokenizer are the checkpoint's, so --config {config}'s "
+                             f"{' and '.join(fixed)} {'is' if len(fixed) == 1 else 'are'} not read (to start from other "
+                             f"weights, begin a new run with --init)")
     elif saved is not None and d.get("data") is None:
         copy = config_copy(Path(d["out"]))
         if copy:

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .errors import TinykError, shown, writing
+from .errors import DamagedInput, TinykError, shown, writing
 from .inputs import (
     DEFAULT_MAX_LINE_BYTES,
     Skips,
@@ -116,27 +116,26 @@ class _Job:
     """What a tokenizing worker needs; sent once when the worker starts."""
 
     kind: str
-    tokenizer_json: str
+    tokenizer_json: str  # the file's text, read once: a tokenizer retrained meanwhile changes nothing
     dtype: str
     max_len: int = 0
     system_prompt: str = ""
 
 
-_TOKENIZERS: dict[str, tuple[tuple[int, int, int], Any]] = {}
+_TOKENIZER: tuple[str, Any] | None = None
 
 
-def _tokenizer(path: str) -> Any:
-    """The plain-text tokenizer of a tokenizer.json, once per process: documents and messages are text,
-    so "<|im_end|>" written in them never becomes the special token. A tokenizer retrained at the same
-    path (a notebook preparing data again) is a new file, and is read again."""
-    st = os.stat(path)
-    version = (st.st_ino, st.st_mtime_ns, st.st_size)
-    if path not in _TOKENIZERS or _TOKENIZERS[path][0] != version:
+def _tokenizer(tokenizer_json: str) -> Any:
+    """The plain-text tokenizer of a tokenizer.json's text, built once per process and tokenizer:
+    documents and messages are text, so "<|im_end|>" written in them never becomes the special token.
+    Keyed by the text, not the path: a notebook that retrains its tokenizer in place and prepares data
+    again gets the new one."""
+    global _TOKENIZER
+    if _TOKENIZER is None or _TOKENIZER[0] != tokenizer_json:
         from tokenizers import Tokenizer
 
-        tok = plain_text_tokenizer(Tokenizer.from_str(Path(path).read_text(encoding="utf-8")))
-        _TOKENIZERS[path] = (version, tok)
-    return _TOKENIZERS[path][1]
+        _TOKENIZER = (tokenizer_json, plain_text_tokenizer(Tokenizer.from_str(tokenizer_json)))
+    return _TOKENIZER[1]
 
 
 _WORKER_JOB: _Job | None = None
@@ -756,9 +755,7 @@ class _Checkpoints:
     def stopped(self, e: BaseException, unit: str) -> None:
         """After a failure: the folder is kept when there is work to continue and the input did not cause
         the failure (--strict's bad record, a damaged file, which a rerun meets again), else removed."""
-        # A failing disk is an OSError with an errno; gzip's BadGzipFile (a damaged file) is one without.
-        cause = e.__cause__
-        from_input = isinstance(e, TinykError) and not (isinstance(cause, OSError) and cause.errno is not None)
+        from_input = isinstance(e, DamagedInput) or (isinstance(e, TinykError) and not isinstance(e.__cause__, OSError))
         if self.saved is None or from_input:
             remove_path(self.folder, ignore_errors=True)
             return
@@ -809,7 +806,7 @@ def _prepare(kind: str, paths: list[Path], tok: TinyTokenizer, out: str | Path, 
     checkpoints that let the same command continue a stopped run (`_Checkpoints`)."""
     tokenizer_dir = tok.path
     dtype = token_dtype(tok.vocab_size)
-    job = _Job(kind, str(Path(tokenizer_dir) / "tokenizer.json"), dtype.name, **job_extra)
+    job = _Job(kind, (Path(tokenizer_dir) / "tokenizer.json").read_text(encoding="utf-8"), dtype.name, **job_extra)
     tok_hash = tokenizer_hash(tokenizer_dir)
     fingerprint = _fingerprint(kind, paths, tok_hash, options, strict)
     unit = "docs" if kind == "pretrain" else "conversations"

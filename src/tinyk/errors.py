@@ -2,7 +2,8 @@
 
 The CLI prints a `TinykError` as one line and exits non-zero. The helpers here turn what
 libraries raise (a full disk, an exhausted allocator, a symlink loop) into such a line, and tell
-how much memory is left, so that a step too large for it is refused before it starts.
+how much memory is left, so that a step too large for it is refused before it starts. Text from
+elsewhere (a model's output, a request line) reaches the terminal through `escape_controls`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,11 @@ from typing import TextIO
 
 class TinykError(Exception):
     """A user-facing error: the CLI prints its message as one line and exits non-zero."""
+
+
+class DamagedInput(TinykError):
+    """An input file is damaged or cut short (a failed CRC, a truncated download): a rerun of the same
+    command meets it again at the same place, so work kept to continue would only fail again."""
 
 
 class PeerLost(TinykError):

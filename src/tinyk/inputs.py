@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .errors import TinykError, not_found, one_line, shown
+from .errors import DamagedInput, TinykError, not_found, one_line, shown
 from .units import plural
 
 DEFAULT_MAX_LINE_BYTES = 16 * 1024 * 1024
@@ -251,8 +251,8 @@ def _read_error(path: Path, e: BaseException, lines: int) -> TinykError:
     after = f" after line {lines}" if lines else ""
     codec = _codec(path)
     io_error = isinstance(e, OSError) and e.errno is not None  # not BadGzipFile, which has none
-    if codec and not io_error:
-        return TinykError(f"{path}: damaged or truncated {codec} data{after} ({one_line(e)})")
+    if codec and not io_error:  # BadGzipFile is an OSError, without an errno
+        return DamagedInput(f"{path}: damaged or truncated {codec} data{after} ({one_line(e)})")
     detail = e.strerror if isinstance(e, OSError) and e.strerror else one_line(e)
     return TinykError(f"{path}: read error{after} ({detail})")
 
@@ -472,7 +472,7 @@ def _iter_parquet(path: Path, label: str) -> Iterator[tuple[str, dict, int]]:
         pf = pq.ParquetFile(path)
         batches = pf.iter_batches(batch_size=1024)
     except Exception as e:  # pyarrow raises several types for a corrupt file
-        raise TinykError(f"cannot read parquet file {path}: {one_line(e)}") from e
+        raise DamagedInput(f"cannot read parquet file {path}: {one_line(e)}") from e
     row = 0
     while True:
         try:
@@ -480,7 +480,7 @@ def _iter_parquet(path: Path, label: str) -> Iterator[tuple[str, dict, int]]:
             recs = batch.to_pylist() if batch is not None else []
         except Exception as e:  # ArrowInvalid, ArrowIOError, OSError, ... for a damaged row group
             after = f" after row {row}" if row else ""
-            raise TinykError(f"{path}: damaged parquet data{after} ({one_line(e)})") from e
+            raise DamagedInput(f"{path}: damaged parquet data{after} ({one_line(e)})") from e
         if batch is None:
             return
         size = max(1, batch.nbytes // max(1, batch.num_rows))

@@ -175,8 +175,8 @@ class Trackers:
 
 
 def tracker_values(rec: dict[str, Any]) -> dict[str, float]:
-    """A metrics.jsonl record's numbers as the trackers get them, grouped as nanochat and HF's Trainer
-    group theirs: `train/loss`, `train/tokens_per_s`, `val/loss`, `val/bpb`. One point per curve and
+    """A metrics.jsonl record's numbers as the trackers get them, grouped as nanochat groups its own:
+    `train/loss`, `train/tokens_per_s`, `val/loss`, `val/bpb`. One point per curve and
     step: an eval record's tokens and time repeat the train record's, and FLOPs per token is a
     constant of the run."""
     numbers = {k: v for k, v in rec.items() if isinstance(v, int | float) and k not in ("step", "flops_per_token")}

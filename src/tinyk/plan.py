@@ -414,6 +414,7 @@ def run_spec(*, preset: str | None, config: str | None, sets: Iterable[str] = ()
     flags = {"data": "-", "out": "-", **{k: v for k, v in (overrides or {}).items() if v is not None}}
     tc = resolve_config("pretrain", preset=preset, config=config, flags=flags, sets=list(sets))
     vocab = None
+    tokenizer = tokenizer or tc.tokenizer  # a config's own, as training reads it
     if tokenizer is not None:
         from .tokenizer import load_tokenizer
 
@@ -426,7 +427,10 @@ def run_spec(*, preset: str | None, config: str | None, sets: Iterable[str] = ()
     budgets = [b for b in (tc.max_tokens, tc.max_steps and tc.max_steps * tc.batch_size * seq_len) if b]
     # The model's name says what it is: a preset only while config and --set leave its shape alone.
     named = base if base in PRESETS else None
-    same = named and _shape(cfg) == _shape(replace(preset_config(named), vocab_size=vocab or cfg.vocab_size))
+    same = False
+    if named:  # the preset's shape, with the tokenizer's vocabulary where one was given
+        reference = preset_config(named)
+        same = _shape(cfg) == _shape(replace(reference, vocab_size=vocab) if vocab else reference)
     name = named if same else f"custom ({config or preset})"
     return RunSpec(name=name, cfg=cfg, seq_len=seq_len, batch_size=tc.batch_size,
                    micro_batch=tc.micro_batch, dtype=tc.dtype, parallel=tc.parallel,

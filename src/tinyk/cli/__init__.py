@@ -136,8 +136,13 @@ def main(argv: list[str] | None = None) -> None:
     if extras:
         hint = _flag_hint(args.command_parser, extras) or _set_hint(args.command, extras)
         args.command_parser.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
+    for stream in (sys.stdin, sys.stdout, sys.stderr):
+        # An ASCII locale (LC_ALL=C without Python's UTF-8 mode) holds no character past ASCII: read and
+        # write UTF-8 there, as Python's UTF-8 mode would, which is what pipes and terminals of Chinese hold.
+        if isinstance(stream, io.TextIOWrapper) and codecs.lookup(stream.encoding).name == "ascii":
+            stream.reconfigure(encoding="utf-8")
     for stream in (sys.stdout, sys.stderr):
-        # A GBK or ASCII terminal cannot show every character a model writes (U+FFFD, emoji, rare
+        # A GBK or Latin-1 terminal cannot show every character a model writes (U+FFFD, emoji, rare
         # characters): they print as substitutes instead of ending the command with a traceback. On a
         # UTF-8 one, a path named in another encoding prints as its own bytes, as `ls` shows it.
         if not isinstance(stream, io.TextIOWrapper):
@@ -146,10 +151,6 @@ def main(argv: list[str] | None = None) -> None:
             stream.reconfigure(errors="replace")
         elif stream.errors == "strict":
             stream.reconfigure(errors="surrogateescape")
-    if isinstance(sys.stdin, io.TextIOWrapper) and codecs.lookup(sys.stdin.encoding).name == "ascii":
-        # An ASCII locale (LC_ALL=C without Python's UTF-8 mode) reads no character past ASCII: what a
-        # pipe or terminal of Chinese text holds is UTF-8.
-        sys.stdin.reconfigure(encoding="utf-8")
     # Handlers belong to the main thread; a program calling main() from another keeps its own.
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None

@@ -97,7 +97,7 @@ def _generate(args: argparse.Namespace) -> int:
                               "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens},
                              ensure_ascii=False), flush=True)
         else:
-            print(f"--- sample {i + 1} ({c.completion_tokens} tokens, {c.finish_reason}) ---\n"
+            print(f"--- sample {i + 1} ({plural(c.completion_tokens, 'tokens')}, {c.finish_reason}) ---\n"
                   f"{for_terminal(prompt + c.text, sys.stdout)}", flush=True)
     return 0
 

@@ -60,8 +60,8 @@ def _import(args: argparse.Namespace) -> int:
           f"{c.n_heads} heads / {c.n_kv_heads} KV, hidden {c.hidden_dim}, vocab {c.vocab_size}"
           f"{', tied embeddings' if c.tie_embeddings else ''}) in {args.out}")
     if assumed:
-        print(f"note: {assumed} assumed: the checkpoint does not record {'them' if ' and ' in assumed else 'it'} "
-              f"(--n-heads / --max-seq-len if yours differ; wrong heads load but compute something else)")
+        print(f"note: {assumed} (--n-heads / --max-seq-len if yours differ; wrong heads load but compute something "
+              f"else)")
     n_tok = load_tokenizer(args.tokenizer).vocab_size
     if c.vocab_size != n_tok:  # a padded vocabulary, or the wrong tokenizer
         print(f"note: the model has {c.vocab_size} token embeddings and the tokenizer {n_tok} tokens, so ids from "
