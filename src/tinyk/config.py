@@ -235,7 +235,7 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
             raise TinykError(f"--set {key}: only model.<key>, pretrain.<key> and sft.<key> are nested "
                              f"(e.g. --set model.dim=64)")
         if parts[-1] == "kind":
-            raise TinykError("--set kind: the command says what is trained (tinyk pretrain or tinyk sft)")
+            raise TinykError(f"--set {key}: the command says what is trained (tinyk pretrain or tinyk sft)")
         hint = _FIELD_TYPES.get(parts[-1]) if parts[0] != "model" else None
         text_key = str in (typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,))  # not list[str]
         if text_key and value is not None and not isinstance(value, str):
