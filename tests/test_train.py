@@ -159,6 +159,20 @@ def test_config_layers_preset_file_flags_set(tmp_path):
         resolve_config("pretrain", config=user, flags={"out": "o", "data": "d"})
 
 
+def test_a_config_file_means_what_it_says(tmp_path):
+    """A key given twice dropped its first value without a word; text keys lost their spelling to YAML 1.1
+    (`run_name: 0123` was octal 83, `project: 1.10` was 1.1), which --set already kept."""
+    f = tmp_path / "c.yaml"
+    f.write_text("run_name: 0123\nproject: 1.10\nlr: 1.0e-3\ninit: null\nsft: {run_name: 2024-01-01}\n")
+    cfg = resolve_config("pretrain", config=f, flags={"out": "o", "data": "d"})
+    assert (cfg.run_name, cfg.project, cfg.lr, cfg.init) == ("0123", "1.10", 1e-3, None)
+    assert resolve_config("sft", config=f, flags={"out": "o", "data": "d"}).run_name == "2024-01-01"
+    f.write_text("lr: 1.0e-3\nbatch_size: 8\nlr: 1.0e-4\n")
+    with pytest.raises(TinykError, match=rf"^cannot parse {re.escape(str(f))}: 'lr' is given twice at line 3, "
+                                         rf"column 1$"):
+        resolve_config("pretrain", config=f, flags={"out": "o", "data": "d"})
+
+
 @pytest.mark.parametrize("sets,message", [
     (["nope=1"], "unknown config key 'nope'"),
     (["model.width=3"], "unknown config key model.width"),

@@ -88,6 +88,31 @@ _FIELD_TYPES = typing.get_type_hints(TrainConfig)
 _MODEL_TYPES = typing.get_type_hints(ModelConfig)
 
 
+def _text_key(key: Any) -> bool:
+    """A key whose value is text (run_name, project, paths), so `1.10` names a run 1.10, not 1.1."""
+    hint = _FIELD_TYPES.get(key) if isinstance(key, str) else None
+    return str in (typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,))  # not list[str]
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML read as a config file means it: a key given twice is refused (the earlier value would be
+    dropped without a word), and a text key's value is the text as written (`run_name: 0123` is not
+    YAML 1.1's octal 83, `project: 1.10` not 1.1)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, value_node in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, str):
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"{key!r} is given twice",
+                                                            key_node.start_mark)
+                seen.add(key)
+            if _text_key(key) and isinstance(value_node, yaml.ScalarNode) and value_node.tag != "tag:yaml.org,2002:null":
+                value_node.tag = "tag:yaml.org,2002:str"
+        return super().construct_mapping(node, deep=deep)
+
+
 def _coerce(key: str, value: Any, hint: Any) -> Any:
     """Checks a config value against its annotation; YAML/TOML/--set values arrive loosely typed."""
     args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
@@ -197,7 +222,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
                 raise TinykError("TOML configs need Python 3.11 or newer; use YAML") from e
             d = tomllib.loads(p.read_text(encoding="utf-8-sig"))
         else:
-            d = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            d = yaml.load(p.read_text(encoding="utf-8"), Loader=_ConfigLoader) or {}
     except yaml.MarkedYAMLError as e:  # its first line ("while parsing a flow node") says neither what nor where
         mark = e.problem_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -216,7 +241,7 @@ def shipped_config(name: str) -> dict[str, Any]:
     if name not in names:
         raise TinykError(f"unknown preset {name!r} (choose from {', '.join(names)})")
     text = importlib.resources.files("tinyk").joinpath("configs", f"{name}.yaml").read_text(encoding="utf-8")
-    return yaml.safe_load(text)
+    return yaml.load(text, Loader=_ConfigLoader)
 
 
 def parse_sets(items: list[str]) -> dict[str, Any]:
@@ -236,9 +261,7 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
                              f"(e.g. --set model.dim=64)")
         if parts[-1] == "kind":
             raise TinykError(f"--set {key}: the command says what is trained (tinyk pretrain or tinyk sft)")
-        hint = _FIELD_TYPES.get(parts[-1]) if parts[0] != "model" else None
-        text_key = str in (typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,))  # not list[str]
-        if text_key and value is not None and not isinstance(value, str):
+        if parts[0] != "model" and _text_key(parts[-1]) and value is not None and not isinstance(value, str):
             value = raw.strip()  # --set run_name=1.10 names the run 1.10, not 1.1 (nor a date, nor True)
         target = out
         for p in parts[:-1]:
