@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 import time
@@ -249,15 +250,41 @@ def test_demo_leaves_models_results_and_report(demo, capsys):
     assert len(recorded) >= 7 and not [f for f in recorded if ".tmp-" in f.read_text(encoding="utf-8")]
     config = yaml.safe_load((demo / "runs" / "sft" / "config.yaml").read_text(encoding="utf-8"))
     assert Path(config["data"]) == (demo / "data" / "sft").resolve() and Path(config["data"]).is_dir()
+    for run, model in (("pretrain", "base"), ("sft", "chat")):  # where final/ went, not where it was
+        assert Path(json.loads((demo / "runs" / run / "summary.json").read_text())["final_model"]) == demo / model
+    assert f"Reproduce: `tinyk demo --out {demo} --smoke`" in report and f"`tinyk chat --model {demo / 'chat'}`" in report
+    # The bits-per-byte baseline: a model that finds every token equally likely (8.0 flattered any model).
+    base = r["eval"]["base_val"]
+    uniform = math.log2(r["tokenizer"]["vocab_size"]) * base["tokens"] / base["bytes"]
+    assert f"{uniform:.2f} = any token equally likely" in report
+
+
+def test_a_signal_during_training_stops_the_demo_as_in_every_other_stage(tmp_path, monkeypatch):
+    """Training is most of the demo's time: a Ctrl-C there said "error: pretrain stopped early (SIGINT)"
+    with exit 2 and advised a --resume of a folder the demo then deleted."""
+    import tinyk.train
+    from tinyk.demo import run_training
+    from tinyk.errors import Terminated
+
+    for signal_name, stop in (("SIGINT", KeyboardInterrupt), ("SIGTERM", Terminated)):
+        monkeypatch.setattr(tinyk.train, "train", lambda cfg, force, s=signal_name: {"status": "interrupted",
+                                                                                    "stop_signal": s})
+        with pytest.raises(stop, match="run it again to start over") as e:
+            run_training(type("Cfg", (), {"progress": True, "kind": "pretrain", "out": str(tmp_path)})())
+        assert isinstance(e.value, Terminated) == (signal_name == "SIGTERM")
 
 
 def test_demo_prints_table_and_chats(demo, capsys):
-    from tinyk.demo import results_table, sample_chats
+    from tinyk.demo import result_rows, results_table, sample_chats
 
     r = json.loads((demo / "results.json").read_text(encoding="utf-8"))
     table = results_table(r)
     assert "sentiment accuracy" in table and "base val bits per byte" in table
     assert "user> 你好呀" in sample_chats(r)
+    assert ("transformers greedy parity", "identical") == result_rows(r)[-2][:2]
+    # A check that could not run (transformers failing to load the model) is no verdict on the model.
+    r["transformers_check"] = {"ok": False, "error": "transformers could not load the model"}
+    assert result_rows(r)[-2] == ("transformers greedy parity", "not checked", "transformers could not load the model")
 
 
 def test_demo_model_matches_transformers_greedy(demo):

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import sys
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 
 from .corpus import CorpusSpec, build_demo_corpus
-from .errors import TinykError, first_line
+from .errors import Terminated, TinykError, first_line
 from .evaluate import percent
 from .inputs import read_json
 from .outputs import atomic_dir, rust_path, write_json_atomic
@@ -283,8 +284,9 @@ def run_training(tcfg: Any) -> dict[str, Any]:
 
     with contextlib.nullcontext() if tcfg.progress else contextlib.redirect_stdout(io.StringIO()):  # --quiet
         summary = train(tcfg, force=True)
-    if summary["status"] != "completed":
-        raise TinykError(f"{tcfg.kind} stopped early ({summary['stop_signal']})")
+    if summary["status"] != "completed":  # a signal stopped it: the demo stops as in every other stage
+        why = "(the demo does not continue a stopped run: run it again to start over)"
+        raise Terminated(why) if summary["stop_signal"] == "SIGTERM" else KeyboardInterrupt(why)
     # The demo is not resumable, so checkpoints (weights + optimizer state) are only disk use.
     shutil.rmtree(Path(tcfg.out) / "checkpoints", ignore_errors=True)
     return summary
@@ -343,6 +345,12 @@ def _name_final_paths(tmp: Path, out: Path) -> None:
             text = f.read_text(encoding="utf-8")
             if tmp.name in text:
                 f.write_text(text.replace(tmp.name, out.name), encoding="utf-8")
+
+
+def _move_final(run: Path, to: Path) -> None:
+    """A training run's final model, moved to `to` (base/, chat/), with its summary.json saying so."""
+    os.replace(run / "final", to)
+    write_json_atomic(run / "summary.json", {**read_json(run / "summary.json"), "final_model": str(to)})
 
 
 def _is_demo_dir(path: Path) -> bool:
@@ -415,7 +423,7 @@ def _pipeline(root: Path, cfg: DemoConfig, show_progress: bool) -> dict[str, Any
             st.print(f"      torch.compile failed here, training eager: {rt.compile_error}")
         summary = run_training(pretrain_config(steps, minutes=minutes, out=runs / "pretrain", dtype=rt.dtype,
                                                compile=rt.compile, show_progress=show_progress))
-        os.replace(runs / "pretrain" / "final", root / "base")
+        _move_final(runs / "pretrain", root / "base")
         res["pretrain"] = {**_run_summary(summary), "probe_tokens_per_s": rt.rates, "dtype": rt.dtype,
                            "threads": rt.threads, "compiled": rt.compile, "compile_error": rt.compile_error}
         rec["tokens"] = summary["tokens"]
@@ -436,7 +444,7 @@ def _pipeline(root: Path, cfg: DemoConfig, show_progress: bool) -> dict[str, Any
             st.print(f"      {minutes:.1f} minutes, about {steps} steps "
                      f"({steps * cfg.sft_batch / max(1, sft_meta['documents']):.2f} epochs)")
         s2 = run_training(sft_config(steps, minutes=minutes, out=runs / "sft", show_progress=show_progress))
-        os.replace(runs / "sft" / "final", root / "chat")
+        _move_final(runs / "sft", root / "chat")
         epochs = s2["steps"] * cfg.sft_batch / max(1, sft_meta["documents"])
         res["sft"] = {**_run_summary(s2), "dtype": rt.dtype, "epochs": epochs}
         rec["tokens"] = s2["tokens"]
@@ -568,7 +576,8 @@ def result_rows(res: dict[str, Any]) -> list[tuple[str, str, str]]:
         ("SFT tokens", f"{sft['tokens']:,}", f"{sft['steps']} steps, {sft['epochs']:.2f} epochs, "
          f"{sft['tokens_per_s']:,.0f} tokens/s"),
         ("base val bits per byte", f"{ev['base_val']['bits_per_byte']:.3f}",
-         f"loss {ev['base_val']['loss']:.3f}, perplexity {ev['base_val']['perplexity']:.1f}; 8.0 = raw bytes"),
+         f"loss {ev['base_val']['loss']:.3f}, perplexity {ev['base_val']['perplexity']:.1f}; "
+         f"{_uniform_bpb(res, ev['base_val']):.2f} = any token equally likely"),
         ("chat val bits per byte", f"{ev['chat_val']['bits_per_byte']:.3f}", "same text, after SFT"),
     ]
     for t in res["tasks"]:
@@ -576,10 +585,16 @@ def result_rows(res: dict[str, Any]) -> list[tuple[str, str, str]]:
                      f"{percent(t['baseline'])} majority answer"))
         rows.append((f"{t['task']} stop rate", percent(t["stop_rate"]), "answers ending with <|im_end|>"))
     check = res.get("transformers_check", {})
-    rows.append(("transformers greedy parity", "identical" if check.get("ok") else "DIFFERENT",
+    parity = "not checked" if "error" in check else "identical" if check.get("ok") else "DIFFERENT"
+    rows.append(("transformers greedy parity", parity,
                  f"{check.get('tokens_compared', 0)} tokens" if "tokens_compared" in check else check.get("error", "")))
     rows.append(("wall time", f"{res['total_seconds'] / 60:.1f} min", f"budget {res['config']['minutes']:g} min"))
     return rows
+
+
+def _uniform_bpb(res: dict[str, Any], scored: dict[str, Any]) -> float:
+    """Bits per byte of a model that finds every token equally likely: the baseline a trained one beats."""
+    return math.log2(res["tokenizer"]["vocab_size"]) * scored["tokens"] / scored["bytes"]
 
 
 def results_table(res: dict[str, Any]) -> str:
@@ -677,8 +692,13 @@ def render_report(res: dict[str, Any]) -> str:
                   f"stop rate {percent(t['stop_rate'])}.", "",
                   _md_table(("prompt", "expected", "output", "correct"),
                             [(s["prompt"], s["answer"], s["output"], s["correct"]) for s in t["samples"]]), ""]
-    parts += ["Reproduce: `make demo` (or `tinyk demo --out runs/demo`); models are in `base/` and `chat/` "
-              "(Hugging Face Llama layout), e.g. `tinyk chat --model runs/demo/chat`.", ""]
+    c, out = res["config"], res.get("out", "runs/demo")
+    smoke = bool(c["pretrain_steps"])
+    usual = (DemoConfig.smoke() if smoke else DemoConfig()).minutes
+    minutes = f" --minutes {c['minutes']:g}" if c["minutes"] != usual else ""
+    command = f"tinyk demo --out {shlex.quote(out)}{' --smoke' if smoke else ''}{minutes}"
+    parts += [f"Reproduce: `{command}`; models are in `base/` and `chat/` (Hugging Face Llama layout), e.g. "
+              f"`tinyk chat --model {shlex.quote(str(Path(out) / 'chat'))}`.", ""]
     return "\n".join(parts)
 
 
