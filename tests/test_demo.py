@@ -274,6 +274,18 @@ def test_a_signal_during_training_stops_the_demo_as_in_every_other_stage(tmp_pat
         assert isinstance(e.value, Terminated) == (signal_name == "SIGTERM")
 
 
+def test_a_fast_machine_spaces_warmup_and_evaluations_over_the_run_it_can_do(tmp_path):
+    """Where max_epochs ends a timed run long before the clock (a GPU; here the nano model on a few
+    kilobytes), warmup took half of each run and the only evaluation was the last: both were spaced over
+    the steps the clock would have allowed."""
+    cfg = replace(DemoConfig.smoke(), minutes=4, pretrain_steps=None, sft_steps=None, probe_s=1.0)
+    run_demo(tmp_path / "fast", cfg, show_progress=False)
+    for run in ("pretrain", "sft"):
+        config = yaml.safe_load((tmp_path / "fast" / "runs" / run / "config.yaml").read_text(encoding="utf-8"))
+        steps = json.loads((tmp_path / "fast" / "runs" / run / "summary.json").read_text())["steps"]
+        assert config["warmup_steps"] <= steps / 10 and config["eval_every"] < steps, (run, config, steps)
+
+
 def test_demo_prints_table_and_chats(demo, capsys):
     from tinyk.demo import result_rows, results_table, sample_chats
 

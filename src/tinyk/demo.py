@@ -278,6 +278,12 @@ def steps_for(seconds: float, steps_per_s: float, minimum: int = 10) -> int:
     return max(minimum, int(seconds * steps_per_s))
 
 
+def epoch_steps(epochs: float, samples: int, batch: int) -> int:
+    """Optimizer steps in `epochs` passes over `samples` sequences: where a timed run ends on a machine
+    fast enough to reach max_epochs before the clock, so its warmup and evaluations are spaced over that."""
+    return max(1, math.ceil(epochs * samples / batch))
+
+
 def run_training(tcfg: Any) -> dict[str, Any]:
     """One trainer run; leaves only the run's logs and plots besides `final`."""
     from .train import train
@@ -414,7 +420,9 @@ def _pipeline(root: Path, cfg: DemoConfig, show_progress: bool) -> dict[str, Any
         rt = choose_runtime(cfg, pretrain_config(10**6, out=runs / "probe"),
                             try_compile=cfg.compile and not cfg.pretrain_steps and share() >= cfg.compile_min_s)
         seconds = 0.0 if cfg.pretrain_steps else share()
-        steps = cfg.pretrain_steps or steps_for(seconds, rt.tokens_per_s / (cfg.pretrain_batch * cfg.seq_len))
+        steps = cfg.pretrain_steps or min(
+            steps_for(seconds, rt.tokens_per_s / (cfg.pretrain_batch * cfg.seq_len)),
+            epoch_steps(cfg.max_epochs, (pt["splits"]["train"]["tokens"] - 1) // cfg.seq_len, cfg.pretrain_batch))
         minutes = None if cfg.pretrain_steps else seconds / 60
         st.print(f"      throughput probe (tokens/s): {rt.rates} -> {rt.dtype}, {rt.threads} thread(s)"
                  f"{', compiled' if rt.compile else ''}; "
@@ -440,7 +448,7 @@ def _pipeline(root: Path, cfg: DemoConfig, show_progress: bool) -> dict[str, Any
             # Eager (its padded lengths vary, so a compiled step would recompile), timed on its own batches.
             rate = step_rates([sft_config(10**6, out=runs / "probe")], cfg.probe_s, rounds=1)[0]
             minutes = training_seconds(st, cfg, "SFT") / 60
-            steps = steps_for(minutes * 60, rate)
+            steps = min(steps_for(minutes * 60, rate), epoch_steps(cfg.max_epochs, sft_meta["documents"], cfg.sft_batch))
             st.print(f"      {minutes:.1f} minutes, about {steps} steps "
                      f"({steps * cfg.sft_batch / max(1, sft_meta['documents']):.2f} epochs)")
         s2 = run_training(sft_config(steps, minutes=minutes, out=runs / "sft", show_progress=show_progress))
