@@ -286,6 +286,19 @@ def test_a_fast_machine_spaces_warmup_and_evaluations_over_the_run_it_can_do(tmp
         assert config["warmup_steps"] <= steps / 10 and config["eval_every"] < steps, (run, config, steps)
 
 
+def test_a_quiet_demo_says_where_its_report_is_and_any_name_is_recorded_right(tmp_path, capsys):
+    """--quiet printed the table but not where report.md was; an --out whose name holds a quote left the
+    temporary folder's name in the recorded paths (JSON and YAML write the quote escaped)."""
+    out = tmp_path / 'my "demo"'
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--smoke", "--out", str(out), "--quiet"])
+    assert e.value.code == 0 and capsys.readouterr().out.rstrip().endswith(
+        f"report: {out / 'report.md'}   results: {out / 'results.json'}   models: {out / 'base'}, {out / 'chat'}")
+    recorded = [f for f in out.rglob("*") if f.name in RECORDS_PATHS]
+    assert len(recorded) >= 7 and not [f for f in recorded if ".tmp-" in f.read_text(encoding="utf-8")]
+    assert json.loads((out / "runs" / "sft" / "summary.json").read_text())["final_model"] == str(out / "chat")
+
+
 def test_demo_prints_table_and_chats(demo, capsys):
     from tinyk.demo import result_rows, results_table, sample_chats
 

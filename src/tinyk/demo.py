@@ -334,9 +334,13 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, *, show_progress: b
     if show_progress:
         print("\n" + results_table(results))
         print("\n" + sample_chats(results))
-        print(f"\nreport: {out / 'report.md'}   results: {out / 'results.json'}   "
-              f"models: {out / 'base'}, {out / 'chat'}")
+        print("\n" + where_line(out))
     return results
+
+
+def where_line(out: Path) -> str:
+    """The demo's last line: where its report, results and models are."""
+    return f"report: {out / 'report.md'}   results: {out / 'results.json'}   models: {out / 'base'}, {out / 'chat'}"
 
 
 RECORDS_PATHS = ("config.yaml", "summary.json", "meta.json", "results.json", "report.md")
@@ -346,11 +350,15 @@ def _name_final_paths(tmp: Path, out: Path) -> None:
     """The files that record paths (the runs' configs and summaries, the data's meta, the results) name
     the temporary folder the demo ran in: they name `out`, its sibling, once it is renamed there (a
     `--resume` of a demo run, or its data command run again, finds its files)."""
+    # A name with a quote or backslash is escaped inside JSON and YAML's double-quoted strings.
+    names = {tmp.name: out.name, json.dumps(tmp.name)[1:-1]: json.dumps(out.name)[1:-1]}
     for f in tmp.rglob("*"):
         if f.name in RECORDS_PATHS and f.is_file():
-            text = f.read_text(encoding="utf-8")
-            if tmp.name in text:
-                f.write_text(text.replace(tmp.name, out.name), encoding="utf-8")
+            text = before = f.read_text(encoding="utf-8")
+            for old, new in names.items():
+                text = text.replace(old, new)
+            if text != before:
+                f.write_text(text, encoding="utf-8")
 
 
 def _move_final(run: Path, to: Path) -> None:

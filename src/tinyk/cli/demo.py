@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from tinyk.cli.common import float_range, output_path
 
@@ -15,8 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=output_path, default="runs/demo",
                    help="output directory (default runs/demo; an earlier demo there is replaced)")
     p.add_argument("--minutes", type=float_range(0, 24 * 60, lo_open=True), default=None,
-                   help="wall-time budget for the whole run (default 13); training gets what the other "
-                        "stages leave")
+                   help="wall-time budget for the whole run (default 13, at least 4 unless --smoke); training "
+                        "gets what the other stages leave")
     p.add_argument("--smoke", action="store_true", help="a shrunken run that takes seconds (checks the plumbing)")
     p.add_argument("--quiet", action="store_true", help="no progress output, only the final table and sample chats")
     p.set_defaults(func=_demo)
@@ -25,12 +26,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _demo(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from tinyk.demo import DemoConfig, results_table, run_demo, sample_chats
+    from tinyk.demo import DemoConfig, results_table, run_demo, sample_chats, where_line
 
     cfg = DemoConfig.smoke() if args.smoke else DemoConfig()
     if args.minutes is not None:
         cfg = replace(cfg, minutes=args.minutes)
     res = run_demo(args.out, cfg, show_progress=not args.quiet)
     if args.quiet:
-        print(results_table(res) + "\n\n" + sample_chats(res))
+        print(results_table(res) + "\n\n" + sample_chats(res) + "\n\n" + where_line(Path(args.out)))
     return 0
