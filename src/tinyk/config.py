@@ -24,7 +24,7 @@ import yaml
 
 from .errors import TinykError, first_line, not_found
 from .model import PRESETS, ModelConfig
-from .monitor import TRACKERS
+from .monitor import check_trackers
 from .rundir import config_copy, saved_config
 from .units import MAX_BATCH, parse_size
 
@@ -360,7 +360,6 @@ def _flat(d: dict[str, Any]) -> dict[str, Any]:
 
 def validate(cfg: TrainConfig) -> None:
     """Refuses impossible settings with one line before anything is loaded."""
-    unknown_trackers = ", ".join(repr(t) for t in cfg.tracker if t not in TRACKERS)
     checks = [
         (cfg.dtype in TRAIN_DTYPES, f"dtype must be {', '.join(TRAIN_DTYPES)}, got {cfg.dtype!r}"),
         (cfg.parallel in PARALLEL, f"parallel must be ddp or fsdp, got {cfg.parallel!r}"),
@@ -393,7 +392,6 @@ def validate(cfg: TrainConfig) -> None:
          "max_steps, max_tokens, epochs and max_minutes must be positive"),
         # Beyond these the step counts they give overflow (a billion epochs, two thousand years).
         (all(v is None or v <= 1e9 for v in (cfg.epochs, cfg.max_minutes)), "epochs and max_minutes must be at most 1e9"),
-        (not unknown_trackers, f"unknown tracker {unknown_trackers} (choose from {', '.join(TRACKERS)})"),
         (cfg.out is not None, "no run directory: pass --out"),
         (cfg.out != "" and cfg.data != "" and cfg.tokenizer != "" and cfg.init != "",
          "out, data, tokenizer and init must not be empty paths (an empty one is the current folder)"),
@@ -402,6 +400,7 @@ def validate(cfg: TrainConfig) -> None:
     for ok, msg in checks:
         if not ok:
             raise TinykError(msg)
+    check_trackers(cfg.tracker)
 
 
 def dump_config(cfg: TrainConfig) -> str:

@@ -536,7 +536,7 @@ def read_prompts(typed: list[str], prompt_file: str | None, field_name: str = "p
         try:
             lines = [line.rstrip("\r\n").removeprefix("\ufeff")  # a BOM, as in files
                      for line in (sys.stdin if stdin is None else stdin)]
-            not_utf8 = any(has_surrogate(line) for line in lines)  # how a C locale's stdin decodes them
+            not_utf8 = any(has_surrogate(line) for line in lines)  # how a surrogateescape stream decodes them
         except UnicodeDecodeError:
             not_utf8 = True
         if not_utf8:

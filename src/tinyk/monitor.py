@@ -15,6 +15,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,13 @@ def peak_flops(device: torch.device, override_tflops: float | None,
     return None, f"unknown for {device.type} (set peak_tflops to get MFU)"
 
 
+def check_trackers(names: Iterable[str]) -> None:
+    """Refuses a tracker tinyk does not know: from a config before anything loads, and before any starts."""
+    unknown = next((n for n in names if n not in TRACKERS), None)
+    if unknown is not None:
+        raise TinykError(f"unknown tracker {unknown!r} (choose from {', '.join(TRACKERS)})")
+
+
 class Trackers:
     """TensorBoard, Weights & Biases and SwanLab behind one `log`; each imported only when asked for."""
 
@@ -98,9 +106,7 @@ class Trackers:
         self.sinks: list[tuple[str, Any]] = []
         self.logged_upto = logged_upto if start_step else 0
         names = list(dict.fromkeys(names))  # one writer each: a name given twice would log every point twice
-        for name in names:
-            if name not in TRACKERS:
-                raise TinykError(f"unknown tracker {name!r} (choose from {', '.join(TRACKERS)})")
+        check_trackers(names)
         if not start_step:
             (out / ".tracker_id").unlink(missing_ok=True)
         try:

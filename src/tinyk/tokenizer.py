@@ -427,10 +427,13 @@ def memory_read_limit(memory: int) -> int:
     return max(memory // BPE_MEMORY_PER_BYTE, 1 << 20)
 
 
+# Why memory bounds the text read, in the notes before and after training.
+BPE_MEMORY_TEXT = f"BPE training holds about {BPE_MEMORY_PER_BYTE} bytes per byte of text"
+
+
 def memory_cap_text(memory: int) -> str:
     """Why a read without --max-bytes stops where it does, as the notes before and after training say it."""
-    return (f"what {bytes_text(memory)} of available memory allows (BPE training holds about "
-            f"{BPE_MEMORY_PER_BYTE} bytes per byte of text); --max-bytes sets how much")
+    return f"what {bytes_text(memory)} of available memory allows ({BPE_MEMORY_TEXT}); --max-bytes sets how much"
 
 
 # Text rarely compresses more than tenfold: a compressed file's size times this bounds the text it holds.
@@ -447,8 +450,8 @@ def memory_note(inputs: list[str | Path], max_bytes: int | None) -> str | None:
         text = _text_read(inputs, max_bytes)
         if text * BPE_MEMORY_PER_BYTE > memory:
             return (f"warning: reading {bytes_text(text)} of text (--max-bytes) may need up to "
-                    f"{bytes_text(text * BPE_MEMORY_PER_BYTE)} of memory (BPE training holds about "
-                    f"{BPE_MEMORY_PER_BYTE} bytes per byte of text) and {bytes_text(memory)} is available")
+                    f"{bytes_text(text * BPE_MEMORY_PER_BYTE)} of memory ({BPE_MEMORY_TEXT}) and "
+                    f"{bytes_text(memory)} is available")
     elif max_bytes is None and _text_read(inputs, limit := memory_read_limit(memory)) >= limit:
         return f"reading at most {bytes_text(limit)} of text, {memory_cap_text(memory)}"
     return None
