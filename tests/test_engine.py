@@ -75,6 +75,25 @@ def test_cached_batched_decoding_equals_full_recomputation(engine, reference, ma
         assert c.text == engine.tok.decode(c.token_ids, skip_special_tokens=True)
 
 
+def test_masked_attention_repeats_grouped_kv_heads_as_cuda_needs(engine, reference, monkeypatch):
+    """On CUDA only flash fuses grouped K/V heads, and it takes no mask: the engine's masked attention
+    asks for a fused kernel without flash, repeats the heads (else SDPA's math kernel stores every
+    attention matrix), and decodes the same tokens."""
+    from tinyk import model as model_mod
+
+    asked: list[bool] = []
+
+    def fuses_with_flash_only(device_type: str, dtype: torch.dtype, has_flash: bool = True) -> bool:
+        asked.append(has_flash)
+        return has_flash
+
+    monkeypatch.setattr(model_mod, "sdpa_fuses_gqa", fuses_with_flash_only)
+    assert engine.model.config.n_heads != engine.model.config.n_kv_heads
+    out = engine.generate(PROMPTS, GREEDY)
+    assert asked and not any(asked)
+    assert [c.token_ids for c in out] == reference
+
+
 def test_per_sequence_stopping_leaves_the_others_untouched(engine, reference):
     """Rows stop at different steps (stop token, stop string, budget) and leave the batch; the rest go on."""
     stop_token = reference[0][3]

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .checkpoint import check_compatible, load_model
 from .errors import TinykError
-from .model import KVCache, Transformer, apply_rope, dtype_name, resolve_dtype
+from .model import KVCache, Transformer, apply_rope, attend, dtype_name, resolve_dtype
 from .tokenizer import (
     CHAT_ROLES,
     MODEL_PROMPT,
@@ -185,7 +185,7 @@ class _Forward:
             q = apply_rope(lin(h, wq).view(B, T, H, D).transpose(1, 2), cos, sin)
             k = apply_rope(lin(h, wk).view(B, T, K, D).transpose(1, 2), cos, sin)
             k, v = cache.update(i, k, lin(h, wv).view(B, T, K, D).transpose(1, 2))
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != K)
+            y = attend(q, k, v, mask)
             x = x + lin(y.transpose(1, 2).reshape(B, T, H * D), wo)
             h = norm2(x)
             x = x + lin(F.silu(lin(h, wg)) * lin(h, wu), wd)

@@ -214,12 +214,25 @@ def sdpa_fuses_gqa(device_type: str, dtype: torch.dtype, has_flash: bool = True)
     """Whether SDPA has a fused kernel for grouped K/V heads (`enable_gqa`) here.
 
     CPU's kernel and CUDA's flash and cuDNN kernels (bf16/fp16 on compute capability 8+) do;
-    CUDA's memory-efficient kernel (fp32, and every dtype on a V100 or T4) does not, so
-    `enable_gqa` there falls back to the math kernel, which stores every attention matrix
-    (measured on an H100, seed-215m fp32 at micro-batch 16: 20,316 MiB against the plan's 15,915).
-    Repeating the K/V heads keeps the memory-efficient kernel.
+    CUDA's memory-efficient kernel (fp32, every dtype on a V100 or T4, and any call with a mask,
+    which flash does not take) does not, so `enable_gqa` there falls back to the math kernel,
+    which stores every attention matrix (measured on an H100, seed-215m fp32 at micro-batch 16:
+    20,316 MiB against the plan's 15,915). Repeating the K/V heads keeps the memory-efficient kernel.
     """
     return device_type != "cuda" or (dtype != torch.float32 and has_flash)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+           dropout: float = 0.0, has_flash: bool = True) -> torch.Tensor:
+    """Causal attention (or attention under `mask`) of (B, H, T, D) queries over (B, K, S, D) keys
+    and values, K dividing H, on a kernel that never stores the attention matrices."""
+    gqa = q.size(1) != k.size(1)
+    if gqa and not sdpa_fuses_gqa(q.device.type, q.dtype, has_flash and mask is None):
+        rep = q.size(1) // k.size(1)
+        k, v, gqa = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), False
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa)
 
 
 class Attention(nn.Module):
@@ -248,15 +261,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        gqa = self.n_heads != self.n_kv_heads
-        if gqa and not sdpa_fuses_gqa(q.device.type, q.dtype, self.has_flash):
-            rep = self.n_heads // self.n_kv_heads
-            k, v, gqa = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), False
-        drop = self.dropout if self.training else 0.0
-        if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop, enable_gqa=gqa)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, enable_gqa=gqa)
+        y = attend(q, k, v, mask, self.dropout if self.training else 0.0, self.has_flash)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
