@@ -244,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     micro = args.micro_batch or (4 if smoke else 64)
     compiled = not (args.eager or smoke)
     work = Path(tempfile.mkdtemp(prefix="tinyk-gpu-profile-work-"))
+    tr: Trainer | None = None
     try:
         tok_dir, data_dir = prepare_data(work, vocab, 60_000 if smoke else 2_000_000)
         cfg = TrainConfig(kind="pretrain", data=str(data_dir), tokenizer=str(tok_dir), out=str(work / "run"),
@@ -271,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
                                               encoding="utf-8")
         print(text)
     finally:
+        if tr is not None:
+            tr.close()
         shutil.rmtree(work, ignore_errors=True)
     return 0
 
