@@ -931,6 +931,27 @@ def test_ctrl_c_stops_the_reply_not_the_chat(engine, capsys, monkeypatch):
     assert out.getvalue() == "assistant> \n"  # "tinyk: terminated" then starts a line of its own
 
 
+def test_a_reply_stopped_before_its_first_token_leaves_the_conversation_as_it_was(engine, capsys, monkeypatch):
+    """The oldest turns forgotten to make room for a message come back when that message is withdrawn."""
+    params = replace(GREEDY, max_new_tokens=8)
+    messages = ["我们今天去公园散步" * 3] * 6
+    before = chat_session(engine, params, messages[:5], io.StringIO(), system=None)
+    forgot_before = capsys.readouterr().err.count("forgot the oldest")
+    run, calls = engine.run, []
+
+    def stopped_at_the_sixth(requests):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        yield from run(requests)
+
+    monkeypatch.setattr(engine, "run", stopped_at_the_sixth)
+    after = chat_session(engine, params, messages, io.StringIO(), system=None)
+    err = capsys.readouterr().err
+    assert err.count("forgot the oldest") == forgot_before + 1, "the sixth message must forget turns to fit"
+    assert "the message is forgotten too" in err and after == before
+
+
 def test_the_you_prompt_goes_where_the_person_typing_sees_it(monkeypatch, capsys):
     """With replies redirected to a file (`tinyk chat > chat.txt`) the prompt goes to stderr, not the file."""
     from tinyk.cli.generate import _input_lines

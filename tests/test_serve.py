@@ -323,6 +323,14 @@ LONG = "".join(chr(0x4E00 + 37 * i) for i in range(200))  # rare characters: sev
                               "max_completion_tokens": 0}, 400, "max_completion_tokens", "invalid_value"),
     ("/v1/chat/completions", {"model": "nano", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
                               "max_completion_tokens": 10**9}, 400, "max_completion_tokens", "invalid_value"),
+    ("/v1/chat/completions", {"model": "nano", "messages": [{"role": "user", "content": "hi", "contents": "x"}]},
+     400, "messages[0].contents", "unknown_parameter"),  # a typo inside a message is refused too
+    ("/v1/chat/completions", {"model": "nano", "messages": [{"role": "user", "content": "hi", "name": 5}]},
+     400, "messages[0].name", "invalid_type"),
+    ("/v1/chat/completions", {"model": "nano", "messages": [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function"}]}]},
+     400, "messages[1].tool_calls", "invalid_value"),
     ("/v1/completions", {"model": "\ud83d", "prompt": "hi"}, 404, "model", "model_not_found"),  # echoed back
     ("/v1/completions", {"model": "nano", "prompt": "hi", "stop": ["\ud83d"]}, 400, "stop", "invalid_value"),
 ])
@@ -476,6 +484,17 @@ def test_fields_at_their_off_values_are_accepted(server):
         assert status == 400 and err["error"] == {"message": f"'{field}' must be {kind}", "type": "invalid_request_error",
                                                   "param": field, "code": "invalid_type"}, err
     assert request(server, "POST", "/v1/chat/completions", {**chat, "user": None})[0] == 200
+    # An assistant message sent back as the openai package returned it, and a participant's name.
+    from openai.types.chat import ChatCompletionMessage
+
+    returned = ChatCompletionMessage(role="assistant", content="hello", annotations=[]).model_dump()
+    assert {"refusal", "annotations", "audio", "function_call", "tool_calls"} <= set(returned)
+    turns = [{"role": "user", "content": "hi", "name": "li"}, returned, {"role": "user", "content": "again"}]
+    status, reply = request(server, "POST", "/v1/chat/completions", {**chat, "messages": turns})
+    assert status == 200, reply
+    # A body saved with a UTF-8 byte order mark (Windows tools write one), which RFC 8259 lets a reader skip.
+    status, reply = request(server, "POST", "/v1/completions", b"\xef\xbb\xbf" + json.dumps(body).encode())
+    assert status == 200, reply
 
 
 def test_max_completion_tokens_wins_over_the_deprecated_max_tokens(server):

@@ -325,3 +325,26 @@ def test_the_chat_page_keeps_the_conversation_it_shows(nano_model_dir, tmp_path)
     assert default_temperature == ""
     assert bad_key["unsent"] == ["你好"] and bad_key["errors"] == ["an API key is printable ASCII without spaces"]
     assert ime == ["nihao", True]
+
+
+def test_a_message_stopped_before_its_reply_gives_back_the_turns_it_forgot(nano_model_dir, tmp_path):
+    """Withdrawn (stopped before its first token), a message that made the page forget the oldest
+    turns leaves the conversation as it was: those turns are sent with the next message again."""
+    engine = Engine.from_dir(nano_model_dir)
+    forward = engine.forward = Forward(engine.forward)
+    first, second = (json.dumps("今天天气很好，我们一起去公园散步吧。" * 3 + str(i)) for i in range(2))
+    with chat_page(engine, tmp_path, max_tokens=None) as run:
+        before = run(f"await say({first}); return shown();")
+        forward.hold_in = 1  # the prefill: the server has taken the message, no token has come
+        try:
+            stopped = run(f"submit({second});\n"
+                          f"await until(() => history.length && history.at(-1).content === {second}, "
+                          "'the server to take the message');\n"
+                          "const forgot = history.length === 1;\n"
+                          "stop.click(); await until(() => controller === null, 'the stop');\n"
+                          "return {...shown(), forgot};")
+        finally:
+            forward.released.set()
+    assert stopped["forgot"], "the second message must make the page forget the first turn"
+    assert len(before["history"]) == 2 and stopped["history"] == before["history"]
+    assert stopped["notes"] == before["notes"] and stopped["unsent"] == [json.loads(second)]

@@ -139,11 +139,13 @@ class _Session:
         if forgot:
             turns = f"{forgot} turns" if forgot > 1 else "turn"
             print(f"(forgot the oldest {turns} to fit the context window)", file=sys.stderr)
-        self.history = kept
-        self._reply(request)
+        before, self.history = self.history, kept
+        if not self._reply(request):  # nothing to keep: the conversation is as before, forgotten turns too
+            self.history = before
 
-    def _reply(self, request: Request) -> None:
-        """Streams the reply to `out` and adds it to the history (what was shown of it, after a Ctrl-C)."""
+    def _reply(self, request: Request) -> bool:
+        """Streams the reply to `out` and adds it to the history (what was shown of it, after a Ctrl-C);
+        False when it was stopped before any of it was shown."""
         out, params = self.out, self.params
         out.write(self.prompt)
         shown = []
@@ -164,10 +166,9 @@ class _Session:
             if shown:
                 print("(reply stopped)", file=sys.stderr)
                 self.history.append({"role": "assistant", "content": "".join(shown)})
-            else:  # no reply to keep: the message goes too, so no empty answer stays in the context
-                print("(reply stopped; the message is forgotten too)", file=sys.stderr)
-                self.history.pop()
-            return
+                return True
+            print("(reply stopped; the message is forgotten too)", file=sys.stderr)  # no empty answer stays
+            return False
         out.write("\n")
         out.flush()
         reply = request.completion()
@@ -176,3 +177,4 @@ class _Session:
                    else "the context window is full" + ("; /reset starts over" if self.interactive else ""))
             print(f"(reply cut at {plural(reply.completion_tokens, 'tokens')}; {fix})", file=sys.stderr)
         self.history.append({"role": "assistant", "content": reply.text})
+        return True

@@ -85,6 +85,12 @@ IGNORED: dict[str, type] = {
     "prediction": dict, "reasoning_effort": str, "verbosity": str, "prompt_cache_key": str,
     "prompt_cache_options": dict, "prompt_cache_retention": str, "safety_identifier": str}
 _JSON_TYPES = {str: "a string", dict: "an object", bool: "a boolean"}
+# The same three kinds for a chat message's fields: those of an assistant message OpenAI returned
+# (a client may send it back as it came) are accepted when off; `name` has no place in the template.
+MESSAGE_FIELDS = {"role", "content"}
+MESSAGE_IGNORED: dict[str, type] = {"name": str}
+MESSAGE_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "tool_calls": ([],), "function_call": (), "tool_call_id": (), "audio": (), "refusal": ("",), "annotations": ([],)}
 _COMMON = {"model", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop",
            "seed", "n", "top_k", "min_p", "repetition_penalty", "stop_token_ids", "ignore_eos", "logprobs",
            *UNSUPPORTED, *IGNORED}
@@ -107,6 +113,24 @@ class ApiError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _check_off_fields(obj: dict, ignored: dict[str, type], unsupported: dict[str, tuple[Any, ...]],
+                      prefix: str = "") -> None:
+    """Refuses an ignored field of the wrong JSON type, and an unsupported one that is not off (null
+    always is): a request this server cannot honour gets a 400, not a silently different answer."""
+    for name, kind in ignored.items():
+        if obj.get(name) is not None and not isinstance(obj[name], kind):
+            raise ApiError(400, f"'{prefix}{name}' must be {_JSON_TYPES[kind]}", param=prefix + name,
+                           code="invalid_type")
+    for name, offs in unsupported.items():
+        value = obj.get(name)
+        # A bool is not a number here: `best_of: true` is not 1, while a penalty of 0.0 is as off as 0.
+        if value is not None and not any(isinstance(value, bool) == isinstance(off, bool) and value == off
+                                         for off in offs):
+            instead = "; 'repetition_penalty' (e.g. 1.1) discourages repeats" if name.endswith("_penalty") else ""
+            raise ApiError(400, f"'{prefix}{name}' is not supported by this server{instead}", param=prefix + name,
+                           code="invalid_value")
 
 
 @dataclass
@@ -281,17 +305,7 @@ class Api:
                            param="stop", code="invalid_value")
         if stop and len(stop) > MAX_STOP_STRINGS:
             raise ApiError(400, f"'stop' takes at most {MAX_STOP_STRINGS} strings", param="stop", code="invalid_value")
-        for name, kind in IGNORED.items():
-            if body.get(name) is not None and not isinstance(body[name], kind):
-                raise ApiError(400, f"'{name}' must be {_JSON_TYPES[kind]}", param=name, code="invalid_type")
-        for name, offs in (UNSUPPORTED | UNSUPPORTED_BY_KIND[chat]).items():
-            value = body.get(name)
-            # A bool is not a number here: `best_of: true` is not 1, while a penalty of 0.0 is as off as 0.
-            if value is not None and not any(isinstance(value, bool) == isinstance(off, bool) and value == off
-                                             for off in offs):
-                instead = "; 'repetition_penalty' (e.g. 1.1) discourages repeats" if name.endswith("_penalty") else ""
-                raise ApiError(400, f"'{name}' is not supported by this server{instead}", param=name,
-                               code="invalid_value")
+        _check_off_fields(body, IGNORED, UNSUPPORTED | UNSUPPORTED_BY_KIND[chat])
         fmt = body.get("response_format")
         if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
             raise ApiError(400, "only 'response_format' {\"type\": \"text\"} is supported", param="response_format",
@@ -368,6 +382,11 @@ class Api:
             where = f"messages[{i}]"
             if not isinstance(m, dict):
                 raise ApiError(400, f"'{where}' must be an object", param=where, code="invalid_type")
+            unknown = sorted(set(m) - MESSAGE_FIELDS - set(MESSAGE_IGNORED) - set(MESSAGE_UNSUPPORTED))
+            if unknown:
+                raise ApiError(400, f"unrecognized field in '{where}': {unknown[0]}", param=f"{where}.{unknown[0]}",
+                               code="unknown_parameter")
+            _check_off_fields(m, MESSAGE_IGNORED, MESSAGE_UNSUPPORTED, f"{where}.")
             role = m.get("role")
             if not isinstance(role, str) or role not in API_ROLES:
                 raise ApiError(400, f"'{where}.role' must be one of {', '.join(API_ROLES)}, got {json.dumps(role)}",
@@ -680,7 +699,7 @@ class Handler(BaseHTTPRequestHandler):
             raise
         self.unread_body = False
         try:
-            body = json.loads(raw.decode("utf-8"))
+            body = json.loads(raw.decode("utf-8-sig"))  # RFC 8259 8.1: a byte order mark may be ignored
         except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: JSON, or a 5000-digit number
             raise ApiError(400, f"the request body is not valid JSON: {str(e)[:200]}", code="invalid_json") from e
         if not isinstance(body, dict):
