@@ -269,6 +269,17 @@ def test_a_directory_next_to_the_right_one_is_pointed_to(tmp_path, tok_dir, nano
                                   f"a run's checkpoints: the newest one's model is in {newest})\n")
 
 
+def test_an_init_model_without_its_tokenizer_is_named(tmp_path, tok_dir, nano_model_dir, pt_data, capsys):
+    """--init a model directory that lost tokenizer.json, with --tokenizer given: the message every other
+    command gives, not the errno of a file hashed before the directory was checked."""
+    init = tmp_path / "init"
+    shutil.copytree(nano_model_dir, init)
+    (init / "tokenizer.json").unlink()
+    code, err = run_cli(["pretrain", "--init", str(init), "--tokenizer", str(tok_dir), "--data", str(pt_data),
+                         "--out", str(tmp_path / "r"), "--max-steps", "1"], capsys)
+    assert (code, err) == (2, f"tinyk: error: not a tokenizer directory (no tokenizer.json): {init}\n")
+
+
 @pytest.mark.parametrize("weights,says", [
     ("model.safetensors.index.json", "sharded over several files: save them as one, e.g. transformers' "
                                      "save_pretrained(DIR, max_shard_size='100GB')"),

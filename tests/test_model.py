@@ -332,8 +332,44 @@ def test_transformers_settings_beside_the_tinyk_block_are_read_not_ignored(tmp_p
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 1024}))
     with pytest.raises(TinykError, match=r"disagrees with itself: max_position_embeddings is 1024 but its tinyk "
-                                         r"block has max_seq_len 128"):
+                                         r"block has max_seq_len 128; .*\(resize_token_embeddings\): delete the block"):
         load_model(tmp_path / "m")
+    # A key the block lacks is not a disagreement (it read as ModelConfig's default: "dim 768").
+    block = {k: v for k, v in config["tinyk"].items() if k not in ("dim", "max_seq_len")}
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 1024,
+                                                            "tinyk": block}))
+    loaded, _ = load_model(tmp_path / "m")
+    assert (loaded.config.dim, loaded.config.max_seq_len) == (config["hidden_size"], 1024)
+
+
+def test_transformers_batched_generate_answers_each_prompt_as_alone(nano_model_dir):
+    """tokenizer_config.json pads on the left, so a batch of unequal prompts continues each from its own
+    last token (right padding continued the shorter one from a pad: an empty reply)."""
+    tok = AutoTokenizer.from_pretrained(nano_model_dir)
+    hf = AutoModelForCausalLM.from_pretrained(nano_model_dir, dtype=torch.float32).eval()
+    prompts = ["我们今天", "The quick brown fox jumps over the lazy dog."]
+    with torch.no_grad():
+        alone = [hf.generate(**tok(p, return_tensors="pt"), max_new_tokens=8)[0] for p in prompts]
+        batch = tok(prompts, return_tensors="pt", padding=True)
+        together = hf.generate(**batch, max_new_tokens=8)
+    width = batch.input_ids.shape[1]
+    for p, one, row in zip(prompts, alone, together, strict=True):
+        new = one[len(tok(p).input_ids):].tolist()
+        assert row[width:width + len(new)].tolist() == new
+
+
+def test_a_tied_model_saved_with_only_its_head_loads(tmp_path, tok_dir):
+    """safetensors' save_model keeps one tensor of a tied pair, the head: transformers loads that, and so does tinyk."""
+    from safetensors.torch import load_file, save_file
+
+    src = init_model_dir("nano", tok_dir, tmp_path / "m", seed=0)
+    weights = load_file(tmp_path / "m" / "model.safetensors")
+    weights["lm_head.weight"] = weights.pop("model.embed_tokens.weight")
+    save_file(weights, tmp_path / "m" / "model.safetensors", metadata={"format": "pt"})
+    loaded, _ = load_model(tmp_path / "m")
+    x = torch.randint(0, loaded.config.vocab_size, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), src.eval()(x))
 
 
 def test_a_tinyk_model_saved_back_by_transformers_loads(tmp_path, tok_dir):

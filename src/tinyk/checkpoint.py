@@ -93,10 +93,8 @@ def config_from_hf(d: Any) -> ModelConfig:
     if not isinstance(d, dict):
         raise ValueError("it is not a JSON object")
     own = d.get("tinyk")
-    if own is not None:
-        if not isinstance(own, dict):
-            raise ValueError("its 'tinyk' entry is not an object")
-        own = ModelConfig.from_dict(own)
+    if own is not None and not isinstance(own, dict):
+        raise ValueError("its 'tinyk' entry is not an object")
     rope = d.get("rope_parameters") or d.get("rope_scaling") or {}  # transformers 5 / 4 names
     if not isinstance(rope, dict):
         raise ValueError("its RoPE parameters are not an object")
@@ -128,10 +126,12 @@ def config_from_hf(d: Any) -> ModelConfig:
     if own is None:
         return cfg
     for name, key in HF_KEYS.items():
-        if getattr(own, name) != getattr(cfg, name):
-            raise TinykError(f"config.json disagrees with itself: {key} is {getattr(cfg, name)} but its tinyk block "
-                             f"has {name} {getattr(own, name)} (one was edited without the other); make them agree")
-    return own
+        if name in own and own[name] != getattr(cfg, name):
+            raise TinykError(f"config.json disagrees with itself: {key} is {getattr(cfg, name)} but its tinyk block has "
+                             f"{name} {own[name]!r}; transformers keeps that block unchanged when it saves a model "
+                             f"it changed (resize_token_embeddings): delete the block to use the transformers "
+                             f"keys, or make the two agree")
+    return ModelConfig.from_dict({**cfg.to_dict(), **own})  # the block adds tinyk's own fields (dropout)
 
 
 def check_compatible(cfg: ModelConfig, tok: TinyTokenizer) -> None:
@@ -345,6 +345,8 @@ def _reading_weights(path: Path) -> Iterator[None]:
 
 
 def _model_from_dir_state(path: Path, cfg: ModelConfig, state: dict[str, torch.Tensor]) -> Transformer:
+    if cfg.tie_embeddings and "model.embed_tokens.weight" not in state and "lm_head.weight" in state:
+        state["model.embed_tokens.weight"] = state["lm_head.weight"]  # as safetensors' save_model keeps a tied pair
     if cfg.tie_embeddings and "model.embed_tokens.weight" in state:
         emb, head = state["model.embed_tokens.weight"], state.get("lm_head.weight")
         if head is not None and "meta" not in (emb.device.type, head.device.type) and not (

@@ -374,6 +374,7 @@ def tokenizer_config(model_max_length: int = 1_000_000, system_prompt: str | Non
         "additional_special_tokens": ["<s>", "</s>"],
         "model_max_length": model_max_length,
         "clean_up_tokenization_spaces": False,
+        "padding_side": "left",  # batched generate() continues each prompt from its own last token
         "tokenizer_class": "PreTrainedTokenizerFast",
         # A Llama's inputs: without this, transformers 4 adds token_type_ids, which generate() refuses.
         "model_input_names": ["input_ids", "attention_mask"],
