@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from gpu_bench import prepare_data  # noqa: E402
 from tinyk.config import TrainConfig  # noqa: E402
-from tinyk.model import PRESETS, ModelConfig  # noqa: E402
+from tinyk.model import PRESETS, ModelConfig, short_dtype_name  # noqa: E402
 from tinyk.monitor import peak_flops  # noqa: E402
 from tinyk.train import Trainer  # noqa: E402
 
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             parts = {"attention": attention_backends(tr.mcfg, micro, seq_len, tr.dtype),
                      "projections": projections(tr.mcfg, micro * seq_len, tr.dtype)}
         device_name = "CPU" if smoke else torch.cuda.get_device_name(0)
-        meta = {"preset": preset, "seq_len": seq_len, "micro": micro, "dtype": {torch.bfloat16: "bf16", torch.float16: "fp16"}[tr.dtype],
+        meta = {"preset": preset, "seq_len": seq_len, "micro": micro, "dtype": short_dtype_name(tr.dtype),
                 "compile": compiled,
                 "compile_mode": args.compile_mode, "device": device_name, "torch": torch.__version__}
         text = report(meta, timing, kernels, wall_ms, parts)

@@ -587,3 +587,34 @@ def test_a_split_part_that_spells_no_text_has_no_bits_per_byte():
     rows = list(table_rows({"data": [{"data": "d/sft", "split": "val", "seq_len": 64, "loss": 1.0, "perplexity": 2.72,
                                       "bits_per_byte": None}]}))
     assert ("sft/val bits per byte", "n/a", "") in rows
+
+
+def test_results_are_saved_to_a_path_object(tmp_path):
+    """The library takes the paths it is typed for: a Path (not only the CLI's str) for --out."""
+    from tinyk.evaluate import check_results_out, is_results, save_results
+
+    out = tmp_path / "r.json"
+    results = {"model": "m", "data": [], "tasks": [], "choice": None}
+    check_results_out(out, [], force=False)
+    save_results(out, results, [], force=False)
+    assert is_results(out) and json.loads(out.read_text(encoding="utf-8")) == results
+    with pytest.raises(TinykError, match="ends in '/'"):
+        check_results_out(str(tmp_path / "dir") + "/", [], force=False)
+
+
+def test_none_means_no_system_prompt_in_evaluate_as_in_eval_task(tmp_path, nano_model_dir, capsys):
+    """One convention across the library (`None`: no system turn; MODEL_PROMPT, the default: the
+    model's own); the CLI turns --system-prompt '' into None."""
+    from tinyk.tokenizer import load_tokenizer
+
+    task = write_task(tmp_path / "t.jsonl", [{"messages": [{"role": "user", "content": "好"}], "answer": "好"}])
+    own = load_tokenizer(nano_model_dir).system_prompt
+    assert own and evaluate(nano_model_dir, tasks=[task], max_new_tokens=2)["settings"]["system_prompt"] == own
+    assert evaluate(nano_model_dir, tasks=[task], max_new_tokens=2, system_prompt=None)["settings"]["system_prompt"] \
+        is None
+    main_args = ["eval", "--model", str(nano_model_dir), "--task", str(task), "--max-new-tokens", "2", "--json"]
+    for flag, want in (([], own), (["--system-prompt", ""], None), (["--system-prompt", " 你好 "], "你好")):
+        with pytest.raises(SystemExit) as e:
+            main([*main_args, *flag])
+        assert e.value.code == 0
+        assert json.loads(capsys.readouterr().out)["settings"]["system_prompt"] == want

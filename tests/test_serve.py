@@ -931,6 +931,21 @@ def test_an_ipv4_mapped_loopback_is_loopback_and_an_empty_host_is_refused(nano_m
         server.close()
 
 
+def test_serve_refuses_bad_settings_before_loading_the_model(nano_model_dir, monkeypatch):
+    """A mistyped key or an empty --host costs nothing: said before the model (a minute for a big
+    one, or int8 quantizing) is loaded."""
+    import tinyk.serve as serve_mod
+
+    def loads(*args, **kwargs):
+        raise AssertionError("the model was loaded before the settings were checked")
+
+    monkeypatch.setattr(serve_mod.Engine, "from_dir", loads)
+    with pytest.raises(TinykError, match="printable ASCII"):
+        serve_mod.serve(str(nano_model_dir), port=0, api_key="a b")
+    with pytest.raises(TinykError, match="--host is empty"):
+        serve_mod.serve(str(nano_model_dir), host="", port=0)
+
+
 def test_negative_and_positive_seeds_differ(client):
     def text(seed: int) -> str:
         return client.completions.create(model="nano", prompt="天气", max_tokens=12, temperature=1.5, seed=seed,

@@ -836,6 +836,27 @@ def test_a_tracker_failing_mid_run_is_dropped_and_a_killed_sessions_steps_are_no
     assert names == ["run", "run"]  # `--out .` is named after the folder, not ""
 
 
+def test_a_tracker_failing_to_finish_leaves_the_others_finished(tmp_path, monkeypatch, capsys):
+    """TensorBoard's close on a full disk (here W&B's finish) must not leave the next tracker's run open."""
+    from tinyk.monitor import Trackers
+
+    finished = []
+
+    class FakeRun:
+        def finish(self):
+            raise OSError(28, "No space left on device")
+
+    wandb, swanlab = type(sys)("wandb"), type(sys)("swanlab")
+    wandb.init = lambda **kw: FakeRun()
+    swanlab.init = lambda **kw: None
+    swanlab.finish = lambda: finished.append("swanlab")
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    monkeypatch.setitem(sys.modules, "swanlab", swanlab)
+    Trackers(["wandb", "swanlab"], tmp_path, {}, "tinyk", "run").close()
+    assert finished == ["swanlab"]
+    assert "tinyk: warning: --tracker wandb did not finish ([Errno 28] No space left on device)" in capsys.readouterr().err
+
+
 def test_ctrl_c_while_the_run_starts_leaves_the_directory_as_it_was(tmp_path, pt_data, tok_dir, monkeypatch):
     """Set-up ends with timing the CPU's matmul peak, long enough for a Ctrl-C after spotting a typo."""
     import tinyk.train

@@ -125,13 +125,14 @@ def config_from_hf(d: Any) -> ModelConfig:
                          f"which tinyk's LLaMA-2 model does not implement")
     if own is None:
         return cfg
+    merged = ModelConfig.from_dict({**cfg.to_dict(), **own})  # the block adds tinyk's own fields (dropout)
     for name, key in HF_KEYS.items():
         if name in own and own[name] != getattr(cfg, name):
             raise TinykError(f"config.json disagrees with itself: {key} is {getattr(cfg, name)} but its tinyk block has "
                              f"{name} {own[name]!r}; transformers keeps that block unchanged when it saves a model "
                              f"it changed (resize_token_embeddings): delete the block to use the transformers "
                              f"keys, or make the two agree")
-    return ModelConfig.from_dict({**cfg.to_dict(), **own})  # the block adds tinyk's own fields (dropout)
+    return merged
 
 
 def check_compatible(cfg: ModelConfig, tok: TinyTokenizer) -> None:
@@ -314,8 +315,7 @@ def _cut_zip(path: Path) -> bool:
         return False
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32) -> tuple[Transformer, TinyTokenizer]:
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, TinyTokenizer]:
     """Loads a model directory (weights via safetensors only) and its tokenizer."""
     path = Path(path)
     cfg, tok = config_and_tokenizer(path)
@@ -323,7 +323,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
         state = load_file(f)
     model = _model_from_dir_state(path, cfg, state)
     model.activation_checkpointing = False
-    return model.to(device=device, dtype=dtype).eval(), tok
+    return model.to(device=device, dtype=torch.float32).eval(), tok
 
 
 def config_and_tokenizer(path: Path) -> tuple[ModelConfig, TinyTokenizer]:

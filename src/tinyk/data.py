@@ -1111,12 +1111,12 @@ def _alpaca_turns(rec: dict[str, Any]) -> list[dict[str, str]] | str:
 
 
 def prepare_sft(inputs: list[str | Path], tokenizer_dir: str | Path, out: str | Path, *, max_len: int = 512,
-                system_prompt: str | ModelPrompt = MODEL_PROMPT, val_fraction: float = 0.01, seed: int = 0,
+                system_prompt: str | None | ModelPrompt = MODEL_PROMPT, val_fraction: float = 0.01, seed: int = 0,
                 workers: int | None = None, force: bool = False, strict: bool = False,
                 max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, show_progress: bool = True,
                 batch_chars: int = DEFAULT_BATCH_CHARS, checkpoint_s: float = CHECKPOINT_S) -> dict[str, Any]:
     """Tokenizes conversations with their assistant-only loss mask into `train/` and `val/`; returns meta.
-    Conversations without a system message get `system_prompt` ('' for none); by default the one the
+    Conversations without a system message get `system_prompt` (None or '' for none); by default the one the
     tokenizer directory records, so data made with a fine-tuned model's directory keeps its prompt."""
     paths = check_inputs(inputs)
     if any(is_plain_text(p) for p in paths):

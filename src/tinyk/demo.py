@@ -227,12 +227,12 @@ def choose_runtime(cfg: DemoConfig, tcfg: Any, try_compile: bool = False) -> Run
     compiler, say) training stays eager.
     """
     from .config import TRAIN_DTYPES
-    from .model import cuda_autocast_dtype
+    from .model import cuda_autocast_dtype, short_dtype_name
 
     cuda = torch.cuda.is_available()
     if cfg.dtype == "probe":
         # On a GPU its autocast dtype: fp16 on cards without bf16 (a T4, Colab's free GPU; a V100).
-        names = [{torch.bfloat16: "bf16", torch.float16: "fp16"}[cuda_autocast_dtype(torch.device("cuda"))]] \
+        names = [short_dtype_name(cuda_autocast_dtype(torch.device("cuda")))] \
             if cuda else ["fp32", "bf16"]
     elif cfg.dtype in TRAIN_DTYPES:
         names = [cfg.dtype]

@@ -152,7 +152,7 @@ class _Forward:
     and int8 weights (`Engine(optimize=True)`, `quantize="int8"`) are copies.
     """
 
-    def __init__(self, model: Transformer, weights: str = "plain", vocab: int | None = None):
+    def __init__(self, model: Transformer, weights: str, vocab: int | None):
         cfg = model.config
         # Rows past the tokenizer's vocabulary (an imported model's padding) decode to nothing: never picked.
         self.vocab = vocab if vocab is not None and vocab < cfg.vocab_size else None

@@ -521,10 +521,10 @@ def evaluate(model_dir: str | Path, *, data: Iterable[str | Path] = (), tasks: I
              choice: Iterable[str | Path] = (), split: str = "val", seq_len: int | None = None,
              batch_size: int = 16, max_batches: int | None = None, max_new_tokens: int = 64,
              limit: int | None = None, choice_format: str = "cloze",
-             system_prompt: str | None = None, device: str = "auto",
+             system_prompt: str | None | ModelPrompt = MODEL_PROMPT, device: str = "auto",
              quantize: str = "none") -> dict[str, Any]:
     """Runs every requested mode on one model directory; the model is loaded once. Task chats without
-    a system message get `system_prompt`: by default the model's own (its SFT data's), '' for none."""
+    a system message get `system_prompt`: by default the model's own (its SFT data's), None for none."""
     from .checkpoint import config_and_tokenizer, load_model
     from .loader import open_split
 
@@ -541,7 +541,7 @@ def evaluate(model_dir: str | Path, *, data: Iterable[str | Path] = (), tasks: I
     opened = [open_split(d, split, data_seq_len(_split_meta(d, split, model_dir), seq_len, cfg.max_seq_len))
               for d in data]
     refuse_repeats([Path(d) for d in data], "data directory")
-    system = tok.system_from_flag(system_prompt)
+    system = tok.resolve_system(system_prompt)
     prompt_of = chat_prompt_ids(tok, cfg.max_seq_len)
     task_inputs = [read_task_prompts(t, prompt_of, system_prompt=system, limit=limit) for t in tasks]
     refuse_repeats([Path(t) for t in tasks], "task file")  # once read: each one exists

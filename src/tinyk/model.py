@@ -47,6 +47,11 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def short_dtype_name(dtype: torch.dtype) -> str:
+    """'bf16' for torch.bfloat16: how --dtype and the configs name a dtype."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+
+
 @dataclass
 class ModelConfig:
     dim: int = 768
@@ -140,10 +145,14 @@ def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
     # Half of it: a training run holds the tables twice when it writes a model (its export builds them).
     # Asked only for tables of some size: every model built, a checkpoint's export too, comes here.
     free = memory_available() if need > 1 << 26 else None
+
+    def too_large(machine: str) -> TinykError:
+        return TinykError(f"a context of {cfg.max_seq_len:,} positions (max_seq_len, max_position_embeddings in "
+                          f"config.json) needs about {need / 1e9:,.1f} GB for its RoPE tables alone, more than this "
+                          f"machine {machine}")
+
     if free is not None and need > free / 2:
-        raise TinykError(f"a context of {cfg.max_seq_len:,} positions (max_seq_len, max_position_embeddings in "
-                         f"config.json) needs about {need / 1e9:,.1f} GB for its RoPE tables alone, more than this "
-                         f"machine can spare ({free / 1e9:,.1f} GB available)")
+        raise too_large(f"can spare ({free / 1e9:,.1f} GB available)")
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device="cpu", dtype=torch.float32)
                                          / cfg.head_dim))
     try:
@@ -154,9 +163,7 @@ def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
         if not out_of_memory(e):
             raise
         # A config.json edited by hand (max_position_embeddings) more often than a real context.
-        raise TinykError(f"a context of {cfg.max_seq_len:,} positions (max_seq_len, max_position_embeddings in "
-                         f"config.json) needs about {cfg.max_seq_len * cfg.head_dim * 16 / 1e9:,.1f} GB for its RoPE "
-                         f"tables alone, more than this machine has") from None
+        raise too_large("has") from None
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

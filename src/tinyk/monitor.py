@@ -119,7 +119,7 @@ class Trackers:
 
     @staticmethod
     def _start(name: str, out: Path, config: dict[str, Any], project: str, run_name: str, start_step: int) -> Any:
-        package = {"tensorboard": "tensorboard", "wandb": "wandb", "swanlab": "swanlab"}[name]
+        package = name  # each tracker's name is its package's
         try:
             if name == "tensorboard":
                 from torch.utils.tensorboard import SummaryWriter
@@ -169,8 +169,14 @@ class Trackers:
                     self._finish(name, sink)
 
     def close(self) -> None:
+        """Finishes every tracker, also after one fails (TensorBoard on a full disk): the rest would be
+        left "running" in their services. The run's outputs are written already, so a failure is a warning."""
         for name, sink in self.sinks:
-            self._finish(name, sink)
+            try:
+                self._finish(name, sink)
+            except Exception as e:
+                print(f"tinyk: warning: --tracker {name} did not finish ({first_line(e)}); metrics.jsonl keeps "
+                      f"every value", file=sys.stderr)
 
     @staticmethod
     def _finish(name: str, sink: Any) -> None:

@@ -84,7 +84,7 @@ def check_output(out: str | Path, inputs: Iterable[str | Path | None]) -> None:
         raise TinykError(f"--out {out}: {nearest} is a file, not a directory")
 
 
-def check_output_file(out: str, inputs: Iterable[str | Path | None], *, force: bool,
+def check_output_file(out: str | Path, inputs: Iterable[str | Path | None], *, force: bool,
                       replaces: tuple[str, Callable[[Path], bool]] | None = None) -> None:
     """Refuses an output file that could not be written, or whose writing would destroy something:
     checked before the work, so a mistake costs nothing. With `replaces` (what this kind of output is
@@ -93,7 +93,7 @@ def check_output_file(out: str, inputs: Iterable[str | Path | None], *, force: b
     path = Path(out)
     if path.is_dir():
         raise TinykError(f"--out {out} is a directory; give a file name for the JSON results")
-    if out.endswith(("/", os.sep)):  # Path() drops the slash: x.json/ would be written as the file x.json
+    if str(out).endswith(("/", os.sep)):  # Path() drops the slash: x.json/ would be written as the file x.json
         raise TinykError(f"--out {out} ends in '/', which names a directory; give a file name for the JSON results")
     if (path.exists() or path.is_symlink()) and not force:
         raise TinykError(f"--out {out} exists (use --force to replace it)")

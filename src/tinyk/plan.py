@@ -249,7 +249,8 @@ BATCH_BYTES_PER_TOKEN = 16
 
 @dataclass(frozen=True)
 class Setup:
-    """What a training step's memory depends on. Defaults are the trainer's (src/tinyk/config.py)."""
+    """What a training step's memory depends on. Defaults are a CUDA run's (src/tinyk/config.py); on
+    CPU the trainer runs fp32 (`amp=False`) with unfused AdamW."""
 
     cfg: ModelConfig
     seq_len: int

@@ -1132,6 +1132,11 @@ def _new_id(chat: bool) -> str:
     return ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
 
 
+def check_host(host: str) -> None:
+    if not host.strip():  # an unset $HOST in a script: the socket would listen on every interface
+        raise TinykError("--host is empty; give 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)")
+
+
 class ChatServer(ThreadingHTTPServer):
     """The HTTP server; `serve_forever()` runs it, `close()` stops it and the engine thread."""
 
@@ -1140,8 +1145,7 @@ class ChatServer(ThreadingHTTPServer):
     _serving = False
 
     def __init__(self, engine: Engine, cfg: ServerConfig, host: str = "127.0.0.1", port: int = 8000):
-        if not host.strip():  # an unset $HOST in a script: the socket would listen on every interface
-            raise TinykError("--host is empty; give 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)")
+        check_host(host)
         if ":" in host:
             self.address_family = socket.AF_INET6
         self.api = Api(engine, cfg)
@@ -1213,9 +1217,11 @@ def serve(model_dir: str, *, host: str = "127.0.0.1", port: int = 8000, device: 
     """Loads the model and serves until interrupted (`tinyk serve`)."""
     from pathlib import Path
 
-    engine = Engine.from_dir(model_dir, device=device, dtype=dtype, max_batch=max_batch, quantize=quantize)
     cfg.setdefault("model_name", shown(Path(model_dir).resolve().name))  # the id clients send back: text
-    server = ChatServer(engine, ServerConfig(**cfg), host, port)
+    config = ServerConfig(**cfg)  # its refusals (an API key with a space) come before the model loads
+    check_host(host)
+    engine = Engine.from_dir(model_dir, device=device, dtype=dtype, max_batch=max_batch, quantize=quantize)
+    server = ChatServer(engine, config, host, port)
     weights = ", int8 weights" if engine.quantize == "int8" else ""
     where = f"on every interface ({server.address}): here at" if server.everywhere else "at"
     print(f"tinyk: serving {cfg['model_name']} ({engine.device}, {dtype_name(engine.dtype)}{weights}) "

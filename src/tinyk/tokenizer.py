@@ -39,6 +39,12 @@ class ModelPrompt:
 MODEL_PROMPT = ModelPrompt()
 
 
+def prompt_from_flag(flag: str | None) -> str | None | ModelPrompt:
+    """What a --system / --system-prompt flag asks for: absent, the model's own prompt (MODEL_PROMPT);
+    '' (or only spaces, as chat's /system takes it) none."""
+    return MODEL_PROMPT if flag is None else (flag.strip() or None)
+
+
 def chat_template(system_prompt: str | None) -> str:
     """The seed's template (only system/user/assistant turns are rendered), plus what tinyk's chat, serve
     and SFT data do around it, so `transformers` prompts a model as it was trained: the model's training
@@ -298,9 +304,8 @@ class TinyTokenizer:
         return self.system_prompt if isinstance(default_system, ModelPrompt) else default_system
 
     def system_from_flag(self, flag: str | None) -> str | None:
-        """What a --system / --system-prompt flag asks for: absent, this model's own prompt; '' (or only
-        spaces, as chat's /system takes it) none."""
-        return self.system_prompt if flag is None else (flag.strip() or None)
+        """The system prompt a --system / --system-prompt flag asks for (`prompt_from_flag`)."""
+        return self.resolve_system(prompt_from_flag(flag))
 
 
 def tokenizer_hash(path: str | Path) -> str:
@@ -367,11 +372,7 @@ def tokenizer_config(model_max_length: int = 1_000_000, system_prompt: str | Non
     return {
         "add_bos_token": False,
         "add_eos_token": False,
-        "bos_token": "<|im_start|>",
-        "eos_token": "<|im_end|>",
-        "pad_token": "<|im_end|>",
-        "unk_token": "<unk>",
-        "additional_special_tokens": ["<s>", "</s>"],
+        **special_tokens_map(),
         "model_max_length": model_max_length,
         "clean_up_tokenization_spaces": False,
         "padding_side": "left",  # batched generate() continues each prompt from its own last token

@@ -62,6 +62,7 @@ from .model import (
     cuda_autocast_dtype,
     dtype_name,
     resolve_dtype,
+    short_dtype_name,
 )
 from .monitor import Monitor, Trackers, finite, measure_matmul_flops, peak_flops
 from .outputs import (
@@ -297,7 +298,7 @@ def optimizer_step(step_module: nn.Module, opt: torch.optim.Optimizer, scaler: t
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step: per micro-batch, the summed loss (autocast around the forward only) times
     `scale`, backward; then clipping and AdamW through the loss scaler. The trainer's step, and the one
-    `tinyk plan` measures. Micro-batches reach the device one at a time (`to_device`); `sync(last)`
+    `plan.measure_step_memory` replays. Micro-batches reach the device one at a time (`to_device`); `sync(last)`
     holds gradient reduction back until the last. Returns (loss sum, grad norm) as tensors."""
     parts = []
     for i, batch in enumerate(batches):
@@ -490,7 +491,7 @@ class Trainer:
         if cfg.seq_len > self.mcfg.max_seq_len:
             raise TinykError(f"seq_len {cfg.seq_len} exceeds the model's context of {self.mcfg.max_seq_len} tokens "
                              f"(lower --seq-len or raise model.max_seq_len)")
-        dtype = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(resolve_dtype(cfg.dtype, self.device), "fp32")
+        dtype = short_dtype_name(resolve_dtype(cfg.dtype, self.device))
         cuda = self.device.type == "cuda"
         refusal = precision_refusal(dtype, cfg.parallel == "fsdp" and self.dist.world > 1,
                                     torch.cuda.get_device_name(self.device) if cuda else "this CPU",

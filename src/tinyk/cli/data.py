@@ -74,10 +74,10 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 def _sft(args: argparse.Namespace) -> int:
     from tinyk.data import prepare_sft, summary
-    from tinyk.tokenizer import MODEL_PROMPT
+    from tinyk.tokenizer import prompt_from_flag
 
-    system_prompt = MODEL_PROMPT if args.system_prompt is None else args.system_prompt
-    meta = prepare_sft(args.input, args.tokenizer, args.out, max_len=args.max_len, system_prompt=system_prompt,
+    meta = prepare_sft(args.input, args.tokenizer, args.out, max_len=args.max_len,
+                       system_prompt=prompt_from_flag(args.system_prompt),
                        **_common_kwargs(args))
     print(summary(meta))
     print(f"saved to {args.out}")

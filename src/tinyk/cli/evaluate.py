@@ -44,6 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _eval(args: argparse.Namespace) -> int:
     from tinyk.evaluate import check_results_out, evaluate, format_table, save_results, table_rows
+    from tinyk.tokenizer import prompt_from_flag
 
     inputs = [args.model, *args.data, *args.task, *args.choice]
     if args.out is not None:
@@ -51,7 +52,7 @@ def _eval(args: argparse.Namespace) -> int:
     results = evaluate(args.model, data=args.data, tasks=args.task, choice=args.choice, split=args.split,
                        seq_len=args.seq_len, batch_size=args.batch_size, max_batches=args.max_batches,
                        max_new_tokens=args.max_new_tokens, limit=args.limit, choice_format=args.choice_format,
-                       system_prompt=args.system_prompt, device=args.device, quantize=args.quantize)
+                       system_prompt=prompt_from_flag(args.system_prompt), device=args.device, quantize=args.quantize)
     if args.json:
         print(json.dumps(results, ensure_ascii=False, indent=2))
     else:

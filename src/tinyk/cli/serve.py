@@ -54,6 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     from tinyk.serve import serve
+    from tinyk.tokenizer import prompt_from_flag
 
     key = args.api_key if args.api_key is not None else os.environ.get("TINYK_API_KEY")
     if key == "":
@@ -64,8 +65,7 @@ def _serve(args: argparse.Namespace) -> int:
                allow_origins=tuple(args.allow_origin), allow_hosts=tuple(args.allow_host))
     if args.model_name:
         cfg["model_name"] = args.model_name
-    if args.system_prompt is not None:  # as chat and eval read it (TinyTokenizer.system_from_flag): '' or spaces, none
-        cfg["system_prompt"] = args.system_prompt.strip() or None
+    cfg["system_prompt"] = prompt_from_flag(args.system_prompt)
     set_threads(args)
     serve(args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
           quantize=args.quantize, max_batch=args.max_batch, **cfg)
