@@ -241,6 +241,13 @@ def test_not_a_model_dir(tmp_path, capsys):
     assert code == 2 and "not a model directory" in err
 
 
+def test_model_info_reads_a_run_directory_as_its_final_model(tmp_path, nano_model_dir, capsys):
+    shutil.copytree(nano_model_dir, tmp_path / "run" / "final")
+    with pytest.raises(SystemExit) as e:
+        main(["model", "info", str(tmp_path / "run"), "--json"])
+    assert e.value.code == 0 and json.loads(capsys.readouterr().out)["path"] == str(tmp_path / "run" / "final")
+
+
 def test_a_directory_next_to_the_right_one_is_pointed_to(tmp_path, tok_dir, nano_model_dir, pt_data, capsys):
     """A run directory for a tokenizer (its final/ model holds one), a data split's folder for the data,
     and an unfinished run's final/ (no model yet, but a checkpoint's)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from tinyk.cli.common import output_path, positive_int, seed
+from tinyk.cli.common import model_dir, output_path, positive_int, seed
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.set_defaults(func=_import)
 
     f = msub.add_parser("info", help="parameter count, config and memory footprint")
-    f.add_argument("path")
+    f.add_argument("path", type=model_dir, help="model directory, or a training run's (meaning its final/)")
     f.add_argument("--json", action="store_true")
     f.set_defaults(func=_info)
 
