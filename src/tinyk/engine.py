@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .checkpoint import check_compatible, load_model
 from .errors import TinykError
-from .model import KVCache, Transformer, apply_rope, attend, dtype_name, resolve_dtype
+from .model import KVCache, Transformer, apply_rope, attend, dtype_name, resolve_device, resolve_dtype
 from .tokenizer import (
     CHAT_ROLES,
     MODEL_PROMPT,
@@ -38,21 +38,6 @@ from .tokenizer import (
     with_system,
 )
 from .units import plural
-
-
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """'auto' picks CUDA when present; asking for CUDA without one is a user error, not a crash."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise TinykError(f"unknown device {device!r} (use auto, cpu or cuda[:N])") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TinykError("--device cuda was asked for but CUDA is not available")
-    if dev.type not in ("cpu", "cuda"):
-        raise TinykError(f"unsupported device {device!r} (use auto, cpu or cuda[:N])")
-    return dev
 
 
 def _packed_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -550,8 +550,8 @@ def evaluate(model_dir: str | Path, *, data: Iterable[str | Path] = (), tasks: I
         choice_skips = Skips()
         questions = choices_that_fit(tok, choice, read_choice(choice, choice_skips, limit), choice_format,
                                      cfg.max_seq_len, choice_skips)
-    from .engine import int8_refusal, resolve_device
-    from .model import resolve_dtype
+    from .engine import int8_refusal
+    from .model import resolve_device, resolve_dtype
 
     dev = resolve_device(device)
     if quantize == "int8" and (why := int8_refusal(dev, resolve_dtype("auto", dev))):

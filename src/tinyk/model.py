@@ -42,6 +42,21 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[dtype]
 
 
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """'auto' picks CUDA when present; asking for CUDA without one is a user error, not a crash."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise TinykError(f"unknown device {device!r} (use auto, cpu or cuda[:N])") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TinykError("--device cuda was asked for but CUDA is not available")
+    if dev.type not in ("cpu", "cuda"):
+        raise TinykError(f"unsupported device {device!r} (use auto, cpu or cuda[:N])")
+    return dev
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """'bfloat16' for torch.bfloat16: how messages and summary.json name a dtype."""
     return str(dtype).removeprefix("torch.")

@@ -61,6 +61,7 @@ from .model import (
     Transformer,
     cuda_autocast_dtype,
     dtype_name,
+    resolve_device,
     resolve_dtype,
     short_dtype_name,
 )
@@ -241,12 +242,9 @@ def _launch_env() -> tuple[int, int, int]:
 def setup_dist(device: str) -> Dist:
     """Joins the torchrun job if there is one (NCCL on CUDA, gloo on CPU)."""
     world, rank, local_rank = _launch_env()
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise TinykError("device cuda requested but no CUDA GPU is available")
-    # A launcher that shows each process only its own GPU (CUDA_VISIBLE_DEVICES per task) leaves one device.
-    dev = torch.device("cuda", local_rank % torch.cuda.device_count()) if device == "cuda" else torch.device(device)
+    dev = resolve_device(device)
+    if dev.type == "cuda":  # a launcher that shows each process only its own GPU leaves one device
+        dev = torch.device("cuda", local_rank % torch.cuda.device_count())
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world == 1:
