@@ -458,8 +458,6 @@ def test_a_damaged_tokenizer_config_is_refused_not_read_as_the_stock_prompt(tmp_
 def test_model_and_prompt_file_mistakes_name_the_way_out(tmp_path, nano_model_dir, capsys):
     run = tmp_path / "run"
     shutil.copytree(nano_model_dir, run / "final")
-    code, err = run_cli(["model", "info", str(run)], capsys)
-    assert code == 2 and f"a training run's model is in {run / 'final'}" in err
     with pytest.raises(SystemExit) as e:  # as --init takes it, a run directory means its final/ model
         main(["generate", "--model", str(run), "--prompt", "你好", "--max-new-tokens", "2"])
     assert e.value.code == 0 and capsys.readouterr().out.startswith("你好")

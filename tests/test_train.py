@@ -750,7 +750,7 @@ def test_trackers_are_lazy_and_optional(tmp_path, pt_data, tok_dir, monkeypatch,
         def log(self, values, step):
             calls.append((step, values))
 
-        def finish(self):
+        def finish(self, exit_code=None):
             calls.append("finish")
 
     fake = type(sys)("wandb")
@@ -812,7 +812,7 @@ def test_a_tracker_failing_mid_run_is_dropped_and_a_killed_sessions_steps_are_no
             if "train/loss" in values:  # the training curve's points
                 sent.append(step)
 
-        def finish(self):
+        def finish(self, exit_code=None):
             sent.append("finish")
 
     fake = type(sys)("wandb")
@@ -843,18 +843,102 @@ def test_a_tracker_failing_to_finish_leaves_the_others_finished(tmp_path, monkey
     finished = []
 
     class FakeRun:
-        def finish(self):
+        def finish(self, exit_code=None):
             raise OSError(28, "No space left on device")
 
     wandb, swanlab = type(sys)("wandb"), type(sys)("swanlab")
     wandb.init = lambda **kw: FakeRun()
     swanlab.init = lambda **kw: None
-    swanlab.finish = lambda: finished.append("swanlab")
+    swanlab.finish = lambda **kw: finished.append("swanlab")
     monkeypatch.setitem(sys.modules, "wandb", wandb)
     monkeypatch.setitem(sys.modules, "swanlab", swanlab)
     Trackers(["wandb", "swanlab"], tmp_path, {}, "tinyk", "run").close()
     assert finished == ["swanlab"]
     assert "tinyk: warning: --tracker wandb did not finish ([Errno 28] No space left on device)" in capsys.readouterr().err
+
+
+def test_trackers_are_told_how_the_run_ended(tmp_path, pt_data, tok_dir, monkeypatch):
+    """A diverged or stopped run did not show as finished in W&B and SwanLab: each gets the command's
+    exit status (SwanLab its state, and what went wrong)."""
+    from tinyk.monitor import Monitor
+
+    ends: list[tuple] = []
+
+    class FakeRun:
+        def log(self, values, step):
+            pass
+
+        def finish(self, exit_code=None):
+            ends.append(("wandb", exit_code))
+
+    wandb, swanlab = type(sys)("wandb"), type(sys)("swanlab")
+    wandb.init = lambda **kw: FakeRun()
+    swanlab.init, swanlab.log = (lambda **kw: None), (lambda values, step: None)
+    swanlab.finish = lambda state="success", error=None: ends.append(("swanlab", state, error))
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    monkeypatch.setitem(sys.modules, "swanlab", swanlab)
+    both = ["--set", "tracker=[wandb, swanlab]", "--max-steps", "20", "--save-every", "0"]
+    with pytest.raises(SystemExit) as e:
+        main(cli_args(pt_data, tok_dir, tmp_path / "diverged", *both, "--lr", "1e9", "--set", "warmup_steps=0",
+                      "--set", "log_every=1"))
+    assert e.value.code == 2 and ends[0] == ("wandb", 2) and ends[1][:2] == ("swanlab", "crashed")
+    assert ends[1][2].startswith("training diverged at step ")
+    ends.clear()
+    log_train = Monitor.log_train
+
+    def log_and_signal(self, rec):
+        log_train(self, rec)
+        if rec["step"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Monitor, "log_train", log_and_signal)
+    with pytest.raises(SystemExit) as e:
+        main(cli_args(pt_data, tok_dir, tmp_path / "stopped", *both, "--log-every", "1"))
+    assert e.value.code == 143 and ends == [("wandb", 143), ("swanlab", "aborted", "tinyk exited with status 143")]
+    ends.clear()
+    monkeypatch.setattr(Monitor, "log_train", log_train)
+    train(nano_cfg(pt_data, tok_dir, tmp_path / "done", max_steps=2, tracker=["wandb", "swanlab"]))
+    assert ends == [("wandb", 0), ("swanlab", "success", None)]
+
+
+def test_a_tracker_refusing_a_setting_names_it(tmp_path, monkeypatch):
+    """SwanLab checks its settings with pydantic, whose first line ("1 validation error for Settings")
+    says nothing; and offline mode is not advised to a run already in it."""
+    import pydantic
+
+    from tinyk.monitor import Trackers
+
+    class Settings(pydantic.BaseModel):
+        name: str = pydantic.Field(pattern=r"^[0-9a-zA-Z_\-+.]+$")
+
+    swanlab = type(sys)("swanlab")
+    swanlab.init = lambda **kw: Settings(name=kw["project"])
+    monkeypatch.setitem(sys.modules, "swanlab", swanlab)
+    monkeypatch.setenv("SWANLAB_MODE", "offline")
+    with pytest.raises(TinykError) as e:
+        Trackers(["swanlab"], tmp_path, {}, "bad/name", "run")
+    assert str(e.value) == ("--tracker swanlab could not start: name: String should match pattern "
+                            "'^[0-9a-zA-Z_\\-+.]+$'")
+
+
+def test_a_run_folder_named_in_gbk_gives_the_trackers_a_text_name(tmp_path, pt_data, tok_dir, monkeypatch):
+    """The default run name is the folder's: bytes that are not UTF-8 (a GBK name) become U+FFFD, which
+    a tracker can send, not lone surrogates, which W&B and SwanLab refuse."""
+    names = []
+
+    class FakeRun:
+        def log(self, values, step):
+            pass
+
+        def finish(self, exit_code=None):
+            pass
+
+    wandb = type(sys)("wandb")
+    wandb.init = lambda **kw: names.append(kw["name"]) or FakeRun()
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    gbk = os.fsdecode(b"\xbb\xf9\xd7\xf9")  # 基座 in GBK
+    train(nano_cfg(pt_data, tok_dir, tmp_path / gbk, max_steps=1, tracker=["wandb"]))
+    assert names == ["\ufffd" * 4]
 
 
 def test_ctrl_c_while_the_run_starts_leaves_the_directory_as_it_was(tmp_path, pt_data, tok_dir, monkeypatch):

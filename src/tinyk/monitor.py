@@ -92,6 +92,17 @@ def check_trackers(names: Iterable[str]) -> None:
         raise TinykError(f"unknown tracker {unknown!r} (choose from {', '.join(TRACKERS)})")
 
 
+def _reason(e: Exception) -> str:
+    """A tracker's refusal in its own words: its first line, or for a settings check (pydantic's
+    ValidationError, as SwanLab raises for a project name it does not take) each field and its rule,
+    which the first line ("1 validation error for Settings") leaves out."""
+    errors = getattr(e, "errors", None)
+    if callable(errors):
+        with contextlib.suppress(Exception):
+            return "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in errors())
+    return first_line(e)
+
+
 class Trackers:
     """TensorBoard, Weights & Biases and SwanLab behind one `log`; each imported only when asked for."""
 
@@ -114,7 +125,7 @@ class Trackers:
                 self.sinks.append((name, self._start(name, out, config, project, run_name, start_step)))
         except BaseException:  # a W&B run started before SwanLab failed (or Ctrl-C) would otherwise stay open
             with contextlib.suppress(Exception):
-                self.close()
+                self.close(1, "another tracker could not start")
             raise
 
     @staticmethod
@@ -147,9 +158,11 @@ class Trackers:
             raise TinykError(f"--tracker {name} could not start: the '{package}' package does not import "
                              f"({first_line(e)}); reinstall it (pip install -U {package})") from e
         except Exception as e:  # not logged in, no network, no terminal to ask on: the tracker's own words
-            offline = {"wandb": "; WANDB_MODE=offline logs locally", "swanlab": "; SWANLAB_MODE=offline logs locally"}
-            raise TinykError(f"--tracker {name} could not start: {first_line(e).rstrip('.')}"
-                             f"{offline.get(name, '')}") from e
+            why = _reason(e).rstrip(".")
+            mode = f"{name.upper()}_MODE"
+            local = os.environ.get(mode, "").lower() in ("offline", "local", "dryrun", "disabled")
+            tip = "" if name == "tensorboard" or local else f"; {mode}=offline logs locally"
+            raise TinykError(f"--tracker {name} could not start: {why}{tip}") from e
 
     def log(self, values: dict[str, float], step: int) -> None:
         """Sends one step's values. A tracker that fails (its service or its own background process
@@ -168,22 +181,32 @@ class Trackers:
                 with contextlib.suppress(Exception):
                     self._finish(name, sink)
 
-    def close(self) -> None:
+    def close(self, exit_code: int = 0, error: str | None = None) -> None:
         """Finishes every tracker, also after one fails (TensorBoard on a full disk): the rest would be
-        left "running" in their services. The run's outputs are written already, so a failure is a warning."""
+        left "running" in their services. The run's outputs are written already, so a failure is a warning.
+        `exit_code` is the command's (128 + a signal's number for a stopped run): W&B and SwanLab show
+        a run that failed or was stopped as such, not as finished."""
         for name, sink in self.sinks:
             try:
-                self._finish(name, sink)
+                self._finish(name, sink, exit_code, error)
             except Exception as e:
                 print(f"tinyk: warning: --tracker {name} did not finish ({first_line(e)}); metrics.jsonl keeps "
                       f"every value", file=sys.stderr)
 
     @staticmethod
-    def _finish(name: str, sink: Any) -> None:
+    def _finish(name: str, sink: Any, exit_code: int = 0, error: str | None = None) -> None:
         if name == "tensorboard":
             sink.close()
-        else:
+        elif name == "wandb":
+            sink.finish(exit_code=exit_code)
+        elif exit_code == 0:
             sink.finish()
+        else:
+            state = "aborted" if exit_code > 128 else "crashed"
+            try:  # swanlab >= 0.7; earlier versions record only a successful finish
+                sink.finish(state=state, error=error or f"tinyk exited with status {exit_code}")
+            except (TypeError, ValueError):
+                sink.finish()
 
 
 def tracker_values(rec: dict[str, Any]) -> dict[str, float]:
@@ -347,13 +370,13 @@ class Monitor:
             finally:
                 os.close(null)
 
-    def close(self) -> None:
+    def close(self, exit_code: int = 0, error: str | None = None) -> None:
         try:
             self.plot()
         finally:
             self.bar.close()
             if self.trackers:
-                self.trackers.close()
+                self.trackers.close(exit_code, error)
 
 
 def finite(x: float) -> float | None:

@@ -43,10 +43,12 @@ from .config import CUDA_GRAPH_MODES, TrainConfig, dump_config, model_config
 from .errors import (
     PeerLost,
     StoppedBeforeTraining,
+    Terminated,
     TinykError,
     first_line,
     memory_available,
     out_of_memory,
+    shown,
     writing,
 )
 from .inputs import read_json
@@ -255,6 +257,13 @@ def setup_dist(device: str) -> Dist:
         dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None)
     host = dist.new_group(backend="gloo") if dev.type == "cuda" else None
     return Dist(rank, world, local_rank, dev, host, owns)
+
+
+def _exit_status(e: BaseException) -> tuple[int, str | None]:
+    """The exit status a run stopped by `e` ends with (as cli reports it), and what went wrong."""
+    if isinstance(e, KeyboardInterrupt):
+        return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT), None
+    return 2 if isinstance(e, TinykError) else 1, first_line(e)
 
 
 def loss_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -758,7 +767,7 @@ class Trainer:
             # again logs nothing, so it starts none.
             if cfg.tracker and not self.finished_already:
                 mon.trackers = Trackers(cfg.tracker, self.out, cfg.to_dict(), cfg.project,
-                                        cfg.run_name or self.out.resolve().name, start_step=self.progress.step,
+                                        cfg.run_name or shown(self.out.resolve().name), start_step=self.progress.step,
                                         logged_upto=logged)
         except BaseException:
             mon.bar.close()
@@ -1134,11 +1143,12 @@ class Trainer:
                     self._fail_start()
                 else:
                     with contextlib.suppress(Exception):  # the error that stopped the run is the one to report
-                        self.close()
+                        self.close(*_exit_status(e))
             if lost is not None:
                 raise lost from e
             raise
-        self.close()
+        stopped = summary.get("stop_signal") if summary.get("status") == "interrupted" else None
+        self.close(128 + signal.Signals[stopped].value if stopped else 0)
         return summary
 
     def _drop_replaced(self) -> None:
@@ -1148,12 +1158,13 @@ class Trainer:
             with contextlib.suppress(OSError):  # a replaced run not deleted now, the next start deletes
                 drop_aside(aside)
 
-    def close(self) -> None:
-        """Closes the trackers and frees the run directory for the next run; `run()` ends with it."""
+    def close(self, exit_code: int = 0, error: str | None = None) -> None:
+        """Closes the trackers (telling them how the run ended: the command's `exit_code`) and frees the
+        run directory for the next run; `run()` ends with it."""
         try:
             if self.monitor:
                 monitor, self.monitor = self.monitor, None
-                monitor.close()
+                monitor.close(exit_code, error)
         finally:
             self.lock.release()
             self.dist.close()
