@@ -60,6 +60,13 @@ def remove_path(p: Path, ignore_errors: bool = False) -> None:
         p.unlink(missing_ok=ignore_errors)
 
 
+def delete_via(path: Path, leftover: Path) -> None:
+    """Deletes directory `path` by renaming it to `leftover` first: a kill mid-delete leaves a leftover
+    (which the next run removes), never a part of `path` that looks whole."""
+    os.replace(path, leftover)
+    shutil.rmtree(leftover, ignore_errors=True)
+
+
 def check_output(out: str | Path, inputs: Iterable[str | Path | None]) -> None:
     """Refuses an output path that is an input, holds one, or lies inside an input directory:
     writing there (or --force replacing it) would destroy or change what the output is made from.

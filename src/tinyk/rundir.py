@@ -20,7 +20,7 @@ from pathlib import Path
 from .checkpoint import is_model_dir, model_dir_hint, unfinished_hint
 from .errors import TinykError
 from .monitor import TRACKERS
-from .outputs import is_output_file, put_back_interrupted, remove_path
+from .outputs import delete_via, is_output_file, put_back_interrupted, remove_path
 
 CKPT_RE = re.compile(r"^step_(\d{7,})$")
 
@@ -168,9 +168,7 @@ def put_back(out: Path, aside: Path) -> None:
 def drop_aside(aside: Path) -> None:
     """Deletes the run --force replaced, once the new one has started: renamed to a leftover first,
     so a kill mid-delete never leaves part of it looking like a run to put back."""
-    doomed = aside.with_name(f".forced.tmp-{ASIDE.match(aside.name).group(2)}")
-    os.replace(aside, doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
+    delete_via(aside, aside.with_name(f".forced.tmp-{ASIDE.match(aside.name).group(2)}"))
 
 
 @contextlib.contextmanager

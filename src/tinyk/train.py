@@ -73,6 +73,7 @@ from .outputs import (
     atomic_dir,
     atomic_file,
     check_output,
+    delete_via,
     remove_path,
     without_dotdot,
     write_json_atomic,
@@ -822,10 +823,7 @@ class Trainer:
                     "max_minutes": self.cfg.max_minutes})
             self.tok_dir = path / "model"  # the tokenizer to copy from now on: never rotated away, never moved
             for old in checkpoints(self.out)[:-self.cfg.keep_checkpoints]:
-                # Renamed first: a kill mid-delete leaves a leftover, never a checkpoint with files missing.
-                doomed = old.with_name(f".{old.name}.old-{os.getpid()}")
-                os.replace(old, doomed)
-                shutil.rmtree(doomed, ignore_errors=True)
+                delete_via(old, old.with_name(f".{old.name}.old-{os.getpid()}"))
         d.barrier()
         return path
 

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 # PyTorch's names, DTYPE_ALIASES; config.PARALLEL), here so that parsing arguments needs no torch.
 TRAIN_DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32", "bfloat16", "float16", "float32")
 PARALLEL_CHOICES = ("ddp", "fsdp")
+PRESET_NAMES = ", ".join(("seed-215m", "seed-82m", "tiny", "nano"))  # model.PRESETS' names, for --help
 
 SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from tinyk.cli.common import model_dir, output_path, positive_int, seed
+from tinyk.cli.common import PRESET_NAMES, model_dir, output_path, positive_int, seed
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -13,7 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     msub = p.add_subparsers(dest="model_command", metavar="ACTION", required=True)
 
     i = msub.add_parser("init", help="write a randomly initialised model directory")
-    i.add_argument("--preset", required=True, help="seed-215m, seed-82m, tiny or nano")
+    i.add_argument("--preset", required=True, help=PRESET_NAMES)
     i.add_argument("--tokenizer", required=True, help="tokenizer directory (vocab size comes from it)")
     i.add_argument("--out", type=output_path, required=True)
     i.add_argument("--seed", type=seed, default=0)

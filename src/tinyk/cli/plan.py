@@ -7,6 +7,7 @@ import json
 
 from tinyk.cli.common import (
     PARALLEL_CHOICES,
+    PRESET_NAMES,
     TRAIN_DTYPE_CHOICES,
     batch_count,
     float_range,
@@ -20,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Sizes a pretraining run from a preset or config: parameters, FLOPs per token, "
                                    "memory per GPU, the largest micro-batch that fits, tokens/s, wall time, cost.")
     what = p.add_argument_group("what to train (as for tinyk pretrain)")
-    what.add_argument("--preset", help="a shipped config: seed-215m, seed-82m, tiny, nano")
+    what.add_argument("--preset", help=f"a shipped config: {PRESET_NAMES}")
     what.add_argument("--config", help="YAML or TOML training config")
     what.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key")
     what.add_argument("--tokenizer", help="tokenizer directory: the model's vocabulary is its size, as in tinyk "

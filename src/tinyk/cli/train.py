@@ -9,6 +9,7 @@ import sys
 
 from tinyk.cli.common import (
     PARALLEL_CHOICES,
+    PRESET_NAMES,
     TRAIN_DTYPE_CHOICES,
     batch_count,
     non_negative_int,
@@ -33,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                        f"config.yaml, then flags, then --set.")
         src = p.add_argument_group("what to train")
         src.add_argument("--config", help="YAML or TOML config file")
-        src.add_argument("--preset", help="a shipped config: seed-215m, seed-82m, tiny, nano")
+        src.add_argument("--preset", help=f"a shipped config: {PRESET_NAMES}")
         src.add_argument("--data", help="data directory from `tinyk data`")
         src.add_argument("--tokenizer", help="tokenizer directory (default: the --init model's)")
         src.add_argument("--init", help="start from this model directory, or a run directory (its final/)"
