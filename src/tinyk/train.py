@@ -553,53 +553,12 @@ class Trainer:
     def _setup_run_dir(self, force: bool) -> bool:
         """Creates or reopens the run directory; True when it holds nothing of an earlier run."""
         out, main = self.out, self.dist.main
-        if out.exists() and not out.is_dir():
-            raise TinykError(f"--out {out} is a file, not a run directory")
-        check_output(out, [self.cfg.data, self.init_dir, None if self.resumed_from else self.tok_dir])
-        ours = sorted(p.name for p in out.iterdir() if made_by_a_run(p)) if out.is_dir() else []
-        exists = bool(ours)  # an earlier run's files
-        # A run writes its config.yaml and checkpoints/ at once: a config.yaml alone is a file of the user's.
-        # Wider than rundir.is_run_dir: a run whose checkpoints/ is gone (deleted to save space, or a
-        # --force start killed with it set aside) is still a run, to resume or replace, not to refuse.
-        is_run = ("config.yaml" in ours and len(ours) > 1) or any(ASIDE.match(n) for n in ours)
-        if out.is_dir() and not is_run and (other := another_output(out)):
-            raise TinykError(f"--out {out} is {other}, not a run directory; choose another --out")
-        # Inside another run (its checkpoints/ or final/), its --force and rotation would reach this one.
-        host = next((p for p in out.resolve().parents if is_run_dir(p)), None)
-        if host is not None:
-            raise TinykError(f"--out {out} is inside the run directory {host}; give a path outside it")
+        exists = self._check_out(force)
         # The saved config names the full model, so a resumed run rebuilds exactly this one, and the
         # preset only where it named the model (beside --init it gave the training settings alone).
         preset = None if self.cfg.init else self.cfg.model.get("preset")
         self.cfg.model = {**({"preset": preset} if preset else {}), **self.mcfg.to_dict()}
-        if exists and not is_run:
-            copy = config_copy(out)
-            if copy:
-                raise TinykError(f"run directory {out} has no config.yaml{copy}")
-            raise TinykError(f"--out {out} holds {', '.join(ours[:3])} but is not a tinyk run (a run has a "
-                             f"config.yaml and checkpoints/): its files would be overwritten; choose another "
-                             f"directory")
-        if exists and not self.resume and not force:
-            raise TinykError(f"run directory {out} exists (use --resume to continue it or --force to start over)")
-        if exists and force and not self.resume and (mine := users_files_in_run(out)):
-            raise TinykError(f"--force would delete {', '.join(mine[:3])}{', ...' if len(mine) > 3 else ''} in {out} "
-                             f"with the run, and tinyk did not write them; move them out of the run first")
-        # One run per directory: a second writer (a job script's --resume while the first still runs, or
-        # workers that outlived a killed torchrun) would interleave metrics and rotate away checkpoints.
-        if main:
-            with writing(out):
-                out.mkdir(parents=True, exist_ok=True)
-        try:
-            busy = main and not self.lock.acquire()
-            in_use = self.dist.sum_host([int(busy)])[0]  # under torchrun, waits for the slowest rank to start
-        except BaseException:  # a Ctrl-C while waiting: no empty directory is left behind
-            self.lock.release()
-            if main and not self.existed:
-                with contextlib.suppress(OSError):
-                    out.rmdir()
-            raise
-        if in_use:
-            raise self._in_use()
+        self._lock_out()
         try:
             # A run that was still finishing (its lock not yet released) when this one listed the
             # checkpoints may have saved another since: resuming from the older would redo its steps.
@@ -608,18 +567,7 @@ class Trainer:
                 raise TinykError(f"{out} gained a checkpoint while this run started (another run was finishing "
                                  f"there); run the command again")
             self._check_shared()
-            # A start killed while --force had the old run set aside never began the new run: put the
-            # old one back, and have the command run again on the directory as it was.
-            restored = 0
-            for aside in [p for p in out.iterdir() if ASIDE.match(p.name)] if main else []:
-                if ASIDE.match(aside.name).group(1) == "old" and checkpoints(out):
-                    drop_aside(aside)  # the new run got as far as a checkpoint: it is the one to keep
-                else:
-                    put_back(out, aside)
-                    restored += 1
-            if restored:
-                clean_partial(out)  # the new run's files, moved out of the way
-            if self.dist.sum_host([restored])[0]:
+            if self.dist.sum_host([self._put_back_set_aside() if main else 0])[0]:
                 raise TinykError(f"put back the run in {out} that a killed --force start had set aside; "
                                  f"run the command again")
             if main:
@@ -640,6 +588,74 @@ class Trainer:
                 self.lock.release()
             raise
         return not exists or not self.resume
+
+    def _check_out(self, force: bool) -> bool:
+        """Refuses an --out this run may not write (a file, an input, another tool's output, inside
+        another run, someone's files, a run not asked to be resumed or replaced); True when it holds an
+        earlier run's files."""
+        out = self.out
+        if out.exists() and not out.is_dir():
+            raise TinykError(f"--out {out} is a file, not a run directory")
+        check_output(out, [self.cfg.data, self.init_dir, None if self.resumed_from else self.tok_dir])
+        ours = sorted(p.name for p in out.iterdir() if made_by_a_run(p)) if out.is_dir() else []
+        exists = bool(ours)  # an earlier run's files
+        # A run writes its config.yaml and checkpoints/ at once: a config.yaml alone is a file of the user's.
+        # Wider than rundir.is_run_dir: a run whose checkpoints/ is gone (deleted to save space, or a
+        # --force start killed with it set aside) is still a run, to resume or replace, not to refuse.
+        is_run = ("config.yaml" in ours and len(ours) > 1) or any(ASIDE.match(n) for n in ours)
+        if out.is_dir() and not is_run and (other := another_output(out)):
+            raise TinykError(f"--out {out} is {other}, not a run directory; choose another --out")
+        # Inside another run (its checkpoints/ or final/), its --force and rotation would reach this one.
+        host = next((p for p in out.resolve().parents if is_run_dir(p)), None)
+        if host is not None:
+            raise TinykError(f"--out {out} is inside the run directory {host}; give a path outside it")
+        if exists and not is_run:
+            copy = config_copy(out)
+            if copy:
+                raise TinykError(f"run directory {out} has no config.yaml{copy}")
+            raise TinykError(f"--out {out} holds {', '.join(ours[:3])} but is not a tinyk run (a run has a "
+                             f"config.yaml and checkpoints/): its files would be overwritten; choose another "
+                             f"directory")
+        if exists and not self.resume and not force:
+            raise TinykError(f"run directory {out} exists (use --resume to continue it or --force to start over)")
+        if exists and force and not self.resume and (mine := users_files_in_run(out)):
+            raise TinykError(f"--force would delete {', '.join(mine[:3])}{', ...' if len(mine) > 3 else ''} in {out} "
+                             f"with the run, and tinyk did not write them; move them out of the run first")
+        return exists
+
+    def _lock_out(self) -> None:
+        """Makes the run directory and takes its lock. One run per directory: a second writer (a job
+        script's --resume while the first still runs, or workers that outlived a killed torchrun) would
+        interleave metrics and rotate away checkpoints."""
+        out, main = self.out, self.dist.main
+        if main:
+            with writing(out):
+                out.mkdir(parents=True, exist_ok=True)
+        try:
+            busy = main and not self.lock.acquire()
+            in_use = self.dist.sum_host([int(busy)])[0]  # under torchrun, waits for the slowest rank to start
+        except BaseException:  # a Ctrl-C while waiting: no empty directory is left behind
+            self.lock.release()
+            if main and not self.existed:
+                with contextlib.suppress(OSError):
+                    out.rmdir()
+            raise
+        if in_use:
+            raise self._in_use()
+
+    def _put_back_set_aside(self) -> int:
+        """A start killed while --force had the old run set aside never began the new run: puts the old
+        one back (the command is then run again on the directory as it was); returns how many were."""
+        restored = 0
+        for aside in [p for p in self.out.iterdir() if ASIDE.match(p.name)]:
+            if ASIDE.match(aside.name).group(1) == "old" and checkpoints(self.out):
+                drop_aside(aside)  # the new run got as far as a checkpoint: it is the one to keep
+            else:
+                put_back(self.out, aside)
+                restored += 1
+        if restored:
+            clean_partial(self.out)  # the new run's files, moved out of the way
+        return restored
 
     def _undo_start(self, existed: bool) -> None:
         """Removes what a start that failed wrote, and puts back the run --force set aside."""
