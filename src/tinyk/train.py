@@ -872,8 +872,6 @@ class Trainer:
             raise self._damaged(e) from e
 
     def _load_checkpoint_files(self, path: Path) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
         state = read_json(path / "state.json")
         for key in ("step", "tokens", "loss_tokens", "elapsed_s"):
             value = state[key]
@@ -886,6 +884,22 @@ class Trainer:
             self.loader.load_state_dict({"seq_len": state.get("seq_len", self.cfg.seq_len), **state["loader"]})
         except ResumeMismatch as e:
             raise TinykError(f"{e}, or train on from its weights in a new run (--init {path / 'model'})") from None
+        self._restore_optimizer(path)
+        self._restore_rng(path, state["step"])
+        spent = state.get("peak_flops_spent")
+        if not _finite_amount(spent):
+            spent = None  # an older checkpoint, or a session whose device had no known peak
+        self.progress = _Progress(state["step"], state["tokens"], state["loss_tokens"], state["elapsed_s"], spent)
+        self._resume_schedule(state)
+        if self.dist.main:
+            self.window_loss.fill_(state["log_window"]["loss"])
+        self.window_steps = state["log_window"]["steps"]
+        self.window_skipped.fill_(int(state["log_window"].get("skipped", 0)))
+
+    def _restore_optimizer(self, path: Path) -> None:
+        """AdamW's state from the checkpoint; its hyper-parameters and kernels from this run's config and device."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
         fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.opt.param_groups]
         optim_state = _load_pt(path / "optimizer.pt")
         # Loading places AdamW's step counts by the saved kernel choice: a CPU run's unfused groups would
@@ -895,23 +909,25 @@ class Trainer:
             g.update(kernels)
         set_optimizer_state_dict(self.model, self.opt, optim_state,
                                  options=StateDictOptions(full_state_dict=self.fsdp))
-        # Hyper-parameters and kernel choices come from this run's config and device, state from the file.
         for g, f in zip(self.opt.param_groups, fresh, strict=True):
             g.update(f)
+
+    def _restore_rng(self, path: Path, step: int) -> None:
+        """Each rank's random streams (dropout) and fp16's loss scale, as the checkpoint left them."""
         extra = _load_pt(path / "rng.pt")
         ranks = extra["ranks"]
         if len(ranks) == self.dist.world:
             _set_rng_state(ranks[self.dist.rank], self.device)
         else:  # another world size: fresh per-rank streams, so the ranks' dropout masks still differ
-            torch.manual_seed((self.cfg.seed + 1 + self.dist.rank) * 1_000_003 + state["step"])
+            torch.manual_seed((self.cfg.seed + 1 + self.dist.rank) * 1_000_003 + step)
         if extra["scaler"]:  # empty from a bf16 or fp32 session: an fp16 one (a V100 after an A100) starts afresh
             self.scaler.load_state_dict(extra["scaler"])
-        spent = state.get("peak_flops_spent")
-        if not _finite_amount(spent):
-            spent = None  # an older checkpoint, or a session whose device had no known peak
-        self.progress = _Progress(state["step"], state["tokens"], state["loss_tokens"], state["elapsed_s"], spent)
-        # What is left of a token or epoch budget, at this session's batch size (pretraining may change
-        # it; SFT refuses that): a run that changed it once plans the rest from the samples done ever after.
+
+    def _resume_schedule(self, state: dict[str, Any]) -> None:
+        """The resumed run's length, warmup and LR schedule. What is left of a token or epoch budget is
+        counted at this session's batch size (pretraining may change it; SFT refuses that), from the
+        samples done ever; an unchanged time budget goes on with the schedule fitted so far; a run made
+        longer or shorter re-fits the cosine from where it is (`refit`, which the header reports)."""
         done = state["loader"]["epoch"] * self.loader.num_windows + state["loader"]["cursor"]
         self.step_cap, self.ended_by = first_budget(step_budgets(self.cfg, self.loader.num_windows, state["step"],
                                                                  done))
@@ -933,10 +949,6 @@ class Trainer:
             now = lr_at(step, self.total_steps, self.cfg.lr, self.warmup, self.cfg.min_lr_ratio)
             if abs(now - was) > 0.1 * was:
                 self.refit = (planned, was, now)
-        if self.dist.main:
-            self.window_loss.fill_(state["log_window"]["loss"])
-        self.window_steps = state["log_window"]["steps"]
-        self.window_skipped.fill_(int(state["log_window"].get("skipped", 0)))
 
     # --- the loop --------------------------------------------------------------------------
 
