@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -2030,3 +2031,26 @@ def test_a_run_ends_only_the_process_group_it_started(tmp_path, tok_dir, monkeyp
         with pytest.raises(TinykError, match="tinyk data directory not found"):
             train(nano_cfg(tmp_path / "no-data", tok_dir, tmp_path / "run"))
         assert ended == ([1] if owns else [])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pty window sizes as Linux sets them")
+def test_a_terminal_with_no_rows_gets_plain_lines_not_a_hidden_bar():
+    """tqdm hides its bar on a terminal that reports 0 rows (some containers' and CI's): such a
+    terminal gets the per-interval lines a pipe gets, so progress still shows."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    from tinyk.monitor import shows_a_bar
+
+    leader, follower = pty.openpty()
+    try:
+        with open(follower, "w", closefd=False) as terminal:
+            for rows, shown in ((0, False), (24, True)):
+                fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", rows, 80, 0, 0))
+                assert shows_a_bar(terminal) is shown
+    finally:
+        os.close(leader)
+        os.close(follower)
+    assert not shows_a_bar(io.StringIO())

@@ -275,9 +275,9 @@ class Monitor:
         self.records = self._read_records()
         # The bar is for a terminal (stderr); where output goes to a pipe or a log file, where a bar is
         # carriage-return noise, each log interval is one line on stdout instead (or as well).
-        self.lines = show_progress and not (sys.stdout.isatty() and sys.stderr.isatty())
+        self.lines = show_progress and not (sys.stdout.isatty() and shows_a_bar(sys.stderr))
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
-                        disable=not (show_progress and sys.stderr.isatty()), mininterval=1.0, smoothing=0.1)
+                        disable=not (show_progress and shows_a_bar(sys.stderr)), mininterval=1.0, smoothing=0.1)
         self.plotted = True
         self.can_plot = importlib.util.find_spec("matplotlib") is not None  # the run's header says when not
         self.output_lost = False
@@ -377,6 +377,15 @@ class Monitor:
             self.bar.close()
             if self.trackers:
                 self.trackers.close(exit_code, error)
+
+
+def shows_a_bar(stream: Any) -> bool:
+    """A terminal with room for a progress bar: one that reports 0 rows (some containers' and CI's)
+    gets tqdm's bar hidden, and so nothing at all, unless it gets plain lines instead."""
+    try:
+        return stream.isatty() and os.get_terminal_size(stream.fileno()).lines > 0
+    except (OSError, ValueError, AttributeError):  # no file descriptor (a test's capture), or not a terminal
+        return False
 
 
 def finite(x: float) -> float | None:
