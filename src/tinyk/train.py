@@ -248,7 +248,6 @@ def setup_dist(device: str) -> Dist:
     dev = resolve_device(device)
     if dev.type == "cuda":  # a launcher that shows each process only its own GPU leaves one device
         dev = torch.device("cuda", local_rank % torch.cuda.device_count())
-    if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world == 1:
         return Dist(device=dev)
