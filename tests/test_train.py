@@ -624,6 +624,33 @@ def test_two_process_ddp_and_fsdp_match_one_process(tmp_path, pt_data, tok_dir):
     assert [e["val_loss"] for e in evals] == pytest.approx([e["val_loss"] for e in ref_evals], rel=1e-5)
 
 
+@pytest.mark.parametrize("rank1,says", [
+    (["--max-steps", "5"], "max_steps is 4 in rank 0 but 5 in rank 1"),  # it hung in rank 0's last barrier
+    (["--set", "model.dim=96"], "model.dim is 64 in rank 0 but 96 in rank 1"),  # DDP's traceback
+    (["--data", "OTHER"], "started on different data: rank 1's data directory holds other documents"),  # trained both
+])
+def test_nodes_started_with_different_commands_are_refused_before_training(tmp_path, pt_data, tok_dir, corpus_file,
+                                                                            rank1, says):
+    """One node's job script differing by a flag trained a mix of both, hung or aborted in a collective:
+    every process now says which setting differs, before anything is written."""
+    if "OTHER" in rank1:
+        other = prepare_pretrain([corpus_file], tok_dir, tmp_path / "other", val_fraction=0.3, seed=1,
+                                 show_progress=False)
+        assert other["splits"] != json.loads((pt_data / "meta.json").read_text())["splits"]
+        rank1 = ["--data", str(tmp_path / "other")]
+    out = tmp_path / "run"
+    rdzv = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
+    flags = ["--max-steps", "4", "--save-every", "0"]
+    workers = [subprocess.Popen([str(BIN / "python"), "-m", "tinyk", *cli_args(pt_data, tok_dir, out, *flags),
+                                 *(rank1 if r else [])],
+                                env={**ENV, **rdzv, "RANK": str(r), "LOCAL_RANK": str(r)},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outputs = [w.communicate(timeout=120) for w in workers]
+    assert [w.returncode for w in workers] == [2, 2], outputs
+    assert says in outputs[0][1] and outputs[0][1].count("\n") == 1, outputs[0][1]
+    assert not out.exists()
+
+
 def test_a_run_resumes_from_inside_its_directory(tmp_path, pt_data, tok_dir, monkeypatch):
     """`cd run && tinyk pretrain --out . --resume` (it was a StopIteration traceback)."""
     train(nano_cfg(pt_data, tok_dir, tmp_path / "run", max_steps=2, save_every=1))

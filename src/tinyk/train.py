@@ -10,6 +10,7 @@ indexed by optimizer step, and a checkpoint holds everything needed to continue 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
 import math
 import os
@@ -97,6 +98,8 @@ from .rundir import (
 from .units import plural
 
 SHARED_WAIT_S = 60.0  # NFS's longest default attribute cache (acdirmax)
+# Whether this process has joined a job of several (its exit can then abort: see cli._fail).
+joined_a_job = False
 SIGINT_ECHO_S = 0.5  # a second SIGINT sooner than this is the first one again, not a second Ctrl-C
 # Model fields that change parameter shapes, so they cannot differ from an --init model's.
 SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "multiple_of",
@@ -244,6 +247,7 @@ def _launch_env() -> tuple[int, int, int]:
 
 def setup_dist(device: str) -> Dist:
     """Joins the torchrun job if there is one (NCCL on CUDA, gloo on CPU)."""
+    global joined_a_job
     world, rank, local_rank = _launch_env()
     dev = resolve_device(device)
     if dev.type == "cuda":  # a launcher that shows each process only its own GPU leaves one device
@@ -251,6 +255,7 @@ def setup_dist(device: str) -> Dist:
         torch.cuda.set_device(dev)
     if world == 1:
         return Dist(device=dev)
+    joined_a_job = True
     owns = not dist.is_initialized()
     if owns:
         backend = "nccl" if dev.type == "cuda" else "gloo"
@@ -404,6 +409,7 @@ class Trainer:
         try:
             self._setup_inputs()
             self._setup_data()
+            self._check_same_job()
             self.existed = self.out.is_dir()
             self.fresh = self._setup_run_dir(force)
         except BaseException as e:
@@ -698,6 +704,31 @@ class Trainer:
             raise TinykError(f"run directory {self.out} is not shared: {blind} of {d.world} processes do not see what "
                              f"rank 0 writes there; with several machines, --out must be on a filesystem every node "
                              f"mounts at the same path")
+
+    def _check_same_job(self) -> None:
+        """Refuses a job whose processes were started with different settings (one node's job script
+        differing by a flag): they would train a mix of both, or hang or abort in a collective that
+        does not match. Paths may differ between machines; the data and the model they name may not."""
+        if self.dist.world == 1:
+            return
+        local = {"data", "tokenizer", "init", "out", "model", "device", "progress", "tracker", "project", "run_name"}
+        data = {k: self.meta.get(k) for k in ("tokenizer_hash", "splits")}  # its tokenizer, documents and tokens
+        job = {**{k: v for k, v in self.cfg.to_dict().items() if k not in local},
+               **{f"model.{k}": v for k, v in self.mcfg.to_dict().items()}, "device": self.device.type,
+               "data": hashlib.sha256(repr(data).encode()).hexdigest()}
+        jobs: list[Any] = [None] * self.dist.world
+        dist.all_gather_object(jobs, job, group=self.dist.host)
+        self.dist.barrier()  # every rank has every setting before any refuses and ends the group
+        for rank, other in enumerate(jobs):
+            key = next((k for k in job if other.get(k) != jobs[0].get(k)), None)
+            if key == "data":
+                raise TinykError(f"the processes of this job were started on different data: rank {rank}'s data "
+                                 f"directory holds other documents or another tokenizer's tokens than rank 0's; "
+                                 f"give every node the same data")
+            if key is not None:
+                raise TinykError(f"the processes of this job were started with different settings: {key} is "
+                                 f"{jobs[0][key]!r} in rank 0 but {other[key]!r} in rank {rank}; run the same "
+                                 f"command (config, flags and data) on every node")
 
     def _setup_data(self) -> None:
         from .loader import PretrainLoader, SFTLoader, open_split

@@ -116,7 +116,9 @@ def _fail(message: str, root_cause: bool = True) -> NoReturn:
             written = True
     if not written or os.environ.get("LOCAL_RANK", "0") == "0":
         print(message, file=sys.stderr)
-    if not root_cause:  # a peer died: tearing down the broken gloo pairs at exit can abort (SIGABRT, not 2)
+    # In a job of several processes, tearing down gloo's pairs at exit can abort (SIGABRT, not 2): after
+    # a peer died, and when every process refuses at once (nodes started with different settings).
+    if not root_cause or getattr(sys.modules.get("tinyk.train"), "joined_a_job", False):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(2)
