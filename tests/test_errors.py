@@ -347,8 +347,9 @@ def test_corrupt_config(tmp_path, nano_model_dir, capsys):
     code, err = run_cli(["model", "info", str(m)], capsys)
     assert code == 2 and "invalid config.json" in err
     config = json.loads((nano_model_dir / "config.json").read_text())
-    for change, message in [({"n_heads": 0}, "n_heads must be a positive integer, got 0"),
-                            ({"dim": "big"}, "dim must be a positive integer, got 'big'")]:
+    for change, message in [({"n_heads": 0}, "num_attention_heads is 4 but its tinyk block has n_heads 0; "),
+                            ({"dim": "big"}, "hidden_size is 64 but its tinyk block has dim 'big'; "),
+                            ({"dropout": 2}, "need finite norm_eps > 0, rope_theta > 0 and 0 <= dropout < 1")]:
         (m / "config.json").write_text(json.dumps({**config, "tinyk": {**config["tinyk"], **change}}))
         code, err = run_cli(["model", "info", str(m)], capsys)
         assert code == 2 and message in err and err.count("\n") == 1

@@ -524,7 +524,8 @@ def evaluate(model_dir: str | Path, *, data: Iterable[str | Path] = (), tasks: I
              system_prompt: str | None | ModelPrompt = MODEL_PROMPT, device: str = "auto",
              quantize: str = "none") -> dict[str, Any]:
     """Runs every requested mode on one model directory; the model is loaded once. Task chats without
-    a system message get `system_prompt`: by default the model's own (its SFT data's), None for none."""
+    a system message get `system_prompt`: by default the model's own (its SFT data's), None for none
+    (`tokenizer.prompt_from_flag` reads --system-prompt so)."""
     from .checkpoint import config_and_tokenizer, load_model
     from .loader import open_split
 

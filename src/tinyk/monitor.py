@@ -201,12 +201,11 @@ class Trackers:
             sink.finish(exit_code=exit_code)
         elif exit_code == 0:
             sink.finish()
+        elif "state" in inspect.signature(sink.finish).parameters:  # swanlab >= 0.7; earlier ones only finish
+            sink.finish(state="aborted" if exit_code > 128 else "crashed",
+                        error=error or f"tinyk exited with status {exit_code}")
         else:
-            state = "aborted" if exit_code > 128 else "crashed"
-            try:  # swanlab >= 0.7; earlier versions record only a successful finish
-                sink.finish(state=state, error=error or f"tinyk exited with status {exit_code}")
-            except (TypeError, ValueError):
-                sink.finish()
+            sink.finish()
 
 
 def tracker_values(rec: dict[str, Any]) -> dict[str, float]:

@@ -265,10 +265,11 @@ def setup_dist(device: str) -> Dist:
 
 
 def _exit_status(e: BaseException) -> tuple[int, str | None]:
-    """The exit status a run stopped by `e` ends with (as cli reports it), and what went wrong."""
+    """The exit status a run stopped by `e` ends with (as cli reports it: 2 for what it says in one
+    line, 1 for a traceback), and what went wrong."""
     if isinstance(e, KeyboardInterrupt):
         return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT), None
-    return 2 if isinstance(e, TinykError) else 1, first_line(e)
+    return 2 if isinstance(e, TinykError | OSError) or out_of_memory(e) else 1, first_line(e)
 
 
 def loss_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -428,7 +429,7 @@ class Trainer:
             self.peak, self.peak_source = peak_flops(self.device, cfg.peak_tflops, self.dtype)  # a timed matmul on CPU
             self.peak_retimed = False  # see _mfu
         except BaseException as e:
-            self._fail_start()
+            self._fail_start(e)
             if (lost := self._peer_lost(e, before_training=True)) is not None:
                 raise lost from e
             raise
@@ -436,7 +437,7 @@ class Trainer:
     def _peer_lost(self, e: BaseException, *, before_training: bool) -> PeerLost | None:
         return peer_lost(e, self.out, before_training=before_training) if self.dist.world > 1 else None
 
-    def _fail_start(self) -> None:
+    def _fail_start(self, e: BaseException) -> None:
         """Undoes a start that failed after the run directory was set up (a missing tracker package,
         unloadable weights, Ctrl-C, or a first step that failed: compiling, out of memory), and releases
         it: the directory is left as it was found, nothing behind or the run --force was to replace.
@@ -445,7 +446,7 @@ class Trainer:
         try:
             with contextlib.suppress(Exception):  # the error that stopped the start is the one to report
                 if monitor:
-                    monitor.close()
+                    monitor.close(*_exit_status(e))
             if self.fresh and self.dist.main:  # while the lock is held: no other start moves files here
                 with contextlib.suppress(OSError):  # what cannot be put back now, the next start puts back
                     self._undo_start(self.existed)
@@ -711,8 +712,10 @@ class Trainer:
         does not match. Paths may differ between machines; the data and the model they name may not."""
         if self.dist.world == 1:
             return
-        local = {"data", "tokenizer", "init", "out", "model", "device", "progress", "tracker", "project", "run_name"}
-        data = {k: self.meta.get(k) for k in ("tokenizer_hash", "splits")}  # its tokenizer, documents and tokens
+        local = {"data", "tokenizer", "init", "out", "model", "device", "progress", "tracker", "project", "run_name",
+                 "peak_tflops"}
+        # The data's tokenizer, how it was split, and its sizes (documents, tokens, bytes): not its contents.
+        data = {k: self.meta.get(k) for k in ("tokenizer_hash", "splits", "seed", "val_fraction")}
         job = {**{k: v for k, v in self.cfg.to_dict().items() if k not in local},
                **{f"model.{k}": v for k, v in self.mcfg.to_dict().items()}, "device": self.device.type,
                "data": hashlib.sha256(repr(data).encode()).hexdigest()}
@@ -723,8 +726,8 @@ class Trainer:
             key = next((k for k in job if other.get(k) != jobs[0].get(k)), None)
             if key == "data":
                 raise TinykError(f"the processes of this job were started on different data: rank {rank}'s data "
-                                 f"directory holds other documents or another tokenizer's tokens than rank 0's; "
-                                 f"give every node the same data")
+                                 f"directory differs from rank 0's (another tokenizer, split or size); give every "
+                                 f"node the same data")
             if key is not None:
                 raise TinykError(f"the processes of this job were started with different settings: {key} is "
                                  f"{jobs[0][key]!r} in rank 0 but {other[key]!r} in rank {rank}; run the same "
@@ -1196,7 +1199,7 @@ class Trainer:
             # the line saying why (and how to resume) is the one to print, not "terminated".
             with signals_held(deliver=False) if lost is not None else contextlib.nullcontext():
                 if first_step:  # its first step failed
-                    self._fail_start()
+                    self._fail_start(e)
                 else:
                     with contextlib.suppress(Exception):  # the error that stopped the run is the one to report
                         self.close(*_exit_status(e))
