@@ -311,8 +311,9 @@ class TinyTokenizer:
 def tokenizer_hash(path: str | Path) -> str:
     """Identity of a tokenizer directory: a hash of what decides its ids and text (vocabulary, merges,
     normaliser, pre-tokeniser, decoder, added tokens), not of the file's bytes, which `transformers`
-    rewrites when it saves a tokenizer back (a post-processor tinyk never runs, other key order)."""
-    f = Path(path) / "tokenizer.json"
+    rewrites when it saves a tokenizer back (a post-processor tinyk never runs, other key order).
+    A directory without tokenizer.json is refused as loading it would be."""
+    f = marker_file(path, "tokenizer.json", "tokenizer")
     try:
         d = read_json(f)
         model = dict(d["model"])

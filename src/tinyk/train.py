@@ -489,10 +489,8 @@ class Trainer:
         self.system_prompt = (self.meta.get("system_prompt", DEFAULT_SYSTEM_PROMPT) or None) \
             if cfg.kind == "sft" else tok.system_prompt
         self.token_bytes = torch.tensor(tok.token_bytes, dtype=torch.float64, device=self.device)  # bits per byte
-        if self.init_dir is not None and cfg.tokenizer:
-            load_tokenizer(self.init_dir)  # one that does not load says why, not the hash of a missing file
-            if tokenizer_hash(self.tok_dir) != tokenizer_hash(self.init_dir):
-                raise TinykError(f"tokenizer {self.tok_dir} is not the one the model in {self.init_dir} was trained with")
+        if self.init_dir is not None and cfg.tokenizer and tokenizer_hash(self.tok_dir) != tokenizer_hash(self.init_dir):
+            raise TinykError(f"tokenizer {self.tok_dir} is not the one the model in {self.init_dir} was trained with")
         if not same_tokenizer(self.meta["tokenizer_hash"], self.tok_dir) or self.meta["vocab_size"] != tok.vocab_size:
             sizes = (f"vocab {self.meta['vocab_size']} vs {tok.vocab_size}" if self.meta["vocab_size"] != tok.vocab_size
                      else f"both of vocab {tok.vocab_size}, with other merges or normalisation")
