@@ -259,19 +259,28 @@ def test_demo_leaves_models_results_and_report(demo, capsys):
     assert f"{uniform:.2f} = any token equally likely" in report
 
 
-def test_a_signal_during_training_stops_the_demo_as_in_every_other_stage(tmp_path, monkeypatch):
+def test_a_signal_during_training_stops_the_demo_as_in_every_other_stage(tmp_path, monkeypatch, capsys):
     """Training is most of the demo's time: a Ctrl-C there said "error: pretrain stopped early (SIGINT)"
-    with exit 2 and advised a --resume of a folder the demo then deleted."""
+    with exit 2 and advised a --resume of a folder the demo then deleted; a dropped SSH session (SIGHUP)
+    then exited 130 as if Ctrl-C had stopped it."""
+    import tinyk.demo
     import tinyk.train
+    from tinyk.cli import main
     from tinyk.demo import run_training
-    from tinyk.errors import Terminated
 
-    for signal_name, stop in (("SIGINT", KeyboardInterrupt), ("SIGTERM", Terminated)):
+    def demo_of_one_run(*args, **kwargs):
+        run_training(type("Cfg", (), {"progress": True, "kind": "pretrain", "out": str(tmp_path)})())
+
+    monkeypatch.setattr(tinyk.demo, "run_demo", demo_of_one_run)
+    for signal_name, status, said in (("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated"),
+                                      ("SIGHUP", 129, "stopped by SIGHUP")):
         monkeypatch.setattr(tinyk.train, "train", lambda cfg, force, s=signal_name: {"status": "interrupted",
                                                                                     "stop_signal": s})
-        with pytest.raises(stop, match="run it again to start over") as e:
-            run_training(type("Cfg", (), {"progress": True, "kind": "pretrain", "out": str(tmp_path)})())
-        assert isinstance(e.value, Terminated) == (signal_name == "SIGTERM")
+        with pytest.raises(SystemExit) as e:
+            main(["demo", "--out", str(tmp_path / "demo")])
+        assert e.value.code == status
+        assert capsys.readouterr().err == (f"tinyk: {said} (the demo does not continue a stopped run: run it again "
+                                           f"to start over)\n")
 
 
 def test_a_fast_machine_spaces_warmup_and_evaluations_over_the_run_it_can_do(tmp_path):

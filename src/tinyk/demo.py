@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from .corpus import CorpusSpec, build_demo_corpus
-from .errors import Terminated, TinykError, first_line
+from .errors import Stopped, TinykError, first_line
 from .evaluate import percent
 from .inputs import read_json
 from .outputs import atomic_dir, rust_path, write_json_atomic
@@ -292,7 +292,7 @@ def run_training(tcfg: Any) -> dict[str, Any]:
         summary = train(tcfg, force=True)
     if summary["status"] != "completed":  # a signal stopped it: the demo stops as in every other stage
         why = "(the demo does not continue a stopped run: run it again to start over)"
-        raise Terminated(why) if summary["stop_signal"] == "SIGTERM" else KeyboardInterrupt(why)
+        raise Stopped(summary["stop_signal"], why)
     # The demo is not resumable, so checkpoints (weights + optimizer state) are only disk use.
     shutil.rmtree(Path(tcfg.out) / "checkpoints", ignore_errors=True)
     return summary

@@ -37,13 +37,19 @@ class Terminated(KeyboardInterrupt):
     a checkpoint."""
 
 
-class StoppedBeforeTraining(KeyboardInterrupt):
+class Stopped(KeyboardInterrupt):
+    """A command stopped, after cleaning up, by the signal a run it started caught (SIGHUP when the
+    terminal went away, SIGPIPE when the reader left): it exits 128 + that signal's number, as the
+    shell reports a kill by it. `why` is what the stop came too late to undo."""
+
+    def __init__(self, signal_name: str, why: str = ""):
+        super().__init__(why)
+        self.signal_name = signal_name
+
+
+class StoppedBeforeTraining(Stopped):
     """A signal stopped a new training run before its first step: there is nothing to save, so the
     run directory is left as the run found it (the run --force was to replace kept)."""
-
-    def __init__(self, signal_name: str):
-        super().__init__(signal_name)
-        self.signal_name = signal_name
 
 
 def not_found(path: Path, what: str) -> TinykError:

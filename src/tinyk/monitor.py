@@ -178,8 +178,8 @@ class Trackers:
                 self.sinks.remove((name, sink))
                 print(f"tinyk: warning: --tracker {name} failed at step {step} ({first_line(e)}); it gets nothing "
                       f"more from this run, and metrics.jsonl keeps every value", file=sys.stderr)
-                with contextlib.suppress(Exception):
-                    self._finish(name, sink)
+                with contextlib.suppress(Exception):  # failed, not finished: it holds only part of the run
+                    self._finish(name, sink, 1, f"tinyk stopped sending at step {step}: {first_line(e)}")
 
     def close(self, exit_code: int = 0, error: str | None = None) -> None:
         """Finishes every tracker, also after one fails (TensorBoard on a full disk): the rest would be

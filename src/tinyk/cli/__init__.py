@@ -165,10 +165,11 @@ def main(argv: list[str] | None = None) -> None:
               f"directory is as it was", file=sys.stderr)
         sys.exit(128 + getattr(signal, e.signal_name, signal.SIGINT))
     except KeyboardInterrupt as e:
-        terminated = isinstance(e, Terminated)
+        name = getattr(e, "signal_name", "SIGTERM" if isinstance(e, Terminated) else "SIGINT")
+        said = {"SIGINT": "interrupted", "SIGTERM": "terminated"}.get(name, f"stopped by {name}")
         # A command may say what the stop came too late to undo (eval's complete results).
-        print(f"tinyk: {'terminated' if terminated else 'interrupted'}{f' {e}' if str(e) else ''}", file=sys.stderr)
-        sys.exit(143 if terminated else 130)
+        print(f"tinyk: {said}{f' {e}' if str(e) else ''}", file=sys.stderr)
+        sys.exit(128 + signal.Signals[name])
     except BrokenPipeError:
         # The reader left (`tinyk plan | head`): stop quietly, as other command-line tools do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
