@@ -177,7 +177,9 @@ def test_bad_records_are_skipped_counted_and_located(tmp_path, tok_dir):
     assert sk["hints"] == {"missing_field": "no field 'text', the first such record has fields 'title'; --field "
                                             "names the one with the text",
                            "lone_surrogate": "a \\ud800-\\udfff escape without its pair is no text; fix the "
-                                             "program that wrote it"}
+                                             "program that wrote it",
+                           "line_too_long": "a line over 16,777,216 bytes is skipped; tinyk data and tokenizer train "
+                                            "read longer ones with --max-line-bytes"}
     assert sk["hints"]["missing_field"] in Skips.from_json(sk).summary()  # as `tinyk data` prints it
     assert sk["first"]["line_too_long"] == ["bad.jsonl:7"]
     assert sk["first"]["invalid_utf8"] == ["bad.jsonl:6"]
@@ -255,7 +257,7 @@ def test_without_a_terminal_progress_is_a_line_now_and_then(tmp_path, corpus_fil
     monkeypatch.setattr("tinyk.data.PROGRESS_LINE_S", 0.0)  # a line after every batch
     meta = prepare_pretrain([corpus_file], tok_dir, tmp_path / "d", workers=1, batch_chars=4000)
     lines = capsys.readouterr().err.splitlines()
-    pattern = r"tokenizing pretrain: ([\d,]+) docs, ([\d,]+) tokens, [\d.]+ MB of text in \d+s \([\d,]+ tokens/s\)"
+    pattern = r"tokenizing pretrain: ([\d,]+) documents, ([\d,]+) tokens, [\d.]+ MB of text in \d+s \([\d,]+ tokens/s\)"
     assert len(lines) > 1 and all(re.fullmatch(pattern, line) for line in lines), lines
     docs, tokens = (int(n.replace(",", "")) for n in re.fullmatch(pattern, lines[-1]).groups())
     splits = meta["splits"]
@@ -527,19 +529,37 @@ def test_the_partial_folder_stays_locked_until_it_is_the_output(tmp_path, tok_di
     assert tried == [False]
 
 
+def test_starting_over_names_what_differs_from_the_stopped_run():
+    from tinyk.data import _difference
+
+    was = {"inputs": [{"path": "/d/a.jsonl", "bytes": 1000, "mtime_ns": 5}], "tokenizer_hash": "t1",
+           "options": {"seed": 0, "field": "text"}, "strict": False, "tinyk": "0.1"}
+    for edit, said in (({"inputs": [{"path": "/d/b.jsonl", "bytes": 1000, "mtime_ns": 5}]}, "other input files"),
+                       ({"inputs": [{"path": "/d/a.jsonl", "bytes": 2000, "mtime_ns": 5}]},
+                        "another a.jsonl (1,000 bytes then, 2,000 now)"),
+                       ({"tokenizer_hash": "t2"}, "another tokenizer"),
+                       ({"options": {"seed": 0, "field": "content", "max_line_bytes": 9}},
+                        "other options (--field, --max-line-bytes)"),
+                       ({"strict": True}, "no --strict"), ({"tinyk": "0.2"}, "another version of tinyk")):
+        assert _difference(was, {**was, **edit}) == said
+
+
 def test_a_stopped_run_is_not_continued_by_another_command(tmp_path, tok_dir, monkeypatch, capsys):
     src, prep = _stoppable_inputs(tmp_path, "pretrain")
     opts = {"val_fraction": 0.2, "batch_chars": 300, "workers": 1}
     out = tmp_path / "out"
     progress = tmp_path / ".out.partial" / "progress.json"
-    other, unreadable = "was started with other inputs, tokenizer or options", "has a progress file that cannot be read"
+    unreadable = "has a progress file that cannot be read"
+    touched = (f"was started with {src.name} as it was before it was modified (its time changed, e.g. by an edit, "
+               f"touch or a copy)")  # it says what differs
     victim = tmp_path / "victim.bin"
     victim.write_bytes(b"precious")
-    for change, kwargs, why in (("input", {}, other), ("seed", {"seed": 1}, other), ("garbled", {}, unreadable),
+    for change, kwargs, why in (("input", {}, touched), ("seed", {"seed": 1}, "was started with other options (--seed)"),
+                                ("garbled", {}, unreadable),
                                 ("keyless", {}, unreadable), ("nested", {}, unreadable),
                                 ("negative", {}, unreadable), ("text", {}, unreadable),
                                 ("outside", {}, unreadable), ("shard outside", {}, unreadable),
-                                ("fraction", {"val_fraction": 0.3}, other)):
+                                ("fraction", {"val_fraction": 0.3}, "was started with other options (--val-fraction)")):
         with monkeypatch.context() as m:
             _stop_during_batch(m, 5)
             with pytest.raises(KeyboardInterrupt):
@@ -595,7 +615,7 @@ def test_the_same_command_continues_a_run_killed_with_sigkill(tmp_path, tok_dir,
     with pytest.raises(SystemExit) as e:
         main(args)
     assert e.value.code == 0
-    assert re.search(r"continuing the stopped run in .*\.out\.partial: [1-9][\d,]* docs", capsys.readouterr().err)
+    assert re.search(r"continuing the stopped run in .*\.out\.partial: [1-9][\d,]* documents", capsys.readouterr().err)
     prepare_pretrain([src], tok_dir, tmp_path / "whole", val_fraction=0.2, shard_tokens=1000, **QUIET)
     _same_data(tmp_path / "out", tmp_path / "whole")
     assert not (tmp_path / ".out.partial").exists()
@@ -685,7 +705,7 @@ def test_bad_arguments_are_one_line_errors(tmp_path, tok_dir, corpus_file, kwarg
 def test_unusable_inputs_are_refused(tmp_path, tok_dir):
     empty = tmp_path / "e.jsonl"
     empty.write_text('{"text": ""}\n', encoding="utf-8")
-    with pytest.raises(TinykError, match="no usable docs.*empty: 1"):
+    with pytest.raises(TinykError, match="no usable documents.*empty: 1"):
         prepare_pretrain([empty], tok_dir, tmp_path / "o", **QUIET)
     with pytest.raises(TinykError, match="not found"):
         prepare_pretrain([tmp_path / "missing.jsonl"], tok_dir, tmp_path / "o", **QUIET)

@@ -33,9 +33,37 @@ def test_missing_input_file(tmp_path, capsys):
 
 
 def test_input_that_is_not_a_file(tmp_path, capsys):
-    (tmp_path / "d.jsonl").mkdir()
-    code, err = run_cli(["tokenizer", "train", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "t")], capsys)
-    assert code == 2 and "input is not a file" in err
+    d = tmp_path / "语料 dir"
+    d.mkdir()
+    code, err = run_cli(["tokenizer", "train", str(d), "--out", str(tmp_path / "t")], capsys)
+    assert code == 2 and err == f"tinyk: error: input is a directory, not a file: {d} (give its files, e.g. '{d}'/*.jsonl)\n"
+    code, err = run_cli(["data", "pretrain", "--input", "-", "--tokenizer", str(d), "--out", str(tmp_path / "t")],
+                        capsys)  # stdin: not "input file not found: -"
+    assert code == 2 and err == ("tinyk: error: inputs are read from files, not from stdin (-): they are sized first "
+                                 "and read more than once; save what it gives to a file first\n")
+
+
+def test_an_output_that_is_a_file_is_named_so_without_force_first(tmp_path, capsys, corpus_file):
+    """`--out pos.txt` said "output directory exists (use --force to replace it)", and --force then refused it."""
+    (tmp_path / "pos.txt").write_text("keep me", encoding="utf-8")
+    for force in ([], ["--force"]):
+        code, err = run_cli(["tokenizer", "train", str(corpus_file), "--out", str(tmp_path / "pos.txt"), *force], capsys)
+        assert code == 2 and err == (f"tinyk: error: output {tmp_path / 'pos.txt'} is a file, not a directory; remove "
+                                     f"it yourself or choose another path\n")
+    assert (tmp_path / "pos.txt").read_text(encoding="utf-8") == "keep me"
+
+
+def test_input_suffixes_are_read_in_any_case(tmp_path):
+    """CORPUS.TXT and DATA.JSONL.GZ (files from Windows) were refused as an "unsupported input type"."""
+    import gzip
+
+    from tinyk.inputs import Skips, check_inputs, iter_texts
+
+    (tmp_path / "A.TXT").write_text("第一行\n第二行\n", encoding="utf-8")
+    with gzip.open(tmp_path / "B.JsonL.GZ", "wt", encoding="utf-8") as f:
+        f.write('{"text": "第三行"}\n')
+    paths = check_inputs([tmp_path / "A.TXT", tmp_path / "B.JsonL.GZ"])
+    assert list(iter_texts(paths, Skips())) == ["第一行", "第二行", "第三行"]
 
 
 def test_a_pipe_given_as_a_file_says_what_to_do(tmp_path, capsys, nano_model_dir):
@@ -121,8 +149,8 @@ def test_an_empty_reply_is_called_empty_not_missing(tmp_path, tok_dir, capsys):
                               ensure_ascii=False) + "\n", encoding="utf-8")
     code, err = run_cli(["data", "sft", "--input", str(src), "--tokenizer", str(tok_dir), "--out", str(tmp_path / "d")],
                         capsys)
-    assert code == 2 and err == ("tinyk: error: no usable conversations in the input (skipped 1 record; empty "
-                                 "assistant turn: 1 (first at s.jsonl:1))\n")
+    assert code == 2 and err == ("tinyk: error: no usable conversations in the input: skipped 1 record; empty "
+                                 "assistant turn: 1 (first at s.jsonl:1)\n")
 
 
 def test_a_system_prompt_too_long_for_max_len_is_blamed_not_the_input(tmp_path, tok_dir, capsys):
@@ -479,8 +507,8 @@ def test_model_and_prompt_file_mistakes_name_the_way_out(tmp_path, nano_model_di
     gbk = tmp_path / "gbk.txt"
     gbk.write_bytes("北京大学\n".encode("gbk"))
     code, err = run_cli(["generate", "--model", str(nano_model_dir), "--prompt-file", str(gbk)], capsys)
-    assert code == 2 and err.startswith(f"tinyk: error: no prompts in {gbk} (no usable lines; skipped 1 "
-                                        f"record; invalid utf8: 1")
+    assert code == 2 and err.startswith(f"tinyk: error: {gbk}: not UTF-8 text (1 of its first 1 lines are not: GBK or "
+                                        f"another encoding?); convert it first, e.g. iconv -f gbk -t utf-8")
     # A file's prompt too long for the context is skipped and counted, as a file's bad records are (one of
     # 400 ended the whole file); a prompt typed out with --prompt is refused, as it is what the user means.
     long = tmp_path / "long.txt"

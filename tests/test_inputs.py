@@ -276,6 +276,44 @@ def test_surrogates_written_as_utf8_bytes_get_their_own_reason_not_the_gbk_hint(
                                "first, e.g. iconv -f gbk -t utf-8)")
 
 
+def test_a_lone_cr_ends_a_plain_text_line(tmp_path):
+    """A file with classic Mac OS line ends was one document holding every line and its CRs."""
+    src = tmp_path / "mac.txt"
+    src.write_bytes("第一行\r第二行\r\r第三行\r\n第四行\n".encode())
+    assert texts(src) == ["第一行", "第二行", "第三行", "第四行"]
+
+
+def test_a_file_in_another_encoding_is_refused_not_skipped_line_by_line(tmp_path, tok_dir, capsys):
+    """A GBK corpus made a tokenizer and a dataset of one document with exit 0: every Chinese line was
+    skipped as invalid UTF-8 and only the summary said so. A few bad lines in a UTF-8 file still are skipped."""
+    lines = [f"第{i}行：今天天气很好，我们去公园散步。" for i in range(1200)]
+    gbk = tmp_path / "语料 gbk.txt"
+    gbk.write_bytes(("\n".join(lines[:500]) + "\nASCII line\n").encode("gbk"))
+    before = gbk.read_bytes()
+    for argv in (["tokenizer", "train", str(gbk), "--out", str(tmp_path / "tok"), "--vocab-size", "300"],
+                 ["data", "pretrain", "--input", str(gbk), "--tokenizer", str(tok_dir), "--out", str(tmp_path / "d")]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and capsys.readouterr().err == (
+            f"tinyk: error: {gbk}: not UTF-8 text (500 of its first 501 lines are not: GBK or another encoding?); "
+            f"convert it first, e.g. iconv -f gbk -t utf-8 '{gbk}' > 'utf8-语料 gbk.txt'\n")
+    assert gbk.read_bytes() == before and not (tmp_path / "tok").exists() and not (tmp_path / "d").exists()
+    # The first 1,000 lines decide: GBK lines after them (a file glued from two sources) are skipped and counted.
+    mixed = tmp_path / "mixed.txt"
+    mixed.write_bytes("".join(f"{t}\n" for t in lines[:1000]).encode() + "".join(f"{t}\n" for t in lines[1000:])
+                      .encode("gbk"))
+    skips = Skips()
+    assert len(list(iter_texts([mixed], skips))) == 1000 and skips.to_json()["by_reason"] == {"invalid_utf8": 200}
+    small = tmp_path / "small.txt"  # a short file is judged whole: 1 bad line of 3 is a bad line
+    small.write_bytes("好\n".encode() + "坏\n".encode("gbk") + "好\n".encode())
+    assert texts(small) == ["好", "好"]
+    with gzip.open(tmp_path / "g.txt.gz", "wb") as f:
+        f.write("坏\n".encode("gbk"))
+    with pytest.raises(TinykError, match=r"g.txt.gz: not UTF-8 text \(1 of its first 1 lines are not: .*e.g. iconv "
+                                         r"-f gbk -t utf-8$"):
+        texts(tmp_path / "g.txt.gz")
+
+
 def test_compressed_data_under_a_plain_name_says_to_rename_it(tmp_path):
     """Not the "not UTF-8, convert it with iconv" advice its bytes would otherwise get."""
     (tmp_path / "docs.jsonl").write_bytes(gzip.compress(JSONL))
@@ -362,7 +400,7 @@ def test_gbk_task_file_is_one_line(tmp_path):
     task = tmp_path / "task.jsonl"
     rec = {"messages": [{"role": "user", "content": "你好"}], "answer": "好"}
     task.write_bytes((json.dumps(rec, ensure_ascii=False) + "\n").encode("gbk"))
-    with pytest.raises(TinykError, match="task.jsonl: no usable examples.*invalid utf8: 1"):
+    with pytest.raises(TinykError, match="task.jsonl: not UTF-8 text .*iconv -f gbk -t utf-8"):
         read_task(task, Skips())
 
 

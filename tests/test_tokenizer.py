@@ -312,6 +312,22 @@ def write_bad_corpus(path: Path) -> Path:
     return path
 
 
+def test_a_book_on_one_line_is_read_with_max_line_bytes(tmp_path, capsys):
+    """A corpus over 16 MiB on one line: tokenizer train had no --max-line-bytes, as data has, and
+    neither command's message named the limit or the flag."""
+    book = tmp_path / "book.txt"
+    book.write_text("今天天气很好，我们去公园散步。" * 40 + "\n", encoding="utf-8")  # 1,800 bytes on one line
+    out = tmp_path / "tok"
+    with pytest.raises(SystemExit) as e:
+        main(["tokenizer", "train", str(book), "--out", str(out), "--vocab-size", "300", "--max-line-bytes", "1k"])
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        "tinyk: error: no usable documents in the input: skipped 1 record; line too long: 1 (first at book.txt:1; "
+        "a line over 1,000 bytes is skipped; tinyk data and tokenizer train read longer ones with --max-line-bytes)\n")
+    with pytest.raises(SystemExit) as e:
+        main(["tokenizer", "train", str(book), "--out", str(out), "--vocab-size", "300", "--max-line-bytes", "2k"])
+    assert e.value.code == 0 and "trained on 1 document (600 characters)" in capsys.readouterr().out
+
+
 def test_malformed_lines_are_counted_not_fatal(tmp_path):
     src = write_bad_corpus(tmp_path / "bad.jsonl")
     before = src.read_bytes()
@@ -395,4 +411,4 @@ def test_a_vocabulary_smaller_than_asked_is_noted(tmp_path, capsys):
     out = capsys.readouterr().out
     got = load_tokenizer(tmp_path / "tok").vocab_size
     assert e.value.code == 0 and got < 1000
-    assert f"note: {got} tokens, not --vocab-size 1000: the text has no more pairs" in out
+    assert f"note: {got:,} tokens, not --vocab-size 1000: the text has no more pairs" in out

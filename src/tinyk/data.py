@@ -38,6 +38,7 @@ from . import __version__
 from .errors import DamagedInput, TinykError, shown, writing
 from .inputs import (
     DEFAULT_MAX_LINE_BYTES,
+    NO_RECORDS,
     Skips,
     check_inputs,
     is_compressed,
@@ -701,7 +702,7 @@ class _Checkpoints:
         if state is not None:
             try:
                 if state["fingerprint"] != self.fingerprint:
-                    why = "was started with other inputs, tokenizer or options"
+                    why = f"was started with {_difference(state['fingerprint'], self.fingerprint)}"
                 elif not self._cut_back(state["files"]):
                     why = "has files missing or cut short"
             except (KeyError, TypeError, AttributeError, ValueError, OSError):
@@ -796,6 +797,29 @@ def _fingerprint(kind: str, paths: list[Path], tok_hash: str, options: dict[str,
             "options": options, "strict": strict}
 
 
+def _difference(was: dict[str, Any], now: dict[str, Any]) -> str:
+    """What differs between a stopped run's fingerprint and this one's, as "was started with ..." ends."""
+    old_inputs, new_inputs = was.get("inputs"), now["inputs"]
+    if [f.get("path") for f in old_inputs or []] != [f["path"] for f in new_inputs]:
+        return "other input files"
+    for before, after in zip(old_inputs, new_inputs, strict=True):
+        name = Path(after["path"]).name
+        if before.get("bytes") != after["bytes"]:
+            return f"another {name} ({before.get('bytes') or 0:,} bytes then, {after['bytes']:,} now)"
+        if before.get("mtime_ns") != after["mtime_ns"]:
+            return f"{name} as it was before it was modified (its time changed, e.g. by an edit, touch or a copy)"
+    if was.get("tokenizer_hash") != now["tokenizer_hash"]:
+        return "another tokenizer"
+    options = {**{k: None for k in was.get("options") or {}}, **now["options"]}
+    changed = [k for k in options if (was.get("options") or {}).get(k) != now["options"].get(k)]
+    if changed:
+        flags = ", ".join("--" + k.replace("_", "-") for k in changed)
+        return f"other options ({flags})"
+    if was.get("strict") != now["strict"]:
+        return "--strict" if was.get("strict") else "no --strict"
+    return "another version of tinyk"
+
+
 def _prepare(kind: str, paths: list[Path], tok: TinyTokenizer, out: str | Path, *,
              records: Callable[[Skips], Iterator[Any]], size: Callable[[Any], int], batch_chars: int,
              job_extra: dict[str, Any], options: dict[str, Any],
@@ -809,7 +833,7 @@ def _prepare(kind: str, paths: list[Path], tok: TinyTokenizer, out: str | Path, 
     job = _Job(kind, (Path(tokenizer_dir) / "tokenizer.json").read_text(encoding="utf-8"), dtype.name, **job_extra)
     tok_hash = tokenizer_hash(tokenizer_dir)
     fingerprint = _fingerprint(kind, paths, tok_hash, options, strict)
-    unit = "docs" if kind == "pretrain" else "conversations"
+    unit = "documents" if kind == "pretrain" else "conversations"
     # The lock is held until the folder is renamed into place: a second run let in before would empty it.
     with contextlib.ExitStack() as locked, atomic_dir(out, force=force, inputs=[*paths, tokenizer_dir], partial=True,
                                                       replaces=(f"{kind} data made by tinyk data {kind}",
@@ -967,7 +991,7 @@ def _tokenize(kind: str, unit: str, job: _Job, records: Callable[[Skips], Iterat
     done.skips.merge(reader.take())  # lines after the last usable record (never in a checkpoint: a rerun reads them again)
     splits = splitter.close()
     if not splits["train"]["documents"]:
-        raise TinykError(f"no usable {unit} in the input ({done.skips.summary()})")
+        raise TinykError(f"no usable {unit} in the input: {done.skips.summary() if done.skips.total else NO_RECORDS}")
     done.seconds = round(seconds_before + time.monotonic() - t0, 3)
     return splits, done
 

@@ -26,6 +26,8 @@ from .units import plural
 
 DEFAULT_MAX_LINE_BYTES = 16 * 1024 * 1024
 NUL_HINT = "a NUL byte is binary data, not text"  # a text line holding one is skipped with this reason
+NO_RECORDS = "nothing but blank lines (or Parquet files without rows)"  # why an input with nothing skipped is empty
+ENCODING_LINES = 1000  # a file whose first lines are mostly not UTF-8 is refused, not skipped line by line
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".json.zst", ".txt.gz",
                       ".txt.zst")
 
@@ -59,7 +61,7 @@ class Skips:
         if not self.total:
             return "skipped 0 records"
         hints = {"invalid_utf8": "convert such files first, e.g. iconv -f gbk -t utf-8", **self.hints}
-        parts = [f"{reason.replace('_', ' ')}: {n} (first at {', '.join(self.first[reason])}"
+        parts = [f"{reason.replace('_', ' ')}: {n:,} (first at {', '.join(self.first[reason])}"
                  f"{'; ' + hints[reason] if reason in hints else ''})" for reason, n in sorted(self.counts.items())]
         return f"skipped {plural(self.total, 'records')}; " + "; ".join(parts)
 
@@ -89,16 +91,22 @@ def check_inputs(paths: list[str | Path]) -> list[Path]:
         raise TinykError("no input files given")
     out = []
     for p in map(Path, paths):
+        if str(p) == "-" and not p.exists():
+            raise TinykError("inputs are read from files, not from stdin (-): they are sized first and read more "
+                             "than once; save what it gives to a file first")
         if not p.exists():
             raise not_found(p, "input file")
         refuse_pipe(p, "input")
+        if p.is_dir():
+            raise TinykError(f"input is a directory, not a file: {p} (give its files, e.g. "
+                             f"{shlex.quote(str(p))}/*.jsonl)")
         if not p.is_file():
             raise TinykError(f"input is not a file: {p}")
         if not os.access(p, os.R_OK):
             raise TinykError(f"input file is not readable: {p}")
-        if not p.name.endswith(SUPPORTED_SUFFIXES):
+        if not has_suffix(p, SUPPORTED_SUFFIXES):
             raise TinykError(f"unsupported input type: {p} (use {', '.join(SUPPORTED_SUFFIXES)})")
-        if p.name.endswith(".parquet"):  # a missing reader is said now, not after the files before it
+        if has_suffix(p, ".parquet"):  # a missing reader is said now, not after the files before it
             _parquet()
         elif _codec(p) == "zstd":
             _zstandard()
@@ -142,7 +150,12 @@ def sha256_file(path: Path) -> str:
 def is_plain_text(path: Path) -> bool:
     """A `.txt` input (one document per line), also compressed; decided by the suffix, so
     `corpus.txt.jsonl` is JSON."""
-    return path.name.endswith((".txt", ".txt.gz", ".txt.zst"))
+    return has_suffix(path, (".txt", ".txt.gz", ".txt.zst"))
+
+
+def has_suffix(path: str | Path, suffixes: str | tuple[str, ...]) -> bool:
+    """Whether a file's name ends in one of `suffixes`, in any case (CORPUS.TXT, files from Windows)."""
+    return Path(path).name.lower().endswith(suffixes)
 
 
 def _labels(paths: list[Path]) -> dict[Path, str]:
@@ -161,12 +174,12 @@ _ZSTD_CHUNK = 4096  # compressed bytes per step; bounds what one step can expand
 
 
 def _codec(path: Path) -> str | None:
-    return next((codec for ext, codec in _CODECS.items() if path.name.endswith(ext)), None)
+    return next((codec for ext, codec in _CODECS.items() if has_suffix(path, ext)), None)
 
 
 def is_compressed(path: str | Path) -> bool:
     """Whether a file's size says nothing of how much text it holds (gzip, zstd, Parquet)."""
-    return _codec(Path(path)) is not None or str(path).endswith(".parquet")
+    return _codec(Path(path)) is not None or has_suffix(path, ".parquet")
 
 
 def _zstandard() -> Any:
@@ -332,7 +345,7 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
     labels = _labels(paths)
     for path in paths:
         label = labels[path]
-        if path.name.endswith(".parquet"):
+        if has_suffix(path, ".parquet"):
             for where, rec, n in _iter_parquet(path, label):
                 if max_bytes is not None and consumed + n > max_bytes:
                     skips.stopped_at = consumed
@@ -342,7 +355,9 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
             continue
         is_txt = is_plain_text(path)
         base, end = consumed, 0
+        encoding = _EncodingCheck(path)
         for lineno, line, read in iter_lines(path, max_line_bytes):
+            encoding.check_at(lineno)
             if line is None:  # too long to read: skipped below, and no part of the max_bytes budget
                 base -= read - end
             end = read
@@ -360,7 +375,8 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
                                  f"per line); write its records one per line first, e.g. for a list of them "
                                  f"under KEY: jq -c '.KEY[]' FILE > records.jsonl")
             if line is None:
-                skips.add("line_too_long", where)
+                skips.add("line_too_long", where, f"a line over {max_line_bytes:,} bytes is skipped; tinyk data and "
+                                                  f"tokenizer train read longer ones with --max-line-bytes")
                 continue
             try:
                 s = line.decode("utf-8")
@@ -374,15 +390,22 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
                                                           "the program that wrote it")
                 else:
                     skips.add("invalid_utf8", where)
+                    encoding.not_utf8 += 1
+                encoding.text_lines += 1
                 continue
             s = s.rstrip("\r\n")
             if not s.strip():  # blank lines separate documents and records; they are not ones
                 continue
+            encoding.text_lines += 1
             if is_txt:
                 if "\x00" in s:  # past the first 4 KB (refused whole above); in JSON, malformed_json
                     skips.add("nul_byte", where, NUL_HINT)
                     continue
-                yield where, {text_field: s}
+                # A lone CR ends a line too (classic Mac OS files; Python's universal newlines): such a file
+                # is many documents, not one holding CRs.
+                for part in s.split("\r") if "\r" in s else (s,):
+                    if part.strip():
+                        yield where, {text_field: part}
                 continue
             try:
                 rec = json.loads(s)
@@ -394,6 +417,28 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
                                                    "program that wrote it")
                 continue
             yield where, rec
+        encoding.check_at(ENCODING_LINES + 1)
+
+
+class _EncodingCheck:
+    """Refuses a file in another encoding (GBK, Big5, Latin-1) once its first lines show it: skipped line
+    by line, it left a tokenizer or dataset of almost nothing, made with exit 0. A few bad lines in a
+    UTF-8 file are still skipped and counted."""
+
+    def __init__(self, path: Path):
+        self.path, self.text_lines, self.not_utf8, self.done = path, 0, 0, False
+
+    def check_at(self, lineno: int) -> None:
+        """Decides once, when line `lineno` is past the first ENCODING_LINES (or the file ended)."""
+        if self.done or lineno <= ENCODING_LINES:
+            return
+        self.done = True
+        if self.not_utf8 * 2 > self.text_lines:
+            name = shlex.quote(str(self.path))
+            example = "iconv -f gbk -t utf-8" if _codec(self.path) else \
+                f"iconv -f gbk -t utf-8 {name} > {shlex.quote('utf8-' + self.path.name)}"
+            raise TinykError(f"{self.path}: not UTF-8 text ({self.not_utf8:,} of its first {self.text_lines:,} "
+                             f"lines are not: GBK or another encoding?); convert it first, e.g. {example}")
 
 
 # Where a line may be a list of chat messages ([{"role": ...}, ...], one conversation in the seed's SFT

@@ -231,12 +231,12 @@ def sync_folder(folder: Path) -> None:
 def _check_replace(out: Path, force: bool, replaces: tuple[str, Callable[[Path], bool]] | None) -> None:
     """Refuses to replace an existing `out` without `force`, or (with `replaces`) one that is not this
     kind of output: a mistyped --out never deletes someone's files."""
+    if out.exists() and not out.is_dir() and replaces is not None:  # not "use --force", which refuses it too
+        raise TinykError(f"output {out} is a file, not a directory; remove it yourself or choose another path")
     if (out.exists() or out.is_symlink()) and not force:
         raise TinykError(f"output directory exists: {out} (use --force to replace it)")
     if out.exists() and replaces is not None:
         what, is_one = replaces
-        if not out.is_dir():
-            raise TinykError(f"output {out} is a file, not a directory; remove it yourself or choose another path")
         held = sorted(p.name for p in out.iterdir())
         if held and not is_one(out):
             raise TinykError(f"{out} exists and is not {what}, so it is not replaced (it holds "

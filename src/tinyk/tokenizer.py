@@ -21,7 +21,16 @@ from typing import Any
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from .errors import TinykError, first_line, memory_available, writing
-from .inputs import Skips, check_inputs, hash_files, is_compressed, iter_texts, read_json
+from .inputs import (
+    DEFAULT_MAX_LINE_BYTES,
+    NO_RECORDS,
+    Skips,
+    check_inputs,
+    hash_files,
+    is_compressed,
+    iter_texts,
+    read_json,
+)
 from .outputs import atomic_dir, marker_file
 from .units import bytes_text
 
@@ -502,7 +511,7 @@ def _train_interruptibly(tok: Tokenizer, texts: Iterator[str], trainer: Any) -> 
 def train_tokenizer(inputs: list[str | Path], out: str | Path, *, vocab_size: int = 6144,
                     normalization: str = "none", max_bytes: int | None = None, field_name: str = "text",
                     min_frequency: int = 2, force: bool = False, strict: bool = False,
-                    show_progress: bool = True) -> dict[str, Any]:
+                    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, show_progress: bool = True) -> dict[str, Any]:
     """Trains a tokenizer on a streamed (optionally truncated) corpus and saves an HF directory.
 
     Without `max_bytes` it reads as much as the available memory allows (BPE_MEMORY_PER_BYTE); the
@@ -514,6 +523,8 @@ def train_tokenizer(inputs: list[str | Path], out: str | Path, *, vocab_size: in
                          f"and {MAX_VOCAB:,}")
     if min_frequency < 0:
         raise TinykError("--min-frequency must be >= 0")
+    if max_line_bytes < 1:
+        raise TinykError(f"--max-line-bytes must be positive, got {max_line_bytes}")
     memory = memory_available()
     auto_cap = max_bytes is None and memory is not None
     if auto_cap:
@@ -527,7 +538,7 @@ def train_tokenizer(inputs: list[str | Path], out: str | Path, *, vocab_size: in
     stats = {"documents": 0, "characters": 0}
 
     def texts():
-        for t in iter_texts(paths, skips, field_name=field_name, max_bytes=max_bytes):
+        for t in iter_texts(paths, skips, field_name=field_name, max_bytes=max_bytes, max_line_bytes=max_line_bytes):
             stats["documents"] += 1
             stats["characters"] += len(t)
             # The BPE trainer slows with the square of a pre-token's length (a 20,000-character run of
@@ -556,7 +567,7 @@ def _no_documents(where: str, skips: Skips, max_bytes: int | None) -> TinykError
     if skips.stopped_at is not None and not skips.total:
         return TinykError(f"no document fits in the first {max_bytes:,} bytes of the input (raise --max-bytes)")
     within = f" (read up to --max-bytes {max_bytes:,})" if skips.stopped_at is not None else ""
-    return TinykError(f"no usable documents {where}{within}: {skips.summary()}")
+    return TinykError(f"no usable documents {where}{within}: {skips.summary() if skips.total else NO_RECORDS}")
 
 
 CHAT_SAMPLE = [

@@ -7,7 +7,7 @@ import json
 import sys
 
 from tinyk.cli.common import int_range, output_path, positive_size
-from tinyk.inputs import Skips, check_inputs
+from tinyk.inputs import DEFAULT_MAX_LINE_BYTES, Skips, check_inputs
 from tinyk.units import bytes_text, plural
 
 
@@ -32,6 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="train on this much input, e.g. 500M (default: what the available memory allows, about "
                         "1/100 of it)")
     t.add_argument("--field", default="text", help="JSON/Parquet field holding the text")
+    t.add_argument("--max-line-bytes", type=positive_size, default=DEFAULT_MAX_LINE_BYTES,
+                   help="longer lines are skipped (default 16 MiB)")
     t.add_argument("--min-frequency", type=int_range(0, 1_000_000_000), default=2,
                    help="a pair of tokens must occur this often to be merged (default 2)")
     t.add_argument("--strict", action="store_true", help="stop at the first malformed line")
@@ -57,12 +59,12 @@ def _train(args: argparse.Namespace) -> int:
         print(f"tinyk: {note}", file=sys.stderr)
     r = train_tokenizer(args.inputs, args.out, vocab_size=args.vocab_size, normalization=args.normalization,
                         max_bytes=args.max_bytes, field_name=args.field, min_frequency=args.min_frequency,
-                        force=args.force, strict=args.strict,
+                        force=args.force, strict=args.strict, max_line_bytes=args.max_line_bytes,
                         show_progress=sys.stdout.isatty())  # its bar leaves blank lines in a pipe or log
     print(f"trained on {plural(r['documents'], 'documents')} ({r['characters']:,} characters) in {r['seconds']}s; "
           f"vocab {r['vocab_size']}; {r['skipped_summary']}")
     if r["vocab_size"] < args.vocab_size:
-        print(f"note: {r['vocab_size']} tokens, not --vocab-size {args.vocab_size}: the text has no more pairs seen "
+        print(f"note: {r['vocab_size']:,} tokens, not --vocab-size {args.vocab_size}: the text has no more pairs seen "
               f"at least --min-frequency {args.min_frequency} times to merge (more text gives a larger vocabulary)")
     long_lines = r["skipped"]["by_reason"].get("line_too_long", 0)
     read = f"read the first {bytes_text(r['capped_at'] or 0)} of the input" + (
