@@ -312,6 +312,17 @@ def write_bad_corpus(path: Path) -> Path:
     return path
 
 
+def test_tokenizer_train_takes_input_as_data_and_eval_do(tmp_path, corpus_file, capsys):
+    """`--input FILE`, as every other command that reads a corpus takes it, was "unrecognized arguments"."""
+    with pytest.raises(SystemExit) as e:
+        main(["tokenizer", "train", "--input", str(corpus_file), "--out", str(tmp_path / "tok"), "--vocab-size", "300"])
+    assert e.value.code == 0 and load_tokenizer(tmp_path / "tok").vocab_size == 300
+    with pytest.raises(SystemExit) as e:
+        main(["tokenizer", "train", "--out", str(tmp_path / "tok2")])
+    assert e.value.code == 2 and capsys.readouterr().err.endswith(
+        "error: give the corpus files (FILE ... or --input FILE ...) (see tinyk tokenizer train --help)\n")
+
+
 def test_a_book_on_one_line_is_read_with_max_line_bytes(tmp_path, capsys):
     """A corpus over 16 MiB on one line: tokenizer train had no --max-line-bytes, as data has, and
     neither command's message named the limit or the flag."""

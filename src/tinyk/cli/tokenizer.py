@@ -23,7 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     tsub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
 
     t = tsub.add_parser("train", help="train a tokenizer on .jsonl/.txt/.parquet files (streamed)")
-    t.add_argument("inputs", nargs="+", help="corpus files")
+    t.add_argument("inputs", nargs="*", metavar="FILE", help="corpus files")
+    t.add_argument("--input", nargs="+", action="extend", default=[], metavar="FILE",
+                   help="corpus files, as `tinyk data` and `tokenizer eval` take them")
     t.add_argument("--out", type=output_path, required=True, help="output tokenizer directory")
     t.add_argument("--vocab-size", type=vocab_size, default=6144, help="default 6144, the seed's")
     t.add_argument("--normalization", choices=["none", "nfkc"], default="none",
@@ -53,11 +55,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _train(args: argparse.Namespace) -> int:
     from tinyk.tokenizer import memory_cap_text, memory_note, train_tokenizer
 
-    check_inputs(args.inputs)  # a missing file is the one line, not a word on memory before it
-    note = memory_note(args.inputs, args.max_bytes)
+    inputs = args.inputs + args.input
+    if not inputs:
+        args.command_parser.error("give the corpus files (FILE ... or --input FILE ...)")
+    check_inputs(inputs)  # a missing file is the one line, not a word on memory before it
+    note = memory_note(inputs, args.max_bytes)
     if note:  # said before the minutes of reading, not only after
         print(f"tinyk: {note}", file=sys.stderr)
-    r = train_tokenizer(args.inputs, args.out, vocab_size=args.vocab_size, normalization=args.normalization,
+    r = train_tokenizer(inputs, args.out, vocab_size=args.vocab_size, normalization=args.normalization,
                         max_bytes=args.max_bytes, field_name=args.field, min_frequency=args.min_frequency,
                         force=args.force, strict=args.strict, max_line_bytes=args.max_line_bytes,
                         show_progress=sys.stdout.isatty())  # its bar leaves blank lines in a pipe or log
