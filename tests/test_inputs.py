@@ -283,6 +283,19 @@ def test_a_lone_cr_ends_a_plain_text_line(tmp_path):
     assert texts(src) == ["第一行", "第二行", "第三行", "第四行"]
 
 
+def test_a_txt_file_of_json_records_is_refused_with_the_name_it_needs(tmp_path):
+    """Read as text, a tokenizer learnt `{"text": "` as its most common tokens."""
+    src = tmp_path / "C.TXT.gz"
+    with gzip.open(src, "wt", encoding="utf-8") as f:
+        f.write('\n{"text": "第一行"}\n{"text": "第二行"}\n')
+    with pytest.raises(TinykError, match=r"C.TXT.gz: a .txt file whose lines are JSON records, which would be read as "
+                                         r"text, braces and keys included; name it C.jsonl.gz to read their 'text' "
+                                         r"field$"):
+        texts(src)
+    src.write_bytes(gzip.compress('{不是 JSON} 而是文本\n{"text": "x"}\n'.encode()))  # only the first line decides
+    assert texts(src) == ["{不是 JSON} 而是文本", '{"text": "x"}']
+
+
 def test_a_file_in_another_encoding_is_refused_not_skipped_line_by_line(tmp_path, tok_dir, capsys):
     """A GBK corpus made a tokenizer and a dataset of one document with exit 0: every Chinese line was
     skipped as invalid UTF-8 and only the summary said so. A few bad lines in a UTF-8 file still are skipped."""

@@ -397,6 +397,10 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
             if not s.strip():  # blank lines separate documents and records; they are not ones
                 continue
             encoding.text_lines += 1
+            if is_txt and encoding.text_lines == 1 and _is_record(s):
+                raise TinykError(f"{path}: a .txt file whose lines are JSON records, which would be read as "
+                                 f"text, braces and keys included; name it {_jsonl_name(path)} to read their "
+                                 f"'{text_field}' field")
             if is_txt:
                 if "\x00" in s:  # past the first 4 KB (refused whole above); in JSON, malformed_json
                     skips.add("nul_byte", where, NUL_HINT)
@@ -418,6 +422,22 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
                 continue
             yield where, rec
         encoding.check_at(ENCODING_LINES + 1)
+
+
+def _is_record(line: str) -> bool:
+    """Whether a line is a JSON object, as a .jsonl line is (a text line is rarely one)."""
+    if not line.lstrip().startswith("{"):
+        return False
+    try:
+        return isinstance(json.loads(line), dict)
+    except (ValueError, RecursionError):
+        return False
+
+
+def _jsonl_name(path: Path) -> str:
+    """`path`'s name, a .txt one, with .txt made .jsonl (a.txt.gz: a.jsonl.gz)."""
+    at = path.name.lower().rfind(".txt")
+    return f"{path.name[:at]}.jsonl{path.name[at + 4:]}"
 
 
 class _EncodingCheck:
