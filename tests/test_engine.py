@@ -130,8 +130,11 @@ def test_special_tokens_end_a_sequence_unless_ignored_and_are_never_text(engine,
 
 def test_token_budget_is_capped_by_the_context_window(engine):
     ctx = engine.context_length
+    c, budget = engine.generate([[5] * (ctx - 3), [5] * (ctx - 4)], replace(GREEDY, max_new_tokens=3))
+    assert c.completion_tokens == 3 and c.finish_reason == "length" and not c.cut_by_context  # the budget asked
+    assert (budget.completion_tokens, budget.finish_reason, budget.cut_by_context) == (3, "length", False)
     c = engine.generate([[5] * (ctx - 3)], replace(GREEDY, max_new_tokens=100))[0]
-    assert c.completion_tokens == 3 and c.finish_reason == "length"
+    assert c.completion_tokens == 3 and c.finish_reason == "length" and c.cut_by_context
     with pytest.raises(ContextLengthError, match="context window"):
         engine.generate([[5] * ctx], GREEDY)
 
@@ -159,7 +162,7 @@ def test_bad_prompts(engine):
     # OpenAI's newer name for the system role, as in the template, the server and SFT data.
     msgs = [{"role": "system", "content": "你是助手"}, {"role": "user", "content": "你好"}]
     assert engine.chat_ids([{**msgs[0], "role": "developer"}, msgs[1]]) == engine.chat_ids(msgs)
-    with pytest.raises(TinykError, match="2 sampling params for 1 prompts"):
+    with pytest.raises(TinykError, match="2 sampling params for 1 prompt$"):
         engine.generate(["a"], [GREEDY, GREEDY])
 
 
@@ -208,6 +211,30 @@ def test_generate_says_when_the_context_window_cut_the_text_short(engine, nano_m
         main(["generate", "--model", str(nano_model_dir), "--prompt", text, "--temperature", "0",
               "--repetition-penalty", "1", "--max-new-tokens", "2"])
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("json_out", [False, True])
+def test_every_generate_mode_says_which_sample_the_context_cut_short(engine, nano_model_dir, capsys, json_out):
+    """With several prompts or --json, a sample the context ended was told from one --max-new-tokens
+    ended only by its token count; now stderr names it, and the JSON has cut_by_context."""
+    text = engine.tok.decode(engine.tok.encode("我们" * 200)[: engine.context_length - 4])
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", str(nano_model_dir), "--prompt", "天气", "--prompt", text, "--temperature", "0",
+              "--repetition-penalty", "1", "--max-new-tokens", "5", *(["--json"] if json_out else [])])
+    out, err = capsys.readouterr()
+    assert err == f"(sample 2 cut at 3 tokens: the prompt and the text fill the model's {engine.context_length}-token " \
+                  "context)\n"
+    if json_out:
+        rows = [json.loads(line) for line in out.splitlines()]
+        assert [(r["finish_reason"], r["completion_tokens"], r.get("cut_by_context")) for r in rows] == \
+            [("length", 5, None), ("length", 3, True)]  # the key only where the context cut it
+    else:
+        assert "--- sample 2 (3 tokens, length) ---" in out
+    with pytest.raises(SystemExit):  # one prompt, --json: the same note
+        main(["generate", "--model", str(nano_model_dir), "--prompt", text, "--temperature", "0",
+              "--repetition-penalty", "1", "--max-new-tokens", "5", "--json"])
+    out, err = capsys.readouterr()
+    assert json.loads(out)["cut_by_context"] is True and err.startswith("(sample 1 cut at 3 tokens")
 
 
 @pytest.mark.parametrize("samples", [1, 2])
@@ -687,12 +714,33 @@ def test_generate_cli(nano_model_dir, tmp_path, capsys, monkeypatch):
         main(["generate", "--model", str(nano_model_dir), "--prompt", "我们", "--max-new-tokens", "4", "--seed", "1"])
     assert e.value.code == 0 and capsys.readouterr().out.startswith("我们")
     with pytest.raises(SystemExit) as e:
-        main(["generate", "--model", str(nano_model_dir), "--temperature", "-1", "--prompt", "x"])
-    assert e.value.code == 2 and "temperature must be" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as e:
         main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "x"])
     assert e.value.code == 2
     assert capsys.readouterr().err == f"tinyk: error: model directory not found: {tmp_path / 'missing'}\n"
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+@pytest.mark.parametrize(("flag", "value", "rule"), [
+    ("--temperature", "-1", "must be a finite number >= 0, got '-1'"),
+    ("--top-p", "1.5", "must be a finite number in [0, 1], got '1.5'"),
+    ("--min-p", "nan", "must be a finite number in [0, 1], got 'nan'"),
+    ("--repetition-penalty", "0", "must be a finite number in [0.01, 10], got '0'"),
+    ("--stop", "", "must not be empty"),
+])
+def test_bad_sampling_flags_are_named_as_typed(nano_model_dir, capsys, command, flag, value, rule):
+    """They were named by SamplingParams' fields ("temperature must be a number >= 0, got -1.0")."""
+    with pytest.raises(SystemExit) as e:
+        main([command, "--model", str(nano_model_dir), "--message" if command == "chat" else "--prompt", "x",
+              f"{flag}={value}"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.startswith(f"tinyk {command}: error: argument {flag}: {rule}")
+
+
+def test_the_cli_takes_the_engines_repetition_penalty_range():
+    from tinyk.cli.common import REPETITION_PENALTY_RANGE as CLI_RANGE
+    from tinyk.engine import REPETITION_PENALTY_RANGE
+
+    assert CLI_RANGE == REPETITION_PENALTY_RANGE
 
 
 def test_generate_prints_each_sample_as_it_is_done_so_ctrl_c_keeps_them(nano_model_dir, tmp_path):

@@ -285,9 +285,11 @@ def test_sft_conversations_a_short_window_leaves_out_are_reported(nano, nano_mod
     # A window beyond the model's 128-token context is cut to it, and the table says so.
     wide = eval_data(model, nano_model_dir, sft_data, seq_len=1000)
     assert (wide["seq_len"], wide["seq_len_asked"], wide["loss"]) == (128, 1000, full["loss"])
-    assert next(table_rows({"data": [wide]}))[0] == f"{sft_data.name}/val loss (answer tokens, conversations of " \
-                                                   "up to 129 tokens; --seq-len 1000 is beyond the model's context)"
-    assert "seq_len_asked" not in full and next(table_rows({"data": [full]}))[0].endswith("up to 129 tokens)")
+    assert next(table_rows({"data": [wide]}))[0] == f"{sft_data.name}/val loss (answer tokens within seq_len 128; " \
+                                                   "--seq-len 1000 is beyond the model's context)"
+    assert "seq_len_asked" not in full and next(table_rows({"data": [full]}))[0].endswith("within seq_len 128)")
+    # One number for the window, the seq_len the JSON records (the loss row said "up to 65 tokens" here).
+    assert next(table_rows({"data": [short]}))[0] == f"{sft_data.name}/val loss (answer tokens within seq_len 64)"
 
 
 def test_data_from_another_tokenizer_is_refused(tmp_path, nano, pretrain_data, corpus_file):
@@ -326,9 +328,11 @@ class ScriptedEngine:
         out = []
         for p in prompts:
             text, end = self.replies[p.split("<|im_start|>user\n")[-1].split("<|im_end|>")[0]]
-            last = {"eos": [IM_END_ID], "new turn": [IM_START_ID], "length": []}[end]
-            out.append(SimpleNamespace(text=text, token_ids=[7, *last], finish_reason="length" if end == "length"
-                                       else "stop"))
+            ids = [7, *{"eos": [IM_END_ID], "new turn": [IM_START_ID], "length": []}[end]]
+            # as the engine says it: the context, before max_new_tokens, ended the answer
+            cut = end == "length" and len(ids) < params.max_new_tokens and len(p) + len(ids) >= self.context_length
+            out.append(SimpleNamespace(text=text, token_ids=ids, finish_reason="length" if end == "length" else "stop",
+                                       cut_by_context=cut))
         return out
 
 
@@ -481,6 +485,7 @@ def test_cli_table_and_json(tmp_path, nano, nano_model_dir, pretrain_data, capsy
     assert "pt/val bits per byte" in table and "50.0%  25.0% chance" in table
     saved = json.loads(out.read_text())
     assert saved["choice"]["accuracy"] == 0.5 and saved["data"][0]["split"] == "val"
+    assert "pt/val loss (windows of 32 tokens)" in table
     with pytest.raises(SystemExit) as e:
         main(["eval", "--model", str(nano_model_dir), "--choice", str(tmp_path / "ceval"), "--json"])
     assert json.loads(capsys.readouterr().out)["choice"]["questions"] == 6
@@ -587,6 +592,30 @@ def test_a_split_part_that_spells_no_text_has_no_bits_per_byte():
     rows = list(table_rows({"data": [{"data": "d/sft", "split": "val", "seq_len": 64, "loss": 1.0, "perplexity": 2.72,
                                       "bits_per_byte": None}]}))
     assert ("sft/val bits per byte", "n/a", "") in rows
+
+
+def test_a_window_of_one_token_is_not_windows_of_1_tokens():
+    row = {"data": "d/pt", "kind": "pretrain", "split": "val", "seq_len": 1, "loss": 1.0, "perplexity": 2.7,
+           "bits_per_byte": 1.0}
+    assert next(table_rows({"data": [row]}))[0] == "pt/val loss (windows of 1 token)"
+
+
+def test_an_out_directory_is_refused_as_a_directory_even_when_it_holds_an_input(tmp_path, nano_model_dir, capsys):
+    """--out /tmp, which holds the task file, was refused as "would replace the input"."""
+    task = write_task(tmp_path / "t.jsonl", [{"messages": [{"role": "user", "content": "好"}], "answer": "好"}])
+    for force in ([], ["--force"]):
+        with pytest.raises(SystemExit) as e:
+            main(["eval", "--model", str(nano_model_dir), "--task", str(task), "--out", str(tmp_path), *force])
+        assert e.value.code == 2
+        assert capsys.readouterr().err == (f"tinyk: error: --out {tmp_path} is a directory; give a file name for the "
+                                           "JSON results\n")
+
+
+def test_task_help_names_the_sft_records_and_parquet_it_reads(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "SFT records in any format `tinyk data sft` reads (BelleGroup, messages, Alpaca; JSONL or Parquet)" in text
 
 
 def test_results_are_saved_to_a_path_object(tmp_path):

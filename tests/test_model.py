@@ -736,3 +736,18 @@ def test_a_head_count_that_does_not_divide_the_width_is_one_line(tmp_path, tok_d
     with pytest.raises(TinykError, match=r"^dim 64 does not split into --n-heads 3 heads of an even size \(head "
                                          r"counts that do: 1, 2, 4, 8, 16, 32\)$"):
         import_seed_checkpoint(ckpt, tok_dir, tmp_path / "m", n_heads=3)
+
+
+def test_a_cuda_device_that_is_not_there_is_named_as_typed(monkeypatch):
+    """`--device cuda:1` was reported as "--device cuda"; a GPU number past the machine's was a CUDA traceback."""
+    from tinyk.errors import TinykError
+    from tinyk.model import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(TinykError, match=r"^--device cuda:1 was asked for but CUDA is not available$"):
+        resolve_device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(TinykError, match=r"^--device cuda:1: this machine has 1 CUDA device, numbered from 0$"):
+        resolve_device("cuda:1")
+    assert resolve_device("cuda:0") == torch.device("cuda:0")

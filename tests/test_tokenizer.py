@@ -399,6 +399,9 @@ def test_cli_train_and_eval(tmp_path, corpus_file, capsys):
     with pytest.raises(SystemExit) as e:
         main(["tokenizer", "eval", str(tmp_path / "t"), "--input", str(other), "--field", "content", "--json"])
     assert e.value.code == 0 and json.loads(capsys.readouterr().out)["documents"] == 1
+    with pytest.raises(SystemExit) as e:
+        main(["tokenizer", "eval", str(tmp_path / "t"), "--input", str(other), "--field", "content"])
+    assert "round trip      exact (1 document, 0 failures)\n" in capsys.readouterr().out  # not "1 documents"
     with pytest.raises(TinykError, match="no document fits in the first 10 bytes of the input \\(raise --max-bytes\\)"):
         eval_tokenizer(tmp_path / "t", [corpus_file], max_bytes=10)
     # Records read but all skipped (a wrong --field): their reason, not "raise --max-bytes".

@@ -146,7 +146,7 @@ class _Session:
     def _reply(self, request: Request) -> bool:
         """Streams the reply to `out` and adds it to the history (what was shown of it, after a Ctrl-C);
         False when it was stopped before any of it was shown."""
-        out, params = self.out, self.params
+        out = self.out
         out.write(self.prompt)
         shown = []
         try:
@@ -173,8 +173,8 @@ class _Session:
         out.flush()
         reply = request.completion()
         if reply.finish_reason == "length":
-            fix = ("raise --max-new-tokens for longer" if reply.completion_tokens >= params.max_new_tokens
-                   else "the context window is full" + ("; /reset starts over" if self.interactive else ""))
+            fix = ("the context window is full" + ("; /reset starts over" if self.interactive else "")
+                   if reply.cut_by_context else "raise --max-new-tokens for longer")
             print(f"(reply cut at {plural(reply.completion_tokens, 'tokens')}; {fix})", file=sys.stderr)
         self.history.append({"role": "assistant", "content": reply.text})
         return True

@@ -290,7 +290,8 @@ class Completion:
     """One finished sequence. `token_ids` are all generated ids (a final EOS included);
     `text` excludes special tokens and anything from a stop string on. `logprobs` has one entry per
     generated id and `prompt_logprobs` one per prompt id (None for the first, which nothing predicts)
-    when the sampling params asked for them."""
+    when the sampling params asked for them. `cut_by_context`: the "length" came from the end of the
+    model's context window, before max_new_tokens, which a caller should say, since it was not asked for."""
 
     text: str
     token_ids: list[int]
@@ -299,6 +300,7 @@ class Completion:
     completion_tokens: int
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    cut_by_context: bool = False
 
 
 class Detokenizer:
@@ -450,7 +452,8 @@ class Request:
         return Completion(text=text, token_ids=list(self.out_ids), finish_reason=self.finish_reason or "length",
                           prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.out_ids),
                           logprobs=None if p.logprobs is None else list(self.logprobs),
-                          prompt_logprobs=None if p.prompt_logprobs is None else list(self.prompt_logprobs))
+                          prompt_logprobs=None if p.prompt_logprobs is None else list(self.prompt_logprobs),
+                          cut_by_context=self.finish_reason == "length" and self.max_new < p.max_new_tokens)
 
     def deliver(self, delta: str) -> None:
         if delta:  # with how many tokens' text has now been sent: the log-probabilities behind it
@@ -817,7 +820,7 @@ class Engine:
             raise TinykError("prompts must be a list")
         plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         if len(plist) != len(prompts):
-            raise TinykError(f"{len(plist)} sampling params for {len(prompts)} prompts")
+            raise TinykError(f"{len(plist)} sampling params for {plural(len(prompts), 'prompts')}")
         reqs = deque(self.request(p, sp, stream=False) for p, sp in zip(prompts, plist, strict=True))
         for _ in self._steps(list(reqs)):
             while reqs and reqs[0].finished:

@@ -39,6 +39,7 @@ from .tokenizer import (
     tokenizer_hash,
     with_system,
 )
+from .units import plural
 
 if TYPE_CHECKING:  # the loader is imported where a split is read
     from .loader import SplitData
@@ -259,14 +260,13 @@ def score_task(engine: Any, path: str | Path, examples: list[TaskExample], promp
             completions[i] = c
     correct = stopped = cut = 0
     samples = []
-    for ex, prompt, c in zip(examples, prompts, completions, strict=True):
+    for ex, c in zip(examples, completions, strict=True):
         ok = normalize_answer(c.text) in {normalize_answer(a) for a in ex.answers}
         correct += ok
         stopped += bool(c.token_ids) and c.token_ids[-1] == engine.tok.eos_id  # closed its turn with <|im_end|>
         # The model's context, not max_new_tokens, ended the answer: one that did not stop, and likely
         # wrong, which a shorter prompt might have let finish. Counted, so a low score says why.
-        cut += (c.finish_reason == "length" and len(c.token_ids) < max_new_tokens
-                and len(prompt) + len(c.token_ids) >= engine.context_length)
+        cut += c.cut_by_context
         if len(samples) < KEPT_SAMPLES:
             samples.append({"prompt": ex.messages[-1]["content"], "answer": ex.answers[0], "output": c.text,
                             "correct": ok, "finish_reason": c.finish_reason})
@@ -645,10 +645,11 @@ def table_rows(results: dict[str, Any]) -> Iterator[tuple[str, str, str]]:
     for d in results.get("data", []):
         name = f"{Path(d['data']).name}/{d['split']}"
         cut = f"; --seq-len {d['seq_len_asked']} is beyond the model's context" if d.get("seq_len_asked") else ""
-        # A conversation of seq_len + 1 tokens is seq_len predictions, as in training.
-        unit = f"answer tokens, conversations of up to {d['seq_len'] + 1}" if d.get("kind") == "sft" else \
-            f"windows of {d['seq_len']}"
-        yield f"{name} loss ({unit} tokens{cut})", f"{d['loss']:.4f}", ""
+        # seq_len, as the JSON and the left-out row name it (SFT: conversations of up to seq_len + 1 tokens,
+        # which are seq_len predictions, as in training)
+        unit = f"answer tokens within seq_len {d['seq_len']}" if d.get("kind") == "sft" else \
+            f"windows of {plural(d['seq_len'], 'tokens')}"
+        yield f"{name} loss ({unit}{cut})", f"{d['loss']:.4f}", ""
         yield f"{name} perplexity", f"{d['perplexity']:.2f}", ""
         bpb = d["bits_per_byte"]  # None when the evaluated tokens spell no text (only <|im_end|>s)
         yield f"{name} bits per byte", "n/a" if bpb is None else f"{bpb:.4f}", ""

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import TinykError, memory_available, out_of_memory
+from .units import plural
 
 
 def cuda_autocast_dtype(device: torch.device) -> torch.dtype:
@@ -51,7 +52,9 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     except (RuntimeError, TypeError) as e:
         raise TinykError(f"unknown device {device!r} (use auto, cpu or cuda[:N])") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TinykError("--device cuda was asked for but CUDA is not available")
+        raise TinykError(f"--device {device} was asked for but CUDA is not available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= (count := torch.cuda.device_count()):
+        raise TinykError(f"--device {device}: this machine has {plural(count, 'CUDA devices')}, numbered from 0")
     if dev.type not in ("cpu", "cuda"):
         raise TinykError(f"unsupported device {device!r} (use auto, cpu or cuda[:N])")
     return dev

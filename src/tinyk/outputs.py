@@ -96,10 +96,10 @@ def check_output_file(out: str | Path, inputs: Iterable[str | Path | None], *, f
     """Refuses an output file that could not be written, or whose writing would destroy something:
     checked before the work, so a mistake costs nothing. With `replaces` (what this kind of output is
     called, and a check that a file is one) --force replaces only such a file."""
-    check_output(out, inputs)
     path = Path(out)
-    if path.is_dir():
+    if path.is_dir():  # first: a folder holding an input (--out /tmp) is no file name, not that input
         raise TinykError(f"--out {out} is a directory; give a file name for the JSON results")
+    check_output(out, inputs)
     if str(out).endswith(("/", os.sep)):  # Path() drops the slash: x.json/ would be written as the file x.json
         raise TinykError(f"--out {out} ends in '/', which names a directory; give a file name for the JSON results")
     if (path.exists() or path.is_symlink()) and not force:

@@ -27,6 +27,7 @@ PARALLEL_CHOICES = ("ddp", "fsdp")
 PRESET_NAMES = ", ".join(("seed-215m", "seed-82m", "tiny", "nano"))  # model.PRESETS' names, for --help
 
 SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit
+REPETITION_PENALTY_RANGE = (0.01, 10)  # engine.REPETITION_PENALTY_RANGE, here so that parsing arguments needs no torch
 
 
 def _refuse(rule: str, s: str) -> NoReturn:
@@ -113,6 +114,13 @@ def non_empty(s: str) -> str:
     return utf8_text(s)
 
 
+def stop_text(s: str) -> str:
+    """A `type=` for --stop: an empty stop string would be found before the first token, ending every answer."""
+    if not s:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return utf8_text(s)
+
+
 def output_path(s: str) -> str:
     """A `type=` for --out: an empty one (`--out "$DIR"` with DIR unset) is no path, not the current folder."""
     if not s:
@@ -150,15 +158,17 @@ def model_dir(text: str) -> str:
 def add_sampling_args(p: argparse.ArgumentParser, seed_help: str = "seed for reproducible sampling") -> None:
     """Sampling flags shared by generate, chat and serve; defaults avoid loops on small models.
 
-    The float flags are range-checked by `SamplingParams` (one line, before the model loads)."""
-    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy; higher = more random (default 0.7)")
+    Their ranges are `SamplingParams`' own, checked here so that a bad value is named by its flag."""
+    p.add_argument("--temperature", type=float_range(0), default=0.7,
+                   help="0 = greedy; higher = more random (default 0.7)")
     p.add_argument("--top-k", type=int_range(0, 1_000_000), default=50,
                    help="sample among the k most likely tokens; 0 = off (default 50)")
-    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass; 1 = off (default 0.9)")
-    p.add_argument("--min-p", type=float, default=0.0,
+    p.add_argument("--top-p", type=float_range(0, 1), default=0.9, help="nucleus sampling mass; 1 = off (default 0.9)")
+    p.add_argument("--min-p", type=float_range(0, 1), default=0.0,
                    help="drop tokens below min_p x the top probability; 0 = off (default 0)")
-    p.add_argument("--repetition-penalty", type=float, default=1.1,
-                   help="penalise tokens already in the text, 0.01 to 10; 1 = off (default 1.1)")
+    p.add_argument("--repetition-penalty", type=float_range(*REPETITION_PENALTY_RANGE), default=1.1,
+                   help="penalise tokens already in the text, {:g} to {:g}; 1 = off (default 1.1)".format(
+                       *REPETITION_PENALTY_RANGE))
     p.add_argument("--max-new-tokens", type=positive_int, default=256, help="token budget per answer (default 256)")
     p.add_argument("--seed", type=sampling_seed, default=None, help=seed_help)
 
@@ -174,7 +184,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="int8: weight-only int8 copies of the weights, bf16 compute (CPU; batch-1 decoding "
                         "1.5-1.75x as fast as transformers' fp32 generate in bench/decode.py, slightly different "
                         "numbers)")
-    p.add_argument("--stop", action="append", type=utf8_text, default=[], metavar="TEXT",
+    p.add_argument("--stop", action="append", type=stop_text, default=[], metavar="TEXT",
                    help="stop when this text appears (repeatable); it is not part of the output")
     p.add_argument("--threads", type=int_range(1, 4096), default=None,
                    help="CPU threads (default: torch's, one per core; on a machine busy with other work, fewer "

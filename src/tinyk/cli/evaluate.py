@@ -11,8 +11,8 @@ from tinyk.cli.common import batch_count, model_dir, output_path, positive_int, 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a model: data loss/bits per byte, chat tasks, multiple choice",
                        description="Modes combine: --data DIR (loss, perplexity, bits per byte), --task FILE "
-                                   "(JSONL of {messages, answer}: greedy exact match and stop rate), --choice DIR "
-                                   "(C-Eval/CMMLU CSVs: option log-likelihood vs chance).")
+                                   "(JSONL of {messages, answer}, or SFT records: greedy exact match and stop "
+                                   "rate), --choice DIR (C-Eval/CMMLU CSVs: option log-likelihood vs chance).")
     p.add_argument("--model", required=True, type=model_dir,
                    help="model directory, or a training run's (meaning its final/)")
     p.add_argument("--data", nargs="+", action="extend", default=[], metavar="DIR", help="prepared data directories")
@@ -21,7 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="window length for --data (default: SFT data's max_len, else the model's context; never "
                         "more than the context)")
     p.add_argument("--max-batches", type=positive_int, default=None, help="evaluate only this many batches of --data")
-    p.add_argument("--task", nargs="+", action="extend", default=[], metavar="FILE", help='JSONL of {"messages": ..., "answer": ...}')
+    p.add_argument("--task", nargs="+", action="extend", default=[], metavar="FILE",
+                   help='JSONL of {"messages": ..., "answer": ...}, or SFT records in any format `tinyk data sft` '
+                        "reads (BelleGroup, messages, Alpaca; JSONL or Parquet), the last reply being the answer")
     p.add_argument("--max-new-tokens", type=positive_int, default=64, help="answer length limit for --task (default 64)")
     p.add_argument("--system-prompt", type=utf8_text, default=None,
                    help="added to --task chats without one (default: the model's own, its SFT data's; '' for none)")

@@ -25,7 +25,7 @@ from tinyk.inputs import read_prompts
 from tinyk.units import plural
 
 if TYPE_CHECKING:
-    from tinyk.engine import Engine
+    from tinyk.engine import Completion, Engine
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -82,24 +82,31 @@ def _generate(args: argparse.Namespace) -> int:
                 sys.stdout.flush()
         finally:  # also before an error or Ctrl-C, which then get their own line
             sys.stdout.write("\n")
-        c = request.completion()
-        if c.finish_reason == "length" and c.completion_tokens < params.max_new_tokens:  # not the budget asked for
-            sys.stdout.flush()
-            print(f"(cut at {plural(c.completion_tokens, 'tokens')}: the prompt and the text fill the model's "
-                  f"{engine.context_length}-token context)", file=sys.stderr)
+        _say_if_cut(request.completion(), engine)
         return 0
     numbered = params.numbered(len(prompts))  # repeated prompts give different samples, each reproducible alone
     # Each sample is printed once it and those before it are done: Ctrl-C keeps what was printed.
     for i, c in zip(kept, engine.completions(ids, [numbered[i] for i in kept]), strict=True):
         prompt = prompts[i]
         if args.json:
+            # finish_reason stays OpenAI's "length"; the extra key tells the context's cut from the budget's
             print(json.dumps({"prompt": prompt, "text": c.text, "finish_reason": c.finish_reason,
+                              **({"cut_by_context": True} if c.cut_by_context else {}),
                               "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens},
                              ensure_ascii=False), flush=True)
         else:
             print(f"--- sample {i + 1} ({plural(c.completion_tokens, 'tokens')}, {c.finish_reason}) ---\n"
                   f"{for_terminal(prompt + c.text, sys.stdout)}", flush=True)
+        _say_if_cut(c, engine, f"sample {i + 1} ")
     return 0
+
+
+def _say_if_cut(c: Completion, engine: Engine, which: str = "") -> None:
+    """A note on stderr when the context window, not the --max-new-tokens asked for, ended a sample."""
+    if c.cut_by_context:
+        sys.stdout.flush()  # after the text it is about
+        print(f"({which}cut at {plural(c.completion_tokens, 'tokens')}: the prompt and the text fill the model's "
+              f"{engine.context_length}-token context)", file=sys.stderr, flush=True)
 
 
 def _chat(args: argparse.Namespace) -> int:

@@ -94,7 +94,8 @@ def _eval(args: argparse.Namespace) -> int:
     print(f"bos/eos/pad     {r['bos']} / {r['eos']} / {r['pad']}")
     lossy = r["normalizes"] and not r["roundtrip_ok"]
     verdict = "exact" if r["roundtrip_ok"] else "not exact, by design (NFKC normalisation)" if lossy else "FAILED"
-    print(f"round trip      {verdict} ({r['documents']} documents, {r['roundtrip_failures']} failures)")
+    print(f"round trip      {verdict} ({plural(r['documents'], 'documents')}, "
+          f"{plural(r['roundtrip_failures'], 'failures')})")
     if r["skipped"]["total"]:
         print(f"input           {Skips.from_json(r['skipped']).summary()}")
     print(f"compression     {r['chars_per_token']} chars/token, {r['bytes_per_token']} bytes/token")
