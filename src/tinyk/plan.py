@@ -44,12 +44,16 @@ DEFAULT_TOKENS = 10_000_000_000
 TUTORIAL_RUN = {"preset": "seed-215m", "gpu": "a100", "gpus": 4, "hours": 26.0, "tokens": 10e9}
 ASSUMED = "assumed"
 FP32_SHARE = 0.5  # of the fp32 peak an fp32 run is assumed to reach
+# Of a compiled run's MFU, what an eager one is assumed to reach where none was measured: eager mb64 reached
+# 52% of compiled mb64's on the H100 (22.2% against 42.7%) and 51% on the H200 (23.7% against 46.9%).
+EAGER_SHARE = 0.5
 MEASURED_MODEL = "seed-215m"  # the model bench/gpu.sh measures; its MFU is the one in GPUS
 
 
 @dataclass(frozen=True)
 class GPUSpec:
-    """A GPU class: memory as PyTorch reports it and the MFU tinyk reaches on it.
+    """A GPU class: memory as PyTorch reports it and the MFU tinyk reaches on it, compiled and eager
+    (the trainer's default: `compile` is off unless set).
 
     The dense bf16 peak (fp16 before Ampere) comes from the trainer's table (`monitor.GPU_PEAK_TFLOPS`),
     so plan and the training log divide by the same number.
@@ -58,10 +62,12 @@ class GPUSpec:
     key: str
     name: str
     memory_gib: float
-    mfu: float
+    mfu: float  # compiled
     mfu_source: str  # ASSUMED, or "measured: ..." naming the bench/gpu.sh run it comes from
     fp32_tflops: float  # dense fp32 without tensor cores (tinyk leaves TF32 off): what an fp32 run gets
     bf16: bool = True  # False before Ampere (T4, V100): autocast runs in fp16 there, and the peak is fp16's
+    eager_mfu: float | None = None  # None: EAGER_SHARE of `mfu`, assumed
+    eager_mfu_source: str = ASSUMED
 
     @property
     def peak_flops(self) -> float:
@@ -74,9 +80,13 @@ class GPUSpec:
         """An fp32 run's MFU, against the bf16 peak (the trainer's convention) its matmuls never touch."""
         return FP32_SHARE * self.fp32_tflops * 1e12 / self.peak_flops
 
-    @property
-    def mfu_measured(self) -> bool:
-        return self.mfu_source != ASSUMED
+    def mfu_for(self, compiled: bool) -> tuple[float, str]:
+        """The MFU of a compiled or an eager run, and its source (ASSUMED, or "measured: ...")."""
+        if compiled:
+            return self.mfu, self.mfu_source
+        if self.eager_mfu is None:
+            return EAGER_SHARE * self.mfu, ASSUMED
+        return self.eager_mfu, self.eager_mfu_source
 
 
 # MFU stays "assumed" (peers: nanochat 41-47% and llm.c ~40% on H100, TinyLlama 56% on A100; 40% for
@@ -89,12 +99,16 @@ GPUS: dict[str, GPUSpec] = {g.key: g for g in [
     GPUSpec("a800", "NVIDIA A800 80GB", 79.2, 0.40, ASSUMED, 19.5),
     # Measured before the bf16 residual stream, which gave +4% on an H200.
     GPUSpec("h100", "NVIDIA H100 80GB SXM", 79.1, 0.427,
-            "measured: bench/gpu.sh on NVIDIA H100 80GB HBM3, compiled mb64, 2026-11-28", 67.0),
+            "measured: bench/gpu.sh on NVIDIA H100 80GB HBM3, compiled mb64, 2026-11-28, before the bf16 residual "
+            "stream", 67.0, eager_mfu=0.222,
+            eager_mfu_source="measured: bench/gpu.sh on NVIDIA H100 80GB HBM3, eager mb64, 2026-11-28, before the "
+                             "bf16 residual stream"),
     GPUSpec("h100-pcie", "NVIDIA H100 PCIe 80GB", 79.1, 0.40, ASSUMED, 51.0),
     GPUSpec("h800", "NVIDIA H800 80GB SXM", 79.1, 0.40, ASSUMED, 67.0),
-    # At the shipped config's micro-batch 64: the median of three runs, 46.9-47.9% (128 measured 48.6%).
+    # At the shipped config's micro-batch 64: compiled, the median of three runs, 46.9-47.9% (128 measured 48.6%).
     GPUSpec("h200", "NVIDIA H200 141GB", 139.8, 0.472,
-            "measured: bench/gpu.sh on NVIDIA H200, compiled mb64, median of 3 runs, 2026-12-04", 67.0),
+            "measured: bench/gpu.sh on NVIDIA H200, compiled mb64, median of 3 runs, 2026-12-04", 67.0,
+            eager_mfu=0.237, eager_mfu_source="measured: bench/gpu.sh on NVIDIA H200, eager mb64, 2026-12-04"),
     GPUSpec("h20", "NVIDIA H20 96GB", 95.0, 0.40, ASSUMED, 44.0),
     GPUSpec("l40s", "NVIDIA L40S 48GB", 44.5, 0.40, ASSUMED, 91.6),
     GPUSpec("l4", "NVIDIA L4 24GB", 22.1, 0.35, ASSUMED, 30.3),
@@ -243,6 +257,12 @@ def head_saved_bytes(cfg: ModelConfig, amp: bool) -> int:
     return final_norm + 4 * v
 
 
+def checkpointed_bytes_per_token(cfg: ModelConfig, amp: bool) -> int:
+    """Bytes per token a checkpointed block keeps: its input, in the residual stream's dtype (bf16 or fp16
+    under autocast)."""
+    return (2 if amp else 4) * cfg.dim
+
+
 # Input ids and targets (int64) on the device during a micro-step.
 BATCH_BYTES_PER_TOKEN = 16
 
@@ -346,7 +366,7 @@ def estimate_memory(s: Setup) -> Memory:
     if not s.checkpointing:
         phases["backward start"] = (cfg.n_layers * layer + head + batch + loss_grads, grads_live, copies)
     else:
-        inputs = act * d * tokens  # per block: its input, kept for the recomputation
+        inputs = checkpointed_bytes_per_token(cfg, s.amp) * tokens  # per block: its input, kept for the recomputation
         saved = cfg.n_layers * inputs + head + batch
         phases["forward end"] = (saved + (act + 4) * v * tokens, grads_live, cached)
         phases["backward start"] = (saved + loss_grads, grads_live, head_copy)
@@ -401,6 +421,7 @@ class RunSpec:
     parallel: str
     checkpointing: bool
     max_tokens: int | None = None  # the config's budget (max_tokens, max_steps), planned without --tokens
+    compiled: bool = False  # torch.compile: about twice an eager run's MFU
 
 
 def run_spec(*, preset: str | None, config: str | None, sets: Iterable[str] = (),
@@ -435,7 +456,8 @@ def run_spec(*, preset: str | None, config: str | None, sets: Iterable[str] = ()
     name = named if same else f"custom ({config or preset})"
     return RunSpec(name=name, cfg=cfg, seq_len=seq_len, batch_size=tc.batch_size,
                    micro_batch=tc.micro_batch, dtype=tc.dtype, parallel=tc.parallel,
-                   checkpointing=tc.activation_checkpointing, max_tokens=min(budgets) if budgets else None)
+                   checkpointing=tc.activation_checkpointing, max_tokens=min(budgets) if budgets else None,
+                   compiled=tc.compile)
 
 
 def make_plan(run: RunSpec, gpu: GPUSpec, *, gpus: int = 1, nodes: int = 1, tokens: float = DEFAULT_TOKENS,
@@ -466,9 +488,20 @@ def make_plan(run: RunSpec, gpu: GPUSpec, *, gpus: int = 1, nodes: int = 1, toke
     used_mfu, mfu_source = _planned_mfu(run, gpu, mfu)
     # Recomputing the forward adds a third to the compute while MFU counts model FLOPs only.
     efficiency = 0.75 if run.checkpointing else 1.0
-    per_gpu = used_mfu * gpu.peak_flops * efficiency / fpt
-    wall_s = tokens / (per_gpu * world)
-    gpu_hours = wall_s / 3600 * world
+
+    def pace(m: float) -> tuple[float, float, float]:
+        """tokens/s per GPU, wall seconds and GPU-hours at MFU `m`."""
+        per_gpu = m * gpu.peak_flops * efficiency / fpt
+        wall_s = tokens / (per_gpu * world)
+        return per_gpu, wall_s, wall_s / 3600 * world
+
+    per_gpu, wall_s, gpu_hours = pace(used_mfu)
+    with_compile = None
+    if not run.compiled and mfu is None and dtype != "fp32":  # fp32's assumed MFU has no compiled figure
+        compiled_mfu, compiled_source = gpu.mfu_for(compiled=True)
+        _, c_wall_s, c_gpu_hours = pace(compiled_mfu)
+        with_compile = {"mfu": compiled_mfu, "mfu_source": compiled_source, "wall_h": c_wall_s / 3600,
+                        "gpu_hours": c_gpu_hours, "cost": None if price is None else c_gpu_hours * price}
     plan: dict[str, Any] = {
         "model": {"name": run.name, "parameters": size["parameters"], "config": cfg.to_dict()},
         "flops_per_token": fpt,
@@ -479,28 +512,33 @@ def make_plan(run: RunSpec, gpu: GPUSpec, *, gpus: int = 1, nodes: int = 1, toke
         "run": {"seq_len": run.seq_len, "batch_size": run.batch_size, "micro_batch": micro,
                 "micro_batch_requested": run.micro_batch,
                 "grad_accum": accum, "dtype": dtype, "parallel": run.parallel if world > 1 else "none",
+                "parallel_requested": run.parallel, "compile": run.compiled,
                 "activation_checkpointing": run.checkpointing, "tokens": int(tokens)},
         "memory": mem.to_json(),
         "memory_other_checkpointing": other.to_json(),
         "fits": mem.peak <= usable_bytes(gpu),
         "largest_micro_batch": {"no_checkpointing": fits[False], "checkpointing": fits[True]},
-        "throughput": {"mfu": used_mfu, "mfu_source": mfu_source, "tokens_per_s_per_gpu": per_gpu,
-                       "tokens_per_s": per_gpu * world,
+        "throughput": {"mfu": used_mfu, "mfu_source": mfu_source,
+                       # which of the table's figures: none for --mfu's, or fp32's assumption
+                       "mfu_mode": None if mfu is not None or dtype == "fp32" else
+                       "compiled" if run.compiled else "eager",
+                       "tokens_per_s_per_gpu": per_gpu, "tokens_per_s": per_gpu * world,
                        # with --mfu the user has said what they expect
                        "small_model": size["parameters"] < SMALL_MODEL and mfu is None},
         "time": {"wall_s": wall_s, "wall_h": wall_s / 3600, "gpu_hours": gpu_hours},
         "cost": None if price is None else {"price_per_gpu_hour": price, "total": gpu_hours * price},
+        "with_compile": with_compile,  # an eager run's plan: what --compile would give
     }
     amp = setup.amp
     plan["activation_model"] = {
         "layer_bytes_per_token": layer_saved_bytes(cfg, amp, setup.repeat_kv),
-        "checkpointed_layer_bytes_per_token": 4 * cfg.dim,
+        "checkpointed_layer_bytes_per_token": checkpointed_bytes_per_token(cfg, amp),
         "head_bytes_per_token": head_saved_bytes(cfg, amp),
         "loss_gradient_bytes_per_token": 8 * cfg.vocab_size,
     }
     if run.cfg == ModelConfig(**PRESETS[TUTORIAL_RUN["preset"]]):
         a100 = GPUS[TUTORIAL_RUN["gpu"]]
-        a100_mfu, a100_source = a100.mfu, a100.mfu_source
+        a100_mfu, a100_source = a100.mfu_for(run.compiled)
         if gpu.key == a100.key:
             a100_mfu, a100_source = used_mfu, mfu_source
         elif run.dtype == "fp32" and mfu is None:  # the same precision on the tutorial's cards
@@ -560,10 +598,10 @@ def _planned_mfu(run: RunSpec, gpu: GPUSpec, mfu: float | None) -> tuple[float, 
         return gpu.fp32_mfu, (f"ASSUMED for fp32: {FP32_SHARE:.0%} of this GPU's {gpu.fp32_tflops:g} TFLOP/s fp32 "
                               "peak (bench/gpu.sh's fp32 row reached 54% of it on an H100); use --dtype auto for "
                               "real runs")
-    source = gpu.mfu_source
-    if gpu.mfu_measured and _shape(run.cfg) != _shape(preset_config(MEASURED_MODEL)):
+    used, source = gpu.mfu_for(run.compiled)
+    if source != ASSUMED and _shape(run.cfg) != _shape(preset_config(MEASURED_MODEL)):
         source += f"; for {MEASURED_MODEL}, not this model: smaller models usually reach less"
-    return gpu.mfu, source
+    return used, source
 
 
 _LABEL = 36
@@ -613,10 +651,18 @@ def _pct(x: float) -> str:
     return f"{x:.0%}" if x >= 0.1 else f"{x:.1%}"
 
 
-def _mfu_text(mfu: float, source: str) -> str:
-    if source == ASSUMED:
-        return f"{_pct(mfu)} (ASSUMED: not yet measured by bench/gpu.sh on this GPU class; override with --mfu)"
-    return f"{_pct(mfu)} ({source})"
+def _mfu_text(t: dict[str, Any]) -> str:
+    """The MFU, whether it is a compiled or an eager run's, and where it comes from."""
+    mfu, source = t["mfu"], t["mfu_source"]
+    mode = t["mfu_mode"]
+    if mode is None:
+        return f"{_pct(mfu)} ({source})"
+    if source != ASSUMED:
+        return f"{_pct(mfu)} {mode} ({source})"
+    derived = (f"{EAGER_SHARE:.0%} of the compiled {_pct(mfu / EAGER_SHARE)}, the eager share measured on H100 "
+               f"and H200; " if mode == "eager" else "")
+    return (f"{_pct(mfu)} {mode} (ASSUMED: {derived}not yet measured by bench/gpu.sh on this GPU class; override "
+            f"with --mfu)")
 
 
 def _memory_lines(p: dict[str, Any]) -> list[str]:
@@ -691,6 +737,9 @@ def format_plan(p: dict[str, Any]) -> str:
         # The trainer has no memory model: left unset, its micro-batch is the whole batch per process.
         note = (f"micro_batch is not set, so the trainer would run all {per_gpu} sequences per GPU at once, which "
                 f"does not fit; this plan is for --micro-batch {r['micro_batch']}: pass that to the trainer")
+    notes = [note] if note else []
+    if r["parallel_requested"] == "fsdp" and g["count"] == 1:
+        notes.append("with one GPU FSDP is not used: the trainer runs one process with the whole model")
     precision = "fp32" if r["dtype"] == "fp32" else f"{r['dtype']} autocast"
     parallel = {"none": "one process", "ddp": "DDP", "fsdp": "FSDP"}[r["parallel"]]
     lines = [
@@ -703,20 +752,24 @@ def format_plan(p: dict[str, Any]) -> str:
         f"run          seq {r['seq_len']}; global batch {r['batch_size']} sequences = micro-batch {r['micro_batch']} "
         f"x {r['grad_accum']} accumulation x {g['count']} GPU{'s' * (g['count'] > 1)}; {precision} with fp32 "
         f"master weights; {parallel}; activation checkpointing {'on' if ck else 'off'}",
-        *([f"note         {note}"] if note else []),
+        *(f"note         {n}" for n in notes),
         "",
         *_memory_lines(p),
         "",
     ]
-    t, tm = p["throughput"], p["time"]
+    t, tm, wc = p["throughput"], p["time"], p["with_compile"]
     lines += [
-        f"throughput   MFU {_mfu_text(t['mfu'], t['mfu_source'])}" + ("; x0.75 for recomputation" if ck else ""),
+        f"throughput   MFU {_mfu_text(t)}" + ("; x0.75 for recomputation" if ck else ""),
         *([f"             a model of {m['parameters'] / 1e6:.2g}M parameters is far below that MFU: its kernels are "
            f"too short to keep a GPU busy, so expect many times less (--mfu sets it)"] if t["small_model"] else []),
         f"             {t['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU, {t['tokens_per_s']:,.0f} in total",
         f"time         {_token_count(r['tokens'])} tokens in {_duration(tm['wall_h'])} = {_amount(tm['gpu_hours'])} "
         f"GPU-hours",
     ]
+    if wc:
+        lines.append(f"             with --compile: MFU {_pct(wc['mfu'])} "
+                     f"({'assumed' if wc['mfu_source'] == ASSUMED else 'measured'}), {_duration(wc['wall_h'])} = "
+                     f"{_amount(wc['gpu_hours'])} GPU-hours" + ("" if wc["cost"] is None else f", cost {wc['cost']:,.2f}"))
     if p["cost"]:
         lines.append(f"cost         {p['cost']['total']:,.2f} = {_amount(tm['gpu_hours'])} GPU-hours x "
                      f"{p['cost']['price_per_gpu_hour']:g} per GPU-hour")
@@ -727,9 +780,14 @@ def format_plan(p: dict[str, Any]) -> str:
         if base != tut["gpu_hours"]:
             line += (f" for its {_token_count(tut['tokens'])} tokens, {_amount(base)} at that pace for "
                      f"{_token_count(p['run']['tokens'])}")
-        line += f"; this plan: {_amount(tm['gpu_hours'])} {g['key'].upper()}-hours ({_ratio(base, tm['gpu_hours'])})"
+        mode = f", {t['mfu_mode']}" if t["mfu_mode"] else ""
+        line += (f"; this plan{mode}: {_amount(tm['gpu_hours'])} {g['key'].upper()}-hours "
+                 f"({_ratio(base, tm['gpu_hours'])})")
+        if wc:
+            line += f", with --compile {_amount(wc['gpu_hours'])} ({_ratio(base, wc['gpu_hours'])})"
         if g["key"] != "a100":
-            line += (f"; on A100 at MFU {_pct(tut['a100_mfu'])}"
+            a100_mode = "" if r["dtype"] == "fp32" else " compiled" if r["compile"] else " eager"
+            line += (f"; on A100 at MFU {_pct(tut['a100_mfu'])}{a100_mode}"
                      f"{' (assumed)' if tut['a100_mfu_source'] == ASSUMED else ''}"
                      f": {_amount(tut['a100_hours'])} A100-hours ({_ratio(base, tut['a100_hours'])})")
         lines.append(line)

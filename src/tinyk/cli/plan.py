@@ -34,6 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                       help="auto = bf16 autocast (fp16 on cards without bf16)")
     what.add_argument("--parallel", choices=PARALLEL_CHOICES)
     what.add_argument("--activation-checkpointing", action="store_true", default=None)
+    what.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                      help="plan a torch.compile run, about twice an eager run's MFU (default: the config's, off)")
     where = p.add_argument_group("where")
     where.add_argument("--gpu", default="a100",
                        help="a GPU class: a100, a100-40gb, a800, h100, h100-pcie, h800, h200, h20, l40s, l4, a6000, "
@@ -45,8 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="training tokens: 10B, 500M, 2e9 (default: the config's max_tokens or max_steps "
                             "budget, else 10B, the seed's corpus)")
     where.add_argument("--price", type=float_range(0, 1e6), help="price per GPU-hour, for the cost line")
-    where.add_argument("--mfu", type=float, help="model FLOPs utilisation to assume, e.g. 0.45 (default: the "
-                                                 "GPU table's)")
+    where.add_argument("--mfu", type=float_range(0.001, 1, unit=" (a fraction, e.g. 0.45)"),
+                       help="model FLOPs utilisation to assume, e.g. 0.45 (default: the GPU table's, for an eager "
+                            "or a compiled run)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=_run)
 
@@ -57,7 +60,7 @@ def _run(args: argparse.Namespace) -> int:
     run = run_spec(preset=args.preset, config=args.config, sets=args.set,
                    overrides={"seq_len": args.seq_len, "batch_size": args.batch_size, "micro_batch": args.micro_batch,
                               "dtype": args.dtype, "parallel": args.parallel,
-                              "activation_checkpointing": args.activation_checkpointing},
+                              "activation_checkpointing": args.activation_checkpointing, "compile": args.compile},
                    tokenizer=args.tokenizer)
     tokens = args.tokens or run.max_tokens or DEFAULT_TOKENS
     plan = make_plan(run, find_gpu(args.gpu), gpus=args.gpus, nodes=args.nodes, tokens=tokens,
