@@ -8,8 +8,11 @@ allocation (parameters and optimizer state included) is printed beside the estim
   .venv/bin/python bench/plan_vs_measured.py                 # seed-215m, fp32, micro-batch 2, seq 512
   .venv/bin/python bench/plan_vs_measured.py --all           # also checkpointing and bf16 autocast
   .venv/bin/python bench/plan_vs_measured.py --preset tiny --micro-batch 4 --seq-len 256 --all
+  .venv/bin/torchrun --nproc-per-node 2 bench/plan_vs_measured.py --parallel fsdp --all   # a job's step, gloo
 
-seed-215m needs about 5 GB of RAM and a minute or two per row on two cores.
+seed-215m needs about 5 GB of RAM and a minute or two per row on two cores. Under torchrun each
+process measures its own step (DDP's gradient buckets, FSDP's shards and unsharded blocks in flight);
+the table shows the largest of them beside the plan's memory per GPU for that many GPUs.
 """
 
 from __future__ import annotations
@@ -17,9 +20,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import sys
 import time
 from dataclasses import replace
+
+import torch.distributed as dist
 
 from tinyk.model import preset_config
 from tinyk.plan import MiB, Setup, estimate_memory, measure_step_memory
@@ -30,12 +36,21 @@ def compare(s: Setup) -> dict:
     s = replace(s, fused_adamw=False)
     t0 = time.perf_counter()
     measured = measure_step_memory(s)
+    if s.world_size > 1:  # the plan is per GPU: the process that needs the most
+        measured = max(_gathered(measured), key=lambda m: m["peak"])
     est = estimate_memory(s)
     return {"micro_batch": s.micro_batch, "seq_len": s.seq_len, "dtype": "bf16 autocast" if s.amp else "fp32",
             "checkpointing": s.checkpointing, "grad_accum": s.grad_accum,
+            "parallel": s.parallel if s.world_size > 1 else "none", "processes": s.world_size,
             "measured_mib": measured["peak"] / MiB, "static_mib": measured["static"] / MiB,
             "estimated_mib": est.peak / MiB, "phase": est.phase, "error": est.peak / measured["peak"] - 1,
             "seconds": time.perf_counter() - t0}
+
+
+def _gathered(obj: dict) -> list[dict]:
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,22 +60,35 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--grad-accum", type=int, default=1)
     ap.add_argument("--all", action="store_true", help="also activation checkpointing and bf16 autocast")
+    ap.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp", help="under torchrun: how the job trains")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
 
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        dist.init_process_group("gloo")
+    talk = int(os.environ.get("RANK", "0")) == 0
     cfg = preset_config(args.preset)
     combos = list(itertools.product((False, True), (False, True))) if args.all else [(False, False)]
-    print(f"{args.preset} on CPU: one optimizer step, peak bytes allocated (parameters and AdamW state included)")
-    print(f"{'dtype':<14}{'ckpt':<6}{'micro':>6}{'seq':>6}{'measured MiB':>14}{'plan MiB':>10}{'error':>8}  "
-          f"plan's peak phase")
+    job = f", {args.parallel.upper()} over {world} processes (the largest one's)" if world > 1 else ""
+    if talk:
+        print(f"{args.preset} on CPU{job}: one optimizer step, peak bytes allocated (parameters and AdamW state "
+              f"included)")
+        print(f"{'dtype':<14}{'ckpt':<6}{'micro':>6}{'seq':>6}{'measured MiB':>14}{'plan MiB':>10}{'error':>8}  "
+              f"plan's peak phase")
     rows = []
     for amp, ckpt in combos:
-        s = Setup(cfg, args.seq_len, args.micro_batch, amp=amp, checkpointing=ckpt, grad_accum=args.grad_accum)
+        s = Setup(cfg, args.seq_len, args.micro_batch, amp=amp, checkpointing=ckpt, grad_accum=args.grad_accum,
+                  parallel=args.parallel, world_size=world)
         r = compare(s)
         rows.append(r)
-        print(f"{r['dtype']:<14}{'on' if ckpt else 'off':<6}{r['micro_batch']:>6}{r['seq_len']:>6}"
-              f"{r['measured_mib']:>14,.1f}{r['estimated_mib']:>10,.1f}{r['error']:>+8.1%}  {r['phase']}", flush=True)
-    if args.json:
+        if talk:
+            print(f"{r['dtype']:<14}{'on' if ckpt else 'off':<6}{r['micro_batch']:>6}{r['seq_len']:>6}"
+                  f"{r['measured_mib']:>14,.1f}{r['estimated_mib']:>10,.1f}{r['error']:>+8.1%}  {r['phase']}",
+                  flush=True)
+    if world > 1:
+        dist.destroy_process_group()
+    if args.json and talk:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"preset": args.preset, "rows": rows}, f, indent=2)
     return 0 if all(abs(r["error"]) <= 0.15 for r in rows) else 1

@@ -178,7 +178,7 @@ def test_bad_records_are_skipped_counted_and_located(tmp_path, tok_dir):
                                             "names the one with the text",
                            "lone_surrogate": "a \\ud800-\\udfff escape without its pair is no text; fix the "
                                              "program that wrote it",
-                           "line_too_long": "a line over 16,777,216 bytes is skipped; tinyk data and tokenizer train "
+                           "line_too_long": "a line over 16 MiB is skipped; tinyk data and tokenizer train "
                                             "read longer ones with --max-line-bytes"}
     assert sk["hints"]["missing_field"] in Skips.from_json(sk).summary()  # as `tinyk data` prints it
     assert sk["first"]["line_too_long"] == ["bad.jsonl:7"]
@@ -532,16 +532,17 @@ def test_the_partial_folder_stays_locked_until_it_is_the_output(tmp_path, tok_di
 def test_starting_over_names_what_differs_from_the_stopped_run():
     from tinyk.data import _difference
 
-    was = {"inputs": [{"path": "/d/a.jsonl", "bytes": 1000, "mtime_ns": 5}], "tokenizer_hash": "t1",
+    now = {"inputs": [{"path": "/d/a.jsonl", "bytes": 1000, "mtime_ns": 5}], "tokenizer_hash": "t1",
            "options": {"seed": 0, "field": "text"}, "strict": False, "tinyk": "0.1"}
-    for edit, said in (({"inputs": [{"path": "/d/b.jsonl", "bytes": 1000, "mtime_ns": 5}]}, "other input files"),
+    for then, said in (({"inputs": [{"path": "/d/b.jsonl", "bytes": 1000, "mtime_ns": 5}]}, "other input files"),
                        ({"inputs": [{"path": "/d/a.jsonl", "bytes": 2000, "mtime_ns": 5}]},
-                        "another a.jsonl (1,000 bytes then, 2,000 now)"),
+                        "another a.jsonl (2,000 bytes then, 1,000 bytes now)"),
+                       ({"inputs": [{"path": "/d/a.jsonl"}]}, "another a.jsonl (1,000 bytes now)"),  # hand-edited
                        ({"tokenizer_hash": "t2"}, "another tokenizer"),
                        ({"options": {"seed": 0, "field": "content", "max_line_bytes": 9}},
                         "other options (--field, --max-line-bytes)"),
-                       ({"strict": True}, "no --strict"), ({"tinyk": "0.2"}, "another version of tinyk")):
-        assert _difference(was, {**was, **edit}) == said
+                       ({"strict": True}, "--strict"), ({"tinyk": "0.0"}, "another version of tinyk")):
+        assert _difference({**now, **then}, now) == said
 
 
 def test_a_stopped_run_is_not_continued_by_another_command(tmp_path, tok_dir, monkeypatch, capsys):

@@ -273,7 +273,9 @@ def test_a_signal_during_training_stops_the_demo_as_in_every_other_stage(tmp_pat
 
     monkeypatch.setattr(tinyk.demo, "run_demo", demo_of_one_run)
     for signal_name, status, said in (("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated"),
-                                      ("SIGHUP", 129, "stopped by SIGHUP")):
+                                      ("SIGHUP", 129, "stopped by SIGHUP"),
+                                      ("SIGPIPE", 141, "stopped: its output could not be written (the reader left, or "
+                                                       "a full disk)")):
         monkeypatch.setattr(tinyk.train, "train", lambda cfg, force, s=signal_name: {"status": "interrupted",
                                                                                     "stop_signal": s})
         with pytest.raises(SystemExit) as e:

@@ -162,7 +162,7 @@ def test_bad_prompts(engine):
     # OpenAI's newer name for the system role, as in the template, the server and SFT data.
     msgs = [{"role": "system", "content": "你是助手"}, {"role": "user", "content": "你好"}]
     assert engine.chat_ids([{**msgs[0], "role": "developer"}, msgs[1]]) == engine.chat_ids(msgs)
-    with pytest.raises(TinykError, match="2 sampling params for 1 prompt$"):
+    with pytest.raises(TinykError, match=r"2 sets of sampling params for 1 prompt \(give one per prompt, or one for all\)$"):
         engine.generate(["a"], [GREEDY, GREEDY])
 
 

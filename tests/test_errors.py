@@ -36,11 +36,10 @@ def test_input_that_is_not_a_file(tmp_path, capsys):
     d = tmp_path / "语料 dir"
     d.mkdir()
     code, err = run_cli(["tokenizer", "train", str(d), "--out", str(tmp_path / "t")], capsys)
-    assert code == 2 and err == f"tinyk: error: input is a directory, not a file: {d} (give its files, e.g. '{d}'/*.jsonl)\n"
+    assert code == 2 and err == f"tinyk: error: input is a directory, not a file: {d} (give the files in it)\n"
     code, err = run_cli(["data", "pretrain", "--input", "-", "--tokenizer", str(d), "--out", str(tmp_path / "t")],
                         capsys)  # stdin: not "input file not found: -"
-    assert code == 2 and err == ("tinyk: error: inputs are read from files, not from stdin (-): they are sized first "
-                                 "and read more than once; save what it gives to a file first\n")
+    assert code == 2 and err == "tinyk: error: inputs are read from files, not from stdin (-): save what it gives to a file first\n"
 
 
 def test_an_output_that_is_a_file_is_named_so_without_force_first(tmp_path, capsys, corpus_file):
@@ -507,8 +506,8 @@ def test_model_and_prompt_file_mistakes_name_the_way_out(tmp_path, nano_model_di
     gbk = tmp_path / "gbk.txt"
     gbk.write_bytes("北京大学\n".encode("gbk"))
     code, err = run_cli(["generate", "--model", str(nano_model_dir), "--prompt-file", str(gbk)], capsys)
-    assert code == 2 and err.startswith(f"tinyk: error: {gbk}: not UTF-8 text (1 of its first 1 lines are not: GBK or "
-                                        f"another encoding?); convert it first, e.g. iconv -f gbk -t utf-8")
+    assert code == 2 and err.startswith(f"tinyk: error: {gbk}: not UTF-8 text (1 of 1 line read could not be decoded: "
+                                        f"GBK or another encoding?); convert it first, e.g. iconv -f gbk -t utf-8")
     # A file's prompt too long for the context is skipped and counted, as a file's bad records are (one of
     # 400 ended the whole file); a prompt typed out with --prompt is refused, as it is what the user means.
     long = tmp_path / "long.txt"
@@ -585,3 +584,11 @@ def test_a_hand_edited_huge_context_is_one_line_naming_the_key(tmp_path, nano_mo
     assert re.fullmatch(r"tinyk: error: a context of 100,000,000 positions \(max_seq_len, max_position_embeddings in "
                         r"config.json\) needs about 25.6 GB for its RoPE tables alone, more than this machine (has|can "
                         r"spare \([\d.,]+ GB available\))\n", r.stderr), r.stderr[-2000:]
+
+
+def test_output_to_a_full_disk_is_one_line_that_says_so():
+    """`tinyk plan > /dev/full` said only "[Errno 28] No space left on device", not what could not be written."""
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, "-m", "tinyk", "plan", "--preset", "nano"], stdout=full,
+                           stderr=subprocess.PIPE, text=True)
+    assert r.returncode == 2 and r.stderr == "tinyk: error: its output could not be written: No space left on device\n"

@@ -294,6 +294,12 @@ def test_a_txt_file_of_json_records_is_refused_with_the_name_it_needs(tmp_path):
         texts(src)
     src.write_bytes(gzip.compress('{不是 JSON} 而是文本\n{"text": "x"}\n'.encode()))  # only the first line decides
     assert texts(src) == ["{不是 JSON} 而是文本", '{"text": "x"}']
+    src.write_bytes(gzip.compress(b'{"a": 1}\n{}\n'))  # JSON, but no record the .jsonl reader would read
+    assert texts(src) == ['{"a": 1}', "{}"]
+    sft = tmp_path / "sft.txt"  # conversations are read as conversations, not by a 'text' field
+    sft.write_text(json.dumps({"instruction": "你好", "output": "你好！"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    with pytest.raises(TinykError, match=r"name it sft.jsonl to read them as conversations$"):
+        list(iter_records([sft], Skips(), message_lists=True))
 
 
 def test_a_file_in_another_encoding_is_refused_not_skipped_line_by_line(tmp_path, tok_dir, capsys):
@@ -308,8 +314,11 @@ def test_a_file_in_another_encoding_is_refused_not_skipped_line_by_line(tmp_path
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2 and capsys.readouterr().err == (
-            f"tinyk: error: {gbk}: not UTF-8 text (500 of its first 501 lines are not: GBK or another encoding?); "
-            f"convert it first, e.g. iconv -f gbk -t utf-8 '{gbk}' > 'utf8-语料 gbk.txt'\n")
+            f"tinyk: error: {gbk}: not UTF-8 text (500 of 501 lines read could not be decoded: GBK or another "
+            f"encoding?); convert it first, e.g. iconv -f gbk -t utf-8 '{gbk}' > '{tmp_path / 'utf8-语料 gbk.txt'}'\n")
+    # A sample (--max-bytes) is judged on what it read.
+    with pytest.raises(TinykError, match=r"not UTF-8 text \(5 of 5 lines read could not be decoded"):
+        list(iter_texts([gbk], Skips(), max_bytes=200))
     assert gbk.read_bytes() == before and not (tmp_path / "tok").exists() and not (tmp_path / "d").exists()
     # The first 1,000 lines decide: GBK lines after them (a file glued from two sources) are skipped and counted.
     mixed = tmp_path / "mixed.txt"
@@ -320,10 +329,13 @@ def test_a_file_in_another_encoding_is_refused_not_skipped_line_by_line(tmp_path
     small = tmp_path / "small.txt"  # a short file is judged whole: 1 bad line of 3 is a bad line
     small.write_bytes("好\n".encode() + "坏\n".encode("gbk") + "好\n".encode())
     assert texts(small) == ["好", "好"]
+    spaced = tmp_path / "spaced.txt"  # blank lines are no lines of text: they neither decide nor dilute
+    spaced.write_bytes("坏\n".encode("gbk") + b"\n" * 1500 + "好\n".encode() * 3)
+    assert texts(spaced) == ["好"] * 3
     with gzip.open(tmp_path / "g.txt.gz", "wb") as f:
         f.write("坏\n".encode("gbk"))
-    with pytest.raises(TinykError, match=r"g.txt.gz: not UTF-8 text \(1 of its first 1 lines are not: .*e.g. iconv "
-                                         r"-f gbk -t utf-8$"):
+    with pytest.raises(TinykError, match=r"g.txt.gz: not UTF-8 text \(1 of 1 line read could not be decoded: .*e.g. "
+                                         r"gzip -dc .*g.txt.gz \| iconv -f gbk -t utf-8 \| gzip > .*utf8-g.txt.gz$"):
         texts(tmp_path / "g.txt.gz")
 
 
@@ -413,7 +425,7 @@ def test_gbk_task_file_is_one_line(tmp_path):
     task = tmp_path / "task.jsonl"
     rec = {"messages": [{"role": "user", "content": "你好"}], "answer": "好"}
     task.write_bytes((json.dumps(rec, ensure_ascii=False) + "\n").encode("gbk"))
-    with pytest.raises(TinykError, match="task.jsonl: not UTF-8 text .*iconv -f gbk -t utf-8"):
+    with pytest.raises(TinykError, match="task.jsonl: not UTF-8 text .*iconv -f gbk -t utf-8 .*task.jsonl > "):
         read_task(task, Skips())
 
 

@@ -793,7 +793,8 @@ def _fingerprint(kind: str, paths: list[Path], tok_hash: str, options: dict[str,
         st = p.stat()
         inputs.append({"path": shown(p.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns})
     return {"tinyk": __version__, "kind": kind, "format_version": FORMAT_VERSION,
-            "val_split": "by content, system prompt aside", "tokenizer_hash": tok_hash, "inputs": inputs,
+            "val_split": "by content, system prompt aside", "txt_lines": "ended by LF, CRLF or a lone CR",
+            "tokenizer_hash": tok_hash, "inputs": inputs,
             "options": options, "strict": strict}
 
 
@@ -805,7 +806,8 @@ def _difference(was: dict[str, Any], now: dict[str, Any]) -> str:
     for before, after in zip(old_inputs, new_inputs, strict=True):
         name = Path(after["path"]).name
         if before.get("bytes") != after["bytes"]:
-            return f"another {name} ({before.get('bytes') or 0:,} bytes then, {after['bytes']:,} now)"
+            then = f"{before['bytes']:,} bytes then, " if isinstance(before.get("bytes"), int) else ""
+            return f"another {name} ({then}{after['bytes']:,} bytes now)"
         if before.get("mtime_ns") != after["mtime_ns"]:
             return f"{name} as it was before it was modified (its time changed, e.g. by an edit, touch or a copy)"
     if was.get("tokenizer_hash") != now["tokenizer_hash"]:

@@ -820,7 +820,8 @@ class Engine:
             raise TinykError("prompts must be a list")
         plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         if len(plist) != len(prompts):
-            raise TinykError(f"{len(plist)} sampling params for {plural(len(prompts), 'prompts')}")
+            raise TinykError(f"{len(plist)} sets of sampling params for {plural(len(prompts), 'prompts')} (give one "
+                             f"per prompt, or one for all)")
         reqs = deque(self.request(p, sp, stream=False) for p, sp in zip(prompts, plist, strict=True))
         for _ in self._steps(list(reqs)):
             while reqs and reqs[0].finished:

@@ -24,7 +24,8 @@ from typing import Any, BinaryIO
 from .errors import DamagedInput, TinykError, not_found, one_line, shown
 from .units import plural
 
-DEFAULT_MAX_LINE_BYTES = 16 * 1024 * 1024
+MiB = 1024 * 1024
+DEFAULT_MAX_LINE_BYTES = 16 * MiB
 NUL_HINT = "a NUL byte is binary data, not text"  # a text line holding one is skipped with this reason
 NO_RECORDS = "nothing but blank lines (or Parquet files without rows)"  # why an input with nothing skipped is empty
 ENCODING_LINES = 1000  # a file whose first lines are mostly not UTF-8 is refused, not skipped line by line
@@ -92,14 +93,12 @@ def check_inputs(paths: list[str | Path]) -> list[Path]:
     out = []
     for p in map(Path, paths):
         if str(p) == "-" and not p.exists():
-            raise TinykError("inputs are read from files, not from stdin (-): they are sized first and read more "
-                             "than once; save what it gives to a file first")
+            raise TinykError("inputs are read from files, not from stdin (-): save what it gives to a file first")
         if not p.exists():
             raise not_found(p, "input file")
         refuse_pipe(p, "input")
         if p.is_dir():
-            raise TinykError(f"input is a directory, not a file: {p} (give its files, e.g. "
-                             f"{shlex.quote(str(p))}/*.jsonl)")
+            raise TinykError(f"input is a directory, not a file: {p} (give the files in it)")
         if not p.is_file():
             raise TinykError(f"input is not a file: {p}")
         if not os.access(p, os.R_OK):
@@ -357,12 +356,12 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
         base, end = consumed, 0
         encoding = _EncodingCheck(path)
         for lineno, line, read in iter_lines(path, max_line_bytes):
-            encoding.check_at(lineno)
             if line is None:  # too long to read: skipped below, and no part of the max_bytes budget
                 base -= read - end
             end = read
             if max_bytes is not None and base + read > max_bytes:
                 skips.stopped_at = consumed
+                encoding.decide()  # on what was read: a sample of a GBK file is refused too
                 return
             consumed = base + read
             where = f"{label}:{lineno}"
@@ -375,12 +374,14 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
                                  f"per line); write its records one per line first, e.g. for a list of them "
                                  f"under KEY: jq -c '.KEY[]' FILE > records.jsonl")
             if line is None:
-                skips.add("line_too_long", where, f"a line over {max_line_bytes:,} bytes is skipped; tinyk data and "
-                                                  f"tokenizer train read longer ones with --max-line-bytes")
+                limit = f"{max_line_bytes // MiB} MiB" if max_line_bytes % MiB == 0 else f"{max_line_bytes:,} bytes"
+                skips.add("line_too_long", where, f"a line over {limit} is skipped; tinyk data and tokenizer train "
+                                                  f"read longer ones with --max-line-bytes")
                 continue
             try:
                 s = line.decode("utf-8")
             except UnicodeDecodeError as e:
+                other_encoding = False
                 if e.reason == "unexpected end of data" and not line.endswith(b"\n"):  # no GBK: a cut file
                     skips.add("cut_character", where, "the file ends inside a character: it was cut short "
                                                       "(e.g. by head -c)")
@@ -390,17 +391,17 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
                                                           "the program that wrote it")
                 else:
                     skips.add("invalid_utf8", where)
-                    encoding.not_utf8 += 1
-                encoding.text_lines += 1
+                    other_encoding = True
+                encoding.saw(other_encoding)
                 continue
             s = s.rstrip("\r\n")
             if not s.strip():  # blank lines separate documents and records; they are not ones
                 continue
-            encoding.text_lines += 1
-            if is_txt and encoding.text_lines == 1 and _is_record(s):
+            encoding.saw(False)
+            if is_txt and encoding.lines == 1 and _is_record(s, text_field, message_lists):
+                read_as = "them as conversations" if message_lists else f"their '{text_field}' field"
                 raise TinykError(f"{path}: a .txt file whose lines are JSON records, which would be read as "
-                                 f"text, braces and keys included; name it {_jsonl_name(path)} to read their "
-                                 f"'{text_field}' field")
+                                 f"text, braces and keys included; name it {_jsonl_name(path)} to read {read_as}")
             if is_txt:
                 if "\x00" in s:  # past the first 4 KB (refused whole above); in JSON, malformed_json
                     skips.add("nul_byte", where, NUL_HINT)
@@ -421,17 +422,20 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
                                                    "program that wrote it")
                 continue
             yield where, rec
-        encoding.check_at(ENCODING_LINES + 1)
+        encoding.decide()
 
 
-def _is_record(line: str) -> bool:
-    """Whether a line is a JSON object, as a .jsonl line is (a text line is rarely one)."""
+def _is_record(line: str, text_field: str, message_lists: bool) -> bool:
+    """Whether a line is a record the .jsonl reader would read: a JSON object with the text field, or
+    (where conversations are read) one in an SFT format. Text that merely looks like JSON is text."""
     if not line.lstrip().startswith("{"):
         return False
     try:
-        return isinstance(json.loads(line), dict)
+        rec = json.loads(line)
     except (ValueError, RecursionError):
         return False
+    return isinstance(rec, dict) and (isinstance(rec.get(text_field), str) or
+                                      (message_lists and sft_format(rec) is not None))
 
 
 def _jsonl_name(path: Path) -> str:
@@ -446,19 +450,29 @@ class _EncodingCheck:
     UTF-8 file are still skipped and counted."""
 
     def __init__(self, path: Path):
-        self.path, self.text_lines, self.not_utf8, self.done = path, 0, 0, False
+        self.path, self.lines, self.not_utf8, self.done = path, 0, 0, False
 
-    def check_at(self, lineno: int) -> None:
-        """Decides once, when line `lineno` is past the first ENCODING_LINES (or the file ended)."""
-        if self.done or lineno <= ENCODING_LINES:
+    def saw(self, not_utf8: bool) -> None:
+        """Counts a non-blank line; the first ENCODING_LINES of them decide."""
+        self.lines += 1
+        self.not_utf8 += not_utf8
+        if self.lines == ENCODING_LINES:
+            self.decide()
+
+    def decide(self) -> None:
+        """Refuses the file if most of its non-blank lines so far are not UTF-8; decides once."""
+        if self.done:
             return
         self.done = True
-        if self.not_utf8 * 2 > self.text_lines:
+        if self.not_utf8 * 2 > self.lines:
+            out = shlex.quote(str(self.path.with_name("utf8-" + self.path.name)))
             name = shlex.quote(str(self.path))
-            example = "iconv -f gbk -t utf-8" if _codec(self.path) else \
-                f"iconv -f gbk -t utf-8 {name} > {shlex.quote('utf8-' + self.path.name)}"
-            raise TinykError(f"{self.path}: not UTF-8 text ({self.not_utf8:,} of its first {self.text_lines:,} "
-                             f"lines are not: GBK or another encoding?); convert it first, e.g. {example}")
+            packed = _codec(self.path)  # gzip or zstd: each codec's command has its name
+            example = (f"{packed} -dc {name} | iconv -f gbk -t utf-8 | {packed} > {out}" if packed else
+                       f"iconv -f gbk -t utf-8 {name} > {out}")
+            raise TinykError(f"{self.path}: not UTF-8 text ({self.not_utf8:,} of {plural(self.lines, 'lines')} "
+                             f"read could not be decoded: GBK or another encoding?); convert it first, e.g. "
+                             f"{example}")
 
 
 # Where a line may be a list of chat messages ([{"role": ...}, ...], one conversation in the seed's SFT

@@ -10,6 +10,7 @@ step under the CPU memory profiler (tests/test_plan.py, bench/plan_vs_measured.p
 from __future__ import annotations
 
 import functools
+import gc
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
@@ -257,10 +258,14 @@ def head_saved_bytes(cfg: ModelConfig, amp: bool) -> int:
     return final_norm + 4 * v
 
 
+def activation_bytes(amp: bool) -> int:
+    """Bytes per element of an activation, the residual stream's too: bf16 (or fp16) under autocast."""
+    return 2 if amp else 4
+
+
 def checkpointed_bytes_per_token(cfg: ModelConfig, amp: bool) -> int:
-    """Bytes per token a checkpointed block keeps: its input, in the residual stream's dtype (bf16 or fp16
-    under autocast)."""
-    return (2 if amp else 4) * cfg.dim
+    """Bytes per token a checkpointed block keeps: its input, a residual stream's row."""
+    return activation_bytes(amp) * cfg.dim
 
 
 # Input ids and targets (int64) on the device during a micro-step.
@@ -323,7 +328,7 @@ def estimate_memory(s: Setup) -> Memory:
     n, d, v = size["parameters"], cfg.dim, cfg.vocab_size
     shard = s.world_size if s.fsdp else 1
     weights, grads, opt = WEIGHT_BYTES * n / shard, GRAD_BYTES * n / shard, ADAMW_BYTES * n / shard
-    act = 2 if s.amp else 4  # bytes per element of an activation, the residual stream's too
+    act = activation_bytes(s.amp)
 
     layer = sum(layer_saved_bytes(cfg, s.amp, s.repeat_kv).values()) * tokens + layer_rope_bytes(cfg, s.amp) * s.seq_len
     head = head_saved_bytes(cfg, s.amp) * tokens
@@ -800,12 +805,10 @@ def format_plan(p: dict[str, Any]) -> str:
 # Measurement (CPU): the check that keeps the memory model honest
 
 
-def _profiled_peak(fn: Callable[[], None]) -> int:
-    """Peak bytes allocated above the starting point while `fn` runs (CPU allocator).
-
-    The CPU allocator reports each allocation to the profiler with a running total of the
-    blocks allocated while profiling, so tensors alive before the start are not in it.
-    """
+def _allocations(fn: Callable[[], None]) -> list[tuple[int, int, int]]:
+    """(time, size, running total) of each allocation (a free: negative size) while `fn` runs (CPU
+    allocator), in order. The allocator reports the running total of the blocks allocated while
+    profiling, so tensors alive before the start are not in it."""
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
@@ -821,9 +824,19 @@ def _profiled_peak(fn: Callable[[], None]) -> int:
         stack.extend(node.children)
     if not events:
         raise RuntimeError("the profiler recorded no allocations")
-    events.sort()
-    start = events[0][2] - events[0][1]
-    return max(e[2] for e in events) - start
+    return sorted(events)
+
+
+def _profiled_peak(fn: Callable[[], None]) -> int:
+    """Peak bytes allocated above the starting point while `fn` runs."""
+    events = _allocations(fn)
+    return max(e[2] for e in events) - (events[0][2] - events[0][1])
+
+
+def _profiled_kept(fn: Callable[[], None]) -> int:
+    """Bytes `fn` allocated and left allocated: what it built."""
+    events = _allocations(fn)
+    return events[-1][2] - (events[0][2] - events[0][1])
 
 
 def _storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
@@ -836,35 +849,57 @@ def measure_step_memory(s: Setup, *, seed: int = 0) -> dict[str, int]:
 
     The step is the trainer's (`optimizer_step` around `LossSum`, AdamW from `make_optimizer`);
     each micro-batch is made as it is used, as the trainer moves one at a time to the device. The
-    optimizer state exists before the measured step, as in every step after the first.
+    optimizer state exists before the measured step, as in every step after the first. A step of a job
+    of several processes (DDP or FSDP over gloo, under torchrun) is measured in each of them, wrapped as
+    the trainer wraps it, after two steps (DDP rebuilds its gradient buckets in the second); what it
+    keeps between steps is then what building and those steps left allocated.
     """
     from .config import TrainConfig
-    from .train import LossSum, make_optimizer, optimizer_step
+    from .train import make_optimizer, optimizer_step, parallel_step_module
 
-    if s.world_size != 1:
-        raise ValueError("measure_step_memory runs one process")
+    job = s.world_size > 1
+    if job and not (torch.distributed.is_initialized() and torch.distributed.get_world_size() == s.world_size):
+        raise ValueError(f"a step of {s.world_size} processes is measured in each of them, under torchrun")
+    if job and s.grad_accum != 1:
+        raise ValueError("a job's step is measured without gradient accumulation")
+    # The allocator's running total is the whole process's: an earlier model that a collection of its
+    # reference cycles (FSDP's hooks make them) frees while profiling would count against this one.
+    gc.collect()
     torch.manual_seed(seed)
-    model = Transformer(replace(s.cfg, max_seq_len=max(s.cfg.max_seq_len, s.seq_len))).train()
-    model.activation_checkpointing = s.checkpointing
-    step_module = LossSum(model)
-    opt = make_optimizer(model, TrainConfig(), torch.device("cpu"))
-    params = list(model.parameters())
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
     gen = torch.Generator().manual_seed(seed)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     scale = 1.0 / (s.grad_accum * s.micro_batch * s.seq_len)
     autocast = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16, enabled=s.amp)
+    built: dict[str, Any] = {}
 
     def batch(_: int) -> torch.Tensor:  # input ids and targets, made as the trainer moves them to the device
         return torch.randint(0, s.cfg.vocab_size, (2, s.micro_batch, s.seq_len), generator=gen)
 
     def step() -> None:
-        optimizer_step(step_module, opt, scaler, range(s.grad_accum), scale, grad_clip=TrainConfig().grad_clip,
-                       autocast=autocast, to_device=batch)
+        optimizer_step(built["step_module"], built["opt"], scaler, range(s.grad_accum), scale,
+                       grad_clip=TrainConfig().grad_clip, autocast=autocast, to_device=batch)
 
-    static = _storage_bytes(params) + _storage_bytes(t for st in opt.state.values() for t in st.values())
+    def build() -> None:
+        model = Transformer(replace(s.cfg, max_seq_len=max(s.cfg.max_seq_len, s.seq_len))).train()
+        model.activation_checkpointing = s.checkpointing
+        built["step_module"] = parallel_step_module(model, s.parallel if job else "none", torch.device("cpu"))
+        built["opt"] = opt = make_optimizer(model, TrainConfig(), torch.device("cpu"))
+        built["params"] = list(model.parameters())
+        if job:
+            step()
+            step()
+            return
+        for p in built["params"]:  # the optimizer's state, without a step's time
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    if job:
+        static = _profiled_kept(build)
+    else:
+        build()
+        static = _storage_bytes(built["params"]) + \
+            _storage_bytes(t for st in built["opt"].state.values() for t in st.values())
+    gc.collect()
     peak = _profiled_peak(step)
     return {"static": static, "step_peak": peak, "peak": static + peak}

@@ -303,6 +303,29 @@ class LossSum(nn.Module):
         return loss_sum(self.model, x, y)
 
 
+def parallel_step_module(model: Transformer, parallel: str, device: torch.device) -> nn.Module:
+    """The module a training step runs: the summed loss of `model`, for one process ("none"), or a job's
+    ("ddp": wrapped in DistributedDataParallel; "fsdp": each block and then the rest sharded in place).
+    The trainer's, and the one `plan.measure_step_memory` measures."""
+    if parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.model.layers:
+            fully_shard(block)
+        fully_shard(model)
+    step_module: nn.Module = LossSum(model)
+    if parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        # The only buffers are the RoPE tables, the same on every rank: nothing to broadcast per step.
+        # torch 2.13 renamed the flag (the old name warns); older torch only knows the old one.
+        no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in
+                   inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers")
+        step_module = DistributedDataParallel(step_module, device_ids=[device.index] if device.type == "cuda"
+                                              else None, **{no_sync: False})
+    return step_module
+
+
 def optimizer_step(step_module: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                    batches: Sequence[Any], scale: float, *, grad_clip: float | None,
                    to_device: Callable[[Any], tuple[torch.Tensor, torch.Tensor]] = lambda b: b,
@@ -781,23 +804,8 @@ class Trainer:
         model = model.to(self.device).train()
         model.activation_checkpointing = cfg.activation_checkpointing
         self.fsdp = cfg.parallel == "fsdp" and d.world > 1
-        if self.fsdp:
-            from torch.distributed.fsdp import fully_shard
-
-            for block in model.model.layers:
-                fully_shard(block)
-            fully_shard(model)
         self.model = model
-        step_module: nn.Module = LossSum(model)
-        if d.world > 1 and not self.fsdp:
-            from torch.nn.parallel import DistributedDataParallel
-
-            # The only buffers are the RoPE tables, the same on every rank: nothing to broadcast per step.
-            # torch 2.13 renamed the flag (the old name warns); older torch only knows the old one.
-            no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in
-                       inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers")
-            step_module = DistributedDataParallel(step_module, device_ids=[self.device.index]
-                                                  if self.device.type == "cuda" else None, **{no_sync: False})
+        step_module = parallel_step_module(model, cfg.parallel if d.world > 1 else "none", self.device)
         self.ddp = step_module if d.world > 1 and not self.fsdp else None
         self.step_module = torch.compile(step_module, mode=cfg.compile_mode) if cfg.compile else step_module
         self.opt = make_optimizer(model, cfg, self.device)

@@ -10,6 +10,7 @@ import argparse
 import codecs
 import contextlib
 import difflib
+import errno
 import importlib
 import io
 import json
@@ -163,10 +164,11 @@ def main(argv: list[str] | None = None) -> None:
     except StoppedBeforeTraining as e:
         print(f"tinyk: stopped by {e.signal_name} before the first step: nothing was trained, and the run "
               f"directory is as it was", file=sys.stderr)
-        sys.exit(128 + getattr(signal, e.signal_name, signal.SIGINT))
+        sys.exit(128 + signal.Signals[e.signal_name])
     except KeyboardInterrupt as e:
         name = getattr(e, "signal_name", "SIGTERM" if isinstance(e, Terminated) else "SIGINT")
-        said = {"SIGINT": "interrupted", "SIGTERM": "terminated"}.get(name, f"stopped by {name}")
+        said = {"SIGINT": "interrupted", "SIGTERM": "terminated", "SIGPIPE": "stopped: its output could not be written "
+                "(the reader left, or a full disk)"}.get(name, f"stopped by {name}")
         # A command may say what the stop came too late to undo (eval's complete results).
         print(f"tinyk: {said}{f' {e}' if str(e) else ''}", file=sys.stderr)
         sys.exit(128 + signal.Signals[name])
@@ -175,6 +177,8 @@ def main(argv: list[str] | None = None) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(141)
     except OSError as e:
+        if e.filename is None and e.errno in (errno.ENOSPC, errno.EDQUOT):  # stdout to a full disk, or /dev/full
+            _fail(f"tinyk: error: its output could not be written: {e.strerror}")
         _fail(f"tinyk: error: {e}")
     except RuntimeError as e:
         if not (memory := out_of_memory(e)):
