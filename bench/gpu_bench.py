@@ -42,7 +42,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 from tinyk.model import DTYPES, PRESETS, ModelConfig, sdpa_fuses_gqa  # noqa: E402
-from tinyk.plan import MiB, Setup, estimate_memory, gpu_class  # noqa: E402
+from tinyk.plan import Setup, estimate_memory, gpu_class  # noqa: E402
+from tinyk.units import MiB  # noqa: E402
 
 # The shipped seed-215m config's global batch: 512 sequences per optimizer step (micro-batch 64 x 8
 # accumulation on one GPU), so the optimizer step weighs on tokens/s as much as it does in a real run.

@@ -28,7 +28,8 @@ from dataclasses import replace
 import torch.distributed as dist
 
 from tinyk.model import preset_config
-from tinyk.plan import MiB, Setup, estimate_memory, measure_step_memory
+from tinyk.plan import Setup, estimate_memory, measure_step_memory
+from tinyk.units import MiB
 
 
 def compare(s: Setup) -> dict:

@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from .errors import DamagedInput, TinykError, not_found, one_line, shown
-from .units import plural
+from .units import MiB, plural
 
-MiB = 1024 * 1024
 DEFAULT_MAX_LINE_BYTES = 16 * MiB
 NUL_HINT = "a NUL byte is binary data, not text"  # a text line holding one is skipped with this reason
 NO_RECORDS = "nothing but blank lines (or Parquet files without rows)"  # why an input with nothing skipped is empty

@@ -33,9 +33,7 @@ from .model import (
     training_flops,
 )
 from .monitor import gpu_peak_flops
-
-GiB = 2**30
-MiB = 2**20
+from .units import GiB
 
 # Share of a GPU's memory a plan may fill: the rest is for the CUDA context, cuBLAS workspaces
 # and the caching allocator's fragmentation, which PyTorch does not count as allocated.

@@ -79,7 +79,7 @@ from .outputs import (
     without_dotdot,
     write_json_atomic,
 )
-from .plan import GiB, flops_formula, model_size, precision_refusal
+from .plan import flops_formula, model_size, precision_refusal
 from .rundir import (
     ASIDE,
     another_output,
@@ -95,7 +95,7 @@ from .rundir import (
     signals_held,
     users_files_in_run,
 )
-from .units import plural
+from .units import GiB, plural
 
 SHARED_WAIT_S = 60.0  # NFS's longest default attribute cache (acdirmax)
 # Whether this process has joined a job of several (its exit can then abort: see cli._fail).

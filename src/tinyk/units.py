@@ -9,6 +9,9 @@ MAX_BATCH = 65536  # sequences per step: far more than fits anywhere, far less t
 # as 100M), and training holds every shard open at once.
 MIN_SHARD_TOKENS = 1000
 
+MiB = 2**20
+GiB = 2**30
+
 MAX_SIZE = 10**18  # beyond this, counts overflow the 64-bit integers of the libraries underneath
 _UNITS = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 
