@@ -375,6 +375,31 @@ def test_a_character_cut_by_max_tokens_is_dropped_not_shown_as_a_replacement(eng
         assert (req.completion().finish_reason, req.completion().text) == ("stop", "好\ufffd")
 
 
+def _byte_token(tok, b: int) -> int:
+    """The id of the byte-level token that stands for the single byte `b`."""
+    return next(i for i in range(tok.vocab_size) if tok.piece(i) == bytes([b]))
+
+
+def test_bytes_that_begin_no_character_show_as_they_come_and_are_kept_when_cut(engine):
+    """An undertrained model emits stray bytes: a continuation byte alone is U+FFFD for good, so a
+    stream shows it at once and a reply cut by max_tokens keeps every one (as decoding all the ids
+    does); only the first bytes of a character still to come are held back, or dropped when cut."""
+    tok = engine.tok
+    stray, lead = _byte_token(tok, 0x8E), _byte_token(tok, 0xE4)
+    good = tok.encode("好")
+    assert tok.ends_mid_character([*good, lead]) and not tok.ends_mid_character([*good, stray])
+    assert tok.ends_mid_character([lead, tok.eos_id]) and not tok.ends_mid_character([lead, *good])
+    for stream in (True, False):
+        req = Request(engine, [tok.bos_id], replace(GREEDY, max_new_tokens=len(good) + 2), stream)
+        deltas = [req.accept(i) for i in [*good, stray, stray]]
+        assert req.completion().text == "好\ufffd\ufffd"
+        if stream:
+            assert deltas[-2:] == ["\ufffd", "\ufffd"]
+        req = Request(engine, [tok.bos_id], replace(GREEDY, max_new_tokens=3), stream)
+        shown = "".join(req.accept(i) for i in [stray, stray, lead])
+        assert req.completion().text == "\ufffd\ufffd" and shown == ("\ufffd\ufffd" if stream else "")
+
+
 def test_a_prompt_far_too_long_is_refused_before_it_is_tokenized(engine, monkeypatch):
     ctx, most = engine.context_length, engine.tok.max_token_bytes
     longest = max(range(engine.vocab_size), key=lambda i: engine.tok.token_bytes[i])

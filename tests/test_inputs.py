@@ -815,25 +815,33 @@ def test_force_never_deletes_a_folder_this_command_did_not_make(tmp_path, tok_di
     assert sorted((p.relative_to(sft), p.read_bytes()) for p in sft.rglob("*") if p.is_file()) == before
 
 
-def test_sigterm_stops_data_preparation_like_ctrl_c(tmp_path, tok_dir, capsys, monkeypatch):
-    """`kill` or `timeout` gets the same clean-up as Ctrl-C: one line, exit 143, no partial output."""
+@pytest.mark.parametrize("sig,code,said", [(signal.SIGTERM, 143, "terminated"), (signal.SIGHUP, 129, "stopped by SIGHUP")])
+def test_sigterm_stops_data_preparation_like_ctrl_c(tmp_path, tok_dir, capsys, monkeypatch, sig, code, said):
+    """`kill` or `timeout`, or the terminal going away, gets the same clean-up as Ctrl-C: one line, exit
+    128 + the signal's number, no partial output."""
     from tinyk import data
 
     encode = data._encode
 
-    def encode_then_terminate(job, payload):
-        os.kill(os.getpid(), signal.SIGTERM)
+    def encode_then_signal(job, payload):
+        os.kill(os.getpid(), sig)
         return encode(job, payload)
 
-    monkeypatch.setattr(data, "_encode", encode_then_terminate)
+    monkeypatch.setattr(data, "_encode", encode_then_signal)
     src = tmp_path / "c.jsonl"
     src.write_bytes(JSONL)
-    before = signal.getsignal(signal.SIGTERM)
-    code, err = run_cli(["data", "pretrain", "--input", src, "--tokenizer", tok_dir, "--out", tmp_path / "d",
-                         "--workers", "1"], capsys)
-    assert code == 143 and err == "tinyk: terminated\n"
+    before = signal.getsignal(sig)
+    args = ["data", "pretrain", "--input", src, "--tokenizer", tok_dir, "--out", tmp_path / "d", "--workers", "1"]
+    assert run_cli(args, capsys) == (code, f"tinyk: {said}\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl"]
-    assert signal.getsignal(signal.SIGTERM) is before
+    assert signal.getsignal(sig) is before
+    if sig == signal.SIGHUP:  # under nohup the command goes on
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        try:
+            code, _ = run_cli(args, capsys)
+        finally:
+            signal.signal(signal.SIGHUP, before)
+        assert code == 0 and (tmp_path / "d").is_dir()
 
 
 @pytest.mark.parametrize("stage,records", [

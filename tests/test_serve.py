@@ -8,6 +8,7 @@ import json
 import os
 import re
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -372,6 +373,21 @@ def test_chat_logprobs_streamed_or_not_are_the_models(client, reference):
     assert [t.model_dump() for c in streamed if c.choices[0].logprobs for t in c.choices[0].logprobs.content] == \
         [t.model_dump() for t in content]
     assert not client.chat.completions.create(**{**kw, "logprobs": False, "top_logprobs": None}).choices[0].logprobs
+
+
+def test_text_offsets_point_at_each_token_after_bytes_that_form_no_character(tok_dir):
+    """A character's first bytes cut off by a byte that cannot continue it become a U+FFFD only when
+    that byte arrives; the offset of the token after it points past that U+FFFD, at its own text."""
+    from tinyk.serve import LogprobsWriter
+    from tinyk.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tok_dir)
+    byte = {b: next(i for i in range(tok.vocab_size) if tok.piece(i) == bytes([b])) for b in (0xE4, 0xBA, 0xE8)}
+    ids = [byte[0xE4], byte[0xBA], byte[0xE8], *tok.encode("a好")]
+    text = tok.decode(ids)
+    lp = LogprobsWriter(tok, chat=False).take([(i, None, True) for i in ids])
+    assert text == "\ufffd\ufffda好" and lp["text_offset"][:4] == [0, 0, 1, 2]
+    assert all(text.startswith(t, o) for t, o in zip(lp["tokens"], lp["text_offset"], strict=True) if "bytes:" not in t)
 
 
 def test_each_streamed_chunk_carries_the_logprobs_of_its_own_text(client, monkeypatch):
@@ -748,7 +764,9 @@ def test_an_overloaded_server_says_when_to_retry(nano_model_dir):
     server, _ = start(nano_model_dir, max_waiting=2)
     try:
         status, body = request(server, "POST", "/v1/completions", {"model": "nano", "prompt": "hi", "n": 3})
-        assert status == 400 and body["error"]["param"] == "n" and "between 1 and 2" in body["error"]["message"]
+        assert status == 400 and body["error"]["param"] == "n"
+        assert body["error"]["message"] == "'n' is 3; this server takes at most 2 completions per request " \
+                                           "(its --max-waiting)"
         status, body = request(server, "POST", "/v1/completions", {"model": "nano", "prompt": "hi", "n": 2,
                                                                    "max_tokens": 2})
         assert status == 200 and len(body["choices"]) == 2
@@ -1134,9 +1152,13 @@ def test_serving_on_every_interface_prints_a_url_that_opens_and_warns_without_a_
         url = re.search(r"here at (http://127\.0\.0\.1:\d+) ", banner).group(1)
         with urllib.request.urlopen(url + "/health", timeout=60) as reply:
             assert json.load(reply)["status"] == "ok"
+        # A closed SSH session's SIGHUP shuts the server down as Ctrl-C does, not with the default kill.
+        proc.send_signal(signal.SIGHUP)
+        assert proc.wait(60) == 129 and proc.stderr.read().splitlines()[-1] == "tinyk: stopped by SIGHUP"
     finally:
-        proc.terminate()
-        proc.wait(60)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(60)
 
 
 def test_server_defaults_beyond_the_apis_ranges_still_serve(nano_model_dir):

@@ -193,6 +193,19 @@ def test_the_chat_page_streams_a_reply(nano_model_dir, tmp_path):
     assert reply["chunks"] > 1, "the reply should arrive in several streamed pieces"
 
 
+def test_the_chat_page_follows_a_server_restarted_with_another_model(nano_model_dir, tmp_path):
+    """The page learns the model's name and context when it loads; a server restarted with another
+    model refuses that name, and the page asks again instead of failing every message until a reload."""
+    engine = Engine.from_dir(nano_model_dir)
+    with chat_page(engine, tmp_path, max_tokens=4) as run:
+        page = run("model = 'the-model-before'; context = 4096; status.textContent = 'old';\n"
+                   "await say('你好');\nreturn {model, context, status: status.textContent, shown: shown()};")
+    assert page["model"] == "nano" and page["context"] == engine.context_length and page["status"].startswith("nano")
+    shown = page["shown"]
+    assert shown["errors"] == [] and shown["unsent"] == [] and len(shown["replies"]) == 1
+    assert shown["replies"][0]["finish"] in ("stop", "length") and len(shown["history"]) == 2
+
+
 def test_the_chat_page_forgets_old_turns_to_fit_the_context(nano_model_dir, tmp_path):
     """A conversation longer than the model's window goes on, as in `tinyk chat`: old turns are
     dropped until the reply has half the window (the page's default budget; a fixed 256 was refused

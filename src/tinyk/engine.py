@@ -326,7 +326,7 @@ class Detokenizer:
         self.ids.append(token_id)
         text = self.tok.decode(self.ids, skip_special_tokens=True)
         self.ends.append(len(text))
-        stable = len(text.rstrip("\ufffd"))
+        stable = len(text) - self.tok.ends_mid_character(self.ids)
         if self.stop:
             start = max(0, self.checked - self.max_stop + 1)
             # In the decoded characters only: a stop string holding U+FFFD must not match a character
@@ -373,15 +373,9 @@ class Detokenizer:
         """Everything not yet sent: called once the sequence is over. When the reply was `cut_short`
         (max_tokens, a cancel, an error), a character whose last bytes were never generated is dropped,
         not shown as U+FFFD."""
-        if cut_short:
-            self.text = self.text[:max(self.sent, len(_without_cut_char(self.text)))]
+        if cut_short and self.tok.ends_mid_character(self.ids):
+            self.text = self.text[:max(self.sent, len(self.text) - 1)]
         return self._emit(len(self.text))
-
-
-def _without_cut_char(text: str) -> str:
-    """A reply cut short without the U+FFFD that decoding makes of its last, unfinished character
-    (a U+FFFD the model generated as a whole character could only be told apart from the token bytes)."""
-    return text.removesuffix("\ufffd")
 
 
 _DONE = object()
@@ -446,8 +440,8 @@ class Request:
         else:
             ids = self.out_ids[:-1] if self.out_ids and self.out_ids[-1] in self.stop_ids else self.out_ids
             text = self.tok.decode(ids, skip_special_tokens=True)
-            if self.cut_short:
-                text = _without_cut_char(text)
+            if self.cut_short and self.tok.ends_mid_character(ids):
+                text = text[:-1]  # the U+FFFD of a character whose last bytes were never generated
         p = self.params
         return Completion(text=text, token_ids=list(self.out_ids), finish_reason=self.finish_reason or "length",
                           prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.out_ids),

@@ -432,6 +432,9 @@ class Api:
         prompts = [(self.chat_ids(body), 0)] if chat else self.completion_prompts(body, limit, why)
         params = self.sampling(body, max(len(ids) for ids, _ in prompts), chat)
         n = _get(body, "n", "integer", 1)
+        if n > limit:
+            raise ApiError(400, f"'n' is {n}; this server takes at most {limit} completions per request ({why})",
+                           param="n", code="invalid_value")
         _in_range("n", n, 1, limit)
         if len(prompts) * n > limit:
             raise ApiError(400, f"{len(prompts)} prompts x n {n} = {len(prompts) * n} completions; this server takes "
@@ -517,9 +520,11 @@ class LogprobsWriter:
             out["token_logprobs"].append(None if e is None else _finite(e.logprob))
             top = None if e is None else {self._text(i): _finite(lp) for i, lp in [*e.top, (token_id, e.logprob)]}
             out["top_logprobs"].append(top)
-            out["text_offset"].append(self.chars)
+            piece, pending = self.tok.piece(token_id), self._decoder.getstate()[0]
+            # Bytes left pending that this token does not continue become a U+FFFD before its text.
+            out["text_offset"].append(self.chars + (bool(pending) and in_text and not _continues(pending, piece)))
             if in_text:
-                self.chars += len(self._decoder.decode(self.tok.piece(token_id)))
+                self.chars += len(self._decoder.decode(piece))
         return out
 
     def _text(self, token_id: int) -> str:
@@ -537,6 +542,15 @@ class LogprobsWriter:
             return {"token": piece.decode("utf-8", errors="replace"), "logprob": _finite(logprob), "bytes": list(piece)}
 
         return {**one(e.token_id, e.logprob), "top_logprobs": [one(i, lp) for i, lp in e.top]}
+
+
+def _continues(pending: bytes, piece: bytes) -> bool:
+    """Whether `piece` goes on with the first bytes of a character, `pending`, as UTF-8 allows."""
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(pending + piece[:1])
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _finite(logprob: float) -> float:

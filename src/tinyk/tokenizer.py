@@ -8,6 +8,7 @@ gives the same ids.
 from __future__ import annotations
 
 import bisect
+import codecs
 import hashlib
 import json
 import threading
@@ -254,6 +255,20 @@ class TinyTokenizer:
         if token_id in SPECIAL_IDS or not all(c in self._byte_of_char for c in token):
             return self.decode([token_id]).encode()
         return bytes(self._byte_of_char[c] for c in token)
+
+    def ends_mid_character(self, ids: list[int]) -> bool:
+        """Whether the text of `ids` (special tokens skipped) ends in the first bytes of a character,
+        which decoding shows as one U+FFFD until the rest arrive; bytes that can begin no character
+        are U+FFFD for good. A character has at most 4 bytes, so the last 3 decide."""
+        tail = b""
+        for i in reversed(ids):
+            if len(tail) >= 3:
+                break
+            if i not in SPECIAL_IDS:
+                tail = self.piece(i) + tail
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        decoder.decode(tail[-3:])
+        return bool(decoder.getstate()[0])
 
     @cached_property
     def max_token_bytes(self) -> int:

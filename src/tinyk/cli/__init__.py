@@ -20,10 +20,10 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from tinyk import __version__
-from tinyk.errors import PeerLost, StoppedBeforeTraining, Terminated, TinykError, out_of_memory
+from tinyk.errors import PeerLost, Stopped, StoppedBeforeTraining, Terminated, TinykError, out_of_memory
 
 STAGES = ["tokenizer", "model", "data", "train", "generate", "serve", "evaluate", "demo", "plan"]
 
@@ -101,6 +101,20 @@ def _terminate(signum: int, frame: object) -> NoReturn:
     raise Terminated
 
 
+def _hang_up(signum: int, frame: object) -> NoReturn:
+    raise Stopped("SIGHUP")
+
+
+def _stop_handlers() -> dict[int, Any]:
+    """SIGTERM stops a command as Ctrl-C does; so does SIGHUP (the terminal or SSH session went away,
+    which would kill `tinyk serve` or `tinyk data` without their clean-up), unless it is ignored, as
+    under nohup, where the command goes on."""
+    handlers: dict[int, Any] = {signal.SIGTERM: _terminate}
+    if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:
+        handlers[signal.SIGHUP] = _hang_up
+    return handlers
+
+
 def _fail(message: str, root_cause: bool = True) -> NoReturn:
     """One line on stderr and exit 2. Under torchrun every process usually fails alike: each leaves its
     line in the error file torchrun reads, whose failure summary then shows it in place of a link to
@@ -156,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
             stream.reconfigure(errors="surrogateescape")
     # Handlers belong to the main thread; a program calling main() from another keeps its own.
     in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None
+    previous = {s: signal.signal(s, h) for s, h in _stop_handlers().items()} if in_main else {}
     try:
         code = args.func(args)
     except TinykError as e:
@@ -185,6 +199,7 @@ def main(argv: list[str] | None = None) -> None:
             raise
         _fail(f"tinyk: error: out of {memory}: a smaller model, batch or sequence length fits")
     finally:
-        if previous is not None:  # None: a handler installed outside Python, which cannot be put back
-            signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            if handler is not None:  # None: a handler installed outside Python, which cannot be put back
+                signal.signal(s, handler)
     sys.exit(code or 0)
