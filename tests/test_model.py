@@ -553,6 +553,10 @@ def test_a_tutorial_pth_is_pointed_to_import_which_says_what_it_assumed(tmp_path
         4, 80, "4 heads and a context of 80 tokens (from its RoPE tables) assumed: the checkpoint does not record them")
     model, assumed = import_seed_checkpoint(tmp_path / "t.pth", tok_dir, tmp_path / "t2", n_heads=4, max_seq_len=64)
     assert (model.config.n_heads, model.config.max_seq_len, assumed) == (4, 64, "")  # the flags win
+    with pytest.raises(TinykError) as e:  # but not over the head count the tables fix
+        import_seed_checkpoint(tmp_path / "t.pth", tok_dir, tmp_path / "t3", n_heads=8)
+    assert str(e.value) == (f"--n-heads 8 contradicts the 4 heads of {tmp_path / 't.pth'}'s RoPE tables (half a "
+                            f"head, 8 wide, for dim 64); leave --n-heads out") and not (tmp_path / "t3").exists()
     x = torch.randint(0, 100, (1, 30), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert (model(x) - seed_forward(sd, x, n_heads=4)).abs().max().item() < 1e-4
@@ -627,13 +631,15 @@ def test_a_tied_config_with_a_head_of_its_own_is_refused_not_silently_retied(tmp
     state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
     save_file(state, f)
     assert load_model(tmp_path / "m")[0].config.tie_embeddings  # the same head: nothing lost
+    assert model_info(tmp_path / "m")["config"]["tie_embeddings"]
     state["lm_head.weight"][0, 0] += 1
     save_file(state, f)
-    with pytest.raises(TinykError) as e:
-        load_model(tmp_path / "m")
-    assert str(e.value) == (f"{f} holds an lm_head.weight unlike its embedding, but config.json ties them "
-                            f"(tie_word_embeddings: true): set that to false to use this head, or remove the tensor "
-                            f"to use the embedding")
+    for read in (load_model, model_info):  # `tinyk model info` refuses what every other command refuses
+        with pytest.raises(TinykError) as e:
+            read(tmp_path / "m")
+        assert str(e.value) == (f"{f} holds an lm_head.weight unlike its embedding, but config.json ties them "
+                                f"(tie_word_embeddings: true): set that to false to use this head, or remove the "
+                                f"tensor to use the embedding")
 
 
 def test_import_reads_what_safetensors_save_model_keeps_and_refuses_integer_or_fp8_weights(tmp_path, tok_dir):

@@ -352,14 +352,19 @@ def _model_from_dir_state(path: Path, cfg: ModelConfig, state: dict[str, torch.T
         state["model.embed_tokens.weight"] = state["lm_head.weight"]  # as safetensors' save_model keeps a tied pair
     if cfg.tie_embeddings and "model.embed_tokens.weight" in state:
         emb, head = state["model.embed_tokens.weight"], state.get("lm_head.weight")
-        if head is not None and "meta" not in (emb.device.type, head.device.type) and not (
-                head.shape == emb.shape and torch.equal(head.to(emb.dtype), emb)):
-            # transformers would use this head (untied, with a warning); tinyk would have dropped it
-            raise TinykError(f"{path}/model.safetensors holds an lm_head.weight unlike its embedding, but config.json "
-                             f"ties them (tie_word_embeddings: true): set that to false to use this head, or "
-                             f"remove the tensor to use the embedding")
+        if head is not None and "meta" not in (emb.device.type, head.device.type):
+            _check_tied_head(path, emb, head)
         state["lm_head.weight"] = emb
     return _model_from_state(cfg, state, f"{path}/model.safetensors", "does not match its config.json")
+
+
+def _check_tied_head(path: Path, emb: torch.Tensor, head: torch.Tensor) -> None:
+    """transformers would use a tied model's own lm_head.weight (untied, with a warning); tinyk would
+    drop it: a head unlike the embedding is refused."""
+    if not (head.shape == emb.shape and torch.equal(head.to(emb.dtype), emb)):
+        raise TinykError(f"{path}/model.safetensors holds an lm_head.weight unlike its embedding, but config.json "
+                         f"ties them (tie_word_embeddings: true): set that to false to use this head, or "
+                         f"remove the tensor to use the embedding")
 
 
 def memory_footprint(cfg: ModelConfig, n_params: int) -> dict[str, float]:
@@ -392,14 +397,19 @@ HEADER_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float1
 
 def model_info(path: str | Path) -> dict[str, Any]:
     """What `tinyk model info` shows, after checking the weights file against config.json from its
-    header alone (names, shapes, dtypes and that the file holds all the bytes they need), without
-    loading it: values (inf, nan) are checked when a command loads the weights."""
+    header (names, shapes, dtypes and that the file holds all the bytes they need) and a tied head
+    against the embedding, without loading the rest: values (inf, nan) are checked when a command
+    loads the weights."""
     path = Path(path)
     cfg, _ = config_and_tokenizer(path)  # a directory other commands would refuse is refused here
     with _reading_weights(path), rust_path(path / "model.safetensors") as name, safe_open(name, "pt") as f:
         slices = {k: f.get_slice(k) for k in f.keys()}
         state = {k: torch.empty(s.get_shape(), device="meta", dtype=HEADER_DTYPES.get(s.get_dtype(), torch.float32))
                  for k, s in slices.items()}
+        pair = ("model.embed_tokens.weight", "lm_head.weight")
+        tied = [f.get_tensor(k) for k in pair] if cfg.tie_embeddings and set(pair) <= slices.keys() else None
+    if tied:
+        _check_tied_head(path, *tied)
     n = _model_from_dir_state(path, cfg, state).num_params()
     return {"path": str(path), "parameters": n, "config": cfg.to_dict(), "memory": memory_footprint(cfg, n)}
 
@@ -516,6 +526,9 @@ def import_seed_checkpoint(ckpt: str | Path, tok_dir: str | Path, out: str | Pat
     guess, source = {"n_heads": 16, "max_seq_len": 512}, "the tutorial's"
     if rope is not None and rope.dim() == 2 and rope.shape[1] and dim % (2 * rope.shape[1]) == 0:
         guess, source = {"n_heads": dim // (2 * rope.shape[1]), "max_seq_len": rope.shape[0]}, "from its RoPE tables"
+        if n_heads is not None and n_heads != guess["n_heads"]:
+            raise TinykError(f"--n-heads {n_heads} contradicts the {guess['n_heads']} heads of {path}'s RoPE tables "
+                             f"(half a head, {rope.shape[1]} wide, for dim {dim}); leave --n-heads out")
     missing = [k for k, v in (("n_heads", n_heads), ("max_seq_len", max_seq_len)) if not v and k not in config]
     n_heads = n_heads or config.get("n_heads") or guess["n_heads"]
     max_seq_len = max_seq_len or config.get("max_seq_len") or guess["max_seq_len"]
