@@ -411,3 +411,29 @@ def test_a_required_flag_given_shortened_is_named(capsys):
         "written in full (see tinyk generate --help)")
     assert error_line(["generate", "--prompt", "x"], capsys) == (
         "tinyk generate: error: the following arguments are required: --model (see tinyk generate --help)")
+
+
+def test_a_stop_during_torchs_first_imports_is_a_stop_not_an_error(capsys, monkeypatch):
+    """SIGTERM landing while torch imports lazily (Python 3.11 wraps it in "Error calling __set_name__")
+    was reported as "the model is too large to plan" with status 2; a scheduler's stop is 143."""
+    import tinyk.plan
+    from tinyk.errors import Terminated
+
+    def wrapped(stop: KeyboardInterrupt):
+        def build(*a, **kw):
+            raise RuntimeError("Error calling __set_name__ on 'Field' instance 'start_callbacks'") from stop
+        return build
+
+    monkeypatch.setattr(tinyk.plan, "Transformer", wrapped(Terminated()))
+    tinyk.plan._model_size.cache_clear()
+    try:
+        assert run_cli(["plan", "--preset", "tiny"], capsys) == (143, "tinyk: terminated\n")
+    finally:
+        tinyk.plan._model_size.cache_clear()
+    monkeypatch.undo()
+    monkeypatch.setattr(tinyk.plan, "make_plan", wrapped(KeyboardInterrupt()))  # anywhere else in a command
+    assert run_cli(["plan", "--preset", "tiny"], capsys) == (130, "tinyk: interrupted\n")
+    # Under torchrun a stop is said once per machine: the agent stops the other processes when one
+    # refuses, and their "terminated" would follow the refusal as if it were a second problem.
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert run_cli(["plan", "--preset", "tiny"], capsys) == (130, "")

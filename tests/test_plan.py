@@ -36,6 +36,7 @@ from tinyk.plan import (
     usable_bytes,
 )
 from tinyk.train import loss_sum
+from tinyk.units import MiB
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -336,9 +337,34 @@ def test_the_memory_of_a_jobs_step_is_what_the_plan_says(tmp_path, parallel):
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 4 and all(row["parallel"] == parallel and row["processes"] == 2 for row in rows)
     # Within the 15% plan promises. DDP is usually exact, but a step now and then holds one more
-    # gradient-sized buffer (seen once in CI: +8.7% on bf16), so the bound is the promise, not the usual.
-    assert all(abs(row["error"]) < 0.15 for row in rows), \
+    # gradient-sized buffer (seen in CI: +8.7% on bf16), so its bound is the promise, not the usual;
+    # FSDP's is what its rows give (at most 5% over the measurement, with checkpointing).
+    bound = 0.15 if parallel == "ddp" else 0.06
+    assert all(abs(row["error"]) < bound for row in rows), \
         [(row["dtype"], row["checkpointing"], row["measured_mib"], row["estimated_mib"]) for row in rows]
+
+
+def test_what_a_collectives_backend_allocates_is_not_counted_as_the_steps():
+    """gloo works on copies inside a collective and holds them on its threads as its timing goes; NCCL
+    allocates nothing there from PyTorch's allocator. The measurement leaves them out, also when a
+    later call frees them."""
+    from tinyk.plan import _Allocated
+
+    mib = 1 << 18  # float32 elements in a MiB
+    held: list[torch.Tensor] = []
+
+    def build() -> None:
+        with torch.profiler.record_function("c10d::_reduce_scatter_base_"):
+            held.append(torch.ones(4 * mib))
+        held.append(torch.ones(mib))
+
+    def step() -> None:
+        held.pop(0)  # the backend's copy goes
+        held.append(torch.ones(2 * mib))
+
+    allocated = _Allocated()
+    assert allocated.replay(build) == (MiB, MiB)
+    assert allocated.replay(step) == (2 * MiB, 2 * MiB)
 
 
 def test_gpu_bench_gives_the_plan_both_its_compiled_and_its_eager_mfu(monkeypatch):

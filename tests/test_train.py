@@ -202,6 +202,8 @@ def test_a_config_file_means_what_it_says(tmp_path):
     (["lr=.inf"], "must be finite"),
     (["lr=1e300"], "must fit a float32"),  # a traceback from inside AdamW
     (["sft.max_step=50"], "unknown config key 'max_step' in its sft block"),  # seen by pretrain, before SFT
+    (["sft.lr=abc"], "^--set: config key sft.lr: 'abc' is not a valid float$"),  # named as it was set
+    (["sft.max_tokens=lots"], "^--set: config key sft.max_tokens: "),
     (["seed=-1"], "seed must be between 0 and 2"),
     (["beta1=2"], "beta1 and beta2 must be in"),
     (["model.preset=huge"], "unknown model preset 'huge'"),
@@ -1287,6 +1289,11 @@ def test_a_run_extended_stopped_and_resumed_with_its_old_budget_writes_its_final
     with monkeypatch.context() as m:
         stop_at(m, 5)
         assert train(nano_cfg(pt_data, tok_dir, out, max_steps=8), resume=True)["status"] == "interrupted"
+    # A budget below the steps done cannot be kept: ending at step 5 mid-schedule as "complete" is refused.
+    with pytest.raises(TinykError) as e:
+        train(nano_cfg(pt_data, tok_dir, out, max_steps=4), resume=True)
+    assert str(e.value) == ("--max-steps 4 ends this run at step 4, but it stopped at step 5 of the 8 it planned: "
+                            "raise --max-steps to go on (to step 8 as planned), or use the checkpoint's model/ as it is")
     summary = train(nano_cfg(pt_data, tok_dir, out, max_steps=5), resume=True)
     assert (summary["status"], summary["steps"], summary["final_model"]) == ("completed", 5, str(out / "final"))
     final, saved = (load_file(d / "model.safetensors") for d in (out / "final", checkpoints(out)[-1] / "model"))
@@ -1742,7 +1749,7 @@ def test_force_loses_no_run_to_a_failure_or_a_kill_while_files_move(tmp_path, pt
         return rename
 
     monkeypatch.setattr(Path, "rename", rename_fails_at(3))
-    with pytest.raises(PermissionError):
+    with pytest.raises(TinykError, match=rf"^cannot write in {re.escape(str(out))}: permission denied$"):
         train(nano_cfg(pt_data, tok_dir, out, max_steps=3), force=True)
     monkeypatch.setattr(Path, "rename", real_rename)
     assert files() == before and not any(p.name.startswith(".") for p in out.iterdir())
@@ -1954,6 +1961,27 @@ def test_a_resume_on_a_read_only_disk_is_one_line(tmp_path, pt_data, tok_dir, mo
     monkeypatch.setattr("tinyk.monitor.atomic_file", read_only)
     with pytest.raises(TinykError, match=rf"^cannot write in {re.escape(str(out))}: the file system is read-only$"):
         train(nano_cfg(pt_data, tok_dir, out, max_steps=3), resume=True)
+
+
+def test_force_on_a_read_only_disk_is_one_line_and_keeps_the_run(tmp_path, pt_data, tok_dir, monkeypatch):
+    """--force sets the old run aside before the new one starts; where that cannot be written the folder
+    and why are named, not an errno naming the hidden folder it was moving into."""
+    import errno
+
+    out = tmp_path / "run"
+    train(nano_cfg(pt_data, tok_dir, out, max_steps=1))
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    real_mkdir = Path.mkdir
+
+    def mkdir(self: Path, *a, **kw):
+        if self.name.startswith(".forced."):
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *a, **kw)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    with pytest.raises(TinykError, match=rf"^cannot write in {re.escape(str(out))}: the file system is read-only$"):
+        train(nano_cfg(pt_data, tok_dir, out, max_steps=2), force=True)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
 
 
 def test_a_run_without_matplotlib_says_there_is_no_plot(tmp_path, pt_data, tok_dir, capsys, monkeypatch):

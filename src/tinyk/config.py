@@ -120,11 +120,11 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if type(None) in args:
             return None
         raise TinykError(f"config key {key} cannot be null")
-    if key == "max_tokens" and isinstance(value, str):  # as --max-tokens takes it: 10B, 500M, 2e9
+    if key.rpartition(".")[2] == "max_tokens" and isinstance(value, str):  # as --max-tokens takes it: 10B, 2e9
         try:
             return parse_size(value, lo=1, tokens=True)
         except ValueError as e:
-            raise TinykError(f"config key max_tokens: {e}") from None
+            raise TinykError(f"config key {key}: {e}") from None
     if isinstance(value, str) and any(t in (int, float) for t in args):
         with contextlib.suppress(ValueError):  # YAML 1.1 reads 3e-4 (no dot) as a string
             value = float(value)
@@ -195,7 +195,7 @@ def _merge(base: dict[str, Any], layer: dict[str, Any], kind: str, where: str) -
                 if k == "model":
                     into["model"] = {**into.get("model", {}), **_check_model_section(v)}
                 elif k in _FIELD_TYPES:
-                    into[k] = _coerce(k, v, _FIELD_TYPES[k])
+                    into[k] = _coerce(f"{stage}.{k}" if stage else k, v, _FIELD_TYPES[k])
                 elif k in _MODEL_TYPES or k == "preset":  # `--set dim=64` for `--set model.dim=64`
                     raise TinykError(f"unknown config key {k!r}{block}; the model's is model.{k}")
                 else:

@@ -179,6 +179,8 @@ def _model_size(items: tuple[tuple[str, Any], ...]) -> tuple[tuple[str, int], ..
         with torch.device("meta"):
             model = Transformer(cfg)
     except RuntimeError as e:  # a weight of more than 2**63 bytes
+        if isinstance(e.__cause__, KeyboardInterrupt):  # Ctrl-C or SIGTERM in torch's first imports, wrapped
+            raise e.__cause__ from None
         raise TinykError(f"the model is too large to plan (dim {cfg.dim}, hidden {cfg.hidden_dim}, vocab "
                          f"{cfg.vocab_size}): {first_line(e)}") from None
     block = model.model.layers[0]
@@ -803,38 +805,52 @@ def format_plan(p: dict[str, Any]) -> str:
 # Measurement (CPU): the check that keeps the memory model honest
 
 
-def _allocations(fn: Callable[[], None]) -> list[tuple[int, int, int]]:
-    """(time, size, running total) of each allocation (a free: negative size) while `fn` runs (CPU
-    allocator), in order. The allocator reports the running total of the blocks allocated while
-    profiling, so tensors alive before the start are not in it."""
+def _allocations(fn: Callable[[], None]) -> list[tuple[int, int, int, bool]]:
+    """(time, size, address, whether a collective's backend made it) of each allocation (a free:
+    negative size) while `fn` runs (CPU allocator), in order, a free before an allocation at the same
+    instant (it may free the address the allocation gets)."""
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events: list[tuple[int, int, int]] = []
-    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    events: list[tuple[int, int, int, bool]] = []
+    stack = [(node, False) for node in prof.profiler.kineto_results.experimental_event_tree()]
     while stack:
-        node = stack.pop()
+        node, in_backend = stack.pop()
         if node.tag == _EventType.Allocation:
             f = node.extra_fields
-            events.append((node.start_time_ns, f.alloc_size, f.total_allocated))
-        stack.extend(node.children)
+            events.append((node.start_time_ns, f.alloc_size, f.ptr, in_backend))
+        in_backend = in_backend or node.name.startswith("c10d::")
+        stack.extend((child, in_backend) for child in node.children)
     if not events:
         raise RuntimeError("the profiler recorded no allocations")
-    return sorted(events)
+    return sorted(events, key=lambda e: (e[0], e[1] > 0))
 
 
-def _profiled_peak(fn: Callable[[], None]) -> int:
-    """Peak bytes allocated above the starting point while `fn` runs."""
-    events = _allocations(fn)
-    return max(e[2] for e in events) - (events[0][2] - events[0][1])
+class _Allocated:
+    """Bytes the step's own code allocates, replayed from the profiler's events across calls.
 
+    What a collective's backend allocates inside the collective is left out: gloo works on CPU copies
+    (its reduce-scatter holds a whole block's gradient, some of it on its own threads, for as long as
+    its timing makes it), while NCCL writes into the tensors it is given and keeps its buffers outside
+    PyTorch's allocator. With them, an FSDP step's peak varied by a fifth from run to run."""
 
-def _profiled_kept(fn: Callable[[], None]) -> int:
-    """Bytes `fn` allocated and left allocated: what it built."""
-    events = _allocations(fn)
-    return events[-1][2] - (events[0][2] - events[0][1])
+    def __init__(self) -> None:
+        self._backend: set[int] = set()  # addresses the backend holds
+
+    def replay(self, fn: Callable[[], None]) -> tuple[int, int]:
+        """(peak, end): the most bytes allocated above the start while `fn` runs, and what it left."""
+        now = peak = 0
+        for _, size, ptr, in_backend in _allocations(fn):
+            if size > 0 and in_backend:
+                self._backend.add(ptr)
+            elif size < 0 and ptr in self._backend:
+                self._backend.discard(ptr)
+            else:
+                now += size
+                peak = max(peak, now)
+        return peak, now
 
 
 def _storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
@@ -892,12 +908,13 @@ def measure_step_memory(s: Setup, *, seed: int = 0) -> dict[str, int]:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    allocated = _Allocated()
     if job:
-        static = _profiled_kept(build)
+        static = allocated.replay(build)[1]
     else:
         build()
         static = _storage_bytes(built["params"]) + \
             _storage_bytes(t for st in built["opt"].state.values() for t in st.values())
     gc.collect()
-    peak = _profiled_peak(step)
+    peak = allocated.replay(step)[0]
     return {"static": static, "step_peak": peak, "peak": static + peak}

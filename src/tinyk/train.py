@@ -600,7 +600,8 @@ class Trainer:
             if main:
                 clean_partial(out)
                 if exists and force and not self.resume:
-                    self.aside = set_aside(out)
+                    with writing(out):
+                        self.aside = set_aside(out)
                 with writing(out / "checkpoints"):
                     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
                 if not exists or not self.resume:  # a new run: its directory is a run's from the start
@@ -982,6 +983,14 @@ class Trainer:
             if self.total_steps < self.step_cap:
                 self.ended_by = "--max-minutes"
         planned, step = state.get("total_steps"), state["step"]
+        if planned and self.total_steps < step < planned and self.ended_by != "--max-minutes":
+            # Ending here would make a "complete" run, and its final/ model, of one stopped mid-schedule.
+            value = {"--max-steps": self.cfg.max_steps, "--max-tokens": self.cfg.max_tokens,
+                     "--epochs": self.cfg.epochs}[self.ended_by]
+            budget = f"{self.ended_by} {value:,g}" if value else "one epoch (the default)"
+            raise TinykError(f"{budget} ends this run at step {self.total_steps:,}, but it stopped at step {step:,} "
+                             f"of the {planned:,} it planned: raise {self.ended_by} to go on (to step {planned:,} "
+                             f"as planned), or use the checkpoint's model/ as it is")
         if planned and planned != self.total_steps and step < self.total_steps:
             # A longer (or shorter) run re-fits the cosine: after a finished run the LR climbs back up.
             was = lr_at(step, planned, self.cfg.lr, state.get("warmup", self.warmup), self.cfg.min_lr_ratio)

@@ -115,6 +115,19 @@ def _stop_handlers() -> dict[int, Any]:
     return handlers
 
 
+def _stopped(e: KeyboardInterrupt) -> NoReturn:
+    """One line for a command stopped by a signal, and its status: 128 + the signal's number. Under
+    torchrun only local rank 0 says it, once per machine: Ctrl-C reaches every process, and the agent
+    stops the others with SIGTERM when one refuses, whose line would then seem a second problem."""
+    name = getattr(e, "signal_name", "SIGTERM" if isinstance(e, Terminated) else "SIGINT")
+    said = {"SIGINT": "interrupted", "SIGTERM": "terminated", "SIGPIPE": "stopped: its output could not be written "
+            "(the reader left, or a full disk)"}.get(name, f"stopped by {name}")
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        # A command may say what the stop came too late to undo (eval's complete results).
+        print(f"tinyk: {said}{f' {e}' if str(e) else ''}", file=sys.stderr)
+    sys.exit(128 + signal.Signals[name])
+
+
 def _fail(message: str, root_cause: bool = True) -> NoReturn:
     """One line on stderr and exit 2. Under torchrun every process usually fails alike: each leaves its
     line in the error file torchrun reads, whose failure summary then shows it in place of a link to
@@ -180,12 +193,7 @@ def main(argv: list[str] | None = None) -> None:
               f"directory is as it was", file=sys.stderr)
         sys.exit(128 + signal.Signals[e.signal_name])
     except KeyboardInterrupt as e:
-        name = getattr(e, "signal_name", "SIGTERM" if isinstance(e, Terminated) else "SIGINT")
-        said = {"SIGINT": "interrupted", "SIGTERM": "terminated", "SIGPIPE": "stopped: its output could not be written "
-                "(the reader left, or a full disk)"}.get(name, f"stopped by {name}")
-        # A command may say what the stop came too late to undo (eval's complete results).
-        print(f"tinyk: {said}{f' {e}' if str(e) else ''}", file=sys.stderr)
-        sys.exit(128 + signal.Signals[name])
+        _stopped(e)
     except BrokenPipeError:
         # The reader left (`tinyk plan | head`): stop quietly, as other command-line tools do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -195,6 +203,8 @@ def main(argv: list[str] | None = None) -> None:
             _fail(f"tinyk: error: its output could not be written: {e.strerror}")
         _fail(f"tinyk: error: {e}")
     except RuntimeError as e:
+        if isinstance(e.__cause__, KeyboardInterrupt):  # a stop inside a class's set-up, which Python 3.11 wraps
+            _stopped(e.__cause__)
         if not (memory := out_of_memory(e)):
             raise
         _fail(f"tinyk: error: out of {memory}: a smaller model, batch or sequence length fits")
