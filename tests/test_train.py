@@ -237,7 +237,8 @@ def test_set_values_parse_as_yaml():
 
 # ----------------------------------------------------------------------------- training runs
 
-def test_mfu_never_passes_100_percent_when_the_cpu_was_timed_under_load(tmp_path, pt_data, tok_dir, monkeypatch):
+def test_mfu_never_passes_100_percent_when_the_cpu_was_timed_under_load(tmp_path, pt_data, tok_dir, monkeypatch,
+                                                                         capsys):
     """The CPU's peak is a timed matmul; timed while other work held the cores it is too low, and MFU
     came out at 145%. A step that outruns it has the peak timed again, once (an fp16 matmul on a CPU
     times slower than training runs, and timing it at every log window took seconds each), and never beaten."""
@@ -250,6 +251,11 @@ def test_mfu_never_passes_100_percent_when_the_cpu_was_timed_under_load(tmp_path
     mfu = [r["mfu"] for r in recs if r["type"] == "train"]
     assert mfu[0] == 1.0 and all(0 < m <= 1 for m in mfu) and 0 < summary["mfu_steady"] <= 1
     assert summary["peak_flops_source"].endswith("(timed again: the first timing was slowed by other work)")
+    # The header gave the first timing's figure: the log says which one MFU is now against.
+    out = capsys.readouterr().out
+    assert "peak for MFU: 0.00 TFLOP/s per device" in out
+    assert re.search(r"^note: peak for MFU timed again: [\d.]+ TFLOP/s per device, not 0\.00 \(that timing was "
+                     r"slowed by other work\)$", out, re.M), out
 
 
 def test_pretrain_run_outputs_and_loss_decreases(tmp_path, pt_data, tok_dir):

@@ -1407,14 +1407,18 @@ class Trainer:
         if not self.peak:
             return None
         achieved = tokens_per_s * self.flops_per_token / self.dist.world
+        first = None
         if achieved > self.peak and self.device.type == "cpu" and not self.cfg.peak_tflops:
             # The CPU's matmul rate was timed while other work held the cores: time it again, once (an
             # fp16 matmul on a CPU can time slower than the training runs: timed at every log window, it
             # cost seconds each), and never report more than 100% of it.
             if not self.peak_retimed:
-                self.peak, self.peak_retimed = measure_matmul_flops(dtype=self.dtype), True
+                first, self.peak, self.peak_retimed = self.peak, measure_matmul_flops(dtype=self.dtype), True
                 self.peak_source += " (timed again: the first timing was slowed by other work)"
             self.peak = max(self.peak, achieved)
+            if self.monitor and first is not None:  # the header's figure is not the one MFU is now against
+                self.monitor.print(f"note: peak for MFU timed again: {self.peak / 1e12:.2f} TFLOP/s per device, not "
+                                   f"{first / 1e12:.2f} (that timing was slowed by other work)")
         return round(achieved / self.peak, 5)
 
     def _peak_flops_spent(self, elapsed: float) -> float | None:
