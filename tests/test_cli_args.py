@@ -313,18 +313,19 @@ def test_a_stop_once_the_results_are_written_says_they_are_complete(tmp_path, na
     """Ctrl-C (or SIGTERM) landing just after the file is in place: the command still stops as one
     stopped (130, 143: `tinyk eval ... && next` does not go on), and says the results are whole."""
     import tinyk.evaluate
-    from tinyk.errors import Terminated
+    from tinyk.errors import Stopped, Terminated
 
     real, out = tinyk.evaluate.write_json_atomic, tmp_path / "r.json"
 
-    def stopped(stop: type[KeyboardInterrupt], after: bool):
+    def stopped(stop: KeyboardInterrupt | type[KeyboardInterrupt], after: bool):
         def write(path, obj):
             if after:
                 real(path, obj)
             raise stop
         return write
 
-    for stop, code, said in ((KeyboardInterrupt, 130, "interrupted"), (Terminated, 143, "terminated")):
+    for stop, code, said in ((KeyboardInterrupt, 130, "interrupted"), (Terminated, 143, "terminated"),
+                             (Stopped("SIGHUP"), 129, "stopped by SIGHUP")):
         monkeypatch.setattr(tinyk.evaluate, "write_json_atomic", stopped(stop, after=True))
         assert run_cli(eval_args(nano_model_dir, task_file, "--out", out, "--force"), capsys) == (
             code, f"tinyk: {said} after the evaluation finished: {out} holds its complete results\n")

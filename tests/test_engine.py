@@ -30,7 +30,7 @@ from tinyk.engine import (
     non_finite,
     quantize_int8,
 )
-from tinyk.errors import Terminated, TinykError
+from tinyk.errors import Stopped, Terminated, TinykError
 from tinyk.model import KVCache, Transformer
 from tinyk.tokenizer import DEFAULT_SYSTEM_PROMPT, MODEL_PROMPT, NOT_UTF8, render_chat
 
@@ -389,6 +389,9 @@ def test_bytes_that_begin_no_character_show_as_they_come_and_are_kept_when_cut(e
     good = tok.encode("好")
     assert tok.ends_mid_character([*good, lead]) and not tok.ends_mid_character([*good, stray])
     assert tok.ends_mid_character([lead, tok.eos_id]) and not tok.ends_mid_character([lead, *good])
+    # ED A0..BF begins only a UTF-16 surrogate: Python's decoder waits on it, transformers shows U+FFFD at once.
+    ed, bd = _byte_token(tok, 0xED), _byte_token(tok, 0xBD)
+    assert tok.ends_mid_character([ed]) and not tok.ends_mid_character([ed, bd]) and tok.decode([ed, bd]) == "\ufffd" * 2
     for stream in (True, False):
         req = Request(engine, [tok.bos_id], replace(GREEDY, max_new_tokens=len(good) + 2), stream)
         deltas = [req.accept(i) for i in [*good, stray, stray]]
@@ -993,15 +996,16 @@ def test_ctrl_c_stops_the_reply_not_the_chat(engine, capsys, monkeypatch):
     history = chat_session(engine, params, ["你好"], io.StringIO(), system=None)
     assert history == [] and "the message is forgotten too" in capsys.readouterr().err  # no empty answer kept
 
-    def terminated(requests):
-        yield from ()
-        raise Terminated
+    for stop in (Terminated(), Stopped("SIGHUP")):  # SIGTERM (kill, a scheduler), a hang-up: the chat ends too
+        def stopped(requests, stop=stop):
+            yield from ()
+            raise stop
 
-    monkeypatch.setattr(engine, "run", terminated)
-    out = io.StringIO()
-    with pytest.raises(Terminated):  # SIGTERM (kill, a scheduler) ends even an interactive chat
-        chat_session(engine, params, ["你好", "再见"], out, system=None)
-    assert out.getvalue() == "assistant> \n"  # "tinyk: terminated" then starts a line of its own
+        monkeypatch.setattr(engine, "run", stopped)
+        out = io.StringIO()
+        with pytest.raises(type(stop)):
+            chat_session(engine, params, ["你好", "再见"], out, system=None)
+        assert out.getvalue() == "assistant> \n"  # "tinyk: terminated" then starts a line of its own
 
 
 def test_a_reply_stopped_before_its_first_token_leaves_the_conversation_as_it_was(engine, capsys, monkeypatch):
@@ -1035,6 +1039,15 @@ def test_the_you_prompt_goes_where_the_person_typing_sees_it(monkeypatch, capsys
     assert capsys.readouterr() == ("", "you> ")
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
     assert next(_input_lines()) == "你好" and asked == ["", "you> "]
+
+    def hung_up(prompt=""):  # once: a chat that took it for Ctrl-C would read the next line
+        if asked.append(prompt) or len(asked) == 3:
+            raise Stopped("SIGHUP")
+        return "go on"
+
+    monkeypatch.setattr("builtins.input", hung_up)  # at the prompt only Ctrl-C clears the line and asks again
+    with pytest.raises(Stopped):
+        next(_input_lines())
 
 
 def test_chat_session_forgets_old_turns_to_fit(engine, capsys, monkeypatch):

@@ -547,7 +547,8 @@ def test_a_tutorial_pth_is_pointed_to_import_which_says_what_it_assumed(tmp_path
     assert e.value.code == 0 and "assumed" not in out
     assert f"note: the model has {n + 64} token embeddings and the tokenizer {n} tokens" in out
     half = 64 // 4 // 2  # the tables' width: half a head's for 4 heads of dim 64
-    tables = {**sd, "freqs_cos": torch.ones(80, half), "freqs_sin": torch.zeros(80, half)}
+    angles = torch.outer(torch.arange(80.0), 10000.0 ** (-torch.arange(half) / half))  # the tutorial's tables
+    tables = {**sd, "freqs_cos": torch.cos(angles), "freqs_sin": torch.sin(angles)}
     model, assumed = import_seed_checkpoint(_save(tables, tmp_path / "t.pth"), tok_dir, tmp_path / "t")
     assert (model.config.n_heads, model.config.max_seq_len, assumed) == (
         4, 80, "4 heads and a context of 80 tokens (from its RoPE tables) assumed: the checkpoint does not record them")
@@ -557,6 +558,10 @@ def test_a_tutorial_pth_is_pointed_to_import_which_says_what_it_assumed(tmp_path
         import_seed_checkpoint(tmp_path / "t.pth", tok_dir, tmp_path / "t3", n_heads=8)
     assert str(e.value) == (f"--n-heads 8 contradicts the 4 heads of {tmp_path / 't.pth'}'s RoPE tables (half a "
                             f"head, 8 wide, for dim 64); leave --n-heads out") and not (tmp_path / "t3").exists()
+    # Tables laid out otherwise (whole heads wide, cos repeated) tell nothing: --n-heads decides.
+    wide = {**sd, "freqs_cos": torch.cat([torch.cos(angles)] * 2, 1), "freqs_sin": torch.cat([torch.sin(angles)] * 2, 1)}
+    model, _ = import_seed_checkpoint(_save(wide, tmp_path / "w.pth"), tok_dir, tmp_path / "t4", n_heads=4)
+    assert model.config.n_heads == 4
     x = torch.randint(0, 100, (1, 30), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert (model(x) - seed_forward(sd, x, n_heads=4)).abs().max().item() < 1e-4

@@ -388,6 +388,10 @@ def test_text_offsets_point_at_each_token_after_bytes_that_form_no_character(tok
     lp = LogprobsWriter(tok, chat=False).take([(i, None, True) for i in ids])
     assert text == "\ufffd\ufffda好" and lp["text_offset"][:4] == [0, 0, 1, 2]
     assert all(text.startswith(t, o) for t, o in zip(lp["tokens"], lp["text_offset"], strict=True) if "bytes:" not in t)
+    ed, bd = (next(i for i in range(tok.vocab_size) if tok.piece(i) == bytes([b])) for b in (0xED, 0xBD))
+    a = tok.encode("a")
+    lp = LogprobsWriter(tok, chat=False).take([(i, None, True) for i in [ed, bd, *a]])
+    assert tok.decode([ed, bd, *a]) == "\ufffd\ufffda" and lp["text_offset"] == [0, 1, 2]  # one U+FFFD each
 
 
 def test_each_streamed_chunk_carries_the_logprobs_of_its_own_text(client, monkeypatch):

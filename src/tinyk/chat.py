@@ -9,7 +9,7 @@ import sys
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, TextIO
 
-from .errors import Terminated, TinykError, for_terminal
+from .errors import Stopped, Terminated, TinykError, for_terminal
 from .units import plural
 
 if TYPE_CHECKING:  # the engine brings torch, which `tinyk --help` does not need
@@ -161,7 +161,7 @@ class _Session:
         except KeyboardInterrupt as e:  # Ctrl-C stops the reply, not the conversation; SIGTERM stops both
             out.write("\n")  # the reply's line ends before anything says why it stopped
             out.flush()
-            if not self.interactive or isinstance(e, Terminated):
+            if not self.interactive or isinstance(e, Terminated | Stopped):
                 raise
             if shown:
                 print("(reply stopped)", file=sys.stderr)

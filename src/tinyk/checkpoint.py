@@ -490,6 +490,16 @@ def _unprefixed(name: str) -> str:
     return name
 
 
+def _rope_cos(table: torch.Tensor) -> bool:
+    """Whether `table` is laid out as the tutorial's RoPE cos table (a row per position, half a head wide,
+    theta 10000), so that its width tells the head size: checked on its second row, position 1."""
+    half = table.shape[1]
+    if table.shape[0] < 2:
+        return False
+    expected = torch.cos(10000.0 ** (-torch.arange(half, dtype=torch.float64) / half))
+    return torch.allclose(table[1].double(), expected, atol=1e-3)
+
+
 def import_seed_checkpoint(ckpt: str | Path, tok_dir: str | Path, out: str | Path, *, n_heads: int | None = None,
                            max_seq_len: int | None = None, force: bool = False) -> tuple[Transformer, str]:
     """A model directory from a model the tutorial's scripts saved (`pretrain_1024_18_6144.pth`), and
@@ -524,7 +534,7 @@ def import_seed_checkpoint(ckpt: str | Path, tok_dir: str | Path, out: str | Pat
     # Not given nor recorded: the RoPE tables' shape if it kept them (half a head wide, one row per
     # position, in the tutorial's layout), else the tutorial's values; either is said.
     guess, source = {"n_heads": 16, "max_seq_len": 512}, "the tutorial's"
-    if rope is not None and rope.dim() == 2 and rope.shape[1] and dim % (2 * rope.shape[1]) == 0:
+    if rope is not None and rope.dim() == 2 and rope.shape[1] and dim % (2 * rope.shape[1]) == 0 and _rope_cos(rope):
         guess, source = {"n_heads": dim // (2 * rope.shape[1]), "max_seq_len": rope.shape[0]}, "from its RoPE tables"
         if n_heads is not None and n_heads != guess["n_heads"]:
             raise TinykError(f"--n-heads {n_heads} contradicts the {guess['n_heads']} heads of {path}'s RoPE tables "

@@ -47,6 +47,11 @@ class Stopped(KeyboardInterrupt):
         self.signal_name = signal_name
 
 
+def stop_signal(e: KeyboardInterrupt) -> str:
+    """The signal that stopped a command: SIGINT for Ctrl-C, else the one the exception names."""
+    return getattr(e, "signal_name", "SIGTERM" if isinstance(e, Terminated) else "SIGINT")
+
+
 class StoppedBeforeTraining(Stopped):
     """A signal stopped a new training run before its first step: there is nothing to save, so the
     run directory is left as the run found it (the run --force was to replace kept)."""

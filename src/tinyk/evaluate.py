@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .data import normalize_conversation
-from .errors import TinykError, not_found, writing
+from .errors import Stopped, TinykError, not_found, writing
 from .inputs import Skips, iter_records, read_json, record_shape, refuse_pipe, refuse_repeats
 from .model import Transformer
 from .outputs import check_output_file, write_json_atomic
@@ -616,7 +616,8 @@ def save_results(out: str | Path, results: dict[str, Any], inputs: Iterable[str 
     except KeyboardInterrupt as e:  # too late to stop anything: whether the file is whole is what matters
         if not _holds(Path(out), results):
             raise
-        raise type(e)(f"after the evaluation finished: {out} holds its complete results") from None
+        why = f"after the evaluation finished: {out} holds its complete results"
+        raise (Stopped(e.signal_name, why) if isinstance(e, Stopped) else type(e)(why)) from None
 
 
 def _holds(path: Path, results: dict[str, Any]) -> bool:

@@ -848,6 +848,8 @@ class _Allocated:
             elif size < 0 and ptr in self._backend:
                 self._backend.discard(ptr)
             else:
+                if size > 0:  # an address handed out again was freed, seen or not (between two calls)
+                    self._backend.discard(ptr)
                 now += size
                 peak = max(peak, now)
         return peak, now
@@ -876,8 +878,8 @@ def measure_step_memory(s: Setup, *, seed: int = 0) -> dict[str, int]:
         raise ValueError(f"a step of {s.world_size} processes is measured in each of them, under torchrun")
     if job and s.grad_accum != 1:
         raise ValueError("a job's step is measured without gradient accumulation")
-    # The allocator's running total is the whole process's: an earlier model that a collection of its
-    # reference cycles (FSDP's hooks make them) frees while profiling would count against this one.
+    # An earlier model that a collection of its reference cycles (FSDP's hooks make them) frees while
+    # profiling would count against this one.
     gc.collect()
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)

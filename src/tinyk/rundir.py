@@ -182,8 +182,8 @@ def signals_held(deliver: bool = True) -> Iterator[None]:
     caught: list[int] = []
     before = {}
     try:
-        for s in (signal.SIGINT, signal.SIGTERM):
-            if signal.getsignal(s) is not None:  # None: a handler Python did not install, left alone
+        for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+            if s is not None and signal.getsignal(s) is not None:  # None: a handler Python did not install, left alone
                 before[s] = signal.signal(s, lambda signum, _frame: caught.append(signum))
         yield
     finally:

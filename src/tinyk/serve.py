@@ -58,6 +58,7 @@ from .tokenizer import (
     ModelPrompt,
     TinyTokenizer,
     message_text,
+    pending_utf8,
 )
 
 DEFAULT_MAX_BODY = 1_000_000  # the CLI's --max-body 1M
@@ -521,8 +522,9 @@ class LogprobsWriter:
             top = None if e is None else {self._text(i): _finite(lp) for i, lp in [*e.top, (token_id, e.logprob)]}
             out["top_logprobs"].append(top)
             piece, pending = self.tok.piece(token_id), self._decoder.getstate()[0]
-            # Bytes left pending that this token does not continue become a U+FFFD before its text.
-            out["text_offset"].append(self.chars + (bool(pending) and in_text and not _continues(pending, piece)))
+            # Bytes left pending that this token does not continue become U+FFFD before its text.
+            broken = in_text and pending and not _continues(pending, piece)
+            out["text_offset"].append(self.chars + (len(pending.decode("utf-8", errors="replace")) if broken else 0))
             if in_text:
                 self.chars += len(self._decoder.decode(piece))
         return out
@@ -546,10 +548,13 @@ class LogprobsWriter:
 
 def _continues(pending: bytes, piece: bytes) -> bool:
     """Whether `piece` goes on with the first bytes of a character, `pending`, as UTF-8 allows."""
-    try:
-        codecs.getincrementaldecoder("utf-8")().decode(pending + piece[:1])
-    except UnicodeDecodeError:
+    data = pending + piece[:1]
+    if not pending_utf8(pending):  # bytes no character starts with (ED A0..BF), which Python's decoder waits on
         return False
+    try:
+        data.decode("utf-8")  # the character's last byte
+    except UnicodeDecodeError:
+        return pending_utf8(data) == data  # or one more of its first bytes
     return True
 
 

@@ -207,6 +207,16 @@ def encode_chat(plain: Tokenizer, conversations: list[list[dict[str, str]]],
     return out
 
 
+def pending_utf8(data: bytes) -> bytes:
+    """The end of `data` that may still become a character: a lead byte and the continuation bytes it
+    allows so far. Python's decoder also waits on ED A0..BF, which only a UTF-16 surrogate starts and
+    which `transformers` (Rust) shows as U+FFFD at once: those are no character's start."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    decoder.decode(data)
+    pending = decoder.getstate()[0]
+    return b"" if pending[:1] == b"\xed" and pending[1:2] >= b"\xa0" else pending
+
+
 @dataclass
 class TinyTokenizer:
     """The `tokenizers` object plus the bits of the HF config tinyk needs."""
@@ -266,9 +276,7 @@ class TinyTokenizer:
                 break
             if i not in SPECIAL_IDS:
                 tail = self.piece(i) + tail
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        decoder.decode(tail[-3:])
-        return bool(decoder.getstate()[0])
+        return bool(pending_utf8(tail[-3:]))
 
     @cached_property
     def max_token_bytes(self) -> int:

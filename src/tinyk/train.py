@@ -44,12 +44,12 @@ from .config import CUDA_GRAPH_MODES, TrainConfig, dump_config, model_config
 from .errors import (
     PeerLost,
     StoppedBeforeTraining,
-    Terminated,
     TinykError,
     first_line,
     memory_available,
     out_of_memory,
     shown,
+    stop_signal,
     writing,
 )
 from .inputs import read_json
@@ -268,7 +268,7 @@ def _exit_status(e: BaseException) -> tuple[int, str | None]:
     """The exit status a run stopped by `e` ends with (as cli reports it: 2 for what it says in one
     line, 1 for a traceback), and what went wrong."""
     if isinstance(e, KeyboardInterrupt):
-        return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT), None
+        return 128 + signal.Signals[stop_signal(e)], None
     return 2 if isinstance(e, TinykError | OSError) or out_of_memory(e) else 1, first_line(e)
 
 
@@ -983,14 +983,11 @@ class Trainer:
             if self.total_steps < self.step_cap:
                 self.ended_by = "--max-minutes"
         planned, step = state.get("total_steps"), state["step"]
-        if planned and self.total_steps < step < planned and self.ended_by != "--max-minutes":
+        if planned and self.total_steps < step < planned:  # only --max-steps can end a run before its steps done
             # Ending here would make a "complete" run, and its final/ model, of one stopped mid-schedule.
-            value = {"--max-steps": self.cfg.max_steps, "--max-tokens": self.cfg.max_tokens,
-                     "--epochs": self.cfg.epochs}[self.ended_by]
-            budget = f"{self.ended_by} {value:,g}" if value else "one epoch (the default)"
-            raise TinykError(f"{budget} ends this run at step {self.total_steps:,}, but it stopped at step {step:,} "
-                             f"of the {planned:,} it planned: raise {self.ended_by} to go on (to step {planned:,} "
-                             f"as planned), or use the checkpoint's model/ as it is")
+            raise TinykError(f"--max-steps {self.cfg.max_steps:,} ends this run at step {self.total_steps:,}, but it "
+                             f"stopped at step {step:,} of the {planned:,} it planned: raise --max-steps to go on (to "
+                             f"step {planned:,} as planned), or use the checkpoint's model/ as it is")
         if planned and planned != self.total_steps and step < self.total_steps:
             # A longer (or shorter) run re-fits the cosine: after a finished run the LR climbs back up.
             was = lr_at(step, planned, self.cfg.lr, state.get("warmup", self.warmup), self.cfg.min_lr_ratio)

@@ -23,7 +23,15 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from tinyk import __version__
-from tinyk.errors import PeerLost, Stopped, StoppedBeforeTraining, Terminated, TinykError, out_of_memory
+from tinyk.errors import (
+    PeerLost,
+    Stopped,
+    StoppedBeforeTraining,
+    Terminated,
+    TinykError,
+    out_of_memory,
+    stop_signal,
+)
 
 STAGES = ["tokenizer", "model", "data", "train", "generate", "serve", "evaluate", "demo", "plan"]
 
@@ -119,7 +127,7 @@ def _stopped(e: KeyboardInterrupt) -> NoReturn:
     """One line for a command stopped by a signal, and its status: 128 + the signal's number. Under
     torchrun only local rank 0 says it, once per machine: Ctrl-C reaches every process, and the agent
     stops the others with SIGTERM when one refuses, whose line would then seem a second problem."""
-    name = getattr(e, "signal_name", "SIGTERM" if isinstance(e, Terminated) else "SIGINT")
+    name = stop_signal(e)
     said = {"SIGINT": "interrupted", "SIGTERM": "terminated", "SIGPIPE": "stopped: its output could not be written "
             "(the reader left, or a full disk)"}.get(name, f"stopped by {name}")
     if os.environ.get("LOCAL_RANK", "0") == "0":
@@ -189,8 +197,9 @@ def main(argv: list[str] | None = None) -> None:
     except TinykError as e:
         _fail(f"tinyk: error: {e}", root_cause=not isinstance(e, PeerLost))
     except StoppedBeforeTraining as e:
-        print(f"tinyk: stopped by {e.signal_name} before the first step: nothing was trained, and the run "
-              f"directory is as it was", file=sys.stderr)
+        if os.environ.get("LOCAL_RANK", "0") == "0":  # once per machine, as _stopped says it
+            print(f"tinyk: stopped by {e.signal_name} before the first step: nothing was trained, and the run "
+                  f"directory is as it was", file=sys.stderr)
         sys.exit(128 + signal.Signals[e.signal_name])
     except KeyboardInterrupt as e:
         _stopped(e)

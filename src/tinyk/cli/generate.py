@@ -20,7 +20,7 @@ from tinyk.cli.common import (
     set_threads,
     utf8_text,
 )
-from tinyk.errors import Terminated, TinykError, for_terminal
+from tinyk.errors import Stopped, Terminated, TinykError, for_terminal
 from tinyk.inputs import read_prompts
 from tinyk.units import plural
 
@@ -150,6 +150,6 @@ def _input_lines() -> Iterable[str]:
             print(file=sys.stderr)
             return
         except KeyboardInterrupt as e:
-            if isinstance(e, Terminated):
+            if isinstance(e, Terminated | Stopped):  # SIGTERM, a hang-up: not Ctrl-C at the prompt
                 raise
             print(file=sys.stderr)
