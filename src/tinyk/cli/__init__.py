@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from tinyk import __version__
+from tinyk.cli.common import speaks_for_machine
 from tinyk.errors import (
     PeerLost,
     Stopped,
@@ -130,7 +131,7 @@ def _stopped(e: KeyboardInterrupt) -> NoReturn:
     name = stop_signal(e)
     said = {"SIGINT": "interrupted", "SIGTERM": "terminated", "SIGPIPE": "stopped: its output could not be written "
             "(the reader left, or a full disk)"}.get(name, f"stopped by {name}")
-    if os.environ.get("LOCAL_RANK", "0") == "0":
+    if speaks_for_machine():
         # A command may say what the stop came too late to undo (eval's complete results).
         print(f"tinyk: {said}{f' {e}' if str(e) else ''}", file=sys.stderr)
     sys.exit(128 + signal.Signals[name])
@@ -150,7 +151,7 @@ def _fail(message: str, root_cause: bool = True) -> NoReturn:
             Path(error_file).write_text(json.dumps({"message": {"message": message, "extraInfo": {
                 "py_callstack": message, "timestamp": stamp}}}), encoding="utf-8")
             written = True
-    if not written or os.environ.get("LOCAL_RANK", "0") == "0":
+    if not written or speaks_for_machine():
         print(message, file=sys.stderr)
     # In a job of several processes, tearing down gloo's pairs at exit can abort (SIGABRT, not 2): after
     # a peer died, and when every process refuses at once (nodes started with different settings).
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     except TinykError as e:
         _fail(f"tinyk: error: {e}", root_cause=not isinstance(e, PeerLost))
     except StoppedBeforeTraining as e:
-        if os.environ.get("LOCAL_RANK", "0") == "0":  # once per machine, as _stopped says it
+        if speaks_for_machine():
             print(f"tinyk: stopped by {e.signal_name} before the first step: nothing was trained, and the run "
                   f"directory is as it was", file=sys.stderr)
         sys.exit(128 + signal.Signals[e.signal_name])

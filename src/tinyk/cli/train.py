@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 
@@ -17,6 +16,7 @@ from tinyk.cli.common import (
     positive_float,
     positive_int,
     seed,
+    speaks_for_machine,
     token_count,
 )
 
@@ -87,7 +87,7 @@ def _run(args: argparse.Namespace) -> int:
     notes: list[str] = []
     cfg = resolve_config(args.kind, preset=args.preset, config=args.config, flags=flags, sets=args.set,
                          resume=args.resume, notes=notes)
-    if os.environ.get("LOCAL_RANK", "0") == "0":  # once per machine under torchrun
+    if speaks_for_machine():
         for note in notes:
             print(note, file=sys.stderr)
     summary = train(cfg, resume=args.resume, force=args.force)
