@@ -248,6 +248,23 @@ def test_utf16_input_is_one_error(tmp_path, encoding, bom, says, text):
         texts(src)
 
 
+def test_a_stray_nul_byte_early_in_utf8_text_skips_its_record_not_the_file(tmp_path):
+    """UTF-8 text with one NUL near its start was refused whole as UTF-16; binary data still is."""
+    src = tmp_path / "p.txt"
+    src.write_bytes("你好世界\nab\x00c\n早上好\n".encode())
+    skips = Skips()
+    assert list(iter_texts([src], skips)) == ["你好世界", "早上好"]
+    assert skips.summary() == "skipped 1 record; nul byte: 1 (first at p.txt:2; a NUL byte is binary data, not text)"
+    src = tmp_path / "p.jsonl"
+    src.write_bytes(b'{"text": "a\x00b"}\n' + json.dumps({"text": "你好"}).encode() + b"\n")
+    skips = Skips()
+    assert list(iter_texts([src], skips)) == ["你好"] and skips.counts == {"malformed_json": 1}
+    src = tmp_path / "b.txt"
+    src.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x01\x00")
+    with pytest.raises(TinykError, match="b.txt: NUL bytes in its first 4 KB: .* or not text at all"):
+        list(iter_texts([src], Skips()))
+
+
 def test_a_nul_byte_past_the_first_4_kb_of_a_txt_file_is_skipped_not_read(tmp_path, nano_model_dir, capsys):
     """Past the encoding check a NUL byte reached a prompt (or a corpus) as text; JSON refuses it already."""
     src = tmp_path / "p.txt"

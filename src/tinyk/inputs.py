@@ -284,6 +284,15 @@ class _Counting:
         return line
 
 
+def _utf8_so_far(line: bytes) -> bool:
+    """Whether `line` is UTF-8, perhaps cut inside its last character (by the line limit, or the file's end)."""
+    try:
+        line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return e.reason == "unexpected end of data"
+    return True
+
+
 def iter_lines(path: Path, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iterator[tuple[int, bytes | None, int]]:
     """Yields (line number, line bytes or None if over the limit, bytes read so far).
 
@@ -297,7 +306,7 @@ def iter_lines(path: Path, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iter
         raise _read_error(path, e, 0) from e
     with raw:
         f = _Counting(raw, path, errors)
-        lineno = 0
+        lineno = head_nuls = 0
         while True:
             line = f.readline(max_line_bytes + 1)
             if not line:
@@ -315,10 +324,13 @@ def iter_lines(path: Path, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iter
             if line.startswith(_BOM):  # the file's, or one glued on by `cat a.jsonl b.jsonl`
                 line = line[len(_BOM):]
             # In the first 4 KB, not the first line: UTF-16LE's 上 (0A 4E) or newline (0A 00) ends lines early.
+            # UTF-16 English is half NULs, Chinese seldom valid UTF-8; a stray NUL in UTF-8 text is neither.
             if f.n - len(line) < 4096 and b"\x00" in line:
-                raise TinykError(f"{path}: NUL bytes in its first 4 KB: UTF-16 or UTF-32 text without a byte order "
-                                 f"mark, or not text at all; tinyk reads UTF-8 (convert it, e.g. iconv -f utf-16le "
-                                 f"-t utf-8, or utf-16be)")
+                head_nuls += line.count(b"\x00")
+                if head_nuls * 8 >= f.n or not _utf8_so_far(line):
+                    raise TinykError(f"{path}: NUL bytes in its first 4 KB: UTF-16 or UTF-32 text without a byte "
+                                     f"order mark, or not text at all; tinyk reads UTF-8 (convert it, e.g. iconv -f "
+                                     f"utf-16le -t utf-8, or utf-16be)")
             if len(line) > max_line_bytes and not line.endswith(b"\n"):
                 while line and not line.endswith(b"\n"):
                     line = f.readline(1 << 20)
@@ -402,7 +414,7 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
                 raise TinykError(f"{path}: a .txt file whose lines are JSON records, which would be read as "
                                  f"text, braces and keys included; name it {_jsonl_name(path)} to read {read_as}")
             if is_txt:
-                if "\x00" in s:  # past the first 4 KB (refused whole above); in JSON, malformed_json
+                if "\x00" in s:  # a stray one in UTF-8 text (UTF-16 was refused above); in JSON, malformed_json
                     skips.add("nul_byte", where, NUL_HINT)
                     continue
                 # A lone CR ends a line too (classic Mac OS files; Python's universal newlines): such a file
