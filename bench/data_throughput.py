@@ -28,13 +28,9 @@ import threading
 import time
 from pathlib import Path
 
+from tinyk.units import parse_size
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def parse_size(s: str) -> int:
-    units = {"k": 10**3, "m": 10**6, "g": 10**9}
-    s = s.strip().lower().rstrip("b")
-    return int(float(s[:-1]) * units[s[-1]]) if s[-1] in units else int(s)
 
 
 def size_label(nbytes: int) -> str:
