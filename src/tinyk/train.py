@@ -526,9 +526,9 @@ class Trainer:
         if cfg.seq_len > self.mcfg.max_seq_len:
             raise TinykError(f"seq_len {cfg.seq_len} exceeds the model's context of {self.mcfg.max_seq_len} tokens "
                              f"(lower --seq-len or raise model.max_seq_len)")
-        dtype = short_dtype_name(resolve_dtype(cfg.dtype, self.device))
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
         cuda = self.device.type == "cuda"
-        refusal = precision_refusal(dtype, cfg.parallel == "fsdp" and self.dist.world > 1,
+        refusal = precision_refusal(short_dtype_name(self.dtype), cfg.parallel == "fsdp" and self.dist.world > 1,
                                     torch.cuda.get_device_name(self.device) if cuda else "this CPU",
                                     not cuda or cuda_autocast_dtype(self.device) == torch.bfloat16)
         if refusal:
@@ -785,7 +785,6 @@ class Trainer:
 
     def _setup_model(self) -> None:
         cfg, d = self.cfg, self.dist
-        self.dtype = resolve_dtype(cfg.dtype, self.device)
         self.progress = _Progress()
         # Step losses since the last log line: kept in checkpoints so a resumed run logs the same curve.
         self.window_loss, self.window_steps = torch.zeros((), device=self.device), 0
