@@ -577,10 +577,11 @@ def test_int8_that_cannot_run_is_refused_before_any_mode_runs(tmp_path, nano_mod
     import tinyk.engine
 
     task = write_task(tmp_path / "t.jsonl", [{"messages": [{"role": "user", "content": "问题"}], "answer": "是"}])
-    monkeypatch.setattr(tinyk.engine, "int8_works", lambda device, dtype: False)
+    # The check is on the dtype the engine computes in (bf16 for int8), not the one --data uses.
+    monkeypatch.setattr(tinyk.engine, "int8_works", lambda device, dtype: dtype != torch.bfloat16)
     monkeypatch.setattr(tinyk.checkpoint, "load_model", lambda *a, **kw: pytest.fail("the weights were loaded"))
     with pytest.raises(TinykError, match=r"^int8 weights are not supported by this torch build on cpu with "
-                                         r"float32$"):
+                                         r"bfloat16$"):
         evaluate(nano_model_dir, tasks=[task], quantize="int8", device="cpu")
     assert tinyk.engine.int8_refusal(torch.device("meta"), torch.bfloat16).endswith(
         "on meta with bfloat16; int8 decoding runs on the CPU: add --device cpu")

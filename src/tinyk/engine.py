@@ -117,6 +117,12 @@ def int8_works(device: torch.device, dtype: torch.dtype) -> bool:
         return False
 
 
+def engine_dtype(dtype: str | torch.dtype, device: torch.device, quantize: str) -> torch.dtype:
+    """The dtype an engine computes in: "auto" with int8 weights is bf16, since the int8 kernel is
+    fast with bf16 activations and slow with fp32."""
+    return resolve_dtype(torch.bfloat16 if quantize == "int8" and dtype == "auto" else dtype, device)
+
+
 def int8_refusal(device: torch.device, dtype: torch.dtype) -> str | None:
     """Why int8 weights cannot decode on `device` in `dtype` (its kernel is CPU-only in PyTorch), or None."""
     if int8_works(device, dtype):
@@ -685,9 +691,9 @@ class Engine:
             raise TinykError(f"unknown quantization {quantize!r} (use {' or '.join(QUANTIZE)})")
         first = next(model.parameters())
         self.device = resolve_device(device) if device is not None else first.device
-        if quantize == "int8" and dtype in (None, "auto"):
-            dtype = torch.bfloat16  # the int8 kernel is fast with bf16 activations, slow with fp32
-        self.dtype = resolve_dtype(dtype, self.device) if dtype is not None else first.dtype
+        if quantize == "int8" and dtype is None:
+            dtype = "auto"
+        self.dtype = engine_dtype(dtype, self.device, quantize) if dtype is not None else first.dtype
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.quantize = quantize
         if quantize == "int8":

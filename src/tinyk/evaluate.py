@@ -551,11 +551,11 @@ def evaluate(model_dir: str | Path, *, data: Iterable[str | Path] = (), tasks: I
         choice_skips = Skips()
         questions = choices_that_fit(tok, choice, read_choice(choice, choice_skips, limit), choice_format,
                                      cfg.max_seq_len, choice_skips)
-    from .engine import int8_refusal
-    from .model import resolve_device, resolve_dtype
+    from .engine import engine_dtype, int8_refusal
+    from .model import resolve_device
 
     dev = resolve_device(device)
-    if quantize == "int8" and (why := int8_refusal(dev, resolve_dtype("auto", dev))):
+    if quantize == "int8" and (why := int8_refusal(dev, engine_dtype("auto", dev, quantize))):
         raise TinykError(why)  # before the other modes run, not after
     model, tok = load_model(model_dir, device=dev)
     results: dict[str, Any] = {"model": str(model_dir), "data": [], "tasks": [], "choice": None,
