@@ -187,6 +187,9 @@ def test_a_text_prompt_starts_a_document_as_in_tinyk_generate(engine, nano_model
     assert c.prompt_tokens == 1 + len(engine.tok.encode(text))
     assert engine.encode(text) == engine.encode("<|im_start|>" + text) == [engine.tok.bos_id, *engine.tok.encode(text)]
     assert engine.encode(text, bos=False) == engine.tok.encode(text)
+    assert engine.encode("") == engine.encode([]) == [engine.tok.bos_id]
+    with pytest.raises(TinykError, match=r"^an empty prompt has nothing to continue without <\|im_start\|> \(bos=False\)$"):
+        engine.encode("", bos=False)  # it was quietly <|im_start|> all the same
     with pytest.raises(SystemExit):
         main(["generate", "--model", str(nano_model_dir), "--prompt", text, "--temperature", "0",
               "--repetition-penalty", "1", "--max-new-tokens", "6", "--json"])

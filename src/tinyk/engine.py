@@ -724,10 +724,12 @@ class Engine:
     def encode(self, prompt: str | list[int], bos: bool = True) -> list[int]:
         """Token ids of a prompt. Text is a raw completion: it starts with `<|im_start|>` as training
         documents do (unless it already does, e.g. a rendered chat, or `bos` is False). Token ids are
-        taken as given; an empty prompt is `<|im_start|>`."""
+        taken as given; an empty prompt is `<|im_start|>`, and refused as text without it."""
         if isinstance(prompt, str):
             self.check_fits([prompt])
             ids = self.tok.encode(prompt)
+            if not (ids or bos):
+                raise TinykError("an empty prompt has nothing to continue without <|im_start|> (bos=False)")
             if bos and ids[:1] != [self.tok.bos_id]:
                 ids = [self.tok.bos_id, *ids]
         elif isinstance(prompt, list | tuple) and len(prompt) >= self.context_length:

@@ -861,7 +861,9 @@ def _storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
 
 
 def measure_step_memory(s: Setup, *, seed: int = 0) -> dict[str, int]:
-    """Runs one steady-state optimizer step of `s` on CPU; returns its peak allocation in bytes.
+    """Runs one steady-state optimizer step of `s` on CPU; returns in bytes what is kept between steps
+    (`static`: weights, optimizer state, a job's wrapping), the step's own peak above it (`step_peak`) and their
+    sum (`peak`), which is what `estimate_memory` plans.
 
     The step is the trainer's (`optimizer_step` around `LossSum`, AdamW from `make_optimizer`);
     each micro-batch is made as it is used, as the trainer moves one at a time to the device. The

@@ -177,6 +177,8 @@ def add_sampling_args(p: argparse.ArgumentParser, seed_help: str = "seed for rep
                        *REPETITION_PENALTY_RANGE))
     p.add_argument("--max-new-tokens", type=positive_int, default=256, help="token budget per answer (default 256)")
     p.add_argument("--seed", type=sampling_seed, default=None, help=seed_help)
+    p.add_argument("--stop", action="append", type=stop_text, default=[], metavar="TEXT",
+                   help="stop when this text appears (repeatable); it is not part of the output")
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -190,8 +192,6 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="int8: weight-only int8 copies of the weights, bf16 compute (CPU; batch-1 decoding "
                         "1.5-1.75x as fast as transformers' fp32 generate in bench/decode.py, slightly different "
                         "numbers)")
-    p.add_argument("--stop", action="append", type=stop_text, default=[], metavar="TEXT",
-                   help="stop when this text appears (repeatable); it is not part of the output")
     p.add_argument("--threads", type=int_range(1, 4096), default=None,
                    help="CPU threads (default: torch's, one per core; on a machine busy with other work, fewer "
                         "can be many times faster)")
