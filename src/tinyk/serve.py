@@ -946,6 +946,11 @@ class Handler(BaseHTTPRequestHandler):
         sent = [0] * len(reqs)  # generated tokens whose logprobs went out, by choice
         started = [False] * len(reqs)
 
+        def envelope(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> dict[str, Any]:
+            """What every chunk carries; usage is the spec's null until the last chunk."""
+            return {"id": rid, "object": obj, "created": created, "model": name, "choices": choices,
+                    **({"usage": usage} if include_usage else {})}
+
         def logprobs(i: int, upto: int | None) -> dict[str, Any] | None:
             """Those of the tokens since choice i's last chunk, up to `upto` (None: all, once it ended)."""
             r = reqs[i]
@@ -959,9 +964,7 @@ class Handler(BaseHTTPRequestHandler):
             r, w = reqs[i], writers[i]
             lp = w.take(_echoed(r, sub.added[i])) if w is not None and r.prompt_logprobs else None
             text = _echo_text(r, sub.added[i])
-            return {"id": rid, "object": obj, "created": created, "model": name,
-                    "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": None}],
-                    **({"usage": None} if include_usage else {})}
+            return envelope([{"index": i, "text": text, "logprobs": lp, "finish_reason": None}])
 
         def chunk(i: int, delta: str | None, finish: str | None = None, first: bool = False,
                   upto: int | None = None) -> dict[str, Any]:
@@ -971,8 +974,7 @@ class Handler(BaseHTTPRequestHandler):
                 choice = {"index": i, "delta": d, "logprobs": lp, "finish_reason": finish}
             else:
                 choice = {"index": i, "text": delta or "", "logprobs": lp, "finish_reason": finish}
-            usage = {"usage": None} if include_usage else {}  # the spec's: null until the last chunk
-            return {"id": rid, "object": obj, "created": created, "model": name, "choices": [choice], **usage}
+            return envelope([choice])
 
         try:
             self.send_response(200)
@@ -1004,8 +1006,7 @@ class Handler(BaseHTTPRequestHandler):
             if failed is not None:
                 self._event(_failure(failed).body())
             elif include_usage:
-                self._event({"id": rid, "object": obj, "created": created, "model": name, "choices": [],
-                             "usage": Api.usage(reqs, sub.n)})
+                self._event(envelope([], Api.usage(reqs, sub.n)))
             self._write_chunk(b"data: [DONE]\n\n")
             if self.chunked:
                 self._write_chunk(b"")
