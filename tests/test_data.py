@@ -466,7 +466,6 @@ def test_a_stopped_run_continues_to_the_output_of_a_run_never_stopped(tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"{kind}.jsonl", "out", "whole"])
 
 
-
 @pytest.mark.parametrize("kind", ["pretrain", "sft"])
 def test_a_run_stopped_after_its_last_batch_continues_without_counting_anything_twice(tmp_path, tok_dir, monkeypatch,
                                                                                        capsys, kind):

@@ -255,6 +255,7 @@ def test_control_characters_reach_a_terminal_escaped_and_a_pipe_as_they_are(nano
             main(args)
         out = capsys.readouterr().out
         assert ("我们\\x1b[2J\\x07\t好\n" in out) == tty and (prompt in out) != tty and ("\x1b" in out) != tty
+
     class Terminal(io.StringIO):
         def isatty(self):
             return True

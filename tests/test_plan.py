@@ -417,7 +417,6 @@ def test_gpu_profile_cpu_smoke(tmp_path):
     assert "| matmul |" in text and "| attention |" in text
 
 
-
 def test_plan_names_the_model_it_sizes_and_takes_device_names(tmp_path, capsys):
     cfg = tmp_path / "my.yaml"
     cfg.write_text("model: {preset: seed-82m}\n")

@@ -1932,6 +1932,7 @@ def test_checkpoints_are_on_the_disk_before_older_ones_are_deleted(tmp_path, pt_
                         or rmtree(path, *a, **kw))
     out = tmp_path / "run"
     train(nano_cfg(pt_data, tok_dir, out, max_steps=2, save_every=1, keep_checkpoints=1))
+
     def synced(events: list[tuple[str, str]], temporary: str) -> set[str]:
         """The files synced inside the temporary folder an output was written in, relative to it."""
         found = set()

@@ -846,7 +846,6 @@ class Engine:
         for _, delta in self.run([self.request(prompt, params or SamplingParams())]):
             yield delta
 
-
     # -- sampling -----------------------------------------------------------------------
 
     @staticmethod

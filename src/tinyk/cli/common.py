@@ -30,11 +30,11 @@ SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit
 REPETITION_PENALTY_RANGE = (0.01, 10)  # engine.REPETITION_PENALTY_RANGE, here so that parsing arguments needs no torch
 
 
-
 def speaks_for_machine() -> bool:
     """Whether this process prints a command's lines: under torchrun only local rank 0 does, once per
     machine rather than once per process."""
     return os.environ.get("LOCAL_RANK", "0") == "0"
+
 
 def _refuse(rule: str, s: str) -> NoReturn:
     raise argparse.ArgumentTypeError(f"must be {rule}, got {s!r}")
