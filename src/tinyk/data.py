@@ -822,24 +822,51 @@ def _difference(was: dict[str, Any], now: dict[str, Any]) -> str:
     return "another version of tinyk"
 
 
-def _prepare(kind: str, paths: list[Path], tok: TinyTokenizer, out: str | Path, *,
-             records: Callable[[Skips], Iterator[Any]], size: Callable[[Any], int], batch_chars: int,
-             job_extra: dict[str, Any], options: dict[str, Any],
-             make_writer: Callable[[Path, np.dtype], _SplitWriter], meta_extra: dict[str, Any], command: str,
-             val_fraction: float, seed: int, workers: int, force: bool, strict: bool,
-             show_progress: bool, checkpoint_s: float) -> dict[str, Any]:
+@dataclass(frozen=True)
+class _Run:
+    """How a `tinyk data` run works, whatever its kind (`workers`: a count, resolved)."""
+
+    val_fraction: float
+    seed: int
+    workers: int
+    force: bool
+    strict: bool
+    show_progress: bool
+    batch_chars: int
+    checkpoint_s: float
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """What sets pretraining and SFT data apart in the pipeline they share."""
+
+    name: str  # pretrain or sft
+    records: Callable[[Skips], Iterator[Any]]  # the inputs' records; a bad one is counted in the Skips
+    size: Callable[[Any], int]  # a record's characters, which batches are made of
+    make_writer: Callable[[Path, np.dtype], _SplitWriter]
+    options: dict[str, Any]  # what decides the output: in its fingerprint and its recorded command
+    job: dict[str, Any]  # what the tokenizing workers need besides the tokenizer
+    meta: dict[str, Any]  # what meta.json records besides what both kinds record
+
+    @property
+    def unit(self) -> str:
+        return "documents" if self.name == "pretrain" else "conversations"
+
+
+def _prepare(kind: _Kind, paths: list[Path], tok: TinyTokenizer, out: str | Path, run: _Run,
+             command: str) -> dict[str, Any]:
     """The shared pipeline: read -> batch -> tokenize in order -> split -> write -> meta.json, with
     checkpoints that let the same command continue a stopped run (`_Checkpoints`)."""
     tokenizer_dir = tok.path
     dtype = token_dtype(tok.vocab_size)
-    job = _Job(kind, (Path(tokenizer_dir) / "tokenizer.json").read_text(encoding="utf-8"), dtype.name, **job_extra)
+    job = _Job(kind.name, (Path(tokenizer_dir) / "tokenizer.json").read_text(encoding="utf-8"), dtype.name,
+               **kind.job)
     tok_hash = tokenizer_hash(tokenizer_dir)
-    fingerprint = _fingerprint(kind, paths, tok_hash, options, strict)
-    unit = "documents" if kind == "pretrain" else "conversations"
+    fingerprint = _fingerprint(kind.name, paths, tok_hash, kind.options, run.strict)
     # The lock is held until the folder is renamed into place: a second run let in before would empty it.
-    with contextlib.ExitStack() as locked, atomic_dir(out, force=force, inputs=[*paths, tokenizer_dir], partial=True,
-                                                      replaces=(f"{kind} data made by tinyk data {kind}",
-                                                                lambda p: _is_data_dir(p, kind))) as tmp:
+    replaces = (f"{kind.name} data made by tinyk data {kind.name}", lambda p: _is_data_dir(p, kind.name))
+    with contextlib.ExitStack() as locked, atomic_dir(out, force=run.force, inputs=[*paths, tokenizer_dir],
+                                                      partial=True, replaces=replaces) as tmp:
         lock = DirLock(tmp)
         try:
             free = lock.acquire()
@@ -848,29 +875,26 @@ def _prepare(kind: str, paths: list[Path], tok: TinyTokenizer, out: str | Path, 
         if not free:
             raise TinykError(f"another tinyk data run is writing {shown(out)} (in {shown(tmp)}); wait for it to end")
         locked.callback(lock.release)
-        if (Path(out).exists() or Path(out).is_symlink()) and not force:  # made by a run that ended meanwhile
+        if (Path(out).exists() or Path(out).is_symlink()) and not run.force:  # made by a run that ended meanwhile
             with contextlib.suppress(OSError):
                 tmp.rmdir()  # the folder this run has just made, not a stopped run's work
             raise TinykError(f"output directory exists: {shown(out)} (use --force to replace it)")
-        checkpoints = _Checkpoints(tmp, fingerprint, checkpoint_s, show_progress)
+        checkpoints = _Checkpoints(tmp, fingerprint, run.checkpoint_s, run.show_progress)
         try:
             with contextlib.ExitStack() as opened:
-                splits, done = _tokenize(
-                    kind, unit, job, records, size=size, batch_chars=batch_chars, workers=workers, strict=strict,
-                    show_progress=show_progress, checkpoints=checkpoints,
-                    open_done=lambda state: _Done.open(state, tmp, make_writer, dtype, val_fraction, seed, strict,
-                                                       opened))
+                splits, done = _tokenize(kind, job, run, checkpoints, lambda state: _Done.open(
+                    state, tmp, kind.make_writer, dtype, run, opened))
             meta = {
-                "kind": kind,
+                "kind": kind.name,
                 "format_version": FORMAT_VERSION,
                 "tokenizer_hash": tok_hash,
                 "vocab_size": tok.vocab_size,
                 "dtype": dtype.name,
                 "splits": splits,
-                **meta_extra,
-                **({"truncated": dict(done.truncated)} if kind == "sft" else {}),
-                "val_fraction": val_fraction,
-                "seed": seed,
+                **kind.meta,
+                **({"truncated": dict(done.truncated)} if kind.name == "sft" else {}),
+                "val_fraction": run.val_fraction,
+                "seed": run.seed,
                 "skipped": done.skips.to_json(),
                 "inputs": [{"path": shown(p), "bytes": p.stat().st_size} for p in paths],
                 "command": command,
@@ -881,7 +905,7 @@ def _prepare(kind: str, paths: list[Path], tok: TinyTokenizer, out: str | Path, 
             with writing(tmp / "meta.json"):
                 write_json_atomic(tmp / "meta.json", meta)
         except BaseException as e:
-            checkpoints.stopped(e, unit)
+            checkpoints.stopped(e, kind.unit)
             raise
         checkpoints.finished([path for w in done.writers.values() for path in w.scratch()])
     return meta
@@ -901,7 +925,7 @@ class _Done:
 
     @classmethod
     def open(cls, state: dict[str, Any] | None, folder: Path, make_writer: Callable[[Path, np.dtype], _SplitWriter],
-             dtype: np.dtype, val_fraction: float, seed: int, strict: bool, opened: contextlib.ExitStack) -> _Done:
+             dtype: np.dtype, run: _Run, opened: contextlib.ExitStack) -> _Done:
         """The splits' writers, opened at a checkpoint's `state` (None: from nothing); a state that does not
         add up (edited, or from elsewhere) is a KeyError, TypeError, ValueError or AttributeError."""
         if state:  # an edited count would fail later, mid-run, as a traceback
@@ -917,10 +941,10 @@ class _Done:
             opened.callback(w.release)  # a stopped run closes its files before its folder is removed or kept
             w.open(state["writers"][split] if state else None)
         seen = int(state["splitter"]["seen"]) if state else 0
-        splitter = _Splitter(writers["train"], writers["val"], val_fraction, seed, seen)
+        splitter = _Splitter(writers["train"], writers["val"], run.val_fraction, run.seed, seen)
         if not state:
-            return cls(writers, splitter, Skips(strict=strict), Counter())
-        return cls(writers, splitter, Skips.from_json(state["skips"], strict), Counter(state["truncated"]),
+            return cls(writers, splitter, Skips(strict=run.strict), Counter())
+        return cls(writers, splitter, Skips.from_json(state["skips"], run.strict), Counter(state["truncated"]),
                    int(state["records"]), float(state["seconds"]))
 
     def state(self, records: int, seconds: float) -> dict[str, Any]:
@@ -930,10 +954,8 @@ class _Done:
                 "skips": self.skips.to_json(), "truncated": dict(self.truncated), "seconds": round(seconds, 3)}
 
 
-def _tokenize(kind: str, unit: str, job: _Job, records: Callable[[Skips], Iterator[Any]], *,
-              size: Callable[[Any], int], batch_chars: int, workers: int, strict: bool, show_progress: bool,
-              checkpoints: _Checkpoints, open_done: Callable[[dict[str, Any] | None], _Done]
-              ) -> tuple[dict[str, Any], _Done]:
+def _tokenize(kind: _Kind, job: _Job, run: _Run, checkpoints: _Checkpoints,
+              open_done: Callable[[dict[str, Any] | None], _Done]) -> tuple[dict[str, Any], _Done]:
     """Fills `checkpoints.folder` with the two splits, continuing a saved state if there is one; returns
     the splits' meta and what was done (skips, truncation counts, seconds)."""
     from tqdm import tqdm
@@ -943,9 +965,9 @@ def _tokenize(kind: str, unit: str, job: _Job, records: Callable[[Skips], Iterat
     except (KeyError, TypeError, ValueError, AttributeError):  # a progress file edited, or from elsewhere
         checkpoints.start_over("has a progress file that cannot be read")
         done = open_done(None)
-    splitter, seconds_before = done.splitter, done.seconds
-    reader = _SkipLog(stop_at_first=strict)
-    items = _read_until_stopped(records(reader))
+    splitter, seconds_before, unit, show_progress = done.splitter, done.seconds, kind.unit, run.show_progress
+    reader = _SkipLog(stop_at_first=run.strict)
+    items = _read_until_stopped(kind.records(reader))
     t0 = time.monotonic()
     if done.records:
         checkpoints.say(f"continuing the stopped run in {shown(checkpoints.folder)}: {splitter.seen:,} {unit}, "
@@ -965,7 +987,7 @@ def _tokenize(kind: str, unit: str, job: _Job, records: Callable[[Skips], Iterat
                 read[0].merge(reader.take())  # the lines up to this record, and not those after the last one
                 yield item
 
-        for batch in _batched(taking(items), size, batch_chars):
+        for batch in _batched(taking(items), kind.size, run.batch_chars):
             count += len(batch)
             batch_skips, read[0] = read[0], Skips()
             yield (batch_skips, count), batch
@@ -973,9 +995,9 @@ def _tokenize(kind: str, unit: str, job: _Job, records: Callable[[Skips], Iterat
     # A bar in a log is carriage-return noise; a notebook (no terminal either) shows it as one.
     bar_shown = show_progress and (sys.stderr.isatty() or "ipykernel" in sys.modules)
     last_line = time.monotonic()
-    with tqdm(unit=f" {unit}", disable=not bar_shown, dynamic_ncols=True, desc=f"tokenizing {kind}",
+    with tqdm(unit=f" {unit}", disable=not bar_shown, dynamic_ncols=True, desc=f"tokenizing {kind.name}",
               initial=splitter.seen) as bar:
-        for (read_skips, count), (batch, skipped, cut) in _map_ordered(job, tagged(), workers):
+        for (read_skips, count), (batch, skipped, cut) in _map_ordered(job, tagged(), run.workers):
             # A batch's records all precede a --strict stop, so their own skips come first.
             for reason, where in skipped:
                 done.skips.add(reason, where)
@@ -987,7 +1009,7 @@ def _tokenize(kind: str, unit: str, job: _Job, records: Callable[[Skips], Iterat
             now = time.monotonic()
             if show_progress and not bar_shown and now - last_line >= PROGRESS_LINE_S:
                 last_line = now
-                print(_progress_line(kind, unit, splitter, seconds_before + now - t0), file=sys.stderr, flush=True)
+                print(_progress_line(kind.name, unit, splitter, seconds_before + now - t0), file=sys.stderr, flush=True)
             if checkpoints.due() and splitter.settle():
                 checkpoints.save(done.state(count, seconds_before + now - t0), done.writers)
     done.skips.merge(reader.take())  # lines after the last usable record (never in a checkpoint: a rerun reads them again)
@@ -1018,12 +1040,11 @@ def prepare_pretrain(inputs: list[str | Path], tokenizer_dir: str | Path, out: s
 
     options = {"field": field, "val_fraction": val_fraction, "seed": seed, "shard_tokens": shard_tokens,
                **_line_cap(max_line_bytes)}
-    return _prepare("pretrain", paths, load_tokenizer(tokenizer_dir), out, records=records, size=len,
-                    batch_chars=batch_chars, job_extra={}, options=options,
-                    make_writer=lambda d, dtype: _ShardWriter(d, dtype, shard_tokens), meta_extra={"field": field},
-                    command=_command("pretrain", paths, tokenizer_dir, out, options), val_fraction=val_fraction,
-                    seed=seed, workers=nworkers, force=force, strict=strict, show_progress=show_progress,
-                    checkpoint_s=checkpoint_s)
+    kind = _Kind("pretrain", records, len, lambda d, dtype: _ShardWriter(d, dtype, shard_tokens), options, job={},
+                 meta={"field": field})
+    return _prepare(kind, paths, load_tokenizer(tokenizer_dir), out,
+                    _Run(val_fraction, seed, nworkers, force, strict, show_progress, batch_chars, checkpoint_s),
+                    _command("pretrain", paths, tokenizer_dir, out, options))
 
 
 def summary(meta: dict[str, Any]) -> str:
@@ -1178,13 +1199,11 @@ def prepare_sft(inputs: list[str | Path], tokenizer_dir: str | Path, out: str | 
 
     options = {"max_len": max_len, "system_prompt": system_prompt, "val_fraction": val_fraction, "seed": seed,
                **_line_cap(max_line_bytes)}
-    return _prepare("sft", paths, tok, out, records=conversations, size=chars, batch_chars=batch_chars,
-                    job_extra={"max_len": max_len, "system_prompt": system_prompt}, options=options,
-                    make_writer=_ConversationWriter,
-                    meta_extra={"max_len": max_len, "system_prompt": system_prompt},
-                    command=_command("sft", paths, tokenizer_dir, out, options), val_fraction=val_fraction,
-                    seed=seed, workers=nworkers, force=force, strict=strict, show_progress=show_progress,
-                    checkpoint_s=checkpoint_s)
+    recorded = {"max_len": max_len, "system_prompt": system_prompt}
+    kind = _Kind("sft", conversations, chars, _ConversationWriter, options, job=recorded, meta=recorded)
+    return _prepare(kind, paths, tok, out,
+                    _Run(val_fraction, seed, nworkers, force, strict, show_progress, batch_chars, checkpoint_s),
+                    _command("sft", paths, tokenizer_dir, out, options))
 
 
 def _clipped(messages: list[dict[str, str]], chars: int) -> list[dict[str, str]]:
