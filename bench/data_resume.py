@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from data_throughput import ROOT, make_corpus, parse_size, sentence_pool  # noqa: E402
+from data_throughput import ROOT, make_corpus, sentence_pool  # noqa: E402
+from tinyk.units import parse_size  # noqa: E402
 
 
 def run(corpus: Path, tok_dir: Path, out: Path, workers: int, stop_after: float | None = None) -> tuple[float, str]:
@@ -79,16 +80,16 @@ def main() -> None:
         print(f"corpus: {mb:,.0f} MB of {source}; {args.workers} workers on {os.cpu_count()} cores", flush=True)
         whole, _ = run(corpus, tok_dir, work / "whole", args.workers)
         splits = json.loads((work / "whole" / "meta.json").read_text())["splits"].values()
-        print(f"uninterrupted: {whole:.1f}s, {sum(s['documents'] for s in splits):,} docs", flush=True)
+        print(f"uninterrupted: {whole:.1f}s, {sum(s['documents'] for s in splits):,} documents", flush=True)
         stopped, err = run(corpus, tok_dir, work / "out", args.workers, stop_after=args.stop_at * whole)
-        kept = re.search(r"the ([\d,]+) docs done are kept", err)
+        kept = re.search(r"the ([\d,]+) documents? done are kept", err)
         if not kept:
             raise SystemExit(f"the stopped run kept nothing to continue:\n{err}")
-        print(f"stopped with SIGTERM after {stopped:.1f}s, {kept[1]} docs kept", flush=True)
+        print(f"stopped with SIGTERM after {stopped:.1f}s, {kept[1]} documents kept", flush=True)
         continued, err = run(corpus, tok_dir, work / "out", args.workers)
         skip = re.search(r"read past them in (\d+)s", err)
         same = files(work / "out") == files(work / "whole")
-        print(f"continued: {continued:.1f}s (reading past the kept docs: {skip[1] if skip else '?'}s); "
+        print(f"continued: {continued:.1f}s (reading past the kept documents: {skip[1] if skip else '?'}s); "
               f"output identical to the uninterrupted run: {same}", flush=True)
         total = stopped + continued
         print(f"\n| corpus | uninterrupted | stopped at | continued | stopped + continued | extra | identical |\n"

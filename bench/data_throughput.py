@@ -209,7 +209,7 @@ def bench_one(size: int, args: argparse.Namespace, pool: list[str], tok_dir: Pat
         "ceiling_cpu_s_per_mb": round(ceil_cpu, 3), "tinyk_cpu_s_per_mb": round(prep_cpu, 3),
         "ratio_cpu": round(ceil_cpu / prep_cpu, 3),
         "tinyk_seconds": round(prep["seconds"], 1), "tokens": prep["tokens"],
-        "peak_rss_mb": round(prep["peak_rss"] / 2**20), "loadavg": [round(x, 1) for x in loads],
+        "peak_rss_mib": round(prep["peak_rss"] / 2**20), "loadavg": [round(x, 1) for x in loads],
         "summary": prep["summary"],
     }
 
@@ -243,7 +243,7 @@ def main() -> None:
     for r in rows:
         print(f"| {size_label(r['size_bytes'])} | {r['ceiling_mb_s']} MB/s | {r['tinyk_mb_s']} MB/s | "
               f"{r['ratio_wall']:.0%} | {r['ceiling_cpu_s_per_mb']} / {r['tinyk_cpu_s_per_mb']} | {r['ratio_cpu']:.0%} | "
-              f"{r['ceiling_tok_s']:,} / {r['tinyk_tok_s']:,} | {r['peak_rss_mb']} MB | "
+              f"{r['ceiling_tok_s']:,} / {r['tinyk_tok_s']:,} | {r['peak_rss_mib']} MiB | "
               f"{' / '.join(map(str, r['loadavg']))} |")
     if not args.keep and not args.tokenizer:
         shutil.rmtree(tok_dir, ignore_errors=True)

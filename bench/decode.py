@@ -47,8 +47,9 @@ def synthetic_tokenizer(out: Path, vocab_size: int = 6144) -> Path:
 
 
 def model_dir(work: Path, tokenizer: Path | None) -> Path:
+    """The benchmark's model, with random weights: reused across runs unless a tokenizer is named."""
     out = work / "seed-82m"
-    if not is_model_dir(out):
+    if tokenizer is not None or not is_model_dir(out):
         tok = tokenizer or synthetic_tokenizer(work / "tokenizer")
         init_model_dir("seed-82m", tok, out, seed=0, force=True)
     return out
@@ -98,7 +99,8 @@ def measure(engine: Engine, hf, batch: int, args: argparse.Namespace) -> dict:
     def transformers(n: int):
         with torch.inference_mode():
             out = hf.generate(ids_dev, attention_mask=torch.ones_like(ids_dev), do_sample=False, max_new_tokens=n,
-                              min_new_tokens=n, pad_token_id=4, eos_token_id=4)
+                              min_new_tokens=n, pad_token_id=4, eos_token_id=4,
+                              repetition_penalty=1.0)  # not generation_config.json's 1.1: tinyk runs none
         return out[:, args.prompt_len:].tolist()
 
     same = tinyk(args.new_tokens) == transformers(args.new_tokens)
