@@ -28,6 +28,7 @@ from tinyk.data import (
     normalize_conversation,
     prepare_pretrain,
     prepare_sft,
+    read_conversation,
     token_dtype,
 )
 from tinyk.errors import TinykError
@@ -997,6 +998,16 @@ def test_sft_bad_records_are_skipped_by_reason(tmp_path, tok_dir):
     assert meta["skipped"]["first"]["no_assistant_turn"] == ["s.jsonl:6"]
     assert meta["skipped"]["first"]["empty_assistant_turn"] == ["s.jsonl:7"]
     assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 4
+    # What exactly was wrong, which the reason alone leaves open on a file of millions of records.
+    hints = meta["skipped"]["hints"]
+    assert hints["bad_message"] == "a turn's content is a JSON int, not text"
+    assert hints["unknown_role"].startswith("role 'tool'; tinyk reads the roles system, developer, human, user")
+    assert [read_conversation(r)[1] for r in (
+        [{"role": "assistant", "content": None, "tool_calls": []}], [{"role": "user", "content": [{"type": "image"}]}],
+        [{"content": "x"}], ["x"])] == [
+        "a turn's content is null (a tool call?)", "a turn's content has a part that is not text (an image?)",
+        "a turn without a 'role' (or 'from') string: it has fields 'content'",
+        "a turn is a JSON str, not an object with a role and its text"]
     with pytest.raises(TinykError, match="not .txt"):
         prepare_sft([write_jsonl(tmp_path / "t.txt", ["x"])], tok_dir, tmp_path / "o2", **QUIET)
     with pytest.raises(TinykError, match="s.jsonl:2: malformed json"):

@@ -248,6 +248,32 @@ def test_utf16_input_is_one_error(tmp_path, encoding, bom, says, text):
         texts(src)
 
 
+@pytest.mark.parametrize("stage", ["tokenizer", "pretrain", "sft"])
+def test_an_input_wrong_as_a_whole_is_refused_before_any_input_is_read_in_full(tmp_path, tok_dir, monkeypatch,
+                                                                                stage):
+    """Met at its turn, a UTF-16 (or GBK, or JSON array) file last in --input threw away the hours spent
+    tokenizing the files before it."""
+    import tinyk.data
+    import tinyk.tokenizer
+
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"text": "你好世界"}, ensure_ascii=False) + "\n" if stage != "sft" else
+                    json.dumps({"conversations": [{"from": "human", "value": "你好"},
+                                                  {"from": "assistant", "value": "你好！"}]}) + "\n",
+                    encoding="utf-8")
+    bad = tmp_path / "late.jsonl"
+    bad.write_bytes(b"\xff\xfe" + good.read_text(encoding="utf-8").encode("utf-16-le"))
+    monkeypatch.setattr(tinyk.data, "_tokenize", lambda *a, **kw: pytest.fail("tokenizing began"))
+    monkeypatch.setattr(tinyk.tokenizer, "build_tokenizer", lambda *a, **kw: pytest.fail("training began"))
+    with pytest.raises(TinykError, match="late.jsonl: UTF-16 text; tinyk reads UTF-8"):
+        if stage == "tokenizer":
+            tinyk.tokenizer.train_tokenizer([good, bad], tmp_path / "tok", vocab_size=300, show_progress=False)
+        else:
+            prepare = tinyk.data.prepare_pretrain if stage == "pretrain" else tinyk.data.prepare_sft
+            prepare([good, bad], tok_dir, tmp_path / "d", show_progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good.jsonl", "late.jsonl"]
+
+
 def test_a_stray_nul_byte_early_in_utf8_text_skips_its_record_not_the_file(tmp_path):
     """UTF-8 text with one NUL near its start was refused whole as UTF-16; binary data still is."""
     src = tmp_path / "p.txt"
@@ -367,6 +393,19 @@ def test_compressed_data_under_a_plain_name_says_to_rename_it(tmp_path):
         texts(tmp_path / "z.jsonl")
     os.replace(tmp_path / "docs.jsonl", tmp_path / "docs.jsonl.gz")
     assert len(texts(tmp_path / "docs.jsonl.gz")) == len(DOCS)
+    # Named for the other codec, or compressed by none: renamed, it reads; it is not "damaged or truncated".
+    os.replace(tmp_path / "z.jsonl", tmp_path / "z.jsonl.gz")
+    with pytest.raises(TinykError, match=r"^.*z.jsonl.gz: zstd-compressed data in a file named .gz; rename it to "
+                                         r"z.jsonl.zst$"):
+        texts(tmp_path / "z.jsonl.gz")
+    (tmp_path / "plain.jsonl.zst").write_bytes(JSONL)
+    with pytest.raises(TinykError, match=r"plain.jsonl.zst: uncompressed text in a file named .zst; rename it to "
+                                         r"plain.jsonl$"):
+        texts(tmp_path / "plain.jsonl.zst")
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(gzip.compress(JSONL)[:12])
+    with pytest.raises(TinykError, match="cut.jsonl.gz: damaged or truncated gzip data"):
+        texts(cut)
 
 
 # ---------------------------------------------------------------- 3. prepared data: offsets.npy
@@ -883,6 +922,15 @@ def test_a_json_array_of_records_is_named_with_the_way_out(tmp_path, tok_dir, ca
     assert "jq -c '.[]' alpaca.json > alpaca.jsonl" in err and not (tmp_path / "d").exists()
 
 
+@pytest.mark.parametrize("start", [b"\n", b"\xef\xbb\xbf\r\n"])
+def test_a_json_array_after_a_blank_line_is_named_too(tmp_path, start):
+    """Only the first physical line was looked at: the array's elements became malformed records."""
+    src = tmp_path / "arr.json"
+    src.write_bytes(start + json.dumps([{"text": "好"}, {"text": "天"}], indent=1).replace("\n", "\r\n").encode())
+    with pytest.raises(TinykError, match=r"arr.json: one JSON array, not JSON Lines"):
+        texts(src)
+
+
 def test_a_pretty_printed_json_object_is_named_with_the_way_out(tmp_path, tok_dir, capsys):
     """It was 'malformed json' on every line, which says nothing of what is wrong."""
     src = tmp_path / "obj.json"
@@ -903,6 +951,12 @@ def test_a_line_that_is_a_list_of_messages_is_one_conversation(tmp_path, tok_dir
     assert code == 0, err
     meta = json.loads((tmp_path / "d" / "meta.json").read_text())
     assert sum(split["documents"] for split in meta["splits"].values()) == 3 and meta["skipped"]["total"] == 0
+    # Read as text, they are conversations, not "one JSON array" to split into records with jq.
+    for args in (["tokenizer", "train", src, "--out", tmp_path / "t"],
+                 ["data", "pretrain", "--input", src, "--tokenizer", tok_dir, "--out", tmp_path / "p"]):
+        code, err = run_cli(args, capsys)
+        assert code == 2 and "JSON array" not in err and "no field 'text', the first such record has a JSON list; " \
+            "these are SFT conversations, not text: `tinyk data sft` reads them" in one_error_line(err), err
 
 
 def test_reports_point_at_the_cause(tmp_path, capsys):

@@ -40,6 +40,7 @@ from .inputs import (
     DEFAULT_MAX_LINE_BYTES,
     NO_RECORDS,
     Skips,
+    check_heads,
     check_inputs,
     is_compressed,
     is_plain_text,
@@ -1034,6 +1035,7 @@ def prepare_pretrain(inputs: list[str | Path], tokenizer_dir: str | Path, out: s
     if shard_tokens < MIN_SHARD_TOKENS:
         raise TinykError(f"--shard-tokens must be at least {size_text(MIN_SHARD_TOKENS)} (fewer makes a file every few "
                          f"documents), got {shard_tokens}")
+    check_heads(paths, text_field=field, max_line_bytes=max_line_bytes)
 
     def records(skips: Skips) -> Iterator[str]:
         return iter_texts(paths, skips, field_name=field, max_line_bytes=max_line_bytes)
@@ -1085,8 +1087,16 @@ def _either(turn: dict[str, Any], key: str, other: str) -> Any:
 
 
 def normalize_conversation(rec: Any) -> list[dict[str, str]] | str:
-    """A record in any supported SFT format as chat messages, or the reason it is unusable. A system
-    prompt is only the record's own: `tinyk data sft` adds its --system-prompt when tokenizing.
+    """A record in any supported SFT format as chat messages, or the reason it is unusable (see
+    `read_conversation`)."""
+    conv = read_conversation(rec)
+    return conv if isinstance(conv, list) else conv[0]
+
+
+def read_conversation(rec: Any) -> list[dict[str, str]] | tuple[str, str | None]:
+    """A record in any supported SFT format as chat messages, or (the reason it is unusable, what
+    exactly is wrong where the reason alone leaves it open). A system prompt is only the record's own:
+    `tinyk data sft` adds its --system-prompt when tokenizing.
 
     Accepts BelleGroup / ShareGPT (`conversations` of `from`/`value`), OpenAI-style
     (`messages` of `role`/`content`), Alpaca-style (`instruction`, optional `input`, `output`, and
@@ -1096,7 +1106,7 @@ def normalize_conversation(rec: Any) -> list[dict[str, str]] | str:
     """
     form = sft_format(rec)
     if form is None:
-        return "unknown_format"
+        return "unknown_format", _format_hint(rec)
     system = None if form == "turns" else rec.get("system")
     if form == "turns":
         turns = rec
@@ -1107,27 +1117,33 @@ def normalize_conversation(rec: Any) -> list[dict[str, str]] | str:
     else:
         turns = _alpaca_turns(rec)
         if isinstance(turns, str):
-            return turns
+            return turns, None
     system_field = isinstance(system, str) and bool(system.strip())
     messages = [{"role": "system", "content": system}] if system_field else []
     for t in turns:
         if not isinstance(t, dict):
-            return "bad_message"
-        role, content = _either(t, "from", "role"), message_text(_either(t, "value", "content"))
-        if not isinstance(role, str) or content is None:
-            return "bad_message"
+            return "bad_message", f"a turn is {record_shape(t)}, not an object with a role and its text"
+        role, content = _either(t, "from", "role"), _either(t, "value", "content")
+        text = message_text(content)
+        if not isinstance(role, str):
+            return "bad_message", f"a turn without a 'role' (or 'from') string: it has {record_shape(t)}"
+        if text is None:
+            return "bad_message", ("a turn's content is null (a tool call?)" if content is None else
+                                   "a turn's content has a part that is not text (an image?)"
+                                   if isinstance(content, list) else
+                                   f"a turn's content is a JSON {type(content).__name__}, not text")
         if role.lower() not in ROLE_ALIASES:
-            return "unknown_role"
-        messages.append({"role": ROLE_ALIASES[role.lower()], "content": content})
+            return "unknown_role", f"role {role!r}; tinyk reads the roles {', '.join(ROLE_ALIASES)}"
+        messages.append({"role": ROLE_ALIASES[role.lower()], "content": text})
     if not messages:
-        return "empty"
+        return "empty", None
     if system_field and len(messages) > 1 and messages[1]["role"] == "system":
         if messages[1]["content"] != messages[0]["content"]:
-            return "two_system_prompts"  # which one the data meant cannot be told
+            return "two_system_prompts", None  # which one the data meant cannot be told
         del messages[1]
     replies = [m["content"] for m in messages if m["role"] == "assistant"]
     if not any(r.strip() for r in replies):  # nothing to learn from
-        return "empty_assistant_turn" if replies else "no_assistant_turn"
+        return ("empty_assistant_turn" if replies else "no_assistant_turn"), None
     return messages
 
 
@@ -1171,6 +1187,7 @@ def prepare_sft(inputs: list[str | Path], tokenizer_dir: str | Path, out: str | 
     nworkers = _check_common(val_fraction, workers, max_line_bytes)
     if max_len < 8:
         raise TinykError(f"--max-len must be at least 8 tokens, got {max_len}")
+    check_heads(paths, message_lists=True, max_line_bytes=max_line_bytes)
     tok = load_tokenizer(tokenizer_dir)
     named = "--system-prompt" if isinstance(system_prompt, str) else \
         "the system prompt the tokenizer records (--system-prompt replaces it, '' for none)"
@@ -1188,9 +1205,9 @@ def prepare_sft(inputs: list[str | Path], tokenizer_dir: str | Path, out: str | 
 
     def conversations(skips: Skips) -> Iterator[tuple[str, list[dict[str, str]]]]:
         for where, rec in iter_records(paths, skips, max_line_bytes=max_line_bytes, message_lists=True):
-            conv = normalize_conversation(rec)
-            if isinstance(conv, str):
-                skips.add(conv, where, _format_hint(rec) if conv == "unknown_format" else None)
+            conv = read_conversation(rec)
+            if isinstance(conv, tuple):
+                skips.add(conv[0], where, conv[1])
             else:
                 yield where, _clipped(conv, clip)
 

@@ -27,6 +27,7 @@ from .units import MiB, plural
 DEFAULT_MAX_LINE_BYTES = 16 * MiB
 NUL_HINT = "a NUL byte is binary data, not text"  # a text line holding one is skipped with this reason
 NO_RECORDS = "nothing but blank lines (or Parquet files without rows)"  # why an input with nothing skipped is empty
+HEAD_BYTES = 1 << 20  # what `check_heads` reads of each input
 ENCODING_LINES = 1000  # a file whose first lines are mostly not UTF-8 is refused, not skipped line by line
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".json.zst", ".txt.gz",
                       ".txt.zst")
@@ -115,6 +116,17 @@ def check_inputs(paths: list[str | Path]) -> list[Path]:
         raise TinykError(f"input file is empty: {out[0]}" if len(out) == 1 else
                          f"all {len(out)} input files are empty, e.g. {out[0]}")
     return out
+
+
+def check_heads(paths: list[Path], *, text_field: str = "text", message_lists: bool = False,
+                max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
+    """Refuses an input that is wrong as a whole (UTF-16, GBK, one JSON array, compressed data under
+    another name, unreadable Parquet) from its first megabyte, before any input is read in full: met
+    at its turn, it threw away the hours spent on the files before it. Bad records are left to the run."""
+    for p in paths:
+        for _ in iter_records([p], Skips(), max_bytes=HEAD_BYTES, max_line_bytes=max_line_bytes,
+                              text_field=text_field, message_lists=message_lists):
+            pass
 
 
 def refuse_pipe(path: Path, what: str) -> None:
@@ -262,10 +274,30 @@ def _read_error(path: Path, e: BaseException, lines: int) -> TinykError:
     after = f" after line {lines}" if lines else ""
     codec = _codec(path)
     io_error = isinstance(e, OSError) and e.errno is not None  # not BadGzipFile, which has none
+    if codec and not io_error and not lines and (why := _misnamed(path, codec)):
+        return TinykError(why)
     if codec and not io_error:  # BadGzipFile is an OSError, without an errno
         return DamagedInput(f"{path}: damaged or truncated {codec} data{after} ({one_line(e)})")
     detail = e.strerror if isinstance(e, OSError) and e.strerror else one_line(e)
     return TinykError(f"{path}: read error{after} ({detail})")
+
+
+def _misnamed(path: Path, codec: str) -> str | None:
+    """Why a file named .gz or .zst fails at its start when it holds other data (zstd named .gz, plain
+    text named .gz), which is no damage: renamed, it reads."""
+    try:
+        with open(path, "rb") as f:
+            start = f.read(4096)
+    except OSError:
+        return None
+    ext = next(e for e, c in _CODECS.items() if c == codec)
+    stem = path.name[:-len(ext)]
+    other = next((e for e, magic in _MAGIC.items() if start.startswith(magic)), None)
+    if other and other != ext:
+        return f"{path}: {_CODECS[other]}-compressed data in a file named {ext}; rename it to {stem}{other}"
+    if not other and b"\x00" not in start and _utf8_so_far(start):
+        return f"{path}: uncompressed text in a file named {ext}; rename it to {stem}"
+    return None  # its own codec's data, damaged; or no text at all
 
 
 class _Counting:
@@ -364,7 +396,7 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
                 yield where, rec
             continue
         is_txt = is_plain_text(path)
-        base, end = consumed, 0
+        base, end, begun = consumed, 0, False
         encoding = _EncodingCheck(path)
         for lineno, line, read in iter_lines(path, max_line_bytes):
             if line is None:  # too long to read: skipped below, and no part of the max_bytes budget
@@ -376,11 +408,14 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
                 return
             consumed = base + read
             where = f"{label}:{lineno}"
-            head = _json_array_head(path, line, message_lists) if lineno == 1 and not is_txt else None
+            # The first line with something on it: blank lines may come before it.
+            opening = not (is_txt or begun) and (line is None or bool(line.strip()))
+            begun = begun or opening
+            head = _json_array_head(path, line, message_lists) if opening else None
             if head is not None:
                 raise TinykError(f"{path}: one JSON array, not JSON Lines (one record per line); convert it "
                                  f"first, e.g. {_jq_hint(path, text_field if _STRINGS.match(head) else None)}")
-            if lineno == 1 and not is_txt and line is not None and line.strip() == b"{":
+            if opening and line is not None and line.strip() == b"{":
                 raise TinykError(f"{path}: one JSON object written over many lines, not JSON Lines (one record "
                                  f"per line); write its records one per line first, e.g. for a list of them "
                                  f"under KEY: jq -c '.KEY[]' FILE > records.jsonl")
@@ -492,6 +527,7 @@ class _EncodingCheck:
 _ARRAY = re.compile(rb'\s*\[')
 _ARRAY_OF_RECORDS = re.compile(rb'\s*\[\s*(\[|\{\s*(\}|"(?!(?:role|content|from|value)")))')
 _STRINGS = re.compile(rb'\s*\[\s*"')  # an array of strings: the jq line makes them records
+_MESSAGES = re.compile(rb'\s*\[\s*\{\s*"(?:role|from)"')  # a line that is one conversation
 
 
 def _json_array_head(path: Path, first_line: bytes | None, message_lists: bool) -> bytes | None:
@@ -505,7 +541,10 @@ def _json_array_head(path: Path, first_line: bytes | None, message_lists: bool) 
     except _read_errors(path) as e:  # a truncated .json.gz: the same line as reading it on would give
         raise _read_error(path, e, 0) from e
     indented = first_line is not None and first_line.strip() == b"["
-    return head if indented or (_ARRAY_OF_RECORDS if message_lists else _ARRAY).match(head) else None
+    # A first line that is one conversation starts the seed's SFT JSON Lines: reading text, its lines
+    # are skipped with the hint that they are conversations, not turned into records by jq.
+    array = _ARRAY_OF_RECORDS.match(head) if message_lists else _ARRAY.match(head) and not _MESSAGES.match(head)
+    return head if indented or array else None
 
 
 def _jq_hint(path: Path, field: str | None = None) -> str:
@@ -602,8 +641,10 @@ def iter_texts(paths: list[Path], skips: Skips, *, field_name: str = "text", **k
     """Yields the text of each document, skipping records without a usable text field."""
     for where, rec in iter_records(paths, skips, text_field=field_name, **kw):
         if not isinstance(rec, dict) or field_name not in rec:
-            fix = ("these are SFT conversations, not text: `tinyk data sft` reads them"
-                   if sft_format(rec) in ("chat", "alpaca") else "--field names the one with the text")
+            conversation = sft_format(rec) in ("chat", "alpaca") or (
+                isinstance(rec, list) and bool(rec) and isinstance(rec[0], dict) and bool({"role", "from"} & rec[0].keys()))
+            fix = ("these are SFT conversations, not text: `tinyk data sft` reads them" if conversation
+                   else "--field names the one with the text")
             skips.add("missing_field", where, f"no field {field_name!r}, the first such record has "
                                               f"{record_shape(rec)}; {fix}")
             continue

@@ -26,6 +26,7 @@ from .inputs import (
     DEFAULT_MAX_LINE_BYTES,
     NO_RECORDS,
     Skips,
+    check_heads,
     check_inputs,
     hash_files,
     is_compressed,
@@ -548,6 +549,7 @@ def train_tokenizer(inputs: list[str | Path], out: str | Path, *, vocab_size: in
         raise TinykError("--min-frequency must be >= 0")
     if max_line_bytes < 1:
         raise TinykError(f"--max-line-bytes must be positive, got {max_line_bytes}")
+    check_heads(paths, text_field=field_name, max_line_bytes=max_line_bytes)
     memory = memory_available()
     auto_cap = max_bytes is None and memory is not None
     if auto_cap:
