@@ -931,6 +931,22 @@ def test_a_json_array_after_a_blank_line_is_named_too(tmp_path, start):
         texts(src)
 
 
+def test_a_run_on_a_sliver_of_its_input_says_so(tmp_path, tok_dir, capsys):
+    """Most records skipped (a wrong --field) made a tokenizer or dataset of almost nothing, with exit 0
+    and the figures only in the summary."""
+    src = tmp_path / "c.jsonl"
+    recs = [{"text": "今天天气很好"}, {"text": "我们去公园"}] + [{"content": f"第{i}条"} for i in range(3)]
+    src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
+    warning = "tinyk: warning: more of the input was skipped (3 records) than kept (2 documents); the summary says why\n"
+    code, err = run_cli(["data", "pretrain", "--input", src, "--tokenizer", tok_dir, "--out", tmp_path / "d"], capsys)
+    assert code == 0 and err == warning
+    code, err = run_cli(["tokenizer", "train", src, "--out", tmp_path / "t", "--vocab-size", "300"], capsys)
+    assert code == 0 and err == warning
+    src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs[:3]), encoding="utf-8")
+    code, err = run_cli(["data", "pretrain", "--input", src, "--tokenizer", tok_dir, "--out", tmp_path / "d2"], capsys)
+    assert code == 0 and err == ""
+
+
 def test_a_pretty_printed_json_object_is_named_with_the_way_out(tmp_path, tok_dir, capsys):
     """It was 'malformed json' on every line, which says nothing of what is wrong."""
     src = tmp_path / "obj.json"

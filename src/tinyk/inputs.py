@@ -86,6 +86,15 @@ class Skips:
                    hints=saved.get("hints", {}))
 
 
+def mostly_skipped(skipped: int, kept: int, unit: str) -> str | None:
+    """A warning when more records were skipped than kept: the summary's figures said so, but with
+    exit 0 a tokenizer or dataset made of a sliver of the input (a wrong --field) went unnoticed."""
+    if skipped <= kept:
+        return None
+    return (f"warning: more of the input was skipped ({plural(skipped, 'records')}) than kept "
+            f"({plural(kept, unit)}); the summary says why")
+
+
 def check_inputs(paths: list[str | Path]) -> list[Path]:
     """Fail early, with one line, on inputs that are missing, unreadable, empty or of an unknown type."""
     if not paths:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 from tinyk.cli.common import float_range, int_range, output_path, positive_size, seed, size_range, utf8_text
-from tinyk.inputs import DEFAULT_MAX_LINE_BYTES
+from tinyk.inputs import DEFAULT_MAX_LINE_BYTES, mostly_skipped
 from tinyk.units import MIN_SHARD_TOKENS, plural, size_text
 
 MAX_WORKERS = 1024  # tokenizer processes; more only exhausts the machine
@@ -63,24 +64,32 @@ def _common_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from tinyk.data import prepare_pretrain, summary
+    from tinyk.data import prepare_pretrain
 
     meta = prepare_pretrain(args.input, args.tokenizer, args.out, field=args.field, shard_tokens=args.shard_tokens,
                             **_common_kwargs(args))
-    print(summary(meta))
-    print(f"saved to {args.out}")
-    return 0
+    return _report(meta, args.out)
 
 
 def _sft(args: argparse.Namespace) -> int:
-    from tinyk.data import prepare_sft, summary
+    from tinyk.data import prepare_sft
     from tinyk.tokenizer import prompt_from_flag
 
     meta = prepare_sft(args.input, args.tokenizer, args.out, max_len=args.max_len,
                        system_prompt=prompt_from_flag(args.system_prompt),
                        **_common_kwargs(args))
+    return _report(meta, args.out)
+
+
+def _report(meta: dict, out: str) -> int:
+    from tinyk.data import summary
+
     print(summary(meta))
-    print(f"saved to {args.out}")
+    kept = sum(split["documents"] for split in meta["splits"].values())
+    unit = "documents" if meta["kind"] == "pretrain" else "conversations"
+    if warning := mostly_skipped(meta["skipped"]["total"], kept, unit):
+        print(f"tinyk: {warning}", file=sys.stderr)
+    print(f"saved to {out}")
     return 0
 
 

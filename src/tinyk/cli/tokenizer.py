@@ -7,7 +7,7 @@ import json
 import sys
 
 from tinyk.cli.common import int_range, output_path, positive_size
-from tinyk.inputs import DEFAULT_MAX_LINE_BYTES, Skips, check_inputs
+from tinyk.inputs import DEFAULT_MAX_LINE_BYTES, Skips, check_inputs, mostly_skipped
 from tinyk.units import bytes_text, plural
 
 
@@ -68,6 +68,8 @@ def _train(args: argparse.Namespace) -> int:
                         show_progress=sys.stdout.isatty())  # its bar leaves blank lines in a pipe or log
     print(f"trained on {plural(r['documents'], 'documents')} ({r['characters']:,} characters) in {r['seconds']}s; "
           f"vocab {r['vocab_size']}; {r['skipped_summary']}")
+    if warning := mostly_skipped(r["skipped"]["total"], r["documents"], "documents"):
+        print(f"tinyk: {warning}", file=sys.stderr)
     if r["vocab_size"] < args.vocab_size:
         print(f"note: {r['vocab_size']:,} tokens, not --vocab-size {args.vocab_size}: the text has no more pairs seen "
               f"at least --min-frequency {args.min_frequency} times to merge (more text gives a larger vocabulary)")
