@@ -57,7 +57,8 @@ def sentence_pool() -> tuple[list[str], str]:
     rng = random.Random(0)
     chars = [chr(c) for c in range(0x4E00, 0x4E00 + 3000)]
     weights = [1 / (i + 1) for i in range(len(chars))]
-    pool = ["".join(rng.choices(chars, weights, k=rng.randint(8, 60))) + rng.choice("，。！？；") for _ in range(50_000)]
+    pool = ["".join(rng.choices(chars, weights, k=rng.randint(8, 60))) + rng.choice("，。！？；")
+            for _ in range(50_000)]
     return pool, "synthetic Zipf-distributed CJK characters"
 
 
@@ -175,7 +176,8 @@ def bench_one(size: int, args: argparse.Namespace, pool: list[str], tok_dir: Pat
         else:
             make_corpus(corpus, size, pool)
         nbytes = corpus.stat().st_size
-        print(f"[{size_label(size)}] corpus of {nbytes / 1e6:,.0f} MB ready in {time.perf_counter() - t0:.0f}s", flush=True)
+        print(f"[{size_label(size)}] corpus of {nbytes / 1e6:,.0f} MB ready in {time.perf_counter() - t0:.0f}s",
+              flush=True)
         if not (tok_dir / "tokenizer.json").exists():
             from tinyk.tokenizer import train_tokenizer
 
@@ -242,7 +244,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {size_label(r['size_bytes'])} | {r['ceiling_mb_s']} MB/s | {r['tinyk_mb_s']} MB/s | "
-              f"{r['ratio_wall']:.0%} | {r['ceiling_cpu_s_per_mb']} / {r['tinyk_cpu_s_per_mb']} | {r['ratio_cpu']:.0%} | "
+              f"{r['ratio_wall']:.0%} | {r['ceiling_cpu_s_per_mb']} / {r['tinyk_cpu_s_per_mb']} | "
+              f"{r['ratio_cpu']:.0%} | "
               f"{r['ceiling_tok_s']:,} / {r['tinyk_tok_s']:,} | {r['peak_rss_mib']} MiB | "
               f"{' / '.join(map(str, r['loadavg']))} |")
     if not args.keep and not args.tokenizer:

@@ -297,12 +297,14 @@ def _compiled(r: dict) -> str:
 
 def table(results: list[dict], title: str) -> str:
     lines = [title, "",
-             "| config | batch | micro-batch | compile | ckpt | dtype | tokens/s | MFU | peak MiB | plan MiB (eager) | status |",
+             "| config | batch | micro-batch | compile | ckpt | dtype | tokens/s | MFU | peak MiB | "
+             "plan MiB (eager) | status |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         mfu = r.get("mfu")
         lines.append(f"| {r['name']} | {r['batch']} | {r['micro_batch']} | {_compiled(r)} | "
-                     f"{'on' if r['checkpointing'] else 'off'} | {r['dtype']} | {_fmt(r.get('tokens_per_s'), ',.0f')} | "
+                     f"{'on' if r['checkpointing'] else 'off'} | {r['dtype']} | "
+                     f"{_fmt(r.get('tokens_per_s'), ',.0f')} | "
                      f"{'-' if mfu is None else f'{mfu:.1%}'} | {_fmt(r.get('peak_mem_mib'), ',.0f')} | "
                      f"{_fmt(r.get('plan_mib'), ',.0f')} | {r['status']} |")
     return "\n".join(lines)

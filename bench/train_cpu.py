@@ -144,7 +144,8 @@ def main() -> None:
             med = statistics.median(rs)
             rows.append({"impl": name, "median_tokens_per_s": round(med, 1), "best_tokens_per_s": round(max(rs), 1),
                          "mfu_median": round(med * fpt / peak, 4), "speedup_vs_hf": round(med / base, 3)})
-        result = {"preset": args.preset, "batch": args.batch, "compile_mode": args.compile_mode, "seq_len": args.seq_len, "dtype": args.dtype,
+        result = {"preset": args.preset, "batch": args.batch, "compile_mode": args.compile_mode,
+                  "seq_len": args.seq_len, "dtype": args.dtype,
                   "threads": torch.get_num_threads(), "flops_per_token": fpt,
                   "measured_peak_gflops": round(peak / 1e9, 1), "compile_s": round(compile_s, 1) if compile_s else None,
                   "initial_loss": {"tinyk": ours, "hf": theirs, "abs_diff": abs(ours - theirs)}, "rows": rows}

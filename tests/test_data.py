@@ -131,8 +131,8 @@ def test_every_input_format_gives_the_same_tokens(tmp_path, tok_dir):
     (tmp_path / "c.json.zst").write_bytes(zstandard.ZstdCompressor().compress(plain))
     pq.write_table(pa.table({"text": docs_in, "id": list(range(60))}), tmp_path / "c.parquet")
     write_jsonl(tmp_path / "content.jsonl", docs_in, field="content")
-    runs = {name: [tmp_path / name] for name in ("c.jsonl", "c.txt", "c.jsonl.gz", "c.jsonl.zst", "c.json.gz", "c.json.zst",
-                                               "c.parquet")}
+    runs = {name: [tmp_path / name] for name in ("c.jsonl", "c.txt", "c.jsonl.gz", "c.jsonl.zst", "c.json.gz",
+                                               "c.json.zst", "c.parquet")}
     streams = {}
     for i, (name, inputs) in enumerate([*runs.items(), ("content", [tmp_path / "content.jsonl"])]):
         field = "content" if name == "content" else "text"
@@ -230,7 +230,8 @@ def test_a_worker_ends_with_its_killed_parent():
     parent = subprocess.Popen([sys.executable, "-c", (
         "import subprocess, sys, os, time\n"
         "child = subprocess.Popen([sys.executable, '-c', 'import sys, time; from tinyk.data import _die_with; '\n"
-        "                          '_die_with(int(sys.argv[1])); print(1, flush=True); time.sleep(60)', str(os.getpid())],\n"
+        "                          '_die_with(int(sys.argv[1])); print(1, flush=True); time.sleep(60)', "
+        "str(os.getpid())],\n"
         "                         stdout=subprocess.PIPE)\n"
         "print(child.stdout.readline().decode().strip(), child.pid, flush=True)\n"
         "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
@@ -410,7 +411,8 @@ def _stoppable_inputs(tmp_path: Path, kind: str) -> tuple[Path, Any]:
         prep = functools.partial(prepare_pretrain, shard_tokens=1000)
     else:
         convs = conversations(60)
-        convs[20] = [{"role": "user", "content": CHINESE * 3}, {"role": "assistant", "content": "好"}]  # prompt too long
+        # prompt too long
+        convs[20] = [{"role": "user", "content": CHINESE * 3}, {"role": "assistant", "content": "好"}]
         lines = [json.dumps(c, ensure_ascii=False) for c in convs]
         prep = functools.partial(prepare_sft, max_len=96)
     for i in (3, 40, 77):
@@ -460,7 +462,8 @@ def test_a_stopped_run_continues_to_the_output_of_a_run_never_stopped(tmp_path, 
     kept = re.search(r"the ([\d,]+) \w+ done are kept in (.*); run the same command again", capsys.readouterr().err)
     assert kept and Path(kept[2]) == partial and (partial / "progress.json").is_file() and not out.exists()
     again = prep([src], tok_dir, out, **opts)
-    continued = re.search(r"continuing the stopped run in .*: ([\d,]+) \w+, [\d,]+ tokens done", capsys.readouterr().err)
+    continued = re.search(r"continuing the stopped run in .*: ([\d,]+) \w+, [\d,]+ tokens done",
+                          capsys.readouterr().err)
     assert continued and continued[1] == kept[1] and int(kept[1].replace(",", "")) > 0
     _same_data(out, tmp_path / "whole")
     assert again["skipped"]["total"] >= 3 and not partial.exists()
@@ -555,7 +558,8 @@ def test_a_stopped_run_is_not_continued_by_another_command(tmp_path, tok_dir, mo
                f"touch or a copy)")  # it says what differs
     victim = tmp_path / "victim.bin"
     victim.write_bytes(b"precious")
-    for change, kwargs, why in (("input", {}, touched), ("seed", {"seed": 1}, "was started with other options (--seed)"),
+    for change, kwargs, why in (("input", {}, touched),
+                                ("seed", {"seed": 1}, "was started with other options (--seed)"),
                                 ("garbled", {}, unreadable),
                                 ("keyless", {}, unreadable), ("nested", {}, unreadable),
                                 ("negative", {}, unreadable), ("text", {}, unreadable),
@@ -803,7 +807,8 @@ def test_a_tokenizer_retrained_at_the_same_path_is_read_again(tmp_path, corpus_f
     train_tokenizer([corpus_file], tok, vocab_size=512, force=True, show_progress=False)
     again = prepare_pretrain([corpus_file], tok, tmp_path / "d2", workers=1, show_progress=False)
     fresh = subprocess.run([sys.executable, "-c", "import json, sys\nfrom tinyk.data import prepare_pretrain\n"
-                            "m = prepare_pretrain([sys.argv[1]], sys.argv[2], sys.argv[3], workers=1, show_progress=False)\n"
+                            "m = prepare_pretrain([sys.argv[1]], sys.argv[2], sys.argv[3], workers=1, "
+                            "show_progress=False)\n"
                             "print(m['splits']['train']['tokens'])", str(corpus_file), str(tok), str(tmp_path / "d3")],
                            capture_output=True, text=True, check=True)
     assert again["splits"]["train"]["tokens"] == int(fresh.stdout) != first["splits"]["train"]["tokens"]
@@ -818,7 +823,8 @@ def test_a_val_split_far_beyond_val_fraction_is_explained(pt_data):
     assert "val holds" not in summary(meta)
     tr, va = meta["splits"]["train"], meta["splits"]["val"]
     va["documents"] = tr["documents"] // 4
-    assert f"(val holds {va['documents'] / (tr['documents'] + va['documents']):.0%} of them, not --val-fraction {meta['val_fraction']:g}: copies of a document all go to one " \
+    assert f"(val holds {va['documents'] / (tr['documents'] + va['documents']):.0%} of them, not --val-fraction " \
+           f"{meta['val_fraction']:g}: copies of a document all go to one " \
            f"side, and this data repeats some)" in summary(meta)
 
 
@@ -857,7 +863,8 @@ def test_sft_formats_system_prompt_and_mask(tmp_path, tok_dir):
     import pyarrow.parquet as pq
 
     records = [
-        {"conversations": [{"from": "human", "value": "你好"}, {"from": "assistant", "value": "你好！有什么可以帮你？"}],
+        {"conversations": [{"from": "human", "value": "你好"},
+                           {"from": "assistant", "value": "你好！有什么可以帮你？"}],
          "id": "belle-1"},
         {"conversations": [{"from": "system", "value": "你是翻译。"}, {"from": "human", "value": "Translate: 猫"},
                            {"from": "gpt", "value": "Cat"}, {"from": "human", "value": "狗"},
@@ -904,14 +911,16 @@ def test_an_empty_reply_in_a_conversation_carries_no_loss(tmp_path, tok_dir):
 
 
 def test_sft_custom_or_no_system_prompt(tmp_path, tok_dir):
-    src = write_jsonl(tmp_path / "s.jsonl", [[{"role": "user", "content": "嗨"}, {"role": "assistant", "content": "嗨！"}]],
+    src = write_jsonl(tmp_path / "s.jsonl",
+                      [[{"role": "user", "content": "嗨"}, {"role": "assistant", "content": "嗨！"}]],
                       field=None)
     tok = load_tokenizer(tok_dir)
     for prompt in ("你是小助手", ""):
         prepare_sft([src], tok_dir, tmp_path / f"o{prompt}", system_prompt=prompt, **QUIET)
         (ids, _), = sft_split(tmp_path / f"o{prompt}")
         head = f"<|im_start|>system\n{prompt}<|im_end|>\n" if prompt else ""
-        assert tok.decode(ids.tolist()) == head + "<|im_start|>user\n嗨<|im_end|>\n<|im_start|>assistant\n嗨！<|im_end|>\n"
+        assert tok.decode(ids.tolist()) == head + ("<|im_start|>user\n嗨<|im_end|>\n"
+                                                   "<|im_start|>assistant\n嗨！<|im_end|>\n")
     # By default, the prompt the tokenizer directory records: a model fine-tuned with its own keeps it.
     model_like = tmp_path / "model_like"
     shutil.copytree(tok_dir, model_like)
@@ -1043,7 +1052,8 @@ def test_sft_truncates_at_a_turn_boundary_when_possible(tmp_path, tok_dir):
     check_mask(tok, ids0, mask0, first, cut=True)
     assert len(ids1) == max_len and mask1[-1] == 1 and ids1[-1] != EOS
     assert tok.decode(ids1.tolist()).startswith(render_chat(long_answer)[:20])
-    assert meta["splits"]["train"]["bytes"] == len("好的。".encode()) + len(tok.decode(ids1[mask_spans(mask1)[0][0]:].tolist()).encode())
+    assert meta["splits"]["train"]["bytes"] == \
+        len("好的。".encode()) + len(tok.decode(ids1[mask_spans(mask1)[0][0]:].tolist()).encode())
     # An empty first reply (a failed generation in a ShareGPT dump) is no turn to end at: the long
     # answer after it is cut mid-turn, not the conversation dropped as "prompt too long".
     empty_first = [first[0], {"role": "assistant", "content": ""}, *long_answer]
@@ -1077,7 +1087,8 @@ def test_a_huge_message_is_tokenized_only_as_far_as_max_len_reaches(tmp_path, to
     clipped = data._clipped
     monkeypatch.setattr(data, "_clipped", lambda msgs, chars: seen.append(clipped(msgs, chars)) or seen[-1])
     meta = prepare_sft([src], tok_dir, tmp_path / "cut", max_len=64, val_fraction=0.0, **QUIET)
-    assert max(len(m["content"]) for conv in seen for m in conv) < 10_000 and len(seen[0]) == 2  # the system prompt comes later
+    assert max(len(m["content"]) for conv in seen for m in conv) < 10_000 \
+        and len(seen[0]) == 2  # the system prompt comes later
     monkeypatch.setattr(data, "_clipped", lambda msgs, chars: msgs)
     whole = prepare_sft([src], tok_dir, tmp_path / "whole", max_len=64, val_fraction=0.0, **QUIET)
     assert {k: v for k, v in meta.items() if k not in ("command", "seconds")} == \
@@ -1112,7 +1123,8 @@ def test_pretrain_loader_epoch_visits_every_window_once(pretrain_dir):
     seq = 16
     raw = split_tokens(pretrain_dir, "train").astype(np.int64)
     loader = PretrainLoader(pretrain_dir, "train", seq, 1)
-    assert loader.num_windows == (len(raw) - 1) // seq and len(open_dataset(pretrain_dir)["splits"]["train"]["shards"]) > 2
+    assert loader.num_windows == (len(raw) - 1) // seq \
+        and len(open_dataset(pretrain_dir)["splits"]["train"]["shards"]) > 2
     seen = []
     for _ in range(loader.num_windows):
         x, y = loader.next_batch()
@@ -1132,7 +1144,8 @@ def test_pretrain_loader_ranks_split_each_group_and_resume_exactly(pretrain_dir)
     ranks = [PretrainLoader(pretrain_dir, "train", 8, 2, rank=r, world_size=2, seed=3) for r in (0, 1)]
     for want in expected[:6]:  # rank r gets the r-th half of each global group: disjoint, nothing lost
         got = [rk.next_batch() for rk in ranks]
-        assert torch.equal(torch.cat([g[0] for g in got]), want[0]) and torch.equal(torch.cat([g[1] for g in got]), want[1])
+        assert torch.equal(torch.cat([g[0] for g in got]), want[0]) \
+            and torch.equal(torch.cat([g[1] for g in got]), want[1])
     # Resume after 6 groups with a different split of the same global batch (1 rank x 4).
     state = json.loads(json.dumps(ranks[0].state_dict()))
     assert state == ranks[1].state_dict() == {"epoch": 0, "cursor": 24, "num_windows": ref.num_windows, "seed": 3,
@@ -1142,7 +1155,8 @@ def test_pretrain_loader_ranks_split_each_group_and_resume_exactly(pretrain_dir)
     for want in expected[6:]:
         assert rows([resumed.next_batch()]) == rows([want])
     assert resumed.epoch == ref.epoch == 1
-    assert rows(expected[:3]) != rows([PretrainLoader(pretrain_dir, "train", 8, 4, seed=4).next_batch() for _ in range(3)])
+    assert rows(expected[:3]) != rows([PretrainLoader(pretrain_dir, "train", 8, 4, seed=4).next_batch()
+                                       for _ in range(3)])
     # Another seed or window length would repeat some windows of the epoch and skip others.
     with pytest.raises(TinykError, match="saved with seq_len 8; resume it with the same seq_len"):
         PretrainLoader(pretrain_dir, "train", 16, 4, seed=3).load_state_dict(state)
@@ -1178,7 +1192,8 @@ def test_sft_loader_masks_prompts_and_padding(sft_dir):
         assert x.shape[1] == min(seq, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
     assert len(set(seen)) == len(seen) == loader.num_windows // 4 * 4
     width = lambda ld: sum(ld.next_batch()[0].numel() for _ in range(15))  # noqa: E731
-    assert width(SFTLoader(sft_dir, "train", seq, 4, seed=1)) < width(SFTLoader(sft_dir, "train", seq, 4, seed=1, bucket=1))
+    assert width(SFTLoader(sft_dir, "train", seq, 4, seed=1)) \
+        < width(SFTLoader(sft_dir, "train", seq, 4, seed=1, bucket=1))
 
 
 def test_sft_batches_come_in_random_order_not_short_to_long(sft_dir):

@@ -37,7 +37,8 @@ SMALL = CorpusSpec(heldout_reviews=50, heldout_arithmetic=20, max_news_paragraph
 
 
 def test_strip_pos_tags():
-    assert strip_pos_tags("迈向/v  充满/v  希望/n  的/u  新/a  世纪/n  ——/w  一九九八年/t") == "迈向充满希望的新世纪——一九九八年"
+    assert strip_pos_tags("迈向/v  充满/v  希望/n  的/u  新/a  世纪/n  ——/w  一九九八年/t") \
+        == "迈向充满希望的新世纪——一九九八年"
     assert strip_pos_tags("使用/v  Windows/nx  NT/nx  系统/n") == "使用Windows NT系统"
     assert strip_pos_tags("") == ""
     assert news_paragraphs(1) == ["迈向充满希望的新世纪——一九九八年新年讲话（附图片１张）"]
@@ -252,7 +253,8 @@ def test_demo_leaves_models_results_and_report(demo, capsys):
     assert Path(config["data"]) == (demo / "data" / "sft").resolve() and Path(config["data"]).is_dir()
     for run, model in (("pretrain", "base"), ("sft", "chat")):  # where final/ went, not where it was
         assert Path(json.loads((demo / "runs" / run / "summary.json").read_text())["final_model"]) == demo / model
-    assert f"Reproduce: `tinyk demo --out {demo} --smoke`" in report and f"`tinyk chat --model {demo / 'chat'}`" in report
+    assert f"Reproduce: `tinyk demo --out {demo} --smoke`" in report \
+        and f"`tinyk chat --model {demo / 'chat'}`" in report
     # The bits-per-byte baseline: a model that finds every token equally likely (8.0 flattered any model).
     base = r["eval"]["base_val"]
     uniform = math.log2(r["tokenizer"]["vocab_size"]) * base["tokens"] / base["bytes"]

@@ -141,7 +141,8 @@ def test_token_budget_is_capped_by_the_context_window(engine):
 
 @pytest.mark.parametrize("bad", [
     dict(temperature=-0.1), dict(top_k=-1), dict(top_p=-0.1), dict(top_p=1.5), dict(min_p=2.0),
-    dict(repetition_penalty=0.0), dict(repetition_penalty=1e-40), dict(repetition_penalty=11), dict(max_new_tokens=0), dict(max_new_tokens=2.5), dict(temperature=float("nan")),
+    dict(repetition_penalty=0.0), dict(repetition_penalty=1e-40), dict(repetition_penalty=11), dict(max_new_tokens=0),
+    dict(max_new_tokens=2.5), dict(temperature=float("nan")),
     dict(seed="1"), dict(stop=[""]), dict(stop="abc"), dict(temperature=True), dict(logprobs=21),
     dict(logprobs=-1), dict(prompt_logprobs=True), dict(prompt_logprobs=1.0),
 ])
@@ -162,7 +163,8 @@ def test_bad_prompts(engine):
     # OpenAI's newer name for the system role, as in the template, the server and SFT data.
     msgs = [{"role": "system", "content": "你是助手"}, {"role": "user", "content": "你好"}]
     assert engine.chat_ids([{**msgs[0], "role": "developer"}, msgs[1]]) == engine.chat_ids(msgs)
-    with pytest.raises(TinykError, match=r"2 sets of sampling params for 1 prompt \(give one per prompt, or one for all\)$"):
+    with pytest.raises(TinykError,
+                       match=r"2 sets of sampling params for 1 prompt \(give one per prompt, or one for all\)$"):
         engine.generate(["a"], [GREEDY, GREEDY])
 
 
@@ -188,7 +190,8 @@ def test_a_text_prompt_starts_a_document_as_in_tinyk_generate(engine, nano_model
     assert engine.encode(text) == engine.encode("<|im_start|>" + text) == [engine.tok.bos_id, *engine.tok.encode(text)]
     assert engine.encode(text, bos=False) == engine.tok.encode(text)
     assert engine.encode("") == engine.encode([]) == [engine.tok.bos_id]
-    with pytest.raises(TinykError, match=r"^an empty prompt has nothing to continue without <\|im_start\|> \(bos=False\)$"):
+    with pytest.raises(TinykError,
+                       match=r"^an empty prompt has nothing to continue without <\|im_start\|> \(bos=False\)$"):
         engine.encode("", bos=False)  # it was quietly <|im_start|> all the same
     with pytest.raises(SystemExit):
         main(["generate", "--model", str(nano_model_dir), "--prompt", text, "--temperature", "0",
@@ -225,8 +228,8 @@ def test_every_generate_mode_says_which_sample_the_context_cut_short(engine, nan
         main(["generate", "--model", str(nano_model_dir), "--prompt", "天气", "--prompt", text, "--temperature", "0",
               "--repetition-penalty", "1", "--max-new-tokens", "5", *(["--json"] if json_out else [])])
     out, err = capsys.readouterr()
-    assert err == f"(sample 2 cut at 3 tokens: the prompt and the text fill the model's {engine.context_length}-token " \
-                  "context)\n"
+    assert err == f"(sample 2 cut at 3 tokens: the prompt and the text fill the model's " \
+                  f"{engine.context_length}-token context)\n"
     if json_out:
         rows = [json.loads(line) for line in out.splitlines()]
         assert [(r["finish_reason"], r["completion_tokens"], r.get("cut_by_context")) for r in rows] == \
@@ -395,7 +398,8 @@ def test_bytes_that_begin_no_character_show_as_they_come_and_are_kept_when_cut(e
     assert tok.ends_mid_character([lead, tok.eos_id]) and not tok.ends_mid_character([lead, *good])
     # ED A0..BF begins only a UTF-16 surrogate: Python's decoder waits on it, transformers shows U+FFFD at once.
     ed, bd = _byte_token(tok, 0xED), _byte_token(tok, 0xBD)
-    assert tok.ends_mid_character([ed]) and not tok.ends_mid_character([ed, bd]) and tok.decode([ed, bd]) == "\ufffd" * 2
+    assert tok.ends_mid_character([ed]) and not tok.ends_mid_character([ed, bd]) \
+        and tok.decode([ed, bd]) == "\ufffd" * 2
     for stream in (True, False):
         req = Request(engine, [tok.bos_id], replace(GREEDY, max_new_tokens=len(good) + 2), stream)
         deltas = [req.accept(i) for i in [*good, stray, stray]]
@@ -595,7 +599,8 @@ def test_a_reply_that_overflows_mid_stream_ends_its_line_before_the_error(engine
     for command, flag in (("generate", "--prompt"), ("chat", "--message")):
         calls.clear()
         with pytest.raises(SystemExit) as e:
-            main([command, "--model", str(nano_model_dir), flag, "我们", "--temperature", "0", "--max-new-tokens", "20"])
+            main([command, "--model", str(nano_model_dir), flag, "我们", "--temperature", "0",
+                  "--max-new-tokens", "20"])
         out, err = capsys.readouterr()
         assert e.value.code == 2 and out == shown[command] + "\n", command
         assert err == ("tinyk: error: the model's logits are not finite (NaN or inf) in float32: the model has "
@@ -618,7 +623,8 @@ def test_a_failing_hook_or_prefill_never_strands_a_caller(engine, reference, mon
             failed = [sched.submit(p, GREEDY) for p in PROMPTS]
             for r in failed:
                 list(r.deltas(timeout=60))
-            assert {(r.finish_reason, r.error) for r in failed} == {("error", "generation failed: MemoryError: prefill")}
+            assert {(r.finish_reason, r.error) for r in failed} \
+                == {("error", "generation failed: MemoryError: prefill")}
         again = sched.submit(PROMPTS[1], GREEDY)
         assert "".join(again.deltas(timeout=60)) == engine.tok.decode(reference[1])
     finally:
@@ -725,7 +731,8 @@ def test_generate_cli(nano_model_dir, tmp_path, capsys, monkeypatch):
               "--temperature", "0", "--max-new-tokens", "5", "--json"])
     out, err = capsys.readouterr()
     assert e.value.code == 0 and [json.loads(line) for line in out.splitlines()] == rows
-    assert err == "tinyk: stdin: skipped 1 record; nul byte: 1 (first at stdin:2; a NUL byte is binary data, not text)\n"
+    assert err == "tinyk: stdin: skipped 1 record; nul byte: 1 (first at stdin:2; a NUL byte is binary data, " \
+                  "not text)\n"
     with pytest.raises(SystemExit) as e:
         main(["generate", "--model", str(nano_model_dir), "--prompt", "x", "--prompt", "", "--no-bos"])
     assert e.value.code == 2 and capsys.readouterr().err == (
@@ -900,7 +907,8 @@ def test_an_ascii_locale_reads_utf8_text_as_the_utf8_it_is(nano_model_dir):
     refused."""
     env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0", "OMP_NUM_THREADS": "1"}
     model = ["--model", str(nano_model_dir), "--max-new-tokens", "2"]
-    for args, stdin in ((["generate", "--prompt", "你好"], b""), (["generate", "--prompt-file", "-"], "你好\n".encode()),
+    for args, stdin in ((["generate", "--prompt", "你好"], b""),
+                        (["generate", "--prompt-file", "-"], "你好\n".encode()),
                         (["chat"], "你好\n".encode()), (["chat", "--message", "你好"], b"")):
         r = subprocess.run([sys.executable, "-m", "tinyk", *args, *model], input=stdin, capture_output=True,
                            timeout=120, env=env)
@@ -916,7 +924,8 @@ def test_chat_session_commands_and_history(engine, capsys):
     params = replace(GREEDY, max_new_tokens=4)
     out = io.StringIO()
     history = chat_session(engine, params, ["你好", "/system 你是诗人", "写诗", "/bogus", "/systemd", "", "再来",
-                                            "/help", "/reset", "/exit", "never read"], out, system=DEFAULT_SYSTEM_PROMPT)
+                                            "/help", "/reset", "/exit", "never read"], out,
+                           system=DEFAULT_SYSTEM_PROMPT)
     assert history == []
     err = capsys.readouterr().err
     assert f"\n{CHAT_HELP}\n" in err

@@ -39,14 +39,16 @@ def test_input_that_is_not_a_file(tmp_path, capsys):
     assert code == 2 and err == f"tinyk: error: input is a directory, not a file: {d} (give the files in it)\n"
     code, err = run_cli(["data", "pretrain", "--input", "-", "--tokenizer", str(d), "--out", str(tmp_path / "t")],
                         capsys)  # stdin: not "input file not found: -"
-    assert code == 2 and err == "tinyk: error: inputs are read from files, not from stdin (-): save what it gives to a file first\n"
+    assert code == 2 and err == "tinyk: error: inputs are read from files, not from stdin (-): " \
+                                "save what it gives to a file first\n"
 
 
 def test_an_output_that_is_a_file_is_named_so_without_force_first(tmp_path, capsys, corpus_file):
     """`--out pos.txt` said "output directory exists (use --force to replace it)", and --force then refused it."""
     (tmp_path / "pos.txt").write_text("keep me", encoding="utf-8")
     for force in ([], ["--force"]):
-        code, err = run_cli(["tokenizer", "train", str(corpus_file), "--out", str(tmp_path / "pos.txt"), *force], capsys)
+        code, err = run_cli(["tokenizer", "train", str(corpus_file), "--out", str(tmp_path / "pos.txt"), *force],
+                            capsys)
         assert code == 2 and err == (f"tinyk: error: output {tmp_path / 'pos.txt'} is a file, not a directory; remove "
                                      f"it yourself or choose another path\n")
     assert (tmp_path / "pos.txt").read_text(encoding="utf-8") == "keep me"
@@ -298,7 +300,8 @@ def test_a_directory_next_to_the_right_one_is_pointed_to(tmp_path, tok_dir, nano
     shutil.copytree(nano_model_dir, newest)
     assert run_cli(chat, capsys)[1] == (f"tinyk: error: model directory not found: {unfinished / 'final'} (its run has "
                                         f"not finished; a run's checkpoints: the newest one's model is in {newest})\n")
-    assert run_cli(["pretrain", "--init", str(unfinished / "final"), "--data", str(pt_data), "--out", str(tmp_path / "r")],
+    assert run_cli(["pretrain", "--init", str(unfinished / "final"), "--data", str(pt_data),
+                    "--out", str(tmp_path / "r")],
                    capsys)[1] == (f"tinyk: error: --init {unfinished / 'final'} not found (its run has not finished; "
                                   f"a run's checkpoints: the newest one's model is in {newest})\n")
 
@@ -459,7 +462,8 @@ def test_a_damaged_tokenizer_config_is_refused_not_read_as_the_stock_prompt(tmp_
     config = model / "tokenizer_config.json"
     config.write_text(config.read_text(encoding="utf-8")[:200], encoding="utf-8")
     chats = tmp_path / "chats.jsonl"
-    chats.write_text('[{"role": "user", "content": "嗨"}, {"role": "assistant", "content": "嗨！"}]\n', encoding="utf-8")
+    chats.write_text('[{"role": "user", "content": "嗨"}, {"role": "assistant", "content": "嗨！"}]\n',
+                     encoding="utf-8")
     for args in (["chat", "--model", str(model), "--message", "你好"],
                  ["data", "sft", "--input", str(chats), "--tokenizer", str(model), "--out", str(tmp_path / "d")]):
         code, err = run_cli(args, capsys)
@@ -518,13 +522,15 @@ def test_model_and_prompt_file_mistakes_name_the_way_out(tmp_path, nano_model_di
         main([*gen, "--prompt-file", str(long)])
     out, err = capsys.readouterr()
     assert e.value.code == 0 and err.startswith(f"tinyk: skipped 1 prompt longer than the model's context (the first: "
-                                                f"{said}") and out.startswith("--- sample 2 (")  # its number in the file
+                                                f"{said}") \
+        and out.startswith("--- sample 2 (")  # its number in the file
     long.write_text("中国" * 200 + "\n" + "北京" * 200 + "\n", encoding="utf-8")
     code, err = run_cli([*gen, "--prompt-file", str(long)], capsys)
     assert code == 2 and err.startswith("tinyk: error: no prompt fits the model's 128-token context (the first: "
                                         "prompt 1 of 2 ('中国中国")
     code, err = run_cli([*gen, "--prompt", "中国" * 200, "--prompt", "短"], capsys)
-    assert code == 2 and err.startswith("tinyk: error: prompt 1 of 2 ('中国中国中国中国中国中国中国中国中国中国中国中国'...): the prompt has")
+    assert code == 2 and err.startswith("tinyk: error: prompt 1 of 2 ('"
+                                        "中国中国中国中国中国中国中国中国中国中国中国中国'...): the prompt has")
 
 
 def test_a_full_disk_while_writing_a_tokenizer_or_model_is_one_line(tmp_path, corpus_file, tok_dir, monkeypatch,

@@ -104,7 +104,8 @@ def test_choice_accuracy_and_chance_on_a_ceval_folder(tmp_path, nano, fmt):
     assert r["baseline"] == pytest.approx(0.25)
     assert r["subjects"] == {"toy": {"questions": 6, "accuracy": 0.5}} and r["macro_accuracy"] == pytest.approx(0.5)
     assert r["skipped"]["by_reason"] == {"no_answer_column": 1}
-    assert next(table_rows({"choice": r}))[0] == f"multiple choice, {fmt} (n=6, 1 skipped (no answer column))"  # said, not hidden
+    # said, not hidden
+    assert next(table_rows({"choice": r}))[0] == f"multiple choice, {fmt} (n=6, 1 skipped (no answer column))"
 
 
 def test_cmmlu_header_bad_rows_and_uneven_options(tmp_path):
@@ -121,10 +122,10 @@ def test_cmmlu_header_bad_rows_and_uneven_options(tmp_path):
     f.write_text(",Question,A,B,C,D,Answer\n0,坏行,甲,乙,丙,丁,E\n1,,甲,乙,丙,丁,A\n", encoding="utf-8")
     with pytest.raises(TinykError) as e:
         read_choice([f], Skips())
-    assert str(e.value) == (f"no questions with answers in {f} (skipped 2 records; bad row: 2 (first at astronomy.csv:2, "
-                            "astronomy.csv:3; answer 'E' is not the letter of one of its options; a row has a "
-                            "question, at least two of the options A, B, C, D and the right one's letter as its "
-                            "answer))")
+    assert str(e.value) == (f"no questions with answers in {f} (skipped 2 records; bad row: 2 (first at "
+                            "astronomy.csv:2, astronomy.csv:3; answer 'E' is not the letter of one of its options; "
+                            "a row has a question, at least two of the options A, B, C, D and the right one's "
+                            "letter as its answer))")
 
 
 @pytest.mark.parametrize("fmt", ["cloze", "letter"])
@@ -194,7 +195,8 @@ def test_every_input_is_checked_before_the_model_loads(tmp_path, nano_model_dir,
     # What a mode finds only by reading: a task file without a usable line or a prompt that fits, a cut shard.
     with pytest.raises(TinykError, match="bad.jsonl: no usable examples"):
         evaluate(nano_model_dir, data=[pretrain_data], tasks=[write_task(tmp_path / "bad.jsonl", ["not json"])])
-    long = write_task(tmp_path / "long.jsonl", [{"messages": [{"role": "user", "content": "长" * 1000}], "answer": "y"}])
+    long = write_task(tmp_path / "long.jsonl",
+                      [{"messages": [{"role": "user", "content": "长" * 1000}], "answer": "y"}])
     with pytest.raises(TinykError, match="long.jsonl: no example fits the model's context"):
         evaluate(nano_model_dir, data=[pretrain_data], tasks=[long])
     cut = Path(shutil.copytree(pretrain_data, tmp_path / "cut"))

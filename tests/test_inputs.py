@@ -304,7 +304,8 @@ def test_a_nul_byte_past_the_first_4_kb_of_a_txt_file_is_skipped_not_read(tmp_pa
               "--max-new-tokens", "1", "--device", "cpu"])
     out, err = capsys.readouterr()
     assert e.value.code == 0 and [json.loads(line)["prompt"] for line in out.splitlines()] == ["早上", "你好"]
-    assert err == f"tinyk: {src}: skipped 1 record; nul byte: 1 (first at p.txt:3; a NUL byte is binary data, not text)\n"
+    assert err == f"tinyk: {src}: skipped 1 record; nul byte: 1 (first at p.txt:3; a NUL byte is binary data, " \
+                  "not text)\n"
 
 
 def test_surrogates_written_as_utf8_bytes_get_their_own_reason_not_the_gbk_hint(tmp_path):
@@ -536,10 +537,12 @@ def test_a_refused_write_names_the_folder_not_the_free_space(tmp_path):
     e = PermissionError(13, "Permission denied", str(run / ".config.yaml.tmp-16918"))
     assert str(write_error(run / "config.yaml", e)) == f"cannot write in {run}: permission denied"
     full = str(write_error(run / "config.yaml", OSError(28, "No space left on device")))
-    assert full.startswith(f"cannot write {run / 'config.yaml'}: [Errno 28] No space left on device; ") and "MB free" in full
+    assert full.startswith(f"cannot write {run / 'config.yaml'}: [Errno 28] No space left on device; ") \
+        and "MB free" in full
     # Neither the disk nor permission (a folder of /proc): the reason alone, not the temporary's name.
     missing = FileNotFoundError(2, "No such file or directory", str(run / ".config.yaml.tmp-16918"))
-    assert str(write_error(run / "config.yaml", missing)) == f"cannot write {run / 'config.yaml'}: No such file or directory"
+    assert str(write_error(run / "config.yaml", missing)) \
+        == f"cannot write {run / 'config.yaml'}: No such file or directory"
 
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
@@ -557,7 +560,8 @@ def test_an_output_on_a_read_only_file_system_is_named_not_its_temporary(tmp_pat
         raise OSError(30, "Read-only file system", os.path.join(dir, prefix + "u3xfooht"))
 
     monkeypatch.setattr("tinyk.outputs.tempfile.mkdtemp", read_only)
-    with pytest.raises(TinykError, match=rf"^cannot write in {re.escape(str(tmp_path))}: the file system is read-only$"):
+    with pytest.raises(TinykError,
+                       match=rf"^cannot write in {re.escape(str(tmp_path))}: the file system is read-only$"):
         with atomic_dir(tmp_path / "tok"):
             pass
 
@@ -798,9 +802,11 @@ def test_a_folder_named_in_gbk_holds_a_whole_run(tmp_path, corpus_file, capsysbi
         assert e.value.code == 0, (args[:2], err)
         if args[0] == "tokenizer":  # the path is printed as its own bytes, as `ls` shows it
             assert b"saved to " + bytes(tok) + b"\n" in out
-    assert json.loads((model / "config.json").read_text(encoding="utf-8"))["vocab_size"] == load_tokenizer(tok).vocab_size
+    assert json.loads((model / "config.json").read_text(encoding="utf-8"))["vocab_size"] \
+        == load_tokenizer(tok).vocab_size
     shown_root = os.fsencode(root).decode("utf-8", "replace")  # how JSON outputs name it
-    assert json.loads((root / "run" / "summary.json").read_text(encoding="utf-8"))["final_model"] == f"{shown_root}/run/final"
+    assert json.loads((root / "run" / "summary.json").read_text(encoding="utf-8"))["final_model"] \
+        == f"{shown_root}/run/final"
     assert json.loads((root / "results.json").read_text(encoding="utf-8"))["model"] == f"{shown_root}/run/final"
     check = transformers_check(root / "run" / "final", Engine.from_dir(root / "run" / "final"), max_new_tokens=4)
     assert check["ok"], check
@@ -853,7 +859,8 @@ def test_force_never_deletes_a_folder_this_command_did_not_make(tmp_path, tok_di
     thesis = tmp_path / "thesis"
     (thesis / "sub").mkdir(parents=True)
     (thesis / "sub" / "thesis.tex").write_text("years of work")
-    code, err = run_cli(["data", "pretrain", "--input", src, "--tokenizer", tok_dir, "--out", thesis, "--force"], capsys)
+    code, err = run_cli(["data", "pretrain", "--input", src, "--tokenizer", tok_dir, "--out", thesis, "--force"],
+                        capsys)
     assert code == 2 and "not pretrain data made by tinyk data pretrain, so it is not replaced (it holds sub)" in \
         one_error_line(err)
     assert (thesis / "sub" / "thesis.tex").read_text() == "years of work"
@@ -871,7 +878,8 @@ def test_force_never_deletes_a_folder_this_command_did_not_make(tmp_path, tok_di
     assert sorted((p.relative_to(sft), p.read_bytes()) for p in sft.rglob("*") if p.is_file()) == before
 
 
-@pytest.mark.parametrize("sig,code,said", [(signal.SIGTERM, 143, "terminated"), (signal.SIGHUP, 129, "stopped by SIGHUP")])
+@pytest.mark.parametrize("sig,code,said", [(signal.SIGTERM, 143, "terminated"),
+                                           (signal.SIGHUP, 129, "stopped by SIGHUP")])
 def test_sigterm_stops_data_preparation_like_ctrl_c(tmp_path, tok_dir, capsys, monkeypatch, sig, code, said):
     """`kill` or `timeout`, or the terminal going away, gets the same clean-up as Ctrl-C: one line, exit
     128 + the signal's number, no partial output."""
@@ -937,7 +945,8 @@ def test_a_run_on_a_sliver_of_its_input_says_so(tmp_path, tok_dir, capsys):
     src = tmp_path / "c.jsonl"
     recs = [{"text": "今天天气很好"}, {"text": "我们去公园"}] + [{"content": f"第{i}条"} for i in range(3)]
     src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
-    warning = "tinyk: warning: more of the input was skipped (3 records) than kept (2 documents); the summary says why\n"
+    warning = ("tinyk: warning: more of the input was skipped (3 records) than kept (2 documents); "
+               "the summary says why\n")
     code, err = run_cli(["data", "pretrain", "--input", src, "--tokenizer", tok_dir, "--out", tmp_path / "d"], capsys)
     assert code == 0 and err == warning
     code, err = run_cli(["tokenizer", "train", src, "--out", tmp_path / "t", "--vocab-size", "300"], capsys)

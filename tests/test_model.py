@@ -559,7 +559,8 @@ def test_a_tutorial_pth_is_pointed_to_import_which_says_what_it_assumed(tmp_path
     assert str(e.value) == (f"--n-heads 8 contradicts the 4 heads of {tmp_path / 't.pth'}'s RoPE tables (half a "
                             f"head, 8 wide, for dim 64); leave --n-heads out") and not (tmp_path / "t3").exists()
     # Tables laid out otherwise (whole heads wide, cos repeated) tell nothing: --n-heads decides.
-    wide = {**sd, "freqs_cos": torch.cat([torch.cos(angles)] * 2, 1), "freqs_sin": torch.cat([torch.sin(angles)] * 2, 1)}
+    wide = {**sd, "freqs_cos": torch.cat([torch.cos(angles)] * 2, 1),
+            "freqs_sin": torch.cat([torch.sin(angles)] * 2, 1)}
     model, _ = import_seed_checkpoint(_save(wide, tmp_path / "w.pth"), tok_dir, tmp_path / "t4", n_heads=4)
     assert model.config.n_heads == 4
     x = torch.randint(0, 100, (1, 30), generator=torch.Generator().manual_seed(2))
@@ -570,7 +571,8 @@ def test_a_tutorial_pth_is_pointed_to_import_which_says_what_it_assumed(tmp_path
 @pytest.mark.parametrize("change,message", [
     (lambda sd: {**sd, "layers.0.attention.bias": torch.zeros(3)}, "holds layers.0.attention.bias, which the "
                                                                     "tutorial's model does not have"),
-    (lambda sd: {k: v for k, v in sd.items() if "ffn_norm" not in k}, "lacks weights: \\[.model.layers.0.post_attention_layernorm"),
+    (lambda sd: {k: v for k, v in sd.items() if "ffn_norm" not in k},
+     "lacks weights: \\[.model.layers.0.post_attention_layernorm"),
     (lambda sd: {"tok_embeddings": 1}, "is not a state dict"),
     (lambda sd: {"model.embed_tokens.weight": sd["tok_embeddings.weight"]},
      "not a checkpoint of the tutorial's model but a Hugging Face Llama checkpoint; tinyk reads such a model from "

@@ -482,7 +482,8 @@ def test_plan_suggests_only_fixes_that_fit(capsys):
 @pytest.mark.parametrize("asked,planned,why", [(3, 2, "does not divide"), (1024, 512, "exceeds")])
 def test_plan_says_when_it_changes_the_micro_batch(capsys, asked, planned, why):
     code, out, _ = run_cli(["plan", "--preset", "seed-215m", "--gpu", "h100", "--micro-batch", str(asked)], capsys)
-    assert code == 0 and f"note         micro_batch {asked} {why} the 512 sequences per GPU; using {planned}, as the trainer would" in out
+    assert code == 0 and f"note         micro_batch {asked} {why} the 512 sequences per GPU; using {planned}, " \
+                         "as the trainer would" in out
 
 
 def test_plan_says_which_micro_batch_to_pass_when_the_config_sets_none(tmp_path, capsys):

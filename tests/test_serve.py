@@ -501,7 +501,8 @@ def test_fields_at_their_off_values_are_accepted(server):
     # Ignored, but not any value: OpenAI's schema types them, and so does this server.
     for field, value, kind in (("user", 5, "a string"), ("metadata", "k=v", "an object"), ("store", "no", "a boolean")):
         status, err = request(server, "POST", "/v1/chat/completions", {**chat, field: value})
-        assert status == 400 and err["error"] == {"message": f"'{field}' must be {kind}", "type": "invalid_request_error",
+        assert status == 400 and err["error"] == {"message": f"'{field}' must be {kind}",
+                                                  "type": "invalid_request_error",
                                                   "param": field, "code": "invalid_type"}, err
     assert request(server, "POST", "/v1/chat/completions", {**chat, "user": None})[0] == 200
     # An assistant message sent back as the openai package returned it, and a participant's name.
@@ -521,7 +522,8 @@ def test_max_completion_tokens_wins_over_the_deprecated_max_tokens(server):
     chat = {"model": "nano", "messages": [{"role": "user", "content": "hi"}], "temperature": 0}
     status, longer = request(server, "POST", "/v1/chat/completions", {**chat, "max_tokens": 9})
     assert status == 200 and longer["usage"]["completion_tokens"] > 3, "the test needs a reply longer than 3 tokens"
-    status, reply = request(server, "POST", "/v1/chat/completions", {**chat, "max_tokens": 9, "max_completion_tokens": 3})
+    status, reply = request(server, "POST", "/v1/chat/completions",
+                            {**chat, "max_tokens": 9, "max_completion_tokens": 3})
     assert status == 200 and reply["usage"]["completion_tokens"] == 3, reply
 
 
@@ -651,7 +653,8 @@ def test_a_chunked_body_is_read_as_a_whole_one(server, reference):
     with Content-Length; over --max-body a 413, a malformed one a 400, and the connection ends either way."""
     body = json.dumps({"model": "nano", "prompt": "中国的首都", "max_tokens": 4, "temperature": 0},
                       ensure_ascii=False).encode()
-    head = b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n"
+            b"Connection: close\r\n\r\n")
     reply = raw(server, head + chunked(body, 7))
     assert reply.startswith(b"HTTP/1.1 200")
     text = json.loads(reply.split(b"\r\n\r\n", 1)[1])["choices"][0]["text"]
@@ -674,7 +677,8 @@ def test_a_chunked_body_is_read_as_a_whole_one(server, reference):
 def test_protocol_errors(server):
     assert raw(server, b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n") \
         .startswith(b"HTTP/1.1 411")
-    big = b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: 99999999\r\nExpect: 100-continue\r\n\r\n"
+    big = (b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: 99999999\r\n"
+           b"Expect: 100-continue\r\n\r\n")
     assert raw(server, big).startswith(b"HTTP/1.1 413")
     # A Content-Length that is there but is no number is a 400, one of many digits a 413 (both were 411s).
     for length, status in (("\u00b2", 400), ("12abc", 400), ("9" * 5000, 413)):
@@ -855,7 +859,8 @@ def test_web_pages_of_other_sites_are_refused_unless_allowed(nano_model_dir, ser
         assert call(other, "OPTIONS", allowed, "/nothing")[0] == 404  # only API paths are preflighted
         folded = raw(other, b"OPTIONS /v1/completions HTTP/1.1\r\nHost: localhost\r\nOrigin: " + allowed.encode()
                      + b"\r\nAccess-Control-Request-Headers: x-a,\r\n Set-Cookie: y\r\nConnection: close\r\n\r\n")
-        assert b"Access-Control-Allow-Headers: Authorization, Content-Type\r\n" in folded and b"Set-Cookie" not in folded
+        assert b"Access-Control-Allow-Headers: Authorization, Content-Type\r\n" in folded \
+            and b"Set-Cookie" not in folded
     finally:
         other.close()
 
@@ -1147,8 +1152,9 @@ def test_a_server_that_never_served_closes(nano_model_dir):
 def test_serving_on_every_interface_prints_a_url_that_opens_and_warns_without_a_key(nano_model_dir):
     """0.0.0.0 is no address to browse to; and a server the network can reach without a key should say so."""
     env = {k: v for k, v in os.environ.items() if k != "TINYK_API_KEY"}  # a key there would silence the warning
-    proc = subprocess.Popen([sys.executable, "-m", "tinyk", "serve", "--model", str(nano_model_dir), "--host", "0.0.0.0",
-                             "--port", "0", "--quiet"], stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "tinyk", "serve", "--model", str(nano_model_dir),
+                             "--host", "0.0.0.0", "--port", "0", "--quiet"],
+                            stderr=subprocess.PIPE, text=True, env=env)
     try:
         assert select.select([proc.stderr], [], [], 120)[0], "no banner within 2 minutes"
         banner, warning = proc.stderr.readline(), proc.stderr.readline()

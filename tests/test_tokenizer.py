@@ -381,7 +381,8 @@ def test_eval_counts_a_corpus_as_data_preparation_tokenizes_it(tmp_path, tok_dir
     f.write_text(json.dumps({"text": doc}, ensure_ascii=False) + "\n", encoding="utf-8")
     tk = load_tokenizer(tok_dir)
     r = eval_tokenizer(tok_dir, [f])
-    assert r["roundtrip_ok"] and r["bytes_per_token"] == round(len(doc.encode()) / len(tk.encode(doc, special=False)), 3)
+    assert r["roundtrip_ok"] \
+        and r["bytes_per_token"] == round(len(doc.encode()) / len(tk.encode(doc, special=False)), 3)
     assert len(tk.encode(doc, special=False)) > len(tk.encode(doc))
 
 

@@ -151,7 +151,8 @@ def test_config_layers_preset_file_flags_set(tmp_path):
         == "fp32"
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.yaml").write_text("kind: pretrain\ndata: d\nlr: 0.005\nmax_steps: 4\nmodel: {preset: nano, dim: 32}\n")
+    (run / "config.yaml").write_text("kind: pretrain\ndata: d\nlr: 0.005\nmax_steps: 4\n"
+                                     "model: {preset: nano, dim: 32}\n")
     resumed = resolve_config("pretrain", preset="tiny", flags={"out": str(run), "max_steps": 9}, resume=True)
     assert (resumed.lr, resumed.max_steps, resumed.seq_len, resumed.model["dim"]) == (0.005, 9, 256, 32)
     user.write_text("lr: 0.01\nmodel: {dim: 96\n")  # a YAML mistake is named with where it is
@@ -227,7 +228,8 @@ def test_set_values_parse_as_yaml():
     cfg = resolve_config("pretrain", preset="nano", flags={"out": "o", "data": "d"},
                          sets=["run_name=2024-06-01", "project=yes"])
     assert (cfg.run_name, cfg.project) == ("2024-06-01", "yes")
-    assert resolve_config("sft", preset="nano", flags={"out": "o", "data": "d"}, sets=["sft.run_name=7"]).run_name == "7"
+    assert resolve_config("sft", preset="nano", flags={"out": "o", "data": "d"},
+                          sets=["sft.run_name=7"]).run_name == "7"
     # A list key takes a YAML list, as in a config file (`tracker: [tensorboard]`), or comma-separated names.
     for value, trackers in (("[tensorboard]", ["tensorboard"]), ("[tensorboard, wandb]", ["tensorboard", "wandb"]),
                             ("[]", []), ("tensorboard,wandb", ["tensorboard", "wandb"])):
@@ -565,8 +567,10 @@ def test_a_run_whose_output_is_closed_stops_with_a_checkpoint(tmp_path, pt_data,
     finally:
         proc.kill()
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["stop_signal"] == "SIGPIPE" and [p.name for p in checkpoints(out)] == [f"step_{summary['steps']:07d}"]
-    assert err.endswith(f"tinyk: its output could not be written (the reader left, or a full disk), so pretrain stopped at step {summary['steps']} with a "
+    assert summary["stop_signal"] == "SIGPIPE" \
+        and [p.name for p in checkpoints(out)] == [f"step_{summary['steps']:07d}"]
+    assert err.endswith(f"tinyk: its output could not be written (the reader left, or a full disk), so pretrain "
+                        f"stopped at step {summary['steps']} with a "
                         f"checkpoint; continue with --resume\n") and "Traceback" not in err
 
 
@@ -680,11 +684,13 @@ def test_a_resume_keeps_what_the_weights_compute_and_a_fine_tune_may_change_it(t
                   "--no-progress"])
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and err.startswith(f"tinyk: error: model.{key}={float(value)} differs from the "
-                                                    "run's ") and err.endswith(f"--init {run}/checkpoints/step_0000002/model"), err
+                                                    "run's ") \
+            and err.endswith(f"--init {run}/checkpoints/step_0000002/model"), err
     assert not (run / "checkpoints" / "step_0000003").exists()
     out = train(nano_cfg(pt_data, None, tmp_path / "long", init=str(run / "final"), model={"rope_theta": 500.0},
                          max_steps=1))
-    assert out["steps"] == 1 and json.loads((tmp_path / "long" / "final" / "config.json").read_text())["rope_theta"] == 500
+    assert out["steps"] == 1 \
+        and json.loads((tmp_path / "long" / "final" / "config.json").read_text())["rope_theta"] == 500
 
 
 def test_a_dead_process_leaves_the_others_one_line_and_the_way_back(tmp_path, pt_data, tok_dir):
@@ -756,9 +762,9 @@ def test_ranks_that_do_not_share_the_run_directory_are_refused(tmp_path, pt_data
     outputs = [w.communicate(timeout=120) for w in workers]
     assert [w.returncode for w in workers] == [2, 2], outputs
     for r, (_, err) in enumerate(outputs):
-        assert err.splitlines() == [f"tinyk: error: run directory {tmp_path / f'disk{r}' / 'run'} is not shared: 1 of 2 "
-                                    "processes do not see what rank 0 writes there; with several machines, --out "
-                                    "must be on a filesystem every node mounts at the same path"], err
+        assert err.splitlines() == [f"tinyk: error: run directory {tmp_path / f'disk{r}' / 'run'} is not shared: "
+                                    "1 of 2 processes do not see what rank 0 writes there; with several machines, "
+                                    "--out must be on a filesystem every node mounts at the same path"], err
     assert not (tmp_path / "disk0" / "run").exists()  # rank 0 made it, and takes it away again
 
 
@@ -839,7 +845,7 @@ def test_a_tracker_failing_mid_run_is_dropped_and_a_killed_sessions_steps_are_no
         tmp_path, pt_data, tok_dir, monkeypatch, capsys):
     """W&B's background process dying mid-run stopped the run unsaved ("Connection lost", not naming
     W&B), and was then marked finished though it held part of the run; and a resume after a kill sent W&B and SwanLab the steps they already had, which W&B refuses
-    and SwanLab doubles."""
+    and SwanLab doubles."""  # noqa: E501
     sent, names, fail_at = [], [], [2]
 
     class FakeRun:
@@ -892,7 +898,8 @@ def test_a_tracker_failing_to_finish_leaves_the_others_finished(tmp_path, monkey
     monkeypatch.setitem(sys.modules, "swanlab", swanlab)
     Trackers(["wandb", "swanlab"], tmp_path, {}, "tinyk", "run").close()
     assert finished == ["swanlab"]
-    assert "tinyk: warning: --tracker wandb did not finish ([Errno 28] No space left on device)" in capsys.readouterr().err
+    assert "tinyk: warning: --tracker wandb did not finish ([Errno 28] No space left on device)" \
+        in capsys.readouterr().err
 
 
 def test_trackers_are_told_how_the_run_ended(tmp_path, pt_data, tok_dir, monkeypatch):
@@ -1030,7 +1037,8 @@ def test_setup_errors_are_one_line(tmp_path, pt_data, sft_data, tok_dir, nano_mo
     assert f"(both of vocab {n}, with other merges or normalisation)" in err(data=same_size)
     assert "tokens but the model's vocab_size is 256" in err(model={"preset": "nano", "vocab_size": 256})
     assert "seq_len 256 exceeds the model's context of 128 tokens" in err(seq_len=256)
-    assert "invalid model config: n_heads must be a positive integer, got 0" in err(model={"preset": "nano", "n_heads": 0})
+    assert "invalid model config: n_heads must be a positive integer, got 0" \
+        in err(model={"preset": "nano", "n_heads": 0})
     assert "invalid model config: need finite norm_eps > 0" in err(data=sft_data, kind="sft",
                                                                    init=str(nano_model_dir), model={"dropout": 2})
     assert "got 1e-05, inf, 0.0" in err(model={"preset": "nano", "rope_theta": math.inf})
@@ -1189,14 +1197,16 @@ def test_cli_prints_one_line(tmp_path, pt_data, tok_dir, capsys):
                       "--set", "eval_every=0", "--set", "warmup_steps=5"))
     out = capsys.readouterr().out
     assert e.value.code == 0 and (tmp_path / "o2" / "final" / "model.safetensors").is_file()
-    assert "--resume: no checkpoint in" in out and "micro_batch 3 does not divide the 8 sequences per process; using 2" in out
+    assert "--resume: no checkpoint in" in out \
+        and "micro_batch 3 does not divide the 8 sequences per process; using 2" in out
     assert "warmup 5 is not shorter than the run's 2 steps" in out
     with pytest.raises(SystemExit) as e:  # the epoch budget rounds up to a step, which holds the data 4 times
         main(cli_args(pt_data, tok_dir, tmp_path / "o3", "--batch-size", "1024", "--epochs", "1",
                       "--set", "eval_every=0", "--set", "warmup_steps=0"))
     out = capsys.readouterr().out
     note = re.search(r"note: a batch of 1,024 is more than the data's (\d+) training sequences at seq_len 32: each "
-                     r"step goes through the data ([\d.]+) times, so the run trains ([\d.]+) epochs in 1 step$", out, re.M)
+                     r"step goes through the data ([\d.]+) times, so the run trains ([\d.]+) epochs in 1 step$",
+                     out, re.M)
     assert e.value.code == 0 and note, out
     assert float(note[2]) == float(note[3]) == round(1024 / int(note[1]), 1) > 1
     with pytest.raises(SystemExit) as e:
@@ -1264,8 +1274,8 @@ def test_a_resume_continues_the_run_whose_config_it_read(tmp_path, monkeypatch):
     assert cfg.out == "Ry" and cfg.lr == 0.001 and cfg.tokenizer == str(tmp_path / "tokA")
     assert notes == ["note: on --resume the run's saved Ry/config.yaml outranks --config c.yaml, so lr stays 0.001 "
                      "(not 0.01); pass a flag or --set to change it",
-                     "note: on --resume the model and tokenizer are the checkpoint's, so --config c.yaml's tokenizer is "
-                     "not read (to start from other weights, begin a new run with --init)"]
+                     "note: on --resume the model and tokenizer are the checkpoint's, so --config c.yaml's tokenizer "
+                     "is not read (to start from other weights, begin a new run with --init)"]
 
 
 def test_a_config_file_edited_before_resume_is_said_to_be_outranked(tmp_path, pt_data, tok_dir, capsys):
@@ -1299,7 +1309,8 @@ def test_a_run_extended_stopped_and_resumed_with_its_old_budget_writes_its_final
     with pytest.raises(TinykError) as e:
         train(nano_cfg(pt_data, tok_dir, out, max_steps=4), resume=True)
     assert str(e.value) == ("--max-steps 4 ends this run at step 4, but it stopped at step 5 of the 8 it planned: "
-                            "raise --max-steps to go on (to step 8 as planned), or use the checkpoint's model/ as it is")
+                            "raise --max-steps to go on (to step 8 as planned), or use the checkpoint's model/ "
+                            "as it is")
     summary = train(nano_cfg(pt_data, tok_dir, out, max_steps=5), resume=True)
     assert (summary["status"], summary["steps"], summary["final_model"]) == ("completed", 5, str(out / "final"))
     final, saved = (load_file(d / "model.safetensors") for d in (out / "final", checkpoints(out)[-1] / "model"))
@@ -1520,7 +1531,8 @@ def test_a_timed_run_resumes_on_its_fitted_schedule_and_stays_finished(tmp_path,
     again = train(replace(cfg, lr=1e-2), resume=True)  # a finished run: nothing trains, nothing is rewritten
     assert again == summary and json.loads((out / "summary.json").read_text()) == summary
     assert (out / "config.yaml").read_text() == saved
-    assert (out / "final" / "model.safetensors").read_bytes() == weights and (out / "metrics.jsonl").read_text() == metrics
+    assert (out / "final" / "model.safetensors").read_bytes() == weights \
+        and (out / "metrics.jsonl").read_text() == metrics
 
 
 def test_the_summary_of_a_resumed_run_speaks_for_the_whole_run(tmp_path, pt_data, tok_dir, monkeypatch):
@@ -1926,8 +1938,8 @@ def test_checkpoints_are_on_the_disk_before_older_ones_are_deleted(tmp_path, pt_
 
     events: list[tuple[str, str]] = []
     fsync, rmtree = tinyk.outputs.os.fsync, shutil.rmtree
-    monkeypatch.setattr(tinyk.outputs.os, "fsync", lambda fd: events.append(("sync", os.readlink(f"/proc/self/fd/{fd}")))
-                        or fsync(fd))
+    monkeypatch.setattr(tinyk.outputs.os, "fsync",
+                        lambda fd: events.append(("sync", os.readlink(f"/proc/self/fd/{fd}"))) or fsync(fd))
     monkeypatch.setattr(shutil, "rmtree", lambda path, *a, **kw: events.append(("delete", str(path)))
                         or rmtree(path, *a, **kw))
     out = tmp_path / "run"

@@ -116,7 +116,8 @@ class Browser:
 
 
 # Defined in the page (whose top-level `history`, `controller`, `input` and `requestBody` are in scope):
-# `submit` sends a message, `say` sends one and waits until its reply is complete, `shown` returns what the page shows and keeps.
+# `submit` sends a message, `say` sends one and waits until its reply is complete, `shown` returns what the page
+# shows and keeps.
 SETUP_SCRIPT = """
 window.until = async (ok, what) => {
   for (let i = 0; i < 600; i++) { if (ok()) return; await new Promise(r => setTimeout(r, 50)); }
@@ -287,7 +288,7 @@ class Forward:
 def test_the_chat_page_keeps_the_conversation_it_shows(nano_model_dir, tmp_path):
     """What the page shows is what it sends next: a message too long on its own is struck through and
     the conversation kept; a reply broken off by a server error stays as far as it came, one stopped
-    before its first token does not; 清空 during a reply discards it; an empty temperature field leaves the server's default."""
+    before its first token does not; 清空 during a reply discards it; an empty temperature field leaves the server's default."""  # noqa: E501
     engine = Engine.from_dir(nano_model_dir)
     forward = engine.forward = Forward(engine.forward)
     too_long = "很" * (2 * engine.context_length)
@@ -308,7 +309,8 @@ def test_the_chat_page_keeps_the_conversation_it_shows(nano_model_dir, tmp_path)
         forward.released.clear()
         forward.hold_in = 1  # the prefill: the server has taken the message, no token has come
         try:
-            early_stop = run("submit('讲个笑话'); await until(() => history.length, 'the server to take the message');\n"
+            early_stop = run("submit('讲个笑话'); await until(() => history.length, "
+                             "'the server to take the message');\n"
                              "stop.click(); await until(() => controller === null, 'the stop'); return shown();")
         finally:
             forward.released.set()

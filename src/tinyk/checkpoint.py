@@ -131,9 +131,9 @@ def config_from_hf(d: Any) -> ModelConfig:
         merged = None  # a value the block gets wrong: the disagreement below, or else this error, says which
     for name, key in HF_KEYS.items():
         if own.get(name) is not None and own[name] != getattr(cfg, name):
-            raise TinykError(f"config.json disagrees with itself: {key} is {getattr(cfg, name)} but its tinyk block has "
-                             f"{name} {own[name]!r}; transformers keeps that block unchanged when it saves a model "
-                             f"it changed (resize_token_embeddings): delete the block to use the transformers "
+            raise TinykError(f"config.json disagrees with itself: {key} is {getattr(cfg, name)} but its tinyk block "
+                             f"has {name} {own[name]!r}; transformers keeps that block unchanged when it saves a "
+                             f"model it changed (resize_token_embeddings): delete the block to use the transformers "
                              f"keys, or make the two agree")
     return merged or ModelConfig.from_dict({**cfg.to_dict(), **own})
 
@@ -415,9 +415,10 @@ def model_info(path: str | Path) -> dict[str, Any]:
 
 
 # The tutorial's parameter names (its k_model.py) and tinyk's, which are transformers', per layer.
-SEED_NAMES = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
-              "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
-              "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+SEED_NAMES = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+              "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+              "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj", "feed_forward.w3": "mlp.up_proj",
+              "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
 
 
 def _rope_halves(w: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -511,7 +512,8 @@ def import_seed_checkpoint(ckpt: str | Path, tok_dir: str | Path, out: str | Pat
     state, config = _read_seed_weights(path)
     rope = next((v for k, v in state.items() if k.endswith("freqs_cos")), None)
     # The causal mask older torch made it keep and the RoPE tables: derived, not weights.
-    state = {_unprefixed(k): v for k, v in state.items() if not k.endswith(("attention.mask", "freqs_cos", "freqs_sin"))}
+    state = {_unprefixed(k): v for k, v in state.items()
+             if not k.endswith(("attention.mask", "freqs_cos", "freqs_sin"))}
     _check_dtypes(state, str(path))
     state = {k: v.float() for k, v in state.items()}
     if "tok_embeddings.weight" not in state and state.get("output.weight", torch.empty(0)).dim() == 2:

@@ -108,7 +108,8 @@ class _ConfigLoader(yaml.SafeLoader):
                     raise yaml.constructor.ConstructorError(None, None, f"{key!r} is given twice",
                                                             key_node.start_mark)
                 seen.add(key)
-            if _text_key(key) and isinstance(value_node, yaml.ScalarNode) and value_node.tag != "tag:yaml.org,2002:null":
+            if (_text_key(key) and isinstance(value_node, yaml.ScalarNode)
+                    and value_node.tag != "tag:yaml.org,2002:null"):
                 value_node.tag = "tag:yaml.org,2002:str"
         return super().construct_mapping(node, deep=deep)
 
@@ -324,7 +325,8 @@ def resolve_config(kind: str, *, preset: str | None = None, config: str | Path |
         if config and notes is not None:
             given, was = _flat(fold([(mine, str(config))])), _flat(before)
             kept = {k: v for k, v in _flat(d).items() if k in given and not _same_path(given[k], v)
-                    and was.get(k) == given[k] and k not in ("out", *ignored)}  # out: the run named; ignored: said above
+                    and was.get(k) == given[k]
+                    and k not in ("out", *ignored)}  # out: the run named; ignored: said above
             fixed = [k for k in ("tokenizer", "init") if k in kept]  # the checkpoint's, whatever says otherwise
             for k in fixed:
                 del kept[k]
@@ -334,8 +336,8 @@ def resolve_config(kind: str, *, preset: str | None = None, config: str | Path |
                              + "; pass a flag or --set to change it")
             if fixed:
                 notes.append(f"note: on --resume the model and tokenizer are the checkpoint's, so --config {config}'s "
-                             f"{' and '.join(fixed)} {'is' if len(fixed) == 1 else 'are'} not read (to start from other "
-                             f"weights, begin a new run with --init)")
+                             f"{' and '.join(fixed)} {'is' if len(fixed) == 1 else 'are'} not read (to start from "
+                             f"other weights, begin a new run with --init)")
     elif saved is not None and d.get("data") is None:
         copy = config_copy(Path(d["out"]))
         if copy:
@@ -382,7 +384,8 @@ def validate(cfg: TrainConfig) -> None:
         (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1, "beta1 and beta2 must be in [0, 1)"),
         (cfg.eps > 0, "eps must be positive"),
         (cfg.grad_clip >= 0, "grad_clip must be >= 0 (0 turns clipping off)"),
-        (cfg.eval_batches is None or cfg.eval_batches >= 1, "eval_batches must be at least 1 (or null for the whole split)"),
+        (cfg.eval_batches is None or cfg.eval_batches >= 1,
+         "eval_batches must be at least 1 (or null for the whole split)"),
         (cfg.peak_tflops is None or cfg.peak_tflops > 0, "peak_tflops must be positive"),
         (0 <= cfg.seed < 2**32, "seed must be between 0 and 2**32 - 1"),
         (cfg.log_every >= 1, "log_every must be at least 1"),
@@ -391,7 +394,8 @@ def validate(cfg: TrainConfig) -> None:
         (all(v is None or v > 0 for v in (cfg.max_steps, cfg.max_tokens, cfg.epochs, cfg.max_minutes)),
          "max_steps, max_tokens, epochs and max_minutes must be positive"),
         # Beyond these the step counts they give overflow (a billion epochs, two thousand years).
-        (all(v is None or v <= 1e9 for v in (cfg.epochs, cfg.max_minutes)), "epochs and max_minutes must be at most 1e9"),
+        (all(v is None or v <= 1e9 for v in (cfg.epochs, cfg.max_minutes)),
+         "epochs and max_minutes must be at most 1e9"),
         (cfg.out is not None, "no run directory: pass --out"),
         (cfg.out != "" and cfg.data != "" and cfg.tokenizer != "" and cfg.init != "",
          "out, data, tokenizer and init must not be empty paths (an empty one is the current folder)"),

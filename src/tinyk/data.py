@@ -371,7 +371,8 @@ class _Pool(multiprocessing.pool.Pool):
 
     @staticmethod
     def _help_stuff_finish(inqueue: Any, task_handler: threading.Thread, size: int) -> None:
-        if threading.current_thread() is task_handler:  # it would wait for itself (the standard pool never joins it then)
+        # it would wait for itself (the standard pool never joins it then)
+        if threading.current_thread() is task_handler:
             return
         inqueue._rlock.acquire()  # held for good, as the standard pool does: the workers are being stopped
         while task_handler.is_alive():
@@ -636,7 +637,8 @@ def _check_common(val_fraction: float, workers: int | None, max_line_bytes: int)
 
 def _command(kind: str, paths: list[Path], tokenizer_dir: Any, out: Any, options: dict[str, Any]) -> str:
     """The `tinyk data` command line equivalent to a library call, for meta.json."""
-    args = ["tinyk", "data", kind, "--input", *map(shown, paths), "--tokenizer", shown(tokenizer_dir), "--out", shown(out)]
+    args = ["tinyk", "data", kind, "--input", *map(shown, paths), "--tokenizer", shown(tokenizer_dir),
+            "--out", shown(out)]
     for key, value in options.items():
         args += [f"--{key.replace('_', '-')}", str(value)]
     return shlex.join(args)
@@ -1013,7 +1015,8 @@ def _tokenize(kind: _Kind, job: _Job, run: _Run, checkpoints: _Checkpoints,
                 print(_progress_line(kind.name, unit, splitter, seconds_before + now - t0), file=sys.stderr, flush=True)
             if checkpoints.due() and splitter.settle():
                 checkpoints.save(done.state(count, seconds_before + now - t0), done.writers)
-    done.skips.merge(reader.take())  # lines after the last usable record (never in a checkpoint: a rerun reads them again)
+    # lines after the last usable record (never in a checkpoint: a rerun reads them again)
+    done.skips.merge(reader.take())
     splits = splitter.close()
     if not splits["train"]["documents"]:
         raise TinykError(f"no usable {unit} in the input: {done.skips.summary() if done.skips.total else NO_RECORDS}")

@@ -488,7 +488,8 @@ class _Pipeline:
                 steps = min(steps_for(minutes * 60, rate), epoch_steps(cfg.max_epochs, chats, cfg.sft_batch))
                 st.print(f"      {minutes:.1f} minutes, about {steps} steps "
                          f"({steps * cfg.sft_batch / max(1, chats):.2f} epochs)")
-            summary = run_training(sft_config(steps, minutes=minutes, out=runs / "sft", show_progress=self.show_progress))
+            summary = run_training(sft_config(steps, minutes=minutes, out=runs / "sft",
+                                              show_progress=self.show_progress))
             _move_final(runs / "sft", self.root / "chat")
             epochs = summary["steps"] * cfg.sft_batch / max(1, chats)
             self.res["sft"] = {**_run_summary(summary), "dtype": rt.dtype, "epochs": epochs}
@@ -573,7 +574,8 @@ def chat_samples(engine: Any, tasks: list[dict[str, Any]], max_new_tokens: int) 
 
     prompts = list(CHAT_SAMPLES) + [t["samples"][0]["prompt"] for t in tasks if t["samples"]]
     outs = engine.chat([[{"role": "user", "content": p}] for p in prompts], greedy_params(max_new_tokens))
-    return [{"prompt": p, "reply": c.text, "finish_reason": c.finish_reason} for p, c in zip(prompts, outs, strict=True)]
+    return [{"prompt": p, "reply": c.text, "finish_reason": c.finish_reason}
+            for p, c in zip(prompts, outs, strict=True)]
 
 
 def base_sample(engine: Any, max_new_tokens: int) -> dict[str, Any]:
@@ -681,7 +683,8 @@ def render_report(res: dict[str, Any]) -> str:
                    f"{s['tokens_per_s']:,.0f}" if s.get("tokens_per_s") else "") for s in res["stages"]]
     data_rows = [
         ("pretraining text", f"{c['pretrain']['bytes'] / 1e6:.2f} MB, {c['pretrain']['characters']:,} characters",
-         f"{c['pretrain']['news_documents']:,} People's Daily documents + {c['pretrain']['review_documents']:,} reviews"),
+         f"{c['pretrain']['news_documents']:,} People's Daily documents + "
+         f"{c['pretrain']['review_documents']:,} reviews"),
         ("pretraining tokens", f"{d['pretrain']['splits']['train']['tokens']:,} train / "
          f"{d['pretrain']['splits']['val']['tokens']:,} val", f"{d['pretrain']['splits']['train']['documents']:,} "
          "train documents"),

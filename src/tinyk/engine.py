@@ -255,7 +255,8 @@ class SamplingParams:
             ("top_k", "an integer >= 0", self.top_k, is_int(self.top_k) and self.top_k >= 0),
             ("top_p", "a number in [0, 1]", self.top_p, _is_number(self.top_p) and 0 <= self.top_p <= 1),
             ("min_p", "a number in [0, 1]", self.min_p, _is_number(self.min_p) and 0 <= self.min_p <= 1),
-            ("repetition_penalty", "a number in [{:g}, {:g}]".format(*REPETITION_PENALTY_RANGE), self.repetition_penalty,
+            ("repetition_penalty", "a number in [{:g}, {:g}]".format(*REPETITION_PENALTY_RANGE),
+             self.repetition_penalty,
              _is_number(self.repetition_penalty)
              and REPETITION_PENALTY_RANGE[0] <= self.repetition_penalty <= REPETITION_PENALTY_RANGE[1]),
             ("max_new_tokens", "an integer >= 1", self.max_new_tokens,
@@ -265,7 +266,8 @@ class SamplingParams:
              isinstance(self.stop, list | tuple) and all(isinstance(s, str) and s for s in self.stop)),
             ("stop_token_ids", "a list of integers", self.stop_token_ids,
              isinstance(self.stop_token_ids, list | tuple) and all(is_int(t) for t in self.stop_token_ids)),
-            *((name, f"None or an integer from 0 to {MAX_LOGPROBS}", n, n is None or is_int(n) and 0 <= n <= MAX_LOGPROBS)
+            *((name, f"None or an integer from 0 to {MAX_LOGPROBS}", n,
+               n is None or is_int(n) and 0 <= n <= MAX_LOGPROBS)
               for name, n in (("logprobs", self.logprobs), ("prompt_logprobs", self.prompt_logprobs))),
         ]
         for name, rule, value, ok in checks:
@@ -653,7 +655,8 @@ def _record_prompt_logprobs(rows: list[Request], logits: torch.Tensor, x: torch.
             continue
         P = len(r.prompt_ids)
         found = _top_logprobs(logits[i, -P:-1].float().log_softmax(-1), x[i, -P + 1:], n) if P > 1 else []
-        r.prompt_logprobs = [None] + [TokenLogprob(t, lp, top) for t, (lp, top) in zip(r.prompt_ids[1:], found, strict=True)]
+        r.prompt_logprobs = [None] + [TokenLogprob(t, lp, top)
+                                      for t, (lp, top) in zip(r.prompt_ids[1:], found, strict=True)]
 
 
 class _ParamTensors:

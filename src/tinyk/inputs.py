@@ -29,8 +29,8 @@ NUL_HINT = "a NUL byte is binary data, not text"  # a text line holding one is s
 NO_RECORDS = "nothing but blank lines (or Parquet files without rows)"  # why an input with nothing skipped is empty
 HEAD_BYTES = 1 << 20  # what `check_heads` reads of each input
 ENCODING_LINES = 1000  # a file whose first lines are mostly not UTF-8 is refused, not skipped line by line
-SUPPORTED_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".json.zst", ".txt.gz",
-                      ".txt.zst")
+SUPPORTED_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".json.zst",
+                      ".txt.gz", ".txt.zst")
 
 
 @dataclass
@@ -651,7 +651,8 @@ def iter_texts(paths: list[Path], skips: Skips, *, field_name: str = "text", **k
     for where, rec in iter_records(paths, skips, text_field=field_name, **kw):
         if not isinstance(rec, dict) or field_name not in rec:
             conversation = sft_format(rec) in ("chat", "alpaca") or (
-                isinstance(rec, list) and bool(rec) and isinstance(rec[0], dict) and bool({"role", "from"} & rec[0].keys()))
+                isinstance(rec, list) and bool(rec) and isinstance(rec[0], dict)
+                and bool({"role", "from"} & rec[0].keys()))
             fix = ("these are SFT conversations, not text: `tinyk data sft` reads them" if conversation
                    else "--field names the one with the text")
             skips.add("missing_field", where, f"no field {field_name!r}, the first such record has "

@@ -301,7 +301,8 @@ class Memory:
     weights: float
     gradients: float
     optimizer: float
-    weight_copies: float  # weights as the matmuls saw them: autocast's bf16 casts, or fp32 q/k/v, gate/up concatenations
+    # weights as the matmuls saw them: autocast's bf16 casts, or fp32 q/k/v, gate/up concatenations
+    weight_copies: float
     buffers: float  # DDP gradient buckets, or FSDP's unsharded blocks in flight
     activations: float  # everything batch-proportional at the peak phase
     gradients_at_peak: float
@@ -774,7 +775,8 @@ def format_plan(p: dict[str, Any]) -> str:
     if wc:
         lines.append(f"             with --compile: MFU {_pct(wc['mfu'])} "
                      f"({'assumed' if wc['mfu_source'] == ASSUMED else 'measured'}), {_duration(wc['wall_h'])} = "
-                     f"{_amount(wc['gpu_hours'])} GPU-hours" + ("" if wc["cost"] is None else f", cost {wc['cost']:,.2f}"))
+                     f"{_amount(wc['gpu_hours'])} GPU-hours"
+                     + ("" if wc["cost"] is None else f", cost {wc['cost']:,.2f}"))
     if p["cost"]:
         lines.append(f"cost         {p['cost']['total']:,.2f} = {_amount(tm['gpu_hours'])} GPU-hours x "
                      f"{p['cost']['price_per_gpu_hour']:g} per GPU-hour")

@@ -99,7 +99,8 @@ FIELDS = {True: _COMMON | {"messages", "response_format", "top_logprobs", *UNSUP
           False: _COMMON | {"prompt", "echo", *UNSUPPORTED_BY_KIND[False]}}  # by chat or not
 _MISSING = object()
 POST_PATHS = ("/v1/completions", "/v1/chat/completions")
-_HEADER_NAMES = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+(?:[ \t]*,[ \t]*[!#$%&'*+.^_`|~0-9A-Za-z-]+)*")  # RFC 9110 tokens
+# RFC 9110 tokens
+_HEADER_NAMES = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+(?:[ \t]*,[ \t]*[!#$%&'*+.^_`|~0-9A-Za-z-]+)*")
 
 
 class ApiError(Exception):
@@ -217,7 +218,8 @@ def _get(body: dict, name: str, kind: str, default: Any = _MISSING) -> Any:
         "array": isinstance(value, list),
     }[kind]
     if not ok:
-        raise ApiError(400, f"'{name}' must be {'an' if kind[0] in 'aeio' else 'a'} {kind}, got {json.dumps(value)[:80]}",
+        raise ApiError(400, f"'{name}' must be {'an' if kind[0] in 'aeio' else 'a'} {kind}, "
+                            f"got {json.dumps(value)[:80]}",
                        param=name, code="invalid_type")
     return value
 
@@ -288,8 +290,9 @@ class Api:
         max_name = "max_completion_tokens" if newer is not None else "max_tokens"
         max_tokens = max_tokens if newer is None else newer
         if max_tokens is not None and prompt_tokens + max_tokens > ctx:
-            raise ApiError(400, f"this model's maximum context length is {ctx} tokens, but {prompt_tokens + max_tokens} "
-                                f"were requested ({prompt_tokens} in the prompt, {max_tokens} for the completion)",
+            raise ApiError(400, f"this model's maximum context length is {ctx} tokens, but "
+                                f"{prompt_tokens + max_tokens} were requested ({prompt_tokens} in the prompt, "
+                                f"{max_tokens} for the completion)",
                            param=max_name, code="context_length_exceeded")
         temperature = _sampling_field(body, "temperature", "number", d.temperature, 0, 2)
         top_p = _sampling_field(body, "top_p", "number", d.top_p, 0, 1)
@@ -300,7 +303,8 @@ class Api:
         if isinstance(stop, str):
             stop = [stop]
         if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
-            raise ApiError(400, "'stop' must be a non-empty string or a list of them", param="stop", code="invalid_type")
+            raise ApiError(400, "'stop' must be a non-empty string or a list of them",
+                           param="stop", code="invalid_type")
         if stop and has_surrogate(stop):
             raise ApiError(400, "'stop' holds a lone surrogate (\\ud800-\\udfff), which no generated text contains",
                            param="stop", code="invalid_value")
@@ -328,7 +332,8 @@ class Api:
             return replace(d, temperature=float(temperature), top_p=float(top_p), top_k=max(top_k, 0),
                            min_p=float(min_p), repetition_penalty=float(penalty),
                            stop=d.stop if stop is None else stop, max_new_tokens=max_tokens or d.max_new_tokens,
-                           seed=seed, stop_token_ids=stop_ids or d.stop_token_ids, ignore_eos=ignore_eos or d.ignore_eos,
+                           seed=seed, stop_token_ids=stop_ids or d.stop_token_ids,
+                           ignore_eos=ignore_eos or d.ignore_eos,
                            logprobs=logprobs, prompt_logprobs=prompt_logprobs)
         except TinykError as e:
             raise ApiError(400, str(e), code="invalid_value") from e
@@ -747,7 +752,8 @@ class Handler(BaseHTTPRequestHandler):
         for _ in range(MAX_TRAILERS + 1):
             if self.rfile.readline(MAX_CHUNK_LINE) in (b"\r\n", b"\n", b""):
                 return b"".join(parts)
-        raise ApiError(400, f"more than {MAX_TRAILERS} trailer fields after a chunked body", code="invalid_chunked_body")
+        raise ApiError(400, f"more than {MAX_TRAILERS} trailer fields after a chunked body",
+                       code="invalid_chunked_body")
 
     # -- routes -------------------------------------------------------------------------
 

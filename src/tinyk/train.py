@@ -238,8 +238,9 @@ def _launch_env() -> tuple[int, int, int]:
     if world > 1:
         missing = [n for n in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(n)]
         if missing:
-            raise TinykError(f"WORLD_SIZE={world} is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'}"
-                             f" not: launch with torchrun, which sets them all, or unset WORLD_SIZE")
+            raise TinykError(f"WORLD_SIZE={world} is set but {', '.join(missing)} "
+                             f"{'is' if len(missing) == 1 else 'are'} not: launch with torchrun, which sets them "
+                             f"all, or unset WORLD_SIZE")
     if world < 1 or (world > 1 and rank >= world):  # a stray RANK with no WORLD_SIZE is a single process
         raise TinykError(f"RANK={rank} does not fit WORLD_SIZE={world} (torchrun sets both)")
     return world, rank, local_rank
@@ -512,7 +513,8 @@ class Trainer:
         self.system_prompt = (self.meta.get("system_prompt", DEFAULT_SYSTEM_PROMPT) or None) \
             if cfg.kind == "sft" else tok.system_prompt
         self.token_bytes = torch.tensor(tok.token_bytes, dtype=torch.float64, device=self.device)  # bits per byte
-        if self.init_dir is not None and cfg.tokenizer and tokenizer_hash(self.tok_dir) != tokenizer_hash(self.init_dir):
+        if (self.init_dir is not None and cfg.tokenizer
+                and tokenizer_hash(self.tok_dir) != tokenizer_hash(self.init_dir)):
             raise TinykError(f"tokenizer {self.tok_dir} is not the one the model in {self.init_dir} was trained with")
         if not same_tokenizer(self.meta["tokenizer_hash"], self.tok_dir) or self.meta["vocab_size"] != tok.vocab_size:
             sizes = (f"vocab {self.meta['vocab_size']} vs {tok.vocab_size}" if self.meta["vocab_size"] != tok.vocab_size
@@ -1135,7 +1137,8 @@ class Trainer:
         lines = [
             f"tinyk {cfg.kind}: {self.n_params / 1e6:.1f}M parameters, {d.world} process(es) on {dev}, "
             f"{dtype_name(self.dtype)}, {'FSDP' if self.fsdp else 'DDP' if d.world > 1 else 'single process'}"
-            f"{', compiled' if cfg.compile else ''}{', activation checkpointing' if cfg.activation_checkpointing else ''}",
+            f"{', compiled' if cfg.compile else ''}"
+            f"{', activation checkpointing' if cfg.activation_checkpointing else ''}",
             f"batch {cfg.batch_size} x {cfg.seq_len} = {tokens_per_step:,} tokens/step = {self.accum} micro-batch(es) "
             f"of {self.micro} per process; {'up to ' if cfg.max_minutes else ''}{self.total_steps:,} steps "
             f"({'at most ' if cfg.kind == 'sft' else ''}{run_tokens:,} tokens)"
@@ -1483,7 +1486,8 @@ class Trainer:
         }
         if self.dist.main:
             write_json_atomic(self.out / "summary.json", summary)
-            msg = (f"finished: {plural(p.step, 'steps')}, {p.tokens:,} tokens in {elapsed:.0f}s; model in {final}" if final else
+            msg = (f"finished: {plural(p.step, 'steps')}, {p.tokens:,} tokens in {elapsed:.0f}s; model in {final}"
+                   if final else
                    f"stopped by {self.stop_signal} at step {p.step}; checkpoint saved, continue with --resume")
             if skipped:
                 msg += f" ({skipped} of the steps were skipped by fp16's loss scaler)"

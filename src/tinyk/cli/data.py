@@ -16,13 +16,15 @@ MAX_LEN = 2**20  # SFT tokens per conversation, far past any model's context
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input", nargs="+", action="extend", required=True, metavar="FILE", help="input files (read, never modified)")
+    p.add_argument("--input", nargs="+", action="extend", required=True, metavar="FILE",
+                   help="input files (read, never modified)")
     p.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer directory")
     p.add_argument("--out", type=output_path, required=True, metavar="DIR", help="output data directory")
     p.add_argument("--val-fraction", type=float_range(0, 1, hi_open=True), default=0.01,
                    help="share of documents held out (seeded; default 0.01)")
     p.add_argument("--seed", type=seed, default=0, help="seed of the train/val split (default 0)")
-    p.add_argument("--workers", type=int_range(1, MAX_WORKERS), default=None, help="tokenizer processes (default: all cores)")
+    p.add_argument("--workers", type=int_range(1, MAX_WORKERS), default=None,
+                   help="tokenizer processes (default: all cores)")
     p.add_argument("--max-line-bytes", type=positive_size, default=DEFAULT_MAX_LINE_BYTES,
                    help="longer lines are skipped (default 16 MiB)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
@@ -42,10 +44,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     s = dsub.add_parser("sft", help="conversations (BelleGroup, ShareGPT, OpenAI messages) -> tokens + loss mask")
     _add_common(s)
-    s.add_argument("--max-len", type=int_range(8, MAX_LEN), default=512, help="longer conversations are cut, at a turn if possible (default 512)")
+    s.add_argument("--max-len", type=int_range(8, MAX_LEN), default=512,
+                   help="longer conversations are cut, at a turn if possible (default 512)")
     s.add_argument("--system-prompt", type=utf8_text, default=None,
-                   help="added when a conversation has none (default: the one --tokenizer records, 你是一个AI助手 unless "
-                        "it is a model fine-tuned with another; '' for none)")
+                   help="added when a conversation has none (default: the one --tokenizer records, "
+                        "你是一个AI助手 unless it is a model fine-tuned with another; '' for none)")
     s.set_defaults(func=_sft)
 
     i = dsub.add_parser("info", help="summarize a prepared data directory")

@@ -24,7 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--task", nargs="+", action="extend", default=[], metavar="FILE",
                    help='JSONL of {"messages": ..., "answer": ...}, or SFT records in any format `tinyk data sft` '
                         "reads (BelleGroup, messages, Alpaca; JSONL or Parquet), the last reply being the answer")
-    p.add_argument("--max-new-tokens", type=positive_int, default=64, help="answer length limit for --task (default 64)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64,
+                   help="answer length limit for --task (default 64)")
     p.add_argument("--system-prompt", type=utf8_text, default=None,
                    help="added to --task chats without one (default: the model's own, its SFT data's; '' for none)")
     p.add_argument("--choice", nargs="+", action="extend", default=[], metavar="PATH",

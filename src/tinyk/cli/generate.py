@@ -36,7 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--prompt", action="append", type=utf8_text, default=[], help="a prompt (repeatable)")
     g.add_argument("--prompt-file", help="prompts, one per line (.txt, or - for stdin) or one per record "
                                          "(JSON Lines in .jsonl/.json, or .parquet)")
-    g.add_argument("--field", default="prompt", help="record field holding the prompt in --prompt-file (default prompt)")
+    g.add_argument("--field", default="prompt",
+                   help="record field holding the prompt in --prompt-file (default prompt)")
     g.add_argument("--no-bos", action="store_true", help="do not start prompts with <|im_start|>")
     g.add_argument("--batch-size", type=batch_count, default=16, help="sequences decoded together (default 16)")
     g.add_argument("--json", action="store_true", help="print one JSON object per prompt")
@@ -48,7 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "input piped on stdin, answers that one message and exits.")
     add_engine_args(c)
     c.add_argument("--message", type=non_empty, help="answer this one message and exit")
-    c.add_argument("--system-prompt", "--system", dest="system", type=utf8_text, help="system prompt (default: the model's own, its SFT data's; '' for none)")
+    c.add_argument("--system-prompt", "--system", dest="system", type=utf8_text,
+                   help="system prompt (default: the model's own, its SFT data's; '' for none)")
     add_sampling_args(c)
     c.set_defaults(func=_chat)
 

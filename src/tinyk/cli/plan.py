@@ -28,8 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                           "pretrain (default: the preset's)")
     what.add_argument("--seq-len", type=positive_int)
     what.add_argument("--batch-size", type=batch_count, help="global batch in sequences per optimizer step")
-    what.add_argument("--micro-batch", type=batch_count, help="sequences per forward pass per GPU (default: the config's, "
-                                                      "else the largest that fits)")
+    what.add_argument("--micro-batch", type=batch_count,
+                      help="sequences per forward pass per GPU (default: the config's, else the largest that fits)")
     what.add_argument("--dtype", choices=TRAIN_DTYPE_CHOICES,
                       help="auto = bf16 autocast (fp16 on cards without bf16)")
     what.add_argument("--parallel", choices=PARALLEL_CHOICES)

@@ -33,12 +33,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key",
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $TINYK_API_KEY, else no check)")
     p.add_argument("--max-batch", type=batch_count, default=16, help="sequences decoded together (default 16)")
-    p.add_argument("--max-waiting", type=positive_int, default=256, help="queued requests before answering 503 (default 256)")
+    p.add_argument("--max-waiting", type=positive_int, default=256,
+                   help="queued requests before answering 503 (default 256)")
     p.add_argument("--max-body", type=size_range(1, 10**9), default="1M", help="largest request body (default 1M)")
     p.add_argument("--timeout", type=float_range(0, 86400, lo_open=True, unit=" seconds"), default=60.0,
                    help="seconds a client may stall sending a request or reading a stream (default 60)")
-    p.add_argument("--system-prompt", type=utf8_text, help="system prompt for chats that bring none (default: the model's "
-                                           "own, its SFT data's; '' for none)")
+    p.add_argument("--system-prompt", type=utf8_text,
+                   help="system prompt for chats that bring none (default: the model's "
+                        "own, its SFT data's; '' for none)")
     p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN", type=_origin,
                    help="a web page origin (http://localhost:5173) that may call the API from a browser; "
                         "repeatable, * for any (default: only the chat page at /)")

@@ -48,10 +48,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         b.add_argument("--max-minutes", type=positive_float, help="wall-time budget: the run's length (and so its LR "
                        "schedule) is fitted to the measured speed; the other budgets still cap it")
         b.add_argument("--batch-size", type=batch_count, help="global batch in sequences per optimizer step")
-        b.add_argument("--micro-batch", type=batch_count, help="sequences per forward pass per process (accumulation fills "
-                       "the rest)")
+        b.add_argument("--micro-batch", type=batch_count,
+                       help="sequences per forward pass per process (accumulation fills the rest)")
         b.add_argument("--seq-len", type=positive_int, help="tokens per sample (default: the model's context)")
-        b.add_argument("--lr", type=positive_float, help="peak learning rate (warmup, then cosine to min_lr_ratio of it, 10%% by default)")
+        b.add_argument("--lr", type=positive_float,
+                       help="peak learning rate (warmup, then cosine to min_lr_ratio of it, 10%% by default)")
         r = p.add_argument_group("runtime")
         r.add_argument("--dtype", choices=TRAIN_DTYPE_CHOICES)
         r.add_argument("--device", choices=["auto", "cpu", "cuda"])
