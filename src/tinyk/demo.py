@@ -26,7 +26,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -35,6 +35,10 @@ from .errors import Stopped, TinykError, first_line
 from .evaluate import percent
 from .inputs import read_json
 from .outputs import atomic_dir, rust_path, write_json_atomic
+
+if TYPE_CHECKING:  # imported where a stage uses them, so the demo starts without loading them all
+    from .config import TrainConfig
+    from .engine import Engine
 
 RESULTS_KIND = "tinyk-demo"
 CHAT_SAMPLES = ("你好呀", "你是谁？")
@@ -127,7 +131,7 @@ class Stages:
 
 def training_config(kind: str, cfg: DemoConfig, *, data: Path, out: Path, steps: int, minutes: float | None = None,
                     dtype: str = "auto", tokenizer: Path | None = None, init: Path | None = None,
-                    compile: bool = False, show_progress: bool = False) -> Any:
+                    compile: bool = False, show_progress: bool = False) -> TrainConfig:
     """The TrainConfig of one of the demo's two runs: `steps` of them, or as many as fit `minutes`
     (then `steps` is the estimate that spaces warmup, evaluations and log lines)."""
     from .config import resolve_config
@@ -147,7 +151,7 @@ def training_config(kind: str, cfg: DemoConfig, *, data: Path, out: Path, steps:
     return resolve_config(kind, preset=cfg.preset, flags=flags, sets=["max_steps=null"] if minutes else [])
 
 
-def step_rates(tcfgs: Sequence[Any], seconds: float, threads: Sequence[int] | None = None,
+def step_rates(tcfgs: Sequence[TrainConfig], seconds: float, threads: Sequence[int] | None = None,
                rounds: int = 3) -> list[float]:
     """Optimizer steps per second of each config's trainer on its own batches, measured here.
 
@@ -215,7 +219,7 @@ class Runtime:
         return self.rates[f"{self.dtype} x{self.threads} compiled"] if self.compile else self.eager_tokens_per_s
 
 
-def choose_runtime(cfg: DemoConfig, tcfg: Any, try_compile: bool = False) -> Runtime:
+def choose_runtime(cfg: DemoConfig, tcfg: TrainConfig, try_compile: bool = False) -> Runtime:
     """The pretraining dtype, CPU thread count and whether to compile, from the measured speed of `tcfg`.
 
     dtype "probe" tries fp32 and bf16 autocast and keeps the faster: on CPUs with AMX or
@@ -284,7 +288,7 @@ def epoch_steps(epochs: float, samples: int, batch: int) -> int:
     return max(1, math.ceil(epochs * samples / batch))
 
 
-def run_training(tcfg: Any) -> dict[str, Any]:
+def run_training(tcfg: TrainConfig) -> dict[str, Any]:
     """One trainer run; leaves only the run's logs and plots besides `final`."""
     from .train import train
 
@@ -442,7 +446,7 @@ class _Pipeline:
         cfg, st, runs = self.cfg, self.st, self.runs
         train_tokens = self.res["data"]["pretrain"]["splits"]["train"]["tokens"]
         with st.stage("pretrain", f"{cfg.preset} model, batch {cfg.pretrain_batch} x {cfg.seq_len} tokens") as rec:
-            def pretrain_config(steps: int, **kw: Any) -> Any:
+            def pretrain_config(steps: int, **kw: Any) -> TrainConfig:
                 return training_config("pretrain", cfg, data=self.data_dir / "pretrain", steps=steps,
                                        tokenizer=self.tok_dir, **kw)
 
@@ -476,7 +480,7 @@ class _Pipeline:
         assert rt is not None, "pretraining comes first"
         chats = open_dataset(self.data_dir / "sft")["splits"]["train"]["documents"]
         with st.stage("sft", f"from the base model, batch {cfg.sft_batch} chats") as rec:
-            def sft_config(steps: int, **kw: Any) -> Any:
+            def sft_config(steps: int, **kw: Any) -> TrainConfig:
                 return training_config("sft", cfg, data=self.data_dir / "sft", steps=steps, dtype=rt.dtype,
                                        init=self.root / "base", **kw)
 
@@ -568,7 +572,7 @@ def machine_info() -> dict[str, Any]:
             "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform()}
 
 
-def chat_samples(engine: Any, tasks: list[dict[str, Any]], max_new_tokens: int) -> list[dict[str, Any]]:
+def chat_samples(engine: Engine, tasks: list[dict[str, Any]], max_new_tokens: int) -> list[dict[str, Any]]:
     """Greedy replies to the seed's first question, an identity question, and one held-out question per task."""
     from .evaluate import greedy_params
 
@@ -578,7 +582,7 @@ def chat_samples(engine: Any, tasks: list[dict[str, Any]], max_new_tokens: int) 
             for p, c in zip(prompts, outs, strict=True)]
 
 
-def base_sample(engine: Any, max_new_tokens: int) -> dict[str, Any]:
+def base_sample(engine: Engine, max_new_tokens: int) -> dict[str, Any]:
     """A raw continuation from the pretrained model, as the seed's pretrain sample (seeded sampling)."""
     from .engine import SamplingParams
 

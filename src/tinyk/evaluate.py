@@ -41,7 +41,8 @@ from .tokenizer import (
 )
 from .units import plural
 
-if TYPE_CHECKING:  # the loader is imported where a split is read
+if TYPE_CHECKING:  # the loader and the engine are imported where they are used
+    from .engine import Completion, Engine, SamplingParams
     from .loader import SplitData
 
 KEPT_SAMPLES = 5  # answers shown in a task's results, for a look at what the model says
@@ -189,16 +190,16 @@ def _task_example(where: str, rec: Any, system_prompt: str | None) -> TaskExampl
     return TaskExample(where, with_system(msgs, system_prompt), answers)
 
 
-def greedy_params(max_new_tokens: int) -> Any:
+def greedy_params(max_new_tokens: int) -> SamplingParams:
     from .engine import SamplingParams
 
     return SamplingParams(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
                           max_new_tokens=max_new_tokens, seed=0)
 
 
-def read_task_prompts(path: str | Path, prompt_of: Callable[[list[dict[str, str]]], Any], *,
+def read_task_prompts(path: str | Path, prompt_of: Callable[[list[dict[str, str]]], list[int]], *,
                       system_prompt: str | None = None, limit: int | None = None
-                      ) -> tuple[list[TaskExample], list[Any], Skips]:
+                      ) -> tuple[list[TaskExample], list[list[int]], Skips]:
     """The examples of a task file whose prompt fits the model's context, with their prompts (`prompt_of`
     makes one from a chat, raising ContextLengthError when it does not fit: those are skipped and
     counted); a file with none is a TinykError."""
@@ -233,7 +234,7 @@ def chat_prompt_ids(tok: TinyTokenizer, context_length: int) -> Callable[[list[d
     return prompt_of
 
 
-def eval_task(engine: Any, path: str | Path, *, batch_size: int = 32, max_new_tokens: int = 64,
+def eval_task(engine: Engine, path: str | Path, *, batch_size: int = 32, max_new_tokens: int = 64,
               limit: int | None = None, system_prompt: str | None | ModelPrompt = MODEL_PROMPT,
               name: str | None = None) -> dict[str, Any]:
     """Greedy answers to every example: exact-match accuracy, stop rate, and the majority-answer baseline.
@@ -246,14 +247,14 @@ def eval_task(engine: Any, path: str | Path, *, batch_size: int = 32, max_new_to
     return score_task(engine, path, *read, batch_size=batch_size, max_new_tokens=max_new_tokens, name=name)
 
 
-def score_task(engine: Any, path: str | Path, examples: list[TaskExample], prompts: list[Any], skips: Skips,
+def score_task(engine: Engine, path: str | Path, examples: list[TaskExample], prompts: list[list[int]], skips: Skips,
                *, batch_size: int = 32, max_new_tokens: int = 64,
                name: str | None = None) -> dict[str, Any]:
     """`eval_task` on examples already read, with their prompts (by `read_task_prompts`)."""
     params = greedy_params(max_new_tokens)
     # Similar lengths together waste less compute on padding; results go back in file order.
     order = sorted(range(len(examples)), key=lambda i: len(prompts[i]))
-    completions: list[Any] = [None] * len(examples)
+    completions: list[Completion | None] = [None] * len(examples)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         for i, c in zip(idx, engine.generate([prompts[i] for i in idx], params), strict=True):
@@ -628,7 +629,7 @@ def _holds(path: Path, results: dict[str, Any]) -> bool:
         return False
 
 
-def make_engine(model: Transformer, tok: TinyTokenizer, batch_size: int = 32, quantize: str = "none") -> Any:
+def make_engine(model: Transformer, tok: TinyTokenizer, batch_size: int = 32, quantize: str = "none") -> Engine:
     """The engine for generation tasks; an int8 one works on a copy, so the other modes keep fp32."""
     from .engine import Engine
 
