@@ -419,15 +419,9 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
             where = f"{label}:{lineno}"
             # The first line with something on it: blank lines may come before it.
             opening = not (is_txt or begun) and (line is None or bool(line.strip()))
+            if opening:
+                _refuse_not_json_lines(path, line, text_field, message_lists)
             begun = begun or opening
-            head = _json_array_head(path, line, message_lists) if opening else None
-            if head is not None:
-                raise TinykError(f"{path}: one JSON array, not JSON Lines (one record per line); convert it "
-                                 f"first, e.g. {_jq_hint(path, text_field if _STRINGS.match(head) else None)}")
-            if opening and line is not None and line.strip() == b"{":
-                raise TinykError(f"{path}: one JSON object written over many lines, not JSON Lines (one record "
-                                 f"per line); write its records one per line first, e.g. for a list of them "
-                                 f"under KEY: jq -c '.KEY[]' FILE > records.jsonl")
             if line is None:
                 limit = f"{max_line_bytes // MiB} MiB" if max_line_bytes % MiB == 0 else f"{max_line_bytes:,} bytes"
                 skips.add("line_too_long", where, f"a line over {limit} is skipped; tinyk data and tokenizer train "
@@ -478,6 +472,19 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
                 continue
             yield where, rec
         encoding.decide()
+
+
+def _refuse_not_json_lines(path: Path, first_line: bytes | None, text_field: str, message_lists: bool) -> None:
+    """Refuses a JSON file that is one array or one object over many lines, from its first non-blank line
+    (None: too long to hold): read as JSON Lines, each of its lines would be a malformed record."""
+    head = _json_array_head(path, first_line, message_lists)
+    if head is not None:
+        raise TinykError(f"{path}: one JSON array, not JSON Lines (one record per line); convert it "
+                         f"first, e.g. {_jq_hint(path, text_field if _STRINGS.match(head) else None)}")
+    if first_line is not None and first_line.strip() == b"{":
+        raise TinykError(f"{path}: one JSON object written over many lines, not JSON Lines (one record "
+                         f"per line); write its records one per line first, e.g. for a list of them "
+                         f"under KEY: jq -c '.KEY[]' FILE > records.jsonl")
 
 
 def _is_record(line: str, text_field: str, message_lists: bool) -> bool:
