@@ -267,6 +267,11 @@ def test_without_a_terminal_progress_is_a_line_now_and_then(tmp_path, corpus_fil
     assert 0.9 < tokens / (splits["train"]["tokens"] + splits["val"]["tokens"]) <= 1  # the last one is held back
     prepare_pretrain([corpus_file], tok_dir, tmp_path / "quiet", workers=1, batch_chars=4000, show_progress=False)
     assert capsys.readouterr().err == ""
+    # A terminal with no room for a bar (tqdm hides it) gets the lines too: it showed nothing at all.
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    prepare_pretrain([corpus_file], tok_dir, tmp_path / "rowless", workers=1, batch_chars=4000)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) > 1 and all(re.fullmatch(pattern, line) for line in lines), lines
 
 
 def test_stopping_the_worker_pool_reads_its_pipe_until_the_task_thread_has_ended():

@@ -2118,7 +2118,7 @@ def test_a_terminal_with_no_rows_gets_plain_lines_not_a_hidden_bar():
     import struct
     import termios
 
-    from tinyk.monitor import shows_a_bar
+    from tinyk.outputs import shows_a_bar
 
     leader, follower = pty.openpty()
     try:

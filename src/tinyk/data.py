@@ -51,7 +51,7 @@ from .inputs import (
     sft_format,
     sha256_file,
 )
-from .outputs import DirLock, atomic_dir, plain_name, remove_path, write_json_atomic
+from .outputs import DirLock, atomic_dir, plain_name, remove_path, shows_a_bar, write_json_atomic
 from .tokenizer import (
     IM_END_ID,
     IM_START_ID,
@@ -996,7 +996,7 @@ def _tokenize(kind: _Kind, job: _Job, run: _Run, checkpoints: _Checkpoints,
             yield (batch_skips, count), batch
 
     # A bar in a log is carriage-return noise; a notebook (no terminal either) shows it as one.
-    bar_shown = show_progress and (sys.stderr.isatty() or "ipykernel" in sys.modules)
+    bar_shown = show_progress and (shows_a_bar(sys.stderr) or "ipykernel" in sys.modules)
     last_line = time.monotonic()
     with tqdm(unit=f" {unit}", disable=not bar_shown, dynamic_ncols=True, desc=f"tokenizing {kind.name}",
               initial=splitter.seen) as bar:

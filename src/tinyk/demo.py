@@ -34,7 +34,7 @@ from .corpus import CorpusSpec, build_demo_corpus
 from .errors import Stopped, TinykError, first_line
 from .evaluate import percent
 from .inputs import read_json
-from .outputs import atomic_dir, rust_path, write_json_atomic
+from .outputs import atomic_dir, rust_path, shows_a_bar, write_json_atomic
 
 if TYPE_CHECKING:  # imported where a stage uses them, so the demo starts without loading them all
     from .config import TrainConfig
@@ -395,7 +395,7 @@ class _Pipeline:
         self.root, self.cfg, self.show_progress = root, cfg, show_progress
         self.st = Stages(8, cfg.minutes * 60, show_progress)
         # The tokenizer's and the data's bars redraw a line: in a pipe or a log, blank lines and carriage returns.
-        self.bars = show_progress and sys.stdout.isatty() and sys.stderr.isatty()
+        self.bars = show_progress and sys.stdout.isatty() and shows_a_bar(sys.stderr)
         self.res: dict[str, Any] = {"kind": RESULTS_KIND, "config": _jsonable(asdict(cfg)),
                                     "machine": machine_info()}
         self.corpus_dir, self.tok_dir, self.data_dir = root / "corpus", root / "tokenizer", root / "data"

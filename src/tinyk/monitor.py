@@ -23,7 +23,7 @@ import torch
 
 from .errors import TinykError, first_line, writing
 from .model import cuda_autocast_dtype, dtype_name
-from .outputs import atomic_file
+from .outputs import atomic_file, shows_a_bar
 from .units import plural
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, matched against torch.cuda.get_device_name().
@@ -377,15 +377,6 @@ class Monitor:
             self.bar.close()
             if self.trackers:
                 self.trackers.close(exit_code, error)
-
-
-def shows_a_bar(stream: Any) -> bool:
-    """A terminal with room for a progress bar: one that reports 0 rows (some containers' and CI's)
-    gets tqdm's bar hidden, and so nothing at all, unless it gets plain lines instead."""
-    try:
-        return stream.isatty() and os.get_terminal_size(stream.fileno()).lines > 0
-    except (OSError, ValueError, AttributeError):  # no file descriptor (a test's capture), or not a terminal
-        return False
 
 
 def finite(x: float) -> float | None:

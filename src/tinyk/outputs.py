@@ -481,3 +481,12 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     text = json.dumps(obj, ensure_ascii=False, indent=2) + "\n"
     with atomic_file(path) as tmp:
         tmp.write_bytes(shown(text).encode("utf-8"))
+
+
+def shows_a_bar(stream: Any) -> bool:
+    """A terminal with room for a progress bar: one that reports 0 rows (some containers' and CI's)
+    gets tqdm's bar hidden, and so nothing at all, unless it gets plain lines instead."""
+    try:
+        return stream.isatty() and os.get_terminal_size(stream.fileno()).lines > 0
+    except (OSError, ValueError, AttributeError):  # no file descriptor (a test's capture), or not a terminal
+        return False
