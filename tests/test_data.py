@@ -1018,10 +1018,11 @@ def test_sft_bad_records_are_skipped_by_reason(tmp_path, tok_dir):
     assert hints["unknown_role"].startswith("role 'tool'; tinyk reads the roles system, developer, human, user")
     assert [read_conversation(r)[1] for r in (
         [{"role": "assistant", "content": None, "tool_calls": []}], [{"role": "user", "content": [{"type": "image"}]}],
-        [{"content": "x"}], ["x"])] == [
+        [{"content": "x"}], ["x"], [{"from": "human", "text": "x"}])] == [
         "a turn's content is null (a tool call?)", "a turn's content has a part that is not text (an image?)",
         "a turn without a 'role' (or 'from') string: it has fields 'content'",
-        "a turn is a JSON str, not an object with a role and its text"]
+        "a turn is a JSON str, not an object with a role and its text",
+        "a turn without 'content' (or 'value'): it has fields 'from', 'text'"]
     with pytest.raises(TinykError, match="not .txt"):
         prepare_sft([write_jsonl(tmp_path / "t.txt", ["x"])], tok_dir, tmp_path / "o2", **QUIET)
     with pytest.raises(TinykError, match="s.jsonl:2: malformed json"):

@@ -22,7 +22,7 @@ from tinyk.demo import transformers_check
 from tinyk.engine import Engine
 from tinyk.errors import TinykError, write_error
 from tinyk.evaluate import read_choice_csv, read_task
-from tinyk.inputs import Skips, check_inputs, iter_records, iter_texts
+from tinyk.inputs import HEAD_BYTES, Skips, check_inputs, iter_records, iter_texts
 from tinyk.loader import SFTLoader
 from tinyk.outputs import (
     _host,
@@ -248,9 +248,10 @@ def test_utf16_input_is_one_error(tmp_path, encoding, bom, says, text):
         texts(src)
 
 
+@pytest.mark.parametrize("late", ["utf16", "array"])
 @pytest.mark.parametrize("stage", ["tokenizer", "pretrain", "sft"])
 def test_an_input_wrong_as_a_whole_is_refused_before_any_input_is_read_in_full(tmp_path, tok_dir, monkeypatch,
-                                                                                stage):
+                                                                                stage, late):
     """Met at its turn, a UTF-16 (or GBK, or JSON array) file last in --input threw away the hours spent
     tokenizing the files before it."""
     import tinyk.data
@@ -263,9 +264,14 @@ def test_an_input_wrong_as_a_whole_is_refused_before_any_input_is_read_in_full(t
                     encoding="utf-8")
     bad = tmp_path / "late.jsonl"
     bad.write_bytes(b"\xff\xfe" + good.read_text(encoding="utf-8").encode("utf-16-le"))
+    says = "late.jsonl: UTF-16 text; tinyk reads UTF-8"
+    if late == "array":  # json.dump of a list: one line, longer than the megabyte looked at
+        record = json.loads(good.read_text(encoding="utf-8"))
+        bad.write_text(json.dumps([record] * (2 * HEAD_BYTES // len(json.dumps(record)))), encoding="utf-8")
+        says = "late.jsonl: one JSON array, not JSON Lines"
     monkeypatch.setattr(tinyk.data, "_tokenize", lambda *a, **kw: pytest.fail("tokenizing began"))
     monkeypatch.setattr(tinyk.tokenizer, "build_tokenizer", lambda *a, **kw: pytest.fail("training began"))
-    with pytest.raises(TinykError, match="late.jsonl: UTF-16 text; tinyk reads UTF-8"):
+    with pytest.raises(TinykError, match=says):
         if stage == "tokenizer":
             tinyk.tokenizer.train_tokenizer([good, bad], tmp_path / "tok", vocab_size=300, show_progress=False)
         else:
@@ -274,12 +280,26 @@ def test_an_input_wrong_as_a_whole_is_refused_before_any_input_is_read_in_full(t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["good.jsonl", "late.jsonl"]
 
 
+def test_the_head_check_judges_no_encoding_on_a_few_long_lines(tmp_path, tok_dir):
+    """A megabyte holds one and a half of these documents: judged on the first alone, a bad one, the file
+    was "mostly not UTF-8", which the whole of it (one bad line in three) is not."""
+    from tinyk.data import prepare_pretrain
+
+    src = tmp_path / "long.jsonl"
+    doc = json.dumps({"text": "今天天气很好。" * 34_000}, ensure_ascii=False).encode() + b"\n"  # 714 KB
+    src.write_bytes(doc.replace("好".encode(), b"\xff", 1) + doc * 2)
+    meta = prepare_pretrain([src], tok_dir, tmp_path / "d", show_progress=False)
+    assert meta["skipped"]["by_reason"] == {"invalid_utf8": 1}
+
+
 def test_a_stray_nul_byte_early_in_utf8_text_skips_its_record_not_the_file(tmp_path):
     """UTF-8 text with one NUL near its start was refused whole as UTF-16; binary data still is."""
     src = tmp_path / "p.txt"
     src.write_bytes("你好世界\nab\x00c\n早上好\n".encode())
     skips = Skips()
     assert list(iter_texts([src], skips)) == ["你好世界", "早上好"]
+    src.write_bytes(b"\x00\n" + "早上好\n".encode() * 500)  # judged on the NULs of its first 4 KB, not of 2 bytes
+    assert list(iter_texts([src], Skips())) == ["早上好"] * 500
     assert skips.summary() == "skipped 1 record; nul byte: 1 (first at p.txt:2; a NUL byte is binary data, not text)"
     src = tmp_path / "p.jsonl"
     src.write_bytes(b'{"text": "a\x00b"}\n' + json.dumps({"text": "你好"}).encode() + b"\n")
@@ -977,6 +997,11 @@ def test_a_line_that_is_a_list_of_messages_is_one_conversation(tmp_path, tok_dir
     meta = json.loads((tmp_path / "d" / "meta.json").read_text())
     assert sum(split["documents"] for split in meta["splits"].values()) == 3 and meta["skipped"]["total"] == 0
     # Read as text, they are conversations, not "one JSON array" to split into records with jq.
+    # An array of records whose first key is a message's is still an array.
+    arr = tmp_path / "arr.json"
+    arr.write_text(json.dumps([{"from": "zh", "text": "你好"}, {"from": "en", "text": "hi"}]), encoding="utf-8")
+    with pytest.raises(TinykError, match="arr.json: one JSON array, not JSON Lines"):
+        texts(arr)
     for args in (["tokenizer", "train", src, "--out", tmp_path / "t"],
                  ["data", "pretrain", "--input", src, "--tokenizer", tok_dir, "--out", tmp_path / "p"]):
         code, err = run_cli(args, capsys)

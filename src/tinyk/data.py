@@ -1130,6 +1130,8 @@ def read_conversation(rec: Any) -> list[dict[str, str]] | tuple[str, str | None]
         text = message_text(content)
         if not isinstance(role, str):
             return "bad_message", f"a turn without a 'role' (or 'from') string: it has {record_shape(t)}"
+        if not ({"content", "value"} & t.keys()):
+            return "bad_message", f"a turn without 'content' (or 'value'): it has {record_shape(t)}"
         if text is None:
             return "bad_message", ("a turn's content is null (a tool call?)" if content is None else
                                    "a turn's content has a part that is not text (an image?)"

@@ -132,10 +132,9 @@ def check_heads(paths: list[Path], *, text_field: str = "text", message_lists: b
     """Refuses an input that is wrong as a whole (UTF-16, GBK, one JSON array, compressed data under
     another name, unreadable Parquet) from its first megabyte, before any input is read in full: met
     at its turn, it threw away the hours spent on the files before it. Bad records are left to the run."""
-    for p in paths:
-        for _ in iter_records([p], Skips(), max_bytes=HEAD_BYTES, max_line_bytes=max_line_bytes,
-                              text_field=text_field, message_lists=message_lists):
-            pass
+    for _ in iter_records(paths, Skips(), head=HEAD_BYTES, max_line_bytes=max_line_bytes, text_field=text_field,
+                          message_lists=message_lists):
+        pass
 
 
 def refuse_pipe(path: Path, what: str) -> None:
@@ -334,6 +333,12 @@ def _utf8_so_far(line: bytes) -> bool:
     return True
 
 
+def _nul_error(path: Path) -> TinykError:
+    return TinykError(f"{path}: NUL bytes in its first 4 KB: UTF-16 or UTF-32 text without a byte order mark, "
+                      f"or not text at all; tinyk reads UTF-8 (convert it, e.g. iconv -f utf-16le -t utf-8, or "
+                      f"utf-16be)")
+
+
 def iter_lines(path: Path, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iterator[tuple[int, bytes | None, int]]:
     """Yields (line number, line bytes or None if over the limit, bytes read so far).
 
@@ -348,9 +353,12 @@ def iter_lines(path: Path, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iter
     with raw:
         f = _Counting(raw, path, errors)
         lineno = head_nuls = 0
+        nul_share_judged = False
         while True:
             line = f.readline(max_line_bytes + 1)
             if not line:
+                if not nul_share_judged and head_nuls * 8 >= f.n > 0:  # a file shorter than 4 KB
+                    raise _nul_error(path)
                 return
             lineno += 1
             if lineno == 1:
@@ -365,13 +373,16 @@ def iter_lines(path: Path, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iter
             if line.startswith(_BOM):  # the file's, or one glued on by `cat a.jsonl b.jsonl`
                 line = line[len(_BOM):]
             # In the first 4 KB, not the first line: UTF-16LE's 上 (0A 4E) or newline (0A 00) ends lines early.
-            # UTF-16 English is half NULs, Chinese seldom valid UTF-8; a stray NUL in UTF-8 text is neither.
+            # UTF-16 English is half NULs, judged over those 4 KB; Chinese seldom valid UTF-8. A stray
+            # NUL in UTF-8 text is neither, and skips its line.
             if f.n - len(line) < 4096 and b"\x00" in line:
                 head_nuls += line.count(b"\x00")
-                if head_nuls * 8 >= f.n or not _utf8_so_far(line):
-                    raise TinykError(f"{path}: NUL bytes in its first 4 KB: UTF-16 or UTF-32 text without a byte "
-                                     f"order mark, or not text at all; tinyk reads UTF-8 (convert it, e.g. iconv -f "
-                                     f"utf-16le -t utf-8, or utf-16be)")
+                if not _utf8_so_far(line):
+                    raise _nul_error(path)
+            if not nul_share_judged and f.n >= 4096:
+                nul_share_judged = True
+                if head_nuls * 8 >= f.n:
+                    raise _nul_error(path)
             if len(line) > max_line_bytes and not line.endswith(b"\n"):
                 while line and not line.endswith(b"\n"):
                     line = f.readline(1 << 20)
@@ -384,13 +395,14 @@ def iter_lines(path: Path, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iter
 
 def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = None,
                  max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, text_field: str = "text",
-                 message_lists: bool = False) -> Iterator[tuple[str, Any]]:
+                 message_lists: bool = False, head: int | None = None) -> Iterator[tuple[str, Any]]:
     """Yields (where, record) from every input in order, skipping and counting bad lines.
 
     JSON inputs yield the parsed object; `.txt` lines yield {text_field: line}; Parquet rows
     yield a dict. Stops once `max_bytes` of input have been consumed. `message_lists`: a line may
     be a bare list of chat messages (the seed's SFT format), so such a first line is not taken
-    for the start of a JSON array.
+    for the start of a JSON array. `head`: only each file's lines that start in its first `head`
+    bytes (its first line whole), and its encoding judged only if they reach the lines that decide it.
     """
     consumed = 0
     labels = _labels(paths)
@@ -398,6 +410,8 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
         label = labels[path]
         if has_suffix(path, ".parquet"):
             for where, rec, n in _iter_parquet(path, label):
+                if head is not None:  # its first batch of rows has been read
+                    break
                 if max_bytes is not None and consumed + n > max_bytes:
                     skips.stopped_at = consumed
                     return
@@ -408,6 +422,8 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
         base, end, begun = consumed, 0, False
         encoding = _EncodingCheck(path)
         for lineno, line, read in iter_lines(path, max_line_bytes):
+            if head is not None and end >= head:
+                break
             if line is None:  # too long to read: skipped below, and no part of the max_bytes budget
                 base -= read - end
             end = read
@@ -471,7 +487,8 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
                                                    "program that wrote it")
                 continue
             yield where, rec
-        encoding.decide()
+        else:  # the whole file was read, not only its head
+            encoding.decide()
 
 
 def _refuse_not_json_lines(path: Path, first_line: bytes | None, text_field: str, message_lists: bool) -> None:
@@ -543,7 +560,6 @@ class _EncodingCheck:
 _ARRAY = re.compile(rb'\s*\[')
 _ARRAY_OF_RECORDS = re.compile(rb'\s*\[\s*(\[|\{\s*(\}|"(?!(?:role|content|from|value)")))')
 _STRINGS = re.compile(rb'\s*\[\s*"')  # an array of strings: the jq line makes them records
-_MESSAGES = re.compile(rb'\s*\[\s*\{\s*"(?:role|from)"')  # a line that is one conversation
 
 
 def _json_array_head(path: Path, first_line: bytes | None, message_lists: bool) -> bytes | None:
@@ -559,8 +575,23 @@ def _json_array_head(path: Path, first_line: bytes | None, message_lists: bool) 
     indented = first_line is not None and first_line.strip() == b"["
     # A first line that is one conversation starts the seed's SFT JSON Lines: reading text, its lines
     # are skipped with the hint that they are conversations, not turned into records by jq.
-    array = _ARRAY_OF_RECORDS.match(head) if message_lists else _ARRAY.match(head) and not _MESSAGES.match(head)
+    array = _ARRAY_OF_RECORDS.match(head) if message_lists else (
+        _ARRAY.match(head) and not _is_conversation_line(first_line))
     return head if indented or array else None
+
+
+def _is_conversation_line(line: bytes | None) -> bool:
+    try:
+        return line is not None and is_message_list(json.loads(line))
+    except (ValueError, RecursionError):
+        return False
+
+
+def is_message_list(rec: Any) -> bool:
+    """Whether a record is one conversation in the seed's SFT format: a list of messages, each with a
+    role (or ShareGPT's `from`) and its text (`content` or `value`)."""
+    return isinstance(rec, list) and bool(rec) and all(
+        isinstance(m, dict) and ("role" in m or "from" in m) and ("content" in m or "value" in m) for m in rec)
 
 
 def _jq_hint(path: Path, field: str | None = None) -> str:
@@ -657,10 +688,8 @@ def iter_texts(paths: list[Path], skips: Skips, *, field_name: str = "text", **k
     """Yields the text of each document, skipping records without a usable text field."""
     for where, rec in iter_records(paths, skips, text_field=field_name, **kw):
         if not isinstance(rec, dict) or field_name not in rec:
-            conversation = sft_format(rec) in ("chat", "alpaca") or (
-                isinstance(rec, list) and bool(rec) and isinstance(rec[0], dict)
-                and bool({"role", "from"} & rec[0].keys()))
-            fix = ("these are SFT conversations, not text: `tinyk data sft` reads them" if conversation
+            fix = ("these are SFT conversations, not text: `tinyk data sft` reads them"
+                   if sft_format(rec) in ("chat", "alpaca") or is_message_list(rec)
                    else "--field names the one with the text")
             skips.add("missing_field", where, f"no field {field_name!r}, the first such record has "
                                               f"{record_shape(rec)}; {fix}")
