@@ -438,3 +438,10 @@ def test_a_stop_during_torchs_first_imports_is_a_stop_not_an_error(capsys, monke
     # refuses, and their "terminated" would follow the refusal as if it were a second problem.
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert run_cli(["plan", "--preset", "tiny"], capsys) == (130, "")
+    # Local rank 0's "terminated" may be the only line on screen when another process refused first.
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
+    monkeypatch.setattr(tinyk.plan, "make_plan", wrapped(Terminated()))
+    assert run_cli(["plan", "--preset", "tiny"], capsys) == (143, "tinyk: terminated (by torchrun, if another "
+                                                                  "process of the job failed: its report below names "
+                                                                  "the error)\n")

@@ -94,6 +94,20 @@ def test_micro_batch_and_accumulation_fill_the_global_batch():
         micro_layout(8, 3, None)
 
 
+def test_a_batch_no_process_count_divides_is_refused_before_the_process_group(tmp_path, monkeypatch):
+    """Checked after joining the job, one process could refuse first and torchrun stop local rank 0
+    before it said why: its "terminated" was then the one line on screen."""
+    import tinyk.train
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29999")
+    monkeypatch.setattr(tinyk.train, "setup_dist", lambda device: pytest.fail("the process group was joined"))
+    with pytest.raises(TinykError, match="^batch_size 7 is not divisible by the 2 processes$"):
+        Trainer(nano_cfg(tmp_path / "data", None, tmp_path / "run", batch_size=7))
+
+
 def test_budget_is_whichever_comes_first():
     cfg = TrainConfig(batch_size=4, seq_len=10)
     assert total_steps(cfg, 100) == 25

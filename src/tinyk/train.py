@@ -424,6 +424,9 @@ class Trainer:
         if resume and force:
             raise TinykError("--resume continues the run in --out and --force starts it over: give one of them")
         self.cfg, self.resume = cfg, resume
+        # Before the process group: every process of a job refuses at once, so the first to say why is
+        # not stopped by torchrun before it could.
+        self.micro, self.accum = micro_layout(cfg.batch_size, _launch_env()[0], cfg.micro_batch)
         self.dist = setup_dist(cfg.device)
         self.device = self.dist.device
         self.out = without_dotdot(Path(cfg.out))
@@ -761,7 +764,6 @@ class Trainer:
         from .loader import PretrainLoader, SFTLoader, open_split
 
         cfg, d = self.cfg, self.dist
-        self.micro, self.accum = micro_layout(cfg.batch_size, d.world, cfg.micro_batch)
         if cfg.compile and cfg.compile_mode in CUDA_GRAPH_MODES and self.accum > 1:
             raise TinykError(f"compile_mode {cfg.compile_mode} replays CUDA graphs, whose outputs the next micro-batch "
                              f"overwrites: the {self.accum} micro-batches of a step would not add up their gradients "

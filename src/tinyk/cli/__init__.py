@@ -131,6 +131,8 @@ def _stopped(e: KeyboardInterrupt) -> NoReturn:
     name = stop_signal(e)
     said = {"SIGINT": "interrupted", "SIGTERM": "terminated", "SIGPIPE": "stopped: its output could not be written "
             "(the reader left, or a full disk)"}.get(name, f"stopped by {name}")
+    if name == "SIGTERM" and os.environ.get("TORCHELASTIC_RUN_ID"):  # it may be the one line on screen
+        said += " (by torchrun, if another process of the job failed: its report below names the error)"
     if speaks_for_machine():
         # A command may say what the stop came too late to undo (eval's complete results).
         print(f"tinyk: {said}{f' {e}' if str(e) else ''}", file=sys.stderr)
