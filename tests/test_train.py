@@ -1227,6 +1227,11 @@ def test_cli_prints_one_line(tmp_path, pt_data, tok_dir, capsys):
         main(cli_args(pt_data, tok_dir, tmp_path / "o2", "--max-steps", "2", "--resume"))
     assert e.value.code == 0 and "the run is already complete at step 2, the end of --max-steps 2: raise " \
                                  "--max-steps to train further" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:  # a smaller budget than it ran: its header keeps the run's own length
+        main(cli_args(pt_data, tok_dir, tmp_path / "o2", "--max-steps", "1", "--resume"))
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "the run is already complete at step 2, past the end of --max-steps 1: raise " \
+                                 "--max-steps to train further" in out and "; 2 steps (512 tokens)" in out, out
     with pytest.raises(SystemExit) as e:  # the budget that ended it is the one to raise, not --max-steps
         main(cli_args(pt_data, tok_dir, tmp_path / "o3", "--max-steps", "1000", "--resume"))
     assert e.value.code == 0 and "the run is already complete at step 1, the end of --epochs 1: raise --epochs to " \

@@ -991,6 +991,7 @@ class Trainer:
             raise TinykError(f"--max-steps {self.cfg.max_steps:,} ends this run at step {self.total_steps:,}, but it "
                              f"stopped at step {step:,} of the {planned:,} it planned: raise --max-steps to go on (to "
                              f"step {planned:,} as planned), or use the checkpoint's model/ as it is")
+        self.total_steps = max(self.total_steps, step)  # a finished run, given a smaller budget, is as long as it was
         if planned and planned != self.total_steps and step < self.total_steps:
             # A longer (or shorter) run re-fits the cosine: after a finished run the LR climbs back up.
             was = lr_at(step, planned, self.cfg.lr, state.get("warmup", self.warmup), self.cfg.min_lr_ratio)
@@ -1188,7 +1189,8 @@ class Trainer:
                 value = {"--max-steps": cfg.max_steps, "--max-tokens": cfg.max_tokens,
                          "--max-minutes": cfg.max_minutes, "--epochs": cfg.epochs}[self.ended_by]
                 budget = f"{self.ended_by} {value:,g}" if value else "one epoch (the default)"
-                lines.append(f"the run is already complete at step {self.progress.step}, the end of {budget}: "
+                past = "past " if self.step_cap < self.progress.step else ""
+                lines.append(f"the run is already complete at step {self.progress.step}, {past}the end of {budget}: "
                              f"raise {self.ended_by} to train further")
             elif self.refit:
                 planned, was, now = self.refit
