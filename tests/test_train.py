@@ -1189,6 +1189,32 @@ def test_a_damaged_checkpoint_is_named_with_the_way_out(tmp_path, pt_data, tok_d
             f"{newest / 'config.yaml'} {out / 'config.yaml'}")
 
 
+def test_a_run_killed_before_it_logged_anything_does_not_block_the_same_command(tmp_path, pt_data, tok_dir, capsys):
+    """kill -9 during set-up left config.yaml and an empty checkpoints/, and the same command was then
+    refused as an existing run; one that logged steps is still the user's to resume or replace."""
+    out = tmp_path / "run"
+    args = cli_args(pt_data, tok_dir, out, "--max-steps", "2", "--set", "eval_every=0")
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 0
+    for p in out.iterdir():  # what a kill right after the start leaves
+        if p.name not in ("config.yaml", "checkpoints"):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    shutil.rmtree(out / "checkpoints")
+    (out / "checkpoints").mkdir()
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 0 and (out / "final" / "model.safetensors").is_file(), capsys.readouterr().err
+    shutil.rmtree(out / "checkpoints")
+    shutil.rmtree(out / "final")
+    (out / "checkpoints").mkdir()  # metrics.jsonl stays: steps were logged
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2 and "exists (use --resume to continue it or --force to start over)" in \
+        capsys.readouterr().err
+
+
 def test_cli_prints_one_line(tmp_path, pt_data, tok_dir, capsys):
     with pytest.raises(SystemExit) as e:
         main(cli_args(pt_data, tok_dir, tmp_path / "o", "--seq-len", "4096"))

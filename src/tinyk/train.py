@@ -631,7 +631,11 @@ class Trainer:
             raise TinykError(f"--out {out} is a file, not a run directory")
         check_output(out, [self.cfg.data, self.init_dir, None if self.resumed_from else self.tok_dir])
         ours = sorted(p.name for p in out.iterdir() if made_by_a_run(p)) if out.is_dir() else []
-        exists = bool(ours)  # an earlier run's files
+        # A run killed before it logged or saved anything left its config.yaml and an empty checkpoints/:
+        # nothing to resume or to lose, so the same command starts again, as after any killed command.
+        stillborn = ours == ["checkpoints", "config.yaml"] and (out / "checkpoints").is_dir() \
+            and not checkpoints(out) and not users_files_in_run(out)
+        exists = bool(ours) and not stillborn  # an earlier run's files
         # A run writes its config.yaml and checkpoints/ at once: a config.yaml alone is a file of the user's.
         # Wider than rundir.is_run_dir: a run whose checkpoints/ is gone (deleted to save space, or a
         # --force start killed with it set aside) is still a run, to resume or replace, not to refuse.
