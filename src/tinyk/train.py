@@ -1141,13 +1141,14 @@ class Trainer:
         tokens_per_step = cfg.batch_size * cfg.seq_len
         # A resumed run may have trained its first steps at another batch size.
         run_tokens = self.progress.tokens + max(0, self.total_steps - self.progress.step) * tokens_per_step
+        params = f"{self.n_params / 1e6:.1f}M" if self.n_params >= 100_000 else f"{self.n_params:,}"
         lines = [
-            f"tinyk {cfg.kind}: {self.n_params / 1e6:.1f}M parameters, {d.world} process(es) on {dev}, "
+            f"tinyk {cfg.kind}: {params} parameters, {d.world} process(es) on {dev}, "
             f"{dtype_name(self.dtype)}, {'FSDP' if self.fsdp else 'DDP' if d.world > 1 else 'single process'}"
             f"{', compiled' if cfg.compile else ''}"
             f"{', activation checkpointing' if cfg.activation_checkpointing else ''}",
             f"batch {cfg.batch_size} x {cfg.seq_len} = {tokens_per_step:,} tokens/step = {self.accum} micro-batch(es) "
-            f"of {self.micro} per process; {'up to ' if cfg.max_minutes else ''}{self.total_steps:,} steps "
+            f"of {self.micro} per process; {'up to ' if cfg.max_minutes else ''}{plural(self.total_steps, 'steps')} "
             f"({'at most ' if cfg.kind == 'sft' else ''}{run_tokens:,} tokens)"
             f"{f', fitted to {cfg.max_minutes:g} minutes' if cfg.max_minutes else ''}, "
             f"warmup {self.warmup}, lr {cfg.lr:g} -> {cfg.lr * cfg.min_lr_ratio:g}",
@@ -1185,8 +1186,8 @@ class Trainer:
         if self.warmup >= self.total_steps:
             peak = "reaches its peak only at the last step" if self.warmup == self.total_steps else \
                 "never reaches its peak"
-            lines.append(f"note: warmup {self.warmup} is not shorter than the run's {self.total_steps} steps, so the "
-                         f"LR {peak} and never decays (set warmup_steps)")
+            lines.append(f"note: warmup {self.warmup} is not shorter than the run's "
+                         f"{plural(self.total_steps, 'steps')}, so the LR {peak} and never decays (set warmup_steps)")
         if self.resumed_from:
             lines.append(f"resumed from {self.resumed_from} (step {self.progress.step})")
             if self.progress.step >= self.total_steps:
