@@ -434,6 +434,7 @@ class Trainer:
         self.monitor: Monitor | None = None
         self.stop_signal: str | None = None
         self.aside: Path | None = None  # the run --force replaces, kept until the new one has trained a step
+        self.stillborn = False  # --out holds a run killed before it logged or saved anything (_check_out)
         try:
             self._setup_inputs()
             self._setup_data()
@@ -633,9 +634,9 @@ class Trainer:
         ours = sorted(p.name for p in out.iterdir() if made_by_a_run(p)) if out.is_dir() else []
         # A run killed before it logged or saved anything left its config.yaml and an empty checkpoints/:
         # nothing to resume or to lose, so the same command starts again, as after any killed command.
-        stillborn = ours == ["checkpoints", "config.yaml"] and (out / "checkpoints").is_dir() \
+        self.stillborn = ours == ["checkpoints", "config.yaml"] and (out / "checkpoints").is_dir() \
             and not checkpoints(out) and not users_files_in_run(out)
-        exists = bool(ours) and not stillborn  # an earlier run's files
+        exists = bool(ours) and not self.stillborn  # an earlier run's files
         # A run writes its config.yaml and checkpoints/ at once: a config.yaml alone is a file of the user's.
         # Wider than rundir.is_run_dir: a run whose checkpoints/ is gone (deleted to save space, or a
         # --force start killed with it set aside) is still a run, to resume or replace, not to refuse.
@@ -701,9 +702,9 @@ class Trainer:
             put_back(self.out, aside)
         elif not existed:
             shutil.rmtree(self.out, ignore_errors=True)
-        else:
+        else:  # a stillborn run's config.yaml and checkpoints/ stay, for the next start (or --resume) to read
             for p in self.out.iterdir():
-                if made_by_a_run(p):
+                if made_by_a_run(p) and not (self.stillborn and p.name in ("config.yaml", "checkpoints")):
                     remove_path(p, ignore_errors=True)
 
     def _write_config(self) -> None:
