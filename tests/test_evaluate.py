@@ -106,6 +106,10 @@ def test_choice_accuracy_and_chance_on_a_ceval_folder(tmp_path, nano, fmt):
     assert r["skipped"]["by_reason"] == {"no_answer_column": 1}
     # said, not hidden
     assert next(table_rows({"choice": r}))[0] == f"multiple choice, {fmt} (n=6, 1 skipped (no answer column))"
+    (tmp_path / "ceval" / "empty_val.csv").touch()  # a failed download among the others: named, not fatal
+    r = eval_choice(model, tok, [tmp_path / "ceval"], fmt=fmt)
+    assert r["questions"] == 6 and r["skipped"]["by_reason"] == {"no_answer_column": 1, "empty_file": 1}
+    assert r["skipped"]["first"]["empty_file"] == ["empty_val.csv"]
 
 
 def test_cmmlu_header_bad_rows_and_uneven_options(tmp_path):

@@ -383,7 +383,12 @@ def read_choice(paths: Iterable[str | Path], skips: Skips, limit: int | None = N
             files.setdefault(f.resolve(), f)
     if not files:
         raise TinykError(f"no .csv files in {', '.join(map(str, paths))}")
-    read = [(real.parent, f, read_choice_csv(f, skips, limit)) for real, f in files.items()]
+    read = []
+    for real, f in files.items():
+        if f.stat().st_size == 0 and len(files) > 1:  # one empty file among others, a failed download: named
+            skips.add("empty_file", f.name)
+            continue
+        read.append((real.parent, f, read_choice_csv(f, skips, limit)))
     # Two splits of a subject in one folder (geo_val.csv beside geo_dev.csv) keep their file names.
     in_folder = Counter((folder, qs[0].subject) for folder, _, qs in read if qs)
     read = [(folder, [replace(q, subject=f.stem) for q in qs] if qs and in_folder[folder, qs[0].subject] > 1 else qs)
