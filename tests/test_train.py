@@ -1190,7 +1190,8 @@ def test_a_damaged_checkpoint_is_named_with_the_way_out(tmp_path, pt_data, tok_d
             f"{newest / 'config.yaml'} {out / 'config.yaml'}")
 
 
-def test_a_run_killed_before_it_logged_anything_does_not_block_the_same_command(tmp_path, pt_data, tok_dir, capsys):
+def test_a_run_killed_before_it_logged_anything_does_not_block_the_same_command(tmp_path, pt_data, tok_dir, capsys,
+                                                                                  monkeypatch):
     """kill -9 during set-up left config.yaml and an empty checkpoints/, and the same command was then
     refused as an existing run; one that logged steps is still the user's to resume or replace."""
     out = tmp_path / "run"
@@ -1203,6 +1204,12 @@ def test_a_run_killed_before_it_logged_anything_does_not_block_the_same_command(
             shutil.rmtree(p) if p.is_dir() else p.unlink()
     shutil.rmtree(out / "checkpoints")
     (out / "checkpoints").mkdir()
+    with monkeypatch.context() as m:  # without locks (some network filesystems) it may be a run still setting up
+        m.setattr("tinyk.train.DirLock.acquire", lambda self: True)
+        with pytest.raises(SystemExit) as e:
+            main(args)
+        assert e.value.code == 2 and "exists (use --resume to continue it or --force to start over)" in \
+            capsys.readouterr().err and sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.yaml"]
     if importlib.util.find_spec("wandb") is None:  # a start that fails leaves it as it was, for --resume too
         with pytest.raises(SystemExit) as e:
             main([*args, "--resume", "--tracker", "wandb"])

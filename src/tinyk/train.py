@@ -599,6 +599,11 @@ class Trainer:
             if self.dist.sum_host([int(moved_on)])[0]:
                 raise TinykError(f"{out} gained a checkpoint while this run started (another run was finishing "
                                  f"there); run the command again")
+            # Where the filesystem has no locks, a stillborn-looking run may be one still setting up.
+            unsure = main and self.stillborn and self.lock.fd is None and not (force or self.resume)
+            if self.dist.sum_host([int(unsure)])[0]:
+                raise TinykError(f"run directory {out} exists (use --resume to continue it or --force to start "
+                                 f"over)")
             self._check_shared()
             if self.dist.sum_host([self._put_back_set_aside() if main else 0])[0]:
                 raise TinykError(f"put back the run in {out} that a killed --force start had set aside; "
