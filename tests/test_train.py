@@ -1227,6 +1227,20 @@ def test_a_run_killed_before_it_logged_anything_does_not_block_the_same_command(
         capsys.readouterr().err
 
 
+def test_tokenizer_flags_take_a_run_directory_as_model_flags_do(tmp_path, pt_data, tok_dir, corpus_file, capsys):
+    """`tinyk data sft --tokenizer runs/base` was refused ("runs/base/final is one") where --init and --model
+    take a run directory to mean its final/ model, which holds the tokenizer."""
+    run = tmp_path / "base"
+    with pytest.raises(SystemExit) as e:
+        main(cli_args(pt_data, tok_dir, run, "--max-steps", "1", "--set", "eval_every=0"))
+    assert e.value.code == 0
+    with pytest.raises(SystemExit) as e:
+        main(["data", "pretrain", "--input", str(corpus_file), "--tokenizer", str(run), "--out", str(tmp_path / "d")])
+    assert e.value.code == 0, capsys.readouterr().err
+    meta = json.loads((tmp_path / "d" / "meta.json").read_text())
+    assert meta["tokenizer_hash"] == json.loads((pt_data / "meta.json").read_text())["tokenizer_hash"]
+
+
 def test_cli_prints_one_line(tmp_path, pt_data, tok_dir, capsys):
     with pytest.raises(SystemExit) as e:
         main(cli_args(pt_data, tok_dir, tmp_path / "o", "--seq-len", "4096"))

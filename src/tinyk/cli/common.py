@@ -153,7 +153,8 @@ token_count = size_range(1, tokens=True)
 
 
 def model_dir(text: str) -> str:
-    """--model: a model directory, or a training run's directory meaning its final/ model, as --init takes it."""
+    """--model (and --tokenizer): a model directory, or a training run's directory meaning its final/ model,
+    as --init takes it."""
     final = Path(text) / "final"
     if not (Path(text) / "config.json").exists() and all((final / f).is_file()
                                                          for f in ("config.json", "model.safetensors")):

@@ -7,7 +7,16 @@ import json
 import sys
 from typing import Any
 
-from tinyk.cli.common import float_range, int_range, output_path, positive_size, seed, size_range, utf8_text
+from tinyk.cli.common import (
+    float_range,
+    int_range,
+    model_dir,
+    output_path,
+    positive_size,
+    seed,
+    size_range,
+    utf8_text,
+)
 from tinyk.inputs import DEFAULT_MAX_LINE_BYTES, mostly_skipped
 from tinyk.units import MIN_SHARD_TOKENS, plural, size_text
 
@@ -18,7 +27,8 @@ MAX_LEN = 2**20  # SFT tokens per conversation, far past any model's context
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", nargs="+", action="extend", required=True, metavar="FILE",
                    help="input files (read, never modified)")
-    p.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer directory")
+    p.add_argument("--tokenizer", required=True, metavar="DIR", type=model_dir,
+                   help="tokenizer directory (or a model's, or a training run's: its final/)")
     p.add_argument("--out", type=output_path, required=True, metavar="DIR", help="output data directory")
     p.add_argument("--val-fraction", type=float_range(0, 1, hi_open=True), default=0.01,
                    help="share of documents held out (seeded; default 0.01)")

@@ -14,7 +14,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     i = msub.add_parser("init", help="write a randomly initialised model directory")
     i.add_argument("--preset", required=True, help=PRESET_NAMES)
-    i.add_argument("--tokenizer", required=True, help="tokenizer directory (vocab size comes from it)")
+    i.add_argument("--tokenizer", required=True, type=model_dir,
+                   help="tokenizer directory, or a model's or a run's (vocab size comes from it)")
     i.add_argument("--out", type=output_path, required=True)
     i.add_argument("--seed", type=seed, default=0)
     i.add_argument("--force", action="store_true")
@@ -25,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                     "(its k_model.py), or a directory its save_pretrained wrote, into a tinyk "
                                     "(and transformers) model directory.")
     m.add_argument("checkpoint", help="the .pth (or .bin, .safetensors) file, or a saved model directory")
-    m.add_argument("--tokenizer", required=True, help="the tokenizer the checkpoint was trained with")
+    m.add_argument("--tokenizer", required=True, type=model_dir, help="the tokenizer the checkpoint was trained with")
     m.add_argument("--out", type=output_path, required=True)
     m.add_argument("--n-heads", type=positive_int, help="attention heads (default: the directory's config.json, "
                                                         "else the tutorial's 16)")

@@ -11,6 +11,7 @@ from tinyk.cli.common import (
     TRAIN_DTYPE_CHOICES,
     batch_count,
     float_range,
+    model_dir,
     positive_int,
     token_count,
 )
@@ -24,8 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     what.add_argument("--preset", help=f"a shipped config: {PRESET_NAMES}")
     what.add_argument("--config", help="YAML or TOML training config")
     what.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key")
-    what.add_argument("--tokenizer", help="tokenizer directory: the model's vocabulary is its size, as in tinyk "
-                                          "pretrain (default: the preset's)")
+    what.add_argument("--tokenizer", type=model_dir,
+                      help="tokenizer directory (or a model's or a run's): the model's vocabulary is its size, as in "
+                           "tinyk pretrain (default: the preset's)")
     what.add_argument("--seq-len", type=positive_int)
     what.add_argument("--batch-size", type=batch_count, help="global batch in sequences per optimizer step")
     what.add_argument("--micro-batch", type=batch_count,

@@ -11,6 +11,7 @@ from tinyk.cli.common import (
     PRESET_NAMES,
     TRAIN_DTYPE_CHOICES,
     batch_count,
+    model_dir,
     non_negative_int,
     output_path,
     positive_float,
@@ -36,7 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         src.add_argument("--config", help="YAML or TOML config file")
         src.add_argument("--preset", help=f"a shipped config: {PRESET_NAMES}")
         src.add_argument("--data", help="data directory from `tinyk data`")
-        src.add_argument("--tokenizer", help="tokenizer directory (default: the --init model's)")
+        src.add_argument("--tokenizer", type=model_dir,
+                         help="tokenizer directory, or a model's or a run's (default: the --init model's)")
         src.add_argument("--init", help="start from this model directory, or a run directory (its final/)"
                          + (" [required]" if kind == "sft" else ""))
         src.add_argument("--out", type=output_path, help="run directory (checkpoints/, final/, metrics.jsonl, ...)")
