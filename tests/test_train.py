@@ -34,7 +34,7 @@ from tinyk.loader import PretrainLoader, SFTLoader
 from tinyk.model import Transformer, preset_config
 from tinyk.rundir import checkpoints
 from tinyk.tokenizer import load_tokenizer
-from tinyk.train import Dist, Trainer, lr_at, micro_layout, param_groups, total_steps, train
+from tinyk.train import Dist, Trainer, default_warmup, lr_at, micro_layout, param_groups, total_steps, train
 
 # One thread everywhere: the machine is shared, and bit-identical comparisons need identical kernels.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
@@ -1389,6 +1389,20 @@ def test_a_run_extended_stopped_and_resumed_with_its_old_budget_writes_its_final
     # Finished now: resumed again it changes nothing, and starts no tracker only to log nothing.
     again = train(nano_cfg(pt_data, tok_dir, out, max_steps=5, tracker=["tensorboard"]), resume=True)
     assert again == summary and not (out / "tensorboard").exists()
+
+
+def test_a_finished_run_resumed_with_a_smaller_budget_keeps_its_schedule(tmp_path, pt_data, tok_dir):
+    """Nothing trains, and the header shows the run as it was: its length and its warmup, not the
+    smaller budget's."""
+    out = tmp_path / "run"
+    cfg = dict(max_steps=40, warmup_steps=None)
+    train(nano_cfg(pt_data, tok_dir, out, **cfg))
+    seen = []
+    for steps in (40, 3):
+        t = Trainer(nano_cfg(pt_data, tok_dir, out, **{**cfg, "max_steps": steps}), resume=True)
+        seen.append((t.total_steps, t.warmup))
+        t.close()
+    assert seen == [(40, default_warmup(40))] * 2 and default_warmup(3) != default_warmup(40)
 
 
 def test_trainer_is_usable_as_a_library(tmp_path, pt_data, tok_dir):

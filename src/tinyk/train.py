@@ -1001,7 +1001,10 @@ class Trainer:
             raise TinykError(f"--max-steps {self.cfg.max_steps:,} ends this run at step {self.total_steps:,}, but it "
                              f"stopped at step {step:,} of the {planned:,} it planned: raise --max-steps to go on (to "
                              f"step {planned:,} as planned), or use the checkpoint's model/ as it is")
-        self.total_steps = max(self.total_steps, step)  # a finished run, given a smaller budget, is as long as it was
+        if step > self.total_steps:  # a finished run, given a smaller budget, is as long as it was
+            self.total_steps = step
+            if self.cfg.warmup_steps is None:
+                self.warmup = state.get("warmup", self.warmup)
         if planned and planned != self.total_steps and step < self.total_steps:
             # A longer (or shorter) run re-fits the cosine: after a finished run the LR climbs back up.
             was = lr_at(step, planned, self.cfg.lr, state.get("warmup", self.warmup), self.cfg.min_lr_ratio)
