@@ -278,15 +278,17 @@ def test_model_info_reads_a_run_directory_as_its_final_model(tmp_path, nano_mode
 
 
 def test_a_directory_next_to_the_right_one_is_pointed_to(tmp_path, tok_dir, nano_model_dir, pt_data, capsys):
-    """A run directory for a tokenizer (its final/ model holds one), a data split's folder for the data,
-    and an unfinished run's final/ (no model yet, but a checkpoint's)."""
+    """A run directory for a tokenizer from Python (the CLI reads it as its final/ model, which holds one),
+    a data split's folder for the data, and an unfinished run's final/ (no model yet, but a checkpoint's)."""
+    from tinyk.data import prepare_pretrain
+
     run = tmp_path / "run"
     shutil.copytree(nano_model_dir, run / "final")
     corpus = tmp_path / "c.jsonl"
     corpus.write_text('{"text": "你好"}\n', encoding="utf-8")
-    assert run_cli(["data", "pretrain", "--input", str(corpus), "--tokenizer", str(run), "--out", str(tmp_path / "d")],
-                   capsys)[1] == (f"tinyk: error: not a tokenizer directory (no tokenizer.json): {run}; "
-                                  f"{run / 'final'} is one\n")
+    with pytest.raises(TinykError) as e:
+        prepare_pretrain([corpus], run, tmp_path / "d", show_progress=False)
+    assert str(e.value) == f"not a tokenizer directory (no tokenizer.json): {run}; {run / 'final'} is one"
     split = pt_data / "train"
     assert run_cli(["pretrain", "--preset", "nano", "--data", str(split), "--tokenizer", str(tok_dir), "--out",
                     str(tmp_path / "r")], capsys)[1] == (
