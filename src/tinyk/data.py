@@ -46,6 +46,7 @@ from .inputs import (
     is_plain_text,
     iter_records,
     iter_texts,
+    mostly_skipped,
     read_json,
     record_shape,
     sft_format,
@@ -853,7 +854,12 @@ class _Kind:
 
     @property
     def unit(self) -> str:
-        return "documents" if self.name == "pretrain" else "conversations"
+        return unit_of(self.name)
+
+
+def unit_of(kind: str) -> str:
+    """What one record of a kind of data is called: pretraining documents, SFT conversations."""
+    return "documents" if kind == "pretrain" else "conversations"
 
 
 def _prepare(kind: _Kind, paths: list[Path], tok: TinyTokenizer, out: str | Path, run: _Run,
@@ -1052,11 +1058,17 @@ def prepare_pretrain(inputs: list[str | Path], tokenizer_dir: str | Path, out: s
                     _command("pretrain", paths, tokenizer_dir, out, options))
 
 
+def skip_warning(meta: dict[str, Any]) -> str | None:
+    """`inputs.mostly_skipped`'s warning for a data directory's meta, or None."""
+    kept = sum(split["documents"] for split in meta["splits"].values())
+    return mostly_skipped(meta["skipped"]["total"], kept, unit_of(meta["kind"]))
+
+
 def summary(meta: dict[str, Any]) -> str:
     """`tinyk data`'s report, one paragraph: what was kept, what was skipped and why, and how fast
     (over the work kept, when a stopped run was continued)."""
     tr, va = meta["splits"]["train"], meta["splits"]["val"]
-    unit = "documents" if meta["kind"] == "pretrain" else "conversations"
+    unit = unit_of(meta["kind"])
     text = (f"{meta['kind']} data: {plural(tr['documents'] + va['documents'], unit)} (train {tr['documents']:,}, "
             f"val {va['documents']:,}), {tr['tokens'] + va['tokens']:,} tokens (train {tr['tokens']:,}, "
             f"val {va['tokens']:,}) as {meta['dtype']}")

@@ -17,7 +17,7 @@ from tinyk.cli.common import (
     size_range,
     utf8_text,
 )
-from tinyk.inputs import DEFAULT_MAX_LINE_BYTES, mostly_skipped
+from tinyk.inputs import DEFAULT_MAX_LINE_BYTES
 from tinyk.units import MIN_SHARD_TOKENS, plural, size_text
 
 MAX_WORKERS = 1024  # tokenizer processes; more only exhausts the machine
@@ -95,12 +95,10 @@ def _sft(args: argparse.Namespace) -> int:
 
 
 def _report(meta: dict, out: str) -> int:
-    from tinyk.data import summary
+    from tinyk.data import skip_warning, summary
 
     print(summary(meta))
-    kept = sum(split["documents"] for split in meta["splits"].values())
-    unit = "documents" if meta["kind"] == "pretrain" else "conversations"
-    if warning := mostly_skipped(meta["skipped"]["total"], kept, unit):
+    if warning := skip_warning(meta):
         print(f"tinyk: {warning}", file=sys.stderr)
     print(f"saved to {out}")
     return 0
