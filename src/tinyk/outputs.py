@@ -319,6 +319,11 @@ class DirLock:
         self.fd = fd
         return True
 
+    @property
+    def held(self) -> bool:
+        """Whether this process holds the lock: not where locks are unsupported, though `acquire` said True."""
+        return self.fd is not None
+
     def release(self) -> None:
         if self.fd is not None:
             os.close(self.fd)

@@ -600,7 +600,7 @@ class Trainer:
                 raise TinykError(f"{out} gained a checkpoint while this run started (another run was finishing "
                                  f"there); run the command again")
             # Where the filesystem has no locks, a stillborn-looking run may be one still setting up.
-            unsure = main and self.stillborn and self.lock.fd is None and not (force or self.resume)
+            unsure = main and self.stillborn and not self.lock.held and not (force or self.resume)
             if self.dist.sum_host([int(unsure)])[0]:
                 raise TinykError(f"run directory {out} exists (use --resume to continue it or --force to start "
                                  f"over)")
@@ -905,7 +905,7 @@ class Trainer:
     def _damaged(self, problem: Exception) -> TinykError:
         """A checkpoint damaged after it was written (disk, copying): say which, and the way out. One
         that vanished or changed while read, in a directory another run holds, was that run's rotation."""
-        if self.dist.main and self.lock.fd is None and self.out.is_dir():
+        if self.dist.main and not self.lock.held and self.out.is_dir():
             probe = DirLock(self.out)
             if not probe.acquire():
                 return self._in_use()
