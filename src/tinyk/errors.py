@@ -13,7 +13,9 @@ import errno
 import os
 import re
 import shutil
-from collections.abc import Iterator
+import signal
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TextIO
 
@@ -50,6 +52,23 @@ class Stopped(KeyboardInterrupt):
 def stop_signal(e: KeyboardInterrupt) -> str:
     """The signal that stopped a command: SIGINT for Ctrl-C, else the one the exception names."""
     return getattr(e, "signal_name", "SIGTERM" if isinstance(e, Terminated) else "SIGINT")
+
+
+@contextlib.contextmanager
+def signal_handlers(handlers: Mapping[int, Callable[[int, object], object]]) -> Iterator[None]:
+    """Installs `handlers` for the duration and then puts back what was there. Handlers belong to the
+    main thread: elsewhere (a program running tinyk in a thread) nothing changes. A handler installed
+    outside Python (`getsignal` says None) is left alone, as it could not be put back."""
+    before: dict[int, object] = {}
+    try:
+        if threading.current_thread() is threading.main_thread():
+            for s, handler in handlers.items():
+                if signal.getsignal(s) is not None:
+                    before[s] = signal.signal(s, handler)
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
 
 
 class StoppedBeforeTraining(Stopped):

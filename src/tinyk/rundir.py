@@ -12,13 +12,12 @@ import os
 import re
 import shutil
 import signal
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .checkpoint import is_model_dir, model_dir_hint, unfinished_hint
-from .errors import TinykError
+from .errors import TinykError, signal_handlers
 from .monitor import TRACKERS
 from .outputs import delete_via, is_output_file, put_back_interrupted, remove_path
 
@@ -176,19 +175,12 @@ def signals_held(deliver: bool = True) -> Iterator[None]:
     """Holds Ctrl-C and SIGTERM (delivered afterwards, unless not `deliver`) while files move, so moving
     back is not cut short. Python handlers rather than a signal mask: a mask holds a signal only from
     the thread that set it."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
     caught: list[int] = []
-    before = {}
+    stops = [s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
     try:
-        for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-            if s is not None and signal.getsignal(s) is not None:  # None: a handler Python did not install, left alone
-                before[s] = signal.signal(s, lambda signum, _frame: caught.append(signum))
-        yield
+        with signal_handlers({s: lambda signum, _frame: caught.append(signum) for s in stops}):
+            yield
     finally:
-        for s, handler in before.items():
-            signal.signal(s, handler)
         for s in dict.fromkeys(caught if deliver else ()):  # each once; one ignored before stays ignored
             signal.raise_signal(s)
 

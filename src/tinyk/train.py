@@ -19,7 +19,6 @@ import random
 import shutil
 import signal
 import statistics
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +48,7 @@ from .errors import (
     memory_available,
     out_of_memory,
     shown,
+    signal_handlers,
     stop_signal,
     writing,
 )
@@ -1120,7 +1120,9 @@ class Trainer:
         total, count, nbytes = acc.tolist()
         return total / max(count, 1), total / math.log(2) / nbytes if nbytes else math.nan
 
-    def _install_signals(self) -> dict[int, Any]:
+    def _stop_handlers(self) -> dict[int, Any]:
+        """Ctrl-C, SIGTERM and SIGHUP (the terminal went away, an SSH session dropped, which would kill the
+        run unsaved) stop the run at the end of its step, with a checkpoint."""
         first: float | None = None  # when this process got its first signal (not when another rank did)
 
         def handler(signum: int, _frame: Any) -> None:
@@ -1134,15 +1136,11 @@ class Trainer:
             first = first if first is not None else time.monotonic()
             self.stop_signal = signal.Signals(signum).name
 
-        if threading.current_thread() is not threading.main_thread():  # only the main thread sets handlers
-            return {}
-        # SIGHUP: the terminal went away (an SSH session dropped), which would kill the run unsaved. A signal
-        # ignored when the run began stays so (SIGHUP under nohup; SIGINT for a job a script started with &,
-        # as the shell does it): the run goes on. None: a handler Python did not install, left alone (as
-        # rundir.signals_held leaves it), since it could not be put back.
+        # A signal ignored when the run began stays so (SIGHUP under nohup; SIGINT for a job a script
+        # started with &, as the shell does it): the run goes on.
         stops = [s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None))
-                 if s is not None and signal.getsignal(s) not in (signal.SIG_IGN, None)]
-        return {s: signal.signal(s, handler) for s in stops}
+                 if s is not None and signal.getsignal(s) is not signal.SIG_IGN]
+        return dict.fromkeys(stops, handler)
 
     def _header(self) -> None:
         cfg, d, m = self.cfg, self.dist, self.mcfg
@@ -1265,10 +1263,10 @@ class Trainer:
             self._header()
         if self.finished_already:
             return self.finished_already
-        previous = self._install_signals()
         self._t0 = time.perf_counter()
         try:
-            return self._loop()
+            with signal_handlers(self._stop_handlers()):
+                return self._loop()
         except RuntimeError as e:
             from torch._dynamo.exc import TorchDynamoException
 
@@ -1278,9 +1276,6 @@ class Trainer:
                 raise TinykError(f"torch.compile failed ({first_line(e)[:300]}); leave --compile out, or install what "
                                  f"it needs (a C++ compiler such as g++; Triton on a GPU)") from e
             raise
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
 
     def _finished_summary(self) -> dict[str, Any] | None:
         """The summary of a run that finished at the step it resumes from: nothing to train, and its

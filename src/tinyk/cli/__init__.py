@@ -17,7 +17,6 @@ import json
 import os
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, NoReturn
@@ -31,6 +30,7 @@ from tinyk.errors import (
     Terminated,
     TinykError,
     out_of_memory,
+    signal_handlers,
     stop_signal,
 )
 
@@ -192,11 +192,9 @@ def main(argv: list[str] | None = None) -> None:
             stream.reconfigure(errors="replace")
         elif stream.errors == "strict":
             stream.reconfigure(errors="surrogateescape")
-    # Handlers belong to the main thread; a program calling main() from another keeps its own.
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = {s: signal.signal(s, h) for s, h in _stop_handlers().items()} if in_main else {}
     try:
-        code = args.func(args)
+        with signal_handlers(_stop_handlers()):
+            code = args.func(args)
     except TinykError as e:
         _fail(f"tinyk: error: {e}", root_cause=not isinstance(e, PeerLost))
     except StoppedBeforeTraining as e:
@@ -220,8 +218,4 @@ def main(argv: list[str] | None = None) -> None:
         if not (memory := out_of_memory(e)):
             raise
         _fail(f"tinyk: error: out of {memory}: a smaller model, batch or sequence length fits")
-    finally:
-        for s, handler in previous.items():
-            if handler is not None:  # None: a handler installed outside Python, which cannot be put back
-                signal.signal(s, handler)
     sys.exit(code or 0)
