@@ -32,7 +32,7 @@ from tinyk.data import prepare_pretrain
 from tinyk.errors import TinykError
 from tinyk.loader import PretrainLoader, SFTLoader
 from tinyk.model import Transformer, preset_config
-from tinyk.rundir import checkpoints
+from tinyk.rundir import RunDir, checkpoints
 from tinyk.tokenizer import load_tokenizer
 from tinyk.train import Dist, Trainer, default_warmup, lr_at, micro_layout, param_groups, total_steps, train
 
@@ -456,7 +456,7 @@ def test_a_start_refused_after_the_run_directory_was_made_leaves_nothing(tmp_pat
     def not_shared(self):
         raise TinykError("not shared")
 
-    monkeypatch.setattr(Trainer, "_check_shared", not_shared)
+    monkeypatch.setattr(RunDir, "check_shared", not_shared)
     with pytest.raises(TinykError, match="not shared"):
         Trainer(nano_cfg(pt_data, tok_dir, tmp_path / "runs" / "x", max_steps=2))
     assert not (tmp_path / "runs" / "x").exists()
@@ -769,7 +769,7 @@ def test_ranks_that_do_not_share_the_run_directory_are_refused(tmp_path, pt_data
     the checkpoints rank 0 writes, so a resume would start the ranks at different steps."""
     rdzv = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
     # The ranks wait for a slow network filesystem before giving up; here 2 s, not the real 60.
-    worker = "import sys, tinyk.train; tinyk.train.SHARED_WAIT_S = 2; from tinyk.cli import main; main(sys.argv[1:])"
+    worker = "import sys, tinyk.rundir; tinyk.rundir.SHARED_WAIT_S = 2; from tinyk.cli import main; main(sys.argv[1:])"
     workers = [subprocess.Popen([str(BIN / "python"), "-c", worker,
                                  *cli_args(pt_data, tok_dir, tmp_path / f"disk{r}" / "run", "--max-steps", "2")],
                                 env={**ENV, **rdzv, "RANK": str(r), "LOCAL_RANK": str(r)},
@@ -1205,7 +1205,7 @@ def test_a_run_killed_before_it_logged_anything_does_not_block_the_same_command(
     shutil.rmtree(out / "checkpoints")
     (out / "checkpoints").mkdir()
     with monkeypatch.context() as m:  # without locks (some network filesystems) it may be a run still setting up
-        m.setattr("tinyk.train.DirLock.acquire", lambda self: True)
+        m.setattr("tinyk.outputs.DirLock.acquire", lambda self: True)
         with pytest.raises(SystemExit) as e:
             main(args)
         assert e.value.code == 2 and "exists (use --resume to continue it or --force to start over)" in \

@@ -1,6 +1,6 @@
 """A training run's directory: which entries are the run's own (and which a user put there), its
 checkpoints, and the set-aside dance that lets `--force` replace a run yet put it back when the new
-one fails to start, even after a kill at any moment.
+one fails to start, even after a kill at any moment. `RunDir` is the trainer's handle on it.
 
     OUT/config.yaml  metrics.jsonl  summary.json  checkpoints/step_0001000/  final/
 """
@@ -15,13 +15,26 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .checkpoint import is_model_dir, model_dir_hint, unfinished_hint
-from .errors import TinykError, signal_handlers
+from .errors import TinykError, signal_handlers, writing
 from .monitor import TRACKERS
-from .outputs import delete_via, is_output_file, put_back_interrupted, remove_path
+from .outputs import (
+    DirLock,
+    atomic_file,
+    check_output,
+    delete_via,
+    is_output_file,
+    put_back_interrupted,
+    remove_path,
+)
+
+if TYPE_CHECKING:
+    from .train import Dist
 
 CKPT_RE = re.compile(r"^step_(\d{7,})$")
+SHARED_WAIT_S = 60.0  # NFS's longest default attribute cache (acdirmax)
 
 
 def checkpoints(out: str | Path) -> list[Path]:
@@ -210,3 +223,198 @@ def saved_config(out: Path) -> Path:
             if m and not (m.group(1) == "old" and checkpoints(out)) and (p / "config.yaml").is_file():
                 return p / "config.yaml"
     return out / "config.yaml"
+
+
+class RunDir:
+    """The directory a training run writes: the checks before it is taken, its lock (one run per
+    directory), the run --force replaces kept until the new one has trained a step, and the undoing of a
+    start that failed. Under torchrun rank 0 writes, and every rank takes part in each decision."""
+
+    def __init__(self, out: Path, dist: Dist):
+        self.out, self.dist = out, dist
+        self.lock = DirLock(out)
+        self.aside: Path | None = None  # the run --force replaces, kept until the new one has trained a step
+        self.stillborn = False  # holds a run killed before it logged or saved anything (see _check)
+        self.existed = False  # whether the directory was there when open() looked
+
+    def open(self, *, force: bool, resume: bool, resumed_from: Path | None, inputs: list[Path | str | None],
+             config: str) -> bool:
+        """Creates or reopens the run directory, writing `config` where the run is new; True when it
+        holds nothing of an earlier run."""
+        out, main = self.out, self.dist.main
+        self.existed = out.is_dir()
+        exists = self._check(force, resume, inputs)
+        self._lock()
+        try:
+            # A run that was still finishing (its lock not yet released) when this one listed the
+            # checkpoints may have saved another since: resuming from the older would redo its steps.
+            moved_on = main and resume and (checkpoints(out) or [None])[-1] != resumed_from
+            if self.dist.sum_host([int(moved_on)])[0]:
+                raise TinykError(f"{out} gained a checkpoint while this run started (another run was finishing "
+                                 f"there); run the command again")
+            # Where the filesystem has no locks, a stillborn-looking run may be one still setting up.
+            unsure = main and self.stillborn and not self.lock.held and not (force or resume)
+            if self.dist.sum_host([int(unsure)])[0]:
+                raise TinykError(f"run directory {out} exists (use --resume to continue it or --force to start "
+                                 f"over)")
+            self.check_shared()
+            if self.dist.sum_host([self._put_back_set_aside() if main else 0])[0]:
+                raise TinykError(f"put back the run in {out} that a killed --force start had set aside; "
+                                 f"run the command again")
+            if main:
+                clean_partial(out)
+                if exists and force and not resume:
+                    with writing(out):
+                        self.aside = set_aside(out)
+                with writing(out / "checkpoints"):
+                    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+                if not exists or not resume:  # a new run: its directory is a run's from the start
+                    self.write_config(config)
+            self.dist.barrier()
+        except BaseException:
+            try:
+                if main and (self.aside is not None or not exists):  # no earlier run's files are touched
+                    with contextlib.suppress(OSError):  # what cannot be put back now, the next start puts back
+                        self.undo_start()
+            finally:
+                self.lock.release()
+            raise
+        return not exists or not resume
+
+    def _check(self, force: bool, resume: bool, inputs: list[Path | str | None]) -> bool:
+        """Refuses an --out this run may not write (a file, one of `inputs`, another tool's output, inside
+        another run, someone's files, a run not asked to be resumed or replaced); True when it holds an
+        earlier run's files."""
+        out = self.out
+        if out.exists() and not out.is_dir():
+            raise TinykError(f"--out {out} is a file, not a run directory")
+        check_output(out, inputs)
+        ours = sorted(p.name for p in out.iterdir() if made_by_a_run(p)) if out.is_dir() else []
+        # A run killed before it logged or saved anything left its config.yaml and an empty checkpoints/:
+        # nothing to resume or to lose, so the same command starts again, as after any killed command.
+        self.stillborn = ours == ["checkpoints", "config.yaml"] and (out / "checkpoints").is_dir() \
+            and not checkpoints(out) and not users_files_in_run(out)
+        exists = bool(ours) and not self.stillborn  # an earlier run's files
+        # A run writes its config.yaml and checkpoints/ at once: a config.yaml alone is a file of the user's.
+        # Wider than is_run_dir: a run whose checkpoints/ is gone (deleted to save space, or a --force
+        # start killed with it set aside) is still a run, to resume or replace, not to refuse.
+        is_run = ("config.yaml" in ours and len(ours) > 1) or any(ASIDE.match(n) for n in ours)
+        if out.is_dir() and not is_run and (other := another_output(out)):
+            raise TinykError(f"--out {out} is {other}, not a run directory; choose another --out")
+        # Inside another run (its checkpoints/ or final/), its --force and rotation would reach this one.
+        host = next((p for p in out.resolve().parents if is_run_dir(p)), None)
+        if host is not None:
+            raise TinykError(f"--out {out} is inside the run directory {host}; give a path outside it")
+        if exists and not is_run:
+            copy = config_copy(out)
+            if copy:
+                raise TinykError(f"run directory {out} has no config.yaml{copy}")
+            raise TinykError(f"--out {out} holds {', '.join(ours[:3])} but is not a tinyk run (a run has a "
+                             f"config.yaml and checkpoints/): its files would be overwritten; choose another "
+                             f"directory")
+        if exists and not resume and not force:
+            raise TinykError(f"run directory {out} exists (use --resume to continue it or --force to start over)")
+        if exists and force and not resume and (mine := users_files_in_run(out)):
+            raise TinykError(f"--force would delete {', '.join(mine[:3])}{', ...' if len(mine) > 3 else ''} in {out} "
+                             f"with the run, and tinyk did not write them; move them out of the run first")
+        return exists
+
+    def _lock(self) -> None:
+        """Makes the run directory and takes its lock. One run per directory: a second writer (a job
+        script's --resume while the first still runs, or workers that outlived a killed torchrun) would
+        interleave metrics and rotate away checkpoints."""
+        out, main = self.out, self.dist.main
+        if main:
+            with writing(out):
+                out.mkdir(parents=True, exist_ok=True)
+        try:
+            busy = main and not self.lock.acquire()
+            in_use = self.dist.sum_host([int(busy)])[0]  # under torchrun, waits for the slowest rank to start
+        except BaseException:  # a Ctrl-C while waiting: no empty directory is left behind
+            self.lock.release()
+            if main and not self.existed:
+                with contextlib.suppress(OSError):
+                    out.rmdir()
+            raise
+        if in_use:
+            raise self.in_use()
+
+    def in_use(self) -> TinykError:
+        holders = DirLock(self.out).holders()
+        which = f"process {', '.join(holders)}: " if holders else ""
+        return TinykError(f"run directory {self.out} is in use by another tinyk run ({which}still training, or its "
+                          f"processes outlived a killed launcher); stop that one first")
+
+    def held_elsewhere(self) -> bool:
+        """Whether another run holds the directory (this one has not taken it, or could not)."""
+        if not self.dist.main or self.lock.held or not self.out.is_dir():
+            return False
+        probe = DirLock(self.out)
+        if not probe.acquire():
+            return True
+        probe.release()
+        return False
+
+    def _put_back_set_aside(self) -> int:
+        """A start killed while --force had the old run set aside never began the new run: puts the old
+        one back (the command is then run again on the directory as it was); returns how many were."""
+        restored = 0
+        for aside in [p for p in self.out.iterdir() if ASIDE.match(p.name)]:
+            if ASIDE.match(aside.name).group(1) == "old" and checkpoints(self.out):
+                drop_aside(aside)  # the new run got as far as a checkpoint: it is the one to keep
+            else:
+                put_back(self.out, aside)
+                restored += 1
+        if restored:
+            clean_partial(self.out)  # the new run's files, moved out of the way
+        return restored
+
+    def undo_start(self) -> None:
+        """Removes what a start that failed wrote, and puts back the run --force set aside."""
+        if self.aside is not None:
+            aside, self.aside = self.aside, None
+            put_back(self.out, aside)
+        elif not self.existed:
+            shutil.rmtree(self.out, ignore_errors=True)
+        else:  # a stillborn run's config.yaml and checkpoints/ stay, for the next start (or --resume) to read
+            for p in self.out.iterdir():
+                if made_by_a_run(p) and not (self.stillborn and p.name in ("config.yaml", "checkpoints")):
+                    remove_path(p, ignore_errors=True)
+
+    def drop_replaced(self) -> None:
+        """Deletes the run --force replaced, once this one has trained a step (or ended without error)."""
+        if self.aside is not None:
+            aside, self.aside = self.aside, None
+            with contextlib.suppress(OSError):  # a replaced run not deleted now, the next start deletes
+                drop_aside(aside)
+
+    def write_config(self, config: str) -> None:
+        """The run's config.yaml, whole or as it was: it is what --resume starts from."""
+        with writing(self.out / "config.yaml"), atomic_file(self.out / "config.yaml") as tmp:
+            tmp.write_text(config, encoding="utf-8")
+
+    def check_shared(self) -> None:
+        """Every rank must see the directory rank 0 writes, as it reads the checkpoints there on resume;
+        on machines that each have their own disk, the ranks would otherwise resume from different steps."""
+        d = self.dist
+        if d.world == 1:
+            return
+        token = d.sum_host([int.from_bytes(os.urandom(7), "big") if d.main else 0])[0]
+        probe = self.out / f".shared-check.tmp-{token:014x}"  # a new name: no cached lookup can answer
+        if d.main:
+            probe.write_text(f"{d.world}\n")
+        d.barrier()
+        # An NFS client may keep answering "no such directory" for --out (looked up before rank 0
+        # made it) until its attribute cache expires, so ranks look again, deciding together.
+        deadline = time.monotonic() + SHARED_WAIT_S
+        while True:
+            blind, late = d.sum_host([int(not probe.is_file()), int(time.monotonic() >= deadline)])
+            if not blind or late:
+                break
+            time.sleep(1.0)
+        if d.main:
+            probe.unlink()
+        if blind:
+            raise TinykError(f"run directory {self.out} is not shared: {blind} of {d.world} processes do not see what "
+                             f"rank 0 writes there; with several machines, --out must be on a filesystem every node "
+                             f"mounts at the same path")

@@ -16,7 +16,6 @@ import math
 import os
 import pickle
 import random
-import shutil
 import signal
 import statistics
 import time
@@ -70,34 +69,15 @@ from .model import (
 )
 from .monitor import Monitor, Trackers, finite, measure_matmul_flops, peak_flops
 from .outputs import (
-    DirLock,
     atomic_dir,
-    atomic_file,
-    check_output,
     delete_via,
-    remove_path,
     without_dotdot,
     write_json_atomic,
 )
 from .plan import flops_formula, model_size, precision_refusal
-from .rundir import (
-    ASIDE,
-    another_output,
-    checkpoints,
-    clean_partial,
-    config_copy,
-    drop_aside,
-    is_run_dir,
-    made_by_a_run,
-    put_back,
-    resolve_init,
-    set_aside,
-    signals_held,
-    users_files_in_run,
-)
+from .rundir import RunDir, checkpoints, resolve_init, signals_held
 from .units import GiB, plural
 
-SHARED_WAIT_S = 60.0  # NFS's longest default attribute cache (acdirmax)
 # Whether this process has joined a job of several (its exit can then abort: see cli._fail).
 joined_a_job = False
 SIGINT_ECHO_S = 0.5  # a second SIGINT sooner than this is the first one again, not a second Ctrl-C
@@ -430,17 +410,14 @@ class Trainer:
         self.dist = setup_dist(cfg.device)
         self.device = self.dist.device
         self.out = without_dotdot(Path(cfg.out))
-        self.lock = DirLock(self.out)
+        self.run_dir = RunDir(self.out, self.dist)
         self.monitor: Monitor | None = None
         self.stop_signal: str | None = None
-        self.aside: Path | None = None  # the run --force replaces, kept until the new one has trained a step
-        self.stillborn = False  # --out holds a run killed before it logged or saved anything (_check_out)
         try:
             self._setup_inputs()
             self._setup_data()
             self._check_same_job()
-            self.existed = self.out.is_dir()
-            self.fresh = self._setup_run_dir(force)
+            self.fresh = self._open_run_dir(force)
         except BaseException as e:
             self.dist.close()
             if (lost := self._peer_lost(e, before_training=True)) is not None:
@@ -453,7 +430,7 @@ class Trainer:
             # Only now, and only when there is training to do: a refused resume, or one of a finished
             # run, leaves the run's config as it was.
             if self.dist.main and not self.fresh and not self.finished_already:
-                self._write_config()
+                self.run_dir.write_config(dump_config(cfg))
             self.peak, self.peak_source = peak_flops(self.device, cfg.peak_tflops, self.dtype)  # a timed matmul on CPU
             self.peak_retimed = False  # see _mfu
         except BaseException as e:
@@ -477,7 +454,7 @@ class Trainer:
                     monitor.close(*_exit_status(e))
             if self.fresh and self.dist.main:  # while the lock is held: no other start moves files here
                 with contextlib.suppress(OSError):  # what cannot be put back now, the next start puts back
-                    self._undo_start(self.existed)
+                    self.run_dir.undo_start()
         finally:
             with contextlib.suppress(Exception):
                 self.close()
@@ -583,165 +560,15 @@ class Trainer:
                              f"--init {self.weights_dir}")
         return model_config(section, base=base)
 
-    def _setup_run_dir(self, force: bool) -> bool:
-        """Creates or reopens the run directory; True when it holds nothing of an earlier run."""
-        out, main = self.out, self.dist.main
-        exists = self._check_out(force)
+    def _open_run_dir(self, force: bool) -> bool:
+        """Takes --out for this run (rundir.RunDir.open); True when it holds nothing of an earlier run."""
         # The saved config names the full model, so a resumed run rebuilds exactly this one, and the
         # preset only where it named the model (beside --init it gave the training settings alone).
         preset = None if self.cfg.init else self.cfg.model.get("preset")
         self.cfg.model = {**({"preset": preset} if preset else {}), **self.mcfg.to_dict()}
-        self._lock_out()
-        try:
-            # A run that was still finishing (its lock not yet released) when this one listed the
-            # checkpoints may have saved another since: resuming from the older would redo its steps.
-            moved_on = main and self.resume and (checkpoints(out) or [None])[-1] != self.resumed_from
-            if self.dist.sum_host([int(moved_on)])[0]:
-                raise TinykError(f"{out} gained a checkpoint while this run started (another run was finishing "
-                                 f"there); run the command again")
-            # Where the filesystem has no locks, a stillborn-looking run may be one still setting up.
-            unsure = main and self.stillborn and not self.lock.held and not (force or self.resume)
-            if self.dist.sum_host([int(unsure)])[0]:
-                raise TinykError(f"run directory {out} exists (use --resume to continue it or --force to start "
-                                 f"over)")
-            self._check_shared()
-            if self.dist.sum_host([self._put_back_set_aside() if main else 0])[0]:
-                raise TinykError(f"put back the run in {out} that a killed --force start had set aside; "
-                                 f"run the command again")
-            if main:
-                clean_partial(out)
-                if exists and force and not self.resume:
-                    with writing(out):
-                        self.aside = set_aside(out)
-                with writing(out / "checkpoints"):
-                    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-                if not exists or not self.resume:  # a new run: its directory is a run's from the start
-                    self._write_config()
-            self.dist.barrier()
-        except BaseException:
-            try:
-                if main and (self.aside is not None or not exists):  # no earlier run's files are touched
-                    with contextlib.suppress(OSError):  # what cannot be put back now, the next start puts back
-                        self._undo_start(self.existed)
-            finally:
-                self.lock.release()
-            raise
-        return not exists or not self.resume
-
-    def _check_out(self, force: bool) -> bool:
-        """Refuses an --out this run may not write (a file, an input, another tool's output, inside
-        another run, someone's files, a run not asked to be resumed or replaced); True when it holds an
-        earlier run's files."""
-        out = self.out
-        if out.exists() and not out.is_dir():
-            raise TinykError(f"--out {out} is a file, not a run directory")
-        check_output(out, [self.cfg.data, self.init_dir, None if self.resumed_from else self.tok_dir])
-        ours = sorted(p.name for p in out.iterdir() if made_by_a_run(p)) if out.is_dir() else []
-        # A run killed before it logged or saved anything left its config.yaml and an empty checkpoints/:
-        # nothing to resume or to lose, so the same command starts again, as after any killed command.
-        self.stillborn = ours == ["checkpoints", "config.yaml"] and (out / "checkpoints").is_dir() \
-            and not checkpoints(out) and not users_files_in_run(out)
-        exists = bool(ours) and not self.stillborn  # an earlier run's files
-        # A run writes its config.yaml and checkpoints/ at once: a config.yaml alone is a file of the user's.
-        # Wider than rundir.is_run_dir: a run whose checkpoints/ is gone (deleted to save space, or a
-        # --force start killed with it set aside) is still a run, to resume or replace, not to refuse.
-        is_run = ("config.yaml" in ours and len(ours) > 1) or any(ASIDE.match(n) for n in ours)
-        if out.is_dir() and not is_run and (other := another_output(out)):
-            raise TinykError(f"--out {out} is {other}, not a run directory; choose another --out")
-        # Inside another run (its checkpoints/ or final/), its --force and rotation would reach this one.
-        host = next((p for p in out.resolve().parents if is_run_dir(p)), None)
-        if host is not None:
-            raise TinykError(f"--out {out} is inside the run directory {host}; give a path outside it")
-        if exists and not is_run:
-            copy = config_copy(out)
-            if copy:
-                raise TinykError(f"run directory {out} has no config.yaml{copy}")
-            raise TinykError(f"--out {out} holds {', '.join(ours[:3])} but is not a tinyk run (a run has a "
-                             f"config.yaml and checkpoints/): its files would be overwritten; choose another "
-                             f"directory")
-        if exists and not self.resume and not force:
-            raise TinykError(f"run directory {out} exists (use --resume to continue it or --force to start over)")
-        if exists and force and not self.resume and (mine := users_files_in_run(out)):
-            raise TinykError(f"--force would delete {', '.join(mine[:3])}{', ...' if len(mine) > 3 else ''} in {out} "
-                             f"with the run, and tinyk did not write them; move them out of the run first")
-        return exists
-
-    def _lock_out(self) -> None:
-        """Makes the run directory and takes its lock. One run per directory: a second writer (a job
-        script's --resume while the first still runs, or workers that outlived a killed torchrun) would
-        interleave metrics and rotate away checkpoints."""
-        out, main = self.out, self.dist.main
-        if main:
-            with writing(out):
-                out.mkdir(parents=True, exist_ok=True)
-        try:
-            busy = main and not self.lock.acquire()
-            in_use = self.dist.sum_host([int(busy)])[0]  # under torchrun, waits for the slowest rank to start
-        except BaseException:  # a Ctrl-C while waiting: no empty directory is left behind
-            self.lock.release()
-            if main and not self.existed:
-                with contextlib.suppress(OSError):
-                    out.rmdir()
-            raise
-        if in_use:
-            raise self._in_use()
-
-    def _put_back_set_aside(self) -> int:
-        """A start killed while --force had the old run set aside never began the new run: puts the old
-        one back (the command is then run again on the directory as it was); returns how many were."""
-        restored = 0
-        for aside in [p for p in self.out.iterdir() if ASIDE.match(p.name)]:
-            if ASIDE.match(aside.name).group(1) == "old" and checkpoints(self.out):
-                drop_aside(aside)  # the new run got as far as a checkpoint: it is the one to keep
-            else:
-                put_back(self.out, aside)
-                restored += 1
-        if restored:
-            clean_partial(self.out)  # the new run's files, moved out of the way
-        return restored
-
-    def _undo_start(self, existed: bool) -> None:
-        """Removes what a start that failed wrote, and puts back the run --force set aside."""
-        if self.aside is not None:
-            aside, self.aside = self.aside, None
-            put_back(self.out, aside)
-        elif not existed:
-            shutil.rmtree(self.out, ignore_errors=True)
-        else:  # a stillborn run's config.yaml and checkpoints/ stay, for the next start (or --resume) to read
-            for p in self.out.iterdir():
-                if made_by_a_run(p) and not (self.stillborn and p.name in ("config.yaml", "checkpoints")):
-                    remove_path(p, ignore_errors=True)
-
-    def _write_config(self) -> None:
-        """The run's config.yaml, whole or as it was: it is what --resume starts from."""
-        with writing(self.out / "config.yaml"), atomic_file(self.out / "config.yaml") as tmp:
-            tmp.write_text(dump_config(self.cfg), encoding="utf-8")
-
-    def _check_shared(self) -> None:
-        """Every rank must see the directory rank 0 writes, as it reads the checkpoints there on resume;
-        on machines that each have their own disk, the ranks would otherwise resume from different steps."""
-        d = self.dist
-        if d.world == 1:
-            return
-        token = d.sum_host([int.from_bytes(os.urandom(7), "big") if d.main else 0])[0]
-        probe = self.out / f".shared-check.tmp-{token:014x}"  # a new name: no cached lookup can answer
-        if d.main:
-            probe.write_text(f"{d.world}\n")
-        d.barrier()
-        # An NFS client may keep answering "no such directory" for --out (looked up before rank 0
-        # made it) until its attribute cache expires, so ranks look again, deciding together.
-        deadline = time.monotonic() + SHARED_WAIT_S
-        while True:
-            blind, late = d.sum_host([int(not probe.is_file()), int(time.monotonic() >= deadline)])
-            if not blind or late:
-                break
-            time.sleep(1.0)
-        if d.main:
-            probe.unlink()
-        if blind:
-            raise TinykError(f"run directory {self.out} is not shared: {blind} of {d.world} processes do not see what "
-                             f"rank 0 writes there; with several machines, --out must be on a filesystem every node "
-                             f"mounts at the same path")
+        inputs = [self.cfg.data, self.init_dir, None if self.resumed_from else self.tok_dir]
+        return self.run_dir.open(force=force, resume=self.resume, resumed_from=self.resumed_from, inputs=inputs,
+                                 config=dump_config(self.cfg))
 
     def _check_same_job(self) -> None:
         """Refuses a job whose processes were started with different settings (one node's job script
@@ -896,20 +723,11 @@ class Trainer:
         d.barrier()
         return path
 
-    def _in_use(self) -> TinykError:
-        holders = DirLock(self.out).holders()
-        which = f"process {', '.join(holders)}: " if holders else ""
-        return TinykError(f"run directory {self.out} is in use by another tinyk run ({which}still training, or its "
-                          f"processes outlived a killed launcher); stop that one first")
-
     def _damaged(self, problem: Exception) -> TinykError:
         """A checkpoint damaged after it was written (disk, copying): say which, and the way out. One
         that vanished or changed while read, in a directory another run holds, was that run's rotation."""
-        if self.dist.main and not self.lock.held and self.out.is_dir():
-            probe = DirLock(self.out)
-            if not probe.acquire():
-                return self._in_use()
-            probe.release()
+        if self.run_dir.held_elsewhere():
+            return self.run_dir.in_use()
         return TinykError(f"checkpoint {self.resumed_from} is damaged ({first_line(problem)}); delete it "
                           f"to resume from the one before, or start over with --force")
 
@@ -1221,7 +1039,7 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         try:
             summary = self._run()
-            self._drop_replaced()
+            self.run_dir.drop_replaced()
         except BaseException as e:
             first_step = self.progress.step == 0 and not self.resumed_from
             lost = self._peer_lost(e, before_training=first_step)
@@ -1240,13 +1058,6 @@ class Trainer:
         self.close(128 + signal.Signals[stopped].value if stopped else 0)
         return summary
 
-    def _drop_replaced(self) -> None:
-        """Deletes the run --force replaced, once this one has trained a step (or ended without error)."""
-        if self.aside is not None:
-            aside, self.aside = self.aside, None
-            with contextlib.suppress(OSError):  # a replaced run not deleted now, the next start deletes
-                drop_aside(aside)
-
     def close(self, exit_code: int = 0, error: str | None = None) -> None:
         """Closes the trackers (telling them how the run ended: the command's `exit_code`) and frees the
         run directory for the next run; `run()` ends with it."""
@@ -1255,7 +1066,7 @@ class Trainer:
                 monitor, self.monitor = self.monitor, None
                 monitor.close(exit_code, error)
         finally:
-            self.lock.release()
+            self.run_dir.lock.release()
             self.dist.close()
 
     def _run(self) -> dict[str, Any]:
@@ -1334,7 +1145,7 @@ class Trainer:
             p.tokens += n_pos
             p.loss_tokens += n_loss
             self.window_steps += 1
-            self._drop_replaced()
+            self.run_dir.drop_replaced()
             if cfg.max_minutes:
                 if t_first is None:
                     t_first, step_first = time.perf_counter(), p.step
