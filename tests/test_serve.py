@@ -261,7 +261,8 @@ LONG = "".join(chr(0x4E00 + 37 * i) for i in range(200))  # rare characters: sev
      "messages[0].content", "invalid_type"),
     ("/v1/chat/completions", {"model": "nano", "messages": []}, 400, "messages", "invalid_value"),
     ("/v1/completions", {"model": "nano", "prompt": "hi", "max_tokens": 0}, 400, "max_tokens", "invalid_value"),
-    ("/v1/completions", {"model": "nano", "prompt": "hi", "max_tokens": 10**9}, 400, "max_tokens", "invalid_value"),
+    ("/v1/completions", {"model": "nano", "prompt": "hi", "max_tokens": 10**9}, 400, "max_tokens",
+     "context_length_exceeded"),  # as OpenAI answers it
     ("/v1/completions", {"model": "nano", "prompt": [5] * 100, "max_tokens": 100}, 400, "max_tokens",
      "context_length_exceeded"),
     ("/v1/completions", {"model": "nano", "prompt": LONG}, 400, "prompt", "context_length_exceeded"),
@@ -323,7 +324,8 @@ LONG = "".join(chr(0x4E00 + 37 * i) for i in range(200))  # rare characters: sev
     ("/v1/chat/completions", {"model": "nano", "messages": [{"role": "user", "content": "hi"}],
                               "max_completion_tokens": 0}, 400, "max_completion_tokens", "invalid_value"),
     ("/v1/chat/completions", {"model": "nano", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
-                              "max_completion_tokens": 10**9}, 400, "max_completion_tokens", "invalid_value"),
+                              "max_completion_tokens": 10**9}, 400, "max_completion_tokens",
+     "context_length_exceeded"),
     ("/v1/chat/completions", {"model": "nano", "messages": [{"role": "user", "content": "hi", "contents": "x"}]},
      400, "messages[0].contents", "unknown_parameter"),  # a typo inside a message is refused too
     ("/v1/chat/completions", {"model": "nano", "messages": [{"role": "user", "content": "hi", "name": 5}]},
@@ -525,6 +527,9 @@ def test_max_completion_tokens_wins_over_the_deprecated_max_tokens(server):
     status, reply = request(server, "POST", "/v1/chat/completions",
                             {**chat, "max_tokens": 9, "max_completion_tokens": 3})
     assert status == 200 and reply["usage"]["completion_tokens"] == 3, reply
+    status, reply = request(server, "POST", "/v1/chat/completions",  # the one that does not count is not checked
+                            {**chat, "max_tokens": 10**6, "max_completion_tokens": 3})
+    assert status == 200 and reply["usage"]["completion_tokens"] == 3, reply
 
 
 def test_other_methods_get_a_json_error(server):
@@ -700,6 +705,9 @@ def test_protocol_errors(server):
     assert raw(server, get).count(b"HTTP/1.1 ") == 1
     reply = raw(server, b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\nHost: evil.example\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 400") and b"more than one Host header" in reply
+    reply = raw(server, b"GET /v1/models HTTP/1.1\r\nConnection: close\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 400") and b"needs a Host header" in reply  # RFC 9112 3.2
+    assert raw(server, b"GET /v1/models HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.1 200")  # 1.0 has no Host
     packed = gzip.compress(body)
     gzipped = (b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Encoding: gzip\r\n"
                b"Content-Length: %d\r\n\r\n%s" % (len(packed), packed))
@@ -819,6 +827,15 @@ def test_api_key(nano_model_dir, reference):
         assert r.choices[0].text == expected_completion(reference, "你好", 4).text
         status, _ = request(server, "GET", "/v1/models", headers={"Authorization": "bearer  sk-secret"})
         assert status == 200  # the scheme is case-insensitive (RFC 7235)
+        expect = b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\nExpect: 100-continue\r\n"
+        assert raw(server, expect + b"\r\n").startswith(b"HTTP/1.1 401")  # the client holds its body back for this
+        u = urlsplit(server.url)
+        with socket.create_connection((u.hostname, u.port), timeout=60) as s:
+            s.sendall(expect + b"Authorization: Bearer sk-secret\r\n\r\n")
+            assert s.recv(65536).startswith(b"HTTP/1.1 100 Continue")  # with the key: send it
+        reply = raw(server, b"POST /v1/nothing HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer sk-secret\r\n"
+                    b"Content-Length: 100\r\nExpect: 100-continue\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 404"), reply[:40]
         status, page = request(server, "GET", "/")
         assert status == 200 and "<title>tinyk chat</title>" in page
         head = raw(server, b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").partition(b"\r\n\r\n")[0]
@@ -857,7 +874,12 @@ def test_web_pages_of_other_sites_are_refused_unless_allowed(nano_model_dir, ser
         assert call(other, "POST", "http://evil.example") == (403, None)
         assert call(other, "OPTIONS", "http://evil.example") == (405, None)
         assert call(other, "OPTIONS", allowed, "/nothing")[0] == 404  # only API paths are preflighted
+        assert call(other, "OPTIONS", allowed, "/v1/nothing")[0] == 404
+        plain = raw(other, b"OPTIONS /v1/completions HTTP/1.1\r\nHost: localhost\r\nOrigin: " + allowed.encode()
+                    + b"\r\nConnection: close\r\n\r\n")  # no Access-Control-Request-Method: no preflight
+        assert plain.startswith(b"HTTP/1.1 405"), plain[:40]
         folded = raw(other, b"OPTIONS /v1/completions HTTP/1.1\r\nHost: localhost\r\nOrigin: " + allowed.encode()
+                     + b"\r\nAccess-Control-Request-Method: POST"
                      + b"\r\nAccess-Control-Request-Headers: x-a,\r\n Set-Cookie: y\r\nConnection: close\r\n\r\n")
         assert b"Access-Control-Allow-Headers: Authorization, Content-Type\r\n" in folded \
             and b"Set-Cookie" not in folded
@@ -956,6 +978,31 @@ def test_an_ipv4_mapped_loopback_is_loopback_and_an_empty_host_is_refused(nano_m
         assert request(server, "GET", "/v1/models", headers={"Host": "evil.example.com"})[0] == 403
     finally:
         server.close()
+
+
+def test_a_port_in_use_is_one_line_with_the_way_out(nano_model_dir, server):
+    port = urlsplit(server.url).port
+    with pytest.raises(TinykError, match=r"cannot listen on 127.0.0.1:\d+: .*; pick another --port \(--port 0"):
+        ChatServer(Engine.from_dir(nano_model_dir), ServerConfig(model_name="nano", log=False), "127.0.0.1", port)
+
+
+def test_the_model_id_is_the_name_the_directory_was_given(nano_model_dir, tmp_path, monkeypatch):
+    """`--model models/latest`, a link to the newest model: clients send "latest", as the README says."""
+    import tinyk.serve as serve_mod
+
+    (tmp_path / "latest").symlink_to(nano_model_dir)
+    named = []
+
+    def config(**cfg):
+        named.append(cfg["model_name"])
+        raise TinykError("enough")
+
+    monkeypatch.setattr(serve_mod, "ServerConfig", config)
+    monkeypatch.chdir(nano_model_dir)
+    for given in (str(tmp_path / "latest"), f"{tmp_path / 'latest'}/", "."):
+        with pytest.raises(TinykError, match="enough"):
+            serve_mod.serve(given, port=0)
+    assert named == ["latest", "latest", nano_model_dir.name]
 
 
 def test_serve_refuses_bad_settings_before_loading_the_model(nano_model_dir, monkeypatch):

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import errno
 import hmac
 import ipaddress
 import json
+import os
 import queue
 import random
 import re
@@ -283,12 +285,13 @@ class Api:
         d = self.defaults
         ctx = self.engine.context_length
         newer = _get(body, "max_completion_tokens", "integer", None)
-        max_tokens = _get(body, "max_tokens", "integer", None)
-        _in_range("max_completion_tokens", newer, 1, ctx - 1)
-        _in_range("max_tokens", max_tokens, 1, ctx - 1)
+        older = _get(body, "max_tokens", "integer", None)
         # max_completion_tokens replaced max_tokens in OpenAI's API: given both, it is the one that counts.
         max_name = "max_completion_tokens" if newer is not None else "max_tokens"
-        max_tokens = max_tokens if newer is None else newer
+        max_tokens = older if newer is None else newer
+        if max_tokens is not None and max_tokens < 1:
+            raise ApiError(400, f"'{max_name}' must be at least 1, got {max_tokens}", param=max_name,
+                           code="invalid_value")
         if max_tokens is not None and prompt_tokens + max_tokens > ctx:
             raise ApiError(400, f"this model's maximum context length is {ctx} tokens, but "
                                 f"{prompt_tokens + max_tokens} were requested ({prompt_tokens} in the prompt, "
@@ -688,12 +691,17 @@ class Handler(BaseHTTPRequestHandler):
         return hmac.compare_digest(given.strip().encode("latin-1", "replace"), key.encode())
 
     def handle_expect_100(self) -> bool:
-        """Refuses an oversized (or unusable) body before the client sends it."""
+        """Refuses a request before the client sends its body: one the server would refuse unread (a
+        foreign Host, a path that takes no body, a web page of another site, no valid key), or an
+        oversized (or unusable) body."""
         try:
             if self.command == "POST":
+                refusal = self._host_refusal() or self._refused_before_body()
+                if refusal is not None:
+                    raise refusal
                 self._body_length()
         except ApiError as e:
-            self.unread_body = True
+            self.close_connection = self.unread_body = True  # the client may send the body all the same
             self._error(e)
             return False
         return super().handle_expect_100()
@@ -770,21 +778,27 @@ class Handler(BaseHTTPRequestHandler):
             # so the body is not taken for the next request (behind a proxy that reuses connections,
             # another client's).
             self.close_connection = self.unread_body = True
+        refusal = self._host_refusal()
+        if refusal is None:
+            return True
+        self.close_connection = self.unread_body = True
+        self._error(refusal)
+        return False
+
+    def _host_refusal(self) -> ApiError | None:
         hosts = self.headers.get_all("Host", [])
         if len(hosts) > 1:  # RFC 9112 3.2: which one a proxy in front checked is unknown
-            self.close_connection = self.unread_body = True
-            self._error(ApiError(400, "more than one Host header", code="invalid_host"))
-            return False
+            return ApiError(400, "more than one Host header", code="invalid_host")
+        if not hosts and self.request_version == "HTTP/1.1":  # RFC 9112 3.2 (HTTP/1.0 had no Host)
+            return ApiError(400, "an HTTP/1.1 request needs a Host header", code="invalid_host")
         host = hosts[0] if hosts else None
         allowed = self.server.api.cfg.allow_hosts
         guarded = self.server.loopback or bool(allowed)  # naming hosts guards any address (Docker's 0.0.0.0)
         if not guarded or host is None or "*" in allowed or _local_host_name(host, allowed):
-            return True
-        self.close_connection = self.unread_body = True
-        self._error(ApiError(403, f"Host {host} is not this server, which listens on {self.server.address}; behind a "
-                                  f"reverse proxy that passes its Host on, start it with --allow-host "
-                                  f"{_hostname(host) or host}", code="host_not_allowed"))
-        return False
+            return None
+        return ApiError(403, f"Host {host} is not this server, which listens on {self.server.address}; behind a "
+                             f"reverse proxy that passes its Host on, start it with --allow-host "
+                             f"{_hostname(host) or host}", code="host_not_allowed")
 
     def handle_one_request(self) -> None:
         """A client that leaves mid-request is its own business: no traceback on the server's stderr."""
@@ -841,19 +855,13 @@ class Handler(BaseHTTPRequestHandler):
             self._post()
 
     def _post(self) -> None:
-        path = self._route()
         self.unread_body = True
         try:
-            if path not in POST_PATHS:
-                self.close_connection = True  # the body is left unread
-                if _is_get_path(path):
-                    raise _not_allowed(path)
-                raise _not_found(path)
-            refusal = self._refusal()
+            refusal = self._refused_before_body()
             if refusal is not None:
-                self.close_connection = True
+                self.close_connection = True  # the body is left unread
                 raise refusal
-            sub = self.server.api.submit(self._body(), path == "/v1/chat/completions")
+            sub = self.server.api.submit(self._body(), self._route() == "/v1/chat/completions")
         except ApiError as e:
             self._error(e)
             return
@@ -861,6 +869,13 @@ class Handler(BaseHTTPRequestHandler):
             self._stream(sub)
         else:
             self._complete(sub)
+
+    def _refused_before_body(self) -> ApiError | None:
+        """Why a POST is refused before its body is read: a path that takes none, or `_refusal`."""
+        path = self._route()
+        if path not in POST_PATHS:
+            return _not_allowed(path) if _is_get_path(path) else _not_found(path)
+        return self._refusal()
 
     def _refusal(self) -> ApiError | None:
         """Why an API call is refused before its body is read: a web page of another site, or no valid key."""
@@ -873,7 +888,10 @@ class Handler(BaseHTTPRequestHandler):
     def do_OPTIONS(self) -> None:
         """A browser's CORS preflight of an API call: answered for the origins --allow-origin names,
         with whatever request headers the page's client sends (the openai JS package adds x-stainless-*)."""
-        if not self._route().startswith("/v1/") or self._cross_origin() is None or not self._origin_allowed():
+        path = self._route()
+        preflight = self.headers.get("Access-Control-Request-Method") is not None
+        if not (path in POST_PATHS or (_is_get_path(path) and path.startswith("/v1/"))) or not preflight \
+                or self._cross_origin() is None or not self._origin_allowed():
             self._other_method()
             return
         self.send_response(204)
@@ -1180,7 +1198,8 @@ class ChatServer(ThreadingHTTPServer):
             super().__init__((host, port), Handler)
         except OSError as e:
             self.api.close()
-            raise TinykError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
+            hint = "; pick another --port (--port 0: any free one)" if e.errno == errno.EADDRINUSE else ""
+            raise TinykError(f"cannot listen on {host}:{port}: {e.strerror or e}{hint}") from e
         ip = ipaddress.ip_address(self.server_address[0].split("%")[0])
         if ip.version == 6 and ip.ipv4_mapped:  # ::ffff:127.0.0.1 is 127.0.0.1
             ip = ip.ipv4_mapped
@@ -1243,7 +1262,7 @@ def serve(model_dir: str, *, host: str = "127.0.0.1", port: int = 8000, device: 
     """Loads the model and serves until interrupted (`tinyk serve`)."""
     from pathlib import Path
 
-    cfg.setdefault("model_name", shown(Path(model_dir).resolve().name))  # the id clients send back: text
+    cfg.setdefault("model_name", shown(Path(os.path.abspath(model_dir)).name))  # the id clients send back: text
     config = ServerConfig(**cfg)  # its refusals (an API key with a space) come before the model loads
     check_host(host)
     engine = Engine.from_dir(model_dir, device=device, dtype=dtype, max_batch=max_batch, quantize=quantize)
