@@ -232,8 +232,8 @@ def test_every_generate_mode_says_which_sample_the_context_cut_short(engine, nan
                   f"{engine.context_length}-token context)\n"
     if json_out:
         rows = [json.loads(line) for line in out.splitlines()]
-        assert [(r["finish_reason"], r["completion_tokens"], r.get("cut_by_context")) for r in rows] == \
-            [("length", 5, None), ("length", 3, True)]  # the key only where the context cut it
+        assert [(r["sample"], r["finish_reason"], r["completion_tokens"], r.get("cut_by_context")) for r in rows] == \
+            [(1, "length", 5, None), (2, "length", 3, True)]  # the key only where the context cut it
     else:
         assert "--- sample 2 (3 tokens, length) ---" in out
     with pytest.raises(SystemExit):  # one prompt, --json: the same note
@@ -241,6 +241,11 @@ def test_every_generate_mode_says_which_sample_the_context_cut_short(engine, nan
               "--repetition-penalty", "1", "--max-new-tokens", "5", "--json"])
     out, err = capsys.readouterr()
     assert json.loads(out)["cut_by_context"] is True and err.startswith("(sample 1 cut at 3 tokens")
+    with pytest.raises(SystemExit):  # a terminal would take U+009B for CSI: escaped, as JSON escapes ESC
+        main(["generate", "--model", str(nano_model_dir), "--prompt", "a\x9b31m\x7f", "--max-new-tokens", "1",
+              "--json"])
+    out = capsys.readouterr().out
+    assert "\\u009b31m\\u007f" in out and json.loads(out)["prompt"] == "a\x9b31m\x7f"
 
 
 @pytest.mark.parametrize("samples", [1, 2])
@@ -1019,6 +1024,27 @@ def test_ctrl_c_stops_the_reply_not_the_chat(engine, capsys, monkeypatch):
         with pytest.raises(type(stop)):
             chat_session(engine, params, ["你好", "再见"], out, system=None)
         assert out.getvalue() == "assistant> \n"  # "tinyk: terminated" then starts a line of its own
+
+
+def test_ctrl_c_while_a_message_is_tokenized_keeps_the_chat(engine, capsys, monkeypatch):
+    """Ctrl-C just after Enter, while a long history is tokenized (before the reply's own handler): the
+    message is withdrawn and the session goes on; it used to end the chat."""
+    params = replace(GREEDY, max_new_tokens=4)
+    chat_ids, calls = engine.chat_ids, []
+
+    def slow(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return chat_ids(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "chat_ids", slow)
+    history = chat_session(engine, params, ["你好", "再见", "谢谢"], io.StringIO(), system=None)
+    assert [m["content"] for m in history[::2]] == ["你好", "谢谢"]
+    assert "(stopped; the message is forgotten)" in capsys.readouterr().err
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):  # one-shot: Ctrl-C ends the command
+        chat_session(engine, params, ["你好", "再见"], io.StringIO(), system=None, interactive=False)
 
 
 def test_a_reply_stopped_before_its_first_token_leaves_the_conversation_as_it_was(engine, capsys, monkeypatch):

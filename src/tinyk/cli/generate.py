@@ -6,6 +6,8 @@ import argparse
 import contextlib
 import io
 import json
+import os
+import re
 import sys
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
@@ -92,10 +94,13 @@ def _generate(args: argparse.Namespace) -> int:
         prompt = prompts[i]
         if args.json:
             # finish_reason stays OpenAI's "length"; the extra key tells the context's cut from the budget's
-            print(json.dumps({"prompt": prompt, "text": c.text, "finish_reason": c.finish_reason,
-                              **({"cut_by_context": True} if c.cut_by_context else {}),
-                              "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens},
-                             ensure_ascii=False), flush=True)
+            # C1 controls and DEL escaped as JSON escapes them (the same text once parsed): a terminal
+            # would obey U+009B as the escape sequences' CSI. "sample" numbers it as text mode does.
+            line = json.dumps({"sample": i + 1, "prompt": prompt, "text": c.text, "finish_reason": c.finish_reason,
+                               **({"cut_by_context": True} if c.cut_by_context else {}),
+                               "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens},
+                              ensure_ascii=False)
+            print(re.sub("[\x7f-\x9f]", lambda m: f"\\u{ord(m[0]):04x}", line), flush=True)
         else:
             print(f"--- sample {i + 1} ({plural(c.completion_tokens, 'tokens')}, {c.finish_reason}) ---\n"
                   f"{for_terminal(prompt + c.text, sys.stdout)}", flush=True)
@@ -137,8 +142,10 @@ def _input_lines() -> Iterable[str]:
     with contextlib.suppress(ImportError):  # not on Windows
         import readline  # loading it is what gives input() editing and history
 
-        if "libedit" not in (readline.__doc__ or ""):  # macOS's libedit has no bracketed paste
-            # CPython turns it off; on, the terminal marks a paste and a pasted paragraph is one message.
+        # CPython turns it off; on, the terminal marks a paste and a pasted paragraph is one message.
+        # Not with macOS's libedit, which has none, nor on a dumb terminal (an editor's shell buffer),
+        # which would show its switching codes around every prompt.
+        if "libedit" not in (readline.__doc__ or "") and os.environ.get("TERM", "dumb") != "dumb":
             readline.parse_and_bind("set enable-bracketed-paste on")
     to_terminal = sys.stdout.isatty()
     while True:
