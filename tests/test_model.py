@@ -74,6 +74,8 @@ def test_hf_llama_loads_and_matches_logits(tmp_path, tok_dir, shape):
     # Greedy by default, with tinyk's repetition penalty: generate() is `tinyk generate --temperature 0`.
     assert not gen.do_sample and gen.repetition_penalty == SamplingParams().repetition_penalty
     assert (hf.config.bos_token_id, hf.config.eos_token_id) == (tok.bos_token_id, tok.eos_token_id)
+    # No padding_idx: its embedding row would get no gradient, and the pad token is <|im_end|>, every turn's end.
+    assert hf.model.embed_tokens.padding_idx is None
     # A Llama's inputs only: transformers 4 added token_type_ids, which generate(**inputs) refused.
     assert set(tok("北京", return_tensors="pt")) == {"input_ids", "attention_mask"}
 
@@ -285,6 +287,12 @@ def test_a_plain_hf_llama_loads_with_its_rope_theta_and_what_tinyk_cannot_do_is_
                                          r"500000.0 \(transformers 4 reads one, 5 the other\)"):
         load_model(out)
     (out / "config.json").write_text(json.dumps({**config, "rope_theta": 5e5}))  # both, agreeing
+    assert load_model(out)[0].config.rope_theta == 5e5
+    # A v4-style scaling added to a v5 file: transformers 5 reads rope_scaling first, so it is no default RoPE.
+    (out / "config.json").write_text(json.dumps({**config, "rope_scaling": {"rope_type": "linear", "factor": 4.0}}))
+    with pytest.raises(TinykError, match="config.json asks for RoPE scaling 'linear'"):
+        load_model(out)
+    (out / "config.json").write_text(json.dumps({**config, "hidden_act": "swish"}))  # transformers' other name for silu
     assert load_model(out)[0].config.rope_theta == 5e5
     x = torch.randint(0, 512, (2, 30))
     with torch.no_grad():
@@ -552,6 +560,14 @@ def test_a_tutorial_pth_is_pointed_to_import_which_says_what_it_assumed(tmp_path
     model, assumed = import_seed_checkpoint(_save(tables, tmp_path / "t.pth"), tok_dir, tmp_path / "t")
     assert (model.config.n_heads, model.config.max_seq_len, assumed) == (
         4, 80, "4 heads and a context of 80 tokens (from its RoPE tables) assumed: the checkpoint does not record them")
+    masked = {**sd, **{f"layers.{i}.attention.mask": torch.full((1, 1, 96, 96), -torch.inf).triu(1)
+                       for i in range(2)}}  # what a model without flash attention keeps: its context
+    model, assumed = import_seed_checkpoint(_save(masked, tmp_path / "mask.pth"), tok_dir, tmp_path / "mk", n_heads=4)
+    assert (model.config.max_seq_len, assumed) == (
+        96, "a context of 96 tokens (from its attention mask) assumed: the checkpoint does not record it")
+    model, assumed = import_seed_checkpoint(tmp_path / "mask.pth", tok_dir, tmp_path / "mk2")
+    assert assumed == "16 heads (the tutorial's) and a context of 96 tokens (from its attention mask) assumed: " \
+                      "the checkpoint does not record them"
     model, assumed = import_seed_checkpoint(tmp_path / "t.pth", tok_dir, tmp_path / "t2", n_heads=4, max_seq_len=64)
     assert (model.config.n_heads, model.config.max_seq_len, assumed) == (4, 64, "")  # the flags win
     with pytest.raises(TinykError) as e:  # but not over the head count the tables fix
@@ -572,7 +588,9 @@ def test_a_tutorial_pth_is_pointed_to_import_which_says_what_it_assumed(tmp_path
     (lambda sd: {**sd, "layers.0.attention.bias": torch.zeros(3)}, "holds layers.0.attention.bias, which the "
                                                                     "tutorial's model does not have"),
     (lambda sd: {k: v for k, v in sd.items() if "ffn_norm" not in k},
-     "lacks weights: \\[.model.layers.0.post_attention_layernorm"),
+     "lacks weights: \\[.layers.0.ffn_norm.weight"),  # named as the user's file names them
+    (lambda sd: {k: v for k, v in sd.items() if k != "layers.1.feed_forward.w3.weight"},
+     "lacks weights: \\['layers.1.feed_forward.w3.weight'\\]"),
     (lambda sd: {"tok_embeddings": 1}, "is not a state dict"),
     (lambda sd: {"model.embed_tokens.weight": sd["tok_embeddings.weight"]},
      "not a checkpoint of the tutorial's model but a Hugging Face Llama checkpoint; tinyk reads such a model from "

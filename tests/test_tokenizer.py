@@ -19,6 +19,7 @@ from tinyk.tokenizer import (
     chat_template,
     eval_tokenizer,
     load_tokenizer,
+    message_text,
     train_tokenizer,
     with_system,
 )
@@ -93,6 +94,11 @@ def test_chat_template_renders_the_seeds_conversations(tk, tok_dir):
     with_prompt = hf.apply_chat_template(SEED_MESSAGES[:2], tokenize=False, add_generation_prompt=True)
     assert with_prompt.endswith("How are you?<|im_end|>\n<|im_start|>assistant\n")
     assert tk.apply_chat_template(SEED_MESSAGES[:2], add_generation_prompt=True) == with_prompt
+    # OpenAI's content parts, as `tinyk serve` and `tinyk data sft` read them (its Python repr before).
+    parts = [{"role": "user", "content": [{"type": "text", "text": "你好"}, {"type": "text", "text": "世界"}]},
+             {"role": "assistant", "content": None}]
+    assert hf.apply_chat_template(parts, tokenize=False) == tk.apply_chat_template(
+        [{"role": m["role"], "content": message_text(m["content"]) or ""} for m in parts])
 
 
 def test_hf_tokenizer_gives_same_ids(tk, tok_dir):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import pickle
+import re
 import shutil
 import warnings
 from collections.abc import Iterator
@@ -73,6 +74,10 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
         "attention_dropout": 0.0,
         "tie_word_embeddings": cfg.tie_embeddings,
         **GENERATION_IDS,
+        # transformers makes config.json's pad id the embedding's padding_idx, whose row then learns nothing:
+        # with <|im_end|> there, fine-tuning in transformers would freeze the end of every turn. Padding is
+        # the tokenizer's and generation_config.json's business.
+        "pad_token_id": None,
         "initializer_range": 0.02,
         "torch_dtype": "float32",
         "tinyk": cfg.to_dict(),
@@ -95,29 +100,33 @@ def config_from_hf(d: Any) -> ModelConfig:
     own = d.get("tinyk")
     if own is not None and not isinstance(own, dict):
         raise ValueError("its 'tinyk' entry is not an object")
-    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}  # transformers 5 / 4 names
-    if not isinstance(rope, dict):
+    # transformers 5 writes rope_parameters and 4 rope_scaling; 5 reads rope_scaling first when a file has
+    # both (a v4-style scaling added to a v5 file), so both are checked.
+    ropes = [r for r in (d.get("rope_parameters"), d.get("rope_scaling")) if r]
+    if any(not isinstance(r, dict) for r in ropes):
         raise ValueError("its RoPE parameters are not an object")
+    scaled = next((kind for r in ropes if (kind := r.get("rope_type", r.get("type", "default"))) != "default"), None)
     unsupported = [
         (d.get("model_type", "llama") != "llama", f"model_type {d.get('model_type')!r}"),
-        (rope.get("rope_type", rope.get("type", "default")) != "default",
-         f"RoPE scaling {rope.get('rope_type', rope.get('type'))!r}"),
+        (scaled is not None, f"RoPE scaling {scaled!r}"),
         (bool(d.get("attention_bias")) or bool(d.get("mlp_bias")), "bias terms"),
-        (d.get("hidden_act", "silu") != "silu", f"activation {d.get('hidden_act')!r}"),
+        (d.get("hidden_act", "silu") not in ("silu", "swish"), f"activation {d.get('hidden_act')!r}"),  # one function
     ]
     for bad, what in unsupported:
         if bad:
             raise TinykError(f"config.json asks for {what}, which tinyk's LLaMA-2 model does not implement")
-    if None not in (d.get("rope_theta"), rope.get("rope_theta")) and d["rope_theta"] != rope["rope_theta"]:
-        raise TinykError(f"config.json disagrees with itself: rope_theta is {d['rope_theta']} but its RoPE parameters "
-                         f"have {rope['rope_theta']} (transformers 4 reads one, 5 the other); make them agree")
+    thetas = [t for t in (d.get("rope_theta"), *(r.get("rope_theta") for r in ropes)) if t is not None]
+    if len(set(thetas)) > 1:
+        raise TinykError(f"config.json disagrees with itself: rope_theta is {thetas[0]} but its RoPE parameters "
+                         f"have {next(t for t in thetas if t != thetas[0])} (transformers 4 reads one, 5 the other); "
+                         f"make them agree")
     cfg = ModelConfig(
         dim=d["hidden_size"], n_layers=d["num_hidden_layers"], n_heads=d["num_attention_heads"],
         n_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"], vocab_size=d["vocab_size"],
         # Missing keys mean what LlamaConfig means by them, which is how transformers reads the file.
         hidden_dim=d["intermediate_size"], norm_eps=d.get("rms_norm_eps", 1e-6),
         max_seq_len=d.get("max_position_embeddings", 2048),
-        rope_theta=d.get("rope_theta") or rope.get("rope_theta") or 10000.0,
+        rope_theta=thetas[0] if thetas else 10000.0,
         tie_embeddings=d.get("tie_word_embeddings", False),
     )
     if d.get("head_dim") not in (None, cfg.head_dim):
@@ -501,6 +510,20 @@ def _rope_cos(table: torch.Tensor) -> bool:
     return torch.allclose(table[1].double(), expected, atol=1e-3)
 
 
+def _seed_names(text: str) -> str:
+    """`text` with tinyk's (transformers') tensor names written as the tutorial's model names them."""
+    ours = {v: k for k, v in SEED_NAMES.items()}
+
+    def seed(m: re.Match) -> str:
+        if m[0] in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"):
+            return {"model.embed_tokens.weight": "tok_embeddings.weight", "lm_head.weight": "output.weight",
+                    "model.norm.weight": "norm.weight"}[m[0]]
+        return f"layers.{m[1]}.{ours[m[2]]}.weight" if m[2] in ours else m[0]
+
+    return re.sub(r"model\.layers\.(\d+)\.([a-z_.]+?)\.weight|model\.embed_tokens\.weight|lm_head\.weight|"
+                  r"model\.norm\.weight", seed, text)
+
+
 def import_seed_checkpoint(ckpt: str | Path, tok_dir: str | Path, out: str | Path, *, n_heads: int | None = None,
                            max_seq_len: int | None = None, force: bool = False) -> tuple[Transformer, str]:
     """A model directory from a model the tutorial's scripts saved (`pretrain_1024_18_6144.pth`), and
@@ -511,6 +534,7 @@ def import_seed_checkpoint(ckpt: str | Path, tok_dir: str | Path, out: str | Pat
     path = Path(ckpt)
     state, config = _read_seed_weights(path)
     rope = next((v for k, v in state.items() if k.endswith("freqs_cos")), None)
+    mask = next((v for k, v in state.items() if k.endswith("attention.mask")), None)
     # The causal mask older torch made it keep and the RoPE tables: derived, not weights.
     state = {_unprefixed(k): v for k, v in state.items()
              if not k.endswith(("attention.mask", "freqs_cos", "freqs_sin"))}
@@ -535,18 +559,26 @@ def import_seed_checkpoint(ckpt: str | Path, tok_dir: str | Path, out: str | Pat
                          f"(a model split into other heads computes something else); leave --n-heads out")
     # Not given nor recorded: the RoPE tables' shape if it kept them (half a head wide, one row per
     # position, in the tutorial's layout), else the tutorial's values; either is said.
-    guess, source = {"n_heads": 16, "max_seq_len": 512}, "the tutorial's"
+    # The causal mask a model without flash attention keeps (1, 1, T, T) tells the context alone.
+    guess = {"n_heads": (16, "the tutorial's"), "max_seq_len": (512, "the tutorial's")}
+    if mask is not None and mask.dim() == 4 and mask.shape[-1] == mask.shape[-2] > 0:
+        guess["max_seq_len"] = (mask.shape[-1], "from its attention mask")
     if rope is not None and rope.dim() == 2 and rope.shape[1] and dim % (2 * rope.shape[1]) == 0 and _rope_cos(rope):
-        guess, source = {"n_heads": dim // (2 * rope.shape[1]), "max_seq_len": rope.shape[0]}, "from its RoPE tables"
-        if n_heads is not None and n_heads != guess["n_heads"]:
-            raise TinykError(f"--n-heads {n_heads} contradicts the {guess['n_heads']} heads of {path}'s RoPE tables "
-                             f"(half a head, {rope.shape[1]} wide, for dim {dim}); leave --n-heads out")
+        guess = {"n_heads": (dim // (2 * rope.shape[1]), "from its RoPE tables"),
+                 "max_seq_len": (rope.shape[0], "from its RoPE tables")}
+        if n_heads is not None and n_heads != guess["n_heads"][0]:
+            raise TinykError(f"--n-heads {n_heads} contradicts the {guess['n_heads'][0]} heads of {path}'s RoPE "
+                             f"tables (half a head, {rope.shape[1]} wide, for dim {dim}); leave --n-heads out")
     missing = [k for k, v in (("n_heads", n_heads), ("max_seq_len", max_seq_len)) if not v and k not in config]
-    n_heads = n_heads or config.get("n_heads") or guess["n_heads"]
-    max_seq_len = max_seq_len or config.get("max_seq_len") or guess["max_seq_len"]
+    n_heads = n_heads or config.get("n_heads") or guess["n_heads"][0]
+    max_seq_len = max_seq_len or config.get("max_seq_len") or guess["max_seq_len"][0]
     said = {"n_heads": f"{n_heads} heads", "max_seq_len": f"a context of {max_seq_len} tokens"}
-    assumed = (f"{' and '.join(said[k] for k in missing)} ({source}) assumed: the checkpoint does not record "
-               f"{'them' if len(missing) > 1 else 'it'}") if missing else ""
+    if len({guess[k][1] for k in missing}) == 1:  # "16 heads and a context of 512 tokens (the tutorial's)"
+        told = f"{' and '.join(said[k] for k in missing)} ({guess[missing[0]][1]})"
+    else:
+        told = " and ".join(f"{said[k]} ({guess[k][1]})" for k in missing)
+    assumed = (f"{told} assumed: the checkpoint does not record {'them' if len(missing) > 1 else 'it'}"
+               if missing else "")
     if not isinstance(n_heads, int) or n_heads < 1 or dim % n_heads or (dim // n_heads) % 2:
         fits = [str(h) for h in range(1, dim + 1) if dim % h == 0 and (dim // h) % 2 == 0]
         told = "n_heads" not in missing and "n_heads" not in config  # the user's --n-heads
@@ -584,8 +616,11 @@ def import_seed_checkpoint(ckpt: str | Path, tok_dir: str | Path, out: str | Pat
                           norm_eps=float(norm_eps), tie_embeddings=torch.equal(output, emb))
     except ValueError as e:
         raise TinykError(f"{path} does not hold the tutorial's model with {n_heads} heads ({first_line(e)})") from e
-    model = _model_from_state(cfg, ours, str(path), f"does not fit {cfg.n_layers} layers of dim {dim} with "
-                                                    f"{n_heads} heads (is --n-heads right?)")
+    try:
+        model = _model_from_state(cfg, ours, str(path), f"does not fit {cfg.n_layers} layers of dim {dim} with "
+                                                        f"{n_heads} heads (is --n-heads right?)")
+    except TinykError as e:  # name the tensors as the user's file names them
+        raise TinykError(_seed_names(str(e))) from None
     check_compatible(cfg, load_tokenizer(tok_dir))
     save_model(model, tok_dir, out, force=force, inputs=(path,))
     return model, assumed
