@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import math
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
@@ -33,7 +34,7 @@ from .model import (
     training_flops,
 )
 from .monitor import gpu_peak_flops
-from .units import GiB
+from .units import GiB, MiB
 
 # Share of a GPU's memory a plan may fill: the rest is for the CUDA context, cuBLAS workspaces
 # and the caching allocator's fragmentation, which PyTorch does not count as allocated.
@@ -47,6 +48,12 @@ FP32_SHARE = 0.5  # of the fp32 peak an fp32 run is assumed to reach
 # 52% of compiled mb64's on the H100 (22.2% against 42.7%) and 51% on the H200 (23.7% against 46.9%).
 EAGER_SHARE = 0.5
 MEASURED_MODEL = "seed-215m"  # the model bench/gpu.sh measures; its MFU is the one in GPUS
+# The MFU in GPUS is micro-batch 64's (32,768 tokens per micro-step at seq 512). Smaller micro-steps keep the
+# GPU less busy; as shares of mb64's, bench/gpu.sh measured eager mb16 75% and mb32 94-95%, compiled mb16
+# 88% and mb32 96-97%, on the H100 and the H200 alike. Keyed by compiled.
+MICRO_STEP_SHARE = {False: ((8192, 0.75), (16384, 0.945), (32768, 1.0)),
+                    True: ((8192, 0.876), (16384, 0.966), (32768, 1.0))}
+MIN_MICRO_STEP_SHARE = 0.1
 
 
 @dataclass(frozen=True)
@@ -148,16 +155,22 @@ def gpu_class(device_name: str, variants: bool = False) -> str | None:
     """The GPUS key for a CUDA device name such as 'NVIDIA H100 80GB HBM3' (None if not in the table);
     with `variants`, also the card a variant of other memory or clocks is named after."""
     n = device_name.upper()
+
+    def gb(size: int) -> str:  # a memory size as people type it: 40GB, 40 GB, 40G, or a bare 40
+        return rf"(?<![0-9.]){size} ?G?B?(?![0-9A-Z])"
+
     # Other memory or clocks than the table's card: GH200, NVL, MIG slices, laptop chips, 4090 D, SUPER and
     # Ti models, the 12 GB RTX 3080, the 40 GB A800, the PCIe H800 and V100s.
-    if not variants and re.search(r"GH200|NVL|\bMIG\b|LAPTOP|MOBILE|\b\d{4} ?D\b|SUPER|\bTI\b|\d{4}TI|3080.*12 ?GB|"
-                                  r"A800.*40 ?GB|H800.*PCIE|V100.*(16 ?GB|PCIE)", n):
+    if not variants and re.search(rf"GH200|NVL|\bMIG\b|LAPTOP|MOBILE|\d{{4}} ?D\b|\d{{4}} ?S\b|SUPER|\bTI\b|\d{{4}}TI|"
+                                  rf"3080.*{gb(12)}|A800.*{gb(40)}|H800.*PCIE|V100.*({gb(16)}|PCIE)", n):
         return None
     rules = [("H200", "h200"), ("H100.*PCIE|PCIE.*H100", "h100-pcie"), ("H100", "h100"), ("H800", "h800"),
-             ("H20", "h20"), ("A100.*40 ?GB", "a100-40gb"), ("A100", "a100"), ("A800", "a800"), ("L40S", "l40s"),
+             ("H20", "h20"), (f"A100.*{gb(40)}", "a100-40gb"), ("A100", "a100"), ("A800", "a800"), ("L40S", "l40s"),
              ("L4", "l4"), ("A6000", "a6000"), ("5090", "rtx5090"), ("4090", "rtx4090"), ("4080", "rtx4080"),
              ("3090", "rtx3090"), ("3080", "rtx3080"), ("V100", "v100"), ("T4", "t4")]
-    return next((key for chip, key in rules if re.search(rf"(?<![A-Z0-9])(?:{chip})(?![A-Z0-9])", n)), None)
+    # A variant's name may run on from the chip's: 4090D, 4080S.
+    after = "(?![0-9])" if variants else "(?![A-Z0-9])"
+    return next((key for chip, key in rules if re.search(rf"(?<![A-Z0-9])(?:{chip}){after}", n)), None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -492,6 +505,10 @@ def make_plan(run: RunSpec, gpu: GPUSpec, *, gpus: int = 1, nodes: int = 1, toke
     other = estimate_memory(replace(setup, checkpointing=not run.checkpointing))
 
     used_mfu, mfu_source = _planned_mfu(run, gpu, mfu)
+    # The table's MFU is a figure for the measured micro-batch; --mfu and fp32's assumption are taken as they are.
+    scaled = mfu is None and dtype != "fp32"
+    share = micro_step_share(micro * run.seq_len, run.compiled) if scaled else 1.0
+    used_mfu *= share
     # Recomputing the forward adds a third to the compute while MFU counts model FLOPs only.
     efficiency = 0.75 if run.checkpointing else 1.0
 
@@ -505,6 +522,7 @@ def make_plan(run: RunSpec, gpu: GPUSpec, *, gpus: int = 1, nodes: int = 1, toke
     with_compile = None
     if not run.compiled and mfu is None and dtype != "fp32":  # fp32's assumed MFU has no compiled figure
         compiled_mfu, compiled_source = gpu.mfu_for(compiled=True)
+        compiled_mfu *= micro_step_share(micro * run.seq_len, True)
         _, c_wall_s, c_gpu_hours = pace(compiled_mfu)
         with_compile = {"mfu": compiled_mfu, "mfu_source": compiled_source, "wall_h": c_wall_s / 3600,
                         "gpu_hours": c_gpu_hours, "cost": None if price is None else c_gpu_hours * price}
@@ -528,12 +546,15 @@ def make_plan(run: RunSpec, gpu: GPUSpec, *, gpus: int = 1, nodes: int = 1, toke
                        # which of the table's figures: none for --mfu's, or fp32's assumption
                        "mfu_mode": None if mfu is not None or dtype == "fp32" else
                        "compiled" if run.compiled else "eager",
+                       # of the table's figure, for this micro-step's tokens (MICRO_STEP_SHARE)
+                       "micro_step_share": share, "micro_step_tokens": micro * run.seq_len,
                        "tokens_per_s_per_gpu": per_gpu, "tokens_per_s": per_gpu * world,
                        # with --mfu the user has said what they expect
                        "small_model": size["parameters"] < SMALL_MODEL and mfu is None},
         "time": {"wall_s": wall_s, "wall_h": wall_s / 3600, "gpu_hours": gpu_hours},
         "cost": None if price is None else {"price_per_gpu_hour": price, "total": gpu_hours * price},
         "with_compile": with_compile,  # an eager run's plan: what --compile would give
+        "comms": _comms(setup, size["parameters"], per_rank * run.seq_len / per_gpu) if world > 1 else None,
     }
     amp = setup.amp
     plan["activation_model"] = {
@@ -545,6 +566,7 @@ def make_plan(run: RunSpec, gpu: GPUSpec, *, gpus: int = 1, nodes: int = 1, toke
     if run.cfg == ModelConfig(**PRESETS[TUTORIAL_RUN["preset"]]):
         a100 = GPUS[TUTORIAL_RUN["gpu"]]
         a100_mfu, a100_source = a100.mfu_for(run.compiled)
+        a100_mfu *= share  # the same micro-batch fits an A100 80GB
         if gpu.key == a100.key:
             a100_mfu, a100_source = used_mfu, mfu_source
         elif run.dtype == "fp32" and mfu is None:  # the same precision on the tutorial's cards
@@ -559,6 +581,20 @@ def make_plan(run: RunSpec, gpu: GPUSpec, *, gpus: int = 1, nodes: int = 1, toke
             "a100_hours": tokens * fpt / (a100_mfu * efficiency * a100.peak_flops) / 3600,
         }
     return plan
+
+
+LINK_BYTES_PER_S = 25e9  # a 200 Gb/s InfiniBand link, or PCIe 4.0 x16; NVLink inside a node is many times faster
+
+
+def _comms(s: Setup, parameters: int, compute_s: float) -> dict[str, float]:
+    """What each GPU sends (and receives) per optimizer step, which the time above leaves out: a ring
+    all-reduce of the fp32 gradients (DDP), or (FSDP) each micro-step's two all-gathers of the fp32
+    weights (forward, and backward after resharding) and one reduce-scatter of the gradients per step."""
+    n, share = s.world_size, (s.world_size - 1) / s.world_size
+    size = GRAD_BYTES * parameters
+    moved = (2 * s.grad_accum + 1) * share * size if s.fsdp else 2 * share * size
+    return {"bytes_per_step": moved, "compute_s_per_step": compute_s, "link_bytes_per_s": LINK_BYTES_PER_S,
+            "seconds_at_link": moved / LINK_BYTES_PER_S, "gpus": n}
 
 
 def _check_plan_args(run: RunSpec, gpu: GPUSpec, dtype: str, *, gpus: int, nodes: int, tokens: float,
@@ -596,6 +632,19 @@ def precision_refusal(dtype: str, fsdp: bool, gpu_name: str, has_bf16: bool, ver
 SMALL_MODEL = 20_000_000  # parameters: below this (tiny, nano) a GPU's MFU is a small fraction of the table's
 
 
+def micro_step_share(tokens: int, compiled: bool) -> float:
+    """The share of the table's MFU (micro-batch 64 at seq 512) a micro-step of `tokens` reaches:
+    interpolated in log2(tokens) between bench/gpu.sh's rows, 1 from mb64's up, and below mb16's at the
+    slope between mb16 and mb32 (unmeasured there), never under MIN_MICRO_STEP_SHARE."""
+    points = MICRO_STEP_SHARE[compiled]
+    if tokens >= points[-1][0]:
+        return 1.0
+    below = [p for p in zip(points, points[1:], strict=False) if tokens >= p[0][0]]
+    (t0, s0), (t1, s1) = below[-1] if below else (points[0], points[1])
+    share = s0 + (s1 - s0) * (math.log2(tokens) - math.log2(t0)) / (math.log2(t1) - math.log2(t0))
+    return max(MIN_MICRO_STEP_SHARE, share)
+
+
 def _planned_mfu(run: RunSpec, gpu: GPUSpec, mfu: float | None) -> tuple[float, str]:
     """The MFU a plan assumes on `gpu`, and where it comes from."""
     if mfu is not None:
@@ -606,7 +655,7 @@ def _planned_mfu(run: RunSpec, gpu: GPUSpec, mfu: float | None) -> tuple[float, 
                               "real runs")
     used, source = gpu.mfu_for(run.compiled)
     if source != ASSUMED and _shape(run.cfg) != _shape(preset_config(MEASURED_MODEL)):
-        source += f"; for {MEASURED_MODEL}, not this model: smaller models usually reach less"
+        source += f"; for {MEASURED_MODEL}, not this model: other sizes reach other MFUs (smaller ones less)"
     return used, source
 
 
@@ -649,8 +698,12 @@ def _token_count(n: float) -> str:
                  if n >= unit), f"{n:g}")
 
 
-def _row(label: str, b: float, extra: str = "") -> str:
-    return f"  {label:<{_LABEL}}{b / GiB:7.2f} GiB{extra}"
+def _size(b: float, unit: str = "GiB") -> str:
+    return f"{b / (GiB if unit == 'GiB' else MiB):.2f} {unit}"
+
+
+def _row(label: str, b: float, extra: str = "", unit: str = "GiB") -> str:
+    return f"  {label:<{_LABEL}}{_size(b, unit):>11}{extra}"
 
 
 def _pct(x: float) -> str:
@@ -659,53 +712,66 @@ def _pct(x: float) -> str:
 
 def _mfu_text(t: dict[str, Any]) -> str:
     """The MFU, whether it is a compiled or an eager run's, and where it comes from."""
-    mfu, source = t["mfu"], t["mfu_source"]
+    mfu, source, share = t["mfu"], t["mfu_source"], t["micro_step_share"]
     mode = t["mfu_mode"]
     if mode is None:
         return f"{_pct(mfu)} ({source})"
+    small = (f"; x{share:.2f} for {t['micro_step_tokens']:,} tokens per micro-step, below micro-batch 64's 32,768, "
+             f"as bench/gpu.sh measured the drop" if share < 1 else "")
     if source != ASSUMED:
-        return f"{_pct(mfu)} {mode} ({source})"
-    derived = (f"{EAGER_SHARE:.0%} of the compiled {_pct(mfu / EAGER_SHARE)}, the eager share measured on H100 "
-               f"and H200; " if mode == "eager" else "")
-    return (f"{_pct(mfu)} {mode} (ASSUMED: {derived}not yet measured by bench/gpu.sh on this GPU class; override "
-            f"with --mfu)")
+        return f"{_pct(mfu)} {mode} ({source}{small})"
+    derived = (f"{EAGER_SHARE:.0%} of the compiled {_pct(mfu / share / EAGER_SHARE)}, the eager share measured on "
+               f"H100 and H200; " if mode == "eager" else "")
+    return (f"{_pct(mfu)} {mode} (ASSUMED: {derived}not yet measured by bench/gpu.sh on this GPU class{small}; "
+            f"override with --mfu)")
 
 
 def _memory_lines(p: dict[str, Any]) -> list[str]:
     """The plan's memory table: each part of the peak, and what it is made of."""
     g, r, mem, am, c = p["gpu"], p["run"], p["memory"], p["activation_model"], p["model"]["config"]
     ck = r["activation_checkpointing"]
+    unit = "GiB" if mem["weights"] >= GiB / 10 else "MiB"  # a small model's parts in GiB would read 0.00-0.09
+
+    def row(label: str, b: float, extra: str = "") -> str:
+        return _row(label, b, extra, unit)
+
+    grads = ""
+    if not mem["gradients_at_peak"]:
+        grads = "   none alive at the peak"
+    elif mem["gradients_at_peak"] < mem["gradients"]:
+        grads = f"   {_size(mem['gradients_at_peak'], unit)} of them alive at the peak"
+    elif mem["gradients_at_peak"] > mem["gradients"]:  # FSDP accumulates unsharded between micro-steps
+        grads = f"   {_size(mem['gradients_at_peak'], unit)} at the peak: accumulated unsharded between micro-steps"
     lines = [
         f"memory per GPU, eager mode, micro-batch {r['micro_batch']} (torch.compile needs less):",
-        _row("weights (fp32)", mem["weights"]),
-        _row("gradients (fp32)", mem["gradients"],
-             f"   {mem['gradients_at_peak'] / GiB:.2f} GiB of them alive at the peak"
-             if mem["gradients_at_peak"] < mem["gradients"] else ""),
-        _row("optimizer state (AdamW m, v fp32)", mem["optimizer"]),
+        row("weights (fp32)", mem["weights"]),
+        row("gradients (fp32)", mem["gradients"], grads),
+        row("optimizer state (AdamW m, v fp32)", mem["optimizer"]),
     ]
     if mem["weight_copies"]:
         what = ("fp32 fused q/k/v and gate/up weights" if r["dtype"] == "fp32"
                 else f"{r['dtype']} weight copies (autocast)")
-        lines.append(_row(what, mem["weight_copies"], "   freed after the forward" if ck else ""))
+        lines.append(row(what, mem["weight_copies"], "   freed after the forward" if ck else ""))
     if mem["buffers"]:
-        lines.append(_row("FSDP unsharded blocks in flight" if r["parallel"] == "fsdp" else "DDP gradient buckets",
-                          mem["buffers"]))
+        lines.append(row("FSDP unsharded blocks in flight" if r["parallel"] == "fsdp" else "DDP gradient buckets",
+                         mem["buffers"]))
     layer_kib = sum(am["layer_bytes_per_token"].values()) / 1024
     if ck:
-        detail = (f"{c['n_layers']} block inputs x {am['checkpointed_layer_bytes_per_token'] / 1024:.1f} KiB/token, "
-                  f"one block recomputed at {layer_kib:.1f} KiB/token")
+        detail = f"{c['n_layers']} block inputs x {am['checkpointed_layer_bytes_per_token'] / 1024:.1f} KiB/token"
+        if mem["phase"].startswith("recompute"):
+            detail += f", one block recomputed at {layer_kib:.1f} KiB/token"
     else:
         detail = f"{c['n_layers']} layers x {layer_kib:.1f} KiB/token saved for backward"
     fits = p["largest_micro_batch"]
     return [
         *lines,
-        _row(f"activations at {mem['phase']}", mem["activations"], f"   {detail}, "
-             f"head {am['head_bytes_per_token'] / 1024:.1f} KiB/token"
-             + (f", loss gradients {am['loss_gradient_bytes_per_token'] / 1024:.1f} KiB/token"
-                if mem["phase"] == "backward start" else "")),
-        _row("peak", mem["peak"], f"   of {g['usable_gib']:.1f} GiB usable ({USABLE_FRACTION:.0%}): "
-             f"{'fits' if p['fits'] else 'DOES NOT FIT'}"),
-        _row(f"peak with checkpointing {'off' if ck else 'on'}", p["memory_other_checkpointing"]["peak"]),
+        row(f"activations at {mem['phase']}", mem["activations"], f"   {detail}, "
+            f"head {am['head_bytes_per_token'] / 1024:.1f} KiB/token"
+            + (f", loss gradients {am['loss_gradient_bytes_per_token'] / 1024:.1f} KiB/token"
+               if mem["phase"] == "backward start" else "")),
+        row("peak", mem["peak"], f"   of {g['usable_gib']:.1f} GiB usable ({USABLE_FRACTION:.0%}): "
+            f"{'fits' if p['fits'] else 'DOES NOT FIT'}"),
+        row(f"peak with checkpointing {'off' if ck else 'on'}", p["memory_other_checkpointing"]["peak"]),
         f"largest micro-batch that fits: {fits['no_checkpointing']} without activation checkpointing, "
         f"{fits['checkpointing']} with it (among divisors of the {r['batch_size'] // g['count']} sequences per GPU)"
         if fits["checkpointing"] else "no micro-batch fits, not even 1 with activation checkpointing",
@@ -742,7 +808,8 @@ def format_plan(p: dict[str, Any]) -> str:
     elif r["micro_batch_requested"] is None and r["micro_batch"] < per_gpu:
         # The trainer has no memory model: left unset, its micro-batch is the whole batch per process.
         note = (f"micro_batch is not set, so the trainer would run all {per_gpu} sequences per GPU at once, which "
-                f"does not fit; this plan is for --micro-batch {r['micro_batch']}: pass that to the trainer")
+                f"does not fit; this plan is for --micro-batch {r['micro_batch']}" +
+                (": pass that to the trainer" if p["fits"] else ", which does not fit either"))
     notes = [note] if note else []
     if r["parallel_requested"] == "fsdp" and g["count"] == 1:
         notes.append("with one GPU FSDP is not used: the trainer runs one process with the whole model")
@@ -777,16 +844,22 @@ def format_plan(p: dict[str, Any]) -> str:
                      f"({'assumed' if wc['mfu_source'] == ASSUMED else 'measured'}), {_duration(wc['wall_h'])} = "
                      f"{_amount(wc['gpu_hours'])} GPU-hours"
                      + ("" if wc["cost"] is None else f", cost {wc['cost']:,.2f}"))
+    if cm := p["comms"]:
+        how = "all-gathers and a reduce-scatter" if r["parallel"] == "fsdp" else "the gradients all-reduced"
+        lines.append(f"comms        not in the time above: each GPU moves {cm['bytes_per_step'] / GiB:,.2f} GiB per "
+                     f"optimizer step ({how}) against {cm['compute_s_per_step'] * 1000:,.0f} ms of compute; at "
+                     f"{cm['link_bytes_per_s'] / 1e9:g} GB/s (200 Gb/s InfiniBand, PCIe 4.0) that is "
+                     f"{cm['seconds_at_link'] * 1000:,.0f} ms, which overlaps the backward only in part")
     if p["cost"]:
-        lines.append(f"cost         {p['cost']['total']:,.2f} = {_amount(tm['gpu_hours'])} GPU-hours x "
-                     f"{p['cost']['price_per_gpu_hour']:g} per GPU-hour")
+        lines.append(f"cost         {p['cost']['total']:,.2f} ({tm['gpu_hours']:,.2f} GPU-hours at "
+                     f"{p['cost']['price_per_gpu_hour']:g} per GPU-hour)")
     if "tutorial" in p:
         tut = p["tutorial"]
         base = tut["gpu_hours_for_tokens"]
         line = f"tutorial     {tut['gpus']} x A100 for {tut['hours']:g} h = {tut['gpu_hours']:g} A100-hours"
         if base != tut["gpu_hours"]:
-            line += (f" for its {_token_count(tut['tokens'])} tokens, {_amount(base)} at that pace for "
-                     f"{_token_count(p['run']['tokens'])}")
+            line += (f" for its {_token_count(tut['tokens'])} tokens, {_amount(base)} A100-hours at that pace for "
+                     f"{_token_count(p['run']['tokens'])} tokens")
         mode = f", {t['mfu_mode']}" if t["mfu_mode"] else ""
         line += (f"; this plan{mode}: {_amount(tm['gpu_hours'])} {g['key'].upper()}-hours "
                  f"({_ratio(base, tm['gpu_hours'])})")

@@ -35,7 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     what.add_argument("--dtype", choices=TRAIN_DTYPE_CHOICES,
                       help="auto = bf16 autocast (fp16 on cards without bf16)")
     what.add_argument("--parallel", choices=PARALLEL_CHOICES)
-    what.add_argument("--activation-checkpointing", action="store_true", default=None)
+    what.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction,
+                      help="recompute each block in backward: far less activation memory, a third more compute "
+                           "(default: the config's, off)")
     what.add_argument("--compile", action=argparse.BooleanOptionalAction,
                       help="plan a torch.compile run, about twice an eager run's MFU (default: the config's, off)")
     where = p.add_argument_group("where")
