@@ -414,7 +414,7 @@ def test_cli_train_and_eval(tmp_path, corpus_file, capsys):
     # Records read but all skipped (a wrong --field): their reason, not "raise --max-bytes".
     with pytest.raises(TinykError, match=r"no usable documents in the input \(read up to --max-bytes 300\): .*"
                                          r"no field 'content'.*--field names the one with the text"):
-        train_tokenizer([corpus_file], tmp_path / "t2", vocab_size=300, field_name="content", max_bytes=300,
+        train_tokenizer([corpus_file], tmp_path / "t2", vocab_size=300, field="content", max_bytes=300,
                         show_progress=False)
 
 

@@ -1044,10 +1044,10 @@ def prepare_pretrain(inputs: list[str | Path], tokenizer_dir: str | Path, out: s
     if shard_tokens < MIN_SHARD_TOKENS:
         raise TinykError(f"--shard-tokens must be at least {size_text(MIN_SHARD_TOKENS)} (fewer makes a file every few "
                          f"documents), got {shard_tokens}")
-    check_heads(paths, text_field=field, max_line_bytes=max_line_bytes)
+    check_heads(paths, field=field, max_line_bytes=max_line_bytes)
 
     def records(skips: Skips) -> Iterator[str]:
-        return iter_texts(paths, skips, field_name=field, max_line_bytes=max_line_bytes)
+        return iter_texts(paths, skips, field=field, max_line_bytes=max_line_bytes)
 
     options = {"field": field, "val_fraction": val_fraction, "seed": seed, "shard_tokens": shard_tokens,
                **_line_cap(max_line_bytes)}

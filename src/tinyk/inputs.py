@@ -127,12 +127,12 @@ def check_inputs(paths: list[str | Path]) -> list[Path]:
     return out
 
 
-def check_heads(paths: list[Path], *, text_field: str = "text", message_lists: bool = False,
+def check_heads(paths: list[Path], *, field: str = "text", message_lists: bool = False,
                 max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
     """Refuses an input that is wrong as a whole (UTF-16, GBK, one JSON array, compressed data under
     another name, unreadable Parquet) from its first megabyte, before any input is read in full: met
     at its turn, it threw away the hours spent on the files before it. Bad records are left to the run."""
-    for _ in iter_records(paths, Skips(), head=HEAD_BYTES, max_line_bytes=max_line_bytes, text_field=text_field,
+    for _ in iter_records(paths, Skips(), head=HEAD_BYTES, max_line_bytes=max_line_bytes, field=field,
                           message_lists=message_lists):
         pass
 
@@ -394,11 +394,11 @@ def iter_lines(path: Path, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iter
 
 
 def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = None,
-                 max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, text_field: str = "text",
+                 max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, field: str = "text",
                  message_lists: bool = False, head: int | None = None) -> Iterator[tuple[str, Any]]:
     """Yields (where, record) from every input in order, skipping and counting bad lines.
 
-    JSON inputs yield the parsed object; `.txt` lines yield {text_field: line}; Parquet rows
+    JSON inputs yield the parsed object; `.txt` lines yield {field: line}; Parquet rows
     yield a dict. Stops once `max_bytes` of input have been consumed. `message_lists`: a line may
     be a bare list of chat messages (the seed's SFT format), so such a first line is not taken
     for the start of a JSON array. `head`: only each file's lines that start in its first `head`
@@ -436,7 +436,7 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
             # The first line with something on it: blank lines may come before it.
             opening = not (is_txt or begun) and (line is None or bool(line.strip()))
             if opening:
-                _refuse_not_json_lines(path, line, text_field, message_lists)
+                _refuse_not_json_lines(path, line, field, message_lists)
             begun = begun or opening
             if line is None:
                 limit = f"{max_line_bytes // MiB} MiB" if max_line_bytes % MiB == 0 else f"{max_line_bytes:,} bytes"
@@ -463,8 +463,8 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
             if not s.strip():  # blank lines separate documents and records; they are not ones
                 continue
             encoding.saw(False)
-            if is_txt and encoding.lines == 1 and _is_record(s, text_field, message_lists):
-                read_as = "them as conversations" if message_lists else f"their '{text_field}' field"
+            if is_txt and encoding.lines == 1 and _is_record(s, field, message_lists):
+                read_as = "them as conversations" if message_lists else f"their '{field}' field"
                 raise TinykError(f"{path}: a .txt file whose lines are JSON records, which would be read as "
                                  f"text, braces and keys included; name it {_jsonl_name(path)} to read {read_as}")
             if is_txt:
@@ -475,7 +475,7 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
                 # is many documents, not one holding CRs.
                 for part in s.split("\r") if "\r" in s else (s,):
                     if part.strip():
-                        yield where, {text_field: part}
+                        yield where, {field: part}
                 continue
             try:
                 rec = json.loads(s)
@@ -491,20 +491,20 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
             encoding.decide()
 
 
-def _refuse_not_json_lines(path: Path, first_line: bytes | None, text_field: str, message_lists: bool) -> None:
+def _refuse_not_json_lines(path: Path, first_line: bytes | None, field: str, message_lists: bool) -> None:
     """Refuses a JSON file that is one array or one object over many lines, from its first non-blank line
     (None: too long to hold): read as JSON Lines, each of its lines would be a malformed record."""
     head = _json_array_head(path, first_line, message_lists)
     if head is not None:
         raise TinykError(f"{path}: one JSON array, not JSON Lines (one record per line); convert it "
-                         f"first, e.g. {_jq_hint(path, text_field if _STRINGS.match(head) else None)}")
+                         f"first, e.g. {_jq_hint(path, field if _STRINGS.match(head) else None)}")
     if first_line is not None and first_line.strip() == b"{":
         raise TinykError(f"{path}: one JSON object written over many lines, not JSON Lines (one record "
                          f"per line); write its records one per line first, e.g. for a list of them "
                          f"under KEY: jq -c '.KEY[]' FILE > records.jsonl")
 
 
-def _is_record(line: str, text_field: str, message_lists: bool) -> bool:
+def _is_record(line: str, field: str, message_lists: bool) -> bool:
     """Whether a line is a record the .jsonl reader would read: a JSON object with the text field, or
     (where conversations are read) one in an SFT format. Text that merely looks like JSON is text."""
     if not line.lstrip().startswith("{"):
@@ -513,7 +513,7 @@ def _is_record(line: str, text_field: str, message_lists: bool) -> bool:
         rec = json.loads(line)
     except (ValueError, RecursionError):
         return False
-    return isinstance(rec, dict) and (isinstance(rec.get(text_field), str) or
+    return isinstance(rec, dict) and (isinstance(rec.get(field), str) or
                                       (message_lists and sft_format(rec) is not None))
 
 
@@ -684,17 +684,17 @@ def sft_format(rec: Any) -> str | None:
     return "alpaca" if "instruction" in rec and "output" in rec else None
 
 
-def iter_texts(paths: list[Path], skips: Skips, *, field_name: str = "text", **kw: Any) -> Iterator[str]:
+def iter_texts(paths: list[Path], skips: Skips, *, field: str = "text", **kw: Any) -> Iterator[str]:
     """Yields the text of each document, skipping records without a usable text field."""
-    for where, rec in iter_records(paths, skips, text_field=field_name, **kw):
-        if not isinstance(rec, dict) or field_name not in rec:
+    for where, rec in iter_records(paths, skips, field=field, **kw):
+        if not isinstance(rec, dict) or field not in rec:
             fix = ("these are SFT conversations, not text: `tinyk data sft` reads them"
                    if sft_format(rec) in ("chat", "alpaca") or is_message_list(rec)
                    else "--field names the one with the text")
-            skips.add("missing_field", where, f"no field {field_name!r}, the first such record has "
+            skips.add("missing_field", where, f"no field {field!r}, the first such record has "
                                               f"{record_shape(rec)}; {fix}")
             continue
-        text = rec[field_name]
+        text = rec[field]
         if not isinstance(text, str):
             skips.add("not_string", where)
             continue
@@ -704,10 +704,10 @@ def iter_texts(paths: list[Path], skips: Skips, *, field_name: str = "text", **k
         yield text
 
 
-def read_prompts(typed: list[str], prompt_file: str | None, field_name: str = "prompt",
+def read_prompts(typed: list[str], prompt_file: str | None, field: str = "prompt",
                  stdin: Iterable[str] | None = None) -> tuple[list[str], str | None]:
     """`tinyk generate`'s prompts: the typed ones, then a file's (one per `.txt` line or per record's
-    `field_name`) or stdin's (`-`, one per line); with a note on the lines skipped, if any."""
+    `field`) or stdin's (`-`, one per line); with a note on the lines skipped, if any."""
     prompts, note = list(typed), None
     if prompt_file == "-":  # one prompt per line on stdin, for pipelines
         try:
@@ -732,12 +732,12 @@ def read_prompts(typed: list[str], prompt_file: str | None, field_name: str = "p
             raise TinykError(f"--prompt-file {prompt_file} is a pipe: pipe the prompts to stdin with "
                              f"--prompt-file - instead")
         skips = Skips()
-        found = list(iter_texts(check_inputs([prompt_file]), skips, field_name=field_name))
+        found = list(iter_texts(check_inputs([prompt_file]), skips, field=field))
         if not found and is_plain_text(Path(prompt_file)):
             why = f"no usable lines; {skips.summary()}" if skips.total else "it has no non-empty lines"
             raise TinykError(f"no prompts in {prompt_file} ({why})")
         if not found:
-            raise TinykError(f"no prompts in {prompt_file} (records need a string field {field_name!r}, "
+            raise TinykError(f"no prompts in {prompt_file} (records need a string field {field!r}, "
                              f"see --field; {skips.summary()})")
         note = f"{prompt_file}: {skips.summary()}" if skips.total else None
         prompts += found

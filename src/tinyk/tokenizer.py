@@ -536,7 +536,7 @@ def _train_interruptibly(tok: Tokenizer, texts: Iterator[str], trainer: Any) -> 
 
 
 def train_tokenizer(inputs: list[str | Path], out: str | Path, *, vocab_size: int = 6144,
-                    normalization: str = "none", max_bytes: int | None = None, field_name: str = "text",
+                    normalization: str = "none", max_bytes: int | None = None, field: str = "text",
                     min_frequency: int = 2, force: bool = False, strict: bool = False,
                     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, show_progress: bool = True) -> dict[str, Any]:
     """Trains a tokenizer on a streamed (optionally truncated) corpus and saves an HF directory.
@@ -552,7 +552,7 @@ def train_tokenizer(inputs: list[str | Path], out: str | Path, *, vocab_size: in
         raise TinykError("--min-frequency must be >= 0")
     if max_line_bytes < 1:
         raise TinykError(f"--max-line-bytes must be positive, got {max_line_bytes}")
-    check_heads(paths, text_field=field_name, max_line_bytes=max_line_bytes)
+    check_heads(paths, field=field, max_line_bytes=max_line_bytes)
     memory = memory_available()
     auto_cap = max_bytes is None and memory is not None
     if auto_cap:
@@ -566,7 +566,7 @@ def train_tokenizer(inputs: list[str | Path], out: str | Path, *, vocab_size: in
     stats = {"documents": 0, "characters": 0}
 
     def texts():
-        for t in iter_texts(paths, skips, field_name=field_name, max_bytes=max_bytes, max_line_bytes=max_line_bytes):
+        for t in iter_texts(paths, skips, field=field, max_bytes=max_bytes, max_line_bytes=max_line_bytes):
             stats["documents"] += 1
             stats["characters"] += len(t)
             # The BPE trainer slows with the square of a pre-token's length (a 20,000-character run of
@@ -607,7 +607,7 @@ CHAT_SAMPLE = [
 
 
 def eval_tokenizer(path: str | Path, inputs: list[str | Path] | None = None, *,
-                   max_bytes: int = 10_000_000, field_name: str = "text") -> dict[str, Any]:
+                   max_bytes: int = 10_000_000, field: str = "text") -> dict[str, Any]:
     """Vocab, special ids, exact round trip and compression on a sample."""
     tk = load_tokenizer(path)
     chat = render_chat(CHAT_SAMPLE, add_generation_prompt=True)
@@ -616,7 +616,7 @@ def eval_tokenizer(path: str | Path, inputs: list[str | Path] | None = None, *,
     failures = 0
     skips = Skips()
     if inputs:
-        texts = iter_texts(check_inputs(inputs), skips, field_name=field_name, max_bytes=max_bytes)
+        texts = iter_texts(check_inputs(inputs), skips, field=field, max_bytes=max_bytes)
     else:
         texts = iter(samples)
     for t in texts:

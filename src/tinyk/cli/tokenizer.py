@@ -63,7 +63,7 @@ def _train(args: argparse.Namespace) -> int:
     if note:  # said before the minutes of reading, not only after
         print(f"tinyk: {note}", file=sys.stderr)
     r = train_tokenizer(inputs, args.out, vocab_size=args.vocab_size, normalization=args.normalization,
-                        max_bytes=args.max_bytes, field_name=args.field, min_frequency=args.min_frequency,
+                        max_bytes=args.max_bytes, field=args.field, min_frequency=args.min_frequency,
                         force=args.force, strict=args.strict, max_line_bytes=args.max_line_bytes,
                         show_progress=sys.stdout.isatty())  # its bar leaves blank lines in a pipe or log
     print(f"trained on {plural(r['documents'], 'documents')} ({r['characters']:,} characters) in {r['seconds']}s; "
@@ -87,7 +87,7 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from tinyk.tokenizer import eval_tokenizer
 
-    r = eval_tokenizer(args.path, args.input, max_bytes=args.max_bytes, field_name=args.field)
+    r = eval_tokenizer(args.path, args.input, max_bytes=args.max_bytes, field=args.field)
     if args.json:
         print(json.dumps(r, ensure_ascii=False, indent=2))
         return 0
