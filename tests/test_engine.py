@@ -738,6 +738,16 @@ def test_generate_cli(nano_model_dir, tmp_path, capsys, monkeypatch):
     assert e.value.code == 0 and [json.loads(line) for line in out.splitlines()] == rows
     assert err == "tinyk: stdin: skipped 1 record; nul byte: 1 (first at stdin:2; a NUL byte is binary data, " \
                   "not text)\n"
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr("sys.stdin", Terminal("我们今天\n"))  # typed: it used to wait without a word
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", str(nano_model_dir), "--prompt-file", "-", "--max-new-tokens", "1", "--json"])
+    assert e.value.code == 0 and capsys.readouterr().err == \
+        "tinyk: reading prompts from the terminal, one per line; Ctrl-D ends them\n"
     with pytest.raises(SystemExit) as e:
         main(["generate", "--model", str(nano_model_dir), "--prompt", "x", "--prompt", "", "--no-bos"])
     assert e.value.code == 2 and capsys.readouterr().err == (
