@@ -606,6 +606,22 @@ def test_only_temporaries_of_dead_processes_on_this_machine_are_removed(tmp_path
     assert remove_stale_temps(tmp_path / "out") == []
 
 
+def test_a_file_a_killed_write_left_half_written_goes_with_the_next_write(tmp_path):
+    """`tinyk eval --out res.json` killed while writing left `.res.json.tmp-PID`, which nothing ever removed."""
+    dead, host = dead_pid(), _host()
+    stale = tmp_path / f".res.json.tmp-{host}-{dead}"
+    stale.write_text('{"half')
+    keep = [f".res.json.tmp-{host}-{os.getppid()}", f".res.json.tmp-{dead}", f".res.json.tmp-other-{dead}",
+            f".other.json.tmp-{host}-{dead}"]  # alive, an older name, another machine's, another file's
+    for name in keep:
+        (tmp_path / name).write_text("x")
+    (tmp_path / f".res.json.tmp-{host}-{dead}-dir").mkdir()  # an atomic_dir's: remove_stale_temps' business
+    keep.append(f".res.json.tmp-{host}-{dead}-dir")
+    write_json_atomic(tmp_path / "res.json", {"a": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*keep, "res.json"])
+    assert json.loads((tmp_path / "res.json").read_text()) == {"a": 1}
+
+
 def test_an_output_moved_aside_by_a_killed_replace_is_put_back(tmp_path):
     """Killed between moving the old output aside and the new one in, a --force run leaves only the
     old one under its `.old-` name: the next run puts it back rather than deleting it with the leftovers."""

@@ -445,13 +445,25 @@ def _share_like_umask(root: Path) -> None:
             os.chmod(os.path.join(parent, name), 0o666 & ~mask)
 
 
+def _remove_stale_temp_files(path: Path, suffix: str) -> None:
+    """Removes the temporaries of `path` that `atomic_file` in a killed process on this machine left."""
+    pattern = re.compile(rf"\.{re.escape(_stem(path.name))}\.tmp-{re.escape(_host())}-([0-9]+){re.escape(suffix)}")
+    with contextlib.suppress(OSError):
+        for p in path.parent.iterdir():
+            m = pattern.fullmatch(p.name)
+            if m and int(m[1]) != os.getpid() and not _pid_running(int(m[1])) and p.is_file() \
+                    and not p.is_symlink():
+                p.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | Path, suffix: str = "") -> Iterator[Path]:
     """A temporary sibling to write: it replaces `path` when the block succeeds and is removed when
     it fails, so readers never see half a file and a failed write (a full disk) leaves nothing behind.
     `suffix` keeps an extension that the writer reads the format from (matplotlib's .png)."""
     path = Path(path)
-    tmp = path.with_name(f".{_stem(path.name)}.tmp-{os.getpid()}{suffix}")
+    tmp = path.with_name(f".{_stem(path.name)}.tmp-{_owner()}{suffix}")
+    _remove_stale_temp_files(path, suffix)
     try:
         yield tmp
         os.replace(tmp, path)
