@@ -32,6 +32,7 @@ from tinyk.plan import (
     layer_saved_bytes,
     make_plan,
     measure_step_memory,
+    model_size,
     run_spec,
     usable_bytes,
 )
@@ -263,10 +264,11 @@ def test_gpu_table():
     for name, key in names.items():
         assert gpu_class(name) == key, name
     # Memory as people type it (40G, a bare 40) planned the 80 GB card's micro-batch, which then ran out of memory.
-    for typed in ("a100 40g", "A100-40G", "a100-40", "A100 40 GB"):
+    for typed in ("a100 40g", "A100-40G", "a100-40", "A100 40 GB", "a100 40GiB", "a100-40gib"):
         assert find_gpu(typed) is GPUS["a100-40gb"], typed
     for typed, near in (("V100 16G", "v100"), ("v100 16", "v100"), ("RTX 3080 12G", "rtx3080"), ("A800 40G", "a800"),
-                        ("4090D", "rtx4090"), ("4080S", "rtx4080")):
+                        ("4090D", "rtx4090"), ("4080S", "rtx4080"), ("rtx4090d", "rtx4090"), ("rtx4080s", "rtx4080"),
+                        ("rtx3080ti", "rtx3080"), ("rtx3080 12gb", "rtx3080")):
         with pytest.raises(TinykError, match=f"differs from the table's .*: --gpu {near} plans it as that card"):
             find_gpu(typed)
     with pytest.raises(TinykError, match="^unknown GPU 'NVIDIA H100 NVL'; it differs from the table's .*: --gpu h100 "
@@ -620,12 +622,19 @@ def test_a_smaller_micro_batch_plans_the_lower_mfu_bench_gpu_sh_measured(capsys)
     code, out, _ = run_cli(["plan", "--preset", "seed-215m", "--gpu", "h100", "--micro-batch", "16", "--mfu", "0.3",
                             "--json"], capsys)
     assert json.loads(out)["throughput"]["mfu"] == 0.3  # what the user says is taken as it is
+    # --mfu is the planned GPU's: the tutorial line's A100 keeps its own figure for that micro-batch
+    args = ["plan", "--preset", "seed-215m", "--gpu", "h100", "--micro-batch", "16", "--json"]
+    a100 = [json.loads(run_cli([*args, *mfu], capsys)[1])["tutorial"]["a100_mfu"] for mfu in ([], ["--mfu", "0.166"])]
+    assert a100[0] == a100[1] == pytest.approx(0.2 * 0.75)
 
 
 def test_fsdp_gradients_accumulated_unsharded_are_shown_where_the_peak_counts_them(capsys):
     code, out, _ = run_cli(["plan", "--preset", "seed-215m", "--gpu", "rtx4090", "--gpus", "8", "--parallel", "fsdp",
                             "--micro-batch", "16"], capsys)
     assert code == 0 and "0.10 GiB   0.80 GiB at the peak: accumulated unsharded between micro-steps" in out
+    code, out, _ = run_cli(["plan", "--preset", "seed-215m", "--gpu", "h100", "--gpus", "16", "--parallel", "fsdp"],
+                           capsys)  # a shard of a normal model is still in GiB, not 14697.06 MiB
+    assert code == 0 and "MiB" not in out.split("memory per GPU")[1].split("largest")[0]
 
 
 def test_a_configs_activation_checkpointing_can_be_turned_off(tmp_path, capsys):
@@ -646,7 +655,12 @@ def test_a_jobs_plan_says_what_its_gpus_send_each_step(capsys):
     per_step = p["run"]["batch_size"] // 32 * p["run"]["seq_len"] / p["throughput"]["tokens_per_s_per_gpu"]
     assert p["comms"]["compute_s_per_step"] == pytest.approx(per_step)
     assert "comms        not in the time above: each GPU moves 1.55 GiB per optimizer step" in run_cli(args, capsys)[1]
+    assert "(a 200 Gb/s InfiniBand link between nodes)" in run_cli(args, capsys)[1]
     fsdp = json.loads(run_cli([*args, "--parallel", "fsdp", "--micro-batch", "8", "--json"], capsys)[1])
-    accum = fsdp["run"]["grad_accum"]
-    assert accum == 2 and fsdp["comms"]["bytes_per_step"] == pytest.approx((2 * accum + 1) * 31 / 32 * 4 * n)
+    accum, root = fsdp["run"]["grad_accum"], model_size(preset_config("seed-215m"))["non_block"]
+    # each micro-step gathers every weight for the forward and the blocks' again for the backward (FSDP keeps
+    # the root unsharded from forward to backward); the gradients are reduce-scattered once
+    assert accum == 2 and fsdp["comms"]["bytes_per_step"] == pytest.approx((accum * (2 * n - root) + n) * 31 / 32 * 4)
+    one_node = run_cli(["plan", "--preset", "seed-215m", "--gpu", "h100", "--gpus", "8"], capsys)[1]
+    assert "(PCIe 4.0, GPUs without NVLink; NVLink is many times faster)" in one_node
     assert json.loads(run_cli(["plan", "--preset", "seed-215m", "--gpu", "h100", "--json"], capsys)[1])["comms"] is None

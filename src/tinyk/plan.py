@@ -157,7 +157,7 @@ def gpu_class(device_name: str, variants: bool = False) -> str | None:
     n = device_name.upper()
 
     def gb(size: int) -> str:  # a memory size as people type it: 40GB, 40 GB, 40G, or a bare 40
-        return rf"(?<![0-9.]){size} ?G?B?(?![0-9A-Z])"
+        return rf"(?<![0-9.]){size} ?(?:GIB|GB|G)?(?![0-9A-Z])"
 
     # Other memory or clocks than the table's card: GH200, NVL, MIG slices, laptop chips, 4090 D, SUPER and
     # Ti models, the 12 GB RTX 3080, the 40 GB A800, the PCIe H800 and V100s.
@@ -168,9 +168,10 @@ def gpu_class(device_name: str, variants: bool = False) -> str | None:
              ("H20", "h20"), (f"A100.*{gb(40)}", "a100-40gb"), ("A100", "a100"), ("A800", "a800"), ("L40S", "l40s"),
              ("L4", "l4"), ("A6000", "a6000"), ("5090", "rtx5090"), ("4090", "rtx4090"), ("4080", "rtx4080"),
              ("3090", "rtx3090"), ("3080", "rtx3080"), ("V100", "v100"), ("T4", "t4")]
-    # A variant's name may run on from the chip's: 4090D, 4080S.
+    # A variant's name may run on from the chip's: 4090D, 4080S; a number may follow the brand: RTX4090D.
     after = "(?![0-9])" if variants else "(?![A-Z0-9])"
-    return next((key for chip, key in rules if re.search(rf"(?<![A-Z0-9])(?:{chip}){after}", n)), None)
+    return next((key for chip, key in rules
+                 if re.search(rf"(?<![{'0-9' if chip[0].isdigit() else 'A-Z0-9'}])(?:{chip}){after}", n)), None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -554,7 +555,7 @@ def make_plan(run: RunSpec, gpu: GPUSpec, *, gpus: int = 1, nodes: int = 1, toke
         "time": {"wall_s": wall_s, "wall_h": wall_s / 3600, "gpu_hours": gpu_hours},
         "cost": None if price is None else {"price_per_gpu_hour": price, "total": gpu_hours * price},
         "with_compile": with_compile,  # an eager run's plan: what --compile would give
-        "comms": _comms(setup, size["parameters"], per_rank * run.seq_len / per_gpu) if world > 1 else None,
+        "comms": _comms(setup, size, per_rank * run.seq_len / per_gpu, nodes) if world > 1 else None,
     }
     amp = setup.amp
     plan["activation_model"] = {
@@ -566,7 +567,8 @@ def make_plan(run: RunSpec, gpu: GPUSpec, *, gpus: int = 1, nodes: int = 1, toke
     if run.cfg == ModelConfig(**PRESETS[TUTORIAL_RUN["preset"]]):
         a100 = GPUS[TUTORIAL_RUN["gpu"]]
         a100_mfu, a100_source = a100.mfu_for(run.compiled)
-        a100_mfu *= share  # the same micro-batch fits an A100 80GB
+        if run.dtype != "fp32":  # the same micro-batch fits an A100 80GB (--mfu is the planned GPU's, not its)
+            a100_mfu *= micro_step_share(micro * run.seq_len, run.compiled)
         if gpu.key == a100.key:
             a100_mfu, a100_source = used_mfu, mfu_source
         elif run.dtype == "fp32" and mfu is None:  # the same precision on the tutorial's cards
@@ -586,15 +588,18 @@ def make_plan(run: RunSpec, gpu: GPUSpec, *, gpus: int = 1, nodes: int = 1, toke
 LINK_BYTES_PER_S = 25e9  # a 200 Gb/s InfiniBand link, or PCIe 4.0 x16; NVLink inside a node is many times faster
 
 
-def _comms(s: Setup, parameters: int, compute_s: float) -> dict[str, float]:
+def _comms(s: Setup, size: dict[str, int], compute_s: float, nodes: int) -> dict[str, Any]:
     """What each GPU sends (and receives) per optimizer step, which the time above leaves out: a ring
-    all-reduce of the fp32 gradients (DDP), or (FSDP) each micro-step's two all-gathers of the fp32
-    weights (forward, and backward after resharding) and one reduce-scatter of the gradients per step."""
-    n, share = s.world_size, (s.world_size - 1) / s.world_size
-    size = GRAD_BYTES * parameters
-    moved = (2 * s.grad_accum + 1) * share * size if s.fsdp else 2 * share * size
+    all-reduce of the fp32 gradients (DDP, once per step: `no_sync` holds it back during accumulation),
+    or (FSDP) each micro-step's all-gathers of the fp32 weights (every one in the forward, the blocks'
+    again in the backward: the root is not resharded after the forward) and one reduce-scatter of the
+    gradients per step."""
+    share = (s.world_size - 1) / s.world_size
+    n, root = size["parameters"], size["non_block"]
+    elements = s.grad_accum * (2 * n - root) + n if s.fsdp else 2 * n
+    moved = GRAD_BYTES * share * elements
     return {"bytes_per_step": moved, "compute_s_per_step": compute_s, "link_bytes_per_s": LINK_BYTES_PER_S,
-            "seconds_at_link": moved / LINK_BYTES_PER_S, "gpus": n}
+            "seconds_at_link": moved / LINK_BYTES_PER_S, "gpus": s.world_size, "nodes": nodes}
 
 
 def _check_plan_args(run: RunSpec, gpu: GPUSpec, dtype: str, *, gpus: int, nodes: int, tokens: float,
@@ -730,7 +735,8 @@ def _memory_lines(p: dict[str, Any]) -> list[str]:
     """The plan's memory table: each part of the peak, and what it is made of."""
     g, r, mem, am, c = p["gpu"], p["run"], p["memory"], p["activation_model"], p["model"]["config"]
     ck = r["activation_checkpointing"]
-    unit = "GiB" if mem["weights"] >= GiB / 10 else "MiB"  # a small model's parts in GiB would read 0.00-0.09
+    # A small model's parts in GiB would read 0.00-0.09 (its whole fp32 weights, not a GPU's shard of them).
+    unit = "GiB" if WEIGHT_BYTES * p["model"]["parameters"] >= GiB / 10 else "MiB"
 
     def row(label: str, b: float, extra: str = "") -> str:
         return _row(label, b, extra, unit)
@@ -848,8 +854,10 @@ def format_plan(p: dict[str, Any]) -> str:
         how = "all-gathers and a reduce-scatter" if r["parallel"] == "fsdp" else "the gradients all-reduced"
         lines.append(f"comms        not in the time above: each GPU moves {cm['bytes_per_step'] / GiB:,.2f} GiB per "
                      f"optimizer step ({how}) against {cm['compute_s_per_step'] * 1000:,.0f} ms of compute; at "
-                     f"{cm['link_bytes_per_s'] / 1e9:g} GB/s (200 Gb/s InfiniBand, PCIe 4.0) that is "
-                     f"{cm['seconds_at_link'] * 1000:,.0f} ms, which overlaps the backward only in part")
+                     f"{cm['link_bytes_per_s'] / 1e9:g} GB/s "
+                     + ("(a 200 Gb/s InfiniBand link between nodes)" if cm["nodes"] > 1 else
+                        "(PCIe 4.0, GPUs without NVLink; NVLink is many times faster)")
+                     + f" that is {cm['seconds_at_link'] * 1000:,.0f} ms, which overlaps the backward only in part")
     if p["cost"]:
         lines.append(f"cost         {p['cost']['total']:,.2f} ({tm['gpu_hours']:,.2f} GPU-hours at "
                      f"{p['cost']['price_per_gpu_hour']:g} per GPU-hour)")
