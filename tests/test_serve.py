@@ -527,9 +527,12 @@ def test_max_completion_tokens_wins_over_the_deprecated_max_tokens(server):
     status, reply = request(server, "POST", "/v1/chat/completions",
                             {**chat, "max_tokens": 9, "max_completion_tokens": 3})
     assert status == 200 and reply["usage"]["completion_tokens"] == 3, reply
-    status, reply = request(server, "POST", "/v1/chat/completions",  # the one that does not count is not checked
-                            {**chat, "max_tokens": 10**6, "max_completion_tokens": 3})
+    status, reply = request(server, "POST", "/v1/chat/completions",  # the one that does not count: not against
+                            {**chat, "max_tokens": 10**6, "max_completion_tokens": 3})  # the context
     assert status == 200 and reply["usage"]["completion_tokens"] == 3, reply
+    status, err = request(server, "POST", "/v1/chat/completions",
+                          {**chat, "max_tokens": -1, "max_completion_tokens": 3})
+    assert status == 400 and err["error"]["param"] == "max_tokens"  # but never below 1
 
 
 def test_other_methods_get_a_json_error(server):
@@ -836,6 +839,9 @@ def test_api_key(nano_model_dir, reference):
         reply = raw(server, b"POST /v1/nothing HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer sk-secret\r\n"
                     b"Content-Length: 100\r\nExpect: 100-continue\r\n\r\n")
         assert reply.startswith(b"HTTP/1.1 404"), reply[:40]
+        reply = raw(server, b"PUT /v1/models HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n"
+                    b"Expect: 100-continue\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 405"), reply[:40]  # no path takes a PUT's body
         status, page = request(server, "GET", "/")
         assert status == 200 and "<title>tinyk chat</title>" in page
         head = raw(server, b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").partition(b"\r\n\r\n")[0]

@@ -95,10 +95,11 @@ def test_chat_template_renders_the_seeds_conversations(tk, tok_dir):
     assert with_prompt.endswith("How are you?<|im_end|>\n<|im_start|>assistant\n")
     assert tk.apply_chat_template(SEED_MESSAGES[:2], add_generation_prompt=True) == with_prompt
     # OpenAI's content parts, as `tinyk serve` and `tinyk data sft` read them (its Python repr before).
-    parts = [{"role": "user", "content": [{"type": "text", "text": "你好"}, {"type": "text", "text": "世界"}]},
+    parts = [{"role": "user", "content": [{"type": "text", "text": "你好"}, {"type": "image_url", "image_url": {}},
+                                          {"type": "text", "text": "世界"}]},  # text parts only, as vLLM joins them
              {"role": "assistant", "content": None}]
     assert hf.apply_chat_template(parts, tokenize=False) == tk.apply_chat_template(
-        [{"role": m["role"], "content": message_text(m["content"]) or ""} for m in parts])
+        [{"role": "user", "content": "你好\n世界"}, {"role": "assistant", "content": message_text(None) or ""}])
 
 
 def test_hf_tokenizer_gives_same_ids(tk, tok_dir):

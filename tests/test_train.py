@@ -1784,7 +1784,8 @@ def test_sft_says_how_many_conversations_a_short_seq_len_leaves_out_or_cuts(tmp_
                    max_steps=1))
     out = capsys.readouterr().out
     assert (f"note: {dropped:,} of {total:,} training conversations ({dropped / total:.1%}) have no assistant token "
-            f"within seq_len {seq_len} and are left out") in out
+            f"within seq_len {seq_len} and are left out (the data's max_len is 512; a longer --seq-len, up to the "
+            f"model's context of 128, keeps some)") in out  # at the context, a longer one is refused
     val_dropped = SFTLoader(sft_data, "val", seq_len, 1).dropped  # without a word, they changed the val loss
     assert (f"note: the val loss leaves out {val_dropped:,} conversation" in out) == (val_dropped > 0)
     offsets = np.load(sft_data / "train" / "offsets.npy")

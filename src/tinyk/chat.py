@@ -33,15 +33,15 @@ def chat_session(engine: Engine, params: SamplingParams, lines: Iterable[str], o
         text = line.strip()
         if not text:
             continue
+        if interactive and text.startswith("//"):  # the escape for a message that starts with "/"
+            text = text[1:]
+        # A one-shot message is only ever a message ("/usr 是什么"), and so is a pasted paragraph.
+        elif interactive and text.startswith("/") and "\n" not in text:
+            if not session.command(text):
+                break
+            continue
         before = list(session.history)
         try:
-            if interactive and text.startswith("//"):  # the escape for a message that starts with "/"
-                text = text[1:]
-            # A one-shot message is only ever a message ("/usr 是什么"), and so is a pasted paragraph.
-            elif interactive and text.startswith("/") and "\n" not in text:
-                if not session.command(text):
-                    break
-                continue
             session.message(text)
         except KeyboardInterrupt as e:  # Ctrl-C before the reply began or after it ended (a long history
             if not interactive or isinstance(e, Terminated | Stopped):  # to tokenize): the session goes on

@@ -105,10 +105,10 @@ def config_from_hf(d: Any) -> ModelConfig:
     ropes = [r for r in (d.get("rope_parameters"), d.get("rope_scaling")) if r]
     if any(not isinstance(r, dict) for r in ropes):
         raise ValueError("its RoPE parameters are not an object")
-    scaled = next((kind for r in ropes if (kind := r.get("rope_type", r.get("type", "default"))) != "default"), None)
+    scaled = [kind for r in ropes if (kind := r.get("rope_type", r.get("type", "default"))) != "default"]
     unsupported = [
         (d.get("model_type", "llama") != "llama", f"model_type {d.get('model_type')!r}"),
-        (scaled is not None, f"RoPE scaling {scaled!r}"),
+        (bool(scaled), f"RoPE scaling {scaled[0] if scaled else None!r}"),
         (bool(d.get("attention_bias")) or bool(d.get("mlp_bias")), "bias terms"),
         (d.get("hidden_act", "silu") not in ("silu", "swish"), f"activation {d.get('hidden_act')!r}"),  # one function
     ]

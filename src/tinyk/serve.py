@@ -289,9 +289,9 @@ class Api:
         # max_completion_tokens replaced max_tokens in OpenAI's API: given both, it is the one that counts.
         max_name = "max_completion_tokens" if newer is not None else "max_tokens"
         max_tokens = older if newer is None else newer
-        if max_tokens is not None and max_tokens < 1:
-            raise ApiError(400, f"'{max_name}' must be at least 1, got {max_tokens}", param=max_name,
-                           code="invalid_value")
+        for name, value in (("max_tokens", older), ("max_completion_tokens", newer)):
+            if value is not None and value < 1:
+                raise ApiError(400, f"'{name}' must be at least 1, got {value}", param=name, code="invalid_value")
         if max_tokens is not None and prompt_tokens + max_tokens > ctx:
             raise ApiError(400, f"this model's maximum context length is {ctx} tokens, but "
                                 f"{prompt_tokens + max_tokens} were requested ({prompt_tokens} in the prompt, "
@@ -694,6 +694,9 @@ class Handler(BaseHTTPRequestHandler):
         """Refuses a request before the client sends its body: one the server would refuse unread (a
         foreign Host, a path that takes no body, a web page of another site, no valid key), or an
         oversized (or unusable) body."""
+        if self.command in ("PUT", "PATCH", "DELETE"):  # no path takes their body
+            self._other_method()
+            return False
         try:
             if self.command == "POST":
                 refusal = self._host_refusal() or self._refused_before_body()

@@ -73,7 +73,8 @@ _TEMPLATE_BODY = (
     "{% for message in messages %}"
     # OpenAI's list of text parts, joined by newlines as `message_text` joins them for tinyk's own prompts.
     "{% set content = message['content'] if message['content'] is string "
-    "else (message['content'] or []) | map(attribute='text') | join('\n') %}"
+    "else (message['content'] or []) | selectattr('type', 'equalto', 'text') | map(attribute='text') "
+    "| join('\\n') %}"
     "{% if message['role'] in ['system', 'developer'] %}"
     "<|im_start|>system\n{{ content }}<|im_end|>\n"
     "{% elif message['role'] == 'user' %}"

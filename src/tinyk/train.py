@@ -991,9 +991,11 @@ class Trainer:
         dropped, cut = (self.loader.dropped, self.loader.cut) if cfg.kind == "sft" else (0, 0)
         total = dropped + self.loader.num_windows
         if dropped:
+            way = (f"a longer --seq-len, up to the model's context of {m.max_seq_len}, keeps some"
+                   if cfg.seq_len < m.max_seq_len else "the model's context holds none of their answers")
             lines.append(f"note: {dropped:,} of {total:,} training conversations ({dropped / total:.1%}) have no "
                          f"assistant token within seq_len {cfg.seq_len} and are left out (the data's max_len is "
-                         f"{self.meta.get('max_len')}; a longer --seq-len keeps them)")
+                         f"{self.meta.get('max_len')}; {way})")
         if self.val_dropped:
             lines.append(f"note: the val loss leaves out {plural(self.val_dropped, 'conversations')} with no "
                          f"assistant token within seq_len {cfg.seq_len}")
