@@ -855,6 +855,8 @@ def test_sft_alpaca_records():
     multi = normalize_conversation({"instruction": "再来一个", "output": "狗", "history": [["说个动物", "猫"]]})
     assert [m["content"] for m in multi] == ["说个动物", "猫", "再来一个", "狗"]
     assert normalize_conversation({"instruction": "你好", "output": 3}) == "bad_message"
+    assert normalize_conversation({"instruction": " ", "input": "只有输入", "output": "好"})[0] == \
+        {"role": "user", "content": "只有输入"}  # a blank instruction is left out, not a leading empty line
     assert normalize_conversation({"instruction": "你好", "output": "", "input": ""}) == "empty_assistant_turn"
     # A blank answer of its own with a history: the history alone would repeat another record.
     assert normalize_conversation({"instruction": "再来", "output": " ", "history": [["说个动物", "猫"]]}) == \

@@ -1185,7 +1185,7 @@ def _alpaca_turns(rec: dict[str, Any]) -> list[dict[str, str]] | str:
         return "bad_message"
     if not output.strip():  # the record's own answer is empty: its history alone is another record's
         return "empty_assistant_turn"
-    question = f"{instruction}\n{extra}" if extra.strip() else instruction
+    question = "\n".join(part for part in (instruction, extra) if part.strip()) or instruction  # no empty line
     pairs = [*history, [question, output]]
     return [{"role": role, "content": text} for q, a in pairs for role, text in (("user", q), ("assistant", a))]
 
