@@ -634,6 +634,8 @@ def test_two_process_ddp_and_fsdp_match_one_process(tmp_path, pt_data, tok_dir):
     outputs = [w.communicate(timeout=300) for w in workers]
     assert [w.returncode for w in workers] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
     assert "resumed from" in outputs[0][0] and "FSDP" in outputs[0][0]
+    # launched by hand, where a wait for a missing peer would be silent and deaf to SIGTERM: each says so
+    assert f"tinyk: process 1 of 2 waiting for the others at 127.0.0.1:{rdzv['MASTER_PORT']}" in outputs[1][1]
     back = tmp_path / "back"
     shutil.copytree(fsdp, back)
     shutil.rmtree(back / "final")

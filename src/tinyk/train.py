@@ -18,6 +18,7 @@ import pickle
 import random
 import signal
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -238,6 +239,10 @@ def setup_dist(device: str) -> Dist:
         return Dist(device=dev)
     joined_a_job = True
     owns = not dist.is_initialized()
+    if owns and not os.environ.get("TORCHELASTIC_RUN_ID"):  # launched by hand: the wait below says nothing
+        print(f"tinyk: process {rank} of {world} waiting for the others at {os.environ['MASTER_ADDR']}:"
+              f"{os.environ['MASTER_PORT']} (not launched by torchrun; no signal but kill -9 stops this wait)",
+              file=sys.stderr, flush=True)
     if owns:
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None)
