@@ -607,6 +607,9 @@ def test_the_whole_run_mfu_counts_each_session_at_its_own_peak(tmp_path, pt_data
     assert summary["mfu"] == pytest.approx(summary["tokens"] * summary["flops_per_token"] / spent, rel=1e-2)
 
 
+AS_TORCHRUN = {"TORCHELASTIC_RUN_ID": "test"}  # what torchrun sets beside the rendezvous: not a launch by hand
+
+
 def test_two_process_ddp_and_fsdp_match_one_process(tmp_path, pt_data, tok_dir):
     """Same global batch: torchrun DDP from scratch follows the one-process loss curve; two processes
     under FSDP (+ activation checkpointing) resume the one-process checkpoint; one process resumes FSDP's."""
@@ -668,7 +671,7 @@ def test_nodes_started_with_different_commands_are_refused_before_training(tmp_p
         assert other["splits"] != json.loads((pt_data / "meta.json").read_text())["splits"]
         rank1 = ["--data", str(tmp_path / "other")]
     out = tmp_path / "run"
-    rdzv = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
+    rdzv = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2", **AS_TORCHRUN}
     flags = ["--max-steps", "4", "--save-every", "0"]
     workers = [subprocess.Popen([str(BIN / "python"), "-m", "tinyk", *cli_args(pt_data, tok_dir, out, *flags),
                                  *(rank1 if r else [])],
@@ -715,7 +718,7 @@ def test_a_dead_process_leaves_the_others_one_line_and_the_way_back(tmp_path, pt
     line naming the newest checkpoint, not the backend's traceback, even when torchrun's SIGTERM to
     the survivors arrives while it cleans up (here at once: it used to end the line as "terminated")."""
     out = tmp_path / "run"
-    rdzv = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
+    rdzv = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2", **AS_TORCHRUN}
     survivor = ("import signal, sys, tinyk.train as t; close = t.Trainer.close\n"
                 "def closing(self):\n    signal.raise_signal(signal.SIGTERM)\n    close(self)\n"
                 "t.Trainer.close = closing\nfrom tinyk.cli import main; main(sys.argv[1:])")
@@ -744,7 +747,7 @@ def test_under_torchrun_a_refusal_is_printed_once_and_the_others_say_why_they_st
     """Rank 0 refuses to start (here its tracker) while rank 1 waits for it: rank 1's failed collective is one
     line, not gloo's traceback, and not advice to --resume a run that never trained. Each rank leaves its line
     in the error file torchrun's failure summary shows; only local rank 0 prints, so the line appears once."""
-    rdzv = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
+    rdzv = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2", **AS_TORCHRUN}
     refuse = ("import sys, tinyk.train as t\n"
               "def refuse(self):\n    raise t.TinykError('--tracker wandb could not start: not logged in')\n"
               "t.Trainer._make_monitor = refuse\nfrom tinyk.cli import main; main(sys.argv[1:])")
@@ -769,7 +772,7 @@ def test_under_torchrun_a_refusal_is_printed_once_and_the_others_say_why_they_st
 def test_ranks_that_do_not_share_the_run_directory_are_refused(tmp_path, pt_data, tok_dir):
     """Two machines, each with its own disk at the same path (here: two paths): rank 1 would never see
     the checkpoints rank 0 writes, so a resume would start the ranks at different steps."""
-    rdzv = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
+    rdzv = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2", **AS_TORCHRUN}
     # The ranks wait for a slow network filesystem before giving up; here 2 s, not the real 60.
     worker = "import sys, tinyk.rundir; tinyk.rundir.SHARED_WAIT_S = 2; from tinyk.cli import main; main(sys.argv[1:])"
     workers = [subprocess.Popen([str(BIN / "python"), "-c", worker,
