@@ -428,6 +428,9 @@ SEED_NAMES = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_p
               "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
               "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj", "feed_forward.w3": "mlp.up_proj",
               "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+# ... and outside the layers.
+SEED_TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "output.weight": "lm_head.weight",
+                  "norm.weight": "model.norm.weight"}
 
 
 def _rope_halves(w: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -512,16 +515,14 @@ def _rope_cos(table: torch.Tensor) -> bool:
 
 def _seed_names(text: str) -> str:
     """`text` with tinyk's (transformers') tensor names written as the tutorial's model names them."""
-    ours = {v: k for k, v in SEED_NAMES.items()}
+    top, layer = ({v: k for k, v in names.items()} for names in (SEED_TOP_NAMES, SEED_NAMES))
 
     def seed(m: re.Match) -> str:
-        if m[0] in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"):
-            return {"model.embed_tokens.weight": "tok_embeddings.weight", "lm_head.weight": "output.weight",
-                    "model.norm.weight": "norm.weight"}[m[0]]
-        return f"layers.{m[1]}.{ours[m[2]]}.weight" if m[2] in ours else m[0]
+        if m[1] is None:
+            return top[m[0]]
+        return f"layers.{m[1]}.{layer[m[2]]}.weight" if m[2] in layer else m[0]
 
-    return re.sub(r"model\.layers\.(\d+)\.([a-z_.]+?)\.weight|model\.embed_tokens\.weight|lm_head\.weight|"
-                  r"model\.norm\.weight", seed, text)
+    return re.sub(rf"model\.layers\.(\d+)\.([a-z_.]+?)\.weight|{'|'.join(map(re.escape, top))}", seed, text)
 
 
 def import_seed_checkpoint(ckpt: str | Path, tok_dir: str | Path, out: str | Path, *, n_heads: int | None = None,
@@ -591,11 +592,11 @@ def import_seed_checkpoint(ckpt: str | Path, tok_dir: str | Path, out: str | Pat
     if isinstance(norm_eps, bool) or not isinstance(norm_eps, int | float) or not 0 < norm_eps < 1:
         raise TinykError(f"{path / 'config.json'} has norm_eps {norm_eps!r}; RMSNorm's eps is a small positive "
                          f"number (the tutorial's is 1e-5)")
-    ours = {"model.embed_tokens.weight": emb, "lm_head.weight": output}
+    ours = {SEED_TOP_NAMES["tok_embeddings.weight"]: emb, SEED_TOP_NAMES["output.weight"]: output}
     for key, w in state.items():
         parts = key.removesuffix(".weight").split(".", 2)
         if key == "norm.weight":
-            ours["model.norm.weight"] = w
+            ours[SEED_TOP_NAMES[key]] = w
         elif len(parts) == 3 and parts[0] == "layers" and parts[2] in SEED_NAMES:
             if parts[2] in ("attention.wq", "attention.wk") and w.dim() == 2 and w.shape[0] % head_dim == 0:
                 w = _rope_halves(w, head_dim)  # other shapes are refused below
