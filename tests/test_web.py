@@ -12,6 +12,7 @@ import os
 import select
 import shutil
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -39,6 +40,8 @@ class Browser:
     def __init__(self, profile: str):
         to_chrome_r, self._to_chrome = os.pipe()
         self._from_chrome, from_chrome_w = os.pipe()
+        # A file, not a pipe: a pipe nobody reads until exit would stall a chatty Chromium once full.
+        self._log = tempfile.TemporaryFile()
 
         def wire_pipes() -> None:
             os.dup2(to_chrome_r, 3)
@@ -48,7 +51,7 @@ class Browser:
             [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
              "--no-default-browser-check", "--disable-extensions", "--remote-debugging-pipe",
              f"--user-data-dir={profile}", "about:blank"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._log,
             preexec_fn=wire_pipes, pass_fds=(3, 4))  # close_fds runs after preexec_fn
         os.close(to_chrome_r)
         os.close(from_chrome_w)
@@ -91,7 +94,8 @@ class Browser:
                 raise TimeoutError("Chromium did not answer")
             data = os.read(self._from_chrome, 1 << 16)
             if not data:
-                raise RuntimeError("Chromium exited: " + self.proc.stderr.read().decode(errors="replace")[-2000:])
+                self._log.seek(0)
+                raise RuntimeError("Chromium exited: " + self._log.read().decode(errors="replace")[-2000:])
             self._buf += data
         msg, self._buf = self._buf.split(b"\0", 1)
         return json.loads(msg)
@@ -112,7 +116,7 @@ class Browser:
             self.proc.wait()
         os.close(self._to_chrome)
         os.close(self._from_chrome)
-        self.proc.stderr.close()
+        self._log.close()
 
 
 # Defined in the page (whose top-level `history`, `controller`, `input` and `requestBody` are in scope):
@@ -296,8 +300,10 @@ def test_the_chat_page_keeps_the_conversation_it_shows(nano_model_dir, tmp_path)
         refused = run(f"await say('你好'); await say({json.dumps(too_long)}); return shown();")
         forward.fail_in = 4  # the prompt, two tokens, then the error
         broken = run("await say('再见'); return shown();")
-        no_temperature = run("document.getElementById('temperature').value = '';\n"
-                             "return !('temperature' in requestBody(history, 5));")
+        # Back to greedy after: sampled, the next reply may end before the forward pass it holds.
+        no_temperature = run("const field = document.getElementById('temperature'); field.value = '';\n"
+                             "const unset = !('temperature' in requestBody(history, 5)); field.value = '0';\n"
+                             "return unset;")
         forward.hold_in = 3
         try:
             run("submit('讲个故事'); await until(() => history.length && history.at(-1).content === '讲个故事', "
