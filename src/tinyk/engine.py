@@ -979,12 +979,12 @@ class Scheduler:
 
     def _deliver(self, events: list[tuple[Request, str]]) -> None:
         """Hands each request its text of this round at once: a request admitted and finished in the
-        same round has two events, and must end (and be counted) once, after all of its text."""
+        same round has two events, and must end (and be counted) once, after all of its text. A finished
+        one is counted and logged before its caller wakes, so `stats()` then includes it."""
         text: dict[Request, str] = {}
         for r, delta in events:
             text[r] = text.get(r, "") + delta
         for r, delta in text.items():
-            r.deliver(delta)
             if r.finished:
                 with self._cv:
                     self.finished[r.finish_reason] += 1
@@ -993,6 +993,7 @@ class Scheduler:
                         self.on_finish(r)
                     except Exception as e:  # noqa: BLE001 - a logging hook must not stop the engine thread
                         sys.stderr.write(f"tinyk: on_finish failed: {type(e).__name__}: {e}\n")
+            r.deliver(delta)
 
     def stats(self) -> dict:
         with self._cv:
