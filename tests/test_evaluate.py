@@ -30,6 +30,7 @@ from tinyk.evaluate import (
     normalize_answer,
     read_choice,
     read_task_prompts,
+    skip_notes,
     table_rows,
 )
 from tinyk.inputs import Skips
@@ -81,17 +82,43 @@ def write_ceval(folder: Path, model, tok, fmt: str) -> None:
         w.writerow([0, "?", "a", "b", "c", "d"])
 
 
-def test_continuation_logprobs_match_a_direct_forward(nano):
+def test_an_option_is_scored_on_its_text_after_the_contexts_text(nano):
+    """Context and option are tokenized whole, as pretraining saw such text. Where an option's first
+    characters merge into the context's last token ("答案：" + "（苹果）" is one "：（" token), every
+    option of that context is scored from before it and divided by the chance that the text goes on
+    with that token's characters (any token starting with them), so options that merge and options
+    that do not compare alike (scored as a "：", "（" pair the model never saw, such options lost
+    0.1-0.2 nats a byte). Where none merges, it is the plain sum over the option's tokens."""
     model, tok = nano
-    pairs = [("中国的首都是", "北京"), ("今天天气", "很好啊")]
-    got = continuation_logprobs(model, tok, pairs, batch_size=2)
-    for (ctx, cont), value in zip(pairs, got, strict=True):
-        p, c = [tok.bos_id] + tok.encode(ctx), tok.encode(cont)
-        ids = torch.tensor([p + c])
+    questions = {"中国的首都是": ["北京", "上海"], "今天天气": ["很好啊", "不好"],
+                 "问题\n答案：": ["A", "（苹果）", "香蕉"]}
+    pairs = [(ctx, opt) for ctx, opts in questions.items() for opt in opts]
+    encoded = {ctx: [tok.bos_id] + tok.encode(ctx) for ctx in questions}
+
+    def logp(ids: list[int]) -> torch.Tensor:
         with torch.no_grad():
-            logp = torch.log_softmax(model(ids)[0], -1)
-        want = sum(logp[len(p) - 1 + i, t].item() for i, t in enumerate(c))
-        assert value == pytest.approx(want, abs=1e-4)
+            return torch.log_softmax(model(torch.tensor([ids]))[0], -1)
+
+    want = []
+    for ctx, opts in questions.items():
+        c = encoded[ctx]
+        wholes = [[tok.bos_id] + tok.encode(ctx + o) for o in opts]
+        start = min(next((i for i in range(len(c)) if i == len(w) or w[i] != c[i]), len(c)) for w in wholes)
+        tail = 0.0
+        if start < len(c):
+            lp = logp(c)
+            last = tok.tok.id_to_token(c[-1])
+            ext = [i for i in range(tok.vocab_size) if tok.token_bytes[i] and tok.tok.id_to_token(i).startswith(last)]
+            tail = sum(lp[i - 1, c[i]].item() for i in range(start, len(c) - 1)) + lp[-2, ext].logsumexp(0).item()
+        for w in wholes:
+            lp = logp(w)
+            want.append(sum(lp[i - 1, w[i]].item() for i in range(start, len(w))) - tail)
+    merged = [ctx for ctx, c in encoded.items() if any(tok.encode(ctx + o)[:len(c) - 1] != c[1:]
+                                                       for o in questions[ctx])]
+    assert merged and len(merged) < len(questions), "the test needs contexts some option merges into, and others"
+    got = continuation_logprobs(model, tok, pairs, batch_size=2)
+    assert got == pytest.approx(want, abs=1e-4) and max(got) < 0
+    assert continuation_logprobs(model, tok, pairs, batch_size=1) == pytest.approx(got, abs=1e-5)
 
 
 @pytest.mark.parametrize("fmt", ["cloze", "letter"])
@@ -117,11 +144,12 @@ def test_cmmlu_header_bad_rows_and_uneven_options(tmp_path):
     f.write_text(",Question,A,B,C,D,Answer\n"
                  "0,天上最亮的星？,太阳,月亮,,,A\n"      # two options: chance 1/2
                  "1,坏行,甲,乙,丙,丁,E\n"               # answer not an option
-                 "2,哪个是行星？,地球,太阳,月亮,银河,a\n", encoding="utf-8")
+                 "2,哪个是行星？,地球,太阳,月亮,银河,a\n"
+                 "3,一列太多,甲,乙,丙,丁,A,多\n", encoding="utf-8")  # an unquoted comma: its fields are shifted
     skips = Skips()
     qs = read_choice([f], skips)
     assert [(q.subject, q.answer, len(q.options)) for q in qs] == [("astronomy", "A", 2), ("astronomy", "A", 4)]
-    assert skips.counts == {"bad_row": 1}
+    assert skips.counts == {"bad_row": 2} and skips.first["bad_row"] == ["astronomy.csv:3", "astronomy.csv:5"]
     # No question is usable: what is wrong with the rows, not a word on splits without answers.
     f.write_text(",Question,A,B,C,D,Answer\n0,坏行,甲,乙,丙,丁,E\n1,,甲,乙,丙,丁,A\n", encoding="utf-8")
     with pytest.raises(TinykError) as e:
@@ -372,6 +400,8 @@ def test_exact_match_stop_rate_and_majority_baseline(tmp_path):
     assert r["skipped"]["hints"]["bad_answer"] == (
         "'answer' is 3; 'answer' is the expected reply, a string or a list of the strings accepted (the first "
         "such record has fields 'messages', 'answer')")
+    [note] = skip_notes({"tasks": [r]})  # what `tinyk eval` prints on stderr: the table only counts them
+    assert note.startswith(f"{task.name}: skipped 5 records; bad answer: 1 (first at {task.name}:")
     # The model's own system prompt is added where missing, kept where given; results stay in file order.
     assert sorted(engine.seen) == sorted([
         "<|im_start|>system\n你是诗人<|im_end|>\n<|im_start|>user\n好评1<|im_end|>\n<|im_start|>assistant\n",
@@ -494,7 +524,10 @@ def test_cli_table_and_json(tmp_path, nano, nano_model_dir, pretrain_data, capsy
     assert "pt/val loss (windows of 32 tokens)" in table
     with pytest.raises(SystemExit) as e:
         main(["eval", "--model", str(nano_model_dir), "--choice", str(tmp_path / "ceval"), "--json"])
-    assert json.loads(capsys.readouterr().out)["choice"]["questions"] == 6
+    out, err = capsys.readouterr()
+    assert json.loads(out)["choice"]["questions"] == 6
+    # What the table counts by reason, stderr says where (rows of another answer style are skipped, not scored).
+    assert err == "tinyk: eval: multiple choice: skipped 1 record; no answer column: 1 (first at toy_test.csv)\n"
     with pytest.raises(SystemExit) as e:
         main(["eval", "--model", str(nano_model_dir)])
     assert e.value.code == 2

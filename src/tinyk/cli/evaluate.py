@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from tinyk.cli.common import batch_count, model_dir, output_path, positive_int, utf8_text
 
@@ -46,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from tinyk.evaluate import check_results_out, evaluate, format_table, save_results, table_rows
+    from tinyk.evaluate import check_results_out, evaluate, format_table, save_results, skip_notes, table_rows
     from tinyk.tokenizer import prompt_from_flag
 
     inputs = [args.model, *args.data, *args.task, *args.choice]
@@ -60,6 +61,8 @@ def _eval(args: argparse.Namespace) -> int:
         print(json.dumps(results, ensure_ascii=False, indent=2))
     else:
         print(format_table(table_rows(results)))
+    for note in skip_notes(results):
+        print(f"tinyk: eval: {note}", file=sys.stderr)
     if args.out is not None:  # after printing: results a failed write would lose are on the screen
         save_results(args.out, results, inputs, args.force)
     return 0
