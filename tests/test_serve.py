@@ -1207,6 +1207,18 @@ def test_a_server_that_never_served_closes(nano_model_dir):
     assert not closer.is_alive(), "close() waited for a serve_forever that never ran"
 
 
+def test_a_with_block_stops_the_server_it_started(nano_model_dir):
+    """For a notebook: leaving the block stops the HTTP and engine threads (socketserver's own exit only
+    closed the socket, and the started server then spun on it at 100% CPU for good)."""
+    with ChatServer(Engine.from_dir(nano_model_dir), ServerConfig(model_name="nano", log=False), port=0) as server:
+        threads = [server.start(), server.api.scheduler._thread]
+        status, _ = request(server, "GET", "/v1/models")
+        assert status == 200
+    for t in threads:
+        t.join(timeout=30)
+    assert not any(t.is_alive() for t in threads)
+
+
 def test_serving_on_every_interface_prints_a_url_that_opens_and_warns_without_a_key(nano_model_dir):
     """0.0.0.0 is no address to browse to; and a server the network can reach without a key should say so."""
     env = {k: v for k, v in os.environ.items() if k != "TINYK_API_KEY"}  # a key there would silence the warning

@@ -220,6 +220,9 @@ def test_max_bytes_streams_a_prefix(tmp_path):
     assert big.stat().st_size > 100 * budget
     r = train_tokenizer([big], tmp_path / "tok", vocab_size=300, max_bytes=budget, show_progress=False)
     assert r["documents"] == 100 and r["capped_at"] == budget and not r["cap_from_memory"]
+    # One path given alone, as a library caller may: one input, not "input is a directory, not a file: /".
+    r = train_tokenizer(str(big), tmp_path / "tok2", vocab_size=300, max_bytes=budget, show_progress=False)
+    assert r["documents"] == 100
 
 
 def cgroup_tree(tmp_path, own: str, groups: dict[str, tuple[str, int, int]], v1: bool) -> tuple:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import io
 import json
@@ -236,6 +237,9 @@ def test_set_values_parse_as_yaml():
         "model": {"dim": 64}, "lr": 1e-3, "compile": True, "run_name": "a=b"}
     cfg = resolve_config("pretrain", preset="nano", flags={"out": "o", "data": "d"}, sets=["lr=3e-4", "max_steps=1e3"])
     assert (cfg.lr, cfg.max_steps) == (3e-4, 1000)
+    # From Python: one --set given alone, and a Path where the CLI gives a string.
+    cfg = resolve_config("pretrain", preset="nano", flags={"out": Path("o"), "data": Path("d")}, sets="lr=3e-4")
+    assert (cfg.lr, cfg.out, cfg.data) == (3e-4, "o", "d")
     # Names that look like numbers stay names, as typed on the command line or read from YAML.
     cfg = resolve_config("pretrain", preset="nano", flags={"out": "o", "data": "d"},
                          sets=["run_name=1.10", "project=2024", "sft.run_name=7"])
@@ -1415,6 +1419,40 @@ def test_trainer_is_usable_as_a_library(tmp_path, pt_data, tok_dir):
     assert (trainer.micro, trainer.accum, trainer.total_steps) == (8, 1, 1)
     assert trainer.flops_per_token == trainer.model.flops_per_token(32)
     assert trainer.run()["steps"] == 1
+
+
+def test_a_config_from_a_library_caller_is_checked_and_left_as_it_was(tmp_path, pt_data, tok_dir, monkeypatch):
+    """In a notebook: Paths where the CLI has strings, a config reused for the next run (the run used to
+    fill in its model shape, so a run with another tokenizer was refused), a typo in `kind` (one line,
+    not "tinyk pretrian needs pretrian data"), a sys.stdout without isatty (a host's writer), and the
+    notebook's matplotlib backend (loss.png switched the process to Agg, and inline plots stopped)."""
+    import matplotlib
+
+    class Writer:
+        def __init__(self):
+            self.text = ""
+
+        def write(self, s: str) -> int:
+            self.text += s
+            return len(s)
+
+        def flush(self) -> None:
+            pass
+
+    monkeypatch.setattr(sys, "stdout", Writer())
+    cfg = nano_cfg(pt_data, tok_dir, tmp_path / "a", max_steps=1, progress=True)
+    cfg.data, cfg.tokenizer, cfg.out = Path(cfg.data), Path(cfg.tokenizer), tmp_path / "a"
+    before, backend = copy.deepcopy(cfg), matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        assert train(cfg)["steps"] == 1 and cfg == before and "step 1" in sys.stdout.text
+        assert matplotlib.get_backend() == "svg" and (tmp_path / "a" / "loss.png").stat().st_size > 1000
+    finally:
+        matplotlib.use(backend)
+    cfg.out = tmp_path / "b"
+    assert train(cfg)["steps"] == 1
+    with pytest.raises(TinykError, match="^kind must be pretrain or sft, got 'pretrian'$"):
+        train(replace(cfg, kind="pretrian", out=str(tmp_path / "c")))
 
 
 def test_max_minutes_fits_the_schedule_to_the_clock(tmp_path, pt_data, tok_dir):

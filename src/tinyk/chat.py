@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, TextIO
 
 from .errors import Stopped, Terminated, TinykError, for_terminal
+from .tokenizer import MODEL_PROMPT, ModelPrompt
 from .units import plural
 
 if TYPE_CHECKING:  # the engine brings torch, which `tinyk --help` does not need
@@ -20,15 +21,17 @@ CHAT_HELP = ("commands: /reset (forget the conversation), /system TEXT (new syst
 
 
 def chat_session(engine: Engine, params: SamplingParams, lines: Iterable[str], out: TextIO, *,
-                 system: str | None, prompt: str = "assistant> ", interactive: bool = True) -> list[dict[str, str]]:
+                 system: str | None | ModelPrompt = MODEL_PROMPT, prompt: str = "assistant> ",
+                 interactive: bool = True) -> list[dict[str, str]]:
     """Runs a conversation over `lines` (user messages and /commands), streaming each reply to `out`.
+    `system`: the model's own prompt (its SFT data's) by default, None for none, or the text.
 
     When the conversation outgrows the context window the oldest turns are forgotten; a
     message too long on its own is reported (and fatal unless `interactive`). In an interactive
     session Ctrl-C stops the reply being written and keeps what was shown of it.
     Returns the final history.
     """
-    session = _Session(engine, params, out, system, prompt, interactive)
+    session = _Session(engine, params, out, engine.tok.resolve_system(system), prompt, interactive)
     for line in lines:
         text = line.strip()
         if not text:

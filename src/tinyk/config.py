@@ -23,6 +23,7 @@ import torch
 import yaml
 
 from .errors import TinykError, first_line, not_found
+from .inputs import as_list
 from .model import PRESETS, ModelConfig
 from .monitor import check_trackers
 from .rundir import config_copy, saved_config
@@ -129,6 +130,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if isinstance(value, str) and any(t in (int, float) for t in args):
         with contextlib.suppress(ValueError):  # YAML 1.1 reads 3e-4 (no dot) as a string
             value = float(value)
+    if isinstance(value, os.PathLike):  # a library caller's Path, for a path key
+        value = os.fspath(value)
     for t in args:
         origin = typing.get_origin(t) or t
         if origin is bool and isinstance(value, bool):
@@ -245,10 +248,10 @@ def shipped_config(name: str) -> dict[str, Any]:
     return yaml.load(text, Loader=_ConfigLoader)
 
 
-def parse_sets(items: list[str]) -> dict[str, Any]:
+def parse_sets(items: Iterable[str] | str) -> dict[str, Any]:
     """`--set key=value` pairs as a nested dict; values are parsed as YAML scalars (1e-3, true, [a, b])."""
     out: dict[str, Any] = {}
-    for item in items:
+    for item in as_list(items):
         key, eq, raw = item.partition("=")
         if not eq or not key.strip():
             raise TinykError(f"--set expects key=value, got {item!r}")
@@ -274,7 +277,7 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
 
 
 def resolve_config(kind: str, *, preset: str | None = None, config: str | Path | None = None,
-                   flags: dict[str, Any] | None = None, sets: list[str] = (), resume: bool = False,
+                   flags: dict[str, Any] | None = None, sets: Iterable[str] | str = (), resume: bool = False,
                    notes: list[str] | None = None) -> TrainConfig:
     """Defaults < shipped preset config < --config file < saved run config (--resume) < flags < --set.
 
@@ -289,7 +292,7 @@ def resolve_config(kind: str, *, preset: str | None = None, config: str | Path |
     if config:
         layers.append((mine, str(config)))
     top = [({k: v for k, v in (flags or {}).items() if v is not None}, "command line"),
-           (parse_sets(list(sets)), "--set")]
+           (parse_sets(sets), "--set")]
 
     def fold(stack: list[tuple[dict[str, Any], str]]) -> dict[str, Any]:
         d: dict[str, Any] = {}
@@ -363,6 +366,7 @@ def _flat(d: dict[str, Any]) -> dict[str, Any]:
 def validate(cfg: TrainConfig) -> None:
     """Refuses impossible settings with one line before anything is loaded."""
     checks = [
+        (cfg.kind in KINDS, f"kind must be {' or '.join(KINDS)}, got {cfg.kind!r}"),
         (cfg.dtype in TRAIN_DTYPES, f"dtype must be {', '.join(TRAIN_DTYPES)}, got {cfg.dtype!r}"),
         (cfg.parallel in PARALLEL, f"parallel must be ddp or fsdp, got {cfg.parallel!r}"),
         (cfg.compile_mode in COMPILE_MODES, f"compile_mode must be one of {', '.join(COMPILE_MODES)}"),

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .corpus import CorpusSpec, build_demo_corpus
-from .errors import Stopped, TinykError, first_line
+from .errors import Stopped, TinykError, first_line, is_terminal
 from .evaluate import percent
 from .inputs import read_json
 from .outputs import atomic_dir, rust_path, shows_a_bar, write_json_atomic
@@ -395,7 +395,7 @@ class _Pipeline:
         self.root, self.cfg, self.show_progress = root, cfg, show_progress
         self.st = Stages(8, cfg.minutes * 60, show_progress)
         # The tokenizer's and the data's bars redraw a line: in a pipe or a log, blank lines and carriage returns.
-        self.bars = show_progress and sys.stdout.isatty() and shows_a_bar(sys.stderr)
+        self.bars = show_progress and is_terminal(sys.stdout) and shows_a_bar(sys.stderr)
         self.res: dict[str, Any] = {"kind": RESULTS_KIND, "config": _jsonable(asdict(cfg)),
                                     "machine": machine_info()}
         self.corpus_dir, self.tok_dir, self.data_dir = root / "corpus", root / "tokenizer", root / "data"

@@ -103,10 +103,16 @@ def escape_controls(text: str, keep: str = "") -> str:
     return _CONTROL.sub(lambda m: m[0] if m[0] in keep else f"\\x{ord(m[0]):02x}", text)
 
 
+def is_terminal(stream: object) -> bool:
+    """`stream.isatty()`, False for a stream without one (a host program's stdout replacement)."""
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
 def for_terminal(text: str, stream: TextIO) -> str:
     """A model's text as `stream` shows it: control characters other than line breaks and tabs escaped
     on a terminal, untouched in a file or pipe (which get exactly what the model wrote)."""
-    return escape_controls(text, "\n\r\t") if stream.isatty() else text
+    return escape_controls(text, "\n\r\t") if is_terminal(stream) else text
 
 
 def one_line(e: BaseException) -> str:

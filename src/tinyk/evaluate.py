@@ -26,7 +26,7 @@ import torch
 
 from .data import normalize_conversation
 from .errors import Stopped, TinykError, not_found, writing
-from .inputs import Skips, iter_records, read_json, record_shape, refuse_pipe, refuse_repeats
+from .inputs import Skips, as_list, iter_records, read_json, record_shape, refuse_pipe, refuse_repeats
 from .model import Transformer
 from .outputs import check_output_file, write_json_atomic
 from .tokenizer import (
@@ -584,7 +584,7 @@ def evaluate(model_dir: str | Path, *, data: Iterable[str | Path] = (), tasks: I
     from .checkpoint import config_and_tokenizer, load_model
     from .loader import open_split
 
-    data, tasks, choice = list(data), list(tasks), list(choice)
+    data, tasks, choice = as_list(data), as_list(tasks), as_list(choice)
     if not (data or tasks or choice):
         raise TinykError("nothing to evaluate: give --data, --task and/or --choice")
     if quantize != "none" and not tasks:

@@ -95,8 +95,15 @@ def mostly_skipped(skipped: int, kept: int, unit: str) -> str | None:
             f"({plural(kept, unit)}); the summary says why")
 
 
-def check_inputs(paths: list[str | Path]) -> list[Path]:
+def as_list(items: Iterable[str | Path] | str | Path) -> list[str | Path]:
+    """A list of paths (or --set items); one given alone, as a library caller may, is a list of one,
+    not a string walked character by character ("input is a directory: /")."""
+    return [items] if isinstance(items, str | os.PathLike) else list(items)
+
+
+def check_inputs(paths: Iterable[str | Path] | str | Path) -> list[Path]:
     """Fail early, with one line, on inputs that are missing, unreadable, empty or of an unknown type."""
+    paths = as_list(paths)
     if not paths:
         raise TinykError("no input files given")
     out = []

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .errors import TinykError, first_line, writing
+from .errors import TinykError, first_line, is_terminal, writing
 from .model import cuda_autocast_dtype, dtype_name
 from .outputs import atomic_file, shows_a_bar
 from .units import plural
@@ -231,16 +231,14 @@ def _run_id(out: Path) -> str:
 
 def plot_losses(records: list[dict[str, Any]], png: Path) -> bool:
     """Train and validation loss against tokens; False (and no file) when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    try:  # a Figure of its own, not pyplot's: switching the process's backend would stop a notebook's plots
+        from matplotlib.figure import Figure
     except ImportError:
         return False
     train = [(r["tokens"], r["loss"]) for r in records if "loss" in r]
     val = [(r["tokens"], r["val_loss"]) for r in records if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    fig = Figure(figsize=(7, 4), dpi=100)
+    ax = fig.subplots()
     for points, label, style in ((train, "train", "-"), (val, "validation", "o-")):
         if points:
             ax.plot(*zip(*points, strict=True), style, label=label, markersize=3)
@@ -249,11 +247,8 @@ def plot_losses(records: list[dict[str, Any]], png: Path) -> bool:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    try:
-        with atomic_file(png, suffix=".png") as tmp:
-            fig.savefig(tmp)
-    finally:
-        plt.close(fig)
+    with atomic_file(png, suffix=".png") as tmp:
+        fig.savefig(tmp)
     return True
 
 
@@ -275,7 +270,7 @@ class Monitor:
         self.records = self._read_records()
         # The bar is for a terminal (stderr); where output goes to a pipe or a log file, where a bar is
         # carriage-return noise, each log interval is one line on stdout instead (or as well).
-        self.lines = show_progress and not (sys.stdout.isatty() and shows_a_bar(sys.stderr))
+        self.lines = show_progress and not (is_terminal(sys.stdout) and shows_a_bar(sys.stderr))
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                         disable=not (show_progress and shows_a_bar(sys.stderr)), mininterval=1.0, smoothing=0.1)
         self.plotted = True

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import TinykError, first_line, not_found, shown, write_error
+from .errors import TinykError, first_line, is_terminal, not_found, shown, write_error
 
 
 def plain_name(name: Any) -> bool:
@@ -504,6 +504,6 @@ def shows_a_bar(stream: Any) -> bool:
     """A terminal with room for a progress bar: one that reports 0 rows (some containers' and CI's)
     gets tqdm's bar hidden, and so nothing at all, unless it gets plain lines instead."""
     try:
-        return stream.isatty() and os.get_terminal_size(stream.fileno()).lines > 0
+        return is_terminal(stream) and os.get_terminal_size(stream.fileno()).lines > 0
     except (OSError, ValueError, AttributeError):  # no file descriptor (a test's capture), or not a terminal
         return False

@@ -1259,6 +1259,11 @@ class ChatServer(ThreadingHTTPServer):
         self.server_close()
         self.api.close()
 
+    def __exit__(self, *exc: object) -> None:
+        """Leaving `with ChatServer(...)` stops it all (socketserver's own only closes the socket, and a
+        started server then spins on it)."""
+        self.close()
+
 
 def serve(model_dir: str, *, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
           dtype: str = "auto", quantize: str = "none", max_batch: int = 16, **cfg: Any) -> None:

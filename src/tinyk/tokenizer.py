@@ -11,6 +11,7 @@ import bisect
 import codecs
 import hashlib
 import json
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -539,11 +540,14 @@ def _train_interruptibly(tok: Tokenizer, texts: Iterator[str], trainer: Any) -> 
 def train_tokenizer(inputs: list[str | Path], out: str | Path, *, vocab_size: int = 6144,
                     normalization: str = "none", max_bytes: int | None = None, field: str = "text",
                     min_frequency: int = 2, force: bool = False, strict: bool = False,
-                    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, show_progress: bool = True) -> dict[str, Any]:
+                    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, show_progress: bool | None = None
+                    ) -> dict[str, Any]:
     """Trains a tokenizer on a streamed (optionally truncated) corpus and saves an HF directory.
 
     Without `max_bytes` it reads as much as the available memory allows (BPE_MEMORY_PER_BYTE); the
-    result's `capped_at` says where reading stopped.
+    result's `capped_at` and `cap_from_memory` say where reading stopped and why. `show_progress`:
+    the `tokenizers` bar, which writes to file descriptor 1 past any sys.stdout, by default only
+    when that is a terminal (in a pipe, a log or a notebook cell it leaves blank lines).
     """
     paths = check_inputs(inputs)
     if not 256 + len(SPECIAL_TOKENS) <= vocab_size <= MAX_VOCAB:
@@ -562,7 +566,8 @@ def train_tokenizer(inputs: list[str | Path], out: str | Path, *, vocab_size: in
     tok = build_tokenizer(normalization)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=show_progress,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=os.isatty(1) if show_progress is None else show_progress,
     )
     stats = {"documents": 0, "characters": 0}
 

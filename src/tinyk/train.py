@@ -10,6 +10,7 @@ indexed by optimizer step, and a checkpoint holds everything needed to continue 
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import inspect
 import math
@@ -39,7 +40,7 @@ from .checkpoint import (
     load_model,
     write_model_files,
 )
-from .config import CUDA_GRAPH_MODES, TrainConfig, dump_config, model_config
+from .config import CUDA_GRAPH_MODES, TrainConfig, dump_config, model_config, validate
 from .errors import (
     PeerLost,
     StoppedBeforeTraining,
@@ -408,6 +409,12 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, *, resume: bool = False, force: bool = False):
         if resume and force:
             raise TinykError("--resume continues the run in --out and --force starts it over: give one of them")
+        # A copy: the run fills in the model's shape and more, and a caller may reuse its config for the next.
+        cfg = copy.deepcopy(cfg)
+        for key in ("out", "data", "tokenizer", "init"):
+            if isinstance(value := getattr(cfg, key), os.PathLike):
+                setattr(cfg, key, os.fspath(value))
+        validate(cfg)  # built by hand rather than by resolve_config, it was never checked
         self.cfg, self.resume = cfg, resume
         # Before the process group: every process of a job refuses at once, so the first to say why is
         # not stopped by torchrun before it could.
@@ -1346,5 +1353,12 @@ def peer_lost(e: BaseException, out: Path, *, before_training: bool = False) -> 
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False) -> dict[str, Any]:
-    """Runs (or continues) a training run and returns its summary (also written to OUT/summary.json)."""
+    """Runs (or continues) a training run and returns its summary (also written to OUT/summary.json).
+
+    `cfg` comes from `config.resolve_config` (a preset, a config file, flags and --set items, as the
+    CLI builds it; with `resume=True` there too, the run's saved config) and is not modified. A run
+    that a signal stopped (Ctrl-C, SIGTERM) saves a checkpoint and returns, with "status":
+    "interrupted" and "stop_signal" in the summary: a loop of runs checks that before going on, and
+    `train(resolve_config(kind, flags={"out": OUT}, resume=True), resume=True)` continues it.
+    """
     return Trainer(cfg, resume=resume, force=force).run()

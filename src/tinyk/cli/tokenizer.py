@@ -64,8 +64,7 @@ def _train(args: argparse.Namespace) -> int:
         print(f"tinyk: {note}", file=sys.stderr)
     r = train_tokenizer(inputs, args.out, vocab_size=args.vocab_size, normalization=args.normalization,
                         max_bytes=args.max_bytes, field=args.field, min_frequency=args.min_frequency,
-                        force=args.force, strict=args.strict, max_line_bytes=args.max_line_bytes,
-                        show_progress=sys.stdout.isatty())  # its bar leaves blank lines in a pipe or log
+                        force=args.force, strict=args.strict, max_line_bytes=args.max_line_bytes)
     print(f"trained on {plural(r['documents'], 'documents')} ({r['characters']:,} characters) in {r['seconds']}s; "
           f"vocab {r['vocab_size']}; {r['skipped_summary']}")
     if warning := mostly_skipped(r["skipped"]["total"], r["documents"], "documents"):
