@@ -715,8 +715,12 @@ class Engine:
         self.vocab_size = model.config.vocab_size
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path, device: str | torch.device | None = "cpu",
+    def from_dir(cls, model_dir: str | Path, device: str | torch.device | None = "auto",
                  dtype: str | torch.dtype | None = None, max_batch: int = 16, quantize: str = "none") -> Engine:
+        """The engine of a model directory (a run's `final/`, a checkpoint's `model/`, an imported one),
+        as `tinyk generate`, `chat` and `serve` make it: `device` "auto" is CUDA when there is one, `dtype`
+        None (or "auto") bf16 on CUDA (fp16 on cards without it) and fp32 on CPU, `max_batch` sequences
+        decode together, `quantize` "int8" stores the weights as int8 (CPU)."""
         dev = resolve_device(device)
         model, tok = load_model(model_dir, device=dev)
         return cls(model, tok, dtype=dtype if dtype is not None else "auto", max_batch=max_batch, optimize=True,
