@@ -953,6 +953,10 @@ def test_chat_session_commands_and_history(engine, capsys):
     assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
     second = engine.generate([engine.tok.apply_chat_template(history[:3], True, "你是诗人")], params)[0].text
     assert history[3]["content"] == second
+    # From Python, as the rest of the library takes it: MODEL_PROMPT is the model's own system prompt.
+    history = chat_session(engine, params, ["写诗"], io.StringIO(), system=MODEL_PROMPT)
+    own = engine.tok.apply_chat_template(history[:1], True, engine.tok.system_prompt)
+    assert engine.tok.system_prompt and history[1]["content"] == engine.generate([own], params)[0].text
     # A one-shot message (--message, piped input) is never a command, and a cut reply names its limit.
     history = chat_session(engine, params, ["/usr/bin 是什么"], io.StringIO(), system=None, interactive=False)
     assert history[0] == {"role": "user", "content": "/usr/bin 是什么"} and len(history) == 2

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tinyk.checkpoint import load_model
+from tinyk.checkpoint import init_model_dir, load_model
 from tinyk.cli import main
 from tinyk.data import prepare_pretrain
 from tinyk.errors import TinykError
@@ -82,43 +82,53 @@ def write_ceval(folder: Path, model, tok, fmt: str) -> None:
         w.writerow([0, "?", "a", "b", "c", "d"])
 
 
-def test_an_option_is_scored_on_its_text_after_the_contexts_text(nano):
-    """Context and option are tokenized whole, as pretraining saw such text. Where an option's first
-    characters merge into the context's last token ("答案：" + "（苹果）" is one "：（" token), every
-    option of that context is scored from before it and divided by the chance that the text goes on
-    with that token's characters (any token starting with them), so options that merge and options
-    that do not compare alike (scored as a "：", "（" pair the model never saw, such options lost
-    0.1-0.2 nats a byte). Where none merges, it is the plain sum over the option's tokens."""
-    model, tok = nano
-    questions = {"中国的首都是": ["北京", "上海"], "今天天气": ["很好啊", "不好"],
-                 "问题\n答案：": ["A", "（苹果）", "香蕉"]}
-    pairs = [(ctx, opt) for ctx, opts in questions.items() for opt in opts]
-    encoded = {ctx: [tok.bos_id] + tok.encode(ctx) for ctx in questions}
+@pytest.fixture(scope="module")
+def merging(tmp_path_factory):
+    """A model whose tokenizer has "：（" and "：“" as single tokens, as one trained on news text has."""
+    root = tmp_path_factory.mktemp("merging")
+    lines = [f"问题{i}\n答案：（甲{i}）答案：“好{i}”答案：乙{i}" for i in range(300)]
+    (root / "c.jsonl").write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in lines),
+                                  encoding="utf-8")
+    train_tokenizer([root / "c.jsonl"], root / "tok", vocab_size=320, show_progress=False)
+    init_model_dir("nano", root / "tok", root / "model", seed=0)
+    return load_model(root / "model")
 
-    def logp(ids: list[int]) -> torch.Tensor:
-        with torch.no_grad():
-            return torch.log_softmax(model(torch.tensor([ids]))[0], -1)
 
+def test_an_option_is_scored_on_its_text_after_the_contexts_text(merging, nano):
+    """Scored from before the context's last token: the option's tokens as context and option tokenize
+    together (as pretraining saw such text), divided by the chance of any token starting with that last
+    token's characters. An option opening with "（" is then scored on the "：（" token the model knows,
+    not on a "：", "（" pair it never saw (C-Eval's quoted options lost 0.1-0.2 nats a byte so)."""
+    model, tok = merging
+    context, options = "问题\n答案：", ["（苹果）", "香蕉", "“好的”"]
+    ctx = [tok.bos_id] + tok.encode(context)
+    wholes = [[tok.bos_id] + tok.encode(context + o) for o in options]
+    assert [tok.decode([w[len(ctx) - 1]]) for w in wholes] == ["：（", "：", "：“"]
+    with torch.no_grad():
+        heal = torch.log_softmax(model(torch.tensor([ctx]))[0, -2], -1)
+    starting = [i for i in range(tok.vocab_size) if tok.decode([i]).startswith("：")]
+    denominator = heal[starting].logsumexp(0).item()
     want = []
-    for ctx, opts in questions.items():
-        c = encoded[ctx]
-        wholes = [[tok.bos_id] + tok.encode(ctx + o) for o in opts]
-        start = min(next((i for i in range(len(c)) if i == len(w) or w[i] != c[i]), len(c)) for w in wholes)
-        tail = 0.0
-        if start < len(c):
-            lp = logp(c)
-            last = tok.tok.id_to_token(c[-1])
-            ext = [i for i in range(tok.vocab_size) if tok.token_bytes[i] and tok.tok.id_to_token(i).startswith(last)]
-            tail = sum(lp[i - 1, c[i]].item() for i in range(start, len(c) - 1)) + lp[-2, ext].logsumexp(0).item()
-        for w in wholes:
-            lp = logp(w)
-            want.append(sum(lp[i - 1, w[i]].item() for i in range(start, len(w))) - tail)
-    merged = [ctx for ctx, c in encoded.items() if any(tok.encode(ctx + o)[:len(c) - 1] != c[1:]
-                                                       for o in questions[ctx])]
-    assert merged and len(merged) < len(questions), "the test needs contexts some option merges into, and others"
-    got = continuation_logprobs(model, tok, pairs, batch_size=2)
-    assert got == pytest.approx(want, abs=1e-4) and max(got) < 0
-    assert continuation_logprobs(model, tok, pairs, batch_size=1) == pytest.approx(got, abs=1e-5)
+    for w in wholes:
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([w]))[0], -1)
+        want.append(sum(logp[i - 1, w[i]].item() for i in range(len(ctx) - 1, len(w))) - denominator)
+    pairs = [(context, o) for o in options]
+    assert continuation_logprobs(model, tok, pairs, batch_size=2) == pytest.approx(want, abs=1e-4)
+
+
+def test_an_options_score_depends_on_nothing_else_asked(merging, nano):
+    """A question's scores are the same alone or beside others with the same prompt, merging or not
+    (a stem like 下列说法正确的是 is shared by many questions), and never above 0: also where the join
+    re-splits more than the context's last token (CJK letters merging across it)."""
+    for model, tok in (merging, nano):
+        alone = [("问题\n答案：", "香蕉"), ("问题\n答案：", "苹果")]
+        others = [("问题\n答案：", "（甲）"), ("中国的首都是", "北京"), ("今天天气", "很好啊"), ("今天去", "公园散步")]
+        got = continuation_logprobs(model, tok, alone + others, batch_size=3)
+        assert got[:2] == pytest.approx(continuation_logprobs(model, tok, alone, batch_size=1), abs=1e-5)
+        assert max(got) <= 0
+    deep = [ctx for ctx, opt in others if tok.encode(ctx + opt)[:len(tok.encode(ctx)) - 1] != tok.encode(ctx)[:-1]]
+    assert deep, "the test needs a context whose join with its option re-splits more than its last token"
 
 
 @pytest.mark.parametrize("fmt", ["cloze", "letter"])
@@ -145,11 +155,13 @@ def test_cmmlu_header_bad_rows_and_uneven_options(tmp_path):
                  "0,天上最亮的星？,太阳,月亮,,,A\n"      # two options: chance 1/2
                  "1,坏行,甲,乙,丙,丁,E\n"               # answer not an option
                  "2,哪个是行星？,地球,太阳,月亮,银河,a\n"
-                 "3,一列太多,甲,乙,丙,丁,A,多\n", encoding="utf-8")  # an unquoted comma: its fields are shifted
+                 "3,一列太多,甲,乙,丙,丁,A,多\n"      # an unquoted comma: its fields are shifted
+                 "4,尾部多个逗号,甲,乙,丙,丁,B,\n", encoding="utf-8")  # a trailing comma shifts nothing
     skips = Skips()
     qs = read_choice([f], skips)
-    assert [(q.subject, q.answer, len(q.options)) for q in qs] == [("astronomy", "A", 2), ("astronomy", "A", 4)]
-    assert skips.counts == {"bad_row": 2} and skips.first["bad_row"] == ["astronomy.csv:3", "astronomy.csv:5"]
+    assert [(q.subject, q.answer, len(q.options)) for q in qs] == [("astronomy", "A", 2), ("astronomy", "A", 4),
+                                                                    ("astronomy", "B", 4)]
+    assert skips.counts == {"bad_row": 1, "extra_fields": 1} and skips.first["extra_fields"] == ["astronomy.csv:5"]
     # No question is usable: what is wrong with the rows, not a word on splits without answers.
     f.write_text(",Question,A,B,C,D,Answer\n0,坏行,甲,乙,丙,丁,E\n1,,甲,乙,丙,丁,A\n", encoding="utf-8")
     with pytest.raises(TinykError) as e:

@@ -10,21 +10,21 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, TextIO
 
 from .errors import Stopped, Terminated, TinykError, for_terminal
-from .tokenizer import MODEL_PROMPT, ModelPrompt
 from .units import plural
 
 if TYPE_CHECKING:  # the engine brings torch, which `tinyk --help` does not need
     from .engine import Engine, Request, SamplingParams
+    from .tokenizer import ModelPrompt
 
 CHAT_HELP = ("commands: /reset (forget the conversation), /system TEXT (new system prompt, then reset), "
              "/exit or /quit, /help; //TEXT sends /TEXT")
 
 
 def chat_session(engine: Engine, params: SamplingParams, lines: Iterable[str], out: TextIO, *,
-                 system: str | None | ModelPrompt = MODEL_PROMPT, prompt: str = "assistant> ",
+                 system: str | None | ModelPrompt, prompt: str = "assistant> ",
                  interactive: bool = True) -> list[dict[str, str]]:
     """Runs a conversation over `lines` (user messages and /commands), streaming each reply to `out`.
-    `system`: the model's own prompt (its SFT data's) by default, None for none, or the text.
+    `system`: the text, None for none, or `tokenizer.MODEL_PROMPT` for the model's own (its SFT data's).
 
     When the conversation outgrows the context window the oldest turns are forgotten; a
     message too long on its own is reported (and fatal unless `interactive`). In an interactive

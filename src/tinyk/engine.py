@@ -715,12 +715,13 @@ class Engine:
         self.vocab_size = model.config.vocab_size
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path, device: str | torch.device | None = "auto",
+    def from_dir(cls, model_dir: str | Path, device: str | torch.device | None = "cpu",
                  dtype: str | torch.dtype | None = None, max_batch: int = 16, quantize: str = "none") -> Engine:
         """The engine of a model directory (a run's `final/`, a checkpoint's `model/`, an imported one),
-        as `tinyk generate`, `chat` and `serve` make it: `device` "auto" is CUDA when there is one, `dtype`
-        None (or "auto") bf16 on CUDA (fp16 on cards without it) and fp32 on CPU, `max_batch` sequences
-        decode together, `quantize` "int8" stores the weights as int8 (CPU)."""
+        as `tinyk generate`, `chat` and `serve` make it. `device`: CPU unless asked ("auto", which the CLI
+        passes, is CUDA when there is one); `dtype` None (or "auto"): bf16 on CUDA (fp16 on cards without
+        it), fp32 on CPU; `max_batch` sequences decode together; `quantize` "int8" stores the weights as
+        int8 (CPU only)."""
         dev = resolve_device(device)
         model, tok = load_model(model_dir, device=dev)
         return cls(model, tok, dtype=dtype if dtype is not None else "auto", max_batch=max_batch, optimize=True,
@@ -916,7 +917,7 @@ class Scheduler:
     def __init__(self, engine: Engine, max_waiting: int = 256,
                  on_finish: Callable[[Request], None] | None = None):
         self.engine, self.max_waiting = engine, max_waiting
-        self.on_finish = on_finish  # called in the engine thread as each request ends (logging, metrics)
+        self.on_finish = on_finish  # in the engine thread as each request ends, before its caller wakes: keep it quick
         self.finished: Counter[str] = Counter()
         self.running = 0
         self._waiting: deque[Request] = deque()

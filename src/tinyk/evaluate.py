@@ -350,8 +350,8 @@ def _read_choice_csv(path: Path, skips: Skips, limit: int | None) -> list[Choice
             if row is None:
                 break
             where = f"{path.name}:{reader.line_num}"
-            if None in row:  # csv.DictReader's key for fields beyond the header's
-                skips.add("bad_row", where, "more fields than the header has (an unquoted comma in a field?)")
+            if any((v or "").strip() for v in row.get(None, [])):  # csv.DictReader's key for fields past the header
+                skips.add("extra_fields", where, "more fields than the header has: an unquoted comma in a field?")
                 continue
             options = {k: (row.get(header[k.lower()]) or "").strip() for k in letters}
             options = {k: v for k, v in options.items() if v}
@@ -373,6 +373,7 @@ def read_choice(paths: Iterable[str | Path], skips: Skips, limit: int | None = N
     subject name found in several folders (ceval/val and ceval/dev, or two benchmarks) is named with
     as much of each folder's path as tells them apart, and two files of one subject in one folder by
     their file names, so they are not merged."""
+    paths = as_list(paths)
     files: dict[Path, Path] = {}  # by resolved path: a file reached twice is scored once
     for p in map(Path, paths):
         if p.is_dir():
@@ -441,26 +442,31 @@ class _Scored:
 
 
 def _option_sequences(tok: TinyTokenizer, pairs: list[tuple[str, str]]) -> list[tuple[_Scored, _Scored | None]]:
-    """What each option's log-probability after its context is made of: (the option's tokens, the context's
-    tokens to divide by, or None).
+    """What each option's log-probability after its context is made of: (the option's path, the
+    context's healed last token to divide by, or None for an empty context).
 
-    Context and option are tokenized whole, as the model saw such text in training. Where an option's
-    first characters merge into the context's last token ("答案：" then "（苹果）" is one "：（" token), the
-    options of that context are all scored from before that token, and divided by the probability that
-    the text goes on with the context's last characters (any token that starts with them: "：", "：（",
-    "：“" ...): so each option's score is its text's probability after the context's text, whether or not
-    it merged. Scored as a "：", "（" pair the model never saw, such options lost 0.1-0.2 nats a byte
-    (C-Eval's options in quotes, on a tokenizer trained on news text)."""
-    ctx_ids = {c: (tok.bos_id, *tok.encode(c, special=False)) for c, _ in pairs}
-    wholes = [(tok.bos_id, *tok.encode(c + o, special=False)) for c, o in pairs]
-    start = {c: len(ids) for c, ids in ctx_ids.items()}
-    for (c, _), whole in zip(pairs, wholes, strict=True):
-        ctx = ctx_ids[c]
-        shared = next((i for i, (a, b) in enumerate(zip(ctx, whole, strict=False)) if a != b), len(ctx))
-        start[c] = min(start[c], shared)
-    return [(_Scored(whole, len(whole) - start[c]),
-             _Scored(ctx_ids[c], len(ctx_ids[c]) - start[c], healed=True) if start[c] < len(ctx_ids[c]) else None)
-            for (c, _), whole in zip(pairs, wholes, strict=True)]
+    An option is scored as the text goes on after the context's text, from before the context's last
+    token: the tokens of context and option tokenized together (as pretraining saw such text: "答案："
+    then "（苹果）" is one "：（" token, not a "：", "（" pair the model never saw; scored that way, C-Eval's
+    options in quotes lost 0.1-0.2 nats a byte), divided by the probability of any token that starts
+    with the last token's characters ("：", "：（", "：“" ...). Every option of every context is scored so,
+    whether it merged or not, so a score depends on nothing else in the batch. Where the join re-splits
+    more than that token (CJK letters merging, NFKC composing across it), the option's own tokens follow
+    the context's instead: another path to the same text, whose first token is the last one healed."""
+    spelled = tok.token_spellings
+    out: list[tuple[_Scored, _Scored | None]] = []
+    for context, option in pairs:
+        ctx = (tok.bos_id, *tok.encode(context, special=False))
+        last = len(ctx) - 1
+        if not last:
+            whole = (tok.bos_id, *tok.encode(option, special=False))
+            out.append((_Scored(whole, len(whole) - 1), None))
+            continue
+        whole = (tok.bos_id, *tok.encode(context + option, special=False))
+        if whole[:last] != ctx[:last] or not spelled[whole[last]].startswith(spelled[ctx[last]]):
+            whole = (*ctx, *tok.encode(option, special=False))
+        out.append((_Scored(whole, len(whole) - last), _Scored(ctx, 1, healed=True)))
+    return out
 
 
 def choices_that_fit(tok: TinyTokenizer, paths: list[str | Path], questions: list[ChoiceQuestion], fmt: str,
@@ -484,8 +490,8 @@ def choices_that_fit(tok: TinyTokenizer, paths: list[str | Path], questions: lis
 @torch.no_grad()
 def continuation_logprobs(model: Transformer, tok: TinyTokenizer, pairs: list[tuple[str, str]],
                           batch_size: int = 16) -> list[float]:
-    """The log-probability of each continuation's text after its context's (`_option_sequences`: the
-    continuations of one context are scored alike); each must fit the model's context."""
+    """The log-probability of each continuation's text after its context's (`_option_sequences`), each
+    the same whatever else is asked with it; each must fit the model's context."""
     parts = _option_sequences(tok, pairs)
     seqs = list(dict.fromkeys(s for both in parts for s in both if s is not None))
     if (longest := max((len(s.ids) for s in seqs), default=0)) > model.config.max_seq_len:
@@ -494,8 +500,8 @@ def continuation_logprobs(model: Transformer, tok: TinyTokenizer, pairs: list[tu
     device = next(model.parameters()).device
     starting_with = _tokens_starting_with(tok)
     sums: dict[_Scored, float] = {}
-    for start in range(0, len(seqs), batch_size):
-        chunk = seqs[start:start + batch_size]
+    for at in range(0, len(seqs), batch_size):
+        chunk = seqs[at:at + batch_size]
         x = torch.full((len(chunk), max(len(s.ids) for s in chunk)), tok.pad_id, dtype=torch.long)
         for i, s in enumerate(chunk):
             x[i, :len(s.ids)] = torch.tensor(s.ids)
@@ -513,7 +519,7 @@ def continuation_logprobs(model: Transformer, tok: TinyTokenizer, pairs: list[tu
 
 def _tokens_starting_with(tok: TinyTokenizer) -> Callable[[int], list[int]]:
     """The ids of the (non-special) tokens whose bytes start with a token's bytes, itself included."""
-    spelled = [tok.tok.id_to_token(i) if n else None for i, n in enumerate(tok.token_bytes)]
+    spelled = tok.token_spellings
     cache: dict[int, list[int]] = {}
 
     def find(token: int) -> list[int]:
@@ -530,7 +536,7 @@ def eval_choice(model: Transformer, tok: TinyTokenizer, paths: Iterable[str | Pa
     cloze normalises by the option's UTF-8 length so long options are not penalised.
     """
     _check_choice_format(fmt)
-    paths, skips = list(paths), Skips()
+    paths, skips = as_list(paths), Skips()
     questions = choices_that_fit(tok, paths, read_choice(paths, skips, limit), fmt, model.config.max_seq_len, skips)
     return score_choice(model, tok, paths, questions, skips, fmt=fmt, batch_size=batch_size)
 

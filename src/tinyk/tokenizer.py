@@ -254,7 +254,13 @@ class TinyTokenizer:
     def token_bytes(self) -> list[int]:
         """UTF-8 bytes of text each token id stands for (0 for special tokens), for bits per byte:
         byte-level BPE spells every byte as one character of its alphabet."""
-        return [0 if i < len(SPECIAL_TOKENS) else len(self.tok.id_to_token(i)) for i in range(self.vocab_size)]
+        return [len(s) if s else 0 for s in self.token_spellings]
+
+    @cached_property
+    def token_spellings(self) -> list[str | None]:
+        """Each token's bytes in byte-level BPE's alphabet, one character a byte (None for special
+        tokens): one token's text starts with another's where its spelling starts with the other's."""
+        return [None if i < len(SPECIAL_TOKENS) else self.tok.id_to_token(i) for i in range(self.vocab_size)]
 
     @cached_property
     def _byte_of_char(self) -> dict[str, int]:

@@ -1359,6 +1359,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False) -> dic
     CLI builds it; with `resume=True` there too, the run's saved config) and is not modified. A run
     that a signal stopped (Ctrl-C, SIGTERM) saves a checkpoint and returns, with "status":
     "interrupted" and "stop_signal" in the summary: a loop of runs checks that before going on, and
-    `train(resolve_config(kind, flags={"out": OUT}, resume=True), resume=True)` continues it.
+    `train(resolve_config(kind, flags={"out": OUT}, resume=True), resume=True)` continues it. Stopped
+    before its first step, it has nothing to save and raises `errors.StoppedBeforeTraining`.
     """
     return Trainer(cfg, resume=resume, force=force).run()
