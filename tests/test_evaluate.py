@@ -94,7 +94,7 @@ def merging(tmp_path_factory):
     return load_model(root / "model")
 
 
-def test_an_option_is_scored_on_its_text_after_the_contexts_text(merging, nano):
+def test_an_option_is_scored_on_its_text_after_the_contexts_text(merging):
     """Scored from before the context's last token: the option's tokens as context and option tokenize
     together (as pretraining saw such text), divided by the chance of any token starting with that last
     token's characters. An option opening with "（" is then scored on the "：（" token the model knows,
@@ -129,6 +129,25 @@ def test_an_options_score_depends_on_nothing_else_asked(merging, nano):
         assert max(got) <= 0
     deep = [ctx for ctx, opt in others if tok.encode(ctx + opt)[:len(tok.encode(ctx)) - 1] != tok.encode(ctx)[:-1]]
     assert deep, "the test needs a context whose join with its option re-splits more than its last token"
+    # A context whose last token the join splits shorter ("我们今天" + "气": "我们今", "天气"): the context's
+    # tokens, then the option's own; an empty context: the option's tokens after BOS, nothing healed.
+    model, tok = nano
+    context, option = "我们今天", "气"
+    ctx, opt = [tok.bos_id] + tok.encode(context), tok.encode(option)
+    joined = [tok.bos_id] + tok.encode(context + option)
+    last = len(ctx) - 1
+    healed = tok.decode([ctx[last]])
+    assert joined[:last] != ctx[:last] or not tok.decode([joined[last]]).startswith(healed), \
+        "the test needs a join that splits the context's last token into one that does not start with it"
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ctx + opt]))[0], -1)
+        alone = torch.log_softmax(model(torch.tensor([[tok.bos_id] + opt]))[0], -1)
+    starting = [i for i in range(tok.vocab_size) if tok.token_bytes[i] and tok.decode([i]).startswith(healed)]
+    want = sum(logp[i - 1, t].item() for i, t in enumerate(ctx + opt) if i >= last) - \
+        logp[last - 1, starting].logsumexp(0).item()
+    want_alone = sum(alone[i, t].item() for i, t in enumerate(opt))
+    got = continuation_logprobs(model, tok, [(context, option), ("", option)])
+    assert got == pytest.approx([want, want_alone], abs=1e-4)
 
 
 @pytest.mark.parametrize("fmt", ["cloze", "letter"])

@@ -433,39 +433,40 @@ def choice_continuations(q: ChoiceQuestion, fmt: str) -> tuple[str, list[tuple[s
 
 @dataclass(frozen=True)
 class _Scored:
-    """A sequence (BOS, then text as plain text, as in pretraining) whose last `n` tokens are scored;
-    `healed`: the very last one as any token that starts with its bytes."""
+    """An option's path (BOS, then text as plain text, as in pretraining) whose last `n` tokens are
+    summed, less, with `heal`, the log-probability at the first of them of any token that starts with
+    that token's bytes."""
 
     ids: tuple[int, ...]
     n: int
-    healed: bool = False
+    heal: int | None
 
 
-def _option_sequences(tok: TinyTokenizer, pairs: list[tuple[str, str]]) -> list[tuple[_Scored, _Scored | None]]:
-    """What each option's log-probability after its context is made of: (the option's path, the
-    context's healed last token to divide by, or None for an empty context).
+def _option_sequences(tok: TinyTokenizer, pairs: list[tuple[str, str]]) -> list[_Scored]:
+    """How each option's log-probability after its context is computed.
 
-    An option is scored as the text goes on after the context's text, from before the context's last
-    token: the tokens of context and option tokenized together (as pretraining saw such text: "答案："
-    then "（苹果）" is one "：（" token, not a "：", "（" pair the model never saw; scored that way, C-Eval's
-    options in quotes lost 0.1-0.2 nats a byte), divided by the probability of any token that starts
-    with the last token's characters ("：", "：（", "：“" ...). Every option of every context is scored so,
-    whether it merged or not, so a score depends on nothing else in the batch. Where the join re-splits
-    more than that token (CJK letters merging, NFKC composing across it), the option's own tokens follow
-    the context's instead: another path to the same text, whose first token is the last one healed."""
+    From before the context's last token: the tokens that context and option make together (as
+    pretraining saw such text: "答案：" then "（苹果）" is one "：（" token, not a "：", "（" pair the model
+    never saw; scored that way, C-Eval's options in quotes lost 0.1-0.2 nats a byte), less the
+    log-probability there of any token that starts with the last token's characters ("：", "：（", "：“"
+    ...). Every option of every context is scored so, whether it merged or not, so a score depends on
+    nothing else in the batch. Where the join changes more than that token, or splits it into one that
+    does not start with it (CJK letters merging, NFKC composing across it), the context's tokens are
+    followed by the option's own (under NFKC each normalised alone). Either way it is one tokenization's
+    probability, not the text's over all of them. An empty context is BOS alone, with nothing to heal."""
     spelled = tok.token_spellings
-    out: list[tuple[_Scored, _Scored | None]] = []
+    out = []
     for context, option in pairs:
         ctx = (tok.bos_id, *tok.encode(context, special=False))
         last = len(ctx) - 1
         if not last:
             whole = (tok.bos_id, *tok.encode(option, special=False))
-            out.append((_Scored(whole, len(whole) - 1), None))
+            out.append(_Scored(whole, len(whole) - 1, None))
             continue
         whole = (tok.bos_id, *tok.encode(context + option, special=False))
         if whole[:last] != ctx[:last] or not spelled[whole[last]].startswith(spelled[ctx[last]]):
             whole = (*ctx, *tok.encode(option, special=False))
-        out.append((_Scored(whole, len(whole) - last), _Scored(ctx, 1, healed=True)))
+        out.append(_Scored(whole, len(whole) - last, ctx[last]))
     return out
 
 
@@ -477,7 +478,7 @@ def choices_that_fit(tok: TinyTokenizer, paths: list[str | Path], questions: lis
     fits = []
     for q in questions:
         context, conts = choice_continuations(q, fmt)
-        if max(len(opt.ids) for opt, _ in _option_sequences(tok, [(context, c) for _, c in conts])) <= context_length:
+        if max(len(opt.ids) for opt in _option_sequences(tok, [(context, c) for _, c in conts])) <= context_length:
             fits.append(q)
         else:
             skips.add("too_long_for_context", q.where or q.subject,
@@ -490,10 +491,10 @@ def choices_that_fit(tok: TinyTokenizer, paths: list[str | Path], questions: lis
 @torch.no_grad()
 def continuation_logprobs(model: Transformer, tok: TinyTokenizer, pairs: list[tuple[str, str]],
                           batch_size: int = 16) -> list[float]:
-    """The log-probability of each continuation's text after its context's (`_option_sequences`), each
-    the same whatever else is asked with it; each must fit the model's context."""
-    parts = _option_sequences(tok, pairs)
-    seqs = list(dict.fromkeys(s for both in parts for s in both if s is not None))
+    """The log-probability of each continuation after its context (`_option_sequences`), the same
+    whatever else is asked with it; each must fit the model's context."""
+    paths = _option_sequences(tok, pairs)
+    seqs = list(dict.fromkeys(paths))
     if (longest := max((len(s.ids) for s in seqs), default=0)) > model.config.max_seq_len:
         raise TinykError(f"a question with its option is {longest} tokens, longer than the model's "
                          f"{model.config.max_seq_len}-token context")
@@ -508,13 +509,12 @@ def continuation_logprobs(model: Transformer, tok: TinyTokenizer, pairs: list[tu
         logp = torch.log_softmax(model(x.to(device)).float(), dim=-1)
         for i, s in enumerate(chunk):
             first = len(s.ids) - s.n
-            exact = s.ids[first:-1] if s.healed else s.ids[first:]  # a healed last token is summed over
-            pos = torch.arange(first - 1, first - 1 + len(exact), device=device)
-            total = logp[i, pos, torch.tensor(exact, dtype=torch.long, device=device)].sum()
-            if s.healed:
-                total += logp[i, len(s.ids) - 2, starting_with(s.ids[-1])].logsumexp(0)
+            pos = torch.arange(first - 1, len(s.ids) - 1, device=device)
+            total = logp[i, pos, torch.tensor(s.ids[first:], device=device)].sum()
+            if s.heal is not None:  # from the same row: numerator and divisor share their rounding
+                total -= logp[i, first - 1, starting_with(s.heal)].logsumexp(0)
             sums[s] = total.item()
-    return [sums[opt] - (sums[ctx] if ctx else 0.0) for opt, ctx in parts]
+    return [sums[s] for s in paths]
 
 
 def _tokens_starting_with(tok: TinyTokenizer) -> Callable[[int], list[int]]:
