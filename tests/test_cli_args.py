@@ -315,23 +315,23 @@ def test_a_stop_once_the_results_are_written_says_they_are_complete(tmp_path, na
     import tinyk.evaluate
     from tinyk.errors import Stopped, Terminated
 
-    real, out = tinyk.evaluate.write_json_atomic, tmp_path / "r.json"
+    real, out = tinyk.evaluate.write_text_atomic, tmp_path / "r.json"
 
     def stopped(stop: KeyboardInterrupt | type[KeyboardInterrupt], after: bool):
-        def write(path, obj):
+        def write(path, text):
             if after:
-                real(path, obj)
+                real(path, text)
             raise stop
         return write
 
     for stop, code, said in ((KeyboardInterrupt, 130, "interrupted"), (Terminated, 143, "terminated"),
                              (Stopped("SIGHUP"), 129, "stopped by SIGHUP")):
-        monkeypatch.setattr(tinyk.evaluate, "write_json_atomic", stopped(stop, after=True))
+        monkeypatch.setattr(tinyk.evaluate, "write_text_atomic", stopped(stop, after=True))
         assert run_cli(eval_args(nano_model_dir, task_file, "--out", out, "--force"), capsys) == (
             code, f"tinyk: {said} after the evaluation finished: {out} holds its complete results\n")
         assert json.loads(out.read_text())["tasks"][0]["examples"] == 1
     out.unlink()
-    monkeypatch.setattr(tinyk.evaluate, "write_json_atomic", stopped(KeyboardInterrupt, after=False))
+    monkeypatch.setattr(tinyk.evaluate, "write_text_atomic", stopped(KeyboardInterrupt, after=False))
     assert run_cli(eval_args(nano_model_dir, task_file, "--out", out), capsys) == (130, "tinyk: interrupted\n")
     assert not out.exists()
 

@@ -565,6 +565,66 @@ def test_cli_table_and_json(tmp_path, nano, nano_model_dir, pretrain_data, capsy
     assert "nothing to evaluate" in capsys.readouterr().err
 
 
+def test_samples_list_every_answer_and_every_questions_option_scores(tmp_path, nano, nano_model_dir, capsys):
+    """`--samples`: one JSON line per task example and per question, in file order, agreeing with the
+    table's accuracy; a cloze score is the option's log-probability over its UTF-8 bytes."""
+    model, tok = nano
+    write_ceval(tmp_path / "ceval", model, tok, "cloze")
+    task = write_task(tmp_path / "t.jsonl", [{"messages": [{"role": "user", "content": f"你好{i}"}], "answer": "你好"}
+                                             for i in range(3)] + ["{not json"])
+    out, samples = tmp_path / "r.json", tmp_path / "s.jsonl"
+    args = ["eval", "--model", str(nano_model_dir), "--task", str(task), "--max-new-tokens", "3",
+            "--choice", str(tmp_path / "ceval"), "--out", str(out), "--samples", str(samples)]
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 0
+    capsys.readouterr()
+    results = json.loads(out.read_text(encoding="utf-8"))
+    lines = [json.loads(line) for line in samples.read_text(encoding="utf-8").splitlines()]
+    tasks, questions = lines[:3], lines[3:]
+    assert [r["mode"] for r in tasks] == ["task"] * 3 and [r["mode"] for r in questions] == ["choice"] * 6
+    assert [r["where"] for r in tasks] == [f"{task.name}:{i}" for i in (1, 2, 3)]
+    assert [r["messages"][-1]["content"] for r in tasks] == ["你好0", "你好1", "你好2"]
+    assert [r["output"] for r in tasks] == [s["output"] for s in results["tasks"][0]["samples"]]
+    assert all(r["correct"] == (normalize_answer(r["output"]) == "你好") for r in tasks)
+    assert sum(r["correct"] for r in tasks) / 3 == results["tasks"][0]["accuracy"]
+    for r, (q, opts) in zip(questions, QUESTIONS, strict=True):
+        assert r["question"] == q and list(r["options"].values()) == opts and r["subject"] == "toy"
+        assert r["pick"] == model_choice(model, tok, "cloze", q, r["options"])
+        assert r["correct"] == (r["pick"] == r["answer"])
+        for letter, text in r["options"].items():
+            assert r["scores"][letter] == pytest.approx(r["logprobs"][letter] / len(text.encode("utf-8")))
+            assert r["logprobs"][letter] < 0
+    assert [r["correct"] for r in questions] == [True] * 3 + [False] * 3  # as write_ceval set the answers
+    # An existing samples file is replaced only with --force; anything else not even then.
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"tinyk: error: --out {out} exists (use --force to replace it)\n")
+    out.unlink()
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"tinyk: error: --samples {samples} exists (use --force to replace it)\n")
+    samples.write_text("my notes\n", encoding="utf-8")
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--force"])
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"tinyk: error: --samples {samples} exists and is not the samples of tinyk eval, so it is not replaced; "
+        f"remove it yourself or choose another path\n")
+    assert samples.read_text(encoding="utf-8") == "my notes\n" and not out.exists()
+    for extra, said in ((["--samples", str(out)], f"--samples {out} is also --out; give each its own file"),
+                        (["--samples", str(task)], f"--samples {task} would replace the input {task}; choose "
+                                                   f"another output path")):
+        with pytest.raises(SystemExit) as e:
+            main([*args, *extra])
+        assert e.value.code == 2 and capsys.readouterr().err == f"tinyk: error: {said}\n"
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--model", str(nano_model_dir), "--data", str(tmp_path), "--samples", str(samples)])
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        "tinyk: error: --samples lists --task answers and --choice questions; add --task or --choice\n")
+
+
 def test_an_out_file_made_while_the_evaluation_ran_is_not_overwritten(tmp_path, nano_model_dir, pretrain_data,
                                                                        capsys, monkeypatch):
     import tinyk.evaluate

@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .data import normalize_conversation
-from .errors import Stopped, TinykError, not_found, writing
+from .errors import Stopped, TinykError, not_found, shown, writing
 from .inputs import Skips, as_list, iter_records, read_json, record_shape, refuse_pipe, refuse_repeats
 from .model import Transformer
-from .outputs import check_output_file, write_json_atomic
+from .outputs import check_output_file, write_text_atomic
 from .tokenizer import (
     CHAT_ROLES,
     MODEL_PROMPT,
@@ -236,21 +236,25 @@ def chat_prompt_ids(tok: TinyTokenizer, context_length: int) -> Callable[[list[d
 
 def eval_task(engine: Engine, path: str | Path, *, batch_size: int = 32, max_new_tokens: int = 64,
               limit: int | None = None, system_prompt: str | None | ModelPrompt = MODEL_PROMPT,
-              name: str | None = None) -> dict[str, Any]:
+              name: str | None = None, records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Greedy answers to every example: exact-match accuracy, stop rate, and the majority-answer baseline.
 
     Examples whose prompt does not fit the model's context are skipped and counted. A chat without a
     system message gets `system_prompt`: by default the model's own, as `tinyk eval --task` does.
+    `records`, when given, gets one dict per example (`tinyk eval --samples`): what it asked, the answer
+    and whether it matched.
     """
     read = read_task_prompts(path, chat_prompt_ids(engine.tok, engine.context_length),
                              system_prompt=engine.tok.resolve_system(system_prompt), limit=limit)
-    return score_task(engine, path, *read, batch_size=batch_size, max_new_tokens=max_new_tokens, name=name)
+    return score_task(engine, path, *read, batch_size=batch_size, max_new_tokens=max_new_tokens, name=name,
+                      records=records)
 
 
 def score_task(engine: Engine, path: str | Path, examples: list[TaskExample], prompts: list[list[int]], skips: Skips,
                *, batch_size: int = 32, max_new_tokens: int = 64,
-               name: str | None = None) -> dict[str, Any]:
+               name: str | None = None, records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """`eval_task` on examples already read, with their prompts (by `read_task_prompts`)."""
+    task = name or Path(path).stem
     params = greedy_params(max_new_tokens)
     # Similar lengths together waste less compute on padding; results go back in file order.
     order = sorted(range(len(examples)), key=lambda i: len(prompts[i]))
@@ -271,11 +275,15 @@ def score_task(engine: Engine, path: str | Path, examples: list[TaskExample], pr
         if len(samples) < KEPT_SAMPLES:
             samples.append({"prompt": ex.messages[-1]["content"], "answer": ex.answers[0], "output": c.text,
                             "correct": ok, "finish_reason": c.finish_reason})
+        if records is not None:
+            records.append({"mode": "task", "task": task, "where": ex.where, "messages": ex.messages,
+                            "answers": ex.answers, "output": c.text, "correct": ok,
+                            "finish_reason": c.finish_reason, "cut_by_context": c.cut_by_context})
     # The one answer that, given every time, would be right most often (alternatives count).
     majority, majority_n = Counter(a for ex in examples for a in {normalize_answer(x) for x in ex.answers}
                                    ).most_common(1)[0]
     n = len(examples)
-    return {"task": name or Path(path).stem, "file": str(path), "examples": n, "accuracy": correct / n,
+    return {"task": task, "file": str(path), "examples": n, "accuracy": correct / n,
             "stop_rate": stopped / n, "cut_by_context": cut, "baseline": majority_n / n, "baseline_kind": "majority",
             "majority_answer": majority, "max_new_tokens": max_new_tokens, "skipped": skips.to_json(),
             "samples": samples}
@@ -530,15 +538,18 @@ def _tokens_starting_with(tok: TinyTokenizer) -> Callable[[int], list[int]]:
 
 
 def eval_choice(model: Transformer, tok: TinyTokenizer, paths: Iterable[str | Path], *, fmt: str = "cloze",
-                limit: int | None = None, batch_size: int = 16) -> dict[str, Any]:
+                limit: int | None = None, batch_size: int = 16,
+                records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Accuracy (overall and per subject) of picking the most likely option, beside chance level.
 
-    cloze normalises by the option's UTF-8 length so long options are not penalised.
+    cloze normalises by the option's UTF-8 length so long options are not penalised. `records`, when
+    given, gets one dict per question (`tinyk eval --samples`): each option's log-probability and
+    score, the pick and the answer.
     """
     _check_choice_format(fmt)
     paths, skips = as_list(paths), Skips()
     questions = choices_that_fit(tok, paths, read_choice(paths, skips, limit), fmt, model.config.max_seq_len, skips)
-    return score_choice(model, tok, paths, questions, skips, fmt=fmt, batch_size=batch_size)
+    return score_choice(model, tok, paths, questions, skips, fmt=fmt, batch_size=batch_size, records=records)
 
 
 def _check_choice_format(fmt: str) -> None:
@@ -547,7 +558,8 @@ def _check_choice_format(fmt: str) -> None:
 
 
 def score_choice(model: Transformer, tok: TinyTokenizer, paths: list[str | Path], questions: list[ChoiceQuestion],
-                 skips: Skips, *, fmt: str, batch_size: int = 16) -> dict[str, Any]:
+                 skips: Skips, *, fmt: str, batch_size: int = 16,
+                 records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """`eval_choice` on questions already read (by `read_choice(paths, skips, ...)`)."""
     pairs, owners = [], []
     for qi, q in enumerate(questions):
@@ -555,17 +567,21 @@ def score_choice(model: Transformer, tok: TinyTokenizer, paths: list[str | Path]
         for letter, cont in conts:
             pairs.append((context, cont))
             owners.append((qi, letter, max(1, len(cont.encode("utf-8")))))
-    scores = continuation_logprobs(model, tok, pairs, batch_size)
-    best: dict[int, tuple[float, str]] = {}
-    for (qi, letter, nbytes), s in zip(owners, scores, strict=True):
-        s = s / nbytes if fmt == "cloze" else s
-        if qi not in best or s > best[qi][0]:
-            best[qi] = (s, letter)
+    logprobs: list[dict[str, float]] = [{} for _ in questions]
+    scores: list[dict[str, float]] = [{} for _ in questions]
+    for (qi, letter, nbytes), s in zip(owners, continuation_logprobs(model, tok, pairs, batch_size), strict=True):
+        logprobs[qi][letter] = s
+        scores[qi][letter] = s / nbytes if fmt == "cloze" else s
     per: dict[str, list[int]] = {}
     chance = 0.0
     for qi, q in enumerate(questions):
-        per.setdefault(q.subject, []).append(int(best[qi][1] == q.answer))
+        pick = max(scores[qi], key=scores[qi].__getitem__)  # the first of equal scores, in option order
+        per.setdefault(q.subject, []).append(int(pick == q.answer))
         chance += 1 / len(q.options)
+        if records is not None:
+            records.append({"mode": "choice", "subject": q.subject, "where": q.where, "question": q.question,
+                            "options": q.options, "answer": q.answer, "pick": pick, "correct": pick == q.answer,
+                            "logprobs": logprobs[qi], "scores": scores[qi]})
     n = len(questions)
     subjects = {s: {"questions": len(v), "accuracy": sum(v) / len(v)} for s, v in sorted(per.items())}
     # accuracy is per question (lm-eval's ceval-valid); macro_accuracy is the mean over subjects (C-Eval's "Average")
@@ -583,10 +599,11 @@ def evaluate(model_dir: str | Path, *, data: Iterable[str | Path] = (), tasks: I
              batch_size: int = 16, max_batches: int | None = None, max_new_tokens: int = 64,
              limit: int | None = None, choice_format: str = "cloze",
              system_prompt: str | None | ModelPrompt = MODEL_PROMPT, device: str = "auto",
-             quantize: str = "none") -> dict[str, Any]:
+             quantize: str = "none", records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Runs every requested mode on one model directory; the model is loaded once. Task chats without
     a system message get `system_prompt`: by default the model's own (its SFT data's), None for none
-    (`tokenizer.prompt_from_flag` reads --system-prompt so)."""
+    (`tokenizer.prompt_from_flag` reads --system-prompt so). `records`, when given, gets one dict per
+    task example and per question (see `eval_task`, `eval_choice`)."""
     from .checkpoint import config_and_tokenizer, load_model
     from .loader import open_split
 
@@ -636,11 +653,11 @@ def evaluate(model_dir: str | Path, *, data: Iterable[str | Path] = (), tasks: I
         # what int8 costs the answers decode in batches that small.
         task_batch = min(batch_size, INT8_MAX_ROWS) if quantize == "int8" else batch_size
         engine = make_engine(model, tok, task_batch, quantize)
-        results["tasks"] = [score_task(engine, t, *read, batch_size=task_batch, max_new_tokens=max_new_tokens)
-                            for t, read in zip(tasks, task_inputs, strict=True)]
+        results["tasks"] = [score_task(engine, t, *read, batch_size=task_batch, max_new_tokens=max_new_tokens,
+                                       records=records) for t, read in zip(tasks, task_inputs, strict=True)]
     if choice:
         results["choice"] = score_choice(model, tok, choice, questions, choice_skips, fmt=choice_format,
-                                         batch_size=batch_size)
+                                         batch_size=batch_size, records=records)
     return results
 
 
@@ -663,29 +680,59 @@ def check_results_out(out: str | Path, inputs: Iterable[str | Path], force: bool
     check_output_file(out, inputs, force=force, replaces=("the results of tinyk eval", is_results))
 
 
+def is_samples(path: Path) -> bool:
+    """Whether `tinyk eval --samples --force` may replace a file: earlier samples, or an empty file."""
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(1 << 20)
+        if not first:
+            return True
+        record = json.loads(first)
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("mode") in ("task", "choice")
+
+
+def check_samples_out(out: str | Path, inputs: Iterable[str | Path], force: bool) -> None:
+    """Refuses a --samples file that is an input or holds anything but earlier samples (unless `force`)."""
+    check_output_file(out, inputs, force=force, replaces=("the samples of tinyk eval", is_samples),
+                      flag="--samples", holds="the JSON lines")
+
+
 def save_results(out: str | Path, results: dict[str, Any], inputs: Iterable[str | Path], force: bool) -> None:
     """Writes the results atomically, checking --out again: the file may have been made while the
     evaluation ran. The caller has shown the results already, so a failed write loses nothing."""
+    _save(out, json.dumps(results, ensure_ascii=False, indent=2) + "\n", inputs, force, check_results_out,
+          "results")
+
+
+def save_samples(out: str | Path, records: list[dict[str, Any]], inputs: Iterable[str | Path], force: bool) -> None:
+    """Writes `evaluate`'s records as JSON lines (one example or question each), as `save_results` does."""
+    _save(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), inputs, force,
+          check_samples_out, "samples")
+
+
+def _save(out: str | Path, text: str, inputs: Iterable[str | Path], force: bool,
+          check: Callable[[str | Path, Iterable[str | Path], bool], None], what: str) -> None:
     inputs = list(inputs)
     try:
-        check_results_out(out, inputs, force)
+        check(out, inputs, force)
     except TinykError as e:
         raise TinykError(f"{e} (it changed while the evaluation ran; the results are above)") from None
     try:
         with writing(Path(out)):
-            write_json_atomic(out, results)
+            write_text_atomic(out, text)
     except KeyboardInterrupt as e:  # too late to stop anything: whether the file is whole is what matters
-        if not _holds(Path(out), results):
+        if not _holds(Path(out), shown(text).encode("utf-8")):
             raise
-        why = f"after the evaluation finished: {out} holds its complete results"
+        why = f"after the evaluation finished: {out} holds its complete {what}"
         raise (Stopped(e.signal_name, why) if isinstance(e, Stopped) else type(e)(why)) from None
 
 
-def _holds(path: Path, results: dict[str, Any]) -> bool:
-    """Whether `path` holds exactly `results` (a NaN never compares equal: then it says no)."""
+def _holds(path: Path, data: bytes) -> bool:
     try:
-        return read_json(path) == results
-    except (OSError, ValueError):
+        return path.read_bytes() == data
+    except OSError:
         return False
 
 

@@ -67,15 +67,15 @@ def delete_via(path: Path, leftover: Path) -> None:
     shutil.rmtree(leftover, ignore_errors=True)
 
 
-def check_output(out: str | Path, inputs: Iterable[str | Path | None]) -> None:
+def check_output(out: str | Path, inputs: Iterable[str | Path | None], flag: str = "--out") -> None:
     """Refuses an output path that is an input, holds one, or lies inside an input directory:
     writing there (or --force replacing it) would destroy or change what the output is made from.
     Also one under a file, which no directory can be made in, and one starting with a `~` the shell
     left as it is (`--out=~/x`), which would make a folder named `~` here."""
     first = Path(out).parts[0] if Path(out).parts else ""
     if first.startswith("~") and not Path(first).exists():
-        raise TinykError(f"--out {out}: {first} was not expanded to a home directory (a shell does so only at the "
-                         f"start of a word: --out ~/x, not --out=~/x); give the path in full, or ./{out} for a "
+        raise TinykError(f"{flag} {out}: {first} was not expanded to a home directory (a shell does so only at the "
+                         f"start of a word: {flag} ~/x, not {flag}=~/x); give the path in full, or ./{out} for a "
                          f"folder named so")
     o = Path(out).resolve()
     for i in inputs:
@@ -83,37 +83,39 @@ def check_output(out: str | Path, inputs: Iterable[str | Path | None]) -> None:
             continue
         p = Path(i).resolve()
         if o == p or o in p.parents:
-            raise TinykError(f"--out {out} would replace the input {i}; choose another output path")
+            raise TinykError(f"{flag} {out} would replace the input {i}; choose another output path")
         if p in o.parents:
-            raise TinykError(f"--out {out} lies inside the input {i}; inputs are never written to")
+            raise TinykError(f"{flag} {out} lies inside the input {i}; inputs are never written to")
     nearest = next((a for a in Path(out).absolute().parents if a.exists() or a.is_symlink()), None)
     if nearest is not None and not nearest.is_dir():
-        raise TinykError(f"--out {out}: {nearest} is a file, not a directory")
+        raise TinykError(f"{flag} {out}: {nearest} is a file, not a directory")
 
 
 def check_output_file(out: str | Path, inputs: Iterable[str | Path | None], *, force: bool,
-                      replaces: tuple[str, Callable[[Path], bool]] | None = None) -> None:
+                      replaces: tuple[str, Callable[[Path], bool]] | None = None, flag: str = "--out",
+                      holds: str = "the JSON results") -> None:
     """Refuses an output file that could not be written, or whose writing would destroy something:
     checked before the work, so a mistake costs nothing. With `replaces` (what this kind of output is
-    called, and a check that a file is one) --force replaces only such a file."""
+    called, and a check that a file is one) --force replaces only such a file. `flag` and `holds` name
+    the option and what it writes, for the messages."""
     path = Path(out)
     if path.is_dir():  # first: a folder holding an input (--out /tmp) is no file name, not that input
-        raise TinykError(f"--out {out} is a directory; give a file name for the JSON results")
-    check_output(out, inputs)
+        raise TinykError(f"{flag} {out} is a directory; give a file name for {holds}")
+    check_output(out, inputs, flag)
     if str(out).endswith(("/", os.sep)):  # Path() drops the slash: x.json/ would be written as the file x.json
-        raise TinykError(f"--out {out} ends in '/', which names a directory; give a file name for the JSON results")
+        raise TinykError(f"{flag} {out} ends in '/', which names a directory; give a file name for {holds}")
     if (path.exists() or path.is_symlink()) and not force:
-        raise TinykError(f"--out {out} exists (use --force to replace it)")
+        raise TinykError(f"{flag} {out} exists (use --force to replace it)")
     if (path.exists() or path.is_symlink()) and not path.is_file():  # /dev/null, a pipe, a dangling link
-        raise TinykError(f"--out {out} is not a regular file, so it is not replaced; choose another path")
+        raise TinykError(f"{flag} {out} is not a regular file, so it is not replaced; choose another path")
     if path.exists() and replaces is not None and not replaces[1](path):
-        raise TinykError(f"--out {out} exists and is not {replaces[0]}, so it is not replaced; remove it yourself "
+        raise TinykError(f"{flag} {out} exists and is not {replaces[0]}, so it is not replaced; remove it yourself "
                          f"or choose another path")
     parent = path.parent
     if not parent.is_dir():
-        raise TinykError(f"--out {out}: directory {parent} does not exist")
+        raise TinykError(f"{flag} {out}: directory {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise TinykError(f"--out {out}: directory {parent} is not writable")
+        raise TinykError(f"{flag} {out}: directory {parent} is not writable")
     try:  # a real write: root passes the access check where nothing can be written (/sys, /proc, read-only)
         fd, probe = tempfile.mkstemp(prefix=f".{path.name}.tmp-probe-", dir=parent)
         os.close(fd)
@@ -493,9 +495,13 @@ def rust_path(path: str | Path) -> Iterator[str]:
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Writes `obj` as JSON, complete or not at all (see `atomic_file`). Paths in it whose bytes are not
+    """Writes `obj` as JSON, complete or not at all (see `write_text_atomic`)."""
+    write_text_atomic(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Writes `text` as UTF-8, complete or not at all (see `atomic_file`). Paths in it whose bytes are not
     UTF-8 (a GBK folder name) are written as `shown` prints them."""
-    text = json.dumps(obj, ensure_ascii=False, indent=2) + "\n"
     with atomic_file(path) as tmp:
         tmp.write_bytes(shown(text).encode("utf-8"))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from tinyk.cli.common import batch_count, model_dir, output_path, positive_int, utf8_text
 
@@ -42,21 +43,43 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="decode --task answers with int8 weights, to see what `--quantize int8` costs")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--out", type=output_path, default=None, metavar="FILE", help="also write the JSON results here")
-    p.add_argument("--force", action="store_true", help="replace an existing --out file")
+    p.add_argument("--samples", type=output_path, default=None, metavar="FILE",
+                   help="also write every --task answer and every --choice question's option scores here, "
+                        "one JSON line each")
+    p.add_argument("--force", action="store_true", help="replace an existing --out or --samples file")
     p.set_defaults(func=_eval)
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from tinyk.evaluate import check_results_out, evaluate, format_table, save_results, skip_notes, table_rows
+    from tinyk.errors import TinykError
+    from tinyk.evaluate import (
+        check_results_out,
+        check_samples_out,
+        evaluate,
+        format_table,
+        save_results,
+        save_samples,
+        skip_notes,
+        table_rows,
+    )
     from tinyk.tokenizer import prompt_from_flag
 
     inputs = [args.model, *args.data, *args.task, *args.choice]
     if args.out is not None:
         check_results_out(args.out, inputs, args.force)
+    records = None
+    if args.samples is not None:
+        if not (args.task or args.choice):
+            raise TinykError("--samples lists --task answers and --choice questions; add --task or --choice")
+        if args.out is not None and Path(args.out).resolve() == Path(args.samples).resolve():
+            raise TinykError(f"--samples {args.samples} is also --out; give each its own file")
+        check_samples_out(args.samples, inputs, args.force)
+        records = []
     results = evaluate(args.model, data=args.data, tasks=args.task, choice=args.choice, split=args.split,
                        seq_len=args.seq_len, batch_size=args.batch_size, max_batches=args.max_batches,
                        max_new_tokens=args.max_new_tokens, limit=args.limit, choice_format=args.choice_format,
-                       system_prompt=prompt_from_flag(args.system_prompt), device=args.device, quantize=args.quantize)
+                       system_prompt=prompt_from_flag(args.system_prompt), device=args.device, quantize=args.quantize,
+                       records=records)
     if args.json:
         print(json.dumps(results, ensure_ascii=False, indent=2))
     else:
@@ -65,4 +88,6 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"tinyk: eval: {note}", file=sys.stderr)
     if args.out is not None:  # after printing: results a failed write would lose are on the screen
         save_results(args.out, results, inputs, args.force)
+    if records is not None:
+        save_samples(args.samples, records, inputs, args.force)
     return 0
