@@ -315,6 +315,17 @@ def _misnamed(path: Path, codec: str) -> str | None:
     return None  # its own codec's data, damaged; or no text at all
 
 
+def _refuse_wide_or_packed(path: Path, first: bytes) -> None:
+    """A file's first line as UTF-16/32 text or compressed data under a plain name: one line on what to do."""
+    wide = next((bits for bits, boms in ((32, _UTF32_BOMS), (16, _UTF16_BOMS)) if first.startswith(boms)), None)
+    if wide:
+        raise TinykError(f"{path}: UTF-{wide} text; tinyk reads UTF-8 (convert it, e.g. with iconv)")
+    packed = next((ext for ext, magic in _MAGIC.items() if first.startswith(magic)), None)
+    if packed and not _codec(path):
+        raise TinykError(f"{path}: {_CODECS[packed]}-compressed data in a file not named {packed}; "
+                         f"rename it to {path.name}{packed} and tinyk reads it as it is")
+
+
 class _Counting:
     """Wraps a binary stream to count the (uncompressed) bytes and lines consumed; turns read errors
     (a damaged or truncated compressed file, an I/O error) into one line naming the file."""
@@ -363,33 +374,25 @@ def iter_lines(path: Path, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iter
         nul_share_judged = False
         while True:
             line = f.readline(max_line_bytes + 1)
-            if not line:
-                if not nul_share_judged and head_nuls * 8 >= f.n > 0:  # a file shorter than 4 KB
-                    raise _nul_error(path)
-                return
-            lineno += 1
-            if lineno == 1:
-                wide = next((bits for bits, boms in ((32, _UTF32_BOMS), (16, _UTF16_BOMS)) if line.startswith(boms)),
-                            None)
-                if wide:
-                    raise TinykError(f"{path}: UTF-{wide} text; tinyk reads UTF-8 (convert it, e.g. with iconv)")
-                packed = next((ext for ext, magic in _MAGIC.items() if line.startswith(magic)), None)
-                if packed and not _codec(path):
-                    raise TinykError(f"{path}: {_CODECS[packed]}-compressed data in a file not named {packed}; "
-                                     f"rename it to {path.name}{packed} and tinyk reads it as it is")
-            if line.startswith(_BOM):  # the file's, or one glued on by `cat a.jsonl b.jsonl`
-                line = line[len(_BOM):]
-            # In the first 4 KB, not the first line: UTF-16LE's 上 (0A 4E) or newline (0A 00) ends lines early.
-            # UTF-16 English is half NULs, judged over those 4 KB; Chinese seldom valid UTF-8. A stray
-            # NUL in UTF-8 text is neither, and skips its line.
-            if f.n - len(line) < 4096 and b"\x00" in line:
-                head_nuls += line.count(b"\x00")
-                if not _utf8_so_far(line):
-                    raise _nul_error(path)
-            if not nul_share_judged and f.n >= 4096:
+            if line:
+                lineno += 1
+                if lineno == 1:
+                    _refuse_wide_or_packed(path, line)
+                if line.startswith(_BOM):  # the file's, or one glued on by `cat a.jsonl b.jsonl`
+                    line = line[len(_BOM):]
+                # In the first 4 KB, not the first line: UTF-16LE's 上 (0A 4E) or newline (0A 00) ends lines
+                # early. UTF-16 English is half NULs, judged over those 4 KB (or the whole of a shorter
+                # file); Chinese seldom valid UTF-8. A stray NUL in UTF-8 text is neither, and skips its line.
+                if f.n - len(line) < 4096 and b"\x00" in line:
+                    head_nuls += line.count(b"\x00")
+                    if not _utf8_so_far(line):
+                        raise _nul_error(path)
+            if not nul_share_judged and (f.n >= 4096 or not line):
                 nul_share_judged = True
-                if head_nuls * 8 >= f.n:
+                if head_nuls * 8 >= f.n > 0:
                     raise _nul_error(path)
+            if not line:
+                return
             if len(line) > max_line_bytes and not line.endswith(b"\n"):
                 while line and not line.endswith(b"\n"):
                     line = f.readline(1 << 20)
