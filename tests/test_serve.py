@@ -677,6 +677,9 @@ def test_a_chunked_body_is_read_as_a_whole_one(server, reference):
     both = keep.replace(b"Transfer-Encoding", b"Content-Length: 5\r\nTransfer-Encoding")
     assert raw(server, both + chunked(body, 7)).startswith(b"HTTP/1.1 200")
     assert raw(server, head + chunked(b"x" * (MAX_BODY + 1), 4096)).startswith(b"HTTP/1.1 413")
+    # The framing counts too: half the limit in 1-byte chunks is 5 times that on the wire, and its
+    # parsing time with it (1 MB so cost a server 2.3 CPU seconds).
+    assert raw(server, head + chunked(b"x" * (MAX_BODY // 2), 1)).startswith(b"HTTP/1.1 413")
     for bad in (b"zz\r\n{}\r\n0\r\n\r\n", b"5\r\n{}\r\n0\r\n\r\n", b"2\r\n{}XX0\r\n\r\n"):
         assert raw(server, head + bad).startswith(b"HTTP/1.1 400"), bad
     for coding in (b"gzip, chunked", b"chunked\r\nTransfer-Encoding: gzip"):  # on one line or on two
@@ -917,13 +920,81 @@ def test_a_host_naming_another_site_is_refused_on_loopback(server, host, status)
         assert body["error"]["code"] == "host_not_allowed" and server.address in body["error"]["message"]
 
 
-def test_named_hosts_are_enforced_on_any_address(nano_model_dir):
-    """In Docker the server listens on 0.0.0.0 behind `-p 127.0.0.1:8000:8000`: --allow-host still guards it."""
-    server, _ = start(nano_model_dir, allow_hosts=("Chat.Example.com",), host="0.0.0.0")
+def test_hosts_are_checked_on_any_address(nano_model_dir):
+    """In Docker the server listens on 0.0.0.0 behind `-p 127.0.0.1:8000:8000`, which its user takes
+    for this machine only: a rebound DNS name must not reach it there either."""
+    for allowed, named in (((), 403), (("Chat.Example.com",), 200), (("*",), 200)):
+        server, _ = start(nano_model_dir, allow_hosts=allowed, host="0.0.0.0")
+        try:
+            for host, status in (("chat.example.com", named), ("127.0.0.1:80", 200), ("localhost", 200),
+                                 ("192.168.1.7:8000", 200), ("evil.example", 200 if "*" in allowed else 403)):
+                got, body = request(server, "GET", "/v1/models", headers={"Host": host})
+                assert got == status, (allowed, host, body)
+            if not allowed:
+                assert body["error"]["message"].endswith("start it with --allow-host evil.example")
+        finally:
+            server.close()
+
+
+def test_responses_name_no_python_version_and_forbid_sniffing(server):
+    for path in ("/", "/health", "/nothing"):
+        reply = raw(server, b"GET %s HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n" % path.encode())
+        head = reply.split(b"\r\n\r\n", 1)[0].decode() + "\r\n"
+        assert "\r\nServer: tinyk\r\n" in head and "\r\nX-Content-Type-Options: nosniff\r\n" in head, head
+
+
+def test_a_request_must_arrive_within_the_timeout_however_it_trickles(nano_model_dir):
+    """--timeout bounds the whole request, not only each wait for a byte: a client sending a byte now
+    and then (slowloris) held a connection, and a thread, for ever."""
+    server, _ = start(nano_model_dir, timeout=1.0)
+    u = urlsplit(server.url)
     try:
-        for host, status in (("chat.example.com", 200), ("127.0.0.1", 200), ("evil.example", 403)):
-            assert request(server, "GET", "/v1/models", headers={"Host": host})[0] == status, host
+        for head in (b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Slow: ",
+                     b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: 999\r\n\r\n{"):
+            with socket.create_connection((u.hostname, u.port), timeout=10) as s:
+                began = time.monotonic()
+                s.sendall(head)
+                closed = False
+                while not closed and time.monotonic() - began < 5:
+                    time.sleep(0.2)  # within the timeout of each wait
+                    try:
+                        s.sendall(b"a")
+                        s.setblocking(False)
+                        closed = s.recv(1024) == b""
+                    except BlockingIOError:
+                        pass
+                    except OSError:
+                        closed = True
+                    finally:
+                        s.setblocking(True)
+                assert closed and time.monotonic() - began < 3, head
+        assert request(server, "GET", "/health")[0] == 200
     finally:
+        server.close()
+
+
+def test_connections_past_the_limit_get_a_503_at_once(nano_model_dir):
+    """Accepting every connection until the process ran out of descriptors left the server unable to
+    answer anyone (and its accept loop spinning)."""
+    server, _ = start(nano_model_dir, max_connections=2)
+    u = urlsplit(server.url)
+    held = [socket.create_connection((u.hostname, u.port), timeout=60) for _ in range(2)]
+    try:
+        for s in held:  # answered, and kept alive: both count
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            assert s.recv(65536).startswith(b"HTTP/1.1 200")
+        reply = raw(server, b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 503") and b"Retry-After: 1\r\n" in reply
+        assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "too_many_connections"
+        held.pop().close()
+        deadline = time.monotonic() + 30
+        while raw(server, b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+                  ).startswith(b"HTTP/1.1 503"):
+            assert time.monotonic() < deadline, "a closed connection was never counted out"
+            time.sleep(0.05)
+    finally:
+        for s in held:
+            s.close()
         server.close()
 
 

@@ -13,6 +13,7 @@ import codecs
 import contextlib
 import errno
 import hmac
+import io
 import ipaddress
 import json
 import os
@@ -67,6 +68,7 @@ DEFAULT_MAX_BODY = 1_000_000  # the CLI's --max-body 1M
 MAX_CHUNK_LINE, MAX_TRAILERS = 4096, 32  # a chunked body's size lines and trailer fields
 MAX_STOP_STRINGS = 4
 LINGER_BYTES = 64 << 20  # at most this much of a refused body is read and thrown away
+LINGER_S = 2.0  # and for at most this long
 CLIENT_POLL_S = 0.2  # how often a non-streamed request checks that its client is still connected
 # The roles a request may give, as the chat template names them (OpenAI's `developer` is the system role).
 API_ROLES = {r: "system" if r in SYSTEM_ROLES else r for r in (*SYSTEM_ROLES, "user", "assistant")}
@@ -142,14 +144,15 @@ class ServerConfig:
     model_name: str
     api_key: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY
-    timeout: float = 60.0  # seconds a connection may stall (reading the request or taking the stream)
+    timeout: float = 60.0  # seconds to send a whole request in (or wait for the next), or to stall taking a stream
     defaults: SamplingParams | None = None  # for fields a request leaves out
     # Put first when a chat has no system message; by default the one the model was trained with.
     system_prompt: str | None | ModelPrompt = MODEL_PROMPT
     max_waiting: int = 256
     log: bool = True
     allow_origins: tuple[str, ...] = ()  # web pages of other origins that may call the API ("*": any)
-    allow_hosts: tuple[str, ...] = ()  # Host names answered besides localhost and IPs; given, they guard any address
+    allow_hosts: tuple[str, ...] = ()  # Host names answered besides localhost and IP addresses ("*": any)
+    max_connections: int = 512  # open at once; one more is answered 503 (fewer if the open-file limit is low)
 
     def __post_init__(self) -> None:
         try:  # as browsers send them, so that the headers compare equal
@@ -592,12 +595,18 @@ class Handler(BaseHTTPRequestHandler):
     server: ChatServer
     server_version = "tinyk"
 
+    def version_string(self) -> str:
+        return self.server_version  # not the Python version the standard library adds
+
     def setup(self) -> None:
         self.timeout = self.server.api.cfg.timeout
         self.unread_body = False
         self.chunked = True
         self.cors_origin: str | None = None
         super().setup()
+        self.rfile.close()
+        self.reader = _DeadlineReader(self.connection, self.timeout)
+        self.rfile = io.BufferedReader(self.reader)
 
     def finish(self) -> None:
         super().finish()
@@ -612,9 +621,11 @@ class Handler(BaseHTTPRequestHandler):
         """
         try:
             self.connection.shutdown(socket.SHUT_WR)
-            self.connection.settimeout(2.0)
-            budget = LINGER_BYTES
-            while budget > 0 and (data := self.connection.recv(65536)):
+            budget, end = LINGER_BYTES, time.monotonic() + LINGER_S
+            while budget > 0 and (left := end - time.monotonic()) > 0:
+                self.connection.settimeout(left)
+                if not (data := self.connection.recv(65536)):
+                    break
                 budget -= len(data)
         except OSError:
             pass
@@ -676,6 +687,7 @@ class Handler(BaseHTTPRequestHandler):
         return False
 
     def end_headers(self) -> None:
+        self.send_header("X-Content-Type-Options", "nosniff")
         if self.cors_origin:
             self.send_header("Access-Control-Allow-Origin", self.cors_origin)
             self.send_header("Vary", "Origin")
@@ -754,7 +766,7 @@ class Handler(BaseHTTPRequestHandler):
             n = int(size, 16)
             if n == 0:
                 break
-            total += n
+            total += n + len(line) + 2  # the framing too: a body of 1-byte chunks costs the time of its size
             if total > limit:
                 raise _too_large(f"more than {limit}", limit)
             parts.append(self.rfile.read(n))
@@ -796,17 +808,22 @@ class Handler(BaseHTTPRequestHandler):
             return ApiError(400, "an HTTP/1.1 request needs a Host header", code="invalid_host")
         host = hosts[0] if hosts else None
         allowed = self.server.api.cfg.allow_hosts
-        guarded = self.server.loopback or bool(allowed)  # naming hosts guards any address (Docker's 0.0.0.0)
-        if not guarded or host is None or "*" in allowed or _local_host_name(host, allowed):
+        # On any address: in Docker the server listens on 0.0.0.0 behind `-p 127.0.0.1:8000:8000`.
+        if host is None or "*" in allowed or _local_host_name(host, allowed):
             return None
-        return ApiError(403, f"Host {host} is not this server, which listens on {self.server.address}; behind a "
-                             f"reverse proxy that passes its Host on, start it with --allow-host "
-                             f"{_hostname(host) or host}", code="host_not_allowed")
+        name = _hostname(host) or host
+        return ApiError(403, f"Host {host} is not this server, which listens on {self.server.address} and answers "
+                             f"localhost, IP addresses and the names given with --allow-host; if {name} is its name "
+                             f"(a reverse proxy that passes its Host on, a name on your network), start it with "
+                             f"--allow-host {name}", code="host_not_allowed")
 
     def handle_one_request(self) -> None:
-        """A client that leaves mid-request is its own business: no traceback on the server's stderr."""
+        """A client that leaves mid-request is its own business: no traceback on the server's stderr.
+        The request must arrive whole within --timeout (a client that sends a byte now and then would
+        otherwise hold its connection for ever)."""
         self.cors_origin = None  # decided anew for each request on a kept-alive connection
         self.raw_requestline = b""
+        self.reader.deadline = time.monotonic() + self.timeout
         try:
             super().handle_one_request()
         except ConnectionError:
@@ -1050,6 +1067,27 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
 
+class _DeadlineReader(io.RawIOBase):
+    """A connection's receiving side, whose reads end at `deadline` (the request's), not only after
+    `timeout` seconds without a byte."""
+
+    def __init__(self, sock: socket.socket, timeout: float):
+        self.sock, self.timeout, self.deadline = sock, timeout, None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        left = self.timeout if self.deadline is None else min(self.timeout, self.deadline - time.monotonic())
+        if left <= 0:
+            raise TimeoutError("the request did not arrive within --timeout")
+        self.sock.settimeout(left)
+        try:
+            return self.sock.recv_into(buffer)
+        finally:
+            self.sock.settimeout(self.timeout)  # writing a stream keeps its own limit
+
+
 def _merged(reqs: list[Request], idle: Callable[[], None]) -> Iterator[tuple[int, tuple[str, int] | None]]:
     """(choice index, (text delta, log-probabilities behind it)) as the engine produces them, and
     (index, None) as each ends; `idle()` is called every CLIENT_POLL_S without one (a request still
@@ -1179,6 +1217,27 @@ def _new_id(chat: bool) -> str:
     return ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
 
 
+def _busy_response() -> bytes:
+    body = _json_bytes(ApiError(503, "the server has too many open connections; try again shortly",
+                                type="server_error", code="too_many_connections").body())
+    return (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+            b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body)) + body
+
+
+_TOO_MANY_CONNECTIONS = _busy_response()
+
+
+def _connections_the_fd_limit_allows() -> int:
+    """Connections that fit under the soft open-file limit, leaving room for the process's own files."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):  # no resource module (Windows)
+        return 1 << 30
+    return (1 << 30) if soft == resource.RLIM_INFINITY else max(16, soft - 64)
+
+
 def check_host(host: str) -> None:
     if not host.strip():  # an unset $HOST in a script: the socket would listen on every interface
         raise TinykError("--host is empty; give 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)")
@@ -1209,6 +1268,30 @@ class ChatServer(ThreadingHTTPServer):
         self.loopback, self.everywhere = ip.is_loopback, ip.is_unspecified
         self._answering = 0
         self._quiet = threading.Condition()
+        self.max_connections = min(cfg.max_connections, _connections_the_fd_limit_allows())
+        self._open = 0
+        self._open_lock = threading.Lock()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """A connection past --max-connections is answered 503 at once, without a thread: accepting
+        until the process runs out of descriptors would leave the server unable to answer anyone."""
+        with self._open_lock:
+            busy = self._open >= self.max_connections
+            self._open += not busy
+        if busy:
+            with contextlib.suppress(OSError):
+                request.setblocking(False)
+                request.send(_TOO_MANY_CONNECTIONS)
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._open_lock:
+                self._open -= 1
 
     @property
     def address(self) -> str:

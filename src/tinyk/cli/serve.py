@@ -37,7 +37,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="queued requests before answering 503 (default 256)")
     p.add_argument("--max-body", type=size_range(1, 10**9), default="1M", help="largest request body (default 1M)")
     p.add_argument("--timeout", type=float_range(0, 86400, lo_open=True, unit=" seconds"), default=60.0,
-                   help="seconds a client may stall sending a request or reading a stream (default 60)")
+                   help="seconds a client has to send a whole request, and may stall reading a stream (default 60)")
+    p.add_argument("--max-connections", type=positive_int, default=512,
+                   help="connections open at once before answering 503 (default 512, fewer if the open-file "
+                        "limit, ulimit -n, is low)")
     p.add_argument("--system-prompt", type=utf8_text,
                    help="system prompt for chats that bring none (default: the model's "
                         "own, its SFT data's; '' for none)")
@@ -45,9 +48,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a web page origin (http://localhost:5173) that may call the API from a browser; "
                         "repeatable, * for any (default: only the chat page at /)")
     p.add_argument("--allow-host", action="append", default=[], metavar="NAME", type=_host_name,
-                   help="a host name to answer besides localhost and IP addresses, e.g. the one a reverse proxy "
-                        "passes on (named hosts are enforced on any address; without any, only on 127.0.0.1); "
-                        "repeatable, * for any")
+                   help="a host name to answer besides localhost and IP addresses: the one a reverse proxy "
+                        "passes on, or this machine's name on your network; repeatable, * for any")
     p.add_argument("--quiet", action="store_true", help="no access log")
     add_sampling_args(p, "seeds the server: requests without a seed of their own draw one from it, so a "
                          "restarted server answers the same requests, in the same order, the same way")
@@ -63,7 +65,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise TinykError("--api-key is empty" if args.api_key is not None else
                          "TINYK_API_KEY is set but empty (unset it to serve without a key)")
     cfg = dict(api_key=key, max_body_bytes=args.max_body, timeout=args.timeout,
-               defaults=sampling_params(args), max_waiting=args.max_waiting, log=not args.quiet,
+               defaults=sampling_params(args), max_waiting=args.max_waiting, max_connections=args.max_connections,
+               log=not args.quiet,
                allow_origins=tuple(args.allow_origin), allow_hosts=tuple(args.allow_host))
     if args.model_name:
         cfg["model_name"] = args.model_name
