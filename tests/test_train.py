@@ -325,6 +325,47 @@ def test_sft_loss_counts_only_assistant_tokens(tmp_path, sft_data, nano_model_di
     assert 0 < count < positions and summary["loss_tokens"] > count
 
 
+def test_a_log_windows_loss_is_per_token_over_its_steps(tmp_path, sft_data, nano_model_dir):
+    """SFT steps score different numbers of answer tokens: a window of several steps logs their loss
+    per token, as validation does, not the plain mean of the steps' (up to 10% off on real data)."""
+    def run(name: str, log_every: int) -> list[dict]:
+        train(nano_cfg(sft_data, None, tmp_path / name, kind="sft", init=str(nano_model_dir), model={},
+                       seq_len=64, micro_batch=2, max_steps=6, log_every=log_every))
+        return [r for r in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())
+                if r["type"] == "train"]
+
+    steps, windows = run("each", 1), run("three", 3)
+    n = [b["loss_tokens"] - a["loss_tokens"] for a, b in zip([{"loss_tokens": 0}, *steps[:-1]], steps, strict=True)]
+    assert len(set(n)) > 1, n  # else the two means agree whatever is logged
+    for w, first in zip(windows, (0, 3), strict=True):
+        part = range(first, first + 3)
+        assert w["loss"] == pytest.approx(sum(steps[i]["loss"] * n[i] for i in part) / sum(n[i] for i in part),
+                                          rel=1e-5)
+        assert w["loss"] != pytest.approx(sum(steps[i]["loss"] for i in part) / 3, rel=1e-5)
+        assert w["loss_tokens"] == steps[first + 2]["loss_tokens"]
+
+
+def test_a_checkpoint_of_an_earlier_tinyk_resumes_with_its_log_window_started_anew(tmp_path, sft_data,
+                                                                                    nano_model_dir):
+    """Checkpoints before the per-token window held the steps' summed means: a resume must not mix
+    them with token sums (nor fail on the missing keys); that window logs its steps after the resume."""
+    cfg = nano_cfg(sft_data, None, tmp_path / "sft", kind="sft", init=str(nano_model_dir), model={}, seq_len=64,
+                   micro_batch=2, max_steps=4, save_every=2, log_every=4)
+    train(cfg)
+    whole = train_losses(tmp_path / "sft")[4]
+    state = tmp_path / "sft" / "checkpoints" / "step_0000002" / "state.json"
+    old = json.loads(state.read_text())
+    old["log_window"] = {"loss": 123.0, "steps": 2, "skipped": 0}
+    state.write_text(json.dumps(old))
+    shutil.rmtree(tmp_path / "sft" / "final")
+    for p in checkpoints(tmp_path / "sft")[1:]:
+        shutil.rmtree(p)
+    (tmp_path / "sft" / "metrics.jsonl").write_text("")
+    assert train(replace(cfg, max_steps=4), resume=True)["steps"] == 4
+    resumed = train_losses(tmp_path / "sft")[4]
+    assert math.isfinite(resumed) and resumed != pytest.approx(whole, rel=1e-6)  # steps 3 and 4 only
+
+
 def test_sft_init_accepts_a_run_directory(tmp_path, pt_data, sft_data, tok_dir):
     run = tmp_path / "pre"
     train(nano_cfg(pt_data, tok_dir, run, max_steps=1))

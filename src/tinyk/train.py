@@ -639,8 +639,10 @@ class Trainer:
     def _setup_model(self) -> None:
         cfg, d = self.cfg, self.dist
         self.progress = _Progress()
-        # Step losses since the last log line: kept in checkpoints so a resumed run logs the same curve.
-        self.window_loss, self.window_steps = torch.zeros((), device=self.device), 0
+        # The loss sum and loss tokens since the last log line, which logs their ratio: the mean per token,
+        # as validation's (SFT steps score different numbers of tokens). Kept in checkpoints so a resumed
+        # run logs the same curve.
+        self.window_loss, self.window_loss_tokens = torch.zeros((), device=self.device), 0
         # Steps whose update fp16's GradScaler skipped (inf/NaN gradients), counted on the device.
         self.window_skipped = torch.zeros((), dtype=torch.int64, device=self.device)
         torch.manual_seed(cfg.seed)
@@ -724,7 +726,8 @@ class Trainer:
                     "kind": self.cfg.kind, "step": step, "tokens": self.progress.tokens,
                     "loss_tokens": self.progress.loss_tokens, "elapsed_s": elapsed,
                     "peak_flops_spent": self._peak_flops_spent(elapsed),
-                    "loader": loader_state, "log_window": {"loss": window.item(), "steps": self.window_steps,
+                    "loader": loader_state, "log_window": {"loss_sum": window.item(),
+                                                           "loss_tokens": self.window_loss_tokens,
                                                            "skipped": int(self.window_skipped.item())},
                     "world_size": d.world, "batch_size": self.cfg.batch_size,
                     "seq_len": self.cfg.seq_len, "total_steps": self.total_steps, "warmup": self.warmup,
@@ -774,10 +777,12 @@ class Trainer:
             spent = None  # an older checkpoint, or a session whose device had no known peak
         self.progress = _Progress(state["step"], state["tokens"], state["loss_tokens"], state["elapsed_s"], spent)
         self._resume_schedule(state)
-        if self.dist.main:
-            self.window_loss.fill_(state["log_window"]["loss"])
-        self.window_steps = state["log_window"]["steps"]
-        self.window_skipped.fill_(int(state["log_window"].get("skipped", 0)))
+        window = state["log_window"]
+        if "loss_sum" in window:  # a checkpoint of an earlier tinyk summed step means: its window starts anew
+            if self.dist.main:
+                self.window_loss.fill_(window["loss_sum"])
+            self.window_loss_tokens = window["loss_tokens"]
+        self.window_skipped.fill_(int(window.get("skipped", 0)))
 
     def _restore_optimizer(self, path: Path) -> None:
         """AdamW's state from the checkpoint; its hyper-parameters and kernels from this run's config and device."""
@@ -1154,11 +1159,11 @@ class Trainer:
                     raise StoppedBeforeTraining(self.stop_signal)
                 break
             total, norm = self.train_step(batches, n_loss)
-            self.window_loss += total / max(n_loss, 1)
+            self.window_loss += total
+            self.window_loss_tokens += n_loss
             p.step += 1
             p.tokens += n_pos
             p.loss_tokens += n_loss
-            self.window_steps += 1
             self.run_dir.drop_replaced()
             if cfg.max_minutes:
                 if t_first is None:
@@ -1186,12 +1191,12 @@ class Trainer:
         return self._summary(interrupted, final, last_train, last_val, best_val)
 
     def _log_window(self, grad_norm: torch.Tensor) -> float:
-        """Logs the mean train loss and tokens/s of the steps since the last log (the only host sync of the
-        loss) and starts a new window; returns the loss."""
+        """Logs the train loss per token and tokens/s of the steps since the last log (the only host sync of
+        the loss) and starts a new window; returns the loss."""
         p = self.progress
         if self.dist.world > 1:
             dist.all_reduce(self.window_loss)
-        loss = self.window_loss.item() / self.window_steps
+        loss = self.window_loss.item() / max(self.window_loss_tokens, 1)
         now = time.perf_counter()
         rate = (p.tokens - self._window_tokens0) / (now - self._window_t0)
         self.rates.append(rate)
@@ -1202,7 +1207,7 @@ class Trainer:
         self.window_loss.zero_()
         self.window_skipped.zero_()
         # From after the logging (which may re-time a CPU's peak): a window's tokens/s is training speed alone.
-        self.window_steps, self._window_t0, self._window_tokens0 = 0, time.perf_counter(), p.tokens
+        self.window_loss_tokens, self._window_t0, self._window_tokens0 = 0, time.perf_counter(), p.tokens
         return loss
 
     def _check_finite(self, loss: float, name: str) -> None:
@@ -1277,7 +1282,8 @@ class Trainer:
 
     def _train_record(self, loss: float, rate: float, grad_norm: float, skipped: int | None) -> dict[str, Any]:
         p = self.progress
-        return {"step": p.step, "tokens": p.tokens, "loss": loss, "lr": self.opt.param_groups[0]["lr"],
+        return {"step": p.step, "tokens": p.tokens, "loss_tokens": p.loss_tokens, "loss": loss,
+                "lr": self.opt.param_groups[0]["lr"],
                 "grad_norm": finite(grad_norm), "skipped_steps": skipped,
                 "tokens_per_s": round(rate, 1), "mfu": self._mfu(rate),
                 "flops_per_token": self.flops_per_token, "peak_mem_mib": self._peak_mem_mib(),
