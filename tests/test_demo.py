@@ -261,6 +261,26 @@ def test_demo_leaves_models_results_and_report(demo, capsys):
     assert f"{uniform:.2f} = any token equally likely" in report
 
 
+def test_a_failed_save_in_the_demo_does_not_offer_a_resume_of_a_folder_it_removes(tmp_path, monkeypatch):
+    """A full disk at a run's final/ said "the last checkpoint is kept: --resume writes final/ from it",
+    of a checkpoint inside the demo's work folder, which the failure then removes."""
+    import tinyk.demo
+    from tinyk.train import SaveFailed
+
+    def full_disk(root, cfg, show_progress):
+        raise SaveFailed(f"cannot write {root}/runs/sft/final: No space left on device (the last checkpoint, "
+                         f"checkpoints/step_0000006, is kept: --resume writes final/ from it)",
+                         f"cannot write {root}/runs/sft/final: No space left on device")
+
+    monkeypatch.setattr(tinyk.demo, "_pipeline", full_disk)
+    with pytest.raises(TinykError) as e:
+        run_demo(tmp_path / "demo", DemoConfig.smoke(), show_progress=False)
+    assert re.fullmatch(rf"cannot write {re.escape(str(tmp_path))}/\.demo\.tmp-[^/]+/runs/sft/final: No space left "
+                        rf"on device \(the demo's work folder {re.escape(str(tmp_path))}/\.demo\.tmp-[^/ ]+ is "
+                        rf"removed; run the demo again once this is fixed\)", str(e.value)), str(e.value)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_signal_during_training_stops_the_demo_as_in_every_other_stage(tmp_path, monkeypatch, capsys):
     """Training is most of the demo's time: a Ctrl-C there said "error: pretrain stopped early (SIGINT)"
     with exit 2 and advised a --resume of a folder the demo then deleted; a dropped SSH session (SIGHUP)

@@ -3,6 +3,7 @@ process's temporary output is cleaned up by the next run."""
 
 from __future__ import annotations
 
+import errno
 import gzip
 import json
 import os
@@ -871,7 +872,8 @@ def test_an_unexpanded_tilde_is_not_made_a_folder(tmp_path, tok_dir, nano_model_
     assert code == 0 and (tmp_path / "~" / "m" / "config.json").is_file()
 
 
-def test_force_replaces_a_link_not_what_it_points_to(tmp_path):
+def test_force_replaces_a_link_not_what_it_points_to(tmp_path, capsys):
+    """And says so: the output may now lie on another disk than the one the link led to."""
     target = tmp_path / "real"
     target.mkdir()
     (target / "meta.json").write_text("{}")
@@ -882,11 +884,44 @@ def test_force_replaces_a_link_not_what_it_points_to(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "real"]
     assert not link.is_symlink() and (link / "meta.json").read_text() == "new"
     assert (target / "meta.json").read_text() == "{}"
+    assert capsys.readouterr().err == (f"tinyk: note: {link} was a link to {target}; it is now a folder of its own "
+                                       f"here, and the folder it pointed to is left as it was\n")
     dangling = tmp_path / "gone"
     dangling.symlink_to(tmp_path / "nowhere")
     with atomic_dir(dangling, force=True) as tmp:
         (tmp / "f").write_text("x")
     assert dangling.is_dir() and not dangling.is_symlink()
+
+
+def test_a_mount_point_is_refused_as_an_output_before_the_work(tmp_path, monkeypatch):
+    """`docker -v host:/out ... --out /out --force` failed with EBUSY once the work was done, leaving a
+    full copy hidden beside the mount, on the other disk."""
+    out = tmp_path / "vol"
+    out.mkdir()
+    real = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == out or real(p))
+    said = f"output {out} is a mount point (a volume, a Docker -v folder), which cannot be replaced"
+    for force in (False, True):
+        with pytest.raises(TinykError, match=re.escape(said)), atomic_dir(out, force=force):
+            pytest.fail("the work began")
+    monkeypatch.setattr(os.path, "ismount", real)  # a bind mount that ismount() does not see: EBUSY at the end
+    real_replace = os.replace
+
+    def busy(src, dst):
+        if Path(src) == out:
+            raise OSError(errno.EBUSY, "Device or resource busy")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", busy)
+    with pytest.raises(TinykError, match=re.escape(said)), atomic_dir(out, force=True) as tmp:
+        (tmp / "f").write_text("x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vol"]
+
+
+def test_an_output_file_with_a_long_legal_name_passes_the_write_probe(tmp_path):
+    name = "数" * 80 + ".json"  # 245 bytes: the probe's name was 265, past the 255 a file system allows
+    check_output_file(tmp_path / name, [], force=False)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_force_never_deletes_a_folder_this_command_did_not_make(tmp_path, tok_dir, sft_data, capsys):

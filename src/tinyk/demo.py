@@ -327,7 +327,13 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, *, show_progress: b
         with atomic_dir(out, force=True, replaces=("an earlier demo", _is_demo_dir)) as tmp:
             if show_progress:  # the stages' lines name files in the temporary folder
                 print(f"working in {tmp}, renamed to {out} when the demo is complete", flush=True)
-            results = _pipeline(tmp, cfg, show_progress)
+            try:
+                results = _pipeline(tmp, cfg, show_progress)
+            except TinykError as e:  # its folder goes: no checkpoint of it is kept to resume from
+                from .train import SaveFailed
+
+                raise TinykError(f"{e.cause if isinstance(e, SaveFailed) else e} (the demo's work folder {tmp} is "
+                                 f"removed; run the demo again once this is fixed)") from e
             results["out"] = str(out)
             write_json_atomic(tmp / "results.json", results)
             (tmp / "report.md").write_text(render_report(results), encoding="utf-8")

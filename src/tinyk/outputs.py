@@ -7,6 +7,7 @@ killed run left beside it is put back or removed by the next, and a directory be
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -117,7 +118,7 @@ def check_output_file(out: str | Path, inputs: Iterable[str | Path | None], *, f
     if not os.access(parent, os.W_OK | os.X_OK):
         raise TinykError(f"{flag} {out}: directory {parent} is not writable")
     try:  # a real write: root passes the access check where nothing can be written (/sys, /proc, read-only)
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.tmp-probe-", dir=parent)
+        fd, probe = tempfile.mkstemp(prefix=f".{_stem(path.name)}.tmp-probe-", dir=parent)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
@@ -180,7 +181,15 @@ def atomic_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path
                 from None
         if out.exists() or out.is_symlink():
             old = out.with_name(f".{_stem(out.name)}.old-{_owner()}")
-            os.replace(out, old)
+            try:
+                os.replace(out, old)
+            except OSError as e:
+                if e.errno != errno.EBUSY:
+                    raise
+                raise TinykError(_mount_point(out)) from e  # a bind mount that ismount() did not see
+            if old.is_symlink() and old.is_dir():
+                print(f"tinyk: note: {shown(out)} was a link to {shown(old.readlink())}; it is now a folder of its "
+                      f"own here, and the folder it pointed to is left as it was", file=sys.stderr)
             try:
                 os.replace(tmp, out)
             except BaseException:
@@ -232,7 +241,10 @@ def sync_folder(folder: Path) -> None:
 
 def _check_replace(out: Path, force: bool, replaces: tuple[str, Callable[[Path], bool]] | None) -> None:
     """Refuses to replace an existing `out` without `force`, or (with `replaces`) one that is not this
-    kind of output: a mistyped --out never deletes someone's files."""
+    kind of output: a mistyped --out never deletes someone's files. A mount point cannot be renamed,
+    so it is refused before the work rather than after."""
+    if out.is_dir() and not out.is_symlink() and os.path.ismount(out):
+        raise TinykError(_mount_point(out))
     if out.exists() and not out.is_dir() and replaces is not None:  # not "use --force", which refuses it too
         raise TinykError(f"output {out} is a file, not a directory; remove it yourself or choose another path")
     if (out.exists() or out.is_symlink()) and not force:
@@ -244,6 +256,11 @@ def _check_replace(out: Path, force: bool, replaces: tuple[str, Callable[[Path],
             raise TinykError(f"{out} exists and is not {what}, so it is not replaced (it holds "
                              f"{', '.join(held[:3])}{', ...' if len(held) > 3 else ''}); remove it yourself or "
                              "choose another path")
+
+
+def _mount_point(out: Path) -> str:
+    return (f"output {out} is a mount point (a volume, a Docker -v folder), which cannot be replaced: tinyk "
+            f"writes a new folder beside an output and renames it into place; give a folder inside it instead")
 
 
 def _unused_name(path: Path) -> Path:

@@ -403,6 +403,15 @@ class _Progress:
     peak_flops_spent: float | None = None
 
 
+class SaveFailed(TinykError):
+    """A checkpoint or final/ that could not be written; `cause` is the failure without what the run
+    directory keeps, for a caller (the demo) that removes the run directory."""
+
+    def __init__(self, message: str, cause: str):
+        super().__init__(message)
+        self.cause = cause
+
+
 class Trainer:
     """One training run; `run()` returns the summary. Construction performs every set-up check."""
 
@@ -1232,8 +1241,8 @@ class Trainer:
             yield
         except TinykError as e:
             kept = checkpoints(self.out)
-            raise TinykError(f"{e} (the last checkpoint, checkpoints/{kept[-1].name}, is kept: {then})" if kept else
-                             f"{e} (no checkpoint was kept)") from e
+            raise SaveFailed(f"{e} (the last checkpoint, checkpoints/{kept[-1].name}, is kept: {then})" if kept else
+                             f"{e} (no checkpoint was kept)", str(e)) from e
 
     def _save_final(self) -> str:
         """Writes the finished model (rank 0; under FSDP every rank takes part in gathering it)."""
