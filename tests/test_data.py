@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -314,6 +315,24 @@ def test_skip_report_and_strict_error_do_not_depend_on_the_worker_count(tmp_path
         errors.append(str(e.value))
     assert len(set(reports)) == 1 and '"prompt_too_long": 1' in reports[0] and '"malformed_json": 1' in reports[0]
     assert set(errors) == {"s.jsonl:1: prompt too long (--strict)"}
+
+
+def test_data_is_prepared_with_workers_where_signals_cannot_be_masked(tmp_path, tok_dir, corpus_file, monkeypatch):
+    """Native Windows has no pthread_sigmask (nor SIGPIPE): the pool start crashed there, on every
+    corpus of two batches or more with the default worker count, the full demo's among them; and a
+    run stopped by its output going away ended in a KeyError instead of status 141."""
+    from tinyk.errors import signal_status
+
+    want = prepare_pretrain([corpus_file], tok_dir, tmp_path / "posix", workers=2, batch_chars=4000,
+                            show_progress=False)
+    monkeypatch.delattr(signal, "pthread_sigmask")
+    monkeypatch.delattr(signal, "SIGPIPE")
+    got = prepare_pretrain([corpus_file], tok_dir, tmp_path / "windows", workers=2, batch_chars=4000,
+                           show_progress=False)
+    assert got["splits"] == want["splits"]
+    assert [p.read_bytes() for p in sorted((tmp_path / "windows").rglob("*.bin"))] == \
+        [p.read_bytes() for p in sorted((tmp_path / "posix").rglob("*.bin"))]
+    assert signal_status("SIGPIPE") == 141 and signal_status("SIGTERM") == 143
 
 
 def test_data_can_be_prepared_from_a_thread(tmp_path, tok_dir, corpus_file):

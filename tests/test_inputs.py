@@ -918,6 +918,25 @@ def test_a_mount_point_is_refused_as_an_output_before_the_work(tmp_path, monkeyp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vol"]
 
 
+def test_an_output_named_as_an_input_in_another_case_is_that_input_where_case_is_ignored(tmp_path, monkeypatch):
+    """macOS and Windows ignore case: --init runs/Base --out runs/base --force would replace the input."""
+    from tinyk.outputs import check_output
+
+    (tmp_path / "Base" / "sub").mkdir(parents=True)
+    for out in (tmp_path / "base", tmp_path / "BASE" / "sub"):
+        check_output(out, [tmp_path / "Base" / "sub"])  # on this file system, other folders
+
+    def case_blind(a, b):
+        return str(a).lower() == str(b).lower() and os.path.exists(a) and os.path.exists(b)
+
+    monkeypatch.setattr(os.path, "samefile", case_blind)
+    (tmp_path / "base").mkdir()  # what exists there: the same folder
+    with pytest.raises(TinykError, match="would replace the input"):
+        check_output(tmp_path / "base", [tmp_path / "Base" / "sub"])
+    with pytest.raises(TinykError, match="lies inside the input"):
+        check_output(tmp_path / "base" / "new", [tmp_path / "Base"])
+
+
 def test_an_output_file_with_a_long_legal_name_passes_the_write_probe(tmp_path):
     name = "数" * 80 + ".json"  # 245 bytes: the probe's name was 265, past the 255 a file system allows
     check_output_file(tmp_path / name, [], force=False)

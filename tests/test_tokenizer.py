@@ -260,6 +260,35 @@ def test_a_containers_memory_limit_counts_under_cgroup_v1_and_v2(tmp_path):
     assert cgroup_memory_left(tmp_path, tmp_path / "no-proc") is None
 
 
+VM_STAT = """Mach Virtual Memory Statistics: (page size of 16384 bytes)
+Pages free:                                9215.
+Pages active:                             417811.
+Pages inactive:                           404345.
+Pages speculative:                          6421.
+Pages throttled:                               0.
+Pages wired down:                         141906.
+Pages purgeable:                           21060.
+"Translation faults":                  952830152.
+Pages copy-on-write:                    28383402.
+Pages stored in compressor:               591622.
+"""
+
+
+def test_memory_on_a_mac_is_its_free_cached_and_purgeable_pages(monkeypatch):
+    """Without /proc (macOS) the tokenizer's memory cap came to nothing, and a multi-GB corpus was read
+    whole into a laptop's memory."""
+    from tinyk import errors
+
+    assert errors.vm_stat_available(VM_STAT) == 16384 * (9215 + 404345 + 6421 + 21060)
+    assert errors.vm_stat_available("vm_stat: command not found") is None
+    real = errors.Path
+    monkeypatch.setattr(errors, "Path", lambda p: real("/nonexistent") / p.lstrip("/"))  # no /proc/meminfo
+    monkeypatch.setattr(errors, "cgroup_memory_left", lambda: None)
+    monkeypatch.setattr(errors.sys, "platform", "darwin")
+    monkeypatch.setattr(errors, "_macos_available", lambda: errors.vm_stat_available(VM_STAT))
+    assert errors.memory_available() == 16384 * (9215 + 404345 + 6421 + 21060)
+
+
 def test_without_max_bytes_reading_stops_where_memory_would_run_out(tmp_path, monkeypatch, capsys):
     """BPE training holds ~80 bytes per byte of text: with 150 MB free, a 3 MB corpus is read up to 1.5 MB."""
     from tinyk import tokenizer

@@ -366,6 +366,27 @@ def test_a_checkpoint_of_an_earlier_tinyk_resumes_with_its_log_window_started_an
     assert math.isfinite(resumed) and resumed != pytest.approx(whole, rel=1e-6)  # steps 3 and 4 only
 
 
+def test_a_resumed_run_holds_no_file_of_the_checkpoint_it_resumed_from(tmp_path, pt_data, tok_dir, monkeypatch):
+    """The weights were the checkpoint file's mapped pages: once rotation deleted that checkpoint, its
+    disk space stayed in use until the run ended (and Windows refuses to delete a mapped file)."""
+    import tinyk.train
+
+    cfg = nano_cfg(pt_data, tok_dir, tmp_path / "run", max_steps=2, save_every=1, keep_checkpoints=1)
+    train(cfg)
+    seen = []
+    real = tinyk.train.Trainer._log_window
+
+    def log_window(self, grad_norm):
+        with open("/proc/self/maps") as maps:
+            seen.append([line.split()[-1] for line in maps if str(tmp_path / "run") in line])
+        return real(self, grad_norm)
+
+    monkeypatch.setattr(tinyk.train.Trainer, "_log_window", log_window)
+    shutil.rmtree(tmp_path / "run" / "final")
+    assert train(replace(cfg, max_steps=4), resume=True)["steps"] == 4
+    assert seen == [[], []]
+
+
 def test_sft_init_accepts_a_run_directory(tmp_path, pt_data, sft_data, tok_dir):
     run = tmp_path / "pre"
     train(nano_cfg(pt_data, tok_dir, run, max_steps=1))

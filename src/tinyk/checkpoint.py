@@ -327,12 +327,18 @@ def _cut_zip(path: Path) -> bool:
         return False
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, TinyTokenizer]:
-    """Loads a model directory (weights via safetensors only) and its tokenizer."""
+def load_model(path: str | Path, device: str | torch.device = "cpu",
+               copy: bool = False) -> tuple[Transformer, TinyTokenizer]:
+    """Loads a model directory (weights via safetensors only) and its tokenizer. The weights are the
+    file's pages, mapped; `copy` reads them out, so the file may go while the model lives (a training
+    run deletes the checkpoint it resumed from once newer ones are kept, which frees no disk space while
+    mapped, and which Windows refuses)."""
     path = Path(path)
     cfg, tok = config_and_tokenizer(path)
     with _reading_weights(path), rust_path(path / "model.safetensors") as f:
         state = load_file(f)
+        if copy:
+            state = {k: v.clone() for k, v in state.items()}
     model = _model_from_dir_state(path, cfg, state)
     model.activation_checkpointing = False
     return model.to(device=device, dtype=torch.float32).eval(), tok

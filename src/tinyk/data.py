@@ -338,7 +338,9 @@ def _start_pool(workers: int, job: _Job) -> Iterator[Any]:
     blocked signal) and lands once the pool is in hand. Only the main thread can change handlers.
     """
     ctx = multiprocessing.get_context("spawn")
-    if threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        # Windows has no signal masks (nor the resource tracker's POSIX start): its workers ignore
+        # Ctrl-C from the start (`_init_worker`), which is all that can be done there.
         with _spawn_pool(ctx, workers, job) as pool:
             yield pool
         return

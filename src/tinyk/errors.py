@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -47,6 +48,16 @@ class Stopped(KeyboardInterrupt):
     def __init__(self, signal_name: str, why: str = ""):
         super().__init__(why)
         self.signal_name = signal_name
+
+
+_POSIX_NUMBERS = {"SIGHUP": 1, "SIGINT": 2, "SIGPIPE": 13, "SIGTERM": 15}
+
+
+def signal_status(name: str) -> int:
+    """128 + the signal's number, as the shell reports a kill by it; POSIX's number where the system
+    has no such signal (Windows has no SIGPIPE or SIGHUP)."""
+    number = getattr(signal, name, None)
+    return 128 + (int(number) if number is not None else _POSIX_NUMBERS[name])
 
 
 def stop_signal(e: KeyboardInterrupt) -> str:
@@ -126,7 +137,8 @@ def first_line(e: BaseException) -> str:
 
 
 def memory_available() -> int | None:
-    """Bytes this machine (or its container's memory limit, if lower) can still give, if known."""
+    """Bytes this machine (or its container's memory limit, if lower) can still give, if known: Linux's
+    MemAvailable, macOS's free, inactive and purgeable pages (`vm_stat`), Windows' available memory."""
     found = []
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -136,7 +148,48 @@ def memory_available() -> int | None:
         pass
     if (left := cgroup_memory_left()) is not None:
         found.append(left)
+    if not found and (other := _macos_available() if sys.platform == "darwin" else
+                      _windows_available() if sys.platform == "win32" else None) is not None:
+        found.append(other)
     return max(0, min(found)) if found else None
+
+
+def _macos_available() -> int | None:
+    import subprocess
+
+    try:
+        return vm_stat_available(subprocess.run(["vm_stat"], capture_output=True, text=True, timeout=10,
+                                                check=True).stdout)
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def vm_stat_available(text: str) -> int | None:
+    """What macOS can give without swapping, from `vm_stat`'s output: its free, inactive (cached),
+    speculative and purgeable pages (what Activity Monitor leaves out of "Memory Used")."""
+    size = re.search(r"page size of (\d+) bytes", text)
+    pages = dict(re.findall(r"^Pages (free|inactive|speculative|purgeable):\s+(\d+)\.", text, re.MULTILINE))
+    if size is None or "free" not in pages:
+        return None
+    return int(size[1]) * sum(int(n) for n in pages.values())
+
+
+def _windows_available() -> int | None:
+    import ctypes
+
+    class MemoryStatus(ctypes.Structure):  # MEMORYSTATUSEX
+        _fields_ = [("length", ctypes.c_ulong), ("load", ctypes.c_ulong),
+                    *((name, ctypes.c_ulonglong) for name in ("total_phys", "avail_phys", "total_page_file",
+                                                             "avail_page_file", "total_virtual", "avail_virtual",
+                                                             "avail_extended_virtual"))]
+
+    status = MemoryStatus()
+    status.length = ctypes.sizeof(status)
+    try:
+        ok = ctypes.windll.kernel32.GlobalMemoryStatusEx(ctypes.byref(status))
+    except (AttributeError, OSError):
+        return None
+    return int(status.avail_phys) if ok else None
 
 
 _CGROUP_FILES = {2: ("memory.max", "memory.current", "inactive_file"),

@@ -83,13 +83,24 @@ def check_output(out: str | Path, inputs: Iterable[str | Path | None], flag: str
         if i is None:
             continue
         p = Path(i).resolve()
-        if o == p or o in p.parents:
+        if any(_same(o, a) for a in (p, *p.parents)):
             raise TinykError(f"{flag} {out} would replace the input {i}; choose another output path")
-        if p in o.parents:
+        if any(_same(a, p) for a in o.parents):
             raise TinykError(f"{flag} {out} lies inside the input {i}; inputs are never written to")
     nearest = next((a for a in Path(out).absolute().parents if a.exists() or a.is_symlink()), None)
     if nearest is not None and not nearest.is_dir():
         raise TinykError(f"{flag} {out}: {nearest} is a file, not a directory")
+
+
+def _same(a: Path, b: Path) -> bool:
+    """The same file or folder: by name, or by identity where the names differ only in case (macOS's
+    and Windows' file systems ignore it), or by a hard link or bind mount."""
+    if a == b:
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):  # either is missing
+        return False
 
 
 def check_output_file(out: str | Path, inputs: Iterable[str | Path | None], *, force: bool,

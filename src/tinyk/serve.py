@@ -1248,6 +1248,8 @@ class ChatServer(ThreadingHTTPServer):
 
     daemon_threads = True
     request_queue_size = 128
+    # On Windows SO_REUSEADDR lets a second server take a port in use, each then getting some requests.
+    allow_reuse_address = os.name != "nt"
     _serving = False
 
     def __init__(self, engine: Engine, cfg: ServerConfig, host: str = "127.0.0.1", port: int = 8000):

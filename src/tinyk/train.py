@@ -50,6 +50,7 @@ from .errors import (
     out_of_memory,
     shown,
     signal_handlers,
+    signal_status,
     stop_signal,
     writing,
 )
@@ -255,7 +256,7 @@ def _exit_status(e: BaseException) -> tuple[int, str | None]:
     """The exit status a run stopped by `e` ends with (as cli reports it: 2 for what it says in one
     line, 1 for a traceback), and what went wrong."""
     if isinstance(e, KeyboardInterrupt):
-        return 128 + signal.Signals[stop_signal(e)], None
+        return signal_status(stop_signal(e)), None
     return 2 if isinstance(e, TinykError | OSError) or out_of_memory(e) else 1, first_line(e)
 
 
@@ -657,7 +658,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         if self.weights_dir is not None:
             try:
-                model, _ = load_model(self.weights_dir)
+                model, _ = load_model(self.weights_dir, copy=True)
             except TinykError as e:
                 raise self._weights_error(e) from None
             _apply_runtime_fields(model, self.mcfg)
@@ -1083,7 +1084,7 @@ class Trainer:
                 raise lost from e
             raise
         stopped = summary.get("stop_signal") if summary.get("status") == "interrupted" else None
-        self.close(128 + signal.Signals[stopped].value if stopped else 0)
+        self.close(signal_status(stopped) if stopped else 0)
         return summary
 
     def close(self, exit_code: int = 0, error: str | None = None) -> None:

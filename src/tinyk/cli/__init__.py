@@ -31,6 +31,7 @@ from tinyk.errors import (
     TinykError,
     out_of_memory,
     signal_handlers,
+    signal_status,
     stop_signal,
 )
 
@@ -136,7 +137,7 @@ def _stopped(e: KeyboardInterrupt) -> NoReturn:
     if speaks_for_machine():
         # A command may say what the stop came too late to undo (eval's complete results).
         print(f"tinyk: {said}{f' {e}' if str(e) else ''}", file=sys.stderr)
-    sys.exit(128 + signal.Signals[name])
+    sys.exit(signal_status(name))
 
 
 def _fail(message: str, root_cause: bool = True) -> NoReturn:
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
         if speaks_for_machine():
             print(f"tinyk: stopped by {e.signal_name} before the first step: nothing was trained, and the run "
                   f"directory is as it was", file=sys.stderr)
-        sys.exit(128 + signal.Signals[e.signal_name])
+        sys.exit(signal_status(e.signal_name))
     except KeyboardInterrupt as e:
         _stopped(e)
     except BrokenPipeError:

@@ -67,7 +67,8 @@ def _engine(args: argparse.Namespace, max_batch: int = 16) -> Engine:
 
 def _generate(args: argparse.Namespace) -> int:
     if args.prompt_file == "-" and sys.stdin.isatty():  # else it waits without a word
-        print("tinyk: reading prompts from the terminal, one per line; Ctrl-D ends them", file=sys.stderr)
+        end = "Ctrl-Z then Enter" if os.name == "nt" else "Ctrl-D"
+        print(f"tinyk: reading prompts from the terminal, one per line; {end} ends them", file=sys.stderr)
     prompts, note = read_prompts(args.prompt, args.prompt_file, args.field)
     if note:
         print(f"tinyk: {note}", file=sys.stderr)

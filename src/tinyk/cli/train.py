@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 
 from tinyk.cli.common import (
@@ -81,6 +80,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from tinyk.config import resolve_config
+    from tinyk.errors import signal_status
     from tinyk.train import train
 
     flags = {k: getattr(args, k) for k in _FLAG_KEYS}
@@ -98,5 +98,5 @@ def _run(args: argparse.Namespace) -> int:
         if summary["stop_signal"] == "SIGPIPE":  # its own line went where the output went
             print(f"tinyk: its output could not be written (the reader left, or a full disk), so {args.kind} "
                   f"stopped at step {summary['steps']} with a checkpoint; continue with --resume", file=sys.stderr)
-        return 128 + getattr(signal, summary["stop_signal"])
+        return signal_status(summary["stop_signal"])
     return 0
