@@ -600,3 +600,26 @@ def test_output_to_a_full_disk_is_one_line_that_says_so():
         r = subprocess.run([sys.executable, "-m", "tinyk", "plan", "--preset", "nano"], stdout=full,
                            stderr=subprocess.PIPE, text=True)
     assert r.returncode == 2 and r.stderr == "tinyk: error: its output could not be written: No space left on device\n"
+
+
+def test_text_through_a_pipe_on_windows_is_utf8_as_tinyk_reads_it(monkeypatch):
+    """`tinyk generate --json > out.jsonl` wrote the locale's GBK on Windows, which tinyk then refused to read."""
+    import io
+
+    from tinyk.cli import utf8_streams
+
+    def stream(encoding: str) -> io.TextIOWrapper:
+        return io.TextIOWrapper(io.BytesIO(), encoding=encoding)
+
+    monkeypatch.delenv("PYTHONIOENCODING", raising=False)
+    piped, ascii_, latin = stream("gbk"), stream("ascii"), stream("latin-1")
+    utf8_streams([piped, ascii_], windows=True)
+    utf8_streams([latin], windows=False)  # elsewhere only an ASCII locale is overridden
+    assert [s.encoding for s in (piped, ascii_, latin)] == ["utf-8", "utf-8", "latin-1"]
+    monkeypatch.setenv("PYTHONIOENCODING", "gbk")  # asked for: kept
+    kept = stream("gbk")
+    utf8_streams([kept], windows=True)
+    assert kept.encoding == "gbk"
+    piped.write("鳳凰😀")
+    piped.flush()
+    assert piped.buffer.getvalue().decode("utf-8") == "鳳凰😀"

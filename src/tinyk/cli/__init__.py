@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -125,6 +126,20 @@ def _stop_handlers() -> dict[int, Any]:
     return handlers
 
 
+def utf8_streams(streams: Iterable[Any], windows: bool = os.name == "nt") -> None:
+    """Reads and writes UTF-8, as Python's UTF-8 mode would, where the locale's encoding cannot hold
+    what tinyk reads and writes: an ASCII locale (LC_ALL=C), and on Windows a pipe or file (`generate
+    --json > out.jsonl` came out in GBK, which tinyk then refused to read; the console is left alone,
+    as Python writes it in UTF-16), unless PYTHONIOENCODING names an encoding."""
+    for stream in streams:
+        if not isinstance(stream, io.TextIOWrapper):
+            continue
+        redirected = windows and not os.environ.get("PYTHONIOENCODING") and not stream.isatty()
+        if codecs.lookup(stream.encoding).name == "ascii" or (redirected and codecs.lookup(stream.encoding).name
+                                                              != "utf-8"):
+            stream.reconfigure(encoding="utf-8")
+
+
 def _stopped(e: KeyboardInterrupt) -> NoReturn:
     """One line for a command stopped by a signal, and its status: 128 + the signal's number. Under
     torchrun only local rank 0 says it, once per machine: Ctrl-C reaches every process, and the agent
@@ -178,11 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     if extras:
         hint = _flag_hint(args.command_parser, extras) or _set_hint(args.command, extras)
         args.command_parser.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
-    for stream in (sys.stdin, sys.stdout, sys.stderr):
-        # An ASCII locale (LC_ALL=C without Python's UTF-8 mode) holds no character past ASCII: read and
-        # write UTF-8 there, as Python's UTF-8 mode would, which is what pipes and terminals of Chinese hold.
-        if isinstance(stream, io.TextIOWrapper) and codecs.lookup(stream.encoding).name == "ascii":
-            stream.reconfigure(encoding="utf-8")
+    utf8_streams((sys.stdin, sys.stdout, sys.stderr))
     for stream in (sys.stdout, sys.stderr):
         # A GBK or Latin-1 terminal cannot show every character a model writes (U+FFFD, emoji, rare
         # characters): they print as substitutes instead of ending the command with a traceback. On a
