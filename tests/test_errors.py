@@ -599,7 +599,9 @@ def test_output_to_a_full_disk_is_one_line_that_says_so():
     with open("/dev/full", "w") as full:
         r = subprocess.run([sys.executable, "-m", "tinyk", "plan", "--preset", "nano"], stdout=full,
                            stderr=subprocess.PIPE, text=True)
-    assert r.returncode == 2 and r.stderr == "tinyk: error: its output could not be written: No space left on device\n"
+    assert r.returncode == 2 and r.stderr == ("tinyk: error: what it prints could not be written to its standard "
+                                              "output: No space left on device (the files it writes are complete or "
+                                              "not there)\n")
 
 
 def test_text_through_a_pipe_on_windows_is_utf8_as_tinyk_reads_it(monkeypatch):

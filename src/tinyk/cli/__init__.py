@@ -222,7 +222,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(141)
     except OSError as e:
         if e.filename is None and e.errno in (errno.ENOSPC, errno.EDQUOT):  # stdout to a full disk, or /dev/full
-            _fail(f"tinyk: error: its output could not be written: {e.strerror}")
+            # Said of stdout alone: the files a command writes are complete or absent, and may be complete.
+            _fail(f"tinyk: error: what it prints could not be written to its standard output: {e.strerror} "
+                  f"(the files it writes are complete or not there)")
         _fail(f"tinyk: error: {e}")
     except RuntimeError as e:
         if isinstance(e.__cause__, KeyboardInterrupt):  # a stop inside a class's set-up, which Python 3.11 wraps

@@ -89,5 +89,8 @@ def _eval(args: argparse.Namespace) -> int:
     if args.out is not None:  # after printing: results a failed write would lose are on the screen
         save_results(args.out, results, inputs, args.force)
     if records is not None:
-        save_samples(args.samples, records, inputs, args.force)
+        try:
+            save_samples(args.samples, records, inputs, args.force)
+        except TinykError as e:  # the results are saved: a run again needs --force for them
+            raise TinykError(f"{e}; the results are saved in --out {args.out}" if args.out else str(e)) from e
     return 0
