@@ -625,6 +625,24 @@ def test_samples_list_every_answer_and_every_questions_option_scores(tmp_path, n
         "tinyk: error: --samples lists --task answers and --choice questions; add --task or --choice\n")
 
 
+def test_samples_that_cannot_be_written_say_the_results_are_saved(tmp_path, nano_model_dir, capsys, monkeypatch):
+    """A full disk at --samples, after --out was written: a run again then needs --force for --out."""
+    import tinyk.evaluate
+
+    def full(out, *args):
+        raise TinykError(f"cannot write {out}: No space left on device")
+
+    monkeypatch.setattr(tinyk.evaluate, "save_samples", full)
+    task = write_task(tmp_path / "t.jsonl", [{"messages": [{"role": "user", "content": "你好"}], "answer": "你好"}])
+    out, samples = tmp_path / "r.json", tmp_path / "s.jsonl"
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--model", str(nano_model_dir), "--task", str(task), "--max-new-tokens", "2", "--out", str(out),
+              "--samples", str(samples)])
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"tinyk: error: cannot write {samples}: No space left on device; the results are saved in --out {out}\n")
+    assert json.loads(out.read_text(encoding="utf-8"))["tasks"][0]["examples"] == 1
+
+
 def test_an_out_file_made_while_the_evaluation_ran_is_not_overwritten(tmp_path, nano_model_dir, pretrain_data,
                                                                        capsys, monkeypatch):
     import tinyk.evaluate
