@@ -1284,9 +1284,16 @@ class ChatServer(ThreadingHTTPServer):
             with contextlib.suppress(OSError):
                 request.setblocking(False)
                 request.send(_TOO_MANY_CONNECTIONS)
+                request.shutdown(socket.SHUT_WR)
+                request.recv(65536)  # a request already there, read: closing on unread input resets the answer
             self.shutdown_request(request)
             return
-        super().process_request(request, client_address)
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started (the system's limit): none will count it out
+            with self._open_lock:
+                self._open -= 1
+            raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
