@@ -616,6 +616,9 @@ def test_text_through_a_pipe_on_windows_is_utf8_as_tinyk_reads_it(monkeypatch):
     monkeypatch.delenv("PYTHONIOENCODING", raising=False)
     piped, ascii_, latin = stream("gbk"), stream("ascii"), stream("latin-1")
     utf8_streams([piped, ascii_], windows=True)
+    monkeypatch.setattr(sys, "stdin", stream("gbk"))  # `echo 你好 | tinyk ...` in cmd.exe sends GBK
+    utf8_streams([sys.stdin], windows=True)
+    assert sys.stdin.encoding == "gbk"
     utf8_streams([latin], windows=False)  # elsewhere only an ASCII locale is overridden
     assert [s.encoding for s in (piped, ascii_, latin)] == ["utf-8", "utf-8", "latin-1"]
     monkeypatch.setenv("PYTHONIOENCODING", "gbk")  # asked for: kept

@@ -677,9 +677,10 @@ def test_a_chunked_body_is_read_as_a_whole_one(server, reference):
     both = keep.replace(b"Transfer-Encoding", b"Content-Length: 5\r\nTransfer-Encoding")
     assert raw(server, both + chunked(body, 7)).startswith(b"HTTP/1.1 200")
     assert raw(server, head + chunked(b"x" * (MAX_BODY + 1), 4096)).startswith(b"HTTP/1.1 413")
-    # The framing counts too: half the limit in 1-byte chunks is 5 times that on the wire, and its
-    # parsing time with it (1 MB so cost a server 2.3 CPU seconds).
+    # The framing is bounded too: half the limit in 1-byte chunks is 5 times that on the wire, and its
+    # parsing time with it (1 MB so cost a server 2.3 CPU seconds); a body of the limit in chunks is taken.
     assert raw(server, head + chunked(b"x" * (MAX_BODY // 2), 1)).startswith(b"HTTP/1.1 413")
+    assert raw(server, head + chunked(b"x" * MAX_BODY, 4096)).startswith(b"HTTP/1.1 400")  # read, and not JSON
     for bad in (b"zz\r\n{}\r\n0\r\n\r\n", b"5\r\n{}\r\n0\r\n\r\n", b"2\r\n{}XX0\r\n\r\n"):
         assert raw(server, head + bad).startswith(b"HTTP/1.1 400"), bad
     for coding in (b"gzip, chunked", b"chunked\r\nTransfer-Encoding: gzip"):  # on one line or on two
@@ -927,10 +928,14 @@ def test_hosts_are_checked_on_any_address(nano_model_dir):
         server, _ = start(nano_model_dir, allow_hosts=allowed, host="0.0.0.0")
         try:
             for host, status in (("chat.example.com", named), ("127.0.0.1:80", 200), ("localhost", 200),
-                                 ("192.168.1.7:8000", 200), ("evil.example", 200 if "*" in allowed else 403)):
+                                 ("192.168.1.7:8000", 200), ("evil.example", 200 if "*" in allowed else 403),
+                                 # names no public site can have: a LAN host, a compose service, mDNS, Docker's
+                                 ("gpu-box:8000", 200), ("tinyk", 200), ("gpu-box.local", 200),
+                                 ("host.docker.internal:8000", 200), (socket.gethostname(), 200)):
                 got, body = request(server, "GET", "/v1/models", headers={"Host": host})
                 assert got == status, (allowed, host, body)
             if not allowed:
+                body = request(server, "GET", "/v1/models", headers={"Host": "evil.example"})[1]
                 assert body["error"]["message"].endswith("start it with --allow-host evil.example")
         finally:
             server.close()
@@ -969,14 +974,20 @@ def test_a_request_must_arrive_within_the_timeout_however_it_trickles(nano_model
                         s.setblocking(True)
                 assert closed and time.monotonic() - began < 3, head
         assert request(server, "GET", "/health")[0] == 200
+        with socket.create_connection((u.hostname, u.port), timeout=10) as s:  # the wait for it counts not
+            time.sleep(0.7)
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n")
+            time.sleep(0.5)
+            s.sendall(b"\r\n")
+            assert s.recv(65536).startswith(b"HTTP/1.1 200")
     finally:
         server.close()
 
 
-def test_connections_past_the_limit_get_a_503_at_once(nano_model_dir):
+def test_connections_past_the_limit_get_a_503_at_once(nano_model_dir, capsys):
     """Accepting every connection until the process ran out of descriptors left the server unable to
-    answer anyone (and its accept loop spinning)."""
-    server, _ = start(nano_model_dir, max_connections=2)
+    answer anyone (and its accept loop spinning). The operator is told, once in a while."""
+    server, _ = start(nano_model_dir, max_connections=2, log=True)
     u = urlsplit(server.url)
     held = [socket.create_connection((u.hostname, u.port), timeout=60) for _ in range(2)]
     try:
@@ -986,6 +997,7 @@ def test_connections_past_the_limit_get_a_503_at_once(nano_model_dir):
         reply = raw(server, b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
         assert reply.startswith(b"HTTP/1.1 503") and b"Retry-After: 1\r\n" in reply
         assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "too_many_connections"
+        assert "tinyk: refused 1 connection with a 503: --max-connections 2 are open\n" in capsys.readouterr().err
         held.pop().close()
         deadline = time.monotonic() + 30
         while raw(server, b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"

@@ -165,10 +165,10 @@ def _macos_available() -> int | None:
 
 
 def vm_stat_available(text: str) -> int | None:
-    """What macOS can give without swapping, from `vm_stat`'s output: its free, inactive (cached),
-    speculative and purgeable pages (what Activity Monitor leaves out of "Memory Used")."""
+    """What macOS can give without swapping, from `vm_stat`'s output: its free and inactive pages,
+    as psutil counts it (purgeable pages are among the active and inactive ones)."""
     size = re.search(r"page size of (\d+) bytes", text)
-    pages = dict(re.findall(r"^Pages (free|inactive|speculative|purgeable):\s+(\d+)\.", text, re.MULTILINE))
+    pages = dict(re.findall(r"^Pages (free|inactive):\s+(\d+)\.", text, re.MULTILINE))
     if size is None or "free" not in pages:
         return None
     return int(size[1]) * sum(int(n) for n in pages.values())

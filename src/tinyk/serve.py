@@ -16,6 +16,7 @@ import hmac
 import io
 import ipaddress
 import json
+import math
 import os
 import queue
 import random
@@ -63,6 +64,7 @@ from .tokenizer import (
     message_text,
     pending_utf8,
 )
+from .units import plural
 
 DEFAULT_MAX_BODY = 1_000_000  # the CLI's --max-body 1M
 MAX_CHUNK_LINE, MAX_TRAILERS = 4096, 32  # a chunked body's size lines and trailer fields
@@ -757,7 +759,7 @@ class Handler(BaseHTTPRequestHandler):
         """A body in chunked transfer coding (RFC 9112 7.1), which HTTP/1.1 servers must take (curl
         sends one for `-T -`, streaming HTTP clients for a body of unknown length); up to --max-body,
         extensions and trailers read and dropped."""
-        limit, parts, total = self.server.api.cfg.max_body_bytes, [], 0
+        limit, parts, total, framing = self.server.api.cfg.max_body_bytes, [], 0, 0
         while True:
             line = self.rfile.readline(MAX_CHUNK_LINE)
             size = line.split(b";", 1)[0].strip()
@@ -766,9 +768,13 @@ class Handler(BaseHTTPRequestHandler):
             n = int(size, 16)
             if n == 0:
                 break
-            total += n + len(line) + 2  # the framing too: a body of 1-byte chunks costs the time of its size
+            total += n
+            framing += len(line) + 2  # bounded too: a body in 1-byte chunks takes 6 times its size to parse
             if total > limit:
                 raise _too_large(f"more than {limit}", limit)
+            if framing > limit:
+                raise ApiError(413, f"the chunked body's framing is more than --max-body ({limit} bytes): send it in "
+                                    f"fewer, larger chunks", code="request_too_large")
             parts.append(self.rfile.read(n))
             if len(parts[-1]) < n or self.rfile.readline(MAX_CHUNK_LINE) not in (b"\r\n", b"\n"):
                 raise ApiError(400, "malformed chunked request body", code="invalid_chunked_body")
@@ -819,11 +825,11 @@ class Handler(BaseHTTPRequestHandler):
 
     def handle_one_request(self) -> None:
         """A client that leaves mid-request is its own business: no traceback on the server's stderr.
-        The request must arrive whole within --timeout (a client that sends a byte now and then would
-        otherwise hold its connection for ever)."""
+        The request must arrive whole within --timeout of its first byte (a client that sends a byte now
+        and then would otherwise hold its connection for ever)."""
         self.cors_origin = None  # decided anew for each request on a kept-alive connection
         self.raw_requestline = b""
-        self.reader.deadline = time.monotonic() + self.timeout
+        self.reader.await_request()
         try:
             super().handle_one_request()
         except ConnectionError:
@@ -832,7 +838,7 @@ class Handler(BaseHTTPRequestHandler):
     def log_error(self, format: str, *args: Any) -> None:  # noqa: A002 - BaseHTTPRequestHandler's signature
         """As log_message, but a kept-alive connection that stays idle until --timeout (a browser keeps the
         chat page's open) closes silently: only a request that stalls mid-way is worth a line."""
-        if format.startswith("Request timed out") and not self.raw_requestline:
+        if format.startswith("Request timed out") and not self.reader.started:
             return
         self.log_message(format, *args)
 
@@ -1068,11 +1074,16 @@ class Handler(BaseHTTPRequestHandler):
 
 
 class _DeadlineReader(io.RawIOBase):
-    """A connection's receiving side, whose reads end at `deadline` (the request's), not only after
-    `timeout` seconds without a byte."""
+    """A connection's receiving side: after `await_request`, a wait of `timeout` seconds for the
+    request's first byte, and then `timeout` seconds for all of it, not only for each byte."""
 
     def __init__(self, sock: socket.socket, timeout: float):
-        self.sock, self.timeout, self.deadline = sock, timeout, None
+        self.sock, self.timeout = sock, timeout
+        self.deadline: float | None = None
+        self.started = True  # whether bytes of the request awaited have arrived
+
+    def await_request(self) -> None:
+        self.deadline, self.started = None, False
 
     def readable(self) -> bool:
         return True
@@ -1083,9 +1094,12 @@ class _DeadlineReader(io.RawIOBase):
             raise TimeoutError("the request did not arrive within --timeout")
         self.sock.settimeout(left)
         try:
-            return self.sock.recv_into(buffer)
+            n = self.sock.recv_into(buffer)
         finally:
             self.sock.settimeout(self.timeout)  # writing a stream keeps its own limit
+        if n and not self.started:
+            self.started, self.deadline = True, time.monotonic() + self.timeout
+        return n
 
 
 def _merged(reqs: list[Request], idle: Callable[[], None]) -> Iterator[tuple[int, tuple[str, int] | None]]:
@@ -1138,11 +1152,18 @@ def _hostname(host: str) -> str | None:
         return None
 
 
+_PRIVATE_SUFFIXES = (".localhost", ".local", ".internal", ".home.arpa")
+
+
 def _local_host_name(host: str, allowed: tuple[str, ...] = ()) -> bool:
-    """Whether a Host header names this machine as no rebound DNS name can (localhost or an IP
-    address), or is one --allow-host names."""
+    """Whether a Host header names this machine as no rebound DNS name can, or is one --allow-host
+    names. A rebinding site needs a public domain; these are not: an IP address, a name of one label
+    (`gpu-box`, a docker-compose service, `localhost`), this machine's own name, and names under the
+    suffixes kept for local networks (`.local` of mDNS, Docker's `host.docker.internal`, RFC 6761's
+    `.localhost`, RFC 8375's `.home.arpa`)."""
     name = _hostname(host) or ""
-    if name in allowed or name == "localhost" or name.endswith(".localhost"):  # RFC 6761: always loopback
+    if name in allowed or (name and "." not in name) or name.endswith(_PRIVATE_SUFFIXES) or \
+            name == socket.gethostname().lower():
         return True
     try:
         ipaddress.ip_address(name)
@@ -1220,8 +1241,9 @@ def _new_id(chat: bool) -> str:
 def _busy_response() -> bytes:
     body = _json_bytes(ApiError(503, "the server has too many open connections; try again shortly",
                                 type="server_error", code="too_many_connections").body())
-    return (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
-            b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body)) + body
+    return (b"HTTP/1.1 503 Service Unavailable\r\nServer: tinyk\r\nContent-Type: application/json\r\n"
+            b"Retry-After: 1\r\nX-Content-Type-Options: nosniff\r\nConnection: close\r\nContent-Length: %d\r\n"
+            b"\r\n" % len(body)) + body
 
 
 _TOO_MANY_CONNECTIONS = _busy_response()
@@ -1271,7 +1293,8 @@ class ChatServer(ThreadingHTTPServer):
         self._answering = 0
         self._quiet = threading.Condition()
         self.max_connections = min(cfg.max_connections, _connections_the_fd_limit_allows())
-        self._open = 0
+        self._open = self._refused = 0
+        self._refused_said = -math.inf
         self._open_lock = threading.Lock()
 
     def process_request(self, request: Any, client_address: Any) -> None:
@@ -1281,6 +1304,11 @@ class ChatServer(ThreadingHTTPServer):
             busy = self._open >= self.max_connections
             self._open += not busy
         if busy:
+            self._refused += 1
+            if self.api.cfg.log and time.monotonic() - self._refused_said >= 10:  # a line, not a flood
+                print(f"tinyk: refused {plural(self._refused, 'connections')} with a 503: --max-connections "
+                      f"{self.max_connections} are open", file=sys.stderr, flush=True)
+                self._refused, self._refused_said = 0, time.monotonic()
             with contextlib.suppress(OSError):
                 request.setblocking(False)
                 request.send(_TOO_MANY_CONNECTIONS)

@@ -128,13 +128,15 @@ def _stop_handlers() -> dict[int, Any]:
 
 def utf8_streams(streams: Iterable[Any], windows: bool = os.name == "nt") -> None:
     """Reads and writes UTF-8, as Python's UTF-8 mode would, where the locale's encoding cannot hold
-    what tinyk reads and writes: an ASCII locale (LC_ALL=C), and on Windows a pipe or file (`generate
-    --json > out.jsonl` came out in GBK, which tinyk then refused to read; the console is left alone,
-    as Python writes it in UTF-16), unless PYTHONIOENCODING names an encoding."""
+    what tinyk reads and writes: an ASCII locale (LC_ALL=C), and on Windows output to a pipe or file
+    (`generate --json > out.jsonl` came out in GBK, which tinyk then refused to read; the console is
+    left alone, as Python writes it in UTF-16), unless PYTHONIOENCODING names an encoding. Windows'
+    stdin keeps the locale's: `echo 你好 | tinyk ...` in cmd.exe sends GBK."""
     for stream in streams:
         if not isinstance(stream, io.TextIOWrapper):
             continue
-        redirected = windows and not os.environ.get("PYTHONIOENCODING") and not stream.isatty()
+        redirected = windows and not os.environ.get("PYTHONIOENCODING") and stream is not sys.stdin \
+            and not stream.isatty()
         if codecs.lookup(stream.encoding).name == "ascii" or (redirected and codecs.lookup(stream.encoding).name
                                                               != "utf-8"):
             stream.reconfigure(encoding="utf-8")
