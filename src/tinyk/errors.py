@@ -138,7 +138,7 @@ def first_line(e: BaseException) -> str:
 
 def memory_available() -> int | None:
     """Bytes this machine (or its container's memory limit, if lower) can still give, if known: Linux's
-    MemAvailable, macOS's free, inactive and purgeable pages (`vm_stat`), Windows' available memory."""
+    MemAvailable, macOS's free and inactive pages (`vm_stat`), Windows' available memory."""
     found = []
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():

@@ -153,7 +153,7 @@ class ServerConfig:
     max_waiting: int = 256
     log: bool = True
     allow_origins: tuple[str, ...] = ()  # web pages of other origins that may call the API ("*": any)
-    allow_hosts: tuple[str, ...] = ()  # Host names answered besides localhost and IP addresses ("*": any)
+    allow_hosts: tuple[str, ...] = ()  # Host names answered besides those no public site can have ("*": any)
     max_connections: int = 512  # open at once; one more is answered 503 (fewer if the open-file limit is low)
 
     def __post_init__(self) -> None:
@@ -819,9 +819,9 @@ class Handler(BaseHTTPRequestHandler):
             return None
         name = _hostname(host) or host
         return ApiError(403, f"Host {host} is not this server, which listens on {self.server.address} and answers "
-                             f"localhost, IP addresses and the names given with --allow-host; if {name} is its name "
-                             f"(a reverse proxy that passes its Host on, a name on your network), start it with "
-                             f"--allow-host {name}", code="host_not_allowed")
+                             f"IP addresses, localhost, names of one label or under .local or .internal, and the "
+                             f"names given with --allow-host; if {name} is its name (a reverse proxy that passes its "
+                             f"Host on, its DNS name), start it with --allow-host {name}", code="host_not_allowed")
 
     def handle_one_request(self) -> None:
         """A client that leaves mid-request is its own business: no traceback on the server's stderr.
