@@ -929,9 +929,15 @@ def test_hosts_are_checked_on_any_address(nano_model_dir):
         try:
             for host, status in (("chat.example.com", named), ("127.0.0.1:80", 200), ("localhost", 200),
                                  ("192.168.1.7:8000", 200), ("evil.example", 200 if "*" in allowed else 403),
-                                 # names no public site can have: a LAN host, a compose service, mDNS, Docker's
-                                 ("gpu-box:8000", 200), ("tinyk", 200), ("gpu-box.local", 200),
-                                 ("host.docker.internal:8000", 200), (socket.gethostname(), 200)):
+                                 # this machine's own names, as its system answers them, and Docker's for it
+                                 (socket.gethostname(), 200), (f"{socket.gethostname()}.local:8000", 200),
+                                 ("host.docker.internal:8000", 200), ("localhost.", 200),
+                                 # names anyone on the network can answer (LLMNR, mDNS): re-pointed as DNS is
+                                 ("gpu-box:8000", named if "*" in allowed else 403),
+                                 ("gpu-box.local", named if "*" in allowed else 403),
+                                 # more than a host and port: what a proxy in front would make of it is unknown
+                                 ("evil.example@localhost", 200 if "*" in allowed else 403),
+                                 ("localhost/x", 200 if "*" in allowed else 403)):
                 got, body = request(server, "GET", "/v1/models", headers={"Host": host})
                 assert got == status, (allowed, host, body)
             if not allowed:
@@ -980,6 +986,21 @@ def test_a_request_must_arrive_within_the_timeout_however_it_trickles(nano_model
             time.sleep(0.5)
             s.sendall(b"\r\n")
             assert s.recv(65536).startswith(b"HTTP/1.1 200")
+        # A request sent with the one before it is under way at once, though no read waits for it.
+        with socket.create_connection((u.hostname, u.port), timeout=10) as s:
+            began = time.monotonic()
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\nGET /hea")
+            got, closed = b"", False
+            while not closed and time.monotonic() - began < 5:
+                if select.select([s], [], [], 0.9)[0]:
+                    try:
+                        chunk = s.recv(65536)
+                    except ConnectionResetError:
+                        chunk = b""
+                    got, closed = got + chunk, not chunk
+                else:
+                    s.sendall(b"l")  # a byte just within each wait for one
+            assert got.startswith(b"HTTP/1.1 200") and closed and time.monotonic() - began < 1.7, got
     finally:
         server.close()
 

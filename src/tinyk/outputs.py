@@ -199,7 +199,10 @@ def atomic_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path
                     raise
                 # A bind mount that ismount() did not see: the work is done, so it is kept.
                 kept = _unused_name(out.with_name(f"{_stem(out.name)}.new"))
-                os.replace(tmp, kept)
+                try:
+                    os.replace(tmp, kept)
+                except OSError:
+                    kept = tmp
                 raise TinykError(f"{_mount_point(out)} (this output is kept as {kept})") from e
             if old.is_symlink() and old.is_dir():
                 print(f"tinyk: note: {shown(out)} was a link to {shown(old.readlink())}; it is now a folder of its "

@@ -819,9 +819,9 @@ class Handler(BaseHTTPRequestHandler):
             return None
         name = _hostname(host) or host
         return ApiError(403, f"Host {host} is not this server, which listens on {self.server.address} and answers "
-                             f"IP addresses, localhost, names of one label or under .local or .internal, and the "
-                             f"names given with --allow-host; if {name} is its name (a reverse proxy that passes its "
-                             f"Host on, its DNS name), start it with --allow-host {name}", code="host_not_allowed")
+                             f"IP addresses, localhost, this machine's own name and the names given with --allow-host; "
+                             f"if {name} is its name (a reverse proxy that passes its Host on, a name on your "
+                             f"network), start it with --allow-host {name}", code="host_not_allowed")
 
     def handle_one_request(self) -> None:
         """A client that leaves mid-request is its own business: no traceback on the server's stderr.
@@ -829,7 +829,7 @@ class Handler(BaseHTTPRequestHandler):
         and then would otherwise hold its connection for ever)."""
         self.cors_origin = None  # decided anew for each request on a kept-alive connection
         self.raw_requestline = b""
-        self.reader.await_request()
+        self.reader.await_request(self.rfile)
         try:
             super().handle_one_request()
         except ConnectionError:
@@ -1081,14 +1081,36 @@ class _DeadlineReader(io.RawIOBase):
         self.sock, self.timeout = sock, timeout
         self.deadline: float | None = None
         self.started = True  # whether bytes of the request awaited have arrived
+        self.polling = False  # a read that takes only what has arrived
 
-    def await_request(self) -> None:
+    def await_request(self, buffered: io.BufferedReader) -> None:
+        """Starts the wait for a request, or the request itself when bytes of it are there already (a
+        client that sent it with the one before, in `buffered` or the socket's buffer)."""
         self.deadline, self.started = None, False
+        if not hasattr(socket, "MSG_DONTWAIT"):  # Windows: such a request gets its first wait's time besides
+            return
+        self.polling = True
+        try:
+            there = buffered.peek(1)
+        except OSError:
+            there = b""
+        finally:
+            self.polling = False
+        if there and not self.started:
+            self.started, self.deadline = True, time.monotonic() + self.timeout
 
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer: Any) -> int:
+    def readinto(self, buffer: Any) -> int | None:
+        if self.polling:
+            try:
+                n = self.sock.recv_into(buffer, 0, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return None
+            if n:
+                self.started, self.deadline = True, time.monotonic() + self.timeout
+            return n
         left = self.timeout if self.deadline is None else min(self.timeout, self.deadline - time.monotonic())
         if left <= 0:
             raise TimeoutError("the request did not arrive within --timeout")
@@ -1152,18 +1174,21 @@ def _hostname(host: str) -> str | None:
         return None
 
 
-_PRIVATE_SUFFIXES = (".localhost", ".local", ".internal", ".home.arpa")
+_HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(:[0-9]{1,5})?")
 
 
 def _local_host_name(host: str, allowed: tuple[str, ...] = ()) -> bool:
-    """Whether a Host header names this machine as no rebound DNS name can, or is one --allow-host
-    names. A rebinding site needs a public domain; these are not: an IP address, a name of one label
-    (`gpu-box`, a docker-compose service, `localhost`), this machine's own name, and names under the
-    suffixes kept for local networks (`.local` of mDNS, Docker's `host.docker.internal`, RFC 6761's
-    `.localhost`, RFC 8375's `.home.arpa`)."""
-    name = _hostname(host) or ""
-    if name in allowed or (name and "." not in name) or name.endswith(_PRIVATE_SUFFIXES) or \
-            name == socket.gethostname().lower():
+    """Whether a Host header names this machine as no name an attacker can re-point can, or is one
+    --allow-host names: an IP address, localhost (RFC 6761), this machine's own name as its system
+    answers it (also with `.local`), Docker's host.docker.internal. Other names of one label or under
+    `.local` resolve through LLMNR or mDNS, which anyone on the network can answer. A trailing dot
+    (`localhost.`) is the same name; a value with more than a host and port is none."""
+    if not _HOST.fullmatch(host):
+        return False
+    name = (_hostname(host) or "").removesuffix(".")
+    own = socket.gethostname().lower()
+    if name in allowed or name == "localhost" or name.endswith(".localhost") or \
+            name in (own, f"{own}.local", "host.docker.internal"):
         return True
     try:
         ipaddress.ip_address(name)
@@ -1305,10 +1330,8 @@ class ChatServer(ThreadingHTTPServer):
             self._open += not busy
         if busy:
             self._refused += 1
-            if self.api.cfg.log and time.monotonic() - self._refused_said >= 10:  # a line, not a flood
-                print(f"tinyk: refused {plural(self._refused, 'connections')} with a 503: --max-connections "
-                      f"{self.max_connections} are open", file=sys.stderr, flush=True)
-                self._refused, self._refused_said = 0, time.monotonic()
+            if time.monotonic() - self._refused_said >= 10:  # a line, not a flood
+                self._report_refused("are")
             with contextlib.suppress(OSError):
                 request.setblocking(False)
                 request.send(_TOO_MANY_CONNECTIONS)
@@ -1322,6 +1345,12 @@ class ChatServer(ThreadingHTTPServer):
             with self._open_lock:
                 self._open -= 1
             raise
+
+    def _report_refused(self, are: str) -> None:
+        if self.api.cfg.log:
+            print(f"tinyk: refused {plural(self._refused, 'connections')} with a 503: --max-connections "
+                  f"{self.max_connections} {are} open", file=sys.stderr, flush=True)
+        self._refused, self._refused_said = 0, time.monotonic()
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
@@ -1369,6 +1398,8 @@ class ChatServer(ThreadingHTTPServer):
                 self._quiet.notify_all()
 
     def close(self, grace_s: float = 2.0) -> None:
+        if self._refused:  # those since the last line said
+            self._report_refused("were")
         # Requests in flight get their 503 now, and a moment to send it: the handler threads are
         # daemons, which a process ending after `close` (tinyk serve on Ctrl-C) would cut off.
         self.api.scheduler.stop()

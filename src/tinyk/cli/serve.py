@@ -48,9 +48,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a web page origin (http://localhost:5173) that may call the API from a browser; "
                         "repeatable, * for any (default: only the chat page at /)")
     p.add_argument("--allow-host", action="append", default=[], metavar="NAME", type=_host_name,
-                   help="a host name to answer besides IP addresses, localhost and names of one label or under "
-                        ".local or .internal: the one a reverse proxy passes on, or this machine's DNS name; "
-                        "repeatable, * for any")
+                   help="a host name to answer besides IP addresses, localhost and this machine's own name: "
+                        "the one a reverse proxy passes on, its DNS name, a compose service's; repeatable, * for any")
     p.add_argument("--quiet", action="store_true", help="no access log")
     add_sampling_args(p, "seeds the server: requests without a seed of their own draw one from it, so a "
                          "restarted server answers the same requests, in the same order, the same way")
