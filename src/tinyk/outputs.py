@@ -83,16 +83,16 @@ def check_output(out: str | Path, inputs: Iterable[str | Path | None], flag: str
         if i is None:
             continue
         p = Path(i).resolve()
-        if any(_same(o, a) for a in (p, *p.parents)):
+        if any(same_path(o, a) for a in (p, *p.parents)):
             raise TinykError(f"{flag} {out} would replace the input {i}; choose another output path")
-        if any(_same(a, p) for a in o.parents):
+        if any(same_path(a, p) for a in o.parents):
             raise TinykError(f"{flag} {out} lies inside the input {i}; inputs are never written to")
     nearest = next((a for a in Path(out).absolute().parents if a.exists() or a.is_symlink()), None)
     if nearest is not None and not nearest.is_dir():
         raise TinykError(f"{flag} {out}: {nearest} is a file, not a directory")
 
 
-def _same(a: Path, b: Path) -> bool:
+def same_path(a: Path, b: Path) -> bool:
     """The same file or folder: by name, or by identity where the names differ only in case (macOS's
     and Windows' file systems ignore it), or by a hard link or bind mount."""
     if a == b:

@@ -137,8 +137,8 @@ def utf8_streams(streams: Iterable[Any], windows: bool = os.name == "nt") -> Non
             continue
         redirected = windows and not os.environ.get("PYTHONIOENCODING") and stream is not sys.stdin \
             and not stream.isatty()
-        if codecs.lookup(stream.encoding).name == "ascii" or (redirected and codecs.lookup(stream.encoding).name
-                                                              != "utf-8"):
+        encoding = codecs.lookup(stream.encoding).name
+        if encoding == "ascii" or (redirected and encoding != "utf-8"):
             stream.reconfigure(encoding="utf-8")
 
 
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     except BrokenPipeError:
         # The reader left (`tinyk plan | head`): stop quietly, as other command-line tools do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(141)
+        sys.exit(signal_status("SIGPIPE"))
     except OSError as e:
         if e.filename is None and e.errno in (errno.ENOSPC, errno.EDQUOT):  # stdout to a full disk, or /dev/full
             # Said of stdout alone: the files a command writes are complete or absent, and may be complete.

@@ -62,6 +62,7 @@ def _eval(args: argparse.Namespace) -> int:
         skip_notes,
         table_rows,
     )
+    from tinyk.outputs import same_path
     from tinyk.tokenizer import prompt_from_flag
 
     inputs = [args.model, *args.data, *args.task, *args.choice]
@@ -71,7 +72,7 @@ def _eval(args: argparse.Namespace) -> int:
     if args.samples is not None:
         if not (args.task or args.choice):
             raise TinykError("--samples lists --task answers and --choice questions; add --task or --choice")
-        if args.out is not None and Path(args.out).resolve() == Path(args.samples).resolve():
+        if args.out is not None and same_path(Path(args.out).resolve(), Path(args.samples).resolve()):
             raise TinykError(f"--samples {args.samples} is also --out; give each its own file")
         check_samples_out(args.samples, inputs, args.force)
         records = []
