@@ -391,6 +391,31 @@ def test_a_resumed_run_holds_no_file_of_the_checkpoint_it_resumed_from(tmp_path,
     assert seen == [[], []]
 
 
+def test_train_leaves_the_callers_random_streams_as_they_were(tmp_path, pt_data, tok_dir):
+    """A notebook that trains and then samples must not get draws seeded by the run's --seed."""
+    import random
+
+    def draws() -> tuple:
+        return random.random(), float(np.random.rand()), float(torch.rand(()))
+
+    def seed() -> None:
+        random.seed(7)
+        np.random.seed(7)
+        torch.manual_seed(7)
+
+    seed()
+    expected = draws()
+    cfg = nano_cfg(pt_data, tok_dir, tmp_path / "run", max_steps=2, save_every=1,
+                   model={"preset": "nano", "dropout": 0.1})
+    seed()
+    train(cfg)
+    assert draws() == expected
+    shutil.rmtree(tmp_path / "run" / "final")
+    seed()
+    assert train(replace(cfg, max_steps=3), resume=True)["steps"] == 3  # a resume restores the run's streams
+    assert draws() == expected
+
+
 def test_sft_init_accepts_a_run_directory(tmp_path, pt_data, sft_data, tok_dir):
     run = tmp_path / "pre"
     train(nano_cfg(pt_data, tok_dir, run, max_steps=1))

@@ -1378,4 +1378,22 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False) -> dic
     `train(resolve_config(kind, flags={"out": OUT}, resume=True), resume=True)` continues it. Stopped
     before its first step, it has nothing to save and raises `errors.StoppedBeforeTraining`.
     """
-    return Trainer(cfg, resume=resume, force=force).run()
+    with _callers_random_state_kept():
+        return Trainer(cfg, resume=resume, force=force).run()
+
+
+@contextlib.contextmanager
+def _callers_random_state_kept() -> Iterator[None]:
+    """Training seeds the global generators (its dropout streams are part of its checkpoints); a notebook's
+    own random numbers after `train()` go on as if it had not run. CUDA's are kept where the caller had
+    already started CUDA (before that, they have no state of the caller's to keep)."""
+    py, np_state, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(np_state)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
