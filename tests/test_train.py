@@ -325,6 +325,33 @@ def test_sft_loss_counts_only_assistant_tokens(tmp_path, sft_data, nano_model_di
     assert 0 < count < positions and summary["loss_tokens"] > count
 
 
+def test_sft_mfu_counts_attention_over_each_batchs_padded_length(tmp_path, sft_data, nano_model_dir, monkeypatch):
+    """SFT batches are padded to their longest conversation, not seq_len: their FLOPs (and MFU) count
+    attention over the positions each batch has, across a resume too."""
+    cfg = nano_cfg(sft_data, None, tmp_path / "sft", kind="sft", init=str(nano_model_dir), model={},
+                   seq_len=128, micro_batch=2, max_steps=4, peak_tflops=0.01)
+    with monkeypatch.context() as m:
+        stop_at(m, 2)
+        train(cfg)
+    summary = train(cfg, resume=True)
+    model, _ = load_model(nano_model_dir)
+    c, n = model.config, model.matmul_params()
+    loader = SFTLoader(sft_data, "train", 128, 2, seed=0, batch_size=8)
+    flops, tokens = [], []
+    for _ in range(4):
+        shapes = [loader.next_batch()[0].shape for _ in range(4)]
+        flops.append(sum(b * t * (6 * n + 12 * c.n_layers * c.dim * t) for b, t in shapes))
+        tokens.append(sum(b * t for b, t in shapes))
+    recs = [r for r in map(json.loads, (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines())
+            if r["type"] == "train"]
+    assert [r["flops_per_token"] for r in recs] == [round(f / t) for f, t in zip(flops, tokens, strict=True)]
+    assert min(tokens) < 8 * 128  # padded short of seq_len, so the counts differ from the seq_len formula's
+    for r in recs:
+        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * r["flops_per_token"] / 1e10, rel=1e-3, abs=1e-5)
+    assert summary["flops_per_token"] == round(sum(flops) / sum(tokens)) < model.flops_per_token(128)
+    assert summary["mfu"] == pytest.approx(sum(flops) / (summary["elapsed_s"] * 1e10), rel=1e-2)
+
+
 def test_a_log_windows_loss_is_per_token_over_its_steps(tmp_path, sft_data, nano_model_dir):
     """SFT steps score different numbers of answer tokens: a window of several steps logs their loss
     per token, as validation does, not the plain mean of the steps' (up to 10% off on real data)."""
@@ -360,6 +387,7 @@ def test_a_checkpoint_of_an_earlier_tinyk_resumes_with_its_log_window_started_an
     state = tmp_path / "sft" / "checkpoints" / "step_0000002" / "state.json"
     old = json.loads(state.read_text())
     old["log_window"] = {"loss": 123.0, "steps": 2, "skipped": 0}
+    del old["flops"]
     state.write_text(json.dumps(old))
     shutil.rmtree(tmp_path / "sft" / "final")
     for p in checkpoints(tmp_path / "sft")[1:]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import inspect
 import math
@@ -69,6 +70,7 @@ from .model import (
     resolve_device,
     resolve_dtype,
     short_dtype_name,
+    training_flops,
 )
 from .monitor import Monitor, Trackers, finite, measure_matmul_flops, peak_flops
 from .outputs import (
@@ -402,6 +404,7 @@ class _Progress:
     # FLOPs the devices of the sessions before this one could have done (seconds x processes x peak):
     # the whole run's MFU, when a resume changed the number of processes or the GPU. None: not recorded.
     peak_flops_spent: float | None = None
+    flops: int = 0  # the model FLOPs of the positions processed (an SFT batch's attention at its padded length)
 
 
 class SaveFailed(TinykError):
@@ -666,6 +669,8 @@ class Trainer:
             model = Transformer(self.mcfg)
         self.n_params = model.num_params()
         self.flops_per_token = model.flops_per_token(cfg.seq_len)
+        matmul_params = model.matmul_params()  # counted before any wrapper shards the parameters
+        self.flops_at: Callable[[int], int] = functools.partial(training_flops, model.config, matmul_params)
         model = model.to(self.device).train()
         model.activation_checkpointing = cfg.activation_checkpointing
         self.fsdp = cfg.parallel == "fsdp" and d.world > 1
@@ -734,7 +739,7 @@ class Trainer:
                 elapsed = self._elapsed()
                 write_json_atomic(tmp / "state.json", {
                     "kind": self.cfg.kind, "step": step, "tokens": self.progress.tokens,
-                    "loss_tokens": self.progress.loss_tokens, "elapsed_s": elapsed,
+                    "loss_tokens": self.progress.loss_tokens, "flops": self.progress.flops, "elapsed_s": elapsed,
                     "peak_flops_spent": self._peak_flops_spent(elapsed),
                     "loader": loader_state, "log_window": {"loss_sum": window.item(),
                                                            "loss_tokens": self.window_loss_tokens,
@@ -785,7 +790,11 @@ class Trainer:
         spent = state.get("peak_flops_spent")
         if not _finite_amount(spent):
             spent = None  # an older checkpoint, or a session whose device had no known peak
-        self.progress = _Progress(state["step"], state["tokens"], state["loss_tokens"], state["elapsed_s"], spent)
+        flops = state.get("flops")
+        if not isinstance(flops, int) or flops < 0:  # an older checkpoint: its tokens at the full sequence's cost
+            flops = state["tokens"] * self.flops_per_token
+        self.progress = _Progress(state["step"], state["tokens"], state["loss_tokens"], state["elapsed_s"], spent,
+                                  flops)
         self._resume_schedule(state)
         window = state["log_window"]
         if "loss_sum" in window:  # a checkpoint of an earlier tinyk summed step means: its window starts anew
@@ -1004,7 +1013,8 @@ class Trainer:
             f"({'at most ' if cfg.kind == 'sft' else ''}{run_tokens:,} tokens)"
             f"{f', fitted to {cfg.max_minutes:g} minutes' if cfg.max_minutes else ''}, "
             f"warmup {self.warmup}, lr {cfg.lr:g} -> {cfg.lr * cfg.min_lr_ratio:g}",
-            f"FLOPs/token {flops_formula(m, cfg.seq_len)}; peak for MFU: "
+            f"FLOPs/token {flops_formula(m, cfg.seq_len)}"
+            f"{', T at most: an SFT batch counts its padded length' if cfg.kind == 'sft' else ''}; peak for MFU: "
             + (f"{self.peak / 1e12:.2f} TFLOP/s per device, {self.peak_source}" if self.peak else self.peak_source),
         ]
         note = micro_note(cfg.batch_size, d.world, cfg.micro_batch, self.micro)
@@ -1145,8 +1155,9 @@ class Trainer:
         cfg, d, p = self.cfg, self.dist, self.progress
         if self.device.type == "cuda":  # this run's peak, not that of one before it in the process (the demo's)
             torch.cuda.reset_peak_memory_stats(self.device)
-        self._window_t0, self._window_tokens0 = time.perf_counter(), p.tokens
+        self._window_t0, self._window_tokens0, self._window_flops0 = time.perf_counter(), p.tokens, p.flops
         self.rates: list[float] = []
+        self.flop_rates: list[float] = []
         last_train, last_val, best_val = self._earlier_results()
         last_saved = p.step if self.resumed_from else -1
         t_first = step_first = None
@@ -1157,12 +1168,14 @@ class Trainer:
                 break
             batches, n_loss = self.next_batches()
             n_pos = sum(x.numel() for x, _ in batches)
+            n_flops = sum(x.numel() * self.flops_at(x.shape[1]) for x, _ in batches)
             if self.monitor and self.monitor.output_lost:  # `| head` read its lines: stop as SIGPIPE would, saved
                 self.stop_signal = self.stop_signal or "SIGPIPE"
-            # One host all-reduce per step: loss-token and token counts, a stop signal on any rank, and
+            # One host all-reduce per step: loss-token, token and FLOP counts, a stop signal on any rank, and
             # the --max-minutes estimates from the previous step (every rank must stop at the same step).
-            n_loss, n_pos, interrupts, terms, estimates = d.sum_host(
-                [n_loss, n_pos, self.stop_signal == "SIGINT", self.stop_signal not in (None, "SIGINT"), estimate])
+            n_loss, n_pos, n_flops, interrupts, terms, estimates = d.sum_host(
+                [n_loss, n_pos, n_flops, self.stop_signal == "SIGINT", self.stop_signal not in (None, "SIGINT"),
+                 estimate])
             if interrupts or terms:
                 self.stop_signal = self.stop_signal or ("SIGTERM" if terms else "SIGINT")  # it reached another rank
                 if p.step == 0 and not self.resumed_from:  # `run` undoes the start, as for a failed first step
@@ -1174,6 +1187,7 @@ class Trainer:
             p.step += 1
             p.tokens += n_pos
             p.loss_tokens += n_loss
+            p.flops += n_flops
             self.run_dir.drop_replaced()
             if cfg.max_minutes:
                 if t_first is None:
@@ -1207,17 +1221,20 @@ class Trainer:
         if self.dist.world > 1:
             dist.all_reduce(self.window_loss)
         loss = self.window_loss.item() / max(self.window_loss_tokens, 1)
-        now = time.perf_counter()
-        rate = (p.tokens - self._window_tokens0) / (now - self._window_t0)
-        self.rates.append(rate)
+        seconds = time.perf_counter() - self._window_t0
+        tokens, flops = p.tokens - self._window_tokens0, p.flops - self._window_flops0
+        self.rates.append(tokens / seconds)
+        self.flop_rates.append(flops / seconds)
         self._check_finite(loss, "loss")
         skipped = int(self.window_skipped.item()) if self.scaler.is_enabled() else None
         if self.monitor:
-            self.monitor.log_train(self._train_record(loss, rate, grad_norm.item(), skipped))
+            self.monitor.log_train(self._train_record(loss, self.rates[-1], self.flop_rates[-1], round(flops / tokens),
+                                                      grad_norm.item(), skipped))
         self.window_loss.zero_()
         self.window_skipped.zero_()
         # From after the logging (which may re-time a CPU's peak): a window's tokens/s is training speed alone.
-        self.window_loss_tokens, self._window_t0, self._window_tokens0 = 0, time.perf_counter(), p.tokens
+        self.window_loss_tokens, self._window_t0 = 0, time.perf_counter()
+        self._window_tokens0, self._window_flops0 = p.tokens, p.flops
         return loss
 
     def _check_finite(self, loss: float, name: str) -> None:
@@ -1255,10 +1272,10 @@ class Trainer:
         self.dist.barrier()
         return str(self.out / "final")
 
-    def _mfu(self, tokens_per_s: float) -> float | None:
+    def _mfu(self, flops_per_s: float) -> float | None:
         if not self.peak:
             return None
-        achieved = tokens_per_s * self.flops_per_token / self.dist.world
+        achieved = flops_per_s / self.dist.world
         first = None
         if achieved > self.peak and self.device.type == "cpu" and not self.cfg.peak_tflops:
             # The CPU's matmul rate was timed while other work held the cores: time it again, once (an
@@ -1285,18 +1302,19 @@ class Trainer:
     def _run_mfu(self, elapsed: float) -> float | None:
         """The whole run's MFU: its tokens' FLOPs over what its devices could have done."""
         spent = self._peak_flops_spent(elapsed)
-        return round(self.progress.tokens * self.flops_per_token / spent, 5) if spent and self.progress.tokens else None
+        return round(self.progress.flops / spent, 5) if spent and self.progress.flops else None
 
     def _peak_mem_mib(self) -> float | None:
         return round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1) if self.device.type == "cuda" else None
 
-    def _train_record(self, loss: float, rate: float, grad_norm: float, skipped: int | None) -> dict[str, Any]:
+    def _train_record(self, loss: float, rate: float, flop_rate: float, flops_per_token: int, grad_norm: float,
+                      skipped: int | None) -> dict[str, Any]:
         p = self.progress
         return {"step": p.step, "tokens": p.tokens, "loss_tokens": p.loss_tokens, "loss": loss,
                 "lr": self.opt.param_groups[0]["lr"],
                 "grad_norm": finite(grad_norm), "skipped_steps": skipped,
-                "tokens_per_s": round(rate, 1), "mfu": self._mfu(rate),
-                "flops_per_token": self.flops_per_token, "peak_mem_mib": self._peak_mem_mib(),
+                "tokens_per_s": round(rate, 1), "mfu": self._mfu(flop_rate),
+                "flops_per_token": flops_per_token, "peak_mem_mib": self._peak_mem_mib(),
                 "elapsed_s": round(self._elapsed(), 3), "epoch": round(self.loader.epochs_done, 4)}
 
     def _skipped_steps(self) -> int | None:
@@ -1313,13 +1331,14 @@ class Trainer:
         elapsed = self._elapsed()
         rate = p.tokens / elapsed if p.tokens and elapsed > 0 else None  # the whole run's, as tokens and elapsed_s
         # The first log window holds start-up (and compilation); the median of the rest is the steady rate.
-        windows = self.rates[1:] or self.rates
+        windows = list(zip(self.rates, self.flop_rates, strict=True))
         if not windows and self.monitor:  # this session trained nothing (killed while final/ was written)
-            logged = [r["tokens_per_s"] for r in self.monitor.records
-                      if r.get("type") == "train" and r.get("tokens_per_s")]
-            windows = logged[1:] or logged
-        steady = statistics.median(windows) if windows else None
-        mfu_steady = self._mfu(steady) if steady else None  # first: it may time the CPU's peak again
+            windows = [(r["tokens_per_s"], r["tokens_per_s"] * r["flops_per_token"]) for r in self.monitor.records
+                       if r.get("type") == "train" and r.get("tokens_per_s")]
+        windows = windows[1:] or windows
+        steady = statistics.median(t for t, _ in windows) if windows else None
+        # first: it may time the CPU's peak again
+        mfu_steady = self._mfu(statistics.median(f for _, f in windows)) if windows else None
         skipped = self._skipped_steps()
         summary = {
             "kind": cfg.kind, "status": "interrupted" if interrupted else "completed",
@@ -1329,8 +1348,9 @@ class Trainer:
             "tokens_per_s": round(rate, 1) if rate else None, "mfu": self._run_mfu(elapsed),
             "tokens_per_s_steady": round(steady, 1) if steady else None, "mfu_steady": mfu_steady,
             "peak_flops_per_device": self.peak, "peak_flops_source": self.peak_source,
-            "flops_per_token": self.flops_per_token, "parameters": self.n_params,
-            "final_train_loss": last_train, "final_val_loss": last_val[0] if last_val else None,
+            "flops_per_token": round(p.flops / p.tokens) if p.tokens else self.flops_per_token,
+            "parameters": self.n_params, "final_train_loss": last_train,
+            "final_val_loss": last_val[0] if last_val else None,
             "final_val_bpb": last_val[1] if last_val else None,
             "best_val_loss": best_val if math.isfinite(best_val) else None,
             "peak_mem_mib": self._peak_mem_mib(),
