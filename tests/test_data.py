@@ -1194,6 +1194,30 @@ def test_pretrain_loader_ranks_split_each_group_and_resume_exactly(pretrain_dir)
                                                                       "num_windows": ref.num_windows})
 
 
+def test_a_window_may_span_every_shard(pretrain_dir):
+    """A window longer than all the shards before the last starts in the first and ends in the last,
+    reading the split's tokens in order."""
+    raw = split_tokens(pretrain_dir, "train").astype(np.int64)
+    last = open_dataset(pretrain_dir)["splits"]["train"]["shards"][-1]["tokens"]
+    for seq in (len(raw) - last, len(raw) - 1):  # just into the last shard; the whole split
+        (x, y), = eval_batches(pretrain_dir, "train", seq, 1)
+        assert x[0].tolist() == raw[:seq].tolist() and y[0].tolist() == raw[1:seq + 1].tolist()
+
+
+def test_a_split_a_whole_number_of_windows_long_keeps_a_target_for_its_last_window(pretrain_dir):
+    """A window reads seq_len + 1 tokens (the last one only as a target): k * seq_len tokens make k - 1
+    windows, all of them readable, and a split of exactly seq_len tokens is refused, not read past its end."""
+    raw = split_tokens(pretrain_dir, "train").astype(np.int64)
+    seq = next(s for s in range(16, len(raw)) if len(raw) % s == 0)
+    batches = list(eval_batches(pretrain_dir, "train", seq, 64))
+    x, y = torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+    assert len(x) == PretrainLoader(pretrain_dir, "train", seq, 1).num_windows == len(raw) // seq - 1
+    assert x[-1].tolist() == raw[-2 * seq:-seq].tolist() and y[-1].tolist() == raw[-2 * seq + 1:-seq + 1].tolist()
+    val = len(split_tokens(pretrain_dir, "val"))
+    with pytest.raises(TinykError, match=rf"has {val} tokens, fewer than seq_len \+ 1 = {val + 1}"):
+        PretrainLoader(pretrain_dir, "val", val, 1)
+
+
 def test_sft_loader_masks_prompts_and_padding(sft_dir):
     meta = open_dataset(sft_dir)
     seq = 96
@@ -1221,6 +1245,11 @@ def test_sft_loader_masks_prompts_and_padding(sft_dir):
     width = lambda ld: sum(ld.next_batch()[0].numel() for _ in range(15))  # noqa: E731
     assert width(SFTLoader(sft_dir, "train", seq, 4, seed=1)) \
         < width(SFTLoader(sft_dir, "train", seq, 4, seed=1, bucket=1))
+    # Alone in its batch, a conversation of n tokens is n - 1 inputs: those fill whole blocks with no padding.
+    lengths = loader.data.lengths.tolist()
+    assert any(n - 1 < seq and (n - 1) % PAD_MULTIPLE == 0 for n in lengths)
+    assert [x.shape[1] for x, _ in eval_batches(sft_dir, "train", seq, 1)] == \
+        [min(seq, -(-(n - 1) // PAD_MULTIPLE) * PAD_MULTIPLE) for n in lengths]
 
 
 def test_sft_batches_come_in_random_order_not_short_to_long(sft_dir):
@@ -1240,6 +1269,21 @@ def test_sft_batches_come_in_random_order_not_short_to_long(sft_dir):
         # order, the steps' lengths are sorted again.
         back = steps[np.lexsort((lengths[steps[:, -1]], lengths[steps[:, 0]]))]
         assert (np.diff(lengths[back.ravel()]) >= 0).all()
+
+
+def test_sft_steps_stay_length_sorted_runs_across_epochs_when_the_batch_does_not_divide_the_split(sft_dir):
+    """An epoch's first samples finish the step the last epoch began, so every later step of the run is
+    still one run of the length-sorted order (it pads little), whatever the batch size."""
+    batch = 3
+    loader = SFTLoader(sft_dir, "train", 96, 1, seed=3, bucket=10**6, batch_size=batch)
+    n, lengths = loader.num_windows, loader.data.lengths
+    assert n % batch, "the batch size must not divide the split"
+    stream = np.concatenate([loader._epoch_order(epoch) for epoch in range(3)])
+    steps = stream[:len(stream) // batch * batch].reshape(-1, batch)
+    straddling = {epoch * n // batch for epoch in (1, 2)}  # the step an epoch ends in and the next finishes
+    for i, step in enumerate(steps):
+        if i not in straddling:
+            assert (np.diff(lengths[step]) >= 0).all(), (i, lengths[step])
 
 
 def test_sft_loader_resumes_and_drops_conversations_without_loss(sft_dir):

@@ -75,6 +75,44 @@ def test_cached_batched_decoding_equals_full_recomputation(engine, reference, ma
         assert c.text == engine.tok.decode(c.token_ids, skip_special_tokens=True)
 
 
+def test_prompts_of_unequal_length_joining_a_running_batch_get_their_answers_alone(engine):
+    """When two rows finish, the next prompts are prefilled together, left-padded to each other, and
+    merged into the running cache: their padding stays masked there, so each answer and its logprobs
+    are the ones the prompt gets alone."""
+    params = [replace(GREEDY, max_new_tokens=n, logprobs=0) for n in (2, 2, 12, 12, 12, 12)]
+    alone = [engine.generate([p], sp)[0] for p, sp in zip(PROMPTS, params, strict=True)]
+    before, engine.max_batch = engine.max_batch, 3
+    try:
+        out = engine.generate(PROMPTS, params)
+    finally:
+        engine.max_batch = before
+    for a, c in zip(alone, out, strict=True):
+        assert c.token_ids == a.token_ids
+        assert [t.logprob for t in c.logprobs] == pytest.approx([t.logprob for t in a.logprobs], abs=1e-5)
+
+
+def test_the_padding_of_a_batched_prompt_is_not_a_token_it_has_seen(engine, monkeypatch):
+    """The repetition penalty falls on the tokens of a row's own prompt and reply; a short prompt
+    left-padded (with <|im_end|>) beside a long one has not seen the padding."""
+    seen_at_prefill = []
+    sample = engine.sample
+
+    def spy(logits, seen, params, rngs):
+        if not seen_at_prefill:
+            seen_at_prefill.append(seen.clone())
+        return sample(logits, seen, params, rngs)
+
+    params = replace(GREEDY, max_new_tokens=4, repetition_penalty=1.3)
+    short, long = PROMPTS[0], PROMPTS[5]
+    alone = engine.generate([short], params)[0].token_ids
+    monkeypatch.setattr(engine, "sample", spy)
+    out = engine.generate([short, long], params)
+    ids = [engine.encode(p) for p in (short, long)]
+    assert len(ids[0]) < len(ids[1]) and engine.tok.pad_id not in ids[0]
+    assert [set(row.nonzero().flatten().tolist()) for row in seen_at_prefill[0]] == [set(i) for i in ids]
+    assert out[0].token_ids == alone
+
+
 def test_masked_attention_repeats_grouped_kv_heads_as_cuda_needs(engine, reference, monkeypatch):
     """On CUDA only flash fuses grouped K/V heads, and it takes no mask: the engine's masked attention
     asks for a fused kernel without flash, repeats the heads (else SDPA's math kernel stores every

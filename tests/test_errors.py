@@ -372,6 +372,56 @@ def test_tokenizer_with_wrong_special_ids(tmp_path, nano_model_dir):
         load_model(m)
 
 
+def test_a_tokenizer_with_ids_past_its_token_count_is_refused(tmp_path, nano_model_dir):
+    """An edited tokenizer.json whose ids leave a gap keeps its token count, so the count alone would
+    let an id past the embedding through (an index error mid-generation, a dropped server connection)."""
+    m = tmp_path / "m"
+    shutil.copytree(nano_model_dir, m)
+    tok = json.loads((m / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = tok["model"]["vocab"]
+    vocab["a"] = len(vocab) + len(tok["added_tokens"])
+    (m / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False), encoding="utf-8")
+    with pytest.raises(TinykError, match=r"tokenizer .*tokenizer.json has gaps in its ids: \d+ tokens, the largest "
+                                         r"id \d+"):
+        load_model(m)
+
+
+def test_a_fifo_a_device_or_a_huge_file_in_place_of_a_json_file_is_refused_not_read(tmp_path, nano_model_dir):
+    """A downloaded model directory's JSON files are read whole: a FIFO waited for ever, /dev/zero filled
+    the memory."""
+    from tinyk.inputs import read_json
+
+    m = tmp_path / "m"
+    shutil.copytree(nano_model_dir, m)
+    (m / "tokenizer_config.json").unlink()
+    os.mkfifo(m / "tokenizer_config.json")
+    with pytest.raises(TinykError, match=r"cannot read .*tokenizer_config.json \(not a regular file\)"):
+        load_model(m)
+    (tmp_path / "zero.json").symlink_to("/dev/zero")
+    with pytest.raises(ValueError, match="not a regular file"):
+        read_json(tmp_path / "zero.json")
+    with open(tmp_path / "big.json", "wb") as f:
+        f.truncate(65 << 20)
+    with pytest.raises(ValueError, match="65 MiB, more than any JSON file tinyk reads"):
+        read_json(tmp_path / "big.json")
+
+
+def test_a_config_file_with_yaml_aliases_is_refused_before_they_expand(tmp_path, capsys):
+    """A few hundred bytes of nested aliases expand past any memory when a value is checked or printed."""
+    levels = ["  - &a0 [x, x, x, x, x, x, x, x, x]"] + [
+        f"  - &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("tracker:\n" + "\n".join(levels) + "\n", encoding="utf-8")
+    code, err = run_cli(["pretrain", "--config", str(bomb), "--preset", "nano", "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and err == f"tinyk: error: cannot parse {bomb}: found an alias (*name): a config file spells " \
+                                f"each value out at line 3, column 10\n"
+
+
+def test_a_model_path_the_system_cannot_check_is_one_line(tmp_path, capsys):
+    code, err = run_cli(["generate", "--model", str(tmp_path / ("a" * 300)), "--prompt", "x"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "File name too long" in err
+
+
 def test_corrupt_config(tmp_path, nano_model_dir, capsys):
     m = tmp_path / "m"
     shutil.copytree(nano_model_dir, m)
@@ -381,7 +431,7 @@ def test_corrupt_config(tmp_path, nano_model_dir, capsys):
     config = json.loads((nano_model_dir / "config.json").read_text())
     for change, message in [({"n_heads": 0}, "num_attention_heads is 4 but its tinyk block has n_heads 0; "),
                             ({"dim": "big"}, "hidden_size is 64 but its tinyk block has dim 'big'; "),
-                            ({"dropout": 2}, "need finite norm_eps > 0, rope_theta > 0 and 0 <= dropout < 1")]:
+                            ({"dropout": 2}, "need 0 < norm_eps < 1, finite rope_theta >= 1 and 0 <= dropout < 1")]:
         (m / "config.json").write_text(json.dumps({**config, "tinyk": {**config["tinyk"], **change}}))
         code, err = run_cli(["model", "info", str(m)], capsys)
         assert code == 2 and message in err and err.count("\n") == 1
@@ -390,6 +440,12 @@ def test_corrupt_config(tmp_path, nano_model_dir, capsys):
                              ({**plain, "num_attention_heads": 0, "head_dim": 8},
                               "n_heads must be a positive integer, got 0"),
                              ({**plain, "rope_scaling": "yes"}, "its RoPE parameters are not an object"),
+                             ({**plain, "tie_word_embeddings": "false"},
+                              "tie_embeddings must be true or false, got 'false'"),
+                             ({**plain, "rope_theta": 1e-300}, "need 0 < norm_eps < 1, finite rope_theta >= 1 "
+                                                               "and 0 <= dropout < 1, got 1e-05, 1e-300, 0.0"),
+                             ({**plain, "rms_norm_eps": 1e300}, "need 0 < norm_eps < 1, finite rope_theta >= 1 "
+                                                                "and 0 <= dropout < 1, got 1e+300, 10000.0, 0.0"),
                              ({k: v for k, v in plain.items() if k != "hidden_size"}, "it has no 'hidden_size'"),
                              ('{"hidden_size": ' + "9" * 5000 + "}", "it holds a number of thousands of digits")]:
         (m / "config.json").write_text(content if isinstance(content, str) else json.dumps(content))
@@ -423,6 +479,11 @@ def test_damaged_weights(tmp_path, nano_model_dir):
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(TinykError, match="model.safetensors is damaged or truncated"):
         load_model(m)
+    for legacy in (False, True):  # a pickle under the safetensors name is never unpickled, and called what it is
+        torch.save({"w": torch.zeros(2)}, weights, _use_new_zipfile_serialization=not legacy)
+        with pytest.raises(TinykError, match="model.safetensors is a PyTorch pickle .*, not safetensors, and tinyk "
+                                             "never loads pickles"):
+            load_model(m)
 
 
 def test_real_process_prints_one_line_no_traceback(tmp_path):

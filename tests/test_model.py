@@ -729,16 +729,27 @@ def test_weights_that_are_not_finite_are_refused_everywhere(tmp_path, tok_dir):
         model_info(tmp_path / "m")
 
 
-def test_a_config_of_far_more_layers_than_the_weights_is_refused_before_building_them(tmp_path, tok_dir):
-    """A config.json saying 100,000 layers: the weights' lack of the last one is found from the header
-    before a model of that depth is built (10**6 layers took minutes and 4.7 GB)."""
+def test_a_config_far_larger_than_its_weights_is_refused_before_building_it(tmp_path, tok_dir):
+    """A downloaded config.json saying 100,000 layers, or a dim of 20 million, beside a small file: found
+    from the file's names and shapes before a model of that size is built (which took minutes and GBs,
+    also when the file held the last layer's first tensor alone)."""
     m = tmp_path / "m"
     init_model_dir("nano", tok_dir, m)
     config = json.loads((m / "config.json").read_text())
-    config["num_hidden_layers"] = config["tinyk"]["n_layers"] = 100_000
-    (m / "config.json").write_text(json.dumps(config))
+    deep = {**config, "num_hidden_layers": 100_000, "tinyk": {**config["tinyk"], "n_layers": 100_000}}
+    (m / "config.json").write_text(json.dumps(deep))
     for load in (load_model, model_info):
-        with pytest.raises(TinykError, match=r"lacks weights: \['model.layers.99999.input_layernorm.weight'\]"):
+        with pytest.raises(TinykError, match=r"lacks weights: \['model.layers.2.input_layernorm.weight', "):
+            load(m)
+    weights = load_file(m / "model.safetensors")
+    save_file({**weights, "model.layers.99999.input_layernorm.weight": torch.ones(64)}, m / "model.safetensors")
+    with pytest.raises(TinykError, match=r"lacks weights: \['model.layers.2.input_layernorm.weight', "):
+        load_model(m)
+    wide = {**config, "hidden_size": 20_000_000, "head_dim": 5_000_000, "tinyk": {**config["tinyk"], "dim": 20_000_000}}
+    (m / "config.json").write_text(json.dumps(wide))
+    for load in (load_model, model_info):
+        with pytest.raises(TinykError, match=r"does not match its config.json: model.embed_tokens.weight is "
+                                             r"\(\d+, 64\), the config needs \(\d+, 20000000\)"):
             load(m)
 
 

@@ -354,6 +354,20 @@ def full_logprobs(ref: Engine, ids: list[int]):
         return ref.model(torch.tensor([ids]))[0].float().log_softmax(-1)
 
 
+def test_a_fault_of_the_servers_own_is_still_answered(server, monkeypatch):
+    """A request the server fails on for a reason of its own gets a 500 in the OpenAI format, not a
+    dropped connection, and the server goes on answering."""
+    def fail(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    with monkeypatch.context() as m:
+        m.setattr(server.api.scheduler, "submit", fail)
+        status, body = request(server, "POST", "/v1/completions", {"model": "nano", "prompt": "x", "max_tokens": 1})
+    assert status == 500 and body["error"]["code"] == "internal_error" and "a bug" not in json.dumps(body)
+    status, _ = request(server, "POST", "/v1/completions", {"model": "nano", "prompt": "x", "max_tokens": 1})
+    assert status == 200
+
+
 def test_chat_logprobs_streamed_or_not_are_the_models(client, reference):
     messages = [{"role": "user", "content": "你好，今天天气怎么样？"}]
     kw = dict(model="nano", messages=messages, max_tokens=8, temperature=0, logprobs=True, top_logprobs=3)

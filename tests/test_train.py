@@ -35,7 +35,18 @@ from tinyk.loader import PretrainLoader, SFTLoader
 from tinyk.model import Transformer, preset_config
 from tinyk.rundir import RunDir, checkpoints
 from tinyk.tokenizer import load_tokenizer
-from tinyk.train import Dist, Trainer, default_warmup, lr_at, micro_layout, param_groups, total_steps, train
+from tinyk.train import (
+    Dist,
+    LossSum,
+    Trainer,
+    default_warmup,
+    lr_at,
+    micro_layout,
+    optimizer_step,
+    param_groups,
+    total_steps,
+    train,
+)
 
 # One thread everywhere: the machine is shared, and bit-identical comparisons need identical kernels.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
@@ -85,6 +96,26 @@ def test_weight_decay_only_on_matrices():
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.ndim == 2 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("grad_clip", [1e-3, None])
+def test_gradient_clipping_bounds_the_update_and_reports_the_norm_before_it(grad_clip):
+    """The logged grad_norm is the gradients' own (how far from the clip a run is); the step taken has
+    norm grad_clip at most (SGD with lr 1 moves the weights by exactly the gradient)."""
+    torch.manual_seed(0)
+    model = Transformer(preset_config("nano", vocab_size=64))
+    x, y = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    reference = copy.deepcopy(model)
+    (LossSum(reference)(x, y) / y.numel()).backward()
+    unclipped = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in reference.parameters()))
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    _, norm = optimizer_step(LossSum(model), opt, torch.amp.GradScaler("cpu", enabled=False), [(x, y)],
+                             1 / y.numel(), grad_clip=grad_clip)
+    moved = math.sqrt(sum(float((p.detach() - b).pow(2).sum()) for p, b in zip(model.parameters(), before,
+                                                                                 strict=True)))
+    assert float(norm) == pytest.approx(unclipped, rel=1e-4) and unclipped > 0.1  # far above the clip
+    assert moved == pytest.approx(unclipped if grad_clip is None else grad_clip, rel=1e-3)
 
 
 def test_micro_batch_and_accumulation_fill_the_global_batch():
@@ -1182,8 +1213,8 @@ def test_setup_errors_are_one_line(tmp_path, pt_data, sft_data, tok_dir, nano_mo
     assert "seq_len 256 exceeds the model's context of 128 tokens" in err(seq_len=256)
     assert "invalid model config: n_heads must be a positive integer, got 0" \
         in err(model={"preset": "nano", "n_heads": 0})
-    assert "invalid model config: need finite norm_eps > 0" in err(data=sft_data, kind="sft",
-                                                                   init=str(nano_model_dir), model={"dropout": 2})
+    assert "invalid model config: need 0 < norm_eps < 1" in err(data=sft_data, kind="sft",
+                                                                init=str(nano_model_dir), model={"dropout": 2})
     assert "got 1e-05, inf, 0.0" in err(model={"preset": "nano", "rope_theta": math.inf})
     assert "holds sft data; tinyk pretrain needs pretrain data" in err(data=sft_data)
     (tmp_path / "notmodel").mkdir()
@@ -1800,6 +1831,8 @@ def test_the_summary_of_a_resumed_run_speaks_for_the_whole_run(tmp_path, pt_data
     windows = PretrainLoader(pt_data, "train", 32, 8).num_windows  # the epoch logged is the fraction done
     assert [r["epoch"] for r in records(out, "train")] == [round(s * 8 / windows, 4) for s in range(1, 9)]
     assert summary["best_val_loss"] == 0.125
+    # Both sessions' tokens, and pretraining scores every one of them (8 steps of 8 x 32).
+    assert summary["loss_tokens"] == summary["tokens"] == 8 * 8 * 32
     assert summary["final_val_loss"] == evals[-1]["val_loss"]
     assert summary["tokens_per_s"] == pytest.approx(summary["tokens"] / summary["elapsed_s"], rel=1e-2)
     # Killed while final/ was written: the resumed session trains nothing, and the run's speed is its logged one.
@@ -1810,6 +1843,7 @@ def test_the_summary_of_a_resumed_run_speaks_for_the_whole_run(tmp_path, pt_data
     assert again["tokens_per_s"] == pytest.approx(again["tokens"] / again["elapsed_s"], rel=1e-2)
     assert again["tokens_per_s_steady"] == pytest.approx(statistics.median(logged))
     assert again["status"] == "completed" and again["stop_signal"] is None and (out / "final").is_dir()
+    assert again["loss_tokens"] == again["tokens"] == 8 * 8 * 32
 
 
 def test_a_refused_resume_leaves_the_run_as_it_was(tmp_path, pt_data, sft_data, tok_dir, nano_model_dir, capsys):

@@ -8,6 +8,8 @@ A model directory holds `config.json` (a valid LlamaConfig plus a `tinyk` block)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import itertools
 import json
 import pickle
 import re
@@ -269,28 +271,46 @@ def _import_hint(source: Path) -> str:
 
 def _model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], source: str, mismatch: str) -> Transformer:
     """The model `cfg` describes holding exactly `state`: every weight there, none left over (loading
-    without one would silently compute another function), each of the shape the config needs."""
-    last = f"model.layers.{cfg.n_layers - 1}.input_layernorm.weight"
-    if last not in state:  # before building the model, which takes minutes for a config.json of 10**6 layers
-        raise TinykError(f"{source} lacks weights: {[last]}")
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
+    without one would silently compute another function), each of the shape the config needs. All
+    checked before the model is built, so a config.json of 10**6 layers or a dim of 10**8 beside a
+    small file is refused at once, not after minutes and gigabytes."""
+    emb = state.get("model.embed_tokens.weight")
+    if emb is None:
+        raise TinykError(f"{source} lacks weights: ['model.embed_tokens.weight']")
+    if tuple(emb.shape) != (cfg.vocab_size, cfg.dim):  # first: with it, the file's size bounds the model's
+        raise TinykError(f"{source} {mismatch}: model.embed_tokens.weight is {tuple(emb.shape)}, the config needs "
+                         f"{(cfg.vocab_size, cfg.dim)}")
+    with torch.device("meta"):  # every layer is alike: one stands for all
+        one = Transformer(dataclasses.replace(cfg, n_layers=1)).state_dict()
+    outer = {k: v.shape for k, v in one.items() if not k.startswith("model.layers.")}
+    layer = {k.removeprefix("model.layers.0."): v.shape for k, v in one.items() if k.startswith("model.layers.")}
+
+    def names() -> Iterator[str]:
+        yield from outer
+        for i in range(cfg.n_layers):
+            yield from (f"model.layers.{i}.{k}" for k in layer)
+
+    def shape_of(name: str) -> torch.Size | None:
+        m = re.fullmatch(r"model\.layers\.(0|[1-9]\d*)\.(.+)", name)
+        return outer.get(name) if m is None else layer.get(m[2]) if int(m[1]) < cfg.n_layers else None
+
+    missing = list(itertools.islice((k for k in names() if k not in state), 3))  # within len(state) + 3 names
     if missing:
-        raise TinykError(f"{source} lacks weights: {missing[:3]}")
-    extra = sorted(k for k in set(state) - set(expected) if not k.endswith("rotary_emb.inv_freq"))  # derived
+        raise TinykError(f"{source} lacks weights: {missing}")
+    extra = sorted(k for k in state if shape_of(k) is None and not k.endswith("rotary_emb.inv_freq"))  # derived
     if extra:
         raise TinykError(f"{source} holds weights tinyk's model has no place for: {extra[:3]}")
-    wrong = [k for k, v in expected.items() if state[k].shape != v.shape]
+    wrong = next((k for k in names() if state[k].shape != shape_of(k)), None)
     if wrong:
-        raise TinykError(f"{source} {mismatch}: {wrong[0]} is {tuple(state[wrong[0]].shape)}, the config needs "
-                         f"{tuple(expected[wrong[0]].shape)}")
-    _check_dtypes({k: state[k] for k in expected}, source)
-    damaged = next((k for k in expected if state[k].device.type != "meta" and not torch.isfinite(state[k]).all()),
+        raise TinykError(f"{source} {mismatch}: {wrong} is {tuple(state[wrong].shape)}, the config needs "
+                         f"{tuple(shape_of(wrong))}")
+    _check_dtypes({k: state[k] for k in names()}, source)
+    damaged = next((k for k in names() if state[k].device.type != "meta" and not torch.isfinite(state[k]).all()),
                    None)
     if damaged:  # it would score, chat and train as nan, silently
         raise TinykError(f"{source} holds inf or nan weights ({damaged}): a damaged file or a diverged run")
+    with torch.device("meta"):
+        model = Transformer(cfg)
     return holding(model, state, strict=False)  # checked above; derived buffers (inv_freq) may be extra
 
 
@@ -359,6 +379,13 @@ def _reading_weights(path: Path) -> Iterator[None]:
     try:
         yield
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        with open(path / "model.safetensors", "rb") as f:
+            head = f.read(2)
+        if head == b"PK" or head[:1] == b"\x80":  # torch.save's zip, or a bare pickle
+            raise TinykError(f"{path}/model.safetensors is a PyTorch pickle (torch.save's format), not safetensors, "
+                             f"and tinyk never loads pickles: save it with safetensors (transformers' "
+                             f"save_pretrained(DIR, safe_serialization=True)), or if the tutorial's scripts saved "
+                             f"it, {_import_hint(path / 'model.safetensors')}") from e
         raise TinykError(f"{path}/model.safetensors is damaged or truncated ({e})") from e
 
 

@@ -98,7 +98,14 @@ def _text_key(key: Any) -> bool:
 class _ConfigLoader(yaml.SafeLoader):
     """YAML read as a config file means it: a key given twice is refused (the earlier value would be
     dropped without a word), and a text key's value is the text as written (`run_name: 0123` is not
-    YAML 1.1's octal 83, `project: 1.10` not 1.1)."""
+    YAML 1.1's octal 83, `project: 1.10` not 1.1). Aliases are refused: a few hundred bytes of nested
+    ones (a run's config.yaml from someone else) expand to more than memory holds when checked."""
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "found an alias (*name): a config file spells each value "
+                                              "out", self.peek_event().start_mark)
+        return super().compose_node(parent, index)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen = set()

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shlex
+import stat
 import sys
 import zlib
 from collections import Counter
@@ -756,9 +757,19 @@ def read_prompts(typed: list[str], prompt_file: str | None, field: str = "prompt
     return prompts, note
 
 
+JSON_MAX_BYTES = 64 << 20  # far above any config, meta or results file; a larger one is not one of them
+
+
 def read_json(path: str | Path) -> Any:
     """A JSON file tinyk or a user wrote, read as UTF-8. Nesting deeper than the parser's recursion (a
-    damaged or hostile config.json) is a ValueError like any other bad JSON, not a RecursionError."""
+    damaged or hostile config.json) is a ValueError like any other bad JSON, not a RecursionError; so
+    are a FIFO or device in its place (reading would wait for ever, or fill the memory) and a file of
+    more than 64 MiB."""
+    info = os.stat(path)
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError("not a regular file")
+    if info.st_size > JSON_MAX_BYTES:
+        raise ValueError(f"{info.st_size / 2**20:,.0f} MiB, more than any JSON file tinyk reads")
     text = Path(path).read_text(encoding="utf-8")
     try:
         return json.loads(text)

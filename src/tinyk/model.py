@@ -94,9 +94,13 @@ class ModelConfig:
         for name in ("norm_eps", "rope_theta", "dropout"):
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int | float):
                 raise ValueError(f"{name} must be a number, got {getattr(self, name)!r}")
-        if not (0 < self.norm_eps < math.inf and 0 < self.rope_theta < math.inf and 0 <= self.dropout < 1):
-            raise ValueError(f"need finite norm_eps > 0, rope_theta > 0 and 0 <= dropout < 1, got {self.norm_eps}, "
-                             f"{self.rope_theta}, {self.dropout}")
+        # eps 1 or more swamps the activations it normalises; theta under 1 turns the rotations' frequencies
+        # from falling to rising (1e-300 overflows them)
+        if not (0 < self.norm_eps < 1 and 1 <= self.rope_theta < math.inf and 0 <= self.dropout < 1):
+            raise ValueError(f"need 0 < norm_eps < 1, finite rope_theta >= 1 and 0 <= dropout < 1, got "
+                             f"{self.norm_eps}, {self.rope_theta}, {self.dropout}")
+        if not isinstance(self.tie_embeddings, bool):  # the text "false" would tie them
+            raise ValueError(f"tie_embeddings must be true or false, got {self.tie_embeddings!r}")
         if self.hidden_dim is None:
             hidden = int(8 * self.dim / 3)
             self.hidden_dim = self.multiple_of * math.ceil(hidden / self.multiple_of)

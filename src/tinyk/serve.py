@@ -50,7 +50,7 @@ from .engine import (
     TokenLogprob,
     is_int,
 )
-from .errors import TinykError, escape_controls, shown
+from .errors import TinykError, escape_controls, first_line, shown
 from .inputs import has_surrogate
 from .model import dtype_name
 from .tokenizer import (
@@ -890,6 +890,12 @@ class Handler(BaseHTTPRequestHandler):
             sub = self.server.api.submit(self._body(), self._route() == "/v1/chat/completions")
         except ApiError as e:
             self._error(e)
+            return
+        except Exception as e:  # noqa: BLE001 - a fault of tinyk's, not the client's: still answered, and logged
+            self.close_connection = True
+            self.log_error("internal error: %s: %s", type(e).__name__, first_line(e))
+            self._error(ApiError(500, "the server failed to take the request", type="server_error",
+                                 code="internal_error"))
             return
         if sub.stream:
             self._stream(sub)

@@ -19,6 +19,7 @@ import os
 import pickle
 import random
 import signal
+import stat
 import statistics
 import sys
 import time
@@ -363,6 +364,8 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
 
 def _load_pt(path: Path) -> Any:
     """A checkpoint's .pt file, tensors and plain data only (never code)."""
+    if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the read for ever
+        raise ValueError(f"{path.name} is not a regular file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     # torch's own text advises weights_only=False: wrong for a damaged file. EOFError: an empty one.

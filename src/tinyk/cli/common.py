@@ -11,7 +11,6 @@ import argparse
 import math
 import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from tinyk.inputs import has_surrogate
@@ -155,10 +154,12 @@ token_count = size_range(1, tokens=True)
 def model_dir(text: str) -> str:
     """--model (and --tokenizer): a model directory, or a training run's directory meaning its final/ model,
     as --init takes it."""
-    final = Path(text) / "final"
-    if not (Path(text) / "config.json").exists() and all((final / f).is_file()
-                                                         for f in ("config.json", "model.safetensors")):
-        return str(final)
+    final = os.path.join(text, "final")
+    # os.path's checks, not Path's: a name too long or a folder this user may not read is the command's
+    # to report, in one line, not a traceback here
+    if not os.path.exists(os.path.join(text, "config.json")) and all(
+            os.path.isfile(os.path.join(final, f)) for f in ("config.json", "model.safetensors")):
+        return final
     return text
 
 
