@@ -29,6 +29,7 @@ from tinyk.outputs import (
     _host,
     _stem,
     atomic_dir,
+    atomic_file,
     check_output_file,
     marker_file,
     remove_stale_temps,
@@ -547,6 +548,10 @@ def test_a_failed_file_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path
     write_json_atomic(f, {"a": 1})
     with pytest.raises(TypeError):
         write_json_atomic(f, {"a": {1, 2}})  # fails half-way through writing
+    assert json.loads(f.read_text()) == {"a": 1} and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+    with pytest.raises(OSError), atomic_file(f) as tmp:  # a failure after some bytes are written (a full disk)
+        tmp.write_text('{"a": ')
+        raise OSError(28, "No space left on device")
     assert json.loads(f.read_text()) == {"a": 1} and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
 
 

@@ -264,8 +264,8 @@ LONG = "".join(chr(0x4E00 + 37 * i) for i in range(200))  # rare characters: sev
     ("/v1/completions", {"model": "nano", "prompt": "hi", "max_tokens": 0}, 400, "max_tokens", "invalid_value"),
     ("/v1/completions", {"model": "nano", "prompt": "hi", "max_tokens": 10**9}, 400, "max_tokens",
      "context_length_exceeded"),  # as OpenAI answers it
-    ("/v1/completions", {"model": "nano", "prompt": [5] * 100, "max_tokens": 100}, 400, "max_tokens",
-     "context_length_exceeded"),
+    ("/v1/completions", {"model": "nano", "prompt": [5] * 100, "max_tokens": 29}, 400, "max_tokens",
+     "context_length_exceeded"),  # one past the 128-token context; 28 fills it (test_a_request_may_fill_...)
     ("/v1/completions", {"model": "nano", "prompt": LONG}, 400, "prompt", "context_length_exceeded"),
     ("/v1/chat/completions", {"model": "nano", "messages": [{"role": "user", "content": LONG}]}, 400, "messages",
      "context_length_exceeded"),
@@ -352,6 +352,12 @@ def full_logprobs(ref: Engine, ids: list[int]):
     """log_softmax over the whole sequence, recomputed without cache or batch: row t scores token t + 1."""
     with torch.no_grad():
         return ref.model(torch.tensor([ids]))[0].float().log_softmax(-1)
+
+
+def test_a_request_may_fill_the_context_exactly(server):
+    status, body = request(server, "POST", "/v1/completions", {"model": "nano", "prompt": [5] * 100,
+                                                               "max_tokens": 28, "ignore_eos": True})
+    assert status == 200 and body["usage"] == {"prompt_tokens": 100, "completion_tokens": 28, "total_tokens": 128}
 
 
 def test_a_fault_of_the_servers_own_is_still_answered(server, monkeypatch):
