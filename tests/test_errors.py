@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from tinyk.checkpoint import load_model
 from tinyk.cli import main
@@ -381,7 +382,7 @@ def test_a_tokenizer_with_ids_past_its_token_count_is_refused(tmp_path, nano_mod
     vocab = tok["model"]["vocab"]
     vocab["a"] = len(vocab) + len(tok["added_tokens"])
     (m / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False), encoding="utf-8")
-    with pytest.raises(TinykError, match=r"tokenizer .*tokenizer.json has gaps in its ids: \d+ tokens, the largest "
+    with pytest.raises(TinykError, match=r"tokenizer .* has gaps in its ids: \d+ tokens, the largest "
                                          r"id \d+"):
         load_model(m)
 
@@ -482,8 +483,22 @@ def test_damaged_weights(tmp_path, nano_model_dir):
     for legacy in (False, True):  # a pickle under the safetensors name is never unpickled, and called what it is
         torch.save({"w": torch.zeros(2)}, weights, _use_new_zipfile_serialization=not legacy)
         with pytest.raises(TinykError, match="model.safetensors is a PyTorch pickle .*, not safetensors, and tinyk "
-                                             "never loads pickles"):
+                                             "never loads pickles.* rename it to model.pth and `tinyk model import"):
             load_model(m)
+    # A safetensors file starts with its header's length, which may spell a pickle's first bytes (0x80 0x02):
+    # cut short, it is damaged, not a pickle.
+    state = load_file(nano_model_dir / "model.safetensors")
+    pad = 0
+    while True:
+        save_file(state, weights, metadata={"pad": "x" * pad})
+        length = int.from_bytes(weights.read_bytes()[:8], "little")
+        if length >= 0x10280:
+            break
+        pad += 0x10280 - length
+    assert weights.read_bytes()[:2] == b"\x80\x02"
+    weights.write_bytes(weights.read_bytes()[:40_000])
+    with pytest.raises(TinykError, match="model.safetensors is damaged or truncated"):
+        load_model(m)
 
 
 def test_real_process_prints_one_line_no_traceback(tmp_path):

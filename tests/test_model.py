@@ -745,6 +745,10 @@ def test_a_config_far_larger_than_its_weights_is_refused_before_building_it(tmp_
     save_file({**weights, "model.layers.99999.input_layernorm.weight": torch.ones(64)}, m / "model.safetensors")
     with pytest.raises(TinykError, match=r"lacks weights: \['model.layers.2.input_layernorm.weight', "):
         load_model(m)
+    (m / "config.json").write_text(json.dumps(config))
+    save_file({**weights, f"model.layers.{'1' * 5000}.input_layernorm.weight": torch.ones(64)}, m / "model.safetensors")
+    with pytest.raises(TinykError, match=r"holds weights tinyk's model has no place for: \['model.layers.1111"):
+        load_model(m)  # not int()'s error for a number of thousands of digits
     wide = {**config, "hidden_size": 20_000_000, "head_dim": 5_000_000, "tinyk": {**config["tinyk"], "dim": 20_000_000}}
     (m / "config.json").write_text(json.dumps(wide))
     for load in (load_model, model_info):

@@ -985,20 +985,22 @@ def test_a_request_must_arrive_within_the_timeout_however_it_trickles(nano_model
             with socket.create_connection((u.hostname, u.port), timeout=10) as s:
                 began = time.monotonic()
                 s.sendall(head)
-                closed = False
+                closed, got = False, b""
                 while not closed and time.monotonic() - began < 5:
                     time.sleep(0.2)  # within the timeout of each wait
                     try:
                         s.sendall(b"a")
                         s.setblocking(False)
-                        closed = s.recv(1024) == b""
+                        got += (chunk := s.recv(1024))
+                        closed = chunk == b""
                     except BlockingIOError:
                         pass
                     except OSError:
                         closed = True
                     finally:
                         s.setblocking(True)
-                assert closed and time.monotonic() - began < 3, head
+                # closed without an answer: the client's stall is no fault of the server's (not a 500)
+                assert closed and got == b"" and time.monotonic() - began < 3, (head, got)
         assert request(server, "GET", "/health")[0] == 200
         with socket.create_connection((u.hostname, u.port), timeout=10) as s:  # the wait for it counts not
             time.sleep(0.7)

@@ -808,6 +808,8 @@ def test_two_process_ddp_and_fsdp_match_one_process(tmp_path, pt_data, tok_dir):
     evals = [json.loads(x) for x in (ddp / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
     ref_evals = [json.loads(x) for x in (ref / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
     assert [e["val_loss"] for e in evals] == pytest.approx([e["val_loss"] for e in ref_evals], rel=1e-5)
+    summaries = [json.loads((run / "summary.json").read_text()) for run in (ref, ddp)]
+    assert summaries[0]["flops_per_token"] == summaries[1]["flops_per_token"]  # FLOPs summed over both ranks
 
 
 @pytest.mark.parametrize("rank1,says", [

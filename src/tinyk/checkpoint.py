@@ -281,7 +281,7 @@ def _model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], source: 
         raise TinykError(f"{source} {mismatch}: model.embed_tokens.weight is {tuple(emb.shape)}, the config needs "
                          f"{(cfg.vocab_size, cfg.dim)}")
     with torch.device("meta"):  # every layer is alike: one stands for all
-        one = Transformer(dataclasses.replace(cfg, n_layers=1)).state_dict()
+        one = Transformer(dataclasses.replace(cfg, n_layers=1, max_seq_len=1)).state_dict()  # RoPE is not saved
     outer = {k: v.shape for k, v in one.items() if not k.startswith("model.layers.")}
     layer = {k.removeprefix("model.layers.0."): v.shape for k, v in one.items() if k.startswith("model.layers.")}
 
@@ -292,7 +292,10 @@ def _model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], source: 
 
     def shape_of(name: str) -> torch.Size | None:
         m = re.fullmatch(r"model\.layers\.(0|[1-9]\d*)\.(.+)", name)
-        return outer.get(name) if m is None else layer.get(m[2]) if int(m[1]) < cfg.n_layers else None
+        if m is None:
+            return outer.get(name)
+        # the length first: int() of thousands of digits raises, and no such index is a layer
+        return layer.get(m[2]) if len(m[1]) <= len(str(cfg.n_layers)) and int(m[1]) < cfg.n_layers else None
 
     missing = list(itertools.islice((k for k in names() if k not in state), 3))  # within len(state) + 3 names
     if missing:
@@ -379,14 +382,22 @@ def _reading_weights(path: Path) -> Iterator[None]:
     try:
         yield
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged files
-        with open(path / "model.safetensors", "rb") as f:
-            head = f.read(2)
-        if head == b"PK" or head[:1] == b"\x80":  # torch.save's zip, or a bare pickle
+        if _is_pickle(path / "model.safetensors"):
             raise TinykError(f"{path}/model.safetensors is a PyTorch pickle (torch.save's format), not safetensors, "
                              f"and tinyk never loads pickles: save it with safetensors (transformers' "
                              f"save_pretrained(DIR, safe_serialization=True)), or if the tutorial's scripts saved "
-                             f"it, {_import_hint(path / 'model.safetensors')}") from e
+                             f"it, rename it to model.pth and {_import_hint(path / 'model.pth')}") from e
         raise TinykError(f"{path}/model.safetensors is damaged or truncated ({e})") from e
+
+
+def _is_pickle(path: Path) -> bool:
+    """What torch.save writes (a zip, or a bare pickle of protocol 2 to 5), told apart from safetensors,
+    whose first 8 bytes (its header's length) may begin with the same bytes, by the header's `{` after them."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[8:9] == b"{":
+        return False
+    return head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"))
 
 
 def _model_from_dir_state(path: Path, cfg: ModelConfig, state: dict[str, torch.Tensor]) -> Transformer:

@@ -891,6 +891,8 @@ class Handler(BaseHTTPRequestHandler):
         except ApiError as e:
             self._error(e)
             return
+        except (ConnectionError, TimeoutError):  # the client left or stalled mid-body: handle_one_request's
+            raise
         except Exception as e:  # noqa: BLE001 - a fault of tinyk's, not the client's: still answered, and logged
             self.close_connection = True
             self.log_error("internal error: %s: %s", type(e).__name__, first_line(e))

@@ -395,7 +395,7 @@ def _read_tokenizer(path: Path) -> TinyTokenizer:
             raise TinykError(f"tokenizer {path}: special token {name} must have id {i}, has {tok.token_to_id(name)}")
     largest, count = max(tok.get_vocab(with_added_tokens=True).values()), tok.get_vocab_size(with_added_tokens=True)
     if largest >= count:  # an id past the embedding that a token count sized (or an edited, hostile file)
-        raise TinykError(f"tokenizer {f} has gaps in its ids: {count:,} tokens, the largest id {largest:,}; "
+        raise TinykError(f"tokenizer {path} has gaps in its ids: {count:,} tokens, the largest id {largest:,}; "
                          f"ids run from 0 to the token count less one in a tokenizer tinyk trains")
     if isinstance(tok.pre_tokenizer, pre_tokenizers.ByteLevel) and not isinstance(tok.decoder, decoders.ByteLevel):
         raise TinykError(f"tokenizer {f} splits text into bytes but has no byte-level decoder to join them back "
