@@ -220,6 +220,11 @@ def test_max_bytes_streams_a_prefix(tmp_path):
     assert big.stat().st_size > 100 * budget
     r = train_tokenizer([big], tmp_path / "tok", vocab_size=300, max_bytes=budget, show_progress=False)
     assert r["documents"] == 100 and r["capped_at"] == budget and not r["cap_from_memory"]
+    # The directory records what it was trained on and where reading stopped (a memory cap moves that).
+    record = json.loads((tmp_path / "tok" / "training.json").read_text(encoding="utf-8"))
+    assert record["inputs"] == [str(big)] and record["max_bytes"] == record["capped_at"] == budget
+    assert record["documents"] == 100 and not record["cap_from_memory"]
+    assert record["vocab_size_asked"] == 300 and record["vocab_size"] == r["vocab_size"]
     # One path given alone, as a library caller may: one input, not "input is a directory, not a file: /".
     r = train_tokenizer(str(big), tmp_path / "tok2", vocab_size=300, max_bytes=budget, show_progress=False)
     assert r["documents"] == 100

@@ -22,6 +22,7 @@ from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from . import __version__
 from .errors import TinykError, first_line, memory_available, writing
 from .inputs import (
     DEFAULT_MAX_LINE_BYTES,
@@ -443,6 +444,9 @@ def special_tokens_map() -> dict[str, Any]:
     }
 
 
+TRAINING_RECORD = "training.json"  # beside a trained tokenizer: its inputs, settings and what was read
+
+
 def save_tokenizer_files(tok: Tokenizer, out: Path) -> None:
     (out / "tokenizer.json").write_text(tok.to_str(pretty=True), encoding="utf-8")  # see outputs.rust_path
     write_hf_tokenizer_files(out, 1_000_000)  # no model, so no context length yet
@@ -598,11 +602,22 @@ def train_tokenizer(inputs: list[str | Path], out: str | Path, *, vocab_size: in
             raise _no_documents("in the input", skips, max_bytes)
         for i, name in enumerate(SPECIAL_TOKENS):
             assert tok.token_to_id(name) == i, name
+        result = {**stats, "vocab_size": tok.get_vocab_size(), "skipped": skips.to_json(),
+                  "skipped_summary": skips.summary(), "seconds": round(time.time() - t0, 2),
+                  "capped_at": skips.stopped_at, "cap_from_memory": auto_cap, "memory_available": memory}
+        # What it was trained on and how, as a data directory's meta.json records it: the memory cap
+        # makes the same command read more or less of a corpus on another machine.
+        record = {"tinyk": __version__, "inputs": [str(p) for p in paths], "field": field,
+                  "normalization": normalization, "vocab_size_asked": vocab_size, "min_frequency": min_frequency,
+                  "max_bytes": max_bytes,
+                  "max_line_bytes": max_line_bytes,
+                  **{k: result[k] for k in ("vocab_size", "documents", "characters", "capped_at", "cap_from_memory",
+                                            "skipped")}}
         with writing(Path(out)):
             save_tokenizer_files(tok, tmp)
-    return {**stats, "vocab_size": tok.get_vocab_size(), "skipped": skips.to_json(),
-            "skipped_summary": skips.summary(), "seconds": round(time.time() - t0, 2),
-            "capped_at": skips.stopped_at, "cap_from_memory": auto_cap, "memory_available": memory}
+            (tmp / TRAINING_RECORD).write_text(json.dumps(record, ensure_ascii=False, indent=2) + "\n",
+                                               encoding="utf-8")
+    return result
 
 
 def _no_documents(where: str, skips: Skips, max_bytes: int | None) -> TinykError:
