@@ -609,8 +609,7 @@ def train_tokenizer(inputs: list[str | Path], out: str | Path, *, vocab_size: in
         # makes the same command read more or less of a corpus on another machine.
         record = {"tinyk": __version__, "inputs": [str(p) for p in paths], "field": field,
                   "normalization": normalization, "vocab_size_asked": vocab_size, "min_frequency": min_frequency,
-                  "max_bytes": max_bytes,
-                  "max_line_bytes": max_line_bytes,
+                  "max_bytes": max_bytes, "max_line_bytes": max_line_bytes,
                   **{k: result[k] for k in ("vocab_size", "documents", "characters", "capped_at", "cap_from_memory",
                                             "skipped")}}
         with writing(Path(out)):
