@@ -1116,8 +1116,16 @@ def test_an_ipv4_mapped_loopback_is_loopback_and_an_empty_host_is_refused(nano_m
 
 def test_a_port_in_use_is_one_line_with_the_way_out(nano_model_dir, server):
     port = urlsplit(server.url).port
+    engine = Engine.from_dir(nano_model_dir)
+    threads = threading.active_count()
     with pytest.raises(TinykError, match=r"cannot listen on 127.0.0.1:\d+: .*; pick another --port \(--port 0"):
-        ChatServer(Engine.from_dir(nano_model_dir), ServerConfig(model_name="nano", log=False), "127.0.0.1", port)
+        ChatServer(engine, ServerConfig(model_name="nano", log=False), "127.0.0.1", port)
+    # A library caller's port read from os.environ, or out of range: one line, and no engine thread left
+    # behind holding the model (each failed try kept one).
+    for bad in ("8000", 70000, True):
+        with pytest.raises(TinykError, match=f"port must be an integer from 0 to 65535, got {bad!r}"):
+            ChatServer(engine, ServerConfig(model_name="nano", log=False), "127.0.0.1", bad)
+    assert threading.active_count() == threads
 
 
 def test_the_model_id_is_the_name_the_directory_was_given(nano_model_dir, tmp_path, monkeypatch):

@@ -348,6 +348,22 @@ def test_ctrl_c_stops_tokenizer_training_at_once(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl"]
 
 
+def test_a_training_after_an_interrupted_one_waits_for_its_merges(tmp_path, corpus_file, capsys):
+    """In a notebook the merges a Ctrl-C could not stop go on in the background: run again at once, a
+    second training beside them took twice the time and memory; it waits for them instead."""
+    import threading
+
+    from tinyk import tokenizer
+
+    merging = threading.Event()
+    still_merging = threading.Thread(target=merging.wait, name=tokenizer.BPE_THREAD, daemon=True)
+    still_merging.start()
+    threading.Timer(0.1, merging.set).start()
+    train_tokenizer([corpus_file], tmp_path / "tok", vocab_size=300, show_progress=False)
+    assert "waiting for the tokenizer training Ctrl-C stopped to finish its merges" in capsys.readouterr().err
+    assert not still_merging.is_alive()
+
+
 def write_bad_corpus(path: Path) -> Path:
     good = json.dumps({"text": "好的文本，没有问题。"}, ensure_ascii=False).encode()
     lines = [good, b"{not json", good, json.dumps({"title": "x"}).encode(), json.dumps({"text": 5}).encode(),

@@ -475,6 +475,29 @@ def test_train_leaves_the_callers_random_streams_as_they_were(tmp_path, pt_data,
     assert draws() == expected
 
 
+def test_a_second_train_in_the_same_process_is_refused_while_one_runs(tmp_path, pt_data, tok_dir, monkeypatch):
+    """Two runs in threads of one process drew their initial weights from each other's seeded stream
+    (and put each other's random state back): the second is refused, the first trains as alone."""
+    import tinyk.train
+
+    refusals = []
+    real = tinyk.train.Trainer._log_window
+
+    def log_window(self, grad_norm):
+        if not refusals:
+            with pytest.raises(TinykError, match="another train\\(\\) is running in this process") as e:
+                train(nano_cfg(pt_data, tok_dir, tmp_path / "second", max_steps=2))
+            refusals.append(e.value)
+        return real(self, grad_norm)
+
+    monkeypatch.setattr(tinyk.train.Trainer, "_log_window", log_window)
+    thread = threading.Thread(target=train, args=(nano_cfg(pt_data, tok_dir, tmp_path / "first", max_steps=2),))
+    thread.start()
+    thread.join()
+    assert len(refusals) == 1 and not (tmp_path / "second").exists()
+    assert train(nano_cfg(pt_data, tok_dir, tmp_path / "third", max_steps=1))["status"] == "completed"
+
+
 def test_sft_init_accepts_a_run_directory(tmp_path, pt_data, sft_data, tok_dir):
     run = tmp_path / "pre"
     train(nano_cfg(pt_data, tok_dir, run, max_steps=1))

@@ -1309,16 +1309,22 @@ class ChatServer(ThreadingHTTPServer):
 
     def __init__(self, engine: Engine, cfg: ServerConfig, host: str = "127.0.0.1", port: int = 8000):
         check_host(host)
+        # A library caller's port from os.environ is text; one past 65535 would be OverflowError from bind
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+            raise TinykError(f"port must be an integer from 0 to 65535, got {port!r}")
         if ":" in host:
             self.address_family = socket.AF_INET6
-        self.api = Api(engine, cfg)
         self.page = resources.files("tinyk").joinpath("web/index.html").read_bytes()
+        self.api = Api(engine, cfg)  # its engine thread holds the model: closed below if the server cannot start
         try:
             super().__init__((host, port), Handler)
         except OSError as e:
             self.api.close()
             hint = "; pick another --port (--port 0: any free one)" if e.errno == errno.EADDRINUSE else ""
             raise TinykError(f"cannot listen on {host}:{port}: {e.strerror or e}{hint}") from e
+        except BaseException:
+            self.api.close()
+            raise
         ip = ipaddress.ip_address(self.server_address[0].split("%")[0])
         if ip.version == 6 and ip.ipv4_mapped:  # ::ffff:127.0.0.1 is 127.0.0.1
             ip = ip.ipv4_mapped

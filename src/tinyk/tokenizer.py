@@ -12,6 +12,7 @@ import codecs
 import hashlib
 import json
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -524,6 +525,7 @@ def _text_read(inputs: list[str | Path], max_bytes: int) -> int:
 def _train_interruptibly(tok: Tokenizer, texts: Iterator[str], trainer: Any) -> None:
     """`train_from_iterator` in a thread: the library holds Ctrl-C back until training ends (minutes
     to hours), while the main thread waiting here takes it at once and stops the reader."""
+    _wait_for_an_interrupted_training()
     stop = threading.Event()
     failed: list[BaseException] = []
 
@@ -539,16 +541,30 @@ def _train_interruptibly(tok: Tokenizer, texts: Iterator[str], trainer: Any) -> 
         except BaseException as e:  # handed to the caller's thread
             failed.append(e)
 
-    thread = threading.Thread(target=run, name="tinyk-bpe", daemon=True)
+    thread = threading.Thread(target=run, name=BPE_THREAD, daemon=True)
     thread.start()
     try:
         while thread.is_alive():  # short waits: a Ctrl-C the kernel hands another thread is acted on at a wake-up
             thread.join(0.2)
     except KeyboardInterrupt:
-        stop.set()  # the merges after reading cannot be stopped; the daemon thread ends with the process
+        stop.set()  # the merges after reading cannot be stopped: they end with the process, or the next call waits
         raise
     if failed:
         raise failed[0]
+
+
+BPE_THREAD = "tinyk-bpe"
+
+
+def _wait_for_an_interrupted_training() -> None:
+    """In a notebook, a training Ctrl-C stopped goes on merging in the background (the library cannot
+    stop that): the next one waits for it, rather than doubling the time and the memory."""
+    for t in threading.enumerate():
+        if t.name == BPE_THREAD and t.is_alive():
+            print("tinyk: waiting for the tokenizer training Ctrl-C stopped to finish its merges "
+                  "(the library cannot stop them)", file=sys.stderr, flush=True)
+            while t.is_alive():
+                t.join(0.2)
 
 
 def train_tokenizer(inputs: list[str | Path], out: str | Path, *, vocab_size: int = 6144,

@@ -22,6 +22,7 @@ import signal
 import stat
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -1399,10 +1400,22 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False) -> dic
     that a signal stopped (Ctrl-C, SIGTERM) saves a checkpoint and returns, with "status":
     "interrupted" and "stop_signal" in the summary: a loop of runs checks that before going on, and
     `train(resolve_config(kind, flags={"out": OUT}, resume=True), resume=True)` continues it. Stopped
-    before its first step, it has nothing to save and raises `errors.StoppedBeforeTraining`.
+    before its first step, it has nothing to save and raises `errors.StoppedBeforeTraining` (in its
+    set-up, before it takes the signals over, Ctrl-C is the caller's own KeyboardInterrupt). One run
+    at a time in a process.
     """
-    with _callers_random_state_kept():
-        return Trainer(cfg, resume=resume, force=force).run()
+    if not _TRAINING.acquire(blocking=False):
+        raise TinykError("another train() is running in this process: runs share torch's global random "
+                         "generator, so neither would start from its seed; run them one after another, or in "
+                         "separate processes")
+    try:
+        with _callers_random_state_kept():
+            return Trainer(cfg, resume=resume, force=force).run()
+    finally:
+        _TRAINING.release()
+
+
+_TRAINING = threading.Lock()  # one run at a time in a process (a notebook's threads, a sweep's)
 
 
 @contextlib.contextmanager
