@@ -1126,6 +1126,9 @@ def test_a_port_in_use_is_one_line_with_the_way_out(nano_model_dir, server):
         with pytest.raises(TinykError, match=f"port must be an integer from 0 to 65535, got {bad!r}"):
             ChatServer(engine, ServerConfig(model_name="nano", log=False), "127.0.0.1", bad)
     assert threading.active_count() == threads
+    import numpy as np
+
+    ChatServer(engine, ServerConfig(model_name="nano", log=False), "127.0.0.1", np.int64(0)).close()  # as bind takes
 
 
 def test_the_model_id_is_the_name_the_directory_was_given(nano_model_dir, tmp_path, monkeypatch):

@@ -348,6 +348,19 @@ def test_ctrl_c_stops_tokenizer_training_at_once(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl"]
 
 
+def test_a_corpus_named_in_another_encoding_is_recorded_readably(tmp_path, corpus_file):
+    """A file name that is not UTF-8 (a GBK name from a Windows zip) failed the finished training at
+    its record, which then went with the rest of the output."""
+    import os
+    import shutil
+
+    name = os.fsencode(tmp_path) + b"/\xc4\xe3\xba\xc3.jsonl"  # 你好 in GBK
+    shutil.copy(corpus_file, os.fsdecode(name))
+    train_tokenizer([os.fsdecode(name)], tmp_path / "tok", vocab_size=300, show_progress=False)
+    record = json.loads((tmp_path / "tok" / "training.json").read_text(encoding="utf-8"))
+    assert record["inputs"] == [name.decode("utf-8", "replace")] and "\ufffd" in record["inputs"][0]
+
+
 def test_a_training_after_an_interrupted_one_waits_for_its_merges(tmp_path, corpus_file, capsys):
     """In a notebook the merges a Ctrl-C could not stop go on in the background: run again at once, a
     second training beside them took twice the time and memory; it waits for them instead."""
@@ -356,8 +369,9 @@ def test_a_training_after_an_interrupted_one_waits_for_its_merges(tmp_path, corp
     from tinyk import tokenizer
 
     merging = threading.Event()
-    still_merging = threading.Thread(target=merging.wait, name=tokenizer.BPE_THREAD, daemon=True)
+    still_merging = threading.Thread(target=merging.wait, daemon=True)
     still_merging.start()
+    tokenizer._INTERRUPTED.append(still_merging)  # as an interrupted training leaves its thread
     threading.Timer(0.1, merging.set).start()
     train_tokenizer([corpus_file], tmp_path / "tok", vocab_size=300, show_progress=False)
     assert "waiting for the tokenizer training Ctrl-C stopped to finish its merges" in capsys.readouterr().err

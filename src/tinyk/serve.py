@@ -17,6 +17,7 @@ import io
 import ipaddress
 import json
 import math
+import operator
 import os
 import queue
 import random
@@ -1310,7 +1311,11 @@ class ChatServer(ThreadingHTTPServer):
     def __init__(self, engine: Engine, cfg: ServerConfig, host: str = "127.0.0.1", port: int = 8000):
         check_host(host)
         # A library caller's port from os.environ is text; one past 65535 would be OverflowError from bind
-        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        try:
+            ok = not isinstance(port, bool) and 0 <= operator.index(port) <= 65535  # numpy's ints too
+        except TypeError:
+            ok = False
+        if not ok:
             raise TinykError(f"port must be an integer from 0 to 65535, got {port!r}")
         if ":" in host:
             self.address_family = socket.AF_INET6

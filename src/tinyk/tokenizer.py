@@ -24,7 +24,7 @@ from typing import Any
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from . import __version__
-from .errors import TinykError, first_line, memory_available, writing
+from .errors import TinykError, first_line, memory_available, shown, writing
 from .inputs import (
     DEFAULT_MAX_LINE_BYTES,
     NO_RECORDS,
@@ -525,7 +525,6 @@ def _text_read(inputs: list[str | Path], max_bytes: int) -> int:
 def _train_interruptibly(tok: Tokenizer, texts: Iterator[str], trainer: Any) -> None:
     """`train_from_iterator` in a thread: the library holds Ctrl-C back until training ends (minutes
     to hours), while the main thread waiting here takes it at once and stops the reader."""
-    _wait_for_an_interrupted_training()
     stop = threading.Event()
     failed: list[BaseException] = []
 
@@ -541,26 +540,29 @@ def _train_interruptibly(tok: Tokenizer, texts: Iterator[str], trainer: Any) -> 
         except BaseException as e:  # handed to the caller's thread
             failed.append(e)
 
-    thread = threading.Thread(target=run, name=BPE_THREAD, daemon=True)
+    thread = threading.Thread(target=run, name="tinyk-bpe", daemon=True)
     thread.start()
     try:
         while thread.is_alive():  # short waits: a Ctrl-C the kernel hands another thread is acted on at a wake-up
             thread.join(0.2)
     except KeyboardInterrupt:
         stop.set()  # the merges after reading cannot be stopped: they end with the process, or the next call waits
+        _INTERRUPTED.append(thread)
         raise
     if failed:
         raise failed[0]
 
 
-BPE_THREAD = "tinyk-bpe"
+_INTERRUPTED: list[threading.Thread] = []  # trainings Ctrl-C stopped whose merges may still run
 
 
 def _wait_for_an_interrupted_training() -> None:
     """In a notebook, a training Ctrl-C stopped goes on merging in the background (the library cannot
-    stop that): the next one waits for it, rather than doubling the time and the memory."""
-    for t in threading.enumerate():
-        if t.name == BPE_THREAD and t.is_alive():
+    stop that): the next one waits for it, before it sizes its read by the memory those merges hold,
+    rather than doubling the time and the memory."""
+    while _INTERRUPTED:
+        t = _INTERRUPTED.pop()
+        if t.is_alive():
             print("tinyk: waiting for the tokenizer training Ctrl-C stopped to finish its merges "
                   "(the library cannot stop them)", file=sys.stderr, flush=True)
             while t.is_alive():
@@ -588,6 +590,7 @@ def train_tokenizer(inputs: list[str | Path], out: str | Path, *, vocab_size: in
     if max_line_bytes < 1:
         raise TinykError(f"--max-line-bytes must be positive, got {max_line_bytes}")
     check_heads(paths, field=field, max_line_bytes=max_line_bytes)
+    _wait_for_an_interrupted_training()
     memory = memory_available()
     auto_cap = max_bytes is None and memory is not None
     if auto_cap:
@@ -623,7 +626,7 @@ def train_tokenizer(inputs: list[str | Path], out: str | Path, *, vocab_size: in
                   "capped_at": skips.stopped_at, "cap_from_memory": auto_cap, "memory_available": memory}
         # What it was trained on and how, as a data directory's meta.json records it: the memory cap
         # makes the same command read more or less of a corpus on another machine.
-        record = {"tinyk": __version__, "inputs": [str(p) for p in paths], "field": field,
+        record = {"tinyk": __version__, "inputs": [shown(p) for p in paths], "field": field,
                   "normalization": normalization, "vocab_size_asked": vocab_size, "min_frequency": min_frequency,
                   "max_bytes": max_bytes, "max_line_bytes": max_line_bytes,
                   **{k: result[k] for k in ("vocab_size", "documents", "characters", "capped_at", "cap_from_memory",
