@@ -1323,13 +1323,12 @@ class ChatServer(ThreadingHTTPServer):
         self.api = Api(engine, cfg)  # its engine thread holds the model: closed below if the server cannot start
         try:
             super().__init__((host, port), Handler)
-        except OSError as e:
+        except BaseException as e:
             self.api.close()
+            if not isinstance(e, OSError):
+                raise
             hint = "; pick another --port (--port 0: any free one)" if e.errno == errno.EADDRINUSE else ""
             raise TinykError(f"cannot listen on {host}:{port}: {e.strerror or e}{hint}") from e
-        except BaseException:
-            self.api.close()
-            raise
         ip = ipaddress.ip_address(self.server_address[0].split("%")[0])
         if ip.version == 6 and ip.ipv4_mapped:  # ::ffff:127.0.0.1 is 127.0.0.1
             ip = ip.ipv4_mapped

@@ -24,7 +24,7 @@ from typing import Any
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from . import __version__
-from .errors import TinykError, first_line, memory_available, shown, writing
+from .errors import TinykError, first_line, memory_available, writing
 from .inputs import (
     DEFAULT_MAX_LINE_BYTES,
     NO_RECORDS,
@@ -36,7 +36,7 @@ from .inputs import (
     iter_texts,
     read_json,
 )
-from .outputs import atomic_dir, marker_file
+from .outputs import atomic_dir, marker_file, write_json_atomic
 from .units import bytes_text
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
@@ -626,15 +626,14 @@ def train_tokenizer(inputs: list[str | Path], out: str | Path, *, vocab_size: in
                   "capped_at": skips.stopped_at, "cap_from_memory": auto_cap, "memory_available": memory}
         # What it was trained on and how, as a data directory's meta.json records it: the memory cap
         # makes the same command read more or less of a corpus on another machine.
-        record = {"tinyk": __version__, "inputs": [shown(p) for p in paths], "field": field,
+        record = {"tinyk": __version__, "inputs": [str(p) for p in paths], "field": field,
                   "normalization": normalization, "vocab_size_asked": vocab_size, "min_frequency": min_frequency,
                   "max_bytes": max_bytes, "max_line_bytes": max_line_bytes,
                   **{k: result[k] for k in ("vocab_size", "documents", "characters", "capped_at", "cap_from_memory",
                                             "skipped")}}
         with writing(Path(out)):
             save_tokenizer_files(tok, tmp)
-            (tmp / TRAINING_RECORD).write_text(json.dumps(record, ensure_ascii=False, indent=2) + "\n",
-                                               encoding="utf-8")
+            write_json_atomic(tmp / TRAINING_RECORD, record)  # a file name that is not UTF-8 as `shown` prints it
     return result
 
 

@@ -672,9 +672,9 @@ class Trainer:
         else:
             model = Transformer(self.mcfg)
         self.n_params = model.num_params()
-        self.flops_per_token = model.flops_per_token(cfg.seq_len)
-        matmul_params = model.matmul_params()  # counted before any wrapper shards the parameters
-        self.flops_at: Callable[[int], int] = functools.partial(training_flops, model.config, matmul_params)
+        # counted before any wrapper shards the parameters
+        self.flops_at: Callable[[int], int] = functools.partial(training_flops, model.config, model.matmul_params())
+        self.flops_per_token = self.flops_at(cfg.seq_len)
         model = model.to(self.device).train()
         model.activation_checkpointing = cfg.activation_checkpointing
         self.fsdp = cfg.parallel == "fsdp" and d.world > 1
@@ -1423,13 +1423,12 @@ def _callers_random_state_kept() -> Iterator[None]:
     """Training seeds the global generators (its dropout streams are part of its checkpoints); a notebook's
     own random numbers after `train()` go on as if it had not run. CUDA's are kept where the caller had
     already started CUDA (before that, they have no state of the caller's to keep)."""
-    py, np_state, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cpu = torch.device("cpu")
+    state = _rng_state(cpu)
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     try:
         yield
     finally:
-        random.setstate(py)
-        np.random.set_state(np_state)
-        torch.set_rng_state(cpu)
+        _set_rng_state(state, cpu)
         if cuda is not None:
             torch.cuda.set_rng_state_all(cuda)
