@@ -1778,6 +1778,24 @@ def test_a_resumed_optimizer_takes_this_sessions_kernels(tmp_path, pt_data, tok_
     assert loaded == [[True, True]]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_run_moves_between_cpu_and_cuda_on_resume(tmp_path, pt_data, tok_dir, monkeypatch):
+    """A laptop's checkpoint resumed on a GPU and back (fp32 on both, no TF32): the losses follow a run
+    that never moved, so weights, AdamW's state and the data position all crossed."""
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    cfg = dict(max_steps=6, save_every=1, dtype="fp32")
+    train(nano_cfg(pt_data, tok_dir, ref, device="cpu", **cfg))
+    for device, stop in (("cpu", 2), ("cuda", 4)):
+        with monkeypatch.context() as m:
+            stop_at(m, stop)
+            assert train(nano_cfg(pt_data, tok_dir, out, device=device, **cfg), resume=stop > 2)["steps"] == stop
+    assert train(nano_cfg(pt_data, tok_dir, out, device="cpu", **cfg), resume=True)["steps"] == 6
+    want, got = train_losses(ref), train_losses(out)
+    assert got.keys() == want.keys() == set(range(1, 7))
+    assert all(got[s] == want[s] for s in (1, 2)), (got, want)  # the CPU's own steps repeat exactly
+    assert max(abs(got[s] - want[s]) / want[s] for s in range(3, 7)) < 1e-4, (got, want)
+
+
 # ----------------------------------------------------------------------------- resumed runs, continued
 
 def stop_at(monkeypatch, step: int) -> None:

@@ -1145,7 +1145,7 @@ class Trainer:
             and summary.get("steps") == self.progress.step
         return summary if finished else None
 
-    def _earlier_results(self) -> tuple[float | None, tuple[float, float] | None, float]:
+    def _earlier_results(self) -> tuple[float | None, tuple[float, float | None] | None, float]:
         """(last train loss, last (val loss, bpb), best val loss) logged before this session, so a resumed
         run's summary speaks for the whole run."""
         records = self.monitor.records if self.monitor else []
@@ -1330,7 +1330,7 @@ class Trainer:
         return logged + int(self.window_skipped.item())
 
     def _summary(self, interrupted: bool, final: str | None, last_train: float | None,
-                 last_val: tuple[float, float] | None, best_val: float) -> dict[str, Any]:
+                 last_val: tuple[float, float | None] | None, best_val: float) -> dict[str, Any]:
         p, cfg = self.progress, self.cfg
         elapsed = self._elapsed()
         rate = p.tokens / elapsed if p.tokens and elapsed > 0 else None  # the whole run's, as tokens and elapsed_s
