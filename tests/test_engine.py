@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import math
@@ -735,6 +736,25 @@ def test_int8_engine_tracks_the_fp32_model(nano_model_dir, engine, reference):
 
 
 @INT8
+def test_int8_keeps_in_bf16_the_weights_whose_width_its_kernel_cannot_take(engine):
+    """PyTorch's int8 kernel reads a row 16 inputs at a time: a hidden_dim of 200 (or a dim of 72) gave
+    NaN logits, a model "diverged" in serve, or a segfault."""
+    torch.manual_seed(0)
+    cfg = replace(engine.model.config, dim=64, n_heads=4, n_kv_heads=2, hidden_dim=200, n_layers=2)
+    model = Transformer(cfg).eval()
+    eng = Engine(copy.deepcopy(model), engine.tok, quantize="int8")
+    kept = [w for layer in eng.forward.layers for w in layer[2:]] + [eng.forward.lm_head]
+    assert sorted({(w[2].shape[1], w[0] is None) for w in kept}) == [(64, False), (200, True)]
+    x = torch.tensor([[10, 11, 12, 13, 14, 15, 16]])
+    cache = KVCache(cfg, 1, 8, "cpu", torch.bfloat16)
+    with torch.inference_mode():
+        want = model(x)[:, 6]
+        eng.forward(x[:, :6], torch.arange(6)[None], cache)
+        got = eng.forward(x[:, 6:], torch.tensor([[6]]), cache)  # one row: the int8 path
+    assert (got.float() - want).abs().max() / want.std() < 0.05
+
+
+@INT8
 def test_generate_cli_with_int8(nano_model_dir, capsys):
     with pytest.raises(SystemExit) as e:
         main(["generate", "--model", str(nano_model_dir), "--prompt", "我们", "--quantize", "int8",
@@ -776,6 +796,11 @@ def test_generate_cli(nano_model_dir, tmp_path, capsys, monkeypatch):
     assert e.value.code == 0 and [json.loads(line) for line in out.splitlines()] == rows
     assert err == "tinyk: stdin: skipped 1 record; nul byte: 1 (first at stdin:2; a NUL byte is binary data, " \
                   "not text)\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO("\ufeff我们今天\r\rThe quick\r\n"))  # lone CRs end lines, as in files
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", str(nano_model_dir), "--prompt-file", "-", "--prompt", "天气",
+              "--temperature", "0", "--max-new-tokens", "5", "--json"])
+    assert e.value.code == 0 and [json.loads(line) for line in capsys.readouterr().out.splitlines()] == rows
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:
@@ -920,7 +945,12 @@ def test_chat_in_a_terminal_keeps_ctrl_c_at_the_prompt_and_a_pasted_paragraph_as
 
 def test_a_terminal_that_cannot_show_a_character_gets_a_substitute(nano_model_dir, monkeypatch):
     """A GBK (or ASCII) terminal has no emoji nor U+FFFD, which small models emit: no traceback."""
-    out = io.TextIOWrapper(io.BytesIO(), encoding="gbk")
+
+    class Terminal(io.BytesIO):  # a file or pipe would get UTF-8
+        def isatty(self) -> bool:
+            return True
+
+    out = io.TextIOWrapper(Terminal(), encoding="gbk")
     monkeypatch.setattr("sys.stdout", out)
     with pytest.raises(SystemExit) as e:
         main(["generate", "--model", str(nano_model_dir), "--prompt", "你好😀", "--max-new-tokens", "2"])
@@ -954,13 +984,16 @@ def test_chat_reports_gbk_on_stdin_in_one_line(nano_model_dir):
     assert r.stderr.decode() == f"tinyk: error: {NOT_UTF8}\n"
 
 
-def test_an_ascii_locale_reads_utf8_text_as_the_utf8_it_is(nano_model_dir):
+def test_an_ascii_locale_reads_utf8_text_as_the_utf8_it_is(nano_model_dir, tmp_path):
     """Under LC_ALL=C without Python's UTF-8 mode, argv and stdin reach Python as one surrogate per byte:
-    valid UTF-8 was refused as "not valid UTF-8", and the output was question marks. GBK bytes still are
-    refused."""
+    valid UTF-8 was refused as "not valid UTF-8", and the output was question marks (a `--field 内容` was
+    looked for as its surrogates). GBK bytes still are refused."""
     env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0", "OMP_NUM_THREADS": "1"}
     model = ["--model", str(nano_model_dir), "--max-new-tokens", "2"]
+    records = tmp_path / "prompts.jsonl"
+    records.write_text('{"内容": "你好"}\n', encoding="utf-8")
     for args, stdin in ((["generate", "--prompt", "你好"], b""),
+                        (["generate", "--prompt-file", str(records), "--field", "内容"], b""),
                         (["generate", "--prompt-file", "-"], "你好\n".encode()),
                         (["chat"], "你好\n".encode()), (["chat", "--message", "你好"], b"")):
         r = subprocess.run([sys.executable, "-m", "tinyk", *args, *model], input=stdin, capture_output=True,

@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from tinyk.checkpoint import load_model
 from tinyk.cli import main
-from tinyk.errors import TinykError
-from tinyk.inputs import check_inputs
+from tinyk.errors import StoppedBeforeTraining, TinykError
+from tinyk.inputs import check_inputs, has_surrogate
 from tinyk.tokenizer import build_tokenizer, load_tokenizer
 
 
@@ -680,27 +680,64 @@ def test_output_to_a_full_disk_is_one_line_that_says_so():
                                               "not there)\n")
 
 
-def test_text_through_a_pipe_on_windows_is_utf8_as_tinyk_reads_it(monkeypatch):
-    """`tinyk generate --json > out.jsonl` wrote the locale's GBK on Windows, which tinyk then refused to read."""
+def test_text_through_a_pipe_is_utf8_as_tinyk_reads_it_whatever_the_locale(monkeypatch):
+    """`tinyk generate --json > out.jsonl` wrote the locale's GBK on Windows and under zh_CN.GBK, which tinyk
+    then refused to read; a UTF-8 file on stdin was read as GBK there, silently garbled."""
     import io
 
     from tinyk.cli import utf8_streams
 
-    def stream(encoding: str) -> io.TextIOWrapper:
-        return io.TextIOWrapper(io.BytesIO(), encoding=encoding)
+    class Terminal(io.BytesIO):
+        def isatty(self) -> bool:
+            return True
+
+    def stream(encoding: str, tty: bool = False) -> io.TextIOWrapper:
+        return io.TextIOWrapper(Terminal() if tty else io.BytesIO(), encoding=encoding)
 
     monkeypatch.delenv("PYTHONIOENCODING", raising=False)
-    piped, ascii_, latin = stream("gbk"), stream("ascii"), stream("latin-1")
+    piped, ascii_, latin, shown = stream("gbk"), stream("ascii"), stream("latin-1"), stream("gbk", tty=True)
     utf8_streams([piped, ascii_], windows=True)
+    utf8_streams([latin, shown], windows=False)
+    assert [s.encoding for s in (piped, ascii_, latin, shown)] == ["utf-8", "utf-8", "utf-8", "gbk"]
     monkeypatch.setattr(sys, "stdin", stream("gbk"))  # `echo 你好 | tinyk ...` in cmd.exe sends GBK
     utf8_streams([sys.stdin], windows=True)
     assert sys.stdin.encoding == "gbk"
-    utf8_streams([latin], windows=False)  # elsewhere only an ASCII locale is overridden
-    assert [s.encoding for s in (piped, ascii_, latin)] == ["utf-8", "utf-8", "latin-1"]
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("你好\n".encode() + "世界\n".encode("gbk")),
+                                                       encoding="gbk"))
+    utf8_streams([sys.stdin], windows=False)  # elsewhere a file on stdin is UTF-8; GBK bytes stay recognisable
+    assert (sys.stdin.encoding, sys.stdin.readline(), has_surrogate(sys.stdin.readline())) == ("utf-8", "你好\n", True)
     monkeypatch.setenv("PYTHONIOENCODING", "gbk")  # asked for: kept
     kept = stream("gbk")
     utf8_streams([kept], windows=True)
     assert kept.encoding == "gbk"
+    monkeypatch.setenv("PYTHONIOENCODING", ":strict")  # an error handler alone names no encoding
+    utf8_streams([kept], windows=False)
+    assert kept.encoding == "utf-8"
     piped.write("鳳凰😀")
     piped.flush()
     assert piped.buffer.getvalue().decode("utf-8") == "鳳凰😀"
+
+
+def test_a_stopped_command_whose_stderr_is_gone_still_exits_with_the_signals_status(monkeypatch):
+    """Ctrl-C on `tinyk pretrain ... 2>&1 | tee log` stops tee too: the "interrupted" line met the closed
+    pipe, and the status was SIGPIPE's 141 instead of SIGINT's 130."""
+    import io
+
+    from tinyk.cli import _stopped
+
+    class ClosedPipe(io.StringIO):
+        def write(self, s):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stderr", ClosedPipe())
+    with pytest.raises(SystemExit) as e:
+        _stopped(KeyboardInterrupt())
+    assert e.value.code == 130
+
+    def stopped_while_compiling(args):
+        raise StoppedBeforeTraining("SIGINT")
+
+    monkeypatch.setattr("tinyk.cli.plan._run", stopped_while_compiling)  # as a Ctrl-C before a run's first step
+    with pytest.raises(SystemExit) as e:
+        main(["plan", "--preset", "nano"])
+    assert e.value.code == 130

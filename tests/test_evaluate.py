@@ -416,7 +416,7 @@ def test_exact_match_stop_rate_and_majority_baseline(tmp_path):
         "{not json",
         {"messages": [{"role": "assistant", "content": "x"}], "answer": "y"},
         {"messages": [{"role": "tool", "content": "x"}, {"role": "user", "content": "q"}], "answer": "y"},
-        {"messages": [{"role": "user", "content": "q"}], "answer": 3},
+        {"messages": [{"role": "user", "content": "q"}], "answer": ["北京市北京市北京市", 1]},
         {"messages": [{"role": "user", "content": "长" * 300}], "answer": "y"},
     ])
     engine = ScriptedEngine({"好评1": ("正面。", "eos"), "差评1": ("正面", "new turn"),
@@ -429,8 +429,8 @@ def test_exact_match_stop_rate_and_majority_baseline(tmp_path):
     assert r["skipped"]["by_reason"] == {"malformed_json": 1, "bad_messages": 2, "bad_answer": 1,
                                          "prompt_too_long": 1}
     assert r["skipped"]["hints"]["bad_answer"] == (
-        "'answer' is 3; 'answer' is the expected reply, a string or a list of the strings accepted (the first "
-        "such record has fields 'messages', 'answer')")
+        "'answer' is [\"北京市北京市北京市\", 1]; 'answer' is the expected reply, a string or a list of the strings "
+        "accepted (the first such record has fields 'messages', 'answer')")
     [note] = skip_notes({"tasks": [r]})  # what `tinyk eval` prints on stderr: the table only counts them
     assert note.startswith(f"{task.name}: skipped 5 records; bad answer: 1 (first at {task.name}:")
     # The model's own system prompt is added where missing, kept where given; results stay in file order.

@@ -199,6 +199,22 @@ def test_damaged_parquet_is_one_error_naming_it(tmp_path):
     assert "\n" not in str(e.value)
 
 
+def test_a_parquet_row_that_is_not_utf8_is_skipped_and_counted(tmp_path):
+    """Parquet stores strings unchecked: one bad row called the whole file damaged."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    rows = [b"good \xe4\xbd\xa0", b"bad \xff", "ok2 😀".encode()]
+    path = tmp_path / "mixed.parquet"
+    pq.write_table(pa.table({"text": pa.array(rows, pa.binary()).view(pa.string())}), path)
+    skips = Skips()
+    assert list(iter_texts([path], skips)) == ["good 你", "ok2 😀"]
+    assert (skips.total, skips.first["invalid_utf8"]) == (1, ["mixed.parquet:row 2"])
+    assert "fix the program that wrote it" in skips.summary()
+    other = tmp_path / "meta.parquet"  # a column beside the text is not read at all
+    pq.write_table(pa.table({"text": ["a", "b", "c"], "meta": pa.array(rows, pa.binary()).view(pa.string())}), other)
+    assert list(iter_texts([other], skips := Skips())) == ["a", "b", "c"] and skips.total == 0
+
+
 # ---------------------------------------------------------------- 2. byte order marks
 
 @pytest.mark.parametrize("name", ["bom.jsonl", "bom.txt", "bom.jsonl.gz"])

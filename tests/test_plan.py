@@ -455,6 +455,9 @@ def test_plan_takes_the_vocabulary_of_the_tokenizer_as_training_does(tmp_path, t
     assert code == 2 and out == ""
     code, out, _ = run_cli(["plan", "--preset", "nano", "--set", "model.vocab_size=8000", "--json"], capsys)
     assert code == 0 and json.loads(out)["model"]["name"] == "custom (nano)"  # a vocabulary of its own
+    code, out, err = run_cli(["plan", "--preset", "nano", "--tokenizer", str(tok_dir), "--set",
+                              "model.vocab_size=256"], capsys)  # planned a model that training refuses
+    assert (code, out) == (2, "") and err.endswith("tokens but the model's vocab_size is 256\n")
 
 
 def test_plan_takes_the_configs_budget_and_prints_small_runs_readably(capsys):
@@ -605,8 +608,9 @@ def test_the_readmes_plan_output_is_what_plan_prints(capsys):
 
 
 def test_a_smaller_micro_batch_plans_the_lower_mfu_bench_gpu_sh_measured(capsys):
-    """The table's MFU is micro-batch 64's; at 16 an H100 reached 16.6% eager where mb64 reached 22.2%, and
-    the plan gave every micro-batch mb64's tokens/s (a third too fast for a 24 GB card or many GPUs)."""
+    """The table's MFU is micro-batch 64's: at 16 an H100 reached 16.6% eager where mb64 reached 22.2%
+    (2026-11-28), and 40.8% compiled where mb64 reached 46.0% (2026-12-05); the plan gave every micro-batch
+    mb64's tokens/s (a third too fast for a 24 GB card or many GPUs)."""
     rates = {}
     for micro in ("16", "32", "64", "128"):
         code, out, _ = run_cli(["plan", "--preset", "seed-215m", "--gpu", "h100", "--micro-batch", micro, "--json"],

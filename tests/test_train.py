@@ -1100,6 +1100,54 @@ def test_a_tracker_failing_to_finish_leaves_the_others_finished(tmp_path, monkey
     assert "tinyk: warning: --tracker wandb did not finish ([Errno 28] No space left on device)" \
         in capsys.readouterr().err
 
+    class ClosedPipe(io.StringIO):
+        def write(self, s):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    # Ctrl-C on `2>&1 | tee log` stops tee too: W&B's footer and tinyk's warning both met the closed pipe,
+    # and SwanLab's run was left for its exit hook to mark finished.
+    FakeRun.finish = lambda self, exit_code=None: print("wandb: footer", file=sys.stderr)
+    finished.clear()
+    trackers = Trackers(["wandb", "swanlab"], tmp_path, {}, "tinyk", "run")
+    monkeypatch.setattr(sys, "stderr", ClosedPipe())
+    trackers.close(130)
+    assert finished == ["swanlab"]
+
+
+def test_a_run_killed_twice_between_checkpoints_sends_no_tracker_a_step_twice(tmp_path, pt_data, tok_dir,
+                                                                             monkeypatch):
+    """The second kill's resume truncated metrics.jsonl to the checkpoint, forgetting that the first
+    session had sent W&B and SwanLab steps up to 7: the third session sent 6 and 7 again."""
+    sent = []
+
+    class FakeRun:
+        def log(self, values, step):
+            if "train/loss" in values:
+                sent.append(step)
+
+        def finish(self, exit_code=None):
+            pass
+
+    fake = type(sys)("wandb")
+    fake.init = lambda **kw: FakeRun()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    out = tmp_path / "run"
+    cfg = nano_cfg(pt_data, tok_dir, out, max_steps=10, save_every=2, tracker=["wandb"])
+    for stop, lost in ((7, ("step_0000007", "step_0000006")), (5, ("step_0000005",))):  # killed after a line
+        with monkeypatch.context() as m:
+            stop_at(m, stop)
+            train(cfg, resume=stop == 5)
+        for name in lost:
+            shutil.rmtree(out / "checkpoints" / name)
+    assert sent == list(range(1, 8)) and (out / ".tracker_step").read_text() == "7\n"
+    sent.clear()
+    assert train(cfg, resume=True)["status"] == "completed"
+    assert sent == [8, 9, 10] and [r["step"] for r in records(out, "train")] == list(range(1, 11))
+    from tinyk.monitor import Monitor
+
+    Monitor(out, 10, 0, False).truncate(0)  # started over (no checkpoint left): a new run for the trackers
+    assert not (out / ".tracker_step").exists()
+
 
 def test_trackers_are_told_how_the_run_ended(tmp_path, pt_data, tok_dir, monkeypatch):
     """A diverged or stopped run did not show as finished in W&B and SwanLab: each gets the command's
@@ -1241,6 +1289,9 @@ def test_setup_errors_are_one_line(tmp_path, pt_data, sft_data, tok_dir, nano_mo
     assert "invalid model config: need 0 < norm_eps < 1" in err(data=sft_data, kind="sft",
                                                                 init=str(nano_model_dir), model={"dropout": 2})
     assert "got 1e-05, inf, 0.0" in err(model={"preset": "nano", "rope_theta": math.inf})
+    assert err(model={"n_layers": 2, "n_heads": 4}) == (  # it said "no model" of a config with a model section
+        "the model section (n_heads, n_layers) names neither a preset nor a dim: add model.preset (seed-215m, "
+        "seed-82m, tiny, nano) to change a preset, or model.dim to describe a model of your own")
     assert "holds sft data; tinyk pretrain needs pretrain data" in err(data=sft_data)
     (tmp_path / "notmodel").mkdir()
     assert "is not a model directory" in err(data=sft_data, kind="sft", init=str(tmp_path / "notmodel"), model={})
@@ -2455,3 +2506,15 @@ def test_a_terminal_with_no_rows_gets_plain_lines_not_a_hidden_bar():
         os.close(leader)
         os.close(follower)
     assert not shows_a_bar(io.StringIO())
+
+
+def test_plain_progress_lines_say_the_time_taken_and_left(tmp_path, pt_data, tok_dir, capsys):
+    """Under `| tee log` or nohup each log interval is a line; it had raw seconds and no ETA, which the
+    bar shows."""
+    train(nano_cfg(pt_data, tok_dir, tmp_path / "run", max_steps=6, log_every=2, progress=True))
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if re.match(r"step \d/", ln)]  # not eval lines
+    assert [ln.split(":")[0] for ln in lines] == ["step 2/6", "step 4/6", "step 6/6"]
+    times = r"elapsed \d\d:\d\d"
+    assert all(re.fullmatch(rf"step \d/6: loss [\d.]+ lr [\d.e+-]+ [\d.]+k? tok/s mfu [\d.]+%, {times}, ETA \d\d:\d\d",
+                            ln) for ln in lines[:2]), lines
+    assert re.fullmatch(rf"step 6/6: .*, {times}", lines[2]), lines  # nothing left

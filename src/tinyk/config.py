@@ -437,8 +437,12 @@ def model_config(section: dict[str, Any], vocab_size: int | None = None, base: M
     preset = section.pop("preset", None)
     if base is not None:
         fields = {**base.to_dict(), **section}
-    elif preset is None and "dim" not in section:
+    elif preset is None and not section:
         raise TinykError("no model: pass --preset, a config with a model section, or --init a model directory")
+    elif preset is None and "dim" not in section:  # model.n_layers=2 alone: meant as a change to a preset
+        raise TinykError(f"the model section ({', '.join(sorted(section))}) names neither a preset nor a dim: add "
+                         f"model.preset ({', '.join(PRESETS)}) to change a preset, or model.dim to describe "
+                         f"a model of your own")
     else:
         fields = {**(PRESETS[preset] if preset else {}), **({"vocab_size": vocab_size} if vocab_size else {}),
                   **section}

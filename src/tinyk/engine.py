@@ -96,11 +96,23 @@ def quantize_int8(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, to
 # Up to this many rows (sequences x tokens) the int8 kernel beats a bf16 matmul; prefill and
 # larger batches are compute-bound and run on the model's own bf16 weights instead.
 INT8_MAX_ROWS = 4
+# PyTorch's CPU int8 kernel steps through a row's inputs 16 at a time and reads past the end of a row that
+# is not a whole number of steps: garbage or a segfault for a model of dim 72 or hidden_dim 1000 (torch 2.13).
+# Such weights stay in bf16.
+INT8_IN_MULTIPLE = 16
 
 
-def _int8_linear(x: torch.Tensor, w: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def _int8_weights(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None,
+                                                                  torch.Tensor]:
+    """(int8 weight, scales, dense weight); only the dense one where the kernel cannot take its width."""
+    if w.shape[1] % INT8_IN_MULTIPLE:
+        return None, None, w
+    return (*quantize_int8(w, dtype), w)
+
+
+def _int8_linear(x: torch.Tensor, w: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]) -> torch.Tensor:
     q, scale, dense = w
-    if x.numel() > INT8_MAX_ROWS * x.shape[-1]:
+    if q is None or scale is None or x.numel() > INT8_MAX_ROWS * x.shape[-1]:
         return F.linear(x, dense)
     y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), q, scale)
     return y.view(*x.shape[:-1], q.shape[0])
@@ -111,7 +123,7 @@ def int8_works(device: torch.device, dtype: torch.dtype) -> bool:
     try:
         w, x = torch.randn(32, 64, device=device), torch.randn(3, 64, device=device, dtype=dtype)
         ref = F.linear(x.float(), w)
-        err = (_int8_linear(x, (*quantize_int8(w, dtype), w)).float() - ref).abs().max() / ref.std()
+        err = (_int8_linear(x, _int8_weights(w, dtype)).float() - ref).abs().max() / ref.std()
         return bool(err < 0.05)
     except (AttributeError, NotImplementedError, RuntimeError):
         return False
@@ -152,7 +164,7 @@ class _Forward:
         prep, self.linear = {
             "plain": (lambda w: w, F.linear),
             "packed": (pack_cpu_bf16, _packed_linear),
-            "int8": (lambda w: (*quantize_int8(w, dtype), w), _int8_linear),
+            "int8": (lambda w: _int8_weights(w, dtype), _int8_linear),
         }[weights]
         self.layers = [(b.input_layernorm, b.post_attention_layernorm,
                         *(prep(m.weight) for m in (b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj,

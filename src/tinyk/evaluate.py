@@ -181,9 +181,9 @@ def _task_example(where: str, rec: Any, system_prompt: str | None) -> TaskExampl
         answer = rec["answer"]
         answers = [answer] if isinstance(answer, str) else answer
         if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
-            return "bad_answer", (f"'answer' is {json.dumps(answer)[:40]}; 'answer' is the expected reply, a "
-                                  "string or a list of the strings accepted (the first such record has "
-                                  f"{record_shape(rec)})")
+            shown_answer = json.dumps(answer, ensure_ascii=False)[:40]  # Chinese as itself, not cut mid-escape
+            return "bad_answer", (f"'answer' is {shown_answer}; 'answer' is the expected reply, a string or a list "
+                                  f"of the strings accepted (the first such record has {record_shape(rec)})")
         msgs = [{"role": m["role"], "content": m["content"]} for m in rec["messages"]]
     if not all(normalize_answer(a) for a in answers):  # an empty reply would match it
         return "empty_answer", "an answer must keep some text once space and final punctuation are dropped"

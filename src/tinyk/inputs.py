@@ -420,13 +420,17 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
     for path in paths:
         label = labels[path]
         if has_suffix(path, ".parquet"):
-            for where, rec, n in _iter_parquet(path, label):
+            for where, rec, n in _iter_parquet(path, label, None if message_lists else field):
                 if head is not None:  # its first batch of rows has been read
                     break
                 if max_bytes is not None and consumed + n > max_bytes:
                     skips.stopped_at = consumed
                     return
                 consumed += n
+                if rec is None:
+                    skips.add("invalid_utf8", where, "a string that is not UTF-8 in a Parquet file; fix the program "
+                                                     "that wrote it")
+                    continue
                 yield where, rec
             continue
         is_txt = is_plain_text(path)
@@ -653,18 +657,21 @@ def _parquet() -> Any:
     return pq
 
 
-def _iter_parquet(path: Path, label: str) -> Iterator[tuple[str, dict, int]]:
+def _iter_parquet(path: Path, label: str, field: str | None) -> Iterator[tuple[str, dict | None, int]]:
+    """Rows as dicts; with `field`, a column the file has, that column alone (what a row holds beside the
+    text is neither decoded nor counted against --max-bytes)."""
     pq = _parquet()
     try:
         pf = pq.ParquetFile(path)
-        batches = pf.iter_batches(batch_size=1024)
+        columns = [field] if field is not None and field in pf.schema_arrow.names else None
+        batches = pf.iter_batches(batch_size=1024, columns=columns)
     except Exception as e:  # pyarrow raises several types for a corrupt file
         raise DamagedInput(f"cannot read parquet file {path}: {one_line(e)}") from e
     row = 0
     while True:
         try:
             batch = next(batches, None)
-            recs = batch.to_pylist() if batch is not None else []
+            recs = _parquet_rows(batch) if batch is not None else []
         except Exception as e:  # ArrowInvalid, ArrowIOError, OSError, ... for a damaged row group
             after = f" after row {row}" if row else ""
             raise DamagedInput(f"{path}: damaged parquet data{after} ({one_line(e)})") from e
@@ -674,6 +681,21 @@ def _iter_parquet(path: Path, label: str) -> Iterator[tuple[str, dict, int]]:
         for rec in recs:
             row += 1
             yield f"{label}:row {row}", rec, size
+
+
+def _parquet_rows(batch: Any) -> list[dict | None]:
+    """A batch's rows as dicts; None for a row whose strings are not UTF-8 (Parquet stores them unchecked,
+    and one such row is skipped as a bad line of a text file is, not the whole file called damaged)."""
+    try:
+        return batch.to_pylist()
+    except UnicodeDecodeError:
+        rows: list[dict | None] = []
+        for i in range(batch.num_rows):
+            try:
+                rows.append(batch.slice(i, 1).to_pylist()[0])
+            except UnicodeDecodeError:
+                rows.append(None)
+        return rows
 
 
 def record_shape(rec: Any) -> str:
@@ -733,8 +755,8 @@ def read_prompts(typed: list[str], prompt_file: str | None, field: str = "prompt
         for n, line in enumerate(lines, 1):
             if "\x00" in line:  # as in a .txt prompt file
                 skips.add("nul_byte", f"stdin:{n}", NUL_HINT)
-            elif line.strip():
-                prompts.append(line)
+                continue
+            prompts += [part for part in line.split("\r") if part.strip()]  # a lone CR ends a line, as in files
         note = f"stdin: {skips.summary()}" if skips.total else None
         if not prompts:
             raise TinykError(f"no prompts on stdin (--prompt-file - reads one per line{f'; {note}' if note else ''})")

@@ -23,7 +23,7 @@ import torch
 
 from .errors import TinykError, first_line, is_terminal, writing
 from .model import cuda_autocast_dtype, dtype_name
-from .outputs import atomic_file, shows_a_bar
+from .outputs import atomic_file, shows_a_bar, write_text_atomic
 from .units import plural
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, matched against torch.cuda.get_device_name().
@@ -37,6 +37,7 @@ GPU_PEAK_TFLOPS: dict[str, float] = {
 }
 
 TRACKERS = ("tensorboard", "wandb", "swanlab")
+TRACKER_STEP = ".tracker_step"  # the last step earlier sessions may have sent W&B and SwanLab
 
 
 def gpu_peak_flops(name: str) -> float | None:
@@ -177,8 +178,8 @@ class Trackers:
                     sink.log(values, step=step)
             except Exception as e:
                 self.sinks.remove((name, sink))
-                print(f"tinyk: warning: --tracker {name} failed at step {step} ({first_line(e)}); it gets nothing "
-                      f"more from this run, and metrics.jsonl keeps every value", file=sys.stderr)
+                _warn(f"--tracker {name} failed at step {step} ({first_line(e)}); it gets nothing more from this "
+                      f"run, and metrics.jsonl keeps every value")
                 with contextlib.suppress(Exception):  # failed, not finished: it holds only part of the run
                     self._finish(name, sink, 1, f"tinyk stopped sending at step {step}: {first_line(e)}")
 
@@ -191,8 +192,7 @@ class Trackers:
             try:
                 self._finish(name, sink, exit_code, error)
             except Exception as e:
-                print(f"tinyk: warning: --tracker {name} did not finish ({first_line(e)}); metrics.jsonl keeps "
-                      f"every value", file=sys.stderr)
+                _warn(f"--tracker {name} did not finish ({first_line(e)}); metrics.jsonl keeps every value")
 
     @staticmethod
     def _finish(name: str, sink: Any, exit_code: int = 0, error: str | None = None) -> None:
@@ -209,11 +209,19 @@ class Trackers:
             sink.finish()
 
 
+def _warn(msg: str) -> None:
+    """A tracker's warning on stderr, which may be the pipe a Ctrl-C or `| head` closed: then it is lost,
+    and the trackers after it are still finished (W&B's own footer had raised there, leaving SwanLab's run
+    to be marked finished by its exit hook)."""
+    with contextlib.suppress(OSError):
+        print(f"tinyk: warning: {msg}", file=sys.stderr)
+
+
 def tracker_values(rec: dict[str, Any]) -> dict[str, float]:
     """A metrics.jsonl record's numbers as the trackers get them, grouped as nanochat groups its own:
     `train/loss`, `train/tokens_per_s`, `val/loss`, `val/bpb`. One point per curve and
-    step: an eval record's tokens and time repeat the train record's, and FLOPs per token is a
-    constant of the run."""
+    step: an eval record's tokens and time repeat the train record's, and FLOPs per token is in the
+    MFU (a constant of a pretraining run; SFT's window mean stays in metrics.jsonl)."""
     numbers = {k: v for k, v in rec.items() if isinstance(v, int | float) and k not in ("step", "flops_per_token")}
     if rec["type"] == "eval":
         return {f"val/{k.removeprefix('val_')}": v for k, v in numbers.items() if k.startswith("val_")}
@@ -252,6 +260,13 @@ def plot_losses(records: list[dict[str, Any]], png: Path) -> bool:
     return True
 
 
+def _saved_step(path: Path) -> int:
+    try:
+        return int(path.read_text())
+    except (OSError, ValueError):  # none saved, or damaged: the steps metrics.jsonl holds are all it knows
+        return 0
+
+
 def _fmt_rate(x: float) -> str:
     return f"{x / 1e6:.2f}M" if x >= 1e6 else f"{x / 1e3:.1f}k" if x >= 1e3 else f"{x:.0f}"
 
@@ -276,6 +291,8 @@ class Monitor:
         self.plotted = True
         self.can_plot = importlib.util.find_spec("matplotlib") is not None  # the run's header says when not
         self.output_lost = False
+        self._pace_from = (time.monotonic(), start_step)  # for the plain lines' ETA: this session's start,
+        self._paced = False  # until its first line, which has set-up and compilation behind it
 
     def _read_records(self) -> list[dict[str, Any]]:
         """The earlier sessions' lines. A last line cut short (a kill or a full disk mid-write) is dropped;
@@ -302,11 +319,19 @@ class Monitor:
 
     def truncate(self, step: int) -> int:
         """Drops records past `step` (written by a run that died after its last checkpoint); returns the
-        last step the earlier sessions logged, which their trackers may have had."""
-        logged = max((r["step"] for r in self.records), default=0)
+        last step the earlier sessions logged, which their trackers may have had. That step outlives the
+        records it drops (`.tracker_step`): killed twice between two checkpoints, a run had forgotten the
+        first session's later steps and sent W&B and SwanLab those steps again."""
+        sent_file = self.out / TRACKER_STEP
+        if step == 0:  # a new run, for the trackers too
+            sent_file.unlink(missing_ok=True)
+        logged = max([r["step"] for r in self.records] + [_saved_step(sent_file)])
         kept = [r for r in self.records if r["step"] <= step]
         if len(kept) == len(self.records) and not self.cut_tail:  # a finished run resumes on a read-only disk
             return logged
+        if step and logged > step and (self.out / ".tracker_id").exists():  # a W&B or SwanLab run may hold them
+            with writing(sent_file):
+                write_text_atomic(sent_file, f"{logged}\n")
         self.records, self.cut_tail = kept, False
         with writing(self.metrics_path), atomic_file(self.metrics_path) as tmp:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
@@ -336,8 +361,19 @@ class Monitor:
         skips = f" skipped {skipped} (fp16 overflow)" if skipped else ""
         status = f"loss {rec['loss']:.4f} lr {rec['lr']:.2e} {_fmt_rate(rec['tokens_per_s'])} tok/s{mfu}{skips}"
         if self.lines:
-            self.print(f"step {rec['step']}/{self.bar.total}: {status}, {rec['elapsed_s']:.0f}s")
+            self.print(f"step {rec['step']}/{self.bar.total}: {status}, {self._times(rec['step'], rec['elapsed_s'])}")
         self.bar.set_postfix_str(status, refresh=False)
+
+    def _times(self, step: int, elapsed_s: float) -> str:
+        """"elapsed 1:02:03, ETA 0:41:10": the whole run's time so far, and the time left at this session's
+        pace (from its first line on; the first line's counts from its start, compilation included)."""
+        now, (t0, step0) = time.monotonic(), self._pace_from
+        text = f"elapsed {self.bar.format_interval(elapsed_s)}"
+        if step > step0 and self.bar.total and step < self.bar.total:
+            text += f", ETA {self.bar.format_interval((self.bar.total - step) * (now - t0) / (step - step0))}"
+        if not self._paced:
+            self._pace_from, self._paced = (now, step), True
+        return text
 
     def log_eval(self, rec: dict[str, Any]) -> None:
         self._append({"type": "eval", **rec})
@@ -361,7 +397,13 @@ class Monitor:
             null = os.open(os.devnull, os.O_WRONLY)
             try:
                 with contextlib.suppress(OSError, ValueError):  # what is left to print goes nowhere
-                    os.dup2(null, sys.stdout.fileno())
+                    out, err = sys.stdout.fileno(), sys.stderr.fileno()
+                    # `2>&1 | tee log`: stderr is the same closed pipe, where the trackers' own last words go.
+                    # (Windows gives every pipe and console the same file id: there stderr is left alone.)
+                    same = os.name != "nt" and os.path.sameopenfile(out, err)
+                    dead = [out, err] if same else [out]
+                    for fd in dead:
+                        os.dup2(null, fd)
             finally:
                 os.close(null)
 

@@ -45,13 +45,14 @@ TUTORIAL_RUN = {"preset": "seed-215m", "gpu": "a100", "gpus": 4, "hours": 26.0, 
 ASSUMED = "assumed"
 FP32_SHARE = 0.5  # of the fp32 peak an fp32 run is assumed to reach
 # Of a compiled run's MFU, what an eager one is assumed to reach where none was measured: eager mb64 reached
-# 46% of compiled mb64's on the H100 (21.3% against 45.9%) and 51% on the H200 (23.7% against 46.9%).
+# 46% of compiled mb64's on the H100 (21.3% against 45.9%) and 50% on the H200 (23.7% against 47.2%).
 EAGER_SHARE = 0.5
 MEASURED_MODEL = "seed-215m"  # the model bench/gpu.sh measures; its MFU is the one in GPUS
 # The MFU in GPUS is micro-batch 64's (32,768 tokens per micro-step at seq 512). Smaller micro-steps keep the
-# GPU less busy; as shares of mb64's, bench/gpu.sh measured compiled mb16 88-89% and mb32 96-97%, eager mb16
-# 75% and mb32 94-95% on two H100s and an H200. Eager mb16 waits on the host's kernel launches and reached 89%
-# on one H100 with a faster host; the lower figure is kept. Keyed by compiled.
+# GPU less busy; as shares of mb64's, bench/gpu.sh measured compiled mb16 88-89% and mb32 96-97% on two H100s
+# and an H200, eager mb32 94-95%, and eager mb16 75% on one H100 and the H200 but 89% on a second H100 (eager
+# launches every kernel from Python, so its small micro-batches may go at the host's pace); the lower figure
+# is kept. Keyed by compiled.
 MICRO_STEP_SHARE = {False: ((8192, 0.75), (16384, 0.945), (32768, 1.0)),
                     True: ((8192, 0.876), (16384, 0.966), (32768, 1.0))}
 MIN_MICRO_STEP_SHARE = 0.1
@@ -104,7 +105,7 @@ GPUS: dict[str, GPUSpec] = {g.key: g for g in [
     GPUSpec("a100", "NVIDIA A100 80GB", 79.2, 0.40, ASSUMED, 19.5),
     GPUSpec("a100-40gb", "NVIDIA A100 40GB", 39.4, 0.40, ASSUMED, 19.5),
     GPUSpec("a800", "NVIDIA A800 80GB", 79.2, 0.40, ASSUMED, 19.5),
-    # At the shipped config's micro-batch 64: compiled, the median of four runs, 45.9-46.0% (128: 45.5-47.0%).
+    # At the shipped config's micro-batch 64: compiled, the median of four runs, 45.8-46.0% (128: 45.5-47.0%).
     GPUSpec("h100", "NVIDIA H100 80GB SXM", 79.1, 0.459,
             "measured: bench/gpu.sh on NVIDIA H100 80GB HBM3, compiled mb64, median of 4 runs, 2026-12-05", 67.0,
             eager_mfu=0.213,
@@ -455,13 +456,16 @@ def run_spec(*, preset: str | None, config: str | None, sets: Iterable[str] = ()
     # resolve_config insists on data and output paths; planning reads neither.
     flags = {"data": "-", "out": "-", **{k: v for k, v in (overrides or {}).items() if v is not None}}
     tc = resolve_config("pretrain", preset=preset, config=config, flags=flags, sets=list(sets))
-    vocab = None
     tokenizer = tokenizer or tc.tokenizer  # a config's own, as training reads it
-    if tokenizer is not None:
+    if tokenizer is None:
+        cfg, vocab = model_config(tc.model), None
+    else:
+        from .checkpoint import check_compatible
         from .tokenizer import load_tokenizer
 
-        vocab = load_tokenizer(tokenizer).vocab_size
-    cfg = model_config(tc.model, vocab)
+        tok = load_tokenizer(tokenizer)
+        cfg, vocab = model_config(tc.model, tok.vocab_size), tok.vocab_size
+        check_compatible(cfg, tok)  # a vocab_size below the tokenizer's, refused as training refuses it
     base = tc.model.get("preset")
     seq_len = tc.seq_len or cfg.max_seq_len  # as training takes it
     if seq_len > cfg.max_seq_len:

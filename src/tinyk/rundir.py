@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from .checkpoint import is_model_dir, model_dir_hint, unfinished_hint
 from .errors import TinykError, signal_handlers, writing
-from .monitor import TRACKERS
+from .monitor import TRACKER_STEP, TRACKERS
 from .outputs import (
     DirLock,
     atomic_file,
@@ -72,7 +72,7 @@ def resolve_init(path: str | Path) -> Path:
 
 
 RUN_ENTRIES = {"config.yaml", "checkpoints", "final", "metrics.jsonl", "summary.json", "loss.png", ".tracker_id",
-               *TRACKERS}
+               TRACKER_STEP, *TRACKERS}
 
 
 _LEFTOVER = re.compile(r"^\.(.+?)\.(?:tmp|old)-")

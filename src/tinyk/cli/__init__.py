@@ -127,19 +127,32 @@ def _stop_handlers() -> dict[int, Any]:
 
 
 def utf8_streams(streams: Iterable[Any], windows: bool = os.name == "nt") -> None:
-    """Reads and writes UTF-8, as Python's UTF-8 mode would, where the locale's encoding cannot hold
-    what tinyk reads and writes: an ASCII locale (LC_ALL=C), and on Windows output to a pipe or file
-    (`generate --json > out.jsonl` came out in GBK, which tinyk then refused to read; the console is
-    left alone, as Python writes it in UTF-16), unless PYTHONIOENCODING names an encoding. Windows'
-    stdin keeps the locale's: `echo 你好 | tinyk ...` in cmd.exe sends GBK."""
+    """Reads and writes UTF-8, as Python's UTF-8 mode would, where the locale's encoding is another: an
+    ASCII locale (LC_ALL=C), and a pipe or file under any other (`generate --json > out.jsonl` came out
+    in GBK under zh_CN.GBK or on Windows, which tinyk then refused to read; a UTF-8 file on stdin was
+    read as GBK, silently garbled), unless PYTHONIOENCODING names an encoding. A terminal keeps a
+    locale's other than ASCII: it shows and types that (Windows' console is UTF-16 to Python anyway).
+    Windows' stdin keeps it too: `echo 你好 | tinyk ...` in cmd.exe sends GBK. Elsewhere stdin reads
+    UTF-8 with undecodable bytes kept as surrogates, as under LC_ALL=C, so GBK input is refused in one
+    line, not misread."""
+    if os.environ.get("PYTHONIOENCODING", "").partition(":")[0]:  # an encoding asked for (not ":strict")
+        return
     for stream in streams:
         if not isinstance(stream, io.TextIOWrapper):
             continue
-        redirected = windows and not os.environ.get("PYTHONIOENCODING") and stream is not sys.stdin \
-            and not stream.isatty()
         encoding = codecs.lookup(stream.encoding).name
-        if encoding == "ascii" or (redirected and encoding != "utf-8"):
+        stdin = stream is sys.stdin
+        if encoding == "ascii":
             stream.reconfigure(encoding="utf-8")
+        elif encoding != "utf-8" and not stream.isatty() and not (stdin and windows):
+            stream.reconfigure(encoding="utf-8", errors="surrogateescape" if stdin else None)
+
+
+def _say(line: str) -> None:
+    """A stopped command's last line on stderr. Ctrl-C on `... 2>&1 | tee log` also stops tee: then the
+    line is lost, and the exit status is still the signal's."""
+    with contextlib.suppress(OSError):
+        print(line, file=sys.stderr)
 
 
 def _stopped(e: KeyboardInterrupt) -> NoReturn:
@@ -151,9 +164,8 @@ def _stopped(e: KeyboardInterrupt) -> NoReturn:
             "(the reader left, or a full disk)"}.get(name, f"stopped by {name}")
     if name == "SIGTERM" and os.environ.get("TORCHELASTIC_RUN_ID"):  # it may be the one line on screen
         said += " (by torchrun, if another process of the job failed: its report below names the error)"
-    if speaks_for_machine():
-        # A command may say what the stop came too late to undo (eval's complete results).
-        print(f"tinyk: {said}{f' {e}' if str(e) else ''}", file=sys.stderr)
+    if speaks_for_machine():  # a command may say what the stop came too late to undo (eval's complete results)
+        _say(f"tinyk: {said}{f' {e}' if str(e) else ''}")
     sys.exit(signal_status(name))
 
 
@@ -186,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         parser = build_parser()  # imports every stage's module: a Ctrl-C can land here too
     except KeyboardInterrupt:
-        print("tinyk: interrupted", file=sys.stderr)
+        _say("tinyk: interrupted")
         sys.exit(130)
     if not (sys.argv[1:] if argv is None else argv):  # a bare `tinyk`: what it can do
         parser.print_help()
@@ -213,8 +225,8 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"tinyk: error: {e}", root_cause=not isinstance(e, PeerLost))
     except StoppedBeforeTraining as e:
         if speaks_for_machine():
-            print(f"tinyk: stopped by {e.signal_name} before the first step: nothing was trained, and the run "
-                  f"directory is as it was", file=sys.stderr)
+            _say(f"tinyk: stopped by {e.signal_name} before the first step: nothing was trained, and the run "
+                 f"directory is as it was")
         sys.exit(signal_status(e.signal_name))
     except KeyboardInterrupt as e:
         _stopped(e)

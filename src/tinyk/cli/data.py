@@ -47,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     t = dsub.add_parser("pretrain", help="documents (.jsonl/.txt/.parquet, .gz/.zst) -> token shards")
     _add_common(t)
-    t.add_argument("--field", default="text", help="JSON/Parquet field holding the text")
+    t.add_argument("--field", default="text", type=utf8_text, help="JSON/Parquet field holding the text")
     t.add_argument("--shard-tokens", type=size_range(MIN_SHARD_TOKENS, tokens=True), default="100M",
                    help=f"tokens per shard file, at least {size_text(MIN_SHARD_TOKENS)} (default 100M)")
     t.set_defaults(func=_pretrain)

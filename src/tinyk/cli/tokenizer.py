@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from tinyk.cli.common import int_range, output_path, positive_size
+from tinyk.cli.common import int_range, output_path, positive_size, utf8_text
 from tinyk.inputs import DEFAULT_MAX_LINE_BYTES, Skips, check_inputs, mostly_skipped
 from tinyk.units import bytes_text, plural
 
@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--max-bytes", type=positive_size, default=None,
                    help="train on this much input, e.g. 500M (default: what the available memory allows, about "
                         "1/100 of it)")
-    t.add_argument("--field", default="text", help="JSON/Parquet field holding the text")
+    t.add_argument("--field", default="text", type=utf8_text, help="JSON/Parquet field holding the text")
     t.add_argument("--max-line-bytes", type=positive_size, default=DEFAULT_MAX_LINE_BYTES,
                    help="longer lines are skipped (default 16 MiB)")
     t.add_argument("--min-frequency", type=int_range(0, 1_000_000_000), default=2,
@@ -47,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--input", nargs="+", action="extend", default=None, help="sample files to measure compression on")
     e.add_argument("--max-bytes", type=positive_size, default=10_000_000,
                    help="read at most this much of the input files (default 10M)")
-    e.add_argument("--field", default="text", help="JSON/Parquet field holding the text")
+    e.add_argument("--field", default="text", type=utf8_text, help="JSON/Parquet field holding the text")
     e.add_argument("--json", action="store_true", help="print JSON")
     e.set_defaults(func=_eval)
 
