@@ -49,10 +49,10 @@ FP32_SHARE = 0.5  # of the fp32 peak an fp32 run is assumed to reach
 EAGER_SHARE = 0.5
 MEASURED_MODEL = "seed-215m"  # the model bench/gpu.sh measures; its MFU is the one in GPUS
 # The MFU in GPUS is micro-batch 64's (32,768 tokens per micro-step at seq 512). Smaller micro-steps keep the
-# GPU less busy; as shares of mb64's, bench/gpu.sh measured compiled mb16 88-89% and mb32 96-97% on two H100s
-# and an H200, eager mb32 94-95%, and eager mb16 75% on one H100 and the H200 but 89% on a second H100 (eager
-# launches every kernel from Python, so its small micro-batches may go at the host's pace); the lower figure
-# is kept. Keyed by compiled.
+# GPU less busy; as shares of mb64's, bench/gpu.sh measured compiled mb16 88-89% (two H100s), compiled mb32
+# 96-97% and eager mb32 94-95% (two H100s, an H200), and eager mb16 75% on one H100 and the H200 but 89% on a
+# second H100 (eager launches every kernel from Python, so its small micro-batches may go at the host's pace);
+# the lower figure is kept. Keyed by compiled.
 MICRO_STEP_SHARE = {False: ((8192, 0.75), (16384, 0.945), (32768, 1.0)),
                     True: ((8192, 0.876), (16384, 0.966), (32768, 1.0))}
 MIN_MICRO_STEP_SHARE = 0.1

@@ -14,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a model: data loss/bits per byte, chat tasks, multiple choice",
                        description="Modes combine: --data DIR (loss, perplexity, bits per byte), --task FILE "
                                    "(JSONL of {messages, answer}, or SFT records: greedy exact match and stop "
-                                   "rate), --choice DIR (C-Eval/CMMLU CSVs: option log-likelihood vs chance).")
+                                   "rate), --choice PATH (C-Eval/CMMLU CSVs: option log-likelihood vs chance).")
     p.add_argument("--model", required=True, type=model_dir,
                    help="model directory, or a training run's (meaning its final/)")
     p.add_argument("--data", nargs="+", action="extend", default=[], metavar="DIR", help="prepared data directories")
