@@ -114,6 +114,14 @@ def escape_controls(text: str, keep: str = "") -> str:
     return _CONTROL.sub(lambda m: m[0] if m[0] in keep else f"\\x{ord(m[0]):02x}", text)
 
 
+def say_on_stderr(line: str) -> None:
+    """A last line on stderr, which may be a pipe a Ctrl-C or `| head` closed (`... 2>&1 | tee log` stops
+    tee too): then the line is lost instead of raising, so the clean-up after it and the exit status
+    (the signal's) stay as they are."""
+    with contextlib.suppress(OSError):
+        print(line, file=sys.stderr)
+
+
 def is_terminal(stream: object) -> bool:
     """`stream.isatty()`, False for a stream without one (a host program's stdout replacement)."""
     isatty = getattr(stream, "isatty", None)

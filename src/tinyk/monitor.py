@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .errors import TinykError, first_line, is_terminal, writing
+from .errors import TinykError, first_line, is_terminal, say_on_stderr, writing
 from .model import cuda_autocast_dtype, dtype_name
 from .outputs import atomic_file, shows_a_bar, write_text_atomic
 from .units import plural
@@ -37,6 +37,7 @@ GPU_PEAK_TFLOPS: dict[str, float] = {
 }
 
 TRACKERS = ("tensorboard", "wandb", "swanlab")
+TRACKER_ID = ".tracker_id"  # the W&B and SwanLab run id, kept across resumes
 TRACKER_STEP = ".tracker_step"  # the last step earlier sessions may have sent W&B and SwanLab
 
 
@@ -121,7 +122,7 @@ class Trackers:
         names = list(dict.fromkeys(names))  # one writer each: a name given twice would log every point twice
         check_trackers(names)
         if not start_step:
-            (out / ".tracker_id").unlink(missing_ok=True)
+            (out / TRACKER_ID).unlink(missing_ok=True)
         try:
             for name in names:
                 self.sinks.append((name, self._start(name, out, config, project, run_name, start_step)))
@@ -178,8 +179,8 @@ class Trackers:
                     sink.log(values, step=step)
             except Exception as e:
                 self.sinks.remove((name, sink))
-                _warn(f"--tracker {name} failed at step {step} ({first_line(e)}); it gets nothing more from this "
-                      f"run, and metrics.jsonl keeps every value")
+                say_on_stderr(f"tinyk: warning: --tracker {name} failed at step {step} ({first_line(e)}); it gets "
+                              f"nothing more from this run, and metrics.jsonl keeps every value")
                 with contextlib.suppress(Exception):  # failed, not finished: it holds only part of the run
                     self._finish(name, sink, 1, f"tinyk stopped sending at step {step}: {first_line(e)}")
 
@@ -191,8 +192,9 @@ class Trackers:
         for name, sink in self.sinks:
             try:
                 self._finish(name, sink, exit_code, error)
-            except Exception as e:
-                _warn(f"--tracker {name} did not finish ({first_line(e)}); metrics.jsonl keeps every value")
+            except Exception as e:  # said where a closed stderr loses it: the trackers after it still finish
+                say_on_stderr(f"tinyk: warning: --tracker {name} did not finish ({first_line(e)}); metrics.jsonl "
+                              f"keeps every value")
 
     @staticmethod
     def _finish(name: str, sink: Any, exit_code: int = 0, error: str | None = None) -> None:
@@ -209,14 +211,6 @@ class Trackers:
             sink.finish()
 
 
-def _warn(msg: str) -> None:
-    """A tracker's warning on stderr, which may be the pipe a Ctrl-C or `| head` closed: then it is lost,
-    and the trackers after it are still finished (W&B's own footer had raised there, leaving SwanLab's run
-    to be marked finished by its exit hook)."""
-    with contextlib.suppress(OSError):
-        print(f"tinyk: warning: {msg}", file=sys.stderr)
-
-
 def tracker_values(rec: dict[str, Any]) -> dict[str, float]:
     """A metrics.jsonl record's numbers as the trackers get them, grouped as nanochat groups its own:
     `train/loss`, `train/tokens_per_s`, `val/loss`, `val/bpb`. One point per curve and
@@ -230,7 +224,7 @@ def tracker_values(rec: dict[str, Any]) -> dict[str, float]:
 
 def _run_id(out: Path) -> str:
     """A stable tracker run id per run directory, so a resumed run continues the same curve."""
-    f = out / ".tracker_id"
+    f = out / TRACKER_ID
     if not f.exists() or not f.read_text().strip():  # empty: made by an older tinyk killed mid-write
         with atomic_file(f) as tmp:
             tmp.write_text(os.urandom(6).hex())
@@ -329,7 +323,7 @@ class Monitor:
         kept = [r for r in self.records if r["step"] <= step]
         if len(kept) == len(self.records) and not self.cut_tail:  # a finished run resumes on a read-only disk
             return logged
-        if step and logged > step and (self.out / ".tracker_id").exists():  # a W&B or SwanLab run may hold them
+        if step and logged > step and (self.out / TRACKER_ID).exists():  # a W&B or SwanLab run may hold them
             with writing(sent_file):
                 write_text_atomic(sent_file, f"{logged}\n")
         self.records, self.cut_tail = kept, False

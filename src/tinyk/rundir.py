@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from .checkpoint import is_model_dir, model_dir_hint, unfinished_hint
 from .errors import TinykError, signal_handlers, writing
-from .monitor import TRACKER_STEP, TRACKERS
+from .monitor import TRACKER_ID, TRACKER_STEP, TRACKERS
 from .outputs import (
     DirLock,
     atomic_file,
@@ -71,7 +71,7 @@ def resolve_init(path: str | Path) -> Path:
                      f"nor a run directory with final/{model_dir_hint(p)}")
 
 
-RUN_ENTRIES = {"config.yaml", "checkpoints", "final", "metrics.jsonl", "summary.json", "loss.png", ".tracker_id",
+RUN_ENTRIES = {"config.yaml", "checkpoints", "final", "metrics.jsonl", "summary.json", "loss.png", TRACKER_ID,
                TRACKER_STEP, *TRACKERS}
 
 

@@ -1160,8 +1160,7 @@ class Trainer:
         if self.device.type == "cuda":  # this run's peak, not that of one before it in the process (the demo's)
             torch.cuda.reset_peak_memory_stats(self.device)
         self._window_t0, self._window_tokens0, self._window_flops0 = time.perf_counter(), p.tokens, p.flops
-        self.rates: list[float] = []
-        self.flop_rates: list[float] = []
+        self.window_rates: list[tuple[float, float]] = []  # each log window's tokens/s and FLOP/s
         last_train, last_val, best_val = self._earlier_results()
         last_saved = p.step if self.resumed_from else -1
         t_first = step_first = None
@@ -1227,13 +1226,13 @@ class Trainer:
         loss = self.window_loss.item() / max(self.window_loss_tokens, 1)
         seconds = time.perf_counter() - self._window_t0
         tokens, flops = p.tokens - self._window_tokens0, p.flops - self._window_flops0
-        self.rates.append(tokens / seconds)
-        self.flop_rates.append(flops / seconds)
+        rate, flop_rate = tokens / seconds, flops / seconds
+        self.window_rates.append((rate, flop_rate))
         self._check_finite(loss, "loss")
         skipped = int(self.window_skipped.item()) if self.scaler.is_enabled() else None
         if self.monitor:
-            self.monitor.log_train(self._train_record(loss, self.rates[-1], self.flop_rates[-1], round(flops / tokens),
-                                                      grad_norm.item(), skipped))
+            self.monitor.log_train(self._train_record(loss, rate, flop_rate, round(flops / tokens), grad_norm.item(),
+                                                      skipped))
         self.window_loss.zero_()
         self.window_skipped.zero_()
         # From after the logging (which may re-time a CPU's peak): a window's tokens/s is training speed alone.
@@ -1335,7 +1334,7 @@ class Trainer:
         elapsed = self._elapsed()
         rate = p.tokens / elapsed if p.tokens and elapsed > 0 else None  # the whole run's, as tokens and elapsed_s
         # The first log window holds start-up (and compilation); the median of the rest is the steady rate.
-        windows = list(zip(self.rates, self.flop_rates, strict=True))
+        windows = self.window_rates
         if not windows and self.monitor:  # this session trained nothing (killed while final/ was written)
             windows = [(r["tokens_per_s"], r["tokens_per_s"] * r["flops_per_token"]) for r in self.monitor.records
                        if r.get("type") == "train" and r.get("tokens_per_s")]

@@ -31,6 +31,7 @@ from tinyk.errors import (
     Terminated,
     TinykError,
     out_of_memory,
+    say_on_stderr,
     signal_handlers,
     signal_status,
     stop_signal,
@@ -148,13 +149,6 @@ def utf8_streams(streams: Iterable[Any], windows: bool = os.name == "nt") -> Non
             stream.reconfigure(encoding="utf-8", errors="surrogateescape" if stdin else None)
 
 
-def _say(line: str) -> None:
-    """A stopped command's last line on stderr. Ctrl-C on `... 2>&1 | tee log` also stops tee: then the
-    line is lost, and the exit status is still the signal's."""
-    with contextlib.suppress(OSError):
-        print(line, file=sys.stderr)
-
-
 def _stopped(e: KeyboardInterrupt) -> NoReturn:
     """One line for a command stopped by a signal, and its status: 128 + the signal's number. Under
     torchrun only local rank 0 says it, once per machine: Ctrl-C reaches every process, and the agent
@@ -165,7 +159,7 @@ def _stopped(e: KeyboardInterrupt) -> NoReturn:
     if name == "SIGTERM" and os.environ.get("TORCHELASTIC_RUN_ID"):  # it may be the one line on screen
         said += " (by torchrun, if another process of the job failed: its report below names the error)"
     if speaks_for_machine():  # a command may say what the stop came too late to undo (eval's complete results)
-        _say(f"tinyk: {said}{f' {e}' if str(e) else ''}")
+        say_on_stderr(f"tinyk: {said}{f' {e}' if str(e) else ''}")
     sys.exit(signal_status(name))
 
 
@@ -198,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         parser = build_parser()  # imports every stage's module: a Ctrl-C can land here too
     except KeyboardInterrupt:
-        _say("tinyk: interrupted")
+        say_on_stderr("tinyk: interrupted")
         sys.exit(130)
     if not (sys.argv[1:] if argv is None else argv):  # a bare `tinyk`: what it can do
         parser.print_help()
@@ -225,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"tinyk: error: {e}", root_cause=not isinstance(e, PeerLost))
     except StoppedBeforeTraining as e:
         if speaks_for_machine():
-            _say(f"tinyk: stopped by {e.signal_name} before the first step: nothing was trained, and the run "
+            say_on_stderr(f"tinyk: stopped by {e.signal_name} before the first step: nothing was trained, and the run "
                  f"directory is as it was")
         sys.exit(signal_status(e.signal_name))
     except KeyboardInterrupt as e:
