@@ -218,7 +218,7 @@ def test_plan_from_config_file_and_flags(tmp_path, capsys):
      "T4 16GB has no bf16 tensor cores (PyTorch would emulate bf16, many times slower): plan with --dtype fp16"),
     (["--preset", "seed-82m", "--gpu", "v100", "--gpus", "2", "--parallel", "fsdp"],
      "fp16 with --parallel fsdp is not supported: plan with DDP, or --dtype fp32 (NVIDIA V100 SXM2 32GB has no bf16)"),
-    (["--gpu", "h100"], "pass --preset or --config"),
+    (["--gpu", "h100"], "pass --preset, --config or --init"),
     (["--preset", "seed-215m", "--gpus", "3"], "not divisible by 3 GPUs"),
     (["--preset", "seed-215m", "--seq-len", "4096"], "exceeds the model's context"),
     (["--preset", "nope"], "unknown preset 'nope'"),
@@ -458,6 +458,27 @@ def test_plan_takes_the_vocabulary_of_the_tokenizer_as_training_does(tmp_path, t
     code, out, err = run_cli(["plan", "--preset", "nano", "--tokenizer", str(tok_dir), "--set",
                               "model.vocab_size=256"], capsys)  # planned a model that training refuses
     assert (code, out) == (2, "") and err.endswith("tokens but the model's vocab_size is 256\n")
+
+
+def test_plan_sizes_the_model_an_init_directory_holds(tmp_path, nano_model_dir, capsys):
+    """A fine-tune's config names its model by `init:`; plan sized nothing ('no model ... --init', a flag
+    it lacked). The shape is the directory's, its tokenizer the vocabulary's, as training takes both."""
+    from tinyk.checkpoint import load_model
+
+    built = load_model(nano_model_dir)[0]
+    code, out, _ = run_cli(["plan", "--init", str(nano_model_dir), "--json"], capsys)
+    plan = json.loads(out)
+    assert code == 0 and plan["model"]["parameters"] == built.num_params()
+    assert plan["model"]["name"] == f"{nano_model_dir} (--init)"
+    cfg = tmp_path / "sft.yaml"
+    cfg.write_text(f"init: {nano_model_dir}\nseq_len: 64\nbatch_size: 8\n")
+    code, out, _ = run_cli(["plan", "--config", str(cfg), "--json"], capsys)
+    assert code == 0 and json.loads(out)["model"] == plan["model"] and json.loads(out)["run"]["seq_len"] == 64
+    code, out, err = run_cli(["plan", "--config", str(cfg), "--set", "model.dim=128"], capsys)
+    assert (code, out) == (2, "") and err == (f"tinyk: error: model.dim=128 conflicts with {nano_model_dir} (dim 64); "
+                                              f"shapes come from the loaded model\n")
+    code, out, err = run_cli(["plan", "--init", str(tmp_path / "nothing")], capsys)
+    assert (code, out) == (2, "") and err.startswith(f"tinyk: error: --init {tmp_path / 'nothing'} not found")
 
 
 def test_plan_takes_the_configs_budget_and_prints_small_runs_readably(capsys):

@@ -1356,8 +1356,14 @@ def test_out_of_memory_names_the_knob(tmp_path, pt_data, tok_dir, monkeypatch, c
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(Transformer, "forward", boom)
-    with pytest.raises(TinykError, match=r"out of GPU memory at micro-batch 8 x seq_len 32 .*--micro-batch \(try 4\)"):
-        train(nano_cfg(pt_data, tok_dir, tmp_path / "o"))
+    # Only the knobs that would change something: FSDP shards nothing in one process.
+    with pytest.raises(TinykError) as e:
+        train(nano_cfg(pt_data, tok_dir, tmp_path / "o", parallel="fsdp"))
+    assert str(e.value).endswith("out of GPU memory at micro-batch 8 x seq_len 32 (float32): lower --micro-batch "
+                                 "(try 4), add --activation-checkpointing, or use a shorter --seq-len")
+    with pytest.raises(TinykError) as e:
+        train(nano_cfg(pt_data, tok_dir, tmp_path / "o", activation_checkpointing=True))
+    assert str(e.value).endswith("(float32): lower --micro-batch (try 4), or use a shorter --seq-len")
     monkeypatch.setattr(Transformer, "forward", lambda self, *a, **kw: torch.empty(2**62, dtype=torch.uint8))
     with pytest.raises(TinykError, match=r"^out of CPU memory \(asked for 4,611,686,018.4 GB\) at micro-batch 8 "):
         train(nano_cfg(pt_data, tok_dir, tmp_path / "o"))

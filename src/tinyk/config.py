@@ -428,14 +428,24 @@ def dump_config(cfg: TrainConfig) -> str:
     return yaml.safe_dump(d, sort_keys=False, allow_unicode=True)
 
 
-def model_config(section: dict[str, Any], vocab_size: int | None = None, base: ModelConfig | None = None
-                 ) -> ModelConfig:
-    """The model a config's `model:` section names: a preset (or `base`, a loaded model's) plus the
-    section's fields, with `vocab_size` from the tokenizer unless the section sets one. Shared by the
-    trainer and `tinyk plan`, so a plan sizes exactly the model a run would build."""
+# Model fields that change parameter shapes, so they cannot differ from an --init model's.
+SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "multiple_of",
+                "tie_embeddings")
+
+
+def model_config(section: dict[str, Any], vocab_size: int | None = None, base: ModelConfig | None = None,
+                 base_from: str | Path | None = None) -> ModelConfig:
+    """The model a config's `model:` section names: a preset (or `base`, the config of the model
+    directory `base_from`) plus the section's fields, with `vocab_size` from the tokenizer unless the
+    section sets one. Shared by the trainer and `tinyk plan`, so a plan sizes exactly the model a run
+    would build."""
     section = dict(section)
     preset = section.pop("preset", None)
     if base is not None:
+        clash = [k for k in SHAPE_FIELDS if k in section and section[k] != getattr(base, k)]
+        if clash:
+            raise TinykError(f"model.{clash[0]}={section[clash[0]]} conflicts with {base_from} "
+                             f"({clash[0]} {getattr(base, clash[0])}); shapes come from the loaded model")
         fields = {**base.to_dict(), **section}
     elif preset is None and not section:
         raise TinykError("no model: pass --preset, a config with a model section, or --init a model directory")

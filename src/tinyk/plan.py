@@ -447,24 +447,30 @@ class RunSpec:
 
 def run_spec(*, preset: str | None, config: str | None, sets: Iterable[str] = (),
              overrides: dict[str, Any] | None = None, tokenizer: str | Path | None = None) -> RunSpec:
-    """Resolves preset/config/--set/flags with the trainer's own rules, so plan sizes the run it would do;
-    with `tokenizer`, the vocabulary is that tokenizer's, as training takes it."""
+    """Resolves preset/config/--set/flags with the trainer's own rules, so plan sizes the run it would do:
+    the model an `init` directory holds, else the preset's or the config's; with `tokenizer` (else the
+    config's, else the init model's), the vocabulary is that tokenizer's, as training takes it."""
+    from .checkpoint import load_config
     from .config import model_config, resolve_config
+    from .rundir import resolve_init
 
-    if not preset and not config:
-        raise TinykError("pass --preset or --config")
+    if not preset and not config and not (overrides or {}).get("init"):
+        raise TinykError("pass --preset, --config or --init")
     # resolve_config insists on data and output paths; planning reads neither.
     flags = {"data": "-", "out": "-", **{k: v for k, v in (overrides or {}).items() if v is not None}}
     tc = resolve_config("pretrain", preset=preset, config=config, flags=flags, sets=list(sets))
-    tokenizer = tokenizer or tc.tokenizer  # a config's own, as training reads it
+    init = resolve_init(tc.init) if tc.init else None
+    init_cfg = load_config(init) if init else None
+    tokenizer = tokenizer or tc.tokenizer or init  # as training reads them
     if tokenizer is None:
-        cfg, vocab = model_config(tc.model), None
+        cfg, vocab = model_config(tc.model, base=init_cfg, base_from=init), None
     else:
         from .checkpoint import check_compatible
         from .tokenizer import load_tokenizer
 
         tok = load_tokenizer(tokenizer)
-        cfg, vocab = model_config(tc.model, tok.vocab_size), tok.vocab_size
+        cfg = model_config(tc.model, tok.vocab_size, base=init_cfg, base_from=init)
+        vocab = tok.vocab_size
         check_compatible(cfg, tok)  # a vocab_size below the tokenizer's, refused as training refuses it
     base = tc.model.get("preset")
     seq_len = tc.seq_len or cfg.max_seq_len  # as training takes it
@@ -477,7 +483,7 @@ def run_spec(*, preset: str | None, config: str | None, sets: Iterable[str] = ()
     if named:  # the preset's shape, with the tokenizer's vocabulary where one was given
         reference = preset_config(named)
         same = _shape(cfg) == _shape(replace(reference, vocab_size=vocab) if vocab else reference)
-    name = named if same else f"custom ({config or preset})"
+    name = named if same else f"{init} (--init)" if init and not tc.model else f"custom ({config or preset or init})"
     return RunSpec(name=name, cfg=cfg, seq_len=seq_len, batch_size=tc.batch_size,
                    micro_batch=tc.micro_batch, dtype=tc.dtype, parallel=tc.parallel,
                    checkpointing=tc.activation_checkpointing, max_tokens=min(budgets) if budgets else None,

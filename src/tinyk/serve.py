@@ -34,6 +34,7 @@ from dataclasses import dataclass, replace
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from .engine import (
@@ -788,9 +789,8 @@ class Handler(BaseHTTPRequestHandler):
     # -- routes -------------------------------------------------------------------------
 
     def parse_request(self) -> bool:
-        """Refuses a request that names another site as its Host when the server listens on this machine
-        only: a web page whose DNS name was re-pointed at 127.0.0.1 (DNS rebinding) would otherwise read
-        the API as its own origin."""
+        """Refuses a request that names another site as its Host, on any address: a web page whose DNS
+        name was re-pointed at this server (DNS rebinding) would otherwise read the API as its own origin."""
         if not super().parse_request():
             return False
         lengths = _content_lengths(self.headers)
@@ -1434,12 +1434,23 @@ class ChatServer(ThreadingHTTPServer):
         self.close()
 
 
+def default_model_name(model_dir: Path) -> str:
+    """The id clients send back, as text: the model directory's name, but a run's for the model a run
+    made (`--model runs/chat` serves 'chat', not 'final'; a checkpoint's is 'chat-step_000100')."""
+    from .rundir import CKPT_RE, is_run_dir
+
+    path = Path(os.path.abspath(model_dir))
+    if path.name == "final" and is_run_dir(path.parent):
+        path = path.parent
+    elif path.name == "model" and CKPT_RE.match(path.parent.name) and is_run_dir(path.parent.parent.parent):
+        return shown(f"{path.parent.parent.parent.name}-{path.parent.name}")
+    return shown(path.name)
+
+
 def serve(model_dir: str, *, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
           dtype: str = "auto", quantize: str = "none", max_batch: int = 16, **cfg: Any) -> None:
     """Loads the model and serves until interrupted (`tinyk serve`)."""
-    from pathlib import Path
-
-    cfg.setdefault("model_name", shown(Path(os.path.abspath(model_dir)).name))  # the id clients send back: text
+    cfg.setdefault("model_name", default_model_name(Path(model_dir)))
     config = ServerConfig(**cfg)  # its refusals (an API key with a space) come before the model loads
     check_host(host)
     engine = Engine.from_dir(model_dir, device=device, dtype=dtype, max_batch=max_batch, quantize=quantize)

@@ -88,9 +88,6 @@ from .units import GiB, plural
 # Whether this process has joined a job of several (its exit can then abort: see cli._fail).
 joined_a_job = False
 SIGINT_ECHO_S = 0.5  # a second SIGINT sooner than this is the first one again, not a second Ctrl-C
-# Model fields that change parameter shapes, so they cannot differ from an --init model's.
-SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "multiple_of",
-                "tie_embeddings")
 COMPUTE_FIELDS = ("rope_theta", "norm_eps")  # not shapes, but the weights were trained with them
 
 
@@ -565,7 +562,7 @@ class Trainer:
             raise TinykError(f"the model's {n:,} parameters need {need / GiB:,.1f} GiB for fp32 weights, "
                              f"gradients and AdamW state alone, more than the {free / GiB:,.1f} GiB {where}: "
                              f"choose a smaller model (`tinyk plan` sizes one)"
-                             + ("" if self.device.type == "cpu" else ", or shard it with --parallel fsdp"))
+                             + (", or shard it with --parallel fsdp" if self._fsdp_would_shard() else ""))
 
     def _model_config(self, vocab_size: int) -> ModelConfig:
         if self.weights_dir is None:
@@ -575,10 +572,6 @@ class Trainer:
         except TinykError as e:
             raise self._weights_error(e) from None
         section = self.cfg.model
-        clash = [k for k in SHAPE_FIELDS if k in section and section[k] != getattr(base, k)]
-        if clash:
-            raise TinykError(f"model.{clash[0]}={section[clash[0]]} conflicts with {self.weights_dir} "
-                             f"({clash[0]} {getattr(base, clash[0])}); shapes come from the loaded model")
         # A resumed run goes on training the same function; these change what its weights compute (the
         # loss jumps), as a fine-tune from them may mean to (extending the context with rope_theta).
         changed = [k for k in COMPUTE_FIELDS if self.resumed_from and k in section and section[k] != getattr(base, k)]
@@ -587,7 +580,7 @@ class Trainer:
             raise TinykError(f"model.{k}={section[k]} differs from the run's {getattr(base, k)}: a resumed run "
                              f"trains the same model on; to train with another {k}, start a new run with "
                              f"--init {self.weights_dir}")
-        return model_config(section, base=base)
+        return model_config(section, base=base, base_from=self.weights_dir)
 
     def _open_run_dir(self, force: bool) -> bool:
         """Takes --out for this run (rundir.RunDir.open); True when it holds nothing of an earlier run."""
@@ -892,9 +885,21 @@ class Trainer:
         return contextlib.nullcontext()
 
     def _oom(self, memory: str) -> TinykError:
+        knobs = [f"lower --micro-batch (try {max(1, self.micro // 2)})"]
+        if not self.cfg.activation_checkpointing:
+            knobs.append("add --activation-checkpointing")
+        if self._fsdp_would_shard():
+            knobs.append("shard the model with --parallel fsdp")
+        knobs.append("use a shorter --seq-len")
         return TinykError(f"out of {memory} at micro-batch {self.micro} x seq_len {self.cfg.seq_len} "
-                          f"({dtype_name(self.dtype)}): lower --micro-batch (try {max(1, self.micro // 2)}), "
-                          f"or add --activation-checkpointing, --parallel fsdp, or a shorter --seq-len")
+                          f"({dtype_name(self.dtype)}): {', '.join(knobs[:-1])}, or {knobs[-1]}")
+
+    def _fsdp_would_shard(self) -> bool:
+        """Whether `--parallel fsdp` would cut this run's memory: it shards only across several
+        processes, and on the CPU those of one host share its memory anyway."""
+        local = os.environ.get("LOCAL_WORLD_SIZE", "1")
+        hosts_share = self.device.type == "cpu" and local.isdigit() and int(local) >= self.dist.world
+        return self.cfg.parallel != "fsdp" and self.dist.world > 1 and not hosts_share
 
     def next_batches(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
         """This process's micro-batches for one optimizer step, and how many of their targets carry loss."""

@@ -29,9 +29,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--tokenizer", required=True, type=model_dir, help="the tokenizer the checkpoint was trained with")
     m.add_argument("--out", type=output_path, required=True)
     m.add_argument("--n-heads", type=positive_int, help="attention heads (default: the directory's config.json, "
-                                                        "else the tutorial's 16)")
-    m.add_argument("--max-seq-len", type=positive_int, help="context length (default: config.json's, else the "
-                                                            "tutorial's 512)")
+                                                        "else the checkpoint's RoPE tables, else the tutorial's 16)")
+    m.add_argument("--max-seq-len", type=positive_int,
+                   help="context length (default: config.json's, else the checkpoint's RoPE tables or mask, else "
+                        "the tutorial's 512)")
     m.add_argument("--force", action="store_true")
     m.set_defaults(func=_import)
 

@@ -19,15 +19,18 @@ from tinyk.cli.common import (
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="estimate memory per GPU, largest micro-batch, time and cost of a run",
-                       description="Sizes a pretraining run from a preset or config: parameters, FLOPs per token, "
-                                   "memory per GPU, the largest micro-batch that fits, tokens/s, wall time, cost.")
+                       description="Sizes a training run from a preset, config or --init model: parameters, "
+                                   "FLOPs per token, memory per GPU, the largest micro-batch that fits, tokens/s, "
+                                   "wall time, cost.")
     what = p.add_argument_group("what to train (as for tinyk pretrain)")
     what.add_argument("--preset", help=f"a shipped config: {PRESET_NAMES}")
     what.add_argument("--config", help="YAML or TOML training config")
     what.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key")
+    what.add_argument("--init", metavar="MODEL_DIR",
+                      help="plan a run that starts from this model (or a run's final model), as in tinyk sft --init")
     what.add_argument("--tokenizer", type=model_dir,
                       help="tokenizer directory (or a model's or a run's): the model's vocabulary is its size, as in "
-                           "tinyk pretrain (default: the preset's)")
+                           "tinyk pretrain (default: the config's, else --init's, else the preset's vocabulary)")
     what.add_argument("--seq-len", type=positive_int)
     what.add_argument("--batch-size", type=batch_count, help="global batch in sequences per optimizer step")
     what.add_argument("--micro-batch", type=batch_count,
@@ -64,7 +67,8 @@ def _run(args: argparse.Namespace) -> int:
     run = run_spec(preset=args.preset, config=args.config, sets=args.set,
                    overrides={"seq_len": args.seq_len, "batch_size": args.batch_size, "micro_batch": args.micro_batch,
                               "dtype": args.dtype, "parallel": args.parallel,
-                              "activation_checkpointing": args.activation_checkpointing, "compile": args.compile},
+                              "activation_checkpointing": args.activation_checkpointing, "compile": args.compile,
+                              "init": args.init},
                    tokenizer=args.tokenizer)
     tokens = args.tokens or run.max_tokens or DEFAULT_TOKENS
     plan = make_plan(run, find_gpu(args.gpu), gpus=args.gpus, nodes=args.nodes, tokens=tokens,

@@ -29,7 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_engine_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int_range(0, 65535), default=8000, help="default 8000; 0 picks a free one")
-    p.add_argument("--model-name", type=non_empty, help="the model id clients send (default: the directory's name)")
+    p.add_argument("--model-name", type=non_empty,
+                   help="the model id clients send (default: the directory's name; a run's for its model)")
     p.add_argument("--api-key",
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $TINYK_API_KEY, else no check)")
     p.add_argument("--max-batch", type=batch_count, default=16, help="sequences decoded together (default 16)")

@@ -72,7 +72,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="--no-progress: no progress bar, and no line per log interval where output is not a "
                             "terminal (metrics.jsonl and trackers still get every interval)")
         o.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-        o.add_argument("--force", action="store_true", help="delete an existing run directory and start over")
+        o.add_argument("--force", action="store_true", help="start over in an existing run directory, deleting "
+                                                                 "what the old run wrote (files of your own stay)")
         o.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="any config key, e.g. --set model.dim=64 --set warmup_steps=100")
         p.set_defaults(func=_run, kind=kind)
