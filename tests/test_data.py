@@ -34,7 +34,7 @@ from tinyk.data import (
 )
 from tinyk.errors import TinykError
 from tinyk.inputs import Skips
-from tinyk.loader import PAD_MULTIPLE, PretrainLoader, SFTLoader, eval_batches, open_dataset
+from tinyk.loader import PAD_MULTIPLE, PretrainLoader, ResumeMismatch, SFTLoader, eval_batches, open_dataset
 from tinyk.tokenizer import (
     DEFAULT_SYSTEM_PROMPT,
     load_tokenizer,
@@ -1175,8 +1175,8 @@ def test_pretrain_loader_ranks_split_each_group_and_resume_exactly(pretrain_dir)
             and torch.equal(torch.cat([g[1] for g in got]), want[1])
     # Resume after 6 groups with a different split of the same global batch (1 rank x 4).
     state = json.loads(json.dumps(ranks[0].state_dict()))
-    assert state == ranks[1].state_dict() == {"epoch": 0, "cursor": 24, "num_windows": ref.num_windows, "seed": 3,
-                                              "seq_len": 8}
+    assert state == ranks[1].state_dict() == {"epoch": 0, "cursor": 24, "num_windows": ref.num_windows, "order": 1,
+                                              "seed": 3, "seq_len": 8}
     resumed = PretrainLoader(pretrain_dir, "train", 8, 4, seed=3)
     resumed.load_state_dict(state)
     for want in expected[6:]:
@@ -1284,6 +1284,27 @@ def test_sft_steps_stay_length_sorted_runs_across_epochs_when_the_batch_does_not
     for i, step in enumerate(steps):
         if i not in straddling:
             assert (np.diff(lengths[step]) >= 0).all(), (i, lengths[step])
+
+
+def test_a_position_in_an_order_this_tinyk_no_longer_makes_is_refused(sft_dir, pretrain_dir):
+    """An SFT checkpoint from before steps were shuffled whole (2026-12-02) resumed at its cursor in the
+    new order: 72 of its first 80 conversations came round again that epoch and 72 were never seen."""
+    sft = SFTLoader(sft_dir, "train", 64, 2, seed=2, batch_size=4)
+    for _ in range(3):
+        sft.next_batch()
+    state = sft.state_dict()
+    assert state["order"] == 2
+    before_order = {k: v for k, v in state.items() if k != "order"}
+    SFTLoader(sft_dir, "train", 64, 2, seed=2, batch_size=4).load_state_dict(before_order)  # batch_size came with 2
+    first_order = {k: v for k, v in before_order.items() if k != "batch_size"}
+    with pytest.raises(ResumeMismatch, match="^this run was saved by an older tinyk, which put the samples in "
+                                             "another order: resuming where it stopped would repeat some"):
+        SFTLoader(sft_dir, "train", 64, 2, seed=2, batch_size=4).load_state_dict(first_order)
+    with pytest.raises(ResumeMismatch, match="older tinyk"):
+        SFTLoader(sft_dir, "train", 64, 2, seed=2, batch_size=4).load_state_dict({**state, "order": 3})
+    pretrain = PretrainLoader(pretrain_dir, "train", 8, 4)  # its order has not changed: no record needed
+    pretrain.load_state_dict({"epoch": 0, "cursor": 4, "num_windows": pretrain.num_windows})
+    assert pretrain.state_dict()["cursor"] == 4
 
 
 def test_sft_loader_resumes_and_drops_conversations_without_loss(sft_dir):

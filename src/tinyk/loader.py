@@ -301,6 +301,8 @@ class ResumeMismatch(TinykError):
 class _Loader:
     """A rank's view of an endless, seeded, per-epoch sample order addressed by (epoch, cursor)."""
 
+    ORDER = 1  # how samples are ordered: a new way gets a new number, so an old (epoch, cursor) is refused
+
     def __init__(self, data: SplitData, micro_batch: int, rank: int, world_size: int, seed: int):
         _check_layout(micro_batch, rank, world_size)
         self.data, self.micro_batch, self.rank, self.world_size, self.seed = data, micro_batch, rank, world_size, seed
@@ -343,9 +345,17 @@ class _Loader:
         return {"seed": self.seed, "seq_len": self.data.seq_len}
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self._epoch, "cursor": self._cursor, "num_windows": self.num_windows, **self.order_settings()}
+        return {"epoch": self._epoch, "cursor": self._cursor, "num_windows": self.num_windows, "order": self.ORDER,
+                **self.order_settings()}
+
+    def _saved_order(self, state: dict[str, Any]) -> int:
+        return state.get("order", 1)  # the first order was not recorded
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self._saved_order(state) != self.ORDER:
+            raise ResumeMismatch("this run was saved by an older tinyk, which put the samples in another order: "
+                                 "resuming where it stopped would repeat some samples of the epoch and skip others; "
+                                 "resume it with that version")
         for name, value in self.order_settings().items():
             saved = state.get(name, value)  # absent from checkpoints written before it was recorded
             if saved != value:
@@ -398,9 +408,14 @@ class SFTLoader(_Loader):
         shuffled = steps[np.random.default_rng((self.seed, epoch, 1)).permutation(n_steps)]
         return np.concatenate([order[:head], shuffled.ravel(), order[head + n_steps * self.batch_size:]])
 
+    ORDER = 2  # 2: steps shuffled whole after bucketing (2026-12-02)
+
     def order_settings(self) -> dict[str, int]:
         """Steps are shuffled whole, so the order also depends on the global batch."""
         return {**super().order_settings(), "batch_size": self.batch_size}
+
+    def _saved_order(self, state: dict[str, Any]) -> int:
+        return state.get("order", 2 if "batch_size" in state else 1)  # batch_size came with order 2
 
 
 def eval_batches(data_dir: str | Path, split: str, seq_len: int, micro_batch: int, max_batches: int | None = None,
