@@ -31,6 +31,7 @@ from tinyk.cli import main
 from tinyk.config import TrainConfig, parse_sets, resolve_config
 from tinyk.data import prepare_pretrain
 from tinyk.errors import TinykError
+from tinyk.inputs import sha256_file
 from tinyk.loader import PretrainLoader, SFTLoader
 from tinyk.model import Transformer, preset_config
 from tinyk.rundir import RunDir, checkpoints
@@ -839,6 +840,8 @@ def test_two_process_ddp_and_fsdp_match_one_process(tmp_path, pt_data, tok_dir):
     (["--max-steps", "5"], "max_steps is 4 in rank 0 but 5 in rank 1"),  # it hung in rank 0's last barrier
     (["--set", "model.dim=96"], "model.dim is 64 in rank 0 but 96 in rank 1"),  # DDP's traceback
     (["--data", "OTHER"], "started on different data: rank 1's data directory differs from rank 0's"),  # trained both
+    (["--data", "RETOKENIZED"], "started on different data"),  # the same sizes, other tokens: trained both
+    (["--force"], "start is 'a new run' in rank 0 but '--force' in rank 1"),  # rank 1 went on from step 0
 ])
 def test_nodes_started_with_different_commands_are_refused_before_training(tmp_path, pt_data, tok_dir, corpus_file,
                                                                             rank1, says):
@@ -849,6 +852,17 @@ def test_nodes_started_with_different_commands_are_refused_before_training(tmp_p
                                  show_progress=False)
         assert other["splits"] != json.loads((pt_data / "meta.json").read_text())["splits"]
         rank1 = ["--data", str(tmp_path / "other")]
+    if "RETOKENIZED" in rank1:
+        other = shutil.copytree(pt_data, tmp_path / "other")
+        meta = json.loads((other / "meta.json").read_text())
+        name = next(iter(meta["sha256"]))
+        tokens = np.fromfile(other / name, dtype=np.uint16)
+        i = int(np.flatnonzero(tokens != tokens[0])[0])
+        tokens[[0, i]] = tokens[[i, 0]]
+        tokens.tofile(other / name)
+        meta["sha256"][name] = sha256_file(other / name)
+        (other / "meta.json").write_text(json.dumps(meta))
+        rank1 = ["--data", str(other)]
     out = tmp_path / "run"
     rdzv = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2", **AS_TORCHRUN}
     flags = ["--max-steps", "4", "--save-every", "0"]
@@ -861,6 +875,30 @@ def test_nodes_started_with_different_commands_are_refused_before_training(tmp_p
     errors = [line for line in outputs[0][1].splitlines() if line.startswith("tinyk: error:")]
     assert len(errors) == 1 and says in errors[0], outputs[0][1]
     assert not out.exists()
+
+
+def test_processes_that_would_resume_from_different_checkpoints_are_refused(tmp_path, pt_data, tok_dir):
+    """A node seeing another copy of the run directory (no shared filesystem), or a cached listing
+    without the newest checkpoint, resumed from an older step: the job trained a mix, then hung."""
+    run = tmp_path / "run"
+    train(nano_cfg(pt_data, tok_dir, run, max_steps=2, save_every=1))
+    shutil.rmtree(run / "final")
+    stale = shutil.copytree(run, tmp_path / "stale")
+    shutil.rmtree(checkpoints(stale)[-1])
+    rdzv = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2", **AS_TORCHRUN}
+    workers = [subprocess.Popen([str(BIN / "python"), "-m", "tinyk", *cli_args(pt_data, tok_dir, where, "--resume",
+                                                                                "--max-steps", "4")],
+                                env={**ENV, **rdzv, "RANK": str(r), "LOCAL_RANK": str(r)},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for r, where in enumerate((run, stale))]
+    outputs = [w.communicate(timeout=120) for w in workers]
+    assert [w.returncode for w in workers] == [2, 2], outputs
+    errors = [line for line in outputs[0][1].splitlines() if line.startswith("tinyk: error:")]
+    assert errors == [f"tinyk: error: the processes of this job would resume from different checkpoints: rank 0 "
+                      f"from step_0000002, rank 1 from step_0000001; every node must see the same run directory "
+                      f"({run}) on a shared filesystem (one that caches listings may need a minute to show the "
+                      f"newest: start the job again then)"], outputs[0][1]
+    assert [p.name for p in checkpoints(run)] == ["step_0000001", "step_0000002"] and not (run / "final").exists()
 
 
 def test_a_run_resumes_from_inside_its_directory(tmp_path, pt_data, tok_dir, monkeypatch):

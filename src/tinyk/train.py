@@ -442,7 +442,7 @@ class Trainer:
         try:
             self._setup_inputs()
             self._setup_data()
-            self._check_same_job()
+            self._check_same_job(force)
             self.fresh = self._open_run_dir(force)
         except BaseException as e:
             self.dist.close()
@@ -592,19 +592,24 @@ class Trainer:
         return self.run_dir.open(force=force, resume=self.resume, resumed_from=self.resumed_from, inputs=inputs,
                                  config=dump_config(self.cfg))
 
-    def _check_same_job(self) -> None:
+    def _check_same_job(self, force: bool) -> None:
         """Refuses a job whose processes were started with different settings (one node's job script
         differing by a flag): they would train a mix of both, or hang or abort in a collective that
-        does not match. Paths may differ between machines; the data and the model they name may not."""
+        does not match. Paths may differ between machines; the data and the model they name may not,
+        nor the checkpoint each resumes from (a node that sees another directory, or an older listing
+        of it, would train on from another step)."""
         if self.dist.world == 1:
             return
         local = {"data", "tokenizer", "init", "out", "model", "device", "progress", "tracker", "project", "run_name",
                  "peak_tflops"}
-        # The data's tokenizer, how it was split, and its sizes (documents, tokens, bytes): not its contents.
-        data = {k: self.meta.get(k) for k in ("tokenizer_hash", "splits", "seed", "val_fraction")}
+        # The data's tokenizer, how it was split, its sizes and its files' checksums (data made before
+        # tinyk recorded them is compared by the rest).
+        data = {k: self.meta.get(k) for k in ("tokenizer_hash", "splits", "seed", "val_fraction", "sha256")}
         job = {**{k: v for k, v in self.cfg.to_dict().items() if k not in local},
                **{f"model.{k}": v for k, v in self.mcfg.to_dict().items()}, "device": self.device.type,
-               "data": hashlib.sha256(repr(data).encode()).hexdigest()}
+               "data": hashlib.sha256(repr(data).encode()).hexdigest(),
+               "start": "--resume" if self.resume else "--force" if force else "a new run",
+               "checkpoint": self.resumed_from.name if self.resumed_from else None}
         jobs: list[Any] = [None] * self.dist.world
         dist.all_gather_object(jobs, job, group=self.dist.host)
         self.dist.barrier()  # every rank has every setting before any refuses and ends the group
@@ -612,8 +617,13 @@ class Trainer:
             key = next((k for k in job if other.get(k) != jobs[0].get(k)), None)
             if key == "data":
                 raise TinykError(f"the processes of this job were started on different data: rank {rank}'s data "
-                                 f"directory differs from rank 0's (another tokenizer, split or size); give every "
-                                 f"node the same data")
+                                 f"directory differs from rank 0's (another tokenizer, split, size or contents); "
+                                 f"give every node the same data")
+            if key == "checkpoint":
+                raise TinykError(f"the processes of this job would resume from different checkpoints: rank 0 from "
+                                 f"{jobs[0][key] or 'none'}, rank {rank} from {other[key] or 'none'}; every node "
+                                 f"must see the same run directory ({self.out}) on a shared filesystem (one that "
+                                 f"caches listings may need a minute to show the newest: start the job again then)")
             if key is not None:
                 raise TinykError(f"the processes of this job were started with different settings: {key} is "
                                  f"{jobs[0][key]!r} in rank 0 but {other[key]!r} in rank {rank}; run the same "
