@@ -321,8 +321,9 @@ def test_a_fast_machine_spaces_warmup_and_evaluations_over_the_run_it_can_do(tmp
 
 def test_a_quiet_demo_says_where_its_report_is_and_any_name_is_recorded_right(tmp_path, capsys):
     """--quiet printed the table but not where report.md was; an --out whose name holds a quote left the
-    temporary folder's name in the recorded paths (JSON and YAML write the quote escaped)."""
-    out = tmp_path / 'my "demo"'
+    temporary folder's name in the recorded paths (JSON and YAML write the quote escaped), as did a long
+    one with spaces (YAML folded the path across two lines there)."""
+    out = tmp_path / f'{"a long folder name " * 4}my "demo"'
     with pytest.raises(SystemExit) as e:
         main(["demo", "--smoke", "--out", str(out), "--quiet"])
     assert e.value.code == 0 and capsys.readouterr().out.rstrip().endswith(

@@ -342,7 +342,8 @@ def test_the_memory_of_a_jobs_step_is_what_the_plan_says(tmp_path, parallel):
     r = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2",
                         str(ROOT / "bench" / "plan_vs_measured.py"), "--preset", "tiny", "--micro-batch", "4",
                         "--seq-len", "256", "--all", "--parallel", parallel, "--json", str(out)],
-                       env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)},  # torchrun's files
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 4 and all(row["parallel"] == parallel and row["processes"] == 2 for row in rows)

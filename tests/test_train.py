@@ -798,7 +798,8 @@ def test_two_process_ddp_and_fsdp_match_one_process(tmp_path, pt_data, tok_dir):
              "--set", "keep_checkpoints=10", "--set", "eval_batches=2", "--set", "lr=3e-3", "--set", "warmup_steps=2"]
     ddp = tmp_path / "ddp"
     r = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "tinyk",
-                        *cli_args(pt_data, tok_dir, ddp, *flags)], env=ENV, capture_output=True, text=True)
+                        *cli_args(pt_data, tok_dir, ddp, *flags)], env={**ENV, "TMPDIR": str(tmp_path)},
+                       capture_output=True, text=True)  # TMPDIR: torchrun's own files
     assert r.returncode == 0, r.stderr[-3000:]
     fsdp = tmp_path / "fsdp"
     shutil.copytree(ref, fsdp)
@@ -1012,7 +1013,7 @@ def test_two_processes_stop_together_on_a_time_budget(tmp_path, pt_data, tok_dir
     r = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "tinyk",
                         *cli_args(pt_data, tok_dir, out, "--max-steps", "100000", "--max-minutes", "0.05",
                                   "--eval-every", "7", "--log-every", "5", "--set", "eval_batches=1")],
-                       env=ENV, capture_output=True, text=True, timeout=120)
+                       env={**ENV, "TMPDIR": str(tmp_path)}, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Warning" not in r.stderr, r.stderr[-3000:]  # e.g. torch 2.13's deprecated DDP flag
     summary = json.loads((out / "summary.json").read_text())
@@ -1764,26 +1765,29 @@ def test_compiled_training_matches_eager(tmp_path, pt_data, tok_dir):
     assert compiled["final_val_loss"] == pytest.approx(eager["final_val_loss"], rel=1e-4)
 
 
-def test_a_compile_that_fails_is_one_line_and_leaves_no_run(tmp_path, pt_data, tok_dir, monkeypatch):
+def test_a_compile_that_fails_is_one_line_and_leaves_no_run(tmp_path, pt_data, tok_dir):
     """No C++ compiler: inductor's 150-line traceback was the report, and the run directory it left
     behind refused the corrected command ("exists, use --resume or --force"); with --force, the run it
     replaced was gone."""
     import torch._dynamo
     import torch._inductor.config as inductor
 
-    monkeypatch.setattr(inductor.cpp, "cxx", ("/nonexistent/g++",))
-    monkeypatch.setattr(inductor, "fx_graph_cache", False)  # a graph compiled earlier must not be reused
+    # inductor's own patch: monkeypatch.setattr deleted fx_graph_cache on undo, and every later compile failed
+    cache = inductor.fx_graph_cache
+    with inductor.patch({"cpp.cxx": ("/nonexistent/g++",), "fx_graph_cache": False}):  # no graph compiled earlier
+        torch._dynamo.reset()
+        out = tmp_path / "run"
+        with pytest.raises(TinykError, match="^torch.compile failed .*; leave --compile out, or install what it needs"):
+            train(nano_cfg(pt_data, tok_dir, out, max_steps=3, compile=True, seq_len=24))
+        assert not out.exists()
+        torch._dynamo.reset()
+        assert train(nano_cfg(pt_data, tok_dir, out, max_steps=1, seq_len=24))["steps"] == 1
+        before = sorted(p.relative_to(out) for p in out.rglob("*"))
+        with pytest.raises(TinykError, match="^torch.compile failed"):  # --force replaces a run once a step is done
+            train(nano_cfg(pt_data, tok_dir, out, max_steps=3, compile=True, seq_len=24), force=True)
+        assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
     torch._dynamo.reset()
-    out = tmp_path / "run"
-    with pytest.raises(TinykError, match="^torch.compile failed .*; leave --compile out, or install what it needs"):
-        train(nano_cfg(pt_data, tok_dir, out, max_steps=3, compile=True, seq_len=24))
-    assert not out.exists()
-    torch._dynamo.reset()
-    assert train(nano_cfg(pt_data, tok_dir, out, max_steps=1, seq_len=24))["steps"] == 1
-    before = sorted(p.relative_to(out) for p in out.rglob("*"))
-    with pytest.raises(TinykError, match="^torch.compile failed"):  # --force replaces a run only once a step is done
-        train(nano_cfg(pt_data, tok_dir, out, max_steps=3, compile=True, seq_len=24), force=True)
-    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert inductor.fx_graph_cache == cache
 
 
 def test_no_validation_split_still_trains(tmp_path, corpus_file, tok_dir, capsys):

@@ -425,7 +425,7 @@ def dump_config(cfg: TrainConfig) -> str:
     for key in ("data", "tokenizer", "init"):
         if d.get(key):
             d[key] = os.path.abspath(d[key])
-    return yaml.safe_dump(d, sort_keys=False, allow_unicode=True)
+    return yaml.safe_dump(d, sort_keys=False, allow_unicode=True, width=math.inf)  # a long path stays one line
 
 
 # Model fields that change parameter shapes, so they cannot differ from an --init model's.
