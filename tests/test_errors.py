@@ -317,7 +317,12 @@ def test_an_init_model_without_its_tokenizer_is_named(tmp_path, tok_dir, nano_mo
     (init / "tokenizer.json").unlink()
     code, err = run_cli(["pretrain", "--init", str(init), "--tokenizer", str(tok_dir), "--data", str(pt_data),
                          "--out", str(tmp_path / "r"), "--max-steps", "1"], capsys)
-    assert (code, err) == (2, f"tinyk: error: not a tokenizer directory (no tokenizer.json): {init}\n")
+    assert (code, err) == (2, f"tinyk: error: model directory {init} has no tokenizer.json: it was saved without "
+                              f"its tokenizer; put the tokenizer's files beside it (transformers: "
+                              f"tokenizer.save_pretrained(DIR), with the tokenizer of the model it was trained "
+                              f"from)\n")
+    code, err = run_cli(["chat", "--model", str(init), "--message", "你好"], capsys)  # the same line everywhere
+    assert code == 2 and err.startswith(f"tinyk: error: model directory {init} has no tokenizer.json")
 
 
 @pytest.mark.parametrize("weights,says", [
@@ -325,6 +330,7 @@ def test_an_init_model_without_its_tokenizer_is_named(tmp_path, tok_dir, nano_mo
                                      "save_pretrained(DIR, max_shard_size='100GB')"),
     ("pytorch_model.bin.index.json", "sharded over several files"),
     ("pytorch_model.bin", "a pickle (pytorch_model.bin), which tinyk does not load: save them as safetensors"),
+    ("adapter_config.json", "an adapter (adapter_config.json), not a whole model: merge it into its base model first"),
 ])
 def test_a_transformers_directory_tinyk_cannot_read_says_how_to_save_it(tmp_path, tok_dir, sft_data, capsys, weights,
                                                                        says):
@@ -345,11 +351,14 @@ def test_a_transformers_directory_tinyk_cannot_read_says_how_to_save_it(tmp_path
                    capsys)[1] == f"tinyk: error: --init {typo} not found\n"
     code, err = run_cli(["sft", "--init", str(hf), "--data", str(sft_data), "--out", str(tmp_path / "run")], capsys)
     assert code == 2 and err.count("\n") == 1 and f"nor a run directory with final/; its weights are {says}" in err
+    code, err = run_cli(["model", "import", str(hf), "--tokenizer", str(tok_dir), "--out", str(tmp_path / "m")],
+                        capsys)
     if weights == "pytorch_model.bin":
-        code, err = run_cli(["model", "import", str(hf), "--tokenizer", str(tok_dir), "--out", str(tmp_path / "m")],
-                            capsys)
         assert code == 2 and f"{hf} is not a checkpoint of the tutorial's model but a Hugging Face Llama " \
             f"checkpoint; its weights are {says}" in err
+    else:  # it said only what the directory lacked
+        assert (code, err) == (2, f"tinyk: error: {hf} holds neither model.safetensors nor pytorch_model.bin; "
+                                  f"its weights are {says}" + err.split(says, 1)[1])
 
 
 def test_tokenizer_larger_than_model_vocab(tmp_path, tok_dir, corpus_file):

@@ -188,6 +188,28 @@ def test_text_bytes_bound_its_token_count_from_below(tk, nfkc_dir, s):
         assert len(t.encode(s)) >= len(s.encode()) // t.max_token_bytes
 
 
+def test_tokens_added_in_transformers_count_their_bytes(tmp_path, tok_dir):
+    """`tok.add_tokens(["人工智能大语言模型微调"])` then resize_token_embeddings: tinyk counted the word's
+    11 characters as its bytes (33), so a prompt that fit was refused and bits per byte came out 2.2x."""
+    import shutil
+
+    from tokenizers import Tokenizer
+
+    added = shutil.copytree(tok_dir, tmp_path / "added")
+    hf = Tokenizer.from_file(str(added / "tokenizer.json"))
+    hf.add_tokens(["人工智能大语言模型微调"])
+    hf.add_special_tokens(["<|a_long_special_tool_call_marker|>"])
+    hf.save(str(added / "tokenizer.json"))
+    t = load_tokenizer(added)
+    word, tool = t.vocab_size - 2, t.vocab_size - 1
+    assert t.encode("人工智能大语言模型微调<|a_long_special_tool_call_marker|>") == [word, tool]
+    assert (t.token_bytes[word], t.token_bytes[tool]) == (33, 0)
+    assert t.piece(word) == "人工智能大语言模型微调".encode() and t.token_spellings[tool] is None
+    assert t.max_token_bytes == len("<|a_long_special_tool_call_marker|>")  # its spelling in a text is one token
+    for s in ("人工智能大语言模型微调" * 47, "<|a_long_special_tool_call_marker|>" * 9):
+        assert len(t.encode(s)) >= len(s.encode()) // t.max_token_bytes
+
+
 def test_fullwidth_punctuation_survives_by_default(tk, nfkc_dir):
     s = "你好，世界！真的吗？（是的）"
     assert tk.decode(tk.encode(s)) == s

@@ -252,6 +252,9 @@ def model_dir_hint(path: Path) -> str:
                                                 for name in ("model.safetensors", "pytorch_model.bin")):
         return ("; its weights are sharded over several files: save them as one, e.g. transformers' "
                 "save_pretrained(DIR, max_shard_size='100GB')")
+    if (path / "adapter_config.json").is_file():
+        return ("; its weights are an adapter (adapter_config.json), not a whole model: merge it into its base "
+                "model first, e.g. peft's model.merge_and_unload().save_pretrained(DIR)")
     if (path / "config.json").is_file() and (path / "pytorch_model.bin").is_file():
         return ("; its weights are a pickle (pytorch_model.bin), which tinyk does not load: save them as "
                 "safetensors, e.g. transformers' save_pretrained(DIR, safe_serialization=True)")
@@ -504,7 +507,7 @@ def _read_seed_weights(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         if not found:
             pths = ", ".join(p.name for p in sorted(path.glob("*.pth"))[:3])
             raise TinykError(f"{path} holds neither model.safetensors nor pytorch_model.bin"
-                             + (f"; give the file to import ({pths})" if pths else ""))
+                             + (f"; give the file to import ({pths})" if pths else model_dir_hint(path)))
         path = found[0]
     elif not path.is_file():
         raise TinykError(f"checkpoint not found: {path}")

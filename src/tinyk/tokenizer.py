@@ -261,8 +261,18 @@ class TinyTokenizer:
     @cached_property
     def token_spellings(self) -> list[str | None]:
         """Each token's bytes in byte-level BPE's alphabet, one character a byte (None for special
-        tokens): one token's text starts with another's where its spelling starts with the other's."""
-        return [None if i < len(SPECIAL_TOKENS) else self.tok.id_to_token(i) for i in range(self.vocab_size)]
+        tokens): one token's text starts with another's where its spelling starts with the other's.
+        A token added in `transformers` (`tok.add_tokens`) is kept as plain text, spelled here as BPE's."""
+        added = self.tok.get_added_tokens_decoder()
+        char_of = {b: c for c, b in self._byte_of_char.items()}
+
+        def spelling(i: int) -> str | None:
+            if i < len(SPECIAL_TOKENS) or (i in added and added[i].special):
+                return None
+            if i in added:
+                return "".join(char_of[b] for b in added[i].content.encode())
+            return self.tok.id_to_token(i)
+        return [spelling(i) for i in range(self.vocab_size)]
 
     @cached_property
     def _byte_of_char(self) -> dict[str, int]:
@@ -297,7 +307,8 @@ class TinyTokenizer:
         """The most UTF-8 bytes of input text one token stands for (a special token's spelling included;
         four times that under NFKC, which can make a 4-byte character a 1-byte one): text of n bytes
         has at least n / max_token_bytes tokens."""
-        most = max(*self.token_bytes, *(len(t.encode()) for t in SPECIAL_TOKENS))
+        specials = [*SPECIAL_TOKENS, *(t.content for t in self.tok.get_added_tokens_decoder().values() if t.special)]
+        most = max(*self.token_bytes, *(len(t.encode()) for t in specials))
         return most * 4 if self.tok.normalizer is not None else most
 
     def encode(self, text: str, special: bool = True) -> list[int]:
@@ -354,12 +365,22 @@ class TinyTokenizer:
         return self.resolve_system(prompt_from_flag(flag))
 
 
+def tokenizer_file(path: str | Path) -> Path:
+    """The directory's tokenizer.json, or one line on why there is none."""
+    path = Path(path)
+    if (path / "config.json").is_file() and not (path / "tokenizer.json").exists():
+        raise TinykError(f"model directory {path} has no tokenizer.json: it was saved without its tokenizer; put "
+                         f"the tokenizer's files beside it (transformers: tokenizer.save_pretrained(DIR), with the "
+                         f"tokenizer of the model it was trained from)")
+    return marker_file(path, "tokenizer.json", "tokenizer")
+
+
 def tokenizer_hash(path: str | Path) -> str:
     """Identity of a tokenizer directory: a hash of what decides its ids and text (vocabulary, merges,
     normaliser, pre-tokeniser, decoder, added tokens), not of the file's bytes, which `transformers`
     rewrites when it saves a tokenizer back (a post-processor tinyk never runs, other key order).
     A directory without tokenizer.json is refused as loading it would be."""
-    f = marker_file(path, "tokenizer.json", "tokenizer")
+    f = tokenizer_file(path)
     try:
         d = read_json(f)
         model = dict(d["model"])
@@ -387,7 +408,7 @@ def load_tokenizer(path: str | Path) -> TinyTokenizer:
 
 def _read_tokenizer(path: Path) -> TinyTokenizer:
     """tokenizer.json with the special ids tinyk relies on."""
-    f = marker_file(path, "tokenizer.json", "tokenizer")
+    f = tokenizer_file(path)
     try:
         tok = Tokenizer.from_str(f.read_text(encoding="utf-8"))  # Python opens it: see outputs.rust_path
     except Exception as e:  # tokenizers raises a bare Exception on bad JSON
