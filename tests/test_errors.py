@@ -303,6 +303,10 @@ def test_a_directory_next_to_the_right_one_is_pointed_to(tmp_path, tok_dir, nano
     shutil.copytree(nano_model_dir, newest)
     assert run_cli(chat, capsys)[1] == (f"tinyk: error: model directory not found: {unfinished / 'final'} (its run has "
                                         f"not finished; a run's checkpoints: the newest one's model is in {newest})\n")
+    (unfinished / "config.yaml").write_text("kind: pretrain\n")  # --model RUN, its final/ not there yet
+    assert run_cli(["chat", "--model", str(unfinished), "--message", "你好"], capsys)[1] == (
+        f"tinyk: error: not a model directory (needs config.json and model.safetensors): {unfinished}; a training "
+        f"run that has not finished (no final/ yet); a run's checkpoints: the newest one's model is in {newest}\n")
     assert run_cli(["pretrain", "--init", str(unfinished / "final"), "--data", str(pt_data),
                     "--out", str(tmp_path / "r")],
                    capsys)[1] == (f"tinyk: error: --init {unfinished / 'final'} not found (its run has not finished; "

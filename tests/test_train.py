@@ -1790,6 +1790,31 @@ def test_a_compile_that_fails_is_one_line_and_leaves_no_run(tmp_path, pt_data, t
     assert inductor.fx_graph_cache == cache
 
 
+def test_data_replaced_while_a_run_trains_changes_nothing_it_validates_on(tmp_path, pt_data, tok_dir, corpus_file,
+                                                                        monkeypatch):
+    """`tinyk data pretrain --force` into the directory a run trains from: each evaluation re-read it, so
+    the val loss changed sets mid-run without a word (and data of another tokenizer crashed the run)."""
+    data = shutil.copytree(pt_data, tmp_path / "data")
+    swapped: dict[str, bool] = {}
+    train(nano_cfg(data, tok_dir, tmp_path / "ref", max_steps=4, eval_every=2))
+    want = [r["val_loss"] for r in map(json.loads, (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines())
+            if r["type"] == "eval"]
+    evaluate = Trainer.evaluate
+
+    def replaced_first(self):
+        if not swapped:
+            shutil.rmtree(data)
+            prepare_pretrain([corpus_file], tok_dir, data, val_fraction=0.3, seed=1, show_progress=False)
+            swapped["replaced"] = True
+        return evaluate(self)
+
+    monkeypatch.setattr(Trainer, "evaluate", replaced_first)
+    train(nano_cfg(data, tok_dir, tmp_path / "run", max_steps=4, eval_every=2))
+    got = [r["val_loss"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+           if r["type"] == "eval"]
+    assert swapped and len(want) == 2 and got == want
+
+
 def test_no_validation_split_still_trains(tmp_path, corpus_file, tok_dir, capsys):
     data = tmp_path / "noval"
     prepare_pretrain([corpus_file], tok_dir, data, val_fraction=0.0, workers=1, show_progress=False)

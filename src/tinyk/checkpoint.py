@@ -234,6 +234,9 @@ def model_dir_hint(path: Path) -> str:
     steps = sorted(p for p in path.glob("step_*") if is_model_dir(p / "model")) if path.is_dir() else []
     if steps:
         return f"; a run's checkpoints: the newest one's model is in {steps[-1] / 'model'}"
+    if (path / "checkpoints").is_dir() and (path / "config.yaml").is_file():
+        return ("; a training run that has not finished (no final/ yet)"
+                + (model_dir_hint(path / "checkpoints") or ", nor saved a checkpoint"))
     if path.is_file() and is_model_dir(path.parent):
         return f"; give the model directory it is in, {path.parent}"
     if path.is_file() and path.suffix in (".pth", ".pt", ".bin", ".safetensors"):

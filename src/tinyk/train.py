@@ -649,9 +649,12 @@ class Trainer:
         self.total_steps = self.step_cap
         self.refit: tuple[int, float, float] | None = None  # a resumed run's re-fitted schedule, for the header
         self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else default_warmup(self.total_steps)
-        self.val_problem, self.val_dropped = None, 0
+        self.val_problem, self.val_dropped, self.val_split = None, 0, None
         try:  # opening the split validates it; a run without usable validation data still trains (damaged stops)
-            self.val_dropped = getattr(open_split(cfg.data, "val", cfg.seq_len), "dropped", 0)
+            # Kept open, as the training split is: data replaced while the run trains (tinyk data --force)
+            # changes neither what it validates on nor, made with another tokenizer, crashes it.
+            self.val_split = open_split(cfg.data, "val", cfg.seq_len)
+            self.val_dropped = getattr(self.val_split, "dropped", 0)
         except UnusableSplit as e:
             self.val_problem = str(e)
         self.has_val = self.val_problem is None
@@ -970,15 +973,14 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
         """Validation loss (nats per loss token) and bits per byte of the text those tokens spell."""
-        from .loader import eval_batches
+        from .loader import split_batches
 
         cfg = self.cfg
         self.model.eval()
-        # eval_batches counts global batches of batch_size sequences, so the subset is the same for any world size.
+        # split_batches counts global batches of batch_size sequences, so the subset is the same for any world size.
         group = self.micro * self.dist.world
         groups = math.ceil(cfg.eval_batches * cfg.batch_size / group) if cfg.eval_batches else None
-        batches = eval_batches(cfg.data, "val", cfg.seq_len, self.micro, groups,
-                               rank=self.dist.rank, world_size=self.dist.world)
+        batches = split_batches(self.val_split, self.micro, groups, rank=self.dist.rank, world_size=self.dist.world)
 
         def on_device() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
             dummy = torch.zeros(1, 1, dtype=torch.long)
