@@ -731,6 +731,19 @@ def test_an_output_that_appears_while_a_command_runs_is_not_replaced(tmp_path):
     assert [(p / "w").read_text() for p in tmp_path.iterdir() if p.name.startswith("长") and p.name.endswith(".new")] \
         == ["ours"]
     assert (out / "config.json").read_text() == "theirs, again"
+    # Two `tinyk demo --out X` (or tokenizer --force) at once: each replaces what was there when it began,
+    # never the other's newer output (both said "saved" and the first one's was lost).
+    out = tmp_path / "tok2"
+    with atomic_dir(out) as tmp:
+        (tmp / "tokenizer.json").write_text("before")
+    with pytest.raises(TinykError, match=r"^output directory .*tok2 is not replaced \(.*tok2 appeared or changed "
+                                         r"while this ran; the new output is kept as .*tok2\.new\)$"):
+        with atomic_dir(out, force=True) as tmp:
+            (tmp / "tokenizer.json").write_text("ours")
+            with atomic_dir(out, force=True) as other:
+                (other / "tokenizer.json").write_text("theirs")
+    assert (out / "tokenizer.json").read_text() == "theirs"
+    assert (tmp_path / "tok2.new" / "tokenizer.json").read_text() == "ours"
 
 
 def test_an_output_named_through_itself_is_replaced_in_place(tmp_path, monkeypatch):

@@ -165,6 +165,7 @@ def atomic_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path
     check_output(out, inputs)
     remove_stale_temps(out)  # first: an output a killed replace had moved aside is back, and checked below
     _check_replace(out, force, replaces)
+    was = _identity(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         if partial:
@@ -182,6 +183,8 @@ def atomic_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path
             sync_tree(tmp)
         try:  # again: something may have been put there meanwhile (another run, the user)
             _check_replace(out, force, replaces)
+            if _identity(out) not in (was, None):  # --force replaces what was there, not another run's newer output
+                raise TinykError(f"output directory {out} is not replaced")
         except TinykError as e:
             kept = _unused_name(out.with_name(f"{_stem(out.name)}.new"))  # complete, partial or not
             try:
@@ -254,6 +257,15 @@ def sync_folder(folder: Path) -> None:
             os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """Which directory (or file, or link) is at `path` now: its device and inode, None for none."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _check_replace(out: Path, force: bool, replaces: tuple[str, Callable[[Path], bool]] | None) -> None:
