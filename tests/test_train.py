@@ -2317,6 +2317,9 @@ def test_one_run_at_a_time_in_a_run_directory(tmp_path, pt_data, tok_dir):
         with pytest.raises(TinykError, match=rf"in use by another tinyk run \(process {holder.pid} \(\S*python\S* -c "
                                              rf"import fcntl, os, sys, time fd = .*\): still training"):
             train(nano_cfg(pt_data, tok_dir, out, max_steps=4), resume=True)
+        # Nor "exists (use --resume or --force)" to a plain start: either flag would meet the same lock.
+        with pytest.raises(TinykError, match="in use by another tinyk run"):
+            train(nano_cfg(pt_data, tok_dir, out, max_steps=4))
         # The holder's rotation deleting the newest checkpoint while it is read: in use, not damaged.
         newest = checkpoints(out)[-1] / "model"
         (newest / "tokenizer.json").rename(tmp_path / "tokenizer.json")

@@ -313,6 +313,8 @@ class RunDir:
                              f"config.yaml and checkpoints/): its files would be overwritten; choose another "
                              f"directory")
         if exists and not resume and not force:
+            if self.held_elsewhere():  # a run training there now (one started a moment ago): not a hint to --force
+                raise self.in_use()
             raise TinykError(f"run directory {out} exists (use --resume to continue it or --force to start over)")
         if exists and force and not resume and (mine := users_files_in_run(out)):
             raise TinykError(f"--force would delete {', '.join(mine[:3])}{', ...' if len(mine) > 3 else ''} in {out} "
