@@ -317,24 +317,32 @@ def test_memory_on_a_mac_is_its_free_and_inactive_pages(monkeypatch):
 
 
 def test_without_max_bytes_reading_stops_where_memory_would_run_out(tmp_path, monkeypatch, capsys):
-    """BPE training holds ~80 bytes per byte of text: with 150 MB free, a 3 MB corpus is read up to 1.5 MB."""
+    """BPE training holds up to 100 bytes per byte of text: with 200 MB free, a 3 MB corpus is read up to
+    1.5 MiB (1.5 x 2^20: a step, so that 190 MB free reads the same text and makes the same tokenizer)."""
     from tinyk import tokenizer
 
     line = json.dumps({"text": "语料很大，内存有限。" * 20}, ensure_ascii=False) + "\n"
     big = tmp_path / "big.jsonl"
     big.write_text(line * (3_000_000 // len(line.encode())), encoding="utf-8")
-    monkeypatch.setattr(tokenizer, "memory_available", lambda: 150_000_000)
+    monkeypatch.setattr(tokenizer, "memory_available", lambda: 200_000_000)
     r = train_tokenizer([big], tmp_path / "tok", vocab_size=300, show_progress=False)
-    assert r["cap_from_memory"] and 1_400_000 < r["capped_at"] <= 1_500_000
+    assert r["cap_from_memory"] and 1_572_864 - len(line.encode()) < r["capped_at"] <= 1_572_864
     assert r["documents"] == r["capped_at"] // len(line.encode())
+    monkeypatch.setattr(tokenizer, "memory_available", lambda: 190_000_000)
+    again = train_tokenizer([big], tmp_path / "again", vocab_size=300, show_progress=False)
+    assert again["capped_at"] == r["capped_at"]
+    assert (tmp_path / "again" / "tokenizer.json").read_bytes() == (tmp_path / "tok" / "tokenizer.json").read_bytes()
+    assert [tokenizer.memory_read_limit(m) for m in (99_999_999, 100 << 20, 150 << 20, 199 << 20, 10**12)] == [
+        1 << 20, 1 << 20, 3 << 19, 3 << 19, 1 << 33]
     monkeypatch.setattr(tokenizer, "memory_available", lambda: 10**12)
     assert train_tokenizer([big], tmp_path / "tok2", vocab_size=300, show_progress=False)["capped_at"] is None
-    monkeypatch.setattr(tokenizer, "memory_available", lambda: 150_000_000)
+    monkeypatch.setattr(tokenizer, "memory_available", lambda: 200_000_000)
     with pytest.raises(SystemExit):
         main(["tokenizer", "train", str(big), "--out", str(tmp_path / "t3"), "--vocab-size", "300"])
     said = capsys.readouterr()
-    assert "read the first 1.5 MB of the input, what 150 MB of available memory allows" in said.out
-    assert "tinyk: reading at most 1.5 MB of text, what 150 MB of available memory allows" in said.err  # up front
+    assert "read the first 1.6 MB of the input, what 200 MB of available memory allows" in said.out
+    assert "tinyk: reading at most 1.6 MB of text, what 200 MB of available memory allows" in said.err  # up front
+    monkeypatch.setattr(tokenizer, "memory_available", lambda: 150_000_000)
     with pytest.raises(SystemExit):
         main(["tokenizer", "train", str(big), "--out", str(tmp_path / "t4"), "--vocab-size", "300",
               "--max-bytes", "2M"])

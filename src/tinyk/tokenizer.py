@@ -500,8 +500,12 @@ BPE_MEMORY_PER_BYTE = 100
 
 
 def memory_read_limit(memory: int) -> int:
-    """How much text BPE training reads without --max-bytes, given the memory available."""
-    return max(memory // BPE_MEMORY_PER_BYTE, 1 << 20)
+    """How much text BPE training reads without --max-bytes, given the memory available: rounded down to
+    2^k or 1.5 x 2^k bytes, so that the same command on the same machine reads the same text, and makes
+    the same tokenizer, though the memory available moves a little between runs (245 MB, then 241)."""
+    cap = max(memory // BPE_MEMORY_PER_BYTE, 1 << 20)
+    step = 1 << (cap.bit_length() - 1)
+    return step + step // 2 if step + step // 2 <= cap else step
 
 
 # Why memory bounds the text read, in the notes before and after training.
