@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import unicodedata
 from pathlib import Path
 
@@ -351,6 +352,21 @@ def test_without_max_bytes_reading_stops_where_memory_would_run_out(tmp_path, mo
         main(["tokenizer", "train", str(big), "--out", str(tmp_path / "t5"), "--vocab-size", "300",
               "--max-bytes", "100G"])
     assert "warning: reading 3.0 MB of text (--max-bytes)" in capsys.readouterr().err
+
+
+def test_tokenizer_training_in_a_log_says_it_is_alive(tmp_path, corpus_file, monkeypatch, capsys):
+    """Under nohup or `> log`, minutes of training printed nothing between the note and the summary."""
+    from tinyk import tokenizer
+
+    monkeypatch.setattr(tokenizer, "PROGRESS_LINE_S", 0.0)
+    monkeypatch.setattr(tokenizer.os, "isatty", lambda fd: False)
+    train_tokenizer([corpus_file], tmp_path / "tok", vocab_size=300)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines and all(re.fullmatch(r"training tokenizer: read [\d,]+ documents \([\d.]+ [kMG]?B( of at most "
+                                      r"[\d.]+ [kMG]?B)?\)(; counting and merging pairs)?, \d+:\d\d elapsed", line)
+                         for line in lines), lines
+    train_tokenizer([corpus_file], tmp_path / "quiet", vocab_size=300, show_progress=False)  # asked for none
+    assert capsys.readouterr().err == ""
 
 
 def test_ctrl_c_stops_tokenizer_training_at_once(tmp_path, monkeypatch):

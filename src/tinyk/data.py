@@ -52,7 +52,15 @@ from .inputs import (
     sft_format,
     sha256_file,
 )
-from .outputs import DirLock, atomic_dir, plain_name, remove_path, shows_a_bar, write_json_atomic
+from .outputs import (
+    PROGRESS_LINE_S,
+    DirLock,
+    atomic_dir,
+    plain_name,
+    remove_path,
+    shows_a_bar,
+    write_json_atomic,
+)
 from .tokenizer import (
     IM_END_ID,
     IM_START_ID,
@@ -72,7 +80,6 @@ FORMAT_VERSION = 1
 SPLITS = ("train", "val")
 DEFAULT_SHARD_TOKENS = 100_000_000
 DEFAULT_BATCH_CHARS = 1 << 19
-PROGRESS_LINE_S = 60.0  # without a terminal (a log, a batch job) a line this often instead of a bar
 CHECKPOINT_S = 60.0  # a stopped run, continued, redoes about this much work at most (once both splits have begun)
 PIECE_CHARS = 1 << 17  # longer documents are tokenized piece by piece (see `text_pieces`)
 # Speaker names used by BelleGroup, ShareGPT and OpenAI-style data, mapped to chat-template roles.

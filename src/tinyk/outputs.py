@@ -552,6 +552,9 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         tmp.write_bytes(shown(text).encode("utf-8"))
 
 
+PROGRESS_LINE_S = 60.0  # without a terminal (a log, a batch job) a line this often instead of a bar
+
+
 def shows_a_bar(stream: Any) -> bool:
     """A terminal with room for a progress bar: one that reports 0 rows (some containers' and CI's)
     gets tqdm's bar hidden, and so nothing at all, unless it gets plain lines instead."""

@@ -15,7 +15,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -36,7 +36,7 @@ from .inputs import (
     iter_texts,
     read_json,
 )
-from .outputs import atomic_dir, marker_file, write_json_atomic
+from .outputs import PROGRESS_LINE_S, atomic_dir, marker_file, write_json_atomic
 from .units import bytes_text
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
@@ -547,9 +547,11 @@ def _text_read(inputs: list[str | Path], max_bytes: int) -> int:
     return min(max_bytes, sum(p.stat().st_size * (MAX_COMPRESSION if is_compressed(p) else 1) for p in paths))
 
 
-def _train_interruptibly(tok: Tokenizer, texts: Iterator[str], trainer: Any) -> None:
+def _train_interruptibly(tok: Tokenizer, texts: Iterator[str], trainer: Any,
+                         tick: Callable[[], None] = lambda: None) -> None:
     """`train_from_iterator` in a thread: the library holds Ctrl-C back until training ends (minutes
-    to hours), while the main thread waiting here takes it at once and stops the reader."""
+    to hours), while the main thread waiting here takes it at once and stops the reader; `tick` runs at
+    each of its wake-ups."""
     stop = threading.Event()
     failed: list[BaseException] = []
 
@@ -570,6 +572,7 @@ def _train_interruptibly(tok: Tokenizer, texts: Iterator[str], trainer: Any) -> 
     try:
         while thread.is_alive():  # short waits: a Ctrl-C the kernel hands another thread is acted on at a wake-up
             thread.join(0.2)
+            tick()
     except KeyboardInterrupt:
         stop.set()  # the merges after reading cannot be stopped: they end with the process, or the next call waits
         _INTERRUPTED.append(thread)
@@ -628,20 +631,35 @@ def train_tokenizer(inputs: list[str | Path], out: str | Path, *, vocab_size: in
         show_progress=os.isatty(1) if show_progress is None else show_progress,
     )
     stats = {"documents": 0, "characters": 0}
+    # In a log or a batch job (no bar): a line a minute, so that a run of many minutes is seen to be alive.
+    lines = show_progress is None and not os.isatty(1)
+    read = {"bytes": 0, "done": False}
 
     def texts():
         for t in iter_texts(paths, skips, field=field, max_bytes=max_bytes, max_line_bytes=max_line_bytes):
             stats["documents"] += 1
             stats["characters"] += len(t)
+            if lines:
+                read["bytes"] += len(t.encode("utf-8", "surrogatepass"))
             # The BPE trainer slows with the square of a pre-token's length (a 20,000-character run of
             # Chinese without punctuation took 2.3 s, in pieces 0.3 s): long documents go in pieces,
             # which splits one word in thousands.
             for i in range(0, len(t), TRAIN_PIECE_CHARS):
                 yield t[i:i + TRAIN_PIECE_CHARS]
+        read["done"] = True
 
     t0 = time.time()
+    last_line = time.monotonic()
+
+    def tick() -> None:
+        nonlocal last_line
+        if lines and time.monotonic() - last_line >= PROGRESS_LINE_S:
+            last_line = time.monotonic()
+            print(_training_line(stats["documents"], read["bytes"], max_bytes, bool(read["done"]), time.time() - t0),
+                  file=sys.stderr, flush=True)
+
     with atomic_dir(out, force=force, inputs=paths, replaces=("a tinyk tokenizer", _is_tokenizer_output)) as tmp:
-        _train_interruptibly(tok, texts(), trainer)
+        _train_interruptibly(tok, texts(), trainer, tick)
         if stats["documents"] == 0:
             raise _no_documents("in the input", skips, max_bytes)
         for i, name in enumerate(SPECIAL_TOKENS):
@@ -660,6 +678,18 @@ def train_tokenizer(inputs: list[str | Path], out: str | Path, *, vocab_size: in
             save_tokenizer_files(tok, tmp)
             write_json_atomic(tmp / TRAINING_RECORD, record)  # a file name that is not UTF-8 as `shown` prints it
     return result
+
+
+def _training_line(documents: int, nbytes: int, max_bytes: int | None, read_all: bool, seconds: float) -> str:
+    """A progress line of BPE training where no bar is shown: reading has a known end, the merges do
+    not (the library reports none, and their pace is far from even: on 200 MB of text the first sixth
+    of them took most of the time)."""
+    minutes, secs = divmod(int(seconds), 60)
+    read = f"read {documents:,} documents ({bytes_text(nbytes)}"
+    if read_all:
+        return f"training tokenizer: {read}); counting and merging pairs, {minutes}:{secs:02d} elapsed"
+    of = f" of at most {bytes_text(max_bytes)}" if max_bytes else ""
+    return f"training tokenizer: {read}{of}), {minutes}:{secs:02d} elapsed"
 
 
 def _no_documents(where: str, skips: Skips, max_bytes: int | None) -> TinykError:
