@@ -223,8 +223,8 @@ def test_long_documents_reach_the_bpe_trainer_in_pieces(tmp_path, monkeypatch):
 
     real, given = tk_module._train_interruptibly, []
 
-    def recording(tok, texts, trainer):
-        return real(tok, (given.append(len(t)) or t for t in texts), trainer)
+    def recording(tok, texts, trainer, tick):
+        return real(tok, (given.append(len(t)) or t for t in texts), trainer, tick)
 
     monkeypatch.setattr(tk_module, "_train_interruptibly", recording)
     src = tmp_path / "run.jsonl"
