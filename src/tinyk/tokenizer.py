@@ -625,14 +625,14 @@ def train_tokenizer(inputs: list[str | Path], out: str | Path, *, vocab_size: in
         max_bytes = memory_read_limit(memory)
     skips = Skips(strict=strict)
     tok = build_tokenizer(normalization)
+    bar = os.isatty(1) if show_progress is None else show_progress
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=os.isatty(1) if show_progress is None else show_progress,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=bar,
     )
     stats = {"documents": 0, "characters": 0}
     # In a log or a batch job (no bar): a line a minute, so that a run of many minutes is seen to be alive.
-    lines = show_progress is None and not os.isatty(1)
+    lines = show_progress is None and not bar
     read = {"bytes": 0, "done": False}
 
     def texts():

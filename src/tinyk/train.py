@@ -209,6 +209,12 @@ class Dist:
             dist.barrier(group=self.host)
 
 
+def _processes_on_this_host() -> int:
+    """torchrun's LOCAL_WORLD_SIZE: the processes that share this machine's memory (1 unset or unreadable)."""
+    local = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    return int(local) if local.isdigit() and int(local) > 0 else 1
+
+
 def _launch_env() -> tuple[int, int, int]:
     """(world size, rank, local rank) from what torchrun sets; a partial set (a job script that exports
     WORLD_SIZE alone) is one line instead of the rendezvous's traceback."""
@@ -555,8 +561,7 @@ class Trainer:
             need = max(need, WEIGHT_BYTES * n)  # the whole fp32 model reaches the GPU before FSDP shards it
             free, where = torch.cuda.mem_get_info(self.device)[0], f"{torch.cuda.get_device_name(self.device)} has free"
         else:
-            local = os.environ.get("LOCAL_WORLD_SIZE", "1")
-            need *= int(local) if local.isdigit() and int(local) > 0 else 1  # processes on this host share it
+            need *= _processes_on_this_host()
             free, where = memory_available(), "this machine has available"
         if free is not None and need > free:
             raise TinykError(f"the model's {n:,} parameters need {need / GiB:,.1f} GiB for fp32 weights, "
@@ -910,8 +915,7 @@ class Trainer:
     def _fsdp_would_shard(self) -> bool:
         """Whether `--parallel fsdp` would cut this run's memory: it shards only across several
         processes, and on the CPU those of one host share its memory anyway."""
-        local = os.environ.get("LOCAL_WORLD_SIZE", "1")
-        hosts_share = self.device.type == "cpu" and local.isdigit() and int(local) >= self.dist.world
+        hosts_share = self.device.type == "cpu" and _processes_on_this_host() >= self.dist.world
         return self.cfg.parallel != "fsdp" and self.dist.world > 1 and not hosts_share
 
     def next_batches(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:

@@ -219,8 +219,8 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"tinyk: error: {e}", root_cause=not isinstance(e, PeerLost))
     except StoppedBeforeTraining as e:
         if speaks_for_machine():
-            say_on_stderr(f"tinyk: stopped by {e.signal_name} before the first step: nothing was trained, and the run "
-                 f"directory is as it was")
+            say_on_stderr(f"tinyk: stopped by {e.signal_name} before the first step: nothing was trained, and the "
+                          f"run directory is as it was")
         sys.exit(signal_status(e.signal_name))
     except KeyboardInterrupt as e:
         _stopped(e)
