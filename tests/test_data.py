@@ -1064,6 +1064,25 @@ def test_data_given_to_the_wrong_command_says_which_one_reads_it(tmp_path, tok_d
         prepare_pretrain([chats], tok_dir, tmp_path / "p", **QUIET)
 
 
+def test_sft_bytes_are_the_bytes_of_the_tokens_that_learn(tmp_path, tok_dir):
+    # meta.json's bytes are the denominator of the bits per byte the trainer and `tinyk eval` report
+    # on the same split: a cut inside a character (rare ones are several byte tokens) counts the bytes
+    # its learning tokens spell, as they do.
+    tok = load_tokenizer(tok_dir)
+    chat = [{"role": "user", "content": "写"}, {"role": "assistant", "content": "龘𠀋鱻" * 4 + CHINESE}]
+    whole = len(tok.encode(render_chat(chat)))
+    src = write_jsonl(tmp_path / "s.jsonl", [chat], field=None)
+    mid_character = 0
+    for max_len in range(whole - 40, whole):
+        out = tmp_path / f"o{max_len}"
+        meta = prepare_sft([src], tok_dir, out, max_len=max_len, system_prompt="", val_fraction=0.0, **QUIET)
+        (ids, mask), = sft_split(out)
+        learned = ids[mask == 1].tolist()
+        assert meta["splits"]["train"]["bytes"] == sum(tok.token_bytes[i] for i in learned)
+        mid_character += tok.ends_mid_character(learned)
+    assert mid_character  # the case that was counted short
+
+
 def test_sft_truncates_at_a_turn_boundary_when_possible(tmp_path, tok_dir):
     tok = load_tokenizer(tok_dir)
     first = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "好的。"}]

@@ -259,6 +259,12 @@ def test_demo_leaves_models_results_and_report(demo, capsys):
     base = r["eval"]["base_val"]
     uniform = math.log2(r["tokenizer"]["vocab_size"]) * base["tokens"] / base["bytes"]
     assert f"{uniform:.2f} = any token equally likely" in report
+    # The SFT breakdown is of the conversations made; those the data step dropped are counted beside it.
+    made, sft = r["corpus"]["sft"], r["data"]["sft"]
+    kept = sum(sft["splits"][s]["documents"] for s in ("train", "val"))
+    assert made["conversations"] == kept + sft["skipped"] and sft["skipped"] > 0
+    assert f"of {made['conversations']:,} made: {made['sentiment_train']:,} sentiment" in report
+    assert f"; {sft['skipped']:,} skipped (data/sft/meta.json says why)" in report
 
 
 def test_a_failed_save_in_the_demo_does_not_offer_a_resume_of_a_folder_it_removes(tmp_path, monkeypatch):

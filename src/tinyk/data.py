@@ -27,6 +27,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 from itertools import chain, islice
 from multiprocessing import resource_tracker
 from pathlib import Path
@@ -71,6 +72,7 @@ from .tokenizer import (
     load_tokenizer,
     message_text,
     plain_text_tokenizer,
+    token_bytes,
     tokenizer_hash,
     with_system,
 )
@@ -132,20 +134,16 @@ class _Job:
     system_prompt: str = ""
 
 
-_TOKENIZER: tuple[str, Any] | None = None
+@lru_cache(maxsize=1)
+def _tokenizer(tokenizer_json: str) -> tuple[Any, np.ndarray]:
+    """The plain-text tokenizer of a tokenizer.json's text and each token id's UTF-8 bytes, built once
+    per process and tokenizer: documents and messages are text, so "<|im_end|>" written in them never
+    becomes the special token. Keyed by the text, not the path: a notebook that retrains its tokenizer
+    in place and prepares data again gets the new one."""
+    from tokenizers import Tokenizer
 
-
-def _tokenizer(tokenizer_json: str) -> Any:
-    """The plain-text tokenizer of a tokenizer.json's text, built once per process and tokenizer:
-    documents and messages are text, so "<|im_end|>" written in them never becomes the special token.
-    Keyed by the text, not the path: a notebook that retrains its tokenizer in place and prepares data
-    again gets the new one."""
-    global _TOKENIZER
-    if _TOKENIZER is None or _TOKENIZER[0] != tokenizer_json:
-        from tokenizers import Tokenizer
-
-        _TOKENIZER = (tokenizer_json, plain_text_tokenizer(Tokenizer.from_str(tokenizer_json)))
-    return _TOKENIZER[1]
+    tok = Tokenizer.from_str(tokenizer_json)
+    return plain_text_tokenizer(tok), np.array(token_bytes(tok), np.int64)
 
 
 _WORKER_JOB: _Job | None = None
@@ -215,7 +213,7 @@ def text_pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
 
 def _encode_pretrain(job: _Job, texts: list[str]) -> _Batch:
     """Each document becomes <|im_start|> + its tokens + <|im_end|>."""
-    tok = _tokenizer(job.tokenizer_json)
+    tok, _ = _tokenizer(job.tokenizer_json)
     encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # the fast one skips offsets
     ids: list[Any] = [None] * len(texts)
     short = [i for i, t in enumerate(texts) if len(t) <= PIECE_CHARS]
@@ -250,7 +248,8 @@ def _encode_sft(job: _Job, convs: list[tuple[str, list[dict[str, str]]]]) -> _En
     assistant turn that fits, or mid-turn when none does.
     """
     prompted = [with_system(msgs, job.system_prompt) for _, msgs in convs]
-    chats = encode_chat(_tokenizer(job.tokenizer_json), prompted)
+    plain, nbytes_of = _tokenizer(job.tokenizer_json)
+    chats = encode_chat(plain, prompted)
     toks, masks, lengths, nbytes, kept, skipped = [], [], [], [], [], []
     truncated: Counter = Counter()
     for (where, msgs), chat in zip(convs, chats, strict=True):
@@ -267,7 +266,7 @@ def _encode_sft(job: _Job, convs: list[tuple[str, list[dict[str, str]]]]) -> _En
         toks.append(np.asarray(chat.ids[:cut], job.dtype))
         masks.append(mask[:cut])
         lengths.append(cut)
-        nbytes.append(chat.answer_bytes(cut))
+        nbytes.append(int(nbytes_of[chat.ids[:cut]][mask[:cut] == 1].sum()))
         # The split key leaves the system prompt out, the record's own or the one added: another
         # --system-prompt keeps every conversation's side, and a copy that names the prompt it would get
         # anyway is on the same side as one that does not.

@@ -699,9 +699,10 @@ def render_report(res: dict[str, Any]) -> str:
          f"{d['pretrain']['splits']['val']['tokens']:,} val", f"{d['pretrain']['splits']['train']['documents']:,} "
          "train documents"),
         ("SFT conversations", f"{d['sft']['splits']['train']['documents']:,} train / "
-         f"{d['sft']['splits']['val']['documents']:,} val", f"{c['sft']['sentiment_train']:,} sentiment, "
-         f"{c['sft']['chitchat']:,} chit-chat, {c['sft']['multiturn']:,} multi-turn, arithmetic on "
-         f"{c['sft']['arithmetic_train']:,} sums"),
+         f"{d['sft']['splits']['val']['documents']:,} val", f"of {c['sft']['conversations']:,} made: "
+         f"{c['sft']['sentiment_train']:,} sentiment, {c['sft']['chitchat']:,} chit-chat, "
+         f"{c['sft']['multiturn']:,} multi-turn, arithmetic on {c['sft']['arithmetic_train']:,} sums"
+         + (f"; {d['sft']['skipped']:,} skipped (data/sft/meta.json says why)" if d["sft"]["skipped"] else "")),
         ("SFT answer tokens", f"{d['sft']['splits']['train']['loss_tokens']:,}", "loss is on these only"),
         ("held out", f"{c['heldout']['sentiment']:,} reviews, {c['heldout']['arithmetic']:,} sums",
          "never in pretraining or SFT"),

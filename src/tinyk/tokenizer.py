@@ -153,22 +153,10 @@ class ChatTokens:
     ids: list[int] = field(default_factory=list)
     flags: list[int] = field(default_factory=list)  # 1 on assistant content and the <|im_end|> closing its turn
     turn_ends: list[int] = field(default_factory=list)  # token index just past each assistant <|im_end|>
-    # Per assistant turn: its first content token, where each content token starts in the text, the text.
-    answers: list[tuple[int, list[int], str]] = field(default_factory=list)
 
     def add(self, ids: list[int], flag: int = 0) -> None:
         self.ids += ids
         self.flags += [flag] * len(ids)
-
-    def answer_bytes(self, cut: int) -> int:
-        """UTF-8 bytes of assistant text in the first `cut` tokens (the source size behind bits per byte)."""
-        total = 0
-        for first, starts, text in self.answers:
-            if cut <= first:
-                break
-            n = cut - first
-            total += len((text if n >= len(starts) else text[:starts[n]]).encode("utf-8"))
-        return total
 
 
 def encode_chat(plain: Tokenizer, conversations: list[list[dict[str, str]]],
@@ -200,7 +188,6 @@ def encode_chat(plain: Tokenizer, conversations: list[list[dict[str, str]]],
                 head = len("assistant\n")
                 starts = [a for a, _ in enc.offsets]
                 k = bisect.bisect_left(starts, head)
-                ct.answers.append((len(ct.ids) + k, [a - head for a in starts[k:]], content))
                 ct.ids += enc.ids
                 ct.flags += [0] * k + [1] * (len(starts) - k)
             else:
@@ -223,6 +210,39 @@ def pending_utf8(data: bytes) -> bytes:
     decoder.decode(data)
     pending = decoder.getstate()[0]
     return b"" if pending[:1] == b"\xed" and pending[1:2] >= b"\xa0" else pending
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's alphabet: printable Latin-1 bytes stand for themselves, the others for
+    the characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(others)}
+
+
+BYTE_OF_CHAR = _byte_level_alphabet()
+
+
+def token_spellings(tok: Tokenizer) -> list[str | None]:
+    """Each token's bytes in byte-level BPE's alphabet, one character a byte (None for special
+    tokens): one token's text starts with another's where its spelling starts with the other's.
+    A token added in `transformers` (`tok.add_tokens`) is kept as plain text, spelled here as BPE's."""
+    added = tok.get_added_tokens_decoder()
+    char_of = {b: c for c, b in BYTE_OF_CHAR.items()}
+
+    def spelling(i: int) -> str | None:
+        if i < len(SPECIAL_TOKENS) or (i in added and added[i].special):
+            return None
+        if i in added:
+            return "".join(char_of[b] for b in added[i].content.encode())
+        return tok.id_to_token(i)
+    return [spelling(i) for i in range(tok.get_vocab_size(with_added_tokens=True))]
+
+
+def token_bytes(tok: Tokenizer) -> list[int]:
+    """UTF-8 bytes of text each token id stands for, 0 for special tokens: the bytes behind bits per
+    byte, counted alike for training data, the trainer's evaluation and `tinyk eval`."""
+    return [len(s) if s else 0 for s in token_spellings(tok)]
 
 
 @dataclass
@@ -254,41 +274,20 @@ class TinyTokenizer:
 
     @cached_property
     def token_bytes(self) -> list[int]:
-        """UTF-8 bytes of text each token id stands for (0 for special tokens), for bits per byte:
-        byte-level BPE spells every byte as one character of its alphabet."""
-        return [len(s) if s else 0 for s in self.token_spellings]
+        """UTF-8 bytes of text each token id stands for (0 for special tokens), for bits per byte."""
+        return token_bytes(self.tok)
 
     @cached_property
     def token_spellings(self) -> list[str | None]:
-        """Each token's bytes in byte-level BPE's alphabet, one character a byte (None for special
-        tokens): one token's text starts with another's where its spelling starts with the other's.
-        A token added in `transformers` (`tok.add_tokens`) is kept as plain text, spelled here as BPE's."""
-        added = self.tok.get_added_tokens_decoder()
-        char_of = {b: c for c, b in self._byte_of_char.items()}
-
-        def spelling(i: int) -> str | None:
-            if i < len(SPECIAL_TOKENS) or (i in added and added[i].special):
-                return None
-            if i in added:
-                return "".join(char_of[b] for b in added[i].content.encode())
-            return self.tok.id_to_token(i)
-        return [spelling(i) for i in range(self.vocab_size)]
-
-    @cached_property
-    def _byte_of_char(self) -> dict[str, int]:
-        """Byte-level BPE's alphabet: printable Latin-1 bytes stand for themselves, the others for
-        the characters from U+0100 on, in byte order."""
-        printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-        others = [b for b in range(256) if b not in printable]
-        return {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(others)}
+        return token_spellings(self.tok)
 
     def piece(self, token_id: int) -> bytes:
         """The bytes a token id stands for (a special token's spelling): part of a character, for the
         tokens that split one."""
         token = self.tok.id_to_token(token_id) or ""
-        if token_id in SPECIAL_IDS or not all(c in self._byte_of_char for c in token):
+        if token_id in SPECIAL_IDS or not all(c in BYTE_OF_CHAR for c in token):
             return self.decode([token_id]).encode()
-        return bytes(self._byte_of_char[c] for c in token)
+        return bytes(BYTE_OF_CHAR[c] for c in token)
 
     def ends_mid_character(self, ids: list[int]) -> bool:
         """Whether the text of `ids` (special tokens skipped) ends in the first bytes of a character,
