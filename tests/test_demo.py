@@ -22,6 +22,7 @@ from tinyk.corpus import (
     build_demo_corpus,
     chunk_paragraphs,
     clip_review,
+    near_copies,
     news_paragraphs,
     review_key,
     strip_pos_tags,
@@ -81,11 +82,26 @@ def test_heldout_sets_never_reach_training(corpus):
     assert not held_keys & {review_key(clip_review(t, SMALL.max_review_chars)) for t in pretrain}
     user, assistant = sft_turns(out)
     forms = [re.compile(re.escape(t).replace(re.escape("{review}"), "(.*)"), re.S) for t in SENTIMENT_TEMPLATES]
-    trained = {review_key(m[1]) for u in user for f in forms if (m := f.fullmatch(u))}
+    trained_reviews = [m[1] for u in user for f in forms if (m := f.fullmatch(u))]
+    trained = {review_key(r) for r in trained_reviews}
     assert len(trained) > 50 and not held_keys & trained
+    assert not any(near_copies(sorted(held_reviews), trained_reviews + pretrain))
     trained_sums = {m.group(1) for a in assistant if (m := re.fullmatch(r"(\d+[+-]\d+)等于\d+。", a))}
     assert len(trained_sums) == stats["sft"]["arithmetic_train"]
     assert not {r["answer"].split("等于")[0] for r in arith} & trained_sums
+
+
+def test_near_copies_of_held_out_reviews_are_found_and_formulas_are_not():
+    held = ["便宜，配置不差，外型8错，完全可以满足日常使用 (送货确实挺快)",
+            "硕的东西没得说,散热好，声音小。钢琴烤漆的外壳，透着水纹肌理，感觉不错。",
+            "宾馆反馈 2008年4月15日 ： 感谢您对我们服务的肯定，期待您的再次光临。",
+            "补充点评 2007年12月25日 ： 贵了一点，如果不是公司付账不会住那。"]
+    texts = ["总结：便宜，配置不差，外型8错，完全可以满足日常使用",  # a quote of one
+             "华硕的东西没得说,散热好，声音小。钢琴烤漆的外壳，透着水纹肌理，感觉不错。 配置比较均匀",  # an edit
+             "宾馆反馈 2008年4月15日 ： 感谢您的宝贵意见，我们会尽快改进空调的噪音问题。",  # a formula, and a date
+             "补充点评 2007年12月25日 ： 洗澡水不是很大。",
+             "这台笔记本的配置不差，外型也好看，散热一般。"]
+    assert near_copies(held, texts) == [True, True, False, False, False]
 
 
 def test_sft_files_are_in_formats_the_data_stage_reads(corpus):
@@ -149,12 +165,16 @@ def test_sft_is_timed_on_its_own_batches(tmp_path, sft_data, nano_model_dir):
     assert step_rates([tcfg], 0.0, rounds=1)[0] > 0 and not (tmp_path / "probe").exists()
 
 
-@pytest.mark.parametrize("bf16_step_s, timed", [(20, ["fp32", "fp32", "bf16", "bf16"] * 3), (50, ["fp32"] * 6)])
-def test_probe_times_candidates_in_turns(tmp_path, pt_data, tok_dir, monkeypatch, bf16_step_s, timed):
+@pytest.mark.parametrize("bf16_step_s, seconds, timed", [(20, 4500, ["fp32", "fp32", "bf16", "bf16"] * 3),
+                                                         (50, 4500, ["fp32"] * 6),
+                                                         (20, 1000, ["fp32", "fp32", "bf16", "bf16"])])
+def test_probe_times_candidates_in_turns(tmp_path, pt_data, tok_dir, monkeypatch, bf16_step_s, seconds, timed):
     """Load that comes and goes must fall on every candidate alike, so their slices alternate; a
     candidate whose first step takes over 3x the fastest's is not timed further (bf16 on a CPU without
-    bf16 instructions spent 11 minutes of a 4-minute demo in the probe). The clock runs fast: each step
-    takes 1000 s more in fp32, 100 x `bf16_step_s` more in bf16."""
+    bf16 instructions spent 11 minutes of a 4-minute demo in the probe); where two steps take longer
+    than a slice, the rounds stop at twice the time planned for them (a busy machine spent 219 s of
+    a 4-minute demo there). The clock runs fast: each step takes 1000 s more in fp32, 100 x
+    `bf16_step_s` more in bf16."""
     from tinyk import demo
     from tinyk.demo import step_rates, training_config
     from tinyk.train import Trainer
@@ -173,7 +193,7 @@ def test_probe_times_candidates_in_turns(tmp_path, pt_data, tok_dir, monkeypatch
     monkeypatch.setattr(demo.time, "perf_counter", lambda: clock() + ahead[0])
     threads = torch.get_num_threads()
     try:
-        rates = step_rates(tcfgs, 0.0, [threads, 1], rounds=3)
+        rates = step_rates(tcfgs, seconds, [threads, 1], rounds=3)
     finally:
         torch.set_num_threads(threads)
     assert rates == pytest.approx([1 / 1000, 1 / (100 * bf16_step_s)], rel=0.01)
@@ -402,3 +422,17 @@ def test_demo_output_rules(tmp_path, demo):
                                          r"evaluation\): give a larger --minutes$"):
         training_seconds(Stages(8, 50.0, False), replace(DemoConfig(), minutes=3), "SFT")
     assert training_seconds(Stages(8, 180.0, False), DemoConfig(), "SFT") > 130
+
+
+def test_a_budget_spent_before_pretraining_is_said_before_the_probe(tmp_path, monkeypatch):
+    from tinyk import demo
+
+    def probe(*args, **kwargs):
+        raise AssertionError("probed a budget already spent")
+
+    monkeypatch.setattr(demo, "choose_runtime", probe)
+    monkeypatch.setattr(demo.Stages, "left", lambda self: 0.0)
+    with pytest.raises(TinykError, match=r"^the 4-minute budget is spent before pretraining \("):
+        run_demo(tmp_path / "d", replace(DemoConfig.smoke(), pretrain_steps=None, sft_steps=None, minutes=4),
+                 show_progress=False)
+    assert not (tmp_path / "d").exists()

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import random
 import re
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -139,6 +140,36 @@ def review_key(text: str) -> str:
     return re.sub(r"[\W_]+", "", text)
 
 
+NEAR_RUN = 8  # characters
+
+
+def _runs(text: str) -> set[str]:
+    """The runs of NEAR_RUN consecutive Chinese characters in a text, digits, Latin letters and
+    punctuation left out: hotel replies open with a dated header ("宾馆反馈 2008年4月15日 ："),
+    which makes no two of them near copies."""
+    han = re.sub(r"[^\u4e00-\u9fff]+", "", text)
+    return {han[i:i + NEAR_RUN] for i in range(len(han) - NEAR_RUN + 1)}
+
+
+def near_copies(held: list[str], texts: list[str]) -> list[bool]:
+    """Whether each text is a near copy of a held-out review: half the runs of the shorter of the
+    two are in both. The files hold edits and quotes of one review ("便宜，配置不差，外型8错…" is
+    also "总结：便宜，配置不差，外型8错…"), which deduplicating on the whole text leaves in."""
+    index: dict[str, list[int]] = {}
+    sizes = []
+    for j, h in enumerate(held):
+        runs = _runs(h)
+        sizes.append(len(runs))
+        for r in runs:
+            index.setdefault(r, []).append(j)
+    out = []
+    for t in texts:
+        runs = _runs(t)
+        shared = Counter(j for r in runs for j in index.get(r, ()))
+        out.append(any(2 * n >= min(len(runs), sizes[j]) for j, n in shared.items()))
+    return out
+
+
 def load_reviews(max_chars: int, limit: int | None = None) -> list[Review]:
     """The labelled reviews, clipped, deduplicated, and without texts that carry both labels.
 
@@ -230,7 +261,9 @@ def build_demo_corpus(out: str | Path, spec: CorpusSpec = CorpusSpec()) -> dict[
         raise TinykError(f"only {len(reviews)} reviews; cannot hold out {spec.heldout_reviews}")
     rng.shuffle(reviews)
     held, train_reviews = reviews[:spec.heldout_reviews], reviews[spec.heldout_reviews:]
-    held_keys = {review_key(r.text) for r in held}
+    held_keys, held_texts = {review_key(r.text) for r in held}, [r.text for r in held]
+    train_reviews = [r for r, near in zip(train_reviews, near_copies(held_texts, [r.text for r in train_reviews]),
+                                          strict=True) if not near]
 
     problems = arithmetic_problems(spec.max_operand)
     rng.shuffle(problems)
@@ -238,6 +271,7 @@ def build_demo_corpus(out: str | Path, spec: CorpusSpec = CorpusSpec()) -> dict[
 
     news_docs = list(chunk_paragraphs(news_paragraphs(spec.max_news_paragraphs), spec.news_chunk_chars))
     review_docs = full_reviews(held_keys, spec.max_review_chars)
+    review_docs = [t for t, near in zip(review_docs, near_copies(held_texts, review_docs), strict=True) if not near]
     if spec.max_reviews is not None:
         review_docs = rng.sample(review_docs, min(spec.max_reviews, len(review_docs)))
     pretrain = news_docs + review_docs

@@ -158,9 +158,12 @@ def step_rates(tcfgs: Sequence[TrainConfig], seconds: float, threads: Sequence[i
     The candidates are timed in turns, `rounds` slices each of at least seconds/rounds and two
     steps, and each gets its median slice: load on a shared machine comes and goes within seconds,
     so timing one candidate after the other can hand one of them a quiet moment (the demo once
-    measured a compiled step at 0.88x eager against 1.46x steady). Warm-up first (two steps when
-    compiled: the second call can recompile). The runs and their directories are thrown away; a
-    compiled graph stays in torch's caches, so the real run that follows starts without compiling again.
+    measured a compiled step at 0.88x eager against 1.46x steady). On a machine so busy that two
+    steps take longer than a slice, the rounds after the first stop once the timing has taken twice
+    its planned time: the probe must not spend the training it is sizing (a 4-minute demo once
+    probed for 219 s). Warm-up first (two steps when compiled: the second call can recompile). The
+    runs and their directories are thrown away; a compiled graph stays in torch's caches, so the real
+    run that follows starts without compiling again.
     """
     from .train import Trainer
 
@@ -183,9 +186,10 @@ def step_rates(tcfgs: Sequence[TrainConfig], seconds: float, threads: Sequence[i
             # further could spend the demo's budget (bf16 on a CPU without bf16 instructions: 40 s a
             # step against fp32's 7). Its warm-up step is its rate.
             out = [not tcfg.compile and w > 3 * min(warm) for tcfg, w in zip(tcfgs, warm, strict=True)]
+            until = time.perf_counter() + 2 * seconds * (len(tcfgs) - sum(out))
             for _ in range(rounds):
                 for trainer, n, rates, dropped in zip(trainers, threads, slices, out, strict=True):
-                    if dropped:
+                    if dropped or (rates and time.perf_counter() > until):
                         continue
                     torch.set_num_threads(n)
                     steps, t0 = 0, time.perf_counter()
@@ -459,6 +463,8 @@ class _Pipeline:
             def share() -> float:
                 return training_seconds(st, cfg, "pretraining") * cfg.pretrain_share
 
+            if not cfg.pretrain_steps:
+                share()  # a budget already spent is said before the probe, not after it
             rt = self.rt = choose_runtime(cfg, pretrain_config(10**6, out=runs / "probe"), try_compile=(
                 cfg.compile and not cfg.pretrain_steps and share() >= cfg.compile_min_s))
             seconds = 0.0 if cfg.pretrain_steps else share()
