@@ -943,6 +943,43 @@ def test_chat_in_a_terminal_keeps_ctrl_c_at_the_prompt_and_a_pasted_paragraph_as
         os.close(master)
 
 
+def test_chat_in_a_c_locale_terminal_reads_chinese(nano_model_dir, tmp_path):
+    """Under LC_ALL=C readline took each byte of 你 for a Meta key (0xBD is M-=, which listed the
+    files here) and the message arrived empty, so nothing was answered."""
+    import pty
+    import select
+    import time
+
+    inputrc = tmp_path / "inputrc"  # readline's defaults, not this machine's /etc/inputrc or ~/.inputrc
+    inputrc.write_text("")
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "tinyk", "chat", "--model", str(nano_model_dir), "--temperature",
+                             "0", "--max-new-tokens", "2"], stdin=slave, stdout=slave, stderr=slave,
+                            start_new_session=True,
+                            env={**os.environ, "TERM": "xterm", "INPUTRC": str(inputrc), "LC_ALL": "C"})
+    os.close(slave)
+    seen = b""
+
+    def until(text: bytes, timeout: float = 60) -> bool:
+        nonlocal seen
+        deadline = time.monotonic() + timeout
+        while text not in seen and time.monotonic() < deadline and proc.poll() is None:
+            if select.select([master], [], [], 0.1)[0]:
+                seen += os.read(master, 4096)
+        return text in seen
+
+    try:
+        assert until(b"you> ")
+        seen = b""
+        os.write(master, "你好\n".encode())
+        assert until(b"assistant> ", timeout=30), seen.decode(errors="replace")
+        assert "你好".encode() in seen.split(b"assistant> ")[0]  # echoed as typed
+    finally:
+        proc.kill()
+        proc.wait()
+        os.close(master)
+
+
 def test_a_terminal_that_cannot_show_a_character_gets_a_substitute(nano_model_dir, monkeypatch):
     """A GBK (or ASCII) terminal has no emoji nor U+FFFD, which small models emit: no traceback."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -765,3 +766,27 @@ def test_a_stopped_command_whose_stderr_is_gone_still_exits_with_the_signals_sta
     with pytest.raises(SystemExit) as e:
         main(["plan", "--preset", "nano"])
     assert e.value.code == 130
+
+
+def test_closed_standard_streams_and_a_deleted_working_directory(tmp_path, nano_model_dir):
+    """A daemon started with `2>&-` and a script with `>&-` get no traceback, and notes meant for
+    stderr stay out of the reply on stdout; a deleted working directory is named, where torch's import
+    would end in "Intel oneMKL FATAL ERROR"."""
+    tinyk, model = f"{shlex.quote(sys.executable)} -m tinyk", shlex.quote(str(nano_model_dir))
+
+    def shell(command: str) -> subprocess.CompletedProcess:
+        return subprocess.run(command, shell=True, capture_output=True, text=True, timeout=300)
+
+    r = shell(f"{tinyk} generate --model {model} --prompt 你好 --max-new-tokens 2 --temperature 0 >&-")
+    assert (r.returncode, r.stderr) == (0, "")
+    r = shell(f"{tinyk} chat --model {model} --message 你好 --max-new-tokens 2 --temperature 0 2>&-")
+    assert r.returncode == 0 and "reply cut" not in r.stdout
+    with_stderr = shell(f"{tinyk} chat --model {model} --message 你好 --max-new-tokens 2 --temperature 0")
+    assert "reply cut" in with_stderr.stderr and with_stderr.stdout == r.stdout
+    r = shell(f"{tinyk} chat --model {model} <&-")
+    assert r.returncode == 2 and r.stderr.startswith("tinyk: error: no message on stdin")
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    r = shell(f"cd {shlex.quote(str(gone))} && rmdir {shlex.quote(str(gone))} && {tinyk} plan --preset nano")
+    assert (r.returncode, r.stderr) == (2, "tinyk: error: the current directory no longer exists (it was deleted); "
+                                           "cd to one that does\n")

@@ -2594,3 +2594,15 @@ def test_plain_progress_lines_say_the_time_taken_and_left(tmp_path, pt_data, tok
     assert all(re.fullmatch(rf"step \d/6: loss [\d.]+ lr [\d.e+-]+ [\d.]+k? tok/s mfu [\d.]+%, {times}, ETA \d\d:\d\d",
                             ln) for ln in lines[:2]), lines
     assert re.fullmatch(rf"step 6/6: .*, {times}", lines[2]), lines  # nothing left
+
+
+def test_the_loss_plot_says_nothing_without_a_writable_home(tmp_path):
+    """A container run as another user has no writable home: matplotlib's two lines on where its font
+    cache went are nothing the run needs to show."""
+    code = ("import sys; from pathlib import Path; from tinyk.monitor import plot_losses; "
+            "sys.exit(0 if plot_losses([{'tokens': 1, 'loss': 2.0}, {'tokens': 2, 'loss': 1.5, 'val_loss': 1.7}], "
+            "Path(sys.argv[1])) else 1)")
+    env = {k: v for k, v in os.environ.items() if k not in ("MPLCONFIGDIR", "XDG_CONFIG_HOME", "XDG_CACHE_HOME")}
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "loss.png")], capture_output=True, text=True,
+                       env={**env, "HOME": "/proc/self"}, timeout=120)  # nothing can be made there, not even as root
+    assert (r.returncode, r.stderr) == (0, "") and (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"

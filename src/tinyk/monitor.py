@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import inspect
 import json
+import logging
 import math
 import os
 import sys
@@ -233,10 +234,17 @@ def _run_id(out: Path) -> str:
 
 def plot_losses(records: list[dict[str, Any]], png: Path) -> bool:
     """Train and validation loss against tokens; False (and no file) when matplotlib is missing."""
+    log = logging.getLogger("matplotlib")
+    level = log.level
+    # Without a writable home (a container run as another user) its import warns on two lines at each
+    # plot that its font cache goes to a temporary folder: nothing the run needs to say.
+    log.setLevel(logging.ERROR)
     try:  # a Figure of its own, not pyplot's: switching the process's backend would stop a notebook's plots
         from matplotlib.figure import Figure
     except ImportError:
         return False
+    finally:
+        log.setLevel(level)
     train = [(r["tokens"], r["loss"]) for r in records if "loss" in r]
     val = [(r["tokens"], r["val_loss"]) for r in records if "val_loss" in r]
     fig = Figure(figsize=(7, 4), dpi=100)

@@ -188,7 +188,32 @@ def _fail(message: str, root_cause: bool = True) -> NoReturn:
     sys.exit(2)
 
 
+def _closed_std_streams_on_devnull() -> None:
+    """A standard stream its caller closed (a daemon started with `2>&-`) becomes /dev/null: Python
+    leaves it None, which print() and the server's log take for stdout or fail on, and the next file
+    opened would take its descriptor, so whatever torch writes there would land in that file."""
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        if getattr(sys, name) is not None:
+            continue
+        try:
+            os.fstat(fd)  # a file opened since holds the descriptor: it stays that file's
+            stream = open(os.devnull, mode, encoding="utf-8")
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+            stream = open(fd, mode, encoding="utf-8", closefd=False)
+        setattr(sys, name, stream)
+
+
 def main(argv: list[str] | None = None) -> None:
+    _closed_std_streams_on_devnull()
+    try:
+        os.getcwd()
+    except FileNotFoundError:  # torch's own import would end in "Intel oneMKL FATAL ERROR"
+        say_on_stderr("tinyk: error: the current directory no longer exists (it was deleted); cd to one that does")
+        sys.exit(2)
     try:
         parser = build_parser()  # imports every stage's module: a Ctrl-C can land here too
     except KeyboardInterrupt:

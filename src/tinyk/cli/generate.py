@@ -145,11 +145,16 @@ def _input_lines() -> Iterable[str]:
     with contextlib.suppress(ImportError):  # not on Windows
         import readline  # loading it is what gives input() editing and history
 
-        # CPython turns it off; on, the terminal marks a paste and a pasted paragraph is one message.
-        # Not with macOS's libedit, which has none, nor on a dumb terminal (an editor's shell buffer),
-        # which would show its switching codes around every prompt.
-        if "libedit" not in (readline.__doc__ or "") and os.environ.get("TERM", "dumb") != "dumb":
-            readline.parse_and_bind("set enable-bracketed-paste on")
+        if "libedit" not in (readline.__doc__ or ""):  # macOS's has other settings, and none of these
+            # Under LC_ALL=C readline takes each byte of a Chinese character for a Meta key (0xBD is
+            # M-=, which lists the files here) and the message arrives empty: 8-bit bytes pass through.
+            for setting in ("input-meta on", "output-meta on", "convert-meta off"):
+                readline.parse_and_bind(f"set {setting}")
+            # CPython turns it off; on, the terminal marks a paste and a pasted paragraph is one message.
+            # Not on a dumb terminal (an editor's shell buffer), which would show its switching codes
+            # around every prompt.
+            if os.environ.get("TERM", "dumb") != "dumb":
+                readline.parse_and_bind("set enable-bracketed-paste on")
     to_terminal = sys.stdout.isatty()
     while True:
         try:
