@@ -236,8 +236,8 @@ def plot_losses(records: list[dict[str, Any]], png: Path) -> bool:
     """Train and validation loss against tokens; False (and no file) when matplotlib is missing."""
     log = logging.getLogger("matplotlib")
     level = log.level
-    # Without a writable home (a container run as another user) its import warns on two lines at each
-    # plot that its font cache goes to a temporary folder: nothing the run needs to say.
+    # Without a writable home (a container run as another user) its import warns on two lines that
+    # its cache goes to a temporary folder: nothing the run needs to say.
     log.setLevel(logging.ERROR)
     try:  # a Figure of its own, not pyplot's: switching the process's backend would stop a notebook's plots
         from matplotlib.figure import Figure

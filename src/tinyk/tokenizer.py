@@ -275,7 +275,7 @@ class TinyTokenizer:
     @cached_property
     def token_bytes(self) -> list[int]:
         """UTF-8 bytes of text each token id stands for (0 for special tokens), for bits per byte."""
-        return token_bytes(self.tok)
+        return [len(s) if s else 0 for s in self.token_spellings]
 
     @cached_property
     def token_spellings(self) -> list[str | None]:
