@@ -275,6 +275,42 @@ def test_without_a_terminal_progress_is_a_line_now_and_then(tmp_path, corpus_fil
     assert len(lines) > 1 and all(re.fullmatch(pattern, line) for line in lines), lines
 
 
+def test_stopping_the_worker_pool_gets_past_a_pipe_lock_a_killed_worker_held():
+    """A worker killed (by the OOM killer, or a group SIGTERM before workers ignored it) while it
+    read a task holds the pipe's lock for good: stopping waited for it forever, printing nothing."""
+    import multiprocessing
+    import threading
+
+    from tinyk.data import _Pool
+
+    inqueue = multiprocessing.get_context("spawn").SimpleQueue()
+    inqueue._rlock.acquire()  # the dead worker's
+    late_writer = threading.Timer(0.2, inqueue._writer.send_bytes, (b"x" * (4 << 20),))
+    late_writer.daemon = True
+    late_writer.start()
+    stopping = threading.Thread(target=_Pool._help_stuff_finish, args=(inqueue, late_writer, 1), daemon=True)
+    stopping.start()
+    stopping.join(60)
+    assert not stopping.is_alive(), "stopping the pool waits for a lock no one will release"
+    assert not late_writer.is_alive()
+
+
+def test_data_workers_leave_stop_signals_to_the_parent(tok_dir):
+    """Ctrl-C, SIGTERM and SIGHUP reach the whole process group (a closed terminal, systemd, Slurm);
+    workers ignore them, and the parent stops them."""
+    from tinyk.data import _Job, _start_pool
+
+    job = _Job("pretrain", (tok_dir / "tokenizer.json").read_text(encoding="utf-8"), "uint16")
+    with _start_pool(2, job) as pool:
+        workers = list(pool._pool)
+        for w in workers:
+            status = Path(f"/proc/{w.pid}/status").read_text()
+            ignored = int(next(line for line in status.splitlines() if line.startswith("SigIgn:")).split()[1], 16)
+            assert all(ignored >> (s - 1) & 1 for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)), hex(ignored)
+    assert all(w.exitcode is not None for w in workers)
+    assert all(signal.getsignal(s) is not signal.SIG_IGN for s in (signal.SIGINT, signal.SIGTERM))
+
+
 def test_stopping_the_worker_pool_reads_its_pipe_until_the_task_thread_has_ended():
     """A full disk mid-run hung `tinyk data` about once in twenty tries on a busy machine: terminating,
     the standard pool stops reading the workers' pipe as soon as it is empty, and its task thread could

@@ -324,13 +324,15 @@ def test_a_signal_during_training_stops_the_demo_as_in_every_other_stage(tmp_pat
                                       ("SIGHUP", 129, "stopped by SIGHUP"),
                                       ("SIGPIPE", 141, "stopped: its output could not be written (the reader left, or "
                                                        "a full disk)")):
-        monkeypatch.setattr(tinyk.train, "train", lambda cfg, force, s=signal_name: {"status": "interrupted",
-                                                                                    "stop_signal": s})
-        with pytest.raises(SystemExit) as e:
-            main(["demo", "--out", str(tmp_path / "demo")])
-        assert e.value.code == status
-        assert capsys.readouterr().err == (f"tinyk: {said} (the demo does not continue a stopped run: run it again "
-                                           f"to start over)\n")
+        # A signal in a run's last step ends that run as completed; the demo stops all the same.
+        for run_status in ("interrupted", "completed"):
+            monkeypatch.setattr(tinyk.train, "train", lambda cfg, force, s=signal_name, r=run_status: {
+                "status": r, "stop_signal": s})
+            with pytest.raises(SystemExit) as e:
+                main(["demo", "--out", str(tmp_path / "demo")])
+            assert e.value.code == status
+            assert capsys.readouterr().err == (f"tinyk: {said} (the demo does not continue a stopped run: run it "
+                                               f"again to start over)\n")
 
 
 def test_a_fast_machine_spaces_warmup_and_evaluations_over_the_run_it_can_do(tmp_path):

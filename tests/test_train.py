@@ -598,11 +598,19 @@ def test_signal_saves_a_checkpoint_and_exits(tmp_path, pt_data, tok_dir, monkeyp
     with pytest.raises(SystemExit) as e:
         main(cli_args(pt_data, tok_dir, out, "--max-steps", "50", "--log-every", "1", "--save-every", "0"))
     assert e.value.code == 128 + sig
-    assert f"stopped by {sig.name} at step 3" in capsys.readouterr().out
+    said = capsys.readouterr()
+    assert f"stopped by {sig.name} at step 3" in said.out
+    # Said at once: the step's evaluation and the save can take minutes, inviting a second Ctrl-C.
+    again = "; Ctrl-C again aborts without saving" if sig == signal.SIGINT else ""
+    assert said.err == f"tinyk: {sig.name}: stopping after this step with a checkpoint{again}\n"
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["status"] == "interrupted" and summary["steps"] == 3
+    assert summary["status"] == "interrupted" and summary["steps"] == 3 and summary["stop_signal"] == sig.name
     assert [p.name for p in checkpoints(out)] == ["step_0000003"] and not (out / "final").exists()
     assert signal.getsignal(sig) == before
+    # One in the last step: the run ends completed, and its summary says the signal came (a loop of runs stops).
+    capsys.readouterr()
+    last = train(nano_cfg(pt_data, tok_dir, tmp_path / "last", max_steps=3, log_every=1))
+    assert (last["status"], last["stop_signal"]) == ("completed", sig.name) and (tmp_path / "last" / "final").is_dir()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)

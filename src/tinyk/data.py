@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import multiprocessing
+import multiprocessing.context
 import multiprocessing.pool
 import os
 import re
@@ -149,10 +150,17 @@ def _tokenizer(tokenizer_json: str) -> tuple[Any, np.ndarray]:
 _WORKER_JOB: _Job | None = None
 
 
+# Ctrl-C, SIGTERM and SIGHUP reach every process of the group (a closed terminal, `kill -TERM -PGID`,
+# systemd, Slurm): the parent stops the pool; a worker killed by one while it held the pool's task
+# pipe would have left the parent waiting for that pipe forever.
+_STOPS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None)
+
+
 def _init_worker(job: _Job, parent: int) -> None:
     global _WORKER_JOB
     _die_with(parent)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited already; kept should the start method change
+    for s in _STOPS:  # inherited already; kept should the start method change
+        signal.signal(s, signal.SIG_IGN)
     # Each worker is one core; tokenizers' own thread pool would oversubscribe them.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _WORKER_JOB = job
@@ -336,12 +344,12 @@ def _map_ordered(job: _Job, payloads: Iterable[tuple[Any, Any]], workers: int) -
 @contextlib.contextmanager
 def _start_pool(workers: int, job: _Job) -> Iterator[Any]:
     """A pool of spawned workers (not forked: the caller may hold threads, torch's or tokenizers',
-    that fork would break) that leave Ctrl-C to the parent, which stops the pool and keeps the work
-    done for the same command to continue (`_Checkpoints`).
+    that fork would break) that leave Ctrl-C, SIGTERM and SIGHUP to the parent, which stops the pool
+    and keeps the work done for the same command to continue (`_Checkpoints`).
 
-    Workers start with SIGINT ignored, which survives exec, so one pressed while they import does
-    not reach them; the parent blocks it meanwhile, so it stays pending (Linux never discards a
-    blocked signal) and lands once the pool is in hand. Only the main thread can change handlers.
+    Workers start with those ignored, which survives exec, so one that comes while they import does
+    not reach them; the parent blocks them meanwhile, so they stay pending (Linux never discards a
+    blocked signal) and land once the pool is in hand. Only the main thread can change handlers.
     """
     ctx = multiprocessing.get_context("spawn")
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
@@ -350,14 +358,22 @@ def _start_pool(workers: int, job: _Job) -> Iterator[Any]:
         with _spawn_pool(ctx, workers, job) as pool:
             yield pool
         return
-    resource_tracker.ensure_running()  # starting it unblocks SIGINT, so not in the window below
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    # Starting it unblocks SIGINT, so not in the window below. It ignores SIGINT and SIGTERM itself;
+    # SIGHUP killed it, and it came back with a traceback for each lock of the pool.
+    hangup = signal.signal(signal.SIGHUP, signal.SIG_IGN) if hasattr(signal, "SIGHUP") else None
     try:
-        handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        resource_tracker.ensure_running()
+    finally:
+        if hangup is not None:
+            signal.signal(signal.SIGHUP, hangup)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, set(_STOPS))
+    try:
+        handlers = {s: signal.signal(s, signal.SIG_IGN) for s in _STOPS}
         try:
             pool = _spawn_pool(ctx, workers, job)
         finally:
-            signal.signal(signal.SIGINT, handler)
+            for s, h in handlers.items():
+                signal.signal(s, h)
     except BaseException:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         raise
@@ -367,6 +383,13 @@ def _start_pool(workers: int, job: _Job) -> Iterator[Any]:
 
 
 _MAIN_SWAP = threading.Lock()
+
+
+class _Worker(multiprocessing.context.SpawnProcess):
+    """A pool worker, which ignores the stop signals: the pool ends it with SIGKILL."""
+
+    def terminate(self) -> None:
+        self.kill()
 
 
 class _Pool(multiprocessing.pool.Pool):
@@ -379,11 +402,18 @@ class _Pool(multiprocessing.pool.Pool):
     """
 
     @staticmethod
+    def Process(ctx: Any, *args: Any, **kwargs: Any) -> _Worker:
+        return _Worker(*args, **kwargs)
+
+    @staticmethod
     def _help_stuff_finish(inqueue: Any, task_handler: threading.Thread, size: int) -> None:
         # it would wait for itself (the standard pool never joins it then)
         if threading.current_thread() is task_handler:
             return
-        inqueue._rlock.acquire()  # held for good, as the standard pool does: the workers are being stopped
+        # Held for good, as the standard pool does: the workers are being stopped. A worker killed
+        # from outside while reading a task (the OOM killer) holds it for good, and then no worker
+        # can read: the pipe is read without it.
+        inqueue._rlock.acquire(timeout=5)
         while task_handler.is_alive():
             if inqueue._reader.poll(0.01):
                 inqueue._reader.recv_bytes()

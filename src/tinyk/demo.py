@@ -298,7 +298,8 @@ def run_training(tcfg: TrainConfig) -> dict[str, Any]:
 
     with contextlib.nullcontext() if tcfg.progress else contextlib.redirect_stdout(io.StringIO()):  # --quiet
         summary = train(tcfg, force=True)
-    if summary["status"] != "completed":  # a signal stopped it: the demo stops as in every other stage
+    # A signal stops the demo as in every other stage, also one that came in the run's last step.
+    if summary["status"] != "completed" or summary["stop_signal"]:
         why = "(the demo does not continue a stopped run: run it again to start over)"
         raise Stopped(summary["stop_signal"], why)
     # The demo is not resumable, so checkpoints (weights + optimizer state) are only disk use.

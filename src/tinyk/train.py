@@ -51,6 +51,7 @@ from .errors import (
     first_line,
     memory_available,
     out_of_memory,
+    say_on_stderr,
     shown,
     signal_handlers,
     signal_status,
@@ -1012,6 +1013,10 @@ class Trainer:
                 if time.monotonic() - first > SIGINT_ECHO_S:
                     raise KeyboardInterrupt
                 return
+            if first is None and self.dist.main:  # a stop can be minutes away (an evaluation, a save)
+                again = "; Ctrl-C again aborts without saving" if signum == signal.SIGINT else ""
+                say_on_stderr(f"tinyk: {signal.Signals(signum).name}: stopping after this step with a "
+                              f"checkpoint{again}")
             first = first if first is not None else time.monotonic()
             self.stop_signal = signal.Signals(signum).name
 
@@ -1366,7 +1371,7 @@ class Trainer:
         skipped = self._skipped_steps()
         summary = {
             "kind": cfg.kind, "status": "interrupted" if interrupted else "completed",
-            "stop_signal": self.stop_signal if interrupted else None, "steps": p.step,
+            "stop_signal": self.stop_signal, "steps": p.step,
             "total_steps": self.total_steps, "skipped_steps": skipped,
             "tokens": p.tokens, "loss_tokens": p.loss_tokens, "elapsed_s": round(elapsed, 3),
             "tokens_per_s": round(rate, 1) if rate else None, "mfu": self._run_mfu(elapsed),
@@ -1418,7 +1423,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False) -> dic
     `cfg` comes from `config.resolve_config` (a preset, a config file, flags and --set items, as the
     CLI builds it; with `resume=True` there too, the run's saved config) and is not modified. A run
     that a signal stopped (Ctrl-C, SIGTERM) saves a checkpoint and returns, with "status":
-    "interrupted" and "stop_signal" in the summary: a loop of runs checks that before going on, and
+    "interrupted" and "stop_signal" in the summary: a loop of runs checks that before going on (a
+    signal that came in the last step is there too, beside "completed"), and
     `train(resolve_config(kind, flags={"out": OUT}, resume=True), resume=True)` continues it. Stopped
     before its first step, it has nothing to save and raises `errors.StoppedBeforeTraining` (in its
     set-up, before it takes the signals over, Ctrl-C is the caller's own KeyboardInterrupt). One run
