@@ -790,3 +790,30 @@ def test_closed_standard_streams_and_a_deleted_working_directory(tmp_path, nano_
     r = shell(f"cd {shlex.quote(str(gone))} && rmdir {shlex.quote(str(gone))} && {tinyk} plan --preset nano")
     assert (r.returncode, r.stderr) == (2, "tinyk: error: the current directory no longer exists (it was deleted); "
                                            "cd to one that does\n")
+
+
+def test_a_signal_during_torchs_first_import_stops_the_command():
+    """torch's first import takes seconds and catches what lands in it: a Ctrl-C or SIGTERM there was
+    lost (training ran to the end), or left numpy half-imported for a traceback later. Here a finder
+    stands in for it: the signal arrives while the import runs, and the import swallows an interrupt."""
+    code = """
+import importlib.abc, os, signal, sys, time
+
+class LikeTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "torch":
+            sys.meta_path.remove(self)
+            try:
+                os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+                time.sleep(0.2)
+            except KeyboardInterrupt:
+                pass
+        return None
+
+sys.meta_path.insert(0, LikeTorch())
+from tinyk.cli import main
+main(["plan", "--preset", "nano"])
+"""
+    for name, status, said in (("SIGINT", 130, "tinyk: interrupted\n"), ("SIGTERM", 143, "tinyk: terminated\n")):
+        r = subprocess.run([sys.executable, "-c", code, name], capture_output=True, text=True, timeout=300)
+        assert (r.returncode, r.stderr, r.stdout) == (status, said, ""), name

@@ -2268,7 +2268,7 @@ def test_force_loses_no_run_to_a_failure_or_a_kill_while_files_move(tmp_path, pt
 
 def test_ctrl_c_while_a_run_is_put_back_waits_until_it_is_back():
     """Held even with other threads running (a data loader's, a tracker's), where a signal mask would not be."""
-    from tinyk.rundir import signals_held
+    from tinyk.errors import signals_held
 
     stop = threading.Event()
     other = threading.Thread(target=stop.wait)

@@ -82,6 +82,21 @@ def signal_handlers(handlers: Mapping[int, Callable[[int, object], object]]) -> 
             signal.signal(s, handler)
 
 
+@contextlib.contextmanager
+def signals_held(deliver: bool = True) -> Iterator[None]:
+    """Holds Ctrl-C, SIGTERM and SIGHUP (delivered afterwards, unless not `deliver`) through what must
+    not be cut short: files moving back, torch's first import. Python handlers rather than a signal
+    mask: a mask holds a signal only from the thread that set it."""
+    caught: list[int] = []
+    stops = [s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
+    try:
+        with signal_handlers({s: lambda signum, _frame: caught.append(signum) for s in stops}):
+            yield
+    finally:
+        for s in dict.fromkeys(caught if deliver else ()):  # each once; one ignored before stays ignored
+            signal.raise_signal(s)
+
+
 class StoppedBeforeTraining(Stopped):
     """A signal stopped a new training run before its first step: there is nothing to save, so the
     run directory is left as the run found it (the run --force was to replace kept)."""

@@ -11,14 +11,13 @@ import contextlib
 import os
 import re
 import shutil
-import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .checkpoint import is_model_dir, model_dir_hint, unfinished_hint
-from .errors import TinykError, signal_handlers, writing
+from .errors import TinykError, signals_held, writing
 from .monitor import TRACKER_ID, TRACKER_STEP, TRACKERS
 from .outputs import (
     DirLock,
@@ -181,21 +180,6 @@ def drop_aside(aside: Path) -> None:
     """Deletes the run --force replaced, once the new one has started: renamed to a leftover first,
     so a kill mid-delete never leaves part of it looking like a run to put back."""
     delete_via(aside, aside.with_name(f".forced.tmp-{ASIDE.match(aside.name).group(2)}"))
-
-
-@contextlib.contextmanager
-def signals_held(deliver: bool = True) -> Iterator[None]:
-    """Holds Ctrl-C and SIGTERM (delivered afterwards, unless not `deliver`) while files move, so moving
-    back is not cut short. Python handlers rather than a signal mask: a mask holds a signal only from
-    the thread that set it."""
-    caught: list[int] = []
-    stops = [s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
-    try:
-        with signal_handlers({s: lambda signum, _frame: caught.append(signum) for s in stops}):
-            yield
-    finally:
-        for s in dict.fromkeys(caught if deliver else ()):  # each once; one ignored before stays ignored
-            signal.raise_signal(s)
 
 
 def clean_partial(out: Path) -> None:

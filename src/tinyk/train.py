@@ -55,6 +55,7 @@ from .errors import (
     shown,
     signal_handlers,
     signal_status,
+    signals_held,
     stop_signal,
     writing,
 )
@@ -83,7 +84,7 @@ from .outputs import (
     write_json_atomic,
 )
 from .plan import flops_formula, model_size, precision_refusal
-from .rundir import RunDir, checkpoints, resolve_init, signals_held
+from .rundir import RunDir, checkpoints, resolve_init
 from .units import GiB, plural
 
 # Whether this process has joined a job of several (its exit can then abort: see cli._fail).

@@ -34,10 +34,12 @@ from tinyk.errors import (
     say_on_stderr,
     signal_handlers,
     signal_status,
+    signals_held,
     stop_signal,
 )
 
 STAGES = ["tokenizer", "model", "data", "train", "generate", "serve", "evaluate", "demo", "plan"]
+WITHOUT_TORCH = {"tokenizer", "data"}  # the commands that never import it
 
 
 class _Parser(argparse.ArgumentParser):
@@ -239,6 +241,11 @@ def main(argv: list[str] | None = None) -> None:
             stream.reconfigure(errors="surrogateescape")
     try:
         with signal_handlers(_stop_handlers()):
+            if args.command not in WITHOUT_TORCH:
+                # Its first import takes seconds and does not survive a signal: a Ctrl-C there was lost,
+                # or left numpy half-imported for a traceback later. Held, it stops the command after.
+                with signals_held():
+                    import torch  # noqa: F401
             code = args.func(args)
     except TinykError as e:
         _fail(f"tinyk: error: {e}", root_cause=not isinstance(e, PeerLost))
