@@ -1005,11 +1005,15 @@ def test_force_never_deletes_a_folder_this_command_did_not_make(tmp_path, tok_di
 
 @pytest.mark.parametrize("sig,code,said", [(signal.SIGTERM, 143, "terminated"),
                                            (signal.SIGHUP, 129, "stopped by SIGHUP")])
-def test_sigterm_stops_data_preparation_like_ctrl_c(tmp_path, tok_dir, capsys, monkeypatch, sig, code, said):
+def test_sigterm_stops_data_preparation_like_ctrl_c(tmp_path, tok_dir, capsys, monkeypatch, request, sig, code,
+                                                    said):
     """`kill` or `timeout`, or the terminal going away, gets the same clean-up as Ctrl-C: one line, exit
     128 + the signal's number, no partial output."""
     from tinyk import data
 
+    if sig == signal.SIGHUP:  # a test session under nohup ignores it, and so would the command
+        original = signal.signal(sig, signal.SIG_DFL)
+        request.addfinalizer(lambda: signal.signal(sig, original))
     encode = data._encode
 
     def encode_then_signal(job, payload):

@@ -1368,7 +1368,9 @@ def test_serving_on_every_interface_prints_a_url_that_opens_and_warns_without_a_
     env = {k: v for k, v in os.environ.items() if k != "TINYK_API_KEY"}  # a key there would silence the warning
     proc = subprocess.Popen([sys.executable, "-m", "tinyk", "serve", "--model", str(nano_model_dir),
                              "--host", "0.0.0.0", "--port", "0", "--quiet"],
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=env,
+                            # a test session under nohup ignores SIGHUP, and so would the server
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     try:
         assert select.select([proc.stderr], [], [], 120)[0], "no banner within 2 minutes"
         banner, warning = proc.stderr.readline(), proc.stderr.readline()
