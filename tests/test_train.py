@@ -613,6 +613,27 @@ def test_signal_saves_a_checkpoint_and_exits(tmp_path, pt_data, tok_dir, monkeyp
     assert (last["status"], last["stop_signal"]) == ("completed", sig.name) and (tmp_path / "last" / "final").is_dir()
 
 
+def test_a_stop_leaves_out_the_steps_periodic_evaluation(tmp_path, pt_data, tok_dir, monkeypatch):
+    """An evaluation can take minutes: a run asked to stop saves its checkpoint without it (and the
+    user, waiting, is less tempted by the second Ctrl-C that aborts unsaved)."""
+    from tinyk.monitor import Monitor
+
+    log_train = Monitor.log_train
+
+    def log_and_signal(self, rec):
+        log_train(self, rec)
+        if rec["step"] == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Monitor, "log_train", log_and_signal)
+    out = tmp_path / "run"
+    summary = train(nano_cfg(pt_data, tok_dir, out, max_steps=8, eval_every=2))
+    evals = [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+             if r["type"] == "eval"]
+    assert summary["status"] == "interrupted" and summary["steps"] == 4 and evals == [2]
+    assert [p.name for p in checkpoints(out)] == ["step_0000004"]
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
 def test_a_signal_before_the_first_step_leaves_the_directory_as_it_was(tmp_path, pt_data, tok_dir, monkeypatch,
                                                                        capsys, sig):

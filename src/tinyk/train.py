@@ -1231,7 +1231,7 @@ class Trainer:
                 last_train = self._log_window(norm)
             last = p.step == self.total_steps
             t_pause = time.perf_counter()
-            if self.has_val and (last or (cfg.eval_every and p.step % cfg.eval_every == 0)):
+            if self.has_val and (last or (cfg.eval_every and p.step % cfg.eval_every == 0 and not self._stopping())):
                 last_val = self._validate()
                 best_val = min(best_val, last_val[0])
             if not last and cfg.save_every and p.step % cfg.save_every == 0:
@@ -1243,6 +1243,11 @@ class Trainer:
             self.save_checkpoint(loader_state)
         final = None if interrupted else self._save_final()
         return self._summary(interrupted, final, last_train, last_val, best_val)
+
+    def _stopping(self) -> bool:
+        """Whether a stop signal reached any rank during this step: its periodic evaluation, which can
+        take minutes, is left out so the checkpoint comes soon (the final evaluation never is)."""
+        return self.dist.sum_host([self.stop_signal is not None])[0] > 0
 
     def _log_window(self, grad_norm: torch.Tensor) -> float:
         """Logs the train loss per token and tokens/s of the steps since the last log (the only host sync of
