@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .errors import DamagedInput, TinykError, shown, writing
+from .errors import DamagedInput, TinykError, shown, signal_handlers, writing
 from .inputs import (
     DEFAULT_MAX_LINE_BYTES,
     NO_RECORDS,
@@ -360,20 +360,12 @@ def _start_pool(workers: int, job: _Job) -> Iterator[Any]:
         return
     # Starting it unblocks SIGINT, so not in the window below. It ignores SIGINT and SIGTERM itself;
     # SIGHUP killed it, and it came back with a traceback for each lock of the pool.
-    hangup = signal.signal(signal.SIGHUP, signal.SIG_IGN) if hasattr(signal, "SIGHUP") else None
-    try:
+    with signal_handlers({signal.SIGHUP: signal.SIG_IGN} if hasattr(signal, "SIGHUP") else {}):
         resource_tracker.ensure_running()
-    finally:
-        if hangup is not None:
-            signal.signal(signal.SIGHUP, hangup)
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, set(_STOPS))
     try:
-        handlers = {s: signal.signal(s, signal.SIG_IGN) for s in _STOPS}
-        try:
+        with signal_handlers(dict.fromkeys(_STOPS, signal.SIG_IGN)):
             pool = _spawn_pool(ctx, workers, job)
-        finally:
-            for s, h in handlers.items():
-                signal.signal(s, h)
     except BaseException:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         raise

@@ -1015,7 +1015,9 @@ class Trainer:
                     raise KeyboardInterrupt
                 return
             if first is None and self.dist.main:  # a stop can be minutes away (an evaluation, a save)
-                again = "; Ctrl-C again aborts without saving" if signum == signal.SIGINT else ""
+                # Under torchrun a second Ctrl-C reaches the ranks as SIGTERM, which aborts nothing.
+                alone = signum == signal.SIGINT and not os.environ.get("TORCHELASTIC_RUN_ID")
+                again = "; Ctrl-C again aborts without saving" if alone else ""
                 say_on_stderr(f"tinyk: {signal.Signals(signum).name}: stopping after this step with a "
                               f"checkpoint{again}")
             first = first if first is not None else time.monotonic()
