@@ -602,7 +602,7 @@ def test_signal_saves_a_checkpoint_and_exits(tmp_path, pt_data, tok_dir, monkeyp
     assert f"stopped by {sig.name} at step 3" in said.out
     # Said at once: the step's evaluation and the save can take minutes, inviting a second Ctrl-C.
     again = "; Ctrl-C again aborts without saving" if sig == signal.SIGINT else ""
-    assert said.err == f"tinyk: {sig.name}: stopping after this step with a checkpoint{again}\n"
+    assert said.err == f"tinyk: {sig.name}: stopping at the end of this step and saving{again}\n"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["steps"] == 3 and summary["stop_signal"] == sig.name
     assert [p.name for p in checkpoints(out)] == ["step_0000003"] and not (out / "final").exists()
@@ -611,6 +611,9 @@ def test_signal_saves_a_checkpoint_and_exits(tmp_path, pt_data, tok_dir, monkeyp
     capsys.readouterr()
     last = train(nano_cfg(pt_data, tok_dir, tmp_path / "last", max_steps=3, log_every=1))
     assert (last["status"], last["stop_signal"]) == ("completed", sig.name) and (tmp_path / "last" / "final").is_dir()
+    monkeypatch.undo()  # resuming the finished run: this call stopped nothing
+    assert train(nano_cfg(pt_data, tok_dir, tmp_path / "last", max_steps=3, log_every=1), resume=True)[
+        "stop_signal"] is None
 
 
 def test_a_stop_leaves_out_the_steps_periodic_evaluation(tmp_path, pt_data, tok_dir, monkeypatch):

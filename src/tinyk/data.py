@@ -359,9 +359,13 @@ def _start_pool(workers: int, job: _Job) -> Iterator[Any]:
             yield pool
         return
     # Starting it unblocks SIGINT, so not in the window below. It ignores SIGINT and SIGTERM itself;
-    # SIGHUP killed it, and it came back with a traceback for each lock of the pool.
-    with signal_handlers({signal.SIGHUP: signal.SIG_IGN} if hasattr(signal, "SIGHUP") else {}):
+    # SIGHUP killed it, and it came back with a traceback for each lock of the pool: it starts with
+    # SIGHUP blocked, and one that came meanwhile lands here after.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    try:
         resource_tracker.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, set(_STOPS))
     try:
         with signal_handlers(dict.fromkeys(_STOPS, signal.SIG_IGN)):

@@ -187,9 +187,11 @@ def step_rates(tcfgs: Sequence[TrainConfig], seconds: float, threads: Sequence[i
             # step against fp32's 7). Its warm-up step is its rate.
             out = [not tcfg.compile and w > 3 * min(warm) for tcfg, w in zip(tcfgs, warm, strict=True)]
             until = time.perf_counter() + 2 * seconds * (len(tcfgs) - sum(out))
-            for _ in range(rounds):
+            for r in range(rounds):
+                if r and time.perf_counter() > until:  # whole rounds only: each candidate alike
+                    break
                 for trainer, n, rates, dropped in zip(trainers, threads, slices, out, strict=True):
-                    if dropped or (rates and time.perf_counter() > until):
+                    if dropped:
                         continue
                     torch.set_num_threads(n)
                     steps, t0 = 0, time.perf_counter()

@@ -83,14 +83,20 @@ def signal_handlers(handlers: Mapping[int, Callable[[int, object], object]]) -> 
 
 
 @contextlib.contextmanager
-def signals_held(deliver: bool = True) -> Iterator[None]:
+def signals_held(deliver: bool = True, second_ctrl_c_aborts: bool = False) -> Iterator[None]:
     """Holds Ctrl-C, SIGTERM and SIGHUP (delivered afterwards, unless not `deliver`) through what must
     not be cut short: files moving back, torch's first import. Python handlers rather than a signal
     mask: a mask holds a signal only from the thread that set it."""
     caught: list[int] = []
     stops = [s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
+
+    def hold(signum: int, _frame: object) -> None:
+        if second_ctrl_c_aborts and signum == signal.SIGINT and signum in caught:
+            raise KeyboardInterrupt
+        caught.append(signum)
+
     try:
-        with signal_handlers({s: lambda signum, _frame: caught.append(signum) for s in stops}):
+        with signal_handlers(dict.fromkeys(stops, hold)):
             yield
     finally:
         for s in dict.fromkeys(caught if deliver else ()):  # each once; one ignored before stays ignored

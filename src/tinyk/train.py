@@ -1014,14 +1014,14 @@ class Trainer:
                 if time.monotonic() - first > SIGINT_ECHO_S:
                     raise KeyboardInterrupt
                 return
-            if first is None and self.dist.main:  # a stop can be minutes away (an evaluation, a save)
+            said = first is not None
+            first = first if first is not None else time.monotonic()
+            self.stop_signal = signal.Signals(signum).name
+            if not said and self.dist.main:  # a stop can be minutes away (an evaluation, a save)
                 # Under torchrun a second Ctrl-C reaches the ranks as SIGTERM, which aborts nothing.
                 alone = signum == signal.SIGINT and not os.environ.get("TORCHELASTIC_RUN_ID")
                 again = "; Ctrl-C again aborts without saving" if alone else ""
-                say_on_stderr(f"tinyk: {signal.Signals(signum).name}: stopping after this step with a "
-                              f"checkpoint{again}")
-            first = first if first is not None else time.monotonic()
-            self.stop_signal = signal.Signals(signum).name
+                say_on_stderr(f"tinyk: {self.stop_signal}: stopping at the end of this step and saving{again}")
 
         # A signal ignored when the run began stays so (SIGHUP under nohup; SIGINT for a job a script
         # started with &, as the shell does it): the run goes on.
@@ -1144,8 +1144,8 @@ class Trainer:
     def _run(self) -> dict[str, Any]:
         if self.dist.main:
             self._header()
-        if self.finished_already:
-            return self.finished_already
+        if self.finished_already:  # this call stopped nothing, whatever stopped the run's last step
+            return {**self.finished_already, "stop_signal": self.stop_signal}
         self._t0 = time.perf_counter()
         try:
             with signal_handlers(self._stop_handlers()):

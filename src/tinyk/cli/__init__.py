@@ -39,7 +39,7 @@ from tinyk.errors import (
 )
 
 STAGES = ["tokenizer", "model", "data", "train", "generate", "serve", "evaluate", "demo", "plan"]
-WITHOUT_TORCH = {"tokenizer", "data"}  # the commands that never import it
+WITHOUT_TORCH = {"tokenizer", "data"}  # what they do needs none (`data info` imports it to check a directory)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
             if args.command not in WITHOUT_TORCH:
                 # Its first import takes seconds and does not survive a signal: a Ctrl-C there was lost,
                 # or left numpy half-imported for a traceback later. Held, it stops the command after.
-                with signals_held():
+                with signals_held(second_ctrl_c_aborts=True):  # an import that hangs (a broken driver)
                     import torch  # noqa: F401
             code = args.func(args)
     except TinykError as e:
