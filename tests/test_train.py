@@ -69,6 +69,21 @@ def nano_cfg(data: Path, tok: Path | None, out: Path, kind: str = "pretrain", **
     return TrainConfig(**{**base, **kw})
 
 
+def signal_at_step(monkeypatch, step: int, *sigs: int) -> None:
+    """Sends `sigs` to this process once step `step` is logged, as a user or a scheduler would mid-run."""
+    from tinyk.monitor import Monitor
+
+    log_train = Monitor.log_train
+
+    def log_and_signal(self, rec):
+        log_train(self, rec)
+        if rec["step"] == step:
+            for sig in sigs:
+                os.kill(os.getpid(), sig)
+
+    monkeypatch.setattr(Monitor, "log_train", log_and_signal)
+
+
 def train_losses(out: Path) -> dict[int, float]:
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in recs if r["type"] == "train"}
@@ -534,17 +549,7 @@ def test_a_sigint_delivered_twice_still_saves_but_a_second_ctrl_c_aborts(tmp_pat
                                                                          capsys, echo_s, saved):
     """`pkill -INT` reaches torchrun's workers directly and again through torchrun: one stop, saved. A
     second Ctrl-C after the echo window (here 0 s) is a person asking to abort without saving."""
-    from tinyk.monitor import Monitor
-
-    log_train = Monitor.log_train
-
-    def log_and_signal(self, rec):
-        log_train(self, rec)
-        if rec["step"] == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-            os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(Monitor, "log_train", log_and_signal)
+    signal_at_step(monkeypatch, 3, signal.SIGINT, signal.SIGINT)
     monkeypatch.setattr("tinyk.train.SIGINT_ECHO_S", echo_s)
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as e:
@@ -581,16 +586,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, pt_data, tok_dir):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])  # SIGHUP: an SSH session dropped
 def test_signal_saves_a_checkpoint_and_exits(tmp_path, pt_data, tok_dir, monkeypatch, capsys, request, sig):
-    from tinyk.monitor import Monitor
-
-    log_train = Monitor.log_train
-
-    def log_and_signal(self, rec):
-        log_train(self, rec)
-        if rec["step"] == 3:
-            os.kill(os.getpid(), sig)
-
-    monkeypatch.setattr(Monitor, "log_train", log_and_signal)
+    signal_at_step(monkeypatch, 3, sig)
     if sig == signal.SIGHUP:  # a test session under nohup ignores it, and so would the run
         original = signal.signal(sig, signal.SIG_DFL)
         request.addfinalizer(lambda: signal.signal(sig, original))
@@ -619,16 +615,7 @@ def test_signal_saves_a_checkpoint_and_exits(tmp_path, pt_data, tok_dir, monkeyp
 def test_a_stop_leaves_out_the_steps_periodic_evaluation(tmp_path, pt_data, tok_dir, monkeypatch):
     """An evaluation can take minutes: a run asked to stop saves its checkpoint without it (and the
     user, waiting, is less tempted by the second Ctrl-C that aborts unsaved)."""
-    from tinyk.monitor import Monitor
-
-    log_train = Monitor.log_train
-
-    def log_and_signal(self, rec):
-        log_train(self, rec)
-        if rec["step"] == 4:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(Monitor, "log_train", log_and_signal)
+    signal_at_step(monkeypatch, 4, signal.SIGTERM)
     out = tmp_path / "run"
     summary = train(nano_cfg(pt_data, tok_dir, out, max_steps=8, eval_every=2))
     evals = [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
@@ -756,16 +743,7 @@ def test_a_resume_that_finds_a_newer_checkpoint_once_it_holds_the_lock_starts_ag
 @pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGINT])
 def test_a_signal_ignored_when_the_run_began_stays_ignored(tmp_path, pt_data, tok_dir, monkeypatch, sig):
     """nohup leaves its command SIGHUP ignored, a shell script's `cmd &` SIGINT: the run goes on."""
-    from tinyk.monitor import Monitor
-
-    log_train = Monitor.log_train
-
-    def log_and_signal(self, rec):
-        log_train(self, rec)
-        if rec["step"] == 2:
-            os.kill(os.getpid(), sig)
-
-    monkeypatch.setattr(Monitor, "log_train", log_and_signal)
+    signal_at_step(monkeypatch, 2, sig)
     before = signal.signal(sig, signal.SIG_IGN)
     try:
         summary = train(nano_cfg(pt_data, tok_dir, tmp_path / "run", max_steps=4))
@@ -1248,13 +1226,7 @@ def test_trackers_are_told_how_the_run_ended(tmp_path, pt_data, tok_dir, monkeyp
     assert ends[1][2].startswith("training diverged at step ")
     ends.clear()
     log_train = Monitor.log_train
-
-    def log_and_signal(self, rec):
-        log_train(self, rec)
-        if rec["step"] == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(Monitor, "log_train", log_and_signal)
+    signal_at_step(monkeypatch, 2, signal.SIGTERM)
     with pytest.raises(SystemExit) as e:
         main(cli_args(pt_data, tok_dir, tmp_path / "stopped", *both, "--log-every", "1"))
     assert e.value.code == 143 and ends == [("wandb", 143), ("swanlab", "aborted", "tinyk exited with status 143")]
