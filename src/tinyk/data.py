@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .errors import DamagedInput, TinykError, shown, signal_handlers, writing
+from .errors import STOP_SIGNALS, DamagedInput, TinykError, shown, signal_handlers, writing
 from .inputs import (
     DEFAULT_MAX_LINE_BYTES,
     NO_RECORDS,
@@ -74,6 +74,7 @@ from .tokenizer import (
     message_text,
     plain_text_tokenizer,
     token_bytes,
+    token_spellings,
     tokenizer_hash,
     with_system,
 )
@@ -144,22 +145,19 @@ def _tokenizer(tokenizer_json: str) -> tuple[Any, np.ndarray]:
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_str(tokenizer_json)
-    return plain_text_tokenizer(tok), np.array(token_bytes(tok), np.int64)
+    return plain_text_tokenizer(tok), np.array(token_bytes(token_spellings(tok)), np.int64)
 
 
 _WORKER_JOB: _Job | None = None
 
 
-# Ctrl-C, SIGTERM and SIGHUP reach every process of the group (a closed terminal, `kill -TERM -PGID`,
-# systemd, Slurm): the parent stops the pool; a worker killed by one while it held the pool's task
-# pipe would have left the parent waiting for that pipe forever.
-_STOPS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None)
-
-
 def _init_worker(job: _Job, parent: int) -> None:
     global _WORKER_JOB
     _die_with(parent)
-    for s in _STOPS:  # inherited already; kept should the start method change
+    # Stop signals reach every process of the group (a closed terminal, `kill -TERM -PGID`, systemd,
+    # Slurm): the parent stops the pool; a worker killed by one while it held the pool's task pipe
+    # would have left the parent waiting for that pipe forever.
+    for s in STOP_SIGNALS:  # inherited already; kept should the start method change
         signal.signal(s, signal.SIG_IGN)
     # Each worker is one core; tokenizers' own thread pool would oversubscribe them.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -366,9 +364,9 @@ def _start_pool(workers: int, job: _Job) -> Iterator[Any]:
         resource_tracker.ensure_running()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, set(_STOPS))
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, set(STOP_SIGNALS))
     try:
-        with signal_handlers(dict.fromkeys(_STOPS, signal.SIG_IGN)):
+        with signal_handlers(dict.fromkeys(STOP_SIGNALS, signal.SIG_IGN)):
             pool = _spawn_pool(ctx, workers, job)
     except BaseException:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)

@@ -51,6 +51,9 @@ class Stopped(KeyboardInterrupt):
 
 
 _POSIX_NUMBERS = {"SIGHUP": 1, "SIGINT": 2, "SIGPIPE": 13, "SIGTERM": 15}
+# What stops a command: Ctrl-C, SIGTERM (kill, a scheduler) and SIGHUP (the terminal went away), where the
+# system has it (Windows has no SIGHUP).
+STOP_SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None)
 
 
 def signal_status(name: str) -> int:
@@ -88,7 +91,6 @@ def signals_held(deliver: bool = True, second_ctrl_c_aborts: bool = False) -> It
     not be cut short: files moving back, torch's first import. Python handlers rather than a signal
     mask: a mask holds a signal only from the thread that set it."""
     caught: list[int] = []
-    stops = [s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
 
     def hold(signum: int, _frame: object) -> None:
         if second_ctrl_c_aborts and signum == signal.SIGINT and signum in caught:
@@ -96,7 +98,7 @@ def signals_held(deliver: bool = True, second_ctrl_c_aborts: bool = False) -> It
         caught.append(signum)
 
     try:
-        with signal_handlers(dict.fromkeys(stops, hold)):
+        with signal_handlers(dict.fromkeys(STOP_SIGNALS, hold)):
             yield
     finally:
         for s in dict.fromkeys(caught if deliver else ()):  # each once; one ignored before stays ignored

@@ -239,10 +239,11 @@ def token_spellings(tok: Tokenizer) -> list[str | None]:
     return [spelling(i) for i in range(tok.get_vocab_size(with_added_tokens=True))]
 
 
-def token_bytes(tok: Tokenizer) -> list[int]:
-    """UTF-8 bytes of text each token id stands for, 0 for special tokens: the bytes behind bits per
-    byte, counted alike for training data, the trainer's evaluation and `tinyk eval`."""
-    return [len(s) if s else 0 for s in token_spellings(tok)]
+def token_bytes(spellings: list[str | None]) -> list[int]:
+    """UTF-8 bytes of text each token id stands for (from `token_spellings`), 0 for special tokens:
+    the bytes behind bits per byte, counted alike for training data, the trainer's evaluation and
+    `tinyk eval`."""
+    return [len(s) if s else 0 for s in spellings]
 
 
 @dataclass
@@ -274,8 +275,7 @@ class TinyTokenizer:
 
     @cached_property
     def token_bytes(self) -> list[int]:
-        """UTF-8 bytes of text each token id stands for (0 for special tokens), for bits per byte."""
-        return [len(s) if s else 0 for s in self.token_spellings]
+        return token_bytes(self.token_spellings)
 
     @cached_property
     def token_spellings(self) -> list[str | None]:

@@ -45,6 +45,7 @@ from .checkpoint import (
 )
 from .config import CUDA_GRAPH_MODES, TrainConfig, dump_config, model_config, validate
 from .errors import (
+    STOP_SIGNALS,
     PeerLost,
     StoppedBeforeTraining,
     TinykError,
@@ -1025,8 +1026,7 @@ class Trainer:
 
         # A signal ignored when the run began stays so (SIGHUP under nohup; SIGINT for a job a script
         # started with &, as the shell does it): the run goes on.
-        stops = [s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None))
-                 if s is not None and signal.getsignal(s) is not signal.SIG_IGN]
+        stops = [s for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN]
         return dict.fromkeys(stops, handler)
 
     def _header(self) -> None:
