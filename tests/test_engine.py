@@ -1011,14 +1011,19 @@ def test_chat_cli_answers_one_message(engine, nano_model_dir, capsys, monkeypatc
     assert e.value.code == 0 and capsys.readouterr().out == expected + "\n" and threads == [1]
 
 
-def test_chat_reports_gbk_on_stdin_in_one_line(nano_model_dir):
-    """A GBK message piped into chat (strict UTF-8 stdin, as under en_US.UTF-8) is the tokenizer's one
-    line, not a UnicodeDecodeError traceback."""
-    r = subprocess.run([sys.executable, "-m", "tinyk", "chat", "--model", str(nano_model_dir), "--max-new-tokens", "2"],
-                       input="你好".encode("gbk"), capture_output=True, timeout=120,
-                       env={**os.environ, "PYTHONIOENCODING": "utf-8:strict", "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 2 and r.stdout == b""
-    assert r.stderr.decode() == f"tinyk: error: {NOT_UTF8}\n"
+@pytest.mark.parametrize("encoding, text, said", [
+    ("utf-8:strict", "你好".encode("gbk"), "stdin is not valid UTF-8 (convert it first, e.g. iconv -f gbk -t utf-8)"),
+    ("ascii", "你好".encode(), "stdin is not valid ascii, the encoding PYTHONIOENCODING=ascii asks for (unset it to "
+                               "read UTF-8)")])
+def test_chat_and_generate_report_undecodable_stdin_in_one_line(nano_model_dir, encoding, text, said):
+    """A GBK message piped into chat (strict UTF-8 stdin, as under en_US.UTF-8) is one line, not a
+    UnicodeDecodeError traceback; UTF-8 that PYTHONIOENCODING=ascii refused was called "not valid UTF-8"."""
+    for command in (["chat"], ["generate", "--prompt-file", "-"]):
+        r = subprocess.run([sys.executable, "-m", "tinyk", *command, "--model", str(nano_model_dir),
+                            "--max-new-tokens", "2"], input=text, capture_output=True, timeout=120,
+                           env={**os.environ, "PYTHONIOENCODING": encoding, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 2 and r.stdout == b""
+        assert r.stderr.decode() == f"tinyk: error: {said}\n"
 
 
 def test_an_ascii_locale_reads_utf8_text_as_the_utf8_it_is(nano_model_dir, tmp_path):

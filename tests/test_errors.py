@@ -794,10 +794,12 @@ def test_closed_standard_streams_and_a_deleted_working_directory(tmp_path, nano_
                                            "cd to one that does\n")
 
 
-def test_a_signal_during_torchs_first_import_stops_the_command():
+@pytest.mark.parametrize("command", [["plan", "--preset", "nano"], ["data", "info"]])
+def test_a_signal_during_torchs_first_import_stops_the_command(command, pt_data):
     """torch's first import takes seconds and catches what lands in it: a Ctrl-C or SIGTERM there was
     lost (training ran to the end), or left numpy half-imported for a traceback later. Here a finder
-    stands in for it: the signal arrives while the import runs, and the import swallows an interrupt."""
+    stands in for it: the signal arrives while the import runs, and the import swallows an interrupt.
+    `tinyk data` imports it only to read a data directory (`data info`, `--force`)."""
     code = """
 import importlib.abc, os, signal, sys, time
 
@@ -818,9 +820,11 @@ class LikeTorch(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, LikeTorch())
 from tinyk.cli import main
-main(["plan", "--preset", "nano"])
+main(sys.argv[2:])
 """
+    if command[0] == "data":
+        command = [*command, str(pt_data)]
     for name, status, said in (("SIGINT", 130, "tinyk: interrupted\n"), ("SIGTERM", 143, "tinyk: terminated\n"),
                                ("hung", 130, "tinyk: interrupted\n")):
-        r = subprocess.run([sys.executable, "-c", code, name], capture_output=True, text=True, timeout=120)
+        r = subprocess.run([sys.executable, "-c", code, name, *command], capture_output=True, text=True, timeout=120)
         assert (r.returncode, r.stderr, r.stdout) == (status, said, ""), name

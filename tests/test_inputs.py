@@ -927,6 +927,26 @@ def test_force_replaces_a_link_not_what_it_points_to(tmp_path, capsys):
     assert dangling.is_dir() and not dangling.is_symlink()
 
 
+def test_an_output_that_is_a_dangling_link_says_where_it_points(tmp_path, tok_dir, pt_data, capsys):
+    """`runs -> /mnt/disk/runs` with the disk not mounted: an atomic output was refused as one that
+    "exists", and a training run's --out ended in "cannot write runs/base: File exists"."""
+    link = tmp_path / "out"
+    link.symlink_to(tmp_path / "disk" / "runs")
+    where = f"{link} is a symbolic link to {tmp_path / 'disk' / 'runs'}, which does not exist (a disk not mounted?); "
+    with pytest.raises(TinykError) as e, atomic_dir(link, force=False):
+        pass
+    assert str(e.value) == f"output {where}remove the link, or use --force to replace it with a folder"
+    with pytest.raises(TinykError) as e:
+        check_output_file(link, [], force=True)
+    assert str(e.value) == f"--out {where}remove the link or choose another path"
+    with pytest.raises(SystemExit) as e:
+        main(["pretrain", "--preset", "nano", "--data", str(pt_data), "--tokenizer", str(tok_dir),
+              "--out", str(link), "--max-steps", "1"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == f"tinyk: error: --out {where}create its target or remove the link\n"
+    assert link.is_symlink() and not link.exists()
+
+
 def test_a_mount_point_is_refused_as_an_output_before_the_work(tmp_path, monkeypatch):
     """`docker -v host:/out ... --out /out --force` failed with EBUSY once the work was done, leaving a
     full copy hidden beside the mount, on the other disk."""

@@ -105,6 +105,14 @@ def signals_held(deliver: bool = True, second_ctrl_c_aborts: bool = False) -> It
             signal.raise_signal(s)
 
 
+def import_torch() -> None:
+    """Imports torch with the stop signals held: its first import takes seconds and does not survive a
+    signal (a Ctrl-C there was lost, or left numpy half-imported for a traceback later); one that came
+    meanwhile stops the command right after. A second Ctrl-C ends an import that hangs (a broken driver)."""
+    with signals_held(second_ctrl_c_aborts=True):
+        import torch  # noqa: F401
+
+
 class StoppedBeforeTraining(Stopped):
     """A signal stopped a new training run before its first step: there is nothing to save, so the
     run directory is left as the run found it (the run --force was to replace kept)."""

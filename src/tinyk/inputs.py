@@ -6,6 +6,7 @@ TXT): a bad line is skipped and counted (`Skips`), a bad file is one line, and i
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import hashlib
 import io
@@ -737,6 +738,17 @@ def iter_texts(paths: list[Path], skips: Skips, *, field: str = "text", **kw: An
         yield text
 
 
+def stdin_not_decodable() -> str:
+    """The line for stdin bytes its decoder refused: UTF-8's, or the encoding PYTHONIOENCODING asked for
+    (`PYTHONIOENCODING=ascii` refused Chinese UTF-8, which was then called "not valid UTF-8")."""
+    chosen = os.environ.get("PYTHONIOENCODING", "").partition(":")[0]
+    encoding = getattr(sys.stdin, "encoding", None) or "utf-8"
+    if chosen and codecs.lookup(encoding).name != "utf-8":
+        return (f"stdin is not valid {encoding}, the encoding PYTHONIOENCODING={chosen} asks for "
+                f"(unset it to read UTF-8)")
+    return "stdin is not valid UTF-8 (convert it first, e.g. iconv -f gbk -t utf-8)"
+
+
 def read_prompts(typed: list[str], prompt_file: str | None, field: str = "prompt",
                  stdin: Iterable[str] | None = None) -> tuple[list[str], str | None]:
     """`tinyk generate`'s prompts: the typed ones, then a file's (one per `.txt` line or per record's
@@ -750,7 +762,7 @@ def read_prompts(typed: list[str], prompt_file: str | None, field: str = "prompt
         except UnicodeDecodeError:
             not_utf8 = True
         if not_utf8:
-            raise TinykError("stdin is not valid UTF-8 (convert it first, e.g. iconv -f gbk -t utf-8)")
+            raise TinykError(stdin_not_decodable())
         skips = Skips()
         for n, line in enumerate(lines, 1):
             if "\x00" in line:  # as in a .txt prompt file

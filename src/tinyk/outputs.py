@@ -116,9 +116,11 @@ def check_output_file(out: str | Path, inputs: Iterable[str | Path | None], *, f
     check_output(out, inputs, flag)
     if str(out).endswith(("/", os.sep)):  # Path() drops the slash: x.json/ would be written as the file x.json
         raise TinykError(f"{flag} {out} ends in '/', which names a directory; give a file name for {holds}")
+    if path.is_symlink() and not path.exists():
+        raise TinykError(f"{flag} {dangling_link(path, 'remove the link or choose another path')}")
     if (path.exists() or path.is_symlink()) and not force:
         raise TinykError(f"{flag} {out} exists (use --force to replace it)")
-    if (path.exists() or path.is_symlink()) and not path.is_file():  # /dev/null, a pipe, a dangling link
+    if (path.exists() or path.is_symlink()) and not path.is_file():  # /dev/null, a pipe
         raise TinykError(f"{flag} {out} is not a regular file, so it is not replaced; choose another path")
     if path.exists() and replaces is not None and not replaces[1](path):
         raise TinykError(f"{flag} {out} exists and is not {replaces[0]}, so it is not replaced; remove it yourself "
@@ -276,6 +278,8 @@ def _check_replace(out: Path, force: bool, replaces: tuple[str, Callable[[Path],
         raise TinykError(_mount_point(out))
     if out.exists() and not out.is_dir() and replaces is not None:  # not "use --force", which refuses it too
         raise TinykError(f"output {out} is a file, not a directory; remove it yourself or choose another path")
+    if out.is_symlink() and not out.exists() and not force:
+        raise TinykError("output " + dangling_link(out, "remove the link, or use --force to replace it with a folder"))
     if (out.exists() or out.is_symlink()) and not force:
         raise TinykError(f"output directory exists: {out} (use --force to replace it)")
     if out.exists() and replaces is not None:
@@ -285,6 +289,12 @@ def _check_replace(out: Path, force: bool, replaces: tuple[str, Callable[[Path],
             raise TinykError(f"{out} exists and is not {what}, so it is not replaced (it holds "
                              f"{', '.join(held[:3])}{', ...' if len(held) > 3 else ''}); remove it yourself or "
                              "choose another path")
+
+
+def dangling_link(out: Path, fix: str) -> str:
+    """A symbolic link whose target is missing (a disk not mounted, a folder moved) is no existing
+    output: say where it points, so the user can restore the target."""
+    return f"{out} is a symbolic link to {os.readlink(out)}, which does not exist (a disk not mounted?); {fix}"
 
 
 def _mount_point(out: Path) -> str:

@@ -23,6 +23,7 @@ from .outputs import (
     DirLock,
     atomic_file,
     check_output,
+    dangling_link,
     delete_via,
     is_output_file,
     put_back_interrupted,
@@ -270,6 +271,8 @@ class RunDir:
         another run, someone's files, a run not asked to be resumed or replaced); True when it holds an
         earlier run's files."""
         out = self.out
+        if out.is_symlink() and not out.exists():  # a run fills its --out in place: it needs the target
+            raise TinykError(f"--out {dangling_link(out, 'create its target or remove the link')}")
         if out.exists() and not out.is_dir():
             raise TinykError(f"--out {out} is a file, not a run directory")
         check_output(out, inputs)

@@ -30,16 +30,16 @@ from tinyk.errors import (
     StoppedBeforeTraining,
     Terminated,
     TinykError,
+    import_torch,
     out_of_memory,
     say_on_stderr,
     signal_handlers,
     signal_status,
-    signals_held,
     stop_signal,
 )
 
 STAGES = ["tokenizer", "model", "data", "train", "generate", "serve", "evaluate", "demo", "plan"]
-WITHOUT_TORCH = {"tokenizer", "data"}  # what they do needs none (`data info` imports it to check a directory)
+WITHOUT_TORCH = {"tokenizer", "data"}  # what they do needs none (reading a data directory imports it itself)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -242,10 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         with signal_handlers(_stop_handlers()):
             if args.command not in WITHOUT_TORCH:
-                # Its first import takes seconds and does not survive a signal: a Ctrl-C there was lost,
-                # or left numpy half-imported for a traceback later. Held, it stops the command after.
-                with signals_held(second_ctrl_c_aborts=True):  # an import that hangs (a broken driver)
-                    import torch  # noqa: F401
+                import_torch()
             code = args.func(args)
     except TinykError as e:
         _fail(f"tinyk: error: {e}", root_cause=not isinstance(e, PeerLost))

@@ -23,7 +23,7 @@ from tinyk.cli.common import (
     utf8_text,
 )
 from tinyk.errors import Stopped, Terminated, TinykError, for_terminal
-from tinyk.inputs import read_prompts
+from tinyk.inputs import has_surrogate, read_prompts, stdin_not_decodable
 from tinyk.units import plural
 
 if TYPE_CHECKING:
@@ -128,6 +128,8 @@ def _chat(args: argparse.Namespace) -> int:
         message = sys.stdin.read().removeprefix("\ufeff").strip()
         if not message:
             raise TinykError("no message on stdin (pipe in a message, or use --message TEXT)")
+        if has_surrogate(message):  # before the model loads
+            raise TinykError(stdin_not_decodable())
     engine = _engine(args, 1)
     system = engine.tok.system_from_flag(args.system)
     if message is not None:
