@@ -368,6 +368,29 @@ def test_a_value_that_looks_like_a_flag_says_how_to_give_it(capsys):
     assert error_line(["eval", "--model", "m", "--task", "-x.jsonl"], capsys).endswith(
         "--task: expected at least one argument (a value that starts with '-' is written --task=VALUE) "
         "(see tinyk eval --help)")
+    # Not where the value was left out: last, or followed by a flag (the hint sent users the wrong way).
+    assert error_line(["tokenizer", "train", "a", "--out"], capsys) == (
+        "tinyk tokenizer train: error: argument --out: expected one argument (see tinyk tokenizer train --help)")
+    assert error_line(["plan", "--config", "--preset", "tiny"], capsys) == (
+        "tinyk plan: error: argument --config: expected one argument (see tinyk plan --help)")
+
+
+@pytest.mark.parametrize("args, said", [
+    (["pretrain", "--config", "", "--preset", "nano"], "tinyk pretrain: error: argument --config"),
+    (["plan", "--config", "", "--preset", "tiny"], "tinyk plan: error: argument --config"),
+    (["generate", "--model", "", "--prompt", "hi"], "tinyk generate: error: argument --model"),
+    (["data", "pretrain", "--tokenizer", "", "--input", "a", "--out", "b"],
+     "tinyk data pretrain: error: argument --tokenizer"),
+    (["data", "pretrain", "--input", "", "--tokenizer", "t", "--out", "b"],
+     "tinyk data pretrain: error: argument --input"),
+    (["model", "info", ""], "tinyk model info: error: argument path"),
+    (["tokenizer", "train", "", "--out", "t"], "tinyk tokenizer train: error: argument FILE"),
+    (["eval", "--model", "m", "--task", ""], "tinyk eval: error: argument --task"),
+    (["sft", "--init", ""], "tinyk sft: error: argument --init")])
+def test_an_empty_path_is_refused_not_taken_for_the_current_folder(args, said, capsys):
+    """`--config "$CFG"` with CFG unset: the config was left out without a word (the run trained on the
+    preset's settings), and `--model ""` was called a folder of .pth files to import."""
+    assert error_line(args, capsys).startswith(f"{said}: is empty; give a path")
 
 
 @pytest.mark.parametrize("args, command", [

@@ -166,7 +166,7 @@ def test_budget_is_whichever_comes_first():
     # Resumed after 3 steps of 8 samples: the rest of the budget is trained at the new batch of 4.
     assert total_steps(TrainConfig(batch_size=4, seq_len=10, max_tokens=400), 100, 3, 24) == 3 + 4
     assert total_steps(TrainConfig(batch_size=4, seq_len=10, epochs=1), 100, 3, 24) == 3 + 19
-    assert total_steps(TrainConfig(batch_size=4, seq_len=10, max_tokens=200), 100, 3, 24) == 3  # already spent
+    assert total_steps(TrainConfig(batch_size=4, seq_len=10, max_tokens=200), 100, 3, 24) == 2  # spent a step ago
 
 
 def test_a_pretraining_resume_with_another_batch_size_keeps_its_token_budget(tmp_path, pt_data, tok_dir, capsys,
@@ -847,6 +847,21 @@ def test_two_process_ddp_and_fsdp_match_one_process(tmp_path, pt_data, tok_dir):
     assert summaries[0]["flops_per_token"] == summaries[1]["flops_per_token"]  # FLOPs summed over both ranks
 
 
+def other_tokens(data: Path, to: Path) -> Path:
+    """A copy of pretraining `data` with two tokens of its training split swapped: the same sizes, as
+    the same corpus shuffled or tokenized another way gives, and other contents."""
+    other = shutil.copytree(data, to)
+    meta = json.loads((other / "meta.json").read_text())
+    name = next(n for n in meta["sha256"] if n.startswith("train/"))
+    tokens = np.fromfile(other / name, dtype=np.uint16)
+    i = int(np.flatnonzero(tokens != tokens[0])[0])
+    tokens[[0, i]] = tokens[[i, 0]]
+    tokens.tofile(other / name)
+    meta["sha256"][name] = sha256_file(other / name)
+    (other / "meta.json").write_text(json.dumps(meta))
+    return other
+
+
 @pytest.mark.parametrize("rank1,says", [
     (["--max-steps", "5"], "max_steps is 4 in rank 0 but 5 in rank 1"),  # it hung in rank 0's last barrier
     (["--set", "model.dim=96"], "model.dim is 64 in rank 0 but 96 in rank 1"),  # DDP's traceback
@@ -864,16 +879,7 @@ def test_nodes_started_with_different_commands_are_refused_before_training(tmp_p
         assert other["splits"] != json.loads((pt_data / "meta.json").read_text())["splits"]
         rank1 = ["--data", str(tmp_path / "other")]
     if "RETOKENIZED" in rank1:
-        other = shutil.copytree(pt_data, tmp_path / "other")
-        meta = json.loads((other / "meta.json").read_text())
-        name = next(iter(meta["sha256"]))
-        tokens = np.fromfile(other / name, dtype=np.uint16)
-        i = int(np.flatnonzero(tokens != tokens[0])[0])
-        tokens[[0, i]] = tokens[[i, 0]]
-        tokens.tofile(other / name)
-        meta["sha256"][name] = sha256_file(other / name)
-        (other / "meta.json").write_text(json.dumps(meta))
-        rank1 = ["--data", str(other)]
+        rank1 = ["--data", str(other_tokens(pt_data, tmp_path / "other"))]
     out = tmp_path / "run"
     rdzv = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2", **AS_TORCHRUN}
     flags = ["--max-steps", "4", "--save-every", "0"]
@@ -1584,6 +1590,15 @@ def test_cli_prints_one_line(tmp_path, pt_data, tok_dir, capsys):
     assert e.value.code == 0 and note and float(note[1]) > 2 * float(note[2])
     logged = [json.loads(line) for line in (tmp_path / "o4" / "metrics.jsonl").read_text().splitlines()]
     assert [f"{r['lr']:.3g}" for r in logged if r.get("step") == 3 and "lr" in r] == [note[1]]
+    # A new --lr changes the schedule too: said, with the old schedule's rate at its own peak (it was
+    # computed at the new peak).
+    with pytest.raises(SystemExit) as e:
+        main(cli_args(pt_data, tok_dir, tmp_path / "o4", "--max-steps", "8", "--lr", "0.05", "--resume"))
+    note = re.search(r"^note: the run is now 8 steps long, not 6 and lr is 0.05, so the LR schedule is re-fitted: "
+                     r"step 7 trains at LR (\S+), where the old schedule was at (\S+)$", capsys.readouterr().out, re.M)
+    logged = [json.loads(line) for line in (tmp_path / "o4" / "metrics.jsonl").read_text().splitlines()]
+    lrs = {r["step"]: f"{r['lr']:.3g}" for r in logged if "lr" in r}
+    assert e.value.code == 0 and note and (note[1], note[2]) == (lrs[7], lrs[6]), (note, lrs)
 
 
 def test_switches_a_saved_config_turned_on_can_be_turned_off_on_resume(tmp_path, pt_data, tok_dir):
@@ -1633,6 +1648,22 @@ def test_a_resume_continues_the_run_whose_config_it_read(tmp_path, monkeypatch):
                      "is not read (to start from other weights, begin a new run with --init)"]
 
 
+def test_a_preset_named_on_resume_is_said_not_to_be_read_and_relabels_nothing(tmp_path):
+    """The model is the checkpoint's: --preset tiny on a nano run changed nothing without a word, and
+    --set model.preset=tiny wrote `preset: tiny` above nano's shape into config.yaml."""
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({
+        "kind": "pretrain", "out": str(run), "data": str(tmp_path), "model": {"preset": "nano", "dim": 64}}))
+    said = ("note: on --resume the model and its settings are the run's, so preset tiny is not read (to train "
+            "another model, begin a new run)")
+    for how in (dict(preset="tiny"), dict(sets=["model.preset=tiny"]), dict(preset="nano")):
+        notes: list[str] = []
+        cfg = resolve_config("pretrain", flags={"out": str(run)}, resume=True, notes=notes, **how)
+        assert cfg.model == {"preset": "nano", "dim": 64}
+        assert notes == ([] if how.get("preset") == "nano" else [said]), how
+
+
 def test_a_config_file_edited_before_resume_is_said_to_be_outranked(tmp_path, pt_data, tok_dir, capsys):
     """The saved run config outranks --config (so a resume keeps the flags the run began with); an edit
     to the file is then not silently dropped."""
@@ -1660,12 +1691,14 @@ def test_a_run_extended_stopped_and_resumed_with_its_old_budget_writes_its_final
     with monkeypatch.context() as m:
         stop_at(m, 5)
         assert train(nano_cfg(pt_data, tok_dir, out, max_steps=8), resume=True)["status"] == "interrupted"
-    # A budget below the steps done cannot be kept: ending at step 5 mid-schedule as "complete" is refused.
-    with pytest.raises(TinykError) as e:
-        train(nano_cfg(pt_data, tok_dir, out, max_steps=4), resume=True)
-    assert str(e.value) == ("--max-steps 4 ends this run at step 4, but it stopped at step 5 of the 8 it planned: "
-                            "raise --max-steps to go on (to step 8 as planned), or use the checkpoint's model/ "
-                            "as it is")
+    # A budget below the steps done cannot be kept: ending at step 5 mid-schedule as "complete" is refused,
+    # a token budget's too (it was taken as spent, ending the run at step 5 as complete).
+    for budget, said in ((dict(max_steps=4), "--max-steps 4 ends this run at step 4"),
+                         (dict(max_steps=None, max_tokens=3 * 8 * 32), "--max-tokens 768 ends this run at step 3")):
+        with pytest.raises(TinykError) as e:
+            train(nano_cfg(pt_data, tok_dir, out, **budget), resume=True)
+        assert str(e.value) == (f"{said}, but it stopped at step 5 of the 8 it planned: raise "
+                                f"{said.split()[0]} to go on, or use the checkpoint's model/ as it is")
     summary = train(nano_cfg(pt_data, tok_dir, out, max_steps=5), resume=True)
     assert (summary["status"], summary["steps"], summary["final_model"]) == ("completed", 5, str(out / "final"))
     final, saved = (load_file(d / "model.safetensors") for d in (out / "final", checkpoints(out)[-1] / "model"))
@@ -1673,6 +1706,24 @@ def test_a_run_extended_stopped_and_resumed_with_its_old_budget_writes_its_final
     # Finished now: resumed again it changes nothing, and starts no tracker only to log nothing.
     again = train(nano_cfg(pt_data, tok_dir, out, max_steps=5, tracker=["tensorboard"]), resume=True)
     assert again == summary and not (out / "tensorboard").exists()
+
+
+def test_a_resume_on_other_data_of_the_same_size_is_refused(tmp_path, pt_data, tok_dir, monkeypatch):
+    """The loader's place in the epoch points into the sample order of the data it read: on other data
+    (the corpus shuffled, another system prompt) with as many samples, it went on silently, repeating
+    some samples and skipping others. A copy of the same data at another path resumes."""
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        stop_at(m, 3)
+        assert train(nano_cfg(pt_data, tok_dir, out))["status"] == "interrupted"
+    other = other_tokens(pt_data, tmp_path / "other")
+    with pytest.raises(TinykError) as e:
+        train(nano_cfg(other, tok_dir, out), resume=True)
+    assert str(e.value) == (f"{other} holds other training data than this run trained on (its files' checksums "
+                            f"differ: another corpus, system prompt or split): resume with the data it began with, "
+                            f"or train on from its weights in a new run (--init {checkpoints(out)[-1] / 'model'})")
+    copy = shutil.copytree(pt_data, tmp_path / "copy")
+    assert train(nano_cfg(copy, tok_dir, out), resume=True)["status"] == "completed"
 
 
 def test_a_finished_run_resumed_with_a_smaller_budget_keeps_its_schedule(tmp_path, pt_data, tok_dir):
@@ -1928,16 +1979,7 @@ def test_a_run_moves_between_cpu_and_cuda_on_resume(tmp_path, pt_data, tok_dir, 
 
 def stop_at(monkeypatch, step: int) -> None:
     """Sends this process SIGTERM once `step` is logged: the trainer saves a checkpoint and stops there."""
-    from tinyk.monitor import Monitor
-
-    log_train = Monitor.log_train
-
-    def log_and_signal(self, rec):
-        log_train(self, rec)
-        if rec["step"] == step:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(Monitor, "log_train", log_and_signal)
+    signal_at_step(monkeypatch, step, signal.SIGTERM)
 
 
 def records(out: Path, kind: str) -> list[dict]:

@@ -332,6 +332,16 @@ def resolve_config(kind: str, *, preset: str | None = None, config: str | Path |
                 notes.append(f"note: on --resume the model and tokenizer are the checkpoint's, so "
                              f"{' and '.join('--' + k for k in ignored)} {'is' if len(ignored) == 1 else 'are'} "
                              f"not read (to start from other weights, begin a new run with --init)")
+        # The model is the checkpoint's too: a preset named now (--preset, --set model.preset) would only
+        # relabel it in config.yaml. Beside --init a preset gives the training settings alone, which a job
+        # script may pass on every resume: no note then.
+        run_preset = (run_config.get("model") or {}).get("preset")
+        named = preset or (parse_sets(sets).get("model") or {}).get("preset")
+        if isinstance(d.get("model"), dict):
+            d["model"] = {k: v for k, v in {**d["model"], "preset": run_preset}.items() if v is not None}
+        if named and named != run_preset and not run_config.get("init") and notes is not None:
+            notes.append(f"note: on --resume the model and its settings are the run's, so preset {named} is not "
+                         f"read (to train another model, begin a new run)")
         if config and notes is not None:
             given, was = _flat(fold([(mine, str(config))])), _flat(before)
             kept = {k: v for k, v in _flat(d).items() if k in given and not _same_path(given[k], v)

@@ -162,8 +162,8 @@ def step_budgets(cfg: TrainConfig, samples_per_epoch: int, steps_done: int = 0,
     A token or epoch budget counts samples: what is left of it after `samples_done` (a resumed
     run's) is trained at this run's batch size, so resuming with another --batch-size keeps it.
     """
-    def after(samples: float) -> int:
-        return steps_done + max(0, math.ceil((samples - samples_done) / cfg.batch_size))
+    def after(samples: float) -> int:  # below steps_done for a budget smaller than the samples done
+        return steps_done + math.ceil((samples - samples_done) / cfg.batch_size)
 
     budgets = {}
     if cfg.max_steps:
@@ -399,6 +399,17 @@ def _apply_runtime_fields(model: Transformer, cfg: ModelConfig) -> None:
 
 
 # ----------------------------------------------------------------------------- the trainer
+
+def training_data_sha256(meta: dict[str, Any]) -> str | None:
+    """One checksum of a data directory's training split, from those meta.json records (None for data
+    made before tinyk recorded them): what a resumed run must train on to see the samples it would
+    have seen. A copy, or the same data made again, has the same one."""
+    recorded = meta.get("sha256")
+    if not isinstance(recorded, dict):
+        return None
+    train = sorted((k, v) for k, v in recorded.items() if k.startswith("train/"))
+    return hashlib.sha256(repr(train).encode()).hexdigest()
+
 
 def _finite_amount(value: Any) -> bool:
     """A count or amount state.json can hold: a finite number >= 0 (not a bool, not NaN)."""
@@ -655,7 +666,8 @@ class Trainer:
         # With max_minutes this is the cap, and total_steps is re-fitted to the clock as the run goes.
         self.step_cap, self.ended_by = first_budget(step_budgets(cfg, self.loader.num_windows))
         self.total_steps = self.step_cap
-        self.refit: tuple[int, float, float] | None = None  # a resumed run's re-fitted schedule, for the header
+        # A resumed run's re-fitted schedule, for the header: (old length, old LR, new LR, what changed).
+        self.refit: tuple[int, float, float, list[str]] | None = None
         self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else default_warmup(self.total_steps)
         self.val_problem, self.val_dropped, self.val_split = None, 0, None
         try:  # opening the split validates it; a run without usable validation data still trains (damaged stops)
@@ -764,7 +776,8 @@ class Trainer:
                                                            "skipped": int(self.window_skipped.item())},
                     "world_size": d.world, "batch_size": self.cfg.batch_size,
                     "seq_len": self.cfg.seq_len, "total_steps": self.total_steps, "warmup": self.warmup,
-                    "max_minutes": self.cfg.max_minutes})
+                    "lr": self.cfg.lr, "min_lr_ratio": self.cfg.min_lr_ratio, "max_minutes": self.cfg.max_minutes,
+                    "data_sha256": training_data_sha256(self.meta)})
             self.tok_dir = path / "model"  # the tokenizer to copy from now on: never rotated away, never moved
             for old in checkpoints(self.out)[:-self.cfg.keep_checkpoints]:
                 delete_via(old, old.with_name(f".{old.name}.old-{os.getpid()}"))
@@ -798,6 +811,11 @@ class Trainer:
                 raise ValueError(f"state.json has {key} {value!r}")
         if state["kind"] != self.cfg.kind:
             raise TinykError(f"{path} is a {state['kind']} checkpoint, not {self.cfg.kind}")
+        was, now = state.get("data_sha256"), training_data_sha256(self.meta)
+        if was and now and was != now:  # the loader's position would point into another sample order
+            raise TinykError(f"{self.cfg.data} holds other training data than this run trained on (its files' "
+                             f"checksums differ: another corpus, system prompt or split): resume with the data it "
+                             f"began with, or train on from its weights in a new run (--init {path / 'model'})")
         try:  # before the large files: a resume that would disturb the sample order is refused at once
             # Checkpoints from before the loader recorded seq_len have it beside the loader's state.
             self.loader.load_state_dict({"seq_len": state.get("seq_len", self.cfg.seq_len), **state["loader"]})
@@ -868,21 +886,31 @@ class Trainer:
             if self.total_steps < self.step_cap:
                 self.ended_by = "--max-minutes"
         planned, step = state.get("total_steps"), state["step"]
-        if planned and self.total_steps < step < planned:  # only --max-steps can end a run before its steps done
+        if planned and self.total_steps < step < planned:
             # Ending here would make a "complete" run, and its final/ model, of one stopped mid-schedule.
-            raise TinykError(f"--max-steps {self.cfg.max_steps:,} ends this run at step {self.total_steps:,}, but it "
-                             f"stopped at step {step:,} of the {planned:,} it planned: raise --max-steps to go on (to "
-                             f"step {planned:,} as planned), or use the checkpoint's model/ as it is")
+            raise TinykError(f"{self._budget()} ends this run at step {self.total_steps:,}, but it stopped at step "
+                             f"{step:,} of the {planned:,} it planned: raise {self.ended_by} to go on, or use the "
+                             f"checkpoint's model/ as it is")
         if step > self.total_steps:  # a finished run, given a smaller budget, is as long as it was
             self.total_steps = step
             if self.cfg.warmup_steps is None:
                 self.warmup = state.get("warmup", self.warmup)
-        if planned and planned != self.total_steps and step < self.total_steps:
-            # A longer (or shorter) run re-fits the cosine: after a finished run the LR climbs back up.
-            was = lr_at(step, planned, self.cfg.lr, state.get("warmup", self.warmup), self.cfg.min_lr_ratio)
-            now = lr_at(step, self.total_steps, self.cfg.lr, self.warmup, self.cfg.min_lr_ratio)
+        if planned and step < self.total_steps:
+            # A longer (or shorter) run re-fits the cosine (after a finished run the LR climbs back up), and
+            # a new lr, warmup or min_lr_ratio changes it: the header says so, with both rates.
+            old = {"lr": state.get("lr", self.cfg.lr), "warmup_steps": state.get("warmup", self.warmup),
+                   "min_lr_ratio": state.get("min_lr_ratio", self.cfg.min_lr_ratio)}
+            new = {"lr": self.cfg.lr, "warmup_steps": self.warmup, "min_lr_ratio": self.cfg.min_lr_ratio}
+            was, now = lr_at(step, planned, *old.values()), lr_at(step, self.total_steps, *new.values())
             if abs(now - was) > 0.1 * was:
-                self.refit = (planned, was, now)
+                self.refit = (planned, was, now, [f"{k} is {new[k]:g}" for k in old if old[k] != new[k]])
+
+    def _budget(self) -> str:
+        """The budget that ends the run, as its flag and value, for messages."""
+        cfg = self.cfg
+        value = {"--max-steps": cfg.max_steps, "--max-tokens": cfg.max_tokens, "--max-minutes": cfg.max_minutes,
+                 "--epochs": cfg.epochs}[self.ended_by]
+        return f"{self.ended_by} {value:,g}" if value else "one epoch (the default)"
 
     # --- the loop --------------------------------------------------------------------------
 
@@ -1088,17 +1116,17 @@ class Trainer:
         if self.resumed_from:
             lines.append(f"resumed from {self.resumed_from} (step {self.progress.step})")
             if self.progress.step >= self.total_steps:
-                value = {"--max-steps": cfg.max_steps, "--max-tokens": cfg.max_tokens,
-                         "--max-minutes": cfg.max_minutes, "--epochs": cfg.epochs}[self.ended_by]
-                budget = f"{self.ended_by} {value:,g}" if value else "one epoch (the default)"
                 past = "past " if self.step_cap < self.progress.step else ""
-                lines.append(f"the run is already complete at step {self.progress.step}, {past}the end of {budget}: "
+                lines.append(f"the run is already complete at step {self.progress.step}, {past}the end of "
+                             f"{self._budget()}: "
                              f"raise {self.ended_by} to train further")
             elif self.refit:
-                planned, was, now = self.refit
-                lines.append(f"note: the run is now {self.total_steps:,} steps long, not {planned:,}, so the LR "
-                             f"schedule is re-fitted: step {self.progress.step + 1} trains at LR {now:.3g}, where "
-                             f"the old schedule was at {was:.3g}")
+                planned, was, now, changed = self.refit
+                longer = [f"the run is now {self.total_steps:,} steps long, not {planned:,}"]
+                why = (longer if planned != self.total_steps else []) + changed
+                lines.append(f"note: {' and '.join(why)}, so the LR schedule is re-fitted: step "
+                             f"{self.progress.step + 1} trains at LR {now:.3g}, where the old schedule was at "
+                             f"{was:.3g}")
         elif self.resume:
             lines.append(f"--resume: no checkpoint in {self.out}, so this is a new run")
         if self.val_problem:

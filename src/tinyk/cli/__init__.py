@@ -54,8 +54,12 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         if message.startswith("argument --") and message.endswith((": expected one argument",
                                                                     ": expected at least one argument")):
-            flag = message.split(":")[0].removeprefix("argument ").split("/")[-1]  # it took -5B for a flag
-            message += f" (a value that starts with '-' is written {flag}=VALUE)"
+            names = message.split(":")[0].removeprefix("argument ").split("/")
+            given = getattr(self, "_given", [])
+            after = [b for a, b in zip(given, given[1:], strict=False) if a in names]
+            # It took -5B for a flag; not a flag of its own (a value left out), nor nothing at all.
+            if after and after[-1].startswith("-") and after[-1].partition("=")[0] not in self._option_string_actions:
+                message += f" (a value that starts with '-' is written {names[-1]}=VALUE)"
         if message.startswith("the following arguments are required: "):  # `--mod x` for `--model x`
             missing = [f for f in message.split(": ", 1)[1].split(", ") if f.startswith("--")]
             short = [(g, f) for g in (a.partition("=")[0] for a in getattr(self, "_given", []))

@@ -126,8 +126,10 @@ def stop_text(s: str) -> str:
     return utf8_text(s)
 
 
-def output_path(s: str) -> str:
-    """A `type=` for --out: an empty one (`--out "$DIR"` with DIR unset) is no path, not the current folder."""
+def path_arg(s: str) -> str:
+    """A `type=` for a path: an empty one (`--config "$CFG"` with CFG unset) is no path, not the current
+    folder (`--model ""` was called a folder of .pth files to import) nor a file not given (the config
+    was left out)."""
     if not s:
         raise argparse.ArgumentTypeError("is empty; give a path")
     return s
@@ -154,7 +156,7 @@ token_count = size_range(1, tokens=True)
 def model_dir(text: str) -> str:
     """--model (and --tokenizer): a model directory, or a training run's directory meaning its final/ model,
     as --init takes it."""
-    final = os.path.join(text, "final")
+    final = os.path.join(path_arg(text), "final")
     # os.path's checks, not Path's: a name too long or a folder this user may not read is the command's
     # to report, in one line, not a traceback here
     if not os.path.exists(os.path.join(text, "config.json")) and all(

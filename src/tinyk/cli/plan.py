@@ -12,6 +12,7 @@ from tinyk.cli.common import (
     batch_count,
     float_range,
     model_dir,
+    path_arg,
     positive_int,
     token_count,
 )
@@ -24,9 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "wall time, cost.")
     what = p.add_argument_group("what to train (as for tinyk pretrain)")
     what.add_argument("--preset", help=f"a shipped config: {PRESET_NAMES}")
-    what.add_argument("--config", help="YAML or TOML training config")
+    what.add_argument("--config", type=path_arg, help="YAML or TOML training config")
     what.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key")
-    what.add_argument("--init", metavar="MODEL_DIR",
+    what.add_argument("--init", metavar="MODEL_DIR", type=path_arg,
                       help="plan a run that starts from this model (or a run's final model), as in tinyk sft --init")
     what.add_argument("--tokenizer", type=model_dir,
                       help="tokenizer directory (or a model's or a run's): the model's vocabulary is its size, as in "

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from tinyk.cli.common import int_range, output_path, positive_size, utf8_text
+from tinyk.cli.common import int_range, path_arg, positive_size, utf8_text
 from tinyk.inputs import DEFAULT_MAX_LINE_BYTES, Skips, check_inputs, mostly_skipped
 from tinyk.units import bytes_text, plural
 
@@ -23,10 +23,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     tsub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
 
     t = tsub.add_parser("train", help="train a tokenizer on .jsonl/.txt/.parquet files (streamed)")
-    t.add_argument("inputs", nargs="*", metavar="FILE", help="corpus files")
-    t.add_argument("--input", nargs="+", action="extend", default=[], metavar="FILE",
+    t.add_argument("inputs", nargs="*", metavar="FILE", type=path_arg, help="corpus files")
+    t.add_argument("--input", nargs="+", action="extend", default=[], metavar="FILE", type=path_arg,
                    help="corpus files, as `tinyk data` and `tokenizer eval` take them")
-    t.add_argument("--out", type=output_path, required=True, help="output tokenizer directory")
+    t.add_argument("--out", type=path_arg, required=True, help="output tokenizer directory")
     t.add_argument("--vocab-size", type=vocab_size, default=6144, help="default 6144, the seed's")
     t.add_argument("--normalization", choices=["none", "nfkc"], default="none",
                    help="none keeps full-width punctuation; nfkc reproduces the seed")
@@ -43,8 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.set_defaults(func=_train)
 
     e = tsub.add_parser("eval", help="vocab, special ids, round trip and compression")
-    e.add_argument("path", help="tokenizer directory")
-    e.add_argument("--input", nargs="+", action="extend", default=None, help="sample files to measure compression on")
+    e.add_argument("path", type=path_arg, help="tokenizer directory")
+    e.add_argument("--input", nargs="+", action="extend", default=None, type=path_arg,
+                   help="sample files to measure compression on")
     e.add_argument("--max-bytes", type=positive_size, default=10_000_000,
                    help="read at most this much of the input files (default 10M)")
     e.add_argument("--field", default="text", type=utf8_text, help="JSON/Parquet field holding the text")

@@ -12,7 +12,7 @@ from tinyk.cli.common import (
     batch_count,
     model_dir,
     non_negative_int,
-    output_path,
+    path_arg,
     positive_float,
     positive_int,
     seed,
@@ -33,14 +33,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                            description=f"{help_text}. Settings: --preset/--config, then on --resume the run's saved "
                                        f"config.yaml, then flags, then --set.")
         src = p.add_argument_group("what to train")
-        src.add_argument("--config", help="YAML or TOML config file")
+        src.add_argument("--config", type=path_arg, help="YAML or TOML config file")
         src.add_argument("--preset", help=f"a shipped config: {PRESET_NAMES}")
-        src.add_argument("--data", help="data directory from `tinyk data`")
+        src.add_argument("--data", type=path_arg, help="data directory from `tinyk data`")
         src.add_argument("--tokenizer", type=model_dir,
                          help="tokenizer directory, or a model's or a run's (default: the --init model's)")
-        src.add_argument("--init", help="start from this model directory, or a run directory (its final/)"
+        src.add_argument("--init", type=path_arg,
+                         help="start from this model directory, or a run directory (its final/)"
                          + (" [required]" if kind == "sft" else ""))
-        src.add_argument("--out", type=output_path, help="run directory (checkpoints/, final/, metrics.jsonl, ...)")
+        src.add_argument("--out", type=path_arg, help="run directory (checkpoints/, final/, metrics.jsonl, ...)")
         b = p.add_argument_group("budget and batch")
         b.add_argument("--max-steps", type=positive_int)
         b.add_argument("--max-tokens", type=token_count, help="e.g. 10B, 500M, 2e9; whichever budget comes first ends "
