@@ -165,16 +165,18 @@ def test_sft_is_timed_on_its_own_batches(tmp_path, sft_data, nano_model_dir):
     assert step_rates([tcfg], 0.0, rounds=1)[0] > 0 and not (tmp_path / "probe").exists()
 
 
-@pytest.mark.parametrize("bf16_step_s, seconds, timed", [(20, 4500, ["fp32", "fp32", "bf16", "bf16"] * 3),
-                                                         (50, 4500, ["fp32"] * 6),
-                                                         (20, 1000, ["fp32", "fp32", "bf16", "bf16"])])
-def test_probe_times_candidates_in_turns(tmp_path, pt_data, tok_dir, monkeypatch, bf16_step_s, seconds, timed):
+@pytest.mark.parametrize("bf16_warm_s, bf16_step_s, seconds, timed", [
+    (20, 20, 4500, ["fp32", "fp32", "bf16", "bf16"] * 3), (50, 50, 4500, ["fp32"] * 6),
+    (20, 40, 4500, ["fp32", "fp32", "bf16", "bf16"] + ["fp32"] * 4), (20, 20, 1000, ["fp32", "fp32", "bf16", "bf16"])])
+def test_probe_times_candidates_in_turns(tmp_path, pt_data, tok_dir, monkeypatch, bf16_warm_s, bf16_step_s, seconds,
+                                         timed):
     """Load that comes and goes must fall on every candidate alike, so their slices alternate; a
-    candidate whose first step takes over 3x the fastest's is not timed further (bf16 on a CPU without
-    bf16 instructions spent 11 minutes of a 4-minute demo in the probe); where two steps take longer
-    than a slice, the rounds stop at twice the time planned for them (a busy machine spent 219 s of
-    a 4-minute demo there). The clock runs fast: each step takes 1000 s more in fp32, 100 x
-    `bf16_step_s` more in bf16."""
+    candidate whose first step or first slice takes over 3x the fastest's is not timed further (bf16
+    on a CPU without bf16 instructions spent 11 minutes of a 4-minute demo in the probe; a warm-up
+    step that flattered one kept it in for 2 minutes); where two steps take longer than a slice, the
+    rounds stop at twice the time planned for them (a busy machine spent 219 s of a 4-minute demo
+    there). The clock runs fast: each step takes 1000 s more in fp32, 100 x `bf16_step_s` more in
+    bf16 (`bf16_warm_s` its warm-up step)."""
     from tinyk import demo
     from tinyk.demo import step_rates, training_config
     from tinyk.train import Trainer
@@ -186,7 +188,8 @@ def test_probe_times_candidates_in_turns(tmp_path, pt_data, tok_dir, monkeypatch
 
     def recording(self, *args):
         order.append(self.cfg.dtype)
-        ahead[0] += 100 * (bf16_step_s if self.cfg.dtype == "bf16" else 10)  # real time, a second at worst, is noise
+        bf16 = bf16_step_s if "bf16" in order[:-1] else bf16_warm_s
+        ahead[0] += 100 * (bf16 if self.cfg.dtype == "bf16" else 10)  # real time, a second at worst, is noise
         return step(self, *args)
 
     monkeypatch.setattr(Trainer, "train_step", recording)

@@ -219,21 +219,21 @@ def test_unreadable_weights_are_called_unreadable(tmp_path, nano_model_dir, comm
     model = Path(shutil.copytree(nano_model_dir, tmp_path / "model"))
     (model / "model.safetensors").chmod(0)
     code, err = run_cli_unprivileged([*command, str(model)])
-    assert code == 2 and err == f"tinyk: error: [Errno 13] Permission denied: '{model / 'model.safetensors'}'\n"
+    assert code == 2 and err == f"tinyk: error: cannot access {model / 'model.safetensors'}: permission denied\n"
 
 
 def test_existing_output_needs_force(tmp_path, corpus_file, nano_model_dir, capsys):
     out = tmp_path / "t"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    code, err = run_cli(["tokenizer", "train", str(corpus_file), "--out", str(out), "--vocab-size", "300"], capsys)
-    assert code == 2 and "output directory exists" in err and "--force" in err
-    assert (out / "keep.txt").read_text() == "mine"
-    # --force replaces an earlier output of the command, never a folder of someone's files.
-    code, err = run_cli(["tokenizer", "train", str(corpus_file), "--out", str(out), "--vocab-size", "300",
-                         "--force"], capsys)
-    assert code == 2 and "not a tinyk tokenizer, so it is not replaced (it holds keep.txt)" in err
-    assert (out / "keep.txt").read_text() == "mine"
+    # --force replaces an earlier output of the command, never a folder of someone's files: said at once
+    # (it said "use --force to replace it", and --force then refused it).
+    for force in ([], ["--force"]):
+        code, err = run_cli(["tokenizer", "train", str(corpus_file), "--out", str(out), "--vocab-size", "300",
+                             *force], capsys)
+        assert code == 2 and err == (f"tinyk: error: {out} exists and is not a tinyk tokenizer, so it is not "
+                                     f"replaced (it holds keep.txt); remove it yourself or choose another path\n")
+        assert (out / "keep.txt").read_text() == "mine"
     model = Path(shutil.copytree(nano_model_dir, tmp_path / "model"))  # a model holds a tokenizer too
     code, err = run_cli(["tokenizer", "train", str(corpus_file), "--out", str(model), "--force"], capsys)
     assert code == 2 and "not a tinyk tokenizer" in err and (model / "model.safetensors").exists()
@@ -244,6 +244,8 @@ def test_existing_output_needs_force(tmp_path, corpus_file, nano_model_dir, caps
                            "--force"], capsys)
         assert code == 0 and (out / "tokenizer.json").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["t"]
+    code, err = run_cli(["tokenizer", "train", str(corpus_file), "--out", str(out), "--vocab-size", "300"], capsys)
+    assert code == 2 and err == f"tinyk: error: output directory exists: {out} (use --force to replace it)\n"
 
 
 def test_force_never_replaces_an_input(tmp_path, corpus_file, tok_dir, capsys):
@@ -617,6 +619,13 @@ def test_model_and_prompt_file_mistakes_name_the_way_out(tmp_path, nano_model_di
     code, err = run_cli(["generate", "--model", str(nano_model_dir), "--prompt-file", str(gbk)], capsys)
     assert code == 2 and err.startswith(f"tinyk: error: {gbk}: not UTF-8 text (1 of 1 line read could not be decoded: "
                                         f"GBK or another encoding?); convert it first, e.g. iconv -f gbk -t utf-8")
+    latin1 = tmp_path / "latin1.txt"  # `iconv -f gbk` fails on it: the example does not name GBK
+    latin1.write_bytes("café crème\n".encode("latin-1"))
+    code, err = run_cli(["generate", "--model", str(nano_model_dir), "--prompt-file", str(latin1)], capsys)
+    assert code == 2 and err == (f"tinyk: error: {latin1}: not UTF-8 text (1 of 1 line read could not be decoded, nor "
+                                 f"as GBK: Latin-1, Big5, Shift-JIS?); find its encoding (file -i, uchardet) and "
+                                 f"convert it, e.g. iconv -f ENCODING -t utf-8 {latin1} > "
+                                 f"{latin1.with_name('utf8-latin1.txt')}\n")
     # A file's prompt too long for the context is skipped and counted, as a file's bad records are (one of
     # 400 ended the whole file); a prompt typed out with --prompt is refused, as it is what the user means.
     long = tmp_path / "long.txt"

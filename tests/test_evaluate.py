@@ -661,8 +661,9 @@ def test_an_out_file_made_while_the_evaluation_ran_is_not_overwritten(tmp_path, 
               "--out", str(out)])
     captured = capsys.readouterr()
     assert e.value.code == 2 and out.read_text() == "mine" and "bits per byte" in captured.out
-    assert captured.err.strip() == (f"tinyk: error: --out {out} exists (use --force to replace it) (it changed while "
-                                    f"the evaluation ran; the results are above)")
+    assert captured.err.strip() == (f"tinyk: error: --out {out} exists and is not the results of tinyk eval, so it is "
+                                    f"not replaced; remove it yourself or choose another path (it changed while the "
+                                    f"evaluation ran; the results are above)")
 
 
 def test_a_message_far_too_long_is_skipped_before_it_is_tokenized(tmp_path, nano_model_dir, monkeypatch):

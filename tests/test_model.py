@@ -8,6 +8,8 @@ import os
 import re
 import shutil
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,18 @@ from tinyk.train import loss_sum
 def test_seed_parameter_counts(preset, expected):
     with torch.device("meta"):
         assert Transformer(preset_config(preset)).num_params() == expected
+
+
+@pytest.mark.parametrize("command", [["generate", "--prompt", "你好", "--max-new-tokens", "2", "--model"],
+                                     ["model", "info"], ["plan", "--init"]])
+def test_loading_a_model_leaves_torchs_compiler_unimported(command, nano_model_dir):
+    """A model built on the meta device imported torch._dynamo and sympy (torch has no native meta
+    normal_ nor cat): about 2 s of every generate, chat, eval, serve, model info and plan."""
+    code = ("import sys\nfrom tinyk.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
+            "    assert not e.code, e.code\nprint(sorted(m for m in ('torch._dynamo', 'sympy') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code, *command, str(nano_model_dir)], capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0 and r.stdout.splitlines()[-1] == "[]", r.stderr
 
 
 def test_hidden_dim_rule():

@@ -1465,6 +1465,16 @@ def test_a_damaged_checkpoint_is_named_with_the_way_out(tmp_path, pt_data, tok_d
         assert "\n" not in str(e.value) and "weights_only" not in str(e.value)  # torch's advice is unsafe here
         shutil.rmtree(newest)
         shutil.copytree(copy, newest)
+    # The only checkpoint: deleting it, as that advised, made --resume start the run anew.
+    only = tmp_path / "only"
+    shutil.copytree(out, only)
+    shutil.rmtree(checkpoints(only)[0])
+    (checkpoints(only)[-1] / "optimizer.pt").write_bytes(b"")
+    with pytest.raises(TinykError) as e:
+        train(nano_cfg(pt_data, tok_dir, only, max_steps=6), resume=True)
+    assert str(e.value).endswith(
+        f"; it is the run's only one (deleted, --resume would start the run anew): train on from its model/, if that "
+        f"is whole, in a new run (--init {checkpoints(only)[-1] / 'model'}), or start over with --force")
     (out / "config.yaml").write_text("")
     with pytest.raises(SystemExit) as e:
         main(["pretrain", "--out", str(out), "--resume"])

@@ -200,7 +200,11 @@ def step_rates(tcfgs: Sequence[TrainConfig], seconds: float, threads: Sequence[i
                         loss.item()
                         steps += 1
                     rates.append(steps / (time.perf_counter() - t0))
-        return [1 / w if dropped else statistics.median(r) for r, w, dropped in zip(slices, warm, out, strict=True)]
+                if r == 0:  # a first slice over 3x slower is out too (a warm-up step flattered one 4.5x slower)
+                    best = max(rates[0] for rates in slices if rates)
+                    out = [dropped or (bool(rates) and 3 * rates[0] < best)
+                           for rates, dropped in zip(slices, out, strict=True)]
+        return [statistics.median(r) if r else 1 / w for r, w in zip(slices, warm, strict=True)]
     finally:
         for tcfg in tcfgs:
             shutil.rmtree(tcfg.out, ignore_errors=True)
@@ -649,10 +653,10 @@ def result_rows(res: dict[str, Any]) -> list[tuple[str, str, str]]:
          f"dim {res['model']['config']['dim']}, {res['model']['config']['n_layers']} layers"),
         ("tokenizer", f"{res['tokenizer']['chars_per_token']} chars/token",
          f"vocab {res['tokenizer']['vocab_size']}, {res['tokenizer']['bytes_per_token']} bytes/token"),
-        ("pretraining tokens", f"{pre['tokens']:,}", f"{pre['steps']} steps, {pre['tokens_per_s']:,.0f} tokens/s, "
-         f"{pre['dtype']}, {'compiled, ' if pre.get('compiled') else ''}{pre['threads']} thread(s)"),
+        ("pretraining tokens", f"{pre['tokens']:,}", f"{pre['steps']} steps, {pre['tokens_per_s']:,.0f} tokens/s "
+         f"overall, {pre['dtype']}, {'compiled, ' if pre.get('compiled') else ''}{pre['threads']} thread(s)"),
         ("SFT tokens", f"{sft['tokens']:,}", f"{sft['steps']} steps, {sft['epochs']:.2f} epochs, "
-         f"{sft['tokens_per_s']:,.0f} tokens/s"),
+         f"{sft['tokens_per_s']:,.0f} tokens/s overall"),
         ("base val bits per byte", f"{ev['base_val']['bits_per_byte']:.3f}",
          f"loss {ev['base_val']['loss']:.3f}, perplexity {ev['base_val']['perplexity']:.1f}; "
          f"{_uniform_bpb(res, ev['base_val']):.2f} = any token equally likely"),
@@ -740,7 +744,7 @@ def render_report(res: dict[str, Any]) -> str:
         f"{res['model']['preset']} ({', '.join(f'{k} {v}' for k, v in res['model']['config'].items())}): "
         f"{res['model']['parameters']:,} parameters.",
         "",
-        _md_table(("run", "steps", "tokens", "tokens/s", "dtype", "final train loss", "final val loss",
+        _md_table(("run", "steps", "tokens", "tokens/s overall", "dtype", "final train loss", "final val loss",
                    "val bits/byte"),
                   [(name, r["steps"], f"{r['tokens']:,}", f"{r['tokens_per_s']:,.0f}", r["dtype"],
                     _fmt(r["final_train_loss"]), _fmt(r["final_val_loss"]), _fmt(r["final_val_bpb"]))

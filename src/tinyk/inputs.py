@@ -473,7 +473,7 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
                 else:
                     skips.add("invalid_utf8", where)
                     other_encoding = True
-                encoding.saw(other_encoding)
+                encoding.saw(other_encoding, line)
                 continue
             s = s.rstrip("\r\n")
             if not s.strip():  # blank lines separate documents and records; they are not ones
@@ -546,11 +546,17 @@ class _EncodingCheck:
 
     def __init__(self, path: Path):
         self.path, self.lines, self.not_utf8, self.done = path, 0, 0, False
+        self.gbk = True  # every line that was not UTF-8 is GBK, so the example converts from GBK
 
-    def saw(self, not_utf8: bool) -> None:
+    def saw(self, not_utf8: bool, line: bytes = b"") -> None:
         """Counts a non-blank line; the first ENCODING_LINES of them decide."""
         self.lines += 1
         self.not_utf8 += not_utf8
+        if not_utf8 and self.gbk and self.lines <= ENCODING_LINES:
+            try:
+                line.decode("gbk")
+            except UnicodeDecodeError:
+                self.gbk = False
         if self.lines == ENCODING_LINES:
             self.decide()
 
@@ -563,11 +569,13 @@ class _EncodingCheck:
             out = shlex.quote(str(self.path.with_name("utf8-" + self.path.name)))
             name = shlex.quote(str(self.path))
             packed = _codec(self.path)  # gzip or zstd: each codec's command has its name
-            example = (f"{packed} -dc {name} | iconv -f gbk -t utf-8 | {packed} > {out}" if packed else
-                       f"iconv -f gbk -t utf-8 {name} > {out}")
+            source = "gbk" if self.gbk else "ENCODING"
+            example = (f"{packed} -dc {name} | iconv -f {source} -t utf-8 | {packed} > {out}" if packed else
+                       f"iconv -f {source} -t utf-8 {name} > {out}")
+            guess = ("GBK or another encoding?); convert it first" if self.gbk else
+                     "nor as GBK: Latin-1, Big5, Shift-JIS?); find its encoding (file -i, uchardet) and convert it")
             raise TinykError(f"{self.path}: not UTF-8 text ({self.not_utf8:,} of {plural(self.lines, 'lines')} "
-                             f"read could not be decoded: GBK or another encoding?); convert it first, e.g. "
-                             f"{example}")
+                             f"read could not be decoded{':' if self.gbk else ','} {guess}, e.g. {example}")
 
 
 # Where a line may be a list of chat messages ([{"role": ...}, ...], one conversation in the seed's SFT

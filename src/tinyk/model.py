@@ -324,12 +324,22 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.post_attention_layernorm(x)))
 
 
+class _Embedding(nn.Embedding):
+    """nn.Embedding that leaves its weights alone on the meta device: torch has no native meta kernel
+    for the normal_ that initialises them, and its Python one imports torch._dynamo and sympy, about
+    2 s of every command that loads a model."""
+
+    def reset_parameters(self) -> None:
+        if self.weight.device.type != "meta":
+            super().reset_parameters()
+
+
 class Backbone(nn.Module):
     """HF's `model.*` namespace: embeddings, layers, final norm."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.embed_tokens = _Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
 

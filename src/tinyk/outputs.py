@@ -118,13 +118,14 @@ def check_output_file(out: str | Path, inputs: Iterable[str | Path | None], *, f
         raise TinykError(f"{flag} {out} ends in '/', which names a directory; give a file name for {holds}")
     if path.is_symlink() and not path.exists():
         raise TinykError(f"{flag} {dangling_link(path, 'remove the link or choose another path')}")
-    if (path.exists() or path.is_symlink()) and not force:
-        raise TinykError(f"{flag} {out} exists (use --force to replace it)")
+    # What --force would not replace either is said first.
     if (path.exists() or path.is_symlink()) and not path.is_file():  # /dev/null, a pipe
         raise TinykError(f"{flag} {out} is not a regular file, so it is not replaced; choose another path")
     if path.exists() and replaces is not None and not replaces[1](path):
         raise TinykError(f"{flag} {out} exists and is not {replaces[0]}, so it is not replaced; remove it yourself "
                          f"or choose another path")
+    if (path.exists() or path.is_symlink()) and not force:
+        raise TinykError(f"{flag} {out} exists (use --force to replace it)")
     parent = path.parent
     if not parent.is_dir():
         raise TinykError(f"{flag} {out}: directory {parent} does not exist")
@@ -280,15 +281,15 @@ def _check_replace(out: Path, force: bool, replaces: tuple[str, Callable[[Path],
         raise TinykError(f"output {out} is a file, not a directory; remove it yourself or choose another path")
     if out.is_symlink() and not out.exists() and not force:
         raise TinykError("output " + dangling_link(out, "remove the link, or use --force to replace it with a folder"))
-    if (out.exists() or out.is_symlink()) and not force:
-        raise TinykError(f"output directory exists: {out} (use --force to replace it)")
-    if out.exists() and replaces is not None:
+    if out.exists() and replaces is not None:  # first: --force would not replace it either
         what, is_one = replaces
         held = sorted(p.name for p in out.iterdir())
         if held and not is_one(out):
             raise TinykError(f"{out} exists and is not {what}, so it is not replaced (it holds "
                              f"{', '.join(held[:3])}{', ...' if len(held) > 3 else ''}); remove it yourself or "
                              "choose another path")
+    if (out.exists() or out.is_symlink()) and not force:
+        raise TinykError(f"output directory exists: {out} (use --force to replace it)")
 
 
 def dangling_link(out: Path, fix: str) -> str:

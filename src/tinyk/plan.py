@@ -210,8 +210,11 @@ def _model_size(items: tuple[tuple[str, Any], ...]) -> tuple[tuple[str, int], ..
         ("per_layer", per_layer),
         ("non_block", non_block),
         ("largest", max(p.numel() for p in model.parameters())),
-        # q/k/v and gate/up: concatenated in every forward, so their matmul weight is a new tensor.
-        ("fused", layers * (block.self_attn.qkv_weight().numel() + block.mlp.gate_up_weight().numel())),
+        # q/k/v and gate/up: concatenated in every forward, so their matmul weight is a new tensor (added
+        # up here: torch.cat on the meta device imports torch._dynamo, seconds of start-up).
+        ("fused", layers * sum(m.weight.numel() for m in (block.self_attn.q_proj, block.self_attn.k_proj,
+                                                          block.self_attn.v_proj, block.mlp.gate_proj,
+                                                          block.mlp.up_proj))),
         ("flops_per_token_n", model.matmul_params() + (layers - 1) * per_layer),
     )
 

@@ -789,8 +789,11 @@ class Trainer:
         that vanished or changed while read, in a directory another run holds, was that run's rotation."""
         if self.run_dir.held_elsewhere():
             return self.run_dir.in_use()
-        return TinykError(f"checkpoint {self.resumed_from} is damaged ({first_line(problem)}); delete it "
-                          f"to resume from the one before, or start over with --force")
+        way = ("delete it to resume from the one before" if len(checkpoints(self.out)) > 1 else
+               f"it is the run's only one (deleted, --resume would start the run anew): train on from its model/, "
+               f"if that is whole, in a new run (--init {self.resumed_from / 'model'})")
+        return TinykError(f"checkpoint {self.resumed_from} is damaged ({first_line(problem)}); {way}, or start "
+                          f"over with --force")
 
     def _weights_error(self, e: TinykError) -> TinykError:
         """A model (weights, tokenizer) that does not load: a resumed checkpoint's is damaged, --init's

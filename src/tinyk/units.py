@@ -48,7 +48,7 @@ def parse_size(s: str, lo: int = 0, hi: int = MAX_SIZE, *, tokens: bool = False)
     except ValueError:
         raise ValueError(f"not a size: {s!r} (e.g. 500M, 2G)") from None
     if not (math.isfinite(value) and lo <= int(value) <= hi):
-        raise ValueError(f"must be a size from {size_text(lo)} to {size_text(hi)} (e.g. 500M, 2G), got {s!r}")
+        raise ValueError(f"must be a size from {size_text(lo)} to {size_text(hi)}, got {s!r}")
     return int(value)
 
 

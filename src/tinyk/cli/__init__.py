@@ -266,6 +266,8 @@ def main(argv: list[str] | None = None) -> None:
             # Said of stdout alone: the files a command writes are complete or absent, and may be complete.
             _fail(f"tinyk: error: what it prints could not be written to its standard output: {e.strerror} "
                   f"(the files it writes are complete or not there)")
+        if e.filename is not None and e.strerror:  # as ls says it, not Python's "[Errno 13] Permission denied: 'x'"
+            _fail(f"tinyk: error: cannot access {os.fsdecode(e.filename)}: {e.strerror[:1].lower()}{e.strerror[1:]}")
         _fail(f"tinyk: error: {e}")
     except RuntimeError as e:
         if isinstance(e.__cause__, KeyboardInterrupt):  # a stop inside a class's set-up, which Python 3.11 wraps
