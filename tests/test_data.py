@@ -350,7 +350,8 @@ def test_skip_report_and_strict_error_do_not_depend_on_the_worker_count(tmp_path
             prepare_sft([src], tok_dir, tmp_path / f"strict{workers}-{batch_chars}", strict=True, **kw)
         errors.append(str(e.value))
     assert len(set(reports)) == 1 and '"prompt_too_long": 1' in reports[0] and '"malformed_json": 1' in reports[0]
-    assert set(errors) == {"s.jsonl:1: prompt too long (--strict)"}
+    assert set(errors) == {"s.jsonl:1: prompt too long (no reply begins within --max-len 64 tokens; a larger --max-len "
+                           "keeps them) (--strict)"}
 
 
 def test_data_is_prepared_with_workers_where_signals_cannot_be_masked(tmp_path, tok_dir, corpus_file, monkeypatch):
@@ -1130,6 +1131,8 @@ def test_sft_truncates_at_a_turn_boundary_when_possible(tmp_path, tok_dir):
     meta = prepare_sft([src], tok_dir, tmp_path / "o", max_len=max_len, system_prompt="", val_fraction=0.0, **QUIET)
     assert meta["truncated"] == {"at_turn": 1, "mid_turn": 1}  # the dropped one is only "skipped"
     assert meta["skipped"]["by_reason"] == {"prompt_too_long": 1}
+    assert meta["skipped"]["hints"] == {"prompt_too_long": f"no reply begins within --max-len {max_len} tokens; a "
+                                                           f"larger --max-len keeps them"}
     (ids0, mask0), (ids1, mask1) = sft_split(tmp_path / "o")
     check_mask(tok, ids0, mask0, first, cut=True)
     assert len(ids1) == max_len and mask1[-1] == 1 and ids1[-1] != EOS

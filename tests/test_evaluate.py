@@ -243,7 +243,8 @@ def test_every_input_is_checked_before_the_model_loads(tmp_path, nano_model_dir,
                      show_progress=False)
     with pytest.raises(TinykError, match="the val split of .* is empty"):
         evaluate(nano_model_dir, data=[tmp_path / "other-data"])
-    with pytest.raises(TinykError, match="prepared with a different tokenizer than the model"):
+    with pytest.raises(TinykError, match=r"was tokenized with another tokenizer than the model .*'s; re-run tinyk "
+                                         r"data with --tokenizer "):
         evaluate(nano_model_dir, data=[tmp_path / "other-data"], split="train")
     with pytest.raises(TinykError, match="multiple-choice path not found"):
         evaluate(nano_model_dir, data=[pretrain_data], choice=[tmp_path / "nope"])
@@ -365,7 +366,7 @@ def test_data_from_another_tokenizer_is_refused(tmp_path, nano, pretrain_data, c
     assert other_tok["vocab_size"] == 300
     init_model_dir("nano", tmp_path / "tok", tmp_path / "m")
     model, _ = load_model(tmp_path / "m")
-    with pytest.raises(TinykError, match="different tokenizer"):
+    with pytest.raises(TinykError, match="was tokenized with another tokenizer than the model"):
         eval_data(model, tmp_path / "m", pretrain_data)
 
 

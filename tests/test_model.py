@@ -658,6 +658,13 @@ def test_import_never_replaces_its_input_and_reads_the_config_or_refuses_it(tmp_
         import_seed_checkpoint(cut, tok_dir, tmp_path / "m", n_heads=4)
     assert str(e.value) == (f"cannot read {cut}: it is cut short or damaged (torch.save's zip archive has no end); "
                             f"copy or save it again")
+    odd = {**sd, "output.weight": torch.zeros(sd["tok_embeddings.weight"].shape[0] + 100, 64)}  # not "--n-heads?"
+    with pytest.raises(TinykError) as e:
+        import_seed_checkpoint(_save(odd, tmp_path / "odd.pth"), tok_dir, tmp_path / "m", n_heads=4)
+    vocab = sd["tok_embeddings.weight"].shape[0]
+    assert str(e.value) == (f"{tmp_path / 'odd.pth'}: its output.weight is ({vocab + 100}, 64) but "
+                            f"tok_embeddings.weight ({vocab}, 64); the tutorial's model has one row per token in both "
+                            f"(a damaged or edited checkpoint)")
     assert not (tmp_path / "m").exists()
 
 

@@ -122,15 +122,18 @@ def config_from_hf(d: Any) -> ModelConfig:
         raise TinykError(f"config.json disagrees with itself: rope_theta is {thetas[0]} but its RoPE parameters "
                          f"have {next(t for t in thetas if t != thetas[0])} (transformers 4 reads one, 5 the other); "
                          f"make them agree")
-    cfg = ModelConfig(
-        dim=d["hidden_size"], n_layers=d["num_hidden_layers"], n_heads=d["num_attention_heads"],
-        n_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"], vocab_size=d["vocab_size"],
-        # Missing keys mean what LlamaConfig means by them, which is how transformers reads the file.
-        hidden_dim=d["intermediate_size"], norm_eps=d.get("rms_norm_eps", 1e-6),
-        max_seq_len=d.get("max_position_embeddings", 2048),
-        rope_theta=thetas[0] if thetas else 10000.0,
-        tie_embeddings=d.get("tie_word_embeddings", False),
-    )
+    try:
+        cfg = ModelConfig(
+            dim=d["hidden_size"], n_layers=d["num_hidden_layers"], n_heads=d["num_attention_heads"],
+            n_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"], vocab_size=d["vocab_size"],
+            # Missing keys mean what LlamaConfig means by them, which is how transformers reads the file.
+            hidden_dim=d["intermediate_size"], norm_eps=d.get("rms_norm_eps", 1e-6),
+            max_seq_len=d.get("max_position_embeddings", 2048),
+            rope_theta=thetas[0] if thetas else 10000.0,
+            tie_embeddings=d.get("tie_word_embeddings", False),
+        )
+    except ValueError as e:  # in the file's own keys: "hidden_size must be ...", not "dim must be ..."
+        raise ValueError(re.sub(rf"\b({'|'.join(HF_KEYS)})\b", lambda m: HF_KEYS[m[1]], str(e))) from None
     if d.get("head_dim") not in (None, cfg.head_dim):
         raise TinykError(f"config.json asks for head_dim {d['head_dim']} other than hidden_size / num_attention_heads, "
                          f"which tinyk's LLaMA-2 model does not implement")
@@ -605,6 +608,10 @@ def import_seed_checkpoint(ckpt: str | Path, tok_dir: str | Path, out: str | Pat
     emb = state.pop("tok_embeddings.weight")
     vocab_size, dim = emb.shape
     output = state.pop("output.weight", emb)
+    if output.shape != emb.shape:  # not a head count to correct: said before the model is fitted
+        raise TinykError(f"{path}: its output.weight is {tuple(output.shape)} but tok_embeddings.weight "
+                         f"{tuple(emb.shape)}; the tutorial's model has one row per token in both (a damaged or "
+                         f"edited checkpoint)")
     if n_heads is not None and config.get("n_heads", n_heads) != n_heads:
         raise TinykError(f"--n-heads {n_heads} contradicts the {config['n_heads']} heads {path} was saved with "
                          f"(a model split into other heads computes something else); leave --n-heads out")

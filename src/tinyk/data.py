@@ -1041,8 +1041,9 @@ def _tokenize(kind: _Kind, job: _Job, run: _Run, checkpoints: _Checkpoints,
               initial=splitter.seen) as bar:
         for (read_skips, count), (batch, skipped, cut) in _map_ordered(job, tagged(), run.workers):
             # A batch's records all precede a --strict stop, so their own skips come first.
-            for reason, where in skipped:
-                done.skips.add(reason, where)
+            for reason, where in skipped:  # SFT's only reason: prompt_too_long
+                done.skips.add(reason, where, f"no reply begins within --max-len {job.max_len} tokens; a larger "
+                                              f"--max-len keeps them")
             done.skips.merge(read_skips)
             done.truncated.update(cut)
             splitter.add(batch)

@@ -36,7 +36,6 @@ from .tokenizer import (
     ModelPrompt,
     TinyTokenizer,
     same_tokenizer,
-    tokenizer_hash,
     with_system,
 )
 from .units import plural
@@ -62,8 +61,8 @@ def _split_meta(data_dir: str | Path, split: str, model_dir: str | Path) -> dict
     if not meta["splits"][split]["tokens"]:
         raise TinykError(f"the {split} split of {data_dir} is empty")
     if not same_tokenizer(meta["tokenizer_hash"], model_dir):
-        raise TinykError(f"{data_dir} was prepared with a different tokenizer than the model {model_dir} "
-                         f"(tokenizer hash {meta['tokenizer_hash']} vs {tokenizer_hash(model_dir)})")
+        raise TinykError(f"{data_dir} was tokenized with another tokenizer than the model {model_dir}'s; re-run "
+                         f"tinyk data with --tokenizer {model_dir} (the model carries its own)")
     return meta
 
 

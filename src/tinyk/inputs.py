@@ -160,8 +160,9 @@ def refuse_repeats(paths: list[Path], what: str) -> None:
         # Some filesystems (FAT, some FUSE mounts) report inode 0 for every file: there the real path decides.
         twice = seen.setdefault((st.st_dev, st.st_ino) if st.st_ino else p.resolve(), p)
         if twice is not p:
-            raise TinykError(f"{what} {p} is given twice (also as {twice}); give each "
-                             f"{'directory' if p.is_dir() else 'file'} once")
+            other = f" (also as {twice})" if str(twice) != str(p) else ""  # ./x and x are both x as paths
+            raise TinykError(f"{what} {p} is given twice{other}; give each {'directory' if p.is_dir() else 'file'} "
+                             f"once")
 
 
 def sha256_file(path: Path) -> str:

@@ -542,7 +542,8 @@ class Trainer:
         self.token_bytes = torch.tensor(tok.token_bytes, dtype=torch.float64, device=self.device)  # bits per byte
         if (self.init_dir is not None and cfg.tokenizer
                 and tokenizer_hash(self.tok_dir) != tokenizer_hash(self.init_dir)):
-            raise TinykError(f"tokenizer {self.tok_dir} is not the one the model in {self.init_dir} was trained with")
+            raise TinykError(f"tokenizer {self.tok_dir} is not the one the model in {self.init_dir} was trained with; "
+                             f"leave out --tokenizer (the model carries its own)")
         if not same_tokenizer(self.meta["tokenizer_hash"], self.tok_dir) or self.meta["vocab_size"] != tok.vocab_size:
             sizes = (f"vocab {self.meta['vocab_size']} vs {tok.vocab_size}" if self.meta["vocab_size"] != tok.vocab_size
                      else f"both of vocab {tok.vocab_size}, with other merges or normalisation")
