@@ -378,6 +378,13 @@ def test_a_txt_file_of_json_records_is_refused_with_the_name_it_needs(tmp_path):
     assert texts(src) == ["{不是 JSON} 而是文本", '{"text": "x"}']
     src.write_bytes(gzip.compress(b'{"a": 1}\n{}\n'))  # JSON, but no record the .jsonl reader would read
     assert texts(src) == ['{"a": 1}', "{}"]
+    # The seed's conversations, one list of messages a line: trained on as text, brackets and keys included.
+    src.write_bytes(gzip.compress('[{"role": "user", "content": "你好"}, {"role": "assistant", "content": "嗯"}]\n'
+                                  .encode()))
+    with pytest.raises(TinykError, match=r"name it C.jsonl.gz to read them as conversations with tinyk data sft$"):
+        texts(src)
+    src.write_bytes(gzip.compress(b'[1, 2]\n'))
+    assert texts(src) == ["[1, 2]"]
     sft = tmp_path / "sft.txt"  # conversations are read as conversations, not by a 'text' field
     sft.write_text(json.dumps({"instruction": "你好", "output": "你好！"}, ensure_ascii=False) + "\n", encoding="utf-8")
     with pytest.raises(TinykError, match=r"name it sft.jsonl to read them as conversations$"):

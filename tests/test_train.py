@@ -1718,6 +1718,25 @@ def test_a_run_extended_stopped_and_resumed_with_its_old_budget_writes_its_final
     assert again == summary and not (out / "tensorboard").exists()
 
 
+def test_a_finished_run_being_extended_is_not_summarised_as_completed(tmp_path, pt_data, tok_dir, monkeypatch):
+    """summary.json said "completed" at step 3 while the extension trained, and after kill -9 ended it
+    (checkpoints at step 6): a script that reads it would not resume. It is written when a session ends."""
+    from tinyk.monitor import Monitor
+
+    out = tmp_path / "run"
+    train(nano_cfg(pt_data, tok_dir, out, max_steps=3))
+    seen, log_train = [], Monitor.log_train
+
+    def log_and_look(self, rec):
+        log_train(self, rec)
+        seen.append((out / "summary.json").exists())
+
+    monkeypatch.setattr(Monitor, "log_train", log_and_look)
+    summary = train(nano_cfg(pt_data, tok_dir, out, max_steps=6), resume=True)
+    assert seen == [False] * 3 and (summary["status"], summary["steps"]) == ("completed", 6)
+    assert json.loads((out / "summary.json").read_text()) == summary
+
+
 def test_a_resume_on_other_data_of_the_same_size_is_refused(tmp_path, pt_data, tok_dir, monkeypatch):
     """The loader's place in the epoch points into the sample order of the data it read: on other data
     (the corpus shuffled, another system prompt) with as many samples, it went on silently, repeating

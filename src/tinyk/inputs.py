@@ -481,7 +481,8 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
                 continue
             encoding.saw(False)
             if is_txt and encoding.lines == 1 and _is_record(s, field, message_lists):
-                read_as = "them as conversations" if message_lists else f"their '{field}' field"
+                read_as = ("them as conversations" if message_lists else "them as conversations with tinyk "
+                           "data sft" if is_message_list(json.loads(s)) else f"their '{field}' field")
                 raise TinykError(f"{path}: a .txt file whose lines are JSON records, which would be read as "
                                  f"text, braces and keys included; name it {_jsonl_name(path)} to read {read_as}")
             if is_txt:
@@ -523,15 +524,16 @@ def _refuse_not_json_lines(path: Path, first_line: bytes | None, field: str, mes
 
 def _is_record(line: str, field: str, message_lists: bool) -> bool:
     """Whether a line is a record the .jsonl reader would read: a JSON object with the text field, or
-    (where conversations are read) one in an SFT format. Text that merely looks like JSON is text."""
-    if not line.lstrip().startswith("{"):
+    one conversation (in an SFT format, or the seed's list of messages). Text that merely looks like
+    JSON is text."""
+    if not line.lstrip().startswith(("{", "[")):
         return False
     try:
         rec = json.loads(line)
     except (ValueError, RecursionError):
         return False
-    return isinstance(rec, dict) and (isinstance(rec.get(field), str) or
-                                      (message_lists and sft_format(rec) is not None))
+    return is_message_list(rec) or isinstance(rec, dict) and (
+        isinstance(rec.get(field), str) or (message_lists and sft_format(rec) is not None))
 
 
 def _jsonl_name(path: Path) -> str:

@@ -1178,6 +1178,8 @@ class Trainer:
             self._header()
         if self.finished_already:  # this call stopped nothing, whatever stopped the run's last step
             return {**self.finished_already, "stop_signal": self.stop_signal}
+        if self.dist.main:  # an earlier session's says "completed" of a run this one extends, until it ends
+            (self.out / "summary.json").unlink(missing_ok=True)
         self._t0 = time.perf_counter()
         try:
             with signal_handlers(self._stop_handlers()):
