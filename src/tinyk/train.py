@@ -1122,8 +1122,7 @@ class Trainer:
             if self.progress.step >= self.total_steps:
                 past = "past " if self.step_cap < self.progress.step else ""
                 lines.append(f"the run is already complete at step {self.progress.step}, {past}the end of "
-                             f"{self._budget()}: "
-                             f"raise {self.ended_by} to train further")
+                             f"{self._budget()}: raise {self.ended_by} to train further")
             elif self.refit:
                 planned, was, now, changed = self.refit
                 longer = [f"the run is now {self.total_steps:,} steps long, not {planned:,}"]
