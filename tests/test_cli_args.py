@@ -371,6 +371,10 @@ def test_a_value_that_looks_like_a_flag_says_how_to_give_it(capsys):
         "tinyk tokenizer train: error: argument --out: expected one argument (see tinyk tokenizer train --help)")
     assert error_line(["plan", "--config", "--preset", "tiny"], capsys) == (
         "tinyk plan: error: argument --config: expected one argument (see tinyk plan --help)")
+    assert error_line(["plan", "--tokens", "--pre", "tiny"], capsys) == (  # a flag misspelt, not a value
+        "tinyk plan: error: argument --tokens: expected one argument (see tinyk plan --help)")
+    assert error_line(["plan", "--preset", "nano", "--tokens", "-5B", "--tokens", "1"], capsys).endswith(
+        "(a value that starts with '-' is written --tokens=VALUE) (see tinyk plan --help)")
 
 
 @pytest.mark.parametrize("args, said", [

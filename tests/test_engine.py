@@ -1011,6 +1011,17 @@ def test_chat_cli_answers_one_message(engine, nano_model_dir, capsys, monkeypatc
     assert e.value.code == 0 and capsys.readouterr().out == expected + "\n" and threads == [1]
 
 
+def test_stdin_undecodable_in_a_windows_code_page_is_called_that(monkeypatch):
+    """Windows' stdin keeps the console's code page: UTF-8 that cp936 refused was called "not valid
+    UTF-8", with an iconv line from GBK, the opposite of the fix."""
+    from tinyk.inputs import stdin_not_decodable
+
+    monkeypatch.delenv("PYTHONIOENCODING", raising=False)
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(), encoding="cp936"))
+    assert stdin_not_decodable() == ("stdin is not valid cp936, this console's encoding (set PYTHONIOENCODING=utf-8 "
+                                     "to read UTF-8)")
+
+
 @pytest.mark.parametrize("encoding, text, said", [
     ("utf-8:strict", "你好".encode("gbk"), "stdin is not valid UTF-8 (convert it first, e.g. iconv -f gbk -t utf-8)"),
     ("ascii", "你好".encode(), "stdin is not valid ascii, the encoding PYTHONIOENCODING=ascii asks for (unset it to "

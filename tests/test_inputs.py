@@ -934,7 +934,7 @@ def test_force_replaces_a_link_not_what_it_points_to(tmp_path, capsys):
     assert dangling.is_dir() and not dangling.is_symlink()
 
 
-def test_an_output_that_is_a_dangling_link_says_where_it_points(tmp_path, tok_dir, pt_data, capsys):
+def test_an_output_that_is_a_dangling_link_says_where_it_points(tmp_path, tok_dir, pt_data, corpus_file, capsys):
     """`runs -> /mnt/disk/runs` with the disk not mounted: an atomic output was refused as one that
     "exists", and a training run's --out ended in "cannot write runs/base: File exists"."""
     link = tmp_path / "out"
@@ -951,6 +951,14 @@ def test_an_output_that_is_a_dangling_link_says_where_it_points(tmp_path, tok_di
               "--out", str(link), "--max-steps", "1"])
     assert e.value.code == 2
     assert capsys.readouterr().err == f"tinyk: error: --out {where}create its target or remove the link\n"
+    # The link a folder above --out (it said "runs is a file, not a directory").
+    for args in (["pretrain", "--preset", "nano", "--data", str(pt_data), "--tokenizer", str(tok_dir)],
+                 ["tokenizer", "train", str(corpus_file)]):
+        with pytest.raises(SystemExit) as e:
+            main([*args, "--out", str(link / "base")])
+        assert e.value.code == 2
+        assert capsys.readouterr().err == (f"tinyk: error: --out {link / 'base'}: {where}create its target or remove "
+                                           f"the link\n")
     assert link.is_symlink() and not link.exists()
 
 

@@ -1604,7 +1604,7 @@ def test_cli_prints_one_line(tmp_path, pt_data, tok_dir, capsys):
     # computed at the new peak).
     with pytest.raises(SystemExit) as e:
         main(cli_args(pt_data, tok_dir, tmp_path / "o4", "--max-steps", "8", "--lr", "0.05", "--resume"))
-    note = re.search(r"^note: the run is now 8 steps long, not 6 and lr is 0.05, so the LR schedule is re-fitted: "
+    note = re.search(r"^note: the run is now 8 steps long, not 6, and lr is 0.05, so the LR schedule is re-fitted: "
                      r"step 7 trains at LR (\S+), where the old schedule was at (\S+)$", capsys.readouterr().out, re.M)
     logged = [json.loads(line) for line in (tmp_path / "o4" / "metrics.jsonl").read_text().splitlines()]
     lrs = {r["step"]: f"{r['lr']:.3g}" for r in logged if "lr" in r}
@@ -1737,7 +1737,7 @@ def test_a_finished_run_being_extended_is_not_summarised_as_completed(tmp_path, 
     assert json.loads((out / "summary.json").read_text()) == summary
 
 
-def test_a_resume_on_other_data_of_the_same_size_is_refused(tmp_path, pt_data, tok_dir, monkeypatch):
+def test_a_resume_on_other_data_of_the_same_size_is_refused(tmp_path, pt_data, tok_dir, corpus_file, monkeypatch):
     """The loader's place in the epoch points into the sample order of the data it read: on other data
     (the corpus shuffled, another system prompt) with as many samples, it went on silently, repeating
     some samples and skipping others. A copy of the same data at another path resumes."""
@@ -1752,7 +1752,14 @@ def test_a_resume_on_other_data_of_the_same_size_is_refused(tmp_path, pt_data, t
                             f"differ: another corpus, system prompt or split): resume with the data it began with, "
                             f"or train on from its weights in a new run (--init {checkpoints(out)[-1] / 'model'})")
     copy = shutil.copytree(pt_data, tmp_path / "copy")
-    assert train(nano_cfg(copy, tok_dir, out), resume=True)["status"] == "completed"
+    with monkeypatch.context() as m:
+        stop_at(m, 4)
+        assert train(nano_cfg(copy, tok_dir, out), resume=True)["status"] == "interrupted"
+    # The same tokens cut into other shards (as a lower ulimit -n asks) have other checksums: not refused.
+    resharded = prepare_pretrain([corpus_file], tok_dir, tmp_path / "resharded", val_fraction=0.05, workers=1,
+                                 shard_tokens=1000, show_progress=False)
+    assert len(resharded["splits"]["train"]["shards"]) > 1
+    assert train(nano_cfg(tmp_path / "resharded", tok_dir, out), resume=True)["status"] == "completed"
 
 
 def test_a_finished_run_resumed_with_a_smaller_budget_keeps_its_schedule(tmp_path, pt_data, tok_dir):

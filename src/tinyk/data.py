@@ -1037,13 +1037,13 @@ def _tokenize(kind: _Kind, job: _Job, run: _Run, checkpoints: _Checkpoints,
     # A bar in a log is carriage-return noise; a notebook (no terminal either) shows it as one.
     bar_shown = show_progress and (shows_a_bar(sys.stderr) or "ipykernel" in sys.modules)
     last_line = time.monotonic()
+    too_long = f"no reply begins within --max-len {job.max_len} tokens; a larger --max-len keeps them"
     with tqdm(unit=f" {unit}", disable=not bar_shown, dynamic_ncols=True, desc=f"tokenizing {kind.name}",
               initial=splitter.seen) as bar:
         for (read_skips, count), (batch, skipped, cut) in _map_ordered(job, tagged(), run.workers):
             # A batch's records all precede a --strict stop, so their own skips come first.
             for reason, where in skipped:  # SFT's only reason: prompt_too_long
-                done.skips.add(reason, where, f"no reply begins within --max-len {job.max_len} tokens; a larger "
-                                              f"--max-len keeps them")
+                done.skips.add(reason, where, too_long)
             done.skips.merge(read_skips)
             done.truncated.update(cut)
             splitter.add(batch)

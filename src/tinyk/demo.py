@@ -161,7 +161,8 @@ def step_rates(tcfgs: Sequence[TrainConfig], seconds: float, threads: Sequence[i
     measured a compiled step at 0.88x eager against 1.46x steady). On a machine so busy that two
     steps take longer than a slice, the rounds after the first stop once the timing has taken twice
     its planned time: the probe must not spend the training it is sizing (a 4-minute demo once
-    probed for 219 s). Warm-up first (two steps when compiled: the second call can recompile). The
+    probed for 219 s), and a candidate over 3x slower than the fastest, by its warm-up step or its
+    first slice, is timed no further. Warm-up first (two steps when compiled: the second call can recompile). The
     runs and their directories are thrown away; a compiled graph stays in torch's caches, so the real
     run that follows starts without compiling again.
     """

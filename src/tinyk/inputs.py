@@ -523,9 +523,9 @@ def _refuse_not_json_lines(path: Path, first_line: bytes | None, field: str, mes
 
 
 def _is_record(line: str, field: str, message_lists: bool) -> bool:
-    """Whether a line is a record the .jsonl reader would read: a JSON object with the text field, or
-    one conversation (in an SFT format, or the seed's list of messages). Text that merely looks like
-    JSON is text."""
+    """Whether a line is a record, in a file that a .jsonl name would have read as records: a JSON
+    object with the text field, or one conversation (in an SFT format, or the seed's list of messages,
+    which pretraining refuses with its own line). Text that merely looks like JSON is text."""
     if not line.lstrip().startswith(("{", "[")):
         return False
     try:
@@ -750,14 +750,16 @@ def iter_texts(paths: list[Path], skips: Skips, *, field: str = "text", **kw: An
 
 
 def stdin_not_decodable() -> str:
-    """The line for stdin bytes its decoder refused: UTF-8's, or the encoding PYTHONIOENCODING asked for
-    (`PYTHONIOENCODING=ascii` refused Chinese UTF-8, which was then called "not valid UTF-8")."""
-    chosen = os.environ.get("PYTHONIOENCODING", "").partition(":")[0]
+    """The line for stdin bytes its decoder refused: UTF-8's, or the encoding stdin reads instead, the
+    one PYTHONIOENCODING asks for or Windows' code page (`PYTHONIOENCODING=ascii` refused Chinese UTF-8,
+    which was then called "not valid UTF-8")."""
     encoding = getattr(sys.stdin, "encoding", None) or "utf-8"
-    if chosen and codecs.lookup(encoding).name != "utf-8":
-        return (f"stdin is not valid {encoding}, the encoding PYTHONIOENCODING={chosen} asks for "
-                f"(unset it to read UTF-8)")
-    return "stdin is not valid UTF-8 (convert it first, e.g. iconv -f gbk -t utf-8)"
+    if codecs.lookup(encoding).name == "utf-8":
+        return "stdin is not valid UTF-8 (convert it first, e.g. iconv -f gbk -t utf-8)"
+    if chosen := os.environ.get("PYTHONIOENCODING", "").partition(":")[0]:
+        return (f"stdin is not valid {encoding}, the encoding PYTHONIOENCODING={chosen} asks for (unset it to "
+                f"read UTF-8)")
+    return f"stdin is not valid {encoding}, this console's encoding (set PYTHONIOENCODING=utf-8 to read UTF-8)"
 
 
 def read_prompts(typed: list[str], prompt_file: str | None, field: str = "prompt",

@@ -88,6 +88,8 @@ def check_output(out: str | Path, inputs: Iterable[str | Path | None], flag: str
         if any(same_path(a, p) for a in o.parents):
             raise TinykError(f"{flag} {out} lies inside the input {i}; inputs are never written to")
     nearest = next((a for a in Path(out).absolute().parents if a.exists() or a.is_symlink()), None)
+    if nearest is not None and nearest.is_symlink() and not nearest.exists():  # runs -> /mnt/disk/runs, unmounted
+        raise TinykError(f"{flag} {out}: {dangling_link(nearest, 'create its target or remove the link')}")
     if nearest is not None and not nearest.is_dir():
         raise TinykError(f"{flag} {out}: {nearest} is a file, not a directory")
 

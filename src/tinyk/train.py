@@ -400,15 +400,17 @@ def _apply_runtime_fields(model: Transformer, cfg: ModelConfig) -> None:
 
 # ----------------------------------------------------------------------------- the trainer
 
-def training_data_sha256(meta: dict[str, Any]) -> str | None:
-    """One checksum of a data directory's training split, from those meta.json records (None for data
-    made before tinyk recorded them): what a resumed run must train on to see the samples it would
-    have seen. A copy, or the same data made again, has the same one."""
+def training_data_id(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """What a resumed run must train on to see the samples it would have seen: one checksum of a data
+    directory's training files (from those meta.json records; None for data made before tinyk recorded
+    them) and how its tokens are cut into shards. A copy, or the same data made again, has the same;
+    the same tokens cut into other shards have another checksum, which is why the layout is kept."""
     recorded = meta.get("sha256")
     if not isinstance(recorded, dict):
         return None
     train = sorted((k, v) for k, v in recorded.items() if k.startswith("train/"))
-    return hashlib.sha256(repr(train).encode()).hexdigest()
+    shards = [[s["file"], s["tokens"]] for s in meta["splits"]["train"].get("shards", [])]
+    return {"sha256": hashlib.sha256(repr(train).encode()).hexdigest(), "shards": shards}
 
 
 def _finite_amount(value: Any) -> bool:
@@ -778,7 +780,7 @@ class Trainer:
                     "world_size": d.world, "batch_size": self.cfg.batch_size,
                     "seq_len": self.cfg.seq_len, "total_steps": self.total_steps, "warmup": self.warmup,
                     "lr": self.cfg.lr, "min_lr_ratio": self.cfg.min_lr_ratio, "max_minutes": self.cfg.max_minutes,
-                    "data_sha256": training_data_sha256(self.meta)})
+                    "training_data": training_data_id(self.meta)})
             self.tok_dir = path / "model"  # the tokenizer to copy from now on: never rotated away, never moved
             for old in checkpoints(self.out)[:-self.cfg.keep_checkpoints]:
                 delete_via(old, old.with_name(f".{old.name}.old-{os.getpid()}"))
@@ -815,8 +817,10 @@ class Trainer:
                 raise ValueError(f"state.json has {key} {value!r}")
         if state["kind"] != self.cfg.kind:
             raise TinykError(f"{path} is a {state['kind']} checkpoint, not {self.cfg.kind}")
-        was, now = state.get("data_sha256"), training_data_sha256(self.meta)
-        if was and now and was != now:  # the loader's position would point into another sample order
+        was, now = state.get("training_data"), training_data_id(self.meta)
+        # Other contents in the same shards: the loader's position would point into another sample order.
+        # (Shards cut otherwise may hold the same stream, which their checksums cannot tell.)
+        if was and now and was["shards"] == now["shards"] and was["sha256"] != now["sha256"]:
             raise TinykError(f"{self.cfg.data} holds other training data than this run trained on (its files' "
                              f"checksums differ: another corpus, system prompt or split): resume with the data it "
                              f"began with, or train on from its weights in a new run (--init {path / 'model'})")
@@ -892,9 +896,9 @@ class Trainer:
         planned, step = state.get("total_steps"), state["step"]
         if planned and self.total_steps < step < planned:
             # Ending here would make a "complete" run, and its final/ model, of one stopped mid-schedule.
-            raise TinykError(f"{self._budget()} ends this run at step {self.total_steps:,}, but it stopped at step "
-                             f"{step:,} of the {planned:,} it planned: raise {self.ended_by} to go on, or use the "
-                             f"checkpoint's model/ as it is")
+            raise TinykError(f"{self._budget_text()} ends this run at step {self.total_steps:,}, but it stopped at "
+                             f"step {step:,} of the {planned:,} it planned: raise {self.ended_by} to go on, or use "
+                             f"the checkpoint's model/ as it is")
         if step > self.total_steps:  # a finished run, given a smaller budget, is as long as it was
             self.total_steps = step
             if self.cfg.warmup_steps is None:
@@ -907,9 +911,11 @@ class Trainer:
             new = {"lr": self.cfg.lr, "warmup_steps": self.warmup, "min_lr_ratio": self.cfg.min_lr_ratio}
             was, now = lr_at(step, planned, *old.values()), lr_at(step, self.total_steps, *new.values())
             if abs(now - was) > 0.1 * was:
-                self.refit = (planned, was, now, [f"{k} is {new[k]:g}" for k in old if old[k] != new[k]])
+                # The settings given: a warmup that follows the run's length is the length's doing.
+                given = [k for k in old if old[k] != new[k] and (k != "warmup_steps" or self.cfg.warmup_steps)]
+                self.refit = (planned, was, now, [f"{k} is {new[k]:g}" for k in given])
 
-    def _budget(self) -> str:
+    def _budget_text(self) -> str:
         """The budget that ends the run, as its flag and value, for messages."""
         cfg = self.cfg
         value = {"--max-steps": cfg.max_steps, "--max-tokens": cfg.max_tokens, "--max-minutes": cfg.max_minutes,
@@ -1122,12 +1128,12 @@ class Trainer:
             if self.progress.step >= self.total_steps:
                 past = "past " if self.step_cap < self.progress.step else ""
                 lines.append(f"the run is already complete at step {self.progress.step}, {past}the end of "
-                             f"{self._budget()}: raise {self.ended_by} to train further")
+                             f"{self._budget_text()}: raise {self.ended_by} to train further")
             elif self.refit:
                 planned, was, now, changed = self.refit
                 longer = [f"the run is now {self.total_steps:,} steps long, not {planned:,}"]
                 why = (longer if planned != self.total_steps else []) + changed
-                lines.append(f"note: {' and '.join(why)}, so the LR schedule is re-fitted: step "
+                lines.append(f"note: {', and '.join(why)}, so the LR schedule is re-fitted: step "
                              f"{self.progress.step + 1} trains at LR {now:.3g}, where the old schedule was at "
                              f"{was:.3g}")
         elif self.resume:

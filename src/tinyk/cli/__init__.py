@@ -56,9 +56,10 @@ class _Parser(argparse.ArgumentParser):
                                                                     ": expected at least one argument")):
             names = message.split(":")[0].removeprefix("argument ").split("/")
             given = getattr(self, "_given", [])
-            after = [b for a, b in zip(given, given[1:], strict=False) if a in names]
-            # It took -5B for a flag; not a flag of its own (a value left out), nor nothing at all.
-            if after and after[-1].startswith("-") and after[-1].partition("=")[0] not in self._option_string_actions:
+            # It took -5B for a flag: a value after the flag that starts with one dash. Not a flag (--pre,
+            # a value left out), nor nothing at all.
+            if any(a in names and b.startswith("-") and not b.startswith("--") and b not in self._option_string_actions
+                   for a, b in zip(given, given[1:], strict=False)):
                 message += f" (a value that starts with '-' is written {names[-1]}=VALUE)"
         if message.startswith("the following arguments are required: "):  # `--mod x` for `--model x`
             missing = [f for f in message.split(": ", 1)[1].split(", ") if f.startswith("--")]
@@ -266,7 +267,8 @@ def main(argv: list[str] | None = None) -> None:
             # Said of stdout alone: the files a command writes are complete or absent, and may be complete.
             _fail(f"tinyk: error: what it prints could not be written to its standard output: {e.strerror} "
                   f"(the files it writes are complete or not there)")
-        if e.filename is not None and e.strerror:  # as ls says it, not Python's "[Errno 13] Permission denied: 'x'"
+        if isinstance(e.filename, str | bytes) and e.filename2 is None and e.strerror:
+            # As ls says it, not Python's "[Errno 13] Permission denied: 'x'".
             _fail(f"tinyk: error: cannot access {os.fsdecode(e.filename)}: {e.strerror[:1].lower()}{e.strerror[1:]}")
         _fail(f"tinyk: error: {e}")
     except RuntimeError as e:
