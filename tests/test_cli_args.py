@@ -272,6 +272,18 @@ def test_eval_out_is_checked_before_evaluating(tmp_path, task_file, capsys):
         code, err = run_cli(eval_args(model, task_file, "--out", mine, *force), capsys)
         assert code == 2 and err == (f"tinyk: error: --out {mine} exists and is not the results of tinyk eval, so "
                                      f"it is not replaced; remove it yourself or choose another path\n")
+    # A link (/dev/stdout, as root) was replaced by the results file renamed over it.
+    empty = tmp_path / "real.json"
+    empty.write_text("")
+    link = tmp_path / "link.json"
+    link.symlink_to(empty)
+    code, err = run_cli(eval_args(model, task_file, "--out", link, "--force"), capsys)
+    assert code == 2 and err == (f"tinyk: error: --out {link} is a symbolic link (to {empty}), which a new file "
+                                 f"would replace; give the path it points to, or another\n")
+    code, _ = run_cli(eval_args(model, task_file, "--out", "/dev/stdout", "--force"), capsys)  # to a file or a pipe
+    assert code == 2 and link.is_symlink() and os.path.islink("/dev/stdout")
+    code, err = run_cli(eval_args(model, task_file, "--out", "-"), capsys)  # not stdout, as --prompt-file - is stdin
+    assert code == 2 and err == "tinyk: error: --out - would name a file '-': give a file name for the JSON results\n"
     assert mine.read_text() == "keep"
     code, err = run_cli(eval_args(model, task_file, "--out", tmp_path / "nope" / "r.json"), capsys)
     assert code == 2 and "does not exist" in err and err.count("\n") == 1
@@ -288,7 +300,7 @@ def test_eval_out_is_checked_before_evaluating(tmp_path, task_file, capsys):
     assert fifo.is_fifo() and null_link.is_symlink()
     fifo.unlink()
     null_link.unlink()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.json", "results", "t.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.json", "mine.json", "real.json", "results", "t.jsonl"]
 
 
 def test_eval_out_force_replaces_an_earlier_result(tmp_path, nano_model_dir, task_file, capsys):

@@ -880,6 +880,10 @@ def test_a_folder_named_in_gbk_holds_a_whole_run(tmp_path, corpus_file, capsysbi
         assert e.value.code == 0, (args[:2], err)
         if args[0] == "tokenizer":  # the path is printed as its own bytes, as `ls` shows it
             assert b"saved to " + bytes(tok) + b"\n" in out
+    # On stderr too, whose errors= is backslashreplace: it printed \udcd6\udcd0 for the bytes.
+    r = subprocess.run([sys.executable, "-m", "tinyk", "model", "info", bytes(root / "nope")], capture_output=True,
+                       timeout=120)
+    assert r.returncode == 2 and bytes(root / "nope") in r.stderr and b"\\udc" not in r.stderr
     assert json.loads((model / "config.json").read_text(encoding="utf-8"))["vocab_size"] \
         == load_tokenizer(tok).vocab_size
     shown_root = os.fsencode(root).decode("utf-8", "replace")  # how JSON outputs name it

@@ -113,6 +113,8 @@ def check_output_file(out: str | Path, inputs: Iterable[str | Path | None], *, f
     called, and a check that a file is one) --force replaces only such a file. `flag` and `holds` name
     the option and what it writes, for the messages."""
     path = Path(out)
+    if str(out) == "-":  # as --prompt-file - reads stdin, it would seem to print on stdout
+        raise TinykError(f"{flag} - would name a file '-': give a file name for {holds}")
     if path.is_dir():  # first: a folder holding an input (--out /tmp) is no file name, not that input
         raise TinykError(f"{flag} {out} is a directory; give a file name for {holds}")
     check_output(out, inputs, flag)
@@ -123,6 +125,9 @@ def check_output_file(out: str | Path, inputs: Iterable[str | Path | None], *, f
     # What --force would not replace either is said first.
     if (path.exists() or path.is_symlink()) and not path.is_file():  # /dev/null, a pipe
         raise TinykError(f"{flag} {out} is not a regular file, so it is not replaced; choose another path")
+    if path.is_symlink():  # the file is written beside it and renamed over the link: /dev/stdout became a file
+        raise TinykError(f"{flag} {out} is a symbolic link (to {os.readlink(path)}), which a new file would replace; "
+                         f"give the path it points to, or another")
     if path.exists() and replaces is not None and not replaces[1](path):
         raise TinykError(f"{flag} {out} exists and is not {replaces[0]}, so it is not replaced; remove it yourself "
                          f"or choose another path")

@@ -134,6 +134,23 @@ def _stop_handlers() -> dict[int, Any]:
     return handlers
 
 
+OWN_BYTES = "tinyk-own-bytes"
+
+
+def _own_bytes(e: UnicodeError) -> tuple[str | bytes, int]:
+    """surrogateescape where it applies (a file name's bytes that are not UTF-8 print as those bytes),
+    backslashreplace elsewhere (a lone surrogate from JSON's \\ud800 cannot end the command)."""
+    if not isinstance(e, UnicodeEncodeError):
+        raise e
+    chars = e.object[e.start:e.end]
+    if all(0xDC80 <= ord(c) <= 0xDCFF for c in chars):
+        return bytes(ord(c) - 0xDC00 for c in chars), e.end
+    return codecs.backslashreplace_errors(e)
+
+
+codecs.register_error(OWN_BYTES, _own_bytes)
+
+
 def utf8_streams(streams: Iterable[Any], windows: bool = os.name == "nt") -> None:
     """Reads and writes UTF-8, as Python's UTF-8 mode would, where the locale's encoding is another: an
     ASCII locale (LC_ALL=C), and a pipe or file under any other (`generate --json > out.jsonl` came out
@@ -242,8 +259,8 @@ def main(argv: list[str] | None = None) -> None:
             continue
         if codecs.lookup(stream.encoding).name != "utf-8":
             stream.reconfigure(errors="replace")
-        elif stream.errors == "strict":
-            stream.reconfigure(errors="surrogateescape")
+        elif stream.errors in ("strict", "backslashreplace"):  # stderr's is backslashreplace: \udcc4 for the byte
+            stream.reconfigure(errors=OWN_BYTES)
     try:
         with signal_handlers(_stop_handlers()):
             if args.command not in WITHOUT_TORCH:
