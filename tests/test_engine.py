@@ -796,11 +796,12 @@ def test_generate_cli(nano_model_dir, tmp_path, capsys, monkeypatch):
     assert e.value.code == 0 and [json.loads(line) for line in out.splitlines()] == rows
     assert err == "tinyk: stdin: skipped 1 record; nul byte: 1 (first at stdin:2; a NUL byte is binary data, " \
                   "not text)\n"
-    monkeypatch.setattr("sys.stdin", io.StringIO("\ufeff我们今天\r\rThe quick\r\n"))  # lone CRs end lines, as in files
-    with pytest.raises(SystemExit) as e:
-        main(["generate", "--model", str(nano_model_dir), "--prompt-file", "-", "--prompt", "天气",
-              "--temperature", "0", "--max-new-tokens", "5", "--json"])
-    assert e.value.code == 0 and [json.loads(line) for line in capsys.readouterr().out.splitlines()] == rows
+    for name in ("-", "/dev/stdin"):  # /dev/stdin was "unsupported input type" (it has no suffix)
+        monkeypatch.setattr("sys.stdin", io.StringIO("\ufeff我们今天\r\rThe quick\r\n"))  # lone CRs end lines too
+        with pytest.raises(SystemExit) as e:
+            main(["generate", "--model", str(nano_model_dir), "--prompt-file", name, "--prompt", "天气",
+                  "--temperature", "0", "--max-new-tokens", "5", "--json"])
+        assert e.value.code == 0 and [json.loads(line) for line in capsys.readouterr().out.splitlines()] == rows
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:
@@ -1009,6 +1010,15 @@ def test_chat_cli_answers_one_message(engine, nano_model_dir, capsys, monkeypatc
     with pytest.raises(SystemExit) as e:
         main(["chat", "--model", str(nano_model_dir), "--temperature", "0", "--max-new-tokens", "6", "--threads", "1"])
     assert e.value.code == 0 and capsys.readouterr().out == expected + "\n" and threads == [1]
+
+
+def test_json_lines_keep_their_text_on_a_stdout_of_another_encoding(nano_model_dir):
+    """With PYTHONIOENCODING=ascii (or a GBK console) the --json prompt came out as "??": escaped, it is
+    the same JSON once parsed."""
+    r = subprocess.run([sys.executable, "-m", "tinyk", "generate", "--model", str(nano_model_dir), "--prompt", "你好",
+                        "--max-new-tokens", "2", "--json"], capture_output=True, timeout=120,
+                       env={**os.environ, "PYTHONIOENCODING": "ascii", "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0 and json.loads(r.stdout)["prompt"] == "你好" and b"\\u4f60" in r.stdout
 
 
 def test_stdin_undecodable_in_a_windows_code_page_is_called_that(monkeypatch):

@@ -767,7 +767,7 @@ def read_prompts(typed: list[str], prompt_file: str | None, field: str = "prompt
     """`tinyk generate`'s prompts: the typed ones, then a file's (one per `.txt` line or per record's
     `field`) or stdin's (`-`, one per line); with a note on the lines skipped, if any."""
     prompts, note = list(typed), None
-    if prompt_file == "-":  # one prompt per line on stdin, for pipelines
+    if prompt_file in ("-", "/dev/stdin"):  # one prompt per line on stdin, for pipelines
         try:
             lines = [line.rstrip("\r\n").removeprefix("\ufeff")  # a BOM, as in files
                      for line in (sys.stdin if stdin is None else stdin)]

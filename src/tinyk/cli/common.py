@@ -8,8 +8,12 @@ are never accepted.
 from __future__ import annotations
 
 import argparse
+import codecs
+import json
 import math
 import os
+import re
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NoReturn
 
@@ -124,6 +128,14 @@ def stop_text(s: str) -> str:
     if not s:
         raise argparse.ArgumentTypeError("must not be empty")
     return utf8_text(s)
+
+
+def json_text(obj: object, indent: int | None = None) -> str:
+    """JSON for stdout: its text as it is where stdout is UTF-8, escaped (\\uXXXX) where it has another
+    encoding (PYTHONIOENCODING=ascii, a GBK console), which printed '?' for the Chinese; C1 controls and
+    DEL always escaped, as JSON allows: a terminal would obey U+009B as the escape sequences' CSI."""
+    utf8 = codecs.lookup(getattr(sys.stdout, "encoding", None) or "utf-8").name == "utf-8"
+    return re.sub("[\x7f-\x9f]", lambda m: f"\\u{ord(m[0]):04x}", json.dumps(obj, ensure_ascii=not utf8, indent=indent))
 
 
 def path_arg(s: str) -> str:

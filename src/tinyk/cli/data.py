@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
 from tinyk.cli.common import (
     float_range,
     int_range,
+    json_text,
     model_dir,
     path_arg,
     positive_size,
@@ -115,7 +115,7 @@ def _info(args: argparse.Namespace) -> int:
     check_files(args.path, meta)
     verified = verify_files(args.path, meta) if args.verify else None
     if args.json:
-        print(json.dumps(meta, ensure_ascii=False, indent=2))
+        print(json_text(meta, indent=2))
         return 0
     print(summary(meta))
     for i in meta.get("inputs", []):

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from tinyk.cli.common import batch_count, model_dir, path_arg, positive_int, utf8_text
+from tinyk.cli.common import batch_count, json_text, model_dir, path_arg, positive_int, utf8_text
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -83,7 +82,7 @@ def _eval(args: argparse.Namespace) -> int:
                        system_prompt=prompt_from_flag(args.system_prompt), device=args.device, quantize=args.quantize,
                        records=records)
     if args.json:
-        print(json.dumps(results, ensure_ascii=False, indent=2))
+        print(json_text(results, indent=2))
     else:
         print(format_table(table_rows(results)))
     for note in skip_notes(results):

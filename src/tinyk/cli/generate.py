@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import os
-import re
 import sys
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
@@ -17,6 +15,7 @@ from tinyk.cli.common import (
     add_engine_args,
     add_sampling_args,
     batch_count,
+    json_text,
     non_empty,
     path_arg,
     sampling_params,
@@ -97,14 +96,11 @@ def _generate(args: argparse.Namespace) -> int:
     for i, c in zip(kept, engine.completions(ids, [numbered[i] for i in kept]), strict=True):
         prompt = prompts[i]
         if args.json:
-            # finish_reason stays OpenAI's "length"; the extra key tells the context's cut from the budget's
-            # C1 controls and DEL escaped as JSON escapes them (the same text once parsed): a terminal
-            # would obey U+009B as the escape sequences' CSI. "sample" numbers it as text mode does.
-            line = json.dumps({"sample": i + 1, "prompt": prompt, "text": c.text, "finish_reason": c.finish_reason,
-                               **({"cut_by_context": True} if c.cut_by_context else {}),
-                               "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens},
-                              ensure_ascii=False)
-            print(re.sub("[\x7f-\x9f]", lambda m: f"\\u{ord(m[0]):04x}", line), flush=True)
+            # finish_reason stays OpenAI's "length"; the extra key tells the context's cut from the budget's.
+            # "sample" numbers it as text mode does.
+            print(json_text({"sample": i + 1, "prompt": prompt, "text": c.text, "finish_reason": c.finish_reason,
+                             **({"cut_by_context": True} if c.cut_by_context else {}),
+                             "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens}), flush=True)
         else:
             print(f"--- sample {i + 1} ({plural(c.completion_tokens, 'tokens')}, {c.finish_reason}) ---\n"
                   f"{for_terminal(prompt + c.text, sys.stdout)}", flush=True)

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from tinyk.cli.common import int_range, path_arg, positive_size, utf8_text
+from tinyk.cli.common import int_range, json_text, path_arg, positive_size, utf8_text
 from tinyk.inputs import DEFAULT_MAX_LINE_BYTES, Skips, check_inputs, mostly_skipped
 from tinyk.units import bytes_text, plural
 
@@ -89,7 +88,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     r = eval_tokenizer(args.path, args.input, max_bytes=args.max_bytes, field=args.field)
     if args.json:
-        print(json.dumps(r, ensure_ascii=False, indent=2))
+        print(json_text(r, indent=2))
         return 0
     print(f"vocab size      {r['vocab_size']}")
     print("special ids     " + ", ".join(f"{k}={v}" for k, v in r["special_ids"].items()))
