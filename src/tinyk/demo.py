@@ -365,7 +365,7 @@ def where_line(out: Path) -> str:
     return f"report: {out / 'report.md'}   results: {out / 'results.json'}   models: {out / 'base'}, {out / 'chat'}"
 
 
-RECORDS_PATHS = ("config.yaml", "summary.json", "meta.json", "results.json", "report.md")
+RECORDS_PATHS = ("config.yaml", "summary.json", "meta.json", "results.json", "report.md", "training.json")
 
 
 def _name_final_paths(tmp: Path, out: Path) -> None:
