@@ -675,7 +675,7 @@ def test_a_full_disk_while_writing_a_tokenizer_or_model_is_one_line(tmp_path, co
 
 def test_serve_settings_that_cannot_work_are_one_line(nano_model_dir, monkeypatch, capsys):
     code, err = run_cli(["serve", "--model", str(nano_model_dir), "--api-key", ""], capsys)
-    assert code == 2 and err.strip() == "tinyk: error: --api-key is empty"
+    assert code == 2 and err.strip() == "tinyk: error: --api-key is empty (leave it out to serve without a key)"
     monkeypatch.setenv("TINYK_API_KEY", "")
     code, err = run_cli(["serve", "--model", str(nano_model_dir)], capsys)
     assert code == 2 and err.strip() == "tinyk: error: TINYK_API_KEY is set but empty (unset it to serve without a key)"

@@ -63,7 +63,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     key = args.api_key if args.api_key is not None else os.environ.get("TINYK_API_KEY")
     if key == "":
-        raise TinykError("--api-key is empty" if args.api_key is not None else
+        raise TinykError("--api-key is empty (leave it out to serve without a key)" if args.api_key is not None else
                          "TINYK_API_KEY is set but empty (unset it to serve without a key)")
     cfg = dict(api_key=key, max_body_bytes=args.max_body, timeout=args.timeout,
                defaults=sampling_params(args), max_waiting=args.max_waiting, max_connections=args.max_connections,
