@@ -162,9 +162,9 @@ def step_rates(tcfgs: Sequence[TrainConfig], seconds: float, threads: Sequence[i
     steps take longer than a slice, the rounds after the first stop once the timing has taken twice
     its planned time: the probe must not spend the training it is sizing (a 4-minute demo once
     probed for 219 s), and a candidate over 3x slower than the fastest, by its warm-up step or its
-    first slice, is timed no further. Warm-up first (two steps when compiled: the second call can recompile). The
-    runs and their directories are thrown away; a compiled graph stays in torch's caches, so the real
-    run that follows starts without compiling again.
+    first slice, is timed no further. Warm-up first (two steps when compiled: the second call can
+    recompile). The runs and their directories are thrown away; a compiled graph stays in torch's
+    caches, so the real run that follows starts without compiling again.
     """
     from .train import Trainer
 
@@ -202,9 +202,9 @@ def step_rates(tcfgs: Sequence[TrainConfig], seconds: float, threads: Sequence[i
                         steps += 1
                     rates.append(steps / (time.perf_counter() - t0))
                 if r == 0:  # a first slice over 3x slower is out too (a warm-up step flattered one 4.5x slower)
-                    best = max(rates[0] for rates in slices if rates)
-                    out = [dropped or (bool(rates) and 3 * rates[0] < best)
-                           for rates, dropped in zip(slices, out, strict=True)]
+                    best = max(timed[0] for timed in slices if timed)
+                    out = [dropped or (bool(timed) and 3 * timed[0] < best)
+                           for timed, dropped in zip(slices, out, strict=True)]
         return [statistics.median(r) if r else 1 / w for r, w in zip(slices, warm, strict=True)]
     finally:
         for tcfg in tcfgs:
