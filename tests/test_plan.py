@@ -692,3 +692,24 @@ def test_a_jobs_plan_says_what_its_gpus_send_each_step(capsys):
     one_node = run_cli(["plan", "--preset", "seed-215m", "--gpu", "h100", "--gpus", "8"], capsys)[1]
     assert "(PCIe 4.0, GPUs without NVLink; NVLink is many times faster)" in one_node
     assert json.loads(run_cli(["plan", "--preset", "seed-215m", "--gpu", "h100", "--json"], capsys)[1])["comms"] is None
+
+
+def test_the_disk_a_run_takes_is_planned_as_its_checkpoints_hold_it(tmp_path, pt_data, tok_dir, capsys):
+    """Nothing said how much disk a run needs: a seed-82m run kept 3.3 GB. Its checkpoints' weights and
+    optimizer state, and final/'s weights, measured against the plan's 12 and 4 bytes a parameter."""
+    from tinyk.rundir import checkpoints
+
+    out = tmp_path / "run"
+    args = ["--preset", "nano", "--tokenizer", str(tok_dir), "--set", "keep_checkpoints=2"]
+    code, text, _ = run_cli(["plan", *args, "--json"], capsys)
+    disk = json.loads(text)["disk"]
+    code = run_cli(["pretrain", *args, "--data", str(pt_data), "--out", str(out), "--max-steps", "3",
+                    "--save-every", "1", "--batch-size", "4", "--no-progress"], capsys)[0]
+    assert code == 0 and len(checkpoints(out)) == 2 == disk["keep_checkpoints"]
+    held = [(c / "model" / "model.safetensors").stat().st_size + (c / "optimizer.pt").stat().st_size
+            for c in checkpoints(out)]
+    final = (out / "final" / "model.safetensors").stat().st_size
+    assert all(held_one == pytest.approx(disk["checkpoint_bytes"], rel=0.05) for held_one in held), (held, disk)
+    assert final == pytest.approx(disk["final_bytes"], rel=0.05)
+    assert sum(held) + final == pytest.approx(disk["run_bytes"], rel=0.05)
+    assert "the run directory up to" in run_cli(["plan", *args], capsys)[1]

@@ -34,7 +34,7 @@ from .model import (
     training_flops,
 )
 from .monitor import gpu_peak_flops
-from .units import GiB, MiB
+from .units import GiB, MiB, bytes_text, plural
 
 # Share of a GPU's memory a plan may fill: the rest is for the CUDA context, cuBLAS workspaces
 # and the caching allocator's fragmentation, which PyTorch does not count as allocated.
@@ -446,6 +446,7 @@ class RunSpec:
     checkpointing: bool
     max_tokens: int | None = None  # the config's budget (max_tokens, max_steps), planned without --tokens
     compiled: bool = False  # torch.compile: about twice an eager run's MFU
+    keep_checkpoints: int = 3  # the run directory's disk: this many checkpoints and final/
 
 
 def run_spec(*, preset: str | None, config: str | None, sets: Iterable[str] = (),
@@ -490,7 +491,7 @@ def run_spec(*, preset: str | None, config: str | None, sets: Iterable[str] = ()
     return RunSpec(name=name, cfg=cfg, seq_len=seq_len, batch_size=tc.batch_size,
                    micro_batch=tc.micro_batch, dtype=tc.dtype, parallel=tc.parallel,
                    checkpointing=tc.activation_checkpointing, max_tokens=min(budgets) if budgets else None,
-                   compiled=tc.compile)
+                   compiled=tc.compile, keep_checkpoints=tc.keep_checkpoints)
 
 
 def make_plan(run: RunSpec, gpu: GPUSpec, *, gpus: int = 1, nodes: int = 1, tokens: float = DEFAULT_TOKENS,
@@ -569,6 +570,11 @@ def make_plan(run: RunSpec, gpu: GPUSpec, *, gpus: int = 1, nodes: int = 1, toke
         "cost": None if price is None else {"price_per_gpu_hour": price, "total": gpu_hours * price},
         "with_compile": with_compile,  # an eager run's plan: what --compile would give
         "comms": _comms(setup, size, per_rank * run.seq_len / per_gpu, nodes) if world > 1 else None,
+        # A checkpoint holds the fp32 weights and AdamW's two fp32 moments (the tokenizer's few hundred KB
+        # aside); final/ the weights alone.
+        "disk": {"checkpoint_bytes": 12 * size["parameters"], "final_bytes": 4 * size["parameters"],
+                 "keep_checkpoints": run.keep_checkpoints,
+                 "run_bytes": (3 * run.keep_checkpoints + 1) * 4 * size["parameters"]},
     }
     amp = setup.amp
     plan["activation_model"] = {
@@ -874,6 +880,10 @@ def format_plan(p: dict[str, Any]) -> str:
     if p["cost"]:
         lines.append(f"cost         {p['cost']['total']:,.2f} ({tm['gpu_hours']:,.2f} GPU-hours at "
                      f"{p['cost']['price_per_gpu_hour']:g} per GPU-hour)")
+    dk = p["disk"]
+    lines.append(f"disk         {bytes_text(dk['checkpoint_bytes'])} a checkpoint (fp32 weights and AdamW's two "
+                 f"moments, 12 bytes a parameter); the run directory up to {bytes_text(dk['run_bytes'])} "
+                 f"({plural(dk['keep_checkpoints'], 'checkpoints')} kept, and final/)")
     if "tutorial" in p:
         tut = p["tutorial"]
         base = tut["gpu_hours_for_tokens"]
