@@ -122,8 +122,8 @@ def check_output_file(out: str | Path, inputs: Iterable[str | Path | None], *, f
         raise TinykError(f"{flag} {out} ends in '/', which names a directory; give a file name for {holds}")
     if path.is_symlink() and not path.exists():
         raise TinykError(f"{flag} {dangling_link(path, 'remove the link or choose another path')}")
-    # What --force would not replace either is said first.
-    if (path.exists() or path.is_symlink()) and not path.is_file():  # /dev/null, a pipe
+    # What --force would not replace either is said first. (Past here a link's target exists.)
+    if path.exists() and not path.is_file():  # /dev/null, a pipe
         raise TinykError(f"{flag} {out} is not a regular file, so it is not replaced; choose another path")
     if path.is_symlink():  # the file is written beside it and renamed over the link: /dev/stdout became a file
         raise TinykError(f"{flag} {out} is a symbolic link (to {os.readlink(path)}), which a new file would replace; "
@@ -131,7 +131,7 @@ def check_output_file(out: str | Path, inputs: Iterable[str | Path | None], *, f
     if path.exists() and replaces is not None and not replaces[1](path):
         raise TinykError(f"{flag} {out} exists and is not {replaces[0]}, so it is not replaced; remove it yourself "
                          f"or choose another path")
-    if (path.exists() or path.is_symlink()) and not force:
+    if path.exists() and not force:
         raise TinykError(f"{flag} {out} exists (use --force to replace it)")
     parent = path.parent
     if not parent.is_dir():
@@ -295,7 +295,7 @@ def _check_replace(out: Path, force: bool, replaces: tuple[str, Callable[[Path],
             raise TinykError(f"{out} exists and is not {what}, so it is not replaced (it holds "
                              f"{', '.join(held[:3])}{', ...' if len(held) > 3 else ''}); remove it yourself or "
                              "choose another path")
-    if (out.exists() or out.is_symlink()) and not force:
+    if out.exists() and not force:  # a dangling link was said above
         raise TinykError(f"output directory exists: {out} (use --force to replace it)")
 
 

@@ -449,6 +449,14 @@ class RunSpec:
     keep_checkpoints: int = 3  # the run directory's disk: this many checkpoints and final/
 
 
+def _disk(parameters: int, keep_checkpoints: int) -> dict[str, int]:
+    """A run directory's files: each checkpoint holds the fp32 weights and AdamW's two fp32 moments (the
+    tokenizer's few hundred KB aside), final/ the weights alone."""
+    checkpoint, final = 12 * parameters, 4 * parameters
+    return {"checkpoint_bytes": checkpoint, "final_bytes": final, "keep_checkpoints": keep_checkpoints,
+            "run_bytes": keep_checkpoints * checkpoint + final}
+
+
 def run_spec(*, preset: str | None, config: str | None, sets: Iterable[str] = (),
              overrides: dict[str, Any] | None = None, tokenizer: str | Path | None = None) -> RunSpec:
     """Resolves preset/config/--set/flags with the trainer's own rules, so plan sizes the run it would do:
@@ -570,11 +578,7 @@ def make_plan(run: RunSpec, gpu: GPUSpec, *, gpus: int = 1, nodes: int = 1, toke
         "cost": None if price is None else {"price_per_gpu_hour": price, "total": gpu_hours * price},
         "with_compile": with_compile,  # an eager run's plan: what --compile would give
         "comms": _comms(setup, size, per_rank * run.seq_len / per_gpu, nodes) if world > 1 else None,
-        # A checkpoint holds the fp32 weights and AdamW's two fp32 moments (the tokenizer's few hundred KB
-        # aside); final/ the weights alone.
-        "disk": {"checkpoint_bytes": 12 * size["parameters"], "final_bytes": 4 * size["parameters"],
-                 "keep_checkpoints": run.keep_checkpoints,
-                 "run_bytes": (3 * run.keep_checkpoints + 1) * 4 * size["parameters"]},
+        "disk": _disk(size["parameters"], run.keep_checkpoints),
     }
     amp = setup.amp
     plan["activation_model"] = {
