@@ -69,19 +69,27 @@ def nano_cfg(data: Path, tok: Path | None, out: Path, kind: str = "pretrain", **
     return TrainConfig(**{**base, **kw})
 
 
-def signal_at_step(monkeypatch, step: int, *sigs: int) -> None:
-    """Sends `sigs` to this process once step `step` is logged, as a user or a scheduler would mid-run."""
+def after_each_logged_step(monkeypatch, then) -> None:
+    """Calls `then(record)` once each training step's record is logged: a moment inside the run."""
     from tinyk.monitor import Monitor
 
     log_train = Monitor.log_train
 
-    def log_and_signal(self, rec):
+    def log_and_then(self, rec):
         log_train(self, rec)
+        then(rec)
+
+    monkeypatch.setattr(Monitor, "log_train", log_and_then)
+
+
+def signal_at_step(monkeypatch, step: int, *sigs: int) -> None:
+    """Sends `sigs` to this process once step `step` is logged, as a user or a scheduler would mid-run."""
+    def signal_there(rec):
         if rec["step"] == step:
             for sig in sigs:
                 os.kill(os.getpid(), sig)
 
-    monkeypatch.setattr(Monitor, "log_train", log_and_signal)
+    after_each_logged_step(monkeypatch, signal_there)
 
 
 def train_losses(out: Path) -> dict[int, float]:
@@ -1721,17 +1729,10 @@ def test_a_run_extended_stopped_and_resumed_with_its_old_budget_writes_its_final
 def test_a_finished_run_being_extended_is_not_summarised_as_completed(tmp_path, pt_data, tok_dir, monkeypatch):
     """summary.json said "completed" at step 3 while the extension trained, and after kill -9 ended it
     (checkpoints at step 6): a script that reads it would not resume. It is written when a session ends."""
-    from tinyk.monitor import Monitor
-
     out = tmp_path / "run"
     train(nano_cfg(pt_data, tok_dir, out, max_steps=3))
-    seen, log_train = [], Monitor.log_train
-
-    def log_and_look(self, rec):
-        log_train(self, rec)
-        seen.append((out / "summary.json").exists())
-
-    monkeypatch.setattr(Monitor, "log_train", log_and_look)
+    seen: list[bool] = []
+    after_each_logged_step(monkeypatch, lambda rec: seen.append((out / "summary.json").exists()))
     summary = train(nano_cfg(pt_data, tok_dir, out, max_steps=6), resume=True)
     assert seen == [False] * 3 and (summary["status"], summary["steps"]) == ("completed", 6)
     assert json.loads((out / "summary.json").read_text()) == summary
