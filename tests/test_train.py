@@ -1994,6 +1994,26 @@ def test_a_resumed_optimizer_takes_this_sessions_kernels(tmp_path, pt_data, tok_
     assert loaded == [[True, True]]
 
 
+def test_a_resume_needs_no_more_memory_than_the_run_it_continues(tmp_path, pt_data, tok_dir):
+    """A laptop that trained a model must be able to resume it: AdamW's state is read into the optimizer
+    as it is, not beside a zero-filled copy made first (torch's set_optimizer_state_dict takes a step on
+    zero gradients to make one), which held the state and the gradients twice at the peak."""
+    out = tmp_path / "run"
+    wide = ["--set", "model.dim=512", "--set", "model.n_layers=8"]  # 25M parameters: 200 MB of AdamW state
+
+    def peak_mib(*extra: str) -> float:
+        script = ("import resource, sys\nfrom tinyk.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit "
+                  "as e:\n    assert not e.code\nprint(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+        proc = subprocess.run([sys.executable, "-c", script, *cli_args(pt_data, tok_dir, out, *wide, *extra)],
+                              env=ENV, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        return float(proc.stdout.splitlines()[-1])
+
+    fresh = peak_mib("--max-steps", "1")
+    resumed = peak_mib("--max-steps", "2", "--resume")
+    assert resumed < fresh + 100, (fresh, resumed)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_run_moves_between_cpu_and_cuda_on_resume(tmp_path, pt_data, tok_dir, monkeypatch):
     """A laptop's checkpoint resumed on a GPU and back (fp32 on both, no TF32): the losses follow a run

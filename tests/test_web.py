@@ -150,9 +150,11 @@ document.getElementById("max-tokens").value = %s;
 
 
 @contextlib.contextmanager
-def chat_page(engine: Engine, tmp_path, max_tokens: int | None) -> Iterator[Callable[[str], Any]]:
-    """Serves `engine`, opens the chat page in headless Chromium, and yields a function that runs
-    JavaScript (an async function's body) in it and returns its result."""
+def chat_page(engine: Engine, tmp_path, max_tokens: int | None,
+              screen: tuple[int, int] | None = None) -> Iterator[Callable[[str], Any]]:
+    """Serves `engine`, opens the chat page in headless Chromium (on a `screen` of that width and height,
+    a phone's), and yields a function that runs JavaScript (an async function's body) in it and returns its
+    result."""
     server = ChatServer(engine, ServerConfig(model_name="nano", defaults=DEFAULTS, log=False), port=0)
     server.start()
     browser = Browser(str(tmp_path / "profile"))
@@ -160,6 +162,9 @@ def chat_page(engine: Engine, tmp_path, max_tokens: int | None) -> Iterator[Call
         target = browser.send("Target.createTarget", {"url": "about:blank"})["targetId"]
         session = browser.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
         browser.send("Page.enable", session=session)
+        if screen:
+            browser.send("Emulation.setDeviceMetricsOverride", {"width": screen[0], "height": screen[1],
+                                                                "deviceScaleFactor": 1, "mobile": True}, session)
         browser.send("Page.navigate", {"url": server.url + "/"}, session)
         browser.wait_event("Page.loadEventFired", session)
 
@@ -346,6 +351,52 @@ def test_the_chat_page_keeps_the_conversation_it_shows(nano_model_dir, tmp_path)
     assert default_temperature == ""
     assert bad_key["unsent"] == ["你好"] and bad_key["errors"] == ["an API key is printable ASCII without spaces"]
     assert ime == ["nihao", True]
+
+
+def test_the_chat_page_works_on_a_phone_by_keyboard_and_with_a_screen_reader(nano_model_dir, tmp_path):
+    """On a 360-pixel screen a URL or a long unbroken run wraps inside the bubble instead of pushing the
+    message off the screen; a streaming reply is marked busy, so a screen reader reads it once, complete,
+    not again at every token; 发送 and 停止 leave the focus in the input (a disabled button drops it to the
+    page), and Esc stops a reply."""
+    engine = Engine.from_dir(nano_model_dir)
+    forward = engine.forward = Forward(engine.forward)
+    url = "https://example.com/" + "a" * 45  # twice the width of a phone
+    with chat_page(engine, tmp_path, max_tokens=8, screen=(360, 640)) as run:
+        forward.hold_in = 3  # the prefill and a token: the reply is streaming
+        try:
+            streaming = run(f"input.value = {json.dumps(url)}; send.focus(); send.click();\n"
+                            "await until(() => Number(document.querySelector('.msg.assistant').dataset.chunks) > 0, "
+                            "'the first token');\n"
+                            "return [document.querySelector('.msg.assistant').getAttribute('aria-busy'), "
+                            "document.activeElement === input];")
+        finally:
+            forward.released.set()
+        fits = run("await until(() => controller === null, 'the reply');\n"
+                   "const box = log.getBoundingClientRect();\n"
+                   "return {inside: [...document.querySelectorAll('.msg')].every(m => {\n"
+                   "  const r = m.getBoundingClientRect(); return r.left >= box.left && r.right <= box.right; }),\n"
+                   "  scrolls: log.scrollWidth > log.clientWidth, formFits: document.getElementById('form')"
+                   ".getBoundingClientRect().bottom <= innerHeight,\n"
+                   "  busy: document.querySelector('.msg.assistant').getAttribute('aria-busy'),\n"
+                   "  speakers: [...document.querySelectorAll('.msg.user, .msg.assistant')]"
+                   ".map(m => m.getAttribute('aria-label'))};")
+        forward.released.clear()
+        forward.hold_in = 3
+        try:
+            stopped = run("submit('讲个故事');\n"
+                          "await until(() => document.querySelectorAll('.msg.assistant').length === 2 && "
+                          "Number(document.querySelectorAll('.msg.assistant')[1].dataset.chunks) > 0, "
+                          "'the first token');\n"
+                          "stop.focus(); document.dispatchEvent(new KeyboardEvent('keydown', "
+                          "{key: 'Escape', bubbles: true}));\n"
+                          "return controller !== null;")
+        finally:
+            forward.released.set()
+        after_stop = run("await until(() => controller === null, 'the stop');\n"
+                         "return [shown().replies[1].finish, document.activeElement === input];")
+    assert streaming == ["true", True]
+    assert fits == {"inside": True, "scrolls": False, "formFits": True, "busy": None, "speakers": ["你", "助手"]}
+    assert stopped is True and after_stop == ["stopped", True]
 
 
 def test_a_message_stopped_before_its_reply_gives_back_the_turns_it_forgot(nano_model_dir, tmp_path):

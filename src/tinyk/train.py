@@ -380,6 +380,19 @@ def _load_pt(path: Path) -> Any:
         raise ValueError(f"{path.name} is not a complete PyTorch file") from e
 
 
+def _by_position(model: nn.Module, opt: torch.optim.Optimizer, saved: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer state keyed by parameter name (as checkpoints hold it) keyed instead by each parameter's
+    position in `opt`'s groups, which Optimizer.load_state_dict expects."""
+    name_of = {p: n for n, p in model.named_parameters()}
+    groups = [[name_of[p] for p in g["params"]] for g in opt.param_groups]
+    if [set(g) for g in groups] != [set(g["params"]) for g in saved["param_groups"]]:
+        raise ValueError("optimizer.pt's parameter groups are not this model's")
+    position = {n: i for i, n in enumerate(n for g in groups for n in g)}
+    return {"state": {position[n]: s for n, s in saved["state"].items()},
+            "param_groups": [{**g, "params": [position[n] for n in names]}
+                             for g, names in zip(saved["param_groups"], groups, strict=True)]}
+
+
 def _export(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> Transformer:
     """A plain CPU model around a full state dict (gathered from DDP or FSDP), for writing model files."""
     with torch.device("meta"):
@@ -858,8 +871,10 @@ class Trainer:
         kernels = {k: fresh[0][k] for k in ("fused", "foreach", "capturable") if k in fresh[0]}
         for g in optim_state.get("param_groups", []):
             g.update(kernels)
-        set_optimizer_state_dict(self.model, self.opt, optim_state,
-                                 options=StateDictOptions(full_state_dict=self.fsdp))
+        if self.fsdp:
+            set_optimizer_state_dict(self.model, self.opt, optim_state, options=StateDictOptions(full_state_dict=True))
+        else:  # torch's call would first fill the optimizer with zeros, holding the state twice at once
+            self.opt.load_state_dict(_by_position(self.model, self.opt, optim_state))
         for g, f in zip(self.opt.param_groups, fresh, strict=True):
             g.update(f)
 
