@@ -921,6 +921,27 @@ def test_sft_alpaca_records():
         assert normalize_conversation({"instruction": "翻译", "input": extra, "output": "Cat"}) == "bad_message"
 
 
+def test_sft_prompt_completion_records(tmp_path, tok_dir):
+    """TRL's prompt-completion datasets: text (a question and its answer) or lists of turns, which follow
+    each other; `tinyk data sft` reads them as it reads every other format."""
+    assert normalize_conversation({"prompt": "天空是什么颜色？", "completion": "蓝色。"}) == [
+        {"role": "user", "content": "天空是什么颜色？"}, {"role": "assistant", "content": "蓝色。"}]
+    turns = normalize_conversation({"prompt": [{"role": "system", "content": "你是小K"},
+                                               {"role": "user", "content": "你好"}],
+                                    "completion": [{"role": "assistant", "content": "你好！"}]})
+    assert [m["role"] for m in turns] == ["system", "user", "assistant"] and turns[2]["content"] == "你好！"
+    assert normalize_conversation({"prompt": "你好", "completion": [{"role": "assistant", "content": "好"}]}) == \
+        "bad_message"
+    assert normalize_conversation({"prompt": "你好", "completion": " "}) == "empty_assistant_turn"
+    src = tmp_path / "trl.jsonl"
+    src.write_text(json.dumps({"prompt": "1+1=?", "completion": "2"}) + "\n")
+    prepare_sft([src], tok_dir, tmp_path / "d", val_fraction=0, workers=1, show_progress=False)
+    (ids, mask), = sft_split(tmp_path / "d")
+    check_mask(load_tokenizer(tok_dir), ids, mask, [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT},
+                                                    {"role": "user", "content": "1+1=?"},
+                                                    {"role": "assistant", "content": "2"}])
+
+
 def test_sft_formats_system_prompt_and_mask(tmp_path, tok_dir):
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -56,6 +56,20 @@ def test_an_output_that_is_a_file_is_named_so_without_force_first(tmp_path, caps
     assert (tmp_path / "pos.txt").read_text(encoding="utf-8") == "keep me"
 
 
+def test_an_archive_given_as_input_says_how_to_unpack_it(tmp_path, capsys):
+    """The tutorial's corpus comes as a .jsonl.tar.bz2: the refusal says what turns it into files tinyk reads."""
+    for name, tool in (("mobvoi_seq_monkey.jsonl.tar.bz2", "tar -xf"), ("belle 0.5M.zip", "unzip"),
+                       ("corpus.jsonl.bz2", "bunzip2 -k")):
+        (tmp_path / name).write_bytes(b"BZh9")
+        code, err = run_cli(["tokenizer", "train", str(tmp_path / name), "--out", str(tmp_path / "t")], capsys)
+        assert code == 2 and err.startswith(f"tinyk: error: unsupported input type: {tmp_path / name} (unpack it "
+                                            f"first, e.g. `{tool} {shlex.quote(str(tmp_path / name))}`, and give "
+                                            f"the files it holds; tinyk reads .jsonl, .json, .txt, .parquet,"), err
+    (tmp_path / "corpus.csv").write_text("a,b\n")
+    code, err = run_cli(["tokenizer", "train", str(tmp_path / "corpus.csv"), "--out", str(tmp_path / "t")], capsys)
+    assert code == 2 and err.startswith(f"tinyk: error: unsupported input type: {tmp_path / 'corpus.csv'} (use .jsonl")
+
+
 def test_input_suffixes_are_read_in_any_case(tmp_path):
     """CORPUS.TXT and DATA.JSONL.GZ (files from Windows) were refused as an "unsupported input type"."""
     import gzip

@@ -1149,8 +1149,9 @@ def read_conversation(rec: Any) -> list[dict[str, str]] | tuple[str, str | None]
 
     Accepts BelleGroup / ShareGPT (`conversations` of `from`/`value`), OpenAI-style
     (`messages` of `role`/`content`), Alpaca-style (`instruction`, optional `input`, `output`, and
-    optional `history` of [question, answer] pairs, as BelleGroup's train_*_CN sets) and the seed's
-    converted format (a bare list of messages). A top-level `system` field is the first turn; one
+    optional `history` of [question, answer] pairs, as BelleGroup's train_*_CN sets), TRL's prompt-completion
+    (`prompt` and `completion`, both text or both lists of turns) and the seed's converted format (a bare
+    list of messages). A top-level `system` field is the first turn; one
     that disagrees with a system turn of its own is refused rather than rendered as two.
     """
     form = sft_format(rec)
@@ -1164,7 +1165,7 @@ def read_conversation(rec: Any) -> list[dict[str, str]] | tuple[str, str | None]
         lists = [rec[k] for k in ("conversations", "messages") if isinstance(rec.get(k), list)]
         turns = next((t for t in lists if t), lists[0])
     else:
-        turns = _alpaca_turns(rec)
+        turns = _alpaca_turns(rec) if form == "alpaca" else _prompt_turns(rec)
         if isinstance(turns, str):
             return turns, None
     system_field = isinstance(system, str) and bool(system.strip())
@@ -1203,7 +1204,7 @@ def _format_hint(rec: Any) -> str:
     if isinstance(rec, dict) and isinstance(rec.get("text"), str):
         return "records of 'text' are pretraining data, which `tinyk data pretrain` reads"
     return (f"the first such record has {record_shape(rec)}; an SFT record has 'conversations' or 'messages' "
-            "(a list of turns), or 'instruction' and 'output', or is a list of turns")
+            "(a list of turns), or 'instruction' and 'output', or 'prompt' and 'completion', or is a list of turns")
 
 
 def _alpaca_turns(rec: dict[str, Any]) -> list[dict[str, str]] | str:
@@ -1222,6 +1223,19 @@ def _alpaca_turns(rec: dict[str, Any]) -> list[dict[str, str]] | str:
     question = "\n".join(part for part in (instruction, extra) if part.strip()) or instruction  # no empty line
     pairs = [*history, [question, output]]
     return [{"role": role, "content": text} for q, a in pairs for role, text in (("user", q), ("assistant", a))]
+
+
+def _prompt_turns(rec: dict[str, Any]) -> list[Any] | str:
+    """A TRL prompt-completion record's turns: a question and its answer, or the prompt's turns followed by the
+    completion's (whose assistant replies all carry loss, as every conversation's do here); or why it is unusable."""
+    prompt, completion = rec["prompt"], rec["completion"]
+    if isinstance(prompt, str) and isinstance(completion, str):
+        if not completion.strip():
+            return "empty_assistant_turn"
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+    if isinstance(prompt, list) and isinstance(completion, list):
+        return [*prompt, *completion]
+    return "bad_message"
 
 
 def prepare_sft(inputs: list[str | Path], tokenizer_dir: str | Path, out: str | Path, *, max_len: int = 512,

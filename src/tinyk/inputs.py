@@ -122,7 +122,9 @@ def check_inputs(paths: Iterable[str | Path] | str | Path) -> list[Path]:
         if not os.access(p, os.R_OK):
             raise TinykError(f"input file is not readable: {p}")
         if not has_suffix(p, SUPPORTED_SUFFIXES):
-            raise TinykError(f"unsupported input type: {p} (use {', '.join(SUPPORTED_SUFFIXES)})")
+            unpack = _unpack_hint(p)
+            raise TinykError(f"unsupported input type: {p} ({f'{unpack}; tinyk reads' if unpack else 'use'} "
+                             f"{', '.join(SUPPORTED_SUFFIXES)})")
         if has_suffix(p, ".parquet"):  # a missing reader is said now, not after the files before it
             _parquet()
         elif _codec(p) == "zstd":
@@ -179,6 +181,17 @@ def is_plain_text(path: Path) -> bool:
     """A `.txt` input (one document per line), also compressed; decided by the suffix, so
     `corpus.txt.jsonl` is JSON."""
     return has_suffix(path, (".txt", ".txt.gz", ".txt.zst"))
+
+
+# Archives and compressors a corpus comes in (the tutorial's seq-monkey is a .jsonl.tar.bz2), and what unpacks them.
+_UNPACK = {(".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar.zst"): "tar -xf",
+           (".zip",): "unzip", (".7z",): "7z x", (".rar",): "unrar x", (".bz2",): "bunzip2 -k", (".xz",): "unxz -k"}
+
+
+def _unpack_hint(path: Path) -> str | None:
+    """How to turn an archive or a file tinyk cannot decompress into files it reads."""
+    tool = next((t for suffixes, t in _UNPACK.items() if has_suffix(path, suffixes)), None)
+    return f"unpack it first, e.g. `{tool} {shlex.quote(str(path))}`, and give the files it holds" if tool else None
 
 
 def has_suffix(path: str | Path, suffixes: str | tuple[str, ...]) -> bool:
@@ -718,15 +731,18 @@ def record_shape(rec: Any) -> str:
 
 def sft_format(rec: Any) -> str | None:
     """Which SFT format a record is in: "turns" (the seed's bare list of messages), "chat" (BelleGroup/
-    ShareGPT `conversations` or OpenAI `messages`), "alpaca" (`instruction` and `output`); None if none.
-    Here, not in data.py, so reading text can tell a user that they gave it conversations."""
+    ShareGPT `conversations` or OpenAI `messages`), "alpaca" (`instruction` and `output`), "prompt" (TRL's
+    `prompt` and `completion`); None if none. Here, not in data.py, so reading text can tell a user that
+    they gave it conversations."""
     if isinstance(rec, list):
         return "turns"
     if not isinstance(rec, dict):
         return None
     if any(isinstance(rec.get(k), list) for k in ("conversations", "messages")):
         return "chat"
-    return "alpaca" if "instruction" in rec and "output" in rec else None
+    if "instruction" in rec and "output" in rec:
+        return "alpaca"
+    return "prompt" if "prompt" in rec and "completion" in rec else None
 
 
 def iter_texts(paths: list[Path], skips: Skips, *, field: str = "text", **kw: Any) -> Iterator[str]:
@@ -734,7 +750,7 @@ def iter_texts(paths: list[Path], skips: Skips, *, field: str = "text", **kw: An
     for where, rec in iter_records(paths, skips, field=field, **kw):
         if not isinstance(rec, dict) or field not in rec:
             fix = ("these are SFT conversations, not text: `tinyk data sft` reads them"
-                   if sft_format(rec) in ("chat", "alpaca") or is_message_list(rec)
+                   if sft_format(rec) in ("chat", "alpaca", "prompt") or is_message_list(rec)
                    else "--field names the one with the text")
             skips.add("missing_field", where, f"no field {field!r}, the first such record has "
                                               f"{record_shape(rec)}; {fix}")

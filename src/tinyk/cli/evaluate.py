@@ -25,7 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batches", type=positive_int, default=None, help="evaluate only this many batches of --data")
     p.add_argument("--task", nargs="+", action="extend", default=[], metavar="FILE", type=path_arg,
                    help='JSONL of {"messages": ..., "answer": ...}, or SFT records in any format `tinyk data sft` '
-                        "reads (BelleGroup, messages, Alpaca; JSONL or Parquet), the last reply being the answer")
+                        "reads (BelleGroup, messages, Alpaca, prompt/completion; JSONL or Parquet), the last reply "
+                        "being the answer")
     p.add_argument("--max-new-tokens", type=positive_int, default=64,
                    help="answer length limit for --task (default 64)")
     p.add_argument("--system-prompt", type=utf8_text, default=None,
