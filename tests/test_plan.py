@@ -696,11 +696,11 @@ def test_a_jobs_plan_says_what_its_gpus_send_each_step(capsys):
 
 def test_the_disk_a_run_takes_is_planned_as_its_checkpoints_hold_it(tmp_path, pt_data, tok_dir, capsys):
     """Nothing said how much disk a run needs: a seed-82m run kept 3.3 GB. Its checkpoints' weights and
-    optimizer state, and final/'s weights, measured against the plan's 12 and 4 bytes a parameter."""
+    optimizer state, and final/'s and best/'s weights, measured against the plan's 12 and 4 bytes a parameter."""
     from tinyk.rundir import checkpoints
 
     out = tmp_path / "run"
-    args = ["--preset", "nano", "--tokenizer", str(tok_dir), "--set", "keep_checkpoints=2"]
+    args = ["--preset", "nano", "--tokenizer", str(tok_dir), "--set", "keep_checkpoints=2", "--set", "keep_best=true"]
     code, text, _ = run_cli(["plan", *args, "--json"], capsys)
     disk = json.loads(text)["disk"]
     code = run_cli(["pretrain", *args, "--data", str(pt_data), "--out", str(out), "--max-steps", "3",
@@ -709,7 +709,8 @@ def test_the_disk_a_run_takes_is_planned_as_its_checkpoints_hold_it(tmp_path, pt
     held = [(c / "model" / "model.safetensors").stat().st_size + (c / "optimizer.pt").stat().st_size
             for c in checkpoints(out)]
     final = (out / "final" / "model.safetensors").stat().st_size
+    best = (out / "best" / "model.safetensors").stat().st_size
     assert all(held_one == pytest.approx(disk["checkpoint_bytes"], rel=0.05) for held_one in held), (held, disk)
-    assert final == pytest.approx(disk["final_bytes"], rel=0.05)
-    assert sum(held) + final == pytest.approx(disk["run_bytes"], rel=0.05)
-    assert "the run directory up to" in run_cli(["plan", *args], capsys)[1]
+    assert final == best == pytest.approx(disk["final_bytes"], rel=0.05)
+    assert sum(held) + final + best == pytest.approx(disk["run_bytes"], rel=0.05)
+    assert "kept, and final/ and best/)" in run_cli(["plan", *args], capsys)[1]

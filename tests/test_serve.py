@@ -1149,12 +1149,13 @@ def test_the_model_id_is_the_name_the_directory_was_given(nano_model_dir, tmp_pa
     (run / "checkpoints" / "step_0000100").mkdir(parents=True)
     (run / "config.yaml").write_text("kind: sft\n")
     (run / "final").symlink_to(nano_model_dir)
+    (run / "best").symlink_to(nano_model_dir)
     (run / "checkpoints" / "step_0000100" / "model").symlink_to(nano_model_dir)
-    for given in (str(tmp_path / "latest"), f"{tmp_path / 'latest'}/", ".", str(run / "final"),
+    for given in (str(tmp_path / "latest"), f"{tmp_path / 'latest'}/", ".", str(run / "final"), str(run / "best"),
                   str(run / "checkpoints" / "step_0000100" / "model")):
         with pytest.raises(TinykError, match="enough"):
             serve_mod.serve(given, port=0)
-    assert named == ["latest", "latest", nano_model_dir.name, "chat", "chat-step_0000100"]
+    assert named == ["latest", "latest", nano_model_dir.name, "chat", "chat-best", "chat-step_0000100"]
 
 
 def test_serve_refuses_bad_settings_before_loading_the_model(nano_model_dir, monkeypatch):

@@ -711,6 +711,35 @@ def test_a_run_directory_keeps_the_users_own_files(tmp_path, pt_data, tok_dir, m
     assert (out / ".env.old-backup").read_text() == "mine" and (out / "tokenizer.json").is_file()
 
 
+def test_keep_best_keeps_the_model_of_the_lowest_val_loss_across_a_resume(tmp_path, pt_data, tok_dir, capsys):
+    """An SFT run over several epochs overfits: final/ is the last step's model, best/ the one whose val loss
+    was lowest (which the summary names), as it was when the run stopped and resumed in between."""
+    out = tmp_path / "run"
+    kw = dict(lr=0.3, eval_every=1, save_every=1, keep_checkpoints=10, keep_best=True)  # a loss that climbs
+    train(nano_cfg(pt_data, tok_dir, out, max_steps=2, **kw))
+    summary = train(nano_cfg(pt_data, tok_dir, out, max_steps=4, **kw), resume=True)
+    evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["type"] == "eval"]
+    best = min(evals, key=lambda r: r["val_loss"])["step"]
+    assert best < 4, "the run must end past its lowest val loss for best/ to differ from final/"
+    assert summary["best_model"] == str(out / "best") and summary["best_model_step"] == best
+    assert summary["best_val_loss"] == min(r["val_loss"] for r in evals)
+    kept = load_file(out / "best" / "model.safetensors")
+    at_best = load_file(out / "checkpoints" / f"step_{best:07d}" / "model" / "model.safetensors")
+    assert all(torch.equal(kept[k], at_best[k]) for k in at_best)
+    final = load_file(out / "final" / "model.safetensors")
+    assert not all(torch.equal(kept[k], final[k]) for k in final)
+    assert f"the lowest val loss, step {best}'s, in {out / 'best'}" in capsys.readouterr().out
+    assert train(nano_cfg(pt_data, tok_dir, tmp_path / "plain", max_steps=1))["best_model"] is None
+
+
+def test_keep_best_without_validation_data_is_refused(tmp_path, corpus_file, tok_dir):
+    prepare_pretrain([corpus_file], tok_dir, tmp_path / "data", val_fraction=0, workers=1, show_progress=False)
+    with pytest.raises(TinykError, match="^keep_best keeps the model of the lowest val loss, and there is no "
+                                         "validation: "):
+        train(nano_cfg(tmp_path / "data", tok_dir, tmp_path / "run", keep_best=True))
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
 def test_a_resume_without_checkpoints_never_replaces_a_final_model(tmp_path, pt_data, tok_dir):
     """Deleting checkpoints/ to free disk (or copying a run without it) and resuming to train longer
     started over and replaced final/ with a model trained from scratch."""

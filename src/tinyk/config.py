@@ -74,6 +74,7 @@ class TrainConfig:
     eval_batches: int | None = 50
     save_every: int = 1000
     keep_checkpoints: int = 3
+    keep_best: bool = False  # also keep the model of the lowest val loss, in OUT/best
     log_every: int = 10
     tracker: list[str] = field(default_factory=list)
     project: str = "tinyk"

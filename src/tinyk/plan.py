@@ -447,14 +447,15 @@ class RunSpec:
     max_tokens: int | None = None  # the config's budget (max_tokens, max_steps), planned without --tokens
     compiled: bool = False  # torch.compile: about twice an eager run's MFU
     keep_checkpoints: int = 3  # the run directory's disk: this many checkpoints and final/
+    keep_best: bool = False  # and best/
 
 
-def _disk(parameters: int, keep_checkpoints: int) -> dict[str, int]:
+def _disk(parameters: int, keep_checkpoints: int, keep_best: bool) -> dict[str, int]:
     """A run directory's files: each checkpoint holds the fp32 weights and AdamW's two fp32 moments (the
-    tokenizer's few hundred KB aside), final/ the weights alone."""
+    tokenizer's few hundred KB aside), final/ (and best/) the weights alone."""
     checkpoint, final = 12 * parameters, 4 * parameters
     return {"checkpoint_bytes": checkpoint, "final_bytes": final, "keep_checkpoints": keep_checkpoints,
-            "run_bytes": keep_checkpoints * checkpoint + final}
+            "keep_best": keep_best, "run_bytes": keep_checkpoints * checkpoint + (2 if keep_best else 1) * final}
 
 
 def run_spec(*, preset: str | None, config: str | None, sets: Iterable[str] = (),
@@ -499,7 +500,7 @@ def run_spec(*, preset: str | None, config: str | None, sets: Iterable[str] = ()
     return RunSpec(name=name, cfg=cfg, seq_len=seq_len, batch_size=tc.batch_size,
                    micro_batch=tc.micro_batch, dtype=tc.dtype, parallel=tc.parallel,
                    checkpointing=tc.activation_checkpointing, max_tokens=min(budgets) if budgets else None,
-                   compiled=tc.compile, keep_checkpoints=tc.keep_checkpoints)
+                   compiled=tc.compile, keep_checkpoints=tc.keep_checkpoints, keep_best=tc.keep_best)
 
 
 def make_plan(run: RunSpec, gpu: GPUSpec, *, gpus: int = 1, nodes: int = 1, tokens: float = DEFAULT_TOKENS,
@@ -578,7 +579,7 @@ def make_plan(run: RunSpec, gpu: GPUSpec, *, gpus: int = 1, nodes: int = 1, toke
         "cost": None if price is None else {"price_per_gpu_hour": price, "total": gpu_hours * price},
         "with_compile": with_compile,  # an eager run's plan: what --compile would give
         "comms": _comms(setup, size, per_rank * run.seq_len / per_gpu, nodes) if world > 1 else None,
-        "disk": _disk(size["parameters"], run.keep_checkpoints),
+        "disk": _disk(size["parameters"], run.keep_checkpoints, run.keep_best),
     }
     amp = setup.amp
     plan["activation_model"] = {
@@ -887,7 +888,8 @@ def format_plan(p: dict[str, Any]) -> str:
     dk = p["disk"]
     lines.append(f"disk         {bytes_text(dk['checkpoint_bytes'])} a checkpoint (fp32 weights and AdamW's two "
                  f"moments, 12 bytes a parameter); the run directory up to {bytes_text(dk['run_bytes'])} "
-                 f"({plural(dk['keep_checkpoints'], 'checkpoints')} kept, and final/)")
+                 f"({plural(dk['keep_checkpoints'], 'checkpoints')} kept, and final/"
+                 f"{' and best/' if dk['keep_best'] else ''})")
     if "tutorial" in p:
         tut = p["tutorial"]
         base = tut["gpu_hours_for_tokens"]

@@ -2,7 +2,7 @@
 checkpoints, and the set-aside dance that lets `--force` replace a run yet put it back when the new
 one fails to start, even after a kill at any moment. `RunDir` is the trainer's handle on it.
 
-    OUT/config.yaml  metrics.jsonl  summary.json  checkpoints/step_0001000/  final/
+    OUT/config.yaml  metrics.jsonl  summary.json  checkpoints/step_0001000/  final/  best/ (keep_best)
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def resolve_init(path: str | Path) -> Path:
                      f"nor a run directory with final/{model_dir_hint(p)}")
 
 
-RUN_ENTRIES = {"config.yaml", "checkpoints", "final", "metrics.jsonl", "summary.json", "loss.png", TRACKER_ID,
+RUN_ENTRIES = {"config.yaml", "checkpoints", "final", "best", "metrics.jsonl", "summary.json", "loss.png", TRACKER_ID,
                TRACKER_STEP, *TRACKERS}
 
 
@@ -96,7 +96,7 @@ CHECKPOINT_ENTRIES = {"model", "optimizer.pt", "rng.pt", "config.yaml", "state.j
 
 
 def users_files_in_run(out: Path) -> list[str]:
-    """Files a user put in a run's final/ or checkpoints/ (a model card, an eval's results), which
+    """Files a user put in a run's final/, best/ or checkpoints/ (a model card, an eval's results), which
     --force, replacing the run's own entries whole, would delete with them. A checkpoint another run
     rotates away meanwhile is no news here: that run's lock refuses this one next."""
 
@@ -108,7 +108,7 @@ def users_files_in_run(out: Path) -> list[str]:
         except OSError:
             return []
 
-    found = foreign(out / "final", is_output_file)
+    found = foreign(out / "final", is_output_file) + foreign(out / "best", is_output_file)
     found += foreign(out / "checkpoints", lambda n: bool(CKPT_RE.match(n)) or _is_leftover(Path(n)))
     with contextlib.suppress(OSError):
         for step in checkpoints(out):

@@ -1436,13 +1436,16 @@ class ChatServer(ThreadingHTTPServer):
 
 def default_model_name(model_dir: Path) -> str:
     """The id clients send back, as text: the model directory's name, but a run's for the model a run
-    made (`--model runs/chat` serves 'chat', not 'final'; a checkpoint's is 'chat-step_0000100')."""
+    made (`--model runs/chat` serves 'chat', not 'final'; its best/ is 'chat-best', a checkpoint's
+    'chat-step_0000100')."""
     from .rundir import CKPT_RE, is_run_dir
 
     path = Path(os.path.abspath(model_dir))
     run = path.parents[2] if len(path.parents) > 2 else path
     if path.name == "final" and is_run_dir(path.parent):
         return shown(path.parent.name)
+    if path.name == "best" and is_run_dir(path.parent):
+        return shown(f"{path.parent.name}-best")
     if path.name == "model" and CKPT_RE.match(path.parent.name) and is_run_dir(run):
         return shown(f"{run.name}-{path.parent.name}")
     return shown(path.name)

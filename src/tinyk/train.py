@@ -694,6 +694,9 @@ class Trainer:
         except UnusableSplit as e:
             self.val_problem = str(e)
         self.has_val = self.val_problem is None
+        if cfg.keep_best and not self.has_val:
+            raise TinykError(f"keep_best keeps the model of the lowest val loss, and there is no validation: "
+                             f"{self.val_problem}")
 
     def _setup_model(self) -> None:
         cfg, d = self.cfg, self.dist
@@ -747,6 +750,12 @@ class Trainer:
         return mon
 
     # --- checkpoints ----------------------------------------------------------------------
+
+    def _full_model_state(self) -> dict[str, torch.Tensor]:
+        """The model's state keyed by parameter name, gathered to rank 0 (a collective)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def _full_states(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Model and optimizer state keyed by parameter name, gathered to rank 0 (a collective)."""
@@ -1228,15 +1237,15 @@ class Trainer:
             and summary.get("steps") == self.progress.step
         return summary if finished else None
 
-    def _earlier_results(self) -> tuple[float | None, tuple[float, float | None] | None, float]:
-        """(last train loss, last (val loss, bpb), best val loss) logged before this session, so a resumed
-        run's summary speaks for the whole run."""
+    def _earlier_results(self) -> tuple[float | None, tuple[float, float | None] | None, tuple[float, int | None]]:
+        """(last train loss, last (val loss, bpb), (best val loss, its step)) logged before this session, so a
+        resumed run's summary speaks for the whole run."""
         records = self.monitor.records if self.monitor else []
         train = [r["loss"] for r in records if r.get("type") == "train" and r.get("loss") is not None]
-        evals = [(r["val_loss"], r.get("val_bpb")) for r in records
-                 if r.get("type") == "eval" and r.get("val_loss") is not None]
-        return (train[-1] if train else None, evals[-1] if evals else None,
-                min((v for v, _ in evals), default=math.inf))
+        evals = [r for r in records if r.get("type") == "eval" and r.get("val_loss") is not None]
+        best = min(evals, key=lambda r: r["val_loss"], default=None)
+        return (train[-1] if train else None, (evals[-1]["val_loss"], evals[-1].get("val_bpb")) if evals else None,
+                (best["val_loss"], best["step"]) if best else (math.inf, None))
 
     def _loop(self) -> dict[str, Any]:
         cfg, d, p = self.cfg, self.dist, self.progress
@@ -1244,7 +1253,9 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(self.device)
         self._window_t0, self._window_tokens0, self._window_flops0 = time.perf_counter(), p.tokens, p.flops
         self.window_rates: list[tuple[float, float]] = []  # each log window's tokens/s and FLOP/s
-        last_train, last_val, best_val = self._earlier_results()
+        last_train, last_val, (best_val, best_step) = self._earlier_results()
+        # best/ holds the lowest val loss so far; a run that turns keep_best on when resumed starts one
+        kept_val, self.kept_step = (best_val, best_step) if (self.out / "best").is_dir() else (math.inf, None)
         last_saved = p.step if self.resumed_from else -1
         t_first = step_first = None
         estimate = 0
@@ -1289,6 +1300,9 @@ class Trainer:
             t_pause = time.perf_counter()
             if self.has_val and (last or (cfg.eval_every and p.step % cfg.eval_every == 0 and not self._stopping())):
                 last_val = self._validate()
+                if cfg.keep_best and last_val[0] < kept_val:
+                    self._save_model("best", "--resume continues from it")
+                    kept_val, self.kept_step = last_val[0], p.step
                 best_val = min(best_val, last_val[0])
             if not last and cfg.save_every and p.step % cfg.save_every == 0:
                 self.save_checkpoint(self.loader.state_dict())
@@ -1297,7 +1311,7 @@ class Trainer:
         interrupted = p.step < self.total_steps
         if last_saved != p.step:
             self.save_checkpoint(loader_state)
-        final = None if interrupted else self._save_final()
+        final = None if interrupted else self._save_model("final", "--resume writes final/ from it")
         return self._summary(interrupted, final, last_train, last_val, best_val)
 
     def _stopping(self) -> bool:
@@ -1353,15 +1367,16 @@ class Trainer:
             raise SaveFailed(f"{e} (the last checkpoint, checkpoints/{kept[-1].name}, is kept: {then})" if kept else
                              f"{e} (no checkpoint was kept)", str(e)) from e
 
-    def _save_final(self) -> str:
-        """Writes the finished model (rank 0; under FSDP every rank takes part in gathering it)."""
-        model_state, _ = self._full_states()
+    def _save_model(self, name: str, then: str) -> str:
+        """Writes the model as the run's `name`/ (final, best): rank 0 writes, under FSDP every rank takes
+        part in gathering it."""
+        model_state = self._full_model_state()
         if self.dist.main:
-            with self._kept_on_failure("--resume writes final/ from it"), writing(self.out / "final"), \
-                    atomic_dir(self.out / "final", force=True, durable=True) as tmp:
+            with self._kept_on_failure(then), writing(self.out / name), \
+                    atomic_dir(self.out / name, force=True, durable=True) as tmp:
                 self.write_model(tmp, model_state)
         self.dist.barrier()
-        return str(self.out / "final")
+        return str(self.out / name)
 
     def _mfu(self, flops_per_s: float) -> float | None:
         if not self.peak:
@@ -1448,10 +1463,14 @@ class Trainer:
             "world_size": self.dist.world, "device": str(self.device), "dtype": dtype_name(self.dtype),
             "parallel": "fsdp" if self.fsdp else "ddp" if self.dist.world > 1 else "none",
             "final_model": final, "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+            "best_model": str(self.out / "best") if self.kept_step is not None else None,
+            "best_model_step": self.kept_step,
         }
         if self.dist.main:
             write_json_atomic(self.out / "summary.json", summary)
-            msg = (f"finished: {plural(p.step, 'steps')}, {p.tokens:,} tokens in {elapsed:.0f}s; model in {final}"
+            best = f"; the lowest val loss, step {self.kept_step}'s, in {self.out / 'best'}" \
+                if self.kept_step is not None else ""
+            msg = (f"finished: {plural(p.step, 'steps')}, {p.tokens:,} tokens in {elapsed:.0f}s; model in {final}{best}"
                    if final else
                    f"stopped by {self.stop_signal} at step {p.step}; checkpoint saved, continue with --resume")
             if skipped:
