@@ -1664,6 +1664,20 @@ def test_switches_a_saved_config_turned_on_can_be_turned_off_on_resume(tmp_path,
     assert (args.progress, args.compile, args.activation_checkpointing) == (None, None, None)  # the saved ones
 
 
+def test_sample_and_keep_best_flags_are_saved_and_turned_off_on_resume(tmp_path, pt_data, tok_dir, capsys):
+    from tinyk.cli import main
+
+    out = tmp_path / "r"
+    with pytest.raises(SystemExit) as e:
+        main(cli_args(pt_data, tok_dir, out, "--max-steps", "1", "--sample", "我们", "--sample", "The", "--keep-best"))
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert e.value.code == 0 and (saved["sample_prompts"], saved["keep_best"]) == (["我们", "The"], True)
+    assert (out / "best").is_dir() and "step 1 sample: 我们 → " in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(cli_args(pt_data, tok_dir, out, "--max-steps", "2", "--resume", "--no-keep-best"))
+    assert e.value.code == 0 and yaml.safe_load((out / "config.yaml").read_text())["keep_best"] is False
+
+
 def test_an_init_model_trains_at_its_own_context_unless_told_otherwise(tmp_path, pt_data, nano_model_dir, capsys):
     """Without --preset nothing set seq_len: it was 512, which a 128-token model refused."""
     base = ["pretrain", "--init", str(nano_model_dir), "--data", str(pt_data), "--max-steps", "1", "--batch-size", "2",
@@ -2085,6 +2099,40 @@ def test_resume_with_dropout_is_bit_identical(tmp_path, pt_data, tok_dir, monkey
     a = load_file(tmp_path / "resumed" / "final" / "model.safetensors")
     b = load_file(tmp_path / "straight" / "final" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sample_prompts_show_what_the_model_says_and_change_nothing_it_learns(tmp_path, pt_data, sft_data, tok_dir,
+                                                                             capsys):
+    """At each evaluation the run logs its greedy continuation of each sample prompt (SFT: its reply), as
+    `tinyk generate` (`chat`) would give it from the model of that step; with dropout on, a run that
+    samples trains the same weights as one that does not (the model goes back to training mode, and
+    greedy decoding draws no random numbers)."""
+    from tinyk.engine import Engine, SamplingParams
+
+    kw = dict(model={"preset": "nano", "dropout": 0.1}, max_steps=6, eval_every=3)
+    prompts = ["我们今天", "The quick"]
+    train(nano_cfg(pt_data, tok_dir, tmp_path / "plain", **kw))
+    train(nano_cfg(pt_data, tok_dir, tmp_path / "sampled", sample_prompts=prompts, sample_tokens=12, **kw))
+    a = load_file(tmp_path / "sampled" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "plain" / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    records = [r for r in map(json.loads, (tmp_path / "sampled" / "metrics.jsonl").read_text().splitlines())
+               if r["type"] == "sample"]
+    assert [r["step"] for r in records] == [3, 6] and [s["prompt"] for s in records[-1]["samples"]] == prompts
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=12)
+    want = [c.text for c in Engine.from_dir(tmp_path / "sampled" / "final").generate(prompts, greedy)]
+    assert [s["text"] for s in records[-1]["samples"]] == want
+    out = capsys.readouterr().out
+    assert f"step 6 sample: 我们今天 → {want[0]}".replace("\n", "⏎") in out
+
+    sft = train(nano_cfg(sft_data, None, tmp_path / "chat", kind="sft", init=str(tmp_path / "plain" / "final"),
+                         seq_len=None, max_steps=2, sample_prompts=["北京是哪里？"], sample_tokens=12))
+    [rec] = [r for r in map(json.loads, (tmp_path / "chat" / "metrics.jsonl").read_text().splitlines())
+             if r["type"] == "sample"]
+    reply = Engine.from_dir(sft["final_model"]).chat([[{"role": "user", "content": "北京是哪里？"}]], greedy)[0]
+    assert rec["samples"] == [{"prompt": "北京是哪里？", "text": reply.text}]
+    with pytest.raises(TinykError, match="^sample prompt '很很很很很很很很很很很很很很很很很很很很很很很很'... takes "):
+        train(nano_cfg(pt_data, tok_dir, tmp_path / "long", sample_prompts=["很" * 500]))
 
 
 def test_a_timed_run_resumes_on_its_fitted_schedule_and_stays_finished(tmp_path, pt_data, tok_dir, monkeypatch):

@@ -75,6 +75,8 @@ class TrainConfig:
     save_every: int = 1000
     keep_checkpoints: int = 3
     keep_best: bool = False  # also keep the model of the lowest val loss, in OUT/best
+    sample_prompts: list[str] = field(default_factory=list)  # continued (SFT: answered) at each evaluation
+    sample_tokens: int = 32
     log_every: int = 10
     tracker: list[str] = field(default_factory=list)
     project: str = "tinyk"
@@ -412,6 +414,8 @@ def validate(cfg: TrainConfig) -> None:
         (0 <= cfg.seed < 2**32, "seed must be between 0 and 2**32 - 1"),
         (cfg.log_every >= 1, "log_every must be at least 1"),
         (cfg.keep_checkpoints >= 1, "keep_checkpoints must be at least 1"),
+        (1 <= cfg.sample_tokens <= 4096, "sample_tokens must be in 1..4096"),
+        (all(p.strip() for p in cfg.sample_prompts), "sample_prompts must not hold an empty prompt"),
         (cfg.eval_every >= 0 and cfg.save_every >= 0, "eval_every and save_every must be >= 0 (0 = only at the end)"),
         (all(v is None or v > 0 for v in (cfg.max_steps, cfg.max_tokens, cfg.epochs, cfg.max_minutes)),
          "max_steps, max_tokens, epochs and max_minutes must be positive"),

@@ -218,6 +218,8 @@ def tracker_values(rec: dict[str, Any]) -> dict[str, float]:
     step: an eval record's tokens and time repeat the train record's, and FLOPs per token is in the
     MFU (a constant of a pretraining run; SFT's window mean stays in metrics.jsonl)."""
     numbers = {k: v for k, v in rec.items() if isinstance(v, int | float) and k not in ("step", "flops_per_token")}
+    if rec["type"] == "sample":  # text: metrics.jsonl and the log hold it
+        return {}
     if rec["type"] == "eval":
         return {f"val/{k.removeprefix('val_')}": v for k, v in numbers.items() if k.startswith("val_")}
     return {f"train/{k}": v for k, v in numbers.items()}
@@ -344,8 +346,9 @@ class Monitor:
         self.plotted = False
         with writing(self.metrics_path), open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(rec) + "\n")
-        if self.trackers:
-            self.trackers.log(tracker_values(rec), rec["step"])
+        values = tracker_values(rec)
+        if self.trackers and values:
+            self.trackers.log(values, rec["step"])
 
     def set_total(self, total_steps: int) -> None:
         if self.bar.total != total_steps:
@@ -382,6 +385,12 @@ class Monitor:
         bpb = f", {rec['val_bpb']:.4f} bits/byte" if rec.get("val_bpb") is not None else ""
         self.print(f"step {rec['step']}: val loss {rec['val_loss']:.4f}{bpb}")
         self.plot()
+
+    def log_samples(self, step: int, samples: list[tuple[str, str]]) -> None:
+        """What the model says to each sample prompt at this step, a line each (a newline in it shown as ⏎)."""
+        self._append({"type": "sample", "step": step, "samples": [{"prompt": q, "text": a} for q, a in samples]})
+        for q, a in samples:
+            self.print(f"step {step} sample: {q} → {a}".replace("\n", "⏎"))
 
     def plot(self) -> None:
         if not self.plotted and self.can_plot:

@@ -547,7 +547,7 @@ class Trainer:
         if self.tok_dir is None:
             raise TinykError("no tokenizer: pass --tokenizer (or --init a model directory, which carries one)")
         try:
-            tok = load_tokenizer(self.tok_dir)
+            self.tok = tok = load_tokenizer(self.tok_dir)
         except TinykError as e:
             raise self._weights_error(e) from None
         # What the model directories record: SFT data's system prompt (the default for data made before
@@ -571,6 +571,13 @@ class Trainer:
         if cfg.seq_len > self.mcfg.max_seq_len:
             raise TinykError(f"seq_len {cfg.seq_len} exceeds the model's context of {self.mcfg.max_seq_len} tokens "
                              f"(lower --seq-len or raise model.max_seq_len)")
+        if cfg.sample_prompts and cfg.parallel == "fsdp" and self.dist.world > 1:
+            raise TinykError("sample_prompts are decoded by one process, which under --parallel fsdp holds a shard "
+                             "of the model: train with ddp, or sample a checkpoint's model/ with tinyk generate")
+        for q, ids in zip(cfg.sample_prompts, self._sample_ids(), strict=True):
+            if len(ids) >= self.mcfg.max_seq_len:
+                raise TinykError(f"sample prompt {q[:24]!r}{'...' if len(q) > 24 else ''} takes {len(ids):,} tokens, "
+                                 f"which leaves no room in the model's {self.mcfg.max_seq_len}-token context")
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         cuda = self.device.type == "cuda"
         refusal = precision_refusal(short_dtype_name(self.dtype), cfg.parallel == "fsdp" and self.dist.world > 1,
@@ -1298,12 +1305,15 @@ class Trainer:
                 last_train = self._log_window(norm)
             last = p.step == self.total_steps
             t_pause = time.perf_counter()
-            if self.has_val and (last or (cfg.eval_every and p.step % cfg.eval_every == 0 and not self._stopping())):
+            evaluating = last or (cfg.eval_every and p.step % cfg.eval_every == 0 and not self._stopping())
+            if self.has_val and evaluating:
                 last_val = self._validate()
                 if cfg.keep_best and last_val[0] < kept_val:
                     self._save_model("best", "--resume continues from it")
                     kept_val, self.kept_step = last_val[0], p.step
                 best_val = min(best_val, last_val[0])
+            if evaluating and cfg.sample_prompts:
+                self._sample()
             if not last and cfg.save_every and p.step % cfg.save_every == 0:
                 self.save_checkpoint(self.loader.state_dict())
                 last_saved = p.step
@@ -1346,6 +1356,33 @@ class Trainer:
         if not math.isfinite(loss):
             raise TinykError(f"training diverged at step {self.progress.step} ({name} {loss}); lower --lr "
                              f"or resume from an earlier checkpoint")
+
+    def _sample(self) -> None:
+        """Logs the model's greedy continuations of the sample prompts (SFT: its replies): what it says as
+        it learns. Rank 0 decodes alone (the others wait at the next step's first collective); greedy
+        decoding draws no random numbers, so a resumed run still follows the same path."""
+        from .engine import Engine, SamplingParams
+
+        if not self.dist.main:
+            return
+        prompts = self.cfg.sample_prompts
+        engine = Engine(self.model, self.tok, max_batch=len(prompts))  # the model's own weights, no copy
+        try:
+            done = engine.generate(self._sample_ids(), SamplingParams(temperature=0.0,
+                                                                      max_new_tokens=self.cfg.sample_tokens))
+        finally:
+            self.model.train()
+        self.monitor.log_samples(self.progress.step, [(q, c.text) for q, c in zip(prompts, done, strict=True)])
+
+    def _sample_ids(self) -> list[list[int]]:
+        """The sample prompts' token ids: each opens a document (pretraining) or is a user's message (SFT, under
+        the system prompt the run's model records)."""
+        from .tokenizer import with_system
+
+        if self.cfg.kind == "sft":
+            return [self.tok.encode_chat(with_system([{"role": "user", "content": q}], self.system_prompt),
+                                         add_generation_prompt=True) for q in self.cfg.sample_prompts]
+        return [[self.tok.bos_id, *self.tok.encode(q, special=False)] for q in self.cfg.sample_prompts]
 
     def _validate(self) -> tuple[float, float]:
         """(val loss, val bits per byte), logged."""

@@ -18,6 +18,7 @@ from tinyk.cli.common import (
     seed,
     speaks_for_machine,
     token_count,
+    utf8_text,
 )
 
 # Flags that map one-to-one onto config keys; None means "not given", so configs stay in charge.
@@ -68,6 +69,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         o.add_argument("--eval-every", type=non_negative_int, help="steps between validations (0: only at the end)")
         o.add_argument("--save-every", type=non_negative_int, help="steps between checkpoints (0: only at the end)")
         o.add_argument("--log-every", type=positive_int)
+        o.add_argument("--sample", action="append", default=None, metavar="PROMPT", type=utf8_text,
+                       help="log the model's greedy continuation of PROMPT (sft: its reply) at each evaluation; "
+                            "repeat for more (config key sample_prompts; sample_tokens, default 32, says how long)")
+        o.add_argument("--keep-best", action=argparse.BooleanOptionalAction,
+                       help="also keep the model of the lowest val loss in OUT/best (config key keep_best)")
         o.add_argument("--tracker", help="comma list of tensorboard, wandb, swanlab")
         o.add_argument("--progress", action=argparse.BooleanOptionalAction,
                        help="--no-progress: no progress bar, and no line per log interval where output is not a "
@@ -89,6 +95,8 @@ def _run(args: argparse.Namespace) -> int:
     flags["compile"] = args.compile
     flags["activation_checkpointing"] = args.activation_checkpointing
     flags["progress"] = args.progress
+    flags["sample_prompts"] = args.sample
+    flags["keep_best"] = args.keep_best
     notes: list[str] = []
     cfg = resolve_config(args.kind, preset=args.preset, config=args.config, flags=flags, sets=args.set,
                          resume=args.resume, notes=notes)
