@@ -365,6 +365,18 @@ def test_a_lone_cr_ends_a_plain_text_line(tmp_path):
     assert texts(src) == ["第一行", "第二行", "第三行", "第四行"]
 
 
+def test_a_bad_byte_in_a_lone_cr_line_skips_only_its_own(tmp_path):
+    """A NUL or a byte that is not UTF-8 was checked on the whole LF-ended line: it dropped the documents
+    beside it, and a classic Mac OS file, all one such line, was lost whole ("no usable documents")."""
+    src = tmp_path / "mac.txt"
+    src.write_bytes("第一行\r第\x00二行\r第三行\r\n第四行\r".encode() + b"\xb5\xda\r" + "第六行\r\n".encode())
+    skips = Skips()
+    assert list(iter_texts([src], skips)) == ["第一行", "第三行", "第四行", "第六行"]
+    assert skips.counts == {"nul_byte": 1, "invalid_utf8": 1}
+    assert "nul byte: 1 (first at mac.txt:2;" in skips.summary()  # lines counted as an editor shows them
+    assert "invalid utf8: 1 (first at mac.txt:5;" in skips.summary()
+
+
 def test_a_txt_file_of_json_records_is_refused_with_the_name_it_needs(tmp_path):
     """Read as text, a tokenizer learnt `{"text": "` as its most common tokens."""
     src = tmp_path / "C.TXT.gz"

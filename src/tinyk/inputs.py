@@ -450,6 +450,7 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
             continue
         is_txt = is_plain_text(path)
         base, end, begun = consumed, 0, False
+        lone_crs = 0  # in .txt lines before this one: each began a line of its own, which positions count
         encoding = _EncodingCheck(path)
         for lineno, line, read in iter_lines(path, max_line_bytes):
             if head is not None and end >= head:
@@ -473,41 +474,36 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
                 skips.add("line_too_long", where, f"a line over {limit} is skipped; tinyk data and tokenizer train "
                                                   f"read longer ones with --max-line-bytes")
                 continue
-            try:
-                s = line.decode("utf-8")
-            except UnicodeDecodeError as e:
-                other_encoding = False
-                if e.reason == "unexpected end of data" and not line.endswith(b"\n"):  # no GBK: a cut file
-                    skips.add("cut_character", where, "the file ends inside a character: it was cut short "
-                                                      "(e.g. by head -c)")
-                elif _decodes_with_surrogates(line):  # no GBK either: the bytes of a UTF-16 surrogate
-                    skips.add("encoded_surrogate", where, "a \\ud800-\\udfff surrogate written as UTF-8 bytes "
-                                                          "(CESU-8, Java's modified UTF-8) is no UTF-8 text; fix "
-                                                          "the program that wrote it")
-                else:
-                    skips.add("invalid_utf8", where)
-                    other_encoding = True
-                encoding.saw(other_encoding, line)
+            cut = not line.endswith(b"\n")  # the file's last line: it may end inside a character
+            if is_txt:
+                # A lone CR ends a line too (classic Mac OS files; Python's universal newlines): such a file
+                # is many documents, not one holding CRs, and a bad byte skips only its own.
+                parts = line.rstrip(b"\r\n").split(b"\r")
+                for i, part in enumerate(parts):
+                    here = f"{label}:{lineno + lone_crs + i}"
+                    s = _line_text(part, here, skips, encoding, cut and i == len(parts) - 1)
+                    if s is None or not s.strip():  # blank lines separate documents; they are not ones
+                        continue
+                    encoding.saw(False)
+                    if encoding.lines == 1 and _is_record(s, field, message_lists):
+                        read_as = ("them as conversations" if message_lists else "them as conversations with tinyk "
+                                   "data sft" if is_message_list(json.loads(s)) else f"their '{field}' field")
+                        raise TinykError(f"{path}: a .txt file whose lines are JSON records, which would be read as "
+                                         f"text, braces and keys included; name it {_jsonl_name(path)} to read "
+                                         f"{read_as}")
+                    if "\x00" in s:  # a stray one in UTF-8 text (UTF-16 was refused above); in JSON, malformed_json
+                        skips.add("nul_byte", here, NUL_HINT)
+                        continue
+                    yield here, {field: s}
+                lone_crs += len(parts) - 1
+                continue
+            s = _line_text(line, where, skips, encoding, cut)
+            if s is None:
                 continue
             s = s.rstrip("\r\n")
-            if not s.strip():  # blank lines separate documents and records; they are not ones
+            if not s.strip():  # blank lines separate records; they are not ones
                 continue
             encoding.saw(False)
-            if is_txt and encoding.lines == 1 and _is_record(s, field, message_lists):
-                read_as = ("them as conversations" if message_lists else "them as conversations with tinyk "
-                           "data sft" if is_message_list(json.loads(s)) else f"their '{field}' field")
-                raise TinykError(f"{path}: a .txt file whose lines are JSON records, which would be read as "
-                                 f"text, braces and keys included; name it {_jsonl_name(path)} to read {read_as}")
-            if is_txt:
-                if "\x00" in s:  # a stray one in UTF-8 text (UTF-16 was refused above); in JSON, malformed_json
-                    skips.add("nul_byte", where, NUL_HINT)
-                    continue
-                # A lone CR ends a line too (classic Mac OS files; Python's universal newlines): such a file
-                # is many documents, not one holding CRs.
-                for part in s.split("\r") if "\r" in s else (s,):
-                    if part.strip():
-                        yield where, {field: part}
-                continue
             try:
                 rec = json.loads(s)
             except (ValueError, RecursionError):  # bad JSON, a 5000-digit number, nesting 1000 deep
@@ -520,6 +516,26 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
             yield where, rec
         else:  # the whole file was read, not only its head
             encoding.decide()
+
+
+def _line_text(line: bytes, where: str, skips: Skips, encoding: _EncodingCheck, cut: bool) -> str | None:
+    """A line's text, or None with why it is none counted; `cut`: the file ends with this line, maybe
+    inside a character."""
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        other_encoding = False
+        if e.reason == "unexpected end of data" and cut:  # no GBK: a cut file
+            skips.add("cut_character", where, "the file ends inside a character: it was cut short (e.g. by head -c)")
+        elif _decodes_with_surrogates(line):  # no GBK either: the bytes of a UTF-16 surrogate
+            skips.add("encoded_surrogate", where, "a \\ud800-\\udfff surrogate written as UTF-8 bytes (CESU-8, "
+                                                  "Java's modified UTF-8) is no UTF-8 text; fix the program that "
+                                                  "wrote it")
+        else:
+            skips.add("invalid_utf8", where)
+            other_encoding = True
+        encoding.saw(other_encoding, line)
+        return None
 
 
 def _refuse_not_json_lines(path: Path, first_line: bytes | None, field: str, message_lists: bool) -> None:
