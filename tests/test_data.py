@@ -1108,7 +1108,7 @@ def test_sft_bad_records_are_skipped_by_reason(tmp_path, tok_dir):
         prepare_sft([src], tok_dir, tmp_path / "o3", strict=True, **QUIET)
     assert meta["skipped"]["hints"]["unknown_format"] == (
         "the first such record has fields 'prompt'; an SFT record has 'conversations' or 'messages' (a list of "
-        "turns), or 'instruction' and 'output', or is a list of turns")
+        "turns), or 'instruction' and 'output', or 'prompt' and 'completion', or is a list of turns")
 
 
 def test_data_given_to_the_wrong_command_says_which_one_reads_it(tmp_path, tok_dir):
