@@ -377,6 +377,7 @@ def test_the_chat_page_works_on_a_phone_by_keyboard_and_with_a_screen_reader(nan
                    "  const r = m.getBoundingClientRect(); return r.left >= box.left && r.right <= box.right; }),\n"
                    "  scrolls: log.scrollWidth > log.clientWidth, formFits: document.getElementById('form')"
                    ".getBoundingClientRect().bottom <= innerHeight,\n"
+                   "  headerShare: document.querySelector('header').getBoundingClientRect().height / innerHeight,\n"
                    "  busy: document.querySelector('.msg.assistant').getAttribute('aria-busy'),\n"
                    "  speakers: [...document.querySelectorAll('.msg.user, .msg.assistant')]"
                    ".map(m => m.getAttribute('aria-label'))};")
@@ -395,7 +396,8 @@ def test_the_chat_page_works_on_a_phone_by_keyboard_and_with_a_screen_reader(nan
         after_stop = run("await until(() => controller === null, 'the stop');\n"
                          "return [shown().replies[1].finish, document.activeElement === input];")
     assert streaming == ["true", True]
-    assert fits == {"inside": True, "scrolls": False, "formFits": True, "busy": None, "speakers": ["你", "助手"]}
+    assert fits["headerShare"] < 0.15, "the settings fold away, leaving a phone's screen to the conversation"
+    assert fits == {**fits, "inside": True, "scrolls": False, "formFits": True, "busy": None, "speakers": ["你", "助手"]}
     assert stopped is True and after_stop == ["stopped", True]
 
 
