@@ -766,7 +766,8 @@ def test_task_help_names_the_sft_records_and_parquet_it_reads(capsys):
     with pytest.raises(SystemExit):
         main(["eval", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "SFT records in any format `tinyk data sft` reads (BelleGroup, messages, Alpaca; JSONL or Parquet)" in text
+    assert ("SFT records in any format `tinyk data sft` reads (BelleGroup, messages, Alpaca, prompt/completion; JSONL "
+            "or Parquet)") in text
 
 
 def test_results_are_saved_to_a_path_object(tmp_path):

@@ -375,6 +375,10 @@ def test_a_bad_byte_in_a_lone_cr_line_skips_only_its_own(tmp_path):
     assert skips.counts == {"nul_byte": 1, "invalid_utf8": 1}
     assert "nul byte: 1 (first at mac.txt:2;" in skips.summary()  # lines counted as an editor shows them
     assert "invalid utf8: 1 (first at mac.txt:5;" in skips.summary()
+    src.write_bytes(b"x\r\r\nbad\xff\n" + b"z" * 100 + b"\n")  # a lone CR before a CRLF: a blank line between
+    skips = Skips()
+    assert list(iter_texts([src], skips, max_line_bytes=50)) == ["x"]
+    assert "first at mac.txt:3;" in skips.summary() and "first at mac.txt:4;" in skips.summary()
 
 
 def test_a_txt_file_of_json_records_is_refused_with_the_name_it_needs(tmp_path):

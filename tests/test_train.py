@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from dataclasses import replace
 from pathlib import Path
 
@@ -730,6 +731,14 @@ def test_keep_best_keeps_the_model_of_the_lowest_val_loss_across_a_resume(tmp_pa
     assert not all(torch.equal(kept[k], final[k]) for k in final)
     assert f"the lowest val loss, step {best}'s, in {out / 'best'}" in capsys.readouterr().out
     assert train(nano_cfg(pt_data, tok_dir, tmp_path / "plain", max_steps=1))["best_model"] is None
+    # A session without keep_best names no best model; the next with it goes on from the one best/ holds,
+    # which records its own step (metrics.jsonl may have lost it: a session killed after writing it).
+    kw = {**kw, "lr": 1e-9}  # the loss stays where it climbed to, above best/'s
+    off = train(nano_cfg(pt_data, tok_dir, out, max_steps=5, **{**kw, "keep_best": False}), resume=True)
+    assert off["best_model"] is None and "lowest val loss" not in capsys.readouterr().out
+    (out / "metrics.jsonl").write_text("")
+    on = train(nano_cfg(pt_data, tok_dir, out, max_steps=6, **kw), resume=True)
+    assert on["best_model_step"] == best and load_file(out / "best" / "model.safetensors").keys() == kept.keys()
 
 
 def test_keep_best_without_validation_data_is_refused(tmp_path, corpus_file, tok_dir):
@@ -1676,6 +1685,16 @@ def test_sample_and_keep_best_flags_are_saved_and_turned_off_on_resume(tmp_path,
     with pytest.raises(SystemExit) as e:
         main(cli_args(pt_data, tok_dir, out, "--max-steps", "2", "--resume", "--no-keep-best"))
     assert e.value.code == 0 and yaml.safe_load((out / "config.yaml").read_text())["keep_best"] is False
+    # Prompts are text as written: not a comma list (as --tracker is), not stripped, none empty.
+    flags = {"out": str(tmp_path / "x"), "data": str(pt_data), "sample_prompts": [" The quick "]}
+    assert resolve_config("pretrain", flags=flags).sample_prompts == [" The quick "]
+    assert resolve_config("pretrain", flags=flags, sets=["sample_prompts=Hello, world"]).sample_prompts == [
+        "Hello, world"]
+    for bad, said in ((["--sample", " "], "sample_prompts must not hold an empty prompt"),
+                      (["--set", "sample_prompts=[null]"], "config key sample_prompts: [None] is not a valid list")):
+        with pytest.raises(SystemExit) as e:
+            main(cli_args(pt_data, tok_dir, tmp_path / "bad", "--max-steps", "1", *bad))
+        assert e.value.code == 2 and said in capsys.readouterr().err
 
 
 def test_an_init_model_trains_at_its_own_context_unless_told_otherwise(tmp_path, pt_data, nano_model_dir, capsys):
@@ -1871,6 +1890,31 @@ def test_max_minutes_fits_the_schedule_to_the_clock(tmp_path, pt_data, tok_dir):
     assert max(lrs) == pytest.approx(3e-3) and lrs[-1] < 0.2 * 3e-3  # the cosine reached (near) its floor
     capped = train(nano_cfg(pt_data, tok_dir, tmp_path / "capped", max_steps=3, max_minutes=10))
     assert capped["steps"] == 3
+
+
+def test_a_time_budget_leaves_room_for_the_final_evaluation_and_saves(tmp_path, pt_data, tok_dir, monkeypatch):
+    """--max-minutes fitted the steps to the whole budget, then the final evaluation ran past it: 79 s of a
+    60 s budget, 165 s of 120. On a clock where a step takes 1 s, an evaluation 20 s and a checkpoint 6 s,
+    a 2-minute run ends on time, its evaluations and saves included."""
+    import tinyk.train
+
+    clock = [0.0]  # the trainer's own; the CPU's matmul timing and the rest keep the real one
+    monkeypatch.setattr(tinyk.train, "time", types.SimpleNamespace(perf_counter=lambda: clock[0],
+                                                                     monotonic=time.monotonic))
+
+    def taking(seconds: float, method):
+        def timed(self, *args, **kwargs):
+            clock[0] += seconds
+            return method(self, *args, **kwargs)
+        return timed
+
+    monkeypatch.setattr(Trainer, "train_step", taking(1.0, Trainer.train_step))
+    monkeypatch.setattr(Trainer, "evaluate", taking(20.0, Trainer.evaluate))
+    monkeypatch.setattr(Trainer, "_full_states", taking(6.0, Trainer._full_states))  # a checkpoint's gathering
+    summary = train(nano_cfg(pt_data, tok_dir, tmp_path / "timed", max_steps=3000, max_minutes=2, eval_every=10,
+                             save_every=10))
+    # Ending sooner than a step before the budget is right only where one more evaluation period would not fit.
+    assert summary["status"] == "completed" and 120 - (10 + 20 + 6) <= summary["elapsed_s"] <= 120 + 1, summary
 
 
 def test_a_time_budget_shortens_a_warmup_longer_than_half_the_fitted_run(tmp_path, pt_data, tok_dir, monkeypatch):

@@ -397,7 +397,8 @@ def test_the_chat_page_works_on_a_phone_by_keyboard_and_with_a_screen_reader(nan
                          "return [shown().replies[1].finish, document.activeElement === input];")
     assert streaming == ["true", True]
     assert fits["headerShare"] < 0.15, "the settings fold away, leaving a phone's screen to the conversation"
-    assert fits == {**fits, "inside": True, "scrolls": False, "formFits": True, "busy": None, "speakers": ["你", "助手"]}
+    assert fits == {**fits, "inside": True, "scrolls": False, "formFits": True, "busy": None,
+                    "speakers": ["你", "助手"]}
     assert stopped is True and after_stop == ["stopped", True]
 
 

@@ -172,14 +172,16 @@ def is_model_dir(path: str | Path) -> bool:
     return (p / "config.json").is_file() and (p / "model.safetensors").is_file()
 
 
-def write_model_files(model: Transformer, tok_dir: str | Path, out: Path, system_prompt: str | None) -> None:
+def write_model_files(model: Transformer, tok_dir: str | Path, out: Path, system_prompt: str | None,
+                      metadata: dict[str, str] | None = None) -> None:
     """Fills an existing directory `out` (normally a temporary one) with a complete model, which
-    records the system prompt it was trained with (its chat template puts it first)."""
+    records the system prompt it was trained with (its chat template puts it first); `metadata` goes
+    into model.safetensors' header."""
     cfg = model.config
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt", **(metadata or {})})
     (out / "config.json").write_text(json.dumps(hf_config(cfg), indent=2) + "\n")
     gen = generation_config(cfg.vocab_size, load_tokenizer(tok_dir).vocab_size)
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")

@@ -156,9 +156,13 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if origin is str and isinstance(value, int | float | datetime.date) and not isinstance(value, bool):
             # YAML reads `run_name: 2024` as a number, `run_name: 2024-06-01` as a date
             return value.isoformat() if isinstance(value, datetime.date) else str(value)
-        if origin is list and isinstance(value, list | str):
+        if origin is list and key == "tracker" and isinstance(value, list | str):  # a comma list, as --tracker
             items = value.split(",") if isinstance(value, str) else value
             return [str(v).strip() for v in items if str(v).strip()]
+        if origin is list and isinstance(value, list | str):  # text kept as written: sample_prompts
+            items = [value] if isinstance(value, str) else value
+            if all(isinstance(v, str) for v in items):
+                return list(items)
         if origin is dict and isinstance(value, dict):
             return value
     names = " or ".join("null" if t is type(None) else getattr(typing.get_origin(t) or t, "__name__", str(t))

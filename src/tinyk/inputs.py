@@ -463,7 +463,7 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
                 encoding.decide()  # on what was read: a sample of a GBK file is refused too
                 return
             consumed = base + read
-            where = f"{label}:{lineno}"
+            where = f"{label}:{lineno + lone_crs}"
             # The first line with something on it: blank lines may come before it.
             opening = not (is_txt or begun) and (line is None or bool(line.strip()))
             if opening:
@@ -478,7 +478,8 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
             if is_txt:
                 # A lone CR ends a line too (classic Mac OS files; Python's universal newlines): such a file
                 # is many documents, not one holding CRs, and a bad byte skips only its own.
-                parts = line.rstrip(b"\r\n").split(b"\r")
+                body = line.removesuffix(b"\n")
+                parts = (body.removesuffix(b"\r") if len(body) < len(line) else body).split(b"\r")  # CRLF: one end
                 for i, part in enumerate(parts):
                     here = f"{label}:{lineno + lone_crs + i}"
                     s = _line_text(part, here, skips, encoding, cut and i == len(parts) - 1)

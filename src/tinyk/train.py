@@ -380,6 +380,23 @@ def _load_pt(path: Path) -> Any:
         raise ValueError(f"{path.name} is not a complete PyTorch file") from e
 
 
+# best/'s own record of the step and val loss it is from (in model.safetensors' header): a session killed
+# after writing it and resumed from an earlier checkpoint has no other.
+BEST_STEP, BEST_VAL = "tinyk.step", "tinyk.val_loss"
+
+
+def kept_best(best: Path) -> tuple[float, int | None]:
+    """(val loss, step) of the model a run's best/ holds; (inf, None) where there is none to compare with."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(best / "model.safetensors"), "pt") as f:
+            meta = f.metadata() or {}
+        return float(meta[BEST_VAL]), int(meta[BEST_STEP])
+    except (OSError, ValueError, KeyError, SafetensorError):  # none, damaged, or not the run's own
+        return math.inf, None
+
+
 def _by_position(model: nn.Module, opt: torch.optim.Optimizer, saved: dict[str, Any]) -> dict[str, Any]:
     """An optimizer state keyed by parameter name (as checkpoints hold it) keyed instead by each parameter's
     position in `opt`'s groups, which Optimizer.load_state_dict expects."""
@@ -776,12 +793,13 @@ class Trainer:
         return (get_model_state_dict(self.model, options=opts),
                 get_optimizer_state_dict(self.model, self.opt, options=opts))
 
-    def write_model(self, out: Path, model_state: dict[str, torch.Tensor]) -> None:
+    def write_model(self, out: Path, model_state: dict[str, torch.Tensor],
+                    metadata: dict[str, str] | None = None) -> None:
         out.mkdir(exist_ok=True)
-        write_model_files(_export(self.mcfg, model_state), self.tok_dir, out, self.system_prompt)
+        write_model_files(_export(self.mcfg, model_state), self.tok_dir, out, self.system_prompt, metadata)
 
     def save_checkpoint(self, loader_state: dict[str, Any]) -> Path:
-        d, step = self.dist, self.progress.step
+        d, step, t0 = self.dist, self.progress.step, time.perf_counter()
         model_state, optim_state = self._full_states()
         window = self.window_loss.clone()
         if d.world > 1:
@@ -814,6 +832,7 @@ class Trainer:
             for old in checkpoints(self.out)[:-self.cfg.keep_checkpoints]:
                 delete_via(old, old.with_name(f".{old.name}.old-{os.getpid()}"))
         d.barrier()
+        self.save_s = time.perf_counter() - t0
         return path
 
     def _damaged(self, problem: Exception) -> TinykError:
@@ -1014,12 +1033,36 @@ class Trainer:
 
     def _fit_estimate(self, t_first: float, step_first: int) -> int:
         """--max-minutes: the run's length that fits the time left at this session's measured rate
-        (evaluations included), or 0 before there is a rate. Ranks average their estimates."""
-        done = self.progress.step - step_first
+        (evaluations included), the run's end set aside, or 0 before there is a rate. Ranks average
+        their estimates."""
+        cfg, step = self.cfg, self.progress.step
+        done = step - step_first
         if done < 2:  # the first step of a session is timed from its end: compilation and warm-up excluded
             return 0
-        left = self.cfg.max_minutes * 60 - self._elapsed()
-        return self.progress.step + max(0, int(left * done / (time.perf_counter() - t_first)))
+        step_s = (time.perf_counter() - t_first - self.paused_s) / done  # training alone
+        if self.eval_s is not None:
+            eval_s = self.eval_s
+        elif self.has_val:  # none yet: a forward pass over its batches, at a third of a training step each
+            batches = math.ceil(self.val_split.size / cfg.batch_size)
+            eval_s = (min(batches, cfg.eval_batches) if cfg.eval_batches else batches) * step_s / 3
+        else:
+            eval_s = 0.0
+        save_s = self.save_s or 0.0
+
+        def seconds(k: int) -> float:
+            """What k more steps take: theirs, the evaluations and checkpoints before the last of them (this
+            step's own still to come), and the run's end (the final evaluation, the last checkpoint and
+            final/, a third of one)."""
+            between = [(step + k - 1) // every - (step - 1) // every if every and k else 0
+                       for every in (cfg.eval_every, cfg.save_every)]
+            return k * step_s + (between[0] + 1) * eval_s + (between[1] + 4 / 3) * save_s
+
+        left = cfg.max_minutes * 60 - self._elapsed()
+        lo, hi = 0, max(0, self.step_cap - step)
+        while lo < hi:  # the most steps that fit: seconds() grows with k
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if seconds(mid) <= left else (lo, mid - 1)
+        return step + lo
 
     def _fit_schedule(self, fitted: int) -> None:
         """Re-fits the LR schedule to the agreed length, so it still ends at its floor on time. A warmup
@@ -1244,25 +1287,29 @@ class Trainer:
             and summary.get("steps") == self.progress.step
         return summary if finished else None
 
-    def _earlier_results(self) -> tuple[float | None, tuple[float, float | None] | None, tuple[float, int | None]]:
-        """(last train loss, last (val loss, bpb), (best val loss, its step)) logged before this session, so a
-        resumed run's summary speaks for the whole run."""
+    def _earlier_results(self) -> tuple[float | None, tuple[float, float | None] | None, float]:
+        """(last train loss, last (val loss, bpb), best val loss) logged before this session, so a resumed
+        run's summary speaks for the whole run."""
         records = self.monitor.records if self.monitor else []
         train = [r["loss"] for r in records if r.get("type") == "train" and r.get("loss") is not None]
-        evals = [r for r in records if r.get("type") == "eval" and r.get("val_loss") is not None]
-        best = min(evals, key=lambda r: r["val_loss"], default=None)
-        return (train[-1] if train else None, (evals[-1]["val_loss"], evals[-1].get("val_bpb")) if evals else None,
-                (best["val_loss"], best["step"]) if best else (math.inf, None))
+        evals = [(r["val_loss"], r.get("val_bpb")) for r in records
+                 if r.get("type") == "eval" and r.get("val_loss") is not None]
+        return (train[-1] if train else None, evals[-1] if evals else None,
+                min((v for v, _ in evals), default=math.inf))
 
     def _loop(self) -> dict[str, Any]:
         cfg, d, p = self.cfg, self.dist, self.progress
         if self.device.type == "cuda":  # this run's peak, not that of one before it in the process (the demo's)
             torch.cuda.reset_peak_memory_stats(self.device)
         self._window_t0, self._window_tokens0, self._window_flops0 = time.perf_counter(), p.tokens, p.flops
+        # For --max-minutes: what this session's last evaluation (with its samples and best/) and checkpoint
+        # took, and all its evaluations and checkpoints since its first step.
+        self.eval_s: float | None = None
+        self.save_s: float | None = None
+        self.paused_s = 0.0
         self.window_rates: list[tuple[float, float]] = []  # each log window's tokens/s and FLOP/s
-        last_train, last_val, (best_val, best_step) = self._earlier_results()
-        # best/ holds the lowest val loss so far; a run that turns keep_best on when resumed starts one
-        kept_val, self.kept_step = (best_val, best_step) if (self.out / "best").is_dir() else (math.inf, None)
+        last_train, last_val, best_val = self._earlier_results()
+        kept_val, self.kept_step = kept_best(self.out / "best") if cfg.keep_best else (math.inf, None)
         last_saved = p.step if self.resumed_from else -1
         t_first = step_first = None
         estimate = 0
@@ -1309,15 +1356,20 @@ class Trainer:
             if self.has_val and evaluating:
                 last_val = self._validate()
                 if cfg.keep_best and last_val[0] < kept_val:
-                    self._save_model("best", "--resume continues from it")
+                    self._save_model("best", "--resume continues from it",
+                                     {BEST_STEP: str(p.step), BEST_VAL: repr(last_val[0])})
                     kept_val, self.kept_step = last_val[0], p.step
                 best_val = min(best_val, last_val[0])
             if evaluating and cfg.sample_prompts:
                 self._sample()
+            if evaluating:
+                self.eval_s = time.perf_counter() - t_pause
             if not last and cfg.save_every and p.step % cfg.save_every == 0:
                 self.save_checkpoint(self.loader.state_dict())
                 last_saved = p.step
-            self._window_t0 += time.perf_counter() - t_pause  # a log window's tokens/s is training speed alone
+            paused = time.perf_counter() - t_pause
+            self._window_t0 += paused  # a log window's tokens/s is training speed alone
+            self.paused_s += paused
         interrupted = p.step < self.total_steps
         if last_saved != p.step:
             self.save_checkpoint(loader_state)
@@ -1382,7 +1434,9 @@ class Trainer:
         if self.cfg.kind == "sft":
             return [self.tok.encode_chat(with_system([{"role": "user", "content": q}], self.system_prompt),
                                          add_generation_prompt=True) for q in self.cfg.sample_prompts]
-        return [[self.tok.bos_id, *self.tok.encode(q, special=False)] for q in self.cfg.sample_prompts]
+        # As `tinyk generate` reads a prompt: a special token spelt out in it is that token.
+        ids = [self.tok.encode(q) for q in self.cfg.sample_prompts]
+        return [i if i[:1] == [self.tok.bos_id] else [self.tok.bos_id, *i] for i in ids]
 
     def _validate(self) -> tuple[float, float]:
         """(val loss, val bits per byte), logged."""
@@ -1404,14 +1458,14 @@ class Trainer:
             raise SaveFailed(f"{e} (the last checkpoint, checkpoints/{kept[-1].name}, is kept: {then})" if kept else
                              f"{e} (no checkpoint was kept)", str(e)) from e
 
-    def _save_model(self, name: str, then: str) -> str:
+    def _save_model(self, name: str, then: str, metadata: dict[str, str] | None = None) -> str:
         """Writes the model as the run's `name`/ (final, best): rank 0 writes, under FSDP every rank takes
         part in gathering it."""
         model_state = self._full_model_state()
         if self.dist.main:
             with self._kept_on_failure(then), writing(self.out / name), \
                     atomic_dir(self.out / name, force=True, durable=True) as tmp:
-                self.write_model(tmp, model_state)
+                self.write_model(tmp, model_state, metadata)
         self.dist.barrier()
         return str(self.out / name)
 
