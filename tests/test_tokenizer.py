@@ -357,14 +357,17 @@ def test_without_max_bytes_reading_stops_where_memory_would_run_out(tmp_path, mo
 def test_tokenizer_training_in_a_log_says_it_is_alive(tmp_path, corpus_file, monkeypatch, capsys):
     """Under nohup or `> log`, minutes of training printed nothing between the note and the summary."""
     from tinyk import tokenizer
+    from tinyk.units import bytes_text
 
     monkeypatch.setattr(tokenizer, "PROGRESS_LINE_S", 0.0)
-    monkeypatch.setattr(tokenizer.os, "isatty", lambda fd: False)
+    monkeypatch.setattr(tokenizer, "fd_shows_a_bar", lambda fd: False)
     train_tokenizer([corpus_file], tmp_path / "tok", vocab_size=300)
     lines = capsys.readouterr().err.splitlines()
-    assert lines and all(re.fullmatch(r"training tokenizer: read [\d,]+ documents \([\d.]+ [kMG]?B( of at most "
-                                      r"[\d.]+ [kMG]?B)?\)(; counting and merging pairs)?, \d+:\d\d elapsed", line)
-                         for line in lines), lines
+    assert lines and all(re.fullmatch(r"training tokenizer: read [\d,]+ documents \([\d.]+ [kMG]?B of input( of at "
+                                      r"most [\d.]+ [kMG]?B)?\)(; counting and merging pairs)?, \d+:\d\d elapsed",
+                                      line) for line in lines), lines
+    # In the bytes --max-bytes counts: the input's (JSON's escapes and keys in), not the text's.
+    assert f"({bytes_text(corpus_file.stat().st_size)} of input)" in lines[-1]
     train_tokenizer([corpus_file], tmp_path / "quiet", vocab_size=300, show_progress=False)  # asked for none
     assert capsys.readouterr().err == ""
 

@@ -76,8 +76,8 @@ def after_each_logged_step(monkeypatch, then) -> None:
 
     log_train = Monitor.log_train
 
-    def log_and_then(self, rec):
-        log_train(self, rec)
+    def log_and_then(self, rec, *args):
+        log_train(self, rec, *args)
         then(rec)
 
     monkeypatch.setattr(Monitor, "log_train", log_and_then)
@@ -1892,7 +1892,8 @@ def test_max_minutes_fits_the_schedule_to_the_clock(tmp_path, pt_data, tok_dir):
     assert capped["steps"] == 3
 
 
-def test_a_time_budget_leaves_room_for_the_final_evaluation_and_saves(tmp_path, pt_data, tok_dir, monkeypatch):
+def test_a_time_budget_leaves_room_for_the_final_evaluation_and_saves(tmp_path, pt_data, tok_dir, monkeypatch,
+                                                                       capsys):
     """--max-minutes fitted the steps to the whole budget, then the final evaluation ran past it: 79 s of a
     60 s budget, 165 s of 120. On a clock where a step takes 1 s, an evaluation 20 s and a checkpoint 6 s,
     a 2-minute run ends on time, its evaluations and saves included."""
@@ -1915,18 +1916,25 @@ def test_a_time_budget_leaves_room_for_the_final_evaluation_and_saves(tmp_path, 
                              save_every=10))
     # Ending sooner than a step before the budget is right only where one more evaluation period would not fit.
     assert summary["status"] == "completed" and 120 - (10 + 20 + 6) <= summary["elapsed_s"] <= 120 + 1, summary
+    # The ETA of a log line counts them too (it left out the evaluations still to come: 7:51 for 12:28).
+    capsys.readouterr()
+    summary = train(nano_cfg(pt_data, tok_dir, tmp_path / "eta", max_steps=30, eval_every=10, save_every=10,
+                             log_every=5, progress=True))
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("step 15/30:"))
+    elapsed, eta = (int(m) * 60 + int(s) for m, s in re.findall(r"(?:elapsed|ETA) (\d\d):(\d\d)", line))
+    assert abs(elapsed + eta - summary["elapsed_s"]) <= 3, (line, summary["elapsed_s"])
 
 
 def test_a_time_budget_shortens_a_warmup_longer_than_half_the_fitted_run(tmp_path, pt_data, tok_dir, monkeypatch):
     """`--preset tiny --max-minutes 0.5` (warmup 50) fitted to 7 steps ended mid-warmup, the LR never at
     its peak and never decayed."""
-    monkeypatch.setattr(Trainer, "_fit_estimate", lambda self, t, s: 8 if self.progress.step >= 2 else 0)
+    monkeypatch.setattr(Trainer, "_fit_estimate", lambda self: 8 if self.progress.step >= 2 else 0)
     out = tmp_path / "timed"
     assert train(nano_cfg(pt_data, tok_dir, out, max_steps=3000, max_minutes=10, warmup_steps=50))["steps"] == 8
     lrs = [r["lr"] for r in records(out, "train")]
     assert max(lrs) == pytest.approx(3e-3) and lrs[-1] == pytest.approx(0.1 * 3e-3)
     # An estimate that grows later (a slow start) stretches the decay but never starts the warmup again.
-    monkeypatch.setattr(Trainer, "_fit_estimate", lambda self, t, s: (10 if self.progress.step < 6 else 40)
+    monkeypatch.setattr(Trainer, "_fit_estimate", lambda self: (10 if self.progress.step < 6 else 40)
                         if self.progress.step >= 2 else 0)
     out = tmp_path / "stretched"
     assert train(nano_cfg(pt_data, tok_dir, out, max_steps=3000, max_minutes=10, warmup_steps=50))["steps"] == 40
@@ -2794,14 +2802,15 @@ def test_a_terminal_with_no_rows_gets_plain_lines_not_a_hidden_bar():
     import struct
     import termios
 
-    from tinyk.outputs import shows_a_bar
+    from tinyk.outputs import fd_shows_a_bar, shows_a_bar
 
     leader, follower = pty.openpty()
     try:
         with open(follower, "w", closefd=False) as terminal:
             for rows, shown in ((0, False), (24, True)):
                 fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", rows, 80, 0, 0))
-                assert shows_a_bar(terminal) is shown
+                # fd_shows_a_bar: the tokenizer's, whose library draws its bar on a file descriptor
+                assert shows_a_bar(terminal) is shown and fd_shows_a_bar(follower) is shown
     finally:
         os.close(leader)
         os.close(follower)

@@ -45,6 +45,7 @@ class Skips:
     first: dict[str, list[str]] = field(default_factory=dict)
     hints: dict[str, str] = field(default_factory=dict)  # what the first skip of a reason says about the fix
     stopped_at: int | None = None  # input bytes read (lines too long to read not counted) when max_bytes ended it
+    consumed: int = 0  # input bytes read so far, as max_bytes counts them: for progress lines
 
     def add(self, reason: str, where: str, hint: str | None = None) -> None:
         if self.strict:
@@ -442,6 +443,7 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
                     skips.stopped_at = consumed
                     return
                 consumed += n
+                skips.consumed = consumed
                 if rec is None:
                     skips.add("invalid_utf8", where, "a string that is not UTF-8 in a Parquet file; fix the program "
                                                      "that wrote it")
@@ -463,6 +465,7 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
                 encoding.decide()  # on what was read: a sample of a GBK file is refused too
                 return
             consumed = base + read
+            skips.consumed = consumed
             where = f"{label}:{lineno + lone_crs}"
             # The first line with something on it: blank lines may come before it.
             opening = not (is_txt or begun) and (line is None or bool(line.strip()))

@@ -295,8 +295,7 @@ class Monitor:
         self.plotted = True
         self.can_plot = importlib.util.find_spec("matplotlib") is not None  # the run's header says when not
         self.output_lost = False
-        self._pace_from = (time.monotonic(), start_step)  # for the plain lines' ETA: this session's start,
-        self._paced = False  # until its first line, which has set-up and compilation behind it
+        self.status = ""  # the bar's text of the last log interval
 
     def _read_records(self) -> list[dict[str, Any]]:
         """The earlier sessions' lines. A last line cut short (a kill or a full disk mid-write) is dropped;
@@ -358,7 +357,9 @@ class Monitor:
     def advance(self, steps: int) -> None:
         self.bar.update(steps)
 
-    def log_train(self, rec: dict[str, Any]) -> None:
+    def log_train(self, rec: dict[str, Any], left_s: float | None = None) -> None:
+        """A log interval's record; `left_s`, the time the run has left (None before the trainer has timed
+        a step), for the plain line's ETA."""
         self._append({"type": "train", **rec})
         mfu = f" mfu {rec['mfu']:.1%}" if rec.get("mfu") is not None else ""
         skipped = rec.get("skipped_steps")
@@ -366,19 +367,17 @@ class Monitor:
         skips = f" skipped {skipped} (fp16 overflow)" if skipped else ""
         status = f"loss {rec['loss']:.4f} lr {rec['lr']:.2e} {_fmt_rate(rec['tokens_per_s'])} tok/s{mfu}{skips}"
         if self.lines:
-            self.print(f"step {rec['step']}/{self.bar.total}: {status}, {self._times(rec['step'], rec['elapsed_s'])}")
+            times = f"elapsed {self.bar.format_interval(rec['elapsed_s'])}"
+            if left_s is not None and rec["step"] < self.bar.total:
+                times += f", ETA {self.bar.format_interval(left_s)}"
+            self.print(f"step {rec['step']}/{self.bar.total}: {status}, {times}")
+        self.status = status
         self.bar.set_postfix_str(status, refresh=False)
 
-    def _times(self, step: int, elapsed_s: float) -> str:
-        """"elapsed 1:02:03, ETA 0:41:10": the whole run's time so far, and the time left at this session's
-        pace (from its first line on; the first line's counts from its start, compilation included)."""
-        now, (t0, step0) = time.monotonic(), self._pace_from
-        text = f"elapsed {self.bar.format_interval(elapsed_s)}"
-        if step > step0 and self.bar.total and step < self.bar.total:
-            text += f", ETA {self.bar.format_interval((self.bar.total - step) * (now - t0) / (step - step0))}"
-        if not self._paced:
-            self._pace_from, self._paced = (now, step), True
-        return text
+    def pausing(self, what: str) -> None:
+        """Says on the bar what the run does between steps (an evaluation can take minutes, the last one
+        with the bar at 100%)."""
+        self.bar.set_postfix_str(f"{self.status} | {what}" if self.status else what, refresh=True)
 
     def log_eval(self, rec: dict[str, Any]) -> None:
         self._append({"type": "eval", **rec})

@@ -577,6 +577,14 @@ def shows_a_bar(stream: Any) -> bool:
     """A terminal with room for a progress bar: one that reports 0 rows (some containers' and CI's)
     gets tqdm's bar hidden, and so nothing at all, unless it gets plain lines instead."""
     try:
-        return is_terminal(stream) and os.get_terminal_size(stream.fileno()).lines > 0
+        return is_terminal(stream) and fd_shows_a_bar(stream.fileno())
     except (OSError, ValueError, AttributeError):  # no file descriptor (a test's capture), or not a terminal
+        return False
+
+
+def fd_shows_a_bar(fd: int) -> bool:
+    """`shows_a_bar` for a file descriptor (the `tokenizers` library draws its bar on 1, past sys.stdout)."""
+    try:
+        return os.isatty(fd) and os.get_terminal_size(fd).lines > 0
+    except OSError:
         return False

@@ -800,6 +800,8 @@ class Trainer:
 
     def save_checkpoint(self, loader_state: dict[str, Any]) -> Path:
         d, step, t0 = self.dist, self.progress.step, time.perf_counter()
+        if self.monitor:
+            self.monitor.pausing("saving a checkpoint")
         model_state, optim_state = self._full_states()
         window = self.window_loss.clone()
         if d.world > 1:
@@ -1031,15 +1033,16 @@ class Trainer:
             self.window_skipped += ~torch.isfinite(norm)
         return total, norm
 
-    def _fit_estimate(self, t_first: float, step_first: int) -> int:
-        """--max-minutes: the run's length that fits the time left at this session's measured rate
-        (evaluations included), the run's end set aside, or 0 before there is a rate. Ranks average
-        their estimates."""
+    def _seconds_for(self, k: int, least_timed: int = 1) -> float | None:
+        """What k more steps take at this session's pace: theirs, the evaluations and checkpoints before the
+        last of them (this step's own still to come), and the run's end (the final evaluation, the last
+        checkpoint and final/, a third of one), each as long as its last one took; None before
+        `least_timed` steps are (its first step is timed from its end: compilation and warm-up excluded)."""
         cfg, step = self.cfg, self.progress.step
-        done = step - step_first
-        if done < 2:  # the first step of a session is timed from its end: compilation and warm-up excluded
-            return 0
-        step_s = (time.perf_counter() - t_first - self.paused_s) / done  # training alone
+        done = step - self._step_first if self._t_first is not None else 0
+        if done < least_timed:
+            return None
+        step_s = (time.perf_counter() - self._t_first - self.paused_s) / done  # training alone
         if self.eval_s is not None:
             eval_s = self.eval_s
         elif self.has_val:  # none yet: a forward pass over its batches, at a third of a training step each
@@ -1048,21 +1051,21 @@ class Trainer:
         else:
             eval_s = 0.0
         save_s = self.save_s or 0.0
+        between = [(step + k - 1) // every - (step - 1) // every if every and k else 0
+                   for every in (cfg.eval_every, cfg.save_every)]
+        return k * step_s + (between[0] + 1) * eval_s + (between[1] + 4 / 3) * save_s
 
-        def seconds(k: int) -> float:
-            """What k more steps take: theirs, the evaluations and checkpoints before the last of them (this
-            step's own still to come), and the run's end (the final evaluation, the last checkpoint and
-            final/, a third of one)."""
-            between = [(step + k - 1) // every - (step - 1) // every if every and k else 0
-                       for every in (cfg.eval_every, cfg.save_every)]
-            return k * step_s + (between[0] + 1) * eval_s + (between[1] + 4 / 3) * save_s
-
-        left = cfg.max_minutes * 60 - self._elapsed()
-        lo, hi = 0, max(0, self.step_cap - step)
-        while lo < hi:  # the most steps that fit: seconds() grows with k
+    def _fit_estimate(self) -> int:
+        """--max-minutes: the run's length that fits the time left at this session's pace, or 0 before two
+        steps are timed. Ranks average their estimates."""
+        if self._seconds_for(0, least_timed=2) is None:
+            return 0
+        left = self.cfg.max_minutes * 60 - self._elapsed()
+        lo, hi = 0, max(0, self.step_cap - self.progress.step)
+        while lo < hi:  # the most steps that fit: the time they take grows with their number
             mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if seconds(mid) <= left else (lo, mid - 1)
-        return step + lo
+            lo, hi = (mid, hi) if self._seconds_for(mid) <= left else (lo, mid - 1)
+        return self.progress.step + lo
 
     def _fit_schedule(self, fitted: int) -> None:
         """Re-fits the LR schedule to the agreed length, so it still ends at its floor on time. A warmup
@@ -1311,7 +1314,8 @@ class Trainer:
         last_train, last_val, best_val = self._earlier_results()
         kept_val, self.kept_step = kept_best(self.out / "best") if cfg.keep_best else (math.inf, None)
         last_saved = p.step if self.resumed_from else -1
-        t_first = step_first = None
+        self._t_first: float | None = None  # this session's pace is timed from the end of its first step
+        self._step_first = p.step
         estimate = 0
         while True:
             loader_state = self.loader.state_dict()
@@ -1340,12 +1344,12 @@ class Trainer:
             p.loss_tokens += n_loss
             p.flops += n_flops
             self.run_dir.drop_replaced()
+            if self._t_first is None:
+                self._t_first, self._step_first = time.perf_counter(), p.step
             if cfg.max_minutes:
-                if t_first is None:
-                    t_first, step_first = time.perf_counter(), p.step
                 if estimates:
                     self._fit_schedule(estimates // d.world)
-                estimate = self._fit_estimate(t_first, step_first)
+                estimate = self._fit_estimate()
             if self.monitor:
                 self.monitor.advance(1)
             if p.step % cfg.log_every == 0 or p.step == self.total_steps:
@@ -1396,7 +1400,7 @@ class Trainer:
         skipped = int(self.window_skipped.item()) if self.scaler.is_enabled() else None
         if self.monitor:
             self.monitor.log_train(self._train_record(loss, rate, flop_rate, round(flops / tokens), grad_norm.item(),
-                                                      skipped))
+                                                      skipped), self._seconds_for(self.total_steps - p.step))
         self.window_loss.zero_()
         self.window_skipped.zero_()
         # From after the logging (which may re-time a CPU's peak): a window's tokens/s is training speed alone.
@@ -1441,6 +1445,8 @@ class Trainer:
     def _validate(self) -> tuple[float, float]:
         """(val loss, val bits per byte), logged."""
         p = self.progress
+        if self.monitor:
+            self.monitor.pausing("evaluating")
         val = self.evaluate()
         self._check_finite(val[0], "val loss")
         if self.monitor:
