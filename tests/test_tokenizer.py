@@ -535,6 +535,25 @@ def test_cli_train_and_eval(tmp_path, corpus_file, capsys):
                         show_progress=False)
 
 
+def test_tokenizers_are_compared_side_by_side_on_the_same_sample(tmp_path, corpus_file, tok_dir, capsys):
+    """Which vocabulary size to train: several tokenizers on one sample, tokens counted against the first's."""
+    train_tokenizer([corpus_file], tmp_path / "small", vocab_size=300, show_progress=False)
+    with pytest.raises(SystemExit) as e:
+        main(["tokenizer", "eval", str(tok_dir), str(tmp_path / "small"), "--input", str(corpus_file)])
+    out = capsys.readouterr().out
+    big, small = (eval_tokenizer(t, [corpus_file]) for t in (tok_dir, tmp_path / "small"))
+    rows = {line.split()[0] if not line.startswith(("vocab", "round", "tokens")) else " ".join(line.split()[:2]):
+            line.split()[-2:] for line in out.splitlines()[1:-1]}
+    assert e.value.code == 0 and rows["vocab size"] == [f"{big['vocab_size']:,}", f"{small['vocab_size']:,}"]
+    assert rows["round trip"] == ["exact", "exact"]
+    assert rows["bytes/token"] == [f"{big['bytes_per_token']:.3f}", f"{small['bytes_per_token']:.3f}"]
+    assert rows["tokens vs"] == ["100.0%", f"{big['bytes_per_token'] / small['bytes_per_token']:.1%}"]
+    assert out.splitlines()[-1] == f"on {big['documents']:,} documents"
+    with pytest.raises(SystemExit):
+        main(["tokenizer", "eval", str(tok_dir), str(tmp_path / "small"), "--input", str(corpus_file), "--json"])
+    assert [r["vocab_size"] for r in json.loads(capsys.readouterr().out)] == [big["vocab_size"], small["vocab_size"]]
+
+
 def test_an_nfkc_tokenizer_is_lossy_by_design_not_broken(nfkc_dir, corpus_file, capsys):
     with pytest.raises(SystemExit) as e:
         main(["tokenizer", "eval", str(nfkc_dir), "--input", str(corpus_file)])

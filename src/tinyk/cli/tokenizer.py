@@ -42,7 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.set_defaults(func=_train)
 
     e = tsub.add_parser("eval", help="vocab, special ids, round trip and compression")
-    e.add_argument("path", type=path_arg, help="tokenizer directory")
+    e.add_argument("path", nargs="+", type=path_arg,
+                   help="tokenizer directory; several are compared side by side on the same sample")
     e.add_argument("--input", nargs="+", action="extend", default=None, type=path_arg,
                    help="sample files to measure compression on")
     e.add_argument("--max-bytes", type=positive_size, default=10_000_000,
@@ -86,10 +87,13 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from tinyk.tokenizer import eval_tokenizer
 
-    r = eval_tokenizer(args.path, args.input, max_bytes=args.max_bytes, field=args.field)
+    results = [eval_tokenizer(path, args.input, max_bytes=args.max_bytes, field=args.field) for path in args.path]
     if args.json:
-        print(json_text(r, indent=2))
+        print(json_text(results[0] if len(results) == 1 else results, indent=2))
         return 0
+    if len(results) > 1:
+        return _compare(results)
+    r = results[0]
     print(f"vocab size      {r['vocab_size']}")
     print("special ids     " + ", ".join(f"{k}={v}" for k, v in r["special_ids"].items()))
     print(f"bos/eos/pad     {r['bos']} / {r['eos']} / {r['pad']}")
@@ -100,4 +104,29 @@ def _eval(args: argparse.Namespace) -> int:
     if r["skipped"]["total"]:
         print(f"input           {Skips.from_json(r['skipped']).summary()}")
     print(f"compression     {r['chars_per_token']} chars/token, {r['bytes_per_token']} bytes/token")
-    return 0 if r["roundtrip_ok"] or lossy else 1
+    return 0 if _round_trips(r) else 1
+
+
+def _round_trips(r: dict) -> bool:
+    """Exact, or not by design (NFKC)."""
+    return r["roundtrip_ok"] or r["normalizes"]
+
+
+def _compare(results: list[dict]) -> int:
+    """Tokenizers side by side: on the same text, fewer tokens means a longer context in words and a cheaper
+    step per character, paid for with a larger embedding."""
+    rows = [("vocab size", [f"{r['vocab_size']:,}" for r in results]),
+            ("round trip", ["exact" if r["roundtrip_ok"] else "NFKC" if _round_trips(r) else "FAILED"
+                            for r in results]),
+            ("chars/token", [f"{r['chars_per_token']:.3f}" for r in results]),
+            ("bytes/token", [f"{r['bytes_per_token']:.3f}" for r in results]),
+            ("tokens vs first", [f"{results[0]['bytes_per_token'] / r['bytes_per_token']:.1%}" for r in results])]
+    names = [str(r["path"]) for r in results]
+    widths = [max(len(n), *(len(v[i]) for _, v in rows)) for i, n in enumerate(names)]
+    print("".ljust(16) + "  ".join(n.rjust(w) for n, w in zip(names, widths, strict=True)))
+    for label, values in rows:
+        print(label.ljust(16) + "  ".join(v.rjust(w) for v, w in zip(values, widths, strict=True)))
+    print(f"on {plural(results[0]['documents'], 'documents')}")
+    if results[0]["skipped"]["total"]:
+        print(f"input           {Skips.from_json(results[0]['skipped']).summary()}")
+    return 0 if all(map(_round_trips, results)) else 1
