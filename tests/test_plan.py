@@ -694,6 +694,18 @@ def test_a_jobs_plan_says_what_its_gpus_send_each_step(capsys):
     assert json.loads(run_cli(["plan", "--preset", "seed-215m", "--gpu", "h100", "--json"], capsys)[1])["comms"] is None
 
 
+def test_plan_sft_sizes_the_fine_tune_with_the_configs_sft_settings(capsys):
+    """Planning took the pretraining settings only: seed-82m's SFT batch is 256, not 512, and nano fine-tunes
+    at its whole context (its sft: section's seq_len null), not at pretraining's 64."""
+    pretrain, sft = (run_spec(preset=p, config=None, kind=k) for p, k in (("seed-82m", "pretrain"),
+                                                                           ("seed-82m", "sft")))
+    assert (pretrain.batch_size, sft.batch_size) == (512, 256)
+    nano = run_spec(preset="nano", config=None, kind="sft")
+    assert nano.seq_len == nano.cfg.max_seq_len == 128 and run_spec(preset="nano", config=None).seq_len == 64
+    code, text, _ = run_cli(["plan", "--preset", "seed-82m", "--sft"], capsys)
+    assert code == 0 and "global batch 256 sequences" in text
+
+
 def test_the_disk_a_run_takes_is_planned_as_its_checkpoints_hold_it(tmp_path, pt_data, tok_dir, capsys):
     """Nothing said how much disk a run needs: a seed-82m run kept 3.3 GB. Its checkpoints' weights and
     optimizer state, and final/'s and best/'s weights, measured against the plan's 12 and 4 bytes a parameter."""

@@ -312,6 +312,30 @@ def test_set_values_parse_as_yaml():
         assert cfg.tracker == trackers, value
 
 
+def test_text_is_kept_as_written_and_a_toml_config_can_say_null(tmp_path):
+    """`--set run_name=#exp1` gave None (a YAML comment) and `sample_prompts=北京 #注释` lost its second half;
+    TOML, which has no null, could not lift a preset's max_steps; a NEL (U+0085) in a saved text came back
+    from config.yaml as a line break on --resume."""
+    from tinyk.config import dump_config
+
+    flags = {"out": "o", "data": "d"}
+    cfg = resolve_config("pretrain", preset="nano", flags=flags, sets=["run_name=#exp1", "project=a #b",
+                                                                       "sample_prompts=北京 #注释"])
+    assert (cfg.run_name, cfg.project, cfg.sample_prompts) == ("#exp1", "a #b", ["北京 #注释"])
+    assert resolve_config("pretrain", flags=flags, sets=["sample_prompts=[北京, 上海]"]).sample_prompts == [
+        "北京", "上海"]
+    assert resolve_config("pretrain", flags=flags, sets=["run_name=null"]).run_name is None
+    (tmp_path / "c.toml").write_text('max_steps = "null"\neval_batches = "null"\nrun_name = "null"\n')
+    cfg = resolve_config("pretrain", preset="nano", config=tmp_path / "c.toml", flags=flags)
+    assert (cfg.max_steps, cfg.eval_batches, cfg.run_name) == (None, None, "null")  # a name may be "null"
+    cfg = TrainConfig(out="o", data="d", sample_prompts=["下一行\x85不是"], run_name="a\x85b")
+    saved = tmp_path / "r" / "config.yaml"
+    saved.parent.mkdir()
+    saved.write_text(dump_config(cfg))
+    again = resolve_config("pretrain", flags={"out": str(tmp_path / "r"), "data": "d"}, resume=True)
+    assert (again.sample_prompts, again.run_name) == (cfg.sample_prompts, cfg.run_name)
+
+
 # ----------------------------------------------------------------------------- training runs
 
 def test_mfu_never_passes_100_percent_when_the_cpu_was_timed_under_load(tmp_path, pt_data, tok_dir, monkeypatch,

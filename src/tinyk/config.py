@@ -92,6 +92,9 @@ _FIELD_TYPES = typing.get_type_hints(TrainConfig)
 _MODEL_TYPES = typing.get_type_hints(ModelConfig)
 
 
+TEXT_LISTS = {"sample_prompts"}  # lists of text kept as written (tracker is a comma list)
+
+
 def _text_key(key: Any) -> bool:
     """A key whose value is text (run_name, project, paths), so `1.10` names a run 1.10, not 1.1."""
     hint = _FIELD_TYPES.get(key) if isinstance(key, str) else None
@@ -128,6 +131,8 @@ class _ConfigLoader(yaml.SafeLoader):
 def _coerce(key: str, value: Any, hint: Any) -> Any:
     """Checks a config value against its annotation; YAML/TOML/--set values arrive loosely typed."""
     args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value == "null" and type(None) in args and str not in args:  # TOML has no null: a config says "null"
+        value = None
     if value is None:
         if type(None) in args:
             return None
@@ -159,7 +164,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if origin is list and key == "tracker" and isinstance(value, list | str):  # a comma list, as --tracker
             items = value.split(",") if isinstance(value, str) else value
             return [str(v).strip() for v in items if str(v).strip()]
-        if origin is list and isinstance(value, list | str):  # text kept as written: sample_prompts
+        if origin is list and isinstance(value, list | str):  # text kept as written: TEXT_LISTS
             items = [value] if isinstance(value, str) else value
             if all(isinstance(v, str) for v in items):
                 return list(items)
@@ -279,8 +284,14 @@ def parse_sets(items: Iterable[str] | str) -> dict[str, Any]:
                              f"(e.g. --set model.dim=64)")
         if parts[-1] == "kind":
             raise TinykError(f"--set {key}: the command says what is trained (tinyk pretrain or tinyk sft)")
-        if parts[0] != "model" and _text_key(parts[-1]) and value is not None and not isinstance(value, str):
-            value = raw.strip()  # --set run_name=1.10 names the run 1.10, not 1.1 (nor a date, nor True)
+        text = raw.strip()
+        if parts[0] != "model" and text not in ("null", "~") and text[:1] not in ("'", '"', "["):
+            # Text as written: --set run_name=1.10 names the run 1.10 (not 1.1, a date or True), and a # in
+            # it is no YAML comment; a sample prompt given alone is a list of one.
+            if _text_key(parts[-1]):
+                value = text
+            elif parts[-1] in TEXT_LISTS:
+                value = [text]
         target = out
         for p in parts[:-1]:
             target = target.setdefault(p, {})
@@ -444,7 +455,10 @@ def dump_config(cfg: TrainConfig) -> str:
     for key in ("data", "tokenizer", "init"):
         if d.get(key):
             d[key] = os.path.abspath(d[key])
-    return yaml.safe_dump(d, sort_keys=False, allow_unicode=True, width=math.inf)  # a long path stays one line
+    text = yaml.safe_dump(d, sort_keys=False, allow_unicode=True, width=math.inf)  # a long path stays one line
+    if yaml.safe_load(text) != d:  # a character YAML writes as it is but reads as a line break (NEL): escaped
+        text = yaml.safe_dump(d, sort_keys=False, allow_unicode=False, width=math.inf)
+    return text
 
 
 # Model fields that change parameter shapes, so they cannot differ from an --init model's.

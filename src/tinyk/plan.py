@@ -459,10 +459,12 @@ def _disk(parameters: int, keep_checkpoints: int, keep_best: bool) -> dict[str, 
 
 
 def run_spec(*, preset: str | None, config: str | None, sets: Iterable[str] = (),
-             overrides: dict[str, Any] | None = None, tokenizer: str | Path | None = None) -> RunSpec:
-    """Resolves preset/config/--set/flags with the trainer's own rules, so plan sizes the run it would do:
-    the model an `init` directory holds, else the preset's or the config's; with `tokenizer` (else the
-    config's, else the init model's), the vocabulary is that tokenizer's, as training takes it."""
+             overrides: dict[str, Any] | None = None, tokenizer: str | Path | None = None,
+             kind: str = "pretrain") -> RunSpec:
+    """Resolves preset/config/--set/flags with the trainer's own rules, so plan sizes the run it would do
+    (`kind` "sft": with the config's sft: settings): the model an `init` directory holds, else the preset's
+    or the config's; with `tokenizer` (else the config's, else the init model's), the vocabulary is that
+    tokenizer's, as training takes it."""
     from .checkpoint import load_config
     from .config import model_config, resolve_config
     from .rundir import resolve_init
@@ -471,7 +473,7 @@ def run_spec(*, preset: str | None, config: str | None, sets: Iterable[str] = ()
         raise TinykError("pass --preset, --config or --init")
     # resolve_config insists on data and output paths; planning reads neither.
     flags = {"data": "-", "out": "-", **{k: v for k, v in (overrides or {}).items() if v is not None}}
-    tc = resolve_config("pretrain", preset=preset, config=config, flags=flags, sets=list(sets))
+    tc = resolve_config(kind, preset=preset, config=config, flags=flags, sets=list(sets))
     init = resolve_init(tc.init) if tc.init else None
     init_cfg = load_config(init) if init else None
     tokenizer = tokenizer or tc.tokenizer or init  # as training reads them

@@ -25,6 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "wall time, cost.")
     what = p.add_argument_group("what to train (as for tinyk pretrain)")
     what.add_argument("--preset", help=f"a shipped config: {PRESET_NAMES}")
+    what.add_argument("--sft", action="store_true",
+                      help="plan the fine-tune: the config's sft: settings, as tinyk sft takes them")
     what.add_argument("--config", type=path_arg, help="YAML or TOML training config")
     what.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key")
     what.add_argument("--init", metavar="MODEL_DIR", type=path_arg,
@@ -70,7 +72,7 @@ def _run(args: argparse.Namespace) -> int:
                               "dtype": args.dtype, "parallel": args.parallel,
                               "activation_checkpointing": args.activation_checkpointing, "compile": args.compile,
                               "init": args.init},
-                   tokenizer=args.tokenizer)
+                   tokenizer=args.tokenizer, kind="sft" if args.sft else "pretrain")
     tokens = args.tokens or run.max_tokens or DEFAULT_TOKENS
     plan = make_plan(run, find_gpu(args.gpu), gpus=args.gpus, nodes=args.nodes, tokens=tokens,
                      price=args.price, mfu=args.mfu)
