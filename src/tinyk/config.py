@@ -285,7 +285,7 @@ def parse_sets(items: Iterable[str] | str) -> dict[str, Any]:
         if parts[-1] == "kind":
             raise TinykError(f"--set {key}: the command says what is trained (tinyk pretrain or tinyk sft)")
         text = raw.strip()
-        if parts[0] != "model" and text not in ("null", "~") and text[:1] not in ("'", '"', "["):
+        if parts[0] != "model" and text not in ("", "null", "~") and text[:1] not in ("'", '"', "["):
             # Text as written: --set run_name=1.10 names the run 1.10 (not 1.1, a date or True), and a # in
             # it is no YAML comment; a sample prompt given alone is a list of one.
             if _text_key(parts[-1]):
