@@ -1949,6 +1949,37 @@ def test_a_time_budget_leaves_room_for_the_final_evaluation_and_saves(tmp_path, 
     assert abs(elapsed + eta - summary["elapsed_s"]) <= 3, (line, summary["elapsed_s"])
 
 
+def test_one_slow_evaluation_does_not_shorten_a_timed_run(tmp_path, pt_data, tok_dir, monkeypatch):
+    """The fit took every evaluation to come as long as the last one: one slowed by other work (0.46 s where
+    they took 0.01) halved the planned length, and the LR with it, until the next. On a clock where steps and
+    evaluations take 1 s and the fifth evaluation 60 s, the plan loses those 59 s, not half the run."""
+    import tinyk.train
+
+    clock, evals, fitted = [0.0], [], []
+    monkeypatch.setattr(tinyk.train, "time", types.SimpleNamespace(perf_counter=lambda: clock[0],
+                                                                     monotonic=time.monotonic))
+    step, evaluate, fit = Trainer.train_step, Trainer.evaluate, Trainer._fit_schedule
+
+    def timed_step(self, *args):
+        clock[0] += 1.0
+        return step(self, *args)
+
+    def timed_eval(self):
+        evals.append(1)
+        clock[0] += 60.0 if len(evals) == 5 else 1.0
+        return evaluate(self)
+
+    monkeypatch.setattr(Trainer, "train_step", timed_step)
+    monkeypatch.setattr(Trainer, "evaluate", timed_eval)
+    monkeypatch.setattr(Trainer, "_fit_schedule",
+                        lambda self, n: fitted.append((self.progress.step, n)) or fit(self, n))
+    summary = train(nano_cfg(pt_data, tok_dir, tmp_path / "run", max_steps=3000, max_minutes=10, eval_every=10))
+    before = [n for s, n in fitted if 42 <= s <= 50]
+    after = [n for s, n in fitted if s > 51]
+    assert min(after) >= min(before) - 60, (min(before), min(after))
+    assert 600 - 12 <= summary["elapsed_s"] <= 600 + 1
+
+
 def test_a_time_budget_shortens_a_warmup_longer_than_half_the_fitted_run(tmp_path, pt_data, tok_dir, monkeypatch):
     """`--preset tiny --max-minutes 0.5` (warmup 50) fitted to 7 steps ended mid-warmup, the LR never at
     its peak and never decayed."""
@@ -2211,20 +2242,26 @@ def test_sample_prompts_show_what_the_model_says_and_change_nothing_it_learns(tm
         train(nano_cfg(pt_data, tok_dir, tmp_path / "long", sample_prompts=["很" * 500]))
 
 
-def test_a_timed_run_resumes_on_its_fitted_schedule_and_stays_finished(tmp_path, pt_data, tok_dir, monkeypatch):
+def test_a_timed_run_resumes_on_its_fitted_schedule_and_stays_finished(tmp_path, pt_data, tok_dir, monkeypatch,
+                                                                       capsys):
     out = tmp_path / "timed"
-    cfg = nano_cfg(pt_data, tok_dir, out, max_steps=100000, max_minutes=0.03, warmup_steps=None)
+    cfg = nano_cfg(pt_data, tok_dir, out, max_steps=100000, max_minutes=0.03, warmup_steps=None, progress=True)
     with monkeypatch.context() as m:
         stop_at(m, 12)
         train(cfg)
     state = json.loads((checkpoints(out)[-1] / "state.json").read_text())
     assert state["step"] == 12 and state["total_steps"] < 100000
+    capsys.readouterr()
     train(cfg, resume=True)
-    # The first steps after the resume, before this session's own estimate, follow the saved schedule
-    # (they used to run on the uncapped 100,000-step schedule at a fraction of the LR).
-    first = records(out, "train")[12]
-    assert first["step"] == 13
-    assert first["lr"] == pytest.approx(lr_at(12, state["total_steps"], cfg.lr, state["warmup"], cfg.min_lr_ratio))
+    # The header names the cap as "up to" and the schedule fitted so far (it called the fitted length a cap).
+    assert "up to 100,000 steps (" in capsys.readouterr().out
+    # The first steps after the resume, before this session's own estimate (after ten timed steps: the first
+    # run on cold caches, and an early estimate cut the LR to a third), follow the saved schedule (they used
+    # to run on the uncapped 100,000-step schedule at a fraction of the LR).
+    following = records(out, "train")[12:12 + 10]
+    assert [r["step"] for r in following] == list(range(13, 23))
+    assert [r["lr"] for r in following] == pytest.approx(
+        [lr_at(s, state["total_steps"], cfg.lr, state["warmup"], cfg.min_lr_ratio) for s in range(12, 22)])
     summary = json.loads((out / "summary.json").read_text())
     weights = (out / "final" / "model.safetensors").read_bytes()
     metrics = (out / "metrics.jsonl").read_text()

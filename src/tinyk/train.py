@@ -834,7 +834,7 @@ class Trainer:
             for old in checkpoints(self.out)[:-self.cfg.keep_checkpoints]:
                 delete_via(old, old.with_name(f".{old.name}.old-{os.getpid()}"))
         d.barrier()
-        self.save_s = time.perf_counter() - t0
+        self.save_times.append(time.perf_counter() - t0)
         return path
 
     def _damaged(self, problem: Exception) -> TinykError:
@@ -1037,28 +1037,31 @@ class Trainer:
         """What k more steps take at this session's pace: theirs, the evaluations and checkpoints before the
         last of them (this step's own still to come), and the run's end (the final evaluation, the last
         checkpoint and final/, a third of one), each as long as its last one took; None before
-        `least_timed` steps are (its first step is timed from its end: compilation and warm-up excluded)."""
+        `least_timed` steps are (its first step is timed from its end: compilation and warm-up excluded).
+        An evaluation or checkpoint counts as long as this session's took in the median: one slowed by other
+        work does not shorten the schedule (and cut the LR) for the steps after it."""
         cfg, step = self.cfg, self.progress.step
         done = step - self._step_first if self._t_first is not None else 0
         if done < least_timed:
             return None
         step_s = (time.perf_counter() - self._t_first - self.paused_s) / done  # training alone
-        if self.eval_s is not None:
-            eval_s = self.eval_s
+        if self.eval_times:
+            eval_s = statistics.median(self.eval_times)
         elif self.has_val:  # none yet: a forward pass over its batches, at a third of a training step each
             batches = math.ceil(self.val_split.size / cfg.batch_size)
             eval_s = (min(batches, cfg.eval_batches) if cfg.eval_batches else batches) * step_s / 3
         else:
             eval_s = 0.0
-        save_s = self.save_s or 0.0
+        save_s = statistics.median(self.save_times) if self.save_times else 0.0
         between = [(step + k - 1) // every - (step - 1) // every if every and k else 0
                    for every in (cfg.eval_every, cfg.save_every)]
         return k * step_s + (between[0] + 1) * eval_s + (between[1] + 4 / 3) * save_s
 
     def _fit_estimate(self) -> int:
-        """--max-minutes: the run's length that fits the time left at this session's pace, or 0 before two
-        steps are timed. Ranks average their estimates."""
-        if self._seconds_for(0, least_timed=2) is None:
+        """--max-minutes: the run's length that fits the time left at this session's pace, or 0 before it
+        is timed: two steps, or in a resumed session, which goes on with the schedule fitted so far, ten
+        (its first steps run on cold caches). Ranks average their estimates."""
+        if self._seconds_for(0, least_timed=10 if self.resumed_from else 2) is None:
             return 0
         left = self.cfg.max_minutes * 60 - self._elapsed()
         lo, hi = 0, max(0, self.step_cap - self.progress.step)
@@ -1149,7 +1152,10 @@ class Trainer:
         dev = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else self.device.type
         tokens_per_step = cfg.batch_size * cfg.seq_len
         # A resumed run may have trained its first steps at another batch size.
-        run_tokens = self.progress.tokens + max(0, self.total_steps - self.progress.step) * tokens_per_step
+        # A time budget's run is as long as the clock allows, up to its cap (a resumed one: as fitted so far).
+        steps = self.step_cap if cfg.max_minutes else self.total_steps
+        fitted = f" ({self.total_steps:,} as fitted so far)" if cfg.max_minutes and self.total_steps < steps else ""
+        run_tokens = self.progress.tokens + max(0, steps - self.progress.step) * tokens_per_step
         params = f"{self.n_params / 1e6:.1f}M" if self.n_params >= 100_000 else f"{self.n_params:,}"
         lines = [
             f"tinyk {cfg.kind}: {params} parameters, {d.world} process(es) on {dev}, "
@@ -1157,8 +1163,8 @@ class Trainer:
             f"{', compiled' if cfg.compile else ''}"
             f"{', activation checkpointing' if cfg.activation_checkpointing else ''}",
             f"batch {cfg.batch_size} x {cfg.seq_len} = {tokens_per_step:,} tokens/step = {self.accum} micro-batch(es) "
-            f"of {self.micro} per process; {'up to ' if cfg.max_minutes else ''}{plural(self.total_steps, 'steps')} "
-            f"({'at most ' if cfg.kind == 'sft' else ''}{run_tokens:,} tokens)"
+            f"of {self.micro} per process; {'up to ' if cfg.max_minutes else ''}{plural(steps, 'steps')} "
+            f"({'at most ' if cfg.kind == 'sft' else ''}{run_tokens:,} tokens){fitted}"
             f"{f', fitted to {cfg.max_minutes:g} minutes' if cfg.max_minutes else ''}, "
             f"warmup {self.warmup}, lr {cfg.lr:g} -> {cfg.lr * cfg.min_lr_ratio:g}",
             f"FLOPs/token {flops_formula(m, cfg.seq_len)}"
@@ -1305,10 +1311,10 @@ class Trainer:
         if self.device.type == "cuda":  # this run's peak, not that of one before it in the process (the demo's)
             torch.cuda.reset_peak_memory_stats(self.device)
         self._window_t0, self._window_tokens0, self._window_flops0 = time.perf_counter(), p.tokens, p.flops
-        # For --max-minutes: what this session's last evaluation (with its samples and best/) and checkpoint
-        # took, and all its evaluations and checkpoints since its first step.
-        self.eval_s: float | None = None
-        self.save_s: float | None = None
+        # For --max-minutes and the ETA: what this session's evaluations (with their samples and best/) and
+        # checkpoints took, each and all together.
+        self.eval_times: list[float] = []
+        self.save_times: list[float] = []
         self.paused_s = 0.0
         self.window_rates: list[tuple[float, float]] = []  # each log window's tokens/s and FLOP/s
         last_train, last_val, best_val = self._earlier_results()
@@ -1367,7 +1373,7 @@ class Trainer:
             if evaluating and cfg.sample_prompts:
                 self._sample()
             if evaluating:
-                self.eval_s = time.perf_counter() - t_pause
+                self.eval_times.append(time.perf_counter() - t_pause)
             if not last and cfg.save_every and p.step % cfg.save_every == 0:
                 self.save_checkpoint(self.loader.state_dict())
                 last_saved = p.step
