@@ -162,9 +162,13 @@ def chat_page(engine: Engine, tmp_path, max_tokens: int | None,
         target = browser.send("Target.createTarget", {"url": "about:blank"})["targetId"]
         session = browser.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
         browser.send("Page.enable", session=session)
+
+        def resize(width: int, height: int) -> None:
+            browser.send("Emulation.setDeviceMetricsOverride", {"width": width, "height": height,
+                                                                "deviceScaleFactor": 1, "mobile": width < 600}, session)
+
         if screen:
-            browser.send("Emulation.setDeviceMetricsOverride", {"width": screen[0], "height": screen[1],
-                                                                "deviceScaleFactor": 1, "mobile": True}, session)
+            resize(*screen)
         browser.send("Page.navigate", {"url": server.url + "/"}, session)
         browser.wait_event("Page.loadEventFired", session)
 
@@ -172,6 +176,7 @@ def chat_page(engine: Engine, tmp_path, max_tokens: int | None,
             return browser.evaluate(session, f"(async () => {{\n{body}\n}})()")
 
         run(SETUP_SCRIPT % json.dumps("" if max_tokens is None else str(max_tokens)))
+        run.resize = resize  # type: ignore[attr-defined]
         yield run
     finally:
         browser.close()
@@ -395,11 +400,16 @@ def test_the_chat_page_works_on_a_phone_by_keyboard_and_with_a_screen_reader(nan
             forward.released.set()
         after_stop = run("await until(() => controller === null, 'the stop');\n"
                          "return [shown().replies[1].finish, document.activeElement === input];")
+        folded = run("return document.getElementById('settings').open;")
+        run.resize(640, 360)  # the phone turned sideways: wide enough to show the settings, with no 设置 to open them
+        turned = run("await until(() => document.getElementById('settings').open, 'the settings'); "
+                     "return document.getElementById('api-key').getClientRects().length > 0;")
     assert streaming == ["true", True]
     assert fits["headerShare"] < 0.15, "the settings fold away, leaving a phone's screen to the conversation"
     assert fits == {**fits, "inside": True, "scrolls": False, "formFits": True, "busy": None,
                     "speakers": ["你", "助手"]}
     assert stopped is True and after_stop == ["stopped", True]
+    assert folded is False and turned is True
 
 
 def test_a_message_stopped_before_its_reply_gives_back_the_turns_it_forgot(nano_model_dir, tmp_path):
