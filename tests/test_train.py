@@ -310,6 +310,8 @@ def test_set_values_parse_as_yaml():
                             ("[]", []), ("tensorboard,wandb", ["tensorboard", "wandb"])):
         cfg = resolve_config("pretrain", preset="nano", flags={"out": "o", "data": "d"}, sets=[f"tracker={value}"])
         assert cfg.tracker == trackers, value
+        cfg = resolve_config("sft", preset="nano", flags={"out": "o", "data": "d"}, sets=[f"sft.tracker={value}"])
+        assert cfg.tracker == trackers, value  # in a stage's section too
 
 
 def test_text_is_kept_as_written_and_a_toml_config_can_say_null(tmp_path):

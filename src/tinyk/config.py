@@ -161,10 +161,11 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if origin is str and isinstance(value, int | float | datetime.date) and not isinstance(value, bool):
             # YAML reads `run_name: 2024` as a number, `run_name: 2024-06-01` as a date
             return value.isoformat() if isinstance(value, datetime.date) else str(value)
-        if origin is list and key == "tracker" and isinstance(value, list | str):  # a comma list, as --tracker
+        text_list = key.rpartition(".")[2] in TEXT_LISTS  # a key of an sft: section, too
+        if origin is list and not text_list and isinstance(value, list | str):  # a comma list, as --tracker
             items = value.split(",") if isinstance(value, str) else value
             return [str(v).strip() for v in items if str(v).strip()]
-        if origin is list and isinstance(value, list | str):  # text kept as written: TEXT_LISTS
+        if origin is list and text_list and isinstance(value, list | str):  # text kept as written
             items = [value] if isinstance(value, str) else value
             if all(isinstance(v, str) for v in items):
                 return list(items)
