@@ -213,6 +213,13 @@ class ContextLengthError(TinykError):
 MESSAGE_TOKENS = 3
 
 
+def document_ids(tok: TinyTokenizer, text: str) -> list[int]:
+    """A raw prompt's ids as the start of a document: `<|im_start|>` first, as training documents begin (unless
+    the text spells it, e.g. a rendered chat); a special token spelt out in it is that token."""
+    ids = tok.encode(text)
+    return ids if ids[:1] == [tok.bos_id] else [tok.bos_id, *ids]
+
+
 def check_fits(tok: TinyTokenizer, context_length: int, texts: Iterable[str], tokens_each: int = 0) -> None:
     """Refuses text too long for the context window before it is tokenized: encoding a megabyte holds
     the GIL for a second or more (stalling every other stream of a server) and takes a GB of memory.
@@ -747,11 +754,9 @@ class Engine:
         taken as given; an empty prompt is `<|im_start|>`, and refused as text without it."""
         if isinstance(prompt, str):
             self.check_fits([prompt])
-            ids = self.tok.encode(prompt)
-            if not (ids or bos):
+            ids = document_ids(self.tok, prompt) if bos else self.tok.encode(prompt)
+            if not ids:
                 raise TinykError("an empty prompt has nothing to continue without <|im_start|> (bos=False)")
-            if bos and ids[:1] != [self.tok.bos_id]:
-                ids = [self.tok.bos_id, *ids]
         elif isinstance(prompt, list | tuple) and len(prompt) >= self.context_length:
             raise ContextLengthError.of(len(prompt), self.context_length)
         elif isinstance(prompt, list | tuple) and all(is_int(t) for t in prompt):

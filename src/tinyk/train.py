@@ -591,7 +591,7 @@ class Trainer:
         if cfg.sample_prompts and cfg.parallel == "fsdp" and self.dist.world > 1:
             raise TinykError("sample_prompts are decoded by one process, which under --parallel fsdp holds a shard "
                              "of the model: train with ddp, or sample a checkpoint's model/ with tinyk generate")
-        for q, ids in zip(cfg.sample_prompts, self._sample_ids(), strict=True):
+        for q, ids in zip(cfg.sample_prompts, self._sample_ids() if cfg.sample_prompts else [], strict=True):
             if len(ids) >= self.mcfg.max_seq_len:
                 raise TinykError(f"sample prompt {q[:24]!r}{'...' if len(q) > 24 else ''} takes {len(ids):,} tokens, "
                                  f"which leaves no room in the model's {self.mcfg.max_seq_len}-token context")
@@ -1033,15 +1033,18 @@ class Trainer:
             self.window_skipped += ~torch.isfinite(norm)
         return total, norm
 
+    def _timed_steps(self) -> int:
+        """This session's steps that its pace is timed over: its first is timed from its end (compilation and
+        warm-up excluded)."""
+        return self.progress.step - self._step_first if self._t_first is not None else 0
+
     def _seconds_for(self, k: int, least_timed: int = 1) -> float | None:
         """What k more steps take at this session's pace: theirs, the evaluations and checkpoints before the
         last of them (this step's own still to come), and the run's end (the final evaluation, the last
-        checkpoint and final/, a third of one), each as long as its last one took; None before
-        `least_timed` steps are (its first step is timed from its end: compilation and warm-up excluded).
-        An evaluation or checkpoint counts as long as this session's took in the median: one slowed by other
-        work does not shorten the schedule (and cut the LR) for the steps after it."""
-        cfg, step = self.cfg, self.progress.step
-        done = step - self._step_first if self._t_first is not None else 0
+        checkpoint and final/, a third of one), each as long as this session's took in the median (one slowed
+        by other work does not shorten the schedule, and cut the LR, for the steps after it); None before
+        `least_timed` steps are timed (`_timed_steps`)."""
+        cfg, step, done = self.cfg, self.progress.step, self._timed_steps()
         if done < least_timed:
             return None
         step_s = (time.perf_counter() - self._t_first - self.paused_s) / done  # training alone
@@ -1061,7 +1064,7 @@ class Trainer:
         """--max-minutes: the run's length that fits the time left at this session's pace, or 0 before it
         is timed: two steps, or in a resumed session, which goes on with the schedule fitted so far, ten
         (its first steps run on cold caches). Ranks average their estimates."""
-        if self._seconds_for(0, least_timed=10 if self.resumed_from else 2) is None:
+        if self._timed_steps() < (10 if self.resumed_from else 2):
             return 0
         left = self.cfg.max_minutes * 60 - self._elapsed()
         lo, hi = 0, max(0, self.step_cap - self.progress.step)
@@ -1439,14 +1442,13 @@ class Trainer:
     def _sample_ids(self) -> list[list[int]]:
         """The sample prompts' token ids: each opens a document (pretraining) or is a user's message (SFT, under
         the system prompt the run's model records)."""
+        from .engine import document_ids
         from .tokenizer import with_system
 
         if self.cfg.kind == "sft":
             return [self.tok.encode_chat(with_system([{"role": "user", "content": q}], self.system_prompt),
                                          add_generation_prompt=True) for q in self.cfg.sample_prompts]
-        # As `tinyk generate` reads a prompt: a special token spelt out in it is that token.
-        ids = [self.tok.encode(q) for q in self.cfg.sample_prompts]
-        return [i if i[:1] == [self.tok.bos_id] else [self.tok.bos_id, *i] for i in ids]
+        return [document_ids(self.tok, q) for q in self.cfg.sample_prompts]  # as `tinyk generate` reads them
 
     def _validate(self) -> tuple[float, float]:
         """(val loss, val bits per byte), logged."""
