@@ -115,6 +115,19 @@ def test_lr_schedule_warmup_then_cosine_to_ten_percent():
     assert lr_at(0, 1, 2.0, 0) == pytest.approx(0.2)
 
 
+def test_wsd_schedule_holds_the_peak_then_decays_linearly_over_its_last_steps():
+    lrs = [lr_at(s, 100, 1.0, 10, 0.1, "wsd", 0.2) for s in range(100)]
+    assert lrs[:10] == [lr_at(s, 100, 1.0, 10) for s in range(10)]  # the same warmup as the cosine's
+    assert lrs[9:80] == [1.0] * 71
+    decay = lrs[80:]  # 20 steps, each below the one before, the last at the floor
+    assert all(a > b for a, b in zip([1.0, *decay], decay, strict=False)) and decay[-1] == pytest.approx(0.1)
+    assert decay == pytest.approx([0.1 + 0.9 * (19 - i) / 20 for i in range(20)])
+    # Before its decay the rate does not depend on the run's length: a longer run is the same run so far.
+    assert [lr_at(s, 1000, 1.0, 10, 0.1, "wsd", 0.2) for s in range(80)] == lrs[:80]
+    assert lr_at(0, 1, 2.0, 0, 0.1, "wsd") == pytest.approx(0.2)  # a one-step run: its only step at the floor
+    assert [lr_at(s, 5, 1.0, 1, 0.0, "wsd", 1.0) for s in range(5)] == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
+
+
 def test_weight_decay_only_on_matrices():
     model = Transformer(preset_config("nano"))
     decay, no_decay = param_groups(model, 0.1)
@@ -266,6 +279,8 @@ def test_a_config_file_means_what_it_says(tmp_path):
     (["dtype=int8"], "dtype must be auto, bf16, fp16, fp32, got .int8.$"),
     (["device=mps"], "device must be auto, cpu or cuda, got .mps.$"),
     (["compile_mode=fast"], "compile_mode must be one of default, reduce-overhead"),
+    (["lr_schedule=linear"], "lr_schedule must be cosine or wsd, got .linear.$"),
+    (["decay_fraction=0"], r"decay_fraction must be in \(0, 1\]$"),
     (["max_minutes=0"], "max_minutes must be positive"),
     (["grad_clip=-1"], "grad_clip must be >= 0"),  # would train uphill
     (["batch_size=100000"], "batch_size must be in 1..65536$"),  # the flag's own limit
@@ -1526,6 +1541,11 @@ def test_a_damaged_checkpoint_is_named_with_the_way_out(tmp_path, pt_data, tok_d
               lambda: (newest / "model" / "model.safetensors").write_bytes(b"\0" * 100),
               lambda: (newest / "state.json").write_text((newest / "state.json").read_text().replace(
                   '"step": 4', '"step": "4"')),
+              # the schedule's fields, which are read after the files are restored
+              *(lambda old=old, new=new: (newest / "state.json").write_text(
+                  (newest / "state.json").read_text().replace(old, new))
+                for old, new in (('"total_steps": 4', '"total_steps": "4"'), ('"warmup": 2', '"warmup": 2.5'),
+                                 ('"lr": 0.003', '"lr": null'), ('"lr_schedule": "cosine"', '"lr_schedule": 1'))),
               lambda: shutil.rmtree(newest / "model")]
     for i, spoil in enumerate(damage):
         shutil.rmtree(out / "final", ignore_errors=True)
@@ -1999,6 +2019,30 @@ def test_a_time_budget_shortens_a_warmup_longer_than_half_the_fitted_run(tmp_pat
     assert lrs == sorted(lrs, reverse=True) and lrs[0] > 0.9 * 3e-3 and lrs[-1] == pytest.approx(0.1 * 3e-3)
 
 
+def test_a_resumed_timed_run_goes_on_at_the_rate_it_stopped_at(tmp_path, pt_data, tok_dir, monkeypatch):
+    """A warmup the fit cut short stays short on resume (the config's warmup_steps 50 began warming up
+    again: step 9 at 45% of the rate of step 8), and a run resumed with another --max-minutes goes on
+    with its fitted schedule until it has timed steps of its own (it went on the step cap's 3,000-step
+    schedule, back in warmup)."""
+    def stretched(self: Trainer) -> int:
+        return (10 if self.progress.step < 6 else 40) if self.progress.step >= 2 else 0
+
+    for name, warmup, minutes in (("warmup", 50, 10), ("budget", None, 20)):
+        out = tmp_path / name
+        cfg = nano_cfg(pt_data, tok_dir, out, max_steps=3000, max_minutes=10, warmup_steps=warmup)
+        with monkeypatch.context() as m:
+            m.setattr(Trainer, "_fit_estimate", stretched)
+            stop_at(m, 8)
+            train(cfg)
+        state = json.loads((checkpoints(out)[-1] / "state.json").read_text())
+        resumed = Trainer(replace(cfg, max_minutes=minutes), resume=True)
+        try:
+            assert (resumed.total_steps, resumed.warmup, resumed.refit) == (state["total_steps"], state["warmup"],
+                                                                             None), name
+        finally:
+            resumed.close()
+
+
 def test_compiled_training_matches_eager(tmp_path, pt_data, tok_dir):
     """--compile changes kernels, not the arithmetic: the same losses within float reordering."""
     eager = train(nano_cfg(pt_data, tok_dir, tmp_path / "eager", max_steps=3))
@@ -2242,6 +2286,35 @@ def test_sample_prompts_show_what_the_model_says_and_change_nothing_it_learns(tm
     assert rec["samples"] == [{"prompt": "北京是哪里？", "text": reply.text}]
     with pytest.raises(TinykError, match="^sample prompt '很很很很很很很很很很很很很很很很很很很很很很很很'... takes "):
         train(nano_cfg(pt_data, tok_dir, tmp_path / "long", sample_prompts=["很" * 500]))
+
+
+def test_a_wsd_run_made_longer_before_its_decay_is_the_longer_run(tmp_path, pt_data, tok_dir, monkeypatch, capsys):
+    """The point of warmup-stable-decay: a run stopped on its flat stretch and given more steps goes on at
+    the same rate, and ends bit-identical to a run planned that long from the start."""
+    wsd = dict(lr_schedule="wsd", decay_fraction=0.25, warmup_steps=2)
+    straight = train(nano_cfg(pt_data, tok_dir, tmp_path / "straight", max_steps=12, **wsd))
+    out = tmp_path / "extended"
+    with monkeypatch.context() as m:
+        stop_at(m, 4)
+        train(nano_cfg(pt_data, tok_dir, out, max_steps=8, **wsd))
+    capsys.readouterr()
+    extended = train(nano_cfg(pt_data, tok_dir, out, max_steps=12, **wsd), resume=True)
+    header = capsys.readouterr().out
+    assert "lr 0.003 -> 0.0003 over the last 25% of the steps (wsd)" in header and "re-fitted" not in header
+    lrs = [r["lr"] for r in records(out, "train")]
+    assert lrs == [r["lr"] for r in records(tmp_path / "straight", "train")]
+    assert lrs[2:9] == [3e-3] * 7 and lrs[9] < 3e-3 and lrs[-1] == pytest.approx(3e-4)
+    assert (out / "final" / "model.safetensors").read_bytes() == \
+        (tmp_path / "straight" / "final" / "model.safetensors").read_bytes()
+    assert extended["final_val_loss"] == straight["final_val_loss"] is not None
+    # The cosine has no flat stretch: the same extension re-fits it, and the header says by how much.
+    cos = tmp_path / "cosine"
+    with monkeypatch.context() as m:
+        stop_at(m, 4)
+        train(nano_cfg(pt_data, tok_dir, cos, max_steps=8, warmup_steps=2))
+    capsys.readouterr()
+    train(nano_cfg(pt_data, tok_dir, cos, max_steps=12, warmup_steps=2), resume=True)
+    assert "note: the run is now 12 steps long, not 8, so the LR schedule is re-fitted" in capsys.readouterr().out
 
 
 def test_a_timed_run_resumes_on_its_fitted_schedule_and_stays_finished(tmp_path, pt_data, tok_dir, monkeypatch,

@@ -30,6 +30,7 @@ from .rundir import config_copy, saved_config
 from .units import MAX_BATCH, parse_size
 
 KINDS = ("pretrain", "sft")
+LR_SCHEDULES = ("cosine", "wsd")
 TRAIN_DTYPES = ("auto", "bf16", "fp16", "fp32")  # with DTYPE_ALIASES, cli.common.TRAIN_DTYPE_CHOICES
 # PyTorch's names, as summary.json and the header print them (and generate's --dtype takes them).
 DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
@@ -57,6 +58,8 @@ class TrainConfig:
     max_minutes: float | None = None
     lr: float = 3e-4
     min_lr_ratio: float = 0.1
+    lr_schedule: str = "cosine"  # or "wsd": flat at lr until the last decay_fraction of the steps
+    decay_fraction: float = 0.2
     warmup_steps: int | None = None
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -411,14 +414,17 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.seq_len is None or cfg.seq_len >= 1, "seq_len must be positive"),
         (1 <= cfg.batch_size <= MAX_BATCH, f"batch_size must be in 1..{MAX_BATCH}"),
         (cfg.micro_batch is None or 1 <= cfg.micro_batch <= MAX_BATCH, f"micro_batch must be in 1..{MAX_BATCH}"),
-        (all(math.isfinite(v) for v in (cfg.lr, cfg.min_lr_ratio, cfg.weight_decay, cfg.beta1, cfg.beta2, cfg.eps,
-                                         cfg.grad_clip, cfg.epochs or 1, cfg.max_minutes or 1, cfg.peak_tflops or 1)),
+        (all(math.isfinite(v) for v in (cfg.lr, cfg.min_lr_ratio, cfg.decay_fraction, cfg.weight_decay, cfg.beta1,
+                                         cfg.beta2, cfg.eps, cfg.grad_clip, cfg.epochs or 1, cfg.max_minutes or 1,
+                                         cfg.peak_tflops or 1)),
          "numbers in the config must be finite (no inf or nan)"),
         (cfg.lr > 0, "lr must be positive"),
         # The optimizer holds them as float32 (a larger lr was a traceback from inside AdamW).
         (max(cfg.lr, cfg.weight_decay, cfg.eps, cfg.grad_clip) < torch.finfo(torch.float32).max,
          "lr, weight_decay, eps and grad_clip must fit a float32 (below 3.4e38)"),
         (0 <= cfg.min_lr_ratio <= 1, "min_lr_ratio must be between 0 and 1"),
+        (cfg.lr_schedule in LR_SCHEDULES, f"lr_schedule must be cosine or wsd, got {cfg.lr_schedule!r}"),
+        (0 < cfg.decay_fraction <= 1, "decay_fraction must be in (0, 1]"),
         (cfg.warmup_steps is None or cfg.warmup_steps >= 0, "warmup_steps must be >= 0"),
         (cfg.weight_decay >= 0, "weight_decay must be >= 0"),
         (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1, "beta1 and beta2 must be in [0, 1)"),

@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,7 @@ from .checkpoint import (
     load_model,
     write_model_files,
 )
-from .config import CUDA_GRAPH_MODES, TrainConfig, dump_config, model_config, validate
+from .config import CUDA_GRAPH_MODES, LR_SCHEDULES, TrainConfig, dump_config, model_config, validate
 from .errors import (
     STOP_SIGNALS,
     PeerLost,
@@ -96,14 +96,36 @@ COMPUTE_FIELDS = ("rope_theta", "norm_eps")  # not shapes, but the weights were 
 
 # ----------------------------------------------------------------------------- schedule & optimizer
 
-def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float = 0.1) -> float:
-    """Linear warmup over `warmup` optimizer steps, then cosine decay to min_ratio * peak at the last step."""
+def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float = 0.1, schedule: str = "cosine",
+          decay_fraction: float = 0.2) -> float:
+    """Linear warmup over `warmup` optimizer steps, then down to min_ratio * peak at the last step: by a
+    cosine, or ("wsd", warmup-stable-decay) flat at the peak until the last `decay_fraction` of the run's
+    steps and linearly down over those. WSD's LR before its decay does not depend on the run's length, so
+    a run made longer from a checkpoint before it, or fitted to a time budget, goes on at the same rate."""
     if step < warmup:
         return peak * (step + 1) / warmup
+    floor = peak * min_ratio
+    if schedule == "wsd":
+        decay = max(1, min(total - warmup, round(decay_fraction * total)))  # steps below the peak, last at floor
+        return floor + (peak - floor) * max(0, total - 1 - step) / decay if step >= total - decay else peak
     span = total - warmup - 1
     progress = min(1.0, (step - warmup) / span) if span > 0 else 1.0
-    floor = peak * min_ratio
     return floor + 0.5 * (1 + math.cos(math.pi * progress)) * (peak - floor)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """An LR schedule's settings, named as the config's keys (a resumed run's header names those that changed)."""
+
+    lr: float
+    warmup_steps: int
+    min_lr_ratio: float
+    lr_schedule: str
+    decay_fraction: float
+
+    def lr_at(self, step: int, total: int) -> float:
+        return lr_at(step, total, self.lr, self.warmup_steps, self.min_lr_ratio, self.lr_schedule,
+                     self.decay_fraction)
 
 
 def default_warmup(total_steps: int) -> int:
@@ -828,7 +850,8 @@ class Trainer:
                                                            "skipped": int(self.window_skipped.item())},
                     "world_size": d.world, "batch_size": self.cfg.batch_size,
                     "seq_len": self.cfg.seq_len, "total_steps": self.total_steps, "warmup": self.warmup,
-                    "lr": self.cfg.lr, "min_lr_ratio": self.cfg.min_lr_ratio, "max_minutes": self.cfg.max_minutes,
+                    "lr": self.cfg.lr, "min_lr_ratio": self.cfg.min_lr_ratio, "lr_schedule": self.cfg.lr_schedule,
+                    "decay_fraction": self.cfg.decay_fraction, "max_minutes": self.cfg.max_minutes,
                     "training_data": training_data_id(self.meta)})
             self.tok_dir = path / "model"  # the tokenizer to copy from now on: never rotated away, never moved
             for old in checkpoints(self.out)[:-self.cfg.keep_checkpoints]:
@@ -855,16 +878,24 @@ class Trainer:
 
     def _load_checkpoint(self, path: Path) -> None:
         try:
-            self._load_checkpoint_files(path)
+            state = self._load_checkpoint_files(path)
         except (OSError, ValueError, KeyError, TypeError, RuntimeError, pickle.UnpicklingError) as e:
             raise self._damaged(e) from e
+        # Outside the try: a mistake of tinyk's in the schedule must not call a good checkpoint damaged.
+        self._resume_schedule(state)
 
-    def _load_checkpoint_files(self, path: Path) -> None:
+    def _load_checkpoint_files(self, path: Path) -> dict[str, Any]:
+        """Restores the model's progress, the optimizer, the RNGs and the data's place; returns state.json."""
         state = read_json(path / "state.json")
-        for key in ("step", "tokens", "loss_tokens", "elapsed_s"):
-            value = state[key]
-            if not _finite_amount(value) or (key != "elapsed_s" and not isinstance(value, int)):
+        counts = ("step", "tokens", "loss_tokens", "total_steps", "warmup")
+        for key in (*counts, "elapsed_s", "lr", "min_lr_ratio", "decay_fraction", "max_minutes"):
+            # Older checkpoints lack the schedule's keys; max_minutes is null in a run without one.
+            value = state[key] if key in ("step", "tokens", "loss_tokens", "elapsed_s") else state.get(key, 0)
+            if (value is not None or key != "max_minutes") and \
+                    (not _finite_amount(value) or (key in counts and not isinstance(value, int))):
                 raise ValueError(f"state.json has {key} {value!r}")
+        if state.get("lr_schedule", "cosine") not in LR_SCHEDULES:
+            raise ValueError(f"state.json has lr_schedule {state['lr_schedule']!r}")
         if state["kind"] != self.cfg.kind:
             raise TinykError(f"{path} is a {state['kind']} checkpoint, not {self.cfg.kind}")
         was, now = state.get("training_data"), training_data_id(self.meta)
@@ -889,13 +920,13 @@ class Trainer:
             flops = state["tokens"] * self.flops_per_token
         self.progress = _Progress(state["step"], state["tokens"], state["loss_tokens"], state["elapsed_s"], spent,
                                   flops)
-        self._resume_schedule(state)
         window = state["log_window"]
         if "loss_sum" in window:  # a checkpoint of an earlier tinyk summed step means: its window starts anew
             if self.dist.main:
                 self.window_loss.fill_(window["loss_sum"])
             self.window_loss_tokens = window["loss_tokens"]
         self.window_skipped.fill_(int(window.get("skipped", 0)))
+        return state
 
     def _restore_optimizer(self, path: Path) -> None:
         """AdamW's state from the checkpoint; its hyper-parameters and kernels from this run's config and device."""
@@ -929,23 +960,26 @@ class Trainer:
     def _resume_schedule(self, state: dict[str, Any]) -> None:
         """The resumed run's length, warmup and LR schedule. What is left of a token or epoch budget is
         counted at this session's batch size (pretraining may change it; SFT refuses that), from the
-        samples done ever; an unchanged time budget goes on with the schedule fitted so far; a run made
-        longer or shorter re-fits the cosine from where it is (`refit`, which the header reports)."""
+        samples done ever; a timed run goes on with the schedule fitted so far until this session's own
+        estimate; a run made longer or shorter re-fits the schedule from where it is (`refit`, which the
+        header reports)."""
+        cfg, step, planned = self.cfg, state["step"], state.get("total_steps")
+        saved_warmup = state.get("warmup", self.warmup)
         done = state["loader"]["epoch"] * self.loader.num_windows + state["loader"]["cursor"]
-        self.step_cap, self.ended_by = first_budget(step_budgets(self.cfg, self.loader.num_windows, state["step"],
-                                                                 done))
+        self.step_cap, self.ended_by = first_budget(step_budgets(cfg, self.loader.num_windows, step, done))
         self.total_steps = self.step_cap
-        if self.total_steps != total_steps(self.cfg, self.loader.num_windows) and self.cfg.warmup_steps is None:
-            self.warmup = state.get("warmup", self.warmup)  # the warmup this run began with
-        if self.cfg.max_minutes and state.get("max_minutes") == self.cfg.max_minutes and "warmup" in state:
-            # The same time budget: go on with the schedule fitted so far (the first estimate of this
-            # session is a few steps away), and a finished run stays finished.
-            self.total_steps = min(self.step_cap, max(state["step"], state["total_steps"]))
-            self.warmup = state["warmup"] if self.cfg.warmup_steps is None else \
-                min(self.cfg.warmup_steps, self.total_steps // 2)
+        if cfg.max_minutes and state.get("max_minutes") and "warmup" in state and planned and \
+                (state["max_minutes"] == cfg.max_minutes or step < planned):
+            # Timed before and now: go on with the schedule fitted so far (this session's first estimate
+            # is a few steps away), and a finished run stays finished unless its time budget changed.
+            self.total_steps = min(self.step_cap, max(step, planned))
+            # A warmup the fit cut short stays short: a longer one would start warming up again.
+            self.warmup = saved_warmup if cfg.warmup_steps is None else \
+                min(saved_warmup, cfg.warmup_steps, self.total_steps // 2)
             if self.total_steps < self.step_cap:
                 self.ended_by = "--max-minutes"
-        planned, step = state.get("total_steps"), state["step"]
+        elif cfg.warmup_steps is None and self.step_cap != total_steps(cfg, self.loader.num_windows):
+            self.warmup = saved_warmup  # a budget re-counted at another batch size: the warmup the run began with
         if planned and self.total_steps < step < planned:
             # Ending here would make a "complete" run, and its final/ model, of one stopped mid-schedule.
             raise TinykError(f"{self._budget_text()} ends this run at step {self.total_steps:,}, but it stopped at "
@@ -953,19 +987,28 @@ class Trainer:
                              f"the checkpoint's model/ as it is")
         if step > self.total_steps:  # a finished run, given a smaller budget, is as long as it was
             self.total_steps = step
-            if self.cfg.warmup_steps is None:
-                self.warmup = state.get("warmup", self.warmup)
+            if cfg.warmup_steps is None:
+                self.warmup = saved_warmup
         if planned and step < self.total_steps:
-            # A longer (or shorter) run re-fits the cosine (after a finished run the LR climbs back up), and
-            # a new lr, warmup or min_lr_ratio changes it: the header says so, with both rates.
-            old = {"lr": state.get("lr", self.cfg.lr), "warmup_steps": state.get("warmup", self.warmup),
-                   "min_lr_ratio": state.get("min_lr_ratio", self.cfg.min_lr_ratio)}
-            new = {"lr": self.cfg.lr, "warmup_steps": self.warmup, "min_lr_ratio": self.cfg.min_lr_ratio}
-            was, now = lr_at(step, planned, *old.values()), lr_at(step, self.total_steps, *new.values())
-            if abs(now - was) > 0.1 * was:
-                # The settings given: a warmup that follows the run's length is the length's doing.
-                given = [k for k in old if old[k] != new[k] and (k != "warmup_steps" or self.cfg.warmup_steps)]
-                self.refit = (planned, was, now, [f"{k} is {new[k]:g}" for k in given])
+            self.refit = self._refit(state, step, planned)
+
+    def _refit(self, state: dict[str, Any], step: int, planned: int) -> tuple[int, float, float, list[str]] | None:
+        """For the header: (old length, old LR, new LR, the settings given that changed it) where the
+        resumed schedule moves this step's LR by more than a tenth (after a finished run made longer it
+        climbs back up)."""
+        new = self._schedule()
+        # A checkpoint from before lr_schedule was a setting ran the cosine.
+        old = Schedule(lr=state.get("lr", self.cfg.lr), warmup_steps=state.get("warmup", self.warmup),
+                       min_lr_ratio=state.get("min_lr_ratio", self.cfg.min_lr_ratio),
+                       lr_schedule=state.get("lr_schedule", "cosine"),
+                       decay_fraction=state.get("decay_fraction", self.cfg.decay_fraction))
+        was, now = old.lr_at(step, planned), new.lr_at(step, self.total_steps)
+        if abs(now - was) <= 0.1 * was:
+            return None
+        # The settings given: a warmup that follows the run's length is the length's doing.
+        given = [f"{k} is {v}" for k, v in asdict(new).items()
+                 if v != getattr(old, k) and (k != "warmup_steps" or self.cfg.warmup_steps)]
+        return planned, was, now, given
 
     def _budget_text(self) -> str:
         """The budget that ends the run, as its flag and value, for messages."""
@@ -1024,7 +1067,7 @@ class Trainer:
         world-size factor undoes the averaging of gradients across processes.
         """
         for g in self.opt.param_groups:
-            g["lr"] = lr_at(self.progress.step, self.total_steps, self.cfg.lr, self.warmup, self.cfg.min_lr_ratio)
+            g["lr"] = self._schedule().lr_at(self.progress.step, self.total_steps)
         scale = self.dist.world / max(n_loss, 1)
         total, norm = optimizer_step(self.step_module, self.opt, self.scaler, batches, scale,
                                      grad_clip=self.cfg.grad_clip, autocast=self._autocast, sync=self._sync,
@@ -1033,19 +1076,23 @@ class Trainer:
             self.window_skipped += ~torch.isfinite(norm)
         return total, norm
 
+    def _schedule(self) -> Schedule:
+        cfg = self.cfg
+        return Schedule(cfg.lr, self.warmup, cfg.min_lr_ratio, cfg.lr_schedule, cfg.decay_fraction)
+
     def _timed_steps(self) -> int:
         """This session's steps that its pace is timed over: its first is timed from its end (compilation and
         warm-up excluded)."""
         return self.progress.step - self._step_first if self._t_first is not None else 0
 
-    def _seconds_for(self, k: int, least_timed: int = 1) -> float | None:
+    def _seconds_for(self, k: int) -> float | None:
         """What k more steps take at this session's pace: theirs, the evaluations and checkpoints before the
         last of them (this step's own still to come), and the run's end (the final evaluation, the last
         checkpoint and final/, a third of one), each as long as this session's took in the median (one slowed
         by other work does not shorten the schedule, and cut the LR, for the steps after it); None before
-        `least_timed` steps are timed (`_timed_steps`)."""
+        a step is timed (`_timed_steps`)."""
         cfg, step, done = self.cfg, self.progress.step, self._timed_steps()
-        if done < least_timed:
+        if not done:
             return None
         step_s = (time.perf_counter() - self._t_first - self.paused_s) / done  # training alone
         if self.eval_times:
@@ -1056,9 +1103,10 @@ class Trainer:
         else:
             eval_s = 0.0
         save_s = statistics.median(self.save_times) if self.save_times else 0.0
-        between = [(step + k - 1) // every - (step - 1) // every if every and k else 0
-                   for every in (cfg.eval_every, cfg.save_every)]
-        return k * step_s + (between[0] + 1) * eval_s + (between[1] + 4 / 3) * save_s
+        def due(every: int) -> int:  # the multiples of `every` among steps step .. step + k - 1
+            return (step + k - 1) // every - (step - 1) // every if every and k else 0
+
+        return k * step_s + (due(cfg.eval_every) + 1) * eval_s + (due(cfg.save_every) + 4 / 3) * save_s
 
     def _fit_estimate(self) -> int:
         """--max-minutes: the run's length that fits the time left at this session's pace, or 0 before it
@@ -1169,7 +1217,8 @@ class Trainer:
             f"of {self.micro} per process; {'up to ' if cfg.max_minutes else ''}{plural(steps, 'steps')} "
             f"({'at most ' if cfg.kind == 'sft' else ''}{run_tokens:,} tokens){fitted}"
             f"{f', fitted to {cfg.max_minutes:g} minutes' if cfg.max_minutes else ''}, "
-            f"warmup {self.warmup}, lr {cfg.lr:g} -> {cfg.lr * cfg.min_lr_ratio:g}",
+            f"warmup {self.warmup}, lr {cfg.lr:g} -> {cfg.lr * cfg.min_lr_ratio:g}"
+            f"{f' over the last {cfg.decay_fraction:.0%} of the steps (wsd)' if cfg.lr_schedule == 'wsd' else ''}",
             f"FLOPs/token {flops_formula(m, cfg.seq_len)}"
             f"{', T at most: an SFT batch counts its padded length' if cfg.kind == 'sft' else ''}; peak for MFU: "
             + (f"{self.peak / 1e12:.2f} TFLOP/s per device, {self.peak_source}" if self.peak else self.peak_source),

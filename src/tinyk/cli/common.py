@@ -23,10 +23,12 @@ from tinyk.units import MAX_BATCH, MAX_SIZE, parse_size
 if TYPE_CHECKING:
     from tinyk.engine import SamplingParams
 
-# pretrain, sft and plan's --dtype and --parallel: what the trainer's config takes (config.TRAIN_DTYPES with
-# PyTorch's names, DTYPE_ALIASES; config.PARALLEL), here so that parsing arguments needs no torch.
+# pretrain, sft and plan's --dtype and --parallel, and --lr-schedule: what the trainer's config takes
+# (config.TRAIN_DTYPES with PyTorch's names, DTYPE_ALIASES; config.PARALLEL; config.LR_SCHEDULES), here so
+# that parsing arguments needs no torch.
 TRAIN_DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32", "bfloat16", "float16", "float32")
 PARALLEL_CHOICES = ("ddp", "fsdp")
+LR_SCHEDULE_CHOICES = ("cosine", "wsd")
 PRESET_NAMES = ", ".join(("seed-215m", "seed-82m", "tiny", "nano"))  # model.PRESETS' names, for --help
 
 SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from tinyk.cli.common import (
+    LR_SCHEDULE_CHOICES,
     PARALLEL_CHOICES,
     PRESET_NAMES,
     TRAIN_DTYPE_CHOICES,
@@ -23,8 +24,8 @@ from tinyk.cli.common import (
 
 # Flags that map one-to-one onto config keys; None means "not given", so configs stay in charge.
 _FLAG_KEYS = ("data", "tokenizer", "init", "out", "max_steps", "max_tokens", "epochs", "max_minutes", "batch_size",
-              "micro_batch", "seq_len", "lr", "dtype", "device", "parallel", "eval_every", "save_every", "log_every",
-              "seed", "tracker")
+              "micro_batch", "seq_len", "lr", "lr_schedule", "dtype", "device", "parallel", "eval_every",
+              "save_every", "log_every", "seed", "tracker")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -55,7 +56,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="sequences per forward pass per process (accumulation fills the rest)")
         b.add_argument("--seq-len", type=positive_int, help="tokens per sample (default: the model's context)")
         b.add_argument("--lr", type=positive_float,
-                       help="peak learning rate (warmup, then cosine to min_lr_ratio of it, 10%% by default)")
+                       help="peak learning rate (warmup, then down to min_lr_ratio of it, 10%% by default)")
+        b.add_argument("--lr-schedule", choices=LR_SCHEDULE_CHOICES,
+                       help="cosine (the default) decays from the warmup on; wsd stays at the peak until the last "
+                            "decay_fraction (20%% by default) of the steps")
         r = p.add_argument_group("runtime")
         r.add_argument("--dtype", choices=TRAIN_DTYPE_CHOICES)
         r.add_argument("--device", choices=["auto", "cpu", "cuda"])
