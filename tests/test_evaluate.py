@@ -28,6 +28,7 @@ from tinyk.evaluate import (
     evaluate,
     format_table,
     normalize_answer,
+    percent,
     read_choice,
     read_task_prompts,
     skip_notes,
@@ -566,6 +567,62 @@ def test_cli_table_and_json(tmp_path, nano, nano_model_dir, pretrain_data, capsy
     assert "nothing to evaluate" in capsys.readouterr().err
 
 
+def test_several_models_are_scored_side_by_side_as_each_alone(tmp_path, nano, nano_model_dir, tok_dir,
+                                                             pretrain_data, corpus_file, monkeypatch, capsys):
+    """`--model A B`: the same inputs for each, one column per model, each model's numbers what its own
+    evaluation gives; every model's inputs are checked before the first one's weights load."""
+    model, tok = nano
+    write_ceval(tmp_path / "ceval", model, tok, "cloze")
+    other = tmp_path / "其他模型"
+    init_model_dir("nano", tok_dir, other, seed=1)
+    task = write_task(tmp_path / "t.jsonl", [{"messages": [{"role": "user", "content": f"你好{i}"}], "answer": "你好"}
+                                             for i in range(3)])
+    inputs = ["--data", str(pretrain_data), "--seq-len", "32", "--task", str(task), "--max-new-tokens", "3",
+              "--choice", str(tmp_path / "ceval" / "val")]
+    alone = []
+    for m in (nano_model_dir, other):
+        with pytest.raises(SystemExit) as e:
+            main(["eval", "--model", str(m), *inputs, "--json"])
+        assert e.value.code == 0
+        alone.append(json.loads(capsys.readouterr().out))
+    out, samples = tmp_path / "r.json", tmp_path / "s.jsonl"
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--model", str(nano_model_dir), str(other), *inputs, "--out", str(out), "--samples",
+              str(samples)])
+    assert e.value.code == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["metric", str(nano_model_dir), str(other), "baseline"]
+    loss = next(line for line in table if line.startswith("pt/val loss"))
+    assert loss.split()[-2:] == [f"{r['data'][0]['loss']:.4f}" for r in alone]
+    choice = next(line for line in table if line.startswith("multiple choice"))
+    assert choice.split()[-4:-2] == [percent(r["choice"]["accuracy"]) for r in alone] and "25.0% chance" in choice
+    assert len(table) - 2 == len(list(table_rows(alone[0])))  # every metric of either model in one row
+    saved = json.loads(out.read_text(encoding="utf-8"))["models"]
+    for s, a in zip(saved, alone, strict=True):
+        assert s["data"] == a["data"] and s["choice"] == a["choice"] and s["tasks"] == a["tasks"]
+    lines = [json.loads(line) for line in samples.read_text(encoding="utf-8").splitlines()]
+    assert [r["model"] for r in lines] == [str(nano_model_dir)] * 9 + [str(other)] * 9
+    # Several models' results are earlier results too: --force replaces them.
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--model", str(other), "--data", str(pretrain_data), "--out", str(out), "--force"])
+    assert e.value.code == 0 and json.loads(out.read_text())["model"] == str(other)
+    capsys.readouterr()
+    # A model whose tokenizer is not the data's, named last, is refused before any model loads.
+    train_tokenizer([corpus_file], tmp_path / "tok300", vocab_size=300, show_progress=False)
+    init_model_dir("nano", tmp_path / "tok300", tmp_path / "m300")
+
+    def never(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr("tinyk.checkpoint.load_model", never)
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--model", str(nano_model_dir), str(tmp_path / "m300"), "--data", str(pretrain_data)])
+    assert e.value.code == 2 and "was tokenized with another tokenizer than the model" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--model", str(other), str(other) + "/", "--data", str(pretrain_data)])
+    assert e.value.code == 2 and "is given twice" in capsys.readouterr().err
+
+
 def test_samples_list_every_answer_and_every_questions_option_scores(tmp_path, nano, nano_model_dir, capsys):
     """`--samples`: one JSON line per task example and per question, in file order, agreeing with the
     table's accuracy; a cloze score is the option's log-probability over its UTF-8 bytes."""
@@ -649,14 +706,14 @@ def test_an_out_file_made_while_the_evaluation_ran_is_not_overwritten(tmp_path, 
     import tinyk.evaluate
 
     out = tmp_path / "r.json"
-    real = tinyk.evaluate.evaluate
+    real = tinyk.evaluate.evaluate_models
 
     def evaluate_while_the_user_writes(*args, **kw):
         results = real(*args, **kw)
         out.write_text("mine")
         return results
 
-    monkeypatch.setattr(tinyk.evaluate, "evaluate", evaluate_while_the_user_writes)
+    monkeypatch.setattr(tinyk.evaluate, "evaluate_models", evaluate_while_the_user_writes)
     with pytest.raises(SystemExit) as e:
         main(["eval", "--model", str(nano_model_dir), "--data", str(pretrain_data), "--seq-len", "32",
               "--out", str(out)])

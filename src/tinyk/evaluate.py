@@ -593,57 +593,96 @@ def score_choice(model: Transformer, tok: TinyTokenizer, paths: list[str | Path]
 
 # ---------------------------------------------------------------- all modes together
 
-def evaluate(model_dir: str | Path, *, data: Iterable[str | Path] = (), tasks: Iterable[str | Path] = (),
-             choice: Iterable[str | Path] = (), split: str = "val", seq_len: int | None = None,
-             batch_size: int = 16, max_batches: int | None = None, max_new_tokens: int = 64,
-             limit: int | None = None, choice_format: str = "cloze",
-             system_prompt: str | None | ModelPrompt = MODEL_PROMPT, device: str = "auto",
-             quantize: str = "none", records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Runs every requested mode on one model directory; the model is loaded once. Task chats without
-    a system message get `system_prompt`: by default the model's own (its SFT data's), None for none
-    (`tokenizer.prompt_from_flag` reads --system-prompt so). `records`, when given, gets one dict per
-    task example and per question (see `eval_task`, `eval_choice`)."""
-    from .checkpoint import config_and_tokenizer, load_model
-    from .loader import open_split
+def evaluate(model_dir: str | Path, **modes: Any) -> dict[str, Any]:
+    """Runs every requested mode on one model directory; `evaluate_models` says how."""
+    return evaluate_models([model_dir], **modes)[0]
 
-    data, tasks, choice = as_list(data), as_list(tasks), as_list(choice)
+
+@dataclass
+class _Plan:
+    """One model's inputs, checked and read, before any weights load."""
+
+    model_dir: str | Path
+    opened: list[SplitData]
+    system: str | None
+    task_inputs: list[Any]
+    questions: list[ChoiceQuestion] | None
+    choice_skips: Skips | None
+
+
+def evaluate_models(model_dirs: Iterable[str | Path], *, data: Iterable[str | Path] = (),
+                    tasks: Iterable[str | Path] = (), choice: Iterable[str | Path] = (), split: str = "val",
+                    seq_len: int | None = None, batch_size: int = 16, max_batches: int | None = None,
+                    max_new_tokens: int = 64, limit: int | None = None, choice_format: str = "cloze",
+                    system_prompt: str | None | ModelPrompt = MODEL_PROMPT, device: str = "auto",
+                    quantize: str = "none", records: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Runs every requested mode on each model directory, one results dict each (models load one at a
+    time). Task chats without a system message get `system_prompt`: by default each model's own (its
+    SFT data's), None for none (`tokenizer.prompt_from_flag` reads --system-prompt so). `records`, when
+    given, gets one dict per task example and per question (see `eval_task`, `eval_choice`), with the
+    model's directory in "model" when there are several."""
+    from .checkpoint import config_and_tokenizer, load_model
+    from .engine import engine_dtype, int8_refusal
+    from .loader import open_split
+    from .model import resolve_device
+
+    model_dirs, data, tasks, choice = as_list(model_dirs), as_list(data), as_list(tasks), as_list(choice)
     if not (data or tasks or choice):
         raise TinykError("nothing to evaluate: give --data, --task and/or --choice")
     if quantize != "none" and not tasks:
         raise TinykError(f"--quantize {quantize} applies to --task answers (--data and --choice always score "
                          f"in fp32); add --task or leave --quantize out")
-    # Every input is checked before the weights load and any mode runs: a mistake in the last one
-    # must not throw away the minutes the first ones took. The model directory first: the checks read
-    # its tokenizer and context length.
-    cfg, tok = config_and_tokenizer(Path(model_dir))
-    opened = [open_split(d, split, data_seq_len(_split_meta(d, split, model_dir), seq_len, cfg.max_seq_len))
-              for d in data]
-    refuse_repeats([Path(d) for d in data], "data directory")
-    system = tok.resolve_system(system_prompt)
-    prompt_of = chat_prompt_ids(tok, cfg.max_seq_len)
-    task_inputs = [read_task_prompts(t, prompt_of, system_prompt=system, limit=limit) for t in tasks]
-    refuse_repeats([Path(t) for t in tasks], "task file")  # once read: each one exists
     if choice:
         _check_choice_format(choice_format)
-        choice_skips = Skips()
-        questions = choices_that_fit(tok, choice, read_choice(choice, choice_skips, limit), choice_format,
-                                     cfg.max_seq_len, choice_skips)
-    from .engine import engine_dtype, int8_refusal
-    from .model import resolve_device
-
+    # Every input is checked, for every model, before the weights load and any mode runs: a mistake in
+    # the last one must not throw away the minutes the first ones took. The model directory first: the
+    # checks read its tokenizer and context length.
+    plans = []
+    for model_dir in model_dirs:
+        cfg, tok = config_and_tokenizer(Path(model_dir))
+        opened = [open_split(d, split, data_seq_len(_split_meta(d, split, model_dir), seq_len, cfg.max_seq_len))
+                  for d in data]
+        refuse_repeats([Path(d) for d in data], "data directory")
+        system = tok.resolve_system(system_prompt)
+        prompt_of = chat_prompt_ids(tok, cfg.max_seq_len)
+        task_inputs = [read_task_prompts(t, prompt_of, system_prompt=system, limit=limit) for t in tasks]
+        refuse_repeats([Path(t) for t in tasks], "task file")  # once read: each one exists
+        questions, choice_skips = None, None
+        if choice:
+            choice_skips = Skips()
+            questions = choices_that_fit(tok, choice, read_choice(choice, choice_skips, limit), choice_format,
+                                         cfg.max_seq_len, choice_skips)
+        plans.append(_Plan(model_dir, opened, system, task_inputs, questions, choice_skips))
+    refuse_repeats([Path(m) for m in model_dirs], "model directory")
     dev = resolve_device(device)
     if quantize == "int8" and (why := int8_refusal(dev, engine_dtype("auto", dev, quantize))):
         raise TinykError(why)  # before the other modes run, not after
-    model, tok = load_model(model_dir, device=dev)
-    results: dict[str, Any] = {"model": str(model_dir), "data": [], "tasks": [], "choice": None,
+    out = []
+    for plan in plans:
+        model, tok = load_model(plan.model_dir, device=dev)
+        own: list[dict[str, Any]] | None = None if records is None else []
+        out.append(_run_plan(plan, model, tok, data=data, tasks=tasks, choice=choice, split=split, seq_len=seq_len,
+                             batch_size=batch_size, max_batches=max_batches, max_new_tokens=max_new_tokens,
+                             limit=limit, choice_format=choice_format, quantize=quantize, records=own))
+        del model  # one model in memory at a time
+        if records is not None and own is not None:
+            records += [{"model": str(plan.model_dir), **r} for r in own] if len(plans) > 1 else own
+    return out
+
+
+def _run_plan(plan: _Plan, model: Transformer, tok: TinyTokenizer, *, data: list[str | Path],
+              tasks: list[str | Path], choice: list[str | Path], split: str, seq_len: int | None, batch_size: int,
+              max_batches: int | None, max_new_tokens: int, limit: int | None, choice_format: str, quantize: str,
+              records: list[dict[str, Any]] | None) -> dict[str, Any]:
+    results: dict[str, Any] = {"model": str(plan.model_dir), "data": [], "tasks": [], "choice": None,
                                "settings": {"split": split, "seq_len": seq_len, "max_batches": max_batches,
                                             "limit": limit, "max_new_tokens": max_new_tokens,
-                                            "system_prompt": system, "choice_format": choice_format,
+                                            "system_prompt": plan.system, "choice_format": choice_format,
                                             "batch_size": batch_size}}
     if tasks:
         results["quantize"] = quantize  # the task answers' weights; the other modes always use fp32
-    for d, split_data in zip(data, opened, strict=True):
-        results["data"].append(eval_data(model, model_dir, d, split=split, seq_len=seq_len,
+    for d, split_data in zip(data, plan.opened, strict=True):
+        results["data"].append(eval_data(model, plan.model_dir, d, split=split, seq_len=seq_len,
                                          batch_size=batch_size, max_batches=max_batches, opened=split_data))
     if tasks:
         from .engine import INT8_MAX_ROWS
@@ -653,9 +692,9 @@ def evaluate(model_dir: str | Path, *, data: Iterable[str | Path] = (), tasks: I
         task_batch = min(batch_size, INT8_MAX_ROWS) if quantize == "int8" else batch_size
         engine = make_engine(model, tok, task_batch, quantize)
         results["tasks"] = [score_task(engine, t, *read, batch_size=task_batch, max_new_tokens=max_new_tokens,
-                                       records=records) for t, read in zip(tasks, task_inputs, strict=True)]
+                                       records=records) for t, read in zip(tasks, plan.task_inputs, strict=True)]
     if choice:
-        results["choice"] = score_choice(model, tok, choice, questions, choice_skips, fmt=choice_format,
+        results["choice"] = score_choice(model, tok, choice, plan.questions, plan.choice_skips, fmt=choice_format,
                                          batch_size=batch_size, records=records)
     return results
 
@@ -669,6 +708,8 @@ def is_results(path: Path) -> bool:
         results = read_json(path)  # a file too large for results is a ValueError there
     except (OSError, UnicodeDecodeError, ValueError):
         return False
+    if isinstance(results, dict) and isinstance(results.get("models"), list):  # of several models
+        return all(isinstance(r, dict) and {"model", "data", "tasks", "choice"} <= r.keys() for r in results["models"])
     return isinstance(results, dict) and {"model", "data", "tasks", "choice"} <= results.keys()
 
 
@@ -797,12 +838,26 @@ def counted(n: int, skipped: dict[str, Any]) -> str:
                                   for reason, count in skipped["by_reason"].items())])
 
 
-def format_table(rows: Iterable[tuple[str, str, str]], header: tuple[str, str, str] = ("metric", "score", "baseline")
-                 ) -> str:
+def compared_rows(results: list[dict[str, Any]]) -> list[tuple[str, ...]]:
+    """`table_rows` of several models merged into (metric, a score per model, baseline) rows, in the
+    order they first appear; a metric one model lacks (a row that counts another number of examples,
+    when prompts beyond its context were skipped) shows "-" there."""
+    scores: dict[str, list[str]] = {}
+    baselines: dict[str, str] = {}
+    for i, r in enumerate(results):
+        for metric, score, baseline in table_rows(r):
+            scores.setdefault(metric, ["-"] * len(results))[i] = score
+            baselines.setdefault(metric, baseline)
+    return [(metric, *row, baselines[metric]) for metric, row in scores.items()]
+
+
+def format_table(rows: Iterable[tuple[str, ...]], header: tuple[str, ...] = ("metric", "score", "baseline")) -> str:
+    """Aligned columns: the first left, the scores right, the last (baseline, left) only where it has text."""
     rows = [header, *rows]
-    w0 = max(_width(r[0]) for r in rows)
-    w1 = max(len(r[1]) for r in rows)
-    lines = [_ljust(r[0], w0) + "  " + r[1].rjust(w1) + ("  " + r[2] if r[2] else "") for r in rows]
+    widths = [max(_width(r[i]) for r in rows) for i in range(len(header) - 1)]
+    lines = [_ljust(r[0], widths[0]) + "".join("  " + " " * (w - _width(v)) + v for v, w in
+                                               zip(r[1:-1], widths[1:], strict=True)) + ("  " + r[-1] if r[-1] else "")
+             for r in rows]
     lines.insert(1, "-" * max(_width(line) for line in lines))
     return "\n".join(lines)
 

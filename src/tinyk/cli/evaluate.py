@@ -14,8 +14,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Modes combine: --data DIR (loss, perplexity, bits per byte), --task FILE "
                                    "(JSONL of {messages, answer}, or SFT records: greedy exact match and stop "
                                    "rate), --choice PATH (C-Eval/CMMLU CSVs: option log-likelihood vs chance).")
-    p.add_argument("--model", required=True, type=model_dir,
-                   help="model directory, or a training run's (meaning its final/)")
+    p.add_argument("--model", required=True, nargs="+", action="extend", type=model_dir, metavar="MODEL",
+                   help="model directory, or a training run's (meaning its final/); several are evaluated on the "
+                        "same inputs and shown side by side")
     p.add_argument("--data", nargs="+", action="extend", default=[], metavar="DIR", type=path_arg,
                    help="prepared data directories")
     p.add_argument("--split", default="val", help="split of --data to evaluate (default val)")
@@ -56,7 +57,8 @@ def _eval(args: argparse.Namespace) -> int:
     from tinyk.evaluate import (
         check_results_out,
         check_samples_out,
-        evaluate,
+        compared_rows,
+        evaluate_models,
         format_table,
         save_results,
         save_samples,
@@ -66,7 +68,7 @@ def _eval(args: argparse.Namespace) -> int:
     from tinyk.outputs import same_path
     from tinyk.tokenizer import prompt_from_flag
 
-    inputs = [args.model, *args.data, *args.task, *args.choice]
+    inputs = [*args.model, *args.data, *args.task, *args.choice]
     if args.out is not None:
         check_results_out(args.out, inputs, args.force)
     records = None
@@ -77,19 +79,27 @@ def _eval(args: argparse.Namespace) -> int:
             raise TinykError(f"--samples {args.samples} is also --out; give each its own file")
         check_samples_out(args.samples, inputs, args.force)
         records = []
-    results = evaluate(args.model, data=args.data, tasks=args.task, choice=args.choice, split=args.split,
-                       seq_len=args.seq_len, batch_size=args.batch_size, max_batches=args.max_batches,
-                       max_new_tokens=args.max_new_tokens, limit=args.limit, choice_format=args.choice_format,
-                       system_prompt=prompt_from_flag(args.system_prompt), device=args.device, quantize=args.quantize,
-                       records=records)
+    results = evaluate_models(args.model, data=args.data, tasks=args.task, choice=args.choice, split=args.split,
+                              seq_len=args.seq_len, batch_size=args.batch_size, max_batches=args.max_batches,
+                              max_new_tokens=args.max_new_tokens, limit=args.limit,
+                              choice_format=args.choice_format, system_prompt=prompt_from_flag(args.system_prompt),
+                              device=args.device, quantize=args.quantize, records=records)
+    shown = results[0] if len(results) == 1 else {"models": results}  # the JSON of one model is its results
     if args.json:
-        print(json_text(results, indent=2))
+        print(json_text(shown, indent=2))
+    elif len(results) == 1:
+        print(format_table(table_rows(results[0])))
     else:
-        print(format_table(table_rows(results)))
-    for note in skip_notes(results):
-        print(f"tinyk: eval: {note}", file=sys.stderr)
+        print(format_table(compared_rows(results), header=("metric", *args.model, "baseline")))
+    notes = [skip_notes(r) for r in results]
+    # What every model skipped alike is said once; otherwise each model's line names it.
+    named = [("", notes[0])] if notes.count(notes[0]) == len(notes) else \
+        [(f"{m}: ", n) for m, n in zip(args.model, notes, strict=True)]
+    for prefix, model_notes in named:
+        for note in model_notes:
+            print(f"tinyk: eval: {prefix}{note}", file=sys.stderr)
     if args.out is not None:  # after printing: results a failed write would lose are on the screen
-        save_results(args.out, results, inputs, args.force)
+        save_results(args.out, shown, inputs, args.force)
     if records is not None:
         try:
             save_samples(args.samples, records, inputs, args.force)
