@@ -834,8 +834,7 @@ class Trainer:
             dist.all_gather_object(ranks, _rng_state(self.device), group=d.host)
         path = self.out / "checkpoints" / f"step_{step:07d}"
         if d.main:
-            with self._kept_on_failure("--resume continues from it"), writing(path), \
-                    atomic_dir(path, force=True, durable=True) as tmp:  # on the disk before older ones go
+            with self._writing_dir(path, "--resume continues from it") as tmp:  # on the disk before older ones go
                 self.write_model(tmp / "model", model_state)
                 torch.save(optim_state, tmp / "optimizer.pt")
                 torch.save({"ranks": ranks, "scaler": self.scaler.state_dict()}, tmp / "rng.pt")
@@ -1512,10 +1511,12 @@ class Trainer:
         return val
 
     @contextlib.contextmanager
-    def _kept_on_failure(self, then: str) -> Iterator[None]:
-        """A failed save (a full disk, most often) says which checkpoint is still whole."""
+    def _writing_dir(self, path: Path, then: str) -> Iterator[Path]:
+        """Writes the directory `path` whole or not at all (a temporary sibling, fsynced and renamed); a
+        failed save (a full disk, most often) says which checkpoint is still whole, and `then` what it is for."""
         try:
-            yield
+            with writing(path), atomic_dir(path, force=True, durable=True) as tmp:
+                yield tmp
         except TinykError as e:
             kept = checkpoints(self.out)
             raise SaveFailed(f"{e} (the last checkpoint, checkpoints/{kept[-1].name}, is kept: {then})" if kept else
@@ -1526,8 +1527,7 @@ class Trainer:
         part in gathering it."""
         model_state = self._full_model_state()
         if self.dist.main:
-            with self._kept_on_failure(then), writing(self.out / name), \
-                    atomic_dir(self.out / name, force=True, durable=True) as tmp:
+            with self._writing_dir(self.out / name, then) as tmp:
                 self.write_model(tmp, model_state, metadata)
         self.dist.barrier()
         return str(self.out / name)
