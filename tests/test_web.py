@@ -1,7 +1,9 @@
 """The chat page in headless Chromium: type a message, get a streamed reply.
 
 Chromium is driven over the DevTools protocol on a pipe (`--remote-debugging-pipe`), so no
-websocket library is needed. `tests/install_chromium.sh` installs Debian's `chromium`.
+websocket library is needed. `tests/install_chromium.sh` installs Debian's `chromium`. The browser's
+preferred languages are set (`--accept-lang`, English unless a test says otherwise), so the page speaks the
+language a test expects whatever the machine's locale.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import select
 import shutil
 import subprocess
@@ -37,7 +40,7 @@ DEFAULTS = SamplingParams(temperature=0.7, top_k=50, top_p=0.9, repetition_penal
 class Browser:
     """Just enough of the Chrome DevTools protocol: NUL-separated JSON messages on fds 3 and 4."""
 
-    def __init__(self, profile: str):
+    def __init__(self, profile: str, languages: str = "en-US,en"):
         to_chrome_r, self._to_chrome = os.pipe()
         self._from_chrome, from_chrome_w = os.pipe()
         # A file, not a pipe: a pipe nobody reads until exit would stall a chatty Chromium once full.
@@ -50,6 +53,7 @@ class Browser:
         self.proc = subprocess.Popen(
             [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
              "--no-default-browser-check", "--disable-extensions", "--remote-debugging-pipe",
+             f"--lang={languages.split(',')[0]}", f"--accept-lang={languages}",  # navigator.languages
              f"--user-data-dir={profile}", "about:blank"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._log,
             preexec_fn=wire_pipes, pass_fds=(3, 4))  # close_fds runs after preexec_fn
@@ -150,14 +154,14 @@ document.getElementById("max-tokens").value = %s;
 
 
 @contextlib.contextmanager
-def chat_page(engine: Engine, tmp_path, max_tokens: int | None,
-              screen: tuple[int, int] | None = None) -> Iterator[Callable[[str], Any]]:
+def chat_page(engine: Engine, tmp_path, max_tokens: int | None, screen: tuple[int, int] | None = None,
+              languages: str = "en-US,en") -> Iterator[Callable[[str], Any]]:
     """Serves `engine`, opens the chat page in headless Chromium (on a `screen` of that width and height,
-    a phone's), and yields a function that runs JavaScript (an async function's body) in it and returns its
-    result."""
+    a phone's; preferring `languages`, as Accept-Language lists them), and yields a function that runs
+    JavaScript (an async function's body) in it and returns its result."""
     server = ChatServer(engine, ServerConfig(model_name="nano", defaults=DEFAULTS, log=False), port=0)
     server.start()
-    browser = Browser(str(tmp_path / "profile"))
+    browser = Browser(str(tmp_path / "profile"), languages)
     try:
         target = browser.send("Target.createTarget", {"url": "about:blank"})["targetId"]
         session = browser.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
@@ -250,7 +254,7 @@ def test_the_chat_page_forgets_old_turns_to_fit_the_context(nano_model_dir, tmp_
         if want.finish_reason == "length":
             full = "the context window is full" if want.completion_tokens == room else "raise max tokens"
             assert any(n.startswith(f"(reply cut at {want.completion_tokens} tokens; {full}") for n in result["notes"])
-    assert any(n.endswith("the context window is full; 清空 starts over)") for n in result["notes"])
+    assert any(n.endswith("the context window is full; Clear starts over)") for n in result["notes"])
 
 
 def test_a_large_max_tokens_keeps_the_conversation_and_gets_the_room_there_is(tok_dir, tmp_path):
@@ -366,7 +370,7 @@ def test_the_chat_page_works_on_a_phone_by_keyboard_and_with_a_screen_reader(nan
     engine = Engine.from_dir(nano_model_dir)
     forward = engine.forward = Forward(engine.forward)
     url = "https://example.com/" + "a" * 45  # twice the width of a phone
-    with chat_page(engine, tmp_path, max_tokens=8, screen=(360, 640)) as run:
+    with chat_page(engine, tmp_path, max_tokens=8, screen=(360, 640), languages="zh-CN,zh") as run:  # a student's
         forward.hold_in = 3  # the prefill and a token: the reply is streaming
         try:
             streaming = run(f"input.value = {json.dumps(url)}; send.focus(); send.click();\n"
@@ -433,3 +437,65 @@ def test_a_message_stopped_before_its_reply_gives_back_the_turns_it_forgot(nano_
     assert stopped["forgot"], "the second message must make the page forget the first turn"
     assert len(before["history"]) == 2 and stopped["history"] == before["history"]
     assert stopped["notes"] == before["notes"] and stopped["unsent"] == [json.loads(second)]
+
+
+# Every text the page writes, with the language its element says it is in: text nodes, the placeholders, aria-labels
+# and titles, and the document's title; not the conversation itself, nor the server's own (English) words.
+WRITTEN_SCRIPT = """
+const written = [[document.title, document.documentElement.lang]];
+const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+for (let node; (node = walker.nextNode());) {
+  const el = node.parentElement;
+  if (node.data.trim() && !el.closest("script, #log span[lang], #status span[lang]"))
+    written.push([node.data.trim(), el.closest("[lang]").lang]);
+}
+for (const el of document.querySelectorAll("[placeholder], [aria-label], [title]"))
+  for (const name of ["placeholder", "aria-label", "title"])
+    if (el.getAttribute(name)) written.push([el.getAttribute(name), el.closest("[lang]").lang]);
+return written;
+"""
+
+
+@pytest.mark.parametrize(("languages", "lang"), [("zh-CN,zh", "zh-CN"), ("en-US,en", "en"), ("en-GB,zh-CN", "en")])
+def test_the_chat_page_speaks_the_browsers_language(nano_model_dir, tmp_path, languages, lang):
+    """Chinese (简体中文) where the browser prefers Chinese, English otherwise: the labels, placeholders, the
+    status line, notes and errors, marked with the language they are in (for a screen reader's voice). The
+    conversation is marked Chinese, the model's language; the server's errors stay English, marked so."""
+    engine = Engine.from_dir(nano_model_dir)
+    zh = lang == "zh-CN"
+    with chat_page(engine, tmp_path, max_tokens=2, languages=languages) as run:
+        page = run("const texts = () => [...document.querySelectorAll('h1, summary, label span, button')]"
+                   ".map(e => e.textContent);\n"
+                   "await say('你好'); await say('很'.repeat(2 * context));\n"
+                   "document.getElementById('api-key').value = '密钥'; await say('再见');\n"
+                   "document.getElementById('api-key').value = '';\n"
+                   "return {lang: document.documentElement.lang, texts: texts(), status: status.textContent,\n"
+                   "  speakers: [...document.querySelectorAll('.msg.user, .msg.assistant')]"
+                   ".map(m => [m.getAttribute('aria-label'), m.lang, m.firstChild.lang]),\n"
+                   "  errors: [...document.querySelectorAll('.msg.error')].map(m => ({text: m.textContent, "
+                   "lang: m.lang, server: [...m.querySelectorAll('[lang]')].map(s => s.lang)})),\n"
+                   "  shown: shown()};")
+        written = run(WRITTEN_SCRIPT)
+    assert page["lang"] == lang
+    assert page["texts"] == (["tinyk 聊天", "设置", "温度 (temperature)", "最大词元数 (max tokens)",
+                              "系统提示词 (system prompt)", "API 密钥 (API key)", "发送", "停止", "清空"] if zh else
+                             ["tinyk chat", "Settings", "temperature", "max tokens", "system", "API key",
+                              "Send", "Stop", "Clear"])
+    assert page["status"] == f"nano · {'上下文' if zh else 'context'} {engine.context_length}"
+    # Two messages refused (too long for the window; an API key the browser cannot send), each struck through.
+    assert page["shown"]["unsent"] == ["很" * (2 * engine.context_length), "再见"]
+    assert page["speakers"] == [["你" if zh else "You", lang, "zh"], ["助手" if zh else "Assistant", lang, "zh"],
+                                ["你" if zh else "You", lang, "zh"], ["你" if zh else "You", lang, "zh"]]
+    refused, bad_key = page["errors"]
+    assert refused["text"].startswith("服务器报错：" if zh else "") and "context" in refused["text"]
+    assert refused["lang"] == lang and refused["server"] == ["en"]  # the server's words, in English
+    assert bad_key == {"text": "API 密钥只能由可打印的 ASCII 字符组成，不能有空格" if zh
+                       else "an API key is printable ASCII without spaces", "lang": lang, "server": []}
+    if page["shown"]["replies"][0]["finish"] == "length":
+        assert page["shown"]["notes"] == (["（回复在 2 个词元处截断；调大“最大词元数”可以得到更长的回复）"] if zh
+                                          else ["(reply cut at 2 tokens; raise max tokens for longer)"])
+    # Nothing left in the other language: every text the page writes has Chinese in it, or none.
+    han = re.compile(r"[\u4e00-\u9fff]")
+    assert [w for w in written if bool(han.search(w[0])) != zh] == []
+    assert [w for w in written if w[1] != lang] == []  # each in an element marked with the page's language
+    assert {"Conversation" if not zh else "对话", "未发送" if zh else "not sent"} <= {w[0] for w in written}

@@ -1102,6 +1102,7 @@ class Trainer:
         else:
             eval_s = 0.0
         save_s = statistics.median(self.save_times) if self.save_times else 0.0
+
         def due(every: int) -> int:  # the multiples of `every` among steps step .. step + k - 1
             return (step + k - 1) // every - (step - 1) // every if every and k else 0
 
