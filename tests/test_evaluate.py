@@ -621,6 +621,22 @@ def test_several_models_are_scored_side_by_side_as_each_alone(tmp_path, nano, na
     with pytest.raises(SystemExit) as e:
         main(["eval", "--model", str(other), str(other) + "/", "--data", str(pretrain_data)])
     assert e.value.code == 2 and "is given twice" in capsys.readouterr().err
+    monkeypatch.undo()
+    # Models of other contexts score a split in the same windows, the shortest either would use alone.
+    init_model_dir("nano", tok_dir, tmp_path / "ctx48", max_seq_len=48)
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--model", str(nano_model_dir), str(tmp_path / "ctx48"), "--data", str(pretrain_data),
+              "--json"])
+    both = json.loads(capsys.readouterr().out)["models"]
+    assert e.value.code == 0 and [r["data"][0]["seq_len"] for r in both] == [48, 48]
+    assert both[0]["data"][0]["loss"] == pytest.approx(evaluate(nano_model_dir, data=[pretrain_data],
+                                                                seq_len=48)["data"][0]["loss"])
+    # A context too short for every question is named with its model.
+    init_model_dir("nano", tok_dir, tmp_path / "ctx8", max_seq_len=8)
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--model", str(nano_model_dir), str(tmp_path / "ctx8"), "--choice",
+              str(tmp_path / "ceval" / "val")])
+    assert e.value.code == 2 and f"fits the model {tmp_path / 'ctx8'}'s context" in capsys.readouterr().err
 
 
 def test_samples_list_every_answer_and_every_questions_option_scores(tmp_path, nano, nano_model_dir, capsys):

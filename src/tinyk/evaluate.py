@@ -197,11 +197,11 @@ def greedy_params(max_new_tokens: int) -> SamplingParams:
 
 
 def read_task_prompts(path: str | Path, prompt_of: Callable[[list[dict[str, str]]], list[int]], *,
-                      system_prompt: str | None = None, limit: int | None = None
+                      system_prompt: str | None = None, limit: int | None = None, model: str | Path | None = None
                       ) -> tuple[list[TaskExample], list[list[int]], Skips]:
     """The examples of a task file whose prompt fits the model's context, with their prompts (`prompt_of`
     makes one from a chat, raising ContextLengthError when it does not fit: those are skipped and
-    counted); a file with none is a TinykError."""
+    counted); a file with none is a TinykError, naming `model` where several are evaluated."""
     from .engine import ContextLengthError
 
     skips = Skips()
@@ -214,8 +214,13 @@ def read_task_prompts(path: str | Path, prompt_of: Callable[[list[dict[str, str]
             continue
         examples.append(ex)
     if not examples:
-        raise TinykError(f"{path}: no example fits the model's context ({skips.summary()})")
+        raise TinykError(f"{path}: no example fits {_whose(model)} context ({skips.summary()})")
     return examples, prompts, skips
+
+
+def _whose(model: str | Path | None) -> str:
+    """"the model's", or where several models are evaluated, which one's."""
+    return f"the model {model}'s" if model else "the model's"
 
 
 def chat_prompt_ids(tok: TinyTokenizer, context_length: int) -> Callable[[list[dict[str, str]]], list[int]]:
@@ -478,7 +483,7 @@ def _option_sequences(tok: TinyTokenizer, pairs: list[tuple[str, str]]) -> list[
 
 
 def choices_that_fit(tok: TinyTokenizer, paths: list[str | Path], questions: list[ChoiceQuestion], fmt: str,
-                     context_length: int, skips: Skips) -> list[ChoiceQuestion]:
+                     context_length: int, skips: Skips, model: str | Path | None = None) -> list[ChoiceQuestion]:
     """The questions whose every option fits the context after the question. One that does not is
     skipped and counted: scoring a cut-down option (or a question cut at its start) would compare
     options on different texts, and cloze would divide a part's log-probability by the whole's bytes."""
@@ -491,7 +496,8 @@ def choices_that_fit(tok: TinyTokenizer, paths: list[str | Path], questions: lis
             skips.add("too_long_for_context", q.where or q.subject,
                       f"a question with each of its options must fit the model's {context_length}-token context")
     if not fits:
-        raise TinykError(f"no question in {', '.join(map(str, paths))} fits the model's context ({skips.summary()})")
+        raise TinykError(f"no question in {', '.join(map(str, paths))} fits {_whose(model)} context "
+                         f"({skips.summary()})")
     return fits
 
 
@@ -604,6 +610,7 @@ class _Plan:
 
     model_dir: str | Path
     opened: list[SplitData]
+    windows: list[int]  # each split's, the same for every model
     system: str | None
     task_inputs: list[Any]
     questions: list[ChoiceQuestion] | None
@@ -637,22 +644,26 @@ def evaluate_models(model_dirs: Iterable[str | Path], *, data: Iterable[str | Pa
     # Every input is checked, for every model, before the weights load and any mode runs: a mistake in
     # the last one must not throw away the minutes the first ones took. The model directory first: the
     # checks read its tokenizer and context length.
+    read = [config_and_tokenizer(Path(m)) for m in model_dirs]
+    # Several models score each split in the same windows: the shortest any of them would use alone.
+    windows = [min(data_seq_len(_split_meta(d, split, m), seq_len, cfg.max_seq_len)
+                   for m, (cfg, _) in zip(model_dirs, read, strict=True)) for d in data]
+    refuse_repeats([Path(d) for d in data], "data directory")
     plans = []
-    for model_dir in model_dirs:
-        cfg, tok = config_and_tokenizer(Path(model_dir))
-        opened = [open_split(d, split, data_seq_len(_split_meta(d, split, model_dir), seq_len, cfg.max_seq_len))
-                  for d in data]
-        refuse_repeats([Path(d) for d in data], "data directory")
+    for model_dir, (cfg, tok) in zip(model_dirs, read, strict=True):
+        opened = [open_split(d, split, window) for d, window in zip(data, windows, strict=True)]
         system = tok.resolve_system(system_prompt)
         prompt_of = chat_prompt_ids(tok, cfg.max_seq_len)
-        task_inputs = [read_task_prompts(t, prompt_of, system_prompt=system, limit=limit) for t in tasks]
+        named = model_dir if len(model_dirs) > 1 else None
+        task_inputs = [read_task_prompts(t, prompt_of, system_prompt=system, limit=limit, model=named)
+                       for t in tasks]
         refuse_repeats([Path(t) for t in tasks], "task file")  # once read: each one exists
         questions, choice_skips = None, None
         if choice:
             choice_skips = Skips()
             questions = choices_that_fit(tok, choice, read_choice(choice, choice_skips, limit), choice_format,
-                                         cfg.max_seq_len, choice_skips)
-        plans.append(_Plan(model_dir, opened, system, task_inputs, questions, choice_skips))
+                                         cfg.max_seq_len, choice_skips, model=named)
+        plans.append(_Plan(model_dir, opened, windows, system, task_inputs, questions, choice_skips))
     refuse_repeats([Path(m) for m in model_dirs], "model directory")
     dev = resolve_device(device)
     if quantize == "int8" and (why := int8_refusal(dev, engine_dtype("auto", dev, quantize))):
@@ -681,9 +692,12 @@ def _run_plan(plan: _Plan, model: Transformer, tok: TinyTokenizer, *, data: list
                                             "batch_size": batch_size}}
     if tasks:
         results["quantize"] = quantize  # the task answers' weights; the other modes always use fp32
-    for d, split_data in zip(data, plan.opened, strict=True):
-        results["data"].append(eval_data(model, plan.model_dir, d, split=split, seq_len=seq_len,
-                                         batch_size=batch_size, max_batches=max_batches, opened=split_data))
+    for d, split_data, window in zip(data, plan.opened, plan.windows, strict=True):
+        evaluated = eval_data(model, plan.model_dir, d, split=split, seq_len=window, batch_size=batch_size,
+                              max_batches=max_batches, opened=split_data)
+        if seq_len and seq_len > window:  # as asked: the table says the window was cut
+            evaluated["seq_len_asked"] = seq_len
+        results["data"].append(evaluated)
     if tasks:
         from .engine import INT8_MAX_ROWS
 

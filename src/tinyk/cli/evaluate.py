@@ -15,14 +15,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "(JSONL of {messages, answer}, or SFT records: greedy exact match and stop "
                                    "rate), --choice PATH (C-Eval/CMMLU CSVs: option log-likelihood vs chance).")
     p.add_argument("--model", required=True, nargs="+", action="extend", type=model_dir, metavar="MODEL",
-                   help="model directory, or a training run's (meaning its final/); several are evaluated on the "
-                        "same inputs and shown side by side")
+                   help="model directory, or a training run's (meaning its final/); several are scored on the same "
+                        "files side by side (--json/--out: {\"models\": [...]}; --samples lines name their model)")
     p.add_argument("--data", nargs="+", action="extend", default=[], metavar="DIR", type=path_arg,
                    help="prepared data directories")
     p.add_argument("--split", default="val", help="split of --data to evaluate (default val)")
     p.add_argument("--seq-len", type=positive_int, default=None,
                    help="window length for --data (default: SFT data's max_len, else the model's context; never "
-                        "more than the context)")
+                        "more than the context; with several models the shortest of theirs)")
     p.add_argument("--max-batches", type=positive_int, default=None, help="evaluate only this many batches of --data")
     p.add_argument("--task", nargs="+", action="extend", default=[], metavar="FILE", type=path_arg,
                    help='JSONL of {"messages": ..., "answer": ...}, or SFT records in any format `tinyk data sft` '
