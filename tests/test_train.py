@@ -2027,7 +2027,7 @@ def test_a_resumed_timed_run_goes_on_at_the_rate_it_stopped_at(tmp_path, pt_data
     def stretched(self: Trainer) -> int:
         return (10 if self.progress.step < 6 else 40) if self.progress.step >= 2 else 0
 
-    for name, warmup, minutes in (("warmup", 50, 10), ("budget", None, 20)):
+    for name, warmup, minutes in (("warmup", 50, 10), ("budget", None, 20), ("untimed", 50, None)):
         out = tmp_path / name
         cfg = nano_cfg(pt_data, tok_dir, out, max_steps=3000, max_minutes=10, warmup_steps=warmup)
         with monkeypatch.context() as m:
@@ -2035,12 +2035,34 @@ def test_a_resumed_timed_run_goes_on_at_the_rate_it_stopped_at(tmp_path, pt_data
             stop_at(m, 8)
             train(cfg)
         state = json.loads((checkpoints(out)[-1] / "state.json").read_text())
-        resumed = Trainer(replace(cfg, max_minutes=minutes), resume=True)
+        # Untimed, the run is as long as it was fitted to be (it began warming up again at warmup_steps 50).
+        resumed = Trainer(replace(cfg, max_minutes=minutes, max_steps=40 if minutes is None else 3000), resume=True)
         try:
             assert (resumed.total_steps, resumed.warmup, resumed.refit) == (state["total_steps"], state["warmup"],
                                                                              None), name
         finally:
             resumed.close()
+    # A time budget already spent is refused: ten steps more before this session's first estimate went
+    # past it, and a WSD run ended at its peak rate, never decayed.
+    with pytest.raises(TinykError, match=r"^--max-minutes 0.001 is spent: the run has trained \S+ minutes and "
+                                         r"stopped at step 8 of the 40 it planned: raise --max-minutes to go on"):
+        Trainer(replace(cfg, max_minutes=0.001), resume=True)
+
+
+def test_a_run_made_longer_keeps_the_warmup_it_began_with(tmp_path, pt_data, tok_dir, monkeypatch, capsys):
+    """The default warmup is 2% of the length first planned; a run made 100 times longer after it went
+    back into a warmup 100 times as long, its LR cut to a tenth."""
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        stop_at(m, 10)
+        train(nano_cfg(pt_data, tok_dir, out, max_steps=250, warmup_steps=None))
+    capsys.readouterr()
+    with monkeypatch.context() as m:
+        stop_at(m, 11)
+        train(nano_cfg(pt_data, tok_dir, out, max_steps=25000, warmup_steps=None), resume=True)
+    assert "warmup 5," in capsys.readouterr().out
+    lrs = [r["lr"] for r in records(out, "train")]
+    assert lrs[4:] == pytest.approx([3e-3] * 7, rel=1e-3)
 
 
 def test_compiled_training_matches_eager(tmp_path, pt_data, tok_dir):
@@ -2300,7 +2322,7 @@ def test_a_wsd_run_made_longer_before_its_decay_is_the_longer_run(tmp_path, pt_d
     capsys.readouterr()
     extended = train(nano_cfg(pt_data, tok_dir, out, max_steps=12, **wsd), resume=True)
     header = capsys.readouterr().out
-    assert "lr 0.003 -> 0.0003 over the last 25% of the steps (wsd)" in header and "re-fitted" not in header
+    assert "lr 0.003 -> 0.0003 over the last 3 steps (wsd)" in header and "re-fitted" not in header
     lrs = [r["lr"] for r in records(out, "train")]
     assert lrs == [r["lr"] for r in records(tmp_path / "straight", "train")]
     assert lrs[2:9] == [3e-3] * 7 and lrs[9] < 3e-3 and lrs[-1] == pytest.approx(3e-4)

@@ -106,11 +106,17 @@ def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float = 0.
         return peak * (step + 1) / warmup
     floor = peak * min_ratio
     if schedule == "wsd":
-        decay = max(1, min(total - warmup, round(decay_fraction * total)))  # steps below the peak, last at floor
+        decay = wsd_decay_steps(total, warmup, decay_fraction)
         return floor + (peak - floor) * max(0, total - 1 - step) / decay if step >= total - decay else peak
     span = total - warmup - 1
     progress = min(1.0, (step - warmup) / span) if span > 0 else 1.0
     return floor + 0.5 * (1 + math.cos(math.pi * progress)) * (peak - floor)
+
+
+def wsd_decay_steps(total: int, warmup: int, decay_fraction: float) -> int:
+    """The steps of a WSD schedule below its peak, the last at the floor: decay_fraction of the run's,
+    at least one, and none of the warmup's."""
+    return max(1, min(total - warmup, round(decay_fraction * total)))
 
 
 @dataclass(frozen=True)
@@ -972,13 +978,18 @@ class Trainer:
             # Timed before and now: go on with the schedule fitted so far (this session's first estimate
             # is a few steps away), and a finished run stays finished unless its time budget changed.
             self.total_steps = min(self.step_cap, max(step, planned))
-            # A warmup the fit cut short stays short: a longer one would start warming up again.
-            self.warmup = saved_warmup if cfg.warmup_steps is None else \
-                min(saved_warmup, cfg.warmup_steps, self.total_steps // 2)
             if self.total_steps < self.step_cap:
                 self.ended_by = "--max-minutes"
-        elif cfg.warmup_steps is None and self.step_cap != total_steps(cfg, self.loader.num_windows):
-            self.warmup = saved_warmup  # a budget re-counted at another batch size: the warmup the run began with
+        # The run's own warmup stays: the default one (2% of the length first planned) and one a time
+        # budget's fit cut short, so a run made longer or resumed otherwise does not warm up again.
+        if cfg.warmup_steps is None:
+            self.warmup = saved_warmup
+        elif state.get("max_minutes"):
+            self.warmup = min(saved_warmup, cfg.warmup_steps)
+        if cfg.max_minutes and planned and step < planned and state["elapsed_s"] >= cfg.max_minutes * 60:
+            raise TinykError(f"--max-minutes {cfg.max_minutes:g} is spent: the run has trained "
+                             f"{state['elapsed_s'] / 60:.1f} minutes and stopped at step {step:,} of the {planned:,} "
+                             f"it planned: raise --max-minutes to go on, or use the checkpoint's model/ as it is")
         if planned and self.total_steps < step < planned:
             # Ending here would make a "complete" run, and its final/ model, of one stopped mid-schedule.
             raise TinykError(f"{self._budget_text()} ends this run at step {self.total_steps:,}, but it stopped at "
@@ -986,8 +997,6 @@ class Trainer:
                              f"the checkpoint's model/ as it is")
         if step > self.total_steps:  # a finished run, given a smaller budget, is as long as it was
             self.total_steps = step
-            if cfg.warmup_steps is None:
-                self.warmup = saved_warmup
         if planned and step < self.total_steps:
             self.refit = self._refit(state, step, planned)
 
@@ -1004,9 +1013,11 @@ class Trainer:
         was, now = old.lr_at(step, planned), new.lr_at(step, self.total_steps)
         if abs(now - was) <= 0.1 * was:
             return None
-        # The settings given: a warmup that follows the run's length is the length's doing.
+        # The settings given that change the schedule (a cosine has no decay_fraction).
+        wsd = "wsd" in (old.lr_schedule, new.lr_schedule)
         given = [f"{k} is {v}" for k, v in asdict(new).items()
-                 if v != getattr(old, k) and (k != "warmup_steps" or self.cfg.warmup_steps)]
+                 if v != getattr(old, k) and (k != "warmup_steps" or self.cfg.warmup_steps)
+                 and (k != "decay_fraction" or wsd)]
         return planned, was, now, given
 
     def _budget_text(self) -> str:
@@ -1206,6 +1217,8 @@ class Trainer:
         # A time budget's run is as long as the clock allows, up to its cap (a resumed one: as fitted so far).
         steps = self.step_cap if cfg.max_minutes else self.total_steps
         fitted = f" ({self.total_steps:,} as fitted so far)" if cfg.max_minutes and self.total_steps < steps else ""
+        decay = wsd_decay_steps(self.total_steps, self.warmup, cfg.decay_fraction)
+        decay = f" over the last {plural(decay, 'steps')} (wsd)" if cfg.lr_schedule == "wsd" else ""
         run_tokens = self.progress.tokens + max(0, steps - self.progress.step) * tokens_per_step
         params = f"{self.n_params / 1e6:.1f}M" if self.n_params >= 100_000 else f"{self.n_params:,}"
         lines = [
@@ -1218,7 +1231,7 @@ class Trainer:
             f"({'at most ' if cfg.kind == 'sft' else ''}{run_tokens:,} tokens){fitted}"
             f"{f', fitted to {cfg.max_minutes:g} minutes' if cfg.max_minutes else ''}, "
             f"warmup {self.warmup}, lr {cfg.lr:g} -> {cfg.lr * cfg.min_lr_ratio:g}"
-            f"{f' over the last {cfg.decay_fraction:.0%} of the steps (wsd)' if cfg.lr_schedule == 'wsd' else ''}",
+            f"{decay}",
             f"FLOPs/token {flops_formula(m, cfg.seq_len)}"
             f"{', T at most: an SFT batch counts its padded length' if cfg.kind == 'sft' else ''}; peak for MFU: "
             + (f"{self.peak / 1e12:.2f} TFLOP/s per device, {self.peak_source}" if self.peak else self.peak_source),
