@@ -58,8 +58,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         b.add_argument("--lr", type=positive_float,
                        help="peak learning rate (warmup, then down to min_lr_ratio of it, 10%% by default)")
         b.add_argument("--lr-schedule", choices=LR_SCHEDULE_CHOICES,
-                       help="cosine (the default) decays from the warmup on; wsd stays at the peak until the last "
-                            "decay_fraction (20%% by default) of the steps")
+                       help="cosine (the default) decays from the warmup on; wsd (warmup-stable-decay) stays at the "
+                            "peak, then goes linearly down over the last decay_fraction of the steps (--set "
+                            "decay_fraction=0.2, the default), so a run stopped before its decay can be made longer "
+                            "at the same rate")
         r = p.add_argument_group("runtime")
         r.add_argument("--dtype", choices=TRAIN_DTYPE_CHOICES)
         r.add_argument("--device", choices=["auto", "cpu", "cuda"])
