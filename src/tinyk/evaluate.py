@@ -649,9 +649,9 @@ def evaluate_models(model_dirs: Iterable[str | Path], *, data: Iterable[str | Pa
     windows = [min(data_seq_len(_split_meta(d, split, m), seq_len, cfg.max_seq_len)
                    for m, (cfg, _) in zip(model_dirs, read, strict=True)) for d in data]
     refuse_repeats([Path(d) for d in data], "data directory")
+    opened = [open_split(d, split, window) for d, window in zip(data, windows, strict=True)]  # one for all models
     plans = []
     for model_dir, (cfg, tok) in zip(model_dirs, read, strict=True):
-        opened = [open_split(d, split, window) for d, window in zip(data, windows, strict=True)]
         system = tok.resolve_system(system_prompt)
         prompt_of = chat_prompt_ids(tok, cfg.max_seq_len)
         named = model_dir if len(model_dirs) > 1 else None
