@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
 import functools
 import hashlib
 import inspect
@@ -469,6 +470,18 @@ def training_data_id(meta: dict[str, Any]) -> dict[str, Any] | None:
     train = sorted((k, v) for k, v in recorded.items() if k.startswith("train/"))
     shards = [[s["file"], s["tokens"]] for s in meta["splits"]["train"].get("shards", [])]
     return {"sha256": hashlib.sha256(repr(train).encode()).hexdigest(), "shards": shards}
+
+
+def release_freed_memory() -> bool:
+    """Hands back to the system the heap glibc keeps after evaluations, samples and checkpoints: without
+    it a long nano SFT run's RSS crept up about 2 MiB a minute (an evaluation every 200 steps), and was
+    flat with it. Whether anything could be trimmed (False off glibc: macOS, musl, Windows)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(ctypes.CDLL(None).malloc_trim(0))
+    except (OSError, AttributeError):  # musl's libc has no malloc_trim
+        return False
 
 
 def _finite_amount(value: Any) -> bool:
@@ -1442,6 +1455,8 @@ class Trainer:
             if not last and cfg.save_every and p.step % cfg.save_every == 0:
                 self.save_checkpoint(self.loader.state_dict())
                 last_saved = p.step
+            if evaluating or last_saved == p.step:
+                release_freed_memory()
             paused = time.perf_counter() - t_pause
             self._window_t0 += paused  # a log window's tokens/s is training speed alone
             self.paused_s += paused
