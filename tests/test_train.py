@@ -2367,6 +2367,16 @@ def test_a_wsd_run_made_longer_before_its_decay_is_the_longer_run(tmp_path, pt_d
     capsys.readouterr()
     train(nano_cfg(pt_data, tok_dir, cos, max_steps=12, warmup_steps=2), resume=True)
     assert "note: the run is now 12 steps long, not 8, so the LR schedule is re-fitted" in capsys.readouterr().out
+    # Another schedule is said even where this step's rate hardly moves (the cosine is still near its peak).
+    other = tmp_path / "switched"
+    with monkeypatch.context() as m:
+        stop_at(m, 3)
+        train(nano_cfg(pt_data, tok_dir, other, max_steps=40, warmup_steps=2))
+    capsys.readouterr()
+    train(nano_cfg(pt_data, tok_dir, other, max_steps=40, **wsd), resume=True)
+    out = capsys.readouterr().out
+    assert re.search(r"^note: lr_schedule is wsd, and decay_fraction is 0.25, so the LR schedule is re-fitted: step 4 "
+                     r"trains at LR 0.003, where the old schedule was at 0.003$", out, re.M), out
 
 
 def test_a_timed_run_resumes_on_its_fitted_schedule_and_stays_finished(tmp_path, pt_data, tok_dir, monkeypatch,

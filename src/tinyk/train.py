@@ -1016,7 +1016,7 @@ class Trainer:
     def _refit(self, state: dict[str, Any], step: int, planned: int) -> tuple[int, float, float, list[str]] | None:
         """For the header: (old length, old LR, new LR, the settings given that changed it) where the
         resumed schedule moves this step's LR by more than a tenth (after a finished run made longer it
-        climbs back up)."""
+        climbs back up), or is another schedule."""
         new = self._schedule()
         # A checkpoint from before lr_schedule was a setting ran the cosine.
         old = Schedule(lr=state.get("lr", self.cfg.lr), warmup_steps=state.get("warmup", self.warmup),
@@ -1024,7 +1024,7 @@ class Trainer:
                        lr_schedule=state.get("lr_schedule", "cosine"),
                        decay_fraction=state.get("decay_fraction", self.cfg.decay_fraction))
         was, now = old.lr_at(step, planned), new.lr_at(step, self.total_steps)
-        if abs(now - was) <= 0.1 * was:
+        if abs(now - was) <= 0.1 * was and old.lr_schedule == new.lr_schedule:  # another shape is always said
             return None
         # The settings given that change the schedule (a cosine has no decay_fraction).
         wsd = "wsd" in (old.lr_schedule, new.lr_schedule)
