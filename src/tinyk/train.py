@@ -236,6 +236,14 @@ class Dist:
         dist.all_reduce(t, group=self.host)
         return t.tolist()
 
+    def gather_host(self, value: Any) -> list[Any]:
+        """Every rank's `value` (a picklable object), in rank order, on every rank."""
+        if self.world == 1:
+            return [value]
+        values: list[Any] = [None] * self.world
+        dist.all_gather_object(values, value, group=self.host)
+        return values
+
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier(group=self.host)
@@ -710,8 +718,7 @@ class Trainer:
                "data": hashlib.sha256(repr(data).encode()).hexdigest(),
                "start": "--resume" if self.resume else "--force" if force else "a new run",
                "checkpoint": self.resumed_from.name if self.resumed_from else None}
-        jobs: list[Any] = [None] * self.dist.world
-        dist.all_gather_object(jobs, job, group=self.dist.host)
+        jobs = self.dist.gather_host(job)
         self.dist.barrier()  # every rank has every setting before any refuses and ends the group
         for rank, other in enumerate(jobs):
             key = next((k for k in job if other.get(k) != jobs[0].get(k)), None)
@@ -824,15 +831,10 @@ class Trainer:
 
     def _full_states(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Model and optimizer state keyed by parameter name, gathered to rank 0 (a collective)."""
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_optimizer_state_dict,
-        )
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return (get_model_state_dict(self.model, options=opts),
-                get_optimizer_state_dict(self.model, self.opt, options=opts))
+        return self._full_model_state(), get_optimizer_state_dict(self.model, self.opt, options=opts)
 
     def write_model(self, out: Path, model_state: dict[str, torch.Tensor],
                     metadata: dict[str, str] | None = None) -> None:
@@ -847,10 +849,7 @@ class Trainer:
         window = self.window_loss.clone()
         if d.world > 1:
             dist.all_reduce(window)
-        ranks = [_rng_state(self.device)]
-        if d.world > 1:
-            ranks = [None] * d.world
-            dist.all_gather_object(ranks, _rng_state(self.device), group=d.host)
+        ranks = d.gather_host(_rng_state(self.device))
         path = self.out / "checkpoints" / f"step_{step:07d}"
         if d.main:
             with self._writing_dir(path, "--resume continues from it") as tmp:  # on the disk before older ones go
