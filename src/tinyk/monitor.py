@@ -217,9 +217,9 @@ def tracker_values(rec: dict[str, Any]) -> dict[str, float]:
     `train/loss`, `train/tokens_per_s`, `val/loss`, `val/bpb`. One point per curve and
     step: an eval record's tokens and time repeat the train record's, and FLOPs per token is in the
     MFU (a constant of a pretraining run; SFT's window mean stays in metrics.jsonl)."""
-    numbers = {k: v for k, v in rec.items() if isinstance(v, int | float) and k not in ("step", "flops_per_token")}
     if rec["type"] == "sample":  # text: metrics.jsonl and the log hold it
         return {}
+    numbers = {k: v for k, v in rec.items() if isinstance(v, int | float) and k not in ("step", "flops_per_token")}
     if rec["type"] == "eval":
         return {f"val/{k.removeprefix('val_')}": v for k, v in numbers.items() if k.startswith("val_")}
     return {f"train/{k}": v for k, v in numbers.items()}

@@ -904,12 +904,13 @@ class Trainer:
     def _load_checkpoint_files(self, path: Path) -> dict[str, Any]:
         """Restores the model's progress, the optimizer, the RNGs and the data's place; returns state.json."""
         state = read_json(path / "state.json")
+        required = ("step", "tokens", "loss_tokens", "elapsed_s")
         counts = ("step", "tokens", "loss_tokens", "total_steps", "warmup")
-        for key in (*counts, "elapsed_s", "lr", "min_lr_ratio", "decay_fraction", "max_minutes"):
-            # Older checkpoints lack the schedule's keys; max_minutes is null in a run without one.
-            value = state[key] if key in ("step", "tokens", "loss_tokens", "elapsed_s") else state.get(key, 0)
-            if (value is not None or key != "max_minutes") and \
-                    (not _finite_amount(value) or (key in counts and not isinstance(value, int))):
+        for key in (*required, "total_steps", "warmup", "lr", "min_lr_ratio", "decay_fraction", "max_minutes"):
+            value = state[key] if key in required else state.get(key, 0)  # older checkpoints lack the schedule's
+            if key == "max_minutes" and value is None:  # a run without a time budget
+                continue
+            if not _finite_amount(value) or (key in counts and not isinstance(value, int)):
                 raise ValueError(f"state.json has {key} {value!r}")
         if state.get("lr_schedule", "cosine") not in LR_SCHEDULES:
             raise ValueError(f"state.json has lr_schedule {state['lr_schedule']!r}")
@@ -1229,8 +1230,10 @@ class Trainer:
         # A time budget's run is as long as the clock allows, up to its cap (a resumed one: as fitted so far).
         steps = self.step_cap if cfg.max_minutes else self.total_steps
         fitted = f" ({self.total_steps:,} as fitted so far)" if cfg.max_minutes and self.total_steps < steps else ""
-        decay = wsd_decay_steps(self.total_steps, self.warmup, cfg.decay_fraction)
-        decay = f" over the last {plural(decay, 'steps')} (wsd)" if cfg.lr_schedule == "wsd" else ""
+        decay = ""
+        if cfg.lr_schedule == "wsd":
+            decay_steps = wsd_decay_steps(self.total_steps, self.warmup, cfg.decay_fraction)
+            decay = f" over the last {plural(decay_steps, 'steps')} (wsd)"
         run_tokens = self.progress.tokens + max(0, steps - self.progress.step) * tokens_per_step
         params = f"{self.n_params / 1e6:.1f}M" if self.n_params >= 100_000 else f"{self.n_params:,}"
         lines = [
