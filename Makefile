@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: venv test demo lint bench clean
+.PHONY: venv test test-llama-cpp demo lint bench clean
 
 venv: $(STAMP)
 
@@ -17,6 +17,11 @@ test: venv
 	$(PY) -m ruff check src tests bench
 	$(PY) -m pytest -x
 
+# The GGUF tests against llama.cpp itself, built from source first (minutes; needs cmake and g++).
+test-llama-cpp: venv
+	bash tests/build_llama_cpp.sh
+	TINYK_LLAMA_CPP=$(CURDIR)/.cache/llama.cpp/build/bin $(PY) -m pytest tests/test_gguf.py
+
 demo: venv
 	$(PY) -m tinyk demo --out runs/demo
 
@@ -24,4 +29,4 @@ lint: venv
 	$(PY) -m ruff check src tests bench
 
 clean:
-	rm -rf runs build .pytest_cache
+	rm -rf runs build .pytest_cache .cache

@@ -174,12 +174,13 @@ def test_good_values_and_defaults_still_parse():
 def test_training_dtypes_and_strategies_are_the_configs():
     """--dtype takes PyTorch's names (summary.json's) as the config does; the lists live apart so
     that parsing needs no torch."""
-    from tinyk.cli.common import LR_SCHEDULE_CHOICES, PARALLEL_CHOICES, PRESET_NAMES, TRAIN_DTYPE_CHOICES
+    from tinyk.cli.common import GGUF_OUTTYPES, LR_SCHEDULE_CHOICES, PARALLEL_CHOICES, PRESET_NAMES, TRAIN_DTYPE_CHOICES
     from tinyk.config import DTYPE_ALIASES, LR_SCHEDULES, PARALLEL, TRAIN_DTYPES
+    from tinyk.gguf import OUTTYPES
     from tinyk.model import PRESETS
 
     assert set(TRAIN_DTYPE_CHOICES) == {*TRAIN_DTYPES, *DTYPE_ALIASES} and PARALLEL_CHOICES == PARALLEL
-    assert LR_SCHEDULE_CHOICES == LR_SCHEDULES
+    assert LR_SCHEDULE_CHOICES == LR_SCHEDULES and GGUF_OUTTYPES == OUTTYPES
     assert PRESET_NAMES == ", ".join(PRESETS)
     parse = build_parser().parse_args
     assert parse(["pretrain", "--dtype", "bfloat16"]).dtype == "bfloat16" == parse([*PLAN, "--dtype", "bfloat16"]).dtype

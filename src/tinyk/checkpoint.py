@@ -496,6 +496,13 @@ def _rope_halves(w: torch.Tensor, head_dim: int) -> torch.Tensor:
     return w.reshape(rows // head_dim, head_dim // 2, 2, dim).transpose(1, 2).reshape(rows, dim)
 
 
+def rope_pairs(w: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The inverse of `_rope_halves`: q or k rows in the order that rotates adjacent channels, as
+    llama.cpp (and the tutorial) do."""
+    rows, dim = w.shape
+    return w.reshape(rows // head_dim, 2, head_dim // 2, dim).transpose(1, 2).reshape(rows, dim)
+
+
 def _read_seed_weights(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(weights, config.json or {}) of a tutorial model: a `.pth`/`.bin` its scripts saved, a
     `.safetensors`, or a directory its `PreTrainedModel.save_pretrained` wrote."""

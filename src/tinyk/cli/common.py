@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 TRAIN_DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32", "bfloat16", "float16", "float32")
 PARALLEL_CHOICES = ("ddp", "fsdp")
 LR_SCHEDULE_CHOICES = ("cosine", "wsd")
+GGUF_OUTTYPES = ("f16", "bf16", "f32", "q8_0")  # gguf.OUTTYPES, which imports torch
 PRESET_NAMES = ", ".join(("seed-215m", "seed-82m", "tiny", "nano"))  # model.PRESETS' names, for --help
 
 SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit

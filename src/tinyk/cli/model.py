@@ -1,11 +1,11 @@
-"""`tinyk model init|info|import`."""
+"""`tinyk model init|info|import|gguf`."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-from tinyk.cli.common import PRESET_NAMES, model_dir, path_arg, positive_int, seed
+from tinyk.cli.common import GGUF_OUTTYPES, PRESET_NAMES, model_dir, path_arg, positive_int, seed
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,6 +41,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("path", type=model_dir, help="model directory, or a training run's (meaning its final/)")
     f.add_argument("--json", action="store_true")
     f.set_defaults(func=_info)
+
+    g = msub.add_parser("gguf", help="write a model directory as one GGUF file for llama.cpp, Ollama, LM Studio",
+                        description="Writes the model, its tokenizer, chat template and tinyk's sampling defaults "
+                                    "as one GGUF file. llama.cpp's own converter refuses tokenizers it has not seen "
+                                    "before, as every newly trained one is.")
+    g.add_argument("path", type=model_dir, help="model directory, or a training run's (meaning its final/)")
+    g.add_argument("--out", type=path_arg, required=True, metavar="FILE", help="the .gguf file to write")
+    g.add_argument("--outtype", choices=GGUF_OUTTYPES, default="f16",
+                   help="weight type: f16 (default), bf16, f32, or q8_0 (8-bit, about half f16's size); norms "
+                        "stay f32")
+    g.add_argument("--force", action="store_true", help="replace an existing GGUF file")
+    g.set_defaults(func=_gguf)
 
 
 def _init(args: argparse.Namespace) -> int:
@@ -85,4 +97,19 @@ def _info(args: argparse.Namespace) -> int:
         print(f"{k:<{width}}{v}")
     for k, v in info["memory"].items():
         print(f"{k:<{width}}{v:,.1f}" if v >= 1 else f"{k:<{width}}{v:.3g}")  # a nano model's KV cache: 0.0312
+    return 0
+
+
+def _gguf(args: argparse.Namespace) -> int:
+    from tinyk.gguf import export_gguf
+    from tinyk.units import bytes_text
+
+    r = export_gguf(args.path, args.out, outtype=args.outtype, force=args.force)
+    types = ", ".join(f"{n} {t}" for t, n in r["tensors"].items())
+    print(f"wrote {args.out}: {r['parameters']:,} parameters, vocab {r['vocab']}, {bytes_text(r['bytes'])} "
+          f"({types} tensors)")
+    if r["normalizer"]:
+        print(f"note: the tokenizer normalises text ({r['normalizer']}) before splitting it and llama.cpp does not, "
+              f"so text typed there (full-width punctuation such as ，？ under NFKC) reaches the model as pieces "
+              f"it never saw in training; a tokenizer trained with --normalization none has no such gap")
     return 0

@@ -1,0 +1,181 @@
+"""A model directory as one GGUF file, the format llama.cpp, Ollama and LM Studio run.
+
+llama.cpp's own converter (convert_hf_to_gguf.py) refuses a tokenizer it has not seen before: it
+recognises pre-tokenizers by the ids they give a test text, and a freshly trained vocabulary gives new
+ids. tinyk knows its tokenizer splits text as GPT-2's does, so it writes the file itself, with the
+`gguf` package that llama.cpp publishes for the format's names and layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .checkpoint import load_model, rope_pairs
+from .engine import SamplingParams
+from .errors import TinykError, writing
+from .model import ModelConfig
+from .outputs import atomic_file, check_output_file
+from .tokenizer import IM_END_ID, IM_START_ID, SPECIAL_TOKENS, TinyTokenizer, chat_template
+
+OUTTYPES = ("f16", "bf16", "f32", "q8_0")
+MAGIC = b"GGUF"
+
+# transformers' names (tinyk's) for a layer's tensors, and GGUF's.
+_LAYER_NAMES = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+                "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+                "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                "mlp.down_proj": "ffn_down"}
+_TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+              "lm_head.weight": "output.weight"}
+
+
+def is_gguf(path: Path) -> bool:
+    """Whether a file is a GGUF file (what --force may replace)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == MAGIC
+    except OSError:
+        return False
+
+
+def gguf_name(hf_name: str) -> str:
+    """A weight's GGUF name from its transformers name."""
+    if hf_name in _TOP_NAMES:
+        return _TOP_NAMES[hf_name]
+    _, _, layer, rest = hf_name.split(".", 3)  # model.layers.<i>.<module>.weight
+    return f"blk.{layer}.{_LAYER_NAMES[rest.removesuffix('.weight')]}.weight"
+
+
+def _gguf_module() -> Any:
+    try:
+        import gguf
+    except ImportError as e:
+        raise TinykError("writing GGUF needs the 'gguf' package (pip install gguf, or pip install 'tinyk[gguf]')") \
+            from e
+    return gguf
+
+
+def _tokenizer_fields(gguf: Any, tok: TinyTokenizer) -> tuple[list[str], list[int], list[str]]:
+    """(tokens, token types, merges) as llama.cpp's byte-level BPE ("gpt2") reads them: the tokens and
+    merges in tokenizer.json's byte alphabet, and the special tokens marked control (never produced from
+    text; of them, llama.cpp ends generation at <|im_end|> and </s>, which it knows by name)."""
+    data = json.loads(tok.tok.to_str())
+    model, pre = data.get("model") or {}, data.get("pre_tokenizer") or {}
+    if model.get("type") != "BPE" or pre.get("type") != "ByteLevel" or not pre.get("use_regex", True) \
+            or pre.get("add_prefix_space"):
+        raise TinykError("GGUF export takes byte-level BPE tokenizers that split text as GPT-2 does (what tinyk "
+                         "trains); this one is not, and llama.cpp would tokenize text differently")
+    by_id = {i: t for t, i in model["vocab"].items()}
+    added = {a["id"]: a for a in data.get("added_tokens", [])}
+    by_id.update({i: a["content"] for i, a in added.items()})
+    if sorted(by_id) != list(range(len(by_id))):
+        raise TinykError("the tokenizer's ids have gaps, which a GGUF vocabulary cannot hold")
+    control = {i for i, a in added.items() if a.get("special")} | set(range(len(SPECIAL_TOKENS)))
+    tokens = [by_id[i] for i in range(len(by_id))]
+    kind = gguf.TokenType
+    types = [kind.CONTROL if i in control else kind.USER_DEFINED if i in added else kind.NORMAL
+             for i in range(len(by_id))]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    return tokens, types, merges
+
+
+def _tensor_data(gguf: Any, name: str, w: torch.Tensor, cfg: ModelConfig, outtype: str) -> tuple[np.ndarray, Any]:
+    """A weight as GGUF stores it, and its type. llama.cpp rotates q and k by adjacent pairs of channels
+    where transformers rotates channel i with i + head_dim/2, so their rows are reordered to match; norms
+    stay f32, and a matrix whose rows q8_0's blocks of 32 do not divide stays f16, as llama.cpp keeps them."""
+    q = gguf.GGMLQuantizationType
+    if name.endswith(("attn_q.weight", "attn_k.weight")):
+        w = rope_pairs(w, cfg.head_dim)
+    data = w.detach().to(torch.float32).numpy()
+    if data.ndim == 1 or outtype == "f32":
+        return data, q.F32
+    if outtype == "f16" or (outtype == "q8_0" and data.shape[-1] % 32):
+        return data.astype(np.float16), q.F16
+    qtype = q.BF16 if outtype == "bf16" else q.Q8_0
+    return gguf.quants.quantize(data, qtype), qtype
+
+
+def export_gguf(model_dir: str | Path, out: str | Path, outtype: str = "f16", force: bool = False) -> dict[str, Any]:
+    """Writes `model_dir` as the GGUF file `out` (complete or absent), with its tokenizer, chat template
+    and tinyk's sampling defaults; returns what it wrote."""
+    if outtype not in OUTTYPES:
+        raise TinykError(f"unknown GGUF type {outtype!r} (choose from {', '.join(OUTTYPES)})")
+    gguf = _gguf_module()
+    model_dir, out = Path(model_dir), Path(out)
+    check_output_file(out, [model_dir], force=force, replaces=("a GGUF file", is_gguf), holds="the GGUF model")
+    model, tok = load_model(model_dir)
+    cfg = model.config
+    tokens, types, merges = _tokenizer_fields(gguf, tok)
+    # An imported model's embedding may have rows past the tokenizer's ids: no text becomes them, and
+    # tinyk never samples them, so the file leaves them out and llama.cpp cannot sample them either.
+    state = {k: v[:len(tokens)] if k in ("model.embed_tokens.weight", "lm_head.weight") else v
+             for k, v in model.state_dict().items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    name = model_dir.resolve().name
+    if name in ("final", "best"):  # a run's model: the run's name says which
+        name = f"{model_dir.resolve().parent.name}-{name}"
+    name = os.fsencode(name).decode("utf-8", "replace")  # GGUF strings are UTF-8; a GBK folder name is not
+    counts: dict[str, int] = {}
+    with writing(out), atomic_file(out, suffix=".gguf") as tmp:
+        with contextlib.closing(gguf.GGUFWriter(str(tmp), "llama")) as w:
+            _add_metadata(gguf, w, cfg, name, outtype)
+            w.add_tokenizer_model("gpt2")
+            w.add_tokenizer_pre("gpt-2")
+            w.add_vocab_size(len(tokens))
+            w.add_token_list(tokens)
+            w.add_token_types(types)
+            w.add_token_merges(merges)
+            w.add_chat_template(chat_template(tok.system_prompt))
+            for hf_name, tensor in state.items():
+                target = gguf_name(hf_name)
+                data, qtype = _tensor_data(gguf, target, tensor, cfg, outtype)
+                w.add_tensor(target, data, raw_dtype=qtype)
+                counts[qtype.name] = counts.get(qtype.name, 0) + 1
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file()
+    normalizer = json.loads(tok.tok.to_str()).get("normalizer")
+    return {"path": str(out), "bytes": out.stat().st_size, "outtype": outtype, "tensors": counts,
+            "parameters": sum(t.numel() for t in state.values()), "vocab": len(tokens),
+            "normalizer": normalizer.get("type") if isinstance(normalizer, dict) else None}
+
+
+def _add_metadata(gguf: Any, w: Any, cfg: ModelConfig, name: str, outtype: str) -> None:
+    """The model's shape, its special tokens and tinyk's sampling: its defaults, its order (temperature
+    before top-p, as in transformers; llama.cpp's own puts it last) and its repetition penalty over the
+    whole context (llama.cpp's own looks back 64 tokens), which recent llama.cpp samples with unless
+    told otherwise."""
+    w.add_name(name)
+    w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                     "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype])
+    if outtype == "q8_0":
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_context_length(cfg.max_seq_len)
+    w.add_embedding_length(cfg.dim)
+    w.add_block_count(cfg.n_layers)
+    w.add_feed_forward_length(cfg.hidden_dim)
+    w.add_head_count(cfg.n_heads)
+    w.add_head_count_kv(cfg.n_kv_heads)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_bos_token_id(IM_START_ID)
+    w.add_eos_token_id(IM_END_ID)
+    w.add_pad_token_id(IM_END_ID)
+    w.add_unk_token_id(SPECIAL_TOKENS.index("<unk>"))
+    w.add_add_bos_token(False)  # the chat template writes <|im_start|> itself
+    w.add_add_eos_token(False)
+    sampling = SamplingParams()
+    w.add_sampling_sequence("penalties;top_k;temperature;top_p;min_p")
+    w.add_sampling_penalty_last_n(cfg.max_seq_len)
+    w.add_sampling_temp(sampling.temperature)
+    w.add_sampling_top_k(sampling.top_k)
+    w.add_sampling_top_p(sampling.top_p)
+    w.add_sampling_min_p(sampling.min_p)
+    w.add_sampling_penalty_repeat(sampling.repetition_penalty)

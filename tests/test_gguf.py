@@ -1,0 +1,188 @@
+"""`tinyk model gguf`: the file loads in transformers (and llama.cpp, where one is built) as the same
+model, tokenizer, chat template and sampling defaults."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from gguf import GGUFReader
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tinyk.checkpoint import init_model_dir, load_model, save_model
+from tinyk.cli import main
+from tinyk.engine import Engine, SamplingParams
+from tinyk.gguf import export_gguf
+from tinyk.model import ModelConfig, Transformer
+from tinyk.tokenizer import IM_END_ID, IM_START_ID, load_tokenizer, train_tokenizer
+
+TEXTS = ["<|im_start|>user\n中国的首都是哪里？<|im_end|>\n<|im_start|>assistant\n",
+         "The year 2024: it's 3.14159!!   ok?\n\n  两个空格\t制表 😀", "混合English和中文123abc</s>"]
+
+
+def _model_dir(tmp_path: Path, tok_dir: Path, **shape) -> Path:
+    torch.manual_seed(0)
+    shape = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": load_tokenizer(tok_dir).vocab_size,
+             **shape}
+    model = Transformer(ModelConfig(max_seq_len=256, **shape))
+    with torch.no_grad():  # attention that depends on where tokens are, so that RoPE's channel order shows
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight *= 10
+            layer.self_attn.k_proj.weight *= 10
+    return save_model(model, tok_dir, tmp_path / "m")
+
+
+def _field(reader: GGUFReader, key: str):
+    return reader.get_field(key).contents()
+
+
+@pytest.mark.parametrize(("outtype", "tolerance"), [("f32", 1e-5), ("f16", 2e-3), ("bf16", 1e-2), ("q8_0", 3e-2)])
+@pytest.mark.parametrize("shape", [
+    dict(),                                                                             # GQA, tied
+    dict(dim=48, n_heads=3, n_kv_heads=1, tie_embeddings=False, rope_theta=500000.0),  # MQA, untied, 3 heads
+])
+def test_transformers_loads_the_file_as_the_same_model(tmp_path, tok_dir, outtype, tolerance, shape):
+    """transformers reads GGUF back through its own code: the reordered q/k rows, the tokenizer from the
+    file's tokens and merges, and an untied head only where there is one."""
+    out = _model_dir(tmp_path, tok_dir, **shape)
+    result = export_gguf(out, tmp_path / "m.gguf", outtype=outtype)
+    if outtype == "q8_0":  # in blocks of 32: a matrix whose rows are 48 long stays f16
+        expected = {"Q8_0": 2, "F16": 6 * 2 + 2, "F32": 5} if shape else {"Q8_0": 7 * 2 + 1, "F32": 5}
+        assert result["tensors"] == expected
+    model, tok = load_model(out)
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    assert [hf_tok(t)["input_ids"] for t in TEXTS] == [tok.encode(t) for t in TEXTS]
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
+    assert hf.config.tie_word_embeddings == model.config.tie_embeddings
+    x = torch.tensor([tok.encode(TEXTS[0] + TEXTS[1])])
+    with torch.no_grad():
+        ours, theirs = model(x), hf(x).logits
+    assert (ours - theirs).abs().max().item() < tolerance * ours.abs().max().item()
+
+
+def test_the_file_carries_the_tokenizer_template_and_sampling_defaults(tmp_path, tok_dir):
+    out = _model_dir(tmp_path, tok_dir)
+    export_gguf(out, tmp_path / "m.gguf")
+    r = GGUFReader(tmp_path / "m.gguf")
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    assert _field(r, "tokenizer.chat_template") == config["chat_template"]
+    assert (_field(r, "tokenizer.ggml.model"), _field(r, "tokenizer.ggml.pre")) == ("gpt2", "gpt-2")
+    assert (_field(r, "tokenizer.ggml.bos_token_id"), _field(r, "tokenizer.ggml.eos_token_id")) == \
+        (IM_START_ID, IM_END_ID)
+    assert _field(r, "tokenizer.ggml.add_bos_token") is False  # the template starts every turn itself
+    assert _field(r, "llama.context_length") == 256 and _field(r, "general.name") == "m"
+    # llama.cpp samples as tinyk does unless told otherwise: its defaults, in tinyk's order (temperature
+    # before top-p), the repetition penalty over the whole context
+    d = SamplingParams()
+    assert [_field(r, f"general.sampling.{k}") for k in ("top_k", "min_p", "penalty_repeat", "penalty_last_n")] == \
+        [d.top_k, d.min_p, pytest.approx(d.repetition_penalty), 256]
+    assert _field(r, "general.sampling.temp") == pytest.approx(d.temperature)
+    assert _field(r, "general.sampling.sequence") == "penalties;top_k;temperature;top_p;min_p"
+    types = _field(r, "tokenizer.ggml.token_type")
+    assert [i for i, t in enumerate(types) if t == 3] == [0, 1, 2, 3, 4]  # the specials are control tokens
+
+
+def test_a_padded_embedding_loses_the_rows_no_text_reaches(tmp_path, tok_dir):
+    """An imported model with more embedding rows than tokenizer ids: tinyk never samples those rows,
+    and the file leaves them out, so llama.cpp cannot sample them either."""
+    ids = load_tokenizer(tok_dir).vocab_size
+    out = _model_dir(tmp_path, tok_dir, vocab_size=ids + 40, tie_embeddings=False)
+    result = export_gguf(out, tmp_path / "m.gguf", outtype="f32")
+    assert _field(GGUFReader(tmp_path / "m.gguf"), "llama.vocab_size") == ids
+    assert result["parameters"] == sum(t.n_elements for t in GGUFReader(tmp_path / "m.gguf").tensors)
+    model, tok = load_model(out)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
+    x = torch.tensor([tok.encode(TEXTS[0])])
+    with torch.no_grad():
+        assert (model(x)[..., :ids] - hf(x).logits).abs().max().item() < 1e-4
+
+
+def test_the_command_writes_once_and_replaces_only_gguf_files(tmp_path, nano_model_dir, capsys):
+    out = tmp_path / "nano.gguf"
+    with pytest.raises(SystemExit) as e:
+        main(["model", "gguf", str(nano_model_dir), "--out", str(out), "--outtype", "q8_0"])
+    assert e.value.code == 0 and out.read_bytes()[:4] == b"GGUF"
+    assert capsys.readouterr().out.startswith(f"wrote {out}: ")
+    assert [p.name for p in tmp_path.iterdir()] == ["nano.gguf"]  # no temporary file left
+    for args, message in [([], f"--out {out} exists (use --force to replace it)"),
+                          (["--out", str(tmp_path / "notes.txt"), "--force"],
+                           f"--out {tmp_path / 'notes.txt'} exists and is not a GGUF file")]:
+        (tmp_path / "notes.txt").write_text("mine")
+        with pytest.raises(SystemExit) as e:
+            main(["model", "gguf", str(nano_model_dir), "--out", str(out), *args])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_a_folder_name_that_is_not_utf8_names_the_model_all_the_same(tmp_path, nano_model_dir):
+    """A folder named in GBK (bytes that are not UTF-8): GGUF's strings are UTF-8."""
+    folder = Path(os.fsdecode(tmp_path / "m") + os.fsdecode(b"\xc4\xa3\xd0\xcd"))  # 模型 in GBK
+    shutil.copytree(nano_model_dir, folder)
+    export_gguf(folder, tmp_path / "m.gguf")
+    # what is not UTF-8 becomes U+FFFD, as in tinyk's JSON outputs
+    assert _field(GGUFReader(tmp_path / "m.gguf"), "general.name") == b"m\xc4\xa3\xd0\xcd".decode("utf-8", "replace")
+
+
+def test_a_normalising_tokenizer_is_exported_with_a_note(tmp_path, corpus_file, capsys):
+    train_tokenizer([corpus_file], tmp_path / "tok", vocab_size=512, normalization="nfkc", show_progress=False)
+    init_model_dir("nano", tmp_path / "tok", tmp_path / "m")
+    with pytest.raises(SystemExit) as e:
+        main(["model", "gguf", str(tmp_path / "m"), "--out", str(tmp_path / "m.gguf")])
+    assert e.value.code == 0
+    assert "note: the tokenizer normalises text (NFKC) before splitting it and llama.cpp does not" in \
+        capsys.readouterr().out
+
+
+def test_a_tokenizer_llama_cpp_would_split_otherwise_is_refused(tmp_path, tok_dir, capsys):
+    out = _model_dir(tmp_path, tok_dir)
+    data = json.loads((out / "tokenizer.json").read_text())
+    data["pre_tokenizer"]["add_prefix_space"] = True  # " 北京" and "北京" alike: no llama.cpp pre-tokenizer does that
+    (out / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(SystemExit) as e:
+        main(["model", "gguf", str(out), "--out", str(tmp_path / "m.gguf")])
+    assert e.value.code == 2 and "GGUF export takes byte-level BPE tokenizers" in capsys.readouterr().err
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_without_the_gguf_package_the_command_says_how_to_get_it(tmp_path, nano_model_dir, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf raises ImportError
+    with pytest.raises(SystemExit) as e:
+        main(["model", "gguf", str(nano_model_dir), "--out", str(tmp_path / "m.gguf")])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == "tinyk: error: writing GGUF needs the 'gguf' package (pip install " \
+                                               "gguf, or pip install 'tinyk[gguf]')"
+
+
+LLAMA_CPP = os.environ.get("TINYK_LLAMA_CPP")  # a llama.cpp build's bin/ folder: llama-tokenize, llama-simple
+
+
+@pytest.mark.skipif(not LLAMA_CPP, reason="set TINYK_LLAMA_CPP to a llama.cpp build's bin/ folder")
+def test_llama_cpp_tokenizes_and_decodes_as_tinyk(tmp_path, tok_dir):
+    """The real client, where one is built (it takes minutes): the same token ids, and greedy decoding
+    from <|im_start|>, as `tinyk generate` starts, gives the same bytes. The head's rows for the special
+    tokens are zeroed so that neither stops early (llama.cpp ends only at the ones that end a turn)."""
+    out = _model_dir(tmp_path, tok_dir, tie_embeddings=False)
+    model, tok = load_model(out)
+    with torch.no_grad():
+        model.lm_head.weight[:5] = 0
+    out = save_model(model, tok_dir, tmp_path / "m", force=True)
+    export_gguf(out, tmp_path / "m.gguf", outtype="f32")
+    for text in TEXTS:
+        ids = subprocess.run([f"{LLAMA_CPP}/llama-tokenize", "-m", str(tmp_path / "m.gguf"), "-p", text, "--ids",
+                              "--no-escape", "--log-disable"], capture_output=True, text=True, check=True).stdout
+        assert json.loads(ids.splitlines()[-1]) == tok.encode(text)
+    [ours] = Engine(model, tok).generate(["北京"], SamplingParams(temperature=0, repetition_penalty=1.0,
+                                                                  max_new_tokens=20))
+    assert len(ours.token_ids) == 20
+    # llama-simple decodes greedily and prints every piece, the specials spelled out, as it goes (llama-completion
+    # prints through a logging thread that can lose the end of a fast run's output).
+    theirs = subprocess.run([f"{LLAMA_CPP}/llama-simple", "-m", str(tmp_path / "m.gguf"), "-n", "20",
+                             "<|im_start|>北京"], capture_output=True, check=True).stdout
+    assert theirs == "<|im_start|>北京".encode() + b"".join(tok.piece(i) for i in ours.token_ids) + b"\n"
