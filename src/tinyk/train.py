@@ -509,6 +509,32 @@ class _Progress:
     flops: int = 0  # the model FLOPs of the positions processed (an SFT batch's attention at its padded length)
 
 
+@dataclass
+class _Pace:
+    """This session's timing (an earlier session of a resumed run had its own pace), for the ETA and
+    --max-minutes: its steps timed from the end of its first (compilation and warm-up excluded), what
+    its evaluations (with their samples and best/) and checkpoints took, each and in all, and each log
+    window's rates for the summary's steady figures."""
+
+    first_step: int = 0  # the step the timing starts after
+    t_first: float | None = None  # when that step ended; None until it has
+    eval_times: list[float] = field(default_factory=list)
+    save_times: list[float] = field(default_factory=list)
+    paused_s: float = 0.0  # evaluations and checkpoints, which a step's time leaves out
+    window_rates: list[tuple[float, float]] = field(default_factory=list)  # tokens/s and FLOP/s
+
+    def start(self, step: int) -> None:
+        """At the end of this session's first step, `step`."""
+        self.t_first, self.first_step = time.perf_counter(), step
+
+    def timed_steps(self, step: int) -> int:
+        return step - self.first_step if self.t_first is not None else 0
+
+    def step_seconds(self, step: int) -> float:
+        """A step's time alone at this pace (needs a timed step)."""
+        return (time.perf_counter() - self.t_first - self.paused_s) / self.timed_steps(step)
+
+
 class SaveFailed(TinykError):
     """A checkpoint or final/ that could not be written; `cause` is the failure without what the run
     directory keeps, for a caller (the demo) that removes the run directory."""
@@ -540,6 +566,7 @@ class Trainer:
         self.run_dir = RunDir(self.out, self.dist)
         self.monitor: Monitor | None = None
         self.stop_signal: str | None = None
+        self.pace = _Pace()
         try:
             self._setup_inputs()
             self._setup_data()
@@ -874,7 +901,7 @@ class Trainer:
             for old in checkpoints(self.out)[:-self.cfg.keep_checkpoints]:
                 delete_via(old, old.with_name(f".{old.name}.old-{os.getpid()}"))
         d.barrier()
-        self.save_times.append(time.perf_counter() - t0)
+        self.pace.save_times.append(time.perf_counter() - t0)
         return path
 
     def _damaged(self, problem: Exception) -> TinykError:
@@ -1103,29 +1130,24 @@ class Trainer:
         cfg = self.cfg
         return Schedule(cfg.lr, self.warmup, cfg.min_lr_ratio, cfg.lr_schedule, cfg.decay_fraction)
 
-    def _timed_steps(self) -> int:
-        """This session's steps that its pace is timed over: its first is timed from its end (compilation and
-        warm-up excluded)."""
-        return self.progress.step - self._step_first if self._t_first is not None else 0
-
     def _seconds_for(self, k: int) -> float | None:
         """What k more steps take at this session's pace: theirs, the evaluations and checkpoints before the
         last of them (this step's own still to come), and the run's end (the final evaluation, the last
         checkpoint and final/, a third of one), each as long as this session's took in the median (one slowed
         by other work does not shorten the schedule, and cut the LR, for the steps after it); None before
-        a step is timed (`_timed_steps`)."""
-        cfg, step, done = self.cfg, self.progress.step, self._timed_steps()
-        if not done:
+        a step is timed."""
+        cfg, step, pace = self.cfg, self.progress.step, self.pace
+        if not pace.timed_steps(step):
             return None
-        step_s = (time.perf_counter() - self._t_first - self.paused_s) / done  # training alone
-        if self.eval_times:
-            eval_s = statistics.median(self.eval_times)
+        step_s = pace.step_seconds(step)
+        if pace.eval_times:
+            eval_s = statistics.median(pace.eval_times)
         elif self.has_val:  # none yet: a forward pass over its batches, at a third of a training step each
             batches = math.ceil(self.val_split.size / cfg.batch_size)
             eval_s = (min(batches, cfg.eval_batches) if cfg.eval_batches else batches) * step_s / 3
         else:
             eval_s = 0.0
-        save_s = statistics.median(self.save_times) if self.save_times else 0.0
+        save_s = statistics.median(pace.save_times) if pace.save_times else 0.0
 
         def due(every: int) -> int:  # the multiples of `every` among steps step .. step + k - 1
             return (step + k - 1) // every - (step - 1) // every if every and k else 0
@@ -1136,7 +1158,7 @@ class Trainer:
         """--max-minutes: the run's length that fits the time left at this session's pace, or 0 before it
         is timed: two steps, or in a resumed session, which goes on with the schedule fitted so far, ten
         (its first steps run on cold caches). Ranks average their estimates."""
-        if self._timed_steps() < (10 if self.resumed_from else 2):
+        if self.pace.timed_steps(self.progress.step) < (10 if self.resumed_from else 2):
             return 0
         left = self.cfg.max_minutes * 60 - self._elapsed()
         lo, hi = 0, max(0, self.step_cap - self.progress.step)
@@ -1391,17 +1413,9 @@ class Trainer:
         if self.device.type == "cuda":  # this run's peak, not that of one before it in the process (the demo's)
             torch.cuda.reset_peak_memory_stats(self.device)
         self._window_t0, self._window_tokens0, self._window_flops0 = time.perf_counter(), p.tokens, p.flops
-        # For --max-minutes and the ETA: what this session's evaluations (with their samples and best/) and
-        # checkpoints took, each and all together.
-        self.eval_times: list[float] = []
-        self.save_times: list[float] = []
-        self.paused_s = 0.0
-        self.window_rates: list[tuple[float, float]] = []  # each log window's tokens/s and FLOP/s
         last_train, last_val, best_val = self._earlier_results()
         kept_val, self.kept_step = kept_best(self.out / "best") if cfg.keep_best else (math.inf, None)
         last_saved = p.step if self.resumed_from else -1
-        self._t_first: float | None = None  # this session's pace is timed from the end of its first step
-        self._step_first = p.step
         estimate = 0
         while True:
             loader_state = self.loader.state_dict()
@@ -1430,8 +1444,8 @@ class Trainer:
             p.loss_tokens += n_loss
             p.flops += n_flops
             self.run_dir.drop_replaced()
-            if self._t_first is None:
-                self._t_first, self._step_first = time.perf_counter(), p.step
+            if self.pace.t_first is None:
+                self.pace.start(p.step)
             if cfg.max_minutes:
                 if estimates:
                     self._fit_schedule(estimates // d.world)
@@ -1453,7 +1467,7 @@ class Trainer:
             if evaluating and cfg.sample_prompts:
                 self._sample()
             if evaluating:
-                self.eval_times.append(time.perf_counter() - t_pause)
+                self.pace.eval_times.append(time.perf_counter() - t_pause)
             if not last and cfg.save_every and p.step % cfg.save_every == 0:
                 self.save_checkpoint(self.loader.state_dict())
                 last_saved = p.step
@@ -1461,7 +1475,7 @@ class Trainer:
                 release_freed_memory()
             paused = time.perf_counter() - t_pause
             self._window_t0 += paused  # a log window's tokens/s is training speed alone
-            self.paused_s += paused
+            self.pace.paused_s += paused
         interrupted = p.step < self.total_steps
         if last_saved != p.step:
             self.save_checkpoint(loader_state)
@@ -1483,7 +1497,7 @@ class Trainer:
         seconds = time.perf_counter() - self._window_t0
         tokens, flops = p.tokens - self._window_tokens0, p.flops - self._window_flops0
         rate, flop_rate = tokens / seconds, flops / seconds
-        self.window_rates.append((rate, flop_rate))
+        self.pace.window_rates.append((rate, flop_rate))
         self._check_finite(loss, "loss")
         skipped = int(self.window_skipped.item()) if self.scaler.is_enabled() else None
         if self.monitor:
@@ -1622,7 +1636,7 @@ class Trainer:
         elapsed = self._elapsed()
         rate = p.tokens / elapsed if p.tokens and elapsed > 0 else None  # the whole run's, as tokens and elapsed_s
         # The first log window holds start-up (and compilation); the median of the rest is the steady rate.
-        windows = self.window_rates
+        windows = self.pace.window_rates
         if not windows and self.monitor:  # this session trained nothing (killed while final/ was written)
             windows = [(r["tokens_per_s"], r["tokens_per_s"] * r["flops_per_token"]) for r in self.monitor.records
                        if r.get("type") == "train" and r.get("tokens_per_s")]
