@@ -776,10 +776,32 @@ def test_keep_best_keeps_the_model_of_the_lowest_val_loss_across_a_resume(tmp_pa
     # which records its own step (metrics.jsonl may have lost it: a session killed after writing it).
     kw = {**kw, "lr": 1e-9}  # the loss stays where it climbed to, above best/'s
     off = train(nano_cfg(pt_data, tok_dir, out, max_steps=5, **{**kw, "keep_best": False}), resume=True)
-    assert off["best_model"] is None and "lowest val loss" not in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert off["best_model"] is None and "lowest val loss" not in said
+    assert f"note: keep_best is off, so best/ (step {best}'s model, val loss " in said  # left behind, and says so
     (out / "metrics.jsonl").write_text("")
     on = train(nano_cfg(pt_data, tok_dir, out, max_steps=6, **kw), resume=True)
     assert on["best_model_step"] == best and load_file(out / "best" / "model.safetensors").keys() == kept.keys()
+
+
+def test_keep_best_turned_on_later_keeps_only_a_model_better_than_the_runs_lowest(tmp_path, pt_data, tok_dir, capsys):
+    """Evaluations made while keep_best was off kept no model: turned on at a resume, it keeps one only
+    where an evaluation beats them, so best/ never holds a model worse than the run's lowest val loss."""
+    out = tmp_path / "run"
+    kw = dict(eval_every=1, save_every=2)
+    train(nano_cfg(pt_data, tok_dir, out, max_steps=2, **kw))
+    lowest = min(r["val_loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                 if r["type"] == "eval")
+    capsys.readouterr()
+    summary = train(nano_cfg(pt_data, tok_dir, out, max_steps=4, lr=1.0, keep_best=True, **kw), resume=True)
+    evals = [r["val_loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+             if r["type"] == "eval" and r["step"] > 2]
+    assert min(evals) > lowest, "the loss must climb after the resume"
+    assert not (out / "best").exists()
+    assert (summary["best_model"], summary["best_model_val_loss"], summary["best_val_loss"]) == (None, None, lowest)
+    said = capsys.readouterr().out
+    assert f"note: keep_best: the run's lowest val loss so far, {lowest:.4f}, came while keep_best was off" in said
+    assert "lowest val loss, step" not in said
 
 
 def test_keep_best_without_validation_data_is_refused(tmp_path, corpus_file, tok_dir):
@@ -2042,6 +2064,15 @@ def test_a_resumed_timed_run_goes_on_at_the_rate_it_stopped_at(tmp_path, pt_data
                                                                              None), name
         finally:
             resumed.close()
+    # A budget nearly spent: the earlier sessions' pace fits its schedule at once (it ran on at the 40 steps
+    # fitted before, past its time, and ended far above its floor LR).
+    minutes = state["elapsed_s"] * (1 + 2.5 / 8) / 60  # 2.5 more steps at the pace so far
+    resumed = Trainer(replace(cfg, max_minutes=minutes), resume=True)
+    try:
+        assert (resumed.total_steps, resumed.ended_by) == (10, "--max-minutes") and resumed.warmup <= 5
+        assert resumed.refit is not None and resumed.refit[0] == 40  # the header says the schedule was re-fitted
+    finally:
+        resumed.close()
     # A time budget already spent is refused: ten steps more before this session's first estimate went
     # past it, and a WSD run ended at its peak rate, never decayed.
     with pytest.raises(TinykError, match=r"^--max-minutes 0.001 is spent: the run has trained \S+ minutes and "

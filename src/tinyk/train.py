@@ -1006,8 +1006,9 @@ class Trainer:
         """The resumed run's length, warmup and LR schedule. What is left of a token or epoch budget is
         counted at this session's batch size (pretraining may change it; SFT refuses that), from the
         samples done ever; a timed run goes on with the schedule fitted so far until this session's own
-        estimate; a run made longer or shorter re-fits the schedule from where it is (`refit`, which the
-        header reports)."""
+        estimate, or given another budget, one fitted at the earlier sessions' pace where that is shorter;
+        a run made longer or shorter re-fits the schedule from where it is (`refit`, which the header
+        reports)."""
         cfg, step, planned = self.cfg, state["step"], state.get("total_steps")
         saved_warmup = state.get("warmup", self.warmup)
         done = state["loader"]["epoch"] * self.loader.num_windows + state["loader"]["cursor"]
@@ -1030,6 +1031,14 @@ class Trainer:
             raise TinykError(f"--max-minutes {cfg.max_minutes:g} is spent: the run has trained "
                              f"{state['elapsed_s'] / 60:.1f} minutes and stopped at step {step:,} of the {planned:,} "
                              f"it planned: raise --max-minutes to go on, or use the checkpoint's model/ as it is")
+        if cfg.max_minutes and state.get("max_minutes") != cfg.max_minutes and step and state["elapsed_s"] > 0:
+            # Another budget: until this session has timed steps of its own, the earlier sessions' pace (their
+            # evaluations and checkpoints included) says how many fit. One nearly spent ran on at the length
+            # fitted before, past its time and ending far above its floor LR.
+            fit = step + int((cfg.max_minutes * 60 - state["elapsed_s"]) / state["elapsed_s"] * step)
+            if fit < self.total_steps:
+                self._fit_schedule(max(step + 1, fit))
+                self.ended_by = "--max-minutes"
         if planned and self.total_steps < step < planned:
             # Ending here would make a "complete" run, and its final/ model, of one stopped mid-schedule.
             raise TinykError(f"{self._budget_text()} ends this run at step {self.total_steps:,}, but it stopped at "
@@ -1414,7 +1423,7 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(self.device)
         self._window_t0, self._window_tokens0, self._window_flops0 = time.perf_counter(), p.tokens, p.flops
         last_train, last_val, best_val = self._earlier_results()
-        kept_val, self.kept_step = kept_best(self.out / "best") if cfg.keep_best else (math.inf, None)
+        self.kept_val, self.kept_step = self._kept_so_far(best_val)
         last_saved = p.step if self.resumed_from else -1
         estimate = 0
         while True:
@@ -1459,10 +1468,10 @@ class Trainer:
             evaluating = last or (cfg.eval_every and p.step % cfg.eval_every == 0 and not self._stopping())
             if self.has_val and evaluating:
                 last_val = self._validate()
-                if cfg.keep_best and last_val[0] < kept_val:
+                if cfg.keep_best and last_val[0] < min(self.kept_val, best_val):
                     self._save_model("best", "--resume continues from it",
                                      {BEST_STEP: str(p.step), BEST_VAL: repr(last_val[0])})
-                    kept_val, self.kept_step = last_val[0], p.step
+                    self.kept_val, self.kept_step = last_val[0], p.step
                 best_val = min(best_val, last_val[0])
             if evaluating and cfg.sample_prompts:
                 self._sample()
@@ -1481,6 +1490,22 @@ class Trainer:
             self.save_checkpoint(loader_state)
         final = None if interrupted else self._save_model("final", "--resume writes final/ from it")
         return self._summary(interrupted, final, last_train, last_val, best_val)
+
+    def _kept_so_far(self, best_val: float) -> tuple[float, int | None]:
+        """(val loss, step) of the model best/ holds, which keep_best replaces with one of a lower val loss
+        than any so far, or (inf, None). Says where a session with keep_best off left best/ behind the run's
+        lowest val loss, or left it as it was."""
+        val, step = kept_best(self.out / "best")
+        note = None
+        if not self.cfg.keep_best and step is not None:
+            note = f"keep_best is off, so best/ (step {step}'s model, val loss {val:.4f}) stays as it is"
+        elif self.cfg.keep_best and best_val < val:
+            held = f"best/ holds step {step}'s, val loss {val:.4f}" if step is not None else "best/ holds none"
+            note = (f"keep_best: the run's lowest val loss so far, {best_val:.4f}, came while keep_best was off and "
+                    f"its model was not kept ({held}); best/ takes a model only from an evaluation that beats it")
+        if note and self.monitor:
+            self.monitor.print(f"note: {note}")
+        return (val, step) if self.cfg.keep_best else (math.inf, None)
 
     def _stopping(self) -> bool:
         """Whether a stop signal reached any rank during this step: its periodic evaluation, which can
@@ -1664,11 +1689,16 @@ class Trainer:
             "final_model": final, "resumed_from": str(self.resumed_from) if self.resumed_from else None,
             "best_model": str(self.out / "best") if self.kept_step is not None else None,
             "best_model_step": self.kept_step,
+            "best_model_val_loss": self.kept_val if self.kept_step is not None else None,
         }
         if self.dist.main:
             write_json_atomic(self.out / "summary.json", summary)
-            best = f"; the lowest val loss, step {self.kept_step}'s, in {self.out / 'best'}" \
-                if self.kept_step is not None else ""
+            best = ""
+            if self.kept_step is not None and self.kept_val <= best_val:
+                best = f"; the lowest val loss, step {self.kept_step}'s, in {self.out / 'best'}"
+            elif self.kept_step is not None:
+                best = (f"; {self.out / 'best'} holds step {self.kept_step}'s (val loss {self.kept_val:.4f}), not the "
+                        f"model of the run's lowest val loss, which came while keep_best was off")
             msg = (f"finished: {plural(p.step, 'steps')}, {p.tokens:,} tokens in {elapsed:.0f}s; model in {final}{best}"
                    if final else
                    f"stopped by {self.stop_signal} at step {p.step}; checkpoint saved, continue with --resume")
