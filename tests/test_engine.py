@@ -32,8 +32,8 @@ from tinyk.engine import (
     quantize_int8,
 )
 from tinyk.errors import Stopped, Terminated, TinykError
-from tinyk.model import KVCache, Transformer
-from tinyk.tokenizer import DEFAULT_SYSTEM_PROMPT, MODEL_PROMPT, NOT_UTF8, render_chat
+from tinyk.model import KVCache, ModelConfig, Transformer
+from tinyk.tokenizer import DEFAULT_SYSTEM_PROMPT, MODEL_PROMPT, NOT_UTF8, load_tokenizer, render_chat
 
 GREEDY = SamplingParams(temperature=0, repetition_penalty=1.0, max_new_tokens=12, ignore_eos=True)
 PROMPTS = ["我们今天", "The quick brown fox jumps over the lazy dog.", "中国的首都是北京。你喜欢吃苹果吗？这本书", "",
@@ -1133,6 +1133,20 @@ def test_a_system_prompt_that_leaves_no_room_is_blamed_not_the_message(engine, c
                                                                    default_system=system)) >= ctx)
     with pytest.raises(TinykError, match=r"^message too long: .*; the system prompt and chat markers take [\d,]+$"):
         chat_session(engine, params, [message], io.StringIO(), system=system, interactive=False)
+
+
+def test_chat_says_when_a_reply_is_empty(tok_dir, capsys):
+    """An undertrained model may end its turn at once: the blank line after `assistant>` gets a note, so
+    the chat does not look broken."""
+    tok = load_tokenizer(tok_dir)
+    model = Transformer(ModelConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=tok.vocab_size,
+                                    max_seq_len=64))
+    with torch.no_grad():
+        model.model.norm.weight.zero_()  # all-zero logits: greedy decoding picks id 0, <unk>, which ends a reply
+    out = io.StringIO()
+    history = chat_session(Engine(model.eval(), tok), replace(GREEDY, ignore_eos=False), ["你好"], out, system=None)
+    assert history[1] == {"role": "assistant", "content": ""} and out.getvalue() == "assistant> \n"
+    assert "(empty reply: the model ended its turn at once)" in capsys.readouterr().err
 
 
 def test_ctrl_c_stops_the_reply_not_the_chat(engine, capsys, monkeypatch):

@@ -182,6 +182,8 @@ class _Session:
         out.write("\n")
         out.flush()
         reply = request.completion()
+        if not reply.text and reply.finish_reason == "stop":  # an undertrained model's: the blank line is its answer
+            print("(empty reply: the model ended its turn at once)", file=sys.stderr)
         if reply.finish_reason == "length":
             fix = ("the context window is full" + ("; /reset starts over" if self.interactive else "")
                    if reply.cut_by_context else "raise --max-new-tokens for longer")
