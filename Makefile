@@ -18,9 +18,10 @@ test: venv
 	$(PY) -m pytest -x
 
 # The GGUF tests against llama.cpp itself, built from source first (minutes; needs cmake and g++).
+LLAMA_CPP_PYTHON_VERSION ?= 0.3.36
 test-llama-cpp: venv
-	bash tests/build_llama_cpp.sh
-	TINYK_LLAMA_CPP=$(CURDIR)/.cache/llama.cpp/build/bin $(PY) -m pytest tests/test_gguf.py
+	LLAMA_CPP_PYTHON_VERSION=$(LLAMA_CPP_PYTHON_VERSION) bash tests/build_llama_cpp.sh
+	TINYK_LLAMA_CPP=$(CURDIR)/.cache/llama.cpp-$(LLAMA_CPP_PYTHON_VERSION)/build/bin $(PY) -m pytest tests/test_gguf.py
 
 demo: venv
 	$(PY) -m tinyk demo --out runs/demo

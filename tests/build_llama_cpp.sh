@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Builds llama.cpp's llama-tokenize and llama-simple into .cache/llama.cpp for `make test-llama-cpp`,
+# Builds llama.cpp's llama-tokenize and llama-simple into .cache/llama.cpp-VERSION for `make test-llama-cpp`,
 # from the copy of llama.cpp that llama-cpp-python's source package on PyPI carries (PyPI is the one
 # place every tinyk machine can download from). Generic CPU flags, so the tools run on any machine of
 # the same architecture. Needs cmake and a C++ compiler; takes minutes.
 set -euo pipefail
 version=${LLAMA_CPP_PYTHON_VERSION:-0.3.36}
-root=.cache/llama.cpp
+root=.cache/llama.cpp-$version
 bin=$root/build/bin
 if [ -x "$bin/llama-simple" ] && [ -x "$bin/llama-tokenize" ]; then
     exit 0

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tinyk.checkpoint import init_model_dir, load_model, save_model
 from tinyk.cli import main
 from tinyk.engine import Engine, SamplingParams
-from tinyk.gguf import export_gguf
+from tinyk.gguf import _model_name, export_gguf
 from tinyk.model import ModelConfig, Transformer
 from tinyk.tokenizer import IM_END_ID, IM_START_ID, load_tokenizer, train_tokenizer
 
@@ -128,6 +128,14 @@ def test_a_folder_name_that_is_not_utf8_names_the_model_all_the_same(tmp_path, n
     export_gguf(folder, tmp_path / "m.gguf")
     # what is not UTF-8 becomes U+FFFD, as in tinyk's JSON outputs
     assert _field(GGUFReader(tmp_path / "m.gguf"), "general.name") == b"m\xc4\xa3\xd0\xcd".decode("utf-8", "replace")
+
+
+@pytest.mark.parametrize(("path", "name"), [("runs/chat/final", "chat-final"), ("runs/chat/best", "chat-best"),
+                                          ("runs/chat/checkpoints/step_0000040/model", "chat-step_0000040"),
+                                          ("models/k215m", "k215m")])
+def test_the_model_is_named_after_its_run(path, name):
+    """general.name, which llama.cpp's tools show: "final" alone says nothing."""
+    assert _model_name(Path("/home/me") / path) == name
 
 
 def test_a_normalising_tokenizer_is_exported_with_a_note(tmp_path, corpus_file, capsys):

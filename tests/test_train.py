@@ -800,7 +800,8 @@ def test_keep_best_turned_on_later_keeps_only_a_model_better_than_the_runs_lowes
     assert not (out / "best").exists()
     assert (summary["best_model"], summary["best_model_val_loss"], summary["best_val_loss"]) == (None, None, lowest)
     said = capsys.readouterr().out
-    assert f"note: keep_best: the run's lowest val loss so far, {lowest:.4f}, came while keep_best was off" in said
+    assert f"note: keep_best: the model of the run's lowest val loss so far, {lowest:.4f}, was not kept " \
+           f"(keep_best was off, or best/ was removed; best/ holds none)" in said
     assert "lowest val loss, step" not in said
 
 
@@ -1147,6 +1148,20 @@ def test_two_processes_stop_together_on_a_time_budget(tmp_path, pt_data, tok_dir
     assert summary["elapsed_s"] < 0.05 * 60 + 5 and (out / "final").is_dir()
     evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
     assert evals[-1]["step"] == summary["steps"]
+
+
+def test_two_processes_agree_on_what_best_must_beat(tmp_path, pt_data, tok_dir):
+    """keep_best turned on at a resume: rank 0 alone reads the run's history, and every rank must agree on
+    whether an evaluation writes best/ (a collective); the others took no history, saved, and hung."""
+    out = tmp_path / "run"
+    train(nano_cfg(pt_data, tok_dir, out, max_steps=2, eval_every=1, save_every=2))
+    r = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "tinyk",
+                        *cli_args(pt_data, tok_dir, out, "--resume", "--keep-best", "--max-steps", "4",
+                                  "--eval-every", "1", "--set", "lr=1.0")],
+                       env={**ENV, "TMPDIR": str(tmp_path)}, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    evals = [json.loads(x)["val_loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    assert min(evals[2:]) > min(evals[:2]) and not (out / "best").exists()  # the loss climbed: nothing beat it
 
 
 def test_trackers_are_lazy_and_optional(tmp_path, pt_data, tok_dir, monkeypatch, capsys):
@@ -2071,6 +2086,16 @@ def test_a_resumed_timed_run_goes_on_at_the_rate_it_stopped_at(tmp_path, pt_data
     try:
         assert (resumed.total_steps, resumed.ended_by) == (10, "--max-minutes") and resumed.warmup <= 5
         assert resumed.refit is not None and resumed.refit[0] == 40  # the header says the schedule was re-fitted
+    finally:
+        resumed.close()
+    # A finished run whose lowered budget is spent stays finished (it trained a step more, rewriting final/).
+    done = nano_cfg(pt_data, tok_dir, tmp_path / "done", max_steps=3000, max_minutes=10)
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "_fit_estimate", lambda self: 8 if self.progress.step >= 2 else 0)
+        assert train(done)["steps"] == 8
+    resumed = Trainer(replace(done, max_minutes=0.0001), resume=True)
+    try:
+        assert resumed.total_steps == 8 and resumed.finished_already
     finally:
         resumed.close()
     # A time budget already spent is refused: ten steps more before this session's first estimate went

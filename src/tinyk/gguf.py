@@ -22,7 +22,7 @@ from .engine import SamplingParams
 from .errors import TinykError, writing
 from .model import ModelConfig
 from .outputs import atomic_file, check_output_file
-from .tokenizer import IM_END_ID, IM_START_ID, SPECIAL_TOKENS, TinyTokenizer, chat_template
+from .tokenizer import IM_END_ID, IM_START_ID, SPECIAL_TOKENS, chat_template
 
 OUTTYPES = ("f16", "bf16", "f32", "q8_0")
 MAGIC = b"GGUF"
@@ -53,6 +53,16 @@ def gguf_name(hf_name: str) -> str:
     return f"blk.{layer}.{_LAYER_NAMES[rest.removesuffix('.weight')]}.weight"
 
 
+def _model_name(path: Path) -> str:
+    """What general.name calls a model: its directory's name, or for a run's model the run's name and
+    which of its models it is (runs/chat/final: chat-final; a checkpoint's: chat-step_0000040)."""
+    if path.name in ("final", "best"):
+        return f"{path.parent.name}-{path.name}"
+    if path.name == "model" and path.parent.parent.name == "checkpoints":
+        return f"{path.parent.parent.parent.name}-{path.parent.name}"
+    return path.name
+
+
 def _gguf_module() -> Any:
     try:
         import gguf
@@ -62,11 +72,11 @@ def _gguf_module() -> Any:
     return gguf
 
 
-def _tokenizer_fields(gguf: Any, tok: TinyTokenizer) -> tuple[list[str], list[int], list[str]]:
+def _tokenizer_fields(gguf: Any, data: dict[str, Any]) -> tuple[list[str], list[int], list[str]]:
     """(tokens, token types, merges) as llama.cpp's byte-level BPE ("gpt2") reads them: the tokens and
     merges in tokenizer.json's byte alphabet, and the special tokens marked control (never produced from
-    text; of them, llama.cpp ends generation at <|im_end|> and </s>, which it knows by name)."""
-    data = json.loads(tok.tok.to_str())
+    text; of them, llama.cpp ends generation at <|im_end|> and </s>, which it knows by name). `data` is
+    tokenizer.json's."""
     model, pre = data.get("model") or {}, data.get("pre_tokenizer") or {}
     if model.get("type") != "BPE" or pre.get("type") != "ByteLevel" or not pre.get("use_regex", True) \
             or pre.get("add_prefix_space"):
@@ -112,14 +122,13 @@ def export_gguf(model_dir: str | Path, out: str | Path, outtype: str = "f16", fo
     check_output_file(out, [model_dir], force=force, replaces=("a GGUF file", is_gguf), holds="the GGUF model")
     model, tok = load_model(model_dir)
     cfg = model.config
-    tokens, types, merges = _tokenizer_fields(gguf, tok)
+    tokenizer_json = json.loads(tok.tok.to_str())
+    tokens, types, merges = _tokenizer_fields(gguf, tokenizer_json)
     # An imported model's embedding may have rows past the tokenizer's ids: no text becomes them, and
     # tinyk never samples them, so the file leaves them out and llama.cpp cannot sample them either.
     state = {k: v[:len(tokens)] if k in ("model.embed_tokens.weight", "lm_head.weight") else v
              for k, v in model.state_dict().items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
-    name = model_dir.resolve().name
-    if name in ("final", "best"):  # a run's model: the run's name says which
-        name = f"{model_dir.resolve().parent.name}-{name}"
+    name = _model_name(model_dir.resolve())
     name = os.fsencode(name).decode("utf-8", "replace")  # GGUF strings are UTF-8; a GBK folder name is not
     counts: dict[str, int] = {}
     with writing(out), atomic_file(out, suffix=".gguf") as tmp:
@@ -140,7 +149,7 @@ def export_gguf(model_dir: str | Path, out: str | Path, outtype: str = "f16", fo
             w.write_header_to_file()
             w.write_kv_data_to_file()
             w.write_tensors_to_file()
-    normalizer = json.loads(tok.tok.to_str()).get("normalizer")
+    normalizer = tokenizer_json.get("normalizer")
     return {"path": str(out), "bytes": out.stat().st_size, "outtype": outtype, "tensors": counts,
             "parameters": sum(t.numel() for t in state.values()), "vocab": len(tokens),
             "normalizer": normalizer.get("type") if isinstance(normalizer, dict) else None}

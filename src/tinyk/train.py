@@ -1031,13 +1031,17 @@ class Trainer:
             raise TinykError(f"--max-minutes {cfg.max_minutes:g} is spent: the run has trained "
                              f"{state['elapsed_s'] / 60:.1f} minutes and stopped at step {step:,} of the {planned:,} "
                              f"it planned: raise --max-minutes to go on, or use the checkpoint's model/ as it is")
-        if cfg.max_minutes and state.get("max_minutes") != cfg.max_minutes and step and state["elapsed_s"] > 0:
-            # Another budget: until this session has timed steps of its own, the earlier sessions' pace (their
-            # evaluations and checkpoints included) says how many fit. One nearly spent ran on at the length
-            # fitted before, past its time and ending far above its floor LR.
+        was = state.get("max_minutes")
+        if cfg.max_minutes and (not was or cfg.max_minutes < was) and 0 < step < self.total_steps \
+                and state["elapsed_s"] > 0:
+            # A budget lowered (or new): until this session has timed steps of its own, the earlier sessions'
+            # pace (their first step, evaluations and checkpoints included) says how many fit, so one nearly
+            # spent still ends at its floor LR rather than past its time, and a finished run with no time
+            # left stays finished. A raised one waits for this session's estimate: that pace, slow by its
+            # start-up, would cut the schedule and its warmup.
             fit = step + int((cfg.max_minutes * 60 - state["elapsed_s"]) / state["elapsed_s"] * step)
             if fit < self.total_steps:
-                self._fit_schedule(max(step + 1, fit))
+                self._fit_schedule(max(step if planned and step >= planned else step + 1, fit))
                 self.ended_by = "--max-minutes"
         if planned and self.total_steps < step < planned:
             # Ending here would make a "complete" run, and its final/ model, of one stopped mid-schedule.
@@ -1423,6 +1427,8 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(self.device)
         self._window_t0, self._window_tokens0, self._window_flops0 = time.perf_counter(), p.tokens, p.flops
         last_train, last_val, best_val = self._earlier_results()
+        # Rank 0 alone reads the history, and every rank must agree on whether an evaluation writes best/.
+        best_val = d.gather_host(best_val)[0]
         self.kept_val, self.kept_step = self._kept_so_far(best_val)
         last_saved = p.step if self.resumed_from else -1
         estimate = 0
@@ -1495,14 +1501,15 @@ class Trainer:
         """(val loss, step) of the model best/ holds, which keep_best replaces with one of a lower val loss
         than any so far, or (inf, None). Says where a session with keep_best off left best/ behind the run's
         lowest val loss, or left it as it was."""
-        val, step = kept_best(self.out / "best")
+        val, step = self.dist.gather_host(kept_best(self.out / "best"))[0]  # rank 0's, as the history
         note = None
         if not self.cfg.keep_best and step is not None:
             note = f"keep_best is off, so best/ (step {step}'s model, val loss {val:.4f}) stays as it is"
         elif self.cfg.keep_best and best_val < val:
             held = f"best/ holds step {step}'s, val loss {val:.4f}" if step is not None else "best/ holds none"
-            note = (f"keep_best: the run's lowest val loss so far, {best_val:.4f}, came while keep_best was off and "
-                    f"its model was not kept ({held}); best/ takes a model only from an evaluation that beats it")
+            note = (f"keep_best: the model of the run's lowest val loss so far, {best_val:.4f}, was not kept "
+                    f"(keep_best was off, or best/ was removed; {held}); best/ takes a model only from an "
+                    f"evaluation that beats it")
         if note and self.monitor:
             self.monitor.print(f"note: {note}")
         return (val, step) if self.cfg.keep_best else (math.inf, None)
@@ -1698,7 +1705,7 @@ class Trainer:
                 best = f"; the lowest val loss, step {self.kept_step}'s, in {self.out / 'best'}"
             elif self.kept_step is not None:
                 best = (f"; {self.out / 'best'} holds step {self.kept_step}'s (val loss {self.kept_val:.4f}), not the "
-                        f"model of the run's lowest val loss, which came while keep_best was off")
+                        f"model of the run's lowest val loss, which was not kept")
             msg = (f"finished: {plural(p.step, 'steps')}, {p.tokens:,} tokens in {elapsed:.0f}s; model in {final}{best}"
                    if final else
                    f"stopped by {self.stop_signal} at step {p.step}; checkpoint saved, continue with --resume")
