@@ -767,6 +767,9 @@ def test_table_aligns_chinese_text():
     ends = [_width(line[:line.index(score) + len(score)]) for line, score in
             ((lines[0], "score"), (lines[2], "33.3%"), (lines[3], "100.0%"))]
     assert len(set(ends)) == 1
+    # Data metrics alone have no baseline: no empty column is headed "baseline".
+    data = format_table([("val loss", "2.5000", ""), ("val perplexity", "12.18", "")]).splitlines()
+    assert data[0].split() == ["metric", "score"] and data[0].endswith("score")
 
 
 def test_int8_task_answers_decode_in_batches_the_int8_kernel_takes(tmp_path, nano_model_dir, monkeypatch):

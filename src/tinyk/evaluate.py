@@ -866,8 +866,10 @@ def compared_rows(results: list[dict[str, Any]]) -> list[tuple[str, ...]]:
 
 
 def format_table(rows: Iterable[tuple[str, ...]], header: tuple[str, ...] = ("metric", "score", "baseline")) -> str:
-    """Aligned columns: the first left, the scores right, the last (baseline, left) only where it has text."""
-    rows = [header, *rows]
+    """Aligned columns: the first left, the scores right, the last (baseline, left) only where it has text,
+    and its heading only where some row has one (data metrics alone have none)."""
+    rows = list(rows)
+    rows = [header if any(r[-1] for r in rows) else (*header[:-1], ""), *rows]
     widths = [max(_width(r[i]) for r in rows) for i in range(len(header) - 1)]
     lines = [_ljust(r[0], widths[0]) + "".join("  " + " " * (w - _width(v)) + v for v, w in
                                                zip(r[1:-1], widths[1:], strict=True)) + ("  " + r[-1] if r[-1] else "")
