@@ -456,13 +456,37 @@ return written;
 """
 
 
-@pytest.mark.parametrize(("languages", "lang"), [("zh-CN,zh", "zh-CN"), ("en-US,en", "en"), ("en-GB,zh-CN", "en")])
+# What the page says in each of its languages, as the test below reads it.
+PAGE_WORDS = {
+    "en": dict(texts=["tinyk chat", "Settings", "temperature", "max tokens", "system", "API key", "Send", "Stop",
+                      "Clear"], context="context", you="You", assistant="Assistant", server_said="",
+               bad_key="an API key is printable ASCII without spaces",
+               cut="(reply cut at 2 tokens; raise max tokens for longer)", conversation="Conversation",
+               not_sent="not sent"),
+    "zh-CN": dict(texts=["tinyk 聊天", "设置", "温度 (temperature)", "最大词元数 (max tokens)",
+                         "系统提示词 (system prompt)", "API 密钥 (API key)", "发送", "停止", "清空"],
+                  context="上下文", you="你", assistant="助手", server_said="服务器报错：",
+                  bad_key="API 密钥只能由可打印的 ASCII 字符组成，不能有空格",
+                  cut="（回复在 2 个词元处截断；调大“最大词元数”可以得到更长的回复）", conversation="对话",
+                  not_sent="未发送"),
+    "zh-Hant": dict(texts=["tinyk 聊天", "設定", "溫度 (temperature)", "最大詞元數 (max tokens)",
+                           "系統提示詞 (system prompt)", "API 金鑰 (API key)", "送出", "停止", "清除"],
+                    context="上下文", you="你", assistant="助理", server_said="伺服器錯誤：",
+                    bad_key="API 金鑰只能由可列印的 ASCII 字元組成，不能有空格",
+                    cut="（回覆在 2 個詞元處截斷；調高「最大詞元數」可以得到更長的回覆）", conversation="對話",
+                    not_sent="未送出"),
+}
+
+
+@pytest.mark.parametrize(("languages", "lang"), [("zh-CN,zh", "zh-CN"), ("zh-TW,zh", "zh-Hant"),
+                                                 ("zh-HK,en", "zh-Hant"), ("en-US,en", "en"), ("en-GB,zh-CN", "en")])
 def test_the_chat_page_speaks_the_browsers_language(nano_model_dir, tmp_path, languages, lang):
-    """Chinese (简体中文) where the browser prefers Chinese, English otherwise: the labels, placeholders, the
-    status line, notes and errors, marked with the language they are in (for a screen reader's voice). The
-    conversation is marked Chinese, the model's language; the server's errors stay English, marked so."""
+    """Chinese where the browser prefers Chinese (traditional characters for Taiwan, Hong Kong and Macau,
+    simplified otherwise), English otherwise: the labels, placeholders, the status line, notes and errors,
+    marked with the language they are in (for a screen reader's voice). The conversation is marked
+    Chinese, the model's language; the server's errors stay English, marked so."""
     engine = Engine.from_dir(nano_model_dir)
-    zh = lang == "zh-CN"
+    words, zh = PAGE_WORDS[lang], lang != "en"
     with chat_page(engine, tmp_path, max_tokens=2, languages=languages) as run:
         page = run("const texts = () => [...document.querySelectorAll('h1, summary, label span, button')]"
                    ".map(e => e.textContent);\n"
@@ -477,25 +501,20 @@ def test_the_chat_page_speaks_the_browsers_language(nano_model_dir, tmp_path, la
                    "  shown: shown()};")
         written = run(WRITTEN_SCRIPT)
     assert page["lang"] == lang
-    assert page["texts"] == (["tinyk 聊天", "设置", "温度 (temperature)", "最大词元数 (max tokens)",
-                              "系统提示词 (system prompt)", "API 密钥 (API key)", "发送", "停止", "清空"] if zh else
-                             ["tinyk chat", "Settings", "temperature", "max tokens", "system", "API key",
-                              "Send", "Stop", "Clear"])
-    assert page["status"] == f"nano · {'上下文' if zh else 'context'} {engine.context_length}"
+    assert page["texts"] == words["texts"]
+    assert page["status"] == f"nano · {words['context']} {engine.context_length}"
     # Two messages refused (too long for the window; an API key the browser cannot send), each struck through.
     assert page["shown"]["unsent"] == ["很" * (2 * engine.context_length), "再见"]
-    assert page["speakers"] == [["你" if zh else "You", lang, "zh"], ["助手" if zh else "Assistant", lang, "zh"],
-                                ["你" if zh else "You", lang, "zh"], ["你" if zh else "You", lang, "zh"]]
+    you, assistant = [words["you"], lang, "zh"], [words["assistant"], lang, "zh"]
+    assert page["speakers"] == [you, assistant, you, you]
     refused, bad_key = page["errors"]
-    assert refused["text"].startswith("服务器报错：" if zh else "") and "context" in refused["text"]
+    assert refused["text"].startswith(words["server_said"]) and "context" in refused["text"]
     assert refused["lang"] == lang and refused["server"] == ["en"]  # the server's words, in English
-    assert bad_key == {"text": "API 密钥只能由可打印的 ASCII 字符组成，不能有空格" if zh
-                       else "an API key is printable ASCII without spaces", "lang": lang, "server": []}
+    assert bad_key == {"text": words["bad_key"], "lang": lang, "server": []}
     if page["shown"]["replies"][0]["finish"] == "length":
-        assert page["shown"]["notes"] == (["（回复在 2 个词元处截断；调大“最大词元数”可以得到更长的回复）"] if zh
-                                          else ["(reply cut at 2 tokens; raise max tokens for longer)"])
+        assert page["shown"]["notes"] == [words["cut"]]
     # Nothing left in the other language: every text the page writes has Chinese in it, or none.
     han = re.compile(r"[\u4e00-\u9fff]")
     assert [w for w in written if bool(han.search(w[0])) != zh] == []
     assert [w for w in written if w[1] != lang] == []  # each in an element marked with the page's language
-    assert {"Conversation" if not zh else "对话", "未发送" if zh else "not sent"} <= {w[0] for w in written}
+    assert {words["conversation"], words["not_sent"]} <= {w[0] for w in written}
