@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import io
@@ -22,6 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 import yaml
@@ -96,6 +98,23 @@ def signal_at_step(monkeypatch, step: int, *sigs: int) -> None:
 def train_losses(out: Path) -> dict[int, float]:
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in recs if r["type"] == "train"}
+
+
+def two_process_job(args: list[str], tmp_path: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`torchrun` with two processes of tinyk; one that hangs (ranks that disagree on a collective) is
+    killed with its workers, which a timeout alone left running (torchrun starts each in a session of
+    its own). TMPDIR: torchrun's own files."""
+    with subprocess.Popen([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "tinyk", *args],
+                          env={**ENV, "TMPDIR": str(tmp_path)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as job:
+        try:
+            out, err = job.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for process in [*psutil.Process(job.pid).children(recursive=True), psutil.Process(job.pid)]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.kill()
+            raise
+    return subprocess.CompletedProcess(job.args, job.returncode, out, err)
 
 
 def cli_args(data: Path, tok: Path, out: Path, *extra: str) -> list[str]:
@@ -917,9 +936,7 @@ def test_two_process_ddp_and_fsdp_match_one_process(tmp_path, pt_data, tok_dir):
     flags = ["--max-steps", "8", "--save-every", "2", "--micro-batch", "2", "--eval-every", "4", "--log-every", "1",
              "--set", "keep_checkpoints=10", "--set", "eval_batches=2", "--set", "lr=3e-3", "--set", "warmup_steps=2"]
     ddp = tmp_path / "ddp"
-    r = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "tinyk",
-                        *cli_args(pt_data, tok_dir, ddp, *flags)], env={**ENV, "TMPDIR": str(tmp_path)},
-                       capture_output=True, text=True)  # TMPDIR: torchrun's own files
+    r = two_process_job(cli_args(pt_data, tok_dir, ddp, *flags), tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     fsdp = tmp_path / "fsdp"
     shutil.copytree(ref, fsdp)
@@ -1136,10 +1153,8 @@ def test_two_processes_stop_together_on_a_time_budget(tmp_path, pt_data, tok_dir
     """--max-minutes under torchrun: the ranks average their fitted lengths, so both take the final
     evaluation (a collective) at the same step and finish; a disagreement would hang until the timeout."""
     out = tmp_path / "timed"
-    r = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "tinyk",
-                        *cli_args(pt_data, tok_dir, out, "--max-steps", "100000", "--max-minutes", "0.05",
-                                  "--eval-every", "7", "--log-every", "5", "--set", "eval_batches=1")],
-                       env={**ENV, "TMPDIR": str(tmp_path)}, capture_output=True, text=True, timeout=120)
+    r = two_process_job(cli_args(pt_data, tok_dir, out, "--max-steps", "100000", "--max-minutes", "0.05",
+                                 "--eval-every", "7", "--log-every", "5", "--set", "eval_batches=1"), tmp_path, 120)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Warning" not in r.stderr, r.stderr[-3000:]  # e.g. torch 2.13's deprecated DDP flag
     summary = json.loads((out / "summary.json").read_text())
@@ -1155,10 +1170,8 @@ def test_two_processes_agree_on_what_best_must_beat(tmp_path, pt_data, tok_dir):
     whether an evaluation writes best/ (a collective); the others took no history, saved, and hung."""
     out = tmp_path / "run"
     train(nano_cfg(pt_data, tok_dir, out, max_steps=2, eval_every=1, save_every=2))
-    r = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "tinyk",
-                        *cli_args(pt_data, tok_dir, out, "--resume", "--keep-best", "--max-steps", "4",
-                                  "--eval-every", "1", "--set", "lr=1.0")],
-                       env={**ENV, "TMPDIR": str(tmp_path)}, capture_output=True, text=True, timeout=120)
+    r = two_process_job(cli_args(pt_data, tok_dir, out, "--resume", "--keep-best", "--max-steps", "4",
+                                 "--eval-every", "1", "--set", "lr=1.0"), tmp_path, 120)
     assert r.returncode == 0, r.stderr[-3000:]
     evals = [json.loads(x)["val_loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
     assert min(evals[2:]) > min(evals[:2]) and not (out / "best").exists()  # the loss climbed: nothing beat it
@@ -2098,9 +2111,20 @@ def test_a_resumed_timed_run_goes_on_at_the_rate_it_stopped_at(tmp_path, pt_data
         assert resumed.total_steps == 8 and resumed.finished_already
     finally:
         resumed.close()
+    # A finished run given a raised budget is fitted at the earlier pace too: it ran on at the step cap's
+    # length, at its peak LR, until this session's first estimate, also where the budget was still spent.
+    state_file = checkpoints(tmp_path / "done")[-1] / "state.json"
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**state, "max_minutes": state["elapsed_s"] / 120}))  # its budget: half that
+    for minutes, steps in ((state["elapsed_s"] * (1 + 2.5 / 8) / 60, 10), (state["elapsed_s"] * 0.9 / 60, 8)):
+        resumed = Trainer(replace(done, max_minutes=minutes), resume=True)
+        try:
+            assert (resumed.total_steps, resumed.finished_already is not None) == (steps, steps == 8)
+        finally:
+            resumed.close()
     # A time budget already spent is refused: ten steps more before this session's first estimate went
     # past it, and a WSD run ended at its peak rate, never decayed.
-    with pytest.raises(TinykError, match=r"^--max-minutes 0.001 is spent: the run has trained \S+ minutes and "
+    with pytest.raises(TinykError, match=r"^--max-minutes 0.001 is spent: the run has trained [\d.]+ s and "
                                          r"stopped at step 8 of the 40 it planned: raise --max-minutes to go on"):
         Trainer(replace(cfg, max_minutes=0.001), resume=True)
 

@@ -1028,20 +1028,23 @@ class Trainer:
         elif state.get("max_minutes"):
             self.warmup = min(saved_warmup, cfg.warmup_steps)
         if cfg.max_minutes and planned and step < planned and state["elapsed_s"] >= cfg.max_minutes * 60:
+            spent = state["elapsed_s"]
             raise TinykError(f"--max-minutes {cfg.max_minutes:g} is spent: the run has trained "
-                             f"{state['elapsed_s'] / 60:.1f} minutes and stopped at step {step:,} of the {planned:,} "
-                             f"it planned: raise --max-minutes to go on, or use the checkpoint's model/ as it is")
-        was = state.get("max_minutes")
-        if cfg.max_minutes and (not was or cfg.max_minutes < was) and 0 < step < self.total_steps \
+                             f"{f'{spent / 60:.1f} minutes' if spent >= 60 else f'{spent:.1f} s'} and stopped at step "
+                             f"{step:,} of the {planned:,} it planned: raise --max-minutes to go on, or use the "
+                             f"checkpoint's model/ as it is")
+        was, finished = state.get("max_minutes"), bool(planned) and step >= planned
+        if cfg.max_minutes and (not was or cfg.max_minutes < was or finished) and 0 < step < self.total_steps \
                 and state["elapsed_s"] > 0:
-            # A budget lowered (or new): until this session has timed steps of its own, the earlier sessions'
-            # pace (their first step, evaluations and checkpoints included) says how many fit, so one nearly
-            # spent still ends at its floor LR rather than past its time, and a finished run with no time
-            # left stays finished. A raised one waits for this session's estimate: that pace, slow by its
-            # start-up, would cut the schedule and its warmup.
+            # Until this session has timed steps of its own, the earlier sessions' pace (their first step,
+            # evaluations and checkpoints included) says how many steps a budget lowered or new fits, so one
+            # nearly spent still ends at its floor LR rather than past its time, and how many a finished
+            # run's other budget adds (none where it is spent: the run stays finished; it ran on at the step
+            # cap's length, at its peak LR). An unfinished run's raised budget waits for this session's
+            # estimate: that pace, slow by its start-up, would cut the schedule fitted so far and its warmup.
             fit = step + int((cfg.max_minutes * 60 - state["elapsed_s"]) / state["elapsed_s"] * step)
             if fit < self.total_steps:
-                self._fit_schedule(max(step if planned and step >= planned else step + 1, fit))
+                self._fit_schedule(max(step if finished else step + 1, fit))
                 self.ended_by = "--max-minutes"
         if planned and self.total_steps < step < planned:
             # Ending here would make a "complete" run, and its final/ model, of one stopped mid-schedule.
