@@ -641,6 +641,8 @@ def evaluate_models(model_dirs: Iterable[str | Path], *, data: Iterable[str | Pa
                          f"in fp32); add --task or leave --quantize out")
     if choice:
         _check_choice_format(choice_format)
+        read_skips = Skips()
+        all_questions = read_choice(choice, read_skips, limit)  # the same files for every model
     # Every input is checked, for every model, before the weights load and any mode runs: a mistake in
     # the last one must not throw away the minutes the first ones took. The model directory first: the
     # checks read its tokenizer and context length.
@@ -657,13 +659,13 @@ def evaluate_models(model_dirs: Iterable[str | Path], *, data: Iterable[str | Pa
         named = model_dir if len(model_dirs) > 1 else None
         task_inputs = [read_task_prompts(t, prompt_of, system_prompt=system, limit=limit, model=named)
                        for t in tasks]
-        refuse_repeats([Path(t) for t in tasks], "task file")  # once read: each one exists
         questions, choice_skips = None, None
-        if choice:
-            choice_skips = Skips()
-            questions = choices_that_fit(tok, choice, read_choice(choice, choice_skips, limit), choice_format,
-                                         cfg.max_seq_len, choice_skips, model=named)
+        if choice:  # which questions fit depends on the model's tokenizer and context
+            choice_skips = copy.deepcopy(read_skips)
+            questions = choices_that_fit(tok, choice, all_questions, choice_format, cfg.max_seq_len, choice_skips,
+                                         model=named)
         plans.append(_Plan(model_dir, opened, windows, system, task_inputs, questions, choice_skips))
+    refuse_repeats([Path(t) for t in tasks], "task file")  # once read: each one exists
     refuse_repeats([Path(m) for m in model_dirs], "model directory")
     dev = resolve_device(device)
     if quantize == "int8" and (why := int8_refusal(dev, engine_dtype("auto", dev, quantize))):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ import torch
 
 from .checkpoint import load_model, rope_pairs
 from .engine import SamplingParams
-from .errors import TinykError, writing
+from .errors import TinykError, shown, writing
 from .model import ModelConfig
 from .outputs import atomic_file, check_output_file
 from .tokenizer import IM_END_ID, IM_START_ID, SPECIAL_TOKENS, chat_template
@@ -128,8 +127,7 @@ def export_gguf(model_dir: str | Path, out: str | Path, outtype: str = "f16", fo
     # tinyk never samples them, so the file leaves them out and llama.cpp cannot sample them either.
     state = {k: v[:len(tokens)] if k in ("model.embed_tokens.weight", "lm_head.weight") else v
              for k, v in model.state_dict().items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
-    name = _model_name(model_dir.resolve())
-    name = os.fsencode(name).decode("utf-8", "replace")  # GGUF strings are UTF-8; a GBK folder name is not
+    name = shown(_model_name(model_dir.resolve()))  # GGUF strings are UTF-8; a GBK folder name is not
     counts: dict[str, int] = {}
     with writing(out), atomic_file(out, suffix=".gguf") as tmp:
         with contextlib.closing(gguf.GGUFWriter(str(tmp), "llama")) as w:

@@ -1430,9 +1430,10 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(self.device)
         self._window_t0, self._window_tokens0, self._window_flops0 = time.perf_counter(), p.tokens, p.flops
         last_train, last_val, best_val = self._earlier_results()
-        # Rank 0 alone reads the history, and every rank must agree on whether an evaluation writes best/.
-        best_val = d.gather_host(best_val)[0]
-        self.kept_val, self.kept_step = self._kept_so_far(best_val)
+        # Rank 0 alone reads the history, and every rank must agree on whether an evaluation writes best/:
+        # each takes rank 0's lowest val loss and its reading of best/.
+        best_val, (kept_val, kept_step) = d.gather_host((best_val, kept_best(self.out / "best")))[0]
+        self.kept_val, self.kept_step = self._kept_so_far(best_val, kept_val, kept_step)
         last_saved = p.step if self.resumed_from else -1
         estimate = 0
         while True:
@@ -1500,11 +1501,10 @@ class Trainer:
         final = None if interrupted else self._save_model("final", "--resume writes final/ from it")
         return self._summary(interrupted, final, last_train, last_val, best_val)
 
-    def _kept_so_far(self, best_val: float) -> tuple[float, int | None]:
-        """(val loss, step) of the model best/ holds, which keep_best replaces with one of a lower val loss
-        than any so far, or (inf, None). Says where a session with keep_best off left best/ behind the run's
-        lowest val loss, or left it as it was."""
-        val, step = self.dist.gather_host(kept_best(self.out / "best"))[0]  # rank 0's, as the history
+    def _kept_so_far(self, best_val: float, val: float, step: int | None) -> tuple[float, int | None]:
+        """(val loss, step) of the model best/ holds (`val`, `step`), which keep_best replaces with one of a
+        lower val loss than any so far, or (inf, None) without keep_best. Says where a session with keep_best
+        off left best/ behind the run's lowest val loss, or left it as it was."""
         note = None
         if not self.cfg.keep_best and step is not None:
             note = f"keep_best is off, so best/ (step {step}'s model, val loss {val:.4f}) stays as it is"
