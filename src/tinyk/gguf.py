@@ -18,9 +18,10 @@ import torch
 
 from .checkpoint import load_model, rope_pairs
 from .engine import SamplingParams
-from .errors import TinykError, shown, writing
+from .errors import TinykError, writing
 from .model import ModelConfig
 from .outputs import atomic_file, check_output_file
+from .rundir import model_name
 from .tokenizer import IM_END_ID, IM_START_ID, SPECIAL_TOKENS, chat_template
 
 OUTTYPES = ("f16", "bf16", "f32", "q8_0")
@@ -50,16 +51,6 @@ def gguf_name(hf_name: str) -> str:
         return _TOP_NAMES[hf_name]
     _, _, layer, rest = hf_name.split(".", 3)  # model.layers.<i>.<module>.weight
     return f"blk.{layer}.{_LAYER_NAMES[rest.removesuffix('.weight')]}.weight"
-
-
-def _model_name(path: Path) -> str:
-    """What general.name calls a model: its directory's name, or for a run's model the run's name and
-    which of its models it is (runs/chat/final: chat-final; a checkpoint's: chat-step_0000040)."""
-    if path.name in ("final", "best"):
-        return f"{path.parent.name}-{path.name}"
-    if path.name == "model" and path.parent.parent.name == "checkpoints":
-        return f"{path.parent.parent.parent.name}-{path.parent.name}"
-    return path.name
 
 
 def _gguf_module() -> Any:
@@ -127,11 +118,10 @@ def export_gguf(model_dir: str | Path, out: str | Path, outtype: str = "f16", fo
     # tinyk never samples them, so the file leaves them out and llama.cpp cannot sample them either.
     state = {k: v[:len(tokens)] if k in ("model.embed_tokens.weight", "lm_head.weight") else v
              for k, v in model.state_dict().items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
-    name = shown(_model_name(model_dir.resolve()))  # GGUF strings are UTF-8; a GBK folder name is not
     counts: dict[str, int] = {}
     with writing(out), atomic_file(out, suffix=".gguf") as tmp:
         with contextlib.closing(gguf.GGUFWriter(str(tmp), "llama")) as w:
-            _add_metadata(gguf, w, cfg, name, outtype)
+            _add_metadata(gguf, w, cfg, model_name(model_dir), outtype)
             w.add_tokenizer_model("gpt2")
             w.add_tokenizer_pre("gpt-2")
             w.add_vocab_size(len(tokens))

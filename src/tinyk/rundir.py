@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .checkpoint import is_model_dir, model_dir_hint, unfinished_hint
-from .errors import TinykError, signals_held, writing
+from .errors import TinykError, shown, signals_held, writing
 from .monitor import TRACKER_ID, TRACKER_STEP, TRACKERS
 from .outputs import (
     DirLock,
@@ -52,7 +52,24 @@ def is_run_dir(path: Path) -> bool:
     return (path / "config.yaml").is_file() and (path / "checkpoints").is_dir()
 
 
-def resolve_init(path: str | Path) -> Path:
+def model_name(model_dir: Path) -> str:
+    """What a model is called where a client or tool shows it (serve's model id, GGUF's general.name):
+    the directory's name, but the run's for a model a run made (`runs/chat` and its final/ are 'chat',
+    its best/ 'chat-best', a checkpoint's 'chat-step_0000100'). A link keeps its own name."""
+    path = Path(os.path.abspath(model_dir))
+    run = path.parents[2] if len(path.parents) > 2 else path
+    if path.name == "final" and is_run_dir(path.parent):
+        name = path.parent.name
+    elif path.name == "best" and is_run_dir(path.parent):
+        name = f"{path.parent.name}-best"
+    elif path.name == "model" and CKPT_RE.match(path.parent.name) and is_run_dir(run):
+        name = f"{run.name}-{path.parent.name}"
+    else:
+        name = path.name
+    return shown(name)  # a GBK folder name is not UTF-8, which JSON and GGUF strings are
+
+
+
     """--init: a model directory, or a run directory meaning its final model."""
     p = Path(path)
     put_back_interrupted(p)

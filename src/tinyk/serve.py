@@ -52,7 +52,7 @@ from .engine import (
     TokenLogprob,
     is_int,
 )
-from .errors import TinykError, escape_controls, first_line, shown
+from .errors import TinykError, escape_controls, first_line
 from .inputs import has_surrogate
 from .model import dtype_name
 from .tokenizer import (
@@ -1434,27 +1434,12 @@ class ChatServer(ThreadingHTTPServer):
         self.close()
 
 
-def default_model_name(model_dir: Path) -> str:
-    """The id clients send back, as text: the model directory's name, but a run's for the model a run
-    made (`--model runs/chat` serves 'chat', not 'final'; its best/ is 'chat-best', a checkpoint's
-    'chat-step_0000100')."""
-    from .rundir import CKPT_RE, is_run_dir
-
-    path = Path(os.path.abspath(model_dir))
-    run = path.parents[2] if len(path.parents) > 2 else path
-    if path.name == "final" and is_run_dir(path.parent):
-        return shown(path.parent.name)
-    if path.name == "best" and is_run_dir(path.parent):
-        return shown(f"{path.parent.name}-best")
-    if path.name == "model" and CKPT_RE.match(path.parent.name) and is_run_dir(run):
-        return shown(f"{run.name}-{path.parent.name}")
-    return shown(path.name)
-
-
 def serve(model_dir: str, *, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
           dtype: str = "auto", quantize: str = "none", max_batch: int = 16, **cfg: Any) -> None:
     """Loads the model and serves until interrupted (`tinyk serve`)."""
-    cfg.setdefault("model_name", default_model_name(Path(model_dir)))
+    from .rundir import model_name
+
+    cfg.setdefault("model_name", model_name(Path(model_dir)))
     config = ServerConfig(**cfg)  # its refusals (an API key with a space) come before the model loads
     check_host(host)
     engine = Engine.from_dir(model_dir, device=device, dtype=dtype, max_batch=max_batch, quantize=quantize)
