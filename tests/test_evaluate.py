@@ -567,6 +567,48 @@ def test_cli_table_and_json(tmp_path, nano, nano_model_dir, pretrain_data, capsy
     assert "nothing to evaluate" in capsys.readouterr().err
 
 
+def test_a_model_given_again_under_another_name_is_scored_once(tmp_path, nano_model_dir, pretrain_data,
+                                                               monkeypatch, capsys):
+    """A run's best/ is often its final/ again (the lowest val loss came last); the only difference is
+    the step best/'s header records. `--model final best` then scores one model and says so."""
+    from safetensors.torch import load_file, save_file
+
+    from tinyk.checkpoint import same_model
+
+    final, best, changed = tmp_path / "final", tmp_path / "best", tmp_path / "changed"
+    for d in (final, best, changed):
+        shutil.copytree(nano_model_dir, d)
+    state = load_file(nano_model_dir / "model.safetensors")
+    save_file(state, best / "model.safetensors", metadata={"format": "pt", "tinyk.step": "40"})
+    state["model.norm.weight"][0] += 1e-3
+    save_file(state, changed / "model.safetensors", metadata={"format": "pt"})
+    assert same_model(final, best) and not same_model(final, changed)
+    (tmp_path / "prompt").mkdir()
+    shutil.copytree(final, tmp_path / "prompt", dirs_exist_ok=True)
+    config = json.loads((final / "tokenizer_config.json").read_text())
+    (tmp_path / "prompt" / "tokenizer_config.json").write_text(json.dumps({**config, "system_prompt": "另一个"}))
+    assert not same_model(final, tmp_path / "prompt")  # another default system prompt answers tasks otherwise
+
+    import tinyk.checkpoint
+
+    loaded = []
+    real = tinyk.checkpoint.load_model
+    monkeypatch.setattr(tinyk.checkpoint, "load_model", lambda path, **kw: loaded.append(path) or real(path, **kw))
+    task = write_task(tmp_path / "t.jsonl", [{"messages": [{"role": "user", "content": "你好"}], "answer": "你好"}])
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--model", str(final), str(best), str(changed), "--data", str(pretrain_data), "--seq-len",
+              "32", "--task", str(task), "--max-new-tokens", "3", "--samples", str(tmp_path / "s.jsonl"), "--json"])
+    out, err = capsys.readouterr()
+    assert e.value.code == 0 and loaded == [str(final), str(changed)]
+    results = json.loads(out)["models"]
+    assert results[1] == {**results[0], "model": str(best), "same_as": str(final)}
+    assert results[2]["data"][0]["loss"] != results[0]["data"][0]["loss"] and "same_as" not in results[2]
+    samples = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["model"] for r in samples] == [str(final), str(best), str(changed)]
+    assert samples[1] == {**samples[0], "model": str(best)}
+    assert err == f"tinyk: eval: {best} holds the same model as {final}, so its results are that one's\n"
+
+
 def test_several_models_are_scored_side_by_side_as_each_alone(tmp_path, nano, nano_model_dir, tok_dir,
                                                              pretrain_data, corpus_file, monkeypatch, capsys):
     """`--model A B`: the same inputs for each, one column per model, each model's numbers what its own

@@ -385,6 +385,35 @@ def config_and_tokenizer(path: Path) -> tuple[ModelConfig, TinyTokenizer]:
     return cfg, tok
 
 
+# What a loaded model and its tokenizer come from; nothing else in a model directory changes a result.
+_MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def same_model(a: Path, b: Path) -> bool:
+    """Whether two model directories hold the same model: the same files for config and tokenizer, and the
+    same tensors, bit for bit (a run's best/ is often its final/ again: the lowest val loss came last, and
+    best/'s header records that step). Unreadable or damaged files count as different (loading says why)."""
+    try:
+        if any((a / name).read_bytes() != (b / name).read_bytes() for name in _MODEL_FILES):
+            return False
+        with open(a / "model.safetensors", "rb") as fa, open(b / "model.safetensors", "rb") as fb:
+            if _tensor_index(fa) != _tensor_index(fb):  # the same names, shapes, dtypes and offsets
+                return False
+            while chunk := fa.read(1 << 22):
+                if chunk != fb.read(len(chunk)):
+                    return False
+            return not fb.read(1)
+    except (OSError, ValueError):
+        return False
+
+
+def _tensor_index(f: Any) -> dict[str, Any]:
+    """A safetensors file's header without its free-form metadata, leaving `f` at the tensors' bytes."""
+    header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    header.pop("__metadata__", None)
+    return header
+
+
 @contextlib.contextmanager
 def _reading_weights(path: Path) -> Iterator[None]:
     # Opened here first, so a file this user may not read is called that (safetensors says "no such file").

@@ -670,17 +670,34 @@ def evaluate_models(model_dirs: Iterable[str | Path], *, data: Iterable[str | Pa
     dev = resolve_device(device)
     if quantize == "int8" and (why := int8_refusal(dev, engine_dtype("auto", dev, quantize))):
         raise TinykError(why)  # before the other modes run, not after
-    out = []
-    for plan in plans:
-        model, tok = load_model(plan.model_dir, device=dev)
-        own: list[dict[str, Any]] | None = None if records is None else []
-        out.append(_run_plan(plan, model, tok, data=data, tasks=tasks, choice=choice, split=split, seq_len=seq_len,
-                             batch_size=batch_size, max_batches=max_batches, max_new_tokens=max_new_tokens,
-                             limit=limit, choice_format=choice_format, quantize=quantize, records=own))
-        del model  # one model in memory at a time
-        if records is not None and own is not None:
-            records += [{"model": str(plan.model_dir), **r} for r in own] if len(plans) > 1 else own
+    out: list[dict[str, Any]] = []
+    owns: list[list[dict[str, Any]]] = []
+    for plan, twin in zip(plans, _twins([Path(m) for m in model_dirs]), strict=True):
+        if twin is None:
+            model, tok = load_model(plan.model_dir, device=dev)
+            owns.append([])
+            out.append(_run_plan(plan, model, tok, data=data, tasks=tasks, choice=choice, split=split,
+                                 seq_len=seq_len, batch_size=batch_size, max_batches=max_batches,
+                                 max_new_tokens=max_new_tokens, limit=limit, choice_format=choice_format,
+                                 quantize=quantize, records=None if records is None else owns[-1]))
+            del model  # one model in memory at a time
+        else:  # the same model again (a run's best/ that is its final/): the same results, not computed twice
+            owns.append(owns[twin])
+            out.append({**copy.deepcopy(out[twin]), "model": str(plan.model_dir),
+                        "same_as": str(plans[twin].model_dir)})
+        if records is not None:
+            records += [{"model": str(plan.model_dir), **r} for r in owns[-1]] if len(plans) > 1 else owns[-1]
     return out
+
+
+def _twins(model_dirs: list[Path]) -> list[int | None]:
+    """For each model directory, the index of an earlier one holding the same model, else None."""
+    from .checkpoint import same_model
+
+    twins: list[int | None] = []
+    for i, d in enumerate(model_dirs):
+        twins.append(next((j for j in range(i) if twins[j] is None and same_model(model_dirs[j], d)), None))
+    return twins
 
 
 def _run_plan(plan: _Plan, model: Transformer, tok: TinyTokenizer, *, data: list[str | Path],

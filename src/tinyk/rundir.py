@@ -69,7 +69,7 @@ def model_name(model_dir: Path) -> str:
     return shown(name)  # a GBK folder name is not UTF-8, which JSON and GGUF strings are
 
 
-
+def resolve_init(path: str | Path) -> Path:
     """--init: a model directory, or a run directory meaning its final model."""
     p = Path(path)
     put_back_interrupted(p)

@@ -91,6 +91,10 @@ def _eval(args: argparse.Namespace) -> int:
         print(format_table(table_rows(results[0])))
     else:
         print(format_table(compared_rows(results), header=("metric", *args.model, "baseline")))
+    for r in results:
+        if "same_as" in r:
+            print(f"tinyk: eval: {r['model']} holds the same model as {r['same_as']}, so its results are that one's",
+                  file=sys.stderr)
     notes = [skip_notes(r) for r in results]
     # What every model skipped alike is said once; otherwise each model's line names it.
     named = [("", notes[0])] if notes.count(notes[0]) == len(notes) else \
