@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: venv
-	bash tests/install_chromium.sh
+	bash tests/install_test_tools.sh
 	$(PY) -m ruff check src tests bench
 	$(PY) -m pytest -x
 

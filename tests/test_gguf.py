@@ -121,6 +121,84 @@ def test_the_command_writes_once_and_replaces_only_gguf_files(tmp_path, nano_mod
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
+CHATS = [[{"role": "user", "content": "中国的首都是哪里？"}],
+         [{"role": "system", "content": "你是小助手。"}, {"role": "user", "content": "你好"},
+          {"role": "assistant", "content": "你好！"}, {"role": "user", "content": "再见"}],
+         [{"role": "developer", "content": "只说中文"}, {"role": "user", "content": "hi"}],
+         [{"role": "user", "content": "{{ .System }} 与 \"\"\" 和 <|im_end|> 是文字"}],
+         [{"role": "user", "content": "一"}, {"role": "assistant", "content": "二"}, {"role": "tool", "content": "x"},
+          {"role": "user", "content": "三"}]]
+
+
+def _modelfile_template(modelfile: Path) -> str:
+    """The TEMPLATE value as Ollama's Modelfile reader takes it: between the triple quotes."""
+    text = modelfile.read_text(encoding="utf-8")
+    start = text.index('TEMPLATE """') + len('TEMPLATE """')
+    return text[start:text.index('"""\n', start)]
+
+
+def test_the_modelfile_gives_ollama_the_model_context_stops_and_sampling(tmp_path, nano_model_dir, capsys):
+    """Ollama does not run the GGUF file's Jinja template (nothing near tinyk's among its own, it would
+    send the bare prompt): the Modelfile carries the template, the context and tinyk's defaults."""
+    (tmp_path / "ollama").mkdir()
+    modelfile = tmp_path / "ollama" / "Modelfile"
+    with pytest.raises(SystemExit) as e:
+        main(["model", "gguf", str(nano_model_dir), "--out", str(tmp_path / "nano.gguf"), "--modelfile",
+              str(modelfile)])
+    assert e.value.code == 0 and f"wrote {modelfile}: ollama create NAME -f {modelfile}" in capsys.readouterr().out
+    lines = modelfile.read_text(encoding="utf-8").splitlines()
+    assert f"FROM {os.path.join('..', 'nano.gguf')}" in lines  # found from the Modelfile's own folder
+    context = load_model(nano_model_dir)[0].config.max_seq_len
+    params = [line.split(" ", 2)[1:] for line in lines if line.startswith("PARAMETER ")]
+    assert ["num_ctx", str(context)] in params and ["repeat_last_n", str(context)] in params
+    assert [v for k, v in params if k == "stop"] == ['"<|im_end|>"', '"<|im_start|>"', '"</s>"']
+    defaults = SamplingParams()
+    assert dict(params)["temperature"] == f"{defaults.temperature:g}" and dict(params)["top_k"] == str(defaults.top_k)
+    assert sum(line.startswith("TEMPLATE ") for line in lines) == 1
+    # Replaced with --force, as the GGUF file is, and only where it is one.
+    other, notes = tmp_path / "other.gguf", tmp_path / "notes.txt"
+    for args, message in [(["--out", str(other), "--modelfile", str(modelfile)],
+                           f"--modelfile {modelfile} exists (use --force to replace it)"),
+                          (["--out", str(other), "--modelfile", str(notes), "--force"],
+                           f"--modelfile {notes} exists and is not an Ollama Modelfile"),
+                          (["--out", str(other), "--modelfile", str(other)], f"--modelfile {other} is also --out")]:
+        notes.write_text("mine")
+        with pytest.raises(SystemExit) as e:
+            main(["model", "gguf", str(nano_model_dir), *args])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+        assert not other.exists()
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    export_gguf(nano_model_dir, tmp_path / "nano.gguf", force=True, modelfile=tmp_path / "Modelfile")
+    assert "FROM ./nano.gguf" in (tmp_path / "Modelfile").read_text().splitlines()
+
+
+@pytest.mark.skipif(shutil.which("go") is None, reason="needs Go, whose text/template Ollama runs "
+                                                       "(bash tests/install_test_tools.sh installs Debian's golang-go)")
+@pytest.mark.parametrize("system", ["你是一个AI助手", None, '说"""{{ .Prompt }}"""\u3000\\n\n第二行'])
+def test_ollama_renders_a_chat_as_tinyk_does(tmp_path, tok_dir, system):
+    """The Modelfile's template, run by Go's text/template as Ollama runs it, gives tinyk's prompt: the
+    model's own system prompt (none, or one with quotes, template braces, a full-width space and a
+    line break) where a chat has no system turn, `developer` as system, other roles left out."""
+    from tinyk.tokenizer import write_hf_tokenizer_files
+
+    shutil.copytree(tok_dir, tmp_path / "tok")
+    write_hf_tokenizer_files(tmp_path / "tok", model_max_length=64, system_prompt=system)
+    shape = ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=2, vocab_size=load_tokenizer(tok_dir).vocab_size,
+                        max_seq_len=64)
+    model = save_model(Transformer(shape), tmp_path / "tok", tmp_path / "m")
+    export_gguf(model, tmp_path / "m.gguf", modelfile=tmp_path / "Modelfile")
+    render = tmp_path / "render"
+    env = {**os.environ, "GOCACHE": str(tmp_path / "gocache"), "GOPATH": str(tmp_path / "gopath")}
+    subprocess.run(["go", "build", "-o", str(render), str(Path(__file__).with_name("ollama_template.go"))],
+                   check=True, env=env, cwd=tmp_path)
+    template, tok = _modelfile_template(tmp_path / "Modelfile"), load_tokenizer(model)
+    for chat in CHATS:
+        ollama = subprocess.run([str(render)], input=json.dumps({"template": template, "messages": chat}),
+                                capture_output=True, text=True, check=True).stdout
+        assert ollama == tok.apply_chat_template(chat, add_generation_prompt=True)
+
+
 def test_a_folder_name_that_is_not_utf8_names_the_model_all_the_same(tmp_path, nano_model_dir):
     """A folder named in GBK (bytes that are not UTF-8): GGUF's strings are UTF-8."""
     folder = Path(os.fsdecode(tmp_path / "m") + os.fsdecode(b"\xc4\xa3\xd0\xcd"))  # 模型 in GBK

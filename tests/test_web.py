@@ -1,7 +1,7 @@
 """The chat page in headless Chromium: type a message, get a streamed reply.
 
 Chromium is driven over the DevTools protocol on a pipe (`--remote-debugging-pipe`), so no
-websocket library is needed. `tests/install_chromium.sh` installs Debian's `chromium`. The browser's
+websocket library is needed. `tests/install_test_tools.sh` installs Debian's `chromium`. The browser's
 preferred languages are set (`--accept-lang`, English unless a test says otherwise), so the page speaks the
 language a test expects whatever the machine's locale.
 """
@@ -32,8 +32,8 @@ from tinyk.serve import ChatServer, ServerConfig
 from tinyk.tokenizer import DEFAULT_SYSTEM_PROMPT, load_tokenizer
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed "
-                                                         "(bash tests/install_chromium.sh installs Debian's chromium)")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (bash "
+                                                         "tests/install_test_tools.sh installs Debian's chromium)")
 DEFAULTS = SamplingParams(temperature=0.7, top_k=50, top_p=0.9, repetition_penalty=1.1, max_new_tokens=32)
 
 

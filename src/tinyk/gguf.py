@@ -1,15 +1,21 @@
-"""A model directory as one GGUF file, the format llama.cpp, Ollama and LM Studio run.
+"""A model directory as one GGUF file, the format llama.cpp, Ollama and LM Studio run, and an Ollama
+Modelfile beside it.
 
 llama.cpp's own converter (convert_hf_to_gguf.py) refuses a tokenizer it has not seen before: it
 recognises pre-tokenizers by the ids they give a test text, and a freshly trained vocabulary gives new
 ids. tinyk knows its tokenizer splits text as GPT-2's does, so it writes the file itself, with the
 `gguf` package that llama.cpp publishes for the format's names and layout.
+
+Ollama never runs the file's Jinja chat template: it swaps in the built-in template whose Jinja text is
+nearest, or none at all (the bare prompt, no roles) when nothing is near, as for tinyk's. The Modelfile
+gives it tinyk's template in Ollama's own (Go) syntax, with tinyk's context length, stops and sampling.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +26,7 @@ from .checkpoint import load_model, rope_pairs
 from .engine import SamplingParams
 from .errors import TinykError, writing
 from .model import ModelConfig
-from .outputs import atomic_file, check_output_file
+from .outputs import atomic_file, check_output_file, same_path, write_text_atomic
 from .rundir import model_name
 from .tokenizer import IM_END_ID, IM_START_ID, SPECIAL_TOKENS, chat_template
 
@@ -102,14 +108,23 @@ def _tensor_data(gguf: Any, name: str, w: torch.Tensor, cfg: ModelConfig, outtyp
     return gguf.quants.quantize(data, qtype), qtype
 
 
-def export_gguf(model_dir: str | Path, out: str | Path, outtype: str = "f16", force: bool = False) -> dict[str, Any]:
+def export_gguf(model_dir: str | Path, out: str | Path, outtype: str = "f16", force: bool = False,
+                modelfile: str | Path | None = None) -> dict[str, Any]:
     """Writes `model_dir` as the GGUF file `out` (complete or absent), with its tokenizer, chat template
-    and tinyk's sampling defaults; returns what it wrote."""
+    and tinyk's sampling defaults, and where asked an Ollama `modelfile` for it; returns what it wrote."""
     if outtype not in OUTTYPES:
         raise TinykError(f"unknown GGUF type {outtype!r} (choose from {', '.join(OUTTYPES)})")
     gguf = _gguf_module()
     model_dir, out = Path(model_dir), Path(out)
     check_output_file(out, [model_dir], force=force, replaces=("a GGUF file", is_gguf), holds="the GGUF model")
+    if modelfile is not None:
+        modelfile = Path(modelfile)
+        if same_path(modelfile.absolute(), out.absolute()):
+            raise TinykError(f"--modelfile {modelfile} is also --out; give each its own file")
+        check_output_file(modelfile, [model_dir], force=force, replaces=("an Ollama Modelfile", is_modelfile),
+                          flag="--modelfile", holds="the Ollama Modelfile")
+        if "\n" in str(out) or "\r" in str(out):
+            raise TinykError(f"--out {out!r}: a Modelfile's FROM line cannot name a path with a line break")
     model, tok = load_model(model_dir)
     cfg = model.config
     tokenizer_json = json.loads(tok.tok.to_str())
@@ -137,6 +152,9 @@ def export_gguf(model_dir: str | Path, out: str | Path, outtype: str = "f16", fo
             w.write_header_to_file()
             w.write_kv_data_to_file()
             w.write_tensors_to_file()
+    if modelfile is not None:
+        with writing(modelfile):
+            write_text_atomic(modelfile, ollama_modelfile(out, modelfile, cfg, tok.system_prompt))
     normalizer = tokenizer_json.get("normalizer")
     return {"path": str(out), "bytes": out.stat().st_size, "outtype": outtype, "tensors": counts,
             "parameters": sum(t.numel() for t in state.values()), "vocab": len(tokens),
@@ -176,3 +194,66 @@ def _add_metadata(gguf: Any, w: Any, cfg: ModelConfig, name: str, outtype: str) 
     w.add_sampling_top_p(sampling.top_p)
     w.add_sampling_min_p(sampling.min_p)
     w.add_sampling_penalty_repeat(sampling.repetition_penalty)
+
+
+MODELFILE_HEADER = "# An Ollama Modelfile written by `tinyk model gguf`"
+
+
+def is_modelfile(path: Path) -> bool:
+    """Whether a file is a Modelfile this command wrote, or empty (what --force may replace)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(MODELFILE_HEADER.encode()))
+    except OSError:
+        return False
+    return head in (b"", MODELFILE_HEADER.encode())
+
+
+def _go_string(text: str) -> str:
+    """`text` as a Go string literal. What is not printable is escaped: Ollama's Modelfile reader drops
+    such characters (U+3000, the ideographic space, among them) outside its own escapes."""
+    def char(c: str) -> str:
+        if c in '"\\':
+            return "\\" + c
+        if c.isprintable():
+            return c
+        return f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}"
+    return '"' + "".join(char(c) for c in text) + '"'
+
+
+def ollama_template(system_prompt: str | None) -> str:
+    """tinyk's chat template (`tokenizer.chat_template`) in Ollama's Go template syntax: the default
+    system turn unless the chat opens with its own, each system (or developer), user and assistant
+    turn, and the assistant's opening."""
+    turn = "<|im_start|>{role}\n{{{{ .Content }}}}<|im_end|>\n"
+    default = ""
+    if system_prompt:
+        default = ('{{- if .Messages }}{{ $first := (index .Messages 0).Role }}'
+                   '{{ if not (or (eq $first "system") (eq $first "developer")) }}'
+                   f'<|im_start|>system\n{{{{ {_go_string(system_prompt)} }}}}<|im_end|>\n{{{{ end }}}}{{{{ end }}}}\n')
+    return (default + "{{- range .Messages }}\n"
+            '{{- if or (eq .Role "system") (eq .Role "developer") }}' + turn.format(role="system")
+            + '{{ else if eq .Role "user" }}' + turn.format(role="user")
+            + '{{ else if eq .Role "assistant" }}' + turn.format(role="assistant")
+            + "{{ end }}\n{{- end }}<|im_start|>assistant\n")
+
+
+def ollama_modelfile(gguf_file: Path, modelfile: Path, cfg: ModelConfig, system_prompt: str | None) -> str:
+    """An Ollama Modelfile for `gguf_file`, named relative to the Modelfile's folder where it can be (so
+    the two move together): tinyk's template, its context length (Ollama's default is longer, and
+    positions past the model's context are ones it never learned), its stops and sampling defaults."""
+    try:
+        where = os.path.relpath(gguf_file.absolute(), modelfile.absolute().parent)
+    except ValueError:  # Windows: another drive
+        where = str(gguf_file.absolute())
+    if not (os.path.isabs(where) or where.startswith("..")):
+        where = os.path.join(".", where)
+    sampling = SamplingParams()
+    params = [("num_ctx", cfg.max_seq_len), ("stop", '"<|im_end|>"'), ("stop", '"<|im_start|>"'),
+              ("stop", '"</s>"'), ("temperature", sampling.temperature), ("top_k", sampling.top_k),
+              ("top_p", sampling.top_p), ("min_p", sampling.min_p),
+              ("repeat_penalty", sampling.repetition_penalty), ("repeat_last_n", cfg.max_seq_len)]
+    lines = [MODELFILE_HEADER, "# (ollama create NAME -f THIS_FILE)", f"FROM {where}",
+             f'TEMPLATE """{ollama_template(system_prompt)}"""',
+             *(f"PARAMETER {k} {v:g}" if isinstance(v, float) else f"PARAMETER {k} {v}" for k, v in params)]
+    return "\n".join(lines) + "\n"

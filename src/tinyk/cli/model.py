@@ -51,7 +51,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--outtype", choices=GGUF_OUTTYPES, default="f16",
                    help="weight type: f16 (default), bf16, f32, or q8_0 (8-bit, about half f16's size); norms "
                         "stay f32")
-    g.add_argument("--force", action="store_true", help="replace an existing GGUF file")
+    g.add_argument("--modelfile", type=path_arg, metavar="FILE",
+                   help="also write an Ollama Modelfile for the GGUF file (ollama create NAME -f FILE): tinyk's "
+                        "chat template in Ollama's syntax, context length, stops and sampling defaults")
+    g.add_argument("--force", action="store_true", help="replace an existing GGUF file (and Modelfile)")
     g.set_defaults(func=_gguf)
 
 
@@ -104,10 +107,12 @@ def _gguf(args: argparse.Namespace) -> int:
     from tinyk.gguf import export_gguf
     from tinyk.units import bytes_text
 
-    r = export_gguf(args.path, args.out, outtype=args.outtype, force=args.force)
+    r = export_gguf(args.path, args.out, outtype=args.outtype, force=args.force, modelfile=args.modelfile)
     types = ", ".join(f"{n} {t}" for t, n in r["tensors"].items())
     print(f"wrote {args.out}: {r['parameters']:,} parameters, vocab {r['vocab']}, {bytes_text(r['bytes'])} "
           f"({types} tensors)")
+    if args.modelfile is not None:
+        print(f"wrote {args.modelfile}: ollama create NAME -f {args.modelfile}, then ollama run NAME")
     if r["normalizer"]:
         print(f"note: the tokenizer normalises text ({r['normalizer']}) before splitting it and llama.cpp does not, "
               f"so text typed there (full-width punctuation such as ，？ under NFKC) reaches the model as pieces "
