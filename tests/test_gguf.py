@@ -121,6 +121,20 @@ def test_the_command_writes_once_and_replaces_only_gguf_files(tmp_path, nano_mod
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
+def test_the_split_pattern_for_ollama_is_how_the_tokenizer_splits(tok_dir):
+    """tokenizer.ggml.pretokenizer, the regex Ollama's own engine splits text by before BPE: the same
+    pieces as tinyk's pre-tokenizer (Python's `regex` reads the pattern as Go's regexp2 does)."""
+    import regex
+    from tokenizers import decoders
+
+    from tinyk.gguf import GPT2_SPLIT
+
+    tok, byte_level = load_tokenizer(tok_dir).tok, decoders.ByteLevel()
+    for text in [*TEXTS, "，你好！2024年12月6日，价格是3.14元。  \n\n\t中文English混排 it's"]:
+        pieces = [byte_level.decode([p]) for p, _ in tok.pre_tokenizer.pre_tokenize_str(text)]
+        assert regex.findall(GPT2_SPLIT, text) == pieces
+
+
 CHATS = [[{"role": "user", "content": "中国的首都是哪里？"}],
          [{"role": "system", "content": "你是小助手。"}, {"role": "user", "content": "你好"},
           {"role": "assistant", "content": "你好！"}, {"role": "user", "content": "再见"}],

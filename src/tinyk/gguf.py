@@ -31,6 +31,8 @@ from .rundir import model_name
 from .tokenizer import IM_END_ID, IM_START_ID, SPECIAL_TOKENS, chat_template
 
 OUTTYPES = ("f16", "bf16", "f32", "q8_0")
+# How GPT-2 (and tinyk's byte-level pre-tokenizer) splits text before BPE.
+GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 MAGIC = b"GGUF"
 
 # transformers' names (tinyk's) for a layer's tensors, and GGUF's.
@@ -139,6 +141,9 @@ def export_gguf(model_dir: str | Path, out: str | Path, outtype: str = "f16", fo
             _add_metadata(gguf, w, cfg, model_name(model_dir), outtype)
             w.add_tokenizer_model("gpt2")
             w.add_tokenizer_pre("gpt-2")
+            # Ollama's own engine (OLLAMA_NEW_ENGINE=1) splits text by this key's regex, Llama 3's without
+            # it; llama.cpp, which Ollama runs by default for this architecture, goes by "gpt-2" above.
+            w.add_string("tokenizer.ggml.pretokenizer", GPT2_SPLIT)
             w.add_vocab_size(len(tokens))
             w.add_token_list(tokens)
             w.add_token_types(types)
