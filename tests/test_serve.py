@@ -181,6 +181,57 @@ def test_chat_stream_with_history_and_system(client, reference):
     assert all(c.usage is None for c in no_usage)
 
 
+
+def test_the_responses_api_answers_as_chat_does(client, reference):
+    """`client.responses`: instructions and input items are the chat's messages, the reply is the chat's
+    reply, whole or streamed as the API's events; a reply the length cut is `incomplete`."""
+    items = [{"role": "user", "content": "写诗"}, {"role": "assistant", "content": [{"type": "output_text",
+                                                                                     "text": "好的"}]},
+             {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "再来"},
+                                                             {"type": "input_text", "text": "一首"}]}]
+    chat = [{"role": "system", "content": "你是诗人"}, {"role": "user", "content": "写诗"},
+            {"role": "assistant", "content": "好的"}, {"role": "user", "content": "再来\n一首"}]
+    want = expected_chat(reference, chat, 12)
+    r = client.responses.create(model="nano", instructions="你是诗人", input=items, max_output_tokens=12,
+                                temperature=0)
+    assert (r.object, r.model, r.output_text, r.output[0].role) == ("response", "nano", want.text, "assistant")
+    assert (r.usage.input_tokens, r.usage.output_tokens) == (want.prompt_tokens, want.completion_tokens)
+    assert want.finish_reason == "length" and r.status == "incomplete"
+    assert r.incomplete_details.reason == "max_output_tokens" and r.output[0].status == "incomplete"
+    plain = client.responses.create(model="nano", input="你好", max_output_tokens=5, temperature=0)
+    assert plain.output_text == expected_chat(reference, [{"role": "user", "content": "你好"}], 5).text
+    events = list(client.responses.create(model="nano", instructions="你是诗人", input=items, max_output_tokens=12,
+                                          temperature=0, stream=True))
+    assert [e.type for e in events[:4]] == ["response.created", "response.in_progress", "response.output_item.added",
+                                            "response.content_part.added"]
+    assert [e.type for e in events[-4:]] == ["response.output_text.done", "response.content_part.done",
+                                             "response.output_item.done", "response.incomplete"]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == want.text
+    assert events[-1].response.output_text == want.text and events[-1].response.id == events[0].response.id
+
+
+def test_a_finished_response_completes_also_through_the_clients_stream_helper(tmp_path, tok_dir):
+    """A model whose every reply ends at once (all-zero logits pick id 0, a special token): `completed`,
+    which `client.responses.stream(...).get_final_response()` needs."""
+    from tinyk.checkpoint import save_model
+    from tinyk.model import ModelConfig, Transformer
+
+    model = Transformer(ModelConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=512, max_seq_len=64))
+    with torch.no_grad():
+        model.model.norm.weight.zero_()
+    server, _ = start(save_model(model, tok_dir, tmp_path / "m"))
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        r = client.responses.create(model="nano", input="你好", temperature=0)
+        assert (r.status, r.incomplete_details, r.output_text, r.output[0].status) == ("completed", None, "",
+                                                                                        "completed")
+        with client.responses.stream(model="nano", input="你好", temperature=0) as stream:
+            assert [e.type for e in stream][-1] == "response.completed"
+            assert stream.get_final_response().output_text == ""
+    finally:
+        server.close()
+
 def test_stop_strings_and_seeds(client, reference):
     full = expected_completion(reference, "我们今天", 16).text
     stop = full[5:7]
@@ -337,6 +388,33 @@ LONG = "".join(chr(0x4E00 + 37 * i) for i in range(200))  # rare characters: sev
      400, "messages[1].tool_calls", "invalid_value"),
     ("/v1/completions", {"model": "\ud83d", "prompt": "hi"}, 404, "model", "model_not_found"),  # echoed back
     ("/v1/completions", {"model": "nano", "prompt": "hi", "stop": ["\ud83d"]}, 400, "stop", "invalid_value"),
+    # The Responses API: its errors name its own fields, though the chat path checks them.
+    ("/v1/responses", {"model": "nano"}, 400, "input", "missing_required_parameter"),
+    ("/v1/responses", {"model": "nano", "input": []}, 400, "input", "invalid_type"),
+    ("/v1/responses", {"model": "nano", "input": "hi", "max_output_tokens": 10**9}, 400, "max_output_tokens",
+     "context_length_exceeded"),
+    ("/v1/responses", {"model": "nano", "input": "hi", "max_output_tokens": 0}, 400, "max_output_tokens",
+     "invalid_value"),
+    ("/v1/responses", {"model": "nano", "input": LONG}, 400, "input", "context_length_exceeded"),
+    ("/v1/responses", {"model": "nano", "input": [{"role": "user", "content": "a\ud800b"}]}, 400, "input",
+     "invalid_value"),
+    ("/v1/responses", {"model": "nano", "input": [{"role": "tool", "content": "x"}]}, 400, "input[0].role",
+     "invalid_value"),
+    ("/v1/responses", {"model": "nano", "input": [{"type": "function_call_output", "call_id": "c", "output": "4"}]},
+     400, "input[0].type", "invalid_value"),
+    ("/v1/responses", {"model": "nano", "input": [{"role": "user", "content": [{"type": "input_image"}]}]}, 400,
+     "input[0].content", "invalid_type"),
+    ("/v1/responses", {"model": "nano", "input": "hi", "previous_response_id": "resp_1"}, 400,
+     "previous_response_id", "invalid_value"),  # nothing is stored
+    ("/v1/responses", {"model": "nano", "input": "hi", "tools": [{"type": "function", "name": "f"}]}, 400, "tools",
+     "invalid_value"),
+    ("/v1/responses", {"model": "nano", "input": "hi", "text": {"format": {"type": "json_object"}}}, 400,
+     "text.format", "invalid_value"),
+    ("/v1/responses", {"model": "nano", "input": "hi", "include": ["message.output_text.logprobs"]}, 400, "include",
+     "invalid_value"),
+    ("/v1/responses", {"model": "nano", "input": "hi", "max_tokens": 5}, 400, "max_tokens", "unknown_parameter"),
+    ("/v1/responses", {"model": "nano", "input": "hi", "temperature": 3}, 400, "temperature", "invalid_value"),
+    ("/v1/responses", {"model": "gpt", "input": "hi"}, 404, "model", "model_not_found"),
 ])
 def test_bad_input_gets_a_4xx_with_an_openai_error(server, path, body, status, param, code):
     got, err = request(server, "POST", path, body)

@@ -7,6 +7,7 @@ import re
 import unicodedata
 from pathlib import Path
 
+import jinja2
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -96,11 +97,19 @@ def test_chat_template_renders_the_seeds_conversations(tk, tok_dir):
     assert with_prompt.endswith("How are you?<|im_end|>\n<|im_start|>assistant\n")
     assert tk.apply_chat_template(SEED_MESSAGES[:2], add_generation_prompt=True) == with_prompt
     # OpenAI's content parts, as `tinyk serve` and `tinyk data sft` read them (its Python repr before).
-    parts = [{"role": "user", "content": [{"type": "text", "text": "你好"}, {"type": "image_url", "image_url": {}},
-                                          {"type": "text", "text": "世界"}]},  # text parts only, as vLLM joins them
+    parts = [{"role": "user", "content": [{"type": "text", "text": "你好"}, {"type": "text", "text": "世界"}]},
              {"role": "assistant", "content": None}]
     assert hf.apply_chat_template(parts, tokenize=False) == tk.apply_chat_template(
         [{"role": "user", "content": "你好\n世界"}, {"role": "assistant", "content": message_text(None) or ""}])
+    # What `tinyk serve` refuses the template refuses, where it had dropped it: the model would answer a
+    # prompt without the tool result, the image or the other turn, and no one would know.
+    image = [{"role": "user", "content": [{"type": "text", "text": "这是什么？"}, {"type": "image_url"}]}]
+    tool = [{"role": "tool", "content": "42", "tool_call_id": "1"}]
+    function = [{"type": "function", "function": {"name": "f"}}]
+    for messages, tools, message in [(image, None, "only text parts"), (SEED_MESSAGES, function, "tools are not"),
+                                     (tool, None, "only system (or developer), user and assistant messages")]:
+        with pytest.raises(jinja2.TemplateError, match=re.escape(message)):
+            hf.apply_chat_template(messages, tools=tools, tokenize=False)
 
 
 def test_hf_tokenizer_gives_same_ids(tk, tok_dir):

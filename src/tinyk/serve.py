@@ -106,7 +106,7 @@ _COMMON = {"model", "stream", "stream_options", "max_tokens", "max_completion_to
 FIELDS = {True: _COMMON | {"messages", "response_format", "top_logprobs", *UNSUPPORTED_BY_KIND[True]},
           False: _COMMON | {"prompt", "echo", *UNSUPPORTED_BY_KIND[False]}}  # by chat or not
 _MISSING = object()
-POST_PATHS = ("/v1/completions", "/v1/chat/completions")
+POST_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
 # RFC 9110 tokens
 _HEADER_NAMES = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+(?:[ \t]*,[ \t]*[!#$%&'*+.^_`|~0-9A-Za-z-]+)*")
 
@@ -478,6 +478,16 @@ class Api:
             code = "server_shutting_down" if isinstance(e, EngineStopping) else "overloaded"
             raise ApiError(503, str(e), type="server_error", code=code) from e
         return Submission(reqs, chat, stream, include_usage, echo, [added for _, added in prompts for _ in range(n)], n)
+
+    def submit_response(self, body: dict) -> Submission:
+        """A Responses API request (`responses.chat_body`), validated and queued as the chat it means."""
+        from .responses import chat_body, renamed
+
+        chat = chat_body(body)
+        try:
+            return self.submit(chat, chat=True)
+        except ApiError as e:
+            raise renamed(e) from None
 
     @staticmethod
     def usage(reqs: list[Request], n: int) -> dict[str, int]:
@@ -888,7 +898,9 @@ class Handler(BaseHTTPRequestHandler):
             if refusal is not None:
                 self.close_connection = True  # the body is left unread
                 raise refusal
-            sub = self.server.api.submit(self._body(), self._route() == "/v1/chat/completions")
+            body, path = self._body(), self._route()
+            api = self.server.api
+            sub = api.submit_response(body) if path == "/v1/responses" else api.submit(body, path == POST_PATHS[1])
         except ApiError as e:
             self._error(e)
             return
@@ -900,7 +912,9 @@ class Handler(BaseHTTPRequestHandler):
             self._error(ApiError(500, "the server failed to take the request", type="server_error",
                                  code="internal_error"))
             return
-        if sub.stream:
+        if path == "/v1/responses":
+            self._respond(sub, body)
+        elif sub.stream:
             self._stream(sub)
         else:
             self._complete(sub)
@@ -951,18 +965,26 @@ class Handler(BaseHTTPRequestHandler):
 
     do_PUT = do_PATCH = do_DELETE = _other_method
 
-    def _complete(self, sub: Submission) -> None:
-        reqs, chat, tok = sub.reqs, sub.chat, self.server.api.engine.tok
+    def _finished(self, reqs: list[Request]) -> bool:
+        """Waits for every request to end: True, or False (all cancelled) when the client left first.
+        Nothing is sent until the end, so the client is watched while waiting. A failed request has been
+        answered with its error (False too)."""
         for req in reqs:
-            while not req.wait(CLIENT_POLL_S):  # nothing is sent until the end: watch for a client that left
+            while not req.wait(CLIENT_POLL_S):
                 if self._client_gone():
                     for r in reqs:
                         r.cancel()
                     self.close_connection = True
-                    return
+                    return False
         failed = next((r for r in reqs if r.finish_reason == "error"), None)
         if failed is not None:
             self._error(_failure(failed))
+            return False
+        return True
+
+    def _complete(self, sub: Submission) -> None:
+        reqs, chat, tok = sub.reqs, sub.chat, self.server.api.engine.tok
+        if not self._finished(reqs):
             return
         choices = []
         for i, r in enumerate(reqs):
@@ -1036,17 +1058,7 @@ class Handler(BaseHTTPRequestHandler):
             return envelope([choice])
 
         try:
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-            self.send_header("Cache-Control", "no-cache")
-            self.send_header("X-Accel-Buffering", "no")  # nginx would otherwise hold the events back
-            self.chunked = self.request_version != "HTTP/1.0"
-            if self.chunked:
-                self.send_header("Transfer-Encoding", "chunked")
-            else:
-                self.close_connection = True
-                self.send_header("Connection", "close")
-            self.end_headers()
+            self._open_stream()
             if chat:
                 for i in range(len(reqs)):
                     self._event(chunk(i, None, first=True))
@@ -1072,6 +1084,44 @@ class Handler(BaseHTTPRequestHandler):
         except (OSError, ValueError):  # disconnected, reset or timed out (ValueError: closed file)
             for r in reqs:
                 r.cancel()
+            self.close_connection = True
+
+    def _open_stream(self) -> None:
+        """The headers of a stream of server-sent events."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("X-Accel-Buffering", "no")  # nginx would otherwise hold the events back
+        self.chunked = self.request_version != "HTTP/1.0"
+        if self.chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.close_connection = True
+            self.send_header("Connection", "close")
+        self.end_headers()
+
+    def _respond(self, sub: Submission, body: dict) -> None:
+        """A Responses API answer: the response object, or with `stream` its events (named, as OpenAI
+        sends them, and numbered), ending with the response completed, incomplete or failed."""
+        from .responses import Reply
+
+        [req] = sub.reqs
+        reply = Reply(body, req, self.server.api.cfg.model_name)
+        if not sub.stream:
+            if self._finished(sub.reqs):
+                self._json(200, reply.response(*reply.finished()))
+            return
+        deltas = (item[0] for _, item in _merged(sub.reqs, self._stop_if_client_gone) if item is not None)
+        try:
+            self._open_stream()
+            for number, event in enumerate(reply.events(deltas, lambda: _failure(req) if req.finish_reason == "error"
+                                                        else None)):
+                data = _json_bytes({**event, "sequence_number": number})
+                self._write_chunk(f"event: {event['type']}\n".encode() + b"data: " + data + b"\n\n")
+            if self.chunked:
+                self._write_chunk(b"")
+        except (OSError, ValueError):  # disconnected, reset or timed out (ValueError: closed file)
+            req.cancel()
             self.close_connection = True
 
     def _event(self, obj: dict) -> None:

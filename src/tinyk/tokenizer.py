@@ -59,7 +59,8 @@ def prompt_from_flag(flag: str | None) -> str | None | ModelPrompt:
 
 
 def chat_template(system_prompt: str | None) -> str:
-    """The seed's template (only system/user/assistant turns are rendered), plus what tinyk's chat, serve
+    """The seed's template (system/user/assistant turns; other roles, tools and non-text parts are refused,
+    as tinyk's server refuses them, rather than silently dropped), plus what tinyk's chat, serve
     and SFT data do around it, so `transformers` prompts a model as it was trained: the model's training
     system prompt goes first when a conversation has none (`apply_chat_template(..., default_system=None)`
     leaves it out, as `Engine.chat_ids` does), and OpenAI's `developer` role is the system role."""
@@ -69,10 +70,19 @@ def chat_template(system_prompt: str | None) -> str:
 
 
 _TEMPLATE_BODY = (
+    # What tinyk's server refuses, the template refuses too, not drops: tools, other roles, image parts.
+    "{% if tools %}{{ raise_exception('tools are not supported: the model was trained on plain chat turns') }}"
+    "{% endif %}"
     "{% if system and messages and messages[0]['role'] not in ['system', 'developer'] %}"
     "<|im_start|>system\n{{ system }}<|im_end|>\n"
     "{% endif %}"
     "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'developer', 'user', 'assistant'] %}"
+    "{{ raise_exception('only system (or developer), user and assistant messages are supported') }}"
+    "{% endif %}"
+    "{% if message['content'] is not string %}{% for part in message['content'] or [] %}"
+    "{% if part['type'] != 'text' %}{{ raise_exception('only text parts are supported in a message') }}{% endif %}"
+    "{% endfor %}{% endif %}"
     # OpenAI's list of text parts, joined by newlines as `message_text` joins them for tinyk's own prompts.
     "{% set content = message['content'] if message['content'] is string "
     "else (message['content'] or []) | selectattr('type', 'equalto', 'text') | map(attribute='text') "

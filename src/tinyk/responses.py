@@ -1,0 +1,190 @@
+"""OpenAI's Responses API (`POST /v1/responses`, the openai package's `client.responses`), served by the
+chat completions path: a request's `instructions` and `input` become chat messages, and the reply comes
+back as one output message, whole or as the API's stream of events.
+
+The server keeps nothing between requests, so what needs a stored response (`previous_response_id`,
+`conversation`, `background`) is refused, as are tools; a client sends the whole conversation in `input`.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from .engine import Request
+from .serve import _MISSING, ApiError, _check_off_fields, _get
+
+# Fields that do not change the answer, accepted and ignored, with the JSON type checked (as in chat).
+IGNORED: dict[str, type] = {
+    "user": str, "metadata": dict, "store": bool, "service_tier": str, "parallel_tool_calls": bool,
+    "prompt_cache_key": str, "prompt_cache_retention": str, "safety_identifier": str, "reasoning": dict,
+    "max_tool_calls": int, "stream_options": dict}
+# Fields this server cannot honour, with the values that mean "off" (null always does): else a 400.
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "tools": ([],), "tool_choice": ("none", "auto"), "include": ([],), "top_logprobs": (0,),
+    "truncation": ("disabled",), "background": (False,), "previous_response_id": (), "conversation": (),
+    "prompt": ()}
+# Passed to the chat path as they are: OpenAI's, and the sampling extensions chat takes too (vLLM's).
+SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
+FIELDS = {"model", "input", "instructions", "max_output_tokens", "stream", "text", *SAMPLING, *IGNORED,
+          *UNSUPPORTED}
+ROLES = ("system", "developer", "user", "assistant")
+TEXT_PARTS = ("input_text", "output_text")
+# What a chat error's param names, in the Responses request's terms.
+_PARAMS = {"max_tokens": "max_output_tokens", "messages": "input"}
+
+
+def chat_body(body: dict) -> dict:
+    """The /v1/chat/completions request a Responses request means; what it cannot mean is a 400 that
+    names the Responses field."""
+    unknown = sorted(set(body) - FIELDS)
+    if unknown:
+        raise ApiError(400, f"unrecognized request argument supplied: {unknown[0]}", param=unknown[0],
+                       code="unknown_parameter")
+    for name in ("previous_response_id", "conversation", "background"):
+        if body.get(name) not in (None, False):
+            raise ApiError(400, f"'{name}' is not supported: this server keeps no responses; send the whole "
+                                f"conversation in 'input'", param=name, code="invalid_value")
+    _check_off_fields(body, IGNORED, UNSUPPORTED)
+    text = _get(body, "text", "object", {})
+    fmt = text.get("format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        raise ApiError(400, "only 'text.format' {\"type\": \"text\"} is supported", param="text.format",
+                       code="invalid_value")
+    if body.get("stream_options") and not body.get("stream"):
+        raise ApiError(400, "'stream_options' is only allowed when 'stream' is true", param="stream_options",
+                       code="invalid_value")
+    chat = {name: body[name] for name in ("model", "stream", *SAMPLING) if name in body}
+    chat["messages"] = messages(body)
+    max_output = _get(body, "max_output_tokens", "integer", None)
+    if max_output is not None:
+        if max_output < 1:
+            raise ApiError(400, f"'max_output_tokens' must be at least 1, got {max_output}",
+                           param="max_output_tokens", code="invalid_value")
+        chat["max_tokens"] = max_output
+    return chat
+
+
+def messages(body: dict) -> list[dict[str, str]]:
+    """`instructions` as the first (system) message, then `input`: a string (one user message) or a list
+    of message items, whose content is a string or a list of text parts."""
+    instructions = _get(body, "instructions", "string", None)
+    out = [] if instructions is None else [{"role": "system", "content": instructions}]
+    given = body.get("input", _MISSING)
+    if given is _MISSING:
+        _get(body, "input", "string")
+    if isinstance(given, str):
+        return [*out, {"role": "user", "content": given}]
+    if not (isinstance(given, list) and given):
+        raise ApiError(400, "'input' must be a string or a non-empty list of messages", param="input",
+                       code="invalid_type")
+    for i, item in enumerate(given):
+        where = f"input[{i}]"
+        if not isinstance(item, dict):
+            raise ApiError(400, f"'{where}' must be an object", param=where, code="invalid_type")
+        kind = item.get("type", "message")
+        if kind != "message":
+            raise ApiError(400, f"'{where}.type' {kind!r} is not supported: only messages (this server runs no "
+                                f"tools and keeps no reasoning)", param=f"{where}.type", code="invalid_value")
+        role = item.get("role")
+        if role not in ROLES:
+            raise ApiError(400, f"'{where}.role' must be one of {', '.join(ROLES)}", param=f"{where}.role",
+                           code="invalid_value")
+        out.append({"role": role, "content": _text(item.get("content", _MISSING), f"{where}.content")})
+    return out
+
+
+def _text(content: Any, where: str) -> str:
+    """A message item's text: a string, or its text parts joined by newlines (as chat joins them)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") in TEXT_PARTS
+                                         and isinstance(p.get("text"), str) for p in content):
+        return "\n".join(p["text"] for p in content)
+    if content is _MISSING:
+        raise ApiError(400, f"'{where}' is missing", param=where, code="missing_required_parameter")
+    raise ApiError(400, f"'{where}' must be a string or a list of text parts ({' or '.join(TEXT_PARTS)})",
+                   param=where, code="invalid_type")
+
+
+def renamed(e: ApiError) -> ApiError:
+    """A chat path error, with its param named as the Responses request names it."""
+    if e.param is not None:
+        head, dot, tail = e.param.partition("[")
+        if head in _PARAMS:
+            e.param = _PARAMS[head] + (dot + tail if head != "messages" else "")
+    return e
+
+
+@dataclass
+class Reply:
+    """What every form of one response carries: its ids, its time and the settings it echoes."""
+
+    body: dict
+    req: Request
+    model: str
+    rid: str = ""
+    mid: str = ""
+    created: int = 0
+
+    def __post_init__(self) -> None:
+        self.rid, self.mid = f"resp_{secrets.token_hex(12)}", f"msg_{secrets.token_hex(12)}"
+        self.created = int(time.time())
+
+    def message(self, text: str, status: str) -> dict[str, Any]:
+        return {"type": "message", "id": self.mid, "status": status, "role": "assistant",
+                "content": [] if status == "in_progress" else [_part(text)]}
+
+    def response(self, status: str, text: str = "") -> dict[str, Any]:
+        """The response object: in progress (no output yet), completed, or incomplete (the length ran out)."""
+        p, done = self.req.params, status != "in_progress"
+        usage = None
+        if done:
+            c = self.req.completion()
+            usage = {"input_tokens": c.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+                     "output_tokens": c.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+                     "total_tokens": c.prompt_tokens + c.completion_tokens}
+        incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
+        return {"id": self.rid, "object": "response", "created_at": self.created, "status": status, "error": None,
+                "incomplete_details": incomplete, "instructions": self.body.get("instructions"),
+                "max_output_tokens": self.body.get("max_output_tokens"), "model": self.model,
+                "output": [self.message(text, status)] if done else [], "usage": usage,
+                "temperature": p.temperature, "top_p": p.top_p, "text": {"format": {"type": "text"}},
+                "tools": [], "tool_choice": "none", "parallel_tool_calls": False, "truncation": "disabled",
+                "previous_response_id": None, "reasoning": {"effort": None, "summary": None}, "store": False,
+                "metadata": self.body.get("metadata") or {}, "user": self.body.get("user")}
+
+    def finished(self) -> tuple[str, str]:
+        """(status, text) of the finished request."""
+        c = self.req.completion()
+        return ("incomplete" if c.finish_reason == "length" else "completed"), c.text
+
+    def events(self, deltas: Iterator[str], failure: Any) -> Iterator[dict[str, Any]]:
+        """The stream's events, each numbered: the response created, its message and text part opened, the
+        text as it comes, then all of it closed and the response completed (or incomplete, or failed:
+        `failure()` is the engine's error, or None)."""
+        at = {"item_id": self.mid, "output_index": 0, "content_index": 0}
+        yield {"type": "response.created", "response": self.response("in_progress")}
+        yield {"type": "response.in_progress", "response": self.response("in_progress")}
+        yield {"type": "response.output_item.added", "output_index": 0, "item": self.message("", "in_progress")}
+        yield {"type": "response.content_part.added", **at, "part": _part("")}
+        for delta in deltas:
+            yield {"type": "response.output_text.delta", **at, "delta": delta, "logprobs": []}
+        error = failure()
+        if error is not None:
+            failed = {**self.response("in_progress"), "status": "failed",
+                      "error": {"code": error.code, "message": error.message}}
+            yield {"type": "response.failed", "response": failed}
+            return
+        status, text = self.finished()
+        yield {"type": "response.output_text.done", **at, "text": text, "logprobs": []}
+        yield {"type": "response.content_part.done", **at, "part": _part(text)}
+        yield {"type": "response.output_item.done", "output_index": 0, "item": self.message(text, status)}
+        yield {"type": f"response.{status}", "response": self.response(status, text)}
+
+
+def _part(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
