@@ -791,12 +791,14 @@ def test_keep_best_keeps_the_model_of_the_lowest_val_loss_across_a_resume(tmp_pa
     assert not all(torch.equal(kept[k], final[k]) for k in final)
     assert f"the lowest val loss, step {best}'s, in {out / 'best'}" in capsys.readouterr().out
     assert train(nano_cfg(pt_data, tok_dir, tmp_path / "plain", max_steps=1))["best_model"] is None
-    # A session without keep_best names no best model; the next with it goes on from the one best/ holds,
-    # which records its own step (metrics.jsonl may have lost it: a session killed after writing it).
+    # A session without keep_best leaves best/ as it is, and says so, and its summary still names it; the
+    # next with keep_best goes on from the one best/ holds, which records its own step (metrics.jsonl may
+    # have lost it: a session killed after writing it).
     kw = {**kw, "lr": 1e-9}  # the loss stays where it climbed to, above best/'s
     off = train(nano_cfg(pt_data, tok_dir, out, max_steps=5, **{**kw, "keep_best": False}), resume=True)
     said = capsys.readouterr().out
-    assert off["best_model"] is None and "lowest val loss" not in said
+    assert (off["best_model"], off["best_model_step"]) == (str(out / "best"), best)
+    assert f"the lowest val loss, step {best}'s, in {out / 'best'}" in said
     assert f"note: keep_best is off, so best/ (step {best}'s model, val loss " in said  # left behind, and says so
     (out / "metrics.jsonl").write_text("")
     on = train(nano_cfg(pt_data, tok_dir, out, max_steps=6, **kw), resume=True)

@@ -1502,9 +1502,10 @@ class Trainer:
         return self._summary(interrupted, final, last_train, last_val, best_val)
 
     def _kept_so_far(self, best_val: float, val: float, step: int | None) -> tuple[float, int | None]:
-        """(val loss, step) of the model best/ holds (`val`, `step`), which keep_best replaces with one of a
-        lower val loss than any so far, or (inf, None) without keep_best. Says where a session with keep_best
-        off left best/ behind the run's lowest val loss, or left it as it was."""
+        """(val loss, step) of the model best/ holds (`val`, `step`; (inf, None) for none), which keep_best
+        replaces with one of a lower val loss than any so far; without keep_best it stays, and the summary
+        names it all the same. Says where a session with keep_best off left best/ as it was, or where
+        best/ is behind the run's lowest val loss."""
         note = None
         if not self.cfg.keep_best and step is not None:
             note = f"keep_best is off, so best/ (step {step}'s model, val loss {val:.4f}) stays as it is"
@@ -1515,7 +1516,7 @@ class Trainer:
                     f"evaluation that beats it")
         if note and self.monitor:
             self.monitor.print(f"note: {note}")
-        return (val, step) if self.cfg.keep_best else (math.inf, None)
+        return val, step
 
     def _stopping(self) -> bool:
         """Whether a stop signal reached any rank during this step: its periodic evaluation, which can
