@@ -108,7 +108,8 @@ def test_the_command_writes_once_and_replaces_only_gguf_files(tmp_path, nano_mod
     with pytest.raises(SystemExit) as e:
         main(["model", "gguf", str(nano_model_dir), "--out", str(out), "--outtype", "q8_0"])
     assert e.value.code == 0 and out.read_bytes()[:4] == b"GGUF"
-    assert capsys.readouterr().out.startswith(f"wrote {out}: ")
+    said = capsys.readouterr().out
+    assert said.startswith(f"wrote {out}: ") and "for Ollama, add --modelfile FILE" in said
     assert [p.name for p in tmp_path.iterdir()] == ["nano.gguf"]  # no temporary file left
     for args, message in [([], f"--out {out} exists (use --force to replace it)"),
                           (["--out", str(tmp_path / "notes.txt"), "--force"],

@@ -113,6 +113,8 @@ def _gguf(args: argparse.Namespace) -> int:
           f"({types} tensors)")
     if args.modelfile is not None:
         print(f"wrote {args.modelfile}: ollama create NAME -f {args.modelfile}, then ollama run NAME")
+    else:
+        print("for Ollama, add --modelfile FILE: Ollama does not run the file's own chat template")
     if r["normalizer"]:
         print(f"note: the tokenizer normalises text ({r['normalizer']}) before splitting it and llama.cpp does not, "
               f"so text typed there (full-width punctuation such as ，？ under NFKC) reaches the model as pieces "
