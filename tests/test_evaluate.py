@@ -607,6 +607,15 @@ def test_a_model_given_again_under_another_name_is_scored_once(tmp_path, nano_mo
     assert [r["model"] for r in samples] == [str(final), str(best), str(changed)]
     assert samples[1] == {**samples[0], "model": str(best)}
     assert err == f"tinyk: eval: {best} holds the same model as {final}, so its results are that one's\n"
+    # A damaged copy is no twin: loading it says what is wrong, in one line.
+    for header in (b"\xff" * 8, (2**40).to_bytes(8, "little"), (2).to_bytes(8, "little") + b"[]"):
+        with open(changed / "model.safetensors", "r+b") as f:
+            f.write(header)
+        assert not same_model(final, changed)
+        with pytest.raises(SystemExit) as e:
+            main(["eval", "--model", str(final), str(changed), "--data", str(pretrain_data), "--seq-len", "32"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("tinyk: error: ") and len(err.splitlines()) == 1, err
 
 
 def test_several_models_are_scored_side_by_side_as_each_alone(tmp_path, nano, nano_model_dir, tok_dir,

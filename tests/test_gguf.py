@@ -176,13 +176,15 @@ def test_the_modelfile_gives_ollama_the_model_context_stops_and_sampling(tmp_pat
                            f"--modelfile {modelfile} exists (use --force to replace it)"),
                           (["--out", str(other), "--modelfile", str(notes), "--force"],
                            f"--modelfile {notes} exists and is not an Ollama Modelfile"),
-                          (["--out", str(other), "--modelfile", str(other)], f"--modelfile {other} is also --out")]:
+                          (["--out", str(other), "--modelfile", str(other)], f"--modelfile {other} is also --out"),
+                          (["--out", str(tmp_path / "a\u3000b.gguf"), "--modelfile", str(tmp_path / "M2")],
+                           'Ollama would not find the GGUF file as "./a\u3000b.gguf"')]:
         notes.write_text("mine")
         with pytest.raises(SystemExit) as e:
             main(["model", "gguf", str(nano_model_dir), *args])
         err = capsys.readouterr().err
         assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
-        assert not other.exists()
+        assert not other.exists() and not (tmp_path / "a\u3000b.gguf").exists()
     assert (tmp_path / "notes.txt").read_text() == "mine"
     export_gguf(nano_model_dir, tmp_path / "nano.gguf", force=True, modelfile=tmp_path / "Modelfile")
     assert "FROM ./nano.gguf" in (tmp_path / "Modelfile").read_text().splitlines()

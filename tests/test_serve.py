@@ -396,8 +396,9 @@ LONG = "".join(chr(0x4E00 + 37 * i) for i in range(200))  # rare characters: sev
     ("/v1/responses", {"model": "nano", "input": "hi", "max_output_tokens": 0}, 400, "max_output_tokens",
      "invalid_value"),
     ("/v1/responses", {"model": "nano", "input": LONG}, 400, "input", "context_length_exceeded"),
-    ("/v1/responses", {"model": "nano", "input": [{"role": "user", "content": "a\ud800b"}]}, 400, "input",
-     "invalid_value"),
+    ("/v1/responses", {"model": "nano", "input": [{"role": "user", "content": "a\ud800b"}]}, 400,
+     "input[0].content", "invalid_value"),
+    ("/v1/responses", {"model": "nano", "input": "a\ud800b"}, 400, "input", "invalid_value"),
     ("/v1/responses", {"model": "nano", "input": [{"role": "tool", "content": "x"}]}, 400, "input[0].role",
      "invalid_value"),
     ("/v1/responses", {"model": "nano", "input": [{"type": "function_call_output", "call_id": "c", "output": "4"}]},
@@ -1418,6 +1419,13 @@ def test_a_failed_step_is_a_500_and_the_server_goes_on(served, client, reference
     chunks = client.chat.completions.create(model="nano", messages=[{"role": "user", "content": "hi"}], stream=True)
     with pytest.raises(openai.APIError, match="simulated out of memory"):
         list(chunks)
+    probe.fail_next = True  # the Responses API: a 500, or its stream's response.failed
+    with pytest.raises(openai.InternalServerError, match="simulated out of memory"):
+        client.responses.create(model="nano", input="hi")
+    probe.fail_next = True
+    events = list(client.responses.create(model="nano", input="hi", stream=True))
+    assert events[-1].type == "response.failed" and events[-1].response.status == "failed"
+    assert events[-1].response.error.code == "server_error" and "simulated" in events[-1].response.error.message
     r = client.completions.create(model="nano", prompt="天气", max_tokens=5, temperature=0)
     assert r.choices[0].text == expected_completion(reference, "天气", 5).text
 

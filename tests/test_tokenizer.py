@@ -106,8 +106,10 @@ def test_chat_template_renders_the_seeds_conversations(tk, tok_dir):
     image = [{"role": "user", "content": [{"type": "text", "text": "这是什么？"}, {"type": "image_url"}]}]
     tool = [{"role": "tool", "content": "42", "tool_call_id": "1"}]
     function = [{"type": "function", "function": {"name": "f"}}]
+    called = [*SEED_MESSAGES[:2], {"role": "assistant", "content": "好", "tool_calls": [{"type": "function"}]}]
     for messages, tools, message in [(image, None, "only text parts"), (SEED_MESSAGES, function, "tools are not"),
-                                     (tool, None, "only system (or developer), user and assistant messages")]:
+                                     (tool, None, "only system (or developer), user and assistant messages"),
+                                     (called, None, "tool calls are not")]:
         with pytest.raises(jinja2.TemplateError, match=re.escape(message)):
             hf.apply_chat_template(messages, tools=tools, tokenize=False)
 

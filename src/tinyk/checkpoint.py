@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import os
 import pickle
 import re
 import shutil
@@ -397,7 +398,8 @@ def same_model(a: Path, b: Path) -> bool:
         if any((a / name).read_bytes() != (b / name).read_bytes() for name in _MODEL_FILES):
             return False
         with open(a / "model.safetensors", "rb") as fa, open(b / "model.safetensors", "rb") as fb:
-            if _tensor_index(fa) != _tensor_index(fb):  # the same names, shapes, dtypes and offsets
+            index = _tensor_index(fa)
+            if index is None or index != _tensor_index(fb):  # the same names, shapes, dtypes and offsets
                 return False
             while chunk := fa.read(1 << 22):
                 if chunk != fb.read(len(chunk)):
@@ -407,9 +409,15 @@ def same_model(a: Path, b: Path) -> bool:
         return False
 
 
-def _tensor_index(f: Any) -> dict[str, Any]:
-    """A safetensors file's header without its free-form metadata, leaving `f` at the tensors' bytes."""
-    header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+def _tensor_index(f: Any) -> dict[str, Any] | None:
+    """A safetensors file's header without its free-form metadata, leaving `f` at the tensors' bytes;
+    None for a damaged one (a header longer than the file, or not a JSON object)."""
+    size = int.from_bytes(f.read(8), "little")
+    if size > os.fstat(f.fileno()).st_size - 8:
+        return None
+    header = json.loads(f.read(size))
+    if not isinstance(header, dict):
+        return None
     header.pop("__metadata__", None)
     return header
 

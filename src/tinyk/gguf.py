@@ -25,6 +25,7 @@ import torch
 from .checkpoint import load_model, rope_pairs
 from .engine import SamplingParams
 from .errors import TinykError, writing
+from .inputs import has_surrogate
 from .model import ModelConfig
 from .outputs import atomic_file, check_output_file, same_path, write_text_atomic
 from .rundir import model_name
@@ -125,8 +126,7 @@ def export_gguf(model_dir: str | Path, out: str | Path, outtype: str = "f16", fo
             raise TinykError(f"--modelfile {modelfile} is also --out; give each its own file")
         check_output_file(modelfile, [model_dir], force=force, replaces=("an Ollama Modelfile", is_modelfile),
                           flag="--modelfile", holds="the Ollama Modelfile")
-        if "\n" in str(out) or "\r" in str(out):
-            raise TinykError(f"--out {out!r}: a Modelfile's FROM line cannot name a path with a line break")
+        where = ollama_path(out, modelfile)
     model, tok = load_model(model_dir)
     cfg = model.config
     tokenizer_json = json.loads(tok.tok.to_str())
@@ -159,7 +159,7 @@ def export_gguf(model_dir: str | Path, out: str | Path, outtype: str = "f16", fo
             w.write_tensors_to_file()
     if modelfile is not None:
         with writing(modelfile):
-            write_text_atomic(modelfile, ollama_modelfile(out, modelfile, cfg, tok.system_prompt))
+            write_text_atomic(modelfile, ollama_modelfile(where, cfg, tok.system_prompt))
     normalizer = tokenizer_json.get("normalizer")
     return {"path": str(out), "bytes": out.stat().st_size, "outtype": outtype, "tensors": counts,
             "parameters": sum(t.numel() for t in state.values()), "vocab": len(tokens),
@@ -243,16 +243,30 @@ def ollama_template(system_prompt: str | None) -> str:
             + "{{ end }}\n{{- end }}<|im_start|>assistant\n")
 
 
-def ollama_modelfile(gguf_file: Path, modelfile: Path, cfg: ModelConfig, system_prompt: str | None) -> str:
-    """An Ollama Modelfile for `gguf_file`, named relative to the Modelfile's folder where it can be (so
-    the two move together): tinyk's template, its context length (Ollama's default is longer, and
-    positions past the model's context are ones it never learned), its stops and sampling defaults."""
+def ollama_path(gguf_file: Path, modelfile: Path) -> str:
+    """The GGUF file as the Modelfile's FROM line names it: relative to the Modelfile's folder where it can
+    be (so the two move together). Refused where Ollama's Modelfile reader would read another path: it
+    drops characters that are not printable (U+3000, the ideographic space, among them) and line breaks,
+    trims spaces at the ends and reads UTF-8 only."""
     try:
         where = os.path.relpath(gguf_file.absolute(), modelfile.absolute().parent)
     except ValueError:  # Windows: another drive
         where = str(gguf_file.absolute())
     if not (os.path.isabs(where) or where.startswith("..")):
         where = os.path.join(".", where)
+    if where != where.strip() or where.startswith('"') or has_surrogate(where) or \
+            not all(c.isprintable() or c == " " for c in where):
+        raise TinykError(f"--modelfile: Ollama would not find the GGUF file as {json.dumps(where, ensure_ascii=False)} "
+                         f"(its Modelfile reader drops characters that are not printable, such as line breaks and "
+                         f"the ideographic space, trims spaces at the ends and reads only UTF-8); give --out a "
+                         f"plainer name")
+    return where
+
+
+def ollama_modelfile(where: str, cfg: ModelConfig, system_prompt: str | None) -> str:
+    """An Ollama Modelfile for the GGUF file at `where` (`ollama_path`): tinyk's template, its context
+    length (Ollama's default is longer, and positions past the model's context are ones it never
+    learned), its stops and sampling defaults."""
     sampling = SamplingParams()
     params = [("num_ctx", cfg.max_seq_len), ("stop", '"<|im_end|>"'), ("stop", '"<|im_start|>"'),
               ("stop", '"</s>"'), ("temperature", sampling.temperature), ("top_k", sampling.top_k),

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .engine import Request
-from .serve import _MISSING, ApiError, _check_off_fields, _get
+from .serve import _MISSING, ApiError, _check_off_fields, _get, _no_surrogate
 
 # Fields that do not change the answer, accepted and ignored, with the JSON type checked (as in chat).
 IGNORED: dict[str, type] = {
@@ -72,11 +72,13 @@ def messages(body: dict) -> list[dict[str, str]]:
     """`instructions` as the first (system) message, then `input`: a string (one user message) or a list
     of message items, whose content is a string or a list of text parts."""
     instructions = _get(body, "instructions", "string", None)
+    _no_surrogate(instructions, "instructions")
     out = [] if instructions is None else [{"role": "system", "content": instructions}]
     given = body.get("input", _MISSING)
     if given is _MISSING:
         _get(body, "input", "string")
     if isinstance(given, str):
+        _no_surrogate(given, "input")
         return [*out, {"role": "user", "content": given}]
     if not (isinstance(given, list) and given):
         raise ApiError(400, "'input' must be a string or a non-empty list of messages", param="input",
@@ -94,6 +96,7 @@ def messages(body: dict) -> list[dict[str, str]]:
             raise ApiError(400, f"'{where}.role' must be one of {', '.join(ROLES)}", param=f"{where}.role",
                            code="invalid_value")
         out.append({"role": role, "content": _text(item.get("content", _MISSING), f"{where}.content")})
+        _no_surrogate(out[-1]["content"], f"{where}.content")
     return out
 
 
@@ -176,7 +179,7 @@ class Reply:
         error = failure()
         if error is not None:
             failed = {**self.response("in_progress"), "status": "failed",
-                      "error": {"code": error.code, "message": error.message}}
+                      "error": {"code": "server_error", "message": error.message}}
             yield {"type": "response.failed", "response": failed}
             return
         status, text = self.finished()

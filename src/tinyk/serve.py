@@ -216,7 +216,9 @@ def _get(body: dict, name: str, kind: str, default: Any = _MISSING) -> Any:
     value = body.get(name, _MISSING)
     if value is _MISSING or (value is None and default is not _MISSING):
         if default is _MISSING:
-            raise ApiError(400, f"you must provide a '{name}' parameter", param=name, code="missing_required_parameter")
+            article = "an" if name[0] in "aeiou" else "a"
+            raise ApiError(400, f"you must provide {article} '{name}' parameter", param=name,
+                           code="missing_required_parameter")
         return default
     ok = {
         "string": isinstance(value, str),

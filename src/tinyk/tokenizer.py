@@ -70,7 +70,8 @@ def chat_template(system_prompt: str | None) -> str:
 
 
 _TEMPLATE_BODY = (
-    # What tinyk's server refuses, the template refuses too, not drops: tools, other roles, image parts.
+    # What tinyk's server refuses, the template refuses too, not drops: tools and tool calls, other roles,
+    # image parts.
     "{% if tools %}{{ raise_exception('tools are not supported: the model was trained on plain chat turns') }}"
     "{% endif %}"
     "{% if system and messages and messages[0]['role'] not in ['system', 'developer'] %}"
@@ -79,6 +80,9 @@ _TEMPLATE_BODY = (
     "{% for message in messages %}"
     "{% if message['role'] not in ['system', 'developer', 'user', 'assistant'] %}"
     "{{ raise_exception('only system (or developer), user and assistant messages are supported') }}"
+    "{% endif %}"
+    "{% if message['tool_calls'] is defined and message['tool_calls'] %}"
+    "{{ raise_exception('tool calls are not supported: the model was trained on plain chat turns') }}"
     "{% endif %}"
     "{% if message['content'] is not string %}{% for part in message['content'] or [] %}"
     "{% if part['type'] != 'text' %}{{ raise_exception('only text parts are supported in a message') }}{% endif %}"

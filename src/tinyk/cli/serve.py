@@ -23,8 +23,9 @@ from tinyk.errors import TinykError
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP API with a chat page at /",
-                       description="Serves GET /v1/models, POST /v1/completions and POST /v1/chat/completions "
-                                   "(stream: true gives server-sent events) and a chat page at /. Concurrent "
+                       description="Serves GET /v1/models, POST /v1/completions, POST /v1/chat/completions and "
+                                   "POST /v1/responses (stream: true gives server-sent events) and a chat page at "
+                                   "/. Concurrent "
                                    "requests are decoded together in one continuously refilled batch.")
     add_engine_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
