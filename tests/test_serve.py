@@ -416,6 +416,8 @@ LONG = "".join(chr(0x4E00 + 37 * i) for i in range(200))  # rare characters: sev
     ("/v1/responses", {"model": "nano", "input": "hi", "max_tokens": 5}, 400, "max_tokens", "unknown_parameter"),
     ("/v1/responses", {"model": "nano", "input": "hi", "temperature": 3}, 400, "temperature", "invalid_value"),
     ("/v1/responses", {"model": "gpt", "input": "hi"}, 404, "model", "model_not_found"),
+    ("/v1/responses", {"model": "nano", "input": "hi", "max_tool_calls": "2"}, 400, "max_tool_calls", "invalid_type"),
+    ("/v1/responses", {"model": "nano", "input": "hi", "reasoning": "low"}, 400, "reasoning", "invalid_type"),
 ])
 def test_bad_input_gets_a_4xx_with_an_openai_error(server, path, body, status, param, code):
     got, err = request(server, "POST", path, body)

@@ -93,7 +93,7 @@ IGNORED: dict[str, type] = {
     "user": str, "metadata": dict, "store": bool, "service_tier": str, "parallel_tool_calls": bool,
     "prediction": dict, "reasoning_effort": str, "verbosity": str, "prompt_cache_key": str,
     "prompt_cache_options": dict, "prompt_cache_retention": str, "safety_identifier": str}
-_JSON_TYPES = {str: "a string", dict: "an object", bool: "a boolean"}
+_JSON_TYPES = {str: "a string", dict: "an object", bool: "a boolean", int: "an integer"}
 # The same three kinds for a chat message's fields: those of an assistant message OpenAI returned
 # (a client may send it back as it came) are accepted when off; `name` has no place in the template.
 MESSAGE_FIELDS = {"role", "content"}
