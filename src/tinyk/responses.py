@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from .engine import Request
@@ -129,13 +129,9 @@ class Reply:
     body: dict
     req: Request
     model: str
-    rid: str = ""
-    mid: str = ""
-    created: int = 0
-
-    def __post_init__(self) -> None:
-        self.rid, self.mid = f"resp_{secrets.token_hex(12)}", f"msg_{secrets.token_hex(12)}"
-        self.created = int(time.time())
+    rid: str = field(default_factory=lambda: f"resp_{secrets.token_hex(12)}")
+    mid: str = field(default_factory=lambda: f"msg_{secrets.token_hex(12)}")
+    created: int = field(default_factory=lambda: int(time.time()))
 
     def message(self, text: str, status: str) -> dict[str, Any]:
         return {"type": "message", "id": self.mid, "status": status, "role": "assistant",
@@ -165,7 +161,7 @@ class Reply:
         c = self.req.completion()
         return ("incomplete" if c.finish_reason == "length" else "completed"), c.text
 
-    def events(self, deltas: Iterator[str], failure: Any) -> Iterator[dict[str, Any]]:
+    def events(self, deltas: Iterator[str], failure: Callable[[], ApiError | None]) -> Iterator[dict[str, Any]]:
         """The stream's events, each numbered: the response created, its message and text part opened, the
         text as it comes, then all of it closed and the response completed (or incomplete, or failed:
         `failure()` is the engine's error, or None)."""
