@@ -123,6 +123,21 @@ def test_models(client, server):
     assert client.models.retrieve("nano").id == "nano"
     status, body = request(server, "GET", "/v1/models/other")
     assert status == 404 and body["error"]["code"] == "model_not_found"
+    # The context, under vLLM's name and OpenRouter's (which Chatbox reads to size its history).
+    card = request(server, "GET", "/v1/models")[1]["data"][0]
+    assert card["max_model_len"] == card["context_length"] == server.api.engine.context_length
+
+
+@pytest.mark.parametrize(("method", "path", "hint"), [
+    ("POST", "/chat/completions", "did you mean /v1/chat/completions? (a client's base URL is http://HOST:PORT/v1)"),
+    ("GET", "/models", "did you mean /v1/models? (a client's base URL is http://HOST:PORT/v1)"),
+    ("POST", "/v1/v1/chat/completions", "the base URL already ended in /v1 (did you mean /v1/chat/completions?)"),
+    ("GET", "/v1/v1/models", "the base URL already ended in /v1 (did you mean /v1/models?)")])
+def test_a_base_url_without_v1_or_with_it_twice_gets_a_404_that_says_so(server, method, path, hint):
+    """GUI clients differ: some add /v1 to the base URL themselves, others take it as given."""
+    body = {"model": "nano", "messages": [{"role": "user", "content": "hi"}]} if method == "POST" else None
+    status, err = request(server, method, path, body)
+    assert status == 404 and err["error"]["message"] == f"no such path: {path}; {hint}"
 
 
 def test_completion(client, reference):
@@ -363,6 +378,8 @@ LONG = "".join(chr(0x4E00 + 37 * i) for i in range(200))  # rare characters: sev
     ("/v1/completions", b"[" * 20000, 400, None, "invalid_json"),
     ("/v1/completions", b'{"model": "nano", "prompt": "' + b"a" * MAX_BODY + b'"}', 413, None, "request_too_large"),
     ("/v1/embeddings", {"model": "nano", "input": "hi"}, 404, None, "not_found"),
+    ("/v1/chat/completions", {"model": "nano", "messages": [{"role": "user", "content": "hi"}],
+                              "enable_thinking": True}, 400, "enable_thinking", "invalid_value"),
     ("/v1/models", {}, 405, None, "method_not_allowed"),
     ("/v1/completions", {"model": "nano", "prompt": "a\ud800b"}, 400, "prompt", "invalid_value"),  # not UTF-8
     ("/v1/chat/completions", {"model": "nano", "messages": [{"role": "user", "content": "a\ud800b"}]}, 400,
@@ -596,7 +613,8 @@ def test_fields_at_their_off_values_are_accepted(server):
     assert status == 200, reply
     chat = {"model": "nano", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "logprobs": False,
             "top_logprobs": 0, "tools": [], "presence_penalty": 0.0, "tool_choice": "auto", "modalities": ["text"],
-            "user": "u1", "metadata": {"k": "v"}, "store": False, "parallel_tool_calls": False}
+            "user": "u1", "metadata": {"k": "v"}, "store": False, "parallel_tool_calls": False,
+            "enable_thinking": False}  # Qwen's switch, which Cherry Studio's connection check sent to every server
     status, reply = request(server, "POST", "/v1/chat/completions", chat)
     assert status == 200, reply
     status, reply = request(server, "POST", "/v1/completions", {**body, "stream": True,
@@ -980,12 +998,13 @@ def test_web_pages_of_other_sites_are_refused_unless_allowed(nano_model_dir, ser
         return resp.status, resp.getheader("Access-Control-Allow-Origin")
 
     allowed = "http://localhost:5173"
-    other, _ = start(nano_model_dir, allow_origins=("HTTP://LocalHost:5173/",))  # as browsers send it, once read
+    other, _ = start(nano_model_dir, allow_origins=("HTTP://LocalHost:5173/", "file://"))  # as browsers send it
     try:
+        assert call(other, "POST", "file://") == (200, "file://")  # an Electron app's page
         assert call(other, "OPTIONS", allowed) == (204, allowed)  # the browser's preflight
         assert call(other, "POST", allowed) == (200, allowed)
         assert call(other, "POST", "http://evil.example") == (403, None)
-        assert call(other, "OPTIONS", "http://evil.example") == (405, None)
+        assert call(other, "OPTIONS", "http://evil.example") == (403, None)  # the refusal, naming --allow-origin
         assert call(other, "OPTIONS", allowed, "/nothing")[0] == 404  # only API paths are preflighted
         assert call(other, "OPTIONS", allowed, "/v1/nothing")[0] == 404
         plain = raw(other, b"OPTIONS /v1/completions HTTP/1.1\r\nHost: localhost\r\nOrigin: " + allowed.encode()

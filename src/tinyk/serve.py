@@ -83,7 +83,7 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "best_of": (1,), "suffix": ("",),
     "logit_bias": ({},), "presence_penalty": (0,), "frequency_penalty": (0,), "tools": ([],), "functions": ([],),
     "tool_choice": ("none", "auto"), "function_call": ("none", "auto"), "modalities": (["text"],), "audio": (),
-    "web_search_options": (),
+    "web_search_options": (), "enable_thinking": (False,),
 }
 NO_LOGPROB = -9999.0  # JSON has no -infinity: a token the model rules out (vLLM's value)
 # Fields that do not change the answer (who is asking, storage, caching and latency hints), accepted and
@@ -172,8 +172,8 @@ class ServerConfig:
 
 def normal_origin(value: str) -> str:
     """An origin as browsers send it (scheme://host[:port], lowercase, punycode, no default port, no
-    path), null (a file:// page) or *."""
-    if value in ("*", "null"):
+    path), null (a browser's file:// page), file:// (what an Electron app's page sends) or *."""
+    if value in ("*", "null", "file://"):
         return value
     bad = ValueError(f"not an origin (scheme://host[:port], e.g. http://localhost:5173): {value!r}")
     try:
@@ -281,8 +281,9 @@ class Api:
         self.scheduler.close()
 
     def model_card(self) -> dict[str, Any]:
+        # The context as vLLM (max_model_len) and OpenRouter (context_length, which Chatbox reads) name it.
         return {"id": self.cfg.model_name, "object": "model", "created": self.created, "owned_by": "tinyk",
-                "max_model_len": self.engine.context_length}
+                "max_model_len": self.engine.context_length, "context_length": self.engine.context_length}
 
     def check_model(self, body: dict) -> None:
         name = _get(body, "model", "string")
@@ -942,8 +943,12 @@ class Handler(BaseHTTPRequestHandler):
         path = self._route()
         preflight = self.headers.get("Access-Control-Request-Method") is not None
         if not (path in POST_PATHS or (_is_get_path(path) and path.startswith("/v1/"))) or not preflight \
-                or self._cross_origin() is None or not self._origin_allowed():
+                or self._cross_origin() is None:
             self._other_method()
+            return
+        if not self._origin_allowed():  # the browser shows a failed fetch; its network panel shows this
+            self.close_connection = True
+            self._error(self._refusal())
             return
         self.send_response(204)
         self.send_header("Access-Control-Allow-Methods", "GET, POST")
@@ -1268,7 +1273,13 @@ def _is_get_path(path: str) -> bool:
 
 
 def _not_found(path: str) -> ApiError:
-    return ApiError(404, f"no such path: {path}", code="not_found")
+    """A 404 that says where a client's base URL went wrong: it is http://HOST:PORT/v1."""
+    hint = ""
+    if path.startswith("/v1/v1/"):
+        hint = f"; the base URL already ended in /v1 (did you mean {path[3:]}?)"
+    elif f"/v1{path}" in (*POST_PATHS, "/v1/models") or path.startswith("/models/"):
+        hint = f"; did you mean /v1{path}? (a client's base URL is http://HOST:PORT/v1)"
+    return ApiError(404, f"no such path: {path}{hint}", code="not_found")
 
 
 def _not_allowed(path: str, why: str = "") -> ApiError:
