@@ -458,6 +458,38 @@ def test_a_request_may_fill_the_context_exactly(server):
     assert status == 200 and body["usage"] == {"prompt_tokens": 100, "completion_tokens": 28, "total_tokens": 128}
 
 
+def test_fit_context_drops_the_oldest_turns_and_cuts_max_tokens(nano_model_dir, server, reference):
+    """`--fit-context`, for chat apps that resend the whole history to a small model: the oldest turns go
+    (the system message and the last message stay, and what is left opens with a user turn) until the
+    reply has its room, and a max_tokens past the window is cut to it. Without it, a 400 that names it."""
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"第{i}轮：今天天气很好，我们去公园散步吧。"}
+             for i in range(13)]
+    chat = [{"role": "system", "content": "你是诗人"}, *turns]
+    body = {"model": "nano", "messages": chat, "temperature": 0}
+    status, err = request(server, "POST", "/v1/chat/completions", body)
+    assert status == 400 and err["error"]["message"].endswith("start the server with --fit-context to drop a chat's "
+                                                              "oldest turns and cut max_tokens to fit")
+    ctx, room = reference.context_length, min(DEFAULTS.max_new_tokens, reference.context_length // 2)
+    fitting = [k for k in range(1, len(turns) + 1, 2)  # the last k turns, opening with a user's
+               if len(reference.chat_ids([chat[0], *turns[-k:]], default_system=DEFAULT_SYSTEM_PROMPT)) + room <= ctx]
+    kept = [chat[0], *turns[-max(fitting):]]
+    assert 1 < len(kept) < len(chat)
+    fit, _ = start(nano_model_dir, fit_context=True)
+    try:
+        status, reply = request(fit, "POST", "/v1/chat/completions", body)
+        want = reference.generate([reference.chat_ids(kept, default_system=DEFAULT_SYSTEM_PROMPT)],
+                                  greedy(DEFAULTS.max_new_tokens))[0]
+        assert status == 200 and reply["usage"]["prompt_tokens"] == want.prompt_tokens
+        assert reply["choices"][0]["message"]["content"] == want.text
+        status, reply = request(fit, "POST", "/v1/chat/completions", {**body, "max_tokens": 10_000, "ignore_eos": True})
+        assert status == 200 and reply["usage"]["prompt_tokens"] + reply["usage"]["completion_tokens"] == ctx
+        status, reply = request(fit, "POST", "/v1/completions", {"model": "nano", "prompt": [5] * 100,
+                                                                 "max_tokens": 4096, "ignore_eos": True})
+        assert status == 200 and reply["usage"]["completion_tokens"] == 28  # what the window had left
+    finally:
+        fit.close()
+
+
 def test_a_fault_of_the_servers_own_is_still_answered(server, monkeypatch):
     """A request the server fails on for a reason of its own gets a 500 in the OpenAI format, not a
     dropped connection, and the server goes on answering."""

@@ -106,6 +106,7 @@ _COMMON = {"model", "stream", "stream_options", "max_tokens", "max_completion_to
 FIELDS = {True: _COMMON | {"messages", "response_format", "top_logprobs", *UNSUPPORTED_BY_KIND[True]},
           False: _COMMON | {"prompt", "echo", *UNSUPPORTED_BY_KIND[False]}}  # by chat or not
 _MISSING = object()
+FIT_HINT = "; start the server with --fit-context to drop a chat's oldest turns and cut max_tokens to fit"
 POST_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
 # RFC 9110 tokens
 _HEADER_NAMES = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+(?:[ \t]*,[ \t]*[!#$%&'*+.^_`|~0-9A-Za-z-]+)*")
@@ -157,6 +158,9 @@ class ServerConfig:
     allow_origins: tuple[str, ...] = ()  # web pages of other origins that may call the API ("*": any)
     allow_hosts: tuple[str, ...] = ()  # Host names answered besides those no public site can have ("*": any)
     max_connections: int = 512  # open at once; one more is answered 503 (fewer if the open-file limit is low)
+    # Fit requests to the context as chat clients expect of a small model (Ollama does so): a chat's oldest
+    # turns are dropped and max_tokens is cut to the room left, where OpenAI's API answers a 400.
+    fit_context: bool = False
 
     def __post_init__(self) -> None:
         try:  # as browsers send them, so that the headers compare equal
@@ -303,10 +307,13 @@ class Api:
             if value is not None and value < 1:
                 raise ApiError(400, f"'{name}' must be at least 1, got {value}", param=name, code="invalid_value")
         if max_tokens is not None and prompt_tokens + max_tokens > ctx:
-            raise ApiError(400, f"this model's maximum context length is {ctx} tokens, but "
-                                f"{prompt_tokens + max_tokens} were requested ({prompt_tokens} in the prompt, "
-                                f"{max_tokens} for the completion)",
-                           param=max_name, code="context_length_exceeded")
+            if self.cfg.fit_context and prompt_tokens < ctx:
+                max_tokens = ctx - prompt_tokens
+            else:
+                raise ApiError(400, f"this model's maximum context length is {ctx} tokens, but "
+                                    f"{prompt_tokens + max_tokens} were requested ({prompt_tokens} in the prompt, "
+                                    f"{max_tokens} for the completion){FIT_HINT}",
+                               param=max_name, code="context_length_exceeded")
         temperature = _sampling_field(body, "temperature", "number", d.temperature, 0, 2)
         top_p = _sampling_field(body, "top_p", "number", d.top_p, 0, 1)
         top_k = _sampling_field(body, "top_k", "integer", d.top_k, -1, self.engine.vocab_size)
@@ -415,14 +422,45 @@ class Api:
                 content = ""
             clean.append({"role": API_ROLES[role], "content": self._content(content, where)})
             _no_surrogate(clean[-1]["content"], f"{where}.content")
+        if self.cfg.fit_context:
+            clean = self._fitted(clean, self._reply_room(body))
+        hint = "" if self.cfg.fit_context or len(clean) < 2 else FIT_HINT  # dropping turns would help
         try:
             self.engine.check_fits((m["content"] for m in clean), tokens_each=MESSAGE_TOKENS)
             ids = self.engine.chat_ids(clean, default_system=self.cfg.system_prompt)
+            return self.engine.encode(ids)
         except ContextLengthError as e:
-            raise ApiError(400, str(e), param="messages", code="context_length_exceeded") from e
+            raise ApiError(400, f"{e}{hint}", param="messages", code="context_length_exceeded") from e
         except TinykError as e:
             raise ApiError(400, str(e), param="messages", code="invalid_value") from e
-        return self.prompt_ids(ids, "messages")
+
+    def _reply_room(self, body: dict) -> int:
+        """The room a fitted chat leaves for the reply: what the request asks for (else the server's
+        default), but no more than half the window, as `tinyk chat` and the chat page leave."""
+        asked = [_get(body, name, "integer", None) for name in ("max_completion_tokens", "max_tokens")]
+        wanted = next((n for n in asked if n is not None), self.defaults.max_new_tokens)
+        return max(1, min(wanted, self.engine.context_length // 2))
+
+    def _fitted(self, messages: list[dict[str, str]], room: int) -> list[dict[str, str]]:
+        """`messages` without their oldest turns, as many as the prompt needs to leave `room` tokens of the
+        window: the leading system messages and the last message stay, and what is left never opens with
+        an assistant turn. Too long a history is cut by its size in bytes first, before it is tokenized."""
+        head = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
+        system, rest = messages[:head], messages[head:]
+
+        def fits() -> bool:
+            try:
+                self.engine.check_fits((m["content"] for m in system + rest), tokens_each=MESSAGE_TOKENS)
+            except ContextLengthError:
+                return False
+            ids = self.engine.chat_ids(system + rest, default_system=self.cfg.system_prompt)
+            return len(ids) + room <= self.engine.context_length
+
+        while len(rest) > 1 and not fits():
+            rest = rest[1:]
+            while len(rest) > 1 and rest[0]["role"] == "assistant":
+                rest = rest[1:]
+        return system + rest
 
     @staticmethod
     def _content(content: Any, where: str) -> str:

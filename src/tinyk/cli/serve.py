@@ -52,6 +52,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-host", action="append", default=[], metavar="NAME", type=_host_name,
                    help="a host name to answer besides IP addresses, localhost and this machine's own name: "
                         "the one a reverse proxy passes on, its DNS name, a compose service's; repeatable, * for any")
+    p.add_argument("--fit-context", action="store_true",
+                   help="fit requests to the model's context as chat apps expect (Ollama does so): drop a chat's "
+                        "oldest turns, keeping its system messages and last message, and cut max_tokens to the room "
+                        "left, where OpenAI's API (and the default) answers 400 context_length_exceeded")
     p.add_argument("--quiet", action="store_true", help="no access log")
     add_sampling_args(p, "seeds the server: requests without a seed of their own draw one from it, so a "
                          "restarted server answers the same requests, in the same order, the same way")
@@ -68,7 +72,7 @@ def _serve(args: argparse.Namespace) -> int:
                          "TINYK_API_KEY is set but empty (unset it to serve without a key)")
     cfg = dict(api_key=key, max_body_bytes=args.max_body, timeout=args.timeout,
                defaults=sampling_params(args), max_waiting=args.max_waiting, max_connections=args.max_connections,
-               log=not args.quiet,
+               log=not args.quiet, fit_context=args.fit_context,
                allow_origins=tuple(args.allow_origin), allow_hosts=tuple(args.allow_host))
     if args.model_name:
         cfg["model_name"] = args.model_name
