@@ -47,7 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="system prompt for chats that bring none (default: the model's "
                         "own, its SFT data's; '' for none)")
     p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN", type=_origin,
-                   help="a web page origin (http://localhost:5173) that may call the API from a browser; "
+                   help="a web page origin (http://localhost:5173; file:// for an Electron app's pages) that may "
+                        "call the API from a browser; "
                         "repeatable, * for any (default: only the chat page at /)")
     p.add_argument("--allow-host", action="append", default=[], metavar="NAME", type=_host_name,
                    help="a host name to answer besides IP addresses, localhost and this machine's own name: "
