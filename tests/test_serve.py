@@ -28,7 +28,7 @@ import torch
 from tinyk.engine import Engine, SamplingParams
 from tinyk.errors import TinykError
 from tinyk.serve import ChatServer, ServerConfig
-from tinyk.tokenizer import DEFAULT_SYSTEM_PROMPT, SPECIAL_IDS
+from tinyk.tokenizer import DEFAULT_SYSTEM_PROMPT, SPECIAL_IDS, encode_chat
 
 DEFAULTS = SamplingParams(temperature=0.7, top_k=50, top_p=0.9, repetition_penalty=1.1, max_new_tokens=32)
 MAX_BODY = 64 * 1024
@@ -132,12 +132,15 @@ def test_models(client, server):
     ("POST", "/chat/completions", "did you mean /v1/chat/completions? (a client's base URL is http://HOST:PORT/v1)"),
     ("GET", "/models", "did you mean /v1/models? (a client's base URL is http://HOST:PORT/v1)"),
     ("POST", "/v1/v1/chat/completions", "the base URL already ended in /v1 (did you mean /v1/chat/completions?)"),
-    ("GET", "/v1/v1/models", "the base URL already ended in /v1 (did you mean /v1/models?)")])
+    ("GET", "/v1/v1/models", "the base URL already ended in /v1 (did you mean /v1/models?)"),
+    ("POST", "/v1/chat/completions/", "did you mean /v1/chat/completions? (no slash at the end)"),
+    ("POST", "/api/chat", "this is an OpenAI-compatible server, not Ollama's API: its base URL is http://HOST:PORT/v1"),
+    ("GET", "/v1/v1/nothing", None)])
 def test_a_base_url_without_v1_or_with_it_twice_gets_a_404_that_says_so(server, method, path, hint):
     """GUI clients differ: some add /v1 to the base URL themselves, others take it as given."""
     body = {"model": "nano", "messages": [{"role": "user", "content": "hi"}]} if method == "POST" else None
     status, err = request(server, method, path, body)
-    assert status == 404 and err["error"]["message"] == f"no such path: {path}; {hint}"
+    assert status == 404 and err["error"]["message"] == f"no such path: {path}" + (f"; {hint}" if hint else "")
 
 
 def test_completion(client, reference):
@@ -458,7 +461,7 @@ def test_a_request_may_fill_the_context_exactly(server):
     assert status == 200 and body["usage"] == {"prompt_tokens": 100, "completion_tokens": 28, "total_tokens": 128}
 
 
-def test_fit_context_drops_the_oldest_turns_and_cuts_max_tokens(nano_model_dir, server, reference):
+def test_fit_context_drops_the_oldest_turns_and_cuts_max_tokens(nano_model_dir, server, reference, monkeypatch):
     """`--fit-context`, for chat apps that resend the whole history to a small model: the oldest turns go
     (the system message and the last message stay, and what is left opens with a user turn) until the
     reply has its room, and a max_tokens past the window is cut to it. Without it, a 400 that names it."""
@@ -468,7 +471,7 @@ def test_fit_context_drops_the_oldest_turns_and_cuts_max_tokens(nano_model_dir, 
     body = {"model": "nano", "messages": chat, "temperature": 0}
     status, err = request(server, "POST", "/v1/chat/completions", body)
     assert status == 400 and err["error"]["message"].endswith("start the server with --fit-context to drop a chat's "
-                                                              "oldest turns and cut max_tokens to fit")
+                                                              "oldest turns and cut the reply's limit to fit")
     ctx, room = reference.context_length, min(DEFAULTS.max_new_tokens, reference.context_length // 2)
     fitting = [k for k in range(1, len(turns) + 1, 2)  # the last k turns, opening with a user's
                if len(reference.chat_ids([chat[0], *turns[-k:]], default_system=DEFAULT_SYSTEM_PROMPT)) + room <= ctx]
@@ -486,6 +489,18 @@ def test_fit_context_drops_the_oldest_turns_and_cuts_max_tokens(nano_model_dir, 
         status, reply = request(fit, "POST", "/v1/completions", {"model": "nano", "prompt": [5] * 100,
                                                                  "max_tokens": 4096, "ignore_eos": True})
         assert status == 200 and reply["usage"]["completion_tokens"] == 28  # what the window had left
+        # Every system message stays, where it was; the default one is put first where a chat has none.
+        mid = [*turns[:6], {"role": "system", "content": "请用英文回答"}, *turns[6:]]
+        fitted = fit.api._fitted(mid, room)
+        assert [m for m in fitted if m["role"] == "system"] == [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT},
+                                                                mid[6]]
+        assert fitted[-1] == turns[-1] and [m for m in fitted if m["role"] != "system"][0]["role"] == "user"
+        # A history of thousands of messages is cut by its size before it is tokenized, not message by message.
+        tokenized = []
+        monkeypatch.setattr("tinyk.serve.encode_chat", lambda plain, convs: tokenized.extend(convs) or
+                            encode_chat(plain, convs))
+        fit.api._fitted([{"role": "user", "content": "你好"}] * 20_000, room)
+        assert len(tokenized) < ctx
     finally:
         fit.close()
 
@@ -646,7 +661,8 @@ def test_fields_at_their_off_values_are_accepted(server):
     chat = {"model": "nano", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "logprobs": False,
             "top_logprobs": 0, "tools": [], "presence_penalty": 0.0, "tool_choice": "auto", "modalities": ["text"],
             "user": "u1", "metadata": {"k": "v"}, "store": False, "parallel_tool_calls": False,
-            "enable_thinking": False}  # Qwen's switch, which Cherry Studio's connection check sent to every server
+            "enable_thinking": False,  # Qwen's switch, which Cherry Studio's connection check sent to every server
+            "chat_template_kwargs": {"enable_thinking": False}}  # vLLM's way to send it
     status, reply = request(server, "POST", "/v1/chat/completions", chat)
     assert status == 200, reply
     status, reply = request(server, "POST", "/v1/completions", {**body, "stream": True,
@@ -1012,6 +1028,8 @@ def test_web_pages_of_other_sites_are_refused_unless_allowed(nano_model_dir, ser
     status, err = request(server, "POST", "/v1/completions", body, {"Origin": "http://evil.example"})
     assert status == 403 and err["error"]["code"] == "origin_not_allowed"
     assert "--allow-origin http://evil.example" in err["error"]["message"]
+    status, err = request(server, "POST", "/v1/completions", body, {"Origin": "file:///"})
+    assert status == 403 and "--allow-origin file:// " in err["error"]["message"]  # a value the CLI takes
     assert request(server, "POST", "/v1/completions", body, {"Origin": server.url})[0] == 200  # the chat page's
     assert request(server, "POST", "/v1/completions", body, {"Origin": "http://[::1"})[0] == 403  # malformed
 
@@ -1033,6 +1051,7 @@ def test_web_pages_of_other_sites_are_refused_unless_allowed(nano_model_dir, ser
     other, _ = start(nano_model_dir, allow_origins=("HTTP://LocalHost:5173/", "file://"))  # as browsers send it
     try:
         assert call(other, "POST", "file://") == (200, "file://")  # an Electron app's page
+        assert call(other, "POST", "FILE:///") == (200, "FILE:///")  # the same origin, spelt otherwise
         assert call(other, "OPTIONS", allowed) == (204, allowed)  # the browser's preflight
         assert call(other, "POST", allowed) == (200, allowed)
         assert call(other, "POST", "http://evil.example") == (403, None)

@@ -63,8 +63,10 @@ from .tokenizer import (
     SYSTEM_ROLES,
     ModelPrompt,
     TinyTokenizer,
+    encode_chat,
     message_text,
     pending_utf8,
+    with_system,
 )
 from .units import plural
 
@@ -83,7 +85,7 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "best_of": (1,), "suffix": ("",),
     "logit_bias": ({},), "presence_penalty": (0,), "frequency_penalty": (0,), "tools": ([],), "functions": ([],),
     "tool_choice": ("none", "auto"), "function_call": ("none", "auto"), "modalities": (["text"],), "audio": (),
-    "web_search_options": (), "enable_thinking": (False,),
+    "web_search_options": (), "enable_thinking": (False,), "chat_template_kwargs": ({}, {"enable_thinking": False}),
 }
 NO_LOGPROB = -9999.0  # JSON has no -infinity: a token the model rules out (vLLM's value)
 # Fields that do not change the answer (who is asking, storage, caching and latency hints), accepted and
@@ -106,7 +108,7 @@ _COMMON = {"model", "stream", "stream_options", "max_tokens", "max_completion_to
 FIELDS = {True: _COMMON | {"messages", "response_format", "top_logprobs", *UNSUPPORTED_BY_KIND[True]},
           False: _COMMON | {"prompt", "echo", *UNSUPPORTED_BY_KIND[False]}}  # by chat or not
 _MISSING = object()
-FIT_HINT = "; start the server with --fit-context to drop a chat's oldest turns and cut max_tokens to fit"
+FIT_HINT = "; start the server with --fit-context to drop a chat's oldest turns and cut the reply's limit to fit"
 POST_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
 # RFC 9110 tokens
 _HEADER_NAMES = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+(?:[ \t]*,[ \t]*[!#$%&'*+.^_`|~0-9A-Za-z-]+)*")
@@ -177,8 +179,10 @@ class ServerConfig:
 def normal_origin(value: str) -> str:
     """An origin as browsers send it (scheme://host[:port], lowercase, punycode, no default port, no
     path), null (a browser's file:// page), file:// (what an Electron app's page sends) or *."""
-    if value in ("*", "null", "file://"):
+    if value in ("*", "null"):
         return value
+    if value.strip().lower().rstrip("/") == "file:":
+        return "file://"
     bad = ValueError(f"not an origin (scheme://host[:port], e.g. http://localhost:5173): {value!r}")
     try:
         parts = urllib.parse.urlsplit(value.strip())
@@ -424,7 +428,8 @@ class Api:
             _no_surrogate(clean[-1]["content"], f"{where}.content")
         if self.cfg.fit_context:
             clean = self._fitted(clean, self._reply_room(body))
-        hint = "" if self.cfg.fit_context or len(clean) < 2 else FIT_HINT  # dropping turns would help
+        # Dropping turns could help only where there are two or more besides the system messages.
+        hint = "" if self.cfg.fit_context or sum(m["role"] != "system" for m in clean) < 2 else FIT_HINT
         try:
             self.engine.check_fits((m["content"] for m in clean), tokens_each=MESSAGE_TOKENS)
             ids = self.engine.chat_ids(clean, default_system=self.cfg.system_prompt)
@@ -442,25 +447,33 @@ class Api:
         return max(1, min(wanted, self.engine.context_length // 2))
 
     def _fitted(self, messages: list[dict[str, str]], room: int) -> list[dict[str, str]]:
-        """`messages` without their oldest turns, as many as the prompt needs to leave `room` tokens of the
-        window: the leading system messages and the last message stay, and what is left never opens with
-        an assistant turn. Too long a history is cut by its size in bytes first, before it is tokenized."""
-        head = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
-        system, rest = messages[:head], messages[head:]
+        """`messages` without their oldest user and assistant turns, as many as the prompt needs to leave
+        `room` tokens of the window: every system message stays (the model's default one too, where the
+        chat brings none), as does the last message, and the turns left open with a user's. Linear in the
+        messages: a history far too long is cut by its size in bytes before any of it is tokenized, and
+        each message left is tokenized once (a turn's tokens do not depend on its neighbours')."""
+        tok, ctx = self.engine.tok, self.engine.context_length
+        chat = with_system(messages, tok.resolve_system(self.cfg.system_prompt))
+        turns = [i for i, m in enumerate(chat) if m["role"] != "system"]
 
-        def fits() -> bool:
-            try:
-                self.engine.check_fits((m["content"] for m in system + rest), tokens_each=MESSAGE_TOKENS)
-            except ContextLengthError:
-                return False
-            ids = self.engine.chat_ids(system + rest, default_system=self.cfg.system_prompt)
-            return len(ids) + room <= self.engine.context_length
+        def least(i: int) -> float:  # check_fits's lower bound on a message's tokens
+            return len(chat[i]["content"].encode("utf-8", "surrogatepass")) / tok.max_token_bytes + MESSAGE_TOKENS
 
-        while len(rest) > 1 and not fits():
-            rest = rest[1:]
-            while len(rest) > 1 and rest[0]["role"] == "assistant":
-                rest = rest[1:]
-        return system + rest
+        first = len(turns) - 1  # the last message always stays
+        bound = sum(least(i) for i, m in enumerate(chat) if m["role"] == "system") + least(turns[first])
+        while first > 0 and bound + least(turns[first - 1]) < ctx:
+            first -= 1
+            bound += least(turns[first])
+        if bound < ctx:  # else even the last message with the system ones cannot fit: refused as it is
+            kept = [i for i, m in enumerate(chat) if m["role"] == "system" or i >= turns[first]]
+            cost = dict(zip(kept, (len(t.ids) for t in encode_chat(tok.plain, [[chat[i]] for i in kept])),
+                            strict=True))
+            total = len(tok.encode_chat([], add_generation_prompt=True)) + sum(cost.values())
+            while first < len(turns) - 1 and (total + room > ctx or chat[turns[first]]["role"] == "assistant"):
+                total -= cost[turns[first]]
+                first += 1
+        dropped = set(turns[:first])
+        return [m for i, m in enumerate(chat) if i not in dropped]
 
     @staticmethod
     def _content(content: Any, where: str) -> str:
@@ -728,7 +741,7 @@ class Handler(BaseHTTPRequestHandler):
         origin = self.headers.get("Origin")
         if origin is None or _netloc(origin) == self.headers.get("Host", "").lower():
             return None
-        return origin
+        return "file://" if origin.strip().lower().rstrip("/") == "file:" else origin  # as --allow-origin takes it
 
     def _origin_allowed(self) -> bool:
         """Any web page the user visits could otherwise make the API generate for it (with no --api-key,
@@ -737,7 +750,7 @@ class Handler(BaseHTTPRequestHandler):
         if origin is None:
             return True
         if origin in self.server.api.cfg.allow_origins or "*" in self.server.api.cfg.allow_origins:
-            self.cors_origin = origin
+            self.cors_origin = self.headers["Origin"]  # echoed as the browser sent it, which it compares
             return True
         return False
 
@@ -1312,11 +1325,15 @@ def _is_get_path(path: str) -> bool:
 
 def _not_found(path: str) -> ApiError:
     """A 404 that says where a client's base URL went wrong: it is http://HOST:PORT/v1."""
-    hint = ""
-    if path.startswith("/v1/v1/"):
+    hint, paths = "", (*POST_PATHS, "/v1/models")
+    if path.rstrip("/") in paths:
+        hint = f"; did you mean {path.rstrip('/')}? (no slash at the end)"
+    elif path.startswith("/v1/v1/") and (path[3:] in paths or path.startswith("/v1/v1/models/")):
         hint = f"; the base URL already ended in /v1 (did you mean {path[3:]}?)"
-    elif f"/v1{path}" in (*POST_PATHS, "/v1/models") or path.startswith("/models/"):
+    elif f"/v1{path}" in paths or path.startswith("/models/"):
         hint = f"; did you mean /v1{path}? (a client's base URL is http://HOST:PORT/v1)"
+    elif path.startswith("/api/"):
+        hint = "; this is an OpenAI-compatible server, not Ollama's API: its base URL is http://HOST:PORT/v1"
     return ApiError(404, f"no such path: {path}{hint}", code="not_found")
 
 
