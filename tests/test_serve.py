@@ -479,11 +479,18 @@ def test_fit_context_drops_the_oldest_turns_and_cuts_max_tokens(nano_model_dir, 
     assert 1 < len(kept) < len(chat)
     fit, _ = start(nano_model_dir, fit_context=True)
     try:
-        status, reply = request(fit, "POST", "/v1/chat/completions", body)
+        client = openai.OpenAI(base_url=fit.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        raw = client.chat.completions.with_raw_response.create(**body)
+        reply = raw.parse()
         want = reference.generate([reference.chat_ids(kept, default_system=DEFAULT_SYSTEM_PROMPT)],
                                   greedy(DEFAULTS.max_new_tokens))[0]
-        assert status == 200 and reply["usage"]["prompt_tokens"] == want.prompt_tokens
-        assert reply["choices"][0]["message"]["content"] == want.text
+        assert reply.usage.prompt_tokens == want.prompt_tokens and reply.choices[0].message.content == want.text
+        # How many it left out, for a client that keeps the history (the chat page says what it forgot).
+        assert raw.headers["X-Tinyk-Dropped-Messages"] == str(len(chat) - len(kept))
+        streamed = client.chat.completions.with_raw_response.create(**body, stream=True)
+        assert streamed.headers["X-Tinyk-Dropped-Messages"] == str(len(chat) - len(kept))
+        assert "X-Tinyk-Dropped-Messages" not in client.chat.completions.with_raw_response.create(
+            model="nano", messages=turns[-1:], max_tokens=2).headers
         status, reply = request(fit, "POST", "/v1/chat/completions", {**body, "max_tokens": 10_000, "ignore_eos": True})
         assert status == 200 and reply["usage"]["prompt_tokens"] + reply["usage"]["completion_tokens"] == ctx
         status, reply = request(fit, "POST", "/v1/completions", {"model": "nano", "prompt": [5] * 100,

@@ -2632,7 +2632,7 @@ def test_the_chat_model_prompts_with_the_system_prompt_its_sft_data_carried(tmp_
     assert load_tokenizer(final).apply_chat_template(user, add_generation_prompt=True) == hf_text
     engine = Engine.from_dir(final)
     server = ChatServer(engine, ServerConfig(model_name="m", log=False), port=0)
-    assert engine.tok.decode(server.api.chat_ids({"messages": user})) == hf_text
+    assert engine.tok.decode(server.api.chat_ids({"messages": user})[0]) == hf_text
     server.server_close()
     server.api.close()
     import tinyk.cli.generate

@@ -155,11 +155,12 @@ document.getElementById("max-tokens").value = %s;
 
 @contextlib.contextmanager
 def chat_page(engine: Engine, tmp_path, max_tokens: int | None, screen: tuple[int, int] | None = None,
-              languages: str = "en-US,en") -> Iterator[Callable[[str], Any]]:
+              languages: str = "en-US,en", fit_context: bool = False) -> Iterator[Callable[[str], Any]]:
     """Serves `engine`, opens the chat page in headless Chromium (on a `screen` of that width and height,
     a phone's; preferring `languages`, as Accept-Language lists them), and yields a function that runs
     JavaScript (an async function's body) in it and returns its result."""
-    server = ChatServer(engine, ServerConfig(model_name="nano", defaults=DEFAULTS, log=False), port=0)
+    server = ChatServer(engine, ServerConfig(model_name="nano", defaults=DEFAULTS, log=False, fit_context=fit_context),
+                        port=0)
     server.start()
     browser = Browser(str(tmp_path / "profile"), languages)
     try:
@@ -255,6 +256,19 @@ def test_the_chat_page_forgets_old_turns_to_fit_the_context(nano_model_dir, tmp_
             full = "the context window is full" if want.completion_tokens == room else "raise max tokens"
             assert any(n.startswith(f"(reply cut at {want.completion_tokens} tokens; {full}") for n in result["notes"])
     assert any(n.endswith("the context window is full; Clear starts over)") for n in result["notes"])
+
+
+def test_the_page_says_what_a_fit_context_server_forgot(nano_model_dir, tmp_path):
+    """Under `serve --fit-context` the server drops the oldest turns itself (the page never sees its 400):
+    the page reads how many from the reply's header, says so and forgets them too."""
+    engine = Engine.from_dir(nano_model_dir)
+    messages = ["今天天气很好，我们一起去公园散步吧。" * 3 + str(i) for i in range(3)]
+    with chat_page(engine, tmp_path, max_tokens=None, fit_context=True) as run:
+        result = run(f"for (const m of {json.dumps(messages)}) await say(m);\n"
+                     "return {...shown(), kept: history.length};")
+    assert result["errors"] == [] and len(result["replies"]) == 3
+    assert [n for n in result["notes"] if "forgot the oldest turn" in n]
+    assert result["kept"] < 2 * len(messages)
 
 
 def test_a_large_max_tokens_keeps_the_conversation_and_gets_the_room_there_is(tok_dir, tmp_path):

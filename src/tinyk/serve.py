@@ -108,6 +108,7 @@ _COMMON = {"model", "stream", "stream_options", "max_tokens", "max_completion_to
 FIELDS = {True: _COMMON | {"messages", "response_format", "top_logprobs", *UNSUPPORTED_BY_KIND[True]},
           False: _COMMON | {"prompt", "echo", *UNSUPPORTED_BY_KIND[False]}}  # by chat or not
 _MISSING = object()
+DROPPED_HEADER = "X-Tinyk-Dropped-Messages"  # how many of a chat's oldest messages --fit-context left out
 FIT_HINT = "; start the server with --fit-context to drop a chat's oldest turns and cut the reply's limit to fit"
 POST_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
 # RFC 9110 tokens
@@ -403,7 +404,8 @@ class Api:
         ids = self.prompt_ids(prompt, "prompt", bos=True)  # text starts a document, as in `tinyk generate`
         return ids, int(isinstance(prompt, str) and not prompt.startswith(SPECIAL_TOKENS[IM_START_ID]))
 
-    def chat_ids(self, body: dict) -> list[int]:
+    def chat_ids(self, body: dict) -> tuple[list[int], int]:
+        """The chat's prompt ids, and how many of its messages --fit-context dropped."""
         messages = _get(body, "messages", "array")
         if not messages:
             raise ApiError(400, "'messages' must contain at least one message", param="messages", code="invalid_value")
@@ -426,14 +428,16 @@ class Api:
                 content = ""
             clean.append({"role": API_ROLES[role], "content": self._content(content, where)})
             _no_surrogate(clean[-1]["content"], f"{where}.content")
+        turns = sum(m["role"] != "system" for m in clean)
         if self.cfg.fit_context:
             clean = self._fitted(clean, self._reply_room(body))
+        dropped = turns - sum(m["role"] != "system" for m in clean)
         # Dropping turns could help only where there are two or more besides the system messages.
         hint = "" if self.cfg.fit_context or sum(m["role"] != "system" for m in clean) < 2 else FIT_HINT
         try:
             self.engine.check_fits((m["content"] for m in clean), tokens_each=MESSAGE_TOKENS)
             ids = self.engine.chat_ids(clean, default_system=self.cfg.system_prompt)
-            return self.engine.encode(ids)
+            return self.engine.encode(ids), dropped
         except ContextLengthError as e:
             raise ApiError(400, f"{e}{hint}", param="messages", code="context_length_exceeded") from e
         except TinykError as e:
@@ -499,7 +503,12 @@ class Api:
         # together, so no more than the queue holds (else every retry of an n above it would get a 503).
         limit = min(self.engine.max_batch, self.cfg.max_waiting)
         why = "its --max-batch" if self.engine.max_batch <= self.cfg.max_waiting else "its --max-waiting"
-        prompts = [(self.chat_ids(body), 0)] if chat else self.completion_prompts(body, limit, why)
+        dropped = 0
+        if chat:
+            ids, dropped = self.chat_ids(body)
+            prompts = [(ids, 0)]
+        else:
+            prompts = self.completion_prompts(body, limit, why)
         params = self.sampling(body, max(len(ids) for ids, _ in prompts), chat)
         n = _get(body, "n", "integer", 1)
         if n > limit:
@@ -531,7 +540,8 @@ class Api:
                 r.cancel()
             code = "server_shutting_down" if isinstance(e, EngineStopping) else "overloaded"
             raise ApiError(503, str(e), type="server_error", code=code) from e
-        return Submission(reqs, chat, stream, include_usage, echo, [added for _, added in prompts for _ in range(n)], n)
+        return Submission(reqs, chat, stream, include_usage, echo, [added for _, added in prompts for _ in range(n)], n,
+                          dropped)
 
     def submit_response(self, body: dict) -> Submission:
         """A Responses API request (`responses.chat_body`), validated and queued as the chat it means."""
@@ -578,6 +588,10 @@ class Submission:
     echo: bool  # completions: the prompt comes first in the text (and its tokens in the logprobs)
     added: list[int]  # by choice: leading prompt ids the server put there, which the echoed text leaves out
     n: int  # choices per prompt
+    dropped: int = 0  # the chat's messages --fit-context left out (the X-Tinyk-Dropped-Messages header)
+
+    def headers(self) -> dict[str, str]:
+        return {DROPPED_HEADER: str(self.dropped)} if self.dropped else {}
 
 
 class LogprobsWriter:
@@ -719,8 +733,8 @@ class Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
-    def _json(self, status: int, obj: Any) -> None:
-        self._send(status, _json_bytes(obj))
+    def _json(self, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
+        self._send(status, _json_bytes(obj), headers=headers)
 
     def _error(self, e: ApiError) -> None:
         self._send(e.status, _json_bytes(e.body()), headers=e.headers)
@@ -758,6 +772,7 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("X-Content-Type-Options", "nosniff")
         if self.cors_origin:
             self.send_header("Access-Control-Allow-Origin", self.cors_origin)
+            self.send_header("Access-Control-Expose-Headers", DROPPED_HEADER)  # a page may read it
             self.send_header("Vary", "Origin")
         super().end_headers()
 
@@ -1056,7 +1071,7 @@ class Handler(BaseHTTPRequestHandler):
             choices.append({"index": i, **answer, "logprobs": logprobs, "finish_reason": c.finish_reason})
         self._json(200, {"id": _new_id(chat), "object": "chat.completion" if chat else "text_completion",
                          "created": int(time.time()), "model": self.server.api.cfg.model_name, "choices": choices,
-                         "usage": Api.usage(reqs, sub.n)})
+                         "usage": Api.usage(reqs, sub.n)}, sub.headers())
 
     def _stop_if_client_gone(self) -> None:
         if self._client_gone():
@@ -1116,7 +1131,7 @@ class Handler(BaseHTTPRequestHandler):
             return envelope([choice])
 
         try:
-            self._open_stream()
+            self._open_stream(sub)
             if chat:
                 for i in range(len(reqs)):
                     self._event(chunk(i, None, first=True))
@@ -1144,9 +1159,11 @@ class Handler(BaseHTTPRequestHandler):
                 r.cancel()
             self.close_connection = True
 
-    def _open_stream(self) -> None:
+    def _open_stream(self, sub: Submission) -> None:
         """The headers of a stream of server-sent events."""
         self.send_response(200)
+        for name, value in sub.headers().items():
+            self.send_header(name, value)
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
         self.send_header("Cache-Control", "no-cache")
         self.send_header("X-Accel-Buffering", "no")  # nginx would otherwise hold the events back
@@ -1167,11 +1184,11 @@ class Handler(BaseHTTPRequestHandler):
         reply = Reply(body, req, self.server.api.cfg.model_name)
         if not sub.stream:
             if self._finished(sub.reqs):
-                self._json(200, reply.response(*reply.finished()))
+                self._json(200, reply.response(*reply.finished()), sub.headers())
             return
         deltas = (item[0] for _, item in _merged(sub.reqs, self._stop_if_client_gone) if item is not None)
         try:
-            self._open_stream()
+            self._open_stream(sub)
             for number, event in enumerate(reply.events(deltas, lambda: _failure(req) if req.finish_reason == "error"
                                                         else None)):
                 data = _json_bytes({**event, "sequence_number": number})
