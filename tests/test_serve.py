@@ -508,6 +508,9 @@ def test_fit_context_drops_the_oldest_turns_and_cuts_max_tokens(nano_model_dir, 
                             encode_chat(plain, convs))
         fit.api._fitted([{"role": "user", "content": "你好"}] * 20_000, room)
         assert len(tokenized) < ctx
+        status, _ = request(fit, "POST", "/v1/chat/completions", {"model": "nano", "max_tokens": 2,
+                                                                 "messages": [{"role": "system", "content": "只"}]})
+        assert status == 200  # system messages alone: nothing to drop
     finally:
         fit.close()
 

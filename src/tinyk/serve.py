@@ -459,6 +459,8 @@ class Api:
         tok, ctx = self.engine.tok, self.engine.context_length
         chat = with_system(messages, tok.resolve_system(self.cfg.system_prompt))
         turns = [i for i, m in enumerate(chat) if m["role"] != "system"]
+        if not turns:  # system messages alone: nothing to drop
+            return chat
 
         def least(i: int) -> float:  # check_fits's lower bound on a message's tokens
             return len(chat[i]["content"].encode("utf-8", "surrogatepass")) / tok.max_token_bytes + MESSAGE_TOKENS
