@@ -493,9 +493,10 @@ def test_fit_context_drops_the_oldest_turns_and_cuts_max_tokens(nano_model_dir, 
             model="nano", messages=turns[-1:], max_tokens=2).headers
         status, reply = request(fit, "POST", "/v1/chat/completions", {**body, "max_tokens": 10_000, "ignore_eos": True})
         assert status == 200 and reply["usage"]["prompt_tokens"] + reply["usage"]["completion_tokens"] == ctx
-        status, reply = request(fit, "POST", "/v1/completions", {"model": "nano", "prompt": [5] * 100,
-                                                                 "max_tokens": 4096, "ignore_eos": True})
-        assert status == 200 and reply["usage"]["completion_tokens"] == 28  # what the window had left
+        status, reply = request(fit, "POST", "/v1/completions", {"model": "nano", "prompt": [[5] * 10, [5] * 100],
+                                                                 "max_tokens": 50, "ignore_eos": True})
+        assert status == 200 and reply["usage"]["completion_tokens"] == 50 + 28  # each what its window had left
+        assert [c["finish_reason"] for c in reply["choices"]] == ["length", "length"]
         # Every system message stays, where it was; the default one is put first where a chat has none.
         mid = [*turns[:6], {"role": "system", "content": "请用英文回答"}, *turns[6:]]
         fitted = fit.api._fitted(mid, room)

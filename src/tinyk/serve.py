@@ -311,14 +311,13 @@ class Api:
         for name, value in (("max_tokens", older), ("max_completion_tokens", newer)):
             if value is not None and value < 1:
                 raise ApiError(400, f"'{name}' must be at least 1, got {value}", param=name, code="invalid_value")
-        if max_tokens is not None and prompt_tokens + max_tokens > ctx:
-            if self.cfg.fit_context and prompt_tokens < ctx:
-                max_tokens = ctx - prompt_tokens
-            else:
-                raise ApiError(400, f"this model's maximum context length is {ctx} tokens, but "
-                                    f"{prompt_tokens + max_tokens} were requested ({prompt_tokens} in the prompt, "
-                                    f"{max_tokens} for the completion){FIT_HINT}",
-                               param=max_name, code="context_length_exceeded")
+        # With --fit-context the engine ends each reply where the window does, as for a request without
+        # max_tokens: the room each prompt of a batch leaves.
+        if max_tokens is not None and prompt_tokens + max_tokens > ctx and not self.cfg.fit_context:
+            raise ApiError(400, f"this model's maximum context length is {ctx} tokens, but "
+                                f"{prompt_tokens + max_tokens} were requested ({prompt_tokens} in the prompt, "
+                                f"{max_tokens} for the completion){FIT_HINT}",
+                           param=max_name, code="context_length_exceeded")
         temperature = _sampling_field(body, "temperature", "number", d.temperature, 0, 2)
         top_p = _sampling_field(body, "top_p", "number", d.top_p, 0, 1)
         top_k = _sampling_field(body, "top_k", "integer", d.top_k, -1, self.engine.vocab_size)
