@@ -1432,8 +1432,10 @@ class Trainer:
         last_train, last_val, best_val = self._earlier_results()
         # Rank 0 alone reads the history, and every rank must agree on whether an evaluation writes best/:
         # each takes rank 0's lowest val loss and its reading of best/.
-        best_val, (kept_val, kept_step) = d.gather_host((best_val, kept_best(self.out / "best")))[0]
-        self.kept_val, self.kept_step = self._kept_so_far(best_val, kept_val, kept_step)
+        # best/'s model ((inf, None) for none), which keep_best replaces with one of a lower val loss than any
+        # so far; without keep_best it stays, and the summary names it all the same.
+        best_val, (self.kept_val, self.kept_step) = d.gather_host((best_val, kept_best(self.out / "best")))[0]
+        self._note_kept(best_val)
         last_saved = p.step if self.resumed_from else -1
         estimate = 0
         while True:
@@ -1501,11 +1503,10 @@ class Trainer:
         final = None if interrupted else self._save_model("final", "--resume writes final/ from it")
         return self._summary(interrupted, final, last_train, last_val, best_val)
 
-    def _kept_so_far(self, best_val: float, val: float, step: int | None) -> tuple[float, int | None]:
-        """(val loss, step) of the model best/ holds (`val`, `step`; (inf, None) for none), which keep_best
-        replaces with one of a lower val loss than any so far; without keep_best it stays, and the summary
-        names it all the same. Says where a session with keep_best off left best/ as it was, or where
-        best/ is behind the run's lowest val loss."""
+    def _note_kept(self, best_val: float) -> None:
+        """Says where a session with keep_best off leaves best/ as it was, or where best/ is behind the run's
+        lowest val loss so far, `best_val`."""
+        val, step = self.kept_val, self.kept_step
         note = None
         if not self.cfg.keep_best and step is not None:
             note = f"keep_best is off, so best/ (step {step}'s model, val loss {val:.4f}) stays as it is"
@@ -1516,7 +1517,6 @@ class Trainer:
                     f"evaluation that beats it")
         if note and self.monitor:
             self.monitor.print(f"note: {note}")
-        return val, step
 
     def _stopping(self) -> bool:
         """Whether a stop signal reached any rank during this step: its periodic evaluation, which can
