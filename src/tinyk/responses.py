@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .engine import Request
-from .serve import _MISSING, ApiError, _check_off_fields, _get, _no_surrogate
+from .serve import _MISSING, ApiError, _check_off_fields, _get, _no_surrogate, message_content
 
 # Fields that do not change the answer, accepted and ignored, with the JSON type checked (as in chat).
 IGNORED: dict[str, type] = {
@@ -95,22 +95,10 @@ def messages(body: dict) -> list[dict[str, str]]:
         if role not in ROLES:
             raise ApiError(400, f"'{where}.role' must be one of {', '.join(ROLES)}", param=f"{where}.role",
                            code="invalid_value")
-        out.append({"role": role, "content": _text(item.get("content", _MISSING), f"{where}.content")})
+        out.append({"role": role, "content": message_content(item.get("content", _MISSING), f"{where}.content",
+                                                             TEXT_PARTS)})
         _no_surrogate(out[-1]["content"], f"{where}.content")
     return out
-
-
-def _text(content: Any, where: str) -> str:
-    """A message item's text: a string, or its text parts joined by newlines (as chat joins them)."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") in TEXT_PARTS
-                                         and isinstance(p.get("text"), str) for p in content):
-        return "\n".join(p["text"] for p in content)
-    if content is _MISSING:
-        raise ApiError(400, f"'{where}' is missing", param=where, code="missing_required_parameter")
-    raise ApiError(400, f"'{where}' must be a string or a list of text parts ({' or '.join(TEXT_PARTS)})",
-                   param=where, code="invalid_type")
 
 
 def renamed(e: ApiError) -> ApiError:

@@ -244,6 +244,17 @@ def _get(body: dict, name: str, kind: str, default: Any = _MISSING) -> Any:
     return value
 
 
+def message_content(content: Any, where: str, part_types: tuple[str, ...] = ("text",)) -> str:
+    """A message's text (`message_text`: the same request gives the same prompt here as on vLLM), or a 400
+    naming the field `where`."""
+    if (text := message_text(content, part_types)) is not None:
+        return text
+    if content is _MISSING:
+        raise ApiError(400, f"'{where}' is missing", param=where, code="missing_required_parameter")
+    kinds = "" if part_types == ("text",) else f" ({' or '.join(part_types)})"
+    raise ApiError(400, f"'{where}' must be a string or a list of text parts{kinds}", param=where, code="invalid_type")
+
+
 def _sampling_field(body: dict, name: str, kind: str, default: float, lo: float, hi: float) -> Any:
     """A sampling setting: the request's, within the API's range (OpenAI's), else the server's flag, which
     is not held to it (`tinyk generate` takes a --temperature of 3 too, and a client never sent it)."""
@@ -425,7 +436,7 @@ class Api:
             content = m.get("content", _MISSING)
             if content is None and role == "assistant":  # OpenAI's for a turn that was only tool calls or a refusal
                 content = ""
-            clean.append({"role": API_ROLES[role], "content": self._content(content, where)})
+            clean.append({"role": API_ROLES[role], "content": message_content(content, f"{where}.content")})
             _no_surrogate(clean[-1]["content"], f"{where}.content")
         turns = sum(m["role"] != "system" for m in clean)
         if self.cfg.fit_context:
@@ -479,17 +490,6 @@ class Api:
                 first += 1
         dropped = set(turns[:first])
         return [m for i, m in enumerate(chat) if i not in dropped]
-
-    @staticmethod
-    def _content(content: Any, where: str) -> str:
-        """A message's text (`message_text`: the same request gives the same prompt here as on vLLM)."""
-        if (text := message_text(content)) is not None:
-            return text
-        if content is _MISSING:
-            raise ApiError(400, f"'{where}.content' is missing", param=f"{where}.content",
-                           code="missing_required_parameter")
-        raise ApiError(400, f"'{where}.content' must be a string or a list of text parts", param=f"{where}.content",
-                       code="invalid_type")
 
     def submit(self, body: dict, chat: bool) -> Submission:
         """Validates everything before anything is queued."""

@@ -110,13 +110,14 @@ TRAIN_PIECE_CHARS = 4000  # the longest text the BPE trainer is given at once (s
 MAX_VOCAB = 1_000_000  # far above any small LLM's; the trainer would try to allocate for whatever it is given
 
 
-def message_text(content: Any) -> str | None:
+def message_text(content: Any, part_types: tuple[str, ...] = ("text",)) -> str | None:
     """A chat message's text: a string, or OpenAI's list of `{"type": "text", "text": ...}` parts joined
     by newlines as vLLM joins them, so a conversation trains and serves as the same prompt; None for
-    anything else (an image part, a number)."""
+    anything else (an image part, a number). `part_types`: the text parts' types (the Responses API's
+    are input_text and output_text)."""
     if isinstance(content, str):
         return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") in part_types
                                          and isinstance(p.get("text"), str) for p in content):
         return "\n".join(p["text"] for p in content)
     return None
