@@ -438,16 +438,16 @@ class Api:
                 content = ""
             clean.append({"role": API_ROLES[role], "content": message_content(content, f"{where}.content")})
             _no_surrogate(clean[-1]["content"], f"{where}.content")
-        turns = sum(m["role"] != "system" for m in clean)
+        given = sum(m["role"] != "system" for m in clean)
         if self.cfg.fit_context:
             clean = self._fitted(clean, self._reply_room(body))
-        dropped = turns - sum(m["role"] != "system" for m in clean)
+        turns = sum(m["role"] != "system" for m in clean)
         # Dropping turns could help only where there are two or more besides the system messages.
-        hint = "" if self.cfg.fit_context or sum(m["role"] != "system" for m in clean) < 2 else FIT_HINT
+        hint = "" if self.cfg.fit_context or turns < 2 else FIT_HINT
         try:
             self.engine.check_fits((m["content"] for m in clean), tokens_each=MESSAGE_TOKENS)
             ids = self.engine.chat_ids(clean, default_system=self.cfg.system_prompt)
-            return self.engine.encode(ids), dropped
+            return self.engine.encode(ids), given - turns
         except ContextLengthError as e:
             raise ApiError(400, f"{e}{hint}", param="messages", code="context_length_exceeded") from e
         except TinykError as e:
