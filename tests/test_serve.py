@@ -135,7 +135,12 @@ def test_models(client, server):
     ("GET", "/v1/v1/models", "the base URL already ended in /v1 (did you mean /v1/models?)"),
     ("POST", "/v1/chat/completions/", "did you mean /v1/chat/completions? (no slash at the end)"),
     ("POST", "/api/chat", "this is an OpenAI-compatible server, not Ollama's API: its base URL is http://HOST:PORT/v1"),
-    ("GET", "/v1/v1/nothing", None)])
+    ("GET", "/v1/v1/nothing", None),
+    # The path meant takes another method: the hint says so, rather than pointing at a 405.
+    ("POST", "/models", "did you mean GET /v1/models? (a client's base URL is http://HOST:PORT/v1)"),
+    ("GET", "/chat/completions", "did you mean POST /v1/chat/completions? (a client's base URL is http://HOST:PORT/v1)"),
+    ("PUT", "/v1/v1/models", "the base URL already ended in /v1 (did you mean GET /v1/models?)"),
+    ("DELETE", "/v1/responses/", "did you mean POST /v1/responses? (no slash at the end)")])
 def test_a_base_url_without_v1_or_with_it_twice_gets_a_404_that_says_so(server, method, path, hint):
     """GUI clients differ: some add /v1 to the base URL themselves, others take it as given."""
     body = {"model": "nano", "messages": [{"role": "user", "content": "hi"}]} if method == "POST" else None

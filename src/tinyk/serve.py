@@ -941,7 +941,7 @@ class Handler(BaseHTTPRequestHandler):
         elif path == "/health":
             self._json(200, {"status": "ok", **api.scheduler.stats()})
         elif not path.startswith("/v1/"):
-            self._error(_not_found(path))
+            self._error(_not_found(path, self.command))
         elif (refusal := self._refusal()) is not None:
             self._error(refusal)
         elif path == "/v1/models":
@@ -953,7 +953,7 @@ class Handler(BaseHTTPRequestHandler):
         elif path in POST_PATHS:
             self._error(_not_allowed(path))
         else:
-            self._error(_not_found(path))
+            self._error(_not_found(path, self.command))
 
     do_HEAD = do_GET
 
@@ -993,7 +993,7 @@ class Handler(BaseHTTPRequestHandler):
         """Why a POST is refused before its body is read: a path that takes none, or `_refusal`."""
         path = self._route()
         if path not in POST_PATHS:
-            return _not_allowed(path) if _is_get_path(path) else _not_found(path)
+            return _not_allowed(path) if _is_get_path(path) else _not_found(path, "POST")
         return self._refusal()
 
     def _refusal(self) -> ApiError | None:
@@ -1035,7 +1035,7 @@ class Handler(BaseHTTPRequestHandler):
         if path in POST_PATHS or _is_get_path(path):
             self._error(_not_allowed(path, f"{self.command} is not supported; "))
         else:
-            self._error(_not_found(path))
+            self._error(_not_found(path, self.command))
 
     do_PUT = do_PATCH = do_DELETE = _other_method
 
@@ -1341,15 +1341,20 @@ def _is_get_path(path: str) -> bool:
     return path in ("/", "/index.html", "/health", "/v1/models") or path.startswith("/v1/models/")
 
 
-def _not_found(path: str) -> ApiError:
-    """A 404 that says where a client's base URL went wrong: it is http://HOST:PORT/v1."""
+def _not_found(path: str, method: str) -> ApiError:
+    """A 404 that says where a client's base URL went wrong: it is http://HOST:PORT/v1. Where the path it
+    meant does not take `method`, the suggestion names the method that path takes."""
+    def meant(target: str) -> str:
+        takes = "POST" if target in POST_PATHS else "GET"
+        return target if method == takes else f"{takes} {target}"
+
     hint, paths = "", (*POST_PATHS, "/v1/models")
     if path.rstrip("/") in paths:
-        hint = f"; did you mean {path.rstrip('/')}? (no slash at the end)"
+        hint = f"; did you mean {meant(path.rstrip('/'))}? (no slash at the end)"
     elif path.startswith("/v1/v1/") and (path[3:] in paths or path.startswith("/v1/v1/models/")):
-        hint = f"; the base URL already ended in /v1 (did you mean {path[3:]}?)"
+        hint = f"; the base URL already ended in /v1 (did you mean {meant(path[3:])}?)"
     elif f"/v1{path}" in paths or path.startswith("/models/"):
-        hint = f"; did you mean /v1{path}? (a client's base URL is http://HOST:PORT/v1)"
+        hint = f"; did you mean {meant('/v1' + path)}? (a client's base URL is http://HOST:PORT/v1)"
     elif path.startswith("/api/"):
         hint = "; this is an OpenAI-compatible server, not Ollama's API: its base URL is http://HOST:PORT/v1"
     return ApiError(404, f"no such path: {path}{hint}", code="not_found")
