@@ -510,7 +510,7 @@ def test_fit_context_drops_the_oldest_turns_and_cuts_max_tokens(nano_model_dir, 
         assert fitted[-1] == turns[-1] and [m for m in fitted if m["role"] != "system"][0]["role"] == "user"
         # A history of thousands of messages is cut by its size before it is tokenized, not message by message.
         tokenized = []
-        monkeypatch.setattr("tinyk.serve.encode_chat", lambda plain, convs: tokenized.extend(convs) or
+        monkeypatch.setattr("tinyk.api.encode_chat", lambda plain, convs: tokenized.extend(convs) or
                             encode_chat(plain, convs))
         fit.api._fitted([{"role": "user", "content": "你好"}] * 20_000, room)
         assert len(tokenized) < ctx
@@ -562,7 +562,7 @@ def test_chat_logprobs_streamed_or_not_are_the_models(client, reference):
 def test_text_offsets_point_at_each_token_after_bytes_that_form_no_character(tok_dir):
     """A character's first bytes cut off by a byte that cannot continue it become a U+FFFD only when
     that byte arrives; the offset of the token after it points past that U+FFFD, at its own text."""
-    from tinyk.serve import LogprobsWriter
+    from tinyk.api import LogprobsWriter
     from tinyk.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tok_dir)

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from .api import MISSING, Api, ApiError, Submission, check_off_fields, failure, get_field, message_content, no_surrogate
 from .engine import Request
-from .serve import _MISSING, ApiError, _check_off_fields, _get, _no_surrogate, message_content
 
 # Fields that do not change the answer, accepted and ignored, with the JSON type checked (as in chat).
 IGNORED: dict[str, type] = {
@@ -48,8 +48,8 @@ def chat_body(body: dict) -> dict:
         if body.get(name) not in (None, False):
             raise ApiError(400, f"'{name}' is not supported: this server keeps no responses; send the whole "
                                 f"conversation in 'input'", param=name, code="invalid_value")
-    _check_off_fields(body, IGNORED, UNSUPPORTED)
-    text = _get(body, "text", "object", {})
+    check_off_fields(body, IGNORED, UNSUPPORTED)
+    text = get_field(body, "text", "object", {})
     fmt = text.get("format")
     if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
         raise ApiError(400, "only 'text.format' {\"type\": \"text\"} is supported", param="text.format",
@@ -59,7 +59,7 @@ def chat_body(body: dict) -> dict:
                        code="invalid_value")
     chat = {name: body[name] for name in ("model", "stream", *SAMPLING) if name in body}
     chat["messages"] = messages(body)
-    max_output = _get(body, "max_output_tokens", "integer", None)
+    max_output = get_field(body, "max_output_tokens", "integer", None)
     if max_output is not None:
         if max_output < 1:
             raise ApiError(400, f"'max_output_tokens' must be at least 1, got {max_output}",
@@ -71,14 +71,14 @@ def chat_body(body: dict) -> dict:
 def messages(body: dict) -> list[dict[str, str]]:
     """`instructions` as the first (system) message, then `input`: a string (one user message) or a list
     of message items, whose content is a string or a list of text parts."""
-    instructions = _get(body, "instructions", "string", None)
-    _no_surrogate(instructions, "instructions")
+    instructions = get_field(body, "instructions", "string", None)
+    no_surrogate(instructions, "instructions")
     out = [] if instructions is None else [{"role": "system", "content": instructions}]
-    given = body.get("input", _MISSING)
-    if given is _MISSING:
-        _get(body, "input", "string")
+    given = body.get("input", MISSING)
+    if given is MISSING:
+        get_field(body, "input", "string")
     if isinstance(given, str):
-        _no_surrogate(given, "input")
+        no_surrogate(given, "input")
         return [*out, {"role": "user", "content": given}]
     if not (isinstance(given, list) and given):
         raise ApiError(400, "'input' must be a string or a non-empty list of messages", param="input",
@@ -95,10 +95,19 @@ def messages(body: dict) -> list[dict[str, str]]:
         if role not in ROLES:
             raise ApiError(400, f"'{where}.role' must be one of {', '.join(ROLES)}", param=f"{where}.role",
                            code="invalid_value")
-        out.append({"role": role, "content": message_content(item.get("content", _MISSING), f"{where}.content",
+        out.append({"role": role, "content": message_content(item.get("content", MISSING), f"{where}.content",
                                                              TEXT_PARTS)})
-        _no_surrogate(out[-1]["content"], f"{where}.content")
+        no_surrogate(out[-1]["content"], f"{where}.content")
     return out
+
+
+def submit(api: Api, body: dict) -> Submission:
+    """A Responses API request, validated and queued as the chat it means (`chat_body`)."""
+    chat = chat_body(body)
+    try:
+        return api.submit(chat, chat=True)
+    except ApiError as e:
+        raise renamed(e) from None
 
 
 def renamed(e: ApiError) -> ApiError:
@@ -149,10 +158,10 @@ class Reply:
         c = self.req.completion()
         return ("incomplete" if c.finish_reason == "length" else "completed"), c.text
 
-    def events(self, deltas: Iterator[str], failure: Callable[[], ApiError | None]) -> Iterator[dict[str, Any]]:
-        """The stream's events, each numbered: the response created, its message and text part opened, the
-        text as it comes, then all of it closed and the response completed (or incomplete, or failed:
-        `failure()` is the engine's error, or None)."""
+    def events(self, deltas: Iterator[str]) -> Iterator[dict[str, Any]]:
+        """The stream's events: the response created, its message and text part opened, the text as it
+        comes, then all of it closed and the response completed (or incomplete, or failed: the engine's
+        error)."""
         at = {"item_id": self.mid, "output_index": 0, "content_index": 0}
         yield {"type": "response.created", "response": self.response("in_progress")}
         yield {"type": "response.in_progress", "response": self.response("in_progress")}
@@ -160,10 +169,9 @@ class Reply:
         yield {"type": "response.content_part.added", **at, "part": _part("")}
         for delta in deltas:
             yield {"type": "response.output_text.delta", **at, "delta": delta, "logprobs": []}
-        error = failure()
-        if error is not None:
+        if self.req.finish_reason == "error":
             failed = {**self.response("in_progress"), "status": "failed",
-                      "error": {"code": "server_error", "message": error.message}}
+                      "error": {"code": "server_error", "message": failure(self.req).message}}
             yield {"type": "response.failed", "response": failed}
             return
         status, text = self.finished()
