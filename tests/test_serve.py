@@ -378,7 +378,7 @@ LONG = "".join(chr(0x4E00 + 37 * i) for i in range(200))  # rare characters: sev
     ("/v1/completions", {"model": "nano", "prompt": "hi", "stream_options": {"include_usage": True}}, 400,
      "stream_options", "invalid_value"),
     ("/v1/completions", {"model": "nano", "prompt": "hi", "stream": True, "stream_options": {"include_usage": "yes"}},
-     400, "include_usage", "invalid_type"),
+     400, "stream_options.include_usage", "invalid_type"),
     ("/v1/completions", {"model": "nano", "prompt": "hi", "stream": True, "stream_options": {"include_usages": True}},
      400, "stream_options.include_usages", "unknown_parameter"),  # a typo is not silently no usage
     ("/v1/completions", {"model": "nano", "prompt": "hi", "seed": 2**63}, 400, "seed", "invalid_value"),
@@ -443,6 +443,14 @@ LONG = "".join(chr(0x4E00 + 37 * i) for i in range(200))  # rare characters: sev
     ("/v1/responses", {"model": "gpt", "input": "hi"}, 404, "model", "model_not_found"),
     ("/v1/responses", {"model": "nano", "input": "hi", "max_tool_calls": "2"}, 400, "max_tool_calls", "invalid_type"),
     ("/v1/responses", {"model": "nano", "input": "hi", "reasoning": "low"}, 400, "reasoning", "invalid_type"),
+    ("/v1/responses", {"model": "nano", "input": "hi", "max_tool_calls": True}, 400, "max_tool_calls",
+     "invalid_type"),  # JSON's true is no integer, though Python counts it as one
+    ("/v1/responses", {"model": "nano", "input": [{"role": ["user"], "content": "x"}]}, 400, "input[0].role",
+     "invalid_value"),
+    # What cannot be honoured is said first, even of a chat that would not fit either.
+    ("/v1/chat/completions", {"model": "nano", "messages": [{"role": "user", "content": "你好" * 3000}],
+                              "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools",
+     "invalid_value"),
 ])
 def test_bad_input_gets_a_4xx_with_an_openai_error(server, path, body, status, param, code):
     got, err = request(server, "POST", path, body)
@@ -452,6 +460,16 @@ def test_bad_input_gets_a_4xx_with_an_openai_error(server, path, body, status, p
     if param == "presence_penalty":  # OpenAI's penalties are not tinyk's: the error names the one it has
         assert err["error"]["message"] == ("'presence_penalty' is not supported by this server; 'repetition_penalty' "
                                            "(e.g. 1.1) discourages repeats")
+
+
+@pytest.mark.parametrize("value", ["resp_1", True, 0, 1])
+def test_what_needs_a_stored_response_is_refused_saying_why(server, value):
+    """Any value but null or false asks for something a server that keeps nothing cannot do (0 is not false)."""
+    for name in ("previous_response_id", "conversation", "background"):
+        got, err = request(server, "POST", "/v1/responses", {"model": "nano", "input": "hi", name: value})
+        assert got == 400 and err["error"]["param"] == name
+        assert err["error"]["message"] == (f"'{name}' is not supported: this server keeps no responses; send the "
+                                           f"whole conversation in 'input'")
 
 
 def full_logprobs(ref: Engine, ids: list[int]):

@@ -15,6 +15,7 @@ import secrets
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -55,34 +56,42 @@ MAX_STOP_STRINGS = 4
 # The roles a request may give, as the chat template names them (OpenAI's `developer` is the system role).
 API_ROLES = {r: "system" if r in SYSTEM_ROLES else r for r in (*SYSTEM_ROLES, "user", "assistant")}
 # OpenAI request fields this server cannot honour, with the values that mean "off" (null always does):
-# anything else is a 400, not a silently different answer. Those of one endpoint (chat or not), then both.
-UNSUPPORTED_BY_KIND: dict[bool, dict[str, tuple[Any, ...]]] = {True: {"echo": (False,)}, False: {"top_logprobs": (0,)}}
+# anything else is a 400, not a silently different answer. Those of both endpoints, then of one.
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "best_of": (1,), "suffix": ("",),
     "logit_bias": ({},), "presence_penalty": (0,), "frequency_penalty": (0,), "tools": ([],), "functions": ([],),
     "tool_choice": ("none", "auto"), "function_call": ("none", "auto"), "modalities": (["text"],), "audio": (),
     "web_search_options": (), "enable_thinking": (False,), "chat_template_kwargs": ({}, {"enable_thinking": False}),
 }
+UNSUPPORTED_IN_CHAT: dict[str, tuple[Any, ...]] = {"echo": (False,)}
+UNSUPPORTED_IN_COMPLETIONS: dict[str, tuple[Any, ...]] = {"top_logprobs": (0,)}
 NO_LOGPROB = -9999.0  # JSON has no -infinity: a token the model rules out (vLLM's value)
 # Fields that do not change the answer (who is asking, storage, caching and latency hints), accepted and
 # ignored; any field in neither list is refused as OpenAI refuses it ("max_token" is a typo, not a no-op).
 # Each with the JSON type OpenAI's schema gives it, which is still checked (null is always accepted).
-IGNORED: dict[str, type] = {
-    "user": str, "metadata": dict, "store": bool, "service_tier": str, "parallel_tool_calls": bool,
-    "prediction": dict, "reasoning_effort": str, "verbosity": str, "prompt_cache_key": str,
-    "prompt_cache_options": dict, "prompt_cache_retention": str, "safety_identifier": str}
-_JSON_TYPES = {str: "a string", dict: "an object", bool: "a boolean", int: "an integer"}
+# Those the Responses API has too, then chat's and completions' own.
+IGNORED_EVERYWHERE: dict[str, str] = {
+    "user": "string", "metadata": "object", "store": "boolean", "service_tier": "string",
+    "parallel_tool_calls": "boolean", "prompt_cache_key": "string", "prompt_cache_retention": "string",
+    "safety_identifier": "string"}
+IGNORED: dict[str, str] = {**IGNORED_EVERYWHERE, "prediction": "object", "reasoning_effort": "string",
+                           "verbosity": "string", "prompt_cache_options": "object"}
+# How each JSON type of OpenAI's schema is told apart in a decoded body (where Python counts a bool as an int).
+JSON_TYPES: dict[str, Callable[[Any], bool]] = {
+    "string": lambda v: isinstance(v, str), "boolean": lambda v: isinstance(v, bool), "integer": is_int,
+    "number": lambda v: is_int(v) or isinstance(v, float), "object": lambda v: isinstance(v, dict),
+    "array": lambda v: isinstance(v, list)}
 # The same three kinds for a chat message's fields: those of an assistant message OpenAI returned
 # (a client may send it back as it came) are accepted when off; `name` has no place in the template.
 MESSAGE_FIELDS = {"role", "content"}
-MESSAGE_IGNORED: dict[str, type] = {"name": str}
+MESSAGE_IGNORED: dict[str, str] = {"name": "string"}
 MESSAGE_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "tool_calls": ([],), "function_call": (), "tool_call_id": (), "audio": (), "refusal": ("",), "annotations": ([],)}
 _COMMON = {"model", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop",
            "seed", "n", "top_k", "min_p", "repetition_penalty", "stop_token_ids", "ignore_eos", "logprobs",
            *UNSUPPORTED, *IGNORED}
-FIELDS = {True: _COMMON | {"messages", "response_format", "top_logprobs", *UNSUPPORTED_BY_KIND[True]},
-          False: _COMMON | {"prompt", "echo", *UNSUPPORTED_BY_KIND[False]}}  # by chat or not
+CHAT_FIELDS = _COMMON | {"messages", "response_format", "top_logprobs", *UNSUPPORTED_IN_CHAT}
+COMPLETION_FIELDS = _COMMON | {"prompt", "echo", *UNSUPPORTED_IN_COMPLETIONS}
 MISSING = object()
 DROPPED_HEADER = "X-Tinyk-Dropped-Messages"  # how many of a chat's oldest messages --fit-context left out
 FIT_HINT = "; start the server with --fit-context to drop a chat's oldest turns and cut the reply's limit to fit"
@@ -102,14 +111,13 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-def check_off_fields(obj: dict, ignored: dict[str, type], unsupported: dict[str, tuple[Any, ...]],
-                      prefix: str = "") -> None:
+def check_off_fields(obj: dict, ignored: dict[str, str], unsupported: dict[str, tuple[Any, ...]],
+                     prefix: str = "") -> None:
     """Refuses an ignored field of the wrong JSON type, and an unsupported one that is not off (null
     always is): a request this server cannot honour gets a 400, not a silently different answer."""
     for name, kind in ignored.items():
-        if obj.get(name) is not None and not isinstance(obj[name], kind):
-            raise ApiError(400, f"'{prefix}{name}' must be {_JSON_TYPES[kind]}", param=prefix + name,
-                           code="invalid_type")
+        if obj.get(name) is not None and not JSON_TYPES[kind](obj[name]):
+            raise ApiError(400, f"'{prefix}{name}' must be {_a(kind)}", param=prefix + name, code="invalid_type")
     for name, offs in unsupported.items():
         value = obj.get(name)
         # A bool is not a number here: `best_of: true` is not 1, while a penalty of 0.0 is as off as 0.
@@ -120,28 +128,26 @@ def check_off_fields(obj: dict, ignored: dict[str, type], unsupported: dict[str,
                            code="invalid_value")
 
 
-def get_field(body: dict, name: str, kind: str, default: Any = MISSING) -> Any:
-    """A typed field of the request body: missing and wrongly typed fields are 400s."""
+def get_field(body: dict, name: str, kind: str, default: Any = MISSING, prefix: str = "") -> Any:
+    """A typed field of the request body (an object within it: `prefix` names where, e.g. "stream_options."):
+    missing and wrongly typed fields are 400s."""
     value = body.get(name, MISSING)
+    where = prefix + name
     if value is MISSING or (value is None and default is not MISSING):
         if default is MISSING:
-            article = "an" if name[0] in "aeiou" else "a"
-            raise ApiError(400, f"you must provide {article} '{name}' parameter", param=name,
+            raise ApiError(400, f"you must provide {_a(repr(where))} parameter", param=where,
                            code="missing_required_parameter")
         return default
-    ok = {
-        "string": isinstance(value, str),
-        "boolean": isinstance(value, bool),
-        "integer": isinstance(value, int) and not isinstance(value, bool),
-        "number": isinstance(value, int | float) and not isinstance(value, bool),
-        "object": isinstance(value, dict),
-        "array": isinstance(value, list),
-    }[kind]
-    if not ok:
-        raise ApiError(400, f"'{name}' must be {'an' if kind[0] in 'aeio' else 'a'} {kind}, "
-                            f"got {json.dumps(value)[:80]}",
-                       param=name, code="invalid_type")
+    if not JSON_TYPES[kind](value):
+        raise ApiError(400, f"'{where}' must be {_a(kind)}, got {json.dumps(value)[:80]}", param=where,
+                       code="invalid_type")
     return value
+
+
+def _a(word: str) -> str:
+    """'a string', 'an integer', "an 'input'": the article as the word (or the quoted name) is spoken."""
+    article = "an" if word.lstrip("'")[0] in "aeiou" else "a"
+    return f"{article} {word}"
 
 
 def message_content(content: Any, where: str, part_types: tuple[str, ...] = ("text",)) -> str:
@@ -214,14 +220,7 @@ class Api:
     def sampling(self, body: dict, prompt_tokens: int, chat: bool) -> SamplingParams:
         d = self.defaults
         ctx = self.engine.context_length
-        newer = get_field(body, "max_completion_tokens", "integer", None)
-        older = get_field(body, "max_tokens", "integer", None)
-        # max_completion_tokens replaced max_tokens in OpenAI's API: given both, it is the one that counts.
-        max_name = "max_completion_tokens" if newer is not None else "max_tokens"
-        max_tokens = older if newer is None else newer
-        for name, value in (("max_tokens", older), ("max_completion_tokens", newer)):
-            if value is not None and value < 1:
-                raise ApiError(400, f"'{name}' must be at least 1, got {value}", param=name, code="invalid_value")
+        max_name, max_tokens = _max_tokens(body)
         # With --fit-context the engine ends each reply where the window does, as for a request without
         # max_tokens: the room each prompt of a batch leaves.
         if max_tokens is not None and prompt_tokens + max_tokens > ctx and not self.cfg.fit_context:
@@ -234,22 +233,7 @@ class Api:
         top_k = _sampling_field(body, "top_k", "integer", d.top_k, -1, self.engine.vocab_size)
         min_p = _sampling_field(body, "min_p", "number", d.min_p, 0, 1)
         penalty = _sampling_field(body, "repetition_penalty", "number", d.repetition_penalty, *REPETITION_PENALTY_RANGE)
-        stop = body.get("stop")
-        if isinstance(stop, str):
-            stop = [stop]
-        if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
-            raise ApiError(400, "'stop' must be a non-empty string or a list of them",
-                           param="stop", code="invalid_type")
-        if stop and has_surrogate(stop):
-            raise ApiError(400, "'stop' holds a lone surrogate (\\ud800-\\udfff), which no generated text contains",
-                           param="stop", code="invalid_value")
-        if stop and len(stop) > MAX_STOP_STRINGS:
-            raise ApiError(400, f"'stop' takes at most {MAX_STOP_STRINGS} strings", param="stop", code="invalid_value")
-        check_off_fields(body, IGNORED, UNSUPPORTED | UNSUPPORTED_BY_KIND[chat])
-        fmt = body.get("response_format")
-        if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-            raise ApiError(400, "only 'response_format' {\"type\": \"text\"} is supported", param="response_format",
-                           code="invalid_value")
+        stop = _stop_strings(body)
         # vLLM's extensions: more tokens that end a reply, and none (not even <|im_end|>) but the length.
         stop_ids = body.get("stop_token_ids")
         if stop_ids is not None and not (isinstance(stop_ids, list) and all(
@@ -273,14 +257,6 @@ class Api:
         except TinykError as e:
             raise ApiError(400, str(e), code="invalid_value") from e
 
-    def prompt_ids(self, prompt: str | list[int], param: str, bos: bool = False) -> list[int]:
-        try:
-            return self.engine.encode(prompt, bos=bos)
-        except ContextLengthError as e:
-            raise ApiError(400, str(e), param=param, code="context_length_exceeded") from e
-        except TinykError as e:
-            raise ApiError(400, str(e), param=param, code="invalid_value") from e
-
     def completion_prompts(self, body: dict, limit: int, why: str) -> list[tuple[list[int], int]]:
         """Each prompt's token ids, and how many of them the server put first (the `<|im_start|>` that
         starts a text prompt), which an echo leaves out of the text. `prompt` is a string or a list of
@@ -303,15 +279,19 @@ class Api:
         return prompts
 
     def _completion_prompt(self, prompt: Any) -> tuple[list[int], int]:
-        if isinstance(prompt, list) and len(prompt) >= self.engine.context_length:
-            self.prompt_ids(prompt, "prompt")  # refused for its length, before its ids are read one by one
+        # A list too long is refused for its length (by encode) before its ids are read one by one.
+        too_long = isinstance(prompt, list) and len(prompt) >= self.engine.context_length
         if prompt == []:  # token ids are taken as given, so there is nothing to complete
             raise ApiError(400, "'prompt' is an empty list of token ids", param="prompt", code="invalid_value")
-        if not (isinstance(prompt, str) or
-                isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
+        if not (too_long or isinstance(prompt, str) or isinstance(prompt, list) and all(is_int(t) for t in prompt)):
             raise ApiError(400, "'prompt' must be a string or a list of token ids", param="prompt", code="invalid_type")
         no_surrogate(prompt, "prompt")
-        ids = self.prompt_ids(prompt, "prompt", bos=True)  # text starts a document, as in `tinyk generate`
+        try:
+            ids = self.engine.encode(prompt, bos=True)  # text starts a document, as in `tinyk generate`
+        except ContextLengthError as e:
+            raise ApiError(400, str(e), param="prompt", code="context_length_exceeded") from e
+        except TinykError as e:
+            raise ApiError(400, str(e), param="prompt", code="invalid_value") from e
         return ids, int(isinstance(prompt, str) and not prompt.startswith(SPECIAL_TOKENS[IM_START_ID]))
 
     def chat_ids(self, body: dict) -> tuple[list[int], int]:
@@ -347,7 +327,7 @@ class Api:
         try:
             self.engine.check_fits((m["content"] for m in clean), tokens_each=MESSAGE_TOKENS)
             ids = self.engine.chat_ids(clean, default_system=self.cfg.system_prompt)
-            return self.engine.encode(ids), given - turns
+            return self.engine.encode(ids), given - turns  # encode: refused if the window holds no reply
         except ContextLengthError as e:
             raise ApiError(400, f"{e}{hint}", param="messages", code="context_length_exceeded") from e
         except TinykError as e:
@@ -356,8 +336,7 @@ class Api:
     def _reply_room(self, body: dict) -> int:
         """The room a fitted chat leaves for the reply: what the request asks for (else the server's
         default), but no more than half the window, as `tinyk chat` and the chat page leave."""
-        asked = [get_field(body, name, "integer", None) for name in ("max_completion_tokens", "max_tokens")]
-        wanted = next((n for n in asked if n is not None), self.defaults.max_new_tokens)
+        wanted = _max_tokens(body)[1] or self.defaults.max_new_tokens
         return max(1, min(wanted, self.engine.context_length // 2))
 
     def _fitted(self, messages: list[dict[str, str]], room: int) -> list[dict[str, str]]:
@@ -393,12 +372,17 @@ class Api:
 
     def submit(self, body: dict, chat: bool) -> Submission:
         """Validates everything before anything is queued."""
-        unknown = sorted(set(body) - FIELDS[chat])
+        unknown = sorted(set(body) - (CHAT_FIELDS if chat else COMPLETION_FIELDS))
         if unknown:
             hint = {"messages": "; chat messages go to /v1/chat/completions",
                     "prompt": "; a text prompt goes to /v1/completions"}.get(unknown[0], "")
             raise ApiError(400, f"unrecognized request argument supplied: {unknown[0]}{hint}", param=unknown[0],
                            code="unknown_parameter")
+        check_off_fields(body, IGNORED, UNSUPPORTED | (UNSUPPORTED_IN_CHAT if chat else UNSUPPORTED_IN_COMPLETIONS))
+        fmt = body.get("response_format")
+        if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+            raise ApiError(400, "only 'response_format' {\"type\": \"text\"} is supported", param="response_format",
+                           code="invalid_value")
         self.check_model(body)
         # The choices decode side by side in one batch, so no more than the batch holds; and they queue
         # together, so no more than the queue holds (else every retry of an n above it would get a 503).
@@ -424,8 +408,9 @@ class Api:
         if options and not stream:
             raise ApiError(400, "'stream_options' is only allowed when 'stream' is true", param="stream_options",
                            code="invalid_value")
-        include_usage = get_field(options, "include_usage", "boolean", False)
-        get_field(options, "include_obfuscation", "boolean", False)  # no padding is added to chunks either way
+        include_usage = get_field(options, "include_usage", "boolean", False, prefix="stream_options.")
+        # No padding is added to chunks either way.
+        get_field(options, "include_obfuscation", "boolean", False, prefix="stream_options.")
         unknown = sorted(set(options) - {"include_usage", "include_obfuscation"})
         if unknown:
             raise ApiError(400, f"unrecognized stream_options argument supplied: {unknown[0]}",
@@ -450,6 +435,32 @@ class Api:
         done = [r.completion() for r in reqs]
         prompt, completion = sum(c.prompt_tokens for c in done[::n]), sum(c.completion_tokens for c in done)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _max_tokens(body: dict) -> tuple[str, int | None]:
+    """The reply's limit a request sets, and the field that set it: max_completion_tokens replaced
+    max_tokens in OpenAI's API, so given both, it is the one that counts."""
+    newer = get_field(body, "max_completion_tokens", "integer", None)
+    older = get_field(body, "max_tokens", "integer", None)
+    for name, value in (("max_tokens", older), ("max_completion_tokens", newer)):
+        if value is not None and value < 1:
+            raise ApiError(400, f"'{name}' must be at least 1, got {value}", param=name, code="invalid_value")
+    return ("max_tokens", older) if newer is None else ("max_completion_tokens", newer)
+
+
+def _stop_strings(body: dict) -> list[str] | None:
+    """`stop`: a string or a list of them, as a list (None: not given)."""
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
+        raise ApiError(400, "'stop' must be a non-empty string or a list of them", param="stop", code="invalid_type")
+    if stop and has_surrogate(stop):
+        raise ApiError(400, "'stop' holds a lone surrogate (\\ud800-\\udfff), which no generated text contains",
+                       param="stop", code="invalid_value")
+    if stop and len(stop) > MAX_STOP_STRINGS:
+        raise ApiError(400, f"'stop' takes at most {MAX_STOP_STRINGS} strings", param="stop", code="invalid_value")
+    return stop
 
 
 def _logprob_fields(body: dict, chat: bool) -> tuple[int | None, int | None]:

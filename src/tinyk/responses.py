@@ -14,24 +14,34 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .api import MISSING, Api, ApiError, Submission, check_off_fields, failure, get_field, message_content, no_surrogate
+from .api import (
+    API_ROLES,
+    IGNORED_EVERYWHERE,
+    MISSING,
+    Api,
+    ApiError,
+    Submission,
+    check_off_fields,
+    failure,
+    get_field,
+    message_content,
+    no_surrogate,
+)
 from .engine import Request
 
 # Fields that do not change the answer, accepted and ignored, with the JSON type checked (as in chat).
-IGNORED: dict[str, type] = {
-    "user": str, "metadata": dict, "store": bool, "service_tier": str, "parallel_tool_calls": bool,
-    "prompt_cache_key": str, "prompt_cache_retention": str, "safety_identifier": str, "reasoning": dict,
-    "max_tool_calls": int, "stream_options": dict}
+IGNORED: dict[str, str] = {**IGNORED_EVERYWHERE, "reasoning": "object", "max_tool_calls": "integer",
+                           "stream_options": "object"}
 # Fields this server cannot honour, with the values that mean "off" (null always does): else a 400.
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "tools": ([],), "tool_choice": ("none", "auto"), "include": ([],), "top_logprobs": (0,),
-    "truncation": ("disabled",), "background": (False,), "previous_response_id": (), "conversation": (),
-    "prompt": ()}
+    "truncation": ("disabled",), "prompt": ()}
+# What only a server that keeps responses can do (null or false is off).
+STORED = ("previous_response_id", "conversation", "background")
 # Passed to the chat path as they are: OpenAI's, and the sampling extensions chat takes too (vLLM's).
 SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
 FIELDS = {"model", "input", "instructions", "max_output_tokens", "stream", "text", *SAMPLING, *IGNORED,
-          *UNSUPPORTED}
-ROLES = ("system", "developer", "user", "assistant")
+          *UNSUPPORTED, *STORED}
 TEXT_PARTS = ("input_text", "output_text")
 # What a chat error's param names, in the Responses request's terms.
 _PARAMS = {"max_tokens": "max_output_tokens", "messages": "input"}
@@ -44,8 +54,8 @@ def chat_body(body: dict) -> dict:
     if unknown:
         raise ApiError(400, f"unrecognized request argument supplied: {unknown[0]}", param=unknown[0],
                        code="unknown_parameter")
-    for name in ("previous_response_id", "conversation", "background"):
-        if body.get(name) not in (None, False):
+    for name in STORED:
+        if body.get(name) is not None and body[name] is not False:  # 0 == False, and is not off
             raise ApiError(400, f"'{name}' is not supported: this server keeps no responses; send the whole "
                                 f"conversation in 'input'", param=name, code="invalid_value")
     check_off_fields(body, IGNORED, UNSUPPORTED)
@@ -92,8 +102,8 @@ def messages(body: dict) -> list[dict[str, str]]:
             raise ApiError(400, f"'{where}.type' {kind!r} is not supported: only messages (this server runs no "
                                 f"tools and keeps no reasoning)", param=f"{where}.type", code="invalid_value")
         role = item.get("role")
-        if role not in ROLES:
-            raise ApiError(400, f"'{where}.role' must be one of {', '.join(ROLES)}", param=f"{where}.role",
+        if not isinstance(role, str) or role not in API_ROLES:
+            raise ApiError(400, f"'{where}.role' must be one of {', '.join(API_ROLES)}", param=f"{where}.role",
                            code="invalid_value")
         out.append({"role": role, "content": message_content(item.get("content", MISSING), f"{where}.content",
                                                              TEXT_PARTS)})
