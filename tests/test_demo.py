@@ -49,6 +49,8 @@ def test_chunk_paragraphs_keeps_text_and_bounds():
     paras = ["一" * 30, "二" * 30, "三" * 60, "四" * 10]
     docs = list(chunk_paragraphs(paras, 64))
     assert docs == ["一" * 30 + "\n" + "二" * 30, "三" * 60, "四" * 10]
+    assert list(chunk_paragraphs(["ab", "cd"], 5)) == ["ab\ncd"]  # exactly max_chars
+    assert list(chunk_paragraphs(["ab", "cde"], 5)) == ["ab", "cde"]
 
 
 def read_jsonl(path: Path) -> list:

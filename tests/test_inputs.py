@@ -381,6 +381,18 @@ def test_a_bad_byte_in_a_lone_cr_line_skips_only_its_own(tmp_path):
     assert "first at mac.txt:3;" in skips.summary() and "first at mac.txt:4;" in skips.summary()
 
 
+@pytest.mark.parametrize("end", [b"\n", b"\r\n"])
+def test_max_line_bytes_counts_a_line_without_its_end(tmp_path, end):
+    """A Windows file's lines are kept as the same file's with Unix line ends are (and a last line
+    without its end as one with it)."""
+    src = tmp_path / "a.jsonl"
+    short, long = b'{"text":"abcdefghi"}', b'{"text":"abcdefghij"}'  # 20 and 21 bytes
+    src.write_bytes(short + end + long + end + short)
+    skips = Skips()
+    assert list(iter_texts([src], skips, max_line_bytes=20)) == ["abcdefghi", "abcdefghi"]
+    assert skips.counts == {"line_too_long": 1}
+
+
 def test_a_txt_file_of_json_records_is_refused_with_the_name_it_needs(tmp_path):
     """Read as text, a tokenizer learnt `{"text": "` as its most common tokens."""
     src = tmp_path / "C.TXT.gz"

@@ -2667,13 +2667,24 @@ def test_sft_says_how_many_conversations_a_short_seq_len_leaves_out_or_cuts(tmp_
     val_dropped = SFTLoader(sft_data, "val", seq_len, 1).dropped  # without a word, they changed the val loss
     assert (f"note: the val loss leaves out {val_dropped:,} conversation" in out) == (val_dropped > 0)
     offsets = np.load(sft_data / "train" / "offsets.npy")
+    mask = np.fromfile(sft_data / "train" / "mask.bin", np.uint8)
+
+    def answers_cut(seq_len: int) -> int:
+        """Conversations that keep a loss token within the window and lose one past it."""
+        return sum(bool(mask[a + 1:min(b, a + seq_len + 1)].any() and mask[a + seq_len + 1:b].any())
+                   for a, b in zip(offsets[:-1], offsets[1:], strict=True))
+
     cut = SFTLoader(sft_data, "train", seq_len, 2).cut
-    assert 0 < cut == int((np.diff(offsets) > seq_len + 1).sum()) - dropped  # the rest are cut or left out
-    assert f"note: {cut:,} of {total:,} training conversations ({cut / total:.1%}) are longer than seq_len {seq_len} " \
-        "+ 1 tokens and are cut there" in out
+    assert 0 < cut == answers_cut(seq_len)
+    assert f"note: {cut:,} of {total:,} training conversations ({cut / total:.1%}) have answer tokens past seq_len " \
+        f"{seq_len} + 1 tokens, which are cut off" in out
+    # The newline after a last <|im_end|> is no answer: a window that leaves out only that cuts nothing.
+    longest = int(np.diff(offsets).max())
+    assert SFTLoader(sft_data, "train", longest - 2, 2).cut == answers_cut(longest - 2) < \
+        int((np.diff(offsets) > longest - 1).sum())
     train(nano_cfg(sft_data, None, tmp_path / "long", kind="sft", init=str(nano_model_dir), model={}, seq_len=128,
                    max_steps=1))
-    assert "are cut there" not in capsys.readouterr().out
+    assert "are cut off" not in capsys.readouterr().out
 
 
 def test_a_preset_beside_init_is_said_to_give_only_the_training_settings(tmp_path, sft_data, nano_model_dir, capsys):

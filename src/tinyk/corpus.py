@@ -121,7 +121,7 @@ def chunk_paragraphs(paragraphs: Iterable[str], max_chars: int) -> Iterator[str]
     buf: list[str] = []
     size = 0
     for p in paragraphs:
-        if buf and size + len(p) + 1 > max_chars:
+        if buf and size + len(p) > max_chars:  # size counts each paragraph's newline
             yield "\n".join(buf)
             buf, size = [], 0
         buf.append(p)

@@ -267,7 +267,7 @@ def _encode_sft(job: _Job, convs: list[tuple[str, list[dict[str, str]]]]) -> _En
         if not mask[1:cut].any():  # dropped, so counted as skipped only
             skipped.append(("prompt_too_long", where))
             continue
-        if how:
+        if how and mask[cut:].any():  # answer tokens lost (not only the newline after the last <|im_end|>)
             truncated[how] += 1
         toks.append(np.asarray(chat.ids[:cut], job.dtype))
         masks.append(mask[:cut])

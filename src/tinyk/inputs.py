@@ -390,7 +390,7 @@ def iter_lines(path: Path, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iter
         lineno = head_nuls = 0
         nul_share_judged = False
         while True:
-            line = f.readline(max_line_bytes + 1)
+            line = f.readline(max_line_bytes + 2)  # with room for its end, \r\n too
             if line:
                 lineno += 1
                 if lineno == 1:
@@ -410,7 +410,7 @@ def iter_lines(path: Path, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iter
                     raise _nul_error(path)
             if not line:
                 return
-            if len(line) > max_line_bytes and not line.endswith(b"\n"):
+            if len(line) - (2 if line.endswith(b"\r\n") else line.endswith(b"\n")) > max_line_bytes:
                 while line and not line.endswith(b"\n"):
                     line = f.readline(1 << 20)
                 f.lines = lineno

@@ -252,7 +252,9 @@ class _Conversations:
         self.size = len(self.starts)
         self.seq_len, self.folder, self.vocab = seq_len, folder, meta["vocab_size"]
         self.dropped = int((~usable).sum())
-        self.cut = int((whole[usable] > seq_len + 1).sum())  # kept, but their end does not fit the window
+        # Kept, but with loss tokens past the window (not only the newline after a last <|im_end|>).
+        long = usable & (whole > seq_len + 1)
+        self.cut = int((_loss_counts(self.mask, starts[long] + seq_len, whole[long] - seq_len) > 0).sum())
         if not self.size:
             raise UnusableSplit(f"no conversation in the {split} split of {data_dir} has an assistant token within "
                                 f"seq_len {seq_len}")

@@ -1309,9 +1309,9 @@ class Trainer:
             lines.append(f"note: the val loss leaves out {plural(self.val_dropped, 'conversations')} with no "
                          f"assistant token within seq_len {cfg.seq_len}")
         if cut:
-            lines.append(f"note: {cut:,} of {total:,} training conversations ({cut / total:.1%}) are longer than "
-                         f"seq_len {cfg.seq_len} + 1 tokens and are cut there, mid-answer where it falls (the data "
-                         f"was cut at max_len {self.meta.get('max_len')}, at a turn where possible)")
+            lines.append(f"note: {cut:,} of {total:,} training conversations ({cut / total:.1%}) have answer tokens "
+                         f"past seq_len {cfg.seq_len} + 1 tokens, which are cut off (the data was cut at max_len "
+                         f"{self.meta.get('max_len')}, at a turn where possible)")
         windows = self.loader.num_windows
         if cfg.batch_size > windows:  # an epoch budget then rounds up to a step, which holds the data several times
             unit = "training conversations" if cfg.kind == "sft" else f"training sequences at seq_len {cfg.seq_len}"
