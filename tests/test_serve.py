@@ -28,7 +28,7 @@ import torch
 from tinyk.engine import Engine, SamplingParams
 from tinyk.errors import TinykError
 from tinyk.serve import ChatServer, ServerConfig
-from tinyk.tokenizer import DEFAULT_SYSTEM_PROMPT, SPECIAL_IDS, encode_chat
+from tinyk.tokenizer import DEFAULT_SYSTEM_PROMPT, MODEL_PROMPT, SPECIAL_IDS, encode_chat
 
 DEFAULTS = SamplingParams(temperature=0.7, top_k=50, top_p=0.9, repetition_penalty=1.1, max_new_tokens=32)
 MAX_BODY = 64 * 1024
@@ -522,15 +522,15 @@ def test_fit_context_drops_the_oldest_turns_and_cuts_max_tokens(nano_model_dir, 
         assert [c["finish_reason"] for c in reply["choices"]] == ["length", "length"]
         # Every system message stays, where it was; the default one is put first where a chat has none.
         mid = [*turns[:6], {"role": "system", "content": "请用英文回答"}, *turns[6:]]
-        fitted = fit.api._fitted(mid, room)
+        fitted = fit.api.engine.fit_chat(mid, MODEL_PROMPT, room)
         assert [m for m in fitted if m["role"] == "system"] == [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT},
                                                                 mid[6]]
         assert fitted[-1] == turns[-1] and [m for m in fitted if m["role"] != "system"][0]["role"] == "user"
         # A history of thousands of messages is cut by its size before it is tokenized, not message by message.
         tokenized = []
-        monkeypatch.setattr("tinyk.api.encode_chat", lambda plain, convs: tokenized.extend(convs) or
+        monkeypatch.setattr("tinyk.engine.encode_chat", lambda plain, convs: tokenized.extend(convs) or
                             encode_chat(plain, convs))
-        fit.api._fitted([{"role": "user", "content": "你好"}] * 20_000, room)
+        fit.api.engine.fit_chat([{"role": "user", "content": "你好"}] * 20_000, MODEL_PROMPT, room)
         assert len(tokenized) < ctx
         status, _ = request(fit, "POST", "/v1/chat/completions", {"model": "nano", "max_tokens": 2,
                                                                  "messages": [{"role": "system", "content": "只"}]})

@@ -42,10 +42,8 @@ from .tokenizer import (
     SPECIAL_TOKENS,
     SYSTEM_ROLES,
     TinyTokenizer,
-    encode_chat,
     message_text,
     pending_utf8,
-    with_system,
 )
 
 if TYPE_CHECKING:
@@ -320,7 +318,7 @@ class Api:
             no_surrogate(clean[-1]["content"], f"{where}.content")
         given = sum(m["role"] != "system" for m in clean)
         if self.cfg.fit_context:
-            clean = self._fitted(clean, self._reply_room(body))
+            clean = self.engine.fit_chat(clean, self.cfg.system_prompt, self._reply_room(body))
         turns = sum(m["role"] != "system" for m in clean)
         # Dropping turns could help only where there are two or more besides the system messages.
         hint = "" if self.cfg.fit_context or turns < 2 else FIT_HINT
@@ -338,37 +336,6 @@ class Api:
         default), but no more than half the window, as `tinyk chat` and the chat page leave."""
         wanted = _max_tokens(body)[1] or self.defaults.max_new_tokens
         return max(1, min(wanted, self.engine.context_length // 2))
-
-    def _fitted(self, messages: list[dict[str, str]], room: int) -> list[dict[str, str]]:
-        """`messages` without their oldest user and assistant turns, as many as the prompt needs to leave
-        `room` tokens of the window: every system message stays (the model's default one too, where the
-        chat brings none), as does the last message, and the turns left open with a user's. Linear in the
-        messages: a history far too long is cut by its size in bytes before any of it is tokenized, and
-        each message left is tokenized once (a turn's tokens do not depend on its neighbours')."""
-        tok, ctx = self.engine.tok, self.engine.context_length
-        chat = with_system(messages, tok.resolve_system(self.cfg.system_prompt))
-        turns = [i for i, m in enumerate(chat) if m["role"] != "system"]
-        if not turns:  # system messages alone: nothing to drop
-            return chat
-
-        def least(i: int) -> float:  # check_fits's lower bound on a message's tokens
-            return len(chat[i]["content"].encode("utf-8", "surrogatepass")) / tok.max_token_bytes + MESSAGE_TOKENS
-
-        first = len(turns) - 1  # the last message always stays
-        bound = sum(least(i) for i, m in enumerate(chat) if m["role"] == "system") + least(turns[first])
-        while first > 0 and bound + least(turns[first - 1]) < ctx:
-            first -= 1
-            bound += least(turns[first])
-        if bound < ctx:  # else even the last message with the system ones cannot fit: refused as it is
-            kept = [i for i, m in enumerate(chat) if m["role"] == "system" or i >= turns[first]]
-            cost = dict(zip(kept, (len(t.ids) for t in encode_chat(tok.plain, [[chat[i]] for i in kept])),
-                            strict=True))
-            total = len(tok.encode_chat([], add_generation_prompt=True)) + sum(cost.values())
-            while first < len(turns) - 1 and (total + room > ctx or chat[turns[first]]["role"] == "assistant"):
-                total -= cost[turns[first]]
-                first += 1
-        dropped = set(turns[:first])
-        return [m for i, m in enumerate(chat) if i not in dropped]
 
     def submit(self, body: dict, chat: bool) -> Submission:
         """Validates everything before anything is queued."""

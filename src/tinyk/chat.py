@@ -130,13 +130,12 @@ class _Session:
             print(f"({'message too long: ' if long else ''}{e})", file=sys.stderr)
             return
         # Turns are forgotten from a copy: a message too long even on its own keeps the conversation.
-        kept, forgot = [*self.history, {"role": "user", "content": text}], 0
-        while True:
-            ids = engine.chat_ids(kept, default_system=self.system)
-            if len(ids) + self.reserve <= engine.context_length or len(kept) == 1:
-                break
-            kept, forgot = kept[2:], forgot + 1
+        asked = [*self.history, {"role": "user", "content": text}]
+        fitted = engine.fit_chat(asked, self.system, self.reserve)
+        kept = [m for m in fitted if m["role"] != "system"]  # the history holds no system prompt
+        forgot = (len(asked) - len(kept)) // 2  # user and assistant turns, in pairs
         try:
+            ids = engine.chat_ids(fitted)
             request = engine.request(ids, self.params)
         except ContextLengthError as e:
             share = self.opening(self.system)

@@ -35,6 +35,7 @@ from .tokenizer import (
     SYSTEM_ROLES,
     ModelPrompt,
     TinyTokenizer,
+    encode_chat,
     with_system,
 )
 from .units import plural
@@ -800,6 +801,40 @@ class Engine:
 
     def check_fits(self, texts: Iterable[str], tokens_each: int = 0) -> None:
         check_fits(self.tok, self.context_length, texts, tokens_each)
+
+    def fit_chat(self, messages: list[dict], default_system: str | None | ModelPrompt, room: int) -> list[dict]:
+        """`messages` (`default_system` first where they have no system message) without their oldest user
+        and assistant turns, as many as the prompt needs to leave `room` tokens of the window for the reply
+        (`tinyk chat`, and `tinyk serve --fit-context`): every system message stays, as does the last
+        message, and the turns left open with a user's. Where even the last message cannot fit, nothing is
+        dropped and the chat is refused as it is. Linear in the messages: a history far too long is cut by
+        check_fits's bound before any of it is tokenized, and each message left is tokenized once (a
+        turn's tokens do not depend on its neighbours')."""
+        chat, ctx = self._chat_messages(messages, default_system), self.context_length
+        turns = [i for i, m in enumerate(chat) if m["role"] not in SYSTEM_ROLES]
+        if not turns:  # system messages alone: nothing to drop
+            return chat
+        size = [len(m["content"].encode("utf-8", "surrogatepass")) for m in chat]
+
+        def least(nbytes: int, count: int) -> int:  # check_fits's bound on `count` messages of `nbytes`
+            return nbytes // self.tok.max_token_bytes + MESSAGE_TOKENS * count
+
+        first = len(turns) - 1  # the last message always stays
+        nbytes = sum(size) - sum(size[i] for i in turns[:-1])
+        count = len(chat) - first
+        while first > 0 and least(nbytes + size[turns[first - 1]], count + 1) < ctx:
+            first -= 1
+            nbytes, count = nbytes + size[turns[first]], count + 1
+        if least(nbytes, count) < ctx:
+            kept = [i for i, m in enumerate(chat) if m["role"] in SYSTEM_ROLES or i >= turns[first]]
+            cost = dict(zip(kept, (len(t.ids) for t in encode_chat(self.tok.plain, [[chat[i]] for i in kept])),
+                            strict=True))
+            total = len(self.tok.encode_chat([], add_generation_prompt=True)) + sum(cost.values())
+            while first < len(turns) - 1 and (total + room > ctx or chat[turns[first]]["role"] == "assistant"):
+                total -= cost[turns[first]]
+                first += 1
+        dropped = set(turns[:first])
+        return [m for i, m in enumerate(chat) if i not in dropped]
 
     def _chat_messages(self, messages: list[dict], default_system: str | None | ModelPrompt) -> list[dict]:
         if not isinstance(messages, list) or not messages:
