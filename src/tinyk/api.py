@@ -396,13 +396,6 @@ class Api:
         return Submission(reqs, chat, stream, include_usage, echo, [added for _, added in prompts for _ in range(n)], n,
                           dropped)
 
-    @staticmethod
-    def usage(reqs: list[Request], n: int) -> dict[str, int]:
-        """Each prompt counts once, as OpenAI counts it for n choices."""
-        done = [r.completion() for r in reqs]
-        prompt, completion = sum(c.prompt_tokens for c in done[::n]), sum(c.completion_tokens for c in done)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
 
 def _max_tokens(body: dict) -> tuple[str, int | None]:
     """The reply's limit a request sets, and the field that set it: max_completion_tokens replaced
@@ -461,6 +454,12 @@ class Submission:
 
     def headers(self) -> dict[str, str]:
         return {DROPPED_HEADER: str(self.dropped)} if self.dropped else {}
+
+    def usage(self) -> dict[str, int]:
+        """Each prompt counts once, as OpenAI counts it for n choices."""
+        done = [r.completion() for r in self.reqs]
+        prompt, completion = sum(c.prompt_tokens for c in done[::self.n]), sum(c.completion_tokens for c in done)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 class LogprobsWriter:
@@ -544,6 +543,7 @@ def failure(req: Request) -> ApiError:
     if req.error == SHUTTING_DOWN:
         return ApiError(503, SHUTTING_DOWN, type="server_error", code="server_shutting_down")
     return ApiError(500, req.error or "generation failed", type="server_error", code="internal_error")
+
 
 def new_id(chat: bool) -> str:
     return ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)

@@ -224,16 +224,18 @@ class Handler(BaseHTTPRequestHandler):
             return None
         return "file://" if origin.strip().lower().rstrip("/") == "file:" else origin  # as --allow-origin takes it
 
-    def _origin_allowed(self) -> bool:
-        """Any web page the user visits could otherwise make the API generate for it (with no --api-key,
-        a form post needs no preflight); pages named with --allow-origin get CORS headers."""
+    def _origin_refusal(self) -> ApiError | None:
+        """The 403 for a web page of another site, or None (and CORS headers for a page --allow-origin
+        names): any page the user visits could otherwise make the API generate for it (with no
+        --api-key, a form post needs no preflight)."""
         origin = self._cross_origin()
         if origin is None:
-            return True
+            return None
         if origin in self.server.api.cfg.allow_origins or "*" in self.server.api.cfg.allow_origins:
             self.cors_origin = self.headers["Origin"]  # echoed as the browser sent it, which it compares
-            return True
-        return False
+            return None
+        return ApiError(403, f"requests from web pages at {origin} are refused; start the server with "
+                             f"--allow-origin {origin} to allow them", code="origin_not_allowed")
 
     def end_headers(self) -> None:
         self.send_header("X-Content-Type-Options", "nosniff")
@@ -261,7 +263,7 @@ class Handler(BaseHTTPRequestHandler):
             return False
         try:
             if self.command == "POST":
-                refusal = self._host_refusal() or self._refused_before_body()
+                refusal = self._host_refusal() or self._post_refusal()
                 if refusal is not None:
                     raise refusal
                 self._body_length()
@@ -408,7 +410,7 @@ class Handler(BaseHTTPRequestHandler):
             self._json(200, {"status": "ok", **api.scheduler.stats()})
         elif not path.startswith("/v1/"):
             self._error(_not_found(path, self.command))
-        elif (refusal := self._refusal()) is not None:
+        elif (refusal := self._api_refusal()) is not None:
             self._error(refusal)
         elif path == "/v1/models":
             self._json(200, {"object": "list", "data": [api.model_card()]})
@@ -430,7 +432,7 @@ class Handler(BaseHTTPRequestHandler):
     def _post(self) -> None:
         self.unread_body = True
         try:
-            refusal = self._refused_before_body()
+            refusal = self._post_refusal()
             if refusal is not None:
                 self.close_connection = True  # the body is left unread
                 raise refusal
@@ -455,33 +457,29 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self._complete(sub)
 
-    def _refused_before_body(self) -> ApiError | None:
-        """Why a POST is refused before its body is read: a path that takes none, or `_refusal`."""
+    def _post_refusal(self) -> ApiError | None:
+        """Why a POST is refused before its body is read: a path that takes none, or `_api_refusal`."""
         path = self._route()
-        if path not in POST_PATHS:
-            return _not_allowed(path) if _is_get_path(path) else _not_found(path, "POST")
-        return self._refusal()
+        methods = _methods(path)
+        if methods != "POST":
+            return _not_allowed(path) if methods else _not_found(path, "POST")
+        return self._api_refusal()
 
-    def _refusal(self) -> ApiError | None:
+    def _api_refusal(self) -> ApiError | None:
         """Why an API call is refused before its body is read: a web page of another site, or no valid key."""
-        if not self._origin_allowed():
-            origin = self._cross_origin()
-            return ApiError(403, f"requests from web pages at {origin} are refused; start the server with "
-                                 f"--allow-origin {origin} to allow them", code="origin_not_allowed")
-        return None if self._authorized() else _unauthorized()
+        return self._origin_refusal() or (None if self._authorized() else _unauthorized())
 
     def do_OPTIONS(self) -> None:
         """A browser's CORS preflight of an API call: answered for the origins --allow-origin names,
         with whatever request headers the page's client sends (the openai JS package adds x-stainless-*)."""
         path = self._route()
         preflight = self.headers.get("Access-Control-Request-Method") is not None
-        if not (path in POST_PATHS or (_is_get_path(path) and path.startswith("/v1/"))) or not preflight \
-                or self._cross_origin() is None:
+        if not (_methods(path) and path.startswith("/v1/")) or not preflight or self._cross_origin() is None:
             self._other_method()
             return
-        if not self._origin_allowed():  # the browser shows a failed fetch; its network panel shows this
-            self.close_connection = True
-            self._error(self._refusal())
+        if (refusal := self._origin_refusal()) is not None:
+            self.close_connection = True  # the browser shows a failed fetch; its network panel shows this 403
+            self._error(refusal)
             return
         self.send_response(204)
         self.send_header("Access-Control-Allow-Methods", "GET, POST")
@@ -498,7 +496,7 @@ class Handler(BaseHTTPRequestHandler):
         """PUT, PATCH, DELETE (and OPTIONS but for a preflight): a 405 naming the path's methods, or a 404."""
         self.close_connection = True  # any body is left unread
         path = self._route()
-        if path in POST_PATHS or _is_get_path(path):
+        if _methods(path):
             self._error(_not_allowed(path, f"{self.command} is not supported; "))
         else:
             self._error(_not_found(path, self.command))
@@ -538,7 +536,7 @@ class Handler(BaseHTTPRequestHandler):
             choices.append({"index": i, **answer, "logprobs": logprobs, "finish_reason": c.finish_reason})
         self._json(200, {"id": new_id(chat), "object": "chat.completion" if chat else "text_completion",
                          "created": int(time.time()), "model": self.server.api.cfg.model_name, "choices": choices,
-                         "usage": Api.usage(reqs, sub.n)}, sub.headers())
+                         "usage": sub.usage()}, sub.headers())
 
     def _stop_if_client_gone(self) -> None:
         if self._client_gone():
@@ -565,7 +563,7 @@ class Handler(BaseHTTPRequestHandler):
         obj = "chat.completion.chunk" if chat else "text_completion"
         writers = [LogprobsWriter(tok, chat) if r.params.logprobs is not None else None for r in reqs]
         sent = [0] * len(reqs)  # generated tokens whose logprobs went out, by choice
-        started = [False] * len(reqs)
+        echoed: set[int] = set()  # the choices whose prompt went out
 
         def envelope(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> dict[str, Any]:
             """What every chunk carries; usage is the spec's null until the last chunk."""
@@ -587,26 +585,25 @@ class Handler(BaseHTTPRequestHandler):
             text = echo_text(r, sub.added[i])
             return envelope([{"index": i, "text": text, "logprobs": lp, "finish_reason": None}])
 
-        def chunk(i: int, delta: str | None, finish: str | None = None, first: bool = False,
-                  upto: int | None = None) -> dict[str, Any]:
-            lp = None if first else logprobs(i, upto)
+        def chunk(i: int, delta: str | None, finish: str | None = None, upto: int | None = None) -> dict[str, Any]:
+            lp = logprobs(i, upto)
             if chat:
-                d = {"role": "assistant", "content": ""} if first else ({"content": delta} if delta else {})
-                choice = {"index": i, "delta": d, "logprobs": lp, "finish_reason": finish}
+                choice = {"index": i, "delta": {"content": delta} if delta else {}, "logprobs": lp,
+                          "finish_reason": finish}
             else:
                 choice = {"index": i, "text": delta or "", "logprobs": lp, "finish_reason": finish}
             return envelope([choice])
 
-        try:
-            self._open_stream(sub)
-            if chat:
+        with self._event_stream(sub):
+            if chat:  # each choice opens with the role
                 for i in range(len(reqs)):
-                    self._event(chunk(i, None, first=True))
+                    self._event(envelope([{"index": i, "delta": {"role": "assistant", "content": ""},
+                                           "logprobs": None, "finish_reason": None}]))
             failed = None
             for i, item in _merged(reqs, self._stop_if_client_gone):
-                if sub.echo and not started[i] and reqs[i].finish_reason != "error":
+                if sub.echo and i not in echoed and reqs[i].finish_reason != "error":
                     self._event(echo(i))
-                started[i] = True
+                echoed.add(i)
                 if item is not None:
                     delta, upto = item
                     self._event(chunk(i, delta, upto=upto))
@@ -617,12 +614,20 @@ class Handler(BaseHTTPRequestHandler):
             if failed is not None:
                 self._event(failure(failed).body())
             elif include_usage:
-                self._event(envelope([], Api.usage(reqs, sub.n)))
+                self._event(envelope([], sub.usage()))
             self._write_chunk(b"data: [DONE]\n\n")
+
+    @contextlib.contextmanager
+    def _event_stream(self, sub: Submission) -> Iterator[None]:
+        """A stream of server-sent events around what the block writes: its headers, and its last chunk
+        once the block is done. A client that goes away mid-stream cancels every choice."""
+        try:
+            self._open_stream(sub)
+            yield
             if self.chunked:
                 self._write_chunk(b"")
         except (OSError, ValueError):  # disconnected, reset or timed out (ValueError: closed file)
-            for r in reqs:
+            for r in sub.reqs:
                 r.cancel()
             self.close_connection = True
 
@@ -652,19 +657,13 @@ class Handler(BaseHTTPRequestHandler):
                 self._json(200, reply.response(*reply.finished()), sub.headers())
             return
         deltas = (item[0] for _, item in _merged(sub.reqs, self._stop_if_client_gone) if item is not None)
-        try:
-            self._open_stream(sub)
+        with self._event_stream(sub):
             for number, event in enumerate(reply.events(deltas)):
-                data = _json_bytes({**event, "sequence_number": number})
-                self._write_chunk(f"event: {event['type']}\n".encode() + b"data: " + data + b"\n\n")
-            if self.chunked:
-                self._write_chunk(b"")
-        except (OSError, ValueError):  # disconnected, reset or timed out (ValueError: closed file)
-            req.cancel()
-            self.close_connection = True
+                self._event({**event, "sequence_number": number}, name=event["type"])
 
-    def _event(self, obj: dict) -> None:
-        self._write_chunk(b"data: " + _json_bytes(obj) + b"\n\n")
+    def _event(self, obj: dict, name: str | None = None) -> None:
+        """One server-sent event (named, as the Responses API's are)."""
+        self._write_chunk((f"event: {name}\n".encode() if name else b"") + b"data: " + _json_bytes(obj) + b"\n\n")
 
     def _write_chunk(self, data: bytes) -> None:
         self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n" if self.chunked else data)
@@ -775,7 +774,7 @@ def _hostname(host: str) -> str | None:
 _HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(:[0-9]{1,5})?")
 
 
-def _local_host_name(host: str, allowed: tuple[str, ...] = ()) -> bool:
+def _local_host_name(host: str, allowed: tuple[str, ...]) -> bool:
     """Whether a Host header names this machine as no name an attacker can re-point can, or is one
     --allow-host names: an IP address, localhost (RFC 6761), this machine's own name as its system
     answers it (also with `.local`), Docker's host.docker.internal. Other names of one label or under
@@ -800,8 +799,13 @@ def _unauthorized() -> ApiError:
                     headers={"WWW-Authenticate": "Bearer"})
 
 
-def _is_get_path(path: str) -> bool:
-    return path in ("/", "/index.html", "/health", "/v1/models") or path.startswith("/v1/models/")
+def _methods(path: str) -> str | None:
+    """The methods a path takes, as an Allow header lists them; None for a path this server does not have."""
+    if path in POST_PATHS:
+        return "POST"
+    if path in ("/", "/index.html", "/health", "/v1/models") or path.startswith("/v1/models/"):
+        return "GET, HEAD"
+    return None
 
 
 def _not_found(path: str, method: str) -> ApiError:
@@ -824,7 +828,7 @@ def _not_found(path: str, method: str) -> ApiError:
 
 
 def _not_allowed(path: str, why: str = "") -> ApiError:
-    methods = "POST" if path in POST_PATHS else "GET, HEAD"
+    methods = _methods(path) or ""
     return ApiError(405, f"{why}use {methods.replace(', ', ' or ')} for {path}", code="method_not_allowed",
                     headers={"Allow": methods})
 
