@@ -658,6 +658,26 @@ def test_a_stopped_run_is_not_continued_by_another_command(tmp_path, tok_dir, mo
     assert not progress.parent.exists() and victim.read_bytes() == b"precious"
 
 
+def test_an_sft_progress_file_without_a_writers_count_starts_over(tmp_path, tok_dir, monkeypatch, capsys):
+    """It was taken up, the run went to its end, and closing the writer that could not open raised an
+    AttributeError there: the whole run's work was lost."""
+    src, prep = _stoppable_inputs(tmp_path, "sft")
+    opts = {"val_fraction": 0.2, "batch_chars": 300, "workers": 1}
+    progress = tmp_path / ".out.partial" / "progress.json"
+    with monkeypatch.context() as m:
+        _stop_during_batch(m, 5)
+        with pytest.raises(KeyboardInterrupt):
+            prep([src], tok_dir, tmp_path / "out", **opts)
+    state = json.loads(progress.read_text())
+    del state["writers"]["val"]["loss_tokens"]
+    progress.write_text(json.dumps(state))
+    capsys.readouterr()
+    prep([src], tok_dir, tmp_path / "out", **opts)
+    assert "has a progress file that cannot be read" in capsys.readouterr().err
+    prep([src], tok_dir, tmp_path / "fresh", show_progress=False, **opts)
+    _same_data(tmp_path / "out", tmp_path / "fresh")
+
+
 def test_the_same_command_continues_a_run_killed_with_sigkill(tmp_path, tok_dir, capsys):
     src, _ = _stoppable_inputs(tmp_path, "pretrain")
     args = ["data", "pretrain", "--input", str(src), "--tokenizer", str(tok_dir), "--out", str(tmp_path / "out"),
@@ -1181,26 +1201,35 @@ def test_sft_truncates_at_a_turn_boundary_when_possible(tmp_path, tok_dir):
 
 def test_a_huge_message_is_tokenized_only_as_far_as_max_len_reaches(tmp_path, tok_dir, monkeypatch):
     """Only what `--max-len` keeps is tokenized (a 7.6 MB reply took 1.5 GB to encode), and cutting the
-    text changes no kept token or mask bit, even inside one 60,000-character pre-token."""
+    text changes no kept token or mask bit, even inside one 60,000-character pre-token, nor which split a
+    conversation goes to or whether it counts as cut (a reply after a long question is lost all the same)."""
     from tinyk import data
 
     convs = [[{"role": "user", "content": "写"}, {"role": "assistant", "content": CHINESE * 400},
               {"role": "user", "content": "再写"}, {"role": "assistant", "content": "好"}],
              [{"role": "user", "content": "啊" * 60_000}, {"role": "assistant", "content": "嗯"}],
-             [{"role": "user", "content": "说"}, {"role": "assistant", "content": "啊" * 60_000}]]
+             [{"role": "user", "content": "说"}, {"role": "assistant", "content": "啊" * 60_000}],
+             [{"role": "user", "content": "写"}, {"role": "assistant", "content": "好"},
+              {"role": "user", "content": "啊" * 5_000}, {"role": "assistant", "content": "嗯"}],
+             # Conversations alike up to past the cut: their sides are their whole contents' own.
+             *([{"role": "user", "content": "说"}, {"role": "assistant", "content": "哦" * 5_000 + str(i)}]
+               for i in range(16))]
     src = write_jsonl(tmp_path / "s.jsonl", convs, field=None)
     seen = []
     clipped = data._clipped
     monkeypatch.setattr(data, "_clipped", lambda msgs, chars: seen.append(clipped(msgs, chars)) or seen[-1])
-    meta = prepare_sft([src], tok_dir, tmp_path / "cut", max_len=64, val_fraction=0.0, **QUIET)
-    assert max(len(m["content"]) for conv in seen for m in conv) < 10_000 \
-        and len(seen[0]) == 2  # the system prompt comes later
-    monkeypatch.setattr(data, "_clipped", lambda msgs, chars: msgs)
-    whole = prepare_sft([src], tok_dir, tmp_path / "whole", max_len=64, val_fraction=0.0, **QUIET)
+    meta = prepare_sft([src], tok_dir, tmp_path / "cut", max_len=64, val_fraction=0.5, **QUIET)
+    assert max(len(m["content"]) for conv, _ in seen for m in conv) < 5_000 \
+        and len(seen[0][0]) == 2  # the system prompt comes later
+    assert meta["truncated"] == {"at_turn": 1, "mid_turn": 18} and 0 < meta["splits"]["val"]["documents"] < 16
+    monkeypatch.setattr(data, "_clipped", lambda msgs, chars: (msgs, None))
+    whole = prepare_sft([src], tok_dir, tmp_path / "whole", max_len=64, val_fraction=0.5, **QUIET)
     assert {k: v for k, v in meta.items() if k not in ("command", "seconds")} == \
         {k: v for k, v in whole.items() if k not in ("command", "seconds")}
-    for (ids, mask), (ids2, mask2) in zip(sft_split(tmp_path / "cut"), sft_split(tmp_path / "whole"), strict=True):
-        assert np.array_equal(ids, ids2) and np.array_equal(mask, mask2)
+    for split in ("train", "val"):
+        for (ids, mask), (ids2, mask2) in zip(sft_split(tmp_path / "cut", split), sft_split(tmp_path / "whole", split),
+                                              strict=True):
+            assert np.array_equal(ids, ids2) and np.array_equal(mask, mask2)
 
 
 # ---------------------------------------------------------------- loaders

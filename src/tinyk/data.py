@@ -245,7 +245,7 @@ def _encode_pretrain(job: _Job, texts: list[str]) -> _Batch:
     return _Batch(tokens, lengths, nbytes, _content_keys(raw))
 
 
-def _encode_sft(job: _Job, convs: list[tuple[str, list[dict[str, str]]]]) -> _Encoded:
+def _encode_sft(job: _Job, convs: list[tuple[str, list[dict[str, str]], _Clip | None]]) -> _Encoded:
     """Tokenizes conversations as the engine prompts a model (`encode_chat`, the job's system prompt
     first where they have none), with their loss masks.
 
@@ -253,12 +253,12 @@ def _encode_sft(job: _Job, convs: list[tuple[str, list[dict[str, str]]]]) -> _En
     the template's pieces rather than token ids. Too-long conversations end after the last
     assistant turn that fits, or mid-turn when none does.
     """
-    prompted = [with_system(msgs, job.system_prompt) for _, msgs in convs]
+    prompted = [with_system(msgs, job.system_prompt) for _, msgs, _ in convs]
     plain, nbytes_of = _tokenizer(job.tokenizer_json)
     chats = encode_chat(plain, prompted)
     toks, masks, lengths, nbytes, kept, skipped = [], [], [], [], [], []
     truncated: Counter = Counter()
-    for (where, msgs), chat in zip(convs, chats, strict=True):
+    for (where, msgs, clip), chat in zip(convs, chats, strict=True):
         mask = np.asarray(chat.flags, np.uint8)
         cut, how = len(chat.ids), None
         if cut > job.max_len:
@@ -267,21 +267,35 @@ def _encode_sft(job: _Job, convs: list[tuple[str, list[dict[str, str]]]]) -> _En
         if not mask[1:cut].any():  # dropped, so counted as skipped only
             skipped.append(("prompt_too_long", where))
             continue
-        if how and mask[cut:].any():  # answer tokens lost (not only the newline after the last <|im_end|>)
+        # Answer tokens lost (not only the newline after the last <|im_end|>), here or by the clipping.
+        if how and (mask[cut:].any() or (clip is not None and clip.lost_reply)):
             truncated[how] += 1
         toks.append(np.asarray(chat.ids[:cut], job.dtype))
         masks.append(mask[:cut])
         lengths.append(cut)
         nbytes.append(int(nbytes_of[chat.ids[:cut]][mask[:cut] == 1].sum()))
-        # The split key leaves the system prompt out, the record's own or the one added: another
-        # --system-prompt keeps every conversation's side, and a copy that names the prompt it would get
-        # anyway is on the same side as one that does not.
-        turns = msgs[1:] if msgs and msgs[0]["role"] == "system" else msgs
-        kept.append(json.dumps(turns, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+        kept.append(_split_source(msgs) if clip is None else clip.split_source)
     batch = _Batch(np.concatenate(toks) if toks else np.empty(0, job.dtype), np.array(lengths, np.int64),
                    np.array(nbytes, np.int64), _content_keys(kept),
                    np.concatenate(masks) if masks else np.empty(0, np.uint8))
     return batch, skipped, truncated
+
+
+def _split_source(messages: list[dict[str, str]]) -> bytes:
+    """What a conversation's split key hashes: its turns without the system prompt, the record's own or
+    the one added (another --system-prompt keeps every conversation's side, and a copy that names the
+    prompt it would get anyway is on the same side as one that does not)."""
+    turns = messages[1:] if messages and messages[0]["role"] == "system" else messages
+    return json.dumps(turns, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+@dataclass(frozen=True)
+class _Clip:
+    """What clipping a conversation's long message (`_clipped`) left out that the output still depends on:
+    the whole conversation's split key source, and whether a reply the loss would be on went with it."""
+
+    split_source: bytes
+    lost_reply: bool
 
 
 class _ReadStopped(Exception):
@@ -579,6 +593,11 @@ class _ConversationWriter(_SplitWriter):
 
     LENGTHS = "lengths.tmp"
 
+    def __init__(self, folder: Path, dtype: np.dtype):
+        super().__init__(folder, dtype)
+        self.loss_tokens = 0
+        self.tok_f = self.mask_f = self.len_f = None  # until open(), which a checkpoint's bad state can stop
+
     def open(self, state: dict[str, Any] | None) -> None:
         super().open(state)
         self.loss_tokens = state["loss_tokens"] if state else 0
@@ -594,7 +613,7 @@ class _ConversationWriter(_SplitWriter):
         self.loss_tokens += int(np.count_nonzero(b.mask))
 
     def _files(self) -> list[Any]:
-        return [self.tok_f, self.mask_f, self.len_f]
+        return [f for f in (self.tok_f, self.mask_f, self.len_f) if f is not None]
 
     def state(self) -> dict[str, Any]:
         return {**super().state(), "loss_tokens": self.loss_tokens}
@@ -830,7 +849,7 @@ def _fingerprint(kind: str, paths: list[Path], tok_hash: str, options: dict[str,
         st = p.stat()
         inputs.append({"path": shown(p.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns})
     return {"tinyk": __version__, "kind": kind, "format_version": FORMAT_VERSION,
-            "val_split": "by content, system prompt aside", "txt_lines": "ended by LF, CRLF or a lone CR",
+            "val_split": "by whole content, system prompt aside", "txt_lines": "ended by LF, CRLF or a lone CR",
             "tokenizer_hash": tok_hash, "inputs": inputs,
             "options": options, "strict": strict}
 
@@ -1268,15 +1287,15 @@ def prepare_sft(inputs: list[str | Path], tokenizer_dir: str | Path, out: str | 
     # cut well inside it: the rest is never tokenized (a megabyte-long reply took gigabytes to encode).
     clip = 2 * max_len * tok.max_token_bytes
 
-    def conversations(skips: Skips) -> Iterator[tuple[str, list[dict[str, str]]]]:
+    def conversations(skips: Skips) -> Iterator[tuple[str, list[dict[str, str]], _Clip | None]]:
         for where, rec in iter_records(paths, skips, max_line_bytes=max_line_bytes, message_lists=True):
             conv = read_conversation(rec)
             if isinstance(conv, tuple):
                 skips.add(conv[0], where, conv[1])
             else:
-                yield where, _clipped(conv, clip)
+                yield where, *_clipped(conv, clip)
 
-    def chars(conv: tuple[str, list[dict[str, str]]]) -> int:
+    def chars(conv: tuple[str, list[dict[str, str]], _Clip | None]) -> int:
         return sum(len(m["content"]) for m in conv[1])
 
     options = {"max_len": max_len, "system_prompt": system_prompt, "val_fraction": val_fraction, "seed": seed,
@@ -1288,11 +1307,11 @@ def prepare_sft(inputs: list[str | Path], tokenizer_dir: str | Path, out: str | 
                     _command("sft", paths, tokenizer_dir, out, options))
 
 
-def _clipped(messages: list[dict[str, str]], chars: int) -> list[dict[str, str]]:
-    """The conversation up to and including the first message longer than `chars`, cut to that length."""
-    out = []
-    for m in messages:
+def _clipped(messages: list[dict[str, str]], chars: int) -> tuple[list[dict[str, str]], _Clip | None]:
+    """The conversation up to and including the first message longer than `chars`, cut to that length,
+    and what the output needs of what was cut (None: nothing was)."""
+    for i, m in enumerate(messages):
         if len(m["content"]) > chars:
-            return [*out, {**m, "content": m["content"][:chars]}]
-        out.append(m)
-    return out
+            lost = any(r["role"] == "assistant" and r["content"].strip() for r in messages[i + 1:])
+            return [*messages[:i], {**m, "content": m["content"][:chars]}], _Clip(_split_source(messages), lost)
+    return messages, None

@@ -806,10 +806,10 @@ class Engine:
         """`messages` (`default_system` first where they have no system message) without their oldest user
         and assistant turns, as many as the prompt needs to leave `room` tokens of the window for the reply
         (`tinyk chat`, and `tinyk serve --fit-context`): every system message stays, as does the last
-        message, and the turns left open with a user's. Where even the last message cannot fit, nothing is
-        dropped and the chat is refused as it is. Linear in the messages: a history far too long is cut by
-        check_fits's bound before any of it is tokenized, and each message left is tokenized once (a
-        turn's tokens do not depend on its neighbours')."""
+        message, and the turns left open with a user's. Where even the last message cannot fit, every other
+        turn is dropped, so that the refusal counts its tokens alone. Linear in the messages: a history far
+        too long is cut by check_fits's bound before any of it is tokenized, and each message left is
+        tokenized once (a turn's tokens do not depend on its neighbours')."""
         chat, ctx = self._chat_messages(messages, default_system), self.context_length
         turns = [i for i, m in enumerate(chat) if m["role"] not in SYSTEM_ROLES]
         if not turns:  # system messages alone: nothing to drop
