@@ -19,7 +19,7 @@ from tinyk.data import prepare_pretrain
 from tinyk.errors import TinykError
 from tinyk.evaluate import (
     ChoiceQuestion,
-    chat_prompt_ids,
+    chat_prompter,
     choice_continuations,
     continuation_logprobs,
     eval_choice,
@@ -802,7 +802,7 @@ def test_a_message_far_too_long_is_skipped_before_it_is_tokenized(tmp_path, nano
     encode_chat = TinyTokenizer.encode_chat
     monkeypatch.setattr(TinyTokenizer, "encode_chat", lambda self, m, *a, **kw: encoded.append(m) or
                         encode_chat(self, m, *a, **kw))
-    examples, _, skips = read_task_prompts(task, chat_prompt_ids(load_tokenizer(nano_model_dir), 128))
+    examples, _, skips = read_task_prompts(task, chat_prompter(load_tokenizer(nano_model_dir), 128))
     assert [ex.answers for ex in examples] == [["b"]] and dict(skips.counts) == {"prompt_too_long": 1}
     assert len(encoded) == 1 and encoded[0][-1]["content"] == "你好"
 

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 
 from .engine import (
     MAX_LOGPROBS,
-    MESSAGE_TOKENS,
     REPETITION_PENALTY_RANGE,
     SHUTTING_DOWN,
     ContextLengthError,
@@ -323,9 +322,7 @@ class Api:
         # Dropping turns could help only where there are two or more besides the system messages.
         hint = "" if self.cfg.fit_context or turns < 2 else FIT_HINT
         try:
-            self.engine.check_fits((m["content"] for m in clean), tokens_each=MESSAGE_TOKENS)
-            ids = self.engine.chat_ids(clean, default_system=self.cfg.system_prompt)
-            return self.engine.encode(ids), given - turns  # encode: refused if the window holds no reply
+            return self.engine.chat_prompt_ids(clean, default_system=self.cfg.system_prompt), given - turns
         except ContextLengthError as e:
             raise ApiError(400, f"{e}{hint}", param="messages", code="context_length_exceeded") from e
         except TinykError as e:

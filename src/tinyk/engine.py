@@ -225,10 +225,31 @@ def check_fits(tok: TinyTokenizer, context_length: int, texts: Iterable[str], to
     """Refuses text too long for the context window before it is tokenized: encoding a megabyte holds
     the GIL for a second or more (stalling every other stream of a server) and takes a GB of memory.
     `tokens_each` is the least each text adds around itself (MESSAGE_TOKENS for a chat message)."""
-    sizes = [len(t.encode("utf-8", "surrogatepass")) for t in texts]
-    least = sum(sizes) // tok.max_token_bytes + tokens_each * len(sizes)
+    sizes = [utf8_size(t) for t in texts]
+    least = least_tokens(tok, sum(sizes), len(sizes), tokens_each)
     if least >= context_length:
         raise ContextLengthError.of(least, context_length, at_least=True)
+
+
+def least_tokens(tok: TinyTokenizer, nbytes: int, count: int, tokens_each: int) -> int:
+    """The fewest tokens `count` texts of `nbytes` UTF-8 bytes in all can be: no token holds more than
+    the tokenizer's longest, and each text adds `tokens_each` around itself."""
+    return nbytes // tok.max_token_bytes + tokens_each * count
+
+
+def utf8_size(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def chat_prompt_ids(tok: TinyTokenizer, context_length: int, messages: list[dict[str, str]]) -> list[int]:
+    """A chat's prompt ids (the messages as given) from the tokenizer alone, for `Engine.chat_prompt_ids`
+    and for `tinyk eval`, which checks every task file before the weights load; a chat too long for the
+    window (leaving no room for a reply) is a ContextLengthError, found before a long one is tokenized."""
+    check_fits(tok, context_length, (m["content"] for m in messages), MESSAGE_TOKENS)
+    ids = tok.encode_chat(messages, add_generation_prompt=True)
+    if len(ids) >= context_length:
+        raise ContextLengthError.of(len(ids), context_length)
+    return ids
 
 
 @dataclass
@@ -522,6 +543,9 @@ class _Batch:
 
     def __init__(self, engine: Engine):
         self.engine = engine
+        self._clear()
+
+    def _clear(self) -> None:
         self.rows: list[Request] = []
         self.cache: KVCache | None = None
         self.tokens = self.pos = self.seen = None  # next input token, its position, ids seen so far
@@ -561,9 +585,8 @@ class _Batch:
         return events
 
     def _join(self, cache: KVCache, rows: list[Request], tokens, pos, seen) -> None:
-        if self.cache is None:
+        if self.cache is None:  # an empty batch (no sampling settings either)
             self.cache, self.rows, self.tokens, self.pos, self.seen = cache, rows, tokens, pos, seen
-            self._params = None
             return
         old = self.cache
         live = old.key_valid[:, :old.length].any(0).nonzero()
@@ -608,7 +631,7 @@ class _Batch:
     def fail(self, message: str) -> list[tuple[Request, str]]:
         """Ends every row with an error (a failed step must not take the server down)."""
         events = [(r, r.end("error", message)) for r in self.rows]
-        self.__init__(self.engine)
+        self._clear()
         return events
 
     def _take(self, rows: list[Request], logits: torch.Tensor, seen: torch.Tensor,
@@ -628,7 +651,7 @@ class _Batch:
         if len(keep) == len(self.rows):
             return
         if not keep:
-            self.__init__(self.engine)
+            self._clear()
             return
         index = torch.tensor(keep, device=self.engine.device)
         self.cache.reorder(index)
@@ -799,6 +822,10 @@ class Engine:
         messages are taken as given unless `default_system` is passed (`chat` passes the training one)."""
         return self.tok.encode_chat(self._chat_messages(messages, default_system), add_generation_prompt=True)
 
+    def chat_prompt_ids(self, messages: list[dict], default_system: str | None | ModelPrompt = None) -> list[int]:
+        """`chat_ids`, refused (a ContextLengthError) where the window has no room left for a reply."""
+        return chat_prompt_ids(self.tok, self.context_length, self._chat_messages(messages, default_system))
+
     def check_fits(self, texts: Iterable[str], tokens_each: int = 0) -> None:
         check_fits(self.tok, self.context_length, texts, tokens_each)
 
@@ -814,10 +841,10 @@ class Engine:
         turns = [i for i, m in enumerate(chat) if m["role"] not in SYSTEM_ROLES]
         if not turns:  # system messages alone: nothing to drop
             return chat
-        size = [len(m["content"].encode("utf-8", "surrogatepass")) for m in chat]
+        size = [utf8_size(m["content"]) for m in chat]
 
-        def least(nbytes: int, count: int) -> int:  # check_fits's bound on `count` messages of `nbytes`
-            return nbytes // self.tok.max_token_bytes + MESSAGE_TOKENS * count
+        def least(nbytes: int, count: int) -> int:  # check_fits's bound
+            return least_tokens(self.tok, nbytes, count, MESSAGE_TOKENS)
 
         first = len(turns) - 1  # the last message always stays
         nbytes = sum(size) - sum(size[i] for i in turns[:-1])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import functools
 import json
 import math
 import unicodedata
@@ -223,19 +224,11 @@ def _whose(model: str | Path | None) -> str:
     return f"the model {model}'s" if model else "the model's"
 
 
-def chat_prompt_ids(tok: TinyTokenizer, context_length: int) -> Callable[[list[dict[str, str]]], list[int]]:
-    """A chat's prompt ids as `Engine.chat_ids` and `Engine.encode` make them, from the tokenizer alone
-    (`tinyk eval` checks every task file before the weights load); too long is a ContextLengthError."""
-    from .engine import MESSAGE_TOKENS, ContextLengthError, check_fits
+def chat_prompter(tok: TinyTokenizer, context_length: int) -> Callable[[list[dict[str, str]]], list[int]]:
+    """`engine.chat_prompt_ids` for one tokenizer and window: what reading a task file needs of a model."""
+    from .engine import chat_prompt_ids
 
-    def prompt_of(messages: list[dict[str, str]]) -> list[int]:
-        check_fits(tok, context_length, (m["content"] for m in messages), MESSAGE_TOKENS)  # before tokenizing
-        ids = tok.encode_chat(messages, add_generation_prompt=True)
-        if len(ids) >= context_length:
-            raise ContextLengthError.of(len(ids), context_length)
-        return ids
-
-    return prompt_of
+    return functools.partial(chat_prompt_ids, tok, context_length)
 
 
 def eval_task(engine: Engine, path: str | Path, *, batch_size: int = 32, max_new_tokens: int = 64,
@@ -248,7 +241,7 @@ def eval_task(engine: Engine, path: str | Path, *, batch_size: int = 32, max_new
     `records`, when given, gets one dict per example (`tinyk eval --samples`): what it asked, the answer
     and whether it matched.
     """
-    read = read_task_prompts(path, chat_prompt_ids(engine.tok, engine.context_length),
+    read = read_task_prompts(path, chat_prompter(engine.tok, engine.context_length),
                              system_prompt=engine.tok.resolve_system(system_prompt), limit=limit)
     return score_task(engine, path, *read, batch_size=batch_size, max_new_tokens=max_new_tokens, name=name,
                       records=records)
@@ -655,7 +648,7 @@ def evaluate_models(model_dirs: Iterable[str | Path], *, data: Iterable[str | Pa
     plans = []
     for model_dir, (cfg, tok) in zip(model_dirs, read, strict=True):
         system = tok.resolve_system(system_prompt)
-        prompt_of = chat_prompt_ids(tok, cfg.max_seq_len)
+        prompt_of = chat_prompter(tok, cfg.max_seq_len)
         named = model_dir if len(model_dirs) > 1 else None
         task_inputs = [read_task_prompts(t, prompt_of, system_prompt=system, limit=limit, model=named)
                        for t in tasks]
