@@ -230,8 +230,8 @@ def test_a_worker_ends_with_its_killed_parent():
     BrokenPipeError tracebacks when they hand their batch over)."""
     parent = subprocess.Popen([sys.executable, "-c", (
         "import subprocess, sys, os, time\n"
-        "child = subprocess.Popen([sys.executable, '-c', 'import sys, time; from tinyk.data import _die_with; '\n"
-        "                          '_die_with(int(sys.argv[1])); print(1, flush=True); time.sleep(60)', "
+        "child = subprocess.Popen([sys.executable, '-c', 'import sys, time; from tinyk.workers import die_with; '\n"
+        "                          'die_with(int(sys.argv[1])); print(1, flush=True); time.sleep(60)', "
         "str(os.getpid())],\n"
         "                         stdout=subprocess.PIPE)\n"
         "print(child.stdout.readline().decode().strip(), child.pid, flush=True)\n"
@@ -281,7 +281,7 @@ def test_stopping_the_worker_pool_gets_past_a_pipe_lock_a_killed_worker_held():
     import multiprocessing
     import threading
 
-    from tinyk.data import _Pool
+    from tinyk.workers import _Pool
 
     inqueue = multiprocessing.get_context("spawn").SimpleQueue()
     inqueue._rlock.acquire()  # the dead worker's
@@ -298,10 +298,11 @@ def test_stopping_the_worker_pool_gets_past_a_pipe_lock_a_killed_worker_held():
 def test_data_workers_leave_stop_signals_to_the_parent(tok_dir):
     """Ctrl-C, SIGTERM and SIGHUP reach the whole process group (a closed terminal, systemd, Slurm);
     workers ignore them, and the parent stops them."""
-    from tinyk.data import _Job, _start_pool
+    from tinyk.data import _encode, _Job
+    from tinyk.workers import start_pool
 
     job = _Job("pretrain", (tok_dir / "tokenizer.json").read_text(encoding="utf-8"), "uint16")
-    with _start_pool(2, job) as pool:
+    with start_pool(2, _encode, job) as pool:
         workers = list(pool._pool)
         for w in workers:
             status = Path(f"/proc/{w.pid}/status").read_text()
@@ -319,7 +320,7 @@ def test_stopping_the_worker_pool_reads_its_pipe_until_the_task_thread_has_ended
     import multiprocessing.pool
     import threading
 
-    from tinyk.data import _Pool
+    from tinyk.workers import _Pool
 
     assert "_help_stuff_finish" in vars(multiprocessing.pool.Pool), "the hook this fix overrides is gone"
     inqueue = multiprocessing.get_context("spawn").SimpleQueue()

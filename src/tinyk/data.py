@@ -11,33 +11,26 @@ these directories live in `tinyk.loader`.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import json
 import math
-import multiprocessing
-import multiprocessing.context
-import multiprocessing.pool
 import os
 import re
 import shlex
-import signal
 import sys
-import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import chain, islice
-from multiprocessing import resource_tracker
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from . import __version__
-from .errors import STOP_SIGNALS, DamagedInput, TinykError, import_torch, shown, signal_handlers, writing
+from .errors import DamagedInput, TinykError, import_torch, shown, writing
 from .inputs import (
     DEFAULT_MAX_LINE_BYTES,
     NO_RECORDS,
@@ -79,6 +72,7 @@ from .tokenizer import (
     with_system,
 )
 from .units import MIN_SHARD_TOKENS, plural, size_text
+from .workers import map_ordered
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
@@ -86,6 +80,7 @@ DEFAULT_SHARD_TOKENS = 100_000_000
 DEFAULT_BATCH_CHARS = 1 << 19
 CHECKPOINT_S = 60.0  # a stopped run, continued, redoes about this much work at most (once both splits have begun)
 PIECE_CHARS = 1 << 17  # longer documents are tokenized piece by piece (see `text_pieces`)
+PIECES_PER_CALL = 4  # pieces encoded at once: their encodings, many times their text's size, are in memory
 # Speaker names used by BelleGroup, ShareGPT and OpenAI-style data, mapped to chat-template roles.
 ROLE_ALIASES = {
     "system": "system", "developer": "system",
@@ -148,39 +143,6 @@ def _tokenizer(tokenizer_json: str) -> tuple[Any, np.ndarray]:
     return plain_text_tokenizer(tok), np.array(token_bytes(token_spellings(tok)), np.int64)
 
 
-_WORKER_JOB: _Job | None = None
-
-
-def _init_worker(job: _Job, parent: int) -> None:
-    global _WORKER_JOB
-    _die_with(parent)
-    # Stop signals reach every process of the group (a closed terminal, `kill -TERM -PGID`, systemd,
-    # Slurm): the parent stops the pool; a worker killed by one while it held the pool's task pipe
-    # would have left the parent waiting for that pipe forever.
-    for s in STOP_SIGNALS:  # inherited already; kept should the start method change
-        signal.signal(s, signal.SIG_IGN)
-    # Each worker is one core; tokenizers' own thread pool would oversubscribe them.
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _WORKER_JOB = job
-
-
-def _die_with(parent: int) -> None:
-    """A worker whose parent is killed (kill -9, the OOM killer) ends with it, rather than tokenizing
-    for no one and printing a BrokenPipeError traceback when it hands its batch over. Linux only
-    (prctl PR_SET_PDEATHSIG); elsewhere such a worker ends at that hand-over."""
-    if not sys.platform.startswith("linux"):
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # killed before the line above took effect
-        os._exit(1)
-
-
-def _work(payload: Any) -> _Encoded:
-    assert _WORKER_JOB is not None
-    return _encode(_WORKER_JOB, payload)
-
-
 # A tokenized payload: its documents, (reason, where) of those dropped, truncation counts.
 _Encoded = tuple[_Batch, list[tuple[str, str]], Counter]
 
@@ -230,8 +192,8 @@ def _encode_pretrain(job: _Job, texts: list[str]) -> _Batch:
         # normaliser leaves normalised text as it is, so the tokens stay those of the whole.
         text = tok.normalizer.normalize_str(texts[i]) if tok.normalizer is not None else texts[i]
         pieces = text_pieces(text, PIECE_CHARS)
-        ids[i] = np.concatenate([np.array(e.ids, job.dtype) for k in range(0, len(pieces), 4)
-                                 for e in encode(pieces[k:k + 4], add_special_tokens=False)])
+        ids[i] = np.concatenate([np.array(e.ids, job.dtype) for k in range(0, len(pieces), PIECES_PER_CALL)
+                                 for e in encode(pieces[k:k + PIECES_PER_CALL], add_special_tokens=False)])
     lengths = np.fromiter((len(x) + 2 for x in ids), np.int64, len(ids))
     ends = np.cumsum(lengths)
     tokens = np.empty(int(lengths.sum()), job.dtype)
@@ -327,126 +289,6 @@ def _read_until_stopped(items: Iterator[Any]) -> Iterator[Any]:
         yield from items
     except _ReadStopped:
         return
-
-
-def _map_ordered(job: _Job, payloads: Iterable[tuple[Any, Any]], workers: int) -> Iterator[tuple[Any, _Encoded]]:
-    """Encodes (tag, payload) pairs in order, in worker processes once there is more than one
-    payload; yields (tag, encoded).
-
-    At most two payloads per worker are in flight, which bounds memory whatever the input size.
-    """
-    it = iter(payloads)
-    head = [p for p in (next(it, None), next(it, None)) if p is not None]
-    if workers <= 1 or len(head) < 2:
-        for tag, p in chain(head, it):
-            yield tag, _encode(job, p)
-        return
-    with _start_pool(workers, job) as pool:
-        pending: deque = deque()
-        for tag, p in chain(head, it):
-            pending.append((tag, pool.apply_async(_work, (p,))))
-            if len(pending) >= 2 * workers:
-                tag, result = pending.popleft()
-                yield tag, result.get()
-        while pending:
-            tag, result = pending.popleft()
-            yield tag, result.get()
-
-
-@contextlib.contextmanager
-def _start_pool(workers: int, job: _Job) -> Iterator[Any]:
-    """A pool of spawned workers (not forked: the caller may hold threads, torch's or tokenizers',
-    that fork would break) that leave Ctrl-C, SIGTERM and SIGHUP to the parent, which stops the pool
-    and keeps the work done for the same command to continue (`_Checkpoints`).
-
-    Workers start with those ignored, which survives exec, so one that comes while they import does
-    not reach them; the parent blocks them meanwhile, so they stay pending (Linux never discards a
-    blocked signal) and land once the pool is in hand. Only the main thread can change handlers.
-    """
-    ctx = multiprocessing.get_context("spawn")
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
-        # Windows has no signal masks (nor the resource tracker's POSIX start): its workers ignore
-        # Ctrl-C from the start (`_init_worker`), which is all that can be done there.
-        with _spawn_pool(ctx, workers, job) as pool:
-            yield pool
-        return
-    # Starting it unblocks SIGINT, so not in the window below. It ignores SIGINT and SIGTERM itself;
-    # SIGHUP killed it, and it came back with a traceback for each lock of the pool: it starts with
-    # SIGHUP blocked, and one that came meanwhile lands here after.
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
-    try:
-        resource_tracker.ensure_running()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, set(STOP_SIGNALS))
-    try:
-        with signal_handlers(dict.fromkeys(STOP_SIGNALS, signal.SIG_IGN)):
-            pool = _spawn_pool(ctx, workers, job)
-    except BaseException:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        raise
-    with pool:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        yield pool
-
-
-_MAIN_SWAP = threading.Lock()
-
-
-class _Worker(multiprocessing.context.SpawnProcess):
-    """A pool worker, which ignores the stop signals: the pool ends it with SIGKILL."""
-
-    def terminate(self) -> None:
-        self.kill()
-
-
-class _Pool(multiprocessing.pool.Pool):
-    """A pool whose `terminate()` cannot hang on an error (a full disk) while tasks are in flight.
-
-    Terminating, the standard pool reads the workers' pipe only while it holds data, then kills the
-    workers and joins the thread that writes tasks into that pipe. That thread may start writing one
-    more task just after (a batch is megabytes, the pipe holds 64 KiB) and then waits for a reader
-    forever. Here the pipe is read until that thread has ended.
-    """
-
-    @staticmethod
-    def Process(ctx: Any, *args: Any, **kwargs: Any) -> _Worker:
-        return _Worker(*args, **kwargs)
-
-    @staticmethod
-    def _help_stuff_finish(inqueue: Any, task_handler: threading.Thread, size: int) -> None:
-        # it would wait for itself (the standard pool never joins it then)
-        if threading.current_thread() is task_handler:
-            return
-        # Held for good, as the standard pool does: the workers are being stopped. A worker killed
-        # from outside while reading a task (the OOM killer) holds it for good, and then no worker
-        # can read: the pipe is read without it.
-        inqueue._rlock.acquire(timeout=5)
-        while task_handler.is_alive():
-            if inqueue._reader.poll(0.01):
-                inqueue._reader.recv_bytes()
-
-
-def _spawn_pool(ctx: Any, workers: int, job: _Job) -> Any:
-    """A spawn pool whose workers do not run the parent's `__main__` first, as spawned processes do
-    unless it looks interactive: they need only tinyk, and a script that called tinyk without the
-    `if __name__ == "__main__":` guard would have every worker run the script (its side effects
-    included) and start workers of its own, which fail, and the pool restarts them forever.
-
-    Spawning reads `__main__.__spec__` and `__file__` to find the script; only those two are hidden,
-    only while the pool starts its workers (synchronously), and under a lock, so two pools never
-    interleave and another thread still finds everything the script defines (pickle needs that).
-    """
-    main = sys.modules["__main__"]
-    with _MAIN_SWAP:
-        saved = {k: main.__dict__[k] for k in ("__spec__", "__file__") if k in main.__dict__}
-        main.__spec__ = None
-        main.__dict__.pop("__file__", None)
-        try:
-            return _Pool(workers, initializer=_init_worker, initargs=(job, os.getpid()), context=ctx)
-        finally:
-            main.__dict__.pop("__spec__", None)
-            main.__dict__.update(saved)
 
 
 def _batched(items: Iterable[Any], size: Callable[[Any], int], limit: int) -> Iterator[list[Any]]:
@@ -981,8 +823,10 @@ class _Done:
     splitter: _Splitter
     skips: Skips
     truncated: Counter
-    records: int = 0  # input records read, skipped ones included
-    seconds: float = 0.0  # spent on the work kept (a stopped run's time after its last save is not)
+    records: int = 0  # records the reader passed on, those tokenizing skipped included (not the bad lines)
+    # Spent on the work kept: a stopped run's time after its last save is not, a continued run's reading
+    # past the records done is.
+    seconds: float = 0.0
 
     @classmethod
     def open(cls, state: dict[str, Any] | None, folder: Path, make_writer: Callable[[Path, np.dtype], _SplitWriter],
@@ -1059,7 +903,7 @@ def _tokenize(kind: _Kind, job: _Job, run: _Run, checkpoints: _Checkpoints,
     too_long = f"no reply begins within --max-len {job.max_len} tokens; a larger --max-len keeps them"
     with tqdm(unit=f" {unit}", disable=not bar_shown, dynamic_ncols=True, desc=f"tokenizing {kind.name}",
               initial=splitter.seen) as bar:
-        for (read_skips, count), (batch, skipped, cut) in _map_ordered(job, tagged(), run.workers):
+        for (read_skips, count), (batch, skipped, cut) in map_ordered(_encode, job, tagged(), run.workers):
             # A batch's records all precede a --strict stop, so their own skips come first.
             for reason, where in skipped:  # SFT's only reason: prompt_too_long
                 done.skips.add(reason, where, too_long)

@@ -390,6 +390,8 @@ class SFTLoader(_Loader):
     does not depend on how the global batch is split across ranks and micro-batches.
     """
 
+    ORDER = 2  # 2: steps shuffled whole after bucketing (2026-12-02)
+
     def __init__(self, data_dir: str | Path, split: str, seq_len: int, micro_batch: int, *, rank: int = 0,
                  world_size: int = 1, seed: int = 0, bucket: int = SFT_BUCKET, batch_size: int | None = None):
         data = open_split(data_dir, split, seq_len, "sft")
@@ -409,8 +411,6 @@ class SFTLoader(_Loader):
         steps = order[head:head + n_steps * self.batch_size].reshape(n_steps, self.batch_size)
         shuffled = steps[np.random.default_rng((self.seed, epoch, 1)).permutation(n_steps)]
         return np.concatenate([order[:head], shuffled.ravel(), order[head + n_steps * self.batch_size:]])
-
-    ORDER = 2  # 2: steps shuffled whole after bucketing (2026-12-02)
 
     def order_settings(self) -> dict[str, int]:
         """Steps are shuffled whole, so the order also depends on the global batch."""

@@ -1,0 +1,181 @@
+"""An ordered map over spawned worker processes, made to survive long `tinyk data` runs: workers
+leave the stop signals (Ctrl-C, SIGTERM, SIGHUP) to the parent, die with a parent killed outright,
+never run the caller's script, and a pool stopped mid-task (a full disk, a killed worker) cannot hang.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import multiprocessing
+import multiprocessing.context
+import multiprocessing.pool
+import os
+import signal
+import sys
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from itertools import chain
+from multiprocessing import resource_tracker
+from typing import Any, TypeVar
+
+from .errors import STOP_SIGNALS, signal_handlers
+
+A = TypeVar("A")
+R = TypeVar("R")
+
+_TASK: tuple[Callable[[Any, Any], Any], Any] | None = None  # a worker's function and its fixed argument
+
+
+def _init_worker(fn: Callable[[Any, Any], Any], arg: Any, parent: int) -> None:
+    global _TASK
+    die_with(parent)
+    # Stop signals reach every process of the group (a closed terminal, `kill -TERM -PGID`, systemd,
+    # Slurm): the parent stops the pool; a worker killed by one while it held the pool's task pipe
+    # would have left the parent waiting for that pipe forever.
+    for s in STOP_SIGNALS:  # inherited already; kept should the start method change
+        signal.signal(s, signal.SIG_IGN)
+    # Each worker is one core; tokenizers' own thread pool would oversubscribe them.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _TASK = fn, arg
+
+
+def die_with(parent: int) -> None:
+    """A worker whose parent is killed (kill -9, the OOM killer) ends with it, rather than tokenizing
+    for no one and printing a BrokenPipeError traceback when it hands its batch over. Linux only
+    (prctl PR_SET_PDEATHSIG); elsewhere such a worker ends at that hand-over."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # killed before the line above took effect
+        os._exit(1)
+
+
+def _work(payload: Any) -> Any:
+    assert _TASK is not None
+    fn, arg = _TASK
+    return fn(arg, payload)
+
+
+def map_ordered(fn: Callable[[A, Any], R], arg: A, payloads: Iterable[tuple[Any, Any]], workers: int
+                ) -> Iterator[tuple[Any, R]]:
+    """`fn(arg, payload)` of (tag, payload) pairs in order, in `workers` processes once there is more
+    than one payload; yields (tag, result). `fn` is a module's function and `arg` picklable: each worker
+    gets them once.
+
+    At most two payloads per worker are in flight, which bounds memory whatever the input size.
+    """
+    it = iter(payloads)
+    head = [p for p in (next(it, None), next(it, None)) if p is not None]
+    if workers <= 1 or len(head) < 2:
+        for tag, p in chain(head, it):
+            yield tag, fn(arg, p)
+        return
+    with start_pool(workers, fn, arg) as pool:
+        pending: deque = deque()
+        for tag, p in chain(head, it):
+            pending.append((tag, pool.apply_async(_work, (p,))))
+            if len(pending) >= 2 * workers:
+                tag, result = pending.popleft()
+                yield tag, result.get()
+        while pending:
+            tag, result = pending.popleft()
+            yield tag, result.get()
+
+
+@contextlib.contextmanager
+def start_pool(workers: int, fn: Callable[[A, Any], Any], arg: A) -> Iterator[Any]:
+    """A pool of spawned workers (not forked: the caller may hold threads, torch's or tokenizers',
+    that fork would break) that leave Ctrl-C, SIGTERM and SIGHUP to the parent, which stops the pool
+    and keeps the work done for the same command to continue (`tinyk data`'s checkpoints).
+
+    Workers start with those ignored, which survives exec, so one that comes while they import does
+    not reach them; the parent blocks them meanwhile, so they stay pending (Linux never discards a
+    blocked signal) and land once the pool is in hand. Only the main thread can change handlers.
+    """
+    ctx = multiprocessing.get_context("spawn")
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        # Windows has no signal masks (nor the resource tracker's POSIX start): its workers ignore
+        # Ctrl-C from the start (`_init_worker`), which is all that can be done there.
+        with _spawn_pool(ctx, workers, fn, arg) as pool:
+            yield pool
+        return
+    # Starting it unblocks SIGINT, so not in the window below. It ignores SIGINT and SIGTERM itself;
+    # SIGHUP killed it, and it came back with a traceback for each lock of the pool: it starts with
+    # SIGHUP blocked, and one that came meanwhile lands here after.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, set(STOP_SIGNALS))
+    try:
+        with signal_handlers(dict.fromkeys(STOP_SIGNALS, signal.SIG_IGN)):
+            pool = _spawn_pool(ctx, workers, fn, arg)
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        raise
+    with pool:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        yield pool
+
+
+_MAIN_SWAP = threading.Lock()
+
+
+class _Worker(multiprocessing.context.SpawnProcess):
+    """A pool worker, which ignores the stop signals: the pool ends it with SIGKILL."""
+
+    def terminate(self) -> None:
+        self.kill()
+
+
+class _Pool(multiprocessing.pool.Pool):
+    """A pool whose `terminate()` cannot hang on an error (a full disk) while tasks are in flight.
+
+    Terminating, the standard pool reads the workers' pipe only while it holds data, then kills the
+    workers and joins the thread that writes tasks into that pipe. That thread may start writing one
+    more task just after (a batch is megabytes, the pipe holds 64 KiB) and then waits for a reader
+    forever. Here the pipe is read until that thread has ended.
+    """
+
+    @staticmethod
+    def Process(ctx: Any, *args: Any, **kwargs: Any) -> _Worker:
+        return _Worker(*args, **kwargs)
+
+    @staticmethod
+    def _help_stuff_finish(inqueue: Any, task_handler: threading.Thread, size: int) -> None:
+        # it would wait for itself (the standard pool never joins it then)
+        if threading.current_thread() is task_handler:
+            return
+        # Held for good, as the standard pool does: the workers are being stopped. A worker killed
+        # from outside while reading a task (the OOM killer) holds it for good, and then no worker
+        # can read: the pipe is read without it.
+        inqueue._rlock.acquire(timeout=5)
+        while task_handler.is_alive():
+            if inqueue._reader.poll(0.01):
+                inqueue._reader.recv_bytes()
+
+
+def _spawn_pool(ctx: Any, workers: int, fn: Callable[[A, Any], Any], arg: A) -> Any:
+    """A spawn pool whose workers do not run the parent's `__main__` first, as spawned processes do
+    unless it looks interactive: they need only tinyk, and a script that called tinyk without the
+    `if __name__ == "__main__":` guard would have every worker run the script (its side effects
+    included) and start workers of its own, which fail, and the pool restarts them forever.
+
+    Spawning reads `__main__.__spec__` and `__file__` to find the script; only those two are hidden,
+    only while the pool starts its workers (synchronously), and under a lock, so two pools never
+    interleave and another thread still finds everything the script defines (pickle needs that).
+    """
+    main = sys.modules["__main__"]
+    with _MAIN_SWAP:
+        saved = {k: main.__dict__[k] for k in ("__spec__", "__file__") if k in main.__dict__}
+        main.__spec__ = None
+        main.__dict__.pop("__file__", None)
+        try:
+            return _Pool(workers, initializer=_init_worker, initargs=(fn, arg, os.getpid()), context=ctx)
+        finally:
+            main.__dict__.pop("__spec__", None)
+            main.__dict__.update(saved)
