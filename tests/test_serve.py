@@ -447,7 +447,12 @@ LONG = "".join(chr(0x4E00 + 37 * i) for i in range(200))  # rare characters: sev
      "invalid_type"),  # JSON's true is no integer, though Python counts it as one
     ("/v1/responses", {"model": "nano", "input": [{"role": ["user"], "content": "x"}]}, 400, "input[0].role",
      "invalid_value"),
-    # What cannot be honoured is said first, even of a chat that would not fit either.
+    # What cannot be honoured is said before the prompt is read, even of a chat that would not fit either,
+    # and after the model is found (another server's model is the error to fix first).
+    ("/v1/chat/completions", {"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}], "tools": []},
+     404, "model", "model_not_found"),
+    ("/v1/chat/completions", {"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}], "tools": [{}]},
+     404, "model", "model_not_found"),
     ("/v1/chat/completions", {"model": "nano", "messages": [{"role": "user", "content": "你好" * 3000}],
                               "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools",
      "invalid_value"),
@@ -1439,6 +1444,33 @@ def test_a_client_that_stops_reading_does_not_stall_others(server, client, refer
         assert b'"finish_reason": "length"' in data
     finally:
         slow.close()
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses"])
+def test_a_client_gone_before_its_stream_opens_is_cancelled_without_a_traceback(served, monkeypatch, path):
+    """Writing the stream's headers is where a client that left at once is found out: its request is
+    cancelled and the server prints nothing (a stream opened in a context manager that never got to yield raised
+    a RuntimeError there, which the server printed as a traceback)."""
+    server, _ = served
+    errors, ended = [], []
+    monkeypatch.setattr(server, "handle_error", lambda request, address: errors.append(sys.exc_info()[1]))
+
+    def reset(self, sub):
+        raise ConnectionResetError("reset by peer")
+
+    monkeypatch.setattr("tinyk.serve.Handler._open_stream", reset)
+    server.api.scheduler.on_finish = lambda r: ended.append(r.finish_reason)
+    asked = {"messages": [{"role": "user", "content": "你好"}], "max_tokens": 60} if "chat" in path else \
+        {"input": "你好", "max_output_tokens": 60}
+    try:
+        with pytest.raises((http.client.HTTPException, OSError)):
+            request(server, "POST", path, {"model": "nano", "stream": True, **asked})
+        deadline = time.monotonic() + 30
+        while (server._open or not ended) and time.monotonic() < deadline:  # its thread done, its request ended
+            time.sleep(0.01)
+        assert errors == [] and len(ended) == 1  # cancelled, unless it ended first
+    finally:
+        server.api.scheduler.on_finish = None
 
 
 @pytest.mark.parametrize("stream", [True, False])

@@ -342,12 +342,13 @@ class Api:
                     "prompt": "; a text prompt goes to /v1/completions"}.get(unknown[0], "")
             raise ApiError(400, f"unrecognized request argument supplied: {unknown[0]}{hint}", param=unknown[0],
                            code="unknown_parameter")
+        self.check_model(body)
+        # What cannot be honoured is said before the prompt is read (a chat too long with tools: the tools).
         check_off_fields(body, IGNORED, UNSUPPORTED | (UNSUPPORTED_IN_CHAT if chat else UNSUPPORTED_IN_COMPLETIONS))
         fmt = body.get("response_format")
         if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
             raise ApiError(400, "only 'response_format' {\"type\": \"text\"} is supported", param="response_format",
                            code="invalid_value")
-        self.check_model(body)
         # The choices decode side by side in one batch, so no more than the batch holds; and they queue
         # together, so no more than the queue holds (else every retry of an n above it would get a 503).
         limit = min(self.engine.max_batch, self.cfg.max_waiting)

@@ -218,7 +218,7 @@ def _encode_sft(job: _Job, convs: list[tuple[str, list[dict[str, str]], _Clip | 
     prompted = [with_system(msgs, job.system_prompt) for _, msgs, _ in convs]
     plain, nbytes_of = _tokenizer(job.tokenizer_json)
     chats = encode_chat(plain, prompted)
-    toks, masks, lengths, nbytes, kept, skipped = [], [], [], [], [], []
+    toks, masks, lengths, nbytes, keys, skipped = [], [], [], [], [], []
     truncated: Counter = Counter()
     for (where, msgs, clip), chat in zip(convs, chats, strict=True):
         mask = np.asarray(chat.flags, np.uint8)
@@ -236,9 +236,9 @@ def _encode_sft(job: _Job, convs: list[tuple[str, list[dict[str, str]], _Clip | 
         masks.append(mask[:cut])
         lengths.append(cut)
         nbytes.append(int(nbytes_of[chat.ids[:cut]][mask[:cut] == 1].sum()))
-        kept.append(_split_source(msgs) if clip is None else clip.split_source)
+        keys.append(_content_key(_split_source(msgs)) if clip is None else clip.key)
     batch = _Batch(np.concatenate(toks) if toks else np.empty(0, job.dtype), np.array(lengths, np.int64),
-                   np.array(nbytes, np.int64), _content_keys(kept),
+                   np.array(nbytes, np.int64), np.array(keys, np.uint64),
                    np.concatenate(masks) if masks else np.empty(0, np.uint8))
     return batch, skipped, truncated
 
@@ -254,9 +254,10 @@ def _split_source(messages: list[dict[str, str]]) -> bytes:
 @dataclass(frozen=True)
 class _Clip:
     """What clipping a conversation's long message (`_clipped`) left out that the output still depends on:
-    the whole conversation's split key source, and whether a reply the loss would be on went with it."""
+    the whole conversation's split key (hashed by the reader: a megabyte reply does not travel to the
+    workers), and whether a reply the loss would be on went with it."""
 
-    split_source: bytes
+    key: int
     lost_reply: bool
 
 
@@ -306,10 +307,13 @@ def _batched(items: Iterable[Any], size: Callable[[Any], int], limit: int) -> It
 _M64 = (1 << 64) - 1
 
 
+def _content_key(data: bytes) -> int:
+    """A 64-bit hash of a document's bytes."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
 def _content_keys(docs: list[bytes]) -> np.ndarray:
-    """A 64-bit hash of each document's bytes."""
-    return np.fromiter((int.from_bytes(hashlib.blake2b(d, digest_size=8).digest(), "little") for d in docs),
-                       np.uint64, len(docs))
+    return np.fromiter((_content_key(d) for d in docs), np.uint64, len(docs))
 
 
 def _unit_draws(seed: int, keys: np.ndarray) -> np.ndarray:
@@ -1157,5 +1161,6 @@ def _clipped(messages: list[dict[str, str]], chars: int) -> tuple[list[dict[str,
     for i, m in enumerate(messages):
         if len(m["content"]) > chars:
             lost = any(r["role"] == "assistant" and r["content"].strip() for r in messages[i + 1:])
-            return [*messages[:i], {**m, "content": m["content"][:chars]}], _Clip(_split_source(messages), lost)
+            clip = _Clip(_content_key(_split_source(messages)), lost)
+            return [*messages[:i], {**m, "content": m["content"][:chars]}], clip
     return messages, None

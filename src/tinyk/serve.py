@@ -594,7 +594,7 @@ class Handler(BaseHTTPRequestHandler):
                 choice = {"index": i, "text": delta or "", "logprobs": lp, "finish_reason": finish}
             return envelope([choice])
 
-        with self._event_stream(sub):
+        def events() -> None:
             if chat:  # each choice opens with the role
                 for i in range(len(reqs)):
                     self._event(envelope([{"index": i, "delta": {"role": "assistant", "content": ""},
@@ -617,13 +617,14 @@ class Handler(BaseHTTPRequestHandler):
                 self._event(envelope([], sub.usage()))
             self._write_chunk(b"data: [DONE]\n\n")
 
-    @contextlib.contextmanager
-    def _event_stream(self, sub: Submission) -> Iterator[None]:
-        """A stream of server-sent events around what the block writes: its headers, and its last chunk
-        once the block is done. A client that goes away mid-stream cancels every choice."""
+        self._event_stream(sub, events)
+
+    def _event_stream(self, sub: Submission, events: Callable[[], None]) -> None:
+        """A stream of server-sent events: its headers, what `events()` writes, and its last chunk. A
+        client that goes away, even before the headers, cancels every choice."""
         try:
             self._open_stream(sub)
-            yield
+            events()
             if self.chunked:
                 self._write_chunk(b"")
         except (OSError, ValueError):  # disconnected, reset or timed out (ValueError: closed file)
@@ -657,9 +658,12 @@ class Handler(BaseHTTPRequestHandler):
                 self._json(200, reply.response(*reply.finished()), sub.headers())
             return
         deltas = (item[0] for _, item in _merged(sub.reqs, self._stop_if_client_gone) if item is not None)
-        with self._event_stream(sub):
+
+        def events() -> None:
             for number, event in enumerate(reply.events(deltas)):
                 self._event({**event, "sequence_number": number}, name=event["type"])
+
+        self._event_stream(sub, events)
 
     def _event(self, obj: dict, name: str | None = None) -> None:
         """One server-sent event (named, as the Responses API's are)."""
