@@ -182,7 +182,8 @@ def no_surrogate(text: Any, name: str) -> None:
 
 
 class Api:
-    """Turns OpenAI request bodies into engine requests and engine output into OpenAI responses."""
+    """Turns OpenAI request bodies into engine requests (`submit`), queued on the one scheduler that
+    decodes them all."""
 
     def __init__(self, engine: Engine, cfg: ServerConfig):
         self.engine, self.cfg = engine, cfg
