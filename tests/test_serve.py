@@ -1105,6 +1105,14 @@ def test_web_pages_of_other_sites_are_refused_unless_allowed(nano_model_dir, ser
                      + b"\r\nAccess-Control-Request-Headers: x-a,\r\n Set-Cookie: y\r\nConnection: close\r\n\r\n")
         assert b"Access-Control-Allow-Headers: Authorization, Content-Type\r\n" in folded \
             and b"Set-Cookie" not in folded
+        # Chrome's Private Network Access preflight, from a public page: yes to an allowed origin only.
+        pna = b"\r\nAccess-Control-Request-Method: POST\r\nAccess-Control-Request-Private-Network: true" \
+              b"\r\nConnection: close\r\n\r\n"
+        for origin, answer in ((allowed, b"204"), ("https://evil.example", b"403")):
+            got = raw(other, b"OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nOrigin: "
+                      + origin.encode() + pna)
+            assert got.startswith(b"HTTP/1.1 " + answer) and \
+                (b"Access-Control-Allow-Private-Network: true\r\n" in got) == (answer == b"204"), got[:300]
     finally:
         other.close()
 

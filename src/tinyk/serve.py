@@ -486,6 +486,10 @@ class Handler(BaseHTTPRequestHandler):
         asked = self.headers.get("Access-Control-Request-Headers", "")
         self.send_header("Access-Control-Allow-Headers",
                          asked if _HEADER_NAMES.fullmatch(asked) else "Authorization, Content-Type")
+        if self.headers.get("Access-Control-Request-Private-Network", "").strip().lower() == "true":
+            # Chrome's Private Network Access preflight (a public https page calling this machine): the
+            # origin is one --allow-origin names, so the answer is yes.
+            self.send_header("Access-Control-Allow-Private-Network", "true")
         self.send_header("Access-Control-Max-Age", "600")
         self.send_header("Content-Length", "0")
         if self.close_connection:
