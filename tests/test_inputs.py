@@ -1123,7 +1123,7 @@ def test_a_json_array_of_records_is_named_with_the_way_out(tmp_path, tok_dir, ca
     code, err = run_cli(["data", stage, "--input", good, "--input", src, "--tokenizer", tok_dir, "--out",
                          tmp_path / "d", *limit], capsys)
     assert code == 2 and "one JSON array, not JSON Lines" in one_error_line(err), err
-    assert "jq -c '.[]' alpaca.json > alpaca.jsonl" in err and not (tmp_path / "d").exists()
+    assert "jq -c '.[]' alpaca.json > alpaca.lines.jsonl" in err and not (tmp_path / "d").exists()
 
 
 @pytest.mark.parametrize("start", [b"\n", b"\xef\xbb\xbf\r\n"])
@@ -1163,6 +1163,16 @@ def test_a_pretty_printed_json_object_is_named_with_the_way_out(tmp_path, tok_di
                                                       "> records.jsonl")
 
 
+def test_the_jq_hint_never_writes_over_its_input_or_a_likely_sibling():
+    """`> Corpus.jsonl` empties Corpus.JSONL on macOS and Windows before jq reads it."""
+    from tinyk.inputs import _jq_hint
+
+    for name, out in (("Corpus.JSONL", "Corpus.lines.jsonl"), ("data.v2.json", "data.v2.lines.jsonl"),
+                      ("a.json", "a.lines.jsonl"), ("x.lines.jsonl", "x.lines.lines.jsonl"),
+                      (".json", "records.lines.jsonl")):
+        assert _jq_hint(Path(name)).endswith(f" > {out}"), name
+
+
 def test_a_line_that_is_a_list_of_messages_is_one_conversation(tmp_path, tok_dir, capsys):
     """The seed's SFT format: each line a list of {role, content} messages; not an array of records."""
     conv = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"}]
@@ -1172,6 +1182,12 @@ def test_a_line_that_is_a_list_of_messages_is_one_conversation(tmp_path, tok_dir
     assert code == 0, err
     meta = json.loads((tmp_path / "d" / "meta.json").read_text())
     assert sum(split["documents"] for split in meta["splits"].values()) == 3 and meta["skipped"]["total"] == 0
+    # Whatever the order of a message's keys (a chat app's export names its speaker first).
+    named = tmp_path / "named.jsonl"
+    named.write_text("\n".join(json.dumps([{"name": "u1", **conv[0]}, conv[1]], ensure_ascii=False)
+                               for _ in range(3)) + "\n")
+    code, err = run_cli(["data", "sft", "--input", named, "--tokenizer", tok_dir, "--out", tmp_path / "n"], capsys)
+    assert code == 0, err
     # Read as text, they are conversations, not "one JSON array" to split into records with jq.
     # An array of records whose first key is a message's is still an array.
     arr = tmp_path / "arr.json"

@@ -614,10 +614,10 @@ class _EncodingCheck:
                              f"read could not be decoded{':' if self.gbk else ','} {guess}, e.g. {example}")
 
 
-# Where a line may be a list of chat messages ([{"role": ...}, ...], one conversation in the seed's SFT
-# format), an array of records is one whose first object starts with a key no message has, or an array
-# of such conversations.
 _ARRAY = re.compile(rb'\s*\[')
+# A first line too long to hold (over --max-line-bytes) where a line may be a list of chat messages
+# ([{"role": ...}, ...], one conversation in the seed's SFT format) is judged by how it begins: an array
+# of records is one whose first object starts with a key no message has, or an array of conversations.
 _ARRAY_OF_RECORDS = re.compile(rb'\s*\[\s*(\[|\{\s*(\}|"(?!(?:role|content|from|value)")))')
 _STRINGS = re.compile(rb'\s*\[\s*"')  # an array of strings: the jq line makes them records
 
@@ -633,10 +633,13 @@ def _json_array_head(path: Path, first_line: bytes | None, message_lists: bool) 
     except _read_errors(path) as e:  # a truncated .json.gz: the same line as reading it on would give
         raise _read_error(path, e, 0) from e
     indented = first_line is not None and first_line.strip() == b"["
-    # A first line that is one conversation starts the seed's SFT JSON Lines: reading text, its lines
-    # are skipped with the hint that they are conversations, not turned into records by jq.
-    array = _ARRAY_OF_RECORDS.match(head) if message_lists else (
-        _ARRAY.match(head) and not _is_conversation_line(first_line))
+    # A first line that is one conversation starts the seed's SFT JSON Lines, whatever its keys' order:
+    # SFT reads it; reading text, its lines are skipped with the hint that they are conversations, not
+    # turned into records by jq.
+    if first_line is not None:
+        array = _ARRAY.match(head) and not _is_conversation_line(first_line)
+    else:
+        array = _ARRAY_OF_RECORDS.match(head) if message_lists else _ARRAY.match(head)
     return head if indented or array else None
 
 
@@ -657,8 +660,9 @@ def is_message_list(rec: Any) -> bool:
 def _jq_hint(path: Path, field: str | None = None) -> str:
     """The jq line that writes an array's elements one per line (strings become {field: ...} records)."""
     name = shown(path.name)
-    base = name.split(".")[0] or "records"
-    out = base + ".jsonl" if base + ".jsonl" != name else base + ".lines.jsonl"
+    # Never the input's own name (on macOS and Windows Data.JSONL is data.jsonl), nor a sibling's
+    # such as data.jsonl beside data.v2.json.
+    out = (re.sub(r"(\.(jsonl?|gz|zst))+$", "", name, flags=re.IGNORECASE) or "records") + ".lines.jsonl"
     program = shlex.quote(f".[] | {{{json.dumps(field, ensure_ascii=False)}: .}}" if field else ".[]")
     if _codec(path):
         return f"decompress it, then jq -c {program} FILE > {shlex.quote(out)}"
