@@ -586,6 +586,22 @@ def test_an_output_a_killed_replace_had_moved_aside_is_found_by_the_commands_tha
     assert e.value.code == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["data", "model", "tok"]
 
 
+def test_a_replace_is_not_stopped_by_an_aside_this_process_left(tmp_path):
+    """A carry-over that failed keeps the replaced output's leftovers in its aside, "for a later run":
+    the same process replacing the output again (training saves final/ many times) raised a bare
+    OSError (directory not empty) there and lost the new output."""
+    from tinyk.outputs import _owner
+
+    with atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "f").write_text("1")
+    left = tmp_path / f".out.old-{_owner()}"  # as named before asides got a name of their own
+    left.mkdir()
+    (left / "notes.txt").write_text("kept")
+    with atomic_dir(tmp_path / "out", force=True) as tmp:
+        (tmp / "f").write_text("2")
+    assert (tmp_path / "out" / "f").read_text() == "2" and (left / "notes.txt").read_text() == "kept"
+
+
 def test_atomic_dir_names_its_temporary_with_host_and_pid(tmp_path):
     with atomic_dir(tmp_path / "out") as tmp:
         assert tmp.parent == tmp_path and tmp.name.startswith(f".out.tmp-{_host()}-{os.getpid()}-")

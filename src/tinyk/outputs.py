@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import socket
 import sys
@@ -204,7 +205,8 @@ def atomic_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path
             raise TinykError(f"{e} ({out} appeared or changed while this ran; the new output is kept as {kept})") \
                 from None
         if out.exists() or out.is_symlink():
-            old = out.with_name(f".{_stem(out.name)}.old-{_owner()}")
+            # Its own name: an aside this process left earlier (a carry-over that failed) may be there.
+            old = out.with_name(f".{_stem(out.name)}.old-{_owner()}-{secrets.token_hex(4)}")
             try:
                 os.replace(out, old)
             except OSError as e:
@@ -461,7 +463,7 @@ def _pid_running(pid: int) -> bool:
 
 def remove_stale_temps(out: str | Path) -> list[Path]:
     """Removes what a killed `atomic_dir` left beside `out`: `.{name}.tmp-{host}-{pid}-XXXX` and
-    `.{name}.old-{host}-{pid}` directories made on this machine by a process that no longer runs; an
+    `.{name}.old-{host}-{pid}-XXXXXXXX` directories made on this machine by a process that no longer runs; an
     `.old-` one is put back instead when `out` itself is missing. Returns what was removed.
 
     Anything else is left alone: a directory whose process is alive, one made on another machine
@@ -469,7 +471,8 @@ def remove_stale_temps(out: str | Path) -> list[Path]:
     """
     out = Path(out)
     host = re.escape(_host())
-    pattern = re.compile(rf"\.{re.escape(_stem(out.name))}\.(?:tmp-{host}-([0-9]+)-[A-Za-z0-9_]+|old-{host}-([0-9]+))")
+    pattern = re.compile(rf"\.{re.escape(_stem(out.name))}\.(?:tmp-{host}-([0-9]+)-[A-Za-z0-9_]+|"
+                         rf"old-{host}-([0-9]+)(?:-[0-9a-f]{{8}})?)")
     try:
         siblings = list(out.parent.iterdir())
     except OSError:
