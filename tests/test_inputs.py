@@ -23,7 +23,7 @@ from tinyk.demo import transformers_check
 from tinyk.engine import Engine
 from tinyk.errors import TinykError, write_error
 from tinyk.evaluate import read_choice_csv, read_task
-from tinyk.inputs import HEAD_BYTES, Skips, check_inputs, iter_records, iter_texts
+from tinyk.inputs import HEAD_BYTES, Skips, check_heads, check_inputs, iter_records, iter_texts
 from tinyk.loader import SFTLoader
 from tinyk.outputs import (
     _host,
@@ -308,6 +308,17 @@ def test_the_head_check_judges_no_encoding_on_a_few_long_lines(tmp_path, tok_dir
     src.write_bytes(doc.replace("好".encode(), b"\xff", 1) + doc * 2)
     meta = prepare_pretrain([src], tok_dir, tmp_path / "d", show_progress=False)
     assert meta["skipped"]["by_reason"] == {"invalid_utf8": 1}
+
+
+def test_the_head_check_finds_a_gbk_file_of_long_lines_as_the_run_would(tmp_path):
+    """250 lines of 4 KB fill the first megabyte: the head check judged no encoding on fewer than 1,000
+    lines, so a GBK corpus was found only at its turn, after the files before it."""
+    src = tmp_path / "gbk.txt"
+    src.write_bytes(("今天天气很好，" * 290 + "\n").encode("gbk") * 1200)  # 4 KB lines, 4.9 MB
+    with pytest.raises(TinykError, match=r"gbk.txt: not UTF-8 text \(2\d\d of 2\d\d lines read"):
+        check_heads([src])
+    with pytest.raises(TinykError, match=r"gbk.txt: not UTF-8 text \(2\d\d of 2\d\d lines read"):
+        list(iter_texts([src], Skips()))  # the run, on the same lines
 
 
 def test_a_stray_nul_byte_early_in_utf8_text_skips_its_record_not_the_file(tmp_path):

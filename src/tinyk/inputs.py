@@ -31,6 +31,8 @@ NUL_HINT = "a NUL byte is binary data, not text"  # a text line holding one is s
 NO_RECORDS = "nothing but blank lines (or Parquet files without rows)"  # why an input with nothing skipped is empty
 HEAD_BYTES = 1 << 20  # what `check_heads` reads of each input
 ENCODING_LINES = 1000  # a file whose first lines are mostly not UTF-8 is refused, not skipped line by line
+# ... or whose lines in its first HEAD_BYTES, if there are this many (long documents: fewer, judged at the end).
+ENCODING_MIN_LINES = 20
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".json.zst",
                       ".txt.gz", ".txt.zst")
 
@@ -429,7 +431,7 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
     yield a dict. Stops once `max_bytes` of input have been consumed. `message_lists`: a line may
     be a bare list of chat messages (the seed's SFT format), so such a first line is not taken
     for the start of a JSON array. `head`: only each file's lines that start in its first `head`
-    bytes (its first line whole), and its encoding judged only if they reach the lines that decide it.
+    bytes (its first line whole), and its encoding judged there as a whole read judges it.
     """
     consumed = 0
     labels = _labels(paths)
@@ -455,6 +457,8 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
         lone_crs = 0  # in .txt lines before this one: each began a line of its own, which positions count
         encoding = _EncodingCheck(path)
         for lineno, line, read in iter_lines(path, max_line_bytes):
+            if end >= HEAD_BYTES:  # where `check_heads` stops: it and the run decide on the same lines
+                encoding.decide(at_least=ENCODING_MIN_LINES)
             if head is not None and end >= head:
                 break
             if line is None:  # too long to read: skipped below, and no part of the max_bytes budget
@@ -596,9 +600,10 @@ class _EncodingCheck:
         if self.lines == ENCODING_LINES:
             self.decide()
 
-    def decide(self) -> None:
-        """Refuses the file if most of its non-blank lines so far are not UTF-8; decides once."""
-        if self.done:
+    def decide(self, at_least: int = 0) -> None:
+        """Refuses the file if most of its non-blank lines so far are not UTF-8; decides once, and only on
+        `at_least` lines (a megabyte of book-length documents holds one or two, which cannot say)."""
+        if self.done or self.lines < at_least:
             return
         self.done = True
         if self.not_utf8 * 2 > self.lines:
