@@ -69,7 +69,7 @@ class _Session:
         self.system = system
 
     def opening(self, s: str | None) -> int:
-        """Tokens a conversation under system prompt `s` takes before its first message's text."""
+        """Tokens a one-message conversation under system prompt `s` takes besides the message's text."""
         from .engine import MESSAGE_TOKENS
 
         self.engine.check_fits([s or ""], tokens_each=MESSAGE_TOKENS)  # a pasted megabyte: refused, not tokenized

@@ -197,11 +197,7 @@ def atomic_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path
             if _identity(out) not in (was, None):  # --force replaces what was there, not another run's newer output
                 raise TinykError(f"output directory {out} is not replaced")
         except TinykError as e:
-            kept = _unused_name(out.with_name(f"{_stem(out.name)}.new"))  # complete, partial or not
-            try:
-                os.replace(tmp, kept)
-            except OSError:
-                kept = tmp
+            kept = _keep_aside(tmp, out)  # complete, partial or not
             raise TinykError(f"{e} ({out} appeared or changed while this ran; the new output is kept as {kept})") \
                 from None
         if out.exists() or out.is_symlink():
@@ -213,11 +209,7 @@ def atomic_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path
                 if e.errno != errno.EBUSY:
                     raise
                 # A bind mount that ismount() did not see: the work is done, so it is kept.
-                kept = _unused_name(out.with_name(f"{_stem(out.name)}.new"))
-                try:
-                    os.replace(tmp, kept)
-                except OSError:
-                    kept = tmp
+                kept = _keep_aside(tmp, out)
                 raise TinykError(f"{_mount_point(out)} (this output is kept as {kept})") from e
             if old.is_symlink() and old.is_dir():
                 print(f"tinyk: note: {shown(out)} was a link to {shown(old.readlink())}; it is now a folder of its "
@@ -310,6 +302,16 @@ def dangling_link(out: Path, fix: str) -> str:
 def _mount_point(out: Path) -> str:
     return (f"output {out} is a mount point (a volume, a Docker -v folder), which cannot be replaced: tinyk "
             f"writes a new folder beside an output and renames it into place; give a folder inside it instead")
+
+
+def _keep_aside(tmp: Path, out: Path) -> Path:
+    """Where a finished output that cannot replace `out` is kept: `out.new` (or `out.new-2`, ...), else `tmp`."""
+    kept = _unused_name(out.with_name(f"{_stem(out.name)}.new"))
+    try:
+        os.replace(tmp, kept)
+    except OSError:
+        return tmp
+    return kept
 
 
 def _unused_name(path: Path) -> Path:

@@ -340,7 +340,8 @@ class TinyTokenizer:
             raise TinykError(NOT_UTF8) from e
 
     def opening_tokens(self, system: str | None) -> int:
-        """Tokens a conversation under system prompt `system` takes before its first message's text."""
+        """Tokens a one-message conversation under system prompt `system` takes besides that message's text:
+        the system turn, the message's markers and the reply's header."""
         return len(self.encode_chat(with_system([{"role": "user", "content": ""}], system), add_generation_prompt=True))
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
