@@ -35,7 +35,7 @@ from tinyk.evaluate import (
     table_rows,
 )
 from tinyk.inputs import Skips
-from tinyk.tokenizer import train_tokenizer
+from tinyk.tokenizer import load_tokenizer, train_tokenizer
 
 QUESTIONS = [
     ("中国的首都是哪里？", ["北京", "上海", "广州", "深圳"]),
@@ -57,7 +57,7 @@ def model_choice(model, tok, fmt: str, question: str, options: dict[str, str]) -
     context, conts = choice_continuations(ChoiceQuestion("s", question, options, "A"), fmt)
     scores = continuation_logprobs(model, tok, [(context, c) for _, c in conts], batch_size=1)
     if fmt == "cloze":
-        scores = [s / len(c.encode()) for s, (_, c) in zip(scores, conts, strict=True)]
+        scores = [s / len(tok.normalized(c).encode()) for s, (_, c) in zip(scores, conts, strict=True)]
     return conts[max(range(len(conts)), key=scores.__getitem__)][0]
 
 
@@ -167,6 +167,24 @@ def test_choice_accuracy_and_chance_on_a_ceval_folder(tmp_path, nano, fmt):
     r = eval_choice(model, tok, [tmp_path / "ceval"], fmt=fmt)
     assert r["questions"] == 6 and r["skipped"]["by_reason"] == {"no_answer_column": 1, "empty_file": 1}
     assert r["skipped"]["first"]["empty_file"] == ["empty_val.csv"]
+
+
+def test_cloze_scores_options_per_byte_of_what_the_tokens_spell(tmp_path, corpus_file):
+    """With an NFKC tokenizer （甲） and (甲) are the same tokens, so the same log-probability: divided
+    by the raw text's bytes (9 and 5), the full-width option won whatever the model said."""
+    tok_dir = tmp_path / "tok"
+    train_tokenizer([corpus_file], tok_dir, vocab_size=400, normalization="nfkc", show_progress=False)
+    model = init_model_dir("nano", tok_dir, tmp_path / "m")
+    tok = load_tokenizer(tok_dir)
+    folder = tmp_path / "ceval"
+    folder.mkdir()
+    (folder / "x_val.csv").write_text("id,question,A,B,answer\n0,哪个对？,（甲）,(甲),B\n1,几个？,１２,12,B\n",
+                                      encoding="utf-8")
+    records: list = []
+    eval_choice(model, tok, [folder], fmt="cloze", records=records)
+    for r in records:
+        assert r["logprobs"]["A"] == pytest.approx(r["logprobs"]["B"]) and r["scores"]["A"] == pytest.approx(
+            r["scores"]["B"]) and r["pick"] == "A"  # equal scores: the first option, as any tie
 
 
 def test_cmmlu_header_bad_rows_and_uneven_options(tmp_path):

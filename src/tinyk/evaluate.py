@@ -564,7 +564,8 @@ def score_choice(model: Transformer, tok: TinyTokenizer, paths: list[str | Path]
         context, conts = choice_continuations(q, fmt)
         for letter, cont in conts:
             pairs.append((context, cont))
-            owners.append((qi, letter, max(1, len(cont.encode("utf-8")))))
+            # Per byte of what its tokens spell: NFKC gives （甲） and (甲) the same tokens and log-probability.
+            owners.append((qi, letter, max(1, len(tok.normalized(cont).encode("utf-8")))))
     logprobs: list[dict[str, float]] = [{} for _ in questions]
     scores: list[dict[str, float]] = [{} for _ in questions]
     for (qi, letter, nbytes), s in zip(owners, continuation_logprobs(model, tok, pairs, batch_size), strict=True):

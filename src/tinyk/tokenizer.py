@@ -339,6 +339,10 @@ class TinyTokenizer:
         except TypeError as e:
             raise TinykError(NOT_UTF8) from e
 
+    def normalized(self, text: str) -> str:
+        """`text` as this tokenizer reads it (NFKC turns full-width `（１２）` into `(12)`): what its tokens spell."""
+        return self.tok.normalizer.normalize_str(text) if self.tok.normalizer is not None else text
+
     def opening_tokens(self, system: str | None) -> int:
         """Tokens a one-message conversation under system prompt `system` takes besides that message's text:
         the system turn, the message's markers and the reply's header."""
