@@ -377,6 +377,19 @@ def test_sft_conversations_a_short_window_leaves_out_are_reported(nano, nano_mod
     assert next(table_rows({"data": [short]}))[0] == f"{sft_data.name}/val loss (answer tokens within seq_len 64)"
 
 
+def test_a_window_cut_for_another_model_says_so(tmp_path, nano_model_dir, tok_dir, pretrain_data):
+    """Models compared share the shortest window: a --seq-len within a model's own context is cut for the
+    others, which its row said was "beyond the model's context"."""
+    from tinyk.evaluate import evaluate_models
+
+    wide = tmp_path / "wide"
+    init_model_dir("nano", tok_dir, wide, max_seq_len=256)
+    narrow, broad = evaluate_models([nano_model_dir, wide], data=[pretrain_data], seq_len=200)
+    rows = [next(table_rows(r))[0] for r in (narrow, broad)]
+    assert rows == [f"{pretrain_data.name}/val loss (windows of 128 tokens; --seq-len 200 is beyond {why})"
+                    for why in ("the model's context", "the shortest context of the models compared")]
+
+
 def test_data_from_another_tokenizer_is_refused(tmp_path, nano, pretrain_data, corpus_file):
     from tinyk.checkpoint import init_model_dir
     from tinyk.tokenizer import train_tokenizer

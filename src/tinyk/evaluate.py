@@ -708,8 +708,9 @@ def _run_plan(plan: _Plan, model: Transformer, tok: TinyTokenizer, *, data: list
     for d, split_data, window in zip(data, plan.opened, plan.windows, strict=True):
         evaluated = eval_data(model, plan.model_dir, d, split=split, seq_len=window, batch_size=batch_size,
                               max_batches=max_batches, opened=split_data)
-        if seq_len and seq_len > window:  # as asked: the table says the window was cut
+        if seq_len and seq_len > window:  # as asked: the table says the window was cut, and by what
             evaluated["seq_len_asked"] = seq_len
+            evaluated["seq_len_cut_by"] = "context" if seq_len > model.config.max_seq_len else "other_models"
         results["data"].append(evaluated)
     if tasks:
         from .engine import INT8_MAX_ROWS
@@ -818,7 +819,9 @@ def table_rows(results: dict[str, Any]) -> Iterator[tuple[str, str, str]]:
     """(metric, score, baseline) rows of `tinyk eval`'s table."""
     for d in results.get("data", []):
         name = f"{Path(d['data']).name}/{d['split']}"
-        cut = f"; --seq-len {d['seq_len_asked']} is beyond the model's context" if d.get("seq_len_asked") else ""
+        limit = "the shortest context of the models compared" if d.get("seq_len_cut_by") == "other_models" else \
+            "the model's context"
+        cut = f"; --seq-len {d['seq_len_asked']} is beyond {limit}" if d.get("seq_len_asked") else ""
         # seq_len, as the JSON and the left-out row name it (SFT: conversations of up to seq_len + 1 tokens,
         # which are seq_len predictions, as in training)
         unit = f"answer tokens within seq_len {d['seq_len']}" if d.get("kind") == "sft" else \
