@@ -737,12 +737,18 @@ def test_weights_that_are_not_finite_are_refused_everywhere(tmp_path, tok_dir):
             model_info(tmp_path / "m")
         state["model.norm.weight"] = state["model.norm.weight"].real.float() if dtype.is_complex else \
             state["model.norm.weight"].float()
-    state["model.norm.weight"] = state["model.norm.weight"].to(torch.float8_e4m3fn)  # a float torch cannot check
+    for fp8 in (torch.float8_e4m3fn, torch.float8_e8m0fnu):  # floats torch cannot check
+        state["model.norm.weight"] = state["model.norm.weight"].float().to(fp8)
+        save_file(state, tmp_path / "m" / "model.safetensors")
+        for load in (load_model, model_info):  # it loaded in info, and was a traceback from isfinite in generate
+            with pytest.raises(TinykError, match=rf"holds {str(fp8)[6:]} weights \(model.norm.weight\)"):
+                load(tmp_path / "m")
+    # A header dtype this tinyk has no name for (AMD's fp8) is refused by the header's own name.
+    state["model.norm.weight"] = state["model.norm.weight"].float().to(torch.float8_e4m3fnuz)
     save_file(state, tmp_path / "m" / "model.safetensors")
-    for load in (load_model, model_info):  # it loaded in info, and was a traceback from isfinite in generate
-        with pytest.raises(TinykError, match=r"holds float8_e4m3fn weights \(model.norm.weight\)"):
-            load(tmp_path / "m")
-    state["model.norm.weight"] = state["model.norm.weight"].to(torch.bfloat16)
+    with pytest.raises(TinykError, match=r"holds F8_E4M3FNUZ weights \(model.norm.weight\); tinyk loads float32"):
+        model_info(tmp_path / "m")
+    state["model.norm.weight"] = state["model.norm.weight"].float().to(torch.bfloat16)
     save_file(state, tmp_path / "m" / "model.safetensors")
     assert model_info(tmp_path / "m")["parameters"] > 0
     (tmp_path / "m" / "tokenizer.json").unlink()  # and `model info` refuses what every other command does
