@@ -240,6 +240,20 @@ def test_left_padded_batch_matches_unpadded():
     assert (step[0, 0] - ref_a[0, 12]).abs().max() < 1e-5
 
 
+def test_force_replaces_only_a_tinyk_model_directory(tmp_path, tok_dir):
+    """A config.json that only mentions tinyk (a JSON string, a list, a block that is not one) is someone
+    else's folder: --force does not delete it."""
+    init_model_dir("nano", tok_dir, tmp_path / "m")
+    init_model_dir("nano", tok_dir, tmp_path / "m", force=True)  # its own kind: replaced
+    other = tmp_path / "other"
+    other.mkdir()
+    for config in ('"tinyk"', '["tinyk"]', '{"tinyk": "v1"}'):
+        (other / "config.json").write_text(config)
+        with pytest.raises(TinykError, match=r"exists and is not a tinyk model directory, so it is not replaced"):
+            init_model_dir("nano", tok_dir, other, force=True)
+        assert (other / "config.json").read_text() == config
+
+
 def test_model_init_uses_tokenizer_vocab_and_info(tmp_path, tok_dir):
     from tinyk.tokenizer import load_tokenizer
 

@@ -163,9 +163,10 @@ def check_compatible(cfg: ModelConfig, tok: TinyTokenizer) -> None:
 def _is_tinyk_model(path: Path) -> bool:
     """A model directory tinyk wrote (its config.json has a `tinyk` block), not any HF model."""
     try:
-        return "tinyk" in read_json(path / "config.json")
-    except (OSError, ValueError, TypeError):
+        config = read_json(path / "config.json")
+    except (OSError, ValueError):
         return False
+    return isinstance(config, dict) and isinstance(config.get("tinyk"), dict)
 
 
 def is_model_dir(path: str | Path) -> bool:
