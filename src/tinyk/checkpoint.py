@@ -140,17 +140,13 @@ def config_from_hf(d: Any) -> ModelConfig:
                          f"which tinyk's LLaMA-2 model does not implement")
     if own is None:
         return cfg
-    try:
-        merged = ModelConfig.from_dict({**cfg.to_dict(), **own})  # the block adds tinyk's own fields (dropout)
-    except ValueError:
-        merged = None  # a value the block gets wrong: the disagreement below, or else this error, says which
-    for name, key in HF_KEYS.items():
+    for name, key in HF_KEYS.items():  # first: a value the block gets wrong is said as a disagreement
         if own.get(name) is not None and own[name] != getattr(cfg, name):
             raise TinykError(f"config.json disagrees with itself: {key} is {getattr(cfg, name)} but its tinyk block "
                              f"has {name} {own[name]!r}; transformers keeps that block unchanged when it saves a "
                              f"model it changed (resize_token_embeddings): delete the block to use the transformers "
                              f"keys, or make the two agree")
-    return merged or ModelConfig.from_dict({**cfg.to_dict(), **own})
+    return ModelConfig.from_dict({**cfg.to_dict(), **own})  # the block adds tinyk's own fields (dropout)
 
 
 def check_compatible(cfg: ModelConfig, tok: TinyTokenizer) -> None:

@@ -806,9 +806,7 @@ def make_engine(model: Transformer, tok: TinyTokenizer, batch_size: int = 32, qu
     """The engine for generation tasks; an int8 one works on a copy, so the other modes keep fp32."""
     from .engine import Engine
 
-    if quantize != "none":
-        return Engine(copy.deepcopy(model), tok, max_batch=batch_size, dtype="auto", quantize=quantize)
-    return Engine(model, tok, max_batch=batch_size)
+    return Engine(copy.deepcopy(model) if quantize != "none" else model, tok, max_batch=batch_size, quantize=quantize)
 
 
 def percent(x: float) -> str:
