@@ -2605,6 +2605,26 @@ def test_what_a_killed_write_leaves_never_locks_a_run(tmp_path, pt_data, tok_dir
     assert not (out / "tensorboard").exists()  # no tracker was started only to be left open
 
 
+@pytest.mark.parametrize("entry", ["final", "best"])
+def test_a_model_a_killed_run_was_replacing_keeps_the_users_files(tmp_path, pt_data, tok_dir, entry):
+    """Killed between moving the old final/ (or best/) aside and the new one in, or before the user's
+    files in the old one were carried over: the next start deleted the old one with those files."""
+    out = tmp_path / "run"
+    train(nano_cfg(pt_data, tok_dir, out, max_steps=2, save_every=1, eval_every=1, keep_best=True))
+    (out / entry / "README.md").write_text("my notes")
+    # Killed after the new one went in: the old one's README goes to it.
+    shutil.copytree(out / entry, out / f".{entry}.old-otherhost-12345-0123abcd")
+    (out / entry / "README.md").unlink()
+    assert train(nano_cfg(pt_data, tok_dir, out, max_steps=3, keep_best=True), resume=True)["steps"] == 3
+    assert (out / entry / "README.md").read_text() == "my notes"
+    # Killed between the two renames: no final/ (best/), the old one aside, the new one a temporary.
+    (out / entry).rename(out / f".{entry}.old-otherhost-12345-0123abcd")
+    shutil.copytree(out / f".{entry}.old-otherhost-12345-0123abcd", out / f".{entry}.tmp-otherhost-12345-xyz")
+    assert train(nano_cfg(pt_data, tok_dir, out, max_steps=4, keep_best=True), resume=True)["steps"] == 4
+    assert (out / entry / "README.md").read_text() == "my notes"
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+
+
 @pytest.mark.parametrize("system", ["你是小K，一个\"会写诗\"的助手", ""], ids=["custom", "none"])
 def test_the_chat_model_prompts_with_the_system_prompt_its_sft_data_carried(tmp_path, tok_dir, nano_model_dir,
                                                                             monkeypatch, system):

@@ -487,20 +487,33 @@ def remove_stale_temps(out: str | Path) -> list[Path]:
         pid = int(m.group(1) or m.group(2))
         if pid <= 0 or pid == os.getpid() or _pid_running(pid):
             continue
-        if m.group(2) and not (out.exists() or out.is_symlink()):
-            with contextlib.suppress(OSError):  # another process may be cleaning up too
-                os.replace(p, out)  # killed between moving the old output aside and the new one in: it goes back
-            continue
-        if p.is_symlink() or not p.is_dir():
-            continue
-        if m.group(2) and out.is_dir() and not out.is_symlink():  # killed after the new output went in:
-            try:  # the user's entries of the old one go there; kept for a later run if they cannot
-                _carry_over(p, out)
-            except OSError:
-                continue
-        shutil.rmtree(p, ignore_errors=True)
-        removed.append(p)
+        if m.group(2):
+            if restore_aside(p, out):
+                removed.append(p)
+        elif p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
     return removed
+
+
+def restore_aside(aside: Path, out: Path) -> bool:
+    """What a replace killed midway (`atomic_dir`) left in `aside`, the output it replaced: put back where
+    it was if nothing took its place, else its user's entries carried into what did and the rest removed.
+    Whether it is gone (not where it cannot be moved, nor a folder's carry-over that failed: kept for a
+    later run)."""
+    if not (out.exists() or out.is_symlink()):
+        with contextlib.suppress(OSError):  # another process may be cleaning up too
+            os.replace(aside, out)  # killed between moving the old output aside and the new one in
+        return False
+    if aside.is_symlink() or not aside.is_dir():
+        return False
+    if out.is_dir() and not out.is_symlink():  # killed after the new output went in
+        try:
+            _carry_over(aside, out)
+        except OSError:
+            return False
+    shutil.rmtree(aside, ignore_errors=True)
+    return True
 
 
 def _share_like_umask(root: Path) -> None:

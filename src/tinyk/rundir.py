@@ -28,6 +28,7 @@ from .outputs import (
     is_output_file,
     put_back_interrupted,
     remove_path,
+    restore_aside,
 )
 
 if TYPE_CHECKING:
@@ -92,7 +93,7 @@ RUN_ENTRIES = {"config.yaml", "checkpoints", "final", "best", "metrics.jsonl", "
                TRACKER_STEP, *TRACKERS}
 
 
-_LEFTOVER = re.compile(r"^\.(.+?)\.(?:tmp|old)-")
+_LEFTOVER = re.compile(r"^\.(.+?)\.(tmp|old)-")
 
 
 def _is_leftover(p: Path) -> bool:
@@ -201,11 +202,18 @@ def drop_aside(aside: Path) -> None:
 
 
 def clean_partial(out: Path) -> None:
-    """Removes what a run killed while writing left behind (the run's directory is its own alone)."""
+    """Removes what a run killed while writing left behind (the run's directory is its own alone). A
+    final/ or best/ it was replacing goes back if the new one had not taken its place, and otherwise
+    leaves the user's files in it (a model card, an eval's results) to the new one."""
     for parent in (out, out / "checkpoints"):
         if parent.is_dir():
             for p in parent.iterdir():
-                if _is_leftover(p):
+                if not _is_leftover(p):
+                    continue
+                name, kind = _LEFTOVER.match(p.name).groups()
+                if parent == out and kind == "old" and name in ("final", "best"):
+                    restore_aside(p, out / name)
+                else:
                     remove_path(p, ignore_errors=True)
 
 
