@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -268,6 +269,18 @@ def test_without_the_gguf_package_the_command_says_how_to_get_it(tmp_path, nano_
     assert e.value.code == 2
     assert capsys.readouterr().err.strip() == "tinyk: error: writing GGUF needs the 'gguf' package (pip install " \
                                                "gguf, or pip install 'tinyk[gguf]')"
+
+
+def test_a_gguf_package_too_old_is_named_not_a_traceback(tmp_path, nano_model_dir, monkeypatch, capsys):
+    """gguf 0.17 has no sampling keys: the export ended in an AttributeError."""
+    import gguf
+
+    monkeypatch.delattr(gguf.GGUFWriter, "add_sampling_sequence")
+    with pytest.raises(SystemExit) as e:
+        main(["model", "gguf", str(nano_model_dir), "--out", str(tmp_path / "m.gguf")])
+    assert e.value.code == 2 and not (tmp_path / "m.gguf").exists()
+    assert re.fullmatch(r"tinyk: error: writing GGUF needs gguf 0\.18 or newer, and this Python has gguf \S+ "
+                        r"\(pip install -U gguf\)\n", capsys.readouterr().err)
 
 
 LLAMA_CPP = os.environ.get("TINYK_LLAMA_CPP")  # a llama.cpp build's bin/ folder: llama-tokenize, llama-simple

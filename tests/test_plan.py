@@ -191,6 +191,10 @@ def test_plan_text_says_more_when_slower_and_names_fp32_copies(capsys):
     bf16 = json.loads(run_cli(["plan", "--preset", "seed-215m", "--gpu", "h100", "--json"], capsys)[1])
     assert 6 < fp32["time"]["gpu_hours"] / bf16["time"]["gpu_hours"] < 7  # eager, as bench/gpu.sh's fp32 row ran
     assert fp32["with_compile"] is None and fp32["throughput"]["mfu_mode"] is None  # no compiled fp32 figure
+    # --mfu is the planned GPU's: the tutorial's A100s keep their fp32 figure (they were given a bf16 one).
+    own = json.loads(run_cli(["plan", "--preset", "seed-215m", "--gpu", "h100", "--dtype", "fp32", "--mfu", "0.05",
+                              "--json"], capsys)[1])
+    assert own["tutorial"]["a100_mfu"] == fp32["tutorial"]["a100_mfu"] < 0.05
 
 
 def test_plan_from_config_file_and_flags(tmp_path, capsys):
@@ -238,6 +242,19 @@ def test_the_trainer_refuses_the_precisions_plan_refuses_in_its_own_words():
     assert precision_refusal("bf16", False, "Tesla T4", False).startswith("Tesla T4 has no bf16 tensor cores")
     assert precision_refusal("bf16", True, "NVIDIA A100", True) is None
     assert precision_refusal("fp16", False, "Tesla T4", False) is None
+
+
+def test_the_trainers_peak_flops_read_whole_model_numbers():
+    """The MFU a run logs divides by its card's peak: an RTX A1000 took the A100's (312 TFLOP/s) and a
+    T400 the T4's, so their MFU read ten times too low; a laptop chip shares its desktop card's name."""
+    from tinyk.monitor import gpu_peak_flops
+
+    assert gpu_peak_flops("NVIDIA A100-SXM4-80GB") == 312e12 and gpu_peak_flops("Tesla T4") == 65e12
+    assert gpu_peak_flops("NVIDIA L4") == 121e12 and gpu_peak_flops("NVIDIA L40S") == 362e12
+    assert gpu_peak_flops("NVIDIA H100 PCIe") == 756e12 and gpu_peak_flops("NVIDIA H20") == 148e12
+    for name in ("NVIDIA RTX A1000 6GB Laptop GPU", "NVIDIA RTX A1000", "NVIDIA T400 4GB",
+                 "NVIDIA GeForce RTX 4090 Laptop GPU"):
+        assert gpu_peak_flops(name) is None, name
 
 
 def test_gpu_table():
@@ -518,6 +535,16 @@ def test_plan_suggests_only_fixes_that_fit(capsys, tmp_path):
         and "pass that" not in out
     code, out, _ = run_cli(["plan", "--preset", "seed-215m", "--gpu", "rtx3090", "--micro-batch", "512"], capsys)
     assert "try --micro-batch" in out and "--activation-checkpointing" in out.splitlines()[-1]
+    # A window too long for any micro-batch without checkpointing: checkpointing, with the micro-batch it
+    # needs, in one suggestion (taking "--activation-checkpointing" alone still did not fit).
+    long = ["--set", "model.max_seq_len=131072", "--seq-len", "131072", "--batch-size", "8"]
+    code, out, _ = run_cli(["plan", "--preset", "seed-215m", "--gpu", "rtx4090", *long], capsys)
+    fits = re.search(r"largest micro-batch that fits: none without activation checkpointing, (\d+) with it", out)
+    assert code == 0 and fits, out
+    assert out.splitlines()[-1].endswith(f"; try --activation-checkpointing --micro-batch {fits[1]}"), out
+    code, out, _ = run_cli(["plan", "--preset", "seed-215m", "--gpu", "rtx4090", *long, "--activation-checkpointing",
+                            "--micro-batch", fits[1]], capsys)
+    assert code == 0 and "warning" not in out
 
 
 @pytest.mark.parametrize("asked,planned,why", [(3, 2, "does not divide"), (1024, 512, "exceeds")])

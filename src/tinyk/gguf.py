@@ -68,6 +68,14 @@ def _gguf_module() -> Any:
     except ImportError as e:
         raise TinykError("writing GGUF needs the 'gguf' package (pip install gguf, or pip install 'tinyk[gguf]')") \
             from e
+    if not hasattr(gguf.GGUFWriter, "add_sampling_sequence"):  # the sampling defaults' keys came in 0.18
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            has = f"gguf {version('gguf')}"
+        except PackageNotFoundError:
+            has = "an older gguf"
+        raise TinykError(f"writing GGUF needs gguf 0.18 or newer, and this Python has {has} (pip install -U gguf)")
     return gguf
 
 

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Iterable
@@ -27,8 +28,8 @@ from .model import cuda_autocast_dtype, dtype_name
 from .outputs import atomic_file, shows_a_bar, write_text_atomic
 from .units import plural
 
-# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, matched against torch.cuda.get_device_name().
-# The order matters: the first name contained in the device name wins.
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, matched against torch.cuda.get_device_name() as
+# whole model numbers (an RTX A1000 is no A100). The order matters: the first name found wins.
 GPU_PEAK_TFLOPS: dict[str, float] = {
     "GB200": 2500.0, "B200": 2250.0, "H200 NVL": 835.0, "H200": 989.0,
     "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0,
@@ -43,9 +44,12 @@ TRACKER_STEP = ".tracker_step"  # the last step earlier sessions may have sent W
 
 
 def gpu_peak_flops(name: str) -> float | None:
-    """The dense bf16 peak FLOP/s of a GPU by its device name, or None if unknown."""
+    """The dense bf16 peak FLOP/s of a GPU by its device name, or None if unknown (a laptop chip shares
+    its desktop card's name, not its peak)."""
+    if re.search(r"laptop|mobile|max-q", name, re.IGNORECASE):
+        return None
     for key, tflops in GPU_PEAK_TFLOPS.items():
-        if key.lower() in name.lower():
+        if re.search(rf"(?<![a-z0-9]){re.escape(key)}(?![0-9])", name, re.IGNORECASE):
             return tflops * 1e12
     return None
 

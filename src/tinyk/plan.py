@@ -597,7 +597,7 @@ def make_plan(run: RunSpec, gpu: GPUSpec, *, gpus: int = 1, nodes: int = 1, toke
             a100_mfu *= micro_step_share(micro * run.seq_len, run.compiled)
         if gpu.key == a100.key:
             a100_mfu, a100_source = used_mfu, mfu_source
-        elif run.dtype == "fp32" and mfu is None:  # the same precision on the tutorial's cards
+        elif run.dtype == "fp32":  # the same precision on the tutorial's cards
             a100_mfu, a100_source = a100.fp32_mfu, ASSUMED
         tutorial_hours = TUTORIAL_RUN["gpus"] * TUTORIAL_RUN["hours"]
         plan["tutorial"] = {
@@ -804,7 +804,7 @@ def _memory_lines(p: dict[str, Any]) -> list[str]:
         row("peak", mem["peak"], f"   of {g['usable_gib']:.1f} GiB usable ({USABLE_FRACTION:.0%}): "
             f"{'fits' if p['fits'] else 'DOES NOT FIT'}"),
         row(f"peak with checkpointing {'off' if ck else 'on'}", p["memory_other_checkpointing"]["peak"]),
-        f"largest micro-batch that fits: {fits['no_checkpointing']} without activation checkpointing, "
+        f"largest micro-batch that fits: {fits['no_checkpointing'] or 'none'} without activation checkpointing, "
         f"{fits['checkpointing']} with it (among divisors of the {r['batch_size'] // g['count']} sequences per GPU)"
         if fits["checkpointing"] else "no micro-batch fits, not even 1 with activation checkpointing",
     ]
@@ -818,8 +818,9 @@ def _fit_warning(p: dict[str, Any]) -> str:
     largest = fits["checkpointing" if ck else "no_checkpointing"]
     if largest:
         fixes.append(f"--micro-batch {largest}")
-    if not ck and fits["checkpointing"]:  # only if checkpointing makes it fit
-        fixes.append("--activation-checkpointing")
+    if not ck and fits["checkpointing"]:  # only if checkpointing makes it fit, with the micro-batch it needs
+        smaller = f" --micro-batch {fits['checkpointing']}" if fits["checkpointing"] < r["micro_batch"] else ""
+        fixes.append(f"--activation-checkpointing{smaller}")
     if r["parallel"] != "fsdp" and g["count"] > 1:
         fixes.append("--parallel fsdp")
     return ("warning      the peak exceeds the usable memory" +
