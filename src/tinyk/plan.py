@@ -747,8 +747,11 @@ def _mfu_text(t: dict[str, Any]) -> str:
     mode = t["mfu_mode"]
     if mode is None:
         return f"{_pct(mfu)} ({source})"
+    smallest = MICRO_STEP_SHARE[mode == "compiled"][0][0]
+    how = "as bench/gpu.sh measured the drop" if t["micro_step_tokens"] >= smallest else \
+        f"extrapolated below the smallest bench/gpu.sh measured, {smallest:,}"
     small = (f"; x{share:.2f} for {t['micro_step_tokens']:,} tokens per micro-step, below micro-batch 64's 32,768, "
-             f"as bench/gpu.sh measured the drop" if share < 1 else "")
+             f"{how}" if share < 1 else "")
     if source != ASSUMED:
         return f"{_pct(mfu)} {mode} ({source}{small})"
     derived = (f"{EAGER_SHARE:.0%} of the compiled {_pct(mfu / share / EAGER_SHARE)}, the eager share measured on "
