@@ -2980,6 +2980,22 @@ def test_a_resume_on_a_read_only_disk_is_one_line(tmp_path, pt_data, tok_dir, mo
         train(nano_cfg(pt_data, tok_dir, out, max_steps=3), resume=True)
 
 
+def test_force_on_a_run_whose_checkpoints_are_a_link_says_where_they_go(tmp_path, pt_data, tok_dir, capsys):
+    """A checkpoints/ moved to a bigger disk behind a link: --force quietly put the new run's on the small one."""
+    out, elsewhere = tmp_path / "run", tmp_path / "big-disk" / "ckpts"
+    train(nano_cfg(pt_data, tok_dir, out, max_steps=1))
+    elsewhere.parent.mkdir()
+    (out / "checkpoints").rename(elsewhere)
+    (out / "checkpoints").symlink_to(elsewhere)
+    before = sorted(p.name for p in elsewhere.iterdir())
+    capsys.readouterr()
+    train(nano_cfg(pt_data, tok_dir, out, max_steps=1), force=True)
+    assert f"tinyk: note: {out / 'checkpoints'} was a link to {elsewhere}; this run keeps its checkpoints in a " \
+           f"folder of its own in the run, and the folder the link pointed to is left as it was" in \
+           capsys.readouterr().err
+    assert not (out / "checkpoints").is_symlink() and sorted(p.name for p in elsewhere.iterdir()) == before
+
+
 def test_force_on_a_read_only_disk_is_one_line_and_keeps_the_run(tmp_path, pt_data, tok_dir, monkeypatch):
     """--force sets the old run aside before the new one starts; where that cannot be written the folder
     and why are named, not an errno naming the hidden folder it was moving into."""

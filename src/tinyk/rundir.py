@@ -11,6 +11,7 @@ import contextlib
 import os
 import re
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -276,6 +277,10 @@ class RunDir:
                 if exists and force and not resume:
                     with writing(out):
                         self.aside = set_aside(out)
+                    if (linked := self.aside / "checkpoints").is_symlink():  # another disk, say
+                        print(f"tinyk: note: {shown(out / 'checkpoints')} was a link to {shown(linked.readlink())}; "
+                              f"this run keeps its checkpoints in a folder of its own in the run, and the folder the "
+                              f"link pointed to is left as it was", file=sys.stderr)
                 with writing(out / "checkpoints"):
                     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
                 if not exists or not resume:  # a new run: its directory is a run's from the start
