@@ -1732,6 +1732,11 @@ def test_cli_prints_one_line(tmp_path, pt_data, tok_dir, capsys):
         main(cli_args(pt_data, tok_dir, tmp_path / "o3", "--max-steps", "1000", "--resume"))
     assert e.value.code == 0 and "the run is already complete at step 1, the end of --epochs 1: raise --epochs to " \
                                  "train further" in capsys.readouterr().out
+    shutil.rmtree(tmp_path / "o3" / "final")  # its final save failed (a full disk): --resume makes it, and says so
+    with pytest.raises(SystemExit) as e:
+        main(cli_args(pt_data, tok_dir, tmp_path / "o3", "--max-steps", "1000", "--resume"))
+    assert e.value.code == 0 and "raise --epochs to train further; its final/ is missing and is saved now" in \
+        capsys.readouterr().out and (tmp_path / "o3" / "final" / "model.safetensors").is_file()
     # A finished run made longer: its cosine is re-fitted, so the LR climbs back up, and the header says so.
     main_ok = ("--set", "eval_every=0", "--set", "warmup_steps=0")
     with pytest.raises(SystemExit) as e:
