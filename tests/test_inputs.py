@@ -319,6 +319,13 @@ def test_the_head_check_finds_a_gbk_file_of_long_lines_as_the_run_would(tmp_path
         check_heads([src])
     with pytest.raises(TinykError, match=r"gbk.txt: not UTF-8 text \(2\d\d of 2\d\d lines read"):
         list(iter_texts([src], Skips()))  # the run, on the same lines
+    # Fewer than 20 lines in the first megabyte say nothing there: both go on to the first 1,000 (and the
+    # run judged the 20th line, past the megabyte, on lines the head check never read).
+    mixed = tmp_path / "mixed.txt"
+    mixed.write_bytes(("长" * 200_000 + "\n").encode("gbk") * 3 + "短\n".encode("gbk") * 17 + "好\n".encode() * 980)
+    check_heads([mixed])
+    skips = Skips()
+    assert len(list(iter_texts([mixed], skips))) == 980 and skips.counts == {"invalid_utf8": 20}
 
 
 def test_a_stray_nul_byte_early_in_utf8_text_skips_its_record_not_the_file(tmp_path):
@@ -1215,6 +1222,14 @@ def test_a_line_that_is_a_list_of_messages_is_one_conversation(tmp_path, tok_dir
                                for _ in range(3)) + "\n")
     code, err = run_cli(["data", "sft", "--input", named, "--tokenizer", tok_dir, "--out", tmp_path / "n"], capsys)
     assert code == 0, err
+    # A bad first conversation (cut short, empty, a message without its text) is a record to skip, not a
+    # sign that the file is one JSON array.
+    good = "\n".join(json.dumps(conv, ensure_ascii=False) for _ in range(3)) + "\n"
+    cut = json.dumps(conv, ensure_ascii=False)[:-5]
+    for first, records in ((cut, 3), ("[]", 4), ('[{"role": "assistant", "tool_calls": []}]', 4)):
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(first + "\n" + good)
+        assert len(list(iter_records([bad], Skips(), message_lists=True))) == records, first
     # Read as text, they are conversations, not "one JSON array" to split into records with jq.
     # An array of records whose first key is a message's is still an array.
     arr = tmp_path / "arr.json"

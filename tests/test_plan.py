@@ -252,6 +252,7 @@ def test_the_trainers_peak_flops_read_whole_model_numbers():
     assert gpu_peak_flops("NVIDIA A100-SXM4-80GB") == 312e12 and gpu_peak_flops("Tesla T4") == 65e12
     assert gpu_peak_flops("NVIDIA L4") == 121e12 and gpu_peak_flops("NVIDIA L40S") == 362e12
     assert gpu_peak_flops("NVIDIA H100 PCIe") == 756e12 and gpu_peak_flops("NVIDIA H20") == 148e12
+    assert gpu_peak_flops("NVIDIA GH200 480GB") == 989e12  # its H200 is no standalone word
     for name in ("NVIDIA RTX A1000 6GB Laptop GPU", "NVIDIA RTX A1000", "NVIDIA T400 4GB",
                  "NVIDIA GeForce RTX 4090 Laptop GPU"):
         assert gpu_peak_flops(name) is None, name

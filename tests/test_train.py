@@ -1735,7 +1735,7 @@ def test_cli_prints_one_line(tmp_path, pt_data, tok_dir, capsys):
     shutil.rmtree(tmp_path / "o3" / "final")  # its final save failed (a full disk): --resume makes it, and says so
     with pytest.raises(SystemExit) as e:
         main(cli_args(pt_data, tok_dir, tmp_path / "o3", "--max-steps", "1000", "--resume"))
-    assert e.value.code == 0 and "raise --epochs to train further; its final/ is missing and is saved now" in \
+    assert e.value.code == 0 and "raise --epochs to train further; its final/ is saved now" in \
         capsys.readouterr().out and (tmp_path / "o3" / "final" / "model.safetensors").is_file()
     # A finished run made longer: its cosine is re-fitted, so the LR climbs back up, and the header says so.
     main_ok = ("--set", "eval_every=0", "--set", "warmup_steps=0")
@@ -2628,6 +2628,11 @@ def test_a_model_a_killed_run_was_replacing_keeps_the_users_files(tmp_path, pt_d
     assert train(nano_cfg(pt_data, tok_dir, out, max_steps=4, keep_best=True), resume=True)["steps"] == 4
     assert (out / entry / "README.md").read_text() == "my notes"
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    # Such a name that is no folder is no model to put back: removed (a link, not what it points to).
+    (out / f".{entry}.old-otherhost-12345-0123abcd").write_text("x")
+    (out / f".{entry}.old-otherhost-12346-0123abcd").symlink_to(tmp_path)
+    assert train(nano_cfg(pt_data, tok_dir, out, max_steps=5, keep_best=True), resume=True)["steps"] == 5
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [] and tmp_path.is_dir()
 
 
 @pytest.mark.parametrize("system", ["你是小K，一个\"会写诗\"的助手", ""], ids=["custom", "none"])

@@ -486,12 +486,13 @@ def init_model_dir(preset: str, tok_dir: str | Path, out: str | Path, *, seed: i
     return model
 
 
-# safetensors' dtype names in a file's header (those not listed, 6-bit floats or newer ones, are refused by name).
-HEADER_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                 "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "F8_E8M0": torch.float8_e8m0fnu,
-                 "F4": torch.float4_e2m1fn_x2, "C64": torch.complex64, "I64": torch.int64, "I32": torch.int32,
-                 "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "U16": torch.uint16, "U32": torch.uint32,
-                 "U64": torch.uint64, "BOOL": torch.bool}
+# safetensors' dtype names in a file's header and torch's names for them, where this torch has them (F8_E8M0
+# came in 2.7, F4 in 2.8); the others (6-bit floats, AMD's fp8) are refused by the header's name.
+HEADER_DTYPES = {key: getattr(torch, name) for key, name in {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu", "F4": "float4_e2m1fn_x2", "C64": "complex64",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "U16": "uint16", "U32": "uint32",
+    "U64": "uint64", "BOOL": "bool"}.items() if hasattr(torch, name)}
 
 
 def model_info(path: str | Path) -> dict[str, Any]:
@@ -503,14 +504,15 @@ def model_info(path: str | Path) -> dict[str, Any]:
     cfg, _ = config_and_tokenizer(path)  # a directory other commands would refuse is refused here
     with _reading_weights(path), rust_path(path / "model.safetensors") as name, safe_open(name, "pt") as f:
         slices = {k: f.get_slice(k) for k in f.keys()}
-        odd = next((k for k, s in slices.items() if s.get_dtype() not in HEADER_DTYPES), None)
-        if odd:  # what _check_dtypes says of the others, by the header's name
-            raise TinykError(f"{path}/model.safetensors holds {slices[odd].get_dtype()} weights ({odd}); "
-                             f"tinyk loads float32, float16 or bfloat16 weights")
-        state = {k: torch.empty(s.get_shape(), device="meta", dtype=HEADER_DTYPES[s.get_dtype()])
-                 for k, s in slices.items()}
-        pair = ("model.embed_tokens.weight", "lm_head.weight")
-        tied = [f.get_tensor(k) for k in pair] if cfg.tie_embeddings and set(pair) <= slices.keys() else None
+        odd = next(((k, s.get_dtype()) for k, s in slices.items() if s.get_dtype() not in HEADER_DTYPES), None)
+        if odd is None:
+            state = {k: torch.empty(s.get_shape(), device="meta", dtype=HEADER_DTYPES[s.get_dtype()])
+                     for k, s in slices.items()}
+            pair = ("model.embed_tokens.weight", "lm_head.weight")
+            tied = [f.get_tensor(k) for k in pair] if cfg.tie_embeddings and set(pair) <= slices.keys() else None
+    if odd is not None:  # what _check_dtypes says of the others, by the header's name (the file is not damaged)
+        raise TinykError(f"{path}/model.safetensors holds {odd[1]} weights ({odd[0]}); tinyk loads float32, "
+                         f"float16 or bfloat16 weights")
     if tied:
         _check_tied_head(path, *tied)
     n = _model_from_dir_state(path, cfg, state).num_params()

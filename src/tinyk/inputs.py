@@ -456,8 +456,10 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
         base, end, begun = consumed, 0, False
         lone_crs = 0  # in .txt lines before this one: each began a line of its own, which positions count
         encoding = _EncodingCheck(path)
+        past_head = False
         for lineno, line, read in iter_lines(path, max_line_bytes):
-            if end >= HEAD_BYTES:  # where `check_heads` stops: it and the run decide on the same lines
+            if end >= HEAD_BYTES and not past_head:  # where `check_heads` stops: both judge the same lines
+                past_head = True
                 encoding.decide(at_least=ENCODING_MIN_LINES)
             if head is not None and end >= head:
                 break
@@ -620,9 +622,9 @@ class _EncodingCheck:
 
 
 _ARRAY = re.compile(rb'\s*\[')
-# A first line too long to hold (over --max-line-bytes) where a line may be a list of chat messages
-# ([{"role": ...}, ...], one conversation in the seed's SFT format) is judged by how it begins: an array
-# of records is one whose first object starts with a key no message has, or an array of conversations.
+# Where a line may be a list of chat messages ([{"role": ...}, ...], one conversation in the seed's SFT
+# format), a first line that is no JSON (too long to hold, or cut short) is judged by how it begins: an
+# array of records is one whose first object starts with a key no message has, or an array of conversations.
 _ARRAY_OF_RECORDS = re.compile(rb'\s*\[\s*(\[|\{\s*(\}|"(?!(?:role|content|from|value)")))')
 _STRINGS = re.compile(rb'\s*\[\s*"')  # an array of strings: the jq line makes them records
 
@@ -638,14 +640,32 @@ def _json_array_head(path: Path, first_line: bytes | None, message_lists: bool) 
     except _read_errors(path) as e:  # a truncated .json.gz: the same line as reading it on would give
         raise _read_error(path, e, 0) from e
     indented = first_line is not None and first_line.strip() == b"["
-    # A first line that is one conversation starts the seed's SFT JSON Lines, whatever its keys' order:
-    # SFT reads it; reading text, its lines are skipped with the hint that they are conversations, not
-    # turned into records by jq.
-    if first_line is not None:
-        array = _ARRAY.match(head) and not _is_conversation_line(first_line)
+    # A first line that is one conversation starts the seed's SFT JSON Lines: reading text, its lines are
+    # skipped with the hint that they are conversations, not turned into records by jq. Where a line may be
+    # one (SFT), an array is one of records or conversations, whatever the order of its first object's keys;
+    # a first line that is no JSON (cut short) is judged by how it begins.
+    parsed = _json_or_none(first_line) if message_lists else None
+    if parsed is not None:
+        array = _is_records_array(parsed)
+    elif message_lists:
+        array = _ARRAY_OF_RECORDS.match(head)
     else:
-        array = _ARRAY_OF_RECORDS.match(head) if message_lists else _ARRAY.match(head)
+        array = _ARRAY.match(head) and not _is_conversation_line(first_line)
     return head if indented or array else None
+
+
+def _json_or_none(line: bytes | None) -> Any:
+    try:
+        return None if line is None else json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _is_records_array(rec: Any) -> bool:
+    """An array of records or of conversations, not one conversation: its first element a list, or an
+    object no message is (neither `role` nor ShareGPT's `from`)."""
+    return isinstance(rec, list) and bool(rec) and (
+        isinstance(rec[0], list) or isinstance(rec[0], dict) and not {"role", "from"} & rec[0].keys())
 
 
 def _is_conversation_line(line: bytes | None) -> bool:

@@ -31,7 +31,7 @@ from .units import plural
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, matched against torch.cuda.get_device_name() as
 # whole model numbers (an RTX A1000 is no A100). The order matters: the first name found wins.
 GPU_PEAK_TFLOPS: dict[str, float] = {
-    "GB200": 2500.0, "B200": 2250.0, "H200 NVL": 835.0, "H200": 989.0,
+    "GB200": 2500.0, "B200": 2250.0, "GH200": 989.0, "H200 NVL": 835.0, "H200": 989.0,
     "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0,
     "H800": 989.0, "H20": 148.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "L40": 181.0, "L4": 121.0,
     "A10G": 70.0, "A10": 125.0, "RTX 6000 Ada": 364.0, "A6000": 155.0, "RTX 5090": 209.0, "RTX 4090": 165.0,

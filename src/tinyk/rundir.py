@@ -94,7 +94,9 @@ RUN_ENTRIES = {"config.yaml", "checkpoints", "final", "best", "metrics.jsonl", "
                TRACKER_STEP, *TRACKERS}
 
 
-_LEFTOVER = re.compile(r"^\.(.+?)\.(tmp|old)-")
+_LEFTOVER = re.compile(r"^\.(.+?)\.(?:tmp|old)-")
+# A final/ or best/ that a replace (`atomic_dir`) moved aside: `.final.old-HOST-PID-XXXXXXXX`.
+_MODEL_ASIDE = re.compile(r"^\.(final|best)\.old-.+-[0-9]+(?:-[0-9a-f]{8})?$")
 
 
 def _is_leftover(p: Path) -> bool:
@@ -211,9 +213,9 @@ def clean_partial(out: Path) -> None:
             for p in parent.iterdir():
                 if not _is_leftover(p):
                     continue
-                name, kind = _LEFTOVER.match(p.name).groups()
-                if parent == out and kind == "old" and name in ("final", "best"):
-                    restore_aside(p, out / name)
+                aside = _MODEL_ASIDE.match(p.name) if parent == out else None
+                if aside and p.is_dir() and not p.is_symlink():
+                    restore_aside(p, out / aside[1])
                 else:
                     remove_path(p, ignore_errors=True)
 

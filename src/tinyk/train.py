@@ -1328,9 +1328,10 @@ class Trainer:
             lines.append(f"resumed from {self.resumed_from} (step {self.progress.step})")
             if self.progress.step >= self.total_steps:
                 past = "past " if self.step_cap < self.progress.step else ""
-                missing = "" if is_model_dir(self.out / "final") else "; its final/ is missing and is saved now"
+                # final/ missing, from an earlier finish, or without its summary.json: written again now.
+                again = "" if self.finished_already else "; its final/ is saved now"
                 lines.append(f"the run is already complete at step {self.progress.step}, {past}the end of "
-                             f"{self._budget_text()}: raise {self.ended_by} to train further{missing}")
+                             f"{self._budget_text()}: raise {self.ended_by} to train further{again}")
             elif self.refit:
                 planned, was, now, changed = self.refit
                 longer = [f"the run is now {self.total_steps:,} steps long, not {planned:,}"]
