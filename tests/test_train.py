@@ -37,7 +37,7 @@ from tinyk.errors import TinykError
 from tinyk.inputs import sha256_file
 from tinyk.loader import PretrainLoader, SFTLoader
 from tinyk.model import Transformer, preset_config
-from tinyk.rundir import RunDir, checkpoints
+from tinyk.rundir import RunDir, checkpoints, clean_partial
 from tinyk.tokenizer import load_tokenizer
 from tinyk.train import (
     Dist,
@@ -2628,7 +2628,15 @@ def test_a_model_a_killed_run_was_replacing_keeps_the_users_files(tmp_path, pt_d
     assert train(nano_cfg(pt_data, tok_dir, out, max_steps=4, keep_best=True), resume=True)["steps"] == 4
     assert (out / entry / "README.md").read_text() == "my notes"
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
-    # Such a name that is no folder is no model to put back: removed (a link, not what it points to).
+    # A final/ (best/) that was a link is put back as the link it was, where nothing took its place.
+    (out / entry).rename(tmp_path / "elsewhere")
+    (out / f".{entry}.old-otherhost-12345-0123abcd").symlink_to(tmp_path / "elsewhere")
+    clean_partial(out)
+    assert (out / entry).is_symlink() and (out / entry / "README.md").read_text() == "my notes"
+    (out / entry).unlink()
+    (tmp_path / "elsewhere").rename(out / entry)
+    # Such a name that is no folder, where the model is, is no model to put back: removed (a link, not what
+    # it points to).
     (out / f".{entry}.old-otherhost-12345-0123abcd").write_text("x")
     (out / f".{entry}.old-otherhost-12346-0123abcd").symlink_to(tmp_path)
     assert train(nano_cfg(pt_data, tok_dir, out, max_steps=5, keep_best=True), resume=True)["steps"] == 5

@@ -645,8 +645,8 @@ def _json_array_head(path: Path, first_line: bytes | None, message_lists: bool) 
     # one (SFT), an array is one of records or conversations, whatever the order of its first object's keys;
     # a first line that is no JSON (cut short) is judged by how it begins.
     parsed = _json_or_none(first_line) if message_lists else None
-    if parsed is not None:
-        array = _is_records_array(parsed)
+    if is_message_list(parsed) or _is_records_array(parsed):
+        array = not is_message_list(parsed)
     elif message_lists:
         array = _ARRAY_OF_RECORDS.match(head)
     else:
@@ -663,9 +663,9 @@ def _json_or_none(line: bytes | None) -> Any:
 
 def _is_records_array(rec: Any) -> bool:
     """An array of records or of conversations, not one conversation: its first element a list, or an
-    object no message is (neither `role` nor ShareGPT's `from`)."""
-    return isinstance(rec, list) and bool(rec) and (
-        isinstance(rec[0], list) or isinstance(rec[0], dict) and not {"role", "from"} & rec[0].keys())
+    object with no key a message has (those `_ARRAY_OF_RECORDS` looks for first)."""
+    return isinstance(rec, list) and bool(rec) and (isinstance(rec[0], list) or isinstance(rec[0], dict) and
+                                                    not {"role", "content", "from", "value"} & rec[0].keys())
 
 
 def _is_conversation_line(line: bytes | None) -> bool:

@@ -214,9 +214,8 @@ def clean_partial(out: Path) -> None:
                 if not _is_leftover(p):
                     continue
                 aside = _MODEL_ASIDE.match(p.name) if parent == out else None
-                if aside and p.is_dir() and not p.is_symlink():
-                    restore_aside(p, out / aside[1])
-                else:
+                # Put back, or its user's files carried over; a link or file left where a model now is goes.
+                if aside is None or (not restore_aside(p, out / aside[1]) and (p.is_symlink() or p.is_file())):
                     remove_path(p, ignore_errors=True)
 
 
