@@ -234,6 +234,13 @@ def test_demo_refuses_a_nan_budget(tmp_path):
     assert not (tmp_path / "demo").exists()
 
 
+def test_demo_smoke_refuses_a_budget_it_would_not_use(tmp_path, capsys):
+    """--smoke runs a fixed number of steps: its report showed the --minutes given as the budget."""
+    assert error_line(["demo", "--smoke", "--minutes", "2", "--out", tmp_path / "d"], capsys) == \
+        "tinyk: error: --minutes has no effect with --smoke, which runs a fixed number of steps; leave one out"
+    assert not (tmp_path / "d").exists()
+
+
 # ----------------------------------------------------------------------------- eval --out
 
 

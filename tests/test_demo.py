@@ -433,6 +433,27 @@ def test_demo_output_rules(tmp_path, demo):
     assert training_seconds(Stages(8, 180.0, False), DemoConfig(), "SFT") > 130
 
 
+def test_a_budget_spent_before_sft_is_said_before_its_probe(tmp_path, monkeypatch):
+    """As for pretraining: SFT's speed probe (4 s and more) ran before a spent budget was said."""
+    from tinyk import demo
+
+    def probe(*args, **kwargs):
+        raise AssertionError("probed a budget already spent")
+
+    real_pretrain, spent = demo._Pipeline.pretrain, []
+
+    def pretrain(self):
+        real_pretrain(self)
+        spent.append(1)  # from here on the budget is gone, and SFT must not probe
+        monkeypatch.setattr(demo, "step_rates", probe)
+
+    monkeypatch.setattr(demo._Pipeline, "pretrain", pretrain)
+    real_left = demo.Stages.left
+    monkeypatch.setattr(demo.Stages, "left", lambda self: 0.0 if spent else real_left(self))
+    with pytest.raises(TinykError, match=r"^the 4-minute budget is spent before SFT \("):
+        run_demo(tmp_path / "d", replace(DemoConfig.smoke(), sft_steps=None, minutes=4), show_progress=False)
+
+
 def test_a_budget_spent_before_pretraining_is_said_before_the_probe(tmp_path, monkeypatch):
     from tinyk import demo
 

@@ -839,14 +839,14 @@ def test_a_message_far_too_long_is_skipped_before_it_is_tokenized(tmp_path, nano
 
 
 def test_table_aligns_chinese_text():
-    from tinyk.evaluate import _width
+    from tinyk.units import display_width
 
     rows = list(table_rows({"tasks": [{"task": "情感", "examples": 3, "accuracy": 1 / 3, "stop_rate": 1.0,
                                        "baseline": 2 / 3, "skipped": {"total": 0, "by_reason": {}}}]}))
     lines = format_table(rows).splitlines()
     assert "33.3%  66.7% majority" in lines[2] and lines[3].endswith("100.0%")
     # Scores are right-aligned in display columns, CJK characters counting two.
-    ends = [_width(line[:line.index(score) + len(score)]) for line, score in
+    ends = [display_width(line[:line.index(score) + len(score)]) for line, score in
             ((lines[0], "score"), (lines[2], "33.3%"), (lines[3], "100.0%"))]
     assert len(set(ends)) == 1
     # Data metrics alone have no baseline: no empty column is headed "baseline".

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import unicodedata
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from tinyk.tokenizer import (
     train_tokenizer,
     with_system,
 )
+from tinyk.units import display_width
 
 # The seed's own eval_tokenizer() messages and the prompt it prints.
 SEED_MESSAGES = [
@@ -563,6 +565,14 @@ def test_tokenizers_are_compared_side_by_side_on_the_same_sample(tmp_path, corpu
     with pytest.raises(SystemExit):
         main(["tokenizer", "eval", str(tok_dir), str(tmp_path / "small"), "--input", str(corpus_file), "--json"])
     assert [r["vocab_size"] for r in json.loads(capsys.readouterr().out)] == [big["vocab_size"], small["vocab_size"]]
+    # A Chinese path takes two columns a character: the values still end under their header.
+    shutil.copytree(tmp_path / "small", tmp_path / "小词表")
+    with pytest.raises(SystemExit):
+        main(["tokenizer", "eval", str(tmp_path / "小词表"), str(tok_dir), "--input", str(corpus_file)])
+    lines = capsys.readouterr().out.splitlines()
+    ends = {display_width(line[:line.index(cell) + len(cell)])
+            for line, cell in ((lines[0], str(tmp_path / "小词表")), (lines[1], f"{small['vocab_size']:,}"))}
+    assert len(ends) == 1, lines[:2]
 
 
 def test_an_nfkc_tokenizer_is_lossy_by_design_not_broken(nfkc_dir, corpus_file, capsys):

@@ -506,6 +506,7 @@ class _Pipeline:
 
             steps, minutes = cfg.sft_steps, None
             if not steps:
+                training_seconds(st, cfg, "SFT")  # a budget already spent is said before the probe, not after it
                 # Eager (its padded lengths vary, so a compiled step would recompile), timed on its own batches.
                 rate = step_rates([sft_config(10**6, out=runs / "probe")], cfg.probe_s, rounds=1)[0]
                 minutes = training_seconds(st, cfg, "SFT") / 60

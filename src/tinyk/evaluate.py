@@ -39,7 +39,7 @@ from .tokenizer import (
     same_tokenizer,
     with_system,
 )
-from .units import plural
+from .units import display_width, plural
 
 if TYPE_CHECKING:  # the loader and the engine are imported where they are used
     from .engine import Completion, Engine, SamplingParams
@@ -884,19 +884,15 @@ def format_table(rows: Iterable[tuple[str, ...]], header: tuple[str, ...] = ("me
     and its heading only where some row has one (data metrics alone have none)."""
     rows = list(rows)
     rows = [header if any(r[-1] for r in rows) else (*header[:-1], ""), *rows]
-    widths = [max(_width(r[i]) for r in rows) for i in range(len(header) - 1)]
-    lines = [_ljust(r[0], widths[0]) + "".join("  " + " " * (w - _width(v)) + v for v, w in
-                                               zip(r[1:-1], widths[1:], strict=True)) + ("  " + r[-1] if r[-1] else "")
-             for r in rows]
-    lines.insert(1, "-" * max(_width(line) for line in lines))
+    widths = [max(display_width(r[i]) for r in rows) for i in range(len(header) - 1)]
+    def pad(v: str, w: int) -> str:
+        return " " * (w - display_width(v))
+
+    lines = [r[0] + pad(r[0], widths[0])
+             + "".join("  " + pad(v, w) + v for v, w in zip(r[1:-1], widths[1:], strict=True))
+             + ("  " + r[-1] if r[-1] else "") for r in rows]
+    lines.insert(1, "-" * max(display_width(line) for line in lines))
     return "\n".join(lines)
 
 
-def _width(s: str) -> int:
-    """Display columns: CJK characters take two."""
-    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in s)
-
-
-def _ljust(s: str, width: int) -> str:
-    return s + " " * (width - _width(s))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import unicodedata
 
 MAX_BATCH = 65536  # sequences per step: far more than fits anywhere, far less than exhausts memory
 # Tokens per pretraining shard, at least: fewer is a file every few documents (or `--shard-tokens 100` meant
@@ -55,3 +56,8 @@ def parse_size(s: str, lo: int = 0, hi: int = MAX_SIZE, *, tokens: bool = False)
 def plural(n: int, noun: str) -> str:
     """'1,234 documents', and '1 document' (`noun` is a plural ending in s)."""
     return f"{n:,} {noun[:-1] if n == 1 else noun}"
+
+
+def display_width(s: str) -> int:
+    """Columns a terminal gives `s`: CJK characters take two."""
+    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in s)

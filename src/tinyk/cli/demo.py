@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from tinyk.cli.common import float_range, path_arg
+from tinyk.errors import TinykError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,8 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=path_arg, default="runs/demo",
                    help="output directory (default runs/demo; an earlier demo there is replaced)")
     p.add_argument("--minutes", type=float_range(0, 24 * 60, lo_open=True), default=None,
-                   help="wall-time budget for the whole run (default 13, at least 4 unless --smoke); training "
-                        "gets what the other stages leave")
+                   help="wall-time budget for the whole run (default 13, at least 4; not with --smoke, which runs "
+                        "a fixed number of steps); training gets what the other stages leave")
     p.add_argument("--smoke", action="store_true", help="a shrunken run that takes seconds (checks the plumbing)")
     p.add_argument("--quiet", action="store_true", help="no progress output, only the final table and sample chats")
     p.set_defaults(func=_demo)
@@ -28,6 +29,8 @@ def _demo(args: argparse.Namespace) -> int:
 
     from tinyk.demo import DemoConfig, results_table, run_demo, sample_chats, where_line
 
+    if args.smoke and args.minutes is not None:
+        raise TinykError("--minutes has no effect with --smoke, which runs a fixed number of steps; leave one out")
     cfg = DemoConfig.smoke() if args.smoke else DemoConfig()
     if args.minutes is not None:
         cfg = replace(cfg, minutes=args.minutes)

@@ -7,7 +7,7 @@ import sys
 
 from tinyk.cli.common import int_range, json_text, path_arg, positive_size, utf8_text
 from tinyk.inputs import DEFAULT_MAX_LINE_BYTES, Skips, check_inputs, mostly_skipped
-from tinyk.units import bytes_text, plural
+from tinyk.units import bytes_text, display_width, plural
 
 
 def vocab_size(s: str) -> int:
@@ -122,10 +122,14 @@ def _compare(results: list[dict]) -> int:
             ("bytes/token", [f"{r['bytes_per_token']:.3f}" for r in results]),
             ("tokens vs first", [f"{results[0]['bytes_per_token'] / r['bytes_per_token']:.1%}" for r in results])]
     names = [str(r["path"]) for r in results]
-    widths = [max(len(n), *(len(v[i]) for _, v in rows)) for i, n in enumerate(names)]
-    print("".ljust(16) + "  ".join(n.rjust(w) for n, w in zip(names, widths, strict=True)))
+    widths = [max(display_width(n), *(len(v[i]) for _, v in rows)) for i, n in enumerate(names)]
+
+    def line(label: str, cells: list[str]) -> str:  # right-aligned in display columns (a path may be Chinese)
+        return label.ljust(16) + "  ".join(" " * (w - display_width(c)) + c for c, w in zip(cells, widths, strict=True))
+
+    print(line("", names))
     for label, values in rows:
-        print(label.ljust(16) + "  ".join(v.rjust(w) for v, w in zip(values, widths, strict=True)))
+        print(line(label, values))
     print(f"on {plural(results[0]['documents'], 'documents')}")
     if results[0]["skipped"]["total"]:
         print(f"input           {Skips.from_json(results[0]['skipped']).summary()}")
