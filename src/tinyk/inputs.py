@@ -644,13 +644,13 @@ def _json_array_head(path: Path, first_line: bytes | None, message_lists: bool) 
     # skipped with the hint that they are conversations, not turned into records by jq. Where a line may be
     # one (SFT), an array is one of records or conversations, whatever the order of its first object's keys;
     # a first line that is no JSON (cut short) is judged by how it begins.
-    parsed = _json_or_none(first_line) if message_lists else None
-    if is_message_list(parsed) or _is_records_array(parsed):
+    parsed = _json_or_none(first_line)
+    if not message_lists:
+        array = _ARRAY.match(head) and not is_message_list(parsed)
+    elif is_message_list(parsed) or _is_records_array(parsed):
         array = not is_message_list(parsed)
-    elif message_lists:
-        array = _ARRAY_OF_RECORDS.match(head)
     else:
-        array = _ARRAY.match(head) and not _is_conversation_line(first_line)
+        array = _ARRAY_OF_RECORDS.match(head)
     return head if indented or array else None
 
 
@@ -666,13 +666,6 @@ def _is_records_array(rec: Any) -> bool:
     object with no key a message has (those `_ARRAY_OF_RECORDS` looks for first)."""
     return isinstance(rec, list) and bool(rec) and (isinstance(rec[0], list) or isinstance(rec[0], dict) and
                                                     not {"role", "content", "from", "value"} & rec[0].keys())
-
-
-def _is_conversation_line(line: bytes | None) -> bool:
-    try:
-        return line is not None and is_message_list(json.loads(line))
-    except (ValueError, RecursionError):
-        return False
 
 
 def is_message_list(rec: Any) -> bool:
