@@ -99,7 +99,7 @@ def normal_origin(value: str) -> str:
     path), null (a browser's file:// page), file:// (what an Electron app's page sends) or *."""
     if value in ("*", "null"):
         return value
-    if value.strip().lower().rstrip("/") == "file:":
+    if _is_file_origin(value):
         return "file://"
     bad = ValueError(f"not an origin (scheme://host[:port], e.g. http://localhost:5173): {value!r}")
     try:
@@ -114,6 +114,11 @@ def normal_origin(value: str) -> str:
     host = f"[{host}]" if ":" in host else host
     default = {"http": 80, "https": 443}.get(parts.scheme.lower())
     return f"{parts.scheme.lower()}://{host}" + (f":{port}" if port is not None and port != default else "")
+
+
+def _is_file_origin(value: str) -> bool:
+    """file://, file:///, FILE:// ...: the origin an Electron app's page sends, however it is spelt."""
+    return value.strip().lower().rstrip("/") == "file:"
 
 
 def normal_host(value: str) -> str:
@@ -222,7 +227,7 @@ class Handler(BaseHTTPRequestHandler):
         origin = self.headers.get("Origin")
         if origin is None or _netloc(origin) == self.headers.get("Host", "").lower():
             return None
-        return "file://" if origin.strip().lower().rstrip("/") == "file:" else origin  # as --allow-origin takes it
+        return "file://" if _is_file_origin(origin) else origin  # as --allow-origin takes it
 
     def _origin_refusal(self) -> ApiError | None:
         """The 403 for a web page of another site, or None (and CORS headers for a page --allow-origin
