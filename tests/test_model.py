@@ -51,7 +51,8 @@ def test_hidden_dim_rule():
 
 @pytest.mark.parametrize("shape,message", [
     (dict(dim=90, n_heads=6, n_kv_heads=3), "head dimension dim / n_heads = 15 must be even"),  # RoPE pairs
-    (dict(dim=64, n_heads=6, n_kv_heads=3), "do not divide"),
+    (dict(dim=64, n_heads=6, n_kv_heads=3), "^dim 64 is not a multiple of n_heads 6$"),  # which pair fails
+    (dict(dim=64, n_heads=8, n_kv_heads=3), "^n_heads 8 is not a multiple of n_kv_heads 3$"),
 ])
 def test_impossible_shapes_are_refused(shape, message):
     with pytest.raises(ValueError, match=message):

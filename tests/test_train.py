@@ -33,6 +33,7 @@ from tinyk.checkpoint import load_model
 from tinyk.cli import main
 from tinyk.config import TrainConfig, parse_sets, resolve_config
 from tinyk.data import prepare_pretrain
+from tinyk.evaluate import eval_data
 from tinyk.errors import TinykError
 from tinyk.inputs import sha256_file
 from tinyk.loader import PretrainLoader, SFTLoader
@@ -273,6 +274,10 @@ def test_a_config_file_means_what_it_says(tmp_path):
     cfg = resolve_config("pretrain", config=f, flags={"out": "o", "data": "d"})
     assert (cfg.run_name, cfg.project, cfg.lr, cfg.init) == ("0123", "1.10", 1e-3, None)
     assert resolve_config("sft", config=f, flags={"out": "o", "data": "d"}).run_name == "2024-01-01"
+    fifo = tmp_path / "fifo.yaml"  # or <(cat c.yaml): it was "not found"
+    os.mkfifo(fifo)
+    with pytest.raises(TinykError, match=rf"^config file is a pipe or a device, not a file: {re.escape(str(fifo))}$"):
+        resolve_config("pretrain", config=fifo, flags={"out": "o", "data": "d"})
     f.write_text("lr: 1.0e-3\nbatch_size: 8\nlr: 1.0e-4\n")
     with pytest.raises(TinykError, match=rf"^cannot parse {re.escape(str(f))}: 'lr' is given twice at line 3, "
                                          rf"column 1$"):
@@ -286,6 +291,7 @@ def test_a_config_file_means_what_it_says(tmp_path):
     (["lr=fast"], "^--set: config key lr: 'fast' is not a valid float$"),  # where the value came from
     (["warmup_step=3"], r"unknown config key 'warmup_step'; did you mean warmup_steps\?$"),
     (["model.dims=3"], r"unknown config key model.dims; did you mean model.dim\? \(model keys"),
+    (["n_layer=3"], r"unknown config key 'n_layer'; did you mean model.n_layers\?$"),
     # were tracebacks: a nested key under a value, a list as a preset's name, step counts past a float's range
     (["model=tiny", "model.dim=64"], "^--set model.dim: an earlier --set made model 'tiny', not a mapping of keys$"),
     (["model.preset=[a]"], r"unknown model preset \['a'\]"),
@@ -316,6 +322,10 @@ def test_a_config_file_means_what_it_says(tmp_path):
     (["model.preset=huge"], "unknown model preset 'huge'"),
     (["a.b.c=1"], "only model.<key>, pretrain.<key> and sft.<key> are nested"),
     (["novalue"], "--set expects key=value"),
+    # a float overflowed on integers of 309 digits (a traceback), and other keys on a step count that big
+    ([f"lr=1{'0' * 400}"], "^--set: config key lr: a number of 401 digits is too large \\(the limit is 1e18\\)$"),
+    ([f"warmup_steps={10**19}"], f"^--set: config key warmup_steps: {10**19} is too large"),
+    ([f"max_tokens={10**19}"], "^--set: config key max_tokens: must be a size from 1 to 1e18"),  # as 1e19 is
 ])
 def test_bad_config_values_are_one_line_errors(sets, message):
     with pytest.raises(TinykError, match=message):
@@ -327,6 +337,9 @@ def test_set_values_parse_as_yaml():
         "model": {"dim": 64}, "lr": 1e-3, "compile": True, "run_name": "a=b"}
     cfg = resolve_config("pretrain", preset="nano", flags={"out": "o", "data": "d"}, sets=["lr=3e-4", "max_steps=1e3"])
     assert (cfg.lr, cfg.max_steps) == (3e-4, 1000)
+    # sizes are exact: as floats, 2.01M was 2,009,999 tokens
+    cfg = resolve_config("pretrain", preset="nano", flags={"out": "o", "data": "d"}, sets=["max_tokens=2.01M"])
+    assert cfg.max_tokens == 2_010_000
     # From Python: one --set given alone, and a Path where the CLI gives a string.
     cfg = resolve_config("pretrain", preset="nano", flags={"out": Path("o"), "data": Path("d")}, sets="lr=3e-4")
     assert (cfg.lr, cfg.out, cfg.data) == (3e-4, "o", "d")
@@ -1070,10 +1083,14 @@ def test_a_resume_keeps_what_the_weights_compute_and_a_fine_tune_may_change_it(t
                                                     "run's ") \
             and err.endswith(f"--init {run}/checkpoints/step_0000002/model"), err
     assert not (run / "checkpoints" / "step_0000003").exists()
-    out = train(nano_cfg(pt_data, None, tmp_path / "long", init=str(run / "final"), model={"rope_theta": 500.0},
-                         max_steps=1))
-    assert out["steps"] == 1 \
-        and json.loads((tmp_path / "long" / "final" / "config.json").read_text())["rope_theta"] == 500
+    # The fine-tune trains, and saves, a model that computes with both (norm_eps was saved, not used).
+    fields = {"rope_theta": 500.0, "norm_eps": 0.5}
+    out = train(nano_cfg(pt_data, None, tmp_path / "long", init=str(run / "final"), model=fields, max_steps=1))
+    final = tmp_path / "long" / "final"
+    saved = json.loads((final / "config.json").read_text())
+    again = eval_data(load_model(final)[0], final, pt_data, seq_len=32, batch_size=8, max_batches=2)
+    assert out["steps"] == 1 and (saved["rope_theta"], saved["rms_norm_eps"]) == (500, 0.5) \
+        and again["loss"] == pytest.approx(out["final_val_loss"], rel=1e-5), (again, out)
 
 
 def test_a_dead_process_leaves_the_others_one_line_and_the_way_back(tmp_path, pt_data, tok_dir):

@@ -27,7 +27,7 @@ from .inputs import as_list
 from .model import PRESETS, ModelConfig
 from .monitor import check_trackers
 from .rundir import config_copy, saved_config
-from .units import MAX_BATCH, parse_size
+from .units import MAX_BATCH, MAX_SIZE, parse_size, size_text
 
 KINDS = ("pretrain", "sft")
 LR_SCHEDULES = ("cosine", "wsd")
@@ -140,14 +140,18 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if type(None) in args:
             return None
         raise TinykError(f"config key {key} cannot be null")
-    if key.rpartition(".")[2] == "max_tokens" and isinstance(value, str):  # as --max-tokens takes it: 10B, 2e9
-        try:
-            return parse_size(value, lo=1, tokens=True)
+    if key.rpartition(".")[2] == "max_tokens" and isinstance(value, str | int | float) and not isinstance(value, bool):
+        try:  # as --max-tokens takes it (10B, 2e9), and within its bounds
+            return parse_size(str(value), lo=1, tokens=True)
         except ValueError as e:
             raise TinykError(f"config key {key}: {e}") from None
     if isinstance(value, str) and any(t in (int, float) for t in args):
         with contextlib.suppress(ValueError):  # YAML 1.1 reads 3e-4 (no dot) as a string
             value = float(value)
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_SIZE:  # a float overflows
+        digits = len(str(abs(value)))
+        shown = value if digits <= 24 else f"a number of {digits:,} digits"
+        raise TinykError(f"config key {key}: {shown} is too large (the limit is {size_text(MAX_SIZE)})")
     if isinstance(value, os.PathLike):  # a library caller's Path, for a path key
         value = os.fspath(value)
     for t in args:
@@ -226,7 +230,8 @@ def _merge(base: dict[str, Any], layer: dict[str, Any], kind: str, where: str) -
                 elif k in _MODEL_TYPES or k == "preset":  # `--set dim=64` for `--set model.dim=64`
                     raise TinykError(f"unknown config key {k!r}{block}; the model's is model.{k}")
                 else:
-                    raise TinykError(f"unknown config key {k!r}{block}{_did_you_mean(k, _FIELD_TYPES)}")
+                    raise TinykError(f"unknown config key {k!r}{block}"
+                                     f"{_did_you_mean(k, _FIELD_TYPES) or _did_you_mean(k, _MODEL_TYPES, 'model.')}")
             except TinykError as e:  # which layer: a preset, --config, a run's saved config.yaml, or --set
                 raise TinykError(f"{where}: {e}") from None
     return out

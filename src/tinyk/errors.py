@@ -119,14 +119,15 @@ class StoppedBeforeTraining(Stopped):
 
 
 def not_found(path: Path, what: str) -> TinykError:
-    """Why `path` (of `what`, e.g. "input file") cannot be found: missing, or a symlink loop, which
-    `exists()` reports alike."""
+    """Why `path` (of `what`, e.g. "input file") cannot be used: missing, a symlink loop (which `exists()`
+    reports alike), or there but no file (a pipe, `<(command)`, a device)."""
     try:
         os.stat(path)
     except OSError as e:
         if e.errno == errno.ELOOP:
             return TinykError(f"{what} is a symlink loop (its links lead back to themselves): {path}")
-    return TinykError(f"{what} not found: {path}")
+        return TinykError(f"{what} not found: {path}")
+    return TinykError(f"{what} is a pipe or a device, not a file: {path}")
 
 
 def shown(path: str | Path) -> str:

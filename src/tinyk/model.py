@@ -104,8 +104,10 @@ class ModelConfig:
         if self.hidden_dim is None:
             hidden = int(8 * self.dim / 3)
             self.hidden_dim = self.multiple_of * math.ceil(hidden / self.multiple_of)
-        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
-            raise ValueError(f"dim {self.dim} / n_heads {self.n_heads} / n_kv_heads {self.n_kv_heads} do not divide")
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim {self.dim} is not a multiple of n_heads {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:  # each key/value head serves the same number of query heads
+            raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
         if self.head_dim % 2:  # RoPE rotates pairs of channels (transformers refuses such a config too)
             raise ValueError(f"head dimension dim / n_heads = {self.head_dim} must be even")
 

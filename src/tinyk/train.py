@@ -70,6 +70,7 @@ from .model import (
     WEIGHT_BYTES,
     Attention,
     ModelConfig,
+    RMSNorm,
     Transformer,
     cuda_autocast_dtype,
     dtype_name,
@@ -455,7 +456,8 @@ def _export(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> Transformer:
 
 
 def _apply_runtime_fields(model: Transformer, cfg: ModelConfig) -> None:
-    """Settings that may differ from a loaded model's without touching its weights (context, dropout)."""
+    """Settings that may differ from a loaded model's without touching its weights (context, dropout,
+    and for a fine-tune from --init, rope_theta and norm_eps)."""
     model.config = cfg
     model.init_rope()
     for m in model.modules():
@@ -463,6 +465,8 @@ def _apply_runtime_fields(model: Transformer, cfg: ModelConfig) -> None:
             m.p = cfg.dropout
         elif isinstance(m, Attention):
             m.dropout = cfg.dropout
+        elif isinstance(m, RMSNorm):
+            m.eps = cfg.norm_eps
 
 
 # ----------------------------------------------------------------------------- the trainer

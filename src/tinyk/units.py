@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+import decimal
 import unicodedata
 
 MAX_BATCH = 65536  # sequences per step: far more than fits anywhere, far less than exhausts memory
@@ -45,12 +45,12 @@ def parse_size(s: str, lo: int = 0, hi: int = MAX_SIZE, *, tokens: bool = False)
     if t and t[-1] in _UNITS:
         t, scale = t[:-1], _UNITS[t[-1]]
     try:
-        value = float(t) * scale
-    except ValueError:
+        value = decimal.Decimal(t) * scale  # exact: as a float, 2.01M was 2,009,999
+    except decimal.InvalidOperation:
         raise ValueError(f"not a size: {s!r} (e.g. 500M, 2G)") from None
-    if not (math.isfinite(value) and lo <= int(value) <= hi):
+    if not (value.is_finite() and lo <= (n := round(value)) <= hi):
         raise ValueError(f"must be a size from {size_text(lo)} to {size_text(hi)}, got {s!r}")
-    return int(value)
+    return n
 
 
 def plural(n: int, noun: str) -> str:
