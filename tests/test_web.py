@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
 import os
 import re
 import select
@@ -20,6 +21,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
 from typing import Any
 
 import pytest
@@ -162,7 +165,21 @@ def chat_page(engine: Engine, tmp_path, max_tokens: int | None, screen: tuple[in
     server = ChatServer(engine, ServerConfig(model_name="nano", defaults=DEFAULTS, log=False, fit_context=fit_context),
                         port=0)
     server.start()
-    browser = Browser(str(tmp_path / "profile"), languages)
+    try:
+        with open_page(server.url + "/", str(tmp_path / "profile"), languages, screen) as run:
+            run(SETUP_SCRIPT % json.dumps("" if max_tokens is None else str(max_tokens)))
+            yield run
+    finally:
+        server.close()
+
+
+@contextlib.contextmanager
+def open_page(url: str, profile: str, languages: str = "en-US,en",
+              screen: tuple[int, int] | None = None) -> Iterator[Callable[[str], Any]]:
+    """Opens `url` in headless Chromium and yields a function that runs JavaScript (an async function's
+    body) in it and returns its result; `run.resize(width, height)` and `run.send(method, params)` (a
+    DevTools command to the page) come with it."""
+    browser = Browser(profile, languages)
     try:
         target = browser.send("Target.createTarget", {"url": "about:blank"})["targetId"]
         session = browser.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
@@ -174,18 +191,17 @@ def chat_page(engine: Engine, tmp_path, max_tokens: int | None, screen: tuple[in
 
         if screen:
             resize(*screen)
-        browser.send("Page.navigate", {"url": server.url + "/"}, session)
+        browser.send("Page.navigate", {"url": url}, session)
         browser.wait_event("Page.loadEventFired", session)
 
         def run(body: str) -> Any:
             return browser.evaluate(session, f"(async () => {{\n{body}\n}})()")
 
-        run(SETUP_SCRIPT % json.dumps("" if max_tokens is None else str(max_tokens)))
         run.resize = resize  # type: ignore[attr-defined]
+        run.send = lambda method, params: browser.send(method, params, session)  # type: ignore[attr-defined]
         yield run
     finally:
         browser.close()
-        server.close()
 
 
 def chat_in_page(engine: Engine, tmp_path, messages: list[str], max_tokens: int | None) -> dict:
@@ -428,6 +444,119 @@ def test_the_chat_page_works_on_a_phone_by_keyboard_and_with_a_screen_reader(nan
                     "speakers": ["你", "助手"]}
     assert stopped is True and after_stop == ["stopped", True]
     assert folded is False and turned is True
+
+
+class StreamStub(BaseHTTPRequestHandler):
+    """Another OpenAI-style server (or tinyk behind a proxy) that streams as the SSE standard allows but
+    tinyk does not: CRLF line ends, `data:` without a space, one byte per write. `mode` picks the reply."""
+
+    mode = "bytes"  # bytes | hold (waits for `released` inside a character) | cut (no end) | empty
+    models_status = 200
+    posts: list[dict] = []
+    released = threading.Event()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def _send(self, status: int, kind: str, body: bytes = b"") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.end_headers()  # HTTP/1.0: the body ends where the connection does
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        if self.path == "/v1/models":
+            card = {"object": "list", "data": [{"id": "nano", "object": "model", "max_model_len": 256}]}
+            error = {"error": {"message": "the model is loading", "code": None}}
+            self._send(self.models_status, "application/json",
+                       json.dumps(card if self.models_status == 200 else error).encode())
+        else:
+            self._send(200, "text/html; charset=utf-8", resources.files("tinyk").joinpath("web/index.html").read_bytes())
+
+    def do_POST(self) -> None:
+        type(self).posts.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        mode = type(self).mode
+        reply = "" if mode == "empty" else "A" + STUB_REPLY
+        events = [{"choices": [{"index": 0, "delta": {"content": ch}, "finish_reason": None}]} for ch in reply]
+        if mode != "cut":
+            events.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        stream = b"".join(b"data:" + json.dumps(e, ensure_ascii=False).encode() + b"\r\n\r\n" for e in events)
+        if mode != "cut":
+            stream += b"data: [DONE]\r\n\r\n"
+        self._send(200, "text/event-stream; charset=utf-8")
+        if mode == "hold":  # the first delta and a character's first byte, then the rest once released
+            split = stream.index("你".encode()) + 1
+            self.wfile.write(stream[:split])
+            self.wfile.flush()
+            type(self).released.wait(timeout=60)
+            stream = stream[split:]
+        for i in range(len(stream)):
+            self.wfile.write(stream[i:i + 1])
+
+
+STUB_REPLY = "你好，世界！😀<img src=x onerror=alert(1)>"
+
+
+def test_the_chat_page_reads_any_standard_stream_and_says_when_one_breaks_off(tmp_path):
+    """Against a server that streams as the standard allows, with the browser's site data blocked
+    (the page stopped at its first line, and Send reloaded it): a character split between reads, an
+    emoji and markup in the reply come out as text; an input method's Esc cancels its composition, not
+    the reply, and a reader scrolled up is left there; a stream that ends before the reply does says
+    so; an empty reply says so; and a message is not sent while the page does not know the model."""
+    profile = tmp_path / "profile"
+    (profile / "Default").mkdir(parents=True)
+    (profile / "Default" / "Preferences").write_text(
+        json.dumps({"profile": {"default_content_setting_values": {"cookies": 2}}}))  # "block site data"
+    server = ThreadingHTTPServer(("127.0.0.1", 0), StreamStub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    StreamStub.posts = []
+    StreamStub.released.clear()
+    try:
+        with open_page(f"http://127.0.0.1:{server.server_address[1]}/", str(profile)) as run:
+            run(SETUP_SCRIPT % json.dumps(""))
+            blocked = run("try { localStorage.length; return false; } catch (e) { return true; }")
+            streamed = run("await say('你好'); return shown();")
+            StreamStub.mode = "hold"
+            run("for (let i = 0; i < 40; i++) log.appendChild(noteBubble('earlier ' + i));\n"
+                "submit('再说一遍');\n"
+                "await until(() => Number(document.querySelectorAll('.msg.assistant')[1].dataset.chunks) > 0, "
+                "'the first delta'); log.scrollTop = 0; input.focus();")
+            run.send("Input.imeSetComposition", {"text": "ni", "selectionStart": 2, "selectionEnd": 2})
+            run.send("Input.dispatchKeyEvent", {"type": "rawKeyDown", "key": "Escape", "code": "Escape",
+                                                "windowsVirtualKeyCode": 27})
+            composing = run("return controller !== null;")
+            StreamStub.released.set()
+            held = run("await until(() => controller === null, 'the reply');\n"
+                       "return {...shown(), top: log.scrollTop, img: document.querySelector('#log img') !== null};")
+            StreamStub.mode = "cut"
+            cut = run("document.getElementById('reset').click(); input.value = '';\n"
+                      "await say('你好'); return shown();")
+            StreamStub.mode = "empty"
+            empty = run("document.getElementById('reset').click(); await say('你好'); return shown();")
+            StreamStub.models_status, posts = 503, len(StreamStub.posts)
+            unknown = run("document.getElementById('reset').click(); model = null;\n"
+                          "await say('你好'); return {...shown(), status: status.textContent};")
+    finally:
+        server.shutdown()
+        server.server_close()
+        StreamStub.mode, StreamStub.models_status = "bytes", 200
+    reply = "A" + STUB_REPLY
+    assert blocked is True
+    assert streamed == {**streamed, "errors": [], "notes": [], "history": [
+        {"role": "user", "content": "你好"}, {"role": "assistant", "content": reply}]}
+    assert [(r["text"], r["finish"]) for r in streamed["replies"]] == [(reply, "stop")]
+    assert composing is True, "Esc that cancels a composition must not stop the reply"
+    assert [(r["text"], r["finish"]) for r in held["replies"]] == [(reply, "stop")] * 2
+    assert held["img"] is False and held["top"] == 0 and held["errors"] == []
+    assert cut["errors"] == ["the reply broke off: its stream ended before the reply did"]
+    assert [(r["text"], r["finish"]) for r in cut["replies"]] == [(reply, "error")]
+    assert cut["history"] == [{"role": "user", "content": "你好"}, {"role": "assistant", "content": reply}]
+    assert empty == {**empty, "errors": [], "notes": ["(empty reply: the model ended its turn at once)"]}
+    assert empty["history"] == [{"role": "user", "content": "你好"}, {"role": "assistant", "content": ""}]
+    assert len(StreamStub.posts) == posts, "nothing is sent with model null"
+    assert unknown == {**unknown, "unsent": ["你好"], "replies": [], "history": [],
+                       "errors": ["the model is loading"], "status": "the model is loading"}
 
 
 def test_a_message_stopped_before_its_reply_gives_back_the_turns_it_forgot(nano_model_dir, tmp_path):
