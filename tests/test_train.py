@@ -33,8 +33,8 @@ from tinyk.checkpoint import load_model
 from tinyk.cli import main
 from tinyk.config import TrainConfig, parse_sets, resolve_config
 from tinyk.data import prepare_pretrain
-from tinyk.evaluate import eval_data
 from tinyk.errors import TinykError
+from tinyk.evaluate import eval_data
 from tinyk.inputs import sha256_file
 from tinyk.loader import PretrainLoader, SFTLoader
 from tinyk.model import Transformer, preset_config

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 import os
 import re
 import select
 import shutil
+import socket
 import subprocess
 import tempfile
 import threading
@@ -471,7 +471,8 @@ class StreamStub(BaseHTTPRequestHandler):
             self._send(self.models_status, "application/json",
                        json.dumps(card if self.models_status == 200 else error).encode())
         else:
-            self._send(200, "text/html; charset=utf-8", resources.files("tinyk").joinpath("web/index.html").read_bytes())
+            page = resources.files("tinyk").joinpath("web/index.html").read_bytes()
+            self._send(200, "text/html; charset=utf-8", page)
 
     def do_POST(self) -> None:
         type(self).posts.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
