@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: venv test test-llama-cpp demo lint bench clean
+.PHONY: venv test test-llama-cpp demo lint clean
 
 venv: $(STAMP)
 

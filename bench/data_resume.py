@@ -27,6 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data_throughput import ROOT, make_corpus, sentence_pool  # noqa: E402
+from tinyk.data import CHECKPOINT_S  # noqa: E402
+from tinyk.demo import machine_text  # noqa: E402
 from tinyk.units import parse_size  # noqa: E402
 
 
@@ -58,11 +60,14 @@ def files(d: Path) -> dict[str, bytes]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", type=parse_size, default=parse_size("400M"), help="corpus size (default 400M)")
+    p.add_argument("--size", type=parse_size, default=parse_size("400M"),
+                   help="corpus size (default 400M; preparing it must take well over a minute, as progress is "
+                        "saved every 60 s)")
     p.add_argument("--stop-at", type=float, default=0.8, help="share of the uninterrupted run's time to stop at")
     p.add_argument("--workers", type=int, default=os.cpu_count())
     p.add_argument("--workdir", default="/tmp/tinyk-bench-resume")
     args = p.parse_args()
+    print(f"machine: {machine_text()}", flush=True)
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     corpus, tok_dir = work / "corpus.jsonl", work / "tokenizer-6144"
@@ -84,7 +89,9 @@ def main() -> None:
         stopped, err = run(corpus, tok_dir, work / "out", args.workers, stop_after=args.stop_at * whole)
         kept = re.search(r"the ([\d,]+) documents? done are kept", err)
         if not kept:
-            raise SystemExit(f"the stopped run kept nothing to continue:\n{err}")
+            why = (f"it was stopped after {stopped:.0f} s, and progress is saved every {CHECKPOINT_S:.0f} s: raise "
+                   f"--size" if stopped < CHECKPOINT_S + 15 else err.strip())
+            raise SystemExit(f"the stopped run kept nothing to continue: {why}")
         print(f"stopped with SIGTERM after {stopped:.1f}s, {kept[1]} documents kept", flush=True)
         continued, err = run(corpus, tok_dir, work / "out", args.workers)
         skip = re.search(r"read past them in (\d+)s", err)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import statistics
 import subprocess
 import tempfile
@@ -24,6 +25,7 @@ import torch
 
 from decode import synthetic_tokenizer
 from tinyk.checkpoint import init_model_dir, is_model_dir
+from tinyk.demo import machine_text
 from tinyk.engine import Engine, SamplingParams
 from tinyk.gguf import export_gguf
 
@@ -48,7 +50,13 @@ def llama_rate(binary: Path, gguf: Path, new_tokens: int, threads: int) -> float
     for _ in range(3):
         r = subprocess.run([str(binary), "-m", str(gguf), "-no-cnv", "-p", PROMPT, "-n", str(new_tokens),
                             "-t", str(threads), "--temp", "0", "--repeat-penalty", "1", "--ignore-eos"],
-                           capture_output=True, text=True, errors="replace", stdin=subprocess.DEVNULL, check=True)
+                           capture_output=True, text=True, errors="replace", stdin=subprocess.DEVNULL)
+        if r.returncode < 0:  # SIGILL: built with another CPU's instructions (GGML_NATIVE)
+            raise SystemExit(f"{binary.name} was killed by {signal.Signals(-r.returncode).name} on {gguf.name}"
+                             + (": built for another CPU? build with -DGGML_NATIVE=OFF" if r.returncode == -4 else ""))
+        if r.returncode:
+            last = r.stderr.strip().splitlines()[-1:] or ["(nothing on stderr)"]
+            raise SystemExit(f"{binary.name} failed on {gguf.name} (exit {r.returncode}): {last[0]}")
         if m := EVAL_RATE.search(r.stderr):
             return float(m.group(1))
     raise SystemExit(f"{binary} printed no eval time three times")
@@ -63,22 +71,25 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "tinyk-bench-llama-cpp",
-                    help="where the model and its GGUF files are built (reused across runs)")
+                    help="where the model (reused across runs) and its GGUF files (written anew) are built")
     args = ap.parse_args()
+    print(f"machine: {machine_text()}", flush=True)
     if args.llama_cpp is None:
-        ap.error("give --llama-cpp (or set TINYK_LLAMA_CPP): make test-llama-cpp builds one without native "
-                 "CPU flags; build llama.cpp yourself for figures worth comparing")
+        ap.error("give --llama-cpp (or set TINYK_LLAMA_CPP): make test-llama-cpp builds one in "
+                 ".cache/llama.cpp-*/build/bin, without native CPU flags; build llama.cpp yourself for figures "
+                 "worth comparing")
     binary = args.llama_cpp / "llama-completion"
+    if not binary.is_file():  # before minutes of exporting
+        ap.error(f"{binary} not found: give llama.cpp's build/bin folder")
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     model = args.work / args.preset
     if not is_model_dir(model):
         init_model_dir(args.preset, synthetic_tokenizer(args.work / "tokenizer"), model, seed=0, force=True)
     ggufs = {}
-    for outtype in ("f16", "q8_0"):
+    for outtype in ("f16", "q8_0"):  # this tinyk's exporter, not the one a file there was written by
         ggufs[outtype] = args.work / f"{args.preset}-{outtype}.gguf"
-        if not ggufs[outtype].is_file():
-            export_gguf(model, ggufs[outtype], outtype=outtype)
+        export_gguf(model, ggufs[outtype], outtype=outtype, force=True)
     engines = {"tinyk fp32": Engine.from_dir(model), "tinyk int8": Engine.from_dir(model, quantize="int8")}
     names = [*engines, *(f"llama.cpp {t}" for t in ggufs)]
 

@@ -27,6 +27,7 @@ from dataclasses import replace
 
 import torch.distributed as dist
 
+from tinyk.demo import machine_text
 from tinyk.model import preset_config
 from tinyk.plan import Setup, estimate_memory, measure_step_memory
 from tinyk.units import MiB
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     combos = list(itertools.product((False, True), (False, True))) if args.all else [(False, False)]
     job = f", {args.parallel.upper()} over {world} processes (the largest one's)" if world > 1 else ""
     if talk:
+        print(f"machine: {machine_text()}")
         print(f"{args.preset} on CPU{job}: one optimizer step, peak bytes allocated (parameters and AdamW state "
               f"included)")
         print(f"{'dtype':<14}{'ckpt':<6}{'micro':>6}{'seq':>6}{'measured MiB':>14}{'plan MiB':>10}{'error':>8}  "

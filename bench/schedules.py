@@ -26,6 +26,7 @@ from pathlib import Path
 from tinyk.config import resolve_config
 from tinyk.corpus import build_demo_corpus
 from tinyk.data import prepare_pretrain
+from tinyk.demo import machine_text
 from tinyk.tokenizer import train_tokenizer
 from tinyk.train import train
 
@@ -36,6 +37,12 @@ def evals(out: Path) -> dict[int, tuple[float, float]]:
     return {r["step"]: (r["val_loss"], r["val_bpb"]) for r in records if r["type"] == "eval"}
 
 
+def finished(summary: dict) -> None:
+    """A run stopped by Ctrl-C or SIGTERM ends the benchmark: its numbers would be a shorter run's."""
+    if summary["status"] != "completed":
+        raise SystemExit(f"stopped ({summary['status']}): no figures")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=300)
@@ -43,6 +50,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
+    print(f"machine: {machine_text()}", flush=True)
     n = args.steps
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -61,13 +69,13 @@ def main() -> None:
         results: dict[str, dict[str, list[float]]] = {}
         for name, cfg in runs.items():
             out = root / name
-            train(replace(cfg, out=str(out)))
+            finished(train(replace(cfg, out=str(out))))
             results[name] = {str(step): list(v) for step, v in evals(out).items()}
             print(f"{name}: {results[name]}", flush=True)
         out = root / "extended"
         half = replace(base, out=str(out), max_steps=n // 2, eval_every=n // 2)
-        train(half)
-        train(replace(half, max_steps=n, eval_every=n), resume=True)
+        finished(train(half))
+        finished(train(replace(half, max_steps=n, eval_every=n), resume=True))
         results["extended"] = {str(step): list(v) for step, v in evals(out).items()}
         print(f"extended: {results['extended']}", flush=True)
     tokens = n * args.batch * 256

@@ -26,6 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from tinyk.checkpoint import hf_config
 from tinyk.config import TrainConfig
 from tinyk.data import prepare_pretrain
+from tinyk.demo import machine_text
 from tinyk.loader import PretrainLoader
 from tinyk.model import PRESETS
 from tinyk.monitor import measure_matmul_flops
@@ -99,6 +100,7 @@ def main() -> None:
     ap.add_argument("--compile-mode", default="default", help="torch.compile mode for the compiled variant")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
+    print(f"machine: {machine_text()}", flush=True)
     preset = PRESETS[args.preset]
     args.vocab = args.vocab or preset["vocab_size"]
     args.seq_len = args.seq_len or preset["max_seq_len"]

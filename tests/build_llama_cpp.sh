@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds llama.cpp's llama-tokenize and llama-simple into .cache/llama.cpp-VERSION for `make test-llama-cpp`,
+# Builds llama.cpp's llama-tokenize, llama-simple (for `make test-llama-cpp`) and llama-completion (for
+# bench/llama_cpp.py) into .cache/llama.cpp-VERSION,
 # from the copy of llama.cpp that llama-cpp-python's source package on PyPI carries (PyPI is the one
 # place every tinyk machine can download from). Generic CPU flags, so the tools run on any machine of
 # the same architecture. Needs cmake and a C++ compiler; takes minutes.
@@ -7,7 +8,7 @@ set -euo pipefail
 version=${LLAMA_CPP_PYTHON_VERSION:-0.3.36}
 root=.cache/llama.cpp-$version
 bin=$root/build/bin
-if [ -x "$bin/llama-simple" ] && [ -x "$bin/llama-tokenize" ]; then
+if [ -x "$bin/llama-simple" ] && [ -x "$bin/llama-tokenize" ] && [ -x "$bin/llama-completion" ]; then
     exit 0
 fi
 for tool in cmake c++; do
@@ -23,4 +24,4 @@ tar xzf "$root/llama_cpp_python-$version.tar.gz" -C "$root"
 cmake -S "$root/llama_cpp_python-$version/vendor/llama.cpp" -B "$root/build" -DCMAKE_BUILD_TYPE=Release \
     -DGGML_NATIVE=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF \
     >"$root/cmake.log"
-cmake --build "$root/build" -j"$(nproc)" --target llama-tokenize llama-simple >"$root/build.log"
+cmake --build "$root/build" -j"$(nproc)" --target llama-tokenize llama-simple llama-completion >"$root/build.log"

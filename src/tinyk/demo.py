@@ -593,6 +593,12 @@ def machine_info() -> dict[str, Any]:
             "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform()}
 
 
+def machine_text(m: dict[str, Any] | None = None) -> str:
+    """One line for a report or a benchmark's header: figures name the machine they came from."""
+    m = m or machine_info()
+    return f"{m['cpu']}, {m['cores']} cores, {m['gpu'] or 'no GPU'}; torch {m['torch']}"
+
+
 def chat_samples(engine: Engine, tasks: list[dict[str, Any]], max_new_tokens: int) -> list[dict[str, Any]]:
     """Greedy replies to the seed's first question, an identity question, and one held-out question per task."""
     from .evaluate import greedy_params
@@ -725,8 +731,7 @@ def render_report(res: dict[str, Any]) -> str:
     parts = [
         "# tinyk demo report",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores" + (f", {m['gpu']}" if m["gpu"] else ", no GPU")
-        + f"; torch {m['torch']}. Total wall time {res['total_seconds'] / 60:.1f} minutes "
+        f"Machine: {machine_text(m)}. Total wall time {res['total_seconds'] / 60:.1f} minutes "
         f"(budget {res['config']['minutes']:g}).",
         "",
         "## Results",
