@@ -355,6 +355,28 @@ def test_data_loss_perplexity_bits_per_byte(nano, nano_model_dir, pretrain_data)
     assert abs(r["loss"] - math.log(model.config.vocab_size)) < 0.5
 
 
+def test_a_diverged_models_loss_is_said_and_its_json_stays_json(nano_model_dir, pretrain_data):
+    """A model whose logits overflow wrote NaN into results.json (which jq and JavaScript refuse) under
+    a table of "nan"; a loss beyond e^709 had its perplexity capped at e^50 without a word."""
+    from tinyk.evaluate import table_rows
+
+    model, _ = load_model(nano_model_dir)
+    rows = {}
+    for case, scale in (("huge", 1e6), ("nan", math.nan)):
+        with torch.no_grad():
+            model.lm_head.weight.mul_(scale)
+        r = eval_data(model, nano_model_dir, pretrain_data, seq_len=32, batch_size=4, max_batches=2)
+        json.loads(json.dumps(r, allow_nan=False))  # strict JSON
+        rows[case] = r, {metric.split(" (")[0]: (score, note) for metric, score, note in table_rows({"data": [r]})}
+    nan, shown = rows["nan"]
+    assert (nan["loss"], nan["perplexity"], nan["bits_per_byte"]) == (None, None, None)
+    assert shown == {"pt/val loss": ("not finite", "the model's logits overflow: its weights hold NaN or inf, "
+                                                     "or it diverged")}
+    huge, shown = rows["huge"]
+    assert huge["loss"] > 709 and huge["perplexity"] is None and huge["bits_per_byte"] > 0
+    assert shown["pt/val perplexity"] == (f"e^{huge['loss']:.0f}", "")
+
+
 def test_sft_conversations_a_short_window_leaves_out_are_reported(nano, nano_model_dir, sft_data):
     """Conversations with no answer token within --seq-len are not in the score: the results say how many."""
     from tinyk.loader import SFTLoader

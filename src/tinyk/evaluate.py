@@ -67,6 +67,9 @@ def _split_meta(data_dir: str | Path, split: str, model_dir: str | Path) -> dict
     return meta
 
 
+MAX_EXP = 709.0  # math.exp overflows beyond it
+
+
 def data_seq_len(meta: dict[str, Any], asked: int | None, context: int) -> int:
     """The window a split is scored in: as asked, else the SFT data's max_len, else the context; never past it."""
     return min(asked or meta.get("max_len") or context, context)
@@ -96,11 +99,13 @@ def eval_data(model: Transformer, model_dir: str | Path, data_dir: str | Path, *
     if count == 0:
         raise TinykError(f"{data_dir}: split {split!r} has no tokens to evaluate")
     loss = total / count
+    finite = math.isfinite(loss)  # NaN or inf: a diverged model's; JSON has neither, so null
     return {"data": str(data_dir), "kind": meta["kind"], "split": split, "seq_len": seq_len,
             # a --seq-len beyond the model's context is cut to it, and the table says so
             **({"seq_len_asked": asked} if asked and asked > seq_len else {}), "tokens": count,
-            "bytes": int(nbytes), "loss": loss, "perplexity": math.exp(min(loss, 50.0)),
-            "bits_per_byte": total / math.log(2) / nbytes if nbytes else None,
+            "bytes": int(nbytes), "loss": loss if finite else None,
+            "perplexity": math.exp(loss) if loss <= MAX_EXP else None,  # past e^709 a float overflows
+            "bits_per_byte": total / math.log(2) / nbytes if nbytes and finite else None,
             # of the whole split, also where --max-batches scores part of it
             **({"conversations_left_out": opened.dropped} if meta["kind"] == "sft" else {})}
 
@@ -824,10 +829,15 @@ def table_rows(results: dict[str, Any]) -> Iterator[tuple[str, str, str]]:
         # which are seq_len predictions, as in training)
         unit = f"answer tokens within seq_len {d['seq_len']}" if d.get("kind") == "sft" else \
             f"windows of {plural(d['seq_len'], 'tokens')}"
-        yield f"{name} loss ({unit}{cut})", f"{d['loss']:.4f}", ""
-        yield f"{name} perplexity", f"{d['perplexity']:.2f}", ""
-        bpb = d["bits_per_byte"]  # None when the evaluated tokens spell no text (only <|im_end|>s)
-        yield f"{name} bits per byte", "n/a" if bpb is None else f"{bpb:.4f}", ""
+        if d["loss"] is None:  # NaN or inf
+            yield (f"{name} loss ({unit}{cut})", "not finite",
+                   "the model's logits overflow: its weights hold NaN or inf, or it diverged")
+        else:
+            ppl = d["perplexity"]  # None past a float's range
+            yield f"{name} loss ({unit}{cut})", f"{d['loss']:.4f}", ""
+            yield f"{name} perplexity", f"e^{d['loss']:.0f}" if ppl is None else f"{ppl:.2f}", ""
+            bpb = d["bits_per_byte"]  # None when the evaluated tokens spell no text (only <|im_end|>s)
+            yield f"{name} bits per byte", "n/a" if bpb is None else f"{bpb:.4f}", ""
         if d.get("conversations_left_out"):
             yield (f"{name} conversations left out (no answer token within seq_len {d['seq_len']})",
                    f"{d['conversations_left_out']:,}", "")
