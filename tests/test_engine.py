@@ -114,6 +114,24 @@ def test_the_padding_of_a_batched_prompt_is_not_a_token_it_has_seen(engine, monk
     assert out[0].token_ids == alone
 
 
+def test_the_repetition_penalty_is_hfs_on_the_prompt_and_the_reply(engine):
+    """Greedy decoding under a penalty is HF's RepetitionPenaltyLogitsProcessor over the whole sequence,
+    full recomputation each step: the tokens generated so far count as seen, as the prompt's do."""
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    penalty = RepetitionPenaltyLogitsProcessor(5.0)  # strong enough that a reply that repeats itself shows
+    prompts = PROMPTS[:3]
+    want = []
+    with torch.no_grad():
+        for ids in map(engine.encode, prompts):
+            for _ in range(12):
+                x = torch.tensor([ids])
+                ids = [*ids, int(penalty(x, engine.model(x)[:, -1]).argmax())]
+            want.append(ids[-12:])
+    params = replace(GREEDY, repetition_penalty=5.0, max_new_tokens=12, ignore_eos=True)
+    assert [c.token_ids for c in engine.generate(prompts, params)] == want
+
+
 def test_masked_attention_repeats_grouped_kv_heads_as_cuda_needs(engine, reference, monkeypatch):
     """On CUDA only flash fuses grouped K/V heads, and it takes no mask: the engine's masked attention
     asks for a fused kernel without flash, repeats the heads (else SDPA's math kernel stores every

@@ -19,6 +19,7 @@ from tinyk.data import prepare_pretrain
 from tinyk.errors import TinykError
 from tinyk.evaluate import (
     ChoiceQuestion,
+    TaskExample,
     chat_prompter,
     choice_continuations,
     continuation_logprobs,
@@ -31,11 +32,12 @@ from tinyk.evaluate import (
     percent,
     read_choice,
     read_task_prompts,
+    score_task,
     skip_notes,
     table_rows,
 )
 from tinyk.inputs import Skips
-from tinyk.tokenizer import load_tokenizer, train_tokenizer
+from tinyk.tokenizer import MODEL_PROMPT, load_tokenizer, train_tokenizer
 
 QUESTIONS = [
     ("中国的首都是哪里？", ["北京", "上海", "广州", "深圳"]),
@@ -167,6 +169,15 @@ def test_choice_accuracy_and_chance_on_a_ceval_folder(tmp_path, nano, fmt):
     r = eval_choice(model, tok, [tmp_path / "ceval"], fmt=fmt)
     assert r["questions"] == 6 and r["skipped"]["by_reason"] == {"no_answer_column": 1, "empty_file": 1}
     assert r["skipped"]["first"]["empty_file"] == ["empty_val.csv"]
+    # A second subject the model gets all right: per question 5 of 8, per subject the mean of 50% and 100%.
+    with open(tmp_path / "ceval" / "val" / "two_val.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "question", "A", "B", "C", "D", "answer"])
+        for i, (q, opts) in enumerate(QUESTIONS[:2]):
+            w.writerow([i, q, *opts, model_choice(model, tok, fmt, q, dict(zip("ABCD", opts, strict=True)))])
+    r = eval_choice(model, tok, [tmp_path / "ceval"], fmt=fmt)
+    assert (r["accuracy"], r["macro_accuracy"]) == (pytest.approx(5 / 8), pytest.approx(0.75))
+    assert ("  mean over subjects", "75.0%", "") in list(table_rows({"choice": r}))
 
 
 def test_cloze_scores_options_per_byte_of_what_the_tokens_spell(tmp_path, corpus_file):
@@ -353,6 +364,21 @@ def test_data_loss_perplexity_bits_per_byte(nano, nano_model_dir, pretrain_data)
         assert r["bits_per_byte"] == pytest.approx(total / math.log(2) / r["bytes"], rel=1e-5)
     # A random model is close to uniform over the vocabulary.
     assert abs(r["loss"] - math.log(model.config.vocab_size)) < 0.5
+
+
+def test_sft_loss_counts_the_answer_tokens_alone(nano, nano_model_dir, sft_data):
+    """The SFT score is the answers' loss, as training's: computed here with cross-entropy's own ignore_index."""
+    from tinyk.loader import eval_batches
+
+    model, _ = nano
+    r = eval_data(model, nano_model_dir, sft_data, seq_len=64, batch_size=4)
+    total = count = 0
+    with torch.no_grad():
+        for x, y in eval_batches(sft_data, "val", 64, 4):
+            total += F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum").item()
+            count += int((y != -100).sum())
+            assert (y == -100).any()  # the prompts and padding are there, and not counted
+    assert r["tokens"] == count and r["loss"] == pytest.approx(total / count, rel=1e-5)
 
 
 def test_a_diverged_models_loss_is_said_and_its_json_stays_json(nano_model_dir, pretrain_data):
@@ -584,15 +610,23 @@ def test_task_errors(tmp_path, nano_model_dir):
 
 
 def test_generation_with_the_real_engine(tmp_path, nano):
-    """A random model rarely stops; the point is that real completions flow through and are scored."""
-    from tinyk.evaluate import make_engine
+    """Real completions are the greedy answers to each chat under the model's system prompt, and are
+    scored: the first example's answer is what the model says, the others' is not."""
+    from tinyk.evaluate import greedy_params, make_engine
 
-    task = write_task(tmp_path / "t.jsonl", [{"messages": [{"role": "user", "content": f"你好{i}"}], "answer": "你好"}
-                                             for i in range(3)])
-    r = eval_task(make_engine(*nano), task, max_new_tokens=4)
-    assert r["examples"] == 3 and 0 <= r["accuracy"] <= 1
-    assert all(s["finish_reason"] in ("stop", "length") for s in r["samples"])
-    assert r["stop_rate"] == sum(s["finish_reason"] == "stop" for s in r["samples"]) / 3
+    engine = make_engine(*nano)
+    chats = [[{"role": "user", "content": f"你好{i}"}] for i in range(3)]
+    want = [engine.generate([engine.chat_ids([{"role": "system", "content": engine.tok.system_prompt}, *chat])],
+                            greedy_params(4))[0] for chat in chats]
+    task = write_task(tmp_path / "t.jsonl", [{"messages": chat, "answer": "不是这个"} for chat in chats])
+    r = eval_task(engine, task, max_new_tokens=4)
+    assert r["examples"] == 3 and r["accuracy"] == 0
+    assert [(s["output"], s["finish_reason"]) for s in r["samples"]] == [(c.text, c.finish_reason) for c in want]
+    assert r["stop_rate"] == sum(c.finish_reason == "stop" for c in want) / 3
+    # A random model's greedy answer may be blank, which a task file cannot hold: scored as read.
+    examples = [TaskExample(f"t:{i}", chat, [want[0].text if i == 0 else "不是这个"]) for i, chat in enumerate(chats)]
+    prompts = [engine.chat_ids([{"role": "system", "content": engine.tok.system_prompt}, *c]) for c in chats]
+    assert score_task(engine, task, examples, prompts, Skips(), max_new_tokens=4)["accuracy"] == pytest.approx(1 / 3)
 
 
 def test_cli_table_and_json(tmp_path, nano, nano_model_dir, pretrain_data, capsys):
@@ -973,6 +1007,11 @@ def test_none_means_no_system_prompt_in_evaluate_as_in_eval_task(tmp_path, nano_
     assert own and evaluate(nano_model_dir, tasks=[task], max_new_tokens=2)["settings"]["system_prompt"] == own
     assert evaluate(nano_model_dir, tasks=[task], max_new_tokens=2, system_prompt=None)["settings"]["system_prompt"] \
         is None
+    # ...and the prompts hold it (a setting that only named it passed)
+    for system, opening in ((MODEL_PROMPT, [{"role": "system", "content": own}]), (None, [])):
+        records: list[dict] = []
+        evaluate(nano_model_dir, tasks=[task], max_new_tokens=2, system_prompt=system, records=records)
+        assert records[0]["messages"] == [*opening, {"role": "user", "content": "好"}]
     main_args = ["eval", "--model", str(nano_model_dir), "--task", str(task), "--max-new-tokens", "2", "--json"]
     for flag, want in (([], own), (["--system-prompt", ""], None), (["--system-prompt", " 你好 "], "你好")):
         with pytest.raises(SystemExit) as e:

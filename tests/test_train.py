@@ -904,7 +904,7 @@ def test_a_run_whose_output_is_closed_stops_with_a_checkpoint(tmp_path, pt_data,
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "tinyk", *cli_args(pt_data, tok_dir, out, "--max-steps", "100000",
                                                                        "--log-every", "1", "--save-every", "0")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
     try:
         while not proc.stdout.readline().startswith(b"step "):  # `head` leaves once training has begun
             pass
@@ -2294,6 +2294,46 @@ def test_mixed_precision_on_cpu_trains_and_resumes(tmp_path, pt_data, tok_dir, d
     second = train(nano_cfg(pt_data, tok_dir, out, max_steps=3, dtype=dtype), resume=True)
     assert second["steps"] == 3 and second["resumed_from"].endswith("step_0000002")
     assert (second["skipped_steps"] is None) == (dtype == "bf16")
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "sft"])
+def test_the_runs_val_loss_is_what_tinyk_eval_gives_its_model(tmp_path, pt_data, sft_data, tok_dir, nano_model_dir,
+                                                              kind):
+    """With dropout on, validation runs the model in eval mode: the run's val loss and bits per byte are
+    what `tinyk eval` then reports for the model it saved (a validation with dropout on was not)."""
+    data, out = (pt_data if kind == "pretrain" else sft_data), tmp_path / "run"
+    summary = train(nano_cfg(data, tok_dir if kind == "pretrain" else None, out, kind, seq_len=64, max_steps=2,
+                             eval_every=2, init=None if kind == "pretrain" else str(nano_model_dir),
+                             model={"preset": "nano", "dropout": 0.1} if kind == "pretrain" else {"dropout": 0.1}))
+    final = out / "final"
+    again = eval_data(load_model(final)[0], final, data, seq_len=64, batch_size=8, max_batches=2)
+    assert (summary["final_val_loss"], summary["final_val_bpb"]) == \
+        (pytest.approx(again["loss"], rel=1e-5), pytest.approx(again["bits_per_byte"], rel=1e-5))
+
+
+def test_the_runs_optimizer_and_precision_settings_reach_the_step(tmp_path, pt_data, tok_dir, monkeypatch):
+    """Only the helpers were tested: weight decay, betas, eps and grad_clip as set reach AdamW and the
+    step, and --dtype bf16 runs the forward under bf16 autocast (the loss alone cannot tell)."""
+    import tinyk.train as train_module
+
+    seen = []
+    real_step, real_forward = train_module.optimizer_step, Transformer.forward
+
+    def spy_step(module, opt, *args, grad_clip, **kw):
+        seen.append(("step", grad_clip, [(g["weight_decay"], g["betas"], g["eps"]) for g in opt.param_groups]))
+        return real_step(module, opt, *args, grad_clip=grad_clip, **kw)
+
+    def spy_forward(self, *args, **kw):
+        if self.training:
+            seen.append(("forward", torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return real_forward(self, *args, **kw)
+
+    monkeypatch.setattr(train_module, "optimizer_step", spy_step)
+    monkeypatch.setattr(Transformer, "forward", spy_forward)
+    train(nano_cfg(pt_data, tok_dir, tmp_path / "run", max_steps=1, dtype="bf16", weight_decay=0.05, beta1=0.85,
+                   beta2=0.97, eps=1e-7, grad_clip=0.5))
+    assert seen[0] == ("step", 0.5, [(0.05, (0.85, 0.97), 1e-7), (0.0, (0.85, 0.97), 1e-7)])
+    assert seen[1:] and set(seen[1:]) == {("forward", True, torch.bfloat16)}
 
 
 def test_fp16_skipped_steps_are_counted_across_a_resume(tmp_path, pt_data, tok_dir, monkeypatch, capsys):
