@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -791,6 +792,23 @@ def test_a_stopped_command_whose_stderr_is_gone_still_exits_with_the_signals_sta
     with pytest.raises(SystemExit) as e:
         main(["plan", "--preset", "nano"])
     assert e.value.code == 130
+
+
+@pytest.mark.parametrize("system", ["posix", "nt"])
+def test_a_reader_that_left_stops_a_command_quietly(monkeypatch, capsys, system):
+    """`tinyk plan | head`: status 141 and no error. Windows reports a pipe closed by its reader as
+    EINVAL, which was "tinyk: error: [Errno 22] Invalid argument"."""
+    def reader_left(args):
+        raise BrokenPipeError(errno.EPIPE, "Broken pipe") if system == "posix" else OSError(errno.EINVAL, "Invalid "
+                                                                                             "argument")
+
+    monkeypatch.setattr("tinyk.cli.plan._run", reader_left)
+    monkeypatch.setattr("tinyk.cli.os.dup2", lambda fd, fd2: None)  # the test's own stdout stays
+    monkeypatch.setattr(sys.stdout, "fileno", lambda: 1)
+    monkeypatch.setattr("tinyk.cli.WINDOWS", system == "nt")
+    with pytest.raises(SystemExit) as e:
+        main(["plan", "--preset", "nano"])
+    assert e.value.code == 141 and capsys.readouterr().err == ""
 
 
 def test_closed_standard_streams_and_a_deleted_working_directory(tmp_path, nano_model_dir):

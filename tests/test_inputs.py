@@ -697,6 +697,36 @@ def test_only_temporaries_of_dead_processes_on_this_machine_are_removed(tmp_path
     assert remove_stale_temps(tmp_path / "out") == []
 
 
+def test_windows_asks_its_kernel_whether_a_leftovers_process_still_runs(monkeypatch):
+    """On Windows every leftover counted as its (running) owner's, so a kill's never went: `OpenProcess`
+    and the exit code say, with a fake kernel32 here (87: no such process; 5: someone else's)."""
+    import ctypes
+
+    from tinyk.outputs import _windows_pid_running
+
+    processes = {10: 259, 11: 0}  # running (STILL_ACTIVE), ended but a handle still open
+    last_error, closed = [], []
+
+    class Kernel32:
+        def OpenProcess(self, access, inherit, pid):
+            if pid in processes:
+                return pid
+            last_error.append(5 if pid == 12 else 87)
+            return 0
+
+        def GetExitCodeProcess(self, handle, code):
+            code._obj.value = processes[handle]
+            return 1
+
+        def CloseHandle(self, handle):
+            closed.append(handle)
+
+    monkeypatch.setattr(ctypes, "WinDLL", lambda name, use_last_error: Kernel32(), raising=False)
+    monkeypatch.setattr(ctypes, "get_last_error", lambda: last_error[-1], raising=False)
+    assert [_windows_pid_running(pid) for pid in (10, 11, 12, 13)] == [True, False, True, False]
+    assert closed == [10, 11]
+
+
 def test_a_file_a_killed_write_left_half_written_goes_with_the_next_write(tmp_path):
     """`tinyk eval --out res.json` killed while writing left `.res.json.tmp-PID`, which nothing ever removed."""
     dead, host = dead_pid(), _host()

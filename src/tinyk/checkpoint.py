@@ -360,11 +360,12 @@ def _cut_zip(path: Path) -> bool:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu",
-               copy: bool = False) -> tuple[Transformer, TinyTokenizer]:
+               copy: bool = os.name == "nt") -> tuple[Transformer, TinyTokenizer]:
     """Loads a model directory (weights via safetensors only) and its tokenizer. The weights are the
     file's pages, mapped; `copy` reads them out, so the file may go while the model lives (a training
     run deletes the checkpoint it resumed from once newer ones are kept, which frees no disk space while
-    mapped, and which Windows refuses)."""
+    mapped). Windows copies always: there a mapped file stops its folder being replaced, so a model
+    served or chatted with would stop the run training it at its next best/ or final/."""
     path = Path(path)
     cfg, tok = config_and_tokenizer(path)
     with _reading_weights(path), rust_path(path / "model.safetensors") as f:

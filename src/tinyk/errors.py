@@ -51,9 +51,10 @@ class Stopped(KeyboardInterrupt):
 
 
 _POSIX_NUMBERS = {"SIGHUP": 1, "SIGINT": 2, "SIGPIPE": 13, "SIGTERM": 15}
-# What stops a command: Ctrl-C, SIGTERM (kill, a scheduler) and SIGHUP (the terminal went away), where the
-# system has it (Windows has no SIGHUP).
-STOP_SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None)
+# What stops a command: Ctrl-C, SIGTERM (kill, a scheduler), SIGHUP (the terminal went away) and Windows'
+# Ctrl-Break, where the system has them (Windows has no SIGHUP, only Windows has SIGBREAK).
+STOP_SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None),
+                                 getattr(signal, "SIGBREAK", None)) if s is not None)
 
 
 def signal_status(name: str) -> int:

@@ -173,18 +173,23 @@ def _room_to_open(n: int, folder: Path) -> None:
     one, as any process may; past the hard one, one line says what to do."""
     try:
         import resource
-        fds = Path("/proc/self/fd")
-        open_now = len(list(fds.iterdir())) if fds.is_dir() else 64
     except ImportError:  # Windows: no such limit to raise
         return
+    fds = next((p for p in (Path("/proc/self/fd"), Path("/dev/fd")) if p.is_dir()), None)  # Linux, macOS
+    open_now = len(list(fds.iterdir())) if fds else 64
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     need = open_now + n + 64  # and room for what opens files later (checkpoints, logs, compilers)
     if soft == resource.RLIM_INFINITY or need <= soft:
         return
+    limit = "the system's limit per process" if hard == resource.RLIM_INFINITY else f"ulimit -n allows {hard:,}"
+    too_many = TinykError(f"{folder} has {n:,} shard files, more than this process may keep open ({limit}); "
+                          "raise that limit, or remake the data with a larger --shard-tokens")
     if hard != resource.RLIM_INFINITY and need > hard:
-        raise TinykError(f"{folder} has {n:,} shard files, more than this process may keep open (ulimit -n allows "
-                         f"{hard:,}); raise that limit, or remake the data with a larger --shard-tokens")
-    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+        raise too_many
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+    except (ValueError, OSError):  # macOS: an unlimited hard limit still stops at kern.maxfilesperproc
+        raise too_many from None
 
 
 class _Windows:

@@ -452,7 +452,9 @@ def _stem(name: str) -> str:
 
 def _pid_running(pid: int) -> bool:
     """False only when no process `pid` exists on this machine; in doubt, True."""
-    if os.name != "posix":  # os.kill(pid, 0) would not be a harmless probe
+    if os.name == "nt":
+        return _windows_pid_running(pid)
+    if os.name != "posix":
         return True
     try:
         os.kill(pid, 0)
@@ -461,6 +463,21 @@ def _pid_running(pid: int) -> bool:
     except (OSError, OverflowError):  # PermissionError: someone else's process
         return True
     return True
+
+
+def _windows_pid_running(pid: int) -> bool:
+    """`_pid_running` on Windows, where os.kill(pid, 0) would end the process: asks the kernel."""
+    import ctypes
+
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)  # type: ignore[attr-defined]
+    handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+    if not handle:
+        return ctypes.get_last_error() != 87  # ERROR_INVALID_PARAMETER: no such process (else: not ours to ask)
+    try:
+        code = ctypes.c_ulong()
+        return not kernel32.GetExitCodeProcess(handle, ctypes.byref(code)) or code.value == 259  # STILL_ACTIVE
+    finally:
+        kernel32.CloseHandle(handle)
 
 
 def remove_stale_temps(out: str | Path) -> list[Path]:

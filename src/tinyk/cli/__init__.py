@@ -151,7 +151,10 @@ def _own_bytes(e: UnicodeError) -> tuple[str | bytes, int]:
 codecs.register_error(OWN_BYTES, _own_bytes)
 
 
-def utf8_streams(streams: Iterable[Any], windows: bool = os.name == "nt") -> None:
+WINDOWS = os.name == "nt"
+
+
+def utf8_streams(streams: Iterable[Any], windows: bool = WINDOWS) -> None:
     """Reads and writes UTF-8, as Python's UTF-8 mode would, where the locale's encoding is another: an
     ASCII locale (LC_ALL=C), and a pipe or file under any other (`generate --json > out.jsonl` came out
     in GBK under zh_CN.GBK or on Windows, which tinyk then refused to read; a UTF-8 file on stdin was
@@ -275,11 +278,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(signal_status(e.signal_name))
     except KeyboardInterrupt as e:
         _stopped(e)
-    except BrokenPipeError:
-        # The reader left (`tinyk plan | head`): stop quietly, as other command-line tools do.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(signal_status("SIGPIPE"))
     except OSError as e:
+        # The reader left (`tinyk plan | head`): stop quietly, as other command-line tools do. Windows
+        # says EINVAL where POSIX says EPIPE.
+        if isinstance(e, BrokenPipeError) or WINDOWS and e.errno == errno.EINVAL and e.filename is None:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(signal_status("SIGPIPE"))
         if e.filename is None and e.errno in (errno.ENOSPC, errno.EDQUOT):  # stdout to a full disk, or /dev/full
             # Said of stdout alone: the files a command writes are complete or absent, and may be complete.
             _fail(f"tinyk: error: what it prints could not be written to its standard output: {e.strerror} "
