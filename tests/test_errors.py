@@ -8,6 +8,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +19,8 @@ from safetensors.torch import load_file, save_file
 
 from tinyk.checkpoint import load_model
 from tinyk.cli import main
-from tinyk.errors import StoppedBeforeTraining, TinykError
-from tinyk.inputs import check_inputs, has_surrogate
+from tinyk.errors import Stopped, StoppedBeforeTraining, TinykError
+from tinyk.inputs import check_inputs, has_surrogate, stdin_not_decodable
 from tinyk.tokenizer import build_tokenizer, load_tokenizer
 
 
@@ -750,9 +751,18 @@ def test_text_through_a_pipe_is_utf8_as_tinyk_reads_it_whatever_the_locale(monke
     utf8_streams([piped, ascii_], windows=True)
     utf8_streams([latin, shown], windows=False)
     assert [s.encoding for s in (piped, ascii_, latin, shown)] == ["utf-8", "utf-8", "utf-8", "gbk"]
-    monkeypatch.setattr(sys, "stdin", stream("gbk"))  # `echo 你好 | tinyk ...` in cmd.exe sends GBK
+    # Windows: `echo 你好 | tinyk ...` in cmd.exe sends GBK, a file Notepad saved is UTF-8 (read as GBK, UTF-8
+    # Chinese was often valid, and garbled: 你好 as 浣犲ソ); an ASCII start decides nothing yet.
+    for sent in ("你好\n世界\n".encode("gbk"), "你好\n世界\n".encode(), "\ufeffhi\n你好\n世界\n".encode(),
+                 b"hi\n" + "你好\n世界\n".encode("gbk")):
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(sent), encoding="cp936"))
+        utf8_streams([sys.stdin], windows=True)
+        assert sys.stdin.read().removeprefix("\ufeff").removeprefix("hi\n") == "你好\n世界\n", sent
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("你好".encode() + b"\xff\n"), encoding="gbk"))
     utf8_streams([sys.stdin], windows=True)
-    assert sys.stdin.encoding == "gbk"
+    with pytest.raises(UnicodeDecodeError):
+        sys.stdin.read()
+    assert stdin_not_decodable() == "stdin is neither UTF-8 nor gbk, this console's encoding"
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("你好\n".encode() + "世界\n".encode("gbk")),
                                                        encoding="gbk"))
     utf8_streams([sys.stdin], windows=False)  # elsewhere a file on stdin is UTF-8; GBK bytes stay recognisable
@@ -792,6 +802,24 @@ def test_a_stopped_command_whose_stderr_is_gone_still_exits_with_the_signals_sta
     with pytest.raises(SystemExit) as e:
         main(["plan", "--preset", "nano"])
     assert e.value.code == 130
+
+
+def test_ctrl_break_stops_a_command_with_its_clean_up_on_windows(monkeypatch, capsys):
+    """Windows' Ctrl-Break killed a command with no clean-up (and a training run with no checkpoint)."""
+    from tinyk.cli import _stop_handlers
+
+    monkeypatch.setattr(signal, "SIGBREAK", 21, raising=False)
+    handler = _stop_handlers()[21]
+    with pytest.raises(Stopped) as stopped:
+        handler(21, None)
+
+    def stopped_by_break(args):
+        raise stopped.value
+
+    monkeypatch.setattr("tinyk.cli.plan._run", stopped_by_break)
+    with pytest.raises(SystemExit) as e:
+        main(["plan", "--preset", "nano"])
+    assert e.value.code == 128 + 21 and capsys.readouterr().err == "tinyk: stopped by SIGBREAK\n"
 
 
 @pytest.mark.parametrize("system", ["posix", "nt"])

@@ -807,13 +807,70 @@ def iter_texts(paths: list[Path], skips: Skips, *, field: str = "text", **kw: An
         yield text
 
 
+UTF8_OR = "tinyk_utf8_or_"  # a codec: "tinyk_utf8_or_cp936" reads UTF-8, or cp936 where the text is not UTF-8
+
+
+class _Utf8OrDecoder(codecs.IncrementalDecoder):
+    """UTF-8 when the first non-ASCII bytes are (a file saved by Notepad, PowerShell 7's pipes), else
+    `fallback` (cmd.exe's `echo 你好 |` sends the code page's GBK): GBK text is hardly ever valid UTF-8,
+    while UTF-8 Chinese often is valid GBK, and read as it, silently garbled (你好 as 浣犲ソ)."""
+
+    fallback = "utf-8"
+
+    def __init__(self, errors: str = "strict"):
+        super().__init__(errors)
+        self.inner: codecs.IncrementalDecoder | None = None
+
+    def decode(self, data: bytes, final: bool = False) -> str:
+        if self.inner is None:
+            if data.isascii() and not final:  # ASCII in both
+                return data.decode("ascii")
+            try:
+                codecs.getincrementaldecoder("utf-8")().decode(data, final)
+                name = "utf-8"
+            except UnicodeDecodeError:
+                name = self.fallback
+            self.inner = codecs.getincrementaldecoder(name)(self.errors)
+        return self.inner.decode(data, final)
+
+    def reset(self) -> None:
+        self.inner = None
+
+    def getstate(self) -> tuple[bytes, int]:
+        return self.inner.getstate() if self.inner else (b"", 0)
+
+    def setstate(self, state: tuple[bytes, int]) -> None:
+        if self.inner:
+            self.inner.setstate(state)
+
+
+def _utf8_or(name: str) -> codecs.CodecInfo | None:
+    """The codec registry's search for UTF8_OR names: Windows' piped stdin reads through one."""
+    if not name.startswith(UTF8_OR):
+        return None
+    fallback = codecs.lookup(name.removeprefix(UTF8_OR)).name
+    decoder = type("Decoder", (_Utf8OrDecoder,), {"fallback": fallback})
+
+    def decode(data: bytes, errors: str = "strict") -> tuple[str, int]:
+        return decoder(errors).decode(bytes(data), final=True), len(data)
+
+    return codecs.CodecInfo(codecs.utf_8_encode, decode, name=UTF8_OR + fallback, incrementaldecoder=decoder,
+                            incrementalencoder=codecs.getincrementalencoder("utf-8"))
+
+
+codecs.register(_utf8_or)
+
+
 def stdin_not_decodable() -> str:
     """The line for stdin bytes its decoder refused: UTF-8's, or the encoding stdin reads instead, the
     one PYTHONIOENCODING asks for or Windows' code page (`PYTHONIOENCODING=ascii` refused Chinese UTF-8,
     which was then called "not valid UTF-8")."""
     encoding = getattr(sys.stdin, "encoding", None) or "utf-8"
-    if codecs.lookup(encoding).name == "utf-8":
+    codec = codecs.lookup(encoding).name
+    if codec == "utf-8":
         return "stdin is not valid UTF-8 (convert it first, e.g. iconv -f gbk -t utf-8)"
+    if codec.startswith(UTF8_OR):
+        return f"stdin is neither UTF-8 nor {codec.removeprefix(UTF8_OR)}, this console's encoding"
     if chosen := os.environ.get("PYTHONIOENCODING", "").partition(":")[0]:
         return (f"stdin is not valid {encoding}, the encoding PYTHONIOENCODING={chosen} asks for (unset it to "
                 f"read UTF-8)")

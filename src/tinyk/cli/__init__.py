@@ -37,6 +37,7 @@ from tinyk.errors import (
     signal_status,
     stop_signal,
 )
+from tinyk.inputs import UTF8_OR
 
 STAGES = ["tokenizer", "model", "data", "train", "generate", "serve", "evaluate", "demo", "plan"]
 WITHOUT_TORCH = {"tokenizer", "data"}  # what they do needs none (reading a data directory imports it itself)
@@ -124,13 +125,19 @@ def _hang_up(signum: int, frame: object) -> NoReturn:
     raise Stopped("SIGHUP")
 
 
+def _break(signum: int, frame: object) -> NoReturn:
+    raise Stopped("SIGBREAK")
+
+
 def _stop_handlers() -> dict[int, Any]:
     """SIGTERM stops a command as Ctrl-C does; so does SIGHUP (the terminal or SSH session went away,
     which would kill `tinyk serve` or `tinyk data` without their clean-up), unless it is ignored, as
-    under nohup, where the command goes on."""
+    under nohup, where the command goes on; and so does Windows' Ctrl-Break."""
     handlers: dict[int, Any] = {signal.SIGTERM: _terminate}
     if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:
         handlers[signal.SIGHUP] = _hang_up
+    if hasattr(signal, "SIGBREAK"):
+        handlers[signal.SIGBREAK] = _break
     return handlers
 
 
@@ -160,9 +167,9 @@ def utf8_streams(streams: Iterable[Any], windows: bool = WINDOWS) -> None:
     in GBK under zh_CN.GBK or on Windows, which tinyk then refused to read; a UTF-8 file on stdin was
     read as GBK, silently garbled), unless PYTHONIOENCODING names an encoding. A terminal keeps a
     locale's other than ASCII: it shows and types that (Windows' console is UTF-16 to Python anyway).
-    Windows' stdin keeps it too: `echo 你好 | tinyk ...` in cmd.exe sends GBK. Elsewhere stdin reads
-    UTF-8 with undecodable bytes kept as surrogates, as under LC_ALL=C, so GBK input is refused in one
-    line, not misread."""
+    Windows' stdin reads UTF-8 where it is, else the code page: `echo 你好 | tinyk ...` in cmd.exe sends
+    GBK. Elsewhere stdin reads UTF-8 with undecodable bytes kept as surrogates, as under LC_ALL=C, so GBK
+    input is refused in one line, not misread."""
     if os.environ.get("PYTHONIOENCODING", "").partition(":")[0]:  # an encoding asked for (not ":strict")
         return
     for stream in streams:
@@ -172,8 +179,11 @@ def utf8_streams(streams: Iterable[Any], windows: bool = WINDOWS) -> None:
         stdin = stream is sys.stdin
         if encoding == "ascii":
             stream.reconfigure(encoding="utf-8")
-        elif encoding != "utf-8" and not stream.isatty() and not (stdin and windows):
-            stream.reconfigure(encoding="utf-8", errors="surrogateescape" if stdin else None)
+        elif encoding != "utf-8" and not stream.isatty():
+            if stdin and windows:
+                stream.reconfigure(encoding=UTF8_OR + encoding)
+            else:
+                stream.reconfigure(encoding="utf-8", errors="surrogateescape" if stdin else None)
 
 
 def _stopped(e: KeyboardInterrupt) -> NoReturn:
