@@ -25,9 +25,10 @@ import openai
 import pytest
 import torch
 
+from tinyk.cli import main
 from tinyk.engine import Engine, SamplingParams
 from tinyk.errors import TinykError
-from tinyk.serve import ChatServer, ServerConfig
+from tinyk.serve import ChatServer, ServerConfig, serve
 from tinyk.tokenizer import DEFAULT_SYSTEM_PROMPT, MODEL_PROMPT, SPECIAL_IDS, encode_chat
 
 DEFAULTS = SamplingParams(temperature=0.7, top_k=50, top_p=0.9, repetition_penalty=1.1, max_new_tokens=32)
@@ -1438,9 +1439,34 @@ def stream_request(server: ChatServer, max_tokens: int, stream: bool = True) -> 
     return s
 
 
-def test_a_client_that_stops_reading_does_not_stall_others(server, client, reference):
-    slow = stream_request(server, 100)
+def test_a_client_that_stops_reading_does_not_stall_others(nano_model_dir, reference, monkeypatch):
+    """A stream outgrowing the socket buffers (4 kB each way; one that fit in them never blocked a write)
+    holds its own handler, not the others'."""
+    from tinyk.serve import Handler
+
+    setup = Handler.setup
+
+    def small_buffers(self) -> None:
+        self.request.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        setup(self)
+
+    monkeypatch.setattr(Handler, "setup", small_buffers)
+    server, _ = start(nano_model_dir, timeout=30)
+    generated = threading.Event()
+    server.api.scheduler.on_finish = lambda r: generated.set()
+    u = urlsplit(server.url)
+    slow = socket.socket()
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: the window it offers
+    slow.settimeout(60)
+    slow.connect((u.hostname, u.port))
+    body = json.dumps({"model": "nano", "prompt": "我们今天", "max_tokens": 100, "temperature": 0, "logprobs": 5,
+                       "stream": True}).encode()
+    slow.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n%s"
+                 % (len(body), body))
     try:
+        assert generated.wait(60)  # all of it made: its handler now waits on full buffers
+        server.api.scheduler.on_finish = None
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=10)
         for p in ("天气", "中国的首都"):
             r = client.completions.create(model="nano", prompt=p, max_tokens=5, temperature=0)
             assert r.choices[0].text == expected_completion(reference, p, 5).text
@@ -1449,17 +1475,19 @@ def test_a_client_that_stops_reading_does_not_stall_others(server, client, refer
             chunk = slow.recv(65536)
             assert chunk, "the slow client's stream ended early"
             data += chunk
-        assert b'"finish_reason": "length"' in data
+        assert len(data) > 16384 and b'"finish_reason": "length"' in data
     finally:
         slow.close()
+        server.close()
 
 
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses"])
 def test_a_client_gone_before_its_stream_opens_is_cancelled_without_a_traceback(served, monkeypatch, path):
     """Writing the stream's headers is where a client that left at once is found out: its request is
     cancelled and the server prints nothing (a stream opened in a context manager that never got to yield raised
-    a RuntimeError there, which the server printed as a traceback)."""
-    server, _ = served
+    a RuntimeError there, which the server printed as a traceback). The engine is held until the handler is
+    done, so the request can only end cancelled."""
+    server, probe = served
     errors, ended = [], []
     monkeypatch.setattr(server, "handle_error", lambda request, address: errors.append(sys.exc_info()[1]))
 
@@ -1470,14 +1498,23 @@ def test_a_client_gone_before_its_stream_opens_is_cancelled_without_a_traceback(
     server.api.scheduler.on_finish = lambda r: ended.append(r.finish_reason)
     asked = {"messages": [{"role": "user", "content": "你好"}], "max_tokens": 60} if "chat" in path else \
         {"input": "你好", "max_output_tokens": 60}
+    before = server._open  # the module's openai client keeps a connection of its own open
+    probe.gate = gate = threading.Semaphore(0)
     try:
         with pytest.raises((http.client.HTTPException, OSError)):
             request(server, "POST", path, {"model": "nano", "stream": True, **asked})
         deadline = time.monotonic() + 30
-        while (server._open or not ended) and time.monotonic() < deadline:  # its thread done, its request ended
+        while server._open > before and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert errors == [] and len(ended) == 1  # cancelled, unless it ended first
+        assert server._open <= before, "the handler's thread never ended"
+        probe.gate = None
+        gate.release(1000)
+        while not ended and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert errors == [] and ended == ["cancelled"]
     finally:
+        probe.gate = None
+        gate.release(1000)
         server.api.scheduler.on_finish = None
 
 
@@ -1632,3 +1669,185 @@ def test_server_defaults_beyond_the_apis_ranges_still_serve(nano_model_dir):
         assert status == 400 and body["error"]["param"] == "temperature"
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("field, value", [("top_p", 0.2), ("top_k", 2), ("min_p", 0.8),
+                                          ("repetition_penalty", 2.0)])
+def test_a_requests_sampling_settings_reach_the_sampler(client, reference, field, value):
+    """A request's top_p (and vLLM's top_k, min_p, repetition_penalty) decode as the engine's own setting:
+    the answer is the engine's with that value, which differs from the server default's answer."""
+    ids = reference.encode("天气")
+    params = replace(DEFAULTS, temperature=1.0, max_new_tokens=12, seed=3)
+    want = reference.generate([ids], replace(params, **{field: value}))[0].text
+    assert want != reference.generate([ids], params)[0].text, "this value must change the answer"
+    extra = {} if field == "top_p" else {field: value}
+    kw = {"top_p": value} if field == "top_p" else {}
+    r = client.completions.create(model="nano", prompt="天气", max_tokens=12, temperature=1.0, seed=3,
+                                  extra_body=extra, **kw)
+    assert r.choices[0].text == want
+    # The Responses API passes them on too.
+    chat = [{"role": "user", "content": "天气"}]
+    chat_ids = reference.chat_ids(chat, default_system=DEFAULT_SYSTEM_PROMPT)
+    want = reference.generate([chat_ids], replace(params, **{field: value}))[0].text
+    assert want != reference.generate([chat_ids], params)[0].text, "this value must change the answer"
+    r = client.responses.create(model="nano", input="天气", max_output_tokens=12, temperature=1.0,
+                                extra_body={field: value, "seed": 3})
+    assert r.output_text == want
+
+
+def test_the_servers_stop_strings_apply_unless_a_request_sends_its_own(nano_model_dir, reference):
+    """`tinyk serve --stop TEXT`: a request without `stop` ends at it, streamed or not, also where it spans two
+    tokens; a request's own `stop` replaces it."""
+    full = expected_completion(reference, "The quick brown fox", 12)
+    pieces = [reference.tok.decode([t]) for t in full.token_ids]
+    stop = pieces[1][-1] + pieces[2][:1]  # the last character of one token and the first of the next
+    assert stop in full.text and all(stop not in p for p in pieces)
+    cut = full.text[:full.text.index(stop)]
+    srv, _ = start(nano_model_dir, defaults=replace(DEFAULTS, stop=[stop]))
+    try:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=60)
+        kw = dict(model="nano", prompt="The quick brown fox", max_tokens=12, temperature=0)
+        r = c.completions.create(**kw)
+        assert (r.choices[0].text, r.choices[0].finish_reason) == (cut, "stop")
+        streamed = list(c.completions.create(**kw, stream=True))
+        assert "".join(ch.choices[0].text for ch in streamed) == cut  # nothing past it was sent, then taken back
+        assert c.completions.create(**kw, stop=["no such text"]).choices[0].text == full.text
+    finally:
+        srv.close()
+
+
+def test_logprobs_without_top_logprobs_lists_no_alternatives(client):
+    r = client.chat.completions.create(model="nano", messages=[{"role": "user", "content": "你好"}], max_tokens=3,
+                                       temperature=0, logprobs=True)
+    assert len(r.choices[0].logprobs.content) == 3
+    assert all(t.top_logprobs == [] for t in r.choices[0].logprobs.content)
+
+
+def serve_cli(args: list[str], monkeypatch):
+    """`tinyk serve ARGS` through main(), up to the point it would serve: the server it made."""
+    made = []
+    monkeypatch.setattr(ChatServer, "serve_forever", lambda self, poll_interval=0.5: made.append(self))
+    with pytest.raises(SystemExit) as e:
+        main(["serve", *map(str, args), "--device", "cpu", "--port", "0"])
+    assert e.value.code == 0 and len(made) == 1
+    return made[0]
+
+
+def test_serve_flags_reach_the_server_and_its_defaults_are_safe(nano_model_dir, monkeypatch, capsys):
+    """Every `tinyk serve` flag lands in the server it starts; without flags it listens on 127.0.0.1 only."""
+    monkeypatch.delenv("TINYK_API_KEY", raising=False)
+    plain = serve_cli(["--model", nano_model_dir], monkeypatch)
+    assert plain.server_address[0] == "127.0.0.1" and plain.api.cfg.api_key is None and plain.api.cfg.log
+    monkeypatch.setenv("TINYK_API_KEY", "from-env")
+    assert serve_cli(["--model", nano_model_dir], monkeypatch).api.cfg.api_key == "from-env"
+    server = serve_cli(["--model", nano_model_dir, "--max-batch", 3, "--max-waiting", 7, "--max-body", "2k",
+                        "--timeout", 5, "--max-connections", 20, "--system-prompt", "你是诗人",
+                        "--allow-origin", "http://localhost:5173", "--allow-host", "chat.example.com",
+                        "--fit-context", "--quiet", "--model-name", "mine", "--api-key", "k1",
+                        "--temperature", 0.3, "--top-k", 7, "--top-p", 0.5, "--min-p", 0.1,
+                        "--repetition-penalty", 1.3, "--max-new-tokens", 11, "--seed", 4, "--stop", "。"],
+                       monkeypatch)
+    cfg = server.api.cfg
+    assert server.api.engine.max_batch == 3 and server.max_connections == 20
+    assert (cfg.max_waiting, cfg.max_body_bytes, cfg.timeout, cfg.system_prompt, cfg.fit_context, cfg.log,
+            cfg.model_name, cfg.api_key) == (7, 2000, 5.0, "你是诗人", True, False, "mine", "k1")
+    assert (cfg.allow_origins, cfg.allow_hosts) == (("http://localhost:5173",), ("chat.example.com",))
+    assert cfg.defaults == SamplingParams(temperature=0.3, top_k=7, top_p=0.5, min_p=0.1, repetition_penalty=1.3,
+                                          max_new_tokens=11, seed=4, stop=["。"])
+
+
+def test_a_chat_server_made_in_python_listens_on_loopback_by_default(nano_model_dir, monkeypatch):
+    made = []
+    with monkeypatch.context() as m:
+        m.setattr(ChatServer, "serve_forever", lambda self, poll_interval=0.5: made.append(self))
+        serve(str(nano_model_dir), port=0, log=False)  # as a notebook calls it
+    assert made[0].server_address[0] == "127.0.0.1"
+
+    server = ChatServer(Engine.from_dir(nano_model_dir), ServerConfig(model_name="nano", log=False), port=0)
+    try:
+        assert server.server_address[0] == "127.0.0.1" and server.loopback
+    finally:
+        server.close()
+
+
+def test_a_body_of_exactly_max_body_bytes_is_taken(server):
+    body = json.dumps({"model": "nano", "prompt": "hi", "max_tokens": 1}).encode()
+    body += b" " * (MAX_BODY - len(body))  # JSON allows trailing whitespace
+    assert len(body) == MAX_BODY
+    status, reply = request(server, "POST", "/v1/completions", body)
+    assert status == 200, reply
+    assert request(server, "POST", "/v1/completions", body + b" ")[0] == 413
+
+
+def test_a_head_request_gets_headers_only(server):
+    """RFC 9110 9.3.2: a body after a HEAD's headers would be read as the next response on the connection."""
+    for path in (b"/v1/models", b"/health", b"/"):
+        reply = raw(server, b"HEAD %s HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n" % path)
+        head, _, rest = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and b"Content-Length: " in head and rest == b"", (path, reply[-80:])
+
+
+def sampled_chat(ref, messages, n, seed, system):
+    """What a seeded, sampled chat reply is: unlike the fixture model's greedy replies (all newlines), its text
+    depends on every token of the prompt."""
+    ids = ref.chat_ids(messages, default_system=system)
+    return ref.generate([ids], replace(DEFAULTS, temperature=1.0, max_new_tokens=n, seed=seed))[0]
+
+
+def test_the_prompt_is_the_chat_templates_of_the_messages_in_order(client, reference):
+    """Roles and order matter: checked with seeded sampling, whose text changes with any prompt token."""
+    history = [{"role": "user", "content": "写诗"}, {"role": "assistant", "content": "好的"},
+               {"role": "user", "content": "再来"}]
+    want = sampled_chat(reference, history, 12, 11, DEFAULT_SYSTEM_PROMPT)
+    swapped = [{**m, "role": "user"} for m in history]
+    assert want.text != sampled_chat(reference, swapped, 12, 11, DEFAULT_SYSTEM_PROMPT).text
+    r = client.chat.completions.create(model="nano", messages=history, max_tokens=12, temperature=1.0, seed=11)
+    assert r.choices[0].message.content == want.text
+    # The Responses API: instructions are the system message, first, also with a string input.
+    want = sampled_chat(reference, [{"role": "system", "content": "你是诗人"}, {"role": "user", "content": "写诗"}],
+                        12, 11, None)
+    r = client.responses.create(model="nano", instructions="你是诗人", input="写诗", max_output_tokens=12,
+                                temperature=1.0, extra_body={"seed": 11})
+    assert (r.output_text, r.usage.input_tokens) == (want.text, want.prompt_tokens)
+
+
+@pytest.mark.parametrize("prompt", ["你是诗人", None])
+def test_the_servers_system_prompt_is_put_first(nano_model_dir, reference, prompt):
+    """`tinyk serve --system-prompt TEXT` (or '' for none) for chats that bring no system message."""
+    srv, _ = start(nano_model_dir, system_prompt=prompt)
+    try:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=60)
+        messages = [{"role": "user", "content": "你好"}]
+        want = sampled_chat(reference, messages, 10, 2, prompt)
+        r = c.chat.completions.create(model="nano", messages=messages, max_tokens=10, temperature=1.0, seed=2)
+        assert (r.choices[0].message.content, r.usage.prompt_tokens) == (want.text, want.prompt_tokens)
+    finally:
+        srv.close()
+
+
+def test_a_chat_reply_ended_by_a_stop_string_says_stop(client):
+    kw = dict(model="nano", messages=[{"role": "user", "content": "你好"}], max_tokens=8, temperature=0)
+    full = client.chat.completions.create(**kw).choices[0].message.content
+    stop = full[:1]  # the fixture model's first character: a stop at once
+    r = client.chat.completions.create(**kw, stop=[stop])
+    assert (r.choices[0].message.content, r.choices[0].finish_reason) == ("", "stop")
+    chunks = list(client.chat.completions.create(**kw, stop=[stop], stream=True))
+    assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["stop"]
+
+
+def test_every_chunk_of_a_stream_without_include_usage_has_a_choice(client):
+    """Clients read `chunk.choices[0]` for each chunk: only the usage chunk, asked for, has none."""
+    for stream in (client.chat.completions.create(model="nano", messages=[{"role": "user", "content": "hi"}],
+                                                  max_tokens=3, stream=True),
+                   client.completions.create(model="nano", prompt="hi", max_tokens=3, stream=True)):
+        assert all(c.choices for c in stream)
+
+
+def test_the_responses_api_needs_the_key_too(nano_model_dir):
+    srv, _ = start(nano_model_dir, api_key="sk-secret")
+    try:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Bearer sk-secretX"}):
+            status, _ = request(srv, "POST", "/v1/responses", {"model": "nano", "input": "hi"}, headers)
+            assert status == 401, headers
+    finally:
+        srv.close()
