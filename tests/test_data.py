@@ -8,12 +8,14 @@ import gzip
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import time
 import tracemalloc
+import unicodedata
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -33,10 +35,11 @@ from tinyk.data import (
     token_dtype,
 )
 from tinyk.errors import TinykError
-from tinyk.inputs import Skips
+from tinyk.inputs import Skips, iter_texts
 from tinyk.loader import PAD_MULTIPLE, PretrainLoader, ResumeMismatch, SFTLoader, eval_batches, open_dataset
 from tinyk.tokenizer import (
     DEFAULT_SYSTEM_PROMPT,
+    eval_tokenizer,
     load_tokenizer,
     render_chat,
     tokenizer_hash,
@@ -275,7 +278,7 @@ def test_without_a_terminal_progress_is_a_line_now_and_then(tmp_path, corpus_fil
     assert len(lines) > 1 and all(re.fullmatch(pattern, line) for line in lines), lines
 
 
-def test_stopping_the_worker_pool_gets_past_a_pipe_lock_a_killed_worker_held():
+def test_stopping_the_worker_pool_gets_past_a_pipe_lock_a_killed_worker_held(monkeypatch):
     """A worker killed (by the OOM killer, or a group SIGTERM before workers ignored it) while it
     read a task holds the pipe's lock for good: stopping waited for it forever, printing nothing."""
     import multiprocessing
@@ -283,6 +286,7 @@ def test_stopping_the_worker_pool_gets_past_a_pipe_lock_a_killed_worker_held():
 
     from tinyk.workers import _Pool
 
+    monkeypatch.setattr(_Pool, "lock_wait_s", 0.1)
     inqueue = multiprocessing.get_context("spawn").SimpleQueue()
     inqueue._rlock.acquire()  # the dead worker's
     late_writer = threading.Timer(0.2, inqueue._writer.send_bytes, (b"x" * (4 << 20),))
@@ -1497,9 +1501,13 @@ def test_a_meta_json_naming_a_shard_outside_its_folder_is_refused(tmp_path, pt_d
         f"tinyk: error: invalid {data / 'meta.json'}: split 'train' names a shard {name!r} outside its folder\n")
 
 
-def test_more_shards_than_the_open_file_limit_are_opened_or_refused_in_one_line(pretrain_dir):
+def test_more_shards_than_the_open_file_limit_are_opened_or_refused_in_one_line(pretrain_dir, monkeypatch):
     """Each memory-mapped shard keeps a file open: the soft limit is raised as far as the hard one allows
     (on macOS an unlimited hard limit still ends at the kernel's, where setrlimit raised a traceback)."""
+    import resource
+
+    from tinyk.loader import _room_to_open
+
     script = (
         "import os, resource, sys\n"
         "from tinyk.errors import TinykError\n"
@@ -1507,25 +1515,27 @@ def test_more_shards_than_the_open_file_limit_are_opened_or_refused_in_one_line(
         "now = len(os.listdir('/proc/self/fd'))\n"
         "hard = now + 1 if sys.argv[2] == 'low' else resource.getrlimit(resource.RLIMIT_NOFILE)[1]\n"
         "resource.setrlimit(resource.RLIMIT_NOFILE, (now + 1, hard))\n"
-        "if sys.argv[2] == 'macos':\n"
-        "    resource.getrlimit = lambda what: (now + 1, resource.RLIM_INFINITY)\n"
-        "    def setrlimit(what, limits): raise ValueError('current limit exceeds maximum limit')\n"
-        "    resource.setrlimit = setrlimit\n"
         "try:\n"
         "    PretrainLoader(sys.argv[1], 'train', 16, 2)\n"
         "except TinykError as e:\n"
         "    sys.exit(str(e))\n"
         "print('opened')\n")
-    n = len(json.loads((pretrain_dir / "meta.json").read_text())["splits"]["train"]["shards"])
-    for hard, want, limit in (("as it is", "opened\n", None), ("low", "", r"ulimit -n allows \d+"),
-                              ("macos", "", "the system's limit per process")):
+    for hard, want in (("as it is", "opened\n"), ("low", "")):
         r = subprocess.run([sys.executable, "-c", script, str(pretrain_dir), hard], capture_output=True, text=True,
                            timeout=60)
         assert r.stdout == want, r.stderr[-1000:]
-        assert limit is None or r.returncode == 1 and re.fullmatch(
-            rf"{re.escape(str(pretrain_dir / 'train'))} has {n:,} shard files, more than this process may keep "
-            rf"open \({limit}\); raise that limit, or remake the data with a larger --shard-tokens\n", r.stderr), \
-            r.stderr
+    n = len(json.loads((pretrain_dir / "meta.json").read_text())["splits"]["train"]["shards"])
+    said = (rf"{re.escape(str(pretrain_dir / 'train'))} has {n:,} shard files, more than this process may keep open "
+            r"\({}\); raise that limit, or remake the data with a larger --shard-tokens")
+    assert r.returncode == 1 and re.fullmatch(said.format(r"ulimit -n allows \d+") + "\n", r.stderr)
+
+    def kernel_limit(what, limits):
+        raise ValueError("current limit exceeds maximum limit")
+
+    monkeypatch.setattr(resource, "getrlimit", lambda what: (64, resource.RLIM_INFINITY))
+    monkeypatch.setattr(resource, "setrlimit", kernel_limit)
+    with pytest.raises(TinykError, match="^" + said.format("the system's limit per process") + "$"):
+        _room_to_open(n, pretrain_dir / "train")
 
 
 def test_data_info_verify_finds_a_changed_byte_that_sizes_miss(tmp_path, pt_data, sft_data, capsys):
@@ -1632,3 +1642,134 @@ def test_a_script_without_the_main_guard_runs_once(tmp_path, corpus_file, tok_di
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "ran.txt").read_text() == "ran\n"
     assert (tmp_path / "d" / "meta.json").is_file()
+
+
+def test_a_conversation_whose_only_answer_token_in_the_window_is_its_last_is_kept(tmp_path, tok_dir):
+    """The last of the seq_len + 1 tokens is a target: a conversation learning only there is trained, not dropped."""
+    msgs = [{"role": "user", "content": "问题"}, {"role": "assistant", "content": "回答很长的一句话。"}]
+    prepare_sft([write_jsonl(tmp_path / "s.jsonl", [msgs], field=None)], tok_dir, tmp_path / "o", system_prompt="",
+                val_fraction=0.0, **QUIET)
+    (ids, mask), = sft_split(tmp_path / "o")
+    first = int(np.flatnonzero(mask)[0])
+    loader = SFTLoader(tmp_path / "o", "train", first, 1)  # the window is ids[:first + 1]
+    assert (loader.num_windows, loader.dropped) == (1, 0)
+    _, y = loader.next_batch()
+    assert np.flatnonzero(y[0].numpy() != -100).tolist() == [first - 1] and int(y[0, first - 1]) == ids[first]
+    # A window that loses only the closing <|im_end|> (the token just past it) is a cut answer.
+    last = int(np.flatnonzero(mask)[-1])
+    assert SFTLoader(tmp_path / "o", "train", last - 1, 1).cut == 1
+    assert SFTLoader(tmp_path / "o", "train", last, 1).cut == 0
+
+
+def test_checkpoints_change_no_output_even_of_a_tiny_corpus(tmp_path, tok_dir):
+    """Saving a checkpoint (due after every batch here) must not route the held-back last document: a
+    tiny corpus still gets both splits, as a run that never checkpointed gives it."""
+    for n in (2, 5):
+        src = write_jsonl(tmp_path / f"c{n}.jsonl", texts(n))
+        never = prepare_pretrain([src], tok_dir, tmp_path / f"never{n}", batch_chars=1, **QUIET)
+        prepare_pretrain([src], tok_dir, tmp_path / f"always{n}", batch_chars=1, checkpoint_s=0, **QUIET)
+        assert never["splits"]["val"]["documents"] == 1
+        _same_data(tmp_path / f"always{n}", tmp_path / f"never{n}")
+
+
+def test_a_bad_byte_ending_a_line_mid_file_is_invalid_utf8_not_a_cut_file(tmp_path):
+    src = tmp_path / "t.txt"
+    src.write_bytes("好\n".encode() + b"ab\xe4\n" + "好\n".encode())
+    skips = Skips()
+    assert list(iter_texts([src], skips)) == ["好", "好"] and skips.counts == {"invalid_utf8": 1}
+    src.write_bytes("好\n".encode() + b"ab\xe4")  # the file itself ends inside a character
+    skips = Skips()
+    assert list(iter_texts([src], skips)) == ["好"] and skips.counts == {"cut_character": 1}
+
+
+def test_the_tokenizer_hash_covers_its_normalizer(tmp_path, tok_dir):
+    """Data made with one tokenizer must not pass for another's that reads text differently."""
+    other = shutil.copytree(tok_dir, tmp_path / "nfkc")
+    d = json.loads((other / "tokenizer.json").read_text(encoding="utf-8"))
+    (other / "tokenizer.json").write_text(json.dumps({**d, "normalizer": {"type": "NFKC"}}), encoding="utf-8")
+    assert tokenizer_hash(other) != tokenizer_hash(tok_dir)
+
+
+def test_a_stopped_run_is_not_continued_under_strict(tmp_path, tok_dir, monkeypatch, capsys):
+    """--strict promises no record was skipped: a run that skipped some before it stopped starts over."""
+    src, prep = _stoppable_inputs(tmp_path, "pretrain")  # its first bad line is line 4
+    opts = {"val_fraction": 0.2, "batch_chars": 300, "workers": 1}
+    with monkeypatch.context() as m:
+        _stop_during_batch(m, 5)
+        with pytest.raises(KeyboardInterrupt):
+            prep([src], tok_dir, tmp_path / "out", **opts)
+    with pytest.raises(TinykError, match=r"^pretrain.jsonl:4: malformed json \(--strict\)$"):
+        prep([src], tok_dir, tmp_path / "out", strict=True, **opts)
+    assert "starting over" in capsys.readouterr().err
+
+
+def test_each_epoch_visits_the_windows_in_a_new_order(pretrain_dir):
+    loader = PretrainLoader(pretrain_dir, "train", 16, 1)
+    epochs = [[tuple(loader.next_batch()[0][0].tolist()) for _ in range(loader.num_windows)] for _ in range(2)]
+    assert Counter(epochs[0]) == Counter(epochs[1]) and epochs[0] != epochs[1]
+
+
+def test_a_position_past_the_epoch_is_refused_not_looped_on(pretrain_dir):
+    loader = PretrainLoader(pretrain_dir, "train", 16, 2)
+    state = {**loader.state_dict(), "cursor": loader.num_windows}
+    with pytest.raises(TinykError, match="invalid data loader state"):
+        loader.load_state_dict(state)
+
+
+@pytest.mark.parametrize("data", ["pt_data", "sft_data"])
+def test_a_token_id_at_the_vocabulary_size_is_one_line_not_an_embedding_crash(tmp_path, request, data):
+    copy = Path(shutil.copytree(request.getfixturevalue(data), tmp_path / "d"))
+    meta = open_dataset(copy)
+    f = copy / "train" / ("tokens.bin" if meta["kind"] == "sft" else meta["splits"]["train"]["shards"][0]["file"])
+    ids = np.fromfile(f, meta["dtype"])
+    ids[0] = meta["vocab_size"]  # the first id past the embedding
+    ids.tofile(f)
+    with pytest.raises(TinykError, match=rf"holds token id {meta['vocab_size']}, past the tokenizer's vocabulary"):
+        list(eval_batches(copy, "train", 128, 64))
+
+
+def test_eval_counts_the_documents_that_do_not_round_trip(tmp_path, corpus_file):
+    nfkc = tmp_path / "nfkc"
+    train_tokenizer([corpus_file], nfkc, vocab_size=300, normalization="nfkc", show_progress=False)
+    docs = ["ＡＢＣ全角", "半角 abc", "（１２）", "普通文本。"]
+    src = write_jsonl(tmp_path / "d.jsonl", docs)
+    r = eval_tokenizer(nfkc, [src])
+    assert r["documents"] == 4 and r["roundtrip_failures"] == sum(unicodedata.normalize("NFKC", d) != d for d in docs)
+
+
+def test_the_recorded_command_makes_the_same_data(tmp_path, tok_dir, corpus_file):
+    meta = prepare_pretrain([corpus_file], tok_dir, tmp_path / "a", val_fraction=0.3, seed=5, shard_tokens=2000,
+                            **QUIET)
+    argv = shlex.split(meta["command"])[1:]
+    argv[argv.index("--out") + 1] = str(tmp_path / "b")
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--workers", "1"])
+    assert e.value.code == 0
+    _same_data(tmp_path / "a", tmp_path / "b")
+
+
+def test_a_skip_report_locates_the_first_five_of_each_reason(tmp_path, tok_dir):
+    src = tmp_path / "c.jsonl"
+    src.write_text("{bad\n" * 7 + json.dumps({"text": "好的"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    sk = prepare_pretrain([src], tok_dir, tmp_path / "o", **QUIET)["skipped"]
+    assert sk["by_reason"] == {"malformed_json": 7}
+    assert sk["first"]["malformed_json"] == [f"c.jsonl:{i}" for i in range(1, 6)]
+
+
+@pytest.mark.parametrize("speaker, role", [("human", "user"), ("user", "user"), ("gpt", "assistant"),
+                                           ("bot", "assistant"), ("chatgpt", "assistant"), ("assistant", "assistant"),
+                                           ("Assistant", "assistant")])
+def test_every_speaker_name_reads_as_its_role(speaker, role):
+    other = "assistant" if role == "user" else "user"
+    conv = normalize_conversation({"conversations": [{"from": speaker, "value": "甲"}, {"from": other, "value": "乙"}]})
+    assert [m["role"] for m in conv] == [role, other]
+
+
+def test_max_len_is_refused_below_8_and_when_the_system_prompt_fills_it(tmp_path, tok_dir):
+    chat = [{"role": "user", "content": "嗨"}, {"role": "assistant", "content": "嗨！"}]
+    src = write_jsonl(tmp_path / "s.jsonl", [chat], field=None)
+    with pytest.raises(TinykError, match=r"^--max-len must be at least 8 tokens, got 4$"):
+        prepare_sft([src], tok_dir, tmp_path / "a", max_len=4, system_prompt="", **QUIET)
+    opening = load_tokenizer(tok_dir).opening_tokens("你是诗人")
+    with pytest.raises(TinykError, match=rf"--system-prompt is too long for --max-len {opening}: "):
+        prepare_sft([src], tok_dir, tmp_path / "b", max_len=opening, system_prompt="你是诗人", **QUIET)

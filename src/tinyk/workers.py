@@ -141,6 +141,8 @@ class _Pool(multiprocessing.pool.Pool):
     forever. Here the pipe is read until that thread has ended.
     """
 
+    lock_wait_s = 5.0  # for a worker still reading a task to finish it
+
     @staticmethod
     def Process(ctx: Any, *args: Any, **kwargs: Any) -> _Worker:
         return _Worker(*args, **kwargs)
@@ -153,7 +155,7 @@ class _Pool(multiprocessing.pool.Pool):
         # Held for good, as the standard pool does: the workers are being stopped. A worker killed
         # from outside while reading a task (the OOM killer) holds it for good, and then no worker
         # can read: the pipe is read without it.
-        inqueue._rlock.acquire(timeout=5)
+        inqueue._rlock.acquire(timeout=_Pool.lock_wait_s)
         while task_handler.is_alive():
             if inqueue._reader.poll(0.01):
                 inqueue._reader.recv_bytes()
