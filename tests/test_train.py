@@ -38,6 +38,7 @@ from tinyk.evaluate import eval_data
 from tinyk.inputs import sha256_file
 from tinyk.loader import PretrainLoader, SFTLoader
 from tinyk.model import Transformer, preset_config
+from tinyk.monitor import plot_losses
 from tinyk.rundir import RunDir, checkpoints, clean_partial
 from tinyk.tokenizer import load_tokenizer
 from tinyk.train import (
@@ -45,6 +46,7 @@ from tinyk.train import (
     LossSum,
     Trainer,
     default_warmup,
+    kept_best,
     lr_at,
     micro_layout,
     optimizer_step,
@@ -3244,3 +3246,155 @@ def test_the_loss_plot_says_nothing_without_a_writable_home(tmp_path):
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "loss.png")], capture_output=True, text=True,
                        env={**env, "HOME": "/proc/self"}, timeout=120)  # nothing can be made there, not even as root
     assert (r.returncode, r.stderr) == (0, "") and (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_token_budget_is_max_tokens_over_the_tokens_a_step_trains():
+    """--max-tokens T at batch B x seq_len S is ceil(T / (B*S)) steps; the existing cases are so small that
+    dividing by seq_len + 1 (a window's x-and-y length) rounds to the same counts."""
+    for b, s, t in ((2, 16, 3200), (8, 32, 256 * 40), (1, 100, 100 * 50 + 1), (4, 128, 10 ** 6)):
+        assert total_steps(TrainConfig(batch_size=b, seq_len=s, max_tokens=t), 10 ** 9) == math.ceil(t / (b * s))
+
+
+def test_an_epoch_budget_resumed_in_its_second_epoch_keeps_its_length(tmp_path, pt_data, tok_dir, monkeypatch):
+    """The samples done on resume count whole epochs too: 128 windows of 128 tokens, 64 a step, 2 epochs = 4
+    steps, resumed at step 3 (epoch 1, cursor 64). The other resumes stop inside the first epoch (only
+    test_cli_prints_one_line's header of a finished one-step run looks past it)."""
+    out = tmp_path / "run"
+    cfg = nano_cfg(pt_data, tok_dir, out, seq_len=128, batch_size=64, max_steps=None, epochs=2)
+    with monkeypatch.context() as m:
+        stop_at(m, 3)
+        assert train(cfg)["steps"] == 3
+    t = Trainer(cfg, resume=True)
+    try:
+        assert t.loader.num_windows == 128 and t.total_steps == 4
+    finally:
+        t.close()
+
+
+def test_fp16_loss_scale_is_restored_on_resume(tmp_path, pt_data, tok_dir, monkeypatch):
+    """rng.pt holds GradScaler's state; a resume must continue at the saved scale, not start over at the
+    initial one (the existing test only looks for a "scale" key, and overflows whatever the scale)."""
+    real = torch.amp.GradScaler
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(torch.amp, "GradScaler", lambda *a, **k: real(*a, **{**k, "init_scale": 2.0 ** 40}))
+        train(nano_cfg(pt_data, tok_dir, out, max_steps=2, dtype="fp16"))
+    saved = torch.load(checkpoints(out)[-1] / "rng.pt", weights_only=True)["scaler"]["scale"]
+    assert saved < 2.0 ** 40  # the overflowing steps lowered it
+    t = Trainer(nano_cfg(pt_data, tok_dir, out, max_steps=3, dtype="fp16"), resume=True)
+    try:
+        assert t.scaler.get_scale() == saved
+    finally:
+        t.close()
+
+
+def test_a_resume_trains_with_the_optimizer_settings_given_now(tmp_path, pt_data, tok_dir):
+    """AdamW's moments come from optimizer.pt, its hyper-parameters from this session's config."""
+    out = tmp_path / "run"
+    train(nano_cfg(pt_data, tok_dir, out, max_steps=1, weight_decay=0.1))
+    t = Trainer(nano_cfg(pt_data, tok_dir, out, max_steps=2, weight_decay=0.02, beta1=0.8, beta2=0.9, eps=1e-6),
+                resume=True)
+    try:
+        assert [(g["weight_decay"], g["betas"], g["eps"]) for g in t.opt.param_groups] == \
+            [(0.02, (0.8, 0.9), 1e-6), (0.0, (0.8, 0.9), 1e-6)]
+    finally:
+        t.close()
+
+
+def test_best_records_the_val_loss_and_step_it_was_kept_for(tmp_path, pt_data, tok_dir):
+    """best/'s header is what a resumed run compares against and what its summary reports."""
+    out = tmp_path / "run"
+    summary = train(nano_cfg(pt_data, tok_dir, out, max_steps=3, eval_every=1, keep_best=True, lr=0.3))
+    evals = records(out, "eval")
+    best = min(evals, key=lambda r: r["val_loss"])
+    assert kept_best(out / "best") == (best["val_loss"], best["step"])
+    assert (summary["best_model_step"], summary["best_model_val_loss"]) == (best["step"], best["val_loss"])
+    (out / "final").rename(tmp_path / "final.old")  # resume to write final/ again: best/ is read back from its header
+    again = train(nano_cfg(pt_data, tok_dir, out, max_steps=3, eval_every=1, keep_best=True, lr=0.3), resume=True)
+    assert (again["best_model_step"], again["best_model_val_loss"]) == (best["step"], best["val_loss"])
+
+
+def test_tokens_per_s_leaves_out_evaluations_and_checkpoints(tmp_path, pt_data, tok_dir, monkeypatch):
+    """On a clock where a step takes 1 s, an evaluation 20 s and a checkpoint 6 s, every log window trains
+    8 x 32 tokens a second."""
+    import tinyk.train as train_module
+
+    clock = [0.0]
+    monkeypatch.setattr(train_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0],
+                                                                     monotonic=time.monotonic))
+
+    def taking(seconds, method):
+        def timed(self, *args, **kwargs):
+            clock[0] += seconds
+            return method(self, *args, **kwargs)
+        return timed
+
+    monkeypatch.setattr(Trainer, "train_step", taking(1.0, Trainer.train_step))
+    monkeypatch.setattr(Trainer, "evaluate", taking(20.0, Trainer.evaluate))
+    monkeypatch.setattr(Trainer, "_full_states", taking(6.0, Trainer._full_states))
+    out = tmp_path / "run"
+    train(nano_cfg(pt_data, tok_dir, out, max_steps=4, eval_every=1, save_every=1, log_every=1, peak_tflops=1))
+    assert [r["tokens_per_s"] for r in records(out, "train")] == [256.0] * 4
+
+
+def test_an_sft_eval_record_is_at_its_steps_tokens(tmp_path, sft_data, nano_model_dir):
+    """loss.png puts validation points at the tokens trained (as the train curve), not the loss tokens."""
+    out = tmp_path / "sft"
+    train(nano_cfg(sft_data, None, out, kind="sft", init=str(nano_model_dir), model={}, seq_len=64, max_steps=2,
+                   eval_every=2))
+    train_rec, eval_rec = records(out, "train")[-1], records(out, "eval")[-1]
+    assert eval_rec["step"] == train_rec["step"] == 2
+    assert eval_rec["tokens"] == train_rec["tokens"] > train_rec["loss_tokens"]
+
+
+def test_logged_mfu_is_per_device(tmp_path, pt_data, tok_dir):
+    """A job's FLOP/s is summed over its processes; MFU divides it by the processes' peaks (each window's, as
+    the whole run's does). Only a two-process run shows it, and none of those checks the MFU."""
+    t = Trainer(nano_cfg(pt_data, tok_dir, tmp_path / "run", max_steps=1, peak_tflops=1.0))
+    try:
+        t.dist.world = 2
+        assert t._mfu(1e12) == 0.5
+    finally:
+        t.dist.world = 1
+        t.close()
+
+
+def test_the_loss_plot_draws_both_curves(tmp_path):
+    train_recs = [{"type": "train", "step": s, "tokens": 256 * s, "loss": 6 - s / 4} for s in range(1, 9)]
+    eval_recs = [{"type": "eval", "step": s, "tokens": 256 * s, "val_loss": 6.5 - s / 4} for s in (4, 8)]
+    pngs = {}
+    for name, recs in (("both", train_recs + eval_recs), ("train", train_recs), ("val", eval_recs)):
+        assert plot_losses(recs, tmp_path / f"{name}.png")
+        pngs[name] = (tmp_path / f"{name}.png").read_bytes()
+    assert len(set(pngs.values())) == 3
+
+
+def test_checkpoints_are_complete_ones_in_step_order(tmp_path):
+    """A step folder without state.json (a copy under way) is not a checkpoint; and order is by step, past
+    9,999,999 too (names then grow an 8th digit)."""
+    root = tmp_path / "checkpoints"
+    for step, complete in ((3, True), (9_999_999, True), (10_000_000, True), (10_000_001, False)):
+        (root / f"step_{step:07d}").mkdir(parents=True)
+        if complete:
+            (root / f"step_{step:07d}" / "state.json").write_text("{}")
+    assert [p.name for p in checkpoints(tmp_path)] == ["step_0000003", "step_9999999", "step_10000000"]
+
+
+def test_a_killed_checkpoint_write_is_cleaned_up(tmp_path):
+    """A checkpoint's temporary folder left by a kill (gigabytes of a partial copy) goes at the next start;
+    kept, --force would also refuse, calling it the user's file."""
+    leftover = tmp_path / "checkpoints" / ".step_0000004.tmp-otherhost-4242-abcd1234"
+    (leftover / "model").mkdir(parents=True)
+    (tmp_path / "config.yaml").write_text("kind: pretrain\n")
+    clean_partial(tmp_path)
+    assert not leftover.exists()
+
+
+def test_micro_batches_add_up_to_the_whole_batch(tmp_path, pt_data, tok_dir):
+    """Accumulating 4 micro-batches of 2 trains what one batch of 8 does. (Only the two-process torchrun test,
+    the file's slowest, caught a gradient zeroed per micro-batch or scaled by their number.)"""
+    whole = train(nano_cfg(pt_data, tok_dir, tmp_path / "whole", max_steps=3))
+    micro = train(nano_cfg(pt_data, tok_dir, tmp_path / "micro", max_steps=3, micro_batch=2))
+    losses = [[r["loss"] for r in records(tmp_path / name, "train")] for name in ("whole", "micro")]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5) and len(losses[0]) == 3
+    assert micro["final_val_loss"] == pytest.approx(whole["final_val_loss"], rel=1e-5)
