@@ -309,3 +309,39 @@ def test_llama_cpp_tokenizes_and_decodes_as_tinyk(tmp_path, tok_dir):
     theirs = subprocess.run([f"{LLAMA_CPP}/llama-simple", "-m", str(tmp_path / "m.gguf"), "-n", "20",
                              "<|im_start|>北京"], capture_output=True, check=True).stdout
     assert theirs == "<|im_start|>北京".encode() + b"".join(tok.piece(i) for i in ours.token_ids) + b"\n"
+
+
+@pytest.mark.parametrize("outtype,file_type", [("f32", 0), ("f16", 1), ("bf16", 32), ("q8_0", 7)])
+def test_gguf_special_ids_file_type_and_sampling_keys(tmp_path, nano_model_dir, outtype, file_type):
+    """mutants gguf_pad_id, gguf_unk_id, gguf_filetype_q8, gguf_no_quant_version, gguf_top_p,
+    modelfile_top_p, modelfile_repeat_penalty: keys the existing tests never read."""
+    from gguf import GGUFReader
+
+    from tinyk.tokenizer import SPECIAL_TOKENS
+
+    export_gguf(nano_model_dir, tmp_path / "m.gguf", outtype=outtype, modelfile=tmp_path / "Modelfile")
+    r = GGUFReader(tmp_path / "m.gguf")
+
+    def field(key):
+        f = r.get_field(key)
+        return None if f is None else f.contents()
+
+    d = SamplingParams()
+    assert field("tokenizer.ggml.padding_token_id") == IM_END_ID
+    assert field("tokenizer.ggml.unknown_token_id") == SPECIAL_TOKENS.index("<unk>")
+    assert field("general.file_type") == file_type
+    assert field("general.quantization_version") == (2 if outtype == "q8_0" else None)
+    assert field("general.sampling.top_p") == pytest.approx(d.top_p)
+    params = dict(line.split(" ", 2)[1:] for line in (tmp_path / "Modelfile").read_text().splitlines()
+                  if line.startswith("PARAMETER ") and " stop " not in line)
+    assert {k: float(params[k]) for k in ("top_p", "min_p", "repeat_penalty")} == \
+        pytest.approx({"top_p": d.top_p, "min_p": d.min_p, "repeat_penalty": d.repetition_penalty})
+
+
+def test_q8_0_quantizes_every_matrix_whose_rows_32_divides(tmp_path, tok_dir):
+    """mutant gguf_q8_block_64: rows 96 wide (32 * 3) stayed f16 (the tested shapes are 64- and 48-wide)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=96, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=160,
+                      vocab_size=load_tokenizer(tok_dir).vocab_size, max_seq_len=32)
+    out = save_model(Transformer(cfg), tok_dir, tmp_path / "m")
+    assert export_gguf(out, tmp_path / "m.gguf", outtype="q8_0")["tensors"] == {"Q8_0": 8, "F32": 3}

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 from tinyk.checkpoint import init_model_dir, load_model, model_info, save_model
 from tinyk.engine import SamplingParams
 from tinyk.errors import TinykError
-from tinyk.model import KVCache, ModelConfig, Transformer, preset_config
+from tinyk.model import KVCache, ModelConfig, RMSNorm, Transformer, preset_config
 from tinyk.tokenizer import SPECIAL_IDS, load_tokenizer
 from tinyk.train import loss_sum
 
@@ -848,3 +848,160 @@ def test_a_cuda_device_that_is_not_there_is_named_as_typed(monkeypatch):
     with pytest.raises(TinykError, match=r"^--device cuda:1: this machine has 1 CUDA device, numbered from 0$"):
         resolve_device("cuda:1")
     assert resolve_device("cuda:0") == torch.device("cuda:0")
+
+
+def test_eval_mode_turns_attention_dropout_off():
+    """mutant dropout_in_eval: SDPA's dropout_p kept in eval (generation, eval loss) with dropout > 0."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**{**preset_config("nano").to_dict(), "dropout": 0.5})).eval()
+    x = torch.randint(0, 512, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+
+
+def test_rmsnorm_rounds_as_transformers_does_in_bf16():
+    """mutant rmsnorm_cast_after_weight: `(weight * x_fp32).to(bf16)` instead of HF's `weight * x.to(bf16)`."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(0)
+    ours, theirs = RMSNorm(64, 1e-5), LlamaRMSNorm(64, eps=1e-5)
+    with torch.no_grad():
+        ours.weight.copy_(torch.randn(64))
+        theirs.weight.copy_(ours.weight)
+    ours, theirs = ours.to(torch.bfloat16), theirs.to(torch.bfloat16)
+    x = torch.randn(4, 32, 64).to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs(x))
+
+
+def test_kv_cache_mask_leaves_no_query_without_a_key():
+    """mutant cache_nan_guard_removed: equivalent on torch 2.13 (SDPA gives 0 for a fully masked row),
+    so only the mask's own contract shows it."""
+    cache = KVCache(preset_config("nano"), 2, 8, "cpu", torch.float32)
+    valid = torch.tensor([[True] * 4, [False, False, True, True]])
+    m = cache.mask(valid)
+    assert m.any(-1).all()
+
+
+def test_bf16_weights_load_as_an_fp32_model(tmp_path, tok_dir):
+    """mutant load_keeps_file_dtype: a bf16 model.safetensors (save_pretrained of a bf16 model) loaded as a
+    bf16 model, which computes in bf16 (or fails on a mix of dtypes)."""
+    from safetensors.torch import load_file, save_file
+
+    init_model_dir("nano", tok_dir, tmp_path / "m")
+    f = tmp_path / "m" / "model.safetensors"
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(f).items()}, f, metadata={"format": "pt"})
+    model, _ = load_model(tmp_path / "m")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    with torch.no_grad():
+        assert model(torch.randint(0, model.config.vocab_size, (1, 8))).dtype == torch.float32
+
+
+def test_a_layer_of_another_shape_is_refused_by_load_and_info(tmp_path, tok_dir):
+    """mutant shape_check_ndim_only: a layer tensor of the wrong shape (the embedding is checked apart)
+    was a torch traceback from load_model and a wrong parameter count from model_info."""
+    init_model_dir("nano", tok_dir, tmp_path / "m")
+    path = tmp_path / "m" / "config.json"
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps({**config, "intermediate_size": 256, "tinyk": {**config["tinyk"], "hidden_dim": 256}}))
+    for read in (load_model, model_info):
+        with pytest.raises(TinykError, match=r"does not match its config.json: model.layers.0.mlp.gate_proj.weight is "
+                                             r"\(192, 64\), the config needs \(256, 64\)"):
+            read(tmp_path / "m")
+
+
+def test_transformers_loads_a_tinyk_model_in_fp32_unless_asked(nano_model_dir):
+    """mutant hfcfg_torch_dtype: config.json's torch_dtype decides from_pretrained's default dtype."""
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(nano_model_dir).dtype == torch.float32
+
+
+def test_a_config_without_kv_heads_or_context_reads_llamaconfigs_defaults(tmp_path, tok_dir):
+    """mutants fromhf_default_kv / fromhf_default_ctx: num_key_value_heads missing means one per query head
+    (older multi-head Llama configs), max_position_embeddings missing means 2048, as transformers reads."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                                      num_key_value_heads=4, vocab_size=512, max_position_embeddings=64)).eval()
+    out = tmp_path / "hf"
+    hf.save_pretrained(out)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(tok_dir / f, out / f)
+    config = json.loads((out / "config.json").read_text())
+    del config["num_key_value_heads"], config["max_position_embeddings"]
+    (out / "config.json").write_text(json.dumps(config))
+    ours, _ = load_model(out)
+    assert (ours.config.n_kv_heads, ours.config.max_seq_len) == (4, 2048)
+    x = torch.randint(0, 512, (1, 20))
+    with torch.no_grad():
+        assert (ours(x) - hf(x).logits).abs().max().item() < 1e-4
+
+
+def test_model_info_sizes_the_kv_cache_by_kv_heads(nano_model_dir):
+    """mutant info_kv_uses_n_heads: `tinyk model info`'s KV-cache size counted query heads."""
+    model, _ = load_model(nano_model_dir)
+    cfg = model.config
+    cache = KVCache(cfg, 1, cfg.max_seq_len, "cpu", torch.bfloat16)
+    want = (cache.k.numel() + cache.v.numel()) * 2 / 2**20
+    assert model_info(nano_model_dir)["memory"]["kv_cache_per_seq_bf16_mib"] == pytest.approx(want)
+
+
+def test_a_sequence_as_long_as_the_context_runs():
+    """mutant ctx_off_by_one: `>=` refused exactly max_seq_len positions (training's full-length rows)."""
+    model = Transformer(preset_config("nano")).eval()
+    n = model.config.max_seq_len
+    with torch.no_grad():
+        assert model(torch.zeros(1, n, dtype=torch.long)).shape[1] == n
+        with pytest.raises(ValueError, match=f"{n + 1} positions exceed"):
+            model(torch.zeros(1, n + 1, dtype=torch.long))
+
+
+def test_the_tokenizer_config_records_the_models_context(nano_model_dir):
+    """mutant tokcfg_max_len: tokenizer_config.json's model_max_length, transformers' truncation length."""
+    from transformers import AutoTokenizer
+
+    context = load_model(nano_model_dir)[0].config.max_seq_len
+    assert AutoTokenizer.from_pretrained(nano_model_dir).model_max_length == context
+
+
+def test_float64_weights_load(tmp_path, tok_dir):
+    """mutant dtypes_refuse_f64: an fp64 export (torch.double()) is a float tinyk computes with."""
+    from safetensors.torch import load_file, save_file
+
+    src = init_model_dir("nano", tok_dir, tmp_path / "m")
+    f = tmp_path / "m" / "model.safetensors"
+    save_file({k: v.double() for k, v in load_file(f).items()}, f, metadata={"format": "pt"})
+    x = torch.randint(0, src.config.vocab_size, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(load_model(tmp_path / "m")[0](x), src.eval()(x))
+
+
+def test_same_model_compares_the_config_too(tmp_path, nano_model_dir):
+    """mutant same_model_ignores_config: the same tensors under another config.json (rope_theta) are
+    another model; `tinyk eval` would score it as a twin."""
+    from tinyk.checkpoint import same_model
+
+    other = tmp_path / "other"
+    shutil.copytree(nano_model_dir, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "rope_theta": 5e5,
+                                                   "tinyk": {**config["tinyk"], "rope_theta": 5e5}}))
+    assert same_model(nano_model_dir, nano_model_dir) and not same_model(nano_model_dir, other)
+
+
+def test_a_model_written_with_metadata_keeps_the_format_key(tmp_path, tok_dir):
+    """mutant save_no_format_meta (`metadata=metadata`): training's best/ and checkpoints pass their own
+    header metadata (tinyk.step); without "format": "pt" beside it transformers 4 (tinyk[demo] allows 4.56)
+    refuses the file. transformers 5 no longer checks, so the header is read directly."""
+    from safetensors import safe_open
+
+    from tinyk.checkpoint import write_model_files
+    from tinyk.tokenizer import load_tokenizer
+
+    model = Transformer(preset_config("nano", vocab_size=load_tokenizer(tok_dir).vocab_size))
+    (tmp_path / "m").mkdir()
+    write_model_files(model, tok_dir, tmp_path / "m", None, metadata={"tinyk.step": "40"})
+    with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt", "tinyk.step": "40"}
