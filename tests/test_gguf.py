@@ -315,8 +315,6 @@ def test_llama_cpp_tokenizes_and_decodes_as_tinyk(tmp_path, tok_dir):
 def test_gguf_special_ids_file_type_and_sampling_keys(tmp_path, nano_model_dir, outtype, file_type):
     """mutants gguf_pad_id, gguf_unk_id, gguf_filetype_q8, gguf_no_quant_version, gguf_top_p,
     modelfile_top_p, modelfile_repeat_penalty: keys the existing tests never read."""
-    from gguf import GGUFReader
-
     from tinyk.tokenizer import SPECIAL_TOKENS
 
     export_gguf(nano_model_dir, tmp_path / "m.gguf", outtype=outtype, modelfile=tmp_path / "Modelfile")
