@@ -37,7 +37,7 @@ from tinyk.plan import (
     usable_bytes,
 )
 from tinyk.train import loss_sum
-from tinyk.units import MiB
+from tinyk.units import GiB, MiB
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -754,3 +754,48 @@ def test_the_disk_a_run_takes_is_planned_as_its_checkpoints_hold_it(tmp_path, pt
     assert final == pytest.approx(disk["final_bytes"], rel=0.05) and best == pytest.approx(final, abs=200)  # its header
     assert sum(held) + final + best == pytest.approx(disk["run_bytes"], rel=0.05)
     assert "kept, and final/ and best/)" in run_cli(["plan", *args], capsys)[1]
+
+
+def plan_json(*args: str, capsys) -> dict:
+    with pytest.raises(SystemExit) as e:
+        main(["plan", *args, "--json"])
+    assert e.value.code == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_flops_of_an_untied_model_count_its_lm_head_not_its_embedding_lookup():
+    """Every preset ties its embeddings, so N = all parameters vs N = matmul parameters was never told apart."""
+    cfg = preset_config("nano", tie_embeddings=False)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    n = model.num_params() - cfg.vocab_size * cfg.dim  # the input embedding is a lookup
+    expected = 6 * n + 12 * cfg.n_layers * cfg.dim * 64
+    assert flops_per_token(cfg, 64) == model.flops_per_token(64) == expected
+
+
+def test_checkpointing_costs_a_third_more_compute_in_time_and_in_the_tutorial_line(capsys):
+    """x0.75 with checkpointing was printed but neither the tokens/s nor the A100 comparison was checked."""
+    base = ["--preset", "seed-215m", "--gpu", "h100", "--micro-batch", "64"]
+    off = plan_json(*base, capsys=capsys)
+    on = plan_json(*base, "--activation-checkpointing", capsys=capsys)
+    assert on["throughput"]["mfu"] == off["throughput"]["mfu"]
+    assert on["throughput"]["tokens_per_s"] == pytest.approx(0.75 * off["throughput"]["tokens_per_s"])
+    assert on["time"]["gpu_hours"] == pytest.approx(off["time"]["gpu_hours"] / 0.75)
+    assert on["tutorial"]["a100_hours"] == pytest.approx(off["tutorial"]["a100_hours"] / 0.75)
+
+
+def test_the_micro_step_share_counts_tokens_not_sequences(capsys):
+    """Every plan test ran at seq 512, where micro-batch x 512 and micro-batch x seq_len agree."""
+    p = plan_json("--preset", "seed-215m", "--gpu", "h100", "--seq-len", "256", "--micro-batch", "64", capsys=capsys)
+    t = p["throughput"]
+    assert t["micro_step_tokens"] == 64 * 256
+    assert t["micro_step_share"] == pytest.approx(0.945)  # bench/gpu.sh's eager mb32 row: 16,384 tokens
+    assert t["mfu"] == pytest.approx(0.213 * 0.945)
+
+
+def test_a_peak_above_the_usable_share_does_not_fit(capsys):
+    """seed-82m at micro-batch 32 on an RTX 3080 peaks at 93% of its memory: over the 90% a plan may fill."""
+    p = plan_json("--preset", "seed-82m", "--gpu", "rtx3080", "--micro-batch", "32", capsys=capsys)
+    peak, memory = p["memory"]["peak"], p["gpu"]["memory_gib"] * GiB
+    assert 0.9 * memory < peak < memory
+    assert not p["fits"] and 0 < p["largest_micro_batch"]["no_checkpointing"] < 32

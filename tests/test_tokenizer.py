@@ -590,3 +590,72 @@ def test_a_vocabulary_smaller_than_asked_is_noted(tmp_path, capsys):
     got = load_tokenizer(tmp_path / "tok").vocab_size
     assert e.value.code == 0 and got < 1000
     assert f"note: {got:,} tokens, not --vocab-size 1000: the text has no more pairs" in out
+
+
+def test_tinyks_bos_eos_pad_ids_are_the_exported_ones(tok_dir):
+    """TinyTokenizer.bos_id/eos_id/pad_id (what the engine pads and stops with, evaluation's context start)
+    were never compared with the token strings, nor with what transformers reads from the directory."""
+    from transformers import AutoTokenizer
+
+    from tinyk.tokenizer import load_tokenizer
+
+    tk, hf = load_tokenizer(tok_dir), AutoTokenizer.from_pretrained(tok_dir)
+    assert (tk.bos_id, tk.eos_id, tk.pad_id) == (tk.tok.token_to_id("<|im_start|>"),
+                                                 tk.tok.token_to_id("<|im_end|>"), tk.tok.token_to_id("<|im_end|>"))
+    assert (tk.bos_id, tk.eos_id, tk.pad_id) == (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id)
+
+
+def test_the_exported_tokenizer_encodes_decodes_and_pads_as_tinyk(tok_dir):
+    """transformers' defaults (add_special_tokens=True, decode's clean-up, token_type_ids, padding side) are
+    what a user's code gets: each must leave tinyk's ids and text alone, and pad on the left for generate()."""
+    from transformers import AutoTokenizer
+
+    from tinyk.tokenizer import load_tokenizer
+
+    tk, hf = load_tokenizer(tok_dir), AutoTokenizer.from_pretrained(tok_dir)
+    s = "Hello , world . I 'm fine ! 你好 ?"
+    enc = hf(s)
+    assert enc["input_ids"] == tk.encode(s) and set(enc) == {"input_ids", "attention_mask"}
+    assert hf.decode(enc["input_ids"]) == s
+    batch = hf(["你好", s], padding=True)
+    assert hf.padding_side == "left" and batch["input_ids"][0][0] == tk.pad_id and batch["attention_mask"][0][0] == 0
+
+
+def test_decode_can_skip_the_special_tokens(tok_dir):
+    from transformers import AutoTokenizer
+
+    from tinyk.tokenizer import load_tokenizer
+
+    tk, hf = load_tokenizer(tok_dir), AutoTokenizer.from_pretrained(tok_dir)
+    ids = tk.encode("<|im_start|>user\n你好<|im_end|>\n</s>")
+    assert tk.decode(ids, skip_special_tokens=True) == hf.decode(ids, skip_special_tokens=True) == "user\n你好\n"
+    assert tk.decode(ids) == "<|im_start|>user\n你好<|im_end|>\n</s>"
+
+
+@pytest.mark.parametrize("system", ["你是诗人", None])
+def test_the_exported_template_puts_the_models_own_system_prompt_first(tmp_path, tok_dir, system):
+    """Only the default prompt was checked in tests/test_tokenizer.py: a model fine-tuned with another one
+    (or none) must be prompted with it by transformers as by tinyk."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from tinyk.tokenizer import load_tokenizer, write_hf_tokenizer_files
+
+    d = shutil.copytree(tok_dir, tmp_path / "tok")
+    write_hf_tokenizer_files(d, 64, system_prompt=system)
+    user = [{"role": "user", "content": "你好"}]
+    want = (f"<|im_start|>system\n{system}<|im_end|>\n" if system else "") + "<|im_start|>user\n你好<|im_end|>\n"
+    assert AutoTokenizer.from_pretrained(d).apply_chat_template(user, tokenize=False) == want
+    assert load_tokenizer(d).apply_chat_template(user) == want
+
+
+def test_eval_counts_characters_per_token(tmp_path, tok_dir):
+    from tinyk.tokenizer import eval_tokenizer, load_tokenizer
+
+    doc = "今天天气很好，我们去公园散步。The quick brown fox."
+    f = tmp_path / "one.jsonl"
+    f.write_text(json.dumps({"text": doc}, ensure_ascii=False) + "\n", encoding="utf-8")
+    n = len(load_tokenizer(tok_dir).encode(doc, special=False))
+    r = eval_tokenizer(tok_dir, [f])
+    assert (r["chars_per_token"], r["bytes_per_token"]) == (round(len(doc) / n, 3), round(len(doc.encode()) / n, 3))
