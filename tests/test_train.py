@@ -2014,16 +2014,21 @@ def test_max_minutes_fits_the_schedule_to_the_clock(tmp_path, pt_data, tok_dir):
     assert capped["steps"] == 3
 
 
-def test_a_time_budget_leaves_room_for_the_final_evaluation_and_saves(tmp_path, pt_data, tok_dir, monkeypatch,
-                                                                       capsys):
-    """--max-minutes fitted the steps to the whole budget, then the final evaluation ran past it: 79 s of a
-    60 s budget, 165 s of 120. On a clock where a step takes 1 s, an evaluation 20 s and a checkpoint 6 s,
-    a 2-minute run ends on time, its evaluations and saves included."""
+def trainer_clock(monkeypatch) -> list[float]:
+    """The trainer's own clock, made a number the test moves (the CPU's matmul timing and the rest keep the
+    real one)."""
     import tinyk.train
 
-    clock = [0.0]  # the trainer's own; the CPU's matmul timing and the rest keep the real one
+    clock = [0.0]
     monkeypatch.setattr(tinyk.train, "time", types.SimpleNamespace(perf_counter=lambda: clock[0],
                                                                      monotonic=time.monotonic))
+    return clock
+
+
+def timed_trainer(monkeypatch, *, step_s: float, eval_s: float, save_s: float) -> None:
+    """On the trainer's clock, each step takes `step_s`, each evaluation `eval_s` and each checkpoint's
+    gathering `save_s`."""
+    clock = trainer_clock(monkeypatch)
 
     def taking(seconds: float, method):
         def timed(self, *args, **kwargs):
@@ -2031,9 +2036,17 @@ def test_a_time_budget_leaves_room_for_the_final_evaluation_and_saves(tmp_path, 
             return method(self, *args, **kwargs)
         return timed
 
-    monkeypatch.setattr(Trainer, "train_step", taking(1.0, Trainer.train_step))
-    monkeypatch.setattr(Trainer, "evaluate", taking(20.0, Trainer.evaluate))
-    monkeypatch.setattr(Trainer, "_full_states", taking(6.0, Trainer._full_states))  # a checkpoint's gathering
+    monkeypatch.setattr(Trainer, "train_step", taking(step_s, Trainer.train_step))
+    monkeypatch.setattr(Trainer, "evaluate", taking(eval_s, Trainer.evaluate))
+    monkeypatch.setattr(Trainer, "_full_states", taking(save_s, Trainer._full_states))
+
+
+def test_a_time_budget_leaves_room_for_the_final_evaluation_and_saves(tmp_path, pt_data, tok_dir, monkeypatch,
+                                                                       capsys):
+    """--max-minutes fitted the steps to the whole budget, then the final evaluation ran past it: 79 s of a
+    60 s budget, 165 s of 120. On a clock where a step takes 1 s, an evaluation 20 s and a checkpoint 6 s,
+    a 2-minute run ends on time, its evaluations and saves included."""
+    timed_trainer(monkeypatch, step_s=1.0, eval_s=20.0, save_s=6.0)
     summary = train(nano_cfg(pt_data, tok_dir, tmp_path / "timed", max_steps=3000, max_minutes=2, eval_every=10,
                              save_every=10))
     # Ending sooner than a step before the budget is right only where one more evaluation period would not fit.
@@ -2051,11 +2064,7 @@ def test_one_slow_evaluation_does_not_shorten_a_timed_run(tmp_path, pt_data, tok
     """The fit took every evaluation to come as long as the last one: one slowed by other work (0.46 s where
     they took 0.01) halved the planned length, and the LR with it, until the next. On a clock where steps and
     evaluations take 1 s and the fifth evaluation 60 s, the plan loses those 59 s, not half the run."""
-    import tinyk.train
-
-    clock, evals, fitted = [0.0], [], []
-    monkeypatch.setattr(tinyk.train, "time", types.SimpleNamespace(perf_counter=lambda: clock[0],
-                                                                     monotonic=time.monotonic))
+    clock, evals, fitted = trainer_clock(monkeypatch), [], []
     step, evaluate, fit = Trainer.train_step, Trainer.evaluate, Trainer._fit_schedule
 
     def timed_step(self, *args):
@@ -3317,21 +3326,7 @@ def test_best_records_the_val_loss_and_step_it_was_kept_for(tmp_path, pt_data, t
 def test_tokens_per_s_leaves_out_evaluations_and_checkpoints(tmp_path, pt_data, tok_dir, monkeypatch):
     """On a clock where a step takes 1 s, an evaluation 20 s and a checkpoint 6 s, every log window trains
     8 x 32 tokens a second."""
-    import tinyk.train as train_module
-
-    clock = [0.0]
-    monkeypatch.setattr(train_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0],
-                                                                     monotonic=time.monotonic))
-
-    def taking(seconds, method):
-        def timed(self, *args, **kwargs):
-            clock[0] += seconds
-            return method(self, *args, **kwargs)
-        return timed
-
-    monkeypatch.setattr(Trainer, "train_step", taking(1.0, Trainer.train_step))
-    monkeypatch.setattr(Trainer, "evaluate", taking(20.0, Trainer.evaluate))
-    monkeypatch.setattr(Trainer, "_full_states", taking(6.0, Trainer._full_states))
+    timed_trainer(monkeypatch, step_s=1.0, eval_s=20.0, save_s=6.0)
     out = tmp_path / "run"
     train(nano_cfg(pt_data, tok_dir, out, max_steps=4, eval_every=1, save_every=1, log_every=1, peak_tflops=1))
     assert [r["tokens_per_s"] for r in records(out, "train")] == [256.0] * 4
