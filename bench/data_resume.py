@@ -61,8 +61,8 @@ def files(d: Path) -> dict[str, bytes]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=parse_size, default=parse_size("400M"),
-                   help="corpus size (default 400M; preparing it must take well over a minute, as progress is "
-                        "saved every 60 s)")
+                   help=f"corpus size (default 400M; preparing it must take well over {CHECKPOINT_S:.0f} s, as "
+                        f"progress is saved that often)")
     p.add_argument("--stop-at", type=float, default=0.8, help="share of the uninterrupted run's time to stop at")
     p.add_argument("--workers", type=int, default=os.cpu_count())
     p.add_argument("--workdir", default="/tmp/tinyk-bench-resume")
