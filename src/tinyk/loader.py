@@ -11,16 +11,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from .data import FORMAT_VERSION, SPLITS, data_files
 from .errors import TinykError
 from .inputs import read_json, sha256_file
 from .outputs import marker_file, plain_name
 from .tokenizer import IM_END_ID
+
+if TYPE_CHECKING:
+    import torch
 
 PAD_ID = IM_END_ID
 IGNORE = -100
@@ -223,8 +225,14 @@ class _Windows:
     def fetch(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         rows = np.stack([self._read(int(w) * self.seq_len, self.seq_len + 1) for w in idx]).astype(np.int64)
         _check_ids(rows, self.vocab, self.folder)
-        rows = torch.from_numpy(rows)
-        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+        return _tensors(np.ascontiguousarray(rows[:, :-1]), np.ascontiguousarray(rows[:, 1:]))
+
+
+def _tensors(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch is imported only here, where batches are made, so that `tinyk data info` starts in a moment."""
+    import torch
+
+    return torch.from_numpy(x), torch.from_numpy(y)
 
 
 def _loss_counts(mask: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -277,7 +285,7 @@ class _Conversations:
             y[row, :n - 1] = np.where(self.mask[s + 1:s + n] != 0, t[1:], IGNORE)
         for ids in (x, y):  # every token the model reads or is scored on
             _check_ids(ids, self.vocab, self.folder)
-        return torch.from_numpy(x), torch.from_numpy(y)
+        return _tensors(x, y)
 
 
 SplitData = _Windows | _Conversations  # a split as `open_split` opens it

@@ -17,7 +17,6 @@ from tinyk.cli.common import (
     size_range,
     utf8_text,
 )
-from tinyk.errors import import_torch
 from tinyk.inputs import DEFAULT_MAX_LINE_BYTES
 from tinyk.units import MIN_SHARD_TOKENS, plural, size_text
 
@@ -107,8 +106,6 @@ def _report(meta: dict, out: str) -> int:
 
 def _info(args: argparse.Namespace) -> int:
     from tinyk.data import summary
-
-    import_torch()  # which the loader imports
     from tinyk.loader import check_files, open_dataset, verify_files
 
     meta = open_dataset(args.path)
