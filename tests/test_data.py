@@ -1488,14 +1488,18 @@ def test_loaders_refuse_missing_or_damaged_data(tmp_path, pretrain_dir, sft_dir)
         PretrainLoader(broken, "train", 16, 2)
 
 
-def test_data_info_reads_a_dataset_without_loading_torch(pt_data):
-    """Describing or verifying a dataset needs no tensors: importing torch was 1.5 s of every `data info`."""
+def test_data_commands_never_load_torch(tmp_path, pt_data, corpus_file, tok_dir):
+    """Describing, verifying or (re)making a dataset needs no tensors: importing torch was 1.5 s of every
+    `data info`, and of a `--force` over existing data."""
     code = ("import sys\nfrom tinyk.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
             "    assert not e.code, e.code\nprint('torch' in sys.modules)")
-    r = subprocess.run([sys.executable, "-c", code, "data", "info", str(pt_data), "--verify"], capture_output=True,
-                       text=True, timeout=120)
-    assert r.returncode == 0 and r.stdout.splitlines()[-1] == "False", r.stderr
-    assert "checksums: all" in r.stdout
+    out = shutil.copytree(pt_data, tmp_path / "data")
+    for command in (["info", str(pt_data), "--verify"],
+                    ["pretrain", "--input", str(corpus_file), "--tokenizer", str(tok_dir), "--out", str(out),
+                     "--force", "--workers", "1"]):
+        r = subprocess.run([sys.executable, "-c", code, "data", *command], capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0 and r.stdout.splitlines()[-1] == "False", (command, r.stderr)
 
 
 @pytest.mark.parametrize("name", ["../../outside.bin", "/tmp/shard_00000.bin", "sub/shard_00000.bin", ".."])

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .errors import DamagedInput, TinykError, import_torch, shown, writing
+from .errors import DamagedInput, TinykError, shown, writing
 from .inputs import (
     DEFAULT_MAX_LINE_BYTES,
     NO_RECORDS,
@@ -550,7 +550,6 @@ def _line_cap(max_line_bytes: int) -> dict[str, int]:
 def _is_data_dir(path: Path, kind: str) -> bool:
     """Data of this kind, which `--force` may replace; data of the other kind is refused with its own
     line: `--force` never turns an SFT directory into pretraining data, or back."""
-    import_torch()  # which the loader imports
     from .loader import open_dataset
 
     try:

@@ -40,7 +40,7 @@ from tinyk.errors import (
 from tinyk.inputs import UTF8_OR
 
 STAGES = ["tokenizer", "model", "data", "train", "generate", "serve", "evaluate", "demo", "plan"]
-WITHOUT_TORCH = {"tokenizer", "data"}  # what they do needs none (reading a data directory imports it itself)
+WITHOUT_TORCH = {"tokenizer", "data"}  # what they do needs none
 
 
 class _Parser(argparse.ArgumentParser):
