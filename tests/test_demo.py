@@ -432,7 +432,8 @@ def test_a_fast_machine_spaces_warmup_and_evaluations_over_the_run_it_can_do(tmp
     """Where max_epochs ends a timed run long before the clock (a GPU; here the nano model on a few
     kilobytes), warmup took half of each run and the only evaluation was the last: both were spaced over
     the steps the clock would have allowed."""
-    cfg = replace(DemoConfig.smoke(), minutes=4, pretrain_steps=None, sft_steps=None, probe_s=1.0)
+    cfg = replace(DemoConfig.smoke(), minutes=4, pretrain_steps=None, sft_steps=None, probe_s=0.25,
+                  max_epochs=0.5)
     run_demo(tmp_path / "fast", cfg, show_progress=False)
     for run in ("pretrain", "sft"):
         config = yaml.safe_load((tmp_path / "fast" / "runs" / run / "config.yaml").read_text(encoding="utf-8"))
