@@ -40,6 +40,12 @@ PROMPTS = ["我们今天", "The quick brown fox jumps over the lazy dog.", "中�
            "1+1=2", "天气很好！你喜欢吃苹果吗？这本书非常有意思：作者写得很好。"]
 
 
+class Terminal(io.StringIO):
+    """A typing person's stdin, or a terminal's stdout."""
+    def isatty(self) -> bool:
+        return True
+
+
 @pytest.fixture(scope="module")
 def engine(nano_model_dir) -> Engine:
     return Engine.from_dir(nano_model_dir)
@@ -320,10 +326,6 @@ def test_control_characters_reach_a_terminal_escaped_and_a_pipe_as_they_are(nano
             main(args)
         out = capsys.readouterr().out
         assert ("我们\\x1b[2J\\x07\t好\n" in out) == tty and (prompt in out) != tty and ("\x1b" in out) != tty
-
-    class Terminal(io.StringIO):
-        def isatty(self):
-            return True
 
     # C1's CSI (\x9b) starts escape sequences too; line breaks and tabs are the text's own.
     assert for_terminal("\x9b\x7f\r\n\t", Terminal()) == "\\x9b\\x7f\r\n\t"
@@ -821,15 +823,13 @@ def test_generate_cli(nano_model_dir, tmp_path, capsys, monkeypatch):
                   "--temperature", "0", "--max-new-tokens", "5", "--json"])
         assert e.value.code == 0 and [json.loads(line) for line in capsys.readouterr().out.splitlines()] == rows
 
-    class Terminal(io.StringIO):
-        def isatty(self) -> bool:
-            return True
-
-    monkeypatch.setattr("sys.stdin", Terminal("我们今天\n"))  # typed: it used to wait without a word
-    with pytest.raises(SystemExit) as e:
-        main(["generate", "--model", str(nano_model_dir), "--prompt-file", "-", "--max-new-tokens", "1", "--json"])
-    assert e.value.code == 0 and capsys.readouterr().err == \
-        "tinyk: reading prompts from the terminal, one per line; Ctrl-D ends them\n"
+    for stdin in ("-", "/dev/stdin"):
+        monkeypatch.setattr("sys.stdin", Terminal("我们今天\n"))  # typed: it used to wait without a word
+        with pytest.raises(SystemExit) as e:
+            main(["generate", "--model", str(nano_model_dir), "--prompt-file", stdin, "--max-new-tokens", "1",
+                  "--json"])
+        assert e.value.code == 0 and capsys.readouterr().err == \
+            "tinyk: reading prompts from the terminal, one per line; Ctrl-D ends them\n"
     with pytest.raises(SystemExit) as e:
         main(["generate", "--model", str(nano_model_dir), "--prompt", "x", "--prompt", "", "--no-bos"])
     assert e.value.code == 2 and capsys.readouterr().err == (
@@ -1291,3 +1291,158 @@ def test_chat_session_forgets_old_turns_to_fit(engine, capsys, monkeypatch):
     monkeypatch.setattr(engine.tok, "encode", lambda *a, **k: pytest.fail("tokenized"))
     history = chat_session(engine, params, ["北京大学" * 150_000], io.StringIO(), system=None)
     assert history == [] and "message too long: the prompt has at least" in capsys.readouterr().err
+
+
+def user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+def test_chat_keeps_half_the_window_for_a_long_budget_not_the_whole_budget(engine, capsys):
+    """The reply's room is its --max-new-tokens but never more than half the window: a budget past the
+    window (the default 256 on a 128-token model) must not forget every turn, and the half is kept."""
+    ctx = engine.context_length
+    # Every token ends the reply at once: an empty reply, so the history is just the user's messages.
+    params = replace(GREEDY, max_new_tokens=10 * ctx, stop_token_ids=list(range(engine.vocab_size)))
+
+    def second_prompt(k: int) -> int:
+        return len(engine.chat_ids([user("好" * k), {"role": "assistant", "content": ""}, user("好")]))
+
+    short = 1
+    middle = next(k for k in range(1, ctx) if ctx // 2 < second_prompt(k) < ctx - ctx // 4)
+    for k in (short, middle):
+        history = chat_session(engine, params, ["好" * k, "好"], io.StringIO(), system=None)
+        forgot = "forgot the oldest turn" in capsys.readouterr().err
+        must_forget = second_prompt(k) + ctx // 2 > ctx
+        assert forgot == must_forget, k
+        assert [m["content"] for m in history[::2]] == (["好"] if must_forget else ["好" * k, "好"])
+
+
+def test_quit_ends_the_chat_as_exit_does(engine, capsys):
+    """CHAT_HELP offers "/exit or /quit": both end the session, and nothing after them is answered."""
+    params = replace(GREEDY, max_new_tokens=2)
+    for command in ("/exit", "/quit"):
+        out = io.StringIO()
+        assert chat_session(engine, params, [command, "你好"], out, system=None) == [], command
+        assert out.getvalue() == "" and "unknown command" not in capsys.readouterr().err
+
+
+def spy_chat_prompts(monkeypatch) -> list[list[dict]]:
+    """The messages (system prompt included) each chat turn is prompted with, by any Engine (the CLI's
+    too): the fixture model's greedy reply is the same whatever the prompt, so replies cannot tell them apart."""
+    sent, chat_ids = [], Engine.chat_ids
+    monkeypatch.setattr(Engine, "chat_ids", lambda self, messages, *a, **k: sent.append(messages)
+                        or chat_ids(self, messages, *a, **k))
+    return sent
+
+
+def test_system_sets_the_prompt_and_resets_and_a_bare_system_clears_it(engine, capsys, monkeypatch):
+    """/system TEXT: the next message is prompted under TEXT with the earlier turns forgotten; /system
+    alone clears the system prompt."""
+    params = replace(GREEDY, max_new_tokens=2)
+    sent = spy_chat_prompts(monkeypatch)
+    history = chat_session(engine, params, ["你好", "/system 你是诗人", "写诗"], io.StringIO(), system=None)
+    assert "(system prompt set; conversation reset)" in capsys.readouterr().err
+    assert sent == [[user("你好")], [{"role": "system", "content": "你是诗人"}, user("写诗")]]
+    assert [m["content"] for m in history[::2]] == ["写诗"]
+    sent.clear()
+    history = chat_session(engine, params, ["你好", "/system", "写诗"], io.StringIO(), system="你是诗人")
+    assert "(system prompt cleared; conversation reset)" in capsys.readouterr().err
+    assert sent == [[{"role": "system", "content": "你是诗人"}, user("你好")], [user("写诗")]]
+    assert [m["content"] for m in history[::2]] == ["写诗"]
+
+
+def test_a_reply_cut_short_says_how_many_tokens_it_got(engine, capsys):
+    """"(reply cut at N tokens; ...)": N is the reply's own count, which the context window may have
+    made smaller than --max-new-tokens."""
+    for budget, why in ((4, "raise --max-new-tokens for longer"), (10**4, "the context window is full; /reset starts "
+                                                                         "over")):
+        params = replace(GREEDY, max_new_tokens=budget)
+        chat_session(engine, params, ["你好"], io.StringIO(), system=None)
+        got = engine.generate([engine.chat_ids([user("你好")])], params)[0].completion_tokens
+        assert got < budget or budget == 4
+        assert f"(reply cut at {got} tokens; {why})" in capsys.readouterr().err
+
+
+def test_chat_escapes_control_characters_for_a_terminal(engine, monkeypatch):
+    """As generate does: a reply's ESC [2J must not clear the user's screen; a file gets it as it is."""
+    run = engine.run
+
+    def with_escape(requests):
+        for r, delta in run(requests):
+            yield r, "\x1b[2J" + delta
+
+    monkeypatch.setattr(engine, "run", with_escape)
+    params = replace(GREEDY, max_new_tokens=2)
+    for out, tty in ((Terminal(), True), (io.StringIO(), False)):
+        chat_session(engine, params, ["你好"], out, system=None)
+        assert ("\x1b" in out.getvalue()) != tty and ("\\x1b[2J" in out.getvalue()) == tty
+
+
+def test_a_one_shot_message_too_long_to_tokenize_says_message_too_long(engine):
+    """--message with a pasted megabyte is refused before it is tokenized, worded as any too-long message."""
+    with pytest.raises(TinykError, match=r"^message too long: the prompt has at least "):
+        chat_session(engine, GREEDY, ["北京大学" * 150_000], io.StringIO(), system=None, interactive=False)
+
+
+def test_chat_one_shot_takes_a_bom_and_a_slash_as_message_text(nano_model_dir, engine, monkeypatch, capsys):
+    """Piped input loses Notepad's BOM, and a one-shot message starting with "/" is a message, not a command."""
+    system = {"role": "system", "content": engine.tok.system_prompt}
+    sent = spy_chat_prompts(monkeypatch)
+    monkeypatch.setattr("sys.stdin", io.StringIO("\ufeff你好\n"))
+    with pytest.raises(SystemExit) as e:
+        main(["chat", "--model", str(nano_model_dir), "--temperature", "0", "--max-new-tokens", "2"])
+    assert e.value.code == 0 and sent == [[system, user("你好")]]
+    sent.clear()
+    for message in ("/help", "/exit"):
+        with pytest.raises(SystemExit) as e:
+            main(["chat", "--model", str(nano_model_dir), "--message", message, "--temperature", "0",
+                  "--max-new-tokens", "2"])
+        out, err = capsys.readouterr()
+        assert e.value.code == 0 and sent[-1] == [system, user(message)] and out.endswith("\n") and len(out) > 1
+
+
+def test_generate_passes_stop_min_p_and_repetition_penalty_to_the_engine(engine, nano_model_dir, capsys):
+    """--stop, --min-p and --repetition-penalty reach the sampler: the CLI's text is the engine's."""
+    def cli(*flags: str) -> dict:
+        with pytest.raises(SystemExit) as e:
+            main(["generate", "--model", str(nano_model_dir), "--prompt", "我们", "--max-new-tokens", "12", "--json",
+                  *flags])
+        assert e.value.code == 0
+        return json.loads(capsys.readouterr().out)
+
+    params = SamplingParams(temperature=0, repetition_penalty=1.0, max_new_tokens=12)
+    text = engine.generate(["我们"], params)[0].text
+    stop = text.strip()[1:3]
+    assert len(stop) == 2 and stop in text
+    row = cli("--temperature", "0", "--repetition-penalty", "1", "--stop", stop)
+    assert (row["text"], row["finish_reason"]) == (text[:text.index(stop)], "stop")
+    # min-p 1 keeps only the likeliest token: sampling hot and seeded is then greedy decoding.
+    row = cli("--temperature", "5", "--top-k", "0", "--top-p", "1", "--min-p", "1", "--repetition-penalty", "1",
+              "--seed", "3")
+    assert row["text"] == text
+    strong = engine.generate(["我们"], replace(params, repetition_penalty=10))[0].text
+    assert strong != text
+    assert cli("--temperature", "0", "--repetition-penalty", "10")["text"] == strong
+
+
+def test_generate_from_stdin_skips_blank_lines_of_spaces(nano_model_dir, monkeypatch, capsys):
+    """A line of spaces (a pasted list's gaps) is not a prompt, as an empty one is not."""
+    monkeypatch.setattr("sys.stdin", io.StringIO("我们\n   \n\t\n天气\n"))
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", str(nano_model_dir), "--prompt-file", "-", "--max-new-tokens", "1", "--json"])
+    assert e.value.code == 0
+    assert [json.loads(line)["prompt"] for line in capsys.readouterr().out.splitlines()] == ["我们", "天气"]
+
+
+def test_a_skipped_prompt_keeps_the_seeds_of_those_after_it(engine, nano_model_dir, tmp_path, capsys):
+    """The i-th prompt samples with seed + i whether or not one before it was skipped as too long, so
+    "sample 3" of a file is what prompt 3 gives alone with seed + 2."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("中国" * 200 + "\n我们\n我们\n", encoding="utf-8")
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", str(nano_model_dir), "--prompt-file", str(prompts), "--seed", "7",
+              "--temperature", "1.5", "--top-k", "0", "--top-p", "1", "--max-new-tokens", "8", "--json"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    params = SamplingParams(temperature=1.5, top_k=0, top_p=1.0, max_new_tokens=8)
+    alone = {i + 1: engine.generate(["我们"], replace(params, seed=7 + i))[0].text for i in (1, 2)}
+    assert e.value.code == 0 and {r["sample"]: r["text"] for r in rows} == alone

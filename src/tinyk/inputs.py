@@ -877,12 +877,15 @@ def stdin_not_decodable() -> str:
     return f"stdin is not valid {encoding}, this console's encoding (set PYTHONIOENCODING=utf-8 to read UTF-8)"
 
 
+STDIN_NAMES = ("-", "/dev/stdin")  # the --prompt-file values that read stdin
+
+
 def read_prompts(typed: list[str], prompt_file: str | None, field: str = "prompt",
                  stdin: Iterable[str] | None = None) -> tuple[list[str], str | None]:
     """`tinyk generate`'s prompts: the typed ones, then a file's (one per `.txt` line or per record's
     `field`) or stdin's (`-`, one per line); with a note on the lines skipped, if any."""
     prompts, note = list(typed), None
-    if prompt_file in ("-", "/dev/stdin"):  # one prompt per line on stdin, for pipelines
+    if prompt_file in STDIN_NAMES:  # one prompt per line, for pipelines
         try:
             lines = [line.rstrip("\r\n").removeprefix("\ufeff")  # a BOM, as in files
                      for line in (sys.stdin if stdin is None else stdin)]

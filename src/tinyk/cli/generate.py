@@ -23,7 +23,7 @@ from tinyk.cli.common import (
     utf8_text,
 )
 from tinyk.errors import Stopped, Terminated, TinykError, for_terminal
-from tinyk.inputs import has_surrogate, read_prompts, stdin_not_decodable
+from tinyk.inputs import STDIN_NAMES, has_surrogate, read_prompts, stdin_not_decodable
 from tinyk.units import plural
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ def _engine(args: argparse.Namespace, max_batch: int = 16) -> Engine:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    if args.prompt_file == "-" and sys.stdin.isatty():  # else it waits without a word
+    if args.prompt_file in STDIN_NAMES and sys.stdin.isatty():  # else it waits without a word
         end = "Ctrl-Z then Enter" if os.name == "nt" else "Ctrl-D"
         print(f"tinyk: reading prompts from the terminal, one per line; {end} ends them", file=sys.stderr)
     prompts, note = read_prompts(args.prompt, args.prompt_file, args.field)
