@@ -52,6 +52,9 @@ PLAN = ["plan", "--preset", "nano"]
     # a negative --max-bytes read nothing)
     ([*TOK, "--max-bytes", "inf"], "--max-bytes", f"{SIZE}, got 'inf'"),
     ([*TOK, "--max-bytes", "1e400"], "--max-bytes", SIZE),
+    # past the exponents decimal computes with: a decimal.Overflow traceback
+    ([*TOK, "--max-bytes", "1e999999999"], "--max-bytes", f"{SIZE}, got '1e999999999'"),
+    ([*PLAN, "--tokens=-1e999999999B"], "--tokens", SIZE),
     ([*TOK, "--max-bytes", "nan"], "--max-bytes", SIZE),
     ([*TOK, "--max-bytes", "-5"], "--max-bytes", f"{SIZE}, got '-5'"),
     ([*TOK, "--max-bytes", "0"], "--max-bytes", SIZE),
@@ -208,6 +211,21 @@ def test_helpers():
             float_range()(bad)
     with pytest.raises(Exception, match=r"must be a finite number in \(0, 1\], got '0'"):
         float_range(0, 1, lo_open=True)("0")
+
+
+def test_sizes_and_counts_read_and_print_as_people_write_them():
+    from tinyk.units import bytes_text, display_width, parse_size, plural, size_text
+
+    assert parse_size("2.01M") == 2_010_000 and parse_size("123456789012345.678k") == 123456789012345678  # exact
+    assert parse_size("1.7") == 2 and parse_size("1.2") == 1  # rounded, not cut
+    assert plural(0, "documents") == "0 documents" and plural(1, "documents") == "1 document"
+    assert size_text(1500) == "1500" and size_text(2000) == "2k" and size_text(2_500_000) == "2500000"
+    assert bytes_text(999) == "999 bytes" and bytes_text(1000) == "1.0 kB"
+    assert bytes_text(12_345_678) == "12.3 MB" and bytes_text(123_456_789) == "123 MB"
+    # where a unit's rounded figure would reach the next one's, the next one is shown
+    assert [bytes_text(n) for n in (999_949, 999_950, 99_949_999, 99_950_000, 999_499_999, 999_500_000)] == \
+        ["999.9 kB", "1.0 MB", "99.9 MB", "100 MB", "999 MB", "1.0 GB"]
+    assert display_width("ＡＢ中") == 6 and display_width("ab") == 2  # fullwidth Latin takes two columns
 
 
 def test_sampling_floats_are_checked_before_the_model_loads(tmp_path, capsys):

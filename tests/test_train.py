@@ -328,6 +328,7 @@ def test_a_config_file_means_what_it_says(tmp_path):
     ([f"lr=1{'0' * 400}"], "^--set: config key lr: a number of 401 digits is too large \\(the limit is 1e18\\)$"),
     ([f"warmup_steps={10**19}"], f"^--set: config key warmup_steps: {10**19} is too large"),
     ([f"max_tokens={10**19}"], "^--set: config key max_tokens: must be a size from 1 to 1e18"),  # as 1e19 is
+    (["max_tokens=1e999999999"], "^--set: config key max_tokens: must be a size from 1 to 1e18"),  # not Overflow
 ])
 def test_bad_config_values_are_one_line_errors(sets, message):
     with pytest.raises(TinykError, match=message):

@@ -26,10 +26,15 @@ def size_text(n: int) -> str:
 
 
 def bytes_text(n: float) -> str:
-    """An amount of bytes or memory to read at a glance: 512 bytes, 14.2 kB, 3.5 MB, 180 MB, 1.5 GB."""
-    if n < 1e6:
-        return plural(int(n), "bytes") if n < 1e3 else f"{n / 1e3:.1f} kB"
-    return f"{n / 1e9:,.1f} GB" if n >= 1e9 else f"{n / 1e6:,.0f} MB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+    """An amount of bytes or memory to read at a glance: 512 bytes, 14.2 kB, 3.5 MB, 180 MB, 1.5 GB.
+    Each unit ends where its rounded figure would reach the next one's (999,950 is 1.0 MB, not 1000.0 kB)."""
+    if n < 1e3:
+        return plural(int(n), "bytes")
+    if n < 999_950:
+        return f"{n / 1e3:.1f} kB"
+    if n < 99_950_000:
+        return f"{n / 1e6:.1f} MB"
+    return f"{n / 1e6:.0f} MB" if n < 999_500_000 else f"{n / 1e9:,.1f} GB"
 
 
 def parse_size(s: str, lo: int = 0, hi: int = MAX_SIZE, *, tokens: bool = False) -> int:
@@ -44,12 +49,16 @@ def parse_size(s: str, lo: int = 0, hi: int = MAX_SIZE, *, tokens: bool = False)
         t, scale = t.rstrip("b"), 1
     if t and t[-1] in _UNITS:
         t, scale = t[:-1], _UNITS[t[-1]]
+    out_of_range = ValueError(f"must be a size from {size_text(lo)} to {size_text(hi)}, got {s!r}")
     try:
         value = decimal.Decimal(t) * scale  # exact: as a float, 2.01M was 2,009,999
     except decimal.InvalidOperation:
         raise ValueError(f"not a size: {s!r} (e.g. 500M, 2G)") from None
-    if not (value.is_finite() and lo <= (n := round(value)) <= hi):
-        raise ValueError(f"must be a size from {size_text(lo)} to {size_text(hi)}, got {s!r}")
+    except decimal.Overflow:  # past the exponents decimal computes with (1e999999999)
+        raise out_of_range from None
+    # Compared before rounding: round(1e300000) writes out all its digits first (seconds).
+    if not (value.is_finite() and lo - 1 < value < hi + 1 and lo <= (n := round(value)) <= hi):
+        raise out_of_range
     return n
 
 
