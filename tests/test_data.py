@@ -18,6 +18,7 @@ import tracemalloc
 import unicodedata
 import warnings
 from collections import Counter
+from operator import add
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ from tinyk.tokenizer import (
     train_tokenizer,
     with_system,
 )
+from tinyk.workers import map_ordered, start_pool
 
 BOS, EOS = 3, 4
 QUIET = {"show_progress": False, "workers": 1}
@@ -299,11 +301,43 @@ def test_stopping_the_worker_pool_gets_past_a_pipe_lock_a_killed_worker_held(mon
     assert not late_writer.is_alive()
 
 
+def test_map_ordered_pairs_each_result_with_its_own_tag():
+    """`tinyk data` checkpoints the record count that comes as a batch's tag: a tag paired with another
+    batch's result saves a count of records not yet written, and a continued run skips them."""
+    payloads = [(f"tag{i}", i) for i in range(12)]  # more than 2 * workers in flight
+    assert list(map_ordered(add, 100, payloads, workers=2)) == [(f"tag{i}", 100 + i) for i in range(12)]
+    assert list(map_ordered(add, 100, payloads[:1], workers=2)) == [("tag0", 100)]
+    assert list(map_ordered(add, 100, [], workers=2)) == []
+
+
+def test_starting_a_pool_gives_back_the_scripts_file_and_spec():
+    """Hidden from spawning only while the workers start: a script reading `__file__` after calling
+    tinyk must still find it."""
+    script = sys.modules["__main__"]
+    before = {k: script.__dict__[k] for k in ("__spec__", "__file__") if k in script.__dict__}
+    assert "__file__" in before  # pytest's own __main__
+    with start_pool(2, add, 1) as pool:
+        assert pool.apply(abs, (-3,)) == 3
+    assert {k: script.__dict__[k] for k in ("__spec__", "__file__") if k in script.__dict__} == before
+
+
+def test_map_ordered_reads_at_most_two_payloads_per_worker_ahead():
+    """The memory bound map_ordered promises: a batch is megabytes, an input is many gigabytes."""
+    produced = []
+
+    def payloads():
+        for i in range(40):
+            produced.append(i)
+            yield i, i
+
+    for tag, _ in map_ordered(add, 0, payloads(), workers=2):
+        assert len(produced) - tag <= 2 * 2 + 1, (tag, len(produced))
+
+
 def test_data_workers_leave_stop_signals_to_the_parent(tok_dir):
     """Ctrl-C, SIGTERM and SIGHUP reach the whole process group (a closed terminal, systemd, Slurm);
     workers ignore them, and the parent stops them."""
     from tinyk.data import _encode, _Job
-    from tinyk.workers import start_pool
 
     job = _Job("pretrain", (tok_dir / "tokenizer.json").read_text(encoding="utf-8"), "uint16")
     with start_pool(2, _encode, job) as pool:

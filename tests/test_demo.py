@@ -19,6 +19,7 @@ from tinyk.corpus import (
     SENTIMENT_ANSWERS,
     SENTIMENT_TEMPLATES,
     CorpusSpec,
+    arithmetic_problems,
     build_demo_corpus,
     chunk_paragraphs,
     clip_review,
@@ -127,6 +128,69 @@ def test_corpus_is_deterministic(tmp_path, corpus):
 def test_corpus_refuses_an_impossible_holdout(tmp_path):
     with pytest.raises(TinykError, match="cannot hold out"):
         build_demo_corpus(tmp_path, replace(SMALL, max_reviews=10, heldout_reviews=10))
+
+
+def test_corpus_stats_match_the_files_written(corpus):
+    """The counts `tinyk demo` reports (and its majority baseline) are those of the files it wrote."""
+    out, stats = corpus
+    for name, f in stats["files"].items():
+        assert f["records"] == len(read_jsonl(out / name)), name
+        assert f["bytes"] == (out / name).stat().st_size, name
+    pretrain = [r["text"] for r in read_jsonl(out / "pretrain.jsonl")]
+    p = stats["pretrain"]
+    assert len(pretrain) == p["news_documents"] + p["review_documents"]
+    assert p["characters"] == sum(map(len, pretrain))
+    assert p["bytes"] == sum(len(t.encode("utf-8")) for t in pretrain)
+    held = read_jsonl(out / "eval_sentiment.jsonl")
+    positives = sum(r["answer"] == SENTIMENT_ANSWERS[1] for r in held)
+    h = stats["heldout"]
+    assert h["sentiment_positive"] == positives
+    assert h["sentiment_majority"] == max(positives, len(held) - positives) / len(held)
+    # Single-turn sentiment conversations are the training reviews, once each.
+    heads = tuple(t.split("{review}")[0] for t in SENTIMENT_TEMPLATES)
+    single = [c["messages"] for c in read_jsonl(out / "sft.jsonl") if len(c["messages"]) == 2]
+    sentiment = [m for m in single if m[1]["content"] in SENTIMENT_ANSWERS.values()]
+    assert all(m[0]["content"].startswith(heads) for m in sentiment)
+    assert stats["sft"]["sentiment_train"] == len(sentiment)
+
+
+def test_near_copies_count_the_last_run_and_exactly_half():
+    """A held-out review of exactly NEAR_RUN characters has one run; a text sharing exactly half the runs of
+    the shorter one is a near copy ("half the runs ... are in both")."""
+    held = ["一二三四五六七八", "一二三四五六七八九甲乙丙"]  # 1 run; 5 runs
+    assert near_copies(held[:1], ["他说：一二三四五六七八。", "一二三四五六七九"]) == [True, False]
+    # 4 runs (一..八, 二..九, 三..子, 四..丑), 2 of them in the second held review: exactly half.
+    assert near_copies(held[1:], ["一二三四五六七八九子丑"]) == [True]
+    assert near_copies(held[1:], ["一二三四五六七八九子丑寅"]) == [False]  # 2 of 5: under half
+
+
+def test_reviews_with_both_labels_are_dropped_and_held_out_ones_leave_pretraining(monkeypatch):
+    """load_reviews: "without texts that carry both labels"; full_reviews: minus those whose *clipped*
+    form is held out, so a long held-out review never reaches pretraining in full."""
+    from tinyk import corpus
+
+    long_pos = "这家酒店的位置很好，服务也周到，早餐种类丰富，下次还会再来住。"
+    files = {corpus.REVIEW_FILES[1]: [long_pos, "东西不错", "一般般吧", "  "],
+             corpus.REVIEW_FILES[0]: ["一般般吧。", "太差了"]}
+    monkeypatch.setattr(corpus, "_read_lines", lambda rel: files[rel])
+    reviews = corpus.load_reviews(10)
+    assert sorted((r.text, r.label) for r in reviews) == sorted(
+        [(long_pos[:10], 1), ("东西不错", 1), ("太差了", 0)])
+    held = {corpus.review_key(corpus.clip_review(long_pos, 10))}
+    assert long_pos not in corpus.full_reviews(held, 10)
+    assert sorted(corpus.full_reviews(set(), 10)) == sorted([long_pos, "东西不错", "一般般吧", "一般般吧。", "太差了"])
+
+
+def test_every_sum_and_difference_is_a_problem():
+    """'Every a+b and a-b (a >= b)': 3-3 included."""
+    probs = dict(arithmetic_problems(3))
+    assert len(probs) == 16 + 10 and probs["3-3"] == 0 and probs["0-0"] == 0 and probs["3+3"] == 6
+
+
+def test_clip_review_keeps_max_chars_and_review_key_drops_all_punctuation():
+    assert clip_review("好" * 200, 128) == "好" * 128
+    assert clip_review(" 很 好\n用 ", 3) == "很 好"
+    assert review_key("很_好!") == review_key("很好") == "很好"
 
 
 def _cjk(rng, n: int) -> str:

@@ -620,6 +620,83 @@ def test_a_replace_is_not_stopped_by_an_aside_this_process_left(tmp_path):
     assert (tmp_path / "out" / "f").read_text() == "2" and (left / "notes.txt").read_text() == "kept"
 
 
+def test_a_failed_rename_of_the_new_output_leaves_the_old_one_in_place(tmp_path, monkeypatch):
+    """--force: the old output is moved aside, then the new one renamed in. If that rename fails (a full
+    disk's metadata, EXDEV, a permission), the old output must be back under its name, not only in a
+    hidden `.out.old-HOST-PID-XXXX` that nothing of this process puts back."""
+    import tinyk.outputs
+
+    out = tmp_path / "out"
+    with atomic_dir(out) as tmp:
+        (tmp / "model.bin").write_text("old")
+    real = os.replace
+
+    def failing(src, dst):
+        if ".out.tmp-" in Path(src).name and Path(dst) == out:
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(tinyk.outputs.os, "replace", failing)
+    with pytest.raises(OSError), atomic_dir(out, force=True) as tmp:
+        (tmp / "model.bin").write_text("new")
+    assert (out / "model.bin").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_delete_stopped_midway_leaves_a_leftover_not_part_of_the_folder(tmp_path, monkeypatch):
+    """`delete_via`: a Ctrl-C (or kill) during the delete must not leave a half-deleted checkpoint under
+    its own name, where it looks whole to a resume."""
+    import shutil
+
+    import tinyk.outputs
+    from tinyk.outputs import delete_via
+
+    ckpt = tmp_path / "step-100"
+    ckpt.mkdir()
+    for name in ("model.safetensors", "optimizer.pt", "state.json"):
+        (ckpt / name).write_text(name)
+    real = shutil.rmtree
+
+    def interrupted(path, ignore_errors=False):
+        next(iter(sorted(Path(path).iterdir()))).unlink()  # one file gone, then the kill
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tinyk.outputs.shutil, "rmtree", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        delete_via(ckpt, tmp_path / ".step-100.old-1")
+    monkeypatch.setattr(tinyk.outputs.shutil, "rmtree", real)
+    assert not ckpt.exists() and (tmp_path / ".step-100.old-1").is_dir()
+
+
+@pytest.mark.skipif(not Path("/proc/locks").exists(), reason="needs Linux's /proc/locks")
+def test_lock_holders_are_those_of_that_directory_only(tmp_path):
+    """"in use by another tinyk run (process ...)" must name the process holding *this* directory's lock,
+    not every process on the machine holding a lock on anything."""
+    from tinyk.outputs import DirLock
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    lock = DirLock(b)
+    assert lock.acquire()
+    try:
+        assert DirLock(a).holders() == []
+        assert [h.split()[0] for h in DirLock(b).holders()] == [str(os.getpid())]
+    finally:
+        lock.release()
+    assert DirLock(b).holders() == []
+
+
+def test_an_existing_output_file_of_the_right_kind_still_needs_force(tmp_path):
+    """check_output_file with `replaces`: a file that is such an output is replaced only with --force."""
+    res = tmp_path / "res.json"
+    res.write_text("{}")
+    kind = ("the results of tinyk eval", lambda p: True)
+    with pytest.raises(TinykError, match=r"exists \(use --force to replace it\)$"):
+        check_output_file(res, [], force=False, replaces=kind)
+    check_output_file(res, [], force=True, replaces=kind)
+
+
 def test_atomic_dir_names_its_temporary_with_host_and_pid(tmp_path):
     with atomic_dir(tmp_path / "out") as tmp:
         assert tmp.parent == tmp_path and tmp.name.startswith(f".out.tmp-{_host()}-{os.getpid()}-")
