@@ -230,14 +230,16 @@ def test_demo_corpus_keeps_near_copies_out_and_labels_right(synthetic_corpus):
     assert stats["heldout"]["sentiment_majority"] == max(positives, len(held) - positives) / len(held)
     # SFT's sentiment answers are the files' labels too; a text under both labels is in neither set.
     forms = [re.compile(re.escape(t).replace(re.escape("{review}"), "(.*)"), re.S) for t in SENTIMENT_TEMPLATES]
-    trained = []
+    trained, single = [], 0
     for conv in read_jsonl(out / "sft.jsonl"):
         msgs = conv["messages"]
         for q, a in zip(msgs[::2], msgs[1::2], strict=True):
             if m := next((m for f in forms if (m := f.fullmatch(q["content"]))), None):
                 trained.append(m[1])
+                single += len(msgs) == 2
                 assert a["content"] == SENTIMENT_ANSWERS[label[m[1]]], (m[1], a["content"])
     assert trained and both not in held_texts + trained
+    assert stats["sft"]["sentiment_train"] == single  # each training review once on its own, near copies gone
     # No near copy of a held-out review in pretraining or in SFT (each one's twin is somewhere).
     pretrain = [r["text"] for r in read_jsonl(out / "pretrain.jsonl")]
     assert not any(near_copies(held_texts, pretrain + trained))
