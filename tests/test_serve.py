@@ -448,6 +448,36 @@ LONG = "".join(chr(0x4E00 + 37 * i) for i in range(200))  # rare characters: sev
      "invalid_type"),  # JSON's true is no integer, though Python counts it as one
     ("/v1/responses", {"model": "nano", "input": [{"role": ["user"], "content": "x"}]}, 400, "input[0].role",
      "invalid_value"),
+    # Values that only look off (JSON's true is not 1, false not 0, 0 candidates not 1), and empty stop strings,
+    # which would end every reply at once
+    ("/v1/completions", {"model": "nano", "prompt": "hi", "best_of": True}, 400, "best_of", "invalid_value"),
+    ("/v1/completions", {"model": "nano", "prompt": "hi", "best_of": 0}, 400, "best_of", "invalid_value"),
+    ("/v1/completions", {"model": "nano", "prompt": "hi", "presence_penalty": False}, 400, "presence_penalty",
+     "invalid_value"),
+    ("/v1/completions", {"model": "nano", "prompt": "hi", "temperature": True}, 400, "temperature", "invalid_type"),
+    ("/v1/completions", {"model": "nano", "prompt": "hi", "stop": [""]}, 400, "stop", "invalid_type"),
+    ("/v1/completions", {"model": "nano", "prompt": "hi", "stop": ""}, 400, "stop", "invalid_type"),
+    ("/v1/completions", {"model": "nano", "prompt": "hi", "min_p": 1.5}, 400, "min_p", "invalid_value"),
+    ("/v1/completions", {"model": "nano", "prompt": "hi", "stream": True,
+                         "stream_options": {"include_obfuscation": "no"}}, 400, "stream_options.include_obfuscation",
+     "invalid_type"),
+    # Structured output cannot be honoured: refused, not answered in free text
+    ("/v1/chat/completions", {"model": "nano", "messages": [{"role": "user", "content": "hi"}],
+                              "response_format": {"type": "json_object"}}, 400, "response_format", "invalid_value"),
+    ("/v1/chat/completions", {"model": "nano", "messages": [{"role": "user", "content": "hi"}], "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}}, 400, "response_format",
+     "invalid_value"),
+    ("/v1/responses", {"model": "nano", "input": "hi", "text": {"format": {
+        "type": "json_schema", "name": "x", "schema": {"type": "object"}}}}, 400, "text.format", "invalid_value"),
+    ("/v1/responses", {"model": "nano", "input": "hi", "stream_options": {"include_obfuscation": False}}, 400,
+     "stream_options", "invalid_value"),  # without stream
+    ("/v1/responses", {"model": "nano", "input": "hi", "instructions": "a\ud800b"}, 400, "instructions",
+     "invalid_value"),
+    # null content is OpenAI's for an assistant turn of tool calls only
+    ("/v1/chat/completions", {"model": "nano", "messages": [{"role": "user", "content": None}]}, 400,
+     "messages[0].content", "invalid_type"),
+    ("/v1/chat/completions", {"model": "nano", "messages": [{"role": "system", "content": None}]}, 400,
+     "messages[0].content", "invalid_type"),
     # What cannot be honoured is said before the prompt is read, even of a chat that would not fit either,
     # and after the model is found (another server's model is the error to fix first).
     ("/v1/chat/completions", {"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}], "tools": []},
@@ -700,6 +730,7 @@ def test_fields_at_their_off_values_are_accepted(server):
     assert status == 200, reply
     chat = {"model": "nano", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "logprobs": False,
             "top_logprobs": 0, "tools": [], "presence_penalty": 0.0, "tool_choice": "auto", "modalities": ["text"],
+            "response_format": {"type": "text"},
             "user": "u1", "metadata": {"k": "v"}, "store": False, "parallel_tool_calls": False,
             "enable_thinking": False,  # Qwen's switch, which Cherry Studio's connection check sent to every server
             "chat_template_kwargs": {"enable_thinking": False}}  # vLLM's way to send it
@@ -715,6 +746,12 @@ def test_fields_at_their_off_values_are_accepted(server):
                                                   "type": "invalid_request_error",
                                                   "param": field, "code": "invalid_type"}, err
     assert request(server, "POST", "/v1/chat/completions", {**chat, "user": None})[0] == 200
+    # null and false are off for what needs a stored response
+    for name in ("previous_response_id", "conversation", "background"):
+        for value in (None, False):
+            status, reply = request(server, "POST", "/v1/responses", {"model": "nano", "input": "hi",
+                                                                      "max_output_tokens": 2, name: value})
+            assert status == 200, (name, value, reply)
     # An assistant message sent back as the openai package returned it, and a participant's name.
     from openai.types.chat import ChatCompletionMessage
 
@@ -1851,3 +1888,138 @@ def test_the_responses_api_needs_the_key_too(nano_model_dir):
             assert status == 401, headers
     finally:
         srv.close()
+
+
+def test_a_response_echoes_its_settings_and_counts_its_tokens(client, reference):
+    """The response object echoes what the request set (as OpenAI's does), is dated now, and its usage
+    adds up."""
+    before = int(time.time())
+    r = client.responses.create(model="nano", instructions="你是诗人", input="写诗", max_output_tokens=6,
+                                temperature=0, metadata={"k": "v"}, user="u1")
+    want = expected_chat(reference, [{"role": "system", "content": "你是诗人"}, {"role": "user", "content": "写诗"}], 6)
+    assert (r.instructions, r.max_output_tokens, r.metadata, r.user) == ("你是诗人", 6, {"k": "v"}, "u1")
+    assert (r.usage.input_tokens, r.usage.output_tokens) == (want.prompt_tokens, want.completion_tokens)
+    assert r.usage.total_tokens == r.usage.input_tokens + r.usage.output_tokens
+    assert (r.usage.input_tokens_details.cached_tokens, r.usage.output_tokens_details.reasoning_tokens) == (0, 0)
+    assert before - 1 <= r.created_at <= time.time() + 1
+
+
+def test_a_responses_stream_names_one_item_and_closes_it_with_the_whole_text(client, reference):
+    """Every event of the stream points at the one output message by its id (clients such as the Vercel AI
+    SDK key deltas by item_id); the .done events carry the whole text, and the item closes with the
+    response's status."""
+    events = list(client.responses.create(model="nano", input="写诗", max_output_tokens=8, temperature=0,
+                                          stream=True))
+    want = expected_chat(reference, [{"role": "user", "content": "写诗"}], 8)
+    assert want.finish_reason == "length" and want.text
+    by_type = {e.type: e for e in events}
+    item_id = by_type["response.output_item.added"].item.id
+    assert item_id.startswith("msg_") and by_type["response.output_item.added"].item.content == []
+    assert all(e.item_id == item_id for e in events if hasattr(e, "item_id"))
+    assert by_type["response.output_item.done"].item.id == events[-1].response.output[0].id == item_id
+    assert by_type["response.output_text.done"].text == want.text
+    assert by_type["response.content_part.done"].part.text == want.text
+    assert by_type["response.output_item.done"].item.status == events[-1].response.status == "incomplete"
+    assert by_type["response.output_item.done"].item.content[0].text == want.text
+    assert events[-1].response.output[0].content[0].annotations == []
+    # The client's stream helper reads the same events.
+    with client.responses.stream(model="nano", input="写诗", max_output_tokens=8, temperature=0) as stream:
+        done = [e for e in stream if e.type == "response.output_text.done"]
+    assert [e.text for e in done] == [want.text]
+
+
+def test_openais_limits_are_accepted_at_their_edges(client, reference):
+    """Four stop strings (OpenAI's most), vLLM's top_k -1 (no limit: as 0), and completions' logprobs false."""
+    want = expected_completion(reference, "我们今天", 8)
+    r = client.completions.create(model="nano", prompt="我们今天", max_tokens=8, temperature=0,
+                                  stop=["甲甲", "乙乙", "丙丙", "丁丁"])
+    assert r.choices[0].text == want.text
+    kw = dict(model="nano", prompt="天气", max_tokens=12, temperature=1.0, seed=3)
+    assert client.completions.create(**kw, extra_body={"top_k": -1}).choices[0].text == \
+        client.completions.create(**kw, extra_body={"top_k": 0}).choices[0].text
+    r = client.completions.create(model="nano", prompt="hi", max_tokens=2, extra_body={"logprobs": False})
+    assert r.choices[0].logprobs is None
+
+
+def test_completion_logprobs_without_echo_are_the_completions_own(client):
+    """Without echo the logprobs cover the generated tokens only, streamed or not (the prompt's are
+    echo's), one per token of the text."""
+    kw = dict(model="nano", prompt="我们今天", max_tokens=5, temperature=0, logprobs=2)
+    r = client.completions.create(**kw)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == r.usage.completion_tokens == 5
+    assert None not in lp.token_logprobs and lp.text_offset[0] == 0 and "".join(lp.tokens) == r.choices[0].text
+    streamed = [x for c in client.completions.create(**kw, stream=True) if c.choices[0].logprobs
+                for x in c.choices[0].logprobs.tokens]
+    assert streamed == lp.tokens
+
+
+def test_a_batch_as_large_as_the_batch_is_taken(server):
+    """The limit is the batch's size: a batch of exactly --max-batch prompts is answered, one choice each."""
+    limit = min(server.api.engine.max_batch, server.api.cfg.max_waiting)
+    status, reply = request(server, "POST", "/v1/completions", {"model": "nano", "prompt": ["a"] * limit,
+                                                                "max_tokens": 1})
+    assert status == 200 and [c["index"] for c in reply["choices"]] == list(range(limit)), reply
+
+
+def test_ids_name_their_kind(client):
+    r = client.chat.completions.create(model="nano", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert r.id.startswith("chatcmpl-")
+    chunks = list(client.chat.completions.create(model="nano", messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=2, stream=True))
+    assert {c.id for c in chunks} == {chunks[0].id} and chunks[0].id.startswith("chatcmpl-")
+    assert {c.object for c in chunks} == {"chat.completion.chunk"}
+
+
+def test_a_prompt_that_opens_with_im_start_is_echoed_whole(client, reference):
+    """A text prompt that starts with <|im_start|> itself gets none put before it: the echo is all of it."""
+    prompt = "<|im_start|>The quick"
+    r = client.completions.create(model="nano", prompt=prompt, echo=True, max_tokens=1, temperature=0)
+    assert r.choices[0].text.startswith(prompt) and r.usage.prompt_tokens == len(reference.encode(prompt, bos=True))
+    chunks = list(client.completions.create(model="nano", prompt=prompt, echo=True, max_tokens=1, temperature=0,
+                                            stream=True))
+    assert chunks[0].choices[0].text == prompt
+
+
+def test_the_model_card_is_a_model(server):
+    card = request(server, "GET", "/v1/models")[1]["data"][0]
+    assert (card["object"], card["id"], card["owned_by"]) == ("model", "nano", "tinyk")
+
+
+def test_a_responses_stream_names_each_event(server):
+    """Server-sent events named as OpenAI names them (`event: response.created`, ...), which an EventSource's
+    addEventListener and curl users go by: each the type its data says."""
+    body = json.dumps({"model": "nano", "input": "hi", "max_output_tokens": 3, "stream": True}).encode()
+    reply = raw(server, b"POST /v1/responses HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    head, _, stream = reply.partition(b"\r\n\r\n")
+    assert b"Content-Type: text/event-stream" in head and b"Cache-Control: no-cache" in head
+    events = [e for e in stream.split(b"\n\n") if e]
+    assert len(events) >= 8
+    for e in events:
+        name, data = e.split(b"\n")
+        assert name.startswith(b"event: ") and data.startswith(b"data: "), e
+        event = json.loads(data[6:])
+        assert event["type"] == name[7:].decode()
+        if event["type"].startswith("response.output_text."):  # required by the API's schema
+            assert event["logprobs"] == [], event
+
+
+def test_a_request_to_a_stopping_server_is_told_to_retry_elsewhere(nano_model_dir):
+    """Sent after the server began to stop: a 503 that says so, not that it is overloaded."""
+    srv, _ = start(nano_model_dir)
+    try:
+        srv.api.scheduler.stop()
+        for path, body in (("/v1/completions", {"model": "nano", "prompt": "hi", "max_tokens": 2}),
+                           ("/v1/responses", {"model": "nano", "input": "hi", "max_output_tokens": 2})):
+            status, err = request(srv, "POST", path, body)
+            assert status == 503 and err["error"]["code"] == "server_shutting_down", err
+    finally:
+        srv.close()
+
+
+def test_stop_token_ids_end_at_the_last_id(server):
+    vocab = server.api.engine.vocab_size
+    body = {"model": "nano", "prompt": "hi", "max_tokens": 2}
+    assert request(server, "POST", "/v1/completions", {**body, "stop_token_ids": [vocab - 1]})[0] == 200
+    status, err = request(server, "POST", "/v1/completions", {**body, "stop_token_ids": [vocab]})
+    assert status == 400 and err["error"]["param"] == "stop_token_ids", err
