@@ -1655,7 +1655,11 @@ def test_cli_prepares_data_and_reports_a_summary(tmp_path, tok_dir, corpus_file,
     good = meta_file.read_text()
     for damage in ({"max_len": None}, {"skipped": 5}, {"vocab_size": "6144"}, {"seconds": "12"},
                    {"inputs": [{"path": "a.jsonl"}]}, {"command": ["tinyk"]},
-                   {"splits": {**json.loads(good)["splits"], "val": {"documents": "x"}}}):
+                   {"splits": {**json.loads(good)["splits"], "val": {"documents": "x"}}},
+                   # what the summary reads (each was a traceback)
+                   {"val_fraction": []}, {"val_fraction": 1}, {"truncated": "x"}, {"truncated": {"at_turn": None}},
+                   {"skipped": {"by_reason": [None]}}, {"skipped": {"by_reason": 1.5}},
+                   {"skipped": {"by_reason": {"unknown_format": 1}, "first": {}}}):
         meta_file.write_text(json.dumps({**json.loads(good), **damage}))
         with pytest.raises(SystemExit) as e:
             main(["data", "info", str(tmp_path / "s")])

@@ -65,8 +65,13 @@ def _meta_problem(meta: Any) -> str | None:
         return "missing or wrong tokenizer_hash or vocab_size"
     if kind == "sft" and not (_count(meta.get("max_len")) and isinstance(meta.get("system_prompt") or "", str)):
         return "missing or wrong max_len or system_prompt"
-    if not isinstance(meta.get("skipped", {}), dict):
-        return "skipped is not an object"
+    if not _skips_ok(meta.get("skipped", {})):
+        return "skipped is not an object of counts, places and hints by reason"
+    if kind == "sft" and not _counts_ok(meta.get("truncated", {})):
+        return "truncated is not an object of counts"
+    fraction = meta.get("val_fraction")
+    if fraction is not None and not (_number(fraction) and 0 <= fraction < 1):
+        return "val_fraction is not a share from 0 to 1"
     inputs = meta.get("inputs", [])
     if not (isinstance(inputs, list) and all(
             isinstance(i, dict) and isinstance(i.get("path"), str) and _count(i.get("bytes")) for i in inputs)):
@@ -74,7 +79,7 @@ def _meta_problem(meta: Any) -> str | None:
     if not isinstance(meta.get("command", ""), str):
         return "command is not a string"
     seconds = meta.get("seconds", 0)
-    if not (isinstance(seconds, int | float) and not isinstance(seconds, bool) and seconds >= 0):
+    if not (_number(seconds) and seconds >= 0):
         return "seconds is not a number of seconds"
     need = ("documents", "tokens", "bytes", "shards" if kind == "pretrain" else "loss_tokens")
     splits = meta.get("splits")
@@ -95,6 +100,24 @@ def _meta_problem(meta: Any) -> str | None:
 
 def _count(value: Any) -> bool:
     return type(value) is int and value >= 0
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _counts_ok(value: Any) -> bool:
+    return isinstance(value, dict) and all(_count(n) for n in value.values())
+
+
+def _skips_ok(skipped: Any) -> bool:
+    """What `Skips.to_json` writes, as the summary reads it: a count, its first places and any hint per reason."""
+    if not isinstance(skipped, dict):
+        return False
+    counts, first, hints = (skipped.get(k, {}) for k in ("by_reason", "first", "hints"))
+    return (_counts_ok(counts) and isinstance(first, dict) and isinstance(hints, dict)
+            and all(isinstance(first.get(r), list) and all(isinstance(w, str) for w in first[r]) for r in counts)
+            and all(isinstance(h, str) for h in hints.values()))
 
 
 def _split_folder(data_dir: str | Path, meta: dict[str, Any], split: str) -> Path:
