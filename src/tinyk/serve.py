@@ -60,6 +60,7 @@ LINGER_BYTES = 64 << 20  # at most this much of a refused body is read and throw
 LINGER_S = 2.0  # and for at most this long
 CLIENT_POLL_S = 0.2  # how often a non-streamed request checks that its client is still connected
 POST_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
+MAX_REQUEST_LINE = 65536  # bytes, as http.server allows
 # RFC 9110 tokens
 _HEADER_NAMES = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+(?:[ \t]*,[ \t]*[!#$%&'*+.^_`|~0-9A-Za-z-]+)*")
 
@@ -344,7 +345,21 @@ class Handler(BaseHTTPRequestHandler):
     def parse_request(self) -> bool:
         """Refuses a request that names another site as its Host, on any address: a web page whose DNS
         name was re-pointed at this server (DNS rebinding) would otherwise read the API as its own origin."""
+        if self.raw_requestline in (b"\r\n", b"\n"):  # RFC 9112 2.2: a stray line end after the last body
+            self.raw_requestline = self.rfile.readline(MAX_REQUEST_LINE + 1)
+            if len(self.raw_requestline) > MAX_REQUEST_LINE:
+                self.requestline = self.request_version = self.command = ""
+                self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
+                return False
         if not super().parse_request():
+            return False
+        if self.headers.defects or any("\n" in value for value in self.headers.values()):
+            # A line that is no header (no colon, a space before it, a control character in its name) made
+            # the standard library take it and every header after it (Origin, Content-Length) for the body,
+            # unchecked; a value folded onto the next line (RFC 9112 5.2) is refused too.
+            self.close_connection = self.unread_body = True
+            self._error(ApiError(400, "malformed header line: each header is 'Name: value' on a line of its own",
+                                 code="invalid_header"))
             return False
         lengths = _content_lengths(self.headers)
         if self.command != "POST" and (self.headers.get("Transfer-Encoding") is not None
@@ -367,6 +382,11 @@ class Handler(BaseHTTPRequestHandler):
         if not hosts and self.request_version == "HTTP/1.1":  # RFC 9112 3.2 (HTTP/1.0 had no Host)
             return ApiError(400, "an HTTP/1.1 request needs a Host header", code="invalid_host")
         host = hosts[0] if hosts else None
+        if self.path.lower().startswith(("http://", "https://")):  # RFC 9112 3.2.2: the target's host counts
+            try:
+                host = urllib.parse.urlsplit(self.path).netloc
+            except ValueError:  # an unclosed [ of an IPv6 address
+                return ApiError(400, f"malformed request target {self.path!r}", code="invalid_host")
         allowed = self.server.api.cfg.allow_hosts
         # On any address: in Docker the server listens on 0.0.0.0 behind `-p 127.0.0.1:8000:8000`.
         if host is None or "*" in allowed or _local_host_name(host, allowed):
@@ -398,7 +418,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _route(self) -> str:
         """The request's path, unquoted and without its query; a target in absolute form
-        (`GET http://host/v1/models`, RFC 9112 3.2.2) is its path (the Host header was checked)."""
+        (`GET http://host/v1/models`, RFC 9112 3.2.2) is its path (its host was checked as a Host header is)."""
         target = self.path
         if target.lower().startswith(("http://", "https://")):
             target = "/" + target.split("/", 3)[3] if target.count("/") >= 3 else "/"
