@@ -883,6 +883,25 @@ def check_mask(tok, ids: np.ndarray, mask: np.ndarray, messages: list[dict], cut
         assert ids[b - 1] == EOS and tok.decode(ids[:a].tolist()).endswith("<|im_start|>assistant\n")
 
 
+def test_a_reply_of_weight_zero_is_context_not_trained_on(tmp_path, tok_dir):
+    """OpenAI's fine-tuning format: an assistant message with "weight": 0 stays in the conversation but
+    out of the loss (it was trained on like any other)."""
+    user, reply = ({"role": "user", "content": q} for q in ("问题一", "问题二")), "好的"
+    kept = [next(user), {"role": "assistant", "content": "坏答案", "weight": 0}, next(user),
+            {"role": "assistant", "content": reply, "weight": 1}]
+    only_zero = [kept[0], kept[1]]
+    bad = [kept[0], {"role": "assistant", "content": "x", "weight": "zero"}]
+    src = write_jsonl(tmp_path / "s.jsonl", [{"messages": m} for m in (kept, only_zero, bad)], field=None)
+    meta = prepare_sft([src], tok_dir, tmp_path / "out", val_fraction=0, system_prompt=None, **QUIET)
+    assert meta["skipped"]["by_reason"] == {"weight_zero": 1, "bad_message": 1}
+    assert "it is 0 (not trained on) or 1" in meta["skipped"]["hints"]["bad_message"]
+    [(ids, mask)] = sft_split(tmp_path / "out")
+    tok = load_tokenizer(tok_dir)
+    plain = [{"role": m["role"], "content": m["content"]} for m in kept]
+    assert tok.decode(ids.tolist()) == render_chat(plain)
+    assert [tok.decode(ids[a:b].tolist()) for a, b in mask_spans(mask)] == [reply + "<|im_end|>"]
+
+
 def test_sft_top_level_system_field():
     turns = [{"from": "human", "value": "猫"}, {"from": "gpt", "value": "Cat"}]
     own = {"from": "system", "value": "你是翻译。"}

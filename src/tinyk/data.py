@@ -1052,16 +1052,21 @@ def read_conversation(rec: Any) -> list[dict[str, str]] | tuple[str, str | None]
                                    f"a turn's content is a JSON {type(content).__name__}, not text")
         if role.lower() not in ROLE_ALIASES:
             return "unknown_role", f"role {role!r}; tinyk reads the roles {', '.join(ROLE_ALIASES)}"
-        messages.append({"role": ROLE_ALIASES[role.lower()], "content": text})
+        weight = t.get("weight", 1)  # OpenAI's fine-tuning format: 0 keeps a reply as context, untrained
+        if type(weight) is not int or weight not in (0, 1):
+            return "bad_message", f"a turn's weight is {json.dumps(weight)[:40]}; it is 0 (not trained on) or 1"
+        messages.append({"role": ROLE_ALIASES[role.lower()], "content": text, **({"weight": 0} if not weight else {})})
     if not messages:
         return "empty", None
     if system_field and len(messages) > 1 and messages[1]["role"] == "system":
         if messages[1]["content"] != messages[0]["content"]:
             return "two_system_prompts", None  # which one the data meant cannot be told
         del messages[1]
-    replies = [m["content"] for m in messages if m["role"] == "assistant"]
-    if not any(r.strip() for r in replies):  # nothing to learn from
+    replies = [m for m in messages if m["role"] == "assistant"]
+    if not any(m["content"].strip() for m in replies):  # nothing to learn from
         return ("empty_assistant_turn" if replies else "no_assistant_turn"), None
+    if not any(m["content"].strip() and m.get("weight", 1) for m in replies):
+        return "weight_zero", "every reply has weight 0: nothing to train on"
     return messages
 
 

@@ -138,15 +138,16 @@ def chat_header(role: str) -> str:
 CHAT_FOOTER = "<|im_end|>\n"
 
 
-def _turns(messages: list[dict[str, str]]) -> list[tuple[str, str]]:
-    """(role, content) of the messages the template renders, `developer` as system; others are dropped."""
-    return [("system" if m["role"] in SYSTEM_ROLES else m["role"], m["content"])
+def _turns(messages: list[dict[str, Any]]) -> list[tuple[str, str, bool]]:
+    """(role, content, trained) of the messages the template renders, `developer` as system; others are
+    dropped. A message of weight 0 (OpenAI's fine-tuning format) is not trained on."""
+    return [("system" if m["role"] in SYSTEM_ROLES else m["role"], m["content"], m.get("weight", 1) != 0)
             for m in messages if m["role"] in CHAT_ROLES or m["role"] in SYSTEM_ROLES]
 
 
 def render_chat(messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
     """Renders messages as given, as the chat template does with `default_system=None`, without jinja."""
-    parts = [chat_header(role) + content + CHAT_FOOTER for role, content in _turns(messages)]
+    parts = [chat_header(role) + content + CHAT_FOOTER for role, content, _ in _turns(messages)]
     if add_generation_prompt:
         parts.append(chat_header("assistant"))
     return "".join(parts)
@@ -185,17 +186,17 @@ def encode_chat(plain: Tokenizer, conversations: list[list[dict[str, str]]],
     both use this, so a model is prompted exactly as it was trained.
     """
     kept = [_turns(conv) for conv in conversations]
-    pieces = [role + "\n" + content for conv in kept for role, content in conv]
+    pieces = [role + "\n" + content for conv in kept for role, content, _ in conv]
     encs = iter(plain.encode_batch(pieces, add_special_tokens=False) if pieces else [])
     newline = plain.encode("\n", add_special_tokens=False).ids
     reply_header = plain.encode("assistant\n", add_special_tokens=False).ids
     out = []
     for conv in kept:
         ct = ChatTokens()
-        for role, content in conv:
+        for role, content, trained in conv:
             # An empty reply (a failed generation in a ShareGPT dump) stays as context but teaches
             # nothing: loss on its <|im_end|> alone would teach the model to answer that turn with silence.
-            enc, learn = next(encs), role == "assistant" and bool(content.strip())
+            enc, learn = next(encs), trained and role == "assistant" and bool(content.strip())
             ct.add([IM_START_ID])
             if learn:
                 # Tokens that start inside the content learn; the "assistant\n" header's do not.
