@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,8 +29,10 @@ from tinyk.engine import (
     _ParamTensors,
     cpu_bf16_packing_works,
     int8_works,
+    least_tokens,
     non_finite,
     quantize_int8,
+    utf8_size,
 )
 from tinyk.errors import Stopped, Terminated, TinykError
 from tinyk.model import KVCache, ModelConfig, Transformer
@@ -900,66 +903,104 @@ def test_generate_prints_each_sample_as_it_is_done_so_ctrl_c_keeps_them(nano_mod
     assert 1 <= len(lines) < 300 and [r["prompt"] for r in lines] == [f"北京{i}" for i in range(len(lines))]
 
 
+class TerminalChat:
+    """`tinyk chat` in a pseudo-terminal of type `term`, with readline's defaults (not this machine's
+    /etc/inputrc or ~/.inputrc); `seen` is what it has printed."""
+
+    def __init__(self, model_dir: Path, tmp_path: Path, term: str):
+        import pty
+
+        inputrc = tmp_path / "inputrc"
+        inputrc.write_text("")
+        self.master, slave = pty.openpty()
+        self.proc = subprocess.Popen([sys.executable, "-m", "tinyk", "chat", "--model", str(model_dir),
+                                      "--temperature", "0", "--max-new-tokens", "3"], stdin=slave, stdout=slave,
+                                     stderr=slave, start_new_session=True,
+                                     env={**os.environ, "TERM": term, "INPUTRC": str(inputrc)})
+        os.close(slave)
+        self.seen = b""
+
+    def until(self, text: bytes, timeout: float = 60) -> bool:
+        """Reads until `text` is in `seen`; False if it has not come within `timeout` seconds."""
+        import select
+        import time
+
+        deadline = time.monotonic() + timeout
+        while text not in self.seen:
+            assert self.proc.poll() is None, self.seen.decode(errors="replace")
+            if time.monotonic() > deadline:
+                return False
+            if select.select([self.master], [], [], 0.1)[0]:
+                self.seen += os.read(self.master, 4096)
+        return True
+
+    def type(self, text: str | bytes) -> None:
+        os.write(self.master, text.encode() if isinstance(text, str) else text)
+
+    def end(self) -> None:
+        """Ctrl-D, then what the chat printed on its way out."""
+        import select
+
+        self.type(b"\x04")
+        assert self.proc.wait(timeout=60) == 0
+        while select.select([self.master], [], [], 0.1)[0]:
+            try:
+                self.seen += os.read(self.master, 4096)
+            except OSError:  # the terminal closed with the process
+                break
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        os.close(self.master)
+
+
 def test_chat_in_a_terminal_keeps_ctrl_c_at_the_prompt_and_a_pasted_paragraph_as_one(nano_model_dir, tmp_path):
     """At `you>`, Ctrl-C clears the line (as Python's prompt does) and the session goes on; a paragraph
     pasted into a terminal with bracketed paste (xterm's, readline's default) is one message; Ctrl-D ends it."""
-    import pty
-    import select
     import signal
-    import time
 
-    inputrc = tmp_path / "inputrc"  # readline's defaults, not this machine's /etc/inputrc or ~/.inputrc
-    inputrc.write_text("")
-    master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "tinyk", "chat", "--model", str(nano_model_dir), "--temperature",
-                             "0", "--max-new-tokens", "3"], stdin=slave, stdout=slave, stderr=slave,
-                            start_new_session=True, env={**os.environ, "TERM": "xterm", "INPUTRC": str(inputrc)})
-    os.close(slave)
-    seen = b""
-
-    def until(text: bytes, timeout: float = 60) -> bool:
-        nonlocal seen
-        deadline = time.monotonic() + timeout
-        while text not in seen:
-            assert proc.poll() is None, seen.decode(errors="replace")
-            if time.monotonic() > deadline:
-                return False
-            if select.select([master], [], [], 0.1)[0]:
-                seen += os.read(master, 4096)
-        return True
-
+    chat = TerminalChat(nano_model_dir, tmp_path, "xterm")
     try:
-        assert until(b"you> ")
-        seen = b""
-        os.write(master, "半句".encode())
-        assert until("半句".encode())  # echoed: the line is being typed
+        assert chat.until(b"you> ")
+        chat.seen = b""
+        chat.type("半句")
+        assert chat.until("半句".encode())  # echoed: the line is being typed
         # What Ctrl-C at the prompt sends. CPython's readline acts on a signal that lands while it handles
         # a keystroke only at the next one, so a busy machine may need the key pressed again.
         for _ in range(10):
-            proc.send_signal(signal.SIGINT)
-            if until(b"you> ", timeout=3):
+            chat.proc.send_signal(signal.SIGINT)
+            if chat.until(b"you> ", timeout=3):
                 break
-        assert b"you> " in seen  # a fresh prompt, the session alive
-        os.write(master, "你好\n".encode())
-        assert until(b"assistant> ")
-        seen = seen.split(b"assistant> ", 1)[1]  # the short reply and the next prompt may have come with it
-        assert until(b"you> ")
-        assert b"\x1b[?2004h" in seen  # the terminal is asked to mark pastes (CPython turns it off)
-        seen = b""
-        os.write(master, "\x1b[200~第一行\n第二行\x1b[201~\n".encode())  # what the terminal sends for a paste
-        assert until(b"you> ")
-        os.write(master, b"\x04")  # Ctrl-D
-        assert proc.wait(timeout=60) == 0
-        while select.select([master], [], [], 0.1)[0]:
-            try:
-                seen += os.read(master, 4096)
-            except OSError:  # the terminal closed with the process
-                break
-        assert seen.count(b"assistant> ") == 1, seen.decode(errors="replace")  # one reply: one message
+        assert b"you> " in chat.seen  # a fresh prompt, the session alive
+        chat.type("你好\n")
+        assert chat.until(b"assistant> ")
+        chat.seen = chat.seen.split(b"assistant> ", 1)[1]  # the short reply and the next prompt may come with it
+        assert chat.until(b"you> ")
+        assert b"\x1b[?2004h" in chat.seen  # the terminal is asked to mark pastes (CPython turns it off)
+        chat.seen = b""
+        chat.type("\x1b[200~第一行\n第二行\x1b[201~\n")  # what the terminal sends for a paste
+        assert chat.until(b"you> ")
+        chat.end()
+        assert chat.seen.count(b"assistant> ") == 1, chat.seen.decode(errors="replace")  # one reply: one message
     finally:
-        proc.kill()
-        proc.wait()
-        os.close(master)
+        chat.close()
+
+
+def test_chat_on_a_dumb_terminal_does_not_ask_for_bracketed_paste(nano_model_dir, tmp_path):
+    """With TERM=dumb (an editor's shell buffer) readline's bracketed-paste switch would be shown as
+    escape codes around every prompt: it is turned on for a real terminal type only."""
+    chat = TerminalChat(nano_model_dir, tmp_path, "dumb")
+    try:
+        assert chat.until(b"you> ")
+        chat.type("你好\n")
+        assert chat.until(b"assistant> ")
+        before, chat.seen = chat.seen, chat.seen.split(b"assistant> ", 1)[1]
+        assert chat.until(b"you> ")
+        chat.end()
+        assert b"\x1b[?2004h" not in before + chat.seen, before + chat.seen
+    finally:
+        chat.close()
 
 
 def test_chat_in_a_c_locale_terminal_reads_chinese(nano_model_dir, tmp_path):
@@ -1446,3 +1487,100 @@ def test_a_skipped_prompt_keeps_the_seeds_of_those_after_it(engine, nano_model_d
     params = SamplingParams(temperature=1.5, top_k=0, top_p=1.0, max_new_tokens=8)
     alone = {i + 1: engine.generate(["我们"], replace(params, seed=7 + i))[0].text for i in (1, 2)}
     assert e.value.code == 0 and {r["sample"]: r["text"] for r in rows} == alone
+
+
+def test_several_stop_strings_in_one_token_cut_at_the_first(engine):
+    """A token holding two stop strings ("我们今天" is one token of the fixture's
+    tokenizer) ends the text at the earlier one, or the later stop string's text leaks out."""
+    ids = engine.tok.encode("我们今天")
+    assert len(ids) == 1, "the fixture tokenizer no longer has 我们今天 as one token"
+    d = Detokenizer(engine.tok, ["今天", "我们"])
+    assert d.add(ids[0]) + d.flush() == "" and d.stopped and d.text == ""
+
+
+def test_every_stop_string_stops_not_only_the_first(engine):
+    """--stop is repeatable and the server takes a list: the second stop string
+    ends the text as the first would."""
+    params = replace(GREEDY, max_new_tokens=12)
+    text = engine.generate(["我们"], params)[0].text
+    stop = text.strip()[1:3]
+    assert len(stop) == 2 and stop in text
+    c = engine.generate(["我们"], replace(params, stop=["never in the text", stop]))[0]
+    assert (c.text, c.finish_reason) == (text[:text.index(stop)], "stop")
+
+
+def test_top_k_holds_for_its_row_when_batched_with_a_row_without_it(engine):
+    """A top_k 1 request batched with a top_k 0 one must still be greedy."""
+    hot = SamplingParams(temperature=1.5, top_k=0, top_p=1.0, max_new_tokens=16, seed=7, ignore_eos=True)
+    greedy = engine.generate(["我们今天"], replace(GREEDY, max_new_tokens=16))[0].token_ids
+    assert engine.generate(["我们今天"], replace(hot, top_k=1))[0].token_ids == greedy
+    batched = engine.generate(["我们今天", "天气很好"], [replace(hot, top_k=1), hot])
+    assert batched[0].token_ids == greedy
+
+
+def test_fit_chat_keeps_a_history_that_leaves_exactly_the_room_asked(engine):
+    """A prompt of ctx - room tokens leaves the reply its room exactly
+    (max_new = ctx - prompt), so no turn is dropped; one token more and the oldest pair goes."""
+    ctx = engine.context_length
+    chat = [user("你好"), {"role": "assistant", "content": "我们今天去公园散步"}, user("好")]
+    total = len(engine.chat_ids(chat))
+    room = ctx - total
+    assert room > 0
+    assert engine.fit_chat(chat, None, room) == chat
+    assert engine.fit_chat(chat, None, room + 1) == chat[2:]
+    # and the room is really there: a reply of `room` tokens fits the window
+    c = engine.generate([engine.chat_ids(chat)], replace(GREEDY, max_new_tokens=room))[0]
+    assert c.completion_tokens == room and not c.cut_by_context
+
+
+def test_fit_chat_drops_a_turn_whose_bytes_alone_bound_the_prompt_at_the_window(engine):
+    """A history whose bound is exactly the window (at least
+    ctx tokens: it cannot fit) must still lose its oldest turns, not be returned whole (then refused as
+    too long by `tinyk serve --fit-context` and `tinyk chat`)."""
+    ctx, most = engine.context_length, engine.tok.max_token_bytes
+    last, answer = user("好"), {"role": "assistant", "content": ""}
+    # check_fits's bound for the three messages: nbytes // most + 3 * 3 == ctx
+    nbytes = (ctx - 9) * most - len("好".encode())
+    chat = [user("a" * nbytes), answer, last]
+    assert least_tokens(engine.tok, sum(utf8_size(m["content"]) for m in chat), 3, 3) == ctx
+    fitted = engine.fit_chat(chat, None, 4)
+    assert fitted == [last]
+    engine.chat_prompt_ids(fitted)  # fits
+
+
+def test_a_lone_prompt_too_long_is_refused_as_the_prompt_not_as_one_of_many(engine, nano_model_dir, tmp_path, capsys):
+    """One prompt (a file's only line, or --prompt-file -'s) too long for the window is
+    the error itself, not "no prompt fits ... (the first: prompt 1 of 1 ...)"."""
+    with pytest.raises(TinykError, match=r"^the prompt has [\d,]+ tokens but the model's context window is"):
+        engine.encode_prompts(["中国" * 200])
+    one = tmp_path / "one.txt"
+    one.write_text("中国" * 200 + "\n", encoding="utf-8")
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", str(nano_model_dir), "--prompt-file", str(one), "--max-new-tokens", "1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("tinyk: error: the prompt has "), err
+
+
+def test_a_reply_cut_before_its_first_character_is_not_called_an_empty_turn(engine, capsys, monkeypatch):
+    """A reply that is empty because --max-new-tokens cut its first character
+    (its first byte of three) was cut, not ended by the model: only the cut is reported."""
+    lead = _byte_token(engine.tok, 0xE4)  # the first byte of a Chinese character
+    monkeypatch.setattr(engine, "sample", lambda logits, seen, p, rngs: torch.full((logits.shape[0],), lead))
+    history = chat_session(engine, replace(GREEDY, max_new_tokens=1), ["你好"], io.StringIO(), system=None)
+    assert history[1] == {"role": "assistant", "content": ""}
+    err = capsys.readouterr().err
+    assert "(reply cut at 1 token; raise --max-new-tokens for longer)" in err
+    assert "empty reply" not in err
+
+
+def test_an_interactive_chat_opens_with_its_commands(nano_model_dir, monkeypatch, capsys):
+    """`tinyk chat` at a terminal first says which model it talks to and its /commands (how else would
+    a user learn /reset or /exit?); a one-shot message gets no such line."""
+    monkeypatch.setattr("tinyk.cli.generate._input_lines", lambda: iter(["/exit"]))  # no readline in pytest
+    monkeypatch.setattr("sys.stdin", Terminal(""))
+    with pytest.raises(SystemExit) as e:
+        main(["chat", "--model", str(nano_model_dir)])
+    assert e.value.code == 0 and capsys.readouterr().err == f"tinyk chat: {nano_model_dir} ({CHAT_HELP})\n"
+    with pytest.raises(SystemExit) as e:
+        main(["chat", "--model", str(nano_model_dir), "--message", "你好", "--max-new-tokens", "1"])
+    assert e.value.code == 0 and "tinyk chat:" not in capsys.readouterr().err
