@@ -917,6 +917,8 @@ def test_a_chunked_body_is_read_as_a_whole_one(server, reference):
         reply = raw_reply(server, keep + data)
         assert reply.startswith(b"HTTP/1.1 200") and json.loads(reply.split(b"\r\n\r\n", 1)[1])["choices"][0]["text"] \
             == text
+    padded = b"%016x\r\n%s\r\n0000\r\n\r\n" % (len(body), body)  # leading zeros (RFC 9112 7.1), 16 digits
+    assert raw(server, head + padded).startswith(b"HTTP/1.1 200")
     # With a Content-Length beside it, chunked counts (RFC 9112 6.3), and the connection then ends.
     both = keep.replace(b"Transfer-Encoding", b"Content-Length: 5\r\nTransfer-Encoding")
     assert raw(server, both + chunked(body, 7)).startswith(b"HTTP/1.1 200")
@@ -957,6 +959,10 @@ def test_protocol_errors(server):
     assert raw(server, get).count(b"HTTP/1.1 ") == 1
     reply = raw(server, b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\nHost: evil.example\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 400") and b"more than one Host header" in reply
+    for name, values in ((b"Authorization", (b"Bearer a", b"Bearer b")), (b"Origin", (server.url.encode(), b"null"))):
+        reply = raw(server, b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\n%s: %s\r\n%s: %s\r\n\r\n" % (
+            name, values[0], name, values[1]))
+        assert reply.startswith(b"HTTP/1.1 400") and b"more than one %s header" % name in reply
     reply = raw(server, b"GET /v1/models HTTP/1.1\r\nConnection: close\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 400") and b"needs a Host header" in reply  # RFC 9112 3.2
     assert raw(server, b"GET /v1/models HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.1 200")  # 1.0 has no Host

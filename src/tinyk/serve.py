@@ -319,7 +319,7 @@ class Handler(BaseHTTPRequestHandler):
         while True:
             line = self.rfile.readline(MAX_CHUNK_LINE)
             size = line.split(b";", 1)[0].strip()
-            if not line.endswith(b"\n") or not re.fullmatch(rb"[0-9A-Fa-f]{1,15}", size):
+            if not line.endswith(b"\n") or not re.fullmatch(rb"0*[0-9A-Fa-f]{1,15}", size):  # 0s: RFC 9112 7.1
                 raise ApiError(400, "malformed chunked request body", code="invalid_chunked_body")
             n = int(size, 16)
             if n == 0:
@@ -360,6 +360,11 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = self.unread_body = True
             self._error(ApiError(400, "malformed header line: each header is 'Name: value' on a line of its own",
                                  code="invalid_header"))
+            return False
+        if twice := next((h for h in ("Authorization", "Origin") if len(self.headers.get_all(h, [])) > 1), None):
+            # As two Hosts: which one a proxy in front went by is unknown (the first was taken here).
+            self.close_connection = self.unread_body = True
+            self._error(ApiError(400, f"more than one {twice} header", code="invalid_header"))
             return False
         lengths = _content_lengths(self.headers)
         if self.command != "POST" and (self.headers.get("Transfer-Encoding") is not None
