@@ -2000,6 +2000,13 @@ def test_a_prompt_that_opens_with_im_start_is_echoed_whole(client, reference):
     assert chunks[0].choices[0].text == prompt
 
 
+def test_an_integer_too_long_to_read_is_said_so_not_with_pythons_advice(server):
+    status, err = request(server, "POST", "/v1/completions",
+                          b'{"model": "nano", "prompt": "hi", "metadata": {"n": ' + b"9" * 5000 + b"}}")
+    assert status == 400 and err["error"]["message"] == (
+        f"the request body holds an integer of more than {sys.get_int_max_str_digits()} digits")
+
+
 def test_the_model_card_is_a_model(server):
     card = request(server, "GET", "/v1/models")[1]["data"][0]
     assert (card["object"], card["id"], card["owned_by"]) == ("model", "nano", "tinyk")

@@ -305,8 +305,11 @@ class Handler(BaseHTTPRequestHandler):
         self.unread_body = False
         try:
             body = json.loads(raw.decode("utf-8-sig"))  # RFC 8259 8.1: a byte order mark may be ignored
-        except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: JSON, or a 5000-digit number
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise ApiError(400, f"the request body is not valid JSON: {str(e)[:200]}", code="invalid_json") from e
+        except ValueError as e:  # Python's own limit on integer digits, whose advice is for the server's code
+            raise ApiError(400, f"the request body holds an integer of more than {sys.get_int_max_str_digits()} "
+                                f"digits", code="invalid_json") from e
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
         return body
