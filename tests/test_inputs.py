@@ -494,6 +494,11 @@ def test_compressed_data_under_a_plain_name_says_to_rename_it(tmp_path):
     with pytest.raises(TinykError, match=r"plain.jsonl.zst: uncompressed text in a file named .zst; rename it to "
                                          r"plain.jsonl$"):
         texts(tmp_path / "plain.jsonl.zst")
+    # Compressed twice: the NUL bytes of the inner gzip header were taken for UTF-16 text.
+    (tmp_path / "twice.jsonl.gz").write_bytes(gzip.compress(gzip.compress(JSONL)))
+    with pytest.raises(TinykError, match=r"twice.jsonl.gz: compressed twice \(what its gzip holds is gzip-compressed "
+                                         r"again\); decompress it once \(gzip -dc twice.jsonl.gz > FILE\)"):
+        texts(tmp_path / "twice.jsonl.gz")
     cut = tmp_path / "cut.jsonl.gz"
     cut.write_bytes(gzip.compress(JSONL)[:12])
     with pytest.raises(TinykError, match="cut.jsonl.gz: damaged or truncated gzip data"):

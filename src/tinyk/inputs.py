@@ -343,6 +343,9 @@ def _refuse_wide_or_packed(path: Path, first: bytes) -> None:
     if packed and not _codec(path):
         raise TinykError(f"{path}: {_CODECS[packed]}-compressed data in a file not named {packed}; "
                          f"rename it to {path.name}{packed} and tinyk reads it as it is")
+    if packed:
+        raise TinykError(f"{path}: compressed twice (what its {_codec(path)} holds is {_CODECS[packed]}-compressed "
+                         f"again); decompress it once ({_codec(path)} -dc {path.name} > FILE) and give tinyk FILE")
 
 
 class _Counting:
