@@ -23,7 +23,7 @@ from tinyk.demo import transformers_check
 from tinyk.engine import Engine
 from tinyk.errors import TinykError, write_error
 from tinyk.evaluate import read_choice_csv, read_task
-from tinyk.inputs import HEAD_BYTES, Skips, check_heads, check_inputs, iter_records, iter_texts
+from tinyk.inputs import HEAD_BYTES, LONE_CR_HINT, Skips, check_heads, check_inputs, iter_records, iter_texts
 from tinyk.loader import SFTLoader
 from tinyk.outputs import (
     _host,
@@ -381,6 +381,20 @@ def test_a_lone_cr_ends_a_plain_text_line(tmp_path):
     src = tmp_path / "mac.txt"
     src.write_bytes("第一行\r第二行\r\r第三行\r\n第四行\n".encode())
     assert texts(src) == ["第一行", "第二行", "第三行", "第四行"]
+
+
+def test_json_lines_ended_by_a_lone_cr_are_one_malformed_line_that_says_why(tmp_path):
+    """JSON Lines end in \\n (a CR inside a record is JSON whitespace), so an old Mac OS file is one line,
+    which was skipped as malformed JSON without a word on its line ends."""
+    src = tmp_path / "mac.jsonl"
+    src.write_bytes(b'{"text": "a"}\r{"text": "b"}\r{"text": "c"}\r\n{"text":\r"d"}\n{"text": "e"\n')
+    skips = Skips()
+    assert list(iter_texts([src], skips)) == ["d"]
+    assert skips.counts == {"malformed_json": 2}
+    assert skips.hints == {"malformed_json": LONE_CR_HINT}
+    src.write_bytes(b'{"text": "e"\n')
+    skips = Skips()
+    assert list(iter_texts([src], skips)) == [] and skips.hints == {}
 
 
 def test_a_bad_byte_in_a_lone_cr_line_skips_only_its_own(tmp_path):

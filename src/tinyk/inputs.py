@@ -28,6 +28,8 @@ from .units import MiB, plural
 
 DEFAULT_MAX_LINE_BYTES = 16 * MiB
 NUL_HINT = "a NUL byte is binary data, not text"  # a text line holding one is skipped with this reason
+LONE_CR_HINT = ("records ended by a lone CR (old Mac OS line ends) read as one line; convert them, e.g. "
+                "tr '\\r' '\\n' < in.jsonl > out.jsonl")
 NO_RECORDS = "nothing but blank lines (or Parquet files without rows)"  # why an input with nothing skipped is empty
 HEAD_BYTES = 1 << 20  # what `check_heads` reads of each input
 ENCODING_LINES = 1000  # a file whose first lines are mostly not UTF-8 is refused, not skipped line by line
@@ -520,7 +522,8 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
             try:
                 rec = json.loads(s)
             except (ValueError, RecursionError):  # bad JSON, a 5000-digit number, nesting 1000 deep
-                skips.add("malformed_json", where)
+                # JSON Lines end in \n: lines ended by a lone CR (old Mac OS) read as one malformed line
+                skips.add("malformed_json", where, LONE_CR_HINT if re.search(r"[}\]]\r(?!\n)", s) else None)
                 continue
             if _SURROGATE_ESCAPE.search(s) and has_surrogate(rec):
                 skips.add("lone_surrogate", where, "a \\ud800-\\udfff escape without its pair is no text; fix the "
