@@ -909,6 +909,10 @@ def test_sft_top_level_system_field():
     assert [m["role"] for m in normalize_conversation({"system": "你是翻译。", "conversations": [own, *turns]})] == [
         "system", "user", "assistant"]
     assert normalize_conversation({"system": "你是诗人。", "conversations": [own, *turns]}) == "two_system_prompts"
+    # not text: refused, as a turn's content is, not replaced by the default prompt
+    assert normalize_conversation({"system": 5, "conversations": turns}) == "bad_message"
+    assert normalize_conversation({"system": None, "conversations": turns}) == [
+        {"role": "user", "content": "猫"}, {"role": "assistant", "content": "Cat"}]
     developer = {"messages": [{"role": "developer", "content": "简短"}, {"role": "user", "content": "猫"},
                               {"role": "assistant", "content": "Cat"}]}
     assert normalize_conversation(developer)[0] == {"role": "system", "content": "简短"}

@@ -1034,6 +1034,8 @@ def read_conversation(rec: Any) -> list[dict[str, str]] | tuple[str, str | None]
         turns = _alpaca_turns(rec) if form == "alpaca" else _prompt_turns(rec)
         if isinstance(turns, str):
             return turns, None
+    if system is not None and not isinstance(system, str):
+        return "bad_message", f"the record's 'system' is a JSON {type(system).__name__}, not text"
     system_field = isinstance(system, str) and bool(system.strip())
     messages = [{"role": "system", "content": system}] if system_field else []
     for t in turns:
