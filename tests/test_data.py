@@ -885,21 +885,37 @@ def check_mask(tok, ids: np.ndarray, mask: np.ndarray, messages: list[dict], cut
 
 def test_a_reply_of_weight_zero_is_context_not_trained_on(tmp_path, tok_dir):
     """OpenAI's fine-tuning format: an assistant message with "weight": 0 stays in the conversation but
-    out of the loss (it was trained on like any other)."""
+    out of the loss (it was trained on like any other). A `datasets` export writes a turn without a weight
+    as null and a float column's as 0.0 or 1.0; other values are refused."""
     user, reply = ({"role": "user", "content": q} for q in ("问题一", "问题二")), "好的"
     kept = [next(user), {"role": "assistant", "content": "坏答案", "weight": 0}, next(user),
             {"role": "assistant", "content": reply, "weight": 1}]
+    exported = [{"from": "human", "value": "问题", "weight": None}, {"from": "gpt", "value": "甲", "weight": 1.0},
+                {"from": "human", "value": "问题", "weight": None}, {"from": "gpt", "value": "乙", "weight": None}]
     only_zero = [kept[0], kept[1]]
     bad = [kept[0], {"role": "assistant", "content": "x", "weight": "zero"}]
-    src = write_jsonl(tmp_path / "s.jsonl", [{"messages": m} for m in (kept, only_zero, bad)], field=None)
+    records = [{"messages": kept}, {"conversations": exported}, {"messages": only_zero}, {"messages": bad}]
+    src = write_jsonl(tmp_path / "s.jsonl", records, field=None)
     meta = prepare_sft([src], tok_dir, tmp_path / "out", val_fraction=0, system_prompt=None, **QUIET)
     assert meta["skipped"]["by_reason"] == {"weight_zero": 1, "bad_message": 1}
     assert "it is 0 (not trained on) or 1" in meta["skipped"]["hints"]["bad_message"]
-    [(ids, mask)] = sft_split(tmp_path / "out")
     tok = load_tokenizer(tok_dir)
+    learned = {tok.decode(ids.tolist()): [tok.decode(ids[a:b].tolist()) for a, b in mask_spans(mask)]
+               for ids, mask in sft_split(tmp_path / "out")}
     plain = [{"role": m["role"], "content": m["content"]} for m in kept]
-    assert tok.decode(ids.tolist()) == render_chat(plain)
-    assert [tok.decode(ids[a:b].tolist()) for a, b in mask_spans(mask)] == [reply + "<|im_end|>"]
+    assert learned[render_chat(plain)] == [reply + "<|im_end|>"]
+    assert sorted(learned.values()) == sorted([["甲<|im_end|>", "乙<|im_end|>"], [reply + "<|im_end|>"]])
+    # A held-out SFT record is still a task whatever its reply's weight: the reply is the answer.
+    assert normalize_conversation({"messages": only_zero})[-1]["content"] == "坏答案"
+
+
+def test_a_conversation_cut_only_in_replies_of_weight_zero_loses_no_answer(tmp_path, tok_dir):
+    """Counted as cut to --max-len are the conversations that lose trained tokens, not context."""
+    chat = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "好的"},
+            {"role": "user", "content": "长" * 20_000}, {"role": "assistant", "content": "嗯", "weight": 0}]
+    src = write_jsonl(tmp_path / "s.jsonl", [{"messages": chat}], field=None)
+    meta = prepare_sft([src], tok_dir, tmp_path / "out", val_fraction=0, system_prompt=None, max_len=64, **QUIET)
+    assert sum(meta["truncated"].values()) == 0 and meta["splits"]["train"]["documents"] == 1
 
 
 def test_sft_top_level_system_field():

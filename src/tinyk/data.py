@@ -1054,22 +1054,28 @@ def read_conversation(rec: Any) -> list[dict[str, str]] | tuple[str, str | None]
                                    f"a turn's content is a JSON {type(content).__name__}, not text")
         if role.lower() not in ROLE_ALIASES:
             return "unknown_role", f"role {role!r}; tinyk reads the roles {', '.join(ROLE_ALIASES)}"
-        weight = t.get("weight", 1)  # OpenAI's fine-tuning format: 0 keeps a reply as context, untrained
-        if type(weight) is not int or weight not in (0, 1):
+        # OpenAI's fine-tuning format: weight 0 keeps a reply as context, untrained. A `datasets` export
+        # writes a turn without one as null, and its float column as 0.0 or 1.0.
+        weight = t.get("weight")
+        if weight is not None and weight not in (0, 1):  # False and True are 0 and 1 too
             return "bad_message", f"a turn's weight is {json.dumps(weight)[:40]}; it is 0 (not trained on) or 1"
-        messages.append({"role": ROLE_ALIASES[role.lower()], "content": text, **({"weight": 0} if not weight else {})})
+        untrained = weight is not None and not weight
+        messages.append({"role": ROLE_ALIASES[role.lower()], "content": text, **({"weight": 0} if untrained else {})})
     if not messages:
         return "empty", None
     if system_field and len(messages) > 1 and messages[1]["role"] == "system":
         if messages[1]["content"] != messages[0]["content"]:
             return "two_system_prompts", None  # which one the data meant cannot be told
         del messages[1]
-    replies = [m for m in messages if m["role"] == "assistant"]
-    if not any(m["content"].strip() for m in replies):  # nothing to learn from
+    replies = [m["content"] for m in messages if m["role"] == "assistant"]
+    if not any(r.strip() for r in replies):  # nothing to learn from
         return ("empty_assistant_turn" if replies else "no_assistant_turn"), None
-    if not any(m["content"].strip() and m.get("weight", 1) for m in replies):
-        return "weight_zero", "every reply has weight 0: nothing to train on"
     return messages
+
+
+def _trained(message: dict[str, Any]) -> bool:
+    """Whether SFT learns from `message`: a reply with text, not of weight 0."""
+    return message["role"] == "assistant" and bool(message["content"].strip()) and message.get("weight", 1) != 0
 
 
 def _format_hint(rec: Any) -> str:
@@ -1146,6 +1152,8 @@ def prepare_sft(inputs: list[str | Path], tokenizer_dir: str | Path, out: str | 
             conv = read_conversation(rec)
             if isinstance(conv, tuple):
                 skips.add(conv[0], where, conv[1])
+            elif not any(map(_trained, conv)):
+                skips.add("weight_zero", where, "every reply has weight 0: nothing to train on")
             else:
                 yield where, *_clipped(conv, clip)
 
@@ -1166,7 +1174,7 @@ def _clipped(messages: list[dict[str, str]], chars: int) -> tuple[list[dict[str,
     and what the output needs of what was cut (None: nothing was)."""
     for i, m in enumerate(messages):
         if len(m["content"]) > chars:
-            lost = any(r["role"] == "assistant" and r["content"].strip() for r in messages[i + 1:])
+            lost = any(map(_trained, messages[i + 1:]))
             clip = _Clip(_content_key(_split_source(messages)), lost)
             return [*messages[:i], {**m, "content": m["content"][:chars]}], clip
     return messages, None
