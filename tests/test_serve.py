@@ -963,6 +963,14 @@ def test_protocol_errors(server):
         reply = raw(server, b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\n%s: %s\r\n%s: %s\r\n\r\n" % (
             name, values[0], name, values[1]))
         assert reply.startswith(b"HTTP/1.1 400") and b"more than one %s header" % name in reply
+        # before "100 Continue": the body is not asked for
+        reply = raw(server, b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n"
+                            b"Expect: 100-continue\r\n%s: %s\r\n%s: %s\r\n\r\n" % (name, values[0], name, values[1]))
+        assert reply.startswith(b"HTTP/1.1 400") and b"100 Continue" not in reply, reply
+    # A multipart Content-Type without its boundary is no malformed header line (the library notes it all the same).
+    reply = raw(server, b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\nContent-Type: multipart/form-data\r\n"
+                        b"Connection: close\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 200"), reply
     reply = raw(server, b"GET /v1/models HTTP/1.1\r\nConnection: close\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 400") and b"needs a Host header" in reply  # RFC 9112 3.2
     assert raw(server, b"GET /v1/models HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.1 200")  # 1.0 has no Host
@@ -978,9 +986,13 @@ def test_protocol_errors(server):
     absolute = raw(server, f"GET {server.url}/v1/models HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
                    .encode())  # RFC 9112 3.2.2: servers accept a target in absolute form
     assert absolute.startswith(b"HTTP/1.1 200") and b'"id":"nano"' in absolute.replace(b" ", b"")
-    # ... whose host is the one checked, not the Host header's
-    other = raw(server, b"GET http://evil.example/v1/models HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-    assert other.startswith(b"HTTP/1.1 403") and b"Host evil.example is not this server" in other
+    # ... whose host is the one checked, not the Host header's (without any user:password@); none is a 400
+    for target, status in ((b"http://evil.example/v1/models", b"403"), (b"http://u:p@localhost/v1/models", b"200"),
+                           (b"http:///v1/models", b"400")):
+        reply = raw(server, b"GET %s HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n" % target)
+        assert reply.startswith(b"HTTP/1.1 " + status), (target, reply)
+    assert b"Host evil.example is not this server" in raw(
+        server, b"GET http://evil.example/v1/models HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
     payload = json.dumps({"model": "nano", "prompt": "hi", "max_tokens": 2}).encode()
     # A line that is no header (which hid every header after it, an Origin among them), or a folded one
     for line in (b"Badheader", b"X-A : b", b"X\x01A: b", b"X-A: b\r\n folded"):
@@ -1017,13 +1029,17 @@ def test_an_idle_kept_alive_connection_closes_without_a_log_line(nano_model_dir,
             while chunk := s.recv(65536):  # the answer, then the end the server's --timeout makes
                 data += chunk
         assert data.startswith(b"HTTP/1.1 200")
+        with socket.create_connection((u.hostname, u.port), timeout=60) as s:  # idle after a stray line end
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n\r\n")
+            while s.recv(65536):
+                pass
         with socket.create_connection((u.hostname, u.port), timeout=60) as s:
             s.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n")  # stalls inside its headers
             assert s.recv(65536) == b""
     finally:
         server.close()
     log = capfd.readouterr().err
-    assert log.count('"GET /health HTTP/1.1" 200') == 1 and log.count("Request timed out") == 1, log
+    assert log.count('"GET /health HTTP/1.1" 200') == 2 and log.count("Request timed out") == 1, log
 
 
 def test_the_access_log_escapes_control_characters(nano_model_dir, capfd):

@@ -11,6 +11,7 @@ body means, field by field, is `api.py`'s; this module is the HTTP around it.
 from __future__ import annotations
 
 import contextlib
+import email.errors
 import errno
 import hmac
 import io
@@ -268,10 +269,12 @@ class Handler(BaseHTTPRequestHandler):
             self._other_method()
             return False
         try:
+            refusal = self._header_refusal()
             if self.command == "POST":
-                refusal = self._host_refusal() or self._post_refusal()
-                if refusal is not None:
-                    raise refusal
+                refusal = refusal or self._host_refusal() or self._post_refusal()
+            if refusal is not None:
+                raise refusal
+            if self.command == "POST":
                 self._body_length()
         except ApiError as e:
             self.close_connection = self.unread_body = True  # the client may send the body all the same
@@ -349,6 +352,7 @@ class Handler(BaseHTTPRequestHandler):
         """Refuses a request that names another site as its Host, on any address: a web page whose DNS
         name was re-pointed at this server (DNS rebinding) would otherwise read the API as its own origin."""
         if self.raw_requestline in (b"\r\n", b"\n"):  # RFC 9112 2.2: a stray line end after the last body
+            self.reader.await_request(self.rfile)  # the wait for a request starts over: this was none
             self.raw_requestline = self.rfile.readline(MAX_REQUEST_LINE + 1)
             if len(self.raw_requestline) > MAX_REQUEST_LINE:
                 self.requestline = self.request_version = self.command = ""
@@ -356,18 +360,9 @@ class Handler(BaseHTTPRequestHandler):
                 return False
         if not super().parse_request():
             return False
-        if self.headers.defects or any("\n" in value for value in self.headers.values()):
-            # A line that is no header (no colon, a space before it, a control character in its name) made
-            # the standard library take it and every header after it (Origin, Content-Length) for the body,
-            # unchecked; a value folded onto the next line (RFC 9112 5.2) is refused too.
+        if refusal := self._header_refusal():  # (with Expect: 100-continue, said before the body came)
             self.close_connection = self.unread_body = True
-            self._error(ApiError(400, "malformed header line: each header is 'Name: value' on a line of its own",
-                                 code="invalid_header"))
-            return False
-        if twice := next((h for h in ("Authorization", "Origin") if len(self.headers.get_all(h, [])) > 1), None):
-            # As two Hosts: which one a proxy in front went by is unknown (the first was taken here).
-            self.close_connection = self.unread_body = True
-            self._error(ApiError(400, f"more than one {twice} header", code="invalid_header"))
+            self._error(refusal)
             return False
         lengths = _content_lengths(self.headers)
         if self.command != "POST" and (self.headers.get("Transfer-Encoding") is not None
@@ -383,6 +378,19 @@ class Handler(BaseHTTPRequestHandler):
         self._error(refusal)
         return False
 
+    def _header_refusal(self) -> ApiError | None:
+        """A line that is no header (no colon, a space before it, a control character in its name) made the
+        standard library take it and every header after it (Origin, Content-Length) for the body, unchecked;
+        a value folded onto the next line (RFC 9112 5.2) is refused too, and two Authorization or Origin
+        headers, as two Hosts are: which one a proxy in front went by is unknown."""
+        if any(isinstance(d, email.errors.MissingHeaderBodySeparatorDefect) for d in self.headers.defects) \
+                or any("\n" in value for value in self.headers.values()):
+            return ApiError(400, "malformed header line: each header is 'Name: value' on a line of its own",
+                            code="invalid_header")
+        if twice := next((h for h in ("Authorization", "Origin") if len(self.headers.get_all(h, [])) > 1), None):
+            return ApiError(400, f"more than one {twice} header", code="invalid_header")
+        return None
+
     def _host_refusal(self) -> ApiError | None:
         hosts = self.headers.get_all("Host", [])
         if len(hosts) > 1:  # RFC 9112 3.2: which one a proxy in front checked is unknown
@@ -392,9 +400,11 @@ class Handler(BaseHTTPRequestHandler):
         host = hosts[0] if hosts else None
         if self.path.lower().startswith(("http://", "https://")):  # RFC 9112 3.2.2: the target's host counts
             try:
-                host = urllib.parse.urlsplit(self.path).netloc
+                host = urllib.parse.urlsplit(self.path).netloc.rpartition("@")[2]  # without any user:password@
             except ValueError:  # an unclosed [ of an IPv6 address
-                return ApiError(400, f"malformed request target {self.path!r}", code="invalid_host")
+                host = ""
+            if not host:
+                return ApiError(400, f"the request target {self.path[:200]!r} names no host", code="invalid_host")
         allowed = self.server.api.cfg.allow_hosts
         # On any address: in Docker the server listens on 0.0.0.0 behind `-p 127.0.0.1:8000:8000`.
         if host is None or "*" in allowed or _local_host_name(host, allowed):
