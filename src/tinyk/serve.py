@@ -350,7 +350,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def parse_request(self) -> bool:
         """Refuses a request that names another site as its Host, on any address: a web page whose DNS
-        name was re-pointed at this server (DNS rebinding) would otherwise read the API as its own origin."""
+        name was re-pointed at this server (DNS rebinding) would otherwise read the API as its own origin.
+        Also refuses malformed headers (`_header_refusal`) and skips an empty line before the request line."""
         if self.raw_requestline in (b"\r\n", b"\n"):  # RFC 9112 2.2: a stray line end after the last body
             self.reader.await_request(self.rfile)  # the wait for a request starts over: this was none
             self.raw_requestline = self.rfile.readline(MAX_REQUEST_LINE + 1)
