@@ -2016,11 +2016,19 @@ def test_a_prompt_that_opens_with_im_start_is_echoed_whole(client, reference):
     assert chunks[0].choices[0].text == prompt
 
 
-def test_an_integer_too_long_to_read_is_said_so_not_with_pythons_advice(server):
+def test_numbers_json_does_not_have_are_refused_as_invalid_json(server):
+    """A 5000-digit integer got Python's advice to raise sys.set_int_max_str_digits(); NaN and Infinity,
+    which RFC 8259 has not, were taken (and ignored where a field is ignored)."""
     status, err = request(server, "POST", "/v1/completions",
                           b'{"model": "nano", "prompt": "hi", "metadata": {"n": ' + b"9" * 5000 + b"}}")
     assert status == 400 and err["error"]["message"] == (
         f"the request body holds an integer of more than {sys.get_int_max_str_digits()} digits")
+    for constant in (b"NaN", b"Infinity", b"-Infinity"):
+        status, err = request(server, "POST", "/v1/completions",
+                              b'{"model": "nano", "prompt": "hi", "metadata": {"n": %s}}' % constant)
+        assert status == 400 and err["error"] == {
+            "message": f"the request body is not valid JSON: {constant.decode()} is not a number JSON has",
+            "type": "invalid_request_error", "param": None, "code": "invalid_json"}, err
 
 
 def test_the_model_card_is_a_model(server):

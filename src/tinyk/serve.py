@@ -144,6 +144,15 @@ def _is_ipv6(name: str) -> bool:
         return False
 
 
+class _NotJson(ValueError):
+    pass
+
+
+def _not_json(name: str) -> None:
+    """NaN, Infinity and -Infinity, which Python's parser takes and RFC 8259 (and OpenAI's API) does not."""
+    raise _NotJson(f"{name} is not a number JSON has")
+
+
 class Handler(BaseHTTPRequestHandler):
     """One connection: its requests read, checked and tokenized here, decoded in the scheduler thread."""
 
@@ -306,9 +315,9 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = self.unread_body = True
             raise
         self.unread_body = False
-        try:
-            body = json.loads(raw.decode("utf-8-sig"))  # RFC 8259 8.1: a byte order mark may be ignored
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        try:  # RFC 8259 8.1: a byte order mark may be ignored
+            body = json.loads(raw.decode("utf-8-sig"), parse_constant=_not_json)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, _NotJson) as e:
             raise ApiError(400, f"the request body is not valid JSON: {str(e)[:200]}", code="invalid_json") from e
         except ValueError as e:  # Python's own limit on integer digits, whose advice is for the server's code
             raise ApiError(400, f"the request body holds an integer of more than {sys.get_int_max_str_digits()} "
