@@ -63,6 +63,7 @@ from .tokenizer import (
     ModelPrompt,
     TinyTokenizer,
     encode_chat,
+    learns_from,
     load_tokenizer,
     message_text,
     plain_text_tokenizer,
@@ -1073,11 +1074,6 @@ def read_conversation(rec: Any) -> list[dict[str, str]] | tuple[str, str | None]
     return messages
 
 
-def _trained(message: dict[str, Any]) -> bool:
-    """Whether SFT learns from `message`: a reply with text, not of weight 0."""
-    return message["role"] == "assistant" and bool(message["content"].strip()) and message.get("weight", 1) != 0
-
-
 def _format_hint(rec: Any) -> str:
     """What an SFT record of no known format holds, and what tinyk reads."""
     if isinstance(rec, dict) and isinstance(rec.get("text"), str):
@@ -1152,7 +1148,7 @@ def prepare_sft(inputs: list[str | Path], tokenizer_dir: str | Path, out: str | 
             conv = read_conversation(rec)
             if isinstance(conv, tuple):
                 skips.add(conv[0], where, conv[1])
-            elif not any(map(_trained, conv)):
+            elif not any(map(learns_from, conv)):
                 skips.add("weight_zero", where, "every reply has weight 0: nothing to train on")
             else:
                 yield where, *_clipped(conv, clip)
@@ -1174,7 +1170,7 @@ def _clipped(messages: list[dict[str, str]], chars: int) -> tuple[list[dict[str,
     and what the output needs of what was cut (None: nothing was)."""
     for i, m in enumerate(messages):
         if len(m["content"]) > chars:
-            lost = any(map(_trained, messages[i + 1:]))
+            lost = any(map(learns_from, messages[i + 1:]))
             clip = _Clip(_content_key(_split_source(messages)), lost)
             return [*messages[:i], {**m, "content": m["content"][:chars]}], clip
     return messages, None

@@ -138,10 +138,17 @@ def chat_header(role: str) -> str:
 CHAT_FOOTER = "<|im_end|>\n"
 
 
+def learns_from(message: dict[str, Any]) -> bool:
+    """Whether SFT trains on `message`: a reply with text, not of weight 0 (OpenAI's fine-tuning format).
+    An empty reply (a failed generation in a ShareGPT dump) stays as context but teaches nothing: loss on
+    its <|im_end|> alone would teach the model to answer that turn with silence."""
+    return message["role"] == "assistant" and bool(message["content"].strip()) and message.get("weight", 1) != 0
+
+
 def _turns(messages: list[dict[str, Any]]) -> list[tuple[str, str, bool]]:
-    """(role, content, trained) of the messages the template renders, `developer` as system; others are
-    dropped. A message of weight 0 (OpenAI's fine-tuning format) is not trained on."""
-    return [("system" if m["role"] in SYSTEM_ROLES else m["role"], m["content"], m.get("weight", 1) != 0)
+    """(role, content, learned) of the messages the template renders, `developer` as system; others are
+    dropped."""
+    return [("system" if m["role"] in SYSTEM_ROLES else m["role"], m["content"], learns_from(m))
             for m in messages if m["role"] in CHAT_ROLES or m["role"] in SYSTEM_ROLES]
 
 
@@ -193,10 +200,8 @@ def encode_chat(plain: Tokenizer, conversations: list[list[dict[str, str]]],
     out = []
     for conv in kept:
         ct = ChatTokens()
-        for role, content, trained in conv:
-            # An empty reply (a failed generation in a ShareGPT dump) stays as context but teaches
-            # nothing: loss on its <|im_end|> alone would teach the model to answer that turn with silence.
-            enc, learn = next(encs), trained and role == "assistant" and bool(content.strip())
+        for *_, learn in conv:
+            enc = next(encs)
             ct.add([IM_START_ID])
             if learn:
                 # Tokens that start inside the content learn; the "assistant\n" header's do not.
