@@ -29,7 +29,7 @@ from tinyk.cli import main
 from tinyk.engine import Engine, SamplingParams
 from tinyk.errors import TinykError
 from tinyk.serve import ChatServer, ServerConfig, serve
-from tinyk.tokenizer import DEFAULT_SYSTEM_PROMPT, MODEL_PROMPT, SPECIAL_IDS, encode_chat
+from tinyk.tokenizer import DEFAULT_SYSTEM_PROMPT, IM_END_ID, MODEL_PROMPT, SPECIAL_IDS, encode_chat
 
 DEFAULTS = SamplingParams(temperature=0.7, top_k=50, top_p=0.9, repetition_penalty=1.1, max_new_tokens=32)
 MAX_BODY = 64 * 1024
@@ -597,20 +597,51 @@ def test_chat_logprobs_streamed_or_not_are_the_models(client, reference):
     want = expected_chat(reference, messages, 8)
     prompt = reference.chat_ids(messages, default_system=DEFAULT_SYSTEM_PROMPT)
     ref = full_logprobs(reference, prompt + want.token_ids)
-    assert len(content) == len(want.token_ids)
     tok = reference.tok
+    assert len(content) == len(want.token_ids)
     for k, (t, token_id) in enumerate(zip(content, want.token_ids, strict=True)):
         row = ref[len(prompt) + k - 1]
         assert bytes(t.bytes) == tok.piece(token_id) and t.token == tok.piece(token_id).decode(errors="replace")
         assert t.logprob == pytest.approx(float(row[token_id]), abs=1e-4)
         assert [a.logprob for a in t.top_logprobs] == pytest.approx(row.topk(3).values.tolist(), abs=1e-4)
         assert t.top_logprobs[0].logprob == pytest.approx(t.logprob, abs=1e-6)  # greedy picks the likeliest
-    text = [bytes(t.bytes) for t, i in zip(content, want.token_ids, strict=True) if i not in SPECIAL_IDS]
-    assert b"".join(text).decode(errors="replace") == tok.decode(want.token_ids, skip_special_tokens=True)
+    assert b"".join(bytes(t.bytes) for t in content).decode(errors="replace") == r.choices[0].message.content
     streamed = [c for c in client.chat.completions.create(**kw, stream=True) if c.choices]
     assert [t.model_dump() for c in streamed if c.choices[0].logprobs for t in c.choices[0].logprobs.content] == \
         [t.model_dump() for t in content]
     assert not client.chat.completions.create(**{**kw, "logprobs": False, "top_logprobs": None}).choices[0].logprobs
+
+
+def test_chat_logprobs_leave_out_the_token_a_reply_stops_on(client, reference, tok_dir):
+    """A chat message's logprobs are those of its content's tokens, as OpenAI's: not the <|im_end|> or
+    stop token id that ended it, whose text is not in the message; streamed or not."""
+    from types import SimpleNamespace
+
+    from tinyk.api import LogprobsWriter, generated_tokens
+    from tinyk.engine import TokenLogprob
+
+    messages = [{"role": "user", "content": "北京是哪里？"}]
+    prompt = reference.chat_ids(messages, default_system=DEFAULT_SYSTEM_PROMPT)
+    sampled = replace(DEFAULTS, temperature=1.5, top_k=0, top_p=1.0, seed=7, max_new_tokens=12)
+    ids = reference.generate([prompt], sampled)[0].token_ids
+    k = next(k for k in range(2, len(ids)) if ids[k] not in ids[:k])  # the first new token after two
+    kw = dict(model="nano", messages=messages, max_tokens=12, temperature=1.5, top_p=1.0, seed=7, logprobs=True,
+              extra_body={"stop_token_ids": [ids[k]], "top_k": 0})
+    r = client.chat.completions.create(**kw)
+    content = r.choices[0].logprobs.content
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == k + 1
+    assert [bytes(t.bytes) for t in content] == [reference.tok.piece(i) for i in ids[:k]]
+    assert b"".join(bytes(t.bytes) for t in content).decode(errors="replace") == r.choices[0].message.content
+    streamed = [c for c in client.chat.completions.create(**kw, stream=True) if c.choices and c.choices[0].logprobs]
+    assert [t.model_dump() for c in streamed for t in c.choices[0].logprobs.content] == \
+        [t.model_dump() for t in content]
+    # The model's own end, as the engine records it: the completions API still lists it, as a token not in the text.
+    tok = reference.tok
+    ended = SimpleNamespace(logprobs=[TokenLogprob(i, -1.0, []) for i in [*ids[:3], IM_END_ID]], stop_ids=SPECIAL_IDS)
+    chat = LogprobsWriter(tok, chat=True).take(generated_tokens(ended, 0, 4))["content"]
+    assert [bytes(t["bytes"]) for t in chat] == [tok.piece(i) for i in ids[:3]]
+    legacy = LogprobsWriter(tok, chat=False).take(generated_tokens(ended, 0, 4))
+    assert legacy["tokens"][-1] == "<|im_end|>" and len(legacy["text_offset"]) == 4
 
 
 def test_text_offsets_point_at_each_token_after_bytes_that_form_no_character(tok_dir):

@@ -474,7 +474,9 @@ class LogprobsWriter:
     def take(self, items: list[tuple[int, TokenLogprob | None, bool]]) -> dict[str, Any]:
         """The object for (token id, its logprob entry or None, whether its bytes are in the text)s."""
         if self.chat:
-            return {"content": [self._chat_entry(e) for _, e, _ in items if e is not None], "refusal": None}
+            # A chat message's tokens are those of its content: not the <|im_end|> it ends on, as OpenAI's.
+            return {"content": [self._chat_entry(e) for _, e, in_text in items if e is not None and in_text],
+                    "refusal": None}
         out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for token_id, e, in_text in items:
             out["tokens"].append(self._text(token_id))
@@ -523,8 +525,9 @@ def _finite(logprob: float) -> float:
 
 
 def generated_tokens(req: Request, start: int, end: int) -> list[tuple[int, TokenLogprob | None, bool]]:
-    """Generated tokens start..end for a LogprobsWriter: special tokens (EOS) are not part of the text."""
-    return [(e.token_id, e, e.token_id not in SPECIAL_IDS) for e in req.logprobs[start:end]]
+    """Generated tokens start..end for a LogprobsWriter: special tokens and the stop token a sequence
+    ended on (EOS, one of `stop_token_ids`) are not part of the text."""
+    return [(e.token_id, e, e.token_id not in SPECIAL_IDS | req.stop_ids) for e in req.logprobs[start:end]]
 
 
 def echo_text(req: Request, added: int) -> str:
