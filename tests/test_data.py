@@ -1179,16 +1179,22 @@ def test_sft_bad_records_are_skipped_by_reason(tmp_path, tok_dir):
         # A `datasets` export of mixed sources writes both keys, the one a row lacks as null or empty.
         json.dumps({"conversations": None, "messages": ok}, ensure_ascii=False),
         json.dumps({"conversations": [], "messages": ok}, ensure_ascii=False),
+        # Both, the same conversation in the two formats; and two different ones, of which neither is taken.
+        json.dumps({"conversations": [{"from": "human", "value": "问"}, {"from": "gpt", "value": "答"}],
+                    "messages": ok}, ensure_ascii=False),
+        json.dumps({"conversations": [{"from": "human", "value": "问"}, {"from": "gpt", "value": "否"}],
+                    "messages": ok}, ensure_ascii=False),
     ]
     src = tmp_path / "s.jsonl"
     src.write_text("\n".join(lines) + "\n", encoding="utf-8")
     meta = prepare_sft([src], tok_dir, tmp_path / "o", **QUIET)
     assert meta["skipped"]["by_reason"] == {"malformed_json": 1, "unknown_format": 1, "bad_message": 1,
                                             "unknown_role": 1, "no_assistant_turn": 1, "empty_assistant_turn": 1,
-                                            "empty": 1}
+                                            "empty": 1, "two_conversations": 1}
+    assert meta["skipped"]["first"]["two_conversations"] == ["s.jsonl:13"]
     assert meta["skipped"]["first"]["no_assistant_turn"] == ["s.jsonl:6"]
     assert meta["skipped"]["first"]["empty_assistant_turn"] == ["s.jsonl:7"]
-    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 4
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 5
     # What exactly was wrong, which the reason alone leaves open on a file of millions of records.
     hints = meta["skipped"]["hints"]
     assert hints["bad_message"] == "a turn's content is a JSON int, not text"
