@@ -777,6 +777,18 @@ def test_fields_at_their_off_values_are_accepted(server):
                                                   "type": "invalid_request_error",
                                                   "param": field, "code": "invalid_type"}, err
     assert request(server, "POST", "/v1/chat/completions", {**chat, "user": None})[0] == 200
+    # Inside `metadata` too (which /v1/responses echoes), with OpenAI's limits.
+    edge = {**{f"k{i}": "v" for i in range(15)}, "k" * 64: "v" * 512}
+    for path, sent in (("/v1/chat/completions", chat),
+                       ("/v1/responses", {"model": "nano", "input": "hi", "max_output_tokens": 2})):
+        assert request(server, "POST", path, {**sent, "metadata": edge})[0] == 200
+        for metadata, param, message in (
+                ({"n": 5}, "metadata.n", "'metadata.n' must be a string, got 5"),
+                ({"k": "v" * 513}, "metadata.k", "'metadata.k' is 513 characters; at most 512 are allowed"),
+                ({"k" * 65: "v"}, "metadata", f"'metadata.{'k' * 64}…' is a key over 64 characters"),
+                ({**edge, "k": "v"}, "metadata", "'metadata' has 17 pairs; at most 16 are allowed")):
+            status, err = request(server, "POST", path, {**sent, "metadata": metadata})
+            assert status == 400 and (err["error"]["param"], err["error"]["message"]) == (param, message), err
     # null and false are off for what needs a stored response
     for name in ("previous_response_id", "conversation", "background"):
         for value in (None, False):

@@ -115,6 +115,8 @@ def check_off_fields(obj: dict, ignored: dict[str, str], unsupported: dict[str, 
     for name, kind in ignored.items():
         if obj.get(name) is not None and not JSON_TYPES[kind](obj[name]):
             raise ApiError(400, f"'{prefix}{name}' must be {_a(kind)}", param=prefix + name, code="invalid_type")
+    if ignored.get("metadata") and obj.get("metadata"):
+        _check_metadata(obj["metadata"])
     for name, offs in unsupported.items():
         value = obj.get(name)
         # A bool is not a number here: `best_of: true` is not 1, while a penalty of 0.0 is as off as 0.
@@ -122,6 +124,24 @@ def check_off_fields(obj: dict, ignored: dict[str, str], unsupported: dict[str, 
                                          for off in offs):
             instead = "; 'repetition_penalty' (e.g. 1.1) discourages repeats" if name.endswith("_penalty") else ""
             raise ApiError(400, f"'{prefix}{name}' is not supported by this server{instead}", param=prefix + name,
+                           code="invalid_value")
+
+
+def _check_metadata(metadata: dict) -> None:
+    """OpenAI's limits on `metadata`, which a Responses answer echoes: up to 16 pairs of strings, keys
+    up to 64 characters and values up to 512."""
+    if len(metadata) > 16:
+        raise ApiError(400, f"'metadata' has {len(metadata)} pairs; at most 16 are allowed", param="metadata",
+                       code="invalid_value")
+    for key, value in metadata.items():
+        where = f"metadata.{key[:64]}"
+        if len(key) > 64:
+            raise ApiError(400, f"'{where}…' is a key over 64 characters", param="metadata", code="invalid_value")
+        if not isinstance(value, str):
+            raise ApiError(400, f"'{where}' must be a string, got {json.dumps(value)[:80]}", param=where,
+                           code="invalid_type")
+        if len(value) > 512:
+            raise ApiError(400, f"'{where}' is {len(value)} characters; at most 512 are allowed", param=where,
                            code="invalid_value")
 
 
