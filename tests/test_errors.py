@@ -414,7 +414,12 @@ def test_tokenizer_with_wrong_special_ids(tmp_path, nano_model_dir):
     tok = build_tokenizer()
     tok.add_special_tokens(["<|im_start|>", "<|im_end|>", "<unk>", "<s>", "</s>"])
     tok.save(str(m / "tokenizer.json"))
-    with pytest.raises(TinykError, match="special token <unk> must have id 0"):
+    with pytest.raises(TinykError, match="special token <unk> must have id 0, has 2; tinyk reads the tokenizers"):
+        load_model(m)
+    foreign = build_tokenizer()  # GPT-2's kind: none of the seed's special tokens
+    foreign.add_special_tokens(["<|endoftext|>"])
+    foreign.save(str(m / "tokenizer.json"))
+    with pytest.raises(TinykError, match=r"<unk> must have id 0, has none; .* <\|im_end\|> as ids 0 to 4"):
         load_model(m)
 
 

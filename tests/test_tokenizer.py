@@ -541,6 +541,25 @@ def test_cli_train_and_eval(tmp_path, corpus_file, capsys):
     assert "round trip      exact (1 document, 0 failures)\n" in capsys.readouterr().out  # not "1 documents"
     with pytest.raises(TinykError, match="no document fits in the first 10 bytes of the input \\(raise --max-bytes\\)"):
         eval_tokenizer(tmp_path / "t", [corpus_file], max_bytes=10)
+    # .txt files have no fields: a --field given with only them is said to go unused, not dropped unseen.
+    lines = tmp_path / "lines.txt"
+    lines.write_text("一行一个文档。\n第二个文档。\n", encoding="utf-8")
+    for argv in (["tokenizer", "eval", str(tmp_path / "t"), "--input", str(lines)],
+                 ["data", "pretrain", "--input", str(lines), "--tokenizer", str(tmp_path / "t"), "--out",
+                  str(tmp_path / "d"), "--val-fraction", "0", "--force"]):
+        with pytest.raises(SystemExit) as e:
+            main([*argv, "--field", "content"])
+        assert e.value.code == 0 and capsys.readouterr().err.startswith(
+            "tinyk: --field content is not used: .txt files hold one document a line, with no fields\n")
+        with pytest.raises(SystemExit) as e:
+            main([*argv, "--field", "text"])
+        assert e.value.code == 0 and "--field" in capsys.readouterr().err  # given, even as the default
+        with pytest.raises(SystemExit) as e:
+            main([*argv, "--field", ""])
+        assert e.value.code == 2 and "argument --field: must not be empty" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["tokenizer", "eval", str(tmp_path / "t"), "--input", str(lines), str(other), "--field", "content"])
+    assert e.value.code == 0 and "--field" not in capsys.readouterr().err  # it names the field of other.jsonl
     # Records read but all skipped (a wrong --field): their reason, not "raise --max-bytes".
     with pytest.raises(TinykError, match=r"no usable documents in the input \(read up to --max-bytes 300\): .*"
                                          r"no field 'content'.*--field names the one with the text"):
@@ -575,10 +594,18 @@ def test_tokenizers_are_compared_side_by_side_on_the_same_sample(tmp_path, corpu
     assert len(ends) == 1, lines[:2]
 
 
-def test_an_nfkc_tokenizer_is_lossy_by_design_not_broken(nfkc_dir, corpus_file, capsys):
+def test_an_nfkc_tokenizer_is_lossy_by_design_not_broken(tmp_path, nfkc_dir, corpus_file, capsys):
     with pytest.raises(SystemExit) as e:
         main(["tokenizer", "eval", str(nfkc_dir), "--input", str(corpus_file)])
     assert e.value.code == 0 and "round trip      not exact, by design (NFKC normalisation)" in capsys.readouterr().out
+    # Another normalizer (an edited or foreign tokenizer.json) loses text that tinyk never meant to lose.
+    lower = tmp_path / "lower"
+    shutil.copytree(nfkc_dir, lower)
+    spec = json.loads((lower / "tokenizer.json").read_text(encoding="utf-8"))
+    (lower / "tokenizer.json").write_text(json.dumps({**spec, "normalizer": {"type": "Lowercase"}}), encoding="utf-8")
+    with pytest.raises(SystemExit) as e:
+        main(["tokenizer", "eval", str(lower), "--input", str(corpus_file)])
+    assert e.value.code == 1 and "round trip      FAILED" in capsys.readouterr().out
 
 
 def test_a_vocabulary_smaller_than_asked_is_noted(tmp_path, capsys):

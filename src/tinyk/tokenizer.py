@@ -439,7 +439,10 @@ def _read_tokenizer(path: Path) -> TinyTokenizer:
         raise TinykError(f"cannot read tokenizer {f}: {first_line(e)}") from e
     for i, name in enumerate(SPECIAL_TOKENS):
         if tok.token_to_id(name) != i:
-            raise TinykError(f"tokenizer {path}: special token {name} must have id {i}, has {tok.token_to_id(name)}")
+            has = "has none" if tok.token_to_id(name) is None else f"has {tok.token_to_id(name)}"
+            raise TinykError(f"tokenizer {path}: special token {name} must have id {i}, {has}; tinyk reads the "
+                             f"tokenizers it trains and the tutorial's, which have {', '.join(SPECIAL_TOKENS)} as "
+                             f"ids 0 to {len(SPECIAL_TOKENS) - 1}")
     largest, count = max(tok.get_vocab(with_added_tokens=True).values()), tok.get_vocab_size(with_added_tokens=True)
     if largest >= count:  # an id past the embedding that a token count sized (or an edited, hostile file)
         raise TinykError(f"tokenizer {path} has gaps in its ids: {count:,} tokens, the largest id {largest:,}; "
@@ -762,7 +765,8 @@ def eval_tokenizer(path: str | Path, inputs: list[str | Path] | None = None, *,
         "special_ids": {name: tk.tok.token_to_id(name) for name in SPECIAL_TOKENS},
         "bos": "<|im_start|>", "eos": "<|im_end|>", "pad": "<|im_end|>",
         "roundtrip_ok": fixed_ok and failures == 0,
-        "normalizes": tk.tok.normalizer is not None,  # NFKC: full-width text comes back half-width, by design
+        # NFKC's loss (full-width text comes back half-width) is by design; another normalizer's is not tinyk's.
+        "normalizes": isinstance(tk.tok.normalizer, normalizers.NFKC),
         "roundtrip_failures": failures,
         "documents": docs,
         "skipped": skips.to_json(),

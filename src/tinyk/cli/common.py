@@ -15,9 +15,10 @@ import os
 import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from tinyk.inputs import has_surrogate
+from tinyk.inputs import has_surrogate, is_plain_text
 from tinyk.units import MAX_BATCH, MAX_SIZE, parse_size
 
 if TYPE_CHECKING:
@@ -124,6 +125,20 @@ def non_empty(s: str) -> str:
     if not s.strip():
         raise argparse.ArgumentTypeError("must not be empty")
     return utf8_text(s)
+
+
+def add_field_arg(p: argparse.ArgumentParser) -> None:
+    """--field of the commands that read documents; None when not given, for `text_field`."""
+    p.add_argument("--field", default=None, type=non_empty,
+                   help="JSON/Parquet field holding the text (default text; .txt files are one document a line)")
+
+
+def text_field(field: str | None, inputs: list[str]) -> str:
+    """--field, with a word when no input has fields (every one plain text), rather than ignored unseen."""
+    if field is not None and inputs and all(is_plain_text(Path(i)) for i in inputs):
+        print(f"tinyk: --field {field} is not used: .txt files hold one document a line, with no fields",
+              file=sys.stderr)
+    return "text" if field is None else field
 
 
 def stop_text(s: str) -> str:

@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from tinyk.cli.common import (
+    add_field_arg,
     float_range,
     int_range,
     json_text,
@@ -15,6 +16,7 @@ from tinyk.cli.common import (
     positive_size,
     seed,
     size_range,
+    text_field,
     utf8_text,
 )
 from tinyk.inputs import DEFAULT_MAX_LINE_BYTES
@@ -47,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     t = dsub.add_parser("pretrain", help="documents (.jsonl/.txt/.parquet, .gz/.zst) -> token shards")
     _add_common(t)
-    t.add_argument("--field", default="text", type=utf8_text, help="JSON/Parquet field holding the text")
+    add_field_arg(t)
     t.add_argument("--shard-tokens", type=size_range(MIN_SHARD_TOKENS, tokens=True), default="100M",
                    help=f"tokens per shard file, at least {size_text(MIN_SHARD_TOKENS)} (default 100M)")
     t.set_defaults(func=_pretrain)
@@ -79,7 +81,8 @@ def _common_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def _pretrain(args: argparse.Namespace) -> int:
     from tinyk.data import prepare_pretrain
 
-    meta = prepare_pretrain(args.input, args.tokenizer, args.out, field=args.field, shard_tokens=args.shard_tokens,
+    field = text_field(args.field, args.input)
+    meta = prepare_pretrain(args.input, args.tokenizer, args.out, field=field, shard_tokens=args.shard_tokens,
                             **_common_kwargs(args))
     return _report(meta, args.out)
 

@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--prompt", action="append", type=utf8_text, default=[], help="a prompt (repeatable)")
     g.add_argument("--prompt-file", type=path_arg, help="prompts, one per line (.txt, or - for stdin) or one per "
                                                         "record (JSON Lines in .jsonl/.json, or .parquet)")
-    g.add_argument("--field", default="prompt", type=utf8_text,
+    g.add_argument("--field", default="prompt", type=non_empty,
                    help="record field holding the prompt in --prompt-file (default prompt)")
     g.add_argument("--no-bos", action="store_true", help="do not start prompts with <|im_start|>")
     g.add_argument("--batch-size", type=batch_count, default=16, help="sequences decoded together (default 16)")

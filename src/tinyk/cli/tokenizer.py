@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tinyk.cli.common import int_range, json_text, path_arg, positive_size, utf8_text
+from tinyk.cli.common import add_field_arg, int_range, json_text, path_arg, positive_size, text_field
 from tinyk.inputs import DEFAULT_MAX_LINE_BYTES, Skips, check_inputs, mostly_skipped
 from tinyk.units import bytes_text, display_width, plural
 
@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--max-bytes", type=positive_size, default=None,
                    help="train on this much input, e.g. 500M (default: what the available memory allows, about "
                         "1/100 of it)")
-    t.add_argument("--field", default="text", type=utf8_text, help="JSON/Parquet field holding the text")
+    add_field_arg(t)
     t.add_argument("--max-line-bytes", type=positive_size, default=DEFAULT_MAX_LINE_BYTES,
                    help="longer lines are skipped (default 16 MiB)")
     t.add_argument("--min-frequency", type=int_range(0, 1_000_000_000), default=2,
@@ -48,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="sample files to measure compression on")
     e.add_argument("--max-bytes", type=positive_size, default=10_000_000,
                    help="read at most this much of the input files (default 10M)")
-    e.add_argument("--field", default="text", type=utf8_text, help="JSON/Parquet field holding the text")
+    add_field_arg(e)
     e.add_argument("--json", action="store_true", help="print JSON")
     e.set_defaults(func=_eval)
 
@@ -63,8 +63,9 @@ def _train(args: argparse.Namespace) -> int:
     note = memory_note(inputs, args.max_bytes)
     if note:  # said before the minutes of reading, not only after
         print(f"tinyk: {note}", file=sys.stderr)
+    field = text_field(args.field, inputs)
     r = train_tokenizer(inputs, args.out, vocab_size=args.vocab_size, normalization=args.normalization,
-                        max_bytes=args.max_bytes, field=args.field, min_frequency=args.min_frequency,
+                        max_bytes=args.max_bytes, field=field, min_frequency=args.min_frequency,
                         force=args.force, strict=args.strict, max_line_bytes=args.max_line_bytes)
     print(f"trained on {plural(r['documents'], 'documents')} ({r['characters']:,} characters) in {r['seconds']}s; "
           f"vocab {r['vocab_size']}; {r['skipped_summary']}")
@@ -87,7 +88,8 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from tinyk.tokenizer import eval_tokenizer
 
-    results = [eval_tokenizer(path, args.input, max_bytes=args.max_bytes, field=args.field) for path in args.path]
+    field = text_field(args.field, args.input or [])
+    results = [eval_tokenizer(path, args.input, max_bytes=args.max_bytes, field=field) for path in args.path]
     if args.json:
         print(json_text(results[0] if len(results) == 1 else results, indent=2))
         return 0
