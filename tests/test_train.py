@@ -280,6 +280,23 @@ def test_a_config_file_means_what_it_says(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(TinykError, match=rf"^config file is a pipe or a device, not a file: {re.escape(str(fifo))}$"):
         resolve_config("pretrain", config=fifo, flags={"out": "o", "data": "d"})
+    # Numbers as YAML 1.2 reads them, not YAML 1.1's octal (016 was 14) or base 60 (1:00 was 60).
+    f.write_text("batch_size: 016\nseed: 007\nlr: 1.5e-4\nmax_steps: 1_000\n")
+    cfg = resolve_config("pretrain", config=f, flags={"out": "o", "data": "d"})
+    assert (cfg.batch_size, cfg.seed, cfg.lr, cfg.max_steps) == (16, 7, 1.5e-4, 1000)
+    f.write_text("batch_size: 1:00\n")
+    with pytest.raises(TinykError, match=rf"^{re.escape(str(f))}: config key batch_size: '1:00' is not a valid int$"):
+        resolve_config("pretrain", config=f, flags={"out": "o", "data": "d"})
+    for empty in ("", "# only a comment\n"):  # was a run of the defaults without a word
+        f.write_text(empty)
+        with pytest.raises(TinykError, match=rf"^config file {re.escape(str(f))} holds no config keys"):
+            resolve_config("pretrain", config=f, flags={"out": "o", "data": "d"})
+    # A run's config.yaml says which stage it was; given to the other, that is said to be not read.
+    f.write_text("kind: sft\nlr: 1.0e-4\n")
+    notes: list[str] = []
+    assert resolve_config("pretrain", config=f, flags={"out": "o", "data": "d"}, notes=notes).kind == "pretrain"
+    assert notes == [f"note: --config {f} says kind sft, which is not read: the command decides what is trained "
+                     f"(tinyk pretrain)"]
     f.write_text("lr: 1.0e-3\nbatch_size: 8\nlr: 1.0e-4\n")
     with pytest.raises(TinykError, match=rf"^cannot parse {re.escape(str(f))}: 'lr' is given twice at line 3, "
                                          rf"column 1$"):
@@ -329,6 +346,11 @@ def test_a_config_file_means_what_it_says(tmp_path):
     ([f"warmup_steps={10**19}"], f"^--set: config key warmup_steps: {10**19} is too large"),
     ([f"max_tokens={10**19}"], "^--set: config key max_tokens: must be a size from 1 to 1e18"),  # as 1e19 is
     (["max_tokens=1e999999999"], "^--set: config key max_tokens: must be a size from 1 to 1e18"),  # not Overflow
+    # a whole number written as a float passed the limit, and the run saved it where no resume could read it
+    (["max_steps=1e30"], r"^--set: config key max_steps: 1e\+30 is too large \(the limit is 1e18\)$"),
+    (["model.n_layers=1e300"], r"^--set: config key model.n_layers: 1e\+300 is too large"),
+    # YAML 1.1's base 60: 1:00 was 60
+    (["batch_size=1:00"], "^--set: config key batch_size: '1:00' is not a valid int$"),
 ])
 def test_bad_config_values_are_one_line_errors(sets, message):
     with pytest.raises(TinykError, match=message):
@@ -377,9 +399,11 @@ def test_text_is_kept_as_written_and_a_toml_config_can_say_null(tmp_path):
     assert resolve_config("pretrain", flags=flags, sets=["sample_prompts=[北京, 上海]"]).sample_prompts == [
         "北京", "上海"]
     assert resolve_config("pretrain", flags=flags, sets=["run_name=null"]).run_name is None
-    (tmp_path / "c.toml").write_text('max_steps = "null"\neval_batches = "null"\nrun_name = "null"\n')
+    (tmp_path / "c.toml").write_text('max_steps = "null"\neval_batches = "null"\nrun_name = "null"\n'
+                                     '[model]\npreset = "null"\ndim = 64\nn_layers = 1\nn_heads = 4\n')
     cfg = resolve_config("pretrain", preset="nano", config=tmp_path / "c.toml", flags=flags)
     assert (cfg.max_steps, cfg.eval_batches, cfg.run_name) == (None, None, "null")  # a name may be "null"
+    assert cfg.model["preset"] is None and cfg.model["dim"] == 64  # the preset's shape lifted
     cfg = TrainConfig(out="o", data="d", sample_prompts=["下一行\x85不是"], run_name="a\x85b")
     saved = tmp_path / "r" / "config.yaml"
     saved.parent.mkdir()

@@ -12,6 +12,7 @@ import difflib
 import importlib.resources
 import math
 import os
+import re
 import types
 import typing
 from collections.abc import Iterable
@@ -95,6 +96,8 @@ _FIELD_TYPES = typing.get_type_hints(TrainConfig)
 _MODEL_TYPES = typing.get_type_hints(ModelConfig)
 
 
+INT_TAG, FLOAT_TAG, STR_TAG = (f"tag:yaml.org,2002:{t}" for t in ("int", "float", "str"))
+_YAML11_NUMBER = re.compile(r"[-+]?(0[0-9_]+$|[0-9][0-9_]*:)")  # octal 016, base 60 1:00 (and 1:30.5)
 TEXT_LISTS = {"sample_prompts"}  # lists of text kept as written (tracker is a comma list)
 
 
@@ -107,8 +110,15 @@ def _text_key(key: Any) -> bool:
 class _ConfigLoader(yaml.SafeLoader):
     """YAML read as a config file means it: a key given twice is refused (the earlier value would be
     dropped without a word), and a text key's value is the text as written (`run_name: 0123` is not
-    YAML 1.1's octal 83, `project: 1.10` not 1.1). Aliases are refused: a few hundred bytes of nested
-    ones (a run's config.yaml from someone else) expand to more than memory holds when checked."""
+    YAML 1.1's octal 83, `project: 1.10` not 1.1). Nor is a number YAML 1.1's base 60 or octal
+    (`batch_size: 1:00` is not 60, `016` is 16, as in YAML 1.2). Aliases are refused: a few hundred bytes
+    of nested ones (a run's config.yaml from someone else) expand to more than memory holds when checked."""
+
+    def resolve(self, kind: type, value: Any, implicit: tuple[bool, bool]) -> str:
+        tag = super().resolve(kind, value, implicit)
+        if tag in (INT_TAG, FLOAT_TAG) and _YAML11_NUMBER.match(value):
+            return STR_TAG  # checked as the key's type wants: "016" is 16, "1:00" no number
+        return tag
 
     def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
         if self.check_event(yaml.AliasEvent):
@@ -148,9 +158,11 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if isinstance(value, str) and any(t in (int, float) for t in args):
         with contextlib.suppress(ValueError):  # YAML 1.1 reads 3e-4 (no dot) as a string
             value = float(value)
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_SIZE:  # a float overflows
-        digits = len(str(abs(value)))
-        shown = value if digits <= 24 else f"a number of {digits:,} digits"
+    # Past it a float overflows; and 1e30 for an integer key is a whole number all the same.
+    whole = isinstance(value, float) and int in args and math.isfinite(value) and value == int(value)
+    if (isinstance(value, int) and not isinstance(value, bool) or whole) and abs(value) > MAX_SIZE:
+        digits = len(str(abs(int(value))))
+        shown = value if whole or digits <= 24 else f"a number of {digits:,} digits"
         raise TinykError(f"config key {key}: {shown} is too large (the limit is {size_text(MAX_SIZE)})")
     if isinstance(value, os.PathLike):  # a library caller's Path, for a path key
         value = os.fspath(value)
@@ -195,6 +207,7 @@ def _check_model_section(section: Any) -> dict[str, Any]:
     out = {}
     for k, v in section.items():
         if k == "preset":
+            v = None if v == "null" else v  # TOML has no null: a config says "null"
             if v is not None and (not isinstance(v, str) or v not in PRESETS):
                 raise TinykError(f"unknown model preset {v!r} (choose from {', '.join(PRESETS)})")
             out[k] = v
@@ -261,6 +274,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise TinykError(f"cannot parse {p}: {e.problem or e.context}{where}") from e
     except (yaml.YAMLError, ValueError, UnicodeDecodeError) as e:  # tomllib.TOMLDecodeError is a ValueError
         raise TinykError(f"cannot parse {p}: {first_line(e)}") from e
+    if d == {}:
+        raise TinykError(f"config file {p} holds no config keys (it is empty, or all comments)")
     if not isinstance(d, dict):
         raise TinykError(f"{p} must hold a mapping of config keys")
     return d
@@ -284,7 +299,7 @@ def parse_sets(items: Iterable[str] | str) -> dict[str, Any]:
         if not eq or not key.strip():
             raise TinykError(f"--set expects key=value, got {item!r}")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = yaml.load(raw, Loader=_ConfigLoader) if raw.strip() else None
         except yaml.YAMLError:
             value = raw
         parts = key.strip().split(".")
@@ -323,6 +338,9 @@ def resolve_config(kind: str, *, preset: str | None = None, config: str | Path |
     if preset:
         layers.append((shipped_config(preset), f"preset {preset}"))
     mine = read_config_file(config) if config else None
+    if mine and mine.get("kind") not in (None, kind) and notes is not None:  # a run's config.yaml, say
+        notes.append(f"note: --config {config} says kind {mine['kind']}, which is not read: the command decides what "
+                     f"is trained (tinyk {kind})")
     if config:
         layers.append((mine, str(config)))
     top = [({k: v for k, v in (flags or {}).items() if v is not None}, "command line"),
