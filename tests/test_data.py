@@ -1870,3 +1870,108 @@ def test_max_len_is_refused_below_8_and_when_the_system_prompt_fills_it(tmp_path
     opening = load_tokenizer(tok_dir).opening_tokens("你是诗人")
     with pytest.raises(TinykError, match=rf"--system-prompt is too long for --max-len {opening}: "):
         prepare_sft([src], tok_dir, tmp_path / "b", max_len=opening, system_prompt="你是诗人", **QUIET)
+
+
+def test_data_stored_as_uint32_reads_as_the_same_tokens(tmp_path, pretrain_dir):
+    copy = Path(shutil.copytree(pretrain_dir, tmp_path / "d"))
+    meta = json.loads((copy / "meta.json").read_text())
+    for split in ("train", "val"):
+        for s in meta["splits"][split]["shards"]:
+            f = copy / split / s["file"]
+            np.fromfile(f, meta["dtype"]).astype(np.uint32).tofile(f)
+    (copy / "meta.json").write_text(json.dumps({**meta, "dtype": "uint32"}))
+    assert rows(eval_batches(copy, "val", 32, 4)) == rows(eval_batches(pretrain_dir, "val", 32, 4))
+
+
+@pytest.mark.parametrize("damage", ["tokens", "documents", "tokenizer_hash", "vocab_size", "hints", "seconds"])
+def test_a_meta_json_value_of_the_wrong_kind_is_one_line(tmp_path, sft_data, capsys, damage):
+    data = Path(shutil.copytree(sft_data, tmp_path / "d"))
+    meta = json.loads((data / "meta.json").read_text())
+    if damage in ("tokens", "documents"):  # every key is there, one of them not a count
+        meta["splits"]["train"][damage] = {"tokens": "12", "documents": 1.5}[damage]
+    else:
+        meta.update({"tokenizer_hash": {"tokenizer_hash": None}, "vocab_size": {"vocab_size": True},
+                     "hints": {"skipped": {**meta["skipped"], "hints": {"bad_json": 1}}},
+                     "seconds": {"seconds": -3.0}}[damage])
+    (data / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(SystemExit) as e:
+        main(["data", "info", str(data)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"tinyk: error: invalid {data / 'meta.json'}: ") \
+        and err.count("\n") == 1, err
+
+
+def test_an_empty_shard_in_meta_json_is_one_line(tmp_path, pt_data, capsys):
+    data = Path(shutil.copytree(pt_data, tmp_path / "d"))
+    meta = json.loads((data / "meta.json").read_text())
+    meta["splits"]["train"]["shards"].append({"file": "shard_00099.bin", "tokens": 0})
+    (data / "meta.json").write_text(json.dumps(meta))
+    (data / "train" / "shard_00099.bin").touch()  # numpy cannot map an empty file: it was a traceback
+    with pytest.raises(SystemExit) as e:
+        main(["data", "info", str(data)])
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"tinyk: error: invalid {data / 'meta.json'}: split 'train' lists an empty shard\n")
+
+
+def test_a_shard_longer_than_meta_json_says_is_refused(tmp_path, pretrain_dir):
+    copy = Path(shutil.copytree(pretrain_dir, tmp_path / "d"))
+    shard = copy / "train" / "shard_00000.bin"
+    shard.write_bytes(shard.read_bytes() + b"\0\0")
+    with pytest.raises(TinykError, match=r"shard_00000.bin is missing or not \d+ bytes as meta.json says "
+                                         r"\(re-run tinyk data\)$"):
+        PretrainLoader(copy, "train", 16, 2)
+
+
+def test_data_info_verify_names_each_changed_file(tmp_path, pt_data, capsys):
+    from tinyk.data import data_files
+
+    data = Path(shutil.copytree(pt_data, tmp_path / "d"))
+    names = data_files(json.loads((data / "meta.json").read_text()))
+    assert len(names) >= 2
+    for name in names[:2]:
+        raw = bytearray((data / name).read_bytes())
+        raw[0] ^= 1
+        (data / name).write_bytes(bytes(raw))
+    with pytest.raises(SystemExit) as e:
+        main(["data", "info", str(data), "--verify"])
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"tinyk: error: 2 of {len(names)} files in {data} differ from the checksums meta.json recorded "
+        f"({names[0]}, {names[1]}): damaged or changed since; make the data again\n")
+
+
+def test_a_target_id_past_the_vocabulary_is_one_line_too(tmp_path, sft_dir):
+    copy = Path(shutil.copytree(sft_dir, tmp_path / "d"))
+    meta = open_dataset(copy)
+    first_end = int(np.load(copy / "train" / "offsets.npy")[1])
+    mask = np.fromfile(copy / "train" / "mask.bin", np.uint8)
+    last = next(k for k in range(first_end - 1, 0, -1) if mask[k])  # the first conversation's last loss token
+    ids = np.fromfile(copy / "train" / "tokens.bin", meta["dtype"])
+    ids[last] = meta["vocab_size"]
+    ids.tofile(copy / "train" / "tokens.bin")
+    # A window of last + 1 tokens: the damaged one ends it, so it is a target and never an input.
+    with pytest.raises(TinykError, match=rf"holds token id {meta['vocab_size']}, past the tokenizer's vocabulary"):
+        list(eval_batches(copy, "train", last, 64))
+
+
+def test_a_zero_seq_len_or_micro_batch_or_a_rank_outside_the_world_is_one_line(pretrain_dir, sft_dir):
+    with pytest.raises(TinykError, match="^seq_len must be positive, got 0$"):
+        PretrainLoader(pretrain_dir, "train", 0, 2)
+    with pytest.raises(TinykError, match="^micro_batch must be positive, got 0$"):
+        SFTLoader(sft_dir, "train", 64, 0)
+    with pytest.raises(TinykError, match="^micro_batch must be positive, got 0$"):
+        eval_batches(sft_dir, "val", 64, 0)
+    with pytest.raises(TinykError, match="^rank 2 is outside world size 2$"):
+        eval_batches(pretrain_dir, "val", 16, 2, rank=2, world_size=2)
+
+
+def test_a_negative_epoch_is_refused(pretrain_dir):
+    loader = PretrainLoader(pretrain_dir, "train", 16, 2)
+    with pytest.raises(TinykError, match="invalid data loader state"):
+        loader.load_state_dict({**loader.state_dict(), "epoch": -1})
+
+
+def test_a_split_too_short_names_the_longest_seq_len_that_fits(pretrain_dir):
+    val = len(split_tokens(pretrain_dir, "val"))
+    with pytest.raises(TinykError, match=rf"\(--seq-len {val - 1} or less fits\)$"):
+        PretrainLoader(pretrain_dir, "val", val, 1)
+    assert PretrainLoader(pretrain_dir, "val", val - 1, 1).num_windows == 1  # and it does fit

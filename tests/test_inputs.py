@@ -1384,3 +1384,35 @@ def test_reports_point_at_the_cause(tmp_path, capsys):
                                "character: it was cut short (e.g. by head -c))")
     with pytest.raises(TinykError, match="no document fits in the first 10 bytes of the input"):
         train_tokenizer([src], tmp_path / "t", max_bytes=10, show_progress=False)
+
+
+def test_data_info_on_damaged_offsets_is_one_line(sft_copy, capsys):
+    (sft_copy / "train" / "offsets.npy").write_bytes(GARBAGE)
+    code, err = run_cli(["data", "info", sft_copy], capsys)
+    assert code == 2 and "offsets.npy is damaged or not a NumPy array file" in one_error_line(err)
+
+
+@pytest.mark.parametrize("damage", ["not_from_zero", "short_of_the_end", "an_empty_conversation", "unsigned_swapped"])
+def test_offsets_that_do_not_cut_the_tokens_into_conversations_are_refused(sft_copy, damage):
+    f = sft_copy / "train" / "offsets.npy"
+    offsets = np.load(f)
+    if damage == "not_from_zero":
+        offsets[0] = 1
+    elif damage == "short_of_the_end":
+        offsets[-1] -= 1
+    elif damage == "an_empty_conversation":
+        offsets[2] = offsets[1]
+    else:  # two boundaries out of order, stored unsigned: their differences wrap round to huge, not negative
+        offsets = offsets.astype(np.uint64)
+        offsets[1], offsets[2] = offsets[2], offsets[1]
+    np.save(f, offsets)
+    with pytest.raises(TinykError) as e:
+        SFTLoader(sft_copy, "train", 64, 2)
+    assert str(e.value) == f"{f} does not match meta.json (re-run tinyk data)"
+
+
+def test_init_finds_a_model_a_killed_replace_had_moved_aside(tmp_path, nano_model_dir):
+    from tinyk.rundir import resolve_init
+
+    shutil.copytree(nano_model_dir, tmp_path / f".model.old-{_host()}-{dead_pid()}")
+    assert resolve_init(tmp_path / "model") == tmp_path / "model" and (tmp_path / "model" / "config.json").is_file()

@@ -3418,3 +3418,79 @@ def test_micro_batches_add_up_to_the_whole_batch(tmp_path, pt_data, tok_dir):
     losses = [[r["loss"] for r in records(tmp_path / name, "train")] for name in ("whole", "micro")]
     assert losses[1] == pytest.approx(losses[0], rel=1e-5) and len(losses[0]) == 3
     assert micro["final_val_loss"] == pytest.approx(whole["final_val_loss"], rel=1e-5)
+
+
+def test_force_refuses_to_delete_the_users_files_in_best(tmp_path, pt_data, tok_dir):
+    out = tmp_path / "run"
+    train(nano_cfg(pt_data, tok_dir, out, max_steps=2, eval_every=1, keep_best=True))
+    (out / "best" / "README.md").write_text("card")
+    with pytest.raises(TinykError, match=r"--force would delete best/README.md in .* move them out of the run "
+                                         r"first"):
+        train(nano_cfg(pt_data, tok_dir, out, max_steps=1), force=True)
+    assert (out / "best" / "README.md").read_text() == "card"
+
+
+@pytest.mark.parametrize("linked", ["final", "checkpoints"])
+def test_force_replaces_a_folder_that_is_a_link_and_leaves_its_target(tmp_path, pt_data, tok_dir, linked):
+    """A final/ or checkpoints/ moved to a bigger disk and linked back: --force replaces the link and
+    leaves what it points to, so the user's files there are no reason to refuse."""
+    out, elsewhere = tmp_path / "run", tmp_path / "big-disk" / linked
+    train(nano_cfg(pt_data, tok_dir, out, max_steps=1, save_every=1))
+    elsewhere.parent.mkdir()
+    (out / linked).rename(elsewhere)
+    (out / linked).symlink_to(elsewhere)
+    card = elsewhere / "README.md" if linked == "final" else next(elsewhere.glob("step_*")) / "notes.txt"
+    card.write_text("card")
+    assert train(nano_cfg(pt_data, tok_dir, out, max_steps=1), force=True)["steps"] == 1
+    assert not (out / linked).is_symlink() and card.read_text() == "card"
+
+
+def test_a_resume_that_cannot_write_its_config_leaves_the_old_one(tmp_path, pt_data, tok_dir, monkeypatch):
+    import errno
+
+    out = tmp_path / "run"
+    train(nano_cfg(pt_data, tok_dir, out, max_steps=2, save_every=1))
+    saved = (out / "config.yaml").read_text()
+    write_text = Path.write_text
+
+    def full_disk(self, data, *a, **kw):
+        if "config.yaml" in self.name:
+            write_text(self, data[:10], *a, **kw)
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return write_text(self, data, *a, **kw)
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises((TinykError, OSError)):
+        train(nano_cfg(pt_data, tok_dir, out, max_steps=3), resume=True)
+    monkeypatch.undo()
+    assert (out / "config.yaml").read_text() == saved
+    assert train(nano_cfg(pt_data, tok_dir, out, max_steps=3), resume=True)["steps"] == 3
+
+
+def test_a_project_folder_with_its_own_config_yaml_is_no_run_around_the_out(tmp_path, pt_data, tok_dir):
+    (tmp_path / "config.yaml").write_text("lr: 0.001\n")  # a run has a config.yaml *and* checkpoints/
+    assert train(nano_cfg(pt_data, tok_dir, tmp_path / "runs" / "a", max_steps=1))["steps"] == 1
+
+
+def test_a_kill_while_the_replaced_run_is_deleted_leaves_no_part_of_it_to_put_back(tmp_path, monkeypatch):
+    from tinyk.rundir import ASIDE, drop_aside, set_aside
+
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step_0000001").mkdir(parents=True)
+    (out / "config.yaml").write_text("kind: pretrain\n")
+    (out / "metrics.jsonl").write_text("{}\n")
+    aside = set_aside(out)
+    real = shutil.rmtree
+
+    def interrupted(path, ignore_errors=False):
+        first = sorted(Path(path).iterdir())[0]  # one entry gone, then the kill
+        real(first) if first.is_dir() else first.unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "rmtree", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        drop_aside(aside)
+    monkeypatch.setattr(shutil, "rmtree", real)
+    assert not any(ASIDE.match(p.name) for p in out.iterdir())
+    clean_partial(out)
+    assert list(out.iterdir()) == []

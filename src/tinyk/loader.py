@@ -91,6 +91,8 @@ def _meta_problem(meta: Any) -> str | None:
         if not (all(_count(s[k]) for k in need if k != "shards") and isinstance(shards, list) and all(
                 isinstance(x, dict) and isinstance(x.get("file"), str) and _count(x.get("tokens")) for x in shards)):
             return f"split {split!r} has counts that are not whole numbers"
+        if any(x["tokens"] == 0 for x in shards):  # tinyk writes none, and an empty file cannot be mapped
+            return f"split {split!r} lists an empty shard"
         # A name, not a path: a damaged or hand-edited meta.json must not make a run read files elsewhere.
         outside = next((x["file"] for x in shards if not plain_name(x["file"])), None)
         if outside is not None:
@@ -178,7 +180,7 @@ def _load_offsets(path: Path, documents: int, tokens: int) -> np.ndarray:
     except (ValueError, EOFError, OSError) as e:  # not .npy, pickled, truncated, unreadable
         raise TinykError(f"{path} is damaged or not a NumPy array file (re-run tinyk data)") from e
     if (offsets.dtype.kind not in "iu" or offsets.shape != (documents + 1,) or offsets[0] != 0
-            or offsets[-1] != tokens or np.any(np.diff(offsets) <= 0)):
+            or offsets[-1] != tokens or np.any(offsets[1:] <= offsets[:-1])):  # np.diff wraps on unsigned ids
         raise TinykError(f"{path} does not match meta.json (re-run tinyk data)")
     return offsets.astype(np.int64, copy=False)
 

@@ -131,8 +131,8 @@ def users_files_in_run(out: Path) -> list[str]:
 
     found = foreign(out / "final", is_output_file) + foreign(out / "best", is_output_file)
     found += foreign(out / "checkpoints", lambda n: bool(CKPT_RE.match(n)) or _is_leftover(Path(n)))
-    with contextlib.suppress(OSError):
-        for step in checkpoints(out):
+    with contextlib.suppress(OSError):  # a linked checkpoints/ is replaced as a link, what it points to kept
+        for step in [] if (out / "checkpoints").is_symlink() else checkpoints(out):
             found += foreign(step, CHECKPOINT_ENTRIES.__contains__) + foreign(step / "model", is_output_file)
     return sorted(str(p.relative_to(out)) for p in found)
 
