@@ -300,9 +300,14 @@ def test_gpu_table():
     # Memory as people type it (40G, a bare 40) planned the 80 GB card's micro-batch, which then ran out of memory.
     for typed in ("a100 40g", "A100-40G", "a100-40", "A100 40 GB", "a100 40GiB", "a100-40gib"):
         assert find_gpu(typed) is GPUS["a100-40gb"], typed
+    for typed, key in (("a100 80gb", "a100"), ("rtx4090 24g", "rtx4090"), ("t4 16", "t4"), ("h200 141gb", "h200")):
+        assert find_gpu(typed) is GPUS[key], typed  # the table card's own memory
     for typed, near in (("V100 16G", "v100"), ("v100 16", "v100"), ("RTX 3080 12G", "rtx3080"), ("A800 40G", "a800"),
                         ("4090D", "rtx4090"), ("4080S", "rtx4080"), ("rtx4090d", "rtx4090"), ("rtx4080s", "rtx4080"),
-                        ("rtx3080ti", "rtx3080"), ("rtx3080 12gb", "rtx3080")):
+                        ("rtx3080ti", "rtx3080"), ("rtx3080 12gb", "rtx3080"),
+                        # memory the table's card has not (a 48 GB modded 4090 was planned as the 24 GB one)
+                        ("rtx4090 48gb", "rtx4090"), ("h100 40g", "h100"), ("v100 64gb", "v100"),
+                        ("rtx 3080 20g", "rtx3080"), ("a100 41g", "a100")):
         with pytest.raises(TinykError, match=f"differs from the table's .*: --gpu {near} plans it as that card"):
             find_gpu(typed)
     with pytest.raises(TinykError, match="^unknown GPU 'NVIDIA H100 NVL'; it differs from the table's .*: --gpu h100 "

@@ -144,12 +144,19 @@ def find_gpu(name: str) -> GPUSpec:
         if _norm_gpu_name(key) == want:
             return gpu
     key = gpu_class(name)  # a device name as nvidia-smi or torch print it: "NVIDIA H100 80GB HBM3"
-    if key is not None:
+    if key is not None and _memory_named(name) in (None, _memory_named(GPUS[key].name)):
         return GPUS[key]
-    near = gpu_class(name, variants=True)
+    near = key or gpu_class(name, variants=True)
     variant = (f"; it differs from the table's {GPUS[near].name} in memory or clocks: --gpu {near} plans it as "
                f"that card" if near else "")
     raise TinykError(f"unknown GPU {name!r}{variant} (choose from {', '.join(GPUS)})")
+
+
+def _memory_named(name: str) -> int | None:
+    """The memory a GPU's name states, in GB ("H100 80GB", "rtx 3080 20g", "V100 16"), if any: a number of
+    up to three digits on its own, not part of a model number (4090) or a memory type (HBM3)."""
+    m = re.search(r"(?<![0-9A-Z.])(\d{1,3}) ?(?:GIB|GB|G)?(?![0-9A-Z])", name.upper())
+    return int(m.group(1)) if m else None
 
 
 def gpu_class(device_name: str, variants: bool = False) -> str | None:
