@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -17,6 +18,7 @@ import yaml
 
 import tinyk.model
 from tinyk.cli import main
+from tinyk.config import model_config, parse_sets
 from tinyk.errors import TinykError
 from tinyk.model import PRESETS, Transformer, preset_config
 from tinyk.plan import (
@@ -224,6 +226,15 @@ def test_plan_from_config_file_and_flags(tmp_path, capsys):
     assert (p["run"]["micro_batch"], p["run"]["grad_accum"]) == (4, 2)
     assert p["run"]["activation_checkpointing"] and p["throughput"]["mfu_source"] == "given with --mfu"
     assert "tutorial" not in p
+    # A model described by --set alone, as tinyk pretrain trains it (plan asked for a preset or config).
+    sets = ["--set", "model.dim=64", "--set", "model.n_heads=4", "--set", "model.n_kv_heads=2", "--set",
+            "model.n_layers=1"]
+    code, out, _ = run_cli(["plan", *sets, "--json"], capsys)
+    built = Transformer(model_config(parse_sets(sets[1::2])["model"]))
+    assert code == 0 and json.loads(out)["model"]["parameters"] == built.num_params()
+    code, out, _ = run_cli(["plan", *sets], capsys)
+    assert code == 0 and out.startswith(f"model        custom (--set): {built.num_params():,} parameters (dim 64, "
+                                        f"1 layer, 4 heads / 2 KV")
 
     # The H100's measured MFU is seed-215m's; another model's plan says so, and small times stay visible.
     code, out, _ = run_cli(["plan", "--preset", "tiny", "--gpu", "h100", "--tokens", "1G"], capsys)
@@ -238,7 +249,7 @@ def test_plan_from_config_file_and_flags(tmp_path, capsys):
      "T4 16GB has no bf16 tensor cores (PyTorch would emulate bf16, many times slower): plan with --dtype fp16"),
     (["--preset", "seed-82m", "--gpu", "v100", "--gpus", "2", "--parallel", "fsdp"],
      "fp16 with --parallel fsdp is not supported: plan with DDP, or --dtype fp32 (NVIDIA V100 SXM2 32GB has no bf16)"),
-    (["--gpu", "h100"], "pass --preset, --config or --init"),
+    (["--gpu", "h100"], "pass --preset, --config or --init (or the model's shape with --set model.KEY=VALUE)"),
     (["--preset", "seed-215m", "--gpus", "3"], "not divisible by 3 GPUs"),
     (["--preset", "seed-215m", "--seq-len", "4096"], "exceeds the model's context"),
     (["--preset", "nope"], "unknown preset 'nope'"),
@@ -519,6 +530,16 @@ def test_plan_sizes_the_model_an_init_directory_holds(tmp_path, nano_model_dir, 
                                               f"shapes come from the loaded model\n")
     code, out, err = run_cli(["plan", "--init", str(tmp_path / "nothing")], capsys)
     assert (code, out) == (2, "") and err.startswith(f"tinyk: error: --init {tmp_path / 'nothing'} not found")
+    # Another tokenizer beside it is refused, as training refuses it (plan sized the model's own vocabulary).
+    other = Path(shutil.copytree(nano_model_dir, tmp_path / "other"))
+    spec = json.loads((other / "tokenizer.json").read_text(encoding="utf-8"))
+    (other / "tokenizer.json").write_text(json.dumps({**spec, "normalizer": {"type": "NFKC"}}), encoding="utf-8")
+    code, out, err = run_cli(["plan", "--init", str(nano_model_dir), "--tokenizer", str(other)], capsys)
+    assert (code, out) == (2, "") and err == (f"tinyk: error: tokenizer {other} is not the one the model in "
+                                              f"{nano_model_dir} was trained with; leave out --tokenizer (the model "
+                                              f"carries its own)\n")
+    code, _, _ = run_cli(["plan", "--init", str(nano_model_dir), "--tokenizer", str(nano_model_dir)], capsys)
+    assert code == 0
 
 
 def test_plan_takes_the_configs_budget_and_prints_small_runs_readably(capsys):

@@ -476,11 +476,13 @@ def run_spec(*, preset: str | None, config: str | None, sets: Iterable[str] = ()
     from .config import model_config, resolve_config
     from .rundir import resolve_init
 
-    if not preset and not config and not (overrides or {}).get("init"):
-        raise TinykError("pass --preset, --config or --init")
+    sets = list(sets)
+    shaped = any(item.strip().startswith("model.") for item in sets)  # a model described key by key
+    if not preset and not config and not (overrides or {}).get("init") and not shaped:
+        raise TinykError("pass --preset, --config or --init (or the model's shape with --set model.KEY=VALUE)")
     # resolve_config insists on data and output paths; planning reads neither.
     flags = {"data": "-", "out": "-", **{k: v for k, v in (overrides or {}).items() if v is not None}}
-    tc = resolve_config(kind, preset=preset, config=config, flags=flags, sets=list(sets))
+    tc = resolve_config(kind, preset=preset, config=config, flags=flags, sets=sets)
     init = resolve_init(tc.init) if tc.init else None
     init_cfg = load_config(init) if init else None
     tokenizer = tokenizer or tc.tokenizer or init  # as training reads them
@@ -488,9 +490,11 @@ def run_spec(*, preset: str | None, config: str | None, sets: Iterable[str] = ()
         cfg, vocab = model_config(tc.model, base=init_cfg, base_from=init), None
     else:
         from .checkpoint import check_compatible
-        from .tokenizer import load_tokenizer
+        from .tokenizer import check_init_tokenizer, load_tokenizer
 
         tok = load_tokenizer(tokenizer)
+        if init:  # a --tokenizer beside it refused as training refuses it
+            check_init_tokenizer(tokenizer, init)
         cfg = model_config(tc.model, tok.vocab_size, base=init_cfg, base_from=init)
         vocab = tok.vocab_size
         check_compatible(cfg, tok)  # a vocab_size below the tokenizer's, refused as training refuses it
@@ -505,7 +509,8 @@ def run_spec(*, preset: str | None, config: str | None, sets: Iterable[str] = ()
     if named:  # the preset's shape, with the tokenizer's vocabulary where one was given
         reference = preset_config(named)
         same = _shape(cfg) == _shape(replace(reference, vocab_size=vocab) if vocab else reference)
-    name = named if same else f"{init} (--init)" if init and not tc.model else f"custom ({config or preset or init})"
+    source = config or preset or init or "--set"
+    name = named if same else f"{init} (--init)" if init and not tc.model else f"custom ({source})"
     return RunSpec(name=name, cfg=cfg, seq_len=seq_len, batch_size=tc.batch_size,
                    micro_batch=tc.micro_batch, dtype=tc.dtype, parallel=tc.parallel,
                    checkpointing=tc.activation_checkpointing, max_tokens=min(budgets) if budgets else None,
@@ -803,7 +808,7 @@ def _memory_lines(p: dict[str, Any]) -> list[str]:
         if mem["phase"].startswith("recompute"):
             detail += f", one block recomputed at {layer_kib:.1f} KiB/token"
     else:
-        detail = f"{c['n_layers']} layers x {layer_kib:.1f} KiB/token saved for backward"
+        detail = f"{plural(c['n_layers'], 'layers')} x {layer_kib:.1f} KiB/token saved for backward"
     fits = p["largest_micro_batch"]
     return [
         *lines,
@@ -859,7 +864,7 @@ def format_plan(p: dict[str, Any]) -> str:
     precision = "fp32" if r["dtype"] == "fp32" else f"{r['dtype']} autocast"
     parallel = {"none": "one process", "ddp": "DDP", "fsdp": "FSDP"}[r["parallel"]]
     lines = [
-        f"model        {m['name']}: {m['parameters']:,} parameters (dim {c['dim']}, {c['n_layers']} layers, "
+        f"model        {m['name']}: {m['parameters']:,} parameters (dim {c['dim']}, {plural(c['n_layers'], 'layers')}, "
         f"{c['n_heads']} heads / {c['n_kv_heads']} KV, hidden {c['hidden_dim']}, vocab {c['vocab_size']})",
         f"FLOPs/token  {p['flops_formula']}",
         f"hardware     {g['count']} x {g['name']} ({g['nodes']} node{'s' * (g['nodes'] > 1)} x {g['gpus_per_node']} "

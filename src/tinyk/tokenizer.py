@@ -422,6 +422,14 @@ def same_tokenizer(recorded: str, path: str | Path) -> bool:
     return recorded == tokenizer_hash(path) or recorded == hash_files([Path(path) / "tokenizer.json"])
 
 
+def check_init_tokenizer(tokenizer: str | Path, init: str | Path) -> None:
+    """Refuses a --tokenizer beside --init that is not the one the model was trained with: its ids would
+    mean other text to the model's embedding."""
+    if tokenizer_hash(tokenizer) != tokenizer_hash(init):
+        raise TinykError(f"tokenizer {tokenizer} is not the one the model in {init} was trained with; leave out "
+                         f"--tokenizer (the model carries its own)")
+
+
 def load_tokenizer(path: str | Path) -> TinyTokenizer:
     """Loads a tokenizer directory and checks it carries the special ids tinyk relies on, and a readable
     record of the model's system prompt."""

@@ -621,7 +621,7 @@ class Trainer:
 
     def _setup_inputs(self) -> None:
         from .loader import open_dataset
-        from .tokenizer import DEFAULT_SYSTEM_PROMPT, load_tokenizer, same_tokenizer, tokenizer_hash
+        from .tokenizer import DEFAULT_SYSTEM_PROMPT, check_init_tokenizer, load_tokenizer, same_tokenizer
 
         cfg = self.cfg
         self.meta = open_dataset(cfg.data)
@@ -652,10 +652,8 @@ class Trainer:
         self.system_prompt = (self.meta.get("system_prompt", DEFAULT_SYSTEM_PROMPT) or None) \
             if cfg.kind == "sft" else tok.system_prompt
         self.token_bytes = torch.tensor(tok.token_bytes, dtype=torch.float64, device=self.device)  # bits per byte
-        if (self.init_dir is not None and cfg.tokenizer
-                and tokenizer_hash(self.tok_dir) != tokenizer_hash(self.init_dir)):
-            raise TinykError(f"tokenizer {self.tok_dir} is not the one the model in {self.init_dir} was trained with; "
-                             f"leave out --tokenizer (the model carries its own)")
+        if self.init_dir is not None and cfg.tokenizer:
+            check_init_tokenizer(self.tok_dir, self.init_dir)
         if not same_tokenizer(self.meta["tokenizer_hash"], self.tok_dir) or self.meta["vocab_size"] != tok.vocab_size:
             sizes = (f"vocab {self.meta['vocab_size']} vs {tok.vocab_size}" if self.meta["vocab_size"] != tok.vocab_size
                      else f"both of vocab {tok.vocab_size}, with other merges or normalisation")
