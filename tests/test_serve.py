@@ -1869,6 +1869,14 @@ def test_serve_flags_reach_the_server_and_its_defaults_are_safe(nano_model_dir, 
     assert (cfg.allow_origins, cfg.allow_hosts) == (("http://localhost:5173",), ("chat.example.com",))
     assert cfg.defaults == SamplingParams(temperature=0.3, top_k=7, top_p=0.5, min_p=0.1, repetition_penalty=1.3,
                                           max_new_tokens=11, seed=4, stop=["。"])
+    # More connections than the open-file limit allows are lowered to what it does, and said to be.
+    capsys.readouterr()
+    monkeypatch.setattr("tinyk.serve._connections_the_fd_limit_allows", lambda: 100)
+    assert serve_cli(["--model", nano_model_dir, "--max-connections", 20], monkeypatch).max_connections == 20
+    assert "open-file limit" not in capsys.readouterr().err
+    assert serve_cli(["--model", nano_model_dir, "--max-connections", 99999], monkeypatch).max_connections == 100
+    assert ("tinyk: note: at most 100 connections open at once, not --max-connections 99,999: the open-file limit "
+            "(ulimit -n) allows no more\n") in capsys.readouterr().err
 
 
 def test_a_chat_server_made_in_python_listens_on_loopback_by_default(nano_model_dir, monkeypatch):

@@ -1106,6 +1106,10 @@ def serve(model_dir: str, *, host: str = "127.0.0.1", port: int = 8000, device: 
     where = f"on every interface ({server.address}): here at" if server.everywhere else "at"
     print(f"tinyk: serving {cfg['model_name']} ({engine.device}, {dtype_name(engine.dtype)}{weights}) "
           f"{where} {server.url}  (chat page: {server.url}/, API: {server.url}/v1)", file=sys.stderr, flush=True)
+    if server.max_connections < config.max_connections:
+        print(f"tinyk: note: at most {server.max_connections:,} connections open at once, not --max-connections "
+              f"{config.max_connections:,}: the open-file limit (ulimit -n) allows no more", file=sys.stderr,
+              flush=True)
     if not server.loopback and server.api.cfg.api_key is None:
         print(f"tinyk: warning: no --api-key: anyone who can reach port {server.server_address[1]} of this machine "
               f"can use the model", file=sys.stderr, flush=True)
