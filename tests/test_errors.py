@@ -482,7 +482,9 @@ def test_corrupt_config(tmp_path, nano_model_dir, capsys):
     config = json.loads((nano_model_dir / "config.json").read_text())
     for change, message in [({"n_heads": 0}, "num_attention_heads is 4 but its tinyk block has n_heads 0; "),
                             ({"dim": "big"}, "hidden_size is 64 but its tinyk block has dim 'big'; "),
-                            ({"dropout": 2}, "need 0 < norm_eps < 1, finite rope_theta >= 1 and 0 <= dropout < 1")]:
+                            ({"dropout": 2}, "need 0 < norm_eps < 1, finite rope_theta >= 1 and 0 <= dropout < 1"),
+                            # a hand edit's typo was dropped, the model built without it
+                            ({"n_headz": 8}, "config.json's tinyk block has an unknown key 'n_headz' (its keys: ")]:
         (m / "config.json").write_text(json.dumps({**config, "tinyk": {**config["tinyk"], **change}}))
         code, err = run_cli(["model", "info", str(m)], capsys)
         assert code == 2 and message in err and err.count("\n") == 1

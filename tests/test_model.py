@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-from tinyk.checkpoint import init_model_dir, load_model, model_info, save_model
+from tinyk.checkpoint import init_model_dir, load_config, load_model, model_info, save_model
 from tinyk.engine import SamplingParams
 from tinyk.errors import TinykError
 from tinyk.model import KVCache, ModelConfig, RMSNorm, Transformer, preset_config
@@ -874,6 +874,14 @@ def test_eval_mode_turns_attention_dropout_off():
     x = torch.randint(0, 512, (2, 16))
     with torch.no_grad():
         assert torch.equal(model(x), model(x))
+
+
+def test_a_models_dropout_is_transformers_attention_dropout(tmp_path, tok_dir):
+    """tinyk's dropout is on the attention weights, as transformers' attention_dropout is: config.json
+    said 0.0 whatever the model trained with, so fine-tuning it in transformers dropped none."""
+    out = save_model(Transformer(ModelConfig(**{**preset_config("nano").to_dict(), "dropout": 0.1})), tok_dir,
+                     tmp_path / "m")
+    assert LlamaConfig.from_pretrained(out).attention_dropout == 0.1 and load_config(out).dropout == 0.1
 
 
 def test_rmsnorm_rounds_as_transformers_does_in_bf16():

@@ -74,7 +74,7 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
         "hidden_act": "silu",
         "attention_bias": False,
         "mlp_bias": False,
-        "attention_dropout": 0.0,
+        "attention_dropout": cfg.dropout,  # tinyk's only dropout, on the attention weights as transformers' is
         "tie_word_embeddings": cfg.tie_embeddings,
         **GENERATION_IDS,
         # transformers makes config.json's pad id the embedding's padding_idx, whose row then learns nothing:
@@ -140,6 +140,10 @@ def config_from_hf(d: Any) -> ModelConfig:
                          f"which tinyk's LLaMA-2 model does not implement")
     if own is None:
         return cfg
+    unknown = sorted(set(own) - {f.name for f in dataclasses.fields(ModelConfig)})
+    if unknown:  # a typo in a hand edit would otherwise be dropped, the model built without it
+        raise TinykError(f"config.json's tinyk block has an unknown key {unknown[0]!r} (its keys: "
+                         f"{', '.join(f.name for f in dataclasses.fields(ModelConfig))})")
     for name, key in HF_KEYS.items():  # first: a value the block gets wrong is said as a disagreement
         if own.get(name) is not None and own[name] != getattr(cfg, name):
             raise TinykError(f"config.json disagrees with itself: {key} is {getattr(cfg, name)} but its tinyk block "
