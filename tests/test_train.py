@@ -1763,6 +1763,17 @@ def test_cli_prints_one_line(tmp_path, pt_data, tok_dir, capsys):
                      out, re.M)
     assert e.value.code == 0 and note, out
     assert float(note[2]) == float(note[3]) == round(1024 / int(note[1]), 1) > 1
+    # A budget smaller than one step is trained as one step, which says so (--max-tokens 100 trained 256).
+    for budget in (["--max-tokens", "100"], ["--epochs", "0.0001"]):
+        with pytest.raises(SystemExit) as e:
+            main(cli_args(pt_data, tok_dir, tmp_path / "o5", *budget, "--force", "--set", "eval_every=0"))
+        out = capsys.readouterr().out
+        assert e.value.code == 0 and (f"note: {' '.join(budget)} is less than one step of 8 sequences (256 tokens "
+                                      f"at seq_len 32): the run trains one step\n") in out, out
+        assert json.loads((tmp_path / "o5" / "summary.json").read_text())["steps"] == 1
+    with pytest.raises(SystemExit) as e:
+        main(cli_args(pt_data, tok_dir, tmp_path / "o5", "--max-tokens", "256", "--force", "--set", "eval_every=0"))
+    assert e.value.code == 0 and "less than one step" not in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:
         main(cli_args(pt_data, tok_dir, tmp_path / "o2", "--max-steps", "2", "--resume"))
     assert e.value.code == 0 and "the run is already complete at step 2, the end of --max-steps 2: raise " \

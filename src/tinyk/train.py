@@ -1321,6 +1321,12 @@ class Trainer:
                          f"goes through the data {cfg.batch_size / windows:.1f} times, so the run trains "
                          f"{self.total_steps * cfg.batch_size / windows:.1f} epochs in "
                          f"{plural(self.total_steps, 'steps')}")
+        # (An --epochs budget under a step with a batch larger than the data: said just above.)
+        budget = {"--max-tokens": (cfg.max_tokens or 0) / cfg.seq_len,
+                  "--epochs": (cfg.epochs or 0) * windows if cfg.batch_size <= windows else 0}
+        if not self.resumed_from and 0 < budget.get(self.ended_by, 0) < cfg.batch_size:  # rounded up to a step
+            lines.append(f"note: {self._budget_text()} is less than one step of {cfg.batch_size:,} sequences "
+                         f"({cfg.batch_size * cfg.seq_len:,} tokens at seq_len {cfg.seq_len}): the run trains one step")
         if self.warmup >= self.total_steps:
             peak = "reaches its peak only at the last step" if self.warmup == self.total_steps else \
                 "never reaches its peak"
