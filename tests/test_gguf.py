@@ -3,10 +3,13 @@ model, tokenizer, chat template and sampling defaults."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import resource
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -343,3 +346,116 @@ def test_q8_0_quantizes_every_matrix_whose_rows_32_divides(tmp_path, tok_dir):
                       vocab_size=load_tokenizer(tok_dir).vocab_size, max_seq_len=32)
     out = save_model(Transformer(cfg), tok_dir, tmp_path / "m")
     assert export_gguf(out, tmp_path / "m.gguf", outtype="q8_0")["tensors"] == {"Q8_0": 8, "F32": 3}
+
+
+@pytest.mark.parametrize("outtype,matrix_type", [("f16", "F16"), ("bf16", "BF16"), ("f32", "F32")])
+def test_the_tensors_have_llama_cpps_names_and_the_asked_type(tmp_path, tok_dir, outtype, matrix_type):
+    out = _model_dir(tmp_path, tok_dir)  # tied head, 2 layers
+    result = export_gguf(out, tmp_path / "m.gguf", outtype=outtype)
+    types = {t.name: t.tensor_type.name for t in GGUFReader(tmp_path / "m.gguf").tensors}
+    norms = {"output_norm.weight", *(f"blk.{i}.{n}.weight" for i in range(2) for n in ("attn_norm", "ffn_norm"))}
+    matrices = {"token_embd.weight", *(f"blk.{i}.{n}.weight" for i in range(2) for n in (
+        "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"))}
+    assert set(types) == norms | matrices  # no output.weight: the head is tied
+    assert {types[n] for n in norms} == {"F32"} and {types[n] for n in matrices} == {matrix_type}
+    assert sum(result["tensors"].values()) == len(types) and result["tensors"].get(matrix_type) >= len(matrices)
+
+
+def test_a_token_added_in_transformers_is_user_defined_in_the_file(tmp_path, tok_dir):
+    from tokenizers import Tokenizer
+
+    shutil.copytree(tok_dir, tmp_path / "tok")
+    hf = Tokenizer.from_file(str(tmp_path / "tok" / "tokenizer.json"))
+    hf.add_tokens(["北京市"])
+    hf.save(str(tmp_path / "tok" / "tokenizer.json"))
+    out = _model_dir(tmp_path, tmp_path / "tok")
+    export_gguf(out, tmp_path / "m.gguf")
+    r = GGUFReader(tmp_path / "m.gguf")
+    tokens, types = _field(r, "tokenizer.ggml.tokens"), _field(r, "tokenizer.ggml.token_type")
+    assert types[tokens.index("北京市")] == 4  # gguf.TokenType.USER_DEFINED
+    assert [i for i, t in enumerate(types) if t == 3] == [0, 1, 2, 3, 4]  # still only the specials are control
+
+
+@pytest.mark.parametrize("pre", [
+    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+    {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
+                                           {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                                            "use_regex": True}]},
+])
+def test_a_tokenizer_that_does_not_split_as_gpt2_is_refused(tmp_path, tok_dir, capsys, pre):
+    out = _model_dir(tmp_path, tok_dir)
+    data = json.loads((out / "tokenizer.json").read_text())
+    data["pre_tokenizer"] = pre
+    (out / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(SystemExit) as e:
+        main(["model", "gguf", str(out), "--out", str(tmp_path / "m.gguf")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "GGUF export takes byte-level BPE tokenizers" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_a_full_disk_while_writing_keeps_the_file_being_replaced(tmp_path, nano_model_dir, monkeypatch, capsys):
+    import gguf
+
+    out = tmp_path / "nano.gguf"
+    export_gguf(nano_model_dir, out, outtype="f32")
+    before = out.read_bytes()
+
+    def full_disk(self, *a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", full_disk)  # header and metadata written
+    with pytest.raises(SystemExit) as e:
+        main(["model", "gguf", str(nano_model_dir), "--out", str(out), "--force"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert out.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["nano.gguf"]
+
+
+def test_force_replaces_an_empty_modelfile_but_no_file_that_only_looks_like_gguf(tmp_path, nano_model_dir, capsys):
+    (tmp_path / "Modelfile").write_text("")
+    export_gguf(nano_model_dir, tmp_path / "m.gguf", modelfile=tmp_path / "Modelfile", force=True)
+    assert (tmp_path / "Modelfile").read_text().startswith("# An Ollama Modelfile written by `tinyk model gguf`")
+    notes = tmp_path / "GGU.txt"
+    notes.write_text("GGU: notes on the model")
+    for args, message in [(["--out", str(notes), "--force"], f"--out {notes} exists and is not a GGUF file"),
+                          (["--out", str(tmp_path / "m2.gguf "), "--modelfile", str(tmp_path / "M2")],
+                           'Ollama would not find the GGUF file as "./m2.gguf "')]:
+        with pytest.raises(SystemExit) as e:
+            main(["model", "gguf", str(nano_model_dir), *args])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert notes.read_text() == "GGU: notes on the model" and not (tmp_path / "m2.gguf ").exists()
+
+
+def test_the_reported_vocabulary_is_the_files(tmp_path, tok_dir):
+    ids = load_tokenizer(tok_dir).vocab_size
+    out = _model_dir(tmp_path, tok_dir, vocab_size=ids + 40, tie_embeddings=False)
+    assert export_gguf(out, tmp_path / "m.gguf")["vocab"] == ids == len(_field(GGUFReader(tmp_path / "m.gguf"),
+                                                                                 "tokenizer.ggml.tokens"))
+
+
+def test_a_failed_modelfile_write_keeps_the_one_it_was_replacing(tmp_path, nano_model_dir, monkeypatch):
+    import tinyk.gguf
+    from tinyk.errors import TinykError
+
+    export_gguf(nano_model_dir, tmp_path / "m.gguf", modelfile=tmp_path / "Modelfile")
+    before = (tmp_path / "Modelfile").read_text()
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    modelfile = tinyk.gguf.ollama_modelfile
+
+    def then_the_disk_limit(*args):  # the GGUF file is written by now; only the Modelfile meets the limit
+        text = modelfile(*args)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100, hard))
+        return text
+
+    monkeypatch.setattr(tinyk.gguf, "ollama_modelfile", then_the_disk_limit)
+    xfsz = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG), not the process
+    try:
+        with pytest.raises(TinykError):
+            export_gguf(nano_model_dir, tmp_path / "m.gguf", modelfile=tmp_path / "Modelfile", force=True)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, xfsz)
+    assert (tmp_path / "Modelfile").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Modelfile", "m.gguf"]

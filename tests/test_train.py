@@ -3505,3 +3505,199 @@ def test_a_kill_while_the_replaced_run_is_deleted_leaves_no_part_of_it_to_put_ba
     assert not any(ASIDE.match(p.name) for p in out.iterdir())
     clean_partial(out)
     assert list(out.iterdir()) == []
+
+
+def test_the_cpu_peak_is_2n3_flops_over_the_fastest_product(monkeypatch):
+    from tinyk import monitor
+
+    now, durations = [0.0], iter([5.0, 2.0, 0.5, 3.0, 4.0, 4.0])  # a warm-up product, then the timed ones
+
+    def mm(a, b):
+        now[0] += next(durations)
+        return a
+
+    monkeypatch.setattr(monitor, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    monkeypatch.setattr(monitor.torch, "mm", mm)
+    assert monitor.measure_matmul_flops(seconds=0.15, n=64) == 2 * 64 ** 3 / 0.5
+
+
+def test_a_plain_progress_line_shows_each_number_in_its_unit(tmp_path, capsys):
+    from tinyk.monitor import Monitor
+
+    mon = Monitor(tmp_path, 10, 0, True)  # stdout is no terminal here: a line each log interval
+    for step, rate, mfu in ((2, 950.0, None), (4, 1500.0, 0.1234), (6, 2.5e6, 0.5)):
+        mon.log_train({"step": step, "tokens": 512 * step, "loss": 2.345678, "lr": 3e-4, "tokens_per_s": rate,
+                       "mfu": mfu, "elapsed_s": 65.0}, left_s=90.0)
+    mon.log_eval({"step": 6, "tokens": 3072, "val_loss": 2.5, "val_bpb": 1.25, "elapsed_s": 66.0})
+    mon.close()
+    assert capsys.readouterr().out.splitlines() == [
+        "step 2/10: loss 2.3457 lr 3.00e-04 950 tok/s, elapsed 01:05, ETA 01:30",
+        "step 4/10: loss 2.3457 lr 3.00e-04 1.5k tok/s mfu 12.3%, elapsed 01:05, ETA 01:30",
+        "step 6/10: loss 2.3457 lr 3.00e-04 2.50M tok/s mfu 50.0%, elapsed 01:05, ETA 01:30",
+        "step 6: val loss 2.5000, 1.2500 bits/byte"]
+
+
+def test_output_sent_to_a_file_gets_lines_while_the_terminal_shows_the_bar(tmp_path, monkeypatch, capsys):
+    from tinyk.monitor import Monitor
+
+    monkeypatch.setattr("tinyk.monitor.shows_a_bar", lambda stream: True)  # stderr is a terminal
+    mon = Monitor(tmp_path, 10, 4, True)  # resumed at step 4; stdout (captured) is a file
+    assert not mon.bar.disable and mon.bar.n == 4 and mon.lines
+    mon.log_train({"step": 5, "tokens": 5, "loss": 1.0, "lr": 1e-3, "tokens_per_s": 10.0, "elapsed_s": 1.0})
+    mon.close()
+    assert "step 5/10: loss 1.0000" in capsys.readouterr().out
+
+
+def test_tracker_runs_get_each_step_once_and_a_new_run_gets_every_step(tmp_path, monkeypatch):
+    from tinyk.monitor import Trackers
+
+    sent, started = [], []
+
+    class FakeRun:
+        def log(self, values, step):
+            sent.append(step)
+
+        def finish(self, exit_code=None):
+            pass
+
+    wandb = type(sys)("wandb")
+    wandb.init = lambda **kw: started.append(kw["id"]) or FakeRun()
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    fresh = Trackers(["wandb", "wandb"], tmp_path, {}, "tinyk", "run", start_step=0, logged_upto=4)
+    for step in (1, 2, 3):
+        fresh.log({"train/loss": 1.0}, step)
+    fresh.close()
+    resumed = Trackers(["wandb"], tmp_path, {}, "tinyk", "run", start_step=2, logged_upto=3)
+    for step in (3, 4):
+        resumed.log({"train/loss": 1.0}, step)
+    resumed.close()
+    assert sent == [1, 2, 3, 4] and len(started) == 2 and started[0] == started[1]
+    # W&B added on a resume of a run that never had it is a new W&B run: it gets the steps replayed too.
+    (tmp_path / ".tracker_id").unlink()
+    sent.clear()
+    added = Trackers(["wandb"], tmp_path, {}, "tinyk", "run", start_step=2, logged_upto=3)
+    for step in (3, 4):
+        added.log({"train/loss": 1.0}, step)
+    added.close()
+    assert sent == [3, 4]
+
+
+def test_ctrl_c_while_a_tracker_starts_finishes_those_already_started(tmp_path, monkeypatch):
+    from tinyk.monitor import Trackers
+
+    finished = []
+
+    class FakeRun:
+        def finish(self, exit_code=None):
+            finished.append(exit_code)
+
+    def ctrl_c(**kw):
+        raise KeyboardInterrupt
+
+    wandb, swanlab = type(sys)("wandb"), type(sys)("swanlab")
+    wandb.init, swanlab.init = (lambda **kw: FakeRun()), ctrl_c
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    monkeypatch.setitem(sys.modules, "swanlab", swanlab)
+    with pytest.raises(KeyboardInterrupt):
+        Trackers(["wandb", "swanlab"], tmp_path, {}, "tinyk", "run")
+    assert finished == [1]
+
+
+def test_an_empty_tracker_id_file_gets_a_new_id(tmp_path, monkeypatch):
+    from tinyk.monitor import Trackers
+
+    ids = []
+    wandb = type(sys)("wandb")
+    wandb.init = lambda **kw: ids.append(kw["id"]) or types.SimpleNamespace(finish=lambda exit_code=None: None)
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    (tmp_path / ".tracker_id").write_text("\n")
+    for _ in range(2):  # resumed twice: the same id both times
+        Trackers(["wandb"], tmp_path, {}, "tinyk", "run", start_step=4).close()
+    assert len(ids[0]) == 12 and ids[0] == ids[1] == (tmp_path / ".tracker_id").read_text()
+
+
+def test_the_loss_plot_puts_both_curves_on_the_tokens_axis(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    drawn, plot = [], Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda self, x, y, *a, **kw: drawn.append((kw["label"], x, y))
+                        or plot(self, x, y, *a, **kw))
+    recs = [{"type": "train", "step": s, "tokens": 256 * s, "loss": 6 - s / 4} for s in (1, 2)]
+    assert plot_losses([*recs, {"type": "eval", "step": 2, "tokens": 512, "val_loss": 5.9}], tmp_path / "loss.png")
+    assert drawn == [("train", (256, 512), (5.75, 5.5)), ("validation", (512,), (5.9,))]
+
+
+def test_a_failed_plot_keeps_the_last_loss_png(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    recs = [{"type": "train", "step": s, "tokens": 256 * s, "loss": 6 - s / 4} for s in (1, 2)]
+    plot_losses(recs, tmp_path / "loss.png")
+    before = (tmp_path / "loss.png").read_bytes()
+
+    def half_then_full_disk(self, fname, *a, **kw):
+        Path(fname).write_bytes(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", half_then_full_disk)
+    with pytest.raises(OSError):
+        plot_losses(recs, tmp_path / "loss.png")
+    assert (tmp_path / "loss.png").read_bytes() == before and os.listdir(tmp_path) == ["loss.png"]
+
+
+def test_cutting_the_log_back_keeps_it_whole_when_the_write_fails(tmp_path):
+    import resource
+
+    from tinyk.monitor import Monitor
+
+    lines = "".join(json.dumps({"type": "train", "step": s, "loss": 1.0, "tokens": 256 * s}) + "\n"
+                    for s in range(1, 11))
+    (tmp_path / "metrics.jsonl").write_text(lines)
+    mon = Monitor(tmp_path, 10, 8, False)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    xfsz = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG), not the process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100, hard))
+    try:
+        with pytest.raises(TinykError):
+            mon.truncate(8)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, xfsz)
+    assert (tmp_path / "metrics.jsonl").read_text() == lines and os.listdir(tmp_path) == ["metrics.jsonl"]
+
+
+def test_rates_change_unit_where_they_would_round_up_to_the_next():
+    from tinyk.monitor import _fmt_rate
+
+    assert [_fmt_rate(x) for x in (999.4, 999.6, 999_940, 999_960, 2.5e6)] == ["999", "1.0k", "999.9k", "1.00M",
+                                                                                "2.50M"]
+
+
+def test_metrics_hold_no_infinity():
+    from tinyk.monitor import finite
+
+    assert [finite(x) for x in (float("inf"), float("-inf"), float("nan"), 2.5)] == [None, None, None, 2.5]
+
+
+def test_a_metrics_line_that_is_no_record_is_named(tmp_path):
+    from tinyk.monitor import Monitor
+
+    good = json.dumps({"type": "train", "step": 1, "loss": 1.0, "tokens": 256}) + "\n"
+    note = '{"note": "lr raised here"}\n'
+    (tmp_path / "metrics.jsonl").write_text(good + note + good.replace('"step": 1', '"step": 2'))
+    with pytest.raises(TinykError, match=r"metrics.jsonl line 2 is damaged \(not a metrics record\); repair or "
+                                         r"delete that line to resume$"):
+        Monitor(tmp_path, 10, 1, False)
+    # Its number is the editor's, blank lines counted (the line named was a good one, after a blank line).
+    (tmp_path / "metrics.jsonl").write_text(good + "\n" + note + good.replace('"step": 1', '"step": 2'))
+    with pytest.raises(TinykError, match=r"metrics.jsonl line 3 is damaged \(not a metrics record\)"):
+        Monitor(tmp_path, 10, 1, False)
+
+
+def test_a_sample_is_one_line_of_the_log(tmp_path, capsys):
+    from tinyk.monitor import Monitor
+
+    mon = Monitor(tmp_path, 10, 0, False)
+    mon.log_samples(6, [("你好", "第一行\n第二行")])
+    assert capsys.readouterr().out == "step 6 sample: 你好 → 第一行⏎第二行\n"
+    [rec] = map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+    assert rec["samples"] == [{"prompt": "你好", "text": "第一行\n第二行"}]

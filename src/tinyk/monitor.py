@@ -121,9 +121,9 @@ class Trackers:
         get no step up to `logged_upto`, the last one a killed session may have sent them (W&B refuses
         a lower step than it has, SwanLab keeps the first of two), so their curves keep that session's
         values there. A run from step 0 (new, or resumed before its first checkpoint) is a new run for
-        W&B and SwanLab too."""
+        W&B and SwanLab too, as is one whose earlier sessions started neither (no run id saved)."""
         self.sinks: list[tuple[str, Any]] = []
-        self.logged_upto = logged_upto if start_step else 0
+        self.logged_upto = logged_upto if start_step and (out / TRACKER_ID).is_file() else 0
         names = list(dict.fromkeys(names))  # one writer each: a name given twice would log every point twice
         check_trackers(names)
         if not start_step:
@@ -276,7 +276,8 @@ def _saved_step(path: Path) -> int:
 
 
 def _fmt_rate(x: float) -> str:
-    return f"{x / 1e6:.2f}M" if x >= 1e6 else f"{x / 1e3:.1f}k" if x >= 1e3 else f"{x:.0f}"
+    """Tokens per second as 950, 1.5k, 2.50M: a unit starts where the one below would round up to it."""
+    return f"{x / 1e6:.2f}M" if x >= 999_950 else f"{x / 1e3:.1f}k" if x >= 999.5 else f"{x:.0f}"
 
 
 class Monitor:
@@ -308,9 +309,10 @@ class Monitor:
             return []
         text = self.metrics_path.read_text(encoding="utf-8", errors="replace")
         self.cut_tail = bool(text) and not text.endswith("\n")  # the next line would join this one
-        lines = [line for line in text.splitlines() if line.strip()]
+        # Numbered as an editor numbers them, blank lines counted: the line to repair is named by it.
+        lines = [(n, line) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
         records = []
-        for i, line in enumerate(lines):
+        for i, (n, line) in enumerate(lines):
             try:
                 rec = json.loads(line)
                 if not (isinstance(rec, dict) and isinstance(rec.get("step"), int)):
@@ -319,7 +321,7 @@ class Monitor:
                 if i == len(lines) - 1:
                     self.cut_tail = True
                     break
-                raise TinykError(f"{self.metrics_path} line {i + 1} is damaged ({e}); repair or delete that line "
+                raise TinykError(f"{self.metrics_path} line {n} is damaged ({e}); repair or delete that line "
                                  f"to resume") from None
             records.append(rec)
         return records
