@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import math
 import re
@@ -22,12 +23,14 @@ from tinyk.evaluate import (
     TaskExample,
     chat_prompter,
     choice_continuations,
+    choices_that_fit,
     continuation_logprobs,
     eval_choice,
     eval_data,
     eval_task,
     evaluate,
     format_table,
+    is_results,
     normalize_answer,
     percent,
     read_choice,
@@ -205,12 +208,24 @@ def test_cmmlu_header_bad_rows_and_uneven_options(tmp_path):
                  "1,坏行,甲,乙,丙,丁,E\n"               # answer not an option
                  "2,哪个是行星？,地球,太阳,月亮,银河,a\n"
                  "3,一列太多,甲,乙,丙,丁,A,多\n"      # an unquoted comma: its fields are shifted
-                 "4,尾部多个逗号,甲,乙,丙,丁,B,\n", encoding="utf-8")  # a trailing comma shifts nothing
+                 "4,尾部多个逗号,甲,乙,丙,丁,B,\n"  # a trailing comma shifts nothing
+                 "5,答案与另一项相同,北京,北京,上海,深圳,B\n"  # a tie the first option wins: B never picked
+                 "6,错项相同,北京,上海,上海,深圳,A\n", encoding="utf-8")  # answerable
     skips = Skips()
     qs = read_choice([f], skips)
     assert [(q.subject, q.answer, len(q.options)) for q in qs] == [("astronomy", "A", 2), ("astronomy", "A", 4),
-                                                                    ("astronomy", "B", 4)]
-    assert skips.counts == {"bad_row": 1, "extra_fields": 1} and skips.first["extra_fields"] == ["astronomy.csv:5"]
+                                                                    ("astronomy", "B", 4), ("astronomy", "A", 4)]
+    assert skips.counts == {"bad_row": 2, "extra_fields": 1} and skips.first["extra_fields"] == ["astronomy.csv:5"]
+    assert skips.first["bad_row"] == ["astronomy.csv:3", "astronomy.csv:7"]
+    packed = tmp_path / "geo.csv.gz"  # was "not UTF-8 text ... iconv -f gbk"
+    packed.write_bytes(gzip.compress("question,A,B,answer\n问,甲,乙,A\n".encode()))
+    with pytest.raises(TinykError, match=r"geo.csv.gz: gzip-compressed; multiple-choice CSVs are read as plain text "
+                                         r"\(decompress it first\)$"):
+        read_choice([packed], Skips())
+    f2 = tmp_path / "twins.csv"
+    f2.write_text("question,A,B,C,answer\n问,北京,北京,上海,B\n", encoding="utf-8")
+    with pytest.raises(TinykError, match=r"twins.csv:2; options A and B \(the answer\) have the same text; "):
+        read_choice([f2], Skips())
     # No question is usable: what is wrong with the rows, not a word on splits without answers.
     f.write_text(",Question,A,B,C,D,Answer\n0,坏行,甲,乙,丙,丁,E\n1,,甲,乙,丙,丁,A\n", encoding="utf-8")
     with pytest.raises(TinykError) as e:
@@ -289,6 +304,9 @@ def test_every_input_is_checked_before_the_model_loads(tmp_path, nano_model_dir,
     # What a mode finds only by reading: a task file without a usable line or a prompt that fits, a cut shard.
     with pytest.raises(TinykError, match="bad.jsonl: no usable examples"):
         evaluate(nano_model_dir, data=[pretrain_data], tasks=[write_task(tmp_path / "bad.jsonl", ["not json"])])
+    (tmp_path / "blank.jsonl").write_text("\n\n")  # said why, not "skipped 0 records"
+    with pytest.raises(TinykError, match=r"blank.jsonl: no usable examples \(nothing but blank lines"):
+        evaluate(nano_model_dir, tasks=[tmp_path / "blank.jsonl"])
     long = write_task(tmp_path / "long.jsonl",
                       [{"messages": [{"role": "user", "content": "长" * 1000}], "answer": "y"}])
     with pytest.raises(TinykError, match="long.jsonl: no example fits the model's context"):
@@ -1018,3 +1036,84 @@ def test_none_means_no_system_prompt_in_evaluate_as_in_eval_task(tmp_path, nano_
             main([*main_args, *flag])
         assert e.value.code == 0
         assert json.loads(capsys.readouterr().out)["settings"]["system_prompt"] == want
+
+
+def test_sft_data_is_scored_in_its_own_max_len_by_default(tmp_path, tok_dir, nano_model_dir):
+    from tinyk.data import prepare_sft
+
+    convs = [{"conversations": [{"from": "human", "value": f"问题{i}"}, {"from": "gpt", "value": f"回答{i}"}]}
+             for i in range(40)]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in convs),
+                                        encoding="utf-8")
+    prepare_sft([tmp_path / "sft.jsonl"], tok_dir, tmp_path / "data", max_len=48, system_prompt=None, val_fraction=0.25,
+                workers=1, show_progress=False)
+    model, _ = load_model(nano_model_dir)  # context 128 > max_len 48
+    r = eval_data(model, nano_model_dir, tmp_path / "data")
+    assert r["seq_len"] == 48
+    assert r["loss"] == pytest.approx(eval_data(model, nano_model_dir, tmp_path / "data", seq_len=48)["loss"])
+
+
+def test_normalize_answer_drops_final_tilde_and_only_final_punctuation():
+    assert normalize_answer("好的~") == normalize_answer("好的～") == "好的"
+    assert normalize_answer("？为什么") == "?为什么" and normalize_answer("。好") == "。好"
+
+
+def test_majority_baseline_counts_each_example_once_and_after_normalising(tmp_path):
+    task = write_task(tmp_path / "t.jsonl", [
+        {"messages": [{"role": "user", "content": "a"}], "answer": ["负面", "负面。"]},
+        {"messages": [{"role": "user", "content": "b"}], "answer": "负面！"},
+        {"messages": [{"role": "user", "content": "c"}], "answer": "负面"},
+    ])
+    r = eval_task(ScriptedEngine({k: ("正面", "eos") for k in "abc"}), task)
+    assert r["baseline"] == 1.0 and r["majority_answer"] == "负面" and r["accuracy"] == 0
+
+
+def test_chance_level_counts_each_questions_own_options(tmp_path, nano):
+    model, tok = nano
+    f = tmp_path / "x_val.csv"
+    f.write_text("id,question,A,B,C,D,answer\n0,天上最亮的星？,太阳,月亮,,,A\n1,哪个是水果？,苹果,汽车,桌子,,A\n",
+                 encoding="utf-8")
+    r = eval_choice(model, tok, [f])
+    assert r["questions"] == 2 and r["baseline"] == pytest.approx((1 / 2 + 1 / 3) / 2)
+
+
+def test_choice_prompts_are_the_documented_text():
+    q = ChoiceQuestion("s", "问题", {"A": "甲", "B": "乙"}, "A")
+    assert choice_continuations(q, "cloze") == ("问题\n答案：", [("A", "甲"), ("B", "乙")])
+    assert choice_continuations(q, "letter") == ("问题\nA. 甲\nB. 乙\n答案：", [("A", "A"), ("B", "B")])
+
+
+@pytest.mark.parametrize("fmt", ["cloze", "letter"])
+def test_a_question_that_exactly_fills_the_context_is_scored(nano, fmt):
+    from tinyk.evaluate import _option_sequences
+
+    _, tok = nano
+    q = ChoiceQuestion("s", "哪个是水果？", {"A": "苹果", "B": "汽车"}, "A", "x.csv:2")
+    context, conts = choice_continuations(q, fmt)
+    n = max(len(s.ids) for s in _option_sequences(tok, [(context, c) for _, c in conts]))
+    assert choices_that_fit(tok, ["x.csv"], [q], fmt, n, Skips()) == [q]
+    with pytest.raises(TinykError, match="fits the model's context"):
+        choices_that_fit(tok, ["x.csv"], [q], fmt, n - 1, Skips())
+
+
+def test_the_table_shows_the_results_perplexity_and_bits_per_byte():
+    d = {"data": "d/pt", "kind": "pretrain", "split": "val", "seq_len": 64, "loss": 2.0,
+         "perplexity": math.exp(2.0), "bits_per_byte": 0.5}
+    rows = list(table_rows({"data": [d]}))
+    assert ("pt/val perplexity", "7.39", "") in rows and ("pt/val bits per byte", "0.5000", "") in rows
+
+
+def test_force_replaces_only_results_of_several_models(tmp_path):
+    f = tmp_path / "r.json"
+    one = {"model": "m", "data": [], "tasks": [], "choice": None}
+    f.write_text(json.dumps({"models": [one, one]}), encoding="utf-8")
+    assert is_results(f)
+    f.write_text(json.dumps({"models": ["my notes", {"model": "m"}]}), encoding="utf-8")
+    assert not is_results(f)
+
+
+def test_a_bom_spaced_header_and_test_suffix_csv_is_read(tmp_path):
+    f = tmp_path / "geo_test.csv"
+    f.write_bytes("\ufeffquestion,A,B, answer \n问题,甲,乙,B\n".encode("utf-8"))
+    qs = read_choice([f], Skips())
+    assert [(q.subject, q.question, q.options, q.answer) for q in qs] == [("geo", "问题", {"A": "甲", "B": "乙"}, "B")]

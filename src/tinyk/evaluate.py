@@ -27,7 +27,17 @@ import torch
 
 from .data import normalize_conversation
 from .errors import Stopped, TinykError, not_found, shown, writing
-from .inputs import Skips, as_list, iter_records, read_json, record_shape, refuse_pipe, refuse_repeats
+from .inputs import (
+    NO_RECORDS,
+    Skips,
+    as_list,
+    compression,
+    iter_records,
+    read_json,
+    record_shape,
+    refuse_pipe,
+    refuse_repeats,
+)
 from .model import Transformer
 from .outputs import check_output_file, write_text_atomic
 from .tokenizer import (
@@ -160,7 +170,7 @@ def read_task(path: str | Path, skips: Skips, *, system_prompt: str | None = Non
         if len(out) == limit:  # skips past here are not this evaluation's
             break
     if not out:
-        raise TinykError(f"{path}: no usable examples ({skips.summary()})")
+        raise TinykError(f"{path}: no usable examples ({skips.summary() if skips.total else NO_RECORDS})")
     return out
 
 
@@ -328,6 +338,11 @@ def read_choice_csv(path: Path, skips: Skips, limit: int | None = None) -> list[
     try:
         return _read_choice_csv(path, skips, limit)
     except UnicodeDecodeError as e:
+        with open(path, "rb") as f:
+            packed = compression(f.read(4))
+        if packed:
+            raise TinykError(f"{path}: {packed}-compressed; multiple-choice CSVs are read as plain text (decompress "
+                             f"it first)") from e
         lineno = _first_non_utf8_line(path)
         where = f"{path}:{lineno}" if lineno else str(path)
         raise TinykError(f"{where}: not UTF-8 text; multiple-choice CSVs must be UTF-8 "
@@ -367,8 +382,11 @@ def _read_choice_csv(path: Path, skips: Skips, limit: int | None) -> list[Choice
             options = {k: v for k, v in options.items() if v}
             answer = (row.get(header["answer"]) or "").strip().upper()
             question = (row.get(header["question"]) or "").strip()
+            twin = next((k for k, v in options.items() if k != answer and v == options.get(answer)), None)
             problem = ("no question" if not question else "fewer than two options" if len(options) < 2 else
-                       f"answer {answer!r} is not the letter of one of its options" if answer not in options else None)
+                       f"answer {answer!r} is not the letter of one of its options" if answer not in options else
+                       # a tie the first option wins: the right one could never be picked
+                       f"options {twin} and {answer} (the answer) have the same text" if twin else None)
             if problem:
                 skips.add("bad_row", where, f"{problem}; a row has a question, at least two of the options "
                                             f"{', '.join(letters)} and the right one's letter as its answer")

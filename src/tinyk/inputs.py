@@ -219,6 +219,11 @@ _CODECS = {".gz": "gzip", ".zst": "zstd"}
 _ZSTD_CHUNK = 4096  # compressed bytes per step; bounds what one step can expand to
 
 
+def compression(head: bytes) -> str | None:
+    """The compressor ("gzip", "zstd") whose data `head`, a file's first bytes, begins, if any."""
+    return next((_CODECS[ext] for ext, magic in _MAGIC.items() if head.startswith(magic)), None)
+
+
 def _codec(path: Path) -> str | None:
     return next((codec for ext, codec in _CODECS.items() if has_suffix(path, ext)), None)
 
