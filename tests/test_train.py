@@ -289,7 +289,7 @@ def test_a_config_file_means_what_it_says(tmp_path):
         resolve_config("pretrain", config=f, flags={"out": "o", "data": "d"})
     for empty in ("", "# only a comment\n"):  # was a run of the defaults without a word
         f.write_text(empty)
-        with pytest.raises(TinykError, match=rf"^config file {re.escape(str(f))} holds no config keys"):
+        with pytest.raises(TinykError, match=rf"^{re.escape(str(f))} is empty \(it holds no config keys\)$"):
             resolve_config("pretrain", config=f, flags={"out": "o", "data": "d"})
     # A run's config.yaml says which stage it was; given to the other, that is said to be not read.
     f.write_text("kind: sft\nlr: 1.0e-4\n")
@@ -1667,7 +1667,8 @@ def test_a_damaged_checkpoint_is_named_with_the_way_out(tmp_path, pt_data, tok_d
     with pytest.raises(SystemExit) as e:
         main(["pretrain", "--out", str(out), "--resume"])
     assert e.value.code == 2 and capsys.readouterr().err.strip() == (
-        f"tinyk: error: {out / 'config.yaml'} is empty; each checkpoint keeps a copy: cp {newest / 'config.yaml'} "
+        f"tinyk: error: {out / 'config.yaml'} is empty (it holds no config keys); each checkpoint keeps a copy: cp "
+        f"{newest / 'config.yaml'} "
         f"{out / 'config.yaml'}")
     (out / "config.yaml").unlink()  # deleted: the same way back, with or without the data named again
     for args in ([], cli_args(pt_data, tok_dir, out)[1:]):

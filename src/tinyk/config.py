@@ -275,7 +275,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     except (yaml.YAMLError, ValueError, UnicodeDecodeError) as e:  # tomllib.TOMLDecodeError is a ValueError
         raise TinykError(f"cannot parse {p}: {first_line(e)}") from e
     if d == {}:
-        raise TinykError(f"config file {p} holds no config keys (it is empty, or all comments)")
+        raise TinykError(f"{p} is empty (it holds no config keys)")
     if not isinstance(d, dict):
         raise TinykError(f"{p} must hold a mapping of config keys")
     return d
@@ -360,8 +360,6 @@ def resolve_config(kind: str, *, preset: str | None = None, config: str | Path |
             run_config = read_config_file(saved)
         except TinykError as e:  # damaged: a checkpoint's copy puts it back
             raise TinykError(f"{e}{config_copy(Path(d['out']))}") from e
-        if not run_config:
-            raise TinykError(f"{saved} is empty{config_copy(Path(d['out']))}")
         if run_config.get("kind", kind) != kind:
             run = Path(d["out"])
             other = run_config["kind"]
