@@ -91,6 +91,10 @@ PLAN = ["plan", "--preset", "nano"]
     ([*DATA, "--workers", "0"], "--workers", "must be an integer in 1..1024"),
     ([*SFT, "--max-len", "4"], "--max-len", "must be an integer in 8..1048576"),
     (["pretrain", "--max-steps", "0"], "--max-steps", POSITIVE),
+    # Apple's GPU, with why (it was argparse's "invalid choice", which reads as a typo)
+    (["pretrain", "--device", "mps"], "--device", "mps is not supported: tinyk's training has not been checked on "
+                                                  "Apple GPUs (--device cpu trains on the Mac's CPU)"),
+    (["sft", "--device", "gpu"], "--device", "must be auto, cpu or cuda, got 'gpu'"),
     (["pretrain", "--batch-size", "100000000000000000000"], "--batch-size", BATCH),
     (["sft", "--micro-batch", "0"], "--micro-batch", BATCH),
     (["pretrain", "--seq-len", "-8"], "--seq-len", POSITIVE),

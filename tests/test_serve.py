@@ -124,6 +124,7 @@ def test_models(client, server):
     assert client.models.retrieve("nano").id == "nano"
     status, body = request(server, "GET", "/v1/models/other")
     assert status == 404 and body["error"]["code"] == "model_not_found"
+    assert body["error"]["message"] == "the model 'other' does not exist (this server has 'nano')"
     # The context, under vLLM's name and OpenRouter's (which Chatbox reads to size its history).
     card = request(server, "GET", "/v1/models")[1]["data"][0]
     assert card["max_model_len"] == card["context_length"] == server.api.engine.context_length

@@ -481,6 +481,20 @@ def test_sft_loss_counts_only_assistant_tokens(tmp_path, sft_data, nano_model_di
     assert 0 < count < positions and summary["loss_tokens"] > count
 
 
+def test_a_fine_tune_that_extends_the_context_says_so(tmp_path, sft_data, nano_model_dir, capsys):
+    """model.max_seq_len beside --init is taken (a fine-tune may extend the context), and said: the
+    README's "shapes come from the loaded model" holds for weights, and positions past 128 are new."""
+    capsys.readouterr()
+    train(nano_cfg(sft_data, None, tmp_path / "long", kind="sft", init=str(nano_model_dir),
+                   model={"max_seq_len": 256}, seq_len=64, max_steps=1))
+    assert ("note: the model's context is 256, --init's was 128: positions past 128 are new to it and learnt in "
+            "this run\n") in capsys.readouterr().out
+    assert load_model(tmp_path / "long" / "final")[0].config.max_seq_len == 256
+    train(nano_cfg(sft_data, None, tmp_path / "same", kind="sft", init=str(nano_model_dir), model={}, seq_len=64,
+                   max_steps=1))
+    assert "--init's was" not in capsys.readouterr().out
+
+
 def test_sft_mfu_counts_attention_over_each_batchs_padded_length(tmp_path, sft_data, nano_model_dir, monkeypatch):
     """SFT batches are padded to their longest conversation, not seq_len: their FLOPs (and MFU) count
     attention over the positions each batch has, across a resume too."""

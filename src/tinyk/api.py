@@ -232,8 +232,12 @@ class Api:
     def check_model(self, body: dict) -> None:
         name = get_field(body, "model", "string")
         if name != self.cfg.model_name:
-            raise ApiError(404, f"the model '{name}' does not exist (this server has '{self.cfg.model_name}')",
-                           param="model", code="model_not_found")
+            raise self.no_such_model(name)
+
+    def no_such_model(self, name: str) -> ApiError:
+        """A 404 that names the model this server has: the one fix for a client's wrong name."""
+        return ApiError(404, f"the model '{name}' does not exist (this server has '{self.cfg.model_name}')",
+                        param="model", code="model_not_found")
 
     def sampling(self, body: dict, prompt_tokens: int, chat: bool) -> SamplingParams:
         d = self.defaults

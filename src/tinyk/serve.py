@@ -470,7 +470,7 @@ class Handler(BaseHTTPRequestHandler):
         elif path == f"/v1/models/{api.cfg.model_name}":
             self._json(200, api.model_card())
         elif path.startswith("/v1/models/"):
-            self._error(ApiError(404, f"the model '{path[11:]}' does not exist", param="model", code="model_not_found"))
+            self._error(api.no_such_model(path[11:]))
         elif path in POST_PATHS:
             self._error(_not_allowed(path))
         else:

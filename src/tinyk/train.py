@@ -638,6 +638,7 @@ class Trainer:
         # tokenizer directory it started from may have moved or been retrained since.
         self.init_dir = resolve_init(cfg.init) if cfg.init and not self.resumed_from else None
         self.preset_beside_init = cfg.model.get("preset") if self.init_dir is not None else None  # for the header
+        self.init_context: int | None = None  # an --init model's context, set with the model's config
         self.weights_dir = self.resumed_from / "model" if self.resumed_from else self.init_dir
         self.tok_dir = self.resumed_from / "model" if self.resumed_from else \
             Path(cfg.tokenizer) if cfg.tokenizer else self.init_dir
@@ -717,6 +718,7 @@ class Trainer:
             raise TinykError(f"model.{k}={section[k]} differs from the run's {getattr(base, k)}: a resumed run "
                              f"trains the same model on; to train with another {k}, start a new run with "
                              f"--init {self.weights_dir}")
+        self.init_context = None if self.resumed_from else base.max_seq_len  # for the header's note
         return model_config(section, base=base, base_from=self.weights_dir)
 
     def _open_run_dir(self, force: bool) -> bool:
@@ -1299,6 +1301,9 @@ class Trainer:
                 PRESETS[preset].get(k, getattr(m, k)) != getattr(m, k) for k in ("dim", "n_layers", "n_heads")):
             lines.append(f"note: the model is --init's (dim {m.dim}, {m.n_layers} layers, {m.n_heads} heads), not the "
                          f"{preset} preset's: the preset gives the training settings")
+        if self.init_context and m.max_seq_len > self.init_context:  # a fine-tune that extends the context
+            lines.append(f"note: the model's context is {m.max_seq_len}, --init's was {self.init_context}: positions "
+                         f"past {self.init_context} are new to it and learnt in this run")
         dropped, cut = (self.loader.dropped, self.loader.cut) if cfg.kind == "sft" else (0, 0)
         total = dropped + self.loader.num_windows
         if dropped:

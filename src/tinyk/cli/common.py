@@ -127,6 +127,16 @@ def non_empty(s: str) -> str:
     return utf8_text(s)
 
 
+def train_device(s: str) -> str:
+    """pretrain/sft --device: Apple's mps named with the reason it is refused, not as a bad choice."""
+    if s == "mps":
+        raise argparse.ArgumentTypeError("mps is not supported: tinyk's training has not been checked on Apple GPUs "
+                                         "(--device cpu trains on the Mac's CPU)")
+    if s not in ("auto", "cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"must be auto, cpu or cuda, got {s!r}")
+    return s
+
+
 def add_field_arg(p: argparse.ArgumentParser) -> None:
     """--field of the commands that read documents; None when not given, for `text_field`."""
     p.add_argument("--field", default=None, type=non_empty,

@@ -19,6 +19,7 @@ from tinyk.cli.common import (
     seed,
     speaks_for_machine,
     token_count,
+    train_device,
     utf8_text,
 )
 
@@ -64,7 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                             "at the same rate")
         r = p.add_argument_group("runtime")
         r.add_argument("--dtype", choices=TRAIN_DTYPE_CHOICES)
-        r.add_argument("--device", choices=["auto", "cpu", "cuda"])
+        r.add_argument("--device", type=train_device, help="auto (CUDA if present), cpu or cuda")
         # --no-X turns off what a resumed run's saved config turned on.
         r.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
         r.add_argument("--parallel", choices=PARALLEL_CHOICES, help="multi-process strategy under torchrun")
