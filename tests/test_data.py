@@ -1975,3 +1975,202 @@ def test_a_split_too_short_names_the_longest_seq_len_that_fits(pretrain_dir):
     with pytest.raises(TinykError, match=rf"\(--seq-len {val - 1} or less fits\)$"):
         PretrainLoader(pretrain_dir, "val", val, 1)
     assert PretrainLoader(pretrain_dir, "val", val - 1, 1).num_windows == 1  # and it does fit
+
+
+# a document exactly PIECE_CHARS long is tokenized (it is neither "short" nor
+# "long" if one of the two bounds is off by one, and the whole run dies on a None).
+def test_a_document_exactly_piece_chars_long_is_tokenized_whole(tmp_path, tok_dir, monkeypatch):
+    from tinyk import data
+
+    monkeypatch.setattr(data, "PIECE_CHARS", 100)
+    doc = (CHINESE * 3)[:100]
+    docs_in = [doc[:99], doc, doc + "好"]
+    src = write_jsonl(tmp_path / "c.jsonl", docs_in)
+    prepare_pretrain([src], tok_dir, tmp_path / "o", val_fraction=0, **QUIET)
+    plain = load_tokenizer(tok_dir).plain
+    assert documents(tmp_path / "o", "train") == [[BOS, *plain.encode(d, add_special_tokens=False).ids, EOS]
+                                                  for d in docs_in]
+
+
+# a history entry that is not a [question, answer] pair is a bad message (skipped and
+# counted), not a ValueError that ends the whole `tinyk data sft` run with a traceback.
+def test_an_alpaca_history_entry_that_is_not_a_pair_is_a_bad_message():
+    for history in ([["说个动物", "猫", "狗"]], [["只有问题"]], [[]]):
+        assert normalize_conversation({"instruction": "再来", "output": "狗", "history": history}) == "bad_message"
+
+
+# a blank top-level "system" (a `datasets` export writes "" for rows without one)
+# is no system prompt: no empty system turn, so --system-prompt is still added to the conversation.
+def test_a_blank_top_level_system_field_is_no_system_prompt():
+    turns = [{"from": "human", "value": "猫"}, {"from": "gpt", "value": "Cat"}]
+    for system in ("", " \n"):
+        for rec in ({"system": system, "conversations": turns},
+                    {"system": system, "instruction": "猫", "output": "Cat"}):
+            assert normalize_conversation(rec) == [{"role": "user", "content": "猫"},
+                                                   {"role": "assistant", "content": "Cat"}], (system, rec)
+
+
+# a finished SFT directory holds only
+# meta.json and each split's tokens.bin, mask.bin and offsets.npy (lengths.tmp, a checkpoint's scratch, goes).
+def test_a_finished_sft_directory_holds_only_its_data_files(sft_data):
+    files = sorted(p.relative_to(sft_data).as_posix() for p in sft_data.rglob("*") if p.is_file())
+    assert files == ["meta.json", *(f"{split}/{name}" for split in ("train", "val")
+                                    for name in ("mask.bin", "offsets.npy", "tokens.bin"))]
+
+
+# a conversation exactly --max-len tokens long is not "longer than --max-len": it is
+# kept whole, its last newline included, and not counted as cut.
+def test_a_conversation_exactly_max_len_long_is_kept_whole(tmp_path, tok_dir):
+    tok = load_tokenizer(tok_dir)
+    chat = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "好的。"}]
+    n = len(tok.encode(render_chat(chat)))
+    src = write_jsonl(tmp_path / "s.jsonl", [chat], field=None)
+    meta = prepare_sft([src], tok_dir, tmp_path / "o", max_len=n, system_prompt="", val_fraction=0.0, **QUIET)
+    (ids, mask), = sft_split(tmp_path / "o")
+    assert len(ids) == n and meta["truncated"] == {} and meta["skipped"]["total"] == 0
+    check_mask(tok, ids, mask, chat)
+
+
+# a conversation cut mid-turn just after the first token of
+# its first answer still learns that token; it is kept (counted as cut), not dropped as "prompt too long".
+def test_a_conversation_cut_just_after_its_first_answer_token_is_kept(tmp_path, tok_dir):
+    chat = [{"role": "user", "content": "问题"}, {"role": "assistant", "content": "回答很长的一句话。"}]
+    src = write_jsonl(tmp_path / "s.jsonl", [chat], field=None)
+    prepare_sft([src], tok_dir, tmp_path / "whole", system_prompt="", val_fraction=0.0, **QUIET)
+    (ids, mask), = sft_split(tmp_path / "whole")
+    first = int(np.flatnonzero(mask)[0])
+    assert first + 1 >= 8  # --max-len's floor
+    meta = prepare_sft([src], tok_dir, tmp_path / "cut", max_len=first + 1, system_prompt="", val_fraction=0.0,
+                       **QUIET)
+    assert meta["truncated"] == {"mid_turn": 1} and meta["skipped"]["total"] == 0
+    (cut_ids, cut_mask), = sft_split(tmp_path / "cut")
+    assert cut_ids.tolist() == ids[:first + 1].tolist() and cut_mask.tolist() == [0] * first + [1]
+
+
+# with --val-fraction 0 there is never a val document, yet the work is still saved
+# and a stopped run continues (and to the same output as a run never stopped).
+def test_a_run_without_a_val_split_is_continued_too(tmp_path, tok_dir, monkeypatch, capsys):
+    src, prep = _stoppable_inputs(tmp_path, "pretrain")
+    opts = {"val_fraction": 0.0, "workers": 1, "batch_chars": 300}
+    prep([src], tok_dir, tmp_path / "whole", show_progress=False, **opts)
+    with monkeypatch.context() as m:
+        _stop_during_batch(m, 7)
+        with pytest.raises(KeyboardInterrupt):
+            prep([src], tok_dir, tmp_path / "out", **opts)
+    assert "done are kept in" in capsys.readouterr().err
+    prep([src], tok_dir, tmp_path / "out", **opts)
+    assert "continuing the stopped run" in capsys.readouterr().err
+    _same_data(tmp_path / "out", tmp_path / "whole")
+
+
+# no checkpoint is saved while the held-back last document is unwritten
+# (before the first val document); a checkpoint that counted it as done would lose it on continuing.
+def test_a_run_stopped_before_its_first_val_document_loses_no_document(tmp_path, tok_dir, monkeypatch, capsys):
+    src, prep = _stoppable_inputs(tmp_path, "pretrain")
+    opts = {"val_fraction": 0.001, "workers": 1, "batch_chars": 300}
+    prep([src], tok_dir, tmp_path / "whole", show_progress=False, **opts)
+    with monkeypatch.context() as m:
+        _stop_during_batch(m, 7)
+        with pytest.raises(KeyboardInterrupt):
+            prep([src], tok_dir, tmp_path / "out", **opts)
+    prep([src], tok_dir, tmp_path / "out", **opts)
+    _same_data(tmp_path / "out", tmp_path / "whole")
+
+
+# a continued run's checkpoints count the records the runs
+# before it did too, so a run stopped twice still continues to the output of a run never stopped.
+@pytest.mark.parametrize("kind", ["pretrain", "sft"])
+def test_a_run_stopped_twice_continues_to_the_output_of_a_run_never_stopped(tmp_path, tok_dir, monkeypatch,
+                                                                           capsys, kind):
+    src, prep = _stoppable_inputs(tmp_path, kind)
+    opts = {"val_fraction": 0.2, "workers": 1, "batch_chars": 300}
+    prep([src], tok_dir, tmp_path / "whole", show_progress=False, **opts)
+    for _ in range(2):
+        with monkeypatch.context() as m:
+            _stop_during_batch(m, 5)
+            with pytest.raises(KeyboardInterrupt):
+                prep([src], tok_dir, tmp_path / "out", **opts)
+    prep([src], tok_dir, tmp_path / "out", **opts)
+    assert "continuing the stopped run" in capsys.readouterr().err
+    _same_data(tmp_path / "out", tmp_path / "whole")
+
+
+# the recorded command and the checkpoint fingerprint): meta.json's command
+# makes the same SFT data, --max-len and --system-prompt included (without them in the fingerprint, a stopped
+# run would also be continued by a command with another prompt or length, mixing the two in one output).
+def test_the_recorded_sft_command_makes_the_same_data(tmp_path, tok_dir):
+    src = write_jsonl(tmp_path / "s.jsonl", conversations(30), field=None)
+    meta = prepare_sft([src], tok_dir, tmp_path / "a", max_len=64, system_prompt="你是诗人", val_fraction=0.2, seed=3,
+                       **QUIET)
+    argv = shlex.split(meta["command"])[1:]
+    argv[argv.index("--out") + 1] = str(tmp_path / "b")
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--workers", "1"])
+    assert e.value.code == 0
+    assert meta["truncated"] and meta["splits"]["val"]["documents"]  # --max-len and the split both tell
+    _same_data(tmp_path / "a", tmp_path / "b")
+
+
+# clipping a long message before tokenizing keeps enough characters for
+# --max-len tokens even where a token spells many characters (here 9: a real tokenizer's English words are
+# 4-5), so the conversation still fills --max-len instead of ending early.
+def test_a_long_reply_of_long_tokens_still_fills_max_len(tmp_path, tok_dir):
+    chat = [{"role": "user", "content": "写"}, {"role": "assistant", "content": "我们今天去公园散步" * 60}]
+    src = write_jsonl(tmp_path / "s.jsonl", [chat], field=None)
+    meta = prepare_sft([src], tok_dir, tmp_path / "o", max_len=64, system_prompt="", val_fraction=0.0, **QUIET)
+    (ids, mask), = sft_split(tmp_path / "o")
+    assert len(ids) == 64 and mask[-1] == 1 and meta["truncated"] == {"mid_turn": 1}
+
+
+# the closing line counts the loss tokens of both splits and says how many conversations
+# were cut and how many of those at a turn boundary.
+def test_the_sft_summary_counts_both_splits_and_both_kinds_of_cut(sft_data):
+    from tinyk.data import summary
+
+    meta = {**json.loads((sft_data / "meta.json").read_text()), "truncated": {"at_turn": 2, "mid_turn": 5}}
+    tr, va = meta["splits"]["train"], meta["splits"]["val"]
+    assert va["loss_tokens"] > 0
+    assert (f", {tr['loss_tokens'] + va['loss_tokens']:,} with loss; 7 cut to --max-len {meta['max_len']} "
+            f"(2 at a turn boundary)") in summary(meta)
+
+
+# a partial folder without a progress file (a run SIGKILLed before its first save)
+# is emptied before the next run writes into it; SFT files are opened for appending, so leftovers would end up
+# in the output.
+def test_a_partial_folder_without_a_checkpoint_is_emptied_first(tmp_path, tok_dir):
+    src = write_jsonl(tmp_path / "s.jsonl", conversations(20), field=None)
+    prepare_sft([src], tok_dir, tmp_path / "fresh", val_fraction=0.2, **QUIET)
+    for split in ("train", "val"):
+        folder = tmp_path / ".out.partial" / split
+        folder.mkdir(parents=True)
+        for name in ("tokens.bin", "mask.bin", "lengths.tmp"):
+            (folder / name).write_bytes(b"\x07\x00" * 8)
+    prepare_sft([src], tok_dir, tmp_path / "out", val_fraction=0.2, **QUIET)
+    _same_data(tmp_path / "out", tmp_path / "fresh")
+    assert not (tmp_path / ".out.partial").exists()
+
+
+# a continued run's meta.json seconds include the time the stopped run had saved (the
+# closing line's MB/s and tokens/s are over all the work kept, as the README says).
+def test_a_continued_run_counts_the_seconds_the_stopped_run_saved(tmp_path, tok_dir, monkeypatch, capsys):
+    src, prep = _stoppable_inputs(tmp_path, "pretrain")
+    opts = {"val_fraction": 0.2, "workers": 1, "batch_chars": 300}
+    with monkeypatch.context() as m:
+        _stop_during_batch(m, 7)
+        with pytest.raises(KeyboardInterrupt):
+            prep([src], tok_dir, tmp_path / "out", **opts)
+    progress = tmp_path / ".out.partial" / "progress.json"
+    progress.write_text(json.dumps({**json.loads(progress.read_text()), "seconds": 1000.0}))
+    meta = prep([src], tok_dir, tmp_path / "out", **opts)
+    assert "continuing the stopped run" in capsys.readouterr().err
+    assert 1000 <= meta["seconds"] < 1000 + 600
+
+
+# --max-len 8 is the documented floor ("at least 8"), so it is accepted.
+def test_max_len_8_is_accepted(tmp_path, tok_dir):
+    src = write_jsonl(tmp_path / "s.jsonl", [[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]],
+                      field=None)
+    try:
+        prepare_sft([src], tok_dir, tmp_path / "o", max_len=8, system_prompt="", **QUIET)
+    except TinykError as e:  # "no usable conversations" is this data's own matter, not --max-len's floor
+        assert "must be at least 8" not in str(e)
