@@ -877,8 +877,8 @@ def test_eval_mode_turns_attention_dropout_off():
 
 
 def test_a_models_dropout_is_transformers_attention_dropout(tmp_path, tok_dir):
-    """tinyk's dropout is on the attention weights, as transformers' attention_dropout is: config.json
-    said 0.0 whatever the model trained with, so fine-tuning it in transformers dropped none."""
+    """transformers' Llama drops on the attention weights as tinyk does (tinyk on its residuals too):
+    config.json said 0.0 whatever the model trained with, so fine-tuning it in transformers dropped none."""
     out = save_model(Transformer(ModelConfig(**{**preset_config("nano").to_dict(), "dropout": 0.1})), tok_dir,
                      tmp_path / "m")
     assert LlamaConfig.from_pretrained(out).attention_dropout == 0.1 and load_config(out).dropout == 0.1

@@ -633,12 +633,28 @@ def test_chat_logprobs_leave_out_the_token_a_reply_stops_on(client, reference, t
     assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == k + 1
     assert [bytes(t.bytes) for t in content] == [reference.tok.piece(i) for i in ids[:k]]
     assert b"".join(bytes(t.bytes) for t in content).decode(errors="replace") == r.choices[0].message.content
-    streamed = [c for c in client.chat.completions.create(**kw, stream=True) if c.choices and c.choices[0].logprobs]
+    chunks = [c for c in client.chat.completions.create(**kw, stream=True) if c.choices]
+    streamed = [c for c in chunks if c.choices[0].logprobs]
     assert [t.model_dump() for c in streamed for t in c.choices[0].logprobs.content] == \
         [t.model_dump() for t in content]
+    assert chunks[-1].choices[0].finish_reason == "stop" and chunks[-1].choices[0].logprobs is None  # no tokens left
+    # A stop string: the tokens after where it cut the text are not the message's either (they were listed).
+    full = client.chat.completions.create(**{**kw, "extra_body": {"top_k": 0}})
+    text = full.choices[0].message.content
+    starts = [len(reference.tok.decode(ids[:k])) for k in range(len(ids) + 1)]
+    # a token's own text, first found where it starts: the stop string begins a token of its own
+    stop = next(piece for k in range(1, len(ids)) if (piece := text[starts[k]:starts[k + 1]])
+                and "\ufffd" not in piece and text.find(piece) == starts[k])
+    kept = text[:text.index(stop)]
+    r = client.chat.completions.create(**{**kw, "extra_body": {"top_k": 0}}, stop=[stop])
+    starts = starts[:-1]
+    assert r.choices[0].message.content == kept and r.choices[0].finish_reason == "stop"
+    assert len(r.choices[0].logprobs.content) == sum(start < len(kept) for start in starts) < len(ids)
+    assert b"".join(bytes(t.bytes) for t in r.choices[0].logprobs.content).decode(errors="replace").startswith(kept)
     # The model's own end, as the engine records it: the completions API still lists it, as a token not in the text.
     tok = reference.tok
-    ended = SimpleNamespace(logprobs=[TokenLogprob(i, -1.0, []) for i in [*ids[:3], IM_END_ID]], stop_ids=SPECIAL_IDS)
+    ended = SimpleNamespace(logprobs=[TokenLogprob(i, -1.0, []) for i in [*ids[:3], IM_END_ID]], stop_ids=SPECIAL_IDS,
+                            spelled_tokens=lambda: 3)
     chat = LogprobsWriter(tok, chat=True).take(generated_tokens(ended, 0, 4))["content"]
     assert [bytes(t["bytes"]) for t in chat] == [tok.piece(i) for i in ids[:3]]
     legacy = LogprobsWriter(tok, chat=False).take(generated_tokens(ended, 0, 4))

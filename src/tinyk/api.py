@@ -549,9 +549,12 @@ def _finite(logprob: float) -> float:
 
 
 def generated_tokens(req: Request, start: int, end: int) -> list[tuple[int, TokenLogprob | None, bool]]:
-    """Generated tokens start..end for a LogprobsWriter: special tokens and the stop token a sequence
-    ended on (EOS, one of `stop_token_ids`) are not part of the text."""
-    return [(e.token_id, e, e.token_id not in SPECIAL_IDS | req.stop_ids) for e in req.logprobs[start:end]]
+    """Generated tokens start..end for a LogprobsWriter: special tokens, the stop token a sequence ended
+    on (EOS, one of `stop_token_ids`) and those of a stop string past where it cut the text are not part
+    of the text."""
+    not_text, spelled = SPECIAL_IDS | req.stop_ids, req.spelled_tokens()
+    return [(e.token_id, e, e.token_id not in not_text and k < spelled)
+            for k, e in enumerate(req.logprobs[start:end], start)]
 
 
 def echo_text(req: Request, added: int) -> str:

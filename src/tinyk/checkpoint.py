@@ -74,7 +74,7 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
         "hidden_act": "silu",
         "attention_bias": False,
         "mlp_bias": False,
-        "attention_dropout": cfg.dropout,  # tinyk's only dropout, on the attention weights as transformers' is
+        "attention_dropout": cfg.dropout,  # the part of tinyk's dropout transformers' Llama has (not residual)
         "tie_word_embeddings": cfg.tie_embeddings,
         **GENERATION_IDS,
         # transformers makes config.json's pad id the embedding's padding_idx, whose row then learns nothing:

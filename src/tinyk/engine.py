@@ -412,6 +412,13 @@ class Detokenizer:
             self._covered += 1
         return self._covered
 
+    def spelled(self) -> int:
+        """How many of the tokens added begin within the text: once a stop string has cut it, those
+        after the cut do not."""
+        if not self.stopped:
+            return len(self.ids)
+        return sum(before < len(self.text) for before in [0, *self.ends[:-1]])
+
     def _emit(self, end: int) -> str:
         if end <= self.sent:
             return ""
@@ -497,6 +504,10 @@ class Request:
                           logprobs=None if p.logprobs is None else list(self.logprobs),
                           prompt_logprobs=None if p.prompt_logprobs is None else list(self.prompt_logprobs),
                           cut_by_context=self.finish_reason == "length" and self.max_new < p.max_new_tokens)
+
+    def spelled_tokens(self) -> int:
+        """How many generated tokens begin within the text (not those of a stop string past its cut)."""
+        return self.detok.spelled() if self.detok is not None else len(self.out_ids)
 
     def deliver(self, delta: str) -> None:
         if delta:  # with how many tokens' text has now been sent: the log-probabilities behind it

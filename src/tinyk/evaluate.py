@@ -382,11 +382,8 @@ def _read_choice_csv(path: Path, skips: Skips, limit: int | None) -> list[Choice
             options = {k: v for k, v in options.items() if v}
             answer = (row.get(header["answer"]) or "").strip().upper()
             question = (row.get(header["question"]) or "").strip()
-            twin = next((k for k, v in options.items() if k != answer and v == options.get(answer)), None)
             problem = ("no question" if not question else "fewer than two options" if len(options) < 2 else
-                       f"answer {answer!r} is not the letter of one of its options" if answer not in options else
-                       # a tie the first option wins: the right one could never be picked
-                       f"options {twin} and {answer} (the answer) have the same text" if twin else None)
+                       f"answer {answer!r} is not the letter of one of its options" if answer not in options else None)
             if problem:
                 skips.add("bad_row", where, f"{problem}; a row has a question, at least two of the options "
                                             f"{', '.join(letters)} and the right one's letter as its answer")
@@ -505,6 +502,11 @@ def choices_that_fit(tok: TinyTokenizer, paths: list[str | Path], questions: lis
     options on different texts, and cloze would divide a part's log-probability by the whole's bytes."""
     fits = []
     for q in questions:
+        if fmt == "cloze" and list(q.options.values()).count(q.options[q.answer]) > 1:
+            # Scored alike, a tie the first option wins: the answer is right or wrong by its place alone.
+            skips.add("repeated_option", q.where or q.subject, "the answer's text is another option's too; "
+                      "--choice-format letter scores the letters, which differ")
+            continue
         context, conts = choice_continuations(q, fmt)
         if max(len(opt.ids) for opt in _option_sequences(tok, [(context, c) for _, c in conts])) <= context_length:
             fits.append(q)

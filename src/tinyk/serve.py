@@ -644,6 +644,8 @@ class Handler(BaseHTTPRequestHandler):
 
         def chunk(i: int, delta: str | None, finish: str | None = None, upto: int | None = None) -> dict[str, Any]:
             lp = logprobs(i, upto)
+            if chat and finish and lp is not None and not lp["content"]:  # nothing left: null, as OpenAI's last
+                lp = None
             if chat:
                 choice = {"index": i, "delta": {"content": delta} if delta else {}, "logprobs": lp,
                           "finish_reason": finish}
