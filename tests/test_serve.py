@@ -1892,7 +1892,7 @@ def test_serve_flags_reach_the_server_and_its_defaults_are_safe(nano_model_dir, 
     assert serve_cli(["--model", nano_model_dir, "--max-connections", 20], monkeypatch).max_connections == 20
     assert "open-file limit" not in capsys.readouterr().err
     assert serve_cli(["--model", nano_model_dir, "--max-connections", 99999], monkeypatch).max_connections == 100
-    assert ("tinyk: note: at most 100 connections open at once, not --max-connections 99,999: the open-file limit "
+    assert ("tinyk: note: at most 100 connections open at once, not --max-connections 99999: the open-file limit "
             "(ulimit -n) allows no more\n") in capsys.readouterr().err
 
 

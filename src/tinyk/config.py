@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import yaml
 
-from .errors import TinykError, first_line, not_found
+from .errors import MPS_REFUSED, TinykError, first_line, not_found
 from .inputs import as_list
 from .model import PRESETS, ModelConfig
 from .monitor import check_trackers
@@ -97,7 +97,7 @@ _MODEL_TYPES = typing.get_type_hints(ModelConfig)
 
 
 INT_TAG, FLOAT_TAG, STR_TAG = (f"tag:yaml.org,2002:{t}" for t in ("int", "float", "str"))
-_YAML11_NUMBER = re.compile(r"[-+]?(0[0-9_]+$|[0-9][0-9_]*:)")  # octal 016, base 60 1:00 (and 1:30.5)
+_YAML11_NUMBER = re.compile(r"[-+]?(0[0-9_]+\Z|[0-9][0-9_]*:)")  # octal 016, base 60 1:00 (and 1:30.5)
 TEXT_LISTS = {"sample_prompts"}  # lists of text kept as written (tracker is a comma list)
 
 
@@ -111,7 +111,7 @@ class _ConfigLoader(yaml.SafeLoader):
     """YAML read as a config file means it: a key given twice is refused (the earlier value would be
     dropped without a word), and a text key's value is the text as written (`run_name: 0123` is not
     YAML 1.1's octal 83, `project: 1.10` not 1.1). Nor is a number YAML 1.1's base 60 or octal
-    (`batch_size: 1:00` is not 60, `016` is 16, as in YAML 1.2). Aliases are refused: a few hundred bytes
+    (`batch_size: 1:00` is not 60, `016` is 16). Aliases are refused: a few hundred bytes
     of nested ones (a run's config.yaml from someone else) expand to more than memory holds when checked."""
 
     def resolve(self, kind: type, value: Any, implicit: tuple[bool, bool]) -> str:
@@ -137,7 +137,7 @@ class _ConfigLoader(yaml.SafeLoader):
                 seen.add(key)
             if (_text_key(key) and isinstance(value_node, yaml.ScalarNode)
                     and value_node.tag != "tag:yaml.org,2002:null"):
-                value_node.tag = "tag:yaml.org,2002:str"
+                value_node.tag = STR_TAG
         return super().construct_mapping(node, deep=deep)
 
 
@@ -431,6 +431,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.parallel in PARALLEL, f"parallel must be ddp or fsdp, got {cfg.parallel!r}"),
         (cfg.compile_mode in COMPILE_MODES, f"compile_mode must be one of {', '.join(COMPILE_MODES)}"),
         # Apple's mps is not offered: its tensors have no float64 (the loss accumulators) and it is untested.
+        (cfg.device != "mps", f"device {MPS_REFUSED}"),
         (cfg.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {cfg.device!r}"),
         (cfg.seq_len is None or cfg.seq_len >= 1, "seq_len must be positive"),
         (1 <= cfg.batch_size <= MAX_BATCH, f"batch_size must be in 1..{MAX_BATCH}"),

@@ -20,6 +20,10 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TextIO
 
+# Why --device mps (or device: mps) is refused, in the words the CLI and the config checks both use.
+MPS_REFUSED = ("mps is not supported: tinyk's training has not been checked on Apple GPUs (--device cpu trains on "
+               "the Mac's CPU)")
+
 
 class TinykError(Exception):
     """A user-facing error: the CLI prints its message as one line and exits non-zero."""

@@ -477,7 +477,7 @@ def run_spec(*, preset: str | None, config: str | None, sets: Iterable[str] = ()
     from .rundir import resolve_init
 
     sets = list(sets)
-    shaped = any(item.strip().startswith("model.") for item in sets)  # a model described key by key
+    shaped = any(item.strip().startswith(("model.", "model=")) for item in sets)  # a model described by --set
     if not preset and not config and not (overrides or {}).get("init") and not shaped:
         raise TinykError("pass --preset, --config or --init (or the model's shape with --set model.KEY=VALUE)")
     # resolve_config insists on data and output paths; planning reads neither.

@@ -1110,7 +1110,7 @@ def serve(model_dir: str, *, host: str = "127.0.0.1", port: int = 8000, device: 
           f"{where} {server.url}  (chat page: {server.url}/, API: {server.url}/v1)", file=sys.stderr, flush=True)
     if server.max_connections < config.max_connections:
         print(f"tinyk: note: at most {server.max_connections:,} connections open at once, not --max-connections "
-              f"{config.max_connections:,}: the open-file limit (ulimit -n) allows no more", file=sys.stderr,
+              f"{config.max_connections}: the open-file limit (ulimit -n) allows no more", file=sys.stderr,
               flush=True)
     if not server.loopback and server.api.cfg.api_key is None:
         print(f"tinyk: warning: no --api-key: anyone who can reach port {server.server_address[1]} of this machine "

@@ -1302,8 +1302,10 @@ class Trainer:
             lines.append(f"note: the model is --init's (dim {m.dim}, {m.n_layers} layers, {m.n_heads} heads), not the "
                          f"{preset} preset's: the preset gives the training settings")
         if self.init_context and m.max_seq_len > self.init_context:  # a fine-tune that extends the context
+            learnt = (f"learnt in this run up to seq_len {cfg.seq_len}" if cfg.seq_len > self.init_context else
+                      f"not trained in this run either (seq_len {cfg.seq_len})")
             lines.append(f"note: the model's context is {m.max_seq_len}, --init's was {self.init_context}: positions "
-                         f"past {self.init_context} are new to it and learnt in this run")
+                         f"past {self.init_context} are new to it, {learnt}")
         dropped, cut = (self.loader.dropped, self.loader.cut) if cfg.kind == "sft" else (0, 0)
         total = dropped + self.loader.num_windows
         if dropped:

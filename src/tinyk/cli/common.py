@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
+from tinyk.errors import MPS_REFUSED
 from tinyk.inputs import has_surrogate, is_plain_text
 from tinyk.units import MAX_BATCH, MAX_SIZE, parse_size
 
@@ -130,8 +131,7 @@ def non_empty(s: str) -> str:
 def train_device(s: str) -> str:
     """pretrain/sft --device: Apple's mps named with the reason it is refused, not as a bad choice."""
     if s == "mps":
-        raise argparse.ArgumentTypeError("mps is not supported: tinyk's training has not been checked on Apple GPUs "
-                                         "(--device cpu trains on the Mac's CPU)")
+        raise argparse.ArgumentTypeError(MPS_REFUSED)
     if s not in ("auto", "cpu", "cuda"):
         raise argparse.ArgumentTypeError(f"must be auto, cpu or cuda, got {s!r}")
     return s
