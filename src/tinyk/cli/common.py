@@ -145,7 +145,9 @@ def add_field_arg(p: argparse.ArgumentParser) -> None:
 
 def text_field(field: str | None, inputs: list[str]) -> str:
     """--field, with a word when no input has fields (every one plain text), rather than ignored unseen."""
-    if field is not None and inputs and all(is_plain_text(Path(i)) for i in inputs):
+    if field is not None and not inputs:  # tokenizer eval's own samples
+        print(f"tinyk: --field {field} is not used without --input", file=sys.stderr)
+    elif field is not None and all(is_plain_text(Path(i)) for i in inputs):
         print(f"tinyk: --field {field} is not used: .txt files hold one document a line, with no fields",
               file=sys.stderr)
     return "text" if field is None else field
