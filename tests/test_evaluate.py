@@ -607,6 +607,14 @@ def test_the_majority_baseline_counts_alternative_answers(tmp_path):
     ])
     r = eval_task(ScriptedEngine({k: ("负面", "eos") for k in "abc"}), task)
     assert r["accuracy"] == 1.0 and r["baseline"] == 1.0 and r["majority_answer"] == "负面"
+    # Each example counts once (not once per alternative: past 100%), its answers compared normalised.
+    task = write_task(tmp_path / "t2.jsonl", [
+        {"messages": [{"role": "user", "content": "a"}], "answer": ["负面", "负面。"]},
+        {"messages": [{"role": "user", "content": "b"}], "answer": "负面！"},
+        {"messages": [{"role": "user", "content": "c"}], "answer": "负面"},
+    ])
+    r = eval_task(ScriptedEngine({k: ("正面", "eos") for k in "abc"}), task)
+    assert r["baseline"] == 1.0 and r["majority_answer"] == "负面" and r["accuracy"] == 0
 
 
 def test_task_errors(tmp_path, nano_model_dir):
@@ -1049,16 +1057,6 @@ def test_sft_data_is_scored_in_its_own_max_len_by_default(tmp_path, tok_dir, nan
 def test_normalize_answer_drops_final_tilde_and_only_final_punctuation():
     assert normalize_answer("好的~") == normalize_answer("好的～") == "好的"
     assert normalize_answer("？为什么") == "?为什么" and normalize_answer("。好") == "。好"
-
-
-def test_majority_baseline_counts_each_example_once_and_after_normalising(tmp_path):
-    task = write_task(tmp_path / "t.jsonl", [
-        {"messages": [{"role": "user", "content": "a"}], "answer": ["负面", "负面。"]},
-        {"messages": [{"role": "user", "content": "b"}], "answer": "负面！"},
-        {"messages": [{"role": "user", "content": "c"}], "answer": "负面"},
-    ])
-    r = eval_task(ScriptedEngine({k: ("正面", "eos") for k in "abc"}), task)
-    assert r["baseline"] == 1.0 and r["majority_answer"] == "负面" and r["accuracy"] == 0
 
 
 def test_chance_level_counts_each_questions_own_options(tmp_path, nano):

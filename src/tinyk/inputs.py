@@ -219,9 +219,15 @@ _CODECS = {".gz": "gzip", ".zst": "zstd"}
 _ZSTD_CHUNK = 4096  # compressed bytes per step; bounds what one step can expand to
 
 
+def _packed_ext(head: bytes) -> str | None:
+    """The suffix (.gz, .zst) of the compressor whose data `head`, a file's first bytes, begins, if any."""
+    return next((ext for ext, magic in _MAGIC.items() if head.startswith(magic)), None)
+
+
 def compression(head: bytes) -> str | None:
     """The compressor ("gzip", "zstd") whose data `head`, a file's first bytes, begins, if any."""
-    return next((_CODECS[ext] for ext, magic in _MAGIC.items() if head.startswith(magic)), None)
+    ext = _packed_ext(head)
+    return _CODECS[ext] if ext else None
 
 
 def _codec(path: Path) -> str | None:
@@ -333,7 +339,7 @@ def _misnamed(path: Path, codec: str) -> str | None:
         return None
     ext = next(e for e, c in _CODECS.items() if c == codec)
     stem = path.name[:-len(ext)]
-    other = next((e for e, magic in _MAGIC.items() if start.startswith(magic)), None)
+    other = _packed_ext(start)
     if other and other != ext:
         return f"{path}: {_CODECS[other]}-compressed data in a file named {ext}; rename it to {stem}{other}"
     if not other and b"\x00" not in start and _utf8_so_far(start):
@@ -346,7 +352,7 @@ def _refuse_wide_or_packed(path: Path, first: bytes) -> None:
     wide = next((bits for bits, boms in ((32, _UTF32_BOMS), (16, _UTF16_BOMS)) if first.startswith(boms)), None)
     if wide:
         raise TinykError(f"{path}: UTF-{wide} text; tinyk reads UTF-8 (convert it, e.g. with iconv)")
-    packed = next((ext for ext, magic in _MAGIC.items() if first.startswith(magic)), None)
+    packed = _packed_ext(first)
     if packed and not _codec(path):
         raise TinykError(f"{path}: {_CODECS[packed]}-compressed data in a file not named {packed}; "
                          f"rename it to {path.name}{packed} and tinyk reads it as it is")

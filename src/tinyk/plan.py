@@ -473,11 +473,11 @@ def run_spec(*, preset: str | None, config: str | None, sets: Iterable[str] = ()
     or the config's; with `tokenizer` (else the config's, else the init model's), the vocabulary is that
     tokenizer's, as training takes it."""
     from .checkpoint import load_config
-    from .config import model_config, resolve_config
+    from .config import model_config, parse_sets, resolve_config
     from .rundir import resolve_init
 
     sets = list(sets)
-    shaped = any(item.strip().startswith(("model.", "model=")) for item in sets)  # a model described by --set
+    shaped = "model" in parse_sets(sets)  # a model described by --set, as the trainer reads it
     if not preset and not config and not (overrides or {}).get("init") and not shaped:
         raise TinykError("pass --preset, --config or --init (or the model's shape with --set model.KEY=VALUE)")
     # resolve_config insists on data and output paths; planning reads neither.
