@@ -3629,7 +3629,38 @@ def test_an_empty_tracker_id_file_gets_a_new_id(tmp_path, monkeypatch):
     (tmp_path / ".tracker_id").write_text("\n")
     for _ in range(2):  # resumed twice: the same id both times
         Trackers(["wandb"], tmp_path, {}, "tinyk", "run", start_step=4).close()
-    assert len(ids[0]) == 12 and ids[0] == ids[1] == (tmp_path / ".tracker_id").read_text()
+    assert len(ids[0]) == 12 and ids[0] == ids[1] and (tmp_path / ".tracker_id").read_text() == f"{ids[0]}\nwandb\n"
+
+
+def test_a_tracker_added_on_a_resume_gets_the_steps_the_others_already_hold(tmp_path, monkeypatch):
+    from tinyk.monitor import Trackers
+
+    sent = []
+
+    def tracker(name):
+        module = type(sys)(name)
+        module.init = lambda **kw: module
+        module.log = lambda values, step: sent.append((name, step))
+        module.finish = lambda **kw: None
+        monkeypatch.setitem(sys.modules, name, module)
+
+    tracker("wandb")
+    tracker("swanlab")
+    Trackers(["wandb"], tmp_path, {}, "tinyk", "run").close()
+    both = Trackers(["wandb", "swanlab"], tmp_path, {}, "tinyk", "run", start_step=2, logged_upto=3)
+    for step in (3, 4):
+        both.log({"train/loss": 1.0}, step)
+    both.close()
+    assert sent == [("swanlab", 3), ("wandb", 4), ("swanlab", 4)]
+    sent.clear()
+    again = Trackers(["swanlab", "wandb"], tmp_path, {}, "tinyk", "run", start_step=2, logged_upto=3)
+    again.log({"train/loss": 1.0}, 3)
+    again.close()
+    assert sent == []
+    # A run id an earlier tinyk saved (the id alone) does not say which trackers hold the run: all do.
+    (tmp_path / ".tracker_id").write_text("0123456789ab")
+    Trackers(["swanlab"], tmp_path, {}, "tinyk", "run", start_step=2, logged_upto=3).log({"train/loss": 1.0}, 3)
+    assert sent == []
 
 
 def test_the_loss_plot_puts_both_curves_on_the_tokens_axis(tmp_path, monkeypatch):

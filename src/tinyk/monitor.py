@@ -39,7 +39,7 @@ GPU_PEAK_TFLOPS: dict[str, float] = {
 }
 
 TRACKERS = ("tensorboard", "wandb", "swanlab")
-TRACKER_ID = ".tracker_id"  # the W&B and SwanLab run id, kept across resumes
+TRACKER_ID = ".tracker_id"  # the W&B and SwanLab run id, kept across resumes, then the trackers that hold it
 TRACKER_STEP = ".tracker_step"  # the last step earlier sessions may have sent W&B and SwanLab
 
 
@@ -121,16 +121,19 @@ class Trackers:
         get no step up to `logged_upto`, the last one a killed session may have sent them (W&B refuses
         a lower step than it has, SwanLab keeps the first of two), so their curves keep that session's
         values there. A run from step 0 (new, or resumed before its first checkpoint) is a new run for
-        W&B and SwanLab too, as is one whose earlier sessions started neither (no run id saved)."""
+        W&B and SwanLab too, as is one whose earlier sessions did not start that tracker."""
         self.sinks: list[tuple[str, Any]] = []
-        self.logged_upto = logged_upto if start_step and (out / TRACKER_ID).is_file() else 0
         names = list(dict.fromkeys(names))  # one writer each: a name given twice would log every point twice
         check_trackers(names)
         if not start_step:
             (out / TRACKER_ID).unlink(missing_ok=True)
+        holding = _trackers_holding(out)
+        self.logged_upto = {name: logged_upto if holding is None or name in holding else 0 for name in names}
         try:
             for name in names:
                 self.sinks.append((name, self._start(name, out, config, project, run_name, start_step)))
+                if name != "tensorboard":
+                    _record_tracker(out, name)
         except BaseException:  # a W&B run started before SwanLab failed (or Ctrl-C) would otherwise stay open
             with contextlib.suppress(Exception):
                 self.close(1, "another tracker could not start")
@@ -180,7 +183,7 @@ class Trackers:
                 if name == "tensorboard":
                     for k, v in values.items():
                         sink.add_scalar(k, v, step)
-                elif step > self.logged_upto:
+                elif step > self.logged_upto[name]:
                     sink.log(values, step=step)
             except Exception as e:
                 self.sinks.remove((name, sink))
@@ -229,13 +232,33 @@ def tracker_values(rec: dict[str, Any]) -> dict[str, float]:
     return {f"train/{k}": v for k, v in numbers.items()}
 
 
+def _tracker_lines(out: Path) -> list[str]:
+    f = out / TRACKER_ID
+    return f.read_text().split() if f.is_file() else []
+
+
 def _run_id(out: Path) -> str:
     """A stable tracker run id per run directory, so a resumed run continues the same curve."""
-    f = out / TRACKER_ID
-    if not f.exists() or not f.read_text().strip():  # empty: made by an older tinyk killed mid-write
-        with atomic_file(f) as tmp:
-            tmp.write_text(os.urandom(6).hex())
-    return f.read_text().strip()
+    lines = _tracker_lines(out)
+    if not lines:  # none, or empty: made by an older tinyk killed mid-write
+        lines = [os.urandom(6).hex()]
+        write_text_atomic(out / TRACKER_ID, f"{lines[0]}\n")
+    return lines[0]
+
+
+def _trackers_holding(out: Path) -> set[str] | None:
+    """The trackers whose runs got this run's steps, listed after the id; None where the file is an
+    earlier tinyk's id alone (no newline after it), which did not say: all of them, as it treated them."""
+    lines = _tracker_lines(out)
+    if not lines:
+        return set()
+    return set(lines[1:]) if len(lines) > 1 or (out / TRACKER_ID).read_text().endswith("\n") else None
+
+
+def _record_tracker(out: Path, name: str) -> None:
+    lines = _tracker_lines(out)
+    if name not in lines[1:]:
+        write_text_atomic(out / TRACKER_ID, "".join(f"{line}\n" for line in [*lines, name]))
 
 
 def plot_losses(records: list[dict[str, Any]], png: Path) -> bool:
