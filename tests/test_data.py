@@ -1206,6 +1206,12 @@ def test_sft_bad_records_are_skipped_by_reason(tmp_path, tok_dir):
         "a turn without a 'role' (or 'from') string: it has fields 'content'",
         "a turn is a JSON str, not an object with a role and its text",
         "a turn without 'content' (or 'value'): it has fields 'from', 'text'"]
+    # Both keys, one of them unusable: the record is skipped for what is wrong with that one.
+    assert read_conversation({"conversations": [{"from": "human", "value": "问"}, {"from": "gpt", "value": "答"}],
+                              "messages": [{"role": "user", "content": 5}]}) == (
+        "bad_message", "in 'messages': a turn's content is a JSON int, not text")
+    assert read_conversation({"conversations": [{"from": "human", "value": "问"}], "messages": ok}) == (
+        "no_assistant_turn", "in 'conversations': no assistant turn")
     with pytest.raises(TinykError, match="not .txt"):
         prepare_sft([write_jsonl(tmp_path / "t.txt", ["x"])], tok_dir, tmp_path / "o2", **QUIET)
     with pytest.raises(TinykError, match="s.jsonl:2: malformed json"):

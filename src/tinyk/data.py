@@ -1031,9 +1031,13 @@ def read_conversation(rec: Any) -> list[dict[str, str]] | tuple[str, str | None]
         # Both keys, one null or empty, is how a `datasets` export of mixed sources writes a row.
         lists = [rec[k] for k in ("conversations", "messages") if isinstance(rec.get(k), list)]
         if len(lists) == 2 and all(lists):  # the same conversation in both formats, or two
-            one, other = (read_conversation({**rec, k: None}) for k in ("messages", "conversations"))
-            if one != other:
-                return "two_conversations", None  # which one the data meant cannot be told
+            sides = {k: read_conversation({**rec, other: None})
+                     for k, other in (("conversations", "messages"), ("messages", "conversations"))}
+            if sides["conversations"] != sides["messages"]:
+                # Which one the data meant cannot be told; one that is unusable says why itself.
+                key, (reason, detail) = next(((k, c) for k, c in sides.items() if isinstance(c, tuple)),
+                                             (None, ("two_conversations", None)))
+                return reason, key and f"in '{key}': {detail or reason.replace('_', ' ')}"
         turns = next((t for t in lists if t), lists[0])
     else:
         turns = _alpaca_turns(rec) if form == "alpaca" else _prompt_turns(rec)
