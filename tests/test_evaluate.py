@@ -332,6 +332,8 @@ def test_a_csv_reached_twice_is_read_once_and_limit_is_per_subject(tmp_path):
                                                               encoding="utf-8")
     qs = read_choice([tmp_path / "ceval" / "dev", tmp_path / "cmmlu" / "dev"], Skips())
     assert [q.subject for q in qs] == ["ceval/dev/geo", "cmmlu/dev/geo"]
+    # The two files' rows are told apart by their paths where their names are the same.
+    assert [q.where for q in qs] == [f"{tmp_path / bench / 'dev' / 'geo_dev.csv'}:2" for bench in ("ceval", "cmmlu")]
     shutil.copy(tmp_path / "ceval" / "dev" / "geo_dev.csv", tmp_path / "val")  # dev beside val in one folder
     qs = read_choice([tmp_path / "val"], Skips())
     assert [q.subject for q in qs] == ["astro"] * 3 + ["geo_dev"] + ["geo_val"] * 3

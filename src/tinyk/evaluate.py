@@ -329,14 +329,16 @@ def _first_non_utf8_line(path: Path) -> int | None:
     return None
 
 
-def read_choice_csv(path: Path, skips: Skips, limit: int | None = None) -> list[ChoiceQuestion]:
+def read_choice_csv(path: Path, skips: Skips, limit: int | None = None,
+                    named: str | None = None) -> list[ChoiceQuestion]:
     """One C-Eval (id,question,A..D,answer[,explanation]) or CMMLU (,Question,A..D,Answer) file; its
-    questions' subject is the file's name without _val/_dev/_test.
+    questions' subject is the file's name without _val/_dev/_test. Its rows are told apart in skips
+    and samples as `named:LINE` (the file's name by default).
 
     A file that is not UTF-8 text (a GBK export, a binary file) or not parseable CSV is one TinykError.
     """
     try:
-        return _read_choice_csv(path, skips, limit)
+        return _read_choice_csv(path, skips, limit, named or path.name)
     except UnicodeDecodeError as e:
         with open(path, "rb") as f:
             packed = compression(f.read(4))
@@ -351,7 +353,7 @@ def read_choice_csv(path: Path, skips: Skips, limit: int | None = None) -> list[
         raise TinykError(f"{path}: malformed CSV ({e})") from e
 
 
-def _read_choice_csv(path: Path, skips: Skips, limit: int | None) -> list[ChoiceQuestion]:
+def _read_choice_csv(path: Path, skips: Skips, limit: int | None, named: str) -> list[ChoiceQuestion]:
     with open(path, newline="", encoding="utf-8-sig") as f:
         # strict: an unclosed quote is an error, not a field that silently swallows the rows after it
         reader = csv.DictReader(f, strict=True)
@@ -362,7 +364,7 @@ def _read_choice_csv(path: Path, skips: Skips, limit: int | None) -> list[Choice
         if "question" not in header or len(letters) < 2:
             raise TinykError(f"{path}: not a multiple-choice CSV (needs question, A, B, ... and answer columns)")
         if "answer" not in header:
-            skips.add("no_answer_column", path.name)
+            skips.add("no_answer_column", named)
             return []
         out = []
         rows = iter(reader)
@@ -374,7 +376,7 @@ def _read_choice_csv(path: Path, skips: Skips, limit: int | None) -> list[Choice
                 raise TinykError(f"{path}:{start}: malformed CSV in the row that starts here ({e})") from e
             if row is None:
                 break
-            where = f"{path.name}:{reader.line_num}"
+            where = f"{named}:{reader.line_num}"
             if any((v or "").strip() for v in row.get(None, [])):  # csv.DictReader's key for fields past the header
                 skips.add("extra_fields", where, "more fields than the header has: an unquoted comma in a field?")
                 continue
@@ -413,11 +415,13 @@ def read_choice(paths: Iterable[str | Path], skips: Skips, limit: int | None = N
     if not files:
         raise TinykError(f"no .csv files in {', '.join(map(str, paths))}")
     read = []
+    same_name = Counter(f.name for f in files.values())
     for real, f in files.items():
+        named = f.name if same_name[f.name] == 1 else str(f)  # x_val.csv in two folders: each by its path
         if f.stat().st_size == 0 and len(files) > 1:  # one empty file among others, a failed download: named
-            skips.add("empty_file", f.name)
+            skips.add("empty_file", named)
             continue
-        read.append((real.parent, f, read_choice_csv(f, skips, limit)))
+        read.append((real.parent, f, read_choice_csv(f, skips, limit, named)))
     # Two splits of a subject in one folder (geo_val.csv beside geo_dev.csv) keep their file names.
     in_folder = Counter((folder, qs[0].subject) for folder, _, qs in read if qs)
     read = [(folder, [replace(q, subject=f.stem) for q in qs] if qs and in_folder[folder, qs[0].subject] > 1 else qs)
