@@ -473,6 +473,15 @@ def test_a_book_on_one_line_is_read_with_max_line_bytes(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["tokenizer", "train", str(book), "--out", str(out), "--vocab-size", "300", "--max-line-bytes", "2k"])
     assert e.value.code == 0 and "trained on 1 document (600 characters)" in capsys.readouterr().out
+    # Two short lines read and the book skipped: few records, but most of the text.
+    with open(book, "a", encoding="utf-8") as f:
+        f.write("第一行。\n第二行。\n")
+    with pytest.raises(SystemExit) as e:
+        main(["tokenizer", "train", str(book), "--out", str(out), "--vocab-size", "300", "--max-line-bytes", "1k",
+              "--force"])
+    assert e.value.code == 0 and capsys.readouterr().err == (
+        "tinyk: warning: most of the input was skipped: 1 line too long to read (1.8 kB, over --max-line-bytes "
+        "1.0 kB) against 26 bytes read; a larger --max-line-bytes reads them\n")
 
 
 def test_malformed_lines_are_counted_not_fatal(tmp_path):

@@ -50,6 +50,7 @@ class Skips:
     hints: dict[str, str] = field(default_factory=dict)  # what the first skip of a reason says about the fix
     stopped_at: int | None = None  # input bytes read (lines too long to read not counted) when max_bytes ended it
     consumed: int = 0  # input bytes read so far, as max_bytes counts them: for progress lines
+    long_line_bytes: int = 0  # in lines too long to read, which `consumed` does not count
 
     def add(self, reason: str, where: str, hint: str | None = None) -> None:
         if self.strict:
@@ -481,6 +482,7 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
                 break
             if line is None:  # too long to read: skipped below, and no part of the max_bytes budget
                 base -= read - end
+                skips.long_line_bytes += read - end
             end = read
             if max_bytes is not None and base + read > max_bytes:
                 skips.stopped_at = consumed

@@ -699,7 +699,8 @@ def train_tokenizer(inputs: list[str | Path], out: str | Path, *, vocab_size: in
             assert tok.token_to_id(name) == i, name
         result = {**stats, "vocab_size": tok.get_vocab_size(), "skipped": skips.to_json(),
                   "skipped_summary": skips.summary(), "seconds": round(time.time() - t0, 2),
-                  "capped_at": skips.stopped_at, "cap_from_memory": auto_cap, "memory_available": memory}
+                  "capped_at": skips.stopped_at, "cap_from_memory": auto_cap, "memory_available": memory,
+                  "read_bytes": skips.consumed, "line_too_long_bytes": skips.long_line_bytes}
         # What it was trained on and how, as a data directory's meta.json records it: the memory cap
         # makes the same command read more or less of a corpus on another machine.
         record = {"tinyk": __version__, "inputs": [str(p) for p in paths], "field": field,

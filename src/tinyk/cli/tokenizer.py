@@ -69,12 +69,17 @@ def _train(args: argparse.Namespace) -> int:
                         force=args.force, strict=args.strict, max_line_bytes=args.max_line_bytes)
     print(f"trained on {plural(r['documents'], 'documents')} ({r['characters']:,} characters) in {r['seconds']}s; "
           f"vocab {r['vocab_size']}; {r['skipped_summary']}")
+    long_lines = r["skipped"]["by_reason"].get("line_too_long", 0)
     if warning := mostly_skipped(r["skipped"]["total"], r["documents"], "documents"):
         print(f"tinyk: {warning}", file=sys.stderr)
+    elif r["line_too_long_bytes"] > r["read_bytes"]:  # few records, but most of the text
+        print(f"tinyk: warning: most of the input was skipped: {plural(long_lines, 'lines')} too long to read "
+              f"({bytes_text(r['line_too_long_bytes'])}, over --max-line-bytes {bytes_text(args.max_line_bytes)}) "
+              f"against {bytes_text(r['read_bytes'])} read; a larger --max-line-bytes reads them",
+              file=sys.stderr)
     if r["vocab_size"] < args.vocab_size:
         print(f"note: {r['vocab_size']:,} tokens, not --vocab-size {args.vocab_size}: the text has no more pairs seen "
               f"at least --min-frequency {args.min_frequency} times to merge (more text gives a larger vocabulary)")
-    long_lines = r["skipped"]["by_reason"].get("line_too_long", 0)
     read = f"read the first {bytes_text(r['capped_at'] or 0)} of the input" + (
         f" (not counting {long_lines:,} line(s) too long to read, skipped)" if long_lines else "")
     if r["capped_at"] is not None and r["cap_from_memory"]:
