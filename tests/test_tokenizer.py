@@ -482,6 +482,15 @@ def test_a_book_on_one_line_is_read_with_max_line_bytes(tmp_path, capsys):
     assert e.value.code == 0 and capsys.readouterr().err == (
         "tinyk: warning: most of the input was skipped: 1 line too long to read (1.8 kB, over --max-line-bytes "
         "1.0 kB) against 26 bytes read; a larger --max-line-bytes reads them\n")
+    # Lines that end in CR alone (classic Mac OS) are one line to a newline-split read: the hint says so.
+    mac = tmp_path / "mac.txt"
+    mac.write_bytes("今天天气很好，我们去公园散步。\r".encode() * 40)
+    with pytest.raises(SystemExit) as e:
+        main(["tokenizer", "train", str(mac), "--out", str(tmp_path / "tok3"), "--vocab-size", "300",
+              "--max-line-bytes", "1k"])
+    assert e.value.code == 2 and capsys.readouterr().err.endswith(
+        "a line over 1,000 bytes is skipped: its lines end in CR alone (classic Mac OS), read as one; convert them to "
+        "LF first, e.g. tr '\\r' '\\n' < mac.txt > unix.txt)\n")
 
 
 def test_malformed_lines_are_counted_not_fatal(tmp_path):

@@ -7,6 +7,7 @@ TXT): a bad line is skipped and counted (`Skips`), a bad file is one line, and i
 from __future__ import annotations
 
 import codecs
+import contextlib
 import gzip
 import hashlib
 import io
@@ -309,6 +310,13 @@ def _open_binary(path: Path) -> BinaryIO:
     return open(path, "rb")
 
 
+def _lone_crs(path: Path) -> bool:
+    """Whether the file's first 64 KB hold a CR that ends no CRLF: lines a newline-split read cannot see."""
+    with contextlib.suppress(*_read_errors(path)), _open_binary(path) as f:
+        return b"\r" in f.read(1 << 16)[:-1].replace(b"\r\n", b"")
+    return False
+
+
 def _read_errors(path: Path) -> tuple[type[BaseException], ...]:
     """What reading `path` raises when the file (not the program) is at fault."""
     errors: tuple[type[BaseException], ...] = (OSError, EOFError, zlib.error)
@@ -498,8 +506,13 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
             begun = begun or opening
             if line is None:
                 limit = f"{max_line_bytes // MiB} MiB" if max_line_bytes % MiB == 0 else f"{max_line_bytes:,} bytes"
-                skips.add("line_too_long", where, f"a line over {limit} is skipped; tinyk data and tokenizer train "
-                                                  f"read longer ones with --max-line-bytes")
+                why = f"a line over {limit} is skipped; tinyk data and tokenizer train read longer ones with " \
+                      f"--max-line-bytes"
+                if "line_too_long" not in skips.hints and _lone_crs(path):
+                    why = f"a line over {limit} is skipped: its lines end in CR alone (classic Mac OS), read as one; " \
+                          f"convert them to LF first" + ("" if _codec(path) else
+                                                         f", e.g. tr '\\r' '\\n' < {path.name} > unix.txt")
+                skips.add("line_too_long", where, why)
                 continue
             cut = not line.endswith(b"\n")  # the file's last line: it may end inside a character
             if is_txt:
