@@ -192,17 +192,20 @@ def step_budgets(cfg: TrainConfig, samples_per_epoch: int, steps_done: int = 0,
     A token or epoch budget counts samples: what is left of it after `samples_done` (a resumed
     run's) is trained at this run's batch size, so resuming with another --batch-size keeps it.
     """
-    def after(samples: float) -> int:  # below steps_done for a budget smaller than the samples done
-        return steps_done + math.ceil((samples - samples_done) / cfg.batch_size)
-
-    budgets = {}
-    if cfg.max_steps:
-        budgets["--max-steps"] = cfg.max_steps
-    if cfg.max_tokens:
-        budgets["--max-tokens"] = after(cfg.max_tokens / cfg.seq_len)
-    if cfg.epochs or not budgets:
-        budgets["--epochs"] = after((cfg.epochs or 1) * samples_per_epoch)
+    budgets = {"--max-steps": cfg.max_steps} if cfg.max_steps else {}
+    for flag, samples in budget_samples(cfg, samples_per_epoch).items():  # below steps_done if samples_done passed it
+        budgets[flag] = steps_done + math.ceil((samples - samples_done) / cfg.batch_size)
     return budgets
+
+
+def budget_samples(cfg: TrainConfig, samples_per_epoch: int) -> dict[str, float]:
+    """The samples the token and epoch budgets allow, by flag (--epochs stands for the default epoch too)."""
+    samples = {}
+    if cfg.max_tokens:
+        samples["--max-tokens"] = cfg.max_tokens / cfg.seq_len
+    if cfg.epochs or not (cfg.max_steps or cfg.max_tokens):
+        samples["--epochs"] = (cfg.epochs or 1) * samples_per_epoch
+    return samples
 
 
 # ----------------------------------------------------------------------------- processes and devices
@@ -1329,9 +1332,9 @@ class Trainer:
                          f"{self.total_steps * cfg.batch_size / windows:.1f} epochs in "
                          f"{plural(self.total_steps, 'steps')}")
         # (An --epochs budget under a step with a batch larger than the data: said just above.)
-        budget = {"--max-tokens": (cfg.max_tokens or 0) / cfg.seq_len,
-                  "--epochs": (cfg.epochs or 0) * windows if cfg.batch_size <= windows else 0}
-        if not self.resumed_from and 0 < budget.get(self.ended_by, 0) < cfg.batch_size:  # rounded up to a step
+        said = self.ended_by == "--epochs" and cfg.batch_size > windows
+        samples = 0 if said else budget_samples(cfg, windows).get(self.ended_by, 0)
+        if not self.resumed_from and 0 < samples < cfg.batch_size:  # rounded up to a step
             lines.append(f"note: {self._budget_text()} is less than one step of {cfg.batch_size:,} sequences "
                          f"({cfg.batch_size * cfg.seq_len:,} tokens at seq_len {cfg.seq_len}): the run trains one step")
         if self.warmup >= self.total_steps:
