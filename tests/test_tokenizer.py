@@ -20,9 +20,12 @@ from tinyk.tokenizer import (
     DEFAULT_SYSTEM_PROMPT,
     SPECIAL_TOKENS,
     chat_template,
+    encode_chat,
     eval_tokenizer,
     load_tokenizer,
+    memory_note,
     message_text,
+    pending_utf8,
     train_tokenizer,
     with_system,
 )
@@ -707,3 +710,44 @@ def test_eval_counts_characters_per_token(tmp_path, tok_dir):
     n = len(load_tokenizer(tok_dir).encode(doc, special=False))
     r = eval_tokenizer(tok_dir, [f])
     assert (r["chars_per_token"], r["bytes_per_token"]) == (round(len(doc) / n, 3), round(len(doc.encode()) / n, 3))
+
+
+# ED A0..BF begins a surrogate, no character: nothing to wait for; ED 9F (U+D7FF's first bytes) is.
+def test_only_a_surrogates_first_bytes_are_no_characters_start():
+    assert pending_utf8(b"\xed\xa0") == b"" and pending_utf8(b"\xed\xbf") == b""
+    assert pending_utf8(b"\xed\x9f") == b"\xed\x9f" and pending_utf8(b"\xed") == b"\xed"
+    assert pending_utf8("好".encode()[:2]) == "好".encode()[:2] and pending_utf8("好".encode()) == b""
+
+
+# A text part whose text is not a string is no text; no system prompt is added to an empty conversation.
+def test_message_text_and_with_system_edges():
+    assert message_text([{"type": "text", "text": 5}]) is None
+    assert message_text([{"type": "text"}]) is None
+    assert message_text([{"type": "input_text", "text": "a"}, {"type": "output_text", "text": "b"}],
+                        ("input_text", "output_text")) == "a\nb"
+    assert with_system([], "你是诗人") == []
+    dev = [{"role": "developer", "content": "x"}]
+    assert with_system(dev, "你是诗人") == dev
+
+
+# A reply of only spaces teaches nothing (its <|im_end|> alone would teach silence).
+def test_a_blank_reply_teaches_nothing(tk):
+    conv = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": " \n "}]
+    (ct,) = encode_chat(tk.plain, [conv])
+    assert set(ct.flags) == {0} and ct.turn_ends == []
+
+
+# The memory note is for inputs that may reach the read limit, a compressed one counted at ten times its size.
+def test_the_memory_note_is_for_inputs_that_may_reach_the_limit(tmp_path, monkeypatch):
+    import gzip
+    import os
+
+    from tinyk import tokenizer
+
+    monkeypatch.setattr(tokenizer, "memory_available", lambda: 200_000_000)  # a read limit of 1.5 MiB
+    small = tmp_path / "small.jsonl"
+    small.write_text(json.dumps({"text": "短"}) + "\n")
+    assert memory_note([small], None) is None
+    packed = tmp_path / "big.jsonl.gz"
+    packed.write_bytes(gzip.compress(os.urandom(300_000)))  # 300 kB on disk: up to 3 MB of text
+    assert memory_note([packed], None).startswith("reading at most 1.6 MB of text")

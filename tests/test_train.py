@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 
 from tinyk.checkpoint import load_model
 from tinyk.cli import main
-from tinyk.config import TrainConfig, parse_sets, resolve_config
+from tinyk.config import TrainConfig, dump_config, model_config, parse_sets, resolve_config
 from tinyk.data import prepare_pretrain
 from tinyk.errors import TinykError
 from tinyk.evaluate import eval_data
@@ -3748,3 +3748,122 @@ def test_a_sample_is_one_line_of_the_log(tmp_path, capsys):
     assert capsys.readouterr().out == "step 6 sample: 你好 → 第一行⏎第二行\n"
     [rec] = map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
     assert rec["samples"] == [{"prompt": "你好", "text": "第一行\n第二行"}]
+
+
+CONFIG_FLAGS = {"out": "o", "data": "d"}
+
+
+# Each of the config's value checks, just past its bound: one line naming the key and its range.
+@pytest.mark.parametrize("sets,message", [
+    (["seq_len=0"], "seq_len must be positive"),
+    (["min_lr_ratio=1.01"], "min_lr_ratio must be between 0 and 1"),
+    (["min_lr_ratio=-0.1"], "min_lr_ratio must be between 0 and 1"),
+    (["warmup_steps=-1"], "warmup_steps must be >= 0"),
+    (["weight_decay=-0.1"], "weight_decay must be >= 0"),
+    (["beta2=1"], "beta1 and beta2 must be in [0, 1)"),
+    (["eps=0"], "eps must be positive"),
+    (["peak_tflops=0"], "peak_tflops must be positive"),
+    ([f"seed={2**32}"], "seed must be between 0 and 2**32 - 1"),
+    (["log_every=0"], "log_every must be at least 1"),
+    (["keep_checkpoints=0"], "keep_checkpoints must be at least 1"),
+    (["sample_tokens=0"], "sample_tokens must be in 1..4096"),
+    (["sample_tokens=4097"], "sample_tokens must be in 1..4096"),
+    (["save_every=-1"], "eval_every and save_every must be >= 0 (0 = only at the end)"),
+    (["eval_every=-1"], "eval_every and save_every must be >= 0 (0 = only at the end)"),
+    (['tokenizer=""'], "out, data, tokenizer and init must not be empty paths (an empty one is the current folder)"),
+    (['init=""'], "out, data, tokenizer and init must not be empty paths (an empty one is the current folder)"),
+    (["micro_batch=65537"], "micro_batch must be in 1..65536"),
+    (["epochs=1000000001"], "epochs and max_minutes must be at most 1e9"),
+])
+def test_each_config_bound_is_refused_just_past_it(sets, message):
+    with pytest.raises(TinykError, match=f"^{re.escape(message)}$"):
+        resolve_config("pretrain", preset="nano", flags=CONFIG_FLAGS, sets=sets)
+
+
+# And at each bound, which is inside the range (1e18 steps included; grad_clip 0 turns clipping off).
+def test_each_config_bound_is_accepted_at_its_edge():
+    edge = ["min_lr_ratio=1", "decay_fraction=1", "warmup_steps=0", "weight_decay=0", "grad_clip=0", "beta1=0",
+            f"seed={2**32 - 1}", "sample_tokens=4096", "eval_every=0", "save_every=0", "batch_size=65536",
+            "micro_batch=65536", "log_every=1", "keep_checkpoints=1", "max_steps=1000000000000000000"]
+    cfg = resolve_config("pretrain", preset="nano", flags=CONFIG_FLAGS, sets=edge)
+    assert (cfg.min_lr_ratio, cfg.grad_clip, cfg.seed, cfg.max_steps) == (1.0, 0.0, 2**32 - 1, 10**18)
+    for budget in ("epochs=1e9", "max_minutes=1e9"):
+        resolve_config("pretrain", preset="nano", flags=CONFIG_FLAGS, sets=["max_steps=null", budget])
+
+
+# true is no number and 1 is no bool, though YAML and Python would take one for the other.
+@pytest.mark.parametrize("sets,message", [
+    (["compile=1"], "config key compile: 1 is not a valid bool"),
+    (["batch_size=true"], "config key batch_size: True is not a valid int"),
+    (["lr=true"], "config key lr: True is not a valid float"),
+    (["model.dim=true"], "config key model.dim: True is not a valid int"),
+])
+def test_a_boolean_and_a_number_are_not_taken_for_each_other(sets, message):
+    with pytest.raises(TinykError, match=f"^--set: {re.escape(message)}$"):
+        resolve_config("pretrain", preset="nano", flags=CONFIG_FLAGS, sets=sets)
+
+
+# A --set value that is no YAML is text (for a text key) or one line saying it is not a number.
+def test_a_set_value_yaml_cannot_parse_is_text():
+    cfg = resolve_config("pretrain", preset="nano", flags=CONFIG_FLAGS, sets=["run_name=a: b: c"])
+    assert cfg.run_name == "a: b: c"
+    with pytest.raises(TinykError, match=r"^--set: config key lr: 'a: b: c' is not a valid float$"):
+        resolve_config("pretrain", preset="nano", flags=CONFIG_FLAGS, sets=["lr=a: b: c"])
+
+
+# `--tracker tensorboard,` names no empty tracker.
+def test_a_comma_list_drops_empty_names():
+    assert resolve_config("pretrain", preset="nano", flags=CONFIG_FLAGS,
+                          sets=["tracker=tensorboard, ,"]).tracker == ["tensorboard"]
+
+
+# A library caller (plan, demo) passes every flag not given as None, which overrides nothing.
+def test_a_flag_given_as_none_is_not_given():
+    flags = {**CONFIG_FLAGS, "lr": None, "max_steps": None, "seq_len": None}
+    cfg = resolve_config("pretrain", preset="tiny", flags=flags)
+    assert (cfg.lr, cfg.max_steps, cfg.seq_len) == (1e-3, 2000, 256)  # tiny.yaml's
+
+
+def test_a_yml_config_is_read(tmp_path):
+    (tmp_path / "c.yml").write_text("lr: 2.0e-3\n")
+    assert resolve_config("pretrain", preset="nano", config=tmp_path / "c.yml", flags=CONFIG_FLAGS).lr == 2e-3
+
+
+# A TOML date written for a text key is the text as written, not Python's str() of it.
+def test_a_toml_datetime_for_a_text_key_is_kept_as_written(tmp_path):
+    (tmp_path / "c.toml").write_text("run_name = 2024-06-01T12:30:00\nproject = 2024-06-01\n")
+    cfg = resolve_config("pretrain", preset="nano", config=tmp_path / "c.toml", flags=CONFIG_FLAGS)
+    assert (cfg.run_name, cfg.project) == ("2024-06-01T12:30:00", "2024-06-01")
+
+
+# --resume where no run began yet starts one: a job script passes --resume on every start, the first too.
+def test_resume_where_no_run_began_yet_starts_one_when_data_is_given(tmp_path):
+    cfg = resolve_config("pretrain", preset="nano", flags={"out": str(tmp_path / "new"), "data": "d"}, resume=True)
+    assert cfg.out == str(tmp_path / "new") and cfg.data == "d"
+
+
+# A relative --tokenizer naming the saved absolute one is the same tokenizer: no note that it is not read.
+def test_a_resume_naming_the_runs_tokenizer_relatively_gets_no_note(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tok").mkdir()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(f"kind: pretrain\ndata: d\ntokenizer: {tmp_path / 'tok'}\n"
+                                     "model: {preset: nano}\n")
+    notes: list[str] = []
+    cfg = resolve_config("pretrain", flags={"out": str(run), "tokenizer": "tok"}, resume=True, notes=notes)
+    assert notes == [] and Path(cfg.tokenizer).resolve() == (tmp_path / "tok").resolve()
+
+
+# Every input path is saved absolute: a resume from another folder finds the same tokenizer and init.
+def test_config_yaml_saves_every_input_path_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    saved = yaml.safe_load(dump_config(TrainConfig(out="o", data="d", tokenizer="t", init="i")))
+    assert [saved[k] for k in ("data", "tokenizer", "init", "out")] == [
+        os.path.abspath("d"), os.path.abspath("t"), os.path.abspath("i"), "o"]
+
+
+# A model section's vocab_size outranks the tokenizer's.
+def test_a_model_sections_vocab_size_outranks_the_tokenizers():
+    assert model_config({"preset": "nano"}, vocab_size=512).vocab_size == 512
+    assert model_config({"preset": "nano", "vocab_size": 1000}, vocab_size=512).vocab_size == 1000
