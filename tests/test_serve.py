@@ -1965,6 +1965,13 @@ def test_the_servers_system_prompt_is_put_first(nano_model_dir, reference, promp
         srv.close()
 
 
+def test_a_system_prompt_that_leaves_no_room_is_refused_at_start(nano_model_dir):
+    """Every chat would be a 400 that blames the client's message (as `tinyk chat` refuses it too)."""
+    with pytest.raises(TinykError, match=r"^--system-prompt is too long: with it the conversation takes at least "
+                                         r"[\d,]+ tokens before any message, and the model's context window is 128$"):
+        start(nano_model_dir, system_prompt="北京" * 300)
+
+
 def test_a_chat_reply_ended_by_a_stop_string_says_stop(client):
     kw = dict(model="nano", messages=[{"role": "user", "content": "你好"}], max_tokens=8, temperature=0)
     full = client.chat.completions.create(**kw).choices[0].message.content

@@ -40,6 +40,7 @@ from .tokenizer import (
     SPECIAL_IDS,
     SPECIAL_TOKENS,
     SYSTEM_ROLES,
+    ModelPrompt,
     TinyTokenizer,
     message_text,
     pending_utf8,
@@ -207,6 +208,9 @@ class Api:
 
     def __init__(self, engine: Engine, cfg: ServerConfig):
         self.engine, self.cfg = engine, cfg
+        named = "the model's own system prompt" if isinstance(cfg.system_prompt, ModelPrompt) else "--system-prompt"
+        if why := engine.system_too_long(engine.tok.resolve_system(cfg.system_prompt), named):  # each chat: a 400
+            raise TinykError(why)
         self.defaults = cfg.defaults or SamplingParams()
         self.scheduler = Scheduler(engine, max_waiting=cfg.max_waiting, on_finish=self._log if cfg.log else None)
         self.created = int(time.time())

@@ -64,29 +64,9 @@ class _Session:
         # Room for the reply: its whole token budget, but never more than half the window (the history
         # keeps the rest).
         self.reserve = min(params.max_new_tokens, engine.context_length // 2)
-        if why := self.too_long(system):
+        if why := engine.system_too_long(system):
             raise TinykError(why)
         self.system = system
-
-    def opening(self, s: str | None) -> int:
-        """Tokens a one-message conversation under system prompt `s` takes besides the message's text."""
-        from .engine import MESSAGE_TOKENS
-
-        self.engine.check_fits([s or ""], tokens_each=MESSAGE_TOKENS)  # a pasted megabyte: refused, not tokenized
-        return self.engine.tok.opening_tokens(s)
-
-    def too_long(self, s: str | None) -> str | None:
-        """Why system prompt `s` leaves no room for any message, or None."""
-        from .engine import ContextLengthError
-
-        context = self.engine.context_length
-        try:
-            start = self.opening(s)
-        except ContextLengthError:
-            start = context
-        return None if start < context else (
-            f"the system prompt is too long: with it the conversation takes at least {start:,} tokens before "
-            f"any message, and the model's context window is {context:,}")
 
     def command(self, text: str) -> bool:
         """Carries out a /command; False when it ends the session."""
@@ -104,7 +84,7 @@ class _Session:
             print(CHAT_HELP, file=sys.stderr)
         elif command == "/system" and has_surrogate(text):  # a GBK line: the session goes on
             print(f"({NOT_UTF8}; system prompt unchanged)", file=sys.stderr)
-        elif command == "/system" and (why := self.too_long(system)):
+        elif command == "/system" and (why := self.engine.system_too_long(system)):
             print(f"({why}; system prompt unchanged)", file=sys.stderr)
         elif command == "/system":
             self.system, self.history = system, []
@@ -138,7 +118,7 @@ class _Session:
             ids = engine.chat_ids(fitted)
             request = engine.request(ids, self.params)
         except ContextLengthError as e:
-            share = self.opening(self.system)
+            share = engine.system_tokens(self.system)
             why = f"{e}; the system prompt and chat markers take {share:,}" if share > engine.context_length // 4 \
                 else str(e)
             if not interactive:

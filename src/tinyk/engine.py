@@ -840,6 +840,21 @@ class Engine:
     def check_fits(self, texts: Iterable[str], tokens_each: int = 0) -> None:
         check_fits(self.tok, self.context_length, texts, tokens_each)
 
+    def system_tokens(self, system: str | None) -> int:
+        """Tokens a one-message conversation under `system` takes besides the message's text."""
+        self.check_fits([system or ""], tokens_each=MESSAGE_TOKENS)  # a pasted megabyte: refused, not tokenized
+        return self.tok.opening_tokens(system)
+
+    def system_too_long(self, system: str | None, named: str = "the system prompt") -> str | None:
+        """Why system prompt `system` leaves no room for any message, or None."""
+        try:
+            start = self.system_tokens(system)
+        except ContextLengthError:
+            start = self.context_length
+        return None if start < self.context_length else (
+            f"{named} is too long: with it the conversation takes at least {start:,} tokens before "
+            f"any message, and the model's context window is {self.context_length:,}")
+
     def fit_chat(self, messages: list[dict], default_system: str | None | ModelPrompt, room: int) -> list[dict]:
         """`messages` (`default_system` first where they have no system message) without their oldest user
         and assistant turns, as many as the prompt needs to leave `room` tokens of the window for the reply
