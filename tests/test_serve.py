@@ -432,6 +432,13 @@ LONG = "".join(chr(0x4E00 + 37 * i) for i in range(200))  # rare characters: sev
      400, "input[0].type", "invalid_value"),
     ("/v1/responses", {"model": "nano", "input": [{"role": "user", "content": [{"type": "input_image"}]}]}, 400,
      "input[0].content", "invalid_type"),
+    # A typo inside an item, `text` or `stream_options` is refused, as inside a chat message.
+    ("/v1/responses", {"model": "nano", "input": [{"role": "user", "content": "x", "contnet": "y"}]}, 400,
+     "input[0].contnet", "unknown_parameter"),
+    ("/v1/responses", {"model": "nano", "input": "hi", "text": {"format": {"type": "text"}, "verbosty": "low"}}, 400,
+     "text.verbosty", "unknown_parameter"),
+    ("/v1/responses", {"model": "nano", "input": "hi", "stream": True, "stream_options": {"include_usage": True}},
+     400, "stream_options.include_usage", "unknown_parameter"),
     ("/v1/responses", {"model": "nano", "input": "hi", "previous_response_id": "resp_1"}, 400,
      "previous_response_id", "invalid_value"),  # nothing is stored
     ("/v1/responses", {"model": "nano", "input": "hi", "tools": [{"type": "function", "name": "f"}]}, 400, "tools",
@@ -497,6 +504,8 @@ def test_bad_input_gets_a_4xx_with_an_openai_error(server, path, body, status, p
     if param == "presence_penalty":  # OpenAI's penalties are not tinyk's: the error names the one it has
         assert err["error"]["message"] == ("'presence_penalty' is not supported by this server; 'repetition_penalty' "
                                            "(e.g. 1.1) discourages repeats")
+    if param == "input[0].type":  # the value as the client wrote it, in JSON
+        assert err["error"]["message"].startswith("'input[0].type' \"function_call_output\" is not supported")
 
 
 @pytest.mark.parametrize("value", ["resp_1", True, 0, 1])

@@ -128,6 +128,14 @@ def check_off_fields(obj: dict, ignored: dict[str, str], unsupported: dict[str, 
                            code="invalid_value")
 
 
+def refuse_unknown(obj: dict, known: set[str], where: str) -> None:
+    """A 400 for a field of object `where` that is not in `known`: a typo is not silently ignored."""
+    unknown = sorted(set(obj) - known)
+    if unknown:
+        raise ApiError(400, f"unrecognized field in '{where}': {unknown[0]}", param=f"{where}.{unknown[0]}",
+                       code="unknown_parameter")
+
+
 def _check_metadata(metadata: dict) -> None:
     """OpenAI's limits on `metadata`, which a Responses answer echoes: up to 16 pairs of strings, keys
     up to 64 characters and values up to 512."""
@@ -330,10 +338,7 @@ class Api:
             where = f"messages[{i}]"
             if not isinstance(m, dict):
                 raise ApiError(400, f"'{where}' must be an object", param=where, code="invalid_type")
-            unknown = sorted(set(m) - MESSAGE_FIELDS - set(MESSAGE_IGNORED) - set(MESSAGE_UNSUPPORTED))
-            if unknown:
-                raise ApiError(400, f"unrecognized field in '{where}': {unknown[0]}", param=f"{where}.{unknown[0]}",
-                               code="unknown_parameter")
+            refuse_unknown(m, {*MESSAGE_FIELDS, *MESSAGE_IGNORED, *MESSAGE_UNSUPPORTED}, where)
             check_off_fields(m, MESSAGE_IGNORED, MESSAGE_UNSUPPORTED, f"{where}.")
             role = m.get("role")
             if not isinstance(role, str) or role not in API_ROLES:

@@ -8,6 +8,7 @@ The server keeps nothing between requests, so what needs a stored response (`pre
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from .api import (
     get_field,
     message_content,
     no_surrogate,
+    refuse_unknown,
 )
 from .engine import Request
 
@@ -43,6 +45,8 @@ SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "see
 FIELDS = {"model", "input", "instructions", "max_output_tokens", "stream", "text", *SAMPLING, *IGNORED,
           *UNSUPPORTED, *STORED}
 TEXT_PARTS = ("input_text", "output_text")
+# An input item's fields: a message as the client wrote it, or an output message sent back as it came.
+ITEM_FIELDS = {"type", "role", "content", "id", "status"}
 # What a chat error's param names, in the Responses request's terms.
 _PARAMS = {"max_tokens": "max_output_tokens", "messages": "input"}
 
@@ -60,6 +64,8 @@ def chat_body(body: dict) -> dict:
                                 f"conversation in 'input'", param=name, code="invalid_value")
     check_off_fields(body, IGNORED, UNSUPPORTED)
     text = get_field(body, "text", "object", {})
+    refuse_unknown(text, {"format", "verbosity"}, "text")
+    refuse_unknown(get_field(body, "stream_options", "object", None) or {}, {"include_obfuscation"}, "stream_options")
     fmt = text.get("format")
     if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
         raise ApiError(400, "only 'text.format' {\"type\": \"text\"} is supported", param="text.format",
@@ -99,8 +105,9 @@ def messages(body: dict) -> list[dict[str, str]]:
             raise ApiError(400, f"'{where}' must be an object", param=where, code="invalid_type")
         kind = item.get("type", "message")
         if kind != "message":
-            raise ApiError(400, f"'{where}.type' {kind!r} is not supported: only messages (this server runs no "
-                                f"tools and keeps no reasoning)", param=f"{where}.type", code="invalid_value")
+            raise ApiError(400, f"'{where}.type' {json.dumps(kind)} is not supported: only messages (this server "
+                                f"runs no tools and keeps no reasoning)", param=f"{where}.type", code="invalid_value")
+        refuse_unknown(item, ITEM_FIELDS, where)
         role = item.get("role")
         if not isinstance(role, str) or role not in API_ROLES:
             raise ApiError(400, f"'{where}.role' must be one of {', '.join(API_ROLES)}", param=f"{where}.role",
