@@ -1069,6 +1069,14 @@ def test_chat_cli_answers_one_message(engine, nano_model_dir, capsys, monkeypatc
     with pytest.raises(SystemExit) as e:
         main(["chat", "--model", str(nano_model_dir), "--temperature", "0", "--max-new-tokens", "6", "--threads", "1"])
     assert e.value.code == 0 and capsys.readouterr().out == expected + "\n" and threads == [1]
+    # --message repeated: one conversation, each message answered in turn with the ones before it as history.
+    chat = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": expected},
+            {"role": "user", "content": "再见"}]
+    second = engine.generate([engine.tok.apply_chat_template(chat, True, DEFAULT_SYSTEM_PROMPT)], params)[0].text
+    with pytest.raises(SystemExit) as e:
+        main(["chat", "--model", str(nano_model_dir), "--message", "你好", "--message", "再见", "--temperature", "0",
+              "--max-new-tokens", "6"])
+    assert e.value.code == 0 and capsys.readouterr().out == f"{expected}\n{second}\n"
 
 
 def test_json_lines_keep_their_text_on_a_stdout_of_another_encoding(nano_model_dir):

@@ -47,10 +47,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.set_defaults(func=_generate)
 
     c = sub.add_parser("chat", help="chat with a model in the terminal",
-                       description="Interactive multi-turn chat (" + CHAT_HELP + "). With --message, or with "
-                                   "input piped on stdin, answers that one message and exits.")
+                       description="Interactive multi-turn chat (" + CHAT_HELP + "). With --message (repeatable), "
+                                   "or with input piped on stdin, answers those messages and exits.")
     add_engine_args(c)
-    c.add_argument("--message", type=non_empty, help="answer this one message and exit")
+    c.add_argument("--message", action="append", type=non_empty,
+                   help="answer this message and exit; repeated, one conversation answered turn by turn")
     c.add_argument("--system-prompt", "--system", dest="system", type=utf8_text,
                    help="system prompt (default: the model's own, its SFT data's; '' for none)")
     add_sampling_args(c)
@@ -120,17 +121,18 @@ def _chat(args: argparse.Namespace) -> int:
     params = sampling_params(args)
     if isinstance(sys.stdin, io.TextIOWrapper):  # a GBK line becomes one message the session reports, not a crash
         sys.stdin.reconfigure(errors="surrogateescape")
-    message = args.message
-    if message is None and not sys.stdin.isatty():
+    messages = args.message
+    if messages is None and not sys.stdin.isatty():
         message = sys.stdin.read().removeprefix("\ufeff").strip()
         if not message:
             raise TinykError("no message on stdin (pipe in a message, or use --message TEXT)")
         if has_surrogate(message):  # before the model loads
             raise TinykError(stdin_not_decodable())
+        messages = [message]
     engine = _engine(args, 1)
     system = engine.tok.system_from_flag(args.system)
-    if message is not None:
-        chat_session(engine, params, [message], sys.stdout, system=system, prompt="", interactive=False)
+    if messages is not None:
+        chat_session(engine, params, messages, sys.stdout, system=system, prompt="", interactive=False)
         return 0
     print(f"tinyk chat: {args.model} ({CHAT_HELP})", file=sys.stderr)
     chat_session(engine, params, _input_lines(), sys.stdout, system=system)
