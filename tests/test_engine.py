@@ -806,6 +806,13 @@ def test_generate_cli(nano_model_dir, tmp_path, capsys, monkeypatch):
     assert [r["prompt"] for r in rows] == ["天气", "我们今天", "The quick"]
     assert all(r["completion_tokens"] == 5 and r["finish_reason"] == "length" for r in rows)
     assert capsys.readouterr().err == ""  # a blank line separates prompts: nothing was skipped
+    # --field where no prompt has fields is said, not ignored unseen.
+    for given, said in (([], "is not used without --prompt-file"),
+                        (["--prompt-file", str(f)], "is not used: .txt files hold one prompt a line, with no fields")):
+        with pytest.raises(SystemExit) as e:
+            main(["generate", "--model", str(nano_model_dir), "--prompt", "天气", *given, "--field", "text",
+                  "--max-new-tokens", "1", "--json"])
+        assert e.value.code == 0 and capsys.readouterr().err == f"tinyk: --field text {said}\n"
     monkeypatch.setattr("sys.stdin", io.StringIO("\ufeff我们今天\n\nThe quick\n"))  # a BOM, as Notepad writes
     with pytest.raises(SystemExit) as e:
         main(["generate", "--model", str(nano_model_dir), "--prompt-file", "-", "--prompt", "天气",

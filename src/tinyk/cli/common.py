@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from tinyk.errors import MPS_REFUSED
-from tinyk.inputs import has_surrogate, is_plain_text
+from tinyk.inputs import STDIN_NAMES, has_surrogate, is_plain_text
 from tinyk.units import MAX_BATCH, MAX_SIZE, parse_size
 
 if TYPE_CHECKING:
@@ -143,14 +143,16 @@ def add_field_arg(p: argparse.ArgumentParser) -> None:
                    help="JSON/Parquet field holding the text (default text; .txt files are one document a line)")
 
 
-def text_field(field: str | None, inputs: list[str]) -> str:
-    """--field, with a word when no input has fields (every one plain text), rather than ignored unseen."""
-    if field is not None and not inputs:  # tokenizer eval's own samples
-        print(f"tinyk: --field {field} is not used without --input", file=sys.stderr)
-    elif field is not None and all(is_plain_text(Path(i)) for i in inputs):
-        print(f"tinyk: --field {field} is not used: .txt files hold one document a line, with no fields",
-              file=sys.stderr)
-    return "text" if field is None else field
+def text_field(field: str | None, inputs: list[str], *, default: str = "text", source: str = "--input",
+               unit: str = "document") -> str:
+    """--field, with a word when no input has fields (every one plain text, or none given: tokenizer
+    eval's own samples, generate's --prompt), rather than ignored unseen."""
+    if field is not None and not inputs:
+        print(f"tinyk: --field {field} is not used without {source}", file=sys.stderr)
+    elif field is not None and all(is_plain_text(Path(i)) or str(i) in STDIN_NAMES for i in inputs):
+        plain = "stdin holds" if all(str(i) in STDIN_NAMES for i in inputs) else ".txt files hold"
+        print(f"tinyk: --field {field} is not used: {plain} one {unit} a line, with no fields", file=sys.stderr)
+    return default if field is None else field
 
 
 def stop_text(s: str) -> str:

@@ -20,6 +20,7 @@ from tinyk.cli.common import (
     path_arg,
     sampling_params,
     set_threads,
+    text_field,
     utf8_text,
 )
 from tinyk.errors import Stopped, Terminated, TinykError, for_terminal
@@ -38,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--prompt", action="append", type=utf8_text, default=[], help="a prompt (repeatable)")
     g.add_argument("--prompt-file", type=path_arg, help="prompts, one per line (.txt, or - for stdin) or one per "
                                                         "record (JSON Lines in .jsonl/.json, or .parquet)")
-    g.add_argument("--field", default="prompt", type=non_empty,
+    g.add_argument("--field", default=None, type=non_empty,
                    help="record field holding the prompt in --prompt-file (default prompt)")
     g.add_argument("--no-bos", action="store_true", help="do not start prompts with <|im_start|>")
     g.add_argument("--batch-size", type=batch_count, default=16, help="sequences decoded together (default 16)")
@@ -70,7 +71,9 @@ def _generate(args: argparse.Namespace) -> int:
     if args.prompt_file in STDIN_NAMES and sys.stdin.isatty():  # else it waits without a word
         end = "Ctrl-Z then Enter" if os.name == "nt" else "Ctrl-D"
         print(f"tinyk: reading prompts from the terminal, one per line; {end} ends them", file=sys.stderr)
-    prompts, note = read_prompts(args.prompt, args.prompt_file, args.field)
+    field = text_field(args.field, [args.prompt_file] if args.prompt_file else [], default="prompt",
+                       source="--prompt-file", unit="prompt")
+    prompts, note = read_prompts(args.prompt, args.prompt_file, field)
     if note:
         print(f"tinyk: {note}", file=sys.stderr)
     if args.no_bos and "" in prompts:  # the engine would start it from <|im_start|> all the same
