@@ -2048,14 +2048,16 @@ def test_a_responses_stream_names_one_item_and_closes_it_with_the_whole_text(cli
 
 
 def test_openais_limits_are_accepted_at_their_edges(client, reference):
-    """Four stop strings (OpenAI's most), vLLM's top_k -1 (no limit: as 0), and completions' logprobs false."""
+    """Four stop strings (OpenAI's most), vLLM's top_k -1 (no limit: as 0) or past the vocabulary, and
+    completions' logprobs false."""
     want = expected_completion(reference, "我们今天", 8)
     r = client.completions.create(model="nano", prompt="我们今天", max_tokens=8, temperature=0,
                                   stop=["甲甲", "乙乙", "丙丙", "丁丁"])
     assert r.choices[0].text == want.text
     kw = dict(model="nano", prompt="天气", max_tokens=12, temperature=1.0, seed=3)
     assert client.completions.create(**kw, extra_body={"top_k": -1}).choices[0].text == \
-        client.completions.create(**kw, extra_body={"top_k": 0}).choices[0].text
+        client.completions.create(**kw, extra_body={"top_k": 0}).choices[0].text == \
+        client.completions.create(**kw, extra_body={"top_k": 10**6}).choices[0].text  # past the vocabulary: all
     r = client.completions.create(model="nano", prompt="hi", max_tokens=2, extra_body={"logprobs": False})
     assert r.choices[0].logprobs is None
 

@@ -264,7 +264,8 @@ class Api:
                            param=max_name, code="context_length_exceeded")
         temperature = _sampling_field(body, "temperature", "number", d.temperature, 0, 2)
         top_p = _sampling_field(body, "top_p", "number", d.top_p, 0, 1)
-        top_k = _sampling_field(body, "top_k", "integer", d.top_k, -1, self.engine.vocab_size)
+        # Past the vocabulary it keeps every token, as in vLLM and as `tinyk generate --top-k` takes it.
+        top_k = _sampling_field(body, "top_k", "integer", d.top_k, -1, 2**63 - 1)
         min_p = _sampling_field(body, "min_p", "number", d.min_p, 0, 1)
         penalty = _sampling_field(body, "repetition_penalty", "number", d.repetition_penalty, *REPETITION_PENALTY_RANGE)
         stop = _stop_strings(body)
