@@ -459,10 +459,14 @@ class RunSpec:
 
 def _disk(parameters: int, keep_checkpoints: int, keep_best: bool) -> dict[str, int]:
     """A run directory's files: each checkpoint holds the fp32 weights and AdamW's two fp32 moments (the
-    tokenizer's few hundred KB aside), final/ (and best/) the weights alone."""
+    tokenizer's few hundred KB aside), final/ (and best/) the weights alone. `run_bytes` is what the run
+    leaves; `peak_bytes` the most it holds, while a checkpoint is saved beside the ones kept (the oldest
+    goes only once the new one is complete) and before final/ exists."""
     checkpoint, final = 12 * parameters, 4 * parameters
+    best = final if keep_best else 0
     return {"checkpoint_bytes": checkpoint, "final_bytes": final, "keep_checkpoints": keep_checkpoints,
-            "keep_best": keep_best, "run_bytes": keep_checkpoints * checkpoint + (2 if keep_best else 1) * final}
+            "keep_best": keep_best, "run_bytes": keep_checkpoints * checkpoint + final + best,
+            "peak_bytes": (keep_checkpoints + 1) * checkpoint + best}
 
 
 def run_spec(*, preset: str | None, config: str | None, sets: Iterable[str] = (),
@@ -836,10 +840,13 @@ def _fit_warning(p: dict[str, Any]) -> str:
     if not ck and fits["checkpointing"]:  # only if checkpointing makes it fit, with the micro-batch it needs
         smaller = f" --micro-batch {fits['checkpointing']}" if fits["checkpointing"] < r["micro_batch"] else ""
         fixes.append(f"--activation-checkpointing{smaller}")
+    # FSDP in fp16 is refused (precision_refusal): in bf16 where the card has it, else fp32.
+    fsdp = "--parallel fsdp" + (f" --dtype {'bf16' if g['tensor_dtype'] == 'bf16' else 'fp32'}"
+                                if r["dtype"] == "fp16" else "")
     if r["parallel"] != "fsdp" and g["count"] > 1:
-        fixes.append("--parallel fsdp")
+        fixes.append(fsdp)
     return ("warning      the peak exceeds the usable memory" +
-            (f"; try {' or '.join(fixes)}" if fixes else "; use more GPUs with --parallel fsdp"))
+            (f"; try {' or '.join(fixes)}" if fixes else f"; use more GPUs with {fsdp}"))
 
 
 def format_plan(p: dict[str, Any]) -> str:
@@ -905,7 +912,8 @@ def format_plan(p: dict[str, Any]) -> str:
                      f"{p['cost']['price_per_gpu_hour']:g} per GPU-hour)")
     dk = p["disk"]
     lines.append(f"disk         {bytes_text(dk['checkpoint_bytes'])} a checkpoint (fp32 weights and AdamW's two "
-                 f"moments, 12 bytes a parameter); the run directory up to {bytes_text(dk['run_bytes'])} "
+                 f"moments, 12 bytes a parameter); the run directory up to {bytes_text(dk['peak_bytes'])} while "
+                 f"a checkpoint is saved beside those kept, {bytes_text(dk['run_bytes'])} at the end "
                  f"({plural(dk['keep_checkpoints'], 'checkpoints')} kept, and final/"
                  f"{' and best/' if dk['keep_best'] else ''})")
     if "tutorial" in p:
