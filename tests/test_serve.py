@@ -2115,6 +2115,9 @@ def test_numbers_json_does_not_have_are_refused_as_invalid_json(server):
         assert status == 400 and err["error"] == {
             "message": f"the request body is not valid JSON: {constant.decode()} is not a number JSON has",
             "type": "invalid_request_error", "param": None, "code": "invalid_json"}, err
+    # A number past a double's range is JSON, but would be infinity: said as the client wrote it.
+    status, err = request(server, "POST", "/v1/completions", b'{"model": "nano", "prompt": "hi", "max_tokens": 1e400}')
+    assert status == 400 and err["error"]["message"] == "the request body holds a number beyond a double's range: 1e400"
 
 
 def test_the_model_card_is_a_model(server):

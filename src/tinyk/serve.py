@@ -153,6 +153,15 @@ def _not_json(name: str) -> None:
     raise _NotJson(f"{name} is not a number JSON has")
 
 
+def _finite(text: str) -> float:
+    """A JSON number as a float; one beyond a double's range (1e400) would be infinity, which no field takes."""
+    value = float(text)
+    if math.isinf(value):
+        raise ApiError(400, f"the request body holds a number beyond a double's range: {text[:40]}",
+                       code="invalid_json")
+    return value
+
+
 class Handler(BaseHTTPRequestHandler):
     """One connection: its requests read, checked and tokenized here, decoded in the scheduler thread."""
 
@@ -316,7 +325,7 @@ class Handler(BaseHTTPRequestHandler):
             raise
         self.unread_body = False
         try:  # RFC 8259 8.1: a byte order mark may be ignored
-            body = json.loads(raw.decode("utf-8-sig"), parse_constant=_not_json)
+            body = json.loads(raw.decode("utf-8-sig"), parse_constant=_not_json, parse_float=_finite)
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, _NotJson) as e:
             raise ApiError(400, f"the request body is not valid JSON: {str(e)[:200]}", code="invalid_json") from e
         except ValueError as e:  # Python's own limit on integer digits, whose advice is for the server's code
