@@ -12,6 +12,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -1599,3 +1600,178 @@ def test_an_interactive_chat_opens_with_its_commands(nano_model_dir, monkeypatch
     with pytest.raises(SystemExit) as e:
         main(["chat", "--model", str(nano_model_dir), "--message", "你好", "--max-new-tokens", "1"])
     assert e.value.code == 0 and "tinyk chat:" not in capsys.readouterr().err
+
+
+def filtered_distribution(logits: np.ndarray, seen: np.ndarray, temperature: float, top_k: int, top_p: float,
+                          min_p: float, penalty: float) -> np.ndarray:
+    """The distribution a sampled token is drawn from, computed independently in float64: HF's repetition
+    penalty on seen ids, temperature, top-k (ties with the k-th kept), top-p (the smallest head reaching
+    top_p), min-p (relative to the likeliest token), renormalized after each."""
+    x = logits.astype(np.float64).copy()
+    x[seen] = np.where(x[seen] > 0, x[seen] / penalty, x[seen] * penalty)
+    x = x / temperature
+    if top_k > 0:
+        x[x < np.sort(x)[::-1][min(top_k, len(x)) - 1]] = -np.inf
+    p = np.exp(x - x.max())
+    p /= p.sum()
+    if top_p < 1:
+        order = np.argsort(-p)
+        before = np.cumsum(p[order]) - p[order]
+        p[order[before >= top_p]] = 0
+        p /= p.sum()
+    p[p < min_p * p.max()] = 0
+    return p / p.sum()
+
+
+def test_each_rows_draw_follows_its_own_filtered_distribution_in_a_mixed_batch():
+    """Inverse-CDF sampling draws from exactly the distribution that penalty, temperature, top-k, top-p
+    and min-p leave, computed here independently: a draw u lands on the token whose share of the kept mass
+    (tokens in order of likelihood) holds u, and never on a token the filters removed. Many rows with
+    different settings are sampled in one batch, so each row's settings must stay its own."""
+    gen = torch.Generator().manual_seed(0)
+    V = 24
+    logits_rows, seen_rows, rows, rngs, want = [], [], [], [], []
+    cases = 0
+    while cases < 60:
+        logits = (torch.randn(V, generator=gen) * 2.5).numpy()
+        seen = (torch.rand(V, generator=gen) < 0.3).numpy()
+        kw = dict(temperature=float(torch.empty(1).uniform_(0.3, 1.8, generator=gen)),
+                  top_k=int(torch.randint(0, 12, (1,), generator=gen)),
+                  top_p=float(torch.empty(1).uniform_(0.3, 1.0, generator=gen)) if cases % 3 else 1.0,
+                  min_p=float(torch.empty(1).uniform_(0.0, 0.3, generator=gen)) if cases % 2 else 0.0,
+                  repetition_penalty=float(torch.empty(1).uniform_(1.0, 2.0, generator=gen)))
+        q = filtered_distribution(logits, seen, kw["temperature"], kw["top_k"], kw["top_p"], kw["min_p"],
+                                  kw["repetition_penalty"])
+        order = np.argsort(-q, kind="stable")
+        cdf = np.cumsum(q[order])
+        kept = int((q > 0).sum())
+        # skip cases a float32 rounding could decide: a top-p boundary or min-p threshold within 1e-4
+        x = logits.astype(np.float64).copy()
+        x[seen] = np.where(x[seen] > 0, x[seen] / kw["repetition_penalty"], x[seen] * kw["repetition_penalty"])
+        if np.min(np.abs(np.diff(np.sort(x)))) < 1e-3 or (q[q > 0].min() < 1e-4):
+            continue
+        full = np.exp(x / kw["temperature"] - (x / kw["temperature"]).max())
+        if kw["top_k"]:
+            full[x < np.sort(x)[::-1][kw["top_k"] - 1]] = 0
+        full /= full.sum()
+        s = np.sort(full)[::-1]
+        if kw["top_p"] < 1 and np.min(np.abs(np.cumsum(s) - s - kw["top_p"])) < 1e-4:
+            continue
+        head = full.copy()
+        if kw["top_p"] < 1:
+            head[np.isin(np.arange(V), np.argsort(-full)[(np.cumsum(s) - s) >= kw["top_p"]])] = 0
+        head /= head.sum()
+        if kw["min_p"] and np.min(np.abs(head[head > 0] - kw["min_p"] * head.max())) < 1e-4:
+            continue
+        cases += 1
+        for j in range(kept):  # the middle of each kept token's interval of [0, 1)
+            u = (cdf[j] - q[order[j]] / 2) / cdf[-1]
+            logits_rows.append(logits)
+            seen_rows.append(seen)
+            rows.append(Row(**kw))
+            rngs.append(Rng(float(u)))
+            want.append(int(order[j]))
+        logits_rows.append(logits)  # the very top of the draws: still the least likely kept token
+        seen_rows.append(seen)
+        rows.append(Row(**kw))
+        rngs.append(Rng(1 - 2 ** -53))
+        want.append(int(order[kept - 1]))
+    p = _ParamTensors(rows, torch.device("cpu"))
+    got = Engine.sample(torch.tensor(np.stack(logits_rows), dtype=torch.float32),
+                        torch.tensor(np.stack(seen_rows)), p, rngs)
+    assert got.tolist() == want
+
+
+def test_a_negative_seed_is_its_own_not_its_absolute_values(engine):
+    """Python's random.Random(-s) is random.Random(s); the engine keeps every 64-bit seed distinct
+    (seed modulo 2**64), so -5 samples differently from 5, while one seed always samples the same."""
+    params = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, max_new_tokens=8,
+                            ignore_eos=True)
+    five, minus_five, again = (engine.generate(["我们今天"], replace(params, seed=s))[0].token_ids for s in (5, -5, -5))
+    assert minus_five == again
+    assert minus_five != five
+
+
+def _first_size(sizes, make, want: int) -> int:
+    """The first n in `sizes` whose token count (`make(n)`) is `want`."""
+    return next(n for n in sizes if make(n) == want)
+
+
+def test_a_text_prompt_of_exactly_the_window_is_refused_and_one_less_gets_one_token(engine):
+    """A text prompt (with the <|im_start|> it starts with) must leave at least one token of the window for
+    the reply: at exactly context_length tokens it is a ContextLengthError, at one less it decodes one token,
+    cut by the context."""
+    from tinyk.engine import ContextLengthError, document_ids
+
+    ctx, tok = engine.context_length, engine.tok
+    n = _first_size(range(1, 4 * ctx), lambda n: len(document_ids(tok, "a" * n)), ctx)
+    with pytest.raises(ContextLengthError, match=f"{ctx:,} tokens"):
+        engine.encode("a" * n)
+    m = _first_size(range(1, 4 * ctx), lambda n: len(document_ids(tok, "a" * n)), ctx - 1)
+    c = engine.generate(["a" * m], SamplingParams(temperature=0, max_new_tokens=5, ignore_eos=True))[0]
+    assert (c.prompt_tokens, c.completion_tokens, c.finish_reason, c.cut_by_context) == (ctx - 1, 1, "length", True)
+
+
+def test_a_chat_prompt_of_exactly_the_window_is_refused(engine):
+    """A chat whose rendered prompt (generation prompt included) is exactly context_length tokens has no
+    room for a reply: ContextLengthError, from the engine and from the tokenizer-only check `tinyk eval` uses;
+    one token shorter is accepted."""
+    from tinyk.engine import ContextLengthError, chat_prompt_ids
+
+    ctx, tok = engine.context_length, engine.tok
+
+    def msgs(n):
+        return [{"role": "user", "content": "1" * n}]
+
+    def size(n):
+        return len(tok.encode_chat(msgs(n), add_generation_prompt=True))
+
+    n = _first_size(range(4 * ctx), size, ctx)
+    for check in (engine.chat_prompt_ids, lambda m: chat_prompt_ids(tok, ctx, m)):
+        with pytest.raises(ContextLengthError, match=f"{ctx:,} tokens"):
+            check(msgs(n))
+    m = _first_size(range(4 * ctx), size, ctx - 1)
+    assert len(engine.chat_prompt_ids(msgs(m))) == len(chat_prompt_ids(tok, ctx, msgs(m))) == ctx - 1
+
+
+def test_tokens_spelled_before_a_stop_string_cut_at_a_token_boundary(tok_dir):
+    """spelled() counts the tokens that begin inside the text a stop string left: when the stop string
+    starts exactly where a token starts, that token (and every later one) is past the cut and not
+    counted; a stop string starting inside a token keeps that token."""
+    from tinyk.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tok_dir)
+    text = "天气很好我们今天去公园散步"
+    ids = tok.encode(text)
+    # a token boundary past the first token that falls between whole characters
+    k = next(k for k in range(1, len(ids))
+             if text.startswith(tok.decode(ids[:k])) and "\ufffd" not in tok.decode(ids[:k]))
+    before = tok.decode(ids[:k])
+    d = Detokenizer(tok, [text[len(before):len(before) + 2]])
+    for i in ids:
+        d.add(i)
+        if d.stopped:
+            break
+    assert d.stopped and d.text == before
+    assert d.spelled() == k
+    mid = tok.decode(ids[k:k + 1])
+    if len(mid) > 1:  # a stop string from the second character of token k keeps token k
+        d = Detokenizer(tok, [text[len(before) + 1:len(before) + 3]])
+        for i in ids:
+            d.add(i)
+            if d.stopped:
+                break
+        assert d.text == before + mid[0] and d.spelled() == k + 1
+
+
+def test_flushing_a_cut_reply_twice_drops_only_the_unfinished_character(engine):
+    """A reply cut mid-character loses only that character's U+FFFD, however often it is flushed (a
+    request ended again after a failed prefill is flushed a second time): never a whole character before it."""
+    tok = engine.tok
+    ids = tok.encode("好😀")
+    cut = len(tok.encode("好")) + 1  # the emoji's first byte only
+    d = Detokenizer(tok, [])
+    shown = "".join(d.add(i) for i in ids[:cut])
+    shown += d.flush(cut_short=True)
+    shown += d.flush(cut_short=True)
+    assert (shown, d.text) == ("好", "好")
