@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tinyk.checkpoint import load_model
+from tinyk.checkpoint import load_config, load_model
 from tinyk.cli import main
 from tinyk.errors import Stopped, StoppedBeforeTraining, TinykError
 from tinyk.inputs import check_inputs, has_surrogate, stdin_not_decodable
@@ -901,3 +901,62 @@ main(sys.argv[2:])
                                ("hung", 130, "tinyk: interrupted\n")):
         r = subprocess.run([sys.executable, "-c", code, name, *command], capture_output=True, text=True, timeout=120)
         assert (r.returncode, r.stderr, r.stdout) == (status, said, ""), name
+
+
+def test_a_tokenizer_one_token_larger_than_the_model_is_refused(tmp_path, nano_model_dir):
+    """A tokenizer of exactly one token more than the embedding has rows gives an
+    id (its last) that indexes past the embedding: a CUDA assert mid-generation."""
+    m = tmp_path / "m"
+    shutil.copytree(nano_model_dir, m)
+    config = json.loads((m / "config.json").read_text())
+    n = config["vocab_size"] - 1
+    block = {**config["tinyk"], "vocab_size": n}
+    (m / "config.json").write_text(json.dumps({**config, "vocab_size": n, "tinyk": block}))
+    with pytest.raises(TinykError, match=f"tokens but the model's vocab_size is {n}$"):
+        load_model(m)
+
+
+def test_a_directory_the_tutorials_save_pretrained_wrote_is_pointed_to_import(tmp_path, nano_model_dir):
+    """The tutorial's Tiny-K directory has
+    config.json and model.safetensors, so it looks like a model directory; it is one to import."""
+    m = tmp_path / "k-model"
+    m.mkdir()
+    shutil.copy(nano_model_dir / "model.safetensors", m)
+    for config in ({"model_type": "Tiny-K", "dim": 64, "n_layers": 2, "n_heads": 4},
+                   {"dim": 64, "n_layers": 2, "n_heads": 4}):  # older saves: no model_type
+        (m / "config.json").write_text(json.dumps(config))
+        with pytest.raises(TinykError, match=rf"^not a tinyk model directory: {m}; it holds a model the tutorial's "
+                                             rf"code saved \(its Tiny-K config\): `tinyk model import {m} "):
+            load_config(m)
+    (m / "config.json").write_text(json.dumps({"dim": 64}))  # no Tiny-K config: what a config.json lacks
+    with pytest.raises(TinykError, match=rf"^invalid config.json in {m}: it has no 'hidden_size'$"):
+        load_config(m)
+
+
+def test_only_a_missing_final_is_called_an_unfinished_run(tmp_path, nano_model_dir):
+    """A typo beside a finished run's final/ (run/fnal)
+    was said to be a run that has not finished; a folder of two .pth files names one and counts the other."""
+    run = tmp_path / "run"
+    shutil.copytree(nano_model_dir, run / "checkpoints" / "step_0000010" / "model")
+    with pytest.raises(TinykError, match=r"\(its run has not finished; a run's checkpoints"):
+        load_config(run / "final")
+    shutil.copytree(nano_model_dir, run / "final")
+    with pytest.raises(TinykError) as e:
+        load_config(run / "fnal")
+    assert "has not finished" not in str(e.value)
+    pths = tmp_path / "pths"
+    pths.mkdir()
+    for name in ("a.pth", "b.pth"):
+        (pths / name).write_bytes(b"\x80\x02")
+    with pytest.raises(TinykError, match=r"; it holds a.pth \(and 1 more .pth\): if the tutorial's scripts saved it"):
+        load_config(pths)
+
+
+def test_the_newest_checkpoint_named_is_the_one_of_the_highest_step(tmp_path, nano_model_dir):
+    """Past 9,999,999 steps a checkpoint's name is one digit longer: by text it sorted first, and the hint
+    named an older checkpoint as the newest."""
+    run = tmp_path / "run"
+    for step in (9_999_999, 10_000_000):
+        shutil.copytree(nano_model_dir, run / "checkpoints" / f"step_{step:07d}" / "model")
+    with pytest.raises(TinykError, match=r"the newest one's model is in .*step_10000000/model$"):
+        load_model(run / "checkpoints")

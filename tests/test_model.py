@@ -1030,3 +1030,159 @@ def test_a_model_written_with_metadata_keeps_the_format_key(tmp_path, tok_dir):
     write_model_files(model, tok_dir, tmp_path / "m", None, metadata={"tinyk.step": "40"})
     with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as f:
         assert f.metadata() == {"format": "pt", "tinyk.step": "40"}
+
+
+@pytest.mark.parametrize("change,what", [
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "RoPE scaling 'linear'"),  # transformers 4's spelling
+    ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "RoPE scaling 'dynamic'"),
+    ({"model_type": "mistral"}, "model_type 'mistral'"),
+    ({"mlp_bias": True}, "bias terms"),
+    ({"head_dim": 32}, "head_dim 32 other than hidden_size / num_attention_heads"),
+])
+def test_what_a_config_json_asks_for_that_tinyk_cannot_compute_is_refused(tmp_path, nano_model_dir, change, what):
+    """A
+    transformers-4 config (rope_scaling's key is `type`), another architecture, MLP biases or another head
+    size loaded as a plain Llama, silently computing another function than transformers does."""
+    m = tmp_path / "m"
+    shutil.copytree(nano_model_dir, m)
+    config = json.loads((m / "config.json").read_text())
+    (m / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(TinykError, match=f"config.json asks for {what}"):
+        load_config(m)
+
+
+def test_a_config_with_null_kv_heads_and_no_rope_theta_reads_llamaconfigs_defaults(tmp_path, nano_model_dir):
+    """LlamaConfig reads `num_key_value_heads: null` as one KV
+    head per query head, and a config without rope_theta (nor RoPE parameters) as theta 10000."""
+    m = tmp_path / "m"
+    shutil.copytree(nano_model_dir, m)
+    config = json.loads((m / "config.json").read_text())
+    plain = {k: v for k, v in config.items() if k not in ("tinyk", "rope_theta", "rope_parameters", "rope_scaling")}
+    (m / "config.json").write_text(json.dumps({**plain, "num_key_value_heads": None}))
+    cfg = load_config(m)
+    assert (cfg.n_kv_heads, cfg.rope_theta) == (config["num_attention_heads"], 10000.0)
+
+
+def test_a_saved_model_holds_float32_weights_and_one_tensor_for_a_tied_pair(tmp_path, tok_dir):
+    """Config.json says torch_dtype float32, so a model saved
+    from bf16 (or half) weights must be float32 in the file; a tied head is the embedding and is not written
+    twice (transformers' save_pretrained keeps one of the pair too; the file would be larger by a vocab x dim)."""
+    model = init_model_dir("nano", tok_dir, tmp_path / "m")
+    save_model(model.to(torch.bfloat16), tok_dir, tmp_path / "bf16")
+    state = load_file(tmp_path / "bf16" / "model.safetensors")
+    assert "lm_head.weight" not in state and "model.embed_tokens.weight" in state
+    assert {v.dtype for v in state.values()} == {torch.float32}
+    assert set(state) == set(load_file(tmp_path / "m" / "model.safetensors"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads the process's memory map (Linux)")
+def test_load_model_with_copy_holds_no_mapping_of_the_file(tmp_path, tok_dir):
+    """A resumed run loads its checkpoint with copy=True so that deleting the
+    checkpoint frees its disk space; weights still mapped from the file keep it allocated while the run lives."""
+    init_model_dir("nano", tok_dir, tmp_path / "m")
+    weights = str(tmp_path / "m" / "model.safetensors")
+    model, _ = load_model(tmp_path / "m", copy=True)
+    assert weights not in Path("/proc/self/maps").read_text()
+    del model
+
+
+@pytest.mark.parametrize("index", ["10", "01", "9" * 5000])
+def test_weights_of_a_layer_the_config_does_not_have_are_refused(tmp_path, tok_dir, index):
+    """A file with a layer more
+    than config.json says (a num_hidden_layers edited down) loaded without it, computing another model. Ten
+    layers, so that "01" is no longer than the largest index and only the regex refuses it."""
+    init_model_dir("nano", tok_dir, tmp_path / "m", n_layers=10)
+    f = tmp_path / "m" / "model.safetensors"
+    state = load_file(f)
+    name = f"model.layers.{index}.mlp.gate_proj.weight"
+    state[name] = state["model.layers.0.mlp.gate_proj.weight"].clone()
+    save_file(state, f, metadata={"format": "pt"})
+    for read in (load_model, model_info):
+        with pytest.raises(TinykError, match="holds weights tinyk's model has no place for: ") as e:
+            read(tmp_path / "m")
+        assert name in str(e.value)
+
+
+def test_transformers_reads_no_padding_row_and_im_end_as_the_first_eos(nano_model_dir):
+    """Transformers makes config.json's pad id the embedding's
+    padding_idx, whose row then gets no gradient (fine-tuning there froze <|im_end|>, the end of every turn);
+    tools that take one eos id (the first of generation_config's list) must get <|im_end|>."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from tinyk.tokenizer import IM_END_ID
+
+    hf = AutoModelForCausalLM.from_pretrained(nano_model_dir, dtype=torch.float32)
+    assert hf.model.embed_tokens.padding_idx is None
+    gen = GenerationConfig.from_pretrained(nano_model_dir)
+    assert gen.eos_token_id[0] == IM_END_ID and gen.pad_token_id == IM_END_ID
+
+
+def test_save_model_never_replaces_the_directory_its_tokenizer_comes_from(tmp_path, tok_dir):
+    """A model directory used as its own tokenizer directory with --force
+    (`save_model(model, m, m, force=True)`) was replaced by the model made from it."""
+    model = init_model_dir("nano", tok_dir, tmp_path / "m")
+    before = (tmp_path / "m" / "model.safetensors").read_bytes()
+    with pytest.raises(TinykError, match="would replace the input"):
+        save_model(model, tmp_path / "m", tmp_path / "m", force=True)
+    with pytest.raises(TinykError, match="lies inside the input"):
+        save_model(model, tmp_path / "m", tmp_path / "m" / "sub", force=True)
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
+
+
+def test_a_tutorial_pth_cut_short_says_so(tmp_path, tok_dir):
+    """A .pth copied in part (a download or scp stopped) names the fix, not torch's
+    "failed finding central directory"."""
+    from tinyk.checkpoint import import_seed_checkpoint
+    from tinyk.tokenizer import load_tokenizer
+
+    whole = tmp_path / "whole.pth"
+    torch.save(seed_state_dict(load_tokenizer(tok_dir).vocab_size), whole)
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(TinykError, match=rf"^cannot read {cut}: it is cut short or damaged \(torch.save's zip "
+                                         r"archive has no end\); copy or save it again$"):
+        import_seed_checkpoint(cut, tok_dir, tmp_path / "m", n_heads=4)
+    assert not (tmp_path / "m").exists()
+
+
+def test_init_is_reproducible_by_seed_and_info_sizes_weights_by_dtype(tmp_path, tok_dir):
+    """`tinyk model init --seed` makes the same model again (and
+    another seed another model); info's bf16 size is 2 bytes a weight, half the fp32 one."""
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        init_model_dir("nano", tok_dir, tmp_path / name, seed=seed)
+    weights = {n: (tmp_path / n / "model.safetensors").read_bytes() for n in "abc"}
+    assert weights["a"] == weights["b"] != weights["c"]
+    info = model_info(tmp_path / "a")
+    assert info["memory"]["bf16_mib"] == info["parameters"] * 2 / 2**20 == info["memory"]["fp32_mib"] / 2
+
+
+def test_same_model_is_not_fooled_by_bytes_after_the_tensors(tmp_path, nano_model_dir):
+    """A copy with bytes appended to its weights file (a damaged copy, or a
+    concatenation) was scored as a twin of the original instead of being loaded and judged itself."""
+    from tinyk.checkpoint import same_model
+
+    other = tmp_path / "other"
+    shutil.copytree(nano_model_dir, other)
+    with open(other / "model.safetensors", "ab") as f:
+        f.write(b"\0" * 8)
+    assert not same_model(nano_model_dir, other) and not same_model(other, nano_model_dir)
+
+
+def test_import_refuses_a_tiny_k_config_of_no_context_and_reads_a_wrapped_state_dict(tmp_path, tok_dir):
+    """Mutants seed_config_unchecked / seed_unwrap_model_only."""
+    from tinyk.checkpoint import import_seed_checkpoint
+    from tinyk.tokenizer import load_tokenizer
+
+    sd = seed_state_dict(load_tokenizer(tok_dir).vocab_size)
+    saved = tmp_path / "k-model"
+    saved.mkdir()
+    save_file({k: v.clone() for k, v in sd.items()}, saved / "model.safetensors")
+    for bad in ({"max_seq_len": 0}, {"n_heads": "4"}):
+        (saved / "config.json").write_text(json.dumps({"model_type": "Tiny-K", "dim": 64, "n_heads": 4, **bad}))
+        with pytest.raises(TinykError, match="is not the tutorial's model config \\(n_heads and max_seq_len must be "
+                                             "positive integers\\)"):
+            import_seed_checkpoint(saved, tok_dir, tmp_path / "m")
+    wrapped = tmp_path / "lightning.ckpt.pth"
+    torch.save({"state_dict": sd, "epoch": 3}, wrapped)
+    model, _ = import_seed_checkpoint(wrapped, tok_dir, tmp_path / "m", n_heads=4, max_seq_len=64)
+    assert model.config.n_layers == 2

@@ -238,7 +238,8 @@ def model_dir_hint(path: Path) -> str:
         return f"; a training run's model is in {path / 'final'}"
     if is_model_dir(path / "model"):  # a checkpoint: checkpoints/step_*/model
         return f"; a checkpoint's model is in {path / 'model'}"
-    steps = sorted(p for p in path.glob("step_*") if is_model_dir(p / "model")) if path.is_dir() else []
+    steps = sorted((p for p in path.glob("step_*") if is_model_dir(p / "model")),  # by number: step_10000000 last
+                   key=lambda p: (len(p.name), p.name)) if path.is_dir() else []
     if steps:
         return f"; a run's checkpoints: the newest one's model is in {steps[-1] / 'model'}"
     if (path / "checkpoints").is_dir() and (path / "config.yaml").is_file():
