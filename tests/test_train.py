@@ -1102,6 +1102,28 @@ def test_processes_that_would_resume_from_different_checkpoints_are_refused(tmp_
     assert [p.name for p in checkpoints(run)] == ["step_0000001", "step_0000002"] and not (run / "final").exists()
 
 
+def test_a_process_that_refuses_before_the_job_meets_stops_the_others(tmp_path, pt_data, tok_dir):
+    """`--out RUN --resume` on a node that does not see the shared run directory (or a node whose command
+    has a typo) refused before the process group existed: it said why and exited, and the other nodes
+    waited for it in silence until the group's 30-minute timeout."""
+    run = tmp_path / "run"
+    train(nano_cfg(pt_data, tok_dir, run, max_steps=2, save_every=1))
+    shutil.rmtree(run / "final")
+    unseen = tmp_path / "other-node" / "run"
+    for command in (["--out", str(unseen), "--resume"], ["--out", str(run), "--resume", "--preset", "nanoo"]):
+        rdzv = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2", **AS_TORCHRUN}
+        workers = [subprocess.Popen([str(BIN / "python"), "-m", "tinyk", "pretrain", "--no-progress", "--max-steps",
+                                     "4", *(["--out", str(run), "--resume"] if r == 0 else command)],
+                                    env={**ENV, **rdzv, "RANK": str(r), "LOCAL_RANK": str(r)},
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                   for r in range(2)]
+        outputs = [w.communicate(timeout=120) for w in workers]
+        assert [w.returncode for w in workers] == [2, 2], outputs
+        said = outputs[1][1].splitlines()[-1].removeprefix("tinyk: error: ")
+        assert outputs[0][1].splitlines()[-1] == f"tinyk: error: process 1 of this job refused to start: {said}"
+    assert [p.name for p in checkpoints(run)] == ["step_0000001", "step_0000002"]
+
+
 def test_a_run_resumes_from_inside_its_directory(tmp_path, pt_data, tok_dir, monkeypatch):
     """`cd run && tinyk pretrain --out . --resume` (it was a StopIteration traceback)."""
     train(nano_cfg(pt_data, tok_dir, tmp_path / "run", max_steps=2, save_every=1))

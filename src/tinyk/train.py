@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -280,11 +280,19 @@ def _launch_env() -> tuple[int, int, int]:
     return world, rank, local_rank
 
 
-def setup_dist(device: str) -> Dist:
-    """Joins the torchrun job if there is one (NCCL on CUDA, gloo on CPU)."""
+def setup_dist(device: str, refusal: TinykError | None = None) -> Dist:
+    """Joins the torchrun job if there is one (NCCL on CUDA, gloo on CPU). Every process then says
+    whether it refused to start (`refusal`): a node whose disk lacks the run, or whose command differs,
+    refuses alone, and the others, on other machines, would wait for it until the group's timeout."""
     global joined_a_job
     world, rank, local_rank = _launch_env()
-    dev = resolve_device(device)
+    if refusal is not None and world == 1:
+        raise refusal
+    try:
+        dev = resolve_device(device)
+    except TinykError as e:  # refused too, once the others are told: on the device the others will pick
+        refusal = refusal or e
+        dev = resolve_device("auto")
     if dev.type == "cuda":  # a launcher that shows each process only its own GPU leaves one device
         dev = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(dev)
@@ -300,7 +308,24 @@ def setup_dist(device: str) -> Dist:
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None)
     host = dist.new_group(backend="gloo") if dev.type == "cuda" else None
-    return Dist(rank, world, local_rank, dev, host, owns)
+    d = Dist(rank, world, local_rank, dev, host, owns)
+    refused = [(r, why) for r, why in enumerate(d.gather_host(None if refusal is None else str(refusal))) if why]
+    if refused:
+        d.close()
+        if refusal is not None:
+            raise refusal
+        r, why = refused[0]
+        raise TinykError(f"process {r} of this job refused to start: {why}")
+    return d
+
+
+def refuse_in_job(device: str, refusal: TinykError) -> NoReturn:
+    """Raises `refusal`, after telling the job's processes on other machines (`setup_dist`), which would
+    otherwise wait for this one until the group's timeout; on this machine torchrun stops them."""
+    with contextlib.suppress(TinykError):  # the refusal itself, or an environment that makes no job
+        if _launch_env()[0] > _processes_on_this_host():
+            setup_dist(device, refusal)
+    raise refusal
 
 
 def _exit_status(e: BaseException) -> tuple[int, str | None]:

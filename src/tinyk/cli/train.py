@@ -95,8 +95,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from tinyk.config import resolve_config
-    from tinyk.errors import signal_status
-    from tinyk.train import train
+    from tinyk.errors import TinykError, signal_status
+    from tinyk.train import refuse_in_job, train
 
     flags = {k: getattr(args, k) for k in _FLAG_KEYS}
     flags["compile"] = args.compile
@@ -105,8 +105,11 @@ def _run(args: argparse.Namespace) -> int:
     flags["sample_prompts"] = args.sample
     flags["keep_best"] = args.keep_best
     notes: list[str] = []
-    cfg = resolve_config(args.kind, preset=args.preset, config=args.config, flags=flags, sets=args.set,
-                         resume=args.resume, notes=notes)
+    try:
+        cfg = resolve_config(args.kind, preset=args.preset, config=args.config, flags=flags, sets=args.set,
+                             resume=args.resume, notes=notes)
+    except TinykError as e:  # one node's (no shared run directory, another command): the others are told
+        refuse_in_job(args.device or "auto", e)
     if speaks_for_machine():
         for note in notes:
             print(note, file=sys.stderr)
