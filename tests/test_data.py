@@ -7,12 +7,15 @@ import gc
 import gzip
 import json
 import os
+import pickle
 import re
 import shlex
 import shutil
 import signal
 import subprocess
 import sys
+import textwrap
+import threading
 import time
 import tracemalloc
 import unicodedata
@@ -35,7 +38,7 @@ from tinyk.data import (
     read_conversation,
     token_dtype,
 )
-from tinyk.errors import TinykError
+from tinyk.errors import STOP_SIGNALS, TinykError
 from tinyk.inputs import Skips, iter_texts
 from tinyk.loader import PAD_MULTIPLE, PretrainLoader, ResumeMismatch, SFTLoader, eval_batches, open_dataset
 from tinyk.tokenizer import (
@@ -2170,3 +2173,158 @@ def test_max_len_8_is_accepted(tmp_path, tok_dir):
         prepare_sft([src], tok_dir, tmp_path / "o", max_len=8, system_prompt="", **QUIET)
     except TinykError as e:  # "no usable conversations" is this data's own matter, not --max-len's floor
         assert "must be at least 8" not in str(e)
+
+
+def test_one_worker_or_one_payload_runs_in_this_process():
+    """No pool is worth starting for one worker or one payload: `fn` then needs no pickling (a lambda)."""
+    def fn(a, p):
+        return a + p
+
+    assert list(map_ordered(fn, 1, [("a", 1), ("b", 2), ("c", 3)], workers=1)) == [("a", 2), ("b", 3), ("c", 4)]
+    assert list(map_ordered(fn, 1, [("a", 1)], workers=4)) == [("a", 2)]
+
+
+def test_workers_ignore_the_stop_signals_when_started_from_a_thread():
+    """From a thread the parent can neither block signals nor set handlers: the workers ignore Ctrl-C,
+    SIGTERM and SIGHUP themselves, once started."""
+    ignored = {}
+    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def sig_ign(pid):
+        status = Path(f"/proc/{pid}/status").read_text()
+        return int(next(ln for ln in status.splitlines() if ln.startswith("SigIgn:")).split()[1], 16)
+
+    def work():
+        with start_pool(2, add, 1) as pool:
+            deadline = time.monotonic() + 30  # each worker ignores them once its initializer has run
+            while time.monotonic() < deadline:
+                ignored.update((w.pid, sig_ign(w.pid)) for w in pool._pool)
+                if all(v >> (s - 1) & 1 for v in ignored.values() for s in stops):
+                    break
+                time.sleep(0.1)
+
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs Linux's /proc")
+    t = threading.Thread(target=work)
+    t.start()
+    t.join(120)
+    assert ignored and all(v >> (s - 1) & 1 for v in ignored.values() for s in stops), \
+        {k: hex(v) for k, v in ignored.items()}
+
+
+def test_workers_use_one_core_each(monkeypatch):
+    """tokenizers' own thread pool in each worker would oversubscribe the cores."""
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    with start_pool(2, add, 1) as pool:
+        assert pool.apply(os.getenv, ("TOKENIZERS_PARALLELISM",)) == "false"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signals are Linux's")
+def test_a_worker_whose_parent_is_already_gone_ends_at_once():
+    """Killed before the parent-death signal was set: the worker's parent is no longer the one it was
+    started by, and it ends rather than work for no one."""
+    r = subprocess.run([sys.executable, "-c", "from tinyk.workers import die_with; die_with(1); print('ran')"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "ran" not in r.stdout
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="needs signal masks")
+def test_the_stop_signals_are_not_blocked_while_the_pool_works():
+    """They are blocked only while the workers start: Ctrl-C during the work stops it at once."""
+    with start_pool(2, add, 1) as pool:
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        assert pool.apply(abs, (-3,)) == 3
+    assert not blocked & set(STOP_SIGNALS)
+    for _ in map_ordered(add, 1, [(i, i) for i in range(6)], workers=2):
+        assert not signal.pthread_sigmask(signal.SIG_BLOCK, []) & set(STOP_SIGNALS)
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="needs signal masks")
+def test_a_pool_that_fails_to_start_leaves_the_stop_signals_unblocked():
+    """A start that fails (here `arg` cannot be sent to the workers) must not leave Ctrl-C blocked for
+    the rest of the process."""
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    with pytest.raises((AttributeError, pickle.PicklingError)), start_pool(2, add, lambda: None):
+        pass
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
+    assert all(signal.getsignal(s) is not signal.SIG_IGN for s in (signal.SIGINT, signal.SIGTERM))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_resource_tracker_is_not_ended_by_sighup():
+    """It starts with SIGHUP blocked: a closed terminal killed it, and the run ended with a traceback for
+    each of the pool's locks."""
+    script = textwrap.dedent("""
+        import signal
+        from operator import add
+        from multiprocessing import resource_tracker
+        from tinyk.workers import start_pool
+        with start_pool(2, add, 1) as pool:
+            pid = resource_tracker._resource_tracker._pid
+            status = open(f"/proc/{pid}/status").read()
+            blocked = int(next(ln for ln in status.splitlines() if ln.startswith("SigBlk:")).split()[1], 16)
+            print(blocked >> (signal.SIGHUP - 1) & 1)
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "1", r.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SIGKILL of a worker")
+def test_a_worker_killed_mid_task_ends_the_run_rather_than_hanging():
+    """The OOM killer ends a worker while it tokenizes a batch: the standard pool starts another and the
+    batch's result never comes, so `tinyk data` waited forever, printing nothing."""
+    script = textwrap.dedent("""
+        from tinyk.workers import map_ordered
+        # `eval` is a picklable two-argument function: the worker evaluates the text with the payload as
+        # its globals, and kills itself on the fourth batch.
+        kill = "__import__('os').kill(__import__('os').getpid(), 9) if n == 3 else n"
+        for tag, r in map_ordered(eval, kill, ((i, {"n": i}) for i in range(8)), workers=2):
+            print(tag, flush=True)
+        print("done")
+    """)
+    try:
+        r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("map_ordered waits forever for the batch of a killed worker")
+    assert r.returncode != 0 and "done" not in r.stdout
+    assert "TinykError: a worker process died while tokenizing (killed by SIGKILL) (the system's out-of-memory " \
+           "killer, most likely: fewer --workers use less)" in r.stderr, r.stderr
+
+
+def test_stopping_the_worker_pool_from_its_own_task_thread_returns_at_once(monkeypatch):
+    """The pool may be finalized in its task thread (a garbage collection there): reading the pipe
+    "until the task thread has ended" would then wait for itself forever."""
+    import multiprocessing
+
+    from tinyk.workers import _Pool
+
+    monkeypatch.setattr(_Pool, "lock_wait_s", 0.1)
+    inqueue = multiprocessing.get_context("spawn").SimpleQueue()
+    done = threading.Event()
+
+    def as_task_thread():
+        _Pool._help_stuff_finish(inqueue, threading.current_thread(), 1)
+        done.set()
+
+    threading.Thread(target=as_task_thread, daemon=True).start()
+    assert done.wait(30), "the task thread waits for itself to end"
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="needs signal masks")
+def test_a_ctrl_c_while_the_workers_start_is_not_lost(monkeypatch):
+    """The stop signals are blocked while the workers start (their handlers are SIG_IGN then): one that
+    comes meanwhile stays pending and lands once the pool is in hand, rather than being ignored."""
+    import tinyk.workers
+
+    real = tinyk.workers._spawn_pool
+
+    def spawn_then_ctrl_c(*args):
+        pool = real(*args)
+        os.kill(os.getpid(), signal.SIGINT)
+        return pool
+
+    monkeypatch.setattr(tinyk.workers, "_spawn_pool", spawn_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt), start_pool(2, add, 1) as pool:
+        for _ in range(100):
+            pool.apply(abs, (-1,))
+    assert not signal.pthread_sigmask(signal.SIG_BLOCK, []) & set(STOP_SIGNALS)

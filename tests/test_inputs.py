@@ -26,12 +26,15 @@ from tinyk.evaluate import read_choice_csv, read_task
 from tinyk.inputs import HEAD_BYTES, LONE_CR_HINT, Skips, check_heads, check_inputs, iter_records, iter_texts
 from tinyk.loader import SFTLoader
 from tinyk.outputs import (
+    DirLock,
     _host,
     _stem,
     atomic_dir,
     atomic_file,
     check_output_file,
+    is_output_file,
     marker_file,
+    plain_name,
     remove_stale_temps,
     write_json_atomic,
 )
@@ -1416,3 +1419,232 @@ def test_init_finds_a_model_a_killed_replace_had_moved_aside(tmp_path, nano_mode
 
     shutil.copytree(nano_model_dir, tmp_path / f".model.old-{_host()}-{dead_pid()}")
     assert resolve_init(tmp_path / "model") == tmp_path / "model" and (tmp_path / "model" / "config.json").is_file()
+
+
+def test_an_output_removed_while_a_command_ran_is_simply_written(tmp_path):
+    """--force replaces what was there when the command began; when that is gone by the end (the user
+    deleted it), the new output goes in place, not aside as out.new with an error."""
+    out = tmp_path / "out"
+    with atomic_dir(out) as tmp:
+        (tmp / "f").write_text("old")
+    with atomic_dir(out, force=True) as tmp:
+        (tmp / "f").write_text("new")
+        (out / "f").unlink()
+        out.rmdir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (out / "f").read_text() == "new"
+
+
+def test_a_failure_moving_the_old_output_aside_is_not_called_a_mount_point(tmp_path, monkeypatch):
+    """Only EBUSY means a mount point. Another error moving the old output aside (a permission) is
+    raised as it is; the old output stays, and nothing is left beside it."""
+    out = tmp_path / "out"
+    with atomic_dir(out) as tmp:
+        (tmp / "f").write_text("old")
+    real = os.replace
+
+    def refused(src, dst):
+        if Path(src) == out:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", refused)
+    with pytest.raises(PermissionError), atomic_dir(out, force=True) as tmp:
+        (tmp / "f").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (out / "f").read_text() == "old"
+
+
+def test_a_finished_output_that_cannot_be_set_aside_as_new_is_kept_where_it_was_made(tmp_path, monkeypatch):
+    """Another run made the output meanwhile and renaming ours to out.new fails: the message says it is
+    kept in its temporary, so that temporary must not then be deleted."""
+    out = tmp_path / "out"
+    real = os.replace
+
+    def no_new(src, dst):
+        if Path(dst).name.endswith(".new"):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", no_new)
+    with pytest.raises(TinykError, match=r"the new output is kept as (.*)\)$") as e, atomic_dir(out) as tmp:
+        (tmp / "w").write_text("ours")
+        out.mkdir()
+    kept = Path(str(e.value).rsplit("kept as ", 1)[1][:-1])
+    assert kept.parent == tmp_path and (kept / "w").read_text() == "ours"
+
+
+def test_force_replaces_an_empty_directory_of_any_kind(tmp_path):
+    """With `replaces`, an empty folder (made ahead by the user, or `mkdir -p`) is no one's work: it is
+    replaced; a folder holding anything that is not such an output is not."""
+    kind = ("a test output", lambda p: (p / "meta.json").is_file())
+    out = tmp_path / "out"
+    out.mkdir()
+    with atomic_dir(out, force=True, replaces=kind) as tmp:
+        (tmp / "meta.json").write_text("{}")
+    assert [p.name for p in out.iterdir()] == ["meta.json"]
+
+
+def test_force_with_replaces_never_replaces_a_file(tmp_path):
+    """An output directory named like a user's file: --force does not delete the file to put a folder there."""
+    f = tmp_path / "out"
+    f.write_text("my notes")
+    for force in (False, True):
+        with pytest.raises(TinykError, match="is a file, not a directory"), \
+                atomic_dir(f, force=force, replaces=("a test output", lambda p: True)):
+            pytest.fail("the work began")
+    assert f.read_text() == "my notes"
+
+
+def test_an_output_kept_aside_does_not_replace_a_link_named_like_it(tmp_path):
+    """out.new already taken, if only by a link whose target is gone, is not replaced: out.new-2 is used."""
+    out = tmp_path / "out"
+    (tmp_path / "out.new").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(TinykError, match=r"kept as .*out\.new-2\)$"), atomic_dir(out) as tmp:
+        (tmp / "w").write_text("ours")
+        out.mkdir()
+    assert (tmp_path / "out.new").is_symlink() and (tmp_path / "out.new-2" / "w").read_text() == "ours"
+
+
+def test_only_exact_output_file_names_go_with_the_replaced_output(tmp_path):
+    """A user's backup beside a model (config.json.bak, model.safetensors.orig) is not a model file:
+    --force carries it into the new output rather than deleting it with the old one."""
+    assert not is_output_file("config.json.bak") and not is_output_file("model.safetensors.orig")
+    assert is_output_file("model-00001-of-00002.safetensors") and is_output_file("meta.json")
+    out = tmp_path / "out"
+    with atomic_dir(out) as tmp:
+        (tmp / "config.json").write_text("old")
+    (out / "config.json.bak").write_text("mine")
+    with atomic_dir(out, force=True) as tmp:
+        (tmp / "config.json").write_text("new")
+    assert {p.name: p.read_text() for p in out.iterdir()} == {"config.json": "new", "config.json.bak": "mine"}
+
+
+def test_force_on_a_link_leaves_the_users_files_in_the_folder_it_pointed_to(tmp_path):
+    """--force replaces the link, and the folder it led to "is left as it was": its user's own entries are
+    not moved out of it into the new output."""
+    target = tmp_path / "real"
+    target.mkdir()
+    (target / "meta.json").write_text("{}")
+    (target / "notes.txt").write_text("mine")
+    link = tmp_path / "out"
+    link.symlink_to(target)
+    with atomic_dir(link, force=True) as tmp:
+        (tmp / "meta.json").write_text("new")
+    assert sorted(p.name for p in target.iterdir()) == ["meta.json", "notes.txt"]
+    assert [p.name for p in link.iterdir()] == ["meta.json"]
+
+
+def test_force_on_a_dangling_link_says_nothing_about_a_folder_it_pointed_to(tmp_path, capsys):
+    """The note "the folder it pointed to is left as it was" is for a link to a folder; a link to
+    nothing is simply replaced."""
+    dangling = tmp_path / "out"
+    dangling.symlink_to(tmp_path / "nowhere")
+    with atomic_dir(dangling, force=True) as tmp:
+        (tmp / "f").write_text("x")
+    assert dangling.is_dir() and not dangling.is_symlink() and capsys.readouterr().err == ""
+
+
+def test_an_aside_whose_files_cannot_be_carried_over_is_kept_for_a_later_run(tmp_path, monkeypatch):
+    """A killed replace left the old output aside after the new one went in; moving the user's entries
+    into the new output fails (a read-only folder of theirs): the aside, and their files, stay."""
+    out = tmp_path / "out"
+    with atomic_dir(out) as tmp:
+        (tmp / "model").write_text("new")
+    aside = tmp_path / f".out.old-{_host()}-{dead_pid()}"
+    aside.mkdir()
+    (aside / "notes.txt").write_text("mine")
+
+    def refused(old, new):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr("tinyk.outputs._carry_over", refused)
+    assert remove_stale_temps(out) == []
+    assert (aside / "notes.txt").read_text() == "mine" and (out / "model").read_text() == "new"
+
+
+def test_an_aside_put_back_is_not_reported_as_removed(tmp_path):
+    """`remove_stale_temps` returns what it removed: an old output it put back in place is not that."""
+    aside = tmp_path / f".out.old-{_host()}-{dead_pid()}"
+    aside.mkdir()
+    (aside / "model.bin").write_bytes(b"weights")
+    assert remove_stale_temps(tmp_path / "out") == []
+    assert (tmp_path / "out" / "model.bin").read_bytes() == b"weights"
+
+
+def test_a_link_named_like_a_dead_temporary_is_not_followed_nor_reported(tmp_path):
+    """A leftover's name on a link (to a user's folder) is not a leftover: neither it nor its target goes."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    link = tmp_path / f".out.tmp-{_host()}-{dead_pid()}-abcdefgh"
+    link.symlink_to(mine)
+    assert remove_stale_temps(tmp_path / "out") == []
+    assert link.is_symlink() and (mine / "thesis.tex").read_text() == "years of work"
+
+
+def test_an_output_gets_the_permissions_a_plain_write_would_give(tmp_path):
+    """mkdtemp makes a private folder and safetensors writes 0600; a finished output is shared as the
+    umask says, and its files are not made executable."""
+    mask = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "out") as tmp:
+            (tmp / "sub").mkdir()
+            (tmp / "sub" / "w.bin").write_bytes(b"x")
+            os.chmod(tmp / "sub" / "w.bin", 0o600)
+    finally:
+        os.umask(mask)
+    out = tmp_path / "out"
+    assert [oct(p.stat().st_mode & 0o777) for p in (out, out / "sub", out / "sub" / "w.bin")] == \
+        ["0o755", "0o755", "0o644"]
+
+
+def test_a_durable_output_has_its_files_on_the_disk_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+    """`durable` (training's checkpoints): every file is fsynced before the rename, the folder after."""
+    out = tmp_path / "out"
+    synced, real = [], os.fsync
+
+    def recording(fd):
+        synced.append((os.readlink(f"/proc/self/fd/{fd}"), out.exists()))
+        return real(fd)
+
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("needs Linux's /proc")
+    monkeypatch.setattr(os, "fsync", recording)
+    with atomic_dir(out, durable=True) as tmp:
+        (tmp / "a").write_text("1")
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "b").write_text("2")
+    files = {Path(p).name for p, there in synced if not there}
+    assert {"a", "b"} <= files and (str(tmp_path), True) in synced
+
+
+def test_plain_name_refuses_a_windows_separator(tmp_path):
+    """A shard name read from an edited meta.json: '..\\x' leads out of the folder on Windows."""
+    assert plain_name("train_000.bin")
+    assert not any(plain_name(n) for n in ("", ".", "..", "a/b", "..\\x", "a\\b", None, 3))
+
+
+def test_a_lock_where_the_file_system_has_none_always_succeeds(tmp_path, monkeypatch):
+    """flock failing otherwise than "held by another" (ENOLCK on some network file systems): the lock is
+    taken as given, so the command runs, and it is not counted as held."""
+    import fcntl
+
+    def unsupported(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", unsupported)
+    lock = DirLock(tmp_path)
+    assert lock.acquire() and not lock.held
+
+
+def test_a_released_lock_can_be_taken_again_and_releasing_twice_closes_nothing_else(tmp_path):
+    lock = DirLock(tmp_path)
+    assert lock.acquire()
+    lock.release()
+    r, w = os.pipe()  # likely to get the descriptor number the lock had
+    try:
+        lock.release()
+        os.fstat(r)  # still open
+        assert DirLock(tmp_path).acquire()
+    finally:
+        os.close(r)
+        os.close(w)

@@ -492,8 +492,8 @@ def test_a_book_on_one_line_is_read_with_max_line_bytes(tmp_path, capsys):
         main(["tokenizer", "train", str(mac), "--out", str(tmp_path / "tok3"), "--vocab-size", "300",
               "--max-line-bytes", "1k"])
     assert e.value.code == 2 and capsys.readouterr().err.endswith(
-        "a line over 1,000 bytes is skipped: its lines end in CR alone (classic Mac OS), read as one; convert them to "
-        "LF first, e.g. tr '\\r' '\\n' < mac.txt > unix.txt)\n")
+        "a line over 1,000 bytes is skipped: lines ended by a lone CR (old Mac OS line ends) read as one; convert "
+        "them first, e.g. tr '\\r' '\\n' < mac.txt > unix.txt)\n")
 
 
 def test_malformed_lines_are_counted_not_fatal(tmp_path):

@@ -509,9 +509,9 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
                 why = f"a line over {limit} is skipped; tinyk data and tokenizer train read longer ones with " \
                       f"--max-line-bytes"
                 if "line_too_long" not in skips.hints and _lone_crs(path):
-                    why = f"a line over {limit} is skipped: its lines end in CR alone (classic Mac OS), read as one; " \
-                          f"convert them to LF first" + ("" if _codec(path) else
-                                                         f", e.g. tr '\\r' '\\n' < {path.name} > unix.txt")
+                    why = f"a line over {limit} is skipped: lines ended by a lone CR (old Mac OS line ends) read as " \
+                          f"one; convert them first" + ("" if _codec(path) else
+                                                        f", e.g. tr '\\r' '\\n' < {path.name} > unix.txt")
                 skips.add("line_too_long", where, why)
                 continue
             cut = not line.endswith(b"\n")  # the file's last line: it may end inside a character

@@ -20,7 +20,7 @@ from itertools import chain
 from multiprocessing import resource_tracker
 from typing import Any, TypeVar
 
-from .errors import STOP_SIGNALS, signal_handlers
+from .errors import STOP_SIGNALS, TinykError, signal_handlers
 
 A = TypeVar("A")
 R = TypeVar("R")
@@ -75,14 +75,31 @@ def map_ordered(fn: Callable[[A, Any], R], arg: A, payloads: Iterable[tuple[Any,
         return
     with start_pool(workers, fn, arg) as pool:
         pending: deque = deque()
+        started: set = set()  # every worker the pool has had, replacements included
         for tag, p in chain(head, it):
             pending.append((tag, pool.apply_async(_work, (p,))))
             if len(pending) >= 2 * workers:
                 tag, result = pending.popleft()
-                yield tag, result.get()
+                yield tag, _result(pool, result, started)
         while pending:
             tag, result = pending.popleft()
-            yield tag, result.get()
+            yield tag, _result(pool, result, started)
+
+
+def _result(pool: Any, result: Any, started: set) -> Any:
+    """`result.get()`, or a TinykError once a worker has died (the OOM killer, kill -9): the pool starts
+    another in its place, and the task the dead one held never comes back, so the wait would never end."""
+    while not result.ready():
+        started.update(list(pool._pool))
+        if dead := next((w for w in started if w.exitcode not in (None, 0)), None):
+            code = dead.exitcode
+            how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+            oom = " (the system's out-of-memory killer, most likely: fewer --workers use less)" \
+                if code == -signal.SIGKILL else ""
+            raise TinykError(f"a worker process died while tokenizing ({how}){oom}") \
+                from ChildProcessError(f"worker {dead.pid}: {how}")  # not the input's fault: the work done is kept
+        result.wait(1.0)
+    return result.get()
 
 
 @contextlib.contextmanager
