@@ -3247,6 +3247,7 @@ def test_a_diverged_run_is_one_line_whichever_loss_sees_it_first(tmp_path, pt_da
     ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' is not a whole number"),
     ({"LOCAL_RANK": "x"}, "LOCAL_RANK='x' is not a whole number"),
     ({"WORLD_SIZE": "2", "RANK": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}, "RANK=2 does not fit"),
+    ({"WORLD_SIZE": "0"}, "WORLD_SIZE=0: a job has at least one process"),  # it blamed RANK=0
 ])
 def test_a_partial_torchrun_environment_is_one_line(tmp_path, pt_data, tok_dir, capsys, monkeypatch, env, says):
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):

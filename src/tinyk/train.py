@@ -275,7 +275,9 @@ def _launch_env() -> tuple[int, int, int]:
             raise TinykError(f"WORLD_SIZE={world} is set but {', '.join(missing)} "
                              f"{'is' if len(missing) == 1 else 'are'} not: launch with torchrun, which sets them "
                              f"all, or unset WORLD_SIZE")
-    if world < 1 or (world > 1 and rank >= world):  # a stray RANK with no WORLD_SIZE is a single process
+    if world < 1:
+        raise TinykError(f"WORLD_SIZE={world}: a job has at least one process (torchrun sets it; unset it to run one)")
+    if world > 1 and rank >= world:  # a stray RANK with no WORLD_SIZE is a single process
         raise TinykError(f"RANK={rank} does not fit WORLD_SIZE={world} (torchrun sets both)")
     return world, rank, local_rank
 
