@@ -418,7 +418,9 @@ class DirLock:
                     command = " ".join(b" ".join(args).decode(errors="replace").split())  # one line
                 except OSError:  # gone: the lock is held through a descriptor a child of it inherited
                     command = "exited; a process it started holds the lock"
-                found.append(f"{fields[4]} ({command[:100]})")
+                if len(command) > 100:  # cut between arguments: a flag cut short reads as another flag
+                    command = command[:100].rsplit(" ", 1)[0] + " ..."
+                found.append(f"{fields[4]} ({command})")
         return found
 
 
