@@ -493,7 +493,7 @@ def test_a_book_on_one_line_is_read_with_max_line_bytes(tmp_path, capsys):
               "--max-line-bytes", "1k"])
     assert e.value.code == 2 and capsys.readouterr().err.endswith(
         "a line over 1,000 bytes is skipped: lines ended by a lone CR (old Mac OS line ends) read as one; convert "
-        "them first, e.g. tr '\\r' '\\n' < mac.txt > unix.txt)\n")
+        f"them first, e.g. tr '\\r' '\\n' < {mac} > {tmp_path / 'lf-mac.txt'})\n")
 
 
 def test_malformed_lines_are_counted_not_fatal(tmp_path):

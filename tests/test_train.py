@@ -51,6 +51,7 @@ from tinyk.train import (
     micro_layout,
     optimizer_step,
     param_groups,
+    setup_dist,
     total_steps,
     train,
 )
@@ -1122,6 +1123,15 @@ def test_a_process_that_refuses_before_the_job_meets_stops_the_others(tmp_path, 
         said = outputs[1][1].splitlines()[-1].removeprefix("tinyk: error: ")
         assert outputs[0][1].splitlines()[-1] == f"tinyk: error: process 1 of this job refused to start: {said}"
     assert [p.name for p in checkpoints(run)] == ["step_0000001", "step_0000002"]
+
+
+def test_a_device_that_is_not_there_is_refused_by_one_process(monkeypatch):
+    """One process asking for CUDA where there is none is refused, not trained on the CPU (a job's process
+    tells the others first, on the device they are most likely on)."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(TinykError, match="^--device cuda was asked for but CUDA is not available$"):
+        setup_dist("cuda")
 
 
 def test_a_run_resumes_from_inside_its_directory(tmp_path, pt_data, tok_dir, monkeypatch):

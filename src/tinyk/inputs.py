@@ -310,11 +310,25 @@ def _open_binary(path: Path) -> BinaryIO:
     return open(path, "rb")
 
 
-def _lone_crs(path: Path) -> bool:
-    """Whether the file's first 64 KB hold a CR that ends no CRLF: lines a newline-split read cannot see."""
+def _lone_crs(path: Path, start: int) -> bool:
+    """Whether the 64 KB from byte `start` (of the text, uncompressed) hold a CR that ends no CRLF: the
+    line there is lines a newline-split read cannot see. A compressed file is read up to there, so only
+    near its start."""
     with contextlib.suppress(*_read_errors(path)), _open_binary(path) as f:
+        if _codec(path) is None:
+            f.seek(start)
+        elif start > 64 * MiB:
+            return False
+        else:
+            f.read(start)
         return b"\r" in f.read(1 << 16)[:-1].replace(b"\r\n", b"")
     return False
+
+
+def _converted(path: Path, prefix: str) -> tuple[str, str, str | None]:
+    """For a shell line that converts `path`: its name and its converted sibling's (`prefix` + its name,
+    its suffix kept), quoted, and its codec (gzip, zstd: the line decompresses and compresses again)."""
+    return shlex.quote(str(path)), shlex.quote(str(path.with_name(prefix + path.name))), _codec(path)
 
 
 def _read_errors(path: Path) -> tuple[type[BaseException], ...]:
@@ -491,7 +505,7 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
             if line is None:  # too long to read: skipped below, and no part of the max_bytes budget
                 base -= read - end
                 skips.long_line_bytes += read - end
-            end = read
+            line_start, end = end, read
             if max_bytes is not None and base + read > max_bytes:
                 skips.stopped_at = consumed
                 encoding.decide()  # on what was read: a sample of a GBK file is refused too
@@ -508,10 +522,12 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
                 limit = f"{max_line_bytes // MiB} MiB" if max_line_bytes % MiB == 0 else f"{max_line_bytes:,} bytes"
                 why = f"a line over {limit} is skipped; tinyk data and tokenizer train read longer ones with " \
                       f"--max-line-bytes"
-                if "line_too_long" not in skips.hints and _lone_crs(path):
+                if "line_too_long" not in skips.hints and _lone_crs(path, line_start):
+                    name, out, packed = _converted(path, "lf-")
+                    example = (f"{packed} -dc {name} | tr '\\r' '\\n' | {packed} > {out}" if packed else
+                               f"tr '\\r' '\\n' < {name} > {out}")
                     why = f"a line over {limit} is skipped: lines ended by a lone CR (old Mac OS line ends) read as " \
-                          f"one; convert them first" + ("" if _codec(path) else
-                                                        f", e.g. tr '\\r' '\\n' < {path.name} > unix.txt")
+                          f"one; convert them first, e.g. {example}"
                 skips.add("line_too_long", where, why)
                 continue
             cut = not line.endswith(b"\n")  # the file's last line: it may end inside a character
@@ -641,9 +657,7 @@ class _EncodingCheck:
             return
         self.done = True
         if self.not_utf8 * 2 > self.lines:
-            out = shlex.quote(str(self.path.with_name("utf8-" + self.path.name)))
-            name = shlex.quote(str(self.path))
-            packed = _codec(self.path)  # gzip or zstd: each codec's command has its name
+            name, out, packed = _converted(self.path, "utf8-")
             source = "gbk" if self.gbk else "ENCODING"
             example = (f"{packed} -dc {name} | iconv -f {source} -t utf-8 | {packed} > {out}" if packed else
                        f"iconv -f {source} -t utf-8 {name} > {out}")

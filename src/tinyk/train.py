@@ -292,8 +292,10 @@ def setup_dist(device: str, refusal: TinykError | None = None) -> Dist:
         raise refusal
     try:
         dev = resolve_device(device)
-    except TinykError as e:  # refused too, once the others are told: on the device the others will pick
-        refusal = refusal or e
+    except TinykError as e:
+        if world == 1:
+            raise
+        refusal = refusal or e  # once the others are told, on the device they are most likely on
         dev = resolve_device("auto")
     if dev.type == "cuda":  # a launcher that shows each process only its own GPU leaves one device
         dev = torch.device("cuda", local_rank % torch.cuda.device_count())
@@ -323,8 +325,11 @@ def setup_dist(device: str, refusal: TinykError | None = None) -> Dist:
 
 def refuse_in_job(device: str, refusal: TinykError) -> NoReturn:
     """Raises `refusal`, after telling the job's processes on other machines (`setup_dist`), which would
-    otherwise wait for this one until the group's timeout; on this machine torchrun stops them."""
-    with contextlib.suppress(TinykError):  # the refusal itself, or an environment that makes no job
+    otherwise wait for this one until the group's timeout; on this machine torchrun stops them. (A job
+    whose others run on another device than `device`, from a config file, meets on another backend,
+    and they wait as before.)"""
+    # Its own refusal, an environment that makes no job, or no rendezvous: this process's line is the one.
+    with contextlib.suppress(Exception):
         if _launch_env()[0] > _processes_on_this_host():
             setup_dist(device, refusal)
     raise refusal
