@@ -658,6 +658,7 @@ class _Checkpoints:
     def stopped(self, e: BaseException, unit: str) -> None:
         """After a failure: the folder is kept when there is work to continue and the input did not cause
         the failure (--strict's bad record, a damaged file, which a rerun meets again), else removed."""
+        # A full disk or a dead worker (`map_ordered`: a ChildProcessError, an OSError) is not the input's doing.
         from_input = isinstance(e, DamagedInput) or (isinstance(e, TinykError) and not isinstance(e.__cause__, OSError))
         if self.saved is None or from_input:
             remove_path(self.folder, ignore_errors=True)

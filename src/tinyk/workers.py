@@ -75,7 +75,9 @@ def map_ordered(fn: Callable[[A, Any], R], arg: A, payloads: Iterable[tuple[Any,
         return
     with start_pool(workers, fn, arg) as pool:
         pending: deque = deque()
-        started: set = set()  # every worker the pool has had, replacements included
+        # Every worker the pool has had: the pool replaces a dead one within a tenth of a second, and
+        # only the first ones can die before the results start coming in.
+        started = set(pool._pool)
         for tag, p in chain(head, it):
             pending.append((tag, pool.apply_async(_work, (p,))))
             if len(pending) >= 2 * workers:
@@ -89,8 +91,8 @@ def map_ordered(fn: Callable[[A, Any], R], arg: A, payloads: Iterable[tuple[Any,
 def _result(pool: Any, result: Any, started: set) -> Any:
     """`result.get()`, or a TinykError once a worker has died (the OOM killer, kill -9): the pool starts
     another in its place, and the task the dead one held never comes back, so the wait would never end."""
+    started.update(list(pool._pool))  # replacements: they die too
     while not result.ready():
-        started.update(list(pool._pool))
         if dead := next((w for w in started if w.exitcode not in (None, 0)), None):
             code = dead.exitcode
             how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
