@@ -3690,6 +3690,12 @@ def test_a_tracker_added_on_a_resume_gets_the_steps_the_others_already_hold(tmp_
     again.log({"train/loss": 1.0}, 3)
     again.close()
     assert sent == []
+    # A SwanLab that takes no run id (before 0.6) started first: the file still begins with the id W&B reads.
+    (tmp_path / ".tracker_id").unlink()
+    ids = []
+    sys.modules["wandb"].init = lambda **kw: ids.append(kw["id"]) or sys.modules["wandb"]
+    Trackers(["swanlab", "wandb"], tmp_path, {}, "tinyk", "run").close()
+    assert (tmp_path / ".tracker_id").read_text() == f"{ids[0]}\nswanlab\nwandb\n" and len(ids[0]) == 12
     # A run id an earlier tinyk saved (the id alone) does not say which trackers hold the run: all do.
     (tmp_path / ".tracker_id").write_text("0123456789ab")
     Trackers(["swanlab"], tmp_path, {}, "tinyk", "run", start_step=2, logged_upto=3).log({"train/loss": 1.0}, 3)

@@ -256,9 +256,10 @@ def _trackers_holding(out: Path) -> set[str] | None:
 
 
 def _record_tracker(out: Path, name: str) -> None:
-    lines = _tracker_lines(out)
-    if name not in lines[1:]:
-        write_text_atomic(out / TRACKER_ID, "".join(f"{line}\n" for line in [*lines, name]))
+    run_id = _run_id(out)  # first, also for a SwanLab before 0.6, which takes no id
+    names = _tracker_lines(out)[1:]
+    if name not in names:
+        write_text_atomic(out / TRACKER_ID, "".join(f"{line}\n" for line in [run_id, *names, name]))
 
 
 def plot_losses(records: list[dict[str, Any]], png: Path) -> bool:
