@@ -1164,15 +1164,24 @@ def test_the_run_directory_holds_best_beside_final(capsys):
 
 
 
+BIG = ["--set", "model.dim=2048", "--set", "model.n_layers=24", "--set", "model.n_heads=16"]
+
+
 @pytest.mark.parametrize("args, fsdp", [
-    (["--gpu", "v100", "--gpus", "2", "--micro-batch", "256"], "--parallel fsdp --dtype fp32"),  # auto: fp16
-    (["--gpu", "a100", "--gpus", "2", "--dtype", "fp16", "--micro-batch", "256"], "--parallel fsdp --dtype bf16"),
-    (["--gpu", "a100", "--gpus", "2", "--micro-batch", "512"], "--parallel fsdp"),
+    (["--gpu", "v100", "--gpus", "8", *BIG], "--parallel fsdp --dtype fp32 --micro-batch 8"),  # auto: fp16
+    (["--gpu", "a100-40gb", "--gpus", "8", "--dtype", "fp16", *BIG], "--parallel fsdp --dtype bf16 --micro-batch 16"),
+    (["--gpu", "rtx4090", "--gpus", "8", *BIG], "--parallel fsdp --micro-batch 8"),
+    (["--gpu", "a100", "--gpus", "2", "--micro-batch", "512"], None),  # no larger micro-batch with FSDP: not said
 ])
-def test_a_fit_warning_suggests_fsdp_in_a_precision_fsdp_runs_in(capsys, args, fsdp):
-    """fp16 with FSDP is refused (plan and trainer): the warning names the --dtype that FSDP takes there."""
+def test_a_fit_warning_suggests_fsdp_where_it_fits_more_in_a_precision_it_runs_in(capsys, args, fsdp):
+    """fp16 with FSDP is refused (plan and trainer): the warning names the --dtype FSDP takes there, and
+    suggests FSDP only where it fits a larger micro-batch, with that micro-batch, which then fits."""
     code, out, _ = run_cli(["plan", "--preset", "seed-215m", *args], capsys)
     warning = out.splitlines()[-1]
-    assert code == 0 and warning.startswith("warning") and warning.endswith(f" or {fsdp}")
+    assert code == 0 and warning.startswith("warning")
+    if fsdp is None:
+        assert "fsdp" not in warning
+        return
+    assert warning.endswith((f" or {fsdp}", f"; try {fsdp}"))
     code, out, err = run_cli(["plan", "--preset", "seed-215m", *args, *fsdp.split()], capsys)
-    assert code == 0 and err == ""
+    assert code == 0 and err == "" and "warning" not in out and "fits" in out

@@ -541,6 +541,11 @@ def make_plan(run: RunSpec, gpu: GPUSpec, *, gpus: int = 1, nodes: int = 1, toke
                  parallel=run.parallel, world_size=world,
                  repeat_kv=not sdpa_fuses_gqa("cuda", DTYPES[dtype], has_flash=gpu.bf16))
     fits = {ck: largest_micro_batch(replace(base, checkpointing=ck), gpu, per_rank, layout) for ck in (False, True)}
+    # FSDP as the fit warning would suggest it: in bf16, or fp32 without it, where fp16 is refused with it.
+    fsdp_dtype = dtype if dtype != "fp16" else "bf16" if gpu.bf16 else "fp32"
+    fsdp = replace(base, parallel="fsdp", amp=fsdp_dtype != "fp32",
+                   repeat_kv=not sdpa_fuses_gqa("cuda", DTYPES[fsdp_dtype], has_flash=gpu.bf16))
+    fsdp_fits = largest_micro_batch(fsdp, gpu, per_rank, layout) if world > 1 and run.parallel != "fsdp" else 0
     micro, accum = layout(run.micro_batch or fits[run.checkpointing] or 1)
     setup = replace(base, micro_batch=micro, grad_accum=accum)
     mem = estimate_memory(setup)
@@ -583,7 +588,8 @@ def make_plan(run: RunSpec, gpu: GPUSpec, *, gpus: int = 1, nodes: int = 1, toke
         "memory": mem.to_json(),
         "memory_other_checkpointing": other.to_json(),
         "fits": mem.peak <= usable_bytes(gpu),
-        "largest_micro_batch": {"no_checkpointing": fits[False], "checkpointing": fits[True]},
+        "largest_micro_batch": {"no_checkpointing": fits[False], "checkpointing": fits[True],
+                                "fsdp": fsdp_fits, "fsdp_dtype": fsdp_dtype},
         "throughput": {"mfu": used_mfu, "mfu_source": mfu_source,
                        # which of the table's figures: none for --mfu's, or fp32's assumption
                        "mfu_mode": None if mfu is not None or dtype == "fp32" else
@@ -831,7 +837,7 @@ def _memory_lines(p: dict[str, Any]) -> list[str]:
 
 def _fit_warning(p: dict[str, Any]) -> str:
     """What to change when the planned peak does not fit."""
-    g, r, fits = p["gpu"], p["run"], p["largest_micro_batch"]
+    r, fits = p["run"], p["largest_micro_batch"]
     ck = r["activation_checkpointing"]
     fixes = []
     largest = fits["checkpointing" if ck else "no_checkpointing"]
@@ -841,10 +847,9 @@ def _fit_warning(p: dict[str, Any]) -> str:
         smaller = f" --micro-batch {fits['checkpointing']}" if fits["checkpointing"] < r["micro_batch"] else ""
         fixes.append(f"--activation-checkpointing{smaller}")
     # FSDP in fp16 is refused (precision_refusal): in bf16 where the card has it, else fp32.
-    fsdp = "--parallel fsdp" + (f" --dtype {'bf16' if g['tensor_dtype'] == 'bf16' else 'fp32'}"
-                                if r["dtype"] == "fp16" else "")
-    if r["parallel"] != "fsdp" and g["count"] > 1:
-        fixes.append(fsdp)
+    fsdp = "--parallel fsdp" + (f" --dtype {fits['fsdp_dtype']}" if fits["fsdp_dtype"] != r["dtype"] else "")
+    if fits["fsdp"] > (largest or 0):  # only where it fits more, with the micro-batch it needs
+        fixes.append(fsdp + (f" --micro-batch {fits['fsdp']}" if fits["fsdp"] < r["micro_batch"] else ""))
     return ("warning      the peak exceeds the usable memory" +
             (f"; try {' or '.join(fixes)}" if fixes else f"; use more GPUs with {fsdp}"))
 
