@@ -1977,7 +1977,8 @@ def test_the_servers_system_prompt_is_put_first(nano_model_dir, reference, promp
 def test_a_system_prompt_that_leaves_no_room_is_refused_at_start(nano_model_dir):
     """Every chat would be a 400 that blames the client's message (as `tinyk chat` refuses it too)."""
     with pytest.raises(TinykError, match=r"^--system-prompt is too long: with it the conversation takes at least "
-                                         r"[\d,]+ tokens before any message, and the model's context window is 128$"):
+                                         r"[\d,]+ tokens before any message, and the model's context window is "
+                                         r"128; give a shorter --system-prompt, or '' for none$"):
         start(nano_model_dir, system_prompt="北京" * 300)
 
 

@@ -218,7 +218,7 @@ class Api:
         self.engine, self.cfg = engine, cfg
         named = "the model's own system prompt" if isinstance(cfg.system_prompt, ModelPrompt) else "--system-prompt"
         if why := engine.system_too_long(engine.tok.resolve_system(cfg.system_prompt), named):  # each chat: a 400
-            raise TinykError(why)
+            raise TinykError(f"{why}; give a shorter --system-prompt, or '' for none")
         self.defaults = cfg.defaults or SamplingParams()
         self.scheduler = Scheduler(engine, max_waiting=cfg.max_waiting, on_finish=self._log if cfg.log else None)
         self.created = int(time.time())

@@ -225,6 +225,9 @@ def load_config(path: str | Path) -> ModelConfig:
         raise TinykError(f"invalid config.json in {path}: {e}") from e
 
 
+CKPT_RE = re.compile(r"^step_(\d{7,})$")  # a run's checkpoint folder, checkpoints/step_0001000
+
+
 def unfinished_hint(path: Path) -> str:
     """For a missing RUN/final: that the run has not finished, and its newest checkpoint's model if any."""
     if path.name != "final" or not (path.parent / "checkpoints").is_dir():
@@ -238,10 +241,10 @@ def model_dir_hint(path: Path) -> str:
         return f"; a training run's model is in {path / 'final'}"
     if is_model_dir(path / "model"):  # a checkpoint: checkpoints/step_*/model
         return f"; a checkpoint's model is in {path / 'model'}"
-    steps = sorted((p for p in path.glob("step_*") if is_model_dir(p / "model")),  # by number: step_10000000 last
-                   key=lambda p: (len(p.name), p.name)) if path.is_dir() else []
+    steps = sorted((int(m[1]), p) for p in path.glob("step_*")  # by number: step_10000000 after step_9999999
+                   if (m := CKPT_RE.match(p.name)) and is_model_dir(p / "model")) if path.is_dir() else []
     if steps:
-        return f"; a run's checkpoints: the newest one's model is in {steps[-1] / 'model'}"
+        return f"; a run's checkpoints: the newest one's model is in {steps[-1][1] / 'model'}"
     if (path / "checkpoints").is_dir() and (path / "config.yaml").is_file():
         return ("; a training run that has not finished (no final/ yet)"
                 + (model_dir_hint(path / "checkpoints") or ", nor saved a checkpoint"))

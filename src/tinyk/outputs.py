@@ -419,7 +419,7 @@ class DirLock:
                 except OSError:  # gone: the lock is held through a descriptor a child of it inherited
                     command = "exited; a process it started holds the lock"
                 if len(command) > 100:  # cut between arguments: a flag cut short reads as another flag
-                    command = command[:100].rsplit(" ", 1)[0] + " ..."
+                    command = command[:101].rsplit(" ", 1)[0] + " ..."
                 found.append(f"{fields[4]} ({command})")
         return found
 

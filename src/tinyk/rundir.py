@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .checkpoint import is_model_dir, model_dir_hint, unfinished_hint
+from .checkpoint import CKPT_RE, is_model_dir, model_dir_hint, unfinished_hint
 from .errors import TinykError, shown, signals_held, writing
 from .monitor import TRACKER_ID, TRACKER_STEP, TRACKERS
 from .outputs import (
@@ -35,7 +35,6 @@ from .outputs import (
 if TYPE_CHECKING:
     from .train import Dist
 
-CKPT_RE = re.compile(r"^step_(\d{7,})$")
 SHARED_WAIT_S = 60.0  # NFS's longest default attribute cache (acdirmax)
 
 

@@ -144,12 +144,13 @@ def add_field_arg(p: argparse.ArgumentParser) -> None:
 
 
 def text_field(field: str | None, inputs: list[str], *, default: str = "text", source: str = "--input",
-               unit: str = "document") -> str:
+               unit: str = "document", stdin: bool = False) -> str:
     """--field, with a word when no input has fields (every one plain text, or none given: tokenizer
-    eval's own samples, generate's --prompt), rather than ignored unseen."""
+    eval's own samples, generate's --prompt), rather than ignored unseen. `stdin`: "-" reads lines of
+    text (generate's --prompt-file)."""
     if field is not None and not inputs:
         print(f"tinyk: --field {field} is not used without {source}", file=sys.stderr)
-    elif field is not None and all(is_plain_text(Path(i)) or str(i) in STDIN_NAMES for i in inputs):
+    elif field is not None and all(is_plain_text(Path(i)) or (stdin and str(i) in STDIN_NAMES) for i in inputs):
         plain = "stdin holds" if all(str(i) in STDIN_NAMES for i in inputs) else ".txt files hold"
         print(f"tinyk: --field {field} is not used: {plain} one {unit} a line, with no fields", file=sys.stderr)
     return default if field is None else field

@@ -72,7 +72,7 @@ def _generate(args: argparse.Namespace) -> int:
         end = "Ctrl-Z then Enter" if os.name == "nt" else "Ctrl-D"
         print(f"tinyk: reading prompts from the terminal, one per line; {end} ends them", file=sys.stderr)
     field = text_field(args.field, [args.prompt_file] if args.prompt_file else [], default="prompt",
-                       source="--prompt-file", unit="prompt")
+                       source="--prompt-file", unit="prompt", stdin=True)
     prompts, note = read_prompts(args.prompt, args.prompt_file, field)
     if note:
         print(f"tinyk: {note}", file=sys.stderr)
