@@ -95,13 +95,20 @@ def _result(pool: Any, result: Any, started: set) -> Any:
     while not result.ready():
         if dead := next((w for w in started if w.exitcode not in (None, 0)), None):
             code = dead.exitcode
-            how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+            how = f"killed by {_signal_name(-code)}" if code < 0 else f"exit status {code}"
             oom = " (the system's out-of-memory killer, most likely: fewer --workers use less)" \
                 if code == -signal.SIGKILL else ""
             raise TinykError(f"a worker process died while tokenizing ({how}){oom}") \
                 from ChildProcessError(f"worker {dead.pid}: {how}")  # not the input's fault: the work done is kept
         result.wait(1.0)
     return result.get()
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:  # a real-time signal, which has no name
+        return f"signal {number}"
 
 
 @contextlib.contextmanager
