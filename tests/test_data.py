@@ -18,6 +18,7 @@ import textwrap
 import threading
 import time
 import tracemalloc
+import types
 import unicodedata
 import warnings
 from collections import Counter
@@ -601,9 +602,22 @@ def test_a_run_stopped_after_its_last_batch_continues_without_counting_anything_
     def stopped(self):
         raise KeyboardInterrupt
 
+    class Dead:  # a pool worker the OOM killer ended
+        exitcode, pid = -signal.SIGKILL, 1
+
+    def worker_killed(fn, arg, payloads, workers):  # at the third batch
+        import tinyk.workers
+
+        never = types.SimpleNamespace(ready=lambda: False, wait=lambda timeout: None)
+        for i, (tag, payload) in enumerate(payloads):
+            if i == 2:
+                tinyk.workers._result(types.SimpleNamespace(_pool=[]), never, {Dead()})
+            yield tag, fn(arg, payload)
+
     for where, patch, error in (("close", (_Splitter, "close", stopped), KeyboardInterrupt),
                                 ("meta.json", (tinyk.data, "write_json_atomic", full_disk), TinykError),
-                                ("numpy", (tinyk.data, "write_json_atomic", full_disk_numpy), TinykError)):
+                                ("numpy", (tinyk.data, "write_json_atomic", full_disk_numpy), TinykError),
+                                ("worker", (tinyk.data, "map_ordered", worker_killed), TinykError)):
         out = tmp_path / where
         with monkeypatch.context() as m:
             m.setattr(_Checkpoints, "due", lambda self: True)
