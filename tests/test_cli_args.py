@@ -513,3 +513,119 @@ def test_a_stop_during_torchs_first_imports_is_a_stop_not_an_error(capsys, monke
     assert run_cli(["plan", "--preset", "tiny"], capsys) == (143, "tinyk: terminated (by torchrun, if another "
                                                                   "process of the job failed: its report below names "
                                                                   "the error)\n")
+
+
+def test_training_device_takes_auto_cpu_and_cuda():
+    """pretrain/sft --device accepts exactly auto, cpu and cuda (mps and anything else are refused)."""
+    parse = build_parser().parse_args
+    assert [parse([kind, "--device", d]).device for kind in ("pretrain", "sft") for d in ("auto", "cpu", "cuda")] == \
+        ["auto", "cpu", "cuda"] * 2
+    assert parse(["pretrain"]).device is None  # not given: the config's device stays in charge
+
+
+def test_threads_must_be_at_least_one(capsys):
+    """--threads 0 is no thread count: refused while parsing, naming the range, for every engine command."""
+    for args in (GEN, SERVE, ["chat", "--model", "m"]):
+        assert "error: argument --threads: must be an integer in 1..4096, got '0'" in \
+            error_line([*args, "--threads", "0"], capsys)
+    assert build_parser().parse_args([*GEN, "--threads", "4096"]).threads == 4096
+    assert build_parser().parse_args(GEN).threads is None  # torch's own default
+
+
+def test_field_with_prompts_on_stdin_says_stdin_has_no_fields(capsys):
+    """`--prompt-file - --field x`: stdin is lines of text, so --field is said to be unused (not ignored unseen)."""
+    from tinyk.cli.common import text_field
+
+    assert text_field("q", ["-"], default="prompt", source="--prompt-file", unit="prompt", stdin=True) == "q"
+    assert capsys.readouterr().err == "tinyk: --field q is not used: stdin holds one prompt a line, with no fields\n"
+    # Without stdin=True a "-" is a file name like any other: no note about stdin.
+    assert text_field(None, ["-"], stdin=True) == "text" and capsys.readouterr().err == ""
+
+
+def test_a_run_directory_means_its_final_model_only_when_it_is_not_a_model_itself(tmp_path):
+    """--model/--tokenizer RUN means RUN/final when that holds a whole model (config.json and
+    model.safetensors) and RUN itself is no model directory; otherwise the path is taken as given."""
+    from tinyk.cli.common import model_dir
+
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    (run / "final" / "config.json").write_text("{}")
+    assert model_dir(str(run)) == str(run)  # final/ without its weights (a run stopped mid-save): not a model
+    (run / "final" / "model.safetensors").write_bytes(b"")
+    assert model_dir(str(run)) == str(run / "final")
+    (run / "config.json").write_text("{}")  # RUN is a model directory of its own: it is the one meant
+    assert model_dir(str(run)) == str(run)
+
+
+def test_engine_commands_decode_full_precision_weights_unless_asked():
+    """--quantize is none by default (int8 gives slightly different numbers: only when asked for), and
+    --device/--dtype are auto."""
+    parse = build_parser().parse_args
+    for args in (GEN, SERVE, ["chat", "--model", "m"], EVAL):
+        a = parse(args)
+        assert (a.quantize, a.device) == ("none", "auto"), args
+    assert parse(GEN).dtype == parse(SERVE).dtype == "auto"
+    assert parse([*SERVE, "--quantize", "int8"]).quantize == "int8"
+
+
+@pytest.mark.parametrize("args, said", [
+    # up to three flags are offered...
+    (["pretrain", "--max", "5"], "--max 5; did you mean --max-minutes or --max-steps or --max-tokens?"),
+    # ...more is no guess (four --no-X flags)
+    (["pretrain", "--no"], "--no"),
+    # one letter after -- is no guess either
+    (["pretrain", "--r", "x"], "--r x"),
+    # a flag whose name is only somewhat like a config key is not sent to --set (max_steps has its own flag)
+    (["pretrain", "--steps", "5"], "--steps 5"),
+    # the value shown in the --set hint is never the next unknown flag
+    (["pretrain", "--keep-checkpoints", "--bogus"],
+     "--keep-checkpoints --bogus; a config key without a flag of its own is set with --set keep_checkpoints=VALUE"),
+    # plan takes --set as training does, and says so as training does
+    (["plan", "--n-layers", "4"], "--n-layers 4; a config key without a flag of its own is set with --set "
+                                  "model.n_layers=4"),
+])
+def test_what_an_unknown_flag_is_said_to_mean(args, said, capsys):
+    command = f"tinyk {args[0]}"
+    assert error_line(args, capsys) == f"{command}: error: unrecognized arguments: {said} (see {command} --help)"
+
+
+def _defaults(fn) -> dict:
+    import inspect
+
+    return {k: p.default for k, p in inspect.signature(fn).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+def test_data_eval_model_and_serve_defaults_are_the_librarys():
+    """As for sampling: the defaults written out for --help are the ones a library caller gets, so
+    `tinyk data`, `tinyk eval`, `tinyk model init|gguf` and `tinyk serve` do what the functions they call do."""
+    from tinyk.checkpoint import init_model_dir
+    from tinyk.data import prepare_pretrain, prepare_sft
+    from tinyk.evaluate import evaluate_models
+    from tinyk.gguf import export_gguf
+    from tinyk.serve import ServerConfig
+
+    parse = build_parser().parse_args
+    for args, fn in ((DATA, prepare_pretrain), (SFT, prepare_sft)):
+        a, lib = parse(args), _defaults(fn)
+        assert {k: getattr(a, k) for k in ("val_fraction", "seed", "workers", "max_line_bytes", "strict", "force")} \
+            == {k: lib[k] for k in ("val_fraction", "seed", "workers", "max_line_bytes", "strict", "force")}
+    assert parse(SFT).max_len == _defaults(prepare_sft)["max_len"] == 512
+    assert parse(SFT).system_prompt is None  # the tokenizer's own prompt (prompt_from_flag), '' for none
+    a, lib = parse(["eval", "--model", "m"]), _defaults(evaluate_models)
+    assert {k: getattr(a, k) for k in ("split", "seq_len", "batch_size", "max_batches", "max_new_tokens", "limit",
+                                       "choice_format", "device", "quantize")} == \
+        {k: lib[k] for k in ("split", "seq_len", "batch_size", "max_batches", "max_new_tokens", "limit",
+                             "choice_format", "device", "quantize")}
+    a = parse(["model", "init", "--preset", "nano", "--tokenizer", "t", "--out", "m"])
+    assert (a.seed, a.force) == (_defaults(init_model_dir)["seed"], False)
+    assert parse(["model", "gguf", "m", "--out", "m.gguf"]).outtype == _defaults(export_gguf)["outtype"]
+    a = parse(SERVE)
+    assert (a.max_connections, a.host, a.port, a.quiet, a.fit_context, a.allow_origin, a.allow_host) == \
+        (ServerConfig.max_connections, "127.0.0.1", 8000, False, False, [], [])
+
+
+def test_plan_defaults():
+    """A plan without --gpu/--gpus/--nodes is one A100 on one node; the budget is the config's unless --tokens."""
+    a = build_parser().parse_args(PLAN)
+    assert (a.gpu, a.gpus, a.nodes, a.tokens, a.price, a.mfu, a.sft) == ("a100", 1, 1, None, None, None, False)

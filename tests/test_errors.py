@@ -960,3 +960,19 @@ def test_the_newest_checkpoint_named_is_the_one_of_the_highest_step(tmp_path, na
         shutil.copytree(nano_model_dir, run / "checkpoints" / f"step_{step:07d}" / "model")
     with pytest.raises(TinykError, match=r"the newest one's model is in .*step_10000000/model$"):
         load_model(run / "checkpoints")
+
+
+def test_stdout_over_its_disk_quota_is_said_as_a_full_disk_is(capsys, monkeypatch):
+    """EDQUOT writing stdout (no file name) gets ENOSPC's line: what could not be written, exit 2."""
+    import errno
+    import os
+
+    import tinyk.plan
+
+    def full(*a, **kw):
+        raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+
+    monkeypatch.setattr(tinyk.plan, "format_plan", full)
+    assert run_cli(["plan", "--preset", "nano"], capsys) == (2, (
+        f"tinyk: error: what it prints could not be written to its standard output: {os.strerror(errno.EDQUOT)} "
+        "(the files it writes are complete or not there)\n"))

@@ -2163,3 +2163,28 @@ def test_stop_token_ids_end_at_the_last_id(server):
     assert request(server, "POST", "/v1/completions", {**body, "stop_token_ids": [vocab - 1]})[0] == 200
     status, err = request(server, "POST", "/v1/completions", {**body, "stop_token_ids": [vocab]})
     assert status == 400 and err["error"]["param"] == "stop_token_ids", err
+
+
+def test_serve_without_a_system_prompt_flag_uses_the_models_own_and_empty_means_none(nano_model_dir, monkeypatch):
+    """--system-prompt absent: the model's own (its SFT data's) prompt; '' or spaces: no system prompt."""
+    from tinyk.tokenizer import MODEL_PROMPT
+
+    monkeypatch.delenv("TINYK_API_KEY", raising=False)
+    assert serve_cli(["--model", nano_model_dir, "--quiet"], monkeypatch).api.cfg.system_prompt is MODEL_PROMPT
+    for empty in ("", "  "):
+        assert serve_cli(["--model", nano_model_dir, "--quiet", "--system-prompt", empty],
+                         monkeypatch).api.cfg.system_prompt is None
+
+
+def test_serve_threads_and_quantize_reach_the_engine(nano_model_dir, monkeypatch):
+    """--threads sets torch's CPU threads before serving; --quantize int8 is the served engine's."""
+    import torch
+
+    monkeypatch.delenv("TINYK_API_KEY", raising=False)
+    set_to = []
+    monkeypatch.setattr(torch, "set_num_threads", set_to.append)
+    server = serve_cli(["--model", nano_model_dir, "--quiet", "--threads", 3, "--quantize", "int8"], monkeypatch)
+    assert set_to == [3] and server.api.engine.quantize == "int8"
+    set_to.clear()
+    assert serve_cli(["--model", nano_model_dir, "--quiet"], monkeypatch).api.engine.quantize == "none"
+    assert set_to == []

@@ -100,7 +100,7 @@ def _flag_hint(parser: argparse.ArgumentParser, extras: list[str]) -> str:
 
 def _set_hint(command: str, extras: list[str]) -> str:
     """For a training config key typed as a flag (`--keep-checkpoints 5`): the --set that says it."""
-    if command not in ("pretrain", "sft") or not extras[0].startswith("--"):
+    if command not in ("pretrain", "sft", "plan") or not extras[0].startswith("--"):
         return ""
     from dataclasses import fields
 

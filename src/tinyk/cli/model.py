@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 
-from tinyk.cli.common import GGUF_OUTTYPES, PRESET_NAMES, model_dir, path_arg, positive_int, seed
+from tinyk.cli.common import GGUF_OUTTYPES, PRESET_NAMES, json_text, model_dir, path_arg, positive_int, seed
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -92,7 +91,7 @@ def _info(args: argparse.Namespace) -> int:
 
     info = model_info(args.path)
     if args.json:
-        print(json.dumps(info, indent=2))
+        print(json_text(info, indent=2))
         return 0
     width = 2 + max(map(len, [*info["config"], *info["memory"]]))
     print(f"{'parameters':<{width}}{info['parameters']:,}")
