@@ -646,6 +646,11 @@ def test_a_tutorial_pth_is_pointed_to_import_which_says_what_it_assumed(tmp_path
                                                              "not unpickle"),
     (lambda sd: {k: v[:0] if "w1" in k or "w3" in k else v[:, :0] if "w2" in k else v for k, v in sd.items()},
      "has feed-forward layers of width 0"),
+    # A tensor that is no matrix where the model's shape is read from (it was an IndexError).
+    (lambda sd: {**sd, "layers.0.attention.wk.weight": torch.tensor(1.0)},
+     "layers.0.attention.wk.weight is \\(\\), where the tutorial's model has a matrix"),
+    (lambda sd: {**sd, "layers.0.feed_forward.w1.weight": torch.tensor(1.0)},
+     "layers.0.feed_forward.w1.weight is \\(\\), where the tutorial's model has a matrix"),
 ])
 def test_what_is_not_the_tutorials_checkpoint_is_one_line(tmp_path, tok_dir, change, message):
     from tinyk.checkpoint import import_seed_checkpoint

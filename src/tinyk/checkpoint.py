@@ -721,6 +721,9 @@ def import_seed_checkpoint(ckpt: str | Path, tok_dir: str | Path, out: str | Pat
             raise TinykError(f"{path} holds {key}, which the tutorial's model does not have")
     if "layers.0.attention.wk.weight" not in state or "layers.0.feed_forward.w1.weight" not in state:
         raise TinykError(f"{path} lacks weights of the tutorial's model (layers.0's wk or w1)")
+    for key in ("layers.0.attention.wk.weight", "layers.0.feed_forward.w1.weight"):  # the shapes read below
+        if state[key].dim() != 2:
+            raise TinykError(f"{path}: {key} is {tuple(state[key].shape)}, where the tutorial's model has a matrix")
     hidden_dim = state["layers.0.feed_forward.w1.weight"].shape[0]
     if hidden_dim == 0:
         raise TinykError(f"{path} has feed-forward layers of width 0 (a k_model.py whose ModelConfig defaults "
