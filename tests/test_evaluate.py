@@ -1081,6 +1081,9 @@ def test_an_answer_whose_text_another_option_repeats_is_skipped_in_cloze_only(tm
     assert choices_that_fit(tok, [f], qs, "cloze", 128, skips) == qs[1:]
     assert skips.first == {"repeated_option": ["x_val.csv:2"]}
     assert choices_that_fit(tok, [f], qs, "letter", 128, Skips()) == qs
+    # Every question skipped so is not called too long for the context.
+    with pytest.raises(TinykError, match=r"^no question in .*x_val.csv can be scored \(skipped 1 record; repeated"):
+        choices_that_fit(tok, [f], qs[:1], "cloze", 128, Skips())
 
 
 def test_choice_prompts_are_the_documented_text():

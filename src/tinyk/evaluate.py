@@ -518,8 +518,8 @@ def choices_that_fit(tok: TinyTokenizer, paths: list[str | Path], questions: lis
             skips.add("too_long_for_context", q.where or q.subject,
                       f"a question with each of its options must fit the model's {context_length}-token context")
     if not fits:
-        raise TinykError(f"no question in {', '.join(map(str, paths))} fits {_whose(model)} context "
-                         f"({skips.summary()})")
+        why = f"fits {_whose(model)} context" if skips.counts["too_long_for_context"] else "can be scored"
+        raise TinykError(f"no question in {', '.join(map(str, paths))} {why} ({skips.summary()})")
     return fits
 
 
