@@ -585,6 +585,19 @@ def test_sft_records_are_task_lines_whose_last_reply_is_the_answer(tmp_path):
     assert "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\n差评2<|im_end|>\n<|im_start|>assistant\n" in engine.seen
 
 
+def test_a_task_lines_text_parts_are_its_text_as_in_sft_records(tmp_path):
+    """OpenAI's content lists of text parts are read the way tinyk's chat, serve and SFT data read them,
+    also beside an `answer` (they were "bad messages" there, and read without one)."""
+    parts = [{"type": "text", "text": "好评"}, {"type": "text", "text": "一"}]
+    task = write_task(tmp_path / "t.jsonl", [{"messages": [{"role": "user", "content": parts}], "answer": "正面"},
+                                             {"messages": [{"role": "user", "content": [{"type": "image"}]}],
+                                              "answer": "正面"}])
+    engine = ScriptedEngine({"好评\n一": ("正面", "eos")})
+    r = eval_task(engine, task)
+    assert (r["examples"], r["accuracy"]) == (1, 1.0) and r["skipped"]["by_reason"] == {"bad_messages": 1}
+    assert engine.seen[0].endswith("<|im_start|>user\n好评\n一<|im_end|>\n<|im_start|>assistant\n")
+
+
 def test_developer_chats_count_and_empty_answers_do_not(tmp_path):
     """`developer` is the system role everywhere else (template, SFT data, server); an answer that is only
     punctuation would be matched by an empty reply."""

@@ -46,6 +46,7 @@ from .tokenizer import (
     SYSTEM_ROLES,
     ModelPrompt,
     TinyTokenizer,
+    message_text,
     same_tokenizer,
     with_system,
 )
@@ -137,7 +138,7 @@ def normalize_answer(text: str) -> str:
 def _valid_messages(msgs: Any) -> bool:
     return (isinstance(msgs, list) and bool(msgs)
             and all(isinstance(m, dict) and m.get("role") in (*CHAT_ROLES, *SYSTEM_ROLES)
-                    and isinstance(m.get("content"), str)
+                    and message_text(m.get("content")) is not None  # text, or a list of text parts
                     for m in msgs)
             and msgs[-1]["role"] == "user")
 
@@ -199,7 +200,7 @@ def _task_example(where: str, rec: Any, system_prompt: str | None) -> TaskExampl
             shown_answer = json.dumps(answer, ensure_ascii=False)[:40]  # Chinese as itself, not cut mid-escape
             return "bad_answer", (f"'answer' is {shown_answer}; 'answer' is the expected reply, a string or a list "
                                   f"of the strings accepted (the first such record has {record_shape(rec)})")
-        msgs = [{"role": m["role"], "content": m["content"]} for m in rec["messages"]]
+        msgs = [{"role": m["role"], "content": message_text(m["content"])} for m in rec["messages"]]
     if not all(normalize_answer(a) for a in answers):  # an empty reply would match it
         return "empty_answer", "an answer must keep some text once space and final punctuation are dropped"
     return TaskExample(where, with_system(msgs, system_prompt), answers)
