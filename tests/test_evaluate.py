@@ -302,8 +302,12 @@ def test_every_input_is_checked_before_the_model_loads(tmp_path, nano_model_dir,
         evaluate(nano_model_dir, tasks=[tmp_path / "blank.jsonl"])
     long = write_task(tmp_path / "long.jsonl",
                       [{"messages": [{"role": "user", "content": "长" * 1000}], "answer": "y"}])
-    with pytest.raises(TinykError, match="long.jsonl: no example fits the model's context"):
+    with pytest.raises(TinykError, match=r"long.jsonl: no example fits the model's context \(skipped"):
         evaluate(nano_model_dir, data=[pretrain_data], tasks=[long])
+    short = write_task(tmp_path / "short.jsonl", [{"messages": [{"role": "user", "content": "好"}], "answer": "y"}])
+    with pytest.raises(TinykError, match="short.jsonl: no example fits the model's context with the system prompt, "
+                                         r"which leaves it no room \(give a shorter --system-prompt"):
+        evaluate(nano_model_dir, tasks=[short], system_prompt="长" * 1000)
     cut = Path(shutil.copytree(pretrain_data, tmp_path / "cut"))
     shard = sorted((cut / "val").glob("*.bin"))[0]
     shard.write_bytes(shard.read_bytes()[:100])

@@ -231,7 +231,14 @@ def read_task_prompts(path: str | Path, prompt_of: Callable[[list[dict[str, str]
             continue
         examples.append(ex)
     if not examples:
-        raise TinykError(f"{path}: no example fits {_whose(model)} context ({skips.summary()})")
+        why = ""
+        if system_prompt:
+            try:
+                prompt_of([{"role": "system", "content": system_prompt}, {"role": "user", "content": ""}])
+            except ContextLengthError:
+                why = (" with the system prompt, which leaves it no room (give a shorter --system-prompt, or '' "
+                       "for none)")
+        raise TinykError(f"{path}: no example fits {_whose(model)} context{why} ({skips.summary()})")
     return examples, prompts, skips
 
 
