@@ -686,6 +686,13 @@ def test_cli_table_and_json(tmp_path, nano, nano_model_dir, pretrain_data, capsy
     assert json.loads(out)["choice"]["questions"] == 6
     # What the table counts by reason, stderr says where (rows of another answer style are skipped, not scored).
     assert err == "tinyk: eval: multiple choice: skipped 1 record; no answer column: 1 (first at toy_test.csv)\n"
+    # A flag for a mode not asked for is said to be unused (the JSON's settings held it as if applied).
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--model", str(nano_model_dir), "--choice", str(tmp_path / "ceval"), "--json", "--seq-len",
+              "32", "--max-new-tokens", "8", "--force", "--limit", "2", "--choice-format", "letter"])
+    assert e.value.code == 0 and capsys.readouterr().err.splitlines()[:3] == [
+        "tinyk: eval: --seq-len is not used without --data", "tinyk: eval: --max-new-tokens is not used without --task",
+        "tinyk: eval: --force is not used without --out or --samples"]
     with pytest.raises(SystemExit) as e:
         main(["eval", "--model", str(nano_model_dir)])
     assert e.value.code == 2

@@ -52,6 +52,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_eval)
 
 
+# A flag, and the modes it acts in: given for none of them, it is said to be unused rather than ignored unseen.
+_FOR_MODES = {"split": ("data",), "seq_len": ("data",), "max_batches": ("data",), "max_new_tokens": ("task",),
+              "system_prompt": ("task",), "choice_format": ("choice",), "limit": ("task", "choice"),
+              "force": ("out", "samples")}
+
+
+def _unused_flags(args: argparse.Namespace) -> list[str]:
+    said = []
+    for dest, modes in _FOR_MODES.items():
+        if getattr(args, dest) != args.command_parser.get_default(dest) and not any(getattr(args, m) for m in modes):
+            flag = "--" + dest.replace("_", "-")
+            said.append(f"tinyk: eval: {flag} is not used without {' or '.join('--' + m for m in modes)}")
+    return said
+
+
 def _eval(args: argparse.Namespace) -> int:
     from tinyk.errors import TinykError
     from tinyk.evaluate import (
@@ -68,6 +83,8 @@ def _eval(args: argparse.Namespace) -> int:
     from tinyk.outputs import same_path
     from tinyk.tokenizer import prompt_from_flag
 
+    for note in _unused_flags(args):
+        print(note, file=sys.stderr)
     inputs = [*args.model, *args.data, *args.task, *args.choice]
     if args.out is not None:
         check_results_out(args.out, inputs, args.force)
