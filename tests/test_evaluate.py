@@ -315,6 +315,15 @@ def test_every_input_is_checked_before_the_model_loads(tmp_path, nano_model_dir,
         evaluate(nano_model_dir, data=[pretrain_data, cut])
 
 
+def test_a_one_character_column_that_is_no_latin_letter_is_no_option(tmp_path):
+    """A note column named 注 (one character, and a letter to Python) was scored as a fifth option,
+    which also changed the chance level."""
+    f = tmp_path / "x_val.csv"
+    f.write_text("question,A,B,answer,注\n首都？,北京,上海,A,常识\n", encoding="utf-8")
+    [q] = read_choice([f], Skips())
+    assert q.options == {"A": "北京", "B": "上海"}
+
+
 def test_a_csv_reached_twice_is_read_once_and_limit_is_per_subject(tmp_path):
     (tmp_path / "val").mkdir()
     for subject in ("astro", "geo"):

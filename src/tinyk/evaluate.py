@@ -368,7 +368,7 @@ def _read_choice_csv(path: Path, skips: Skips, limit: int | None, named: str) ->
         if reader.fieldnames is None:  # not even a header line
             raise TinykError(f"multiple-choice CSV is empty: {path}")
         header = {h.strip().lower(): h for h in reader.fieldnames if h}
-        letters = sorted(h.upper() for h in header if len(h) == 1 and h.isalpha())
+        letters = sorted(h.upper() for h in header if len(h) == 1 and h.isascii() and h.isalpha())  # not 注
         if "question" not in header or len(letters) < 2:
             raise TinykError(f"{path}: not a multiple-choice CSV (needs question, A, B, ... and answer columns)")
         if "answer" not in header:
