@@ -24,6 +24,7 @@ from tinyk.evaluate import (
     chat_prompter,
     choice_continuations,
     choices_that_fit,
+    compared_rows,
     continuation_logprobs,
     eval_choice,
     eval_data,
@@ -313,6 +314,23 @@ def test_every_input_is_checked_before_the_model_loads(tmp_path, nano_model_dir,
     shard.write_bytes(shard.read_bytes()[:100])
     with pytest.raises(TinykError, match="shard"):
         evaluate(nano_model_dir, data=[pretrain_data, cut])
+
+
+def test_models_compared_keep_each_groups_rows_under_it(monkeypatch):
+    """Models of different contexts skip different questions, so their multiple-choice rows head groups
+    of different counts: one model's "mean over subjects" showed in the other's group."""
+    import tinyk.evaluate
+
+    monkeypatch.setattr(tinyk.evaluate, "table_rows", lambda r: r["rows"])
+    wide = [("choice (n=4)", "25.0%", ""), ("  mean over subjects", "16.7%", ""), ("  good (n=3)", "33.3%", ""),
+            ("  longq (n=1)", "0.0%", ""), ("data loss", "2.1", "")]
+    narrow = [("choice (n=2)", "50.0%", ""), ("  mean over subjects", "50.0%", ""), ("  good (n=1)", "100.0%", ""),
+              ("  longq (n=1)", "0.0%", ""), ("data loss", "2.2", "")]
+    assert compared_rows([{"rows": wide}, {"rows": narrow}]) == [
+        ("choice (n=4)", "25.0%", "-", ""), ("  mean over subjects", "16.7%", "-", ""),
+        ("  good (n=3)", "33.3%", "-", ""), ("  longq (n=1)", "0.0%", "-", ""), ("data loss", "2.1", "2.2", ""),
+        ("choice (n=2)", "-", "50.0%", ""), ("  mean over subjects", "-", "50.0%", ""),
+        ("  good (n=1)", "-", "100.0%", ""), ("  longq (n=1)", "-", "0.0%", "")]
 
 
 def test_a_one_character_column_that_is_no_latin_letter_is_no_option(tmp_path):

@@ -911,14 +911,24 @@ def counted(n: int, skipped: dict[str, Any]) -> str:
 def compared_rows(results: list[dict[str, Any]]) -> list[tuple[str, ...]]:
     """`table_rows` of several models merged into (metric, a score per model, baseline) rows, in the
     order they first appear; a metric one model lacks (a row that counts another number of examples,
-    when prompts beyond its context were skipped) shows "-" there."""
-    scores: dict[str, list[str]] = {}
-    baselines: dict[str, str] = {}
+    when prompts beyond its context were skipped) shows "-" there. An indented row belongs to the row
+    above it (its group): "mean over subjects" of a group that counts other examples is that group's."""
+    order: list[tuple[str, str]] = []  # (group, metric); a group's own row has group ""
+    scores: dict[tuple[str, str], list[str]] = {}
+    baselines: dict[tuple[str, str], str] = {}
     for i, r in enumerate(results):
+        group = ""
         for metric, score, baseline in table_rows(r):
-            scores.setdefault(metric, ["-"] * len(results))[i] = score
-            baselines.setdefault(metric, baseline)
-    return [(metric, *row, baselines[metric]) for metric, row in scores.items()]
+            nested = metric.startswith(" ")
+            group = group if nested else metric
+            key = (group, metric) if nested else ("", metric)
+            if key not in scores:
+                scores[key], baselines[key] = ["-"] * len(results), baseline
+                # After its group's rows so far, not after another group's.
+                at = max((j for j, k in enumerate(order) if group in k), default=-1) + 1 if nested else len(order)
+                order.insert(at, key)
+            scores[key][i] = score
+    return [(key[1], *scores[key], baselines[key]) for key in order]
 
 
 def format_table(rows: Iterable[tuple[str, ...]], header: tuple[str, ...] = ("metric", "score", "baseline")) -> str:
