@@ -629,6 +629,15 @@ def test_a_task_lines_text_parts_are_its_text_as_in_sft_records(tmp_path):
     assert engine.seen[0].endswith("<|im_start|>user\n好评\n一<|im_end|>\n<|im_start|>assistant\n")
 
 
+def test_a_compressed_task_file_is_named_without_its_suffixes(tmp_path):
+    import gzip
+
+    task = tmp_path / "情感.jsonl.gz"
+    task.write_bytes(gzip.compress(json.dumps({"messages": [{"role": "user", "content": "a"}], "answer": "好"},
+                                              ensure_ascii=False).encode() + b"\n"))
+    assert eval_task(ScriptedEngine({"a": ("好", "eos")}), task)["task"] == "情感"  # it was 情感.jsonl
+
+
 def test_developer_chats_count_and_empty_answers_do_not(tmp_path):
     """`developer` is the system role everywhere else (template, SFT data, server); an answer that is only
     punctuation would be matched by an empty reply."""

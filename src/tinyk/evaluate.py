@@ -32,6 +32,7 @@ from .inputs import (
     Skips,
     as_list,
     compression,
+    file_stem,
     iter_records,
     read_json,
     record_shape,
@@ -274,7 +275,7 @@ def score_task(engine: Engine, path: str | Path, examples: list[TaskExample], pr
                *, batch_size: int = 32, max_new_tokens: int = 64,
                name: str | None = None, records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """`eval_task` on examples already read, with their prompts (by `read_task_prompts`)."""
-    task = name or Path(path).stem
+    task = name or file_stem(path)
     params = greedy_params(max_new_tokens)
     # Similar lengths together waste less compute on padding; results go back in file order.
     order = sorted(range(len(examples)), key=lambda i: len(prompts[i]))
@@ -324,7 +325,7 @@ def _subject(path: Path) -> str:
     stem = path.stem
     for suffix in ("_val", "_dev", "_test"):
         stem = stem.removesuffix(suffix)
-    return stem
+    return stem or path.stem  # _val.csv: a subject named by its split, not by nothing
 
 
 def _first_non_utf8_line(path: Path) -> int | None:

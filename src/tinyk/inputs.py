@@ -236,6 +236,12 @@ def _codec(path: Path) -> str | None:
     return next((codec for ext, codec in _CODECS.items() if has_suffix(path, ext)), None)
 
 
+def file_stem(path: str | Path) -> str:
+    """A file's name without its suffix, and without its compressor's first: `t` for t.jsonl.gz."""
+    name = Path(path).name
+    return Path(name[:-len(ext)] if (ext := next((e for e in _CODECS if has_suffix(name, e)), "")) else name).stem
+
+
 def is_compressed(path: str | Path) -> bool:
     """Whether a file's size says nothing of how much text it holds (gzip, zstd, Parquet)."""
     return _codec(Path(path)) is not None or has_suffix(path, ".parquet")
