@@ -1179,6 +1179,11 @@ def test_force_replaces_only_results_of_several_models(tmp_path):
     assert is_results(f)
     f.write_text(json.dumps({"models": ["my notes", {"model": "m"}]}), encoding="utf-8")
     assert not is_results(f)
+    from tinyk.evaluate import is_samples
+
+    for blank, replaced in (("", True), ("\n", True), (" \r\n\n", True), ("x\n", False)):  # `echo > r.json`
+        f.write_text(blank, encoding="utf-8")
+        assert is_results(f) == is_samples(f) == replaced, blank
 
 
 def test_a_bom_spaced_header_and_test_suffix_csv_is_read(tmp_path):

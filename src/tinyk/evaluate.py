@@ -765,11 +765,15 @@ def _run_plan(plan: _Plan, model: Transformer, tok: TinyTokenizer, *, data: list
     return results
 
 
+def _blank(path: Path) -> bool:
+    """Whether a file holds nothing but a few line ends and spaces."""
+    return path.stat().st_size <= 64 and not path.read_bytes().strip()
+
+
 def is_results(path: Path) -> bool:
     """Whether `tinyk eval --out --force` may replace a file: earlier results, or an empty file."""
     try:
-        size = path.stat().st_size
-        if size == 0:  # an empty file (mktemp's): nothing to lose
+        if _blank(path):  # an empty file (mktemp's, or `echo > out.json`'s): nothing to lose
             return True
         results = read_json(path)  # a file too large for results is a ValueError there
     except (OSError, UnicodeDecodeError, ValueError):
@@ -787,10 +791,10 @@ def check_results_out(out: str | Path, inputs: Iterable[str | Path], force: bool
 def is_samples(path: Path) -> bool:
     """Whether `tinyk eval --samples --force` may replace a file: earlier samples, or an empty file."""
     try:
+        if _blank(path):
+            return True
         with open(path, "rb") as f:
             first = f.readline(1 << 20)
-        if not first:
-            return True
         record = json.loads(first)
     except (OSError, UnicodeDecodeError, ValueError):
         return False
