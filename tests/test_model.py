@@ -689,6 +689,9 @@ def test_import_never_replaces_its_input_and_reads_the_config_or_refuses_it(tmp_
     torch.save(sd, tmp_path / "p4.pth", pickle_protocol=4)
     with pytest.raises(TinykError, match="saved with a newer pickle protocol"):
         import_seed_checkpoint(tmp_path / "p4.pth", tok_dir, tmp_path / "m", n_heads=4)
+    (tmp_path / "garbage.pth").write_bytes(b"\x80\x02garbage")  # a protocol the loader reads: damaged, not newer
+    with pytest.raises(TinykError, match=r"garbage.pth: it is damaged \(an opcode no pickle has\)$"):
+        import_seed_checkpoint(tmp_path / "garbage.pth", tok_dir, tmp_path / "m", n_heads=4)
     cut = tmp_path / "cut.pth"  # a copy that did not finish: torch said "[Errno 22] Invalid argument"
     cut.write_bytes(ckpt.read_bytes()[:ckpt.stat().st_size // 2])
     with pytest.raises(TinykError) as e:

@@ -590,6 +590,9 @@ def _read_seed_weights(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
             else:
                 state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        # (`head`: a .pth's first bytes, read above.) A legacy pickle of a protocol the loader reads is damaged.
+        if "Unsupported operand" in str(e) and head[:1] == b"\x80" and head[1:2] <= b"\x03":
+            raise TinykError(f"cannot read {path}: it is damaged (an opcode no pickle has)") from e
         if "Unsupported operand" in str(e):  # torch's safe loader reads pickle protocols up to 3
             raise TinykError(f"cannot read {path}: it was saved with a newer pickle protocol than torch's safe "
                              f"loader reads; re-save it with torch.save(state_dict, path)") from e
