@@ -333,6 +333,14 @@ def test_models_compared_keep_each_groups_rows_under_it(monkeypatch):
         ("  good (n=1)", "-", "100.0%", ""), ("  longq (n=1)", "-", "0.0%", "")]
 
 
+def test_csvs_with_a_header_alone_say_so(tmp_path):
+    f = tmp_path / "x_val.csv"
+    f.write_text("question,A,B,answer\n", encoding="utf-8")
+    with pytest.raises(TinykError, match=r"^no questions with answers in .*x_val.csv \(they have a header and no "
+                                         r"rows\)$"):  # it was "(skipped 0 records)"
+        read_choice([f], Skips())
+
+
 def test_a_one_character_column_that_is_no_latin_letter_is_no_option(tmp_path):
     """A note column named 注 (one character, and a letter to Python) was scored as a fifth option,
     which also changed the chance level."""

@@ -448,7 +448,8 @@ def read_choice(paths: Iterable[str | Path], skips: Skips, limit: int | None = N
     if not questions:
         split = "; point at a split that has answers, e.g. ceval/val or cmmlu/test" \
             if skips.counts["no_answer_column"] else ""
-        raise TinykError(f"no questions with answers in {', '.join(map(str, paths))} ({skips.summary()}){split}")
+        why = skips.summary() if skips.total else "they have a header and no rows"
+        raise TinykError(f"no questions with answers in {', '.join(map(str, paths))} ({why}){split}")
     return questions
 
 
