@@ -976,3 +976,17 @@ def test_stdout_over_its_disk_quota_is_said_as_a_full_disk_is(capsys, monkeypatc
     assert run_cli(["plan", "--preset", "nano"], capsys) == (2, (
         f"tinyk: error: what it prints could not be written to its standard output: {os.strerror(errno.EDQUOT)} "
         "(the files it writes are complete or not there)\n"))
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes")
+def test_a_pipe_where_a_directory_holds_a_file_is_named_as_one(tmp_path, tok_dir, nano_model_dir):
+    """A FIFO in place of tokenizer.json or config.json was refused as missing ("no tokenizer.json")."""
+    from tinyk.tokenizer import load_tokenizer
+
+    tok, model = shutil.copytree(tok_dir, tmp_path / "tok"), shutil.copytree(nano_model_dir, tmp_path / "m")
+    for path, load in ((tok / "tokenizer.json", load_tokenizer), (model / "config.json", load_model)):
+        path.unlink()
+        os.mkfifo(path)
+        with pytest.raises(TinykError, match=f"^{re.escape(str(path))} is a pipe: a "):
+            load(path.parent)
+

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from .errors import TinykError, first_line, not_found, writing
 from .inputs import read_json
 from .model import ADAMW_BYTES, GRAD_BYTES, WEIGHT_BYTES, ModelConfig, Transformer, dtype_name
-from .outputs import atomic_dir, put_back_interrupted, rust_path
+from .outputs import atomic_dir, put_back_interrupted, refuse_unreadable_kind, rust_path
 from .tokenizer import (
     IM_END_ID,
     IM_START_ID,
@@ -211,6 +211,8 @@ def load_config(path: str | Path) -> ModelConfig:
     put_back_interrupted(path)
     if not path.exists():
         raise TinykError(f"{not_found(path, 'model directory')}{unfinished_hint(path)}")
+    for name in ("config.json", "model.safetensors"):
+        refuse_unreadable_kind(path / name, "a model directory holds it as a file")
     if not is_model_dir(path):
         raise TinykError(f"not a model directory (needs config.json and model.safetensors): {path}"
                          f"{model_dir_hint(path)}")

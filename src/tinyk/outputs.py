@@ -39,6 +39,14 @@ def put_back_interrupted(path: str | Path) -> None:
         remove_stale_temps(path)
 
 
+def refuse_unreadable_kind(path: Path, why: str) -> None:
+    """One line for a path that is there but is no regular file (a pipe, a device, a folder), which
+    "no such file" would misname."""
+    if path.exists() and not path.is_file():
+        kind = "a folder" if path.is_dir() else "a pipe" if path.is_fifo() else "not a regular file"
+        raise TinykError(f"{path} is {kind}: {why}")
+
+
 def marker_file(directory: str | Path, name: str, what: str) -> Path:
     """`directory/name`, the file that makes `directory` a `what` directory, or one line on what is wrong."""
     d = Path(directory)
@@ -47,6 +55,7 @@ def marker_file(directory: str | Path, name: str, what: str) -> Path:
         raise TinykError(f"{what} directory {d} is a file, not a directory")
     if not d.is_dir():
         raise not_found(d, f"{what} directory")
+    refuse_unreadable_kind(d / name, f"a {what} directory holds it as a file")
     if not (d / name).is_file():
         # A run directory (its final/ model holds the tokenizer), a checkpoint, or a data split's folder.
         near = next((p for p in (d / "final", d / "model", d.parent) if (p / name).is_file()), None)
