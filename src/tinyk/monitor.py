@@ -249,10 +249,12 @@ def _run_id(out: Path) -> str:
 def _trackers_holding(out: Path) -> set[str] | None:
     """The trackers whose runs got this run's steps, listed after the id; None where the file is an
     earlier tinyk's id alone (no newline after it), which did not say: all of them, as it treated them."""
-    lines = _tracker_lines(out)
+    f = out / TRACKER_ID
+    text = f.read_text() if f.is_file() else ""
+    lines = text.split()
     if not lines:
         return set()
-    return set(lines[1:]) if len(lines) > 1 or (out / TRACKER_ID).read_text().endswith("\n") else None
+    return set(lines[1:]) if len(lines) > 1 or text.endswith("\n") else None
 
 
 def _record_tracker(out: Path, name: str) -> None:

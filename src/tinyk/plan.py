@@ -848,7 +848,7 @@ def _fit_warning(p: dict[str, Any]) -> str:
         fixes.append(f"--activation-checkpointing{smaller}")
     # FSDP in fp16 is refused (precision_refusal): in bf16 where the card has it, else fp32.
     fsdp = "--parallel fsdp" + (f" --dtype {fits['fsdp_dtype']}" if fits["fsdp_dtype"] != r["dtype"] else "")
-    if fits["fsdp"] > (largest or 0):  # only where it fits more, with the micro-batch it needs
+    if fits["fsdp"] > largest:  # only where it fits more (0: nothing fits), with the micro-batch it needs
         fixes.append(fsdp + (f" --micro-batch {fits['fsdp']}" if fits["fsdp"] < r["micro_batch"] else ""))
     return ("warning      the peak exceeds the usable memory" +
             (f"; try {' or '.join(fixes)}" if fixes else f"; use more GPUs with {fsdp}"))
