@@ -37,6 +37,7 @@ from tinyk.outputs import (
     plain_name,
     remove_stale_temps,
     write_json_atomic,
+    write_text_atomic,
 )
 from tinyk.tokenizer import load_tokenizer, train_tokenizer
 
@@ -749,6 +750,19 @@ def test_a_failed_file_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path
         tmp.write_text('{"a": ')
         raise OSError(28, "No space left on device")
     assert json.loads(f.read_text()) == {"a": 1} and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+def test_a_file_is_on_the_disk_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+    """Without an fsync before the rename, a power cut could leave config.yaml or a .gguf there in
+    name but empty (ext4 without auto_da_alloc, XFS)."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(a))), real_replace(a, b)))
+    write_text_atomic(tmp_path / "config.yaml", "a: 1\n")
+    assert [e[0] for e in events] == ["fsync", "replace"] and events[0][1] == events[1][1]
+    assert (tmp_path / "config.yaml").read_text() == "a: 1\n"
 
 
 def test_a_refused_write_names_the_folder_not_the_free_space(tmp_path):

@@ -651,6 +651,10 @@ def test_a_tutorial_pth_is_pointed_to_import_which_says_what_it_assumed(tmp_path
      "layers.0.attention.wk.weight is \\(\\), where the tutorial's model has a matrix"),
     (lambda sd: {**sd, "layers.0.feed_forward.w1.weight": torch.tensor(1.0)},
      "layers.0.feed_forward.w1.weight is \\(\\), where the tutorial's model has a matrix"),
+    # A layer not numbered as nn.ModuleList numbers them is named (it was counted as a layer, then
+    # reported as a missing "layers.2").
+    (lambda sd: {**sd, "layers.x.attention.wq.weight": sd["layers.0.attention.wq.weight"]},
+     "holds layers.x.attention.wq.weight, which the tutorial's model does not have"),
 ])
 def test_what_is_not_the_tutorials_checkpoint_is_one_line(tmp_path, tok_dir, change, message):
     from tinyk.checkpoint import import_seed_checkpoint

@@ -718,7 +718,8 @@ def import_seed_checkpoint(ckpt: str | Path, tok_dir: str | Path, out: str | Pat
         parts = key.removesuffix(".weight").split(".", 2)
         if key == "norm.weight":
             ours[SEED_TOP_NAMES[key]] = w
-        elif len(parts) == 3 and parts[0] == "layers" and parts[2] in SEED_NAMES:
+        elif (len(parts) == 3 and parts[0] == "layers" and parts[1].isdecimal() and str(int(parts[1])) == parts[1]
+              and parts[2] in SEED_NAMES):  # nn.ModuleList's numbering: "layers.x" or "layers.01" is another model's
             if parts[2] in ("attention.wq", "attention.wk") and w.dim() == 2 and w.shape[0] % head_dim == 0:
                 w = _rope_halves(w, head_dim)  # other shapes are refused below
             ours[f"model.layers.{parts[1]}.{SEED_NAMES[parts[2]]}.weight"] = w

@@ -248,15 +248,19 @@ def atomic_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path
 def sync_tree(root: Path) -> None:
     """Puts every file under `root`, and the folder entries naming them, on the disk. Renaming a
     folder into place orders nothing: after a power cut it could be there in name with its files empty."""
-    mode = os.O_RDWR if os.name == "nt" else os.O_RDONLY  # Windows flushes only a handle open for writing
     for folder, _, names in os.walk(root):
         for name in names:
-            fd = os.open(os.path.join(folder, name), mode)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            sync_file(Path(folder, name))
         sync_folder(Path(folder))
+
+
+def sync_file(path: Path) -> None:
+    """Puts a file's contents on the disk."""
+    fd = os.open(path, os.O_RDWR if os.name == "nt" else os.O_RDONLY)  # Windows flushes only a handle open for writing
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def sync_folder(folder: Path) -> None:
@@ -572,12 +576,14 @@ def _remove_stale_temp_files(path: Path, suffix: str) -> None:
 def atomic_file(path: str | Path, suffix: str = "") -> Iterator[Path]:
     """A temporary sibling to write: it replaces `path` when the block succeeds and is removed when
     it fails, so readers never see half a file and a failed write (a full disk) leaves nothing behind.
+    It is put on the disk before the rename: else a power cut could leave `path` renamed but empty.
     `suffix` keeps an extension that the writer reads the format from (matplotlib's .png)."""
     path = Path(path)
     tmp = path.with_name(f".{_stem(path.name)}.tmp-{_owner()}{suffix}")
     _remove_stale_temp_files(path, suffix)
     try:
         yield tmp
+        sync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
