@@ -2163,6 +2163,28 @@ def test_a_partial_folder_without_a_checkpoint_is_emptied_first(tmp_path, tok_di
     assert not (tmp_path / ".out.partial").exists()
 
 
+def test_a_partial_path_that_is_a_link_or_a_file_is_refused_and_left_as_it_is(tmp_path, tok_dir):
+    """A link where a stopped run leaves its folder (one moved to a bigger disk and linked back): the
+    folder it points to was emptied, filled with the data, and the output became a link to it. A file
+    there was reported as "cannot write OUT: File exists", of an OUT that did not exist."""
+    src = write_jsonl(tmp_path / "s.jsonl", conversations(8), field=None)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    partial = tmp_path / ".out.partial"
+    partial.symlink_to(mine, target_is_directory=True)
+    with pytest.raises(TinykError, match=r"\.out\.partial is a link, where a stopped run of this command leaves its "
+                                         r"folder; remove the link \(what it points to is left as it is\)"):
+        prepare_sft([src], tok_dir, tmp_path / "out", **QUIET)
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"] and partial.is_symlink()
+    partial.unlink()
+    partial.write_text("not a folder")
+    with pytest.raises(TinykError, match=r"\.out\.partial is not a folder, where a stopped run of this command "
+                                         r"leaves one; remove it or give another --out"):
+        prepare_sft([src], tok_dir, tmp_path / "out", **QUIET)
+    assert partial.read_text() == "not a folder" and not (tmp_path / "out").exists()
+
+
 # a continued run's meta.json seconds include the time the stopped run had saved (the
 # closing line's MB/s and tokens/s are over all the work kept, as the README says).
 def test_a_continued_run_counts_the_seconds_the_stopped_run_saved(tmp_path, tok_dir, monkeypatch, capsys):

@@ -778,6 +778,21 @@ def test_a_chat_far_too_long_is_refused_before_it_is_tokenized(server, monkeypat
         assert "at least" in err["error"]["message"]
 
 
+def test_a_system_message_that_fills_the_window_is_named(server):
+    """However short the rest, a chat whose system message alone leaves no room is refused for that
+    message (it was "the prompt has N tokens", a two-character question too); a short one still
+    leaves the refusal to the prompt as a whole."""
+    ctx = server.api.engine.context_length
+    for system, user, said in (("你是" * ctx, "你好", "the system message is too long: with it the conversation "
+                                                     "takes at least "),
+                               ("你好", "你好" * ctx, "the prompt has ")):
+        body = {"model": "nano", "messages": [{"role": "system", "content": system},
+                                              {"role": "user", "content": user}]}
+        status, err = request(server, "POST", "/v1/chat/completions", body)
+        assert status == 400 and err["error"]["code"] == "context_length_exceeded"
+        assert err["error"]["message"].startswith(said), err
+
+
 def test_fields_at_their_off_values_are_accepted(server):
     """What clients send for "off" (penalties 0.0, logprobs false, empty logit_bias), and fields that do not
     change the answer (user, metadata), are not a refusal."""

@@ -242,6 +242,23 @@ def test_the_chat_page_follows_a_server_restarted_with_another_model(nano_model_
     assert shown["replies"][0]["finish"] in ("stop", "length") and len(shown["history"]) == 2
 
 
+def test_the_chat_page_follows_a_server_restarted_with_a_smaller_context(nano_model_dir, tmp_path):
+    """A server restarted under the same name with a model of a smaller window: the page kept the old
+    window (in the status line, and for the reply's budget), so every message was refused ("... were
+    requested; start the server with --fit-context") until a reload. A refusal for the context now
+    makes it ask the server's window once."""
+    engine = Engine.from_dir(nano_model_dir)
+    with chat_page(engine, tmp_path, max_tokens=None) as run:
+        page = run(f"context = {4 * engine.context_length}; status.textContent = 'old';\n"
+                   "await say('你好');\nreturn {context, status: status.textContent, shown: shown()};")
+    assert page["context"] == engine.context_length and page["status"] == f"nano · context {engine.context_length}"
+    shown = page["shown"]
+    assert shown == {**shown, "errors": [], "unsent": [], "notes": shown["notes"]} and len(shown["replies"]) == 1
+    assert not [n for n in shown["notes"] if "forgot" in n]
+    want = greedy_chat(engine, [{"role": "user", "content": "你好"}], engine.context_length // 2)
+    assert shown["replies"][0]["text"] == want.text
+
+
 def test_the_chat_page_forgets_old_turns_to_fit_the_context(nano_model_dir, tmp_path):
     """A conversation longer than the model's window goes on, as in `tinyk chat`: old turns are
     dropped until the reply has half the window (the page's default budget; a fixed 256 was refused
@@ -497,6 +514,90 @@ class StreamStub(BaseHTTPRequestHandler):
 
 
 STUB_REPLY = "你好，世界！😀<img src=x onerror=alert(1)>"
+
+
+class HeldModels(StreamStub):
+    """A server that stops answering (frozen with Ctrl-Z, or a dropped network) once `held` is set:
+    /v1/models takes the request and does not reply until `unheld` is set."""
+
+    held = False
+    unheld = threading.Event()
+
+    def do_GET(self) -> None:
+        if self.path == "/v1/models" and type(self).held:
+            type(self).unheld.wait(timeout=60)
+        super().do_GET()
+
+
+def test_stop_ends_a_message_that_waits_for_the_model_list(tmp_path):
+    """After "server unreachable" the page asks for the model list before the next message; a server
+    that takes that request and never answers left the page busy (Send disabled) whatever Stop, Esc
+    or Clear did, until a reload. Stop now withdraws the message, as before a reply's first token."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), HeldModels)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    HeldModels.held = False
+    HeldModels.unheld.clear()
+    try:
+        with open_page(f"http://127.0.0.1:{server.server_address[1]}/", str(tmp_path / "profile")) as run:
+            run(SETUP_SCRIPT % json.dumps(""))
+            HeldModels.held = True
+            page = run("model = null; submit('你好');\n"
+                       "await new Promise(r => setTimeout(r, 300)); const busy = controller !== null;\n"
+                       "stop.click(); await until(() => controller === null, 'the stop');\n"
+                       "return {busy, sendDisabled: send.disabled, input: input.value, ...shown(), "
+                       "status: status.textContent};")
+    finally:
+        HeldModels.unheld.set()
+        server.shutdown()
+        server.server_close()
+    assert page == {**page, "busy": True, "sendDisabled": False, "input": "你好", "unsent": ["你好"], "errors": [],
+                    "history": [], "replies": []}
+    assert page["status"] == "nano · context 256", "a stop is no error to show in the status line"
+
+
+def test_the_page_takes_messages_as_typed_and_says_what_it_cannot_send(nano_model_dir, tmp_path):
+    """Pasted code keeps its first line's indent (the whole message was trimmed); a max tokens the field
+    marks wrong (-5, 0.5) is said so at the field and nothing is sent (it was replaced by half the
+    context, silently); a system prompt that alone fills the window is named as what to shorten (every
+    message was "the prompt has N tokens", a two-character one too)."""
+    engine = Engine.from_dir(nano_model_dir)
+    code = "    def f():\n        return 1"
+    with chat_page(engine, tmp_path, max_tokens=2) as run:
+        typed = run(f"input.value = '\\n' + {json.dumps(code)} + '\\n\\n'; send.click();\n"
+                    "await until(() => controller === null, 'the reply'); return shown();")
+        invalid = {value: run(f"document.getElementById('reset').click();\n"
+                              f"document.getElementById('max-tokens').value = '{value}'; submit('你好');\n"
+                              "await new Promise(r => setTimeout(r, 200));\n"
+                              "return {...shown(), input: input.value, sending: controller !== null, "
+                              "focused: document.activeElement.id};")
+                   for value in ("-5", "0.5")}
+        system = run("document.getElementById('max-tokens').value = '2';\n"
+                     f"document.getElementById('system').value = '你是'.repeat({engine.context_length});\n"
+                     "await say('你好'); return shown();")
+    assert typed["users"] == [code] and typed["history"][0] == {"role": "user", "content": code}
+    for page in invalid.values():
+        assert page == {**page, "users": [], "history": [], "input": "你好", "sending": False, "focused": "max-tokens"}
+    assert system == {**system, "replies": [], "unsent": ["你好"]}
+    assert [e.partition(":")[0] for e in system["errors"]] == ["the system message is too long"]
+
+
+def test_the_message_box_has_the_width_of_a_phone_and_the_page_loads_cleanly(nano_model_dir, tmp_path):
+    """On a 320-pixel phone in English the three buttons left the message box 43 pixels ("Type a messag"):
+    they go below it there. The page names its own (empty) icon: the browser's request for /favicon.ico
+    was a 404 in the console at every load."""
+    engine = Engine.from_dir(nano_model_dir)
+    with chat_page(engine, tmp_path, max_tokens=2, screen=(320, 640)) as run:
+        page = run("const box = input.getBoundingClientRect(), form = document.getElementById('form');\n"
+                   "return {share: box.width / innerWidth,\n"
+                   " formFits: form.getBoundingClientRect().bottom <= innerHeight,"
+                   " buttonsBelow: [send, stop, document.getElementById('reset')].every("
+                   "b => b.getBoundingClientRect().top >= box.bottom),"
+                   " icon: document.querySelector('link[rel~=icon]').getAttribute('href')};")
+        run.resize(1024, 700)
+        wide = run("const box = input.getBoundingClientRect();\n"
+                   "return [send, stop].every(b => b.getBoundingClientRect().top < box.bottom);")
+    assert page == {**page, "formFits": True, "buttonsBelow": True, "icon": "data:,"} and page["share"] > 0.8
+    assert wide is True, "a wide window keeps the buttons beside the message box"
 
 
 def test_the_chat_page_reads_any_standard_stream_and_says_when_one_breaks_off(tmp_path):

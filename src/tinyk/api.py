@@ -359,7 +359,10 @@ class Api:
         try:
             return self.engine.chat_prompt_ids(clean, default_system=self.cfg.system_prompt), given - turns
         except ContextLengthError as e:
-            raise ApiError(400, f"{e}{hint}", param="messages", code="context_length_exceeded") from e
+            # A system message that alone fills the window is the one to shorten, however short the rest.
+            why = next(filter(None, (self.engine.system_too_long(m["content"], "the system message")
+                                     for m in clean if m["role"] == "system")), None)
+            raise ApiError(400, why or f"{e}{hint}", param="messages", code="context_length_exceeded") from e
         except TinykError as e:
             raise ApiError(400, str(e), param="messages", code="invalid_value") from e
 

@@ -190,6 +190,7 @@ def atomic_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path
         out.parent.mkdir(parents=True, exist_ok=True)
         if partial:
             tmp = partial_sibling(out)
+            _refuse_odd_partial(tmp)
             tmp.mkdir(exist_ok=True)
         else:
             tmp = Path(tempfile.mkdtemp(prefix=f".{_stem(out.name)}.tmp-{_owner()}-", dir=out.parent))
@@ -243,6 +244,17 @@ def atomic_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path
         if not partial and kept is None:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _refuse_odd_partial(tmp: Path) -> None:
+    """A link or a file where a stopped run leaves its folder: what a link points to would be emptied
+    and made the output, and a file was reported as the output itself existing."""
+    if tmp.is_symlink():
+        raise TinykError(f"{shown(tmp)} is a link, where a stopped run of this command leaves its folder; remove the "
+                         f"link (what it points to is left as it is) or move that folder itself there")
+    if tmp.exists() and not tmp.is_dir():
+        raise TinykError(f"{shown(tmp)} is not a folder, where a stopped run of this command leaves one; remove it "
+                         f"or give another --out")
 
 
 def sync_tree(root: Path) -> None:
