@@ -438,6 +438,12 @@ def test_an_empty_path_is_refused_not_taken_for_the_current_folder(args, said, c
     assert error_line(args, capsys).startswith(f"{said}: is empty; give a path")
 
 
+def test_an_error_naming_a_path_with_a_newline_or_an_escape_stays_one_line(tmp_path, capsys):
+    """A file name's newline split the error in two, and its ESC drove the terminal (cleared the screen)."""
+    line = error_line(["model", "info", tmp_path / "a\nb\x1b[2J"], capsys)
+    assert "a\\x0ab\\x1b[2J" in line
+
+
 @pytest.mark.parametrize("args, command", [
     (["pretrain", "--config", "c.yaml", "--bogus"], "tinyk pretrain"),
     ([*DATA, "--max-lenn", "5"], "tinyk data pretrain"),

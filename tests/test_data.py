@@ -961,6 +961,68 @@ def test_turns_of_a_merged_sharegpt_and_openai_export_read_whichever_keys_are_se
     assert normalize_conversation(row) == [{"role": "user", "content": "猫"}, {"role": "assistant", "content": "Cat"}]
 
 
+@pytest.mark.parametrize("turn,reason", [
+    ({"role": "user", "from": "gpt", "content": "user text"}, "a turn's 'role' ('user') and 'from' ('gpt') disagree"),
+    ({"role": "user", "content": "shown question", "value": "other text"},
+     "a turn's 'content' and 'value' hold different texts"),
+])
+def test_a_turn_whose_sharegpt_and_openai_keys_disagree_is_skipped(turn, reason):
+    """Both set and different, "from" and "value" were taken silently: a user's text trained as a reply."""
+    assert read_conversation({"messages": [turn, {"role": "assistant", "content": "a"}]}) == ("bad_message", reason)
+    same = {"role": "user", "from": "human", "content": "猫", "value": "猫"}  # both kept by a conversion, alike
+    assert normalize_conversation({"messages": [same, {"role": "assistant", "content": "a"}]})[0] == \
+        {"role": "user", "content": "猫"}
+
+
+@pytest.mark.parametrize("record", [
+    {"messages": [{"role": "user", "content": "weather in Paris?"},
+                  {"role": "assistant", "content": "Let me check.",
+                   "tool_calls": [{"id": "1", "type": "function",
+                                   "function": {"name": "get_weather", "arguments": "{}"}}]}]},
+    {"messages": [{"role": "user", "content": "q"},
+                  {"role": "assistant", "content": "ok", "function_call": {"name": "f", "arguments": "{}"}}]},
+    {"tools": [{"type": "function", "function": {"name": "get_weather"}}],
+     "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+])
+def test_a_conversation_with_tool_calls_is_skipped_not_trained_without_them(record):
+    """The call was dropped without a word, and the model trained to say "Let me check." and stop; serve
+    and the exported chat template refuse tools alike. A datasets export's null or empty ones are none."""
+    assert read_conversation(record)[0] == "tool_call"
+    nulls = {"tools": None, "messages": [
+        {"role": "user", "content": "q", "tool_calls": None},
+        {"role": "assistant", "content": "a", "tool_calls": [], "function_call": None}]}
+    assert normalize_conversation(nulls) == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+
+
+def test_a_skip_reports_what_the_first_record_listed_held_in_a_bounded_quote(tmp_path, tok_dir):
+    """"bad message: 2 (first at s.jsonl:1, s.jsonl:2; HINT)": HINT was the first hint given, here the
+    second record's ("a JSON int") beside an Alpaca record that gave none. A 100 kB role or key (data
+    used as keys) was quoted whole, a 100 kB line on screen and in meta.json."""
+    records = [{"instruction": "i", "output": "o", "history": [["only a question"]]},
+               {"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "a"}]},
+               {"messages": [{"role": "x" * 100_000, "content": "q"}, {"role": "assistant", "content": "a"}]},
+               {"y" * 100_000: 1},
+               *conversations(8)]
+    src = write_jsonl(tmp_path / "s.jsonl", records, field=None)
+    meta = prepare_sft([src], tok_dir, tmp_path / "out", **QUIET)
+    assert meta["skipped"]["first"]["bad_message"] == ["s.jsonl:1", "s.jsonl:2"]
+    assert meta["skipped"]["hints"]["bad_message"] == \
+        "the record's 'history' is not a list of [question, answer] pairs of text"
+    assert meta["skipped"]["hints"]["unknown_role"].startswith(f"role '{'x' * 40}'...; tinyk reads the roles")
+    assert meta["skipped"]["hints"]["unknown_format"].startswith(f"the first such record has fields '{'y' * 40}'...;")
+    assert (tmp_path / "out" / "meta.json").stat().st_size < 10_000
+
+
+@pytest.mark.parametrize("record,hint", [
+    ({"instruction": 5, "output": "o"}, "the record's 'instruction' is a JSON int, not text"),
+    ({"instruction": "i", "input": ["x"], "output": "o"}, "the record's 'input' is a JSON list, not text"),
+    ({"prompt": "p", "completion": [{"role": "assistant", "content": "c"}]},
+     "the record's 'prompt' is a JSON str and its 'completion' a JSON list: both are text, or both lists of turns"),
+])
+def test_an_unusable_alpaca_or_prompt_completion_record_says_why(record, hint):
+    assert read_conversation(record) == ("bad_message", hint)
+
+
 def test_a_small_corpus_is_not_said_to_repeat_itself(pt_data):
     """The one document val always gets, and the hash's spread, are no sign of repeated documents: 25
     distinct documents put 1 (4%) in val at --val-fraction 0.01."""
@@ -1307,9 +1369,10 @@ def test_sft_truncates_at_a_turn_boundary_when_possible(tmp_path, tok_dir):
 
 
 def test_a_huge_message_is_tokenized_only_as_far_as_max_len_reaches(tmp_path, tok_dir, monkeypatch):
-    """Only what `--max-len` keeps is tokenized (a 7.6 MB reply took 1.5 GB to encode), and cutting the
-    text changes no kept token or mask bit, even inside one 60,000-character pre-token, nor which split a
-    conversation goes to or whether it counts as cut (a reply after a long question is lost all the same)."""
+    """Only what `--max-len` keeps is tokenized (a 7.6 MB reply took 1.5 GB to encode, and a 15 MB
+    conversation of short turns a gigabyte), and cutting the text changes no kept token or mask bit, even
+    inside one 60,000-character pre-token, nor which split a conversation goes to or whether it counts as
+    cut (a reply after a long question is lost all the same)."""
     from tinyk import data
 
     convs = [[{"role": "user", "content": "写"}, {"role": "assistant", "content": CHINESE * 400},
@@ -1320,16 +1383,19 @@ def test_a_huge_message_is_tokenized_only_as_far_as_max_len_reaches(tmp_path, to
               {"role": "user", "content": "啊" * 5_000}, {"role": "assistant", "content": "嗯"}],
              # Conversations alike up to past the cut: their sides are their whole contents' own.
              *([{"role": "user", "content": "说"}, {"role": "assistant", "content": "哦" * 5_000 + str(i)}]
-               for i in range(16))]
+               for i in range(16)),
+             [m for i in range(6_000) for m in ({"role": "user", "content": ""},
+                                                 {"role": "assistant", "content": f"答{i}"})]]
     src = write_jsonl(tmp_path / "s.jsonl", convs, field=None)
     seen = []
     clipped = data._clipped
-    monkeypatch.setattr(data, "_clipped", lambda msgs, chars: seen.append(clipped(msgs, chars)) or seen[-1])
+    monkeypatch.setattr(data, "_clipped", lambda msgs, *bounds: seen.append(clipped(msgs, *bounds)) or seen[-1])
     meta = prepare_sft([src], tok_dir, tmp_path / "cut", max_len=64, val_fraction=0.5, **QUIET)
-    assert max(len(m["content"]) for conv, _ in seen for m in conv) < 5_000 \
+    assert max(sum(len(m["content"]) for m in conv) for conv, _ in seen) < 5_000 \
         and len(seen[0][0]) == 2  # the system prompt comes later
-    assert meta["truncated"] == {"at_turn": 1, "mid_turn": 18} and 0 < meta["splits"]["val"]["documents"] < 16
-    monkeypatch.setattr(data, "_clipped", lambda msgs, chars: (msgs, None))
+    assert max(len(conv) for conv, _ in seen) < 400  # of the 12,000 short (or empty) messages
+    assert meta["truncated"] == {"at_turn": 2, "mid_turn": 18} and 0 < meta["splits"]["val"]["documents"] < 17
+    monkeypatch.setattr(data, "_clipped", lambda msgs, *bounds: (msgs, None))
     whole = prepare_sft([src], tok_dir, tmp_path / "whole", max_len=64, val_fraction=0.5, **QUIET)
     assert {k: v for k, v in meta.items() if k not in ("command", "seconds")} == \
         {k: v for k, v in whole.items() if k not in ("command", "seconds")}
@@ -2360,7 +2426,8 @@ def test_a_ctrl_c_while_the_workers_start_is_not_lost(monkeypatch):
 
     def spawn_then_ctrl_c(*args):
         pool = real(*args)
-        os.kill(os.getpid(), signal.SIGINT)
+        # To this thread: one sent to the process may go to another thread of pytest's, which blocks nothing.
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
         return pool
 
     monkeypatch.setattr(tinyk.workers, "_spawn_pool", spawn_then_ctrl_c)

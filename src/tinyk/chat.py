@@ -95,7 +95,8 @@ class _Session:
 
     def message(self, text: str) -> None:
         """Answers one user message, streaming the reply; a message that cannot be sent is reported."""
-        from .engine import MESSAGE_TOKENS, ContextLengthError
+        from .engine import ContextLengthError
+        from .tokenizer import MESSAGE_TOKENS
 
         engine, interactive = self.engine, self.interactive
         try:

@@ -46,6 +46,7 @@ from .inputs import (
     record_shape,
     sft_format,
     sha256_file,
+    short_repr,
 )
 from .outputs import (
     PROGRESS_LINE_S,
@@ -59,6 +60,7 @@ from .outputs import (
 from .tokenizer import (
     IM_END_ID,
     IM_START_ID,
+    MESSAGE_TOKENS,
     MODEL_PROMPT,
     ModelPrompt,
     TinyTokenizer,
@@ -1003,6 +1005,19 @@ def _either(turn: dict[str, Any], key: str, other: str) -> Any:
     return value if value is not None else turn.get(other)
 
 
+def _disagreement(turn: dict[str, Any]) -> str | None:
+    """What a turn holding both ShareGPT's and OpenAI's keys, set to different things, says twice (a
+    user's text read as a reply, had one been taken)."""
+    role, sender = turn.get("role"), turn.get("from")
+    if isinstance(role, str) and isinstance(sender, str) and \
+            ROLE_ALIASES.get(role.lower(), role) != ROLE_ALIASES.get(sender.lower(), sender):
+        return f"a turn's 'role' ({short_repr(role)}) and 'from' ({short_repr(sender)}) disagree"
+    content, value = turn.get("content"), turn.get("value")
+    if content is not None and value is not None and message_text(content) != message_text(value):
+        return "a turn's 'content' and 'value' hold different texts"
+    return None
+
+
 def normalize_conversation(rec: Any) -> list[dict[str, str]] | str:
     """A record in any supported SFT format as chat messages, or the reason it is unusable (see
     `read_conversation`)."""
@@ -1042,8 +1057,10 @@ def read_conversation(rec: Any) -> list[dict[str, str]] | tuple[str, str | None]
         turns = next((t for t in lists if t), lists[0])
     else:
         turns = _alpaca_turns(rec) if form == "alpaca" else _prompt_turns(rec)
-        if isinstance(turns, str):
-            return turns, None
+        if isinstance(turns, tuple):
+            return turns
+    if isinstance(rec, dict) and rec.get("tools"):  # its replies may call them
+        return "tool_call", "the record offers 'tools', which tinyk's chat template has no place for"
     if system is not None and not isinstance(system, str):
         return "bad_message", f"the record's 'system' is a JSON {type(system).__name__}, not text"
     system_field = isinstance(system, str) and bool(system.strip())
@@ -1051,6 +1068,11 @@ def read_conversation(rec: Any) -> list[dict[str, str]] | tuple[str, str | None]
     for t in turns:
         if not isinstance(t, dict):
             return "bad_message", f"a turn is {record_shape(t)}, not an object with a role and its text"
+        if t.get("tool_calls") or t.get("function_call"):  # trained without its call, a reply would end there
+            return "tool_call", ("a turn calls a tool ('tool_calls' or 'function_call'), which tinyk's chat template "
+                                 "has no place for")
+        if why := _disagreement(t):
+            return "bad_message", why
         role, content = _either(t, "from", "role"), _either(t, "value", "content")
         text = message_text(content)
         if not isinstance(role, str):
@@ -1063,7 +1085,7 @@ def read_conversation(rec: Any) -> list[dict[str, str]] | tuple[str, str | None]
                                    if isinstance(content, list) else
                                    f"a turn's content is a JSON {type(content).__name__}, not text")
         if role.lower() not in ROLE_ALIASES:
-            return "unknown_role", f"role {role!r}; tinyk reads the roles {', '.join(ROLE_ALIASES)}"
+            return "unknown_role", f"role {short_repr(role)}; tinyk reads the roles {', '.join(ROLE_ALIASES)}"
         # OpenAI's fine-tuning format: weight 0 keeps a reply as context, untrained. A `datasets` export
         # writes a turn without one as null, and its float column as 0.0 or 1.0.
         weight = t.get("weight")
@@ -1091,35 +1113,38 @@ def _format_hint(rec: Any) -> str:
             "(a list of turns), or 'instruction' and 'output', or 'prompt' and 'completion', or is a list of turns")
 
 
-def _alpaca_turns(rec: dict[str, Any]) -> list[dict[str, str]] | str:
+def _alpaca_turns(rec: dict[str, Any]) -> list[dict[str, str]] | tuple[str, str | None]:
     """An Alpaca-style record's turns: the question is the instruction, then the input on a line of
     its own when there is one (as LLaMA-Factory renders it); or why the record is unusable."""
     instruction, extra, output = rec["instruction"], rec.get("input"), rec["output"]
     history = rec.get("history")
     history = [] if history is None else history
     extra = "" if extra is None else extra
-    if not (isinstance(instruction, str) and isinstance(extra, str) and isinstance(output, str)
-            and isinstance(history, list)
+    for name, value in (("instruction", instruction), ("input", extra), ("output", output)):
+        if not isinstance(value, str):
+            return "bad_message", f"the record's '{name}' is a JSON {type(value).__name__}, not text"
+    if not (isinstance(history, list)
             and all(isinstance(h, list) and len(h) == 2 and all(isinstance(x, str) for x in h) for h in history)):
-        return "bad_message"
+        return "bad_message", "the record's 'history' is not a list of [question, answer] pairs of text"
     if not output.strip():  # the record's own answer is empty: its history alone is another record's
-        return "empty_assistant_turn"
+        return "empty_assistant_turn", None
     question = "\n".join(part for part in (instruction, extra) if part.strip()) or instruction  # no empty line
     pairs = [*history, [question, output]]
     return [{"role": role, "content": text} for q, a in pairs for role, text in (("user", q), ("assistant", a))]
 
 
-def _prompt_turns(rec: dict[str, Any]) -> list[Any] | str:
+def _prompt_turns(rec: dict[str, Any]) -> list[Any] | tuple[str, str | None]:
     """A TRL prompt-completion record's turns: a question and its answer, or the prompt's turns followed by the
     completion's (whose assistant replies all carry loss, as every conversation's do here); or why it is unusable."""
     prompt, completion = rec["prompt"], rec["completion"]
     if isinstance(prompt, str) and isinstance(completion, str):
         if not completion.strip():
-            return "empty_assistant_turn"
+            return "empty_assistant_turn", None
         return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
     if isinstance(prompt, list) and isinstance(completion, list):
         return [*prompt, *completion]
-    return "bad_message"
+    return "bad_message", (f"the record's 'prompt' is a JSON {type(prompt).__name__} and its 'completion' a JSON "
+                           f"{type(completion).__name__}: both are text, or both lists of turns")
 
 
 def prepare_sft(inputs: list[str | Path], tokenizer_dir: str | Path, out: str | Path, *, max_len: int = 512,
@@ -1148,9 +1173,11 @@ def prepare_sft(inputs: list[str | Path], tokenizer_dir: str | Path, out: str | 
         if opening >= max_len:
             raise TinykError(f"{named} is too long for --max-len {max_len}: with it a conversation takes at least "
                              f"{opening:,} tokens before its answer")
-    # A message this many characters long holds more than twice max_len tokens, so the conversation is
-    # cut well inside it: the rest is never tokenized (a megabyte-long reply took gigabytes to encode).
-    clip = 2 * max_len * tok.max_token_bytes
+    # Messages this many characters long hold more than twice max_len tokens (a message's markers, at
+    # least MESSAGE_TOKENS, counted as that many of the longest tokens), so the conversation is cut well
+    # past max_len: the rest is never tokenized (a megabyte-long reply, or a 15 MB conversation of short
+    # turns, took a gigabyte to encode).
+    clip, marker_chars = 2 * max_len * tok.max_token_bytes, MESSAGE_TOKENS * tok.max_token_bytes
 
     def conversations(skips: Skips) -> Iterator[tuple[str, list[dict[str, str]], _Clip | None]]:
         for where, rec in iter_records(paths, skips, max_line_bytes=max_line_bytes, message_lists=True):
@@ -1160,7 +1187,7 @@ def prepare_sft(inputs: list[str | Path], tokenizer_dir: str | Path, out: str | 
             elif not any(map(learns_from, conv)):
                 skips.add("weight_zero", where, "every reply has weight 0: nothing to train on")
             else:
-                yield where, *_clipped(conv, clip)
+                yield where, *_clipped(conv, clip, marker_chars)
 
     def chars(conv: tuple[str, list[dict[str, str]], _Clip | None]) -> int:
         return sum(len(m["content"]) for m in conv[1])
@@ -1174,12 +1201,17 @@ def prepare_sft(inputs: list[str | Path], tokenizer_dir: str | Path, out: str | 
                     _command("sft", paths, tokenizer_dir, out, options))
 
 
-def _clipped(messages: list[dict[str, str]], chars: int) -> tuple[list[dict[str, str]], _Clip | None]:
-    """The conversation up to and including the first message longer than `chars`, cut to that length,
-    and what the output needs of what was cut (None: nothing was)."""
+def _clipped(messages: list[dict[str, str]], chars: int,
+             marker_chars: int) -> tuple[list[dict[str, str]], _Clip | None]:
+    """The conversation as far as `chars` characters reach, each message's markers counted as
+    `marker_chars`, the message where they run out cut there; and what the output needs of what was
+    cut (None: nothing was). Many short turns are cut as one long message is."""
+    left = chars
     for i, m in enumerate(messages):
-        if len(m["content"]) > chars:
+        left -= marker_chars
+        if len(m["content"]) > left:
             lost = any(map(learns_from, messages[i + 1:]))
             clip = _Clip(_content_key(_split_source(messages)), lost)
-            return [*messages[:i], {**m, "content": m["content"][:chars]}], clip
+            return [*messages[:i], {**m, "content": m["content"][:max(left, 0)]}], clip
+        left -= len(m["content"])
     return messages, None

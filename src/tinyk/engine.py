@@ -30,6 +30,7 @@ from .errors import TinykError
 from .model import KVCache, Transformer, apply_rope, attend, dtype_name, resolve_device, resolve_dtype
 from .tokenizer import (
     CHAT_ROLES,
+    MESSAGE_TOKENS,
     MODEL_PROMPT,
     SPECIAL_IDS,
     SYSTEM_ROLES,
@@ -209,9 +210,6 @@ class ContextLengthError(TinykError):
         return cls(f"the prompt has {'at least ' if at_least else ''}{tokens:,} tokens but the model's context "
                    f"window is {context_length} tokens (at most {context_length - 1} fit)")
 
-
-# The least a chat message adds around its text: <|im_start|>, its role and <|im_end|>.
-MESSAGE_TOKENS = 3
 
 
 def document_ids(tok: TinyTokenizer, text: str) -> list[int]:

@@ -56,8 +56,8 @@ class Skips:
     def add(self, reason: str, where: str, hint: str | None = None) -> None:
         if self.strict:
             raise TinykError(f"{where}: {reason.replace('_', ' ')}{f' ({hint})' if hint else ''} (--strict)")
-        if hint:
-            self.hints.setdefault(reason, hint)
+        if hint and not self.counts[reason]:  # what the first place listed held, not a later one
+            self.hints[reason] = hint
         self.counts[reason] += 1
         places = self.first.setdefault(reason, [])
         if len(places) < self.keep_first:
@@ -819,8 +819,14 @@ def _parquet_rows(batch: Any) -> list[dict | None]:
 
 def record_shape(rec: Any) -> str:
     """What a record holds, for a message about one tinyk cannot use: "fields 'id', 'conversations'"."""
-    return f"fields {', '.join(map(repr, list(rec)[:6]))}" if isinstance(rec, dict) and rec else \
+    return f"fields {', '.join(map(short_repr, list(rec)[:6]))}" if isinstance(rec, dict) and rec else \
         f"a JSON {type(rec).__name__}"
+
+
+def short_repr(text: str, limit: int = 40) -> str:
+    """`text` quoted, cut after `limit` characters: a record's 100 kB key (data used as a key) or role,
+    quoted whole, made a 100 kB line of the report and of meta.json."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}..."
 
 
 def sft_format(rec: Any) -> str | None:

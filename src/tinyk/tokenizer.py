@@ -105,6 +105,8 @@ _TEMPLATE_BODY = (
 )
 CHAT_ROLES = ("system", "user", "assistant")
 SYSTEM_ROLES = ("system", "developer")  # OpenAI's newer name for the system role
+# The least a chat message adds around its text: <|im_start|>, its role and <|im_end|>.
+MESSAGE_TOKENS = 3
 NOT_UTF8 = "the text is not valid UTF-8 (convert it first, e.g. iconv -f gbk -t utf-8)"
 TRAIN_PIECE_CHARS = 4000  # the longest text the BPE trainer is given at once (see train_tokenizer)
 MAX_VOCAB = 1_000_000  # far above any small LLM's; the trainer would try to allocate for whatever it is given

@@ -119,7 +119,9 @@ def start_pool(workers: int, fn: Callable[[A, Any], Any], arg: A) -> Iterator[An
 
     Workers start with those ignored, which survives exec, so one that comes while they import does
     not reach them; the parent blocks them meanwhile, so they stay pending (Linux never discards a
-    blocked signal) and land once the pool is in hand. Only the main thread can change handlers.
+    blocked signal) and land once the pool is in hand. Only the main thread can change handlers, and
+    only its own mask: where the process has other threads (torch's, tokenizers'), the system may hand
+    such a signal to one of them instead, which discards it, and a second Ctrl-C is needed.
     """
     ctx = multiprocessing.get_context("spawn")
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):

@@ -30,6 +30,7 @@ from tinyk.errors import (
     StoppedBeforeTraining,
     Terminated,
     TinykError,
+    escape_controls,
     import_torch,
     out_of_memory,
     say_on_stderr,
@@ -205,7 +206,9 @@ def _fail(message: str, root_cause: bool = True) -> NoReturn:
     line in the error file torchrun reads, whose failure summary then shows it in place of a link to
     PyTorch's docs, and only local rank 0 prints it, once per machine rather than once per process.
     torchrun names the earliest failure the root cause: a process that only saw another one stop
-    dates its line a second later, so the other's error is the one named."""
+    dates its line a second later, so the other's error is the one named. Control characters (a file
+    name's newline or ESC) are written out: one line, that drives no terminal."""
+    message = escape_controls(message, keep="\t")
     written = False
     if error_file := os.environ.get("TORCHELASTIC_ERROR_FILE"):
         stamp = str(int(time.time()) + (0 if root_cause else 1))
