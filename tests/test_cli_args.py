@@ -222,6 +222,9 @@ def test_sizes_and_counts_read_and_print_as_people_write_them():
 
     assert parse_size("2.01M") == 2_010_000 and parse_size("123456789012345.678k") == 123456789012345678  # exact
     assert parse_size("1.7") == 2 and parse_size("1.2") == 1  # rounded, not cut
+    # --max-line-bytes' help says "default 16 MiB": that is how it is written back (it was "not a size")
+    assert parse_size("16MiB") == 16 * 2**20 and parse_size("1.5kib") == 1536
+    assert parse_size("1GiB", tokens=True) == 2**30
     assert plural(0, "documents") == "0 documents" and plural(1, "documents") == "1 document"
     assert size_text(1500) == "1500" and size_text(2000) == "2k" and size_text(2_500_000) == "2500000"
     assert bytes_text(999) == "999 bytes" and bytes_text(1000) == "1.0 kB"

@@ -543,6 +543,15 @@ def test_eval_counts_a_corpus_as_data_preparation_tokenizes_it(tmp_path, tok_dir
     assert len(tk.encode(doc, special=False)) > len(tk.encode(doc))
 
 
+def test_tokenizer_eval_takes_a_training_runs_directory_as_every_tokenizer_flag_does(tmp_path, nano_model_dir,
+                                                                                      corpus_file, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(nano_model_dir, run / "final")
+    with pytest.raises(SystemExit) as e:
+        main(["tokenizer", "eval", str(run), "--input", str(corpus_file), "--json"])
+    assert e.value.code == 0 and json.loads(capsys.readouterr().out)["roundtrip_ok"] is True
+
+
 def test_cli_train_and_eval(tmp_path, corpus_file, capsys):
     with pytest.raises(SystemExit) as e:
         main(["tokenizer", "train", str(corpus_file), "--out", str(tmp_path / "t"), "--vocab-size", "300"])

@@ -15,6 +15,7 @@ GiB = 2**30
 
 MAX_SIZE = 10**18  # beyond this, counts overflow the 64-bit integers of the libraries underneath
 _UNITS = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+_BINARY_UNITS = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # 16MiB, as --max-line-bytes' help says
 
 
 def size_text(n: int) -> str:
@@ -38,16 +39,18 @@ def bytes_text(n: float) -> str:
 
 
 def parse_size(s: str, lo: int = 0, hi: int = MAX_SIZE, *, tokens: bool = False) -> int:
-    """'500M', '2G', '1e9' or a plain number as an integer in lo..hi; ValueError says what is allowed.
+    """'500M', '2G', '16MiB', '1e9' or a plain number as an integer in lo..hi; ValueError says what is allowed.
 
     A trailing B is bytes (500MB = 500M) unless `tokens`: a token count's B is billion ("10B tokens",
     as `tinyk plan` prints them), so a flag and a config key read 10B alike."""
     t = s.strip().lower()
-    if tokens and t.endswith("b") and t[:-1] and t[-2] not in _UNITS:
+    if t[-3:] in _BINARY_UNITS:
+        t, scale = t[:-3], _BINARY_UNITS[t[-3:]]
+    elif tokens and t.endswith("b") and t[:-1] and t[-2] not in _UNITS:
         t, scale = t[:-1], 10**9
     else:
         t, scale = t.rstrip("b"), 1
-    if t and t[-1] in _UNITS:
+    if scale == 1 and t and t[-1] in _UNITS:
         t, scale = t[:-1], _UNITS[t[-1]]
     out_of_range = ValueError(f"must be a size from {size_text(lo)} to {size_text(hi)}, got {s!r}")
     try:

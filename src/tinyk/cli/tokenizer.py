@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tinyk.cli.common import add_field_arg, int_range, json_text, path_arg, positive_size, text_field
+from tinyk.cli.common import add_field_arg, int_range, json_text, model_dir, path_arg, positive_size, text_field
 from tinyk.inputs import DEFAULT_MAX_LINE_BYTES, Skips, check_inputs, mostly_skipped
 from tinyk.units import bytes_text, display_width, plural
 
@@ -42,8 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.set_defaults(func=_train)
 
     e = tsub.add_parser("eval", help="vocab, special ids, round trip and compression")
-    e.add_argument("path", nargs="+", type=path_arg,
-                   help="tokenizer directory; several are compared side by side on the same sample")
+    e.add_argument("path", nargs="+", type=model_dir,
+                   help="tokenizer directory (or a model's, or a training run's, meaning its final/); several are "
+                        "compared side by side on the same sample")
     e.add_argument("--input", nargs="+", action="extend", default=None, type=path_arg,
                    help="sample files to measure compression on")
     e.add_argument("--max-bytes", type=positive_size, default=10_000_000,
