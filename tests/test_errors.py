@@ -72,6 +72,33 @@ def test_an_archive_given_as_input_says_how_to_unpack_it(tmp_path, capsys):
     assert code == 2 and err.startswith(f"tinyk: error: unsupported input type: {tmp_path / 'corpus.csv'} (use .jsonl")
 
 
+def test_bzip2_xz_or_zip_data_under_a_name_tinyk_reads_says_how_to_unpack_it(tmp_path, capsys):
+    """A corpus.jsonl that is bzip2 or xz data (renamed, or saved by a tool that compressed it) was called
+    "NUL bytes in its first 4 KB: UTF-16 or UTF-32 text without a byte order mark", and a zip "malformed"."""
+    import bz2
+    import lzma
+    import zipfile
+
+    text = b'{"text": "\xe4\xbd\xa0\xe5\xa5\xbd"}\n' * 50
+    (tmp_path / "bz.jsonl").write_bytes(bz2.compress(text))
+    (tmp_path / "xz.jsonl").write_bytes(lzma.compress(text))
+    with zipfile.ZipFile(tmp_path / "zip.jsonl", "w") as z:
+        z.writestr("a.jsonl", text)
+    (tmp_path / "BZh.txt").write_text("BZh is how this line of text begins\n" * 50)  # text, read as text
+    for name, said in (("bz", "bzip2-compressed data, which tinyk does not read (it reads gzip and zstd); unpack it "
+                              "first, e.g. `bunzip2 -c bz.jsonl > FILE`, and give what it holds"),
+                       ("xz", "xz-compressed data, which tinyk does not read (it reads gzip and zstd); unpack it "
+                              "first, e.g. `unxz -c xz.jsonl > FILE`"),
+                       ("zip", "a zip archive, which tinyk does not read (it reads gzip and zstd); unpack it first, "
+                               "e.g. `unzip zip.jsonl`")):
+        code, err = run_cli(["tokenizer", "train", str(tmp_path / f"{name}.jsonl"), "--out", str(tmp_path / "t")],
+                            capsys)
+        assert code == 2 and err.startswith(f"tinyk: error: {tmp_path / name}.jsonl: {said}"), err
+    code, err = run_cli(["tokenizer", "train", str(tmp_path / "BZh.txt"), "--out", str(tmp_path / "t"),
+                         "--vocab-size", "300"], capsys)
+    assert code == 0, err
+
+
 def test_input_suffixes_are_read_in_any_case(tmp_path):
     """CORPUS.TXT and DATA.JSONL.GZ (files from Windows) were refused as an "unsupported input type"."""
     import gzip

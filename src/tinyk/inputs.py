@@ -218,6 +218,11 @@ _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 _UTF32_BOMS = (b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")
 _MAGIC = {".gz": b"\x1f\x8b", ".zst": b"\x28\xb5\x2f\xfd"}  # how compressed files begin
 _CODECS = {".gz": "gzip", ".zst": "zstd"}
+# Compressed data and archives tinyk does not read, by how they begin, and what unpacks them to stdout or a folder.
+_FOREIGN = {re.compile(rb"BZh[1-9](1AY&SY|\x17rE8P\x90)"): ("bzip2-compressed data", "bunzip2 -c {} > FILE"),
+            re.compile(rb"\xfd7zXZ\x00"): ("xz-compressed data", "unxz -c {} > FILE"),
+            re.compile(rb"PK\x03\x04"): ("a zip archive", "unzip {}"),
+            re.compile(rb"7z\xbc\xaf\x27\x1c"): ("a 7z archive", "7z x {}")}
 _ZSTD_CHUNK = 4096  # compressed bytes per step; bounds what one step can expand to
 
 
@@ -381,6 +386,10 @@ def _refuse_wide_or_packed(path: Path, first: bytes) -> None:
     wide = next((bits for bits, boms in ((32, _UTF32_BOMS), (16, _UTF16_BOMS)) if first.startswith(boms)), None)
     if wide:
         raise TinykError(f"{path}: UTF-{wide} text; tinyk reads UTF-8 (convert it, e.g. with iconv)")
+    if not _codec(path) and (foreign := next((v for magic, v in _FOREIGN.items() if magic.match(first)), None)):
+        kind, tool = foreign
+        raise TinykError(f"{path}: {kind}, which tinyk does not read (it reads gzip and zstd); unpack it first, "
+                         f"e.g. `{tool.format(shlex.quote(path.name))}`, and give what it holds")
     packed = _packed_ext(first)
     if packed and not _codec(path):
         raise TinykError(f"{path}: {_CODECS[packed]}-compressed data in a file not named {packed}; "
