@@ -211,7 +211,6 @@ class ContextLengthError(TinykError):
                    f"window is {context_length} tokens (at most {context_length - 1} fit)")
 
 
-
 def document_ids(tok: TinyTokenizer, text: str) -> list[int]:
     """A raw prompt's ids as the start of a document: `<|im_start|>` first, as training documents begin (unless
     the text spells it, e.g. a rendered chat); a special token spelt out in it is that token."""
