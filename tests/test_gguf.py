@@ -459,3 +459,25 @@ def test_a_failed_modelfile_write_keeps_the_one_it_was_replacing(tmp_path, nano_
         signal.signal(signal.SIGXFSZ, xfsz)
     assert (tmp_path / "Modelfile").read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["Modelfile", "m.gguf"]
+
+
+def test_gguf_states_the_rope_dimension_and_the_shape_llama_cpp_reads(tmp_path, tok_dir):
+    # The GGUF file states the rope dimension (whole head), shape, eps and theta that llama.cpp reads.
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=48, n_layers=2, n_heads=3, n_kv_heads=1, hidden_dim=96, norm_eps=1e-6, rope_theta=500000.0,
+                      vocab_size=load_tokenizer(tok_dir).vocab_size, max_seq_len=40)
+    out = save_model(Transformer(cfg), tok_dir, tmp_path / "m")
+    export_gguf(out, tmp_path / "m.gguf", outtype="f32")
+    r = GGUFReader(tmp_path / "m.gguf")
+
+    def field(key):
+        f = r.get_field(key)
+        return None if f is None else f.contents()
+
+    assert field("general.architecture") == "llama"
+    assert [field(f"llama.{k}") for k in ("rope.dimension_count", "embedding_length", "block_count",
+                                          "feed_forward_length", "attention.head_count", "attention.head_count_kv",
+                                          "context_length")] == [16, 48, 2, 96, 3, 1, 40]
+    assert field("llama.rope.freq_base") == pytest.approx(500000.0)
+    assert field("llama.attention.layer_norm_rms_epsilon") == pytest.approx(1e-6)
+    assert field("tokenizer.ggml.add_eos_token") is False

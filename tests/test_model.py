@@ -1198,3 +1198,93 @@ def test_import_refuses_a_tiny_k_config_of_no_context_and_reads_a_wrapped_state_
     torch.save({"state_dict": sd, "epoch": 3}, wrapped)
     model, _ = import_seed_checkpoint(wrapped, tok_dir, tmp_path / "m", n_heads=4, max_seq_len=64)
     assert model.config.n_layers == 2
+
+
+# ---------------------------------------------------------------- cache, dropout and the bounds of a config
+
+
+def _left_padded_pair(model):
+    torch.manual_seed(1)
+    a, b = torch.randint(5, 512, (1, 12)), torch.randint(5, 512, (1, 5))
+    pad = 12 - 5
+    batch = torch.cat([a, torch.cat([torch.full((1, pad), 4), b], 1)])
+    valid = torch.ones(2, 12, dtype=torch.bool)
+    valid[1, :pad] = False
+    return a, b, batch, valid, (valid.long().cumsum(1) - 1).clamp(min=0)
+
+
+def test_a_padded_sequence_left_alone_in_the_cache_still_ignores_its_padding():
+    # After a finished sequence leaves the batch, a left-padded one left in the cache still ignores its padding.
+    torch.manual_seed(0)
+    model = Transformer(preset_config("nano")).eval()
+    _, b, batch, valid, positions = _left_padded_pair(model)
+    with torch.no_grad():
+        cache = KVCache(model.config, 2, 20, "cpu", torch.float32)
+        model(batch, cache=cache, valid=valid, positions=positions)
+        cache.reorder(torch.tensor([1]))
+        assert torch.equal(cache.key_valid[0, :12], valid[1])
+        step = model(torch.tensor([[9]]), cache=cache, positions=positions[1:, -1:] + 1)
+        ref = model(torch.cat([b, torch.tensor([[9]])], 1))
+    assert (step[0, 0] - ref[0, 5]).abs().max() < 1e-5
+
+
+def test_activation_checkpointing_leaves_cached_decoding_alone_outside_training():
+    # A model with activation checkpointing on (as training leaves it) still decodes through a KV cache in eval.
+    torch.manual_seed(0)
+    model = Transformer(preset_config("nano")).eval()
+    seq = torch.randint(0, 512, (1, 12))
+    with torch.no_grad():
+        full = model(seq)
+        model.activation_checkpointing = True
+        cache = KVCache(model.config, 1, 16, "cpu", torch.float32)
+        steps = [model(seq[:, :8], cache=cache)] + [model(seq[:, t:t + 1], cache=cache) for t in range(8, 12)]
+    assert (torch.cat(steps, 1) - full).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("change", [{"norm_eps": 1}, {"dropout": 1}, {"rope_theta": 0.5}])
+def test_the_boundaries_of_eps_dropout_and_theta_are_refused(change):
+    # norm_eps 1, dropout 1 and rope_theta under 1 are refused when a config is read, not trained on.
+    with pytest.raises(ValueError, match="need 0 < norm_eps < 1, finite rope_theta >= 1 and 0 <= dropout < 1"):
+        ModelConfig(**{**preset_config("nano").to_dict(), **change})
+    ok = {"norm_eps": 0.5, "dropout": 0.5, "rope_theta": 1}[next(iter(change))]
+    ModelConfig(**{**preset_config("nano").to_dict(), next(iter(change)): ok})
+
+
+def test_training_drops_attention_weights_and_the_attention_branch_of_the_residual():
+    # A config's dropout is applied in training: to the attention weights and to the attention branch of the residual.
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**{**preset_config("nano").to_dict(), "dropout": 0.5, "n_layers": 1}))
+    attn, block = model.model.layers[0].self_attn, model.model.layers[0]
+    x = torch.randn(2, 16, 64)
+    cos, sin = model.rope_cos[None, :16], model.rope_sin[None, :16]
+    model.train()
+    with torch.no_grad():
+        torch.manual_seed(1)
+        a1 = attn(x, cos, sin)
+        torch.manual_seed(2)
+        a2 = attn(x, cos, sin)
+        assert not torch.allclose(a1, a2)  # attention weights dropped at random in training
+        model.eval()
+        assert torch.equal(attn(x, cos, sin), attn(x, cos, sin))
+        model.train()
+        seen = {}
+        attn.register_forward_hook(lambda _m, _i, out: seen.__setitem__("a", out))
+        block.mlp.down_proj.weight.zero_()  # the block's output is then x + dropout(attention branch)
+        added = block(x, cos, sin) - x
+        kept = added != 0
+        assert 0.3 < kept.float().mean().item() < 0.7
+        assert torch.allclose(added[kept], 2 * seen["a"][kept], atol=1e-6)
+
+
+def test_rope_tables_larger_than_half_the_free_memory_are_refused_before_being_built(monkeypatch):
+    # A context whose RoPE tables need over half the free memory is refused in one line before they are built.
+    from tinyk import model as model_mod
+    from tinyk.model import rope_tables
+
+    cfg = ModelConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=1 << 19)
+    need = cfg.max_seq_len * cfg.head_dim * 16
+    monkeypatch.setattr(model_mod, "memory_available", lambda: int(need * 1.5))
+    with pytest.raises(TinykError, match=r"a context of 524,288 positions .* more than this machine can spare"):
+        rope_tables(cfg)
+    monkeypatch.setattr(model_mod, "memory_available", lambda: need * 3)
+    assert rope_tables(cfg)[0].shape == (1 << 19, 16)

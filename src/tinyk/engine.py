@@ -207,8 +207,8 @@ class ContextLengthError(TinykError):
     @classmethod
     def of(cls, tokens: int, context_length: int, at_least: bool = False) -> ContextLengthError:
         """The one wording, for the engine and for checks made before any engine exists (`tinyk eval`)."""
-        return cls(f"the prompt has {'at least ' if at_least else ''}{tokens:,} tokens but the model's context "
-                   f"window is {context_length} tokens (at most {context_length - 1} fit)")
+        return cls(f"the prompt has {'at least ' if at_least else ''}{plural(tokens, 'tokens')} but the model's "
+                   f"context window is {plural(context_length, 'tokens')} (at most {context_length - 1:,} fit)")
 
 
 def document_ids(tok: TinyTokenizer, text: str) -> list[int]:
