@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from tinyk.cli import main
-from tinyk.engine import Engine, SamplingParams
+from tinyk.engine import Engine, EngineBusy, SamplingParams
 from tinyk.errors import TinykError
 from tinyk.serve import ChatServer, ServerConfig, serve
 from tinyk.tokenizer import DEFAULT_SYSTEM_PROMPT, IM_END_ID, MODEL_PROMPT, SPECIAL_IDS, encode_chat
@@ -2203,3 +2203,396 @@ def test_serve_threads_and_quantize_reach_the_engine(nano_model_dir, monkeypatch
     set_to.clear()
     assert serve_cli(["--model", nano_model_dir, "--quiet"], monkeypatch).api.engine.quantize == "none"
     assert set_to == []
+
+
+# ---------------------------------------------------------------- details clients rely on
+
+CHAT = {"model": "nano", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+
+def test_every_refused_penalty_names_the_one_this_server_has(server):
+    # frequency_penalty, like presence_penalty, is refused with a pointer to repetition_penalty
+    body = {"model": "nano", "prompt": "hi", "frequency_penalty": 0.5}
+    status, err = request(server, "POST", "/v1/completions", body)
+    assert status == 400 and err["error"]["message"] == (
+        "'frequency_penalty' is not supported by this server; 'repetition_penalty' (e.g. 1.1) discourages repeats")
+
+
+def test_an_empty_stop_list_replaces_the_servers_stop_strings(nano_model_dir, reference):
+    # a request's own `stop: []` means no stop strings, not "use the server's --stop"
+    full = expected_completion(reference, "The quick brown fox", 12)
+    stop = full.text[2:4]
+    assert stop and stop in full.text
+    srv, _ = start(nano_model_dir, defaults=replace(DEFAULTS, stop=[stop]))
+    try:
+        body = {"model": "nano", "prompt": "The quick brown fox", "max_tokens": 12, "temperature": 0}
+        status, r = request(srv, "POST", "/v1/completions", body)
+        assert status == 200 and r["choices"][0]["text"] == full.text[:full.text.index(stop)]
+        status, r = request(srv, "POST", "/v1/completions", {**body, "stop": []})
+        assert status == 200 and r["choices"][0]["text"] == full.text
+    finally:
+        srv.close()
+
+
+@pytest.mark.parametrize("ids, status", [([-1], 400), ([0], 200)])
+def test_stop_token_ids_start_at_zero(server, ids, status):
+    # a negative stop_token_id (which no token has) is refused, not silently ignored; id 0 is a token
+    got, err = request(server, "POST", "/v1/completions", {"model": "nano", "prompt": "hi", "max_tokens": 2,
+                                                           "stop_token_ids": ids})
+    assert got == status, err
+    if status == 400:
+        assert err["error"]["param"] == "stop_token_ids"
+
+
+def test_a_servers_own_ignore_eos_default_applies_to_requests_that_leave_it_out(tmp_path, tok_dir):
+    # ServerConfig(defaults=SamplingParams(ignore_eos=True)) (the Python API): a request without the field
+    # still runs to its max_tokens on a model whose every reply would end at once
+    from tinyk.checkpoint import save_model
+    from tinyk.model import ModelConfig, Transformer
+
+    model = Transformer(ModelConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=512, max_seq_len=64))
+    with torch.no_grad():
+        model.model.norm.weight.zero_()  # all-zero logits: greedy picks id 0, a special token that ends a reply
+    srv, _ = start(save_model(model, tok_dir, tmp_path / "m"), defaults=replace(DEFAULTS, ignore_eos=True))
+    try:
+        status, r = request(srv, "POST", "/v1/completions", {"model": "nano", "prompt": "hi", "max_tokens": 5,
+                                                             "temperature": 0})
+        assert status == 200 and r["usage"]["completion_tokens"] == 5 and r["choices"][0]["finish_reason"] == "length"
+    finally:
+        srv.close()
+
+
+def test_choices_queued_before_the_queue_filled_are_cancelled_with_the_503(server, monkeypatch):
+    # n choices queue together or not at all: a 503 for the last leaves no earlier choice decoding for nobody
+    real, queued = server.api.scheduler.submit, []
+
+    def submit(ids, params):
+        if queued:
+            raise EngineBusy("the queue is full (1 waiting); retry later")
+        queued.append(real(ids, params))
+        return queued[-1]
+
+    with monkeypatch.context() as m:
+        m.setattr(server.api.scheduler, "submit", submit)
+        status, err = request(server, "POST", "/v1/completions", {"model": "nano", "prompt": "hi", "n": 2,
+                                                                  "max_tokens": 100, "ignore_eos": True})
+    assert status == 503 and err["error"]["code"] == "overloaded"
+    assert len(queued) == 1 and queued[0].cancelled
+    assert queued[0].wait(60) and queued[0].finish_reason == "cancelled"
+
+
+@pytest.mark.parametrize("messages", [[{"role": "user", "content": LONG}],
+                                      [{"role": "system", "content": "你是诗人"}, {"role": "user", "content": LONG}]])
+def test_a_single_message_too_long_is_not_told_to_use_fit_context(server, messages):
+    # --fit-context drops old turns: for a chat of one turn (system messages aside) the 400 does not suggest it
+    status, err = request(server, "POST", "/v1/chat/completions", {"model": "nano", "messages": messages})
+    assert status == 400 and err["error"]["code"] == "context_length_exceeded"
+    assert "--fit-context" not in err["error"]["message"], err
+
+
+def test_fit_context_leaves_at_most_half_the_window_for_a_large_max_tokens(nano_model_dir):
+    # a max_tokens past the window keeps as much history as half the window allows, not only the last message
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": "好"} for i in range(31)]
+    fit, _ = start(nano_model_dir, fit_context=True, system_prompt=None)  # the window for the turns alone
+    try:
+        half = fit.api.engine.context_length // 2
+
+        def dropped(max_tokens: int) -> int:
+            u = urlsplit(fit.url)
+            conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+            conn.request("POST", "/v1/chat/completions", body=json.dumps(
+                {"model": "nano", "messages": turns, "max_tokens": max_tokens, "temperature": 0}).encode(),
+                headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            resp.read()
+            conn.close()
+            assert resp.status == 200
+            return int(resp.getheader("X-Tinyk-Dropped-Messages") or 0)
+
+        at_half = dropped(half)
+        assert 0 < at_half < len(turns) - 1  # some history dropped, more than the last message kept
+        assert dropped(10_000) == at_half
+    finally:
+        fit.close()
+
+
+def test_n_past_the_limit_names_max_batch_when_it_equals_max_waiting(nano_model_dir):
+    # where --max-batch and --max-waiting are equal, the refusal names --max-batch (the one that binds first)
+    srv, _ = start(nano_model_dir, max_waiting=16)
+    try:
+        limit = srv.api.engine.max_batch
+        assert limit == srv.api.cfg.max_waiting, "the test needs the two limits equal"
+        status, err = request(srv, "POST", "/v1/completions", {"model": "nano", "prompt": "hi", "n": limit + 1})
+        assert status == 400 and err["error"]["message"] == (
+            f"'n' is {limit + 1}; this server takes at most {limit} completions per request (its --max-batch)")
+    finally:
+        srv.close()
+
+
+def test_any_stream_options_without_stream_are_refused(server):
+    # stream_options is refused without stream: true whatever it holds (not only include_usage)
+    for path, body in (("/v1/chat/completions", CHAT), ("/v1/completions", {"model": "nano", "prompt": "hi"})):
+        status, err = request(server, "POST", path, {**body, "stream_options": {"include_obfuscation": False}})
+        assert status == 400 and (err["error"]["param"], err["error"]["code"]) == ("stream_options", "invalid_value")
+
+
+def test_a_body_sent_to_the_wrong_endpoint_says_where_it_goes(server):
+    # `messages` sent to /v1/completions (or `prompt` to chat) points at the endpoint that takes it
+    status, err = request(server, "POST", "/v1/completions", {"model": "nano", "messages": CHAT["messages"]})
+    assert status == 400 and err["error"]["message"] == ("unrecognized request argument supplied: messages; chat "
+                                                         "messages go to /v1/chat/completions")
+    status, err = request(server, "POST", "/v1/chat/completions", {"model": "nano", "prompt": "hi"})
+    assert status == 400 and err["error"]["message"] == ("unrecognized request argument supplied: prompt; a text "
+                                                         "prompt goes to /v1/completions")
+
+
+@pytest.mark.parametrize("seed, status", [(-2**63, 200), (-2**63 - 1, 400), (2**63 - 1, 200)])
+def test_seeds_are_int64(server, seed, status):
+    # seeds are OpenAI's int64: both ends are taken, one past the lower end is refused
+    got, err = request(server, "POST", "/v1/completions", {"model": "nano", "prompt": "hi", "max_tokens": 1,
+                                                           "seed": seed})
+    assert got == status, err
+
+
+@pytest.mark.parametrize("top_k, status", [(2**63 - 1, 200), (2**63, 400)])
+def test_top_k_takes_any_int64(server, top_k, status):
+    # vLLM's top_k: any int64 past the vocabulary keeps every token; past int64 is refused
+    got, err = request(server, "POST", "/v1/completions", {"model": "nano", "prompt": "hi", "max_tokens": 1,
+                                                           "top_k": top_k})
+    assert got == status, err
+
+
+def test_a_max_output_tokens_below_one_is_named_as_the_responses_field(server):
+    # the Responses API's 400 speaks of max_output_tokens, not of the chat field it maps to
+    status, err = request(server, "POST", "/v1/responses", {"model": "nano", "input": "hi", "max_output_tokens": 0})
+    assert status == 400 and err["error"]["message"] == "'max_output_tokens' must be at least 1, got 0"
+
+
+def test_a_response_echoes_the_sampling_settings_it_was_decoded_with(client):
+    # a response shows the temperature and top_p it used: the request's, else the server's defaults
+    r = client.responses.create(model="nano", input="hi", max_output_tokens=2, temperature=0.5, top_p=0.3)
+    assert (r.temperature, r.top_p) == (0.5, 0.3)
+    r = client.responses.create(model="nano", input="hi", max_output_tokens=2)
+    assert (r.temperature, r.top_p) == (DEFAULTS.temperature, DEFAULTS.top_p)
+
+
+def test_responses_text_verbosity_is_accepted_and_truncation_auto_refused(server):
+    # text.verbosity (a hint) is taken; truncation "auto" (dropping input the server would have to do) is a 400
+    body = {"model": "nano", "input": "hi", "max_output_tokens": 2}
+    status, reply = request(server, "POST", "/v1/responses", {**body, "text": {"verbosity": "low"}})
+    assert status == 200, reply
+    assert request(server, "POST", "/v1/responses", {**body, "truncation": "disabled"})[0] == 200
+    status, err = request(server, "POST", "/v1/responses", {**body, "truncation": "auto"})
+    assert status == 400 and (err["error"]["param"], err["error"]["code"]) == ("truncation", "invalid_value")
+
+
+def test_a_fit_context_response_says_how_many_messages_it_dropped(nano_model_dir):
+    # /v1/responses sends X-Tinyk-Dropped-Messages too, streamed or not
+    items = [{"role": "user" if i % 2 == 0 else "assistant", "content": "今天天气很好，我们去公园散步吧。"}
+             for i in range(13)]
+    fit, _ = start(nano_model_dir, fit_context=True)
+    try:
+        u = urlsplit(fit.url)
+        for stream in (False, True):
+            conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+            conn.request("POST", "/v1/responses", body=json.dumps({"model": "nano", "input": items, "stream": stream,
+                                                                   "max_output_tokens": 4}).encode(),
+                         headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            resp.read()
+            conn.close()
+            assert resp.status == 200 and int(resp.getheader("X-Tinyk-Dropped-Messages") or 0) > 0, stream
+    finally:
+        fit.close()
+
+
+def test_an_identity_content_encoding_is_an_uncompressed_body(server):
+    # Content-Encoding: identity (no coding) is taken as a plain body, not refused as compressed
+    status, reply = request(server, "POST", "/v1/completions", {"model": "nano", "prompt": "hi", "max_tokens": 1},
+                            {"Content-Encoding": "identity"})
+    assert status == 200, reply
+
+
+def test_cross_origin_answers_expose_the_dropped_header_and_vary_by_origin(nano_model_dir):
+    # an allowed page can read X-Tinyk-Dropped-Messages, caches keep answers per Origin, and a preflight
+    # allows GET and POST for 10 minutes
+    allowed = "http://localhost:5173"
+    srv, _ = start(nano_model_dir, allow_origins=(allowed,))
+    try:
+        u = urlsplit(srv.url)
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+        conn.request("POST", "/v1/chat/completions", body=json.dumps(CHAT).encode(),
+                     headers={"Content-Type": "application/json", "Origin": allowed})
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status == 200 and resp.getheader("Access-Control-Allow-Origin") == allowed
+        assert "X-Tinyk-Dropped-Messages" in resp.getheader("Access-Control-Expose-Headers", "")
+        assert resp.getheader("Vary") == "Origin"
+        conn.request("OPTIONS", "/v1/models", headers={"Origin": allowed, "Access-Control-Request-Method": "GET"})
+        resp = conn.getresponse()
+        resp.read()
+        conn.close()
+        assert resp.status == 204 and resp.getheader("Access-Control-Allow-Origin") == allowed
+        assert {m.strip() for m in resp.getheader("Access-Control-Allow-Methods").split(",")} == {"GET", "POST"}
+        assert resp.getheader("Access-Control-Max-Age") == "600"
+    finally:
+        srv.close()
+
+
+def test_the_chat_page_is_also_at_index_html(server):
+    # /index.html is the chat page, as / is
+    status, page = request(server, "GET", "/index.html")
+    assert status == 200 and "<title>tinyk chat</title>" in page
+
+
+def test_a_chat_completion_is_dated_now(client):
+    # `created` is the answer's Unix time, streamed or not
+    import time
+
+    before = int(time.time())
+    r = client.chat.completions.create(model="nano", messages=CHAT["messages"], max_tokens=1)
+    assert before - 1 <= r.created <= time.time() + 1
+    chunks = list(client.chat.completions.create(model="nano", messages=CHAT["messages"], max_tokens=1, stream=True))
+    assert all(before - 1 <= c.created <= time.time() + 1 for c in chunks)
+
+
+def _events(server, body: dict, path: bytes = b"/v1/chat/completions") -> list:
+    """The data of a stream's events, read raw over HTTP/1.0 (no chunk framing)."""
+    data = json.dumps(body).encode()
+    reply = raw(server, b"POST %s HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s" % (path, len(data), data))
+    return [e[len(b"data: "):] for e in reply.partition(b"\r\n\r\n")[2].split(b"\n\n") if e.startswith(b"data: ")]
+
+
+def test_a_stream_without_include_usage_has_no_usage_field_and_ends_on_an_empty_delta(server):
+    # as OpenAI's: no `usage` key unless asked for, and the finishing chunk's delta is {} (no null content)
+    events = _events(server, {**CHAT, "stream": True})
+    assert events[-1] == b"[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all("usage" not in c for c in chunks)
+    last = chunks[-1]["choices"][0]
+    assert last["finish_reason"] in ("stop", "length") and last["delta"] == {}
+
+
+def test_a_failed_stream_ends_with_its_error_and_no_usage(served):
+    # a stream whose decoding fails ends with the error event and [DONE]: no usage chunk counts a failed reply
+    server, probe = served
+    probe.fail_next = True
+    events = _events(server, {**CHAT, "stream": True, "stream_options": {"include_usage": True}})
+    assert events[-1] == b"[DONE]"
+    error = json.loads(events[-2])
+    assert error["error"]["code"] == "internal_error" and "simulated" in error["error"]["message"]
+    assert not any(json.loads(e).get("usage") for e in events[:-1])
+
+
+def test_an_echoed_stream_that_fails_at_once_sends_only_its_error(served):
+    # an echo is not sent for a completion that failed before its first token: the stream is the error alone
+    server, probe = served
+    probe.fail_next = True
+    events = _events(server, {"model": "nano", "prompt": "The quick", "echo": True, "max_tokens": 3, "stream": True},
+                     b"/v1/completions")
+    assert len(events) == 2 and events[-1] == b"[DONE]", events
+    assert json.loads(events[0])["error"]["code"] == "internal_error"
+
+
+@pytest.mark.parametrize("trailers, status", [(32, b"200"), (33, b"400")])
+def test_a_chunked_body_takes_up_to_32_trailer_fields(server, trailers, status):
+    # at most 32 trailer fields follow a chunked body; one more is a 400 that says so
+    body = json.dumps({"model": "nano", "prompt": "hi", "max_tokens": 1}).encode()
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n"
+            b"Connection: close\r\n\r\n")
+    reply = raw(server, head + chunked(body, 50, trailer=b"".join(b"X-T%d: t\r\n" % i for i in range(trailers))))
+    assert reply.startswith(b"HTTP/1.1 " + status), reply[:200]
+    if status == b"400":
+        assert b"more than 32 trailer fields" in reply
+
+
+def test_hints_some_clients_send_are_accepted(server):
+    # reasoning_effort (a hint for reasoning models), an empty chat_template_kwargs and an assistant message's
+    # empty refusal do not change the answer: taken, not refused
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello", "refusal": ""},
+                {"role": "user", "content": "again"}]
+    for extra in ({"reasoning_effort": "low"}, {"chat_template_kwargs": {}}, {"messages": messages}):
+        status, reply = request(server, "POST", "/v1/chat/completions", {**CHAT, **extra})
+        assert status == 200, (extra, reply)
+
+
+def test_a_response_output_message_sent_back_as_it_came_is_taken(client, server):
+    # an output message of an earlier response, sent back in `input` with its id and status, is an input item
+    first = client.responses.create(model="nano", input="写诗", max_output_tokens=2, temperature=0)
+    item = first.output[0].model_dump(exclude_none=True)
+    assert {"id", "status"} <= set(item)
+    status, reply = request(server, "POST", "/v1/responses", {
+        "model": "nano", "max_output_tokens": 2, "input": [{"role": "user", "content": "写诗"}, item,
+                                                             {"role": "user", "content": "再来"}]})
+    assert status == 200, reply
+
+
+def test_a_missing_required_field_is_named_in_quotes(server):
+    # "you must provide a 'model' parameter", as OpenAI words it
+    status, err = request(server, "POST", "/v1/completions", {"prompt": "hi"})
+    assert status == 400 and err["error"]["message"] == "you must provide a 'model' parameter"
+
+
+def test_health_counts_the_schedulers_requests(server):
+    # /health reports the scheduler's load (running, waiting, finished) for monitors
+    status, body = request(server, "GET", "/health")
+    assert status == 200 and body["status"] == "ok" and {"running", "waiting", "finished"} <= set(body)
+
+
+def test_the_highest_port_is_a_port(nano_model_dir):
+    # port 65535 passes the range check (binding it may still fail, but not as "not a port")
+    from tinyk.engine import Engine
+    from tinyk.errors import TinykError
+    from tinyk.serve import ChatServer, ServerConfig
+
+    try:
+        srv = ChatServer(Engine.from_dir(nano_model_dir), ServerConfig(model_name="nano", log=False), port=65535)
+    except TinykError as e:
+        assert "port must be" not in str(e)
+    else:
+        srv.close()
+
+
+def test_models_with_a_trailing_slash_gets_the_no_slash_hint(server):
+    status, err = request(server, "GET", "/v1/models/")
+    assert status == 404 and "no slash at the end" in err["error"]["message"], err
+
+
+def test_an_echo_whose_prompt_ends_inside_a_character_matches_its_offsets(nano_model_dir):
+    """A prompt of ids cut inside a character that the completion finishes: the echoed text is the prompt's
+    and the completion's decoded apart (U+FFFDs), and text_offset counted them decoded together, so every
+    later offset pointed two characters early (lm-eval reads per-token text by these offsets)."""
+    srv, _ = start(nano_model_dir)
+    try:
+        tok = srv.api.engine.tok
+        ids = tok.encode("一") + tok.encode("ab")  # 一 is three byte tokens in the fixture's tokenizer
+        assert len(tok.encode("一")) == 3
+        real = srv.api.engine.forward
+        for stream in (False, True):
+            script = iter(ids[1:])
+
+            def forced(*args, script=script, **kwargs):  # the model "generates" the rest of the character, then ab
+                logits = real(*args, **kwargs)
+                last = logits[:, -1] if logits.dim() == 3 else logits
+                last[:] = -1e4
+                last[:, next(script)] = 0.0
+                return logits
+
+            srv.api.engine.forward = forced
+            body = {"model": "nano", "prompt": ids[:1], "echo": True, "logprobs": 0, "max_tokens": 4,
+                    "temperature": 0}
+            if stream:
+                api = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+                chunks = [c.choices[0] for c in api.completions.create(**body, stream=True)]
+                text = "".join(c.text for c in chunks)
+                offsets = [o for c in chunks if c.logprobs for o in c.logprobs.text_offset]
+                tokens = [t for c in chunks if c.logprobs for t in c.logprobs.tokens]
+            else:
+                status, r = request(srv, "POST", "/v1/completions", body)
+                assert status == 200, r
+                text, lp = r["choices"][0]["text"], r["choices"][0]["logprobs"]
+                offsets, tokens = lp["text_offset"], lp["tokens"]
+            assert text == "\ufffd\ufffd\ufffdab" and offsets == [0, 1, 2, 3, 4], (stream, text, offsets)
+            assert [text[o] for t, o in zip(tokens, offsets, strict=True) if t in ("a", "b")] == ["a", "b"]
+    finally:
+        srv.close()

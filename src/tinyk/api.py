@@ -528,6 +528,22 @@ class LogprobsWriter:
                 self.chars += len(self._decoder.decode(piece))
         return out
 
+    def take_apart(self, *parts: list[tuple[int, TokenLogprob | None, bool]]) -> dict[str, Any]:
+        """`take` of texts decoded apart, one after the other (an echoed prompt, then its completion):
+        bytes one leaves pending (a prompt of ids cut inside a character) are U+FFFD at its end, as in
+        the choice's text, not the start of a character the next one finishes."""
+        out: dict[str, list] = {}
+        for items in parts:
+            for key, value in self.take(items).items():
+                out[key] = value if value is None or key not in out else out[key] + value
+            self.end_text()
+        return out
+
+    def end_text(self) -> None:
+        """Ends the text so far, as decoding it alone does (see `take_apart`)."""
+        self.chars += len(self._decoder.decode(b"", final=True))
+        self._decoder.reset()
+
     def _text(self, token_id: int) -> str:
         """A token as the completions API names it: its text, or, for part of a character, its bytes as
         OpenAI writes them ("bytes:\\xe4\\xb8"), so that no two tokens of `top_logprobs` share a key."""

@@ -478,7 +478,7 @@ class Handler(BaseHTTPRequestHandler):
             self._json(200, {"object": "list", "data": [api.model_card()]})
         elif path == f"/v1/models/{api.cfg.model_name}":
             self._json(200, api.model_card())
-        elif path.startswith("/v1/models/"):
+        elif path.startswith("/v1/models/") and not path.endswith("/"):
             self._error(api.no_such_model(path[11:]))
         elif path in POST_PATHS:
             self._error(_not_allowed(path))
@@ -597,7 +597,7 @@ class Handler(BaseHTTPRequestHandler):
             logprobs = None
             if c.logprobs is not None:
                 echoed = echoed_tokens(r, sub.added[i]) if c.prompt_logprobs is not None else []
-                logprobs = LogprobsWriter(tok, chat).take(echoed + generated_tokens(r, 0, len(c.logprobs)))
+                logprobs = LogprobsWriter(tok, chat).take_apart(echoed, generated_tokens(r, 0, len(c.logprobs)))
             answer = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
             choices.append({"index": i, **answer, "logprobs": logprobs, "finish_reason": c.finish_reason})
         self._json(200, {"id": new_id(chat), "object": "chat.completion" if chat else "text_completion",
@@ -647,7 +647,7 @@ class Handler(BaseHTTPRequestHandler):
 
         def echo(i: int) -> dict[str, Any]:
             r, w = reqs[i], writers[i]
-            lp = w.take(echoed_tokens(r, sub.added[i])) if w is not None and r.prompt_logprobs else None
+            lp = w.take_apart(echoed_tokens(r, sub.added[i])) if w is not None and r.prompt_logprobs else None
             text = echo_text(r, sub.added[i])
             return envelope([{"index": i, "text": text, "logprobs": lp, "finish_reason": None}])
 
@@ -887,9 +887,9 @@ def _not_found(path: str, method: str) -> ApiError:
         takes = "POST" if target in POST_PATHS else "GET"
         return target if method == takes else f"{takes} {target}"
 
-    hint, paths = "", (*POST_PATHS, "/v1/models")
-    if path.rstrip("/") in paths:
-        hint = f"; did you mean {meant(path.rstrip('/'))}? (no slash at the end)"
+    hint, paths, trimmed = "", (*POST_PATHS, "/v1/models"), path.rstrip("/")
+    if trimmed in paths or trimmed != path and trimmed.startswith("/v1/models/"):  # a model's card: GET /v1/models/NAME
+        hint = f"; did you mean {meant(trimmed)}? (no slash at the end)"
     elif path.startswith("/v1/v1/") and (path[3:] in paths or path.startswith("/v1/v1/models/")):
         hint = f"; the base URL already ended in /v1 (did you mean {meant(path[3:])}?)"
     elif f"/v1{path}" in paths or path.startswith("/models/"):
