@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from tinyk.checkpoint import init_model_dir, load_config, load_model, model_info, save_model
+from tinyk.cli import main
 from tinyk.engine import SamplingParams
 from tinyk.errors import TinykError
 from tinyk.model import KVCache, ModelConfig, RMSNorm, Transformer, preset_config
@@ -1288,3 +1289,189 @@ def test_rope_tables_larger_than_half_the_free_memory_are_refused_before_being_b
         rope_tables(cfg)
     monkeypatch.setattr(model_mod, "memory_available", lambda: need * 3)
     assert rope_tables(cfg)[0].shape == (1 << 19, 16)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _run(argv, capsys):
+    capsys.readouterr()  # what building the inputs printed (transformers' progress bars)
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    out = capsys.readouterr()
+    return e.value.code, out.out + out.err
+
+
+def _tutorial_forward(sd: dict, x: torch.Tensor, n_heads: int, theta: float, eps: float = 1e-5) -> torch.Tensor:
+    """test_model.seed_forward with the RoPE base as a parameter (the tutorial's k_model.py computation)."""
+    emb = sd["tok_embeddings.weight"]
+    (batch, seq), dim = x.shape, emb.shape[1]
+    hd = dim // n_heads
+    angles = torch.outer(torch.arange(seq).float(), 1.0 / theta ** (torch.arange(0, hd, 2).float() / hd))
+    cos, sin = angles.cos()[None, :, None], angles.sin()[None, :, None]
+
+    def rms(v, w):
+        return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps) * w
+
+    def rope(v):
+        a, b = v[..., 0::2], v[..., 1::2]
+        return torch.stack([a * cos - b * sin, a * sin + b * cos], -1).flatten(-2)
+
+    h = emb[x]
+    for i in range(len({k.split(".")[1] for k in sd if k.startswith("layers.")})):
+        def w(name, i=i):
+            return sd[f"layers.{i}.{name}.weight"]
+        a = rms(h, w("attention_norm"))
+        q = rope((a @ w("attention.wq").T).view(batch, seq, n_heads, hd))
+        k = rope((a @ w("attention.wk").T).view(batch, seq, -1, hd))
+        v = (a @ w("attention.wv").T).view(batch, seq, -1, hd)
+        k, v = (t.repeat_interleave(n_heads // t.shape[2], 2) for t in (k, v))
+        o = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                             is_causal=True)
+        h = h + o.transpose(1, 2).reshape(batch, seq, dim) @ w("attention.wo").T
+        f = rms(h, w("ffn_norm"))
+        h = h + (torch.nn.functional.silu(f @ w("feed_forward.w1").T) * (f @ w("feed_forward.w3").T)) \
+            @ w("feed_forward.w2").T
+    return rms(h, sd["norm.weight"]) @ sd["output.weight"].T
+
+
+# ---------------------------------------------------------------- importing what transformers and variants saved
+
+def _hf_dir(tmp_path, tok_dir, name, model):
+    out = tmp_path / name
+    model.save_pretrained(out)
+    for f in TOKENIZER_FILES:
+        shutil.copy(tok_dir / f, out / f)
+    return out
+
+
+@pytest.mark.parametrize("kind,what", [
+    ("qwen2", "model_type 'qwen2'"),
+    ("mistral", "model_type 'mistral'"),
+    ("llama-linear-rope", "RoPE scaling 'linear'"),
+    ("llama-attention-bias", "bias terms"),
+])
+def test_model_import_of_a_transformers_checkpoint_tinyk_cannot_hold_names_why_in_one_line(tmp_path, tok_dir, capsys,
+                                                                                            kind, what):
+    # `tinyk model import DIR` on a checkpoint tinyk cannot compute says what it cannot hold (as `tinyk generate
+    # --model DIR` does), not "a Hugging Face Llama checkpoint; use the directory as it is".
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    vocab = load_tokenizer(tok_dir).vocab_size
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=vocab)
+    torch.manual_seed(0)
+    model = {"qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**shape)),
+             "mistral": lambda: MistralForCausalLM(MistralConfig(**shape)),
+             "llama-linear-rope": lambda: LlamaForCausalLM(LlamaConfig(
+                 **shape, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})),
+             "llama-attention-bias": lambda: LlamaForCausalLM(LlamaConfig(**shape, attention_bias=True))}[kind]()
+    src = _hf_dir(tmp_path, tok_dir, kind, model)
+    code, said = _run(["model", "import", str(src), "--tokenizer", str(tok_dir), "--out", str(tmp_path / "m")], capsys)
+    assert code != 0
+    assert what in said, said
+    assert "use the directory as it is" not in said, said
+    assert len(said.strip().splitlines()) == 1
+
+
+def test_a_tutorial_checkpoint_whose_rope_tables_have_another_theta_is_not_imported_silently_wrong(tmp_path, tok_dir,
+                                                                                                  capsys):
+    # A variant of the tutorial's model that saved its RoPE tables (built with theta 1e6) imports computing what
+    # it computed (theta 1e6), or is refused in one line naming the RoPE base; never imported with theta 10000.
+    sd = seed_state_dict(load_tokenizer(tok_dir).vocab_size, dim=64, layers=2, heads=4, kv_heads=2, hidden=192)
+    hd, ctx, theta = 16, 64, 1e6
+    angles = torch.outer(torch.arange(ctx).float(), 1.0 / theta ** (torch.arange(0, hd, 2).float() / hd))
+    ckpt = tmp_path / "pretrain_64_2_512.pth"
+    torch.save({**sd, "freqs_cos": angles.cos(), "freqs_sin": angles.sin()}, ckpt)
+    code, said = _run(["model", "import", str(ckpt), "--tokenizer", str(tok_dir), "--out", str(tmp_path / "m"),
+                       "--n-heads", "4", "--max-seq-len", str(ctx)], capsys)
+    assert code == 0, said
+    model, _ = load_model(tmp_path / "m")
+    assert model.config.rope_theta == theta
+    x = torch.randint(0, sd["tok_embeddings.weight"].shape[0], (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (model(x) - _tutorial_forward(sd, x, n_heads=4, theta=theta)).abs().max().item() < 1e-4
+
+
+def _tiny_k_dir(tmp_path, tok_dir, **config):
+    sd = seed_state_dict(load_tokenizer(tok_dir).vocab_size, dim=64, layers=2, heads=4, kv_heads=2, hidden=192)
+    d = tmp_path / "tiny_k"
+    d.mkdir(parents=True)
+    save_file({k: v for k, v in sd.items() if k != "output.weight"}, str(d / "model.safetensors"),
+              metadata={"format": "pt"})
+    (d / "config.json").write_text(json.dumps({
+        "model_type": "Tiny-K", "dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
+        "vocab_size": sd["tok_embeddings.weight"].shape[0], "hidden_dim": None, "multiple_of": 64, "norm_eps": 1e-5,
+        "max_seq_len": 64, "dropout": 0.0, "flash_attn": True, **config}))
+    return sd, d
+
+
+def test_a_tiny_k_config_with_its_own_rope_theta_is_honoured_or_refused(tmp_path, tok_dir, capsys):
+    # A Tiny-K directory whose config.json records rope_theta 1e6 imports with that theta, or is refused in
+    # one line; today the key is ignored and the model is imported with theta 10000, computing something else.
+    sd, d = _tiny_k_dir(tmp_path, tok_dir, rope_theta=1e6)
+    code, said = _run(["model", "import", str(d), "--tokenizer", str(tok_dir), "--out", str(tmp_path / "m")], capsys)
+    assert code == 0, said
+    assert load_model(tmp_path / "m")[0].config.rope_theta == 1e6
+    _, d = _tiny_k_dir(tmp_path / "again", tok_dir, rope_theta=True)
+    code, said = _run(["model", "import", str(d), "--tokenizer", str(tok_dir), "--out", str(tmp_path / "m2")], capsys)
+    assert code == 2 and "has rope_theta True; RoPE's base is a number of at least 1" in said, said
+
+
+def test_a_tiny_k_config_that_disagrees_with_its_weights_is_refused(tmp_path, tok_dir, capsys):
+    # config.json says 7 layers but the weights hold 2 (a checkpoint missing layers): refused in one line naming
+    # n_layers, not imported silently as a 2-layer model.
+    _, d = _tiny_k_dir(tmp_path, tok_dir, n_layers=7)
+    code, said = _run(["model", "import", str(d), "--tokenizer", str(tok_dir), "--out", str(tmp_path / "m")], capsys)
+    assert code == 2 and f"{d / 'config.json'} says n_layers 7, but the weights beside it have 2" in said, said
+
+
+def test_a_tied_llamamodel_checkpoint_loads_as_transformers_loads_it_or_is_named_for_what_it_is(tmp_path, tok_dir):
+    # transformers' LlamaForCausalLM loads a tied LlamaModel.save_pretrained directory exactly (names without
+    # "model.", the head tied); tinyk should load it too, or say it is a headless LlamaModel checkpoint, not that
+    # model.embed_tokens.weight is missing when embed_tokens.weight is there.
+    from transformers import LlamaModel
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=load_tokenizer(tok_dir).vocab_size, tie_word_embeddings=True)
+    d = _hf_dir(tmp_path, tok_dir, "base", LlamaModel(cfg))
+    with pytest.raises(TinykError, match="holds a transformers LlamaModel \\(names without 'model.', no lm_head\\), "
+                                         "not a LlamaForCausalLM"):
+        load_model(d)
+
+
+def test_a_system_prompt_that_spells_a_special_token_prompts_transformers_as_tinyk_or_is_refused(tmp_path, tok_dir,
+                                                                                                 nano_model_dir):
+    # A model fine-tuned with `tinyk data sft --system-prompt "... <s> ... </s>"`: transformers'
+    # apply_chat_template (whose exported template puts that prompt first) must give the ids tinyk trained and
+    # chats with, or `tinyk data sft` must refuse such a prompt up front. Today transformers reads <s>/</s> in it as
+    # special tokens 1 and 2 on every conversation, while tinyk trained on them as text.
+    from transformers import AutoTokenizer
+
+    from tinyk.data import prepare_sft
+    from tinyk.engine import Engine
+    from tinyk.tokenizer import MODEL_PROMPT, write_hf_tokenizer_files
+
+    system = "Wrap answers in <s> and </s>."
+    (tmp_path / "sft.jsonl").write_text(json.dumps({"conversations": [{"from": "human", "value": "问题"},
+                                                                      {"from": "gpt", "value": "北京。"}]},
+                                                   ensure_ascii=False) + "\n")
+    m = tmp_path / "m"
+    shutil.copytree(nano_model_dir, m)
+    write_hf_tokenizer_files(m, 128, system_prompt=system)  # what `tinyk sft` would write into final/ for that data
+    msgs = [{"role": "user", "content": "你好"}]
+    ours = Engine.from_dir(m).chat_ids(msgs, default_system=MODEL_PROMPT)
+    theirs = AutoTokenizer.from_pretrained(m).apply_chat_template(msgs, add_generation_prompt=True, return_dict=False)
+    assert theirs != ours  # why such a prompt is refused up front: the model is never trained on it
+    with pytest.raises(TinykError, match="^--system-prompt holds '<s>', the text of a special token, which "
+                                         "transformers would read as that token; write it otherwise$"):
+        prepare_sft([tmp_path / "sft.jsonl"], tok_dir, tmp_path / "d", system_prompt=system, val_fraction=0.0,
+                    workers=1, show_progress=False)

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import math
 import os
 import pickle
 import re
@@ -294,6 +295,9 @@ def _model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], source: 
     checked before the model is built, so a config.json of 10**6 layers or a dim of 10**8 beside a
     small file is refused at once, not after minutes and gigabytes."""
     emb = state.get("model.embed_tokens.weight")
+    if emb is None and "embed_tokens.weight" in state:  # LlamaModel(...).save_pretrained: no "model." and no head
+        raise TinykError(f"{source} holds a transformers LlamaModel (names without 'model.', no lm_head), not a "
+                         f"LlamaForCausalLM: save the model with its language-model head (AutoModelForCausalLM)")
     if emb is None:
         raise TinykError(f"{source} lacks weights: ['model.embed_tokens.weight']")
     if tuple(emb.shape) != (cfg.vocab_size, cfg.dim):  # first: with it, the file's size bounds the model's
@@ -620,14 +624,46 @@ def _unprefixed(name: str) -> str:
     return name
 
 
-def _rope_cos(table: torch.Tensor) -> bool:
-    """Whether `table` is laid out as the tutorial's RoPE cos table (a row per position, half a head wide,
-    theta 10000), so that its width tells the head size: checked on its second row, position 1."""
-    half = table.shape[1]
-    if table.shape[0] < 2:
-        return False
-    expected = torch.cos(10000.0 ** (-torch.arange(half, dtype=torch.float64) / half))
-    return torch.allclose(table[1].double(), expected, atol=1e-3)
+def _rope_theta(table: torch.Tensor) -> float | None:
+    """The RoPE base `table` was made with, where it is laid out as the tutorial's cos table (a row per
+    position, half a head wide), so that its width tells the head size; else None. Read from its second
+    row, position 1, whose angles are theta ** (-i / half): the tutorial's 10000, or a variant's (1e6)."""
+    if table.dim() != 2 or table.shape[0] < 2 or table.shape[1] < 2:
+        return None
+    half, row = table.shape[1], table[1].double()
+    theta = float(torch.acos(row[1].clamp(-1, 1)) ** -half) if 0 < row[1] < 1 else math.nan
+    if not 1 <= theta < math.inf:
+        return None
+    theta = float(f"{theta:.3g}")  # the table's float32 rounding, undone: 1e6, not 1000023
+    expected = torch.cos(theta ** (-torch.arange(half, dtype=torch.float64) / half))
+    return theta if torch.allclose(row, expected, atol=1e-3) else None
+
+
+def _unheld_hf(path: Path) -> str | None:
+    """Why tinyk's model cannot hold the transformers model whose directory (or weights file) is `path`,
+    as loading it would say (another architecture, RoPE scaling, biases); None where it can, or no
+    config.json says."""
+    config = (path if path.is_dir() else path.parent) / "config.json"
+    try:
+        config_from_hf(read_json(config))
+    except (OSError, ValueError, KeyError, TypeError, TinykError) as e:
+        return None if isinstance(e, OSError) else first_line(e)
+    return None
+
+
+def _recorded_theta(path: Path, config: dict[str, Any], from_tables: float | None) -> float:
+    """The RoPE base a tutorial model was made with: its config.json's `rope_theta` (a variant's), its
+    RoPE tables', else the tutorial's fixed 10000."""
+    said = config.get("rope_theta")
+    if said is None:
+        return from_tables or 10000.0
+    if isinstance(said, bool) or not isinstance(said, int | float) or not 1 <= said < math.inf:
+        raise TinykError(f"{path / 'config.json'} has rope_theta {said!r}; RoPE's base is a number of at least 1 "
+                         f"(the tutorial's is 10000)")
+    if from_tables is not None and not math.isclose(said, from_tables, rel_tol=1e-2):
+        raise TinykError(f"{path / 'config.json'} says rope_theta {said:g}, but its RoPE tables were made with "
+                         f"{from_tables:g}")
+    return float(said)
 
 
 def _seed_names(text: str) -> str:
@@ -648,7 +684,9 @@ def import_seed_checkpoint(ckpt: str | Path, tok_dir: str | Path, out: str | Pat
     what had to be assumed, said as a sentence ("" if nothing). Shapes come from the tensors. The head count and context
     are in a saved directory's config.json but not in a `.pth`, where they default to what the RoPE
     tables some variants keep imply, else the tutorial's (16 heads, 512 tokens). RMSNorm's eps is the
-    config's `norm_eps`, else the tutorial's default 1e-5; RoPE theta 10000 is its fixed value."""
+    config's `norm_eps`, else the tutorial's default 1e-5; RoPE's base a variant's `rope_theta`, or what its
+    RoPE tables were made with, else the tutorial's fixed 10000. A config.json that disagrees with the
+    weights (7 layers, weights for 2) is refused."""
     path = Path(ckpt)
     state, config = _read_seed_weights(path)
     rope = next((v for k, v in state.items() if k.endswith("freqs_cos")), None)
@@ -664,6 +702,9 @@ def import_seed_checkpoint(ckpt: str | Path, tok_dir: str | Path, out: str | Pat
     if state.get("tok_embeddings.weight", torch.empty(0)).dim() != 2:
         if "model.embed_tokens.weight" not in state:
             raise TinykError(f"{path} is not a checkpoint of the tutorial's model (it has no tok_embeddings.weight)")
+        if why := _unheld_hf(path):
+            raise TinykError(f"{path} is not a checkpoint of the tutorial's model but a transformers one that tinyk "
+                             f"cannot hold: {why}")
         fix = (model_dir_hint(path).removeprefix("; ") or "use the directory as it is, with a tinyk tokenizer.json "
                "beside it") if path.is_dir() else ("tinyk reads such a model from the directory transformers' "
                                                    "save_pretrained writes, with a tinyk tokenizer.json beside it")
@@ -685,7 +726,9 @@ def import_seed_checkpoint(ckpt: str | Path, tok_dir: str | Path, out: str | Pat
     guess = {"n_heads": (16, "the tutorial's"), "max_seq_len": (512, "the tutorial's")}
     if mask is not None and mask.dim() == 4 and mask.shape[-1] == mask.shape[-2] > 0:
         guess["max_seq_len"] = (mask.shape[-1], "from its attention mask")
-    if rope is not None and rope.dim() == 2 and rope.shape[1] and dim % (2 * rope.shape[1]) == 0 and _rope_cos(rope):
+    rope_theta = _rope_theta(rope) if rope is not None and rope.dim() == 2 and rope.shape[1] and \
+        dim % (2 * rope.shape[1]) == 0 else None
+    if rope_theta is not None:
         guess = {"n_heads": (dim // (2 * rope.shape[1]), "from its RoPE tables"),
                  "max_seq_len": (rope.shape[0], "from its RoPE tables")}
         if n_heads is not None and n_heads != guess["n_heads"][0]:
@@ -709,6 +752,7 @@ def import_seed_checkpoint(ckpt: str | Path, tok_dir: str | Path, out: str | Pat
         raise TinykError(f"dim {dim} does not split into {'--n-heads ' if told else ''}{n_heads} heads of an even "
                          f"size (head counts that do: {', '.join(fits[:8])}{', ...' if len(fits) > 8 else ''}){fix}")
     head_dim = dim // n_heads
+    rope_theta = _recorded_theta(path, config, rope_theta)
     norm_eps = config.get("norm_eps", 1e-5)
     if isinstance(norm_eps, bool) or not isinstance(norm_eps, int | float) or not 0 < norm_eps < 1:
         raise TinykError(f"{path / 'config.json'} has norm_eps {norm_eps!r}; RMSNorm's eps is a small positive "
@@ -735,11 +779,16 @@ def import_seed_checkpoint(ckpt: str | Path, tok_dir: str | Path, out: str | Pat
         raise TinykError(f"{path} has feed-forward layers of width 0 (a k_model.py whose ModelConfig defaults "
                          f"hidden_dim to 0, which its MLP takes as the width): a model without MLPs, which tinyk "
                          f"cannot hold; retrain with hidden_dim=None")
+    shape = {"dim": dim, "n_layers": len({k.split(".")[1] for k in state if k.startswith("layers.")}),
+             "n_kv_heads": state["layers.0.attention.wk.weight"].shape[0] // head_dim, "vocab_size": vocab_size,
+             "hidden_dim": hidden_dim}
+    for key, have in shape.items():  # a config.json of another model, or weights missing layers
+        said = config.get(key)
+        if isinstance(said, int) and not isinstance(said, bool) and said != have:
+            raise TinykError(f"{path / 'config.json'} says {key} {said}, but the weights beside it have {have}")
     try:
-        cfg = ModelConfig(dim=dim, n_layers=len({k.split(".")[1] for k in state if k.startswith("layers.")}),
-                          n_heads=n_heads, n_kv_heads=state["layers.0.attention.wk.weight"].shape[0] // head_dim,
-                          vocab_size=vocab_size, hidden_dim=hidden_dim, max_seq_len=max_seq_len,
-                          norm_eps=float(norm_eps), tie_embeddings=torch.equal(output, emb))
+        cfg = ModelConfig(**shape, n_heads=n_heads, max_seq_len=max_seq_len, norm_eps=float(norm_eps),
+                          rope_theta=rope_theta, tie_embeddings=torch.equal(output, emb))
     except ValueError as e:
         raise TinykError(f"{path} does not hold the tutorial's model with {n_heads} heads ({first_line(e)})") from e
     try:

@@ -62,6 +62,7 @@ from .tokenizer import (
     IM_START_ID,
     MESSAGE_TOKENS,
     MODEL_PROMPT,
+    SPECIAL_TOKENS,
     ModelPrompt,
     TinyTokenizer,
     encode_chat,
@@ -1168,6 +1169,11 @@ def prepare_sft(inputs: list[str | Path], tokenizer_dir: str | Path, out: str | 
     if isinstance(system_prompt, ModelPrompt):
         system_prompt = tok.system_prompt
     system_prompt = system_prompt or ""  # recorded, and in the command to rerun, as '' for none
+    if spelled := next((t for t in SPECIAL_TOKENS if t in system_prompt), None):
+        # tinyk trains on it as text; the chat template the model directory exports writes the prompt into
+        # the text transformers tokenizes, which reads it as the token: every conversation prompted otherwise.
+        raise TinykError(f"{named} holds {spelled!r}, the text of a special token, which transformers would read "
+                         f"as that token; write it otherwise")
     if system_prompt:  # said now, not as every conversation without one of its own skipped as too long
         opening = tok.opening_tokens(system_prompt)
         if opening >= max_len:
