@@ -21,6 +21,7 @@ from tinyk.errors import TinykError
 from tinyk.evaluate import (
     ChoiceQuestion,
     TaskExample,
+    _option_sequences,
     chat_prompter,
     choice_continuations,
     choices_that_fit,
@@ -30,6 +31,7 @@ from tinyk.evaluate import (
     eval_data,
     eval_task,
     evaluate,
+    evaluate_models,
     format_table,
     is_results,
     normalize_answer,
@@ -193,13 +195,17 @@ def test_cloze_scores_options_per_byte_of_what_the_tokens_spell(tmp_path, corpus
     tok = load_tokenizer(tok_dir)
     folder = tmp_path / "ceval"
     folder.mkdir()
-    (folder / "x_val.csv").write_text("id,question,A,B,answer\n0,哪个对？,（甲）,(甲),B\n1,几个？,１２,12,B\n",
-                                      encoding="utf-8")
+    (folder / "x_val.csv").write_text("id,question,A,B,C,answer\n0,哪个对？,（甲）,(甲),乙,C\n1,几个？,１２,12,三,C\n"
+                                      "2,哪个对？,（甲）,(甲),乙,B\n", encoding="utf-8")
     records: list = []
-    eval_choice(model, tok, [folder], fmt="cloze", records=records)
+    result = eval_choice(model, tok, [folder], fmt="cloze", records=records)
+    assert len(records) == 2
     for r in records:
         assert r["logprobs"]["A"] == pytest.approx(r["logprobs"]["B"]) and r["scores"]["A"] == pytest.approx(
-            r["scores"]["B"]) and r["pick"] == "A"  # equal scores: the first option, as any tie
+            r["scores"]["B"])
+    # An answer that another option spells alike once normalised ties with it, and a tie goes to the first
+    # option: right or wrong by its place alone, so skipped (it was scored: 100% as A, 0% as B).
+    assert result["skipped"]["by_reason"] == {"repeated_option": 1}
 
 
 def test_cmmlu_header_bad_rows_and_uneven_options(tmp_path):
@@ -1199,3 +1205,147 @@ def test_a_bom_spaced_header_and_test_suffix_csv_is_read(tmp_path):
     f.write_bytes("\ufeffquestion,A,B, answer \n问题,甲,乙,B\n".encode("utf-8"))
     qs = read_choice([f], Skips())
     assert [(q.subject, q.question, q.options, q.answer) for q in qs] == [("geo", "问题", {"A": "甲", "B": "乙"}, "B")]
+
+
+# ---------------------------------------------------------------- the figures eval prints, pinned
+
+
+def _fake_sums(monkeypatch, total: float, count: int, nbytes: int) -> None:
+    """eval_data's (summed loss, tokens, bytes), as the trainer's eval_sums would give them."""
+    import tinyk.train
+
+    monkeypatch.setattr(tinyk.train, "eval_sums",
+                        lambda model, batches, token_bytes: torch.tensor([total, count, nbytes], dtype=torch.float64))
+
+
+# Perplexity is e^loss for every loss a float can hold (up to e^709), not cut off at some smaller cap.
+def test_perplexity_is_given_for_every_loss_a_float_can_hold(nano, nano_model_dir, pretrain_data, monkeypatch):
+    model, _ = nano
+    for loss in (60.0, 700.0):
+        _fake_sums(monkeypatch, loss * 10, 10, 20)
+        r = eval_data(model, nano_model_dir, pretrain_data, seq_len=32, batch_size=4, max_batches=1)
+        assert r["loss"] == pytest.approx(loss) and r["perplexity"] == pytest.approx(math.exp(loss))
+        assert r["bits_per_byte"] == pytest.approx(loss * 10 / math.log(2) / 20)
+
+
+# Evaluated tokens that spell no text (only <|im_end|>s) give "n/a" bits per byte, not a ZeroDivisionError.
+def test_tokens_that_spell_no_bytes_have_no_bits_per_byte(nano, nano_model_dir, pretrain_data, monkeypatch):
+    model, _ = nano
+    _fake_sums(monkeypatch, 6.0, 3, 0)
+    r = eval_data(model, nano_model_dir, pretrain_data, seq_len=32, batch_size=4)
+    assert (r["tokens"], r["bytes"], r["loss"], r["bits_per_byte"]) == (3, 0, 2.0, None)
+
+
+# Scoring no token at all (--max-batches 0) is one clear error, not a ZeroDivisionError traceback.
+def test_no_evaluated_token_is_a_clear_error(nano, nano_model_dir, pretrain_data):
+    model, _ = nano
+    with pytest.raises(TinykError, match="has no tokens to evaluate"):
+        eval_data(model, nano_model_dir, pretrain_data, seq_len=32, batch_size=4, max_batches=0)
+
+
+# Each model compared counts its own multiple-choice skips: a question too long for one model's context is
+# not also counted as skipped for the other (the same numbers as evaluating each model alone).
+def test_models_compared_each_count_their_own_choice_skips(tmp_path, nano_model_dir, tok_dir):
+    from tinyk.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(nano_model_dir)
+    short = tmp_path / "ctx48"
+    init_model_dir("nano", tok_dir, short, max_seq_len=48)
+    question = "今天天气很好，我们去公园散步。" * 5 + "哪个是水果？"
+    q = ChoiceQuestion("x", question, {"A": "苹果", "B": "汽车"}, "A")
+    context, conts = choice_continuations(q, "cloze")
+    longest = max(len(s.ids) for s in _option_sequences(tok, [(context, c) for _, c in conts]))
+    assert 48 < longest <= 128, "the test needs a question that fits one context and not the other"
+    f = tmp_path / "x_val.csv"
+    f.write_text(f"question,A,B,answer\n{question},苹果,汽车,A\n哪个是水果？,苹果,汽车,A\n", encoding="utf-8")
+    wide, narrow = evaluate_models([nano_model_dir, short], choice=[f])
+    assert (wide["choice"]["questions"], narrow["choice"]["questions"]) == (2, 1)
+    assert wide["choice"]["skipped"]["total"] == 0 and wide["choice"]["skipped"]["by_reason"] == {}
+    assert narrow["choice"]["skipped"]["by_reason"] == {"too_long_for_context": 1}
+    alone = evaluate_models([short], choice=[f])[0]
+    assert narrow["choice"]["skipped"] == alone["choice"]["skipped"]
+
+
+# A task's results keep the first 5 answers for a look (KEPT_SAMPLES), however many examples there are,
+# each showing the first of its accepted answers.
+def test_a_tasks_results_keep_the_first_five_answers(tmp_path):
+    task = write_task(tmp_path / "t.jsonl", [{"messages": [{"role": "user", "content": f"q{i}"}],
+                                              "answer": ["好", f"好{i}"]} for i in range(7)])
+    r = eval_task(ScriptedEngine({f"q{i}": ("好", "eos") for i in range(7)}), task)
+    assert r["examples"] == 7 and [s["prompt"] for s in r["samples"]] == [f"q{i}" for i in range(5)]
+    assert [s["answer"] for s in r["samples"]] == ["好"] * 5
+
+
+# One subject has no "mean over subjects" row (it would repeat the overall accuracy); two or more do.
+def test_the_mean_over_subjects_row_is_shown_only_for_several_subjects():
+    one = {"format": "cloze", "questions": 2, "accuracy": 0.5, "baseline": 0.25, "macro_accuracy": 0.5,
+           "subjects": {"geo": {"questions": 2, "accuracy": 0.5}}, "skipped": {"total": 0, "by_reason": {}}}
+    assert [m for m, _, _ in table_rows({"choice": one})] == ["multiple choice, cloze (n=2)", "  geo (n=2)"]
+
+
+# SFT bits per byte divide the answers' loss by the bytes the answer tokens spell, not by the bytes of
+# the prompts and padding beside them (recomputed here with plain cross-entropy over the same batches).
+def test_sft_bits_per_byte_count_the_answer_tokens_bytes_alone(nano, nano_model_dir, sft_data):
+    import torch.nn.functional as F
+
+    from tinyk.loader import eval_batches
+
+    model, tok = nano
+    r = eval_data(model, nano_model_dir, sft_data, seq_len=64, batch_size=4)
+    total, nbytes, count = 0.0, 0, 0
+    with torch.no_grad():
+        for x, y in eval_batches(sft_data, "val", 64, 4):
+            total += F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum").item()
+            answers = y[y != -100].tolist()
+            count += len(answers)
+            nbytes += sum(tok.token_bytes[t] for t in answers)
+    assert nbytes and (r["tokens"], r["bytes"]) == (count, nbytes)
+    assert r["bits_per_byte"] == pytest.approx(total / math.log(2) / r["bytes"], rel=1e-5)
+
+
+# A --seq-len equal to a model's own context, cut for a shorter model compared, says it was cut by the
+# other models' context, not "beyond the model's context".
+def test_a_seq_len_equal_to_the_context_cut_for_another_model_says_so(tmp_path, nano_model_dir, tok_dir,
+                                                                      pretrain_data):
+    short = tmp_path / "ctx48"
+    init_model_dir("nano", tok_dir, short, max_seq_len=48)
+    wide, narrow = evaluate_models([nano_model_dir, short], data=[pretrain_data], seq_len=128, max_batches=1)
+    assert (wide["data"][0]["seq_len_cut_by"], narrow["data"][0]["seq_len_cut_by"]) == ("other_models", "context")
+    assert next(table_rows(wide))[0].endswith("--seq-len 128 is beyond the shortest context of the models compared)")
+
+
+# Per-subject results (JSON and table rows) are listed by subject name, whatever order the files were given in.
+def test_subjects_are_listed_by_name_whatever_order_the_files_come_in(tmp_path, nano):
+    model, tok = nano
+    for name in ("zoo", "art"):
+        (tmp_path / f"{name}_val.csv").write_text("question,A,B,answer\n哪个是水果？,苹果,汽车,A\n", encoding="utf-8")
+    r = eval_choice(model, tok, [tmp_path / "zoo_val.csv", tmp_path / "art_val.csv"])
+    assert list(r["subjects"]) == ["art", "zoo"]
+    assert [m for m, _, _ in table_rows({"choice": r})][2:] == ["  art (n=1)", "  zoo (n=1)"]
+
+
+# A row's empty option cells are no options (whichever letters they are), and its answer letter is read
+# whatever its case and the spaces around it.
+def test_empty_option_cells_are_no_options_and_the_answer_letter_is_read_loosely(tmp_path):
+    from tinyk.evaluate import read_choice
+    from tinyk.inputs import Skips
+
+    f = tmp_path / "x_val.csv"
+    f.write_text("question,A,B,C,answer\n问题,甲,,丙, c \n", encoding="utf-8")
+    [q] = read_choice([f], Skips())
+    assert (q.options, q.answer) == ({"A": "甲", "C": "丙"}, "C")
+
+
+# Models compared: a subject row only one model has stays in its group, under the group's other subjects
+# (not after the next metric's row).
+def test_a_subject_only_one_model_has_stays_in_its_group(monkeypatch):
+    import tinyk.evaluate
+    from tinyk.evaluate import compared_rows
+
+    monkeypatch.setattr(tinyk.evaluate, "table_rows", lambda r: r["rows"])
+    one = [("choice (n=2)", "50.0%", "50.0% chance"), ("  a (n=1)", "100.0%", ""), ("  b (n=1)", "0.0%", ""),
+           ("data loss", "2.1", "")]
+    two = [("choice (n=2)", "0.0%", "50.0% chance"), ("  a (n=1)", "0.0%", ""), ("  c (n=1)", "0.0%", ""),
+           ("data loss", "2.2", "")]
+    assert [r[0] for r in compared_rows([{"rows": one}, {"rows": two}])] == [
+        "choice (n=2)", "  a (n=1)", "  b (n=1)", "  c (n=1)", "data loss"]

@@ -516,7 +516,8 @@ def choices_that_fit(tok: TinyTokenizer, paths: list[str | Path], questions: lis
     options on different texts, and cloze would divide a part's log-probability by the whole's bytes."""
     fits = []
     for q in questions:
-        if fmt == "cloze" and list(q.options.values()).count(q.options[q.answer]) > 1:
+        spelled = [tok.normalized(o) for o in q.options.values()]  # as scored: NFKC makes （甲） (甲)
+        if fmt == "cloze" and spelled.count(tok.normalized(q.options[q.answer])) > 1:
             # Scored alike, a tie the first option wins: the answer is right or wrong by its place alone.
             skips.add("repeated_option", q.where or q.subject, "the answer's text is another option's too; "
                       "--choice-format letter scores the letters, which differ")
