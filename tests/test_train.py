@@ -3906,3 +3906,223 @@ def test_config_yaml_saves_every_input_path_absolute(tmp_path, monkeypatch):
 def test_a_model_sections_vocab_size_outranks_the_tokenizers():
     assert model_config({"preset": "nano"}, vocab_size=512).vocab_size == 512
     assert model_config({"preset": "nano", "vocab_size": 1000}, vocab_size=512).vocab_size == 1000
+
+
+# ---------------------------------------------------------------- metrics, trackers and --force, pinned
+
+
+def _train_rec(step: int) -> dict:
+    return {"step": step, "tokens": 256 * step, "loss": 1.0, "lr": 1e-3, "tokens_per_s": 10.0, "elapsed_s": 1.0}
+
+
+def _lines(step: int) -> str:
+    return json.dumps({"type": "train", **_train_rec(step)}) + "\n"
+
+
+def _fake_wandb(monkeypatch, sent: list, ids: list | None = None):
+    class Run:
+        def log(self, values, step):
+            sent.append(step)
+
+        def finish(self, exit_code=None):
+            pass
+
+    wandb = type(sys)("wandb")
+    wandb.init = lambda **kw: (ids.append(kw["id"]) if ids is not None else None) or Run()
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+
+
+@pytest.mark.parametrize("tail", ['{"type": "train", "st', json.dumps({"type": "train", **_train_rec(5)})])
+def test_a_metrics_line_cut_short_is_mended_on_resume_even_when_no_step_is_dropped(tmp_path, tail):
+    # A killed write's last line (cut mid-record, or whole but without its newline) must not be joined by
+    # the resumed run's next line: metrics.jsonl would hold a damaged line and the next resume be refused.
+    from tinyk.monitor import Monitor
+
+    (tmp_path / "metrics.jsonl").write_text("".join(_lines(s) for s in range(1, 5)) + tail)
+    resumed_at = 5 if tail.endswith("}") else 4  # every record up to the checkpoint kept
+    mon = Monitor(tmp_path, 10, resumed_at, False)
+    mon.truncate(resumed_at)
+    mon.log_train(_train_rec(resumed_at + 1))
+    mon.close()
+    steps = [r["step"] for r in Monitor(tmp_path, 10, resumed_at + 1, False).records]
+    assert steps == list(range(1, resumed_at + 2))
+    assert all(json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines())
+
+
+def test_a_run_id_file_naming_no_tracker_means_no_tracker_holds_the_run(tmp_path, monkeypatch):
+    # Killed after the run id was saved but before any tracker was recorded as holding it: a resume must
+    # still send W&B the steps it replays (none reached it), unlike an earlier tinyk's id-only file.
+    from tinyk.monitor import Trackers
+
+    sent: list = []
+    _fake_wandb(monkeypatch, sent)
+    (tmp_path / ".tracker_id").write_text("0123456789ab\n")
+    trackers = Trackers(["wandb"], tmp_path, {}, "tinyk", "run", start_step=2, logged_upto=3)
+    trackers.log({"train/loss": 1.0}, 3)
+    trackers.close()
+    assert sent == [3]
+
+
+def test_trackers_finish_even_when_the_last_loss_plot_fails(tmp_path, monkeypatch):
+    # A plot that fails with something other than a full disk (a matplotlib error) must not leave the
+    # W&B run open ("running" in its service) nor the progress bar drawn.
+    from tinyk.monitor import Monitor, Trackers
+
+    finished = []
+    wandb = type(sys)("wandb")
+    wandb.init = lambda **kw: types.SimpleNamespace(log=lambda values, step: None,
+                                                   finish=lambda exit_code=None: finished.append(exit_code))
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+
+    def broken(records, png):
+        raise RuntimeError("matplotlib broke")
+
+    monkeypatch.setattr("tinyk.monitor.plot_losses", broken)
+    mon = Monitor(tmp_path, 10, 0, False)
+    mon.can_plot = True
+    mon.trackers = Trackers(["wandb"], tmp_path, {}, "tinyk", "run")
+    mon.log_train(_train_rec(1))
+    with pytest.raises(RuntimeError):
+        mon.close(1, "failed")
+    assert finished == [1]
+
+
+def test_a_forced_run_never_shows_the_replaced_runs_loss_plot(tmp_path, pt_data, tok_dir, monkeypatch):
+    # loss.png is the run's own: --force takes the old run's away with the rest, so the folder never shows
+    # the replaced run's curve as the new run's while the new one trains.
+
+    from tinyk.train import train
+
+    out = tmp_path / "run"
+    train(nano_cfg(pt_data, tok_dir, out, max_steps=2))
+    assert (out / "loss.png").is_file()
+    seen = []
+    with monkeypatch.context() as m:
+        after_each_logged_step(m, lambda rec: seen.append((out / "loss.png").exists()))
+        train(nano_cfg(pt_data, tok_dir, out, max_steps=2, lr=1e-3), force=True)
+    assert seen == [False, False] and (out / "loss.png").is_file()
+
+
+def test_a_forced_run_writes_its_own_config_yaml(tmp_path, pt_data, tok_dir):
+    # --force replaces the run: config.yaml, what --resume starts from, is the new run's settings.
+    import yaml
+
+    from tinyk.train import train
+
+    out = tmp_path / "run"
+    train(nano_cfg(pt_data, tok_dir, out, max_steps=1))
+    train(nano_cfg(pt_data, tok_dir, out, max_steps=2, lr=1e-3), force=True)
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["max_steps"] == 2 and saved["lr"] == 1e-3
+
+
+def test_force_refuses_to_delete_the_users_files_in_checkpoints(tmp_path, pt_data, tok_dir):
+    # A note or eval result a user put in checkpoints/ is not the run's: --force refuses instead of deleting it.
+
+    from tinyk.train import train
+
+    out = tmp_path / "run"
+    train(nano_cfg(pt_data, tok_dir, out, max_steps=1, save_every=1))
+    (out / "checkpoints" / "notes.txt").write_text("keep me")
+    with pytest.raises(TinykError, match=r"^--force would delete checkpoints/notes\.txt in "):
+        train(nano_cfg(pt_data, tok_dir, out, max_steps=1), force=True)
+    assert (out / "checkpoints" / "notes.txt").read_text() == "keep me"
+
+
+def test_a_run_left_with_only_its_config_and_checkpoints_is_not_started_over(tmp_path, pt_data, tok_dir):
+    # A run whose logs were deleted still has checkpoints to lose: the same command without --resume or
+    # --force is refused, not taken for a run killed before it saved anything.
+
+    from tinyk.train import train
+
+    out = tmp_path / "run"
+    train(nano_cfg(pt_data, tok_dir, out, max_steps=2, save_every=1))
+    for p in out.iterdir():
+        if p.name not in ("config.yaml", "checkpoints"):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    with pytest.raises(TinykError, match=r"exists \(use --resume to continue it or --force to start over\)"):
+        train(nano_cfg(pt_data, tok_dir, out, max_steps=2, save_every=1))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == kept
+
+
+def test_force_leaves_no_hidden_copy_of_the_replaced_run(tmp_path, pt_data, tok_dir):
+    # Once the new run has trained, the replaced run is deleted: its weights do not linger, hidden, on disk.
+
+    from tinyk.train import train
+
+    out = tmp_path / "run"
+    train(nano_cfg(pt_data, tok_dir, out, max_steps=1, save_every=1))
+    train(nano_cfg(pt_data, tok_dir, out, max_steps=1), force=True)
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_a_failed_force_start_leaves_the_directory_exactly_as_it_was(tmp_path, pt_data, tok_dir, monkeypatch):
+    # A --force start that fails (here its tracker refuses) puts the whole old run back (its tracker
+    # bookkeeping too) and leaves no hidden folder of the new run's files behind.
+
+    from tinyk.train import train
+
+    out = tmp_path / "run"
+    train(nano_cfg(pt_data, tok_dir, out, max_steps=1, save_every=1))
+    (out / ".tracker_step").write_text("7\n")  # what the run's W&B got before a kill: kept with the run
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+
+    def refuse(**kw):
+        raise RuntimeError("not logged in")
+
+    wandb = type(sys)("wandb")
+    wandb.init = refuse
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    with pytest.raises(TinykError, match="--tracker wandb could not start"):
+        train(nano_cfg(pt_data, tok_dir, out, max_steps=1, tracker=["wandb"]), force=True)
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+
+
+def test_an_out_that_links_into_another_run_is_refused(tmp_path, pt_data, tok_dir):
+    # --out reached through a symlink into another run's directory would be rotated and --forced with it.
+
+    from tinyk.train import train
+
+    host = tmp_path / "host"
+    (host / "checkpoints" / "sub").mkdir(parents=True)
+    (host / "config.yaml").write_text("kind: pretrain\n")
+    (tmp_path / "link").symlink_to(host / "checkpoints" / "sub")
+    with pytest.raises(TinykError, match=r"is inside the run directory .*host; give a path outside it"):
+        train(nano_cfg(pt_data, tok_dir, tmp_path / "link", max_steps=1))
+
+
+def test_a_restart_from_step_0_without_trackers_still_makes_the_next_wandb_run_a_new_one(tmp_path, monkeypatch):
+    # Documented (Trackers): a run from step 0 is a new run for W&B too. A restart without --tracker must
+    # not leave the killed session's run id for a later --tracker wandb resume to continue.
+    from tinyk.monitor import Monitor, Trackers
+
+    sent: list = []
+    ids: list = []
+    _fake_wandb(monkeypatch, sent, ids)
+    mon = Monitor(tmp_path, 10, 0, False)  # session 1, with W&B: killed at step 3, before any checkpoint
+    mon.truncate(0)
+    mon.trackers = Trackers(["wandb"], tmp_path, {}, "tinyk", "run")
+    for step in (1, 2, 3):
+        mon.log_train(_train_rec(step))
+    mon.close()
+    mon = Monitor(tmp_path, 10, 0, False)  # session 2, no tracker, from step 0: saves step 5, killed at 7
+    mon.truncate(0)
+    for step in range(1, 8):
+        mon.log_train(_train_rec(step))
+    mon.close()
+    sent.clear()
+    mon = Monitor(tmp_path, 10, 5, False)  # session 3 resumes from step 5 with W&B again
+    mon.trackers = Trackers(["wandb"], tmp_path, {}, "tinyk", "run", start_step=5, logged_upto=mon.truncate(5))
+    for step in range(6, 11):
+        mon.log_train(_train_rec(step))
+    mon.close()
+    assert ids[1] != ids[0] and sent == [6, 7, 8, 9, 10]
+
+
+def test_an_eval_record_gives_the_trackers_only_its_validation_curves():
+    # An eval record's tokens and time repeat the train record's: the trackers get val/loss and val/bpb only.
+    from tinyk.monitor import tracker_values
+
+    rec = {"type": "eval", "step": 4, "tokens": 1024, "val_loss": 2.5, "val_bpb": 1.25, "elapsed_s": 3.0}
+    assert tracker_values(rec) == {"val/loss": 2.5, "val/bpb": 1.25}

@@ -358,8 +358,9 @@ class Monitor:
         records it drops (`.tracker_step`): killed twice between two checkpoints, a run had forgotten the
         first session's later steps and sent W&B and SwanLab those steps again."""
         sent_file = self.out / TRACKER_STEP
-        if step == 0:  # a new run, for the trackers too
+        if step == 0:  # a new run, for the trackers too, whether or not this session starts one
             sent_file.unlink(missing_ok=True)
+            (self.out / TRACKER_ID).unlink(missing_ok=True)
         logged = max([r["step"] for r in self.records] + [_saved_step(sent_file)])
         kept = [r for r in self.records if r["step"] <= step]
         if len(kept) == len(self.records) and not self.cut_tail:  # a finished run resumes on a read-only disk
