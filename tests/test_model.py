@@ -455,13 +455,13 @@ def test_a_tinyk_model_saved_back_by_transformers_loads(tmp_path, tok_dir):
 
 # ----------------------------------------------------------------------------- the tutorial's checkpoints
 
-def seed_forward(sd: dict, x: torch.Tensor, n_heads: int, eps: float = 1e-5) -> torch.Tensor:
-    """Logits as the tutorial's k_model.py computes them: RMSNorm eps (its default 1e-5), and RoPE (theta 10000)
-    rotating adjacent channel pairs of each head, which transformers and tinyk order differently."""
+def seed_forward(sd: dict, x: torch.Tensor, n_heads: int, eps: float = 1e-5, theta: float = 10000.0) -> torch.Tensor:
+    """Logits as the tutorial's k_model.py computes them: RMSNorm eps (its default 1e-5), and RoPE (theta 10000,
+    or a variant's) rotating adjacent channel pairs of each head, which transformers and tinyk order differently."""
     emb = sd["tok_embeddings.weight"]
     (batch, seq), dim = x.shape, emb.shape[1]
     hd = dim // n_heads
-    angles = torch.outer(torch.arange(seq).float(), 1.0 / 10000 ** (torch.arange(0, hd, 2).float() / hd))
+    angles = torch.outer(torch.arange(seq).float(), 1.0 / theta ** (torch.arange(0, hd, 2).float() / hd))
     cos, sin = angles.cos()[None, :, None], angles.sin()[None, :, None]
 
     def rms(v, w):
@@ -1302,39 +1302,6 @@ def _run(argv, capsys):
     return e.value.code, out.out + out.err
 
 
-def _tutorial_forward(sd: dict, x: torch.Tensor, n_heads: int, theta: float, eps: float = 1e-5) -> torch.Tensor:
-    """test_model.seed_forward with the RoPE base as a parameter (the tutorial's k_model.py computation)."""
-    emb = sd["tok_embeddings.weight"]
-    (batch, seq), dim = x.shape, emb.shape[1]
-    hd = dim // n_heads
-    angles = torch.outer(torch.arange(seq).float(), 1.0 / theta ** (torch.arange(0, hd, 2).float() / hd))
-    cos, sin = angles.cos()[None, :, None], angles.sin()[None, :, None]
-
-    def rms(v, w):
-        return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps) * w
-
-    def rope(v):
-        a, b = v[..., 0::2], v[..., 1::2]
-        return torch.stack([a * cos - b * sin, a * sin + b * cos], -1).flatten(-2)
-
-    h = emb[x]
-    for i in range(len({k.split(".")[1] for k in sd if k.startswith("layers.")})):
-        def w(name, i=i):
-            return sd[f"layers.{i}.{name}.weight"]
-        a = rms(h, w("attention_norm"))
-        q = rope((a @ w("attention.wq").T).view(batch, seq, n_heads, hd))
-        k = rope((a @ w("attention.wk").T).view(batch, seq, -1, hd))
-        v = (a @ w("attention.wv").T).view(batch, seq, -1, hd)
-        k, v = (t.repeat_interleave(n_heads // t.shape[2], 2) for t in (k, v))
-        o = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                             is_causal=True)
-        h = h + o.transpose(1, 2).reshape(batch, seq, dim) @ w("attention.wo").T
-        f = rms(h, w("ffn_norm"))
-        h = h + (torch.nn.functional.silu(f @ w("feed_forward.w1").T) * (f @ w("feed_forward.w3").T)) \
-            @ w("feed_forward.w2").T
-    return rms(h, sd["norm.weight"]) @ sd["output.weight"].T
-
-
 # ---------------------------------------------------------------- importing what transformers and variants saved
 
 def _hf_dir(tmp_path, tok_dir, name, model):
@@ -1397,7 +1364,7 @@ def test_a_tutorial_checkpoint_whose_rope_tables_have_another_theta_is_not_impor
     assert model.config.rope_theta == theta
     x = torch.randint(0, sd["tok_embeddings.weight"].shape[0], (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        assert (model(x) - _tutorial_forward(sd, x, n_heads=4, theta=theta)).abs().max().item() < 1e-4
+        assert (model(x) - seed_forward(sd, x, n_heads=4, theta=theta)).abs().max().item() < 1e-4
 
 
 def _tiny_k_dir(tmp_path, tok_dir, **config):
