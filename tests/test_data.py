@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import gc
 import gzip
+import itertools
 import json
 import os
 import pickle
@@ -30,6 +31,7 @@ import numpy as np
 import pytest
 import torch
 
+import tinyk.loader as loader_module
 from conftest import CHINESE, ENGLISH
 from tinyk.cli import main
 from tinyk.data import (
@@ -2435,3 +2437,128 @@ def test_a_ctrl_c_while_the_workers_start_is_not_lost(monkeypatch):
         for _ in range(100):
             pool.apply(abs, (-1,))
     assert not signal.pthread_sigmask(signal.SIG_BLOCK, []) & set(STOP_SIGNALS)
+
+
+# ---------------------------------------------------------------- loaders: epochs, ranks and buckets
+
+
+def _windows(x, y) -> list[tuple[int, ...]]:
+    """A window as the seq_len + 1 tokens it reads: its inputs and its last target."""
+    return [tuple(xr) + (yr[-1],) for xr, yr in zip(x.tolist(), y.tolist(), strict=True)]
+
+
+# Every training window is seen exactly once per epoch across all ranks, and every batch is full,
+# the one that spans an epoch's end included (it finishes one epoch and begins the next).
+def test_every_window_once_per_epoch_across_ranks_with_full_batches_over_the_epoch_end(pretrain_dir):
+    seq, micro, world = 16, 3, 2
+    ranks = [PretrainLoader(pretrain_dir, "train", seq, micro, rank=r, world_size=world, seed=5) for r in range(world)]
+    n = ranks[0].num_windows
+    assert n % (micro * world), "a group must straddle the epoch's end"
+    raw = PretrainLoader(pretrain_dir, "train", seq, 1).data  # every window, in file order
+    every = Counter(_windows(*raw.fetch(np.arange(n))))
+    stream: list[tuple[int, ...]] = []
+    while len(stream) < 2 * n + micro * world:
+        for rk in ranks:
+            x, y = rk.next_batch()
+            assert tuple(x.shape) == tuple(y.shape) == (micro, seq)
+            stream += _windows(x, y)
+    assert Counter(stream[:n]) == every and Counter(stream[n:2 * n]) == every
+    assert ranks[0].state_dict() == ranks[1].state_dict() and ranks[0].epoch == 2
+
+
+# A validation subset (max_batches) is the same windows, in the same order, whatever the number of
+# processes: the val loss does not change with the number of GPUs.
+def test_eval_batches_cover_the_same_windows_for_any_world_size(pretrain_dir):
+    seq, micro = 32, 2
+    for world, max_batches in itertools.product((2, 3), (1, 3, None)):
+        alone = [r for x, y in eval_batches(pretrain_dir, "val", seq, micro * world, max_batches)
+                 for r in _windows(x, y)]
+        per_rank = [list(eval_batches(pretrain_dir, "val", seq, micro, max_batches, rank=r, world_size=world))
+                    for r in range(world)]
+        merged = [r for k in range(len(per_rank[0])) for batches in per_rank if k < len(batches)
+                  for r in _windows(*batches[k])]
+        assert merged == alone, (world, max_batches)
+
+
+# Which conversations are left out (no answer token in the window) or cut (answer tokens past it)
+# does not depend on how the loss mask is read in bounded chunks (as a split of over 16M tokens is).
+def test_sft_dropped_and_cut_counts_do_not_depend_on_the_mask_chunk(sft_dir, monkeypatch):
+    convs = sft_split(sft_dir)
+    for seq in (56, 60, 72):
+        window = [(m[1:min(len(m), seq + 1)].any(), m[seq + 1:].any()) for _, m in convs]
+        dropped = sum(not inside for inside, _ in window)
+        cut = sum(inside and past for inside, past in window)
+        lengths = [min(len(t), seq + 1) for (t, _), (inside, _) in zip(convs, window, strict=True) if inside]
+        for chunk in (1, 50, 300, 1000, 1 << 24):
+            monkeypatch.setattr(loader_module, "_LOSS_COUNT_CHUNK", chunk)
+            ld = SFTLoader(sft_dir, "train", seq, 2)
+            assert (ld.dropped, ld.cut, ld.data.lengths.tolist()) == (dropped, cut, lengths), (seq, chunk)
+
+
+# A fine-tune on fewer conversations than one global batch still trains: every epoch sees each
+# conversation once, and the run resumes onto the same stream.
+def test_an_sft_split_smaller_than_the_global_batch_gives_each_conversation_once_per_epoch(sft_dir):
+    batch = 40
+    ld = SFTLoader(sft_dir, "val", 96, 4, seed=1, batch_size=batch)
+    n = ld.num_windows
+    assert n < batch
+    for epoch in range(6):
+        assert sorted(ld._epoch_order(epoch).tolist()) == list(range(n))
+    stream = [ld.next_batch()[0].tolist() for _ in range(5 * n // 4 + 1)]
+    assert ld.epoch == 5
+    again = SFTLoader(sft_dir, "val", 96, 4, seed=1, batch_size=batch)
+    [again.next_batch() for _ in range(n // 4 + 1)]
+    resumed = SFTLoader(sft_dir, "val", 96, 4, seed=1, batch_size=batch)
+    resumed.load_state_dict(again.state_dict())
+    assert [resumed.next_batch()[0].tolist() for _ in range(len(stream) - n // 4 - 1)] == stream[n // 4 + 1:]
+
+
+# Which conversations share an SFT step changes from epoch to epoch (they are shuffled before the
+# length buckets are made), and so does the order of the steps' lengths: no fixed curriculum.
+def test_sft_steps_are_regrouped_and_reordered_every_epoch(sft_dir):
+    ld = SFTLoader(sft_dir, "train", 96, 2, seed=3, bucket=8, batch_size=2)
+    assert ld.num_windows % 2 == 0  # every epoch starts a new step
+
+    def pairs(epoch: int) -> set[frozenset[int]]:
+        return {frozenset(p) for p in ld._epoch_order(epoch).reshape(-1, 2).tolist()}
+
+    assert pairs(0) != pairs(1)
+    whole = SFTLoader(sft_dir, "train", 96, 2, seed=3, bucket=10**6, batch_size=2)
+    lengths = whole.data.lengths
+
+    def widths(epoch: int) -> list[int]:
+        return lengths[whole._epoch_order(epoch).reshape(-1, 2)].max(axis=1).tolist()
+
+    assert widths(0) != widths(1) and sorted(widths(0)) == sorted(widths(1))
+
+
+# With a global batch that divides the bucket size, every SFT step lies within one length-sorted
+# bucket, so it pads as little as bucketing allows.
+def test_an_sft_step_lies_within_one_length_sorted_bucket(sft_dir):
+    ld = SFTLoader(sft_dir, "train", 96, 4, seed=2, bucket=8, batch_size=8)
+    lengths = ld.data.lengths
+    order = ld._epoch_order(0)  # epoch 0 begins with a whole step
+    for step in order[:len(order) // 8 * 8].reshape(-1, 8):
+        assert (np.diff(lengths[step]) >= 0).all(), lengths[step]
+
+
+# Runs with different seeds see different sample orders: seed 1 does not replay seed 0's second epoch.
+def test_no_two_seeds_or_epochs_share_a_sample_order(pretrain_dir):
+    orders = {(s, e): tuple(PretrainLoader(pretrain_dir, "train", 16, 1, seed=s)._epoch_order(e).tolist())
+              for s in range(3) for e in range(3)}
+    assert len(set(orders.values())) == len(orders)
+
+
+# A global batch larger than the whole split (a tiny fine-tune or smoke run) is still full: it runs
+# through as many epochs as it needs, each of them seeing every window once.
+def test_a_batch_larger_than_the_split_is_full_and_visits_every_window_once_per_epoch(pretrain_dir):
+    seq = 32
+    ld = PretrainLoader(pretrain_dir, "val", seq, 1)
+    n = ld.num_windows
+    every = Counter(_windows(*ld.data.fetch(np.arange(n))))
+    big = PretrainLoader(pretrain_dir, "val", seq, 2 * n + 5, seed=1)
+    x, y = big.next_batch()
+    assert tuple(x.shape) == (2 * n + 5, seq)
+    stream = _windows(x, y)
+    assert Counter(stream[:n]) == every and Counter(stream[n:2 * n]) == every
+    assert (big.epoch, big.state_dict()["cursor"]) == (2, 5)
