@@ -646,8 +646,10 @@ def _unheld_hf(path: Path) -> str | None:
     config = (path if path.is_dir() else path.parent) / "config.json"
     try:
         config_from_hf(read_json(config))
-    except (OSError, ValueError, KeyError, TypeError, TinykError) as e:
-        return None if isinstance(e, OSError) else first_line(e)
+    except (ValueError, TinykError) as e:  # a config.json read whole that asks for what tinyk's model lacks
+        return first_line(e)
+    except (OSError, KeyError, TypeError):  # none, or one too incomplete to tell: loading it says so
+        return None
     return None
 
 
@@ -702,12 +704,13 @@ def import_seed_checkpoint(ckpt: str | Path, tok_dir: str | Path, out: str | Pat
     if state.get("tok_embeddings.weight", torch.empty(0)).dim() != 2:
         if "model.embed_tokens.weight" not in state:
             raise TinykError(f"{path} is not a checkpoint of the tutorial's model (it has no tok_embeddings.weight)")
-        if why := _unheld_hf(path):
+        hint = model_dir_hint(path).removeprefix("; ") if path.is_dir() else ""
+        if not hint and (why := _unheld_hf(path)):
             raise TinykError(f"{path} is not a checkpoint of the tutorial's model but a transformers one that tinyk "
                              f"cannot hold: {why}")
-        fix = (model_dir_hint(path).removeprefix("; ") or "use the directory as it is, with a tinyk tokenizer.json "
-               "beside it") if path.is_dir() else ("tinyk reads such a model from the directory transformers' "
-                                                   "save_pretrained writes, with a tinyk tokenizer.json beside it")
+        fix = (hint or "use the directory as it is, with a tinyk tokenizer.json beside it") if path.is_dir() else \
+            "tinyk reads such a model from the directory transformers' save_pretrained writes, with a tinyk " \
+            "tokenizer.json beside it"
         raise TinykError(f"{path} is not a checkpoint of the tutorial's model but a Hugging Face Llama checkpoint; "
                          f"{fix}")
     emb = state.pop("tok_embeddings.weight")
