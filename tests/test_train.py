@@ -29,6 +29,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+import tinyk.train as train_module
 from tinyk.checkpoint import load_model
 from tinyk.cli import main
 from tinyk.config import TrainConfig, dump_config, model_config, parse_sets, resolve_config
@@ -4126,3 +4127,162 @@ def test_an_eval_record_gives_the_trackers_only_its_validation_curves():
 
     rec = {"type": "eval", "step": 4, "tokens": 1024, "val_loss": 2.5, "val_bpb": 1.25, "elapsed_s": 3.0}
     assert tracker_values(rec) == {"val/loss": 2.5, "val/bpb": 1.25}
+
+
+# ---------------------------------------------------------------- the trainer's numbers, recomputed
+
+
+def _readme_lr(s: int, total: int, peak: float, warmup: int, ratio: float, schedule: str, frac: float) -> float:
+    """The README's schedule, written out independently: step s (0-based) of `total`."""
+    if s < warmup:
+        return peak * (s + 1) / warmup
+    floor = peak * ratio
+    if schedule == "wsd":
+        d = max(1, min(total - warmup, round(frac * total)))
+        return peak if s < total - d else floor + (peak - floor) * (total - 1 - s) / d
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup - 1)))
+
+
+def _spy_group_lrs(monkeypatch) -> list[list[float]]:
+    seen: list[list[float]] = []
+    real = train_module.optimizer_step
+
+    def spy(module, opt, *args, **kw):
+        seen.append([g["lr"] for g in opt.param_groups])
+        return real(module, opt, *args, **kw)
+
+    monkeypatch.setattr(train_module, "optimizer_step", spy)
+    return seen
+
+
+# The LR a run trains at (every param group: matrices and norm gains alike) follows the README's formula,
+# with the run's own min_lr_ratio and decay_fraction, not the defaults.
+@pytest.mark.parametrize("schedule,ratio,frac", [("cosine", 0.25, 0.2), ("wsd", 0.3, 0.5)])
+def test_every_param_group_trains_at_the_documented_lr_with_the_runs_own_settings(tmp_path, pt_data, tok_dir,
+                                                                                  monkeypatch, schedule, ratio, frac):
+    seen = _spy_group_lrs(monkeypatch)
+    out = tmp_path / "run"
+    train(nano_cfg(pt_data, tok_dir, out, max_steps=8, warmup_steps=2, lr=2e-3, min_lr_ratio=ratio,
+                   lr_schedule=schedule, decay_fraction=frac))
+    want = [_readme_lr(s, 8, 2e-3, 2, ratio, schedule, frac) for s in range(8)]
+    assert len(seen) == 8 and all(len(set(g)) == 1 for g in seen), seen  # both groups at one LR
+    assert [g[0] for g in seen] == pytest.approx(want, rel=1e-12)
+    assert [r["lr"] for r in records(out, "train")] == pytest.approx(want, rel=1e-12)
+    assert seen[-1][0] == pytest.approx(2e-3 * ratio)  # the last step at the run's own floor
+
+
+# Clipping bounds the step of the whole model (norm gains included: both AdamW param groups), reports
+# the gradients' own norm over all of them, and grad_clip 0 turns clipping off (as the README says).
+@pytest.mark.parametrize("grad_clip", [1e-3, 0.0])
+def test_clipping_covers_both_param_groups_and_zero_turns_it_off(grad_clip):
+    torch.manual_seed(0)
+    model = Transformer(preset_config("nano", vocab_size=64))
+    x, y = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    reference = copy.deepcopy(model)
+    (LossSum(reference)(x, y) / y.numel()).backward()
+    unclipped = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in reference.parameters()))
+    gains = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in reference.parameters() if p.ndim == 1))
+    assert gains > 1e-3 * unclipped  # the norm gains' share is visible at the tolerance below
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(param_groups(model, 0.0), lr=1.0)  # the trainer's two groups; SGD moves by the gradient
+    _, norm = optimizer_step(LossSum(model), opt, torch.amp.GradScaler("cpu", enabled=False), [(x, y)],
+                             1 / y.numel(), grad_clip=grad_clip)
+    moved = math.sqrt(sum(float((p.detach() - b).pow(2).sum()) for p, b in zip(model.parameters(), before,
+                                                                                 strict=True)))
+    assert float(norm) == pytest.approx(unclipped, rel=1e-5)
+    assert moved == pytest.approx(grad_clip or unclipped, rel=1e-3)
+
+
+# Dropout keeps training on after a periodic evaluation (which runs the model in eval mode).
+def test_training_steps_after_an_evaluation_still_use_dropout(tmp_path, pt_data, tok_dir, monkeypatch):
+    modes = []
+    real = LossSum.forward
+
+    def spy(self, x, y):
+        modes.append(self.model.training)
+        return real(self, x, y)
+
+    monkeypatch.setattr(LossSum, "forward", spy)
+    train(nano_cfg(pt_data, tok_dir, tmp_path / "run", model={"preset": "nano", "dropout": 0.1}, max_steps=3,
+                   eval_every=1))
+    assert modes == [True] * 3
+
+
+# Under fp16 the logged grad_norm (and what grad_clip compares with) is the gradients' own norm, not the
+# loss scaler's scaled one: the first step's, from the same weights and batch, is about fp32's.
+def test_fp16_logs_and_clips_the_unscaled_gradient_norm(tmp_path, pt_data, tok_dir):
+    norms = {}
+    for dtype in ("fp32", "fp16"):
+        out = tmp_path / dtype
+        train(nano_cfg(pt_data, tok_dir, out, max_steps=1, dtype=dtype))
+        norms[dtype] = records(out, "train")[0]["grad_norm"]
+    assert norms["fp32"] is not None and norms["fp16"] is not None, norms
+    assert norms["fp16"] == pytest.approx(norms["fp32"], rel=0.05)
+
+
+# A resume from a checkpoint taken mid log window logs the same losses as the run never stopped (the
+# window's loss sum carries over, not only its token count).
+def test_a_resume_mid_log_window_logs_the_same_losses(tmp_path, pt_data, tok_dir):
+    import shutil
+
+    from test_train import train_losses
+
+    out = tmp_path / "run"
+    train(nano_cfg(pt_data, tok_dir, out, max_steps=4, save_every=2, log_every=3))
+    straight = train_losses(out)
+    assert sorted(straight) == [3, 4]
+    shutil.rmtree(out / "checkpoints" / "step_0000004")
+    shutil.rmtree(out / "final")
+    assert train(nano_cfg(pt_data, tok_dir, out, max_steps=4, save_every=2, log_every=3), resume=True)["steps"] == 4
+    assert train_losses(out) == straight
+
+
+# An SFT run's val loss is nats per answer token and its bits per byte count only those tokens' bytes:
+# recomputed by plain torch over the same validation batches, from the --init weights.
+def test_sft_val_loss_and_bpb_are_per_answer_token_recomputed_by_plain_torch(tmp_path, sft_data, nano_model_dir):
+    import torch.nn.functional as F
+
+    from tinyk.checkpoint import load_model
+    from tinyk.loader import open_split, split_batches
+    from tinyk.train import Trainer
+
+    t = Trainer(nano_cfg(sft_data, None, tmp_path / "sft", kind="sft", init=str(nano_model_dir), model={},
+                         seq_len=64, max_steps=1, eval_batches=2))
+    try:
+        loss, bpb = t.evaluate()
+    finally:
+        t.close()
+    model, tok = load_model(nano_model_dir)
+    model.eval()
+    total, count, nbytes, positions = 0.0, 0, 0, 0
+    with torch.no_grad():
+        for x, y in split_batches(open_split(sft_data, "val", 64), 8, 2):
+            keep = y != -100
+            total += F.cross_entropy(model(x).float()[keep], y[keep], reduction="sum").item()
+            count += int(keep.sum())
+            nbytes += sum(tok.token_bytes[i] for i in y[keep].tolist())
+            positions += y.numel()
+    assert 0 < count < positions  # prompts and padding are masked: the two denominators differ
+    assert loss == pytest.approx(total / count, rel=1e-5)
+    assert bpb == pytest.approx(total / math.log(2) / nbytes, rel=1e-5)
+
+
+# Bits per byte counts the bytes of scored targets only, whatever token id 0 spells (a tokenizer whose
+# id 0 is text, not a zero-byte special token, must not add bytes for masked positions).
+def test_eval_sums_counts_bytes_of_scored_targets_only():
+    import torch.nn.functional as F
+
+    from tinyk.train import eval_sums
+
+    torch.manual_seed(0)
+    model = Transformer(preset_config("nano", vocab_size=64)).eval()
+    x, y = torch.randint(0, 64, (2, 12)), torch.randint(1, 64, (2, 12))
+    y[0, :5] = -100
+    y[1, 8:] = -100
+    token_bytes = torch.arange(64, dtype=torch.float64) % 4 + 1  # id 0 spells a byte too
+    total, count, nbytes = eval_sums(model, [(x, y)], token_bytes).tolist()
+    keep = y != -100
+    with torch.no_grad():
+        want = F.cross_entropy(model(x).float()[keep], y[keep], reduction="sum").item()
+    assert total == pytest.approx(want, rel=1e-6) and count == int(keep.sum())
+    assert nbytes == float(token_bytes[y[keep]].sum())
