@@ -649,7 +649,7 @@ def _unheld_hf(path: Path) -> str | None:
     except (ValueError, TinykError) as e:  # a config.json read whole that asks for what tinyk's model lacks
         return first_line(e)
     except (OSError, KeyError, TypeError):  # none, or one too incomplete to tell: loading it says so
-        return None
+        pass
     return None
 
 
