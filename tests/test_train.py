@@ -2381,10 +2381,15 @@ def test_a_damaged_validation_split_stops_the_run_before_it_starts(tmp_path, pt_
 
 @pytest.mark.parametrize("dtype,name", [("bf16", "bfloat16"), ("fp16", "float16")])
 def test_mixed_precision_on_cpu_trains_and_resumes(tmp_path, pt_data, tok_dir, dtype, name):
-    """bf16 autocast runs without a GradScaler, fp16 with one whose state survives a resume."""
+    """bf16 autocast runs without a GradScaler, fp16 with one whose state survives a resume; fp16 logs
+    (and clips) the gradients' own norm, unscaled, not the loss scaler's 65,536 times it."""
     out = tmp_path / "run"
     first = train(nano_cfg(pt_data, tok_dir, out, max_steps=2, dtype=dtype))
     assert first["dtype"] == name and math.isfinite(first["final_train_loss"])
+    if dtype == "fp16":
+        train(nano_cfg(pt_data, tok_dir, tmp_path / "fp32", max_steps=1))
+        norms = [records(o, "train")[0]["grad_norm"] for o in (out, tmp_path / "fp32")]
+        assert None not in norms and norms[0] == pytest.approx(norms[1], rel=0.05), norms
     scaler = torch.load(checkpoints(out)[-1] / "rng.pt", weights_only=True)["scaler"]
     assert ("scale" in scaler) == (dtype == "fp16")
     second = train(nano_cfg(pt_data, tok_dir, out, max_steps=3, dtype=dtype), resume=True)
@@ -4208,25 +4213,9 @@ def test_training_steps_after_an_evaluation_still_use_dropout(tmp_path, pt_data,
     assert modes == [True] * 3
 
 
-# Under fp16 the logged grad_norm (and what grad_clip compares with) is the gradients' own norm, not the
-# loss scaler's scaled one: the first step's, from the same weights and batch, is about fp32's.
-def test_fp16_logs_and_clips_the_unscaled_gradient_norm(tmp_path, pt_data, tok_dir):
-    norms = {}
-    for dtype in ("fp32", "fp16"):
-        out = tmp_path / dtype
-        train(nano_cfg(pt_data, tok_dir, out, max_steps=1, dtype=dtype))
-        norms[dtype] = records(out, "train")[0]["grad_norm"]
-    assert norms["fp32"] is not None and norms["fp16"] is not None, norms
-    assert norms["fp16"] == pytest.approx(norms["fp32"], rel=0.05)
-
-
 # A resume from a checkpoint taken mid log window logs the same losses as the run never stopped (the
 # window's loss sum carries over, not only its token count).
 def test_a_resume_mid_log_window_logs_the_same_losses(tmp_path, pt_data, tok_dir):
-    import shutil
-
-    from test_train import train_losses
-
     out = tmp_path / "run"
     train(nano_cfg(pt_data, tok_dir, out, max_steps=4, save_every=2, log_every=3))
     straight = train_losses(out)
@@ -4242,9 +4231,7 @@ def test_a_resume_mid_log_window_logs_the_same_losses(tmp_path, pt_data, tok_dir
 def test_sft_val_loss_and_bpb_are_per_answer_token_recomputed_by_plain_torch(tmp_path, sft_data, nano_model_dir):
     import torch.nn.functional as F
 
-    from tinyk.checkpoint import load_model
     from tinyk.loader import open_split, split_batches
-    from tinyk.train import Trainer
 
     t = Trainer(nano_cfg(sft_data, None, tmp_path / "sft", kind="sft", init=str(nano_model_dir), model={},
                          seq_len=64, max_steps=1, eval_batches=2))
