@@ -3603,12 +3603,9 @@ def test_output_sent_to_a_file_gets_lines_while_the_terminal_shows_the_bar(tmp_p
     assert "step 5/10: loss 1.0000" in capsys.readouterr().out
 
 
-def test_tracker_runs_get_each_step_once_and_a_new_run_gets_every_step(tmp_path, monkeypatch):
-    from tinyk.monitor import Trackers
-
-    sent, started = [], []
-
-    class FakeRun:
+def _fake_wandb(monkeypatch, sent: list, ids: list | None = None):
+    """A wandb module whose runs record the steps they get in `sent`, and their ids in `ids`."""
+    class Run:
         def log(self, values, step):
             sent.append(step)
 
@@ -3616,8 +3613,15 @@ def test_tracker_runs_get_each_step_once_and_a_new_run_gets_every_step(tmp_path,
             pass
 
     wandb = type(sys)("wandb")
-    wandb.init = lambda **kw: started.append(kw["id"]) or FakeRun()
+    wandb.init = lambda **kw: (ids.append(kw["id"]) if ids is not None else None) or Run()
     monkeypatch.setitem(sys.modules, "wandb", wandb)
+
+
+def test_tracker_runs_get_each_step_once_and_a_new_run_gets_every_step(tmp_path, monkeypatch):
+    from tinyk.monitor import Trackers
+
+    sent, started = [], []
+    _fake_wandb(monkeypatch, sent, started)
     fresh = Trackers(["wandb", "wandb"], tmp_path, {}, "tinyk", "run", start_step=0, logged_upto=4)
     for step in (1, 2, 3):
         fresh.log({"train/loss": 1.0}, step)
@@ -3923,19 +3927,6 @@ def _train_rec(step: int) -> dict:
 
 def _lines(step: int) -> str:
     return json.dumps({"type": "train", **_train_rec(step)}) + "\n"
-
-
-def _fake_wandb(monkeypatch, sent: list, ids: list | None = None):
-    class Run:
-        def log(self, values, step):
-            sent.append(step)
-
-        def finish(self, exit_code=None):
-            pass
-
-    wandb = type(sys)("wandb")
-    wandb.init = lambda **kw: (ids.append(kw["id"]) if ids is not None else None) or Run()
-    monkeypatch.setitem(sys.modules, "wandb", wandb)
 
 
 @pytest.mark.parametrize("tail", ['{"type": "train", "st', json.dumps({"type": "train", **_train_rec(5)})])
