@@ -536,13 +536,9 @@ class LogprobsWriter:
         for items in parts:
             for key, value in self.take(items).items():
                 out[key] = value if value is None or key not in out else out[key] + value
-            self.end_text()
+            self.chars += len(self._decoder.decode(b"", final=True))  # its text ends, as decoded alone
+            self._decoder.reset()
         return out
-
-    def end_text(self) -> None:
-        """Ends the text so far, as decoding it alone does (see `take_apart`)."""
-        self.chars += len(self._decoder.decode(b"", final=True))
-        self._decoder.reset()
 
     def _text(self, token_id: int) -> str:
         """A token as the completions API names it: its text, or, for part of a character, its bytes as
