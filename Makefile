@@ -12,10 +12,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q "torch==2.13.0" -e ".[data,plot,demo,test]"
 	touch $(STAMP)
 
+# Tests in JOBS processes (pytest-xdist): on 2 cores two of them overlap the suite's many subprocesses,
+# servers and browser waits (10 minutes against 17 in one); JOBS=0 runs them in this process.
+JOBS ?= 2
 test: venv
 	bash tests/install_test_tools.sh
 	$(PY) -m ruff check src tests bench
-	$(PY) -m pytest -x
+	$(PY) -m pytest -x -n $(JOBS)
 
 # The GGUF tests against llama.cpp itself, built from source first (minutes; needs cmake and g++).
 LLAMA_CPP_PYTHON_VERSION ?= 0.3.36

@@ -253,6 +253,7 @@ def test_demo_corpus_keeps_near_copies_out_and_labels_right(synthetic_corpus):
 
 
 def test_training_budget_from_a_throughput_probe(tmp_path, pt_data, tok_dir):
+    from tinyk import demo
     from tinyk.demo import choose_runtime, training_config
 
     cfg = DemoConfig.smoke()
@@ -261,7 +262,9 @@ def test_training_budget_from_a_throughput_probe(tmp_path, pt_data, tok_dir):
     try:
         rt = choose_runtime(cfg, tcfg)
         assert min(rt.rates.values()) > 0 and rt.tokens_per_s == max(rt.rates.values()) and not rt.compile
-        assert {"fp32", "bf16"} <= {k.split()[0] for k in rt.rates} and torch.get_num_threads() == rt.threads
+        emulated = demo.cpu_emulates_bf16()
+        assert {k.split()[0] for k in rt.rates} == ({"fp32"} if emulated else {"fp32", "bf16"})
+        assert (rt.untried is not None) == emulated and torch.get_num_threads() == rt.threads
         assert not (tmp_path / "probe").exists()
         torch.set_num_threads(threads)
         assert [k.split()[0] for k in choose_runtime(replace(cfg, dtype="fp32"), tcfg).rates][0] == "fp32"
@@ -271,6 +274,31 @@ def test_training_budget_from_a_throughput_probe(tmp_path, pt_data, tok_dir):
         torch.set_num_threads(threads)
     assert steps_for(60, 2.0) == 120
     assert steps_for(-5, 2.0) == 10
+
+
+@pytest.mark.parametrize("machine,flags,emulated", [
+    ("x86_64", "fpu avx2 avx512f", True), ("x86_64", "fpu avx512f avx512_bf16", False),
+    ("x86_64", "fpu amx_bf16 amx_tile", False), ("aarch64", "fp asimd", False), ("x86_64", None, False)])
+def test_bf16_is_not_probed_where_the_cpu_emulates_it(tmp_path, monkeypatch, machine, flags, emulated):
+    """On an x86 CPU without bf16 instructions the probe's two bf16 warm-up steps took 49 to 78 s each
+    (fp32's 7): a 4-minute demo spent its budget there and stopped before pretraining."""
+    from tinyk import demo
+    from tinyk.config import TrainConfig
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: a CPU\n" + (f"flags\t\t: {flags}\n" if flags else ""))
+    real_path = demo.Path
+    monkeypatch.setattr(demo, "Path", lambda p, *a: cpuinfo if p == "/proc/cpuinfo" else real_path(p, *a))
+    monkeypatch.setattr(demo.platform, "machine", lambda: machine)
+    assert demo.cpu_emulates_bf16() is emulated
+    timed = []
+    monkeypatch.setattr(demo, "step_rates", lambda tcfgs, *a, **k: timed.extend(t.dtype for t in tcfgs) or
+                        [1.0] * len(tcfgs))
+    monkeypatch.setattr(demo.torch.cuda, "is_available", lambda: False)
+    rt = demo.choose_runtime(DemoConfig.smoke(), TrainConfig(out=str(tmp_path / "probe"), seq_len=16))
+    assert set(timed) == ({"fp32"} if emulated else {"fp32", "bf16"})
+    assert rt.untried == ("bf16 not timed: this CPU has no bf16 instructions (avx512_bf16, amx_bf16)"
+                          if emulated else None)
 
 
 def test_timed_runs_are_bounded_by_the_clock_and_epochs_not_the_presets_step_cap(tmp_path, sft_data):

@@ -440,8 +440,12 @@ def test_a_txt_file_of_json_records_is_refused_with_the_name_it_needs(tmp_path):
         texts(src)
     src.write_bytes(gzip.compress('{不是 JSON} 而是文本\n{"text": "x"}\n'.encode()))  # only the first line decides
     assert texts(src) == ["{不是 JSON} 而是文本", '{"text": "x"}']
-    src.write_bytes(gzip.compress(b'{"a": 1}\n{}\n'))  # JSON, but no record the .jsonl reader would read
-    assert texts(src) == ['{"a": 1}', "{}"]
+    src.write_bytes(gzip.compress(b'{"a": 1, "b": " "}\n{}\n'))  # JSON, but no text the .jsonl reader would read
+    assert texts(src) == ['{"a": 1, "b": " "}', "{}"]
+    # Records with their text under another key were trained on as text too: the --field to read them is named.
+    src.write_bytes(gzip.compress('{"id": "a1", "content": "你好世界", "lang": "zh"}\n'.encode()))
+    with pytest.raises(TinykError, match=r"name it C.jsonl.gz to read their 'content' field with --field content$"):
+        texts(src)
     # The seed's conversations, one list of messages a line: trained on as text, brackets and keys included.
     src.write_bytes(gzip.compress('[{"role": "user", "content": "你好"}, {"role": "assistant", "content": "嗯"}]\n'
                                   .encode()))
@@ -899,14 +903,29 @@ def test_force_replaces_only_what_the_output_holds_and_keeps_the_users_own_entri
     (out / "chat").mkdir()  # a model inside the output, as the demo's chat/: notes beside it stay too
     (out / "chat" / "config.json").write_text("old")
     (out / "chat" / "notes.txt").write_text("mine")
+    # In any folder both have (the demo's runs/ beside its runs): a run of the user's there was deleted.
+    (out / "runs" / "myrun").mkdir(parents=True)
+    (out / "runs" / "myrun" / "f").write_text("mine")
+    # A dataset's own folders are not merged: a shard the new one lacks is the old data, not the user's.
+    (out / "data" / "train").mkdir(parents=True)
+    (out / "data" / "meta.json").write_text("old")
+    (out / "data" / "train" / "shard_0009.bin").write_text("old")
+    (out / "data" / "notes.txt").write_text("mine")
     with atomic_dir(out, force=True) as tmp:
         (tmp / "model").write_text("new")
         (tmp / "chat").mkdir()
         (tmp / "chat" / "config.json").write_text("new")
+        (tmp / "runs" / "pretrain").mkdir(parents=True)
+        (tmp / "data" / "train").mkdir(parents=True)
+        (tmp / "data" / "meta.json").write_text("new")
     assert {p.name: p.is_dir() or p.read_text() for p in out.iterdir()} == {
         "model": "new", "my_eval.json": "{}", "my_run": True, "vocab_notes.md": "mine", "tokenizer_stats.json": "mine",
-        "training_args.bin": "mine", "lora.pt": "mine", "emb.npy": "mine", "vocab_study": "mine", "chat": True}
+        "training_args.bin": "mine", "lora.pt": "mine", "emb.npy": "mine", "vocab_study": "mine", "chat": True,
+        "runs": True, "data": True}
     assert {p.name: p.read_text() for p in (out / "chat").iterdir()} == {"config.json": "new", "notes.txt": "mine"}
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["myrun", "pretrain"]
+    assert (out / "runs" / "myrun" / "f").read_text() == "mine"
+    assert (out / "data" / "notes.txt").read_text() == "mine" and not any((out / "data" / "train").iterdir())
     old = tmp_path / f".out.old-{_host()}-{dead_pid()}"  # killed after the swap, before the carry-over
     old.mkdir()
     (old / "model").write_text("older")
@@ -1396,6 +1415,25 @@ def test_a_line_that_is_a_list_of_messages_is_one_conversation(tmp_path, tok_dir
         code, err = run_cli(args, capsys)
         assert code == 2 and "JSON array" not in err and "no field 'text', the first such record has a JSON list; " \
             "these are SFT conversations, not text: `tinyk data sft` reads them" in one_error_line(err), err
+
+
+@pytest.mark.parametrize("records,program", [
+    ([{"text": "你好"}, {"text": "再见"}], "'.\"data\"[]'"),
+    (["你好", "再见"], "'.\"data\"[] | {\"text\": .}'"),
+])
+def test_one_object_on_one_line_holding_the_records_is_given_its_jq_line(tmp_path, capsys, records, program):
+    """What `json.dump({"data": records})` writes is one line: read as JSON Lines it is one record of one
+    list, and "--field names the one with the text" led to `--field data`, then to "not string"."""
+    src = tmp_path / "one.json"
+    src.write_text(json.dumps({"data": records, "version": 2}, ensure_ascii=False), encoding="utf-8")
+    code, err = run_cli(["tokenizer", "train", src, "--out", tmp_path / "t"], capsys)
+    assert code == 2 and one_error_line(err).endswith(
+        f"no field 'text', the first such record has fields 'data', 'version'; it holds its records as a list "
+        f"under 'data': jq -c {program} FILE > records.jsonl)")
+    lines = subprocess.run(["jq", "-c", program.strip("'"), src], capture_output=True, text=True) \
+        if shutil.which("jq") else None
+    assert lines is None or [json.loads(x) for x in lines.stdout.splitlines()] == [
+        {"text": r} if isinstance(r, str) else r for r in records]
 
 
 def test_reports_point_at_the_cause(tmp_path, capsys):

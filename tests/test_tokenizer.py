@@ -7,6 +7,7 @@ import re
 import shutil
 import unicodedata
 from pathlib import Path
+from unittest import mock
 
 import jinja2
 import pytest
@@ -247,6 +248,55 @@ def test_long_documents_reach_the_bpe_trainer_in_pieces(tmp_path, monkeypatch):
     src.write_text(json.dumps({"text": "啊" * 10_001}, ensure_ascii=False) + "\n", encoding="utf-8")
     r = train_tokenizer([src], tmp_path / "tok", vocab_size=300, show_progress=False)
     assert given == [4000, 4000, 2001] and r["documents"] == 1 and r["characters"] == 10_001
+
+
+EDGE_ALPHABET = ("中文的是了，。！？、：；“”（）abcXYZ 's'\n\t\r0123١٢é\u0301_-.,!?\"ﬁ①Ａ　\u00a0\u2028\x1c"
+                 "\U0001F600")
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(EDGE_ALPHABET, max_size=80), normalization=st.sampled_from(["none", "nfkc"]),
+       piece=st.integers(8, 40))
+def test_a_long_document_is_cut_only_where_the_pre_tokenizer_splits_it(text, normalization, piece):
+    """The pieces the BPE trainer gets have the pre-tokens of the whole (normalised) text, but for a run
+    with no edge in half a piece: cut at every TRAIN_PIECE_CHARS, news documents of 6,000 characters
+    trained other merges than the seed's code (which gives them whole)."""
+    from tinyk import tokenizer as tk_module
+
+    tok = tk_module.build_tokenizer(normalization)
+    with mock.patch.object(tk_module, "TRAIN_PIECE_CHARS", piece):
+        pieces = list(tk_module.training_pieces(text, tok.normalizer))
+    whole = tok.normalizer.normalize_str(text) if tok.normalizer and len(text) > piece else text
+    assert "".join(pieces) == whole and all(0 < len(p) <= piece for p in pieces) or pieces == [""] == [text]
+
+    def words(t: str) -> list[str]:
+        return [w for w, _ in tok.pre_tokenizer.pre_tokenize_str(t)]
+
+    cut_words = [w for p in pieces for w in words(p)]
+    if all(len(w) < piece // 2 for w in words(whole)):  # a word that long may be cut, as it must be
+        assert cut_words == words(whole)
+
+
+@pytest.mark.parametrize("normalization", ["none", "nfkc"])
+def test_a_tokenizer_trained_on_long_documents_in_pieces_is_the_one_trained_on_them_whole(
+        tmp_path, monkeypatch, normalization):
+    """What the seed's code does (the whole text to `train_from_iterator`) gives the same tokenizer.json."""
+    from tokenizers import pre_tokenizers, trainers
+
+    from tinyk import tokenizer as tk_module
+
+    monkeypatch.setattr(tk_module, "TRAIN_PIECE_CHARS", 120)
+    docs = ["".join(f"第{i}{j}条新闻：北京，上海。Ｔhe fox's den（ﬁne）！{'啊' * (j % 7)} " for j in range(40))
+            for i in range(12)]
+    src = tmp_path / "news.jsonl"
+    src.write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")
+    train_tokenizer([src], tmp_path / "tok", vocab_size=400, normalization=normalization, show_progress=False)
+    whole = tk_module.build_tokenizer(normalization)
+    whole.train_from_iterator(docs, trainers.BpeTrainer(
+        vocab_size=400, min_frequency=2, special_tokens=SPECIAL_TOKENS, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    ours = json.loads((tmp_path / "tok" / "tokenizer.json").read_text(encoding="utf-8"))["model"]
+    assert ours["merges"] == json.loads(whole.to_str())["model"]["merges"] and len(ours["merges"]) > 50
 
 
 def test_max_bytes_streams_a_prefix(tmp_path):

@@ -450,7 +450,7 @@ def test_the_chat_page_works_on_a_phone_by_keyboard_and_with_a_screen_reader(nan
         finally:
             forward.released.set()
         after_stop = run("await until(() => controller === null, 'the stop');\n"
-                         "return [shown().replies[1].finish, document.activeElement === input];")
+                         "return [shown().replies[1].finish, document.activeElement === input, shown().notes];")
         folded = run("return document.getElementById('settings').open;")
         run.resize(640, 360)  # the phone turned sideways: wide enough to show the settings, with no 设置 to open them
         turned = run("await until(() => document.getElementById('settings').open, 'the settings'); "
@@ -459,7 +459,9 @@ def test_the_chat_page_works_on_a_phone_by_keyboard_and_with_a_screen_reader(nan
     assert fits["headerShare"] < 0.15, "the settings fold away, leaving a phone's screen to the conversation"
     assert fits == {**fits, "inside": True, "scrolls": False, "formFits": True, "busy": None,
                     "speakers": ["你", "助手"]}
-    assert stopped is True and after_stop == ["stopped", True]
+    # A stopped reply says so, as `tinyk chat` does: it would look finished otherwise.
+    assert stopped is True and after_stop[:2] == ["stopped", True] and after_stop[2][-1] == "（回复已停止）"
+    assert after_stop[2].count("（回复已停止）") == 1
     assert folded is False and turned is True
 
 

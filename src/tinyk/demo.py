@@ -220,6 +220,7 @@ class Runtime:
     compile: bool
     rates: dict[str, float]
     compile_error: str | None = None
+    untried: str | None = None  # a candidate the probe did not time, and why
 
     @property
     def eager_tokens_per_s(self) -> float:
@@ -234,9 +235,10 @@ def choose_runtime(cfg: DemoConfig, tcfg: TrainConfig, try_compile: bool = False
     """The pretraining dtype, CPU thread count and whether to compile, from the measured speed of `tcfg`.
 
     dtype "probe" tries fp32 and bf16 autocast and keeps the faster: on CPUs with AMX or
-    AVX512-BF16 bf16 is several times faster, elsewhere it can be slower (a GPU takes its autocast
-    dtype). Each is also tried on one thread: on a machine busy with other work, threads waiting for
-    each other can make all cores slower than one. The chosen thread count stays set for the rest of
+    AVX512-BF16 bf16 is several times faster, elsewhere it can be slower, and an x86 CPU known to have
+    neither is not given the minute one emulated step takes (a GPU takes its autocast dtype). Each is
+    also tried on one thread: on a machine busy with other work, threads waiting for each other can
+    make all cores slower than one. The chosen thread count stays set for the rest of
     the run. With `try_compile` the winner is timed again side by side with its torch.compile'd self
     (about 35 s of compiling on two cores), which is kept if faster; where compiling fails (no C++
     compiler, say) training stays eager.
@@ -245,10 +247,13 @@ def choose_runtime(cfg: DemoConfig, tcfg: TrainConfig, try_compile: bool = False
     from .model import cuda_autocast_dtype, short_dtype_name
 
     cuda = torch.cuda.is_available()
+    untried = None
     if cfg.dtype == "probe":
         # On a GPU its autocast dtype: fp16 on cards without bf16 (a T4, Colab's free GPU; a V100).
         names = [short_dtype_name(cuda_autocast_dtype(torch.device("cuda")))] \
-            if cuda else ["fp32", "bf16"]
+            if cuda else ["fp32"] if cpu_emulates_bf16() else ["fp32", "bf16"]
+        if names == ["fp32"]:
+            untried = "bf16 not timed: this CPU has no bf16 instructions (avx512_bf16, amx_bf16)"
     elif cfg.dtype in TRAIN_DTYPES:
         names = [cfg.dtype]
     else:
@@ -266,7 +271,7 @@ def choose_runtime(cfg: DemoConfig, tcfg: TrainConfig, try_compile: bool = False
     candidates = [(n, t, False) for n in names for t in ([cores, 1] if not cuda and cores > 1 else [cores])]
     rates = dict(zip(candidates, probe(*candidates), strict=True))
     name, threads, _ = max(rates, key=rates.__getitem__)
-    rt = Runtime(name, threads, False, {f"{n} x{t}": r for (n, t, _), r in rates.items()})
+    rt = Runtime(name, threads, False, {f"{n} x{t}": r for (n, t, _), r in rates.items()}, untried=untried)
     if try_compile:
         try:
             eager_rate, compiled = probe((name, threads, False), (name, threads, True))
@@ -277,6 +282,20 @@ def choose_runtime(cfg: DemoConfig, tcfg: TrainConfig, try_compile: bool = False
             rt.compile = compiled > eager_rate
     torch.set_num_threads(threads)
     return rt
+
+
+def cpu_emulates_bf16() -> bool:
+    """Whether this is an x86 Linux machine whose /proc/cpuinfo lists neither avx512_bf16 nor amx_bf16:
+    there bf16 matmuls are emulated, and one step of the demo's took 49 to 78 s against fp32's 7 (a
+    2-core EPYC), so the probe spent minutes of a 13-minute demo on it. Elsewhere bf16 is timed."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return False
+    flags = next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), None)
+    return flags is not None and not {"avx512_bf16", "amx_bf16"} & flags
 
 
 def training_seconds(st: Stages, cfg: DemoConfig, run: str) -> float:
@@ -483,13 +502,16 @@ class _Pipeline:
             st.print(f"      throughput probe (tokens/s): {rt.rates} -> {rt.dtype}, {rt.threads} thread(s)"
                      f"{', compiled' if rt.compile else ''}; "
                      + (f"{minutes:.1f} minutes, about {steps} steps" if minutes else f"{steps} steps"))
+            if rt.untried:
+                st.print(f"      {rt.untried}")
             if rt.compile_error:
                 st.print(f"      torch.compile failed here, training eager: {rt.compile_error}")
             summary = run_training(pretrain_config(steps, minutes=minutes, out=runs / "pretrain", dtype=rt.dtype,
                                                    compile=rt.compile, show_progress=self.show_progress))
             _move_final(runs / "pretrain", self.root / "base")
             self.res["pretrain"] = {**_run_summary(summary), "probe_tokens_per_s": rt.rates, "dtype": rt.dtype,
-                                    "threads": rt.threads, "compiled": rt.compile, "compile_error": rt.compile_error}
+                                    "threads": rt.threads, "compiled": rt.compile, "compile_error": rt.compile_error,
+                                    "probe_untried": rt.untried}
             rec["tokens"] = summary["tokens"]
             rec["note"] = f"{summary['tokens']:,} tokens, val loss {summary['final_val_loss']:.3f}"
 

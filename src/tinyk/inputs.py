@@ -557,9 +557,8 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
                     if s is None or not s.strip():  # blank lines separate documents; they are not ones
                         continue
                     encoding.saw(False)
-                    if encoding.lines == 1 and _is_record(s, field, message_lists):
-                        read_as = ("them as conversations" if message_lists else "them as conversations with tinyk "
-                                   "data sft" if is_message_list(json.loads(s)) else f"their '{field}' field")
+                    read_as = _read_as_record(s, field, message_lists) if encoding.lines == 1 else None
+                    if read_as:
                         raise TinykError(f"{path}: a .txt file whose lines are JSON records, which would be read as "
                                          f"text, braces and keys included; name it {_jsonl_name(path)} to read "
                                          f"{read_as}")
@@ -624,18 +623,31 @@ def _refuse_not_json_lines(path: Path, first_line: bytes | None, field: str, mes
                          f"under KEY: jq -c '.KEY[]' FILE > records.jsonl")
 
 
-def _is_record(line: str, field: str, message_lists: bool) -> bool:
-    """Whether a line is a record, in a file that a .jsonl name would have read as records: a JSON
-    object with the text field, or one conversation (in an SFT format, or the seed's list of messages,
-    which pretraining refuses with its own line). Text that merely looks like JSON is text."""
+def _read_as_record(line: str, field: str, message_lists: bool) -> str | None:
+    """How a .jsonl name would read a .txt's line as a record (None: as text): a JSON object with a text
+    field, `field` or another (then with the --field that names it), or one conversation (in an SFT
+    format, or the seed's list of messages, which pretraining refuses with its own line). Text that
+    merely looks like JSON, or JSON with no text in it, is text."""
     if not line.lstrip().startswith(("{", "[")):
-        return False
+        return None
     try:
         rec = json.loads(line)
     except (ValueError, RecursionError):
-        return False
-    return is_message_list(rec) or isinstance(rec, dict) and (
-        isinstance(rec.get(field), str) or (message_lists and sft_format(rec) is not None))
+        return None
+    if message_lists and (is_message_list(rec) or isinstance(rec, dict) and (
+            isinstance(rec.get(field), str) or sft_format(rec) is not None)):
+        return "them as conversations"
+    if is_message_list(rec):
+        return "them as conversations with tinyk data sft"
+    if not isinstance(rec, dict) or message_lists:
+        return None
+    if isinstance(rec.get(field), str):
+        return f"their '{field}' field"
+    texts = {k: len(v) for k, v in rec.items() if isinstance(v, str) and v.strip()}
+    if not texts:
+        return None
+    longest = max(texts, key=texts.get)
+    return f"their {short_repr(longest)} field with --field {shlex.quote(longest)}"
 
 
 def _jsonl_name(path: Path) -> str:
@@ -860,7 +872,7 @@ def iter_texts(paths: list[Path], skips: Skips, *, field: str = "text", **kw: An
         if not isinstance(rec, dict) or field not in rec:
             fix = ("these are SFT conversations, not text: `tinyk data sft` reads them"
                    if sft_format(rec) in ("chat", "alpaca", "prompt") or is_message_list(rec)
-                   else "--field names the one with the text")
+                   else _records_under_a_key(rec, field) or "--field names the one with the text")
             skips.add("missing_field", where, f"no field {field!r}, the first such record has "
                                               f"{record_shape(rec)}; {fix}")
             continue
@@ -872,6 +884,18 @@ def iter_texts(paths: list[Path], skips: Skips, *, field: str = "text", **kw: An
             skips.add("empty", where)
             continue
         yield text
+
+
+def _records_under_a_key(rec: Any, field: str) -> str | None:
+    """The jq line for what `json.dump({"data": [records or texts]})` writes: one line, a record of one list."""
+    lists = [k for k, v in rec.items() if isinstance(v, list) and v and isinstance(v[0], dict | str)] \
+        if isinstance(rec, dict) else []
+    if len(lists) != 1:
+        return None
+    key = lists[0]
+    wrap = f" | {{{json.dumps(field, ensure_ascii=False)}: .}}" if isinstance(rec[key][0], str) else ""
+    program = shlex.quote(f".{json.dumps(key, ensure_ascii=False)}[]{wrap}")
+    return f"it holds its records as a list under {short_repr(key)}: jq -c {program} FILE > records.jsonl"
 
 
 UTF8_OR = "tinyk_utf8_or_"  # a codec: "tinyk_utf8_or_cp936" reads UTF-8, or cp936 where the text is not UTF-8

@@ -11,6 +11,7 @@ import bisect
 import codecs
 import hashlib
 import json
+import re
 import sys
 import threading
 import time
@@ -108,7 +109,10 @@ SYSTEM_ROLES = ("system", "developer")  # OpenAI's newer name for the system rol
 # The least a chat message adds around its text: <|im_start|>, its role and <|im_end|>.
 MESSAGE_TOKENS = 3
 NOT_UTF8 = "the text is not valid UTF-8 (convert it first, e.g. iconv -f gbk -t utf-8)"
-TRAIN_PIECE_CHARS = 4000  # the longest text the BPE trainer is given at once (see train_tokenizer)
+TRAIN_PIECE_CHARS = 4000  # the longest text the BPE trainer is given at once (see training_pieces)
+# Where the GPT-2 pattern of the ByteLevel pre-tokenizer always ends a pre-token: before ASCII whitespace
+# that follows a non-space, and between a letter or digit and a symbol (not ', which may begin 's).
+_PRE_TOKEN_EDGE = re.compile(r"(?<=\S)(?=[ \t\n\r])|(?<=[^\W_])(?=[^\w\s'])")
 MAX_VOCAB = 1_000_000  # far above any small LLM's; the trainer would try to allocate for whatever it is given
 
 
@@ -672,15 +676,14 @@ def train_tokenizer(inputs: list[str | Path], out: str | Path, *, vocab_size: in
     lines = show_progress is None and not bar
     read = {"done": False}
 
+    # Not `tok`'s own: the trainer holds `tok` while it reads, and a call into it from here would wait forever.
+    normalizer = build_tokenizer(normalization).normalizer
+
     def texts():
         for t in iter_texts(paths, skips, field=field, max_bytes=max_bytes, max_line_bytes=max_line_bytes):
             stats["documents"] += 1
             stats["characters"] += len(t)
-            # The BPE trainer slows with the square of a pre-token's length (a 20,000-character run of
-            # Chinese without punctuation took 2.3 s, in pieces 0.3 s): long documents go in pieces,
-            # which splits one word in thousands.
-            for i in range(0, len(t), TRAIN_PIECE_CHARS):
-                yield t[i:i + TRAIN_PIECE_CHARS]
+            yield from training_pieces(t, normalizer)
         read["done"] = True
 
     t0 = time.time()
@@ -714,6 +717,32 @@ def train_tokenizer(inputs: list[str | Path], out: str | Path, *, vocab_size: in
             save_tokenizer_files(tok, tmp)
             write_json_atomic(tmp / TRAINING_RECORD, record)  # a file name that is not UTF-8 as `shown` prints it
     return result
+
+
+def training_pieces(text: str, normalizer: normalizers.Normalizer | None = None) -> Iterator[str]:
+    """A document as the BPE trainer is given it: in pieces of at most TRAIN_PIECE_CHARS, since the
+    trainer slows with the square of a pre-token's length (a 20,000-character run of Chinese without
+    punctuation took 2.3 s, in pieces 0.3 s). A piece ends where a pre-token ends, so the trainer counts
+    the words it would count in the whole text (`--normalization nfkc` makes the seed's tokenizer.json
+    byte for byte); only a run with no such edge in half a piece's length is cut inside a word. The text
+    is normalised before it is cut, as NFKC may join characters across a cut."""
+    if len(text) <= TRAIN_PIECE_CHARS:
+        yield text
+        return
+    if normalizer is not None:
+        text = normalizer.normalize_str(text)  # NFKC of NFKC text is the same text: the trainer's changes nothing
+    start = 0
+    while len(text) - start > TRAIN_PIECE_CHARS:
+        stop = start + TRAIN_PIECE_CHARS
+        edge = stop
+        for reach in (64, TRAIN_PIECE_CHARS // 2):  # an edge is most often a few characters back
+            for match in _PRE_TOKEN_EDGE.finditer(text, stop - min(reach, TRAIN_PIECE_CHARS // 2), stop):
+                edge = match.start()
+            if edge < stop:
+                break
+        yield text[start:edge]
+        start = edge
+    yield text[start:]
 
 
 def _training_line(documents: int, nbytes: int, max_bytes: int | None, read_all: bool, seconds: float) -> str:
