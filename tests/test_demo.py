@@ -422,6 +422,8 @@ def test_demo_leaves_models_results_and_report(demo, capsys):
                    "chars/token", "tokens/s", "![loss_pretrain.png](loss_pretrain.png)", "你好呀"):
         assert needle in report, needle
     assert report == render_report(r)
+    # --smoke trains a fixed number of steps: its config's nominal minute is no budget to report.
+    assert "fixed steps, no time budget" in report and "budget 1 min" not in report
     # Paths recorded while the demo ran in its temporary folder name the final one.
     recorded = [f for f in demo.rglob("*") if f.name in RECORDS_PATHS]
     written = [f for f in demo.rglob("*") if f.suffix in (".json", ".yaml", ".md") and f.name != "tokenizer.json"]
@@ -647,3 +649,20 @@ def test_a_budget_spent_before_pretraining_is_said_before_the_probe(tmp_path, mo
         run_demo(tmp_path / "d", replace(DemoConfig.smoke(), pretrain_steps=None, sft_steps=None, minutes=4),
                  show_progress=False)
     assert not (tmp_path / "d").exists()
+
+
+def test_a_budget_the_probe_spent_is_said_to_be_spent_by_it(tmp_path, monkeypatch):
+    """A probe that took the rest of the budget was said to be "before pretraining", as if the earlier
+    stages had spent it (a 4-minute demo whose bf16 warm-up steps took 215 s)."""
+    from tinyk import demo
+
+    probed = []
+    real_choose = demo.choose_runtime
+    monkeypatch.setattr(demo, "choose_runtime", lambda *a, **k: probed.append(1) or real_choose(*a, **k))
+    real_left = demo.Stages.left
+    monkeypatch.setattr(demo.Stages, "left", lambda self: 0.0 if probed else real_left(self))
+    with pytest.raises(TinykError, match=r"^the 4-minute budget is spent before pretraining's run, after its speed "
+                                         r"probe \("):
+        run_demo(tmp_path / "d", replace(DemoConfig.smoke(), pretrain_steps=None, sft_steps=None, minutes=4),
+                 show_progress=False)
+    assert probed and not (tmp_path / "d").exists()

@@ -1499,8 +1499,9 @@ def test_an_output_removed_while_a_command_ran_is_simply_written(tmp_path):
 
 
 def test_a_failure_moving_the_old_output_aside_is_not_called_a_mount_point(tmp_path, monkeypatch):
-    """Only EBUSY means a mount point. Another error moving the old output aside (a permission) is
-    raised as it is; the old output stays, and nothing is left beside it."""
+    """Only EBUSY means a mount point. Another error moving the old output aside (a folder made immutable
+    with chattr +i) is said in one line; the old output stays, and the work, done, is kept beside it (a
+    trained tokenizer was deleted, and the error was a raw errno naming a hidden temporary)."""
     out = tmp_path / "out"
     with atomic_dir(out) as tmp:
         (tmp / "f").write_text("old")
@@ -1512,9 +1513,11 @@ def test_a_failure_moving_the_old_output_aside_is_not_called_a_mount_point(tmp_p
         return real(src, dst)
 
     monkeypatch.setattr(os, "replace", refused)
-    with pytest.raises(PermissionError), atomic_dir(out, force=True) as tmp:
+    with pytest.raises(TinykError, match=rf"^cannot replace {re.escape(str(out))}: Permission denied \(this output is "
+                                         rf"kept as {re.escape(str(out))}\.new\)$"), atomic_dir(out, force=True) as tmp:
         (tmp / "f").write_text("new")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (out / "f").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out.new"] and (out / "f").read_text() == "old"
+    assert (tmp_path / "out.new" / "f").read_text() == "new"
 
 
 def test_a_finished_output_that_cannot_be_set_aside_as_new_is_kept_where_it_was_made(tmp_path, monkeypatch):

@@ -487,14 +487,14 @@ class _Pipeline:
                 return training_config("pretrain", cfg, data=self.data_dir / "pretrain", steps=steps,
                                        tokenizer=self.tok_dir, **kw)
 
-            def share() -> float:
-                return training_seconds(st, cfg, "pretraining") * cfg.pretrain_share
+            def share(before: str = "pretraining") -> float:
+                return training_seconds(st, cfg, before) * cfg.pretrain_share
 
             if not cfg.pretrain_steps:
                 share()  # a budget already spent is said before the probe, not after it
             rt = self.rt = choose_runtime(cfg, pretrain_config(10**6, out=runs / "probe"), try_compile=(
                 cfg.compile and not cfg.pretrain_steps and share() >= cfg.compile_min_s))
-            seconds = 0.0 if cfg.pretrain_steps else share()
+            seconds = 0.0 if cfg.pretrain_steps else share("pretraining's run, after its speed probe")
             steps = cfg.pretrain_steps or min(
                 steps_for(seconds, rt.tokens_per_s / (cfg.pretrain_batch * cfg.seq_len)),
                 epoch_steps(cfg.max_epochs, (train_tokens - 1) // cfg.seq_len, cfg.pretrain_batch))
@@ -601,6 +601,11 @@ def _run_summary(s: dict[str, Any]) -> dict[str, Any]:
     return {k: s[k] for k in keep}
 
 
+def _budget_text(config: dict[str, Any]) -> str:
+    """The run's time budget; --smoke has none (a fixed number of steps), though its config holds a minute."""
+    return "fixed steps, no time budget" if config["pretrain_steps"] else f"budget {config['minutes']:g} min"
+
+
 def machine_info() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     try:
@@ -700,7 +705,7 @@ def result_rows(res: dict[str, Any]) -> list[tuple[str, str, str]]:
     parity = "not checked" if "error" in check else "identical" if check.get("ok") else "DIFFERENT"
     rows.append(("transformers greedy parity", parity,
                  f"{check.get('tokens_compared', 0)} tokens" if "tokens_compared" in check else check.get("error", "")))
-    rows.append(("wall time", f"{res['total_seconds'] / 60:.1f} min", f"budget {res['config']['minutes']:g} min"))
+    rows.append(("wall time", f"{res['total_seconds'] / 60:.1f} min", _budget_text(res["config"])))
     return rows
 
 
@@ -754,7 +759,7 @@ def render_report(res: dict[str, Any]) -> str:
         "# tinyk demo report",
         "",
         f"Machine: {machine_text(m)}. Total wall time {res['total_seconds'] / 60:.1f} minutes "
-        f"(budget {res['config']['minutes']:g}).",
+        f"({_budget_text(res['config'])}).",
         "",
         "## Results",
         "",

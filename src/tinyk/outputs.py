@@ -215,12 +215,11 @@ def atomic_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path
             old = out.with_name(f".{_stem(out.name)}.old-{_owner()}-{secrets.token_hex(4)}")
             try:
                 os.replace(out, old)
-            except OSError as e:
-                if e.errno != errno.EBUSY:
-                    raise
-                # A bind mount that ismount() did not see: the work is done, so it is kept.
-                kept = _keep_aside(tmp, out)
-                raise TinykError(f"{_mount_point(out)} (this output is kept as {kept})") from e
+            except OSError as e:  # the work is done, so it is kept: a bind mount ismount() did not see, a
+                kept = _keep_aside(tmp, out)  # folder made immutable (chattr +i) or another user's in /tmp
+                why = _mount_point(out) if e.errno == errno.EBUSY else \
+                    f"cannot replace {shown(out)}: {e.strerror or first_line(e)}"
+                raise TinykError(f"{why} (this output is kept as {kept})") from e
             if old.is_symlink() and old.is_dir():
                 print(f"tinyk: note: {shown(out)} was a link to {shown(old.readlink())}; it is now a folder of its "
                       f"own here, and the folder it pointed to is left as it was", file=sys.stderr)
