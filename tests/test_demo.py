@@ -515,8 +515,8 @@ def test_a_signal_during_training_stops_the_demo_as_in_every_other_stage(tmp_pat
                                                        "a full disk)")):
         # A signal in a run's last step ends that run as completed; the demo stops all the same.
         for run_status in ("interrupted", "completed"):
-            monkeypatch.setattr(tinyk.train, "train", lambda cfg, force, s=signal_name, r=run_status: {
-                "status": r, "stop_signal": s})
+            monkeypatch.setattr(tinyk.train, "train", lambda cfg, force, resumable, s=signal_name, r=run_status: {
+                "status": r, "stop_signal": s} if not resumable else {})
             with pytest.raises(SystemExit) as e:
                 main(["demo", "--out", str(tmp_path / "demo")])
             assert e.value.code == status

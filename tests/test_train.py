@@ -710,6 +710,18 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, pt_data, tok_dir):
     assert train_losses(killed) == train_losses(tmp_path / "straight")
 
 
+def test_a_run_its_caller_will_not_continue_offers_no_resume_when_stopped(tmp_path, pt_data, tok_dir, monkeypatch,
+                                                                         capsys):
+    """The demo starts over instead: Ctrl-C in its training said "checkpoint saved, continue with --resume"
+    of a folder it then deleted, and `tinyk demo --resume` is no command."""
+    signal_at_step(monkeypatch, 2, signal.SIGINT)
+    summary = train(nano_cfg(pt_data, tok_dir, tmp_path / "run", max_steps=20, log_every=1), resumable=False)
+    said = capsys.readouterr()
+    assert (summary["status"], summary["stop_signal"]) == ("interrupted", "SIGINT")
+    assert said.err == "tinyk: SIGINT: stopping at the end of this step\n"
+    assert "stopped by SIGINT at step 2\n" in said.out and "resume" not in said.out + said.err
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])  # SIGHUP: an SSH session dropped
 def test_signal_saves_a_checkpoint_and_exits(tmp_path, pt_data, tok_dir, monkeypatch, capsys, request, sig):
     signal_at_step(monkeypatch, 3, sig)

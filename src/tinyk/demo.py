@@ -323,7 +323,7 @@ def run_training(tcfg: TrainConfig) -> dict[str, Any]:
     from .train import train
 
     with contextlib.nullcontext() if tcfg.progress else contextlib.redirect_stdout(io.StringIO()):  # --quiet
-        summary = train(tcfg, force=True)
+        summary = train(tcfg, force=True, resumable=False)
     # A signal stops the demo as in every other stage, also one that came in the run's last step.
     if summary["status"] != "completed" or summary["stop_signal"]:
         why = "(the demo does not continue a stopped run: run it again to start over)"

@@ -586,7 +586,7 @@ class SaveFailed(TinykError):
 class Trainer:
     """One training run; `run()` returns the summary. Construction performs every set-up check."""
 
-    def __init__(self, cfg: TrainConfig, *, resume: bool = False, force: bool = False):
+    def __init__(self, cfg: TrainConfig, *, resume: bool = False, force: bool = False, resumable: bool = True):
         if resume and force:
             raise TinykError("--resume continues the run in --out and --force starts it over: give one of them")
         # A copy: the run fills in the model's shape and more, and a caller may reuse its config for the next.
@@ -605,6 +605,7 @@ class Trainer:
         self.run_dir = RunDir(self.out, self.dist)
         self.monitor: Monitor | None = None
         self.stop_signal: str | None = None
+        self.resumable = resumable  # False: a caller that starts over (the demo); a stop promises no --resume
         self.pace = _Pace()
         try:
             self._setup_inputs()
@@ -1291,8 +1292,9 @@ class Trainer:
             if not said and self.dist.main:  # a stop can be minutes away (an evaluation, a save)
                 # Under torchrun a second Ctrl-C reaches the ranks as SIGTERM, which aborts nothing.
                 alone = signum == signal.SIGINT and not os.environ.get("TORCHELASTIC_RUN_ID")
-                again = "; Ctrl-C again aborts without saving" if alone else ""
-                say_on_stderr(f"tinyk: {self.stop_signal}: stopping at the end of this step and saving{again}")
+                saving, again = (" and saving", "; Ctrl-C again aborts without saving") if self.resumable else ("", "")
+                again = again if alone else ""
+                say_on_stderr(f"tinyk: {self.stop_signal}: stopping at the end of this step{saving}{again}")
 
         # A signal ignored when the run began stays so (SIGHUP under nohup; SIGINT for a job a script
         # started with &, as the shell does it): the run goes on.
@@ -1764,7 +1766,8 @@ class Trainer:
                         f"model of the run's lowest val loss, which was not kept")
             msg = (f"finished: {plural(p.step, 'steps')}, {p.tokens:,} tokens in {elapsed:.0f}s; model in {final}{best}"
                    if final else
-                   f"stopped by {self.stop_signal} at step {p.step}; checkpoint saved, continue with --resume")
+                   f"stopped by {self.stop_signal} at step {p.step}"
+                   + ("; checkpoint saved, continue with --resume" if self.resumable else ""))
             if skipped:
                 msg += f" ({skipped} of the steps were skipped by fp16's loss scaler)"
             self.monitor.print(msg)
@@ -1790,7 +1793,7 @@ def peer_lost(e: BaseException, out: Path, *, before_training: bool = False) -> 
                     f"--resume")
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False) -> dict[str, Any]:
+def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, resumable: bool = True) -> dict[str, Any]:
     """Runs (or continues) a training run and returns its summary (also written to OUT/summary.json).
 
     `cfg` comes from `config.resolve_config` (a preset, a config file, flags and --set items, as the
@@ -1801,7 +1804,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False) -> dic
     `train(resolve_config(kind, flags={"out": OUT}, resume=True), resume=True)` continues it. Stopped
     before its first step, it has nothing to save and raises `errors.StoppedBeforeTraining` (in its
     set-up, before it takes the signals over, Ctrl-C is the caller's own KeyboardInterrupt). One run
-    at a time in a process.
+    at a time in a process. `resumable=False`: a caller that never continues a stopped run (the demo),
+    so a stop's lines do not offer --resume.
     """
     if not _TRAINING.acquire(blocking=False):
         raise TinykError("another train() is running in this process: runs share torch's global random "
@@ -1809,7 +1813,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False) -> dic
                          "separate processes")
     try:
         with _callers_random_state_kept():
-            return Trainer(cfg, resume=resume, force=force).run()
+            return Trainer(cfg, resume=resume, force=force, resumable=resumable).run()
     finally:
         _TRAINING.release()
 
