@@ -221,6 +221,7 @@ class Runtime:
     rates: dict[str, float]
     compile_error: str | None = None
     untried: str | None = None  # a candidate the probe did not time, and why
+    eager_beside_compiled: float | None = None  # the winner's eager rate, timed again in turns with its compiled self
 
     @property
     def eager_tokens_per_s(self) -> float:
@@ -278,7 +279,9 @@ def choose_runtime(cfg: DemoConfig, tcfg: TrainConfig, try_compile: bool = False
         except Exception as e:  # any compiler failure only means training stays eager
             rt.compile_error = first_line(e)[:200]
         else:
-            rt.rates[f"{name} x{threads}"], rt.rates[f"{name} x{threads} compiled"] = eager_rate, compiled
+            # Beside the first round's rates, not over them: load moves between rounds, and a rate
+            # overwritten made the line show a choice slower than a candidate it beat.
+            rt.rates[f"{name} x{threads} compiled"], rt.eager_beside_compiled = compiled, eager_rate
             rt.compile = compiled > eager_rate
     torch.set_num_threads(threads)
     return rt
@@ -499,8 +502,9 @@ class _Pipeline:
                 steps_for(seconds, rt.tokens_per_s / (cfg.pretrain_batch * cfg.seq_len)),
                 epoch_steps(cfg.max_epochs, (train_tokens - 1) // cfg.seq_len, cfg.pretrain_batch))
             minutes = None if cfg.pretrain_steps else seconds / 60
+            beside = f" (eager {rt.eager_beside_compiled} in turns with it)" if rt.eager_beside_compiled else ""
             st.print(f"      throughput probe (tokens/s): {rt.rates} -> {rt.dtype}, {rt.threads} thread(s)"
-                     f"{', compiled' if rt.compile else ''}; "
+                     f"{', compiled' if rt.compile else ''}{beside}; "
                      + (f"{minutes:.1f} minutes, about {steps} steps" if minutes else f"{steps} steps"))
             if rt.untried:
                 st.print(f"      {rt.untried}")
@@ -511,7 +515,8 @@ class _Pipeline:
             _move_final(runs / "pretrain", self.root / "base")
             self.res["pretrain"] = {**_run_summary(summary), "probe_tokens_per_s": rt.rates, "dtype": rt.dtype,
                                     "threads": rt.threads, "compiled": rt.compile, "compile_error": rt.compile_error,
-                                    "probe_untried": rt.untried}
+                                    "probe_untried": rt.untried,
+                                    "probe_eager_beside_compiled": rt.eager_beside_compiled}
             rec["tokens"] = summary["tokens"]
             rec["note"] = f"{summary['tokens']:,} tokens, val loss {summary['final_val_loss']:.3f}"
 
