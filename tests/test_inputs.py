@@ -443,9 +443,19 @@ def test_a_txt_file_of_json_records_is_refused_with_the_name_it_needs(tmp_path):
     src.write_bytes(gzip.compress(b'{"a": 1, "b": " "}\n{}\n'))  # JSON, but no text the .jsonl reader would read
     assert texts(src) == ['{"a": 1, "b": " "}', "{}"]
     # Records with their text under another key were trained on as text too: the --field to read them is named.
-    src.write_bytes(gzip.compress('{"id": "a1", "content": "你好世界", "lang": "zh"}\n'.encode()))
-    with pytest.raises(TinykError, match=r"name it C.jsonl.gz to read their 'content' field with --field content$"):
+    record = {"id": "a1", "content": "今天天气很好，我们一起去公园散步吧。然后去吃饭。", "lang": "zh"}
+    src.write_bytes(gzip.compress(json.dumps(record, ensure_ascii=False).encode() + b"\n"))
+    with pytest.raises(TinykError, match=r"name it C.jsonl.gz to read their 'content' field with --field=content$"):
         texts(src)
+    # SFT records are conversations, whatever their longest string: not "--field output" (the answers alone).
+    for rec in ({"instruction": "把这句话翻译成英文", "input": "", "output": "Please translate this sentence."},
+                {"id": "identity_0", "conversations": [{"from": "human", "value": "你好"}]}):
+        src.write_bytes(gzip.compress(json.dumps(rec, ensure_ascii=False).encode() + b"\n"))
+        with pytest.raises(TinykError, match=r"name it C.jsonl.gz to read them as conversations with tinyk data sft$"):
+            texts(src)
+    # A log line's short values are no document: such a file is read as the text it is.
+    src.write_bytes(gzip.compress(b'{"ts": "2026-12-07T05:00:00", "level": "info", "msg": "started"}\n'))
+    assert texts(src) == ['{"ts": "2026-12-07T05:00:00", "level": "info", "msg": "started"}']
     # The seed's conversations, one list of messages a line: trained on as text, brackets and keys included.
     src.write_bytes(gzip.compress('[{"role": "user", "content": "你好"}, {"role": "assistant", "content": "嗯"}]\n'
                                   .encode()))
@@ -906,18 +916,20 @@ def test_force_replaces_only_what_the_output_holds_and_keeps_the_users_own_entri
     # In any folder both have (the demo's runs/ beside its runs): a run of the user's there was deleted.
     (out / "runs" / "myrun").mkdir(parents=True)
     (out / "runs" / "myrun" / "f").write_text("mine")
-    # A dataset's own folders are not merged: a shard the new one lacks is the old data, not the user's.
-    (out / "data" / "train").mkdir(parents=True)
-    (out / "data" / "meta.json").write_text("old")
-    (out / "data" / "train" / "shard_0009.bin").write_text("old")
-    (out / "data" / "notes.txt").write_text("mine")
+    # A dataset or a run is not merged: a shard or a best/ the new one lacks is the old one's, not the user's.
+    (out / "data" / "pretrain" / "train").mkdir(parents=True)
+    (out / "data" / "pretrain" / "meta.json").write_text("old")
+    (out / "data" / "pretrain" / "train" / "shard_0009.bin").write_text("old")
+    (out / "runs" / "pretrain" / "best").mkdir(parents=True)
+    (out / "runs" / "pretrain" / "config.yaml").write_text("old")
     with atomic_dir(out, force=True) as tmp:
         (tmp / "model").write_text("new")
         (tmp / "chat").mkdir()
         (tmp / "chat" / "config.json").write_text("new")
         (tmp / "runs" / "pretrain").mkdir(parents=True)
-        (tmp / "data" / "train").mkdir(parents=True)
-        (tmp / "data" / "meta.json").write_text("new")
+        (tmp / "runs" / "pretrain" / "config.yaml").write_text("new")
+        (tmp / "data" / "pretrain" / "train").mkdir(parents=True)
+        (tmp / "data" / "pretrain" / "meta.json").write_text("new")
     assert {p.name: p.is_dir() or p.read_text() for p in out.iterdir()} == {
         "model": "new", "my_eval.json": "{}", "my_run": True, "vocab_notes.md": "mine", "tokenizer_stats.json": "mine",
         "training_args.bin": "mine", "lora.pt": "mine", "emb.npy": "mine", "vocab_study": "mine", "chat": True,
@@ -925,7 +937,8 @@ def test_force_replaces_only_what_the_output_holds_and_keeps_the_users_own_entri
     assert {p.name: p.read_text() for p in (out / "chat").iterdir()} == {"config.json": "new", "notes.txt": "mine"}
     assert sorted(p.name for p in (out / "runs").iterdir()) == ["myrun", "pretrain"]
     assert (out / "runs" / "myrun" / "f").read_text() == "mine"
-    assert (out / "data" / "notes.txt").read_text() == "mine" and not any((out / "data" / "train").iterdir())
+    assert [p.name for p in (out / "runs" / "pretrain").iterdir()] == ["config.yaml"]
+    assert not any((out / "data" / "pretrain" / "train").iterdir())
     old = tmp_path / f".out.old-{_host()}-{dead_pid()}"  # killed after the swap, before the carry-over
     old.mkdir()
     (old / "model").write_text("older")
@@ -1415,6 +1428,16 @@ def test_a_line_that_is_a_list_of_messages_is_one_conversation(tmp_path, tok_dir
         code, err = run_cli(args, capsys)
         assert code == 2 and "JSON array" not in err and "no field 'text', the first such record has a JSON list; " \
             "these are SFT conversations, not text: `tinyk data sft` reads them" in one_error_line(err), err
+
+
+def test_a_record_with_a_list_and_text_of_its_own_is_not_called_a_list_of_records(tmp_path):
+    """A news record with its tags: "--field names the one with the text", not a jq line that trains on the tags."""
+    src = tmp_path / "news.jsonl"
+    news = {"title": "标题", "content": "正文", "tags": ["财经", "国内"]}
+    src.write_text(json.dumps(news, ensure_ascii=False) + "\n", encoding="utf-8")
+    skips = Skips()
+    assert list(iter_texts([src], skips)) == [] and skips.hints["missing_field"].endswith(
+        "--field names the one with the text")
 
 
 @pytest.mark.parametrize("records,program", [

@@ -1377,7 +1377,8 @@ def test_a_request_must_arrive_within_the_timeout_however_it_trickles(nano_model
                     got, closed = got + chunk, not chunk
                 else:
                     s.sendall(b"l")  # a byte just within each wait for one
-            assert got.startswith(b"HTTP/1.1 200") and closed and time.monotonic() - began < 1.7, got
+            # The 1.0 s timeout, and room for a CPU busy with another test (a timer reset by each read never closes).
+            assert got.startswith(b"HTTP/1.1 200") and closed and time.monotonic() - began < 2.5, got
     finally:
         server.close()
 

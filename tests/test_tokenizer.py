@@ -277,6 +277,17 @@ def test_a_long_document_is_cut_only_where_the_pre_tokenizer_splits_it(text, nor
         assert cut_words == words(whole)
 
 
+def test_no_piece_ends_before_a_character_newer_than_pythons_unicode_tables():
+    """CJK Extension H (Unicode 15) is unassigned in Python 3.11's tables, a symbol to its regex, but a letter
+    to the pre-tokenizer's: an edge there would cut one word in two."""
+    from tinyk import tokenizer as tk_module
+
+    text = "中" * 15 + "\U00031350" + "字" * 10
+    with mock.patch.object(tk_module, "TRAIN_PIECE_CHARS", 20):
+        pieces = list(tk_module.training_pieces(text))
+    assert pieces == [text[:20], text[20:]]  # cut where the piece is full, as in a long run, not at the rare character
+
+
 @pytest.mark.parametrize("normalization", ["none", "nfkc"])
 def test_a_tokenizer_trained_on_long_documents_in_pieces_is_the_one_trained_on_them_whole(
         tmp_path, monkeypatch, normalization):

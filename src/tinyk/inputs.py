@@ -627,7 +627,7 @@ def _read_as_record(line: str, field: str, message_lists: bool) -> str | None:
     """How a .jsonl name would read a .txt's line as a record (None: as text): a JSON object with a text
     field, `field` or another (then with the --field that names it), or one conversation (in an SFT
     format, or the seed's list of messages, which pretraining refuses with its own line). Text that
-    merely looks like JSON, or JSON with no text in it, is text."""
+    merely looks like JSON, or JSON with no prose in it (a log line's short values), is text."""
     if not line.lstrip().startswith(("{", "[")):
         return None
     try:
@@ -637,17 +637,22 @@ def _read_as_record(line: str, field: str, message_lists: bool) -> str | None:
     if message_lists and (is_message_list(rec) or isinstance(rec, dict) and (
             isinstance(rec.get(field), str) or sft_format(rec) is not None)):
         return "them as conversations"
-    if is_message_list(rec):
+    if is_message_list(rec) or sft_format(rec) in ("chat", "alpaca", "prompt"):
         return "them as conversations with tinyk data sft"
     if not isinstance(rec, dict) or message_lists:
         return None
     if isinstance(rec.get(field), str):
         return f"their '{field}' field"
-    texts = {k: len(v) for k, v in rec.items() if isinstance(v, str) and v.strip()}
-    if not texts:
-        return None
-    longest = max(texts, key=texts.get)
-    return f"their {short_repr(longest)} field with --field {shlex.quote(longest)}"
+    longest = _prose_key(rec)
+    return f"their {short_repr(longest)} field with --field={shlex.quote(longest)}" if longest else None
+
+
+def _prose_key(rec: dict) -> str | None:
+    """The key of a record's longest text, if that reads as a document (20 characters or more) and the
+    key as a flag's value (not a 100 kB one)."""
+    texts = {k: len(v) for k, v in rec.items() if isinstance(v, str) and len(k) <= 40}
+    longest = max(texts, key=texts.get, default=None)
+    return longest if longest is not None and len(rec[longest].strip()) >= 20 else None
 
 
 def _jsonl_name(path: Path) -> str:
@@ -887,9 +892,11 @@ def iter_texts(paths: list[Path], skips: Skips, *, field: str = "text", **kw: An
 
 
 def _records_under_a_key(rec: Any, field: str) -> str | None:
-    """The jq line for what `json.dump({"data": [records or texts]})` writes: one line, a record of one list."""
-    lists = [k for k, v in rec.items() if isinstance(v, list) and v and isinstance(v[0], dict | str)] \
-        if isinstance(rec, dict) else []
+    """The jq line for what `json.dump({"data": [records or texts]})` writes: one line, a record of one list
+    and no text of its own (a news record's list of tags is no list of records)."""
+    if not isinstance(rec, dict) or any(isinstance(v, str) and v.strip() for v in rec.values()):
+        return None
+    lists = [k for k, v in rec.items() if isinstance(v, list) and v and isinstance(v[0], dict | str)]
     if len(lists) != 1:
         return None
     key = lists[0]

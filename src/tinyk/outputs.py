@@ -367,17 +367,18 @@ def _carry_over(old: Path, new: Path) -> None:
     """Moves into a new output the entries of the one it replaced that it lacks and that do not describe
     a model (`_OUTPUT_FILES`): the user's own (an eval's results in a demo folder, notes beside a
     model). --force replaces what tinyk made, only. A folder inside both (the demo's chat/, runs/) is
-    gone through the same way, but not a dataset's (meta.json): its shards are replaced as a whole."""
+    gone through the same way, but not a dataset or a training run (meta.json, config.yaml): their shards,
+    checkpoints and best/ went with the data and the run they held, and are replaced as a whole."""
     if old.is_symlink() or not old.is_dir():
         return
-    dataset = (old / "meta.json").is_file()
     for p in old.iterdir():
         target = new / p.name
         if is_output_file(p.name):
             continue
         if not target.exists() and not target.is_symlink():
             os.replace(p, target)
-        elif not dataset and p.is_dir() and not p.is_symlink() and target.is_dir() and not target.is_symlink():
+        elif p.is_dir() and not p.is_symlink() and target.is_dir() and not target.is_symlink() and not any(
+                (p / name).is_file() for name in ("meta.json", "config.yaml")):
             _carry_over(p, target)
 
 

@@ -15,6 +15,7 @@ import re
 import sys
 import threading
 import time
+import unicodedata
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -737,7 +738,10 @@ def training_pieces(text: str, normalizer: normalizers.Normalizer | None = None)
         edge = stop
         for reach in (64, TRAIN_PIECE_CHARS // 2):  # an edge is most often a few characters back
             for match in _PRE_TOKEN_EDGE.finditer(text, stop - min(reach, TRAIN_PIECE_CHARS // 2), stop):
-                edge = match.start()
+                # A character newer than Python's Unicode tables (CJK Extension H) is a symbol here but may be
+                # a letter to the pre-tokenizer's: no edge before it.
+                if unicodedata.category(text[match.start()]) != "Cn":
+                    edge = match.start()
             if edge < stop:
                 break
         yield text[start:edge]
