@@ -637,12 +637,14 @@ def _read_as_record(line: str, field: str, message_lists: bool) -> str | None:
     if message_lists and (is_message_list(rec) or isinstance(rec, dict) and (
             isinstance(rec.get(field), str) or sft_format(rec) is not None)):
         return "them as conversations"
-    if is_message_list(rec) or sft_format(rec) in ("chat", "alpaca", "prompt"):
+    if is_message_list(rec):
         return "them as conversations with tinyk data sft"
     if not isinstance(rec, dict) or message_lists:
         return None
     if isinstance(rec.get(field), str):
         return f"their '{field}' field"
+    if sft_format(rec) is not None:
+        return "them as conversations with tinyk data sft"
     longest = _prose_key(rec)
     return f"their {short_repr(longest)} field with --field={shlex.quote(longest)}" if longest else None
 
