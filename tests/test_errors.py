@@ -1017,3 +1017,71 @@ def test_a_pipe_where_a_directory_holds_a_file_is_named_as_one(tmp_path, tok_dir
         with pytest.raises(TinykError, match=f"^{re.escape(str(path))} is a pipe: a "):
             load(path.parent)
 
+
+def test_signal_statuses_are_posixs_where_the_system_lacks_the_signal(monkeypatch):
+    """Where a signal is missing (Windows: no SIGHUP, no SIGPIPE), its stop still exits 128 + POSIX's number."""
+    from tinyk.errors import signal_status
+
+    for name in ("SIGHUP", "SIGPIPE"):
+        monkeypatch.delattr(signal, name, raising=False)
+    assert (signal_status("SIGHUP"), signal_status("SIGPIPE"), signal_status("SIGINT")) == (129, 141, 130)
+
+
+def test_signals_held_without_delivery_are_dropped():
+    """signals_held(deliver=False) swallows a SIGTERM that comes meanwhile (torchrun's, to a process already
+    ending with its peer's error); signals_held() delivers it afterwards, once."""
+    import time
+
+    from tinyk.errors import signals_held
+
+    got: list[int] = []
+    before = signal.signal(signal.SIGTERM, lambda signum, _frame: got.append(signum))
+    try:
+        with signals_held(deliver=False):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0)
+        time.sleep(0)
+        assert got == []
+        with signals_held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0)
+            assert got == []
+        time.sleep(0)
+        assert got == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX's")
+def test_a_config_file_that_is_a_pipe_is_named_so(tmp_path, capsys):
+    """--config <(...) or a FIFO: 'config file is a pipe or a device, not a file', not 'not found'."""
+    fifo = tmp_path / "config.yaml"
+    os.mkfifo(fifo)
+    code, err = run_cli(["pretrain", "--config", str(fifo)], capsys)
+    assert code == 2 and err == f"tinyk: error: config file is a pipe or a device, not a file: {fifo}\n"
+
+
+def test_an_error_quoted_inside_ours_is_one_line():
+    """first_line keeps an error's first line (torch's and trackers' frames follow it); one_line joins the
+    whole message into one; an empty message is the error's type."""
+    from tinyk.errors import first_line, one_line
+
+    e = RuntimeError("\n  torch.compile failed: no C compiler\n  File 'x.py', line 1\n    frame\n")
+    assert first_line(e) == "torch.compile failed: no C compiler" and first_line(ValueError(" ")) == "ValueError"
+    assert one_line(ValueError("bad data\n  at byte 12\tof 40")) == "bad data at byte 12 of 40"
+    assert one_line(OSError()) == "OSError"
+
+
+def test_available_memory_is_the_lower_of_the_machines_and_the_containers(tmp_path, monkeypatch):
+    """MemAvailable counts kB of 1024 bytes; a container's lower limit wins, and a group over its limit has 0 left."""
+    from tinyk import errors
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       16000000 kB\nMemFree:         1000 kB\nMemAvailable:    8000000 kB\n")
+    real_path = errors.Path
+    monkeypatch.setattr(errors, "Path", lambda p, *a: meminfo if p == "/proc/meminfo" else real_path(p, *a))
+    for cgroup_left, available in ((None, 8_192_000_000), (10**12, 8_192_000_000), (5 * 10**8, 5 * 10**8),
+                                   (-4096, 0)):
+        monkeypatch.setattr(errors, "cgroup_memory_left", lambda left=cgroup_left: left)
+        assert errors.memory_available() == available, cgroup_left
