@@ -698,10 +698,10 @@ def test_a_size_is_rounded_before_its_range_is_checked():
 
 
 def test_a_decimal_unit_before_a_binary_one_is_no_size():
-    """'1kMiB' (a typo) is refused, not read as 1k x 1024."""
+    """'1kMiB' (a typo) is refused, not read as 1k x 1024; so is a B typed twice ('10bb' was 10)."""
     from tinyk.units import parse_size
 
-    for s in ("1kMiB", "2GKiB"):
+    for s in ("1kMiB", "2GKiB", "10bb", "1kbb"):
         with pytest.raises(ValueError, match=r"^not a size: '.*' \(e\.g\. 500M, 2G\)$"):
             parse_size(s)
 

@@ -1738,3 +1738,25 @@ def test_a_released_lock_can_be_taken_again_and_releasing_twice_closes_nothing_e
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_a_full_disk_or_quota_says_the_free_space_in_mb(tmp_path, monkeypatch):
+    """ENOSPC and EDQUOT (a user's quota) are the disk's: the line ends with the free space, in MB of 10**6 bytes."""
+    import types
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: types.SimpleNamespace(free=5_000_000_000))
+    out = tmp_path / "model.safetensors"
+    for code in (errno.ENOSPC, errno.EDQUOT):
+        said = str(write_error(out, OSError(code, os.strerror(code))))
+        assert said == f"cannot write {out}: [Errno {code}] {os.strerror(code)}; 5,000 MB free on that disk", said
+
+
+def test_our_own_error_inside_a_write_is_said_as_it_is(tmp_path):
+    """writing() leaves a TinykError alone, even one quoting a library's '(os error 2)': no 'cannot write' around it."""
+    from tinyk.errors import writing
+
+    said = "cannot read tokenizer t/tokenizer.json: No such file or directory (os error 2)"
+    with pytest.raises(TinykError) as e:
+        with writing(tmp_path / "model.safetensors"):
+            raise TinykError(said)
+    assert str(e.value) == said

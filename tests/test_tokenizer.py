@@ -821,3 +821,17 @@ def test_the_memory_note_is_for_inputs_that_may_reach_the_limit(tmp_path, monkey
     packed = tmp_path / "big.jsonl.gz"
     packed.write_bytes(gzip.compress(os.urandom(300_000)))  # 300 kB on disk: up to 3 MB of text
     assert memory_note([packed], None).startswith("reading at most 1.6 MB of text")
+
+
+def test_the_tightest_limit_on_the_way_up_the_cgroup_tree_counts(tmp_path):
+    """Where both a container's group and one above it are limited, what is left is the smaller of the two."""
+    from tinyk.errors import cgroup_memory_left
+
+    G = 10**9
+    for v1 in (True, False):
+        root, proc = cgroup_tree(tmp_path / str(v1), "/kube/pod/c1", {
+            "/kube/pod": (4 * G, 3 * G, 0), "/kube/pod/c1": (8 * G, 1 * G, 0)}, v1)
+        assert cgroup_memory_left(root, proc) == 1 * G
+        root, proc = cgroup_tree(tmp_path / f"own{v1}", "/kube/pod/c1", {
+            "/kube/pod": (16 * G, 3 * G, 0), "/kube/pod/c1": (2 * G, 1 * G, 0)}, v1)
+        assert cgroup_memory_left(root, proc) == 1 * G

@@ -49,7 +49,7 @@ def parse_size(s: str, lo: int = 0, hi: int = MAX_SIZE, *, tokens: bool = False)
     elif tokens and t.endswith("b") and t[:-1] and t[-2] not in _UNITS:
         t, scale = t[:-1], 10**9
     else:
-        t, scale = t.rstrip("b"), 1
+        t, scale = t.removesuffix("b"), 1  # one B: "10bb" is no size
     if scale == 1 and t and t[-1] in _UNITS:
         t, scale = t[:-1], _UNITS[t[-1]]
     out_of_range = ValueError(f"must be a size from {size_text(lo)} to {size_text(hi)}, got {s!r}")
