@@ -250,10 +250,11 @@ def choose_runtime(cfg: DemoConfig, tcfg: TrainConfig, try_compile: bool = False
     cuda = torch.cuda.is_available()
     untried = None
     if cfg.dtype == "probe":
+        emulated = not cuda and cpu_emulates_bf16()
         # On a GPU its autocast dtype: fp16 on cards without bf16 (a T4, Colab's free GPU; a V100).
         names = [short_dtype_name(cuda_autocast_dtype(torch.device("cuda")))] \
-            if cuda else ["fp32"] if cpu_emulates_bf16() else ["fp32", "bf16"]
-        if names == ["fp32"]:
+            if cuda else ["fp32"] if emulated else ["fp32", "bf16"]
+        if emulated:
             untried = "bf16 not timed: this CPU has no bf16 instructions (avx512_bf16, amx_bf16)"
     elif cfg.dtype in TRAIN_DTYPES:
         names = [cfg.dtype]
@@ -293,12 +294,17 @@ def cpu_emulates_bf16() -> bool:
     2-core EPYC), so the probe spent minutes of a 13-minute demo on it. Elsewhere bf16 is timed."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
+    flags = _cpuinfo("flags")
+    return flags is not None and not {"avx512_bf16", "amx_bf16"} & set(flags.split())
+
+
+def _cpuinfo(key: str) -> str | None:
+    """The first `key` line's value in Linux's /proc/cpuinfo (None elsewhere, or without one)."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        return False
-    flags = next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), None)
-    return flags is not None and not {"avx512_bf16", "amx_bf16"} & flags
+        return None
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith(key)), None)
 
 
 def training_seconds(st: Stages, cfg: DemoConfig, run: str) -> float:
@@ -612,14 +618,7 @@ def _budget_text(config: dict[str, Any]) -> str:
 
 
 def machine_info() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = _cpuinfo("model name") or platform.processor() or platform.machine()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu,
             "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform()}

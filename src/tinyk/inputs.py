@@ -634,17 +634,15 @@ def _read_as_record(line: str, field: str, message_lists: bool) -> str | None:
         rec = json.loads(line)
     except (ValueError, RecursionError):
         return None
-    if message_lists and (is_message_list(rec) or isinstance(rec, dict) and (
-            isinstance(rec.get(field), str) or sft_format(rec) is not None)):
-        return "them as conversations"
-    if is_message_list(rec):
-        return "them as conversations with tinyk data sft"
-    if not isinstance(rec, dict) or message_lists:
-        return None
-    if isinstance(rec.get(field), str):
+    has_field = isinstance(rec, dict) and isinstance(rec.get(field), str)
+    if message_lists:
+        return "them as conversations" if is_conversation(rec) or has_field else None
+    if has_field:
         return f"their '{field}' field"
-    if sft_format(rec) is not None:
+    if is_conversation(rec):
         return "them as conversations with tinyk data sft"
+    if not isinstance(rec, dict):
+        return None
     longest = _prose_key(rec)
     return f"their {short_repr(longest)} field with --field={shlex.quote(longest)}" if longest else None
 
@@ -761,10 +759,16 @@ def _jq_hint(path: Path, field: str | None = None) -> str:
     # Never the input's own name (on macOS and Windows Data.JSONL is data.jsonl), nor a sibling's
     # such as data.jsonl beside data.v2.json.
     out = (re.sub(r"(\.(jsonl?|gz|zst))+$", "", name, flags=re.IGNORECASE) or "records") + ".lines.jsonl"
-    program = shlex.quote(f".[] | {{{json.dumps(field, ensure_ascii=False)}: .}}" if field else ".[]")
+    program = _jq_program(field)
     if _codec(path):
         return f"decompress it, then jq -c {program} FILE > {shlex.quote(out)}"
     return f"jq -c {program} {shlex.quote(name)} > {shlex.quote(out)}"
+
+
+def _jq_program(field: str | None, key: str | None = None) -> str:
+    """jq's program, shell-quoted, for the elements of an array (the one under `key`), strings made {field: ...}."""
+    array = f".{json.dumps(key, ensure_ascii=False)}[]" if key is not None else ".[]"
+    return shlex.quote(f"{array} | {{{json.dumps(field, ensure_ascii=False)}: .}}" if field else array)
 
 
 def _decodes_with_surrogates(line: bytes) -> bool:
@@ -873,12 +877,16 @@ def sft_format(rec: Any) -> str | None:
     return "prompt" if "prompt" in rec and "completion" in rec else None
 
 
+def is_conversation(rec: Any) -> bool:
+    """A record `tinyk data sft` reads as one conversation, in any of its formats."""
+    return is_message_list(rec) or sft_format(rec) in ("chat", "alpaca", "prompt")
+
+
 def iter_texts(paths: list[Path], skips: Skips, *, field: str = "text", **kw: Any) -> Iterator[str]:
     """Yields the text of each document, skipping records without a usable text field."""
     for where, rec in iter_records(paths, skips, field=field, **kw):
         if not isinstance(rec, dict) or field not in rec:
-            fix = ("these are SFT conversations, not text: `tinyk data sft` reads them"
-                   if sft_format(rec) in ("chat", "alpaca", "prompt") or is_message_list(rec)
+            fix = ("these are SFT conversations, not text: `tinyk data sft` reads them" if is_conversation(rec)
                    else _records_under_a_key(rec, field) or "--field names the one with the text")
             skips.add("missing_field", where, f"no field {field!r}, the first such record has "
                                               f"{record_shape(rec)}; {fix}")
@@ -902,8 +910,7 @@ def _records_under_a_key(rec: Any, field: str) -> str | None:
     if len(lists) != 1:
         return None
     key = lists[0]
-    wrap = f" | {{{json.dumps(field, ensure_ascii=False)}: .}}" if isinstance(rec[key][0], str) else ""
-    program = shlex.quote(f".{json.dumps(key, ensure_ascii=False)}[]{wrap}")
+    program = _jq_program(field if isinstance(rec[key][0], str) else None, key)
     return f"it holds its records as a list under {short_repr(key)}: jq -c {program} FILE > records.jsonl"
 
 

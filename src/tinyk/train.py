@@ -1292,8 +1292,8 @@ class Trainer:
             if not said and self.dist.main:  # a stop can be minutes away (an evaluation, a save)
                 # Under torchrun a second Ctrl-C reaches the ranks as SIGTERM, which aborts nothing.
                 alone = signum == signal.SIGINT and not os.environ.get("TORCHELASTIC_RUN_ID")
-                saving, again = (" and saving", "; Ctrl-C again aborts without saving") if self.resumable else ("", "")
-                again = again if alone else ""
+                saving = " and saving" if self.resumable else ""
+                again = "; Ctrl-C again aborts without saving" if alone and self.resumable else ""
                 say_on_stderr(f"tinyk: {self.stop_signal}: stopping at the end of this step{saving}{again}")
 
         # A signal ignored when the run began stays so (SIGHUP under nohup; SIGINT for a job a script
