@@ -235,7 +235,7 @@ def test_output_is_deterministic_and_independent_of_worker_count(tmp_path, tok_d
     assert other["splits"]["train"]["documents"] + other["splits"]["val"]["documents"] == 400
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signals are Linux's")
+@pytest.mark.skipif(os.name != "posix", reason="a dead parent's children are adopted on POSIX")
 def test_a_worker_ends_with_its_killed_parent():
     """kill -9 of `tinyk data` must not leave its tokenizer workers running for no one (and printing
     BrokenPipeError tracebacks when they hand their batch over)."""
@@ -2324,9 +2324,9 @@ def test_workers_use_one_core_each(monkeypatch):
         assert pool.apply(os.getenv, ("TOKENIZERS_PARALLELISM",)) == "false"
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signals are Linux's")
+@pytest.mark.skipif(os.name != "posix", reason="a dead parent's children are adopted on POSIX")
 def test_a_worker_whose_parent_is_already_gone_ends_at_once():
-    """Killed before the parent-death signal was set: the worker's parent is no longer the one it was
+    """The parent was killed while the worker started: the worker's parent is no longer the one it was
     started by, and it ends rather than work for no one."""
     r = subprocess.run([sys.executable, "-c", "from tinyk.workers import die_with; die_with(1); print('ran')"],
                        capture_output=True, text=True, timeout=60)
@@ -2398,6 +2398,86 @@ def test_a_worker_killed_mid_task_ends_the_run_rather_than_hanging():
         assert r.returncode != 0 and "done" not in r.stdout
         assert "TinykError: a worker process died while tokenizing (killed by SIGKILL) (the system's out-of-memory " \
                "killer, most likely: fewer --workers use less)" in r.stderr, r.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SIGKILL of a worker")
+def test_a_worker_killed_while_it_hands_a_result_over_ends_the_run_rather_than_hanging(tmp_path):
+    """The OOM killer may end a worker while it writes its batch's tokens into the results' pipe, holding
+    that pipe's lock for good: stopping the pool waited for the lock forever, and the error was never said."""
+    (tmp_path / "killer.py").write_text(textwrap.dedent("""
+        import os, signal, struct, sys
+
+        def hand_over_and_die(arg, n):
+            if n != 3:
+                return n
+            frame = sys._getframe()
+            while frame.f_code.co_name != "worker":  # the standard pool's worker loop, which holds the pipe
+                frame = frame.f_back
+            results = frame.f_locals["outqueue"]
+            results._wlock.acquire()
+            os.write(results._writer.fileno(), struct.pack("!i", 1 << 20) + b"x" * 1000)  # a message's start
+            os.kill(os.getpid(), signal.SIGKILL)
+    """))
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        from killer import hand_over_and_die
+        from tinyk.workers import _Pool, map_ordered
+        _Pool.stop_wait_s = 2.0
+        for tag, r in map_ordered(hand_over_and_die, None, ((i, i) for i in range(8)), workers=2):
+            print(tag, flush=True)
+        print("done")
+    """)
+    try:
+        r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("stopping the pool waits forever for the results' lock of a killed worker")
+    assert r.returncode != 0 and "done" not in r.stdout
+    assert "TinykError: a worker process died while tokenizing (killed by SIGKILL)" in r.stderr, r.stderr
+
+
+@pytest.mark.skipif(os.name != "posix", reason="a dead parent's children are adopted on POSIX")
+def test_a_worker_started_from_a_thread_outlives_that_thread():
+    """The pool starts a dead worker's replacement from its own thread, which ends as the pool stops: a
+    worker that died with that thread (Linux's parent-death signal follows the thread) could die holding
+    the results' pipe, and stopping the pool then waited forever."""
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import os, subprocess, sys, threading, time\n"
+        "children = []\n"
+        "def start():\n"
+        "    child = subprocess.Popen([sys.executable, '-c', 'import sys, time; "
+        "from tinyk.workers import die_with; die_with(int(sys.argv[1])); print(1, flush=True); time.sleep(60)', "
+        "str(os.getpid())], stdout=subprocess.PIPE)\n"
+        "    children.append((child, child.stdout.readline().decode().strip()))\n"  # the thread ends once it runs
+        "t = threading.Thread(target=start)\n"
+        "t.start(); t.join()\n"
+        "child, ready = children[0]\n"
+        "time.sleep(1.0)\n"
+        "print(ready, child.poll(), flush=True)\n"
+        "child.kill()\n")], stdout=subprocess.PIPE, text=True)
+    out, _ = parent.communicate(timeout=60)
+    assert out.split() == ["1", "None"], "the worker ended with the thread that started it"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SIGKILL of a worker")
+def test_a_dead_workers_replacement_does_not_run_the_callers_script(tmp_path):
+    """A script without the `if __name__ == "__main__":` guard: a replacement worker that ran it started a
+    pool of its own, failed, and the error blamed that (exit status 1), not the killed worker."""
+    ran = tmp_path / "ran"
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from tinyk.workers import map_ordered
+        with Path({str(ran)!r}).open("a") as f:
+            f.write("ran\\n")
+        kill = "__import__('os').kill(__import__('os').getpid(), 9) if n == 3 else n"
+        for tag, r in map_ordered(eval, kill, ((i, {{"n": i}}) for i in range(8) if not time.sleep(0.3)), workers=2):
+            print(tag, flush=True)
+    """))
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert "TinykError: a worker process died while tokenizing (killed by SIGKILL)" in r.stderr, r.stderr
+    assert ran.read_text() == "ran\n", "a worker ran the script"
 
 
 def test_stopping_the_worker_pool_from_its_own_task_thread_returns_at_once(monkeypatch):

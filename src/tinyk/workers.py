@@ -6,7 +6,6 @@ never run the caller's script, and a pool stopped mid-task (a full disk, a kille
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import multiprocessing
 import multiprocessing.context
 import multiprocessing.pool
@@ -14,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from itertools import chain
@@ -26,6 +26,7 @@ A = TypeVar("A")
 R = TypeVar("R")
 
 _TASK: tuple[Callable[[Any, Any], Any], Any] | None = None  # a worker's function and its fixed argument
+PARENT_CHECK_S = 0.2  # how often a worker looks for its parent
 
 
 def _init_worker(fn: Callable[[Any, Any], Any], arg: Any, parent: int) -> None:
@@ -42,15 +43,24 @@ def _init_worker(fn: Callable[[Any, Any], Any], arg: Any, parent: int) -> None:
 
 
 def die_with(parent: int) -> None:
-    """A worker whose parent is killed (kill -9, the OOM killer) ends with it, rather than tokenizing
-    for no one and printing a BrokenPipeError traceback when it hands its batch over. Linux only
-    (prctl PR_SET_PDEATHSIG); elsewhere such a worker ends at that hand-over."""
-    if not sys.platform.startswith("linux"):
+    """A worker whose parent is killed (kill -9, the OOM killer) ends with it, within a fraction of a
+    second, rather than tokenizing for no one and printing a BrokenPipeError traceback when it hands
+    its batch over. POSIX only: there a dead parent's children are adopted by another process.
+
+    Linux's parent-death signal would be instant, but it follows the thread that started the worker,
+    and the pool starts a dead worker's replacement from its own thread, which ends as the pool stops:
+    the replacement was killed then, maybe mid-hand-over, holding the results' pipe for good."""
+    if os.name != "posix":
         return
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # killed before the line above took effect
+    if os.getppid() != parent:  # killed before this worker got here
         os._exit(1)
+    threading.Thread(target=_end_with, args=(parent,), name="tinyk-parent-watch", daemon=True).start()
+
+
+def _end_with(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(PARENT_CHECK_S)
+    os._exit(1)
 
 
 def _work(payload: Any) -> Any:
@@ -154,14 +164,35 @@ _MAIN_SWAP = threading.Lock()
 
 
 class _Worker(multiprocessing.context.SpawnProcess):
-    """A pool worker, which ignores the stop signals: the pool ends it with SIGKILL."""
+    """A pool worker, which ignores the stop signals (the pool ends it with SIGKILL) and does not run
+    the parent's `__main__` first, as spawned processes do unless it looks interactive: it needs only
+    tinyk, and a script that called tinyk without the `if __name__ == "__main__":` guard would have
+    every worker run the script (its side effects included) and start workers of its own, which fail.
+
+    Spawning reads `__main__.__spec__` and `__file__` to find the script; only those two are hidden,
+    only while a worker starts (synchronously), and under a lock, so two pools never interleave and
+    another thread still finds everything the script defines (pickle needs that).
+    """
+
+    def start(self) -> None:
+        main = sys.modules["__main__"]
+        with _MAIN_SWAP:
+            saved = {k: main.__dict__[k] for k in ("__spec__", "__file__") if k in main.__dict__}
+            main.__spec__ = None
+            main.__dict__.pop("__file__", None)
+            try:
+                super().start()
+            finally:
+                main.__dict__.pop("__spec__", None)
+                main.__dict__.update(saved)
 
     def terminate(self) -> None:
         self.kill()
 
 
 class _Pool(multiprocessing.pool.Pool):
-    """A pool whose `terminate()` cannot hang on an error (a full disk) while tasks are in flight.
+    """A pool whose `terminate()` cannot hang on an error (a full disk) while tasks are in flight, nor
+    on a worker killed from outside (the OOM killer) at any point.
 
     Terminating, the standard pool reads the workers' pipe only while it holds data, then kills the
     workers and joins the thread that writes tasks into that pipe. That thread may start writing one
@@ -170,6 +201,18 @@ class _Pool(multiprocessing.pool.Pool):
     """
 
     lock_wait_s = 5.0  # for a worker still reading a task to finish it
+    stop_wait_s = 15.0  # for the standard stop, which any stop that can end takes less than
+
+    def terminate(self) -> None:
+        # A worker killed while it hands a result over (the OOM killer) holds the results' pipe's lock
+        # for good, and the standard stop waits for that lock: it runs in a thread of its own, left
+        # behind with the workers killed once it takes longer than a stop that can end.
+        stop = threading.Thread(target=super().terminate, name="tinyk-pool-stop", daemon=True)
+        stop.start()
+        stop.join(self.stop_wait_s)
+        if stop.is_alive():
+            for worker in list(self._pool):
+                worker.kill()
 
     @staticmethod
     def Process(ctx: Any, *args: Any, **kwargs: Any) -> _Worker:
@@ -190,22 +233,4 @@ class _Pool(multiprocessing.pool.Pool):
 
 
 def _spawn_pool(ctx: Any, workers: int, fn: Callable[[A, Any], Any], arg: A) -> Any:
-    """A spawn pool whose workers do not run the parent's `__main__` first, as spawned processes do
-    unless it looks interactive: they need only tinyk, and a script that called tinyk without the
-    `if __name__ == "__main__":` guard would have every worker run the script (its side effects
-    included) and start workers of its own, which fail, and the pool restarts them forever.
-
-    Spawning reads `__main__.__spec__` and `__file__` to find the script; only those two are hidden,
-    only while the pool starts its workers (synchronously), and under a lock, so two pools never
-    interleave and another thread still finds everything the script defines (pickle needs that).
-    """
-    main = sys.modules["__main__"]
-    with _MAIN_SWAP:
-        saved = {k: main.__dict__[k] for k in ("__spec__", "__file__") if k in main.__dict__}
-        main.__spec__ = None
-        main.__dict__.pop("__file__", None)
-        try:
-            return _Pool(workers, initializer=_init_worker, initargs=(fn, arg, os.getpid()), context=ctx)
-        finally:
-            main.__dict__.pop("__spec__", None)
-            main.__dict__.update(saved)
+    return _Pool(workers, initializer=_init_worker, initargs=(fn, arg, os.getpid()), context=ctx)
