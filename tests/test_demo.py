@@ -130,6 +130,29 @@ def test_corpus_refuses_an_impossible_holdout(tmp_path):
         build_demo_corpus(tmp_path, replace(SMALL, max_reviews=10, heldout_reviews=10))
 
 
+@pytest.mark.parametrize(("change", "said"), [
+    ({"heldout_reviews": 0}, "heldout_reviews is 0; it must be at least 1"),  # the majority baseline divided by 0
+    ({"heldout_arithmetic": -5}, "heldout_arithmetic is -5; it must be at least 1"),  # slicing from the end
+    ({"multiturn_conversations": -1}, "multiturn_conversations is -1; it must be at least 0"),
+    ({"max_operand": 0}, "max_operand is 0; it must be at least 1"),
+    ({"max_operand": 2, "heldout_arithmetic": 15}, "max_operand 2 gives 15 sums; cannot hold out 15"),  # none to train
+])
+def test_a_corpus_spec_that_cannot_be_built_is_refused_in_one_line(change, said):
+    """The Python API's counts are checked as the CLI's are: a crash (ZeroDivisionError, IndexError) or a
+    silently odd corpus was what a mistyped count gave."""
+    with pytest.raises(TinykError) as e:
+        replace(SMALL, **change)
+    assert str(e.value) == said
+
+
+def test_a_corpus_with_every_review_held_out_or_a_copy_of_one_is_refused(tmp_path, monkeypatch):
+    """The multi-turn chats pick training reviews at random: none left was an IndexError."""
+    with pytest.raises(TinykError, match="no review is left to train on beside the 2 held out"):
+        review = "这个东西很好用，推荐大家购买"
+        _corpus_from_reviews(tmp_path, monkeypatch, [review, f"总结：{review}", f"{review}，真的"],
+                             [f"我觉得{review}？不对"], heldout=2)
+
+
 def test_corpus_stats_match_the_files_written(corpus):
     """The counts `tinyk demo` reports (and its majority baseline) are those of the files it wrote."""
     out, stats = corpus

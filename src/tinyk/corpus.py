@@ -73,6 +73,19 @@ class CorpusSpec:
     max_operand: int = 30
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        at_least = {"heldout_reviews": 1, "heldout_arithmetic": 1, "max_review_chars": 1, "news_chunk_chars": 1,
+                    "max_news_paragraphs": 1, "max_reviews": 1, "chitchat_conversations": 0,
+                    "multiturn_conversations": 0, "max_operand": 1}
+        for name, least in at_least.items():
+            value = getattr(self, name)
+            if value is not None and value < least:
+                raise TinykError(f"{name} is {value}; it must be at least {least}")
+        # at least one sum is left to train on
+        if self.heldout_arithmetic >= (problems := len(arithmetic_problems(self.max_operand))):
+            raise TinykError(f"max_operand {self.max_operand} gives {problems} sums; "
+                             f"cannot hold out {self.heldout_arithmetic}")
+
 
 @dataclass(frozen=True)
 class Review:
@@ -264,6 +277,8 @@ def build_demo_corpus(out: str | Path, spec: CorpusSpec = CorpusSpec()) -> dict[
     held_keys, held_texts = {review_key(r.text) for r in held}, [r.text for r in held]
     train_reviews = [r for r, near in zip(train_reviews, near_copies(held_texts, [r.text for r in train_reviews]),
                                           strict=True) if not near]
+    if not train_reviews:
+        raise TinykError(f"no review is left to train on beside the {spec.heldout_reviews} held out and their copies")
 
     problems = arithmetic_problems(spec.max_operand)
     rng.shuffle(problems)
