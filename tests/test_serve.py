@@ -1104,7 +1104,7 @@ def test_a_body_sent_with_get_is_never_taken_for_the_next_request(server):
 
 
 def test_an_idle_kept_alive_connection_closes_without_a_log_line(nano_model_dir, capfd):
-    server, _ = start(nano_model_dir, timeout=0.3, log=True)
+    server, _ = start(nano_model_dir, timeout=1.0, log=True)  # room for a busy CPU before each request
     try:
         u = urlsplit(server.url)
         with socket.create_connection((u.hostname, u.port), timeout=60) as s:
@@ -1332,7 +1332,7 @@ def test_responses_name_no_python_version_and_forbid_sniffing(server):
 def test_a_request_must_arrive_within_the_timeout_however_it_trickles(nano_model_dir):
     """--timeout bounds the whole request, not only each wait for a byte: a client sending a byte now
     and then (slowloris) held a connection, and a thread, for ever."""
-    server, _ = start(nano_model_dir, timeout=1.0)
+    server, _ = start(nano_model_dir, timeout=2.0)
     u = urlsplit(server.url)
     try:
         for head in (b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Slow: ",
@@ -1341,7 +1341,7 @@ def test_a_request_must_arrive_within_the_timeout_however_it_trickles(nano_model
                 began = time.monotonic()
                 s.sendall(head)
                 closed, got = False, b""
-                while not closed and time.monotonic() - began < 5:
+                while not closed and time.monotonic() - began < 10:
                     time.sleep(0.2)  # within the timeout of each wait
                     try:
                         s.sendall(b"a")
@@ -1355,12 +1355,12 @@ def test_a_request_must_arrive_within_the_timeout_however_it_trickles(nano_model
                     finally:
                         s.setblocking(True)
                 # closed without an answer: the client's stall is no fault of the server's (not a 500)
-                assert closed and got == b"" and time.monotonic() - began < 3, (head, got)
+                assert closed and got == b"" and time.monotonic() - began < 5, (head, got)
         assert request(server, "GET", "/health")[0] == 200
         with socket.create_connection((u.hostname, u.port), timeout=10) as s:  # the wait for it counts not
-            time.sleep(0.7)
+            time.sleep(1.2)
             s.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n")
-            time.sleep(0.5)
+            time.sleep(1.0)
             s.sendall(b"\r\n")
             assert s.recv(65536).startswith(b"HTTP/1.1 200")
         # A request sent with the one before it is under way at once, though no read waits for it.
@@ -1368,7 +1368,7 @@ def test_a_request_must_arrive_within_the_timeout_however_it_trickles(nano_model
             began = time.monotonic()
             s.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\nGET /hea")
             got, closed = b"", False
-            while not closed and time.monotonic() - began < 5:
+            while not closed and time.monotonic() - began < 8:
                 if select.select([s], [], [], 0.9)[0]:
                     try:
                         chunk = s.recv(65536)
@@ -1377,8 +1377,8 @@ def test_a_request_must_arrive_within_the_timeout_however_it_trickles(nano_model
                     got, closed = got + chunk, not chunk
                 else:
                     s.sendall(b"l")  # a byte just within each wait for one
-            # The 1.0 s timeout, and room for a CPU busy with another test (a timer reset by each read never closes).
-            assert got.startswith(b"HTTP/1.1 200") and closed and time.monotonic() - began < 2.5, got
+            # The 2.0 s timeout, and room for a CPU busy with another test (a timer reset by each read never closes).
+            assert got.startswith(b"HTTP/1.1 200") and closed and time.monotonic() - began < 4.5, got
     finally:
         server.close()
 

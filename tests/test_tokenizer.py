@@ -453,6 +453,7 @@ def test_ctrl_c_stops_tokenizer_training_at_once(tmp_path, monkeypatch):
     """The tokenizers library holds Ctrl-C until training returns; tinyk stops reading and leaves nothing."""
     import os
     import signal
+    import time
 
     from tinyk import tokenizer
 
@@ -471,6 +472,9 @@ def test_ctrl_c_stops_tokenizer_training_at_once(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train_tokenizer([src], tmp_path / "tok", vocab_size=300, show_progress=False)
     assert len(read) < 100_000, f"kept reading after Ctrl-C ({len(read)} documents)"
+    n = len(read)
+    time.sleep(0.5)
+    assert len(read) - n < 1000, "reading goes on in the background"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl"]
 
 

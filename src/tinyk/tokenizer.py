@@ -610,8 +610,8 @@ def _train_interruptibly(tok: Tokenizer, texts: Iterator[str], trainer: Any,
             failed.append(e)
 
     thread = threading.Thread(target=run, name="tinyk-bpe", daemon=True)
-    thread.start()
     try:
+        thread.start()  # a Ctrl-C inside start() may come after the thread began to read
         while thread.is_alive():  # short waits: a Ctrl-C the kernel hands another thread is acted on at a wake-up
             thread.join(0.2)
             tick()
