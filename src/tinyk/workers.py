@@ -171,7 +171,8 @@ class _Worker(multiprocessing.context.SpawnProcess):
 
     Spawning reads `__main__.__spec__` and `__file__` to find the script; only those two are hidden,
     only while a worker starts (synchronously), and under a lock, so two pools never interleave and
-    another thread still finds everything the script defines (pickle needs that).
+    another thread still finds everything the script defines (pickle needs that). A dead worker's
+    replacement starts from the pool's own thread: the script, running on, misses those two meanwhile.
     """
 
     def start(self) -> None:
