@@ -2400,10 +2400,9 @@ def test_a_worker_killed_mid_task_ends_the_run_rather_than_hanging():
                "killer, most likely: fewer --workers use less)" in r.stderr, r.stderr
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SIGKILL of a worker")
-def test_a_worker_killed_while_it_hands_a_result_over_ends_the_run_rather_than_hanging(tmp_path):
-    """The OOM killer may end a worker while it writes its batch's tokens into the results' pipe, holding
-    that pipe's lock for good: stopping the pool waited for the lock forever, and the error was never said."""
+def _hand_over_and_die_script(tmp_path: Path, stop_wait_s: float) -> str:
+    """A map_ordered run whose worker is killed (as by the OOM killer) while it writes its batch into the
+    results' pipe, holding that pipe's lock for good."""
     (tmp_path / "killer.py").write_text(textwrap.dedent("""
         import os, signal, struct, sys
 
@@ -2418,22 +2417,72 @@ def test_a_worker_killed_while_it_hands_a_result_over_ends_the_run_rather_than_h
             os.write(results._writer.fileno(), struct.pack("!i", 1 << 20) + b"x" * 1000)  # a message's start
             os.kill(os.getpid(), signal.SIGKILL)
     """))
-    script = textwrap.dedent(f"""
+    return textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(tmp_path)!r})
         from killer import hand_over_and_die
         from tinyk.workers import _Pool, map_ordered
-        _Pool.stop_wait_s = 2.0
-        for tag, r in map_ordered(hand_over_and_die, None, ((i, i) for i in range(8)), workers=2):
+        _Pool.stop_wait_s = {stop_wait_s}
+        # "pool" once the pool has started (it reads the first two payloads before)
+        payloads = ((i, i) for i in range(8) if i != 2 or print("pool", flush=True) is None)
+        for tag, r in map_ordered(hand_over_and_die, None, payloads, workers=2):
             print(tag, flush=True)
         print("done")
     """)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SIGKILL of a worker")
+def test_a_worker_killed_while_it_hands_a_result_over_ends_the_run_rather_than_hanging(tmp_path):
+    """Stopping the pool waited for the dead worker's lock forever, and the error was never said."""
     try:
-        r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+        r = subprocess.run([sys.executable, "-c", _hand_over_and_die_script(tmp_path, 2.0)], capture_output=True,
+                           text=True, timeout=60)
     except subprocess.TimeoutExpired:
         pytest.fail("stopping the pool waits forever for the results' lock of a killed worker")
     assert r.returncode != 0 and "done" not in r.stdout
     assert "TinykError: a worker process died while tokenizing (killed by SIGKILL)" in r.stderr, r.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SIGKILL of a worker")
+def test_ctrl_c_while_a_stuck_pool_stops_ends_the_run(tmp_path):
+    """The stop of a pool whose worker died mid-hand-over says nothing until it gives up, so a user presses
+    Ctrl-C: the workers (which ignore it) were then never killed, and the exit waited for them forever."""
+    proc = subprocess.Popen([sys.executable, "-c", _hand_over_and_die_script(tmp_path, 300.0)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while proc.stdout.readline().strip() != "pool":
+            assert proc.poll() is None, proc.stderr.read()
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            proc.send_signal(signal.SIGINT)  # again and again: the first may come before the stop
+            time.sleep(1.0)
+        assert proc.poll() is not None, "Ctrl-C does not end a run whose pool cannot stop"
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+
+
+def test_a_pool_stopped_from_its_own_task_thread_stops_at_once():
+    """The pool may be stopped in its task thread (a garbage collection there; here a payload's pickling):
+    a stop in a thread of its own waited for the task thread, which waited for that stop."""
+    pools, took = [], []
+
+    class StopsThePool:
+        def __reduce__(self):
+            began = time.monotonic()
+            pools[0].terminate()
+            took.append(time.monotonic() - began)
+            return int, (0,)
+
+    with start_pool(2, add, 1) as pool:
+        pools.append(pool)
+        assert threading.current_thread() is not pool._task_handler
+        pool.apply_async(abs, (StopsThePool(),))
+        deadline = time.monotonic() + 60
+        while not took and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert took and took[0] < 5, took
 
 
 @pytest.mark.skipif(os.name != "posix", reason="a dead parent's children are adopted on POSIX")

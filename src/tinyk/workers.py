@@ -25,7 +25,7 @@ from .errors import STOP_SIGNALS, TinykError, signal_handlers
 A = TypeVar("A")
 R = TypeVar("R")
 
-_TASK: tuple[Callable[[Any, Any], Any], Any] | None = None  # a worker's function and its fixed argument
+_TASK: tuple[Callable[[Any, Any], Any], Any, int] | None = None  # a worker's function, its fixed argument, parent
 PARENT_CHECK_S = 0.2  # how often a worker looks for its parent
 
 
@@ -39,7 +39,7 @@ def _init_worker(fn: Callable[[Any, Any], Any], arg: Any, parent: int) -> None:
         signal.signal(s, signal.SIG_IGN)
     # Each worker is one core; tokenizers' own thread pool would oversubscribe them.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _TASK = fn, arg
+    _TASK = fn, arg, parent
 
 
 def die_with(parent: int) -> None:
@@ -65,8 +65,11 @@ def _end_with(parent: int) -> None:
 
 def _work(payload: Any) -> Any:
     assert _TASK is not None
-    fn, arg = _TASK
-    return fn(arg, payload)
+    fn, arg, parent = _TASK
+    result = fn(arg, payload)
+    if os.name == "posix" and os.getppid() != parent:  # died meanwhile: no one to hand it to (a BrokenPipeError)
+        os._exit(1)
+    return result
 
 
 def map_ordered(fn: Callable[[A, Any], R], arg: A, payloads: Iterable[tuple[Any, Any]], workers: int
@@ -207,13 +210,29 @@ class _Pool(multiprocessing.pool.Pool):
     def terminate(self) -> None:
         # A worker killed while it hands a result over (the OOM killer) holds the results' pipe's lock
         # for good, and the standard stop waits for that lock: it runs in a thread of its own, left
-        # behind with the workers killed once it takes longer than a stop that can end.
-        stop = threading.Thread(target=super().terminate, name="tinyk-pool-stop", daemon=True)
-        stop.start()
-        stop.join(self.stop_wait_s)
-        if stop.is_alive():
-            for worker in list(self._pool):
-                worker.kill()
+        # behind with the workers killed once it takes longer than a stop that can end, or on Ctrl-C
+        # (the workers ignore it, and the exit would wait for them). Not where no thread can start
+        # (the interpreter's exit, which has run the stop already) or from the pool's own threads,
+        # which the standard stop knows not to wait for.
+        if sys.is_finalizing() or threading.current_thread() in (
+                self._task_handler, self._worker_handler, self._result_handler):
+            super().terminate()
+            return
+        ended = threading.Event()  # not is_alive(): 3.11's join() interrupted by a signal marks the thread ended
+
+        def stop() -> None:
+            try:
+                multiprocessing.pool.Pool.terminate(self)
+            finally:
+                ended.set()
+
+        threading.Thread(target=stop, name="tinyk-pool-stop", daemon=True).start()
+        try:
+            ended.wait(self.stop_wait_s)
+        finally:
+            if not ended.is_set():
+                for worker in list(self._pool):
+                    worker.kill()
 
     @staticmethod
     def Process(ctx: Any, *args: Any, **kwargs: Any) -> _Worker:
@@ -229,8 +248,11 @@ class _Pool(multiprocessing.pool.Pool):
         # can read: the pipe is read without it.
         inqueue._rlock.acquire(timeout=_Pool.lock_wait_s)
         while task_handler.is_alive():
-            if inqueue._reader.poll(0.01):
-                inqueue._reader.recv_bytes()
+            if inqueue._reader.poll(0.01):  # bytes, not messages, where it can: a killed reader leaves half of one
+                if os.name == "posix":
+                    os.read(inqueue._reader.fileno(), 1 << 20)
+                else:
+                    inqueue._reader.recv_bytes()
 
 
 def _spawn_pool(ctx: Any, workers: int, fn: Callable[[A, Any], Any], arg: A) -> Any:
