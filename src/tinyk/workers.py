@@ -52,13 +52,18 @@ def die_with(parent: int) -> None:
     the replacement was killed then, maybe mid-hand-over, holding the results' pipe for good."""
     if os.name != "posix":
         return
-    if os.getppid() != parent:  # killed before this worker got here
+    if _orphaned(parent):  # killed before this worker got here
         os._exit(1)
     threading.Thread(target=_end_with, args=(parent,), name="tinyk-parent-watch", daemon=True).start()
 
 
+def _orphaned(parent: int) -> bool:
+    """Whether the process that started this one has died (POSIX: another one adopted it)."""
+    return os.name == "posix" and os.getppid() != parent
+
+
 def _end_with(parent: int) -> None:
-    while os.getppid() == parent:
+    while not _orphaned(parent):
         time.sleep(PARENT_CHECK_S)
     os._exit(1)
 
@@ -67,7 +72,7 @@ def _work(payload: Any) -> Any:
     assert _TASK is not None
     fn, arg, parent = _TASK
     result = fn(arg, payload)
-    if os.name == "posix" and os.getppid() != parent:  # died meanwhile: no one to hand it to (a BrokenPipeError)
+    if _orphaned(parent):  # died meanwhile: no one to hand it to (a BrokenPipeError)
         os._exit(1)
     return result
 
@@ -214,15 +219,16 @@ class _Pool(multiprocessing.pool.Pool):
         # (the workers ignore it, and the exit would wait for them). Not where no thread can start
         # (the interpreter's exit, which has run the stop already) or from the pool's own threads,
         # which the standard stop knows not to wait for.
+        standard = super().terminate
         if sys.is_finalizing() or threading.current_thread() in (
                 self._task_handler, self._worker_handler, self._result_handler):
-            super().terminate()
+            standard()
             return
         ended = threading.Event()  # not is_alive(): 3.11's join() interrupted by a signal marks the thread ended
 
         def stop() -> None:
             try:
-                multiprocessing.pool.Pool.terminate(self)
+                standard()
             finally:
                 ended.set()
 
