@@ -1539,18 +1539,25 @@ def test_negative_and_positive_seeds_differ(client):
 
 def test_a_server_seed_makes_the_run_reproducible_not_every_answer_the_same(nano_model_dir):
     """`tinyk serve --seed 7`: requests without a seed differ from each other (the chat page sends none),
-    and a server started again with the same seed answers the same requests the same way."""
-    def answers() -> list[str]:
+    and a server started again with the same seed answers the same requests the same way, whatever
+    requests it refused in between."""
+    def answers(refused: bool) -> list[str]:
         server, _ = start(nano_model_dir, defaults=replace(DEFAULTS, seed=7))
+        kw = dict(model="nano", prompt="天气", max_tokens=12, temperature=1.5, extra_body={"top_k": 0})
         try:
             with openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60) as c:
-                return [c.completions.create(model="nano", prompt="天气", max_tokens=12, temperature=1.5,
-                                             extra_body={"top_k": 0}).choices[0].text for _ in range(3)]
+                texts = []
+                for _ in range(3):
+                    if refused:
+                        with pytest.raises(openai.BadRequestError, match="stream_options"):
+                            c.completions.create(**kw, stream_options={"include_usage": True})
+                    texts.append(c.completions.create(**kw).choices[0].text)
+                return texts
         finally:
             server.close()
 
-    first = answers()
-    assert len(set(first)) == 3 and answers() == first
+    first = answers(refused=False)
+    assert len(set(first)) == 3 and answers(refused=True) == first
 
 
 PROMPTS = [f"{'我们今天去公园散步，天气很好！'[:i % 12 + 1]}{i}" for i in range(16)]

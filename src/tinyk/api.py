@@ -278,9 +278,6 @@ class Api:
         ignore_eos = get_field(body, "ignore_eos", "boolean", False)
         seed = get_field(body, "seed", "integer", None)
         _in_range("seed", seed, -2**63, 2**63 - 1)  # int64, as OpenAI's; each maps to its own stream
-        if seed is None and self._seeds is not None:
-            with self._seeds_lock:
-                seed = self._seeds.getrandbits(63)
         logprobs, prompt_logprobs = _logprob_fields(body, chat)
         try:
             return replace(d, temperature=float(temperature), top_p=float(top_p), top_k=max(top_k, 0),
@@ -419,6 +416,10 @@ class Api:
             raise ApiError(400, f"unrecognized stream_options argument supplied: {unknown[0]}",
                            param=f"stream_options.{unknown[0]}", code="unknown_parameter")
         echo = not chat and get_field(body, "echo", "boolean", False)
+        if params.seed is None and self._seeds is not None:
+            # Drawn once the request is known to be valid: a refused one leaves the next answers as they were.
+            with self._seeds_lock:
+                params = replace(params, seed=self._seeds.getrandbits(63))
         reqs: list[Request] = []
         try:
             for ids, _ in prompts:  # choices prompt by prompt, as OpenAI numbers them
