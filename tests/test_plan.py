@@ -24,6 +24,7 @@ from tinyk.errors import TinykError
 from tinyk.model import PRESETS, Transformer, preset_config
 from tinyk.plan import (
     ASSUMED,
+    DEFAULT_TOKENS,
     GPUS,
     LINK_BYTES_PER_S,
     Setup,
@@ -557,6 +558,12 @@ def test_plan_takes_the_configs_budget_and_prints_small_runs_readably(capsys):
     assert code == 0 and "time         8.192M tokens in" in out
     code, out, _ = run_cli(["plan", "--preset", "seed-215m", "--gpu", "h100", "--tokens", "10K"], capsys)
     assert code == 0 and "time         10K tokens in 0.067 s" in out
+    # From Python too: the config's budget, else the seed's corpus, unless tokens are given.
+    h100 = find_gpu("h100")
+    budget = run_spec(preset="seed-215m", config=None, sets=["max_tokens=2e9"])
+    assert make_plan(budget, h100)["run"]["tokens"] == 2 * 10**9
+    assert make_plan(budget, h100, tokens=5e8)["run"]["tokens"] == 5 * 10**8
+    assert make_plan(run_spec(preset="seed-215m", config=None), h100)["run"]["tokens"] == DEFAULT_TOKENS
 
 
 def test_a_long_context_is_planned_without_building_its_rope_tables(capsys):
@@ -768,7 +775,7 @@ def test_a_jobs_plan_says_what_its_gpus_send_each_step(capsys):
     # the root unsharded from forward to backward); the gradients are reduce-scattered once
     assert accum == 2 and fsdp["comms"]["bytes_per_step"] == pytest.approx((accum * (2 * n - root) + n) * 31 / 32 * 4)
     one_node = run_cli(["plan", "--preset", "seed-215m", "--gpu", "h100", "--gpus", "8"], capsys)[1]
-    assert "(PCIe 4.0, GPUs without NVLink; NVLink is many times faster)" in one_node
+    assert "(PCIe 4.0's, the worst case in a node: NVLink, where the GPUs have it, is many times faster)" in one_node
     assert json.loads(run_cli(["plan", "--preset", "seed-215m", "--gpu", "h100", "--json"], capsys)[1])["comms"] is None
 
 
@@ -834,6 +841,17 @@ def test_checkpointing_costs_a_third_more_compute_in_time_and_in_the_tutorial_li
     assert on["throughput"]["tokens_per_s"] == pytest.approx(0.75 * off["throughput"]["tokens_per_s"])
     assert on["time"]["gpu_hours"] == pytest.approx(off["time"]["gpu_hours"] / 0.75)
     assert on["tutorial"]["a100_hours"] == pytest.approx(off["tutorial"]["a100_hours"] / 0.75)
+    # An --mfu is what `tinyk train` logs, where the recomputation already lowers it: not discounted again.
+    for gpu in ("h100", "a100"):
+        given = [*base[:3], gpu, *base[4:], "--mfu", "0.4"]
+        off = plan_json(*given, capsys=capsys)
+        on = plan_json(*given, "--activation-checkpointing", capsys=capsys)
+        assert on["throughput"]["tokens_per_s"] == pytest.approx(off["throughput"]["tokens_per_s"])
+        assert on["throughput"]["tokens_per_s"] == pytest.approx(0.4 * GPUS[gpu].peak_flops / on["flops_per_token"])
+        # The A100 comparison takes --mfu only for an A100 plan; else the table's figure, discounted.
+        ratio = 1 if gpu == "a100" else 1 / 0.75
+        assert on["tutorial"]["a100_hours"] == pytest.approx(off["tutorial"]["a100_hours"] * ratio)
+        assert "x0.75 for recomputation" not in run_cli(["plan", *given, "--activation-checkpointing"], capsys)[1]
 
 
 def test_the_micro_step_share_counts_tokens_not_sequences(capsys):

@@ -234,7 +234,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
 def flops_formula(cfg: ModelConfig, seq_len: int) -> str:
     n = model_size(cfg)["flops_per_token_n"]
     total = flops_per_token(cfg, seq_len)
-    amount = f"{total / 1e9:.3f} GFLOP" if total >= 1e9 else f"{total / 1e6:.3f} MFLOP"
+    amount = f"{total / 1e9:,.3f} GFLOP" if total >= 1e9 else f"{total / 1e6:.3f} MFLOP"
     return (f"6N + 12*L*d*T = 6 x {n:,} + 12 x {cfg.n_layers} x {cfg.dim} x {seq_len} "
             f"= {amount} per token (forward + backward)")
 
@@ -521,13 +521,18 @@ def run_spec(*, preset: str | None, config: str | None, sets: Iterable[str] = ()
                    compiled=tc.compile, keep_checkpoints=tc.keep_checkpoints, keep_best=tc.keep_best)
 
 
-def make_plan(run: RunSpec, gpu: GPUSpec, *, gpus: int = 1, nodes: int = 1, tokens: float = DEFAULT_TOKENS,
+def make_plan(run: RunSpec, gpu: GPUSpec, *, gpus: int = 1, nodes: int = 1, tokens: float | None = None,
               price: float | None = None, mfu: float | None = None) -> dict[str, Any]:
-    """Everything `tinyk plan` prints, as JSON-able data."""
+    """Everything `tinyk plan` prints, as JSON-able data. `tokens` defaults to the run's own budget
+    (max_tokens, or max_steps in tokens), else DEFAULT_TOKENS, the seed's corpus."""
     from .train import micro_layout
+
+    if tokens is None:
+        tokens = run.max_tokens or DEFAULT_TOKENS
 
     dtype = run.dtype if run.dtype != "auto" else "bf16" if gpu.bf16 else "fp16"
     _check_plan_args(run, gpu, dtype, gpus=gpus, nodes=nodes, tokens=tokens, price=price, mfu=mfu)
+    price = None if price is None else price + 0.0  # -0.0 (--price=-0) printed a cost of -0.00
     world = gpus * nodes
     per_rank = run.batch_size // world
     cfg = run.cfg
@@ -556,10 +561,12 @@ def make_plan(run: RunSpec, gpu: GPUSpec, *, gpus: int = 1, nodes: int = 1, toke
     scaled = mfu is None and dtype != "fp32"
     share = micro_step_share(micro * run.seq_len, run.compiled) if scaled else 1.0
     used_mfu *= share
-    # Recomputing the forward adds a third to the compute while MFU counts model FLOPs only.
-    efficiency = 0.75 if run.checkpointing else 1.0
+    # Recomputing the forward adds a third to the compute while MFU counts model FLOPs only: the table's
+    # figures were measured without it. An --mfu is taken as `tinyk train` logs it, lowered by it already.
+    recompute = 0.75 if run.checkpointing else 1.0
+    efficiency = 1.0 if mfu is not None else recompute
 
-    def pace(m: float) -> tuple[float, float, float]:
+    def pace(m: float, efficiency: float = efficiency) -> tuple[float, float, float]:
         """tokens/s per GPU, wall seconds and GPU-hours at MFU `m`."""
         per_gpu = m * gpu.peak_flops * efficiency / fpt
         wall_s = tokens / (per_gpu * world)
@@ -570,7 +577,7 @@ def make_plan(run: RunSpec, gpu: GPUSpec, *, gpus: int = 1, nodes: int = 1, toke
     if not run.compiled and mfu is None and dtype != "fp32":  # fp32's assumed MFU has no compiled figure
         compiled_mfu, compiled_source = gpu.mfu_for(compiled=True)
         compiled_mfu *= micro_step_share(micro * run.seq_len, True)
-        _, c_wall_s, c_gpu_hours = pace(compiled_mfu)
+        _, c_wall_s, c_gpu_hours = pace(compiled_mfu, recompute)
         with_compile = {"mfu": compiled_mfu, "mfu_source": compiled_source, "wall_h": c_wall_s / 3600,
                         "gpu_hours": c_gpu_hours, "cost": None if price is None else c_gpu_hours * price}
     plan: dict[str, Any] = {
@@ -596,6 +603,8 @@ def make_plan(run: RunSpec, gpu: GPUSpec, *, gpus: int = 1, nodes: int = 1, toke
                        "compiled" if run.compiled else "eager",
                        # of the table's figure, for this micro-step's tokens (MICRO_STEP_SHARE)
                        "micro_step_share": share, "micro_step_tokens": micro * run.seq_len,
+                       # the share of the steps' compute that is the model's: below 1 with recomputation
+                       "efficiency": efficiency,
                        "tokens_per_s_per_gpu": per_gpu, "tokens_per_s": per_gpu * world,
                        # with --mfu the user has said what they expect
                        "small_model": size["parameters"] < SMALL_MODEL and mfu is None},
@@ -615,10 +624,11 @@ def make_plan(run: RunSpec, gpu: GPUSpec, *, gpus: int = 1, nodes: int = 1, toke
     if run.cfg == ModelConfig(**PRESETS[TUTORIAL_RUN["preset"]]):
         a100 = GPUS[TUTORIAL_RUN["gpu"]]
         a100_mfu, a100_source = a100.mfu_for(run.compiled)
+        a100_efficiency = recompute
         if run.dtype != "fp32":  # the same micro-batch fits an A100 80GB (--mfu is the planned GPU's, not its)
             a100_mfu *= micro_step_share(micro * run.seq_len, run.compiled)
         if gpu.key == a100.key:
-            a100_mfu, a100_source = used_mfu, mfu_source
+            a100_mfu, a100_source, a100_efficiency = used_mfu, mfu_source, efficiency
         elif run.dtype == "fp32":  # the same precision on the tutorial's cards
             a100_mfu, a100_source = a100.fp32_mfu, ASSUMED
         tutorial_hours = TUTORIAL_RUN["gpus"] * TUTORIAL_RUN["hours"]
@@ -628,7 +638,7 @@ def make_plan(run: RunSpec, gpu: GPUSpec, *, gpus: int = 1, nodes: int = 1, toke
             # At the tutorial's pace, for this plan's tokens: what the comparison is made against.
             "gpu_hours_for_tokens": tutorial_hours * tokens / TUTORIAL_RUN["tokens"],
             "a100_mfu": a100_mfu, "a100_mfu_source": a100_source,
-            "a100_hours": tokens * fpt / (a100_mfu * efficiency * a100.peak_flops) / 3600,
+            "a100_hours": tokens * fpt / (a100_mfu * a100_efficiency * a100.peak_flops) / 3600,
         }
     return plan
 
@@ -892,7 +902,8 @@ def format_plan(p: dict[str, Any]) -> str:
     ]
     t, tm, wc = p["throughput"], p["time"], p["with_compile"]
     lines += [
-        f"throughput   MFU {_mfu_text(t)}" + ("; x0.75 for recomputation" if ck else ""),
+        f"throughput   MFU {_mfu_text(t)}"
+        + (f"; x{t['efficiency']:g} for recomputation" if t["efficiency"] < 1 else ""),
         *([f"             a model of {m['parameters'] / 1e6:.2g}M parameters is far below that MFU: its kernels are "
            f"too short to keep a GPU busy, so expect many times less (--mfu sets it)"] if t["small_model"] else []),
         f"             {t['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU, {t['tokens_per_s']:,.0f} in total",
@@ -910,7 +921,7 @@ def format_plan(p: dict[str, Any]) -> str:
                      f"optimizer step ({how}) against {cm['compute_s_per_step'] * 1000:,.0f} ms of compute; at "
                      f"{cm['link_bytes_per_s'] / 1e9:g} GB/s "
                      + ("(a 200 Gb/s InfiniBand link between nodes)" if cm["nodes"] > 1 else
-                        "(PCIe 4.0, GPUs without NVLink; NVLink is many times faster)")
+                        "(PCIe 4.0's, the worst case in a node: NVLink, where the GPUs have it, is many times faster)")
                      + f" that is {cm['seconds_at_link'] * 1000:,.0f} ms, which overlaps the backward only in part")
     if p["cost"]:
         lines.append(f"cost         {p['cost']['total']:,.2f} ({tm['gpu_hours']:,.2f} GPU-hours at "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from tinyk.cli.common import (
     PARALLEL_CHOICES,
@@ -11,6 +10,7 @@ from tinyk.cli.common import (
     TRAIN_DTYPE_CHOICES,
     batch_count,
     float_range,
+    json_text,
     model_dir,
     path_arg,
     positive_int,
@@ -58,14 +58,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                             "budget, else 10B, the seed's corpus)")
     where.add_argument("--price", type=float_range(0, 1e6), help="price per GPU-hour, for the cost line")
     where.add_argument("--mfu", type=float_range(0.001, 1, unit=" (a fraction, e.g. 0.45)"),
-                       help="model FLOPs utilisation to assume, e.g. 0.45 (default: the GPU table's, for an eager "
-                            "or a compiled run)")
+                       help="model FLOPs utilisation to assume, e.g. 0.45, as tinyk train logs it (with activation "
+                            "checkpointing its recomputation already lowers it); default: the GPU table's, for an "
+                            "eager or a compiled run, x0.75 with checkpointing")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from tinyk.plan import DEFAULT_TOKENS, find_gpu, format_plan, make_plan, run_spec
+    from tinyk.plan import find_gpu, format_plan, make_plan, run_spec
 
     run = run_spec(preset=args.preset, config=args.config, sets=args.set,
                    overrides={"seq_len": args.seq_len, "batch_size": args.batch_size, "micro_batch": args.micro_batch,
@@ -73,8 +74,7 @@ def _run(args: argparse.Namespace) -> int:
                               "activation_checkpointing": args.activation_checkpointing, "compile": args.compile,
                               "init": args.init},
                    tokenizer=args.tokenizer, kind="sft" if args.sft else "pretrain")
-    tokens = args.tokens or run.max_tokens or DEFAULT_TOKENS
-    plan = make_plan(run, find_gpu(args.gpu), gpus=args.gpus, nodes=args.nodes, tokens=tokens,
+    plan = make_plan(run, find_gpu(args.gpu), gpus=args.gpus, nodes=args.nodes, tokens=args.tokens,
                      price=args.price, mfu=args.mfu)
-    print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
+    print(json_text(plan, indent=2) if args.json else format_plan(plan))
     return 0
