@@ -26,10 +26,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from data_throughput import ROOT, make_corpus, sentence_pool  # noqa: E402
-from tinyk.data import CHECKPOINT_S  # noqa: E402
-from tinyk.demo import machine_text  # noqa: E402
-from tinyk.units import parse_size  # noqa: E402
+from data_throughput import ROOT, make_corpus, sentence_pool
+from tinyk.data import CHECKPOINT_S
+from tinyk.demo import machine_text
+from tinyk.units import parse_size
 
 
 def run(corpus: Path, tok_dir: Path, out: Path, workers: int, stop_after: float | None = None) -> tuple[float, str]:

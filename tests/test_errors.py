@@ -710,7 +710,7 @@ def test_a_full_disk_while_writing_a_tokenizer_or_model_is_one_line(tmp_path, co
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     def full_tok(*a, **kw):
-        raise Exception("No space left on device (os error 28)")  # noqa: TRY002 - what tokenizers raises
+        raise Exception("No space left on device (os error 28)")  # what tokenizers raises
 
     monkeypatch.setattr(tinyk.checkpoint, "save_file", full)
     monkeypatch.setattr(tinyk.tokenizer, "save_tokenizer_files", full_tok)

@@ -47,13 +47,14 @@ from tinyk.train import (
     LossSum,
     Trainer,
     default_warmup,
+    first_budget,
     kept_best,
     lr_at,
     micro_layout,
     optimizer_step,
     param_groups,
     setup_dist,
-    total_steps,
+    step_budgets,
     train,
 )
 
@@ -201,6 +202,10 @@ def test_a_batch_no_process_count_divides_is_refused_before_the_process_group(tm
     monkeypatch.setattr(tinyk.train, "setup_dist", lambda device: pytest.fail("the process group was joined"))
     with pytest.raises(TinykError, match="^batch_size 7 is not divisible by the 2 processes$"):
         Trainer(nano_cfg(tmp_path / "data", None, tmp_path / "run", batch_size=7))
+
+
+def total_steps(cfg: TrainConfig, samples_per_epoch: int, steps_done: int = 0, samples_done: int = 0) -> int:
+    return first_budget(step_budgets(cfg, samples_per_epoch, steps_done, samples_done))[0]
 
 
 def test_budget_is_whichever_comes_first():

@@ -99,7 +99,7 @@ class ApiError(Exception):
     """An error answered to the client as `{"error": {...}}` with an HTTP status."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error",  # noqa: A002 - OpenAI's field name
+                 type: str = "invalid_request_error",  # OpenAI's field name
                  headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
@@ -518,8 +518,9 @@ class LogprobsWriter:
         out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for token_id, e, in_text in items:
             out["tokens"].append(self._text(token_id))
-            out["token_logprobs"].append(None if e is None else _finite(e.logprob))
-            top = None if e is None else {self._text(i): _finite(lp) for i, lp in [*e.top, (token_id, e.logprob)]}
+            out["token_logprobs"].append(None if e is None else _shown_logprob(e.logprob))
+            top = None if e is None else {self._text(i): _shown_logprob(lp)
+                                          for i, lp in [*e.top, (token_id, e.logprob)]}
             out["top_logprobs"].append(top)
             piece, pending = self.tok.piece(token_id), self._decoder.getstate()[0]
             # Bytes left pending that this token does not continue become U+FFFD before its text.
@@ -553,7 +554,8 @@ class LogprobsWriter:
     def _chat_entry(self, e: TokenLogprob) -> dict[str, Any]:
         def one(token_id: int, logprob: float) -> dict[str, Any]:
             piece = self.tok.piece(token_id)
-            return {"token": piece.decode("utf-8", errors="replace"), "logprob": _finite(logprob), "bytes": list(piece)}
+            return {"token": piece.decode("utf-8", errors="replace"), "logprob": _shown_logprob(logprob),
+                    "bytes": list(piece)}
 
         return {**one(e.token_id, e.logprob), "top_logprobs": [one(i, lp) for i, lp in e.top]}
 
@@ -570,7 +572,8 @@ def _continues(pending: bytes, piece: bytes) -> bool:
     return True
 
 
-def _finite(logprob: float) -> float:
+def _shown_logprob(logprob: float) -> float:
+    """A logprob as JSON can carry it: -infinity as NO_LOGPROB."""
     return max(logprob, NO_LOGPROB)
 
 

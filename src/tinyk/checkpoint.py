@@ -441,7 +441,7 @@ def _reading_weights(path: Path) -> Iterator[None]:
         pass
     try:
         yield
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+    except Exception as e:  # safetensors raises its own error types for damaged files
         if _is_pickle(path / "model.safetensors"):
             raise TinykError(f"{path}/model.safetensors is a PyTorch pickle (torch.save's format), not safetensors, "
                              f"and tinyk never loads pickles: save it with safetensors (transformers' "
@@ -604,7 +604,7 @@ def _read_seed_weights(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
                              f"loader reads; re-save it with torch.save(state_dict, path)") from e
         raise TinykError(f"cannot read {path}: it holds Python objects besides tensors, which tinyk does not "
                          f"unpickle (code could run); save model.state_dict() alone") from e
-    except Exception as e:  # noqa: BLE001 - zip, safetensors and torch each raise their own
+    except Exception as e:  # zip, safetensors and torch each raise their own
         if _cut_zip(path):  # torch says "[Errno 22] Invalid argument" or "failed finding central directory"
             raise TinykError(f"cannot read {path}: it is cut short or damaged (torch.save's zip archive has no "
                              f"end); copy or save it again") from e
@@ -740,19 +740,19 @@ def import_seed_checkpoint(ckpt: str | Path, tok_dir: str | Path, out: str | Pat
     missing = [k for k, v in (("n_heads", n_heads), ("max_seq_len", max_seq_len)) if not v and k not in config]
     n_heads = n_heads or config.get("n_heads") or guess["n_heads"][0]
     max_seq_len = max_seq_len or config.get("max_seq_len") or guess["max_seq_len"][0]
-    said = {"n_heads": f"{n_heads} heads", "max_seq_len": f"a context of {max_seq_len} tokens"}
+    phrases = {"n_heads": f"{n_heads} heads", "max_seq_len": f"a context of {max_seq_len} tokens"}
     if len({guess[k][1] for k in missing}) == 1:  # "16 heads and a context of 512 tokens (the tutorial's)"
-        told = f"{' and '.join(said[k] for k in missing)} ({guess[missing[0]][1]})"
+        guessed = f"{' and '.join(phrases[k] for k in missing)} ({guess[missing[0]][1]})"
     else:
-        told = " and ".join(f"{said[k]} ({guess[k][1]})" for k in missing)
-    assumed = (f"{told} assumed: the checkpoint does not record {'them' if len(missing) > 1 else 'it'}"
+        guessed = " and ".join(f"{phrases[k]} ({guess[k][1]})" for k in missing)
+    assumed = (f"{guessed} assumed: the checkpoint does not record {'them' if len(missing) > 1 else 'it'}"
                if missing else "")
     if not isinstance(n_heads, int) or n_heads < 1 or dim % n_heads or (dim // n_heads) % 2:
         fits = [str(h) for h in range(1, dim + 1) if dim % h == 0 and (dim // h) % 2 == 0]
-        told = "n_heads" not in missing and "n_heads" not in config  # the user's --n-heads
-        fix = "" if told else f"; correct n_heads in {path / 'config.json'}" if "n_heads" in config else \
+        typed = "n_heads" not in missing and "n_heads" not in config  # the user's --n-heads
+        fix = "" if typed else f"; correct n_heads in {path / 'config.json'}" if "n_heads" in config else \
             "; set --n-heads"
-        raise TinykError(f"dim {dim} does not split into {'--n-heads ' if told else ''}{n_heads} heads of an even "
+        raise TinykError(f"dim {dim} does not split into {'--n-heads ' if typed else ''}{n_heads} heads of an even "
                          f"size (head counts that do: {', '.join(fits[:8])}{', ...' if len(fits) > 8 else ''}){fix}")
     head_dim = dim // n_heads
     rope_theta = _recorded_theta(path, config, rope_theta)
@@ -786,9 +786,9 @@ def import_seed_checkpoint(ckpt: str | Path, tok_dir: str | Path, out: str | Pat
              "n_kv_heads": state["layers.0.attention.wk.weight"].shape[0] // head_dim, "vocab_size": vocab_size,
              "hidden_dim": hidden_dim}
     for key, have in shape.items():  # a config.json of another model, or weights missing layers
-        said = config.get(key)
-        if isinstance(said, int) and not isinstance(said, bool) and said != have:
-            raise TinykError(f"{path / 'config.json'} says {key} {said}, but the weights beside it have {have}")
+        recorded = config.get(key)
+        if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded != have:
+            raise TinykError(f"{path / 'config.json'} says {key} {recorded}, but the weights beside it have {have}")
     try:
         cfg = ModelConfig(**shape, n_heads=n_heads, max_seq_len=max_seq_len, norm_eps=float(norm_eps),
                           rope_theta=rope_theta, tie_embeddings=torch.equal(output, emb))

@@ -407,7 +407,7 @@ class _ShardWriter(_SplitWriter):
         super().open(state)
         if state and state["shards"]:
             self.shards = [dict(s) for s in state["shards"]]
-            self.f = open(self.folder / self.shards[-1]["file"], "ab")  # noqa: SIM115 - closed by release()
+            self.f = open(self.folder / self.shards[-1]["file"], "ab")  # closed by release()
 
     def _write(self, b: _Batch) -> None:
         data = b.tokens
@@ -425,7 +425,7 @@ class _ShardWriter(_SplitWriter):
             os.fsync(self.f.fileno())  # `sync` reaches only the open shard: a full one is on disk before it closes
             self.f.close()
         name = f"shard_{len(self.shards):05d}.bin"
-        self.f = open(self.folder / name, "wb")  # noqa: SIM115 - closed by release()/_next_shard
+        self.f = open(self.folder / name, "wb")  # closed by release()/_next_shard
         self.shards.append({"file": name, "tokens": 0})
 
     def _files(self) -> list[Any]:
@@ -452,7 +452,7 @@ class _ConversationWriter(_SplitWriter):
         super().open(state)
         self.loss_tokens = state["loss_tokens"] if state else 0
         # Appending: a continued run's files are already cut back to the checkpoint.
-        self.tok_f, self.mask_f, self.len_f = (open(self.folder / name, "ab")  # noqa: SIM115 - closed by release()
+        self.tok_f, self.mask_f, self.len_f = (open(self.folder / name, "ab")  # closed by release()
                                                for name in ("tokens.bin", "mask.bin", self.LENGTHS))
 
     def _write(self, b: _Batch) -> None:

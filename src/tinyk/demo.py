@@ -671,7 +671,7 @@ def transformers_check(model_dir: Path, engine: Any, max_new_tokens: int = 24) -
                                                        return_dict=False)])
         with torch.no_grad():
             gen = hf.generate(ids, max_new_tokens=max_new_tokens)
-    except Exception as e:  # noqa: BLE001 - any transformers version's failure is this check's result
+    except Exception as e:  # any transformers version's failure is this check's result
         return {"ok": False, "error": f"transformers {type(e).__name__}: {first_line(e)}"}
     hf_ids = gen[0, ids.shape[1]:].tolist()
     prompt_ids = engine.chat_ids(messages, default_system=engine.tok.system_prompt)

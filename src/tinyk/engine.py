@@ -523,16 +523,17 @@ class Request:
                 break
         return False
 
-    def deltas(self, timeout: float | None = None, idle: Callable[[], None] | None = None) -> Iterator[str]:
-        """Text deltas as a background `Scheduler` produces them, until the sequence ends. After `timeout`
-        seconds without one, `idle()` is called and the wait goes on (a server checks there that its
-        client is still connected, and raises to stop); without `idle`, queue.Empty is raised."""
-        return (text for text, _ in self.chunks(timeout, idle))
+    def deltas(self, timeout: float | None = None) -> Iterator[str]:
+        """Text deltas as a background `Scheduler` produces them, until the sequence ends; queue.Empty
+        after `timeout` seconds without one."""
+        return (text for text, _ in self.chunks(timeout))
 
     def chunks(self, timeout: float | None = None, idle: Callable[[], None] | None = None
                ) -> Iterator[tuple[str, int]]:
         """`deltas` with, for each, how many of `logprobs` its text comes from: the scheduler may have
-        recorded the next tokens' by the time a delta is read, and a stream sends each text with its own."""
+        recorded the next tokens' by the time a delta is read, and a stream sends each text with its own.
+        After `timeout` seconds without one, `idle()` is called and the wait goes on (a server checks
+        there that its client is still connected, and raises to stop); without `idle`, queue.Empty."""
         while True:
             try:
                 item = self._deltas.get(timeout=timeout)
@@ -1074,7 +1075,7 @@ class Scheduler:
                     events += batch.add(admit)
                 if batch.rows:
                     events += batch.step()
-            except Exception as e:  # noqa: BLE001 - reported to every affected caller instead
+            except Exception as e:  # reported to every affected caller instead
                 message = f"generation failed: {type(e).__name__}: {e}"
                 events += batch.fail(message)
                 # Admitted requests the failure left without events (a failed `add` loses the text of
@@ -1098,7 +1099,7 @@ class Scheduler:
                 if self.on_finish is not None:
                     try:
                         self.on_finish(r)
-                    except Exception as e:  # noqa: BLE001 - a logging hook must not stop the engine thread
+                    except Exception as e:  # a logging hook must not stop the engine thread
                         sys.stderr.write(f"tinyk: on_finish failed: {type(e).__name__}: {e}\n")
             r.deliver(delta)
 

@@ -270,7 +270,7 @@ class _ZstdReader(io.RawIOBase):
 
     def __init__(self, path: Path):
         self._dctx = _zstandard().ZstdDecompressor()
-        self._f = open(path, "rb")  # noqa: SIM115 - closed by close()
+        self._f = open(path, "rb")  # closed by close()
         self._frame: Any = None
         self._buf, self._pos, self._eof = b"", 0, False
 
@@ -987,15 +987,13 @@ def stdin_not_decodable() -> str:
 STDIN_NAMES = ("-", "/dev/stdin")  # the --prompt-file values that read stdin
 
 
-def read_prompts(typed: list[str], prompt_file: str | None, field: str = "prompt",
-                 stdin: Iterable[str] | None = None) -> tuple[list[str], str | None]:
+def read_prompts(typed: list[str], prompt_file: str | None, field: str = "prompt") -> tuple[list[str], str | None]:
     """`tinyk generate`'s prompts: the typed ones, then a file's (one per `.txt` line or per record's
     `field`) or stdin's (`-`, one per line); with a note on the lines skipped, if any."""
     prompts, note = list(typed), None
     if prompt_file in STDIN_NAMES:  # one prompt per line, for pipelines
         try:
-            lines = [line.rstrip("\r\n").removeprefix("\ufeff")  # a BOM, as in files
-                     for line in (sys.stdin if stdin is None else stdin)]
+            lines = [line.rstrip("\r\n").removeprefix("\ufeff") for line in sys.stdin]  # a BOM, as in files
             not_utf8 = any(has_surrogate(line) for line in lines)  # how a surrogateescape stream decodes them
         except UnicodeDecodeError:
             not_utf8 = True
@@ -1027,6 +1025,19 @@ def read_prompts(typed: list[str], prompt_file: str | None, field: str = "prompt
     if not prompts:
         raise TinykError("give --prompt TEXT (repeatable) or --prompt-file FILE")
     return prompts, note
+
+
+def read_stdin_message() -> str:
+    """`tinyk chat`'s piped message: all of stdin, without a BOM or the whitespace around it."""
+    try:
+        message = sys.stdin.read().removeprefix("\ufeff").strip()
+    except UnicodeDecodeError:
+        raise TinykError(stdin_not_decodable()) from None
+    if has_surrogate(message):  # how a surrogateescape stream reads what does not decode
+        raise TinykError(stdin_not_decodable())
+    if not message:
+        raise TinykError("no message on stdin (pipe in a message, or use --message TEXT)")
+    return message
 
 
 JSON_MAX_BYTES = 64 << 20  # far above any config, meta or results file; a larger one is not one of them

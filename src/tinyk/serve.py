@@ -153,7 +153,7 @@ def _not_json(name: str) -> None:
     raise _NotJson(f"{name} is not a number JSON has")
 
 
-def _finite(text: str) -> float:
+def _json_float(text: str) -> float:
     """A JSON number as a float; one beyond a double's range (1e400) would be infinity, which no field takes."""
     value = float(text)
     if math.isinf(value):
@@ -204,7 +204,7 @@ class Handler(BaseHTTPRequestHandler):
         except OSError:
             pass
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - BaseHTTPRequestHandler's signature
+    def log_message(self, format: str, *args: Any) -> None:  # BaseHTTPRequestHandler's signature
         if self.server.api.cfg.log:  # a request line's escape codes would repaint the operator's terminal
             sys.stderr.write(f"{self.address_string()} - {escape_controls(format % args)}\n")
 
@@ -325,7 +325,7 @@ class Handler(BaseHTTPRequestHandler):
             raise
         self.unread_body = False
         try:  # RFC 8259 8.1: a byte order mark may be ignored
-            body = json.loads(raw.decode("utf-8-sig"), parse_constant=_not_json, parse_float=_finite)
+            body = json.loads(raw.decode("utf-8-sig"), parse_constant=_not_json, parse_float=_json_float)
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, _NotJson) as e:
             raise ApiError(400, f"the request body is not valid JSON: {str(e)[:200]}", code="invalid_json") from e
         except ValueError as e:  # Python's own limit on integer digits, whose advice is for the server's code
@@ -446,7 +446,7 @@ class Handler(BaseHTTPRequestHandler):
         except ConnectionError:
             self.close_connection = True
 
-    def log_error(self, format: str, *args: Any) -> None:  # noqa: A002 - BaseHTTPRequestHandler's signature
+    def log_error(self, format: str, *args: Any) -> None:  # BaseHTTPRequestHandler's signature
         """As log_message, but a kept-alive connection that stays idle until --timeout (a browser keeps the
         chat page's open) closes silently: only a request that stalls mid-way is worth a line."""
         if format.startswith("Request timed out") and not self.reader.started:
@@ -506,7 +506,7 @@ class Handler(BaseHTTPRequestHandler):
             return
         except (ConnectionError, TimeoutError):  # the client left or stalled mid-body: handle_one_request's
             raise
-        except Exception as e:  # noqa: BLE001 - a fault of tinyk's, not the client's: still answered, and logged
+        except Exception as e:  # a fault of tinyk's, not the client's: still answered, and logged
             self.close_connection = True
             self.log_error("internal error: %s: %s", type(e).__name__, first_line(e))
             self._error(ApiError(500, "the server failed to take the request", type="server_error",

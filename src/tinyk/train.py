@@ -174,11 +174,6 @@ def micro_note(batch_size: int, world: int, requested: int | None, used: int, pe
     return f"micro_batch {requested} {why} the {per_rank} sequences per {per}; using {used}"
 
 
-def total_steps(cfg: TrainConfig, samples_per_epoch: int, steps_done: int = 0, samples_done: int = 0) -> int:
-    """Optimizer steps in the run: whichever of max_steps, max_tokens, epochs comes first (default 1 epoch)."""
-    return first_budget(step_budgets(cfg, samples_per_epoch, steps_done, samples_done))[0]
-
-
 def first_budget(budgets: dict[str, int]) -> tuple[int, str]:
     """The steps of the budget that ends the run first, and its flag (for messages)."""
     flag = min(budgets, key=budgets.__getitem__)
@@ -1255,7 +1250,8 @@ class Trainer:
 
         cfg = self.cfg
         self.model.eval()
-        # split_batches counts global batches of batch_size sequences, so the subset is the same for any world size.
+        # eval_batches counts global batches of batch_size sequences, turned here into split_batches' groups of
+        # micro x world sequences, so the subset is the same for any world size.
         group = self.micro * self.dist.world
         groups = math.ceil(cfg.eval_batches * cfg.batch_size / group) if cfg.eval_batches else None
         batches = split_batches(self.val_split, self.micro, groups, rank=self.dist.rank, world_size=self.dist.world)

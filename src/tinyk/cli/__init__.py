@@ -40,8 +40,8 @@ from tinyk.errors import (
 )
 from tinyk.inputs import UTF8_OR
 
-STAGES = ["tokenizer", "model", "data", "train", "generate", "serve", "evaluate", "demo", "plan"]
-WITHOUT_TORCH = {"tokenizer", "data"}  # what they do needs none
+CLI_MODULES = ["tokenizer", "model", "data", "train", "generate", "serve", "evaluate", "demo", "plan"]
+WITHOUT_TORCH = {"tokenizer", "data"}  # commands whose work needs no torch
 
 
 class _Parser(argparse.ArgumentParser):
@@ -84,8 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tinyk", description="Train a small Chinese chat LLM from scratch.")
     parser.add_argument("--version", action="version", version=f"tinyk {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for stage in STAGES:
-        importlib.import_module(f"tinyk.cli.{stage}").register(sub)
+    for module in CLI_MODULES:  # each registers its commands
+        importlib.import_module(f"tinyk.cli.{module}").register(sub)
     return parser
 
 

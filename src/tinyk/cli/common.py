@@ -213,7 +213,8 @@ def model_dir(text: str) -> str:
 def add_sampling_args(p: argparse.ArgumentParser, seed_help: str = "seed for reproducible sampling") -> None:
     """Sampling flags shared by generate, chat and serve; defaults avoid loops on small models.
 
-    Their ranges are `SamplingParams`' own, checked here so that a bad value is named by its flag."""
+    Their ranges are `SamplingParams`' own (--top-k's capped, far past any vocabulary), checked here so that
+    a bad value is named by its flag."""
     p.add_argument("--temperature", type=float_range(0), default=0.7,
                    help="0 = greedy; higher = more random (default 0.7)")
     p.add_argument("--top-k", type=int_range(0, 1_000_000), default=50,

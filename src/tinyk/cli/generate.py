@@ -24,7 +24,7 @@ from tinyk.cli.common import (
     utf8_text,
 )
 from tinyk.errors import Stopped, Terminated, TinykError, for_terminal
-from tinyk.inputs import STDIN_NAMES, has_surrogate, read_prompts, stdin_not_decodable
+from tinyk.inputs import STDIN_NAMES, read_prompts, read_stdin_message
 from tinyk.units import plural
 
 if TYPE_CHECKING:
@@ -126,12 +126,7 @@ def _chat(args: argparse.Namespace) -> int:
         sys.stdin.reconfigure(errors="surrogateescape")
     messages = args.message
     if messages is None and not sys.stdin.isatty():
-        message = sys.stdin.read().removeprefix("\ufeff").strip()
-        if not message:
-            raise TinykError("no message on stdin (pipe in a message, or use --message TEXT)")
-        if has_surrogate(message):  # before the model loads
-            raise TinykError(stdin_not_decodable())
-        messages = [message]
+        messages = [read_stdin_message()]  # before the model loads
     engine = _engine(args, 1)
     system = engine.tok.system_from_flag(args.system)
     if messages is not None:

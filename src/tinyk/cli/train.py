@@ -26,7 +26,8 @@ from tinyk.cli.common import (
 # Flags that map one-to-one onto config keys; None means "not given", so configs stay in charge.
 _FLAG_KEYS = ("data", "tokenizer", "init", "out", "max_steps", "max_tokens", "epochs", "max_minutes", "batch_size",
               "micro_batch", "seq_len", "lr", "lr_schedule", "dtype", "device", "parallel", "eval_every",
-              "save_every", "log_every", "seed", "tracker")
+              "save_every", "log_every", "seed", "tracker", "compile", "activation_checkpointing", "progress",
+              "keep_best")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -98,12 +99,7 @@ def _run(args: argparse.Namespace) -> int:
     from tinyk.errors import TinykError, signal_status
     from tinyk.train import refuse_in_job, train
 
-    flags = {k: getattr(args, k) for k in _FLAG_KEYS}
-    flags["compile"] = args.compile
-    flags["activation_checkpointing"] = args.activation_checkpointing
-    flags["progress"] = args.progress
-    flags["sample_prompts"] = args.sample
-    flags["keep_best"] = args.keep_best
+    flags = {k: getattr(args, k) for k in _FLAG_KEYS} | {"sample_prompts": args.sample}
     notes: list[str] = []
     try:
         cfg = resolve_config(args.kind, preset=args.preset, config=args.config, flags=flags, sets=args.set,
