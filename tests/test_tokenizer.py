@@ -11,7 +11,7 @@ from unittest import mock
 
 import jinja2
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
@@ -251,16 +251,18 @@ def test_long_documents_reach_the_bpe_trainer_in_pieces(tmp_path, monkeypatch):
 
 
 EDGE_ALPHABET = ("中文的是了，。！？、：；“”（）abcXYZ 's'\n\t\r0123١٢é\u0301_-.,!?\"ﬁ①Ａ　\u00a0\u2028\x1c"
-                 "\U0001F600")
+                 "\U0001F600五²Ⅻtmdrvle\x0b\x85\u2029")
 
 
 @settings(max_examples=300, deadline=None)
 @given(text=st.text(EDGE_ALPHABET, max_size=80), normalization=st.sampled_from(["none", "nfkc"]),
        piece=st.integers(8, 40))
+@example(text="0000000000?000000000X00", normalization="none", piece=22)
 def test_a_long_document_is_cut_only_where_the_pre_tokenizer_splits_it(text, normalization, piece):
     """The pieces the BPE trainer gets have the pre-tokens of the whole (normalised) text, but for a run
     with no edge in half a piece: cut at every TRAIN_PIECE_CHARS, news documents of 6,000 characters
-    trained other merges than the seed's code (which gives them whole)."""
+    trained other merges than the seed's code (which gives them whole). Letters and numbers are runs of
+    their own: a run of digits beside a letter, with no symbol near, was cut inside ("X0" | "0")."""
     from tinyk import tokenizer as tk_module
 
     tok = tk_module.build_tokenizer(normalization)
@@ -275,6 +277,25 @@ def test_a_long_document_is_cut_only_where_the_pre_tokenizer_splits_it(text, nor
     cut_words = [w for p in pieces for w in words(p)]
     if all(len(w) < piece // 2 for w in words(whole)):  # a word that long may be cut, as it must be
         assert cut_words == words(whole)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(EDGE_ALPHABET, min_size=2, max_size=40))
+def test_the_cut_points_are_exactly_where_the_two_sides_pre_tokenize_as_the_whole(text):
+    """Where a piece may end: a run of whitespace that ends a text is kept whole, so no cut follows one
+    (a piece ending in "\n\n\t" trained other words than the whole); and every other cut the GPT-2
+    pattern allows is found (letter and number beside each other, 's and its like), not only those
+    beside a symbol."""
+    from tinyk import tokenizer as tk_module
+
+    tok = tk_module.build_tokenizer("none")
+
+    def words(t: str) -> list[str]:
+        return [w for w, _ in tok.pre_tokenizer.pre_tokenize_str(t)]
+
+    whole = words(text)
+    for i in range(1, len(text) - 1):
+        assert tk_module._pre_token_edge(text, i) == (words(text[:i]) + words(text[i:]) == whole), i
 
 
 def test_no_piece_ends_before_a_character_newer_than_pythons_unicode_tables():
