@@ -42,7 +42,7 @@ from tinyk.data import (
     token_dtype,
 )
 from tinyk.errors import STOP_SIGNALS, TinykError
-from tinyk.inputs import Skips, iter_texts
+from tinyk.inputs import Skips, iter_texts, sft_format
 from tinyk.loader import PAD_MULTIPLE, PretrainLoader, ResumeMismatch, SFTLoader, eval_batches, open_dataset
 from tinyk.tokenizer import (
     DEFAULT_SYSTEM_PROMPT,
@@ -962,6 +962,30 @@ def test_turns_of_a_merged_sharegpt_and_openai_export_read_whichever_keys_are_se
     row = {"conversations": [{"from": "human", "value": "猫", "role": None, "content": None},
                              {"from": "gpt", "value": "Cat", "role": None, "content": None}]}
     assert normalize_conversation(row) == [{"role": "user", "content": "猫"}, {"role": "assistant", "content": "Cat"}]
+
+
+def test_an_empty_sharegpt_reply_is_context_and_a_weight_is_zero_or_one():
+    """A failed generation in a ShareGPT dump ("value": "") is a turn of its own, not a missing one that
+    skipped the whole conversation; a weight of 2 is no weight OpenAI's format has."""
+    turns = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": ""}, {"from": "human", "value": "q"},
+             {"from": "gpt", "value": "a"}]
+    assert [m["content"] for m in read_conversation({"conversations": turns})] == ["hi", "", "q", "a"]
+    reply = {"role": "assistant", "content": "a"}
+    assert read_conversation({"messages": [{"role": "user", "content": "q"}, {**reply, "weight": 2}]}) == \
+        ("bad_message", "a turn's weight is 2; it is 0 (not trained on) or 1")
+    # An instruction without its output is no Alpaca record: named as an unknown format, not a KeyError.
+    assert sft_format({"instruction": "q"}) is None
+    assert read_conversation({"instruction": "q"})[0] == "unknown_format"
+
+
+def test_a_conversation_clipped_past_its_markers_keeps_nothing_of_the_message_they_fill():
+    """Where the markers alone pass the limit, the message is cut to nothing, not to a negative slice
+    that kept all but its last characters."""
+    from tinyk.data import _clipped
+
+    chat = [{"role": "user", "content": "a" * 10}, {"role": "assistant", "content": "b" * 1000}]
+    clipped, clip = _clipped(chat, 14, 3)
+    assert clipped == [chat[0], {"role": "assistant", "content": ""}] and clip is not None
 
 
 @pytest.mark.parametrize("turn,reason", [

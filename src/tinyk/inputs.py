@@ -509,6 +509,7 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
         is_txt = is_plain_text(path)
         base, end, begun = consumed, 0, False
         lone_crs = 0  # in .txt lines before this one: each began a line of its own, which positions count
+        first_text = True  # a .txt file's first line of text, which may show it holds JSON records
         encoding = _EncodingCheck(path)
         past_head = False
         for lineno, line, read in iter_lines(path, max_line_bytes):
@@ -557,7 +558,8 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
                     if s is None or not s.strip():  # blank lines separate documents; they are not ones
                         continue
                     encoding.saw(False)
-                    read_as = _read_as_record(s, field, message_lists) if encoding.lines == 1 else None
+                    read_as = _read_as_record(s, field, message_lists) if first_text else None
+                    first_text = False
                     if read_as:
                         raise TinykError(f"{path}: a .txt file whose lines are JSON records, which would be read as "
                                          f"text, braces and keys included; name it {_jsonl_name(path)} to read "
