@@ -2349,6 +2349,20 @@ def test_workers_use_one_core_each(monkeypatch):
 
 
 @pytest.mark.skipif(os.name != "posix", reason="a dead parent's children are adopted on POSIX")
+def test_a_worker_that_cannot_hand_its_batch_to_a_dead_parent_ends_quietly():
+    """A batch of megabytes is handed over while the parent reads it: killed meanwhile, the worker's
+    write failed with a BrokenPipeError traceback after the shell's prompt. Alive, it is an error."""
+    code = ("import sys, tinyk.workers as w\n"
+            "w._TASK = (None, None, int(sys.argv[1]))\n"
+            "def hand_over(): raise BrokenPipeError(32, 'Broken pipe')\n"
+            "w._Worker(target=hand_over).run()\n")
+    orphan = subprocess.run([sys.executable, "-c", code, "1"], capture_output=True, text=True, timeout=60)
+    assert (orphan.returncode, orphan.stderr) == (1, "")
+    alive = subprocess.run([sys.executable, "-c", code.replace("int(sys.argv[1])", "w.os.getppid()")],
+                           capture_output=True, text=True, timeout=60)
+    assert alive.returncode == 1 and alive.stderr.rstrip().endswith("BrokenPipeError: [Errno 32] Broken pipe")
+
+
 def test_a_worker_whose_parent_is_already_gone_ends_at_once():
     """The parent was killed while the worker started: the worker's parent is no longer the one it was
     started by, and it ends rather than work for no one."""

@@ -198,6 +198,14 @@ class _Worker(multiprocessing.context.SpawnProcess):
     def terminate(self) -> None:
         self.kill()
 
+    def run(self) -> None:
+        try:
+            super().run()
+        except (OSError, EOFError):  # handing a batch over to a parent killed meanwhile (a broken pipe)
+            if _TASK is not None and _orphaned(_TASK[2]):
+                os._exit(1)  # quietly, as the watch does: a traceback would land after the shell's prompt
+            raise
+
 
 class _Pool(multiprocessing.pool.Pool):
     """A pool whose `terminate()` cannot hang on an error (a full disk) while tasks are in flight, nor
