@@ -7,7 +7,7 @@ import math
 import re
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -469,6 +469,12 @@ def test_demo_leaves_models_results_and_report(demo, capsys):
         assert Path(json.loads((demo / "runs" / run / "summary.json").read_text())["final_model"]) == demo / model
     assert f"Reproduce: `tinyk demo --out {demo} --smoke`" in report \
         and f"`tinyk chat --model {demo / 'chat'}`" in report
+    # A config no flags make (built in Python) is not given a command that would run another demo.
+    default = json.loads(json.dumps(asdict(DemoConfig()), default=str))
+    for config, says in (({**r["config"], "seq_len": 32}, "Reproduce: `run_demo` with the config in results.json"),
+                         (default, f"Reproduce: `tinyk demo --out {demo}`;"),
+                         ({**default, "minutes": 12.0}, f"Reproduce: `tinyk demo --out {demo} --minutes 12`;")):
+        assert says in render_report({**r, "config": config})
     # The bits-per-byte baseline: a model that finds every token equally likely (8.0 flattered any model).
     base = r["eval"]["base_val"]
     uniform = math.log2(r["tokenizer"]["vocab_size"]) * base["tokens"] / base["bytes"]

@@ -816,13 +816,21 @@ def render_report(res: dict[str, Any]) -> str:
                   _md_table(("prompt", "expected", "output", "correct"),
                             [(s["prompt"], s["answer"], s["output"], s["correct"]) for s in t["samples"]]), ""]
     c, out = res["config"], res.get("out", "runs/demo")
-    smoke = bool(c["pretrain_steps"])
-    usual = (DemoConfig.smoke() if smoke else DemoConfig()).minutes
-    minutes = f" --minutes {c['minutes']:g}" if c["minutes"] != usual else ""
-    command = f"tinyk demo --out {shlex.quote(out)}{' --smoke' if smoke else ''}{minutes}"
-    parts += [f"Reproduce: `{command}`; models are in `base/` and `chat/` (Hugging Face Llama layout), e.g. "
+    flags = _demo_flags(c)
+    how = f"`tinyk demo --out {shlex.quote(out)}{flags}`" if flags is not None else \
+        "`run_demo` with the config in results.json (no `tinyk demo` flags make it)"
+    parts += [f"Reproduce: {how}; models are in `base/` and `chat/` (Hugging Face Llama layout), e.g. "
               f"`tinyk chat --model {shlex.quote(str(Path(out) / 'chat'))}`.", ""]
     return "\n".join(parts)
+
+
+def _demo_flags(config: dict[str, Any]) -> str | None:
+    """The `tinyk demo` flags that make a recorded config, None where it was built in Python otherwise."""
+    for flag, made in (("", DemoConfig()), (" --smoke", DemoConfig.smoke())):
+        usual = _jsonable(asdict(made))
+        if {**config, "minutes": usual["minutes"]} == usual:
+            return flag + (f" --minutes {config['minutes']:g}" if config["minutes"] != usual["minutes"] else "")
+    return None
 
 
 def _fmt(x: float | None) -> str:
