@@ -1364,6 +1364,24 @@ def test_a_json_array_of_records_is_named_with_the_way_out(tmp_path, tok_dir, ca
     assert "jq -c '.[]' alpaca.json > alpaca.lines.jsonl" in err and not (tmp_path / "d").exists()
 
 
+def test_the_first_thousand_lines_decide_the_encoding(tmp_path):
+    """A GBK file with UTF-8 lines after its first thousand is refused as GBK, not read as 1,500 documents
+    with 1,000 skipped."""
+    src = tmp_path / "mixed.txt"
+    src.write_bytes("你好\n".encode("gbk") * 1000 + "你好\n".encode() * 1500)
+    with pytest.raises(TinykError, match=r"mixed.txt: not UTF-8 text \(1,000 of 1,000 lines read could not be decoded"):
+        texts(src)
+
+
+def test_a_record_is_named_by_a_text_of_twenty_characters_or_more(tmp_path):
+    src = tmp_path / "r.txt"
+    src.write_text(json.dumps({"body": "x" * 20}) + "\n", encoding="utf-8")
+    with pytest.raises(TinykError, match=r"name it r.jsonl to read their 'body' field with --field=body$"):
+        texts(src)
+    src.write_text(json.dumps({"body": "x" * 19}) + "\n", encoding="utf-8")  # too short to say it is the text
+    assert texts(src) == [json.dumps({"body": "x" * 19})]
+
+
 def test_one_pretty_printed_conversation_is_named_an_array_for_sft(tmp_path, tok_dir, capsys):
     """json.dump(turns, indent=2): one conversation, not JSON Lines; each of its lines was skipped as
     malformed instead."""
