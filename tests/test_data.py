@@ -577,6 +577,98 @@ def test_a_stopped_run_continues_to_the_output_of_a_run_never_stopped(tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"{kind}.jsonl", "out", "whole"])
 
 
+def test_a_stopped_runs_folder_edited_since_is_cut_back_or_started_over(tmp_path, tok_dir, monkeypatch, capsys):
+    """Files the checkpoint does not know (an editor's, a stray shard) stay out of the output; a file
+    shorter than recorded was padded with zero bytes (token 0, under a checksum that matched); a
+    checkpoint that read more records than the input holds is refused."""
+    src, prep = _stoppable_inputs(tmp_path, "pretrain")
+    opts = {"val_fraction": 0.2, "workers": 1, "batch_chars": 300}
+    prep([src], tok_dir, tmp_path / "whole", show_progress=False, **opts)
+    out, partial = tmp_path / "out", tmp_path / ".out.partial"
+
+    def stop() -> dict:
+        with monkeypatch.context() as m:
+            _stop_during_batch(m, 7)
+            with pytest.raises(KeyboardInterrupt):
+                prep([src], tok_dir, out, **opts)
+        capsys.readouterr()
+        return json.loads((partial / "progress.json").read_text())
+
+    stop()
+    (partial / "train" / "stray.bin").write_bytes(b"x" * 8)
+    (partial / "progress.json.tmp").write_text("{}")
+    prep([src], tok_dir, out, **opts)
+    assert "continuing the stopped run" in capsys.readouterr().err
+    _same_data(out, tmp_path / "whole")
+    shutil.rmtree(out)
+    name, size = next((n, s) for n, s in stop()["files"].items() if s > 2)
+    os.truncate(partial / name, size - 2)
+    prep([src], tok_dir, out, **opts)
+    assert re.search(r"starting over: the stopped run in .* has files missing or cut short", capsys.readouterr().err)
+    _same_data(out, tmp_path / "whole")
+    shutil.rmtree(out)
+    state = stop()
+    (partial / "progress.json").write_text(json.dumps({**state, "records": 10**6}))
+    with pytest.raises(TinykError, match=r"^the input holds fewer records \([\d,]+\) than the stopped run had done "
+                                         r"\(1,000,000\); was it changed\?"):
+        prep([src], tok_dir, out, **opts)
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names open files through /proc")
+def test_every_byte_a_checkpoint_records_was_synced_to_disk_before_it(tmp_path, tok_dir, monkeypatch):
+    """After a power cut, a checkpoint must not name shard bytes that never reached the disk: full shards
+    are synced as they close, the open files as each checkpoint is saved."""
+    from tinyk.data import _Checkpoints
+
+    src, _ = _stoppable_inputs(tmp_path, "pretrain")
+    synced: dict[str, int] = {}
+    real_fsync, real_save = os.fsync, _Checkpoints.save
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        synced[os.path.realpath(f"/proc/self/fd/{fd}")] = os.fstat(fd).st_size
+
+    saves = []
+
+    def save(self, state, writers) -> None:
+        real_save(self, state, writers)
+        files = {name: size for name, size in self.saved["files"].items() if size}
+        assert all(synced.get(os.path.realpath(self.folder / n), -1) >= size for n, size in files.items()), files
+        saves.append(len(files))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(_Checkpoints, "save", save)
+    monkeypatch.setattr(_Checkpoints, "due", lambda self: True)
+    prepare_pretrain([src], tok_dir, tmp_path / "out", val_fraction=0.2, workers=1, batch_chars=300,
+                     shard_tokens=1000, show_progress=False)
+    assert len(saves) > 3 and max(saves) > 3  # shards full and closed, and open ones, in both splits
+
+
+def test_checkpoints_leave_the_split_of_a_tiny_corpus_as_it_is(tmp_path, tok_dir):
+    """The document held back so train is never empty went to val at a checkpoint taken before train
+    had one: two documents at --val-fraction 0.99 were refused as "no usable documents"."""
+    src = write_jsonl(tmp_path / "two.jsonl", texts(2))
+    opts = {"val_fraction": 0.99, "workers": 1, "batch_chars": 1, "show_progress": False}
+    whole = prepare_pretrain([src], tok_dir, tmp_path / "whole", **opts)
+    saved = prepare_pretrain([src], tok_dir, tmp_path / "saved", checkpoint_s=0, **opts)
+    assert whole["splits"]["train"]["documents"] == 1
+    _same_data(tmp_path / "saved", tmp_path / "whole")
+    assert saved["splits"] == whole["splits"]
+
+
+def test_a_checkpoint_is_due_again_a_full_interval_after_the_last(tmp_path):
+    """Not after every batch once the first is due (each one syncs every open file)."""
+    from tinyk.data import _Checkpoints
+
+    tmp_path.joinpath("p").mkdir()
+    cp = _Checkpoints(tmp_path / "p", {}, 60, False)
+    assert not cp.due()
+    cp.last -= 100
+    assert cp.due()
+    cp.save({}, {})
+    assert not cp.due() and json.loads((tmp_path / "p" / "progress.json").read_text())["files"] == {}
+
+
 @pytest.mark.parametrize("kind", ["pretrain", "sft"])
 def test_a_run_stopped_after_its_last_batch_continues_without_counting_anything_twice(tmp_path, tok_dir, monkeypatch,
                                                                                        capsys, kind):

@@ -281,6 +281,9 @@ def test_a_long_document_is_cut_only_where_the_pre_tokenizer_splits_it(text, nor
 
 @settings(max_examples=300, deadline=None)
 @given(text=st.text(EDGE_ALPHABET, min_size=2, max_size=40))
+@example(text="\n'ss")  # a contraction after a newline: no cut between ' and s
+@example(text="'rear")  # after 're: a cut
+@example(text="x\t\t\ty")  # inside a run of whitespace, before its last character: a cut
 def test_the_cut_points_are_exactly_where_the_two_sides_pre_tokenize_as_the_whole(text):
     """Where a piece may end: a run of whitespace that ends a text is kept whole, so no cut follows one
     (a piece ending in "\n\n\t" trained other words than the whole); and every other cut the GPT-2
@@ -296,6 +299,17 @@ def test_the_cut_points_are_exactly_where_the_two_sides_pre_tokenize_as_the_whol
     whole = words(text)
     for i in range(1, len(text) - 1):
         assert tk_module._pre_token_edge(text, i) == (words(text[:i]) + words(text[i:]) == whole), i
+
+
+def test_a_piece_ends_at_the_last_cut_within_half_a_piece():
+    """The cut just before a full piece's end and the one half a piece back are both found."""
+    from tinyk import tokenizer as tk_module
+
+    with mock.patch.object(tk_module, "TRAIN_PIECE_CHARS", 20):
+        assert [len(p) for p in tk_module.training_pieces("a" * 19 + " " + "b" * 10)] == [19, 11]
+        assert [len(p) for p in tk_module.training_pieces("a" * 10 + " " + "b" * 30)] == [10, 20, 11]
+    # Beside a character newer than Python's tables (a letter to the pre-tokenizer): no cut, 's or not.
+    assert not tk_module._pre_token_edge("\U00031350'ss", 2)
 
 
 def test_no_piece_ends_before_a_character_newer_than_pythons_unicode_tables():
