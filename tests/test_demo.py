@@ -608,6 +608,19 @@ def test_demo_prints_table_and_chats(demo, capsys):
     assert result_rows(r)[-2] == ("transformers greedy parity", "not checked", "transformers could not load the model")
 
 
+def test_the_transformers_check_fails_on_prompts_that_differ(nano_model_dir):
+    """Equal replies to different prompts are no parity: the prompt ids are compared too."""
+    from tinyk.demo import transformers_check
+    from tinyk.engine import Engine
+
+    engine = Engine.from_dir(nano_model_dir)
+    assert transformers_check(nano_model_dir, engine, max_new_tokens=2)["prompt_ids_equal"]
+    chat_ids = engine.chat_ids
+    engine.chat_ids = lambda *args, **kw: chat_ids(*args, **kw)[1:]  # a prompt without its first token
+    check = transformers_check(nano_model_dir, engine, max_new_tokens=2)
+    assert not check["ok"] and not check["prompt_ids_equal"]
+
+
 def test_demo_model_matches_transformers_greedy(demo):
     """The chat model directory is a transformers checkpoint: `generate()` given only the prompt gives
     tinyk's `--temperature 0` tokens (greedy with tinyk's repetition penalty, from generation_config.json),
