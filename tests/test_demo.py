@@ -390,6 +390,27 @@ def test_probe_times_candidates_in_turns(tmp_path, pt_data, tok_dir, monkeypatch
     assert not any(t.out and Path(t.out).exists() for t in tcfgs)
 
 
+@pytest.mark.parametrize("eager, compiled", [(3.0, 1.0), (1.0, 3.0)])
+def test_the_probe_compiles_only_when_compiled_steps_were_faster(tmp_path, pt_data, tok_dir, monkeypatch, eager,
+                                                                 compiled):
+    """Timed in turns with the eager step (rates as step_rates measured them): the faster one is kept."""
+    from tinyk import demo
+    from tinyk.demo import choose_runtime, training_config
+
+    cfg = replace(DemoConfig.smoke(), dtype="fp32")
+    tcfg = training_config("pretrain", cfg, data=pt_data, out=tmp_path / "probe", steps=10**6, tokenizer=tok_dir)
+    monkeypatch.setattr(demo, "step_rates", lambda tcfgs, seconds, threads: (
+        [compiled if t.compile else eager for t in tcfgs] if any(t.compile for t in tcfgs) else [2.0] * len(tcfgs)))
+    threads = torch.get_num_threads()
+    try:
+        rt = choose_runtime(cfg, tcfg, try_compile=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert rt.compile == (compiled > eager) and rt.eager_beside_compiled == eager * tcfg.batch_size * tcfg.seq_len
+    # Eager, it plans with the first round's rate, as it shows it.
+    assert rt.tokens_per_s == (compiled if compiled > eager else 2.0) * tcfg.batch_size * tcfg.seq_len
+
+
 def test_probe_compiles_the_trainer_step_or_falls_back_to_eager(tmp_path, pt_data, tok_dir, monkeypatch):
     from tinyk.demo import choose_runtime, training_config
 
