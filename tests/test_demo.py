@@ -351,6 +351,31 @@ def test_sft_is_timed_on_its_own_batches(tmp_path, sft_data, nano_model_dir):
     assert step_rates([tcfg], 0.0, rounds=1)[0] > 0 and not (tmp_path / "probe").exists()
 
 
+def test_a_candidates_rate_is_its_median_slice(tmp_path, pt_data, tok_dir, monkeypatch):
+    """Load that comes and goes: neither the quietest slice nor the busiest is the rate. The clock runs
+    fast: a step takes 100 s in the first slice, 200 s in the second, 400 s in the third."""
+    from tinyk import demo
+    from tinyk.demo import step_rates, training_config
+    from tinyk.train import Trainer
+
+    tcfg = training_config("pretrain", DemoConfig.smoke(), data=pt_data, out=tmp_path / "c", steps=10**6,
+                           tokenizer=tok_dir, dtype="fp32")
+    step, ahead, clock = Trainer.train_step, [0.0], time.perf_counter
+
+    def slow(self, *args):
+        ahead[0] += 100 if ahead[0] < 1100 else 200 if ahead[0] < 2100 else 400
+        return step(self, *args)
+
+    monkeypatch.setattr(Trainer, "train_step", slow)
+    monkeypatch.setattr(demo.time, "perf_counter", lambda: clock() + ahead[0])
+    threads = torch.get_num_threads()
+    try:
+        rate, = step_rates([tcfg], 3000, rounds=3)
+    finally:
+        torch.set_num_threads(threads)
+    assert rate == pytest.approx(1 / 200, rel=0.05)
+
+
 @pytest.mark.parametrize("bf16_warm_s, bf16_step_s, seconds, timed", [
     (20, 20, 4500, ["fp32", "fp32", "bf16", "bf16"] * 3), (50, 50, 4500, ["fp32"] * 6),
     (20, 40, 4500, ["fp32", "fp32", "bf16", "bf16"] + ["fp32"] * 4), (20, 20, 1000, ["fp32", "fp32", "bf16", "bf16"])])
