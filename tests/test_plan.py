@@ -841,7 +841,7 @@ def test_checkpointing_costs_a_third_more_compute_in_time_and_in_the_tutorial_li
     assert on["throughput"]["tokens_per_s"] == pytest.approx(0.75 * off["throughput"]["tokens_per_s"])
     assert on["time"]["gpu_hours"] == pytest.approx(off["time"]["gpu_hours"] / 0.75)
     assert on["tutorial"]["a100_hours"] == pytest.approx(off["tutorial"]["a100_hours"] / 0.75)
-    # An --mfu is what `tinyk train` logs, where the recomputation already lowers it: not discounted again.
+    # An --mfu is what training logs, where the recomputation already lowers it: not discounted again.
     for gpu in ("h100", "a100"):
         given = [*base[:3], gpu, *base[4:], "--mfu", "0.4"]
         off = plan_json(*given, capsys=capsys)

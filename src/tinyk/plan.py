@@ -562,7 +562,8 @@ def make_plan(run: RunSpec, gpu: GPUSpec, *, gpus: int = 1, nodes: int = 1, toke
     share = micro_step_share(micro * run.seq_len, run.compiled) if scaled else 1.0
     used_mfu *= share
     # Recomputing the forward adds a third to the compute while MFU counts model FLOPs only: the table's
-    # figures were measured without it. An --mfu is taken as `tinyk train` logs it, lowered by it already.
+    # figures were measured without it. An --mfu is taken as training logs it (`tinyk pretrain`, `tinyk sft`),
+    # lowered by it already.
     recompute = 0.75 if run.checkpointing else 1.0
     efficiency = 1.0 if mfu is not None else recompute
 

@@ -58,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                             "budget, else 10B, the seed's corpus)")
     where.add_argument("--price", type=float_range(0, 1e6), help="price per GPU-hour, for the cost line")
     where.add_argument("--mfu", type=float_range(0.001, 1, unit=" (a fraction, e.g. 0.45)"),
-                       help="model FLOPs utilisation to assume, e.g. 0.45, as tinyk train logs it (with activation "
+                       help="model FLOPs utilisation to assume, e.g. 0.45, as training logs it (with activation "
                             "checkpointing its recomputation already lowers it); default: the GPU table's, for an "
                             "eager or a compiled run, x0.75 with checkpointing")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
