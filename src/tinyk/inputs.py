@@ -994,13 +994,7 @@ def read_prompts(typed: list[str], prompt_file: str | None, field: str = "prompt
     `field`) or stdin's (`-`, one per line); with a note on the lines skipped, if any."""
     prompts, note = list(typed), None
     if prompt_file in STDIN_NAMES:  # one prompt per line, for pipelines
-        try:
-            lines = [line.rstrip("\r\n").removeprefix("\ufeff") for line in sys.stdin]  # a BOM, as in files
-            not_utf8 = any(has_surrogate(line) for line in lines)  # how a surrogateescape stream decodes them
-        except UnicodeDecodeError:
-            not_utf8 = True
-        if not_utf8:
-            raise TinykError(stdin_not_decodable())
+        lines = [line.rstrip("\r").removeprefix("\ufeff") for line in _stdin_text().split("\n")]  # a BOM, as in files
         skips = Skips()
         for n, line in enumerate(lines, 1):
             if "\x00" in line:  # as in a .txt prompt file
@@ -1031,15 +1025,21 @@ def read_prompts(typed: list[str], prompt_file: str | None, field: str = "prompt
 
 def read_stdin_message() -> str:
     """`tinyk chat`'s piped message: all of stdin, without a BOM or the whitespace around it."""
-    try:
-        message = sys.stdin.read().removeprefix("\ufeff").strip()
-    except UnicodeDecodeError:
-        raise TinykError(stdin_not_decodable()) from None
-    if has_surrogate(message):  # how a surrogateescape stream reads what does not decode
-        raise TinykError(stdin_not_decodable())
+    message = _stdin_text().removeprefix("\ufeff").strip()
     if not message:
         raise TinykError("no message on stdin (pipe in a message, or use --message TEXT)")
     return message
+
+
+def _stdin_text() -> str:
+    """All of stdin, refused in one line where it is not text in this console's encoding."""
+    try:
+        text = sys.stdin.read()
+    except UnicodeDecodeError:
+        raise TinykError(stdin_not_decodable()) from None
+    if has_surrogate(text):  # how a surrogateescape stream reads what does not decode
+        raise TinykError(stdin_not_decodable())
+    return text
 
 
 JSON_MAX_BYTES = 64 << 20  # far above any config, meta or results file; a larger one is not one of them
