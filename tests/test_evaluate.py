@@ -32,7 +32,6 @@ from tinyk.evaluate import (
     eval_task,
     evaluate,
     evaluate_models,
-    format_table,
     is_results,
     normalize_answer,
     percent,
@@ -44,6 +43,7 @@ from tinyk.evaluate import (
 )
 from tinyk.inputs import Skips
 from tinyk.tokenizer import MODEL_PROMPT, load_tokenizer, train_tokenizer
+from tinyk.units import format_table
 
 QUESTIONS = [
     ("中国的首都是哪里？", ["北京", "上海", "广州", "深圳"]),

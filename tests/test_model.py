@@ -556,8 +556,8 @@ def test_a_model_directory_the_tutorials_save_pretrained_wrote_imports_with_its_
         with pytest.raises(TinykError, match=f"has norm_eps {eps!r}; RMSNorm's eps is a small positive number"):
             import_seed_checkpoint(saved, tok_dir, tmp_path / "m")
     (saved / "config.json").write_text(json.dumps(config))
-    model, assumed = import_seed_checkpoint(saved, tok_dir, tmp_path / "m")
-    assert (model.config.n_heads, model.config.n_kv_heads, model.config.max_seq_len) == (8, 4, 96) and assumed == ""
+    model, notes = import_seed_checkpoint(saved, tok_dir, tmp_path / "m")
+    assert (model.config.n_heads, model.config.n_kv_heads, model.config.max_seq_len) == (8, 4, 96) and notes == []
     with pytest.raises(TinykError, match="--n-heads 16 contradicts the 8 heads .* was saved with"):
         import_seed_checkpoint(saved, tok_dir, tmp_path / "m16", n_heads=16)
     with pytest.raises(TinykError, match=f"not a tinyk model directory: {saved}; it holds a model the tutorial's "
@@ -566,6 +566,9 @@ def test_a_model_directory_the_tutorials_save_pretrained_wrote_imports_with_its_
     x = torch.randint(0, 100, (1, 30), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert (load_model(tmp_path / "m")[0](x) - seed_forward(sd, x, n_heads=8, eps=0.01)).abs().max().item() < 1e-4
+
+
+HINT = " (--n-heads / --max-seq-len if yours differ; wrong heads load but compute something else)"
 
 
 def test_a_tutorial_pth_is_pointed_to_import_which_says_what_it_assumed(tmp_path, tok_dir, capsys):
@@ -601,22 +604,25 @@ def test_a_tutorial_pth_is_pointed_to_import_which_says_what_it_assumed(tmp_path
     out = capsys.readouterr().out
     assert e.value.code == 0 and "assumed" not in out
     assert f"note: the model has {n + 64} token embeddings and the tokenizer {n} tokens" in out
+    _, notes = import_seed_checkpoint(wider, tok_dir, tmp_path / "w2", n_heads=4, max_seq_len=64)  # told in Python too
+    assert len(notes) == 1 and notes[0].startswith(f"the model has {n + 64} token embeddings")
     half = 64 // 4 // 2  # the tables' width: half a head's for 4 heads of dim 64
     angles = torch.outer(torch.arange(80.0), 10000.0 ** (-torch.arange(half) / half))  # the tutorial's tables
     tables = {**sd, "freqs_cos": torch.cos(angles), "freqs_sin": torch.sin(angles)}
-    model, assumed = import_seed_checkpoint(_save(tables, tmp_path / "t.pth"), tok_dir, tmp_path / "t")
-    assert (model.config.n_heads, model.config.max_seq_len, assumed) == (
-        4, 80, "4 heads and a context of 80 tokens (from its RoPE tables) assumed: the checkpoint does not record them")
+    model, notes = import_seed_checkpoint(_save(tables, tmp_path / "t.pth"), tok_dir, tmp_path / "t")
+    assert (model.config.n_heads, model.config.max_seq_len, notes) == (
+        4, 80, ["4 heads and a context of 80 tokens (from its RoPE tables) assumed: the checkpoint does not record them"
+                + HINT])
     masked = {**sd, **{f"layers.{i}.attention.mask": torch.full((1, 1, 96, 96), -torch.inf).triu(1)
                        for i in range(2)}}  # what a model without flash attention keeps: its context
-    model, assumed = import_seed_checkpoint(_save(masked, tmp_path / "mask.pth"), tok_dir, tmp_path / "mk", n_heads=4)
-    assert (model.config.max_seq_len, assumed) == (
-        96, "a context of 96 tokens (from its attention mask) assumed: the checkpoint does not record it")
-    model, assumed = import_seed_checkpoint(tmp_path / "mask.pth", tok_dir, tmp_path / "mk2")
-    assert assumed == "16 heads (the tutorial's) and a context of 96 tokens (from its attention mask) assumed: " \
-                      "the checkpoint does not record them"
-    model, assumed = import_seed_checkpoint(tmp_path / "t.pth", tok_dir, tmp_path / "t2", n_heads=4, max_seq_len=64)
-    assert (model.config.n_heads, model.config.max_seq_len, assumed) == (4, 64, "")  # the flags win
+    model, notes = import_seed_checkpoint(_save(masked, tmp_path / "mask.pth"), tok_dir, tmp_path / "mk", n_heads=4)
+    assert (model.config.max_seq_len, notes) == (
+        96, ["a context of 96 tokens (from its attention mask) assumed: the checkpoint does not record it" + HINT])
+    model, notes = import_seed_checkpoint(tmp_path / "mask.pth", tok_dir, tmp_path / "mk2")
+    assert notes[0] == "16 heads (the tutorial's) and a context of 96 tokens (from its attention mask) assumed: " \
+                      "the checkpoint does not record them" + HINT
+    model, notes = import_seed_checkpoint(tmp_path / "t.pth", tok_dir, tmp_path / "t2", n_heads=4, max_seq_len=64)
+    assert (model.config.n_heads, model.config.max_seq_len, notes) == (4, 64, [])  # the flags win
     with pytest.raises(TinykError) as e:  # but not over the head count the tables fix
         import_seed_checkpoint(tmp_path / "t.pth", tok_dir, tmp_path / "t3", n_heads=8)
     assert str(e.value) == (f"--n-heads 8 contradicts the 4 heads of {tmp_path / 't.pth'}'s RoPE tables (half a "

@@ -681,9 +681,10 @@ def _seed_names(text: str) -> str:
 
 
 def import_seed_checkpoint(ckpt: str | Path, tok_dir: str | Path, out: str | Path, *, n_heads: int | None = None,
-                           max_seq_len: int | None = None, force: bool = False) -> tuple[Transformer, str]:
+                           max_seq_len: int | None = None, force: bool = False) -> tuple[Transformer, list[str]]:
     """A model directory from a model the tutorial's scripts saved (`pretrain_1024_18_6144.pth`), and
-    what had to be assumed, said as a sentence ("" if nothing). Shapes come from the tensors. The head count and context
+    notes for the user: what had to be assumed, and embeddings the tokenizer never uses (a padded
+    vocabulary, or the wrong tokenizer). Shapes come from the tensors. The head count and context
     are in a saved directory's config.json but not in a `.pth`, where they default to what the RoPE
     tables some variants keep imply, else the tutorial's (16 heads, 512 tokens). RMSNorm's eps is the
     config's `norm_eps`, else the tutorial's default 1e-5; RoPE's base a variant's `rope_theta`, or what its
@@ -745,8 +746,9 @@ def import_seed_checkpoint(ckpt: str | Path, tok_dir: str | Path, out: str | Pat
         guessed = f"{' and '.join(phrases[k] for k in missing)} ({guess[missing[0]][1]})"
     else:
         guessed = " and ".join(f"{phrases[k]} ({guess[k][1]})" for k in missing)
-    assumed = (f"{guessed} assumed: the checkpoint does not record {'them' if len(missing) > 1 else 'it'}"
-               if missing else "")
+    notes = [f"{guessed} assumed: the checkpoint does not record {'them' if len(missing) > 1 else 'it'} "
+             f"(--n-heads / --max-seq-len if yours differ; wrong heads load but compute something else)"
+             ] if missing else []
     if not isinstance(n_heads, int) or n_heads < 1 or dim % n_heads or (dim // n_heads) % 2:
         fits = [str(h) for h in range(1, dim + 1) if dim % h == 0 and (dim // h) % 2 == 0]
         typed = "n_heads" not in missing and "n_heads" not in config  # the user's --n-heads
@@ -799,6 +801,11 @@ def import_seed_checkpoint(ckpt: str | Path, tok_dir: str | Path, out: str | Pat
                                                         f"{n_heads} heads (is --n-heads right?)")
     except TinykError as e:  # name the tensors as the user's file names them
         raise TinykError(_seed_names(str(e))) from None
-    check_compatible(cfg, load_tokenizer(tok_dir))
+    tok = load_tokenizer(tok_dir)
+    check_compatible(cfg, tok)
+    if cfg.vocab_size != tok.vocab_size:
+        notes.append(f"the model has {cfg.vocab_size} token embeddings and the tokenizer {tok.vocab_size} tokens, "
+                     f"so ids from {tok.vocab_size} on are never used: is --tokenizer the one the model was trained "
+                     f"with?")
     save_model(model, tok_dir, out, force=force, inputs=(path,))
-    return model, assumed
+    return model, notes

@@ -35,6 +35,7 @@ from .errors import Stopped, TinykError, first_line, is_terminal
 from .evaluate import percent
 from .inputs import read_json
 from .outputs import atomic_dir, rust_path, shows_a_bar, write_json_atomic
+from .units import format_table
 
 if TYPE_CHECKING:  # imported where a stage uses them, so the demo starts without loading them all
     from .config import TrainConfig
@@ -720,8 +721,6 @@ def _uniform_bpb(res: dict[str, Any], scored: dict[str, Any]) -> float:
 
 
 def results_table(res: dict[str, Any]) -> str:
-    from .evaluate import format_table
-
     return format_table(result_rows(res), header=("result", "value", "beside it"))
 
 

@@ -40,7 +40,7 @@ from .inputs import (
     refuse_repeats,
 )
 from .model import Transformer
-from .outputs import check_output_file, write_text_atomic
+from .outputs import check_output_file, same_path, write_text_atomic
 from .tokenizer import (
     CHAT_ROLES,
     MODEL_PROMPT,
@@ -51,7 +51,7 @@ from .tokenizer import (
     same_tokenizer,
     with_system,
 )
-from .units import display_width, plural
+from .units import plural
 
 if TYPE_CHECKING:  # the loader and the engine are imported where they are used
     from .engine import Completion, Engine, SamplingParams
@@ -822,6 +822,38 @@ def save_samples(out: str | Path, records: list[dict[str, Any]], inputs: Iterabl
           check_samples_out, "samples")
 
 
+def check_outputs(out: str | Path | None, samples: str | Path | None, inputs: Iterable[str | Path], force: bool,
+                  *, per_example: bool) -> None:
+    """Before any model is loaded: --out and --samples each a file of its own that may be written (not an
+    input, nor anything but earlier results unless `force`); --samples only where there are examples to
+    list (`per_example`: --task or --choice given)."""
+    inputs = list(inputs)
+    if out is not None:
+        check_results_out(out, inputs, force)
+    if samples is None:
+        return
+    if not per_example:
+        raise TinykError("--samples lists --task answers and --choice questions; add --task or --choice")
+    if out is not None and same_path(Path(out).resolve(), Path(samples).resolve()):
+        raise TinykError(f"--samples {samples} is also --out; give each its own file")
+    check_samples_out(samples, inputs, force)
+
+
+def save_outputs(out: str | Path | None, results: dict[str, Any], samples: str | Path | None,
+                 records: list[dict[str, Any]], inputs: Iterable[str | Path], force: bool) -> None:
+    """`save_results` and `save_samples`, for those asked for; a failed samples file says the results are
+    saved (a run again needs --force for them)."""
+    inputs = list(inputs)
+    if out is not None:
+        save_results(out, results, inputs, force)
+    if samples is None:
+        return
+    try:
+        save_samples(samples, records, inputs, force)
+    except TinykError as e:
+        raise TinykError(f"{e}; the results are saved in --out {out}" if out is not None else str(e)) from e
+
+
 def _save(out: str | Path, text: str, inputs: Iterable[str | Path], force: bool,
           check: Callable[[str | Path, Iterable[str | Path], bool], None], what: str) -> None:
     inputs = list(inputs)
@@ -936,22 +968,3 @@ def compared_rows(results: list[dict[str, Any]]) -> list[tuple[str, ...]]:
                 order.insert(at, key)
             scores[key][i] = score
     return [(key[1], *scores[key], baselines[key]) for key in order]
-
-
-def format_table(rows: Iterable[tuple[str, ...]], header: tuple[str, ...] = ("metric", "score", "baseline")) -> str:
-    """Aligned columns: the first left, the scores right, the last (baseline, left) only where it has text,
-    and its heading only where some row has one (data metrics alone have none)."""
-    rows = list(rows)
-    rows = [header if any(r[-1] for r in rows) else (*header[:-1], ""), *rows]
-    widths = [max(display_width(r[i]) for r in rows) for i in range(len(header) - 1)]
-    def pad(v: str, w: int) -> str:
-        return " " * (w - display_width(v))
-
-    lines = [r[0] + pad(r[0], widths[0])
-             + "".join("  " + pad(v, w) + v for v, w in zip(r[1:-1], widths[1:], strict=True))
-             + ("  " + r[-1] if r[-1] else "") for r in rows]
-    lines.insert(1, "-" * max(display_width(line) for line in lines))
-    return "\n".join(lines)
-
-
-

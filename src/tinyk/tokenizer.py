@@ -34,10 +34,11 @@ from .inputs import (
     hash_files,
     is_compressed,
     iter_texts,
+    mostly_skipped,
     read_json,
 )
 from .outputs import PROGRESS_LINE_S, atomic_dir, fd_shows_a_bar, marker_file, write_json_atomic
-from .units import bytes_text
+from .units import bytes_text, plural
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 IM_START_ID, IM_END_ID = SPECIAL_TOKENS.index("<|im_start|>"), SPECIAL_TOKENS.index("<|im_end|>")  # bos, eos
@@ -705,6 +706,7 @@ def train_tokenizer(inputs: list[str | Path], out: str | Path, *, vocab_size: in
                   "skipped_summary": skips.summary(), "seconds": round(time.time() - t0, 2),
                   "capped_at": skips.stopped_at, "cap_from_memory": auto_cap, "memory_available": memory,
                   "read_bytes": skips.consumed, "line_too_long_bytes": skips.long_line_bytes}
+        result |= _training_notes(result, vocab_size, min_frequency, max_line_bytes)
         # What it was trained on and how, as a data directory's meta.json records it: the memory cap
         # makes the same command read more or less of a corpus on another machine.
         record = {"tinyk": __version__, "inputs": [str(p) for p in paths], "field": field,
@@ -716,6 +718,31 @@ def train_tokenizer(inputs: list[str | Path], out: str | Path, *, vocab_size: in
             save_tokenizer_files(tok, tmp)
             write_json_atomic(tmp / TRAINING_RECORD, record)  # a file name that is not UTF-8 as `shown` prints it
     return result
+
+
+def _training_notes(r: dict[str, Any], vocab_size: int, min_frequency: int, max_line_bytes: int
+                    ) -> dict[str, list[str]]:
+    """What a user should know of a training: `warnings` (most of the input skipped) and `notes` (a
+    smaller vocabulary than asked, where reading stopped)."""
+    warnings, notes = [], []
+    long_lines = r["skipped"]["by_reason"].get("line_too_long", 0)
+    if warning := mostly_skipped(r["skipped"]["total"], r["documents"], "documents"):
+        warnings.append(warning)
+    elif r["line_too_long_bytes"] > r["read_bytes"]:  # few records, but most of the text
+        warnings.append(f"warning: most of the input was skipped: {plural(long_lines, 'lines')} too long to read "
+                        f"({bytes_text(r['line_too_long_bytes'])}, over --max-line-bytes "
+                        f"{bytes_text(max_line_bytes)}) against {bytes_text(r['read_bytes'])} read; a larger "
+                        f"--max-line-bytes reads them")
+    if r["vocab_size"] < vocab_size:
+        notes.append(f"note: {r['vocab_size']:,} tokens, not --vocab-size {vocab_size}: the text has no more pairs "
+                     f"seen at least --min-frequency {min_frequency} times to merge (more text gives a larger "
+                     f"vocabulary)")
+    if r["capped_at"] is not None:
+        read = f"read the first {bytes_text(r['capped_at'])} of the input" + (
+            f" (not counting {long_lines:,} line(s) too long to read, skipped)" if long_lines else "")
+        notes.append(f"{read}, {memory_cap_text(r['memory_available'])}" if r["cap_from_memory"] else
+                     f"{read} (--max-bytes)")
+    return {"warnings": warnings, "notes": notes}
 
 
 def training_pieces(text: str, normalizer: normalizers.Normalizer | None = None) -> Iterator[str]:
@@ -851,3 +878,20 @@ def eval_tokenizer(path: str | Path, inputs: list[str | Path] | None = None, *,
         "bytes_per_token": round(nbytes / max(ntok, 1), 3),
         "chat_sample": chat,
     }
+
+
+def round_trips(r: dict[str, Any]) -> bool:
+    """An `eval_tokenizer` result's round trip is as meant: exact, or not by design (NFKC)."""
+    return r["roundtrip_ok"] or r["nfkc"]
+
+
+def compared_rows(results: list[dict[str, Any]]) -> list[tuple[str, ...]]:
+    """`eval_tokenizer` results side by side, for `units.format_table`: on the same text, fewer tokens means
+    a longer context in words and a cheaper step per character, paid for with a larger embedding."""
+    rows = [("vocab size", *(f"{r['vocab_size']:,}" for r in results)),
+            ("round trip", *("exact" if r["roundtrip_ok"] else "NFKC" if round_trips(r) else "FAILED"
+                             for r in results)),
+            ("chars/token", *(f"{r['chars_per_token']:.3f}" for r in results)),
+            ("bytes/token", *(f"{r['bytes_per_token']:.3f}" for r in results)),
+            ("tokens vs first", *(f"{results[0]['bytes_per_token'] / r['bytes_per_token']:.1%}" for r in results))]
+    return [(*row, "") for row in rows]  # no baseline column

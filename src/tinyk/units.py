@@ -1,9 +1,11 @@
-"""Numbers as people write them (500M, 3.5 MB, 1,234 documents), and the limits on those a user gives."""
+"""Numbers as people write them (500M, 3.5 MB, 1,234 documents), the limits on those a user gives, and the
+aligned tables the commands print them in."""
 
 from __future__ import annotations
 
 import decimal
 import unicodedata
+from collections.abc import Iterable
 
 MAX_BATCH = 65536  # sequences per step: far more than fits anywhere, far less than exhausts memory
 # Tokens per pretraining shard, at least: fewer is a file every few documents (or `--shard-tokens 100` meant
@@ -73,3 +75,21 @@ def plural(n: int, noun: str) -> str:
 def display_width(s: str) -> int:
     """Columns a terminal gives `s`: CJK characters take two."""
     return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in s)
+
+
+def format_table(rows: Iterable[tuple[str, ...]], header: tuple[str, ...] = ("metric", "score", "baseline")) -> str:
+    """Aligned columns: the first left, the scores right, the last (baseline, left) only where it has text,
+    and its heading only where some row has one (data metrics alone have none). Widths are display
+    columns: a Chinese path or answer takes two a character."""
+    rows = list(rows)
+    rows = [header if any(r[-1] for r in rows) else (*header[:-1], ""), *rows]
+    widths = [max(display_width(r[i]) for r in rows) for i in range(len(header) - 1)]
+
+    def pad(v: str, w: int) -> str:
+        return " " * (w - display_width(v))
+
+    lines = [r[0] + pad(r[0], widths[0])
+             + "".join("  " + pad(v, w) + v for v, w in zip(r[1:-1], widths[1:], strict=True))
+             + ("  " + r[-1] if r[-1] else "") for r in rows]
+    lines.insert(1, "-" * max(display_width(line) for line in lines))
+    return "\n".join(lines)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from tinyk.cli.common import batch_count, json_text, model_dir, path_arg, positive_int, utf8_text
 
@@ -68,34 +67,15 @@ def _unused_flags(args: argparse.Namespace) -> list[str]:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from tinyk.errors import TinykError
-    from tinyk.evaluate import (
-        check_results_out,
-        check_samples_out,
-        compared_rows,
-        evaluate_models,
-        format_table,
-        save_results,
-        save_samples,
-        skip_notes,
-        table_rows,
-    )
-    from tinyk.outputs import same_path
+    from tinyk.evaluate import check_outputs, compared_rows, evaluate_models, save_outputs, skip_notes, table_rows
     from tinyk.tokenizer import prompt_from_flag
+    from tinyk.units import format_table
 
     for note in _unused_flags(args):
         print(note, file=sys.stderr)
     inputs = [*args.model, *args.data, *args.task, *args.choice]
-    if args.out is not None:
-        check_results_out(args.out, inputs, args.force)
-    records = None
-    if args.samples is not None:
-        if not (args.task or args.choice):
-            raise TinykError("--samples lists --task answers and --choice questions; add --task or --choice")
-        if args.out is not None and same_path(Path(args.out).resolve(), Path(args.samples).resolve()):
-            raise TinykError(f"--samples {args.samples} is also --out; give each its own file")
-        check_samples_out(args.samples, inputs, args.force)
-        records = []
+    check_outputs(args.out, args.samples, inputs, args.force, per_example=bool(args.task or args.choice))
+    records = [] if args.samples is not None else None
     results = evaluate_models(args.model, data=args.data, tasks=args.task, choice=args.choice, split=args.split,
                               seq_len=args.seq_len, batch_size=args.batch_size, max_batches=args.max_batches,
                               max_new_tokens=args.max_new_tokens, limit=args.limit,
@@ -119,11 +99,6 @@ def _eval(args: argparse.Namespace) -> int:
     for prefix, model_notes in named:
         for note in model_notes:
             print(f"tinyk: eval: {prefix}{note}", file=sys.stderr)
-    if args.out is not None:  # after printing: results a failed write would lose are on the screen
-        save_results(args.out, shown, inputs, args.force)
-    if records is not None:
-        try:
-            save_samples(args.samples, records, inputs, args.force)
-        except TinykError as e:  # the results are saved: a run again needs --force for them
-            raise TinykError(f"{e}; the results are saved in --out {args.out}" if args.out else str(e)) from e
+    # After printing: results a failed write would lose are on the screen.
+    save_outputs(args.out, shown, args.samples, records or [], inputs, args.force)
     return 0

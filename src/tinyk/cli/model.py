@@ -68,21 +68,15 @@ def _init(args: argparse.Namespace) -> int:
 
 def _import(args: argparse.Namespace) -> int:
     from tinyk.checkpoint import import_seed_checkpoint
-    from tinyk.tokenizer import load_tokenizer
 
-    model, assumed = import_seed_checkpoint(args.checkpoint, args.tokenizer, args.out, n_heads=args.n_heads,
-                                            max_seq_len=args.max_seq_len, force=args.force)
+    model, notes = import_seed_checkpoint(args.checkpoint, args.tokenizer, args.out, n_heads=args.n_heads,
+                                          max_seq_len=args.max_seq_len, force=args.force)
     c = model.config
     print(f"imported {args.checkpoint}: {model.num_params():,} parameters (dim {c.dim}, {c.n_layers} layers, "
           f"{c.n_heads} heads / {c.n_kv_heads} KV, hidden {c.hidden_dim}, vocab {c.vocab_size}"
           f"{', tied embeddings' if c.tie_embeddings else ''}) in {args.out}")
-    if assumed:
-        print(f"note: {assumed} (--n-heads / --max-seq-len if yours differ; wrong heads load but compute something "
-              f"else)")
-    n_tok = load_tokenizer(args.tokenizer).vocab_size
-    if c.vocab_size != n_tok:  # a padded vocabulary, or the wrong tokenizer
-        print(f"note: the model has {c.vocab_size} token embeddings and the tokenizer {n_tok} tokens, so ids from "
-              f"{n_tok} on are never used: is --tokenizer the one the model was trained with?")
+    for note in notes:
+        print(f"note: {note}")
     return 0
 
 

@@ -6,8 +6,8 @@ import argparse
 import sys
 
 from tinyk.cli.common import add_field_arg, int_range, json_text, model_dir, path_arg, positive_size, text_field
-from tinyk.inputs import DEFAULT_MAX_LINE_BYTES, Skips, check_inputs, mostly_skipped
-from tinyk.units import bytes_text, display_width, plural
+from tinyk.inputs import DEFAULT_MAX_LINE_BYTES, Skips, check_inputs
+from tinyk.units import format_table, plural
 
 
 def vocab_size(s: str) -> int:
@@ -55,7 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from tinyk.tokenizer import memory_cap_text, memory_note, train_tokenizer
+    from tinyk.tokenizer import memory_note, train_tokenizer
 
     inputs = args.inputs + args.input
     if not inputs:
@@ -70,29 +70,16 @@ def _train(args: argparse.Namespace) -> int:
                         force=args.force, strict=args.strict, max_line_bytes=args.max_line_bytes)
     print(f"trained on {plural(r['documents'], 'documents')} ({r['characters']:,} characters) in {r['seconds']}s; "
           f"vocab {r['vocab_size']}; {r['skipped_summary']}")
-    long_lines = r["skipped"]["by_reason"].get("line_too_long", 0)
-    if warning := mostly_skipped(r["skipped"]["total"], r["documents"], "documents"):
+    for warning in r["warnings"]:
         print(f"tinyk: {warning}", file=sys.stderr)
-    elif r["line_too_long_bytes"] > r["read_bytes"]:  # few records, but most of the text
-        print(f"tinyk: warning: most of the input was skipped: {plural(long_lines, 'lines')} too long to read "
-              f"({bytes_text(r['line_too_long_bytes'])}, over --max-line-bytes {bytes_text(args.max_line_bytes)}) "
-              f"against {bytes_text(r['read_bytes'])} read; a larger --max-line-bytes reads them",
-              file=sys.stderr)
-    if r["vocab_size"] < args.vocab_size:
-        print(f"note: {r['vocab_size']:,} tokens, not --vocab-size {args.vocab_size}: the text has no more pairs seen "
-              f"at least --min-frequency {args.min_frequency} times to merge (more text gives a larger vocabulary)")
-    read = f"read the first {bytes_text(r['capped_at'] or 0)} of the input" + (
-        f" (not counting {long_lines:,} line(s) too long to read, skipped)" if long_lines else "")
-    if r["capped_at"] is not None and r["cap_from_memory"]:
-        print(f"{read}, {memory_cap_text(r['memory_available'])}")
-    elif r["capped_at"] is not None:
-        print(f"{read} (--max-bytes)")
+    for note in r["notes"]:
+        print(note)
     print(f"saved to {args.out}")
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from tinyk.tokenizer import eval_tokenizer
+    from tinyk.tokenizer import eval_tokenizer, round_trips
 
     field = text_field(args.field, args.input or [])
     results = [eval_tokenizer(path, args.input, max_bytes=args.max_bytes, field=field) for path in args.path]
@@ -112,33 +99,14 @@ def _eval(args: argparse.Namespace) -> int:
     if r["skipped"]["total"]:
         print(f"input           {Skips.from_json(r['skipped']).summary()}")
     print(f"compression     {r['chars_per_token']} chars/token, {r['bytes_per_token']} bytes/token")
-    return 0 if _round_trips(r) else 1
-
-
-def _round_trips(r: dict) -> bool:
-    """Exact, or not by design (NFKC)."""
-    return r["roundtrip_ok"] or r["nfkc"]
+    return 0 if round_trips(r) else 1
 
 
 def _compare(results: list[dict]) -> int:
-    """Tokenizers side by side: on the same text, fewer tokens means a longer context in words and a cheaper
-    step per character, paid for with a larger embedding."""
-    rows = [("vocab size", [f"{r['vocab_size']:,}" for r in results]),
-            ("round trip", ["exact" if r["roundtrip_ok"] else "NFKC" if _round_trips(r) else "FAILED"
-                            for r in results]),
-            ("chars/token", [f"{r['chars_per_token']:.3f}" for r in results]),
-            ("bytes/token", [f"{r['bytes_per_token']:.3f}" for r in results]),
-            ("tokens vs first", [f"{results[0]['bytes_per_token'] / r['bytes_per_token']:.1%}" for r in results])]
-    names = [str(r["path"]) for r in results]
-    widths = [max(display_width(n), *(len(v[i]) for _, v in rows)) for i, n in enumerate(names)]
+    from tinyk.tokenizer import compared_rows, round_trips
 
-    def line(label: str, cells: list[str]) -> str:  # right-aligned in display columns (a path may be Chinese)
-        return label.ljust(16) + "  ".join(" " * (w - display_width(c)) + c for c, w in zip(cells, widths, strict=True))
-
-    print(line("", names))
-    for label, values in rows:
-        print(line(label, values))
+    print(format_table(compared_rows(results), header=("", *(str(r["path"]) for r in results), "")))
     print(f"on {plural(results[0]['documents'], 'documents')}")
     if results[0]["skipped"]["total"]:
         print(f"input           {Skips.from_json(results[0]['skipped']).summary()}")
-    return 0 if all(map(_round_trips, results)) else 1
+    return 0 if all(map(round_trips, results)) else 1
