@@ -558,6 +558,8 @@ def test_plan_takes_the_configs_budget_and_prints_small_runs_readably(capsys):
     assert code == 0 and "time         8.192M tokens in" in out
     code, out, _ = run_cli(["plan", "--preset", "seed-215m", "--gpu", "h100", "--tokens", "10K"], capsys)
     assert code == 0 and "time         10K tokens in 0.067 s" in out
+    code, out, _ = run_cli(["plan", "--preset", "seed-215m", "--gpu", "h100", "--tokens", "1"], capsys)
+    assert code == 0 and "time         1 token in " in out
     # From Python too: the config's budget, else the seed's corpus, unless tokens are given.
     h100 = find_gpu("h100")
     budget = run_spec(preset="seed-215m", config=None, sets=["max_tokens=2e9"])

@@ -762,6 +762,11 @@ def _token_count(n: float) -> str:
                  if n >= unit), f"{n:g}")
 
 
+def _tokens(n: float) -> str:
+    """'10B tokens', '1 token'."""
+    return f"{_token_count(n)} {'token' if n == 1 else 'tokens'}"
+
+
 def _size(b: float, unit: str = "GiB") -> str:
     return f"{b / (GiB if unit == 'GiB' else MiB):.2f} {unit}"
 
@@ -908,7 +913,7 @@ def format_plan(p: dict[str, Any]) -> str:
         *([f"             a model of {m['parameters'] / 1e6:.2g}M parameters is far below that MFU: its kernels are "
            f"too short to keep a GPU busy, so expect many times less (--mfu sets it)"] if t["small_model"] else []),
         f"             {t['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU, {t['tokens_per_s']:,.0f} in total",
-        f"time         {_token_count(r['tokens'])} tokens in {_duration(tm['wall_h'])} = {_amount(tm['gpu_hours'])} "
+        f"time         {_tokens(r['tokens'])} in {_duration(tm['wall_h'])} = {_amount(tm['gpu_hours'])} "
         f"GPU-hours",
     ]
     if wc:
@@ -938,8 +943,8 @@ def format_plan(p: dict[str, Any]) -> str:
         base = tut["gpu_hours_for_tokens"]
         line = f"tutorial     {tut['gpus']} x A100 for {tut['hours']:g} h = {tut['gpu_hours']:g} A100-hours"
         if base != tut["gpu_hours"]:
-            line += (f" for its {_token_count(tut['tokens'])} tokens, {_amount(base)} A100-hours at that pace for "
-                     f"{_token_count(p['run']['tokens'])} tokens")
+            line += (f" for its {_tokens(tut['tokens'])}, {_amount(base)} A100-hours at that pace for "
+                     f"{_tokens(p['run']['tokens'])}")
         mode = f", {t['mfu_mode']}" if t["mfu_mode"] else ""
         line += (f"; this plan{mode}: {_amount(tm['gpu_hours'])} {g['key'].upper()}-hours "
                  f"({_ratio(base, tm['gpu_hours'])})")
