@@ -430,6 +430,22 @@ def test_a_bad_byte_in_a_lone_cr_line_skips_only_its_own(tmp_path):
     assert "first at mac.txt:3;" in skips.summary() and "first at mac.txt:4;" in skips.summary()
 
 
+@pytest.mark.parametrize("text,lone", [
+    (b"a" * 65535 + b"\r\n", False),  # a CRLF across the 64 KB looked at is no lone CR
+    (b"a" * 65534 + b"\rb\n", True),  # one just inside it is
+    (b"x\ry\n" + b"a" * 2000 + b"\n", False),  # a lone CR in the line before the long one is not in it
+    (b"x\n" + b"a" * 2000 + b"\rb\n", True),  # one in the long line, which starts further on, is
+])
+def test_a_line_too_long_is_said_to_be_lone_cr_lines_only_where_it_holds_one(tmp_path, text, lone):
+    """The hint to convert old Mac OS line ends looks at the 64 KB from where the long line starts."""
+    src = tmp_path / "a.txt"
+    src.write_bytes(text)
+    skips = Skips()
+    list(iter_texts([src], skips, max_line_bytes=1000))
+    assert skips.counts["line_too_long"] == 1
+    assert ("lone CR" in skips.hints["line_too_long"]) == lone, skips.hints
+
+
 @pytest.mark.parametrize("end", [b"\n", b"\r\n"])
 def test_max_line_bytes_counts_a_line_without_its_end(tmp_path, end):
     """A Windows file's lines are kept as the same file's with Unix line ends are (and a last line
