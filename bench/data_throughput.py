@@ -4,10 +4,12 @@
     .venv/bin/python bench/data_throughput.py --sizes 1G,4G   # and a 4x larger one
 
 For each size it generates a JSONL corpus of Chinese documents in --workdir (deleted at the
-end), trains (or reuses) a 6144-token tokenizer, then measures in the same run:
+end, unless it was there already), trains (or reuses) a 6144-token tokenizer, then measures in the
+same run:
   ceiling: HF `tokenizers` `encode_batch` on the same texts, in batches, with --threads threads
            (JSON parsing is done beforehand and not timed), half before and half after the
-           tinyk run (on --ceiling-bytes of it, default all);
+           tinyk run (on --ceiling-bytes of it, default all); `encode_batch_fast` on each batch
+           too, the two taking turns going first;
   tinyk:   `tinyk data pretrain --workers THREADS` end to end in a subprocess, wall clock, with
            the peak resident memory of its whole process tree sampled with psutil.
 Both wall-clock and CPU-time ratios are reported: on a machine shared with other work only
@@ -22,16 +24,16 @@ import os
 import random
 import resource
 import shutil
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when imported from elsewhere (tests)
+from _common import Parser, bench_tokenizer, data_pretrain, rotated, run_main
+from tinyk.cli.common import positive_int, size_range
 from tinyk.demo import machine_text
-from tinyk.units import parse_size
-
-ROOT = Path(__file__).resolve().parent.parent
+from tinyk.tokenizer import load_tokenizer
 
 
 def size_label(nbytes: int) -> str:
@@ -82,12 +84,14 @@ def ceiling(corpus: Path, tokenizer_json: Path, start: int, limit: int, batch_ch
     """Time only `encode_batch` (and `encode_batch_fast`) on `limit` bytes of lines from `start` on.
 
     Wall and CPU time (all threads of this process) are both kept: under a shared machine's
-    varying load, the CPU seconds per MB compare fairly where the wall clock cannot.
+    varying load, the CPU seconds per MB compare fairly where the wall clock cannot. The two calls
+    take turns going first, so that neither always meets the batch's texts in a warm cache.
     """
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tokenizer_json))
     r = {"bytes": 0, "tokens": 0, "wall": 0.0, "cpu": 0.0, "fast_wall": 0.0}
+    batches = 0
     with open(corpus, "rb") as f:
         f.seek(start)
         if start:
@@ -102,14 +106,17 @@ def ceiling(corpus: Path, tokenizer_json: Path, start: int, limit: int, batch_ch
                     break
             if not texts:
                 break
-            t0, c0 = time.perf_counter(), time.process_time()
-            encs = tok.encode_batch(texts, add_special_tokens=False)
-            t1, c1 = time.perf_counter(), time.process_time()
-            tok.encode_batch_fast(texts, add_special_tokens=False)
-            r["fast_wall"] += time.perf_counter() - t1
-            r["wall"] += t1 - t0
-            r["cpu"] += c1 - c0
-            r["tokens"] += sum(len(e.ids) for e in encs)
+            for fast in rotated((False, True), batches):
+                t0, c0 = time.perf_counter(), time.process_time()
+                encs = (tok.encode_batch_fast if fast else tok.encode_batch)(texts, add_special_tokens=False)
+                t1, c1 = time.perf_counter(), time.process_time()
+                if fast:
+                    r["fast_wall"] += t1 - t0
+                else:
+                    r["wall"] += t1 - t0
+                    r["cpu"] += c1 - c0
+                    r["tokens"] += sum(len(e.ids) for e in encs)
+            batches += 1
     return r
 
 
@@ -148,18 +155,14 @@ class PeakRSS:
 
 
 def run_prepare(corpus: Path, tok_dir: Path, out: Path, workers: int) -> dict:
-    cmd = [sys.executable, "-m", "tinyk", "data", "pretrain", "--input", str(corpus), "--tokenizer", str(tok_dir),
-           "--out", str(out), "--workers", str(workers), "--force"]
-    t0, ru0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    sampler = PeakRSS(proc.pid)
-    stdout, _ = proc.communicate()
-    seconds, ru1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
-    peak = sampler.stop()
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    samplers: list[PeakRSS] = []
+    seconds, _, stdout, _ = data_pretrain(corpus, tok_dir, out, workers, force=True,
+                                          watch=lambda pid: samplers.append(PeakRSS(pid)))
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    peak = samplers[0].stop()
     # Reaped descendants (the worker pool) are included in RUSAGE_CHILDREN.
     cpu = ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime
-    if proc.returncode:
-        raise SystemExit(f"tinyk data pretrain failed ({proc.returncode}): {stdout}")
     meta = json.loads((out / "meta.json").read_text())
     tokens = sum(s["tokens"] for s in meta["splits"].values())
     return {"seconds": seconds, "cpu": cpu, "tokens": tokens, "peak_rss": peak,
@@ -170,19 +173,17 @@ def bench_one(size: int, args: argparse.Namespace, pool: list[str], tok_dir: Pat
     work = Path(args.workdir)
     corpus = work / f"corpus-{size}.jsonl"
     out = work / f"data-{size}"
+    reused = corpus.exists() and corpus.stat().st_size >= size  # kept by --keep; generation is seeded
     try:
         t0 = time.perf_counter()
-        if corpus.exists() and corpus.stat().st_size >= size:  # kept by --keep; generation is seeded
+        if reused:
             print(f"[{size_label(size)}] reusing {corpus}", flush=True)
         else:
             make_corpus(corpus, size, pool)
         nbytes = corpus.stat().st_size
         print(f"[{size_label(size)}] corpus of {nbytes / 1e6:,.0f} MB ready in {time.perf_counter() - t0:.0f}s",
               flush=True)
-        if not (tok_dir / "tokenizer.json").exists():
-            from tinyk.tokenizer import train_tokenizer
-
-            train_tokenizer([corpus], tok_dir, vocab_size=6144, max_bytes=20_000_000, show_progress=False)
+        bench_tokenizer(corpus, tok_dir)
         # Half the ceiling sample before the tinyk run and half after, so that load drift on a
         # shared machine affects both measurements alike.
         half = min(args.ceiling_bytes or nbytes, nbytes) // 2
@@ -196,7 +197,8 @@ def bench_one(size: int, args: argparse.Namespace, pool: list[str], tok_dir: Pat
         loads.append(os.getloadavg()[0])
     finally:
         if not args.keep:
-            corpus.unlink(missing_ok=True)
+            if not reused:
+                corpus.unlink(missing_ok=True)
             shutil.rmtree(out, ignore_errors=True)
     ceil = {k: before[k] + after[k] for k in before}
     print(f"[{size_label(size)}] ceiling measured on {ceil['bytes'] / 1e6:,.0f} MB", flush=True)
@@ -217,30 +219,46 @@ def bench_one(size: int, args: argparse.Namespace, pool: list[str], tok_dir: Pat
     }
 
 
+def sizes(text: str) -> list[int]:
+    """--sizes: comma-separated corpus sizes, each checked as one size is."""
+    one = size_range(1)
+    return [one(s) for s in text.split(",")]
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default="1G", help="comma-separated corpus sizes, e.g. 1G,4G")
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="tokenizer threads / tinyk workers")
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=sizes, default="1G", help="comma-separated corpus sizes, e.g. 1G,4G")
+    p.add_argument("--threads", type=positive_int, default=os.cpu_count(), help="tokenizer threads / tinyk workers")
     p.add_argument("--workdir", default="/tmp/tinyk-bench")
     p.add_argument("--tokenizer", default=None, help="reuse this tokenizer directory instead of training one")
-    p.add_argument("--ceiling-bytes", type=parse_size, default=None,
+    p.add_argument("--ceiling-bytes", type=size_range(1), default=None,
                    help="measure the ceiling on this prefix of the corpus (default: all of it)")
-    p.add_argument("--batch-chars", type=int, default=1 << 19, help="characters per encode_batch call")
+    p.add_argument("--batch-chars", type=positive_int, default=1 << 19, help="characters per encode_batch call")
     p.add_argument("--keep", action="store_true", help="keep the generated corpora and outputs")
     args = p.parse_args()
+    if args.tokenizer:
+        load_tokenizer(args.tokenizer)  # a directory that is none is refused before anything is made
     print(f"machine: {machine_text()}", flush=True)
     # Must be set before tokenizers starts its thread pool.
     os.environ["RAYON_NUM_THREADS"] = str(args.threads)
     work = Path(args.workdir)
+    made_work = not work.exists()
     work.mkdir(parents=True, exist_ok=True)
     tok_dir = Path(args.tokenizer) if args.tokenizer else work / "tokenizer-6144"
-    pool, source = sentence_pool()
-    print(f"corpus source: {source}; {args.threads} threads on {os.cpu_count()} cores", flush=True)
+    made_tok = not (tok_dir / "tokenizer.json").exists()  # a tokenizer found there is reused and kept
     rows = []
-    for size in map(parse_size, args.sizes.split(",")):
-        r = bench_one(size, args, pool, tok_dir)
-        print(json.dumps(r, ensure_ascii=False), flush=True)
-        rows.append(r)
+    try:
+        pool, source = sentence_pool()
+        print(f"corpus source: {source}; {args.threads} threads on {os.cpu_count()} cores", flush=True)
+        for size in args.sizes:
+            r = bench_one(size, args, pool, tok_dir)
+            print(json.dumps(r, ensure_ascii=False), flush=True)
+            rows.append(r)
+    finally:
+        if made_tok and not args.keep:
+            shutil.rmtree(tok_dir, ignore_errors=True)
+        if made_work and not args.keep and not any(work.iterdir()):
+            work.rmdir()
     print("\n| input | ceiling: encode_batch | encode_batch_fast (tinyk's call) | tinyk data pretrain "
           "| ratio (wall) | CPU s/MB (ceiling / tinyk) | ratio (CPU) | tokens/s (ceiling / tinyk) "
           "| peak RSS, process tree | load avg |")
@@ -252,11 +270,7 @@ def main() -> None:
               f"{r['ratio_cpu']:.0%} | "
               f"{r['ceiling_tok_s']:,} / {r['tinyk_tok_s']:,} | {r['peak_rss_mib']} MiB | "
               f"{' / '.join(map(str, r['loadavg']))} |")
-    if not args.keep and not args.tokenizer:
-        shutil.rmtree(tok_dir, ignore_errors=True)
-    if not args.keep and not any(work.iterdir()):
-        work.rmdir()
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -2,7 +2,8 @@
 
 A random-init `seed-82m` model directory (vocab 6144) is loaded by both; each does greedy
 decoding of identical prompts of `--prompt-len` tokens for `--new-tokens` tokens (EOS ignored),
-at each batch size and dtype. Runs are interleaved so background load hits both alike.
+at each batch size and dtype. Runs are interleaved, taking turns going first, so background
+load hits both alike.
 `--dtype int8` runs tinyk with int8 weights (bf16 compute, `--quantize int8`) against HF in
 fp32, the reference numerics and HF's fastest CPU setting here; "same tokens" then says
 whether quantization changed any greedy token of the (random-init) model.
@@ -26,7 +27,9 @@ from pathlib import Path
 
 import torch
 
+from _common import Parser, decode_rate, rotated, run_main
 from tinyk.checkpoint import init_model_dir, is_model_dir
+from tinyk.cli.common import int_range, positive_int
 from tinyk.demo import machine_text
 from tinyk.engine import Engine, SamplingParams
 from tinyk.model import DTYPES
@@ -39,20 +42,26 @@ def synthetic_tokenizer(out: Path, vocab_size: int = 6144) -> Path:
         return out
     rng = random.Random(0)
     chars = [chr(c) for c in range(0x4E00, 0x4E00 + 2500)]
-    corpus = out.parent / "bench_corpus.jsonl"
-    with open(corpus, "w", encoding="utf-8") as f:
-        for i in range(3000):
-            text = "".join(rng.choice(chars[:200 + i % 2300]) for _ in range(200))
-            f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-    train_tokenizer([corpus], out, vocab_size=vocab_size, show_progress=False, force=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "bench_corpus.jsonl"
+        with open(corpus, "w", encoding="utf-8") as f:
+            for i in range(3000):
+                text = "".join(rng.choice(chars[:200 + i % 2300]) for _ in range(200))
+                f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+        train_tokenizer([corpus], out, vocab_size=vocab_size, show_progress=False, force=True)
     return out
 
 
 def model_dir(work: Path, tokenizer: Path | None) -> Path:
-    """The benchmark's model, with random weights: reused across runs unless a tokenizer is named."""
-    out = work / "seed-82m"
-    if tokenizer is not None or not is_model_dir(out):
-        tok = tokenizer or synthetic_tokenizer(work / "tokenizer")
+    """The benchmark's model, with random weights. The synthetic tokenizer's is reused across runs (if it
+    holds that tokenizer); one for a named tokenizer is built anew each time, in a folder of its own, so
+    that a later run without one never measures it."""
+    if tokenizer is not None:
+        out = work / "seed-82m-named-tokenizer"
+        init_model_dir("seed-82m", tokenizer, out, seed=0, force=True)
+        return out
+    tok, out = synthetic_tokenizer(work / "tokenizer"), work / "seed-82m"
+    if not (is_model_dir(out) and (out / "tokenizer.json").read_bytes() == (tok / "tokenizer.json").read_bytes()):
         init_model_dir("seed-82m", tok, out, seed=0, force=True)
     return out
 
@@ -112,34 +121,36 @@ def measure(engine: Engine, hf, batch: int, args: argparse.Namespace) -> dict:
     same = tinyk(args.new_tokens) == transformers(args.new_tokens)
     for fn in (tinyk, transformers):  # warm the prefill-only path too: a first, cold call is no measure of speed
         fn(1)
-    times: dict[str, dict[str, list[float]]] = {}
-    for _ in range(args.repeats):
-        for name, fn in (("tinyk", tinyk), ("transformers", transformers)):
-            t = times.setdefault(name, {"first": [], "full": []})
-            t["first"].append(timed(lambda fn=fn: fn(1), dev))
-            t["full"].append(timed(lambda fn=fn: fn(args.new_tokens), dev))
+    impls = {"tinyk": tinyk, "transformers": transformers}
+    times: dict[str, dict[str, list[float]]] = {name: {"first": [], "full": []} for name in impls}
+    for r in range(args.repeats):
+        for name in rotated(list(impls), r):
+            fn = impls[name]
+            times[name]["first"].append(timed(lambda fn=fn: fn(1), dev))
+            times[name]["full"].append(timed(lambda fn=fn: fn(args.new_tokens), dev))
     dtype = "int8" if engine.quantize == "int8" else str(engine.dtype).removeprefix("torch.")
     row = {"device": dev.type, "dtype": dtype, "batch": batch, "same_tokens": same}
     for name, t in times.items():
         first, full = statistics.median(t["first"]), statistics.median(t["full"])
         row[f"{name}_ttft_ms"] = round(first * 1000, 1)
-        row[f"{name}_decode_tok_s"] = round(batch * (args.new_tokens - 1) / max(full - first, 1e-9), 1)
+        row[f"{name}_decode_tok_s"] = round(decode_rate(batch * (args.new_tokens - 1), first, full,
+                                                        "--new-tokens or --repeats"), 1)
     row["speedup"] = round(row["tinyk_decode_tok_s"] / row["transformers_decode_tok_s"], 2)
     return row
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = Parser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "tinyk-bench-decode",
                     help="where the model directory is built (reused across runs)")
     ap.add_argument("--tokenizer", type=Path, help="a trained 6144-token tokenizer (default: a synthetic one)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--batch", type=positive_int, nargs="+", default=[1, 8])
     ap.add_argument("--dtype", nargs="+", default=["float32", "bfloat16", "int8"], choices=[*sorted(DTYPES), "int8"])
-    ap.add_argument("--prompt-len", type=int, default=64)
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    ap.add_argument("--prompt-len", type=positive_int, default=64)
+    ap.add_argument("--new-tokens", type=int_range(2), default=64, help="at least 2: the first is timed apart")
+    ap.add_argument("--repeats", type=positive_int, default=3)
+    ap.add_argument("--threads", type=positive_int, help="torch threads (default: torch's choice)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
     print(f"machine: {machine_text()}", flush=True)
@@ -177,4 +188,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -4,7 +4,9 @@ bench/gpu.sh says how fast a configuration is; this says why. It builds one `Tra
 process (seed-215m, seq 512, bf16 (fp16 on a V100/T4), compiled, micro-batch 64 unless told
 otherwise), runs its real `train_step` (data loader, autocast, clipping, fused AdamW), and prints:
 
-  1. the step's wall time, tokens/s and MFU, timed over steps after compilation;
+  1. the step's wall time, tokens/s and MFU, timed over steps after compilation (on a CPU, MFU is
+     against a matmul timed before and after them, the faster counting, and none is shown where the
+     step outran even that: the timing was then no peak);
   2. GPU kernel time by category (matmul, attention, fused elementwise, optimizer, ...) and the
      share of the wall time the GPU was busy (well under 100% means the host is the bottleneck);
   3. the top kernels by time;
@@ -19,7 +21,6 @@ Results go to --out (default $OUT, else a temporary directory): gpu_profile.md a
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -37,10 +38,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from _common import Parser, run_main  # noqa: E402
 from gpu_bench import prepare_data  # noqa: E402
-from tinyk.config import TrainConfig  # noqa: E402
+from tinyk.cli.common import positive_int  # noqa: E402
+from tinyk.config import COMPILE_MODES, TrainConfig  # noqa: E402
 from tinyk.model import PRESETS, ModelConfig, short_dtype_name  # noqa: E402
-from tinyk.monitor import peak_flops  # noqa: E402
+from tinyk.monitor import measure_matmul_flops  # noqa: E402
 from tinyk.train import Trainer  # noqa: E402
 
 # First match wins; CUDA kernel names and, on CPU, aten op names.
@@ -71,6 +74,9 @@ def _step(tr: Trainer) -> None:
 
 
 def time_steps(tr: Trainer, warmup: int, steps: int) -> dict:
+    """The step's time, rate and MFU. A GPU's peak is its table figure; a CPU's is a matmul the trainer timed
+    as it started, timed again here after the steps, the faster of the two counting (other work only ever
+    slows a timing down)."""
     t0 = time.perf_counter()
     _step(tr)
     _sync(tr.device)
@@ -85,8 +91,12 @@ def time_steps(tr: Trainer, warmup: int, steps: int) -> dict:
     dt = (time.perf_counter() - t0) / steps
     tokens = tr.micro * tr.accum * tr.cfg.seq_len
     rate = tokens / dt
+    peak = max(tr.peak, measure_matmul_flops(dtype=tr.dtype)) if tr.device.type == "cpu" else tr.peak
+    mfu = rate * tr.flops_per_token / peak if peak else None
+    # On a CPU without bf16 units the timed 1024x1024 bf16 matmul is slower than the model's smaller ones.
+    outran = mfu is not None and mfu > 1
     return {"first_step_s": round(first, 2), "step_ms": round(dt * 1e3, 2), "tokens_per_s": round(rate),
-            "mfu": rate * tr.flops_per_token / tr.peak if tr.peak else None}
+            "peak_flops": peak, "mfu": None if outran else mfu, "peak_outrun": outran}
 
 
 def profile_steps(tr: Trainer, steps: int) -> tuple[list[dict], float]:
@@ -203,10 +213,14 @@ def report(meta: dict, timing: dict, kernels: list[dict], wall_ms: float, parts:
     busy = sum(k["ms"] for k in kernels)
     unit = "GPU kernels" if meta["device"] != "CPU" else "CPU operators (self time)"
     mfu = timing["mfu"]
+    if timing["peak_outrun"]:
+        shown = "- (the step outran the matmul timed as this CPU's peak: no peak to measure against)"
+    else:
+        shown = "-" if mfu is None else f"{mfu:.1%}"
     lines = [f"{meta['preset']} step on {meta['device']}: micro-batch {meta['micro']}, seq {meta['seq_len']}, "
              f"{meta['dtype']}, {'compiled' if meta['compile'] else 'eager'} (torch {meta['torch']})", "",
-             f"step {timing['step_ms']} ms, {timing['tokens_per_s']:,} tokens/s, MFU "
-             f"{'-' if mfu is None else f'{mfu:.1%}'}; first step (compilation) {timing['first_step_s']} s",
+             f"step {timing['step_ms']} ms, {timing['tokens_per_s']:,} tokens/s, MFU {shown}; first step "
+             f"({'compilation' if meta['compile'] else 'warm-up'}) {timing['first_step_s']} s",
              f"profiled step {wall_ms:.1f} ms wall, {unit} {busy:.1f} ms ({busy / wall_ms:.0%} busy)", "",
              "| category | ms per step | share of busy | calls |", "|---|---|---|---|"]
     lines += [f"| {c} | {ms:.2f} | {ms / busy:.1%} | {n} |" for c, ms, n in by_category(kernels)]
@@ -225,12 +239,12 @@ def report(meta: dict, timing: dict, kernels: list[dict], wall_ms: float, parts:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = Parser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny preset on CPU, eager, a few steps")
     ap.add_argument("--out", help="results directory (default: $OUT, else a temporary directory)")
-    ap.add_argument("--micro-batch", type=int, help="default 64 (GPU), 4 (CPU smoke)")
+    ap.add_argument("--micro-batch", type=positive_int, help="default 64 (GPU), 4 (CPU smoke)")
     ap.add_argument("--eager", action="store_true", help="profile without torch.compile")
-    ap.add_argument("--compile-mode", default="default")
+    ap.add_argument("--compile-mode", default="default", choices=COMPILE_MODES)
     args = ap.parse_args(argv)
 
     smoke = args.cpu_smoke
@@ -241,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     preset, seq_len = ("tiny", 64) if smoke else ("seed-215m", 512)
     vocab = 512 if smoke else PRESETS["seed-215m"]["vocab_size"]
-    micro = args.micro_batch or (4 if smoke else 64)
+    micro = args.micro_batch if args.micro_batch is not None else 4 if smoke else 64
     compiled = not (args.eager or smoke)
     work = Path(tempfile.mkdtemp(prefix="tinyk-gpu-profile-work-"))
     tr: Trainer | None = None
@@ -254,7 +268,6 @@ def main(argv: list[str] | None = None) -> int:
                           compile=compiled, compile_mode=args.compile_mode, eval_every=0, save_every=0,
                           progress=False)
         tr = Trainer(cfg, force=True)
-        tr.peak, _ = peak_flops(tr.device, None, tr.dtype)
         timing = time_steps(tr, warmup=2 if smoke else 3, steps=2 if smoke else 10)
         kernels, wall_ms = profile_steps(tr, steps=1 if smoke else 3)
         parts: dict = {}
@@ -279,4 +292,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

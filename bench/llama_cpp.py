@@ -11,7 +11,6 @@ Usage: .venv/bin/python bench/llama_cpp.py --llama-cpp /path/to/llama.cpp/build/
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import signal
@@ -23,11 +22,14 @@ from pathlib import Path
 
 import torch
 
+from _common import Parser, decode_rate, run_main
 from decode import synthetic_tokenizer
 from tinyk.checkpoint import init_model_dir, is_model_dir
+from tinyk.cli.common import int_range, positive_int
 from tinyk.demo import machine_text
 from tinyk.engine import Engine, SamplingParams
 from tinyk.gguf import export_gguf
+from tinyk.model import PRESETS
 
 PROMPT = "<|im_start|>" + "北京大学是中国的一所大学。" * 4
 EVAL_RATE = re.compile(r"(?<!prompt )eval time =[^\n]*?([\d.]+) tokens per second")
@@ -41,7 +43,7 @@ def tinyk_rate(engine: Engine, new_tokens: int) -> float:
         return time.perf_counter() - t0
 
     first, full = run(1), run(new_tokens)
-    return (new_tokens - 1) / (full - first)
+    return decode_rate(new_tokens - 1, first, full, "--new-tokens")
 
 
 def llama_rate(binary: Path, gguf: Path, new_tokens: int, threads: int) -> float:
@@ -63,13 +65,13 @@ def llama_rate(binary: Path, gguf: Path, new_tokens: int, threads: int) -> float
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = Parser(description=__doc__.splitlines()[0])
     ap.add_argument("--llama-cpp", type=Path, default=os.environ.get("TINYK_LLAMA_CPP"),
                     help="llama.cpp's build/bin folder, with llama-completion (default: $TINYK_LLAMA_CPP)")
-    ap.add_argument("--preset", default="seed-215m")
-    ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--trials", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--preset", default="seed-215m", choices=list(PRESETS))
+    ap.add_argument("--new-tokens", type=int_range(2), default=128, help="at least 2: the first is timed apart")
+    ap.add_argument("--trials", type=positive_int, default=3)
+    ap.add_argument("--threads", type=positive_int, default=torch.get_num_threads())
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "tinyk-bench-llama-cpp",
                     help="where the model (reused across runs) and its GGUF files (written anew) are built")
     args = ap.parse_args()
@@ -114,4 +116,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -17,7 +17,6 @@ the table shows the largest of them beside the plan's memory per GPU for that ma
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
@@ -27,8 +26,10 @@ from dataclasses import replace
 
 import torch.distributed as dist
 
+from _common import Parser, run_main
+from tinyk.cli.common import positive_int
 from tinyk.demo import machine_text
-from tinyk.model import preset_config
+from tinyk.model import PRESETS, preset_config
 from tinyk.plan import Setup, estimate_memory, measure_step_memory
 from tinyk.units import MiB
 
@@ -56,11 +57,11 @@ def _gathered(obj: dict) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", default="seed-215m")
-    ap.add_argument("--micro-batch", type=int, default=2)
-    ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--grad-accum", type=int, default=1)
+    ap = Parser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="seed-215m", choices=list(PRESETS))
+    ap.add_argument("--micro-batch", type=positive_int, default=2)
+    ap.add_argument("--seq-len", type=positive_int, default=512)
+    ap.add_argument("--grad-accum", type=positive_int, default=1)
     ap.add_argument("--all", action="store_true", help="also activation checkpointing and bf16 autocast")
     ap.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp", help="under torchrun: how the job trains")
     ap.add_argument("--json", help="write the rows here")
@@ -102,4 +103,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

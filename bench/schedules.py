@@ -17,12 +17,13 @@ tokenizer is trained first (6,144 tokens, as the demo's).
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+from _common import Parser, run_main
+from tinyk.cli.common import float_range, int_range, positive_int
 from tinyk.config import resolve_config
 from tinyk.corpus import build_demo_corpus
 from tinyk.data import prepare_pretrain
@@ -44,25 +45,25 @@ def finished(summary: dict) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap = Parser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int_range(2), default=300, help="N (at least 2: the extended run stops at N/2)")
+    ap.add_argument("--batch", type=positive_int, default=32)
+    ap.add_argument("--lr", type=float_range(0, lo_open=True), default=2e-3)
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
     print(f"machine: {machine_text()}", flush=True)
     n = args.steps
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
+        flags = {"data": str(root / "data"), "tokenizer": str(root / "tok"), "batch_size": args.batch,
+                 "lr": args.lr, "seq_len": 256, "max_steps": n, "warmup_steps": n // 20, "eval_batches": None,
+                 "save_every": 0, "log_every": 50, "progress": False, "out": str(root / "run")}
+        base = resolve_config("pretrain", preset="tiny", flags=flags)  # refuses a bad setting before the data is made
         build_demo_corpus(root / "corpus")
         train_tokenizer([root / "corpus" / "pretrain.jsonl"], root / "tok", vocab_size=6144, max_bytes=3_000_000,
                         show_progress=False)
         prepare_pretrain([root / "corpus" / "pretrain.jsonl"], root / "tok", root / "data", val_fraction=0.02,
                          show_progress=False)
-        flags = {"data": str(root / "data"), "tokenizer": str(root / "tok"), "batch_size": args.batch,
-                 "lr": args.lr, "seq_len": 256, "max_steps": n, "warmup_steps": n // 20, "eval_batches": None,
-                 "save_every": 0, "log_every": 50, "progress": False, "out": str(root / "run")}
-        base = resolve_config("pretrain", preset="tiny", flags=flags)
         decay_at = n - round(base.decay_fraction * n)
         runs = {"cosine": replace(base, eval_every=n),
                 "wsd": replace(base, lr_schedule="wsd", eval_every=decay_at)}
@@ -90,4 +91,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -23,8 +23,10 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from _common import Parser, rotated, run_main
 from tinyk.checkpoint import hf_config
-from tinyk.config import TrainConfig
+from tinyk.cli.common import positive_int
+from tinyk.config import COMPILE_MODES, TrainConfig
 from tinyk.data import prepare_pretrain
 from tinyk.demo import machine_text
 from tinyk.loader import PretrainLoader
@@ -87,17 +89,19 @@ def hf_step(args: argparse.Namespace, trainer: Trainer, data: Path):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = Parser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="tiny", choices=list(PRESETS))
-    ap.add_argument("--vocab", type=int, default=None, help="vocab size (default: the preset's)")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq-len", type=int, default=None, help="sequence length (default: the preset's context)")
+    ap.add_argument("--vocab", type=positive_int, default=None, help="vocab size (default: the preset's)")
+    ap.add_argument("--batch", type=positive_int, default=8)
+    ap.add_argument("--seq-len", type=positive_int, default=None,
+                    help="sequence length (default: the preset's context)")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    ap.add_argument("--steps", type=int, default=3, help="timed steps per trial")
-    ap.add_argument("--repeats", type=int, default=5, help="interleaved trials per implementation")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--steps", type=positive_int, default=3, help="timed steps per trial")
+    ap.add_argument("--repeats", type=positive_int, default=5, help="interleaved trials per implementation")
+    ap.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
-    ap.add_argument("--compile-mode", default="default", help="torch.compile mode for the compiled variant")
+    ap.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
+                    help="torch.compile mode for the compiled variant")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     print(f"machine: {machine_text()}", flush=True)
@@ -132,7 +136,7 @@ def main() -> None:
         peaks = [measure_matmul_flops(0.3, dtype=mm_dtype)]
         names = list(steps)
         for r in range(args.repeats):
-            for name in names[r % len(names):] + names[:r % len(names)]:
+            for name in rotated(names, r):
                 t = time.perf_counter()
                 for _ in range(args.steps):
                     steps[name]()
@@ -165,4 +169,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

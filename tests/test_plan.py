@@ -480,7 +480,10 @@ def test_gpu_profile_cpu_smoke(tmp_path):
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_profile.json").read_text())
-    assert report["timing"]["tokens_per_s"] > 0 and report["timing"]["mfu"] > 0
+    timing = report["timing"]
+    # A CPU's peak is a timed matmul, which a bf16 step can outrun on a CPU without bf16 units: then no MFU.
+    assert timing["tokens_per_s"] > 0 and (0 < timing["mfu"] <= 1 if not timing["peak_outrun"] else
+                                           timing["mfu"] is None)
     names = [k["name"] for k in report["kernels"]]
     assert "aten::mm" in names and any("attention" in n for n in names)
     text = (tmp_path / "gpu_profile.md").read_text()
