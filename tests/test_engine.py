@@ -1395,6 +1395,129 @@ def spy_chat_prompts(monkeypatch) -> list[list[dict]]:
     return sent
 
 
+def test_a_line_of_spaces_is_no_message_and_a_message_is_sent_without_its_edges(engine):
+    out = io.StringIO()
+    history = chat_session(engine, replace(GREEDY, max_new_tokens=2), ["   ", "\t", "  你好  "], out, system=None)
+    assert history[0] == {"role": "user", "content": "你好"} and out.getvalue().count("assistant> ") == 1
+
+
+def test_a_one_shot_message_is_sent_as_typed_even_with_two_slashes(engine):
+    """Only an interactive chat has commands, and so "//" to escape them; `--message //x` is that text."""
+    history = chat_session(engine, replace(GREEDY, max_new_tokens=2), ["//usr"], io.StringIO(), system=None,
+                           interactive=False)
+    assert history[0]["content"] == "//usr"
+
+
+def test_a_system_prompt_of_several_words_is_kept_whole(engine, monkeypatch):
+    sent = spy_chat_prompts(monkeypatch)
+    chat_session(engine, replace(GREEDY, max_new_tokens=2), ["/system You are a poet", "hi"], io.StringIO(),
+                 system=None)
+    assert sent[0][0] == {"role": "system", "content": "You are a poet"}
+
+
+def test_reset_says_so(engine, capsys):
+    chat_session(engine, replace(GREEDY, max_new_tokens=2), ["你好", "/reset"], io.StringIO(), system=None)
+    assert capsys.readouterr().err.endswith("(conversation reset)\n")
+
+
+def test_ctrl_c_after_the_reply_was_shown_forgets_the_turn_whole(engine, monkeypatch, capsys):
+    """Stopped while the finished reply is collected: no user turn is left without its answer."""
+    request = engine.request
+
+    def interrupted(*args, **kwargs):
+        r = request(*args, **kwargs)
+        r.completion = lambda: (_ for _ in ()).throw(KeyboardInterrupt)
+        return r
+
+    monkeypatch.setattr(engine, "request", interrupted)
+    assert chat_session(engine, replace(GREEDY, max_new_tokens=2), ["你好"], io.StringIO(), system=None) == []
+    assert "(stopped; the message is forgotten)" in capsys.readouterr().err
+
+
+def test_a_one_shot_message_that_is_not_utf8_is_refused_from_python_too(engine):
+    with pytest.raises(TinykError, match="not valid UTF-8"):
+        chat_session(engine, GREEDY, ["\udcc4\udce3"], io.StringIO(), system=None, interactive=False)
+
+
+def test_a_system_prompt_over_a_quarter_of_the_window_is_named_when_a_message_does_not_fit(engine):
+    ctx = engine.context_length
+    system = next(s for k in range(1, ctx) if engine.system_tokens(s := "系统" * k) > ctx // 3)
+    assert ctx // 4 < engine.system_tokens(system) <= ctx // 2
+    message = next(m for k in range(1, ctx) if len(engine.chat_ids([{"role": "user", "content": (m := "好" * k)}],
+                                                                   default_system=system)) >= ctx)
+    with pytest.raises(TinykError, match="the system prompt and chat markers take"):
+        chat_session(engine, GREEDY, [message], io.StringIO(), system=system, interactive=False)
+
+
+class FlushLog(io.StringIO):
+    """A stream that records what it held at each flush: a reply is shown as it is made, not at its end."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushed: list[str] = []
+
+    def flush(self) -> None:
+        self.flushed.append(self.getvalue())
+
+
+def test_a_chat_reply_is_flushed_as_it_streams(engine):
+    out = FlushLog()
+    chat_session(engine, replace(GREEDY, max_new_tokens=4), ["你好"], out, system=None)
+    assert len(out.flushed) >= 2 and out.flushed[0].startswith("assistant> ") and out.flushed[0] != out.flushed[-1]
+
+
+def test_generate_flushes_its_text_as_it_streams(nano_model_dir, monkeypatch):
+    out = FlushLog()
+    monkeypatch.setattr(sys, "stdout", out)
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", str(nano_model_dir), "--prompt", "我们", "--max-new-tokens", "4",
+              "--temperature", "0"])
+    assert len(out.flushed) >= 2 and out.flushed[0].startswith("我们") and out.flushed[0] != out.flushed[-1]
+
+
+def test_generate_no_bos_prompts_without_im_start(nano_model_dir, engine, capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", str(nano_model_dir), "--prompt", "我们", "--no-bos", "--json",
+              "--max-new-tokens", "1"])
+    assert json.loads(capsys.readouterr().out)["prompt_tokens"] == len(engine.encode("我们", bos=False))
+
+
+def test_ctrl_d_at_the_chat_prompt_ends_its_line(monkeypatch, capsys):
+    """Else the shell's prompt would follow "you> " on the same line."""
+    from tinyk.cli.generate import _input_lines
+
+    def end_of_input(prompt: str = "") -> str:
+        raise EOFError
+
+    monkeypatch.setattr("builtins.input", end_of_input)
+    assert list(_input_lines()) == [] and capsys.readouterr().err == "you> \n"
+
+
+def test_chat_reads_a_line_that_is_not_utf8_from_a_strict_terminal_in_one_line(nano_model_dir, monkeypatch, capsys):
+    """A terminal whose stdin decodes strictly (a UTF-8 locale) raised UnicodeDecodeError on a GBK line."""
+
+    class Terminal(io.TextIOWrapper):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stdin", Terminal(io.BytesIO("你好".encode("gbk") + b"\n"), encoding="utf-8",
+                                                errors="strict"))
+    monkeypatch.setattr("tinyk.cli.generate._input_lines", lambda: iter([sys.stdin.readline()]))
+    with pytest.raises(SystemExit) as e:
+        main(["chat", "--model", str(nano_model_dir), "--max-new-tokens", "2"])
+    assert e.value.code == 0 and "not valid UTF-8" in capsys.readouterr().err
+
+
+def test_generate_ends_its_text_before_the_cut_note_when_stdout_is_buffered(nano_model_dir):
+    """Without PYTHONUNBUFFERED (which this machine's environment sets) stdout is flushed only when told: the note on
+    stderr must come after the text's newline, not inside it."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    r = subprocess.run([sys.executable, "-m", "tinyk", "generate", "--model", str(nano_model_dir), "--prompt", "我们",
+                        "--max-new-tokens", "500", "--temperature", "0"], stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, env=env, text=True, timeout=300)
+    assert r.returncode == 0 and "\n(cut at " in r.stdout, r.stdout[-300:]
+
+
 def test_system_sets_the_prompt_and_resets_and_a_bare_system_clears_it(engine, capsys, monkeypatch):
     """/system TEXT: the next message is prompted under TEXT with the earlier turns forgotten; /system
     alone clears the system prompt."""

@@ -2604,3 +2604,11 @@ def test_an_echo_whose_prompt_ends_inside_a_character_matches_its_offsets(nano_m
             assert [text[o] for t, o in zip(tokens, offsets, strict=True) if t in ("a", "b")] == ["a", "b"]
     finally:
         srv.close()
+
+
+def test_each_streamed_choice_opens_with_the_role_and_empty_content_as_openai_does(server):
+    chunks = [json.loads(e) for e in _events(server, {"model": "nano", "messages": [{"role": "user", "content": "hi"}],
+                                                      "max_tokens": 3, "n": 2, "temperature": 0, "stream": True})[:-1]]
+    opening = {c["choices"][0]["index"]: c["choices"][0]["delta"] for c in reversed(chunks)}
+    assert opening == {0: {"role": "assistant", "content": ""}, 1: {"role": "assistant", "content": ""}}
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
