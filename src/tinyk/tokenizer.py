@@ -646,7 +646,9 @@ def train_tokenizer(inputs: list[str | Path], out: str | Path, *, vocab_size: in
     """Trains a tokenizer on a streamed (optionally truncated) corpus and saves an HF directory.
 
     Without `max_bytes` it reads as much as the available memory allows (BPE_MEMORY_PER_BYTE); the
-    result's `capped_at` and `cap_from_memory` say where reading stopped and why. `show_progress`:
+    result's `capped_at` and `cap_from_memory` say where reading stopped and why, its `warnings` and
+    `notes` the lines a user should read (most of the input skipped; a smaller vocabulary than asked,
+    where reading stopped). `show_progress`:
     the `tokenizers` bar, which writes to file descriptor 1 past any sys.stdout, by default only
     when that is a terminal (in a pipe, a log or a notebook cell it leaves blank lines).
     """
