@@ -3,8 +3,8 @@
 A random-init `seed-215m` (vocab 6144, the synthetic tokenizer of bench/decode.py) decodes greedily,
 batch 1, EOS ignored, from the same prompt (121 tokens): tinyk in fp32 and with `--quantize int8`,
 llama.cpp's `llama-completion` on the f16 and q8_0 files, with the same number of threads, the
-trials interleaved. Decode tokens/s leaves the prompt out for both: tinyk's is
-(N - 1) / (T(N) - T(1)) as in bench/decode.py, llama.cpp's its own "eval time" line.
+trials interleaved, each engine going first in turn. Decode tokens/s leaves the prompt out for both:
+tinyk's is (N - 1) / (T(N) - T(1)) as in bench/decode.py, llama.cpp's its own "eval time" line.
 
 Usage: .venv/bin/python bench/llama_cpp.py --llama-cpp /path/to/llama.cpp/build/bin [--preset seed-82m]
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from _common import Parser, decode_rate, run_main
+from _common import Parser, decode_rate, rotated, run_main
 from decode import synthetic_tokenizer
 from tinyk.checkpoint import init_model_dir, is_model_dir
 from tinyk.cli.common import int_range, positive_int
@@ -86,8 +86,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     model = args.work / args.preset
-    if not is_model_dir(model):
-        init_model_dir(args.preset, synthetic_tokenizer(args.work / "tokenizer"), model, seed=0, force=True)
+    if not is_model_dir(model):  # one that is something else is refused, not replaced
+        init_model_dir(args.preset, synthetic_tokenizer(args.work / "tokenizer"), model, seed=0)
     ggufs = {}
     for outtype in ("f16", "q8_0"):  # this tinyk's exporter, not the one a file there was written by
         ggufs[outtype] = args.work / f"{args.preset}-{outtype}.gguf"
@@ -103,8 +103,8 @@ def main() -> None:
     for name in names:  # warm-up: page the weights in, build the caches
         rate(name)
     rates: dict[str, list[float]] = {name: [] for name in names}
-    for _ in range(args.trials):
-        for name in names:
+    for trial in range(args.trials):
+        for name in rotated(names, trial):
             rates[name].append(rate(name))
     print(f"{args.preset}, batch 1, {args.new_tokens} new tokens, {args.threads} threads, "
           f"median of {args.trials} interleaved trials")

@@ -717,8 +717,8 @@ class _ParamTensors:
     def __init__(self, rows: list[Request], device: torch.device):
         ps = [r.params for r in rows]
 
-        def col(name: str, dtype=torch.float32) -> torch.Tensor:
-            return torch.tensor([getattr(p, name) for p in ps], dtype=dtype, device=device)
+        def col(name: str) -> torch.Tensor:
+            return torch.tensor([getattr(p, name) for p in ps], dtype=torch.float32, device=device)
 
         self.greedy = all(p.temperature == 0 for p in ps)
         self.penalize = any(p.repetition_penalty != 1 for p in ps)
