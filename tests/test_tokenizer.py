@@ -453,7 +453,7 @@ def test_without_max_bytes_reading_stops_where_memory_would_run_out(tmp_path, mo
     with pytest.raises(SystemExit):
         main(["tokenizer", "train", str(big), "--out", str(tmp_path / "t3"), "--vocab-size", "300"])
     said = capsys.readouterr()
-    assert "read the first 1.6 MB of the input, what 200 MB of available memory allows" in said.out
+    assert "note: read the first 1.6 MB of the input, what 200 MB of available memory allows" in said.out
     assert "tinyk: reading at most 1.6 MB of text, what 200 MB of available memory allows" in said.err  # up front
     monkeypatch.setattr(tokenizer, "memory_available", lambda: 150_000_000)
     with pytest.raises(SystemExit):
@@ -752,7 +752,7 @@ def test_a_vocabulary_smaller_than_asked_is_noted(tmp_path, capsys):
     assert f"note: {got:,} tokens, not --vocab-size 1000: the text has no more pairs" in out
     r = train_tokenizer([small], tmp_path / "tok2", vocab_size=1000, max_bytes=50, show_progress=False)
     assert r["warnings"] == [] and r["notes"] == [  # as Python has it
-        f"note: {r['vocab_size']:,} tokens, not --vocab-size 1000: the text has no more pairs seen at least "
+        f"{r['vocab_size']:,} tokens, not --vocab-size 1000: the text has no more pairs seen at least "
         "--min-frequency 2 times to merge (more text gives a larger vocabulary)",
         "read the first 39 bytes of the input (--max-bytes)"]
 

@@ -647,8 +647,7 @@ def train_tokenizer(inputs: list[str | Path], out: str | Path, *, vocab_size: in
 
     Without `max_bytes` it reads as much as the available memory allows (BPE_MEMORY_PER_BYTE); the
     result's `capped_at` and `cap_from_memory` say where reading stopped and why, its `warnings` and
-    `notes` the lines a user should read (most of the input skipped; a smaller vocabulary than asked,
-    where reading stopped). `show_progress`:
+    `notes` what a user should read (see _training_notes). `show_progress`:
     the `tokenizers` bar, which writes to file descriptor 1 past any sys.stdout, by default only
     when that is a terminal (in a pipe, a log or a notebook cell it leaves blank lines).
     """
@@ -724,8 +723,9 @@ def train_tokenizer(inputs: list[str | Path], out: str | Path, *, vocab_size: in
 
 def _training_notes(r: dict[str, Any], vocab_size: int, min_frequency: int, max_line_bytes: int
                     ) -> dict[str, list[str]]:
-    """What a user should know of a training: `warnings` (most of the input skipped) and `notes` (a
-    smaller vocabulary than asked, where reading stopped)."""
+    """What a user should know of a training: `warnings` (most of the input skipped; lines that say
+    "warning:") and `notes` (a smaller vocabulary than asked, where reading stopped; sentences that
+    `tinyk tokenizer train` prints after "note: ", as import_seed_checkpoint's)."""
     warnings, notes = [], []
     long_lines = r["skipped"]["by_reason"].get("line_too_long", 0)
     if warning := mostly_skipped(r["skipped"]["total"], r["documents"], "documents"):
@@ -736,7 +736,7 @@ def _training_notes(r: dict[str, Any], vocab_size: int, min_frequency: int, max_
                         f"{bytes_text(max_line_bytes)}) against {bytes_text(r['read_bytes'])} read; a larger "
                         f"--max-line-bytes reads them")
     if r["vocab_size"] < vocab_size:
-        notes.append(f"note: {r['vocab_size']:,} tokens, not --vocab-size {vocab_size}: the text has no more pairs "
+        notes.append(f"{r['vocab_size']:,} tokens, not --vocab-size {vocab_size}: the text has no more pairs "
                      f"seen at least --min-frequency {min_frequency} times to merge (more text gives a larger "
                      f"vocabulary)")
     if r["capped_at"] is not None:

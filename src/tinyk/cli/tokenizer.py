@@ -73,7 +73,7 @@ def _train(args: argparse.Namespace) -> int:
     for warning in r["warnings"]:
         print(f"tinyk: {warning}", file=sys.stderr)
     for note in r["notes"]:
-        print(note)
+        print(f"note: {note}")
     print(f"saved to {args.out}")
     return 0
 
