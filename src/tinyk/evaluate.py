@@ -840,14 +840,17 @@ def check_outputs(out: str | Path | None, samples: str | Path | None, inputs: It
 
 
 def save_outputs(out: str | Path | None, results: dict[str, Any], samples: str | Path | None,
-                 records: list[dict[str, Any]], inputs: Iterable[str | Path], force: bool) -> None:
-    """`save_results` and `save_samples`, for those asked for; a failed samples file says the results are
-    saved (a run again needs --force for them)."""
+                 records: list[dict[str, Any]] | None, inputs: Iterable[str | Path], force: bool) -> None:
+    """`save_results` and `save_samples`, for those asked for (`records`: what `evaluate` collected, None
+    where no samples were asked for); a failed samples file says the results are saved (a run again needs
+    --force for them)."""
     inputs = list(inputs)
     if out is not None:
         save_results(out, results, inputs, force)
     if samples is None:
         return
+    if records is None:
+        raise ValueError("samples asked for without the records evaluate collected for them")
     try:
         save_samples(samples, records, inputs, force)
     except TinykError as e:

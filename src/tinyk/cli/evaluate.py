@@ -100,5 +100,5 @@ def _eval(args: argparse.Namespace) -> int:
         for note in model_notes:
             print(f"tinyk: eval: {prefix}{note}", file=sys.stderr)
     # After printing: results a failed write would lose are on the screen.
-    save_outputs(args.out, shown, args.samples, records or [], inputs, args.force)
+    save_outputs(args.out, shown, args.samples, records, inputs, args.force)
     return 0
