@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from dataclasses import replace
 
 import pytest
@@ -398,7 +399,8 @@ def test_a_bare_tinyk_shows_what_it_can_do_and_version_says_which(capsys):
     with pytest.raises(SystemExit) as e:
         main([])
     out = capsys.readouterr().out
-    assert e.value.code == 0 and out.startswith("usage: tinyk") and "pretrain" in out and "serve" in out
+    assert e.value.code == 0 and out.startswith("usage: tinyk") and re.findall(r"^    (\w+)", out, re.M) == [
+        "tokenizer", "model", "data", "pretrain", "sft", "generate", "chat", "serve", "eval", "demo", "plan"]
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out == f"tinyk {tinyk.__version__}\n"

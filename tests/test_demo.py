@@ -852,8 +852,10 @@ def test_every_chitchat_phrasing_is_trained_as_written(corpus):
 def test_sft_belle_json_speaks_belles_roles(corpus):
     """sft_belle.json is in BelleGroup's format: turns alternate "human" and "assistant" (not ShareGPT's "gpt")."""
     out, _ = corpus
-    for r in read_jsonl(out / "sft_belle.json"):
-        assert [t["from"] for t in r["conversations"]] == ["human", "assistant"] * (len(r["conversations"]) // 2)
+    rows = read_jsonl(out / "sft_belle.json")
+    assert rows and all(r["conversations"] and [t["from"] for t in r["conversations"]]
+                        == ["human", "assistant"] * (len(r["conversations"]) // 2) for r in rows)
+    assert all(t["value"].strip() for r in rows for t in r["conversations"])
 
 
 def test_the_corpus_files_hold_chinese_as_utf8_not_escapes(corpus):

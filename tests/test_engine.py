@@ -742,16 +742,23 @@ def test_int8_quantization_is_per_row_absmax():
 
 
 @INT8
-def test_int8_engine_tracks_the_fp32_model(nano_model_dir, engine, reference):
-    """Prefill (6 rows) runs on bf16 weights, each decode step of 1-2 rows on the int8 ones."""
+def test_int8_engine_tracks_the_fp32_model(nano_model_dir, engine, reference, monkeypatch):
+    """Prefill (6 rows) runs on bf16 weights (but for the head, given the last position alone), each decode
+    step of 1-2 rows on the int8 ones."""
     assert int8_works(torch.device("cpu"), torch.bfloat16)
     eng = Engine.from_dir(nano_model_dir, quantize="int8", max_batch=2)
     assert eng.quantize == "int8" and eng.dtype == torch.bfloat16 and not eng.packed
+    kernel, rows = torch.ops.aten._weight_int8pack_mm, []
+    monkeypatch.setattr(torch.ops.aten, "_weight_int8pack_mm", lambda x, q, scale: rows.append(len(x)) or
+                        kernel(x, q, scale))
     x = torch.tensor([[10, 11, 12, 13, 14, 15, 16]])
     cache = KVCache(eng.model.config, 1, 8, "cpu", torch.bfloat16)
     with torch.inference_mode():
         want = engine.model(x)
-        got = [eng.forward(x[:, :6], torch.arange(6)[None], cache), eng.forward(x[:, 6:], torch.tensor([[6]]), cache)]
+        got = [eng.forward(x[:, :6], torch.arange(6)[None], cache)]
+        assert rows == [1]  # prefill: the bf16 weights but for the head's one row
+        got.append(eng.forward(x[:, 6:], torch.tensor([[6]]), cache))
+    assert rows == [1] * (7 * eng.model.config.n_layers + 2)  # then every projection and the head, in int8
     for g, w in zip(got, (want[:, 5], want[:, 6]), strict=True):
         err = (g.float() - w).abs().max() / w.std()
         assert err < 0.05, f"int8 logits are {err:.3f} standard deviations off"

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from tinyk.checkpoint import load_config, load_model
 from tinyk.cli import main
-from tinyk.errors import Stopped, StoppedBeforeTraining, TinykError
+from tinyk.errors import Stopped, StoppedBeforeTraining, TinykError, typo_hint
 from tinyk.inputs import check_inputs, has_surrogate, stdin_not_decodable
 from tinyk.tokenizer import build_tokenizer, load_tokenizer
 
@@ -34,6 +34,22 @@ def run_cli(args: list[str], capsys) -> tuple[int, str]:
 def test_missing_input_file(tmp_path, capsys):
     code, err = run_cli(["tokenizer", "train", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "t")], capsys)
     assert code == 2 and err.strip() == f"tinyk: error: input file not found: {tmp_path / 'nope.jsonl'}"
+
+
+def test_a_missing_path_names_a_sibling_of_a_close_name(tmp_path, capsys, nano_model_dir, sft_data):
+    """A typo (corpus.json for corpus.jsonl, runs/bse for runs/base) is one line that names the likely one."""
+    (tmp_path / "corpus.jsonl").write_text('{"text": "你好"}\n', encoding="utf-8")
+    code, err = run_cli(["tokenizer", "train", str(tmp_path / "corpus.json"), "--out", str(tmp_path / "t")], capsys)
+    assert code == 2 and err == (f"tinyk: error: input file not found: {tmp_path / 'corpus.json'} "
+                                 f"(did you mean {tmp_path / 'corpus.jsonl'}?)\n")
+    shutil.copytree(nano_model_dir, tmp_path / "base")
+    code, err = run_cli(["sft", "--init", str(tmp_path / "bse"), "--data", str(sft_data), "--out", str(tmp_path / "r")],
+                        capsys)
+    assert err == f"tinyk: error: --init {tmp_path / 'bse'} not found (did you mean {tmp_path / 'base'}?)\n"
+    (tmp_path / ".corpus.jsonl.partial").mkdir()  # a hidden name is offered only for a hidden one
+    assert typo_hint(tmp_path / "corpus.jsonl.partia") == ""
+    assert typo_hint(tmp_path / ".corpus.jsonl.partia") == f" (did you mean {tmp_path / '.corpus.jsonl.partial'}?)"
+    assert typo_hint(tmp_path / "zzz") == typo_hint(tmp_path / "no" / "corpus.json") == typo_hint(Path("/")) == ""
 
 
 def test_input_that_is_not_a_file(tmp_path, capsys):
@@ -586,12 +602,13 @@ def test_real_process_prints_one_line_no_traceback(tmp_path):
                        capture_output=True, text=True, env=env)
     assert p.returncode == 2
     assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
-    assert json.dumps(p.stderr)  # printable
+    assert p.stderr.endswith("\n") and p.stderr[:-1].isprintable()
 
 
 def test_help_lists_commands():
     p = subprocess.run([sys.executable, "-m", "tinyk", "--help"], capture_output=True, text=True)
-    assert p.returncode == 0 and "tokenizer" in p.stdout and "model" in p.stdout
+    assert p.returncode == 0 and re.findall(r"^    (\w+)", p.stdout, re.M) == [
+        "tokenizer", "model", "data", "pretrain", "sft", "generate", "chat", "serve", "eval", "demo", "plan"]
 
 
 def test_main_works_from_a_thread(tmp_path, capsys):
@@ -968,9 +985,9 @@ def test_only_a_missing_final_is_called_an_unfinished_run(tmp_path, nano_model_d
     with pytest.raises(TinykError, match=r"\(its run has not finished; a run's checkpoints"):
         load_config(run / "final")
     shutil.copytree(nano_model_dir, run / "final")
-    with pytest.raises(TinykError) as e:
+    with pytest.raises(TinykError, match=f"^model directory not found: {re.escape(str(run / 'fnal'))} "
+                                         f"\\(did you mean {re.escape(str(run / 'final'))}\\?\\)$"):
         load_config(run / "fnal")
-    assert "has not finished" not in str(e.value)
     pths = tmp_path / "pths"
     pths.mkdir()
     for name in ("a.pth", "b.pth"):

@@ -25,7 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .errors import TinykError, first_line, not_found, writing
+from .errors import TinykError, first_line, not_found, typo_hint, writing
 from .inputs import read_json
 from .model import ADAMW_BYTES, GRAD_BYTES, WEIGHT_BYTES, ModelConfig, Transformer, dtype_name
 from .outputs import atomic_dir, put_back_interrupted, refuse_unreadable_kind, rust_path
@@ -581,7 +581,7 @@ def _read_seed_weights(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
                              + (f"; give the file to import ({pths})" if pths else model_dir_hint(path)))
         path = found[0]
     elif not path.is_file():
-        raise TinykError(f"checkpoint not found: {path}")
+        raise TinykError(f"checkpoint not found: {path}{typo_hint(path)}")
     if path.suffix != ".safetensors":
         with open(path, "rb") as f:
             head = f.read(4)

@@ -9,7 +9,9 @@ elsewhere (a model's output, a request line) reaches the terminal through `escap
 from __future__ import annotations
 
 import contextlib
+import difflib
 import errno
+import itertools
 import os
 import re
 import shutil
@@ -131,8 +133,25 @@ def not_found(path: Path, what: str) -> TinykError:
     except OSError as e:
         if e.errno == errno.ELOOP:
             return TinykError(f"{what} is a symlink loop (its links lead back to themselves): {path}")
-        return TinykError(f"{what} not found: {path}")
+        return TinykError(f"{what} not found: {path}{typo_hint(path)}")
     return TinykError(f"{what} is a pipe or a device, not a file: {path}")
+
+
+def typo_hint(path: str | Path) -> str:
+    """" (did you mean run/final?)" for a missing path whose folder holds one of a name close to its own
+    (run/fnal, data/pretian); else "". Hidden names are offered only for a hidden one, and a folder's
+    first thousand entries are all that is read (a typo beside /usr/bin costs nothing)."""
+    path = Path(path)
+    if not path.name or path.name in (".", ".."):
+        return ""
+    try:
+        with os.scandir(path.parent) as entries:
+            names = [e.name for e in itertools.islice(entries, 1000)]
+    except OSError:
+        return ""
+    names = [n for n in names if not n.startswith(".") or path.name.startswith(".")]
+    close = difflib.get_close_matches(path.name, names, n=1, cutoff=0.8)
+    return f" (did you mean {shown(path.parent / close[0])}?)" if close else ""
 
 
 def shown(path: str | Path) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .checkpoint import CKPT_RE, is_model_dir, model_dir_hint, unfinished_hint
-from .errors import TinykError, shown, signals_held, writing
+from .errors import TinykError, shown, signals_held, typo_hint, writing
 from .monitor import TRACKER_ID, TRACKER_STEP, TRACKERS
 from .outputs import (
     DirLock,
@@ -75,7 +75,7 @@ def resolve_init(path: str | Path) -> Path:
     p = Path(path)
     put_back_interrupted(p)
     if not p.exists():
-        raise TinykError(f"--init {p} not found{unfinished_hint(p)}")
+        raise TinykError(f"--init {p} not found{unfinished_hint(p) or typo_hint(p)}")
     if is_model_dir(p):
         return p
     if is_model_dir(p / "final"):
