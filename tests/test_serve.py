@@ -1113,6 +1113,10 @@ def test_an_idle_kept_alive_connection_closes_without_a_log_line(nano_model_dir,
             while chunk := s.recv(65536):  # the answer, then the end the server's --timeout makes
                 data += chunk
         assert data.startswith(b"HTTP/1.1 200")
+        with socket.create_connection((u.hostname, u.port), timeout=60) as s:  # a connection that sends nothing
+            began = time.monotonic()
+            assert s.recv(65536) == b""
+            assert time.monotonic() - began < 1.8  # --timeout once (it waited twice, 2.0 s)
         with socket.create_connection((u.hostname, u.port), timeout=60) as s:  # idle after a stray line end
             s.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n\r\n")
             while s.recv(65536):
@@ -1926,6 +1930,19 @@ def test_serve_flags_reach_the_server_and_its_defaults_are_safe(nano_model_dir, 
     assert serve_cli(["--model", nano_model_dir, "--max-connections", 99999], monkeypatch).max_connections == 100
     assert ("tinyk: note: at most 100 connections open at once, not --max-connections 99999: the open-file limit "
             "(ulimit -n) allows no more\n") in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("origin,why", [("*", ""), ("null", " (every site's sandboxed frames send Origin: null)")])
+def test_an_origin_any_page_can_send_is_warned_of_without_a_key(nano_model_dir, monkeypatch, capsys, origin, why):
+    monkeypatch.delenv("TINYK_API_KEY", raising=False)
+    serve_cli(["--model", nano_model_dir, "--allow-origin", "http://localhost:5173", "--allow-origin", origin],
+              monkeypatch)
+    assert capsys.readouterr().err.splitlines()[1:] == [
+        f"tinyk: warning: --allow-origin {origin} without --api-key: any web page opened in a browser that can reach "
+        f"this server can use the model{why}"]
+    serve_cli(["--model", nano_model_dir, "--allow-origin", origin, "--api-key", "k1"], monkeypatch)
+    serve_cli(["--model", nano_model_dir, "--allow-origin", "file://"], monkeypatch)
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_a_chat_server_made_in_python_listens_on_loopback_by_default(nano_model_dir, monkeypatch):

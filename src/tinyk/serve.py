@@ -773,10 +773,13 @@ class _DeadlineReader(io.RawIOBase):
 
     def readinto(self, buffer: Any) -> int | None:
         if self.polling:
+            self.sock.settimeout(0.0)  # with a timeout set, Python waits up to it for a byte, MSG_DONTWAIT or not
             try:
                 n = self.sock.recv_into(buffer, 0, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 return None
+            finally:
+                self.sock.settimeout(self.timeout)
             if n:
                 self.started, self.deadline = True, time.monotonic() + self.timeout
             return n
@@ -1103,6 +1106,23 @@ class ChatServer(ThreadingHTTPServer):
         self.close()
 
 
+def startup_notes(server: ChatServer) -> list[str]:
+    """What an operator should know before the first request: fewer connections than asked, and who
+    besides them can use the model without a key (the network; any web page, for * or null origins)."""
+    cfg, lines = server.api.cfg, []
+    if server.max_connections < cfg.max_connections:
+        lines.append(f"note: at most {server.max_connections:,} connections open at once, not --max-connections "
+                     f"{cfg.max_connections}: the open-file limit (ulimit -n) allows no more")
+    if cfg.api_key is None and not server.loopback:
+        lines.append(f"warning: no --api-key: anyone who can reach port {server.server_address[1]} of this machine "
+                     f"can use the model")
+    if cfg.api_key is None and (wide := [o for o in ("*", "null") if o in cfg.allow_origins]):
+        lines.append(f"warning: --allow-origin {wide[0]} without --api-key: any web page opened in a browser that can "
+                     f"reach this server can use the model"
+                     + (" (every site's sandboxed frames send Origin: null)" if wide[0] == "null" else ""))
+    return lines
+
+
 def serve(model_dir: str, *, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
           dtype: str = "auto", quantize: str = "none", max_batch: int = 16, **cfg: Any) -> None:
     """Loads the model and serves until interrupted (`tinyk serve`)."""
@@ -1117,13 +1137,8 @@ def serve(model_dir: str, *, host: str = "127.0.0.1", port: int = 8000, device: 
     where = f"on every interface ({server.address}): here at" if server.everywhere else "at"
     print(f"tinyk: serving {cfg['model_name']} ({engine.device}, {dtype_name(engine.dtype)}{weights}) "
           f"{where} {server.url}  (chat page: {server.url}/, API: {server.url}/v1)", file=sys.stderr, flush=True)
-    if server.max_connections < config.max_connections:
-        print(f"tinyk: note: at most {server.max_connections:,} connections open at once, not --max-connections "
-              f"{config.max_connections}: the open-file limit (ulimit -n) allows no more", file=sys.stderr,
-              flush=True)
-    if not server.loopback and server.api.cfg.api_key is None:
-        print(f"tinyk: warning: no --api-key: anyone who can reach port {server.server_address[1]} of this machine "
-              f"can use the model", file=sys.stderr, flush=True)
+    for line in startup_notes(server):
+        print(f"tinyk: {line}", file=sys.stderr, flush=True)
     try:
         server.serve_forever()
     finally:

@@ -49,7 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN", type=_origin,
                    help="a web page origin (http://localhost:5173; file:// for an Electron app's pages) that may "
                         "call the API from a browser; "
-                        "repeatable, * for any (default: only the chat page at /)")
+                        "repeatable, * for any (default: only the chat page at /); * and null (which any "
+                        "site's sandboxed frames send) want an --api-key")
     p.add_argument("--allow-host", action="append", default=[], metavar="NAME", type=_host_name,
                    help="a host name to answer besides IP addresses, localhost and this machine's own name: "
                         "the one a reverse proxy passes on, its DNS name, a compose service's; repeatable, * for any")
