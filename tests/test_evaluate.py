@@ -23,6 +23,7 @@ from tinyk.evaluate import (
     TaskExample,
     _option_sequences,
     chat_prompter,
+    check_outputs,
     choice_continuations,
     choices_that_fit,
     compared_rows,
@@ -37,6 +38,7 @@ from tinyk.evaluate import (
     percent,
     read_choice,
     read_task_prompts,
+    save_outputs,
     score_task,
     skip_notes,
     table_rows,
@@ -1003,6 +1005,52 @@ def test_table_aligns_chinese_text():
     # Data metrics alone have no baseline: no empty column is headed "baseline".
     data = format_table([("val loss", "2.5000", ""), ("val perplexity", "12.18", "")]).splitlines()
     assert data[0].split() == ["metric", "score"] and data[0].endswith("score")
+    # Exactly: two spaces between columns, the rule as wide as the widest line in display columns.
+    assert format_table([("情感 exact match (3 examples)", "33.3%", "66.7% majority"),
+                         ("情感 stop rate", "100.0%", "")]).splitlines() == [
+        "metric                          score  baseline",
+        "-" * 53,
+        "情感 exact match (3 examples)   33.3%  66.7% majority",
+        "情感 stop rate                 100.0%"]
+
+
+def test_out_and_samples_one_file_by_two_spellings_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    for samples in (str(tmp_path / "r.json"), "sub/../r.json"):  # neither exists yet
+        with pytest.raises(TinykError, match=r"^--samples .* is also --out; give each its own file$"):
+            check_outputs("r.json", samples, [], False, per_example=True)
+
+
+def test_a_samples_file_that_fails_without_out_names_no_results_file(tmp_path, monkeypatch):
+    def full(out, *args):
+        raise TinykError(f"cannot write {out}: No space left on device")
+
+    monkeypatch.setattr("tinyk.evaluate.save_samples", full)
+    samples = tmp_path / "s.jsonl"
+    with pytest.raises(TinykError) as e:
+        save_outputs(None, {}, samples, [], [], False)
+    assert str(e.value) == f"cannot write {samples}: No space left on device"
+    with pytest.raises(TinykError) as e:
+        save_outputs(tmp_path / "r.json", {}, samples, [], [], False)
+    assert str(e.value) == f"cannot write {samples}: No space left on device; the results are saved in --out " \
+                           f"{tmp_path / 'r.json'}"
+
+
+def test_outputs_another_eval_wrote_while_this_one_ran_need_force(tmp_path):
+    """check_outputs found nothing before the models loaded; what appeared since is not replaced unasked."""
+    out, samples = tmp_path / "r.json", tmp_path / "s.jsonl"
+    results, records = {"model": "m", "data": [], "tasks": [], "choice": None}, [{"mode": "task"}]
+    check_outputs(out, samples, [], False, per_example=True)
+    save_outputs(out, results, samples, records, [], False)  # another `tinyk eval` to the same files ends first
+    before = out.read_bytes(), samples.read_bytes()
+    with pytest.raises(TinykError, match=r"^--out .* exists \(use --force to replace it\) \(it changed while"):
+        save_outputs(out, {**results, "model": "n"}, None, None, [], False)
+    with pytest.raises(TinykError, match=r"^--samples .* exists \(use --force to replace it\) \(it changed while"):
+        save_outputs(None, results, samples, [{"mode": "choice"}], [], False)
+    assert (out.read_bytes(), samples.read_bytes()) == before
+    with pytest.raises(ValueError, match="without the records"):  # a library caller's slip, not a user's
+        save_outputs(None, results, tmp_path / "s2.jsonl", None, [], False)
 
 
 def test_int8_task_answers_decode_in_batches_the_int8_kernel_takes(tmp_path, nano_model_dir, monkeypatch):

@@ -558,6 +558,8 @@ def test_a_model_directory_the_tutorials_save_pretrained_wrote_imports_with_its_
     (saved / "config.json").write_text(json.dumps(config))
     model, notes = import_seed_checkpoint(saved, tok_dir, tmp_path / "m")
     assert (model.config.n_heads, model.config.n_kv_heads, model.config.max_seq_len) == (8, 4, 96) and notes == []
+    model, notes = import_seed_checkpoint(saved, tok_dir, tmp_path / "m64", max_seq_len=64)  # the flag wins
+    assert model.config.max_seq_len == 64 and notes == []
     with pytest.raises(TinykError, match="--n-heads 16 contradicts the 8 heads .* was saved with"):
         import_seed_checkpoint(saved, tok_dir, tmp_path / "m16", n_heads=16)
     with pytest.raises(TinykError, match=f"not a tinyk model directory: {saved}; it holds a model the tutorial's "
@@ -606,6 +608,14 @@ def test_a_tutorial_pth_is_pointed_to_import_which_says_what_it_assumed(tmp_path
     assert f"note: the model has {n + 64} token embeddings and the tokenizer {n} tokens" in out
     _, notes = import_seed_checkpoint(wider, tok_dir, tmp_path / "w2", n_heads=4, max_seq_len=64)  # told in Python too
     assert len(notes) == 1 and notes[0].startswith(f"the model has {n + 64} token embeddings")
+    _, notes = import_seed_checkpoint(wider, tok_dir, tmp_path / "w3", n_heads=4)  # what was assumed, then the vocab
+    assert notes == ["a context of 512 tokens (the tutorial's) assumed: the checkpoint does not record it" + HINT,
+                     f"the model has {n + 64} token embeddings and the tokenizer {n} tokens, so ids from {n} on are "
+                     f"never used: is --tokenizer the one the model was trained with?"]
+    narrower = _save(seed_state_dict(n - 8), tmp_path / "narrower.pth")  # ids the model has no row for
+    with pytest.raises(TinykError, match=f"tokens but the model's vocab_size is {n - 8}$"):
+        import_seed_checkpoint(narrower, tok_dir, tmp_path / "n", n_heads=4, max_seq_len=64)
+    assert not (tmp_path / "n").exists()
     half = 64 // 4 // 2  # the tables' width: half a head's for 4 heads of dim 64
     angles = torch.outer(torch.arange(80.0), 10000.0 ** (-torch.arange(half) / half))  # the tutorial's tables
     tables = {**sd, "freqs_cos": torch.cos(angles), "freqs_sin": torch.sin(angles)}

@@ -21,6 +21,7 @@ from tinyk.tokenizer import (
     DEFAULT_SYSTEM_PROMPT,
     SPECIAL_TOKENS,
     chat_template,
+    compared_rows,
     encode_chat,
     eval_tokenizer,
     load_tokenizer,
@@ -727,7 +728,7 @@ def test_tokenizers_are_compared_side_by_side_on_the_same_sample(tmp_path, corpu
     assert len(ends) == 1, lines[:2]
 
 
-def test_an_nfkc_tokenizer_is_lossy_by_design_not_broken(tmp_path, nfkc_dir, corpus_file, capsys):
+def test_an_nfkc_tokenizer_is_lossy_by_design_not_broken(tmp_path, nfkc_dir, corpus_file, tok_dir, capsys):
     with pytest.raises(SystemExit) as e:
         main(["tokenizer", "eval", str(nfkc_dir), "--input", str(corpus_file)])
     assert e.value.code == 0 and "round trip      not exact, by design (NFKC normalisation)" in capsys.readouterr().out
@@ -739,6 +740,60 @@ def test_an_nfkc_tokenizer_is_lossy_by_design_not_broken(tmp_path, nfkc_dir, cor
     with pytest.raises(SystemExit) as e:
         main(["tokenizer", "eval", str(lower), "--input", str(corpus_file)])
     assert e.value.code == 1 and "round trip      FAILED" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:  # --json exits as the table does (it said 0)
+        main(["tokenizer", "eval", str(lower), "--input", str(corpus_file), "--json"])
+    assert e.value.code == 1 and json.loads(capsys.readouterr().out)["roundtrip_ok"] is False
+    # Side by side, each is named as it is: NFKC's loss by design, a failure, an exact one.
+    for dirs, verdicts, code in (([tok_dir, nfkc_dir], ["exact", "NFKC"], 0),
+                                 ([nfkc_dir, lower], ["NFKC", "FAILED"], 1)):
+        with pytest.raises(SystemExit) as e:
+            main(["tokenizer", "eval", *map(str, dirs), "--input", str(corpus_file)])
+        row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("round trip"))
+        assert e.value.code == code and row.split()[2:] == verdicts
+        with pytest.raises(SystemExit) as e:
+            main(["tokenizer", "eval", *map(str, dirs), "--input", str(corpus_file), "--json"])
+        assert e.value.code == code and len(json.loads(capsys.readouterr().out)) == 2
+
+
+def test_a_vocabulary_as_large_as_asked_has_no_note(tmp_path, corpus_file):
+    r = train_tokenizer([corpus_file], tmp_path / "t", vocab_size=300, show_progress=False)
+    assert r["vocab_size"] == 300 and r["notes"] == [] and r["warnings"] == []
+
+
+def test_input_mostly_skipped_is_one_warning(tmp_path):
+    book = tmp_path / "book.txt"
+    long = "今天天气很好，我们去公园散步。" * 40 + "\n"  # 1,800 bytes: over --max-line-bytes 1000
+    book.write_text(long + long + "第一行。第二行。\n", encoding="utf-8")
+    r = train_tokenizer([book], tmp_path / "t", vocab_size=300, max_line_bytes=1000, show_progress=False)
+    assert len(r["warnings"]) == 1 and r["warnings"][0].startswith("warning: more of the input was skipped")
+
+
+def test_the_long_line_warning_counts_long_lines_alone(tmp_path):
+    """Of a line too long and one that is no JSON, the warning about long lines names one."""
+    data = tmp_path / "d.jsonl"
+    long = json.dumps({"text": "今天天气很好，我们去公园散步。" * 40}, ensure_ascii=False)
+    data.write_text(long + '\nnot json\n{"text": "第一行。"}\n{"text": "第二行。"}\n', encoding="utf-8")
+    r = train_tokenizer([data], tmp_path / "t", vocab_size=300, max_line_bytes=1000, show_progress=False)
+    assert r["skipped"]["total"] == 2 and r["warnings"][0].startswith(
+        "warning: most of the input was skipped: 1 line too long to read")
+
+
+def test_the_cap_note_counts_long_lines_skipped_apart(tmp_path):
+    book = tmp_path / "book.txt"
+    book.write_text("今天天气很好，我们去公园散步。" * 40 + "\n" + "第一行。第二行。\n" * 20, encoding="utf-8")
+    r = train_tokenizer([book], tmp_path / "t", vocab_size=300, max_bytes=50, max_line_bytes=1000,
+                        show_progress=False)
+    assert r["notes"][-1].startswith("read the first ") and r["notes"][-1].endswith(
+        " of the input (not counting 1 line(s) too long to read, skipped) (--max-bytes)")
+
+
+def test_compared_rows_of_two_tokenizers():
+    a = {"vocab_size": 6144, "roundtrip_ok": True, "nfkc": False, "chars_per_token": 1.5, "bytes_per_token": 3.0}
+    b = {**a, "vocab_size": 16384, "chars_per_token": 1.875, "bytes_per_token": 4.0}
+    assert compared_rows([a, b]) == [
+        ("vocab size", "6,144", "16,384", ""), ("round trip", "exact", "exact", ""),
+        ("chars/token", "1.500", "1.875", ""), ("bytes/token", "3.000", "4.000", ""),
+        ("tokens vs first", "100.0%", "75.0%", "")]
 
 
 def test_a_vocabulary_smaller_than_asked_is_noted(tmp_path, capsys):
@@ -755,6 +810,8 @@ def test_a_vocabulary_smaller_than_asked_is_noted(tmp_path, capsys):
         f"{r['vocab_size']:,} tokens, not --vocab-size 1000: the text has no more pairs seen at least "
         "--min-frequency 2 times to merge (more text gives a larger vocabulary)",
         "read the first 39 bytes of the input (--max-bytes)"]
+    r = train_tokenizer([small], tmp_path / "tok3", vocab_size=1000, min_frequency=5, show_progress=False)
+    assert "seen at least --min-frequency 5 times" in r["notes"][0]
 
 
 def test_tinyks_bos_eos_pad_ids_are_the_exported_ones(tok_dir):

@@ -83,9 +83,9 @@ def _eval(args: argparse.Namespace) -> int:
 
     field = text_field(args.field, args.input or [])
     results = [eval_tokenizer(path, args.input, max_bytes=args.max_bytes, field=field) for path in args.path]
-    if args.json:
+    if args.json:  # the same exit status as the table's: a script may read both
         print(json_text(results[0] if len(results) == 1 else results, indent=2))
-        return 0
+        return 0 if all(map(round_trips, results)) else 1
     if len(results) > 1:
         return _compare(results)
     r = results[0]
