@@ -119,7 +119,8 @@ def test_pretrain_writes_bos_text_eos_documents_and_meta(tmp_path, tok_dir):
 
 def test_shards_roll_over_at_shard_tokens(tmp_path, tok_dir, corpus_file):
     one = prepare_pretrain([corpus_file], tok_dir, tmp_path / "one", **QUIET)
-    many = prepare_pretrain([corpus_file], tok_dir, tmp_path / "many", shard_tokens=1000, **QUIET)
+    # In batches of text that each leave a shard part-filled for the next to go on with.
+    many = prepare_pretrain([corpus_file], tok_dir, tmp_path / "many", shard_tokens=1000, batch_chars=2000, **QUIET)
     shards = many["splits"]["train"]["shards"]
     assert len(shards) > 3 and all(s["tokens"] == 1000 for s in shards[:-1]) and 0 < shards[-1]["tokens"] <= 1000
     assert [s["file"] for s in shards[:2]] == ["shard_00000.bin", "shard_00001.bin"]
@@ -2799,8 +2800,13 @@ def test_an_sft_step_lies_within_one_length_sorted_bucket(sft_dir):
     ld = SFTLoader(sft_dir, "train", 96, 4, seed=2, bucket=8, batch_size=8)
     lengths = ld.data.lengths
     order = ld._epoch_order(0)  # epoch 0 begins with a whole step
-    for step in order[:len(order) // 8 * 8].reshape(-1, 8):
+    steps = order[:len(order) // 8 * 8].reshape(-1, 8)
+    for step in steps:
         assert (np.diff(lengths[step]) >= 0).all(), lengths[step]
+    # A bucket is a run of the epoch's shuffle, not a slice of one global sort (the same neighbours every epoch).
+    shuffle = PretrainLoader._epoch_order(ld, 0)
+    buckets = {frozenset(shuffle[i:i + 8].tolist()) for i in range(0, len(shuffle) - 7, 8)}
+    assert len(steps) >= 3 and {frozenset(step.tolist()) for step in steps} == buckets
 
 
 # Runs with different seeds see different sample orders: seed 1 does not replay seed 0's second epoch.

@@ -476,17 +476,19 @@ def test_sft_loss_counts_only_assistant_tokens(tmp_path, sft_data, nano_model_di
     summary = train(cfg)
     loader = SFTLoader(sft_data, "train", 64, 2, seed=0, batch_size=8)
     model, _ = load_model(nano_model_dir)
-    total, count, positions = 0.0, 0, 0
+    total, count, positions, both_steps = 0.0, 0, 0, 0
     with torch.no_grad():
-        for _ in range(4):
+        for i in range(8):  # two steps of 4 micro-batches; the first is scored with the model it started from
             x, y = loader.next_batch()
-            logits = model(x)
-            total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100,
-                                                       reduction="sum").item()
-            count += int((y != -100).sum())
-            positions += x.numel()
+            both_steps += int((y != -100).sum())
+            if i < 4:
+                logits = model(x)
+                total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100,
+                                                           reduction="sum").item()
+                count += int((y != -100).sum())
+                positions += x.numel()
     assert train_losses(tmp_path / "sft")[1] == pytest.approx(total / count, rel=1e-5)
-    assert 0 < count < positions and summary["loss_tokens"] > count
+    assert 0 < count < positions and summary["loss_tokens"] == both_steps
 
 
 def test_a_fine_tune_that_extends_the_context_says_so(tmp_path, sft_data, nano_model_dir, capsys):
@@ -767,6 +769,21 @@ def test_a_stop_leaves_out_the_steps_periodic_evaluation(tmp_path, pt_data, tok_
     assert [p.name for p in checkpoints(out)] == ["step_0000004"]
 
 
+def test_the_last_step_is_evaluated_where_eval_every_does_not_divide_the_run(tmp_path, pt_data, tok_dir):
+    out = tmp_path / "run"
+    summary = train(nano_cfg(pt_data, tok_dir, out, max_steps=5, eval_every=2))
+    assert [r["step"] for r in records(out, "eval")] == [2, 4, 5]
+    assert records(out, "eval")[-1]["val_loss"] == summary["final_val_loss"]
+
+
+def test_eval_batches_null_validates_on_the_whole_split(tmp_path, pt_data, tok_dir):
+    assert PretrainLoader(pt_data, "val", 32, 1).num_windows > 8  # more than one group of 8 windows
+    summary = train(nano_cfg(pt_data, tok_dir, tmp_path / "run", max_steps=1, eval_batches=None))
+    final = tmp_path / "run" / "final"
+    again = eval_data(load_model(final)[0], final, pt_data, seq_len=32, batch_size=8)
+    assert summary["final_val_loss"] == pytest.approx(again["loss"], rel=1e-5)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
 def test_a_signal_before_the_first_step_leaves_the_directory_as_it_was(tmp_path, pt_data, tok_dir, monkeypatch,
                                                                        capsys, sig):
@@ -1027,6 +1044,8 @@ def test_two_process_ddp_and_fsdp_match_one_process(tmp_path, pt_data, tok_dir):
     ddp = tmp_path / "ddp"
     r = two_process_job(cli_args(pt_data, tok_dir, ddp, *flags), tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
+    ranks = torch.load(checkpoints(ddp)[0] / "rng.pt", weights_only=True)["ranks"]  # each its own dropout stream
+    assert len(ranks) == 2 and not torch.equal(ranks[0]["torch"], ranks[1]["torch"])
     fsdp = tmp_path / "fsdp"
     shutil.copytree(ref, fsdp)
     shutil.rmtree(fsdp / "final")
