@@ -57,6 +57,7 @@ from tinyk.train import (
     step_budgets,
     train,
 )
+from tinyk.units import minutes_text
 
 # One thread everywhere: the machine is shared, and bit-identical comparisons need identical kernels.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
@@ -2136,7 +2137,7 @@ def test_a_config_from_a_library_caller_is_checked_and_left_as_it_was(tmp_path, 
         train(replace(cfg, kind="pretrian", out=str(tmp_path / "c")))
 
 
-def test_max_minutes_fits_the_schedule_to_the_clock(tmp_path, pt_data, tok_dir):
+def test_max_minutes_fits_the_schedule_to_the_clock(tmp_path, pt_data, tok_dir, capsys):
     """A wall-time budget ends the run on time with its LR decayed, and the step budgets still cap it."""
     out = tmp_path / "timed"
     summary = train(nano_cfg(pt_data, tok_dir, out, max_steps=3000, max_minutes=0.04, warmup_steps=2))
@@ -2144,8 +2145,13 @@ def test_max_minutes_fits_the_schedule_to_the_clock(tmp_path, pt_data, tok_dir):
     assert summary["status"] == "completed" and 5 <= summary["steps"] == summary["total_steps"] < 3000
     assert summary["elapsed_s"] < 0.04 * 60 + 10 and (out / "final").is_dir()
     assert max(lrs) == pytest.approx(3e-3) and lrs[-1] < 0.2 * 3e-3  # the cosine reached (near) its floor
-    capped = train(nano_cfg(pt_data, tok_dir, tmp_path / "capped", max_steps=3, max_minutes=10))
+    capsys.readouterr()
+    capped = train(nano_cfg(pt_data, tok_dir, tmp_path / "capped", max_steps=3, max_minutes=6.22829))
     assert capped["steps"] == 3
+    header = capsys.readouterr().out
+    assert ", fitted to 6.23 minutes, " in header, header  # the demo's share of its budget, as a person writes it
+    assert [minutes_text(m) for m in (0.04, 6.22829, 20, 99.96, 1440, 1e9)] == [
+        "0.04", "6.23", "20", "100", "1,440", "1,000,000,000"]
 
 
 def trainer_clock(monkeypatch) -> list[float]:

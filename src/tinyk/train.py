@@ -88,7 +88,7 @@ from .outputs import (
 )
 from .plan import flops_formula, model_size, precision_refusal
 from .rundir import RunDir, checkpoints, resolve_init
-from .units import GiB, plural
+from .units import GiB, minutes_text, plural
 
 # Whether this process has joined a job of several (its exit can then abort: see cli._fail).
 joined_a_job = False
@@ -1319,7 +1319,7 @@ class Trainer:
             f"batch {cfg.batch_size} x {cfg.seq_len} = {tokens_per_step:,} tokens/step = {self.accum} micro-batch(es) "
             f"of {self.micro} per process; {'up to ' if cfg.max_minutes else ''}{plural(steps, 'steps')} "
             f"({'at most ' if cfg.kind == 'sft' else ''}{run_tokens:,} tokens){fitted}"
-            f"{f', fitted to {cfg.max_minutes:g} minutes' if cfg.max_minutes else ''}, "
+            f"{f', fitted to {minutes_text(cfg.max_minutes)} minutes' if cfg.max_minutes else ''}, "
             f"warmup {self.warmup}, lr {cfg.lr:g} -> {cfg.lr * cfg.min_lr_ratio:g}"
             f"{decay}",
             f"FLOPs/token {flops_formula(m, cfg.seq_len)}"

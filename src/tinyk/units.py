@@ -72,6 +72,11 @@ def plural(n: int, noun: str) -> str:
     return f"{n:,} {noun[:-1] if n == 1 else noun}"
 
 
+def minutes_text(minutes: float) -> str:
+    """A number of minutes as a person writes it: 6.23 (not the demo's share of its budget, 6.22829), 20, 1,440."""
+    return f"{minutes:.3g}" if minutes < 100 else f"{minutes:,.0f}"
+
+
 def display_width(s: str) -> int:
     """Columns a terminal gives `s`: CJK characters take two."""
     return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in s)
