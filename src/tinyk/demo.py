@@ -510,8 +510,9 @@ class _Pipeline:
                 steps_for(seconds, rt.tokens_per_s / (cfg.pretrain_batch * cfg.seq_len)),
                 epoch_steps(cfg.max_epochs, (train_tokens - 1) // cfg.seq_len, cfg.pretrain_batch))
             minutes = None if cfg.pretrain_steps else seconds / 60
-            beside = f" (eager {rt.eager_beside_compiled} in turns with it)" if rt.eager_beside_compiled else ""
-            st.print(f"      throughput probe (tokens/s): {rt.rates} -> {rt.dtype}, {rt.threads} thread(s)"
+            beside = f" (eager {rt.eager_beside_compiled:,.0f} in turns with it)" if rt.eager_beside_compiled else ""
+            rates = ", ".join(f"{name} {rate:,.0f}" for name, rate in rt.rates.items())
+            st.print(f"      throughput probe (tokens/s): {rates} -> {rt.dtype}, {rt.threads} thread(s)"
                      f"{', compiled' if rt.compile else ''}{beside}; "
                      + (f"{minutes:.1f} minutes, about {steps} steps" if minutes else f"{steps} steps"))
             if rt.untried:
