@@ -528,6 +528,7 @@ def test_sampling_filters():
     assert sample(logits, 0.99, **{**plain, "top_p": 0.81}) == 2
     assert sample(logits, 0.99, **{**plain, "top_p": 0.0}) == 0  # OpenAI's top_p 0: the most likely token
     assert sample(logits, 0.99, **{**plain, "min_p": 0.5}) == 1  # 0.15 < 0.5 * 0.5
+    assert [sample(logits, u, **{**plain, "min_p": 1.0}) for u in (0.0, 0.5, 0.99)] == [0, 0, 0]  # never none kept
     assert sample(logits, 0.99, **{**plain, "temperature": 0.0}) == 0
     assert sample([2.0, 1.9, -1.0], 0.0, seen=[0], **{**plain, "temperature": 0.0, "repetition_penalty": 1.1}) == 1
     assert sample([-1.0, -1.05, -3.0], 0.0, seen=[0], **{**plain, "temperature": 0.0,
@@ -592,6 +593,26 @@ def test_logprobs_are_the_models_own_whatever_the_batch_and_sampling(engine):
                 assert [float(row[i]) for i, _ in t.top] == pytest.approx([v for _, v in t.top], abs=1e-4)
 
 
+def test_a_greedy_row_batched_with_a_sampled_row_takes_the_argmax_even_by_a_hair():
+    """temperature 0 is the argmax, not a draw at a tiny temperature: two logits 2e-6 apart, batched
+    with a sampled row (so the batch is not all greedy), still give the likelier one."""
+    plain = dict(top_k=0, top_p=1.0, repetition_penalty=1.0)
+    p = _ParamTensors([Row(temperature=0.0, **plain), Row(temperature=1.0, **plain)], torch.device("cpu"))
+    logits = torch.tensor([[2.0, 2.0 - 2e-6, 0.0]] * 2)
+    assert Engine.sample(logits, torch.zeros(2, 3, dtype=torch.bool), p, [Rng(0.99), Rng(0.99)]).tolist() == [0, 2]
+
+
+def test_a_short_prompt_beside_a_long_one_decodes_to_the_end_of_the_window(engine):
+    """A left-padded row's positions count its own tokens, not the padding: batched beside a prompt of
+    nearly the whole window, a short prompt still gets its whole reply, up to the window's end."""
+    short = engine.encode("我们今天")
+    params = replace(GREEDY, max_new_tokens=engine.context_length)
+    alone = engine.generate([short], params)[0]
+    both = engine.generate([[5] * (engine.context_length - 3), short], params)
+    assert both[1].token_ids == alone.token_ids and both[1].cut_by_context
+    assert both[1].completion_tokens == engine.context_length - len(short)
+
+
 def test_scheduler_serves_callers_and_cancels(engine, reference):
     sched = Scheduler(engine)
     try:
@@ -603,11 +624,18 @@ def test_scheduler_serves_callers_and_cancels(engine, reference):
         req.cancel()
         list(req.deltas(timeout=60))
         assert req.finish_reason == "cancelled" and len(req.out_ids) < 100
+        # Cancelled while it decodes in the running batch, not while it waits: it leaves at the next step.
+        req = sched.submit("我们", replace(GREEDY, max_new_tokens=400))
+        stream = req.deltas(timeout=60)
+        next(stream)
+        req.cancel()
+        list(stream)
+        assert req.finish_reason == "cancelled" and 0 < len(req.out_ids) < engine.context_length - 3
         # Admitted and finished in one round (prefill's token, then one step): all text, ended once.
         short = [sched.submit(p, replace(GREEDY, max_new_tokens=2)) for p in PROMPTS]
         assert ["".join(r.deltas(timeout=60)) for r in short] == [engine.tok.decode(ids[:2], skip_special_tokens=True)
                                                                      for ids in reference]
-        assert sched.stats()["finished"] == {"length": 2 * len(PROMPTS), "cancelled": 1}
+        assert sched.stats()["finished"] == {"length": 2 * len(PROMPTS), "cancelled": 2}
     finally:
         sched.close()
 

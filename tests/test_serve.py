@@ -279,6 +279,23 @@ def test_vllms_stop_token_ids_and_ignore_eos(client, reference):
         client.completions.create(model="nano", prompt="x", extra_body={"stop_token_ids": [10**9]})
 
 
+def test_a_request_sets_what_a_python_built_servers_defaults_say_as_any_field(nano_model_dir, reference):
+    """Server defaults (ServerConfig(defaults=...)) stand for fields a request leaves out: one that sends
+    stop_token_ids [] or ignore_eos false gets those, as a request's stop [] clears the server's stop."""
+    ids = expected_completion(reference, "我们今天", 16).token_ids
+    server, _ = start(nano_model_dir, defaults=replace(DEFAULTS, stop_token_ids=[ids[3]], ignore_eos=True))
+    try:
+        body = {"model": "nano", "prompt": "我们今天", "max_tokens": 16, "temperature": 0}
+        server_defaults = expected_completion(reference, "我们今天", 16, stop_token_ids=[ids[3]], ignore_eos=True)
+        for extra, want in (({}, server_defaults), ({"stop_token_ids": [], "ignore_eos": False},
+                                                     expected_completion(reference, "我们今天", 16))):
+            status, r = request(server, "POST", "/v1/completions", {**body, **extra})
+            assert status == 200 and r["choices"][0]["text"] == want.text, extra
+            assert r["usage"]["completion_tokens"] == len(want.token_ids), extra
+    finally:
+        server.close()
+
+
 def test_n_choices_are_the_answers_of_consecutive_seeds(client):
     """n=3 with seed s: choice i is what n=1 with seed s+i answers (and a batch changes no answer);
     the prompt counts once in usage, as OpenAI counts it."""
@@ -2096,9 +2113,12 @@ def test_openais_limits_are_accepted_at_their_edges(client, reference):
                                   stop=["甲甲", "乙乙", "丙丙", "丁丁"])
     assert r.choices[0].text == want.text
     kw = dict(model="nano", prompt="天气", max_tokens=12, temperature=1.0, seed=3)
+    sampled = reference.generate([reference.encode("天气")], replace(DEFAULTS, temperature=1.0, top_k=0,
+                                                                     max_new_tokens=12, seed=3))[0].text
+    assert sampled != expected_completion(reference, "天气", 12).text  # so that a greedy -1 would show
     assert client.completions.create(**kw, extra_body={"top_k": -1}).choices[0].text == \
         client.completions.create(**kw, extra_body={"top_k": 0}).choices[0].text == \
-        client.completions.create(**kw, extra_body={"top_k": 10**6}).choices[0].text  # past the vocabulary: all
+        client.completions.create(**kw, extra_body={"top_k": 10**6}).choices[0].text == sampled  # all of them
     r = client.completions.create(model="nano", prompt="hi", max_tokens=2, extra_body={"logprobs": False})
     assert r.choices[0].logprobs is None
 

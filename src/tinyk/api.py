@@ -275,7 +275,7 @@ class Api:
                 is_int(t) and 0 <= t < self.engine.vocab_size for t in stop_ids)):
             raise ApiError(400, f"'stop_token_ids' must be a list of token ids (0 to {self.engine.vocab_size - 1})",
                            param="stop_token_ids", code="invalid_value")
-        ignore_eos = get_field(body, "ignore_eos", "boolean", False)
+        ignore_eos = get_field(body, "ignore_eos", "boolean", None)
         seed = get_field(body, "seed", "integer", None)
         _in_range("seed", seed, -2**63, 2**63 - 1)  # int64, as OpenAI's; each maps to its own stream
         logprobs, prompt_logprobs = _logprob_fields(body, chat)
@@ -283,8 +283,8 @@ class Api:
             return replace(d, temperature=float(temperature), top_p=float(top_p), top_k=max(top_k, 0),
                            min_p=float(min_p), repetition_penalty=float(penalty),
                            stop=d.stop if stop is None else stop, max_new_tokens=max_tokens or d.max_new_tokens,
-                           seed=seed, stop_token_ids=stop_ids or d.stop_token_ids,
-                           ignore_eos=ignore_eos or d.ignore_eos,
+                           seed=seed, stop_token_ids=d.stop_token_ids if stop_ids is None else stop_ids,
+                           ignore_eos=d.ignore_eos if ignore_eos is None else ignore_eos,
                            logprobs=logprobs, prompt_logprobs=prompt_logprobs)
         except TinykError as e:
             raise ApiError(400, str(e), code="invalid_value") from e
