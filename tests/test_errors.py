@@ -605,6 +605,41 @@ def test_real_process_prints_one_line_no_traceback(tmp_path):
     assert p.stderr.endswith("\n") and p.stderr[:-1].isprintable()
 
 
+LATE_SIGNAL = """
+import atexit, os, signal, sys
+import tinyk.__main__, tinyk.cli
+
+def finished_command():
+    # What the interpreter's exit runs after the command (torch's teardown takes a second): a signal lands there.
+    atexit.register(lambda: os.kill(os.getpid(), getattr(signal, sys.argv[1])))
+    print("done")
+    sys.exit(int(sys.argv[2]))
+
+tinyk.cli.main = finished_command
+tinyk.__main__.run()
+"""
+
+
+def _signals_as_in_a_terminal() -> None:
+    """A test session run in the background (`make test &`, nohup) ignores SIGINT and SIGHUP, and so
+    would the process it starts."""
+    for s in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(s, signal.SIG_DFL)
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM", "SIGHUP"])
+def test_a_signal_after_the_command_finished_leaves_its_exit_status(tmp_path, sig):
+    """A Ctrl-C or SIGTERM in the second the process takes to exit after a completed training run exited
+    130 or 143 (or printed a KeyboardInterrupt traceback): the run is complete, and its status says so."""
+    script = tmp_path / "late.py"
+    script.write_text(LATE_SIGNAL)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    for code in (0, 2):
+        p = subprocess.run([sys.executable, str(script), sig, str(code)], capture_output=True, text=True, env=env,
+                           timeout=120, preexec_fn=_signals_as_in_a_terminal)
+        assert (p.returncode, p.stdout, p.stderr) == (code, "done\n", ""), (sig, code)
+
+
 def test_help_lists_commands():
     p = subprocess.run([sys.executable, "-m", "tinyk", "--help"], capture_output=True, text=True)
     assert p.returncode == 0 and re.findall(r"^    (\w+)", p.stdout, re.M) == [

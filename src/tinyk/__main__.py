@@ -1,5 +1,6 @@
 """`python -m tinyk` (what torchrun runs) and the `tinyk` command."""
 
+import signal
 import sys
 
 
@@ -11,7 +12,21 @@ def run() -> None:
     except KeyboardInterrupt:
         print("tinyk: interrupted", file=sys.stderr)
         sys.exit(130)
-    main()
+    try:
+        main()
+    finally:
+        _ignore_stops()
+
+
+def _ignore_stops() -> None:
+    """The command is done and its exit status set: Ctrl-C, SIGTERM and SIGHUP are ignored through the
+    second the interpreter then takes to exit (torch's teardown), so that none ends the process as if it
+    had stopped the command (a script that reruns on a non-zero status would train a finished run again).
+    Ignored, not handled: Python's own exit puts the default of every handled signal back. Ctrl-\\ still
+    quits an exit that hangs."""
+    for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if s is not None and signal.getsignal(s) is not None:  # None: a handler from outside Python, left alone
+            signal.signal(s, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

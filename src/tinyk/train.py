@@ -1399,7 +1399,8 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         try:
             summary = self._run()
-            self.run_dir.drop_replaced()
+            with signals_held(deliver=False, second_ctrl_c_aborts=True):  # see below
+                self.run_dir.drop_replaced()
         except BaseException as e:
             first_step = self.progress.step == 0 and not self.resumed_from
             lost = self._peer_lost(e, before_training=first_step)
@@ -1415,7 +1416,10 @@ class Trainer:
                 raise lost from e
             raise
         stopped = summary.get("stop_signal") if summary.get("status") == "interrupted" else None
-        self.close(signal_status(stopped) if stopped else 0)
+        # The run is saved and its summary written: a stop now has nothing left to stop (the trackers' close,
+        # which can take a while, still ends at a second Ctrl-C).
+        with signals_held(deliver=False, second_ctrl_c_aborts=True):
+            self.close(signal_status(stopped) if stopped else 0)
         return summary
 
     def close(self, exit_code: int = 0, error: str | None = None) -> None:
