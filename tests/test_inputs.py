@@ -1172,6 +1172,13 @@ def test_a_folder_named_in_gbk_holds_a_whole_run(tmp_path, corpus_file, capsysbi
     assert json.loads((root / "run" / "summary.json").read_text(encoding="utf-8"))["final_model"] \
         == f"{shown_root}/run/final"
     assert json.loads((root / "results.json").read_text(encoding="utf-8"))["model"] == f"{shown_root}/run/final"
+    # --json on stdout names it so too: as its own bytes the output was no UTF-8, which no JSON reader takes.
+    for args, key in ((["tokenizer", "eval", tok, "--json"], "path"), (["model", "info", model, "--json"], "path"),
+                      (["eval", "--model", root / "run" / "final", "--data", data, "--json"], "model")):
+        with pytest.raises(SystemExit) as e:
+            main([str(a) for a in args])
+        assert e.value.code == 0 and json.loads(capsysbinary.readouterr().out.decode("utf-8"))[key].startswith(
+            shown_root), args[:2]
     check = transformers_check(root / "run" / "final", Engine.from_dir(root / "run" / "final"), max_new_tokens=4)
     assert check["ok"], check
 

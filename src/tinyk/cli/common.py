@@ -166,9 +166,25 @@ def stop_text(s: str) -> str:
 def json_text(obj: object, indent: int | None = None) -> str:
     """JSON for stdout: its text as it is where stdout is UTF-8, escaped (\\uXXXX) where it has another
     encoding (PYTHONIOENCODING=ascii, a GBK console), which printed '?' for the Chinese; C1 controls and
-    DEL always escaped, as JSON allows: a terminal would obey U+009B as the escape sequences' CSI."""
+    DEL always escaped, as JSON allows: a terminal would obey U+009B as the escape sequences' CSI. A lone
+    surrogate (a GBK folder name's bytes, as Python holds them) is U+FFFD, as in the files tinyk writes:
+    as its own bytes it made the output no UTF-8, and no JSON reader's."""
     utf8 = codecs.lookup(getattr(sys.stdout, "encoding", None) or "utf-8").name == "utf-8"
-    return re.sub("[\x7f-\x9f]", lambda m: f"\\u{ord(m[0]):04x}", json.dumps(obj, ensure_ascii=not utf8, indent=indent))
+    text = json.dumps(_without_surrogates(obj), ensure_ascii=not utf8, indent=indent)
+    return re.sub("[\x7f-\x9f]", lambda m: f"\\u{ord(m[0]):04x}", text)
+
+
+def _without_surrogates(obj: object) -> object:
+    if isinstance(obj, str):
+        return _SURROGATE.sub("\ufffd", obj)
+    if isinstance(obj, dict):
+        return {_without_surrogates(k): _without_surrogates(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_without_surrogates(v) for v in obj]
+    return obj
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def path_arg(s: str) -> str:
