@@ -33,6 +33,8 @@ from tinyk.tokenizer import (
 )
 from tinyk.units import display_width
 
+LONG_LINE = "今天天气很好，我们去公园散步。" * 40  # 1,800 bytes on one line: over a --max-line-bytes of 1000
+
 # The seed's own eval_tokenizer() messages and the prompt it prints.
 SEED_MESSAGES = [
     {"role": "system", "content": "你是一个AI助手。"},
@@ -567,7 +569,7 @@ def test_a_book_on_one_line_is_read_with_max_line_bytes(tmp_path, capsys):
     """A corpus over 16 MiB on one line: tokenizer train had no --max-line-bytes, as data has, and
     neither command's message named the limit or the flag."""
     book = tmp_path / "book.txt"
-    book.write_text("今天天气很好，我们去公园散步。" * 40 + "\n", encoding="utf-8")  # 1,800 bytes on one line
+    book.write_text(LONG_LINE + "\n", encoding="utf-8")
     out = tmp_path / "tok"
     with pytest.raises(SystemExit) as e:
         main(["tokenizer", "train", str(book), "--out", str(out), "--vocab-size", "300", "--max-line-bytes", "1k"])
@@ -762,8 +764,7 @@ def test_a_vocabulary_as_large_as_asked_has_no_note(tmp_path, corpus_file):
 
 def test_input_mostly_skipped_is_one_warning(tmp_path):
     book = tmp_path / "book.txt"
-    long = "今天天气很好，我们去公园散步。" * 40 + "\n"  # 1,800 bytes: over --max-line-bytes 1000
-    book.write_text(long + long + "第一行。第二行。\n", encoding="utf-8")
+    book.write_text(f"{LONG_LINE}\n{LONG_LINE}\n第一行。第二行。\n", encoding="utf-8")
     r = train_tokenizer([book], tmp_path / "t", vocab_size=300, max_line_bytes=1000, show_progress=False)
     assert len(r["warnings"]) == 1 and r["warnings"][0].startswith("warning: more of the input was skipped")
 
@@ -771,7 +772,7 @@ def test_input_mostly_skipped_is_one_warning(tmp_path):
 def test_the_long_line_warning_counts_long_lines_alone(tmp_path):
     """Of a line too long and one that is no JSON, the warning about long lines names one."""
     data = tmp_path / "d.jsonl"
-    long = json.dumps({"text": "今天天气很好，我们去公园散步。" * 40}, ensure_ascii=False)
+    long = json.dumps({"text": LONG_LINE}, ensure_ascii=False)
     data.write_text(long + '\nnot json\n{"text": "第一行。"}\n{"text": "第二行。"}\n', encoding="utf-8")
     r = train_tokenizer([data], tmp_path / "t", vocab_size=300, max_line_bytes=1000, show_progress=False)
     assert r["skipped"]["total"] == 2 and r["warnings"][0].startswith(
@@ -780,7 +781,7 @@ def test_the_long_line_warning_counts_long_lines_alone(tmp_path):
 
 def test_the_cap_note_counts_long_lines_skipped_apart(tmp_path):
     book = tmp_path / "book.txt"
-    book.write_text("今天天气很好，我们去公园散步。" * 40 + "\n" + "第一行。第二行。\n" * 20, encoding="utf-8")
+    book.write_text(LONG_LINE + "\n" + "第一行。第二行。\n" * 20, encoding="utf-8")
     r = train_tokenizer([book], tmp_path / "t", vocab_size=300, max_bytes=50, max_line_bytes=1000,
                         show_progress=False)
     assert r["notes"][-1].startswith("read the first ") and r["notes"][-1].endswith(

@@ -1399,7 +1399,9 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         try:
             summary = self._run()
-            with signals_held(deliver=False, second_ctrl_c_aborts=True):  # see below
+            # The run is saved and its summary written: a stop now has nothing left to stop, here (the run
+            # --force replaced is deleted) nor in the trackers' close below, which a second Ctrl-C still ends.
+            with signals_held(deliver=False, second_ctrl_c_aborts=True):
                 self.run_dir.drop_replaced()
         except BaseException as e:
             first_step = self.progress.step == 0 and not self.resumed_from
@@ -1416,8 +1418,6 @@ class Trainer:
                 raise lost from e
             raise
         stopped = summary.get("stop_signal") if summary.get("status") == "interrupted" else None
-        # The run is saved and its summary written: a stop now has nothing left to stop (the trackers' close,
-        # which can take a while, still ends at a second Ctrl-C).
         with signals_held(deliver=False, second_ctrl_c_aborts=True):
             self.close(signal_status(stopped) if stopped else 0)
         return summary

@@ -83,12 +83,17 @@ def _eval(args: argparse.Namespace) -> int:
 
     field = text_field(args.field, args.input or [])
     results = [eval_tokenizer(path, args.input, max_bytes=args.max_bytes, field=field) for path in args.path]
-    if args.json:  # the same exit status as the table's: a script may read both
+    code = 0 if all(map(round_trips, results)) else 1  # as diff does, whichever way the results are shown
+    if args.json:
         print(json_text(results[0] if len(results) == 1 else results, indent=2))
-        return 0 if all(map(round_trips, results)) else 1
-    if len(results) > 1:
-        return _compare(results)
-    r = results[0]
+    elif len(results) > 1:
+        _compare(results)
+    else:
+        _show(results[0])
+    return code
+
+
+def _show(r: dict) -> None:
     print(f"vocab size      {r['vocab_size']}")
     print("special ids     " + ", ".join(f"{k}={v}" for k, v in r["special_ids"].items()))
     print(f"bos/eos/pad     {r['bos']} / {r['eos']} / {r['pad']}")
@@ -99,14 +104,12 @@ def _eval(args: argparse.Namespace) -> int:
     if r["skipped"]["total"]:
         print(f"input           {Skips.from_json(r['skipped']).summary()}")
     print(f"compression     {r['chars_per_token']} chars/token, {r['bytes_per_token']} bytes/token")
-    return 0 if round_trips(r) else 1
 
 
-def _compare(results: list[dict]) -> int:
-    from tinyk.tokenizer import compared_rows, round_trips
+def _compare(results: list[dict]) -> None:
+    from tinyk.tokenizer import compared_rows
 
     print(format_table(compared_rows(results), header=("", *(str(r["path"]) for r in results), "")))
     print(f"on {plural(results[0]['documents'], 'documents')}")
     if results[0]["skipped"]["total"]:
         print(f"input           {Skips.from_json(results[0]['skipped']).summary()}")
-    return 0 if all(map(round_trips, results)) else 1
