@@ -9,6 +9,7 @@ allocation (parameters and optimizer state included) is printed beside the estim
   .venv/bin/python bench/plan_vs_measured.py --all           # also checkpointing and bf16 autocast
   .venv/bin/python bench/plan_vs_measured.py --preset tiny --micro-batch 4 --seq-len 256 --all
   .venv/bin/torchrun --nproc-per-node 2 bench/plan_vs_measured.py --parallel fsdp --all   # a job's step, gloo
+  .venv/bin/torchrun --nproc-per-node 2 bench/plan_vs_measured.py --parallel ddp --all --no-bf16   # fp32 only
 
 seed-215m needs about 5 GB of RAM and a minute or two per row on two cores. Under torchrun each
 process measures its own step (DDP's gradient buckets, FSDP's shards and unsharded blocks in flight);
@@ -63,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=positive_int, default=512)
     ap.add_argument("--grad-accum", type=positive_int, default=1)
     ap.add_argument("--all", action="store_true", help="also activation checkpointing and bf16 autocast")
+    ap.add_argument("--no-bf16", action="store_true",
+                    help="with --all, leave bf16 autocast out: a job's own terms (DDP buckets, FSDP shards) do not "
+                         "depend on it, and bf16 matmuls take 20x fp32's time on a CPU without native bf16")
     ap.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp", help="under torchrun: how the job trains")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
@@ -72,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         dist.init_process_group("gloo")
     talk = int(os.environ.get("RANK", "0")) == 0
     cfg = preset_config(args.preset)
-    combos = list(itertools.product((False, True), (False, True))) if args.all else [(False, False)]
+    amps = (False,) if args.no_bf16 else (False, True)
+    combos = list(itertools.product(amps, (False, True))) if args.all else [(False, False)]
     job = f", {args.parallel.upper()} over {world} processes (the largest one's)" if world > 1 else ""
     if talk:
         print(f"machine: {machine_text()}")

@@ -395,16 +395,18 @@ def _gpu_bench(monkeypatch):
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_the_memory_of_a_jobs_step_is_what_the_plan_says(tmp_path, parallel):
     """The DDP bucket and FSDP shard terms had never been checked against a real step: two processes
-    over gloo, each wrapped as the trainer wraps it, measured by the allocator (the bench exits 1 beyond 15%)."""
+    over gloo, each wrapped as the trainer wraps it, measured by the allocator (the bench exits 1 beyond 15%).
+    In fp32 only: those terms add to the activations' whatever the dtype (bf16's are measured in one process
+    above), and a bf16 row took 25 s of this test's 60 on a CPU without native bf16 matmuls."""
     out = tmp_path / "rows.json"
     r = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2",
                         str(ROOT / "bench" / "plan_vs_measured.py"), "--preset", "tiny", "--micro-batch", "4",
-                        "--seq-len", "256", "--all", "--parallel", parallel, "--json", str(out)],
+                        "--seq-len", "256", "--all", "--no-bf16", "--parallel", parallel, "--json", str(out)],
                        env={**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)},  # torchrun's files
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
-    assert len(rows) == 4 and all(row["parallel"] == parallel and row["processes"] == 2 for row in rows)
+    assert len(rows) == 2 and all(row["parallel"] == parallel and row["processes"] == 2 for row in rows)
     # Within the 15% plan promises. DDP is usually exact, but a step now and then holds one more
     # gradient-sized buffer (seen in CI: +8.7% on bf16; the smaller of two steps is measured), so its bound
     # is the promise, not the usual; FSDP's rows are 4-8% over the measurement (three unsharded blocks the

@@ -3631,6 +3631,26 @@ def test_the_cpu_peak_is_2n3_flops_over_the_fastest_product(monkeypatch):
     assert monitor.measure_matmul_flops(seconds=0.15, n=64) == 2 * 64 ** 3 / 0.5
 
 
+@pytest.mark.parametrize("ms_per_128,size", [(0.1, 1024), (2.0, 256), (20.0, 128)])
+def test_the_cpu_peak_takes_a_smaller_product_where_the_dtype_is_slow(monkeypatch, ms_per_128, size):
+    """bf16 on a CPU without its instructions took 2.3 s per 1024 product, 9 s at every run's start; a
+    product over a tenth of the timing's 0.15 s stops the size growing, and that size is timed."""
+    from tinyk import monitor
+
+    now, sizes = [0.0], []
+
+    def mm(a, b):
+        sizes.append(a.shape[0])
+        now[0] += ms_per_128 / 1e3 * (a.shape[0] / 128) ** 3
+        return a
+
+    monkeypatch.setattr(monitor, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    monkeypatch.setattr(monitor.torch, "mm", mm)
+    flops = monitor.measure_matmul_flops(seconds=0.15, n=1024)
+    assert sizes[-1] == size and max(sizes) == size
+    assert flops == pytest.approx(2 * 128 ** 3 / (ms_per_128 / 1e3))
+
+
 def test_a_plain_progress_line_shows_each_number_in_its_unit(tmp_path, capsys):
     from tinyk.monitor import Monitor
 
