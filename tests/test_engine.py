@@ -770,24 +770,33 @@ def test_int8_quantization_is_per_row_absmax():
 
 
 @INT8
-def test_int8_engine_tracks_the_fp32_model(nano_model_dir, engine, reference, monkeypatch):
-    """Prefill (6 rows) runs on bf16 weights (but for the head, given the last position alone), each decode
-    step of 1-2 rows on the int8 ones."""
+@pytest.mark.parametrize("emulated", [False, True])
+def test_int8_engine_tracks_the_fp32_model(nano_model_dir, engine, reference, monkeypatch, emulated):
+    """Prefill (6 rows) runs on the dense weights (but for the head, given the last position alone), each
+    decode step of 1-2 rows on the int8 ones, whose kernel takes bf16 activations. The dense weights are
+    bf16, or fp32 on a CPU without bf16 instructions: there a prompt in emulated bf16 took 7x fp32's time."""
+    import tinyk.engine
+
     assert int8_works(torch.device("cpu"), torch.bfloat16)
+    monkeypatch.setattr(tinyk.engine, "cpu_emulates", lambda dtype: emulated and dtype == torch.bfloat16)
     eng = Engine.from_dir(nano_model_dir, quantize="int8", max_batch=2)
-    assert eng.quantize == "int8" and eng.dtype == torch.bfloat16 and not eng.packed
+    dtype = torch.float32 if emulated else torch.bfloat16
+    assert eng.quantize == "int8" and eng.dtype == dtype and not eng.packed
+    assert {w.dtype for w in eng.model.parameters()} == {dtype}
     kernel, rows = torch.ops.aten._weight_int8pack_mm, []
-    monkeypatch.setattr(torch.ops.aten, "_weight_int8pack_mm", lambda x, q, scale: rows.append(len(x)) or
+    monkeypatch.setattr(torch.ops.aten, "_weight_int8pack_mm", lambda x, q, scale: rows.append((len(x), x.dtype)) or
                         kernel(x, q, scale))
     x = torch.tensor([[10, 11, 12, 13, 14, 15, 16]])
-    cache = KVCache(eng.model.config, 1, 8, "cpu", torch.bfloat16)
+    cache = KVCache(eng.model.config, 1, 8, "cpu", dtype)
     with torch.inference_mode():
         want = engine.model(x)
         got = [eng.forward(x[:, :6], torch.arange(6)[None], cache)]
-        assert rows == [1]  # prefill: the bf16 weights but for the head's one row
+        assert rows == [(1, torch.bfloat16)]  # prefill: the dense weights but for the head's one row
         got.append(eng.forward(x[:, 6:], torch.tensor([[6]]), cache))
-    assert rows == [1] * (7 * eng.model.config.n_layers + 2)  # then every projection and the head, in int8
+    # then every projection and the head, in int8
+    assert rows == [(1, torch.bfloat16)] * (7 * eng.model.config.n_layers + 2)
     for g, w in zip(got, (want[:, 5], want[:, 6]), strict=True):
+        assert g.dtype == dtype
         err = (g.float() - w).abs().max() / w.std()
         assert err < 0.05, f"int8 logits are {err:.3f} standard deviations off"
     out = [c.token_ids for c in eng.generate(PROMPTS, GREEDY)]
@@ -798,7 +807,7 @@ def test_int8_engine_tracks_the_fp32_model(nano_model_dir, engine, reference, mo
 
 
 @INT8
-def test_int8_keeps_in_bf16_the_weights_whose_width_its_kernel_cannot_take(engine):
+def test_int8_keeps_dense_the_weights_whose_width_its_kernel_cannot_take(engine):
     """PyTorch's int8 kernel reads a row 16 inputs at a time: a hidden_dim of 200 (or a dim of 72) gave
     NaN logits, a model "diverged" in serve, or a segfault."""
     torch.manual_seed(0)
@@ -808,7 +817,7 @@ def test_int8_keeps_in_bf16_the_weights_whose_width_its_kernel_cannot_take(engin
     kept = [w for layer in eng.forward.layers for w in layer[2:]] + [eng.forward.lm_head]
     assert sorted({(w[2].shape[1], w[0] is None) for w in kept}) == [(64, False), (200, True)]
     x = torch.tensor([[10, 11, 12, 13, 14, 15, 16]])
-    cache = KVCache(cfg, 1, 8, "cpu", torch.bfloat16)
+    cache = KVCache(cfg, 1, 8, "cpu", eng.dtype)
     with torch.inference_mode():
         want = model(x)[:, 6]
         eng.forward(x[:, :6], torch.arange(6)[None], cache)

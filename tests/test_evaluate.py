@@ -1054,8 +1054,8 @@ def test_outputs_another_eval_wrote_while_this_one_ran_need_force(tmp_path):
 
 
 def test_int8_task_answers_decode_in_batches_the_int8_kernel_takes(tmp_path, nano_model_dir, monkeypatch):
-    """Beyond INT8_MAX_ROWS sequences a decode step uses the bf16 copies, so `--quantize int8` with the
-    default batch of 16 would have measured bf16: its answers decode 4 at a time."""
+    """Beyond INT8_MAX_ROWS sequences a decode step uses the dense weights, so `--quantize int8` with the
+    default batch of 16 would have measured those: its answers decode 4 at a time."""
     from tinyk.engine import INT8_MAX_ROWS, Engine, int8_works
 
     if not int8_works(torch.device("cpu"), torch.bfloat16):
@@ -1084,7 +1084,9 @@ def test_int8_that_cannot_run_is_refused_before_any_mode_runs(tmp_path, nano_mod
     import tinyk.engine
 
     task = write_task(tmp_path / "t.jsonl", [{"messages": [{"role": "user", "content": "问题"}], "answer": "是"}])
-    # The check is on the dtype the engine computes in (bf16 for int8), not the one --data uses.
+    # The check is on the dtype the engine computes in (bf16 for int8 on a CPU with bf16 instructions),
+    # not the one --data uses.
+    monkeypatch.setattr(tinyk.engine, "cpu_emulates", lambda dtype: False)
     monkeypatch.setattr(tinyk.engine, "int8_works", lambda device, dtype: dtype != torch.bfloat16)
     monkeypatch.setattr(tinyk.checkpoint, "load_model", lambda *a, **kw: pytest.fail("the weights were loaded"))
     with pytest.raises(TinykError, match=r"^int8 weights are not supported by this torch build on cpu with "

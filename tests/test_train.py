@@ -38,7 +38,7 @@ from tinyk.errors import TinykError
 from tinyk.evaluate import eval_data
 from tinyk.inputs import sha256_file
 from tinyk.loader import PretrainLoader, SFTLoader
-from tinyk.model import Transformer, preset_config
+from tinyk.model import Transformer, cpu_emulates, preset_config
 from tinyk.monitor import plot_losses
 from tinyk.rundir import RunDir, checkpoints, clean_partial
 from tinyk.tokenizer import load_tokenizer
@@ -57,7 +57,7 @@ from tinyk.train import (
     step_budgets,
     train,
 )
-from tinyk.units import minutes_text
+from tinyk.units import flops_text, minutes_text
 
 # One thread everywhere: the machine is shared, and bit-identical comparisons need identical kernels.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
@@ -439,8 +439,8 @@ def test_mfu_never_passes_100_percent_when_the_cpu_was_timed_under_load(tmp_path
     assert summary["peak_flops_source"].endswith("(timed again: the first timing was slowed by other work)")
     # The header gave the first timing's figure: the log says which one MFU is now against.
     out = capsys.readouterr().out
-    assert "peak for MFU: 0.00 TFLOP/s per device" in out
-    assert re.search(r"^note: peak for MFU timed again: [\d.]+ TFLOP/s per device, not 0\.00 \(that timing was "
+    assert "peak for MFU: 1e-06 GFLOP/s per device" in out
+    assert re.search(r"^note: peak for MFU timed again: [\d.]+ GFLOP/s per device, not 1e-06 GFLOP/s \(that timing was "
                      r"slowed by other work\)$", out, re.M), out
 
 
@@ -2152,6 +2152,9 @@ def test_max_minutes_fits_the_schedule_to_the_clock(tmp_path, pt_data, tok_dir, 
     assert ", fitted to 6.23 minutes, " in header, header  # the demo's share of its budget, as a person writes it
     assert [minutes_text(m) for m in (0.04, 6.22829, 20, 99.96, 1440, 1e9)] == [
         "0.04", "6.23", "20", "100", "1,440", "1,000,000,000"]
+    # A CPU's emulated bf16 read "peak for MFU: 0.00 TFLOP/s".
+    assert [flops_text(f) for f in (1.3e9, 155.8e9, 1.4e12, 989e12)] == [
+        "1.3 GFLOP/s", "156 GFLOP/s", "1.40 TFLOP/s", "989 TFLOP/s"]
 
 
 def trainer_clock(monkeypatch) -> list[float]:
@@ -2435,7 +2438,7 @@ def test_a_damaged_validation_split_stops_the_run_before_it_starts(tmp_path, pt_
 
 
 @pytest.mark.parametrize("dtype,name", [("bf16", "bfloat16"), ("fp16", "float16")])
-def test_mixed_precision_on_cpu_trains_and_resumes(tmp_path, pt_data, tok_dir, dtype, name):
+def test_mixed_precision_on_cpu_trains_and_resumes(tmp_path, pt_data, tok_dir, dtype, name, capsys):
     """bf16 autocast runs without a GradScaler, fp16 with one whose state survives a resume; fp16 logs
     (and clips) the gradients' own norm, unscaled, not the loss scaler's 65,536 times it."""
     out = tmp_path / "run"
@@ -2450,6 +2453,12 @@ def test_mixed_precision_on_cpu_trains_and_resumes(tmp_path, pt_data, tok_dir, d
     second = train(nano_cfg(pt_data, tok_dir, out, max_steps=3, dtype=dtype), resume=True)
     assert second["steps"] == 3 and second["resumed_from"].endswith("step_0000002")
     assert (second["skipped_steps"] is None) == (dtype == "bf16")
+    # A CPU without the dtype's instructions (38x fp32's time for a tiny run) is said to be one at the start.
+    header = capsys.readouterr().out
+    instructions = {"bf16": "avx512_bf16 or amx_bf16", "fp16": "avx512_fp16 or amx_fp16"}[dtype]
+    note = (f"note: this CPU has no {dtype} instructions ({instructions}): its {dtype} matmuls are emulated, tens of "
+            f"times slower than fp32's (--dtype fp32)")
+    assert (note in header.splitlines()) is cpu_emulates(getattr(torch, name))
 
 
 @pytest.mark.parametrize("kind", ["pretrain", "sft"])
@@ -3631,24 +3640,26 @@ def test_the_cpu_peak_is_2n3_flops_over_the_fastest_product(monkeypatch):
     assert monitor.measure_matmul_flops(seconds=0.15, n=64) == 2 * 64 ** 3 / 0.5
 
 
-@pytest.mark.parametrize("ms_per_128,size", [(0.1, 1024), (2.0, 256), (20.0, 128)])
-def test_the_cpu_peak_takes_a_smaller_product_where_the_dtype_is_slow(monkeypatch, ms_per_128, size):
-    """bf16 on a CPU without its instructions took 2.3 s per 1024 product, 9 s at every run's start; a
-    product over a tenth of the timing's 0.15 s stops the size growing, and that size is timed."""
+@pytest.mark.parametrize("dtype,ms_per_256,size", [
+    (torch.bfloat16, 0.5, 1024), (torch.bfloat16, 25.0, 256), (torch.float16, 25.0, 256), (torch.float32, 25.0, 1024)])
+def test_the_cpu_peak_takes_a_smaller_product_where_a_half_dtype_is_slow(monkeypatch, dtype, ms_per_256, size):
+    """bf16 on a CPU without its instructions took 2.3 s per 1024 product, 9 s at every run's start: a half
+    dtype whose 1024 product would take over the timing's 0.15 s is timed at 256. fp32 always takes the
+    full size: a busy moment slowing a small product must not shrink its peak to a small product's."""
     from tinyk import monitor
 
     now, sizes = [0.0], []
 
     def mm(a, b):
         sizes.append(a.shape[0])
-        now[0] += ms_per_128 / 1e3 * (a.shape[0] / 128) ** 3
+        now[0] += ms_per_256 / 1e3 * (a.shape[0] / 256) ** 3
         return a
 
     monkeypatch.setattr(monitor, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
     monkeypatch.setattr(monitor.torch, "mm", mm)
-    flops = monitor.measure_matmul_flops(seconds=0.15, n=1024)
-    assert sizes[-1] == size and max(sizes) == size
-    assert flops == pytest.approx(2 * 128 ** 3 / (ms_per_128 / 1e3))
+    flops = monitor.measure_matmul_flops(seconds=0.15, n=1024, dtype=dtype)
+    assert sizes[-1] == size and sizes.count(1024) == (0 if size == 256 else len(sizes) - sizes.count(256))
+    assert flops == pytest.approx(2 * 256 ** 3 / (ms_per_256 / 1e3))
 
 
 def test_a_plain_progress_line_shows_each_number_in_its_unit(tmp_path, capsys):

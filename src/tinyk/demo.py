@@ -34,6 +34,7 @@ from .corpus import CorpusSpec, build_demo_corpus
 from .errors import Stopped, TinykError, first_line, is_terminal
 from .evaluate import percent
 from .inputs import read_json
+from .model import cpu_emulates, cpuinfo
 from .outputs import atomic_dir, rust_path, shows_a_bar, write_json_atomic
 from .units import format_table
 
@@ -251,7 +252,7 @@ def choose_runtime(cfg: DemoConfig, tcfg: TrainConfig, try_compile: bool = False
     cuda = torch.cuda.is_available()
     untried = None
     if cfg.dtype == "probe":
-        emulated = not cuda and cpu_emulates_bf16()
+        emulated = not cuda and cpu_emulates(torch.bfloat16)
         # On a GPU its autocast dtype: fp16 on cards without bf16 (a T4, Colab's free GPU; a V100).
         names = [short_dtype_name(cuda_autocast_dtype(torch.device("cuda")))] \
             if cuda else ["fp32"] if emulated else ["fp32", "bf16"]
@@ -287,25 +288,6 @@ def choose_runtime(cfg: DemoConfig, tcfg: TrainConfig, try_compile: bool = False
             rt.compile = compiled > eager_rate
     torch.set_num_threads(threads)
     return rt
-
-
-def cpu_emulates_bf16() -> bool:
-    """Whether this is an x86 Linux machine whose /proc/cpuinfo lists neither avx512_bf16 nor amx_bf16:
-    there bf16 matmuls are emulated, and one step of the demo's took 49 to 78 s against fp32's 7 (a
-    2-core EPYC), so the probe spent minutes of a 13-minute demo on it. Elsewhere bf16 is timed."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    flags = _cpuinfo("flags")
-    return flags is not None and not {"avx512_bf16", "amx_bf16"} & set(flags.split())
-
-
-def _cpuinfo(key: str) -> str | None:
-    """The first `key` line's value in Linux's /proc/cpuinfo (None elsewhere, or without one)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return None
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith(key)), None)
 
 
 def training_seconds(st: Stages, cfg: DemoConfig, run: str, share: float = 1.0) -> float:
@@ -621,7 +603,7 @@ def _budget_text(config: dict[str, Any]) -> str:
 
 
 def machine_info() -> dict[str, Any]:
-    cpu = _cpuinfo("model name") or platform.processor() or platform.machine()
+    cpu = cpuinfo("model name") or platform.processor() or platform.machine()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu,
             "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform()}

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .checkpoint import check_compatible, load_model
 from .errors import TinykError
-from .model import KVCache, Transformer, apply_rope, attend, dtype_name, resolve_device, resolve_dtype
+from .model import KVCache, Transformer, apply_rope, attend, cpu_emulates, dtype_name, resolve_device, resolve_dtype
 from .tokenizer import (
     CHAT_ROLES,
     MESSAGE_TOKENS,
@@ -88,36 +88,37 @@ def quantize_int8(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, to
 
     Batch-1 decoding on a CPU is bound by reading every weight once per token (fp32's matrix
     products alone cap seed-82m near 60 tokens/s on 2 cores), so fewer bytes per weight is
-    the only way past that; the scales are kept in the activation dtype.
+    the only way past that; the scales are kept in the kernel's activation dtype.
     """
     w = w.detach().float()
     scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
     return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale.to(dtype)
 
 
-# Up to this many rows (sequences x tokens) the int8 kernel beats a bf16 matmul; prefill and
-# larger batches are compute-bound and run on the model's own bf16 weights instead.
+# Up to this many rows (sequences x tokens) the int8 kernel beats a dense matmul; prefill and
+# larger batches are compute-bound and run on the model's own dense weights instead.
 INT8_MAX_ROWS = 4
 # PyTorch's CPU int8 kernel steps through a row's inputs 16 at a time and reads past the end of a row that
 # is not a whole number of steps: garbage or a segfault for a model of dim 72 or hidden_dim 1000 (torch 2.13).
-# Such weights stay in bf16.
+# Such weights stay dense.
 INT8_IN_MULTIPLE = 16
 
 
 def _int8_weights(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None,
                                                                   torch.Tensor]:
-    """(int8 weight, scales, dense weight); only the dense one where the kernel cannot take its width."""
+    """(int8 weight, scales, dense weight); only the dense one where the kernel cannot take its width.
+    The kernel's activations are half (`dtype`'s, or bf16 for fp32): with fp32 ones it took 11x as long."""
     if w.shape[1] % INT8_IN_MULTIPLE:
         return None, None, w
-    return (*quantize_int8(w, dtype), w)
+    return (*quantize_int8(w, dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16), w)
 
 
 def _int8_linear(x: torch.Tensor, w: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]) -> torch.Tensor:
     q, scale, dense = w
     if q is None or scale is None or x.numel() > INT8_MAX_ROWS * x.shape[-1]:
         return F.linear(x, dense)
-    y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), q, scale)
-    return y.view(*x.shape[:-1], q.shape[0])
+    y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).to(scale.dtype).contiguous(), q, scale)
+    return y.view(*x.shape[:-1], q.shape[0]).to(x.dtype)
 
 
 def int8_works(device: torch.device, dtype: torch.dtype) -> bool:
@@ -132,9 +133,13 @@ def int8_works(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def engine_dtype(dtype: str | torch.dtype, device: torch.device, quantize: str) -> torch.dtype:
-    """The dtype an engine computes in: "auto" with int8 weights is bf16, since the int8 kernel is
-    fast with bf16 activations and slow with fp32."""
-    return resolve_dtype(torch.bfloat16 if quantize == "int8" and dtype == "auto" else dtype, device)
+    """The dtype an engine computes in. "auto" with int8 weights is bf16, the int8 kernel's activations,
+    except on a CPU without bf16 instructions (most laptops'): there prefill and batches of more than
+    INT8_MAX_ROWS rows ran on emulated bf16 weights, 7x fp32's time to the first token, so it is fp32,
+    with only the kernel's activations in bf16 (int8 and fp32 weights: 1.25x fp32's memory)."""
+    if quantize == "int8" and dtype == "auto":
+        return torch.float32 if device.type == "cpu" and cpu_emulates(torch.bfloat16) else torch.bfloat16
+    return resolve_dtype(dtype, device)
 
 
 def int8_refusal(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -738,7 +743,7 @@ class Engine:
         """`optimize` lets a bf16 engine on CPU keep packed copies of the weights (see
         `pack_cpu_bf16`), which would go stale if the model were trained further; `from_dir`
         sets it, since the engine owns that model. `quantize="int8"` decodes with int8
-        copies of the weights (see `quantize_int8`); with dtype "auto" it computes in bf16."""
+        copies of the weights (see `quantize_int8`); dtype "auto" then computes as `engine_dtype` says."""
         check_compatible(model.config, tok)
         if not (isinstance(max_batch, int) and max_batch >= 1):
             raise TinykError(f"max_batch must be an integer >= 1, got {max_batch!r}")

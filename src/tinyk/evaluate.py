@@ -755,7 +755,7 @@ def _run_plan(plan: _Plan, model: Transformer, tok: TinyTokenizer, *, data: list
     if tasks:
         from .engine import INT8_MAX_ROWS
 
-        # int8 weights serve decode steps of up to INT8_MAX_ROWS sequences (bf16 beyond), so to measure
+        # int8 weights serve decode steps of up to INT8_MAX_ROWS sequences (dense weights beyond), so to measure
         # what int8 costs the answers decode in batches that small.
         task_batch = min(batch_size, INT8_MAX_ROWS) if quantize == "int8" else batch_size
         engine = make_engine(model, tok, task_batch, quantize)

@@ -57,29 +57,36 @@ def gpu_peak_flops(name: str) -> float | None:
 def measure_matmul_flops(seconds: float = 0.15, n: int = 1024, dtype: torch.dtype = torch.float32) -> float:
     """FLOP/s of a square matmul on this CPU with the current thread count (a practical peak).
 
-    The product is n x n, or the largest smaller power of two where one takes over a tenth of `seconds`:
-    a CPU without bf16 or fp16 instructions took 2.3 s per 1024 product in those dtypes, 9 s at the
-    start of each run, at the rate a 256 product shows. The fastest single product counts, not the
-    average: on a shared machine other work only ever slows a product down, and an average taken in a
-    busy moment put MFU above 100%."""
+    The fastest single product counts, not the average: on a shared machine other work only ever
+    slows a product down, and an average taken in a busy moment put MFU above 100%. A half dtype that
+    would take longer than `seconds` per n x n product (bf16 or fp16 on a CPU without their
+    instructions: 2.3 s at 1024, 9 s at the start of each run) is timed on 256 x 256 products, which
+    run at the same rate."""
     g = torch.Generator().manual_seed(0)  # not the global generator: a resumed run's dropout stream is restored
-    size = min(n, 128)
-    while True:
-        a, b = torch.randn(size, size, dtype=dtype, generator=g), torch.randn(size, size, dtype=dtype, generator=g)
-        torch.mm(a, b)
-        t = time.perf_counter()
-        torch.mm(a, b)
-        best = time.perf_counter() - t
-        if size >= n or best > seconds / 10:
-            break
-        size = min(2 * size, n)
-    iters, start = 1, time.perf_counter()
+    size = n
+    if dtype != torch.float32 and n > 256 and _fastest_product(256, dtype, g, 3) * (n / 256) ** 3 > seconds:
+        size = 256
+    a, b = torch.randn(size, size, dtype=dtype, generator=g), torch.randn(size, size, dtype=dtype, generator=g)
+    torch.mm(a, b)
+    best, iters, start = math.inf, 0, time.perf_counter()
     while time.perf_counter() - start < seconds or iters < 3:
         t = time.perf_counter()
         torch.mm(a, b)
         best = min(best, time.perf_counter() - t)
         iters += 1
     return 2 * size ** 3 / best
+
+
+def _fastest_product(size: int, dtype: torch.dtype, g: torch.Generator, times: int) -> float:
+    """Seconds the fastest of `times` size x size products takes, after an untimed one."""
+    a, b = torch.randn(size, size, dtype=dtype, generator=g), torch.randn(size, size, dtype=dtype, generator=g)
+    torch.mm(a, b)
+    best = math.inf
+    for _ in range(times):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t)
+    return best
 
 
 def peak_flops(device: torch.device, override_tflops: float | None,

@@ -51,7 +51,7 @@ from .api import (
 )
 from .engine import Engine, Request, SamplingParams
 from .errors import TinykError, escape_controls, first_line
-from .model import dtype_name
+from .model import dtype_name, emulated_note
 from .tokenizer import MODEL_PROMPT, ModelPrompt
 from .units import plural
 
@@ -1107,9 +1107,13 @@ class ChatServer(ThreadingHTTPServer):
 
 
 def startup_notes(server: ChatServer) -> list[str]:
-    """What an operator should know before the first request: fewer connections than asked, and who
-    besides them can use the model without a key (the network; any web page, for * or null origins)."""
+    """What an operator should know before the first request: a dtype this CPU emulates, fewer connections
+    than asked, and who besides them can use the model without a key (the network; any web page, for *
+    or null origins)."""
     cfg, lines = server.api.cfg, []
+    engine = server.api.engine
+    if note := emulated_note(engine.device, engine.dtype):
+        lines.append(f"note: {note}")
     if server.max_connections < cfg.max_connections:
         lines.append(f"note: at most {server.max_connections:,} connections open at once, not --max-connections "
                      f"{cfg.max_connections}: the open-file limit (ulimit -n) allows no more")

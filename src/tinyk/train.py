@@ -74,6 +74,7 @@ from .model import (
     Transformer,
     cuda_autocast_dtype,
     dtype_name,
+    emulated_note,
     resolve_device,
     resolve_dtype,
     short_dtype_name,
@@ -88,7 +89,7 @@ from .outputs import (
 )
 from .plan import flops_formula, model_size, precision_refusal
 from .rundir import RunDir, checkpoints, resolve_init
-from .units import GiB, minutes_text, plural
+from .units import GiB, flops_text, minutes_text, plural
 
 # Whether this process has joined a job of several (its exit can then abort: see cli._fail).
 joined_a_job = False
@@ -1324,11 +1325,12 @@ class Trainer:
             f"{decay}",
             f"FLOPs/token {flops_formula(m, cfg.seq_len)}"
             f"{', T at most: an SFT batch counts its padded length' if cfg.kind == 'sft' else ''}; peak for MFU: "
-            + (f"{self.peak / 1e12:.2f} TFLOP/s per device, {self.peak_source}" if self.peak else self.peak_source),
+            + (f"{flops_text(self.peak)} per device, {self.peak_source}" if self.peak else self.peak_source),
         ]
-        note = micro_note(cfg.batch_size, d.world, cfg.micro_batch, self.micro)
-        if note:
-            lines.append(f"note: {note}")
+        for note in (micro_note(cfg.batch_size, d.world, cfg.micro_batch, self.micro),
+                     emulated_note(self.device, self.dtype)):
+            if note:
+                lines.append(f"note: {note}")
         preset = self.preset_beside_init
         if preset in PRESETS and any(
                 PRESETS[preset].get(k, getattr(m, k)) != getattr(m, k) for k in ("dim", "n_layers", "n_heads")):
@@ -1681,8 +1683,8 @@ class Trainer:
                 self.peak_source += " (timed again: the first timing was slowed by other work)"
             self.peak = max(self.peak, achieved)
             if self.monitor and first is not None:  # the header's figure is not the one MFU is now against
-                self.monitor.print(f"note: peak for MFU timed again: {self.peak / 1e12:.2f} TFLOP/s per device, not "
-                                   f"{first / 1e12:.2f} (that timing was slowed by other work)")
+                self.monitor.print(f"note: peak for MFU timed again: {flops_text(self.peak)} per device, not "
+                                   f"{flops_text(first)} (that timing was slowed by other work)")
         return round(achieved / self.peak, 5)
 
     def _peak_flops_spent(self, elapsed: float) -> float | None:

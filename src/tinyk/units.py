@@ -77,6 +77,14 @@ def minutes_text(minutes: float) -> str:
     return f"{minutes:.3g}" if minutes < 100 else f"{minutes:,.0f}"
 
 
+def flops_text(flops_per_s: float) -> str:
+    """A FLOP rate to read: 989 TFLOP/s, 1.40 TFLOP/s, 156 GFLOP/s; a CPU's emulated bf16 (1.3 GFLOP/s)
+    read 0.00 TFLOP/s."""
+    if flops_per_s >= 1e12:
+        return f"{flops_per_s / 1e12:.3g} TFLOP/s" if flops_per_s >= 1e14 else f"{flops_per_s / 1e12:.2f} TFLOP/s"
+    return f"{flops_per_s / 1e9:.3g} GFLOP/s"
+
+
 def display_width(s: str) -> int:
     """Columns a terminal gives `s`: CJK characters take two."""
     return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in s)

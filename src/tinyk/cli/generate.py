@@ -61,10 +61,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _engine(args: argparse.Namespace, max_batch: int = 16) -> Engine:
     from tinyk.engine import Engine
+    from tinyk.model import emulated_note
 
     set_threads(args)
-    return Engine.from_dir(args.model, device=args.device, dtype=args.dtype, max_batch=max_batch,
-                           quantize=args.quantize)
+    engine = Engine.from_dir(args.model, device=args.device, dtype=args.dtype, max_batch=max_batch,
+                             quantize=args.quantize)
+    if note := emulated_note(engine.device, engine.dtype):
+        print(f"tinyk: note: {note}", file=sys.stderr)
+    return engine
 
 
 def _generate(args: argparse.Namespace) -> int:
