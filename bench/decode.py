@@ -5,14 +5,14 @@ decoding of identical prompts of `--prompt-len` tokens for `--new-tokens` tokens
 at each batch size and dtype. Runs are interleaved, taking turns going first, so background
 load hits both alike.
 `--dtype int8` runs tinyk with int8 weights (`--quantize int8`: bf16 compute, fp32 on a CPU without
-bf16 instructions) against HF in
+bf16 instructions; `int8-bf16`: bf16 compute on any CPU, what int8 did everywhere before 2026-12-07) against HF in
 fp32, the reference numerics and HF's fastest CPU setting here; "same tokens" then says
 whether quantization changed any greedy token of the (random-init) model.
 
   time to first token (TTFT) = wall time of a 1-token generate (prefill + first token)
   decode tokens/s            = batch * (new_tokens - 1) / (T(new_tokens) - T(1))
 
-Usage: .venv/bin/python bench/decode.py [--batch 1 8] [--dtype float32 bfloat16 int8] [--json out.json]
+Usage: .venv/bin/python bench/decode.py [--batch 1 8] [--dtype float32 bfloat16 int8 int8-bf16] [--json out.json]
 """
 
 from __future__ import annotations
@@ -129,7 +129,9 @@ def measure(engine: Engine, hf, batch: int, args: argparse.Namespace) -> dict:
             fn = impls[name]
             times[name]["first"].append(timed(lambda fn=fn: fn(1), dev))
             times[name]["full"].append(timed(lambda fn=fn: fn(args.new_tokens), dev))
-    dtype = "int8" if engine.quantize == "int8" else str(engine.dtype).removeprefix("torch.")
+    dtype = str(engine.dtype).removeprefix("torch.")
+    if engine.quantize == "int8":
+        dtype = f"int8 ({dtype} compute)"
     row = {"device": dev.type, "dtype": dtype, "batch": batch, "same_tokens": same}
     for name, t in times.items():
         first, full = statistics.median(t["first"]), statistics.median(t["full"])
@@ -147,7 +149,8 @@ def main() -> None:
     ap.add_argument("--tokenizer", type=Path, help="a trained 6144-token tokenizer (default: a synthetic one)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch", type=positive_int, nargs="+", default=[1, 8])
-    ap.add_argument("--dtype", nargs="+", default=["float32", "bfloat16", "int8"], choices=[*sorted(DTYPES), "int8"])
+    ap.add_argument("--dtype", nargs="+", default=["float32", "bfloat16", "int8"],
+                    choices=[*sorted(DTYPES), "int8", "int8-bf16"])
     ap.add_argument("--prompt-len", type=positive_int, default=64)
     ap.add_argument("--new-tokens", type=int_range(2), default=64, help="at least 2: the first is timed apart")
     ap.add_argument("--repeats", type=positive_int, default=3)
@@ -163,9 +166,9 @@ def main() -> None:
     mdir = model_dir(args.work, args.tokenizer)
     results = []
     for dtype in args.dtype:
-        int8 = dtype == "int8"
-        engine = Engine.from_dir(mdir, device=args.device, dtype=None if int8 else dtype,
-                                 quantize="int8" if int8 else "none")
+        int8 = dtype.startswith("int8")
+        compute = {"int8": None, "int8-bf16": "bfloat16"}.get(dtype, dtype)
+        engine = Engine.from_dir(mdir, device=args.device, dtype=compute, quantize="int8" if int8 else "none")
         hf_dtype = torch.float32 if int8 else DTYPES[dtype]
         hf = AutoModelForCausalLM.from_pretrained(mdir, dtype=hf_dtype).to(engine.device).eval()
         for batch in args.batch:

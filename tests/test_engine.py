@@ -772,30 +772,36 @@ def test_int8_quantization_is_per_row_absmax():
 @INT8
 @pytest.mark.parametrize("emulated", [False, True])
 def test_int8_engine_tracks_the_fp32_model(nano_model_dir, engine, reference, monkeypatch, emulated):
-    """Prefill (6 rows) runs on the dense weights (but for the head, given the last position alone), each
-    decode step of 1-2 rows on the int8 ones, whose kernel takes bf16 activations. The dense weights are
-    bf16, or fp32 on a CPU without bf16 instructions: there a prompt in emulated bf16 took 7x fp32's time."""
+    """A prompt (more rows than the kernel takes: 4 beside bf16 weights, 16 beside fp32 ones) runs on the
+    dense weights (but for the head, given the last position alone), each decode step of 1-2 rows on the
+    int8 ones, whose kernel takes bf16 activations. The dense weights are bf16, or fp32 on a CPU without
+    bf16 instructions: there a prompt in emulated bf16 took 5x fp32's time."""
     import tinyk.engine
 
     assert int8_works(torch.device("cpu"), torch.bfloat16)
     monkeypatch.setattr(tinyk.engine, "cpu_emulates", lambda dtype: emulated and dtype == torch.bfloat16)
     eng = Engine.from_dir(nano_model_dir, quantize="int8", max_batch=2)
-    dtype = torch.float32 if emulated else torch.bfloat16
+    dtype, prompt = (torch.float32, 17) if emulated else (torch.bfloat16, 6)
     assert eng.quantize == "int8" and eng.dtype == dtype and not eng.packed
     assert {w.dtype for w in eng.model.parameters()} == {dtype}
     kernel, rows = torch.ops.aten._weight_int8pack_mm, []
     monkeypatch.setattr(torch.ops.aten, "_weight_int8pack_mm", lambda x, q, scale: rows.append((len(x), x.dtype)) or
                         kernel(x, q, scale))
-    x = torch.tensor([[10, 11, 12, 13, 14, 15, 16]])
-    cache = KVCache(eng.model.config, 1, 8, "cpu", dtype)
+    x = torch.arange(10, 10 + prompt + 1)[None]
+    layers = eng.model.config.n_layers
     with torch.inference_mode():
         want = engine.model(x)
-        got = [eng.forward(x[:, :6], torch.arange(6)[None], cache)]
-        assert rows == [(1, torch.bfloat16)]  # prefill: the dense weights but for the head's one row
-        got.append(eng.forward(x[:, 6:], torch.tensor([[6]]), cache))
-    # then every projection and the head, in int8
-    assert rows == [(1, torch.bfloat16)] * (7 * eng.model.config.n_layers + 2)
-    for g, w in zip(got, (want[:, 5], want[:, 6]), strict=True):
+        cache = KVCache(eng.model.config, 1, prompt + 2, "cpu", dtype)
+        got = [eng.forward(x[:, :prompt], torch.arange(prompt)[None], cache)]
+        assert rows == [(1, torch.bfloat16)]  # the dense weights but for the head's one row
+        got.append(eng.forward(x[:, prompt:], torch.tensor([[prompt]]), cache))
+        # then every projection and the head, in int8
+        assert rows == [(1, torch.bfloat16)] * (7 * layers + 2)
+        if emulated:  # 8 rows (8 sequences decoding, a short prompt) beside fp32 weights: the kernel
+            rows.clear()
+            eng.forward(x[:, :8], torch.arange(8)[None], KVCache(eng.model.config, 1, 9, "cpu", dtype))
+            assert rows == [(8, torch.bfloat16)] * (7 * layers) + [(1, torch.bfloat16)]
+    for g, w in zip(got, (want[:, prompt - 1], want[:, prompt]), strict=True):
         assert g.dtype == dtype
         err = (g.float() - w).abs().max() / w.std()
         assert err < 0.05, f"int8 logits are {err:.3f} standard deviations off"

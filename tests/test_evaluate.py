@@ -1053,15 +1053,19 @@ def test_outputs_another_eval_wrote_while_this_one_ran_need_force(tmp_path):
         save_outputs(None, results, tmp_path / "s2.jsonl", None, [], False)
 
 
-def test_int8_task_answers_decode_in_batches_the_int8_kernel_takes(tmp_path, nano_model_dir, monkeypatch):
-    """Beyond INT8_MAX_ROWS sequences a decode step uses the dense weights, so `--quantize int8` with the
-    default batch of 16 would have measured those: its answers decode 4 at a time."""
-    from tinyk.engine import INT8_MAX_ROWS, Engine, int8_works
+@pytest.mark.parametrize("emulated", [False, True])
+def test_int8_task_answers_decode_in_batches_the_int8_kernel_takes(tmp_path, nano_model_dir, monkeypatch, emulated):
+    """Beyond int8_max_rows sequences a decode step uses the dense weights, so `--quantize int8` with a
+    batch of 32 would have measured those: its answers decode 4 at a time beside bf16 weights, 16 at a
+    time beside fp32 ones (a CPU without bf16 instructions)."""
+    import tinyk.engine
+    from tinyk.engine import Engine, int8_works
 
     if not int8_works(torch.device("cpu"), torch.bfloat16):
         pytest.skip("this torch build has no int8 weight-only kernel")
+    monkeypatch.setattr(tinyk.engine, "cpu_emulates", lambda dtype: emulated and dtype == torch.bfloat16)
     task = write_task(tmp_path / "t.jsonl", [{"messages": [{"role": "user", "content": f"问题{i}"}], "answer": "是"}
-                                             for i in range(10)])
+                                             for i in range(20)])
     sizes, generate = [], Engine.generate
 
     def recording(self, prompts, params=None):
@@ -1069,12 +1073,12 @@ def test_int8_task_answers_decode_in_batches_the_int8_kernel_takes(tmp_path, nan
         return generate(self, prompts, params)
 
     monkeypatch.setattr(Engine, "generate", recording)
-    r = evaluate(nano_model_dir, tasks=[task], quantize="int8", batch_size=16, max_new_tokens=3, device="cpu")
-    assert r["tasks"][0]["examples"] == 10 and max(sizes) == INT8_MAX_ROWS and sum(sizes) == 10
-    assert r["quantize"] == "int8" and next(table_rows(r))[0] == "t exact match (n=10, int8 weights)"
+    r = evaluate(nano_model_dir, tasks=[task], quantize="int8", batch_size=32, max_new_tokens=3, device="cpu")
+    assert r["tasks"][0]["examples"] == 20 and max(sizes) == (16 if emulated else 4) and sum(sizes) == 20
+    assert r["quantize"] == "int8" and next(table_rows(r))[0] == "t exact match (n=20, int8 weights)"
     sizes.clear()
-    evaluate(nano_model_dir, tasks=[task], batch_size=16, max_new_tokens=3, device="cpu")
-    assert sizes == [10]
+    evaluate(nano_model_dir, tasks=[task], batch_size=32, max_new_tokens=3, device="cpu")
+    assert sizes == [20]
 
 
 def test_int8_that_cannot_run_is_refused_before_any_mode_runs(tmp_path, nano_model_dir, monkeypatch):

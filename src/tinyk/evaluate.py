@@ -753,11 +753,14 @@ def _run_plan(plan: _Plan, model: Transformer, tok: TinyTokenizer, *, data: list
             evaluated["seq_len_cut_by"] = "context" if seq_len > model.config.max_seq_len else "other_models"
         results["data"].append(evaluated)
     if tasks:
-        from .engine import INT8_MAX_ROWS
+        from .engine import engine_dtype, int8_max_rows
 
-        # int8 weights serve decode steps of up to INT8_MAX_ROWS sequences (dense weights beyond), so to measure
-        # what int8 costs the answers decode in batches that small.
-        task_batch = min(batch_size, INT8_MAX_ROWS) if quantize == "int8" else batch_size
+        # int8 weights serve decode steps of up to int8_max_rows sequences (dense weights beyond), so to
+        # measure what int8 costs the answers decode in batches that small.
+        task_batch = batch_size
+        if quantize == "int8":
+            dtype = engine_dtype("auto", next(model.parameters()).device, quantize)
+            task_batch = min(batch_size, int8_max_rows(dtype))
         engine = make_engine(model, tok, task_batch, quantize)
         results["tasks"] = [score_task(engine, t, *read, batch_size=task_batch, max_new_tokens=max_new_tokens,
                                        records=records) for t, read in zip(tasks, plan.task_inputs, strict=True)]
