@@ -21,7 +21,7 @@ from tinyk.checkpoint import init_model_dir, load_config, load_model, model_info
 from tinyk.cli import main
 from tinyk.engine import SamplingParams
 from tinyk.errors import TinykError
-from tinyk.model import KVCache, ModelConfig, RMSNorm, Transformer, preset_config
+from tinyk.model import KVCache, ModelConfig, RMSNorm, Transformer, cpu_emulates, preset_config
 from tinyk.tokenizer import SPECIAL_IDS, load_tokenizer
 from tinyk.train import loss_sum
 
@@ -1466,3 +1466,23 @@ def test_a_system_prompt_that_spells_a_special_token_prompts_transformers_as_tin
                                          "transformers would read as that token; write it otherwise$"):
         prepare_sft([tmp_path / "sft.jsonl"], tok_dir, tmp_path / "d", system_prompt=system, val_fraction=0.0,
                     workers=1, show_progress=False)
+
+
+@pytest.mark.parametrize("machine,flags,emulated", [
+    ("x86_64", "fpu avx2 avx512f", True), ("x86_64", "fpu avx512f avx512_bf16", False),
+    ("x86_64", "fpu amx_bf16 amx_tile", False), ("aarch64", "fp asimd", False), ("x86_64", None, False)])
+def test_a_cpu_without_a_half_dtypes_instructions_is_known_to_emulate_it(tmp_path, monkeypatch, machine, flags,
+                                                                          emulated):
+    """The demo's probe, int8's compute dtype and the slow-dtype notes go by it; not knowing is not emulating."""
+    from tinyk import model
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: a CPU\n" + (f"flags\t\t: {flags}\n" if flags else ""))
+    real_path = model.Path
+    monkeypatch.setattr(model, "Path", lambda p, *a: cpuinfo if p == "/proc/cpuinfo" else real_path(p, *a))
+    monkeypatch.setattr(model.platform, "machine", lambda: machine)
+    assert cpu_emulates(torch.bfloat16) is emulated
+    assert not cpu_emulates(torch.float32)  # none of these lists avx512_fp16 or amx_fp16:
+    assert cpu_emulates(torch.float16) is (machine == "x86_64" and flags is not None)
+    assert (model.emulated_note(torch.device("cpu"), torch.bfloat16) is not None) is emulated
+    assert model.emulated_note(torch.device("meta"), torch.bfloat16) is None

@@ -408,7 +408,7 @@ def test_the_memory_of_a_jobs_step_is_what_the_plan_says(tmp_path, parallel):
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 2 and all(row["parallel"] == parallel and row["processes"] == 2 for row in rows)
     # Within the 15% plan promises. DDP is usually exact, but a step now and then holds one more
-    # gradient-sized buffer (seen in CI: +8.7% on bf16; the smaller of two steps is measured), so its bound
+    # gradient-sized buffer (seen in CI once: +8.7%; the smaller of two steps is measured), so its bound
     # is the promise, not the usual; FSDP's rows are 4-8% over the measurement (three unsharded blocks the
     # plan counts in every phase).
     bound = 0.15 if parallel == "ddp" else 0.10

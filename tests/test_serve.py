@@ -1965,13 +1965,13 @@ def test_an_origin_any_page_can_send_is_warned_of_without_a_key(nano_model_dir, 
 @pytest.mark.parametrize("emulated", [True, False])
 def test_a_half_dtype_this_cpu_emulates_is_said_before_it_crawls(nano_model_dir, monkeypatch, capsys, emulated):
     """bf16 asked for on a CPU without its instructions ran 38x slower than fp32 without a word (a
-    training run's MFU, against a matmul in the same dtype, still read 93%): serve, generate and chat
-    say so as they start; fp32, and int8's own choice, say nothing."""
+    training run's MFU, against a matmul in the same dtype, still read 93%): serve and generate (chat's
+    engine is made by the same function) say so as they start; fp32, the default on a CPU, says nothing."""
     import tinyk.model
 
     monkeypatch.setattr(tinyk.model, "cpu_emulates", lambda dtype: emulated and dtype == torch.bfloat16)
     note = ("tinyk: note: this CPU has no bf16 instructions (avx512_bf16 or amx_bf16): its bf16 matmuls are "
-            "emulated, tens of times slower than fp32's (--dtype fp32)")
+            "emulated, several to tens of times slower than fp32's (--dtype fp32)")
     capsys.readouterr()
     serve_cli(["--model", nano_model_dir, "--dtype", "bfloat16"], monkeypatch)
     assert (note in capsys.readouterr().err.splitlines()) is emulated

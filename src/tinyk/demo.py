@@ -34,7 +34,7 @@ from .corpus import CorpusSpec, build_demo_corpus
 from .errors import Stopped, TinykError, first_line, is_terminal
 from .evaluate import percent
 from .inputs import read_json
-from .model import cpu_emulates, cpuinfo
+from .model import HALF_INSTRUCTIONS, cpu_emulates, cpuinfo
 from .outputs import atomic_dir, rust_path, shows_a_bar, write_json_atomic
 from .units import format_table
 
@@ -257,7 +257,8 @@ def choose_runtime(cfg: DemoConfig, tcfg: TrainConfig, try_compile: bool = False
         names = [short_dtype_name(cuda_autocast_dtype(torch.device("cuda")))] \
             if cuda else ["fp32"] if emulated else ["fp32", "bf16"]
         if emulated:
-            untried = "bf16 not timed: this CPU has no bf16 instructions (avx512_bf16, amx_bf16)"
+            flags = ", ".join(HALF_INSTRUCTIONS[torch.bfloat16])
+            untried = f"bf16 not timed: this CPU has no bf16 instructions ({flags})"
     elif cfg.dtype in TRAIN_DTYPES:
         names = [cfg.dtype]
     else:

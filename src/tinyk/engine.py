@@ -143,7 +143,7 @@ def int8_works(device: torch.device, dtype: torch.dtype) -> bool:
 def engine_dtype(dtype: str | torch.dtype, device: torch.device, quantize: str) -> torch.dtype:
     """The dtype an engine computes in. "auto" with int8 weights is bf16, the int8 kernel's activations,
     except on a CPU without bf16 instructions (most laptops'): there prefill and batches of more than
-    INT8_MAX_ROWS rows ran on emulated bf16 weights, 5x fp32's time to the first token, so it is fp32,
+    INT8_MAX_ROWS rows ran on emulated bf16 weights, 3 to 6x fp32's time to the first token, so it is fp32,
     with only the kernel's activations in bf16 (int8 and fp32 weights: 1.25x fp32's memory)."""
     if quantize == "int8" and dtype == "auto":
         return torch.float32 if device.type == "cpu" and cpu_emulates(torch.bfloat16) else torch.bfloat16

@@ -753,16 +753,8 @@ def _run_plan(plan: _Plan, model: Transformer, tok: TinyTokenizer, *, data: list
             evaluated["seq_len_cut_by"] = "context" if seq_len > model.config.max_seq_len else "other_models"
         results["data"].append(evaluated)
     if tasks:
-        from .engine import engine_dtype, int8_max_rows
-
-        # int8 weights serve decode steps of up to int8_max_rows sequences (dense weights beyond), so to
-        # measure what int8 costs the answers decode in batches that small.
-        task_batch = batch_size
-        if quantize == "int8":
-            dtype = engine_dtype("auto", next(model.parameters()).device, quantize)
-            task_batch = min(batch_size, int8_max_rows(dtype))
-        engine = make_engine(model, tok, task_batch, quantize)
-        results["tasks"] = [score_task(engine, t, *read, batch_size=task_batch, max_new_tokens=max_new_tokens,
+        engine = make_engine(model, tok, batch_size, quantize)
+        results["tasks"] = [score_task(engine, t, *read, batch_size=engine.max_batch, max_new_tokens=max_new_tokens,
                                        records=records) for t, read in zip(tasks, plan.task_inputs, strict=True)]
     if choice:
         results["choice"] = score_choice(model, tok, choice, plan.questions, plan.choice_skips, fmt=choice_format,
@@ -885,9 +877,13 @@ def _holds(path: Path, data: bytes) -> bool:
 
 
 def make_engine(model: Transformer, tok: TinyTokenizer, batch_size: int = 32, quantize: str = "none") -> Engine:
-    """The engine for generation tasks; an int8 one works on a copy, so the other modes keep fp32."""
-    from .engine import Engine
+    """The engine for generation tasks; an int8 one works on a copy, so the other modes keep fp32, and
+    decodes at most `int8_max_rows` sequences at a time (the dense weights serve more), so that its
+    answers measure what int8 costs."""
+    from .engine import Engine, engine_dtype, int8_max_rows
 
+    if quantize == "int8":
+        batch_size = min(batch_size, int8_max_rows(engine_dtype("auto", next(model.parameters()).device, quantize)))
     return Engine(copy.deepcopy(model) if quantize != "none" else model, tok, max_batch=batch_size, quantize=quantize)
 
 

@@ -65,8 +65,9 @@ def emulated_note(device: torch.device, dtype: torch.dtype) -> str | None:
     in the same dtype, still read 93%)."""
     if device.type != "cpu" or not cpu_emulates(dtype):
         return None
-    return (f"this CPU has no {short_dtype_name(dtype)} instructions ({' or '.join(HALF_INSTRUCTIONS[dtype])}): its "
-            f"{short_dtype_name(dtype)} matmuls are emulated, tens of times slower than fp32's (--dtype fp32)")
+    name = short_dtype_name(dtype)
+    return (f"this CPU has no {name} instructions ({' or '.join(HALF_INSTRUCTIONS[dtype])}): its {name} matmuls are "
+            f"emulated, several to tens of times slower than fp32's (--dtype fp32)")
 
 
 def cpuinfo(key: str) -> str | None:

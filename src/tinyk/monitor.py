@@ -54,18 +54,28 @@ def gpu_peak_flops(name: str) -> float | None:
     return None
 
 
+# A half dtype's matmul on a CPU without its instructions runs as fast at this size as at 1024.
+SMALL_PRODUCT = 256
+
+
 def measure_matmul_flops(seconds: float = 0.15, n: int = 1024, dtype: torch.dtype = torch.float32) -> float:
     """FLOP/s of a square matmul on this CPU with the current thread count (a practical peak).
 
     The fastest single product counts, not the average: on a shared machine other work only ever
     slows a product down, and an average taken in a busy moment put MFU above 100%. A half dtype that
     would take longer than `seconds` per n x n product (bf16 or fp16 on a CPU without their
-    instructions: 2.3 s at 1024, 9 s at the start of each run) is timed on 256 x 256 products, which
-    run at the same rate."""
+    instructions: 2.3 s at 1024, 9 s at the start of each run) is timed on SMALL_PRODUCT-square ones."""
     g = torch.Generator().manual_seed(0)  # not the global generator: a resumed run's dropout stream is restored
     size = n
-    if dtype != torch.float32 and n > 256 and _fastest_product(256, dtype, g, 3) * (n / 256) ** 3 > seconds:
-        size = 256
+    if dtype in (torch.bfloat16, torch.float16) and n > SMALL_PRODUCT and \
+            _fastest_product(SMALL_PRODUCT, dtype, g, 0.0) * (n / SMALL_PRODUCT) ** 3 > seconds:
+        size = SMALL_PRODUCT
+    return 2 * size ** 3 / _fastest_product(size, dtype, g, seconds)
+
+
+def _fastest_product(size: int, dtype: torch.dtype, g: torch.Generator, seconds: float) -> float:
+    """Seconds the fastest size x size product takes, of those timed for `seconds` (at least three) after an
+    untimed one."""
     a, b = torch.randn(size, size, dtype=dtype, generator=g), torch.randn(size, size, dtype=dtype, generator=g)
     torch.mm(a, b)
     best, iters, start = math.inf, 0, time.perf_counter()
@@ -74,18 +84,6 @@ def measure_matmul_flops(seconds: float = 0.15, n: int = 1024, dtype: torch.dtyp
         torch.mm(a, b)
         best = min(best, time.perf_counter() - t)
         iters += 1
-    return 2 * size ** 3 / best
-
-
-def _fastest_product(size: int, dtype: torch.dtype, g: torch.Generator, times: int) -> float:
-    """Seconds the fastest of `times` size x size products takes, after an untimed one."""
-    a, b = torch.randn(size, size, dtype=dtype, generator=g), torch.randn(size, size, dtype=dtype, generator=g)
-    torch.mm(a, b)
-    best = math.inf
-    for _ in range(times):
-        t = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - t)
     return best
 
 

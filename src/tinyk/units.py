@@ -78,11 +78,13 @@ def minutes_text(minutes: float) -> str:
 
 
 def flops_text(flops_per_s: float) -> str:
-    """A FLOP rate to read: 989 TFLOP/s, 1.40 TFLOP/s, 156 GFLOP/s; a CPU's emulated bf16 (1.3 GFLOP/s)
-    read 0.00 TFLOP/s."""
-    if flops_per_s >= 1e12:
-        return f"{flops_per_s / 1e12:.3g} TFLOP/s" if flops_per_s >= 1e14 else f"{flops_per_s / 1e12:.2f} TFLOP/s"
-    return f"{flops_per_s / 1e9:.3g} GFLOP/s"
+    """A FLOP rate to read: 2,250 TFLOP/s, 1.40 TFLOP/s, 156 GFLOP/s, 1.3 GFLOP/s (a CPU's emulated bf16,
+    which read 0.00 TFLOP/s). Each unit ends where its rounded figure would reach the next one's."""
+    if flops_per_s >= 999.5e9:
+        t = flops_per_s / 1e12
+        return f"{t:,.0f} TFLOP/s" if t >= 99.995 else f"{t:.2f} TFLOP/s"
+    g = flops_per_s / 1e9
+    return f"{g:,.0f} GFLOP/s" if g >= 99.95 else f"{g:.3g} GFLOP/s"
 
 
 def display_width(s: str) -> int:

@@ -253,12 +253,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="model directory, or a training run's (meaning its final/)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp16 on GPUs without bf16 such as V100 "
-                                                   "and T4, fp32 on CPU), float32, bfloat16, float16")
+                                                   "and T4, fp32 on CPU; with --quantize int8 see there), float32, "
+                                                   "bfloat16, float16")
     p.add_argument("--quantize", choices=["none", "int8"], default="none",
-                   help="int8: weight-only int8 copies of the weights, bf16 compute (fp32 on a CPU without bf16 "
-                        "instructions) (CPU; batch-1 decoding "
-                        "1.5-1.75x as fast as transformers' fp32 generate in bench/decode.py, slightly different "
-                        "numbers)")
+                   help="int8 (CPU only): weight-only int8 copies of the weights; auto computes in bf16, or fp32 on a "
+                        "CPU without bf16 instructions; batch-1 decoding 1.5-2.2x as fast as transformers' fp32 "
+                        "generate in bench/decode.py, slightly different numbers")
     p.add_argument("--threads", type=int_range(1, 4096), default=None,
                    help="CPU threads (default: torch's, one per core; on a machine busy with other work, fewer "
                         "can be many times faster)")
