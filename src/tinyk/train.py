@@ -1681,10 +1681,12 @@ class Trainer:
             # cost seconds each), and never report more than 100% of it.
             if not self.peak_retimed:
                 first, self.peak, self.peak_retimed = self.peak, measure_matmul_flops(dtype=self.dtype), True
-                # Emulated, a model's smaller products outrun the timed one however quiet the machine.
-                why = (f"{short_dtype_name(self.dtype)} emulated on this CPU runs small matmuls faster than the "
-                       f"timed one" if cpu_emulates(self.dtype) else "that timing was slowed by other work")
-                self.peak_source += f" (timed again: {why.replace('that timing', 'the first timing')})"
+                if cpu_emulates(self.dtype):  # a model's smaller products outrun the timed one however quiet
+                    why = why_first = (f"{short_dtype_name(self.dtype)} emulated on this CPU runs small matmuls "
+                                       f"faster than the timed one")
+                else:
+                    why, why_first = "that timing was slowed by other work", "the first timing was slowed by other work"
+                self.peak_source += f" (timed again: {why_first})"
             self.peak = max(self.peak, achieved)
             if self.monitor and first is not None:  # the header's figure is not the one MFU is now against
                 self.monitor.print(f"note: peak for MFU timed again: {flops_text(self.peak)} per device, not "
