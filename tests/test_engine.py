@@ -383,6 +383,30 @@ def test_detokenizer_never_splits_a_character_or_leaks_a_stop_string(tok_dir):
     assert d.stopped and d.text == "好中" and "".join(deltas) == "好中"
 
 
+def test_a_detokenizer_decodes_each_token_with_only_the_ids_since_its_last_whole_character(tok_dir, monkeypatch):
+    """Its text is what decoding every id at once gives, invalid bytes, split characters and special
+    tokens included, yet each token decodes only the few ids since the text last ended on a whole
+    character: decoding them all again per token made a 4,096-token reply cost seconds of the engine
+    thread."""
+    import random
+
+    from tinyk.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tok_dir)
+    decoded: list[int] = []
+    decode = tok.decode
+    monkeypatch.setattr(tok, "decode", lambda ids, **kw: decoded.append(len(ids)) or decode(ids, **kw))
+    rng = random.Random(0)
+    for _ in range(40):
+        ids = [rng.randrange(tok.vocab_size) for _ in range(rng.randint(100, 300))]
+        for cut_short in (False, True):
+            d, decoded[:] = Detokenizer(tok, []), []
+            text = "".join(d.add(i) for i in ids) + d.flush(cut_short)
+            full = decode(ids, skip_special_tokens=True)
+            assert text == (full[:-1] if cut_short and tok.ends_mid_character(ids) else full)
+            assert sum(decoded) < 3 * len(ids), (sum(decoded), len(ids))
+
+
 def test_the_tokens_a_detokenizer_has_shown_are_exactly_those_behind_its_text(tok_dir):
     """What a stream sends each chunk's logprobs by: the tokens whose bytes the text sent so far holds,
     not one whose character is unfinished or whose text may begin a stop string."""

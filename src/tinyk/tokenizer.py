@@ -315,6 +315,12 @@ class TinyTokenizer:
             return self.decode([token_id]).encode()
         return bytes(BYTE_OF_CHAR[c] for c in token)
 
+    @cached_property
+    def byte_level(self) -> bool:
+        """Whether decoding joins token bytes and reads them as UTF-8 (tinyk's and the tutorial's do):
+        then ids that end on a whole character decode apart from the ids after them."""
+        return isinstance(self.tok.decoder, decoders.ByteLevel)
+
     def ends_mid_character(self, ids: list[int]) -> bool:
         """Whether the text of `ids` (special tokens skipped) ends in the first bytes of a character,
         which decoding shows as one U+FFFD until the rest arrive; bytes that can begin no character
