@@ -751,6 +751,36 @@ def test_a_failing_hook_or_prefill_never_strands_a_caller(engine, reference, mon
         sched.close()
 
 
+def test_a_prefill_that_fails_ends_only_the_requests_it_admitted(engine, reference, monkeypatch):
+    """One colleague's long prompt out of memory must not cut off the replies already decoding: their
+    batch is untouched by the prefill that failed, and they finish as they would have."""
+    from tinyk.engine import _Batch
+
+    sched = Scheduler(engine)
+    real_add, real_step, late = _Batch.add, _Batch.step, []
+
+    def add(self, reqs):
+        if late and late[0] in reqs:
+            raise MemoryError("prefill")
+        return real_add(self, reqs)
+
+    def step(self):
+        if not late:  # the first reply is decoding: a second prompt arrives, whose prefill will fail
+            late.append(sched.submit(PROMPTS[1], GREEDY))
+        return real_step(self)
+
+    monkeypatch.setattr(_Batch, "add", add)
+    monkeypatch.setattr(_Batch, "step", step)
+    try:
+        first = sched.submit(PROMPTS[0], GREEDY)
+        assert "".join(first.deltas(timeout=60)) == engine.tok.decode(reference[0])
+        assert first.finish_reason == "length" and len(first.out_ids) == GREEDY.max_new_tokens
+        assert list(late[0].deltas(timeout=60)) == []
+        assert (late[0].finish_reason, late[0].error) == ("error", "generation failed: MemoryError: prefill")
+    finally:
+        sched.close()
+
+
 def test_engine_forward_is_the_models_forward(engine):
     """The engine's restated forward pass gives the model's logits bit for bit, padding and cache included."""
     x = torch.tensor([[4, 4, 10, 11, 12], [20, 21, 22, 23, 24]])

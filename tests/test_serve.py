@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from tinyk.cli import main
-from tinyk.engine import Engine, EngineBusy, SamplingParams
+from tinyk.engine import Engine, SamplingParams
 from tinyk.errors import TinykError
 from tinyk.serve import ChatServer, ServerConfig, serve
 from tinyk.tokenizer import DEFAULT_SYSTEM_PROMPT, IM_END_ID, MODEL_PROMPT, SPECIAL_IDS, encode_chat
@@ -602,16 +602,19 @@ def test_fit_context_drops_the_oldest_turns_and_cuts_max_tokens(nano_model_dir, 
         fit.close()
 
 
-def test_a_fault_of_the_servers_own_is_still_answered(server, monkeypatch):
+def test_a_fault_of_the_servers_own_is_still_answered(server, monkeypatch, capsys):
     """A request the server fails on for a reason of its own gets a 500 in the OpenAI format, not a
-    dropped connection, and the server goes on answering."""
+    dropped connection, and the server goes on answering. The operator is told why, the access log
+    off (--quiet) or not."""
     def fail(*args, **kwargs):
-        raise RuntimeError("a bug")
+        raise RuntimeError("a bug\x1b[2J\nand its second line")
 
+    assert not server.api.cfg.log
     with monkeypatch.context() as m:
-        m.setattr(server.api.scheduler, "submit", fail)
+        m.setattr(server.api.scheduler, "submit_all", fail)
         status, body = request(server, "POST", "/v1/completions", {"model": "nano", "prompt": "x", "max_tokens": 1})
     assert status == 500 and body["error"]["code"] == "internal_error" and "a bug" not in json.dumps(body)
+    assert capsys.readouterr().err == "tinyk: internal error: RuntimeError: a bug\\x1b[2J\n"
     status, _ = request(server, "POST", "/v1/completions", {"model": "nano", "prompt": "x", "max_tokens": 1})
     assert status == 200
 
@@ -1407,7 +1410,7 @@ def test_a_request_must_arrive_within_the_timeout_however_it_trickles(nano_model
 def test_connections_past_the_limit_get_a_503_at_once(nano_model_dir, capsys):
     """Accepting every connection until the process ran out of descriptors left the server unable to
     answer anyone (and its accept loop spinning). The operator is told, once in a while."""
-    server, _ = start(nano_model_dir, max_connections=2, log=True)
+    server, _ = start(nano_model_dir, max_connections=2)  # told with the access log off (--quiet) too
     u = urlsplit(server.url)
     held = [socket.create_connection((u.hostname, u.port), timeout=60) for _ in range(2)]
     try:
@@ -1680,7 +1683,7 @@ def test_a_client_gone_before_its_stream_opens_is_cancelled_without_a_traceback(
         raise ConnectionResetError("reset by peer")
 
     monkeypatch.setattr("tinyk.serve.Handler._open_stream", reset)
-    server.api.scheduler.on_finish = lambda r: ended.append(r.finish_reason)
+    monkeypatch.setattr(server.api.scheduler, "on_finish", lambda r: ended.append(r.finish_reason))
     asked = {"messages": [{"role": "user", "content": "你好"}], "max_tokens": 60} if "chat" in path else \
         {"input": "你好", "max_output_tokens": 60}
     before = server._open  # the module's openai client keeps a connection of its own open
@@ -1700,16 +1703,15 @@ def test_a_client_gone_before_its_stream_opens_is_cancelled_without_a_traceback(
     finally:
         probe.gate = None
         gate.release(1000)
-        server.api.scheduler.on_finish = None
 
 
 @pytest.mark.parametrize("stream", [True, False])
-def test_a_disconnected_client_is_cancelled(served, client, reference, stream):
+def test_a_disconnected_client_is_cancelled(served, client, reference, stream, monkeypatch):
     """A client that leaves (a closed tab, an HTTP timeout) stops its sequence, streamed or not."""
     server, probe = served
     sched = server.api.scheduler
     cancelled = threading.Event()
-    sched.on_finish = lambda r: cancelled.set() if r.finish_reason == "cancelled" else None
+    monkeypatch.setattr(sched, "on_finish", lambda r: cancelled.set() if r.finish_reason == "cancelled" else None)
     probe.gate = gate = threading.Semaphore(0)
     try:
         s = stream_request(server, 100, stream)
@@ -1733,7 +1735,7 @@ def test_a_disconnected_client_is_cancelled(served, client, reference, stream):
                 break
         assert cancelled.is_set(), "the abandoned stream ran on"
     finally:
-        sched.on_finish = None
+        monkeypatch.undo()
         probe.gate = None
         gate.release(100)
     r = client.completions.create(model="nano", prompt="天气", max_tokens=5, temperature=0)
@@ -1778,8 +1780,9 @@ def test_streams_whose_clients_left_while_queued_are_never_decoded_and_free_the_
         server.close()
 
 
-def test_a_failed_step_is_a_500_and_the_server_goes_on(served, client, reference):
+def test_a_failed_step_is_a_500_and_the_server_goes_on(served, client, reference, capsys):
     server, probe = served
+    assert not server.api.cfg.log  # the operator is told why each failed, the access log off (--quiet) or not
     probe.fail_next = True
     with pytest.raises(openai.InternalServerError, match="simulated out of memory"):
         client.completions.create(model="nano", prompt="天气", max_tokens=5, temperature=0)
@@ -1796,6 +1799,9 @@ def test_a_failed_step_is_a_500_and_the_server_goes_on(served, client, reference
     assert events[-1].response.error.code == "server_error" and "simulated" in events[-1].response.error.message
     r = client.completions.create(model="nano", prompt="天气", max_tokens=5, temperature=0)
     assert r.choices[0].text == expected_completion(reference, "天气", 5).text
+    failed = capsys.readouterr().err.splitlines()
+    assert len(failed) == 4 and all(line.startswith("tinyk: request failed: generation failed: RuntimeError: "
+                                                    "simulated out of memory (") for line in failed), failed
 
 
 def test_a_server_that_never_served_closes(nano_model_dir):
@@ -2331,23 +2337,36 @@ def test_a_servers_own_ignore_eos_default_applies_to_requests_that_leave_it_out(
         srv.close()
 
 
-def test_choices_queued_before_the_queue_filled_are_cancelled_with_the_503(server, monkeypatch):
-    # n choices queue together or not at all: a 503 for the last leaves no earlier choice decoding for nobody
-    real, queued = server.api.scheduler.submit, []
-
-    def submit(ids, params):
-        if queued:
-            raise EngineBusy("the queue is full (1 waiting); retry later")
-        queued.append(real(ids, params))
-        return queued[-1]
-
-    with monkeypatch.context() as m:
-        m.setattr(server.api.scheduler, "submit", submit)
-        status, err = request(server, "POST", "/v1/completions", {"model": "nano", "prompt": "hi", "n": 2,
-                                                                  "max_tokens": 100, "ignore_eos": True})
-    assert status == 503 and err["error"]["code"] == "overloaded"
-    assert len(queued) == 1 and queued[0].cancelled
-    assert queued[0].wait(60) and queued[0].finish_reason == "cancelled"
+def test_choices_the_queue_has_no_room_for_are_none_of_them_queued(nano_model_dir):
+    """n choices queue together or not at all: a 503 for the last left the first waiting, to be
+    prefilled for nobody, and crowding out the next request."""
+    server, probe = start(nano_model_dir, max_waiting=3)
+    gate = probe.gate = threading.Semaphore(0)
+    body = {"model": "nano", "prompt": "hi", "max_tokens": 2}
+    answered: list[int] = []
+    senders = [threading.Thread(target=lambda b=b: answered.append(request(server, "POST", "/v1/completions", b)[0]))
+               for b in (body, {**body, "n": 2})]
+    try:
+        senders[0].start()
+        assert probe.waiting.wait(60)  # the first request's prefill holds the engine
+        senders[1].start()
+        deadline = time.monotonic() + 60
+        while server.api.scheduler.stats()["waiting"] < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        status, err = request(server, "POST", "/v1/completions", {**body, "n": 2})
+        assert status == 503 and err["error"]["code"] == "overloaded"
+        assert err["error"]["message"] == "the queue has room for 1 of these 2 (2 waiting); retry later"
+        assert server.api.scheduler.stats()["waiting"] == 2
+        probe.gate = None
+        gate.release(100)
+        for t in senders:
+            t.join(60)
+        assert answered == [200, 200]  # the requests the queue took are answered
+    finally:
+        probe.gate = None
+        gate.release(100)
+        server.close()
 
 
 @pytest.mark.parametrize("messages", [[{"role": "user", "content": LONG}],

@@ -33,7 +33,7 @@ from .engine import (
     TokenLogprob,
     is_int,
 )
-from .errors import TinykError
+from .errors import TinykError, escape_controls
 from .inputs import has_surrogate
 from .tokenizer import (
     IM_START_ID,
@@ -220,18 +220,22 @@ class Api:
         if why := engine.system_too_long(engine.tok.resolve_system(cfg.system_prompt), named):  # each chat: a 400
             raise TinykError(f"{why}; give a shorter --system-prompt, or '' for none")
         self.defaults = cfg.defaults or SamplingParams()
-        self.scheduler = Scheduler(engine, max_waiting=cfg.max_waiting, on_finish=self._log if cfg.log else None)
+        self.scheduler = Scheduler(engine, max_waiting=cfg.max_waiting, on_finish=self._log)
         self.created = int(time.time())
         # --seed seeds the server, not every request: requests without a seed of their own each draw one,
         # so they differ from each other, and the same requests in the same order give the same answers.
         self._seeds = None if self.defaults.seed is None else random.Random(self.defaults.seed)
         self._seeds_lock = threading.Lock()
 
-    @staticmethod
-    def _log(req: Request) -> None:
+    def _log(self, req: Request) -> None:
+        """A line per finished request in the access log; a failed one (out of memory, a diverged model)
+        says why even with the log off (--quiet): the client alone was told."""
         c = req.completion()
-        sys.stderr.write(f"tinyk: request done: {c.finish_reason}, {c.prompt_tokens} prompt + "
-                         f"{c.completion_tokens} completion tokens\n")
+        tokens = f"{c.prompt_tokens} prompt + {c.completion_tokens} completion tokens"
+        if req.error is not None and req.error != SHUTTING_DOWN:
+            sys.stderr.write(escape_controls(f"tinyk: request failed: {req.error} ({tokens})") + "\n")
+        elif self.cfg.log:
+            sys.stderr.write(f"tinyk: request done: {c.finish_reason}, {tokens}\n")
 
     def close(self) -> None:
         self.scheduler.close()
@@ -420,14 +424,9 @@ class Api:
             # Drawn once the request is known to be valid: a refused one leaves the next answers as they were.
             with self._seeds_lock:
                 params = replace(params, seed=self._seeds.getrandbits(63))
-        reqs: list[Request] = []
-        try:
-            for ids, _ in prompts:  # choices prompt by prompt, as OpenAI numbers them
-                for p in params.numbered(n):  # choice 0 is the n=1 answer
-                    reqs.append(self.scheduler.submit(ids, p))
+        try:  # choices prompt by prompt, as OpenAI numbers them; choice 0 is the n=1 answer
+            reqs = self.scheduler.submit_all([(ids, p) for ids, _ in prompts for p in params.numbered(n)])
         except EngineBusy as e:
-            for r in reqs:
-                r.cancel()
             code = "server_shutting_down" if isinstance(e, EngineStopping) else "overloaded"
             raise ApiError(503, str(e), type="server_error", code=code) from e
         return Submission(reqs, chat, stream, include_usage, echo, [added for _, added in prompts for _ in range(n)], n,

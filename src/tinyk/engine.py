@@ -634,10 +634,10 @@ class _Batch:
             dst[:, nb:, :, L - lb:L] = src[:, :, :, :lb]
         merged.key_valid[nb:, L - lb:L] = cache.key_valid[:, :lb]
         merged.length = L
+        # All or nothing: a failure above leaves the batch as it was, running on without the new rows.
+        joined = torch.cat([self.tokens, tokens]), torch.cat([self.pos, pos]), torch.cat([self.seen, seen])
         self.cache, self.rows = merged, everyone
-        self.tokens = torch.cat([self.tokens, tokens])
-        self.pos = torch.cat([self.pos, pos])
-        self.seen = torch.cat([self.seen, seen])
+        self.tokens, self.pos, self.seen = joined
         self._params = None
 
     @torch.inference_mode()
@@ -1029,6 +1029,11 @@ class EngineStopping(EngineBusy):
 SHUTTING_DOWN = "the server is shutting down; retry later"  # the error of requests a closing Scheduler ends
 
 
+def _failure(e: Exception) -> str:
+    """The error of the requests a failed prefill or step ends."""
+    return f"generation failed: {type(e).__name__}: {e}"
+
+
 class Scheduler:
     """Serves concurrent callers from one background thread that owns the model.
 
@@ -1050,15 +1055,22 @@ class Scheduler:
         self._thread.start()
 
     def submit(self, prompt: str | list[int], params: SamplingParams) -> Request:
-        req = self.engine.request(prompt, params, stream=True)
+        return self.submit_all([(prompt, params)])[0]
+
+    def submit_all(self, prompts: list[tuple[str | list[int], SamplingParams]]) -> list[Request]:
+        """Queues all of them or none: the choices of an n=4 request that the queue has no room for
+        must not wait there first, to be prefilled for nobody and crowd others out."""
+        reqs = [self.engine.request(prompt, params, stream=True) for prompt, params in prompts]
         with self._cv:
             if self._closed:
                 raise EngineStopping(SHUTTING_DOWN)
-            if len(self._waiting) >= self.max_waiting:
-                raise EngineBusy(f"the queue is full ({len(self._waiting)} waiting); retry later")
-            self._waiting.append(req)
+            waiting = len(self._waiting)
+            if waiting + len(reqs) > self.max_waiting:
+                room = f"has room for {self.max_waiting - waiting} of these {len(reqs)}" if len(reqs) > 1 else "is full"
+                raise EngineBusy(f"the queue {room} ({waiting} waiting); retry later")
+            self._waiting.extend(reqs)
             self._cv.notify()
-        return req
+        return reqs
 
     def stop(self) -> None:
         """Refuses new requests; those queued or decoding end (error SHUTTING_DOWN) before the next step."""
@@ -1090,18 +1102,22 @@ class Scheduler:
                 admit = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
             events = [(r, r.end("cancelled")) for r in gone + admit if r.cancelled]
             admit = [r for r in admit if not r.cancelled]
+            # A failure is reported to every caller it affects instead. A prefill that fails (one long
+            # prompt out of memory) ends only the requests it admitted: the batch it would have joined
+            # is untouched, and its replies go on.
             try:
                 if admit:
                     events += batch.add(admit)
-                if batch.rows:
-                    events += batch.step()
-            except Exception as e:  # reported to every affected caller instead
-                message = f"generation failed: {type(e).__name__}: {e}"
-                events += batch.fail(message)
-                # Admitted requests the failure left without events (a failed `add` loses the text of
-                # those that finished inside it) end with the error too, so no caller waits forever.
+            except Exception as e:
+                message = _failure(e)
+                # Those it finished inside it lost their text with the failure: they end with the error too.
                 ended = {r for r, _ in events}
                 events += [(r, r.end("error", message)) for r in admit if r not in ended]
+            try:
+                if batch.rows:
+                    events += batch.step()
+            except Exception as e:
+                events += batch.fail(_failure(e))
             self.running = len(batch.rows)
             self._deliver(events)
 

@@ -508,7 +508,8 @@ class Handler(BaseHTTPRequestHandler):
             raise
         except Exception as e:  # a fault of tinyk's, not the client's: still answered, and logged
             self.close_connection = True
-            self.log_error("internal error: %s: %s", type(e).__name__, first_line(e))
+            # Said with the access log off too (--quiet): a fault to fix, not a request to count.
+            sys.stderr.write(escape_controls(f"tinyk: internal error: {type(e).__name__}: {first_line(e)}") + "\n")
             self._error(ApiError(500, "the server failed to take the request", type="server_error",
                                  code="internal_error"))
             return
@@ -1037,9 +1038,9 @@ class ChatServer(ThreadingHTTPServer):
             raise
 
     def _report_refused(self, are: str) -> None:
-        if self.api.cfg.log:
-            print(f"tinyk: refused {plural(self._refused, 'connections')} with a 503: --max-connections "
-                  f"{self.max_connections} {are} open", file=sys.stderr, flush=True)
+        """Said with the access log off too (--quiet): a server too small for its load is the operator's to fix."""
+        print(f"tinyk: refused {plural(self._refused, 'connections')} with a 503: --max-connections "
+              f"{self.max_connections} {are} open", file=sys.stderr, flush=True)
         self._refused, self._refused_said = 0, time.monotonic()
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
