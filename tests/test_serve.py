@@ -1407,6 +1407,22 @@ def test_a_request_must_arrive_within_the_timeout_however_it_trickles(nano_model
         server.close()
 
 
+def test_the_access_log_says_each_requests_outcome_and_time(nano_model_dir, capsys):
+    """What an operator reads a slow afternoon by: each request line, and each finished request's
+    end, tokens, time in all and time to its first token (queueing included)."""
+    server, _ = start(nano_model_dir, log=True)
+    try:
+        status, _ = request(server, "POST", "/v1/completions", {"model": "nano", "prompt": "hi", "max_tokens": 3,
+                                                                "temperature": 0, "ignore_eos": True})
+    finally:
+        server.close()
+    err = capsys.readouterr().err
+    assert status == 200 and '"POST /v1/completions HTTP/1.1" 200 -' in err
+    done = re.search(r"^tinyk: request done: length, (\d+) prompt \+ 3 completion tokens in (\d+\.\d\d) s "
+                     r"\(first token after (\d+\.\d\d) s\)$", err, re.M)
+    assert done and int(done[1]) > 0 and float(done[2]) >= float(done[3]), err
+
+
 def test_connections_past_the_limit_get_a_503_at_once(nano_model_dir, capsys):
     """Accepting every connection until the process ran out of descriptors left the server unable to
     answer anyone (and its accept loop spinning). The operator is told, once in a while."""

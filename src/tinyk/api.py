@@ -235,7 +235,10 @@ class Api:
         if req.error is not None and req.error != SHUTTING_DOWN:
             sys.stderr.write(escape_controls(f"tinyk: request failed: {req.error} ({tokens})") + "\n")
         elif self.cfg.log:
-            sys.stderr.write(f"tinyk: request done: {c.finish_reason}, {tokens}\n")
+            took = f"{time.monotonic() - req.submitted:.2f} s"
+            if req.first_token_s is not None:
+                took += f" (first token after {req.first_token_s:.2f} s)"
+            sys.stderr.write(f"tinyk: request done: {c.finish_reason}, {tokens} in {took}\n")
 
     def close(self) -> None:
         self.scheduler.close()

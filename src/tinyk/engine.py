@@ -472,6 +472,8 @@ class Request:
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.cancelled = False
+        self.submitted = time.monotonic()
+        self.first_token_s: float | None = None  # seconds from submitted to the first token, queueing included
         self._deltas: queue.SimpleQueue = queue.SimpleQueue()
 
     @property
@@ -484,6 +486,8 @@ class Request:
 
     def accept(self, token: int) -> str:
         """Records a sampled token; returns the text that became safe to show."""
+        if not self.out_ids:
+            self.first_token_s = time.monotonic() - self.submitted
         self.out_ids.append(token)
         delta = ""
         if token in self.stop_ids:
