@@ -457,10 +457,11 @@ def test_book_length_documents_are_tokenized_in_pieces_with_the_same_tokens(tmp_
         plain = load_tokenizer(tok).plain
         whole = plain.encode(text, add_special_tokens=False).ids
         normal = plain.normalizer.normalize_str(text) if plain.normalizer else text
-        for size in (1, 5, 40, 300):
-            pieces = data.text_pieces(normal, size)
+        for size, longest in ((1, len(text)), (5, len(text)), (40, None), (300, None)):
+            pieces = data.text_pieces(normal, size, longest)
             assert "".join(pieces) == normal and len(pieces) > 1
             assert [i for p in pieces for i in plain.encode(p, add_special_tokens=False).ids] == whole, (tok, size)
+            assert max(map(len, pieces)) <= size or longest, (tok, size)
     plain = load_tokenizer(tok_dir).plain
     whole = plain.encode(book, add_special_tokens=False).ids
     src = write_jsonl(tmp_path / "b.jsonl", [book, "短文。"])
@@ -472,6 +473,28 @@ def test_book_length_documents_are_tokenized_in_pieces_with_the_same_tokens(tmp_
         assert np.array_equal(split_tokens(tmp_path / f"pieces-{tok.name}", "train"),
                               split_tokens(tmp_path / f"whole-{tok.name}", "train"))
     assert documents(tmp_path / f"pieces-{tok_dir.name}", "train")[0] == [BOS, *whole, EOS]
+
+
+def test_a_document_is_cut_beside_any_punctuation_and_a_run_without_any_inside_a_word(tok_dir):
+    """Memory stays bounded for documents the sentence ends alone could not cut: clauses joined by "，"
+    (1.6 GB for 4M characters when tokenized whole) are cut beside it, tokens unchanged; a run of
+    letters with nowhere to cut (unpunctuated classical Chinese) is cut inside after twice a piece,
+    where only a token or two at each cut can differ from the whole's."""
+    from tinyk import data
+
+    plain = load_tokenizer(tok_dir).plain
+    clauses = "，".join(["中国的首都是北京"] * 60)
+    pieces = data.text_pieces(clauses, 50)
+    assert "".join(pieces) == clauses and max(map(len, pieces)) <= 50
+    encoded = [i for p in pieces for i in plain.encode(p, add_special_tokens=False).ids]
+    assert encoded == plain.encode(clauses, add_special_tokens=False).ids
+    run = "天地玄黄宇宙洪荒日月盈昃辰宿列张" * 40
+    pieces = data.text_pieces(run, 50)
+    assert "".join(pieces) == run and [len(p) for p in pieces] == [50] * 11 + [90]  # the last 90 within 100
+    whole = plain.encode(run, add_special_tokens=False).ids
+    encoded = [i for p in pieces for i in plain.encode(p, add_special_tokens=False).ids]
+    assert len(encoded) - len(whole) <= 2 * (len(pieces) - 1)
+    assert data.text_pieces(run[:100], 50) == [run[:100]]  # within twice a piece: held whole, tokens exact
 
 
 def test_rerun_needs_force_and_replaces_instead_of_appending(tmp_path, tok_dir):

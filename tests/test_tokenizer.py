@@ -301,7 +301,7 @@ def test_the_cut_points_are_exactly_where_the_two_sides_pre_tokenize_as_the_whol
 
     whole = words(text)
     for i in range(1, len(text) - 1):
-        assert tk_module._pre_token_edge(text, i) == (words(text[:i]) + words(text[i:]) == whole), i
+        assert tk_module.pre_token_edge(text, i) == (words(text[:i]) + words(text[i:]) == whole), i
 
 
 def test_a_piece_ends_at_the_last_cut_within_half_a_piece():
@@ -312,7 +312,28 @@ def test_a_piece_ends_at_the_last_cut_within_half_a_piece():
         assert [len(p) for p in tk_module.training_pieces("a" * 19 + " " + "b" * 10)] == [19, 11]
         assert [len(p) for p in tk_module.training_pieces("a" * 10 + " " + "b" * 30)] == [10, 20, 11]
     # Beside a character newer than Python's tables (a letter to the pre-tokenizer): no cut, 's or not.
-    assert not tk_module._pre_token_edge("\U00031350'ss", 2)
+    assert not tk_module.pre_token_edge("\U00031350'ss", 2)
+
+
+def test_only_a_tokenizer_split_by_the_gpt2_pattern_alone_is_cut_at_its_pre_token_edges(tok_dir):
+    """Elsewhere the edges `pre_token_edge` knows are not its words' (a space put before each piece, a
+    token added in transformers matched across them): its documents are tokenized whole."""
+    from tokenizers import AddedToken, pre_tokenizers
+
+    from tinyk import tokenizer as tk_module
+
+    def plain():
+        return load_tokenizer(tok_dir).plain
+
+    assert tk_module.splits_as_gpt2(plain())
+    for other in (pre_tokenizers.ByteLevel(add_prefix_space=True), pre_tokenizers.ByteLevel(use_regex=False),
+                  pre_tokenizers.Whitespace()):
+        tok = plain()
+        tok.pre_tokenizer = other
+        assert not tk_module.splits_as_gpt2(tok), other
+    tok = plain()
+    tok.add_tokens([AddedToken("GPT-4", special=False)])
+    assert not tk_module.splits_as_gpt2(tok)
 
 
 def test_no_piece_ends_before_a_character_newer_than_pythons_unicode_tables():

@@ -15,7 +15,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import shlex
 import sys
 import time
@@ -70,6 +69,8 @@ from .tokenizer import (
     load_tokenizer,
     message_text,
     plain_text_tokenizer,
+    pre_token_pieces,
+    splits_as_gpt2,
     token_bytes,
     token_spellings,
     tokenizer_hash,
@@ -157,30 +158,13 @@ def _encode(job: _Job, payload: Any) -> _Encoded:
     return _encode_sft(job, payload)
 
 
-# Places where the byte-level pre-tokenizer always splits, so text cut there encodes to the same
-# tokens piece by piece: after a lone newline between two non-spaces, and after a sentence-ending
-# mark followed by a letter or digit (the mark and the word are separate pre-tokens).
-_SAFE_CUT = re.compile(r"(?<=\S\n)(?=\S)|(?<=[。！？.!?])(?=[^\W_])")
-
-
-def text_pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
-    """`text` (already normalised, if the tokenizer normalises) cut at safe places into pieces of at
-    most about `size` characters (a piece is longer only where no safe place exists), so a
-    book-length document's encoding, many times the size of its text, is never in memory whole."""
-    pieces, start = [], 0
-    while len(text) - start > size:
-        cut = None
-        for m in _SAFE_CUT.finditer(text, start + max(1, size // 2), start + size):
-            cut = m.start()
-        if cut is None:
-            m = _SAFE_CUT.search(text, start + size)
-            if m is None:
-                break
-            cut = m.start()
-        pieces.append(text[start:cut])
-        start = cut
-    pieces.append(text[start:])
-    return pieces
+def text_pieces(text: str, size: int = PIECE_CHARS, longest: int | None = None) -> list[str]:
+    """`text` (already normalised, if the tokenizer normalises) in pieces of at most about `size`
+    characters, cut where the GPT-2 pattern ends a pre-token, so each encodes to the whole's tokens and
+    a book-length document's encoding, many times the size of its text, is never in memory whole. A run
+    with no such place in `longest` characters (2 x size: unpunctuated classical Chinese, say) is cut
+    inside a word, where a token or two may differ from the whole's, rather than held whole."""
+    return list(pre_token_pieces(text, size, 2 * size if longest is None else longest))
 
 
 def _encode_pretrain(job: _Job, texts: list[str]) -> _Batch:
@@ -193,9 +177,10 @@ def _encode_pretrain(job: _Job, texts: list[str]) -> _Batch:
         ids[i] = e.ids
     for i in (i for i, t in enumerate(texts) if len(t) > PIECE_CHARS):
         # Cut after normalising (NFKC turns "⑴" into "(1)", which would join the "。" before it); the
-        # normaliser leaves normalised text as it is, so the tokens stay those of the whole.
+        # normaliser leaves normalised text as it is, so the tokens stay those of the whole. A tokenizer
+        # that splits otherwise has its documents encoded whole.
         text = tok.normalizer.normalize_str(texts[i]) if tok.normalizer is not None else texts[i]
-        pieces = text_pieces(text, PIECE_CHARS)
+        pieces = text_pieces(text, PIECE_CHARS) if splits_as_gpt2(tok) else [text]
         ids[i] = np.concatenate([np.array(e.ids, job.dtype) for k in range(0, len(pieces), PIECES_PER_CALL)
                                  for e in encode(pieces[k:k + PIECES_PER_CALL], add_special_tokens=False)])
     lengths = np.fromiter((len(x) + 2 for x in ids), np.int64, len(ids))

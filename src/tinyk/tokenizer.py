@@ -11,6 +11,7 @@ import bisect
 import codecs
 import hashlib
 import json
+import re
 import sys
 import threading
 import time
@@ -765,15 +766,46 @@ def training_pieces(text: str, normalizer: normalizers.Normalizer | None = None)
         return
     if normalizer is not None:
         text = normalizer.normalize_str(text)  # NFKC of NFKC text is the same text: the trainer's changes nothing
+    yield from pre_token_pieces(text, TRAIN_PIECE_CHARS)
+
+
+# CJK ideographs, all letters to the GPT-2 pattern: no pre-token ends between two (found by the regex engine,
+# where `pre_token_edge` took Python seconds for each MB of unpunctuated Chinese).
+_HAN_RUN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff]*")
+
+
+def pre_token_pieces(text: str, size: int, longest: int = 0) -> Iterator[str]:
+    """`text` in pieces of at most `size` characters, each ending where a pre-token ends (the last such
+    place in the piece's second half), so BPE sees in each the words it sees in the whole. Without one
+    there, the piece runs on to the first up to `longest` characters, and past that is cut at `size`,
+    inside a word (a run of letters with no space, punctuation or line break)."""
+    def edges(scan: range) -> Iterator[int]:
+        if scan and not _HAN_RUN.fullmatch(text, min(scan) - 1, max(scan) + 2):  # else none: a run of letters
+            yield from (i for i in scan if pre_token_edge(text, i))
+
     start = 0
-    while len(text) - start > TRAIN_PIECE_CHARS:
-        stop = start + TRAIN_PIECE_CHARS
+    while len(text) - start > size:
+        stop = start + size
         # An edge is most often a few characters back.
-        edge = next((i for i in range(stop - 1, stop - TRAIN_PIECE_CHARS // 2 - 1, -1) if _pre_token_edge(text, i)),
-                    stop)
+        edge = next(edges(range(stop - 1, start + max(1, size // 2) - 1, -1)), None)
+        if edge is None:
+            edge = next(edges(range(stop, min(start + longest, len(text) - 1))), None)
+        if edge is None:
+            if len(text) - start <= longest:
+                break
+            edge = stop
         yield text[start:edge]
         start = edge
     yield text[start:]
+
+
+def splits_as_gpt2(tok: Tokenizer) -> bool:
+    """Whether `tok` splits text into pre-tokens by the GPT-2 pattern alone (tinyk's tokenizers and the
+    tutorial's), so `pre_token_edge` knows where its words end; a non-special added token, matched
+    across them, would not keep to them."""
+    pre = tok.pre_tokenizer
+    return (isinstance(pre, pre_tokenizers.ByteLevel) and pre.use_regex and not pre.add_prefix_space
+            and all(t.special for t in tok.get_added_tokens_decoder().values()))
 
 
 def _kind(c: str) -> str:
@@ -796,7 +828,7 @@ def _contraction(text: str, j: int) -> int:
     return next((1 + len(c) for c in _CONTRACTIONS if text.startswith(c, j + 1)), 0)
 
 
-def _pre_token_edge(text: str, i: int) -> bool:
+def pre_token_edge(text: str, i: int) -> bool:
     """Whether text[:i] and text[i:] (0 < i < len(text) - 1) pre-tokenize as the whole text does: where the
     GPT-2 pattern of the ByteLevel pre-tokenizer ends a pre-token (runs of letters, of numbers, of symbols,
     each with one space before it, of whitespace whose last character goes with the word after it, and the
