@@ -1544,6 +1544,21 @@ def test_one_object_on_one_line_holding_the_records_is_given_its_jq_line(tmp_pat
         {"text": r} if isinstance(r, str) else r for r in records]
 
 
+def test_a_damaged_utf8_line_is_not_told_to_convert_its_file_from_gbk(tmp_path):
+    """28 bad lines among 220,000 of UTF-8 were told "convert such files first, e.g. iconv -f gbk", which
+    would garble the rest; a line of GBK is still told so."""
+    good = "今天天气很好，我们去公园散步吧。".encode()
+    damaged = good[:10] + b"\xff" + good[11:]
+    for first, hint in ((damaged, "a few bytes that are not UTF-8 in a line of UTF-8 text: a damaged line, not a "
+                                  "file to convert"),
+                        ("今天天气很好".encode("gbk"), "convert such files first, e.g. iconv -f gbk -t utf-8")):
+        src = tmp_path / "d.txt"
+        src.write_bytes(first + b"\n" + (good + b"\n") * 50)
+        skips = Skips()
+        assert len(list(iter_texts([src], skips))) == 50
+        assert f"invalid utf8: 1 (first at d.txt:1; {hint})" in skips.summary()
+
+
 def test_reports_point_at_the_cause(tmp_path, capsys):
     src = tmp_path / "c.jsonl"
     src.write_bytes(b'{"text": "\xd6\xd0\xce\xc4"}\n' + JSONL[:3000].rsplit(b"\n", 1)[0] + b"\n")

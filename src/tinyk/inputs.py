@@ -70,7 +70,7 @@ class Skips:
     def summary(self) -> str:
         if not self.total:
             return "skipped 0 records"
-        hints = {"invalid_utf8": "convert such files first, e.g. iconv -f gbk -t utf-8", **self.hints}
+        hints = {"invalid_utf8": GBK_HINT, **self.hints}  # a run counted before hints were kept
         parts = [f"{reason.replace('_', ' ')}: {n:,} (first at {', '.join(self.first[reason])}"
                  f"{'; ' + hints[reason] if reason in hints else ''})" for reason, n in sorted(self.counts.items())]
         return f"skipped {plural(self.total, 'records')}; " + "; ".join(parts)
@@ -606,10 +606,24 @@ def _line_text(line: bytes, where: str, skips: Skips, encoding: _EncodingCheck, 
                                                   "Java's modified UTF-8) is no UTF-8 text; fix the program that "
                                                   "wrote it")
         else:
-            skips.add("invalid_utf8", where)
+            skips.add("invalid_utf8", where, _not_utf8_hint(line))
             other_encoding = True
         encoding.saw(other_encoding, line)
         return None
+
+
+GBK_HINT = "convert such files first, e.g. iconv -f gbk -t utf-8"
+DAMAGED_HINT = "a few bytes that are not UTF-8 in a line of UTF-8 text: a damaged line, not a file to convert"
+
+
+def _not_utf8_hint(line: bytes) -> str:
+    """What a line that is not UTF-8 most likely is. Text in another encoding (GBK) is almost all bytes
+    UTF-8 cannot read; a damaged UTF-8 line reads but for a few, and converting its file from GBK would
+    garble the rest."""
+    text = line.decode("utf-8", "replace")
+    bad = text.count("\ufffd")
+    read = sum(ord(c) > 127 for c in text) - bad
+    return DAMAGED_HINT if read >= 4 * bad else GBK_HINT
 
 
 def _refuse_not_json_lines(path: Path, first_line: bytes | None, field: str, message_lists: bool) -> None:
