@@ -393,12 +393,14 @@ def test_a_detokenizer_decodes_each_token_with_only_the_ids_since_its_last_whole
     from tinyk.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tok_dir)
+    tok.tok.add_special_tokens(["<tool>"])  # a special token of a tokenizer's own, between a character's bytes too
+    tool = tok.tok.token_to_id("<tool>")
     decoded: list[int] = []
     decode = tok.decode
     monkeypatch.setattr(tok, "decode", lambda ids, **kw: decoded.append(len(ids)) or decode(ids, **kw))
     rng = random.Random(0)
     for _ in range(40):
-        ids = [rng.randrange(tok.vocab_size) for _ in range(rng.randint(100, 300))]
+        ids = [tool if rng.random() < 0.1 else rng.randrange(tok.vocab_size) for _ in range(rng.randint(100, 300))]
         for cut_short in (False, True):
             d, decoded[:] = Detokenizer(tok, []), []
             text = "".join(d.add(i) for i in ids) + d.flush(cut_short)

@@ -1549,9 +1549,12 @@ def test_a_damaged_utf8_line_is_not_told_to_convert_its_file_from_gbk(tmp_path):
     would garble the rest; a line of GBK is still told so."""
     good = "今天天气很好，我们去公园散步吧。".encode()
     damaged = good[:10] + b"\xff" + good[11:]
+    other = "bytes that are neither UTF-8 nor GBK: a damaged line, or a file to convert from its encoding"
     for first, hint in ((damaged, "a few bytes that are not UTF-8 in a line of UTF-8 text: a damaged line, not a "
                                   "file to convert"),
-                        ("今天天气很好".encode("gbk"), "convert such files first, e.g. iconv -f gbk -t utf-8")):
+                        ("今天天气很好".encode("gbk"), "convert such files first, e.g. iconv -f gbk -t utf-8"),
+                        (b"a stray \xff in English", other), ("café".encode("latin-1"), other),
+                        ("你好".encode() + b"\xff", other)):
         src = tmp_path / "d.txt"
         src.write_bytes(first + b"\n" + (good + b"\n") * 50)
         skips = Skips()

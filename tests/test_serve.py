@@ -614,7 +614,7 @@ def test_a_fault_of_the_servers_own_is_still_answered(server, monkeypatch, capsy
         m.setattr(server.api.scheduler, "submit_all", fail)
         status, body = request(server, "POST", "/v1/completions", {"model": "nano", "prompt": "x", "max_tokens": 1})
     assert status == 500 and body["error"]["code"] == "internal_error" and "a bug" not in json.dumps(body)
-    assert capsys.readouterr().err == "tinyk: internal error: RuntimeError: a bug\\x1b[2J\n"
+    assert capsys.readouterr().err == "127.0.0.1 - tinyk: internal error: RuntimeError: a bug\\x1b[2J\n"
     status, _ = request(server, "POST", "/v1/completions", {"model": "nano", "prompt": "x", "max_tokens": 1})
     assert status == 200
 

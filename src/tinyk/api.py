@@ -230,11 +230,14 @@ class Api:
     def _log(self, req: Request) -> None:
         """A line per finished request in the access log; a failed one (out of memory, a diverged model)
         says why even with the log off (--quiet): the client alone was told."""
+        failed = req.error is not None and req.error != SHUTTING_DOWN
+        if not (failed or self.cfg.log):  # in the engine thread: a reply is not decoded for nothing
+            return
         c = req.completion()
         tokens = f"{c.prompt_tokens} prompt + {c.completion_tokens} completion tokens"
-        if req.error is not None and req.error != SHUTTING_DOWN:
+        if failed:
             sys.stderr.write(escape_controls(f"tinyk: request failed: {req.error} ({tokens})") + "\n")
-        elif self.cfg.log:
+        else:
             took = f"{time.monotonic() - req.submitted:.2f} s"
             if req.first_token_s is not None:
                 took += f" (first token after {req.first_token_s:.2f} s)"

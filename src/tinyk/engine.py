@@ -1033,6 +1033,15 @@ class EngineStopping(EngineBusy):
 SHUTTING_DOWN = "the server is shutting down; retry later"  # the error of requests a closing Scheduler ends
 
 
+def _cancelled_apart(reqs: Iterable[Request]) -> tuple[list[Request], list[Request]]:
+    """Those cancelled and the others, each request's flag read once: a client may leave between two reads."""
+    cancelled: list[Request] = []
+    others: list[Request] = []
+    for r in reqs:
+        (cancelled if r.cancelled else others).append(r)
+    return cancelled, others
+
+
 def _failure(e: Exception) -> str:
     """The error of the requests a failed prefill or step ends."""
     return f"generation failed: {type(e).__name__}: {e}"
@@ -1099,24 +1108,22 @@ class Scheduler:
                     self._deliver(events)
                     return
                 # A request whose client left while it waited gives its place in the queue up now.
-                gone = [r for r in self._waiting if r.cancelled]
-                if gone:
-                    self._waiting = deque(r for r in self._waiting if not r.cancelled)
+                gone, kept = _cancelled_apart(self._waiting)
+                self._waiting = deque(kept)
                 room = self.engine.max_batch - len(batch.rows)
                 admit = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
-            events = [(r, r.end("cancelled")) for r in gone + admit if r.cancelled]
-            admit = [r for r in admit if not r.cancelled]
-            # A failure is reported to every caller it affects instead. A prefill that fails (one long
-            # prompt out of memory) ends only the requests it admitted: the batch it would have joined
-            # is untouched, and its replies go on.
+            left, admit = _cancelled_apart(admit)
+            events = [(r, r.end("cancelled")) for r in gone + left]
+            # A failure ends the requests it reaches, with its error for their callers. A prefill that
+            # fails (one long prompt out of memory) reaches only those it admitted: the batch it would
+            # have joined is untouched, and its replies go on.
             try:
                 if admit:
                     events += batch.add(admit)
             except Exception as e:
                 message = _failure(e)
                 # Those it finished inside it lost their text with the failure: they end with the error too.
-                ended = {r for r, _ in events}
-                events += [(r, r.end("error", message)) for r in admit if r not in ended]
+                events += [(r, r.end("error", message)) for r in admit]
             try:
                 if batch.rows:
                     events += batch.step()

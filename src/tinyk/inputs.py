@@ -614,16 +614,21 @@ def _line_text(line: bytes, where: str, skips: Skips, encoding: _EncodingCheck, 
 
 GBK_HINT = "convert such files first, e.g. iconv -f gbk -t utf-8"
 DAMAGED_HINT = "a few bytes that are not UTF-8 in a line of UTF-8 text: a damaged line, not a file to convert"
+OTHER_HINT = "bytes that are neither UTF-8 nor GBK: a damaged line, or a file to convert from its encoding"
 
 
 def _not_utf8_hint(line: bytes) -> str:
-    """What a line that is not UTF-8 most likely is. Text in another encoding (GBK) is almost all bytes
-    UTF-8 cannot read; a damaged UTF-8 line reads but for a few, and converting its file from GBK would
-    garble the rest."""
+    """What a line that is not UTF-8 most likely is. A damaged UTF-8 line reads but for a few bytes, and
+    converting its file from GBK would garble the rest; text in GBK is almost all bytes UTF-8 cannot read."""
     text = line.decode("utf-8", "replace")
     bad = text.count("\ufffd")
-    read = sum(ord(c) > 127 for c in text) - bad
-    return DAMAGED_HINT if read >= 4 * bad else GBK_HINT
+    if sum(ord(c) > 127 for c in text) - bad >= 4 * bad:
+        return DAMAGED_HINT
+    try:
+        line.decode("gbk")
+    except UnicodeDecodeError:
+        return OTHER_HINT
+    return GBK_HINT
 
 
 def _refuse_not_json_lines(path: Path, first_line: bytes | None, field: str, message_lists: bool) -> None:

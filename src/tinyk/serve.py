@@ -509,7 +509,8 @@ class Handler(BaseHTTPRequestHandler):
         except Exception as e:  # a fault of tinyk's, not the client's: still answered, and logged
             self.close_connection = True
             # Said with the access log off too (--quiet): a fault to fix, not a request to count.
-            sys.stderr.write(escape_controls(f"tinyk: internal error: {type(e).__name__}: {first_line(e)}") + "\n")
+            sys.stderr.write(escape_controls(f"{self.address_string()} - tinyk: internal error: "
+                                             f"{type(e).__name__}: {first_line(e)}") + "\n")
             self._error(ApiError(500, "the server failed to take the request", type="server_error",
                                  code="internal_error"))
             return

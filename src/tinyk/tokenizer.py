@@ -11,7 +11,6 @@ import bisect
 import codecs
 import hashlib
 import json
-import re
 import sys
 import threading
 import time
@@ -312,9 +311,14 @@ class TinyTokenizer:
         """The bytes a token id stands for (a special token's spelling): part of a character, for the
         tokens that split one."""
         token = self.tok.id_to_token(token_id) or ""
-        if token_id in SPECIAL_IDS or not all(c in BYTE_OF_CHAR for c in token):
+        if token_id in self.special_ids or not all(c in BYTE_OF_CHAR for c in token):
             return self.decode([token_id]).encode()
         return bytes(BYTE_OF_CHAR[c] for c in token)
+
+    @cached_property
+    def special_ids(self) -> frozenset[int]:
+        """The ids decoding with skip_special_tokens leaves out: tinyk's five and any other special token."""
+        return SPECIAL_IDS | {i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
 
     @cached_property
     def byte_level(self) -> bool:
@@ -330,7 +334,7 @@ class TinyTokenizer:
         for i in reversed(ids):
             if len(tail) >= 3:
                 break
-            if i not in SPECIAL_IDS:
+            if i not in self.special_ids:
                 tail = self.piece(i) + tail
         return bool(pending_utf8(tail[-3:]))
 
@@ -769,31 +773,29 @@ def training_pieces(text: str, normalizer: normalizers.Normalizer | None = None)
     yield from pre_token_pieces(text, TRAIN_PIECE_CHARS)
 
 
-# CJK ideographs, all letters to the GPT-2 pattern: no pre-token ends between two (found by the regex engine,
-# where `pre_token_edge` took Python seconds for each MB of unpunctuated Chinese).
-_HAN_RUN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff]*")
-
-
 def pre_token_pieces(text: str, size: int, longest: int = 0) -> Iterator[str]:
     """`text` in pieces of at most `size` characters, each ending where a pre-token ends (the last such
     place in the piece's second half), so BPE sees in each the words it sees in the whole. Without one
-    there, the piece runs on to the first up to `longest` characters, and past that is cut at `size`,
-    inside a word (a run of letters with no space, punctuation or line break)."""
+    there, a piece runs on to the first such place within `longest` characters, or else ends at the last
+    in its first half; a run of letters with none (no space, punctuation or line break) is cut at `size`,
+    inside a word."""
     def edges(scan: range) -> Iterator[int]:
-        if scan and not _HAN_RUN.fullmatch(text, min(scan) - 1, max(scan) + 2):  # else none: a run of letters
+        # A run of letters has none: found by str.isalpha in C, where `pre_token_edge` took Python seconds
+        # for each MB of unpunctuated Chinese. (A character only one side knows removes a cut, never adds one.)
+        if scan and not text[min(scan[0], scan[-1]) - 1:max(scan[0], scan[-1]) + 2].isalpha():
             yield from (i for i in scan if pre_token_edge(text, i))
 
     start = 0
     while len(text) - start > size:
         stop = start + size
         # An edge is most often a few characters back.
-        edge = next(edges(range(stop - 1, start + max(1, size // 2) - 1, -1)), None)
-        if edge is None:
-            edge = next(edges(range(stop, min(start + longest, len(text) - 1))), None)
+        edge = next(edges(range(stop - 1, start + max(1, size // 2) - 1, -1)), None) \
+            or next(edges(range(stop, min(start + longest, len(text) - 1))), None)
         if edge is None:
             if len(text) - start <= longest:
                 break
-            edge = stop
+            edge = next(edges(range(start + max(1, size // 2) - 1, start, -1)), None) if longest else None
+        edge = edge or stop
         yield text[start:edge]
         start = edge
     yield text[start:]
