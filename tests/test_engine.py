@@ -1279,10 +1279,26 @@ def test_chat_session_commands_and_history(engine, capsys):
     history = chat_session(engine, params, ["/usr/bin 是什么"], io.StringIO(), system=None, interactive=False)
     assert history[0] == {"role": "user", "content": "/usr/bin 是什么"} and len(history) == 2
     assert "raise --max-new-tokens" in capsys.readouterr().err
+    # /reset is offered only where earlier turns take room, and never outside a session.
     chat_session(engine, replace(params, max_new_tokens=10**4), ["你好"], io.StringIO(), system=None)
-    assert "the context window is full; /reset starts over" in capsys.readouterr().err
-    chat_session(engine, replace(params, max_new_tokens=10**4), ["你好"], io.StringIO(), system=None, interactive=False)
-    assert "the context window is full)" in capsys.readouterr().err  # no session to /reset
+    prompt = len(engine.chat_ids([user("你好")], default_system=None))
+    full = f"the context window is full: the prompt took {prompt} of its {engine.context_length} tokens)"
+    assert full in capsys.readouterr().err
+    from tinyk.chat import _Session
+
+    session = _Session(engine, params, io.StringIO(), None, "assistant> ", interactive=True)
+    session.history = [user("你好"), {"role": "assistant", "content": "你好！"}, user("再见")]  # an earlier turn kept
+    assert session._window_full(engine.request(engine.chat_ids(session.history), params)).endswith(
+        "; /reset starts over")
+    chat_session(engine, replace(params, max_new_tokens=10**4), ["你好", "再见"], io.StringIO(), system=None,
+                 interactive=False)
+    assert "/reset" not in capsys.readouterr().err  # no session to /reset
+    # A system prompt that takes much of the window is named as what leaves the reply no room.
+    long_system = "你是诗人" * 8
+    chat_session(engine, replace(params, max_new_tokens=10**4), ["你好"], io.StringIO(), system=long_system)
+    share = engine.system_tokens(long_system)
+    named = f", the system prompt and chat markers {share} of those)"
+    assert share > engine.context_length // 4 and named in capsys.readouterr().err
     # A pasted paragraph is a message even when it starts with "/": its lines are not commands.
     history = chat_session(engine, params, ["/x\n/y 是什么"], io.StringIO(), system=None)
     assert history[0] == {"role": "user", "content": "/x\n/y 是什么"} and len(history) == 2
@@ -1331,6 +1347,12 @@ def test_chat_says_when_a_reply_is_empty(tok_dir, capsys):
     history = chat_session(Engine(model.eval(), tok), replace(GREEDY, ignore_eos=False), ["你好"], out, system=None)
     assert history[1] == {"role": "assistant", "content": ""} and out.getvalue() == "assistant> \n"
     assert "(empty reply: the model ended its turn at once)" in capsys.readouterr().err
+
+
+def test_an_empty_reply_cut_by_a_stop_string_is_not_blamed_on_the_model(engine, capsys):
+    first = engine.generate([engine.chat_ids([user("你好")], default_system=None)], GREEDY)[0].text
+    history = chat_session(engine, replace(GREEDY, stop=[first[0]]), ["你好"], io.StringIO(), system=None)
+    assert history[1]["content"] == "" and "(empty reply: it began with a stop string)" in capsys.readouterr().err
 
 
 def test_ctrl_c_stops_the_reply_not_the_chat(engine, capsys, monkeypatch):
@@ -1643,8 +1665,9 @@ def test_system_sets_the_prompt_and_resets_and_a_bare_system_clears_it(engine, c
 def test_a_reply_cut_short_says_how_many_tokens_it_got(engine, capsys):
     """"(reply cut at N tokens; ...)": N is the reply's own count, which the context window may have
     made smaller than --max-new-tokens."""
-    for budget, why in ((4, "raise --max-new-tokens for longer"), (10**4, "the context window is full; /reset starts "
-                                                                         "over")):
+    prompt, ctx = len(engine.chat_ids([user("你好")], default_system=None)), engine.context_length
+    for budget, why in ((4, "raise --max-new-tokens for longer"),
+                        (10**4, f"the context window is full: the prompt took {prompt} of its {ctx} tokens")):
         params = replace(GREEDY, max_new_tokens=budget)
         chat_session(engine, params, ["你好"], io.StringIO(), system=None)
         got = engine.generate([engine.chat_ids([user("你好")])], params)[0].completion_tokens

@@ -133,6 +133,15 @@ class _Session:
         if not self._reply(request):  # nothing to keep: the conversation is as before, forgotten turns too
             self.history = before
 
+    def _window_full(self, request: Request) -> str:
+        """Why a reply ran out of window, and what gives it more: /reset only where earlier turns take room;
+        a system prompt that takes much of it is named."""
+        ctx, share = self.engine.context_length, self.engine.system_tokens(self.system)
+        why = f"the context window is full: the prompt took {len(request.prompt_ids):,} of its {ctx:,} tokens"
+        if share > ctx // 4:
+            why += f", the system prompt and chat markers {share:,} of those"
+        return why + ("; /reset starts over" if self.interactive and len(self.history) > 1 else "")
+
     def _reply(self, request: Request) -> bool:
         """Streams the reply to `out` and adds it to the history (what was shown of it, after a Ctrl-C);
         False when it was stopped before any of it was shown."""
@@ -162,11 +171,13 @@ class _Session:
         out.write("\n")
         out.flush()
         reply = request.completion()
-        if not reply.text and reply.finish_reason == "stop":  # an undertrained model's: the blank line is its answer
-            print("(empty reply: the model ended its turn at once)", file=sys.stderr)
+        if not reply.text and reply.finish_reason == "stop":
+            # An undertrained model's (the blank line is its answer), or a --stop string the reply began with.
+            why = "it began with a stop string" if request.detok and request.detok.stopped else \
+                "the model ended its turn at once"
+            print(f"(empty reply: {why})", file=sys.stderr)
         if reply.finish_reason == "length":
-            fix = ("the context window is full" + ("; /reset starts over" if self.interactive else "")
-                   if reply.cut_by_context else "raise --max-new-tokens for longer")
+            fix = self._window_full(request) if reply.cut_by_context else "raise --max-new-tokens for longer"
             print(f"(reply cut at {plural(reply.completion_tokens, 'tokens')}; {fix})", file=sys.stderr)
         self.history.append({"role": "assistant", "content": reply.text})
         return True
