@@ -1365,6 +1365,17 @@ def test_chat_says_when_a_reply_is_empty(tok_dir, capsys):
     assert "(empty reply: the model ended its turn at once)" in capsys.readouterr().err
 
 
+def test_a_command_typed_with_chinese_punctuation_on_is_a_command(engine, capsys):
+    """With a Chinese input method's punctuation on, the "/" key gives "、" (or "／"): "、reset" was sent
+    to the model as a message. Only a command's name after it counts; anything else stays a message."""
+    params = replace(GREEDY, max_new_tokens=2)
+    lines = ["你好", "、reset", "／help", "、这是消息", "、"]
+    history = chat_session(engine, params, lines, io.StringIO(), system=None)
+    err = capsys.readouterr().err
+    assert "(conversation reset)" in err and CHAT_HELP in err
+    assert [m["content"] for m in history if m["role"] == "user"] == ["、这是消息", "、"]
+
+
 def test_an_empty_reply_cut_by_a_stop_string_is_not_blamed_on_the_model(engine, capsys):
     first = engine.generate([engine.chat_ids([user("你好")], default_system=None)], GREEDY)[0].text
     history = chat_session(engine, replace(GREEDY, stop=[first[0]]), ["你好"], io.StringIO(), system=None)

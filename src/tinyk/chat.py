@@ -18,6 +18,8 @@ if TYPE_CHECKING:  # the engine brings torch, which `tinyk --help` does not need
 
 CHAT_HELP = ("commands: /reset (forget the conversation), /system TEXT (new system prompt, then reset), "
              "/exit or /quit, /help; //TEXT sends /TEXT")
+COMMANDS = ("reset", "system", "exit", "quit", "help")
+IME_SLASHES = "、／"
 
 
 def chat_session(engine: Engine, params: SamplingParams, lines: Iterable[str], out: TextIO, *,
@@ -36,6 +38,8 @@ def chat_session(engine: Engine, params: SamplingParams, lines: Iterable[str], o
         text = line.strip()
         if not text:
             continue
+        if interactive and text[:1] in IME_SLASHES and "\n" not in text and text[1:].split(" ")[0] in COMMANDS:
+            text = "/" + text[1:]  # typed with Chinese punctuation on: the "/" key gives "、" (or "／")
         if interactive and text.startswith("//"):  # the escape for a message that starts with "/"
             text = text[1:]
         # A one-shot message is only ever a message ("/usr 是什么"), and so is a pasted paragraph.
