@@ -1315,6 +1315,16 @@ def test_chat_session_commands_and_history(engine, capsys):
     share = engine.system_tokens(long_system)
     named = f", the system prompt and chat markers {share} of those)"
     assert share > engine.context_length // 4 and named in capsys.readouterr().err
+    # One that leaves under a quarter of the window is said at the start, and after /system.
+    crowding = "诗"
+    while engine.system_tokens(crowding + "诗") < engine.context_length * 7 // 8:
+        crowding += "诗"
+    share = engine.system_tokens(crowding)
+    assert engine.context_length * 3 // 4 < share < engine.context_length
+    chat_session(engine, params, ["/system 你好", f"/system {crowding}"], io.StringIO(), system=crowding)
+    said = (f"(the system prompt and chat markers take {share} of the model's {engine.context_length}-token "
+            f"context window: messages and replies share the {engine.context_length - share} left)")
+    assert capsys.readouterr().err.count(said) == 2
     # A pasted paragraph is a message even when it starts with "/": its lines are not commands.
     history = chat_session(engine, params, ["/x\n/y 是什么"], io.StringIO(), system=None)
     assert history[0] == {"role": "user", "content": "/x\n/y 是什么"} and len(history) == 2

@@ -71,6 +71,15 @@ class _Session:
         if why := engine.system_too_long(system):
             raise TinykError(why)
         self.system = system
+        self._say_if_system_crowds()
+
+    def _say_if_system_crowds(self) -> None:
+        """A system prompt that leaves under a quarter of the window is said at once, not found out from
+        replies cut at a few tokens."""
+        ctx, share = self.engine.context_length, self.engine.system_tokens(self.system)
+        if ctx - share < ctx // 4:
+            print(f"(the system prompt and chat markers take {share:,} of the model's {ctx:,}-token context window: "
+                  f"messages and replies share the {ctx - share:,} left)", file=sys.stderr)
 
     def command(self, text: str) -> bool:
         """Carries out a /command; False when it ends the session."""
@@ -93,6 +102,7 @@ class _Session:
         elif command == "/system":
             self.system, self.history = system, []
             print(f"(system prompt {'set' if system else 'cleared'}; conversation reset)", file=sys.stderr)
+            self._say_if_system_crowds()
         else:
             print(f"unknown command {command}; {CHAT_HELP}", file=sys.stderr)
         return True
