@@ -1493,8 +1493,10 @@ def test_the_you_prompt_goes_where_the_person_typing_sees_it(monkeypatch, capsys
         return "go on"
 
     monkeypatch.setattr("builtins.input", hung_up)  # at the prompt only Ctrl-C clears the line and asks again
+    capsys.readouterr()
     with pytest.raises(Stopped):
         next(_input_lines())
+    assert capsys.readouterr().err == "\n"  # "tinyk: stopped by SIGHUP" gets a line of its own, not the prompt's
 
 
 def test_chat_session_forgets_old_turns_to_fit(engine, capsys, monkeypatch):

@@ -171,5 +171,6 @@ def _input_lines() -> Iterable[str]:
             return
         except KeyboardInterrupt as e:
             if isinstance(e, Terminated | Stopped):  # SIGTERM, a hang-up: not Ctrl-C at the prompt
+                print(file=sys.stderr)  # the prompt's line ends before the line that says why it stopped
                 raise
             print(file=sys.stderr)
