@@ -1020,6 +1020,9 @@ def test_out_and_samples_one_file_by_two_spellings_is_refused(tmp_path, monkeypa
     for samples in (str(tmp_path / "r.json"), "sub/../r.json"):  # neither exists yet
         with pytest.raises(TinykError, match=r"^--samples .* is also --out; give each its own file$"):
             check_outputs("r.json", samples, [], False, per_example=True)
+    (tmp_path / "r.json").write_text('{"id": 1, "correct": true}\n')  # an existing samples file: still the one fix
+    with pytest.raises(TinykError, match=r"^--samples r.json is also --out; give each its own file$"):
+        check_outputs("r.json", "r.json", [], True, per_example=True)
 
 
 def test_a_samples_file_that_fails_without_out_names_no_results_file(tmp_path, monkeypatch):

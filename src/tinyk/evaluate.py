@@ -823,14 +823,14 @@ def check_outputs(out: str | Path | None, samples: str | Path | None, inputs: It
     input, nor anything but earlier results unless `force`); --samples only where there are examples to
     list (`per_example`: --task or --choice given)."""
     inputs = list(inputs)
+    if out is not None and samples is not None and same_path(Path(out).resolve(), Path(samples).resolve()):
+        raise TinykError(f"--samples {samples} is also --out; give each its own file")  # said first: the one fix
     if out is not None:
         check_results_out(out, inputs, force)
     if samples is None:
         return
     if not per_example:
         raise TinykError("--samples lists --task answers and --choice questions; add --task or --choice")
-    if out is not None and same_path(Path(out).resolve(), Path(samples).resolve()):
-        raise TinykError(f"--samples {samples} is also --out; give each its own file")
     check_samples_out(samples, inputs, force)
 
 
