@@ -222,20 +222,24 @@ def test_cmmlu_header_bad_rows_and_uneven_options(tmp_path):
     qs = read_choice([f], skips)
     assert [(q.subject, q.answer, len(q.options)) for q in qs] == [("astronomy", "A", 2), ("astronomy", "A", 4),
                                                                     ("astronomy", "B", 4)]
-    assert skips.counts == {"bad_row": 1, "extra_fields": 1} and skips.first["extra_fields"] == ["astronomy.csv:5"]
+    assert skips.counts == {"answer_not_an_option": 1, "extra_fields": 1}
+    assert skips.first["extra_fields"] == ["astronomy.csv:5"]
     packed = tmp_path / "geo.csv.gz"  # was "not UTF-8 text ... iconv -f gbk"
     packed.write_bytes(gzip.compress("question,A,B,answer\n问,甲,乙,A\n".encode()))
     with pytest.raises(TinykError, match=r"geo.csv.gz: gzip-compressed; multiple-choice CSVs are read as plain text "
                                          r"\(decompress it first\)$"):
         read_choice([packed], Skips())
-    # No question is usable: what is wrong with the rows, not a word on splits without answers.
-    f.write_text(",Question,A,B,C,D,Answer\n0,坏行,甲,乙,丙,丁,E\n1,,甲,乙,丙,丁,A\n", encoding="utf-8")
+    # No question is usable: what is wrong with the rows, not a word on splits without answers; each row's
+    # own fault (one reason's note was its first row's, and named the wrong fault for the others).
+    f.write_text(",Question,A,B,C,D,Answer\n0,坏行,甲,乙,丙,丁,E\n1,,甲,乙,丙,丁,A\n2,一个选项,甲,,,,A\n",
+                 encoding="utf-8")
     with pytest.raises(TinykError) as e:
         read_choice([f], Skips())
-    assert str(e.value) == (f"no questions with answers in {f} (skipped 2 records; bad row: 2 (first at "
-                            "astronomy.csv:2, astronomy.csv:3; answer 'E' is not the letter of one of its options; "
-                            "a row has a question, at least two of the options A, B, C, D and the right one's "
-                            "letter as its answer))")
+    rule = "a row has a question, at least two of the options A, B, C, D and the right one's letter as its answer"
+    assert str(e.value) == (f"no questions with answers in {f} (skipped 3 records; answer not an option: 1 (first "
+                            f"at astronomy.csv:2; answer 'E' is not the letter of one of its options; {rule}); no "
+                            f"question: 1 (first at astronomy.csv:3; no question; {rule}); too few options: 1 (first "
+                            f"at astronomy.csv:4; fewer than two options; {rule}))")
 
 
 @pytest.mark.parametrize("fmt", ["cloze", "letter"])

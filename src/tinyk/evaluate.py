@@ -393,11 +393,14 @@ def _read_choice_csv(path: Path, skips: Skips, limit: int | None, named: str) ->
             options = {k: v for k, v in options.items() if v}
             answer = (row.get(header["answer"]) or "").strip().upper()
             question = (row.get(header["question"]) or "").strip()
-            problem = ("no question" if not question else "fewer than two options" if len(options) < 2 else
-                       f"answer {answer!r} is not the letter of one of its options" if answer not in options else None)
-            if problem:
-                skips.add("bad_row", where, f"{problem}; a row has a question, at least two of the options "
-                                            f"{', '.join(letters)} and the right one's letter as its answer")
+            # A reason of its own for each fault: a reason's note is its first row's, which would be wrong for the rest.
+            reason, problem = (("no_question", "no question") if not question else
+                               ("too_few_options", "fewer than two options") if len(options) < 2 else
+                               ("answer_not_an_option", f"answer {answer!r} is not the letter of one of its options")
+                               if answer not in options else (None, None))
+            if reason:
+                skips.add(reason, where, f"{problem}; a row has a question, at least two of the options "
+                                         f"{', '.join(letters)} and the right one's letter as its answer")
                 continue
             out.append(ChoiceQuestion(_subject(path), question, options, answer, where))
     return out
@@ -943,7 +946,7 @@ def skip_notes(results: dict[str, Any]) -> list[str]:
 
 
 def counted(n: int, skipped: dict[str, Any]) -> str:
-    """How many examples a score is over, and what was not, by reason: "n=40, 3 skipped (bad row)"
+    """How many examples a score is over, and what was not, by reason: "n=40, 3 skipped (answer not an option)"
     (a CSV without an answer column is one skip that may hide many questions, so it is named)."""
     return ", ".join([f"n={n}", *(f"{count} skipped ({reason.replace('_', ' ')})"
                                   for reason, count in skipped["by_reason"].items())])
