@@ -133,9 +133,8 @@ class _Session:
             ids = engine.chat_ids(fitted)
             request = engine.request(ids, self.params)
         except ContextLengthError as e:
-            share = engine.system_tokens(self.system)
-            why = f"{e}; the system prompt and chat markers take {share:,}" if share > engine.context_length // 4 \
-                else str(e)
+            share = self._large_system_share()
+            why = f"{e}; the system prompt and chat markers take {share:,}" if share else str(e)
             if not interactive:
                 raise TinykError(f"message too long: {why}") from e
             print(f"(message too long: {why})", file=sys.stderr)
@@ -147,12 +146,18 @@ class _Session:
         if not self._reply(request):  # nothing to keep: the conversation is as before, forgotten turns too
             self.history = before
 
+    def _large_system_share(self) -> int | None:
+        """The tokens the system prompt and chat markers take where that is over a quarter of the window:
+        then worth naming when a message or a reply runs out of room."""
+        share = self.engine.system_tokens(self.system)
+        return share if share > self.engine.context_length // 4 else None
+
     def _window_full(self, request: Request) -> str:
         """Why a reply ran out of window, and what gives it more: /reset only where earlier turns take room;
         a system prompt that takes much of it is named."""
-        ctx, share = self.engine.context_length, self.engine.system_tokens(self.system)
-        why = f"the context window is full: the prompt took {len(request.prompt_ids):,} of its {ctx:,} tokens"
-        if share > ctx // 4:
+        why = (f"the context window is full: the prompt took {len(request.prompt_ids):,} of its "
+               f"{self.engine.context_length:,} tokens")
+        if share := self._large_system_share():
             why += f", the system prompt and chat markers {share:,} of those"
         return why + ("; /reset starts over" if self.interactive and len(self.history) > 1 else "")
 

@@ -205,8 +205,12 @@ class Handler(BaseHTTPRequestHandler):
             pass
 
     def log_message(self, format: str, *args: Any) -> None:  # BaseHTTPRequestHandler's signature
-        if self.server.api.cfg.log:  # a request line's escape codes would repaint the operator's terminal
-            sys.stderr.write(f"{self.address_string()} - {escape_controls(format % args)}\n")
+        if self.server.api.cfg.log:
+            self._say(format % args)
+
+    def _say(self, text: str) -> None:
+        """A line on stderr naming the client (a request line's escape codes would repaint the operator's terminal)."""
+        sys.stderr.write(f"{self.address_string()} - {escape_controls(text)}\n")
 
     # -- plumbing -----------------------------------------------------------------------
 
@@ -509,8 +513,7 @@ class Handler(BaseHTTPRequestHandler):
         except Exception as e:  # a fault of tinyk's, not the client's: still answered, and logged
             self.close_connection = True
             # Said with the access log off too (--quiet): a fault to fix, not a request to count.
-            sys.stderr.write(escape_controls(f"{self.address_string()} - tinyk: internal error: "
-                                             f"{type(e).__name__}: {first_line(e)}") + "\n")
+            self._say(f"tinyk: internal error: {type(e).__name__}: {first_line(e)}")
             self._error(ApiError(500, "the server failed to take the request", type="server_error",
                                  code="internal_error"))
             return
