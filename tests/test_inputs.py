@@ -354,6 +354,9 @@ def test_a_stray_nul_byte_early_in_utf8_text_skips_its_record_not_the_file(tmp_p
     src.write_bytes(b"\x00\n" + "早上好\n".encode() * 500)  # judged on the NULs of its first 4 KB, not of 2 bytes
     assert list(iter_texts([src], Skips())) == ["早上好"] * 500
     assert skips.summary() == "skipped 1 record; nul byte: 1 (first at p.txt:2; a NUL byte is binary data, not text)"
+    skips.add("empty", "p.txt:7")
+    assert skips.report() == ("skipped 2 records:\n  empty: 1 (first at p.txt:7)\n"
+                              "  nul byte: 1 (first at p.txt:2; a NUL byte is binary data, not text)")
     src = tmp_path / "p.jsonl"
     src.write_bytes(b'{"text": "a\x00b"}\n' + json.dumps({"text": "你好"}).encode() + b"\n")
     skips = Skips()

@@ -17,6 +17,7 @@ from transformers import AutoTokenizer
 
 from tinyk.cli import main
 from tinyk.errors import TinykError
+from tinyk.inputs import Skips
 from tinyk.tokenizer import (
     DEFAULT_SYSTEM_PROMPT,
     SPECIAL_TOKENS,
@@ -629,7 +630,7 @@ def test_malformed_lines_are_counted_not_fatal(tmp_path):
     assert sk["by_reason"] == {"malformed_json": 1, "missing_field": 1, "not_string": 1, "invalid_utf8": 1,
                                "empty": 1}
     assert sk["first"]["malformed_json"] == ["bad.jsonl:2"]
-    assert "first at bad.jsonl:2" in r["skipped_summary"]
+    assert "first at bad.jsonl:2" in Skips.from_json(r["skipped"]).report()
     assert src.read_bytes() == before
     with pytest.raises(TinykError, match="bad.jsonl:2"):
         train_tokenizer([src], tmp_path / "tok2", vocab_size=300, strict=True, show_progress=False)

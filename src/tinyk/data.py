@@ -955,8 +955,8 @@ def skip_warning(meta: dict[str, Any]) -> str | None:
 
 
 def summary(meta: dict[str, Any]) -> str:
-    """`tinyk data`'s report, one paragraph: what was kept, what was skipped and why, and how fast
-    (over the work kept, when a stopped run was continued)."""
+    """`tinyk data`'s report: what was kept and how fast (over the work kept, when a stopped run was
+    continued), then what was skipped, a line for each reason."""
     tr, va = meta["splits"]["train"], meta["splits"]["val"]
     unit = unit_of(meta["kind"])
     text = (f"{meta['kind']} data: {plural(tr['documents'] + va['documents'], unit)} (train {tr['documents']:,}, "
@@ -981,7 +981,7 @@ def summary(meta: dict[str, Any]) -> str:
         tokens = tr["tokens"] + va["tokens"]
         text += (f"; read {mb:,.1f} MB{files} in {seconds:.1f}s "
                  f"({mb / max(seconds, 1e-9):.1f} MB/s, {tokens / max(seconds, 1e-9):,.0f} tokens/s)")
-    return f"{text}; {Skips.from_json(meta.get('skipped', {})).summary()}; tokenizer {meta['tokenizer_hash']}."
+    return f"{text}; tokenizer {meta['tokenizer_hash']}; {Skips.from_json(meta.get('skipped', {})).report()}"
 
 
 def _either(turn: dict[str, Any], key: str, other: str) -> Any:

@@ -67,13 +67,23 @@ class Skips:
     def total(self) -> int:
         return sum(self.counts.values())
 
+    def _reasons(self) -> list[str]:
+        hints = {"invalid_utf8": GBK_HINT, **self.hints}  # a run counted before hints were kept
+        return [f"{reason.replace('_', ' ')}: {n:,} (first at {', '.join(self.first[reason])}"
+                f"{'; ' + hints[reason] if reason in hints else ''})" for reason, n in sorted(self.counts.items())]
+
     def summary(self) -> str:
+        """One line, for an error message."""
         if not self.total:
             return "skipped 0 records"
-        hints = {"invalid_utf8": GBK_HINT, **self.hints}  # a run counted before hints were kept
-        parts = [f"{reason.replace('_', ' ')}: {n:,} (first at {', '.join(self.first[reason])}"
-                 f"{'; ' + hints[reason] if reason in hints else ''})" for reason, n in sorted(self.counts.items())]
-        return f"skipped {plural(self.total, 'records')}; " + "; ".join(parts)
+        return f"skipped {plural(self.total, 'records')}; " + "; ".join(self._reasons())
+
+    def report(self, indent: str = "  ") -> str:
+        """The summary with a line for each reason, for a report: several reasons with their places and
+        hints ran to a line of 1,500 characters."""
+        if not self.total:
+            return "skipped 0 records"
+        return f"skipped {plural(self.total, 'records')}:" + "".join(f"\n{indent}{r}" for r in self._reasons())
 
     def merge(self, other: Skips) -> None:
         """Adds what `other` counted as if each of its skips were added here (so --strict raises)."""

@@ -715,7 +715,7 @@ def train_tokenizer(inputs: list[str | Path], out: str | Path, *, vocab_size: in
         for i, name in enumerate(SPECIAL_TOKENS):
             assert tok.token_to_id(name) == i, name
         result = {**stats, "vocab_size": tok.get_vocab_size(), "skipped": skips.to_json(),
-                  "skipped_summary": skips.summary(), "seconds": round(time.time() - t0, 2),
+                  "seconds": round(time.time() - t0, 2),
                   "capped_at": skips.stopped_at, "cap_from_memory": auto_cap, "memory_available": memory,
                   "read_bytes": skips.consumed, "line_too_long_bytes": skips.long_line_bytes}
         result |= _training_notes(result, vocab_size, min_frequency, max_line_bytes)

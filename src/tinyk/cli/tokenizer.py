@@ -69,7 +69,7 @@ def _train(args: argparse.Namespace) -> int:
                         max_bytes=args.max_bytes, field=field, min_frequency=args.min_frequency,
                         force=args.force, strict=args.strict, max_line_bytes=args.max_line_bytes)
     print(f"trained on {plural(r['documents'], 'documents')} ({r['characters']:,} characters) in {r['seconds']}s; "
-          f"vocab {r['vocab_size']}; {r['skipped_summary']}")
+          f"vocab {r['vocab_size']}; {Skips.from_json(r['skipped']).report()}")
     for warning in r["warnings"]:
         print(f"tinyk: {warning}", file=sys.stderr)
     for note in r["notes"]:
@@ -102,7 +102,7 @@ def _show(r: dict) -> None:
     print(f"round trip      {verdict} ({plural(r['documents'], 'documents')}, "
           f"{plural(r['roundtrip_failures'], 'failures')})")
     if r["skipped"]["total"]:
-        print(f"input           {Skips.from_json(r['skipped']).summary()}")
+        print(f"input           {Skips.from_json(r['skipped']).report(' ' * 16)}")
     print(f"compression     {r['chars_per_token']} chars/token, {r['bytes_per_token']} bytes/token")
 
 
@@ -112,4 +112,4 @@ def _compare(results: list[dict]) -> None:
     print(format_table(compared_rows(results), header=("", *(str(r["path"]) for r in results), "")))
     print(f"on {plural(results[0]['documents'], 'documents')}")
     if results[0]["skipped"]["total"]:
-        print(f"input           {Skips.from_json(results[0]['skipped']).summary()}")
+        print(f"input           {Skips.from_json(results[0]['skipped']).report(' ' * 16)}")
