@@ -179,6 +179,32 @@ def test_good_values_and_defaults_still_parse():
     assert parse(["eval", "--model", "m"]).force is False
 
 
+def test_flag_defaults_are_the_librarys():
+    """The sampling, server and eval flags repeat the library's defaults (so --help can show them without
+    importing torch); a default changed on one side only would make the CLI and a library call differ."""
+    import inspect
+    from dataclasses import asdict, fields
+
+    from tinyk.engine import SamplingParams
+    from tinyk.evaluate import evaluate_models
+    from tinyk.serve import ServerConfig
+
+    parse = build_parser().parse_args
+    for command in (["generate", "--model", "m", "--prompt", "a"], ["chat", "--model", "m"],
+                    ["serve", "--model", "m"]):
+        args = vars(parse(command))
+        for name, default in asdict(SamplingParams()).items():
+            if name in args:
+                assert args[name] == default, (command[0], name)
+        assert {"temperature", "top_k", "top_p", "min_p", "repetition_penalty", "max_new_tokens"} <= set(args)
+    serve, server = parse(["serve", "--model", "m"]), {f.name: f.default for f in fields(ServerConfig)}
+    assert (serve.max_body, serve.timeout, serve.max_waiting, serve.max_connections) == (
+        server["max_body_bytes"], server["timeout"], server["max_waiting"], server["max_connections"])
+    evaluate, library = parse(["eval", "--model", "m"]), inspect.signature(evaluate_models).parameters
+    for name in ("batch_size", "max_new_tokens", "split", "choice_format", "quantize", "device"):
+        assert getattr(evaluate, name) == library[name].default, name
+
+
 def test_training_dtypes_and_strategies_are_the_configs():
     """--dtype takes PyTorch's names (summary.json's) as the config does; the lists live apart so
     that parsing needs no torch."""

@@ -31,7 +31,6 @@ from .engine import (
     SamplingParams,
     Scheduler,
     TokenLogprob,
-    is_int,
 )
 from .errors import TinykError, escape_controls
 from .inputs import has_surrogate
@@ -45,6 +44,7 @@ from .tokenizer import (
     message_text,
     pending_utf8,
 )
+from .units import is_int
 
 if TYPE_CHECKING:
     from .serve import ServerConfig

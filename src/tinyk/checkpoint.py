@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import TinykError, first_line, not_found, typo_hint, writing
 from .inputs import read_json
-from .model import ADAMW_BYTES, GRAD_BYTES, WEIGHT_BYTES, ModelConfig, Transformer, dtype_name
+from .model import TRAIN_STATE_BYTES, ModelConfig, Transformer, dtype_name
 from .outputs import atomic_dir, put_back_interrupted, refuse_unreadable_kind, rust_path
 from .tokenizer import (
     IM_END_ID,
@@ -37,6 +37,7 @@ from .tokenizer import (
     load_tokenizer,
     write_hf_tokenizer_files,
 )
+from .units import is_int, is_number
 
 # The tokenizer's bos/eos/pad (documents and turns open with <|im_start|> and close with <|im_end|>).
 GENERATION_IDS = {"bos_token_id": IM_START_ID, "eos_token_id": IM_END_ID, "pad_token_id": IM_END_ID}
@@ -493,7 +494,7 @@ def memory_footprint(cfg: ModelConfig, n_params: int) -> dict[str, float]:
     kv = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * cfg.max_seq_len
     mib = 2 ** 20
     return {"fp32_mib": n_params * 4 / mib, "bf16_mib": n_params * 2 / mib,
-            "train_adamw_fp32_mib": n_params * (WEIGHT_BYTES + GRAD_BYTES + ADAMW_BYTES) / mib,
+            "train_adamw_fp32_mib": n_params * TRAIN_STATE_BYTES / mib,
             "kv_cache_per_seq_bf16_mib": kv * 2 / mib}
 
 
@@ -667,7 +668,7 @@ def _recorded_theta(path: Path, config: dict[str, Any], from_tables: float | Non
     said = config.get("rope_theta")
     if said is None:
         return from_tables or 10000.0
-    if isinstance(said, bool) or not isinstance(said, int | float) or not 1 <= said < math.inf:
+    if not is_number(said) or not 1 <= said < math.inf:
         raise TinykError(f"{path / 'config.json'} has rope_theta {said!r}; RoPE's base is a number of at least 1 "
                          f"(the tutorial's is 10000)")
     if from_tables is not None and not math.isclose(said, from_tables, rel_tol=1e-2):
@@ -767,7 +768,7 @@ def import_seed_checkpoint(ckpt: str | Path, tok_dir: str | Path, out: str | Pat
     head_dim = dim // n_heads
     rope_theta = _recorded_theta(path, config, rope_theta)
     norm_eps = config.get("norm_eps", 1e-5)
-    if isinstance(norm_eps, bool) or not isinstance(norm_eps, int | float) or not 0 < norm_eps < 1:
+    if not is_number(norm_eps) or not 0 < norm_eps < 1:
         raise TinykError(f"{path / 'config.json'} has norm_eps {norm_eps!r}; RMSNorm's eps is a small positive "
                          f"number (the tutorial's is 1e-5)")
     ours = {SEED_TOP_NAMES["tok_embeddings.weight"]: emb, SEED_TOP_NAMES["output.weight"]: output}
@@ -797,7 +798,7 @@ def import_seed_checkpoint(ckpt: str | Path, tok_dir: str | Path, out: str | Pat
              "hidden_dim": hidden_dim}
     for key, have in shape.items():  # a config.json of another model, or weights missing layers
         recorded = config.get(key)
-        if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded != have:
+        if is_int(recorded) and recorded != have:
             raise TinykError(f"{path / 'config.json'} says {key} {recorded}, but the weights beside it have {have}")
     try:
         cfg = ModelConfig(**shape, n_heads=n_heads, max_seq_len=max_seq_len, norm_eps=float(norm_eps),

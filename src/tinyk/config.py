@@ -28,7 +28,7 @@ from .inputs import as_list
 from .model import PRESETS, ModelConfig
 from .monitor import check_trackers
 from .rundir import config_copy, saved_config
-from .units import MAX_BATCH, MAX_SIZE, parse_size, size_text
+from .units import MAX_BATCH, MAX_SIZE, is_int, is_number, parse_size, size_text
 
 KINDS = ("pretrain", "sft")
 LR_SCHEDULES = ("cosine", "wsd")
@@ -150,7 +150,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if type(None) in args:
             return None
         raise TinykError(f"config key {key} cannot be null")
-    if key.rpartition(".")[2] == "max_tokens" and isinstance(value, str | int | float) and not isinstance(value, bool):
+    if key.rpartition(".")[2] == "max_tokens" and (isinstance(value, str) or is_number(value)):
         try:  # as --max-tokens takes it (10B, 2e9), and within its bounds
             return parse_size(str(value), lo=1, tokens=True)
         except ValueError as e:
@@ -160,7 +160,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             value = float(value)
     # Past it a float overflows; and 1e30 for an integer key is a whole number all the same.
     whole = isinstance(value, float) and int in args and math.isfinite(value) and value == int(value)
-    if (isinstance(value, int) and not isinstance(value, bool) or whole) and abs(value) > MAX_SIZE:
+    if (is_int(value) or whole) and abs(value) > MAX_SIZE:
         digits = len(str(abs(int(value))))
         shown = value if whole or digits <= 24 else f"a number of {digits:,} digits"
         raise TinykError(f"config key {key}: {shown} is too large (the limit is {size_text(MAX_SIZE)})")
@@ -170,14 +170,14 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         origin = typing.get_origin(t) or t
         if origin is bool and isinstance(value, bool):
             return value
-        if (origin is int and isinstance(value, int | float) and not isinstance(value, bool)
-                and (isinstance(value, int) or math.isfinite(value) and value == int(value))):
+        if origin is int and is_number(value) and (isinstance(value, int) or math.isfinite(value)
+                                                   and value == int(value)):
             return int(value)
-        if origin is float and isinstance(value, int | float) and not isinstance(value, bool):
+        if origin is float and is_number(value):
             return float(value)
         if origin is str and isinstance(value, str):
             return value
-        if origin is str and isinstance(value, int | float | datetime.date) and not isinstance(value, bool):
+        if origin is str and (is_number(value) or isinstance(value, datetime.date)):
             # YAML reads `run_name: 2024` as a number, `run_name: 2024-06-01` as a date
             return value.isoformat() if isinstance(value, datetime.date) else str(value)
         text_list = key.rpartition(".")[2] in TEXT_LISTS  # a key of an sft: section, too

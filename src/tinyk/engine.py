@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from .checkpoint import check_compatible, load_model
 from .errors import TinykError
+from .inputs import short_repr
 from .model import KVCache, Transformer, apply_rope, attend, cpu_emulates, dtype_name, resolve_device, resolve_dtype
 from .tokenizer import (
     CHAT_ROLES,
@@ -40,7 +41,7 @@ from .tokenizer import (
     encode_chat,
     with_system,
 )
-from .units import plural
+from .units import is_int, is_number, plural
 
 
 def _packed_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -327,13 +328,8 @@ class SamplingParams:
                 raise bad(name, rule, value)
 
 
-def _is_number(x) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def is_int(x: object) -> bool:
-    """An int, not a bool (which Python counts as one)."""
-    return isinstance(x, int) and not isinstance(x, bool)
+def _is_number(x: object) -> bool:
+    return is_number(x) and math.isfinite(x)
 
 
 @dataclass
@@ -840,7 +836,7 @@ class Engine:
                 ids.append(self.encode(p, bos=bos))
                 kept.append(i)
             except ContextLengthError as e:  # which of many: its number and how it starts
-                said = f"prompt {i + 1} of {len(prompts)} ({p[:24]!r}{'...' if len(p) > 24 else ''}): {e}"
+                said = f"prompt {i + 1} of {len(prompts)} ({short_repr(p, 24)}): {e}"
                 if i < typed or len(prompts) == 1:
                     raise TinykError(said if len(prompts) > 1 else str(e)) from None
                 too_long.append(said)
@@ -978,7 +974,7 @@ class Engine:
 
     def generate(self, prompts: list[str] | list[list[int]],
                  params: SamplingParams | list[SamplingParams] | None = None) -> list[Completion]:
-        """Raw completions of `prompts`, decoded as one batch; one `params` or one per prompt."""
+        """Raw completions of `prompts`, in order (decoded `max_batch` at a time); one `params` or one per prompt."""
         return list(self.completions(prompts, params))
 
     def chat(self, messages_batch: list[list[dict]], params: SamplingParams | list[SamplingParams] | None = None,

@@ -20,6 +20,7 @@ from .errors import TinykError
 from .inputs import read_json, sha256_file
 from .outputs import marker_file, plain_name
 from .tokenizer import IM_END_ID
+from .units import is_number
 
 if TYPE_CHECKING:
     import torch
@@ -70,7 +71,7 @@ def _meta_problem(meta: Any) -> str | None:
     if kind == "sft" and not _counts_ok(meta.get("truncated", {})):
         return "truncated is not an object of counts"
     fraction = meta.get("val_fraction")
-    if fraction is not None and not (_number(fraction) and 0 <= fraction < 1):
+    if fraction is not None and not (is_number(fraction) and 0 <= fraction < 1):
         return "val_fraction is not a share from 0 to 1"
     inputs = meta.get("inputs", [])
     if not (isinstance(inputs, list) and all(
@@ -79,7 +80,7 @@ def _meta_problem(meta: Any) -> str | None:
     if not isinstance(meta.get("command", ""), str):
         return "command is not a string"
     seconds = meta.get("seconds", 0)
-    if not (_number(seconds) and seconds >= 0):
+    if not (is_number(seconds) and seconds >= 0):
         return "seconds is not a number of seconds"
     need = ("documents", "tokens", "bytes", "shards" if kind == "pretrain" else "loss_tokens")
     splits = meta.get("splits")
@@ -102,10 +103,6 @@ def _meta_problem(meta: Any) -> str | None:
 
 def _count(value: Any) -> bool:
     return type(value) is int and value >= 0
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _counts_ok(value: Any) -> bool:

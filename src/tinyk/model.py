@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import TinykError, memory_available, out_of_memory
-from .units import plural
+from .units import is_int, plural
 
 
 def cuda_autocast_dtype(device: torch.device) -> torch.dtype:
@@ -125,7 +125,7 @@ class ModelConfig:
         sizes = ["dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_seq_len"]
         for name in [*sizes, *(["hidden_dim"] if self.hidden_dim is not None else [])]:
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if not is_int(v) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         for name in ("norm_eps", "rope_theta", "dropout"):
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int | float):
@@ -192,6 +192,7 @@ class RMSNorm(nn.Module):
 # Bytes per parameter that training keeps whatever the autocast dtype: fp32 weights, fp32 gradients
 # and AdamW's two fp32 moments.
 WEIGHT_BYTES, GRAD_BYTES, ADAMW_BYTES = 4, 4, 8
+TRAIN_STATE_BYTES = WEIGHT_BYTES + GRAD_BYTES + ADAMW_BYTES
 
 
 def training_flops(cfg: ModelConfig, matmul_params: int, seq_len: int) -> int:

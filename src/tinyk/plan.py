@@ -227,7 +227,8 @@ def _model_size(items: tuple[tuple[str, Any], ...]) -> tuple[tuple[str, int], ..
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
-    """What `Transformer.flops_per_token` gives, so plan and the training log report the same MFU."""
+    """Training FLOPs per token by `training_flops`, as the trainer counts them: plan and the training log
+    report the same MFU."""
     return training_flops(cfg, model_size(cfg)["flops_per_token_n"], seq_len)
 
 

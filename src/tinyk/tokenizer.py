@@ -776,9 +776,9 @@ def training_pieces(text: str, normalizer: normalizers.Normalizer | None = None)
 def pre_token_pieces(text: str, size: int, longest: int = 0) -> Iterator[str]:
     """`text` in pieces of at most `size` characters, each ending where a pre-token ends (the last such
     place in the piece's second half), so BPE sees in each the words it sees in the whole. Without one
-    there, a piece runs on to the first such place within `longest` characters, or else ends at the last
-    in its first half; a run of letters with none (no space, punctuation or line break) is cut at `size`,
-    inside a word."""
+    there, a piece runs on to the first such place within `longest` characters, or else (given a `longest`)
+    ends at the last in its first half; a run of letters with none (no space, punctuation or line break)
+    is cut at `size`, inside a word."""
     def edges(scan: range) -> Iterator[int]:
         # A run of letters has none: found by str.isalpha in C, where `pre_token_edge` took Python seconds
         # for each MB of unpunctuated Chinese. (A character only one side knows removes a cut, never adds one.)

@@ -61,12 +61,11 @@ from .errors import (
     stop_signal,
     writing,
 )
-from .inputs import read_json
+from .inputs import read_json, short_repr
 from .loader import IGNORE, ResumeMismatch, UnusableSplit
 from .model import (
-    ADAMW_BYTES,
-    GRAD_BYTES,
     PRESETS,
+    TRAIN_STATE_BYTES,
     WEIGHT_BYTES,
     Attention,
     ModelConfig,
@@ -90,7 +89,7 @@ from .outputs import (
 )
 from .plan import flops_formula, model_size, precision_refusal
 from .rundir import RunDir, checkpoints, resolve_init
-from .units import GiB, flops_text, minutes_text, plural
+from .units import GiB, flops_text, is_number, minutes_text, plural
 
 # Whether this process has joined a job of several (its exit can then abort: see cli._fail).
 joined_a_job = False
@@ -530,7 +529,7 @@ def release_freed_memory() -> bool:
 
 def _finite_amount(value: Any) -> bool:
     """A count or amount state.json can hold: a finite number >= 0 (not a bool, not NaN)."""
-    return not isinstance(value, bool) and isinstance(value, int | float) and 0 <= value < math.inf
+    return is_number(value) and 0 <= value < math.inf
 
 
 @dataclass
@@ -705,7 +704,7 @@ class Trainer:
                              "of the model: train with ddp, or sample a checkpoint's model/ with tinyk generate")
         for q, ids in zip(cfg.sample_prompts, self._sample_ids() if cfg.sample_prompts else [], strict=True):
             if len(ids) >= self.mcfg.max_seq_len:
-                raise TinykError(f"sample prompt {q[:24]!r}{'...' if len(q) > 24 else ''} takes {len(ids):,} tokens, "
+                raise TinykError(f"sample prompt {short_repr(q, 24)} takes {len(ids):,} tokens, "
                                  f"which leaves no room in the model's {self.mcfg.max_seq_len}-token context")
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         cuda = self.device.type == "cuda"
@@ -722,7 +721,7 @@ class Trainer:
         d = self.dist
         n = model_size(self.mcfg)["parameters"]
         shards = d.world if self.cfg.parallel == "fsdp" and d.world > 1 else 1
-        need = (WEIGHT_BYTES + GRAD_BYTES + ADAMW_BYTES) * n / shards
+        need = TRAIN_STATE_BYTES * n / shards
         if self.device.type == "cuda":
             need = max(need, WEIGHT_BYTES * n)  # the whole fp32 model reaches the GPU before FSDP shards it
             free, where = torch.cuda.mem_get_info(self.device)[0], f"{torch.cuda.get_device_name(self.device)} has free"
@@ -1609,9 +1608,10 @@ class Trainer:
                              f"or resume from an earlier checkpoint")
 
     def _sample(self) -> None:
-        """Logs the model's greedy continuations of the sample prompts (SFT: its replies): what it says as
-        it learns. Rank 0 decodes alone (the others wait at the next step's first collective); greedy
-        decoding draws no random numbers, so a resumed run still follows the same path."""
+        """Logs the model's greedy continuations of the sample prompts (SFT: its replies), under the default
+        repetition penalty as `tinyk generate --temperature 0` decodes them: what it says as it learns.
+        Rank 0 decodes alone (the others wait at the next step's first collective); greedy decoding draws
+        no random numbers, so a resumed run still follows the same path."""
         from .engine import Engine, SamplingParams
 
         if not self.dist.main:

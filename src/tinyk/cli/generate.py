@@ -80,7 +80,7 @@ def _generate(args: argparse.Namespace) -> int:
     prompts, note = read_prompts(args.prompt, args.prompt_file, field)
     if note:
         print(f"tinyk: {note}", file=sys.stderr)
-    if args.no_bos and "" in prompts:  # the engine would start it from <|im_start|> all the same
+    if args.no_bos and "" in prompts:  # the engine refuses it too, but only once the model has loaded
         raise TinykError("an empty prompt has nothing to continue without <|im_start|>; give it text, or leave out "
                          "--no-bos")
     params = sampling_params(args)
