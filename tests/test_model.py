@@ -797,7 +797,7 @@ def test_weights_that_are_not_finite_are_refused_everywhere(tmp_path, tok_dir):
     save_file(state, tmp_path / "m" / "model.safetensors")
     for load in (load_model, model_info):  # info reads the dtype from the header
         with pytest.raises(TinykError, match=r"holds int8 weights \(model.norm.weight\); tinyk loads float32, "
-                                             r"float16 or bfloat16 weights"):
+                                             r"float16, bfloat16 or float64 weights"):
             load(tmp_path / "m")
     for dtype in (torch.bool, torch.complex64):
         state["model.norm.weight"] = state["model.norm.weight"].to(dtype)

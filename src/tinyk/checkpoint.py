@@ -351,6 +351,7 @@ def _all_finite(t: torch.Tensor) -> bool:
 
 # fp8 is a float too, but one torch cannot check for nan nor compute with on a CPU.
 WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+LOADS = "tinyk loads float32, float16, bfloat16 or float64 weights"
 
 
 def _check_dtypes(state: dict[str, torch.Tensor], source: str) -> None:
@@ -358,8 +359,7 @@ def _check_dtypes(state: dict[str, torch.Tensor], source: str) -> None:
     refused in one line, not loaded as garbage nor failed on with a traceback later."""
     odd = next((k for k, v in state.items() if v.dtype not in WEIGHT_DTYPES), None)
     if odd:
-        raise TinykError(f"{source} holds {dtype_name(state[odd].dtype)} weights ({odd}); "
-                         f"tinyk loads float32, float16 or bfloat16 weights")
+        raise TinykError(f"{source} holds {dtype_name(state[odd].dtype)} weights ({odd}); {LOADS}")
 
 
 def holding(model: Transformer, state: dict[str, torch.Tensor], strict: bool = True) -> Transformer:
@@ -396,7 +396,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
         if copy:
             state = {k: v.clone() for k, v in state.items()}
     model = _model_from_dir_state(path, cfg, state)
-    model.activation_checkpointing = False
     return model.to(device=device, dtype=torch.float32).eval(), tok
 
 
@@ -535,8 +534,7 @@ def model_info(path: str | Path) -> dict[str, Any]:
             pair = ("model.embed_tokens.weight", "lm_head.weight")
             tied = [f.get_tensor(k) for k in pair] if cfg.tie_embeddings and set(pair) <= slices.keys() else None
     if odd is not None:  # what _check_dtypes says of the others, by the header's name (the file is not damaged)
-        raise TinykError(f"{path}/model.safetensors holds {odd[1]} weights ({odd[0]}); tinyk loads float32, "
-                         f"float16 or bfloat16 weights")
+        raise TinykError(f"{path}/model.safetensors holds {odd[1]} weights ({odd[0]}); {LOADS}")
     if tied:
         _check_tied_head(path, *tied)
     n = _model_from_dir_state(path, cfg, state).num_params()

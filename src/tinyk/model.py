@@ -203,7 +203,6 @@ def training_flops(cfg: ModelConfig, matmul_params: int, seq_len: int) -> int:
 def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 cos/sin on the CPU, shape (max_seq_len, head_dim), HF's half-rotation layout, row = position."""
     need = cfg.max_seq_len * cfg.head_dim * 16  # the tables and their intermediates, 4 bytes each
-    # Half of it: a training run holds the tables twice when it writes a model (its export builds them).
     # Asked only for tables of some size: every model built, a checkpoint's export too, comes here.
     free = memory_available() if need > 1 << 26 else None
 
@@ -212,6 +211,7 @@ def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
                           f"config.json) needs about {need / 1e9:,.1f} GB for its RoPE tables alone, more than this "
                           f"machine {machine}")
 
+    # Half of it: a training run holds the tables twice when it writes a model (its export builds them).
     if free is not None and need > free / 2:
         raise too_large(f"can spare ({free / 1e9:,.1f} GB available)")
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device="cpu", dtype=torch.float32)
