@@ -25,6 +25,7 @@ from tinyk.engine import Engine
 from tinyk.errors import TinykError, write_error
 from tinyk.evaluate import read_choice_csv, read_task
 from tinyk.inputs import (
+    GBK_HINT,
     HEAD_BYTES,
     LONE_CR_HINT,
     Skips,
@@ -392,8 +393,8 @@ def test_surrogates_written_as_utf8_bytes_get_their_own_reason_not_the_gbk_hint(
     assert texts(src) == ["hello"] and list(iter_texts([src], skips)) == ["hello"]
     assert skips.summary() == ("skipped 2 records; encoded surrogate: 1 (first at s.txt:2; a \\ud800-\\udfff "
                                "surrogate written as UTF-8 bytes (CESU-8, Java's modified UTF-8) is no UTF-8 text; fix "
-                               "the program that wrote it); invalid utf8: 1 (first at s.txt:3; convert such files "
-                               "first, e.g. iconv -f gbk -t utf-8)")
+                               "the program that wrote it); invalid utf8: 1 (first at s.txt:3; "
+                               f"{GBK_HINT})")
 
 
 def test_a_lone_cr_ends_a_plain_text_line(tmp_path):
@@ -1549,13 +1550,13 @@ def test_one_object_on_one_line_holding_the_records_is_given_its_jq_line(tmp_pat
 
 def test_a_damaged_utf8_line_is_not_told_to_convert_its_file_from_gbk(tmp_path):
     """28 bad lines among 220,000 of UTF-8 were told "convert such files first, e.g. iconv -f gbk", which
-    would garble the rest; a line of GBK is still told so."""
+    would garble the rest; nor is a line of GBK among UTF-8 ones (iconv fails on the UTF-8 lines)."""
     good = "今天天气很好，我们去公园散步吧。".encode()
     damaged = good[:10] + b"\xff" + good[11:]
     other = "bytes that are neither UTF-8 nor GBK: a damaged line, or a file to convert from its encoding"
     for first, hint in ((damaged, "a few bytes that are not UTF-8 in a line of UTF-8 text: a damaged line, not a "
                                   "file to convert"),
-                        ("今天天气很好".encode("gbk"), "convert such files first, e.g. iconv -f gbk -t utf-8"),
+                        ("今天天气很好".encode("gbk"), GBK_HINT),
                         (b"a stray \xff in English", other), ("café".encode("latin-1"), other),
                         ("你好".encode() + b"\xff", other)):
         src = tmp_path / "d.txt"
@@ -1570,8 +1571,7 @@ def test_reports_point_at_the_cause(tmp_path, capsys):
     src.write_bytes(b'{"text": "\xd6\xd0\xce\xc4"}\n' + JSONL[:3000].rsplit(b"\n", 1)[0] + b"\n")
     skips = Skips()
     list(iter_texts([src], skips))
-    assert "invalid utf8: 1 (first at c.jsonl:1; convert such files first, e.g. iconv -f gbk -t utf-8)" in \
-        skips.summary()
+    assert f"invalid utf8: 1 (first at c.jsonl:1; {GBK_HINT})" in skips.summary()
     cut = tmp_path / "cut.txt"
     cut.write_bytes("第一行\n第二行".encode()[:-1])  # `head -c` ended the file inside a character
     skips = Skips()

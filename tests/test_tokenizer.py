@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import shutil
@@ -384,6 +385,7 @@ def test_max_bytes_streams_a_prefix(tmp_path):
     record = json.loads((tmp_path / "tok" / "training.json").read_text(encoding="utf-8"))
     assert record["inputs"] == [str(big)] and record["max_bytes"] == record["capped_at"] == budget
     assert record["documents"] == 100 and not record["cap_from_memory"]
+    assert record["stopped_before"] == r["stopped_before"] == "big.jsonl:101" and record["not_read"] == []
     assert record["vocab_size_asked"] == 300 and record["vocab_size"] == r["vocab_size"]
     # One path given alone, as a library caller may: one input, not "input is a directory, not a file: /".
     r = train_tokenizer(str(big), tmp_path / "tok2", vocab_size=300, max_bytes=budget, show_progress=False)
@@ -693,7 +695,12 @@ def test_cli_train_and_eval(tmp_path, corpus_file, capsys):
     assert e.value.code == 0 and json.loads(capsys.readouterr().out)["documents"] == 1
     with pytest.raises(SystemExit) as e:
         main(["tokenizer", "eval", str(tmp_path / "t"), "--input", str(other), "--field", "content"])
-    assert "round trip      exact (1 document, 0 failures)\n" in capsys.readouterr().out  # not "1 documents"
+    out = capsys.readouterr().out
+    assert "round trip      exact (1 document, 0 failures)\n" in out  # not "1 documents"
+    assert "first at" not in out and "the first" not in out
+    with pytest.raises(SystemExit) as e:  # "exact" was read as said of the whole file
+        main(["tokenizer", "eval", str(tmp_path / "t"), "--input", str(corpus_file), "--max-bytes", "300"])
+    assert re.search(r"\ninput {11}the first \d+ bytes \(--max-bytes reads more\)\n", capsys.readouterr().out)
     with pytest.raises(TinykError, match="no document fits in the first 10 bytes of the input \\(raise --max-bytes\\)"):
         eval_tokenizer(tmp_path / "t", [corpus_file], max_bytes=10)
     # .txt files have no fields: a --field given with only them is said to go unused, not dropped unseen.
@@ -763,7 +770,15 @@ def test_an_nfkc_tokenizer_is_lossy_by_design_not_broken(tmp_path, nfkc_dir, cor
     (lower / "tokenizer.json").write_text(json.dumps({**spec, "normalizer": {"type": "Lowercase"}}), encoding="utf-8")
     with pytest.raises(SystemExit) as e:
         main(["tokenizer", "eval", str(lower), "--input", str(corpus_file)])
-    assert e.value.code == 1 and "round trip      FAILED" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert e.value.code == 1 and "round trip      FAILED" in out
+    # Which document and how: it said only how many failed.
+    where = re.search(r"\n {16}first at (\S+):(\d+), character ([\d,]+): ('.*?')(?:\.\.\.)? came back as "
+                      r"('.*?')(?:\.\.\.)?\n", out)
+    sent, back = ast.literal_eval(where[4]), ast.literal_eval(where[5])
+    assert where[1] == corpus_file.name and sent != back and sent.lower() == back and sent[0] != back[0]
+    line = corpus_file.read_text(encoding="utf-8").splitlines()[int(where[2]) - 1]
+    assert json.loads(line)["text"][int(where[3].replace(",", "")) - 1:].startswith(sent)
     with pytest.raises(SystemExit) as e:  # --json exits as the table does (it said 0)
         main(["tokenizer", "eval", str(lower), "--input", str(corpus_file), "--json"])
     assert e.value.code == 1 and json.loads(capsys.readouterr().out)["roundtrip_ok"] is False
@@ -801,13 +816,37 @@ def test_the_long_line_warning_counts_long_lines_alone(tmp_path):
         "warning: most of the input was skipped: 1 line too long to read")
 
 
+def test_a_cap_that_leaves_whole_inputs_unread_names_them(tmp_path):
+    """Chinese, English and code given in turn, with a cap inside the first: the note said only how many
+    bytes were read, and the other two sources were left out of the vocabulary without a word."""
+    files = []
+    for name, text in (("zh.txt", "今天天气很好，我们去公园散步吧。"), ("en.txt", "the weather is fine today."),
+                       ("code.txt", "for i in range(10): print(i)"), ("more.txt", "x = 1"), ("last.txt", "y = 2")):
+        files.append(tmp_path / name)
+        files[-1].write_text(f"{text}\n" * 50, encoding="utf-8")
+    r = train_tokenizer(files, tmp_path / "tok", vocab_size=300, max_bytes=400, show_progress=False)
+    line = len(files[0].read_bytes()) // 50
+    lines = 400 // line  # whole lines within the cap
+    assert r["not_read"] == ["en.txt", "code.txt", "more.txt", "last.txt"]
+    assert r["stopped_before"] == f"zh.txt:{lines + 1}" and r["capped_at"] == lines * line
+    assert r["notes"][-1] == (f"read the first {lines * line} bytes of the input (--max-bytes); it stopped before "
+                              f"zh.txt:{lines + 1} and never opened en.txt, code.txt, more.txt and 1 more (inputs are "
+                              f"read in the order given: to train on some of each, give a sample of each or shuffle "
+                              f"them together)")
+    record = json.loads((tmp_path / "tok" / "training.json").read_text(encoding="utf-8"))
+    assert record["not_read"] == r["not_read"]
+    whole = sum(f.stat().st_size for f in files[:2])  # the cap falls at the second file's end: nothing unread but 3
+    r = train_tokenizer(files, tmp_path / "tok2", vocab_size=300, max_bytes=whole, show_progress=False)
+    assert r["stopped_before"] == "code.txt:1" and r["not_read"] == ["more.txt", "last.txt"]
+
+
 def test_the_cap_note_counts_long_lines_skipped_apart(tmp_path):
     book = tmp_path / "book.txt"
     book.write_text(LONG_LINE + "\n" + "第一行。第二行。\n" * 20, encoding="utf-8")
     r = train_tokenizer([book], tmp_path / "t", vocab_size=300, max_bytes=50, max_line_bytes=1000,
                         show_progress=False)
     assert r["notes"][-1].startswith("read the first ") and r["notes"][-1].endswith(
-        " of the input (not counting 1 line(s) too long to read, skipped) (--max-bytes)")
+        " of the input (not counting 1 line(s) too long to read, skipped) (--max-bytes); it stopped before book.txt:4")
 
 
 def test_compared_rows_of_two_tokenizers():
@@ -832,7 +871,7 @@ def test_a_vocabulary_smaller_than_asked_is_noted(tmp_path, capsys):
     assert r["warnings"] == [] and r["notes"] == [  # as Python has it
         f"{r['vocab_size']:,} tokens, not --vocab-size 1000: the text has no more pairs seen at least "
         "--min-frequency 2 times to merge (more text gives a larger vocabulary)",
-        "read the first 39 bytes of the input (--max-bytes)"]
+        "read the first 39 bytes of the input (--max-bytes); it stopped before small.txt:4"]
     r = train_tokenizer([small], tmp_path / "tok3", vocab_size=1000, min_frequency=5, show_progress=False)
     assert "seen at least --min-frequency 5 times" in r["notes"][0]
 

@@ -50,6 +50,8 @@ class Skips:
     first: dict[str, list[str]] = field(default_factory=dict)
     hints: dict[str, str] = field(default_factory=dict)  # what the first skip of a reason says about the fix
     stopped_at: int | None = None  # input bytes read (lines too long to read not counted) when max_bytes ended it
+    stopped_before: str | None = None  # there, the first record not read ("file:line")
+    not_read: list[str] = field(default_factory=list)  # the input files max_bytes left unopened
     consumed: int = 0  # input bytes read so far, as max_bytes counts them: for progress lines
     long_line_bytes: int = 0  # in lines too long to read, which `consumed` does not count
 
@@ -499,14 +501,19 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
     """
     consumed = 0
     labels = _labels(paths)
-    for path in paths:
+
+    def stop(where: str, i: int) -> None:
+        skips.stopped_at, skips.stopped_before = consumed, where
+        skips.not_read = [labels[p] for p in paths[i + 1:]]
+
+    for i, path in enumerate(paths):
         label = labels[path]
         if has_suffix(path, ".parquet"):
             for where, rec, n in _iter_parquet(path, label, None if message_lists else field):
                 if head is not None:  # its first batch of rows has been read
                     break
                 if max_bytes is not None and consumed + n > max_bytes:
-                    skips.stopped_at = consumed
+                    stop(where, i)
                     return
                 consumed += n
                 skips.consumed = consumed
@@ -532,13 +539,13 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
                 base -= read - end
                 skips.long_line_bytes += read - end
             line_start, end = end, read
+            where = f"{label}:{lineno + lone_crs}"
             if max_bytes is not None and base + read > max_bytes:
-                skips.stopped_at = consumed
+                stop(where, i)
                 encoding.decide()  # on what was read: a sample of a GBK file is refused too
                 return
             consumed = base + read
             skips.consumed = consumed
-            where = f"{label}:{lineno + lone_crs}"
             # The first line with something on it: blank lines may come before it.
             opening = not (is_txt or begun) and (line is None or bool(line.strip()))
             if opening:
@@ -622,14 +629,17 @@ def _line_text(line: bytes, where: str, skips: Skips, encoding: _EncodingCheck, 
         return None
 
 
-GBK_HINT = "convert such files first, e.g. iconv -f gbk -t utf-8"
+GBK_HINT = ("a line in GBK among UTF-8 ones: the file mixes encodings, which iconv on the whole file would fail "
+            "on or garble; re-save such lines as UTF-8")
 DAMAGED_HINT = "a few bytes that are not UTF-8 in a line of UTF-8 text: a damaged line, not a file to convert"
 OTHER_HINT = "bytes that are neither UTF-8 nor GBK: a damaged line, or a file to convert from its encoding"
 
 
 def _not_utf8_hint(line: bytes) -> str:
     """What a line that is not UTF-8 most likely is. A damaged UTF-8 line reads but for a few bytes, and
-    converting its file from GBK would garble the rest; text in GBK is almost all bytes UTF-8 cannot read."""
+    converting its file from GBK would garble the rest; text in GBK is almost all bytes UTF-8 cannot read.
+    Either way the file is mostly UTF-8 (one that is not is refused whole, with its own iconv line), so no
+    hint says to convert the file."""
     text = line.decode("utf-8", "replace")
     bad = text.count("\ufffd")
     if sum(ord(c) > 127 for c in text) - bad >= 4 * bad:
@@ -915,6 +925,11 @@ def is_conversation(rec: Any) -> bool:
 
 def iter_texts(paths: list[Path], skips: Skips, *, field: str = "text", **kw: Any) -> Iterator[str]:
     """Yields the text of each document, skipping records without a usable text field."""
+    return (text for _, text in iter_documents(paths, skips, field=field, **kw))
+
+
+def iter_documents(paths: list[Path], skips: Skips, *, field: str = "text", **kw: Any) -> Iterator[tuple[str, str]]:
+    """`iter_texts` with where each text is ("file:line")."""
     for where, rec in iter_records(paths, skips, field=field, **kw):
         if not isinstance(rec, dict) or field not in rec:
             fix = ("these are SFT conversations, not text: `tinyk data sft` reads them" if is_conversation(rec)
@@ -929,7 +944,7 @@ def iter_texts(paths: list[Path], skips: Skips, *, field: str = "text", **kw: An
         if not text.strip():
             skips.add("empty", where)
             continue
-        yield text
+        yield where, text
 
 
 def _records_under_a_key(rec: Any, field: str) -> str | None:

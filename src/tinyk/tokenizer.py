@@ -33,9 +33,11 @@ from .inputs import (
     check_inputs,
     hash_files,
     is_compressed,
+    iter_documents,
     iter_texts,
     mostly_skipped,
     read_json,
+    short_repr,
 )
 from .outputs import PROGRESS_LINE_S, atomic_dir, fd_shows_a_bar, marker_file, write_json_atomic
 from .units import bytes_text, plural
@@ -716,7 +718,8 @@ def train_tokenizer(inputs: list[str | Path], out: str | Path, *, vocab_size: in
             assert tok.token_to_id(name) == i, name
         result = {**stats, "vocab_size": tok.get_vocab_size(), "skipped": skips.to_json(),
                   "seconds": round(time.time() - t0, 2),
-                  "capped_at": skips.stopped_at, "cap_from_memory": auto_cap, "memory_available": memory,
+                  "capped_at": skips.stopped_at, "stopped_before": skips.stopped_before, "not_read": skips.not_read,
+                  "cap_from_memory": auto_cap, "memory_available": memory,
                   "read_bytes": skips.consumed, "line_too_long_bytes": skips.long_line_bytes}
         result |= _training_notes(result, vocab_size, min_frequency, max_line_bytes)
         # What it was trained on and how, as a data directory's meta.json records it: the memory cap
@@ -724,8 +727,8 @@ def train_tokenizer(inputs: list[str | Path], out: str | Path, *, vocab_size: in
         record = {"tinyk": __version__, "inputs": [str(p) for p in paths], "field": field,
                   "normalization": normalization, "vocab_size_asked": vocab_size, "min_frequency": min_frequency,
                   "max_bytes": max_bytes, "max_line_bytes": max_line_bytes,
-                  **{k: result[k] for k in ("vocab_size", "documents", "characters", "capped_at", "cap_from_memory",
-                                            "skipped")}}
+                  **{k: result[k] for k in ("vocab_size", "documents", "characters", "capped_at", "stopped_before",
+                                            "not_read", "cap_from_memory", "skipped")}}
         with writing(Path(out)):
             save_tokenizer_files(tok, tmp)
             write_json_atomic(tmp / TRAINING_RECORD, record)  # a file name that is not UTF-8 as `shown` prints it
@@ -751,10 +754,16 @@ def _training_notes(r: dict[str, Any], vocab_size: int, min_frequency: int, max_
                      f"seen at least --min-frequency {min_frequency} times to merge (more text gives a larger "
                      f"vocabulary)")
     if r["capped_at"] is not None:
-        read = f"read the first {bytes_text(r['capped_at'])} of the input" + (
-            f" (not counting {long_lines:,} line(s) too long to read, skipped)" if long_lines else "")
-        notes.append(f"{read}, {memory_cap_text(r['memory_available'])}" if r["cap_from_memory"] else
-                     f"{read} (--max-bytes)")
+        long = f" (not counting {long_lines:,} line(s) too long to read, skipped)" if long_lines else ""
+        why = f", {memory_cap_text(r['memory_available'])}" if r["cap_from_memory"] else " (--max-bytes)"
+        note = f"read the first {bytes_text(r['capped_at'])} of the input{long}{why}; it stopped before " \
+               f"{r['stopped_before']}"
+        unread = r["not_read"]
+        if unread:  # several sources given in turn: the last ones leave no trace in the vocabulary
+            more = f" and {len(unread) - 3:,} more" if len(unread) > 3 else ""
+            note += (f" and never opened {', '.join(unread[:3])}{more} (inputs are read in the order given: to "
+                     f"train on some of each, give a sample of each or shuffle them together)")
+        notes.append(note)
     return {"warnings": warnings, "notes": notes}
 
 
@@ -882,44 +891,59 @@ CHAT_SAMPLE = [
 
 def eval_tokenizer(path: str | Path, inputs: list[str | Path] | None = None, *,
                    max_bytes: int = 10_000_000, field: str = "text") -> dict[str, Any]:
-    """Vocab, special ids, exact round trip and compression on a sample."""
+    """Vocab, special ids, exact round trip and compression on a sample (the first `max_bytes` of
+    `inputs`); where a round trip changes the text, the first place and how."""
     tk = load_tokenizer(path)
     chat = render_chat(CHAT_SAMPLE, add_generation_prompt=True)
-    samples = [chat, "<|im_start|>user\nHello<|im_end|>", "全角标点：，！？；（）…… ＡＢＣ １２３"]
+    samples = [(f"built-in sample {i + 1}", s) for i, s in
+               enumerate([chat, "<|im_start|>user\nHello<|im_end|>", "全角标点：，！？；（）…… ＡＢＣ １２３"])]
     chars = nbytes = ntok = docs = 0
-    failures = 0
+    failures, first_failure = 0, None
     skips = Skips()
     if inputs:
-        texts = iter_texts(check_inputs(inputs), skips, field=field, max_bytes=max_bytes)
+        texts = iter_documents(check_inputs(inputs), skips, field=field, max_bytes=max_bytes)
     else:
         texts = iter(samples)
-    for t in texts:
+    for where, t in texts:
         # A corpus is measured as `tinyk data` tokenizes it: "<|im_start|>" typed in a document is text.
         ids = tk.encode(t, special=not inputs)
-        failures += tk.decode(ids) != t
+        back = tk.decode(ids)
+        if back != t:
+            failures += 1
+            first_failure = first_failure or _changed(where, t, back)
         docs += 1
         chars += len(t)
         nbytes += len(t.encode("utf-8"))
         ntok += len(ids)
     if inputs and docs == 0:
         raise _no_documents("in the sample to measure", skips, max_bytes)
-    fixed_ok = all(tk.decode(tk.encode(s)) == s for s in samples)
+    fixed = [_changed(where, s, back) for where, s in samples if (back := tk.decode(tk.encode(s))) != s]
     return {
         "path": str(path),
         "vocab_size": tk.vocab_size,
         "special_ids": {name: tk.tok.token_to_id(name) for name in SPECIAL_TOKENS},
         "bos": "<|im_start|>", "eos": "<|im_end|>", "pad": "<|im_end|>",
-        "roundtrip_ok": fixed_ok and failures == 0,
+        "roundtrip_ok": not fixed and failures == 0,
         "normalizes": tk.tok.normalizer is not None,
         # NFKC's loss (full-width text comes back half-width) is by design; another normalizer's is not tinyk's.
         "nfkc": isinstance(tk.tok.normalizer, normalizers.NFKC),
         "roundtrip_failures": failures,
+        "first_failure": first_failure or next(iter(fixed), None),
         "documents": docs,
+        "capped_at": skips.stopped_at,
         "skipped": skips.to_json(),
         "chars_per_token": round(chars / max(ntok, 1), 3),
         "bytes_per_token": round(nbytes / max(ntok, 1), 3),
         "chat_sample": chat,
     }
+
+
+def _changed(where: str, text: str, back: str) -> str:
+    """Where a round trip first changed `text`, and how: "doc.jsonl:3, character 12: 'Ｈello' came back
+    as 'Hello'"."""
+    at = next((i for i, (a, b) in enumerate(zip(text, back, strict=False)) if a != b), min(len(text), len(back)))
+    return (f"{where}, character {at + 1:,}: {short_repr(text[at:at + 20], 20)} came back as "
+            f"{short_repr(back[at:at + 20], 20)}")
 
 
 def round_trips(r: dict[str, Any]) -> bool:

@@ -7,7 +7,7 @@ import sys
 
 from tinyk.cli.common import add_field_arg, int_range, json_text, model_dir, path_arg, positive_size, text_field
 from tinyk.inputs import DEFAULT_MAX_LINE_BYTES, Skips, check_inputs
-from tinyk.units import format_table, plural
+from tinyk.units import bytes_text, format_table, plural
 
 
 def vocab_size(s: str) -> int:
@@ -101,8 +101,9 @@ def _show(r: dict) -> None:
     verdict = "exact" if r["roundtrip_ok"] else "not exact, by design (NFKC normalisation)" if lossy else "FAILED"
     print(f"round trip      {verdict} ({plural(r['documents'], 'documents')}, "
           f"{plural(r['roundtrip_failures'], 'failures')})")
-    if r["skipped"]["total"]:
-        print(f"input           {Skips.from_json(r['skipped']).report(' ' * 16)}")
+    if r["first_failure"]:
+        print(f"                first at {r['first_failure']}")
+    _input_lines(r)
     print(f"compression     {r['chars_per_token']} chars/token, {r['bytes_per_token']} bytes/token")
 
 
@@ -111,5 +112,13 @@ def _compare(results: list[dict]) -> None:
 
     print(format_table(compared_rows(results), header=("", *(str(r["path"]) for r in results), "")))
     print(f"on {plural(results[0]['documents'], 'documents')}")
-    if results[0]["skipped"]["total"]:
-        print(f"input           {Skips.from_json(results[0]['skipped']).report(' ' * 16)}")
+    _input_lines(results[0])
+
+
+def _input_lines(r: dict) -> None:
+    """What of the --input was measured: only its first --max-bytes (a user read "exact" as said of the
+    whole file), and what was skipped."""
+    if r["capped_at"] is not None:
+        print(f"input           the first {bytes_text(r['capped_at'])} (--max-bytes reads more)")
+    if r["skipped"]["total"]:
+        print(f"input           {Skips.from_json(r['skipped']).report(' ' * 16)}")
