@@ -1149,7 +1149,7 @@ def test_a_conversation_with_tool_calls_is_skipped_not_trained_without_them(reco
 
 def test_a_skip_reports_what_the_first_record_listed_held_in_a_bounded_quote(tmp_path, tok_dir):
     """"bad message: 2 (first at s.jsonl:1, s.jsonl:2; HINT)": HINT was the first hint given, here the
-    second record's ("a JSON int") beside an Alpaca record that gave none. A 100 kB role or key (data
+    second record's ("a JSON number") beside an Alpaca record that gave none. A 100 kB role or key (data
     used as keys) was quoted whole, a 100 kB line on screen and in meta.json."""
     records = [{"instruction": "i", "output": "o", "history": [["only a question"]]},
                {"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "a"}]},
@@ -1167,10 +1167,10 @@ def test_a_skip_reports_what_the_first_record_listed_held_in_a_bounded_quote(tmp
 
 
 @pytest.mark.parametrize("record,hint", [
-    ({"instruction": 5, "output": "o"}, "the record's 'instruction' is a JSON int, not text"),
-    ({"instruction": "i", "input": ["x"], "output": "o"}, "the record's 'input' is a JSON list, not text"),
+    ({"instruction": 5, "output": "o"}, "the record's 'instruction' is a JSON number, not text"),
+    ({"instruction": "i", "input": ["x"], "output": "o"}, "the record's 'input' is a JSON array, not text"),
     ({"prompt": "p", "completion": [{"role": "assistant", "content": "c"}]},
-     "the record's 'prompt' is a JSON str and its 'completion' a JSON list: both are text, or both lists of turns"),
+     "the record's 'prompt' is a JSON string and its 'completion' a JSON array: both are text, or both lists of turns"),
 ])
 def test_an_unusable_alpaca_or_prompt_completion_record_says_why(record, hint):
     assert read_conversation(record) == ("bad_message", hint)
@@ -1429,19 +1429,19 @@ def test_sft_bad_records_are_skipped_by_reason(tmp_path, tok_dir):
     assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 5
     # What exactly was wrong, which the reason alone leaves open on a file of millions of records.
     hints = meta["skipped"]["hints"]
-    assert hints["bad_message"] == "a turn's content is a JSON int, not text"
+    assert hints["bad_message"] == "a turn's content is a JSON number, not text"
     assert hints["unknown_role"].startswith("role 'tool'; tinyk reads the roles system, developer, human, user")
     assert [read_conversation(r)[1] for r in (
         [{"role": "assistant", "content": None, "tool_calls": []}], [{"role": "user", "content": [{"type": "image"}]}],
         [{"content": "x"}], ["x"], [{"from": "human", "text": "x"}])] == [
         "a turn's content is null (a tool call?)", "a turn's content has a part that is not text (an image?)",
         "a turn without a 'role' (or 'from') string: it has fields 'content'",
-        "a turn is a JSON str, not an object with a role and its text",
+        "a turn is a JSON string, not an object with a role and its text",
         "a turn without 'content' (or 'value'): it has fields 'from', 'text'"]
     # Both keys, one of them unusable: the record is skipped for what is wrong with that one.
     assert read_conversation({"conversations": [{"from": "human", "value": "问"}, {"from": "gpt", "value": "答"}],
                               "messages": [{"role": "user", "content": 5}]}) == (
-        "bad_message", "in 'messages': a turn's content is a JSON int, not text")
+        "bad_message", "in 'messages': a turn's content is a JSON number, not text")
     assert read_conversation({"conversations": [{"from": "human", "value": "问"}], "messages": ok}) == (
         "no_assistant_turn", "in 'conversations': no assistant turn")
     with pytest.raises(TinykError, match="not .txt"):

@@ -1515,8 +1515,20 @@ def test_a_line_that_is_a_list_of_messages_is_one_conversation(tmp_path, tok_dir
     for args in (["tokenizer", "train", src, "--out", tmp_path / "t"],
                  ["data", "pretrain", "--input", src, "--tokenizer", tok_dir, "--out", tmp_path / "p"]):
         code, err = run_cli(args, capsys)
-        assert code == 2 and "JSON array" not in err and "no field 'text', the first such record has a JSON list; " \
+        assert code == 2 and "one JSON array" not in err and "no field 'text', the first such record has a JSON array; " \
             "these are SFT conversations, not text: `tinyk data sft` reads them" in one_error_line(err), err
+
+
+def test_a_json_lines_line_that_is_one_string_is_a_documents_text(tmp_path):
+    """`json.dumps(text)` a line: it was skipped as "no field 'text', the first such record has a JSON str;
+    --field names the one with the text", which no --field could fix."""
+    src = tmp_path / "s.jsonl"
+    src.write_text("\n".join([json.dumps("第一篇。"), json.dumps("second\nline"), "5", '""', '{"text": "三"}']) + "\n",
+                   encoding="utf-8")
+    skips = Skips()
+    assert list(iter_texts([src], skips, field="content")) == ["第一篇。", "second\nline"]
+    assert skips.counts == {"missing_field": 2, "empty": 1}
+    assert "no field 'content', the first such record has a JSON number;" in skips.summary()
 
 
 def test_a_record_with_a_list_and_text_of_its_own_is_not_called_a_list_of_records(tmp_path):

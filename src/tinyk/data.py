@@ -40,6 +40,7 @@ from .inputs import (
     is_plain_text,
     iter_records,
     iter_texts,
+    json_kind,
     mostly_skipped,
     read_json,
     record_shape,
@@ -1048,7 +1049,7 @@ def read_conversation(rec: Any) -> list[dict[str, str]] | tuple[str, str | None]
     if isinstance(rec, dict) and rec.get("tools"):  # its replies may call them
         return "tool_call", "the record offers 'tools', which tinyk's chat template has no place for"
     if system is not None and not isinstance(system, str):
-        return "bad_message", f"the record's 'system' is a JSON {type(system).__name__}, not text"
+        return "bad_message", f"the record's 'system' is a JSON {json_kind(system)}, not text"
     system_field = isinstance(system, str) and bool(system.strip())
     messages = [{"role": "system", "content": system}] if system_field else []
     for t in turns:
@@ -1069,7 +1070,7 @@ def read_conversation(rec: Any) -> list[dict[str, str]] | tuple[str, str | None]
             return "bad_message", ("a turn's content is null (a tool call?)" if content is None else
                                    "a turn's content has a part that is not text (an image?)"
                                    if isinstance(content, list) else
-                                   f"a turn's content is a JSON {type(content).__name__}, not text")
+                                   f"a turn's content is a JSON {json_kind(content)}, not text")
         if role.lower() not in ROLE_ALIASES:
             return "unknown_role", f"role {short_repr(role)}; tinyk reads the roles {', '.join(ROLE_ALIASES)}"
         # OpenAI's fine-tuning format: weight 0 keeps a reply as context, untrained. A `datasets` export
@@ -1108,7 +1109,7 @@ def _alpaca_turns(rec: dict[str, Any]) -> list[dict[str, str]] | tuple[str, str 
     extra = "" if extra is None else extra
     for name, value in (("instruction", instruction), ("input", extra), ("output", output)):
         if not isinstance(value, str):
-            return "bad_message", f"the record's '{name}' is a JSON {type(value).__name__}, not text"
+            return "bad_message", f"the record's '{name}' is a JSON {json_kind(value)}, not text"
     if not (isinstance(history, list)
             and all(isinstance(h, list) and len(h) == 2 and all(isinstance(x, str) for x in h) for h in history)):
         return "bad_message", "the record's 'history' is not a list of [question, answer] pairs of text"
@@ -1129,8 +1130,8 @@ def _prompt_turns(rec: dict[str, Any]) -> list[Any] | tuple[str, str | None]:
         return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
     if isinstance(prompt, list) and isinstance(completion, list):
         return [*prompt, *completion]
-    return "bad_message", (f"the record's 'prompt' is a JSON {type(prompt).__name__} and its 'completion' a JSON "
-                           f"{type(completion).__name__}: both are text, or both lists of turns")
+    return "bad_message", (f"the record's 'prompt' is a JSON {json_kind(prompt)} and its 'completion' a JSON "
+                           f"{json_kind(completion)}: both are text, or both lists of turns")
 
 
 def prepare_sft(inputs: list[str | Path], tokenizer_dir: str | Path, out: str | Path, *, max_len: int = 512,

@@ -893,7 +893,16 @@ def _parquet_rows(batch: Any) -> list[dict | None]:
 def record_shape(rec: Any) -> str:
     """What a record holds, for a message about one tinyk cannot use: "fields 'id', 'conversations'"."""
     return f"fields {', '.join(map(short_repr, list(rec)[:6]))}" if isinstance(rec, dict) and rec else \
-        f"a JSON {type(rec).__name__}"
+        f"a JSON {json_kind(rec)}"
+
+
+_JSON_KINDS = {bool: "boolean", int: "number", float: "number", str: "string", list: "array", dict: "object",
+               type(None): "null"}
+
+
+def json_kind(value: Any) -> str:
+    """A parsed JSON value's kind as JSON names it ("array", not Python's "list")."""
+    return _JSON_KINDS.get(type(value), type(value).__name__)
 
 
 def short_repr(text: str, limit: int = 40) -> str:
@@ -929,15 +938,19 @@ def iter_texts(paths: list[Path], skips: Skips, *, field: str = "text", **kw: An
 
 
 def iter_documents(paths: list[Path], skips: Skips, *, field: str = "text", **kw: Any) -> Iterator[tuple[str, str]]:
-    """`iter_texts` with where each text is ("file:line")."""
+    """`iter_texts` with where each text is ("file:line"). A JSON Lines line that is one string (what
+    `json.dumps(text)` for each document writes) is a document's text."""
     for where, rec in iter_records(paths, skips, field=field, **kw):
-        if not isinstance(rec, dict) or field not in rec:
+        if isinstance(rec, str):
+            text = rec
+        elif not isinstance(rec, dict) or field not in rec:
             fix = ("these are SFT conversations, not text: `tinyk data sft` reads them" if is_conversation(rec)
                    else _records_under_a_key(rec, field) or "--field names the one with the text")
             skips.add("missing_field", where, f"no field {field!r}, the first such record has "
                                               f"{record_shape(rec)}; {fix}")
             continue
-        text = rec[field]
+        else:
+            text = rec[field]
         if not isinstance(text, str):
             skips.add("not_string", where)
             continue
