@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from tinyk.checkpoint import load_config, load_model
 from tinyk.cli import main
 from tinyk.errors import Stopped, StoppedBeforeTraining, TinykError, typo_hint
-from tinyk.inputs import check_inputs, has_surrogate, stdin_not_decodable
+from tinyk.inputs import check_inputs, has_surrogate, read_prompts, stdin_not_decodable
 from tinyk.tokenizer import build_tokenizer, load_tokenizer
 
 
@@ -724,8 +724,10 @@ def test_model_and_prompt_file_mistakes_name_the_way_out(tmp_path, nano_model_di
     prompts.write_text('["你好", "再见"]\n', encoding="utf-8")
     code, err = run_cli(["generate", "--model", str(nano_model_dir), "--prompt-file", str(prompts)], capsys)
     assert code == 2 and "p.jsonl: one JSON array, not JSON Lines" in err
-    assert """jq -c '.[] | {"prompt": .}' p.jsonl > p.lines.jsonl""" in err  # strings become records, not the input
-    prompts.write_text('"你好"\n"再见"\n', encoding="utf-8")
+    assert f"""jq -c '.[] | {{"prompt": .}}' {prompts} > {tmp_path / 'p.lines.jsonl'}""" in err  # not the input
+    prompts.write_text('"你好"\n"再见"\n', encoding="utf-8")  # what jq -c '.[]' writes: a prompt a line
+    assert read_prompts([], str(prompts)) == (["你好", "再见"], None)
+    prompts.write_text('5\n{"text": "再见"}\n', encoding="utf-8")
     code, err = run_cli(["generate", "--model", str(nano_model_dir), "--prompt-file", str(prompts)], capsys)
     assert code == 2 and "no prompts in" in err and "records need a string field 'prompt'" in err
     gbk = tmp_path / "gbk.txt"

@@ -1388,7 +1388,7 @@ def test_a_json_array_of_records_is_named_with_the_way_out(tmp_path, tok_dir, ca
     code, err = run_cli(["data", stage, "--input", good, "--input", src, "--tokenizer", tok_dir, "--out",
                          tmp_path / "d", *limit], capsys)
     assert code == 2 and "one JSON array, not JSON Lines" in one_error_line(err), err
-    assert "jq -c '.[]' alpaca.json > alpaca.lines.jsonl" in err and not (tmp_path / "d").exists()
+    assert f"jq -c '.[]' {src} > {tmp_path / 'alpaca.lines.jsonl'}" in err and not (tmp_path / "d").exists()
 
 
 def test_the_first_thousand_lines_decide_the_encoding(tmp_path):
@@ -1515,8 +1515,8 @@ def test_a_line_that_is_a_list_of_messages_is_one_conversation(tmp_path, tok_dir
     for args in (["tokenizer", "train", src, "--out", tmp_path / "t"],
                  ["data", "pretrain", "--input", src, "--tokenizer", tok_dir, "--out", tmp_path / "p"]):
         code, err = run_cli(args, capsys)
-        assert code == 2 and "one JSON array" not in err and "no field 'text', the first such record has a JSON array; " \
-            "these are SFT conversations, not text: `tinyk data sft` reads them" in one_error_line(err), err
+        assert code == 2 and "one JSON array" not in err and "no field 'text', the first such record has a JSON " \
+            "array; these are SFT conversations, not text: `tinyk data sft` reads them" in one_error_line(err), err
 
 
 def test_a_json_lines_line_that_is_one_string_is_a_documents_text(tmp_path):
@@ -1529,6 +1529,23 @@ def test_a_json_lines_line_that_is_one_string_is_a_documents_text(tmp_path):
     assert list(iter_texts([src], skips, field="content")) == ["第一篇。", "second\nline"]
     assert skips.counts == {"missing_field": 2, "empty": 1}
     assert "no field 'content', the first such record has a JSON number;" in skips.summary()
+
+
+@pytest.mark.parametrize("rec, program", [
+    ({"conversations": [{"from": "human", "value": "你好"}, {"from": "assistant", "value": "好"}]},
+     """'{"text": ([.conversations[].value] | join("\\n"))}'"""),
+    ({"id": 1, "messages": [{"role": "user", "content": "你好"}]},
+     """'{"text": ([.messages[].content] | join("\\n"))}'"""),
+    ([{"role": "user", "content": "你好"}], """'{"text": ([.[].content] | join("\\n"))}'""")])
+def test_conversations_read_as_text_are_told_how_to_make_text_of_them(tmp_path, rec, program):
+    """BelleGroup's chats given to tokenizer training: "`tinyk data sft` reads them", and no way to put
+    their words into the vocabulary as well."""
+    src = tmp_path / "belle.jsonl"
+    src.write_text(json.dumps(rec, ensure_ascii=False) + "\n", encoding="utf-8")
+    skips = Skips()
+    assert list(iter_texts([src], skips)) == []
+    assert skips.hints["missing_field"].endswith(f"`tinyk data sft` reads them; as text, e.g. jq -c {program} FILE > "
+                                                 f"text.jsonl")
 
 
 def test_a_record_with_a_list_and_text_of_its_own_is_not_called_a_list_of_records(tmp_path):

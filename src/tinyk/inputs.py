@@ -795,15 +795,16 @@ def is_message_list(rec: Any) -> bool:
 
 
 def _jq_hint(path: Path, field: str | None = None) -> str:
-    """The jq line that writes an array's elements one per line (strings become {field: ...} records)."""
-    name = shown(path.name)
+    """The jq line that writes an array's elements one per line (strings become {field: ...} records),
+    with the path as given, so that it runs where the command did."""
     # Never the input's own name (on macOS and Windows Data.JSONL is data.jsonl), nor a sibling's
     # such as data.jsonl beside data.v2.json.
-    out = (re.sub(r"(\.(jsonl?|gz|zst))+$", "", name, flags=re.IGNORECASE) or "records") + ".lines.jsonl"
+    out = (re.sub(r"(\.(jsonl?|gz|zst))+$", "", path.name, flags=re.IGNORECASE) or "records") + ".lines.jsonl"
+    out = shlex.quote(shown(str(path.with_name(out))))
     program = _jq_program(field)
     if _codec(path):
-        return f"decompress it, then jq -c {program} FILE > {shlex.quote(out)}"
-    return f"jq -c {program} {shlex.quote(name)} > {shlex.quote(out)}"
+        return f"decompress it, then jq -c {program} FILE > {out}"
+    return f"jq -c {program} {shlex.quote(shown(str(path)))} > {out}"
 
 
 def _jq_program(field: str | None, key: str | None = None) -> str:
@@ -932,6 +933,20 @@ def is_conversation(rec: Any) -> bool:
     return is_message_list(rec) or sft_format(rec) in ("chat", "alpaca", "prompt")
 
 
+def _conversation_text_jq(rec: Any, field: str) -> str:
+    """How to make text documents of conversations (for a tokenizer that knows their words too): the jq
+    line that joins each one's turns, for the two formats whose turns are a list; else nothing."""
+    turns = rec if is_message_list(rec) else next(
+        (rec[k] for k in ("conversations", "messages") if isinstance(rec.get(k), list)), None) \
+        if isinstance(rec, dict) else None
+    if not turns or not isinstance(turns[0], dict):
+        return ""
+    where = "." if isinstance(rec, list) else f".{'conversations' if 'conversations' in rec else 'messages'}"
+    text = "value" if "value" in turns[0] else "content"
+    program = f"{{{json.dumps(field)}: ([{where}[].{text}] | join(\"\\n\"))}}"
+    return f"; as text, e.g. jq -c {shlex.quote(program)} FILE > text.jsonl"
+
+
 def iter_texts(paths: list[Path], skips: Skips, *, field: str = "text", **kw: Any) -> Iterator[str]:
     """Yields the text of each document, skipping records without a usable text field."""
     return (text for _, text in iter_documents(paths, skips, field=field, **kw))
@@ -944,7 +959,8 @@ def iter_documents(paths: list[Path], skips: Skips, *, field: str = "text", **kw
         if isinstance(rec, str):
             text = rec
         elif not isinstance(rec, dict) or field not in rec:
-            fix = ("these are SFT conversations, not text: `tinyk data sft` reads them" if is_conversation(rec)
+            fix = (f"these are SFT conversations, not text: `tinyk data sft` reads them"
+                   f"{_conversation_text_jq(rec, field)}" if is_conversation(rec)
                    else _records_under_a_key(rec, field) or "--field names the one with the text")
             skips.add("missing_field", where, f"no field {field!r}, the first such record has "
                                               f"{record_shape(rec)}; {fix}")
