@@ -702,6 +702,11 @@ def train_tokenizer(inputs: list[str | Path], out: str | Path, *, vocab_size: in
 
     t0 = time.time()
     last_line = time.monotonic()
+    if lines:  # at once: a log stayed empty for the first minute
+        cap = f", at most {bytes_text(max_bytes)} of it" if max_bytes is not None else ""
+        print(f"training tokenizer: reading {plural(len(paths), 'files')} "
+              f"({bytes_text(sum(p.stat().st_size for p in paths))} on disk{cap}); a line a minute follows",
+              file=sys.stderr, flush=True)
 
     def tick() -> None:
         nonlocal last_line
@@ -865,7 +870,7 @@ def _training_line(documents: int, nbytes: int, max_bytes: int | None, read_all:
     of them took most of the time). `nbytes`: of the input, as `max_bytes` counts them (uncompressed,
     JSON's escapes and keys included)."""
     minutes, secs = divmod(int(seconds), 60)
-    read = f"read {documents:,} documents ({bytes_text(nbytes)} of input"
+    read = f"read {plural(documents, 'documents')} ({bytes_text(nbytes)} of input"
     if read_all:
         return f"training tokenizer: {read}); counting and merging pairs, {minutes}:{secs:02d} elapsed"
     of = f" of at most {bytes_text(max_bytes)}" if max_bytes else ""
