@@ -615,7 +615,11 @@ def test_a_book_on_one_line_is_read_with_max_line_bytes(tmp_path, capsys):
               "--force"])
     assert e.value.code == 0 and capsys.readouterr().err == (
         "tinyk: warning: most of the input was skipped: 1 line too long to read (1.8 kB, over --max-line-bytes "
-        "1.0 kB) against 26 bytes read; a larger --max-line-bytes reads them\n")
+        "1,000 bytes) against 26 bytes read; a larger --max-line-bytes reads them\n")
+    with pytest.raises(SystemExit) as e:  # a larger --max-line-bytes alone then found no room under --max-bytes
+        main(["tokenizer", "train", str(book), "--out", str(out), "--vocab-size", "300", "--max-line-bytes", "1k",
+              "--max-bytes", "20", "--force"])
+    assert e.value.code == 0 and "a larger --max-line-bytes (and --max-bytes) reads them\n" in capsys.readouterr().err
     # Lines that end in CR alone (classic Mac OS) are one line to a newline-split read: the hint says so.
     mac = tmp_path / "mac.txt"
     mac.write_bytes("今天天气很好，我们去公园散步。\r".encode() * 40)

@@ -552,7 +552,7 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
                 _refuse_not_json_lines(path, line, field, message_lists)
             begun = begun or opening
             if line is None:
-                limit = f"{max_line_bytes // MiB} MiB" if max_line_bytes % MiB == 0 else f"{max_line_bytes:,} bytes"
+                limit = line_limit_text(max_line_bytes)
                 why = f"a line over {limit} is skipped; tinyk data and tokenizer train read longer ones with " \
                       f"--max-line-bytes"
                 if "line_too_long" not in skips.hints and _lone_crs(path, line_start):
@@ -607,6 +607,11 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
             yield where, rec
         else:  # the whole file was read, not only its head
             encoding.decide()
+
+
+def line_limit_text(max_line_bytes: int) -> str:
+    """--max-line-bytes as its help says it: "16 MiB", else the bytes."""
+    return f"{max_line_bytes // MiB} MiB" if max_line_bytes % MiB == 0 else f"{max_line_bytes:,} bytes"
 
 
 def _line_text(line: bytes, where: str, skips: Skips, encoding: _EncodingCheck, cut: bool) -> str | None:

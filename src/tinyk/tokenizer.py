@@ -35,6 +35,7 @@ from .inputs import (
     is_compressed,
     iter_documents,
     iter_texts,
+    line_limit_text,
     mostly_skipped,
     read_json,
     short_repr,
@@ -752,8 +753,8 @@ def _training_notes(r: dict[str, Any], vocab_size: int, min_frequency: int, max_
     elif r["line_too_long_bytes"] > r["read_bytes"]:  # few records, but most of the text
         warnings.append(f"warning: most of the input was skipped: {plural(long_lines, 'lines')} too long to read "
                         f"({bytes_text(r['line_too_long_bytes'])}, over --max-line-bytes "
-                        f"{bytes_text(max_line_bytes)}) against {bytes_text(r['read_bytes'])} read; a larger "
-                        f"--max-line-bytes reads them")
+                        f"{line_limit_text(max_line_bytes)}) against {bytes_text(r['read_bytes'])} read; a larger "
+                        f"--max-line-bytes{' (and --max-bytes)' if r['capped_at'] is not None else ''} reads them")
     if r["vocab_size"] < vocab_size:
         notes.append(f"{r['vocab_size']:,} tokens, not --vocab-size {vocab_size}: the text has no more pairs "
                      f"seen at least --min-frequency {min_frequency} times to merge (more text gives a larger "
