@@ -212,7 +212,8 @@ def test_strict_stops_at_the_first_bad_record_and_leaves_nothing(tmp_path, tok_d
     conv.write_text(json.dumps(conversations(1)[0], ensure_ascii=False) + '\n{"conversations": 7}\n')
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ResourceWarning)
-        with pytest.raises(TinykError, match=r"bad.jsonl:2: not string"):
+        with pytest.raises(TinykError, match=r"bad.jsonl:2: not string \(its 'text' is a JSON number, "
+                                                 r"not text\) \(--strict\)"):
             prepare_pretrain([src], tok_dir, tmp_path / "out", strict=True, **QUIET)
         with pytest.raises(TinykError, match=r"bad_sft.jsonl:2: "):
             prepare_sft([conv], tok_dir, tmp_path / "out", strict=True, **QUIET)

@@ -50,6 +50,12 @@ def test_a_missing_path_names_a_sibling_of_a_close_name(tmp_path, capsys, nano_m
     assert typo_hint(tmp_path / "corpus.jsonl.partia") == ""
     assert typo_hint(tmp_path / ".corpus.jsonl.partia") == f" (did you mean {tmp_path / '.corpus.jsonl.partial'}?)"
     assert typo_hint(tmp_path / "zzz") == typo_hint(tmp_path / "no" / "corpus.json") == typo_hint(Path("/")) == ""
+    # A quoted pattern ('data/*.jsonl'), or one a Windows shell passed on as it was: said to be one.
+    (tmp_path / "more.jsonl").write_text('{"text": "好"}\n', encoding="utf-8")
+    code, err = run_cli(["tokenizer", "train", str(tmp_path / "*.jsonl"), "--out", str(tmp_path / "t")], capsys)
+    assert code == 2 and err == (f"tinyk: error: input file not found: {tmp_path / '*.jsonl'} (a wildcard, which tinyk "
+                                 f"does not expand: it matches 2 files there; unquoted, the shell gives their names)\n")
+    assert typo_hint(tmp_path / "*.txt") == ""
 
 
 def test_input_that_is_not_a_file(tmp_path, capsys):

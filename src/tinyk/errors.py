@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import errno
+import fnmatch
 import itertools
 import os
 import re
@@ -21,6 +22,8 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TextIO
+
+from .units import plural
 
 # Why --device mps (or device: mps) is refused, in the words the CLI and the config checks both use.
 MPS_REFUSED = ("mps is not supported: tinyk's training has not been checked on Apple GPUs (--device cpu trains on "
@@ -150,6 +153,10 @@ def typo_hint(path: str | Path) -> str:
     except OSError:
         return ""
     names = [n for n in names if not n.startswith(".") or path.name.startswith(".")]
+    if matching := fnmatch.filter(names, path.name) if any(c in path.name for c in "*?[") else []:
+        # 'data/*.jsonl' quoted, or a Windows shell, which passes patterns on as they are
+        return (f" (a wildcard, which tinyk does not expand: it matches {plural(len(matching), 'files')} there; "
+                f"unquoted, the shell gives their names)")
     close = difflib.get_close_matches(path.name, names, n=1, cutoff=0.8)
     return f" (did you mean {shown(path.parent / close[0])}?)" if close else ""
 

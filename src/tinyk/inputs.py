@@ -972,8 +972,9 @@ def iter_documents(paths: list[Path], skips: Skips, *, field: str = "text", **kw
             continue
         else:
             text = rec[field]
-        if not isinstance(text, str):
-            skips.add("not_string", where)
+        if not isinstance(text, str):  # null, mostly: a Parquet column's missing values
+            kind = "null" if text is None else f"a JSON {json_kind(text)}"
+            skips.add("not_string", where, f"its {short_repr(field)} is {kind}, not text")
             continue
         if not text.strip():
             skips.add("empty", where)
