@@ -757,7 +757,7 @@ def test_a_failing_hook_or_prefill_never_strands_a_caller(engine, reference, mon
         assert "".join(first.deltas(timeout=60)) == engine.tok.decode(reference[0])
         assert "on_finish failed: RuntimeError: log disk full" in capsys.readouterr().err
         with monkeypatch.context() as m:
-            m.setattr("tinyk.engine._Batch.add", lambda self, reqs: (_ for _ in ()).throw(MemoryError("prefill")))
+            m.setattr("tinyk.engine._DecodeBatch.add", lambda self, reqs: (_ for _ in ()).throw(MemoryError("prefill")))
             failed = [sched.submit(p, GREEDY) for p in PROMPTS]
             for r in failed:
                 list(r.deltas(timeout=60))
@@ -772,10 +772,10 @@ def test_a_failing_hook_or_prefill_never_strands_a_caller(engine, reference, mon
 def test_a_prefill_that_fails_ends_only_the_requests_it_admitted(engine, reference, monkeypatch):
     """One colleague's long prompt out of memory must not cut off the replies already decoding: their
     batch is untouched by the prefill that failed, and they finish as they would have."""
-    from tinyk.engine import _Batch
+    from tinyk.engine import _DecodeBatch
 
     sched = Scheduler(engine)
-    real_add, real_step, late = _Batch.add, _Batch.step, []
+    real_add, real_step, late = _DecodeBatch.add, _DecodeBatch.step, []
 
     def add(self, reqs):
         if late and late[0] in reqs:
@@ -787,8 +787,8 @@ def test_a_prefill_that_fails_ends_only_the_requests_it_admitted(engine, referen
             late.append(sched.submit(PROMPTS[1], GREEDY))
         return real_step(self)
 
-    monkeypatch.setattr(_Batch, "add", add)
-    monkeypatch.setattr(_Batch, "step", step)
+    monkeypatch.setattr(_DecodeBatch, "add", add)
+    monkeypatch.setattr(_DecodeBatch, "step", step)
     try:
         first = sched.submit(PROMPTS[0], GREEDY)
         assert "".join(first.deltas(timeout=60)) == engine.tok.decode(reference[0])

@@ -46,9 +46,9 @@ from tinyk.train import (
     Dist,
     LossSum,
     Trainer,
+    best_kept_so_far,
     default_warmup,
     first_budget,
-    kept_best,
     lr_at,
     micro_layout,
     optimizer_step,
@@ -3481,7 +3481,7 @@ def test_best_records_the_val_loss_and_step_it_was_kept_for(tmp_path, pt_data, t
     summary = train(nano_cfg(pt_data, tok_dir, out, max_steps=3, eval_every=1, keep_best=True, lr=0.3))
     evals = records(out, "eval")
     best = min(evals, key=lambda r: r["val_loss"])
-    assert kept_best(out / "best") == (best["val_loss"], best["step"])
+    assert best_kept_so_far(out / "best") == (best["val_loss"], best["step"])
     assert (summary["best_model_step"], summary["best_model_val_loss"]) == (best["step"], best["val_loss"])
     (out / "final").rename(tmp_path / "final.old")  # resume to write final/ again: best/ is read back from its header
     again = train(nano_cfg(pt_data, tok_dir, out, max_steps=3, eval_every=1, keep_best=True, lr=0.3), resume=True)

@@ -107,7 +107,7 @@ def default_workers() -> int:
 
 
 @dataclass
-class _Batch:
+class _DocBatch:
     """Tokenized documents back to back, with per-document lengths, source sizes and content keys."""
 
     tokens: np.ndarray
@@ -119,11 +119,11 @@ class _Batch:
     def __len__(self) -> int:
         return len(self.lengths)
 
-    def take(self, keep: np.ndarray) -> _Batch:
+    def take(self, keep: np.ndarray) -> _DocBatch:
         """The documents where `keep` (one bool per document) is set, in order."""
         per_token = np.repeat(keep, self.lengths)
         mask = None if self.mask is None else self.mask[per_token]
-        return _Batch(self.tokens[per_token], self.lengths[keep], self.nbytes[keep], self.keys[keep], mask)
+        return _DocBatch(self.tokens[per_token], self.lengths[keep], self.nbytes[keep], self.keys[keep], mask)
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,7 @@ def _tokenizer(tokenizer_json: str) -> tuple[Any, np.ndarray]:
 
 
 # A tokenized payload: its documents, (reason, where) of those dropped, truncation counts.
-_Encoded = tuple[_Batch, list[tuple[str, str]], Counter]
+_Encoded = tuple[_DocBatch, list[tuple[str, str]], Counter]
 
 
 def _encode(job: _Job, payload: Any) -> _Encoded:
@@ -168,7 +168,7 @@ def text_pieces(text: str, size: int = PIECE_CHARS, longest: int | None = None) 
     return list(pre_token_pieces(text, size, 2 * size if longest is None else longest))
 
 
-def _encode_pretrain(job: _Job, texts: list[str]) -> _Batch:
+def _encode_pretrain(job: _Job, texts: list[str]) -> _DocBatch:
     """Each document becomes <|im_start|> + its tokens + <|im_end|>."""
     tok, _ = _tokenizer(job.tokenizer_json)
     encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # the fast one skips offsets
@@ -194,7 +194,7 @@ def _encode_pretrain(job: _Job, texts: list[str]) -> _Batch:
     tokens[inner] = np.fromiter(chain.from_iterable(ids), job.dtype, len(tokens) - 2 * len(ids))
     raw = [t.encode("utf-8") for t in texts]
     nbytes = np.fromiter((len(b) for b in raw), np.int64, len(raw))
-    return _Batch(tokens, lengths, nbytes, _content_keys(raw))
+    return _DocBatch(tokens, lengths, nbytes, _content_keys(raw))
 
 
 def _encode_sft(job: _Job, convs: list[tuple[str, list[dict[str, str]], _Clip | None]]) -> _Encoded:
@@ -227,7 +227,7 @@ def _encode_sft(job: _Job, convs: list[tuple[str, list[dict[str, str]], _Clip | 
         lengths.append(cut)
         nbytes.append(int(nbytes_of[chat.ids[:cut]][mask[:cut] == 1].sum()))
         keys.append(_content_key(_split_source(msgs)) if clip is None else clip.key)
-    batch = _Batch(np.concatenate(toks) if toks else np.empty(0, job.dtype), np.array(lengths, np.int64),
+    batch = _DocBatch(np.concatenate(toks) if toks else np.empty(0, job.dtype), np.array(lengths, np.int64),
                    np.array(nbytes, np.int64), np.array(keys, np.uint64),
                    np.concatenate(masks) if masks else np.empty(0, np.uint8))
     return batch, skipped, truncated
@@ -334,7 +334,7 @@ class _SplitWriter:
         if state:
             self.documents, self.tokens, self.bytes = state["documents"], state["tokens"], state["bytes"]
 
-    def add(self, b: _Batch) -> None:
+    def add(self, b: _DocBatch) -> None:
         if not len(b):
             return
         self.documents += len(b)
@@ -343,7 +343,7 @@ class _SplitWriter:
         with writing(self.folder):
             self._write(b)
 
-    def _write(self, b: _Batch) -> None:
+    def _write(self, b: _DocBatch) -> None:
         raise NotImplementedError
 
     def _files(self) -> list[Any]:
@@ -395,7 +395,7 @@ class _ShardWriter(_SplitWriter):
             self.shards = [dict(s) for s in state["shards"]]
             self.f = open(self.folder / self.shards[-1]["file"], "ab")  # closed by release()
 
-    def _write(self, b: _Batch) -> None:
+    def _write(self, b: _DocBatch) -> None:
         data = b.tokens
         while len(data):
             if self.f is None or self.shards[-1]["tokens"] == self.shard_tokens:
@@ -441,7 +441,7 @@ class _ConversationWriter(_SplitWriter):
         self.tok_f, self.mask_f, self.len_f = (open(self.folder / name, "ab")  # closed by release()
                                                for name in ("tokens.bin", "mask.bin", self.LENGTHS))
 
-    def _write(self, b: _Batch) -> None:
+    def _write(self, b: _DocBatch) -> None:
         assert b.mask is not None
         b.tokens.tofile(self.tok_f)
         b.mask.astype(np.uint8).tofile(self.mask_f)
@@ -477,9 +477,9 @@ class _Splitter:
     def __init__(self, train: _SplitWriter, val: _SplitWriter, val_fraction: float, seed: int, seen: int = 0):
         self.train, self.val, self.val_fraction, self.seed = train, val, val_fraction, seed
         self.seen = seen
-        self.held: tuple[_Batch, bool] | None = None
+        self.held: tuple[_DocBatch, bool] | None = None
 
-    def add(self, b: _Batch) -> None:
+    def add(self, b: _DocBatch) -> None:
         if not len(b):
             return
         to_val = _unit_draws(self.seed, b.keys) < self.val_fraction
@@ -491,7 +491,7 @@ class _Splitter:
         self.train.add(b.take(~to_val & ~last))
         self.held = (b.take(last), bool(to_val[-1]))
 
-    def _route(self, b: _Batch, to_val: bool) -> None:
+    def _route(self, b: _DocBatch, to_val: bool) -> None:
         (self.val if to_val else self.train).add(b)
 
     def settle(self) -> bool:

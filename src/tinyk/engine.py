@@ -568,7 +568,7 @@ class Request:
             yield item
 
 
-class _Batch:
+class _DecodeBatch:
     """The sequences decoding together: one KV cache, one forward pass per step."""
 
     def __init__(self, engine: Engine):
@@ -928,7 +928,7 @@ class Engine:
     def _steps(self, requests: Iterable[Request]) -> Iterator[list[tuple[Request, str]]]:
         """Decodes `requests` (at most `max_batch` at a time, each taken as a row frees up), yielding each
         step's (request, text delta)s."""
-        pending, batch = iter(requests), _Batch(self)
+        pending, batch = iter(requests), _DecodeBatch(self)
         while True:
             admit = list(itertools.islice(pending, self.max_batch - len(batch.rows)))
             if not admit and not batch.rows:
@@ -1104,7 +1104,7 @@ class Scheduler:
         self._thread.join()
 
     def _loop(self) -> None:
-        batch = _Batch(self.engine)
+        batch = _DecodeBatch(self.engine)
         while True:
             with self._cv:
                 while not self._waiting and not batch.rows and not self._closed:

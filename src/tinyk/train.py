@@ -454,7 +454,7 @@ def _load_pt(path: Path) -> Any:
 BEST_STEP, BEST_VAL = "tinyk.step", "tinyk.val_loss"
 
 
-def kept_best(best: Path) -> tuple[float, int | None]:
+def best_kept_so_far(best: Path) -> tuple[float, int | None]:
     """(val loss, step) of the model a run's best/ holds; (inf, None) where there is none to compare with."""
     from safetensors import SafetensorError, safe_open
 
@@ -1490,7 +1490,7 @@ class Trainer:
         # each takes rank 0's lowest val loss and its reading of best/.
         # best/'s model ((inf, None) for none), which keep_best replaces with one of a lower val loss than any
         # so far; without keep_best it stays, and the summary names it all the same.
-        best_val, (self.kept_val, self.kept_step) = d.gather_host((best_val, kept_best(self.out / "best")))[0]
+        best_val, (self.kept_val, self.kept_step) = d.gather_host((best_val, best_kept_so_far(self.out / "best")))[0]
         self._note_kept(best_val)
         last_saved = p.step if self.resumed_from else -1
         estimate = 0
