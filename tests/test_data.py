@@ -196,7 +196,8 @@ def test_bad_records_are_skipped_counted_and_located(tmp_path, tok_dir):
                            "line_too_long": "a line over 16 MiB is skipped; tinyk data and tokenizer train "
                                             "read longer ones with --max-line-bytes",
                            "invalid_utf8": "bytes that are neither UTF-8 nor GBK: a damaged line, or a file to "
-                                           "convert from its encoding"}
+                                           "convert from its encoding",
+                           "not_string": "its 'text' is a JSON number, not text"}
     assert sk["hints"]["missing_field"] in Skips.from_json(sk).summary()  # as `tinyk data` prints it
     assert sk["first"]["line_too_long"] == ["bad.jsonl:7"]
     assert sk["first"]["invalid_utf8"] == ["bad.jsonl:6"]
@@ -2052,7 +2053,8 @@ def test_each_epoch_visits_the_windows_in_a_new_order(pretrain_dir):
 def test_a_position_past_the_epoch_is_refused_not_looped_on(pretrain_dir):
     loader = PretrainLoader(pretrain_dir, "train", 16, 2)
     state = {**loader.state_dict(), "cursor": loader.num_windows}
-    with pytest.raises(TinykError, match="invalid data loader state"):
+    with pytest.raises(ValueError, match=f"its data loader is at epoch 0, window {loader.num_windows:,} of "
+                                         f"{loader.num_windows:,}"):
         loader.load_state_dict(state)
 
 

@@ -58,6 +58,20 @@ def test_a_missing_path_names_a_sibling_of_a_close_name(tmp_path, capsys, nano_m
     assert typo_hint(tmp_path / "*.txt") == ""
 
 
+def test_a_json_file_a_full_disk_stops_is_named_with_the_space_left(tmp_path, monkeypatch):
+    """summary.json on a disk filled as the run ended: "what it prints could not be written to its standard
+    output", where an unnamed write error was taken for stdout's."""
+    from tinyk import outputs
+
+    def full(path: Path, *a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(outputs, "atomic_file", full)
+    with pytest.raises(TinykError, match=rf"^cannot write {re.escape(str(tmp_path / 's.json'))}: \[Errno 28\] No "
+                                         rf"space left on device; [\d,]+ MB free on that disk$"):
+        outputs.write_json_atomic(tmp_path / "s.json", {})
+
+
 def test_input_that_is_not_a_file(tmp_path, capsys):
     d = tmp_path / "语料 dir"
     d.mkdir()

@@ -1279,6 +1279,23 @@ def test_under_torchrun_a_refusal_is_printed_once_and_the_others_say_why_they_st
     assert not (tmp_path / "run").exists()  # the refused start left nothing behind
 
 
+def test_sample_prompts_under_fsdp_are_refused_with_how_to_drop_them(tmp_path, pt_data, tok_dir):
+    """Rank 0 alone decodes the samples, and under FSDP it holds a shard of the model. A run saved with
+    --sample and resumed under fsdp has them from its config.yaml: the refusal says how to drop them."""
+    rdzv = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2", **AS_TORCHRUN}
+    workers = [subprocess.Popen([str(BIN / "python"), "-m", "tinyk",
+                                 *cli_args(pt_data, tok_dir, tmp_path / "run", "--max-steps", "2", "--parallel",
+                                           "fsdp", "--sample", "你好")],
+                                env={**ENV, **rdzv, "RANK": str(r), "LOCAL_RANK": str(r)},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outputs = [w.communicate(timeout=120) for w in workers]
+    assert [w.returncode for w in workers] == [2, 2], outputs
+    assert outputs[0][1].splitlines() == [
+        "tinyk: error: sample_prompts are decoded by one process, which under --parallel fsdp holds a shard of the "
+        "model: train with ddp, or drop them (--set sample_prompts=[]; a resumed run has them from its config.yaml) "
+        "and sample a checkpoint's model/ with tinyk generate"], outputs
+
+
 def test_ranks_that_do_not_share_the_run_directory_are_refused(tmp_path, pt_data, tok_dir):
     """Two machines, each with its own disk at the same path (here: two paths): rank 1 would never see
     the checkpoints rank 0 writes, so a resume would start the ranks at different steps."""
@@ -1710,6 +1727,15 @@ def test_out_of_memory_names_the_knob(tmp_path, pt_data, tok_dir, monkeypatch, c
         "tinyk: error: out of CPU memory (asked for 4,611,686,018.4 GB): a smaller model, batch or sequence length "
         "fits\n")
     assert not (tmp_path / "o").exists()
+    numpy = "Unable to allocate 3.00 GiB for an array"
+    for error, said in ((MemoryError(numpy), f" ({numpy})"), (MemoryError(), "")):
+        def no_room(self, *a, error=error, **kw):
+            raise error
+
+        monkeypatch.setattr(Transformer, "__init__", no_room)  # numpy's or Python's own: a traceback
+        with pytest.raises(SystemExit) as e:
+            main(cli_args(pt_data, tok_dir, tmp_path / "o"))
+        assert e.value.code == 2 and capsys.readouterr().err == f"tinyk: error: out of memory{said}\n"
 
 
 def test_token_ids_past_the_vocabulary_are_one_line_not_an_index_error(tmp_path, pt_data, sft_data, tok_dir,
@@ -1756,6 +1782,14 @@ def test_a_damaged_checkpoint_is_named_with_the_way_out(tmp_path, pt_data, tok_d
         assert "\n" not in str(e.value) and "weights_only" not in str(e.value)  # torch's advice is unsafe here
         shutil.rmtree(newest)
         shutil.copytree(copy, newest)
+    # The data's place: "invalid data loader state {...}" and "damaged ('loader')" said neither which nor how.
+    saved = json.loads((newest / "state.json").read_text())
+    for state, why in (({k: v for k, v in saved.items() if k != "loader"}, "'loader' missing"),
+                       ({**saved, "loader": {**saved["loader"], "cursor": 10**6}}, "its data loader is at epoch ")):
+        (newest / "state.json").write_text(json.dumps(state))
+        with pytest.raises(TinykError, match=f"checkpoint {newest} is damaged \\({why}.*; delete it to resume"):
+            train(nano_cfg(pt_data, tok_dir, out, max_steps=6), resume=True)
+    (newest / "state.json").write_text(json.dumps(saved))
     # The only checkpoint: deleting it, as that advised, made --resume start the run anew.
     only = tmp_path / "only"
     shutil.copytree(out, only)
@@ -3228,6 +3262,43 @@ def test_a_resume_on_a_read_only_disk_is_one_line(tmp_path, pt_data, tok_dir, mo
     monkeypatch.setattr("tinyk.monitor.atomic_file", read_only)
     with pytest.raises(TinykError, match=rf"^cannot write in {re.escape(str(out))}: the file system is read-only$"):
         train(nano_cfg(pt_data, tok_dir, out, max_steps=3), resume=True)
+
+
+def test_a_checkpoints_folder_that_cannot_be_written_is_said_before_the_first_step(tmp_path, pt_data, tok_dir,
+                                                                                   monkeypatch):
+    """chmod a-w on checkpoints/: the resumed run trained up to its first save (1,000 steps by default)
+    and then lost them; a finished run there still resumes to nothing, as on a read-only disk."""
+    import errno
+    import tempfile
+
+    out = tmp_path / "run"
+    train(nano_cfg(pt_data, tok_dir, out, max_steps=2, save_every=1))
+    before = (out / "metrics.jsonl").read_bytes()
+    real_mkstemp = tempfile.mkstemp
+
+    def denied(*a, dir: str | None = None, **kw):
+        if Path(dir) == out / "checkpoints":
+            raise PermissionError(errno.EACCES, "Permission denied", str(Path(dir) / ".x.tmp-1"))
+        return real_mkstemp(*a, dir=dir, **kw)
+
+    monkeypatch.setattr(tempfile, "mkstemp", denied)
+    with pytest.raises(TinykError, match=rf"^cannot write in {re.escape(str(out / 'checkpoints'))}: permission "
+                                         rf"denied$"):
+        train(nano_cfg(pt_data, tok_dir, out, max_steps=4, save_every=2), resume=True)
+    assert (out / "metrics.jsonl").read_bytes() == before and (out / "summary.json").is_file()
+    assert train(nano_cfg(pt_data, tok_dir, out, max_steps=2), resume=True)["steps"] == 2  # finished: no write
+
+
+def test_a_resume_whose_data_has_moved_says_how_to_give_its_new_place(tmp_path, pt_data, tok_dir):
+    out, moved = tmp_path / "run", tmp_path / "moved"
+    train(nano_cfg(pt_data, tok_dir, out, max_steps=1, save_every=1))
+    shutil.copytree(pt_data, moved)
+    cfg = nano_cfg(tmp_path / "gone", tok_dir, out, max_steps=2)
+    gone = re.escape(str(tmp_path / "gone"))
+    with pytest.raises(TinykError, match=rf"^tinyk data directory not found: {gone} \(the data this run trained on; "
+                                         rf"if it has moved, give its new place with --data\)$"):
+        train(cfg, resume=True)
+    assert train(replace(cfg, data=str(moved)), resume=True)["steps"] == 2
 
 
 def test_force_on_a_run_whose_checkpoints_are_a_link_says_where_they_go(tmp_path, pt_data, tok_dir, capsys):

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TextIO
 
-from .units import plural
+from .units import bytes_text, plural
 
 # Why --device mps (or device: mps) is refused, in the words the CLI and the config checks both use.
 MPS_REFUSED = ("mps is not supported: tinyk's training has not been checked on Apple GPUs (--device cpu trains on "
@@ -304,7 +304,7 @@ def out_of_memory(e: BaseException) -> str | None:
         return "GPU memory"
     if isinstance(e, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(e):
         asked = re.search(r"allocate (\d+) bytes", str(e))
-        return "CPU memory" + (f" (asked for {int(asked[1]) / 1e9:,.1f} GB)" if asked else "")
+        return "CPU memory" + (f" (asked for {bytes_text(int(asked[1]))})" if asked else "")
     return None
 
 

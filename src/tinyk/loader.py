@@ -404,7 +404,8 @@ class _Loader:
                                  f"data and seq_len it was saved with")
         epoch, cursor = int(state["epoch"]), int(state["cursor"])
         if epoch < 0 or not 0 <= cursor < self.num_windows:
-            raise TinykError(f"invalid data loader state {state}")
+            # a damaged checkpoint's: ValueError, which the trainer reports as one, with the way out
+            raise ValueError(f"its data loader is at epoch {epoch}, window {cursor:,} of {self.num_windows:,}")
         self._epoch, self._cursor = epoch, cursor
 
 

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -412,6 +413,15 @@ class RunDir:
         with writing(self.out / "config.yaml"), atomic_file(self.out / "config.yaml") as tmp:
             tmp.write_text(config, encoding="utf-8")
 
+    def check_writable(self) -> None:
+        """Rank 0's, before the first step: a checkpoints/ or run directory it cannot write in (chmod, a
+        disk remounted read-only) was found at the first save, --save-every steps of training later."""
+        for folder in (self.out / "checkpoints", self.out):
+            with writing(folder / ".write-check"):
+                fd, name = tempfile.mkstemp(dir=folder, prefix=".write-check.tmp-")  # a leftover is cleaned
+                os.close(fd)
+                os.unlink(name)
+
     def check_shared(self) -> None:
         """Every rank must see the directory rank 0 writes, as it reads the checkpoints there on resume;
         on machines that each have their own disk, the ranks would otherwise resume from different steps."""
@@ -421,7 +431,8 @@ class RunDir:
         token = d.sum_host([int.from_bytes(os.urandom(7), "big") if d.main else 0])[0]
         probe = self.out / f".shared-check.tmp-{token:014x}"  # a new name: no cached lookup can answer
         if d.main:
-            probe.write_text(f"{d.world}\n")
+            with writing(probe):
+                probe.write_text(f"{d.world}\n")
         d.barrier()
         # An NFS client may keep answering "no such directory" for --out (looked up before rank 0
         # made it) until its attribute cache expires, so ranks look again, deciding together.

@@ -52,6 +52,7 @@ from .errors import (
     TinykError,
     first_line,
     memory_available,
+    not_found,
     out_of_memory,
     say_on_stderr,
     shown,
@@ -656,6 +657,9 @@ class Trainer:
         from .tokenizer import DEFAULT_SYSTEM_PROMPT, check_init_tokenizer, load_tokenizer, same_tokenizer
 
         cfg = self.cfg
+        if self.resume and cfg.data and not Path(cfg.data).exists():  # moved since: --data says where it is now
+            raise TinykError(f"{not_found(Path(cfg.data), 'tinyk data directory')} (the data this run trained on; "
+                             f"if it has moved, give its new place with --data)")
         self.meta = open_dataset(cfg.data)
         if self.meta["kind"] != cfg.kind:
             raise TinykError(f"{cfg.data} holds {self.meta['kind']} data; tinyk {cfg.kind} needs {cfg.kind} data")
@@ -701,7 +705,8 @@ class Trainer:
                              f"(lower --seq-len or raise model.max_seq_len)")
         if cfg.sample_prompts and cfg.parallel == "fsdp" and self.dist.world > 1:
             raise TinykError("sample_prompts are decoded by one process, which under --parallel fsdp holds a shard "
-                             "of the model: train with ddp, or sample a checkpoint's model/ with tinyk generate")
+                             "of the model: train with ddp, or drop them (--set sample_prompts=[]; a resumed run "
+                             "has them from its config.yaml) and sample a checkpoint's model/ with tinyk generate")
         for q, ids in zip(cfg.sample_prompts, self._sample_ids() if cfg.sample_prompts else [], strict=True):
             if len(ids) >= self.mcfg.max_seq_len:
                 raise TinykError(f"sample prompt {short_repr(q, 24)} takes {len(ids):,} tokens, "
@@ -948,8 +953,8 @@ class Trainer:
         way = ("delete it to resume from the one before" if len(checkpoints(self.out)) > 1 else
                f"it is the run's only one (deleted, --resume would start the run anew): train on from its model/, "
                f"if that is whole, in a new run (--init {self.resumed_from / 'model'})")
-        return TinykError(f"checkpoint {self.resumed_from} is damaged ({first_line(problem)}); {way}, or start "
-                          f"over with --force")
+        why = f"{first_line(problem)} missing" if isinstance(problem, KeyError) else first_line(problem)
+        return TinykError(f"checkpoint {self.resumed_from} is damaged ({why}); {way}, or start over with --force")
 
     def _weights_error(self, e: TinykError) -> TinykError:
         """A model (weights, tokenizer) that does not load: a resumed checkpoint's is damaged, --init's
@@ -1441,6 +1446,7 @@ class Trainer:
         if self.finished_already:  # this call stopped nothing, whatever stopped the run's last step
             return {**self.finished_already, "stop_signal": self.stop_signal}
         if self.dist.main:  # an earlier session's says "completed" of a run this one extends, until it ends
+            self.run_dir.check_writable()
             (self.out / "summary.json").unlink(missing_ok=True)
         self._t0 = time.perf_counter()
         try:

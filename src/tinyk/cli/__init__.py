@@ -31,6 +31,7 @@ from tinyk.errors import (
     Terminated,
     TinykError,
     escape_controls,
+    first_line,
     import_torch,
     out_of_memory,
     say_on_stderr,
@@ -311,4 +312,6 @@ def main(argv: list[str] | None = None) -> None:
         if not (memory := out_of_memory(e)):
             raise
         _fail(f"tinyk: error: out of {memory}: a smaller model, batch or sequence length fits")
+    except MemoryError as e:  # Python's or numpy's own, not PyTorch's: anywhere, not only in a model
+        _fail(f"tinyk: error: out of memory{f' ({first_line(e)})' if str(e) else ''}")
     sys.exit(code or 0)
