@@ -1782,6 +1782,22 @@ def test_a_damaged_checkpoint_is_named_with_the_way_out(tmp_path, pt_data, tok_d
         assert "\n" not in str(e.value) and "weights_only" not in str(e.value)  # torch's advice is unsafe here
         shutil.rmtree(newest)
         shutil.copytree(copy, newest)
+    # Numbers changed inside a file whose structure holds (a flipped bit on the disk or in a copy): resumed
+    # from without a word, until the files' sizes and checksums were recorded.
+    for name in ("optimizer.pt", "model/model.safetensors"):
+        spoiled = newest / name
+        size = spoiled.stat().st_size
+        with open(spoiled, "r+b") as f:
+            f.seek(size // 2)
+            original = f.read(8)
+            f.seek(size // 2)
+            f.write(bytes(b ^ 0xFF for b in original))
+        with pytest.raises(TinykError, match=f"checkpoint {newest} is damaged \\({name} differs from the checksum "
+                                             f"state.json records: it changed on the disk or in a copy\\); delete it"):
+            train(nano_cfg(pt_data, tok_dir, out, max_steps=6), resume=True)
+        with open(spoiled, "r+b") as f:
+            f.seek(size // 2)
+            f.write(original)
     # The data's place: "invalid data loader state {...}" and "damaged ('loader')" said neither which nor how.
     saved = json.loads((newest / "state.json").read_text())
     for state, why in (({k: v for k, v in saved.items() if k != "loader"}, "'loader' missing"),

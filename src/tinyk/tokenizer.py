@@ -703,11 +703,6 @@ def train_tokenizer(inputs: list[str | Path], out: str | Path, *, vocab_size: in
 
     t0 = time.time()
     last_line = time.monotonic()
-    if lines:  # at once: a log stayed empty for the first minute
-        cap = f", at most {bytes_text(max_bytes)} of it" if max_bytes is not None else ""
-        print(f"training tokenizer: reading {plural(len(paths), 'files')} "
-              f"({bytes_text(sum(p.stat().st_size for p in paths))} on disk{cap}); a line a minute follows",
-              file=sys.stderr, flush=True)
 
     def tick() -> None:
         nonlocal last_line
@@ -717,6 +712,11 @@ def train_tokenizer(inputs: list[str | Path], out: str | Path, *, vocab_size: in
                   file=sys.stderr, flush=True)
 
     with atomic_dir(out, force=force, inputs=paths, replaces=("a tinyk tokenizer", _is_tokenizer_output)) as tmp:
+        on_disk = sum(p.stat().st_size for p in paths)
+        if lines and min(on_disk, max_bytes or on_disk) >= START_LINE_BYTES:  # a log stayed empty for a minute
+            cap = f", at most {bytes_text(max_bytes)} of it" if max_bytes is not None else ""
+            print(f"training tokenizer: reading {plural(len(paths), 'files')} ({bytes_text(on_disk)} on disk{cap}); "
+                  f"a line a minute follows", file=sys.stderr, flush=True)
         _train_interruptibly(tok, texts(), trainer, tick)
         if stats["documents"] == 0:
             raise _no_documents("in the input", skips, max_bytes)
@@ -863,6 +863,9 @@ def pre_token_edge(text: str, i: int) -> bool:
     if a in (" ", b):
         return False
     return text[i - 1] != "'" or not ((i >= 2 and _kind(text[i - 2]) == "?") or _contraction(text, i - 1))
+
+
+START_LINE_BYTES = 8 * 2**20  # of input to read, at least, for a line before the first minute's (10 s of work or more)
 
 
 def _training_line(documents: int, nbytes: int, max_bytes: int | None, read_all: bool, seconds: float) -> str:
