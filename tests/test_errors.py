@@ -70,6 +70,12 @@ def test_a_json_file_a_full_disk_stops_is_named_with_the_space_left(tmp_path, mo
     with pytest.raises(TinykError, match=rf"^cannot write {re.escape(str(tmp_path / 's.json'))}: \[Errno 28\] No "
                                          rf"space left on device; [\d,]+ MB free on that disk$"):
         outputs.write_json_atomic(tmp_path / "s.json", {})
+    # A disk out of inodes says "No space left" too, with megabytes free beside it: the free space misled.
+    real = os.statvfs(tmp_path)
+    monkeypatch.setattr(os, "statvfs", lambda p: os.statvfs_result((*real[:7], 0, *real[8:])))
+    with pytest.raises(TinykError, match=r"; that disk has no free inodes \(too many files\), though [\d,]+ MB are "
+                                         r"free$"):
+        outputs.write_json_atomic(tmp_path / "s.json", {})
 
 
 def test_input_that_is_not_a_file(tmp_path, capsys):

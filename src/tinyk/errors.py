@@ -320,7 +320,11 @@ def write_error(path: Path, e: BaseException) -> TinykError:
         # Not the disk (a folder that is not one, /proc): the reason alone, without the temporary file's name.
         return TinykError(f"cannot write {path}: {e.strerror}")
     try:
-        free = f"; {shutil.disk_usage(path.parent).free / 1e6:,.0f} MB free on that disk"
+        left = shutil.disk_usage(path.parent).free
+        free = f"; {left / 1e6:,.0f} MB free on that disk"
+        if left and getattr(e, "errno", None) == errno.ENOSPC and hasattr(os, "statvfs") \
+                and os.statvfs(path.parent).f_favail == 0:  # room for bytes, none for another file
+            free = f"; that disk has no free inodes (too many files), though {left / 1e6:,.0f} MB are free"
     except OSError:
         free = ""
     why = first_line(e)
