@@ -54,28 +54,27 @@ def test_a_missing_path_names_a_sibling_of_a_close_name(tmp_path, capsys, nano_m
     (tmp_path / "more.jsonl").write_text('{"text": "好"}\n', encoding="utf-8")
     code, err = run_cli(["tokenizer", "train", str(tmp_path / "*.jsonl"), "--out", str(tmp_path / "t")], capsys)
     assert code == 2 and err == (f"tinyk: error: input file not found: {tmp_path / '*.jsonl'} (a wildcard, which tinyk "
-                                 f"does not expand: it matches 2 files there; unquoted, the shell gives their names)\n")
+                                 f"does not expand: it matches 2 names there; give the names, or leave it unquoted in "
+                                 f"a shell that expands it)\n")
     assert typo_hint(tmp_path / "*.txt") == ""
 
 
-def test_a_json_file_a_full_disk_stops_is_named_with_the_space_left(tmp_path, monkeypatch):
-    """summary.json on a disk filled as the run ended: "what it prints could not be written to its standard
-    output", where an unnamed write error was taken for stdout's."""
-    from tinyk import outputs
+def test_a_disk_out_of_inodes_is_named_so_not_by_its_free_space(tmp_path, monkeypatch):
+    """A disk out of inodes says "No space left" too, with megabytes free beside it: the free space misled."""
+    from tinyk.errors import writing
 
-    def full(path: Path, *a, **kw):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(outputs, "atomic_file", full)
-    with pytest.raises(TinykError, match=rf"^cannot write {re.escape(str(tmp_path / 's.json'))}: \[Errno 28\] No "
-                                         rf"space left on device; [\d,]+ MB free on that disk$"):
-        outputs.write_json_atomic(tmp_path / "s.json", {})
-    # A disk out of inodes says "No space left" too, with megabytes free beside it: the free space misled.
     real = os.statvfs(tmp_path)
+    full = OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(TinykError, match=r"; [\d,]+ MB free on that disk$"), writing(tmp_path / "s.json"):
+        raise full
     monkeypatch.setattr(os, "statvfs", lambda p: os.statvfs_result((*real[:7], 0, *real[8:])))
     with pytest.raises(TinykError, match=r"; that disk has no free inodes \(too many files\), though [\d,]+ MB are "
-                                         r"free$"):
-        outputs.write_json_atomic(tmp_path / "s.json", {})
+                                         r"free$"), writing(tmp_path / "s.json"):
+        raise full
+    # btrfs and tmpfs count no inodes at all (f_files 0): there a full disk is not one out of inodes
+    monkeypatch.setattr(os, "statvfs", lambda p: os.statvfs_result((*real[:5], 0, 0, 0, *real[8:])))
+    with pytest.raises(TinykError, match=r"; [\d,]+ MB free on that disk$"), writing(tmp_path / "s.json"):
+        raise full
 
 
 def test_input_that_is_not_a_file(tmp_path, capsys):

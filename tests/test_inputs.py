@@ -1523,18 +1523,20 @@ def test_a_json_lines_line_that_is_one_string_is_a_documents_text(tmp_path):
     """`json.dumps(text)` a line: it was skipped as "no field 'text', the first such record has a JSON str;
     --field names the one with the text", which no --field could fix."""
     src = tmp_path / "s.jsonl"
-    src.write_text("\n".join([json.dumps("第一篇。"), json.dumps("second\nline"), "5", '""', '{"text": "三"}']) + "\n",
-                   encoding="utf-8")
+    twice = json.dumps(json.dumps({"text": "四"}))  # a record encoded twice is no text: its braces and keys
+    src.write_text("\n".join([json.dumps("第一篇。"), json.dumps("second\nline"), "5", '""', '{"text": "三"}', twice,
+                              json.dumps("[not json")]) + "\n", encoding="utf-8")
     skips = Skips()
-    assert list(iter_texts([src], skips, field="content")) == ["第一篇。", "second\nline"]
-    assert skips.counts == {"missing_field": 2, "empty": 1}
+    assert list(iter_texts([src], skips, field="content")) == ["第一篇。", "second\nline", "[not json"]
+    assert skips.counts == {"missing_field": 2, "empty": 1, "encoded_twice": 1}
+    assert skips.hints["encoded_twice"].endswith("decode it first, e.g. jq -c fromjson FILE > records.jsonl")
     assert "no field 'content', the first such record has a JSON number;" in skips.summary()
 
 
 @pytest.mark.parametrize("rec, program", [
     ({"conversations": [{"from": "human", "value": "你好"}, {"from": "assistant", "value": "好"}]},
      """'{"text": ([.conversations[].value] | join("\\n"))}'"""),
-    ({"id": 1, "messages": [{"role": "user", "content": "你好"}]},
+    ({"conversations": "", "messages": [{"role": "user", "content": "你好"}]},
      """'{"text": ([.messages[].content] | join("\\n"))}'"""),
     ([{"role": "user", "content": "你好"}], """'{"text": ([.[].content] | join("\\n"))}'""")])
 def test_conversations_read_as_text_are_told_how_to_make_text_of_them(tmp_path, rec, program):

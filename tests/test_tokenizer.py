@@ -849,6 +849,8 @@ def test_a_cap_that_leaves_whole_inputs_unread_names_them(tmp_path):
     whole = sum(f.stat().st_size for f in files[:2])  # the cap falls at the second file's end: nothing unread but 3
     r = train_tokenizer(files, tmp_path / "tok2", vocab_size=300, max_bytes=whole, show_progress=False)
     assert r["stopped_before"] == "code.txt:1" and r["not_read"] == ["more.txt", "last.txt"]
+    r = train_tokenizer(files, tmp_path / "tok3", vocab_size=300, max_bytes=whole + 100, show_progress=False)
+    assert r["stopped_before"].startswith("code.txt:") and r["not_read"] == ["more.txt", "last.txt"]  # inside the 3rd
 
 
 def test_the_cap_note_counts_long_lines_skipped_apart(tmp_path):

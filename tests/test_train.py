@@ -1292,7 +1292,7 @@ def test_sample_prompts_under_fsdp_are_refused_with_how_to_drop_them(tmp_path, p
     assert [w.returncode for w in workers] == [2, 2], outputs
     assert outputs[0][1].splitlines() == [
         "tinyk: error: sample_prompts are decoded by one process, which under --parallel fsdp holds a shard of the "
-        "model: train with ddp, or drop them (--set sample_prompts=[]; a resumed run has them from its config.yaml) "
+        "model: train with ddp, or drop them (--set 'sample_prompts=[]'; a resumed run has them from its config.yaml) "
         "and sample a checkpoint's model/ with tinyk generate"], outputs
 
 
@@ -1760,7 +1760,8 @@ def test_a_damaged_checkpoint_is_named_with_the_way_out(tmp_path, pt_data, tok_d
     out = tmp_path / "run"
     train(nano_cfg(pt_data, tok_dir, out, max_steps=4, save_every=2, keep_checkpoints=5))
     newest = checkpoints(out)[-1]
-    damage = [lambda: (newest / "state.json").write_text("{"), lambda: (newest / "optimizer.pt").write_bytes(b"x"),
+    damage = [lambda: (newest / "state.json").write_text("{"), lambda: (newest / "state.json").write_text("[]"),
+              lambda: (newest / "optimizer.pt").write_bytes(b"x"),
               lambda: (newest / "optimizer.pt").write_bytes(b""), lambda: (newest / "rng.pt").write_bytes(b""),
               lambda: (newest / "rng.pt").unlink(),
               lambda: (newest / "model" / "model.safetensors").write_bytes(b"\0" * 100),
@@ -3302,7 +3303,33 @@ def test_a_checkpoints_folder_that_cannot_be_written_is_said_before_the_first_st
                                          rf"denied$"):
         train(nano_cfg(pt_data, tok_dir, out, max_steps=4, save_every=2), resume=True)
     assert (out / "metrics.jsonl").read_bytes() == before and (out / "summary.json").is_file()
+    monkeypatch.setattr(tempfile, "mkstemp", real_mkstemp)
+    leftovers = [out / ".write-check.tmp-abc", out / "checkpoints" / ".write-check.tmp-def"]  # a kill mid-check
+    for p in leftovers:
+        p.touch()
     assert train(nano_cfg(pt_data, tok_dir, out, max_steps=2), resume=True)["steps"] == 2  # finished: no write
+    assert not any(p.exists() for p in leftovers)
+
+
+def test_a_summary_a_full_disk_stops_is_named_with_the_space_left(tmp_path, pt_data, tok_dir, monkeypatch):
+    """summary.json on a disk filled as the run ended: "what it prints could not be written to its standard
+    output", where an unnamed write error was taken for stdout's."""
+    import errno
+
+    from tinyk import outputs
+
+    real = outputs.atomic_file
+
+    def full(path: Path, *a, **kw):
+        if Path(path).name == "summary.json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(outputs, "atomic_file", full)
+    summary = re.escape(str(tmp_path / "run" / "summary.json"))
+    with pytest.raises(TinykError, match=rf"^cannot write {summary}: \[Errno 28\] No space left on device; [\d,]+ MB "
+                                         rf"free on that disk$"):
+        train(nano_cfg(pt_data, tok_dir, tmp_path / "run", max_steps=1))
 
 
 def test_a_resume_whose_data_has_moved_says_how_to_give_its_new_place(tmp_path, pt_data, tok_dir):

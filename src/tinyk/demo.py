@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .corpus import CorpusSpec, build_demo_corpus
-from .errors import Stopped, TinykError, first_line, is_terminal
+from .errors import Stopped, TinykError, first_line, is_terminal, writing
 from .evaluate import percent
 from .inputs import read_json
 from .model import HALF_INSTRUCTIONS, cpu_emulates, cpuinfo
@@ -399,7 +399,8 @@ def _name_final_paths(tmp: Path, out: Path) -> None:
 def _move_final(run: Path, to: Path) -> None:
     """A training run's final model, moved to `to` (base/, chat/), with its summary.json saying so."""
     os.replace(run / "final", to)
-    write_json_atomic(run / "summary.json", {**read_json(run / "summary.json"), "final_model": str(to)})
+    with writing(run / "summary.json"):
+        write_json_atomic(run / "summary.json", {**read_json(run / "summary.json"), "final_model": str(to)})
 
 
 def _is_demo_dir(path: Path) -> bool:

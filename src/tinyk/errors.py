@@ -155,8 +155,8 @@ def typo_hint(path: str | Path) -> str:
     names = [n for n in names if not n.startswith(".") or path.name.startswith(".")]
     if matching := fnmatch.filter(names, path.name) if any(c in path.name for c in "*?[") else []:
         # 'data/*.jsonl' quoted, or a Windows shell, which passes patterns on as they are
-        return (f" (a wildcard, which tinyk does not expand: it matches {plural(len(matching), 'files')} there; "
-                f"unquoted, the shell gives their names)")
+        return (f" (a wildcard, which tinyk does not expand: it matches {plural(len(matching), 'names')} there; "
+                f"give the names, or leave it unquoted in a shell that expands it)")
     close = difflib.get_close_matches(path.name, names, n=1, cutoff=0.8)
     return f" (did you mean {shown(path.parent / close[0])}?)" if close else ""
 
@@ -322,8 +322,9 @@ def write_error(path: Path, e: BaseException) -> TinykError:
     try:
         left = shutil.disk_usage(path.parent).free
         free = f"; {left / 1e6:,.0f} MB free on that disk"
-        if left and getattr(e, "errno", None) == errno.ENOSPC and hasattr(os, "statvfs") \
-                and os.statvfs(path.parent).f_favail == 0:  # room for bytes, none for another file
+        inodes = os.statvfs(path.parent) if hasattr(os, "statvfs") else None
+        # room for bytes, none for another file (btrfs and tmpfs count no inodes: f_files 0)
+        if left and getattr(e, "errno", None) == errno.ENOSPC and inodes and inodes.f_files and not inodes.f_favail:
             free = f"; that disk has no free inodes (too many files), though {left / 1e6:,.0f} MB are free"
     except OSError:
         free = ""

@@ -70,9 +70,9 @@ class Skips:
         return sum(self.counts.values())
 
     def _reasons(self) -> list[str]:
-        hints = {"invalid_utf8": GBK_HINT, **self.hints}  # a run counted before hints were kept
         return [f"{reason.replace('_', ' ')}: {n:,} (first at {', '.join(self.first[reason])}"
-                f"{'; ' + hints[reason] if reason in hints else ''})" for reason, n in sorted(self.counts.items())]
+                f"{'; ' + self.hints[reason] if reason in self.hints else ''})"
+                for reason, n in sorted(self.counts.items())]
 
     def summary(self) -> str:
         """One line, for an error message."""
@@ -502,18 +502,18 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
     consumed = 0
     labels = _labels(paths)
 
-    def stop(where: str, i: int) -> None:
+    def stop(where: str, file: int) -> None:
         skips.stopped_at, skips.stopped_before = consumed, where
-        skips.not_read = [labels[p] for p in paths[i + 1:]]
+        skips.not_read = [labels[p] for p in paths[file + 1:]]
 
-    for i, path in enumerate(paths):
+    for file, path in enumerate(paths):
         label = labels[path]
         if has_suffix(path, ".parquet"):
             for where, rec, n in _iter_parquet(path, label, None if message_lists else field):
                 if head is not None:  # its first batch of rows has been read
                     break
                 if max_bytes is not None and consumed + n > max_bytes:
-                    stop(where, i)
+                    stop(where, file)
                     return
                 consumed += n
                 skips.consumed = consumed
@@ -541,7 +541,7 @@ def iter_records(paths: list[Path], skips: Skips, *, max_bytes: int | None = Non
             line_start, end = end, read
             where = f"{label}:{lineno + lone_crs}"
             if max_bytes is not None and base + read > max_bytes:
-                stop(where, i)
+                stop(where, file)
                 encoding.decide()  # on what was read: a sample of a GBK file is refused too
                 return
             consumed = base + read
@@ -941,19 +941,30 @@ def is_conversation(rec: Any) -> bool:
 def _conversation_text_jq(rec: Any, field: str) -> str:
     """How to make text documents of conversations (for a tokenizer that knows their words too): the jq
     line that joins each one's turns, for the two formats whose turns are a list; else nothing."""
-    turns = rec if is_message_list(rec) else next(
-        (rec[k] for k in ("conversations", "messages") if isinstance(rec.get(k), list)), None) \
+    key = next((k for k in ("conversations", "messages") if isinstance(rec.get(k), list)), None) \
         if isinstance(rec, dict) else None
+    turns = rec if is_message_list(rec) else rec[key] if key else None
     if not turns or not isinstance(turns[0], dict):
         return ""
-    where = "." if isinstance(rec, list) else f".{'conversations' if 'conversations' in rec else 'messages'}"
+    where = f".{key}" if key else "."
     text = "value" if "value" in turns[0] else "content"
     program = f"{{{json.dumps(field)}: ([{where}[].{text}] | join(\"\\n\"))}}"
     return f"; as text, e.g. jq -c {shlex.quote(program)} FILE > text.jsonl"
 
 
+def _holds_json(text: str) -> bool:
+    """Whether a string is itself a JSON object or array (a record encoded twice), not text."""
+    if not text.lstrip().startswith(("{", "[")):
+        return False
+    try:
+        return isinstance(json.loads(text), dict | list)
+    except (ValueError, RecursionError):
+        return False
+
+
 def iter_texts(paths: list[Path], skips: Skips, *, field: str = "text", **kw: Any) -> Iterator[str]:
-    """Yields the text of each document, skipping records without a usable text field."""
+    """Yields the text of each document (a record's `field`, or a line that is one JSON string), skipping
+    records without usable text."""
     return (text for _, text in iter_documents(paths, skips, field=field, **kw))
 
 
@@ -961,6 +972,10 @@ def iter_documents(paths: list[Path], skips: Skips, *, field: str = "text", **kw
     """`iter_texts` with where each text is ("file:line"). A JSON Lines line that is one string (what
     `json.dumps(text)` for each document writes) is a document's text."""
     for where, rec in iter_records(paths, skips, field=field, **kw):
+        if isinstance(rec, str) and _holds_json(rec):  # json.dumps(json.dumps(record)): braces and keys as text
+            skips.add("encoded_twice", where, "a JSON record written as a JSON string: decode it first, e.g. "
+                                              "jq -c fromjson FILE > records.jsonl")
+            continue
         if isinstance(rec, str):
             text = rec
         elif not isinstance(rec, dict) or field not in rec:
@@ -1069,8 +1084,8 @@ STDIN_NAMES = ("-", "/dev/stdin")  # the --prompt-file values that read stdin
 
 
 def read_prompts(typed: list[str], prompt_file: str | None, field: str = "prompt") -> tuple[list[str], str | None]:
-    """`tinyk generate`'s prompts: the typed ones, then a file's (one per `.txt` line or per record's
-    `field`) or stdin's (`-`, one per line); with a note on the lines skipped, if any."""
+    """`tinyk generate`'s prompts: the typed ones, then a file's (one per `.txt` line, per record's
+    `field` or per JSON string line) or stdin's (`-`, one per line); with a note on the lines skipped, if any."""
     prompts, note = list(typed), None
     if prompt_file in STDIN_NAMES:  # one prompt per line, for pipelines
         lines = [line.rstrip("\r").removeprefix("\ufeff") for line in _stdin_text().split("\n")]  # a BOM, as in files
@@ -1093,8 +1108,8 @@ def read_prompts(typed: list[str], prompt_file: str | None, field: str = "prompt
             why = f"no usable lines; {skips.summary()}" if skips.total else "it has no non-empty lines"
             raise TinykError(f"no prompts in {prompt_file} ({why})")
         if not found:
-            raise TinykError(f"no prompts in {prompt_file} (records need a string field {field!r}, "
-                             f"see --field; {skips.summary()})")
+            raise TinykError(f"no prompts in {prompt_file} (records need a string field {field!r}, see --field, "
+                             f"or a line may be one JSON string; {skips.summary()})")
         note = f"{prompt_file}: {skips.summary()}" if skips.total else None
         prompts += found
     if not prompts:

@@ -258,7 +258,8 @@ def _run_id(out: Path) -> str:
     lines = _tracker_lines(out)
     if not lines:  # none, or empty: made by an older tinyk killed mid-write
         lines = [os.urandom(6).hex()]
-        write_text_atomic(out / TRACKER_ID, f"{lines[0]}\n")
+        with writing(out / TRACKER_ID):
+            write_text_atomic(out / TRACKER_ID, f"{lines[0]}\n")
     return lines[0]
 
 
@@ -277,7 +278,8 @@ def _record_tracker(out: Path, name: str) -> None:
     run_id = _run_id(out)  # first, also for a SwanLab before 0.6, which takes no id
     names = _tracker_lines(out)[1:]
     if name not in names:
-        write_text_atomic(out / TRACKER_ID, "".join(f"{line}\n" for line in [run_id, *names, name]))
+        with writing(out / TRACKER_ID):
+            write_text_atomic(out / TRACKER_ID, "".join(f"{line}\n" for line in [run_id, *names, name]))
 
 
 def plot_losses(records: list[dict[str, Any]], png: Path) -> bool:

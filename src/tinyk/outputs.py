@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import TinykError, first_line, is_terminal, not_found, shown, write_error, writing
+from .errors import TinykError, first_line, is_terminal, not_found, shown, write_error
 
 
 def plain_name(name: Any) -> bool:
@@ -629,9 +629,9 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
-    """Writes `text` as UTF-8, complete or not at all (see `atomic_file`), a failure named as `writing`
-    names it. Paths in it whose bytes are not UTF-8 (a GBK folder name) are written as `shown` prints them."""
-    with writing(Path(path)), atomic_file(path) as tmp:
+    """Writes `text` as UTF-8, complete or not at all (see `atomic_file`). Paths in it whose bytes are not
+    UTF-8 (a GBK folder name) are written as `shown` prints them."""
+    with atomic_file(path) as tmp:
         tmp.write_bytes(shown(text).encode("utf-8"))
 
 

@@ -104,7 +104,7 @@ def _is_leftover(p: Path) -> bool:
     write of the run left, named after one of its entries (a user's `.env.old-backup` is not one)."""
     m = _LEFTOVER.match(p.name)
     return bool(m) and not ASIDE.match(p.name) and (
-        m[1] in RUN_ENTRIES or m[1] in ("forced", "shared-check") or bool(CKPT_RE.match(m[1])))
+        m[1] in RUN_ENTRIES or m[1] in ("forced", "shared-check", "write-check") or bool(CKPT_RE.match(m[1])))
 
 
 def made_by_a_run(p: Path) -> bool:

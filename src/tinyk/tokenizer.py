@@ -713,7 +713,8 @@ def train_tokenizer(inputs: list[str | Path], out: str | Path, *, vocab_size: in
 
     with atomic_dir(out, force=force, inputs=paths, replaces=("a tinyk tokenizer", _is_tokenizer_output)) as tmp:
         on_disk = sum(p.stat().st_size for p in paths)
-        if lines and min(on_disk, max_bytes or on_disk) >= START_LINE_BYTES:  # a log stayed empty for a minute
+        text = sum(p.stat().st_size * (MAX_COMPRESSION if is_compressed(p) else 1) for p in paths)  # at most
+        if lines and min(text, max_bytes or text) >= START_LINE_BYTES:  # a log stayed empty for a minute
             cap = f", at most {bytes_text(max_bytes)} of it" if max_bytes is not None else ""
             print(f"training tokenizer: reading {plural(len(paths), 'files')} ({bytes_text(on_disk)} on disk{cap}); "
                   f"a line a minute follows", file=sys.stderr, flush=True)
@@ -937,6 +938,8 @@ def eval_tokenizer(path: str | Path, inputs: list[str | Path] | None = None, *,
         # NFKC's loss (full-width text comes back half-width) is by design; another normalizer's is not tinyk's.
         "nfkc": isinstance(tk.tok.normalizer, normalizers.NFKC),
         "roundtrip_failures": failures,
+        # beside an input's documents, the built-in samples are checked too
+        "builtin_samples": len(samples) if inputs else 0, "builtin_failures": len(fixed) if inputs else 0,
         "first_failure": first_failure or next(iter(fixed), None),
         "documents": docs,
         "capped_at": skips.stopped_at,

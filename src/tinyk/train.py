@@ -705,6 +705,8 @@ class Trainer:
             Path(cfg.tokenizer) if cfg.tokenizer else self.init_dir
         if self.tok_dir is None:
             raise TinykError("no tokenizer: pass --tokenizer (or --init a model directory, which carries one)")
+        if self.resumed_from:
+            self._check_checkpoint_sums()
         try:
             self.tok = tok = load_tokenizer(self.tok_dir)
         except TinykError as e:
@@ -730,7 +732,7 @@ class Trainer:
                              f"(lower --seq-len or raise model.max_seq_len)")
         if cfg.sample_prompts and cfg.parallel == "fsdp" and self.dist.world > 1:
             raise TinykError("sample_prompts are decoded by one process, which under --parallel fsdp holds a shard "
-                             "of the model: train with ddp, or drop them (--set sample_prompts=[]; a resumed run "
+                             "of the model: train with ddp, or drop them (--set 'sample_prompts=[]'; a resumed run "
                              "has them from its config.yaml) and sample a checkpoint's model/ with tinyk generate")
         for q, ids in zip(cfg.sample_prompts, self._sample_ids() if cfg.sample_prompts else [], strict=True):
             if len(ids) >= self.mcfg.max_seq_len:
@@ -987,6 +989,17 @@ class Trainer:
         is the user's to fix."""
         return self._damaged(e) if self.resumed_from else e
 
+    def _check_checkpoint_sums(self) -> None:
+        """The resumed checkpoint's files against the sizes and checksums its state.json records, before
+        any of them is read (its tokenizer is, first)."""
+        try:
+            state = read_json(self.resumed_from / "state.json")
+            if not isinstance(state, dict):
+                raise ValueError("state.json holds no JSON object")
+            _check_sums(self.resumed_from, state.get("files"))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise self._damaged(e) from e
+
     def _load_checkpoint(self, path: Path) -> None:
         try:
             state = self._load_checkpoint_files(path)
@@ -998,7 +1011,6 @@ class Trainer:
     def _load_checkpoint_files(self, path: Path) -> dict[str, Any]:
         """Restores the model's progress, the optimizer, the RNGs and the data's place; returns state.json."""
         state = read_json(path / "state.json")
-        _check_sums(path, state.get("files"))  # before anything is read from the files
         required = ("step", "tokens", "loss_tokens", "elapsed_s")
         counts = ("step", "tokens", "loss_tokens", "total_steps", "warmup")
         for key in (*required, "total_steps", "warmup", "lr", "min_lr_ratio", "decay_fraction", "max_minutes"):
@@ -1018,7 +1030,7 @@ class Trainer:
             raise TinykError(f"{self.cfg.data} holds other training data than this run trained on (its files' "
                              f"checksums differ: another corpus, system prompt or split): resume with the data it "
                              f"began with, or train on from its weights in a new run (--init {path / 'model'})")
-        try:  # before the large files: a resume that would disturb the sample order is refused at once
+        try:  # before the large files load: a resume that would disturb the sample order is refused at once
             # Checkpoints from before the loader recorded seq_len have it beside the loader's state.
             self.loader.load_state_dict({"seq_len": state.get("seq_len", self.cfg.seq_len), **state["loader"]})
         except ResumeMismatch as e:
@@ -1798,7 +1810,8 @@ class Trainer:
             "best_model_val_loss": self.kept_val if self.kept_step is not None else None,
         }
         if self.dist.main:
-            write_json_atomic(self.out / "summary.json", summary)
+            with writing(self.out / "summary.json"):
+                write_json_atomic(self.out / "summary.json", summary)
             best = ""
             if self.kept_step is not None and self.kept_val <= best_val:
                 best = f"; the lowest val loss, step {self.kept_step}'s, in {self.out / 'best'}"

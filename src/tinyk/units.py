@@ -15,6 +15,10 @@ MIN_SHARD_TOKENS = 1000
 MiB = 2**20
 GiB = 2**30
 
+MAX_SIZE = 10**18  # beyond this, counts overflow the 64-bit integers of the libraries underneath
+_UNITS = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+_BINARY_UNITS = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # 16MiB, as --max-line-bytes' help says
+
 
 def is_int(x: object) -> bool:
     """An int, not a bool (which Python counts as one): for values read from JSON, YAML or a request."""
@@ -24,10 +28,6 @@ def is_int(x: object) -> bool:
 def is_number(x: object) -> bool:
     """An int or a float, not a bool (NaN and infinities included: the caller's range says)."""
     return isinstance(x, int | float) and not isinstance(x, bool)
-
-MAX_SIZE = 10**18  # beyond this, counts overflow the 64-bit integers of the libraries underneath
-_UNITS = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
-_BINARY_UNITS = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # 16MiB, as --max-line-bytes' help says
 
 
 def size_text(n: int) -> str:

@@ -99,8 +99,10 @@ def _show(r: dict) -> None:
     print(f"bos/eos/pad     {r['bos']} / {r['eos']} / {r['pad']}")
     lossy = r["nfkc"] and not r["roundtrip_ok"]
     verdict = "exact" if r["roundtrip_ok"] else "not exact, by design (NFKC normalisation)" if lossy else "FAILED"
+    samples = f"; built-in samples: {r['builtin_failures']} of {r['builtin_samples']} failed" \
+        if r["builtin_failures"] else ""
     print(f"round trip      {verdict} ({plural(r['documents'], 'documents')}, "
-          f"{plural(r['roundtrip_failures'], 'failures')})")
+          f"{plural(r['roundtrip_failures'], 'failures')}{samples})")
     if r["first_failure"]:
         print(f"                first at {r['first_failure']}")
     _input_lines(r)
