@@ -684,7 +684,7 @@ def result_rows(res: dict[str, Any]) -> list[tuple[str, str, str]]:
         ("SFT tokens", f"{sft['tokens']:,}", f"{sft['steps']} steps, {sft['epochs']:.2f} epochs, "
          f"{sft['tokens_per_s']:,.0f} tokens/s overall"),
         ("base val bits per byte", f"{ev['base_val']['bits_per_byte']:.3f}",
-         f"loss {ev['base_val']['loss']:.3f}, perplexity {ev['base_val']['perplexity']:.1f}; "
+         f"the whole val split: loss {ev['base_val']['loss']:.3f}, perplexity {ev['base_val']['perplexity']:.1f}; "
          f"{_uniform_bpb(res, ev['base_val']):.2f} = any token equally likely"),
         ("chat val bits per byte", f"{ev['chat_val']['bits_per_byte']:.3f}", "same text, after SFT"),
     ]
@@ -772,6 +772,9 @@ def render_report(res: dict[str, Any]) -> str:
                   [(name, r["steps"], f"{r['tokens']:,}", f"{r['tokens_per_s']:,.0f}", r["dtype"],
                     _fmt(r["final_train_loss"]), _fmt(r["final_val_loss"]), _fmt(r["final_val_bpb"]))
                    for name, r in (("pretrain", res["pretrain"]), ("sft", res["sft"]))]),
+        "",
+        f"The val loss here is the last evaluation's during training, on the first {res['config']['eval_batches']} "
+        f"batches of the val split; the held-out figures above score all of it.",
         "",
         *[f"![{p}]({p})" for p in res["loss_curves"]],
         "",
