@@ -360,9 +360,10 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, *, show_progress: b
                 raise TinykError(f"{e.cause if isinstance(e, SaveFailed) else e} (the demo's work folder {tmp} is "
                                  f"removed; run the demo again once this is fixed)") from e
             results["out"] = str(out)
-            write_json_atomic(tmp / "results.json", results)
-            (tmp / "report.md").write_text(render_report(results), encoding="utf-8")
-            _name_final_paths(tmp, Path(out))
+            with writing(Path(out)):
+                write_json_atomic(tmp / "results.json", results)
+                (tmp / "report.md").write_text(render_report(results), encoding="utf-8")
+                _name_final_paths(tmp, Path(out))
             results = read_json(tmp / "results.json")
     finally:
         torch.set_num_threads(threads)
@@ -774,7 +775,7 @@ def render_report(res: dict[str, Any]) -> str:
                    for name, r in (("pretrain", res["pretrain"]), ("sft", res["sft"]))]),
         "",
         f"The val loss here is the last evaluation's during training, on the first {res['config']['eval_batches']} "
-        f"batches of the val split; the held-out figures above score all of it.",
+        f"batches of each run's val split; the held-out bits per byte above score the whole pretraining val split.",
         "",
         *[f"![{p}]({p})" for p in res["loss_curves"]],
         "",

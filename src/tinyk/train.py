@@ -645,6 +645,8 @@ class Trainer:
             self.monitor = self._make_monitor() if self.dist.main else None
             # Only now, and only when there is training to do: a refused resume, or one of a finished
             # run, leaves the run's config as it was.
+            if self.dist.main and not self.finished_already:
+                self.run_dir.check_writable()
             if self.dist.main and not self.fresh and not self.finished_already:
                 self.run_dir.write_config(dump_config(cfg))
             self.peak, self.peak_source = peak_flops(self.device, cfg.peak_tflops, self.dtype)  # a timed matmul on CPU
@@ -1485,7 +1487,6 @@ class Trainer:
         if self.finished_already:  # this call stopped nothing, whatever stopped the run's last step
             return {**self.finished_already, "stop_signal": self.stop_signal}
         if self.dist.main:  # an earlier session's says "completed" of a run this one extends, until it ends
-            self.run_dir.check_writable()
             (self.out / "summary.json").unlink(missing_ok=True)
         self._t0 = time.perf_counter()
         try:
