@@ -707,7 +707,7 @@ class Trainer:
             Path(cfg.tokenizer) if cfg.tokenizer else self.init_dir
         if self.tok_dir is None:
             raise TinykError("no tokenizer: pass --tokenizer (or --init a model directory, which carries one)")
-        if self.resumed_from:
+        if self.resumed_from and self.dist.main:  # one reading of the files, not one a rank (they share them)
             self._check_checkpoint_sums()
         try:
             self.tok = tok = load_tokenizer(self.tok_dir)
