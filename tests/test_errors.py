@@ -67,7 +67,7 @@ def test_a_disk_out_of_inodes_is_named_so_not_by_its_free_space(tmp_path, monkey
     full = OSError(errno.ENOSPC, "No space left on device")
     with pytest.raises(TinykError, match=r"; [\d,]+ MB free on that disk$"), writing(tmp_path / "s.json"):
         raise full
-    monkeypatch.setattr(os, "statvfs", lambda p: os.statvfs_result((*real[:7], 0, *real[8:])))
+    monkeypatch.setattr(os, "statvfs", lambda p: os.statvfs_result((*real[:5], 100, 0, 0, *real[8:])))
     with pytest.raises(TinykError, match=r"; that disk has no free inodes \(too many files\), though [\d,]+ MB are "
                                          r"free$"), writing(tmp_path / "s.json"):
         raise full
@@ -1081,19 +1081,39 @@ def test_the_newest_checkpoint_named_is_the_one_of_the_highest_step(tmp_path, na
 
 
 def test_stdout_over_its_disk_quota_is_said_as_a_full_disk_is(capsys, monkeypatch):
-    """EDQUOT writing stdout (no file name) gets ENOSPC's line: what could not be written, exit 2."""
+    """EDQUOT writing stdout (no file name) gets ENOSPC's line: what could not be written, exit 2. A write
+    that names no file while stdout has room is not blamed on stdout (a full disk under the run, once)."""
     import errno
     import os
 
+    import tinyk.cli
     import tinyk.plan
 
     def full(*a, **kw):
         raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
 
     monkeypatch.setattr(tinyk.plan, "format_plan", full)
+    monkeypatch.setattr(tinyk.cli, "_stdout_is_full", lambda: True)
     assert run_cli(["plan", "--preset", "nano"], capsys) == (2, (
         f"tinyk: error: what it prints could not be written to its standard output: {os.strerror(errno.EDQUOT)} "
         "(the files it writes are complete or not there)\n"))
+    monkeypatch.undo()
+    monkeypatch.setattr(tinyk.plan, "format_plan", full)
+    assert run_cli(["plan", "--preset", "nano"], capsys) == (2, (
+        f"tinyk: error: a write failed: {os.strerror(errno.EDQUOT)} (the files it writes are complete or not "
+        "there)\n"))
+
+
+def test_stdout_is_full_where_its_file_has_no_room(tmp_path, monkeypatch):
+    import tinyk.cli
+
+    with open(tmp_path / "out.txt", "w") as f:
+        monkeypatch.setattr(sys, "stdout", f)
+        assert not tinyk.cli._stdout_is_full()
+        real = os.fstatvfs(f.fileno())
+        for full in ((*real[:4], 0, *real[5:]), (*real[:5], 100, 0, 0, *real[8:])):  # no blocks, or no inodes, left
+            monkeypatch.setattr(os, "fstatvfs", lambda fd, full=full: os.statvfs_result(full))
+            assert tinyk.cli._stdout_is_full()
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes")

@@ -16,6 +16,7 @@ import io
 import json
 import os
 import signal
+import stat
 import sys
 import time
 from collections.abc import Iterable
@@ -229,6 +230,21 @@ def _fail(message: str, root_cause: bool = True) -> NoReturn:
     sys.exit(2)
 
 
+def _stdout_is_full() -> bool:
+    """Whether stdout is where a disk ran out: /dev/full, or a file on a disk with no room or no inodes left."""
+    try:
+        fd = sys.stdout.fileno()
+        st = os.fstat(fd)
+        if stat.S_ISCHR(st.st_mode):  # a terminal never is; /dev/full is device 1:7 on Linux
+            return hasattr(os, "major") and (os.major(st.st_rdev), os.minor(st.st_rdev)) == (1, 7)
+        if stat.S_ISREG(st.st_mode) and hasattr(os, "fstatvfs"):
+            vfs = os.fstatvfs(fd)
+            return vfs.f_bavail == 0 or (vfs.f_files > 0 and vfs.f_favail == 0)
+    except (OSError, ValueError, AttributeError):  # closed, or no descriptor: nothing to tell by
+        pass
+    return False
+
+
 def _closed_std_streams_on_devnull() -> None:
     """A standard stream its caller closed (a daemon started with `2>&-`) becomes /dev/null: Python
     leaves it None, which print() and the server's log take for stdout or fail on, and the next file
@@ -298,10 +314,12 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(e, BrokenPipeError) or WINDOWS and e.errno == errno.EINVAL and e.filename is None:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(signal_status("SIGPIPE"))
-        if e.filename is None and e.errno in (errno.ENOSPC, errno.EDQUOT):  # stdout to a full disk, or /dev/full
-            # Said of stdout alone: the files a command writes are complete or absent, and may be complete.
-            _fail(f"tinyk: error: what it prints could not be written to its standard output: {e.strerror} "
-                  f"(the files it writes are complete or not there)")
+        if e.filename is None and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            # The files a command writes are complete or absent, and may be complete; each names itself when
+            # it fails, so an unnamed one is most often stdout's (to a full disk, or /dev/full).
+            where = "what it prints could not be written to its standard output" if _stdout_is_full() else \
+                "a write failed"
+            _fail(f"tinyk: error: {where}: {e.strerror} (the files it writes are complete or not there)")
         if isinstance(e.filename, str | bytes) and e.filename2 is None and e.strerror:
             # As ls says it, not Python's "[Errno 13] Permission denied: 'x'".
             _fail(f"tinyk: error: cannot access {os.fsdecode(e.filename)}: {e.strerror[:1].lower()}{e.strerror[1:]}")
