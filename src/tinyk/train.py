@@ -1345,6 +1345,24 @@ class Trainer:
         return dict.fromkeys(stops, handler)
 
     def _header(self) -> None:
+        """What the run is and how it is set, then notes on its model, data and schedule, then where it
+        resumed: printed once, before the first step."""
+        lines = [*self._settings_lines(), *self._model_notes(), *self._data_notes()]
+        if self.warmup >= self.total_steps:
+            peak = "reaches its peak only at the last step" if self.warmup == self.total_steps else \
+                "never reaches its peak"
+            lines.append(f"note: warmup {self.warmup} is not shorter than the run's "
+                         f"{plural(self.total_steps, 'steps')}, so the LR {peak} and never decays (set warmup_steps)")
+        lines += self._resume_lines()
+        if self.val_problem:
+            lines.append(f"no validation: {self.val_problem}")
+        if not self.monitor.can_plot:
+            lines.append("note: no loss.png without matplotlib (pip install matplotlib); metrics.jsonl has the losses")
+        for line in lines:
+            self.monitor.print(line)
+
+    def _settings_lines(self) -> list[str]:
+        """The model, processes, dtype, batch, budget, schedule and FLOPs of the run, and notes on them."""
         cfg, d, m = self.cfg, self.dist, self.mcfg
         dev = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else self.device.type
         tokens_per_step = cfg.batch_size * cfg.seq_len
@@ -1377,6 +1395,11 @@ class Trainer:
                      emulated_note(self.device, self.dtype)):
             if note:
                 lines.append(f"note: {note}")
+        return lines
+
+    def _model_notes(self) -> list[str]:
+        """Where the model is not what the flags suggest: --init's shapes beside a preset, a longer context."""
+        cfg, m, lines = self.cfg, self.mcfg, []
         preset = self.preset_beside_init
         if preset in PRESETS and any(
                 PRESETS[preset].get(k, getattr(m, k)) != getattr(m, k) for k in ("dim", "n_layers", "n_heads")):
@@ -1387,6 +1410,11 @@ class Trainer:
                       f"not trained in this run either (seq_len {cfg.seq_len})")
             lines.append(f"note: the model's context is {m.max_seq_len}, --init's was {self.init_context}: positions "
                          f"past {self.init_context} are new to it, {learnt}")
+        return lines
+
+    def _data_notes(self) -> list[str]:
+        """What of the data the run leaves out, cuts or goes through more than once a step."""
+        cfg, m, lines = self.cfg, self.mcfg, []
         dropped, cut = (self.loader.dropped, self.loader.cut) if cfg.kind == "sft" else (0, 0)
         total = dropped + self.loader.num_windows
         if dropped:
@@ -1415,11 +1443,11 @@ class Trainer:
         if not self.resumed_from and 0 < samples < cfg.batch_size:  # rounded up to a step
             lines.append(f"note: {self._budget_text()} is less than one step of {cfg.batch_size:,} sequences "
                          f"({cfg.batch_size * cfg.seq_len:,} tokens at seq_len {cfg.seq_len}): the run trains one step")
-        if self.warmup >= self.total_steps:
-            peak = "reaches its peak only at the last step" if self.warmup == self.total_steps else \
-                "never reaches its peak"
-            lines.append(f"note: warmup {self.warmup} is not shorter than the run's "
-                         f"{plural(self.total_steps, 'steps')}, so the LR {peak} and never decays (set warmup_steps)")
+        return lines
+
+    def _resume_lines(self) -> list[str]:
+        """Where a resumed run goes on from, and what changed in its schedule."""
+        lines = []
         if self.resumed_from:
             lines.append(f"resumed from {self.resumed_from} (step {self.progress.step})")
             if self.progress.step >= self.total_steps:
@@ -1437,12 +1465,7 @@ class Trainer:
                              f"{was:.3g}")
         elif self.resume:
             lines.append(f"--resume: no checkpoint in {self.out}, so this is a new run")
-        if self.val_problem:
-            lines.append(f"no validation: {self.val_problem}")
-        if not self.monitor.can_plot:
-            lines.append("note: no loss.png without matplotlib (pip install matplotlib); metrics.jsonl has the losses")
-        for line in lines:
-            self.monitor.print(line)
+        return lines
 
     def run(self) -> dict[str, Any]:
         try:
