@@ -713,8 +713,8 @@ def train_tokenizer(inputs: list[str | Path], out: str | Path, *, vocab_size: in
 
     with atomic_dir(out, force=force, inputs=paths, replaces=("a tinyk tokenizer", _is_tokenizer_output)) as tmp:
         on_disk = sum(p.stat().st_size for p in paths)
-        text = sum(p.stat().st_size * (MAX_COMPRESSION if is_compressed(p) else 1) for p in paths)  # at most
-        if lines and min(text, max_bytes or text) >= START_LINE_BYTES:  # a log stayed empty for a minute
+        most = sum(p.stat().st_size * (MAX_COMPRESSION if is_compressed(p) else 1) for p in paths)  # of text
+        if lines and min(most, max_bytes or most) >= START_LINE_BYTES:  # a log stayed empty for a minute
             cap = f", at most {bytes_text(max_bytes)} of it" if max_bytes is not None else ""
             print(f"training tokenizer: reading {plural(len(paths), 'files')} ({bytes_text(on_disk)} on disk{cap}); "
                   f"a line a minute follows", file=sys.stderr, flush=True)
