@@ -1117,7 +1117,8 @@ class Scheduler:
                     return
                 # A request whose client left while it waited gives its place in the queue up now.
                 gone, kept = _cancelled_apart(self._waiting)
-                self._waiting = deque(kept)
+                if gone:  # else the queue stays as it is: this runs before every decode step
+                    self._waiting = deque(kept)
                 room = self.engine.max_batch - len(batch.rows)
                 admit = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
             left, admit = _cancelled_apart(admit)

@@ -972,21 +972,21 @@ def iter_documents(paths: list[Path], skips: Skips, *, field: str = "text", **kw
     """`iter_texts` with where each text is ("file:line"). A JSON Lines line that is one string (what
     `json.dumps(text)` for each document writes) is a document's text."""
     for where, rec in iter_records(paths, skips, field=field, **kw):
-        if isinstance(rec, str) and _holds_json(rec):  # json.dumps(json.dumps(record)): braces and keys as text
-            skips.add("encoded_twice", where, "a JSON record written as a JSON string: decode it first, e.g. "
-                                              "jq -c fromjson FILE > records.jsonl")
-            continue
         if isinstance(rec, str):
+            if _holds_json(rec):  # json.dumps(json.dumps(record)): braces and keys as text
+                skips.add("encoded_twice", where, "a JSON record written as a JSON string: decode it first, e.g. "
+                                                  "jq -c fromjson FILE > records.jsonl")
+                continue
             text = rec
-        elif not isinstance(rec, dict) or field not in rec:
+        elif isinstance(rec, dict) and field in rec:
+            text = rec[field]
+        else:
             fix = (f"these are SFT conversations, not text: `tinyk data sft` reads them"
                    f"{_conversation_text_jq(rec, field)}" if is_conversation(rec)
                    else _records_under_a_key(rec, field) or "--field names the one with the text")
             skips.add("missing_field", where, f"no field {field!r}, the first such record has "
                                               f"{record_shape(rec)}; {fix}")
             continue
-        else:
-            text = rec[field]
         if not isinstance(text, str):  # null, mostly: a Parquet column's missing values
             kind = "null" if text is None else f"a JSON {json_kind(text)}"
             skips.add("not_string", where, f"its {short_repr(field)} is {kind}, not text")

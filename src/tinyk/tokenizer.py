@@ -712,12 +712,12 @@ def train_tokenizer(inputs: list[str | Path], out: str | Path, *, vocab_size: in
                   file=sys.stderr, flush=True)
 
     with atomic_dir(out, force=force, inputs=paths, replaces=("a tinyk tokenizer", _is_tokenizer_output)) as tmp:
-        on_disk = sum(p.stat().st_size for p in paths)
-        most = sum(p.stat().st_size * (MAX_COMPRESSION if is_compressed(p) else 1) for p in paths)  # of text
-        if lines and min(most, max_bytes or most) >= START_LINE_BYTES:  # a log stayed empty for a minute
+        # A log stayed empty for a minute. (No cap: capped at the threshold, the read reaches it or not.)
+        if lines and _text_read(paths, max_bytes or START_LINE_BYTES) >= START_LINE_BYTES:
             cap = f", at most {bytes_text(max_bytes)} of it" if max_bytes is not None else ""
-            print(f"training tokenizer: reading {plural(len(paths), 'files')} ({bytes_text(on_disk)} on disk{cap}); "
-                  f"a line a minute follows", file=sys.stderr, flush=True)
+            on_disk = bytes_text(sum(p.stat().st_size for p in paths))
+            print(f"training tokenizer: reading {plural(len(paths), 'files')} ({on_disk} on disk{cap}); a line a "
+                  f"minute follows", file=sys.stderr, flush=True)
         _train_interruptibly(tok, texts(), trainer, tick)
         if stats["documents"] == 0:
             raise _no_documents("in the input", skips, max_bytes)

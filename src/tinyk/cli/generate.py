@@ -170,7 +170,6 @@ def _input_lines() -> Iterable[str]:
             print(file=sys.stderr)
             return
         except KeyboardInterrupt as e:
+            print(file=sys.stderr)  # the prompt's line ends, also before a line that says why it stopped
             if isinstance(e, Terminated | Stopped):  # SIGTERM, a hang-up: not Ctrl-C at the prompt
-                print(file=sys.stderr)  # the prompt's line ends before the line that says why it stopped
                 raise
-            print(file=sys.stderr)
