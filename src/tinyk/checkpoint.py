@@ -698,10 +698,45 @@ def import_seed_checkpoint(ckpt: str | Path, tok_dir: str | Path, out: str | Pat
     RoPE tables were made with, else the tutorial's fixed 10000. A config.json that disagrees with the
     weights (7 layers, weights for 2) is refused."""
     path = Path(ckpt)
+    state, config, rope, mask = _seed_state(path)
+    emb, output = _seed_embeddings(path, state)
+    vocab_size, dim = emb.shape
+    n_heads, max_seq_len, table_theta, notes = _seed_heads(path, config, dim, rope, mask, n_heads, max_seq_len)
+    head_dim = dim // n_heads
+    rope_theta = _recorded_theta(path, config, table_theta)
+    norm_eps = config.get("norm_eps", 1e-5)
+    if not is_number(norm_eps) or not 0 < norm_eps < 1:
+        raise TinykError(f"{path / 'config.json'} has norm_eps {norm_eps!r}; RMSNorm's eps is a small positive "
+                         f"number (the tutorial's is 1e-5)")
+    ours = _seed_renamed(path, state, head_dim, emb, output)
+    shape = _seed_shape(path, state, config, dim, head_dim, vocab_size)
+    try:
+        cfg = ModelConfig(**shape, n_heads=n_heads, max_seq_len=max_seq_len, norm_eps=float(norm_eps),
+                          rope_theta=rope_theta, tie_embeddings=torch.equal(output, emb))
+    except ValueError as e:
+        raise TinykError(f"{path} does not hold the tutorial's model with {n_heads} heads ({first_line(e)})") from e
+    try:
+        model = _model_from_state(cfg, ours, str(path), f"does not fit {cfg.n_layers} layers of dim {dim} with "
+                                                        f"{n_heads} heads (is --n-heads right?)")
+    except TinykError as e:  # name the tensors as the user's file names them
+        raise TinykError(_seed_names(str(e))) from None
+    tok = load_tokenizer(tok_dir)
+    check_compatible(cfg, tok)
+    if cfg.vocab_size != tok.vocab_size:
+        notes.append(f"the model has {cfg.vocab_size} token embeddings and the tokenizer {tok.vocab_size} tokens, "
+                     f"so ids from {tok.vocab_size} on are never used: is --tokenizer the one the model was trained "
+                     f"with?")
+    save_model(model, tok_dir, out, force=force, inputs=(path,))
+    return model, notes
+
+
+def _seed_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], torch.Tensor | None,
+                                     torch.Tensor | None]:
+    """A tutorial model's weights in float32 under unprefixed names, its config.json (or {}), and the
+    RoPE table and causal mask it may keep: derived, not weights, but they tell its shape."""
     state, config = _read_seed_weights(path)
     rope = next((v for k, v in state.items() if k.endswith("freqs_cos")), None)
     mask = next((v for k, v in state.items() if k.endswith("attention.mask")), None)
-    # The causal mask older torch made it keep and the RoPE tables: derived, not weights.
     state = {_unprefixed(k): v for k, v in state.items()
              if not k.endswith(("attention.mask", "freqs_cos", "freqs_sin"))}
     _check_dtypes(state, str(path))
@@ -709,6 +744,12 @@ def import_seed_checkpoint(ckpt: str | Path, tok_dir: str | Path, out: str | Pat
     if "tok_embeddings.weight" not in state and state.get("output.weight", torch.empty(0)).dim() == 2:
         # The tutorial ties the two; safetensors' save_model keeps one of tensors that share memory.
         state["tok_embeddings.weight"] = state["output.weight"]
+    return state, config, rope, mask
+
+
+def _seed_embeddings(path: Path, state: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token embeddings and output head, taken out of `state`; a transformers checkpoint is sent
+    the way it loads."""
     if state.get("tok_embeddings.weight", torch.empty(0)).dim() != 2:
         if "model.embed_tokens.weight" not in state:
             raise TinykError(f"{path} is not a checkpoint of the tutorial's model (it has no tok_embeddings.weight)")
@@ -722,24 +763,29 @@ def import_seed_checkpoint(ckpt: str | Path, tok_dir: str | Path, out: str | Pat
         raise TinykError(f"{path} is not a checkpoint of the tutorial's model but a Hugging Face Llama checkpoint; "
                          f"{fix}")
     emb = state.pop("tok_embeddings.weight")
-    vocab_size, dim = emb.shape
     output = state.pop("output.weight", emb)
     if output.shape != emb.shape:  # not a head count to correct: said before the model is fitted
         raise TinykError(f"{path}: its output.weight is {tuple(output.shape)} but tok_embeddings.weight "
                          f"{tuple(emb.shape)}; the tutorial's model has one row per token in both (a damaged or "
                          f"edited checkpoint)")
+    return emb, output
+
+
+def _seed_heads(path: Path, config: dict[str, Any], dim: int, rope: torch.Tensor | None, mask: torch.Tensor | None,
+                n_heads: int | None, max_seq_len: int | None) -> tuple[int, int, float | None, list[str]]:
+    """The head count and context (the user's, else config.json's, else what the RoPE tables or the
+    causal mask imply, else the tutorial's), the RoPE base the tables were made with (or None), and
+    a note naming what was assumed."""
     if n_heads is not None and config.get("n_heads", n_heads) != n_heads:
         raise TinykError(f"--n-heads {n_heads} contradicts the {config['n_heads']} heads {path} was saved with "
                          f"(a model split into other heads computes something else); leave --n-heads out")
-    # Not given nor recorded: the RoPE tables' shape if it kept them (half a head wide, one row per
-    # position, in the tutorial's layout), else the tutorial's values; either is said.
     # The causal mask a model without flash attention keeps (1, 1, T, T) tells the context alone.
     guess = {"n_heads": (16, "the tutorial's"), "max_seq_len": (512, "the tutorial's")}
     if mask is not None and mask.dim() == 4 and mask.shape[-1] == mask.shape[-2] > 0:
         guess["max_seq_len"] = (mask.shape[-1], "from its attention mask")
     rope_theta = _rope_theta(rope) if rope is not None and rope.dim() == 2 and rope.shape[1] and \
         dim % (2 * rope.shape[1]) == 0 else None
-    if rope_theta is not None:
+    if rope is not None and rope_theta is not None:
         guess = {"n_heads": (dim // (2 * rope.shape[1]), "from its RoPE tables"),
                  "max_seq_len": (rope.shape[0], "from its RoPE tables")}
         if n_heads is not None and n_heads != guess["n_heads"][0]:
@@ -763,12 +809,12 @@ def import_seed_checkpoint(ckpt: str | Path, tok_dir: str | Path, out: str | Pat
             "; set --n-heads"
         raise TinykError(f"dim {dim} does not split into {'--n-heads ' if typed else ''}{n_heads} heads of an even "
                          f"size (head counts that do: {', '.join(fits[:8])}{', ...' if len(fits) > 8 else ''}){fix}")
-    head_dim = dim // n_heads
-    rope_theta = _recorded_theta(path, config, rope_theta)
-    norm_eps = config.get("norm_eps", 1e-5)
-    if not is_number(norm_eps) or not 0 < norm_eps < 1:
-        raise TinykError(f"{path / 'config.json'} has norm_eps {norm_eps!r}; RMSNorm's eps is a small positive "
-                         f"number (the tutorial's is 1e-5)")
+    return n_heads, max_seq_len, rope_theta, notes
+
+
+def _seed_renamed(path: Path, state: dict[str, torch.Tensor], head_dim: int, emb: torch.Tensor,
+                  output: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The tutorial's tensors under tinyk's (transformers') names, q and k rotated to its RoPE layout."""
     ours = {SEED_TOP_NAMES["tok_embeddings.weight"]: emb, SEED_TOP_NAMES["output.weight"]: output}
     for key, w in state.items():
         parts = key.removesuffix(".weight").split(".", 2)
@@ -777,10 +823,16 @@ def import_seed_checkpoint(ckpt: str | Path, tok_dir: str | Path, out: str | Pat
         elif (len(parts) == 3 and parts[0] == "layers" and parts[1].isdecimal() and str(int(parts[1])) == parts[1]
               and parts[2] in SEED_NAMES):  # nn.ModuleList's numbering: "layers.x" or "layers.01" is another model's
             if parts[2] in ("attention.wq", "attention.wk") and w.dim() == 2 and w.shape[0] % head_dim == 0:
-                w = _rope_halves(w, head_dim)  # other shapes are refused below
+                w = _rope_halves(w, head_dim)  # other shapes are refused when the model is fitted
             ours[f"model.layers.{parts[1]}.{SEED_NAMES[parts[2]]}.weight"] = w
         else:
             raise TinykError(f"{path} holds {key}, which the tutorial's model does not have")
+    return ours
+
+
+def _seed_shape(path: Path, state: dict[str, torch.Tensor], config: dict[str, Any], dim: int, head_dim: int,
+                vocab_size: int) -> dict[str, int]:
+    """The model's shape as its weights tell it, checked against what its config.json records."""
     if "layers.0.attention.wk.weight" not in state or "layers.0.feed_forward.w1.weight" not in state:
         raise TinykError(f"{path} lacks weights of the tutorial's model (layers.0's wk or w1)")
     for key in ("layers.0.attention.wk.weight", "layers.0.feed_forward.w1.weight"):  # the shapes read below
@@ -798,21 +850,4 @@ def import_seed_checkpoint(ckpt: str | Path, tok_dir: str | Path, out: str | Pat
         recorded = config.get(key)
         if is_int(recorded) and recorded != have:
             raise TinykError(f"{path / 'config.json'} says {key} {recorded}, but the weights beside it have {have}")
-    try:
-        cfg = ModelConfig(**shape, n_heads=n_heads, max_seq_len=max_seq_len, norm_eps=float(norm_eps),
-                          rope_theta=rope_theta, tie_embeddings=torch.equal(output, emb))
-    except ValueError as e:
-        raise TinykError(f"{path} does not hold the tutorial's model with {n_heads} heads ({first_line(e)})") from e
-    try:
-        model = _model_from_state(cfg, ours, str(path), f"does not fit {cfg.n_layers} layers of dim {dim} with "
-                                                        f"{n_heads} heads (is --n-heads right?)")
-    except TinykError as e:  # name the tensors as the user's file names them
-        raise TinykError(_seed_names(str(e))) from None
-    tok = load_tokenizer(tok_dir)
-    check_compatible(cfg, tok)
-    if cfg.vocab_size != tok.vocab_size:
-        notes.append(f"the model has {cfg.vocab_size} token embeddings and the tokenizer {tok.vocab_size} tokens, "
-                     f"so ids from {tok.vocab_size} on are never used: is --tokenizer the one the model was trained "
-                     f"with?")
-    save_model(model, tok_dir, out, force=force, inputs=(path,))
-    return model, notes
+    return shape
