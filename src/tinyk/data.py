@@ -197,7 +197,7 @@ def _encode_pretrain(job: _Job, texts: list[str]) -> _DocBatch:
     return _DocBatch(tokens, lengths, nbytes, _content_keys(raw))
 
 
-def _encode_sft(job: _Job, convs: list[tuple[str, list[dict[str, str]], _Clip | None]]) -> _Encoded:
+def _encode_sft(job: _Job, convs: list[tuple[str, list[dict[str, Any]], _Clip | None]]) -> _Encoded:
     """Tokenizes conversations as the engine prompts a model (`encode_chat`, the job's system prompt
     first where they have none), with their loss masks.
 
@@ -233,7 +233,7 @@ def _encode_sft(job: _Job, convs: list[tuple[str, list[dict[str, str]], _Clip | 
     return batch, skipped, truncated
 
 
-def _split_source(messages: list[dict[str, str]]) -> bytes:
+def _split_source(messages: list[dict[str, Any]]) -> bytes:
     """What a conversation's split key hashes: its turns without the system prompt, the record's own or
     the one added (another --system-prompt keeps every conversation's side, and a copy that names the
     prompt it would get anyway is on the same side as one that does not)."""
@@ -1005,14 +1005,14 @@ def _disagreement(turn: dict[str, Any]) -> str | None:
     return None
 
 
-def normalize_conversation(rec: Any) -> list[dict[str, str]] | str:
+def normalize_conversation(rec: Any) -> list[dict[str, Any]] | str:
     """A record in any supported SFT format as chat messages, or the reason it is unusable (see
     `read_conversation`)."""
     conv = read_conversation(rec)
     return conv if isinstance(conv, list) else conv[0]
 
 
-def read_conversation(rec: Any) -> list[dict[str, str]] | tuple[str, str | None]:
+def read_conversation(rec: Any) -> list[dict[str, Any]] | tuple[str, str | None]:
     """A record in any supported SFT format as chat messages, or (the reason it is unusable, what
     exactly is wrong where the reason alone leaves it open). A system prompt is only the record's own:
     `tinyk data sft` adds its --system-prompt when tokenizing.
@@ -1100,7 +1100,7 @@ def _format_hint(rec: Any) -> str:
             "(a list of turns), or 'instruction' and 'output', or 'prompt' and 'completion', or is a list of turns")
 
 
-def _alpaca_turns(rec: dict[str, Any]) -> list[dict[str, str]] | tuple[str, str | None]:
+def _alpaca_turns(rec: dict[str, Any]) -> list[dict[str, Any]] | tuple[str, str | None]:
     """An Alpaca-style record's turns: the question is the instruction, then the input on a line of
     its own when there is one (as LLaMA-Factory renders it); or why the record is unusable."""
     instruction, extra, output = rec["instruction"], rec.get("input"), rec["output"]
@@ -1171,7 +1171,7 @@ def prepare_sft(inputs: list[str | Path], tokenizer_dir: str | Path, out: str | 
     # turns, took a gigabyte to encode).
     clip, marker_chars = 2 * max_len * tok.max_token_bytes, MESSAGE_TOKENS * tok.max_token_bytes
 
-    def conversations(skips: Skips) -> Iterator[tuple[str, list[dict[str, str]], _Clip | None]]:
+    def conversations(skips: Skips) -> Iterator[tuple[str, list[dict[str, Any]], _Clip | None]]:
         for where, rec in iter_records(paths, skips, max_line_bytes=max_line_bytes, message_lists=True):
             conv = read_conversation(rec)
             if isinstance(conv, tuple):
@@ -1181,7 +1181,7 @@ def prepare_sft(inputs: list[str | Path], tokenizer_dir: str | Path, out: str | 
             else:
                 yield where, *_clipped(conv, clip, marker_chars)
 
-    def chars(conv: tuple[str, list[dict[str, str]], _Clip | None]) -> int:
+    def chars(conv: tuple[str, list[dict[str, Any]], _Clip | None]) -> int:
         return sum(len(m["content"]) for m in conv[1])
 
     options = {"max_len": max_len, "system_prompt": system_prompt, "val_fraction": val_fraction, "seed": seed,
@@ -1193,8 +1193,8 @@ def prepare_sft(inputs: list[str | Path], tokenizer_dir: str | Path, out: str | 
                     _command("sft", paths, tokenizer_dir, out, options))
 
 
-def _clipped(messages: list[dict[str, str]], chars: int,
-             marker_chars: int) -> tuple[list[dict[str, str]], _Clip | None]:
+def _clipped(messages: list[dict[str, Any]], chars: int,
+             marker_chars: int) -> tuple[list[dict[str, Any]], _Clip | None]:
     """The conversation as far as `chars` characters reach, each message's markers counted as
     `marker_chars`, the message where they run out cut there; and what the output needs of what was
     cut (None: nothing was). Many short turns are cut as one long message is."""
