@@ -1184,11 +1184,35 @@ def test_a_small_corpus_is_not_said_to_repeat_itself(pt_data):
     from tinyk.data import summary
 
     meta = {**json.loads((pt_data / "meta.json").read_text()), "val_fraction": 0.01}
+    tr, va = meta["splits"]["train"], meta["splits"]["val"]
     for total, val in ((25, 1), (50, 2), (200, 5)):
-        meta["splits"]["train"]["documents"], meta["splits"]["val"]["documents"] = total - val, val
+        tr["documents"], va["documents"] = total - val, val
+        tr["tokens"], va["tokens"] = 100 * (total - val), 100 * val  # documents of 100 tokens each
+        tr["longest"] = va["longest"] = 100
         assert "val holds" not in summary(meta), (total, val)
-    meta["splits"]["train"]["documents"], meta["splits"]["val"]["documents"] = 150, 50
+    tr["documents"], va["documents"] = 150, 50
     assert "val holds 25% of them" in summary(meta)
+
+
+def test_a_val_split_with_far_more_of_the_tokens_than_asked_is_explained(pt_data):
+    """Copies of long documents put 28% of the tokens in val at --val-fraction 0.05 while its share of
+    the documents stayed within chance, and nothing was said; one long document alone, which chance
+    puts on either side, is not a sign of repeats, nor is data from before tinyk recorded the longest."""
+    from tinyk.data import summary
+
+    meta = {**json.loads((pt_data / "meta.json").read_text()), "val_fraction": 0.05}
+    tr, va = meta["splits"]["train"], meta["splits"]["val"]
+    tr["documents"], va["documents"] = 880, 120  # 12%: within chance of 5% for the documents
+    tr["tokens"], va["tokens"], tr["longest"], va["longest"] = 72_400, 27_600, 500, 500
+    assert ("(val holds 28% of the tokens (12% of the documents), not --val-fraction 0.05: copies of a document "
+            "all go to one side, and this data repeats some)") in summary(meta)
+    for longest in (5_000, 30_000):  # documents of 5% or 30% of the tokens: chance can put those in val
+        va["longest"] = longest
+        assert "val holds" not in summary(meta), longest
+    del tr["longest"], va["longest"]
+    assert "val holds" not in summary(meta)
+    tr["tokens"], va["tokens"], tr["longest"], va["longest"] = 94_000, 6_000, 500, 500
+    assert "val holds" not in summary(meta)  # 6% of the tokens: as asked, give or take chance
 
 
 def test_a_tokenizer_retrained_at_the_same_path_is_read_again(tmp_path, corpus_file):

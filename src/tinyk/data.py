@@ -327,12 +327,14 @@ class _SplitWriter:
     def __init__(self, folder: Path, dtype: np.dtype):
         self.folder, self.itemsize = folder, dtype.itemsize
         self.documents = self.tokens = self.bytes = 0
+        self.longest = 0  # tokens of the longest document: how far chance alone can skew the split's token share
 
     def open(self, state: dict[str, Any] | None) -> None:
         """Starts the split, or continues it from a checkpoint's `state` (its files already cut back)."""
         self.folder.mkdir(exist_ok=True)
         if state:
             self.documents, self.tokens, self.bytes = state["documents"], state["tokens"], state["bytes"]
+            self.longest = state.get("longest", 0)  # a checkpoint of tinyk before 2026-12-08 has none
 
     def add(self, b: _DocBatch) -> None:
         if not len(b):
@@ -340,6 +342,7 @@ class _SplitWriter:
         self.documents += len(b)
         self.tokens += int(b.lengths.sum())
         self.bytes += int(b.nbytes.sum())
+        self.longest = max(self.longest, int(b.lengths.max()))
         with writing(self.folder):
             self._write(b)
 
@@ -351,7 +354,7 @@ class _SplitWriter:
         raise NotImplementedError
 
     def state(self) -> dict[str, Any]:
-        return {"documents": self.documents, "tokens": self.tokens, "bytes": self.bytes}
+        return {"documents": self.documents, "tokens": self.tokens, "bytes": self.bytes, "longest": self.longest}
 
     def sizes(self) -> dict[str, int]:
         """Bytes each file holds at this state, by name in the folder."""
@@ -955,6 +958,25 @@ def skip_warning(meta: dict[str, Any]) -> str | None:
     return mostly_skipped(meta["skipped"]["total"], kept, unit_of(meta["kind"]))
 
 
+def _val_skew(meta: dict[str, Any]) -> str | None:
+    """What val holds where it is far beyond --val-fraction, in documents or in tokens; None where
+    chance explains it: the hash's spread (3 standard deviations) and the one document val always gets."""
+    tr, va, asked = meta["splits"]["train"], meta["splits"]["val"], meta.get("val_fraction")
+    total, tokens = tr["documents"] + va["documents"], tr["tokens"] + va["tokens"]
+    if asked is None or total < 20:
+        return None
+    beyond = max(2 * asked, asked + 0.02)
+    if va["documents"] > beyond * total + 3 * math.sqrt(asked * total) + 1:
+        return f"val holds {va['documents'] / total:.0%} of them, not --val-fraction {asked:g}"
+    # Each document's tokens go one way: their spread is at most that of `tokens / longest` documents
+    # of the longest one's size. Data made before tinyk recorded the longest is not checked.
+    longest = max(tr.get("longest", 0), va.get("longest", 0))
+    if longest and va["tokens"] > beyond * tokens + 3 * math.sqrt(asked * longest * tokens) + longest:
+        return (f"val holds {va['tokens'] / tokens:.0%} of the tokens ({va['documents'] / total:.0%} of the "
+                f"{unit_of(meta['kind'])}), not --val-fraction {asked:g}")
+    return None
+
+
 def summary(meta: dict[str, Any]) -> str:
     """`tinyk data`'s report: what was kept and how fast (over the work kept, when a stopped run was
     continued), then what was skipped, a line for each reason."""
@@ -963,12 +985,8 @@ def summary(meta: dict[str, Any]) -> str:
     text = (f"{meta['kind']} data: {plural(tr['documents'] + va['documents'], unit)} (train {tr['documents']:,}, "
             f"val {va['documents']:,}), {tr['tokens'] + va['tokens']:,} tokens (train {tr['tokens']:,}, "
             f"val {va['tokens']:,}) as {meta['dtype']}")
-    total, asked = tr["documents"] + va["documents"], meta.get("val_fraction")
-    # Beyond chance: the hash's spread (3 standard deviations) and the one document val always gets.
-    chance = 3 * math.sqrt(asked * total) + 1 if asked is not None else 0
-    if asked is not None and total >= 20 and va["documents"] > max(2 * asked, asked + 0.02) * total + chance:
-        text += (f" (val holds {va['documents'] / total:.0%} of them, not --val-fraction {asked:g}: copies of a "
-                 f"{unit[:-1]} all go to one side, and this data repeats some)")
+    if skew := _val_skew(meta):
+        text += f" ({skew}: copies of a {unit[:-1]} all go to one side, and this data repeats some)"
     if meta["kind"] == "sft":
         cut = meta.get("truncated", {})
         text += (f", {tr['loss_tokens'] + va['loss_tokens']:,} with loss; {sum(cut.values()):,} cut to "
