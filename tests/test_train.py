@@ -630,6 +630,30 @@ def test_train_leaves_the_callers_random_streams_as_they_were(tmp_path, pt_data,
     assert draws() == expected
 
 
+def test_two_identical_runs_write_identical_checkpoints(tmp_path, pt_data, tok_dir):
+    """Hashing two runs' checkpoint folders is how a user checks that they match: rng.pt held Python's
+    and NumPy's generators as the process had them (never seeded), so the files and state.json's
+    checksums differed between runs whose weights were equal."""
+    import hashlib
+    import random
+
+    def files(run: Path) -> dict[str, object]:  # state.json also holds the run's times
+        return {str(p.relative_to(run)): json.loads(p.read_text())["files"] if p.name == "state.json"
+                else hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted((run / "checkpoints").rglob("*")) if p.is_file()}
+
+    runs = []
+    for caller_seed in (1, 2):
+        random.seed(caller_seed)
+        np.random.seed(caller_seed)
+        run = tmp_path / "same"  # config.yaml records the run's path
+        train(nano_cfg(pt_data, tok_dir, run, max_steps=2, save_every=1))
+        runs.append(files(run))
+        shutil.rmtree(run)
+    assert runs[0] == runs[1]
+    assert any(name.endswith("rng.pt") for name in runs[0])
+
+
 def test_a_second_train_in_the_same_process_is_refused_while_one_runs(tmp_path, pt_data, tok_dir, monkeypatch):
     """Two runs in threads of one process drew their initial weights from each other's seeded stream
     (and put each other's random state back): the second is refused, the first trains as alone."""

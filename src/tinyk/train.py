@@ -430,6 +430,14 @@ def _rng_state(device: torch.device) -> dict[str, Any]:
             "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
+def _seed_streams(seed: int) -> None:
+    """Every global generator a checkpoint's rng.pt keeps, seeded: tinyk draws from torch's alone, but the
+    others' state, left as the process had it, made two identical runs write different checkpoints."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     random.setstate(state["python"])
     name, key, *rest = state["numpy"]
@@ -898,7 +906,7 @@ class Trainer:
         self.step_module = torch.compile(step_module, mode=cfg.compile_mode) if cfg.compile else step_module
         self.opt = make_optimizer(model, cfg, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-        torch.manual_seed(cfg.seed + 1 + d.rank)
+        _seed_streams(cfg.seed + 1 + d.rank)
         if self.resumed_from:
             self._load_checkpoint(self.resumed_from)
 
@@ -1080,7 +1088,7 @@ class Trainer:
         if len(ranks) == self.dist.world:
             _set_rng_state(ranks[self.dist.rank], self.device)
         else:  # another world size: fresh per-rank streams, so the ranks' dropout masks still differ
-            torch.manual_seed((self.cfg.seed + 1 + self.dist.rank) * 1_000_003 + step)
+            _seed_streams((self.cfg.seed + 1 + self.dist.rank) * 1_000_003 + step)
         if extra["scaler"]:  # empty from a bf16 or fp32 session: an fp16 one (a V100 after an A100) starts afresh
             self.scaler.load_state_dict(extra["scaler"])
 
