@@ -327,6 +327,8 @@ class Handler(BaseHTTPRequestHandler):
         except ApiError:  # the rest of the body must not be read as the next request: drained, then closed
             self.close_connection = self.unread_body = True
             raise
+        if length is not None and len(raw) < length:  # not a request to run: its end never came
+            raise ConnectionAbortedError("the client closed the connection before the whole body arrived")
         self.unread_body = False
         try:  # RFC 8259 8.1: a byte order mark may be ignored
             body = json.loads(raw.decode("utf-8-sig"), parse_constant=_not_json, parse_float=_json_float)
@@ -382,6 +384,9 @@ class Handler(BaseHTTPRequestHandler):
                 self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
                 return False
         if not super().parse_request():
+            return False
+        if self.reader.ended:  # no blank line ended the headers: the client left mid-request, and gets no answer
+            self.close_connection = True
             return False
         if refusal := self._header_refusal():  # (with Expect: 100-continue, said before the body came)
             self.close_connection = self.unread_body = True
@@ -453,7 +458,10 @@ class Handler(BaseHTTPRequestHandler):
     def log_error(self, format: str, *args: Any) -> None:  # BaseHTTPRequestHandler's signature
         """As log_message, but a kept-alive connection that stays idle until --timeout (a browser keeps the
         chat page's open) closes silently: only a request that stalls mid-way is worth a line."""
-        if format.startswith("Request timed out") and not self.reader.started:
+        if format.startswith("Request timed out"):
+            if self.reader.started:  # http.server's "Request timed out: TimeoutError('timed out')" reads as a fault
+                self.log_message("the request did not arrive whole within --timeout %g s; connection closed",
+                                 self.timeout)
             return
         self.log_message(format, *args)
 
@@ -756,6 +764,7 @@ class _DeadlineReader(io.RawIOBase):
         self.deadline: float | None = None
         self.started = True  # whether bytes of the request awaited have arrived
         self.polling = False  # a read that takes only what has arrived
+        self.ended = False  # the client's sending side is closed: what was read of a request is all of it
 
     def await_request(self, buffered: io.BufferedReader) -> None:
         """Starts the wait for a request, or the request itself when bytes of it are there already (a
@@ -798,6 +807,7 @@ class _DeadlineReader(io.RawIOBase):
             self.sock.settimeout(self.timeout)  # writing a stream keeps its own limit
         if n and not self.started:
             self.started, self.deadline = True, time.monotonic() + self.timeout
+        self.ended = self.ended or not n
         return n
 
 
