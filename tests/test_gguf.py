@@ -3,6 +3,7 @@ model, tokenizer, chat template and sampling defaults."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -290,11 +291,13 @@ LLAMA_CPP = os.environ.get("TINYK_LLAMA_CPP")  # a llama.cpp build's bin/ folder
 
 
 @pytest.mark.skipif(not LLAMA_CPP, reason="set TINYK_LLAMA_CPP to a llama.cpp build's bin/ folder")
-def test_llama_cpp_tokenizes_and_decodes_as_tinyk(tmp_path, tok_dir):
+@pytest.mark.parametrize("rope_scaling", [1.0, 4.0])
+def test_llama_cpp_tokenizes_and_decodes_as_tinyk(tmp_path, tok_dir, rope_scaling):
     """The real client, where one is built (it takes minutes): the same token ids, and greedy decoding
-    from <|im_start|>, as `tinyk generate` starts, gives the same bytes. The head's rows for the special
-    tokens are zeroed so that neither stops early (llama.cpp ends only at the ones that end a turn)."""
-    out = _model_dir(tmp_path, tok_dir, tie_embeddings=False)
+    from <|im_start|>, as `tinyk generate` starts, gives the same bytes, also with linear RoPE scaling.
+    The head's rows for the special tokens are zeroed so that neither stops early (llama.cpp ends only
+    at the ones that end a turn)."""
+    out = _model_dir(tmp_path, tok_dir, tie_embeddings=False, rope_scaling=rope_scaling)
     model, tok = load_model(out)
     with torch.no_grad():
         model.lm_head.weight[:5] = 0
@@ -304,9 +307,13 @@ def test_llama_cpp_tokenizes_and_decodes_as_tinyk(tmp_path, tok_dir):
         ids = subprocess.run([f"{LLAMA_CPP}/llama-tokenize", "-m", str(tmp_path / "m.gguf"), "-p", text, "--ids",
                               "--no-escape", "--log-disable"], capture_output=True, text=True, check=True).stdout
         assert json.loads(ids.splitlines()[-1]) == tok.encode(text)
-    [ours] = Engine(model, tok).generate(["北京"], SamplingParams(temperature=0, repetition_penalty=1.0,
-                                                                  max_new_tokens=20))
+    greedy = SamplingParams(temperature=0, repetition_penalty=1.0, max_new_tokens=20)
+    [ours] = Engine(model, tok).generate(["北京"], greedy)
     assert len(ours.token_ids) == 20
+    if rope_scaling != 1:  # a llama.cpp that ignored the scaling would decode otherwise
+        model.config.rope_scaling = 1.0
+        model.init_rope()
+        assert Engine(model, tok).generate(["北京"], greedy)[0].token_ids != ours.token_ids
     # llama-simple decodes greedily and prints every piece, the specials spelled out, as it goes (llama-completion
     # prints through a logging thread that can lose the end of a fast run's output).
     theirs = subprocess.run([f"{LLAMA_CPP}/llama-simple", "-m", str(tmp_path / "m.gguf"), "-n", "20",
@@ -481,3 +488,9 @@ def test_gguf_states_the_rope_dimension_and_the_shape_llama_cpp_reads(tmp_path, 
     assert field("llama.rope.freq_base") == pytest.approx(500000.0)
     assert field("llama.attention.layer_norm_rms_epsilon") == pytest.approx(1e-6)
     assert field("tokenizer.ggml.add_eos_token") is False
+    assert field("llama.rope.scaling.type") is None  # none: llama.cpp's default
+    # A context extended with linear RoPE scaling: the keys llama.cpp's own converter writes for one.
+    scaled = save_model(Transformer(dataclasses.replace(cfg, rope_scaling=4.0)), tok_dir, tmp_path / "scaled")
+    export_gguf(scaled, tmp_path / "m.gguf", outtype="f32", force=True)
+    r = GGUFReader(tmp_path / "m.gguf")
+    assert (field("llama.rope.scaling.type"), field("llama.rope.scaling.factor")) == ("linear", 4.0)

@@ -64,6 +64,7 @@ def test_impossible_shapes_are_refused(shape, message):
     dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512),           # GQA
     dict(dim=48, n_layers=3, n_heads=4, n_kv_heads=1, vocab_size=517),           # MQA, odd vocab
     dict(dim=64, n_layers=1, n_heads=4, n_kv_heads=4, vocab_size=601, tie_embeddings=False, rope_theta=500000.0),
+    dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, rope_scaling=4.0),  # a context extended 4x
 ])
 def test_hf_llama_loads_and_matches_logits(tmp_path, tok_dir, shape):
     torch.manual_seed(0)
@@ -335,10 +336,24 @@ def test_a_plain_hf_llama_loads_with_its_rope_theta_and_what_tinyk_cannot_do_is_
         load_model(out)
     (out / "config.json").write_text(json.dumps({**config, "rope_theta": 5e5}))  # both, agreeing
     assert load_model(out)[0].config.rope_theta == 5e5
-    # A v4-style scaling added to a v5 file: transformers 5 reads rope_scaling first, so it is no default RoPE.
+    # A v4-style scaling added to a v5 file: transformers 5 reads rope_scaling instead of rope_parameters, with
+    # the rope_theta beside it (10000 where there is none), so a theta in rope_parameters alone is a disagreement.
     (out / "config.json").write_text(json.dumps({**config, "rope_scaling": {"rope_type": "linear", "factor": 4.0}}))
-    with pytest.raises(TinykError, match="config.json asks for RoPE scaling 'linear'"):
+    with pytest.raises(TinykError, match=r"disagrees with itself: rope_parameters has rope_theta 500000.0, but "
+                                         r"transformers reads rope_scaling instead, with rope_theta 10000.0"):
         load_model(out)
+    (out / "config.json").write_text(json.dumps({**config, "rope_scaling": {"rope_type": "linear", "factor": 4.0,
+                                                                            "rope_theta": 5e5}}))
+    scaled, _ = load_model(out)
+    assert (scaled.config.rope_scaling, scaled.config.rope_theta) == (4.0, 5e5)
+    x = torch.randint(0, 512, (2, 60))
+    with torch.no_grad():
+        assert (scaled(x) - AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(x).logits).abs().max() < 1e-4
+    for factor in (0.5, "2", None):
+        (out / "config.json").write_text(json.dumps({**config, "rope_scaling": {"rope_type": "linear",
+                                                                                "factor": factor, "rope_theta": 5e5}}))
+        with pytest.raises(TinykError, match=f"linear RoPE scaling has factor {factor!r}; it is a number of at least"):
+            load_model(out)
     (out / "config.json").write_text(json.dumps({**config, "hidden_act": "swish"}))  # transformers' other name for silu
     assert load_model(out)[0].config.rope_theta == 5e5
     x = torch.randint(0, 512, (2, 30))
@@ -361,7 +376,7 @@ def test_a_plain_hf_llama_loads_with_its_rope_theta_and_what_tinyk_cannot_do_is_
     with torch.no_grad():
         assert (ours2(x) - hf2(x).logits).abs().max().item() < 1e-4
     for name, config, what in [
-        ("linear", dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}), "RoPE scaling"),
+        ("dynamic", dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}), "RoPE scaling"),
         ("bias", dict(attention_bias=True), "bias terms"),
         ("gelu", dict(hidden_act="gelu"), "activation 'gelu'"),
     ]:
@@ -372,7 +387,7 @@ def test_a_plain_hf_llama_loads_with_its_rope_theta_and_what_tinyk_cannot_do_is_
 
 def test_transformers_settings_beside_the_tinyk_block_are_read_not_ignored(tmp_path, tok_dir):
     """save_pretrained keeps tinyk's block and writes what the user changed in transformers: a RoPE
-    scaling is refused and a changed context is a disagreement, neither silently ignored."""
+    scaling or a changed context is a disagreement, neither silently ignored."""
     init_model_dir("nano", tok_dir, tmp_path / "m", seed=0)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
     if hasattr(hf.config, "rope_parameters"):  # transformers 5; 4 calls it rope_scaling
@@ -381,9 +396,14 @@ def test_transformers_settings_beside_the_tinyk_block_are_read_not_ignored(tmp_p
         hf.config.rope_scaling = {"rope_type": "linear", "factor": 4.0}
     hf.save_pretrained(tmp_path / "scaled")
     shutil.copy(tmp_path / "m" / "tokenizer.json", tmp_path / "scaled")
-    assert "tinyk" in json.loads((tmp_path / "scaled" / "config.json").read_text())
-    with pytest.raises(TinykError, match="config.json asks for RoPE scaling 'linear'"):
+    scaled = json.loads((tmp_path / "scaled" / "config.json").read_text())
+    assert "tinyk" in scaled
+    with pytest.raises(TinykError, match=r"disagrees with itself: rope_scaling's factor is 4.0 but its tinyk block has "
+                                         r"rope_scaling 1.0; .*: delete the block"):
         load_model(tmp_path / "scaled")
+    del scaled["tinyk"]
+    (tmp_path / "scaled" / "config.json").write_text(json.dumps(scaled))
+    assert load_model(tmp_path / "scaled")[0].config.rope_scaling == 4.0
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 1024}))
     with pytest.raises(TinykError, match=r"disagrees with itself: max_position_embeddings is 1024 but its tinyk "
@@ -1070,8 +1090,8 @@ def test_a_model_written_with_metadata_keeps_the_format_key(tmp_path, tok_dir):
 
 
 @pytest.mark.parametrize("change,what", [
-    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "RoPE scaling 'linear'"),  # transformers 4's spelling
-    ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "RoPE scaling 'dynamic'"),
+    ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "RoPE scaling 'dynamic'"),  # transformers 4's spelling
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "RoPE scaling 'llama3'"),
     ({"model_type": "mistral"}, "model_type 'mistral'"),
     ({"mlp_bias": True}, "bias terms"),
     ({"head_dim": 32}, "head_dim 32 other than hidden_size / num_attention_heads"),
@@ -1339,7 +1359,7 @@ def _hf_dir(tmp_path, tok_dir, name, model):
 @pytest.mark.parametrize("kind,what", [
     ("qwen2", "model_type 'qwen2'"),
     ("mistral", "model_type 'mistral'"),
-    ("llama-linear-rope", "RoPE scaling 'linear'"),
+    ("llama-dynamic-rope", "RoPE scaling 'dynamic'"),
     ("llama-attention-bias", "bias terms"),
 ])
 def test_model_import_of_a_transformers_checkpoint_tinyk_cannot_hold_names_why_in_one_line(tmp_path, tok_dir, capsys,
@@ -1361,8 +1381,8 @@ def test_model_import_of_a_transformers_checkpoint_tinyk_cannot_hold_names_why_i
     torch.manual_seed(0)
     model = {"qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**shape)),
              "mistral": lambda: MistralForCausalLM(MistralConfig(**shape)),
-             "llama-linear-rope": lambda: LlamaForCausalLM(LlamaConfig(
-                 **shape, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})),
+             "llama-dynamic-rope": lambda: LlamaForCausalLM(LlamaConfig(
+                 **shape, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})),
              "llama-attention-bias": lambda: LlamaForCausalLM(LlamaConfig(**shape, attention_bias=True))}[kind]()
     src = _hf_dir(tmp_path, tok_dir, kind, model)
     code, said = _run(["model", "import", str(src), "--tokenizer", str(tok_dir), "--out", str(tmp_path / "m")], capsys)

@@ -504,8 +504,13 @@ def test_a_fine_tune_that_extends_the_context_says_so(tmp_path, sft_data, nano_m
     train(nano_cfg(sft_data, None, tmp_path / "long", kind="sft", init=str(nano_model_dir),
                    model={"max_seq_len": 256}, seq_len=64, max_steps=1))
     assert ("note: the model's context is 256, --init's was 128: positions past 128 are new to it, not trained in "
-            "this run either (seq_len 64)\n") in capsys.readouterr().out
+            "this run either (seq_len 64); model.rope_scaling=2 would put them among the RoPE angles it learnt "
+            "(linear RoPE scaling)\n") in capsys.readouterr().out
     assert load_model(tmp_path / "long" / "final")[0].config.max_seq_len == 256
+    train(nano_cfg(sft_data, None, tmp_path / "scaled", kind="sft", init=str(nano_model_dir),
+                   model={"max_seq_len": 256, "rope_scaling": 2}, seq_len=64, max_steps=1))
+    assert ("note: the model's context is 256, --init's was 128: model.rope_scaling 2 puts every position among the "
+            "RoPE angles it learnt, closer together\n") in capsys.readouterr().out
     train(nano_cfg(sft_data, None, tmp_path / "same", kind="sft", init=str(nano_model_dir), model={}, seq_len=64,
                    max_steps=1))
     assert "--init's was" not in capsys.readouterr().out
@@ -1225,10 +1230,11 @@ def test_a_run_resumes_from_inside_its_directory(tmp_path, pt_data, tok_dir, mon
 
 def test_a_resume_keeps_what_the_weights_compute_and_a_fine_tune_may_change_it(tmp_path, pt_data, tok_dir, capsys):
     """rope_theta or norm_eps changed on --resume made the run go on training another function, with no
-    word; a new run from the checkpoint (--init) is how to mean it."""
+    word; a new run from the checkpoint (--init) is how to mean it, as is a context extended with linear
+    RoPE scaling."""
     run = tmp_path / "run"
     train(nano_cfg(pt_data, tok_dir, run, max_steps=2, save_every=1))
-    for key, value in (("rope_theta", "500"), ("norm_eps", "0.1")):
+    for key, value in (("rope_theta", "500"), ("rope_scaling", "2"), ("norm_eps", "0.1")):
         with pytest.raises(SystemExit) as e:
             main(["pretrain", "--out", str(run), "--resume", "--max-steps", "3", "--set", f"model.{key}={value}",
                   "--no-progress"])
@@ -1238,12 +1244,13 @@ def test_a_resume_keeps_what_the_weights_compute_and_a_fine_tune_may_change_it(t
             and err.endswith(f"--init {run}/checkpoints/step_0000002/model"), err
     assert not (run / "checkpoints" / "step_0000003").exists()
     # The fine-tune trains, and saves, a model that computes with both (norm_eps was saved, not used).
-    fields = {"rope_theta": 500.0, "norm_eps": 0.5}
+    fields = {"rope_theta": 500.0, "norm_eps": 0.5, "rope_scaling": 2.0, "max_seq_len": 256}
     out = train(nano_cfg(pt_data, None, tmp_path / "long", init=str(run / "final"), model=fields, max_steps=1))
     final = tmp_path / "long" / "final"
     saved = json.loads((final / "config.json").read_text())
     again = eval_data(load_model(final)[0], final, pt_data, seq_len=32, batch_size=8, max_batches=2)
     assert out["steps"] == 1 and (saved["rope_theta"], saved["rms_norm_eps"]) == (500, 0.5) \
+        and saved["rope_scaling"] == {"rope_type": "linear", "factor": 2.0} \
         and again["loss"] == pytest.approx(out["final_val_loss"], rel=1e-5), (again, out)
 
 

@@ -72,7 +72,7 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
         "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta,
-        "rope_scaling": None,
+        "rope_scaling": {"rope_type": "linear", "factor": float(cfg.rope_scaling)} if cfg.rope_scaling != 1 else None,
         "hidden_act": "silu",
         "attention_bias": False,
         "mlp_bias": False,
@@ -98,19 +98,23 @@ HF_KEYS = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "nu
 
 def config_from_hf(d: Any) -> ModelConfig:
     """The model a config.json describes, read as transformers reads it. What tinyk's model cannot
-    reproduce (RoPE scaling, biases, another activation) is refused, never dropped; tinyk's own block
-    must agree with the transformers keys, which a tool (`save_pretrained`) may have changed alone."""
+    reproduce (RoPE scaling other than linear, biases, another activation) is refused, never dropped;
+    tinyk's own block must agree with the transformers keys, which a tool (`save_pretrained`) may have
+    changed alone."""
     if not isinstance(d, dict):
         raise ValueError("it is not a JSON object")
     own = d.get("tinyk")
     if own is not None and not isinstance(own, dict):
         raise ValueError("its 'tinyk' entry is not an object")
-    # transformers 5 writes rope_parameters and 4 rope_scaling; 5 reads rope_scaling first when a file has
-    # both (a v4-style scaling added to a v5 file), so both are checked.
-    ropes = [r for r in (d.get("rope_parameters"), d.get("rope_scaling")) if r]
+    # transformers 5 writes rope_parameters and 4 rope_scaling. 5 reads rope_scaling instead where a file has
+    # it (a v4-style scaling added to a v5 file), with rope_theta beside it, as 4 does; a kind tinyk cannot
+    # compute is refused in either.
+    scaling, params = d.get("rope_scaling"), d.get("rope_parameters")
+    ropes = [r for r in (params, scaling) if r]
     if any(not isinstance(r, dict) for r in ropes):
         raise ValueError("its RoPE parameters are not an object")
-    scaled = [kind for r in ropes if (kind := r.get("rope_type", r.get("type", "default"))) != "default"]
+    kinds = [r.get("rope_type", r.get("type", "default")) for r in ropes]
+    scaled = [kind for kind in kinds if kind not in ("default", "linear")]
     unsupported = [
         (d.get("model_type", "llama") != "llama", f"model_type {d.get('model_type')!r}"),
         (bool(scaled), f"RoPE scaling {scaled[0] if scaled else None!r}"),
@@ -120,11 +124,17 @@ def config_from_hf(d: Any) -> ModelConfig:
     for bad, what in unsupported:
         if bad:
             raise TinykError(f"config.json asks for {what}, which tinyk's LLaMA-2 model does not implement")
-    thetas = [t for t in (d.get("rope_theta"), *(r.get("rope_theta") for r in ropes)) if t is not None]
-    if len(set(thetas)) > 1:
-        raise TinykError(f"config.json disagrees with itself: rope_theta is {thetas[0]} but its RoPE parameters "
-                         f"have {next(t for t in thetas if t != thetas[0])} (transformers 4 reads one, 5 the other); "
-                         f"make them agree")
+    read = ropes[-1] if ropes else {}
+    theta = read.get("rope_theta", d.get("rope_theta", 10000.0))
+    if d.get("rope_theta", theta) != theta:
+        raise TinykError(f"config.json disagrees with itself: rope_theta is {d['rope_theta']} but its RoPE parameters "
+                         f"have {theta} (transformers 4 reads one, 5 the other); make them agree")
+    if scaling and params and params.get("rope_theta", theta) != theta:
+        raise TinykError(f"config.json disagrees with itself: rope_parameters has rope_theta {params['rope_theta']}, "
+                         f"but transformers reads rope_scaling instead, with rope_theta {theta}; make them agree")
+    factor = read.get("factor") if read.get("rope_type", read.get("type")) == "linear" else 1.0
+    if not (is_number(factor) and 1 <= factor < math.inf):
+        raise TinykError(f"config.json's linear RoPE scaling has factor {factor!r}; it is a number of at least 1")
     try:
         cfg = ModelConfig(
             dim=d["hidden_size"], n_layers=d["num_hidden_layers"], n_heads=d["num_attention_heads"],
@@ -132,7 +142,7 @@ def config_from_hf(d: Any) -> ModelConfig:
             # Missing keys mean what LlamaConfig means by them, which is how transformers reads the file.
             hidden_dim=d["intermediate_size"], norm_eps=d.get("rms_norm_eps", 1e-6),
             max_seq_len=d.get("max_position_embeddings", 2048),
-            rope_theta=thetas[0] if thetas else 10000.0,
+            rope_theta=theta, rope_scaling=float(factor),
             tie_embeddings=d.get("tie_word_embeddings", False),
         )
     except ValueError as e:  # in the file's own keys: "hidden_size must be ...", not "dim must be ..."
@@ -146,7 +156,7 @@ def config_from_hf(d: Any) -> ModelConfig:
     if unknown:  # a typo in a hand edit would otherwise be dropped, the model built without it
         raise TinykError(f"config.json's tinyk block has an unknown key {unknown[0]!r} (its keys: "
                          f"{', '.join(f.name for f in dataclasses.fields(ModelConfig))})")
-    for name, key in HF_KEYS.items():  # first: a value the block gets wrong is said as a disagreement
+    for name, key in {**HF_KEYS, "rope_scaling": "rope_scaling's factor"}.items():  # first: said as a disagreement
         if own.get(name) is not None and own[name] != getattr(cfg, name):
             raise TinykError(f"config.json disagrees with itself: {key} is {getattr(cfg, name)} but its tinyk block "
                              f"has {name} {own[name]!r}; transformers keeps that block unchanged when it saves a "

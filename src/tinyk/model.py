@@ -118,6 +118,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     max_seq_len: int = 512
     rope_theta: float = 10000.0
+    # Linear RoPE scaling (position interpolation): positions are divided by it, so a context extended
+    # by a fine-tune reuses the angles the model learnt rather than meeting new ones.
+    rope_scaling: float = 1.0
     dropout: float = 0.0
     tie_embeddings: bool = True
 
@@ -127,7 +130,7 @@ class ModelConfig:
             v = getattr(self, name)
             if not is_int(v) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        for name in ("norm_eps", "rope_theta", "dropout"):
+        for name in ("norm_eps", "rope_theta", "rope_scaling", "dropout"):
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int | float):
                 raise ValueError(f"{name} must be a number, got {getattr(self, name)!r}")
         # eps 1 or more swamps the activations it normalises; theta under 1 turns the rotations' frequencies
@@ -135,6 +138,8 @@ class ModelConfig:
         if not (0 < self.norm_eps < 1 and 1 <= self.rope_theta < math.inf and 0 <= self.dropout < 1):
             raise ValueError(f"need 0 < norm_eps < 1, finite rope_theta >= 1 and 0 <= dropout < 1, got "
                              f"{self.norm_eps}, {self.rope_theta}, {self.dropout}")
+        if not 1 <= self.rope_scaling < math.inf:  # under 1 would stretch positions the model has learnt
+            raise ValueError(f"rope_scaling must be a finite number of at least 1 (1: none), got {self.rope_scaling}")
         if not isinstance(self.tie_embeddings, bool):  # the text "false" would tie them
             raise ValueError(f"tie_embeddings must be true or false, got {self.tie_embeddings!r}")
         if self.hidden_dim is None:
@@ -216,6 +221,7 @@ def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
         raise too_large(f"can spare ({free / 1e9:,.1f} GB available)")
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device="cpu", dtype=torch.float32)
                                          / cfg.head_dim))
+    inv_freq /= cfg.rope_scaling  # a linear scaling's, as transformers computes it
     try:
         freqs = torch.arange(cfg.max_seq_len, device="cpu", dtype=torch.float32)[:, None] * inv_freq
         emb = torch.cat([freqs, freqs], dim=-1)

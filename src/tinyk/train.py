@@ -95,7 +95,7 @@ from .units import GiB, flops_text, is_number, minutes_text, plural
 # Whether this process has joined a job of several (its exit can then abort: see cli._fail).
 joined_a_job = False
 SIGINT_ECHO_S = 0.5  # a second SIGINT sooner than this is the first one again, not a second Ctrl-C
-COMPUTE_FIELDS = ("rope_theta", "norm_eps")  # not shapes, but the weights were trained with them
+COMPUTE_FIELDS = ("rope_theta", "rope_scaling", "norm_eps")  # not shapes, but the weights were trained with them
 
 
 # ----------------------------------------------------------------------------- schedule & optimizer
@@ -710,6 +710,7 @@ class Trainer:
         self.init_dir = resolve_init(cfg.init) if cfg.init and not self.resumed_from else None
         self.preset_beside_init = cfg.model.get("preset") if self.init_dir is not None else None  # for the header
         self.init_context: int | None = None  # an --init model's context, set with the model's config
+        self.init_reach = 0.0
         self.weights_dir = self.resumed_from / "model" if self.resumed_from else self.init_dir
         self.tok_dir = self.resumed_from / "model" if self.resumed_from else \
             Path(cfg.tokenizer) if cfg.tokenizer else self.init_dir
@@ -792,7 +793,9 @@ class Trainer:
             raise TinykError(f"model.{k}={section[k]} differs from the run's {getattr(base, k)}: a resumed run "
                              f"trains the same model on; to train with another {k}, start a new run with "
                              f"--init {self.weights_dir}")
-        self.init_context = None if self.resumed_from else base.max_seq_len  # for the header's note
+        # For the header's note: the positions --init's model learnt, as its RoPE angles count them.
+        self.init_context = None if self.resumed_from else base.max_seq_len
+        self.init_reach = base.max_seq_len / base.rope_scaling
         return model_config(section, base=base, base_from=self.weights_dir)
 
     def _open_run_dir(self, force: bool) -> bool:
@@ -1414,10 +1417,18 @@ class Trainer:
             lines.append(f"note: the model is --init's (dim {m.dim}, {m.n_layers} layers, {m.n_heads} heads), not the "
                          f"{preset} preset's: the preset gives the training settings")
         if self.init_context and m.max_seq_len > self.init_context:  # a fine-tune that extends the context
-            learnt = (f"learnt in this run up to seq_len {cfg.seq_len}" if cfg.seq_len > self.init_context else
-                      f"not trained in this run either (seq_len {cfg.seq_len})")
-            lines.append(f"note: the model's context is {m.max_seq_len}, --init's was {self.init_context}: positions "
-                         f"past {self.init_context} are new to it, {learnt}")
+            reach = m.max_seq_len / m.rope_scaling
+            if reach <= self.init_reach:
+                lines.append(f"note: the model's context is {m.max_seq_len}, --init's was {self.init_context}: "
+                             f"model.rope_scaling {m.rope_scaling:g} puts every position among the RoPE angles it "
+                             f"learnt, closer together")
+            else:
+                learnt = (f"learnt in this run up to seq_len {cfg.seq_len}" if cfg.seq_len > self.init_context else
+                          f"not trained in this run either (seq_len {cfg.seq_len})")
+                fold = m.max_seq_len / self.init_reach
+                lines.append(f"note: the model's context is {m.max_seq_len}, --init's was {self.init_context}: "
+                             f"positions past {self.init_context} are new to it, {learnt}; model.rope_scaling="
+                             f"{fold:g} would put them among the RoPE angles it learnt (linear RoPE scaling)")
         return lines
 
     def _data_notes(self) -> list[str]:
