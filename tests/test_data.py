@@ -2890,3 +2890,32 @@ def test_a_batch_larger_than_the_split_is_full_and_visits_every_window_once_per_
     stream = _windows(x, y)
     assert Counter(stream[:n]) == every and Counter(stream[n:2 * n]) == every
     assert (big.epoch, big.state_dict()["cursor"]) == (2, 5)
+
+
+def test_prepared_data_records_each_splits_longest_document(tmp_path, tok_dir, corpus_file):
+    """What the closing line's token check reads: without it, prepared data never says val holds too many."""
+    meta = prepare_pretrain([corpus_file], tok_dir, tmp_path / "d", val_fraction=0.1, workers=1, show_progress=False)
+    tr, va = meta["splits"]["train"], meta["splits"]["val"]
+    assert 0 < va["longest"] <= va["tokens"] and 0 < tr["longest"] <= tr["tokens"]
+    tok = load_tokenizer(tok_dir)
+    docs = [len(tok.encode(json.loads(line)["text"])) for line in corpus_file.read_text().splitlines()]
+    assert max(tr["longest"], va["longest"]) == max(docs) + 2  # with the <|im_start|> and <|im_end|> around each
+
+
+def test_a_long_document_of_a_tokenizer_not_split_as_gpt2_is_encoded_whole(tmp_path, tok_dir, monkeypatch):
+    """Long documents are encoded in pieces only where the pieces' tokens are the whole's: with
+    add_prefix_space each piece would begin with a space of its own."""
+    import tinyk.data
+
+    other = tmp_path / "tok"
+    shutil.copytree(tok_dir, other)
+    spec = json.loads((other / "tokenizer.json").read_text(encoding="utf-8"))
+    spec["pre_tokenizer"]["add_prefix_space"] = True
+    (other / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    monkeypatch.setattr(tinyk.data, "PIECE_CHARS", 20)
+    text = "今天天气很好，我们去公园散步吧。" * 20
+    src = tmp_path / "d.jsonl"
+    src.write_text(json.dumps({"text": text}, ensure_ascii=False) + "\n", encoding="utf-8")
+    meta = prepare_pretrain([src], other, tmp_path / "d", val_fraction=0.0, workers=1, show_progress=False)
+    ids = np.fromfile(next((tmp_path / "d" / "train").glob("*.bin")), meta["dtype"]).tolist()
+    assert ids[1:-1] == load_tokenizer(other).plain.encode(text, add_special_tokens=False).ids

@@ -1196,3 +1196,21 @@ def test_available_memory_is_the_lower_of_the_machines_and_the_containers(tmp_pa
                                    (-4096, 0)):
         monkeypatch.setattr(errors, "cgroup_memory_left", lambda left=cgroup_left: left)
         assert errors.memory_available() == available, cgroup_left
+
+
+@pytest.mark.parametrize("pattern", ["part-?.jsonl", "part-[12].jsonl"])
+def test_every_shell_wildcard_left_unexpanded_is_named_as_one(tmp_path, pattern):
+    for name in ("part-1.jsonl", "part-2.jsonl"):
+        (tmp_path / name).write_text("")
+    assert typo_hint(tmp_path / pattern).startswith(" (a wildcard, which tinyk does not expand: it matches 2 names")
+
+
+def test_stdout_on_a_file_system_that_counts_no_inodes_is_not_called_full(tmp_path, monkeypatch):
+    """btrfs and tmpfs report no inode counts: a write that failed elsewhere was blamed on stdout."""
+    import tinyk.cli
+
+    with open(tmp_path / "out.txt", "w") as f:
+        monkeypatch.setattr(sys, "stdout", f)
+        real = os.fstatvfs(f.fileno())
+        monkeypatch.setattr(os, "fstatvfs", lambda fd: os.statvfs_result((*real[:5], 0, 0, 0, *real[8:])))
+        assert not tinyk.cli._stdout_is_full()

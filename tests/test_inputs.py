@@ -1897,3 +1897,32 @@ def test_our_own_error_inside_a_write_is_said_as_it_is(tmp_path):
         with writing(tmp_path / "model.safetensors"):
             raise TinykError(said)
     assert str(e.value) == said
+
+
+def test_a_json_array_or_spaced_record_encoded_twice_is_skipped_not_trained_as_text(tmp_path):
+    """A message list, or a record with a space before its brace, written as one JSON string was read as
+    text, brackets and keys included; a plain JSON string line is text."""
+    src = tmp_path / "s.jsonl"
+    src.write_text(json.dumps(json.dumps([{"role": "user", "content": "你好"}])) + "\n"
+                   + json.dumps(" " + json.dumps({"text": "x"})) + "\n" + json.dumps("正文") + "\n", encoding="utf-8")
+    skips = Skips()
+    assert list(iter_texts([src], skips)) == ["正文"]
+    assert skips.counts == {"encoded_twice": 2}
+
+
+@pytest.mark.parametrize("value,named", [("null", "null"), ("true", "a JSON boolean")])
+def test_a_text_field_that_is_no_string_is_named_as_json_names_it(tmp_path, value, named):
+    src = tmp_path / "s.jsonl"
+    src.write_text(f'{{"text": {value}}}\n{{"text": "ok"}}\n')
+    skips = Skips()
+    assert list(iter_texts([src], skips)) == ["ok"]
+    assert skips.hints["not_string"] == f"its 'text' is {named}, not text"
+
+
+def test_conversations_whose_turns_are_not_objects_get_no_jq_line(tmp_path):
+    """`{"conversations": [1, 2]}` was a TypeError traceback from the hint that offers a jq line."""
+    src = tmp_path / "c.jsonl"
+    src.write_text(json.dumps({"conversations": [1, 2]}) + "\n")
+    skips = Skips()
+    assert list(iter_texts([src], skips)) == []
+    assert skips.hints["missing_field"].endswith("`tinyk data sft` reads them")

@@ -1011,3 +1011,60 @@ def test_the_tightest_limit_on_the_way_up_the_cgroup_tree_counts(tmp_path):
         root, proc = cgroup_tree(tmp_path / f"own{v1}", "/kube/pod/c1", {
             "/kube/pod": (16 * G, 3 * G, 0), "/kube/pod/c1": (2 * G, 1 * G, 0)}, v1)
         assert cgroup_memory_left(root, proc) == 1 * G
+
+
+def test_a_capped_read_of_parquet_files_says_where_it_stopped_and_what_it_never_opened(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    files = []
+    for name in ("a", "b", "c"):
+        files.append(tmp_path / f"{name}.parquet")
+        pq.write_table(pa.table({"text": [f"今天天气很好，第{i}行。" for i in range(200)]}), files[-1])
+    r = train_tokenizer(files, tmp_path / "tok", vocab_size=300, max_bytes=2000, show_progress=False)
+    assert r["stopped_before"] is not None and r["stopped_before"].startswith("a.parquet")
+    assert r["not_read"] == ["b.parquet", "c.parquet"]
+
+
+def test_three_inputs_never_opened_are_named_without_and_0_more(tmp_path):
+    files = []
+    for name in ("a.txt", "b.txt", "c.txt", "d.txt"):
+        files.append(tmp_path / name)
+        files[-1].write_text("今天天气很好，我们去公园散步吧。\n" * 50, encoding="utf-8")
+    r = train_tokenizer(files, tmp_path / "tok", vocab_size=300, max_bytes=400, show_progress=False)
+    assert r["not_read"] == ["b.txt", "c.txt", "d.txt"]
+    assert "never opened b.txt, c.txt, d.txt (inputs" in r["notes"][-1]
+
+
+def _lowercasing(tmp_path, tok_dir):
+    """A copy of the test tokenizer that lowercases its input: lossy, so round trips fail."""
+    lower = tmp_path / "lower"
+    shutil.copytree(tok_dir, lower)
+    spec = json.loads((lower / "tokenizer.json").read_text(encoding="utf-8"))
+    (lower / "tokenizer.json").write_text(json.dumps({**spec, "normalizer": {"type": "Lowercase"}}), encoding="utf-8")
+    return lower
+
+
+def test_eval_names_the_first_failing_document_and_failing_builtin_samples(tmp_path, tok_dir, capsys):
+    """The first failure is the first document's; built-in samples that fail make the verdict fail even
+    where the user's documents round-trip (all lowercase), and say so."""
+    lower = _lowercasing(tmp_path, tok_dir)
+    src = tmp_path / "d.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("ok text", "Abc", "xyZ")))
+    r = eval_tokenizer(lower, [src])
+    assert r["roundtrip_failures"] == 2 and r["first_failure"] == "d.jsonl:2, character 1: 'Abc' came back as 'abc'"
+    src.write_text(json.dumps({"text": "all lower"}) + "\n")
+    r = eval_tokenizer(lower, [src])
+    assert r["roundtrip_failures"] == 0 and r["builtin_failures"] > 0 and not r["roundtrip_ok"]
+    assert r["first_failure"].startswith("built-in sample ")
+    assert eval_tokenizer(lower)["first_failure"].startswith("built-in sample ")
+    with pytest.raises(SystemExit) as e:
+        main(["tokenizer", "eval", str(lower), "--input", str(src)])
+    out = capsys.readouterr().out
+    assert e.value.code == 1 and "FAILED" in out and "; built-in samples: " in out
+
+
+def test_a_round_trip_that_drops_the_end_is_placed_where_it_ends():
+    from tinyk.tokenizer import _changed
+
+    assert _changed("f:1", "abc ", "abc") == "f:1, character 4: ' ' came back as ''"

@@ -46,6 +46,7 @@ from tinyk.train import (
     Dist,
     LossSum,
     Trainer,
+    _check_sums,
     best_kept_so_far,
     default_warmup,
     first_budget,
@@ -1787,6 +1788,48 @@ def test_token_ids_past_the_vocabulary_are_one_line_not_an_index_error(tmp_path,
             train(nano_cfg(bad, None if kind == "sft" else tok_dir, tmp_path / f"run_{kind}", kind=kind, **extra))
 
 
+def test_a_checkpoints_checksum_list_is_checked_before_it_is_trusted(tmp_path):
+    """state.json's `files` is read from the disk like the rest: a list there was a traceback, a path
+    out of the checkpoint was read and called a mismatch, a file gone was an errno with its full path."""
+    (tmp_path / "a.bin").write_bytes(b"x")
+    entry = {"bytes": 1, "sha256": "0"}
+    for files, why in (([1], "^state.json has files "), ("x", "^state.json has files "),
+                       ({"../a.bin": entry}, "which is not in the checkpoint"),
+                       ({"/etc/hostname": entry}, "which is not in the checkpoint"),
+                       ({"gone.pt": entry}, "^gone.pt is missing$")):
+        with pytest.raises(ValueError, match=why):
+            _check_sums(tmp_path, files)
+
+
+def test_every_file_of_a_checkpoint_is_checksummed(tmp_path, pt_data, tok_dir):
+    out = tmp_path / "run"
+    train(nano_cfg(pt_data, tok_dir, out, max_steps=1, save_every=1))
+    ckpt = checkpoints(out)[-1]
+    files = json.loads((ckpt / "state.json").read_text())["files"]
+    on_disk = {p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*") if p.is_file()} - {"state.json"}
+    assert set(files) == on_disk and {"rng.pt", "optimizer.pt", "config.yaml", "model/model.safetensors"} <= on_disk
+    shutil.rmtree(out / "final")
+    (ckpt / "rng.pt").unlink()
+    with pytest.raises(TinykError, match=rf"checkpoint {re.escape(str(ckpt))} is damaged \(rng.pt is missing\)"):
+        train(nano_cfg(pt_data, tok_dir, out, max_steps=2), resume=True)
+
+
+def test_a_finished_run_on_a_read_only_disk_still_resumes_to_its_summary(tmp_path, pt_data, tok_dir, monkeypatch):
+    """An archived run on a read-only mount has nothing to write: its resume is its summary, not a refusal
+    from the check that the checkpoints folder is writable."""
+    import errno
+    import tempfile
+
+    out = tmp_path / "run"
+    train(nano_cfg(pt_data, tok_dir, out, max_steps=2, save_every=1))
+
+    def read_only(*args, dir=None, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(Path(dir) / ".x.tmp-1"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    assert train(nano_cfg(pt_data, tok_dir, out, max_steps=2), resume=True)["steps"] == 2
+
+
 def test_a_damaged_checkpoint_is_named_with_the_way_out(tmp_path, pt_data, tok_dir, capsys):
     out = tmp_path / "run"
     train(nano_cfg(pt_data, tok_dir, out, max_steps=4, save_every=2, keep_checkpoints=5))
@@ -1801,6 +1844,8 @@ def test_a_damaged_checkpoint_is_named_with_the_way_out(tmp_path, pt_data, tok_d
               lambda: (newest / "model" / "model.safetensors").write_bytes(b"\0" * 100),
               lambda: (newest / "state.json").write_text((newest / "state.json").read_text().replace(
                   '"step": 4', '"step": "4"')),
+              lambda: (newest / "state.json").write_text(re.sub(r'"tokens": \d+', '"tokens": true',
+                                                                (newest / "state.json").read_text())),
               # the schedule's fields, which are read after the files are restored
               *(lambda old=old, new=new: (newest / "state.json").write_text(
                   (newest / "state.json").read_text().replace(old, new))
