@@ -2919,3 +2919,13 @@ def test_a_long_document_of_a_tokenizer_not_split_as_gpt2_is_encoded_whole(tmp_p
     meta = prepare_pretrain([src], other, tmp_path / "d", val_fraction=0.0, workers=1, show_progress=False)
     ids = np.fromfile(next((tmp_path / "d" / "train").glob("*.bin")), meta["dtype"]).tolist()
     assert ids[1:-1] == load_tokenizer(other).plain.encode(text, add_special_tokens=False).ids
+
+
+def test_a_meta_json_whose_longest_is_no_count_is_refused_in_one_line(tmp_path, pt_data):
+    """`tinyk data info` on a damaged meta.json was a TypeError traceback from the val-share check."""
+    copy = Path(shutil.copytree(pt_data, tmp_path / "d"))
+    meta = json.loads((copy / "meta.json").read_text())
+    meta["splits"]["val"]["longest"] = None
+    (copy / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(TinykError, match="split 'val' has counts that are not whole numbers"):
+        open_dataset(copy)

@@ -398,8 +398,8 @@ def test_transformers_settings_beside_the_tinyk_block_are_read_not_ignored(tmp_p
     shutil.copy(tmp_path / "m" / "tokenizer.json", tmp_path / "scaled")
     scaled = json.loads((tmp_path / "scaled" / "config.json").read_text())
     assert "tinyk" in scaled
-    with pytest.raises(TinykError, match=r"disagrees with itself: rope_scaling's factor is 4.0 but its tinyk block has "
-                                         r"rope_scaling 1.0; .*: delete the block"):
+    with pytest.raises(TinykError, match=r"disagrees with itself: the linear RoPE scaling's factor is 4.0 but its "
+                                         r"tinyk block has rope_scaling 1.0; .*: delete the block"):
         load_model(tmp_path / "scaled")
     del scaled["tinyk"]
     (tmp_path / "scaled" / "config.json").write_text(json.dumps(scaled))
@@ -1506,3 +1506,12 @@ def test_a_cpu_without_a_half_dtypes_instructions_is_known_to_emulate_it(tmp_pat
     assert cpu_emulates(torch.float16) is (machine == "x86_64" and flags is not None)
     assert (model.emulated_note(torch.device("cpu"), torch.bfloat16) is not None) is emulated
     assert model.emulated_note(torch.device("meta"), torch.bfloat16) is None
+
+
+def test_a_null_rope_theta_beside_rope_parameters_reads_as_transformers_reads_it():
+    """transformers 5 takes rope_parameters' theta where the top-level key is null, as an absent one."""
+    from tinyk.checkpoint import config_from_hf
+
+    d = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 4,
+         "vocab_size": 512, "rope_theta": None, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}
+    assert config_from_hf(d).rope_theta == LlamaConfig.from_dict(d).rope_parameters["rope_theta"] == 5e5

@@ -510,8 +510,13 @@ def test_a_fine_tune_that_extends_the_context_says_so(tmp_path, sft_data, nano_m
     assert load_model(tmp_path / "long" / "final")[0].config.max_seq_len == 256
     train(nano_cfg(sft_data, None, tmp_path / "scaled", kind="sft", init=str(nano_model_dir),
                    model={"max_seq_len": 256, "rope_scaling": 2}, seq_len=64, max_steps=1))
-    assert ("note: the model's context is 256, --init's was 128: model.rope_scaling 2 puts every position among the "
-            "RoPE angles it learnt, closer together\n") in capsys.readouterr().out
+    assert ("note: the model's context is 256, --init's was 128: model.rope_scaling 2 (--init's 1) puts every "
+            "position among the RoPE angles it learnt, closer together\n") in capsys.readouterr().out
+    # Scaled, but not enough: the new angles begin at 256, not at --init's context.
+    train(nano_cfg(sft_data, None, tmp_path / "half", kind="sft", init=str(nano_model_dir),
+                   model={"max_seq_len": 512, "rope_scaling": 2}, seq_len=64, max_steps=1))
+    assert ("note: the model's context is 512, --init's was 128: positions past 256 are new to it, not trained in "
+            "this run either (seq_len 64); model.rope_scaling=4 would put them") in capsys.readouterr().out
     train(nano_cfg(sft_data, None, tmp_path / "same", kind="sft", init=str(nano_model_dir), model={}, seq_len=64,
                    max_steps=1))
     assert "--init's was" not in capsys.readouterr().out

@@ -107,8 +107,8 @@ def config_from_hf(d: Any) -> ModelConfig:
     if own is not None and not isinstance(own, dict):
         raise ValueError("its 'tinyk' entry is not an object")
     # transformers 5 writes rope_parameters and 4 rope_scaling. 5 reads rope_scaling instead where a file has
-    # it (a v4-style scaling added to a v5 file), with rope_theta beside it, as 4 does; a kind tinyk cannot
-    # compute is refused in either.
+    # it (a v4-style scaling added to a v5 file), with its own rope_theta, else the top-level one, which is
+    # all 4 reads; a kind tinyk cannot compute is refused in either.
     scaling, params = d.get("rope_scaling"), d.get("rope_parameters")
     ropes = [r for r in (params, scaling) if r]
     if any(not isinstance(r, dict) for r in ropes):
@@ -124,9 +124,9 @@ def config_from_hf(d: Any) -> ModelConfig:
     for bad, what in unsupported:
         if bad:
             raise TinykError(f"config.json asks for {what}, which tinyk's LLaMA-2 model does not implement")
-    read = ropes[-1] if ropes else {}
-    theta = read.get("rope_theta", d.get("rope_theta", 10000.0))
-    if d.get("rope_theta", theta) != theta:
+    read, top = ropes[-1] if ropes else {}, d.get("rope_theta")
+    theta = next((t for t in (read.get("rope_theta"), top) if t is not None), 10000.0)
+    if top is not None and top != theta:
         raise TinykError(f"config.json disagrees with itself: rope_theta is {d['rope_theta']} but its RoPE parameters "
                          f"have {theta} (transformers 4 reads one, 5 the other); make them agree")
     if scaling and params and params.get("rope_theta", theta) != theta:
@@ -156,7 +156,8 @@ def config_from_hf(d: Any) -> ModelConfig:
     if unknown:  # a typo in a hand edit would otherwise be dropped, the model built without it
         raise TinykError(f"config.json's tinyk block has an unknown key {unknown[0]!r} (its keys: "
                          f"{', '.join(f.name for f in dataclasses.fields(ModelConfig))})")
-    for name, key in {**HF_KEYS, "rope_scaling": "rope_scaling's factor"}.items():  # first: said as a disagreement
+    # First: a value the block gets wrong is said as a disagreement.
+    for name, key in {**HF_KEYS, "rope_scaling": "the linear RoPE scaling's factor"}.items():
         if own.get(name) is not None and own[name] != getattr(cfg, name):
             raise TinykError(f"config.json disagrees with itself: {key} is {getattr(cfg, name)} but its tinyk block "
                              f"has {name} {own[name]!r}; transformers keeps that block unchanged when it saves a "
@@ -658,7 +659,7 @@ def _rope_theta(table: torch.Tensor) -> float | None:
 
 def _unheld_hf(path: Path) -> str | None:
     """Why tinyk's model cannot hold the transformers model whose directory (or weights file) is `path`,
-    as loading it would say (another architecture, RoPE scaling, biases); None where it can, or no
+    as loading it would say (another architecture, RoPE scaling other than linear, biases); None where it can, or no
     config.json says."""
     config = (path if path.is_dir() else path.parent) / "config.json"
     try:

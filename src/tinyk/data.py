@@ -327,14 +327,16 @@ class _SplitWriter:
     def __init__(self, folder: Path, dtype: np.dtype):
         self.folder, self.itemsize = folder, dtype.itemsize
         self.documents = self.tokens = self.bytes = 0
-        self.longest = 0  # tokens of the longest document: how far chance alone can skew the split's token share
+        # Tokens of the longest document: how far chance alone can skew the split's token share. None where
+        # a stopped run's checkpoint, of a tinyk before 2026-12-08, does not know it.
+        self.longest: int | None = 0
 
     def open(self, state: dict[str, Any] | None) -> None:
         """Starts the split, or continues it from a checkpoint's `state` (its files already cut back)."""
         self.folder.mkdir(exist_ok=True)
         if state:
             self.documents, self.tokens, self.bytes = state["documents"], state["tokens"], state["bytes"]
-            self.longest = state.get("longest", 0)  # a checkpoint of tinyk before 2026-12-08 has none
+            self.longest = state.get("longest")
 
     def add(self, b: _DocBatch) -> None:
         if not len(b):
@@ -342,7 +344,8 @@ class _SplitWriter:
         self.documents += len(b)
         self.tokens += int(b.lengths.sum())
         self.bytes += int(b.nbytes.sum())
-        self.longest = max(self.longest, int(b.lengths.max()))
+        if self.longest is not None:
+            self.longest = max(self.longest, int(b.lengths.max()))
         with writing(self.folder):
             self._write(b)
 
@@ -354,7 +357,8 @@ class _SplitWriter:
         raise NotImplementedError
 
     def state(self) -> dict[str, Any]:
-        return {"documents": self.documents, "tokens": self.tokens, "bytes": self.bytes, "longest": self.longest}
+        known = {} if self.longest is None else {"longest": self.longest}
+        return {"documents": self.documents, "tokens": self.tokens, "bytes": self.bytes, **known}
 
     def sizes(self) -> dict[str, int]:
         """Bytes each file holds at this state, by name in the folder."""

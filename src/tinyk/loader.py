@@ -89,7 +89,8 @@ def _meta_problem(meta: Any) -> str | None:
         if not isinstance(s, dict) or any(k not in s for k in need):
             return f"split {split!r} is missing or lacks one of {', '.join(need)}"
         shards = s.get("shards", [])
-        if not (all(_count(s[k]) for k in need if k != "shards") and isinstance(shards, list) and all(
+        if not (all(_count(s[k]) for k in need if k != "shards") and _count(s.get("longest", 0)) and isinstance(
+                shards, list) and all(
                 isinstance(x, dict) and isinstance(x.get("file"), str) and _count(x.get("tokens")) for x in shards)):
             return f"split {split!r} has counts that are not whole numbers"
         if any(x["tokens"] == 0 for x in shards):  # tinyk writes none, and an empty file cannot be mapped

@@ -413,7 +413,7 @@ class Transformer(nn.Module):
         """RoPE tables as constant buffers, so a compiled step reads them instead of recomputing
         sin/cos per element (that was 14% of a seed-215m step on an H100). Built on the CPU even
         inside `torch.device("meta")`, since loading weights never fills non-persistent buffers;
-        call again after changing `config.max_seq_len`."""
+        call again after changing `config.max_seq_len`, `rope_theta` or `rope_scaling`."""
         cos, sin = rope_tables(self.config)
         device = self.lm_head.weight.device
         if device.type != "meta":

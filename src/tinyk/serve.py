@@ -346,11 +346,17 @@ class Handler(BaseHTTPRequestHandler):
         sends one for `-T -`, streaming HTTP clients for a body of unknown length); up to --max-body,
         extensions and trailers read and dropped."""
         limit, parts, total, framing = self.server.api.cfg.max_body_bytes, [], 0, 0
+
+        def malformed() -> Exception:  # or cut off by the client leaving, which gets no answer
+            if self.reader.ended:
+                return ConnectionAbortedError("the client closed the connection before the whole body arrived")
+            return ApiError(400, "malformed chunked request body", code="invalid_chunked_body")
+
         while True:
             line = self.rfile.readline(MAX_CHUNK_LINE)
             size = line.split(b";", 1)[0].strip()
             if not line.endswith(b"\n") or not re.fullmatch(rb"0*[0-9A-Fa-f]{1,15}", size):  # 0s: RFC 9112 7.1
-                raise ApiError(400, "malformed chunked request body", code="invalid_chunked_body")
+                raise malformed()
             n = int(size, 16)
             if n == 0:
                 break
@@ -363,7 +369,7 @@ class Handler(BaseHTTPRequestHandler):
                                     f"fewer, larger chunks", code="request_too_large")
             parts.append(self.rfile.read(n))
             if len(parts[-1]) < n or self.rfile.readline(MAX_CHUNK_LINE) not in (b"\r\n", b"\n"):
-                raise ApiError(400, "malformed chunked request body", code="invalid_chunked_body")
+                raise malformed()
         for _ in range(MAX_TRAILERS + 1):
             if self.rfile.readline(MAX_CHUNK_LINE) in (b"\r\n", b"\n", b""):
                 return b"".join(parts)
@@ -383,6 +389,9 @@ class Handler(BaseHTTPRequestHandler):
                 self.requestline = self.request_version = self.command = ""
                 self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
                 return False
+        if self.reader.ended and not self.raw_requestline.endswith(b"\n"):  # the client left mid-request line
+            self.close_connection = True
+            return False
         if not super().parse_request():
             return False
         if self.reader.ended:  # no blank line ended the headers: the client left mid-request, and gets no answer
@@ -458,9 +467,12 @@ class Handler(BaseHTTPRequestHandler):
     def log_error(self, format: str, *args: Any) -> None:  # BaseHTTPRequestHandler's signature
         """As log_message, but a kept-alive connection that stays idle until --timeout (a browser keeps the
         chat page's open) closes silently: only a request that stalls mid-way is worth a line."""
-        if format.startswith("Request timed out"):
-            if self.reader.started:  # http.server's "Request timed out: TimeoutError('timed out')" reads as a fault
+        if format.startswith("Request timed out"):  # http.server's "TimeoutError('timed out')" reads as a fault
+            if self.reader.timed_out:
                 self.log_message("the request did not arrive whole within --timeout %g s; connection closed",
+                                 self.timeout)
+            elif self.reader.started:  # a write: the client stopped reading
+                self.log_message("the client did not take the response within --timeout %g s; connection closed",
                                  self.timeout)
             return
         self.log_message(format, *args)
@@ -765,6 +777,7 @@ class _DeadlineReader(io.RawIOBase):
         self.started = True  # whether bytes of the request awaited have arrived
         self.polling = False  # a read that takes only what has arrived
         self.ended = False  # the client's sending side is closed: what was read of a request is all of it
+        self.timed_out = False  # a request that had started arriving did not arrive whole within the timeout
 
     def await_request(self, buffered: io.BufferedReader) -> None:
         """Starts the wait for a request, or the request itself when bytes of it are there already (a
@@ -799,10 +812,14 @@ class _DeadlineReader(io.RawIOBase):
             return n
         left = self.timeout if self.deadline is None else min(self.timeout, self.deadline - time.monotonic())
         if left <= 0:
+            self.timed_out = self.started
             raise TimeoutError("the request did not arrive within --timeout")
         self.sock.settimeout(left)
         try:
             n = self.sock.recv_into(buffer)
+        except TimeoutError:
+            self.timed_out = self.started
+            raise
         finally:
             self.sock.settimeout(self.timeout)  # writing a stream keeps its own limit
         if n and not self.started:
@@ -1108,10 +1125,12 @@ class ChatServer(ThreadingHTTPServer):
         # Requests in flight get their 503 now, and a moment to send it: the handler threads are
         # daemons, which a process ending after `close` (tinyk serve on Ctrl-C) would cut off.
         self.api.scheduler.stop()
-        with self._quiet:
-            self._quiet.wait_for(lambda: self._answering == 0, timeout=grace_s)
         if self._serving:  # shutdown() waits for serve_forever to return: forever, if it never ran
             self.shutdown()
+        # A client that connects from now on is refused, not accepted and then reset as the process ends.
+        self.socket.close()
+        with self._quiet:
+            self._quiet.wait_for(lambda: self._answering == 0, timeout=grace_s)
         self.server_close()
         self.api.close()
 

@@ -522,7 +522,7 @@ def _export(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> Transformer:
 
 def _apply_runtime_fields(model: Transformer, cfg: ModelConfig) -> None:
     """Settings that may differ from a loaded model's without touching its weights (context, dropout,
-    and for a fine-tune from --init, rope_theta and norm_eps)."""
+    and for a fine-tune from --init, rope_theta, rope_scaling and norm_eps)."""
     model.config = cfg
     model.init_rope()
     for m in model.modules():
@@ -710,7 +710,7 @@ class Trainer:
         self.init_dir = resolve_init(cfg.init) if cfg.init and not self.resumed_from else None
         self.preset_beside_init = cfg.model.get("preset") if self.init_dir is not None else None  # for the header
         self.init_context: int | None = None  # an --init model's context, set with the model's config
-        self.init_reach = 0.0
+        self.init_scaling = 1.0
         self.weights_dir = self.resumed_from / "model" if self.resumed_from else self.init_dir
         self.tok_dir = self.resumed_from / "model" if self.resumed_from else \
             Path(cfg.tokenizer) if cfg.tokenizer else self.init_dir
@@ -793,9 +793,8 @@ class Trainer:
             raise TinykError(f"model.{k}={section[k]} differs from the run's {getattr(base, k)}: a resumed run "
                              f"trains the same model on; to train with another {k}, start a new run with "
                              f"--init {self.weights_dir}")
-        # For the header's note: the positions --init's model learnt, as its RoPE angles count them.
-        self.init_context = None if self.resumed_from else base.max_seq_len
-        self.init_reach = base.max_seq_len / base.rope_scaling
+        self.init_context = None if self.resumed_from else base.max_seq_len  # for the header's note
+        self.init_scaling = base.rope_scaling
         return model_config(section, base=base, base_from=self.weights_dir)
 
     def _open_run_dir(self, force: bool) -> bool:
@@ -1416,19 +1415,19 @@ class Trainer:
                 PRESETS[preset].get(k, getattr(m, k)) != getattr(m, k) for k in ("dim", "n_layers", "n_heads")):
             lines.append(f"note: the model is --init's (dim {m.dim}, {m.n_layers} layers, {m.n_heads} heads), not the "
                          f"{preset} preset's: the preset gives the training settings")
-        if self.init_context and m.max_seq_len > self.init_context:  # a fine-tune that extends the context
-            reach = m.max_seq_len / m.rope_scaling
-            if reach <= self.init_reach:
-                lines.append(f"note: the model's context is {m.max_seq_len}, --init's was {self.init_context}: "
-                             f"model.rope_scaling {m.rope_scaling:g} puts every position among the RoPE angles it "
-                             f"learnt, closer together")
-            else:
-                learnt = (f"learnt in this run up to seq_len {cfg.seq_len}" if cfg.seq_len > self.init_context else
+        if self.init_context:  # a fine-tune that extends the context, or rescales its positions
+            reach = self.init_context / self.init_scaling  # the positions --init's RoPE angles reach, unscaled
+            new_from = int(reach * m.rope_scaling)  # positions past it meet angles --init's model never saw
+            context = f"note: the model's context is {m.max_seq_len}, --init's was {self.init_context}"
+            if m.max_seq_len > new_from:
+                learnt = (f"learnt in this run up to seq_len {cfg.seq_len}" if cfg.seq_len > new_from else
                           f"not trained in this run either (seq_len {cfg.seq_len})")
-                fold = m.max_seq_len / self.init_reach
-                lines.append(f"note: the model's context is {m.max_seq_len}, --init's was {self.init_context}: "
-                             f"positions past {self.init_context} are new to it, {learnt}; model.rope_scaling="
-                             f"{fold:g} would put them among the RoPE angles it learnt (linear RoPE scaling)")
+                lines.append(f"{context}: positions past {new_from} are new to it, {learnt}; model.rope_scaling="
+                             f"{m.max_seq_len / reach:g} would put them among the RoPE angles it learnt (linear RoPE "
+                             f"scaling)")
+            elif m.rope_scaling != self.init_scaling:
+                lines.append(f"{context}: model.rope_scaling {m.rope_scaling:g} (--init's {self.init_scaling:g}) puts "
+                             f"every position among the RoPE angles it learnt, closer together")
         return lines
 
     def _data_notes(self) -> list[str]:
