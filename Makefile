@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Tests in JOBS processes (pytest-xdist): on 2 cores two of them overlap the suite's many subprocesses,
-# servers and browser waits (6.5 to 8 minutes on a 2-core EPYC); JOBS=0 runs them in this process.
+# servers and browser waits (5.5 to 8 minutes on a 2-core EPYC); JOBS=0 runs them in this process.
 JOBS ?= 2
 test: venv
 	bash tests/install_test_tools.sh
