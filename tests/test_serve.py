@@ -969,6 +969,27 @@ def test_requests_in_flight_when_the_server_stops_get_a_503(nano_model_dir):
     assert events[-1]["error"]["code"] == "server_shutting_down"
 
 
+def test_a_stopping_server_refuses_new_clients_while_it_finishes_the_answers_in_flight(nano_model_dir):
+    """A client that connected while the server gave its requests in flight their 503 was accepted, then
+    reset as the process ended; refused, it knows at once that nothing is there."""
+    server, _ = start(nano_model_dir)
+    u = urlsplit(server.url)
+    seen = []
+    wait_for = server._quiet.wait_for
+
+    def connect_then_wait(*args, **kwargs):
+        try:
+            socket.create_connection((u.hostname, u.port), timeout=5).close()
+            seen.append("accepted")
+        except ConnectionRefusedError:
+            seen.append("refused")
+        return wait_for(*args, **kwargs)
+
+    server._quiet.wait_for = connect_then_wait
+    server.close()
+    assert seen == ["refused"]
+
+
 def test_the_openai_client_sees_api_errors(client):
     with pytest.raises(openai.BadRequestError, match="maximum context length"):
         client.completions.create(model="nano", prompt=[5] * 100, max_tokens=100)
