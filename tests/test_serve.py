@@ -1175,6 +1175,24 @@ def test_a_request_cut_off_by_the_client_leaving_is_not_answered_nor_run(nano_mo
     assert "POST /v1/compl" not in capfd.readouterr().err
 
 
+def test_a_client_that_stops_reading_is_logged_as_not_taking_the_response(nano_model_dir, capfd):
+    """http.server says "Request timed out" for a write too: the line said the request had not arrived."""
+    server, _ = start(nano_model_dir, timeout=1.0, log=True)
+    u = urlsplit(server.url)
+    try:
+        with socket.create_connection((u.hostname, u.port), timeout=60) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n" * 2000)  # far more than the buffers hold
+            began, err = time.monotonic(), ""
+            while "did not take the response" not in err and time.monotonic() - began < 30:
+                time.sleep(0.1)
+                err += capfd.readouterr().err
+    finally:
+        server.close()
+    assert "did not take the response within --timeout 1 s; connection closed" in err
+    assert "did not arrive whole" not in err
+
+
 def test_an_idle_kept_alive_connection_closes_without_a_log_line(nano_model_dir, capfd):
     server, _ = start(nano_model_dir, timeout=1.0, log=True)  # room for a busy CPU before each request
     try:
