@@ -1426,8 +1426,9 @@ class Trainer:
                              f"{m.max_seq_len / reach:g} would put them among the RoPE angles it learnt (linear RoPE "
                              f"scaling)")
             elif m.rope_scaling != self.init_scaling:
+                spacing = "closer together" if m.rope_scaling > self.init_scaling else "further apart"
                 lines.append(f"{context}: model.rope_scaling {m.rope_scaling:g} (--init's {self.init_scaling:g}) puts "
-                             f"every position among the RoPE angles it learnt, closer together")
+                             f"every position among the RoPE angles it learnt, {spacing}")
         return lines
 
     def _data_notes(self) -> list[str]:
