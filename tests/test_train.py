@@ -498,6 +498,28 @@ def test_sft_loss_counts_only_assistant_tokens(tmp_path, sft_data, nano_model_di
     assert 0 < count < positions and summary["loss_tokens"] == both_steps
 
 
+def test_the_context_notes_count_what_the_init_run_trained_on_and_what_rope_scaling_does(tmp_path, pt_data,
+                                                                                          tok_dir, capsys):
+    """A model with a context of 128 pretrained at seq_len 32 learnt the angles of 32 positions, which the
+    run's config.yaml beside its final/ says; a factor alone keeps the context; from scratch it extends
+    nothing."""
+    train(nano_cfg(pt_data, tok_dir, tmp_path / "base", max_steps=1))  # seq_len 32 of the preset's 128
+    capsys.readouterr()
+    train(nano_cfg(pt_data, None, tmp_path / "long", init=str(tmp_path / "base"), max_steps=1,
+                   model={"max_seq_len": 256, "rope_scaling": 2}))
+    assert ("note: the model's context is 256, --init's was 128, trained at seq_len 32: positions past 64 are new "
+            "to it, not trained in this run either (seq_len 32); model.rope_scaling=8 would put them among the RoPE "
+            "angles it learnt (linear RoPE scaling)\n") in capsys.readouterr().out
+    train(nano_cfg(pt_data, None, tmp_path / "same", init=str(tmp_path / "base"), max_steps=1,
+                   model={"rope_scaling": 4}))
+    assert ("note: the model's context is 128, --init's was 128, trained at seq_len 32: model.rope_scaling 4 "
+            "(--init's 1) puts every position among the RoPE angles it learnt, closer together; the context stays "
+            "128 (model.max_seq_len raises it)\n") in capsys.readouterr().out
+    train(nano_cfg(pt_data, tok_dir, tmp_path / "scratch", max_steps=1, model={"preset": "nano", "rope_scaling": 2}))
+    assert ("note: model.rope_scaling 2 on a model trained from scratch only slows its RoPE angles (as a larger "
+            "rope_theta does); it extends a context in a fine-tune from --init\n") in capsys.readouterr().out
+
+
 def test_a_fine_tune_that_extends_the_context_says_so(tmp_path, sft_data, nano_model_dir, capsys):
     """model.max_seq_len beside --init is taken (a fine-tune may extend the context), and said: the
     README's "shapes come from the loaded model" holds for weights, and positions past 128 are new."""

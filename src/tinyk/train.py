@@ -44,7 +44,7 @@ from .checkpoint import (
     load_model,
     write_model_files,
 )
-from .config import CUDA_GRAPH_MODES, LR_SCHEDULES, TrainConfig, dump_config, model_config, validate
+from .config import CUDA_GRAPH_MODES, LR_SCHEDULES, TrainConfig, dump_config, model_config, read_config_file, validate
 from .errors import (
     STOP_SIGNALS,
     PeerLost,
@@ -90,7 +90,7 @@ from .outputs import (
 )
 from .plan import flops_formula, model_size, precision_refusal
 from .rundir import RunDir, checkpoints, resolve_init
-from .units import GiB, flops_text, is_number, minutes_text, plural
+from .units import GiB, flops_text, is_int, is_number, minutes_text, plural
 
 # Whether this process has joined a job of several (its exit can then abort: see cli._fail).
 joined_a_job = False
@@ -430,6 +430,16 @@ def _rng_state(device: torch.device) -> dict[str, Any]:
             "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
+def _trained_context(model_dir: Path, context: int) -> int:
+    """The positions a model directory's run trained on: the seq_len of the config.yaml beside it (a run's
+    final/, a checkpoint's model/) where that is shorter than the model's context, else the context."""
+    try:
+        seq_len = read_config_file(model_dir.parent / "config.yaml").get("seq_len")
+    except (TinykError, OSError):
+        return context
+    return seq_len if is_int(seq_len) and 0 < seq_len < context else context
+
+
 def _seed_streams(seed: int) -> None:
     """Every global generator a checkpoint's rng.pt keeps, seeded: tinyk draws from torch's alone, but the
     others' state, left as the process had it, made two identical runs write different checkpoints."""
@@ -711,6 +721,7 @@ class Trainer:
         self.preset_beside_init = cfg.model.get("preset") if self.init_dir is not None else None  # for the header
         self.init_context: int | None = None  # an --init model's context, set with the model's config
         self.init_scaling = 1.0
+        self.init_trained = 0  # the positions the --init model trained on, where its run says (else its context)
         self.weights_dir = self.resumed_from / "model" if self.resumed_from else self.init_dir
         self.tok_dir = self.resumed_from / "model" if self.resumed_from else \
             Path(cfg.tokenizer) if cfg.tokenizer else self.init_dir
@@ -795,6 +806,7 @@ class Trainer:
                              f"--init {self.weights_dir}")
         self.init_context = None if self.resumed_from else base.max_seq_len  # for the header's note
         self.init_scaling = base.rope_scaling
+        self.init_trained = _trained_context(self.weights_dir, base.max_seq_len)
         return model_config(section, base=base, base_from=self.weights_dir)
 
     def _open_run_dir(self, force: bool) -> bool:
@@ -1415,20 +1427,27 @@ class Trainer:
                 PRESETS[preset].get(k, getattr(m, k)) != getattr(m, k) for k in ("dim", "n_layers", "n_heads")):
             lines.append(f"note: the model is --init's (dim {m.dim}, {m.n_layers} layers, {m.n_heads} heads), not the "
                          f"{preset} preset's: the preset gives the training settings")
-        if self.init_context:  # a fine-tune that extends the context, or rescales its positions
-            reach = self.init_context / self.init_scaling  # the positions --init's RoPE angles reach, unscaled
-            new_from = int(reach * m.rope_scaling)  # positions past it meet angles --init's model never saw
-            context = f"note: the model's context is {m.max_seq_len}, --init's was {self.init_context}"
+        if self.init_context and (m.max_seq_len > self.init_context or m.rope_scaling != self.init_scaling):
+            # A fine-tune that extends the context, or rescales its positions.
+            reach = self.init_trained / self.init_scaling  # the positions --init's RoPE angles reach, unscaled
+            new_from = int(reach * m.rope_scaling)  # positions past it meet angles --init's model never learnt
+            trained = f", trained at seq_len {self.init_trained}" if self.init_trained < self.init_context else ""
+            context = f"note: the model's context is {m.max_seq_len}, --init's was {self.init_context}{trained}"
             if m.max_seq_len > new_from:
                 learnt = (f"learnt in this run up to seq_len {cfg.seq_len}" if cfg.seq_len > new_from else
                           f"not trained in this run either (seq_len {cfg.seq_len})")
                 lines.append(f"{context}: positions past {new_from} are new to it, {learnt}; model.rope_scaling="
                              f"{m.max_seq_len / reach:g} would put them among the RoPE angles it learnt (linear RoPE "
                              f"scaling)")
-            elif m.rope_scaling != self.init_scaling:
+            else:
                 spacing = "closer together" if m.rope_scaling > self.init_scaling else "further apart"
+                same = (f"; the context stays {m.max_seq_len} (model.max_seq_len raises it)"
+                        if m.max_seq_len <= self.init_context else "")
                 lines.append(f"{context}: model.rope_scaling {m.rope_scaling:g} (--init's {self.init_scaling:g}) puts "
-                             f"every position among the RoPE angles it learnt, {spacing}")
+                             f"every position among the RoPE angles it learnt, {spacing}{same}")
+        elif self.init_dir is None and not self.resumed_from and m.rope_scaling != 1:
+            lines.append(f"note: model.rope_scaling {m.rope_scaling:g} on a model trained from scratch only slows its "
+                         f"RoPE angles (as a larger rope_theta does); it extends a context in a fine-tune from --init")
         return lines
 
     def _data_notes(self) -> list[str]:
