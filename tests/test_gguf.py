@@ -255,6 +255,20 @@ def test_a_normalising_tokenizer_is_exported_with_a_note(tmp_path, corpus_file, 
         capsys.readouterr().out
 
 
+def test_a_model_with_rope_scaling_is_exported_with_a_note_on_who_reads_it(tmp_path, tok_dir, capsys):
+    out = _model_dir(tmp_path, tok_dir, rope_scaling=2.0)
+    init_model_dir("nano", tok_dir, tmp_path / "plain")
+    said = []
+    for model, gguf in ((out, "m.gguf"), (tmp_path / "plain", "p.gguf")):
+        with pytest.raises(SystemExit) as e:
+            main(["model", "gguf", str(model), "--out", str(tmp_path / gguf)])
+        assert e.value.code == 0
+        said.append(capsys.readouterr().out)
+    assert ("note: the model's linear RoPE scaling (factor 2) is in the file's rope.scaling keys, which llama.cpp "
+            "reads; transformers' GGUF reader does not") in said[0]
+    assert "RoPE scaling" not in said[1]
+
+
 def test_a_tokenizer_llama_cpp_would_split_otherwise_is_refused(tmp_path, tok_dir, capsys):
     out = _model_dir(tmp_path, tok_dir)
     data = json.loads((out / "tokenizer.json").read_text())

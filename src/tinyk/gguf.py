@@ -171,7 +171,8 @@ def export_gguf(model_dir: str | Path, out: str | Path, outtype: str = "f16", fo
     normalizer = tokenizer_json.get("normalizer")
     return {"path": str(out), "bytes": out.stat().st_size, "outtype": outtype, "tensors": counts,
             "parameters": sum(t.numel() for t in state.values()), "vocab": len(tokens),
-            "normalizer": normalizer.get("type") if isinstance(normalizer, dict) else None}
+            "normalizer": normalizer.get("type") if isinstance(normalizer, dict) else None,
+            "rope_scaling": cfg.rope_scaling}
 
 
 def _add_metadata(gguf: Any, w: Any, cfg: ModelConfig, name: str, outtype: str) -> None:

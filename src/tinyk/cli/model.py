@@ -112,4 +112,8 @@ def _gguf(args: argparse.Namespace) -> int:
         print(f"note: the tokenizer normalises text ({r['normalizer']}) before splitting it and llama.cpp does not, "
               f"so text typed there (full-width punctuation such as ，？ under NFKC) reaches the model as pieces "
               f"it never saw in training; a tokenizer trained with --normalization none has no such gap")
+    if r["rope_scaling"] != 1:
+        print(f"note: the model's linear RoPE scaling (factor {r['rope_scaling']:g}) is in the file's rope.scaling "
+              f"keys, which llama.cpp reads; transformers' GGUF reader does not, and loads the file unscaled (load "
+              f"the model directory there)")
     return 0
