@@ -2929,3 +2929,17 @@ def test_a_meta_json_whose_longest_is_no_count_is_refused_in_one_line(tmp_path, 
     (copy / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(TinykError, match="split 'val' has counts that are not whole numbers"):
         open_dataset(copy)
+
+
+def test_a_split_continued_from_a_checkpoint_without_longest_leaves_it_out(tmp_path):
+    """A stopped run's checkpoint from a tinyk before `longest` knows nothing of the documents before it:
+    counting from 0 would understate it and make the val check misfire, so meta.json leaves it out."""
+    from tinyk.data import _DocBatch, _ShardWriter
+
+    batch = _DocBatch(np.arange(5, dtype=np.uint16), np.array([2, 3]), np.array([6, 9]), np.array([1, 2], np.uint64))
+    for state, longest in (({"documents": 1, "tokens": 9, "bytes": 27, "shards": []}, None),
+                           ({"documents": 1, "tokens": 9, "bytes": 27, "shards": [], "longest": 9}, 9), (None, 3)):
+        w = _ShardWriter(tmp_path / f"train{longest}", np.dtype(np.uint16), 100)
+        w.open(state)
+        w.add(batch)
+        assert w.close().get("longest") == longest
