@@ -132,7 +132,7 @@ def config_from_hf(d: Any) -> ModelConfig:
     if scaling and params and params.get("rope_theta", theta) != theta:
         raise TinykError(f"config.json disagrees with itself: rope_parameters has rope_theta {params['rope_theta']}, "
                          f"but transformers reads rope_scaling instead, with rope_theta {theta}; make them agree")
-    factor = read.get("factor") if read.get("rope_type", read.get("type")) == "linear" else 1.0
+    factor = read.get("factor") if kinds and kinds[-1] == "linear" else 1.0
     if not (is_number(factor) and 1 <= factor < math.inf):
         raise TinykError(f"config.json's linear RoPE scaling has factor {factor!r}; it is a number of at least 1")
     try:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import TinykError, memory_available, out_of_memory
-from .units import is_int, plural
+from .units import is_int, is_number, plural
 
 
 def cuda_autocast_dtype(device: torch.device) -> torch.dtype:
@@ -131,7 +131,7 @@ class ModelConfig:
             if not is_int(v) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         for name in ("norm_eps", "rope_theta", "rope_scaling", "dropout"):
-            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int | float):
+            if not is_number(getattr(self, name)):
                 raise ValueError(f"{name} must be a number, got {getattr(self, name)!r}")
         # eps 1 or more swamps the activations it normalises; theta under 1 turns the rotations' frequencies
         # from falling to rising (1e-300 overflows them)

@@ -719,9 +719,10 @@ class Trainer:
         # tokenizer directory it started from may have moved or been retrained since.
         self.init_dir = resolve_init(cfg.init) if cfg.init and not self.resumed_from else None
         self.preset_beside_init = cfg.model.get("preset") if self.init_dir is not None else None  # for the header
-        self.init_context: int | None = None  # an --init model's context, set with the model's config
-        self.init_scaling = 1.0
-        self.init_trained = 0  # the positions the --init model trained on, where its run says (else its context)
+        # For the header's notes: a fine-tune's --init model, and the positions it trained on (its context
+        # unless its run says fewer); set with the model's config.
+        self.init_model: ModelConfig | None = None
+        self.init_trained = 0
         self.weights_dir = self.resumed_from / "model" if self.resumed_from else self.init_dir
         self.tok_dir = self.resumed_from / "model" if self.resumed_from else \
             Path(cfg.tokenizer) if cfg.tokenizer else self.init_dir
@@ -804,9 +805,8 @@ class Trainer:
             raise TinykError(f"model.{k}={section[k]} differs from the run's {getattr(base, k)}: a resumed run "
                              f"trains the same model on; to train with another {k}, start a new run with "
                              f"--init {self.weights_dir}")
-        self.init_context = None if self.resumed_from else base.max_seq_len  # for the header's note
-        self.init_scaling = base.rope_scaling
-        self.init_trained = _trained_context(self.weights_dir, base.max_seq_len)
+        if not self.resumed_from:
+            self.init_model, self.init_trained = base, _trained_context(self.weights_dir, base.max_seq_len)
         return model_config(section, base=base, base_from=self.weights_dir)
 
     def _open_run_dir(self, force: bool) -> bool:
@@ -1427,12 +1427,13 @@ class Trainer:
                 PRESETS[preset].get(k, getattr(m, k)) != getattr(m, k) for k in ("dim", "n_layers", "n_heads")):
             lines.append(f"note: the model is --init's (dim {m.dim}, {m.n_layers} layers, {m.n_heads} heads), not the "
                          f"{preset} preset's: the preset gives the training settings")
-        if self.init_context and (m.max_seq_len > self.init_context or m.rope_scaling != self.init_scaling):
+        init = self.init_model
+        if init is not None and (m.max_seq_len > init.max_seq_len or m.rope_scaling != init.rope_scaling):
             # A fine-tune that extends the context, or rescales its positions.
-            reach = self.init_trained / self.init_scaling  # the positions --init's RoPE angles reach, unscaled
+            reach = self.init_trained / init.rope_scaling  # the positions --init's RoPE angles reach, unscaled
             new_from = int(reach * m.rope_scaling)  # positions past it meet angles --init's model never learnt
-            trained = f", trained at seq_len {self.init_trained}" if self.init_trained < self.init_context else ""
-            context = f"note: the model's context is {m.max_seq_len}, --init's was {self.init_context}{trained}"
+            trained = f", trained at seq_len {self.init_trained}" if self.init_trained < init.max_seq_len else ""
+            context = f"note: the model's context is {m.max_seq_len}, --init's was {init.max_seq_len}{trained}"
             if m.max_seq_len > new_from:
                 learnt = (f"learnt in this run up to seq_len {cfg.seq_len}" if cfg.seq_len > new_from else
                           f"not trained in this run either (seq_len {cfg.seq_len})")
@@ -1440,10 +1441,10 @@ class Trainer:
                              f"{m.max_seq_len / reach:g} would put them among the RoPE angles it learnt (linear RoPE "
                              f"scaling)")
             else:
-                spacing = "closer together" if m.rope_scaling > self.init_scaling else "further apart"
+                spacing = "closer together" if m.rope_scaling > init.rope_scaling else "further apart"
                 same = (f"; the context stays {m.max_seq_len} (model.max_seq_len raises it)"
-                        if m.max_seq_len <= self.init_context else "")
-                lines.append(f"{context}: model.rope_scaling {m.rope_scaling:g} (--init's {self.init_scaling:g}) puts "
+                        if m.max_seq_len <= init.max_seq_len else "")
+                lines.append(f"{context}: model.rope_scaling {m.rope_scaling:g} (--init's {init.rope_scaling:g}) puts "
                              f"every position among the RoPE angles it learnt, {spacing}{same}")
         elif self.init_dir is None and not self.resumed_from and m.rope_scaling != 1:
             lines.append(f"note: model.rope_scaling {m.rope_scaling:g} on a model trained from scratch only slows its "
