@@ -40,6 +40,7 @@ from tinyk.data import (
     prepare_pretrain,
     prepare_sft,
     read_conversation,
+    summary,
     token_dtype,
 )
 from tinyk.errors import STOP_SIGNALS, TinykError
@@ -198,7 +199,11 @@ def test_bad_records_are_skipped_counted_and_located(tmp_path, tok_dir):
                            "invalid_utf8": "bytes that are neither UTF-8 nor GBK: a damaged line, or a file to "
                                            "convert from its encoding",
                            "not_string": "its 'text' is a JSON number, not text"}
-    assert sk["hints"]["missing_field"] in Skips.from_json(sk).summary()  # as `tinyk data` prints it
+    assert sk["hints"]["missing_field"] in Skips.from_json(sk).summary()  # as an error message says it
+    lines = summary(meta).splitlines()  # `tinyk data`'s report: a line for each reason, sorted by name
+    assert lines[0].endswith("skipped 11 records:") and [line.split(":")[0] for line in lines[1:]] == \
+        ["  empty", "  invalid utf8", "  line too long", "  lone surrogate", "  malformed json", "  missing field",
+         "  not string"]
     assert sk["first"]["line_too_long"] == ["bad.jsonl:7"]
     assert sk["first"]["invalid_utf8"] == ["bad.jsonl:6"]
     assert sk["first"]["lone_surrogate"] == ["bad.jsonl:11", "bad.jsonl:14"]
@@ -1181,8 +1186,6 @@ def test_an_unusable_alpaca_or_prompt_completion_record_says_why(record, hint):
 def test_a_small_corpus_is_not_said_to_repeat_itself(pt_data):
     """The one document val always gets, and the hash's spread, are no sign of repeated documents: 25
     distinct documents put 1 (4%) in val at --val-fraction 0.01."""
-    from tinyk.data import summary
-
     meta = {**json.loads((pt_data / "meta.json").read_text()), "val_fraction": 0.01}
     tr, va = meta["splits"]["train"], meta["splits"]["val"]
     for total, val in ((25, 1), (50, 2), (200, 5)):
@@ -1198,8 +1201,6 @@ def test_a_val_split_with_far_more_of_the_tokens_than_asked_is_explained(pt_data
     """Copies of long documents put 28% of the tokens in val at --val-fraction 0.05 while its share of
     the documents stayed within chance, and nothing was said; one long document alone, which chance
     puts on either side, is not a sign of repeats, nor is data from before tinyk recorded the longest."""
-    from tinyk.data import summary
-
     meta = {**json.loads((pt_data / "meta.json").read_text()), "val_fraction": 0.05}
     tr, va = meta["splits"]["train"], meta["splits"]["val"]
     tr["documents"], va["documents"] = 880, 120  # 12%: within chance of 5% for the documents
@@ -1234,8 +1235,6 @@ def test_a_tokenizer_retrained_at_the_same_path_is_read_again(tmp_path, corpus_f
 def test_a_val_split_far_beyond_val_fraction_is_explained(pt_data):
     """Copies of a document stay on one side: a corpus that repeats one text can put a fifth of itself
     in val at --val-fraction 0.01, which the closing line now says instead of leaving it to be found."""
-    from tinyk.data import summary
-
     meta = json.loads((pt_data / "meta.json").read_text())
     assert "val holds" not in summary(meta)
     tr, va = meta["splits"]["train"], meta["splits"]["val"]
@@ -2385,8 +2384,6 @@ def test_a_long_reply_of_long_tokens_still_fills_max_len(tmp_path, tok_dir):
 # the closing line counts the loss tokens of both splits and says how many conversations
 # were cut and how many of those at a turn boundary.
 def test_the_sft_summary_counts_both_splits_and_both_kinds_of_cut(sft_data):
-    from tinyk.data import summary
-
     meta = {**json.loads((sft_data / "meta.json").read_text()), "truncated": {"at_turn": 2, "mid_turn": 5}}
     tr, va = meta["splits"]["train"], meta["splits"]["val"]
     assert va["loss_tokens"] > 0
