@@ -620,9 +620,21 @@ def test_engine_commands_decode_full_precision_weights_unless_asked():
     # plan takes --set as training does, and says so as training does
     (["plan", "--n-layers", "4"], "--n-layers 4; a config key without a flag of its own is set with --set "
                                   "model.n_layers=4"),
+    # another command's flag is not taken for one of this command's that starts like it (--modelfile, the
+    # Ollama file to write; --max-tokens, the training budget): the command says how it takes the thing
+    (["model", "gguf", "--model", "m", "--out", "m.gguf"], "--model; --model is a flag of tinyk generate, chat, "
+     "serve and eval, not of tinyk model gguf: tinyk model gguf takes its PATH without a flag"),
+    (["pretrain", "--max-new-tokens", "4"], "--max-new-tokens 4; --max-new-tokens is a flag of tinyk generate, chat, "
+     "serve and eval, not of tinyk pretrain"),
+    (["chat", "--model", "m", "--prompt", "x"], "--prompt x; --prompt is a flag of tinyk generate, not of tinyk chat"),
+    (["data", "info", "--data", "d"], "--data; --data is a flag of tinyk pretrain, sft and eval, not of tinyk "
+     "data info: tinyk data info takes its PATH without a flag"),
+    # which its argument is not: the tokenizer (or a model's) is, the data to measure on is --input
+    (["tokenizer", "eval", "t", "--data", "d"], "--data d; --data is a flag of tinyk pretrain, sft and eval, "
+     "not of tinyk tokenizer eval"),
 ])
 def test_what_an_unknown_flag_is_said_to_mean(args, said, capsys):
-    command = f"tinyk {args[0]}"
+    command = f"tinyk {' '.join(args[:2] if args[0] in ('model', 'tokenizer', 'data') else args[:1])}"
     assert error_line(args, capsys) == f"{command}: error: unrecognized arguments: {said} (see {command} --help)"
 
 

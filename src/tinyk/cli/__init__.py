@@ -15,6 +15,7 @@ import importlib
 import io
 import json
 import os
+import re
 import signal
 import stat
 import sys
@@ -91,11 +92,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _flag_hint(parser: argparse.ArgumentParser, extras: list[str]) -> str:
+def _commands(parser: argparse.ArgumentParser) -> Iterable[argparse.ArgumentParser]:
+    """Every (sub)command's parser under `parser`, those with subcommands of their own included."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):  # an alias maps to the same parser
+                yield sub
+                yield from _commands(sub)
+
+
+def _elsewhere(root: argparse.ArgumentParser, parser: argparse.ArgumentParser, flag: str) -> str:
+    """For a flag another command has (`--model` given to `model gguf`): which commands take it, and
+    whether this one takes the thing it names without a flag (its argument's help names it). A flag of
+    its own that starts with it (`--modelfile`) means something else, so it is not offered."""
+    owners = [p.prog.removeprefix("tinyk ") for p in _commands(root) if flag in p._option_string_actions]
+    if not owners:
+        return ""
+    thing = flag[2:].split("-")[0]  # --model: a model (directory)
+    positional = [a.metavar or a.dest.upper() for a in parser._actions if not a.option_strings
+                  and not isinstance(a, argparse._SubParsersAction) and re.search(rf"\b{thing}\b", a.help or "")]
+    names = owners if len(owners) <= 4 else [*owners[:4], "others"]
+    where = f"{', '.join(names[:-1])} and {names[-1]}" if len(names) > 1 else names[0]
+    how = f": {parser.prog} takes its {' '.join(positional)} without a flag" if positional else ""
+    return f"; {flag} is a flag of tinyk {where}, not of {parser.prog}{how}"
+
+
+def _flag_hint(root: argparse.ArgumentParser, parser: argparse.ArgumentParser, extras: list[str]) -> str:
     """For a shortened or mistyped flag (`--res`, `--max-new`, `--temprature`): the flag it may mean."""
     given = extras[0].partition("=")[0]
     if not given.startswith("--") or len(given) < 4:  # a bare `--` begins every flag
         return ""
+    if said := _elsewhere(root, parser, given):
+        return said
     flags = [f for f in parser._option_string_actions if f.startswith("--")]
     matches = [f for f in flags if f.startswith(given)] or difflib.get_close_matches(given, flags, n=1, cutoff=0.8)
     return f"; did you mean {' or '.join(sorted(matches))}?" if 0 < len(matches) <= 3 else ""
@@ -281,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0)
     args, extras = parser.parse_known_args(argv)
     if extras:
-        hint = _flag_hint(args.command_parser, extras) or _set_hint(args.command, extras)
+        hint = _set_hint(args.command, extras) or _flag_hint(parser, args.command_parser, extras)
         args.command_parser.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
     utf8_streams((sys.stdin, sys.stdout, sys.stderr))
     for stream in (sys.stdout, sys.stderr):
