@@ -208,16 +208,24 @@ def test_flag_defaults_are_the_librarys():
 def test_training_dtypes_and_strategies_are_the_configs():
     """--dtype takes PyTorch's names (summary.json's) as the config does; the lists live apart so
     that parsing needs no torch."""
-    from tinyk.cli.common import GGUF_OUTTYPES, LR_SCHEDULE_CHOICES, PARALLEL_CHOICES, PRESET_NAMES, TRAIN_DTYPE_CHOICES
+    from tinyk.cli.common import DTYPE_CHOICES, GGUF_OUTTYPES, LR_SCHEDULE_CHOICES, PARALLEL_CHOICES, PRESET_NAMES
     from tinyk.config import DTYPE_ALIASES, LR_SCHEDULES, PARALLEL, TRAIN_DTYPES
     from tinyk.gguf import OUTTYPES
-    from tinyk.model import PRESETS
+    from tinyk.model import DTYPES, PRESETS
 
-    assert set(TRAIN_DTYPE_CHOICES) == {*TRAIN_DTYPES, *DTYPE_ALIASES} and PARALLEL_CHOICES == PARALLEL
+    assert set(DTYPE_CHOICES) == {*TRAIN_DTYPES, *DTYPE_ALIASES} == {"auto", *DTYPES} and PARALLEL_CHOICES == PARALLEL
     assert LR_SCHEDULE_CHOICES == LR_SCHEDULES and GGUF_OUTTYPES == OUTTYPES
     assert PRESET_NAMES == ", ".join(PRESETS)
     parse = build_parser().parse_args
     assert parse(["pretrain", "--dtype", "bfloat16"]).dtype == "bfloat16" == parse([*PLAN, "--dtype", "bfloat16"]).dtype
+    assert parse([*GEN, "--dtype", "fp32"]).dtype == "fp32" == parse([*SERVE, "--dtype", "fp32"]).dtype
+
+
+@pytest.mark.parametrize("args", [GEN, SERVE, ["chat", "--model", "m"]])
+def test_an_unknown_generation_dtype_is_refused_before_the_model_loads(args, capsys):
+    """As training and plan do: a typo waited for the weights to load, and a damaged model was named instead."""
+    assert error_line([*args, "--dtype", "bogus"], capsys).startswith(
+        f"tinyk {args[0]}: error: argument --dtype: invalid choice: 'bogus' (choose from 'auto', 'bf16', ")
 
 
 def test_sampling_and_serving_defaults_are_the_librarys():

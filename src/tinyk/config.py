@@ -32,7 +32,7 @@ from .units import MAX_BATCH, MAX_SIZE, is_int, is_number, parse_size, size_text
 
 KINDS = ("pretrain", "sft")
 LR_SCHEDULES = ("cosine", "wsd")
-TRAIN_DTYPES = ("auto", "bf16", "fp16", "fp32")  # with DTYPE_ALIASES, cli.common.TRAIN_DTYPE_CHOICES
+TRAIN_DTYPES = ("auto", "bf16", "fp16", "fp32")  # with DTYPE_ALIASES, cli.common.DTYPE_CHOICES
 # PyTorch's names, as summary.json and the header print them (and generate's --dtype takes them).
 DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 PARALLEL = ("ddp", "fsdp")

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 # pretrain, sft and plan's --dtype and --parallel, and --lr-schedule: what the trainer's config takes
 # (config.TRAIN_DTYPES with PyTorch's names, DTYPE_ALIASES; config.PARALLEL; config.LR_SCHEDULES), here so
 # that parsing arguments needs no torch.
-TRAIN_DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32", "bfloat16", "float16", "float32")
+DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32", "bfloat16", "float16", "float32")
 PARALLEL_CHOICES = ("ddp", "fsdp")
 LR_SCHEDULE_CHOICES = ("cosine", "wsd")
 GGUF_OUTTYPES = ("f16", "bf16", "f32", "q8_0")  # gguf.OUTTYPES, which imports torch
@@ -252,12 +252,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, type=model_dir,
                    help="model directory, or a training run's (meaning its final/)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp16 on GPUs without bf16 such as V100 "
-                                                   "and T4, fp32 on CPU; with --quantize int8 see there), float32, "
-                                                   "bfloat16, float16")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="auto (bf16 on CUDA, fp16 on GPUs without bf16 such as V100 and T4, fp32 on CPU; with "
+                        "--quantize int8 see there), bf16, fp16, fp32 (or bfloat16, float16, float32)")
     p.add_argument("--quantize", choices=["none", "int8"], default="none",
                    help="int8 (CPU only): weight-only int8 copies of the weights; auto computes in bf16, or fp32 on a "
-                        "CPU without bf16 instructions; batch-1 decoding 1.5-2.2x as fast as transformers' fp32 "
+                        "CPU without bf16 instructions; batch-1 decoding 1.5-1.75x as fast as transformers' fp32 "
                         "generate in bench/decode.py, slightly different numbers")
     p.add_argument("--threads", type=int_range(1, 4096), default=None,
                    help="CPU threads (default: torch's, one per core; on a machine busy with other work, fewer "

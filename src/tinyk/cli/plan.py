@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 
 from tinyk.cli.common import (
+    DTYPE_CHOICES,
     PARALLEL_CHOICES,
     PRESET_NAMES,
-    TRAIN_DTYPE_CHOICES,
     batch_count,
     float_range,
     json_text,
@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     what.add_argument("--batch-size", type=batch_count, help="global batch in sequences per optimizer step")
     what.add_argument("--micro-batch", type=batch_count,
                       help="sequences per forward pass per GPU (default: the config's, else the largest that fits)")
-    what.add_argument("--dtype", choices=TRAIN_DTYPE_CHOICES,
+    what.add_argument("--dtype", choices=DTYPE_CHOICES,
                       help="auto = bf16 autocast (fp16 on cards without bf16)")
     what.add_argument("--parallel", choices=PARALLEL_CHOICES)
     what.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction,

@@ -6,10 +6,10 @@ import argparse
 import sys
 
 from tinyk.cli.common import (
+    DTYPE_CHOICES,
     LR_SCHEDULE_CHOICES,
     PARALLEL_CHOICES,
     PRESET_NAMES,
-    TRAIN_DTYPE_CHOICES,
     batch_count,
     model_dir,
     non_negative_int,
@@ -65,7 +65,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                             "decay_fraction=0.2, the default), so a run stopped before its decay can be made longer "
                             "at the same rate")
         r = p.add_argument_group("runtime")
-        r.add_argument("--dtype", choices=TRAIN_DTYPE_CHOICES)
+        r.add_argument("--dtype", choices=DTYPE_CHOICES,
+                       help="auto (bf16 autocast on CUDA, fp16 on GPUs without bf16 such as V100 and T4, fp32 on "
+                            "CPU), bf16, fp16, fp32 (or bfloat16, float16, float32)")
         r.add_argument("--device", type=train_device, help="auto (CUDA if present), cpu or cuda")
         # --no-X turns off what a resumed run's saved config turned on.
         r.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
