@@ -683,7 +683,7 @@ def test_fsdp_on_one_gpu_says_the_trainer_does_not_use_it(capsys):
     code, out, _ = run_cli(["plan", "--preset", "seed-215m", "--parallel", "fsdp", "--gpus", "1"], capsys)
     assert code == 0 and "; one process; " in out and note in out
     code, out, _ = run_cli(["plan", "--preset", "seed-215m", "--parallel", "fsdp", "--gpus", "2"], capsys)
-    assert code == 0 and "; FSDP; " in out and "note " not in out
+    assert code == 0 and "; FSDP; " in out and "FSDP is not used" not in out
 
 
 @pytest.mark.parametrize("value", ["45", "1e-300", "nan"])
@@ -1007,6 +1007,21 @@ def test_a_config_budget_of_steps_and_tokens_plans_the_one_that_ends_the_run_fir
     # max(budgets) instead of min
     p = _plan(capsys, "--preset", "seed-215m", "--gpu", "h100", "--set", "max_tokens=2e9", "--set", "max_steps=10")
     assert p["run"]["tokens"] == 10 * 512 * 512
+
+
+def test_budgets_plan_cannot_count_are_said_to_be_left_out(capsys):
+    """epochs counts the data and max_minutes the clock, neither of which plan reads: both were taken
+    without a word while the plan sized another budget; with --tokens the user has said the size."""
+    code, out, _ = run_cli(["plan", "--preset", "tiny", "--gpu", "h100", "--set", "epochs=1", "--set",
+                            "max_minutes=5"], capsys)
+    assert code == 0 and ("note         epochs=1 and max_minutes=5 are not planned (depending on the data's size and "
+                          "the run's real pace): this plan is for 8.192M tokens, which --tokens sets; the run stops "
+                          "at whichever of its budgets ends first\n") in out
+    assert "max_minutes=5 is not planned (depending on the run's real pace): this plan is for 10B tokens" in \
+        run_cli(["plan", "--preset", "nano", "--set", "max_steps=null", "--set", "max_minutes=5"], capsys)[1]
+    code, out, _ = run_cli(["plan", "--preset", "tiny", "--set", "epochs=1", "--tokens", "1B"], capsys)
+    assert code == 0 and "not planned" not in out
+    assert _plan(capsys, "--preset", "nano", "--set", "epochs=2")["run"]["unplanned"] == {"epochs": 2}
 
 
 # ---------------------------------------------------------------------------------------------------------

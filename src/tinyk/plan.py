@@ -456,6 +456,7 @@ class RunSpec:
     compiled: bool = False  # torch.compile: about twice an eager run's MFU
     keep_checkpoints: int = 3  # the run directory's disk: this many checkpoints and final/
     keep_best: bool = False  # and best/
+    unplanned: dict[str, float] = field(default_factory=dict)  # budgets set that need the data or the pace: epochs
 
 
 def _disk(parameters: int, keep_checkpoints: int, keep_best: bool) -> dict[str, int]:
@@ -519,7 +520,8 @@ def run_spec(*, preset: str | None, config: str | None, sets: Iterable[str] = ()
     return RunSpec(name=name, cfg=cfg, seq_len=seq_len, batch_size=tc.batch_size,
                    micro_batch=tc.micro_batch, dtype=tc.dtype, parallel=tc.parallel,
                    checkpointing=tc.activation_checkpointing, max_tokens=min(budgets) if budgets else None,
-                   compiled=tc.compile, keep_checkpoints=tc.keep_checkpoints, keep_best=tc.keep_best)
+                   compiled=tc.compile, keep_checkpoints=tc.keep_checkpoints, keep_best=tc.keep_best,
+                   unplanned={k: v for k in ("epochs", "max_minutes") if (v := getattr(tc, k))})
 
 
 def make_plan(run: RunSpec, gpu: GPUSpec, *, gpus: int = 1, nodes: int = 1, tokens: float | None = None,
@@ -528,6 +530,7 @@ def make_plan(run: RunSpec, gpu: GPUSpec, *, gpus: int = 1, nodes: int = 1, toke
     (max_tokens, or max_steps in tokens), else DEFAULT_TOKENS, the seed's corpus."""
     from .train import micro_layout
 
+    unplanned = run.unplanned if tokens is None else {}  # --tokens: the user knows what the run will take
     if tokens is None:
         tokens = run.max_tokens or DEFAULT_TOKENS
 
@@ -595,7 +598,9 @@ def make_plan(run: RunSpec, gpu: GPUSpec, *, gpus: int = 1, nodes: int = 1, toke
                 "micro_batch_requested": run.micro_batch,
                 "grad_accum": accum, "dtype": dtype, "parallel": run.parallel if world > 1 else "none",
                 "parallel_requested": run.parallel, "compile": run.compiled,
-                "activation_checkpointing": run.checkpointing, "tokens": int(tokens)},
+                "activation_checkpointing": run.checkpointing, "tokens": int(tokens),
+                # training stops at the first of its budgets; these need the data's size or the run's pace
+                "unplanned": unplanned},
         "memory": mem.to_json(),
         "memory_other_checkpointing": other.to_json(),
         "fits": mem.peak <= usable_bytes(gpu),
@@ -896,6 +901,12 @@ def format_plan(p: dict[str, Any]) -> str:
     notes = [note] if note else []
     if r["parallel_requested"] == "fsdp" and g["count"] == 1:
         notes.append("with one GPU FSDP is not used: the trainer runs one process with the whole model")
+    if unplanned := r["unplanned"]:
+        needs = {"epochs": "the data's size", "max_minutes": "the run's real pace"}
+        said = " and ".join(f"{k}={v:g}" for k, v in unplanned.items())
+        notes.append(f"{said} {'is' if len(unplanned) == 1 else 'are'} not planned (depending on "
+                     f"{' and '.join(needs[k] for k in unplanned)}): this plan is for {_tokens(r['tokens'])}, "
+                     f"which --tokens sets; the run stops at whichever of its budgets ends first")
     precision = "fp32" if r["dtype"] == "fp32" else f"{r['dtype']} autocast"
     parallel = {"none": "one process", "ddp": "DDP", "fsdp": "FSDP"}[r["parallel"]]
     lines = [
