@@ -635,6 +635,10 @@ def test_engine_commands_decode_full_precision_weights_unless_asked():
     (["pretrain", "--max-new-tokens", "4"], "--max-new-tokens 4; --max-new-tokens is a flag of tinyk generate, chat, "
      "serve and eval, not of tinyk pretrain"),
     (["chat", "--model", "m", "--prompt", "x"], "--prompt x; --prompt is a flag of tinyk generate, not of tinyk chat"),
+    # a flag of this command mistyped is still offered, and plan's --set still said for training's flags
+    (["pretrain", "--max-step", "4"], "--max-step 4; did you mean --max-steps?"),
+    (["plan", "--max-steps", "9"], "--max-steps 9; a config key without a flag of its own is set with --set "
+                                   "max_steps=9"),
     (["data", "info", "--data", "d"], "--data; --data is a flag of tinyk pretrain, sft and eval, not of tinyk "
      "data info: tinyk data info takes its PATH without a flag"),
     # which its argument is not: the tokenizer (or a model's) is, the data to measure on is --input

@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -96,6 +97,7 @@ from .units import GiB, flops_text, is_int, is_number, minutes_text, plural
 joined_a_job = False
 SIGINT_ECHO_S = 0.5  # a second SIGINT sooner than this is the first one again, not a second Ctrl-C
 COMPUTE_FIELDS = ("rope_theta", "rope_scaling", "norm_eps")  # not shapes, but the weights were trained with them
+REFUSAL_WAIT = timedelta(minutes=2)  # how long a process that refuses to start waits to tell the job's others
 
 
 # ----------------------------------------------------------------------------- schedule & optimizer
@@ -307,7 +309,10 @@ def setup_dist(device: str, refusal: TinykError | None = None) -> Dist:
               file=sys.stderr, flush=True)
     if owns:
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None)
+        # One that only comes to say it refuses waits for the others a while, not the group's half hour:
+        # they started with it, unless they run no tinyk training at all.
+        dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None,
+                                **({"timeout": REFUSAL_WAIT} if refusal is not None else {}))
     host = dist.new_group(backend="gloo") if dev.type == "cuda" else None
     d = Dist(rank, world, local_rank, dev, host, owns)
     refused = [(r, why) for r, why in enumerate(d.gather_host(None if refusal is None else str(refusal))) if why]
@@ -320,15 +325,20 @@ def setup_dist(device: str, refusal: TinykError | None = None) -> Dist:
     return d
 
 
-def refuse_in_job(device: str, refusal: TinykError) -> NoReturn:
-    """Raises `refusal`, after telling the job's processes on other machines (`setup_dist`), which would
-    otherwise wait for this one until the group's timeout; on this machine torchrun stops them. (A job
+def tell_job(device: str, refusal: TinykError) -> None:
+    """Tells the job's processes on other machines (`setup_dist`) that this one refuses to start: they
+    would otherwise wait for it until the group's timeout; on this machine torchrun stops them. (A job
     whose others run on another device than `device`, from a config file, meets on another backend,
     and they wait as before.)"""
     # Its own refusal, an environment that makes no job, or no rendezvous: this process's line is the one.
     with contextlib.suppress(Exception):
         if _launch_env()[0] > _processes_on_this_host():
             setup_dist(device, refusal)
+
+
+def refuse_in_job(device: str, refusal: TinykError) -> NoReturn:
+    """Raises `refusal` once the job's other machines are told (`tell_job`)."""
+    tell_job(device, refusal)
     raise refusal
 
 
@@ -627,18 +637,21 @@ class Trainer:
     """One training run; `run()` returns the summary. Construction performs every set-up check."""
 
     def __init__(self, cfg: TrainConfig, *, resume: bool = False, force: bool = False, resumable: bool = True):
-        if resume and force:
-            raise TinykError("--resume continues the run in --out and --force starts it over: give one of them")
         # A copy: the run fills in the model's shape and more, and a caller may reuse its config for the next.
         cfg = copy.deepcopy(cfg)
         for key in ("out", "data", "tokenizer", "init"):
             if isinstance(value := getattr(cfg, key), os.PathLike):
                 setattr(cfg, key, os.fspath(value))
-        validate(cfg)  # built by hand rather than by resolve_config, it was never checked
         self.cfg, self.resume = cfg, resume
         # Before the process group: every process of a job refuses at once, so the first to say why is
-        # not stopped by torchrun before it could.
-        self.micro, self.accum = micro_layout(cfg.batch_size, _launch_env()[0], cfg.micro_batch)
+        # not stopped by torchrun before it could; one node's refusal is told to the others.
+        try:
+            if resume and force:
+                raise TinykError("--resume continues the run in --out and --force starts it over: give one of them")
+            validate(cfg)  # built by hand rather than by resolve_config, it was never checked
+            self.micro, self.accum = micro_layout(cfg.batch_size, _launch_env()[0], cfg.micro_batch)
+        except TinykError as e:
+            refuse_in_job(cfg.device if isinstance(cfg.device, str) else "auto", e)
         self.dist = setup_dist(cfg.device)
         self.device = self.dist.device
         self.out = without_dotdot(Path(cfg.out))
@@ -648,9 +661,15 @@ class Trainer:
         self.resumable = resumable  # False: a caller that starts over (the demo); a stop promises no --resume
         self.pace = _Pace()
         try:
-            self._setup_inputs()
-            self._setup_data()
-            self._check_same_job(force)
+            try:
+                self._setup_inputs()
+                self._setup_data()
+                refusal = None
+            except TinykError as e:  # told to the others, on other machines, before it ends the job
+                if self.dist.world == 1:
+                    raise
+                refusal = e
+            self._check_same_job(force, refusal)
             self.fresh = self._open_run_dir(force)
         except BaseException as e:
             self.dist.close()
@@ -819,26 +838,22 @@ class Trainer:
         return self.run_dir.open(force=force, resume=self.resume, resumed_from=self.resumed_from, inputs=inputs,
                                  config=dump_config(self.cfg))
 
-    def _check_same_job(self, force: bool) -> None:
+    def _check_same_job(self, force: bool, refusal: TinykError | None = None) -> None:
         """Refuses a job whose processes were started with different settings (one node's job script
         differing by a flag): they would train a mix of both, or hang or abort in a collective that
         does not match. Paths may differ between machines; the data and the model they name may not,
         nor the checkpoint each resumes from (a node that sees another directory, or an older listing
-        of it, would train on from another step)."""
+        of it, would train on from another step). A process that refused to start (`refusal`: its
+        data not found) tells the others why: its own line is on another machine."""
         if self.dist.world == 1:
             return
-        local = {"data", "tokenizer", "init", "out", "model", "device", "progress", "tracker", "project", "run_name",
-                 "peak_tflops"}
-        # The data's tokenizer, how it was split, its sizes and its files' checksums (data made before
-        # tinyk recorded them is compared by the rest).
-        data = {k: self.meta.get(k) for k in ("tokenizer_hash", "splits", "seed", "val_fraction", "sha256")}
-        job = {**{k: v for k, v in self.cfg.to_dict().items() if k not in local},
-               **{f"model.{k}": v for k, v in self.mcfg.to_dict().items()}, "device": self.device.type,
-               "data": hashlib.sha256(repr(data).encode()).hexdigest(),
-               "start": "--resume" if self.resume else "--force" if force else "a new run",
-               "checkpoint": self.resumed_from.name if self.resumed_from else None}
+        job = {"refused": str(refusal)} if refusal is not None else self._job_settings(force)
         jobs = self.dist.gather_host(job)
         self.dist.barrier()  # every rank has every setting before any refuses and ends the group
+        if refusal is not None:
+            raise refusal
+        if refused := next(((r, j["refused"]) for r, j in enumerate(jobs) if "refused" in j), None):
+            raise TinykError(f"process {refused[0]} of this job refused to start: {refused[1]}")
         for rank, other in enumerate(jobs):
             key = next((k for k in job if other.get(k) != jobs[0].get(k)), None)
             if key == "data":
@@ -854,6 +869,20 @@ class Trainer:
                 raise TinykError(f"the processes of this job were started with different settings: {key} is "
                                  f"{jobs[0][key]!r} in rank 0 but {other[key]!r} in rank {rank}; run the same "
                                  f"command (config, flags and data) on every node")
+
+    def _job_settings(self, force: bool) -> dict[str, Any]:
+        """What every process of a job must agree on, where they start first: a node that resumes from
+        another checkpoint (or none: it does not see the run) differs in the settings saved with it too."""
+        local = {"data", "tokenizer", "init", "out", "model", "device", "progress", "tracker", "project", "run_name",
+                 "peak_tflops"}
+        # The data's tokenizer, how it was split, its sizes and its files' checksums (data made before
+        # tinyk recorded them is compared by the rest).
+        data = {k: self.meta.get(k) for k in ("tokenizer_hash", "splits", "seed", "val_fraction", "sha256")}
+        return {"start": "--resume" if self.resume else "--force" if force else "a new run",
+                "checkpoint": self.resumed_from.name if self.resumed_from else None,
+                "data": hashlib.sha256(repr(data).encode()).hexdigest(),
+                **{k: v for k, v in self.cfg.to_dict().items() if k not in local},
+                **{f"model.{k}": v for k, v in self.mcfg.to_dict().items()}, "device": self.device.type}
 
     def _setup_data(self) -> None:
         from .loader import PretrainLoader, SFTLoader, open_split

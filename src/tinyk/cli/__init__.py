@@ -71,7 +71,12 @@ class _Parser(argparse.ArgumentParser):
             short = [(g, f) for g in (a.partition("=")[0] for a in getattr(self, "_given", []))
                      if g.startswith("--") and len(g) > 3 for f in missing if f.startswith(g) and f != g]
             message += "".join(f"; {g} is not {f}: flags are written in full" for g, f in short[:1])
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        line = f"{self.prog}: error: {message} (see {self.prog} --help)"
+        if _in_a_job_across_machines():  # said first: telling the others may take a while
+            say_on_stderr(line)
+            _tell_job(f"{self.prog}: {message}")
+            self.exit(2)
+        self.exit(2, line + "\n")
 
     def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
         """Records the innermost (sub)command's parser, which names the command in an error about what follows it,
@@ -81,6 +86,24 @@ class _Parser(argparse.ArgumentParser):
         if not hasattr(namespace, "command_parser"):
             namespace.command_parser = self
         return namespace, extras
+
+
+def _in_a_job_across_machines() -> bool:
+    """Under torchrun with processes on other machines (without importing torch)."""
+    world, local = os.environ.get("WORLD_SIZE", "1"), os.environ.get("LOCAL_WORLD_SIZE", "1")
+    here = int(local) if local.isascii() and local.isdigit() and int(local) > 0 else 1
+    return world.isascii() and world.isdigit() and int(world) > here
+
+
+def _tell_job(why: str) -> None:
+    """A command line refused on one node (a typo in its job script): the job's processes on the other
+    machines wait for this one until the group's timeout unless it comes to tell them."""
+    try:
+        from tinyk.train import tell_job
+
+        tell_job("auto", TinykError(why))
+    except (Exception, KeyboardInterrupt):  # its own line is out; the others stop on the group's timeout
+        pass
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,13 +140,15 @@ def _elsewhere(root: argparse.ArgumentParser, parser: argparse.ArgumentParser, f
     return f"; {flag} is a flag of tinyk {where}, not of {parser.prog}{how}"
 
 
-def _flag_hint(root: argparse.ArgumentParser, parser: argparse.ArgumentParser, extras: list[str]) -> str:
-    """For a shortened or mistyped flag (`--res`, `--max-new`, `--temprature`): the flag it may mean."""
+def _flag_hint(root: argparse.ArgumentParser, parser: argparse.ArgumentParser, command: str,
+               extras: list[str]) -> str:
+    """For a shortened or mistyped flag (`--res`, `--max-new`, `--temprature`): the flag it may mean; for
+    another command's flag, the --set that says it here, or what it is."""
     given = extras[0].partition("=")[0]
     if not given.startswith("--") or len(given) < 4:  # a bare `--` begins every flag
         return ""
     if said := _elsewhere(root, parser, given):
-        return said
+        return _set_hint(command, extras) or said
     flags = [f for f in parser._option_string_actions if f.startswith("--")]
     matches = [f for f in flags if f.startswith(given)] or difflib.get_close_matches(given, flags, n=1, cutoff=0.8)
     return f"; did you mean {' or '.join(sorted(matches))}?" if 0 < len(matches) <= 3 else ""
@@ -309,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0)
     args, extras = parser.parse_known_args(argv)
     if extras:
-        hint = _set_hint(args.command, extras) or _flag_hint(parser, args.command_parser, extras)
+        hint = _flag_hint(parser, args.command_parser, args.command, extras) or _set_hint(args.command, extras)
         args.command_parser.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
     utf8_streams((sys.stdin, sys.stdout, sys.stderr))
     for stream in (sys.stdout, sys.stderr):
