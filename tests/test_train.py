@@ -1320,6 +1320,33 @@ def test_a_dead_process_leaves_the_others_one_line_and_the_way_back(tmp_path, pt
         re.search(r"the newest checkpoint is .*step_\d+; start the job again with --resume$", last), last
 
 
+def test_a_stop_on_one_machine_is_said_on_every_machine(tmp_path, pt_data, tok_dir):
+    """SIGTERM to one node of two (its scheduler preempting it): both stop at one step with a checkpoint,
+    and each machine's terminal says so; the node that was not rank 0 printed only torchrun's report."""
+    out = tmp_path / "run"
+    rdzv = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2", **AS_TORCHRUN}
+    workers = [subprocess.Popen([str(BIN / "python"), "-m", "tinyk",
+                                 *cli_args(pt_data, tok_dir, out, "--max-steps", "100000", "--save-every", "2")],
+                                env={**ENV, **rdzv, "RANK": str(r), "LOCAL_RANK": "0"},  # one process a machine
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    try:
+        deadline = time.monotonic() + 120
+        while not checkpoints(out) and workers[1].poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        workers[1].send_signal(signal.SIGTERM)
+        said = [w.communicate(timeout=120) for w in workers]
+    finally:
+        for w in workers:
+            w.kill()
+            w.wait()
+    assert [w.returncode for w in workers] == [128 + signal.SIGTERM] * 2, said
+    step = int(checkpoints(out)[-1].name.removeprefix("step_"))
+    assert said[1] == ("", "tinyk: SIGTERM: stopping at the end of this step and saving\n"
+                           f"tinyk: stopped by SIGTERM at step {step}; process 0 saved a checkpoint in {out}, "
+                           f"continue with --resume\n")
+    assert said[0][0].endswith(f"stopped by SIGTERM at step {step}; checkpoint saved, continue with --resume\n")
+
+
 def test_under_torchrun_a_refusal_is_printed_once_and_the_others_say_why_they_stopped(tmp_path, pt_data, tok_dir):
     """Rank 0 refuses to start (here its tracker) while rank 1 waits for it: rank 1's failed collective is one
     line, not gloo's traceback, and not advice to --resume a run that never trained. Each rank leaves its line

@@ -1383,7 +1383,8 @@ class Trainer:
             said = first is not None
             first = first if first is not None else time.monotonic()
             self.stop_signal = signal.Signals(signum).name
-            if not said and self.dist.main:  # a stop can be minutes away (an evaluation, a save)
+            # A stop can be minutes away (an evaluation, a save): said once on each machine of a job.
+            if not said and self.dist.local_rank == 0:
                 # Under torchrun a second Ctrl-C reaches the ranks as SIGTERM, which aborts nothing.
                 alone = signum == signal.SIGINT and not os.environ.get("TORCHELASTIC_RUN_ID")
                 saving = " and saving" if self.resumable else ""
@@ -1917,6 +1918,10 @@ class Trainer:
             if skipped:
                 msg += f" ({skipped} of the steps were skipped by fp16's loss scaler)"
             self.monitor.print(msg)
+        elif interrupted and self.dist.local_rank == 0:  # another machine of the job: its terminal is told too
+            say_on_stderr(f"tinyk: stopped by {self.stop_signal} at step {p.step}" +
+                          (f"; process 0 saved a checkpoint in {self.out}, continue with --resume"
+                           if self.resumable else ""))
         return summary
 
 
