@@ -1924,8 +1924,9 @@ def test_data_info_verify_finds_a_changed_byte_that_sizes_miss(tmp_path, pt_data
         assert e.value.code == 2 and capsys.readouterr().err == (
             f"tinyk: error: 1 of {len(names)} files in {data} differ from the checksums meta.json recorded "
             f"({names[0]}): damaged or changed since; make the data again\n")
-    for recorded, says in ((None, "records no checksums (the data was made by an older tinyk); make it again to get "
-                                  "them"),
+    for recorded, says in ((None, "records no checksums to verify against (the data was made by a tinyk from before "
+                                  "2026-12-04); training still checks its sizes and token ids, and data made again "
+                                  "records them"),
                            ({}, "invalid {meta}: its checksums do not list the files it describes")):
         meta["sha256"] = recorded
         (data / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if v is not None}))

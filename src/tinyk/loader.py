@@ -156,8 +156,9 @@ def verify_files(data_dir: str | Path, meta: dict[str, Any]) -> int:
     where = Path(data_dir) / "meta.json"
     recorded, names = meta.get("sha256"), data_files(meta)
     if recorded is None:
-        raise TinykError(f"{where} records no checksums (the data was made by an older tinyk); make it again to "
-                         f"get them")
+        raise TinykError(f"{where} records no checksums to verify against (the data was made by a tinyk from "
+                         f"before 2026-12-04); training still checks its sizes and token ids, and data made again "
+                         f"records them")
     if not (isinstance(recorded, dict) and set(recorded) == set(names)
             and all(isinstance(v, str) for v in recorded.values())):
         raise TinykError(f"invalid {where}: its checksums do not list the files it describes")
