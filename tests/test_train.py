@@ -1480,8 +1480,12 @@ def test_trackers_are_lazy_and_optional(tmp_path, pt_data, tok_dir, monkeypatch,
                                              rf"import \({re.escape(str(broken))}\); reinstall it"):
             train(nano_cfg(pt_data, tok_dir, tmp_path / "w2", tracker=["wandb"]))
     monkeypatch.setitem(sys.modules, "wandb", None)
-    with pytest.raises(TinykError, match=r"--tracker wandb needs the 'wandb' package \(pip install wandb\)"):
+    with pytest.raises(TinykError, match=r"--tracker wandb needs the 'wandb' package \(pip install wandb\)$"):
         train(nano_cfg(pt_data, tok_dir, tmp_path / "w2", tracker=["wandb"]))
+    # A resumed run's saved config names it: the way on without it is said (the user never typed --tracker).
+    with pytest.raises(TinykError, match=r"--tracker wandb needs the 'wandb' package \(pip install wandb\); to resume "
+                                         r"without it, give --tracker the others \(--tracker '' for none\)$"):
+        train(nano_cfg(pt_data, tok_dir, tmp_path / "w", max_steps=4, tracker=["wandb"]), resume=True)
     (tmp_path / "w3").mkdir()
     with pytest.raises(TinykError, match="unknown tracker 'mlflow'"):
         train(nano_cfg(pt_data, tok_dir, tmp_path / "w3", tracker=["mlflow"]))
@@ -1511,11 +1515,13 @@ def test_a_tracker_failing_mid_run_is_dropped_and_a_killed_sessions_steps_are_no
 
     fake = type(sys)("wandb")
     fake.init = lambda **kw: names.append(kw["name"]) or FakeRun()
+    fake.teardown = lambda: sent.append("teardown")
     monkeypatch.setitem(sys.modules, "wandb", fake)
     out = tmp_path / "run"
     summary = train(nano_cfg(pt_data, tok_dir, out, max_steps=4, save_every=2, tracker=["wandb"]))
-    # W&B shows the run failed, not finished: it holds only step 1.
-    assert summary["status"] == "completed" and sent == [1, "failed 1"]
+    # W&B shows the run failed, not finished: it holds only step 1; let go of, its exit hook printed a
+    # 30-line traceback of the lost connection as the command ended.
+    assert summary["status"] == "completed" and sent == [1, "failed 1", "teardown"]
     assert ("tinyk: warning: --tracker wandb failed at step 2 (Connection lost); it gets nothing more from this run, "
             "and metrics.jsonl keeps every value") in capsys.readouterr().err
     assert [r["step"] for r in records(out, "train")] == [1, 2, 3, 4]
@@ -1529,6 +1535,16 @@ def test_a_tracker_failing_mid_run_is_dropped_and_a_killed_sessions_steps_are_no
     train(nano_cfg(pt_data, tok_dir, Path("."), max_steps=6, tracker=["wandb"]), resume=True)
     assert sent == [5, 6, "finish"] and [r["step"] for r in records(out, "train")] == [1, 2, 3, 4, 5, 6]
     assert names == ["run", "run"]  # `--out .` is named after the folder, not ""
+    # Killed again after step 6, its checkpoint not saved: online, W&B holds steps 3-6 and gets none of them
+    # again; offline, a killed session's last steps may never have left its buffer, and are sent again.
+    for offline in (False, True):
+        shutil.rmtree(out / "checkpoints" / "step_0000006")
+        shutil.rmtree(out / "final")
+        (out / "summary.json").unlink()
+        sent.clear()
+        monkeypatch.setenv("WANDB_MODE", "offline" if offline else "online")
+        train(nano_cfg(pt_data, tok_dir, Path("."), max_steps=6, tracker=["wandb"]), resume=True)
+        assert sent == ([3, 4, 5, 6, "finish"] if offline else ["finish"]), offline
 
 
 def test_a_tracker_failing_to_finish_leaves_the_others_finished(tmp_path, monkeypatch, capsys):
@@ -3554,6 +3570,10 @@ def test_tensorboard_shows_one_curve_across_a_crash_and_resume(tmp_path, pt_data
     assert [e.step for e in events.Scalars("train/tokens")] == list(range(1, 9))
     assert [e.step for e in events.Scalars("val/loss")] == [4, 8] and "val/bpb" in events.Tags()["scalars"]
     assert not {"train/flops_per_token", "train/step", "val/step"} & set(events.Tags()["scalars"])
+    assert "config/text_summary" in events.Tags()["tensors"]  # the run's settings, in the text tab
+    config = events.Tensors("config/text_summary")[-1].tensor_proto.string_val[0].decode()
+    saved = json.loads(config.removeprefix("```\n").removesuffix("\n```"))
+    assert saved["max_steps"] == 8 and saved["tracker"] == ["tensorboard"] and saved["model"]["n_layers"] == 2
 
 
 def test_a_resume_before_the_first_checkpoint_is_a_new_curve_for_every_tracker(tmp_path, pt_data, tok_dir,

@@ -127,6 +127,11 @@ def _reason(e: Exception) -> str:
     return first_line(e)
 
 
+def _offline(name: str) -> bool:
+    """Whether W&B or SwanLab logs to local files only (its *_MODE variable)."""
+    return os.environ.get(f"{name.upper()}_MODE", "").lower() in ("offline", "local", "dryrun", "disabled")
+
+
 class Trackers:
     """TensorBoard, Weights & Biases and SwanLab behind one `log`; each imported only when asked for."""
 
@@ -136,23 +141,30 @@ class Trackers:
         logged after it, so the curve has no doubled points. W&B and SwanLab cannot drop points: they
         get no step up to `logged_upto`, the last one a killed session may have sent them (W&B refuses
         a lower step than it has, SwanLab keeps the first of two), so their curves keep that session's
-        values there. A run from step 0 (new, or resumed before its first checkpoint) is a new run for
-        W&B and SwanLab too, as is one whose earlier sessions did not start that tracker."""
+        values there; offline they get them again. A run from step 0 (new, or resumed before its first
+        checkpoint) is a new run for W&B and SwanLab too, as is one whose earlier sessions did not start
+        that tracker."""
         self.sinks: list[tuple[str, Any]] = []
         names = list(dict.fromkeys(names))  # one writer each: a name given twice would log every point twice
         check_trackers(names)
         if not start_step:
             (out / TRACKER_ID).unlink(missing_ok=True)
         holding = _trackers_holding(out)
-        self.logged_upto = {name: logged_upto if holding is None or name in holding else 0 for name in names}
+        # Offline, a killed session's last points may never have left its buffer, and each session writes
+        # a folder of its own: they are sent again (a sync that has them keeps the first of two).
+        self.logged_upto = {name: logged_upto if (holding is None or name in holding) and not _offline(name) else 0
+                            for name in names}
         try:
             for name in names:
                 self.sinks.append((name, self._start(name, out, config, project, run_name, start_step)))
                 if name != "tensorboard":
                     _record_tracker(out, name)
-        except BaseException:  # a W&B run started before SwanLab failed (or Ctrl-C) would otherwise stay open
+        except BaseException as e:  # a W&B run started before SwanLab failed (or Ctrl-C) would otherwise stay open
             with contextlib.suppress(Exception):
                 self.close(1, "another tracker could not start")
+            if isinstance(e, TinykError) and start_step:  # it came with the run's saved config, maybe
+                raise TinykError(f"{e}; to resume without it, give --tracker the others (--tracker '' for none)") \
+                    from e
             raise
 
     @staticmethod
@@ -162,7 +174,10 @@ class Trackers:
             if name == "tensorboard":
                 from torch.utils.tensorboard import SummaryWriter
 
-                return SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1)
+                writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1)
+                # The run's settings, as W&B and SwanLab keep them (TensorBoard's text tab)
+                writer.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```", start_step)
+                return writer
             if name == "wandb":
                 import wandb
 
@@ -186,9 +201,7 @@ class Trackers:
                              f"({first_line(e)}); reinstall it (pip install -U {package})") from e
         except Exception as e:  # not logged in, no network, no terminal to ask on: the tracker's own words
             why = _reason(e).rstrip(".")
-            mode = f"{name.upper()}_MODE"
-            local = os.environ.get(mode, "").lower() in ("offline", "local", "dryrun", "disabled")
-            tip = "" if name == "tensorboard" or local else f"; {mode}=offline logs locally"
+            tip = "" if name == "tensorboard" or _offline(name) else f"; {name.upper()}_MODE=offline logs locally"
             raise TinykError(f"--tracker {name} could not start: {why}{tip}") from e
 
     def log(self, values: dict[str, float], step: int) -> None:
@@ -207,6 +220,7 @@ class Trackers:
                               f"nothing more from this run, and metrics.jsonl keeps every value")
                 with contextlib.suppress(Exception):  # failed, not finished: it holds only part of the run
                     self._finish(name, sink, 1, f"tinyk stopped sending at step {step}: {first_line(e)}")
+                _let_go(name)
 
     def close(self, exit_code: int = 0, error: str | None = None) -> None:
         """Finishes every tracker, also after one fails (TensorBoard on a full disk): the rest would be
@@ -219,6 +233,7 @@ class Trackers:
             except Exception as e:  # said where a closed stderr loses it: the trackers after it still finish
                 say_on_stderr(f"tinyk: warning: --tracker {name} did not finish ({first_line(e)}); metrics.jsonl "
                               f"keeps every value")
+                _let_go(name)
 
     @staticmethod
     def _finish(name: str, sink: Any, exit_code: int = 0, error: str | None = None) -> None:
@@ -233,6 +248,14 @@ class Trackers:
                         error=error or f"tinyk exited with status {exit_code}")
         else:
             sink.finish()
+
+
+def _let_go(name: str) -> None:
+    """After W&B failed: its own exit hook would meet the lost connection again and print a traceback
+    at the end of a run that has said what happened in one line."""
+    if name == "wandb" and (wandb := sys.modules.get("wandb")) is not None:
+        with contextlib.suppress(Exception):
+            wandb.teardown()
 
 
 def tracker_values(rec: dict[str, Any]) -> dict[str, float]:
