@@ -736,6 +736,9 @@ def test_cli_train_and_eval(tmp_path, corpus_file, capsys):
     with pytest.raises(SystemExit) as e:
         main(["tokenizer", "eval", str(tmp_path / "t"), "--field", "content"])
     assert e.value.code == 0 and capsys.readouterr().err == "tinyk: --field content is not used without --input\n"
+    with pytest.raises(SystemExit) as e:  # the built-in samples are measured whole, without a word
+        main(["tokenizer", "eval", str(tmp_path / "t"), "--max-bytes", "5M"])
+    assert e.value.code == 0 and capsys.readouterr().err == "tinyk: --max-bytes 5,000,000 is not used without --input\n"
     # Records read but all skipped (a wrong --field): their reason, not "raise --max-bytes".
     with pytest.raises(TinykError, match=r"no usable documents in the input \(read up to --max-bytes 300\): .*"
                                          r"no field 'content'.*--field names the one with the text"):

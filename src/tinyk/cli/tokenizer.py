@@ -47,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "compared side by side on the same sample")
     e.add_argument("--input", nargs="+", action="extend", default=None, type=path_arg,
                    help="sample files to measure compression on")
-    e.add_argument("--max-bytes", type=positive_size, default=10_000_000,
+    e.add_argument("--max-bytes", type=positive_size, default=None,
                    help="read at most this much of the input files (default 10M)")
     add_field_arg(e)
     e.add_argument("--json", action="store_true", help="print JSON")
@@ -82,7 +82,10 @@ def _eval(args: argparse.Namespace) -> int:
     from tinyk.tokenizer import eval_tokenizer, round_trips
 
     field = text_field(args.field, args.input or [])
-    results = [eval_tokenizer(path, args.input, max_bytes=args.max_bytes, field=field) for path in args.path]
+    if args.max_bytes is not None and not args.input:  # the built-in samples are read whole
+        print(f"tinyk: --max-bytes {args.max_bytes:,} is not used without --input", file=sys.stderr)
+    cap = {"max_bytes": args.max_bytes} if args.max_bytes else {}  # else the library's default
+    results = [eval_tokenizer(path, args.input, field=field, **cap) for path in args.path]
     code = 0 if all(map(round_trips, results)) else 1  # as diff does, whichever way the results are shown
     if args.json:
         print(json_text(results[0] if len(results) == 1 else results, indent=2))
