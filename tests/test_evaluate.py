@@ -745,10 +745,14 @@ def test_cli_table_and_json(tmp_path, nano, nano_model_dir, pretrain_data, capsy
     # A flag for a mode not asked for is said to be unused (the JSON's settings held it as if applied).
     with pytest.raises(SystemExit) as e:
         main(["eval", "--model", str(nano_model_dir), "--choice", str(tmp_path / "ceval"), "--json", "--seq-len",
-              "32", "--max-new-tokens", "8", "--force", "--limit", "2", "--choice-format", "letter"])
-    assert e.value.code == 0 and capsys.readouterr().err.splitlines()[:3] == [
+              "32", "--max-new-tokens", "8", "--force", "--limit", "2", "--choice-format", "letter", "--quantize",
+              "int8"])
+    out, err = capsys.readouterr()
+    assert e.value.code == 0 and err.splitlines()[:4] == [
         "tinyk: eval: --seq-len is not used without --data", "tinyk: eval: --max-new-tokens is not used without --task",
-        "tinyk: eval: --force is not used without --out or --samples"]
+        "tinyk: eval: --force is not used without --out or --samples",
+        "tinyk: eval: --quantize is not used without --task (--data and --choice always score in fp32)"]
+    assert "quantize" not in json.loads(out)  # no task answers: none decoded with int8 weights (it was refused)
     with pytest.raises(SystemExit) as e:
         main(["eval", "--model", str(nano_model_dir)])
     assert e.value.code == 2

@@ -54,7 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 # A flag, and the modes it acts in: given for none of them, it is said to be unused rather than ignored unseen.
 _FOR_MODES = {"split": ("data",), "seq_len": ("data",), "max_batches": ("data",), "max_new_tokens": ("task",),
               "system_prompt": ("task",), "choice_format": ("choice",), "limit": ("task", "choice"),
-              "force": ("out", "samples")}
+              "force": ("out", "samples"), "quantize": ("task",)}
 
 
 def _unused_flags(args: argparse.Namespace) -> list[str]:
@@ -62,7 +62,8 @@ def _unused_flags(args: argparse.Namespace) -> list[str]:
     for dest, modes in _FOR_MODES.items():
         if getattr(args, dest) != args.command_parser.get_default(dest) and not any(getattr(args, m) for m in modes):
             flag = "--" + dest.replace("_", "-")
-            said.append(f"tinyk: eval: {flag} is not used without {' or '.join('--' + m for m in modes)}")
+            why = " (--data and --choice always score in fp32)" if dest == "quantize" else ""
+            said.append(f"tinyk: eval: {flag} is not used without {' or '.join('--' + m for m in modes)}{why}")
     return said
 
 
@@ -80,7 +81,7 @@ def _eval(args: argparse.Namespace) -> int:
                               seq_len=args.seq_len, batch_size=args.batch_size, max_batches=args.max_batches,
                               max_new_tokens=args.max_new_tokens, limit=args.limit,
                               choice_format=args.choice_format, system_prompt=prompt_from_flag(args.system_prompt),
-                              device=args.device, quantize=args.quantize, records=records)
+                              device=args.device, quantize=args.quantize if args.task else "none", records=records)
     shown = results[0] if len(results) == 1 else {"models": results}  # the JSON of one model is its results
     if args.json:
         print(json_text(shown, indent=2))
