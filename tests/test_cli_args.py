@@ -143,9 +143,9 @@ PLAN = ["plan", "--preset", "nano"]
     (["chat", "--model", "m", "--system", "\udcb2\udce2"], "--system-prompt/--system", UTF8),
     ([*GEN, "--prompt", "\udcc4\udce3"], "--prompt", UTF8),
     ([*GEN, "--stop", "\udcff"], "--stop", UTF8),
-    ([*SFT, "--system-prompt", "bad\udcff"], "--system-prompt", UTF8),
-    ([*SERVE, "--system-prompt", "\udcff"], "--system-prompt", UTF8),
-    ([*EVAL, "--system-prompt", "\udcff"], "--system-prompt", UTF8),
+    ([*SFT, "--system-prompt", "bad\udcff"], "--system-prompt/--system", UTF8),
+    ([*SERVE, "--system-prompt", "\udcff"], "--system-prompt/--system", UTF8),
+    ([*EVAL, "--system-prompt", "\udcff"], "--system-prompt/--system", UTF8),
 ])
 def test_bad_values_are_refused_while_parsing(args, flag, message, capsys):
     line = error_line(args, capsys)
@@ -172,9 +172,10 @@ def test_good_values_and_defaults_still_parse():
     # Sampling seeds take the API's range (int64), so any request's seed can be replayed with generate or chat.
     assert [parse([*GEN, "--seed", s]).seed for s in ("-1", "5000000000")] == [-1, 5 * 10**9]
     assert parse(["chat", "--model", "m", "--seed=-9223372036854775808"]).seed == -2**63
-    # chat's system prompt flag has serve's, eval's and data sft's name too.
+    # chat's system prompt flag has serve's, eval's and data sft's name too, and theirs chat's short one.
     assert parse(["chat", "--model", "m", "--system-prompt", "x"]).system == "x" == \
         parse(["chat", "--model", "m", "--system", "x"]).system
+    assert {parse([*args, "--system", "x"]).system_prompt for args in (SERVE, EVAL, SFT)} == {"x"}
     assert parse(["demo", "--minutes", "1.5"]).minutes == 1.5 and parse(["demo"]).minutes is None
     assert parse(["eval", "--model", "m"]).force is False
 

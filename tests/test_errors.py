@@ -77,11 +77,25 @@ def test_a_disk_out_of_inodes_is_named_so_not_by_its_free_space(tmp_path, monkey
         raise full
 
 
-def test_input_that_is_not_a_file(tmp_path, capsys):
+def test_input_that_is_not_a_file(tmp_path, capsys, tok_dir, corpus_file):
     d = tmp_path / "语料 dir"
     d.mkdir()
     code, err = run_cli(["tokenizer", "train", str(d), "--out", str(tmp_path / "t")], capsys)
     assert code == 2 and err == f"tinyk: error: input is a directory, not a file: {d} (give the files in it)\n"
+    code, err = run_cli(["generate", "--model", str(tok_dir), "--prompt-file", str(d)], capsys)  # one file
+    assert code == 2 and err == f"tinyk: error: input is a directory, not a file: {d} (give one of the files in it)\n"
+    code, err = run_cli(["data", "pretrain", str(corpus_file), "--tokenizer", str(tok_dir), "--out", str(d)], capsys)
+    assert code == 2 and err == (f"tinyk data pretrain: error: the following arguments are required: --input; input "
+                                 f"files are given after it: --input {corpus_file} (see tinyk data pretrain --help)\n")
+    # --input takes every path after it: the tokenizer given last was taken as text to measure
+    code, err = run_cli(["tokenizer", "eval", "--input", str(corpus_file), str(tok_dir)], capsys)
+    assert code == 2 and err == ("tinyk tokenizer eval: error: the following arguments are required: path; --input "
+                                 "takes every path after it, so give the path before --input (see tinyk tokenizer "
+                                 "eval --help)\n")
+    code, err = run_cli(["tokenizer", "eval", str(tok_dir), "--input", str(corpus_file), str(tok_dir)], capsys)
+    assert code == 2 and err == (f"tinyk: error: input {tok_dir} is a tokenizer or model directory, not text: a flag "
+                                 f"of several files (--input) takes every path after it, so give the directory "
+                                 f"before the flag\n")
     code, err = run_cli(["data", "pretrain", "--input", "-", "--tokenizer", str(d), "--out", str(tmp_path / "t")],
                         capsys)  # stdin: not "input file not found: -"
     assert code == 2 and err == "tinyk: error: inputs are read from files, not from stdin (-): " \

@@ -122,8 +122,9 @@ def as_list(items: Iterable[str | Path] | str | Path) -> list[str | Path]:
     return [items] if isinstance(items, str | os.PathLike) else list(items)
 
 
-def check_inputs(paths: Iterable[str | Path] | str | Path) -> list[Path]:
-    """Fail early, with one line, on inputs that are missing, unreadable, empty or of an unknown type."""
+def check_inputs(paths: Iterable[str | Path] | str | Path, *, one: bool = False) -> list[Path]:
+    """Fail early, with one line, on inputs that are missing, unreadable, empty or of an unknown type
+    (`one`: a flag that takes one file)."""
     paths = as_list(paths)
     if not paths:
         raise TinykError("no input files given")
@@ -134,8 +135,11 @@ def check_inputs(paths: Iterable[str | Path] | str | Path) -> list[Path]:
         if not p.exists():
             raise not_found(p, "input file")
         refuse_pipe(p, "input")
+        if p.is_dir() and (p / "tokenizer.json").is_file():  # `tokenizer eval --input a.txt tok`
+            raise TinykError(f"input {p} is a tokenizer or model directory, not text: a flag of several files "
+                             f"(--input) takes every path after it, so give the directory before the flag")
         if p.is_dir():
-            raise TinykError(f"input is a directory, not a file: {p} (give the files in it)")
+            raise TinykError(f"input is a directory, not a file: {p} (give {'one of ' if one else ''}the files in it)")
         if not p.is_file():
             raise TinykError(f"input is not a file: {p}")
         if not os.access(p, os.R_OK):
@@ -1103,7 +1107,7 @@ def read_prompts(typed: list[str], prompt_file: str | None, field: str = "prompt
             raise TinykError(f"--prompt-file {prompt_file} is a pipe: pipe the prompts to stdin with "
                              f"--prompt-file - instead")
         skips = Skips()
-        found = list(iter_texts(check_inputs([prompt_file]), skips, field=field))
+        found = list(iter_texts(check_inputs([prompt_file], one=True), skips, field=field))
         if not found and is_plain_text(Path(prompt_file)):
             why = f"no usable lines; {skips.summary()}" if skips.total else "it has no non-empty lines"
             raise TinykError(f"no prompts in {prompt_file} ({why})")

@@ -71,6 +71,15 @@ class _Parser(argparse.ArgumentParser):
             short = [(g, f) for g in (a.partition("=")[0] for a in getattr(self, "_given", []))
                      if g.startswith("--") and len(g) > 3 for f in missing if f.startswith(g) and f != g]
             message += "".join(f"; {g} is not {f}: flags are written in full" for g, f in short[:1])
+            positional = [f for f in message.split(": ", 1)[1].split(", ") if not f.startswith("-")]
+            several = [a.option_strings[-1] for a in self._actions if a.nargs == "+" and a.option_strings
+                       and set(a.option_strings) & set(getattr(self, "_given", []))]
+            if positional and several:  # `tokenizer eval --input a.txt tok`: the input flag took tok
+                message += (f"; {several[0]} takes every path after it, so give the {positional[0]} before "
+                            f"{several[0]}")
+            given = getattr(self, "_given", [])
+            if "--input" in missing and given and not given[0].startswith("-"):  # `data pretrain a.jsonl ...`
+                message += f"; input files are given after it: --input {given[0]}"
         line = f"{self.prog}: error: {message} (see {self.prog} --help)"
         if _in_a_job_across_machines():  # said first: telling the others may take a while
             say_on_stderr(line)

@@ -26,14 +26,14 @@ MAX_WORKERS = 1024  # tokenizer processes; more only exhausts the machine
 MAX_LEN = 2**20  # SFT tokens per conversation, far past any model's context
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def _add_common(p: argparse.ArgumentParser, unit: str) -> None:
     p.add_argument("--input", nargs="+", action="extend", required=True, metavar="FILE", type=path_arg,
                    help="input files (read, never modified)")
     p.add_argument("--tokenizer", required=True, metavar="DIR", type=model_dir,
                    help="tokenizer directory (or a model's, or a training run's: its final/)")
     p.add_argument("--out", type=path_arg, required=True, metavar="DIR", help="output data directory")
     p.add_argument("--val-fraction", type=float_range(0, 1, hi_open=True), default=0.01,
-                   help="share of documents held out (seeded; default 0.01)")
+                   help=f"share of {unit} held out for validation (seeded; default 0.01)")
     p.add_argument("--seed", type=seed, default=0, help="seed of the train/val split (default 0)")
     p.add_argument("--workers", type=int_range(1, MAX_WORKERS), default=None,
                    help="tokenizer processes (default: all cores)")
@@ -48,17 +48,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
 
     t = dsub.add_parser("pretrain", help="documents (.jsonl/.txt/.parquet, .gz/.zst) -> token shards")
-    _add_common(t)
+    _add_common(t, "documents")
     add_field_arg(t)
     t.add_argument("--shard-tokens", type=size_range(MIN_SHARD_TOKENS, tokens=True), default="100M",
                    help=f"tokens per shard file, at least {size_text(MIN_SHARD_TOKENS)} (default 100M)")
     t.set_defaults(func=_pretrain)
 
     s = dsub.add_parser("sft", help="conversations (BelleGroup, ShareGPT, OpenAI messages) -> tokens + loss mask")
-    _add_common(s)
+    _add_common(s, "conversations")
     s.add_argument("--max-len", type=int_range(8, MAX_LEN), default=512,
-                   help="longer conversations are cut, at a turn if possible (default 512)")
-    s.add_argument("--system-prompt", type=utf8_text, default=None,
+                   help="tokens a conversation may have, one more than training's --seq-len (it is shifted by one "
+                        "for the targets); longer ones are cut, at a turn if possible (default 512)")
+    s.add_argument("--system-prompt", "--system", type=utf8_text, default=None,
                    help="added when a conversation has none (default: the one --tokenizer records, "
                         "你是一个AI助手 unless it is a model fine-tuned with another; '' for none)")
     s.set_defaults(func=_sft)

@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "being the answer")
     p.add_argument("--max-new-tokens", type=positive_int, default=64,
                    help="answer length limit for --task (default 64)")
-    p.add_argument("--system-prompt", type=utf8_text, default=None,
+    p.add_argument("--system-prompt", "--system", type=utf8_text, default=None,
                    help="added to --task chats without one (default: the model's own, its SFT data's; '' for none)")
     p.add_argument("--choice", nargs="+", action="extend", default=[], metavar="PATH", type=path_arg,
                    help="C-Eval/CMMLU CSV files or folders (e.g. ceval/val, cmmlu/test)")

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 def register(sub: argparse._SubParsersAction) -> None:
     g = sub.add_parser("generate", help="raw text completion (like the seed's pretrain sample)",
                        description="Continues each prompt as a pretraining document (prompts start with "
-                                   "<|im_start|> unless --no-bos). Several prompts are decoded as one batch.")
+                                   "<|im_start|> unless --no-bos). Prompts are decoded --batch-size at a time.")
     add_engine_args(g)
     g.add_argument("--prompt", action="append", type=utf8_text, default=[], help="a prompt (repeatable)")
     g.add_argument("--prompt-file", type=path_arg, help="prompts, one per line (.txt, or - for stdin) or one per "

@@ -15,9 +15,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--preset", required=True, help=PRESET_NAMES)
     i.add_argument("--tokenizer", required=True, type=model_dir,
                    help="tokenizer directory, or a model's or a run's (vocab size comes from it)")
-    i.add_argument("--out", type=path_arg, required=True)
-    i.add_argument("--seed", type=seed, default=0)
-    i.add_argument("--force", action="store_true")
+    i.add_argument("--out", type=path_arg, required=True, metavar="DIR", help="the model directory to write")
+    i.add_argument("--seed", type=seed, default=0, help="seed of the random weights (default 0)")
+    i.add_argument("--force", action="store_true", help="replace an existing model directory")
     i.set_defaults(func=_init)
 
     m = msub.add_parser("import", help="a model directory from a model the tutorial's training scripts saved",
@@ -27,18 +27,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("checkpoint", type=path_arg,
                    help="the .pth (or .bin, .safetensors) file, or a saved model directory")
     m.add_argument("--tokenizer", required=True, type=model_dir, help="the tokenizer the checkpoint was trained with")
-    m.add_argument("--out", type=path_arg, required=True)
+    m.add_argument("--out", type=path_arg, required=True, metavar="DIR", help="the model directory to write")
     m.add_argument("--n-heads", type=positive_int, help="attention heads (default: the directory's config.json, "
                                                         "else the checkpoint's RoPE tables, else the tutorial's 16)")
     m.add_argument("--max-seq-len", type=positive_int,
                    help="context length (default: config.json's, else the checkpoint's RoPE tables or mask, else "
                         "the tutorial's 512)")
-    m.add_argument("--force", action="store_true")
+    m.add_argument("--force", action="store_true", help="replace an existing model directory")
     m.set_defaults(func=_import)
 
     f = msub.add_parser("info", help="parameter count, config and memory footprint")
     f.add_argument("path", type=model_dir, help="model directory, or a training run's (meaning its final/)")
-    f.add_argument("--json", action="store_true")
+    f.add_argument("--json", action="store_true", help="print JSON")
     f.set_defaults(func=_info)
 
     g = msub.add_parser("gguf", help="write a model directory as one GGUF file for llama.cpp, Ollama, LM Studio",

@@ -34,13 +34,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     what.add_argument("--tokenizer", type=model_dir,
                       help="tokenizer directory (or a model's or a run's): the model's vocabulary is its size, as in "
                            "tinyk pretrain (default: the config's, else --init's, else the preset's vocabulary)")
-    what.add_argument("--seq-len", type=positive_int)
+    what.add_argument("--seq-len", type=positive_int, help="tokens per sample (default: the config's, else the "
+                                                          "model's context)")
     what.add_argument("--batch-size", type=batch_count, help="global batch in sequences per optimizer step")
     what.add_argument("--micro-batch", type=batch_count,
                       help="sequences per forward pass per GPU (default: the config's, else the largest that fits)")
     what.add_argument("--dtype", choices=DTYPE_CHOICES,
                       help="auto = bf16 autocast (fp16 on cards without bf16)")
-    what.add_argument("--parallel", choices=PARALLEL_CHOICES)
+    what.add_argument("--parallel", choices=PARALLEL_CHOICES, help="with several GPUs: ddp (the default) or fsdp")
     what.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction,
                       help="recompute each block in backward: far less activation memory, a third more compute "
                            "(default: the config's, off)")
@@ -52,7 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                             "rtx5090, rtx4090, rtx4080, rtx3090, rtx3080, v100, t4, or a device name as nvidia-smi "
                             "prints it (default a100)")
     where.add_argument("--gpus", type=positive_int, default=1, help="GPUs per node")
-    where.add_argument("--nodes", type=positive_int, default=1)
+    where.add_argument("--nodes", type=positive_int, default=1, help="machines, each with --gpus (default 1)")
     where.add_argument("--tokens", type=token_count,
                        help="training tokens: 10B, 500M, 2e9 (default: the config's max_tokens or max_steps "
                             "budget, else 10B, the seed's corpus)")

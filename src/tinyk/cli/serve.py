@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-connections", type=positive_int, default=512,
                    help="connections open at once before answering 503 (default 512, fewer if the open-file "
                         "limit, ulimit -n, is low)")
-    p.add_argument("--system-prompt", type=utf8_text,
+    p.add_argument("--system-prompt", "--system", type=utf8_text,
                    help="system prompt for chats that bring none (default: the model's "
                         "own, its SFT data's; '' for none)")
     p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN", type=_origin,

@@ -47,16 +47,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                          + (" [required]" if kind == "sft" else ""))
         src.add_argument("--out", type=path_arg, help="run directory (checkpoints/, final/, metrics.jsonl, ...)")
         b = p.add_argument_group("budget and batch")
-        b.add_argument("--max-steps", type=positive_int)
+        b.add_argument("--max-steps", type=positive_int, help="optimizer steps")
         b.add_argument("--max-tokens", type=token_count, help="e.g. 10B, 500M, 2e9; whichever budget comes first ends "
                                                                "the run")
-        b.add_argument("--epochs", type=positive_float)
+        b.add_argument("--epochs", type=positive_float, help="passes over the training data, e.g. 1 or 0.5")
         b.add_argument("--max-minutes", type=positive_float, help="wall-time budget: the run's length (and so its LR "
                        "schedule) is fitted to the measured speed; the other budgets still cap it")
         b.add_argument("--batch-size", type=batch_count, help="global batch in sequences per optimizer step")
         b.add_argument("--micro-batch", type=batch_count,
                        help="sequences per forward pass per process (accumulation fills the rest)")
-        b.add_argument("--seq-len", type=positive_int, help="tokens per sample (default: the model's context)")
+        b.add_argument("--seq-len", type=positive_int,
+                       help="tokens per sample (default: the config's, else the model's context)")
         b.add_argument("--lr", type=positive_float,
                        help="peak learning rate (warmup, then down to min_lr_ratio of it, 10%% by default)")
         b.add_argument("--lr-schedule", choices=LR_SCHEDULE_CHOICES,
@@ -74,11 +75,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         r.add_argument("--parallel", choices=PARALLEL_CHOICES, help="multi-process strategy under torchrun")
         r.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction,
                        help="recompute activations in backward to save memory")
-        r.add_argument("--seed", type=seed)
+        r.add_argument("--seed", type=seed, help="seed of the weights' initialisation and the data order (default 0)")
         o = p.add_argument_group("evaluation, checkpoints, logging")
         o.add_argument("--eval-every", type=non_negative_int, help="steps between validations (0: only at the end)")
         o.add_argument("--save-every", type=non_negative_int, help="steps between checkpoints (0: only at the end)")
-        o.add_argument("--log-every", type=positive_int)
+        o.add_argument("--log-every", type=positive_int, help="steps between progress lines and metrics.jsonl records")
         o.add_argument("--sample", action="append", default=None, metavar="PROMPT", type=utf8_text,
                        help="log the model's greedy continuation of PROMPT (sft: its reply) at each evaluation; "
                             "repeat for more (config key sample_prompts; sample_tokens, default 32, says how long)")
