@@ -96,6 +96,8 @@ PLAN = ["plan", "--preset", "nano"]
     (["pretrain", "--device", "mps"], "--device", "mps is not supported: tinyk's training has not been checked on "
                                                   "Apple GPUs (--device cpu trains on the Mac's CPU)"),
     (["sft", "--device", "gpu"], "--device", "must be auto, cpu or cuda, got 'gpu'"),
+    (["pretrain", "--device", "cuda:1"], "--device", "must be auto, cpu or cuda, got 'cuda:1' (to train on GPU 1, run "
+                                                     "with CUDA_VISIBLE_DEVICES=1 and --device cuda)"),
     (["pretrain", "--batch-size", "100000000000000000000"], "--batch-size", BATCH),
     (["sft", "--micro-batch", "0"], "--micro-batch", BATCH),
     (["pretrain", "--seq-len", "-8"], "--seq-len", POSITIVE),
