@@ -2681,6 +2681,18 @@ def test_mixed_precision_on_cpu_trains_and_resumes(tmp_path, pt_data, tok_dir, d
     assert (note in header.splitlines()) is cpu_emulates(getattr(torch, name))
 
 
+def test_settings_this_run_does_not_use_are_said_in_its_header(tmp_path, pt_data, tok_dir, capsys):
+    """--parallel fsdp on one process and a decay_fraction beside the cosine schedule were taken without a word."""
+    train(nano_cfg(pt_data, tok_dir, tmp_path / "a", max_steps=1, parallel="fsdp", decay_fraction=0.5))
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
+    assert notes[:2] == ["note: --parallel fsdp shards the model only under torchrun with several processes: this "
+                         "run is one process with the whole model",
+                         "note: decay_fraction 0.5 is the wsd schedule's (--lr-schedule wsd); cosine decays from the "
+                         "warmup on"]
+    train(nano_cfg(pt_data, tok_dir, tmp_path / "b", max_steps=1, lr_schedule="wsd", decay_fraction=0.5))
+    assert "note: " not in capsys.readouterr().out.replace("note: warmup", "")
+
+
 @pytest.mark.parametrize("kind", ["pretrain", "sft"])
 def test_the_runs_val_loss_is_what_tinyk_eval_gives_its_model(tmp_path, pt_data, sft_data, tok_dir, nano_model_dir,
                                                               kind):

@@ -1443,8 +1443,13 @@ class Trainer:
             f"{', T at most: an SFT batch counts its padded length' if cfg.kind == 'sft' else ''}; peak for MFU: "
             + (f"{flops_text(self.peak)} per device, {self.peak_source}" if self.peak else self.peak_source),
         ]
+        unused = [
+            "--parallel fsdp shards the model only under torchrun with several processes: this run is one process "
+            "with the whole model" if cfg.parallel == "fsdp" and d.world == 1 else None,
+            f"decay_fraction {cfg.decay_fraction:g} is the wsd schedule's (--lr-schedule wsd); cosine decays from the "
+            f"warmup on" if cfg.lr_schedule != "wsd" and cfg.decay_fraction != TrainConfig.decay_fraction else None]
         for note in (micro_note(cfg.batch_size, d.world, cfg.micro_batch, self.micro),
-                     emulated_note(self.device, self.dtype)):
+                     emulated_note(self.device, self.dtype), *unused):
             if note:
                 lines.append(f"note: {note}")
         return lines
