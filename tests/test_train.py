@@ -1405,7 +1405,7 @@ def test_ranks_that_do_not_share_the_run_directory_are_refused(tmp_path, pt_data
     for r, (_, err) in enumerate(outputs):
         assert err.splitlines() == [f"tinyk: error: run directory {tmp_path / f'disk{r}' / 'run'} is not shared: "
                                     "1 of 2 processes do not see what rank 0 writes there; with several machines, "
-                                    "--out must be on a filesystem every node mounts at the same path"], err
+                                    "every node's --out must be the same directory on a shared filesystem"], err
     assert not (tmp_path / "disk0" / "run").exists()  # rank 0 made it, and takes it away again
 
 
