@@ -151,7 +151,7 @@ class Trackers:
             (out / TRACKER_ID).unlink(missing_ok=True)
         holding = _trackers_holding(out)
         # Offline, a killed session's last points may never have left its buffer, and each session writes
-        # a folder of its own: they are sent again (a sync that has them keeps the first of two).
+        # a folder of its own: they are sent again.
         self.logged_upto = {name: logged_upto if (holding is None or name in holding) and not _offline(name) else 0
                             for name in names}
         try:
