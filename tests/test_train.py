@@ -3588,6 +3588,20 @@ def test_tensorboard_shows_one_curve_across_a_crash_and_resume(tmp_path, pt_data
     assert saved["max_steps"] == 8 and saved["tracker"] == ["tensorboard"] and saved["model"]["n_layers"] == 2
 
 
+def test_a_validation_between_log_lines_has_its_tokens_in_the_trackers(tmp_path, pt_data, tok_dir):
+    """--log-every 3 --eval-every 4: step 4's validation had no train line, and its tokens were dropped as
+    a repeat of one, so W&B plotting by train/tokens lost the point."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    train(nano_cfg(pt_data, tok_dir, out, max_steps=6, log_every=3, eval_every=4, tracker=["tensorboard"]))
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tokens = {e.step: e.value for e in events.Scalars("train/tokens")}
+    assert [e.step for e in events.Scalars("val/loss")] == [4, 6] and sorted(tokens) == [3, 4, 6]
+    assert tokens[4] == next(r["tokens"] for r in records(out, "eval") if r["step"] == 4)
+
+
 def test_a_resume_before_the_first_checkpoint_is_a_new_curve_for_every_tracker(tmp_path, pt_data, tok_dir,
                                                                                monkeypatch):
     """Killed before its first checkpoint, the run starts again from step 0: TensorBoard must not keep the

@@ -420,6 +420,9 @@ class Monitor:
         with writing(self.metrics_path), open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(rec) + "\n")
         values = tracker_values(rec)
+        if rec["type"] == "eval" and "tokens" in rec and not any(
+                r.get("type") == "train" and r.get("step") == rec["step"] for r in self.records[-3:]):
+            values["train/tokens"] = rec["tokens"]  # no train line at this step: the x-axis W&B may plot it by
         if self.trackers and values:
             self.trackers.log(values, rec["step"])
 

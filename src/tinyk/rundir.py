@@ -446,5 +446,5 @@ class RunDir:
             probe.unlink()
         if blind:
             raise TinykError(f"run directory {self.out} is not shared: {blind} of {d.world} processes do not see what "
-                             f"rank 0 writes there; with several machines, every node's --out must be the same directory "
-                             f"on a shared filesystem")
+                             f"rank 0 writes there; with several machines, every node's --out must be the same "
+                             f"directory on a shared filesystem")
