@@ -377,7 +377,9 @@ def test_failed_run_leaves_nothing_behind(tmp_path, capsys):
 def test_unknown_preset(tmp_path, tok_dir, capsys):
     code, err = run_cli(["model", "init", "--preset", "huge", "--tokenizer", str(tok_dir), "--out",
                          str(tmp_path / "m")], capsys)
-    assert code == 2 and "unknown preset 'huge'" in err
+    assert code == 2 and err == "tinyk: error: unknown preset 'huge' (choose from seed-215m, seed-82m, tiny, nano)\n"
+    code, err = run_cli(["pretrain", "--preset", "huge", "--data", "d", "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and err == "tinyk: error: unknown preset 'huge' (choose from seed-215m, seed-82m, tiny, nano)\n"
 
 
 def test_not_a_model_dir(tmp_path, capsys):

@@ -285,8 +285,9 @@ def shipped_config(name: str) -> dict[str, Any]:
     """The config shipped for a model preset (src/tinyk/configs/NAME.yaml)."""
     names = sorted(f.name[:-5] for f in importlib.resources.files("tinyk").joinpath("configs").iterdir()
                    if f.name.endswith(".yaml"))
-    if name not in names:
-        raise TinykError(f"unknown preset {name!r} (choose from {', '.join(names)})")
+    if name not in names:  # listed as `tinyk model init` and --help list them
+        shown = [n for n in PRESETS if n in names] + [n for n in names if n not in PRESETS]
+        raise TinykError(f"unknown preset {name!r} (choose from {', '.join(shown)})")
     text = importlib.resources.files("tinyk").joinpath("configs", f"{name}.yaml").read_text(encoding="utf-8")
     return yaml.load(text, Loader=_ConfigLoader)
 
