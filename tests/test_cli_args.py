@@ -132,8 +132,8 @@ PLAN = ["plan", "--preset", "nano"]
     ([*SERVE, "--timeout", "0"], "--timeout", "must be a finite number in (0, 86400] seconds, got '0'"),
     ([*SERVE, "--timeout", "-1"], "--timeout", "must be a finite number in (0, 86400] seconds"),
     ([*SERVE, "--timeout", "nan"], "--timeout", "must be a finite number in (0, 86400] seconds"),
-    (["demo", "--minutes", "nan"], "--minutes", "must be a finite number in (0, 1440], got 'nan'"),
-    (["demo", "--minutes", "0"], "--minutes", "must be a finite number in (0, 1440]"),
+    (["demo", "--minutes", "nan"], "--minutes/--max-minutes", "must be a finite number in (0, 1440], got 'nan'"),
+    (["demo", "--minutes", "0"], "--minutes/--max-minutes", "must be a finite number in (0, 1440]"),
     ([*PLAN, "--price", "nan"], "--price", "must be a finite number in [0, 1e+06]"),
     ([*PLAN, "--price", "-1"], "--price", "must be a finite number in [0, 1e+06]"),
     ([*PLAN, "--price", "1e308"], "--price", "must be a finite number in [0, 1e+06]"),  # it printed "cost inf"
@@ -179,6 +179,7 @@ def test_good_values_and_defaults_still_parse():
         parse(["chat", "--model", "m", "--system", "x"]).system
     assert {parse([*args, "--system", "x"]).system_prompt for args in (SERVE, EVAL, SFT)} == {"x"}
     assert parse(["demo", "--minutes", "1.5"]).minutes == 1.5 and parse(["demo"]).minutes is None
+    assert parse(["demo", "--max-minutes", "5"]).minutes == 5  # training's name for a wall-time budget
     assert parse(["eval", "--model", "m"]).force is False
 
 

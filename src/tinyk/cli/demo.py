@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "the time budget, evaluates it on held-out data and writes report.md.")
     p.add_argument("--out", type=path_arg, default="runs/demo",
                    help="output directory (default runs/demo; an earlier demo there is replaced)")
-    p.add_argument("--minutes", type=float_range(0, 24 * 60, lo_open=True), default=None,
+    p.add_argument("--minutes", "--max-minutes", type=float_range(0, 24 * 60, lo_open=True), default=None,
                    help="wall-time budget for the whole run (default 13, at least 4; not with --smoke, which runs "
                         "a fixed number of steps); training gets what the other stages leave")
     p.add_argument("--smoke", action="store_true", help="a shrunken run that takes seconds (checks the plumbing)")
