@@ -3672,6 +3672,9 @@ def test_a_run_ends_only_the_process_group_it_started(tmp_path, tok_dir, monkeyp
     ended = []
     monkeypatch.setattr(tinyk.train.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(tinyk.train.dist, "destroy_process_group", lambda: ended.append(1))
+    # The job's one other process refuses alike: the refusal is shared before the run ends.
+    monkeypatch.setattr(Dist, "gather_host", lambda self, value: [value] * self.world)
+    monkeypatch.setattr(Dist, "barrier", lambda self: None)
     for owns in (False, True):
         monkeypatch.setattr(tinyk.train, "setup_dist", lambda device, owns=owns: Dist(world=2, owns_group=owns))
         with pytest.raises(TinykError, match="tinyk data directory not found"):
