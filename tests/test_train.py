@@ -1441,17 +1441,24 @@ def test_trackers_are_lazy_and_optional(tmp_path, pt_data, tok_dir, monkeypatch,
     calls = []
 
     class FakeRun:
+        def __init__(self):
+            self.summary = {}  # W&B's run summary
+
         def log(self, values, step):
             calls.append((step, values))
 
         def finish(self, exit_code=None):
             calls.append("finish")
 
+    runs = []
     fake = type(sys)("wandb")
-    fake.init = lambda **kw: calls.append(kw["project"]) or FakeRun()
+    fake.init = lambda **kw: calls.append(kw["project"]) or runs.append(FakeRun()) or runs[-1]
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    train(nano_cfg(pt_data, tok_dir, tmp_path / "w", max_steps=2, tracker=["wandb"], project="p"))
+    summary = train(nano_cfg(pt_data, tok_dir, tmp_path / "w", max_steps=2, tracker=["wandb"], project="p"))
     assert calls[0] == "p" and calls[-1] == "finish"
+    # The results go to W&B's runs table as summary.json has them (not the last step's values alone).
+    assert runs[0].summary == {k: v for k, v in summary.items() if isinstance(v, int | float | str)}
+    assert runs[0].summary["status"] == "completed" and "tokens_per_s_steady" in runs[0].summary
     assert [s for s, v in calls[1:-1] if "train/loss" in v] == [1, 2]
     assert {"train/lr", "train/tokens_per_s"} <= set(calls[1][1])
 
@@ -1504,6 +1511,9 @@ def test_a_tracker_failing_mid_run_is_dropped_and_a_killed_sessions_steps_are_no
     sent, names, fail_at = [], [], [2]
 
     class FakeRun:
+        def __init__(self):
+            self.summary = {}  # W&B's run summary
+
         def log(self, values, step):
             if step in fail_at:
                 raise ConnectionResetError("Connection lost")
@@ -1554,6 +1564,9 @@ def test_a_tracker_failing_to_finish_leaves_the_others_finished(tmp_path, monkey
     finished = []
 
     class FakeRun:
+        def __init__(self):
+            self.summary = {}  # W&B's run summary
+
         def finish(self, exit_code=None):
             raise OSError(28, "No space left on device")
 
@@ -1589,6 +1602,9 @@ def test_a_run_killed_twice_between_checkpoints_sends_no_tracker_a_step_twice(tm
     sent = []
 
     class FakeRun:
+        def __init__(self):
+            self.summary = {}  # W&B's run summary
+
         def log(self, values, step):
             if "train/loss" in values:
                 sent.append(step)
@@ -1625,6 +1641,9 @@ def test_trackers_are_told_how_the_run_ended(tmp_path, pt_data, tok_dir, monkeyp
     ends: list[tuple] = []
 
     class FakeRun:
+        def __init__(self):
+            self.summary = {}  # W&B's run summary
+
         def log(self, values, step):
             pass
 
@@ -1681,6 +1700,9 @@ def test_a_run_folder_named_in_gbk_gives_the_trackers_a_text_name(tmp_path, pt_d
     names = []
 
     class FakeRun:
+        def __init__(self):
+            self.summary = {}  # W&B's run summary
+
         def log(self, values, step):
             pass
 
@@ -3586,6 +3608,9 @@ def test_tensorboard_shows_one_curve_across_a_crash_and_resume(tmp_path, pt_data
     config = events.Tensors("config/text_summary")[-1].tensor_proto.string_val[0].decode()
     saved = json.loads(config.removeprefix("```\n").removesuffix("\n```"))
     assert saved["max_steps"] == 8 and saved["tracker"] == ["tensorboard"] and saved["model"]["n_layers"] == 2
+    results = events.Tensors("summary/text_summary")[-1]  # and its results, as summary.json holds them
+    assert results.step == 8 and json.loads(results.tensor_proto.string_val[0].decode().strip("`\n")) == \
+        json.loads((out / "summary.json").read_text())
 
 
 def test_a_validation_between_log_lines_has_its_tokens_in_the_trackers(tmp_path, pt_data, tok_dir):
@@ -4052,6 +4077,9 @@ def test_ctrl_c_while_a_tracker_starts_finishes_those_already_started(tmp_path, 
     finished = []
 
     class FakeRun:
+        def __init__(self):
+            self.summary = {}  # W&B's run summary
+
         def finish(self, exit_code=None):
             finished.append(exit_code)
 

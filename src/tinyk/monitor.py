@@ -17,7 +17,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -205,15 +205,33 @@ class Trackers:
             raise TinykError(f"--tracker {name} could not start: {why}{tip}") from e
 
     def log(self, values: dict[str, float], step: int) -> None:
-        """Sends one step's values. A tracker that fails (its service or its own background process
-        gone) is dropped with a warning: metrics.jsonl has every value, and the run goes on."""
+        """Sends one step's values."""
+        def send(name: str, sink: Any) -> None:
+            if name == "tensorboard":
+                for k, v in values.items():
+                    sink.add_scalar(k, v, step)
+            elif step > self.logged_upto[name]:
+                sink.log(values, step=step)
+
+        self._each(send, step)
+
+    def summarize(self, summary: dict[str, Any], step: int) -> None:
+        """The run's results, as summary.json holds them: W&B's run summary (its runs table), TensorBoard's
+        text tab. SwanLab keeps the curves alone."""
+        def send(name: str, sink: Any) -> None:
+            if name == "wandb":
+                sink.summary.update({k: v for k, v in summary.items() if isinstance(v, int | float | str)})
+            elif name == "tensorboard":
+                sink.add_text("summary", "```\n" + json.dumps(summary, indent=2) + "\n```", step)
+
+        self._each(send, step)
+
+    def _each(self, send: Callable[[str, Any], None], step: int) -> None:
+        """`send` to each tracker. One that fails (its service or its own background process gone) is
+        dropped with a warning: metrics.jsonl and summary.json have every value, and the run goes on."""
         for name, sink in list(self.sinks):
             try:
-                if name == "tensorboard":
-                    for k, v in values.items():
-                        sink.add_scalar(k, v, step)
-                elif step > self.logged_upto[name]:
-                    sink.log(values, step=step)
+                send(name, sink)
             except Exception as e:
                 self.sinks.remove((name, sink))
                 say_on_stderr(f"tinyk: warning: --tracker {name} failed at step {step} ({first_line(e)}); it gets "
@@ -475,6 +493,10 @@ class Monitor:
             except OSError as e:  # a full disk: the picture of metrics.jsonl is not worth the run, nor its error
                 self.print(f"warning: loss.png not written ({first_line(e)})")
             self.plotted = True
+
+    def summarize(self, summary: dict[str, Any]) -> None:
+        if self.trackers:
+            self.trackers.summarize(summary, summary["steps"])
 
     def print(self, msg: str) -> None:
         try:

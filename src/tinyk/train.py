@@ -1910,6 +1910,7 @@ class Trainer:
         if self.dist.main:
             with writing(self.out / "summary.json"):
                 write_json_atomic(self.out / "summary.json", summary)
+            self.monitor.summarize(summary)
             best = ""
             if self.kept_step is not None and self.kept_val <= best_val:
                 best = f"; the lowest val loss, step {self.kept_step}'s, in {self.out / 'best'}"
