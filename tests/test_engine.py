@@ -2058,6 +2058,24 @@ def test_tokens_spelled_before_a_stop_string_cut_at_a_token_boundary(tok_dir):
         assert d.text == before + mid[0] and d.spelled() == k + 1
 
 
+def test_the_bytes_of_a_character_a_stop_string_follows_are_all_spelled(engine):
+    """The last bytes of 衉, sent a token each before the stop string 一, seemed to begin after it (at the
+    U+FFFD that stood for it): logprobs dropped them, and their bytes no longer made the reply's text."""
+    tok = engine.tok
+    ids = [_byte_token(tok, b) for b in (0xA2, *"衉".encode())] + tok.encode("一")
+    d = Detokenizer(tok, ["一"])
+    for i in ids:
+        d.add(i)
+    assert d.stopped and d.text == "\ufffd衉" and d.spelled() == 4
+    assert b"".join(tok.piece(i) for i in ids[:d.spelled()]).decode("utf-8", errors="replace") == d.text
+    # A reply cut short inside a character drops it from the text, and its bytes' tokens with it.
+    d, ids = Detokenizer(tok, []), tok.encode("好") + [_byte_token(tok, b) for b in "衉".encode()[:2]]
+    for i in ids:
+        d.add(i)
+    assert d.spelled() == len(ids)
+    assert d.flush(cut_short=True) == "" and d.text == "好" and d.spelled() == len(ids) - 2
+
+
 def test_flushing_a_cut_reply_twice_drops_only_the_unfinished_character(engine):
     """A reply cut mid-character loses only that character's U+FFFD, however often it is flushed (a
     request ended again after a failed prefill is flushed a second time): never a whole character before it."""

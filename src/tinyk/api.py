@@ -41,8 +41,8 @@ from .tokenizer import (
     SYSTEM_ROLES,
     ModelPrompt,
     TinyTokenizer,
+    continues_character,
     message_text,
-    pending_utf8,
 )
 from .units import is_int
 
@@ -529,7 +529,7 @@ class LogprobsWriter:
             out["top_logprobs"].append(top)
             piece, pending = self.tok.piece(token_id), self._decoder.getstate()[0]
             # Bytes left pending that this token does not continue become U+FFFD before its text.
-            broken = in_text and pending and not _continues(pending, piece)
+            broken = in_text and pending and not continues_character(pending, piece)
             out["text_offset"].append(self.chars + (len(pending.decode("utf-8", errors="replace")) if broken else 0))
             if in_text:
                 self.chars += len(self._decoder.decode(piece))
@@ -563,18 +563,6 @@ class LogprobsWriter:
                     "bytes": list(piece)}
 
         return {**one(e.token_id, e.logprob), "top_logprobs": [one(i, lp) for i, lp in e.top]}
-
-
-def _continues(pending: bytes, piece: bytes) -> bool:
-    """Whether `piece` goes on with the first bytes of a character, `pending`, as UTF-8 allows."""
-    data = pending + piece[:1]
-    if not pending_utf8(pending):  # bytes no character starts with (ED A0..BF), which Python's decoder waits on
-        return False
-    try:
-        data.decode("utf-8")  # the character's last byte
-    except UnicodeDecodeError:
-        return pending_utf8(data) == data  # or one more of its first bytes
-    return True
 
 
 def _shown_logprob(logprob: float) -> float:

@@ -38,6 +38,7 @@ from .tokenizer import (
     SYSTEM_ROLES,
     ModelPrompt,
     TinyTokenizer,
+    continues_character,
     encode_chat,
     with_system,
 )
@@ -375,7 +376,10 @@ class Detokenizer:
         self.sent = 0
         self.checked = 0  # text before this index can no longer change or complete a stop string
         self.stopped = False
+        self.dropped = False  # a cut-short reply's unfinished last character, left out of the text
         self.ends: list[int] = []  # the text's length after each token, its unfinished character's U+FFFD included
+        self.starts: list[int] = []  # where each token's text begins in the text (for the logprobs of a cut one)
+        self._pending = b""  # the first bytes of a character the text so far ends in
         self._covered = 0
         # The first `_whole` ids end on a whole character and decode to `_whole_text`: byte-level text
         # joins there, so each token decodes only the ids after them (decoding all of them every token
@@ -383,9 +387,17 @@ class Detokenizer:
         self._whole, self._whole_text = 0, ""
 
     def add(self, token_id: int) -> str:
+        # A token that goes on with a character begins where that character does, not after the U+FFFD
+        # standing for it (the last bytes of 衉 before a stop string were taken for past the cut).
+        start = self.ends[-1] if self.ends else 0
+        if self._pending and token_id not in self.tok.special_ids and \
+                continues_character(self._pending, self.tok.piece(token_id)):
+            start -= 1
+        self.starts.append(start)
         self.ids.append(token_id)
         text = self._whole_text + self.tok.decode(self.ids[self._whole:], skip_special_tokens=True)
-        mid = self.tok.ends_mid_character(self.ids)
+        self._pending = self.tok.pending_bytes(self.ids)
+        mid = int(bool(self._pending))
         if not mid and self.tok.byte_level:
             self._whole, self._whole_text = len(self.ids), text
         self.ends.append(len(text))
@@ -428,10 +440,10 @@ class Detokenizer:
 
     def spelled(self) -> int:
         """How many of the tokens added begin within the text: once a stop string has cut it, those
-        after the cut do not."""
-        if not self.stopped:
+        after the cut do not, nor do those of a character a cut-short reply dropped."""
+        if not (self.stopped or self.dropped):
             return len(self.ids)
-        return sum(before < len(self.text) for before in [0, *self.ends[:-1]])
+        return sum(start < len(self.text) for start in self.starts)
 
     def _emit(self, end: int) -> str:
         if end <= self.sent:
@@ -445,6 +457,7 @@ class Detokenizer:
         not shown as U+FFFD."""
         if cut_short and self.tok.ends_mid_character(self.ids):
             self.text = self.text[:max(self.sent, len(self.text) - 1)]
+            self.dropped = True
         return self._emit(len(self.text))
 
 

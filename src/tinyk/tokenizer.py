@@ -241,6 +241,18 @@ def pending_utf8(data: bytes) -> bytes:
     return b"" if pending[:1] == b"\xed" and pending[1:2] >= b"\xa0" else pending
 
 
+def continues_character(pending: bytes, piece: bytes) -> bool:
+    """Whether `piece` goes on with the first bytes of a character, `pending`, as UTF-8 allows."""
+    data = pending + piece[:1]
+    if not pending_utf8(pending):  # bytes no character starts with (ED A0..BF), which Python's decoder waits on
+        return False
+    try:
+        data.decode("utf-8")  # the character's last byte
+    except UnicodeDecodeError:
+        return pending_utf8(data) == data  # or one more of its first bytes
+    return True
+
+
 def _byte_level_alphabet() -> dict[str, int]:
     """Byte-level BPE's alphabet: printable Latin-1 bytes stand for themselves, the others for
     the characters from U+0100 on, in byte order."""
@@ -332,14 +344,19 @@ class TinyTokenizer:
     def ends_mid_character(self, ids: list[int]) -> bool:
         """Whether the text of `ids` (special tokens skipped) ends in the first bytes of a character,
         which decoding shows as one U+FFFD until the rest arrive; bytes that can begin no character
-        are U+FFFD for good. A character has at most 4 bytes, so the last 3 decide."""
+        are U+FFFD for good."""
+        return bool(self.pending_bytes(ids))
+
+    def pending_bytes(self, ids: list[int]) -> bytes:
+        """The first bytes of a character the text of `ids` ends in (special tokens skipped), if any. A
+        character has at most 4 bytes, so the last 3 decide."""
         tail = b""
         for i in reversed(ids):
             if len(tail) >= 3:
                 break
             if i not in self.special_ids:
                 tail = self.piece(i) + tail
-        return bool(pending_utf8(tail[-3:]))
+        return pending_utf8(tail[-3:])
 
     @cached_property
     def max_token_bytes(self) -> int:
