@@ -499,10 +499,12 @@ class StreamStub(BaseHTTPRequestHandler):
         mode = type(self).mode
         reply = "" if mode == "empty" else "A" + STUB_REPLY
         events = [{"choices": [{"index": 0, "delta": {"content": ch}, "finish_reason": None}]} for ch in reply]
-        if mode != "cut":
+        if mode == "text_error":  # another server's error event, its error a plain string
+            events = [*events[:1], {"error": "the server is overloaded"}]
+        elif mode != "cut":
             events.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
         stream = b"".join(b"data:" + json.dumps(e, ensure_ascii=False).encode() + b"\r\n\r\n" for e in events)
-        if mode != "cut":
+        if mode not in ("cut", "text_error"):
             stream += b"data: [DONE]\r\n\r\n"
         self._send(200, "text/event-stream; charset=utf-8")
         if mode == "hold":  # the first delta and a character's first byte, then the rest once released
@@ -516,6 +518,58 @@ class StreamStub(BaseHTTPRequestHandler):
 
 
 STUB_REPLY = "你好，世界！😀<img src=x onerror=alert(1)>"
+
+
+class PrefixedStub(StreamStub):
+    """The page behind a proxy's path prefix (https://host/tinyk/): nothing of the server's is at the root."""
+
+    def _unprefixed(self) -> bool:
+        if not self.path.startswith("/tinyk/"):
+            self._send(404, "text/plain", b"not here")
+            return False
+        self.path = self.path.removeprefix("/tinyk")
+        return True
+
+    def do_GET(self) -> None:
+        if self._unprefixed():
+            super().do_GET()
+
+    def do_POST(self) -> None:
+        if self._unprefixed():
+            super().do_POST()
+
+
+def test_the_page_works_behind_a_path_prefix_and_says_how_a_reply_ended(tmp_path):
+    """The page asked /v1/... of the root, which behind a proxy at /tinyk/ is not tinyk: nothing could be
+    sent. A string error event showed as an empty bubble; the note after a long reply stayed below the
+    view; a temperature the field marks wrong was sent to be refused."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), PrefixedStub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    StreamStub.posts = []
+    try:
+        with open_page(f"http://127.0.0.1:{server.server_address[1]}/tinyk/", str(tmp_path / "profile")) as run:
+            run(SETUP_SCRIPT % json.dumps(""))
+            said = run("await say('你好'); return shown();")
+            StreamStub.mode = "text_error"
+            failed = run("await say('再说'); return shown();")
+            StreamStub.mode = "empty"
+            note = run("for (let i = 0; i < 40; i++) log.appendChild(noteBubble('earlier ' + i));\n"
+                       "await say('你好'); const last = [...log.children].at(-1);\n"
+                       "return {note: last.textContent, "
+                       "seen: last.getBoundingClientRect().bottom <= log.getBoundingClientRect().bottom + 1};")
+            posts = len(StreamStub.posts)
+            temperature = run("document.getElementById('temperature').value = '5'; submit('热一点');\n"
+                              "await new Promise(r => setTimeout(r, 200));\n"
+                              "return {input: input.value, open: document.getElementById('settings').open, "
+                              "busy: controller !== null};")
+    finally:
+        server.shutdown()
+        server.server_close()
+        StreamStub.mode = "bytes"
+    assert said["errors"] == [] and [r["finish"] for r in said["replies"]] == ["stop"]
+    assert failed["errors"][-1] == "the server is overloaded"
+    assert note == {"note": "(empty reply: the model ended its turn at once)", "seen": True}
+    assert temperature == {"input": "热一点", "open": True, "busy": False} and len(StreamStub.posts) == posts
 
 
 class HeldModels(StreamStub):
