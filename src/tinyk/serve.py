@@ -270,7 +270,7 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("X-Content-Type-Options", "nosniff")
         if self.cors_origin:
             self.send_header("Access-Control-Allow-Origin", self.cors_origin)
-            self.send_header("Access-Control-Expose-Headers", DROPPED_HEADER)  # a page may read it
+            self.send_header("Access-Control-Expose-Headers", f"{DROPPED_HEADER}, Retry-After")  # a page may read them
             self.send_header("Vary", "Origin")
         super().end_headers()
 
