@@ -562,6 +562,22 @@ def test_the_page_works_behind_a_path_prefix_and_says_how_a_reply_ended(tmp_path
                               "await new Promise(r => setTimeout(r, 200));\n"
                               "return {input: input.value, open: document.getElementById('settings').open, "
                               "busy: controller !== null};")
+            # The settings outlive a reload, as the API key does; the conversation and the draft do not.
+            run("for (const [id, value] of [['temperature', '0.3'], ['max-tokens', '64'], ['system', '简短回答']]) {\n"
+                "  const field = document.getElementById(id); field.value = value;\n"
+                "  field.dispatchEvent(new Event('change')); }")
+            run("window.before = true;")
+            run.send("Page.reload", {})
+            for attempt in range(3):  # a script that began in the page being left ends with it
+                try:
+                    kept = run("while (window.before || document.readyState !== 'complete') "
+                               "await new Promise(r => setTimeout(r, 50));\n"
+                               "return ['temperature', 'max-tokens', 'system', 'input'].map(id => "
+                               "document.getElementById(id).value).concat(document.querySelectorAll('.msg').length);")
+                    break
+                except RuntimeError:
+                    if attempt == 2:
+                        raise
     finally:
         server.shutdown()
         server.server_close()
@@ -570,6 +586,7 @@ def test_the_page_works_behind_a_path_prefix_and_says_how_a_reply_ended(tmp_path
     assert failed["errors"][-1] == "the server is overloaded"
     assert note == {"note": "(empty reply: the model ended its turn at once)", "seen": True}
     assert temperature == {"input": "热一点", "open": True, "busy": False} and len(StreamStub.posts) == posts
+    assert kept == ["0.3", "64", "简短回答", "", 0]
 
 
 class HeldModels(StreamStub):
