@@ -207,6 +207,16 @@ def test_flag_defaults_are_the_librarys():
     evaluate, library = parse(["eval", "--model", "m"]), inspect.signature(evaluate_models).parameters
     for name in ("batch_size", "max_new_tokens", "split", "choice_format", "quantize", "device"):
         assert getattr(evaluate, name) == library[name].default, name
+    # tokenizer eval's --max-bytes is left to the library unless given: its help names the library's default
+    from tinyk.tokenizer import eval_tokenizer
+    from tinyk.units import size_text
+
+    cap = inspect.signature(eval_tokenizer).parameters["max_bytes"].default
+    from tinyk.cli import _commands
+
+    command = next(p for p in _commands(build_parser()) if p.prog == "tinyk tokenizer eval")
+    action = next(a for a in command._actions if a.dest == "max_bytes")
+    assert action.default is None and f"(default {size_text(cap)})" in action.help
 
 
 def test_training_dtypes_and_strategies_are_the_configs():
@@ -637,7 +647,10 @@ def test_engine_commands_decode_full_precision_weights_unless_asked():
     (["model", "gguf", "--model", "m", "--out", "m.gguf"], "--model; --model is a flag of tinyk generate, chat, "
      "serve and eval, not of tinyk model gguf: tinyk model gguf takes its PATH without a flag"),
     (["pretrain", "--max-new-tokens", "4"], "--max-new-tokens 4; --max-new-tokens is a flag of tinyk generate, chat, "
-     "serve and eval, not of tinyk pretrain"),
+     "serve and eval, not of tinyk pretrain (did you mean --max-tokens?)"),
+    # the API's max_tokens habit: this command's flag like it is still offered
+    (["chat", "--model", "m", "--max-tokens", "5"], "--max-tokens 5; --max-tokens is a flag of tinyk pretrain and "
+     "sft, not of tinyk chat (did you mean --max-new-tokens?)"),
     (["chat", "--model", "m", "--prompt", "x"], "--prompt x; --prompt is a flag of tinyk generate, not of tinyk chat"),
     # a flag of this command mistyped is still offered, and plan's --set still said for training's flags
     (["pretrain", "--max-step", "4"], "--max-step 4; did you mean --max-steps?"),

@@ -736,7 +736,7 @@ def test_cli_train_and_eval(tmp_path, corpus_file, capsys):
     with pytest.raises(SystemExit) as e:
         main(["tokenizer", "eval", str(tmp_path / "t"), "--field", "content"])
     assert e.value.code == 0 and capsys.readouterr().err == "tinyk: --field content is not used without --input\n"
-    with pytest.raises(SystemExit) as e:  # the built-in samples are measured whole, without a word
+    with pytest.raises(SystemExit) as e:  # the built-in samples are read whole: --max-bytes is said to be unused
         main(["tokenizer", "eval", str(tmp_path / "t"), "--max-bytes", "5M"])
     assert e.value.code == 0 and capsys.readouterr().err == "tinyk: --max-bytes 5,000,000 is not used without --input\n"
     # Records read but all skipped (a wrong --field): their reason, not "raise --max-bytes".

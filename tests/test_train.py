@@ -1246,6 +1246,19 @@ def test_a_process_that_refuses_before_the_job_meets_stops_the_others(tmp_path, 
     assert [p.name for p in checkpoints(run)] == ["step_0000001", "step_0000002"]
 
 
+def test_a_process_that_refuses_waits_for_the_others_only_a_while(tmp_path):
+    """A process comes to the job only to say it refuses: where the others never come (they crashed, or run
+    no tinyk training), it gives up after REFUSAL_WAIT, not the group's half hour."""
+    script = ("import time, datetime, tinyk.train as t\n"
+              "t.REFUSAL_WAIT = datetime.timedelta(seconds=2)\n"
+              "start = time.monotonic(); t.tell_job('cpu', t.TinykError('a typo'))\n"
+              "print(time.monotonic() - start)")
+    env = {**ENV, "WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(_free_port()), **AS_TORCHRUN}
+    done = subprocess.run([str(BIN / "python"), "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and float(done.stdout.split()[-1]) < 20, done
+
+
 def test_a_device_that_is_not_there_is_refused_by_one_process(monkeypatch):
     """One process asking for CUDA where there is none is refused, not trained on the CPU (a job's process
     tells the others first, on the device they are most likely on)."""

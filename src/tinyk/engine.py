@@ -389,11 +389,11 @@ class Detokenizer:
     def add(self, token_id: int) -> str:
         # A token that goes on with a character begins where that character does, not after the U+FFFD
         # standing for it (the last bytes of 衉 before a stop string were taken for past the cut).
-        start = self.ends[-1] if self.ends else 0
+        begin = self.ends[-1] if self.ends else 0
         if self._pending and token_id not in self.tok.special_ids and \
                 continues_character(self._pending, self.tok.piece(token_id)):
-            start -= 1
-        self.starts.append(start)
+            begin -= 1
+        self.starts.append(begin)
         self.ids.append(token_id)
         text = self._whole_text + self.tok.decode(self.ids[self._whole:], skip_special_tokens=True)
         self._pending = self.tok.pending_bytes(self.ids)
@@ -455,8 +455,8 @@ class Detokenizer:
         """Everything not yet sent: called once the sequence is over. When the reply was `cut_short`
         (max_tokens, a cancel, an error), a character whose last bytes were never generated is dropped,
         not shown as U+FFFD."""
-        if cut_short and self.tok.ends_mid_character(self.ids):
-            self.text = self.text[:max(self.sent, len(self.text) - 1)]
+        if cut_short and self._pending and len(self.text) > self.sent:
+            self.text = self.text[:-1]
             self.dropped = True
         return self._emit(len(self.text))
 

@@ -176,7 +176,7 @@ class Trackers:
 
                 writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1)
                 # The run's settings, as W&B and SwanLab keep them (TensorBoard's text tab)
-                writer.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```", start_step)
+                writer.add_text("config", _as_text(config), start_step)
                 return writer
             if name == "wandb":
                 import wandb
@@ -222,7 +222,7 @@ class Trackers:
             if name == "wandb":
                 sink.summary.update({k: v for k, v in summary.items() if isinstance(v, int | float | str)})
             elif name == "tensorboard":
-                sink.add_text("summary", "```\n" + json.dumps(summary, indent=2) + "\n```", step)
+                sink.add_text("summary", _as_text(summary), step)
 
         self._each(send, step)
 
@@ -268,6 +268,11 @@ class Trackers:
             sink.finish()
 
 
+def _as_text(data: dict[str, Any]) -> str:
+    """JSON as TensorBoard's text tab shows it: a Markdown code block, its Chinese as written."""
+    return "```\n" + json.dumps(data, indent=2, ensure_ascii=False) + "\n```"
+
+
 def _let_go(name: str) -> None:
     """After W&B failed: its own exit hook would meet the lost connection again and print a traceback
     at the end of a run that has said what happened in one line."""
@@ -279,8 +284,9 @@ def _let_go(name: str) -> None:
 def tracker_values(rec: dict[str, Any]) -> dict[str, float]:
     """A metrics.jsonl record's numbers as the trackers get them, grouped as nanochat groups its own:
     `train/loss`, `train/tokens_per_s`, `val/loss`, `val/bpb`. One point per curve and
-    step: an eval record's tokens and time repeat the train record's, and FLOPs per token is in the
-    MFU (a constant of a pretraining run; SFT's window mean stays in metrics.jsonl)."""
+    step: an eval record's tokens and time repeat the train record's (Monitor sends its tokens where there
+    is none), and FLOPs per token is in the MFU (a constant of a pretraining run; SFT's window mean stays
+    in metrics.jsonl)."""
     if rec["type"] == "sample":  # text: metrics.jsonl and the log hold it
         return {}
     numbers = {k: v for k, v in rec.items() if isinstance(v, int | float) and k not in ("step", "flops_per_token")}
@@ -438,6 +444,7 @@ class Monitor:
         with writing(self.metrics_path), open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(rec) + "\n")
         values = tracker_values(rec)
+        # The records of a step: train, then sample and eval, so a step's train record is among the last three.
         if rec["type"] == "eval" and "tokens" in rec and not any(
                 r.get("type") == "train" and r.get("step") == rec["step"] for r in self.records[-3:]):
             values["train/tokens"] = rec["tokens"]  # no train line at this step: the x-axis W&B may plot it by
@@ -495,6 +502,7 @@ class Monitor:
             self.plotted = True
 
     def summarize(self, summary: dict[str, Any]) -> None:
+        """The run's results, to the trackers that keep them (`Trackers.summarize`)."""
         if self.trackers:
             self.trackers.summarize(summary, summary["steps"])
 

@@ -97,7 +97,7 @@ from .units import GiB, flops_text, is_int, is_number, minutes_text, plural
 joined_a_job = False
 SIGINT_ECHO_S = 0.5  # a second SIGINT sooner than this is the first one again, not a second Ctrl-C
 COMPUTE_FIELDS = ("rope_theta", "rope_scaling", "norm_eps")  # not shapes, but the weights were trained with them
-REFUSAL_WAIT = timedelta(minutes=2)  # how long a process that refuses to start waits to tell the job's others
+REFUSAL_WAIT = timedelta(minutes=1)  # how long a process that refuses to start waits to tell the job's others
 
 
 # ----------------------------------------------------------------------------- schedule & optimizer
@@ -252,6 +252,11 @@ class Dist:
             dist.barrier(group=self.host)
 
 
+def _across_machines(world: int) -> bool:
+    """Whether a job of `world` processes has some on other machines, which torchrun here cannot stop."""
+    return world > _processes_on_this_host()
+
+
 def _processes_on_this_host() -> int:
     """torchrun's LOCAL_WORLD_SIZE: the processes that share this machine's memory (1 unset or unreadable)."""
     local = os.environ.get("LOCAL_WORLD_SIZE", "1")
@@ -313,7 +318,8 @@ def setup_dist(device: str, refusal: TinykError | None = None) -> Dist:
         # they started with it, unless they run no tinyk training at all.
         dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None,
                                 **({"timeout": REFUSAL_WAIT} if refusal is not None else {}))
-    host = dist.new_group(backend="gloo") if dev.type == "cuda" else None
+    host = dist.new_group(backend="gloo", **({"timeout": REFUSAL_WAIT} if refusal is not None else {})) \
+        if dev.type == "cuda" else None
     d = Dist(rank, world, local_rank, dev, host, owns)
     refused = [(r, why) for r, why in enumerate(d.gather_host(None if refusal is None else str(refusal))) if why]
     if refused:
@@ -332,7 +338,7 @@ def tell_job(device: str, refusal: TinykError) -> None:
     and they wait as before.)"""
     # Its own refusal, an environment that makes no job, or no rendezvous: this process's line is the one.
     with contextlib.suppress(Exception):
-        if _launch_env()[0] > _processes_on_this_host():
+        if _across_machines(_launch_env()[0]):
             setup_dist(device, refusal)
 
 
@@ -661,12 +667,12 @@ class Trainer:
         self.resumable = resumable  # False: a caller that starts over (the demo); a stop promises no --resume
         self.pace = _Pace()
         try:
+            refusal: TinykError | None = None
             try:
                 self._setup_inputs()
                 self._setup_data()
-                refusal = None
             except TinykError as e:  # told to the others, on other machines, before it ends the job
-                if self.dist.world == 1:
+                if not _across_machines(self.dist.world):  # on one, torchrun stops them as this one ends
                     raise
                 refusal = e
             self._check_same_job(force, refusal)

@@ -57,32 +57,32 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
+        given = getattr(self, "_given", [])
         if message.startswith("argument --") and message.endswith((": expected one argument",
                                                                     ": expected at least one argument")):
             names = message.split(":")[0].removeprefix("argument ").split("/")
-            given = getattr(self, "_given", [])
             # It took -5B for a flag: a value after the flag that starts with one dash. Not a flag (--pre,
             # a value left out), nor nothing at all.
             if any(a in names and b.startswith("-") and not b.startswith("--") and b not in self._option_string_actions
                    for a, b in zip(given, given[1:], strict=False)):
                 message += f" (a value that starts with '-' is written {names[-1]}=VALUE)"
         if message.startswith("the following arguments are required: "):  # `--mod x` for `--model x`
-            missing = [f for f in message.split(": ", 1)[1].split(", ") if f.startswith("--")]
-            short = [(g, f) for g in (a.partition("=")[0] for a in getattr(self, "_given", []))
+            required = message.split(": ", 1)[1].split(", ")
+            missing = [f for f in required if f.startswith("--")]
+            positional = [f for f in required if not f.startswith("-")]
+            short = [(g, f) for g in (a.partition("=")[0] for a in given)
                      if g.startswith("--") and len(g) > 3 for f in missing if f.startswith(g) and f != g]
             message += "".join(f"; {g} is not {f}: flags are written in full" for g, f in short[:1])
-            positional = [f for f in message.split(": ", 1)[1].split(", ") if not f.startswith("-")]
             several = [a.option_strings[-1] for a in self._actions if a.nargs == "+" and a.option_strings
-                       and set(a.option_strings) & set(getattr(self, "_given", []))]
+                       and set(a.option_strings) & set(given)]
             if positional and several:  # `tokenizer eval --input a.txt tok`: the input flag took tok
                 message += (f"; {several[0]} takes every path after it, so give the {positional[0]} before "
                             f"{several[0]}")
-            given = getattr(self, "_given", [])
             if "--input" in missing and given and not given[0].startswith("-"):  # `data pretrain a.jsonl ...`
                 message += f"; input files are given after it: --input {given[0]}"
         line = f"{self.prog}: error: {message} (see {self.prog} --help)"
-        if _in_a_job_across_machines():  # said first: telling the others may take a while
-            say_on_stderr(line)
+        if self.prog in ("tinyk pretrain", "tinyk sft") and _in_a_job_across_machines():
+            say_on_stderr(line)  # first: telling the others may take a while
             _tell_job(f"{self.prog}: {message}")
             self.exit(2)
         self.exit(2, line + "\n")
@@ -98,7 +98,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _in_a_job_across_machines() -> bool:
-    """Under torchrun with processes on other machines (without importing torch)."""
+    """Under torchrun with processes on other machines: train.tell_job's test, made here without importing
+    torch (a platform that sets WORLD_SIZE in every container, torchrun or not, is no job to tell)."""
+    if not os.environ.get("TORCHELASTIC_RUN_ID"):
+        return False
     world, local = os.environ.get("WORLD_SIZE", "1"), os.environ.get("LOCAL_WORLD_SIZE", "1")
     here = int(local) if local.isascii() and local.isdigit() and int(local) > 0 else 1
     return world.isascii() and world.isdigit() and int(world) > here
@@ -156,10 +159,11 @@ def _flag_hint(root: argparse.ArgumentParser, parser: argparse.ArgumentParser, c
     given = extras[0].partition("=")[0]
     if not given.startswith("--") or len(given) < 4:  # a bare `--` begins every flag
         return ""
-    if said := _elsewhere(root, parser, given):
-        return _set_hint(command, extras) or said
     flags = [f for f in parser._option_string_actions if f.startswith("--")]
-    matches = [f for f in flags if f.startswith(given)] or difflib.get_close_matches(given, flags, n=1, cutoff=0.8)
+    close = difflib.get_close_matches(given, flags, n=1, cutoff=0.8)
+    if said := _elsewhere(root, parser, given):  # a flag of this command like it is offered, beside what it is
+        return _set_hint(command, extras) or said + "".join(f" (did you mean {f}?)" for f in close)
+    matches = [f for f in flags if f.startswith(given)] or close
     return f"; did you mean {' or '.join(sorted(matches))}?" if 0 < len(matches) <= 3 else ""
 
 
