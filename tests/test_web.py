@@ -539,6 +539,42 @@ class PrefixedStub(StreamStub):
             super().do_POST()
 
 
+CONTRAST_SCRIPT = """
+const lum = (color) => color.match(/[\\d.]+/g).slice(0, 3).map(Number).map((v) => {
+  v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; })
+  .reduce((sum, v, i) => sum + v * [0.2126, 0.7152, 0.0722][i], 0);
+const behind = (el) => {
+  while (el && getComputedStyle(el).backgroundColor === "rgba(0, 0, 0, 0)") el = el.parentElement;
+  return el ? getComputedStyle(el).backgroundColor : "rgb(255, 255, 255)";
+};
+for (const kind of ["user", "user unsent", "assistant", "note", "error"]) {
+  const div = document.createElement("div"); div.className = "msg " + kind; div.textContent = kind; log.append(div);
+}
+const shown = [...document.querySelectorAll(".msg, #status, header label span, #send, #reset, summary")];
+return {page: lum(behind(document.body)), ratios: Object.fromEntries(shown.map((el) => {
+  const [a, b] = [lum(getComputedStyle(el).color), lum(behind(el))].sort((x, y) => y - x);
+  return [el.className || el.id || el.textContent, Math.round((a + 0.05) / (b + 0.05) * 100) / 100];
+}))};
+"""
+
+
+def test_the_page_follows_dark_mode_with_readable_text(tmp_path):
+    """A system in dark mode got the light page; each mode's text keeps 4.5:1 against what it stands on."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), StreamStub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with open_page(f"http://127.0.0.1:{server.server_address[1]}/", str(tmp_path / "profile")) as run:
+            light = run(CONTRAST_SCRIPT)
+            run.send("Emulation.setEmulatedMedia", {"features": [{"name": "prefers-color-scheme", "value": "dark"}]})
+            dark = run("log.replaceChildren();\n" + CONTRAST_SCRIPT)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert light["page"] > 0.8 and dark["page"] < 0.05
+    for mode in (light, dark):
+        assert len(mode["ratios"]) >= 9 and min(mode["ratios"].values()) >= 4.5, mode["ratios"]
+
+
 def test_the_page_works_behind_a_path_prefix_and_says_how_a_reply_ended(tmp_path):
     """The page asked /v1/... of the root, which behind a proxy at /tinyk/ is not tinyk: nothing could be
     sent. A string error event showed as an empty bubble; the note after a long reply stayed below the
