@@ -586,6 +586,10 @@ def test_the_page_works_behind_a_path_prefix_and_says_how_a_reply_ended(tmp_path
         with open_page(f"http://127.0.0.1:{server.server_address[1]}/tinyk/", str(tmp_path / "profile")) as run:
             run(SETUP_SCRIPT % json.dumps(""))
             said = run("await say('你好'); return shown();")
+            # The message box grows with a long paste, and shrinks back once it is sent.
+            grown = run("const before = input.offsetHeight; input.value = 'line\\n'.repeat(10);\n"
+                        "input.dispatchEvent(new Event('input')); const grown = input.offsetHeight;\n"
+                        "await say('长消息'); return {before, grown, after: input.offsetHeight};")
             StreamStub.mode = "text_error"
             failed = run("await say('再说'); return shown();")
             StreamStub.mode = "empty"
@@ -619,6 +623,7 @@ def test_the_page_works_behind_a_path_prefix_and_says_how_a_reply_ended(tmp_path
         server.server_close()
         StreamStub.mode = "bytes"
     assert said["errors"] == [] and [r["finish"] for r in said["replies"]] == ["stop"]
+    assert grown["grown"] > 2 * grown["before"] and grown["after"] == grown["before"], grown
     assert failed["errors"][-1] == "the server is overloaded"
     assert note == {"note": "(empty reply: the model ended its turn at once)", "seen": True}
     assert temperature == {"input": "热一点", "open": True, "busy": False} and len(StreamStub.posts) == posts
