@@ -328,7 +328,7 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = self.unread_body = True
             raise
         if length is not None and len(raw) < length:  # not a request to run: its end never came
-            raise ConnectionAbortedError("the client closed the connection before the whole body arrived")
+            raise _body_cut_off()
         self.unread_body = False
         try:  # RFC 8259 8.1: a byte order mark may be ignored
             body = json.loads(raw.decode("utf-8-sig"), parse_constant=_not_json, parse_float=_json_float)
@@ -349,7 +349,7 @@ class Handler(BaseHTTPRequestHandler):
 
         def malformed() -> Exception:  # or cut off by the client leaving, which gets no answer
             if self.reader.ended:
-                return ConnectionAbortedError("the client closed the connection before the whole body arrived")
+                return _body_cut_off()
             return ApiError(400, "malformed chunked request body", code="invalid_chunked_body")
 
         while True:
@@ -876,6 +876,11 @@ def _hostname(host: str) -> str | None:
         return urllib.parse.urlsplit("//" + host).hostname
     except ValueError:
         return None
+
+
+def _body_cut_off() -> ConnectionAbortedError:
+    """A body the client stopped sending by leaving: no request to run, and nobody to answer."""
+    return ConnectionAbortedError("the client closed the connection before the whole body arrived")
 
 
 _HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(:[0-9]{1,5})?")

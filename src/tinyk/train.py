@@ -1913,6 +1913,7 @@ class Trainer:
             "best_model_step": self.kept_step,
             "best_model_val_loss": self.kept_val if self.kept_step is not None else None,
         }
+        stopped = f"stopped by {self.stop_signal} at step {p.step}"
         if self.dist.main:
             with writing(self.out / "summary.json"):
                 write_json_atomic(self.out / "summary.json", summary)
@@ -1924,16 +1925,13 @@ class Trainer:
                 best = (f"; {self.out / 'best'} holds step {self.kept_step}'s (val loss {self.kept_val:.4f}), not the "
                         f"model of the run's lowest val loss, which was not kept")
             msg = (f"finished: {plural(p.step, 'steps')}, {p.tokens:,} tokens in {elapsed:.0f}s; model in {final}{best}"
-                   if final else
-                   f"stopped by {self.stop_signal} at step {p.step}"
-                   + ("; checkpoint saved, continue with --resume" if self.resumable else ""))
+                   if final else stopped + ("; checkpoint saved, continue with --resume" if self.resumable else ""))
             if skipped:
                 msg += f" ({skipped} of the steps were skipped by fp16's loss scaler)"
             self.monitor.print(msg)
         elif interrupted and self.dist.local_rank == 0:  # another machine of the job: its terminal is told too
-            say_on_stderr(f"tinyk: stopped by {self.stop_signal} at step {p.step}" +
-                          (f"; process 0 saved a checkpoint in {self.out}, continue with --resume"
-                           if self.resumable else ""))
+            say_on_stderr(f"tinyk: {stopped}" + (f"; process 0 saved a checkpoint in {self.out}, continue with "
+                                                  f"--resume" if self.resumable else ""))
         return summary
 
 

@@ -132,11 +132,11 @@ def train_device(s: str) -> str:
     """pretrain/sft --device: Apple's mps named with the reason it is refused, not as a bad choice."""
     if s == "mps":
         raise argparse.ArgumentTypeError(MPS_REFUSED)
-    if s.startswith("cuda:"):  # each process takes its own GPU: under torchrun, the local rank's
-        raise argparse.ArgumentTypeError(f"must be auto, cpu or cuda, got {s!r} (to train on GPU {s[5:]}, run with "
-                                         f"CUDA_VISIBLE_DEVICES={s[5:]} and --device cuda)")
     if s not in ("auto", "cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"must be auto, cpu or cuda, got {s!r}")
+        # cuda:N: each process takes its own GPU, under torchrun the local rank's
+        how = f" (to train on GPU {s[5:]}, run with CUDA_VISIBLE_DEVICES={s[5:]} and --device cuda)" \
+            if s.startswith("cuda:") else ""
+        raise argparse.ArgumentTypeError(f"must be auto, cpu or cuda, got {s!r}{how}")
     return s
 
 
